@@ -1,0 +1,88 @@
+"""``python -m model_server`` / ``model-server``: start the server on a model repository."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from model_server.app import Settings, create_app
+from model_server.errors import ServerError
+from model_server.metrics import gpu_count
+from model_server.model import select_providers
+from model_server.repository import ModelRepository
+
+log = logging.getLogger("model_server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="model-server", description=__doc__)
+    p.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--load-model", action="append", metavar="NAME",
+        help="model to load at start (repeatable); default: every model in the repository",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider: CUDA where a GPU is found (auto), or forced")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--admin-token", help="bearer token for admin calls (prefer --admin-token-file)")
+    token.add_argument("--admin-token-file", type=Path, help="file holding the admin bearer token")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
+    p.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=True,
+                   help="exit when a model fails to load at start (as Triton does)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p.parse_args(argv)
+
+
+def admin_token(args: argparse.Namespace) -> str | None:
+    if args.admin_token_file is not None:
+        token = args.admin_token_file.read_text().strip()
+        if not token:
+            raise SystemExit(f"model-server: admin token file {args.admin_token_file} is empty")
+        return token
+    return args.admin_token or os.environ.get("MODEL_SERVER_ADMIN_TOKEN") or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        repo = ModelRepository(args.repository, select_providers(args.device, gpu_count()))
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return 2
+    for name in args.load_model or repo.names():
+        try:
+            versions = repo.load(name)
+            log.info("model %r ready, versions %s", name, versions)
+        except ServerError as exc:
+            if args.exit_on_error:
+                print(f"model-server: {exc.message}", file=sys.stderr)
+                return 1
+    settings = Settings(
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        request_timeout_s=args.request_timeout,
+        admin_token=admin_token(args),
+    )
+    uvicorn.run(
+        create_app(repo, settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=75,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""HTTP layer: the KServe v2 / Triton HTTP protocol over the model repository.
+
+Handlers only translate HTTP to repository and model calls and back; every error becomes
+``{"error": ...}`` with the status of its exception class, so nothing escapes as a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from model_server import __version__, metrics
+from model_server.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerError,
+    Unauthorized,
+)
+from model_server.model import OutOfMemory
+from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
+from model_server.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+DRAIN_FACTOR = 4
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+
+
+@dataclass
+class Settings:
+    max_body_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 30.0
+    admin_token: str | None = None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
+    state = {"ready": False}
+
+    def endpoint(route: str, admin: bool = False) -> Callable[[Handler], Handler]:
+        """Map exceptions to statuses once, check the admin token, count by route."""
+
+        def wrap(fn: Handler) -> Handler:
+            async def handler(request: Request) -> Response:
+                try:
+                    if admin:
+                        check_admin(request)
+                    response = await fn(request)
+                except ServerError as exc:
+                    response = error(exc.status, exc.message)
+                except Exception:  # a bug, not the client's fault: answer, log, keep serving
+                    log.exception("unhandled error on %s %s", request.method, request.url.path)
+                    response = error(500, "internal server error; see the server log")
+                metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
+                return response
+
+            return handler
+
+        return wrap
+
+    def check_admin(request: Request) -> None:
+        if settings.admin_token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+            raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+
+        async def read() -> bytes:
+            chunks, size = [], 0
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= limit:
+                        chunks.append(chunk)
+                    elif size > DRAIN_FACTOR * limit:
+                        break  # not worth draining: answer now, the connection closes
+            except ClientDisconnect:
+                raise InvalidInput("client disconnected while sending the body") from None
+            if size > limit:
+                # The rest was drained, not kept, so the client reads this 413, not a reset.
+                raise PayloadTooLarge(f"request body of {declared or size} bytes is over the limit of {limit} bytes")
+            return b"".join(chunks)
+
+        if declared is not None and (not declared.isdigit()):
+            raise InvalidInput(f"invalid Content-Length {declared!r}")
+        try:
+            return await asyncio.wait_for(read(), settings.request_timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request body not received within {settings.request_timeout_s:g} s"
+            ) from None
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        body = await read_body(request)
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("request body must be a JSON object")
+        return data
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    @endpoint("/v2/health/live")
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    @endpoint("/v2/health/ready")
+    async def ready(request: Request) -> Response:
+        return Response(status_code=200 if state["ready"] else 503)
+
+    @endpoint("/v2")
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "model-server", "version": __version__, "extensions": EXTENSIONS})
+
+    def _versions(request: Request) -> tuple[Any, dict[int, Any]]:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        if version is not None:
+            with repo.use(name, version) as lv:
+                return lv.config, {lv.version: lv}
+        return repo.loaded(name)
+
+    @endpoint("/v2/models/{model}")
+    async def model_metadata(request: Request) -> Response:
+        cfg, versions = _versions(request)
+        return JSONResponse({
+            "name": cfg.name,
+            "versions": [str(v) for v in sorted(versions)],
+            "platform": cfg.platform,
+            "inputs": [s.as_metadata() for s in cfg.inputs],
+            "outputs": [s.as_metadata() for s in cfg.outputs],
+            "execution_providers": {str(v): lv.provider for v, lv in sorted(versions.items())},
+            "parameters": {"versions": {str(v): lv.metadata() for v, lv in sorted(versions.items())}},
+        })
+
+    @endpoint("/v2/models/{model}/config")
+    async def model_config(request: Request) -> Response:
+        cfg, versions = _versions(request)
+        return JSONResponse({**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy})
+
+    @endpoint("/v2/models/{model}/ready")
+    async def model_ready(request: Request) -> Response:
+        name = request.path_params["model"]
+        version = request.path_params.get("version")
+        if repo.is_ready(name, version):
+            return Response(status_code=200)
+        repo.model_dir(name)  # 404 for a model the repository does not have
+        return error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
+
+    # -- inference --------------------------------------------------------------------------
+
+    @endpoint("/v2/models/{model}/infer")
+    async def infer(request: Request) -> Response:
+        started = time.perf_counter()
+        body = await read_body(request)
+        with repo.use(request.path_params["model"], request.path_params.get("version")) as lv:
+            try:
+                req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
+                outputs = lv.validate(req.inputs, req.outputs)
+                results, batch, timing = await lv.infer(req.inputs, outputs)
+                encode_start = time.perf_counter()
+                specs = {s.name: s for s in lv.config.outputs}
+                payload, header_len = encode_infer_response(
+                    lv.name,
+                    lv.label,
+                    [
+                        (n, specs[n].datatype, arr, req.outputs[n] if req.outputs else req.binary_output_default)
+                        for n, arr in zip(outputs, results, strict=True)
+                    ],
+                    req.id,
+                )
+            except OutOfMemory:
+                lv.metrics.failure("OOM")
+                raise
+            except ServerError as exc:
+                lv.metrics.failure("INVALID_INPUT" if exc.status < 500 else "BACKEND")
+                raise
+            done = time.perf_counter()
+            lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
+        if header_len is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_len)},
+        )
+
+    # -- model repository extension ---------------------------------------------------------
+
+    @endpoint("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        body = await json_body(request)
+        return JSONResponse(repo.index(ready_only=bool(body.get("ready", False))))
+
+    @endpoint("/v2/repository/models/{model}/load", admin=True)
+    async def load(request: Request) -> Response:
+        name = request.path_params["model"]
+        params = (await json_body(request)).get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        files = sorted(k for k in params if k.startswith("file:"))
+        if files:
+            raise InvalidInput(
+                f"file overrides {files} are not supported: put the model in the repository"
+            )
+        override = None
+        if "config" in params:
+            try:
+                override = json.loads(params["config"])
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"parameters.config is not a JSON object: {exc}") from None
+            if not isinstance(override, dict):
+                raise InvalidInput("parameters.config must be a JSON object")
+        await asyncio.to_thread(repo.load, name, override)
+        return Response(status_code=200)
+
+    @endpoint("/v2/repository/models/{model}/unload", admin=True)
+    async def unload(request: Request) -> Response:
+        await json_body(request)
+        await asyncio.to_thread(repo.unload, request.path_params["model"])
+        return Response(status_code=200)
+
+    @endpoint("/metrics")
+    async def prometheus_metrics(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/{model}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error(404, f"no such endpoint: {request.method} {request.url.path}")
+        if exc.status_code == 405:
+            return error(405, f"method {request.method} not allowed on {request.url.path}")
+        return error(exc.status_code, str(exc.detail))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        repo.close_all()
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

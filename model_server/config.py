@@ -1,0 +1,236 @@
+"""Per-model configuration: ``<repository>/<model>/config.json``.
+
+A JSON sibling of Triton's ``config.pbtxt``: the tensors clients see, the preprocessing that
+maps them to the ONNX graph's inputs, which versions to load (Triton's ``version_policy``),
+how many concurrent executions a version gets, and free-form metadata (labels, held-out
+accuracy per version) that the server reports but does not interpret.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model_server.errors import InvalidInput
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+# KServe v2 datatype -> numpy dtype string (little-endian on the wire).
+DATATYPES: dict[str, str] = {
+    "BOOL": "|b1",
+    "UINT8": "|u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "|i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "BYTES": "O",
+}
+
+# ONNX Runtime's type strings -> KServe v2 datatype.
+ONNX_TYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# Keys a load request may override (Triton's load API takes a whole config; we take these).
+OVERRIDABLE = ("version_policy", "instance_count", "max_batch_size")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Encoded PNG/JPEG images -> the float features the graph was trained on."""
+
+    onnx_input: str
+    width: int
+    height: int
+    scale: float  # a white pixel (255) maps to this value
+    invert: bool = False
+    flatten: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    instance_count: int = 1
+    version_policy: dict[str, Any] = field(default_factory=lambda: {"latest": {"num_versions": 1}})
+    preprocess: ImagePreprocess | None = None
+    platform: str = "onnxruntime_onnx"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def select_versions(self, available: list[int]) -> list[int]:
+        """Apply the version policy to the versions on disk (Triton's semantics)."""
+        policy = self.version_policy
+        available = sorted(available)
+        if "all" in policy:
+            return available
+        if "latest" in policy:
+            n = policy["latest"].get("num_versions", 1)
+            return available[-n:]
+        wanted = [int(v) for v in policy["specific"]["versions"]]
+        missing = sorted(set(wanted) - set(available))
+        if missing:
+            raise InvalidInput(
+                f"model '{self.name}': version_policy asks for version(s) {missing} "
+                f"that are not in the repository (found {available})"
+            )
+        return sorted(wanted)
+
+
+def _fail(where: str, msg: str) -> InvalidInput:
+    return InvalidInput(f"{where}: {msg}")
+
+
+def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list) or not items:
+        raise _fail(where, "must be a non-empty list of {name, datatype, dims}")
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _fail(f"{where}[{i}]", "must be an object")
+        name, dt, dims = item.get("name"), item.get("datatype"), item.get("dims")
+        if not isinstance(name, str) or not name:
+            raise _fail(f"{where}[{i}].name", "must be a non-empty string")
+        if dt not in DATATYPES:
+            raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
+        if (
+            not isinstance(dims, list)
+            or not dims
+            or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims)
+        ):
+            raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
+        specs.append(TensorSpec(name, dt, tuple(dims)))
+    return tuple(specs)
+
+
+def _version_policy(where: str, policy: Any) -> dict[str, Any]:
+    if not isinstance(policy, dict) or len(policy) != 1:
+        raise _fail(where, "must be one of {'all': {}}, {'latest': {'num_versions': N}}, "
+                    "{'specific': {'versions': [...]}}")
+    kind, body = next(iter(policy.items()))
+    if kind == "all" and body == {}:
+        return policy
+    if kind == "latest" and isinstance(body, dict):
+        n = body.get("num_versions", 1)
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+            return {"latest": {"num_versions": n}}
+        raise _fail(where, "latest.num_versions must be an integer >= 1")
+    if kind == "specific" and isinstance(body, dict):
+        versions = body.get("versions")
+        if (
+            isinstance(versions, list)
+            and versions
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions)
+        ):
+            return {"specific": {"versions": sorted(set(versions))}}
+        raise _fail(where, "specific.versions must be a non-empty list of integers >= 1")
+    raise _fail(where, f"unknown or malformed policy {policy!r}")
+
+
+def _positive_int(where: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise _fail(where, f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be a JSON object")
+    if raw.get("name", name) != name:
+        raise _fail(f"{where}: name", f"{raw['name']!r} does not match the folder name {name!r}")
+    platform = raw.get("platform", "onnxruntime_onnx")
+    if platform != "onnxruntime_onnx":
+        raise _fail(f"{where}: platform", f"{platform!r} is not supported (onnxruntime_onnx)")
+    inputs = _tensor_specs(f"{where}: input", raw.get("input"))
+    outputs = _tensor_specs(f"{where}: output", raw.get("output"))
+    pre = raw.get("preprocess")
+    preprocess = None
+    if pre is not None:
+        if not isinstance(pre, dict) or pre.get("kind") != "image":
+            raise _fail(f"{where}: preprocess", "only {'kind': 'image', ...} is supported")
+        if len(inputs) != 1 or inputs[0].datatype != "BYTES":
+            raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
+        size = pre.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+            raise _fail(f"{where}: preprocess.size", "must be [width, height]")
+        scale = pre.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or scale <= 0:
+            raise _fail(f"{where}: preprocess.scale", "must be a positive number")
+        onnx_input = pre.get("onnx_input")
+        if not isinstance(onnx_input, str) or not onnx_input:
+            raise _fail(f"{where}: preprocess.onnx_input", "must name the graph's input")
+        preprocess = ImagePreprocess(
+            onnx_input=onnx_input,
+            width=size[0],
+            height=size[1],
+            scale=float(scale),
+            invert=bool(pre.get("invert", False)),
+            flatten=bool(pre.get("flatten", True)),
+        )
+    return ModelConfig(
+        name=name,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=_positive_int(f"{where}: max_batch_size", raw.get("max_batch_size", 0), 0),
+        instance_count=_positive_int(f"{where}: instance_count", raw.get("instance_count", 1), 1),
+        version_policy=_version_policy(
+            f"{where}: version_policy", raw.get("version_policy", {"latest": {"num_versions": 1}})
+        ),
+        preprocess=preprocess,
+        platform=platform,
+        metadata=raw.get("metadata", {}) if isinstance(raw.get("metadata", {}), dict) else {},
+        raw=raw,
+    )
+
+
+def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> ModelConfig:
+    path = model_dir / "config.json"
+    where = f"{model_dir.name}/config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"model '{model_dir.name}': {where} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
+    if override:
+        unknown = sorted(set(override) - set(OVERRIDABLE))
+        if unknown:
+            raise InvalidInput(
+                f"load config override: unsupported key(s) {unknown}; allowed: {list(OVERRIDABLE)}"
+            )
+        raw = {**raw, **override}
+        where = f"{where} with load override"
+    return parse_config(model_dir.name, raw, where)

@@ -1,0 +1,215 @@
+"""Prometheus metrics, declared once. Triton's names where Triton has one.
+
+Labels stay small and fixed: ``model`` and ``version`` (Triton's), plus ``reason`` on
+failures. GPU gauges exist only when NVML finds a GPU: absent, not zero, without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.utils import floatToGoString
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+log = logging.getLogger(__name__)
+
+disable_created_metrics()
+
+ML = ("model", "version")
+
+
+class TritonCounter:
+    """A counter exposed under its exact Triton name.
+
+    prometheus_client appends ``_total`` to every counter; Triton's (and so the dashboards'
+    and alerts' written for Triton) have none, so these render themselves.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._values: dict[tuple[str, ...], list[float]] = {}
+        self._lock = threading.Lock()
+        TRITON_COUNTERS.append(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        with self._lock:
+            cell = self._values.setdefault(tuple(values), [0.0])
+        return _CounterChild(cell, self._lock)
+
+    def value(self, *values: str) -> float:
+        return self._values.get(tuple(values), [0.0])[0]
+
+    def render(self) -> str:
+        lines = [f"# HELP {self.name} {self.documentation}", f"# TYPE {self.name} counter"]
+        with self._lock:
+            items = sorted(self._values.items())
+        for values, (v,) in items:
+            labels = ",".join(f'{k}="{_escape(x)}"' for k, x in zip(self.labelnames, values, strict=True))
+            lines.append(f"{self.name}{{{labels}}} {floatToGoString(v)}")
+        return "\n".join(lines) + "\n"
+
+
+class _CounterChild:
+    __slots__ = ("_cell", "_lock")
+
+    def __init__(self, cell: list[float], lock: threading.Lock):
+        self._cell, self._lock = cell, lock
+
+    def inc(self, amount: float = 1.0) -> None:
+        with self._lock:
+            self._cell[0] += amount
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+TRITON_COUNTERS: list[TritonCounter] = []
+
+REQUEST_SUCCESS = TritonCounter(
+    "nv_inference_request_success", "Number of successful inference requests, all batch sizes", ML
+)
+REQUEST_FAILURE = TritonCounter(
+    "nv_inference_request_failure",
+    "Number of failed inference requests (reason: INVALID_INPUT, OOM, BACKEND)",
+    (*ML, "reason"),
+)
+INFERENCE_COUNT = TritonCounter(
+    "nv_inference_count", "Number of inferences performed (a batch of n counts n)", ML
+)
+EXEC_COUNT = TritonCounter("nv_inference_exec_count", "Number of model executions performed", ML)
+REQUEST_DURATION_US = TritonCounter(
+    "nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", ML
+)
+QUEUE_DURATION_US = TritonCounter(
+    "nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds", ML
+)
+COMPUTE_INPUT_US = TritonCounter(
+    "nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds", ML
+)
+COMPUTE_INFER_US = TritonCounter(
+    "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds", ML
+)
+COMPUTE_OUTPUT_US = TritonCounter(
+    "nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds", ML
+)
+OOM_ERRORS = Counter(
+    "model_server_oom_errors_total", "CUDA out-of-memory errors during inference", ML
+)
+
+# Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125, 0.015,
+    0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.065, 0.07, 0.08, 0.09,
+    0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+REQUEST_LATENCY = Histogram(
+    "model_server_request_duration_seconds",
+    "Inference request latency in the server, from body read to response encoded",
+    ML,
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_INFO = Gauge(
+    "model_server_model_info",
+    "1 for each loaded model version, with the execution provider it runs on",
+    (*ML, "execution_provider"),
+)
+OPEN_SESSIONS = Gauge(
+    "model_server_open_sessions",
+    "ONNX Runtime sessions alive per model, serving or draining in-flight requests",
+    ("model",),
+)
+MODEL_LOADS = Counter(
+    "model_server_model_loads_total", "Model load requests by outcome", ("model", "outcome")
+)
+HTTP_REQUESTS = Counter(
+    "model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code")
+)
+
+
+class NvmlCollector(Collector):
+    """GPU gauges read at scrape time (Triton's nv_gpu_* names), one series per GPU."""
+
+    def __init__(self, nvml: Any, handles: list[tuple[str, Any]]):
+        self.nvml = nvml
+        self.handles = handles
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory (bytes)", labels=["gpu_uuid"])
+        total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory (bytes)", labels=["gpu_uuid"])
+        util = GaugeMetricFamily("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0]", labels=["gpu_uuid"])
+        power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power usage (watts)", labels=["gpu_uuid"])
+        for uuid, handle in self.handles:
+            try:
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+                used.add_metric([uuid], float(mem.used))
+                total.add_metric([uuid], float(mem.total))
+                util.add_metric([uuid], self.nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                power.add_metric([uuid], self.nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
+            except self.nvml.NVMLError as exc:  # a GPU that fell off the bus: skip its series
+                log.warning("NVML read failed for %s: %s", uuid, exc)
+        yield from (used, total, util, power)
+
+
+def gpu_count() -> int:
+    """GPUs NVML can see (0 without a driver). Registers the GPU gauges once when any."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+    except Exception as exc:  # no driver, no library: the normal case on a CPU machine
+        log.info("NVML unavailable (%s): no GPU metrics", exc)
+        return 0
+    if n and not getattr(gpu_count, "registered", False):
+        handles = []
+        for i in range(n):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            handles.append((uuid.decode() if isinstance(uuid, bytes) else uuid, h))
+        REGISTRY.register(NvmlCollector(pynvml, handles))
+        gpu_count.registered = True  # type: ignore[attr-defined]
+    return n
+
+
+class VersionMetrics:
+    """The metric children of one model version, bound once instead of per request."""
+
+    def __init__(self, model: str, version: str):
+        self.model, self.version = model, version
+        labels = (model, version)
+        self.success = REQUEST_SUCCESS.labels(*labels)
+        self.count = INFERENCE_COUNT.labels(*labels)
+        self.exec = EXEC_COUNT.labels(*labels)
+        self.duration = REQUEST_DURATION_US.labels(*labels)
+        self.queue = QUEUE_DURATION_US.labels(*labels)
+        self.compute_input = COMPUTE_INPUT_US.labels(*labels)
+        self.compute_infer = COMPUTE_INFER_US.labels(*labels)
+        self.compute_output = COMPUTE_OUTPUT_US.labels(*labels)
+        self.latency = REQUEST_LATENCY.labels(*labels)
+
+    def succeeded(self, batch: int, seconds: float, timing: dict[str, float], output_seconds: float) -> None:
+        self.success.inc()
+        self.count.inc(batch)
+        self.exec.inc()
+        self.duration.inc(seconds * 1e6)
+        self.queue.inc(timing["queue"] * 1e6)
+        self.compute_input.inc(timing["input"] * 1e6)
+        self.compute_infer.inc(timing["infer"] * 1e6)
+        self.compute_output.inc(output_seconds * 1e6)
+        self.latency.observe(seconds)
+
+    def failure(self, reason: str) -> None:
+        REQUEST_FAILURE.labels(self.model, self.version, reason).inc()
+        if reason == "OOM":
+            OOM_ERRORS.labels(self.model, self.version).inc()
+
+
+def exposition() -> bytes:
+    """The /metrics body: Triton's counters, then everything in the default registry."""
+    return "".join(c.render() for c in TRITON_COUNTERS).encode() + generate_latest()

@@ -1,0 +1,228 @@
+"""One loaded model version: an ONNX Runtime session, its executor, its in-flight count.
+
+Inference runs on the version's own thread pool with ``instance_count`` workers (Triton's
+instance group): on a CPU, one instance already uses every core through ORT's intra-op
+threads, so more would only fight for them. ONNX Runtime releases the GIL while running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # noqa: E402
+
+from model_server.metrics import VersionMetrics
+from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
+from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable
+from model_server.preprocess import images_to_features
+from model_server.protocol import InferInput
+
+log = logging.getLogger(__name__)
+
+ort.set_default_logger_severity(3)
+
+OOM_MARKERS = (
+    "out of memory",
+    "cudaerrormemoryallocation",
+    "cuda_error_out_of_memory",
+    "cudnn_status_alloc_failed",
+    "cublas_status_alloc_failed",
+    "failed to allocate memory",
+)
+
+
+def is_out_of_memory(message: str) -> bool:
+    """True when an ONNX Runtime error message reports a device allocation failure."""
+    m = message.lower()
+    return any(marker in m for marker in OOM_MARKERS)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select_providers(device: str, gpus: int) -> list[str]:
+    """CUDA first where a GPU and the CUDA provider both exist, then CPU."""
+    available = ort.get_available_providers()
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        if device == "cuda":
+            raise RuntimeError(f"--device cuda, but this onnxruntime has only {available}")
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
+
+
+class LoadedVersion:
+    def __init__(self, config: ModelConfig, version: int, path: Path, providers: list[str]):
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.label = str(version)
+        self.path = path
+        self.sha256 = file_sha256(path)
+        self.size_bytes = path.stat().st_size
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        where = f"model '{self.name}' version {version}"
+        try:
+            self.session: ort.InferenceSession | None = ort.InferenceSession(
+                str(path), options, providers=providers
+            )
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise InvalidInput(f"failed to load {where} from {path.name}: {exc}") from None
+        self.provider = self.session.get_providers()[0]
+        self._check_signature(where)
+        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"{self.name}-v{version}")
+        self.inflight = 0
+        self.retired = False
+        self.metrics = VersionMetrics(self.name, self.label)
+
+    def _check_signature(self, where: str) -> None:
+        assert self.session is not None
+        graph_in = {i.name: i for i in self.session.get_inputs()}
+        graph_out = {o.name: o for o in self.session.get_outputs()}
+        pre = self.config.preprocess
+        if pre is not None:
+            if pre.onnx_input not in graph_in:
+                raise InvalidInput(
+                    f"{where}: preprocess.onnx_input {pre.onnx_input!r} is not a graph input "
+                    f"(graph has {sorted(graph_in)})"
+                )
+        else:
+            for spec in self.config.inputs:
+                self._check_tensor(where, "input", spec, graph_in)
+        for spec in self.config.outputs:
+            self._check_tensor(where, "output", spec, graph_out)
+
+    @staticmethod
+    def _check_tensor(where: str, kind: str, spec: TensorSpec, graph: dict[str, Any]) -> None:
+        node = graph.get(spec.name)
+        if node is None:
+            raise InvalidInput(f"{where}: config {kind} {spec.name!r} is not in the graph ({sorted(graph)})")
+        datatype = ONNX_TYPES.get(node.type)
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"{where}: {kind} {spec.name!r} is {datatype or node.type} in the graph, "
+                f"{spec.datatype} in config.json"
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """One inference on zeros: a version that cannot run never takes traffic."""
+        assert self.session is not None
+        feeds = {}
+        for node in self.session.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in node.shape]
+            datatype = ONNX_TYPES.get(node.type)
+            if datatype is None or datatype == "BYTES":
+                raise InvalidInput(f"model '{self.name}' version {self.version}: cannot warm up input {node.name!r} of {node.type}")
+            feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
+        try:
+            self.session.run([o.name for o in self.config.outputs], feeds)
+        except Exception as exc:
+            raise InvalidInput(f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}") from None
+
+    def close(self) -> None:
+        """Release the session; called once the version is retired and drained."""
+        self.session = None
+        self.executor.shutdown(wait=False)
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def validate(self, inputs: list[InferInput], requested: dict[str, bool] | None) -> list[str]:
+        """Check inputs against config; return the output names to compute."""
+        cfg = self.config
+        given = {i.name: i for i in inputs}
+        expected = {s.name for s in cfg.inputs}
+        unknown = sorted(set(given) - expected)
+        if unknown:
+            raise InvalidInput(f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}")
+        for spec in cfg.inputs:
+            inp = given.get(spec.name)
+            if inp is None:
+                raise InvalidInput(f"missing input '{spec.name}' for model '{self.name}'")
+            if inp.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input '{spec.name}': datatype {inp.datatype} does not match the model's {spec.datatype}"
+                )
+            if not _shape_matches(inp.shape, spec.dims):
+                raise InvalidInput(
+                    f"input '{spec.name}': shape {list(inp.shape)} does not match the model's {list(spec.dims)}"
+                )
+            if cfg.max_batch_size:
+                batch = inp.shape[0]
+                if batch < 1 or batch > cfg.max_batch_size:
+                    raise InvalidInput(
+                        f"input '{spec.name}': batch size {batch} is outside 1..{cfg.max_batch_size}"
+                    )
+        batches = {i.shape[0] for i in inputs if i.shape}
+        if cfg.max_batch_size and len(batches) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
+        names = [o.name for o in cfg.outputs]
+        if requested is None:
+            return names
+        unknown = sorted(set(requested) - set(names))
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown} for model '{self.name}'; it has {names}")
+        return [n for n in names if n in requested]
+
+    def _run(self, inputs: list[InferInput], outputs: list[str], submitted: float) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        started = time.perf_counter()
+        session = self.session
+        if session is None:  # cannot happen while in flight; guards against misuse
+            raise ModelUnavailable(f"model '{self.name}' version {self.version} was unloaded")
+        pre = self.config.preprocess
+        if pre is not None:
+            feeds = {pre.onnx_input: images_to_features(inputs[0].data, pre, inputs[0].name)}
+        else:
+            feeds = {i.name: np.ascontiguousarray(i.data) for i in inputs}
+        batch = next(iter(feeds.values())).shape[0] if self.config.max_batch_size else 1
+        prepared = time.perf_counter()
+        try:
+            result = session.run(outputs, feeds)
+        except Exception as exc:
+            message = str(exc)
+            if is_out_of_memory(message):
+                raise OutOfMemory(f"model '{self.name}' version {self.version} ran out of memory on {self.provider}: {message}") from None
+            if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
+                raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
+            raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
+        done = time.perf_counter()
+        timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
+        return result, batch, timing
+
+    async def infer(self, inputs: list[InferInput], outputs: list[str]) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "version": self.label,
+            "execution_provider": self.provider,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+        }
+
+
+class OutOfMemory(ModelUnavailable):
+    """A device allocation failed: retryable, counted apart from other failures."""

@@ -1,0 +1,268 @@
+"""KServe v2 inference request/response encoding, with Triton's binary tensor extension.
+
+Transport-free: bytes in, typed objects out, and back. Every malformed input raises
+``InvalidInput`` with a message naming the field that was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from model_server.config import DATATYPES
+from model_server.errors import InvalidInput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass
+class InferInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    inputs: list[InferInput]
+    outputs: dict[str, bool] | None  # requested output -> binary; None means all
+    id: str | None = None
+    binary_output_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _num_elements(shape: tuple[int, ...]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def _parse_bytes_tensor(buf: memoryview, count: int, where: str) -> np.ndarray:
+    """Triton's BYTES serialization: each element a 4-byte little-endian length, then bytes."""
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(buf):
+            raise InvalidInput(f"{where}: binary BYTES data ends before element {i} of {count}")
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise InvalidInput(f"{where}: binary BYTES element {i} claims {n} bytes past the end")
+        out[i] = bytes(buf[pos : pos + n])
+        pos += n
+    if pos != len(buf):
+        raise InvalidInput(f"{where}: {len(buf) - pos} trailing bytes after {count} BYTES elements")
+    return out
+
+
+def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.reshape(-1):
+        b = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if not data or not isinstance(data[0], list):
+        return data
+    out: list[Any] = []
+    stack = [data]
+    # Iterative flatten keeps deep nesting from hitting the recursion limit.
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _json_tensor(raw: dict[str, Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    flat = _flatten(raw["data"])
+    expected = _num_elements(shape)
+    if len(flat) != expected:
+        raise InvalidInput(f"{where}: shape {list(shape)} needs {expected} elements, data has {len(flat)}")
+    if datatype == "BYTES":
+        b64 = (raw.get("parameters") or {}).get("content_type") == "base64"
+        out = np.empty(expected, dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise InvalidInput(f"{where}: BYTES element {i} must be a string, got {type(item).__name__}")
+            if b64:
+                try:
+                    out[i] = base64.b64decode(item, validate=True)
+                except (binascii.Error, ValueError):
+                    raise InvalidInput(f"{where}: BYTES element {i} is not valid base64") from None
+            else:
+                out[i] = item.encode("utf-8")
+        return out.reshape(shape)
+    if datatype == "BOOL":
+        if not all(isinstance(x, bool) for x in flat):
+            raise InvalidInput(f"{where}: BOOL data must be true/false")
+    elif not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in flat):
+        bad = next(x for x in flat if not isinstance(x, (int, float)) or isinstance(x, bool))
+        raise InvalidInput(f"{where}: {datatype} data must be numbers, found {bad!r}")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            arr = np.asarray(flat, dtype=np.dtype(DATATYPES[datatype]).newbyteorder("="))
+    except (OverflowError, FloatingPointError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"{where}: data does not fit {datatype}: {exc}") from None
+    if datatype.startswith(("INT", "UINT")) and not all(isinstance(x, int) for x in flat):
+        raise InvalidInput(f"{where}: {datatype} data must be integers")
+    return arr.reshape(shape)
+
+
+def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a ``POST .../infer`` body (JSON, or JSON header + binary tensors)."""
+    if header_length is not None:
+        try:
+            json_len = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 < json_len <= len(body):
+            raise InvalidInput(
+                f"{HEADER_LENGTH} is {json_len} but the body has {len(body)} bytes"
+            )
+    else:
+        json_len = len(body)
+    try:
+        header = json.loads(body[:json_len])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput("request body must be a JSON object with an 'inputs' list")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("request must have a non-empty 'inputs' list")
+
+    binary = memoryview(body)[json_len:]
+    offset = 0
+    inputs: list[InferInput] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"inputs[{i}] needs a 'name' string")
+        where = f"input '{name}'"
+        if name in seen:
+            raise InvalidInput(f"{where} is given more than once")
+        seen.add(name)
+        datatype = raw.get("datatype")
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"{where}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+        shape_raw = raw.get("shape")
+        if not isinstance(shape_raw, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw
+        ):
+            raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+        shape = tuple(shape_raw)
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidInput(f"{where}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if "data" in raw:
+                raise InvalidInput(f"{where}: has both 'data' and binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"{where}: binary_data_size {size} runs past the end of the binary data "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            count = _num_elements(shape)
+            if datatype == "BYTES":
+                data = _parse_bytes_tensor(chunk, count, where).reshape(shape)
+            else:
+                dtype = np.dtype(DATATYPES[datatype])
+                if size != count * dtype.itemsize:
+                    raise InvalidInput(
+                        f"{where}: shape {list(shape)} of {datatype} needs "
+                        f"{count * dtype.itemsize} bytes, binary_data_size is {size}"
+                    )
+                data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        elif "data" in raw:
+            data = _json_tensor(raw, datatype, shape, where)
+        else:
+            raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
+        inputs.append(InferInput(name, datatype, shape, data))
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size"
+        )
+
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    binary_default = bool(params.get("binary_data_output", False))
+    outputs = None
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = {}
+        for i, out in enumerate(raw_outputs):
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise InvalidInput(f"outputs[{i}] needs a 'name' string")
+            oparams = out.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise InvalidInput(f"outputs[{i}]: 'parameters' must be an object")
+            if oparams.get("classification"):
+                raise InvalidInput(f"outputs[{i}]: the classification extension is not supported")
+            outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
+    req_id = header.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise InvalidInput("'id' must be a string")
+    return InferRequest(inputs, outputs, req_id, binary_default, params)
+
+
+def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:
+    flat = arr.reshape(-1)
+    if datatype == "BYTES":
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in flat]
+    return flat.tolist()
+
+
+def encode_infer_response(
+    model: str,
+    version: str,
+    outputs: list[tuple[str, str, np.ndarray, bool]],
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """Build the response body; returns (body, json_header_length or None when all JSON)."""
+    header: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:
+        header["id"] = request_id
+    blobs: list[bytes] = []
+    outs = []
+    for name, datatype, arr, binary in outputs:
+        item: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            if datatype == "BYTES":
+                blob = serialize_bytes_tensor(arr)
+            else:
+                blob = np.ascontiguousarray(arr, dtype=np.dtype(DATATYPES[datatype])).tobytes()
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            item["data"] = _json_data(arr, datatype)
+        outs.append(item)
+    header["outputs"] = outs
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)

@@ -1,0 +1,212 @@
+"""The model repository: Triton's layout, loading, hot swap and draining.
+
+``<root>/<model>/config.json`` and ``<root>/<model>/<version>/model.onnx``. Hot swap is
+load new, warm up, swap the reference, then retire the old: a retired version finishes the
+requests it holds and only then releases its session. A load that fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from model_server import metrics
+from model_server.config import NAME_RE, ModelConfig, load_config
+from model_server.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServerError
+from model_server.model import LoadedVersion, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def _serving_key(cfg: ModelConfig) -> ModelConfig:
+    """The part of a config that changes how a loaded version serves (not which are loaded)."""
+    return dataclasses.replace(cfg, version_policy={}, raw={})
+
+
+class ModelRepository:
+    def __init__(self, root: Path, providers: list[str]):
+        self.root = root.resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {root} is not a folder")
+        self.providers = providers
+        self._lock = threading.Lock()  # guards _models and in-flight counts; held briefly
+        self._load_lock = threading.Lock()  # one load or unload at a time
+        self._models: dict[str, dict[int, LoadedVersion]] = {}
+        self._configs: dict[str, ModelConfig] = {}
+        self._errors: dict[str, str] = {}
+
+    # -- the folder -------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        """The model's folder, confined to the repository (no traversal, no symlink escape)."""
+        if not NAME_RE.match(name) or set(name) == {"."}:
+            raise InvalidInput(f"invalid model name {name!r}: use letters, digits, '_', '.', '-'")
+        path = (self.root / name).resolve()
+        if path.parent != self.root or not path.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the model repository")
+        return path
+
+    def names(self) -> list[str]:
+        return sorted(
+            p.name for p in self.root.iterdir()
+            if p.is_dir() and NAME_RE.match(p.name) and (p / "config.json").is_file()
+        )
+
+    @staticmethod
+    def versions_on_disk(model_dir: Path) -> dict[int, Path]:
+        found = {}
+        for child in model_dir.iterdir():
+            if not (child.name.isdigit() and int(child.name) > 0):
+                continue
+            onnx = (child / "model.onnx").resolve()
+            if onnx.is_file() and onnx.is_relative_to(model_dir):
+                found[int(child.name)] = onnx
+        return found
+
+    # -- load / unload ----------------------------------------------------------------------
+
+    def load(self, name: str, override: dict[str, Any] | None = None) -> list[int]:
+        """Load (or reload) a model per its version policy; all or nothing."""
+        with self._load_lock:
+            try:
+                versions = self._load(name, override)
+            except ServerError as exc:
+                metrics.MODEL_LOADS.labels(name if NAME_RE.match(name) else "_invalid", "error").inc()
+                self._errors[name] = exc.message
+                log.error("load of model %r failed: %s", name, exc.message)
+                raise
+            metrics.MODEL_LOADS.labels(name, "ok").inc()
+            self._errors.pop(name, None)
+            return versions
+
+    def _load(self, name: str, override: dict[str, Any] | None) -> list[int]:
+        model_dir = self.model_dir(name)
+        cfg = load_config(model_dir, override)
+        on_disk = self.versions_on_disk(model_dir)
+        if not on_disk:
+            raise InvalidInput(f"model '{name}' has no <version>/model.onnx in the repository")
+        wanted = cfg.select_versions(list(on_disk))
+        current = self._models.get(name, {})
+        new: dict[int, LoadedVersion] = {}
+        created: list[LoadedVersion] = []
+        try:
+            for v in wanted:
+                old = current.get(v)
+                if (
+                    old is not None
+                    and old.sha256 == file_sha256(on_disk[v])
+                    and _serving_key(old.config) == _serving_key(cfg)
+                ):
+                    new[v] = old
+                    continue
+                lv = LoadedVersion(cfg, v, on_disk[v], self.providers)
+                created.append(lv)
+                lv.warmup()
+                new[v] = lv
+        except BaseException:
+            for lv in created:
+                lv.close()
+            raise
+        with self._lock:
+            self._models[name] = new
+            self._configs[name] = cfg
+            retired = [lv for v, lv in current.items() if new.get(v) is not lv]
+            for lv in retired:
+                self._retire(lv)
+        metrics.OPEN_SESSIONS.labels(name).inc(len(created))
+        for lv in created:
+            metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
+            log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
+        return sorted(new)
+
+    def unload(self, name: str) -> None:
+        with self._load_lock:
+            self.model_dir(name)
+            with self._lock:
+                for lv in self._models.pop(name, {}).values():
+                    self._retire(lv)
+                self._configs.pop(name, None)
+            log.info("unloaded model %r", name)
+
+    def _retire(self, lv: LoadedVersion) -> None:
+        """Take a version out of service; with self._lock held."""
+        lv.retired = True
+        metrics.MODEL_INFO.remove(lv.name, lv.label, lv.provider)
+        if lv.inflight == 0:
+            self._close(lv)
+
+    @staticmethod
+    def _close(lv: LoadedVersion) -> None:
+        lv.close()
+        metrics.OPEN_SESSIONS.labels(lv.name).dec()
+
+    def close_all(self) -> None:
+        with self._lock:
+            for name in list(self._models):
+                for lv in self._models.pop(name).values():
+                    self._retire(lv)
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _unavailable(self, name: str) -> ServerError:
+        self.model_dir(name)  # raises 404 for a model the repository does not have
+        reason = self._errors.get(name)
+        return ModelUnavailable(f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else ""))
+
+    @contextmanager
+    def use(self, name: str, version: str | None = None) -> Iterator[LoadedVersion]:
+        """Hold a version for one request; a retired version is released after its last one."""
+        if version is not None and not (version.isdigit() and int(version) > 0):
+            raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
+        with self._lock:
+            versions = self._models.get(name)
+            lv = None
+            if versions:
+                lv = versions.get(int(version)) if version is not None else versions[max(versions)]
+                if lv is not None:
+                    lv.inflight += 1
+        if lv is None:
+            if versions:
+                raise ModelNotFound(
+                    f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
+                )
+            raise self._unavailable(name)
+        try:
+            yield lv
+        finally:
+            with self._lock:
+                lv.inflight -= 1
+                if lv.retired and lv.inflight == 0:
+                    self._close(lv)
+
+    def loaded(self, name: str) -> tuple[ModelConfig, dict[int, LoadedVersion]]:
+        with self._lock:
+            versions = self._models.get(name)
+            if versions:
+                return self._configs[name], dict(versions)
+        raise self._unavailable(name)
+
+    def is_ready(self, name: str, version: str | None = None) -> bool:
+        with self._lock:
+            versions = self._models.get(name) or {}
+        if version is None:
+            return bool(versions)
+        return version.isdigit() and int(version) in versions
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Triton's repository index: one entry per loaded version, one per idle model."""
+        with self._lock:
+            loaded = {n: sorted(v) for n, v in self._models.items()}
+        out: list[dict[str, Any]] = []
+        for name in self.names():
+            if loaded.get(name):
+                out.extend({"name": name, "version": str(v), "state": "READY"} for v in loaded[name])
+            elif not ready_only:
+                reason = self._errors.get(name, "not loaded")
+                out.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+        return out
