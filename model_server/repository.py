@@ -54,7 +54,7 @@ class ModelRepository:
     def names(self) -> list[str]:
         return sorted(
             p.name for p in self.root.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and (p / "config.json").is_file()
+            if NAME_RE.match(p.name) and p.resolve().parent == self.root and (p / "config.json").is_file()
         )
 
     @staticmethod

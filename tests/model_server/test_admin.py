@@ -1,0 +1,72 @@
+"""Admin calls need the bearer token; loads stay inside the repository folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import requests
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("action", ["load", "unload"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdA=="}, {"Authorization": "Bearer"}],
+    ids=["missing", "wrong-token", "wrong-scheme", "empty"],
+)
+def test_admin_calls_without_the_token_get_401(server, action, headers):
+    r = requests.post(f"{server.http}/v2/repository/models/digits/{action}", headers=headers, timeout=10)
+    assert r.status_code == 401
+    assert "Bearer" in r.json()["error"]
+    assert server.client().is_model_ready("digits")
+
+
+def test_tritonclient_load_without_token_raises_401(server):
+    with pytest.raises(InferenceServerException) as err:
+        server.client().unload_model("digits")
+    assert err.value.status() == "401"
+    assert server.client().is_model_ready("digits")
+
+
+def test_read_only_calls_need_no_token(server):
+    c = server.client()
+    assert c.get_model_repository_index()
+    assert c.get_model_metadata("digits")
+
+
+def test_without_a_token_admin_calls_are_open(server_factory, repo_copy):
+    s = server_factory(repo_copy)
+    s.client().unload_model("digits")
+    assert not s.client().is_model_ready("digits")
+
+
+def test_load_cannot_escape_the_repository(server_factory, repo_copy, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text((repo_copy / "digits" / "config.json").read_text().replace('"digits"', '"outside"'))
+    os.symlink(outside, repo_copy / "escape")
+    s = server_factory(repo_copy, token="t0k3n")
+    for name in ("..", "...", "escape", "..%2Foutside", "%2Fetc"):
+        r = requests.post(f"{s.http}/v2/repository/models/{name}/load", headers=s.admin, timeout=10)
+        assert r.status_code in (400, 404), (name, r.text)
+        assert "error" in r.json()
+    assert s.client().is_model_ready("digits")
+
+
+def test_load_override_rejects_unknown_keys_and_file_uploads(server):
+    c = server.client()
+    with pytest.raises(InferenceServerException) as err:
+        c.load_model("digits", headers=server.admin, config=json.dumps({"backend": "python"}))
+    assert err.value.status() == "400"
+    assert "unsupported key(s) ['backend']" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        c.load_model("digits", headers=server.admin, config="{}", files={"file:1/model.onnx": b"x"})
+    assert "not supported" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        c.load_model("digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [9]}}}))
+    assert "not in the repository" in err.value.message()
+    assert c.get_model_metadata("digits")["versions"] == ["1"]

@@ -1,0 +1,188 @@
+"""Every kind of bad input gets a 4xx JSON error naming what was wrong, never a 500 or a hang."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.integration
+
+
+def post(server, path: str, body: bytes | str, headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(f"{server.http}{path}", data=body, headers=headers or {}, timeout=30)
+
+
+def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | None = None) -> tuple[bytes, dict]:
+    blob = b"".join(struct.pack("<I", len(i)) + i for i in images)
+    header = json.dumps({"inputs": [{
+        "name": "image", "datatype": datatype, "shape": shape or [len(images)],
+        "parameters": {"binary_data_size": len(blob)},
+    }]}).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"inputs": []}', "non-empty 'inputs'"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "TEXT", "data": ["x"]}]}', "datatype 'TEXT'"),
+        (b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["x"]}]}', "needs 2 elements"),
+        (b'{"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]}', "non-negative"),
+        (b'{"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}', "unknown input"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}', "does not match the model's BYTES"),
+        (b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [["x"]]}]}', "shape [1, 1]"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not a png"]}]}', "not a decodable PNG or JPEG"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [7]}]}', "must be a string"),
+        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "outputs": [{"name": "logits"}]}', "unknown output"),
+    ],
+    ids=["malformed-json", "not-object", "no-inputs", "bad-datatype", "count-mismatch", "negative-dim",
+         "unknown-input", "wrong-datatype", "wrong-rank", "not-an-image", "bytes-not-string", "unknown-output"],
+)
+def test_bad_json_requests_get_400_naming_the_problem(server, body, needle):
+    r = post(server, "/v2/models/digits/infer", body)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]
+
+
+def test_bad_binary_framing(server, digit_images):
+    img = digit_images[0][0]
+    body, headers = image_body([img])
+    r = post(server, "/v2/models/digits/infer", body + b"extra", headers)
+    assert r.status_code == 400
+    assert "not claimed" in r.json()["error"]
+    r = post(server, "/v2/models/digits/infer", body, {"Inference-Header-Content-Length": "99999"})
+    assert r.status_code == 400
+    assert "Inference-Header-Content-Length" in r.json()["error"]
+    r = post(server, "/v2/models/digits/infer", body, {"Inference-Header-Content-Length": "abc"})
+    assert r.status_code == 400
+    truncated = body[:-10]
+    r = post(server, "/v2/models/digits/infer", truncated, headers)
+    assert r.status_code == 400
+    assert "past the end" in r.json()["error"]
+
+
+def test_truncated_and_corrupt_images(server, digit_images):
+    img = digit_images[0][0]
+    for bad in (img[: len(img) // 2], img[:8] + bytes(len(img) - 8), b""):
+        body, headers = image_body([img, bad])
+        r = post(server, "/v2/models/digits/infer", body, headers)
+        assert r.status_code == 400, r.text
+        assert "element 1" in r.json()["error"]
+
+
+def test_decompression_bomb_is_refused(server):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")  # ~400 MPixel, tiny file
+    body, headers = image_body([buf.getvalue()])
+    r = post(server, "/v2/models/digits/infer", body, headers)
+    assert r.status_code == 400
+    assert "element 0" in r.json()["error"]
+
+
+def test_batch_over_max_batch_size(server, digit_images):
+    body, headers = image_body([digit_images[0][0]] * 65)
+    r = post(server, "/v2/models/digits/infer", body, headers)
+    assert r.status_code == 400
+    assert "batch size 65 is outside 1..64" in r.json()["error"]
+
+
+def test_wrong_binary_size_for_fp32(server):
+    x = np.zeros((1, 3, 224, 224), np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224],
+                                     "parameters": {"binary_data_size": len(x) - 4}}]}).encode()
+    r = post(server, "/v2/models/resnet_bench/infer", header + x[:-4],
+             {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 400
+    assert "needs 602112 bytes" in r.json()["error"]
+
+
+def test_body_over_limit_gets_413(server_factory, repo_copy):
+    s = server_factory(repo_copy, "--max-body-mb", "0.01")
+    big = b"x" * 20000
+    r = post(s, "/v2/models/digits/infer", big)
+    assert r.status_code == 413
+    assert "over the limit of 10485 bytes" in r.json()["error"]
+    # tritonclient sees the same error as an exception, and the server keeps serving.
+    c = s.client()
+    inp = httpclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([big], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("digits", [inp])
+    assert err.value.status() == "413"
+    assert c.is_server_live()
+
+
+def test_chunked_body_over_limit_gets_413(server_factory, repo_copy):
+    s = server_factory(repo_copy, "--max-body-mb", "0.01")
+
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 4096
+
+    r = requests.post(f"{s.http}/v2/models/digits/infer", data=chunks(), timeout=30)
+    assert r.status_code == 413
+
+
+def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
+    s = server_factory(repo_copy, "--request-timeout", "1")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408")
+    assert "not received within 1 s" in reply
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "needle"),
+    [
+        ("/v2/models/no_such_model/infer", 404, "not in the model repository"),
+        ("/v2/models/digits/versions/7/infer", 404, "version 7 is not loaded"),
+        ("/v2/models/digits/versions/one/infer", 400, "invalid version"),
+        ("/v2/models/..%2F..%2Fetc/infer", 404, "no such endpoint"),
+        ("/v2/models/.../infer", 400, "invalid model name"),
+    ],
+)
+def test_unknown_model_or_version(server, digit_images, path, status, needle):
+    body, headers = image_body([digit_images[0][0]])
+    r = post(server, path, body, headers)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_unknown_model_through_tritonclient(server):
+    inp = httpclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"x"], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        server.client().infer("no_such_model", [inp])
+    assert err.value.status() == "404"
+    assert "no_such_model" in err.value.message()
+
+
+def test_unknown_endpoint_and_method_are_json(server):
+    r = requests.get(f"{server.http}/v3/anything", timeout=5)
+    assert r.status_code == 404
+    assert "no such endpoint" in r.json()["error"]
+    r = requests.get(f"{server.http}/v2/models/digits/infer", timeout=5)
+    assert r.status_code == 405
+    assert "not allowed" in r.json()["error"]
+
+
+def test_failures_are_counted_per_model_version(server):
+    before = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") or 0
+    post(server, "/v2/models/digits/infer", b"{broken")
+    after = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
+    assert after == before + 1
+    assert server.proc.poll() is None

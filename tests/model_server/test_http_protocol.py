@@ -1,0 +1,176 @@
+"""The KServe v2 / Triton HTTP protocol against a real server, with tritonclient as the client."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.integration
+
+
+def image_input(images: list[bytes], binary: bool = True) -> httpclient.InferInput:
+    inp = httpclient.InferInput("image", [len(images)], "BYTES")
+    inp.set_data_from_numpy(np.array(images, dtype=object), binary_data=binary)
+    return inp
+
+
+def test_health_and_server_metadata(server):
+    c = server.client()
+    assert c.is_server_live()
+    assert c.is_server_ready()
+    meta = c.get_server_metadata()
+    assert meta["name"] == "model-server"
+    assert {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])
+
+
+def test_model_metadata_shows_signature_and_execution_provider(server):
+    c = server.client()
+    meta = c.get_model_metadata("digits")
+    assert meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["execution_providers"] == {"1": "CPUExecutionProvider"}
+    versioned = c.get_model_metadata("digits", model_version="1")
+    assert versioned["parameters"]["versions"]["1"]["execution_provider"] == "CPUExecutionProvider"
+    assert len(versioned["parameters"]["versions"]["1"]["sha256"]) == 64
+    assert c.get_model_metadata("resnet_bench")["inputs"][0]["shape"] == [-1, 3, 224, 224]
+
+
+def test_model_config_carries_heldout_accuracy(server):
+    cfg = server.client().get_model_config("digits")
+    accuracy = {v: m["heldout_accuracy"] for v, m in cfg["metadata"]["versions"].items()}
+    assert accuracy["2"] > accuracy["1"] > accuracy["3"]
+    assert cfg["version_policy"] == {"specific": {"versions": [1]}}
+
+
+def test_model_readiness(server):
+    c = server.client()
+    assert c.is_model_ready("digits")
+    assert c.is_model_ready("digits", "1")
+    assert not c.is_model_ready("digits", "3")
+    assert not c.is_model_ready("no_such_model")
+    r = requests.get(f"{server.http}/v2/models/no_such_model/ready", timeout=5)
+    assert r.status_code == 404
+    assert "not in the model repository" in r.json()["error"]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_digits_infer_classifies_validation_images(server, digit_images, binary):
+    c = server.client()
+    batch = digit_images[:32]
+    images = [img for img, _ in batch]
+    if binary:
+        inputs = [image_input(images)]
+    else:  # JSON tensors carry bytes as base64 strings with content_type (KServe convention)
+        inputs = None
+    out = httpclient.InferRequestedOutput("probabilities", binary_data=binary)
+    if inputs is not None:
+        result = c.infer("digits", inputs, outputs=[out], request_id="req-1")
+        probs = result.as_numpy("probabilities")
+        assert result.get_response()["id"] == "req-1"
+        assert result.get_response()["model_version"] == "1"
+    else:
+        import base64
+
+        body = {"id": "req-2", "inputs": [{
+            "name": "image", "shape": [len(images)], "datatype": "BYTES",
+            "parameters": {"content_type": "base64"},
+            "data": [base64.b64encode(i).decode() for i in images],
+        }]}
+        r = requests.post(f"{server.http}/v2/models/digits/infer", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+        payload = r.json()
+        assert payload["id"] == "req-2"
+        probs = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(payload["outputs"][0]["shape"])
+    assert probs.shape == (32, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    labels = np.array([label for _, label in batch])
+    assert (probs.argmax(axis=1) == labels).mean() >= 0.9
+
+
+def test_any_image_size_and_jpeg_are_accepted(server, digit_images):
+    img = Image.open(io.BytesIO(digit_images[0][0]))
+    big = io.BytesIO()
+    img.resize((96, 96), Image.Resampling.NEAREST).convert("RGB").save(big, format="JPEG", quality=95)
+    result = server.client().infer("digits", [image_input([digit_images[0][0], big.getvalue()])])
+    top = result.as_numpy("probabilities").argmax(axis=1)
+    assert top[0] == top[1] == digit_images[0][1]
+
+
+def test_versioned_infer_and_fp32_tensor_model(server):
+    c = server.client()
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = c.infer("resnet_bench", [inp], model_version="1")
+    logits = result.as_numpy("logits")
+    assert logits.shape == (2, 1000)
+    assert np.isfinite(logits).all()
+    assert not np.allclose(logits[0], logits[1])
+
+
+def test_repository_index_lists_loaded_and_idle_models(server):
+    index = server.client().get_model_repository_index()
+    assert {"name": "digits", "version": "1", "state": "READY"} in index
+    assert {"name": "resnet_bench", "version": "1", "state": "READY"} in index
+
+
+def test_load_and_unload_through_tritonclient(server, digit_images):
+    c = server.client()
+    policy = json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}})
+    c.load_model("digits", headers=server.admin, config=policy)
+    try:
+        assert c.get_model_metadata("digits")["versions"] == ["1", "2", "3"]
+        for version in ("1", "2", "3"):
+            result = c.infer("digits", [image_input([digit_images[0][0]])], model_version=version)
+            assert result.get_response()["model_version"] == version
+        # Without a version, the highest loaded version serves (Triton's default).
+        assert c.infer("digits", [image_input([digit_images[0][0]])]).get_response()["model_version"] == "3"
+    finally:
+        c.load_model("digits", headers=server.admin)  # back to config.json's policy: [1]
+    assert c.get_model_metadata("digits")["versions"] == ["1"]
+
+    c.unload_model("resnet_bench", headers=server.admin)
+    assert not c.is_model_ready("resnet_bench")
+    assert {"name": "resnet_bench", "state": "UNAVAILABLE", "reason": "not loaded"} in c.get_model_repository_index()
+    with pytest.raises(InferenceServerException) as err:
+        x = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+        c.infer("resnet_bench", [x])
+    assert err.value.status() == "503"
+    assert "not loaded" in err.value.message()
+    c.load_model("resnet_bench", headers=server.admin)
+    assert c.is_model_ready("resnet_bench")
+
+
+def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_images):
+    c = server.client()
+    before = server.metric("nv_inference_count", model="digits", version="1") or 0.0
+    c.infer("digits", [image_input([img for img, _ in digit_images[:5]])])
+    assert server.metric("nv_inference_count", model="digits", version="1") == before + 5
+    assert server.metric("nv_inference_request_success", model="digits", version="1") >= 1
+    assert server.metric("nv_inference_exec_count", model="digits", version="1") >= 1
+    assert server.metric("nv_inference_request_duration_us", model="digits", version="1") > 0
+    assert server.metric("model_server_model_info", model="digits", version="1",
+                         execution_provider="CPUExecutionProvider") == 1
+    assert server.metric("model_server_request_duration_seconds_bucket", model="digits", version="1", le="0.06") >= 1
+    text = requests.get(f"{server.http}/metrics", timeout=5).text
+    assert "# TYPE nv_inference_request_success counter" in text
+    assert "nv_inference_request_success_total" not in text
+    buckets = {float(line.split('le="')[1].split('"')[0]) for line in text.splitlines()
+               if line.startswith("model_server_request_duration_seconds_bucket") and 'le="+Inf"' not in line}
+    assert len([b for b in buckets if b <= 0.1]) >= 20  # fine enough for p95/p99 below 100 ms
+
+
+def test_no_gpu_means_no_gpu_series(server):
+    # This machine has no GPU: the gauges are absent, not zero.
+    text = requests.get(f"{server.http}/metrics", timeout=5).text
+    assert "nv_gpu_memory_used_bytes" not in text
+    assert "nv_gpu_utilization" not in text
