@@ -1,0 +1,67 @@
+"""config.json parsing and Triton's version policies."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_server.config import parse_config
+from model_server.errors import InvalidInput
+from model_server.model import is_out_of_memory
+
+BASE = {
+    "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 4]}],
+    "output": [{"name": "y", "datatype": "FP32", "dims": [-1, 2]}],
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "available", "expected"),
+    [
+        (None, [1, 2, 3], [3]),
+        ({"latest": {"num_versions": 2}}, [3, 1, 2], [2, 3]),
+        ({"all": {}}, [1, 5], [1, 5]),
+        ({"specific": {"versions": [2, 1]}}, [1, 2, 3], [1, 2]),
+    ],
+)
+def test_version_policies(policy, available, expected):
+    raw = {**BASE, **({"version_policy": policy} if policy else {})}
+    assert parse_config("m", raw).select_versions(available) == expected
+
+
+def test_specific_policy_with_a_missing_version_names_it():
+    cfg = parse_config("m", {**BASE, "version_policy": {"specific": {"versions": [4]}}})
+    with pytest.raises(InvalidInput, match=r"version\(s\) \[4\] that are not in the repository"):
+        cfg.select_versions([1, 2])
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"name": "other"}, "does not match the folder name"),
+        ({"platform": "tensorflow_savedmodel"}, "not supported"),
+        ({"input": []}, "non-empty list"),
+        ({"input": [{"name": "x", "datatype": "FLOAT", "dims": [1]}]}, "datatype"),
+        ({"input": [{"name": "x", "datatype": "FP32", "dims": [0]}]}, "dims"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"instance_count": 0}, "instance_count"),
+        ({"version_policy": {"latest": {"num_versions": 0}}}, "num_versions"),
+        ({"version_policy": {"newest": {}}}, "unknown or malformed"),
+        ({"preprocess": {"kind": "audio"}}, "only {'kind': 'image'"),
+    ],
+)
+def test_invalid_configs_name_the_field(change, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        parse_config("m", {**BASE, **change})
+
+
+@pytest.mark.parametrize(
+    ("message", "oom"),
+    [
+        ("CUDA failure 2: out of memory ; GPU=0 ; hostname=x ; file=cuda_allocator.cc", True),
+        ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1", True),
+        ("CUDNN failure 4: CUDNN_STATUS_ALLOC_FAILED", True),
+        ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input", False),
+    ],
+)
+def test_out_of_memory_messages_are_recognised(message, oom):
+    assert is_out_of_memory(message) is oom

@@ -1,0 +1,147 @@
+"""Hot swap: loads while requests flow lose nothing; old sessions drain, then close."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from model_server import metrics
+from model_server.errors import InvalidInput
+from model_server.repository import ModelRepository
+
+
+def policy(*versions: int) -> dict:
+    return {"version_policy": {"specific": {"versions": list(versions)}}}
+
+
+def test_retired_version_keeps_its_session_until_its_last_request(repo_copy):
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits")
+    with repo.use("digits") as held:
+        assert held.version == 1
+        repo.load("digits", policy(2))  # v1 leaves service while a request holds it
+        assert held.retired
+        assert held.session is not None  # still running the held request
+        assert metrics.OPEN_SESSIONS.labels("digits")._value.get() == 2
+        with repo.use("digits") as fresh:
+            assert fresh.version == 2  # new requests already go to the new version
+    assert held.session is None  # released after the last in-flight request
+    assert metrics.OPEN_SESSIONS.labels("digits")._value.get() == 1
+    repo.close_all()
+
+
+def test_unchanged_versions_are_kept_and_changed_files_reloaded(repo_copy):
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", policy(1, 2))
+    _, first = repo.loaded("digits")
+    repo.load("digits", policy(1, 2))
+    _, same = repo.loaded("digits")
+    assert same[1] is first[1] and same[2] is first[2]  # nothing changed: nothing reloaded
+    shutil.copy(repo_copy / "digits" / "3" / "model.onnx", repo_copy / "digits" / "1" / "model.onnx")
+    repo.load("digits", policy(1, 2))
+    _, changed = repo.loaded("digits")
+    assert changed[1] is not first[1] and changed[2] is first[2]
+    assert changed[1].sha256 != first[1].sha256
+    assert first[1].session is None
+    repo.close_all()
+
+
+def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", policy(1, 2))
+    (repo_copy / "digits" / "3" / "model.onnx").write_bytes(b"this is not an onnx file")
+    with pytest.raises(InvalidInput, match=r"failed to load model 'digits' version 3"):
+        repo.load("digits", policy(1, 2, 3))
+    _, versions = repo.loaded("digits")
+    assert sorted(versions) == [1, 2]
+    assert all(v.session is not None for v in versions.values())
+    entry = [e for e in repo.index() if e["name"] == "digits"]
+    assert [e["version"] for e in entry] == ["1", "2"]
+    repo.close_all()
+
+
+def test_graph_that_does_not_match_config_is_refused(repo_copy, models_dir):
+    # resnet's graph in digits' slot: loads in ORT, but its signature is not digits'.
+    shutil.copy(models_dir / "resnet_bench" / "1" / "model.onnx", repo_copy / "digits" / "3" / "model.onnx")
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    with pytest.raises(InvalidInput, match=r"preprocess.onnx_input 'input' is not a graph input|not in the graph"):
+        repo.load("digits", policy(3))
+
+
+@pytest.mark.integration
+def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_copy, digit_images):
+    server = server_factory(repo_copy, token="swap-token")
+    images = np.array([img for img, _ in digit_images[:4]], dtype=object)
+    stop = threading.Event()
+    served: Counter[str] = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        client = server.client()
+        inp = httpclient.InferInput("image", [len(images)], "BYTES")
+        inp.set_data_from_numpy(images)
+        while not stop.is_set():
+            try:
+                result = client.infer("digits", [inp])
+                probs = result.as_numpy("probabilities")
+                assert probs.shape == (4, 10)
+                with lock:
+                    served[result.get_response()["model_version"]] += 1
+            except (InferenceServerException, AssertionError) as exc:
+                with lock:
+                    failures.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+
+    def requests_so_far() -> int:
+        with lock:
+            return sum(served.values())
+
+    def settle(n: int = 40) -> None:
+        target = requests_so_far() + n
+        deadline = time.monotonic() + 60
+        while requests_so_far() < target and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    admin = server.client()
+    try:
+        settle()
+        admin.load_model("digits", headers=server.admin, config=json.dumps(policy(1, 2)))
+        settle()
+        admin.load_model("digits", headers=server.admin, config=json.dumps(policy(2)))
+        settle()
+        # A changed file for a loaded version is swapped in place.
+        shutil.copy(repo_copy / "digits" / "3" / "model.onnx", repo_copy / "digits" / "2" / "model.onnx")
+        admin.load_model("digits", headers=server.admin, config=json.dumps(policy(2)))
+        settle()
+        # A broken file: the load fails with a clear error, serving goes on.
+        (repo_copy / "digits" / "3" / "model.onnx").write_bytes(b"\x00broken")
+        with pytest.raises(InferenceServerException) as err:
+            admin.load_model("digits", headers=server.admin, config=json.dumps(policy(3)))
+        assert err.value.status() == "400"
+        assert "failed to load model 'digits' version 3" in err.value.message()
+        settle()
+        admin.load_model("digits", headers=server.admin)  # config.json: version 1
+        settle()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert failures == []
+    assert served["1"] > 0 and served["2"] > 0
+    assert sum(served.values()) >= 200
+    assert admin.get_model_metadata("digits")["versions"] == ["1"]
+    # Every retired session was released once its requests finished: one left, the serving one.
+    assert server.metric("model_server_open_sessions", model="digits") == 1
+    assert server.metric("model_server_model_loads_total", model="digits", outcome="error") == 1

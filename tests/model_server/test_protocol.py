@@ -1,0 +1,96 @@
+"""The v2 request/response codec, without a server."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from model_server.errors import InvalidInput
+from model_server.protocol import decode_infer_request, encode_infer_response, serialize_bytes_tensor
+
+
+def tritonclient_body(inputs, outputs=None) -> tuple[bytes, str | None]:
+    """The exact bytes tritonclient would send."""
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs)
+    return body, (str(json_size) if json_size is not None else None)
+
+
+@pytest.mark.parametrize("datatype,dtype", [("FP32", np.float32), ("INT64", np.int64), ("UINT8", np.uint8),
+                                            ("FP16", np.float16), ("FP64", np.float64), ("BOOL", np.bool_)])
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_tensors_round_trip(datatype, dtype, binary):
+    x = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
+    inp = httpclient.InferInput("x", list(x.shape), datatype)
+    inp.set_data_from_numpy(x, binary_data=binary)
+    req = decode_infer_request(*tritonclient_body([inp]))
+    assert req.inputs[0].shape == (2, 3, 4)
+    np.testing.assert_array_equal(req.inputs[0].data, x)
+
+
+def test_bytes_tensor_binary_and_requested_outputs():
+    items = np.array([b"\x89PNG\x00\xff", b"", b"abc"], dtype=object)
+    inp = httpclient.InferInput("image", [3], "BYTES")
+    inp.set_data_from_numpy(items)
+    out = httpclient.InferRequestedOutput("probabilities", binary_data=True)
+    req = decode_infer_request(*tritonclient_body([inp], [out]))
+    assert list(req.inputs[0].data) == list(items)
+    assert req.outputs == {"probabilities": True}
+
+
+def test_response_decodes_in_tritonclient():
+    probs = np.random.default_rng(1).random((3, 10)).astype(np.float32)
+    labels = np.array([b"seven", b"two", b"one"], dtype=object)
+    for binary in (True, False):
+        body, header_len = encode_infer_response(
+            "digits", "2", [("probabilities", "FP32", probs, binary), ("labels", "BYTES", labels, binary)], "id-9")
+        result = httpclient.InferResult.from_response_body(body, header_length=header_len)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-6)
+        decoded = [x if isinstance(x, bytes) else x.encode() for x in result.as_numpy("labels")]
+        assert decoded == list(labels)  # tritonclient gives JSON BYTES back as str
+        assert result.get_response()["id"] == "id-9"
+        assert (header_len is not None) == binary
+
+
+def test_bytes_tensor_framing_errors():
+    blob = serialize_bytes_tensor(np.array([b"abc"], dtype=object))
+    header = json.dumps({"inputs": [{"name": "i", "datatype": "BYTES", "shape": [2],
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    with pytest.raises(InvalidInput, match="ends before element 1 of 2"):
+        decode_infer_request(header + blob, str(len(header)))
+    lying = struct.pack("<I", 1000) + b"abc"
+    header = json.dumps({"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(lying)}}]}).encode()
+    with pytest.raises(InvalidInput, match="claims 1000 bytes past the end"):
+        decode_infer_request(header + lying, str(len(header)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"name": "x", "datatype": "INT8", "shape": [1], "data": [1000]}, "does not fit INT8"),
+        ({"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}, "must be integers"),
+        ({"name": "x", "datatype": "FP32", "shape": [1], "data": ["1"]}, "must be numbers"),
+        ({"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}, "must be numbers"),
+        ({"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}, "true/false"),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": ["%%"],
+          "parameters": {"content_type": "base64"}}, "not valid base64"),
+        ({"name": "x", "datatype": "FP32", "shape": [1]}, "needs 'data'"),
+        ({"name": "x", "datatype": "FP32", "shape": [True], "data": [1.0]}, "non-negative integers"),
+        ({"datatype": "FP32", "shape": [1], "data": [1.0]}, "needs a 'name'"),
+    ],
+)
+def test_json_tensor_errors_name_the_problem(raw, needle):
+    with pytest.raises(InvalidInput, match=needle):
+        decode_infer_request(json.dumps({"inputs": [raw]}).encode(), None)
+
+
+def test_duplicate_inputs_and_nested_data():
+    x = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}
+    req = decode_infer_request(json.dumps({"inputs": [x]}).encode(), None)
+    np.testing.assert_array_equal(req.inputs[0].data, [[1, 2], [3, 4]])
+    with pytest.raises(InvalidInput, match="more than once"):
+        decode_infer_request(json.dumps({"inputs": [x, x]}).encode(), None)
