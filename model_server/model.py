@@ -64,6 +64,8 @@ def select_providers(device: str, gpus: int) -> list[str]:
         if device == "cuda":
             raise RuntimeError(f"--device cuda, but this onnxruntime has only {available}")
         return ["CPUExecutionProvider"]
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, when installed
+        ort.preload_dlls()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -82,6 +84,8 @@ class LoadedVersion:
         self.size_bytes = path.stat().st_size
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle intra-op threads would spin on the cores the HTTP loop needs between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         where = f"model '{self.name}' version {version}"
         try:
             self.session: ort.InferenceSession | None = ort.InferenceSession(
