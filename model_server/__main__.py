@@ -25,18 +25,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--load-model", action="append", metavar="NAME",
+        "--load-model",
+        action="append",
+        metavar="NAME",
         help="model to load at start (repeatable); default: every model in the repository",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="execution provider: CUDA where a GPU is found (auto), or forced")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="execution provider: CUDA where a GPU is found (auto), or forced",
+    )
     token = p.add_mutually_exclusive_group()
     token.add_argument("--admin-token", help="bearer token for admin calls (prefer --admin-token-file)")
     token.add_argument("--admin-token-file", type=Path, help="file holding the admin bearer token")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
-    p.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=True,
-                   help="exit when a model fails to load at start (as Triton does)")
+    p.add_argument(
+        "--exit-on-error",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="exit when a model fails to load at start (as Triton does)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
 

@@ -11,7 +11,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +83,9 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         if settings.admin_token is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.encode(), settings.admin_token.encode()
+        ):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
     async def read_body(request: Request) -> bytes:
@@ -103,7 +105,9 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
                 raise InvalidInput("client disconnected while sending the body") from None
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
-                raise PayloadTooLarge(f"request body of {declared or size} bytes is over the limit of {limit} bytes")
+                raise PayloadTooLarge(
+                    f"request body of {declared or size} bytes is over the limit of {limit} bytes"
+                )
             return b"".join(chunks)
 
         if declared is not None and (not declared.isdigit()):
@@ -152,19 +156,21 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
     @endpoint("/v2/models/{model}")
     async def model_metadata(request: Request) -> Response:
         cfg, versions = _versions(request)
-        return JSONResponse({
-            "name": cfg.name,
-            "versions": [str(v) for v in sorted(versions)],
-            "platform": cfg.platform,
-            "inputs": [s.as_metadata() for s in cfg.inputs],
-            "outputs": [s.as_metadata() for s in cfg.outputs],
-            "execution_providers": {str(v): lv.provider for v, lv in sorted(versions.items())},
-            "parameters": {"versions": {str(v): lv.metadata() for v, lv in sorted(versions.items())}},
-        })
+        return JSONResponse(
+            {
+                "name": cfg.name,
+                "versions": [str(v) for v in sorted(versions)],
+                "platform": cfg.platform,
+                "inputs": [s.as_metadata() for s in cfg.inputs],
+                "outputs": [s.as_metadata() for s in cfg.outputs],
+                "execution_providers": {str(v): lv.provider for v, lv in sorted(versions.items())},
+                "parameters": {"versions": {str(v): lv.metadata() for v, lv in sorted(versions.items())}},
+            }
+        )
 
     @endpoint("/v2/models/{model}/config")
     async def model_config(request: Request) -> Response:
-        cfg, versions = _versions(request)
+        cfg, _ = _versions(request)
         return JSONResponse({**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy})
 
     @endpoint("/v2/models/{model}/ready")
@@ -193,7 +199,12 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
                     lv.name,
                     lv.label,
                     [
-                        (n, specs[n].datatype, arr, req.outputs[n] if req.outputs else req.binary_output_default)
+                        (
+                            n,
+                            specs[n].datatype,
+                            arr,
+                            req.outputs[n] if req.outputs else req.binary_output_default,
+                        )
                         for n, arr in zip(outputs, results, strict=True)
                     ],
                     req.id,
@@ -229,9 +240,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
             raise InvalidInput("'parameters' must be an object")
         files = sorted(k for k in params if k.startswith("file:"))
         if files:
-            raise InvalidInput(
-                f"file overrides {files} are not supported: put the model in the repository"
-            )
+            raise InvalidInput(f"file overrides {files} are not supported: put the model in the repository")
         override = None
         if "config" in params:
             try:
@@ -280,7 +289,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         return error(exc.status_code, str(exc.detail))
 
     @asynccontextmanager
-    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["ready"] = True
         yield
         state["ready"] = False

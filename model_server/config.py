@@ -138,8 +138,10 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
 
 def _version_policy(where: str, policy: Any) -> dict[str, Any]:
     if not isinstance(policy, dict) or len(policy) != 1:
-        raise _fail(where, "must be one of {'all': {}}, {'latest': {'num_versions': N}}, "
-                    "{'specific': {'versions': [...]}}")
+        raise _fail(
+            where,
+            "must be one of {'all': {}}, {'latest': {'num_versions': N}}, {'specific': {'versions': [...]}}",
+        )
     kind, body = next(iter(policy.items()))
     if kind == "all" and body == {}:
         return policy
@@ -184,7 +186,9 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         if len(inputs) != 1 or inputs[0].datatype != "BYTES":
             raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
         size = pre.get("size")
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        if not (
+            isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
+        ):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")
         scale = pre.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or scale <= 0:

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,11 @@ COMPUTE_INFER_US = TritonCounter(
     "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds", ML
 )
 COMPUTE_OUTPUT_US = TritonCounter(
-    "nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds", ML
+    "nv_inference_compute_output_duration_us",
+    "Cumulative inference compute output duration in microseconds",
+    ML,
 )
-OOM_ERRORS = Counter(
-    "model_server_oom_errors_total", "CUDA out-of-memory errors during inference", ML
-)
+OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", ML)
 
 # Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
 LATENCY_BUCKETS = (
@@ -141,8 +141,12 @@ class NvmlCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory (bytes)", labels=["gpu_uuid"])
-        total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory (bytes)", labels=["gpu_uuid"])
-        util = GaugeMetricFamily("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0]", labels=["gpu_uuid"])
+        total = GaugeMetricFamily(
+            "nv_gpu_memory_total_bytes", "GPU total memory (bytes)", labels=["gpu_uuid"]
+        )
+        util = GaugeMetricFamily(
+            "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0]", labels=["gpu_uuid"]
+        )
         power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power usage (watts)", labels=["gpu_uuid"])
         for uuid, handle in self.handles:
             try:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-import onnxruntime as ort  # noqa: E402
+import onnxruntime as ort
 
-from model_server.metrics import VersionMetrics
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
 from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable
+from model_server.metrics import VersionMetrics
 from model_server.preprocess import images_to_features
 from model_server.protocol import InferInput
 
@@ -95,7 +95,9 @@ class LoadedVersion:
             raise InvalidInput(f"failed to load {where} from {path.name}: {exc}") from None
         self.provider = self.session.get_providers()[0]
         self._check_signature(where)
-        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"{self.name}-v{version}")
+        self.executor = ThreadPoolExecutor(
+            config.instance_count, thread_name_prefix=f"{self.name}-v{version}"
+        )
         self.inflight = 0
         self.retired = False
         self.metrics = VersionMetrics(self.name, self.label)
@@ -139,12 +141,16 @@ class LoadedVersion:
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in node.shape]
             datatype = ONNX_TYPES.get(node.type)
             if datatype is None or datatype == "BYTES":
-                raise InvalidInput(f"model '{self.name}' version {self.version}: cannot warm up input {node.name!r} of {node.type}")
+                raise InvalidInput(
+                    f"model '{self.name}' version {self.version}: cannot warm up input {node.name!r} of {node.type}"
+                )
             feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
         try:
             self.session.run([o.name for o in self.config.outputs], feeds)
         except Exception as exc:
-            raise InvalidInput(f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}") from None
+            raise InvalidInput(
+                f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}"
+            ) from None
 
     def close(self) -> None:
         """Release the session; called once the version is retired and drained."""
@@ -160,7 +166,9 @@ class LoadedVersion:
         expected = {s.name for s in cfg.inputs}
         unknown = sorted(set(given) - expected)
         if unknown:
-            raise InvalidInput(f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}")
+            raise InvalidInput(
+                f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}"
+            )
         for spec in cfg.inputs:
             inp = given.get(spec.name)
             if inp is None:
@@ -190,7 +198,9 @@ class LoadedVersion:
             raise InvalidInput(f"unknown output(s) {unknown} for model '{self.name}'; it has {names}")
         return [n for n in names if n in requested]
 
-    def _run(self, inputs: list[InferInput], outputs: list[str], submitted: float) -> tuple[list[np.ndarray], int, dict[str, float]]:
+    def _run(
+        self, inputs: list[InferInput], outputs: list[str], submitted: float
+    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         started = time.perf_counter()
         session = self.session
         if session is None:  # cannot happen while in flight; guards against misuse
@@ -207,7 +217,9 @@ class LoadedVersion:
         except Exception as exc:
             message = str(exc)
             if is_out_of_memory(message):
-                raise OutOfMemory(f"model '{self.name}' version {self.version} ran out of memory on {self.provider}: {message}") from None
+                raise OutOfMemory(
+                    f"model '{self.name}' version {self.version} ran out of memory on {self.provider}: {message}"
+                ) from None
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
                 raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
@@ -215,7 +227,9 @@ class LoadedVersion:
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
 
-    async def infer(self, inputs: list[InferInput], outputs: list[str]) -> tuple[list[np.ndarray], int, dict[str, float]]:
+    async def infer(
+        self, inputs: list[InferInput], outputs: list[str]
+    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
 

@@ -130,9 +130,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         except ValueError:
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
         if not 0 < json_len <= len(body):
-            raise InvalidInput(
-                f"{HEADER_LENGTH} is {json_len} but the body has {len(body)} bytes"
-            )
+            raise InvalidInput(f"{HEADER_LENGTH} is {json_len} but the body has {len(body)} bytes")
     else:
         json_len = len(body)
     try:

@@ -53,7 +53,8 @@ class ModelRepository:
 
     def names(self) -> list[str]:
         return sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if NAME_RE.match(p.name) and p.resolve().parent == self.root and (p / "config.json").is_file()
         )
 
@@ -121,7 +122,9 @@ class ModelRepository:
         metrics.OPEN_SESSIONS.labels(name).inc(len(created))
         for lv in created:
             metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
-            log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
+            log.info(
+                "loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12]
+            )
         return sorted(new)
 
     def unload(self, name: str) -> None:
@@ -156,7 +159,9 @@ class ModelRepository:
     def _unavailable(self, name: str) -> ServerError:
         self.model_dir(name)  # raises 404 for a model the repository does not have
         reason = self._errors.get(name)
-        return ModelUnavailable(f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else ""))
+        return ModelUnavailable(
+            f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else "")
+        )
 
     @contextmanager
     def use(self, name: str, version: str | None = None) -> Iterator[LoadedVersion]:

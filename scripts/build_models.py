@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,7 +64,9 @@ def digits_estimators() -> dict:
         1: LogisticRegression(max_iter=5000, random_state=SEED),
         2: MLPClassifier(hidden_layer_sizes=(256,), max_iter=1000, random_state=SEED),
         3: MLPClassifier(
-            hidden_layer_sizes=(2048, 2048, 2048), max_iter=1, learning_rate_init=1e-4,
+            hidden_layer_sizes=(2048, 2048, 2048),
+            max_iter=1,
+            learning_rate_init=1e-4,
             random_state=SEED,
         ),
     }
@@ -104,30 +107,38 @@ def build_digits(out: Path) -> dict:
             to_png(features, val_dir / name)
             w.writerow([name, int(label)])
 
-    config = {
+    config: dict[str, Any] = {
         "name": "digits",
         "platform": "onnxruntime_onnx",
         "max_batch_size": 64,
         "input": [{"name": "image", "datatype": "BYTES", "dims": [-1]}],
         "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
-        "preprocess": {"kind": "image", "size": [8, 8], "scale": 16.0, "onnx_input": "input", "flatten": True},
+        "preprocess": {
+            "kind": "image",
+            "size": [8, 8],
+            "scale": 16.0,
+            "onnx_input": "input",
+            "flatten": True,
+        },
         "version_policy": {"specific": {"versions": [1]}},
         "instance_count": 1,
         "metadata": {
             "description": "8x8 handwritten digits (scikit-learn load_digits); input: PNG/JPEG of a "
-                           "bright digit on a dark background, any size",
+            "bright digit on a dark background, any size",
             "labels": [str(d) for d in range(10)],
-            "validation": {"folder": "validation", "labels": "validation/labels.csv", "n": int(len(y_te))},
+            "validation": {"folder": "validation", "labels": "validation/labels.csv", "n": len(y_te)},
             "versions": {},
         },
     }
     parsed = parse_config("digits", config)
     assert parsed.preprocess is not None
     # The validation PNGs through the server's own preprocessing: what the server will see.
-    features = np.stack([
-        decode_image((val_dir / f"{i:04d}.png").read_bytes(), parsed.preprocess, "validation").reshape(64)
-        for i in range(len(y_te))
-    ])
+    features = np.stack(
+        [
+            decode_image((val_dir / f"{i:04d}.png").read_bytes(), parsed.preprocess, "validation").reshape(64)
+            for i in range(len(y_te))
+        ]
+    )
     for version, est in digits_estimators().items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -150,11 +161,13 @@ def build_digits(out: Path) -> dict:
         config["metadata"]["versions"][str(version)] = {
             "algorithm": DIGIT_VERSIONS[version],
             "heldout_accuracy": round(accuracy, 4),
-            "heldout_n": int(len(y_te)),
+            "heldout_n": len(y_te),
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
-        print(f"digits v{version}: {DIGIT_VERSIONS[version]}: held-out accuracy {accuracy:.4f}, "
-              f"{per_image_ms:.3f} ms/image (raw ORT, batch 1)")
+        print(
+            f"digits v{version}: {DIGIT_VERSIONS[version]}: held-out accuracy {accuracy:.4f}, "
+            f"{per_image_ms:.3f} ms/image (raw ORT, batch 1)"
+        )
     write_json(model_dir / "config.json", config)
     acc = {v: m["heldout_accuracy"] for v, m in config["metadata"]["versions"].items()}
     if not acc["2"] > acc["1"] > acc["3"]:
@@ -180,12 +193,18 @@ class GraphBuilder:
         w = self.name("w")
         b = self.name("b")
         fan_in = cin * k * k
-        self.inits.append(numpy_helper.from_array(
-            (self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32), w))
+        self.inits.append(
+            numpy_helper.from_array(
+                (self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / fan_in)).astype(np.float32), w
+            )
+        )
         self.inits.append(numpy_helper.from_array(np.zeros(cout, dtype=np.float32), b))
         y = self.name("conv")
-        self.nodes.append(helper.make_node(
-            "Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4
+            )
+        )
         return self.relu(y) if relu else y
 
     def relu(self, x: str) -> str:
@@ -206,7 +225,9 @@ def build_resnet(out: Path) -> None:
     g = GraphBuilder(SEED)
     x = g.conv("input", 3, 64, 7, 2)
     pooled = g.name("pool")
-    g.nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    g.nodes.append(
+        helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    )
     x, cin = pooled, 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         x = g.block(x, cin, cout, stride)
@@ -216,29 +237,38 @@ def build_resnet(out: Path) -> None:
     g.nodes.append(helper.make_node("GlobalAveragePool", [x], [gap]))
     flat = g.name("flat")
     g.nodes.append(helper.make_node("Flatten", [gap], [flat], axis=1))
-    g.inits.append(numpy_helper.from_array(
-        (g.rng.standard_normal((512, 1000)) * np.sqrt(1.0 / 512)).astype(np.float32), "fc_w"))
+    g.inits.append(
+        numpy_helper.from_array(
+            (g.rng.standard_normal((512, 1000)) * np.sqrt(1.0 / 512)).astype(np.float32), "fc_w"
+        )
+    )
     g.inits.append(numpy_helper.from_array(np.zeros(1000, dtype=np.float32), "fc_b"))
     g.nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"]))
     graph = helper.make_graph(
-        g.nodes, "resnet18_bench",
+        g.nodes,
+        "resnet18_bench",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
         g.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models"
+    )
     model_dir = out / "resnet_bench"
     save(model, model_dir / "1" / "model.onnx")
-    write_json(model_dir / "config.json", {
-        "name": "resnet_bench",
-        "platform": "onnxruntime_onnx",
-        "max_batch_size": 16,
-        "input": [{"name": "input", "datatype": "FP32", "dims": [-1, 3, 224, 224]}],
-        "output": [{"name": "logits", "datatype": "FP32", "dims": [-1, 1000]}],
-        "version_policy": {"latest": {"num_versions": 1}},
-        "instance_count": 1,
-        "metadata": {"description": "ResNet-18 with random weights, about 1.8 G multiply-adds per image"},
-    })
+    write_json(
+        model_dir / "config.json",
+        {
+            "name": "resnet_bench",
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": 16,
+            "input": [{"name": "input", "datatype": "FP32", "dims": [-1, 3, 224, 224]}],
+            "output": [{"name": "logits", "datatype": "FP32", "dims": [-1, 1000]}],
+            "version_policy": {"latest": {"num_versions": 1}},
+            "instance_count": 1,
+            "metadata": {"description": "ResNet-18 with random weights, about 1.8 G multiply-adds per image"},
+        },
+    )
     print(f"resnet_bench v1: ResNet-18, {sum(t.ByteSize() for t in g.inits) / 1e6:.0f} MB of weights")
 
 

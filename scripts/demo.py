@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def validation_set(repository: Path, model: str = "digits") -> list[tuple[bytes,
         return [((folder / r["file"]).read_bytes(), int(r["label"])) for r in csv.DictReader(f)]
 
 
-def replay(client, model: str, version: str, samples: list[tuple[bytes, int]]) -> dict:  # type: ignore[no-untyped-def]
+def replay(client: Any, model: str, version: str, samples: list[tuple[bytes, int]]) -> dict[str, Any]:
     """Send each image alone (as live traffic would) and score the top-1 answer."""
     import tritonclient.http as httpclient
 
@@ -66,20 +67,31 @@ def main(argv: list[str] | None = None) -> int:
         server = start_model_server(args.repository, Path(tmp), token=token)
         try:
             client = server.client()
-            print(f"model server on http://{server.url} (KServe v2); execution provider: "
-                  f"{client.get_model_metadata('digits')['execution_providers']['1']}")
-            client.load_model("digits", headers=server.admin,
-                              config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}))
-            print(f"loaded digits versions {client.get_model_metadata('digits')['versions']}; "
-                  f"replaying {len(samples)} validation images through each\n")
-            print(f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}")
+            print(
+                f"model server on http://{server.url} (KServe v2); execution provider: "
+                f"{client.get_model_metadata('digits')['execution_providers']['1']}"
+            )
+            client.load_model(
+                "digits",
+                headers=server.admin,
+                config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
+            )
+            print(
+                f"loaded digits versions {client.get_model_metadata('digits')['versions']}; "
+                f"replaying {len(samples)} validation images through each\n"
+            )
+            print(
+                f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"
+            )
             for version in ("1", "2", "3"):
                 r = replay(client, "digits", version, samples)
                 meta = cfg["metadata"]["versions"][version]
-                print(f"{version:8s} {meta['algorithm']:46s} {r['accuracy']:9.4f} "
-                      f"{meta['heldout_accuracy']:7.4f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f}")
+                print(
+                    f"{version:8s} {meta['algorithm']:46s} {r['accuracy']:9.4f} "
+                    f"{meta['heldout_accuracy']:7.4f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f}"
+                )
             ok = server.metric("nv_inference_request_success", model="digits", version="3")
-            print(f"\n/metrics: nv_inference_request_success{{model=\"digits\",version=\"3\"}} {ok:g}")
+            print(f'\n/metrics: nv_inference_request_success{{model="digits",version="3"}} {ok:g}')
         finally:
             server.stop()
     print("\nNext (issues 3-5): traffic split, shadow audit, statistical gates and the Airflow rollout.")

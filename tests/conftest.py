@@ -25,8 +25,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 def models_dir() -> Path:
     """The demo repository `make models` built (built here when a test runs alone)."""
     if not (MODELS / ".build-stamp").is_file():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "build_models.py"), "--out", str(MODELS)],
-                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_models.py"), "--out", str(MODELS)],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     return MODELS
 
 

@@ -109,8 +109,18 @@ def start_model_server(
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"model-server-{port}.log"
-    cmd = [sys.executable, "-m", "model_server", "--repository", str(repository),
-           "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_server",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     if token:
         token_file = log_dir / f"admin-token-{port}"
         token_file.touch(mode=0o600)

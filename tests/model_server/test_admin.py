@@ -47,7 +47,9 @@ def test_without_a_token_admin_calls_are_open(server_factory, repo_copy):
 def test_load_cannot_escape_the_repository(server_factory, repo_copy, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "config.json").write_text((repo_copy / "digits" / "config.json").read_text().replace('"digits"', '"outside"'))
+    (outside / "config.json").write_text(
+        (repo_copy / "digits" / "config.json").read_text().replace('"digits"', '"outside"')
+    )
     os.symlink(outside, repo_copy / "escape")
     s = server_factory(repo_copy, token="t0k3n")
     for name in ("..", "...", "escape", "..%2Foutside", "%2Fetc"):
@@ -67,6 +69,10 @@ def test_load_override_rejects_unknown_keys_and_file_uploads(server):
         c.load_model("digits", headers=server.admin, config="{}", files={"file:1/model.onnx": b"x"})
     assert "not supported" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
-        c.load_model("digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [9]}}}))
+        c.load_model(
+            "digits",
+            headers=server.admin,
+            config=json.dumps({"version_policy": {"specific": {"versions": [9]}}}),
+        )
     assert "not in the repository" in err.value.message()
     assert c.get_model_metadata("digits")["versions"] == ["1"]

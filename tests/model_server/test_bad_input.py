@@ -20,12 +20,22 @@ def post(server, path: str, body: bytes | str, headers: dict[str, str] | None = 
     return requests.post(f"{server.http}{path}", data=body, headers=headers or {}, timeout=30)
 
 
-def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | None = None) -> tuple[bytes, dict]:
+def image_body(
+    images: list[bytes], datatype: str = "BYTES", shape: list[int] | None = None
+) -> tuple[bytes, dict]:
     blob = b"".join(struct.pack("<I", len(i)) + i for i in images)
-    header = json.dumps({"inputs": [{
-        "name": "image", "datatype": datatype, "shape": shape or [len(images)],
-        "parameters": {"binary_data_size": len(blob)},
-    }]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": datatype,
+                    "shape": shape or [len(images)],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
     return header + blob, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -35,18 +45,57 @@ def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | 
         (b"{not json", "malformed JSON"),
         (b"[1, 2]", "JSON object"),
         (b'{"inputs": []}', "non-empty 'inputs'"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "TEXT", "data": ["x"]}]}', "datatype 'TEXT'"),
-        (b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["x"]}]}', "needs 2 elements"),
-        (b'{"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]}', "non-negative"),
-        (b'{"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}', "unknown input"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}', "does not match the model's BYTES"),
-        (b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [["x"]]}]}', "shape [1, 1]"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not a png"]}]}', "not a decodable PNG or JPEG"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [7]}]}', "must be a string"),
-        (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "outputs": [{"name": "logits"}]}', "unknown output"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "TEXT", "data": ["x"]}]}',
+            "datatype 'TEXT'",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["x"]}]}',
+            "needs 2 elements",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [-1], "datatype": "BYTES", "data": ["x"]}]}',
+            "non-negative",
+        ),
+        (
+            b'{"inputs": [{"name": "pixels", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}',
+            "unknown input",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]}',
+            "does not match the model's BYTES",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1], "datatype": "BYTES", "data": [["x"]]}]}',
+            "shape [1, 1]",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["not a png"]}]}',
+            "not a decodable PNG or JPEG",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [7]}]}',
+            "must be a string",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["x"]}], "outputs": [{"name": "logits"}]}',
+            "unknown output",
+        ),
     ],
-    ids=["malformed-json", "not-object", "no-inputs", "bad-datatype", "count-mismatch", "negative-dim",
-         "unknown-input", "wrong-datatype", "wrong-rank", "not-an-image", "bytes-not-string", "unknown-output"],
+    ids=[
+        "malformed-json",
+        "not-object",
+        "no-inputs",
+        "bad-datatype",
+        "count-mismatch",
+        "negative-dim",
+        "unknown-input",
+        "wrong-datatype",
+        "wrong-rank",
+        "not-an-image",
+        "bytes-not-string",
+        "unknown-output",
+    ],
 )
 def test_bad_json_requests_get_400_naming_the_problem(server, body, needle):
     r = post(server, "/v2/models/digits/infer", body)
@@ -102,10 +151,24 @@ def test_batch_over_max_batch_size(server, digit_images):
 
 def test_wrong_binary_size_for_fp32(server):
     x = np.zeros((1, 3, 224, 224), np.float32).tobytes()
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224],
-                                     "parameters": {"binary_data_size": len(x) - 4}}]}).encode()
-    r = post(server, "/v2/models/resnet_bench/infer", header + x[:-4],
-             {"Inference-Header-Content-Length": str(len(header))})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 3, 224, 224],
+                    "parameters": {"binary_data_size": len(x) - 4},
+                }
+            ]
+        }
+    ).encode()
+    r = post(
+        server,
+        "/v2/models/resnet_bench/infer",
+        header + x[:-4],
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
     assert r.status_code == 400
     assert "needs 602112 bytes" in r.json()["error"]
 
@@ -184,7 +247,10 @@ def test_unknown_endpoint_and_method_are_json(server):
 
 
 def test_failures_are_counted_per_model_version(server):
-    before = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") or 0
+    before = (
+        server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
+        or 0
+    )
     post(server, "/v2/models/digits/infer", b"{broken")
     after = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
     assert after == before + 1

@@ -58,7 +58,10 @@ def test_invalid_configs_name_the_field(change, needle):
     ("message", "oom"),
     [
         ("CUDA failure 2: out of memory ; GPU=0 ; hostname=x ; file=cuda_allocator.cc", True),
-        ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1", True),
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1",
+            True,
+        ),
         ("CUDNN failure 4: CUDNN_STATUS_ALLOC_FAILED", True),
         ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input", False),
     ],

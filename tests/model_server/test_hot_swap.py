@@ -44,11 +44,13 @@ def test_unchanged_versions_are_kept_and_changed_files_reloaded(repo_copy):
     _, first = repo.loaded("digits")
     repo.load("digits", policy(1, 2))
     _, same = repo.loaded("digits")
-    assert same[1] is first[1] and same[2] is first[2]  # nothing changed: nothing reloaded
+    assert same[1] is first[1]
+    assert same[2] is first[2]
     shutil.copy(repo_copy / "digits" / "3" / "model.onnx", repo_copy / "digits" / "1" / "model.onnx")
     repo.load("digits", policy(1, 2))
     _, changed = repo.loaded("digits")
-    assert changed[1] is not first[1] and changed[2] is first[2]
+    assert changed[1] is not first[1]
+    assert changed[2] is first[2]
     assert changed[1].sha256 != first[1].sha256
     assert first[1].session is None
     repo.close_all()
@@ -72,7 +74,9 @@ def test_graph_that_does_not_match_config_is_refused(repo_copy, models_dir):
     # resnet's graph in digits' slot: loads in ORT, but its signature is not digits'.
     shutil.copy(models_dir / "resnet_bench" / "1" / "model.onnx", repo_copy / "digits" / "3" / "model.onnx")
     repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
-    with pytest.raises(InvalidInput, match=r"preprocess.onnx_input 'input' is not a graph input|not in the graph"):
+    with pytest.raises(
+        InvalidInput, match=r"preprocess.onnx_input 'input' is not a graph input|not in the graph"
+    ):
         repo.load("digits", policy(3))
 
 
@@ -139,7 +143,8 @@ def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_co
         for t in threads:
             t.join(timeout=30)
     assert failures == []
-    assert served["1"] > 0 and served["2"] > 0
+    assert served["1"] > 0
+    assert served["2"] > 0
     assert sum(served.values()) >= 200
     assert admin.get_model_metadata("digits")["versions"] == ["1"]
     # Every retired session was released once its requests finished: one left, the serving one.

@@ -79,16 +79,25 @@ def test_digits_infer_classifies_validation_images(server, digit_images, binary)
     else:
         import base64
 
-        body = {"id": "req-2", "inputs": [{
-            "name": "image", "shape": [len(images)], "datatype": "BYTES",
-            "parameters": {"content_type": "base64"},
-            "data": [base64.b64encode(i).decode() for i in images],
-        }]}
+        body = {
+            "id": "req-2",
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [len(images)],
+                    "datatype": "BYTES",
+                    "parameters": {"content_type": "base64"},
+                    "data": [base64.b64encode(i).decode() for i in images],
+                }
+            ],
+        }
         r = requests.post(f"{server.http}/v2/models/digits/infer", json=body, timeout=10)
         assert r.status_code == 200, r.text
         payload = r.json()
         assert payload["id"] == "req-2"
-        probs = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(payload["outputs"][0]["shape"])
+        probs = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(
+            payload["outputs"][0]["shape"]
+        )
     assert probs.shape == (32, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     labels = np.array([label for _, label in batch])
@@ -139,10 +148,14 @@ def test_load_and_unload_through_tritonclient(server, digit_images):
 
     c.unload_model("resnet_bench", headers=server.admin)
     assert not c.is_model_ready("resnet_bench")
-    assert {"name": "resnet_bench", "state": "UNAVAILABLE", "reason": "not loaded"} in c.get_model_repository_index()
+    assert {
+        "name": "resnet_bench",
+        "state": "UNAVAILABLE",
+        "reason": "not loaded",
+    } in c.get_model_repository_index()
+    x = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
     with pytest.raises(InferenceServerException) as err:
-        x = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")
-        x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
         c.infer("resnet_bench", [x])
     assert err.value.status() == "503"
     assert "not loaded" in err.value.message()
@@ -158,14 +171,24 @@ def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_im
     assert server.metric("nv_inference_request_success", model="digits", version="1") >= 1
     assert server.metric("nv_inference_exec_count", model="digits", version="1") >= 1
     assert server.metric("nv_inference_request_duration_us", model="digits", version="1") > 0
-    assert server.metric("model_server_model_info", model="digits", version="1",
-                         execution_provider="CPUExecutionProvider") == 1
-    assert server.metric("model_server_request_duration_seconds_bucket", model="digits", version="1", le="0.06") >= 1
+    assert (
+        server.metric(
+            "model_server_model_info", model="digits", version="1", execution_provider="CPUExecutionProvider"
+        )
+        == 1
+    )
+    assert (
+        server.metric("model_server_request_duration_seconds_bucket", model="digits", version="1", le="0.06")
+        >= 1
+    )
     text = requests.get(f"{server.http}/metrics", timeout=5).text
     assert "# TYPE nv_inference_request_success counter" in text
     assert "nv_inference_request_success_total" not in text
-    buckets = {float(line.split('le="')[1].split('"')[0]) for line in text.splitlines()
-               if line.startswith("model_server_request_duration_seconds_bucket") and 'le="+Inf"' not in line}
+    buckets = {
+        float(line.split('le="')[1].split('"')[0])
+        for line in text.splitlines()
+        if line.startswith("model_server_request_duration_seconds_bucket") and 'le="+Inf"' not in line
+    }
     assert len([b for b in buckets if b <= 0.1]) >= 20  # fine enough for p95/p99 below 100 ms
 
 

@@ -19,8 +19,17 @@ def tritonclient_body(inputs, outputs=None) -> tuple[bytes, str | None]:
     return body, (str(json_size) if json_size is not None else None)
 
 
-@pytest.mark.parametrize("datatype,dtype", [("FP32", np.float32), ("INT64", np.int64), ("UINT8", np.uint8),
-                                            ("FP16", np.float16), ("FP64", np.float64), ("BOOL", np.bool_)])
+@pytest.mark.parametrize(
+    ("datatype", "dtype"),
+    [
+        ("FP32", np.float32),
+        ("INT64", np.int64),
+        ("UINT8", np.uint8),
+        ("FP16", np.float16),
+        ("FP64", np.float64),
+        ("BOOL", np.bool_),
+    ],
+)
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_tensors_round_trip(datatype, dtype, binary):
     x = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
@@ -46,7 +55,11 @@ def test_response_decodes_in_tritonclient():
     labels = np.array([b"seven", b"two", b"one"], dtype=object)
     for binary in (True, False):
         body, header_len = encode_infer_response(
-            "digits", "2", [("probabilities", "FP32", probs, binary), ("labels", "BYTES", labels, binary)], "id-9")
+            "digits",
+            "2",
+            [("probabilities", "FP32", probs, binary), ("labels", "BYTES", labels, binary)],
+            "id-9",
+        )
         result = httpclient.InferResult.from_response_body(body, header_length=header_len)
         np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-6)
         decoded = [x if isinstance(x, bytes) else x.encode() for x in result.as_numpy("labels")]
@@ -57,13 +70,33 @@ def test_response_decodes_in_tritonclient():
 
 def test_bytes_tensor_framing_errors():
     blob = serialize_bytes_tensor(np.array([b"abc"], dtype=object))
-    header = json.dumps({"inputs": [{"name": "i", "datatype": "BYTES", "shape": [2],
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "i",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
     with pytest.raises(InvalidInput, match="ends before element 1 of 2"):
         decode_infer_request(header + blob, str(len(header)))
     lying = struct.pack("<I", 1000) + b"abc"
-    header = json.dumps({"inputs": [{"name": "i", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(lying)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "i",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(lying)},
+                }
+            ]
+        }
+    ).encode()
     with pytest.raises(InvalidInput, match="claims 1000 bytes past the end"):
         decode_infer_request(header + lying, str(len(header)))
 
@@ -76,8 +109,16 @@ def test_bytes_tensor_framing_errors():
         ({"name": "x", "datatype": "FP32", "shape": [1], "data": ["1"]}, "must be numbers"),
         ({"name": "x", "datatype": "FP32", "shape": [1], "data": [True]}, "must be numbers"),
         ({"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}, "true/false"),
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": ["%%"],
-          "parameters": {"content_type": "base64"}}, "not valid base64"),
+        (
+            {
+                "name": "x",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": ["%%"],
+                "parameters": {"content_type": "base64"},
+            },
+            "not valid base64",
+        ),
         ({"name": "x", "datatype": "FP32", "shape": [1]}, "needs 'data'"),
         ({"name": "x", "datatype": "FP32", "shape": [True], "data": [1.0]}, "non-negative integers"),
         ({"datatype": "FP32", "shape": [1], "data": [1.0]}, "needs a 'name'"),

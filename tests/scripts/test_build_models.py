@@ -46,7 +46,9 @@ def test_validation_split_is_png_with_labels(models_dir):
     assert len(rows) == 450
     assert {int(r["label"]) for r in rows} == set(range(10))
     with Image.open(folder / rows[0]["file"]) as img:
-        assert img.format == "PNG" and img.mode == "L" and img.size == (32, 32)
+        assert img.format == "PNG"
+        assert img.mode == "L"
+        assert img.size == (32, 32)
 
 
 def test_resnet_bench_is_resnet18_sized(models_dir):
@@ -56,7 +58,12 @@ def test_resnet_bench_is_resnet18_sized(models_dir):
 
 def test_build_is_idempotent(models_dir):
     before = {p: p.stat().st_mtime_ns for p in models_dir.rglob("*.onnx")}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_models.py"), "--out", str(models_dir)],
-                         capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_models.py"), "--out", str(models_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT)},
+    )
     assert "up to date" in out.stdout
     assert before == {p: p.stat().st_mtime_ns for p in models_dir.rglob("*.onnx")}
