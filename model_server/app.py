@@ -113,7 +113,8 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         if declared is not None and (not declared.isdigit()):
             raise InvalidInput(f"invalid Content-Length {declared!r}")
         try:
-            return await asyncio.wait_for(read(), settings.request_timeout_s)
+            async with asyncio.timeout(settings.request_timeout_s):
+                return await read()
         except TimeoutError:
             raise RequestTimeout(
                 f"request body not received within {settings.request_timeout_s:g} s"
