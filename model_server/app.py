@@ -126,7 +126,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
             return {}
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"malformed JSON in request body: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidInput("request body must be a JSON object")

@@ -45,6 +45,8 @@ def _num_elements(shape: tuple[int, ...]) -> int:
 
 def _parse_bytes_tensor(buf: memoryview, count: int, where: str) -> np.ndarray:
     """Triton's BYTES serialization: each element a 4-byte little-endian length, then bytes."""
+    if count * 4 > len(buf):  # every element has a 4-byte length: refuse before allocating
+        raise InvalidInput(f"{where}: {len(buf)} bytes cannot hold {count} BYTES elements")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -135,7 +137,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         json_len = len(body)
     try:
         header = json.loads(body[:json_len])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"malformed JSON in request body: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")

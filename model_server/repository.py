@@ -129,7 +129,8 @@ class ModelRepository:
 
     def unload(self, name: str) -> None:
         with self._load_lock:
-            self.model_dir(name)
+            if name not in self._models:  # a loaded model can be unloaded even if its folder went
+                self.model_dir(name)
             with self._lock:
                 for lv in self._models.pop(name, {}).values():
                     self._retire(lv)
@@ -208,7 +209,7 @@ class ModelRepository:
         with self._lock:
             loaded = {n: sorted(v) for n, v in self._models.items()}
         out: list[dict[str, Any]] = []
-        for name in self.names():
+        for name in sorted(set(self.names()) | set(loaded)):
             if loaded.get(name):
                 out.extend({"name": name, "version": str(v), "state": "READY"} for v in loaded[name])
             elif not ready_only:

@@ -120,6 +120,33 @@ def test_bad_binary_framing(server, digit_images):
     assert "past the end" in r.json()["error"]
 
 
+def test_hostile_sizes_are_refused_before_allocating(server):
+    r = post(server, "/v2/models/digits/infer", b"[" * 200_000)
+    assert r.status_code == 400
+    assert "malformed JSON" in r.json()["error"]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [10**12],
+                    "parameters": {"binary_data_size": 8},
+                }
+            ]
+        }
+    ).encode()
+    r = post(
+        server,
+        "/v2/models/digits/infer",
+        header + b"\0" * 8,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert r.status_code == 400
+    assert "cannot hold 1000000000000 BYTES elements" in r.json()["error"]
+    assert server.client().is_server_live()
+
+
 def test_truncated_and_corrupt_images(server, digit_images):
     img = digit_images[0][0]
     for bad in (img[: len(img) // 2], img[:8] + bytes(len(img) - 8), b""):
