@@ -69,7 +69,7 @@ def test_response_decodes_in_tritonclient():
 
 
 def test_bytes_tensor_framing_errors():
-    blob = serialize_bytes_tensor(np.array([b"abc"], dtype=object))
+    blob = serialize_bytes_tensor(np.array([b"abc"], dtype=object)) + b"\0"
     header = json.dumps(
         {
             "inputs": [
@@ -83,6 +83,20 @@ def test_bytes_tensor_framing_errors():
         }
     ).encode()
     with pytest.raises(InvalidInput, match="ends before element 1 of 2"):
+        decode_infer_request(header + blob, str(len(header)))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "i",
+                    "datatype": "BYTES",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    with pytest.raises(InvalidInput, match="8 bytes cannot hold 3 BYTES elements"):
         decode_infer_request(header + blob, str(len(header)))
     lying = struct.pack("<I", 1000) + b"abc"
     header = json.dumps(
