@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    gpus = gpu_count()
+    if args.device == "cuda" and gpus == 0:
+        print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)
+        return 2
     try:
-        repo = ModelRepository(args.repository, select_providers(args.device, gpu_count()))
+        repo = ModelRepository(args.repository, select_providers(args.device, gpus))
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return 2

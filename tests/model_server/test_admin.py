@@ -76,3 +76,30 @@ def test_load_override_rejects_unknown_keys_and_file_uploads(server):
         )
     assert "not in the repository" in err.value.message()
     assert c.get_model_metadata("digits")["versions"] == ["1"]
+
+
+def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "NVML finds no GPU" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "model_server", "--repository", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "is not a folder" in out.stderr
