@@ -39,6 +39,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     token = p.add_mutually_exclusive_group()
     token.add_argument("--admin-token", help="bearer token for admin calls (prefer --admin-token-file)")
     token.add_argument("--admin-token-file", type=Path, help="file holding the admin bearer token")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where traffic policies persist across restarts (default: <repository>/.state)",
+    )
+    p.add_argument(
+        "--traffic-file",
+        type=Path,
+        help='policy file watched for changes: {"models": {"<model>": <traffic policy>}}',
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
     p.add_argument(
@@ -58,6 +68,22 @@ def admin_token(args: argparse.Namespace) -> str | None:
             raise SystemExit(f"model-server: admin token file {args.admin_token_file} is empty")
         return token
     return args.admin_token or os.environ.get("MODEL_SERVER_ADMIN_TOKEN") or None
+
+
+def state_dir(args: argparse.Namespace) -> Path | None:
+    """The traffic state folder: a named one must be writable; the default may not be."""
+    path = args.state_dir or args.repository / ".state"
+    try:
+        (path / "traffic").mkdir(parents=True, exist_ok=True)
+        probe = path / "traffic" / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        if args.state_dir is not None:
+            raise SystemExit(f"model-server: cannot write --state-dir {path}: {exc}") from None
+        log.warning("cannot write %s (%s): traffic policies will not survive a restart", path, exc)
+        return None
+    return path / "traffic"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         request_timeout_s=args.request_timeout,
         admin_token=admin_token(args),
+        state_dir=state_dir(args),
+        traffic_file=args.traffic_file,
     )
     uvicorn.run(
         create_app(repo, settings),

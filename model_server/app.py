@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,6 +35,8 @@ from model_server.errors import (
 from model_server.model import OutOfMemory
 from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
+from model_server.trace import TraceContext, request_id
+from model_server.traffic import PolicyError, PolicyStore, TrafficPolicy, default_policy, read_traffic_file
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +49,16 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 30.0
     admin_token: str | None = None
+    state_dir: Path | None = None  # traffic policies persist here (restored on restart)
+    traffic_file: Path | None = None  # watched policy file: {"models": {name: policy}}
+    traffic_poll_s: float = 1.0
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -72,6 +82,9 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
                 except Exception:  # a bug, not the client's fault: answer, log, keep serving
                     log.exception("unhandled error on %s %s", request.method, request.url.path)
                     response = error(500, "internal server error; see the server log")
+                rid = getattr(request.state, "request_id", None)
+                if rid is not None and "x-request-id" not in response.headers:
+                    response.headers["X-Request-ID"] = rid
                 metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
                 return response
 
@@ -188,8 +201,17 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
     @endpoint("/v2/models/{model}/infer")
     async def infer(request: Request) -> Response:
         started = time.perf_counter()
+        headers = request.headers
+        rid = request.state.request_id = request_id(headers.get("x-request-id"))
+        trace = TraceContext.from_header(headers.get("traceparent"))
+        model = request.path_params["model"]
+        version = request.path_params.get("version") or headers.get("x-model-version")
+        decided = "version" if version else "route"
+        policy = policies.get(model)
+        if version is None and policy is not None:
+            version, decided = policy.choose(headers, headers.get("x-user-id") or client_address(request))
         body = await read_body(request)
-        with repo.use(request.path_params["model"], request.path_params.get("version")) as lv:
+        with repo.use(model, version, routed_by=None if decided == "version" else decided) as lv:
             try:
                 req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
                 outputs = lv.validate(req.inputs, req.outputs)
@@ -218,13 +240,73 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
                 raise
             done = time.perf_counter()
             lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
+            metrics.ROUTED.labels(model, lv.label, decided).inc()
+        out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}
         if header_len is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_len)},
-        )
+            return Response(payload, media_type="application/json", headers=out_headers)
+        out_headers[HEADER_LENGTH] = str(header_len)
+        return Response(payload, media_type="application/octet-stream", headers=out_headers)
+
+    # -- traffic policy -------------------------------------------------------------------------
+
+    def set_policy_gauges(model: str, policy: TrafficPolicy | None) -> None:
+        for gauge in (metrics.TRAFFIC_WEIGHT, metrics.MIRROR_PERCENT):
+            for labels in [k for k in gauge._metrics if k[0] == model]:
+                gauge.remove(*labels)
+        if policy is None:
+            return
+        for d in policy.route:
+            metrics.TRAFFIC_WEIGHT.labels(model, d.version).set(d.weight)
+        if policy.mirror is not None:
+            metrics.MIRROR_PERCENT.labels(model, policy.mirror.version).set(policy.mirror.percent)
+
+    policies = PolicyStore(settings.state_dir, on_change=set_policy_gauges)
+
+    def validate_policy(model: str, raw: object) -> TrafficPolicy:
+        try:
+            policy = TrafficPolicy.from_dict(raw)
+            _, loaded = repo.loaded(model)
+            policy.check_loaded(loaded)
+        except PolicyError as exc:
+            raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None
+        return policy
+
+    @endpoint("/v2/models/{model}/traffic", admin=True)
+    async def traffic(request: Request) -> Response:
+        model = request.path_params["model"]
+        if request.method == "PUT":
+            policy = validate_policy(model, await json_body(request))
+            await asyncio.to_thread(policies.apply, model, policy)
+            log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
+        current = policies.get(model)
+        if current is None:
+            _, loaded = repo.loaded(model)
+            current = default_policy(loaded)
+        return JSONResponse(current.to_dict())
+
+    async def watch_traffic_file(path: Path) -> None:
+        """Apply the file's policies when it changes; a bad file changes nothing."""
+        seen: tuple[int, int] | None = None
+        while True:
+            try:
+                st = path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                try:
+                    wanted = read_traffic_file(path)
+                    checked = {m: validate_policy(m, p.to_dict()) for m, p in wanted.items()}
+                except (PolicyError, ServerError) as exc:
+                    metrics.TRAFFIC_FILE_ERRORS.inc()
+                    log.error("traffic file not applied: %s", getattr(exc, "message", exc))
+                else:
+                    for model, policy in checked.items():
+                        if policies.get(model) != policy:
+                            await asyncio.to_thread(policies.apply, model, policy)
+                            log.info("traffic policy for %r from %s", model, path)
+            await asyncio.sleep(settings.traffic_poll_s)
 
     # -- model repository extension ---------------------------------------------------------
 
@@ -275,6 +357,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),
@@ -291,9 +374,17 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        restored = await asyncio.to_thread(policies.restore)
+        if restored:
+            log.info("restored traffic policies for %s", restored)
+        watcher = None
+        if settings.traffic_file is not None:
+            watcher = asyncio.create_task(watch_traffic_file(settings.traffic_file))
         state["ready"] = True
         yield
         state["ready"] = False
+        if watcher is not None:
+            watcher.cancel()
         repo.close_all()
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

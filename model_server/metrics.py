@@ -127,6 +127,21 @@ OPEN_SESSIONS = Gauge(
 MODEL_LOADS = Counter(
     "model_server_model_loads_total", "Model load requests by outcome", ("model", "outcome")
 )
+ROUTED = Counter(
+    "model_server_routed_requests_total",
+    "Successful inference requests by the version that served and what chose it "
+    "(route, a rule, or version: the client named it)",
+    ("model", "version", "decided_by"),
+)
+TRAFFIC_WEIGHT = Gauge(
+    "model_server_traffic_weight", "Weight (percent) of each version in the default route", ML
+)
+MIRROR_PERCENT = Gauge(
+    "model_server_mirror_percent", "Percent of requests mirrored to the shadow version", ML
+)
+TRAFFIC_FILE_ERRORS = Counter(
+    "model_server_traffic_file_errors_total", "Traffic policy file changes that were not applied"
+)
 HTTP_REQUESTS = Counter(
     "model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code")
 )

@@ -165,8 +165,14 @@ class ModelRepository:
         )
 
     @contextmanager
-    def use(self, name: str, version: str | None = None) -> Iterator[LoadedVersion]:
-        """Hold a version for one request; a retired version is released after its last one."""
+    def use(
+        self, name: str, version: str | None = None, routed_by: str | None = None
+    ) -> Iterator[LoadedVersion]:
+        """Hold a version for one request; a retired version is released after its last one.
+
+        A version the client asked for and that is not loaded is a 404; one the traffic
+        policy chose (``routed_by``) is a 503: the server's fault, never a silent fallback.
+        """
         if version is not None and not (version.isdigit() and int(version) > 0):
             raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
         with self._lock:
@@ -178,9 +184,12 @@ class ModelRepository:
                     lv.inflight += 1
         if lv is None:
             if versions:
-                raise ModelNotFound(
-                    f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
-                )
+                message = f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
+                if routed_by is not None:
+                    raise ModelUnavailable(
+                        f"model unavailable: {message}; chosen by the traffic policy's {routed_by}"
+                    )
+                raise ModelNotFound(message)
             raise self._unavailable(name)
         try:
             yield lv

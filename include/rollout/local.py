@@ -104,10 +104,14 @@ def start_model_server(
 ) -> ModelServerProcess:
     """Start ``python -m model_server`` on 127.0.0.1 and wait until it is ready.
 
+    Traffic policies persist under ``log_dir`` unless ``--state-dir`` is among ``args``.
+
     The admin token travels in a 0600 file, never on the command line (visible in ``ps``).
     """
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
+    if "--state-dir" not in args:  # never leave policies behind in a shared repository
+        args = (*args, "--state-dir", str(log_dir / f"state-{port}"))
     log = log_dir / f"model-server-{port}.log"
     cmd = [
         sys.executable,

@@ -1,0 +1,41 @@
+"""Request identity: ``X-Request-ID`` and W3C trace context (``traceparent``).
+
+Both are taken from the request when valid and made when absent, then carried unchanged to
+the shadow path, the logs and the shadow log, so one id finds a request everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+
+TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+
+    @classmethod
+    def from_header(cls, value: str | None) -> TraceContext:
+        """Continue the caller's trace with a new span of ours, or start a new trace."""
+        m = TRACEPARENT_RE.match(value.strip().lower()) if value else None
+        if m and m.group(1) != "ff" and set(m.group(2)) != {"0"} and set(m.group(3)) != {"0"}:
+            return cls(m.group(2), secrets.token_hex(8), m.group(4))
+        return cls(secrets.token_hex(16), secrets.token_hex(8))
+
+    def child(self) -> TraceContext:
+        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+
+    @property
+    def header(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+def request_id(value: str | None) -> str:
+    return value if value is not None and REQUEST_ID_RE.match(value) else uuid.uuid4().hex

@@ -1,0 +1,310 @@
+"""The traffic policy: who gets which version, and what is mirrored to a shadow.
+
+The one description of a traffic split (see ../shared/DESIGN.md): ordered header rules, a
+weighted default route, an optional mirror. The model server's router executes it here;
+include/ renders the same object to an Istio VirtualService. Pure: no I/O in this module
+except ``PolicyStore``, which persists policies and watches the optional policy file.
+
+Sticky assignment: a user's key (``X-User-ID``, else the client address) hashes into one of
+10,000 buckets; destinations own consecutive bucket ranges in ascending version order, so
+the highest version's range only grows while its weight grows and its users stay on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+BUCKETS = 10_000
+MATCH_KINDS = ("exact", "prefix", "regex")
+
+
+class PolicyError(ValueError):
+    """An invalid policy; the message names the field and the reason."""
+
+
+def bucket(key: str) -> int:
+    """A stable bucket in [0, 10000) for a user key (the same on every process and restart)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % BUCKETS
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    kind: str  # exact | prefix | regex
+    value: str
+    pattern: re.Pattern[str] | None = None
+
+    def matches(self, actual: str | None) -> bool:
+        if actual is None:
+            return False
+        if self.kind == "exact":
+            return actual == self.value
+        if self.kind == "prefix":
+            return actual.startswith(self.value)
+        assert self.pattern is not None
+        return self.pattern.fullmatch(actual) is not None  # Istio's regex matches the whole value
+
+
+@dataclass(frozen=True)
+class Destination:
+    version: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    headers: tuple[tuple[str, HeaderMatch], ...]
+    route: tuple[Destination, ...]
+    name: str | None = None
+
+    def matches(self, headers: Mapping[str, str]) -> bool:
+        return all(m.matches(headers.get(name)) for name, m in self.headers)
+
+
+@dataclass(frozen=True)
+class Mirror:
+    version: str
+    percent: float
+
+
+def _pick(route: tuple[Destination, ...], b: int) -> str:
+    edge = 0
+    for d in route:  # ascending versions; weights sum to 100
+        edge += d.weight * (BUCKETS // 100)
+        if b < edge:
+            return d.version
+    return route[-1].version
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    route: tuple[Destination, ...]
+    rules: tuple[Rule, ...] = ()
+    mirror: Mirror | None = None
+
+    # -- parsing -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrafficPolicy:
+        if not isinstance(raw, dict):
+            raise PolicyError("policy must be a JSON object with a 'route' list")
+        unknown = sorted(set(raw) - {"rules", "route", "mirror"})
+        if unknown:
+            raise PolicyError(f"unknown policy field(s) {unknown}; allowed: rules, route, mirror")
+        route = _parse_route(raw.get("route"), "route")
+        rules_raw = raw.get("rules", [])
+        if not isinstance(rules_raw, list):
+            raise PolicyError("rules must be a list")
+        rules = tuple(_parse_rule(r, f"rules[{i}]") for i, r in enumerate(rules_raw))
+        mirror = None
+        if raw.get("mirror") is not None:
+            mirror = _parse_mirror(raw["mirror"])
+            if len(route) == 1 and route[0].version == mirror.version:
+                raise PolicyError(
+                    f"mirror: version {mirror.version} is the primary (it takes 100% of the default "
+                    "route); mirror to a version that is not serving all traffic"
+                )
+        return cls(route=route, rules=rules, mirror=mirror)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.rules:
+            out["rules"] = [
+                {
+                    **({"name": r.name} if r.name else {}),
+                    "match": {"headers": {h: {m.kind: m.value} for h, m in r.headers}},
+                    "route": [{"version": d.version, "weight": d.weight} for d in r.route],
+                }
+                for r in self.rules
+            ]
+        out["route"] = [{"version": d.version, "weight": d.weight} for d in self.route]
+        if self.mirror is not None:
+            out["mirror"] = {"version": self.mirror.version, "percent": self.mirror.percent}
+        return out
+
+    # -- use -----------------------------------------------------------------------------
+
+    def versions(self) -> set[str]:
+        out = {d.version for d in self.route} | {d.version for r in self.rules for d in r.route}
+        if self.mirror is not None:
+            out.add(self.mirror.version)
+        return out
+
+    def check_loaded(self, loaded: Iterable[int]) -> None:
+        have = {str(v) for v in loaded}
+        missing = sorted(self.versions() - have, key=int)
+        if missing:
+            raise PolicyError(f"version(s) {missing} are not loaded (loaded: {sorted(have, key=int)})")
+
+    def choose(self, headers: Mapping[str, str], user_key: str) -> tuple[str, str]:
+        """(version, what decided it: a rule name or index, or 'route')."""
+        b = bucket(user_key)
+        for i, rule in enumerate(self.rules):
+            if rule.matches(headers):
+                return _pick(rule.route, b), rule.name or f"rules[{i}]"
+        return _pick(self.route, b), "route"
+
+    def mirror_for(self, primary: str, request_key: str) -> str | None:
+        """The shadow version for this request, or None (not sampled, or it is the primary)."""
+        m = self.mirror
+        if m is None or m.version == primary:
+            return None
+        if m.percent >= 100 or bucket("mirror:" + request_key) < m.percent * (BUCKETS / 100):
+            return m.version
+        return None
+
+
+def _version(raw: Any, where: str) -> str:
+    v = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
+    if not isinstance(v, str) or not v.isdigit() or int(v) < 1:
+        raise PolicyError(f"{where}: version must be a positive integer (as a string), got {raw!r}")
+    return str(int(v))
+
+
+def _parse_route(raw: Any, where: str) -> tuple[Destination, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise PolicyError(f"{where} must be a non-empty list of {{version, weight}}")
+    dests = []
+    for i, d in enumerate(raw):
+        if not isinstance(d, dict):
+            raise PolicyError(f"{where}[{i}] must be an object with version and weight")
+        weight = d.get("weight", 100 if len(raw) == 1 else None)
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
+            raise PolicyError(f"{where}[{i}].weight must be an integer 0..100, got {weight!r}")
+        dests.append(Destination(_version(d.get("version"), f"{where}[{i}]"), weight))
+    versions = [d.version for d in dests]
+    if len(set(versions)) != len(versions):
+        raise PolicyError(f"{where}: a version appears more than once ({versions})")
+    total = sum(d.weight for d in dests)
+    if total != 100:
+        raise PolicyError(f"{where}: weights sum to {total}, not 100")
+    return tuple(sorted(dests, key=lambda d: int(d.version)))
+
+
+def _parse_rule(raw: Any, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where} must be an object with match and route")
+    unknown = sorted(set(raw) - {"name", "match", "route"})
+    if unknown:
+        raise PolicyError(f"{where}: unknown field(s) {unknown}")
+    match = raw.get("match")
+    if not isinstance(match, dict) or set(match) != {"headers"} or not isinstance(match["headers"], dict):
+        raise PolicyError(f"{where}.match must be {{'headers': {{name: {{exact|prefix|regex: value}}}}}}")
+    if not match["headers"]:
+        raise PolicyError(f"{where}.match.headers is empty: a rule must match something")
+    headers = []
+    for name, spec in match["headers"].items():
+        w = f"{where}.match.headers.{name}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in MATCH_KINDS:
+            raise PolicyError(f"{w} must be one of {{exact|prefix|regex: value}}")
+        kind, value = next(iter(spec.items()))
+        if not isinstance(value, str):
+            raise PolicyError(f"{w}.{kind} must be a string")
+        pattern = None
+        if kind == "regex":
+            try:
+                pattern = re.compile(value)
+            except re.error as exc:
+                raise PolicyError(f"{w}.regex {value!r} is not a valid regular expression: {exc}") from None
+        headers.append((name.lower(), HeaderMatch(kind, value, pattern)))
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise PolicyError(f"{where}.name must be a string")
+    return Rule(tuple(headers), _parse_route(raw.get("route"), f"{where}.route"), name)
+
+
+def _parse_mirror(raw: Any) -> Mirror:
+    if not isinstance(raw, dict):
+        raise PolicyError("mirror must be an object {version, percent}")
+    percent = raw.get("percent", 100)
+    if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent <= 100:
+        raise PolicyError(f"mirror.percent must be a number 0..100, got {percent!r}")
+    return Mirror(_version(raw.get("version"), "mirror"), float(percent))
+
+
+def default_policy(loaded: Iterable[int]) -> TrafficPolicy:
+    """Without a policy the highest loaded version takes everything (Triton's default)."""
+    return TrafficPolicy(route=(Destination(str(max(loaded)), 100),))
+
+
+class PolicyStore:
+    """Policies per model: applied atomically, persisted, restored, and fed by a watched file.
+
+    ``apply(model, policy)`` persists first (write, fsync, rename) and swaps the in-memory
+    reference second: a policy that cannot be persisted is not applied.
+    """
+
+    def __init__(self, state_dir: Path | None, on_change: Callable[[str, TrafficPolicy | None], None]):
+        self.state_dir = state_dir
+        self._policies: dict[str, TrafficPolicy] = {}
+        self._lock = threading.Lock()
+        self._on_change = on_change
+
+    def get(self, model: str) -> TrafficPolicy | None:
+        return self._policies.get(model)
+
+    def apply(self, model: str, policy: TrafficPolicy) -> None:
+        with self._lock:
+            if self.state_dir is not None:
+                _atomic_write_json(self.state_dir / f"{model}.json", policy.to_dict())
+            self._policies = {**self._policies, model: policy}
+        self._on_change(model, policy)
+
+    def restore(self) -> list[str]:
+        """Load persisted policies (skipping and logging unreadable ones)."""
+        restored: list[str] = []
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return restored
+        for path in sorted(self.state_dir.glob("*.json")):
+            try:
+                policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                log.error("ignoring persisted traffic policy %s: %s", path, exc)
+                continue
+            self._policies = {**self._policies, path.stem: policy}
+            self._on_change(path.stem, policy)
+            restored.append(path.stem)
+        return restored
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_traffic_file(path: Path) -> dict[str, TrafficPolicy]:
+    """``{"models": {"<model>": <policy>, ...}}``; raises PolicyError naming the model."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"traffic file {path}: {exc}") from None
+    models = raw.get("models") if isinstance(raw, dict) else None
+    if not isinstance(models, dict):
+        raise PolicyError(f"traffic file {path}: expected {{'models': {{<model>: <policy>}}}}")
+    out = {}
+    for model, policy in models.items():
+        try:
+            out[model] = TrafficPolicy.from_dict(policy)
+        except PolicyError as exc:
+            raise PolicyError(f"traffic file {path}, model '{model}': {exc}") from None
+    return out

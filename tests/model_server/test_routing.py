@@ -1,0 +1,275 @@
+"""Routing by traffic policy on a real server: weights, rules, overrides, updates, persistence."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "routing-token"
+SPLIT = {"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]}
+
+
+def infer(server, image: bytes, headers: dict[str, str] | None = None, path: str = "/v2/models/digits/infer"):
+    blob = struct.pack("<I", len(image)) + image
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    return requests.post(
+        f"{server.http}{path}",
+        data=header + blob,
+        timeout=30,
+        headers={"Inference-Header-Content-Length": str(len(header)), **(headers or {})},
+    )
+
+
+def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def routed(server_factory, repo_copy, tmp_path):
+    """digits versions 1, 2 and 3 loaded, no policy yet."""
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.client().load_model(
+        "digits",
+        headers=s.admin,
+        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
+    )
+    return s
+
+
+def test_without_a_policy_the_highest_version_serves(routed, digit_images):
+    r = infer(routed, digit_images[0][0])
+    assert r.headers["X-Model-Version"] == "3"
+    assert len(r.headers["X-Request-ID"]) == 32
+    policy = requests.get(f"{routed.http}/v2/models/digits/traffic", headers=routed.admin, timeout=5).json()
+    assert policy == {"route": [{"version": "3", "weight": 100}]}
+
+
+def test_weighted_sticky_routing_and_headers(routed, digit_images):
+    assert put_policy(routed, SPLIT).status_code == 200
+    seen = Counter()
+    first = {}
+    for i in range(200):
+        user = f"user-{i % 50}"
+        r = infer(routed, digit_images[0][0], {"X-User-ID": user})
+        assert r.status_code == 200
+        version = r.headers["X-Model-Version"]
+        assert r.json()["model_version"] == version
+        assert first.setdefault(user, version) == version  # sticky
+        seen[version] += 1
+    assert set(seen) == {"1", "2"}
+    assert routed.metric("model_server_traffic_weight", model="digits", version="2") == 50
+    assert (
+        routed.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route")
+        > 0
+    )
+
+
+def test_header_rule_version_header_and_versioned_path_override(routed, digit_images):
+    policy = {
+        **SPLIT,
+        "rules": [
+            {
+                "name": "acme",
+                "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                "route": [{"version": "3", "weight": 100}],
+            }
+        ],
+    }
+    assert put_policy(routed, policy).status_code == 200
+    img = digit_images[0][0]
+    assert infer(routed, img, {"X-Tenant": "acme"}).headers["X-Model-Version"] == "3"
+    assert infer(routed, img, {"X-Model-Version": "2", "X-Tenant": "acme"}).headers["X-Model-Version"] == "2"
+    r = infer(routed, img, path="/v2/models/digits/versions/1/infer")
+    assert r.headers["X-Model-Version"] == "1"
+    r = infer(routed, img, {"X-Model-Version": "9"})
+    assert r.status_code == 404  # the client named a version that is not loaded
+    assert (
+        routed.metric("model_server_routed_requests_total", model="digits", version="3", decided_by="acme")
+        == 1
+    )
+
+
+def test_request_id_and_trace_context_are_kept(routed, digit_images):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    r = infer(
+        routed,
+        digit_images[0][0],
+        {"X-Request-ID": "abc-123", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+    )
+    assert r.headers["X-Request-ID"] == "abc-123"
+    version, trace, span, flags = r.headers["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", trace_id, "01")
+    assert span != "00f067aa0ba902b7"  # our own span in the caller's trace
+    bad = infer(routed, digit_images[0][0], {"traceparent": "garbage", "X-Request-ID": "has space"})
+    assert len(bad.headers["traceparent"].split("-")[1]) == 32
+    assert bad.headers["X-Request-ID"] != "has space"
+    error = requests.post(
+        f"{routed.http}/v2/models/digits/infer", data=b"{", headers={"X-Request-ID": "err-1"}, timeout=5
+    )
+    assert error.status_code == 400
+    assert error.headers["X-Request-ID"] == "err-1"
+
+
+@pytest.mark.parametrize(
+    ("policy", "needle"),
+    [
+        ({"route": [{"version": "7", "weight": 100}]}, "['7'] are not loaded"),
+        ({"route": [{"version": "1", "weight": 60}, {"version": "2", "weight": 60}]}, "weights sum to 120"),
+        (
+            {
+                "route": [{"version": "1"}],
+                "rules": [{"match": {"headers": {"x": {"regex": "*"}}}, "route": [{"version": "2"}]}],
+            },
+            "not a valid regular expression",
+        ),
+        (
+            {"route": [{"version": "2", "weight": 100}], "mirror": {"version": "2", "percent": 10}},
+            "is the primary",
+        ),
+    ],
+)
+def test_invalid_policies_get_400_and_change_nothing(routed, policy, needle):
+    assert put_policy(routed, SPLIT).status_code == 200
+    r = put_policy(routed, policy)
+    assert r.status_code == 400
+    assert needle in r.json()["error"]
+    current = requests.get(f"{routed.http}/v2/models/digits/traffic", headers=routed.admin, timeout=5).json()
+    assert current == SPLIT
+
+
+def test_policy_calls_need_the_admin_token(routed):
+    assert put_policy(routed, SPLIT, token=None).status_code == 401
+    assert put_policy(routed, SPLIT, token="wrong").status_code == 401
+    assert requests.get(f"{routed.http}/v2/models/digits/traffic", timeout=5).status_code == 401
+    assert put_policy(routed, SPLIT).status_code == 200
+    r = requests.put(f"{routed.http}/v2/models/nope/traffic", json=SPLIT, headers=routed.admin, timeout=5)
+    assert r.status_code == 404
+
+
+def test_routed_version_that_is_unloaded_gets_503_never_a_fallback(routed, digit_images):
+    assert put_policy(routed, {"route": [{"version": "2", "weight": 100}]}).status_code == 200
+    routed.client().load_model(
+        "digits", headers=routed.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1]}}})
+    )
+    r = infer(routed, digit_images[0][0])
+    assert r.status_code == 503
+    assert r.json()["error"].startswith("model unavailable: ")
+    assert "version 2" in r.json()["error"]
+
+
+def test_policy_is_persisted_and_restored_on_restart(server_factory, repo_copy, tmp_path, digit_images):
+    state = tmp_path / "state"
+    load = json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    first = server_factory(repo_copy, "--state-dir", str(state), token=TOKEN)
+    first.client().load_model("digits", headers=first.admin, config=load)
+    policy = {"route": [{"version": "1", "weight": 10}, {"version": "2", "weight": 90}]}
+    assert put_policy(first, policy).status_code == 200
+    assert json.loads((state / "traffic" / "digits.json").read_text()) == policy
+    first.stop()
+    second = server_factory(repo_copy, "--state-dir", str(state), token=TOKEN)
+    current = requests.get(f"{second.http}/v2/models/digits/traffic", headers=second.admin, timeout=5).json()
+    assert current == policy
+    # Restored before version 2 is loaded again: routed requests to it are 503, not served by 1.
+    replies = [infer(second, digit_images[0][0], {"X-User-ID": f"u{i}"}) for i in range(30)]
+    assert {r.status_code for r in replies} == {200, 503}
+    assert all(r.headers["X-Model-Version"] == "1" for r in replies if r.status_code == 200)
+    assert all("version 2" in r.json()["error"] for r in replies if r.status_code == 503)
+    second.client().load_model("digits", headers=second.admin, config=load)
+    assert infer(second, digit_images[0][0], {"X-User-ID": "u1"}).status_code == 200
+
+
+def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))
+    load = ["--traffic-file", str(traffic), "--state-dir", str(tmp_path / "state")]
+    s = server_factory(repo_copy, *load, token=TOKEN)
+    s.client().load_model(
+        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    )
+
+    def current() -> dict:
+        return requests.get(f"{s.http}/v2/models/digits/traffic", headers=s.admin, timeout=5).json()
+
+    def wait_for(predicate) -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.1)
+        return False
+
+    assert wait_for(lambda: current() == {"route": [{"version": "1", "weight": 100}]})
+    new = {"route": [{"version": "2", "weight": 100}]}
+    traffic.write_text(json.dumps({"models": {"digits": new}}))
+    assert wait_for(lambda: current() == new)
+    assert infer(s, digit_images[0][0]).headers["X-Model-Version"] == "2"
+    traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 50}]}}}))
+    assert wait_for(lambda: (s.metric("model_server_traffic_file_errors_total") or 0) >= 1)
+    assert current() == new
+
+
+def test_policy_updates_under_load_lose_no_request(routed, digit_images):
+    stop = threading.Event()
+    failures: list[str] = []
+    served: Counter[str] = Counter()
+
+    def worker(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            r = infer(routed, digit_images[i % 20][0], {"X-User-ID": f"w{n}-{i}"})
+            if r.status_code != 200:
+                failures.append(r.text)
+            else:
+                served[r.headers["X-Model-Version"]] += 1
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for weight in (5, 25, 50, 75):
+            assert (
+                put_policy(
+                    routed,
+                    {
+                        "route": [
+                            {"version": "1", "weight": 100 - weight},
+                            {"version": "2", "weight": weight},
+                        ],
+                        "mirror": {"version": "3", "percent": 10},
+                    },
+                ).status_code
+                == 200
+            )
+            time.sleep(0.3)
+        assert put_policy(routed, {"route": [{"version": "2", "weight": 100}]}).status_code == 200
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert failures == []
+    assert served["1"] > 0
+    assert served["2"] > 0

@@ -1,0 +1,146 @@
+"""The traffic policy without a server: parsing, weights, stickiness, rules, mirror sampling."""
+
+from __future__ import annotations
+
+import pytest
+from scipy.stats import chisquare
+
+from model_server.traffic import BUCKETS, PolicyError, TrafficPolicy, bucket
+
+USERS = [f"user-{i}" for i in range(10_000)]
+
+
+def policy(route, rules=None, mirror=None) -> TrafficPolicy:
+    raw = {"route": [{"version": v, "weight": w} for v, w in route]}
+    if rules is not None:
+        raw["rules"] = rules
+    if mirror is not None:
+        raw["mirror"] = mirror
+    return TrafficPolicy.from_dict(raw)
+
+
+def test_weights_are_honoured_over_10000_users():
+    p = policy([("1", 70), ("2", 20), ("3", 10)])
+    counts = {"1": 0, "2": 0, "3": 0}
+    for u in USERS:
+        counts[p.choose({}, u)[0]] += 1
+    observed = [counts["1"], counts["2"], counts["3"]]
+    result = chisquare(observed, [7000, 2000, 1000])
+    assert result.pvalue > 0.001, observed
+
+
+def test_users_keep_the_candidate_while_its_weight_grows():
+    previous: set[str] = set()
+    for weight in (5, 25, 50, 75, 100):
+        p = policy([("1", 100 - weight), ("2", weight)] if weight < 100 else [("2", 100)])
+        on_candidate = {u for u in USERS if p.choose({}, u)[0] == "2"}
+        assert previous <= on_candidate  # nobody who had version 2 is moved back
+        assert abs(len(on_candidate) - weight * 100) < 400
+        previous = on_candidate
+
+
+def test_listing_order_does_not_change_assignment():
+    a = policy([("1", 90), ("2", 10)])
+    b = policy([("2", 10), ("1", 90)])
+    assert all(a.choose({}, u) == b.choose({}, u) for u in USERS[:2000])
+
+
+def test_bucket_is_stable_and_in_range():
+    assert bucket("alice") == bucket("alice")
+    assert {bucket(u) for u in USERS[:50]} <= set(range(BUCKETS))
+
+
+def test_header_rules_in_order_then_route():
+    p = policy(
+        [("1", 100)],
+        rules=[
+            {
+                "name": "acme",
+                "match": {"headers": {"X-Tenant": {"exact": "acme"}}},
+                "route": [{"version": "2", "weight": 100}],
+            },
+            {"match": {"headers": {"x-device-type": {"prefix": "ios"}}}, "route": [{"version": "3"}]},
+            {
+                "match": {"headers": {"x-user-id": {"regex": "qa-[0-9]+"}}},
+                "route": [{"version": "3", "weight": 100}],
+            },
+        ],
+        mirror=None,
+    )
+    assert p.choose({"x-tenant": "acme", "x-device-type": "ios-17"}, "u") == ("2", "acme")
+    assert p.choose({"x-tenant": "acme-labs"}, "u") == ("1", "route")
+    assert p.choose({"x-device-type": "ios-17"}, "u") == ("3", "rules[1]")
+    assert p.choose({"x-user-id": "qa-42"}, "u") == ("3", "rules[2]")
+    assert p.choose({"x-user-id": "qa-42x"}, "u") == ("1", "route")  # regex matches the whole value
+    assert p.choose({}, "u") == ("1", "route")
+
+
+def test_round_trip_and_versions():
+    raw = {
+        "rules": [
+            {
+                "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+        "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
+        "mirror": {"version": "2", "percent": 100.0},
+    }
+    p = TrafficPolicy.from_dict(raw)
+    assert p.to_dict() == raw
+    assert TrafficPolicy.from_dict(p.to_dict()) == p
+    assert p.versions() == {"1", "2"}
+    with pytest.raises(PolicyError, match=r"version\(s\) \['2'\] are not loaded"):
+        p.check_loaded([1])
+
+
+def test_mirror_samples_its_percent_and_never_the_primary():
+    p = policy([("1", 95), ("2", 5)], mirror={"version": "2", "percent": 30})
+    sampled = sum(p.mirror_for("1", f"req-{i}") is not None for i in range(10_000))
+    assert 2700 < sampled < 3300
+    assert p.mirror_for("2", "req-1") is None  # a request served by the shadow is not mirrored to it
+    full = policy([("1", 100)], mirror={"version": "2", "percent": 100})
+    assert all(full.mirror_for("1", f"r{i}") == "2" for i in range(100))
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (
+            {"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 5}]},
+            "weights sum to 95, not 100",
+        ),
+        ({"route": []}, "non-empty list"),
+        ({"route": [{"version": "1", "weight": 50}, {"version": "1", "weight": 50}]}, "more than once"),
+        ({"route": [{"version": "v1", "weight": 100}]}, "positive integer"),
+        ({"route": [{"version": "1", "weight": 101}]}, "0..100"),
+        (
+            {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "1", "percent": 100}},
+            "is the primary",
+        ),
+        ({"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 150}}, "0..100"),
+        (
+            {
+                "route": [{"version": "1"}],
+                "rules": [{"match": {"headers": {"x": {"regex": "(["}}}, "route": [{"version": "2"}]}],
+            },
+            "not a valid regular expression",
+        ),
+        (
+            {
+                "route": [{"version": "1"}],
+                "rules": [{"match": {"headers": {"x": {"glob": "a*"}}}, "route": [{"version": "2"}]}],
+            },
+            "exact|prefix|regex",
+        ),
+        (
+            {"route": [{"version": "1"}], "rules": [{"match": {"headers": {}}, "route": [{"version": "2"}]}]},
+            "must match something",
+        ),
+        ({"route": [{"version": "1"}], "weights": {}}, "unknown policy field"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_invalid_policies_name_the_reason(raw, needle):
+    with pytest.raises(PolicyError, match=needle):
+        TrafficPolicy.from_dict(raw)
