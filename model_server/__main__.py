@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help='policy file watched for changes: {"models": {"<model>": <traffic policy>}}',
     )
+    p.add_argument(
+        "--shadow-queue",
+        type=int,
+        default=256,
+        help="mirrored requests that may wait for the shadow; more are dropped and counted",
+    )
+    p.add_argument("--shadow-workers", type=int, default=2, help="concurrent shadow executions")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
     p.add_argument(
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         admin_token=admin_token(args),
         state_dir=state_dir(args),
         traffic_file=args.traffic_file,
+        shadow_queue=args.shadow_queue,
+        shadow_workers=args.shadow_workers,
     )
     uvicorn.run(
         create_app(repo, settings),

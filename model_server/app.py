@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -32,9 +33,10 @@ from model_server.errors import (
     ServerError,
     Unauthorized,
 )
-from model_server.model import OutOfMemory
+from model_server.model import Fault, OutOfMemory
 from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
+from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
 from model_server.trace import TraceContext, request_id
 from model_server.traffic import PolicyError, PolicyStore, TrafficPolicy, default_policy, read_traffic_file
 
@@ -52,6 +54,8 @@ class Settings:
     state_dir: Path | None = None  # traffic policies persist here (restored on restart)
     traffic_file: Path | None = None  # watched policy file: {"models": {name: policy}}
     traffic_poll_s: float = 1.0
+    shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
+    shadow_workers: int = 2
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -65,7 +69,9 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
+def create_app(
+    repo: ModelRepository, settings: Settings, shadow_sink: Callable[[ShadowResult], None] | None = None
+) -> Starlette:
     state = {"ready": False}
 
     def endpoint(route: str, admin: bool = False) -> Callable[[Handler], Handler]:
@@ -201,6 +207,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
     @endpoint("/v2/models/{model}/infer")
     async def infer(request: Request) -> Response:
         started = time.perf_counter()
+        received_at = time.time()
         headers = request.headers
         rid = request.state.request_id = request_id(headers.get("x-request-id"))
         trace = TraceContext.from_header(headers.get("traceparent"))
@@ -241,11 +248,32 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
             done = time.perf_counter()
             lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
             metrics.ROUTED.labels(model, lv.label, decided).inc()
+        background = None
+        shadow_version = policy.mirror_for(lv.label, rid) if policy is not None else None
+        if shadow_version is not None:
+            job = ShadowJob(
+                model=model,
+                primary_version=lv.label,
+                shadow_version=shadow_version,
+                inputs=req.inputs,
+                outputs=outputs,
+                request_id=rid,
+                trace=trace.child(),
+                received_at=received_at,
+                primary_outputs=dict(zip(outputs, results, strict=True)),
+                primary_latency_ms=(done - started) * 1000,
+                metadata=request_metadata(headers),
+            )
+            background = BackgroundTask(mirror.submit, job)  # runs after the response is sent
         out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}
         if header_len is None:
-            return Response(payload, media_type="application/json", headers=out_headers)
+            return Response(
+                payload, media_type="application/json", headers=out_headers, background=background
+            )
         out_headers[HEADER_LENGTH] = str(header_len)
-        return Response(payload, media_type="application/octet-stream", headers=out_headers)
+        return Response(
+            payload, media_type="application/octet-stream", headers=out_headers, background=background
+        )
 
     # -- traffic policy -------------------------------------------------------------------------
 
@@ -261,6 +289,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
             metrics.MIRROR_PERCENT.labels(model, policy.mirror.version).set(policy.mirror.percent)
 
     policies = PolicyStore(settings.state_dir, on_change=set_policy_gauges)
+    mirror = ShadowMirror(repo, settings.shadow_queue, settings.shadow_workers, sink=shadow_sink)
 
     def validate_policy(model: str, raw: object) -> TrafficPolicy:
         try:
@@ -283,6 +312,20 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
             _, loaded = repo.loaded(model)
             current = default_policy(loaded)
         return JSONResponse(current.to_dict())
+
+    @endpoint("/v2/models/{model}/versions/{version}/fault", admin=True)
+    async def fault(request: Request) -> Response:
+        """Inject a delay or failures into one version (as Istio's fault injection does)."""
+        with repo.use(request.path_params["model"], request.path_params["version"]) as lv:
+            if request.method == "PUT":
+                lv.fault = Fault.from_dict(await json_body(request))
+                log.warning(
+                    "fault injection on %r version %s: %s",
+                    lv.name,
+                    lv.label,
+                    lv.fault.to_dict() if lv.fault else "cleared",
+                )
+            return JSONResponse(lv.fault.to_dict() if lv.fault else Fault().to_dict())
 
     async def watch_traffic_file(path: Path) -> None:
         """Apply the file's policies when it changes; a bad file changes nothing."""
@@ -358,6 +401,7 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT"]),
+        Route("/v2/models/{model}/versions/{version}/fault", fault, methods=["GET", "PUT"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),
@@ -380,11 +424,13 @@ def create_app(repo: ModelRepository, settings: Settings) -> Starlette:
         watcher = None
         if settings.traffic_file is not None:
             watcher = asyncio.create_task(watch_traffic_file(settings.traffic_file))
+        mirror.start()
         state["ready"] = True
         yield
         state["ready"] = False
         if watcher is not None:
             watcher.cancel()
+        await mirror.stop()
         repo.close_all()
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

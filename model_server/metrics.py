@@ -100,7 +100,14 @@ COMPUTE_OUTPUT_US = TritonCounter(
     "Cumulative inference compute output duration in microseconds",
     ML,
 )
-OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", ML)
+OOM_ERRORS = Counter(
+    "model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path")
+)
+SHADOW_REQUESTS = Counter(
+    "shadow_requests_total",
+    "Mirrored requests by shadow version and outcome (ok, error, dropped: queue full)",
+    (*ML, "outcome"),
+)
 
 # Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
 LATENCY_BUCKETS = (
@@ -110,8 +117,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 REQUEST_LATENCY = Histogram(
     "model_server_request_duration_seconds",
-    "Inference request latency in the server, from body read to response encoded",
-    ML,
+    "Inference latency in the server per path (primary: body read to response encoded; "
+    "shadow: queued copy to outputs)",
+    (*ML, "path"),
     buckets=LATENCY_BUCKETS,
 )
 MODEL_INFO = Gauge(
@@ -197,22 +205,31 @@ def gpu_count() -> int:
 
 
 class VersionMetrics:
-    """The metric children of one model version, bound once instead of per request."""
+    """The metric children of one model version on one path, bound once instead of per request.
 
-    def __init__(self, model: str, version: str):
-        self.model, self.version = model, version
+    The primary path feeds Triton's counters; the shadow path only its own latency histogram
+    and ``shadow_requests_total``, so mirrored copies never count as the version's traffic.
+    """
+
+    def __init__(self, model: str, version: str, path: str = "primary"):
+        self.model, self.version, self.path = model, version, path
         labels = (model, version)
-        self.success = REQUEST_SUCCESS.labels(*labels)
-        self.count = INFERENCE_COUNT.labels(*labels)
-        self.exec = EXEC_COUNT.labels(*labels)
-        self.duration = REQUEST_DURATION_US.labels(*labels)
-        self.queue = QUEUE_DURATION_US.labels(*labels)
-        self.compute_input = COMPUTE_INPUT_US.labels(*labels)
-        self.compute_infer = COMPUTE_INFER_US.labels(*labels)
-        self.compute_output = COMPUTE_OUTPUT_US.labels(*labels)
-        self.latency = REQUEST_LATENCY.labels(*labels)
+        self.latency = REQUEST_LATENCY.labels(model, version, path)
+        self.primary = path == "primary"
+        if self.primary:
+            self.success = REQUEST_SUCCESS.labels(*labels)
+            self.count = INFERENCE_COUNT.labels(*labels)
+            self.exec = EXEC_COUNT.labels(*labels)
+            self.duration = REQUEST_DURATION_US.labels(*labels)
+            self.queue = QUEUE_DURATION_US.labels(*labels)
+            self.compute_input = COMPUTE_INPUT_US.labels(*labels)
+            self.compute_infer = COMPUTE_INFER_US.labels(*labels)
+            self.compute_output = COMPUTE_OUTPUT_US.labels(*labels)
 
     def succeeded(self, batch: int, seconds: float, timing: dict[str, float], output_seconds: float) -> None:
+        self.latency.observe(seconds)
+        if not self.primary:
+            return
         self.success.inc()
         self.count.inc(batch)
         self.exec.inc()
@@ -221,12 +238,12 @@ class VersionMetrics:
         self.compute_input.inc(timing["input"] * 1e6)
         self.compute_infer.inc(timing["infer"] * 1e6)
         self.compute_output.inc(output_seconds * 1e6)
-        self.latency.observe(seconds)
 
     def failure(self, reason: str) -> None:
-        REQUEST_FAILURE.labels(self.model, self.version, reason).inc()
+        if self.primary:
+            REQUEST_FAILURE.labels(self.model, self.version, reason).inc()
         if reason == "OOM":
-            OOM_ERRORS.labels(self.model, self.version).inc()
+            OOM_ERRORS.labels(self.model, self.version, self.path).inc()
 
 
 def exposition() -> bytes:

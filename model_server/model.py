@@ -14,8 +14,10 @@ import hashlib
 import logging
 import math
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,8 @@ class LoadedVersion:
         self.retired = False
         self._seconds_per_item = math.inf  # moving average of preprocessing + execution
         self.metrics = VersionMetrics(self.name, self.label)
+        self.shadow_metrics = VersionMetrics(self.name, self.label, "shadow")
+        self.fault: Fault | None = None
 
     def _check_signature(self, where: str) -> None:
         assert self.session is not None
@@ -231,6 +235,9 @@ class LoadedVersion:
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
                 raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
+        fault = self.fault
+        if fault is not None:
+            fault.inflict(f"model '{self.name}' version {self.version}")
         done = time.perf_counter()
         per_item = (done - started) / max(batch, 1)
         previous = self._seconds_per_item
@@ -239,10 +246,15 @@ class LoadedVersion:
         return result, batch, timing
 
     async def infer(
-        self, inputs: list[InferInput], outputs: list[str]
+        self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
-        if self.config.instance_count == 1 and self._seconds_per_item * batch <= INLINE_BUDGET_S:
+        if (
+            allow_inline
+            and self.fault is None
+            and self.config.instance_count == 1
+            and self._seconds_per_item * batch <= INLINE_BUDGET_S
+        ):
             return self._run(inputs, outputs, time.perf_counter())
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
@@ -254,6 +266,53 @@ class LoadedVersion:
             "sha256": self.sha256,
             "size_bytes": self.size_bytes,
         }
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Injected faults, as Istio's HTTPFaultInjection: a delay and an abort, each on a share.
+
+    The delay is spent inside the execution, holding the instance as a slow model would.
+    """
+
+    delay_ms: float = 0.0
+    delay_percent: float = 100.0
+    abort_percent: float = 0.0
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Fault | None:
+        if not isinstance(raw, dict):
+            raise InvalidInput("fault must be an object {delay: {ms, percent}, abort: {percent}}")
+        unknown = sorted(set(raw) - {"delay", "abort"})
+        if unknown:
+            raise InvalidInput(f"fault: unknown field(s) {unknown}; allowed: delay, abort")
+        delay, abort = raw.get("delay") or {}, raw.get("abort") or {}
+        if not isinstance(delay, dict) or not isinstance(abort, dict):
+            raise InvalidInput("fault.delay and fault.abort must be objects")
+        values = {
+            "delay.ms": delay.get("ms", 0.0),
+            "delay.percent": delay.get("percent", 100.0),
+            "abort.percent": abort.get("percent", 0.0),
+        }
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise InvalidInput(f"fault.{key} must be a non-negative number, got {value!r}")
+        if values["delay.percent"] > 100 or values["abort.percent"] > 100 or values["delay.ms"] > 60_000:
+            raise InvalidInput("fault: percents are 0..100 and delay.ms at most 60000")
+        fault = cls(float(values["delay.ms"]), float(values["delay.percent"]), float(values["abort.percent"]))
+        return None if fault.delay_ms == 0 and fault.abort_percent == 0 else fault
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "delay": {"ms": self.delay_ms, "percent": self.delay_percent},
+            "abort": {"percent": self.abort_percent},
+        }
+
+    def inflict(self, where: str) -> None:
+        if self.delay_ms and random.random() * 100 < self.delay_percent:  # noqa: S311 (sampling, not secrets)
+            time.sleep(self.delay_ms / 1000)
+        if self.abort_percent and random.random() * 100 < self.abort_percent:  # noqa: S311
+            raise InferenceFailed(f"{where}: injected fault (abort)")
 
 
 class OutOfMemory(ModelUnavailable):

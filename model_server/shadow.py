@@ -1,0 +1,130 @@
+"""Shadow mirroring: a copy of a sampled request runs on the shadow version, off the primary path.
+
+The primary response is sent first (the copy is queued by a background task that runs after
+the response), the queue is bounded, and a full queue or a failing shadow only drops and
+counts the copy: the client never waits for, sees, or is hurt by the shadow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model_server import metrics
+from model_server.errors import ServerError
+from model_server.model import OutOfMemory
+from model_server.protocol import InferInput
+from model_server.repository import ModelRepository
+from model_server.trace import TraceContext
+
+log = logging.getLogger(__name__)
+
+METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
+
+
+def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request metadata a shadow record keeps: user, device, tenant and any X-Meta-*."""
+    return {
+        k.lower(): v
+        for k, v in headers.items()
+        if k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")
+    }
+
+
+@dataclass
+class ShadowJob:
+    model: str
+    primary_version: str
+    shadow_version: str
+    inputs: list[InferInput]
+    outputs: list[str]
+    request_id: str
+    trace: TraceContext
+    received_at: float
+    primary_outputs: dict[str, np.ndarray]
+    primary_latency_ms: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ShadowResult:
+    job: ShadowJob
+    outputs: dict[str, np.ndarray] | None
+    latency_ms: float
+    error: str | None
+
+
+class ShadowMirror:
+    def __init__(
+        self,
+        repo: ModelRepository,
+        queue_size: int = 256,
+        workers: int = 2,
+        sink: Callable[[ShadowResult], None] | None = None,
+    ):
+        self.repo = repo
+        self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
+        self.workers = workers
+        self.sink = sink
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def submit(self, job: ShadowJob) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        while True:
+            job = await self.queue.get()
+            try:
+                result = await self.run(job)
+                if self.sink is not None:
+                    self.sink(result)
+            except Exception:  # a shadow must never take the worker down
+                log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
+            finally:
+                self.queue.task_done()
+
+    async def run(self, job: ShadowJob) -> ShadowResult:
+        error = None
+        outputs = None
+        started = job.queued_at
+        try:
+            with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
+                try:
+                    results, batch, timing = await lv.infer(job.inputs, job.outputs, allow_inline=False)
+                except OutOfMemory:
+                    lv.shadow_metrics.failure("OOM")
+                    raise
+                lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
+                outputs = dict(zip(job.outputs, results, strict=True))
+        except ServerError as exc:
+            error = exc.message
+        latency_ms = (time.perf_counter() - started) * 1000
+        outcome = "ok" if error is None else "error"
+        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, outcome).inc()
+        if error is not None:
+            log.info(
+                "shadow %s v%s for request %s (trace %s): %s",
+                job.model,
+                job.shadow_version,
+                job.request_id,
+                job.trace.trace_id,
+                error,
+            )
+        return ShadowResult(job, outputs, latency_ms, error)

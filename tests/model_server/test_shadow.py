@@ -1,0 +1,109 @@
+"""Shadow mirroring on a real server: off the primary path, bounded, counted, any body size."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.model_server.test_routing import TOKEN, infer, put_policy
+
+pytestmark = pytest.mark.integration
+
+MIRROR_ALL = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+
+
+def start(server_factory, repo_copy, tmp_path, *args: str):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *args, token=TOKEN)
+    s.client().load_model("digits", headers=s.admin,
+                          config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}))
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    return s
+
+
+def shadow_count(s, outcome: str) -> float:
+    return s.metric("shadow_requests_total", model="digits", version="2", outcome=outcome) or 0.0
+
+
+def wait_until(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def set_fault(s, version: str, fault: dict) -> None:
+    r = requests.put(f"{s.http}/v2/models/digits/versions/{version}/fault", json=fault, headers=s.admin, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_every_request_is_mirrored_and_only_the_primary_counts_as_traffic(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path)
+    for i in range(40):
+        r = infer(s, digit_images[i][0], {"X-User-ID": f"u{i}"})
+        assert r.status_code == 200
+        assert r.headers["X-Model-Version"] == "1"
+    assert wait_until(lambda: shadow_count(s, "ok") == 40)
+    assert s.metric("model_server_request_duration_seconds_count", model="digits", version="2", path="shadow") == 40
+    assert s.metric("nv_inference_request_success", model="digits", version="1") == 40
+    # The shadow's copies are not version 2's traffic: its primary counters stay at zero.
+    assert (s.metric("nv_inference_request_success", model="digits", version="2") or 0) == 0
+    assert s.metric("model_server_mirror_percent", model="digits", version="2") == 100
+
+
+def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path)
+    set_fault(s, "2", {"abort": {"percent": 100}})
+    for i in range(20):
+        assert infer(s, digit_images[i][0]).status_code == 200
+    assert wait_until(lambda: shadow_count(s, "error") == 20)
+    assert shadow_count(s, "ok") == 0
+    assert s.metric("nv_inference_request_success", model="digits", version="1") == 20
+    assert (s.metric("nv_inference_request_failure", model="digits", version="1", reason="BACKEND") or 0) == 0
+
+
+def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1")
+    set_fault(s, "2", {"delay": {"ms": 200, "percent": 100}})
+    n = 30
+    for i in range(n):
+        assert infer(s, digit_images[i][0]).status_code == 200
+    # All n primaries were answered within 0.1 s each by the server's own clock, while each
+    # shadow copy took at least 0.2 s: the client never waited for a shadow.
+    assert s.metric("model_server_request_duration_seconds_bucket", model="digits", version="1",
+                    path="primary", le="0.1") == n
+    assert wait_until(lambda: shadow_count(s, "ok") + shadow_count(s, "dropped") == n)
+    assert shadow_count(s, "dropped") > 0  # a queue of 2 cannot hold 30 copies of 200 ms each
+    assert (s.metric("model_server_request_duration_seconds_bucket", model="digits", version="2",
+                     path="shadow", le="0.2") or 0) == 0
+
+
+def test_bodies_over_one_mebibyte_are_mirrored(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path)
+    img = Image.open(io.BytesIO(digit_images[0][0])).resize((1024, 1024), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=0)  # about 1 MiB of pixels, stored
+    big = buf.getvalue()
+    assert len(big) > 1024 * 1024
+    r = infer(s, big)
+    assert r.status_code == 200
+    assert wait_until(lambda: shadow_count(s, "ok") == 1)
+
+
+def test_fault_injection_is_admin_only_and_validated(server_factory, repo_copy, tmp_path):
+    s = start(server_factory, repo_copy, tmp_path)
+    url = f"{s.http}/v2/models/digits/versions/2/fault"
+    assert requests.put(url, json={"delay": {"ms": 5}}, timeout=5).status_code == 401
+    r = requests.put(url, json={"delay": {"ms": -1}}, headers=s.admin, timeout=5)
+    assert r.status_code == 400
+    assert "delay.ms" in r.json()["error"]
+    set_fault(s, "2", {"delay": {"ms": 5, "percent": 50}})
+    assert requests.get(url, headers=s.admin, timeout=5).json()["delay"] == {"ms": 5.0, "percent": 50.0}
+    set_fault(s, "2", {})
+    assert requests.get(url, headers=s.admin, timeout=5).json()["delay"]["ms"] == 0
