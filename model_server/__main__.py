@@ -12,9 +12,11 @@ import uvicorn
 
 from model_server.app import Settings, create_app
 from model_server.errors import ServerError
+from model_server.masking import KeyRing, Masker, create_key_file
 from model_server.metrics import gpu_count
 from model_server.model import select_providers
 from model_server.repository import ModelRepository
+from model_server.shadowlog import ShadowLogWriter
 
 log = logging.getLogger("model_server")
 
@@ -56,6 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mirrored requests that may wait for the shadow; more are dropped and counted",
     )
     p.add_argument("--shadow-workers", type=int, default=2, help="concurrent shadow executions")
+    p.add_argument("--shadow-log", type=Path, help="write mirrored requests here (Parquet, by hour)")
+    p.add_argument(
+        "--mask-keys", type=Path, help="masking key file (default: created beside the shadow log, mode 0600)"
+    )
+    p.add_argument(
+        "--mask-header",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="header whose whole value is masked in the shadow log (repeatable)",
+    )
+    p.add_argument("--shadow-log-flush-s", type=float, default=2.0, help="seconds between shadow log files")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
     p.add_argument(
@@ -93,6 +107,17 @@ def state_dir(args: argparse.Namespace) -> Path | None:
     return path / "traffic"
 
 
+def shadow_log(args: argparse.Namespace) -> ShadowLogWriter | None:
+    if args.shadow_log is None:
+        return None
+    keys = args.mask_keys or args.shadow_log.with_name(args.shadow_log.name + ".mask-keys.json")
+    if args.mask_keys is None and not keys.exists():
+        create_key_file(keys)
+        log.info("created masking key file %s (mode 0600)", keys)
+    masker = Masker(KeyRing(keys), args.mask_header)
+    return ShadowLogWriter(args.shadow_log, masker, flush_s=args.shadow_log_flush_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         shadow_workers=args.shadow_workers,
     )
     uvicorn.run(
-        create_app(repo, settings),
+        create_app(repo, settings, shadow_log(args)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

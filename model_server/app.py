@@ -36,7 +36,7 @@ from model_server.errors import (
 from model_server.model import Fault, OutOfMemory
 from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
-from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
+from model_server.shadow import ShadowJob, ShadowMirror, ShadowSink, request_metadata
 from model_server.trace import TraceContext, request_id
 from model_server.traffic import PolicyError, PolicyStore, TrafficPolicy, default_policy, read_traffic_file
 
@@ -69,9 +69,7 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(
-    repo: ModelRepository, settings: Settings, shadow_sink: Callable[[ShadowResult], None] | None = None
-) -> Starlette:
+def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSink | None = None) -> Starlette:
     state = {"ready": False}
 
     def endpoint(route: str, admin: bool = False) -> Callable[[Handler], Handler]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -60,13 +61,21 @@ class ShadowResult:
     error: str | None
 
 
+class ShadowSink(Protocol):
+    """Where shadow results go (the shadow log); called on the event loop, must not block."""
+
+    def __call__(self, result: ShadowResult) -> None: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class ShadowMirror:
     def __init__(
         self,
         repo: ModelRepository,
         queue_size: int = 256,
         workers: int = 2,
-        sink: Callable[[ShadowResult], None] | None = None,
+        sink: ShadowSink | None = None,
     ):
         self.repo = repo
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
@@ -81,12 +90,21 @@ class ShadowMirror:
             metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
 
     def start(self) -> None:
+        if self.sink is not None:
+            self.sink.start()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Finish the queued copies (up to ``drain_s``), then flush the sink."""
+        try:
+            await asyncio.wait_for(self.queue.join(), drain_s)
+        except TimeoutError:
+            log.warning("%d shadow copies left unprocessed at shutdown", self.queue.qsize())
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sink is not None:
+            await asyncio.to_thread(self.sink.close)
 
     async def _worker(self) -> None:
         while True:

@@ -19,8 +19,9 @@ MIRROR_ALL = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": 
 
 def start(server_factory, repo_copy, tmp_path, *args: str):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *args, token=TOKEN)
-    s.client().load_model("digits", headers=s.admin,
-                          config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}))
+    s.client().load_model(
+        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    )
     assert put_policy(s, MIRROR_ALL).status_code == 200
     return s
 
@@ -39,18 +40,25 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
 
 
 def set_fault(s, version: str, fault: dict) -> None:
-    r = requests.put(f"{s.http}/v2/models/digits/versions/{version}/fault", json=fault, headers=s.admin, timeout=10)
+    r = requests.put(
+        f"{s.http}/v2/models/digits/versions/{version}/fault", json=fault, headers=s.admin, timeout=10
+    )
     assert r.status_code == 200, r.text
 
 
-def test_every_request_is_mirrored_and_only_the_primary_counts_as_traffic(server_factory, repo_copy, tmp_path, digit_images):
+def test_every_request_is_mirrored_and_only_the_primary_counts_as_traffic(
+    server_factory, repo_copy, tmp_path, digit_images
+):
     s = start(server_factory, repo_copy, tmp_path)
     for i in range(40):
         r = infer(s, digit_images[i][0], {"X-User-ID": f"u{i}"})
         assert r.status_code == 200
         assert r.headers["X-Model-Version"] == "1"
     assert wait_until(lambda: shadow_count(s, "ok") == 40)
-    assert s.metric("model_server_request_duration_seconds_count", model="digits", version="2", path="shadow") == 40
+    assert (
+        s.metric("model_server_request_duration_seconds_count", model="digits", version="2", path="shadow")
+        == 40
+    )
     assert s.metric("nv_inference_request_success", model="digits", version="1") == 40
     # The shadow's copies are not version 2's traffic: its primary counters stay at zero.
     assert (s.metric("nv_inference_request_success", model="digits", version="2") or 0) == 0
@@ -68,7 +76,9 @@ def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, 
     assert (s.metric("nv_inference_request_failure", model="digits", version="1", reason="BACKEND") or 0) == 0
 
 
-def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(server_factory, repo_copy, tmp_path, digit_images):
+def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
+    server_factory, repo_copy, tmp_path, digit_images
+):
     s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1")
     set_fault(s, "2", {"delay": {"ms": 200, "percent": 100}})
     n = 30
@@ -76,12 +86,28 @@ def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(server_fa
         assert infer(s, digit_images[i][0]).status_code == 200
     # All n primaries were answered within 0.1 s each by the server's own clock, while each
     # shadow copy took at least 0.2 s: the client never waited for a shadow.
-    assert s.metric("model_server_request_duration_seconds_bucket", model="digits", version="1",
-                    path="primary", le="0.1") == n
+    assert (
+        s.metric(
+            "model_server_request_duration_seconds_bucket",
+            model="digits",
+            version="1",
+            path="primary",
+            le="0.1",
+        )
+        == n
+    )
     assert wait_until(lambda: shadow_count(s, "ok") + shadow_count(s, "dropped") == n)
     assert shadow_count(s, "dropped") > 0  # a queue of 2 cannot hold 30 copies of 200 ms each
-    assert (s.metric("model_server_request_duration_seconds_bucket", model="digits", version="2",
-                     path="shadow", le="0.2") or 0) == 0
+    assert (
+        s.metric(
+            "model_server_request_duration_seconds_bucket",
+            model="digits",
+            version="2",
+            path="shadow",
+            le="0.2",
+        )
+        or 0
+    ) == 0
 
 
 def test_bodies_over_one_mebibyte_are_mirrored(server_factory, repo_copy, tmp_path, digit_images):
