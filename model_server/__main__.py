@@ -70,6 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="header whose whole value is masked in the shadow log (repeatable)",
     )
     p.add_argument("--shadow-log-flush-s", type=float, default=2.0, help="seconds between shadow log files")
+    p.add_argument(
+        "--feedback-ttl-s",
+        type=float,
+        default=3600.0,
+        help="how long a served prediction waits for its label",
+    )
+    p.add_argument(
+        "--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels"
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
     p.add_argument(
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,
         shadow_workers=args.shadow_workers,
+        feedback_capacity=args.feedback_capacity,
+        feedback_ttl_s=args.feedback_ttl_s,
     )
     uvicorn.run(
         create_app(repo, settings, shadow_log(args)),

@@ -33,6 +33,7 @@ from model_server.errors import (
     ServerError,
     Unauthorized,
 )
+from model_server.feedback import FeedbackStore
 from model_server.model import Fault, OutOfMemory
 from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
@@ -56,6 +57,8 @@ class Settings:
     traffic_poll_s: float = 1.0
     shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
     shadow_workers: int = 2
+    feedback_capacity: int = 200_000  # served predictions kept for delayed labels
+    feedback_ttl_s: float = 3600.0
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -137,7 +140,7 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
                 f"request body not received within {settings.request_timeout_s:g} s"
             ) from None
 
-    async def json_body(request: Request) -> dict[str, Any]:
+    async def json_body(request: Request, allow_list: bool = False) -> Any:
         body = await read_body(request)
         if not body.strip():
             return {}
@@ -145,8 +148,8 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"malformed JSON in request body: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidInput("request body must be a JSON object")
+        if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
+            raise InvalidInput("request body must be a JSON object" + (" or a list" if allow_list else ""))
         return data
 
     # -- health and metadata ----------------------------------------------------------------
@@ -246,6 +249,9 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             done = time.perf_counter()
             lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
             metrics.ROUTED.labels(model, lv.label, decided).inc()
+            scores = results[0]
+            if scores.ndim == 2 and lv.config.max_batch_size:  # a classifier: [batch, classes]
+                feedback.record(rid, model, lv.label, scores.argmax(axis=1).tolist())
         background = None
         shadow_version = policy.mirror_for(lv.label, rid) if policy is not None else None
         if shadow_version is not None:
@@ -287,6 +293,7 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             metrics.MIRROR_PERCENT.labels(model, policy.mirror.version).set(policy.mirror.percent)
 
     policies = PolicyStore(settings.state_dir, on_change=set_policy_gauges)
+    feedback = FeedbackStore(settings.feedback_capacity, settings.feedback_ttl_s)
     mirror = ShadowMirror(repo, settings.shadow_queue, settings.shadow_workers, sink=shadow_sink)
 
     def validate_policy(model: str, raw: object) -> TrafficPolicy:
@@ -310,6 +317,23 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             _, loaded = repo.loaded(model)
             current = default_policy(loaded)
         return JSONResponse(current.to_dict())
+
+    @endpoint("/v2/models/{model}/feedback")
+    async def post_feedback(request: Request) -> Response:
+        """Delayed labels: one {"request_id", "label"}, or a list (answered item by item)."""
+        model = request.path_params["model"]
+        cfg = repo.model_config(model)
+        labels = cfg.metadata.get("labels")
+        body = await json_body(request, allow_list=True)
+        if isinstance(body, list):
+            results = []
+            for item in body:
+                try:
+                    results.append({"status": 200, **feedback.label(model, item, labels)})
+                except ServerError as exc:
+                    results.append({"status": exc.status, "error": exc.message})
+            return JSONResponse({"results": results})
+        return JSONResponse(feedback.label(model, body, labels))
 
     @endpoint("/v2/models/{model}/versions/{version}/fault", admin=True)
     async def fault(request: Request) -> Response:
@@ -399,6 +423,7 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT"]),
+        Route("/v2/models/{model}/feedback", post_feedback, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/fault", fault, methods=["GET", "PUT"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),

@@ -206,6 +206,12 @@ class ModelRepository:
                 return self._configs[name], dict(versions)
         raise self._unavailable(name)
 
+    def model_config(self, name: str) -> ModelConfig:
+        """The loaded config, else the one on disk (404 for a model the repository lacks)."""
+        with self._lock:
+            cfg = self._configs.get(name)
+        return cfg if cfg is not None else load_config(self.model_dir(name))
+
     def is_ready(self, name: str, version: str | None = None) -> bool:
         with self._lock:
             versions = self._models.get(name) or {}

@@ -1,0 +1,70 @@
+"""Live feedback and the load generator against a real server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from model_server.loadgen import LoadConfig, run
+from tests.model_server.test_routing import TOKEN, infer, put_policy
+
+pytestmark = pytest.mark.integration
+
+
+def feedback(server, body) -> requests.Response:
+    return requests.post(f"{server.http}/v2/models/digits/feedback", json=body, timeout=10)
+
+
+def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(server_factory, repo_copy, models_dir, tmp_path):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.client().load_model("digits", headers=s.admin,
+                          config=json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}}))
+    assert put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code == 200
+    stats = run(LoadConfig(url=s.url, validation=models_dir / "digits" / "validation", rate=0,
+                           max_requests=400, duration_s=120, concurrency=4, feedback_share=1.0,
+                           feedback_delay_s=0.2, seed=3))
+    assert stats.ok == 400
+    assert stats.feedback_accepted == 400
+    for version in ("1", "3"):
+        total = s.metric("feedback_total", model="digits", version=version)
+        correct = s.metric("feedback_correct_total", model="digits", version=version)
+        assert total == stats.served[version]
+        assert correct == stats.correct[version]  # live accuracy == true accuracy of served answers
+    assert stats.correct["1"] / stats.served["1"] > stats.correct["3"] / stats.served["3"]
+
+
+def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "1", token=TOKEN)
+    r = feedback(s, {"request_id": "never-served", "label": 3})
+    assert r.status_code == 404
+    assert "unknown request id" in r.json()["error"]
+
+    image, label = digit_images[0]
+    infer(s, image, {"X-Request-ID": "req-a"})
+    infer(s, image, {"X-Request-ID": "req-b"})
+    assert feedback(s, {"request_id": "req-a", "label": label}).json()["correct"] == 1
+    r = feedback(s, {"request_id": "req-a", "label": label})
+    assert r.status_code == 409
+    r = feedback(s, {"request_id": "req-b", "label": "eleven"})
+    assert r.status_code == 400
+    assert "not a class index or a known label" in r.json()["error"]
+    r = feedback(s, {"request_id": "req-b", "label": [1, 2]})
+    assert r.status_code == 400
+    assert "had 1 prediction(s); got 2 label(s)" in r.json()["error"]
+    time.sleep(1.5)
+    r = feedback(s, {"request_id": "req-b", "label": str(label)})
+    assert r.status_code == 404
+    assert "expired" in r.json()["error"]
+
+
+def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp_path, digit_images):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    image, label = digit_images[1]
+    infer(s, image, {"X-Request-ID": "one"})
+    r = feedback(s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}])
+    assert r.status_code == 200
+    assert [x["status"] for x in r.json()["results"]] == [200, 404]
+    assert s.metric("feedback_total", model="digits", version="1") == 1
