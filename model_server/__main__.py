@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="exit when a model fails to load at start (as Triton does)",
     )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="one JSON log line per inference (primary and shadow) with request and trace ids",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return p.parse_args(argv)
 
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.access_log:
+        logging.getLogger("model_server.access").setLevel(logging.INFO)
     gpus = gpu_count()
     if args.device == "cuda" and gpus == 0:
         print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)

@@ -38,7 +38,7 @@ from model_server.model import Fault, OutOfMemory
 from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
 from model_server.shadow import ShadowJob, ShadowMirror, ShadowSink, request_metadata
-from model_server.trace import TraceContext, request_id
+from model_server.trace import TraceContext, log_access, request_id
 from model_server.traffic import PolicyError, PolicyStore, TrafficPolicy, default_policy, read_traffic_file
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,29 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
                 raise
             except ServerError as exc:
                 lv.metrics.failure("INVALID_INPUT" if exc.status < 500 else "BACKEND")
+                log_access(
+                    "primary",
+                    model,
+                    lv.label,
+                    rid,
+                    trace,
+                    exc.status,
+                    (time.perf_counter() - started) * 1000,
+                    error=exc.message,
+                )
                 raise
             done = time.perf_counter()
+            log_access(
+                "primary",
+                model,
+                lv.label,
+                rid,
+                trace,
+                200,
+                (done - started) * 1000,
+                req.inputs[0].data,
+                bool(lv.config.max_batch_size),
+            )
             lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
             metrics.ROUTED.labels(model, lv.label, decided).inc()
             scores = results[0]
@@ -267,6 +288,7 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
                 primary_outputs=dict(zip(outputs, results, strict=True)),
                 primary_latency_ms=(done - started) * 1000,
                 metadata=request_metadata(headers),
+                batched=bool(lv.config.max_batch_size),
             )
             background = BackgroundTask(mirror.submit, job)  # runs after the response is sent
         out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}

@@ -21,7 +21,7 @@ from model_server.errors import ServerError
 from model_server.model import OutOfMemory
 from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
-from model_server.trace import TraceContext
+from model_server.trace import TraceContext, log_access
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class ShadowJob:
     primary_outputs: dict[str, np.ndarray]
     primary_latency_ms: float
     metadata: dict[str, str] = field(default_factory=dict)
+    batched: bool = True  # the model has a batch dimension
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -134,6 +135,17 @@ class ShadowMirror:
         except ServerError as exc:
             error = exc.message
         latency_ms = (time.perf_counter() - started) * 1000
+        log_access(
+            "shadow",
+            job.model,
+            job.shadow_version,
+            job.request_id,
+            job.trace,
+            200 if error is None else 500,
+            latency_ms,
+            job.inputs[0].data,
+            error=error,
+        )
         outcome = "ok" if error is None else "error"
         metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, outcome).inc()
         if error is not None:

@@ -9,7 +9,6 @@ plaintext fallback exists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from prometheus_client import Counter
 
 from model_server.masking import Masker, MaskingUnavailable
 from model_server.shadow import ShadowResult
+from model_server.trace import item_hashes
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,10 @@ def _items(result: ShadowResult) -> list[dict[str, Any]]:
     first = job.outputs[0]
     primary = np.asarray(job.primary_outputs[first])
     shadow = None if result.outputs is None else np.asarray(result.outputs[first])
-    data = job.inputs[0].data
     n = primary.shape[0] if primary.ndim > 1 else 1
+    hashes = item_hashes(job.inputs[0].data, batched=n > 1 or primary.ndim > 1)
     rows = []
     for i in range(n):
-        raw = data.reshape(-1)[i] if data.dtype == object else (data[i] if n > 1 else data)
-        payload = raw if isinstance(raw, bytes) else np.ascontiguousarray(raw).tobytes()
         p = (primary[i] if n > 1 else primary).ravel().astype(np.float32)
         s = None if shadow is None else (shadow[i] if n > 1 else shadow).ravel().astype(np.float32)
         rows.append(
@@ -88,7 +86,7 @@ def _items(result: ShadowResult) -> list[dict[str, Any]]:
                 "model": job.model,
                 "primary_version": job.primary_version,
                 "shadow_version": job.shadow_version,
-                "image_sha256": hashlib.sha256(payload).hexdigest(),
+                "image_sha256": hashes[i],
                 "primary_top1": int(p.argmax()),
                 "shadow_top1": None if s is None else int(s.argmax()),
                 "primary_probs": p.tolist(),

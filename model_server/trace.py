@@ -6,10 +6,15 @@ the shadow path, the logs and the shadow log, so one id finds a request everywhe
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
+
+import numpy as np
 
 TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
@@ -39,3 +44,41 @@ class TraceContext:
 
 def request_id(value: str | None) -> str:
     return value if value is not None and REQUEST_ID_RE.match(value) else uuid.uuid4().hex
+
+
+def item_hashes(data: np.ndarray, batched: bool) -> list[str]:
+    """sha256 of each image (BYTES element) or batch item: the same on every path and log."""
+    if data.dtype == object:
+        return [hashlib.sha256(bytes(x)).hexdigest() for x in data.reshape(-1)]
+    items = data if batched else data[None]
+    return [hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest() for x in items]
+
+
+ACCESS = logging.getLogger("model_server.access")
+ACCESS.setLevel(logging.WARNING)  # --access-log turns it on
+
+
+def log_access(
+    path: str,
+    model: str,
+    version: str,
+    request_id: str,
+    trace: TraceContext,
+    status: int,
+    latency_ms: float,
+    data: np.ndarray | None = None,
+    batched: bool = True,
+    error: str | None = None,
+) -> None:
+    """One JSON line per inference, primary or shadow, with the ids that join them."""
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    record = {
+        "path": path, "model": model, "version": version, "request_id": request_id,
+        "trace_id": trace.trace_id, "span_id": trace.span_id, "status": status,
+        "latency_ms": round(latency_ms, 3),
+        "image_sha256": item_hashes(data, batched) if data is not None else None,
+    }  # fmt: skip
+    if error:
+        record["error"] = error
+    ACCESS.info(json.dumps(record))

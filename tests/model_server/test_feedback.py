@@ -18,14 +18,30 @@ def feedback(server, body) -> requests.Response:
     return requests.post(f"{server.http}/v2/models/digits/feedback", json=body, timeout=10)
 
 
-def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(server_factory, repo_copy, models_dir, tmp_path):
+def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
+    server_factory, repo_copy, models_dir, tmp_path
+):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model("digits", headers=s.admin,
-                          config=json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}}))
-    assert put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code == 200
-    stats = run(LoadConfig(url=s.url, validation=models_dir / "digits" / "validation", rate=0,
-                           max_requests=400, duration_s=120, concurrency=4, feedback_share=1.0,
-                           feedback_delay_s=0.2, seed=3))
+    s.client().load_model(
+        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}})
+    )
+    assert (
+        put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code
+        == 200
+    )
+    stats = run(
+        LoadConfig(
+            url=s.url,
+            validation=models_dir / "digits" / "validation",
+            rate=0,
+            max_requests=400,
+            duration_s=120,
+            concurrency=4,
+            feedback_share=1.0,
+            feedback_delay_s=0.2,
+            seed=3,
+        )
+    )
     assert stats.ok == 400
     assert stats.feedback_accepted == 400
     for version in ("1", "3"):
@@ -37,7 +53,9 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(server_factory
 
 
 def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "1", token=TOKEN)
+    s = server_factory(
+        repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "1", token=TOKEN
+    )
     r = feedback(s, {"request_id": "never-served", "label": 3})
     assert r.status_code == 404
     assert "unknown request id" in r.json()["error"]

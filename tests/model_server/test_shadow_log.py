@@ -175,6 +175,7 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
         "0.2",
         "--mask-header",
         "x-user-id",
+        "--access-log",
         token=TOKEN,
     )
     keys = tmp_path / "shadow.mask-keys.json"
@@ -220,6 +221,16 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
         assert "13800138000" not in row.meta
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=20)
+    access = [
+        json.loads(line.split("model_server.access: ", 1)[1])
+        for line in s.log.read_text().splitlines()
+        if "model_server.access: " in line
+    ]
+    for rid, (trace_id, sha) in sent.items():
+        paths = {a["path"]: a for a in access if a["request_id"] == rid}
+        assert set(paths) == {"primary", "shadow"}
+        assert {a["trace_id"] for a in paths.values()} == {trace_id}
+        assert all(a["image_sha256"] == [sha] for a in paths.values())
     for f in log_dir.rglob("*"):
         if f.is_file():
             assert b"13800138000" not in f.read_bytes()
