@@ -223,7 +223,11 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             try:
                 req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
                 outputs = lv.validate(req.inputs, req.outputs)
-                results, batch, timing = await lv.infer(req.inputs, outputs)
+                mirror.gate.enter()
+                try:
+                    results, batch, timing = await lv.infer(req.inputs, outputs)
+                finally:
+                    mirror.gate.exit()
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
                 payload, header_len = encode_infer_response(
@@ -274,7 +278,10 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             if scores.ndim == 2 and lv.config.max_batch_size:  # a classifier: [batch, classes]
                 feedback.record(rid, model, lv.label, scores.argmax(axis=1).tolist())
         background = None
-        shadow_version = policy.mirror_for(lv.label, rid) if policy is not None else None
+        # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
+        shadow_version = None
+        if policy is not None and decided != "version":
+            shadow_version = policy.mirror_for(lv.label, rid)
         if shadow_version is not None:
             job = ShadowJob(
                 model=model,

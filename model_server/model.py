@@ -211,7 +211,7 @@ class LoadedVersion:
         return [n for n in names if n in requested]
 
     def _run(
-        self, inputs: list[InferInput], outputs: list[str], submitted: float
+        self, inputs: list[InferInput], outputs: list[str], submitted: float, run_options: Any = None
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         started = time.perf_counter()
         session = self.session
@@ -225,9 +225,11 @@ class LoadedVersion:
         batch = next(iter(feeds.values())).shape[0] if self.config.max_batch_size else 1
         prepared = time.perf_counter()
         try:
-            result = session.run(outputs, feeds)
+            result = session.run(outputs, feeds, run_options)
         except Exception as exc:
             message = str(exc)
+            if run_options is not None and run_options.terminate:
+                raise Preempted(f"model '{self.name}' version {self.version}: run preempted") from None
             if is_out_of_memory(message):
                 raise OutOfMemory(
                     f"model '{self.name}' version {self.version} ran out of memory on {self.provider}: {message}"
@@ -246,8 +248,13 @@ class LoadedVersion:
         return result, batch, timing
 
     async def infer(
-        self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True
+        self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True, run_options: Any = None
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        """Run on the event loop when cheap enough, else on the version's executor.
+
+        ``run_options`` (an ``onnxruntime.RunOptions``) lets the caller abort the run by
+        setting ``terminate``: the shadow path yields to primary requests that way.
+        """
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
         if (
             allow_inline
@@ -257,7 +264,9 @@ class LoadedVersion:
         ):
             return self._run(inputs, outputs, time.perf_counter())
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
+        return await loop.run_in_executor(
+            self.executor, self._run, inputs, outputs, time.perf_counter(), run_options
+        )
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -317,3 +326,7 @@ class Fault:
 
 class OutOfMemory(ModelUnavailable):
     """A device allocation failed: retryable, counted apart from other failures."""
+
+
+class Preempted(ModelUnavailable):
+    """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""

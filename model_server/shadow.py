@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
 
 from model_server import metrics
 from model_server.errors import ServerError
-from model_server.model import OutOfMemory
+from model_server.model import LoadedVersion, OutOfMemory, Preempted
 from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
 from model_server.trace import TraceContext, log_access
@@ -70,6 +71,31 @@ class ShadowSink(Protocol):
     def close(self) -> None: ...
 
 
+class PrimaryGate:
+    """Primary requests in flight. Shadow runs start only when none is, and are aborted when
+    one arrives: on a shared machine the shadow takes idle time, never the primary's.
+
+    Used from the event loop only, so checks and updates need no lock.
+    """
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.shadow_runs: set[Any] = set()  # RunOptions of running shadow executions
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+        for run in self.shadow_runs:
+            run.terminate = True
+
+    def exit(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
 class ShadowMirror:
     def __init__(
         self,
@@ -77,8 +103,11 @@ class ShadowMirror:
         queue_size: int = 256,
         workers: int = 2,
         sink: ShadowSink | None = None,
+        max_preemptions: int = 5,
     ):
         self.repo = repo
+        self.gate = PrimaryGate()
+        self.max_preemptions = max_preemptions
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
         self.workers = workers
         self.sink = sink
@@ -112,26 +141,29 @@ class ShadowMirror:
             job = await self.queue.get()
             try:
                 result = await self.run(job)
-                if self.sink is not None:
+                if result is not None and self.sink is not None:
                     self.sink(result)
             except Exception:  # a shadow must never take the worker down
                 log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
             finally:
                 self.queue.task_done()
 
-    async def run(self, job: ShadowJob) -> ShadowResult:
+    async def run(self, job: ShadowJob) -> ShadowResult | None:
         error = None
         outputs = None
         started = job.queued_at
         try:
             with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
                 try:
-                    results, batch, timing = await lv.infer(job.inputs, job.outputs, allow_inline=False)
+                    results, batch, timing = await self._yielding_run(lv, job)
                 except OutOfMemory:
                     lv.shadow_metrics.failure("OOM")
                     raise
                 lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
                 outputs = dict(zip(job.outputs, results, strict=True))
+        except Preempted:  # primary traffic never left it an idle moment: like a full queue
+            metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+            return None
         except ServerError as exc:
             error = exc.message
         latency_ms = (time.perf_counter() - started) * 1000
@@ -158,3 +190,19 @@ class ShadowMirror:
                 error,
             )
         return ShadowResult(job, outputs, latency_ms, error)
+
+    async def _yielding_run(
+        self, lv: LoadedVersion, job: ShadowJob
+    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        """Run when no primary is in flight; start over when one arrives mid-run."""
+        for _ in range(self.max_preemptions + 1):
+            await self.gate.idle.wait()
+            run = ort.RunOptions()
+            self.gate.shadow_runs.add(run)
+            try:
+                return await lv.infer(job.inputs, job.outputs, allow_inline=False, run_options=run)
+            except Preempted:
+                continue
+            finally:
+                self.gate.shadow_runs.discard(run)
+        raise Preempted(f"shadow copy of {job.request_id} preempted {self.max_preemptions + 1} times")

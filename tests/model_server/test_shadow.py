@@ -133,3 +133,13 @@ def test_fault_injection_is_admin_only_and_validated(server_factory, repo_copy, 
     assert requests.get(url, headers=s.admin, timeout=5).json()["delay"] == {"ms": 5.0, "percent": 50.0}
     set_fault(s, "2", {})
     assert requests.get(url, headers=s.admin, timeout=5).json()["delay"]["ms"] == 0
+
+
+def test_requests_that_name_their_version_are_not_mirrored(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path)
+    assert infer(s, digit_images[0][0], path="/v2/models/digits/versions/1/infer").status_code == 200
+    assert infer(s, digit_images[0][0], {"X-Model-Version": "1"}).status_code == 200
+    assert infer(s, digit_images[0][0]).status_code == 200  # routed: mirrored
+    assert wait_until(lambda: shadow_count(s, "ok") == 1)
+    time.sleep(0.3)
+    assert shadow_count(s, "ok") == 1
