@@ -36,6 +36,7 @@ demo: models
 
 bench: models
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/routing.py
 
 clean:
 	rm -rf models .pytest_cache .mypy_cache .ruff_cache

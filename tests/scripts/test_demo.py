@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_replay_reproduces_the_heldout_accuracy(models_dir, capsys):
-    assert demo.main(["--repository", str(models_dir)]) == 0
+    assert demo.main(["--repository", str(models_dir), "--seconds", "2"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^([123]) .*?(\d\.\d{4})\s+(\d\.\d{4})\s", out, flags=re.M)
     assert [r[0] for r in rows] == ["1", "2", "3"]
