@@ -1,0 +1,167 @@
+"""RolloutSpec: what one rollout does, typed and validated, exportable as JSON schema.
+
+The Airflow trigger form, the ``rolloutctl`` CLI and the tests build it from a dict; every
+threshold is a field with the seed's value as its default. ``TrafficPolicy`` is the model
+server's (``model_server.traffic``): one type for who gets which version, on both backends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from model_server.traffic import Destination, Mirror, PolicyError, TrafficPolicy
+
+__all__ = ["Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
+
+
+class SpecError(ValueError):
+    """An invalid rollout spec; the message names the field."""
+
+
+def _f(default: Any, description: str, **schema: Any) -> Any:
+    kw: dict[str, Any] = {"metadata": {"description": description, "schema": schema}}
+    if isinstance(default, (list, dict, tuple)):
+        kw["default_factory"] = lambda d=default: type(d)(d)
+    else:
+        kw["default"] = default
+    return field(**kw)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    model: str = _f(
+        "digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )
+    candidate_version: str = _f("2", "Version to roll out", type="string", pattern=r"^[1-9][0-9]*$")
+    baseline_version: str = _f("1", "Stable version now serving", type="string", pattern=r"^[1-9][0-9]*$")
+    stages: tuple[int, ...] = _f(
+        (5, 25, 50, 100),
+        "Canary weight (percent) of each stage, ending at 100",
+        type="array",
+        items={"type": "integer", "minimum": 1, "maximum": 100},
+        minItems=1,
+    )
+    bake_seconds: int = _f(
+        600, "Minimum time each stage takes traffic before it is judged", type="integer", minimum=0
+    )
+    max_stage_seconds: int = _f(
+        3600, "A stage still undecided after this long rolls back", type="integer", minimum=1
+    )
+    min_samples: int = _f(200, "Minimum requests per arm before a stage can pass", type="integer", minimum=10)
+    looks_per_stage: int = _f(
+        10,
+        "Planned gate evaluations per stage (sequential alpha spending)",
+        type="integer",
+        minimum=1,
+        maximum=200,
+    )
+    mirror_percent: float = _f(
+        100.0, "Share of traffic mirrored to the candidate as shadow", type="number", minimum=0, maximum=100
+    )
+    alpha: float = _f(
+        0.05,
+        "Error rate of each one-sided decision, over all looks",
+        type="number",
+        exclusiveMinimum=0,
+        maximum=0.2,
+    )
+    spending: str = _f(
+        "obrien-fleming",
+        "Alpha spending function (Lan-DeMets)",
+        type="string",
+        enum=["obrien-fleming", "pocock"],
+    )
+    latency_margin: float = _f(
+        0.05,
+        "Non-inferiority margin: canary geometric-mean latency at most this much above baseline (relative)",
+        type="number",
+        minimum=0,
+        maximum=1,
+    )
+    error_margin: float = _f(
+        0.001, "Non-inferiority margin on the error rate (absolute)", type="number", minimum=0, maximum=0.1
+    )
+    accuracy_margin: float = _f(
+        0.005, "Non-inferiority margin on top-1 accuracy (absolute)", type="number", minimum=0, maximum=0.1
+    )
+    p99_ms_max: float = _f(
+        60.0, "Hard guard: canary P99 latency limit (ms)", type="number", exclusiveMinimum=0
+    )
+    p99_breach_seconds: int = _f(
+        120, "Hard guard: how long a P99 breach must last to roll back", type="integer", minimum=0
+    )
+    accuracy_drop_max: float = _f(
+        0.005,
+        "Hard guard: largest accuracy drop on the validation batch",
+        type="number",
+        minimum=0,
+        maximum=1,
+    )
+    shadow_error_rate_max: float = _f(
+        0.001, "Hard guard: largest shadow error rate", type="number", minimum=0, maximum=1
+    )
+    mesh: str = _f(
+        "local", "Traffic backend: the model server's router or Istio", type="string", enum=["local", "istio"]
+    )
+    slack_channel: str = _f("#model-rollouts", "Where reports go", type="string")
+    require_approval: bool = _f(False, "A reviewer approves promotion in the Airflow UI", type="boolean")
+
+    def __post_init__(self) -> None:
+        if self.candidate_version == self.baseline_version:
+            raise SpecError("candidate_version and baseline_version must differ")
+        stages = list(self.stages)
+        if any(b <= a for a, b in itertools.pairwise(stages)):
+            raise SpecError(f"stages must increase strictly, got {stages}")
+        if stages[-1] != 100:
+            raise SpecError(f"the last stage must be 100 (full promotion), got {stages[-1]}")
+        if self.max_stage_seconds < self.bake_seconds:
+            raise SpecError("max_stage_seconds must be at least bake_seconds")
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        props = {}
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            props[f.name] = {
+                **f.metadata["schema"],
+                "description": f.metadata["description"],
+                "default": list(default) if isinstance(default, tuple) else default,
+            }
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "RolloutSpec",
+                "type": "object", "properties": props, "additionalProperties": False}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RolloutSpec:
+        try:
+            jsonschema.validate(raw, cls.json_schema())
+        except jsonschema.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.absolute_path) or "spec"
+            raise SpecError(f"{where}: {exc.message}") from None
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def total_looks(self) -> int:
+        return self.looks_per_stage * len(self.stages)
+
+    def policy_for_stage(self, weight: int) -> TrafficPolicy:
+        """The traffic policy of a stage: baseline and candidate by weight, the mirror on."""
+        route = [{"version": self.baseline_version, "weight": 100 - weight},
+                 {"version": self.candidate_version, "weight": weight}] if weight < 100 else \
+                [{"version": self.candidate_version, "weight": 100}]  # fmt: skip
+        raw: dict[str, Any] = {"route": route}
+        if weight < 100 and self.mirror_percent > 0:
+            raw["mirror"] = {"version": self.candidate_version, "percent": self.mirror_percent}
+        return TrafficPolicy.from_dict(raw)
+
+    def stable_policy(self) -> TrafficPolicy:
+        return TrafficPolicy.from_dict({"route": [{"version": self.baseline_version, "weight": 100}]})
