@@ -1,0 +1,538 @@
+"""The statistical gate: is the canary shown not worse than the baseline, by more than a margin?
+
+Each decisive check runs two one-sided tests against its margin m (non-inferiority):
+- pass when the canary is shown better than baseline + m (the upper confidence bound of the
+  canary's excess is below m): a canary exactly at the margin passes with probability <= alpha;
+- fail when it is shown worse than baseline + m (the lower bound is above m): an equal canary
+  fails with probability <= alpha (far less, in fact);
+- wait otherwise, stating the minimum detectable effect: too few samples never pass.
+
+Repeated looks: the gate is evaluated at every sensor poke and every stage, ``look`` k of
+``looks`` K planned. Each one-sided test spends its alpha over the looks with a Lan-DeMets
+spending function (O'Brien-Fleming by default, or Pocock); the critical values are the exact
+group-sequential boundaries for information fractions k/K (recursive numerical integration,
+as in Armitage, McPherson and Rowe 1969 and Jennison and Turnbull 2000, ch. 19), so the
+error rates hold over all K looks. Confidence intervals are the matching repeated intervals.
+
+Checks: latency (ratio of geometric means, Welch t on log latency; Mann-Whitney U as the rank
+check; p95/p99 ratio with a bootstrap interval), errors and OOM (two proportions, Newcombe's
+hybrid score interval, Fisher's exact p-value at small counts), accuracy (exact McNemar on
+paired validation replays with an Agresti-Min interval, and two proportions on live feedback),
+and the seed's hard guards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+DECISIONS = ("pass", "fail", "wait")
+
+
+# -- group-sequential boundaries -------------------------------------------------------------
+
+
+def spent(alpha: float, t: float, spending: str) -> float:
+    """Cumulative alpha spent at information fraction t (Lan-DeMets)."""
+    if t <= 0:
+        return 0.0
+    t = min(t, 1.0)
+    if spending == "obrien-fleming":
+        return float(2 * (1 - stats.norm.cdf(stats.norm.ppf(1 - alpha / 2) / math.sqrt(t))))
+    if spending == "pocock":
+        return float(alpha * math.log(1 + (math.e - 1) * t))
+    raise ValueError(f"unknown spending function {spending!r}: use 'obrien-fleming' or 'pocock'")
+
+
+def _trapezoid(grid: np.ndarray) -> np.ndarray:
+    w = np.full(len(grid), grid[1] - grid[0])
+    w[0] = w[-1] = w[0] / 2
+    return w
+
+
+@lru_cache(maxsize=256)
+def boundaries(
+    alpha: float, looks: int, spending: str = "obrien-fleming", grid: int = 1201
+) -> tuple[float, ...]:
+    """Z critical values c_1..c_K of a one-sided test whose alpha is spent over K equal looks.
+
+    The score process S(t) is Brownian motion under H0; at look k the test rejects when
+    S(t_k) >= c_k sqrt(t_k). The density of S on the continuation region is carried from look
+    to look on a grid and each c_k solves P(first crossing at k) = alpha(t_k) - alpha(t_{k-1}).
+    """
+    if looks < 1:
+        raise ValueError("looks must be >= 1")
+    times = [k / looks for k in range(1, looks + 1)]
+    out: list[float] = []
+    prev_t = 0.0
+    s_grid: np.ndarray | None = None
+    dens: np.ndarray | None = None
+    for k, t in enumerate(times):
+        increment = spent(alpha, t, spending) - spent(alpha, prev_t, spending)
+        dt = t - prev_t
+        if k == 0:
+            c = float(stats.norm.isf(increment)) if increment > 0 else math.inf
+        else:
+            assert s_grid is not None
+            assert dens is not None
+            weights = dens * _trapezoid(s_grid)
+
+            def crossing(
+                b: float, s_grid: np.ndarray = s_grid, weights: np.ndarray = weights, dt: float = dt
+            ) -> float:
+                return float(np.sum(weights * stats.norm.sf((b - s_grid) / math.sqrt(dt))))
+
+            if increment <= 0:
+                c = math.inf
+            else:
+                hi = 40.0 * math.sqrt(t)
+
+                def excess(b: float, target: float = increment) -> float:
+                    return crossing(b) - target
+
+                b = optimize.brentq(excess, -8.0 * math.sqrt(t), hi, xtol=1e-10)
+                c = b / math.sqrt(t)
+        out.append(c)
+        upper = c * math.sqrt(t) if math.isfinite(c) else 8.0 * math.sqrt(t)
+        new_grid = np.linspace(-8.0 * math.sqrt(t), upper, grid)
+        if k == 0:
+            dens = stats.norm.pdf(new_grid / math.sqrt(t)) / math.sqrt(t)
+        else:
+            assert s_grid is not None
+            assert dens is not None
+            w = dens * _trapezoid(s_grid)
+            kernel = stats.norm.pdf((new_grid[:, None] - s_grid[None, :]) / math.sqrt(dt)) / math.sqrt(dt)
+            dens = kernel @ w
+        s_grid = new_grid
+        prev_t = t
+    return tuple(out)
+
+
+def nominal_alpha(alpha: float, look: int, looks: int, spending: str = "obrien-fleming") -> float:
+    """The one-sided level at which look k of K is judged."""
+    if not 1 <= look <= looks:
+        raise ValueError(f"look must be in 1..looks, got look={look}, looks={looks}")
+    c = boundaries(alpha, looks, spending)[look - 1]
+    return float(stats.norm.sf(c)) if math.isfinite(c) else 0.0
+
+
+# -- configuration and results ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    alpha: float = 0.05
+    latency_margin: float = 0.05  # relative, on the geometric mean
+    tail_margin: float = 0.25  # relative, on p95/p99: beyond it the canary fails
+    error_margin: float = 0.001  # absolute
+    accuracy_margin: float = 0.005  # absolute
+    min_samples: int = 100  # per arm
+    spending: str = "obrien-fleming"
+    power: float = 0.8  # for the minimum detectable effect
+    bootstrap: int = 1000
+    bootstrap_max_n: int = 20_000  # per arm; larger arms are subsampled for the bootstrap
+    seed: int = 0
+    p99_ms_max: float = 60.0
+    p99_breach_seconds: float = 120.0
+    accuracy_drop_max: float = 0.005
+    shadow_error_rate_max: float = 0.001
+
+    @classmethod
+    def from_any(cls, config: Any) -> GateConfig:
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        raw = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(cls)
+                                                         if hasattr(config, f.name)}  # fmt: skip
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown gate config key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**raw)
+        if not 0 < cfg.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {cfg.alpha}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    decision: str  # pass | fail | wait | info
+    sentence: str
+    method: str
+    n_baseline: int = 0
+    n_canary: int = 0
+    statistic: float | None = None
+    p_value: float | None = None
+    effect: float | None = None
+    ci: tuple[float, float] | None = None
+    margin: float | None = None
+    mde: float | None = None
+    blocks_pass: bool = True  # must pass for the gate to pass (else it can only fail it)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ci"] = list(self.ci) if self.ci else None
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str
+    checks: tuple[Check, ...]
+    look: int
+    looks: int
+    alpha: float
+    nominal_alpha: float
+    spending: str
+    summary: str = field(default="")
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.decision == "fail"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision, "summary": self.summary, "look": self.look, "looks": self.looks,
+            "alpha": self.alpha, "nominal_alpha": self.nominal_alpha, "spending": self.spending,
+            "checks": [c.to_dict() for c in self.checks],
+        }  # fmt: skip
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def _decide(lower: float, upper: float, margin: float) -> str:
+    if upper < margin:
+        return "pass"
+    if lower > margin:
+        return "fail"
+    return "wait"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: float) -> Check:
+    lb, lc = np.log(base), np.log(canary)
+    nb, nc = len(lb), len(lc)
+    vb, vc = lb.var(ddof=1) / nb, lc.var(ddof=1) / nc
+    se = math.sqrt(vb + vc)
+    delta = float(lc.mean() - lb.mean())
+    df = (vb + vc) ** 2 / (vb**2 / (nb - 1) + vc**2 / (nc - 1)) if se > 0 else float(nb + nc - 2)
+    crit = float(stats.t.isf(level, df))
+    m = math.log1p(cfg.latency_margin)
+    lower, upper = delta - crit * se, delta + crit * se
+    p_ni = float(stats.t.cdf((delta - m) / se, df)) if se > 0 else float(delta >= m)
+    mde = (crit + float(stats.norm.ppf(cfg.power))) * se
+    decision = _decide(lower, upper, m)
+    ratio, ci = math.expm1(delta), (math.expm1(lower), math.expm1(upper))
+    text = {
+        "pass": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
+                f"{_pct(ci[1])}), shown within the {_pct(cfg.latency_margin)} margin.",
+        "fail": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
+                f"{_pct(ci[1])}): worse than the {_pct(cfg.latency_margin)} margin.",
+        "wait": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline, but the interval "
+                f"({_pct(ci[0])} to {_pct(ci[1])}) still straddles the {_pct(cfg.latency_margin)} margin; "
+                f"these samples resolve differences of about {_pct(math.expm1(mde))}.",
+    }[decision]  # fmt: skip
+    return Check("latency_geomean", decision, text, "Welch t on log latency (ratio of geometric means), "
+                 "repeated one-sided interval at the look's nominal level", nb, nc, (delta - m) / se if se else None,
+                 p_ni, ratio, ci, cfg.latency_margin, math.expm1(mde))  # fmt: skip
+
+
+def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
+    res = stats.mannwhitneyu(canary, base, alternative="greater")
+    prob = float(res.statistic) / (len(base) * len(canary))
+    verb = "slower" if res.pvalue < level else "not shown slower"
+    return Check("latency_rank", "info", f"Mann-Whitney U: a canary request is slower than a baseline one with "
+                 f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}).",
+                 "Mann-Whitney U, one-sided (canary stochastically slower)", len(base), len(canary),
+                 float(res.statistic), float(res.pvalue), prob, None, None, None, False)  # fmt: skip
+
+
+def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, level: float) -> Check:
+    rng = np.random.default_rng(cfg.seed)
+    b = base if len(base) <= cfg.bootstrap_max_n else rng.choice(base, cfg.bootstrap_max_n, replace=False)
+    c = (
+        canary
+        if len(canary) <= cfg.bootstrap_max_n
+        else rng.choice(canary, cfg.bootstrap_max_n, replace=False)
+    )
+    qb, qc = float(np.quantile(base, q)), float(np.quantile(canary, q))
+    boot_b = np.quantile(rng.choice(b, (cfg.bootstrap, len(b))), q, axis=1)
+    boot_c = np.quantile(rng.choice(c, (cfg.bootstrap, len(c))), q, axis=1)
+    ratios = boot_c / boot_b - 1
+    lower, upper = float(np.quantile(ratios, level)), float(np.quantile(ratios, 1 - level))
+    effect = qc / qb - 1
+    name = f"latency_p{round(q * 100)}"
+    fail = lower > cfg.tail_margin
+    text = (f"p{round(q * 100)}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, bootstrap interval "
+            f"{_pct(lower)} to {_pct(upper)})" + (f": worse than the {_pct(cfg.tail_margin)} tail margin." if fail
+                                                else "."))  # fmt: skip
+    subsampled = (
+        " (arms subsampled to {cfg.bootstrap_max_n})"
+        if max(len(base), len(canary)) > cfg.bootstrap_max_n
+        else ""
+    )
+    return Check(name, "fail" if fail else "info", text, f"percentile bootstrap of the quantile ratio, "
+                 f"{cfg.bootstrap} resamples{subsampled}", len(base), len(canary), None, None, effect,
+                 (lower, upper), cfg.tail_margin, None, False)  # fmt: skip
+
+
+def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = x / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe(x1: float, n1: int, x2: float, n2: int, z: float) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p2 - p1 (method 10, 1998)."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = _wilson(x1, n1, z)
+    l2, u2 = _wilson(x2, n2, z)
+    d = p2 - p1
+    return d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
+
+
+def proportion_check(
+    name: str,
+    what: str,
+    worse_is_higher: bool,
+    xb: int,
+    nb: int,
+    xc: int,
+    nc: int,
+    margin: float,
+    cfg: GateConfig,
+    level: float,
+    blocks_pass: bool = True,
+) -> Check:
+    """Two proportions: the canary's excess (errors) or shortfall (accuracy) against a margin."""
+    z = float(stats.norm.isf(level))
+    lo, hi = newcombe(xb, nb, xc, nc, z)  # canary - baseline
+    excess, (lower, upper) = ((xc / nc - xb / nb), (lo, hi)) if worse_is_higher else \
+        ((xb / nb - xc / nc), (-hi, -lo))  # fmt: skip
+    table = [[xc, nc - xc], [xb, nb - xb]] if worse_is_higher else [[nc - xc, xc], [nb - xb, xb]]
+    if min(xb, xc, nb - xb, nc - xc) < 5:
+        p_harm = float(stats.fisher_exact(table, alternative="greater")[1])
+        method = "Newcombe hybrid score interval; Fisher's exact one-sided p (small counts)"
+    else:
+        pooled = (xb + xc) / (nb + nc)
+        se0 = math.sqrt(pooled * (1 - pooled) * (1 / nb + 1 / nc)) or 1.0
+        p_harm = float(stats.norm.sf(excess / se0))
+        method = "Newcombe hybrid score interval; pooled two-proportion z one-sided p"
+    decision = _decide(lower, upper, margin)
+    if not blocks_pass and decision == "pass":
+        decision = "info"
+    half = (upper - lower) / 2
+    mde = half * (1 + float(stats.norm.ppf(cfg.power)) / z)
+    rate_b, rate_c = xb / nb, xc / nc
+    verdict = {"pass": f"shown within the {100 * margin:.2f} pp margin",
+               "fail": f"worse than the {100 * margin:.2f} pp margin",
+               "wait": f"not yet resolved against the {100 * margin:.2f} pp margin (resolves about "
+                       f"{100 * mde:.2f} pp)",
+               "info": "reported; this check can only fail the gate"}[decision]  # fmt: skip
+    text = (
+        f"{what}: canary {100 * rate_c:.2f}% ({xc}/{nc}) vs baseline {100 * rate_b:.2f}% ({xb}/{nb}), "
+        f"{'excess' if worse_is_higher else 'drop'} {100 * excess:+.2f} pp (interval {100 * lower:+.2f} to "
+        f"{100 * upper:+.2f} pp): {verdict}; one-sided p that the canary is worse: {p_harm:.3g}."
+    )
+    return Check(
+        name, decision, text, method, nb, nc, None, p_harm, excess, (lower, upper), margin, mde, blocks_pass
+    )
+
+
+def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
+    """Exact McNemar on validation images sent to both arms; Agresti-Min interval for the drop."""
+    n = len(pairs)
+    b = int(((pairs["baseline"] == 1) & (pairs["canary"] == 0)).sum())  # only the baseline right
+    c = int(((pairs["baseline"] == 0) & (pairs["canary"] == 1)).sum())  # only the canary right
+    drop = (b - c) / n
+    # Agresti-Min (2005): add 1/2 to each cell of the 2x2 table before the Wald interval.
+    n_adj = n + 2
+    b_adj, c_adj = b + 0.5, c + 0.5
+    d_adj = (b_adj - c_adj) / n_adj
+    se = math.sqrt(((b_adj + c_adj) - (b_adj - c_adj) ** 2 / n_adj) / n_adj**2)
+    z = float(stats.norm.isf(level))
+    lower, upper = d_adj - z * se, d_adj + z * se
+    p_exact = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
+    decision = _decide(lower, upper, cfg.accuracy_margin)
+    acc_b, acc_c = float(pairs["baseline"].mean()), float(pairs["canary"].mean())
+    text = (
+        f"Validation replay on the same {n} images: baseline accuracy {100 * acc_b:.2f}%, canary "
+        f"{100 * acc_c:.2f}%; {b} images only the baseline got right, {c} only the canary; drop "
+        f"{100 * drop:+.2f} pp (interval {100 * lower:+.2f} to {100 * upper:+.2f} pp) against the "
+        f"{100 * cfg.accuracy_margin:.2f} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
+    )
+    mde = z * se * (1 + float(stats.norm.ppf(cfg.power)) / z)
+    return Check("accuracy_paired", decision, text, "exact McNemar (binomial on discordant pairs); "
+                 "Agresti-Min interval for the paired difference", n, n, float(b - c), p_exact, drop,
+                 (lower, upper), cfg.accuracy_margin, mde)  # fmt: skip
+
+
+# -- hard guards -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardInputs:
+    """What the seed's hard guards look at, fetched by a MetricsSource (or given by a test)."""
+
+    p99_series_ms: tuple[tuple[float, float], ...] | None = None  # (unix time, canary p99 in ms)
+    validation_drop: float | None = None  # baseline - canary accuracy on the same validation batch
+    shadow_errors: int | None = None
+    shadow_requests: int | None = None
+
+
+def sustained_breach(
+    series: tuple[tuple[float, float], ...], limit: float, seconds: float
+) -> tuple[bool, float]:
+    """Whether the series stayed above ``limit`` for its last ``seconds``; and for how long it has."""
+    if not series:
+        return False, 0.0
+    end = series[-1][0]
+    start = end
+    for t, v in reversed(series):
+        if not v > limit:
+            break
+        start = t
+    duration = end - start
+    return duration >= seconds and series[-1][1] > limit, duration
+
+
+def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
+    out = []
+    if g.p99_series_ms is not None:
+        breach, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
+        last = g.p99_series_ms[-1][1] if g.p99_series_ms else float("nan")
+        out.append(Check("guard_p99", "fail" if breach else "pass",
+                         f"Canary P99 is {last:.1f} ms (limit {cfg.p99_ms_max:g} ms); above the limit for the last "
+                         f"{lasted:.0f} s (rollback after {cfg.p99_breach_seconds:g} s).",
+                         "hard guard on a Prometheus range query", effect=last, margin=cfg.p99_ms_max))  # fmt: skip
+    if g.validation_drop is not None:
+        breach = g.validation_drop > cfg.accuracy_drop_max
+        out.append(Check("guard_accuracy_drop", "fail" if breach else "pass",
+                         f"Accuracy drop on the validation batch is {100 * g.validation_drop:+.2f} pp (limit "
+                         f"{100 * cfg.accuracy_drop_max:.2f} pp).", "hard guard, point estimate",
+                         effect=g.validation_drop, margin=cfg.accuracy_drop_max))  # fmt: skip
+    if g.shadow_requests:
+        rate = (g.shadow_errors or 0) / g.shadow_requests
+        breach = rate > cfg.shadow_error_rate_max
+        out.append(Check("guard_shadow_errors", "fail" if breach else "pass",
+                         f"Shadow error rate is {100 * rate:.3f}% ({g.shadow_errors}/{g.shadow_requests}; limit "
+                         f"{100 * cfg.shadow_error_rate_max:.3f}%).", "hard guard, point estimate",
+                         effect=rate, margin=cfg.shadow_error_rate_max))  # fmt: skip
+    return out
+
+
+# -- the gate --------------------------------------------------------------------------------
+
+
+def evaluate_gate(
+    samples: pd.DataFrame,
+    config: Any = None,
+    look: int = 1,
+    looks: int = 1,
+    guards: GuardInputs | None = None,
+) -> Verdict:
+    """Judge a canary against its baseline at look ``look`` of ``looks`` planned."""
+    cfg = GateConfig.from_any(config)
+    level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
+    missing = {"arm", "latency_ms", "error"} - set(samples.columns)
+    if missing:
+        raise ValueError(f"samples lack column(s) {sorted(missing)}")
+    arms = set(samples["arm"].unique())
+    if not arms <= {"baseline", "canary"}:
+        raise ValueError(f"arm must be 'baseline' or 'canary', found {sorted(arms - {'baseline', 'canary'})}")
+    base = samples[samples["arm"] == "baseline"]
+    canary = samples[samples["arm"] == "canary"]
+    checks: list[Check] = []
+    if guards is not None:
+        checks += guard_checks(guards, cfg)
+
+    lat_b = base["latency_ms"].dropna().to_numpy(dtype=float)
+    lat_c = canary["latency_ms"].dropna().to_numpy(dtype=float)
+    if (lat_b <= 0).any() or (lat_c <= 0).any():
+        raise ValueError("latency_ms must be positive")
+    n_min = min(len(base), len(canary))
+    if n_min < max(cfg.min_samples, 3):
+        checks.append(Check("samples", "wait", f"Too few samples: baseline {len(base)}, canary {len(canary)} "
+                            f"(at least {cfg.min_samples} each before anything can pass).", "minimum sample size",
+                            len(base), len(canary)))  # fmt: skip
+    else:
+        checks.append(latency_check(lat_b, lat_c, cfg, level))
+        checks.append(rank_check(lat_b, lat_c, level))
+        for q in (0.95, 0.99):
+            checks.append(tail_check(lat_b, lat_c, q, cfg, level))
+        checks.append(
+            proportion_check(
+                "errors",
+                "Error rate",
+                True,
+                int(base["error"].sum()),
+                len(base),
+                int(canary["error"].sum()),
+                len(canary),
+                cfg.error_margin,
+                cfg,
+                level,
+            )
+        )
+        if "oom" in samples.columns:
+            checks.append(
+                proportion_check(
+                    "oom",
+                    "Out-of-memory rate",
+                    True,
+                    int(base["oom"].sum()),
+                    len(base),
+                    int(canary["oom"].sum()),
+                    len(canary),
+                    cfg.error_margin,
+                    cfg,
+                    level,
+                )
+            )
+    if "correct" in samples.columns:
+        labelled = samples.dropna(subset=["correct"])
+        if "pair_id" in samples.columns and labelled["pair_id"].notna().any():
+            paired = labelled.dropna(subset=["pair_id"])
+            pairs = paired.pivot_table(
+                index="pair_id", columns="arm", values="correct", aggfunc="first"
+            ).dropna()
+            if {"baseline", "canary"} <= set(pairs.columns) and len(pairs) >= 1:
+                checks.append(paired_accuracy_check(pairs, cfg, level))
+            labelled = labelled[labelled["pair_id"].isna()]
+        lb = labelled[labelled["arm"] == "baseline"]["correct"]
+        lc = labelled[labelled["arm"] == "canary"]["correct"]
+        if len(lb) and len(lc):
+            checks.append(proportion_check("accuracy_live", "Live accuracy from feedback", False, int(lb.sum()),
+                                           len(lb), int(lc.sum()), len(lc), cfg.accuracy_margin, cfg, level,
+                                           blocks_pass=False))  # fmt: skip
+
+    decisive = [c for c in checks if c.decision != "info"]
+    if any(c.decision == "fail" for c in decisive):
+        decision = "fail"
+    elif all(c.decision == "pass" for c in decisive if c.blocks_pass) and not any(
+        c.decision == "wait" and c.blocks_pass for c in decisive
+    ):
+        decision = "pass"
+    else:
+        decision = "wait"
+    reasons = [c.sentence for c in checks if c.decision == decision] or [c.sentence for c in checks[:1]]
+    summary = (
+        f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): "
+        + " ".join(reasons[:3])
+    )
+    return Verdict(decision, tuple(checks), look, looks, cfg.alpha, level, cfg.spending, summary)

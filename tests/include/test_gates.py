@@ -1,0 +1,180 @@
+"""The statistical gate: boundaries, decisions, error rates under repeated looks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from include.rollout.gates import (
+    GateConfig,
+    GuardInputs,
+    boundaries,
+    evaluate_gate,
+    latency_check,
+    nominal_alpha,
+    sustained_breach,
+)
+
+
+def test_boundaries_match_published_lan_demets_values():
+    # gsDesign, one-sided alpha 0.025, K=5 equally spaced looks.
+    obf = boundaries(0.025, 5, "obrien-fleming")
+    assert np.allclose(obf, [4.877, 3.357, 2.680, 2.290, 2.031], atol=0.002)
+    pocock = boundaries(0.025, 5, "pocock")
+    assert np.allclose(pocock, [2.438, 2.427, 2.410, 2.397, 2.386], atol=0.004)
+    assert boundaries(0.05, 1)[0] == pytest.approx(1.6449, abs=1e-4)
+    assert nominal_alpha(0.05, 1, 1) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_error_rate_holds_over_repeated_looks():
+    # Monte Carlo of the score process under H0: crossing at any of 10 looks <= alpha.
+    rng = np.random.default_rng(7)
+    looks, sims, alpha = 10, 40_000, 0.05
+    c = np.array(boundaries(alpha, looks))
+    z = np.cumsum(rng.standard_normal((sims, looks)), axis=1) / np.sqrt(np.arange(1, looks + 1))
+    crossed = (z >= c).any(axis=1).mean()
+    assert crossed < alpha + 3 * math.sqrt(alpha * (1 - alpha) / sims)
+    naive = (z >= 1.6449).any(axis=1).mean()
+    assert naive > 0.15  # the trap the spending avoids (Armitage, McPherson and Rowe)
+
+
+def samples(
+    n: int, ratio: float = 1.0, errors: tuple[float, float] = (0.0, 0.0), seed: int = 0
+) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    base = np.exp(rng.normal(np.log(5), 0.3, n))
+    canary = np.exp(rng.normal(np.log(5 * ratio), 0.3, n))
+    return pd.DataFrame(
+        {
+            "arm": ["baseline"] * n + ["canary"] * n,
+            "latency_ms": np.r_[base, canary],
+            "error": np.r_[rng.random(n) < errors[0], rng.random(n) < errors[1]].astype(int),
+        }
+    )
+
+
+def test_equal_canary_passes_slow_canary_fails_few_samples_wait():
+    assert evaluate_gate(samples(4000)).decision == "pass"
+    slow = evaluate_gate(samples(4000, ratio=1.2))
+    assert slow.decision == "fail"
+    assert slow.failed[0].name == "latency_geomean"
+    assert "worse than the +5.00% margin" in slow.failed[0].sentence
+    few = evaluate_gate(samples(40))
+    assert few.decision == "wait"
+    assert "Too few samples" in few.summary
+
+
+def test_too_few_samples_for_the_margin_waits_with_the_mde():
+    df = samples(150)
+    df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[
+        ::-1
+    ]
+    v = evaluate_gate(df, {"latency_margin": 0.01})  # equal arms, a margin finer than 150 samples resolve
+    check = next(c for c in v.checks if c.name == "latency_geomean")
+    assert v.decision == "wait"
+    assert check.decision == "wait"
+    assert check.mde > 0.01
+    assert "resolve differences of about" in check.sentence
+
+
+def test_error_rates_are_judged_against_their_margin():
+    v = evaluate_gate(samples(3000, errors=(0.0, 0.05)))
+    errors = next(c for c in v.checks if c.name == "errors")
+    assert errors.decision == "fail"
+    assert v.decision == "fail"
+    clean = next(c for c in evaluate_gate(samples(3000)).checks if c.name == "errors")
+    assert clean.decision == "pass"
+    assert "Fisher" in clean.method  # zero errors: exact at small counts
+
+
+def paired(n: int, acc_b: float, acc_c: float, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n)
+    cb = (rng.random(n) < acc_b).astype(int)
+    cc = (rng.random(n) < acc_c).astype(int)
+    lat = np.full(2 * n, 5.0) * np.exp(rng.normal(0, 0.1, 2 * n))
+    return pd.DataFrame(
+        {
+            "arm": ["baseline"] * n + ["canary"] * n,
+            "latency_ms": lat,
+            "error": 0,
+            "correct": np.r_[cb, cc],
+            "pair_id": np.r_[ids, ids],
+        }
+    )
+
+
+def test_paired_accuracy_uses_exact_mcnemar():
+    worse = evaluate_gate(paired(2000, 0.96, 0.90))
+    check = next(c for c in worse.checks if c.name == "accuracy_paired")
+    assert check.decision == "fail"
+    assert check.p_value < 1e-6
+    assert "McNemar" in check.method
+    better = next(c for c in evaluate_gate(paired(2000, 0.96, 0.99)).checks if c.name == "accuracy_paired")
+    assert better.decision == "pass"
+
+
+def test_live_feedback_accuracy_can_fail_but_not_block():
+    df = samples(3000)
+    rng = np.random.default_rng(3)
+    df["correct"] = np.r_[rng.random(3000) < 0.97, rng.random(3000) < 0.80].astype(int)
+    v = evaluate_gate(df)
+    live = next(c for c in v.checks if c.name == "accuracy_live")
+    assert live.decision == "fail"
+    assert v.decision == "fail"
+
+
+def test_hard_guards():
+    series = tuple((float(t), 75.0) for t in range(0, 130, 10))
+    assert sustained_breach(series, 60, 120) == (True, 120.0)
+    assert sustained_breach(series[:-2], 60, 120)[0] is False
+    recovered = (*series[:-1], (130.0, 40.0))
+    assert sustained_breach(recovered, 60, 120)[0] is False
+    v = evaluate_gate(
+        samples(3000),
+        guards=GuardInputs(
+            p99_series_ms=series, validation_drop=0.001, shadow_errors=0, shadow_requests=5000
+        ),
+    )
+    assert v.decision == "fail"
+    assert [c.name for c in v.failed] == ["guard_p99"]
+    v = evaluate_gate(
+        samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000)
+    )
+    assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="lack column"):
+        evaluate_gate(pd.DataFrame({"arm": ["canary"], "latency_ms": [1.0]}))
+    with pytest.raises(ValueError, match="arm must be"):
+        evaluate_gate(pd.DataFrame({"arm": ["blue"], "latency_ms": [1.0], "error": [0]}))
+    with pytest.raises(ValueError, match="unknown gate config"):
+        evaluate_gate(samples(10), {"alfa": 0.1})
+    with pytest.raises(ValueError, match="look must be in"):
+        evaluate_gate(samples(10), look=3, looks=2)
+
+
+def test_verdict_serialises():
+    d = evaluate_gate(samples(500)).to_dict()
+    assert d["decision"] in {"pass", "fail", "wait"}
+    assert {"name", "decision", "sentence", "p_value", "ci", "mde", "n_baseline"} <= set(d["checks"][0])
+
+
+def test_margin_canary_is_rarely_passed_over_looks():
+    # A canary exactly at the margin, judged at 5 looks as samples accrue: wrong passes <= alpha.
+    cfg = GateConfig()
+    rng = np.random.default_rng(11)
+    sims, looks, per_look, wrong = 400, 5, 60, 0
+    for _ in range(sims):
+        b = np.exp(rng.normal(0, 0.3, looks * per_look))
+        c = np.exp(rng.normal(math.log1p(cfg.latency_margin), 0.3, looks * per_look))
+        for k in range(1, looks + 1):
+            n = k * per_look
+            if latency_check(b[:n], c[:n], cfg, nominal_alpha(cfg.alpha, k, looks)).decision == "pass":
+                wrong += 1
+                break
+    assert wrong / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)

@@ -1,0 +1,54 @@
+"""RolloutSpec: defaults from the seed, validation, JSON schema, stage policies."""
+
+from __future__ import annotations
+
+import jsonschema
+import pytest
+
+from include.rollout.spec import RolloutSpec, SpecError
+
+
+def test_defaults_are_the_seed_guards():
+    s = RolloutSpec()
+    assert s.stages == (5, 25, 50, 100)
+    assert (s.p99_ms_max, s.p99_breach_seconds, s.accuracy_drop_max, s.shadow_error_rate_max) == (
+        60.0,
+        120,
+        0.005,
+        0.001,
+    )
+
+
+def test_json_schema_is_valid_and_carries_descriptions():
+    schema = RolloutSpec.json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["properties"]["stages"]["default"] == [5, 25, 50, 100]
+    assert all(p["description"] for p in schema["properties"].values())
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"alpha": 0.5}, "alpha"),
+        ({"stages": [50, 25, 100]}, "increase strictly"),
+        ({"stages": [5, 50]}, "last stage must be 100"),
+        ({"candidate_version": "1"}, "must differ"),
+        ({"mesh": "linkerd"}, "mesh"),
+        ({"colour": "blue"}, "Additional properties"),
+        ({"bake_seconds": 600, "max_stage_seconds": 60}, "max_stage_seconds"),
+    ],
+)
+def test_invalid_specs_name_the_field(raw, needle):
+    with pytest.raises(SpecError, match=needle):
+        RolloutSpec.from_dict(raw)
+
+
+def test_stage_policies():
+    s = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 50})
+    assert s.policy_for_stage(10).to_dict() == {
+        "route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
+        "mirror": {"version": "2", "percent": 50.0},
+    }
+    assert s.policy_for_stage(100).to_dict() == {"route": [{"version": "2", "weight": 100}]}
+    assert s.stable_policy().to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert RolloutSpec.from_dict(s.to_dict()) == s
