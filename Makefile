@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models test lint serve demo bench clean
+.PHONY: venv models prometheus test lint serve demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ venv: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python scripts/build_models.py --out models
 
-test: models
+# Debian's Prometheus, for the metrics integration tests (CI runs as root).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "prometheus is missing: sudo apt-get install --no-install-recommends prometheus" >&2; exit 1; fi; }
+
+test: models prometheus
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -37,6 +44,7 @@ demo: models
 bench: models
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/routing.py
+	$(BIN)/python bench/gates.py
 
 clean:
 	rm -rf models .pytest_cache .mypy_cache .ruff_cache

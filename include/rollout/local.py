@@ -6,6 +6,7 @@ free port, and are stopped by whoever started them, by process id.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -146,3 +147,76 @@ def start_model_server(
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"model server not ready within {wait_s:g} s:\n{log.read_text()}")
+
+
+@dataclass
+class PrometheusProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_prometheus(
+    targets: list[str],
+    work_dir: Path,
+    scrape_interval_s: float = 1.0,
+    port: int | None = None,
+    wait_s: float = 30.0,
+) -> PrometheusProcess:
+    """Debian's ``prometheus`` on 127.0.0.1 with its own config and data folder, scraping ``targets``.
+
+    Returns once every target has been scraped successfully.
+    """
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed: apt-get install --no-install-recommends prometheus")
+    port = port or free_port()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = work_dir / "prometheus.yml"
+    config.write_text(
+        "global:\n"
+        f"  scrape_interval: {scrape_interval_s:g}s\n"
+        f"  evaluation_interval: {scrape_interval_s:g}s\n"
+        "scrape_configs:\n"
+        "  - job_name: model-server\n"
+        f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
+    )
+    log = work_dir / "prometheus.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={work_dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    prom = PrometheusProcess(proc, port, log)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            # Ready is not enough: target discovery starts scraping up to 5 s later.
+            status, body = _get(f"{prom.url}/api/v1/targets?state=active", timeout=1)
+            if status == 200:
+                active = json.loads(body)["data"]["activeTargets"]
+                if len(active) == len(targets) and all(t["health"] == "up" for t in active):
+                    return prom
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    prom.stop()
+    raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,252 @@
+"""Metrics sources: what the gate and the sensor read about each arm.
+
+One protocol (Flagger's ``pkg/metrics/providers``): ``query(promql) -> float`` and
+``is_online()``, with distinct errors for no data, several series and an offline source.
+No data is never a pass: callers hold (wait) on ``NoValuesFound``.
+
+- ``PrometheusSource``: Prometheus' HTTP API, instant and range queries.
+- ``ScrapeSource``: reads a model server's ``/metrics`` directly (no Prometheus): instant
+  selectors only, summed over matching series.
+- ``PromQL``: the queries per model and version, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from include.rollout.local import parse_exposition
+
+
+class MetricsError(Exception):
+    """A metrics query could not give one number."""
+
+
+class NoValuesFound(MetricsError):
+    """The query matched nothing (or gave NaN): hold, never pass."""
+
+
+class MultipleValues(MetricsError):
+    """The query gave several series where one number was needed."""
+
+
+class SourceOffline(MetricsError):
+    """The metrics source did not answer."""
+
+
+class MetricsSource(Protocol):
+    def query(self, promql: str) -> float: ...
+    def is_online(self) -> bool: ...
+
+
+def _get_json(url: str, timeout: float) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (configured source URL)
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")
+        try:
+            message = json.loads(body).get("error", body)
+        except ValueError:
+            message = body
+        raise MetricsError(f"{url.split('?')[0]}: HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceOffline(f"{url.split('?')[0]}: {exc}") from None
+
+
+@dataclass
+class PrometheusSource:
+    url: str  # http://host:port
+    timeout_s: float = 10.0
+
+    def is_online(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=self.timeout_s) as r:  # noqa: S310
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _api(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        data = _get_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", self.timeout_s)
+        if data.get("status") != "success":
+            raise MetricsError(f"prometheus: {data.get('errorType')}: {data.get('error')}")
+        return data["data"]
+
+    def query(self, promql: str, at: float | None = None) -> float:
+        params = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self._api("query", params)
+        if data["resultType"] == "scalar":
+            value = float(data["result"][1])
+        else:
+            result = data["result"]
+            if not result:
+                raise NoValuesFound(f"no data for {promql}")
+            if len(result) > 1:
+                labels = [r["metric"] for r in result[:3]]
+                raise MultipleValues(f"{len(result)} series for {promql} (first: {labels}); aggregate it")
+            value = float(result[0]["value"][1])
+        if math.isnan(value):
+            raise NoValuesFound(f"NaN for {promql} (no traffic in the window?)")
+        return value
+
+    def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
+        data = self._api("query_range", {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}",
+                                         "step": f"{step_s:g}"})  # fmt: skip
+        result = data["result"]
+        if not result:
+            raise NoValuesFound(f"no data for {promql} between {start:.0f} and {end:.0f}")
+        if len(result) > 1:
+            raise MultipleValues(f"{len(result)} series for {promql}; aggregate it")
+        return [(float(t), float(v)) for t, v in result[0]["values"] if not math.isnan(float(v))]
+
+
+SELECTOR_RE = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
+MATCHER_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+@dataclass
+class ScrapeSource:
+    """A model server's /metrics, without Prometheus: ``name{label="value",...}``, summed."""
+
+    url: str  # http://host:port of the model server
+    timeout_s: float = 10.0
+
+    def is_online(self) -> bool:
+        try:
+            self._scrape()
+        except SourceOffline:
+            return False
+        return True
+
+    def _scrape(self) -> list[tuple[str, dict[str, str], float]]:
+        try:
+            with urllib.request.urlopen(f"{self.url}/metrics", timeout=self.timeout_s) as r:  # noqa: S310
+                return parse_exposition(r.read().decode())
+        except (urllib.error.URLError, OSError) as exc:
+            raise SourceOffline(f"{self.url}/metrics: {exc}") from None
+
+    def query(self, promql: str) -> float:
+        m = SELECTOR_RE.match(promql)
+        if m is None:
+            raise MetricsError(f'ScrapeSource reads plain selectors like name{{label="v"}}, not {promql!r}')
+        name, matchers = m.group(1), dict(MATCHER_RE.findall(m.group(2) or ""))
+        values = [v for n, labels, v in self._scrape()
+                  if n == name and all(labels.get(k) == x for k, x in matchers.items())]  # fmt: skip
+        if not values:
+            raise NoValuesFound(f"no sample matches {promql}")
+        return float(sum(values))
+
+    def buckets(self, name: str, **labels: str) -> list[tuple[float, float]]:
+        """Cumulative (le, count) pairs of a histogram since the server started."""
+        found: dict[float, float] = {}
+        for n, lab, v in self._scrape():
+            if n == f"{name}_bucket" and all(lab.get(k) == x for k, x in labels.items()):
+                le = float(lab["le"])
+                found[le] = found.get(le, 0.0) + v
+        if not found:
+            raise NoValuesFound(f"no buckets for {name}{labels}")
+        return sorted(found.items())
+
+
+def quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> tuple[float, float, float]:
+    """Prometheus' ``histogram_quantile``: linear within the bucket holding the quantile.
+
+    Returns (estimate, bucket lower edge, bucket upper edge): the true quantile of the
+    observations lies within the bucket, so the error is at most the bucket's width.
+    """
+    if not buckets or buckets[-1][1] == 0:
+        raise NoValuesFound("empty histogram")
+    total = buckets[-1][1]
+    rank = q * total
+    lower_edge, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return lower_edge, lower_edge, math.inf
+            if count == lower_count:
+                return le, lower_edge, le
+            return (
+                lower_edge + (le - lower_edge) * (rank - lower_count) / (count - lower_count),
+                lower_edge,
+                le,
+            )
+        lower_edge, lower_count = le, count
+    return buckets[-1][0], lower_edge, buckets[-1][0]
+
+
+def _sel(model: str, version: str, **extra: str) -> str:
+    labels = {"model": model, "version": version, **extra}
+    return ",".join(f'{k}="{v}"' for k, v in labels.items())
+
+
+class PromQL:
+    """The queries the rollout asks, per model and version (window like "1m").
+
+    Error counters that never fired have no series: their side of a ratio falls back to 0
+    (``or vector(0)``), while a missing denominator (no traffic) stays no data.
+    """
+
+    @staticmethod
+    def latency_quantile_ms(
+        model: str, version: str, q: float, window: str = "1m", path: str = "primary"
+    ) -> str:
+        return (f"1000 * histogram_quantile({q}, sum by (le) (rate(model_server_request_duration_seconds_bucket"
+                f"{{{_sel(model, version, path=path)}}}[{window}])))")  # fmt: skip
+
+    @staticmethod
+    def requests(model: str, version: str, window: str = "1m") -> str:
+        return f"sum(increase(nv_inference_request_success{{{_sel(model, version)}}}[{window}]))"
+
+    @staticmethod
+    def error_rate(model: str, version: str, window: str = "1m") -> str:
+        sel = _sel(model, version)
+        failures = f"(sum(rate(nv_inference_request_failure{{{sel}}}[{window}])) or vector(0))"
+        return f"{failures} / (sum(rate(nv_inference_request_success{{{sel}}}[{window}])) + {failures})"
+
+    @staticmethod
+    def oom_rate(model: str, version: str, window: str = "1m") -> str:
+        sel = _sel(model, version)
+        return (f"(sum(rate(model_server_oom_errors_total{{{sel},path=\"primary\"}}[{window}])) or vector(0)) / "
+                f"sum(rate(nv_inference_request_success{{{sel}}}[{window}]))")  # fmt: skip
+
+    @staticmethod
+    def live_accuracy(model: str, version: str, window: str = "5m") -> str:
+        sel = _sel(model, version)
+        return f"sum(increase(feedback_correct_total{{{sel}}}[{window}])) / sum(increase(feedback_total{{{sel}}}[{window}]))"
+
+    @staticmethod
+    def shadow_error_rate(model: str, version: str, window: str = "5m") -> str:
+        sel = _sel(model, version)
+        return (f"(sum(rate(shadow_requests_total{{{sel},outcome=\"error\"}}[{window}])) or vector(0)) / "
+                f"sum(rate(shadow_requests_total{{{sel},outcome=~\"ok|error\"}}[{window}]))")  # fmt: skip
+
+    @staticmethod
+    def gpu_memory_used_bytes() -> str:
+        return "max(nv_gpu_memory_used_bytes)"
+
+    @staticmethod
+    def gpu_utilization() -> str:
+        return "max(nv_gpu_utilization)"
+
+
+def wait_for_value(
+    source: MetricsSource, promql: str, timeout_s: float = 30.0, every_s: float = 0.5
+) -> float:
+    """Poll until the query gives a number (tests and the local stack's first scrapes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return source.query(promql)
+        except NoValuesFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(every_s)

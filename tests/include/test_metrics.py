@@ -1,0 +1,133 @@
+"""Metrics sources: a real Prometheus scraping a real model server, the scrape source, PromQL."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+
+import pytest
+
+from include.rollout.local import start_prometheus
+from include.rollout.metrics import (
+    MetricsError,
+    MultipleValues,
+    NoValuesFound,
+    PrometheusSource,
+    PromQL,
+    ScrapeSource,
+    SourceOffline,
+    quantile_from_buckets,
+    wait_for_value,
+)
+from model_server.loadgen import LoadConfig, run
+from tests.model_server.test_routing import TOKEN, put_policy
+
+
+def test_quantile_from_buckets_interpolates_like_prometheus():
+    buckets = [(0.005, 10.0), (0.01, 50.0), (0.02, 90.0), (0.05, 100.0), (math.inf, 100.0)]
+    est, lo, hi = quantile_from_buckets(buckets, 0.5)
+    assert (lo, hi) == (0.005, 0.01)
+    assert est == pytest.approx(0.005 + 0.005 * (50 - 10) / 40)
+    est, lo, hi = quantile_from_buckets(buckets, 0.99)
+    assert (lo, hi) == (0.02, 0.05)
+    assert lo <= est <= hi
+    with pytest.raises(NoValuesFound):
+        quantile_from_buckets([(math.inf, 0.0)], 0.5)
+
+
+def test_offline_sources_say_so():
+    dead = PrometheusSource("http://127.0.0.1:9", timeout_s=1)
+    assert not dead.is_online()
+    with pytest.raises(SourceOffline):
+        dead.query("up")
+    with pytest.raises(SourceOffline):
+        ScrapeSource("http://127.0.0.1:9", timeout_s=1).query("up")
+
+
+@pytest.fixture
+def stack(server_factory, repo_copy, tmp_path, models_dir):
+    if shutil.which("prometheus") is None:
+        pytest.fail("Debian's prometheus is not installed (make test installs it: see the Makefile)")
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.client().load_model(
+        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    )
+    assert (
+        put_policy(
+            s,
+            {
+                "route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "mirror": {"version": "2", "percent": 100},
+            },
+        ).status_code
+        == 200
+    )
+    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    yield s, prom, models_dir
+    prom.stop()
+
+
+@pytest.mark.integration
+def test_prometheus_answers_the_rollout_queries(stack):
+    server, prom, models_dir = stack
+    source = PrometheusSource(prom.url)
+    assert source.is_online()
+    stats = run(
+        LoadConfig(
+            url=server.url,
+            validation=models_dir / "digits" / "validation",
+            rate=60,
+            duration_s=6,
+            feedback_share=1.0,
+            feedback_delay_s=0.2,
+        )
+    )
+    assert stats.ok == stats.sent > 100
+    time.sleep(2.5)  # two more scrapes after the last request
+    p99 = wait_for_value(source, PromQL.latency_quantile_ms("digits", "1", 0.99, "30s"))
+    p95 = source.query(PromQL.latency_quantile_ms("digits", "1", 0.95, "30s"))
+    assert 0 < p95 <= p99 < 1000
+    requests_v2 = source.query(PromQL.requests("digits", "2", "1m"))
+    assert requests_v2 == pytest.approx(stats.served["2"], rel=0.25)  # increase() extrapolates
+    accuracy = wait_for_value(source, PromQL.live_accuracy("digits", "2", "1m"))
+    assert 0.85 <= accuracy <= 1.0
+    assert source.query(PromQL.shadow_error_rate("digits", "2", "1m")) == 0.0
+    assert source.query(PromQL.error_rate("digits", "1", "1m")) == 0.0
+    # Distinct failures: no such version, several series, no GPU, bad PromQL.
+    with pytest.raises(NoValuesFound):
+        source.query(PromQL.latency_quantile_ms("digits", "7", 0.99))
+    with pytest.raises(MultipleValues):
+        source.query('nv_inference_request_success{model="digits"}')
+    with pytest.raises(NoValuesFound):
+        source.query(PromQL.gpu_memory_used_bytes())
+    with pytest.raises(MetricsError, match=r"HTTP 400: .*parse error"):
+        source.query("sum(")
+    series = source.query_range(
+        PromQL.latency_quantile_ms("digits", "1", 0.99, "10s"), time.time() - 20, time.time(), 1
+    )
+    assert len(series) >= 5
+    assert all(v > 0 for _, v in series)
+
+
+@pytest.mark.integration
+def test_scrape_source_reads_the_server_without_prometheus(server_factory, repo_copy, tmp_path, digit_images):
+    from tests.model_server.test_routing import infer
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"))
+    for image, _ in digit_images[:7]:
+        infer(s, image)
+    source = ScrapeSource(s.http)
+    assert source.is_online()
+    assert source.query('nv_inference_request_success{model="digits",version="1"}') == 7
+    assert source.query("nv_inference_request_success") == 7
+    buckets = source.buckets(
+        "model_server_request_duration_seconds", model="digits", version="1", path="primary"
+    )
+    est, lo, hi = quantile_from_buckets(buckets, 0.99)
+    assert lo <= est <= hi
+    with pytest.raises(NoValuesFound):
+        source.query('nv_inference_request_success{version="9"}')
+    with pytest.raises(MetricsError, match="plain selectors"):
+        source.query("rate(nv_inference_count[1m])")
