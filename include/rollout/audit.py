@@ -1,0 +1,255 @@
+"""Shadow audit: how the candidate (shadow) answered the same requests as the primary.
+
+From the shadow log over a time range: top-1 agreement with a Wilson interval, the KL
+divergence of the mean output distributions and the distribution of per-request divergences,
+the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
+divergence above 0.18: the seed's defaults) with their image hashes, and the shadow error
+rate; a Markdown report, CSV tables and a PNG plot, and a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    min_agreement: float = 0.90  # the lower confidence bound of top-1 agreement must reach this
+    max_shadow_error_rate: float = 0.001
+    max_anomaly_rate: float = 0.10
+    confidence_threshold: float = 0.65
+    divergence_threshold: float = 0.18
+    confidence_level: float = 0.95
+    max_anomalies: int = 50  # samples kept in the report
+
+
+@dataclass
+class AuditResult:
+    model: str | None
+    start: str
+    end: str
+    verdict: str  # pass | fail | skip
+    reasons: list[str]
+    rows: int = 0
+    shadow_errors: int = 0
+    shadow_error_rate: float = 0.0
+    agreement: float | None = None
+    agreement_ci: tuple[float, float] | None = None
+    kl_of_means: float | None = None
+    divergence_quantiles: dict[str, float] = field(default_factory=dict)
+    anomaly_rate: float | None = None
+    versions: dict[str, list[str]] = field(default_factory=dict)
+    confusion: pd.DataFrame | None = None
+    anomalies: pd.DataFrame | None = None
+    divergences: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
+        d["agreement_ci"] = list(self.agreement_ci) if self.agreement_ci else None
+        d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
+        return d
+
+
+def _normalise(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, EPS, None)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) along the last axis, after smoothing zeros."""
+    p, q = _normalise(p), _normalise(q)
+    return np.sum(p * np.log(p / q), axis=-1)
+
+
+def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
+    z = float(stats.norm.isf((1 - level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def audit_frame(
+    df: pd.DataFrame,
+    config: AuditConfig | None = None,
+    model: str | None = None,
+    start: str = "",
+    end: str = "",
+) -> AuditResult:
+    cfg = config or AuditConfig()
+    if df.empty:
+        return AuditResult(model, start, end, "skip", ["no shadow records in this range: nothing to audit"])
+    errors = df["shadow_error"].notna()
+    ok = df[~errors]
+    result = AuditResult(model, start, end, "pass", [], rows=len(df), shadow_errors=int(errors.sum()),
+                         shadow_error_rate=float(errors.mean()),
+                         versions={"primary": sorted(df["primary_version"].unique()),
+                                   "shadow": sorted(df["shadow_version"].unique())})  # fmt: skip
+    if ok.empty:
+        result.verdict = "fail"
+        result.reasons.append(f"every one of {len(df)} shadow requests failed")
+        return result
+    primary = np.stack(ok["primary_probs"].to_numpy()).astype(float)
+    shadow = np.stack(ok["shadow_probs"].to_numpy()).astype(float)
+    agree = ok["primary_top1"].to_numpy() == ok["shadow_top1"].to_numpy()
+    result.agreement = float(agree.mean())
+    result.agreement_ci = wilson(int(agree.sum()), len(agree), cfg.confidence_level)
+    result.kl_of_means = float(kl(primary.mean(axis=0), shadow.mean(axis=0)))
+    div = kl(primary, shadow)
+    result.divergences = div
+    result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
+    result.divergence_quantiles["max"] = float(div.max())
+    confidence = shadow.max(axis=1)
+    low_conf = confidence < cfg.confidence_threshold
+    high_div = div > cfg.divergence_threshold
+    flagged = low_conf | high_div
+    result.anomaly_rate = float(flagged.mean())
+    labels = sorted(set(ok["primary_top1"]) | set(ok["shadow_top1"]))
+    result.confusion = pd.crosstab(ok["primary_top1"], ok["shadow_top1"], rownames=["primary"],
+                                   colnames=["shadow"]).reindex(index=labels, columns=labels, fill_value=0)  # fmt: skip
+    reason = np.where(low_conf & high_div, "low confidence and high divergence",
+                      np.where(low_conf, "low confidence", "high divergence"))  # fmt: skip
+    anomalies = ok.assign(shadow_confidence=confidence, divergence=div, reason=reason)[flagged]
+    result.anomalies = (
+        anomalies.sort_values("divergence", ascending=False)[
+            [
+                "time",
+                "request_id",
+                "item",
+                "image_sha256",
+                "primary_version",
+                "shadow_version",
+                "primary_top1",
+                "shadow_top1",
+                "shadow_confidence",
+                "divergence",
+                "reason",
+            ]
+        ]
+        .head(cfg.max_anomalies)
+        .reset_index(drop=True)
+    )
+
+    lo, hi = result.agreement_ci
+    if lo < cfg.min_agreement:
+        result.verdict = "fail"
+        result.reasons.append(f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-"
+                              f"{100 * hi:.2f}%) is not shown above {100 * cfg.min_agreement:.0f}%")  # fmt: skip
+    if result.shadow_error_rate > cfg.max_shadow_error_rate:
+        result.verdict = "fail"
+        result.reasons.append(f"shadow error rate {100 * result.shadow_error_rate:.3f}% is above "
+                              f"{100 * cfg.max_shadow_error_rate:.3f}%")  # fmt: skip
+    if result.anomaly_rate > cfg.max_anomaly_rate:
+        result.verdict = "fail"
+        result.reasons.append(f"{100 * result.anomaly_rate:.1f}% of requests are anomalies (limit "
+                              f"{100 * cfg.max_anomaly_rate:.0f}%)")  # fmt: skip
+    if result.verdict == "pass":
+        result.reasons.append(f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-"
+                              f"{100 * hi:.2f}%), shadow error rate {100 * result.shadow_error_rate:.3f}%, "
+                              f"anomalies {100 * result.anomaly_rate:.1f}%")  # fmt: skip
+    return result
+
+
+def audit(
+    shadow_log: Path,
+    start: datetime,
+    end: datetime,
+    model: str | None = None,
+    config: AuditConfig | None = None,
+) -> AuditResult:
+    from model_server.shadowlog import read_shadow_log
+
+    df = read_shadow_log(shadow_log, start, end, model)
+    return audit_frame(df, config, model, start.isoformat(), end.isoformat())
+
+
+def plot(result: AuditResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if result.divergences is not None:
+        ax1.hist(np.clip(result.divergences, 0, 2), bins=40, color="#4477aa")
+        ax1.axvline(
+            AuditConfig().divergence_threshold, color="#cc3311", linestyle="--", label="anomaly threshold"
+        )
+        ax1.set_yscale("log")
+        ax1.legend()
+    ax1.set_xlabel("KL(primary || shadow) per request")
+    ax1.set_ylabel("requests")
+    ax1.set_title("Output divergence")
+    if result.confusion is not None:
+        m = result.confusion.to_numpy()
+        ax2.imshow(np.log1p(m), cmap="Blues")
+        ax2.set_xticks(range(len(result.confusion.columns)), result.confusion.columns)
+        ax2.set_yticks(range(len(result.confusion.index)), result.confusion.index)
+        for (i, j), v in np.ndenumerate(m):
+            if v:
+                ax2.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    ax2.set_xlabel("shadow top-1")
+    ax2.set_ylabel("primary top-1")
+    agreement = f"{100 * result.agreement:.2f}%" if result.agreement is not None else "n/a"
+    ax2.set_title(f"Confusion (agreement {agreement})")
+    fig.suptitle(f"Shadow audit {result.model or ''}: {result.verdict.upper()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
+    """report.md, summary.json, confusion.csv, anomalies.csv and divergence.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "summary.json"}
+    lines = [f"# Shadow audit: {result.model or 'all models'}", "",
+             f"- Range: {result.start} to {result.end}",
+             f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
+             f"- Records: {result.rows} (shadow errors {result.shadow_errors}, "
+             f"{100 * result.shadow_error_rate:.3f}%)"]  # fmt: skip
+    if result.agreement is not None and result.agreement_ci is not None:
+        lo, hi = result.agreement_ci
+        lines += [f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
+                  f"{', '.join(result.versions['shadow'])}",
+                  f"- Top-1 agreement: {100 * result.agreement:.2f}% (95% Wilson interval {100 * lo:.2f}% to "
+                  f"{100 * hi:.2f}%)",
+                  f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
+                  "- Per-request KL(primary || shadow): " + ", ".join(f"{k} {v:.4f}"
+                                                                      for k, v in result.divergence_quantiles.items()),
+                  f"- Anomalies (shadow confidence < 0.65 or divergence > 0.18): {100 * (result.anomaly_rate or 0):.2f}%"]  # fmt: skip
+    if result.confusion is not None:
+        paths["confusion"] = out_dir / "confusion.csv"
+        result.confusion.to_csv(paths["confusion"])
+        lines += [
+            "",
+            "## Confusion (rows: primary top-1, columns: shadow top-1)",
+            "",
+            result.confusion.to_markdown(),
+        ]
+    if result.anomalies is not None:
+        paths["anomalies"] = out_dir / "anomalies.csv"
+        result.anomalies.to_csv(paths["anomalies"], index=False)
+        lines += ["", f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)", "",
+                  "| request | item | image sha256 | primary | shadow | confidence | divergence | reason |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {r.request_id[:16]} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
+                  f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
+                  for r in result.anomalies.itertuples()]  # fmt: skip
+    if result.verdict != "skip":
+        paths["plot"] = out_dir / "divergence.png"
+        plot(result, paths["plot"])
+        lines += ["", "![divergence and confusion](divergence.png)"]
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return paths

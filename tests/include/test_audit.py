@@ -1,0 +1,132 @@
+"""Shadow audit over a real shadow log: agreement, divergence, anomalies, report files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from include.rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
+from model_server.masking import KeyRing, Masker
+from model_server.protocol import InferInput
+from model_server.shadow import ShadowJob, ShadowResult
+from model_server.shadowlog import ShadowLogWriter
+from model_server.trace import TraceContext
+
+NOW = datetime.now(UTC)
+
+
+def shadow_log(
+    tmp_path, n: int, disagree: float, low_confidence: float = 0.0, errors: int = 0, seed: int = 0
+):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    writer = ShadowLogWriter(tmp_path / "log", Masker(KeyRing(keys)))
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = int(rng.integers(10))
+        p = np.full(10, 0.01, dtype=np.float32)
+        p[label] = 0.91
+        q = p.copy()
+        if rng.random() < disagree:
+            q = np.roll(p, 1)
+        elif rng.random() < low_confidence:
+            q = np.full(10, 0.05, dtype=np.float32)
+            q[label] = 0.55
+        job = ShadowJob(
+            "digits",
+            "1",
+            "2",
+            [InferInput("image", "BYTES", (1,), np.array([f"img{i}".encode()], dtype=object))],
+            ["probabilities"],
+            f"r{i}",
+            TraceContext.from_header(None),
+            time.time(),
+            {"probabilities": p[None]},
+            1.0,
+        )
+        failed = i < errors
+        writer(
+            ShadowResult(job, None if failed else {"probabilities": q[None]}, 2.0, "boom" if failed else None)
+        )
+    writer.flush()
+    return tmp_path / "log"
+
+
+def test_kl_is_zero_for_equal_and_positive_otherwise():
+    p = np.array([0.7, 0.2, 0.1])
+    assert kl(p, p) == pytest.approx(0.0, abs=1e-9)
+    assert kl(p, np.array([0.1, 0.2, 0.7])) > 0.5
+
+
+def test_agreeing_shadow_passes_with_an_interval(tmp_path):
+    log = shadow_log(tmp_path, 400, disagree=0.01)
+    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5), "digits")
+    assert result.verdict == "pass"
+    assert result.rows == 400
+    assert 0.97 < result.agreement <= 1.0
+    lo, hi = result.agreement_ci
+    assert lo < result.agreement < hi
+    assert result.confusion.to_numpy().sum() == 400
+    assert len(result.anomalies) == round(400 * (1 - result.agreement))  # every disagreement diverges
+
+
+def test_disagreeing_and_unsure_shadow_fails_with_reasons_and_anomaly_hashes(tmp_path):
+    log = shadow_log(tmp_path, 300, disagree=0.2, low_confidence=0.3, errors=2)
+    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5))
+    assert result.verdict == "fail"
+    assert any("agreement" in r for r in result.reasons)
+    assert any("shadow error rate" in r for r in result.reasons)
+    assert set(result.anomalies["reason"]) <= {
+        "low confidence",
+        "high divergence",
+        "low confidence and high divergence",
+    }
+    assert result.anomalies["image_sha256"].str.len().eq(64).all()
+    paths = write_report(result, tmp_path / "report")
+    text = paths["markdown"].read_text()
+    assert "**FAIL**" in text
+    assert "Top-1 agreement" in text
+    assert pd.read_csv(paths["anomalies"]).shape[0] == len(result.anomalies)
+    with Image.open(paths["plot"]) as img:
+        assert img.format == "PNG"
+        assert img.size[0] > 600
+    assert json.loads(paths["json"].read_text())["verdict"] == "fail"
+
+
+def test_an_empty_range_is_skipped_not_failed(tmp_path):
+    result = audit(tmp_path / "nothing", NOW - timedelta(hours=2), NOW - timedelta(hours=1))
+    assert result.verdict == "skip"
+    assert "no shadow records" in result.reasons[0]
+    paths = write_report(result, tmp_path / "report")
+    assert "SKIP" in paths["markdown"].read_text()
+    assert "plot" not in paths
+
+
+def test_thresholds_are_configurable():
+    df = pd.DataFrame(
+        {
+            "primary_version": ["1"] * 4,
+            "shadow_version": ["2"] * 4,
+            "shadow_error": [None] * 4,
+            "primary_top1": [0, 0, 0, 0],
+            "shadow_top1": [0, 0, 0, 1],
+            "primary_probs": [np.eye(2)[0]] * 4,
+            "shadow_probs": [np.eye(2)[0]] * 3 + [np.eye(2)[1]],
+            "time": [NOW] * 4,
+            "request_id": list("abcd"),
+            "item": [0] * 4,
+            "image_sha256": ["0" * 64] * 4,
+        }
+    )
+    strict = audit_frame(df, AuditConfig(min_agreement=0.9))
+    lenient = audit_frame(df, AuditConfig(min_agreement=0.1, max_anomaly_rate=0.5))
+    assert strict.verdict == "fail"
+    assert lenient.verdict == "pass"
