@@ -203,7 +203,7 @@ def plot(result: AuditResult, path: Path) -> None:
     ax2.set_ylabel("primary top-1")
     agreement = f"{100 * result.agreement:.2f}%" if result.agreement is not None else "n/a"
     ax2.set_title(f"Confusion (agreement {agreement})")
-    fig.suptitle(f"Shadow audit {result.model or ''}: {result.verdict.upper()}")
+    fig.suptitle(f"Shadow audit{' of ' + result.model if result.model else ''}: {result.verdict.upper()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,315 @@
+"""Mesh routers: put a TrafficPolicy into effect, on the model server or on Istio.
+
+One protocol, as Flagger's ``pkg/router``: ``reconcile`` (remember the routes as they are
+before the rollout touches them), ``set_routes`` (diff, then write), ``get_routes`` and
+``finalize`` (restore what ``reconcile`` remembered). ``make_router`` raises on an unknown
+backend; nothing falls back silently.
+
+- ``LocalRouter``: the model server's ``/v2/models/{m}/traffic`` admin API.
+- ``IstioRouter``: renders a ``VirtualService`` and a ``DestinationRule``
+  (networking.istio.io/v1; one subset per version, selected by the pod label ``version``),
+  validates both against Istio's own CRD schema, and applies them with the official
+  kubernetes client: server-side apply with a field manager, a diff before every write, and
+  a retry when the object changed underneath (409). The original VirtualService spec is kept
+  in an annotation so that ``finalize`` restores it, even from another process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import jsonschema
+
+from model_server.traffic import Destination, TrafficPolicy
+
+log = logging.getLogger(__name__)
+
+SCHEMAS = Path(__file__).with_name("schemas") / "istio-networking-v1.json"
+ORIGINAL_ANNOTATION = "rollout.vision/original-spec"
+FIELD_MANAGER = "model-rollout"
+
+
+class RouterError(Exception):
+    """The routes could not be read or written; the message says where and why."""
+
+
+class Router(Protocol):
+    def reconcile(self) -> None: ...
+    def set_routes(self, policy: TrafficPolicy) -> bool: ...
+    def get_routes(self) -> TrafficPolicy: ...
+    def finalize(self) -> None: ...
+
+
+# -- the model server ------------------------------------------------------------------------
+
+
+@dataclass
+class LocalRouter:
+    """The model server as the mesh. The original policy is kept in ``state_file``."""
+
+    url: str  # http://host:port
+    model: str
+    token: str | None = None
+    state_file: Path | None = None
+    timeout_s: float = 30.0
+
+    def _call(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None if body is None else json.dumps(body).encode()
+        url = f"{self.url}/v2/models/{self.model}/traffic"
+        req = urllib.request.Request(url, method=method, headers=headers, data=data)  # noqa: S310
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:  # noqa: S310 (configured server)
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", "")
+            except ValueError:
+                reason = ""
+            raise RouterError(
+                f"model server {method} traffic of '{self.model}': HTTP {exc.code}: {reason}"
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RouterError(f"model server at {self.url} unreachable: {exc}") from None
+
+    def get_routes(self) -> TrafficPolicy:
+        return TrafficPolicy.from_dict(self._call("GET"))
+
+    def reconcile(self) -> None:
+        current = self.get_routes()
+        if self.state_file is not None and not self.state_file.exists():
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(current.to_dict()))
+            tmp.replace(self.state_file)
+
+    def set_routes(self, policy: TrafficPolicy) -> bool:
+        """Write the policy unless it is already in effect; True when it wrote."""
+        if self.get_routes() == policy:
+            return False
+        self._call("PUT", policy.to_dict())
+        return True
+
+    def finalize(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            raise RouterError("finalize: no original routes were recorded (reconcile was not called)")
+        self.set_routes(TrafficPolicy.from_dict(json.loads(self.state_file.read_text())))
+        self.state_file.unlink()
+
+
+# -- Istio -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def istio_schemas() -> dict[str, Any]:
+    return json.loads(SCHEMAS.read_text())["schemas"]
+
+
+def validate_istio(obj: dict[str, Any]) -> None:
+    """Raise RouterError unless ``obj`` is valid against Istio's v1 CRD schema for its kind."""
+    kind = obj.get("kind")
+    schemas = istio_schemas()
+    if kind not in schemas or obj.get("apiVersion") != f"{schemas[kind]['group']}/v1":
+        raise RouterError(f"not a networking.istio.io/v1 VirtualService or DestinationRule: {kind}")
+    try:
+        jsonschema.validate(obj, schemas[kind]["openAPIV3Schema"])
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise RouterError(
+            f"{kind} {obj['metadata'].get('name')}: invalid at {where or '(root)'}: {exc.message}"
+        ) from None
+
+
+def subset(version: str) -> str:
+    return f"v{version}"
+
+
+@dataclass
+class IstioTarget:
+    namespace: str
+    service: str  # the Kubernetes Service in front of the model server pods
+    name: str  # VirtualService and DestinationRule name
+    gateways: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # default: the service's cluster name
+
+    @property
+    def host(self) -> str:
+        return f"{self.service}.{self.namespace}.svc.cluster.local"
+
+
+def render_virtual_service(target: IstioTarget, policy: TrafficPolicy) -> dict[str, Any]:
+    def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
+        return [{"destination": {"host": target.host, "subset": subset(d.version)}, "weight": d.weight}
+                for d in dests if d.weight > 0 or len(dests) == 1]  # fmt: skip
+
+    def mirrored(entry: dict[str, Any], dests: tuple[Destination, ...]) -> dict[str, Any]:
+        m = policy.mirror
+        if m is not None and not (len(dests) == 1 and dests[0].version == m.version):
+            entry["mirror"] = {"host": target.host, "subset": subset(m.version)}
+            entry["mirrorPercentage"] = {"value": m.percent}
+        return entry
+
+    http = []
+    for i, rule in enumerate(policy.rules):
+        match = {"headers": {h: {m.kind: m.value} for h, m in rule.headers}}
+        http.append(mirrored({"name": rule.name or f"rule-{i}", "match": [match], "route": route(rule.route)},
+                             rule.route))  # fmt: skip
+    http.append(mirrored({"name": "default", "route": route(policy.route)}, policy.route))
+    spec: dict[str, Any] = {"hosts": target.hosts or [target.host], "http": http}
+    if target.gateways:
+        spec["gateways"] = target.gateways
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": target.name, "namespace": target.namespace,
+                         "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+            "spec": spec}  # fmt: skip
+
+
+def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": target.name, "namespace": target.namespace,
+                         "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+            "spec": {"host": target.host,
+                     "subsets": [{"name": subset(v), "labels": {"version": v}} for v in sorted(set(versions), key=int)]}}  # fmt: skip
+
+
+def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
+    """Read back what ``render_virtual_service`` wrote (routes by subset name ``v<version>``)."""
+
+    def dests(route: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"version": r["destination"]["subset"].removeprefix("v"), "weight": r.get("weight", 100)}
+            for r in route
+        ]
+
+    raw: dict[str, Any] = {"rules": []}
+    for entry in vs["spec"].get("http", []):
+        if "mirror" in entry:
+            raw["mirror"] = {"version": entry["mirror"]["subset"].removeprefix("v"),
+                             "percent": entry.get("mirrorPercentage", {}).get("value", 100.0)}  # fmt: skip
+        if entry.get("match"):
+            headers = entry["match"][0].get("headers", {})
+            rule = {"match": {"headers": headers}, "route": dests(entry["route"])}
+            if not entry.get("name", "").startswith("rule-"):
+                rule["name"] = entry["name"]
+            raw["rules"].append(rule)
+        else:
+            raw["route"] = dests(entry["route"])
+    if not raw["rules"]:
+        del raw["rules"]
+    return TrafficPolicy.from_dict(raw)
+
+
+@dataclass
+class IstioRouter:
+    target: IstioTarget
+    versions: list[str]  # every version that may be routed to: one subset each
+    api_client: Any = None  # kubernetes.client.ApiClient; from kubeconfig / in-cluster when None
+    retries: int = 5
+
+    def _api(self) -> Any:
+        from kubernetes import client, config
+
+        if self.api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self.api_client = client.ApiClient()
+        return client.CustomObjectsApi(self.api_client)
+
+    def _get(self, plural: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._api().get_namespaced_custom_object("networking.istio.io", "v1", self.target.namespace,
+                                                            plural, self.target.name)  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise RouterError(f"GET {plural}/{self.target.name}: {exc.status} {exc.reason}") from None
+
+    def _apply(self, obj: dict[str, Any], plural: str) -> bool:
+        """Server-side apply when the spec differs; retried when the object changed meanwhile."""
+        from kubernetes.client.exceptions import ApiException
+
+        validate_istio(obj)
+        for _ in range(self.retries):
+            live = self._get(plural)
+            body = copy.deepcopy(obj)
+            if live is not None:
+                if live.get("spec") == body["spec"] and _annotations(live) | _annotations(
+                    body
+                ) == _annotations(live):
+                    return False  # nothing to change: no write
+                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+            try:
+                self._api().patch_namespaced_custom_object(
+                    "networking.istio.io", "v1", self.target.namespace, plural, self.target.name, body,
+                    field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml")  # fmt: skip
+                return True
+            except ApiException as exc:
+                if exc.status == 409:
+                    log.info("%s/%s changed while applying; retrying", plural, self.target.name)
+                    continue
+                raise RouterError(
+                    f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {exc.body}"
+                ) from None
+        raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
+
+    def reconcile(self) -> None:
+        """DestinationRule with every subset; the VirtualService's original spec remembered."""
+        self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
+        live = self._get("virtualservices")
+        if live is not None and ORIGINAL_ANNOTATION not in _annotations(live):
+            body = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                    "metadata": {"name": self.target.name, "namespace": self.target.namespace,
+                                 "annotations": {ORIGINAL_ANNOTATION: json.dumps(live["spec"], sort_keys=True)}},
+                    "spec": live["spec"]}  # fmt: skip
+            self._apply(body, "virtualservices")
+
+    def set_routes(self, policy: TrafficPolicy) -> bool:
+        vs = render_virtual_service(self.target, policy)
+        live = self._get("virtualservices")
+        if live is not None and ORIGINAL_ANNOTATION in _annotations(live):
+            vs["metadata"]["annotations"] = {ORIGINAL_ANNOTATION: _annotations(live)[ORIGINAL_ANNOTATION]}
+        return self._apply(vs, "virtualservices")
+
+    def get_routes(self) -> TrafficPolicy:
+        live = self._get("virtualservices")
+        if live is None:
+            raise RouterError(f"VirtualService {self.target.namespace}/{self.target.name} does not exist")
+        return policy_from_virtual_service(live)
+
+    def finalize(self) -> None:
+        live = self._get("virtualservices")
+        if live is None or ORIGINAL_ANNOTATION not in _annotations(live):
+            raise RouterError(
+                "finalize: no original VirtualService spec was recorded (reconcile was not called)"
+            )
+        original = json.loads(_annotations(live)[ORIGINAL_ANNOTATION])
+        body = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": self.target.name, "namespace": self.target.namespace, "annotations": {}},
+                "spec": original}  # fmt: skip
+        self._apply(body, "virtualservices")
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def make_router(backend: str, **kwargs: Any) -> Router:
+    if backend == "local":
+        return LocalRouter(**kwargs)
+    if backend == "istio":
+        return IstioRouter(**kwargs)
+    raise ValueError(f"unknown mesh backend {backend!r}: use 'local' or 'istio'")

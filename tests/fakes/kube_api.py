@@ -1,0 +1,173 @@
+"""A local HTTP server speaking the Kubernetes API for Istio's VirtualService and DestinationRule.
+
+No API server can run on these machines, so this fake checks what the real one checks for
+the calls the IstioRouter makes: paths and verbs, the server-side-apply content type and
+field manager, that the body names the object of the path, Istio's CRD schema (422 Invalid),
+and optimistic concurrency on ``metadata.resourceVersion`` (409 Conflict). Answers are
+Kubernetes ``Status`` objects, as the real server's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import jsonschema
+import yaml
+
+from include.rollout.mesh import istio_schemas
+
+PATH_RE = re.compile(
+    r"^/apis/networking\.istio\.io/v1/namespaces/([a-z0-9-]+)/(virtualservices|destinationrules)/([a-z0-9.-]+)$"
+)
+GO_BOOLS = {"1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"}
+KINDS = {"virtualservices": "VirtualService", "destinationrules": "DestinationRule"}
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}  # fmt: skip
+
+
+class FakeKubeAPI:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.version = 100
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeKubeAPI:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def touch(self, plural: str, namespace: str, name: str, mutate) -> None:  # type: ignore[no-untyped-def]
+        """Another writer changes the object (bumps resourceVersion)."""
+        with self.lock:
+            obj = self.objects[(plural, namespace, name)]
+            mutate(obj)
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+
+    def writes(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["method"] == "PATCH"]
+
+    def _handler(self):  # type: ignore[no-untyped-def]
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: dict[str, Any]) -> None:
+                if api.requests:
+                    api.requests[-1]["status"] = code  # requests are handled one at a time in these tests
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self) -> tuple[str, str, str] | None:
+                m = PATH_RE.match(urlparse(self.path).path)
+                if m is None:
+                    self._send(
+                        404,
+                        status(
+                            404, "NotFound", f"the server could not find the requested resource {self.path}"
+                        ),
+                    )
+                    return None
+                return m.group(2), m.group(1), m.group(3)
+
+            def do_GET(self) -> None:
+                api.requests.append({"method": "GET", "path": self.path})
+                key = self._route()
+                if key is None:
+                    return
+                with api.lock:
+                    obj = copy.deepcopy(api.objects.get(key))
+                if obj is None:
+                    self._send(
+                        404, status(404, "NotFound", f'{key[0]}.networking.istio.io "{key[2]}" not found')
+                    )
+                else:
+                    self._send(200, obj)
+
+            def do_PATCH(self) -> None:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                length = int(self.headers.get("Content-Length", "0"))
+                raw = self.rfile.read(length)
+                ctype = self.headers.get("Content-Type", "")
+                api.requests.append(
+                    {"method": "PATCH", "path": url.path, "query": query, "content_type": ctype}
+                )
+                key = self._route()
+                if key is None:
+                    return
+                plural, namespace, name = key
+                if ctype != "application/apply-patch+yaml":
+                    return self._send(
+                        415, status(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}")
+                    )
+                if query.get("force", ["false"])[0] not in GO_BOOLS:
+                    return self._send(400, status(400, "BadRequest", f"invalid force {query['force'][0]!r}"))
+                if not query.get("fieldManager"):
+                    return self._send(
+                        422, status(422, "Invalid", "fieldManager is required for apply requests")
+                    )
+                try:
+                    body = yaml.safe_load(raw)
+                except yaml.YAMLError as exc:
+                    return self._send(400, status(400, "BadRequest", f"error decoding YAML: {exc}"))
+                meta = body.get("metadata") or {}
+                if body.get("apiVersion") != "networking.istio.io/v1" or body.get("kind") != KINDS[plural]:
+                    return self._send(400, status(400, "BadRequest", "apiVersion/kind do not match the path"))
+                if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
+                    return self._send(
+                        400, status(400, "BadRequest", "metadata.name/namespace do not match the path")
+                    )
+                try:
+                    jsonschema.validate(body, istio_schemas()[KINDS[plural]]["openAPIV3Schema"])
+                except jsonschema.ValidationError as exc:
+                    where = ".".join(str(p) for p in exc.absolute_path)
+                    return self._send(422, status(422, "Invalid", f"{KINDS[plural]}.networking.istio.io \"{name}\" is "
+                                                                 f"invalid: {where}: {exc.message}"))  # fmt: skip
+                with api.lock:
+                    live = api.objects.get(key)
+                    wanted = meta.get("resourceVersion")
+                    if wanted is not None and (live is None or live["metadata"]["resourceVersion"] != wanted):
+                        return self._send(409, status(409, "Conflict", "the object has been modified; please apply "
+                                                                       "your changes to the latest version and try again"))  # fmt: skip
+                    obj = copy.deepcopy(live) if live else {"apiVersion": body["apiVersion"], "kind": body["kind"],
+                                                            "metadata": {"name": name, "namespace": namespace}}  # fmt: skip
+                    obj["spec"] = body["spec"]
+                    for field in ("labels", "annotations"):
+                        if field in meta:
+                            obj["metadata"][field] = {k: v for k, v in meta[field].items()}
+                    api.version += 1
+                    obj["metadata"]["resourceVersion"] = str(api.version)
+                    obj["metadata"]["managedFields"] = [
+                        {"manager": query["fieldManager"][0], "operation": "Apply"}
+                    ]
+                    api.objects[key] = obj
+                    reply = copy.deepcopy(obj)
+                self._send(201 if live is None else 200, reply)
+
+        return Handler

@@ -1,0 +1,149 @@
+"""Mesh routers: Istio manifests valid against Istio's CRDs, applied to a Kubernetes API fake; the local router."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from include.rollout.mesh import (
+    SCHEMAS,
+    IstioRouter,
+    IstioTarget,
+    LocalRouter,
+    RouterError,
+    make_router,
+    policy_from_virtual_service,
+    render_destination_rule,
+    render_virtual_service,
+    validate_istio,
+)
+from model_server.traffic import TrafficPolicy
+from tests.fakes.kube_api import FakeKubeAPI
+from tests.model_server.test_routing import TOKEN
+
+GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "istio" / "crd-all.gen.yaml"
+TARGET = IstioTarget(namespace="models", service="digits", name="digits")
+CANARY = TrafficPolicy.from_dict({
+    "rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+               "route": [{"version": "2", "weight": 100}]}],
+    "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
+    "mirror": {"version": "2", "percent": 100},
+})  # fmt: skip
+
+
+def test_vendored_schemas_are_istios_own():
+    meta = json.loads(SCHEMAS.read_text())
+    if not SHARED_CRDS.exists():
+        pytest.skip("../shared/istio is not beside this checkout")
+    raw = SHARED_CRDS.read_bytes()
+    assert meta["sha256_of_bundle"] == hashlib.sha256(raw).hexdigest()
+    docs = {d["spec"]["names"]["kind"]: d for d in yaml.load_all(raw, Loader=yaml.CSafeLoader) if d}
+    for kind in ("VirtualService", "DestinationRule"):
+        v1 = next(v for v in docs[kind]["spec"]["versions"] if v["name"] == "v1")
+        assert meta["schemas"][kind]["openAPIV3Schema"] == v1["schema"]["openAPIV3Schema"]
+
+
+def test_rendered_objects_validate_and_read_back():
+    vs = render_virtual_service(TARGET, CANARY)
+    validate_istio(vs)
+    validate_istio(render_destination_rule(TARGET, ["1", "2", "3"]))
+    assert policy_from_virtual_service(vs) == CANARY
+    default = vs["spec"]["http"][-1]
+    assert default["mirror"] == {"host": "digits.models.svc.cluster.local", "subset": "v2"}
+    assert default["mirrorPercentage"] == {"value": 100.0}
+    assert "mirror" not in vs["spec"]["http"][0]  # the rule routes to v2 itself
+    bad = copy.deepcopy(vs)
+    bad["spec"]["http"][0]["match"][0]["headers"]["x-tenant"] = {"exact": 3}
+    with pytest.raises(RouterError, match="invalid at spec/http/0/match/0/headers/x-tenant"):
+        validate_istio(bad)
+
+
+@pytest.fixture
+def kube():
+    fake = FakeKubeAPI().start()
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    yield fake, client.ApiClient(cfg)
+    fake.stop()
+
+
+def test_istio_router_applies_diffs_and_restores(kube):
+    fake, api = kube
+    original = render_virtual_service(
+        TARGET, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    )
+    fake.objects[("virtualservices", "models", "digits")] = {**original, "metadata": {**original["metadata"],
+                                                                                    "resourceVersion": "7"}}  # fmt: skip
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert ("destinationrules", "models", "digits") in fake.objects
+    writes = len(fake.writes())
+    assert router.set_routes(CANARY) is True
+    assert router.get_routes() == CANARY
+    assert router.set_routes(CANARY) is False  # diff before write: nothing sent
+    assert len(fake.writes()) == writes + 1
+    w = fake.writes()[-1]
+    assert w["content_type"] == "application/apply-patch+yaml"
+    assert w["query"]["fieldManager"] == ["model-rollout"]
+    assert w["query"]["force"][0] in GO_TRUE  # the API server parses it with Go's strconv.ParseBool
+    router.finalize()
+    assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+
+
+def test_istio_router_retries_when_the_object_changes_underneath(kube):
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    original_get = router._get
+    calls = {"n": 0}
+
+    def racing_get(plural):  # another writer bumps the object right after our read, once
+        live = original_get(plural)
+        if plural == "virtualservices" and calls["n"] == 0:
+            calls["n"] += 1
+            fake.touch(
+                "virtualservices", "models", "digits", lambda o: o["metadata"].setdefault("labels", {})
+            )
+        return live
+
+    router._get = racing_get  # type: ignore[method-assign]
+    before = len(fake.writes())
+    assert router.set_routes(CANARY) is True
+    assert [w["status"] for w in fake.writes()[before:]] == [
+        409,
+        200,
+    ]  # stale resourceVersion, then the retry
+    assert router.get_routes() == CANARY
+
+
+def test_make_router_rejects_unknown_backends():
+    with pytest.raises(ValueError, match="unknown mesh backend 'linkerd'"):
+        make_router("linkerd")
+
+
+@pytest.mark.integration
+def test_local_router_drives_the_model_server(server_factory, repo_copy, tmp_path):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.client().load_model(
+        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    )
+    router = make_router(
+        "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
+    )
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    assert router.set_routes(CANARY) is False
+    assert router.get_routes() == CANARY
+    router.finalize()
+    assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]})
+    with pytest.raises(RouterError, match="HTTP 401"):
+        LocalRouter(s.http, "digits", token="wrong").get_routes()
+    with pytest.raises(RouterError, match="not loaded"):
+        router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "5", "weight": 100}]}))
