@@ -104,13 +104,14 @@ def test_istio_router_retries_when_the_object_changes_underneath(kube):
     original_get = router._get
     calls = {"n": 0}
 
-    def racing_get(plural):  # another writer bumps the object right after our read, once
+    def racing_get(plural):  # another writer bumps the object between the read and the write, once
         live = original_get(plural)
-        if plural == "virtualservices" and calls["n"] == 0:
+        if plural == "virtualservices":
             calls["n"] += 1
-            fake.touch(
-                "virtualservices", "models", "digits", lambda o: o["metadata"].setdefault("labels", {})
-            )
+            if calls["n"] == 2:  # the read inside the apply
+                fake.touch(
+                    "virtualservices", "models", "digits", lambda o: o["metadata"].setdefault("labels", {})
+                )
         return live
 
     router._get = racing_get  # type: ignore[method-assign]
