@@ -1,0 +1,249 @@
+"""Slack reports: Block Kit messages for stages, promotions, rollbacks and audits, with a chart.
+
+A rollback message names the failing check with its numbers and the reason, not just
+"canary failed". Messages go through slack-sdk (``chat.postMessage``, then the chart with
+``files_upload_v2`` in the message's thread); without a token they are written to an outbox
+folder as JSON (and the chart as PNG), so the one-machine setup keeps every report.
+Slack's limits are enforced here: at most 50 blocks, 3000 characters per text field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from include.rollout.audit import AuditResult
+from include.rollout.gates import Check, Verdict
+from include.rollout.spec import RolloutSpec
+
+MAX_BLOCKS = 50
+MAX_TEXT = 3000
+ICONS = {"pass": ":large_green_circle:", "fail": ":red_circle:", "wait": ":large_yellow_circle:",
+         "info": ":white_circle:", "skip": ":white_circle:"}  # fmt: skip
+
+
+def _text(s: str) -> str:
+    return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + "…"
+
+
+def header(text: str) -> dict[str, Any]:
+    return {"type": "header", "text": {"type": "plain_text", "text": _text(text)[:150]}}
+
+
+def section(markdown: str, fields: list[str] | None = None) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": _text(markdown)}}
+    if fields:
+        block["fields"] = [{"type": "mrkdwn", "text": _text(f)} for f in fields[:10]]
+    return block
+
+
+def context(markdown: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": _text(markdown)}]}
+
+
+def _limit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if len(blocks) <= MAX_BLOCKS:
+        return blocks
+    return [
+        *blocks[: MAX_BLOCKS - 1],
+        context(f"… {len(blocks) - MAX_BLOCKS + 1} more checks in the Airflow log"),
+    ]
+
+
+def _check_lines(checks: tuple[Check, ...] | list[Check]) -> list[dict[str, Any]]:
+    return [section(f"{ICONS.get(c.decision, '')} *{c.name}* ({c.decision}): {c.sentence}") for c in checks]
+
+
+@dataclass(frozen=True)
+class Message:
+    text: str  # the notification fallback
+    blocks: list[dict[str, Any]]
+    chart: bytes | None = None  # PNG
+
+
+def _who(spec: RolloutSpec) -> str:
+    return f"`{spec.model}` version {spec.candidate_version} (baseline {spec.baseline_version})"
+
+
+def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes | None = None) -> Message:
+    text = f"{spec.model} v{spec.candidate_version} at {weight}%: gate {verdict.decision.upper()}"
+    blocks = [header(f"Stage {weight}%: {verdict.decision.upper()}"),
+              section(f"{_who(spec)}, look {verdict.look} of {verdict.looks}, one-sided level "
+                      f"{verdict.nominal_alpha:.4g} ({verdict.spending} spending of alpha {verdict.alpha:g})."),
+              *_check_lines(verdict.checks)]  # fmt: skip
+    return Message(text, _limit(blocks), chart)
+
+
+def promotion_message(
+    spec: RolloutSpec, verdicts: list[Verdict], audit: AuditResult | None = None, chart: bytes | None = None
+) -> Message:
+    text = f"Promoted {spec.model} v{spec.candidate_version} to 100%"
+    blocks = [header(f"Promoted: {spec.model} v{spec.candidate_version} at 100%"),
+              section(f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
+                      f"version {spec.baseline_version} retired, mirror off.")]  # fmt: skip
+    for v in verdicts[-1:]:
+        blocks += _check_lines([c for c in v.checks if c.decision != "info"])
+    if audit is not None:
+        blocks.append(
+            section(
+                f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): "
+                + "; ".join(audit.reasons)
+            )
+        )
+    return Message(text, _limit(blocks), chart)
+
+
+def rollback_message(
+    spec: RolloutSpec,
+    reason: str,
+    verdict: Verdict | None = None,
+    weight: int | None = None,
+    audit: AuditResult | None = None,
+    chart: bytes | None = None,
+) -> Message:
+    failing = verdict.failed if verdict is not None else []
+    first = failing[0] if failing else None
+    headline = f"{first.name}: {first.sentence}" if first else reason
+    text = f"Rolled back {spec.model} v{spec.candidate_version}: {headline}"
+    where = f" at the {weight}% stage" if weight is not None else ""
+    blocks = [header(f"Rolled back: {spec.model} v{spec.candidate_version}"),
+              section(f"{ICONS['fail']} {_who(spec)} was rolled back{where}. Version {spec.baseline_version} takes "
+                      f"100% of traffic again; mirror off.\n*Reason:* {reason}")]  # fmt: skip
+    if first is not None:
+        fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
+        if first.effect is not None:
+            fields.append(f"*Effect*\n{first.effect:.4g}")
+        if first.ci is not None:
+            fields.append(f"*Interval*\n{first.ci[0]:.4g} to {first.ci[1]:.4g}")
+        if first.margin is not None:
+            fields.append(f"*Margin / limit*\n{first.margin:.4g}")
+        if first.p_value is not None:
+            fields.append(f"*p-value*\n{first.p_value:.3g}")
+        fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
+        blocks.append(section(f"*Failing check:* {first.sentence}", fields))
+        blocks += _check_lines([c for c in failing[1:]])
+    if audit is not None:
+        blocks.append(
+            section(
+                f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): "
+                + "; ".join(audit.reasons)
+            )
+        )
+    return Message(text, _limit(blocks), chart)
+
+
+def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
+    text = f"Shadow audit {result.model or ''}: {result.verdict.upper()}"
+    blocks = [header(text), section(f"{ICONS.get(result.verdict, '')} {result.start} to {result.end}: "
+                                    + "; ".join(result.reasons))]  # fmt: skip
+    if result.agreement is not None and result.agreement_ci is not None:
+        lo, hi = result.agreement_ci
+        blocks.append(section("Numbers", [
+            f"*Records*\n{result.rows}", f"*Top-1 agreement*\n{100 * result.agreement:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}%)",
+            f"*KL of means*\n{result.kl_of_means:.5f}", f"*Shadow errors*\n{100 * result.shadow_error_rate:.3f}%",
+            f"*Anomalies*\n{100 * (result.anomaly_rate or 0):.2f}%",
+        ]))  # fmt: skip
+    if result.anomalies is not None and len(result.anomalies):
+        rows = [
+            f"`{r.image_sha256[:12]}` primary {r.primary_top1} / shadow {r.shadow_top1}, confidence "
+            f"{r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
+            for r in result.anomalies.head(10).itertuples()
+        ]
+        blocks.append(section("*Anomaly samples* (image sha256)\n" + "\n".join(rows)))  # fmt: skip
+    return Message(text, _limit(blocks), chart)
+
+
+def latency_accuracy_chart(samples: Any, title: str) -> bytes:
+    """PNG: baseline vs canary latency distributions, and accuracy with 95% intervals."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from include.rollout.audit import wilson
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = {"baseline": "#4477aa", "canary": "#ee6677"}
+    for arm, colour in colours.items():
+        lat = samples[samples["arm"] == arm]["latency_ms"].dropna()
+        if len(lat):
+            bins = np.logspace(np.log10(max(lat.min(), 1e-3)), np.log10(lat.max() * 1.01), 40)
+            ax1.hist(
+                lat, bins=bins, alpha=0.55, color=colour, label=f"{arm} (p99 {np.quantile(lat, 0.99):.1f} ms)"
+            )
+    ax1.set_xscale("log")
+    ax1.set_xlabel("latency (ms)")
+    ax1.set_ylabel("requests")
+    ax1.legend(fontsize=8)
+    if "correct" in samples.columns:
+        for i, (arm, colour) in enumerate(colours.items()):
+            c = samples[samples["arm"] == arm]["correct"].dropna()
+            if len(c):
+                lo, hi = wilson(int(c.sum()), len(c), 0.95)
+                ax2.errorbar(
+                    [i], [c.mean()], yerr=[[c.mean() - lo], [hi - c.mean()]], fmt="o", color=colour, capsize=6
+                )
+        ax2.set_xticks([0, 1], list(colours))
+        ax2.set_xlim(-0.5, 1.5)
+        ax2.set_ylabel("top-1 accuracy (95% interval)")
+    else:
+        ax2.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class SlackNotifier:
+    """Posts through slack-sdk with a bot token; without one, writes to an outbox folder."""
+
+    def __init__(
+        self, channel: str, token: str | None = None, base_url: str | None = None, outbox: Path | None = None
+    ):
+        if token is None and outbox is None:
+            raise ValueError("SlackNotifier needs a token or an outbox folder")
+        self.channel = channel
+        self.outbox = outbox
+        self.client = None
+        if token:
+            from slack_sdk import WebClient
+
+            self.client = WebClient(token=token, base_url=base_url or WebClient.BASE_URL)
+
+    def send(self, message: Message) -> dict[str, Any]:
+        if len(message.blocks) > MAX_BLOCKS:
+            raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
+        if self.client is None:
+            return self._to_outbox(message)
+        posted = self.client.chat_postMessage(
+            channel=self.channel, text=_text(message.text), blocks=message.blocks
+        )
+        result = {"channel": posted["channel"], "ts": posted["ts"]}
+        if message.chart:
+            self.client.files_upload_v2(channel=posted["channel"], thread_ts=posted["ts"], content=message.chart,
+                                        filename="rollout.png", title=message.text[:100])  # fmt: skip
+            result["chart"] = True
+        return result
+
+    def _to_outbox(self, message: Message) -> dict[str, Any]:
+        assert self.outbox is not None
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
+        if message.chart:
+            (self.outbox / f"{stem}.png").write_bytes(message.chart)
+            record["chart"] = f"{stem}.png"
+        tmp = self.outbox / f".{stem}.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.outbox / f"{stem}.json")
+        return {"outbox": str(self.outbox / f"{stem}.json")}

@@ -1,0 +1,126 @@
+"""A local HTTP server speaking the Slack Web API methods the notifier uses, checking payloads.
+
+``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
+field, 150 per header), ``files.getUploadURLExternal``, the upload URL it hands out, and
+``files.completeUploadExternal``; answers ``{"ok": false, "error": ...}`` as Slack does.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+BLOCK_TYPES = {"header", "section", "context", "divider", "image", "actions"}
+
+
+def check_blocks(blocks: Any) -> str | None:
+    if not isinstance(blocks, list):
+        return "invalid_blocks_format"
+    if len(blocks) > 50:
+        return "invalid_blocks: more than 50 blocks"
+    for i, b in enumerate(blocks):
+        if b.get("type") not in BLOCK_TYPES:
+            return f"invalid_blocks: block {i} type {b.get('type')!r}"
+        texts = [b.get("text"), *list(b.get("fields", [])), *list(b.get("elements", []))]
+        for t in texts:
+            if t is None:
+                continue
+            limit = 150 if b["type"] == "header" else 3000
+            if t.get("type") not in ("plain_text", "mrkdwn") or len(t.get("text", "")) > limit:
+                return f"invalid_blocks: block {i} text over {limit} characters or of a bad type"
+        if len(b.get("fields", [])) > 10:
+            return f"invalid_blocks: block {i} has more than 10 fields"
+    return None
+
+
+class FakeSlack:
+    def __init__(self, token: str = "xoxb-test-token") -> None:
+        self.token = token
+        self.calls: list[dict[str, Any]] = []
+        self.uploads: dict[str, bytes] = {}
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/api/"
+
+    def start(self) -> FakeSlack:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [c["body"] for c in self.calls if c["method"] == "chat.postMessage" and c["ok"]]
+
+    def _handler(self):  # type: ignore[no-untyped-def]
+        slack = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                url = urlparse(self.path)
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if url.path.startswith("/upload/"):
+                    slack.uploads[url.path.rsplit("/", 1)[1]] = raw
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+                    return
+                method = url.path.removeprefix("/api/")
+                ctype = self.headers.get("Content-Type", "")
+                if ctype.startswith("application/json"):
+                    body = json.loads(raw or b"{}")
+                else:
+                    body = {k: v[0] for k, v in parse_qs(raw.decode() or url.query).items()}
+                    body.update({k: v[0] for k, v in parse_qs(url.query).items()})
+                call = {"method": method, "body": body, "ok": False}
+                slack.calls.append(call)
+                if self.headers.get("Authorization") != f"Bearer {slack.token}":
+                    return self._reply({"ok": False, "error": "invalid_auth"})
+                if method == "chat.postMessage":
+                    if not body.get("channel"):
+                        return self._reply({"ok": False, "error": "channel_not_found"})
+                    if not body.get("text") and not body.get("blocks"):
+                        return self._reply({"ok": False, "error": "no_text"})
+                    problem = check_blocks(body.get("blocks", []))
+                    if problem:
+                        return self._reply({"ok": False, "error": problem})
+                    call["ok"] = True
+                    return self._reply({"ok": True, "channel": "C0ROLLOUT", "ts": f"1700000000.{len(slack.calls):06d}",
+                                        "message": {"text": body.get("text")}})  # fmt: skip
+                if method == "files.getUploadURLExternal":
+                    if not body.get("filename") or not str(body.get("length", "")).isdigit():
+                        return self._reply({"ok": False, "error": "invalid_arguments"})
+                    file_id = f"F{len(slack.calls):04d}"
+                    call["ok"] = True
+                    return self._reply({"ok": True, "file_id": file_id,
+                                        "upload_url": f"http://127.0.0.1:{slack.server.server_address[1]}/upload/{file_id}"})  # fmt: skip
+                if method == "files.completeUploadExternal":
+                    files = json.loads(body.get("files", "[]"))
+                    if not files or any(f["id"] not in slack.uploads for f in files):
+                        return self._reply({"ok": False, "error": "file_not_found"})
+                    call["ok"] = True
+                    return self._reply(
+                        {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
+                    )
+                return self._reply({"ok": False, "error": "unknown_method"})
+
+        return Handler

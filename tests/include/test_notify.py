@@ -1,0 +1,97 @@
+"""Slack reports: Block Kit within Slack's limits, posted to a local Slack Web API, or an outbox."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from include.rollout.gates import Check, GuardInputs, evaluate_gate
+from include.rollout.notify import (
+    MAX_BLOCKS,
+    SlackNotifier,
+    latency_accuracy_chart,
+    promotion_message,
+    rollback_message,
+    stage_message,
+)
+from include.rollout.spec import RolloutSpec
+from tests.fakes.slack_api import FakeSlack, check_blocks
+from tests.include.test_gates import samples
+
+SPEC = RolloutSpec.from_dict({"candidate_version": "3"})
+
+
+@pytest.fixture
+def slack():
+    fake = FakeSlack().start()
+    yield fake
+    fake.stop()
+
+
+def test_rollback_names_the_failing_check_with_its_numbers(slack):
+    verdict = evaluate_gate(samples(3000, ratio=1.25))
+    msg = rollback_message(SPEC, "the latency gate failed", verdict, weight=5,
+                           chart=latency_accuracy_chart(samples(500, ratio=1.25), "digits v3 vs v1"))  # fmt: skip
+    assert check_blocks(msg.blocks) is None
+    text = json.dumps(msg.blocks)
+    assert "latency_geomean" in text
+    assert "worse than the +5.00% margin" in text
+    assert "Interval" in text
+    assert "Samples" in text
+    result = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url).send(msg)
+    assert result["chart"] is True
+    posted = slack.messages()[-1]
+    assert posted["channel"] == "#model-rollouts"
+    assert posted["text"].startswith("Rolled back digits v3: latency_geomean")
+    (png,) = slack.uploads.values()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    complete = [c for c in slack.calls if c["method"] == "files.completeUploadExternal"][-1]
+    assert complete["ok"] is True
+    assert complete["body"]["thread_ts"] == result["ts"]
+
+
+def test_stage_and_promotion_messages_fit_slacks_limits(slack):
+    guards = GuardInputs(p99_series_ms=((0.0, 10.0), (60.0, 12.0)), validation_drop=-0.01, shadow_errors=0,
+                         shadow_requests=1000)  # fmt: skip
+    verdict = evaluate_gate(samples(2000), guards=guards)
+    notifier = SlackNotifier("C123", token=slack.token, base_url=slack.base_url)
+    notifier.send(stage_message(SPEC, 25, verdict))
+    notifier.send(promotion_message(SPEC, [verdict]))
+    assert len(slack.messages()) == 2
+    assert all(check_blocks(m["blocks"]) is None for m in slack.messages())
+
+
+def test_long_texts_and_many_checks_are_cut_to_the_limits(slack):
+    many = tuple(Check(f"check_{i}", "fail", "x" * 5000, "m") for i in range(80))
+    verdict = evaluate_gate(samples(200))
+    verdict = type(verdict)("fail", many, 1, 1, 0.05, 0.05, "obrien-fleming")
+    msg = stage_message(SPEC, 5, verdict)
+    assert len(msg.blocks) == MAX_BLOCKS
+    assert check_blocks(msg.blocks) is None
+    SlackNotifier("C123", token=slack.token, base_url=slack.base_url).send(msg)
+    assert slack.calls[-1]["ok"] is True
+
+
+def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
+    from slack_sdk.errors import SlackApiError
+
+    with pytest.raises(SlackApiError, match="invalid_auth"):
+        SlackNotifier("C1", token="xoxb-wrong", base_url=slack.base_url).send(
+            stage_message(SPEC, 5, evaluate_gate(samples(200)))
+        )
+
+
+def test_without_a_token_messages_go_to_the_outbox(tmp_path):
+    df = samples(400)
+    df["correct"] = np.r_[np.ones(380), np.zeros(20), np.ones(370), np.zeros(30)].astype(int)
+    msg = rollback_message(SPEC, "hard guard: P99 above 60 ms for 2 minutes", evaluate_gate(df),
+                           chart=latency_accuracy_chart(df, "v3"))  # fmt: skip
+    result = SlackNotifier("#model-rollouts", outbox=tmp_path / "outbox").send(msg)
+    record = json.loads(open(result["outbox"]).read())
+    assert record["channel"] == "#model-rollouts"
+    assert (tmp_path / "outbox" / record["chart"]).read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "outbox").glob(".*.tmp"))
+    with pytest.raises(ValueError, match="token or an outbox"):
+        SlackNotifier("#x")
