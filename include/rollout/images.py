@@ -1,0 +1,160 @@
+"""Step 1: verify the candidate artifact before any traffic, and render its image build.
+
+``verify_model`` loads the candidate in ONNX Runtime, checks its signature against the model's
+config and the baseline's graph, runs a golden inference over validation images through the
+server's own preprocessing, and records size and sha256. ``kaniko_pod`` renders the build pod
+(for the KubernetesPodOperator) that bakes the model into the serving image, tagged by the
+artifact's digest.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KANIKO_IMAGE = "gcr.io/kaniko-project/executor:v1.23.2"
+
+
+@dataclass
+class ArtifactReport:
+    path: str
+    sha256: str = ""
+    size_bytes: int = 0
+    provider: str = ""
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    golden_images: int = 0
+    golden_accuracy: float | None = None
+    baseline_agreement: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _signature(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def describe(nodes: Any) -> list[dict[str, Any]]:
+        return [{"name": n.name, "type": n.type, "shape": [d if isinstance(d, int) else -1 for d in n.shape]}
+                for n in nodes]  # fmt: skip
+
+    return describe(session.get_inputs()), describe(session.get_outputs())
+
+
+def _golden(model_dir: Path, validation: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    with (validation / "labels.csv").open() as f:
+        rows = list(csv.DictReader(f))[:n]
+    images = np.array([(validation / r["file"]).read_bytes() for r in rows], dtype=object)
+    return images, np.array([int(r["label"]) for r in rows])
+
+
+def verify_model(
+    candidate: Path,
+    baseline: Path | None = None,
+    config_dir: Path | None = None,
+    validation: Path | None = None,
+    golden_n: int = 64,
+) -> ArtifactReport:
+    """Everything that must hold before a version takes traffic; problems are listed, not raised."""
+    from model_server.config import load_config
+    from model_server.errors import ServerError
+    from model_server.model import LoadedVersion, ort
+    from model_server.preprocess import images_to_features
+
+    report = ArtifactReport(str(candidate))
+    if not candidate.is_file():
+        report.problems.append(f"{candidate} does not exist")
+        return report
+    data = candidate.read_bytes()
+    report.sha256 = hashlib.sha256(data).hexdigest()
+    report.size_bytes = len(data)
+    try:
+        session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own exception types
+        report.problems.append(f"does not load in ONNX Runtime: {exc}")
+        return report
+    report.provider = session.get_providers()[0]
+    report.inputs, report.outputs = _signature(session)
+    if baseline is not None and baseline.is_file():
+        base_in, base_out = _signature(
+            ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"])
+        )
+        if base_in != report.inputs:
+            report.problems.append(f"inputs differ from the baseline's: {report.inputs} vs {base_in}")
+        candidate_outputs = {o["name"]: o for o in report.outputs}
+        for o in base_out:
+            if candidate_outputs.get(o["name"]) != o:
+                report.problems.append(f"output {o['name']!r} differs from the baseline's: "
+                                       f"{candidate_outputs.get(o['name'])} vs {o}")  # fmt: skip
+    if config_dir is None:
+        return report
+    try:
+        cfg = load_config(config_dir)
+        version = LoadedVersion(cfg, 1, candidate, ["CPUExecutionProvider"])  # checks the signature vs config
+        version.warmup()
+    except ServerError as exc:
+        report.problems.append(exc.message)
+        return report
+    if validation is not None and cfg.preprocess is not None and (validation / "labels.csv").is_file():
+        images, labels = _golden(config_dir, validation, golden_n)
+        feats = images_to_features(images, cfg.preprocess, cfg.inputs[0].name)
+        out = session.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
+        report.golden_images = len(labels)
+        if out.shape[0] != len(labels) or not np.isfinite(out).all():
+            report.problems.append(f"golden inference gave shape {out.shape} or non-finite values")
+        else:
+            report.golden_accuracy = float((out.argmax(axis=1) == labels).mean())
+            if baseline is not None and baseline.is_file():
+                base = ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"])
+                base_out = base.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
+                report.baseline_agreement = float((base_out.argmax(axis=1) == out.argmax(axis=1)).mean())
+    version.close()
+    return report
+
+
+def image_tag(registry_repo: str, sha256: str) -> str:
+    """An immutable tag from the artifact's digest: the same model always builds the same tag."""
+    return f"{registry_repo}:sha-{sha256[:12]}"
+
+
+def kaniko_pod(
+    name: str,
+    namespace: str,
+    context: str,
+    destination: str,
+    model_uri: str,
+    model_sha256: str,
+    dockerfile: str = "docker/Dockerfile.model-server",
+    docker_config_secret: str = "registry-push",  # noqa: S107 (a Secret's name, not a password)
+    service_account: str = "image-builder",
+) -> dict[str, Any]:
+    """The Kaniko build pod (a V1Pod as a dict) for the KubernetesPodOperator."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/name": "kaniko", "app.kubernetes.io/managed-by": "model-rollout"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "serviceAccountName": service_account,
+            "containers": [{
+                "name": "kaniko",
+                "image": KANIKO_IMAGE,
+                "args": [f"--dockerfile={dockerfile}", f"--context={context}", f"--destination={destination}",
+                         f"--build-arg=MODEL_URI={model_uri}", f"--build-arg=MODEL_SHA256={model_sha256}",
+                         "--snapshot-mode=redo", "--cache=true"],
+                "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                "volumeMounts": [{"name": "docker-config", "mountPath": "/kaniko/.docker", "readOnly": True}],
+            }],
+            "volumes": [{"name": "docker-config", "secret": {"secretName": docker_config_secret,
+                                                             "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}}],
+        },
+    }  # fmt: skip
