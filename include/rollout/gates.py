@@ -382,6 +382,25 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
                  (lower, upper), cfg.accuracy_margin, mde)  # fmt: skip
 
 
+def bucket_quantile_check(
+    base: list[tuple[float, float]], canary: list[tuple[float, float]], q: float
+) -> Check:
+    """A quantile from Prometheus histogram buckets (when only the histograms are at hand)."""
+    from include.rollout.metrics import quantile_from_buckets
+
+    eb, lb, hb = quantile_from_buckets(base, q)
+    ec, lc, hc = quantile_from_buckets(canary, q)
+    effect = ec / eb - 1 if eb > 0 else math.inf
+    bounds = (lc / hb - 1 if hb > 0 else -1.0, hc / lb - 1 if lb > 0 else math.inf)
+    name = f"latency_p{round(q * 100)}_buckets"
+    text = (f"p{round(q * 100)} from histogram buckets: canary {1000 * ec:.1f} ms (bucket {1000 * lc:.1f}-{1000 * hc:.1f}) "
+            f"vs baseline {1000 * eb:.1f} ms (bucket {1000 * lb:.1f}-{1000 * hb:.1f}); the ratio lies in "
+            f"{_pct(bounds[0])} to {_pct(bounds[1])} whatever the observations within the buckets.")  # fmt: skip
+    return Check(name, "info", text, "linear interpolation within the bucket (Prometheus histogram_quantile); "
+                 "error at most the width of the bucket holding the quantile", int(base[-1][1]), int(canary[-1][1]),
+                 None, None, effect, bounds, None, None, False)  # fmt: skip
+
+
 # -- hard guards -----------------------------------------------------------------------------
 
 
@@ -445,8 +464,13 @@ def evaluate_gate(
     look: int = 1,
     looks: int = 1,
     guards: GuardInputs | None = None,
+    buckets: dict[str, list[tuple[float, float]]] | None = None,
 ) -> Verdict:
-    """Judge a canary against its baseline at look ``look`` of ``looks`` planned."""
+    """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
+
+    ``buckets`` ({"baseline": [(le, count)], "canary": [...]}, seconds) adds the p99 read from
+    Prometheus histograms, with its error bound, to the report.
+    """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
     missing = {"arm", "latency_ms", "error"} - set(samples.columns)
@@ -521,6 +545,8 @@ def evaluate_gate(
                                            len(lb), int(lc.sum()), len(lc), cfg.accuracy_margin, cfg, level,
                                            blocks_pass=False))  # fmt: skip
 
+    if buckets is not None:
+        checks.append(bucket_quantile_check(buckets["baseline"], buckets["canary"], 0.99))
     decisive = [c for c in checks if c.decision != "info"]
     if any(c.decision == "fail" for c in decisive):
         decision = "fail"

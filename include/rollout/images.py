@@ -130,13 +130,17 @@ def kaniko_pod(
     namespace: str,
     context: str,
     destination: str,
-    model_uri: str,
+    model_file: str,
     model_sha256: str,
     dockerfile: str = "docker/Dockerfile.model-server",
     docker_config_secret: str = "registry-push",  # noqa: S107 (a Secret's name, not a password)
     service_account: str = "image-builder",
 ) -> dict[str, Any]:
-    """The Kaniko build pod (a V1Pod as a dict) for the KubernetesPodOperator."""
+    """The Kaniko build pod (a V1Pod as a dict) for the KubernetesPodOperator.
+
+    ``model_file`` is the candidate's path in the build context (``models/<m>/<v>/model.onnx``);
+    the Dockerfile refuses to build unless its sha256 is ``model_sha256``.
+    """
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -149,7 +153,7 @@ def kaniko_pod(
                 "name": "kaniko",
                 "image": KANIKO_IMAGE,
                 "args": [f"--dockerfile={dockerfile}", f"--context={context}", f"--destination={destination}",
-                         f"--build-arg=MODEL_URI={model_uri}", f"--build-arg=MODEL_SHA256={model_sha256}",
+                         f"--build-arg=MODEL_FILE={model_file}", f"--build-arg=MODEL_SHA256={model_sha256}",
                          "--snapshot-mode=redo", "--cache=true"],
                 "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
                 "volumeMounts": [{"name": "docker-config", "mountPath": "/kaniko/.docker", "readOnly": True}],

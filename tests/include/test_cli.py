@@ -165,7 +165,7 @@ def test_kaniko_pod_is_a_valid_v1_pod_tagged_by_digest():
         "ml-builds",
         "git://example.com/ml/serving.git",
         tag,
-        "s3://models/digits/2/model.onnx",
+        "models/digits/2/model.onnx",
         sha,
     )
     api = client.ApiClient()
@@ -175,3 +175,15 @@ def test_kaniko_pod_is_a_valid_v1_pod_tagged_by_digest():
     assert f"--destination={tag}" in args
     assert f"--build-arg=MODEL_SHA256={sha}" in args
     assert v1.spec.restart_policy == "Never"
+
+
+def test_dockerfile_is_multi_stage_non_root_and_checks_the_baked_model():
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docker" / "Dockerfile.model-server").read_text()
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) >= 2
+    assert "slim" in stages[-1]
+    assert "USER 10001:10001" in text
+    assert "sha256sum -c" in text
+    assert "ARG MODEL_SHA256" in text

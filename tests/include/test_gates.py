@@ -178,3 +178,14 @@ def test_margin_canary_is_rarely_passed_over_looks():
                 wrong += 1
                 break
     assert wrong / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)
+
+
+def test_histogram_bucket_quantiles_are_reported_with_their_error_bound():
+    base = [(0.005, 50.0), (0.01, 95.0), (0.02, 100.0), (math.inf, 100.0)]
+    canary = [(0.005, 10.0), (0.01, 60.0), (0.02, 98.0), (0.05, 100.0), (math.inf, 100.0)]
+    v = evaluate_gate(samples(500), buckets={"baseline": base, "canary": canary})
+    check = next(c for c in v.checks if c.name == "latency_p99_buckets")
+    assert check.decision == "info"
+    lo, hi = check.ci
+    assert lo <= check.effect <= hi
+    assert "error at most the width" in check.method
