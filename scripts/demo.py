@@ -3,18 +3,17 @@
 Starts the model server on loopback, loads the candidates (versions 2 and 3) beside the
 baseline (1) through the admin API, replays the labelled validation images through each
 version with tritonclient, and prints accuracy and latency per version next to the held-out
-accuracy recorded at build time. Then version 2 takes 10% of generated traffic as a canary
-with a 100% shadow: served split, live accuracy from feedback labels, and the masked shadow
-log. The Airflow rollout (issue 5) grows out of this.
+accuracy recorded at build time, and the statistical gate's verdict on versions 2 and 3.
+Then version 2 takes 10% of generated traffic as a canary with a 100% shadow: served split,
+live accuracy from feedback labels, and the shadow audit of the masked shadow log. The
+Airflow rollout (issue 5) grows out of this.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -22,41 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from include.rollout.gates import GuardInputs, evaluate_gate  # noqa: E402
 from include.rollout.local import start_model_server  # noqa: E402
-
-
-def validation_set(repository: Path, model: str = "digits") -> list[tuple[bytes, int]]:
-    folder = repository / model / "validation"
-    with (folder / "labels.csv").open() as f:
-        return [((folder / r["file"]).read_bytes(), int(r["label"])) for r in csv.DictReader(f)]
-
-
-def replay(client: Any, model: str, version: str, samples: list[tuple[bytes, int]]) -> dict[str, Any]:
-    """Send each image alone (as live traffic would) and score the top-1 answer."""
-    import tritonclient.http as httpclient
-
-    output = [httpclient.InferRequestedOutput("probabilities", binary_data=True)]
-    latencies, correct = [], 0
-    for image, label in samples:
-        inp = httpclient.InferInput("image", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([image], dtype=object))
-        start = time.perf_counter()
-        result = client.infer(model, [inp], model_version=version, outputs=output)
-        latencies.append((time.perf_counter() - start) * 1000)
-        correct += int(result.as_numpy("probabilities")[0].argmax() == label)
-    latencies.sort()
-    return {
-        "version": version,
-        "n": len(samples),
-        "accuracy": correct / len(samples),
-        "p50_ms": statistics.median(latencies),
-        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-    }
+from include.rollout.replay import accuracy_drop, replay  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--seconds", type=float, default=8.0, help="how long the canary takes traffic")
     args = p.parse_args(argv)
-    samples = validation_set(args.repository)
     cfg = json.loads((args.repository / "digits" / "config.json").read_text())
     token = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="demo-") as tmp:
@@ -88,26 +57,34 @@ def main(argv: list[str] | None = None) -> int:
                 headers=server.admin,
                 config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
             )
-            print(
-                f"loaded digits versions {client.get_model_metadata('digits')['versions']}; "
-                f"replaying {len(samples)} validation images through each\n"
-            )
+            validation = args.repository / "digits" / "validation"
+            print(f"loaded digits versions {client.get_model_metadata('digits')['versions']}; replaying the "
+                  "validation images through each, over the serving path\n")  # fmt: skip
+            df = replay(server.url, "digits", {v: v for v in ("1", "2", "3")}, validation)
             print(
                 f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"
             )
-            for version in ("1", "2", "3"):
-                r = replay(client, "digits", version, samples)
+            for version, g in df.groupby("arm"):
                 meta = cfg["metadata"]["versions"][version]
-                print(
-                    f"{version:8s} {meta['algorithm']:46s} {r['accuracy']:9.4f} "
-                    f"{meta['heldout_accuracy']:7.4f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f}"
+                print(f"{version:8s} {meta['algorithm']:46s} {g['correct'].mean():9.4f} {meta['heldout_accuracy']:7.4f} "
+                      f"{g['latency_ms'].median():7.2f} {g['latency_ms'].quantile(0.99):7.2f}")  # fmt: skip
+            print("\nthe gate on each candidate against version 1 (paired replay):")
+            for candidate in ("2", "3"):
+                pairs = df[df["arm"].isin(["1", candidate])].replace(
+                    {"arm": {"1": "baseline", candidate: "canary"}}
                 )
+                verdict = evaluate_gate(pairs, {"min_samples": 100},
+                                        guards=GuardInputs(validation_drop=accuracy_drop(pairs)))  # fmt: skip
+                print(f"  version {candidate}: {verdict.decision.upper()}")
+                for c in verdict.checks:
+                    if c.decision != "info":
+                        print(f"    [{c.decision}] {c.name}: {c.sentence}")
             ok = server.metric("nv_inference_request_success", model="digits", version="3")
             print(f'\n/metrics: nv_inference_request_success{{model="digits",version="3"}} {ok:g}')
             canary_with_shadow(server, args.repository, Path(tmp) / "shadow", args.seconds)
         finally:
             server.stop()
-    print("\nNext (issues 4-5): statistical gates, shadow audit and the Airflow rollout.")
+    print("\nNext (issue 5): the Airflow DAGs drive these steps from the UI.")
     return 0
 
 
@@ -115,6 +92,7 @@ def canary_with_shadow(server: Any, repository: Path, shadow_log: Path, seconds:
     """Version 2 as a 10% canary with a 100% shadow, under generated traffic with feedback."""
     import requests
 
+    from include.rollout.audit import audit_frame
     from model_server.loadgen import LoadConfig, run
     from model_server.shadowlog import read_shadow_log
 
@@ -137,9 +115,10 @@ def canary_with_shadow(server: Any, repository: Path, shadow_log: Path, seconds:
     time.sleep(3)  # the shadow log writer flushes every 2 s
     df = read_shadow_log(shadow_log, started, datetime.now(UTC))
     if len(df):
-        agree = (df["primary_top1"] == df["shadow_top1"]).mean()
+        result = audit_frame(df, model="digits")
         print(
-            f"shadow log: {len(df)} rows, top-1 agreement of version 1 (primary) and 2 (shadow) {agree:.4f}"
+            f"shadow audit of {len(df)} mirrored requests: {result.verdict.upper()}: "
+            + "; ".join(result.reasons)
         )
         print(f"  a masked row: user {df['user_id'].iloc[0]}, meta {df['meta'].iloc[0][:110]}...")
 

@@ -1,0 +1,65 @@
+"""Validation replay: the same labelled images through both versions, over the serving path.
+
+Each image goes once to the baseline and once to the candidate (versioned requests through
+tritonclient, so the traffic policy and the mirror stay out of it), in alternating order;
+the result is the gate's paired samples (``arm``, ``latency_ms``, ``error``, ``correct``,
+``pair_id``), which feed the exact McNemar check and the validation accuracy-drop guard.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
+    with (folder / "labels.csv").open() as f:
+        rows = list(csv.DictReader(f))[:limit]
+    return [(r["file"], (folder / r["file"]).read_bytes(), int(r["label"])) for r in rows]
+
+
+def replay(
+    url: str,
+    model: str,
+    versions: dict[str, str],
+    validation: Path,
+    limit: int | None = None,
+    output: str = "probabilities",
+    input_name: str = "image",
+    headers: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """``versions`` maps arm -> version, e.g. {"baseline": "1", "canary": "2"}."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url, connection_timeout=30, network_timeout=60)
+    outputs = [httpclient.InferRequestedOutput(output, binary_data=True)]
+    rows: list[dict[str, Any]] = []
+    arms = list(versions.items())
+    for i, (name, image, label) in enumerate(load_validation(validation, limit)):
+        inp = httpclient.InferInput(input_name, [1], "BYTES")
+        inp.set_data_from_numpy(np.array([image], dtype=object))
+        for arm, version in arms if i % 2 == 0 else arms[::-1]:  # alternate who goes first
+            start = time.perf_counter()
+            try:
+                result = client.infer(model, [inp], model_version=version, outputs=outputs,
+                                      headers={"X-Request-ID": f"replay-{arm}-{i}", **(headers or {})})  # fmt: skip
+                correct: float = float(result.as_numpy(output)[0].argmax() == label)
+                error = 0
+            except InferenceServerException:
+                correct, error = float("nan"), 1
+            rows.append({"arm": arm, "version": version, "latency_ms": (time.perf_counter() - start) * 1000,
+                         "error": error, "correct": correct, "pair_id": name})  # fmt: skip
+    client.close()
+    return pd.DataFrame(rows)
+
+
+def accuracy_drop(samples: pd.DataFrame) -> float:
+    """Baseline minus canary accuracy on the pairs both answered: the hard guard's input."""
+    pairs = samples.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
+    return float(pairs["baseline"].mean() - pairs["canary"].mean())

@@ -1,0 +1,45 @@
+"""Validation replay over the serving path feeds the paired accuracy check and the drop guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from include.rollout.gates import GuardInputs, evaluate_gate
+from include.rollout.replay import accuracy_drop, replay
+from tests.model_server.test_routing import TOKEN
+
+pytestmark = pytest.mark.integration
+
+
+def test_replay_pairs_versions_and_the_gate_judges_them(server_factory, repo_copy, models_dir, tmp_path):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.client().load_model(
+        "digits",
+        headers=s.admin,
+        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
+    )
+    validation = models_dir / "digits" / "validation"
+    cfg = json.loads((models_dir / "digits" / "config.json").read_text())["metadata"]["versions"]
+    better = replay(s.url, "digits", {"baseline": "1", "canary": "2"}, validation)
+    worse = replay(s.url, "digits", {"baseline": "1", "canary": "3"}, validation)
+    assert len(better) == 900
+    assert better["error"].sum() == 0
+    # The same images through the server reproduce the build-time held-out accuracies.
+    assert better[better["arm"] == "canary"]["correct"].mean() == pytest.approx(
+        cfg["2"]["heldout_accuracy"], abs=1e-4
+    )
+    assert accuracy_drop(worse) == pytest.approx(
+        cfg["1"]["heldout_accuracy"] - cfg["3"]["heldout_accuracy"], abs=1e-4
+    )
+    v_better = evaluate_gate(
+        better, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(better))
+    )
+    v_worse = evaluate_gate(
+        worse, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(worse))
+    )
+    assert next(c for c in v_better.checks if c.name == "accuracy_paired").decision == "pass"
+    assert next(c for c in v_worse.checks if c.name == "accuracy_paired").decision == "fail"
+    assert v_worse.decision == "fail"
+    assert {"accuracy_paired", "guard_accuracy_drop"} <= {c.name for c in v_worse.failed}
