@@ -247,6 +247,11 @@ class LoadedVersion:
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
 
+    def predicted_seconds(self, inputs: list[InferInput]) -> float:
+        """Preprocessing plus execution this request should take, from recent runs (inf at first)."""
+        batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
+        return self._seconds_per_item * batch
+
     async def infer(
         self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True, run_options: Any = None
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
@@ -255,12 +260,11 @@ class LoadedVersion:
         ``run_options`` (an ``onnxruntime.RunOptions``) lets the caller abort the run by
         setting ``terminate``: the shadow path yields to primary requests that way.
         """
-        batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
         if (
             allow_inline
             and self.fault is None
             and self.config.instance_count == 1
-            and self._seconds_per_item * batch <= INLINE_BUDGET_S
+            and self.predicted_seconds(inputs) <= INLINE_BUDGET_S
         ):
             return self._run(inputs, outputs, time.perf_counter())
         loop = asyncio.get_running_loop()

@@ -26,6 +26,7 @@ from model_server.trace import TraceContext, log_access
 
 log = logging.getLogger(__name__)
 
+PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
 
 
@@ -194,11 +195,16 @@ class ShadowMirror:
     async def _yielding_run(
         self, lv: LoadedVersion, job: ShadowJob
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
-        """Run when no primary is in flight; start over when one arrives mid-run."""
+        """Run when no primary is in flight; a long run starts over when one arrives mid-run.
+
+        Runs predicted shorter than ``PREEMPT_MIN_S`` are not aborted: they cost a primary less
+        than aborting and retrying them would cost the shadow.
+        """
         for _ in range(self.max_preemptions + 1):
             await self.gate.idle.wait()
             run = ort.RunOptions()
-            self.gate.shadow_runs.add(run)
+            if lv.predicted_seconds(job.inputs) >= PREEMPT_MIN_S:
+                self.gate.shadow_runs.add(run)
             try:
                 return await lv.infer(job.inputs, job.outputs, allow_inline=False, run_options=run)
             except Preempted:

@@ -116,6 +116,37 @@ class TrafficPolicy:
                 )
         return cls(route=route, rules=rules, mirror=mirror)
 
+    @staticmethod
+    def json_schema() -> dict[str, Any]:
+        """The policy's JSON form as JSON schema (structure only; ``from_dict`` also checks that
+        weights sum to 100, versions are unique, regexes compile, the mirror is not the primary)."""
+        version = {"type": "string", "pattern": "^[1-9][0-9]*$", "description": "model version"}
+        route = {"type": "array", "minItems": 1, "description": "weighted destinations, weights summing to 100",
+                 "items": {"type": "object", "additionalProperties": False, "required": ["version"],
+                           "properties": {"version": version,
+                                          "weight": {"type": "integer", "minimum": 0, "maximum": 100}}}}  # fmt: skip
+        match = {"type": "object", "minProperties": 1, "maxProperties": 1,
+                 "properties": {k: {"type": "string"} for k in MATCH_KINDS}, "additionalProperties": False}  # fmt: skip
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "TrafficPolicy",
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["route"],
+            "properties": {
+                "rules": {"type": "array", "description": "tried in order before route", "items": {
+                    "type": "object", "additionalProperties": False, "required": ["match", "route"],
+                    "properties": {"name": {"type": "string"}, "route": route,
+                                   "match": {"type": "object", "required": ["headers"], "additionalProperties": False,
+                                             "properties": {"headers": {"type": "object", "minProperties": 1,
+                                                                        "additionalProperties": match}}}}}},
+                "route": route,
+                "mirror": {"type": "object", "additionalProperties": False, "required": ["version"],
+                           "properties": {"version": version,
+                                          "percent": {"type": "number", "minimum": 0, "maximum": 100}}},
+            },
+        }  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.rules:

@@ -54,10 +54,25 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 @dataclass
-class ModelServerProcess:
+class ManagedProcess:
+    """A service this code started: stopped by its process id, SIGTERM then SIGKILL."""
+
     proc: subprocess.Popen[bytes]
     port: int
     log: Path
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@dataclass
+class ModelServerProcess(ManagedProcess):
     token: str | None = None
     url: str = field(init=False)  # host:port, as tritonclient takes it
 
@@ -84,15 +99,6 @@ class ModelServerProcess:
             if sample == name and all(sample_labels.get(k) == v for k, v in labels.items()):
                 return value
         return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def start_model_server(
@@ -150,23 +156,10 @@ def start_model_server(
 
 
 @dataclass
-class PrometheusProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
+class PrometheusProcess(ManagedProcess):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def start_prometheus(

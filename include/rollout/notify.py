@@ -60,6 +60,12 @@ def _check_lines(checks: tuple[Check, ...] | list[Check]) -> list[dict[str, Any]
     return [section(f"{ICONS.get(c.decision, '')} *{c.name}* ({c.decision}): {c.sentence}") for c in checks]
 
 
+def _audit_line(audit: AuditResult) -> dict[str, Any]:
+    return section(
+        f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): " + "; ".join(audit.reasons)
+    )
+
+
 @dataclass(frozen=True)
 class Message:
     text: str  # the notification fallback
@@ -90,12 +96,7 @@ def promotion_message(
     for v in verdicts[-1:]:
         blocks += _check_lines([c for c in v.checks if c.decision != "info"])
     if audit is not None:
-        blocks.append(
-            section(
-                f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): "
-                + "; ".join(audit.reasons)
-            )
-        )
+        blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)
 
 
@@ -129,12 +130,7 @@ def rollback_message(
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))
         blocks += _check_lines([c for c in failing[1:]])
     if audit is not None:
-        blocks.append(
-            section(
-                f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): "
-                + "; ".join(audit.reasons)
-            )
-        )
+        blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)
 
 

@@ -52,3 +52,22 @@ def test_stage_policies():
     assert s.policy_for_stage(100).to_dict() == {"route": [{"version": "2", "weight": 100}]}
     assert s.stable_policy().to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert RolloutSpec.from_dict(s.to_dict()) == s
+
+
+def test_traffic_policy_json_schema_accepts_what_from_dict_accepts():
+    from model_server.traffic import TrafficPolicy
+
+    schema = TrafficPolicy.json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    policy = {"rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                         "route": [{"version": "2", "weight": 100}]}],
+              "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
+              "mirror": {"version": "2", "percent": 100}}  # fmt: skip
+    jsonschema.validate(policy, schema)
+    assert TrafficPolicy.from_dict(policy).to_dict() == {
+        **policy,
+        "mirror": {"version": "2", "percent": 100.0},
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"route": [{"version": "1", "weight": 100}], "rules": [{"match": {"headers": {
+            "x": {"glob": "*"}}}, "route": [{"version": "2"}]}]}, schema)  # fmt: skip
