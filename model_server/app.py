@@ -223,11 +223,8 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
             try:
                 req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
                 outputs = lv.validate(req.inputs, req.outputs)
-                mirror.gate.enter()
-                try:
+                with mirror.gate:
                     results, batch, timing = await lv.infer(req.inputs, outputs)
-                finally:
-                    mirror.gate.exit()
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
                 payload, header_len = encode_infer_response(

@@ -85,13 +85,14 @@ class PrimaryGate:
         self.idle.set()
         self.shadow_runs: set[Any] = set()  # RunOptions of running shadow executions
 
-    def enter(self) -> None:
+    def __enter__(self) -> None:
+        """A primary request starts executing: shadow runs stop and wait."""
         self.inflight += 1
         self.idle.clear()
         for run in self.shadow_runs:
             run.terminate = True
 
-    def exit(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.inflight -= 1
         if self.inflight == 0:
             self.idle.set()
