@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR)
+export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
 .PHONY: venv models prometheus test lint serve demo bench clean

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ MODELS = ROOT / "models"
 ADMIN_TOKEN = "test-admin-token"
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
 
 
 @pytest.fixture(scope="session")

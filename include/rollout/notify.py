@@ -204,14 +204,20 @@ class SlackNotifier:
     """Posts through slack-sdk with a bot token; without one, writes to an outbox folder."""
 
     def __init__(
-        self, channel: str, token: str | None = None, base_url: str | None = None, outbox: Path | None = None
+        self,
+        channel: str,
+        token: str | None = None,
+        base_url: str | None = None,
+        outbox: Path | None = None,
+        client: Any = None,
     ):
-        if token is None and outbox is None:
-            raise ValueError("SlackNotifier needs a token or an outbox folder")
+        """``client``: a ready slack_sdk WebClient, e.g. the Slack provider's ``SlackHook().client``."""
+        if token is None and outbox is None and client is None:
+            raise ValueError("SlackNotifier needs a token, a client or an outbox folder")
         self.channel = channel
         self.outbox = outbox
-        self.client = None
-        if token:
+        self.client = client
+        if token and client is None:
             from slack_sdk import WebClient
 
             self.client = WebClient(token=token, base_url=base_url or WebClient.BASE_URL)

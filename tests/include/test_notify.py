@@ -93,5 +93,5 @@ def test_without_a_token_messages_go_to_the_outbox(tmp_path):
     assert record["channel"] == "#model-rollouts"
     assert (tmp_path / "outbox" / record["chart"]).read_bytes()[:4] == b"\x89PNG"
     assert not list((tmp_path / "outbox").glob(".*.tmp"))
-    with pytest.raises(ValueError, match="token or an outbox"):
+    with pytest.raises(ValueError, match="a token, a client or an outbox"):
         SlackNotifier("#x")

@@ -1,0 +1,102 @@
+"""Hooks: Airflow connections -> the rollout library's objects. Secrets come only from here.
+
+- ``model_server_default`` (http): host, port, schema; the admin token as the password;
+  extra ``{"repository": ..., "shadow_log": ..., "state_dir": ...}`` for the local backend.
+- ``prometheus_default`` (http): the Prometheus HTTP API.
+- ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
+  password, optional ``base_url`` extra); without a token, reports go to an outbox folder.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from include.rollout.mesh import LocalRouter
+from include.rollout.metrics import PrometheusSource, ScrapeSource
+from include.rollout.notify import SlackNotifier
+
+
+def _http_url(conn: Any, default_port: int) -> str:
+    return f"{conn.schema or 'http'}://{conn.host or '127.0.0.1'}:{conn.port or default_port}"
+
+
+class ModelServerHook(BaseHook):
+    """The model server (KServe v2): its admin API, its metrics, its traffic policy."""
+
+    conn_name_attr = "model_server_conn_id"
+    default_conn_name = "model_server_default"
+    conn_type = "http"
+    hook_name = "Model server (KServe v2)"
+
+    def __init__(self, model_server_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.model_server_conn_id = model_server_conn_id
+
+    @cached_property
+    def connection(self) -> Any:
+        return self.get_connection(self.model_server_conn_id)
+
+    @property
+    def url(self) -> str:
+        return _http_url(self.connection, 8000)
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient takes it."""
+        return self.url.split("://", 1)[1]
+
+    @property
+    def token(self) -> str | None:
+        return self.connection.password or None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.connection.extra_dejson)
+
+    def router(self, model: str, state_file: Path) -> LocalRouter:
+        return LocalRouter(self.url, model, self.token, state_file)
+
+    def scrape(self) -> ScrapeSource:
+        return ScrapeSource(self.url)
+
+    def load_versions(self, model: str, versions: list[str]) -> None:
+        """Serve exactly these versions of ``model`` (Triton's load API with a version policy)."""
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.address)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
+        client.load_model(model, headers=headers, config=json.dumps(policy))
+
+
+class PrometheusHook(BaseHook):
+    conn_name_attr = "prometheus_conn_id"
+    default_conn_name = "prometheus_default"
+    conn_type = "http"
+    hook_name = "Prometheus"
+
+    def __init__(self, prometheus_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.prometheus_conn_id = prometheus_conn_id
+
+    def source(self) -> PrometheusSource:
+        return PrometheusSource(_http_url(self.get_connection(self.prometheus_conn_id), 9090))
+
+
+def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_default") -> SlackNotifier:
+    """Through the Slack provider's hook when its connection has a token; else the outbox."""
+    from airflow.providers.slack.hooks.slack import SlackHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(slack_conn_id)
+    except AirflowNotFoundException:
+        conn = None
+    if conn is None or not conn.password:
+        return SlackNotifier(channel, outbox=outbox)
+    return SlackNotifier(channel, client=SlackHook(slack_conn_id=slack_conn_id).client)

@@ -1,0 +1,67 @@
+"""Hooks turn Airflow connections (here from AIRFLOW_CONN_* variables) into the library's objects."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
+from tests.fakes.slack_api import FakeSlack
+from tests.include.test_gates import samples
+
+
+def conn(monkeypatch, conn_id: str, **fields) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
+
+
+def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, tmp_path):
+    conn(monkeypatch, "model_server_default", conn_type="http", host="127.0.0.1", port=8123, schema="http",
+         password="s3cret-admin-token", extra={"repository": "models"})  # fmt: skip
+    conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", port=9191)
+    hook = ModelServerHook()
+    assert hook.url == "http://127.0.0.1:8123"
+    assert hook.address == "127.0.0.1:8123"
+    assert hook.extra == {"repository": "models"}
+    router = hook.router("digits", tmp_path / "original.json")
+    assert (router.url, router.token) == ("http://127.0.0.1:8123", "s3cret-admin-token")
+    assert PrometheusHook().source().url == "http://127.0.0.1:9191"
+
+
+def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_path):
+    from include.rollout.gates import evaluate_gate
+    from include.rollout.notify import stage_message
+    from include.rollout.spec import RolloutSpec
+
+    message = stage_message(RolloutSpec(), 5, evaluate_gate(samples(300)))
+    outbox = slack_notifier("#rollouts", tmp_path / "outbox", slack_conn_id="no_such_slack")
+    assert "outbox" in outbox.send(message)
+    fake = FakeSlack().start()
+    try:
+        conn(
+            monkeypatch,
+            "slack_api_default",
+            conn_type="slack",
+            password=fake.token,
+            extra={"base_url": fake.base_url},
+        )
+        posted = slack_notifier("#rollouts", tmp_path / "outbox").send(message)
+        assert posted["channel"] == "C0ROLLOUT"
+        assert fake.messages()[-1]["channel"] == "#rollouts"
+    finally:
+        fake.stop()
+
+
+@pytest.mark.integration
+def test_load_versions_uses_the_admin_token(monkeypatch, server_factory, repo_copy, tmp_path):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token="hook-token")
+    conn(
+        monkeypatch,
+        "model_server_default",
+        conn_type="http",
+        host="127.0.0.1",
+        port=s.port,
+        password="hook-token",
+    )
+    ModelServerHook().load_versions("digits", ["1", "2"])
+    assert s.client().get_model_metadata("digits")["versions"] == ["1", "2"]
