@@ -6,8 +6,10 @@
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
+  rolloutctl run --spec FILE --url URL --validation DIR [--token-file F] [--prometheus URL]
+                 [--state-file F] [--outbox DIR]     (a whole rollout on the model server's router)
 
-Exit codes: 0 pass (or done), 1 fail, 2 usage error, 3 wait.
+Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait.
 """
 
 from __future__ import annotations
@@ -165,6 +167,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from include.rollout.controller import Judge, Rollout, StageOutcome
+    from include.rollout.mesh import LocalRouter
+    from include.rollout.metrics import PrometheusSource
+    from include.rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
+    from include.rollout.spec import RolloutSpec, SpecError
+
+    try:
+        spec = RolloutSpec.from_dict(json.loads(args.spec.read_text()))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{args.spec}: {exc}") from None
+    except SpecError as exc:
+        raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
+    if spec.mesh != "local":
+        raise UsageError(
+            "rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow"
+        )
+    token = args.token_file.read_text().strip() if args.token_file else None
+    state = args.state_file or Path(f".rollout-{spec.model}-original.json")
+    router = LocalRouter(args.url, spec.model, token, state)
+    source = PrometheusSource(args.prometheus) if args.prometheus else None
+    judge = Judge(spec, args.url.split("://", 1)[-1], args.validation, source)
+    notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
+
+    def report(outcome: StageOutcome) -> None:
+        print(f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
+              f"{outcome.reason}", flush=True)  # fmt: skip
+        if notifier is not None and outcome.verdict is not None:
+            notifier.send(stage_message(spec, outcome.weight, outcome.verdict))
+
+    result = Rollout(spec, router, judge, on_stage=report).run()
+    last = result.stages[-1] if result.stages else None
+    if notifier is not None:
+        verdicts = [o.verdict for o in result.stages if o.verdict is not None]
+        notifier.send(promotion_message(spec, verdicts) if result.promoted
+                      else rollback_message(spec, result.reason, last.verdict if last else None,
+                                            last.weight if last else None))  # fmt: skip
+    print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason)
+    return 0 if result.promoted else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,6 +247,17 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model-dir", type=Path, help="the model's repository folder (config.json, validation/)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
+    r = sub.add_parser("run", help="a whole rollout on the model server's router, without Airflow")
+    r.add_argument(
+        "--spec", type=Path, required=True, help="RolloutSpec as JSON (see RolloutSpec.json_schema())"
+    )
+    r.add_argument("--url", required=True, help="model server, http://host:port")
+    r.add_argument("--validation", type=Path, required=True, help="labelled validation images (labels.csv)")
+    r.add_argument("--token-file", type=Path)
+    r.add_argument("--prometheus", help="http://host:port, for the hard guards")
+    r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
+    r.add_argument("--outbox", type=Path, help="write the Slack reports here")
+    r.set_defaults(func=cmd_run)
     return p
 
 

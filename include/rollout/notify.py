@@ -240,7 +240,7 @@ class SlackNotifier:
     def _to_outbox(self, message: Message) -> dict[str, Any]:
         assert self.outbox is not None
         self.outbox.mkdir(parents=True, exist_ok=True)
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{uuid.uuid4().hex[:6]}"  # sorts in order
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
         if message.chart:
             (self.outbox / f"{stem}.png").write_bytes(message.chart)
