@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models prometheus test lint serve demo bench clean
+.PHONY: venv models prometheus test lint serve up down demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ lint: $(STAMP)
 
 serve: models
 	$(BIN)/model-server --repository models --host 127.0.0.1 --port 8000
+
+up: models prometheus
+	$(BIN)/python scripts/stack.py up
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python scripts/stack.py down || true
 
 demo: models
 	$(BIN)/python scripts/demo.py --repository models

@@ -1,0 +1,123 @@
+"""``make up`` / ``make down``: the one-machine stack, started in the background and stopped exactly.
+
+up: the model server on 127.0.0.1:8000 (digits version 1 stable, shadow log and masking on,
+admin token in run/admin-token, mode 0600), Prometheus on 127.0.0.1:9090 scraping it every
+second, and the load generator replaying the validation images with feedback. What was
+started is recorded in run/stack.json; ``down`` stops exactly those process ids.
+(Airflow standalone joins the stack with the DAGs, issue 5.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from include.rollout.local import start_model_server, start_prometheus  # noqa: E402
+
+STATE = "stack.json"
+
+
+def up(run: Path, repository: Path, port: int, prometheus_port: int, rate: float) -> dict:
+    state_file = run / STATE
+    if state_file.exists():
+        alive = [p for p in json.loads(state_file.read_text())["pids"].values() if _alive(p)]
+        if alive:
+            raise SystemExit(f"the stack is already up (pids {alive}); run `make down` first")
+    run.mkdir(parents=True, exist_ok=True)
+    token_file = run / "admin-token"
+    if not token_file.exists():
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(24))
+    server = start_model_server(repository, run, "--shadow-log", str(run / "shadow"), "--state-dir",
+                                str(run / "state"), "--mask-header", "x-user-id",
+                                token=token_file.read_text().strip(), port=port)  # fmt: skip
+    prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
+    log = (run / "loadgen.log").open("wb")
+    loadgen = subprocess.Popen(
+        [sys.executable, "-m", "model_server.loadgen", "--url", server.url, "--validation",
+         str(repository / "digits" / "validation"), "--rate", str(rate), "--duration", str(7 * 24 * 3600),
+         "--feedback-share", "0.5"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+    )  # fmt: skip
+    state = {
+        "pids": {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid},
+        "urls": {"model_server": server.http, "prometheus": prom.url},
+        "admin_token_file": str(token_file),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def down(run: Path) -> list[str]:
+    state_file = run / STATE
+    if not state_file.exists():
+        return []
+    pids = json.loads(state_file.read_text())["pids"]
+    stopped = []
+    for name, pid in pids.items():  # exactly what `up` started, by process id
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(name)
+    deadline = time.monotonic() + 20
+    for pid in pids.values():
+        while _alive(pid) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+    state_file.unlink()
+    return stopped
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["up", "down"])
+    p.add_argument("--run", type=Path, default=ROOT / "run")
+    p.add_argument("--repository", type=Path, default=ROOT / "models")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--rate", type=float, default=20.0, help="load generator requests per second")
+    args = p.parse_args(argv)
+    if args.command == "down":
+        stopped = down(args.run)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    state = up(args.run, args.repository, args.port, args.prometheus_port, args.rate)
+    print(f"model server  {state['urls']['model_server']}  (admin token in {state['admin_token_file']})")
+    print(f"prometheus    {state['urls']['prometheus']}")
+    print(f"load generator: {args.rate:g} requests/s, log in {args.run / 'loadgen.log'}")
+    print("stop with: make down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
