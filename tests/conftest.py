@@ -19,9 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 ADMIN_TOKEN = "test-admin-token"
 
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
+os.environ.setdefault(
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{os.environ['AIRFLOW_HOME']}/airflow.db"
+)
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3}
+EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3, "inconclusive": 3}
 
 
 class UsageError(Exception):

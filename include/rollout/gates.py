@@ -198,6 +198,22 @@ class Verdict:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.decision == "fail"]
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Verdict:
+        """Back from ``to_dict`` (an XCom value, a JSON report)."""
+        names = {f.name for f in fields(Check)}
+        checks = tuple(
+            Check(
+                **{
+                    **{k: v for k, v in c.items() if k in names},
+                    "ci": tuple(c["ci"]) if c.get("ci") else None,
+                }
+            )
+            for c in d["checks"]
+        )
+        return cls(d["decision"], checks, d["look"], d["looks"], d["alpha"], d["nominal_alpha"], d["spending"],
+                   d.get("summary", ""))  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "decision": self.decision, "summary": self.summary, "look": self.look, "looks": self.looks,

@@ -82,7 +82,7 @@ def test_disagreeing_and_unsure_shadow_fails_with_reasons_and_anomaly_hashes(tmp
     log = shadow_log(tmp_path, 300, disagree=0.2, low_confidence=0.3, errors=2)
     result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5))
     assert result.verdict == "fail"
-    assert any("agreement" in r for r in result.reasons)
+    assert any("agreement" in r and "shown below" in r for r in result.reasons)
     assert any("shadow error rate" in r for r in result.reasons)
     assert set(result.anomalies["reason"]) <= {
         "low confidence",
@@ -126,7 +126,9 @@ def test_thresholds_are_configurable():
             "image_sha256": ["0" * 64] * 4,
         }
     )
-    strict = audit_frame(df, AuditConfig(min_agreement=0.9))
+    strict = audit_frame(df, AuditConfig(min_agreement=0.9, max_anomaly_rate=0.5))
     lenient = audit_frame(df, AuditConfig(min_agreement=0.1, max_anomaly_rate=0.5))
-    assert strict.verdict == "fail"
+    impossible = audit_frame(df, AuditConfig(min_agreement=0.999, max_anomaly_rate=0.5))
+    assert strict.verdict == "inconclusive"  # 3 of 4 agree: 90% is neither shown nor ruled out
     assert lenient.verdict == "pass"
+    assert impossible.verdict == "fail"

@@ -1,0 +1,138 @@
+"""
+### model_rollout
+
+Roll a new version of a model out to production, or roll it back, with the evidence.
+
+1. **build_image**: verify the candidate artifact (loads, signature, golden inference) and load it
+   beside the baseline.
+2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
+3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
+   log only masked.
+4. **wait_for_metrics**: hard guards at every poke (a breach fails at once); after the bake time,
+   the statistical gate until it decides.
+5. **statistical_gate**: the stage's verdict (non-inferiority, sequential alpha spending).
+6. **shadow_consistency**: the shadow audit over this run.
+7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
+   candidate unloaded, mirror off); then **notify** sends the report to Slack.
+
+Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, PokeReturnValue, TriggerRule, dag, task, task_group
+
+from include.rollout.spec import RolloutSpec
+
+MAX_STAGES = 4
+SECTIONS = {
+    "model": "Model", "candidate_version": "Model", "baseline_version": "Model",
+    "stages": "Stages", "bake_seconds": "Stages", "max_stage_seconds": "Stages", "looks_per_stage": "Stages",
+    "mirror_percent": "Stages", "min_samples": "Statistics", "alpha": "Statistics", "spending": "Statistics",
+    "latency_margin": "Statistics", "error_margin": "Statistics", "accuracy_margin": "Statistics",
+    "p99_ms_max": "Hard guards", "p99_breach_seconds": "Hard guards", "accuracy_drop_max": "Hard guards",
+    "shadow_error_rate_max": "Hard guards", "mesh": "Delivery", "slack_channel": "Delivery",
+    "require_approval": "Delivery",
+}  # fmt: skip
+
+
+def rollout_params() -> dict[str, Param]:
+    """The trigger form from RolloutSpec's JSON schema: one source for types, limits and defaults."""
+    out = {}
+    for name, prop in RolloutSpec.json_schema()["properties"].items():
+        schema = {k: v for k, v in prop.items() if k != "default"}
+        if name == "stages":
+            schema["maxItems"] = MAX_STAGES
+        out[name] = Param(prop["default"], section=SECTIONS[name], **schema)
+    return out
+
+
+@dag(
+    dag_id="model_rollout",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["ml", "rollout", "canary"],
+    params=rollout_params(),
+    default_args={"owner": "ml-platform", "retries": 0},
+)
+def model_rollout() -> None:
+    from rollout_airflow import steps
+
+    @task(retries=1)
+    def build_image(params: dict[str, Any]) -> dict[str, Any]:
+        return steps.build_image(params)
+
+    @task
+    def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+        return steps.enable_shadow(params, run_id)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def shadow_consistency(params: dict[str, Any], dag_run: Any) -> dict[str, Any]:
+        return steps.shadow_consistency(params, dag_run.start_date)
+
+    @task.branch(trigger_rule=TriggerRule.ALL_DONE)
+    def decide(audit: dict[str, Any] | None, params: dict[str, Any], ti: Any) -> str:
+        verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(MAX_STAGES)]
+        outcome, reason = steps.decide(params, verdicts, audit)
+        ti.xcom_push(key="reason", value=reason)
+        ti.xcom_push(key="outcome", value=outcome)
+        return outcome
+
+    @task
+    def promote(params: dict[str, Any], run_id: str) -> None:
+        steps.promote(params, run_id)
+
+    @task
+    def rollback(params: dict[str, Any], run_id: str) -> None:
+        steps.restore_stable(params, run_id)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
+        verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(MAX_STAGES)]
+        outcome = ti.xcom_pull(task_ids="decide", key="outcome")
+        return steps.notify(params, outcome, ti.xcom_pull(task_ids="decide", key="reason") or "", verdicts)
+
+    def stage(index: int, previous: Any) -> Any:
+        @task_group(group_id=f"stage_{index + 1}")
+        def group(previous: Any) -> Any:
+            @task(trigger_rule=TriggerRule.NONE_FAILED)
+            def apply_mesh_weights(
+                previous: dict[str, Any] | None, params: dict[str, Any], run_id: str
+            ) -> dict[str, Any]:
+                return steps.apply_weights(params, index, run_id, previous)
+
+            @task.sensor(poke_interval=2, timeout=3600, mode="poke")
+            def wait_for_metrics(applied: dict[str, Any], params: dict[str, Any]) -> PokeReturnValue:
+                done, verdict = steps.wait_for_metrics(params, index, applied)
+                return PokeReturnValue(is_done=done, xcom_value=verdict)
+
+            @task
+            def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:
+                print(verdict["summary"])
+                return verdict
+
+            applied = apply_mesh_weights(previous)
+            waited = wait_for_metrics(applied)
+            if index == 0:  # mirror and masking, checked once before the first stage is judged
+                applied >> enable_shadow() >> waited
+            return statistical_gate(waited)
+
+        return group(previous)
+
+    previous = build_image()
+    gates = []
+    for index in range(MAX_STAGES):
+        previous = stage(index, previous)
+        gates.append(previous)
+    audit = shadow_consistency()
+    gates >> audit
+    decide(audit) >> [promote(), rollback()] >> notify()
+
+
+model_rollout()

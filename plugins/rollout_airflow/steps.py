@@ -1,0 +1,218 @@
+"""The rollout's steps as Airflow sees them: Params in, the library called, small results out.
+
+Each function is the body of one task of ``dags/model_rollout.py``; all logic lives in
+include/rollout. Secrets come only from the connections the hooks read.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from dataclasses import fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from include.rollout.spec import RolloutSpec, SpecError
+from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
+
+PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
+
+
+def spec_from(params: dict[str, Any]) -> RolloutSpec:
+    names = {f.name for f in fields(RolloutSpec)}
+    try:
+        return RolloutSpec.from_dict({k: v for k, v in params.items() if k in names})
+    except SpecError as exc:
+        raise AirflowFailException(f"invalid rollout parameters: {exc}") from None
+
+
+def workdir(hook: ModelServerHook, spec: RolloutSpec, run_id: str) -> Path:
+    base = Path(hook.extra.get("run_dir", "run")) / "rollouts" / spec.model
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    path = base / safe
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def router(spec: RolloutSpec, run_id: str) -> Any:
+    hook = ModelServerHook()
+    if spec.mesh != "local":
+        raise AirflowFailException(
+            "mesh 'istio' runs the IstioRouter with a kubernetes connection: not wired yet"
+        )
+    return hook.router(spec.model, workdir(hook, spec, run_id) / "original-routes.json")
+
+
+def build_image(params: dict[str, Any]) -> dict[str, Any]:
+    """Verify the candidate before any traffic; in local mode, load it beside the baseline."""
+    from include.rollout.images import verify_model
+
+    spec = spec_from(params)
+    hook = ModelServerHook()
+    repo = Path(hook.extra.get("repository", "models"))
+    model_dir = repo / spec.model
+    report = verify_model(model_dir / spec.candidate_version / "model.onnx",
+                          model_dir / spec.baseline_version / "model.onnx", model_dir, model_dir / "validation")  # fmt: skip
+    if not report.ok:
+        raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
+    hook.load_versions(spec.model, [spec.baseline_version, spec.candidate_version])
+    return report.to_dict()
+
+
+def apply_weights(
+    params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``previous``: the build report (first stage) or the previous stage's verdict."""
+    spec = spec_from(params)
+    if index >= len(spec.stages):
+        raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
+    if previous is None or previous.get("decision", "pass") != "pass":
+        raise AirflowSkipException("the previous step did not pass")
+    r = router(spec, run_id)
+    if index == 0:
+        r.reconcile()
+    r.set_routes(spec.policy_for_stage(spec.stages[index]))
+    return {"weight": spec.stages[index], "started": time.time()}
+
+
+def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Mirror on, and masking proven end to end with a probe carrying a synthetic phone number."""
+    import requests
+
+    from model_server.shadowlog import read_shadow_log
+
+    spec = spec_from(params)
+    hook = ModelServerHook()
+    policy = router(spec, run_id).get_routes()
+    if spec.mirror_percent == 0:
+        return {"mirror": None}
+    if policy.mirror is None or policy.mirror.version != spec.candidate_version:
+        raise AirflowFailException(
+            f"the mirror to version {spec.candidate_version} is not in effect: {policy.to_dict()}"
+        )
+    # A request the policy routes to the baseline and samples for the mirror.
+    user = next(
+        f"probe-user-{i}"
+        for i in range(10_000)
+        if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
+    )
+    rid = next(r for r in (f"probe-{uuid.uuid4().hex}" for _ in range(10_000))
+               if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
+    validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
+    image = sorted(validation.glob("*.png"))[0].read_bytes()
+    body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                        "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
+    started = datetime.now(UTC)
+    r = requests.post(f"{hook.url}/v2/models/{spec.model}/infer", json=body, timeout=30,
+                      headers={"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}"})  # fmt: skip
+    if r.status_code != 200:
+        raise AirflowFailException(f"probe request failed: {r.status_code} {r.text}")
+    shadow_log = Path(hook.extra.get("shadow_log", "run/shadow"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        df = read_shadow_log(
+            shadow_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1)
+        )
+        rows = df[df["request_id"] == rid] if len(df) else df
+        if len(rows):
+            meta = rows["meta"].iloc[0] or ""
+            if PROBE_VALUE in meta or "tok_" not in meta:
+                raise AirflowFailException(
+                    f"masking check failed: the probe's metadata reached the log as {meta!r}"
+                )
+            return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
+        time.sleep(0.5)
+    raise AirflowFailException(f"the probe {rid} never reached the shadow log in {shadow_log}")
+
+
+def wait_for_metrics(
+    params: dict[str, Any], index: int, stage: dict[str, Any] | None
+) -> tuple[bool, dict[str, Any] | None]:
+    """One sensor poke: hard guards at once, the gate after the bake time. (done, verdict)."""
+    from include.rollout.controller import Judge, guard_inputs
+    from include.rollout.gates import guard_checks
+
+    spec = spec_from(params)
+    if stage is None:
+        raise AirflowSkipException("stage not applied")
+    from include.rollout.controller import gate_config
+
+    source = PrometheusHook().source()
+    failed = [c for c in guard_checks(guard_inputs(source, spec), gate_config(spec)) if c.decision == "fail"]
+    if failed:
+        raise AirflowFailException("hard guard tripped: " + " ".join(c.sentence for c in failed))
+    elapsed = time.time() - stage["started"]
+    if elapsed < spec.bake_seconds:
+        return False, None
+    hook = ModelServerHook()
+    validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
+    verdict = Judge(spec, hook.address, validation, source)(index + 1, len(spec.stages))
+    if verdict.decision == "wait":
+        return False, None
+    return True, verdict.to_dict()
+
+
+def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
+    from include.rollout.audit import audit, write_report
+
+    spec = spec_from(params)
+    hook = ModelServerHook()
+    result = audit(Path(hook.extra.get("shadow_log", "run/shadow")), since, datetime.now(UTC), spec.model)
+    write_report(result, workdir(hook, spec, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
+    return result.to_dict()
+
+
+def decide(
+    params: dict[str, Any], verdicts: list[dict[str, Any] | None], audit: dict[str, Any] | None
+) -> tuple[str, str]:
+    """Promote only when every planned stage passed and the shadow audit did not fail."""
+    spec = spec_from(params)
+    for weight, verdict in zip(spec.stages, verdicts, strict=False):
+        if verdict is None:
+            return "rollback", f"the {weight}% stage produced no verdict (a step failed or was interrupted)"
+        if verdict["decision"] != "pass":
+            return "rollback", f"the {weight}% stage: {verdict['summary']}"
+    if audit is not None and audit.get("verdict") == "fail":
+        return "rollback", "shadow audit failed: " + "; ".join(audit.get("reasons", []))
+    return "promote", "every stage passed" + (
+        f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else ""
+    )
+
+
+def promote(params: dict[str, Any], run_id: str) -> None:
+    from model_server.traffic import TrafficPolicy
+
+    spec = spec_from(params)
+    router(spec, run_id).set_routes(
+        TrafficPolicy.from_dict({"route": [{"version": spec.candidate_version, "weight": 100}]})
+    )
+    ModelServerHook().load_versions(spec.model, [spec.candidate_version])  # the baseline retired
+
+
+def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> None:
+    spec = spec_from(params)
+    router(spec, run_id).set_routes(spec.stable_policy())
+    if unload_candidate:
+        ModelServerHook().load_versions(spec.model, [spec.baseline_version])
+
+
+def notify(
+    params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]
+) -> dict[str, Any]:
+    from include.rollout.gates import Verdict
+    from include.rollout.notify import promotion_message, rollback_message
+
+    spec = spec_from(params)
+    hook = ModelServerHook()
+    judged = [Verdict.from_dict(v) for v in verdicts if v]
+    if outcome == "promote":
+        message = promotion_message(spec, judged)
+    else:
+        failing = next((v for v in judged if v.decision != "pass"), None)
+        message = rollback_message(spec, reason, failing)
+    return slack_notifier(spec.slack_channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(message)

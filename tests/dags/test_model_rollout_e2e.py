@@ -1,0 +1,77 @@
+"""dag.test() of model_rollout against the real local stack: promote version 2, roll back version 3."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from include.rollout.local import start_prometheus
+from include.rollout.mesh import LocalRouter
+from model_server.loadgen import LoadConfig, run
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+TOKEN = "dag-test-token"
+
+
+@pytest.fixture
+def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--shadow-log", str(tmp_path / "shadow"),
+                       "--shadow-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
+    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    extra = {
+        "repository": str(repo_copy),
+        "shadow_log": str(tmp_path / "shadow"),
+        "run_dir": str(tmp_path / "run"),
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN, "extra": extra}))  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": prom.port}))  # fmt: skip
+    stop = threading.Event()
+
+    def traffic() -> None:  # live traffic the whole time, as in production
+        while not stop.is_set():
+            run(LoadConfig(url=s.url, validation=repo_copy / "digits" / "validation", rate=20, duration_s=2,
+                           feedback_share=0.5, feedback_delay_s=0.2))  # fmt: skip
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    yield s, tmp_path
+    stop.set()
+    t.join(timeout=30)
+    prom.stop()
+
+
+def rollout_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "model_rollout.py"))
+    assert bag.import_errors == {}
+    return bag.dags["model_rollout"]
+
+
+CONF = {"stages": [50, 100], "bake_seconds": 1, "max_stage_seconds": 120, "looks_per_stage": 1, "min_samples": 100,
+        "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
+
+
+@pytest.mark.parametrize(("candidate", "final"), [("2", "2"), ("3", "1")])
+def test_rollout_promotes_or_rolls_back(stack, candidate, final):
+    server, tmp = stack
+    dag = rollout_dag()
+    dagrun = dag.test(run_conf={**CONF, "candidate_version": candidate})
+    routes = LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict()
+    assert routes == {"route": [{"version": final, "weight": 100}]}
+    assert server.client().get_model_metadata("digits")["versions"] == [final]
+    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+    assert states["stage_1.enable_shadow"] == "success"
+    assert states["notify"] == "success"
+    assert states["promote" if final == candidate else "rollback"] == "success"
+    reports = sorted((tmp / "run" / "outbox").glob("*.json"))
+    text = json.loads(reports[-1].read_text())["text"]
+    assert text.startswith("Promoted" if final == candidate else "Rolled back")
