@@ -75,3 +75,27 @@ def test_rollout_promotes_or_rolls_back(stack, candidate, final):
     reports = sorted((tmp / "run" / "outbox").glob("*.json"))
     text = json.loads(reports[-1].read_text())["text"]
     assert text.startswith("Promoted" if final == candidate else "Rolled back")
+
+
+def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
+    import requests
+
+    server, tmp = stack
+    server.client().load_model(
+        "digits",
+        headers=server.admin,
+        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}),
+    )
+    r = requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
+                     headers=server.admin, timeout=10)  # fmt: skip
+    assert r.status_code == 200
+    conf = {**CONF, "candidate_version": "2", "bake_seconds": 60, "p99_breach_seconds": 3}
+    dagrun = rollout_dag().test(run_conf=conf)
+    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+    assert states["stage_1.wait_for_metrics"] == "failed"  # the guard tripped before the bake time ended
+    assert states["rollback"] == "success"
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == {
+        "route": [{"version": "1", "weight": 100}]
+    }
+    text = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())["text"]
+    assert "no verdict" in text
