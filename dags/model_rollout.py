@@ -39,6 +39,13 @@ SECTIONS = {
 }  # fmt: skip
 
 
+def restore_stable_on_failure(context: dict[str, Any]) -> None:
+    """A failed or killed run leaves the stable version at 100%."""
+    from rollout_airflow.steps import restore_stable_on_failure as restore
+
+    restore(context)
+
+
 def rollout_params() -> dict[str, Param]:
     """The trigger form from RolloutSpec's JSON schema: one source for types, limits and defaults."""
     out = {}
@@ -60,6 +67,7 @@ def rollout_params() -> dict[str, Param]:
     tags=["ml", "rollout", "canary"],
     params=rollout_params(),
     default_args={"owner": "ml-platform", "retries": 0},
+    on_failure_callback=restore_stable_on_failure,
 )
 def model_rollout() -> None:
     from rollout_airflow import steps

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
 from include.rollout.mesh import LocalRouter
 from include.rollout.metrics import PrometheusSource, ScrapeSource
-from include.rollout.notify import SlackNotifier
+
+if TYPE_CHECKING:
+    from include.rollout.notify import SlackNotifier
 
 
 def _http_url(conn: Any, default_port: int) -> str:
@@ -92,6 +94,8 @@ def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_d
     """Through the Slack provider's hook when its connection has a token; else the outbox."""
     from airflow.providers.slack.hooks.slack import SlackHook
     from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from include.rollout.notify import SlackNotifier
 
     try:
         conn = BaseHook.get_connection(slack_conn_id)

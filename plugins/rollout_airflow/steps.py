@@ -216,3 +216,31 @@ def notify(
         failing = next((v for v in judged if v.decision != "pass"), None)
         message = rollback_message(spec, reason, failing)
     return slack_notifier(spec.slack_channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(message)
+
+
+def audit_hour(model: str, end: datetime) -> dict[str, Any]:
+    """The hourly shadow audit of one model over the hour before ``end``; skipped without data."""
+    from include.rollout.audit import audit, write_report
+    from include.rollout.notify import audit_message
+
+    hook = ModelServerHook()
+    start = end - timedelta(hours=1)
+    result = audit(Path(hook.extra.get("shadow_log", "run/shadow")), start, end, model)
+    if result.verdict == "skip":
+        raise AirflowSkipException(
+            f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC"
+        )
+    out = Path(hook.extra.get("run_dir", "run")) / "audits" / model / start.strftime("%Y%m%dT%H")
+    paths = write_report(result, out)
+    chart = paths["plot"].read_bytes() if "plot" in paths else None
+    slack_notifier("#model-rollouts", Path(hook.extra.get("run_dir", "run")) / "outbox").send(
+        audit_message(result, chart)
+    )
+    return {**result.to_dict(), "report": str(paths["markdown"])}
+
+
+def restore_stable_on_failure(context: dict[str, Any]) -> None:
+    """DAG failure callback: a failed or killed run leaves the stable version at 100%."""
+    params = dict(context.get("params") or {})
+    run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
+    restore_stable(params, run_id, unload_candidate=False)

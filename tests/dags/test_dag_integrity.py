@@ -48,3 +48,26 @@ def test_every_dag_has_an_owner_tags_and_retries_set(dagbag):
         for t in dag.tasks:
             assert t.owner == "ml-platform"
             assert t.retries is not None
+
+
+def test_parsing_imports_nothing_heavy():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
+            "print(sorted(m for m in ('pandas', 'scipy', 'onnxruntime', 'kubernetes', 'matplotlib', 'tritonclient')"
+            " if m in sys.modules))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_shadow_audit_dag(dagbag):
+    dag = dagbag.dags["shadow_audit"]
+    assert dag.max_active_runs == 1
+    assert not dag.catchup
+    assert dag.params["models"] == ["digits"]

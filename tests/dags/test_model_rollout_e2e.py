@@ -99,3 +99,25 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
     }
     text = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())["text"]
     assert "no verdict" in text
+
+
+def test_the_failure_callback_restores_stable(stack):
+    from types import SimpleNamespace
+
+    from model_server.traffic import TrafficPolicy
+    from rollout_airflow.steps import restore_stable_on_failure
+
+    server, _ = stack
+    server.client().load_model(
+        "digits",
+        headers=server.admin,
+        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}),
+    )
+    router = LocalRouter(server.http, "digits", TOKEN)
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                                               "mirror": {"version": "2", "percent": 100}}))  # fmt: skip
+    # What Airflow hands the DAG's on_failure_callback when a run fails or is marked failed mid-stage.
+    restore_stable_on_failure(
+        {"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")}
+    )
+    assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}

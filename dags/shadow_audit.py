@@ -1,0 +1,47 @@
+"""
+### shadow_audit
+
+Every hour, for each model: how the shadow (candidate) answered the previous hour's mirrored
+requests compared with the primary: top-1 agreement with its interval, output divergence,
+the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
+PNG) is kept and sent to Slack. An hour without shadow data is skipped with a note, not failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    dag_id="shadow_audit",
+    schedule="@hourly",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["ml", "shadow", "audit"],
+    params={
+        "models": Param(
+            ["digits"], type="array", items={"type": "string"}, description="Models to audit", section="Audit"
+        )
+    },
+    default_args={"owner": "ml-platform", "retries": 1},
+)
+def shadow_audit() -> None:
+    from rollout_airflow import steps
+
+    @task
+    def models(params: dict[str, Any]) -> list[str]:
+        return list(params["models"])
+
+    @task
+    def audit_previous_hour(model: str, data_interval_end: Any) -> dict[str, Any]:
+        return steps.audit_hour(model, data_interval_end)
+
+    audit_previous_hour.expand(model=models())
+
+
+shadow_audit()
