@@ -26,7 +26,10 @@ from airflow.sdk import Param, dag, task
     params={
         "models": Param(
             ["digits"], type="array", items={"type": "string"}, description="Models to audit", section="Audit"
-        )
+        ),
+        "slack_channel": Param(
+            "#model-rollouts", type="string", description="Where reports go", section="Audit"
+        ),
     },
     default_args={"owner": "ml-platform", "retries": 1},
 )
@@ -38,8 +41,8 @@ def shadow_audit() -> None:
         return list(params["models"])
 
     @task
-    def audit_previous_hour(model: str, data_interval_end: Any) -> dict[str, Any]:
-        return steps.audit_hour(model, data_interval_end)
+    def audit_previous_hour(model: str, data_interval_end: Any, params: dict[str, Any]) -> dict[str, Any]:
+        return steps.audit_hour(model, data_interval_end, params["slack_channel"])
 
     audit_previous_hour.expand(model=models())
 

@@ -218,7 +218,7 @@ def notify(
     return slack_notifier(spec.slack_channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(message)
 
 
-def audit_hour(model: str, end: datetime) -> dict[str, Any]:
+def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
     """The hourly shadow audit of one model over the hour before ``end``; skipped without data."""
     from include.rollout.audit import audit, write_report
     from include.rollout.notify import audit_message
