@@ -134,14 +134,12 @@ def wait_for_metrics(
     params: dict[str, Any], index: int, stage: dict[str, Any] | None
 ) -> tuple[bool, dict[str, Any] | None]:
     """One sensor poke: hard guards at once, the gate after the bake time. (done, verdict)."""
-    from include.rollout.controller import Judge, guard_inputs
+    from include.rollout.controller import Judge, gate_config, guard_inputs
     from include.rollout.gates import guard_checks
 
     spec = spec_from(params)
     if stage is None:
         raise AirflowSkipException("stage not applied")
-    from include.rollout.controller import gate_config
-
     source = PrometheusHook().source()
     failed = [c for c in guard_checks(guard_inputs(source, spec), gate_config(spec)) if c.decision == "fail"]
     if failed:
