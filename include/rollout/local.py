@@ -92,6 +92,11 @@ class ModelServerProcess(ManagedProcess):
 
         return httpclient.InferenceServerClient(self.url, **kw)
 
+    def load_versions(self, model: str, *versions: int | str) -> None:
+        """Serve exactly these versions (Triton's load API with a specific version policy)."""
+        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
+        self.client().load_model(model, headers=self.admin, config=json.dumps(policy))
+
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample's value from /metrics as Prometheus reads it; None when absent."""
         _, body = _get(f"{self.http}/metrics")

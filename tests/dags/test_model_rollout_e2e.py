@@ -81,11 +81,7 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
     import requests
 
     server, tmp = stack
-    server.client().load_model(
-        "digits",
-        headers=server.admin,
-        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}),
-    )
+    server.load_versions("digits", 1, 2)
     r = requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
                      headers=server.admin, timeout=10)  # fmt: skip
     assert r.status_code == 200
@@ -108,11 +104,7 @@ def test_the_failure_callback_restores_stable(stack):
     from rollout_airflow.steps import restore_stable_on_failure
 
     server, _ = stack
-    server.client().load_model(
-        "digits",
-        headers=server.admin,
-        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}}),
-    )
+    server.load_versions("digits", 1, 2)
     router = LocalRouter(server.http, "digits", TOKEN)
     router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
                                                "mirror": {"version": "2", "percent": 100}}))  # fmt: skip

@@ -108,9 +108,7 @@ def test_mesh_render_istio_is_valid_yaml(tmp_path, capsys):
 @pytest.mark.integration
 def test_mesh_apply_local(server_factory, repo_copy, tmp_path, capsys):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
     token = tmp_path / "token"

@@ -91,11 +91,7 @@ def test_an_interrupted_rollout_restores_stable():
 @pytest.mark.parametrize(("candidate", "promoted"), [("2", True), ("3", False)])
 def test_end_to_end_on_the_model_server(server_factory, repo_copy, models_dir, tmp_path, candidate, promoted):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits",
-        headers=s.admin,
-        config=json.dumps({"version_policy": {"specific": {"versions": [1, int(candidate)]}}}),
-    )
+    s.load_versions("digits", 1, int(candidate))
     spec = RolloutSpec.from_dict({"candidate_version": candidate, "stages": [50, 100], "bake_seconds": 0,
                                   "max_stage_seconds": 60, "looks_per_stage": 2, "min_samples": 100,
                                   "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02})  # fmt: skip
@@ -119,9 +115,7 @@ def test_rolloutctl_run_rolls_back_version_3(server_factory, repo_copy, models_d
     from include.rollout.cli import main
 
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}})
-    )
+    s.load_versions("digits", 1, 3)
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(

@@ -132,9 +132,7 @@ def test_make_router_rejects_unknown_backends():
 @pytest.mark.integration
 def test_local_router_drives_the_model_server(server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     router = make_router(
         "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
     )

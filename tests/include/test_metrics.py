@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -51,9 +50,7 @@ def stack(server_factory, repo_copy, tmp_path, models_dir):
     if shutil.which("prometheus") is None:
         pytest.fail("Debian's prometheus is not installed (make test installs it: see the Makefile)")
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     assert (
         put_policy(
             s,

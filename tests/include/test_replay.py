@@ -15,11 +15,7 @@ pytestmark = pytest.mark.integration
 
 def test_replay_pairs_versions_and_the_gate_judges_them(server_factory, repo_copy, models_dir, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits",
-        headers=s.admin,
-        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
-    )
+    s.load_versions("digits", 1, 2, 3)
     validation = models_dir / "digits" / "validation"
     cfg = json.loads((models_dir / "digits" / "config.json").read_text())["metadata"]["versions"]
     better = replay(s.url, "digits", {"baseline": "1", "canary": "2"}, validation)

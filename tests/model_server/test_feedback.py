@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -22,9 +21,7 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
     server_factory, repo_copy, models_dir, tmp_path
 ):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 3]}}})
-    )
+    s.load_versions("digits", 1, 3)
     assert (
         put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code
         == 200

@@ -48,11 +48,7 @@ def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
 def routed(server_factory, repo_copy, tmp_path):
     """digits versions 1, 2 and 3 loaded, no policy yet."""
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.client().load_model(
-        "digits",
-        headers=s.admin,
-        config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
-    )
+    s.load_versions("digits", 1, 2, 3)
     return s
 
 
@@ -168,9 +164,7 @@ def test_policy_calls_need_the_admin_token(routed):
 
 def test_routed_version_that_is_unloaded_gets_503_never_a_fallback(routed, digit_images):
     assert put_policy(routed, {"route": [{"version": "2", "weight": 100}]}).status_code == 200
-    routed.client().load_model(
-        "digits", headers=routed.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1]}}})
-    )
+    routed.load_versions("digits", 1)
     r = infer(routed, digit_images[0][0])
     assert r.status_code == 503
     assert r.json()["error"].startswith("model unavailable: ")
@@ -205,9 +199,7 @@ def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(
     traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))
     load = ["--traffic-file", str(traffic), "--state-dir", str(tmp_path / "state")]
     s = server_factory(repo_copy, *load, token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
 
     def current() -> dict:
         return requests.get(f"{s.http}/v2/models/digits/traffic", headers=s.admin, timeout=5).json()

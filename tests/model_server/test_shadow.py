@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import pytest
@@ -19,9 +18,7 @@ MIRROR_ALL = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": 
 
 def start(server_factory, repo_copy, tmp_path, *args: str):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *args, token=TOKEN)
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     assert put_policy(s, MIRROR_ALL).status_code == 200
     return s
 

@@ -180,9 +180,7 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
     )
     keys = tmp_path / "shadow.mask-keys.json"
     assert oct(keys.stat().st_mode & 0o777) == "0o600"  # created on first start
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     assert (
         put_policy(
             s, {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
@@ -250,9 +248,7 @@ def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp
         "0.01",
         token=TOKEN,
     )
-    s.client().load_model(
-        "digits", headers=s.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
-    )
+    s.load_versions("digits", 1, 2)
     assert (
         put_policy(
             s, {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
