@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models prometheus test lint serve up down demo bench clean
+.PHONY: venv models prometheus chromium test lint serve up down demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ prometheus:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "prometheus is missing: sudo apt-get install --no-install-recommends prometheus" >&2; exit 1; fi; }
 
-test: models prometheus
+# Debian's Chromium, for the UI screenshot test (driven by Playwright; no browser download).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium is missing (the UI test skips): sudo apt-get install --no-install-recommends chromium" >&2; fi; }
+
+test: models prometheus chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -2,9 +2,12 @@
 
 up: the model server on 127.0.0.1:8000 (digits version 1 stable, shadow log and masking on,
 admin token in run/admin-token, mode 0600), Prometheus on 127.0.0.1:9090 scraping it every
-second, and the load generator replaying the validation images with feedback. What was
-started is recorded in run/stack.json; ``down`` stops exactly those process ids.
-(Airflow standalone joins the stack with the DAGs, issue 5.)
+second, the load generator replaying the validation images with feedback, and Airflow on
+127.0.0.1:8080 (the components ``airflow standalone`` runs: scheduler, DAG processor, triggerer,
+API server with the UI; LocalExecutor, SQLite, the simple auth manager with admin:admin) with
+this project's DAGs and the connections to the stack. What was started is recorded in
+run/stack.json; ``down`` stops exactly those process ids (Airflow's by process group, which
+takes its task workers with it).
 """
 
 from __future__ import annotations
@@ -18,16 +21,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.local import start_model_server, start_prometheus  # noqa: E402
+from include.rollout.local import (  # noqa: E402
+    local_connections,
+    start_airflow,
+    start_model_server,
+    start_prometheus,
+)
 
 STATE = "stack.json"
 
 
-def up(run: Path, repository: Path, port: int, prometheus_port: int, rate: float) -> dict:
+def up(
+    run: Path, repository: Path, port: int, prometheus_port: int, airflow_port: int, rate: float
+) -> dict[str, Any]:
     state_file = run / STATE
     if state_file.exists():
         alive = [p for p in json.loads(state_file.read_text())["pids"].values() if _alive(p)]
@@ -49,12 +60,23 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, rate: float
          "--feedback-share", "0.5"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
     )  # fmt: skip
-    state = {
-        "pids": {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid},
+    pids = {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid}
+    state: dict[str, Any] = {
+        "pids": pids,
+        "groups": [],
         "urls": {"model_server": server.http, "prometheus": prom.url},
         "admin_token_file": str(token_file),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    state_file.write_text(json.dumps(state, indent=2))  # a failed Airflow start leaves `down` what to stop
+    airflow = start_airflow(run / "airflow", local_connections(server, prom.url, repository, run / "shadow", run),
+                            port=airflow_port)  # fmt: skip
+    for name, proc in airflow.components.items():
+        pids[f"airflow_{name}"] = proc.proc.pid
+        state["groups"].append(proc.proc.pid)
+    state["urls"]["airflow"] = airflow.url
+    state["airflow_user"] = airflow.user
+    state["airflow_password_file"] = str(airflow.home / "admin-password")
     state_file.write_text(json.dumps(state, indent=2))
     return state
 
@@ -73,19 +95,27 @@ def down(run: Path) -> list[str]:
     state_file = run / STATE
     if not state_file.exists():
         return []
-    pids = json.loads(state_file.read_text())["pids"]
+    state = json.loads(state_file.read_text())
+    pids, groups = state["pids"], set(state.get("groups", []))
+
+    def kill(pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig) if pid in groups else os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
     stopped = []
     for name, pid in pids.items():  # exactly what `up` started, by process id
         if _alive(pid):
-            os.kill(pid, signal.SIGTERM)
+            kill(pid, signal.SIGTERM)
             stopped.append(name)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     for pid in pids.values():
         while _alive(pid) and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(0.1)
         if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
             _reap(pid)
     state_file.unlink()
     return stopped
@@ -105,16 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--airflow-port", type=int, default=8080)
     p.add_argument("--rate", type=float, default=20.0, help="load generator requests per second")
     args = p.parse_args(argv)
     if args.command == "down":
         stopped = down(args.run)
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
         return 0
-    state = up(args.run, args.repository, args.port, args.prometheus_port, args.rate)
+    state = up(args.run, args.repository, args.port, args.prometheus_port, args.airflow_port, args.rate)
     print(f"model server  {state['urls']['model_server']}  (admin token in {state['admin_token_file']})")
     print(f"prometheus    {state['urls']['prometheus']}")
     print(f"load generator: {args.rate:g} requests/s, log in {args.run / 'loadgen.log'}")
+    print(
+        f"airflow       {state['urls']['airflow']}  (login {state['airflow_login']}; logs in {args.run / 'airflow' / 'logs'})"
+    )
     print("stop with: make down")
     return 0
 

@@ -218,3 +218,149 @@ def start_prometheus(
         time.sleep(0.2)
     prom.stop()
     raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{log.read_text()[-3000:]}")
+
+
+AIRFLOW_COMPONENTS = (
+    ("scheduler", "--skip-serve-logs"),
+    ("dag-processor",),
+    ("triggerer", "--skip-serve-logs"),
+    ("api-server",),
+)
+
+
+@dataclass
+class AirflowProcesses:
+    """The four processes ``airflow standalone`` runs, on loopback, each with its pid and log.
+
+    ``airflow standalone`` itself starts the scheduler's and triggerer's log servers on all
+    interfaces (the host is hard-coded); here they are off (``--skip-serve-logs``): the API
+    server reads the task logs from the shared folder.
+    """
+
+    home: Path
+    port: int
+    components: dict[str, ManagedProcess]
+    user: str
+    password: str  # generated once, in AIRFLOW_HOME/admin-password (0600)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        for proc in self.components.values():  # the API server last: it reports the others' state
+            if proc.proc.poll() is None:
+                os.killpg(proc.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.components.values():
+            try:
+                proc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.proc.pid, signal.SIGKILL)
+                proc.proc.wait(timeout=5)
+
+
+def airflow_env(home: Path, port: int, connections: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Environment of the local Airflow: settings, generated secrets in 0600 files, connections."""
+    import secrets
+
+    from cryptography.fernet import Fernet
+
+    home.mkdir(parents=True, exist_ok=True)
+
+    def secret(name: str, make: Any = lambda: secrets.token_urlsafe(32)) -> str:
+        path = home / name
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(make())
+        return path.read_text().strip()
+
+    passwords = home / "simple_auth_manager_passwords.json"
+    passwords.touch(mode=0o600)
+    passwords.write_text(json.dumps({"admin": secret("admin-password", lambda: secrets.token_urlsafe(12))}))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugins'}",
+        "ORT_DISABLE_TELEMETRY": "1",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__FERNET_KEY": secret("fernet-key", lambda: Fernet.generate_key().decode()),
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__SECRET_KEY": secret("api-secret-key"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secret("jwt-secret"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+    }
+    env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
+    for conn_id, conn in connections.items():
+        env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
+    return env
+
+
+def start_airflow(
+    home: Path,
+    connections: dict[str, dict[str, Any]],
+    port: int | None = None,
+    wait_s: float = 180.0,
+) -> AirflowProcesses:
+    """Migrate the database, start Airflow's components on 127.0.0.1, wait until all are healthy."""
+    port = port or free_port()
+    env = airflow_env(home, port, connections)
+    airflow = str(Path(sys.executable).parent / "airflow")
+    migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
+    if migrate.returncode:
+        raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-2000:]}{migrate.stderr[-3000:]}")
+    (home / "logs").mkdir(exist_ok=True)
+    components: dict[str, ManagedProcess] = {}
+    stack = AirflowProcesses(home, port, components, "admin", (home / "admin-password").read_text().strip())
+    for name, *flags in AIRFLOW_COMPONENTS:
+        log = home / "logs" / f"{name}.log"
+        with log.open("ab") as f:
+            proc = subprocess.Popen([airflow, name, *flags], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                    cwd=ROOT, start_new_session=True)  # fmt: skip
+        components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        dead = [n for n, p in components.items() if p.proc.poll() is not None]
+        if dead:
+            stack.stop()
+            logs = "\n".join(f"--- {n}:\n{components[n].log.read_text()[-2000:]}" for n in dead)
+            raise RuntimeError(f"airflow {', '.join(dead)} exited:\n{logs}")
+        try:
+            status, body = _get(f"{stack.url}/api/v2/monitor/health", timeout=2)
+            if status == 200:
+                health = json.loads(body)
+                if all(health.get(c, {}).get("status") == "healthy"
+                       for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):  # fmt: skip
+                    return stack
+        except (OSError, ValueError):
+            pass
+        time.sleep(1)
+    stack.stop()
+    raise RuntimeError(f"airflow not healthy within {wait_s:g} s; logs in {home / 'logs'}")
+
+
+def local_connections(
+    server: ModelServerProcess, prometheus_url: str, repository: Path, shadow_log: Path, run_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """The Airflow connections of the one-machine stack (no ``slack_api_default``: the outbox)."""
+    host, port = prometheus_url.rsplit("/", 1)[-1].rsplit(":", 1)
+    return {
+        "model_server_default": {
+            "conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": server.token,
+            "extra": {"repository": str(repository), "shadow_log": str(shadow_log), "run_dir": str(run_dir)},
+        },
+        "prometheus_default": {"conn_type": "http", "host": host, "port": int(port)},
+    }  # fmt: skip

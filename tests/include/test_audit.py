@@ -132,3 +132,18 @@ def test_thresholds_are_configurable():
     assert strict.verdict == "inconclusive"  # 3 of 4 agree: 90% is neither shown nor ruled out
     assert lenient.verdict == "pass"
     assert impossible.verdict == "fail"
+
+
+def test_an_anomaly_rate_fails_only_once_shown_above_the_limit(tmp_path):
+    """A few unsure answers among few records hold the verdict; the same share over many fails it."""
+    window = (NOW - timedelta(hours=1), NOW + timedelta(hours=1))
+    (tmp_path / "few").mkdir()
+    (tmp_path / "many").mkdir()
+    few = audit(shadow_log(tmp_path / "few", 30, 0.0, low_confidence=0.13, seed=3), *window)
+    many = audit(shadow_log(tmp_path / "many", 600, 0.0, low_confidence=0.2, seed=3), *window)
+    assert few.anomaly_rate > 0.10
+    assert few.verdict == "inconclusive"
+    assert "not yet shown over 30 records" in " ".join(few.reasons)
+    assert many.anomaly_rate > 0.10
+    assert many.verdict == "fail"
+    assert any("anomalies (limit 10%)" in r and "not yet" not in r for r in many.reasons)

@@ -1,17 +1,26 @@
-"""`make up` starts the stack in the background; `make down` stops exactly what it started."""
+"""`make up` starts the whole local stack, Airflow included; a rollout triggered through the REST
+API with conf runs to promotion; the UI shows the run (headless Chromium); `make down` stops
+exactly what `make up` started."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
+from include.rollout.airflow_api import AirflowAPI, AirflowAPIError
 from include.rollout.local import free_port
 from include.rollout.metrics import PrometheusSource, ScrapeSource, wait_for_value
 from scripts import stack
 
 pytestmark = pytest.mark.integration
+CONF = {"candidate_version": "2", "stages": [50, 100], "bake_seconds": 2, "looks_per_stage": 2, "min_samples": 50,
+        "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 
 def alive(pid: int) -> bool:
@@ -22,28 +31,146 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_up_then_down(models_dir, tmp_path):
-    run = tmp_path / "run"
-    state = stack.up(run, models_dir, free_port(), free_port(), rate=30)
-    try:
-        pids = state["pids"]
-        assert all(alive(p) for p in pids.values())
-        assert oct((run / "admin-token").stat().st_mode & 0o777) == "0o600"
-        server = ScrapeSource(state["urls"]["model_server"])
-        deadline = time.monotonic() + 20
-        while (
-            time.monotonic() < deadline and server.query('nv_inference_request_success{model="digits"}') < 20
-        ):
-            time.sleep(0.5)
-        assert server.query('nv_inference_request_success{model="digits"}') >= 20  # the load generator runs
-        assert (
-            wait_for_value(PrometheusSource(state["urls"]["prometheus"]), 'sum(up{job="model-server"})') == 1
-        )
-        with pytest.raises(SystemExit, match="already up"):
-            stack.up(run, models_dir, free_port(), free_port(), rate=30)
-    finally:
-        stopped = stack.down(run)
-    assert sorted(stopped) == ["loadgen", "model_server", "prometheus"]
-    assert not any(alive(p) for p in pids.values())
+@pytest.fixture(scope="module")
+def up(models_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stack") / "run"
+    state = stack.up(run, models_dir, free_port(), free_port(), free_port(), rate=20)
+    yield run, state
+    stack.down(run)  # idempotent: test_down checks it
+
+
+@pytest.fixture(scope="module")
+def api(up):
+    _, state = up
+    return AirflowAPI(state["urls"]["airflow"], state["airflow_user"],
+                      Path(state["airflow_password_file"]).read_text().strip())  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def promoted_run(api):
+    api.wait_for_dag("model_rollout")
+    run_id = api.trigger("model_rollout", CONF)
+    return run_id, api.wait("model_rollout", run_id, timeout_s=240)
+
+
+def test_up_starts_every_service(up):
+    run, state = up
+    assert all(alive(p) for p in state["pids"].values())
+    assert {"airflow_scheduler", "airflow_dag-processor", "airflow_triggerer", "airflow_api-server"} <= set(state["pids"])
+    for secret in (run / "admin-token", Path(state["airflow_password_file"]), run / "airflow" / "jwt-secret"):
+        assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    server = ScrapeSource(state["urls"]["model_server"])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and server.query('nv_inference_request_success{model="digits"}') < 20:
+        time.sleep(0.5)
+    assert server.query('nv_inference_request_success{model="digits"}') >= 20  # the load generator runs
+    assert wait_for_value(PrometheusSource(state["urls"]["prometheus"]), 'sum(up{job="model-server"})') == 1
+    with urllib.request.urlopen(state["urls"]["airflow"] + "/api/v2/monitor/health", timeout=10) as r:
+        health = json.load(r)
+    assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {"healthy"}
+    with pytest.raises(SystemExit, match="already up"):
+        stack.up(run, Path("models"), free_port(), free_port(), free_port(), rate=30)
+
+
+def test_every_service_listens_on_loopback_only(up):
+    _, state = up
+    pids = set(state["pids"].values())
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state_hex = line.split()[1], line.split()[3]
+            if state_hex == "0A":  # LISTEN
+                listening.add((local.split(":")[0], int(local.split(":")[1], 16), line.split()[9]))
+    inodes = {}
+    for pid in pids:
+        for child in [pid, *_descendants(pid)]:
+            for fd in Path(f"/proc/{child}/fd").glob("*"):
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = child
+    ours = [(addr, port) for addr, port, inode in listening if inode in inodes]
+    assert ours, "no listening sockets found for the stack"
+    loopback = {"0100007F", "00000000000000000000000001000000"}
+    assert all(addr in loopback for addr, _ in ours), ours
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            out += [child, *_descendants(child)]
+    return out
+
+
+def test_the_rest_api_refuses_a_wrong_password(up):
+    _, state = up
+    with pytest.raises(AirflowAPIError, match="refused: 401"):
+        AirflowAPI(state["urls"]["airflow"], "admin", "not-the-password")
+
+
+def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run):
+    _, state = up
+    run_id, run = promoted_run
+    assert run["state"] == "success"
+    assert run["conf"]["candidate_version"] == "2"
+    assert run["conf"]["stages"] == [50, 100]
+    tis = api.task_instances("model_rollout", run_id)
+    assert tis["promote"]["state"] == "success"
+    assert tis["rollback"]["state"] == "skipped"
+    assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
+    gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2)]
+    assert [g["decision"] for g in gates] == ["pass", "pass"]
+    token = Path(state["admin_token_file"]).read_text().strip()
+    request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
+                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert json.load(r)["route"] == [{"version": "2", "weight": 100}]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)")
+def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _, state = up
+    run_id, _ = promoted_run
+    shot = tmp_path / "model_rollout-run.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])  # fmt: skip
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(state["urls"]["airflow"] + f"/dags/model_rollout/runs/{run_id}")
+            page.wait_for_url("**/auth/login**")  # the UI asks for the login first
+            page.fill("input[name=username]", state["airflow_user"])
+            page.fill("input[name=password]", Path(state["airflow_password_file"]).read_text().strip())
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            page.goto(state["urls"]["airflow"] + f"/dags/model_rollout/runs/{run_id}")
+            page.get_by_text("stage_1.statistical_gate").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(shot), full_page=True)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert run_id in text
+    for task_id in ("build_image", "stage_1.apply_mesh_weights", "stage_1.enable_shadow", "stage_1.wait_for_metrics",
+                    "stage_1.statistical_gate", "shadow_consistency", "decide", "promote", "rollback", "notify"):  # fmt: skip
+        assert task_id in text
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 20_000
+
+
+def test_down_stops_exactly_what_up_started(up):
+    run, state = up
+    stopped = stack.down(run)
+    assert sorted(stopped) == sorted(state["pids"])
+    assert not any(alive(p) for p in state["pids"].values())
     assert not (run / "stack.json").exists()
     assert stack.down(run) == []
