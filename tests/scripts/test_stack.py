@@ -56,7 +56,9 @@ def promoted_run(api):
 def test_up_starts_every_service(up):
     run, state = up
     assert all(alive(p) for p in state["pids"].values())
-    assert {"airflow_scheduler", "airflow_dag-processor", "airflow_triggerer", "airflow_api-server"} <= set(state["pids"])
+    assert {"airflow_scheduler", "airflow_dag-processor", "airflow_triggerer", "airflow_api-server"} <= set(
+        state["pids"]
+    )
     for secret in (run / "admin-token", Path(state["airflow_password_file"]), run / "airflow" / "jwt-secret"):
         assert oct(secret.stat().st_mode & 0o777) == "0o600"
     server = ScrapeSource(state["urls"]["model_server"])
@@ -67,7 +69,9 @@ def test_up_starts_every_service(up):
     assert wait_for_value(PrometheusSource(state["urls"]["prometheus"]), 'sum(up{job="model-server"})') == 1
     with urllib.request.urlopen(state["urls"]["airflow"] + "/api/v2/monitor/health", timeout=10) as r:
         health = json.load(r)
-    assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {"healthy"}
+    assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {
+        "healthy"
+    }
     with pytest.raises(SystemExit, match="already up"):
         stack.up(run, Path("models"), free_port(), free_port(), free_port(), rate=30)
 
@@ -135,7 +139,9 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
         assert json.load(r)["route"] == [{"version": "2", "weight": 100}]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)"
+)
 def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
