@@ -8,8 +8,8 @@ Roll a new version of a model out to production, or roll it back, with the evide
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
 3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
    log only masked.
-4. **wait_for_metrics**: hard guards at every poke (a breach fails at once); after the bake time,
-   the statistical gate until it decides.
+4. **wait_for_metrics**: deferred to the triggerer, which polls Prometheus (hard guards, requests
+   per arm, GPU gauges): a breach fails at once; once baked, the statistical gate until it decides.
 5. **statistical_gate**: the stage's verdict (non-inferiority, sequential alpha spending).
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, PokeReturnValue, TriggerRule, dag, task, task_group
+from airflow.sdk import Param, TriggerRule, dag, task, task_group
 
 from include.rollout.spec import RolloutSpec
+from rollout_airflow.sensors import StageMetricsSensor
 
 MAX_STAGES = 4
 SECTIONS = {
@@ -87,7 +88,10 @@ def model_rollout() -> None:
     @task.branch(trigger_rule=TriggerRule.ALL_DONE)
     def decide(audit: dict[str, Any] | None, params: dict[str, Any], ti: Any) -> str:
         verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(MAX_STAGES)]
-        outcome, reason = steps.decide(params, verdicts, audit)
+        failures = [
+            ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(MAX_STAGES)
+        ]
+        outcome, reason = steps.decide(params, verdicts, audit, failures)
         ti.xcom_push(key="reason", value=reason)
         ti.xcom_push(key="outcome", value=outcome)
         return outcome
@@ -115,21 +119,16 @@ def model_rollout() -> None:
             ) -> dict[str, Any]:
                 return steps.apply_weights(params, index, run_id, previous)
 
-            @task.sensor(poke_interval=2, timeout=3600, mode="poke")
-            def wait_for_metrics(applied: dict[str, Any], params: dict[str, Any]) -> PokeReturnValue:
-                done, verdict = steps.wait_for_metrics(params, index, applied)
-                return PokeReturnValue(is_done=done, xcom_value=verdict)
-
             @task
             def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:
                 print(verdict["summary"])
                 return verdict
 
             applied = apply_mesh_weights(previous)
-            waited = wait_for_metrics(applied)
+            waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied)
             if index == 0:  # mirror and masking, checked once before the first stage is judged
                 applied >> enable_shadow() >> waited
-            return statistical_gate(waited)
+            return statistical_gate(waited.output)
 
         return group(previous)
 

@@ -12,6 +12,7 @@ Prometheus (canary P99 over the breach window, the shadow error rate).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from include.rollout.gates import GateConfig, GuardInputs, Verdict, evaluate_gate
+from include.rollout.gates import GateConfig, GuardInputs, Verdict, evaluate_gate, guard_checks
 from include.rollout.mesh import Router
 from include.rollout.metrics import MetricsError, MetricsSource, PrometheusSource, PromQL
 from include.rollout.replay import accuracy_drop, replay
@@ -73,6 +74,64 @@ def guard_inputs(
     return GuardInputs(
         p99_series_ms=series, validation_drop=drop, shadow_errors=errors, shadow_requests=requests
     )
+
+
+@dataclass
+class BakeStatus:
+    """Where a stage stands while it bakes, read from Prometheus: what the wait step polls."""
+
+    elapsed_s: float
+    served: dict[str, int | None]  # live requests per arm with weight since the stage started
+    needed: int  # min_samples per arm
+    gpu: dict[str, float]  # max over GPUs: utilization, memory used/total bytes (empty without GPUs)
+    failed_guards: list[str]  # sentences of the hard guards that tripped
+
+    def state(self, spec: RolloutSpec, not_before: float = 0.0) -> str:
+        """breach (a guard tripped), ready (baked, enough samples, not before ``not_before``
+        seconds into the stage), timeout (past max_stage_seconds) or waiting."""
+        if self.failed_guards:
+            return "breach"
+        enough = all(n is not None and n >= self.needed for n in self.served.values())
+        if enough and self.elapsed_s >= max(spec.bake_seconds, not_before):
+            return "ready"
+        return "timeout" if self.elapsed_s >= spec.max_stage_seconds else "waiting"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": round(self.elapsed_s, 1), "served": self.served, "needed": self.needed,
+                "gpu": self.gpu, "failed_guards": self.failed_guards}  # fmt: skip
+
+    def describe(self) -> str:
+        served = ", ".join(f"v{v}: {'no data' if n is None else n}" for v, n in self.served.items())
+        gpu = "".join(f", GPU {k} {v:g}" for k, v in self.gpu.items())
+        return f"{self.elapsed_s:.0f} s in; requests served {served} (need {self.needed} each){gpu}"
+
+
+def bake_status(source: PrometheusSource, spec: RolloutSpec, weight: int, started: float,
+                now: float | None = None) -> BakeStatus:  # fmt: skip
+    """Hard guards, live requests per arm since ``started`` and the GPU gauges, at ``now``."""
+    now = now or time.time()
+    elapsed = max(0.0, now - started)
+    window = f"{max(1, math.ceil(elapsed))}s"
+    arms = {spec.baseline_version: 100 - weight, spec.candidate_version: weight}
+    served: dict[str, int | None] = {}
+    for version, share in arms.items():
+        if share <= 0:
+            continue  # an arm with no live share is judged on the paired replay alone
+        try:
+            served[version] = int(source.query(PromQL.requests(spec.model, version, window), at=now))
+        except MetricsError:
+            served[version] = None
+    gpu = {}
+    for name, promql in (("utilization", PromQL.gpu_utilization()),
+                         ("memory_used_bytes", PromQL.gpu_memory_used_bytes()),
+                         ("memory_total_bytes", "max(nv_gpu_memory_total_bytes)")):  # fmt: skip
+        try:
+            gpu[name] = source.query(promql, at=now)
+        except MetricsError:
+            pass  # no GPU on this server: the gauges are absent, not zero
+    failed = [c.sentence for c in guard_checks(guard_inputs(source, spec, now=now), gate_config(spec))
+              if c.decision == "fail"]  # fmt: skip
+    return BakeStatus(elapsed, served, spec.min_samples, gpu, failed)
 
 
 @dataclass

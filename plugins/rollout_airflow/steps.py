@@ -130,29 +130,54 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     raise AirflowFailException(f"the probe {rid} never reached the shadow log in {shadow_log}")
 
 
-def wait_for_metrics(
-    params: dict[str, Any], index: int, stage: dict[str, Any] | None
-) -> tuple[bool, dict[str, Any] | None]:
-    """One sensor poke: hard guards at once, the gate after the bake time. (done, verdict)."""
-    from include.rollout.controller import Judge, gate_config, guard_inputs
-    from include.rollout.gates import guard_checks
+def stage_plan(params: dict[str, Any], index: int, applied: dict[str, Any] | None) -> dict[str, Any]:
+    """What the stage's wait polls: the spec, its weight, when its weights went on, Prometheus."""
+    spec = spec_from(params)
+    if applied is None or index >= len(spec.stages):
+        raise AirflowSkipException("stage not applied")
+    return {"params": spec.to_dict(), "weight": spec.stages[index], "started": applied["started"],
+            "prometheus_url": PrometheusHook().source().url}  # fmt: skip
+
+
+def judge_stage(params: dict[str, Any], index: int, event: dict[str, Any]) -> dict[str, Any] | None:
+    """After the wait: fail on a tripped guard or an unready stage, else the gate's verdict.
+
+    None when the gate wants more evidence and the stage still has time (wait again).
+    """
+    from include.rollout.controller import Judge
 
     spec = spec_from(params)
-    if stage is None:
-        raise AirflowSkipException("stage not applied")
-    source = PrometheusHook().source()
-    failed = [c for c in guard_checks(guard_inputs(source, spec), gate_config(spec)) if c.decision == "fail"]
-    if failed:
-        raise AirflowFailException("hard guard tripped: " + " ".join(c.sentence for c in failed))
-    elapsed = time.time() - stage["started"]
-    if elapsed < spec.bake_seconds:
-        return False, None
+    if event["status"] == "breach":
+        raise AirflowFailException("hard guard tripped: " + " ".join(event["failed_guards"]))
+    if event["status"] != "ready":
+        raise AirflowFailException(
+            f"the {spec.stages[index]}% stage was not ready after {event['elapsed_s']:.0f} s "
+            f"(max_stage_seconds {spec.max_stage_seconds}): served {event['served']}, need {event['needed']} each"
+        )
     hook = ModelServerHook()
     validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
-    verdict = Judge(spec, hook.address, validation, source)(index + 1, len(spec.stages))
-    if verdict.decision == "wait":
+    verdict = Judge(spec, hook.address, validation, PrometheusHook().source())(index + 1, len(spec.stages))
+    if verdict.decision == "wait" and event["elapsed_s"] < spec.max_stage_seconds:
+        return None
+    return {**verdict.to_dict(), "bake": {k: event[k] for k in ("elapsed_s", "served", "gpu")}}
+
+
+def wait_for_metrics(
+    params: dict[str, Any], index: int, applied: dict[str, Any] | None
+) -> tuple[bool, dict[str, Any] | None]:
+    """One poke of the non-deferrable mode: the trigger's check, then the gate. (done, verdict)."""
+    from include.rollout.controller import bake_status
+    from include.rollout.metrics import PrometheusSource
+
+    plan = stage_plan(params, index, applied)
+    status = bake_status(
+        PrometheusSource(plan["prometheus_url"]), spec_from(params), plan["weight"], plan["started"]
+    )
+    state = status.state(spec_from(params))
+    if state == "waiting":
         return False, None
-    return True, verdict.to_dict()
+    verdict = judge_stage(params, index, {"status": state, **status.to_dict()})
+    return verdict is not None, verdict
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
@@ -166,13 +191,21 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
 
 
 def decide(
-    params: dict[str, Any], verdicts: list[dict[str, Any] | None], audit: dict[str, Any] | None
+    params: dict[str, Any],
+    verdicts: list[dict[str, Any] | None],
+    audit: dict[str, Any] | None,
+    failures: list[str | None] | None = None,
 ) -> tuple[str, str]:
-    """Promote only when every planned stage passed and the shadow audit did not fail."""
+    """Promote only when every planned stage passed and the shadow audit did not fail.
+
+    ``failures``: per stage, why its wait failed (a tripped guard, a stage never ready).
+    """
     spec = spec_from(params)
-    for weight, verdict in zip(spec.stages, verdicts, strict=False):
+    failures = failures or []
+    for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
         if verdict is None:
-            return "rollback", f"the {weight}% stage produced no verdict (a step failed or was interrupted)"
+            why = failures[i] if i < len(failures) and failures[i] else "a step failed or was interrupted"
+            return "rollback", f"the {weight}% stage produced no verdict: {why}"
         if verdict["decision"] != "pass":
             return "rollback", f"the {weight}% stage: {verdict['summary']}"
     if audit is not None and audit.get("verdict") == "fail":

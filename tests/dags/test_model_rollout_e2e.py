@@ -94,7 +94,7 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
         "route": [{"version": "1", "weight": 100}]
     }
     text = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())["text"]
-    assert "no verdict" in text
+    assert "no verdict: hard guard tripped: Canary P99" in text  # the report names the guard
 
 
 def test_the_failure_callback_restores_stable(stack):

@@ -121,7 +121,7 @@ def test_the_rest_api_refuses_a_wrong_password(up):
 
 
 def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run):
-    _, state = up
+    run_dir, state = up
     run_id, run = promoted_run
     assert run["state"] == "success"
     assert run["conf"]["candidate_version"] == "2"
@@ -132,6 +132,17 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
     gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2)]
     assert [g["decision"] for g in gates] == ["pass", "pass"]
+    # The wait was deferred: the triggerer polled Prometheus and logged into the task's trigger log.
+    logs = (
+        run_dir
+        / "airflow"
+        / "logs"
+        / "dag_id=model_rollout"
+        / f"run_id={run_id}"
+        / "task_id=stage_1.wait_for_metrics"
+    )
+    trigger_log = "".join(p.read_text() for p in logs.glob("*.log.trigger.*.log"))
+    assert "stage 50%: ready" in trigger_log
     token = Path(state["admin_token_file"]).read_text().strip()
     request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
                                      headers={"Authorization": f"Bearer {token}"})  # fmt: skip

@@ -1,0 +1,105 @@
+"""The wait_for_metrics trigger against a real model server scraped by a real Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from importlib import import_module
+
+import pytest
+import requests
+
+from include.rollout.local import start_prometheus
+from include.rollout.spec import RolloutSpec
+from model_server.loadgen import LoadConfig, run
+from rollout_airflow.triggers import StageMetricsTrigger
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def scraped(server_factory, repo_copy, models_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
+    server = server_factory(repo_copy, token="t")
+    server.load_versions("digits", 1, 2)
+    prom = start_prometheus([server.url], tmp_path / "prometheus")
+    yield server, prom, repo_copy / "digits" / "validation"
+    prom.stop()
+
+
+def first_event(trigger: StageMetricsTrigger, timeout_s: float = 60.0) -> dict:
+    async def go() -> dict:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    return asyncio.run(asyncio.wait_for(go(), timeout_s))
+
+
+def roundtrip(trigger: StageMetricsTrigger) -> StageMetricsTrigger:
+    """What the triggerer does: rebuild the trigger from its serialized form."""
+    path, kwargs = trigger.serialize()
+    module, name = path.rsplit(".", 1)
+    return getattr(import_module(module), name)(**kwargs)
+
+
+@pytest.fixture
+def load(scraped):
+    """Live traffic from the test's start to its end, in one-second runs."""
+    server, _, validation = scraped
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            run(LoadConfig(url=server.url, validation=validation, rate=40, duration_s=1, feedback_share=0))
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    yield
+    stop.set()
+    t.join(timeout=30)
+
+
+def split(server) -> None:
+    requests.put(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10,
+                 json={"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]})  # fmt: skip
+
+
+def spec(**kw) -> dict:
+    return RolloutSpec.from_dict({"candidate_version": "2", "stages": [50, 100], "min_samples": 40,
+                                  "bake_seconds": 2, "max_stage_seconds": 30, **kw}).to_dict()  # fmt: skip
+
+
+def test_ready_once_baked_with_enough_requests_per_arm(scraped, load):
+    server, prom, _ = scraped
+    split(server)
+    event = first_event(roundtrip(StageMetricsTrigger(spec(), 50, time.time(), prom.url, poll_seconds=0.5)))
+    assert event["status"] == "ready"
+    assert set(event["served"]) == {"1", "2"}
+    assert all(n >= 40 for n in event["served"].values())  # min_samples per arm
+    assert event["elapsed_s"] >= 2
+    assert event["gpu"] == {}  # no GPU here: the gauges are absent, reported as such
+
+
+def test_a_tripped_guard_fires_a_breach_before_the_bake_ends(scraped, load):
+    server, prom, _ = scraped
+    requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
+                 headers=server.admin, timeout=10)  # fmt: skip
+    split(server)
+    event = first_event(StageMetricsTrigger(spec(bake_seconds=600, max_stage_seconds=900, p99_breach_seconds=3),
+                                            50, time.time(), prom.url, poll_seconds=0.5))  # fmt: skip
+    assert event["status"] == "breach"
+    assert event["elapsed_s"] < 600
+    assert "Canary P99" in event["failed_guards"][0]
+
+
+def test_no_traffic_means_a_timeout_not_a_pass(scraped):
+    _, prom, _ = scraped
+    event = first_event(
+        StageMetricsTrigger(spec(max_stage_seconds=3), 50, time.time(), prom.url, poll_seconds=0.5)
+    )
+    assert event["status"] == "timeout"
+    assert event["served"] == {"1": None, "2": None} or all(n < 40 for n in event["served"].values())
