@@ -13,7 +13,9 @@ Roll a new version of a model out to production, or roll it back, with the evide
 5. **statistical_gate**: the stage's verdict (non-inferiority, sequential alpha spending).
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
-   candidate unloaded, mirror off); then **notify** sends the report to Slack.
+   candidate unloaded, mirror off); then **notify** sends the report to Slack. With
+   `require_approval`, **approve_promotion** first asks a reviewer (Required Actions in the UI;
+   no answer in 24 h rolls back).
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 """
@@ -26,6 +28,7 @@ import pendulum
 from airflow.sdk import Param, TriggerRule, dag, task, task_group
 
 from include.rollout.spec import RolloutSpec
+from rollout_airflow.operators import PromotionApproval
 from rollout_airflow.sensors import StageMetricsSensor
 
 MAX_STAGES = 4
@@ -86,12 +89,9 @@ def model_rollout() -> None:
         return steps.shadow_consistency(params, dag_run.start_date)
 
     @task.branch(trigger_rule=TriggerRule.ALL_DONE)
-    def decide(audit: dict[str, Any] | None, params: dict[str, Any], ti: Any) -> str:
-        verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(MAX_STAGES)]
-        failures = [
-            ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(MAX_STAGES)
-        ]
-        outcome, reason = steps.decide(params, verdicts, audit, failures)
+    def decide(params: dict[str, Any], ti: Any) -> str:
+        approval = ti.xcom_pull(task_ids="approve_promotion")
+        outcome, reason = steps.decide(params, *steps.evidence(ti, MAX_STAGES), approval=approval)
         ti.xcom_push(key="reason", value=reason)
         ti.xcom_push(key="outcome", value=outcome)
         return outcome
@@ -106,9 +106,8 @@ def model_rollout() -> None:
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
-        verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(MAX_STAGES)]
-        outcome = ti.xcom_pull(task_ids="decide", key="outcome")
-        return steps.notify(params, outcome, ti.xcom_pull(task_ids="decide", key="reason") or "", verdicts)
+        outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
+        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0])
 
     def stage(index: int, previous: Any) -> Any:
         @task_group(group_id=f"stage_{index + 1}")
@@ -137,9 +136,10 @@ def model_rollout() -> None:
     for index in range(MAX_STAGES):
         previous = stage(index, previous)
         gates.append(previous)
-    audit = shadow_consistency()
-    gates >> audit
-    decide(audit) >> [promote(), rollback()] >> notify()
+    approval = PromotionApproval(
+        task_id="approve_promotion", max_stages=MAX_STAGES, trigger_rule=TriggerRule.ALL_DONE
+    )
+    gates >> shadow_consistency() >> approval >> decide() >> [promote(), rollback()] >> notify()
 
 
 model_rollout()

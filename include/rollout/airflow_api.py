@@ -1,4 +1,5 @@
-"""A small client of Airflow's REST API (v2): log in, unpause, trigger with conf, follow a run.
+"""A small client of Airflow's REST API (v2): log in, unpause, trigger with conf, follow a run,
+answer a human-in-the-loop request.
 
 What ``make demo``, the REST-trigger test and the rollout benchmark use to press "Trigger" the
 way the UI does. Only the stable public API: ``/auth/token`` and ``/api/v2``.
@@ -67,6 +68,28 @@ class AirflowAPI:
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
         return self._call("GET", path, params={"deserialize": True})["value"]
+
+    def wait_for_task(
+        self, dag_id: str, run_id: str, task_id: str, states: set[str], timeout_s: float = 600.0
+    ) -> dict[str, Any]:
+        """The task instance once it is in one of ``states``; raised if the run finishes first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ti = self.task_instances(dag_id, run_id).get(task_id, {})
+            if ti.get("state") in states:
+                return ti
+            if self.run(dag_id, run_id)["state"] in FINISHED or time.monotonic() > deadline:
+                raise AirflowAPIError(f"{task_id} never reached {sorted(states)} (last: {ti.get('state')})")
+            time.sleep(1)
+
+    def hitl(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        """A human-in-the-loop task's request: subject, body, options, and the answer once given."""
+        return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails")
+
+    def respond(self, dag_id: str, run_id: str, task_id: str, *chosen: str) -> dict[str, Any]:
+        """Answer a human-in-the-loop task, as a reviewer does under "Required Actions"."""
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails"
+        return self._call("PATCH", path, json={"chosen_options": list(chosen), "params_input": {}})
 
     def wait(self, dag_id: str, run_id: str, timeout_s: float = 600.0, poll_s: float = 2.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -190,16 +190,38 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
     return result.to_dict()
 
 
-def decide(
+def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None, list[str | None]]:
+    """From XCom: each stage's verdict, the shadow audit, and why a stage's wait failed."""
+    verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(max_stages)]
+    failures = [
+        ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(max_stages)
+    ]
+    return verdicts, ti.xcom_pull(task_ids="shadow_consistency"), failures
+
+
+def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, Any] | None]) -> str:
+    """What the reviewer reads in the UI before answering (Markdown)."""
+    spec = spec_from(params)
+    lines = [
+        f"**{spec.model}** version {spec.candidate_version} against {spec.baseline_version}: {reason}.",
+        "",
+    ]
+    for weight, verdict in zip(spec.stages, verdicts, strict=False):
+        if verdict:
+            lines.append(f"- **{weight}%**: {verdict['summary']}")
+    lines += ["", "Promote: the candidate takes 100%, the baseline is retired, the mirror is off. "
+              "Roll back: the baseline takes 100% again. No answer in time rolls back."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def judge_evidence(
     params: dict[str, Any],
     verdicts: list[dict[str, Any] | None],
     audit: dict[str, Any] | None,
     failures: list[str | None] | None = None,
 ) -> tuple[str, str]:
-    """Promote only when every planned stage passed and the shadow audit did not fail.
-
-    ``failures``: per stage, why its wait failed (a tripped guard, a stage never ready).
-    """
+    """What the evidence says: promote only when every planned stage passed and the shadow audit
+    did not fail. ``failures``: per stage, why its wait failed (a tripped guard, never ready)."""
     spec = spec_from(params)
     failures = failures or []
     for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
@@ -213,6 +235,26 @@ def decide(
     return "promote", "every stage passed" + (
         f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else ""
     )
+
+
+def decide(
+    params: dict[str, Any],
+    verdicts: list[dict[str, Any] | None],
+    audit: dict[str, Any] | None,
+    failures: list[str | None] | None = None,
+    approval: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """The evidence, and with ``require_approval`` the reviewer's answer (the approval task's XCom)."""
+    outcome, reason = judge_evidence(params, verdicts, audit, failures)
+    if outcome != "promote" or not spec_from(params).require_approval:
+        return outcome, reason
+    if approval is None:
+        return "rollback", f"{reason}; but promotion was not approved (no answer from a reviewer)"
+    who = approval.get("responded_by_user") or {}
+    by = f"by {who.get('name') or who.get('id')}" if who else "by default (no answer in time)"
+    if approval.get("chosen_options") == ["Promote"]:
+        return "promote", f"{reason}; approved {by}"
+    return "rollback", f"{reason}; rejected {by}"
 
 
 def promote(params: dict[str, Any], run_id: str) -> None:

@@ -30,6 +30,22 @@ def test_model_rollout_has_the_seven_steps(dagbag):
     assert set(dag.tags) >= {"rollout"}
 
 
+def test_the_wait_is_deferrable_and_promotion_can_ask_a_reviewer(dagbag):
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    from rollout_airflow.sensors import StageMetricsSensor
+
+    dag = dagbag.dags["model_rollout"]
+    waits = [dag.get_task(f"stage_{i}.wait_for_metrics") for i in (1, 2, 3, 4)]
+    assert all(isinstance(w, StageMetricsSensor) and w.deferrable for w in waits)
+    approval = dag.get_task("approve_promotion")
+    assert isinstance(approval, HITLOperator)
+    assert approval.options == ["Promote", "Roll back"]
+    assert approval.defaults == ["Roll back"]  # no answer in time rolls back
+    assert approval.upstream_task_ids == {"shadow_consistency"}
+    assert approval.downstream_task_ids == {"decide"}
+
+
 def test_params_come_from_the_spec_schema(dagbag):
     from include.rollout.spec import RolloutSpec
 

@@ -47,10 +47,28 @@ def api(up):
 
 
 @pytest.fixture(scope="module")
-def promoted_run(api):
+def promoted_run(up, api):
+    """Version 2 with require_approval: the run waits for a reviewer, who answers Promote."""
+    scheduler_log = up[0] / "airflow" / "logs" / "scheduler.log"
     api.wait_for_dag("model_rollout")
-    run_id = api.trigger("model_rollout", CONF)
-    return run_id, api.wait("model_rollout", run_id, timeout_s=240)
+    run_id = api.trigger("model_rollout", {**CONF, "require_approval": True})
+    waiting = api.wait_for_task(
+        "model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=240
+    )
+    # Airflow 3.3.2 fails a HITL task answered before the scheduler has seen its first process exit
+    # ("executor reported success, but the task instance's state is queued"). A reviewer takes
+    # longer than that; the test waits until the scheduler has logged the pause.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        "TaskInstance Finished" in line
+        and "task_id=approve_promotion" in line
+        and "state=awaiting_input" in line
+        for line in scheduler_log.read_text().splitlines()
+    ):
+        time.sleep(0.5)
+    request = api.hitl("model_rollout", run_id, "approve_promotion")
+    answer = api.respond("model_rollout", run_id, "approve_promotion", "Promote")
+    return run_id, api.wait("model_rollout", run_id, timeout_s=120), waiting, request, answer
 
 
 def test_up_starts_every_service(up):
@@ -122,7 +140,12 @@ def test_the_rest_api_refuses_a_wrong_password(up):
 
 def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run):
     run_dir, state = up
-    run_id, run = promoted_run
+    run_id, run, waiting, request, answer = promoted_run
+    assert waiting["state"] == "awaiting_input"  # promotion waited for the reviewer
+    assert request["subject"] == "Promote digits v2 to 100%?"
+    assert request["options"] == ["Promote", "Roll back"]
+    assert "**50%**" in request["body"]  # the reviewer reads each stage's verdict
+    assert answer["chosen_options"] == ["Promote"]
     assert run["state"] == "success"
     assert run["conf"]["candidate_version"] == "2"
     assert run["conf"]["stages"] == [50, 100]
@@ -130,6 +153,7 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     assert tis["promote"]["state"] == "success"
     assert tis["rollback"]["state"] == "skipped"
     assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
+    assert "approved by admin" in api.xcom("model_rollout", run_id, "decide", "reason")
     gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2)]
     assert [g["decision"] for g in gates] == ["pass", "pass"]
     # The wait was deferred: the triggerer polled Prometheus and logged into the task's trigger log.
@@ -157,7 +181,7 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     _, state = up
-    run_id, _ = promoted_run
+    run_id = promoted_run[0]
     shot = tmp_path / "model_rollout-run.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"),
@@ -178,7 +202,8 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
             browser.close()
     assert run_id in text
     for task_id in ("build_image", "stage_1.apply_mesh_weights", "stage_1.enable_shadow", "stage_1.wait_for_metrics",
-                    "stage_1.statistical_gate", "shadow_consistency", "decide", "promote", "rollback", "notify"):  # fmt: skip
+                    "stage_1.statistical_gate", "shadow_consistency", "approve_promotion", "decide", "promote",
+                    "rollback", "notify"):  # fmt: skip
         assert task_id in text
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000

@@ -1,0 +1,64 @@
+"""decide: the evidence first, then (with require_approval) the reviewer's answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout_airflow.steps import approval_body, decide
+
+PASS = {"decision": "pass", "summary": "PASS at look 1"}
+FAIL = {"decision": "fail", "summary": "FAIL: canary P99 regressed 40%"}
+PARAMS = {"candidate_version": "2", "stages": [50, 100]}
+ALICE = {"chosen_options": ["Promote"], "responded_by_user": {"id": "alice", "name": "Alice"}}
+
+
+def test_every_stage_passing_promotes_without_approval():
+    assert decide(PARAMS, [PASS, PASS], None) == ("promote", "every stage passed")
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "failures", "reason"),
+    [
+        ([PASS, FAIL], [], "the 100% stage: FAIL: canary P99 regressed 40%"),
+        (
+            [None, None],
+            ["hard guard tripped: Canary P99 is 95 ms"],
+            "no verdict: hard guard tripped: Canary P99",
+        ),
+        ([PASS, None], [], "no verdict: a step failed or was interrupted"),
+    ],
+)
+def test_a_failed_or_missing_stage_rolls_back_and_says_why(verdicts, failures, reason):
+    outcome, why = decide({**PARAMS, "require_approval": True}, verdicts, None, failures, approval=ALICE)
+    assert outcome == "rollback"  # the evidence comes first: no approval promotes a failing canary
+    assert reason in why
+
+
+def test_a_failed_shadow_audit_rolls_back():
+    audit = {"verdict": "fail", "reasons": ["top-1 agreement 71% is shown below 90%"]}
+    assert decide(PARAMS, [PASS, PASS], audit) == (
+        "rollback",
+        "shadow audit failed: top-1 agreement 71% is shown below 90%",
+    )
+
+
+@pytest.mark.parametrize(
+    ("approval", "outcome", "words"),
+    [
+        (ALICE, "promote", "approved by Alice"),
+        ({"chosen_options": ["Roll back"], "responded_by_user": {"id": "bob", "name": "Bob"}}, "rollback", "rejected by Bob"),
+        ({"chosen_options": ["Roll back"], "responded_by_user": None}, "rollback", "rejected by default (no answer in time)"),
+        (None, "rollback", "not approved (no answer from a reviewer)"),
+    ],
+)  # fmt: skip
+def test_with_require_approval_the_reviewer_decides(approval, outcome, words):
+    result = decide({**PARAMS, "require_approval": True}, [PASS, PASS], None, approval=approval)
+    assert result[0] == outcome
+    assert words in result[1]
+
+
+def test_the_reviewer_reads_each_stage():
+    body = approval_body(PARAMS, "every stage passed", [PASS, PASS])
+    assert "**50%**: PASS at look 1" in body
+    assert "**100%**: PASS at look 1" in body
+    assert "No answer in time rolls back" in body
