@@ -3,8 +3,8 @@
 
 Roll a new version of a model out to production, or roll it back, with the evidence.
 
-1. **build_image**: verify the candidate artifact (loads, signature, golden inference) and load it
-   beside the baseline.
+1. **build_image**: verify the candidate artifact (loads, signature, golden inference); then load it
+   beside the baseline (mesh `local`) or build its image with Kaniko in a pod (mesh `istio`).
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
 3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
    log only masked.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, task, task_group
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task, task_group
 
 from include.rollout.spec import RolloutSpec
 from rollout_airflow.operators import PromotionApproval
@@ -78,7 +78,7 @@ def model_rollout() -> None:
 
     @task(retries=1)
     def build_image(params: dict[str, Any]) -> dict[str, Any]:
-        return steps.build_image(params)
+        return steps.build_image(params, get_current_context())
 
     @task
     def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:

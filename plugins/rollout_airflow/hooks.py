@@ -1,7 +1,10 @@
 """Hooks: Airflow connections -> the rollout library's objects. Secrets come only from here.
 
 - ``model_server_default`` (http): host, port, schema; the admin token as the password;
-  extra ``{"repository": ..., "shadow_log": ..., "state_dir": ...}`` for the local backend.
+  extra ``{"repository": ..., "shadow_log": ..., "run_dir": ...}``; for kubernetes mode also
+  ``"istio": {"namespace", "service", "name", "gateways"}`` and ``"build": {"registry", "context",
+  "namespace", "service_account", "push_secret"}``.
+- ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
 - ``prometheus_default`` (http): the Prometheus HTTP API.
 - ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
   password, optional ``base_url`` extra); without a token, reports go to an outbox folder.
@@ -20,6 +23,7 @@ from include.rollout.mesh import LocalRouter
 from include.rollout.metrics import PrometheusSource, ScrapeSource
 
 if TYPE_CHECKING:
+    from include.rollout.mesh import IstioRouter
     from include.rollout.notify import SlackNotifier
 
 
@@ -62,6 +66,26 @@ class ModelServerHook(BaseHook):
 
     def router(self, model: str, state_file: Path) -> LocalRouter:
         return LocalRouter(self.url, model, self.token, state_file)
+
+    def istio_router(
+        self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
+    ) -> IstioRouter:
+        """The IstioRouter for this model's VirtualService, through the cncf provider's hook.
+
+        The extras' ``istio`` section: namespace, service, name (VirtualService/DestinationRule),
+        optional gateways and hosts.
+        """
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        from include.rollout.mesh import IstioRouter, IstioTarget
+
+        istio = self.extra.get("istio") or {}
+        missing = [k for k in ("namespace", "service", "name") if not istio.get(k)]
+        if missing:
+            raise ValueError(f"mesh 'istio' needs the {self.model_server_conn_id} extra istio.{missing[0]}")
+        target = IstioTarget(istio["namespace"], istio["service"], istio["name"],
+                             list(istio.get("gateways", [])), list(istio.get("hosts", [])))  # fmt: skip
+        return IstioRouter(target, versions, api_client=KubernetesHook(conn_id=kubernetes_conn_id).api_client)
 
     def scrape(self) -> ScrapeSource:
         return ScrapeSource(self.url)

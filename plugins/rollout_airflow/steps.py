@@ -40,16 +40,16 @@ def workdir(hook: ModelServerHook, spec: RolloutSpec, run_id: str) -> Path:
 
 
 def router(spec: RolloutSpec, run_id: str) -> Any:
+    """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
     hook = ModelServerHook()
-    if spec.mesh != "local":
-        raise AirflowFailException(
-            "mesh 'istio' runs the IstioRouter with a kubernetes connection: not wired yet"
-        )
+    if spec.mesh == "istio":
+        return hook.istio_router([spec.baseline_version, spec.candidate_version])
     return hook.router(spec.model, workdir(hook, spec, run_id) / "original-routes.json")
 
 
-def build_image(params: dict[str, Any]) -> dict[str, Any]:
-    """Verify the candidate before any traffic; in local mode, load it beside the baseline."""
+def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """Verify the candidate before any traffic; then, in local mode, load it beside the baseline;
+    in kubernetes mode (mesh ``istio``), build its serving image with Kaniko in a pod."""
     from include.rollout.images import verify_model
 
     spec = spec_from(params)
@@ -60,8 +60,47 @@ def build_image(params: dict[str, Any]) -> dict[str, Any]:
                           model_dir / spec.baseline_version / "model.onnx", model_dir, model_dir / "validation")  # fmt: skip
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
+    if spec.mesh == "istio":
+        build, tag = kaniko_operator(spec, report.sha256)
+        build.execute(context)  # the KubernetesPodOperator: runs the pod, streams its log, cleans up
+        return {**report.to_dict(), "image": tag}
     hook.load_versions(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
+
+
+def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
+    """The KubernetesPodOperator that builds the candidate's image with Kaniko, and the image tag
+    (from the artifact's digest) it pushes.
+
+    Settings from the ``model_server_default`` extras' ``build`` section: ``registry`` (image
+    repository), ``context`` (Kaniko build context), ``namespace``, ``service_account``,
+    ``push_secret`` (a Secret with .dockerconfigjson).
+    """
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes import client
+
+    from include.rollout.images import image_tag, kaniko_pod
+
+    build = ModelServerHook().extra.get("build") or {}
+    missing = [k for k in ("registry", "context") if not build.get(k)]
+    if missing:
+        raise AirflowFailException(f"kubernetes mode needs the model_server_default extra build.{missing[0]}")
+    tag = image_tag(build["registry"], sha256)
+    name = (
+        f"build-{spec.model}-{spec.candidate_version}-{sha256[:8]}".lower()
+        .replace("_", "-")
+        .replace(".", "-")
+    )
+    namespace = build.get("namespace", "ml-builds")
+    pod = kaniko_pod(name, namespace, build["context"], tag, f"models/{spec.model}/{spec.candidate_version}/model.onnx",
+                     sha256, service_account=build.get("service_account", "image-builder"),
+                     docker_config_secret=build.get("push_secret", "registry-push"))  # fmt: skip
+    operator = KubernetesPodOperator(  # noqa: AIR001 (runs inside the build_image task)
+        task_id="build_image", name=name, namespace=namespace, kubernetes_conn_id="kubernetes_default",
+        full_pod_spec=client.ApiClient()._ApiClient__deserialize(pod, "V1Pod"), get_logs=True,
+        on_finish_action="delete_succeeded_pod", startup_timeout_seconds=600,
+    )  # fmt: skip
+    return operator, tag
 
 
 def apply_weights(
@@ -258,19 +297,22 @@ def decide(
 
 
 def promote(params: dict[str, Any], run_id: str) -> None:
+    """100% candidate, mirror off; locally the baseline is unloaded (retired)."""
     from model_server.traffic import TrafficPolicy
 
     spec = spec_from(params)
     router(spec, run_id).set_routes(
         TrafficPolicy.from_dict({"route": [{"version": spec.candidate_version, "weight": 100}]})
     )
-    ModelServerHook().load_versions(spec.model, [spec.candidate_version])  # the baseline retired
+    if spec.mesh == "local":
+        ModelServerHook().load_versions(spec.model, [spec.candidate_version])
 
 
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> None:
+    """100% baseline, mirror off; locally the candidate is unloaded."""
     spec = spec_from(params)
     router(spec, run_id).set_routes(spec.stable_policy())
-    if unload_candidate:
+    if unload_candidate and spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.baseline_version])
 
 
