@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models prometheus chromium test lint serve up down demo bench clean
+.PHONY: venv models prometheus chromium test lint serve up down demo tour bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,11 @@ up: models prometheus
 down:
 	@test -x $(BIN)/python && $(BIN)/python scripts/stack.py down || true
 
-demo: models
+demo: models prometheus
 	$(BIN)/python scripts/demo.py --repository models
+
+tour: models
+	$(BIN)/python scripts/tour.py --repository models
 
 bench: models
 	$(BIN)/python bench/serving.py

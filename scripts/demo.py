@@ -1,126 +1,111 @@
-"""``make demo``: the digits versions side by side through a real model server.
+"""``make demo``: press "Trigger" twice, through Airflow's REST API, and read the evidence.
 
-Starts the model server on loopback, loads the candidates (versions 2 and 3) beside the
-baseline (1) through the admin API, replays the labelled validation images through each
-version with tritonclient, and prints accuracy and latency per version next to the held-out
-accuracy recorded at build time, and the statistical gate's verdict on versions 2 and 3.
-Then version 2 takes 10% of generated traffic as a canary with a 100% shadow: served split,
-live accuracy from feedback labels, and the shadow audit of the masked shadow log. The
-Airflow rollout (issue 5) grows out of this.
+Brings the local stack up (``make up``: model server, Prometheus, load generator, Airflow) unless
+it is up, then triggers ``model_rollout`` for digits version 2 against the stable version and
+follows the run task by task: the stage verdicts, the decision and the Slack report (the outbox,
+without a Slack token). Then the same for version 3 against the version now stable, which is
+rolled back. Bake times are seconds here (``--bake-seconds``); the DAG's defaults are minutes.
+The stack stays up for the UI (the URL and login are printed); ``make down`` stops it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.gates import GuardInputs, evaluate_gate  # noqa: E402
-from include.rollout.local import start_model_server  # noqa: E402
-from include.rollout.replay import accuracy_drop, replay  # noqa: E402
+from include.rollout.airflow_api import FINISHED, AirflowAPI  # noqa: E402
+from scripts import stack  # noqa: E402
+
+DEMO_CONF = {"stages": [20, 50, 100], "looks_per_stage": 3, "min_samples": 40, "max_stage_seconds": 300,
+             "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
+
+
+def stable_version(state: dict[str, Any]) -> str:
+    """The version taking 100% of traffic now (the baseline of the next rollout)."""
+    token = Path(state["admin_token_file"]).read_text().strip()
+    request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
+                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as r:
+        route = json.load(r)["route"]
+    return str(max(route, key=lambda d: d["weight"])["version"])
+
+
+def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+    """Trigger one rollout, print each task as it ends, then the verdicts and the report."""
+    run_id = api.trigger("model_rollout", conf)
+    print(f"\n=== model_rollout: digits v{conf['candidate_version']} against v{conf['baseline_version']} "
+          f"(run {run_id})", flush=True)  # fmt: skip
+    started, seen = time.monotonic(), set()
+    while True:
+        run = api.run("model_rollout", run_id)
+        for task_id, ti in sorted(api.task_instances("model_rollout", run_id).items(),
+                                  key=lambda kv: kv[1].get("start_date") or "~"):  # fmt: skip
+            if ti["state"] in ("success", "failed", "skipped", "upstream_failed") and task_id not in seen:
+                seen.add(task_id)
+                if ti["state"] != "skipped" or not task_id.startswith("stage_"):
+                    print(f"  {time.monotonic() - started:6.1f} s  {task_id:28s} {ti['state']}", flush=True)
+        if run["state"] in FINISHED or time.monotonic() - started > timeout_s:
+            break
+        time.sleep(2)
+    outcome = api.xcom("model_rollout", run_id, "decide", "outcome")
+    reason = api.xcom("model_rollout", run_id, "decide", "reason")
+    print(f"\nrun {run['state']}; decision: {str(outcome).upper()}: {reason}")
+    for i in range(1, len(conf["stages"]) + 1):
+        try:
+            verdict = api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate")
+        except RuntimeError:
+            continue
+        print(f"  stage {i} ({conf['stages'][i - 1]}%): {verdict['summary']}")
+        for check in verdict["checks"]:
+            if check["decision"] in ("pass", "fail", "wait"):
+                print(f"      [{check['decision']}] {check['name']}: {check['sentence']}")
+    reports = sorted((run_dir / "outbox").glob("*.json"))
+    if reports:
+        message = json.loads(reports[-1].read_text())
+        print(f"\nSlack report ({message['channel']}, saved in {reports[-1]}):\n  {message['text']}")
+    print(f"\nthe run in the UI: {api.url}/dags/model_rollout/runs/{run_id}")
+    return {"candidate": conf["candidate_version"], "run_id": run_id, "state": run["state"], "outcome": outcome,
+            "reason": reason}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=ROOT / "run")
     p.add_argument("--repository", type=Path, default=ROOT / "models")
-    p.add_argument("--seconds", type=float, default=8.0, help="how long the canary takes traffic")
+    p.add_argument("--bake-seconds", type=int, default=5)
     args = p.parse_args(argv)
-    cfg = json.loads((args.repository / "digits" / "config.json").read_text())
-    token = secrets.token_urlsafe(24)
-    with tempfile.TemporaryDirectory(prefix="demo-") as tmp:
-        server = start_model_server(
-            args.repository,
-            Path(tmp),
-            "--shadow-log",
-            str(Path(tmp) / "shadow"),
-            "--mask-header",
-            "x-user-id",
-            token=token,
-        )
-        try:
-            client = server.client()
-            print(
-                f"model server on http://{server.url} (KServe v2); execution provider: "
-                f"{client.get_model_metadata('digits')['execution_providers']['1']}"
-            )
-            client.load_model(
-                "digits",
-                headers=server.admin,
-                config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
-            )
-            validation = args.repository / "digits" / "validation"
-            print(f"loaded digits versions {client.get_model_metadata('digits')['versions']}; replaying the "
-                  "validation images through each, over the serving path\n")  # fmt: skip
-            df = replay(server.url, "digits", {v: v for v in ("1", "2", "3")}, validation)
-            print(
-                f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"
-            )
-            for version, g in df.groupby("arm"):
-                meta = cfg["metadata"]["versions"][version]
-                print(f"{version:8s} {meta['algorithm']:46s} {g['correct'].mean():9.4f} {meta['heldout_accuracy']:7.4f} "
-                      f"{g['latency_ms'].median():7.2f} {g['latency_ms'].quantile(0.99):7.2f}")  # fmt: skip
-            print("\nthe gate on each candidate against version 1 (paired replay):")
-            for candidate in ("2", "3"):
-                pairs = df[df["arm"].isin(["1", candidate])].replace(
-                    {"arm": {"1": "baseline", candidate: "canary"}}
-                )
-                verdict = evaluate_gate(pairs, {"min_samples": 100},
-                                        guards=GuardInputs(validation_drop=accuracy_drop(pairs)))  # fmt: skip
-                print(f"  version {candidate}: {verdict.decision.upper()}")
-                for c in verdict.checks:
-                    if c.decision != "info":
-                        print(f"    [{c.decision}] {c.name}: {c.sentence}")
-            ok = server.metric("nv_inference_request_success", model="digits", version="3")
-            print(f'\n/metrics: nv_inference_request_success{{model="digits",version="3"}} {ok:g}')
-            canary_with_shadow(server, args.repository, Path(tmp) / "shadow", args.seconds)
-        finally:
-            server.stop()
-    print("\nNext (issue 5): the Airflow DAGs drive these steps from the UI.")
-    return 0
-
-
-def canary_with_shadow(server: Any, repository: Path, shadow_log: Path, seconds: float) -> None:
-    """Version 2 as a 10% canary with a 100% shadow, under generated traffic with feedback."""
-    import requests
-
-    from include.rollout.audit import audit_frame
-    from model_server.loadgen import LoadConfig, run
-    from model_server.shadowlog import read_shadow_log
-
-    policy: dict[str, Any] = {"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
-              "mirror": {"version": "2", "percent": 100}}  # fmt: skip
-    requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=server.admin, timeout=10)
-    print(f"\ntraffic policy: {json.dumps(policy)}")
-    started = datetime.now(UTC)
-    stats = run(LoadConfig(url=server.url, validation=repository / "digits" / "validation", rate=40,
-                           duration_s=seconds, feedback_share=1.0, feedback_delay_s=0.5))  # fmt: skip
-    print(f"load generator: {stats.ok} of {stats.sent} requests answered, served by {dict(stats.served)}")
-    for v in ("1", "2"):
-        total = server.metric("feedback_total", model="digits", version=v) or 0
-        correct = server.metric("feedback_correct_total", model="digits", version=v) or 0
-        shadow = server.metric("shadow_requests_total", model="digits", version=v, outcome="ok") or 0
-        live = f"{correct / total:.4f}" if total else "n/a"
-        print(
-            f"  version {v}: live accuracy from feedback {live} ({total:g} labels), shadow copies run {shadow:g}"
-        )
-    time.sleep(3)  # the shadow log writer flushes every 2 s
-    df = read_shadow_log(shadow_log, started, datetime.now(UTC))
-    if len(df):
-        result = audit_frame(df, model="digits")
-        print(
-            f"shadow audit of {len(df)} mirrored requests: {result.verdict.upper()}: "
-            + "; ".join(result.reasons)
-        )
-        print(f"  a masked row: user {df['user_id'].iloc[0]}, meta {df['meta'].iloc[0][:110]}...")
+    state_file = args.run / stack.STATE
+    if state_file.exists() and "airflow" in json.loads(state_file.read_text()).get("urls", {}):
+        state = json.loads(state_file.read_text())
+        print(f"the stack is up (started {state['started']})")
+    else:
+        print("make up: model server, Prometheus, load generator, Airflow ...", flush=True)
+        state = stack.up(args.run, args.repository, 8000, 9090, 8080, rate=20)
+    password = Path(state["airflow_password_file"]).read_text().strip()
+    api = AirflowAPI(state["urls"]["airflow"], state["airflow_user"], password)
+    api.wait_for_dag("model_rollout")
+    results = []
+    for candidate in ("2", "3"):
+        baseline = stable_version(state)
+        if baseline == candidate:
+            print(f"\nversion {candidate} is already stable: skipping its rollout")
+            continue
+        conf = {**DEMO_CONF, "bake_seconds": args.bake_seconds, "candidate_version": candidate,
+                "baseline_version": baseline}  # fmt: skip
+        results.append(roll_out(api, args.run, conf))
+    print(
+        f"\nAirflow UI: {api.url} (login {state['airflow_user']} / {password}); stop everything with: make down"
+    )
+    print("summary: " + "; ".join(f"v{r['candidate']}: {r['outcome']}" for r in results))
+    return 0 if all(r["state"] == "success" for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def start_model_server(
         token_file.touch(mode=0o600)
         token_file.write_text(token)
         cmd += ["--admin-token-file", str(token_file)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ORT_DISABLE_TELEMETRY": "1"}
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = ModelServerProcess(proc, port, log, token)

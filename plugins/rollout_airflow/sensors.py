@@ -50,7 +50,7 @@ class StageMetricsSensor(BaseSensorOperator):
         self.log.info("stage %d: %s after %.0f s; served %s; GPU %s", self.stage_index + 1, event["status"],
                       event["elapsed_s"], event["served"], event["gpu"] or "none")  # fmt: skip
         with _reason_kept(context):
-            verdict = judge_stage(context["params"], self.stage_index, event)
+            verdict = judge_stage(context["params"], self.stage_index, event, context["run_id"])
         if verdict is None:  # the gate wants more evidence: look again later
             spec = context["params"]
             self._defer(context, event["elapsed_s"] + max(float(self.poke_interval),
@@ -61,7 +61,9 @@ class StageMetricsSensor(BaseSensorOperator):
         from rollout_airflow.steps import wait_for_metrics
 
         with _reason_kept(context):
-            done, verdict = wait_for_metrics(context["params"], self.stage_index, self.applied)
+            done, verdict = wait_for_metrics(
+                context["params"], self.stage_index, self.applied, context["run_id"]
+            )
         return PokeReturnValue(is_done=done, xcom_value=verdict)
 
 

@@ -178,16 +178,24 @@ def stage_plan(params: dict[str, Any], index: int, applied: dict[str, Any] | Non
             "prometheus_url": PrometheusHook().source().url}  # fmt: skip
 
 
-def judge_stage(params: dict[str, Any], index: int, event: dict[str, Any]) -> dict[str, Any] | None:
+def judge_stage(
+    params: dict[str, Any], index: int, event: dict[str, Any], run_id: str
+) -> dict[str, Any] | None:
     """After the wait: fail on a tripped guard or an unready stage, else the gate's verdict.
 
-    None when the gate wants more evidence and the stage still has time (wait again).
+    A tripped guard puts the stable version back at once, before failing (the rollback task
+    that follows confirms it). None when the gate wants more evidence and the stage still has
+    time (wait again).
     """
     from include.rollout.controller import Judge
 
     spec = spec_from(params)
     if event["status"] == "breach":
-        raise AirflowFailException("hard guard tripped: " + " ".join(event["failed_guards"]))
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(
+            "hard guard tripped: " + " ".join(event["failed_guards"]) + f" Version {spec.baseline_version} "
+            "takes 100% again."
+        )
     if event["status"] != "ready":
         raise AirflowFailException(
             f"the {spec.stages[index]}% stage was not ready after {event['elapsed_s']:.0f} s "
@@ -202,7 +210,7 @@ def judge_stage(params: dict[str, Any], index: int, event: dict[str, Any]) -> di
 
 
 def wait_for_metrics(
-    params: dict[str, Any], index: int, applied: dict[str, Any] | None
+    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
 ) -> tuple[bool, dict[str, Any] | None]:
     """One poke of the non-deferrable mode: the trigger's check, then the gate. (done, verdict)."""
     from include.rollout.controller import bake_status
@@ -215,7 +223,7 @@ def wait_for_metrics(
     state = status.state(spec_from(params))
     if state == "waiting":
         return False, None
-    verdict = judge_stage(params, index, {"status": state, **status.to_dict()})
+    verdict = judge_stage(params, index, {"status": state, **status.to_dict()}, run_id)
     return verdict is not None, verdict
 
 

@@ -1,4 +1,4 @@
-"""`make demo` replays the validation set through every digits version over the server."""
+"""`make tour` replays the validation set through every digits version over the server."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from scripts import demo
+from scripts import tour
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_replay_reproduces_the_heldout_accuracy(models_dir, capsys):
-    assert demo.main(["--repository", str(models_dir), "--seconds", "2"]) == 0
+    assert tour.main(["--repository", str(models_dir), "--seconds", "2"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^([123]) .*?(\d\.\d{4})\s+(\d\.\d{4})\s", out, flags=re.M)
     assert [r[0] for r in rows] == ["1", "2", "3"]
