@@ -97,22 +97,28 @@ def model_rollout() -> None:
         return outcome
 
     @task
-    def promote(params: dict[str, Any], run_id: str) -> None:
-        steps.promote(params, run_id)
+    def promote(params: dict[str, Any], run_id: str) -> str:
+        return steps.promote(params, run_id)
 
     @task
-    def rollback(params: dict[str, Any], run_id: str) -> None:
-        steps.restore_stable(params, run_id)
+    def rollback(params: dict[str, Any], run_id: str) -> str:
+        return steps.restore_stable(params, run_id)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
         outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
         return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0])
 
+    @task
+    def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
+        return steps.ensure_stable(
+            params, run_id, ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="rollback")
+        )
+
     def stage(index: int, previous: Any) -> Any:
         @task_group(group_id=f"stage_{index + 1}")
         def group(previous: Any) -> Any:
-            @task(trigger_rule=TriggerRule.NONE_FAILED)
+            @task(trigger_rule=TriggerRule.ALL_SUCCESS if index == 0 else TriggerRule.NONE_FAILED)
             def apply_mesh_weights(
                 previous: dict[str, Any] | None, params: dict[str, Any], run_id: str
             ) -> dict[str, Any]:
@@ -131,7 +137,7 @@ def model_rollout() -> None:
 
         return group(previous)
 
-    previous = build_image()
+    built = previous = build_image()
     gates = []
     for index in range(MAX_STAGES):
         previous = stage(index, previous)
@@ -139,7 +145,10 @@ def model_rollout() -> None:
     approval = PromotionApproval(
         task_id="approve_promotion", max_stages=MAX_STAGES, trigger_rule=TriggerRule.ALL_DONE
     )
-    gates >> shadow_consistency() >> approval >> decide() >> [promote(), rollback()] >> notify()
+    reported = gates >> shadow_consistency() >> approval >> decide() >> [promote(), rollback()] >> notify()
+    # Whatever ends the run (a failed task, or a run marked failed in the UI), stable is restored
+    # unless the candidate was promoted: Airflow runs teardowns in both cases.
+    reported >> ensure_stable().as_teardown(setups=built, on_failure_fail_dagrun=True)
 
 
 model_rollout()

@@ -304,8 +304,8 @@ def decide(
     return "rollback", f"{reason}; rejected {by}"
 
 
-def promote(params: dict[str, Any], run_id: str) -> None:
-    """100% candidate, mirror off; locally the baseline is unloaded (retired)."""
+def promote(params: dict[str, Any], run_id: str) -> str:
+    """100% candidate, mirror off; locally the baseline is unloaded (retired). The promoted version."""
     from model_server.traffic import TrafficPolicy
 
     spec = spec_from(params)
@@ -314,14 +314,32 @@ def promote(params: dict[str, Any], run_id: str) -> None:
     )
     if spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.candidate_version])
+    return spec.candidate_version
 
 
-def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> None:
-    """100% baseline, mirror off; locally the candidate is unloaded."""
+def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
+    """100% baseline, mirror off; locally the candidate is unloaded. The stable version."""
     spec = spec_from(params)
     router(spec, run_id).set_routes(spec.stable_policy())
     if unload_candidate and spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.baseline_version])
+    return spec.baseline_version
+
+
+def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rolled_back: str | None) -> str:
+    """The run's teardown: unless the candidate was promoted, the stable version takes 100%.
+
+    A run that ended before promote or rollback (marked failed in the UI, say) fails here, once
+    stable is back: Airflow would otherwise count it a success (its reporting leaf was skipped).
+    """
+    spec = spec_from(params)
+    if promoted == spec.candidate_version:
+        return f"version {promoted} was promoted: nothing to restore"
+    restore_stable(params, run_id)
+    done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
+    if rolled_back is None:
+        raise AirflowFailException(f"the run was stopped before it decided; {done}")
+    return done
 
 
 def notify(

@@ -72,6 +72,7 @@ def test_rollout_promotes_or_rolls_back(stack, candidate, final):
     assert states["stage_1.enable_shadow"] == "success"
     assert states["notify"] == "success"
     assert states["promote" if final == candidate else "rollback"] == "success"
+    assert states["ensure_stable"] == "success"  # the teardown found the decision carried out
     reports = sorted((tmp / "run" / "outbox").glob("*.json"))
     text = json.loads(reports[-1].read_text())["text"]
     assert text.startswith("Promoted" if final == candidate else "Rolled back")

@@ -209,6 +209,30 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     assert shot.stat().st_size > 20_000
 
 
+def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, promoted_run):
+    """What a user does to stop a rollout: mark the run failed in the UI (here: the same REST call)."""
+    _, state = up
+    token = Path(state["admin_token_file"]).read_text().strip()
+
+    def routes() -> dict:
+        request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
+                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)
+
+    run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
+                                           "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
+    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"deferred"}, timeout_s=240)
+    assert routes()["route"] == [{"version": "2", "weight": 50}, {"version": "3", "weight": 50}]  # mid-stage
+    api._call("PATCH", f"/dags/model_rollout/dagRuns/{run_id}", json={"state": "failed"})
+    teardown = api.wait_for_task(
+        "model_rollout", run_id, "ensure_stable", {"success", "failed"}, timeout_s=120
+    )
+    assert teardown["state"] == "failed"  # restored, then failed on purpose: the run did not decide
+    assert routes() == {"route": [{"version": "2", "weight": 100}]}  # stable back, mirror off
+    assert api.wait("model_rollout", run_id, timeout_s=60)["state"] == "failed"
+
+
 def test_down_stops_exactly_what_up_started(up):
     run, state = up
     stopped = stack.down(run)
