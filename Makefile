@@ -57,10 +57,11 @@ demo: models prometheus
 tour: models
 	$(BIN)/python scripts/tour.py --repository models
 
-bench: models
+bench: models prometheus
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/routing.py
 	$(BIN)/python bench/gates.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf models .pytest_cache .mypy_cache .ruff_cache
