@@ -23,7 +23,8 @@ from include.rollout.mesh import LocalRouter
 from include.rollout.metrics import PrometheusSource, ScrapeSource
 
 if TYPE_CHECKING:
-    from include.rollout.mesh import IstioRouter
+    from include.rollout.deploy import VersionDeployments
+    from include.rollout.mesh import IstioRouter, IstioTarget
     from include.rollout.notify import SlackNotifier
 
 
@@ -67,17 +68,12 @@ class ModelServerHook(BaseHook):
     def router(self, model: str, state_file: Path) -> LocalRouter:
         return LocalRouter(self.url, model, self.token, state_file)
 
-    def istio_router(
-        self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
-    ) -> IstioRouter:
-        """The IstioRouter for this model's VirtualService, through the cncf provider's hook.
-
-        The extras' ``istio`` section: namespace, service, name (VirtualService/DestinationRule),
-        optional gateways and hosts.
-        """
+    def _istio(self, kubernetes_conn_id: str) -> tuple[IstioTarget, Any]:
+        """The extras' ``istio`` section (namespace, service, name, gateways, hosts) and the
+        cluster's API client through the cncf provider's hook."""
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-        from include.rollout.mesh import IstioRouter, IstioTarget
+        from include.rollout.mesh import IstioTarget
 
         istio = self.extra.get("istio") or {}
         missing = [k for k in ("namespace", "service", "name") if not istio.get(k)]
@@ -85,7 +81,25 @@ class ModelServerHook(BaseHook):
             raise ValueError(f"mesh 'istio' needs the {self.model_server_conn_id} extra istio.{missing[0]}")
         target = IstioTarget(istio["namespace"], istio["service"], istio["name"],
                              list(istio.get("gateways", [])), list(istio.get("hosts", [])))  # fmt: skip
-        return IstioRouter(target, versions, api_client=KubernetesHook(conn_id=kubernetes_conn_id).api_client)
+        return target, KubernetesHook(conn_id=kubernetes_conn_id).api_client
+
+    def istio_router(
+        self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
+    ) -> IstioRouter:
+        """The IstioRouter for this model's VirtualService and DestinationRule."""
+        from include.rollout.mesh import IstioRouter
+
+        target, api = self._istio(kubernetes_conn_id)
+        return IstioRouter(target, versions, api_client=api)
+
+    def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
+        """One Deployment per version behind the subsets (extras ``build.gpus``, default 1)."""
+        from include.rollout.deploy import VersionDeployments
+
+        target, api = self._istio(kubernetes_conn_id)
+        return VersionDeployments(
+            target, model, api, gpus=int((self.extra.get("build") or {}).get("gpus", 1))
+        )
 
     def scrape(self) -> ScrapeSource:
         return ScrapeSource(self.url)

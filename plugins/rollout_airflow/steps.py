@@ -63,7 +63,7 @@ def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
     if spec.mesh == "istio":
         build, tag = kaniko_operator(spec, report.sha256)
         build.execute(context)  # the KubernetesPodOperator: runs the pod, streams its log, cleans up
-        return {**report.to_dict(), "image": tag}
+        return {**report.to_dict(), "image": tag, "deployment": deploy_candidate(spec, tag)}
     hook.load_versions(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
@@ -101,6 +101,16 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
         on_finish_action="delete_succeeded_pod", startup_timeout_seconds=600,
     )  # fmt: skip
     return operator, tag
+
+
+def deploy_candidate(spec: RolloutSpec, image: str) -> str:
+    """Kubernetes mode: the candidate's Deployment (its image, its subset's labels), pods ready."""
+    hook = ModelServerHook()
+    deployments = hook.deployments(spec.model)
+    replicas = int((hook.extra.get("build") or {}).get("replicas", 1))
+    deployments.apply(spec.candidate_version, image, replicas)
+    deployments.wait_ready(spec.candidate_version, replicas)
+    return f"{deployments.target.service}-v{spec.candidate_version}"
 
 
 def apply_weights(
@@ -305,7 +315,7 @@ def decide(
 
 
 def promote(params: dict[str, Any], run_id: str) -> str:
-    """100% candidate, mirror off; locally the baseline is unloaded (retired). The promoted version."""
+    """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
     from model_server.traffic import TrafficPolicy
 
     spec = spec_from(params)
@@ -314,15 +324,19 @@ def promote(params: dict[str, Any], run_id: str) -> str:
     )
     if spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.candidate_version])
+    else:
+        ModelServerHook().deployments(spec.model).scale_to_zero(spec.baseline_version)
     return spec.candidate_version
 
 
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
-    """100% baseline, mirror off; locally the candidate is unloaded. The stable version."""
+    """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0)."""
     spec = spec_from(params)
     router(spec, run_id).set_routes(spec.stable_policy())
     if unload_candidate and spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.baseline_version])
+    elif unload_candidate:
+        ModelServerHook().deployments(spec.model).scale_to_zero(spec.candidate_version)
     return spec.baseline_version
 
 

@@ -1,10 +1,12 @@
-"""A local HTTP server speaking the Kubernetes API for Istio's VirtualService and DestinationRule.
+"""A local HTTP server speaking the Kubernetes API for Istio's VirtualService and DestinationRule
+and apps/v1 Deployments.
 
 No API server can run on these machines, so this fake checks what the real one checks for
-the calls the IstioRouter makes: paths and verbs, the server-side-apply content type and
-field manager, that the body names the object of the path, Istio's CRD schema (422 Invalid),
-and optimistic concurrency on ``metadata.resourceVersion`` (409 Conflict). Answers are
-Kubernetes ``Status`` objects, as the real server's.
+the calls the IstioRouter and the version deployments make: paths and verbs, the
+server-side-apply content type and field manager, that the body names the object of the path,
+Istio's CRD schema and a Deployment's required fields and selector (422 Invalid), and optimistic
+concurrency on ``metadata.resourceVersion`` (409 Conflict). Answers are Kubernetes ``Status``
+objects, as the real server's. A Deployment's pods are reported ready at once (no kubelet).
 """
 
 from __future__ import annotations
@@ -23,10 +25,34 @@ import yaml
 from include.rollout.mesh import istio_schemas
 
 PATH_RE = re.compile(
-    r"^/apis/networking\.istio\.io/v1/namespaces/([a-z0-9-]+)/(virtualservices|destinationrules)/([a-z0-9.-]+)$"
+    r"^/apis/(?:networking\.istio\.io|apps)/v1/namespaces/([a-z0-9-]+)/(virtualservices|destinationrules|deployments)/"
+    r"([a-z0-9.-]+)$"
 )
 GO_BOOLS = {"1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"}
-KINDS = {"virtualservices": "VirtualService", "destinationrules": "DestinationRule"}
+KINDS = {
+    "virtualservices": "VirtualService",
+    "destinationrules": "DestinationRule",
+    "deployments": "Deployment",
+}
+API_VERSIONS = {"virtualservices": "networking.istio.io/v1", "destinationrules": "networking.istio.io/v1",
+                "deployments": "apps/v1"}  # fmt: skip
+
+
+def invalid_deployment(body: dict[str, Any]) -> str | None:
+    """What the API server's validation says of a Deployment (the fields these calls set)."""
+    spec = body.get("spec") or {}
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    if not selector:
+        return "spec.selector: Required value"
+    if any(labels.get(k) != v for k, v in selector.items()):
+        return "spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`"
+    if not containers or any(not c.get("name") or not c.get("image") for c in containers):
+        return "spec.template.spec.containers: Required value: a name and an image each"
+    if not isinstance(spec.get("replicas", 1), int) or spec.get("replicas", 1) < 0:
+        return "spec.replicas: Invalid value: must be greater than or equal to 0"
+    return None
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -103,9 +129,7 @@ class FakeKubeAPI:
                 with api.lock:
                     obj = copy.deepcopy(api.objects.get(key))
                 if obj is None:
-                    self._send(
-                        404, status(404, "NotFound", f'{key[0]}.networking.istio.io "{key[2]}" not found')
-                    )
+                    self._send(404, status(404, "NotFound", f'{key[0]} "{key[2]}" not found'))
                 else:
                     self._send(200, obj)
 
@@ -137,18 +161,25 @@ class FakeKubeAPI:
                 except yaml.YAMLError as exc:
                     return self._send(400, status(400, "BadRequest", f"error decoding YAML: {exc}"))
                 meta = body.get("metadata") or {}
-                if body.get("apiVersion") != "networking.istio.io/v1" or body.get("kind") != KINDS[plural]:
+                if body.get("apiVersion") != API_VERSIONS[plural] or body.get("kind") != KINDS[plural]:
                     return self._send(400, status(400, "BadRequest", "apiVersion/kind do not match the path"))
                 if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
                     return self._send(
                         400, status(400, "BadRequest", "metadata.name/namespace do not match the path")
                     )
-                try:
-                    jsonschema.validate(body, istio_schemas()[KINDS[plural]]["openAPIV3Schema"])
-                except jsonschema.ValidationError as exc:
-                    where = ".".join(str(p) for p in exc.absolute_path)
-                    return self._send(422, status(422, "Invalid", f"{KINDS[plural]}.networking.istio.io \"{name}\" is "
-                                                                 f"invalid: {where}: {exc.message}"))  # fmt: skip
+                if plural == "deployments":
+                    problem = invalid_deployment(body)
+                    if problem:
+                        return self._send(
+                            422, status(422, "Invalid", f'Deployment.apps "{name}" is invalid: {problem}')
+                        )
+                else:
+                    try:
+                        jsonschema.validate(body, istio_schemas()[KINDS[plural]]["openAPIV3Schema"])
+                    except jsonschema.ValidationError as exc:
+                        where = ".".join(str(p) for p in exc.absolute_path)
+                        return self._send(422, status(422, "Invalid", f"{KINDS[plural]}.networking.istio.io \"{name}\" is "
+                                                                     f"invalid: {where}: {exc.message}"))  # fmt: skip
                 with api.lock:
                     live = api.objects.get(key)
                     wanted = meta.get("resourceVersion")
@@ -158,6 +189,13 @@ class FakeKubeAPI:
                     obj = copy.deepcopy(live) if live else {"apiVersion": body["apiVersion"], "kind": body["kind"],
                                                             "metadata": {"name": name, "namespace": namespace}}  # fmt: skip
                     obj["spec"] = body["spec"]
+                    if plural == "deployments":  # what the controllers would report once the pods run
+                        replicas = body["spec"].get("replicas", 1)
+                        obj["status"] = {
+                            "replicas": replicas,
+                            "readyReplicas": replicas,
+                            "updatedReplicas": replicas,
+                        }
                     for field in ("labels", "annotations"):
                         if field in meta:
                             obj["metadata"][field] = {k: v for k, v in meta[field].items()}

@@ -95,3 +95,73 @@ def test_istio_mode_without_target_settings_fails_naming_the_setting(kube, monke
         {"conn_type": "http", "host": "digits", "extra": {"istio": {"namespace": "models"}}}))  # fmt: skip
     with pytest.raises(ValueError, match=r"extra istio\.service"):
         steps.router(RolloutSpec.from_dict(PARAMS), "r")
+
+
+def deployment(kube: FakeKubeAPI, version: str) -> dict:
+    return kube.objects[("deployments", "models", f"digits-v{version}")]
+
+
+def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
+    from kubernetes import client
+
+    tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
+    assert steps.deploy_candidate(RolloutSpec.from_dict(PARAMS), tag) == "digits-v2"
+    obj = deployment(kube, "2")
+    api = client.ApiClient()
+    assert (
+        api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj
+    )  # a valid Deployment
+    pod = obj["spec"]["template"]
+    assert pod["metadata"]["labels"] == {
+        "app": "digits",
+        "version": "2",
+    }  # the DestinationRule subset's labels
+    assert obj["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == tag
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
+    assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
+
+
+def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
+    from include.rollout.mesh import render_virtual_service
+    from model_server.traffic import TrafficPolicy
+
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r").target, stable)
+    kube.objects[("virtualservices", "models", "digits")] = {
+        **vs,
+        "metadata": {**vs["metadata"], "resourceVersion": "3"},
+    }
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2"):
+        deployments.apply(version, f"registry.example.com/ml/digits-server:v{version}")
+    steps.restore_stable(PARAMS, "run-1")  # rollback: the candidate's pods go away
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v2")  # kept
+    assert deployment(kube, "1")["spec"]["replicas"] == 1
+    deployments.apply("2", "registry.example.com/ml/digits-server:v2")
+    steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+    assert deployment(kube, "2")["spec"]["replicas"] == 1
+    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
+    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+
+
+def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
+    from kubernetes.client.exceptions import ApiException
+
+    from include.rollout.deploy import render_deployment
+    from include.rollout.mesh import IstioTarget
+
+    bad = render_deployment(IstioTarget("models", "digits", "digits"), "digits", "2", "img:1")
+    bad["spec"]["selector"]["matchLabels"]["version"] = "3"
+    apps = steps.ModelServerHook().deployments("digits")._apps()
+    with pytest.raises(ApiException) as refused:
+        apps.patch_namespaced_deployment("digits-v2", "models", bad, field_manager="model-rollout",
+                                         _content_type="application/apply-patch+yaml")  # fmt: skip
+    assert refused.value.status == 422
+    assert "`selector` does not match template `labels`" in refused.value.body
+    assert ("deployments", "models", "digits-v2") not in kube.objects
