@@ -61,6 +61,10 @@ class AirflowAPI:
     def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
 
+    def mark_failed(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        """What "Mark run as failed" in the UI does: running tasks stop, teardowns still run."""
+        return self._call("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}", json={"state": "failed"})
+
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
         tis = self._call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 100})
         return {t["task_id"]: t for t in tis["task_instances"]}

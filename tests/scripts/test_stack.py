@@ -224,7 +224,7 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
                                            "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
     api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"deferred"}, timeout_s=240)
     assert routes()["route"] == [{"version": "2", "weight": 50}, {"version": "3", "weight": 50}]  # mid-stage
-    api._call("PATCH", f"/dags/model_rollout/dagRuns/{run_id}", json={"state": "failed"})
+    api.mark_failed("model_rollout", run_id)
     teardown = api.wait_for_task(
         "model_rollout", run_id, "ensure_stable", {"success", "failed"}, timeout_s=120
     )
