@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from include.rollout.local import (  # noqa: E402
+    ModelServerProcess,
     local_connections,
     start_airflow,
     start_model_server,
@@ -52,6 +54,7 @@ def up(
     server = start_model_server(repository, run, "--shadow-log", str(run / "shadow"), "--state-dir",
                                 str(run / "state"), "--mask-header", "x-user-id",
                                 token=token_file.read_text().strip(), port=port)  # fmt: skip
+    serve_what_is_routed(server)
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     log = (run / "loadgen.log").open("wb")
     loadgen = subprocess.Popen(
@@ -79,6 +82,18 @@ def up(
     state["airflow_password_file"] = str(airflow.home / "admin-password")
     state_file.write_text(json.dumps(state, indent=2))
     return state
+
+
+def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> None:
+    """After a restart the server restores its traffic policy (a promoted version, say) but loads
+    the versions its config names: load the ones the policy routes or mirrors to."""
+    from model_server.traffic import TrafficPolicy
+
+    request = urllib.request.Request(f"{server.http}/v2/models/{model}/traffic", headers=server.admin)
+    with urllib.request.urlopen(request, timeout=10) as r:
+        routed = TrafficPolicy.from_dict(json.load(r)).versions()
+    if routed - {str(v) for v in server.client().get_model_metadata(model)["versions"]}:
+        server.load_versions(model, *routed)
 
 
 def _alive(pid: int) -> bool:

@@ -240,3 +240,14 @@ def test_down_stops_exactly_what_up_started(up):
     assert not any(alive(p) for p in state["pids"].values())
     assert not (run / "stack.json").exists()
     assert stack.down(run) == []
+
+
+def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(server_factory, repo_copy, tmp_path):
+    """After `make down` and `make up`, a promoted version is routed (the policy persists) and served."""
+    state = tmp_path / "state"
+    (state / "traffic").mkdir(parents=True)
+    (state / "traffic" / "digits.json").write_text(json.dumps({"route": [{"version": "2", "weight": 100}]}))
+    server = server_factory(repo_copy, "--state-dir", str(state), token="t")
+    assert server.client().get_model_metadata("digits")["versions"] == ["1"]  # what the config names
+    stack.serve_what_is_routed(server)
+    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
