@@ -242,7 +242,9 @@ def test_down_stops_exactly_what_up_started(up):
     assert stack.down(run) == []
 
 
-def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(server_factory, repo_copy, tmp_path):
+def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(
+    server_factory, repo_copy, tmp_path
+):
     """After `make down` and `make up`, a promoted version is routed (the policy persists) and served."""
     state = tmp_path / "state"
     (state / "traffic").mkdir(parents=True)
