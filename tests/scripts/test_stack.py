@@ -33,10 +33,23 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def up(models_dir, tmp_path_factory):
+    """`make up` (the same command line, on free ports)."""
+    import contextlib
+    import io
+
     run = tmp_path_factory.mktemp("stack") / "run"
-    state = stack.up(run, models_dir, free_port(), free_port(), free_port(), rate=20)
-    yield run, state
-    stack.down(run)  # idempotent: test_down checks it
+    ports = [str(free_port()) for _ in range(3)]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = stack.main(["up", "--run", str(run), "--repository", str(models_dir), "--port", ports[0],
+                               "--prometheus-port", ports[1], "--airflow-port", ports[2]])  # fmt: skip
+        assert code == 0
+        state = json.loads((run / stack.STATE).read_text())
+        state["printed"] = out.getvalue()
+        yield run, state
+    finally:
+        stack.down(run)  # idempotent: test_down checks it
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +98,11 @@ def test_up_starts_every_service(up):
         time.sleep(0.5)
     assert server.query('nv_inference_request_success{model="digits"}') >= 20  # the load generator runs
     assert wait_for_value(PrometheusSource(state["urls"]["prometheus"]), 'sum(up{job="model-server"})') == 1
+    password = Path(state["airflow_password_file"]).read_text().strip()
+    assert (
+        f"airflow       {state['urls']['airflow']}  (login admin / {password}" in state["printed"]
+    )  # URL, login
+    assert "stop with: make down" in state["printed"]
     with urllib.request.urlopen(state["urls"]["airflow"] + "/api/v2/monitor/health", timeout=10) as r:
         health = json.load(r)
     assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {
