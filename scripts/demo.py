@@ -3,8 +3,8 @@
 Brings the local stack up (``make up``: model server, Prometheus, load generator, Airflow) unless
 it is up, then triggers ``model_rollout`` for digits version 2 against the stable version and
 follows the run task by task: the stage verdicts, the decision and the Slack report (the outbox,
-without a Slack token). Then the same for version 3 against the version now stable, which is
-rolled back. Bake times are seconds here (``--bake-seconds``); the DAG's defaults are minutes.
+without a Slack token). Then the same for version 3 against version 2, now stable, which is
+rolled back. Each demo starts from version 1 alone at 100%. Bake times are seconds here (``--bake-seconds``); the DAG's defaults are minutes.
 The stack stays up for the UI (the URL and login are printed); ``make down`` stops it.
 """
 
@@ -28,14 +28,24 @@ DEMO_CONF = {"stages": [20, 50, 100], "looks_per_stage": 3, "min_samples": 40, "
              "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 
-def stable_version(state: dict[str, Any]) -> str:
-    """The version taking 100% of traffic now (the baseline of the next rollout)."""
+def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """The model server's admin API with the stack's token."""
     token = Path(state["admin_token_file"]).read_text().strip()
-    request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
-                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as r:
-        route = json.load(r)["route"]
-    return str(max(route, key=lambda d: d["weight"])["version"])
+    request = urllib.request.Request(state["urls"]["model_server"] + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.load(r) if r.length else None
+
+
+def start_from_version_1(state: dict[str, Any]) -> None:
+    """The demo's starting point, also after an earlier demo: version 1 alone, at 100%."""
+    route = admin(state, "GET", "/v2/models/digits/traffic")["route"]
+    if route != [{"version": "1", "weight": 100}]:
+        print(f"resetting digits to version 1 at 100% (was {route})")
+        admin(state, "POST", "/v2/repository/models/digits/load",
+              {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": [1]}}})}})  # fmt: skip
+        admin(state, "PUT", "/v2/models/digits/traffic", {"route": [{"version": "1", "weight": 100}]})
 
 
 def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
@@ -92,15 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     password = Path(state["airflow_password_file"]).read_text().strip()
     api = AirflowAPI(state["urls"]["airflow"], state["airflow_user"], password)
     api.wait_for_dag("model_rollout")
+    start_from_version_1(state)
     results = []
-    for candidate in ("2", "3"):
-        baseline = stable_version(state)
-        if baseline == candidate:
-            print(f"\nversion {candidate} is already stable: skipping its rollout")
-            continue
+    for candidate, baseline in (("2", "1"), ("3", "2")):  # v3 against the version v2's rollout left stable
         conf = {**DEMO_CONF, "bake_seconds": args.bake_seconds, "candidate_version": candidate,
                 "baseline_version": baseline}  # fmt: skip
         results.append(roll_out(api, args.run, conf))
+        if results[-1]["outcome"] != "promote" and candidate == "2":
+            break  # v2 was not promoted: v3 has no v2 baseline to go against
     print(
         f"\nAirflow UI: {api.url} (login {state['airflow_user']} / {password}); stop everything with: make down"
     )

@@ -251,6 +251,27 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
     assert api.wait("model_rollout", run_id, timeout_s=60)["state"] == "failed"
 
 
+def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, promoted_run, capsys):
+    from scripts import demo
+
+    run_dir, state = up
+    result = demo.roll_out(api, run_dir, {**demo.DEMO_CONF, "bake_seconds": 2, "candidate_version": "3",
+                                          "baseline_version": "2"})  # fmt: skip
+    out = capsys.readouterr().out
+    assert result["outcome"] == "rollback"
+    assert "decision: ROLLBACK" in out
+    assert "[fail] guard_accuracy_drop" in out  # the failing check, with its numbers
+    assert "Slack report (#model-rollouts" in out
+    assert demo.admin(state, "GET", "/v2/models/digits/traffic") == {
+        "route": [{"version": "2", "weight": 100}]
+    }
+    demo.start_from_version_1(state)
+    assert demo.admin(state, "GET", "/v2/models/digits/traffic") == {
+        "route": [{"version": "1", "weight": 100}]
+    }
+    assert demo.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
+
+
 def test_down_stops_exactly_what_up_started(up):
     run, state = up
     stopped = stack.down(run)
