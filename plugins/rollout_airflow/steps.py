@@ -77,7 +77,6 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
     ``push_secret`` (a Secret with .dockerconfigjson).
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from kubernetes import client
 
     from include.rollout.images import image_tag, kaniko_pod
 
@@ -97,7 +96,7 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
                      docker_config_secret=build.get("push_secret", "registry-push"))  # fmt: skip
     operator = KubernetesPodOperator(  # noqa: AIR001 (runs inside the build_image task)
         task_id="build_image", name=name, namespace=namespace, kubernetes_conn_id="kubernetes_default",
-        full_pod_spec=client.ApiClient()._ApiClient__deserialize(pod, "V1Pod"), get_logs=True,
+        pod_template_dict=pod, get_logs=True,
         on_finish_action="delete_succeeded_pod", startup_timeout_seconds=600,
     )  # fmt: skip
     return operator, tag
