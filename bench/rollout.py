@@ -23,7 +23,6 @@ import json
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,6 @@ BASE = {"candidate_version": "2", "baseline_version": "1", "looks_per_stage": 1,
         "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 
-def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    token = Path(state["admin_token_file"]).read_text().strip()
-    request = urllib.request.Request(state["urls"]["model_server"] + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return json.load(r) if r.length else None
-
-
-def reset(state: dict[str, Any]) -> None:
-    """Version 1 stable at 100%, no fault, before each measured run."""
-    admin(state, "POST", "/v2/repository/models/digits/load",
-          {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": [1]}}})}})  # fmt: skip
-    admin(state, "PUT", "/v2/models/digits/traffic", {"route": [{"version": "1", "weight": 100}]})
-
-
 def seconds(iso: str) -> float:
     from datetime import datetime
 
@@ -63,7 +46,7 @@ def seconds(iso: str) -> float:
 
 
 def overhead(api: AirflowAPI, state: dict[str, Any], bake: int) -> dict[str, Any]:
-    reset(state)
+    stack.serve_only(state, "1")  # version 1 alone at 100%, no fault
     stages = [50, 100]
     run_id = api.trigger("model_rollout", {**BASE, "stages": stages, "bake_seconds": bake})
     run = api.wait("model_rollout", run_id, timeout_s=600)
@@ -81,16 +64,16 @@ def overhead(api: AirflowAPI, state: dict[str, Any], bake: int) -> dict[str, Any
 
 
 def breach(api: AirflowAPI, state: dict[str, Any], breach_seconds: int) -> dict[str, Any]:
-    reset(state)
+    stack.serve_only(state, "1")  # version 1 alone at 100%, no fault
     conf = {**BASE, "stages": [50, 100], "bake_seconds": 600, "max_stage_seconds": 900,
             "p99_ms_max": 60, "p99_breach_seconds": breach_seconds}  # fmt: skip
     run_id = api.trigger("model_rollout", conf)
     api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"deferred"}, timeout_s=300)
     time.sleep(5)  # some healthy canary traffic first
-    admin(state, "PUT", "/v2/models/digits/versions/2/fault", {"delay": {"ms": 90}})
+    stack.admin(state, "PUT", "/v2/models/digits/versions/2/fault", {"delay": {"ms": 90}})
     injected = time.time()
     while True:
-        route = admin(state, "GET", "/v2/models/digits/traffic")["route"]
+        route = stack.admin(state, "GET", "/v2/models/digits/traffic")["route"]
         if route == [{"version": "1", "weight": 100}]:
             restored = time.time()
             break

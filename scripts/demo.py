@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +27,12 @@ DEMO_CONF = {"stages": [20, 50, 100], "looks_per_stage": 3, "min_samples": 40, "
              "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 
-def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """The model server's admin API with the stack's token."""
-    token = Path(state["admin_token_file"]).read_text().strip()
-    request = urllib.request.Request(state["urls"]["model_server"] + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.load(r) if r.length else None
-
-
 def start_from_version_1(state: dict[str, Any]) -> None:
     """The demo's starting point, also after an earlier demo: version 1 alone, at 100%."""
-    route = admin(state, "GET", "/v2/models/digits/traffic")["route"]
+    route = stack.admin(state, "GET", "/v2/models/digits/traffic")["route"]
     if route != [{"version": "1", "weight": 100}]:
         print(f"resetting digits to version 1 at 100% (was {route})")
-        admin(state, "POST", "/v2/repository/models/digits/load",
-              {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": [1]}}})}})  # fmt: skip
-        admin(state, "PUT", "/v2/models/digits/traffic", {"route": [{"version": "1", "weight": 100}]})
+        stack.serve_only(state, "1")
 
 
 def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:

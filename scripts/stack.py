@@ -84,6 +84,25 @@ def up(
     return state
 
 
+def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """The stack's model server admin API (its token from the 0600 file); the JSON answer or None."""
+    token = Path(state["admin_token_file"]).read_text().strip()
+    request = urllib.request.Request(state["urls"]["model_server"] + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.load(r) if r.length else None
+
+
+def serve_only(state: dict[str, Any], version: str, model: str = "digits") -> None:
+    """That version alone loaded and at 100% (the starting point of a demo or a measured run)."""
+    policy = {"version_policy": {"specific": {"versions": [int(version)]}}}
+    admin(
+        state, "POST", f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(policy)}}
+    )
+    admin(state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]})
+
+
 def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> None:
     """After a restart the server restores its traffic policy (a promoted version, say) but loads
     the versions its config names: load the ones the policy routes or mirrors to."""

@@ -226,10 +226,9 @@ def wait_for_metrics(
     from include.rollout.metrics import PrometheusSource
 
     plan = stage_plan(params, index, applied)
-    status = bake_status(
-        PrometheusSource(plan["prometheus_url"]), spec_from(params), plan["weight"], plan["started"]
-    )
-    state = status.state(spec_from(params))
+    spec = spec_from(params)
+    status = bake_status(PrometheusSource(plan["prometheus_url"]), spec, plan["weight"], plan["started"])
+    state = status.state(spec)
     if state == "waiting":
         return False, None
     verdict = judge_stage(params, index, {"status": state, **status.to_dict()}, run_id)

@@ -185,11 +185,9 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     )
     trigger_log = "".join(p.read_text() for p in logs.glob("*.log.trigger.*.log"))
     assert "stage 50%: ready" in trigger_log
-    token = Path(state["admin_token_file"]).read_text().strip()
-    request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
-                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=10) as r:
-        assert json.load(r)["route"] == [{"version": "2", "weight": 100}]
+    assert stack.admin(state, "GET", "/v2/models/digits/traffic")["route"] == [
+        {"version": "2", "weight": 100}
+    ]
 
 
 @pytest.mark.skipif(
@@ -230,13 +228,9 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
 def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, promoted_run):
     """What a user does to stop a rollout: mark the run failed in the UI (here: the same REST call)."""
     _, state = up
-    token = Path(state["admin_token_file"]).read_text().strip()
 
     def routes() -> dict:
-        request = urllib.request.Request(state["urls"]["model_server"] + "/v2/models/digits/traffic",
-                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=10) as r:
-            return json.load(r)
+        return stack.admin(state, "GET", "/v2/models/digits/traffic")
 
     run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
                                            "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
@@ -262,14 +256,14 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     assert "decision: ROLLBACK" in out
     assert "[fail] guard_accuracy_drop" in out  # the failing check, with its numbers
     assert "Slack report (#model-rollouts" in out
-    assert demo.admin(state, "GET", "/v2/models/digits/traffic") == {
+    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
         "route": [{"version": "2", "weight": 100}]
     }
     demo.start_from_version_1(state)
-    assert demo.admin(state, "GET", "/v2/models/digits/traffic") == {
+    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
         "route": [{"version": "1", "weight": 100}]
     }
-    assert demo.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
+    assert stack.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
 
 
 def test_down_stops_exactly_what_up_started(up):
