@@ -110,6 +110,7 @@ class LoadedVersion:
         self.inflight = 0
         self.retired = False
         self._seconds_per_item = math.inf  # moving average of preprocessing + execution
+        self._runs_observed = 0
         self.metrics = VersionMetrics(self.name, self.label)
         self.shadow_metrics = VersionMetrics(self.name, self.label, "shadow")
         self.fault: Fault | None = None
@@ -157,12 +158,14 @@ class LoadedVersion:
                     f"model '{self.name}' version {self.version}: cannot warm up input {node.name!r} of {node.type}"
                 )
             feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
+        started = time.perf_counter()
         try:
             self.session.run([o.name for o in self.config.outputs], feeds)
         except Exception as exc:
             raise InvalidInput(
                 f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}"
             ) from None
+        self._seconds_per_item = time.perf_counter() - started  # provisional, until a real run
 
     def close(self) -> None:
         """Release the session; called once the version is retired and drained."""
@@ -238,17 +241,23 @@ class LoadedVersion:
                 raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
         fault = self.fault
-        if fault is not None:
-            fault.inflict(f"model '{self.name}' version {self.version}")
-        done = time.perf_counter()
-        per_item = (done - started) / max(batch, 1)
-        previous = self._seconds_per_item
-        self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
+        try:
+            if fault is not None:
+                fault.inflict(f"model '{self.name}' version {self.version}")
+        finally:  # an injected abort comes after the work: the run still tells what it costs
+            done = time.perf_counter()
+            self._observe((done - started) / max(batch, 1))
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
 
+    def _observe(self, per_item: float) -> None:
+        """Fold one run's cost into the estimate; the first real run replaces the warm-up's."""
+        first = self._runs_observed == 0
+        self._seconds_per_item = per_item if first else 0.9 * self._seconds_per_item + 0.1 * per_item
+        self._runs_observed += 1
+
     def predicted_seconds(self, inputs: list[InferInput]) -> float:
-        """Preprocessing plus execution this request should take, from recent runs (inf at first)."""
+        """Preprocessing plus execution this request should take, from recent runs (the warm-up until the first; inf before)."""
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
         return self._seconds_per_item * batch
 

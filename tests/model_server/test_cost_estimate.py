@@ -1,0 +1,46 @@
+"""The per-version cost estimate that decides inline runs and which shadow runs give way."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from model_server.config import load_config
+from model_server.errors import InferenceFailed
+from model_server.model import Fault, LoadedVersion
+from model_server.protocol import InferInput
+
+
+@pytest.fixture
+def version(models_dir):
+    cfg = load_config(models_dir / "digits")
+    lv = LoadedVersion(cfg, 2, models_dir / "digits" / "2" / "model.onnx", ["CPUExecutionProvider"])
+    yield lv
+    lv.close()
+
+
+def one_image(digit_images) -> list[InferInput]:
+    data = np.array([digit_images[0][0]], dtype=object)
+    return [InferInput("image", "BYTES", (1,), data)]
+
+
+def test_the_warm_up_gives_a_first_estimate_and_the_first_real_run_replaces_it(version, digit_images):
+    inputs = one_image(digit_images)
+    assert version.predicted_seconds(inputs) == math.inf
+    version.warmup()
+    assert 0 < version.predicted_seconds(inputs) < math.inf
+    version._seconds_per_item = 1e6  # as if the warm-up had been very slow (first-run allocations)
+    version._run(inputs, ["probabilities"], 0.0)
+    assert version.predicted_seconds(inputs) < 1.0  # replaced, not averaged with the warm-up
+
+
+def test_a_run_aborted_by_an_injected_fault_still_counts(version, digit_images):
+    """Else a version failing every request keeps an infinite estimate, and each of its shadow
+    copies counts as preemptible forever: some would be dropped instead of counted as errors."""
+    inputs = one_image(digit_images)
+    version.fault = Fault.from_dict({"abort": {"percent": 100}})
+    with pytest.raises(InferenceFailed, match="injected fault"):
+        version._run(inputs, ["probabilities"], 0.0)
+    assert version.predicted_seconds(inputs) < 1.0
