@@ -22,6 +22,7 @@ Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls bac
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pendulum
@@ -130,7 +131,11 @@ def model_rollout() -> None:
                 return verdict
 
             applied = apply_mesh_weights(previous)
-            waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied)
+            # Retries: Airflow 3.3 can fail a deferred task that resumes before the scheduler has
+            # seen its deferring process exit (apache/airflow#72716); a retry continues the same
+            # stage window. A tripped guard or an unready stage fails without retrying.
+            waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied,
+                                        retries=2, retry_delay=timedelta(seconds=5))  # fmt: skip
             if index == 0:  # mirror and masking, checked once before the first stage is judged
                 applied >> enable_shadow() >> waited
             return statistical_gate(waited.output)

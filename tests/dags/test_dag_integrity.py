@@ -66,6 +66,13 @@ def test_every_dag_has_an_owner_tags_and_retries_set(dagbag):
             assert t.retries is not None
 
 
+def test_the_metrics_waits_retry_what_airflow_fails_by_mistake(dagbag):
+    """A stage's wait survives the scheduler's stale-event race (apache/airflow#72716)."""
+    waits = [t for t in dagbag.dags["model_rollout"].tasks if t.task_id.endswith(".wait_for_metrics")]
+    assert len(waits) == 4
+    assert all(t.retries >= 1 for t in waits)
+
+
 def test_parsing_imports_nothing_heavy():
     import os
     import subprocess

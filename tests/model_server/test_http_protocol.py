@@ -177,10 +177,10 @@ def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_im
         )
         == 1
     )
-    assert (
-        server.metric("model_server_request_duration_seconds_bucket", model="digits", version="1", le="0.06")
-        >= 1
-    )
+    primary = {"model": "digits", "version": "1", "path": "primary"}
+    count = server.metric("model_server_request_duration_seconds_count", **primary)
+    assert count >= 1
+    assert server.metric("model_server_request_duration_seconds_bucket", le="+Inf", **primary) == count
     text = requests.get(f"{server.http}/metrics", timeout=5).text
     assert "# TYPE nv_inference_request_success counter" in text
     assert "nv_inference_request_success_total" not in text

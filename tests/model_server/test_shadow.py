@@ -77,31 +77,23 @@ def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
     server_factory, repo_copy, tmp_path, digit_images
 ):
     s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1")
-    set_fault(s, "2", {"delay": {"ms": 200, "percent": 100}})
-    n = 30
+    set_fault(s, "2", {"delay": {"ms": 2000, "percent": 100}})
+    n = 10
     for i in range(n):
         assert infer(s, digit_images[i][0]).status_code == 200
-    # All n primaries were answered within 0.1 s each by the server's own clock, while each
-    # shadow copy took at least 0.2 s: the client never waited for a shadow.
-    assert (
-        s.metric(
-            "model_server_request_duration_seconds_bucket",
-            model="digits",
-            version="1",
-            path="primary",
-            le="0.1",
-        )
-        == n
-    )
+    # Every primary has been answered and not one shadow copy has finished (each takes 2 s): the
+    # client never waited for a shadow. One copy runs, two wait in the queue, the rest were dropped.
+    assert shadow_count(s, "ok") == 0
+    assert shadow_count(s, "dropped") >= n - 3
     assert wait_until(lambda: shadow_count(s, "ok") + shadow_count(s, "dropped") == n)
-    assert shadow_count(s, "dropped") > 0  # a queue of 2 cannot hold 30 copies of 200 ms each
+    assert shadow_count(s, "ok") >= 1
     assert (
         s.metric(
             "model_server_request_duration_seconds_bucket",
             model="digits",
             version="2",
             path="shadow",
-            le="0.2",
+            le="1.0",
         )
         or 0
     ) == 0
