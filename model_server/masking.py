@@ -1,7 +1,8 @@
 """Masking of sensitive values before anything reaches the shadow log.
 
 Detectors find national ID numbers (18-digit PRC resident IDs), phone numbers, e-mail
-addresses and bank card numbers in free text; configured header names are masked whole.
+addresses and bank card numbers in free text, each as a whole (never digits cut out of a
+longer number or word, so hex ids stay intact); configured header names are masked whole.
 Each value becomes a token ``tok_<kid>_<payload>``: AES-GCM-SIV (RFC 8452, the
 nonce-misuse-resistant AES-GCM) under the tenant's key, deterministic so that equal values
 give equal tokens (joins and counts still work) without revealing the value. Tokens contain
@@ -49,9 +50,9 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("phone", re.compile(
         _NOT_ALNUM_BEFORE
-        + r"(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}"  # PRC mobile
+        + r"(?:(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}"  # PRC mobile
         + r"|\+\d{1,3}(?:[ .-]?\d){6,14}"  # international E.164, with separators
-        + r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}"  # NANP
+        + r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4})"  # NANP
         + _NOT_ALNUM_AFTER
     )),
     ("bank_card", re.compile(_NOT_ALNUM_BEFORE + r"\d(?:[ -]?\d){12,18}" + _NOT_ALNUM_AFTER)),

@@ -53,6 +53,18 @@ def test_each_detector_masks_and_the_token_reveals(keys, kind, value):
     assert reveal(token, ring) == value
 
 
+def test_a_phone_pattern_inside_a_longer_number_is_not_cut_out_of_it(keys):
+    """The phone detector's boundaries hold for each of its forms: a 15-digit card number that
+    starts like a PRC mobile is masked whole as a card, no tail of it left in clear."""
+    ring = KeyRing(keys)
+    card = "138001380001234"
+    assert [name for name, _ in find_sensitive(f"card {card} paid")] == ["bank_card"]
+    masked = Masker(ring).mask_text(f"card {card} paid", ring.key_for(None))
+    assert re.fullmatch(r"card tok_\w+ paid", masked), masked
+    assert reveal(TOKEN_RE.search(masked).group(0), ring) == card
+    assert find_sensitive("ref+44 20 7946 0958x") == []  # glued into a word: no form is a phone
+
+
 def test_hex_ids_and_plain_words_are_left_alone(keys):
     ring = KeyRing(keys)
     text = "trace 4bf92f3577b34da6a3ce929d0e0e4736 device ios-17 build 2026"
