@@ -132,8 +132,8 @@ def model_rollout() -> None:
 
             applied = apply_mesh_weights(previous)
             # Retries: Airflow 3.3 can fail a deferred task that resumes before the scheduler has
-            # seen its deferring process exit (apache/airflow#72716); a retry continues the same
-            # stage window. A tripped guard or an unready stage fails without retrying.
+            # seen its deferring process exit (apache/airflow#72716); a retry judges the same
+            # stage window at once. A tripped guard or an unready stage fails without retrying.
             waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied,
                                         retries=2, retry_delay=timedelta(seconds=5))  # fmt: skip
             if index == 0:  # mirror and masking, checked once before the first stage is judged

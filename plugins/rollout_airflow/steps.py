@@ -218,10 +218,8 @@ def judge_stage(
     return {**verdict.to_dict(), "bake": {k: event[k] for k in ("elapsed_s", "served", "gpu")}}
 
 
-def wait_for_metrics(
-    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
-) -> tuple[bool, dict[str, Any] | None]:
-    """One poke of the non-deferrable mode: the trigger's check, then the gate. (done, verdict)."""
+def stage_event(params: dict[str, Any], index: int, applied: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One look at the stage, as the trigger takes it: its event, or None while it bakes."""
     from include.rollout.controller import bake_status
     from include.rollout.metrics import PrometheusSource
 
@@ -229,9 +227,17 @@ def wait_for_metrics(
     spec = spec_from(params)
     status = bake_status(PrometheusSource(plan["prometheus_url"]), spec, plan["weight"], plan["started"])
     state = status.state(spec)
-    if state == "waiting":
+    return None if state == "waiting" else {"status": state, **status.to_dict()}
+
+
+def wait_for_metrics(
+    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
+) -> tuple[bool, dict[str, Any] | None]:
+    """One poke of the non-deferrable mode: the trigger's check, then the gate. (done, verdict)."""
+    event = stage_event(params, index, applied)
+    if event is None:
         return False, None
-    verdict = judge_stage(params, index, {"status": state, **status.to_dict()}, run_id)
+    verdict = judge_stage(params, index, event, run_id)
     return verdict is not None, verdict
 
 

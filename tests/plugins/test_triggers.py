@@ -103,3 +103,71 @@ def test_no_traffic_means_a_timeout_not_a_pass(scraped):
     )
     assert event["status"] == "timeout"
     assert event["served"] == {"1": None, "2": None} or all(n < 40 for n in event["served"].values())
+
+
+# -- the sensor around the trigger: one look before deferring ------------------------------------
+
+
+class XComRecorder:
+    def __init__(self) -> None:
+        self.pushed: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+@pytest.fixture
+def connections(scraped, monkeypatch):
+    import json
+
+    server, prom, validation = scraped
+    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": prom.port}))  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
+        {"conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": "t",
+         "extra": {"repository": str(validation.parents[1])}}))  # fmt: skip
+    return scraped
+
+
+def sensor_run(params: dict, started: float):
+    from rollout_airflow.sensors import StageMetricsSensor
+
+    ti = XComRecorder()
+    sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=0, applied={"started": started},
+                                poke_interval=0.5)  # fmt: skip
+    return sensor.execute({"params": params, "run_id": "manual__test", "ti": ti}), ti
+
+
+def test_the_sensor_defers_while_the_stage_bakes_and_fails_a_stage_already_over_at_once(connections):
+    from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+    now = time.time()
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor_run(spec(bake_seconds=600, max_stage_seconds=900), now)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, StageMetricsTrigger)
+    assert (trigger.started, trigger.weight, trigger.not_before) == (now, 50, 0.0)
+    # A retry long after its stage ended: judged in the worker, no deferral (no TaskDeferred).
+    with pytest.raises(AirflowFailException, match="was not ready after"):
+        sensor_run(spec(max_stage_seconds=30), now - 1000)
+
+
+def test_a_retried_wait_judges_a_baked_stage_without_deferring(connections, load):
+    """Deferring would fire at once, where Airflow 3.3 can fail the resumed task (#72716)."""
+    from rollout_airflow.steps import stage_event
+
+    server, _, _ = connections
+    split(server)
+    # Past max_stage_seconds the gate must give its verdict: "wait" is no longer an answer.
+    params, started = spec(looks_per_stage=1, max_stage_seconds=10), time.time()
+    deadline = time.monotonic() + 60
+    while True:
+        event = stage_event(params, 0, {"started": started})
+        if event is not None and event["elapsed_s"] >= 10:
+            break
+        assert time.monotonic() < deadline, f"the stage never became ready: {event}"
+        time.sleep(0.5)
+    assert event["status"] == "ready", event  # baked, with enough requests per arm
+    verdict, _ = sensor_run(params, started)  # a verdict returned, no TaskDeferred raised
+    assert verdict["bake"]["served"]["2"] >= 40
+    assert verdict["decision"] in {"pass", "fail", "wait"}
