@@ -257,7 +257,7 @@ class LoadedVersion:
         self._runs_observed += 1
 
     def predicted_seconds(self, inputs: list[InferInput]) -> float:
-        """Preprocessing plus execution this request should take, from recent runs (the warm-up until the first; inf before)."""
+        """Preprocessing plus execution this request should take, from recent runs (or the warm-up)."""
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
         return self._seconds_per_item * batch
 

@@ -3,8 +3,8 @@
 Deferred, the wait costs no worker slot: ``StageMetricsTrigger`` polls Prometheus in the
 triggerer until the stage is baked (or a hard guard trips), then the sensor resumes, runs the
 statistical gate and returns its verdict (XCom). A gate that wants more evidence defers again
-until the next look. Before deferring the sensor looks once itself: a stage already over (a
-retry) is judged in the worker.
+until the next look. A retry looks once itself before deferring: a stage already over is
+judged in the worker.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ class StageMetricsSensor(BaseSensorOperator):
     def execute(self, context: Any) -> Any:
         if not self.deferrable:
             return super().execute(context)
-        from rollout_airflow.steps import stage_event
+        if context["ti"].try_number > 1:
+            from rollout_airflow.steps import stage_event
 
-        # One look before deferring: a stage already baked (a retry) or already breached is
-        # judged here. Deferring it would fire at once, the window where Airflow 3.3 can fail
-        # the resumed task (apache/airflow#72716).
-        event = stage_event(context["params"], self.stage_index, self.applied)
-        if event is not None:
-            return self.execute_complete(context, event)
+            # A retry looks before deferring: its stage has usually baked already, and a trigger
+            # firing at once is the window where Airflow 3.3 can fail the resumed task
+            # (apache/airflow#72716, the reason for the retry). Judged here instead.
+            event = stage_event(context["params"], self.stage_index, self.applied)
+            if event is not None:
+                return self.execute_complete(context, event)
         self._defer(context, not_before=0.0)
 
     def _defer(self, context: Any, not_before: float) -> None:

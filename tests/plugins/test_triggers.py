@@ -109,7 +109,8 @@ def test_no_traffic_means_a_timeout_not_a_pass(scraped):
 
 
 class XComRecorder:
-    def __init__(self) -> None:
+    def __init__(self, try_number: int) -> None:
+        self.try_number = try_number
         self.pushed: dict[str, object] = {}
 
     def xcom_push(self, key: str, value: object) -> None:
@@ -129,27 +130,28 @@ def connections(scraped, monkeypatch):
     return scraped
 
 
-def sensor_run(params: dict, started: float):
+def sensor_run(params: dict, started: float, try_number: int = 1):
     from rollout_airflow.sensors import StageMetricsSensor
 
-    ti = XComRecorder()
+    ti = XComRecorder(try_number)
     sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=0, applied={"started": started},
                                 poke_interval=0.5)  # fmt: skip
     return sensor.execute({"params": params, "run_id": "manual__test", "ti": ti}), ti
 
 
-def test_the_sensor_defers_while_the_stage_bakes_and_fails_a_stage_already_over_at_once(connections):
+def test_a_first_try_defers_and_a_retry_fails_a_stage_already_over_at_once(connections):
     from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
     now = time.time()
-    with pytest.raises(TaskDeferred) as deferred:
-        sensor_run(spec(bake_seconds=600, max_stage_seconds=900), now)
-    trigger = deferred.value.trigger
-    assert isinstance(trigger, StageMetricsTrigger)
-    assert (trigger.started, trigger.weight, trigger.not_before) == (now, 50, 0.0)
+    for started, try_number in ((now, 1), (now - 1000, 1), (now, 2)):  # a retry mid-bake defers too
+        with pytest.raises(TaskDeferred) as deferred:
+            sensor_run(spec(bake_seconds=600, max_stage_seconds=900), started, try_number)
+        trigger = deferred.value.trigger
+        assert isinstance(trigger, StageMetricsTrigger)
+        assert (trigger.started, trigger.weight, trigger.not_before) == (started, 50, 0.0)
     # A retry long after its stage ended: judged in the worker, no deferral (no TaskDeferred).
     with pytest.raises(AirflowFailException, match="was not ready after"):
-        sensor_run(spec(max_stage_seconds=30), now - 1000)
+        sensor_run(spec(max_stage_seconds=30), now - 1000, try_number=2)
 
 
 def test_a_retried_wait_judges_a_baked_stage_without_deferring(connections, load):
@@ -168,6 +170,6 @@ def test_a_retried_wait_judges_a_baked_stage_without_deferring(connections, load
         assert time.monotonic() < deadline, f"the stage never became ready: {event}"
         time.sleep(0.5)
     assert event["status"] == "ready", event  # baked, with enough requests per arm
-    verdict, _ = sensor_run(params, started)  # a verdict returned, no TaskDeferred raised
+    verdict, _ = sensor_run(params, started, try_number=2)  # a verdict returned, no TaskDeferred
     assert verdict["bake"]["served"]["2"] >= 40
     assert verdict["decision"] in {"pass", "fail", "wait"}
