@@ -240,7 +240,8 @@ class SlackNotifier:
     def _to_outbox(self, message: Message) -> dict[str, Any]:
         assert self.outbox is not None
         self.outbox.mkdir(parents=True, exist_ok=True)
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{uuid.uuid4().hex[:6]}"  # sorts in order
+        now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
+        stem = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
         if message.chart:
             (self.outbox / f"{stem}.png").write_bytes(message.chart)

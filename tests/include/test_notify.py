@@ -83,6 +83,22 @@ def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
         )
 
 
+def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
+    """Readers take the newest report as the last file name: one clock reading names each."""
+    import time
+
+    from include.rollout.notify import Message
+
+    second = 1_795_000_000 * 10**9
+    readings = iter([second + 999_999_999, second + 10**9 + 1])  # 1 ns apart, across the boundary
+    monkeypatch.setattr(time, "time_ns", lambda: next(readings))
+    notifier = SlackNotifier("#x", outbox=tmp_path)
+    for text in ("first", "second"):
+        notifier.send(Message(text=text, blocks=[]))
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert [json.loads((tmp_path / n).read_text())["text"] for n in names] == ["first", "second"]
+
+
 def test_without_a_token_messages_go_to_the_outbox(tmp_path):
     df = samples(400)
     df["correct"] = np.r_[np.ones(380), np.zeros(20), np.ones(370), np.zeros(30)].astype(int)
