@@ -51,7 +51,7 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
 
 def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
     s = server_factory(
-        repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "1", token=TOKEN
+        repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "3", token=TOKEN
     )
     r = feedback(s, {"request_id": "never-served", "label": 3})
     assert r.status_code == 404
@@ -69,7 +69,7 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     r = feedback(s, {"request_id": "req-b", "label": [1, 2]})
     assert r.status_code == 400
     assert "had 1 prediction(s); got 2 label(s)" in r.json()["error"]
-    time.sleep(1.5)
+    time.sleep(3.5)  # past the TTL (3 s: room for the checks above on a busy machine)
     r = feedback(s, {"request_id": "req-b", "label": str(label)})
     assert r.status_code == 404
     assert "expired" in r.json()["error"]
