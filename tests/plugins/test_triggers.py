@@ -105,10 +105,12 @@ def test_no_traffic_means_a_timeout_not_a_pass(scraped):
     assert event["served"] == {"1": None, "2": None} or all(n < 40 for n in event["served"].values())
 
 
-# -- the sensor around the trigger: one look before deferring ------------------------------------
+# -- the sensor around the trigger: a first try defers, a retry looks first -----------------------
 
 
-class XComRecorder:
+class TaskInstance:
+    """What the sensor uses of its task instance: the try number and XCom pushes."""
+
     def __init__(self, try_number: int) -> None:
         self.try_number = try_number
         self.pushed: dict[str, object] = {}
@@ -130,13 +132,12 @@ def connections(scraped, monkeypatch):
     return scraped
 
 
-def sensor_run(params: dict, started: float, try_number: int = 1):
+def sensor_run(params: dict, started: float, ti: TaskInstance):
     from rollout_airflow.sensors import StageMetricsSensor
 
-    ti = XComRecorder(try_number)
     sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=0, applied={"started": started},
                                 poke_interval=0.5)  # fmt: skip
-    return sensor.execute({"params": params, "run_id": "manual__test", "ti": ti}), ti
+    return sensor.execute({"params": params, "run_id": "manual__test", "ti": ti})
 
 
 def test_a_first_try_defers_and_a_retry_fails_a_stage_already_over_at_once(connections):
@@ -145,13 +146,15 @@ def test_a_first_try_defers_and_a_retry_fails_a_stage_already_over_at_once(conne
     now = time.time()
     for started, try_number in ((now, 1), (now - 1000, 1), (now, 2)):  # a retry mid-bake defers too
         with pytest.raises(TaskDeferred) as deferred:
-            sensor_run(spec(bake_seconds=600, max_stage_seconds=900), started, try_number)
+            sensor_run(spec(bake_seconds=600, max_stage_seconds=900), started, TaskInstance(try_number))
         trigger = deferred.value.trigger
         assert isinstance(trigger, StageMetricsTrigger)
         assert (trigger.started, trigger.weight, trigger.not_before) == (started, 50, 0.0)
     # A retry long after its stage ended: judged in the worker, no deferral (no TaskDeferred).
+    retry = TaskInstance(2)
     with pytest.raises(AirflowFailException, match="was not ready after"):
-        sensor_run(spec(max_stage_seconds=30), now - 1000, try_number=2)
+        sensor_run(spec(max_stage_seconds=30), now - 1000, retry)
+    assert "was not ready after" in str(retry.pushed["failure"])  # the rollback report names it
 
 
 def test_a_retried_wait_judges_a_baked_stage_without_deferring(connections, load):
@@ -170,6 +173,6 @@ def test_a_retried_wait_judges_a_baked_stage_without_deferring(connections, load
         assert time.monotonic() < deadline, f"the stage never became ready: {event}"
         time.sleep(0.5)
     assert event["status"] == "ready", event  # baked, with enough requests per arm
-    verdict, _ = sensor_run(params, started, try_number=2)  # a verdict returned, no TaskDeferred
+    verdict = sensor_run(params, started, TaskInstance(2))  # a verdict returned, no TaskDeferred
     assert verdict["bake"]["served"]["2"] >= 40
     assert verdict["decision"] in {"pass", "fail", "wait"}
