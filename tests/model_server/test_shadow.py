@@ -77,11 +77,11 @@ def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
     server_factory, repo_copy, tmp_path, digit_images
 ):
     s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1")
-    set_fault(s, "2", {"delay": {"ms": 2000, "percent": 100}})
+    set_fault(s, "2", {"delay": {"ms": 4000, "percent": 100}})
     n = 10
     for i in range(n):
         assert infer(s, digit_images[i][0]).status_code == 200
-    # Every primary has been answered and not one shadow copy has finished (each takes 2 s): the
+    # Every primary has been answered and not one shadow copy has finished (each takes 4 s): the
     # client never waited for a shadow. One copy runs, two wait in the queue, the rest were dropped.
     assert shadow_count(s, "ok") == 0
     assert shadow_count(s, "dropped") >= n - 3
