@@ -110,7 +110,7 @@ class LoadedVersion:
         self.inflight = 0
         self.retired = False
         self._seconds_per_item = math.inf  # moving average of preprocessing + execution
-        self._runs_observed = 0
+        self._warmup_seconds = math.inf  # the estimate until the first real run
         self.metrics = VersionMetrics(self.name, self.label)
         self.shadow_metrics = VersionMetrics(self.name, self.label, "shadow")
         self.fault: Fault | None = None
@@ -165,7 +165,7 @@ class LoadedVersion:
             raise InvalidInput(
                 f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}"
             ) from None
-        self._seconds_per_item = time.perf_counter() - started  # provisional, until a real run
+        self._warmup_seconds = time.perf_counter() - started
 
     def close(self) -> None:
         """Release the session; called once the version is retired and drained."""
@@ -246,20 +246,17 @@ class LoadedVersion:
                 fault.inflict(f"model '{self.name}' version {self.version}")
         finally:  # an injected abort comes after the work: the run still tells what it costs
             done = time.perf_counter()
-            self._observe((done - started) / max(batch, 1))
+            per_item = (done - started) / max(batch, 1)
+            previous = self._seconds_per_item
+            self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
-
-    def _observe(self, per_item: float) -> None:
-        """Fold one run's cost into the estimate; the first real run replaces the warm-up's."""
-        first = self._runs_observed == 0
-        self._seconds_per_item = per_item if first else 0.9 * self._seconds_per_item + 0.1 * per_item
-        self._runs_observed += 1
 
     def predicted_seconds(self, inputs: list[InferInput]) -> float:
         """Preprocessing plus execution this request should take, from recent runs (or the warm-up)."""
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
-        return self._seconds_per_item * batch
+        estimate = self._seconds_per_item if self._seconds_per_item < math.inf else self._warmup_seconds
+        return estimate * batch
 
     async def infer(
         self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True, run_options: Any = None

@@ -219,15 +219,10 @@ def judge_stage(
 
 
 def stage_event(params: dict[str, Any], index: int, applied: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One look at the stage, as the trigger takes it: its event, or None while it bakes."""
-    from include.rollout.controller import bake_status
-    from include.rollout.metrics import PrometheusSource
+    """One look at the stage, the trigger's own, taken here: its event, or None while it bakes."""
+    from rollout_airflow.triggers import StageMetricsTrigger
 
-    plan = stage_plan(params, index, applied)
-    spec = spec_from(params)
-    status = bake_status(PrometheusSource(plan["prometheus_url"]), spec, plan["weight"], plan["started"])
-    state = status.state(spec)
-    return None if state == "waiting" else {"status": state, **status.to_dict()}
+    return StageMetricsTrigger(**stage_plan(params, index, applied)).look()
 
 
 def wait_for_metrics(

@@ -36,21 +36,20 @@ class StageMetricsTrigger(BaseTrigger):
             "prometheus_url": self.prometheus_url, "not_before": self.not_before, "poll_seconds": self.poll_seconds,
         })  # fmt: skip
 
-    def _status(self) -> tuple[str, Any]:
-        """One blocking read (run in a thread, imports included: pandas and scipy load slowly)."""
+    def look(self) -> dict[str, Any] | None:
+        """One blocking read (run in a thread, imports included: pandas and scipy load slowly):
+        the event, or None while the stage bakes."""
         from include.rollout.controller import bake_status
         from include.rollout.metrics import PrometheusSource
         from include.rollout.spec import RolloutSpec
 
         spec = RolloutSpec.from_dict(self.params)
         status = bake_status(PrometheusSource(self.prometheus_url), spec, self.weight, self.started)
-        return status.state(spec, self.not_before), status
+        state = status.state(spec, self.not_before)
+        self.log.info("stage %d%%: %s: %s", self.weight, state, status.describe())
+        return None if state == "waiting" else {"status": state, **status.to_dict()}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        while True:
-            state, status = await asyncio.to_thread(self._status)
-            self.log.info("stage %d%%: %s: %s", self.weight, state, status.describe())
-            if state != "waiting":
-                yield TriggerEvent({"status": state, **status.to_dict()})
-                return
+        while (event := await asyncio.to_thread(self.look)) is None:
             await asyncio.sleep(self.poll_seconds)
+        yield TriggerEvent(event)

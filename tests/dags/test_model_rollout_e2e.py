@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from include.rollout.local import start_prometheus
+from include.rollout.local import local_connections, start_prometheus
 from include.rollout.mesh import LocalRouter
 from model_server.loadgen import LoadConfig, run
 from tests.conftest import ROOT
@@ -24,15 +24,9 @@ def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypat
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--shadow-log", str(tmp_path / "shadow"),
                        "--shadow-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
     prom = start_prometheus([s.url], tmp_path / "prometheus")
-    extra = {
-        "repository": str(repo_copy),
-        "shadow_log": str(tmp_path / "shadow"),
-        "run_dir": str(tmp_path / "run"),
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN, "extra": extra}))  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "127.0.0.1", "port": prom.port}))  # fmt: skip
+    conns = local_connections(s, prom.url, repo_copy, tmp_path / "shadow", tmp_path / "run")
+    for conn_id, fields in conns.items():
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     stop = threading.Event()
 
     def traffic() -> None:  # live traffic the whole time, as in production

@@ -31,7 +31,7 @@ def test_the_warm_up_gives_a_first_estimate_and_the_first_real_run_replaces_it(v
     assert version.predicted_seconds(inputs) == math.inf
     version.warmup()
     assert 0 < version.predicted_seconds(inputs) < math.inf
-    version._seconds_per_item = 1e6  # as if the warm-up had been very slow (first-run allocations)
+    version._warmup_seconds = 1e6  # as if the warm-up had been very slow (first-run allocations)
     version._run(inputs, ["probabilities"], 0.0)
     assert version.predicted_seconds(inputs) < 1.0  # replaced, not averaged with the warm-up
 

@@ -120,15 +120,15 @@ class TaskInstance:
 
 
 @pytest.fixture
-def connections(scraped, monkeypatch):
+def connections(scraped, monkeypatch, tmp_path):
     import json
 
+    from include.rollout.local import local_connections
+
     server, prom, validation = scraped
-    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "127.0.0.1", "port": prom.port}))  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": "t",
-         "extra": {"repository": str(validation.parents[1])}}))  # fmt: skip
+    conns = local_connections(server, prom.url, validation.parents[1], tmp_path / "shadow", tmp_path / "run")
+    for conn_id, fields in conns.items():
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     return scraped
 
 
