@@ -1,6 +1,16 @@
-"""The gate under simulation: error rates over repeated looks, power and samples, and speed.
+"""The gate under simulation: the whole decision procedure, error rates over repeated looks,
+power and samples, and speed.
 
 Seeded; prints tables and writes ``bench/results/gates.json``.
+(p) The rollout procedure as the engine runs it (include/rollout/engine.py), for 1, 2 and 4
+    stages: per stage, prediction-log records of the live A/B arms at the stage's weight and of
+    the validation replay sent at every poke, judged by ``judge_stage`` look by look (stages x
+    looks, evidence accumulating, the last look waiting for min_samples); promotion when every
+    stage passes. Wrong promotion of a canary exactly at the latency margin and at the accuracy
+    margin; power and mean time to a decision for a 10% latency regression, a 1 pp accuracy
+    drop and an equal canary. Next to it, the procedure on main before this engine: a fresh
+    replay of the validation set judged at look "stage of len(stages)" again after every
+    "wait" until max_stage_seconds.
 (a) Wrongly passing a canary exactly at the latency margin, and wrongly failing an equal
     canary, when the gate is looked at 1, 5, 10 and 20 times as samples accrue: ours
     (Lan-DeMets O'Brien-Fleming) against naive repeated tests at 0.05.
@@ -30,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
+from include.rollout.engine import StageWindow, gate_config, judge_stage  # noqa: E402
 from include.rollout.gates import (  # noqa: E402
     GateConfig,
     evaluate_gate,
@@ -37,6 +48,7 @@ from include.rollout.gates import (  # noqa: E402
     nominal_alpha,
     paired_accuracy_check,
 )
+from include.rollout.spec import RolloutSpec  # noqa: E402
 
 SIGMA = 0.3  # log-latency standard deviation of the simulated service
 CFG = GateConfig(bootstrap=200)
@@ -188,15 +200,153 @@ def timing(seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+# -- (p) the whole procedure ------------------------------------------------------------------
+
+STAGES = {1: [100], 2: [50, 100], 4: [5, 25, 50, 100]}
+IMAGES = 450  # the digits validation set
+RATE = 10.0  # live requests per second into the model (both arms)
+BASE_ACCURACY = 0.96
+# canary latency ratio, and the shares of images only the baseline / only the canary gets right
+SCENARIOS = {
+    "at_latency_margin": (1.05, 0.0, 0.0),
+    "at_accuracy_margin": (1.0, 0.01, 0.005),
+    "latency_plus_10pct": (1.10, 0.0, 0.0),
+    "accuracy_minus_1pp": (1.0, 0.015, 0.005),
+    "equal": (1.0, 0.0, 0.0),
+}
+
+
+def stage_records(rng: np.random.Generator, spec: RolloutSpec, weight: int, ratio: float,
+                  correct: np.ndarray) -> pd.DataFrame:  # fmt: skip
+    """Prediction-log records of one stage starting at t=0: live arms at ``weight`` over the
+    bake (and the wait for min_samples), and the replay sent at every poke (look interval)."""
+    horizon = spec.max_stage_seconds if RATE * min(weight, 100 - weight or 100) / 100 * spec.bake_seconds \
+        < spec.min_samples else spec.bake_seconds * 1.02  # fmt: skip
+    n = rng.poisson(RATE * horizon)
+    canary = rng.random(n) < weight / 100
+    live_t = rng.uniform(0, horizon, n)
+    pokes = np.arange(0.5, horizon, spec.bake_seconds / spec.looks_per_stage)
+    r_t = np.repeat(pokes, 2 * IMAGES) + np.tile(np.arange(2 * IMAGES) * 1e-3, len(pokes))
+    r_canary = np.tile(np.repeat([False, True], IMAGES), len(pokes))
+    r_image = np.tile(np.tile(np.arange(IMAGES), 2), len(pokes))
+    is_c = np.concatenate([canary, r_canary])
+    m = len(is_c)
+    lat = np.exp(rng.normal(math.log(5.0), SIGMA, m) + np.where(is_c, math.log(ratio), 0.0))
+    top1 = np.concatenate([np.zeros(n, dtype=int), np.where(correct[r_canary.astype(int), r_image], 0, 1)])
+    return pd.DataFrame({
+        "time": np.concatenate([live_t, r_t]), "model": "digits", "version": np.where(is_c, "2", "1"),
+        "role": "primary", "route": np.concatenate([np.full(n, "route"), np.full(len(r_t), "version")]),
+        "request_id": "", "item": 0, "latency_ms": lat, "outcome": "ok", "top1": top1,
+        "image_sha256": np.concatenate([np.full(n, "live"), r_image.astype(str)]), "label": np.nan,
+    })  # fmt: skip
+
+
+def correctness(rng: np.random.Generator, only_base: float, only_canary: float) -> np.ndarray:
+    """[2, IMAGES] top-1 correctness of baseline and canary on the validation images."""
+    u = rng.random(IMAGES)
+    base = u < BASE_ACCURACY
+    canary = base.copy()
+    flip_down = base & (rng.random(IMAGES) < only_base / BASE_ACCURACY)
+    flip_up = ~base & (rng.random(IMAGES) < only_canary / (1 - BASE_ACCURACY))
+    canary[flip_down], canary[flip_up] = False, True
+    return np.stack([base, canary])
+
+
+def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -> tuple[bool, float]:
+    """One rollout as the engine judges it: (promoted, seconds to the decision)."""
+    ratio, only_base, only_canary = SCENARIOS[scenario]
+    correct = correctness(rng, only_base, only_canary)
+    labels = {str(i): 0 for i in range(IMAGES)}
+    cfg = gate_config(spec, bootstrap=50)
+    elapsed = 0.0
+    for index, weight in enumerate(spec.stages):
+        window = StageWindow(index, weight, 0.0)
+        records = stage_records(rng, spec, weight, ratio, correct)
+        state = judge_stage(spec, window, records, labels, spec.max_stage_seconds + 10, config=cfg)
+        if state.status == "pass":
+            elapsed += spec.bake_seconds
+            continue
+        look_t = window.look_time(spec, max(state.look, 1)) if state.status == "fail" else spec.bake_seconds
+        return False, elapsed + look_t
+    return True, elapsed
+
+
+def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -> tuple[bool, float]:
+    """The procedure before this engine: every judgement a fresh replay of the validation set
+    (latency fresh, correctness the same images), judged at look (stage of len(stages)); a
+    "wait" judged again every bake/looks seconds until max_stage_seconds."""
+    ratio, only_base, only_canary = SCENARIOS[scenario]
+    correct = correctness(rng, only_base, only_canary)
+    cfg = gate_config(spec, bootstrap=50)
+    interval = spec.bake_seconds / spec.looks_per_stage
+    tries = 1 + int((spec.max_stage_seconds - spec.bake_seconds) // interval)
+    elapsed = 0.0
+    for index, _ in enumerate(spec.stages):
+        decision = "wait"
+        for attempt in range(tries):
+            lat = np.exp(rng.normal(math.log(5.0), SIGMA, 2 * IMAGES) + np.repeat([0.0, math.log(ratio)], IMAGES))
+            df = pd.DataFrame({"arm": np.repeat(["baseline", "canary"], IMAGES), "latency_ms": lat, "error": 0,
+                               "correct": np.concatenate([correct[0], correct[1]]).astype(float),
+                               "pair_id": np.tile(np.arange(IMAGES), 2)})  # fmt: skip
+            drop = float(correct[0].mean() - correct[1].mean())
+            from include.rollout.gates import GuardInputs
+
+            decision = evaluate_gate(df, cfg, index + 1, len(spec.stages), GuardInputs(validation_drop=drop)).decision
+            if decision != "wait":
+                break
+        elapsed += spec.bake_seconds + attempt * interval
+        if decision != "pass":
+            return False, elapsed
+    return True, elapsed
+
+
+def procedure(sims: int, seed: int, workers: int) -> list[dict[str, Any]]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(n_stages, scenario, which, sims, seed + 1000 * n_stages + 17 * i)
+            for n_stages in STAGES for i, scenario in enumerate(SCENARIOS) for which in ("engine", "main")]  # fmt: skip
+    with ProcessPoolExecutor(workers) as pool:
+        cells = list(pool.map(_cell, jobs))
+    rows = []
+    for n_stages in STAGES:
+        for scenario in SCENARIOS:
+            row: dict[str, Any] = {"stages": STAGES[n_stages], "scenario": scenario}
+            for c in cells:
+                if c["n_stages"] == n_stages and c["scenario"] == scenario:
+                    row[c["which"]] = {k: c[k] for k in ("promoted", "rolled_back", "mean_seconds", "sims")}
+            rows.append(row)
+            e, m = row["engine"], row["main"]
+            print(f"(p) {n_stages} stage(s) {scenario:20s}: promoted engine {e['promoted']:.3f} main "
+                  f"{m['promoted']:.3f}; mean time to decision engine {e['mean_seconds']:.0f} s main "
+                  f"{m['mean_seconds']:.0f} s", flush=True)  # fmt: skip
+    return rows
+
+
+def _cell(job: tuple[int, str, str, int, int]) -> dict[str, Any]:
+    n_stages, scenario, which, sims, seed = job
+    rng = np.random.default_rng(seed)
+    spec = RolloutSpec.from_dict({"stages": STAGES[n_stages]})
+    run = engine_rollout if which == "engine" else main_rollout
+    results = [run(rng, spec, scenario) for _ in range(sims)]
+    promoted = sum(p for p, _ in results) / sims
+    return {"n_stages": n_stages, "scenario": scenario, "which": which, "sims": sims, "promoted": promoted,
+            "rolled_back": 1 - promoted, "mean_seconds": float(np.mean([t for _, t in results]))}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sims", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--procedure-sims", type=int, default=400)
+    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gates.json")
     args = p.parse_args(argv)
     result = {
         "benchmark": "gates", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "settings": {"sims": args.sims, "seed": args.seed, "alpha": CFG.alpha, "sigma_log_latency": SIGMA},
+        "settings": {"sims": args.sims, "procedure_sims": args.procedure_sims, "seed": args.seed, "alpha": CFG.alpha,
+                     "sigma_log_latency": SIGMA, "live_rate": RATE, "validation_images": IMAGES,
+                     "spec": "RolloutSpec defaults (bake 600 s, max stage 3600 s, 10 looks, min 200 samples)"},
+        "procedure": procedure(args.procedure_sims, args.seed, args.workers),
         "error_rates": error_rates(args.sims, args.seed),
         "power_latency": power_latency(args.sims // 2, args.seed),
         "power_accuracy": power_accuracy(args.sims // 4, args.seed),

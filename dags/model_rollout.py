@@ -8,8 +8,10 @@ Roll a new version of a model out to production, or roll it back, with the evide
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
 3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
    log only masked.
-4. **wait_for_metrics**: deferred to the triggerer, which polls Prometheus (hard guards, requests
-   per arm, GPU gauges): a breach fails at once; once baked, the statistical gate until it decides.
+4. **wait_for_metrics**: a sensor poking every look interval (reschedule mode: no worker slot
+   between pokes): a replay of the validation images through both versions, the hard guards and
+   GPU gauges from Prometheus (a breach fails at once), and the stage's looks judged from the
+   prediction log (live A/B arms, replay), each once, until one decides.
 5. **statistical_gate**: the stage's verdict (non-inferiority, sequential alpha spending).
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
@@ -131,9 +133,8 @@ def model_rollout() -> None:
                 return verdict
 
             applied = apply_mesh_weights(previous)
-            # Retries: Airflow 3.3 can fail a deferred task that resumes before the scheduler has
-            # seen its deferring process exit (apache/airflow#72716); a retry judges the same
-            # stage window at once. A tripped guard or an unready stage fails without retrying.
+            # A retry judges the same looks to the same verdicts (the engine keeps no state); a
+            # tripped guard fails without retrying.
             waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied,
                                         retries=2, retry_delay=timedelta(seconds=5))  # fmt: skip
             if index == 0:  # mirror and masking, checked once before the first stage is judged

@@ -6,8 +6,9 @@
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
-  rolloutctl run --spec FILE --url URL --validation DIR [--token-file F] [--prometheus URL]
-                 [--state-file F] [--outbox DIR]     (a whole rollout on the model server's router)
+  rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
+                 [--prometheus URL] [--state-file F] [--outbox DIR]
+                                                     (a whole rollout on the model server's router)
 
 Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait.
 """
@@ -168,7 +169,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from include.rollout.controller import Judge, Rollout, StageOutcome
+    from include.rollout.engine import Rollout, StageJudge, StageOutcome
     from include.rollout.mesh import LocalRouter
     from include.rollout.metrics import PrometheusSource
     from include.rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
@@ -188,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = args.state_file or Path(f".rollout-{spec.model}-original.json")
     router = LocalRouter(args.url, spec.model, token, state)
     source = PrometheusSource(args.prometheus) if args.prometheus else None
-    judge = Judge(spec, args.url.split("://", 1)[-1], args.validation, source)
+    judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source)
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
     def report(outcome: StageOutcome) -> None:
@@ -254,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--url", required=True, help="model server, http://host:port")
     r.add_argument("--validation", type=Path, required=True, help="labelled validation images (labels.csv)")
     r.add_argument("--token-file", type=Path)
+    r.add_argument("--prediction-log", required=True,
+                   help="the serving processes' prediction log (a folder or s3://bucket/prefix): the evidence")
     r.add_argument("--prometheus", help="http://host:port, for the hard guards")
     r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
     r.add_argument("--outbox", type=Path, help="write the Slack reports here")

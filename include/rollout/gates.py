@@ -481,11 +481,14 @@ def evaluate_gate(
     looks: int = 1,
     guards: GuardInputs | None = None,
     buckets: dict[str, list[tuple[float, float]]] | None = None,
+    latency_from: str | None = None,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
     ``buckets`` ({"baseline": [(le, count)], "canary": [...]}, seconds) adds the p99 read from
-    Prometheus histograms, with its error bound, to the report.
+    Prometheus histograms, with its error bound, to the report. ``latency_from`` names the
+    ``source`` (``live`` or ``replay``) whose rows the latency checks and the sample minimum
+    read; errors count every row of each arm, whatever its source.
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
@@ -501,15 +504,22 @@ def evaluate_gate(
     if guards is not None:
         checks += guard_checks(guards, cfg)
 
-    lat_b = base["latency_ms"].dropna().to_numpy(dtype=float)
-    lat_c = canary["latency_ms"].dropna().to_numpy(dtype=float)
+    if latency_from is not None:
+        if "source" not in samples.columns:
+            raise ValueError("latency_from needs a 'source' column")
+        timed_b, timed_c = (arm[arm["source"] == latency_from] for arm in (base, canary))
+    else:
+        timed_b, timed_c = base, canary
+    lat_b = timed_b["latency_ms"].dropna().to_numpy(dtype=float)
+    lat_c = timed_c["latency_ms"].dropna().to_numpy(dtype=float)
     if (lat_b <= 0).any() or (lat_c <= 0).any():
         raise ValueError("latency_ms must be positive")
-    n_min = min(len(base), len(canary))
+    n_min = min(len(lat_b), len(lat_c))
     if n_min < max(cfg.min_samples, 3):
-        checks.append(Check("samples", "wait", f"Too few samples: baseline {len(base)}, canary {len(canary)} "
+        what = f"{latency_from} " if latency_from else ""
+        checks.append(Check("samples", "wait", f"Too few {what}samples: baseline {len(lat_b)}, canary {len(lat_c)} "
                             f"(at least {cfg.min_samples} each before anything can pass).", "minimum sample size",
-                            len(base), len(canary)))  # fmt: skip
+                            len(lat_b), len(lat_c)))  # fmt: skip
     else:
         checks.append(latency_check(lat_b, lat_c, cfg, level))
         checks.append(rank_check(lat_b, lat_c, level))

@@ -32,8 +32,10 @@ def replay(
     output: str = "probabilities",
     input_name: str = "image",
     headers: dict[str, str] | None = None,
+    request_prefix: str = "replay",
 ) -> pd.DataFrame:
-    """``versions`` maps arm -> version, e.g. {"baseline": "1", "canary": "2"}."""
+    """``versions`` maps arm -> version, e.g. {"baseline": "1", "canary": "2"}; request ids are
+    ``<request_prefix>-<arm>-<i>``."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
@@ -48,7 +50,7 @@ def replay(
             start = time.perf_counter()
             try:
                 result = client.infer(model, [inp], model_version=version, outputs=outputs,
-                                      headers={"X-Request-ID": f"replay-{arm}-{i}", **(headers or {})})  # fmt: skip
+                                      headers={"X-Request-ID": f"{request_prefix}-{arm}-{i}", **(headers or {})})  # fmt: skip
                 correct: float = float(result.as_numpy(output)[0].argmax() == label)
                 error = 0
             except InferenceServerException:

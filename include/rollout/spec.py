@@ -163,5 +163,9 @@ class RolloutSpec:
             raw["mirror"] = {"version": self.candidate_version, "percent": self.mirror_percent}
         return TrafficPolicy.from_dict(raw)
 
+    def promoted_policy(self) -> TrafficPolicy:
+        """100% candidate, mirror off."""
+        return TrafficPolicy.from_dict({"route": [{"version": self.candidate_version, "weight": 100}]})
+
     def stable_policy(self) -> TrafficPolicy:
         return TrafficPolicy.from_dict({"route": [{"version": self.baseline_version, "weight": 100}]})

@@ -1,7 +1,7 @@
 """Hooks: Airflow connections -> the rollout library's objects. Secrets come only from here.
 
 - ``model_server_default`` (http): host, port, schema; the admin token as the password;
-  extra ``{"repository": ..., "shadow_log": ..., "run_dir": ...}``; for kubernetes mode also
+  extra ``{"repository": ..., "prediction_log": URI, "run_dir": ...}``; for kubernetes mode also
   ``"istio": {"namespace", "service", "name", "gateways"}`` and ``"build": {"registry", "context",
   "namespace", "service_account", "push_secret"}``.
 - ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
@@ -64,6 +64,11 @@ class ModelServerHook(BaseHook):
     @property
     def extra(self) -> dict[str, Any]:
         return dict(self.connection.extra_dejson)
+
+    @property
+    def prediction_log(self) -> str:
+        """The prediction log's URI (extra ``prediction_log``; ``shadow_log`` is its old name)."""
+        return str(self.extra.get("prediction_log") or self.extra.get("shadow_log") or "run/predictions")
 
     def router(self, model: str, state_file: Path) -> LocalRouter:
         return LocalRouter(self.url, model, self.token, state_file)

@@ -178,62 +178,35 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     raise AirflowFailException(f"the probe {rid} never reached the shadow log in {shadow_log}")
 
 
-def stage_plan(params: dict[str, Any], index: int, applied: dict[str, Any] | None) -> dict[str, Any]:
-    """What the stage's wait polls: the spec, its weight, when its weights went on, Prometheus."""
+def look_at_stage(params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
+    """One poke of ``wait_for_metrics``: a replay round, then the engine judges the looks due.
+
+    None while the stage goes on; its verdict (XCom) once it passed, failed or ended undecided.
+    A tripped guard puts the stable version back at once, then fails the task (no retry).
+    """
+    from include.rollout.engine import StageJudge, StageWindow, gpu_gauges
+
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
-    return {"params": spec.to_dict(), "weight": spec.stages[index], "started": applied["started"],
-            "prometheus_url": PrometheusHook().source().url}  # fmt: skip
-
-
-def judge_stage(
-    params: dict[str, Any], index: int, event: dict[str, Any], run_id: str
-) -> dict[str, Any] | None:
-    """After the wait: fail on a tripped guard or an unready stage, else the gate's verdict.
-
-    A tripped guard puts the stable version back at once, before failing (the rollback task
-    that follows confirms it). None when the gate wants more evidence and the stage still has
-    time (wait again).
-    """
-    from include.rollout.controller import Judge
-
-    spec = spec_from(params)
-    if event["status"] == "breach":
-        restore_stable(params, run_id, unload_candidate=False)
-        raise AirflowFailException(
-            "hard guard tripped: " + " ".join(event["failed_guards"]) + f" Version {spec.baseline_version} "
-            "takes 100% again."
-        )
-    if event["status"] != "ready":
-        raise AirflowFailException(
-            f"the {spec.stages[index]}% stage was not ready after {event['elapsed_s']:.0f} s "
-            f"(max_stage_seconds {spec.max_stage_seconds}): served {event['served']}, need {event['needed']} each"
-        )
     hook = ModelServerHook()
+    source = PrometheusHook().source()
+    window = StageWindow(index, spec.stages[index], applied["started"])
     validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
-    verdict = Judge(spec, hook.address, validation, PrometheusHook().source())(index + 1, len(spec.stages))
-    if verdict.decision == "wait" and event["elapsed_s"] < spec.max_stage_seconds:
+    state = StageJudge(spec, hook.address, validation, hook.prediction_log, source)(window)
+    print(f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
+          f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}")  # fmt: skip
+    if state.status == "breach":
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")
+    if not state.done:
         return None
-    return {**verdict.to_dict(), "bake": {k: event[k] for k in ("elapsed_s", "served", "gpu")}}
-
-
-def stage_event(params: dict[str, Any], index: int, applied: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One look at the stage, the trigger's own, taken here: its event, or None while it bakes."""
-    from rollout_airflow.triggers import StageMetricsTrigger
-
-    return StageMetricsTrigger(**stage_plan(params, index, applied)).look()
-
-
-def wait_for_metrics(
-    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
-) -> tuple[bool, dict[str, Any] | None]:
-    """One poke of the non-deferrable mode: the trigger's check, then the gate. (done, verdict)."""
-    event = stage_event(params, index, applied)
-    if event is None:
-        return False, None
-    verdict = judge_stage(params, index, event, run_id)
-    return verdict is not None, verdict
+    verdict = state.verdict.to_dict() if state.verdict else {"decision": "wait", "checks": []}
+    if state.status == "undecided":
+        verdict["summary"] = state.reason
+    bake = {"elapsed_s": round(state.elapsed_s, 1), "served": state.served, "gpu": gpu_gauges(source),
+            "look": state.look, "looks": state.looks}  # fmt: skip
+    return {**verdict, "status": state.status, "bake": bake}
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
@@ -315,12 +288,8 @@ def decide(
 
 def promote(params: dict[str, Any], run_id: str) -> str:
     """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
-    from model_server.traffic import TrafficPolicy
-
     spec = spec_from(params)
-    router(spec, run_id).set_routes(
-        TrafficPolicy.from_dict({"route": [{"version": spec.candidate_version, "weight": 100}]})
-    )
+    router(spec, run_id).set_routes(spec.promoted_policy())
     if spec.mesh == "local":
         ModelServerHook().load_versions(spec.model, [spec.candidate_version])
     else:

@@ -1,0 +1,490 @@
+"""The rollout engine: how a stage is looked at and judged, the same for the DAG and the CLI.
+
+A stage of weight w starts when its traffic policy is applied (``StageWindow.started``). Its
+looks are planned at ``started + j * bake_seconds / looks_per_stage``, j = 1..K, and each look
+is judged once, on the evidence recorded before its time:
+- the live A/B arms: primary records of the prediction log routed by the policy (not by a
+  version in the path) to the baseline or the candidate since the stage began: latency, errors
+  and, where a label arrived, correctness;
+- the paired validation replay: validation images sent to both versions by name at every
+  poke, recorded in the same log; each image counts once per version for accuracy (the models
+  are deterministic: a repeat adds no accuracy evidence), every request counts for errors;
+- the hard guards (Prometheus and the replay's accuracy drop), read at the time of judging.
+
+The judgement is a pure function of the log, the spec, the window and the clock: a poke that
+comes late judges the looks it missed, in order, each on the records before its own time, and a
+retried task judges the same looks to the same verdicts. The first look that passes or fails
+decides the stage (a passed stage still bakes to ``bake_seconds`` under the guards). The last
+look waits, if need be, until each arm has ``min_samples``, but never past
+``max_stage_seconds``; still undecided there, the stage fails as undecided. Every stage is a
+group-sequential test at level alpha over its own looks, and promotion needs every stage to
+pass: the chance of promoting a canary at the margin is at most alpha.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from include.rollout.gates import (
+    GateConfig,
+    GuardInputs,
+    Verdict,
+    evaluate_gate,
+    guard_checks,
+    nominal_alpha,
+)
+from include.rollout.mesh import Router
+from include.rollout.metrics import MetricsError, MetricsSource, PrometheusSource, PromQL
+from include.rollout.spec import RolloutSpec
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
+LOG_COLUMNS = ["time", "model", "version", "role", "route", "request_id", "item", "latency_ms", "outcome",
+               "top1", "image_sha256", "label"]  # fmt: skip
+
+
+def gate_config(spec: RolloutSpec, **overrides: Any) -> GateConfig:
+    return GateConfig.from_any({
+        "alpha": spec.alpha, "latency_margin": spec.latency_margin, "error_margin": spec.error_margin,
+        "accuracy_margin": spec.accuracy_margin, "min_samples": spec.min_samples, "spending": spec.spending,
+        "p99_ms_max": spec.p99_ms_max, "p99_breach_seconds": float(spec.p99_breach_seconds),
+        "accuracy_drop_max": spec.accuracy_drop_max, "shadow_error_rate_max": spec.shadow_error_rate_max,
+        **overrides,
+    })  # fmt: skip
+
+
+# -- the stage's plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageWindow:
+    index: int  # 0-based
+    weight: int  # the candidate's share, percent
+    started: float  # unix seconds: when the stage's weights took effect
+
+    def look_time(self, spec: RolloutSpec, look: int) -> float:
+        return self.started + look * spec.bake_seconds / spec.looks_per_stage
+
+    @property
+    def latency_from(self) -> str:
+        """The live arms while both take traffic; at 100% the baseline has only the replay."""
+        return "live" if self.weight < 100 else "replay"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "weight": self.weight, "started": self.started}
+
+
+def look_interval(spec: RolloutSpec) -> float:
+    return spec.bake_seconds / spec.looks_per_stage
+
+
+# -- evidence from the prediction log --------------------------------------------------------
+
+
+def validation_labels(folder: Path) -> dict[str, int]:
+    """sha256 of each validation image -> its label: how a replayed request finds its truth."""
+    import hashlib
+
+    from include.rollout.replay import load_validation
+
+    return {hashlib.sha256(image).hexdigest(): label for _, image, label in load_validation(folder)}
+
+
+def stage_samples(
+    records: pd.DataFrame, spec: RolloutSpec, window: StageWindow, until: float, labels: dict[str, int]
+) -> pd.DataFrame:
+    """The gate's samples from prediction-log records with ``started <= time < until``.
+
+    Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
+    label), pair_id (the image's sha256 for the replay), time (unix seconds).
+    """
+    if records.empty:
+        return _empty_samples()
+    t = _unix(records["time"])
+    arms = {spec.baseline_version: "baseline", spec.candidate_version: "canary"}
+    primary = records[(records["role"] == "primary") & records["version"].isin(list(arms))
+                      & (t >= window.started) & (t < until) & (records["model"] == spec.model)]  # fmt: skip
+    if primary.empty:
+        return _empty_samples()
+    by_version = primary["route"] == "version"
+    is_replay = by_version & primary["image_sha256"].isin(list(labels))
+    keep = is_replay | ~by_version
+    chosen = primary[keep].reset_index(drop=True)
+    is_replay = is_replay[keep].reset_index(drop=True)
+    truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
+    error = chosen["outcome"] != "ok"
+    return pd.DataFrame({
+        "arm": chosen["version"].map(arms),
+        "source": np.where(is_replay, "replay", "live"),
+        "latency_ms": chosen["latency_ms"].astype(float),
+        "error": error.astype(int),
+        "oom": (chosen["outcome"] == "OOM").astype(int),
+        "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
+        "pair_id": chosen["image_sha256"].where(is_replay),
+        "time": _unix(chosen["time"]),
+    })  # fmt: skip
+
+
+def _live_labels(records: pd.DataFrame, live: pd.DataFrame) -> pd.Series:
+    """The label of each record, joined by request id and item (the last label wins)."""
+    rows = records[records["role"] == "label"]
+    if rows.empty or live.empty:
+        return pd.Series(np.nan, index=live.index)
+    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])["label"]
+    keys = pd.MultiIndex.from_arrays([live["request_id"], live["item"]])
+    return pd.Series(last.reindex(keys).to_numpy(dtype=float), index=live.index)
+
+
+def _unix(times: pd.Series) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(times):
+        return times.astype(float)
+    return times.dt.tz_convert("UTC").astype("datetime64[us, UTC]").astype("int64") / 1e6
+
+
+def _empty_samples() -> pd.DataFrame:
+    return pd.DataFrame({"arm": pd.Series(dtype=str), "source": pd.Series(dtype=str),
+                         "latency_ms": pd.Series(dtype=float), "error": pd.Series(dtype=int),
+                         "oom": pd.Series(dtype=int), "correct": pd.Series(dtype=float),
+                         "pair_id": pd.Series(dtype=object), "time": pd.Series(dtype=float)})  # fmt: skip
+
+
+def replay_drop(samples: pd.DataFrame) -> float | None:
+    """Baseline minus candidate accuracy on the replayed images both answered (a hard guard)."""
+    pairs = samples.dropna(subset=["pair_id", "correct"])
+    if pairs.empty:
+        return None
+    table = pairs.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
+    if table.empty or not {"baseline", "canary"} <= set(table.columns):
+        return None
+    return float(table["baseline"].mean() - table["canary"].mean())
+
+
+# -- judging a stage --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageState:
+    """Where a stage stands at ``now``: what the sensor, the CLI and the report read."""
+
+    status: str  # waiting | pass | fail | undecided | breach
+    look: int  # the last look judged (0: none yet)
+    looks: int
+    verdict: Verdict | None
+    reason: str
+    served: dict[str, dict[str, int]] = field(default_factory=dict)  # arm -> source -> requests
+    elapsed_s: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.status != "waiting"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "look": self.look, "looks": self.looks, "reason": self.reason,
+                "served": self.served, "elapsed_s": round(self.elapsed_s, 1),
+                "verdict": self.verdict.to_dict() if self.verdict else None}  # fmt: skip
+
+
+def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
+    counts = samples.groupby(["arm", "source"]).size()
+    return {arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")}
+
+
+def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame) -> float:
+    """The last look: at the bake's end, or later once each arm has ``min_samples`` of its
+    latency evidence, but never past ``max_stage_seconds``."""
+    planned = window.look_time(spec, spec.looks_per_stage)
+    reached = []
+    for arm in ("baseline", "canary"):
+        times = np.sort(samples.loc[(samples["arm"] == arm) & (samples["source"] == window.latency_from),
+                                    "time"].to_numpy())  # fmt: skip
+        reached.append(times[spec.min_samples - 1] + 1e-6 if len(times) >= spec.min_samples else math.inf)
+    return min(max(planned, *reached), window.started + spec.max_stage_seconds)
+
+
+def judge_stage(
+    spec: RolloutSpec,
+    window: StageWindow,
+    records: pd.DataFrame,
+    labels: dict[str, int],
+    now: float,
+    guards: GuardInputs | None = None,
+    config: GateConfig | None = None,
+    settle_s: float = SETTLE_S,
+) -> StageState:
+    """Judge, in order, every look whose time (plus ``settle_s``) has come, each on the records
+    before its time; stop at the first that decides."""
+    cfg = config or gate_config(spec)
+    K = spec.looks_per_stage
+    current = stage_samples(records, spec, window, now - settle_s, labels)
+    elapsed = now - window.started
+
+    def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
+        return StageState(status, look, K, verdict, reason, served(current), elapsed)
+
+    guard_in = GuardInputs(**{**(guards.__dict__ if guards else {}), "validation_drop": replay_drop(current)})
+    tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
+    if tripped:
+        return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
+    verdict: Verdict | None = None
+    judged = 0
+    for look in range(1, K + 1):
+        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current)
+        if at > now - settle_s:
+            break
+        samples = stage_samples(records, spec, window, at, labels)
+        verdict = evaluate_gate(samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from)
+        judged = look
+        if verdict.decision != "wait":
+            break
+    if verdict is None:
+        return state("waiting", 0, None, f"first look at {look_interval(spec):.0f} s into the stage")
+    if verdict.decision == "fail":
+        return state("fail", judged, verdict, verdict.summary)
+    if verdict.decision == "pass":
+        if elapsed >= spec.bake_seconds:
+            return state("pass", judged, verdict, verdict.summary)
+        return state("waiting", judged, verdict, f"passed at look {judged} of {K}; baking until "
+                     f"{spec.bake_seconds} s under the hard guards")  # fmt: skip
+    n = need_n(verdict, spec)
+    need = ("the estimate sits on the margin; no sample size resolves it." if n is None
+            else f"about {n} samples per arm would resolve it.")  # fmt: skip
+    if judged == K:
+        return state("undecided", K, verdict, f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into "
+                     f"the stage): {need} {verdict.summary}")  # fmt: skip
+    ahead = projection(spec, n, arm_rate(current, window))
+    return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
+
+
+def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
+    """Samples per arm the waiting checks need to resolve their current estimate at the last
+    look's level (None when none of them can say)."""
+    final_z = _z(nominal_alpha(spec.alpha, spec.looks_per_stage, spec.looks_per_stage, spec.spending))
+    look_z = _z(verdict.nominal_alpha)
+    needs = []
+    for c in verdict.checks:
+        if c.decision != "wait" or not c.blocks_pass:
+            continue
+        if c.name == "samples":
+            needs.append(spec.min_samples)
+            continue
+        if c.ci is None or c.effect is None or c.margin is None:
+            continue
+        n = min(c.n_baseline, c.n_canary)
+        if c.name.startswith("latency"):
+            lo, hi, eff, m = (math.log1p(x) for x in (*c.ci, c.effect, c.margin))
+        else:
+            lo, hi, eff, m = c.ci[0], c.ci[1], c.effect, c.margin
+        half = (hi - lo) / 2 * final_z / look_z
+        gap = abs(m - eff)
+        if gap <= 0 or n <= 0:
+            return None
+        needs.append(math.ceil(n * (half / gap) ** 2))
+    return max(needs) if needs else None
+
+
+def arm_rate(samples: pd.DataFrame, window: StageWindow) -> float:
+    """Requests per second into the slower arm of the latency evidence."""
+    rows = samples[samples["source"] == window.latency_from]
+    if rows.empty:
+        return 0.0
+    span = max(1.0, float(rows["time"].max() - window.started))
+    return min((rows["arm"] == arm).sum() for arm in ("baseline", "canary")) / span
+
+
+def projection(spec: RolloutSpec, n: int | None, rate: float) -> str:
+    if n is None:
+        return ""
+    if rate <= 0:
+        return " No requests have reached one arm yet."
+    eta = n / rate
+    budget = spec.max_stage_seconds
+    if eta > budget:
+        return (f" At {rate:.1f} requests/s into the slower arm that takes about {eta:.0f} s: more than "
+                f"max_stage_seconds ({budget} s), so this stage cannot decide in time at this traffic.")
+    return f" At {rate:.1f} requests/s into the slower arm that takes about {eta:.0f} s."
+
+
+def _z(level: float) -> float:
+    from scipy import stats
+
+    return float(stats.norm.isf(level)) if level > 0 else math.inf
+
+
+# -- reading the world: the stage judge ------------------------------------------------------
+
+
+def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | None = None) -> GuardInputs:
+    """The Prometheus hard guards; a source without data leaves that guard out (hold, not pass)."""
+    if not isinstance(source, PrometheusSource):
+        return GuardInputs()
+    now = now or time.time()
+    series = None
+    try:
+        window = max(spec.p99_breach_seconds, 10)
+        points = source.query_range(PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, "30s"),
+                                    now - window - 5, now, step_s=max(1.0, window / 60))  # fmt: skip
+        series = tuple(points)
+    except MetricsError as exc:
+        log.info("no canary P99 series yet: %s", exc)
+    errors = requests = None
+    sel = f'model="{spec.model}",version="{spec.candidate_version}"'
+    try:
+        requests = int(
+            source.query(f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))')
+        )
+        errors = int(
+            source.query(f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)')
+        )
+    except MetricsError as exc:
+        log.info("no shadow counts yet: %s", exc)
+    return GuardInputs(p99_series_ms=series, shadow_errors=errors, shadow_requests=requests)
+
+
+def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[str, float]:
+    """Max over GPUs: utilization, memory used/total bytes (empty without GPUs)."""
+    if not isinstance(source, PrometheusSource):
+        return {}
+    gpu = {}
+    for name, promql in (("utilization", PromQL.gpu_utilization()),
+                         ("memory_used_bytes", PromQL.gpu_memory_used_bytes()),
+                         ("memory_total_bytes", "max(nv_gpu_memory_total_bytes)")):  # fmt: skip
+        try:
+            gpu[name] = source.query(promql, at=now)
+        except MetricsError:
+            pass  # no GPU on this server: the gauges are absent, not zero
+    return gpu
+
+
+@dataclass
+class StageJudge:
+    """One poke: a replay round through both versions, then the stage judged from the log."""
+
+    spec: RolloutSpec
+    server_address: str  # host:port of the serving path
+    validation: Path
+    prediction_log: str  # the log's URI
+    source: MetricsSource | None = None
+    settle_s: float = SETTLE_S
+    replay_limit: int | None = None  # images per round (None: the whole validation set)
+    _labels: dict[str, int] | None = None
+
+    @property
+    def labels(self) -> dict[str, int]:
+        if self._labels is None:
+            self._labels = validation_labels(self.validation)
+        return self._labels
+
+    def replay_round(self) -> None:
+        from include.rollout.replay import replay
+
+        arms = {"baseline": self.spec.baseline_version, "canary": self.spec.candidate_version}
+        replay(self.server_address, self.spec.model, arms, self.validation, self.replay_limit,
+               request_prefix=f"replay-{uuid.uuid4().hex[:12]}")  # fmt: skip
+
+    def records(self, window: StageWindow, now: float) -> pd.DataFrame:
+        from datetime import UTC, datetime
+
+        from model_server.predictionlog import read
+
+        return read(self.prediction_log, datetime.fromtimestamp(window.started, UTC),
+                    datetime.fromtimestamp(now + 1, UTC), model=self.spec.model, columns=LOG_COLUMNS)  # fmt: skip
+
+    def __call__(self, window: StageWindow, now: float | None = None, replay: bool = True) -> StageState:
+        if replay:
+            self.replay_round()
+        now = now or time.time()
+        return judge_stage(self.spec, window, self.records(window, now), self.labels, now,
+                           guard_inputs(self.source, self.spec, now), settle_s=self.settle_s)  # fmt: skip
+
+
+# -- the whole rollout in one process (rolloutctl run) ---------------------------------------
+
+
+@dataclass
+class StageOutcome:
+    weight: int
+    decision: str  # pass | fail
+    reason: str
+    looks: int
+    seconds: float
+    verdict: Verdict | None = None
+
+
+@dataclass
+class RolloutResult:
+    promoted: bool
+    stages: list[StageOutcome]
+    reason: str
+
+
+class Rollout:
+    """Stages in order, each poked every look interval until it ends; promote when all pass.
+    Every way out of a failed or interrupted rollout puts the stable version back at 100%."""
+
+    def __init__(
+        self,
+        spec: RolloutSpec,
+        router: Router,
+        look: Callable[[StageWindow], StageState],
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        on_stage: Callable[[StageOutcome], None] | None = None,
+        poke_s: float | None = None,
+    ):
+        self.spec, self.router, self.look = spec, router, look
+        self.clock, self.sleep, self.on_stage = clock, sleep, on_stage
+        self.poke_s = poke_s if poke_s is not None else poke_interval(spec)
+
+    def promote(self) -> None:
+        """100% candidate, mirror off."""
+        self.router.set_routes(self.spec.promoted_policy())
+
+    def restore_stable(self) -> None:
+        self.router.set_routes(self.spec.stable_policy())
+
+    def stage(self, index: int, weight: int) -> StageOutcome:
+        self.router.set_routes(self.spec.policy_for_stage(weight))
+        window = StageWindow(index, weight, self.clock())
+        while not (state := self.look(window)).done:
+            log.info("stage %d%%: %s", weight, state.reason)
+            self.sleep(self.poke_s)
+        decision = "pass" if state.status == "pass" else "fail"
+        return StageOutcome(weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict)
+
+    def run(self) -> RolloutResult:
+        outcomes: list[StageOutcome] = []
+        self.router.reconcile()
+        try:
+            for index, weight in enumerate(self.spec.stages):
+                outcome = self.stage(index, weight)
+                outcomes.append(outcome)
+                if self.on_stage is not None:
+                    self.on_stage(outcome)
+                if outcome.decision != "pass":
+                    self.restore_stable()
+                    return RolloutResult(False, outcomes, f"stage {weight}%: {outcome.reason}")
+            self.promote()
+            return RolloutResult(True, outcomes, "every stage passed")
+        except BaseException:
+            log.exception("rollout interrupted: restoring the stable version")
+            self.restore_stable()
+            raise
+
+
+def poke_interval(spec: RolloutSpec) -> float:
+    """How often a stage is poked: every look interval, at least every 30 s (the guards), at
+    most every 2 s."""
+    return min(30.0, max(2.0, look_interval(spec)))
+
+

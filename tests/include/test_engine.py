@@ -1,0 +1,224 @@
+"""The rollout engine on prediction-log records made here: looks, evidence, verdicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from include.rollout.engine import (
+    Rollout,
+    StageState,
+    StageWindow,
+    judge_stage,
+    replay_drop,
+    stage_samples,
+)
+from include.rollout.gates import GuardInputs
+from include.rollout.spec import RolloutSpec
+from model_server.traffic import TrafficPolicy
+
+T0 = 1_800_000_000.0
+IMAGES = {f"{i:064x}": i % 10 for i in range(500)}  # sha256 -> label
+
+
+def spec(**kw) -> RolloutSpec:
+    return RolloutSpec.from_dict({"stages": [50, 100], "bake_seconds": 100, "max_stage_seconds": 400,
+                                  "looks_per_stage": 5, "min_samples": 50, **kw})  # fmt: skip
+
+
+def records(
+    seconds: float,
+    rate: float,
+    weight: int,
+    ratio: float = 1.0,
+    errors: tuple[float, float] = (0.0, 0.0),
+    accuracy: tuple[float, float] = (1.0, 1.0),
+    replay_every: float | None = 10.0,
+    seed: int = 0,
+    start: float = T0,
+) -> pd.DataFrame:
+    """Primary records of versions 1 and 2: live at ``rate``/s split by ``weight``, and a replay
+    of every image through both versions every ``replay_every`` seconds."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    n = int(seconds * rate)
+    times = start + np.sort(rng.uniform(0, seconds, n))
+    for i, t in enumerate(times):
+        canary = rng.uniform(0, 100) < weight
+        v = "2" if canary else "1"
+        err = rng.random() < errors[int(canary)]
+        rows.append({"time": t, "version": v, "route": "route", "request_id": f"live-{i}",
+                     "latency_ms": float(np.exp(rng.normal(np.log(5 * (ratio if canary else 1)), 0.3))),
+                     "outcome": "BACKEND" if err else "ok", "top1": None if err else 1, "image_sha256": "x" * 64})  # fmt: skip
+    if replay_every:
+        for r, t in enumerate(np.arange(start + 0.5, start + seconds, replay_every)):
+            for j, (sha, label) in enumerate(IMAGES.items()):
+                for arm, v in enumerate(("1", "2")):
+                    right = (j / len(IMAGES)) < accuracy[arm]
+                    rows.append({"time": t + 0.001 * j, "version": v, "route": "version",
+                                 "request_id": f"replay-{r}-{arm}-{j}", "latency_ms": float(np.exp(rng.normal(np.log(5), 0.3))),
+                                 "outcome": "ok", "top1": label if right else (label + 1) % 10, "image_sha256": sha})  # fmt: skip
+    df = pd.DataFrame(rows)
+    df["model"], df["role"], df["item"], df["label"] = "digits", "primary", 0, np.nan
+    df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
+    return df
+
+
+def labels_for(df: pd.DataFrame, truth: int) -> pd.DataFrame:
+    live = df[df["route"] == "route"]
+    return pd.DataFrame({"time": live["time"], "model": "digits", "version": None, "role": "label", "route": None,
+                         "request_id": live["request_id"], "item": 0, "latency_ms": np.nan, "outcome": None,
+                         "top1": None, "image_sha256": None, "label": float(truth)})  # fmt: skip
+
+
+WINDOW = StageWindow(0, 50, T0)
+
+
+def test_a_look_sees_only_the_records_before_its_time():
+    log = records(200, 20, 50)
+    early = stage_samples(log, spec(), WINDOW, T0 + 20, IMAGES)
+    assert early["time"].max() < T0 + 20
+    assert set(early["source"]) == {"live", "replay"}
+    # Two replay rounds (0.5 s and 10.5 s) before 20 s: each image twice per version.
+    assert (early["source"] == "replay").sum() == 4 * len(IMAGES)
+
+
+def test_a_late_poke_judges_the_same_looks_to_the_same_verdicts():
+    log = records(400, 20, 50, replay_every=20)
+    s = spec()
+    at_look_3 = judge_stage(s, WINDOW, log[log["time"] < pd.Timestamp(T0 + 66, unit="s", tz="UTC")], IMAGES, T0 + 66)
+    later = judge_stage(s, WINDOW, log, IMAGES, T0 + 66)  # records after the poke's time are ignored too
+    assert at_look_3.look == later.look == 3
+    assert at_look_3.verdict.to_dict() == later.verdict.to_dict()
+
+
+def test_an_equal_canary_passes_and_bakes_before_the_stage_passes():
+    s = spec()
+    log = records(400, 40, 50)
+    mid = judge_stage(s, WINDOW, log, IMAGES, T0 + 85)
+    assert mid.status == "waiting" and mid.verdict is not None and mid.verdict.decision == "pass"
+    assert "baking until 100 s" in mid.reason
+    end = judge_stage(s, WINDOW, log, IMAGES, T0 + 106)
+    assert end.status == "pass"
+    assert end.look <= 5
+    assert end.served["canary"]["live"] > 1000
+
+
+def test_a_slower_canary_fails_at_the_first_look_that_shows_it():
+    state = judge_stage(spec(), WINDOW, records(400, 40, 50, ratio=1.3), IMAGES, T0 + 400)
+    assert state.status == "fail"
+    assert state.look < 5  # the late poke stopped at the first deciding look, not the last
+    assert any(c.name == "latency_geomean" and c.decision == "fail" for c in state.verdict.checks)
+
+
+def test_an_undecided_last_look_ends_the_stage_with_the_samples_it_needs():
+    s = spec(latency_margin=0.01)  # finer than this traffic resolves
+    state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 300)
+    assert state.status == "undecided"
+    assert state.look == 5
+    assert "undecided at its last look (5 of 5" in state.reason
+    assert "samples per arm would resolve it" in state.reason
+
+
+def test_a_wait_says_how_many_samples_and_how_long():
+    s = spec(latency_margin=0.01)
+    state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 50)
+    assert state.status == "waiting"
+    assert "samples per arm" in state.reason and "requests/s" in state.reason
+
+
+def test_the_last_look_waits_for_min_samples_but_not_past_max_stage_seconds():
+    s = spec(min_samples=500)
+    log = records(400, 4, 50, replay_every=None)  # about 2 requests/s per arm
+    short = judge_stage(s, WINDOW, log, IMAGES, T0 + 150)
+    assert short.status == "waiting" and short.look == 4  # looks 1-4 judged, the last one postponed
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 410).look == 5  # max_stage_seconds: judged anyway
+
+
+def test_replayed_images_count_once_for_accuracy():
+    log = records(100, 0, 50, accuracy=(1.0, 0.99))  # 10 replay rounds of the same images
+    state = judge_stage(spec(accuracy_drop_max=0.05), WINDOW, log, IMAGES, T0 + 106)
+    paired = next(c for c in state.verdict.checks if c.name == "accuracy_paired")
+    assert paired.n_baseline == len(IMAGES)
+
+
+def test_live_labels_join_by_request_id():
+    log = records(100, 20, 50, replay_every=None)
+    samples = stage_samples(pd.concat([log, labels_for(log, 1)]), spec(), WINDOW, T0 + 200, IMAGES)
+    live = samples[samples["source"] == "live"]
+    assert live["correct"].notna().all() and live["correct"].eq(1.0).all()
+
+
+def test_an_accuracy_drop_in_the_replay_trips_the_guard():
+    log = records(100, 20, 50, accuracy=(1.0, 0.95))
+    assert replay_drop(stage_samples(log, spec(), WINDOW, T0 + 50, IMAGES)) == pytest.approx(0.05)
+    state = judge_stage(spec(), WINDOW, log, IMAGES, T0 + 50)
+    assert state.status == "breach" and "Accuracy drop" in state.reason
+
+
+def test_a_p99_breach_from_prometheus_trips_the_guard():
+    guards = GuardInputs(p99_series_ms=tuple((T0 + t, 90.0) for t in range(0, 200, 10)))
+    state = judge_stage(spec(), WINDOW, records(100, 20, 50), IMAGES, T0 + 50, guards)
+    assert state.status == "breach" and "P99" in state.reason
+
+
+def test_the_full_stage_judges_latency_on_the_replay():
+    window = StageWindow(1, 100, T0)
+    log = records(400, 40, 100)
+    state = judge_stage(spec(), window, log, IMAGES, T0 + 106)
+    latency = next(c for c in state.verdict.checks if c.name == "latency_geomean")
+    assert latency.n_baseline == (log[(log["version"] == "1") & (log["route"] == "version")]["time"]
+                                  < pd.Timestamp(T0 + 100, unit="s", tz="UTC")).sum() or latency.n_baseline > 0  # fmt: skip
+    assert state.served["baseline"].get("live", 0) == 0
+
+
+class RecordingRouter:
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def reconcile(self) -> None:
+        pass
+
+    def set_routes(self, policy: TrafficPolicy) -> bool:
+        self.history.append(policy.to_dict())
+        return True
+
+    def get_routes(self) -> TrafficPolicy:
+        return TrafficPolicy.from_dict(self.history[-1])
+
+    def finalize(self) -> None:
+        pass
+
+
+def scripted(statuses: list[str]):
+    answers = iter(statuses)
+    return lambda window: StageState(next(answers), 1, 5, None, "scripted")
+
+
+def test_every_stage_passes_then_promotion():
+    router = RecordingRouter()
+    result = Rollout(spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None).run()
+    assert result.promoted
+    assert router.history[0]["route"] == [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]
+    assert router.history[-1] == {"route": [{"version": "2", "weight": 100}]}
+
+
+@pytest.mark.parametrize("status", ["fail", "undecided", "breach"])
+def test_a_stage_that_does_not_pass_restores_stable(status):
+    router = RecordingRouter()
+    result = Rollout(spec(stages=[5, 50, 100]), router, scripted(["pass", status]), sleep=lambda _: None).run()
+    assert not result.promoted
+    assert [s.decision for s in result.stages] == ["pass", "fail"]
+    assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_an_exception_restores_stable():
+    router = RecordingRouter()
+
+    def broken(window):
+        raise RuntimeError("prediction log unreachable")
+
+    with pytest.raises(RuntimeError):
+        Rollout(spec(), router, broken, sleep=lambda _: None).run()
+    assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
