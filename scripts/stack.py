@@ -1,6 +1,6 @@
 """``make up`` / ``make down``: the one-machine stack, started in the background and stopped exactly.
 
-up: the model server on 127.0.0.1:8000 (digits version 1 stable, shadow log and masking on,
+up: the model server on 127.0.0.1:8000 (digits version 1 stable, prediction log and masking on,
 admin token in run/admin-token, mode 0600), Prometheus on 127.0.0.1:9090 scraping it every
 second, the load generator replaying the validation images with feedback, and Airflow on
 127.0.0.1:8080 (the components ``airflow standalone`` runs: scheduler, DAG processor, triggerer,
@@ -51,7 +51,7 @@ def up(
     if not token_file.exists():
         token_file.touch(mode=0o600)
         token_file.write_text(secrets.token_urlsafe(24))
-    server = start_model_server(repository, run, "--shadow-log", str(run / "shadow"), "--state-dir",
+    server = start_model_server(repository, run, "--prediction-log", str(run / "predictions"), "--state-dir",
                                 str(run / "state"), "--mask-header", "x-user-id",
                                 token=token_file.read_text().strip(), port=port)  # fmt: skip
     serve_what_is_routed(server)
@@ -72,7 +72,7 @@ def up(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     state_file.write_text(json.dumps(state, indent=2))  # a failed Airflow start leaves `down` what to stop
-    airflow = start_airflow(run / "airflow", local_connections(server, prom.url, repository, run / "shadow", run),
+    airflow = start_airflow(run / "airflow", local_connections(server, prom.url, repository, run / "predictions", run),
                             port=airflow_port)  # fmt: skip
     for name, proc in airflow.components.items():
         pids[f"airflow_{name}"] = proc.proc.pid
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prometheus-port", type=int, default=9090)
     p.add_argument("--airflow-port", type=int, default=8080)
-    p.add_argument("--rate", type=float, default=20.0, help="load generator requests per second")
+    p.add_argument("--rate", type=float, default=50.0, help="load generator requests per second")
     args = p.parse_args(argv)
     if args.command == "down":
         stopped = down(args.run)

@@ -6,8 +6,8 @@ is judged once, on the evidence recorded before its time:
 - the live A/B arms: primary records of the prediction log routed by the policy (not by a
   version in the path) to the baseline or the candidate since the stage began: latency, errors
   and, where a label arrived, correctness;
-- the paired validation replay: validation images sent to both versions by name at every
-  poke, recorded in the same log; each image counts once per version for accuracy (the models
+- the paired validation replay: the validation images sent to both versions by name once per
+  look interval, recorded in the same log; each image counts once per version for accuracy (the models
   are deterministic: a repeat adds no accuracy evidence), every request counts for errors;
 - the hard guards (Prometheus and the replay's accuracy drop), read at the time of judging.
 
@@ -28,7 +28,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from include.rollout.gates import (
+    Check,
     GateConfig,
     GuardInputs,
     Verdict,
@@ -244,6 +245,7 @@ def judge_stage(
             break
         samples = stage_samples(records, spec, window, at, labels)
         verdict = evaluate_gate(samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from)
+        verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look
         if verdict.decision != "wait":
             break
@@ -264,6 +266,21 @@ def judge_stage(
                      f"the stage): {need} {verdict.summary}")  # fmt: skip
     ahead = projection(spec, n, arm_rate(current, window))
     return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
+
+
+def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
+    """What a look's verdict rests on, in one sentence for the reviewer."""
+    live = samples[samples["source"] == "live"]
+    replay = samples[samples["source"] == "replay"]
+    n = {arm: int((live["arm"] == arm).sum()) for arm in ("baseline", "canary")}
+    labelled = {arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")}
+    images = int(replay["pair_id"].nunique())
+    rounds = int((replay["arm"] == "canary").sum())
+    text = (f"Evidence over the first {seconds:.0f} s of the stage: live A/B arms baseline {n['baseline']}, "
+            f"canary {n['canary']} requests ({labelled['baseline']} and {labelled['canary']} with feedback labels); "
+            f"validation replay of {images} images through both versions ({rounds} requests per version).")
+    return Check("evidence", "info", text, "prediction log records before the look's time", n["baseline"],
+                 n["canary"], blocks_pass=False)  # fmt: skip
 
 
 def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
@@ -368,7 +385,7 @@ def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[s
 
 @dataclass
 class StageJudge:
-    """One poke: a replay round through both versions, then the stage judged from the log."""
+    """One poke: the stage judged from the log and the guards, then a replay round when due."""
 
     spec: RolloutSpec
     server_address: str  # host:port of the serving path
@@ -400,12 +417,25 @@ class StageJudge:
         return read(self.prediction_log, datetime.fromtimestamp(window.started, UTC),
                     datetime.fromtimestamp(now + 1, UTC), model=self.spec.model, columns=LOG_COLUMNS)  # fmt: skip
 
-    def __call__(self, window: StageWindow, now: float | None = None, replay: bool = True) -> StageState:
-        if replay:
-            self.replay_round()
+    def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:
+        """No replay round of this stage in the last look interval (the log says so, not memory:
+        a retried or late poke sees what earlier pokes sent)."""
+        if records.empty:
+            return True
+        sent = records[(records["route"] == "version") & records["image_sha256"].isin(list(self.labels))
+                       & records["version"].isin([self.spec.baseline_version, self.spec.candidate_version])]  # fmt: skip
+        t = _unix(sent["time"])
+        return not bool(((t >= window.started) & (t > now - look_interval(self.spec))).any())
+
+    def __call__(self, window: StageWindow, now: float | None = None) -> StageState:
+        """Judge the looks due, then send a replay round if none went out in the last look interval."""
         now = now or time.time()
-        return judge_stage(self.spec, window, self.records(window, now), self.labels, now,
-                           guard_inputs(self.source, self.spec, now), settle_s=self.settle_s)  # fmt: skip
+        records = self.records(window, now)
+        state = judge_stage(self.spec, window, records, self.labels, now, guard_inputs(self.source, self.spec, now),
+                            settle_s=self.settle_s)  # fmt: skip
+        if not state.done and self.replay_due(records, window, now):
+            self.replay_round()
+        return state
 
 
 # -- the whole rollout in one process (rolloutctl run) ---------------------------------------
@@ -483,8 +513,8 @@ class Rollout:
 
 
 def poke_interval(spec: RolloutSpec) -> float:
-    """How often a stage is poked: every look interval, at least every 30 s (the guards), at
-    most every 2 s."""
-    return min(30.0, max(2.0, look_interval(spec)))
+    """How often a stage is poked: every look interval, but at least every 10 s (the hard guards)
+    and at most every 2 s."""
+    return min(10.0, max(2.0, look_interval(spec)))
 
 

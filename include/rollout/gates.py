@@ -24,7 +24,7 @@ and the seed's hard guards.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +33,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 DECISIONS = ("pass", "fail", "wait")
+SOURCES = {"live": "Live A/B arms", "replay": "Validation replay"}  # the ``source`` of a sample
 
 
 # -- group-sequential boundaries -------------------------------------------------------------
@@ -521,10 +522,10 @@ def evaluate_gate(
                             f"(at least {cfg.min_samples} each before anything can pass).", "minimum sample size",
                             len(lat_b), len(lat_c)))  # fmt: skip
     else:
-        checks.append(latency_check(lat_b, lat_c, cfg, level))
-        checks.append(rank_check(lat_b, lat_c, level))
-        for q in (0.95, 0.99):
-            checks.append(tail_check(lat_b, lat_c, q, cfg, level))
+        timed = [latency_check(lat_b, lat_c, cfg, level), rank_check(lat_b, lat_c, level),
+                 *(tail_check(lat_b, lat_c, q, cfg, level) for q in (0.95, 0.99))]  # fmt: skip
+        where = SOURCES.get(latency_from or "")
+        checks += [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
         checks.append(
             proportion_check(
                 "errors",

@@ -354,14 +354,14 @@ def start_airflow(
 
 
 def local_connections(
-    server: ModelServerProcess, prometheus_url: str, repository: Path, shadow_log: Path, run_dir: Path
+    server: ModelServerProcess, prometheus_url: str, repository: Path, prediction_log: Path | str, run_dir: Path
 ) -> dict[str, dict[str, Any]]:
     """The Airflow connections of the one-machine stack (no ``slack_api_default``: the outbox)."""
     host, port = prometheus_url.rsplit("/", 1)[-1].rsplit(":", 1)
     return {
         "model_server_default": {
             "conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": server.token,
-            "extra": {"repository": str(repository), "shadow_log": str(shadow_log), "run_dir": str(run_dir)},
+            "extra": {"repository": str(repository), "prediction_log": str(prediction_log), "run_dir": str(run_dir)},
         },
         "prometheus_default": {"conn_type": "http", "host": host, "port": int(port)},
     }  # fmt: skip

@@ -94,7 +94,7 @@ def promotion_message(
               section(f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
                       f"version {spec.baseline_version} retired, mirror off.")]  # fmt: skip
     for v in verdicts[-1:]:
-        blocks += _check_lines([c for c in v.checks if c.decision != "info"])
+        blocks += _check_lines([c for c in v.checks if c.decision != "info" or c.name == "evidence"])
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)
@@ -129,6 +129,8 @@ def rollback_message(
         fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))
         blocks += _check_lines([c for c in failing[1:]])
+    if verdict is not None:
+        blocks += _check_lines([c for c in verdict.checks if c.name == "evidence"])
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)

@@ -21,10 +21,10 @@ def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypat
     import shutil
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--shadow-log", str(tmp_path / "shadow"),
-                       "--shadow-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log",
+                       str(tmp_path / "predictions"), "--prediction-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
     prom = start_prometheus([s.url], tmp_path / "prometheus")
-    conns = local_connections(s, prom.url, repo_copy, tmp_path / "shadow", tmp_path / "run")
+    conns = local_connections(s, prom.url, repo_copy, tmp_path / "predictions", tmp_path / "run")
     for conn_id, fields in conns.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     stop = threading.Event()
@@ -50,7 +50,7 @@ def rollout_dag():
     return bag.dags["model_rollout"]
 
 
-CONF = {"stages": [50, 100], "bake_seconds": 1, "max_stage_seconds": 120, "looks_per_stage": 1, "min_samples": 100,
+CONF = {"stages": [50, 100], "bake_seconds": 6, "max_stage_seconds": 120, "looks_per_stage": 2, "min_samples": 50,
         "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 

@@ -174,17 +174,12 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     assert "approved by admin" in api.xcom("model_rollout", run_id, "decide", "reason")
     gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2)]
     assert [g["decision"] for g in gates] == ["pass", "pass"]
-    # The wait was deferred: the triggerer polled Prometheus and logged into the task's trigger log.
-    logs = (
-        run_dir
-        / "airflow"
-        / "logs"
-        / "dag_id=model_rollout"
-        / f"run_id={run_id}"
-        / "task_id=stage_1.wait_for_metrics"
-    )
-    trigger_log = "".join(p.read_text() for p in logs.glob("*.log.trigger.*.log"))
-    assert "stage 50%: ready" in trigger_log
+    # The wait poked in reschedule mode: each poke logged where the stage stood, the last its pass.
+    logs = run_dir / "airflow" / "logs" / "dag_id=model_rollout" / f"run_id={run_id}" / "task_id=stage_1.wait_for_metrics"
+    poke_log = "".join(p.read_text() for p in logs.glob("*.log"))
+    assert "stage 1 (50%): waiting" in poke_log
+    assert "stage 1 (50%): pass" in poke_log
+    assert gates[0]["bake"]["served"]["canary"]["live"] > 0  # the live arm, from the prediction log
     assert stack.admin(state, "GET", "/v2/models/digits/traffic")["route"] == [
         {"version": "2", "weight": 100}
     ]
@@ -234,7 +229,7 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
 
     run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
                                            "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
-    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"deferred"}, timeout_s=240)
+    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240)
     assert routes()["route"] == [{"version": "2", "weight": 50}, {"version": "3", "weight": 50}]  # mid-stage
     api.mark_failed("model_rollout", run_id)
     teardown = api.wait_for_task(
@@ -254,7 +249,7 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     out = capsys.readouterr().out
     assert result["outcome"] == "rollback"
     assert "decision: ROLLBACK" in out
-    assert "[fail] guard_accuracy_drop" in out  # the failing check, with its numbers
+    assert "hard guard tripped: Accuracy drop on the validation batch" in out  # the guard, with its numbers
     assert "Slack report (#model-rollouts" in out
     assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
         "route": [{"version": "2", "weight": 100}]
