@@ -51,7 +51,7 @@ from include.rollout.gates import (  # noqa: E402
 from include.rollout.spec import RolloutSpec  # noqa: E402
 
 SIGMA = 0.3  # log-latency standard deviation of the simulated service
-CFG = GateConfig(bootstrap=200)
+CFG = GateConfig()
 Z_A, Z_B = stats.norm.isf(CFG.alpha), stats.norm.ppf(CFG.power)
 
 
@@ -257,7 +257,7 @@ def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
     labels = {str(i): 0 for i in range(IMAGES)}
-    cfg = gate_config(spec, bootstrap=50)
+    cfg = gate_config(spec)
     elapsed = 0.0
     for index, weight in enumerate(spec.stages):
         window = StageWindow(index, weight, 0.0)
@@ -277,7 +277,7 @@ def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -> 
     "wait" judged again every bake/looks seconds until max_stage_seconds."""
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
-    cfg = gate_config(spec, bootstrap=50)
+    cfg = gate_config(spec)
     interval = spec.bake_seconds / spec.looks_per_stage
     tries = 1 + int((spec.max_stage_seconds - spec.bake_seconds) // interval)
     elapsed = 0.0
