@@ -178,7 +178,7 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["ci"] = list(self.ci) if self.ci else None
+        d["ci"] = [x if math.isfinite(x) else None for x in self.ci] if self.ci else None  # JSON: no infinities
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
@@ -205,7 +205,8 @@ class Verdict:
             Check(
                 **{
                     **{k: v for k, v in c.items() if k in names},
-                    "ci": tuple(c["ci"]) if c.get("ci") else None,
+                    "ci": (-math.inf if c["ci"][0] is None else c["ci"][0],
+                           math.inf if c["ci"][1] is None else c["ci"][1]) if c.get("ci") else None,  # fmt: skip
                 }
             )
             for c in d["checks"]

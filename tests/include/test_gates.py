@@ -189,3 +189,15 @@ def test_histogram_bucket_quantiles_are_reported_with_their_error_bound():
     lo, hi = check.ci
     assert lo <= check.effect <= hi
     assert "error at most the width" in check.method
+
+
+def test_a_verdict_with_an_unbounded_interval_survives_json():
+    import json
+
+    from include.rollout.gates import Verdict
+
+    v = evaluate_gate(samples(60), {"min_samples": 50})  # too few for a p99 upper bound: +inf
+    p99 = next(c for c in v.checks if c.name == "latency_p99")
+    assert p99.ci[1] == float("inf")
+    back = Verdict.from_dict(json.loads(json.dumps(v.to_dict(), allow_nan=False)))
+    assert next(c for c in back.checks if c.name == "latency_p99").ci == p99.ci
