@@ -15,8 +15,8 @@ from model_server.errors import ServerError
 from model_server.masking import KeyRing, Masker, create_key_file
 from model_server.metrics import gpu_count
 from model_server.model import select_providers
+from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
 from model_server.repository import ModelRepository
-from model_server.shadowlog import ShadowLogWriter
 
 log = logging.getLogger("model_server")
 
@@ -58,18 +58,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mirrored requests that may wait for the shadow; more are dropped and counted",
     )
     p.add_argument("--shadow-workers", type=int, default=2, help="concurrent shadow executions")
-    p.add_argument("--shadow-log", type=Path, help="write mirrored requests here (Parquet, by hour)")
     p.add_argument(
-        "--mask-keys", type=Path, help="masking key file (default: created beside the shadow log, mode 0600)"
+        "--prediction-log",
+        metavar="URI",
+        help="append every inference and label here: a folder, file:///path or s3://bucket/prefix "
+        "(S3 options as query parameters, e.g. ?endpoint_override=host:port&scheme=http; "
+        "credentials from the AWS_* variables)",
+    )
+    p.add_argument(
+        "--shadow-log", metavar="DIR", help="deprecated: the old name of --prediction-log (a folder)"
+    )
+    p.add_argument(
+        "--replica-id",
+        default=None,
+        help="this process's name in the log's file names and records (default: <hostname>-<pid>)",
+    )
+    p.add_argument(
+        "--prediction-log-flush-s",
+        "--shadow-log-flush-s",
+        dest="prediction_log_flush_s",
+        type=float,
+        default=2.0,
+        help="seconds between the writer's flushes (one file per model and hour each)",
+    )
+    p.add_argument(
+        "--prediction-log-sample",
+        type=float,
+        default=1.0,
+        help="share of primary requests logged, by request id (requests of a mirrored version, "
+        "requests naming their version, shadow copies and labels are always logged)",
+    )
+    p.add_argument("--prediction-log-topk", type=int, default=5, help="classes kept per prediction (top-k)")
+    p.add_argument(
+        "--prediction-log-full-max",
+        type=int,
+        default=32,
+        help="keep the whole probability vector when it has at most this many classes",
+    )
+    p.add_argument(
+        "--mask-keys",
+        type=Path,
+        help="masking key file (default for a folder log: created beside it, mode 0600; "
+        "required for object storage)",
     )
     p.add_argument(
         "--mask-header",
         action="append",
         default=[],
         metavar="NAME",
-        help="header whose whole value is masked in the shadow log (repeatable)",
+        help="header whose whole value is masked in the prediction log (repeatable)",
     )
-    p.add_argument("--shadow-log-flush-s", type=float, default=2.0, help="seconds between shadow log files")
     p.add_argument(
         "--feedback-ttl-s",
         type=float,
@@ -121,15 +159,40 @@ def state_dir(args: argparse.Namespace) -> Path | None:
     return path / "traffic"
 
 
-def shadow_log(args: argparse.Namespace) -> ShadowLogWriter | None:
-    if args.shadow_log is None:
+def prediction_log(args: argparse.Namespace) -> PredictionLog | None:
+    """The writer, or None without --prediction-log (or its old name --shadow-log)."""
+    if args.prediction_log and args.shadow_log:
+        raise SystemExit("model-server: give --prediction-log or its old name --shadow-log, not both")
+    uri = args.prediction_log or args.shadow_log
+    if uri is None:
         return None
-    keys = args.mask_keys or args.shadow_log.with_name(args.shadow_log.name + ".mask-keys.json")
-    if args.mask_keys is None and not keys.exists():
-        create_key_file(keys)
-        log.info("created masking key file %s (mode 0600)", keys)
+    if args.shadow_log:
+        log.warning("--shadow-log is deprecated: use --prediction-log %s", uri)
+    replica = default_replica() if args.replica_id is None else args.replica_id
+    if not REPLICA_RE.fullmatch(replica):
+        raise SystemExit(f"model-server: invalid --replica-id {replica!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
+    keys = args.mask_keys
+    if keys is None:
+        if "://" in uri and not uri.startswith("file://"):
+            raise SystemExit("model-server: a prediction log on object storage needs --mask-keys FILE")
+        folder = Path(uri.removeprefix("file://"))
+        keys = folder.with_name(folder.name + ".mask-keys.json")
+        if not keys.exists():
+            create_key_file(keys)
+            log.info("created masking key file %s (mode 0600)", keys)
     masker = Masker(KeyRing(keys), args.mask_header)
-    return ShadowLogWriter(args.shadow_log, masker, flush_s=args.shadow_log_flush_s)
+    try:
+        return PredictionLog(
+            uri,
+            masker,
+            replica=replica,
+            flush_s=args.prediction_log_flush_s,
+            sample=args.prediction_log_sample,
+            topk=args.prediction_log_topk,
+            full_max=args.prediction_log_full_max,
+        )
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"model-server: --prediction-log {uri}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.access_log:
         logging.getLogger("model_server.access").setLevel(logging.INFO)
+    plog = prediction_log(args)
     gpus = gpu_count()
     if args.device == "cuda" and gpus == 0:
         print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)
@@ -168,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         feedback_ttl_s=args.feedback_ttl_s,
     )
     uvicorn.run(
-        create_app(repo, settings, shadow_log(args)),
+        create_app(repo, settings, plog),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -34,10 +34,11 @@ from model_server.errors import (
     Unauthorized,
 )
 from model_server.feedback import FeedbackStore
-from model_server.model import Fault, OutOfMemory
-from model_server.protocol import HEADER_LENGTH, decode_infer_request, encode_infer_response
+from model_server.model import Fault, Preempted, failure_reason, outcome_of
+from model_server.predictionlog import Inference, Label, PredictionLog
+from model_server.protocol import HEADER_LENGTH, InferRequest, decode_infer_request, encode_infer_response
 from model_server.repository import ModelRepository
-from model_server.shadow import ShadowJob, ShadowMirror, ShadowSink, request_metadata
+from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
 from model_server.trace import TraceContext, log_access, request_id
 from model_server.traffic import PolicyError, PolicyStore, TrafficPolicy, default_policy, read_traffic_file
 
@@ -72,8 +73,40 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSink | None = None) -> Starlette:
+def is_shadow_host(host: str | None) -> bool:
+    """Whether Host/:authority marks a copy made by Envoy's (Istio's) request mirroring.
+
+    Envoy appends ``-shadow`` to the host, before the port: ``digits.ml.svc:8000`` becomes
+    ``digits.ml.svc-shadow:8000`` (envoyproxy/envoy#2600; before 2018 it went after the port,
+    ``digits.ml.svc:8000-shadow``, also recognised).
+    """
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.endswith("-shadow"):
+        return True
+    name, sep, port = host.rpartition(":")
+    return bool(sep) and port.isdigit() and name.endswith("-shadow")
+
+
+def shadow_record(result: ShadowResult) -> Inference:
+    """The prediction log record of an in-process shadow copy."""
+    job = result.job
+    scores = None if result.outputs is None else result.outputs[job.outputs[0]]
+    primary = job.primary_outputs[job.outputs[0]]
+    items = primary.shape[0] if job.batched and primary.ndim > 1 else 1
+    return Inference(
+        job.received_at, job.model, job.shadow_version, "shadow", "mirror", job.request_id,
+        job.trace.trace_id, job.trace.span_id, result.latency_ms, result.outcome, scores,
+        job.inputs[0].data, job.batched, job.metadata, items,
+    )  # fmt: skip
+
+
+def create_app(
+    repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None
+) -> Starlette:
     state = {"ready": False}
+    plog = prediction_log
 
     def endpoint(route: str, admin: bool = False) -> Callable[[Handler], Handler]:
         """Map exceptions to statuses once, check the admin token, count by route."""
@@ -205,6 +238,34 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
 
     # -- inference --------------------------------------------------------------------------
 
+    def log_inference(
+        model: str,
+        role: str,
+        route: str,
+        version: str,
+        rid: str,
+        trace: TraceContext,
+        received_at: float,
+        latency_ms: float | None,
+        outcome: str,
+        scores: Any,
+        req: InferRequest | None,
+        batched: bool,
+        headers: Any,
+        size: int,
+    ) -> None:
+        """Hand one inference to the prediction log: references only, no work on this path."""
+        assert plog is not None
+        data = req.inputs[0].data if req is not None and req.inputs else None
+        if scores is not None:
+            items = scores.shape[0] if batched and scores.ndim > 1 else 1
+        else:
+            items = data.shape[0] if data is not None and batched and data.ndim else 1
+        record = Inference(received_at, model, version, role, route, rid, trace.trace_id, trace.span_id,
+                           latency_ms, outcome, scores, data, batched, request_metadata(headers), items,
+                           size)  # fmt: skip
+        plog.append(record)
+
     @endpoint("/v2/models/{model}/infer")
     async def infer(request: Request) -> Response:
         started = time.perf_counter()
@@ -213,18 +274,39 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
         rid = request.state.request_id = request_id(headers.get("x-request-id"))
         trace = TraceContext.from_header(headers.get("traceparent"))
         model = request.path_params["model"]
+        # A copy made by Istio's mirror: served as a shadow (yields to primaries, counted and
+        # logged as shadow), never routed, mirrored or remembered for feedback.
+        shadow_copy = is_shadow_host(headers.get("host"))
         version = request.path_params.get("version") or headers.get("x-model-version")
         decided = "version" if version else "route"
         policy = policies.get(model)
-        if version is None and policy is not None:
+        if shadow_copy:
+            decided = "mirror"
+            if version is None and policy is not None and policy.mirror is not None:
+                version = policy.mirror.version
+        elif version is None and policy is not None:
             version, decided = policy.choose(headers, headers.get("x-user-id") or client_address(request))
         body = await read_body(request)
+        role = "shadow" if shadow_copy else "primary"
         with repo.use(model, version, routed_by=None if decided == "version" else decided) as lv:
+            vm = lv.shadow_metrics if shadow_copy else lv.metrics
+            batched = bool(lv.config.max_batch_size)
+            # Sampling spares pairs and evidence: shadow copies, every request of a version the
+            # policy mirrors and requests that named their version (replays) are always logged.
+            logged = plog is not None and (
+                decided in ("mirror", "version")
+                or (policy is not None and policy.mirror is not None and policy.mirror.version != lv.label)
+                or plog.sampled(rid)
+            )
+            req = None
             try:
                 req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
                 outputs = lv.validate(req.inputs, req.outputs)
-                with mirror.gate:
-                    results, batch, timing = await lv.infer(req.inputs, outputs)
+                if shadow_copy:
+                    results, batch, timing = await mirror.yielding_run(lv, req.inputs, outputs, rid)
+                else:
+                    with mirror.gate:
+                        results, batch, timing = await lv.infer(req.inputs, outputs)
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
                 payload, header_len = encode_infer_response(
@@ -241,43 +323,42 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
                     ],
                     req.id,
                 )
-            except OutOfMemory:
-                lv.metrics.failure("OOM")
-                raise
             except ServerError as exc:
-                lv.metrics.failure("INVALID_INPUT" if exc.status < 500 else "BACKEND")
-                log_access(
-                    "primary",
-                    model,
-                    lv.label,
-                    rid,
-                    trace,
-                    exc.status,
-                    (time.perf_counter() - started) * 1000,
-                    error=exc.message,
-                )
+                latency_ms = (time.perf_counter() - started) * 1000
+                dropped = shadow_copy and isinstance(exc, Preempted)
+                if shadow_copy:
+                    outcome = "dropped" if dropped else "error"
+                    metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
+                if not dropped:
+                    vm.failure(failure_reason(exc))
+                log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
+                if logged:
+                    log_inference(model, role, decided, lv.label, rid, trace, received_at,
+                                  None if dropped else latency_ms, "DROPPED" if dropped else outcome_of(exc),
+                                  None, req, batched, headers, len(body))  # fmt: skip
                 raise
             done = time.perf_counter()
             log_access(
-                "primary",
-                model,
-                lv.label,
-                rid,
-                trace,
-                200,
-                (done - started) * 1000,
-                req.inputs[0].data,
-                bool(lv.config.max_batch_size),
+                role, model, lv.label, rid, trace, 200, (done - started) * 1000, req.inputs[0].data, batched
             )
-            lv.metrics.succeeded(batch, done - started, timing, done - encode_start)
-            metrics.ROUTED.labels(model, lv.label, decided).inc()
             scores = results[0]
-            if scores.ndim == 2 and lv.config.max_batch_size:  # a classifier: [batch, classes]
-                feedback.record(rid, model, lv.label, scores.argmax(axis=1).tolist())
+            if shadow_copy:
+                vm.succeeded(batch, done - started, timing, 0.0)
+                metrics.SHADOW_REQUESTS.labels(model, lv.label, "ok").inc()
+            else:
+                vm.succeeded(batch, done - started, timing, done - encode_start)
+                metrics.ROUTED.labels(model, lv.label, decided).inc()
+                if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
+                    feedback.record(
+                        rid, model, lv.label, scores.argmax(axis=1).tolist(), headers.get("x-tenant")
+                    )
+            if logged:
+                log_inference(model, role, decided, lv.label, rid, trace, received_at, (done - started) * 1000,
+                              "ok", scores, req, batched, headers, len(body))  # fmt: skip
         background = None
         # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
         shadow_version = None
-        if policy is not None and decided != "version":
+        if policy is not None and decided not in ("version", "mirror"):
             shadow_version = policy.mirror_for(lv.label, rid)
         if shadow_version is not None:
             job = ShadowJob(
@@ -292,7 +373,7 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
                 primary_outputs=dict(zip(outputs, results, strict=True)),
                 primary_latency_ms=(done - started) * 1000,
                 metadata=request_metadata(headers),
-                batched=bool(lv.config.max_batch_size),
+                batched=batched,
             )
             background = BackgroundTask(mirror.submit, job)  # runs after the response is sent
         out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}
@@ -320,7 +401,14 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
 
     policies = PolicyStore(settings.state_dir, on_change=set_policy_gauges)
     feedback = FeedbackStore(settings.feedback_capacity, settings.feedback_ttl_s)
-    mirror = ShadowMirror(repo, settings.shadow_queue, settings.shadow_workers, sink=shadow_sink)
+
+    def log_shadow(result: ShadowResult) -> None:
+        assert plog is not None
+        plog.append(shadow_record(result))
+
+    mirror = ShadowMirror(
+        repo, settings.shadow_queue, settings.shadow_workers, sink=None if plog is None else log_shadow
+    )
 
     def validate_policy(model: str, raw: object) -> TrafficPolicy:
         try:
@@ -346,20 +434,34 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
 
     @endpoint("/v2/models/{model}/feedback")
     async def post_feedback(request: Request) -> Response:
-        """Delayed labels: one {"request_id", "label"}, or a list (answered item by item)."""
+        """Delayed labels: one {"request_id", "label"}, or a list (answered item by item).
+
+        With a prediction log every valid label is appended to it, also for a request this
+        replica did not serve (another may have): 200 with ``matched_locally: false``.
+        """
         model = request.path_params["model"]
         cfg = repo.model_config(model)
         labels = cfg.metadata.get("labels")
+        received_at = time.time()
+        tenant = request.headers.get("x-tenant")
         body = await json_body(request, allow_list=True)
+
+        def one(item: Any) -> dict[str, Any]:
+            fb = feedback.label(model, item, labels, accept_unmatched=plog is not None, tenant=tenant)
+            logged = plog is not None and plog.append(
+                Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
+            )
+            return fb.answer(logged)
+
         if isinstance(body, list):
             results = []
             for item in body:
                 try:
-                    results.append({"status": 200, **feedback.label(model, item, labels)})
+                    results.append({"status": 200, **one(item)})
                 except ServerError as exc:
                     results.append({"status": exc.status, "error": exc.message})
             return JSONResponse({"results": results})
-        return JSONResponse(feedback.label(model, body, labels))
+        return JSONResponse(one(body))
 
     @endpoint("/v2/models/{model}/versions/{version}/fault", admin=True)
     async def fault(request: Request) -> Response:
@@ -473,6 +575,8 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
         watcher = None
         if settings.traffic_file is not None:
             watcher = asyncio.create_task(watch_traffic_file(settings.traffic_file))
+        if plog is not None:
+            plog.start()
         mirror.start()
         state["ready"] = True
         yield
@@ -480,6 +584,8 @@ def create_app(repo: ModelRepository, settings: Settings, shadow_sink: ShadowSin
         if watcher is not None:
             watcher.cancel()
         await mirror.stop()
+        if plog is not None:
+            await asyncio.to_thread(plog.close)  # the last records, shadow copies included
         repo.close_all()
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)

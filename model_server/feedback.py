@@ -1,9 +1,13 @@
 """Live feedback: delayed ground-truth labels joined to the predictions that were served.
 
-Every successful primary inference of a classifier leaves (model, version, top-1 per item)
-under its request id in a bounded store with expiry; ``POST /v2/models/{m}/feedback`` joins
-a label to it and counts ``feedback_total`` and ``feedback_correct_total`` per version, so
-live top-1 accuracy per version is one PromQL ratio.
+Every successful primary inference of a classifier leaves (model, version, top-1 per item,
+tenant) under its request id in a bounded store with expiry; ``POST /v2/models/{m}/feedback``
+joins a label to it and counts ``feedback_total`` and ``feedback_correct_total`` per version,
+so live top-1 accuracy per version is one PromQL ratio: the live view of this replica.
+
+With a prediction log, every valid label is also appended to the log, matched here or not: a
+request may have been served by another replica (or expired here), and the log's reader joins
+labels to predictions by request id across replicas.
 """
 
 from __future__ import annotations
@@ -34,7 +38,31 @@ class Served:
     version: str
     top1: list[int]
     at: float
+    tenant: str | None = None
     labelled: bool = False
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One validated label: joined to a prediction this replica served, or not (``matched``)."""
+
+    request_id: str
+    truth: list[int]
+    tenant: str | None  # whose key masks the request id in the log
+    matched: bool
+    version: str | None = None
+    correct: int | None = None
+    reason: str | None = None  # why it was not matched here
+
+    def answer(self, logged: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"request_id": self.request_id, "labels": len(self.truth),
+                               "matched_locally": self.matched}  # fmt: skip
+        if self.matched:
+            out.update(version=self.version, correct=self.correct)
+        else:
+            out["reason"] = self.reason
+        out["logged"] = logged
+        return out
 
 
 class FeedbackStore:
@@ -59,28 +87,48 @@ class FeedbackStore:
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
 
-    def record(self, request_id: str, model: str, version: str, top1: list[int]) -> None:
+    def record(
+        self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None
+    ) -> None:
         now = time.monotonic()
         with self._lock:
-            self._served[request_id] = Served(model, version, top1, now)
+            self._served[request_id] = Served(model, version, top1, now, tenant)
             self._served.move_to_end(request_id)
             self._evict(now)
 
-    def label(self, model: str, item: Any, labels: list[str] | None) -> dict[str, Any]:
-        """Join one ``{"request_id", "label"}``; returns what was counted, raises with the reason."""
+    def label(
+        self,
+        model: str,
+        item: Any,
+        labels: list[str] | None,
+        accept_unmatched: bool = False,
+        tenant: str | None = None,
+    ) -> Feedback:
+        """Validate one ``{"request_id", "label"[, "tenant"]}`` and join it to what was served here.
+
+        A request this replica did not serve (or no longer remembers) raises 404, unless
+        ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
+        tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant).
+        """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..]}")
         rid = item["request_id"]
+        if "tenant" in item and not isinstance(item["tenant"], str):
+            raise InvalidInput("feedback 'tenant' must be a string")
         raw = item.get("label")
         values = raw if isinstance(raw, list) else [raw]
+        if not values:
+            raise InvalidInput("feedback 'label' must not be an empty list")
         truth = [_label_index(v, labels) for v in values]
         now = time.monotonic()
         with self._lock:
             self._evict(now)
             served = self._served.get(rid)
             if served is None:
-                why = self._gone.get(rid, "unknown request id: no prediction was served under it")
-                raise ModelNotFound(f"request {rid!r}: {why}")
+                why = self._gone.get(rid, "unknown request id: no prediction was served under it here")
+                if not accept_unmatched:
+                    raise ModelNotFound(f"request {rid!r}: {why}")
+                return Feedback(rid, truth, item.get("tenant", tenant), matched=False, reason=why)
             if served.model != model:
                 raise ModelNotFound(f"request {rid!r} was served by model '{served.model}', not '{model}'")
             if len(truth) != len(served.top1):
@@ -93,7 +141,7 @@ class FeedbackStore:
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
         FEEDBACK.labels(model, served.version).inc(len(truth))
         FEEDBACK_CORRECT.labels(model, served.version).inc(correct)
-        return {"request_id": rid, "version": served.version, "labels": len(truth), "correct": correct}
+        return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 
 
 def _label_index(value: Any, labels: list[str] | None) -> int:

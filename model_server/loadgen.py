@@ -100,14 +100,14 @@ class FeedbackPoster:
 
     def __init__(self, cfg: LoadConfig, stats: LoadStats, lock: threading.Lock):
         self.cfg, self.stats, self.lock = cfg, stats, lock
-        self.due: list[tuple[float, str, int]] = []
+        self.due: list[tuple[float, str, int, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def add(self, request_id: str, label: int) -> None:
+    def add(self, request_id: str, label: int, tenant: str) -> None:
         with self.lock:
-            self.due.append((time.monotonic() + self.cfg.feedback_delay_s, request_id, label))
+            self.due.append((time.monotonic() + self.cfg.feedback_delay_s, request_id, label, tenant))
 
     def _post(self, items: list[dict[str, Any]]) -> None:
         req = urllib.request.Request(
@@ -131,7 +131,9 @@ class FeedbackPoster:
             ready = [d for d in self.due if everything or d[0] <= now]
             self.due = [d for d in self.due if not (everything or d[0] <= now)]
         for i in range(0, len(ready), 200):
-            self._post([{"request_id": rid, "label": label} for _, rid, label in ready[i : i + 200]])
+            # The tenant, so that a replica that did not serve the request masks its id alike.
+            batch = ready[i : i + 200]
+            self._post([{"request_id": rid, "label": label, "tenant": t} for _, rid, label, t in batch])
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -175,11 +177,12 @@ def run(cfg: LoadConfig) -> LoadStats:
             image, label = samples[rng.randrange(len(samples))]
             user = rng.randrange(cfg.users)
             rid = uuid.uuid4().hex
+            tenant = cfg.tenants[user % len(cfg.tenants)]
             headers = {
                 "X-Request-ID": rid,
                 "X-User-ID": f"user-{user}",
                 "X-Device-Type": rng.choice(DEVICES),
-                "X-Tenant": cfg.tenants[user % len(cfg.tenants)],
+                "X-Tenant": tenant,
                 **sensitive_metadata(rng, user),
                 **cfg.headers,
             }
@@ -203,7 +206,7 @@ def run(cfg: LoadConfig) -> LoadStats:
                 stats.correct[version] += correct
                 stats.latencies_ms.append(latency)
             if rng.random() < cfg.feedback_share:
-                poster.add(rid, label)
+                poster.add(rid, label, tenant)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(cfg.concurrency)]
     for t in threads:

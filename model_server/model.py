@@ -27,7 +27,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
-from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable
+from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable, ServerError
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import images_to_features
 from model_server.protocol import InferInput
@@ -331,7 +331,7 @@ class Fault:
         if self.delay_ms and random.random() * 100 < self.delay_percent:  # noqa: S311 (sampling, not secrets)
             time.sleep(self.delay_ms / 1000)
         if self.abort_percent and random.random() * 100 < self.abort_percent:  # noqa: S311
-            raise InferenceFailed(f"{where}: injected fault (abort)")
+            raise InjectedFault(f"{where}: injected fault (abort)")
 
 
 class OutOfMemory(ModelUnavailable):
@@ -340,3 +340,19 @@ class OutOfMemory(ModelUnavailable):
 
 class Preempted(ModelUnavailable):
     """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""
+
+
+class InjectedFault(InferenceFailed):
+    """An abort injected by fault injection: a backend failure to the metrics, FAULT in the log."""
+
+
+def failure_reason(exc: ServerError) -> str:
+    """The reason the failure metrics count (Triton's): OOM, INVALID_INPUT or BACKEND."""
+    if isinstance(exc, OutOfMemory):
+        return "OOM"
+    return "INVALID_INPUT" if exc.status < 500 else "BACKEND"
+
+
+def outcome_of(exc: ServerError) -> str:
+    """A failed inference's outcome in the prediction log: the metrics' reason, or FAULT."""
+    return "FAULT" if isinstance(exc, InjectedFault) else failure_reason(exc)

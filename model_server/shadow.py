@@ -2,7 +2,8 @@
 
 The primary response is sent first (the copy is queued by a background task that runs after
 the response), the queue is bounded, and a full queue or a failing shadow only drops and
-counts the copy: the client never waits for, sees, or is hurt by the shadow.
+counts the copy: the client never waits for, sees, or is hurt by the shadow. Every copy, run,
+failed or dropped, goes to the sink (the prediction log), so primary/shadow pairs are complete.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from model_server import metrics
 from model_server.errors import ServerError
-from model_server.model import LoadedVersion, OutOfMemory, Preempted
+from model_server.model import LoadedVersion, OutOfMemory, Preempted, outcome_of
 from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
 from model_server.trace import TraceContext, log_access
@@ -28,10 +29,18 @@ log = logging.getLogger(__name__)
 
 PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
+_METADATA_RAW = tuple(h.encode() for h in METADATA_HEADERS)
 
 
 def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request metadata a shadow record keeps: user, device, tenant and any X-Meta-*."""
+    """The request metadata a prediction record keeps: user, device, tenant and any X-Meta-*."""
+    raw = getattr(headers, "raw", None)
+    if raw is not None:  # Starlette's headers: ASGI names are lower-case bytes; decode only these
+        return {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in raw
+            if k in _METADATA_RAW or k.startswith(b"x-meta-")
+        }
     return {
         k.lower(): v
         for k, v in headers.items()
@@ -60,16 +69,13 @@ class ShadowJob:
 class ShadowResult:
     job: ShadowJob
     outputs: dict[str, np.ndarray] | None
-    latency_ms: float
+    latency_ms: float | None  # None for a copy that never ran
     error: str | None
+    outcome: str = "ok"  # ok, an error class (as the failure metrics), or DROPPED
 
 
-class ShadowSink(Protocol):
-    """Where shadow results go (the shadow log); called on the event loop, must not block."""
-
-    def __call__(self, result: ShadowResult) -> None: ...
-    def start(self) -> None: ...
-    def close(self) -> None: ...
+# Where shadow results go (the prediction log); called on the event loop, must not block.
+ShadowSink = Callable[[ShadowResult], None]
 
 
 class PrimaryGate:
@@ -119,15 +125,18 @@ class ShadowMirror:
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+            self._dropped(job, "shadow queue full")
+
+    def _dropped(self, job: ShadowJob, why: str) -> None:
+        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+        if self.sink is not None:
+            self.sink(ShadowResult(job, None, None, why, "DROPPED"))
 
     def start(self) -> None:
-        if self.sink is not None:
-            self.sink.start()
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def stop(self, drain_s: float = 5.0) -> None:
-        """Finish the queued copies (up to ``drain_s``), then flush the sink."""
+        """Finish the queued copies (up to ``drain_s``); what is left is recorded as dropped."""
         try:
             await asyncio.wait_for(self.queue.join(), drain_s)
         except TimeoutError:
@@ -135,8 +144,8 @@ class ShadowMirror:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.sink is not None:
-            await asyncio.to_thread(self.sink.close)
+        while not self.queue.empty():
+            self._dropped(self.queue.get_nowait(), "server shutting down")
 
     async def _worker(self) -> None:
         while True:
@@ -152,22 +161,26 @@ class ShadowMirror:
 
     async def run(self, job: ShadowJob) -> ShadowResult | None:
         error = None
+        outcome = "ok"
         outputs = None
         started = job.queued_at
         try:
             with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
                 try:
-                    results, batch, timing = await self._yielding_run(lv, job)
+                    results, batch, timing = await self.yielding_run(
+                        lv, job.inputs, job.outputs, job.request_id
+                    )
                 except OutOfMemory:
                     lv.shadow_metrics.failure("OOM")
                     raise
                 lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
                 outputs = dict(zip(job.outputs, results, strict=True))
         except Preempted:  # primary traffic never left it an idle moment: like a full queue
-            metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+            self._dropped(job, "preempted: no idle time")
             return None
         except ServerError as exc:
             error = exc.message
+            outcome = outcome_of(exc)
         latency_ms = (time.perf_counter() - started) * 1000
         log_access(
             "shadow",
@@ -180,8 +193,9 @@ class ShadowMirror:
             job.inputs[0].data,
             error=error,
         )
-        outcome = "ok" if error is None else "error"
-        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, outcome).inc()
+        metrics.SHADOW_REQUESTS.labels(
+            job.model, job.shadow_version, "ok" if error is None else "error"
+        ).inc()
         if error is not None:
             log.info(
                 "shadow %s v%s for request %s (trace %s): %s",
@@ -191,10 +205,10 @@ class ShadowMirror:
                 job.trace.trace_id,
                 error,
             )
-        return ShadowResult(job, outputs, latency_ms, error)
+        return ShadowResult(job, outputs, latency_ms, error, outcome)
 
-    async def _yielding_run(
-        self, lv: LoadedVersion, job: ShadowJob
+    async def yielding_run(
+        self, lv: LoadedVersion, inputs: list[InferInput], outputs: list[str], request_id: str
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         """Run when no primary is in flight; a long run starts over when one arrives mid-run.
 
@@ -204,12 +218,12 @@ class ShadowMirror:
         for _ in range(self.max_preemptions + 1):
             await self.gate.idle.wait()
             run = ort.RunOptions()
-            if lv.predicted_seconds(job.inputs) >= PREEMPT_MIN_S:
+            if lv.predicted_seconds(inputs) >= PREEMPT_MIN_S:
                 self.gate.shadow_runs.add(run)
             try:
-                return await lv.infer(job.inputs, job.outputs, allow_inline=False, run_options=run)
+                return await lv.infer(inputs, outputs, allow_inline=False, run_options=run)
             except Preempted:
                 continue
             finally:
                 self.gate.shadow_runs.discard(run)
-        raise Preempted(f"shadow copy of {job.request_id} preempted {self.max_preemptions + 1} times")
+        raise Preempted(f"shadow copy of {request_id} preempted {self.max_preemptions + 1} times")

@@ -5,8 +5,8 @@ it is up, then triggers ``model_rollout`` for digits version 2 against the stabl
 follows the run task by task: the stage verdicts, the decision and the Slack report (the outbox,
 without a Slack token). Then the same for version 3 against version 2, now stable, which is
 rolled back. Each demo starts from version 1 alone at 100%. Every threshold and margin is the
-DAG's default; only the times are short: a 120 s bake (``--bake-seconds``) where the default is
-600 s, and at most 600 s a stage where the default is an hour.
+DAG's default; only the times are short: a 300 s bake (``--bake-seconds``) where the default is
+600 s, and at most 900 s a stage where the default is an hour.
 The stack stays up for the UI (the URL and login are printed); ``make down`` stops it.
 """
 
@@ -26,7 +26,7 @@ from include.rollout.airflow_api import FINISHED, AirflowAPI  # noqa: E402
 from scripts import stack  # noqa: E402
 
 # Every threshold and margin at RolloutSpec's default; only the times are short (minutes, not hours).
-DEMO_CONF = {"stages": [20, 50, 100], "max_stage_seconds": 600}
+DEMO_CONF = {"stages": [20, 50, 100], "max_stage_seconds": 900}
 
 
 def start_from_version_1(state: dict[str, Any]) -> None:
@@ -37,7 +37,7 @@ def start_from_version_1(state: dict[str, Any]) -> None:
         stack.serve_only(state, "1")
 
 
-def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 900) -> dict[str, Any]:
+def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
     """Trigger one rollout, print each task as it ends, then the verdicts and the report."""
     run_id = api.trigger("model_rollout", conf)
     print(f"\n=== model_rollout: digits v{conf['candidate_version']} against v{conf['baseline_version']} "
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=ROOT / "run")
     p.add_argument("--repository", type=Path, default=ROOT / "models")
-    p.add_argument("--bake-seconds", type=int, default=120)
+    p.add_argument("--bake-seconds", type=int, default=300)
     args = p.parse_args(argv)
     state_file = args.run / stack.STATE
     if state_file.exists() and "airflow" in json.loads(state_file.read_text()).get("urls", {}):

@@ -1,7 +1,8 @@
 """Shadow audit: how the candidate (shadow) answered the same requests as the primary.
 
-From the shadow log over a time range: top-1 agreement with a Wilson interval, the KL
-divergence of the mean output distributions and the distribution of per-request divergences,
+From the prediction log's primary and shadow records over a time range, paired by request id:
+top-1 agreement with a Wilson interval, the KL divergence of the mean output distributions and
+the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
 divergence above 0.18: the seed's defaults) with their image hashes, and the shadow error
 rate; a Markdown report, CSV tables and a PNG plot, and a verdict: fail when agreement is shown
@@ -55,6 +56,12 @@ class AuditResult:
     confusion: pd.DataFrame | None = None
     anomalies: pd.DataFrame | None = None
     divergences: np.ndarray | None = None
+    # What did not pair in the prediction log (set by audit()): shadow records without their
+    # primary, primaries of a mirrored version without a shadow record (an upper bound when the
+    # mirror samples under 100%), and copies the in-process mirror dropped.
+    shadow_without_primary: int = 0
+    primary_without_shadow: int = 0
+    shadow_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
@@ -171,16 +178,24 @@ def audit_frame(
 
 
 def audit(
-    shadow_log: Path,
+    prediction_log: str | Path,
     start: datetime,
     end: datetime,
     model: str | None = None,
     config: AuditConfig | None = None,
 ) -> AuditResult:
-    from model_server.shadowlog import read_shadow_log
+    """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range."""
+    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
 
-    df = read_shadow_log(shadow_log, start, end, model)
-    return audit_frame(df, config, model, start.isoformat(), end.isoformat())
+    records = read(
+        prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
+    )
+    pairs = shadow_pairs(records)
+    result = audit_frame(pairs, config, model, start.isoformat(), end.isoformat())
+    result.shadow_without_primary = pairs.attrs["shadow_without_primary"]
+    result.primary_without_shadow = pairs.attrs["primary_without_shadow"]
+    result.shadow_dropped = pairs.attrs["shadow_dropped"]
+    return result
 
 
 def plot(result: AuditResult, path: Path) -> None:
@@ -262,3 +277,19 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
     paths["markdown"].write_text("\n".join(lines) + "\n")
     paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return paths
+
+
+def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditResult:
+    """Coverage (the share of mirrored copies that ran) in the reasons; and an hour without
+    shadow records while a mirror was configured (``mirror_percent`` > 0 during it) is a
+    ``warning``, reported like any audit, never a silent skip."""
+    ran, dropped = result.rows, result.shadow_dropped
+    if ran + dropped:
+        result.reasons.append(f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, "
+                              f"{dropped} dropped (no idle time or a full queue)")  # fmt: skip
+    if result.verdict == "skip" and mirror_percent:
+        result.verdict = "warning"
+        result.reasons = [f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
+                          "log holds no shadow record of it: the copies are dropped, not written, or no request "
+                          "reached the mirrored version", *result.reasons[1:]]  # fmt: skip
+    return result

@@ -1,7 +1,7 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
   rolloutctl gate --samples FILE [--look K --looks N] [--set key=value ...] [--json]
-  rolloutctl audit --shadow-log DIR --since 1h [--model M] [--out DIR] [--json]
+  rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR] [--json]
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
@@ -93,7 +93,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from include.rollout.audit import audit, write_report
 
     end = datetime.now(UTC)
-    result = audit(args.shadow_log, end - _since(args.since), end, args.model)
+    result = audit(args.prediction_log, end - _since(args.since), end, args.model)
     if args.out:
         paths = write_report(result, args.out)
         print(f"report: {paths['markdown']}", file=sys.stderr)
@@ -224,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
     a = sub.add_parser("audit", help="audit the shadow log over a recent window")
-    a.add_argument("--shadow-log", type=Path, required=True)
+    a.add_argument("--prediction-log", "--shadow-log", dest="prediction_log", required=True,
+                   help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)")
     a.add_argument("--since", default="1h")
     a.add_argument("--model")
     a.add_argument("--out", type=Path, help="write report.md, CSVs and the PNG here")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
-import uuid
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from include.rollout.spec import RolloutSpec, SpecError
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 
+MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 
 
@@ -129,10 +130,14 @@ def apply_weights(
 
 
 def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Mirror on, and masking proven end to end with a probe carrying a synthetic phone number."""
+    """Mirror on, and masking proven end to end with a probe carrying a synthetic phone number:
+    its shadow copy must reach the prediction log, its metadata only masked."""
+    import secrets
+    import string
+
     import requests
 
-    from model_server.shadowlog import read_shadow_log
+    from model_server.predictionlog import read
 
     spec = spec_from(params)
     hook = ModelServerHook()
@@ -143,14 +148,15 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         raise AirflowFailException(
             f"the mirror to version {spec.candidate_version} is not in effect: {policy.to_dict()}"
         )
-    # A request the policy routes to the baseline and samples for the mirror.
+    # A request the policy routes to the baseline and samples for the mirror. Its id is letters
+    # only: no detector may take part of it for a phone or card number and mask it.
     user = next(
         f"probe-user-{i}"
         for i in range(10_000)
         if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
     )
-    rid = next(r for r in (f"probe-{uuid.uuid4().hex}" for _ in range(10_000))
-               if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
+    rid = next(r for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24))
+                           for _ in range(10_000)) if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
     validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
     image = sorted(validation.glob("*.png"))[0].read_bytes()
     body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
@@ -160,13 +166,11 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
                       headers={"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}"})  # fmt: skip
     if r.status_code != 200:
         raise AirflowFailException(f"probe request failed: {r.status_code} {r.text}")
-    shadow_log = Path(hook.extra.get("shadow_log", "run/shadow"))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        df = read_shadow_log(
-            shadow_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1)
-        )
-        rows = df[df["request_id"] == rid] if len(df) else df
+        df = read(hook.prediction_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1),
+                  model=spec.model, columns=["request_id", "role", "meta"], roles=["shadow"])  # fmt: skip
+        rows = df[df["request_id"] == rid]
         if len(rows):
             meta = rows["meta"].iloc[0] or ""
             if PROBE_VALUE in meta or "tok_" not in meta:
@@ -175,7 +179,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
                 )
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
-    raise AirflowFailException(f"the probe {rid} never reached the shadow log in {shadow_log}")
+    raise AirflowFailException(f"the probe's shadow copy {rid} never reached the prediction log {hook.prediction_log}")
 
 
 def look_at_stage(params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
@@ -214,7 +218,7 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
 
     spec = spec_from(params)
     hook = ModelServerHook()
-    result = audit(Path(hook.extra.get("shadow_log", "run/shadow")), since, datetime.now(UTC), spec.model)
+    result = audit(hook.prediction_log, since, datetime.now(UTC), spec.model)
     write_report(result, workdir(hook, spec, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     return result.to_dict()
 
@@ -342,24 +346,40 @@ def notify(
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
-    """The hourly shadow audit of one model over the hour before ``end``; skipped without data."""
-    from include.rollout.audit import audit, write_report
+    """The hourly shadow audit of one model over the hour before ``end``: skipped when the hour
+    has no shadow record and no mirror was configured; a warning when a mirror was."""
+    from include.rollout.audit import audit, with_coverage, write_report
     from include.rollout.notify import audit_message
 
+    if not MODEL_RE.fullmatch(model):
+        raise AirflowFailException(f"not a model name: {model[:80]!r}")
     hook = ModelServerHook()
     start = end - timedelta(hours=1)
-    result = audit(Path(hook.extra.get("shadow_log", "run/shadow")), start, end, model)
+    result = with_coverage(audit(hook.prediction_log, start, end, model), mirror_percent(model, end))
     if result.verdict == "skip":
         raise AirflowSkipException(
-            f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC"
+            f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC, and no mirror"
         )
     out = Path(hook.extra.get("run_dir", "run")) / "audits" / model / start.strftime("%Y%m%dT%H")
     paths = write_report(result, out)
     chart = paths["plot"].read_bytes() if "plot" in paths else None
-    slack_notifier("#model-rollouts", Path(hook.extra.get("run_dir", "run")) / "outbox").send(
-        audit_message(result, chart)
-    )
+    slack_notifier(channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(audit_message(result, chart))
     return {**result.to_dict(), "report": str(paths["markdown"])}
+
+
+def mirror_percent(model: str, end: datetime) -> float | None:
+    """The largest mirror share configured for ``model`` in the hour before ``end`` (Prometheus);
+    None when Prometheus is not configured or has no data."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from include.rollout.metrics import MetricsError
+
+    try:
+        source = PrometheusHook().source()
+        return source.query(f'max(max_over_time(model_server_mirror_percent{{model="{model}"}}[1h]))',
+                            at=end.timestamp())  # fmt: skip
+    except (AirflowNotFoundException, MetricsError):
+        return None
 
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:

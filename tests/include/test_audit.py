@@ -1,4 +1,4 @@
-"""Shadow audit over a real shadow log: agreement, divergence, anomalies, report files."""
+"""Shadow audit over a real prediction log: agreement, divergence, anomalies, report files."""
 
 from __future__ import annotations
 
@@ -15,22 +15,36 @@ from PIL import Image
 
 from include.rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
 from model_server.masking import KeyRing, Masker
-from model_server.protocol import InferInput
-from model_server.shadow import ShadowJob, ShadowResult
-from model_server.shadowlog import ShadowLogWriter
-from model_server.trace import TraceContext
+from model_server.predictionlog import Inference, PredictionLog
 
 NOW = datetime.now(UTC)
 
 
 def shadow_log(
-    tmp_path, n: int, disagree: float, low_confidence: float = 0.0, errors: int = 0, seed: int = 0
+    tmp_path,
+    n: int,
+    disagree: float,
+    low_confidence: float = 0.0,
+    errors: int = 0,
+    seed: int = 0,
+    dropped: int = 0,
+    orphans: int = 0,
 ):
+    """A prediction log written by the real writer: ``n`` primary records with their shadow
+    records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
+    without a primary."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
-    writer = ShadowLogWriter(tmp_path / "log", Masker(KeyRing(keys)))
+    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
     rng = np.random.default_rng(seed)
-    for i in range(n):
+
+    def record(rid: str, version: str, role: str, scores, outcome: str = "ok") -> Inference:
+        image = np.array([f"img-{rid}".encode()], dtype=object)
+        route = "route" if role == "primary" else "mirror"
+        return Inference(time.time(), "digits", version, role, route, rid, "4bf92f3577b34da6a3ce929d0e0e4736",
+                         "00f067aa0ba902b7", 1.0 if role == "primary" else 2.0, outcome, scores, image, True, {})  # fmt: skip
+
+    for i in range(n + dropped + orphans):
         label = int(rng.integers(10))
         p = np.full(10, 0.01, dtype=np.float32)
         p[label] = 0.91
@@ -40,22 +54,16 @@ def shadow_log(
         elif rng.random() < low_confidence:
             q = np.full(10, 0.05, dtype=np.float32)
             q[label] = 0.55
-        job = ShadowJob(
-            "digits",
-            "1",
-            "2",
-            [InferInput("image", "BYTES", (1,), np.array([f"img{i}".encode()], dtype=object))],
-            ["probabilities"],
-            f"r{i}",
-            TraceContext.from_header(None),
-            time.time(),
-            {"probabilities": p[None]},
-            1.0,
-        )
-        failed = i < errors
-        writer(
-            ShadowResult(job, None if failed else {"probabilities": q[None]}, 2.0, "boom" if failed else None)
-        )
+        rid = f"r{i}"
+        if i < n + dropped:
+            writer.append(record(rid, "1", "primary", p[None]))
+        if i >= n + dropped or i < n:
+            failed = i < errors
+            writer.append(
+                record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok")
+            )
+        else:
+            writer.append(record(rid, "2", "shadow", None, "DROPPED"))
     writer.flush()
     return tmp_path / "log"
 
@@ -147,3 +155,33 @@ def test_an_anomaly_rate_fails_only_once_shown_above_the_limit(tmp_path):
     assert many.anomaly_rate > 0.10
     assert many.verdict == "fail"
     assert any("anomalies (limit 10%)" in r and "not yet" not in r for r in many.reasons)
+
+
+def test_the_audit_reports_what_did_not_pair(tmp_path):
+    log = shadow_log(tmp_path, 100, disagree=0.0, dropped=3, orphans=2)
+    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5), "digits")
+    assert result.rows == 100  # dropped copies and orphan shadows are not audited pairs
+    assert result.shadow_errors == 0  # a dropped copy is not a shadow error
+    assert result.shadow_dropped == 3
+    assert result.shadow_without_primary == 2
+    assert result.primary_without_shadow == 3
+    summary = result.to_dict()
+    assert (summary["shadow_dropped"], summary["shadow_without_primary"]) == (3, 2)
+
+
+def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
+    from include.rollout.audit import AuditResult, with_coverage
+
+    empty = AuditResult("digits", "s", "e", "skip", ["no shadow records in this range: nothing to audit"])
+    assert with_coverage(empty, None).verdict == "skip"  # no mirror: nothing was expected
+    warned = with_coverage(AuditResult("digits", "s", "e", "skip", ["no shadow records"]), 100.0)
+    assert warned.verdict == "warning"
+    assert "a mirror of 100% was configured" in warned.reasons[0]
+
+
+def test_coverage_counts_the_dropped_copies():
+    from include.rollout.audit import AuditResult, with_coverage
+
+    result = with_coverage(AuditResult("digits", "s", "e", "pass", [], rows=90, shadow_dropped=10), 100.0)
+    assert result.verdict == "pass"
+    assert "coverage 90.0%: 90 shadow copies ran, 10 dropped" in result.reasons[-1]

@@ -60,7 +60,7 @@ def test_usage_errors_exit_2(tmp_path, capsys, argv):
 def test_audit_command(tmp_path, capsys):
     log = shadow_log(tmp_path, 200, disagree=0.0)
     code, out, _ = run(
-        capsys, "audit", "--shadow-log", str(log), "--since", "1h", "--out", str(tmp_path / "report")
+        capsys, "audit", "--prediction-log", str(log), "--since", "1h", "--out", str(tmp_path / "report")
     )
     assert code == 0
     assert out.startswith("PASS")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 
 from model_server.loadgen import LoadConfig, run
+from model_server.predictionlog import joined, read, unmatched_labels
 from tests.model_server.test_routing import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
@@ -20,7 +22,10 @@ def feedback(server, body) -> requests.Response:
 def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
     server_factory, repo_copy, models_dir, tmp_path
 ):
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    log = tmp_path / "predictions"
+    s = server_factory(
+        repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN
+    )
     s.load_versions("digits", 1, 3)
     assert (
         put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code
@@ -47,20 +52,41 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
         assert total == stats.served[version]
         assert correct == stats.correct[version]  # live accuracy == true accuracy of served answers
     assert stats.correct["1"] / stats.served["1"] > stats.correct["3"] / stats.served["3"]
+    s.stop()
+    # The log's reader joins the same labels to the same answers: the same counts per version.
+    j = joined(read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)))
+    assert j.attrs["unmatched_labels"] == 0
+    for version in ("1", "3"):
+        arm = j[j["version"] == version]
+        assert len(arm) == stats.served[version]
+        assert arm["label"].notna().all()
+        assert int((arm["label"] == arm["top1"]).sum()) == stats.correct[version]
+
+
+def test_without_a_prediction_log_an_unknown_request_id_is_404(server_factory, repo_copy, tmp_path):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    r = feedback(s, {"request_id": "never-served", "label": 3})
+    assert r.status_code == 404  # nowhere to keep it for a reader's join
+    assert "unknown request id" in r.json()["error"]
 
 
 def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
-    s = server_factory(
-        repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "3", token=TOKEN
-    )
+    log = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "3",
+                       "--prediction-log", str(log), token=TOKEN)  # fmt: skip
+    # Another replica may have served it: accepted into the log, reported as not matched here.
     r = feedback(s, {"request_id": "never-served", "label": 3})
-    assert r.status_code == 404
-    assert "unknown request id" in r.json()["error"]
+    assert r.status_code == 200
+    assert r.json()["matched_locally"] is False
+    assert r.json()["logged"] is True
+    assert "unknown request id" in r.json()["reason"]
 
     image, label = digit_images[0]
     infer(s, image, {"X-Request-ID": "req-a"})
     infer(s, image, {"X-Request-ID": "req-b"})
-    assert feedback(s, {"request_id": "req-a", "label": label}).json()["correct"] == 1
+    answer = feedback(s, {"request_id": "req-a", "label": label}).json()
+    assert answer["correct"] == 1
+    assert answer["matched_locally"] is True
     r = feedback(s, {"request_id": "req-a", "label": label})
     assert r.status_code == 409
     r = feedback(s, {"request_id": "req-b", "label": "eleven"})
@@ -69,10 +95,24 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     r = feedback(s, {"request_id": "req-b", "label": [1, 2]})
     assert r.status_code == 400
     assert "had 1 prediction(s); got 2 label(s)" in r.json()["error"]
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", data=b"{not json", timeout=10)
+    assert r.status_code == 400
+    assert "malformed JSON" in r.json()["error"]
+    r = feedback(s, {"request_id": "never-served-2", "label": "eleven"})
+    assert r.status_code == 400  # validated even when not matched here
     time.sleep(3.5)  # past the TTL (3 s: room for the checks above on a busy machine)
     r = feedback(s, {"request_id": "req-b", "label": str(label)})
-    assert r.status_code == 404
-    assert "expired" in r.json()["error"]
+    assert r.status_code == 200
+    assert r.json()["matched_locally"] is False
+    assert "expired" in r.json()["reason"]
+    assert s.metric("feedback_total", model="digits", version="1") == 1  # the live view: req-a only
+    s.stop()
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    labels = df[df["role"] == "label"]
+    assert sorted(labels["request_id"]) == ["never-served", "req-a", "req-b"]  # no bad or second label
+    j = joined(df)
+    assert sorted(zip(j["request_id"], j["label"], strict=True)) == [("req-a", label), ("req-b", label)]
+    assert list(unmatched_labels(df)["request_id"]) == ["never-served"]
 
 
 def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp_path, digit_images):
@@ -82,4 +122,18 @@ def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp
     r = feedback(s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}])
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == [200, 404]
+    assert s.metric("feedback_total", model="digits", version="1") == 1
+
+
+def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log",
+                       str(tmp_path / "predictions"), token=TOKEN)  # fmt: skip
+    image, label = digit_images[1]
+    infer(s, image, {"X-Request-ID": "one"})
+    body = [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}, {"label": 1}]
+    results = feedback(s, body).json()["results"]
+    assert [x["status"] for x in results] == [200, 200, 400]
+    assert [x.get("matched_locally") for x in results[:2]] == [True, False]
     assert s.metric("feedback_total", model="digits", version="1") == 1

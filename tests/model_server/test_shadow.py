@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
 from PIL import Image
 
+from model_server.predictionlog import read
 from tests.model_server.test_routing import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
@@ -62,8 +64,14 @@ def test_every_request_is_mirrored_and_only_the_primary_counts_as_traffic(
     assert s.metric("model_server_mirror_percent", model="digits", version="2") == 100
 
 
+def logged(s, log_dir):
+    """The server's prediction log, after a clean stop has flushed it."""
+    s.stop()
+    return read(log_dir, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+
+
 def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, tmp_path, digit_images):
-    s = start(server_factory, repo_copy, tmp_path)
+    s = start(server_factory, repo_copy, tmp_path, "--prediction-log", str(tmp_path / "log"))
     set_fault(s, "2", {"abort": {"percent": 100}})
     for i in range(20):
         assert infer(s, digit_images[i][0]).status_code == 200
@@ -71,12 +79,19 @@ def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, 
     assert shadow_count(s, "ok") == 0
     assert s.metric("nv_inference_request_success", model="digits", version="1") == 20
     assert (s.metric("nv_inference_request_failure", model="digits", version="1", reason="BACKEND") or 0) == 0
+    df = logged(s, tmp_path / "log")
+    shadows = df[df["role"] == "shadow"]
+    assert len(shadows) == 20
+    assert set(shadows["outcome"]) == {"FAULT"}  # the injected abort, told apart from a backend error
+    assert shadows["top1"].isna().all()
+    assert set(df[df["role"] == "primary"]["outcome"]) == {"ok"}
 
 
 def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
     server_factory, repo_copy, tmp_path, digit_images
 ):
-    s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1")
+    s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1",
+              "--prediction-log", str(tmp_path / "log"))  # fmt: skip
     set_fault(s, "2", {"delay": {"ms": 4000, "percent": 100}})
     n = 10
     for i in range(n):
@@ -97,6 +112,13 @@ def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
         )
         or 0
     ) == 0
+    ran, dropped = shadow_count(s, "ok"), shadow_count(s, "dropped")
+    df = logged(s, tmp_path / "log")
+    shadows = df[df["role"] == "shadow"]
+    # Every copy is a record, run or dropped, so the primaries' pairs are complete.
+    assert (shadows["outcome"] == "ok").sum() == ran
+    assert (shadows["outcome"] == "DROPPED").sum() == dropped
+    assert set(shadows["request_id"]) == set(df[df["role"] == "primary"]["request_id"])
 
 
 def test_bodies_over_one_mebibyte_are_mirrored(server_factory, repo_copy, tmp_path, digit_images):

@@ -1,0 +1,1006 @@
+"""The prediction log: one record per inference (primary or shadow) and per feedback label.
+
+Every serving process appends to the same log, a local folder or object storage (``s3://``
+through ``pyarrow.fs``), in the layout
+``<root>/model=<model>/dt=YYYY-MM-DD/hour=HH/part-<replica>-<time>-<uuid12>.parquet`` (UTC, by
+the time the request was received), so replicas write side by side and never to the same file.
+
+Writing: the request path only appends a tuple to a bounded buffer (a full buffer drops the
+record and counts it); a writer thread, every ``flush_s`` and at shutdown, masks, hashes the
+images, takes the top-k, encodes Parquet and writes one file per partition. A local file is
+written under a hidden temporary name in its folder, fsynced and renamed; an object is sent in
+one PUT of a complete file (files stay under the multipart threshold), so a file is complete or
+absent. A tenant whose masking key cannot be loaded loses its records (counted), never to
+plaintext.
+
+Reading: ``read`` selects a time range with partition pruning and column projection, skipping
+and counting unreadable files and malformed records; ``joined`` pairs primary, shadow and label
+records by ``(model, request_id, item)``; ``shadow_pairs`` gives the shadow audit its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from prometheus_client import Counter
+
+from model_server.masking import Key, Masker, MaskingUnavailable
+from model_server.trace import item_hashes
+
+log = logging.getLogger(__name__)
+
+RECORDS = Counter(
+    "prediction_log_records_total",
+    "Prediction log rows by outcome (written; dropped: writer backlog full; mask_unavailable: no "
+    "usable key for the tenant; error: the write failed)",
+    ("outcome",),
+)
+FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
+
+SCHEMA = pa.schema([
+    ("time", pa.timestamp("us", tz="UTC")),  # when the request (or label) was received
+    ("model", pa.string()),
+    ("version", pa.string()),
+    ("role", pa.string()),  # primary | shadow | label
+    ("route", pa.string()),  # route | <rule name> | version | mirror
+    ("replica", pa.string()),
+    ("request_id", pa.string()),  # masked
+    ("trace_id", pa.string()),
+    ("span_id", pa.string()),
+    ("item", pa.int32()),
+    ("latency_ms", pa.float64()),
+    ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | FAULT | DROPPED
+    ("top1", pa.int32()),
+    ("top1_prob", pa.float32()),
+    ("topk_index", pa.list_(pa.int32())),
+    ("topk_prob", pa.list_(pa.float32())),
+    ("probs", pa.list_(pa.float32())),  # the whole vector when it is short enough
+    ("image_sha256", pa.string()),
+    ("label", pa.int32()),
+    ("user_id", pa.string()),
+    ("device_type", pa.string()),
+    ("tenant", pa.string()),
+    ("meta", pa.string()),  # masked JSON object of the X-Meta-* headers
+])  # fmt: skip
+ROLES = ("primary", "shadow", "label")
+REPLICA_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+KEY = ["model", "request_id", "item"]
+# What the shadow audit reads (shadow_pairs) and what a gate reads: column projections.
+SHADOW_PAIR_COLUMNS = [
+    "time", "model", "version", "role", "route", "request_id", "item", "trace_id", "span_id",
+    "image_sha256", "top1", "probs", "topk_index", "topk_prob", "latency_ms", "outcome", "user_id",
+    "device_type", "tenant", "meta",
+]  # fmt: skip
+GATE_COLUMNS = ["time", "model", "version", "role", "route", "latency_ms", "outcome", "top1", "image_sha256"]
+PAIR_COLUMNS = [
+    "time", "request_id", "item", "trace_id", "span_id", "model", "primary_version", "shadow_version",
+    "image_sha256", "primary_top1", "shadow_top1", "primary_probs", "shadow_probs", "primary_latency_ms",
+    "shadow_latency_ms", "shadow_error", "user_id", "device_type", "tenant", "meta",
+]  # fmt: skip
+
+_OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
+# What every detector's match contains: "@" (e-mail), "+" (international phone), or ten digits
+# at most two separators apart (ID, PRC and NANP phone, card numbers). A value with none of them
+# comes out of Masker.mask_text unchanged.
+# The same test in RE2 for pyarrow, plus any non-ASCII value (Python's \d takes other digits too).
+_SUSPECT = r"[@+]|[0-9](?:[ .()\-]{0,2}[0-9]){9}"
+MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
+_MASK_CACHE_MAX = 100_000
+
+
+class Inference(NamedTuple):
+    """One inference as the request path hands it over: references only, nothing computed."""
+
+    received_at: float  # time.time()
+    model: str
+    version: str
+    role: str  # primary | shadow
+    route: str | None
+    request_id: str
+    trace_id: str
+    span_id: str
+    latency_ms: float | None
+    outcome: str
+    scores: np.ndarray | None  # the first output: [batch, classes] (or [classes])
+    data: np.ndarray | None  # the first input: image bytes or a tensor, hashed by the writer
+    batched: bool
+    metadata: Mapping[str, str]  # user, device, tenant and X-Meta-* headers, unmasked
+    items: int = 1  # rows this record becomes
+    size: int = 0  # bytes it holds (the request body), for the buffer's byte budget
+
+
+class Label(NamedTuple):
+    received_at: float
+    model: str
+    version: str | None  # the version that served it, when this replica knows
+    request_id: str
+    labels: Sequence[int]  # one per item
+    tenant: str | None  # whose key masks the request id (the request's tenant)
+
+
+def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and root path for a folder path, ``file://`` or ``s3://`` URI.
+
+    On S3, ``allow_delayed_open`` unless the URI says otherwise: with it, pyarrow sends an object
+    smaller than its part size as one PUT (without it, always as a multipart upload).
+    """
+    text = str(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), Path(text).resolve().as_posix()
+    if text.startswith("s3://") and "allow_delayed_open=" not in text:
+        text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
+    fs, path = pafs.FileSystem.from_uri(text)
+    return fs, path.rstrip("/")
+
+
+def default_replica() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:50] or "host"
+    return f"{name}-{os.getpid()}"
+
+
+def _is_distribution(rows: np.ndarray) -> np.ndarray:
+    return (rows >= 0).all(axis=1) & (np.abs(rows.sum(axis=1) - 1.0) < 1e-3)
+
+
+def output_probabilities(rows: np.ndarray) -> np.ndarray:
+    """Rows as they are when each is a probability distribution, else their softmax (logits)."""
+    rows = rows.astype(np.float32, copy=False)
+    ok = _is_distribution(rows)
+    if ok.all():
+        return rows
+    out = rows.copy()
+    z = rows[~ok] - rows[~ok].max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out[~ok] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+# The masked request metadata repeats per user and device: read as categoricals, they take a
+# fraction of the memory of one string per record.
+_CATEGORICAL = ("user_id", "device_type", "tenant", "meta")
+_MaskedMeta = tuple[str | None, str | None, str | None, str | None]  # user, device, tenant, meta
+
+
+class PredictionLog:
+    """The writer: ``append`` on the request path, a thread that masks, encodes and writes."""
+
+    def __init__(
+        self,
+        uri: str | Path,
+        masker: Masker,
+        replica: str | None = None,
+        flush_s: float = 2.0,
+        sample: float = 1.0,
+        topk: int = 5,
+        full_max: int = 32,
+        max_pending: int = 100_000,
+        max_pending_bytes: int = 256 * 1024 * 1024,
+        compression: str | None = "zstd",
+    ):
+        replica = default_replica() if replica is None else replica
+        if not REPLICA_RE.fullmatch(replica):
+            raise ValueError(f"invalid replica id {replica!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"sample must be within 0..1, got {sample}")
+        if topk < 1 or full_max < 0:
+            raise ValueError("topk must be at least 1 and full_max at least 0")
+        self.uri = str(uri)
+        self.fs, self.root = _filesystem(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.masker = masker
+        self.replica = replica
+        self.flush_s = flush_s
+        self.sample = sample
+        self.topk = topk
+        self.full_max = full_max
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.compression = compression
+        self._pending: list[Inference | Label] = []
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
+        self._mask_cache: dict[tuple[str, bool, str], str] = {}
+        self._meta_cache: dict[tuple[str, tuple[tuple[str, str], ...]], _MaskedMeta] = {}
+        if self.local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    # -- the request path: cheap ------------------------------------------------------------
+
+    def sampled(self, request_id: str) -> bool:
+        """Whether a primary request is kept: a stable hash of its id (the same on every replica)."""
+        if self.sample >= 1.0:
+            return True
+        return zlib.crc32(request_id.encode()) < self.sample * 4294967296.0
+
+    def append(self, record: Inference | Label) -> bool:
+        """Queue one record; False (and counted) when the buffer is full. Never blocks on I/O."""
+        size = record.size if isinstance(record, Inference) else 0
+        with self._lock:
+            if len(self._pending) < self.max_pending and self._pending_bytes + size <= self.max_pending_bytes:
+                self._pending.append(record)
+                self._pending_bytes += size
+                return True
+        rows = record.items if isinstance(record, Inference) else len(record.labels)
+        RECORDS.labels("dropped").inc(rows)
+        return False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+            except Exception:  # keep the writer alive; the rows of this flush are counted lost
+                log.exception("prediction log flush failed")
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _key(self, tenant: str | None, keys: dict[str | None, Key | MaskingUnavailable]) -> Key:
+        if tenant not in keys:
+            try:
+                keys[tenant] = self.masker.keys.key_for(tenant)
+            except MaskingUnavailable as exc:
+                keys[tenant] = exc
+        key = keys[tenant]
+        if isinstance(key, MaskingUnavailable):
+            raise key
+        return key
+
+    def _mask(self, name: str, value: str, key: Key) -> str:
+        """As ``Masker.mask_fields``: configured names whole, other values by the detectors."""
+        whole = name.lower() in self.masker.header_names
+        k = (key.kid, whole, value)
+        out = self._mask_cache.get(k)
+        if out is None:
+            out = self.masker.token(value, key) if whole else self.masker.mask_text(value, key)
+            if len(self._mask_cache) >= _MASK_CACHE_MAX:
+                self._mask_cache.clear()
+            self._mask_cache[k] = out
+        return out
+
+    def _masked_meta(self, metadata: Mapping[str, str], key: Key) -> _MaskedMeta:
+        """(user_id, device_type, tenant, meta JSON) masked under ``key``, cached by the values
+        (headers repeat per user and device)."""
+        items = tuple(metadata.items())
+        cached = self._meta_cache.get((key.kid, items))
+        if cached is None:
+            masked = {name: self._mask(name, value, key) for name, value in items}
+            extra = {k: v for k, v in masked.items() if k.startswith("x-meta-")}
+            cached = (
+                masked.get("x-user-id"),
+                masked.get("x-device-type"),
+                masked.get("x-tenant"),
+                json.dumps(extra, sort_keys=True) if extra else None,
+            )
+            if len(self._meta_cache) >= _MASK_CACHE_MAX:
+                self._meta_cache.clear()
+            self._meta_cache[(key.kid, items)] = cached
+        return cached
+
+    def _mask_ids(self, ids: list[str], keys: list[Key]) -> list[str]:
+        """Request ids masked as ``Masker.mask_fields`` masks them. Only the ids a detector could
+        match (found in one vectorised pass) go through the detectors; the others are unchanged."""
+        if "request_id" in self.masker.header_names:
+            return [self.masker.token(rid, key) for rid, key in zip(ids, keys, strict=True)]
+        if not ids:
+            return ids
+        arr = pa.array(ids, pa.string())
+        suspect = pc.or_(pc.match_substring_regex(arr, _SUSPECT), pc.invert(pc.string_is_ascii(arr)))
+        out = list(ids)
+        for i in np.flatnonzero(suspect.to_numpy(zero_copy_only=False)):
+            out[i] = self.masker.mask_text(ids[i], keys[i])
+        return out
+
+    def _with_keys(
+        self, records: list[Any], tenants: list[str | None], keys: dict[str | None, Key | MaskingUnavailable]
+    ) -> tuple[list[Any], list[Key], list[str | None]]:
+        """The records whose tenant has a usable key, with the keys; the others counted, dropped."""
+        for t in set(tenants) - keys.keys():
+            try:
+                keys[t] = self.masker.keys.key_for(t)
+            except MaskingUnavailable as exc:
+                keys[t] = exc
+        if all(isinstance(keys[t], Key) for t in set(tenants)):
+            return records, [keys[t] for t in tenants], tenants  # type: ignore[misc]
+        kept, kept_keys, kept_tenants = [], [], []
+        for rec, t in zip(records, tenants, strict=True):
+            key = keys[t]
+            if isinstance(key, Key):
+                kept.append(rec)
+                kept_keys.append(key)
+                kept_tenants.append(t)
+                continue
+            RECORDS.labels("mask_unavailable").inc(len(rec.labels) if isinstance(rec, Label) else rec.items)
+            log.error("prediction log record of request %s dropped: %s", rec.request_id, key)
+        return kept, kept_keys, kept_tenants
+
+    def _inference_table(
+        self, recs: list[Inference], keys: dict[str | None, Key | MaskingUnavailable]
+    ) -> pa.Table | None:
+        """The records' rows as a table: per-record work in comprehensions, per-row work in numpy
+        and Arrow, so that the writer holds the GIL as little as it can."""
+        tenants = [r.metadata.get("x-tenant") for r in recs]
+        recs, rec_keys, tenants = self._with_keys(recs, tenants, keys)
+        n = len(recs)
+        if n == 0:
+            return None
+        meta = [self._masked_meta(r.metadata, k) for r, k in zip(recs, rec_keys, strict=True)]
+        rids = self._mask_ids([r.request_id for r in recs], rec_keys)
+        outputs: list[np.ndarray | None] = []
+        for r in recs:
+            out = None
+            if r.scores is not None:
+                arr = np.asarray(r.scores)
+                out = arr.reshape(arr.shape[0], -1) if arr.ndim >= 2 else arr.reshape(1, -1)
+                if out.shape[1] == 0:
+                    out = None
+            outputs.append(out)
+        counts = np.array(
+            [o.shape[0] if o is not None else max(r.items, 1) for r, o in zip(recs, outputs, strict=True)],
+            np.int64,
+        )
+        rows = int(counts.sum())
+        single = rows == n  # one row per record: the usual case, nothing to repeat
+        rep = None if single else np.repeat(np.arange(n), counts)
+        starts = np.cumsum(counts) - counts
+        hashes: list[str | None] = []
+        for r, c in zip(recs, counts, strict=True):
+            h = _hashes(r.data, r.batched)
+            hashes.extend(h if len(h) == c else (h + [None] * int(c))[: int(c)])
+
+        def column(values: list[Any], name: str) -> pa.Array:
+            arr = pa.array(values, type=SCHEMA.field(name).type)
+            return arr if rep is None else arr.take(pa.array(rep))
+
+        us = np.array([int(r.received_at * 1_000_000) for r in recs], np.int64)
+        cols: dict[str, pa.Array] = {
+            "time": pa.array(us if rep is None else us[rep]).cast(SCHEMA.field("time").type),
+            "model": column([r.model for r in recs], "model"),
+            "version": column([r.version for r in recs], "version"),
+            "role": column([r.role for r in recs], "role"),
+            "route": column([r.route for r in recs], "route"),
+            "replica": pa.array([self.replica] * rows, pa.string()),
+            "request_id": column(rids, "request_id"),
+            "trace_id": column([r.trace_id for r in recs], "trace_id"),
+            "span_id": column([r.span_id for r in recs], "span_id"),
+            "item": pa.array(
+                np.zeros(rows, np.int32)
+                if single
+                else (np.arange(rows) - np.repeat(starts, counts)).astype(np.int32)
+            ),
+            "latency_ms": column([r.latency_ms for r in recs], "latency_ms"),
+            "outcome": column([r.outcome for r in recs], "outcome"),
+            "image_sha256": pa.array(hashes, pa.string()),
+            "label": pa.nulls(rows, pa.int32()),
+            "user_id": column([m[0] for m in meta], "user_id"),
+            "device_type": column([m[1] for m in meta], "device_type"),
+            "tenant": column([m[2] for m in meta], "tenant"),
+            "meta": column([m[3] for m in meta], "meta"),
+        }
+        cols.update(self._output_columns(outputs, counts, starts, rows))
+        return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+
+    def _output_columns(
+        self, outputs: list[np.ndarray | None], counts: np.ndarray, starts: np.ndarray, rows: int
+    ) -> dict[str, pa.Array]:
+        """top1, top1_prob, topk_index, topk_prob and probs of every row, per class count."""
+        top1 = np.zeros(rows, np.int32)
+        top1_prob = np.zeros(rows, np.float32)
+        k_of = np.zeros(rows, np.int32)
+        full_of = np.zeros(rows, np.int32)
+        groups: dict[int, list[int]] = {}
+        for i, o in enumerate(outputs):
+            if o is not None:
+                groups.setdefault(o.shape[1], []).append(i)
+        computed: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        for classes, members in groups.items():
+            m = np.asarray(members)
+            blocks = [outputs[i] for i in members]
+            probs = output_probabilities(np.concatenate(blocks) if len(blocks) > 1 else blocks[0])  # type: ignore[arg-type]
+            c = counts[m]
+            at = np.repeat(starts[m], c) + (np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c))
+            k = min(self.topk, classes)
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            best = np.take_along_axis(probs, order, axis=1)
+            top1[at] = order[:, 0]
+            top1_prob[at] = best[:, 0]
+            k_of[at] = k
+            keep_full = classes <= self.full_max
+            if keep_full:
+                full_of[at] = classes
+            computed.append((at, order, best, probs if keep_full else None))
+        absent = k_of == 0
+        topk_off, full_off = _offsets(k_of), _offsets(full_of)
+        topk_index = np.empty(topk_off[-1], np.int32)
+        topk_prob = np.empty(topk_off[-1], np.float32)
+        full = np.empty(full_off[-1], np.float32)
+        for at, order, best, kept in computed:  # scatter each group's rows to their places
+            pos = topk_off[at][:, None] + np.arange(order.shape[1])
+            topk_index[pos] = order
+            topk_prob[pos] = best
+            if kept is not None:
+                full[full_off[at][:, None] + np.arange(kept.shape[1])] = kept
+        return {
+            "top1": pa.array(top1, mask=absent),
+            "top1_prob": pa.array(top1_prob, mask=absent),
+            "topk_index": pa.ListArray.from_arrays(topk_off, topk_index, mask=pa.array(absent)),
+            "topk_prob": pa.ListArray.from_arrays(topk_off, topk_prob, mask=pa.array(absent)),
+            "probs": pa.ListArray.from_arrays(full_off, full, mask=pa.array(full_of == 0)),
+        }
+
+    def _label_table(
+        self, recs: list[Label], keys: dict[str | None, Key | MaskingUnavailable]
+    ) -> pa.Table | None:
+        recs, rec_keys, tenants = self._with_keys(recs, [r.tenant for r in recs], keys)
+        if not recs:
+            return None
+        rids = self._mask_ids([r.request_id for r in recs], rec_keys)
+        rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+        for r, rid, key, tenant in zip(recs, rids, rec_keys, tenants, strict=True):
+            masked_tenant = None if tenant is None else self._mask("x-tenant", tenant, key)
+            for i, label in enumerate(r.labels):
+                for name, value in (
+                    ("time", int(r.received_at * 1_000_000)), ("model", r.model), ("version", r.version),
+                    ("role", "label"), ("replica", self.replica), ("request_id", rid), ("item", i),
+                    ("outcome", "ok"), ("label", int(label)), ("tenant", masked_tenant),
+                ):  # fmt: skip
+                    rows[name].append(value)
+        n = len(rows["time"])
+        cols = {
+            name: pa.array(values, SCHEMA.field(name).type)
+            if values
+            else pa.nulls(n, SCHEMA.field(name).type)
+            for name, values in rows.items()
+            if name != "time"
+        }
+        cols["time"] = pa.array(np.asarray(rows["time"], np.int64)).cast(SCHEMA.field("time").type)
+        return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+
+    def flush(self) -> int:
+        """Write what is queued; returns the number of rows written."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._pending_bytes = 0
+            if not batch:
+                return 0
+            if os.environ.get("PL_EXP") == "pickle":
+                import pickle
+                payload = [(r.received_at, r.model, r.version, r.role, r.route, r.request_id, r.trace_id, r.span_id,
+                            r.latency_ms, r.outcome, None if r.scores is None else (r.scores.shape, r.scores.tobytes()),
+                            None if r.data is None else list(r.data), r.batched, r.metadata, r.items) for r in batch]
+                self._sink = pickle.dumps(payload, protocol=5)
+                return len(batch)
+            groups: dict[tuple[str, int], list[Any]] = {}
+            for rec in batch:
+                # The hour of the microsecond the record stores, so the file's folder and its times agree.
+                groups.setdefault((rec.model, int(rec.received_at * 1_000_000) // 3_600_000_000), []).append(
+                    rec
+                )
+            keys: dict[str | None, Key | MaskingUnavailable] = {}
+            written = 0
+            for (model, hour), recs in sorted(groups.items()):
+                t = datetime.fromtimestamp(hour * 3600, UTC)
+                folder = f"{self.root}/model={model}/dt={t:%Y-%m-%d}/hour={t:%H}"
+                rows = 0
+                try:
+                    inferences = [r for r in recs if type(r) is Inference]
+                    tables = [
+                        self._inference_table(inferences, keys) if inferences else None,
+                        self._label_table([r for r in recs if type(r) is Label], keys),
+                    ]
+                    parts = [tb for tb in tables if tb is not None]
+                    if not parts:
+                        continue
+                    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+                    rows = table.num_rows
+                    self._write(folder, table)
+                except Exception as exc:  # a failed write loses this file's rows, counted; others go on
+                    RECORDS.labels("error").inc(rows or sum(_rows_of(r) for r in recs))
+                    log.error("prediction log write of %d records in %s failed: %s", len(recs), folder, exc)
+                    continue
+                RECORDS.labels("written").inc(rows)
+                written += rows
+            return written
+
+    def _encode(self, table: pa.Table) -> list[pa.Buffer]:
+        """Parquet files of the table, each under MAX_FILE_BYTES (split by rows when larger)."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=self.compression)
+        buf = sink.getvalue()
+        if buf.size <= MAX_FILE_BYTES or table.num_rows < 2:
+            return [buf]
+        half = table.num_rows // 2
+        return self._encode(table.slice(0, half)) + self._encode(table.slice(half))
+
+    def _write(self, folder: str, table: pa.Table) -> None:
+        for buf in self._encode(table):
+            name = f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+            if self.local:
+                path = Path(folder)
+                path.mkdir(parents=True, exist_ok=True)
+                tmp = path / f".{name}.tmp"
+                try:
+                    with tmp.open("wb") as f:
+                        f.write(memoryview(buf))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    tmp.replace(path / name)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            else:  # an object store: the object appears whole when its single PUT completes
+                with self.fs.open_output_stream(f"{folder}/{name}") as out:
+                    out.write(buf)
+            FILES.inc()
+
+
+def _rows_of(rec: Inference | Label) -> int:
+    return len(rec.labels) if isinstance(rec, Label) else max(rec.items, 1)
+
+
+def _hashes(data: np.ndarray | None, batched: bool) -> list[str]:
+    """``trace.item_hashes`` (without its detours for the usual array of images); [] when the
+    input cannot be hashed item by item."""
+    if data is None:
+        return []
+    try:
+        if data.dtype == object and data.ndim == 1:
+            return [hashlib.sha256(x).hexdigest() for x in data]
+        return item_hashes(data, batched=batched)
+    except (TypeError, ValueError):
+        return []
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _FileResult:
+    path: str
+    table: pa.Table | None
+    reason: str | None = None
+    malformed: int = 0
+
+
+def _hours(start: datetime, end: datetime) -> list[tuple[str, str]]:
+    t = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    out = []
+    while t < end:
+        out.append((t.strftime("%Y-%m-%d"), t.strftime("%H")))
+        t += timedelta(hours=1)
+    return out
+
+
+def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+
+
+def _read_one(
+    fs: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    start: datetime,
+    end: datetime,
+    roles: Sequence[str] | None,
+) -> _FileResult:
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f, read_dictionary=[c for c in _CATEGORICAL if c in columns])
+            schema = pf.schema_arrow
+            for name in columns:
+                i = schema.get_field_index(name)
+                got = None if i < 0 else schema.field(i).type
+                if got is not None and pa.types.is_dictionary(got):
+                    got = got.value_type
+                if got is None or not got.equals(SCHEMA.field(name).type):
+                    return _FileResult(path, None, f"wrong schema: column {name} is {got or 'missing'}")
+            table = pf.read(columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        return _FileResult(path, None, f"unreadable: {exc}")
+    n = table.num_rows
+    valid = pc.is_valid(table["time"])
+    for name in ("model", "request_id", "item", "role"):
+        if name in columns:
+            valid = pc.and_(valid, pc.is_valid(table[name]))
+    if "role" in columns:
+        valid = pc.and_(valid, pc.is_in(table["role"], value_set=pa.array(ROLES)))
+    if "item" in columns:
+        valid = pc.and_(valid, pc.greater_equal(table["item"], 0))
+    valid = pc.fill_null(valid, False)
+    table = table.filter(valid)
+    malformed = n - table.num_rows
+    t = table["time"]
+    keep = pc.and_(
+        pc.greater_equal(t, pa.scalar(start, pa.timestamp("us", tz="UTC"))),
+        pc.less(t, pa.scalar(end, pa.timestamp("us", tz="UTC"))),
+    )
+    if roles is not None:
+        keep = pc.and_(keep, pc.is_in(table["role"], value_set=pa.array(list(roles), pa.string())))
+    return _FileResult(path, table.filter(keep), malformed=malformed)
+
+
+def _read_field(name: str) -> pa.Field:
+    f = SCHEMA.field(name)
+    return f.with_type(pa.dictionary(pa.int32(), f.type)) if name in _CATEGORICAL else f
+
+
+def _arrow_lists(t: pa.DataType) -> pd.ArrowDtype | None:
+    return pd.ArrowDtype(t) if pa.types.is_list(t) else None
+
+
+def read(
+    uri: str | Path,
+    start: datetime,
+    end: datetime,
+    model: str | None = None,
+    columns: Sequence[str] | None = None,
+    roles: Iterable[str] | None = None,
+    threads: int = 8,
+) -> pd.DataFrame:
+    """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
+
+    Only the ``model=``/``dt=``/``hour=`` folders of the range are listed, and only ``columns``
+    (plus ``time``) are read. Unreadable, truncated or wrongly typed files are skipped with a
+    warning, as are malformed records (no time, model, request id, item or a known role): the
+    counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
+    ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list
+    columns (``topk_index``, ``topk_prob``, ``probs``) are Arrow-backed (``pd.ArrowDtype``): an
+    element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,
+    ``device_type``, ``tenant``, ``meta``) are categoricals.
+    """
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware datetimes")
+    wanted = list(SCHEMA.names) if columns is None else list(dict.fromkeys(["time", *columns]))
+    unknown = sorted(set(wanted) - set(SCHEMA.names))
+    if unknown:
+        raise ValueError(f"unknown prediction log column(s) {unknown}; the columns are {SCHEMA.names}")
+    role_list = None if roles is None else list(roles)
+    read_cols = wanted + (["role"] if role_list is not None and "role" not in wanted else [])
+    fs, root = _filesystem(uri)
+    if model is not None:
+        models = [model]
+    else:
+        models = sorted(
+            info.base_name.removeprefix("model=")
+            for info in _list(fs, root)
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
+        )
+    folders = [f"{root}/model={m}/dt={day}/hour={hour}" for m in models for day, hour in _hours(start, end)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        listings = list(pool.map(lambda p: _list(fs, p), folders))
+        paths = sorted(
+            info.path
+            for listing in listings
+            for info in listing
+            if info.type == pafs.FileType.File
+            and info.base_name.startswith("part-")
+            and info.base_name.endswith(".parquet")
+        )
+        results = list(pool.map(lambda p: _read_one(fs, p, read_cols, start, end, role_list), paths))
+    tables, reasons, malformed = [], {}, 0
+    for r in results:
+        if r.table is None:
+            reasons[r.path] = r.reason
+            log.warning("prediction log file %s skipped: %s", r.path, r.reason)
+            continue
+        malformed += r.malformed
+        if r.table.num_rows:
+            tables.append(r.table)
+    if malformed:
+        log.warning("%d malformed prediction log records skipped under %s", malformed, uri)
+    schema = pa.schema([_read_field(n) for n in read_cols])
+    table = (pa.concat_tables(tables) if tables else schema.empty_table()).select(wanted)
+    del tables, results
+    # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
+    df = table.to_pandas(types_mapper=_arrow_lists, self_destruct=True, split_blocks=True)
+    del table
+    df.attrs.update(
+        skipped_files=len(reasons),
+        skipped_file_reasons=reasons,
+        skipped_records=malformed,
+        files_read=len(paths) - len(reasons),
+    )
+    return df
+
+
+# -- joining ----------------------------------------------------------------------------------
+
+
+def _need(df: pd.DataFrame, columns: Iterable[str]) -> None:
+    missing = sorted(set(columns) - set(df.columns))
+    if missing:
+        raise ValueError(f"the frame lacks column(s) {missing}: read them from the prediction log")
+
+
+def _key_codes(df: pd.DataFrame) -> np.ndarray:
+    """An exact int64 code per (model, request_id, item): equal codes, equal keys. Joins run on
+    these (integer arrays), not on the string columns, to keep a million records' joins small."""
+    rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
+    model, _ = pd.factorize(df["model"], use_na_sentinel=False)
+    item = df["item"].to_numpy(np.int64)
+    items = int(item.max(initial=0)) + 1
+    pair, _ = pd.factorize(rid.astype(np.int64) * items + item)  # < rows x items: no overflow
+    return pair.astype(np.int64) * (int(model.max(initial=0)) + 1) + model
+
+
+def _times(df: pd.DataFrame) -> np.ndarray:
+    if "time" not in df.columns:
+        return np.zeros(len(df), np.int64)
+    return df["time"].to_numpy("datetime64[us]").astype(np.int64)
+
+
+def _first(rows: np.ndarray, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int]:
+    """The earliest of ``rows`` for each key, sorted by key; and how many repeats were left out."""
+    order = np.lexsort((t[rows], code[rows]))
+    rows = rows[order]
+    keep = np.ones(len(rows), bool)
+    keep[1:] = code[rows][1:] != code[rows][:-1]
+    return rows[keep], int((~keep).sum())
+
+
+def _match(rows: np.ndarray, candidates: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """For each of ``rows``, the one of ``candidates`` (sorted by key, one per key) with the same
+    key, or -1."""
+    out = np.full(len(rows), -1, np.int64)
+    if len(rows) == 0 or len(candidates) == 0:
+        return out
+    keys = code[candidates]
+    at = np.minimum(np.searchsorted(keys, code[rows]), len(keys) - 1)
+    found = keys[at] == code[rows]
+    out[found] = candidates[at[found]]
+    return out
+
+
+def _take(series: pd.Series, rows: np.ndarray) -> pd.Series:
+    """``series`` at ``rows`` (positions; -1: missing), with a fresh index."""
+    if (rows >= 0).all():
+        return series.take(rows).reset_index(drop=True)
+    return series.reset_index(drop=True).reindex(rows).reset_index(drop=True)
+
+
+def joined(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per primary record, with its shadow's answer and its label when present.
+
+    Pairs by ``(model, request_id, item)``; the shadow's columns are prefixed ``shadow_``
+    (version, top1, top1_prob, probs, latency_ms, outcome: those the frame has) and the label
+    is ``label``. Shadow copies that were dropped are not answers and are left out. Labels and
+    shadow records that match no primary are counted in ``attrs`` (``unmatched_labels``,
+    ``unmatched_shadows``; get them with ``unmatched_labels(df)``), never dropped silently; a
+    second label for the same item is counted in ``duplicate_labels`` and the earliest kept.
+    """
+    _need(df, [*KEY, "role"])
+    code, t = _key_codes(df), _times(df)
+    role = df["role"]
+    primary = np.flatnonzero((role == "primary").to_numpy())
+    is_shadow = (role == "shadow").to_numpy()
+    if "outcome" in df.columns:
+        is_shadow = is_shadow & (df["outcome"] != "DROPPED").to_numpy()
+    shadow, _ = _first(np.flatnonzero(is_shadow), code, t)
+    labels, duplicate_labels = _first(np.flatnonzero((role == "label").to_numpy()), code, t)
+    out = df.take(primary).reset_index(drop=True)
+    their_shadow = _match(primary, shadow, code)
+    for c in ("version", "top1", "top1_prob", "probs", "latency_ms", "outcome"):
+        if c in df.columns:
+            out[f"shadow_{c}"] = _take(df[c], their_shadow)
+    if "label" in df.columns:
+        out["label"] = _take(df["label"], _match(primary, labels, code)).astype("Int32")
+    if "shadow_top1" in out.columns:
+        out["shadow_top1"] = out["shadow_top1"].astype("Int32")
+    primary_codes = code[primary]
+    out.attrs = {
+        **df.attrs,
+        "unmatched_labels": int((~np.isin(code[labels], primary_codes)).sum()),
+        "unmatched_shadows": int((~np.isin(code[shadow], primary_codes)).sum()),
+        "duplicate_labels": duplicate_labels,
+    }
+    return out
+
+
+def unmatched_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Label records whose (model, request_id, item) matches no primary record in the frame."""
+    _need(df, [*KEY, "role"])
+    code = _key_codes(df)
+    role = df["role"]
+    primary = code[(role == "primary").to_numpy()]
+    lost = (role == "label").to_numpy() & ~np.isin(code, primary)
+    return df[lost].reset_index(drop=True)
+
+
+def _arrow(series: pd.Series) -> pa.Array:
+    arr = pa.array(series, from_pandas=True)
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _lists(series: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A list column as (valid, starts, lengths, values): numpy views of the Arrow buffers."""
+    arr = _arrow(series)
+    if not pa.types.is_list(arr.type):  # an all-null column of another type
+        n = len(arr)
+        return np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(0, np.float32)
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return valid, offsets[:-1], np.diff(offsets) * valid, values
+
+
+def _probability_matrix(rows: pd.DataFrame, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows x classes) float32 and which rows have one: ``probs`` where the log kept the whole
+    vector, else rebuilt from the top-k (the top-k probabilities at their classes, the rest of
+    the mass spread evenly over the other classes)."""
+    n = len(rows)
+    out = np.zeros((n, classes), np.float32)
+    have = np.zeros(n, bool)
+    if n == 0 or classes == 0:
+        return out, have
+    if "probs" in rows.columns:
+        valid, starts, lengths, values = _lists(rows["probs"])
+        full = valid & (lengths == classes)
+        out[full] = values[starts[full][:, None] + np.arange(classes)]
+        have |= full
+    if "topk_index" in rows.columns and "topk_prob" in rows.columns:
+        valid, starts, lengths, index = _lists(rows["topk_index"])
+        _, pstarts, _, prob = _lists(rows["topk_prob"])
+        use = valid & (lengths > 0) & ~have
+        if use.any():
+            k = lengths[use]
+            row = np.repeat(np.flatnonzero(use), k)
+            within = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+            cls = index[np.repeat(starts[use], k) + within].astype(np.int64)
+            p = prob[np.repeat(pstarts[use], k) + within].astype(np.float32)
+            rest = np.clip(1.0 - np.bincount(row, weights=p, minlength=n)[use], 0.0, None)
+            out[use] = (rest / np.maximum(classes - k, 1))[:, None]
+            out[row, cls] = p
+            have |= use
+    return out, have
+
+
+def _class_count(*frames: pd.DataFrame) -> int:
+    n = 0
+    for f in frames:
+        if "probs" in f.columns and len(f):
+            valid, _, lengths, _ = _lists(f["probs"])
+            n = max(n, int(lengths[valid].max(initial=0)))
+        if "topk_index" in f.columns and len(f):
+            valid, _, lengths, index = _lists(f["topk_index"])
+            if lengths.any():
+                n = max(n, int(index.max()) + 1)
+    return n
+
+
+def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Primary and shadow records paired by ``(model, request_id, item)``, in the columns the
+    shadow audit consumes (``PAIR_COLUMNS``), one row per mirrored item whose primary succeeded,
+    in time order.
+
+    ``primary_probs``/``shadow_probs`` are numpy vectors: ``probs`` when the log kept the whole
+    vector, else rebuilt from the top-k (see ``_probability_matrix``). ``shadow_error`` is the
+    shadow's outcome when it was not ``ok``. ``attrs`` counts what did not pair:
+    ``shadow_without_primary``, ``primary_without_shadow`` (successful primaries of a mirrored
+    model and version, not named by version, without a shadow record: an upper bound when the
+    mirror samples under 100%), ``shadow_dropped`` (copies the in-process mirror dropped: queue
+    full or no idle time), ``primary_failed`` (pairs whose primary failed) and ``duplicates``.
+    Pairing works on row positions: each output column is taken from ``df`` once.
+    """
+    _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route")])
+    code, t = _key_codes(df), _times(df)
+    ok_rows = (df["outcome"] == "ok").to_numpy()
+    dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
+    is_shadow = (df["role"] == "shadow").to_numpy()
+    primary, dup_p = _first(np.flatnonzero((df["role"] == "primary").to_numpy()), code, t)
+    shadow, dup_s = _first(np.flatnonzero(is_shadow & ~dropped_rows), code, t)
+    p_all = primary
+    s_of = _match(primary, shadow, code)
+    p_pos, s_pos = primary[s_of >= 0], s_of[s_of >= 0]
+    failed = ~ok_rows[p_pos]
+    p_pos, s_pos = p_pos[~failed], s_pos[~failed]
+    order = np.lexsort((df["item"].to_numpy()[p_pos], t[p_pos]))
+    p_pos, s_pos = p_pos[order], s_pos[order]
+    lonely = p_all[(s_of < 0) & ok_rows[p_all]]
+    if "route" in df.columns:
+        lonely = lonely[(df["route"] != "version").to_numpy()[lonely]]
+    model_codes, _ = pd.factorize(df["model"])
+    version_codes, versions = pd.factorize(df["version"])
+    arm = model_codes.astype(np.int64) * (len(versions) + 1) + version_codes  # (model, version)
+    attrs = {
+        **df.attrs,
+        "shadow_without_primary": int((~np.isin(code[shadow], code[p_all])).sum()),
+        "primary_without_shadow": int(np.isin(arm[lonely], np.unique(arm[p_pos])).sum()),
+        "shadow_dropped": int((is_shadow & dropped_rows).sum()),
+        "primary_failed": int(failed.sum()),
+        "duplicates": dup_p + dup_s,
+    }
+    if len(p_pos) == 0:
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
+        empty.attrs = attrs
+        return empty
+
+    def col(name: str, pos: np.ndarray) -> pd.Series:
+        return _take(df[name], pos)
+
+    outputs = [c for c in ("probs", "topk_index", "topk_prob") if c in df.columns]
+    p_side = pd.DataFrame({c: col(c, p_pos) for c in outputs})
+    s_side = pd.DataFrame({c: col(c, s_pos) for c in outputs})
+    classes = _class_count(p_side, s_side)
+    p_probs, p_have = _probability_matrix(p_side, classes)
+    s_probs, s_have = _probability_matrix(s_side, classes)
+    del p_side, s_side
+    top1 = df["top1"].to_numpy(np.float64, na_value=np.nan)
+    shadow_top1 = top1[s_pos]
+    shadow_ok = ok_rows[s_pos]
+    image = col("image_sha256", p_pos)
+    out = pd.DataFrame(
+        {
+            "time": col("time", p_pos),
+            "request_id": col("request_id", p_pos),
+            "item": col("item", p_pos),
+            "trace_id": col("trace_id", p_pos),
+            "span_id": col("span_id", s_pos),
+            "model": col("model", p_pos),
+            "primary_version": col("version", p_pos),
+            "shadow_version": col("version", s_pos),
+            "image_sha256": image.fillna(col("image_sha256", s_pos)) if image.isna().any() else image,
+            "primary_top1": top1[p_pos].astype(np.int32),
+            "shadow_top1": shadow_top1.astype(np.int32)
+            if shadow_ok.all()
+            else np.where(shadow_ok, shadow_top1, np.nan),
+            "primary_probs": _rows(p_probs, p_have),
+            "shadow_probs": _rows(s_probs, s_have & shadow_ok),
+            "primary_latency_ms": col("latency_ms", p_pos),
+            "shadow_latency_ms": col("latency_ms", s_pos),
+            "shadow_error": col("outcome", s_pos).where(~shadow_ok),
+            "user_id": col("user_id", p_pos),
+            "device_type": col("device_type", p_pos),
+            "tenant": col("tenant", p_pos),
+            "meta": col("meta", p_pos),
+        }
+    )
+    out.attrs = attrs
+    return out
+
+
+def _rows(matrix: np.ndarray, have: np.ndarray) -> np.ndarray:
+    """An object column of the matrix's row views (None where a row has no vector)."""
+    out = np.empty(len(matrix), dtype=object)
+    out[:] = list(matrix)
+    out[~have] = None
+    return out

@@ -1,0 +1,697 @@
+"""The prediction log: records, masking, layout, complete-or-absent files, the reader and the joins,
+on a local folder and on an S3 API served on loopback; real servers sharing one log."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from include.rollout.audit import audit
+from model_server import predictionlog
+from model_server.app import is_shadow_host
+from model_server.masking import DETECTORS, KeyRing, Masker, create_key_file, find_sensitive
+from model_server.predictionlog import (
+    GATE_COLUMNS,
+    PAIR_COLUMNS,
+    SCHEMA,
+    Inference,
+    Label,
+    PredictionLog,
+    joined,
+    read,
+    shadow_pairs,
+    unmatched_labels,
+)
+from tests.model_server.conftest import BUCKET
+from tests.model_server.test_masking import sensitive_values
+from tests.model_server.test_routing import TOKEN, infer, put_policy
+
+NOW = datetime.now(UTC)
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"  # the W3C example: no digit run a detector could read
+IMAGES = np.array([b"\x89PNG-a", b"\x89PNG-b"], dtype=object)
+MIRROR_ALL = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+
+
+def window(minutes: float = 10) -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
+    return now - timedelta(minutes=minutes), now + timedelta(minutes=minutes)
+
+
+def keys_file(tmp_path, tenants: dict[str, str] | None = None):
+    path = tmp_path / "keys.json"
+    path.write_text(
+        json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": tenants or {}})
+    )
+    return path
+
+
+def writer(tmp_path, uri=None, keys=None, **kw) -> PredictionLog:
+    masker = Masker(KeyRing(keys or keys_file(tmp_path)), ["x-user-id"])
+    return PredictionLog(uri or tmp_path / "log", masker, replica="test-1", compression=None, **kw)
+
+
+def primary(
+    rid: str = "r-1",
+    metadata: dict[str, str] | None = None,
+    when: float | None = None,
+    scores=None,
+    version: str = "1",
+    model: str = "digits",
+    outcome: str = "ok",
+    role: str = "primary",
+    route: str = "route",
+) -> Inference:
+    if scores is None and outcome == "ok":
+        scores = np.eye(10, dtype=np.float32)[[3, 7]]
+    return Inference(
+        when or time.time(), model, version, role, route, rid, TRACE, "00f067aa0ba902b7", 1.5, outcome,
+        scores, IMAGES, True, metadata or {}, 2,
+    )  # fmt: skip
+
+
+def shadow(rid: str = "r-1", scores=None, outcome: str = "ok", when: float | None = None) -> Inference:
+    if scores is None and outcome == "ok":
+        scores = np.eye(10, dtype=np.float32)[[3, 2]]
+    rec = primary(
+        rid, {"x-user-id": "alice"}, when, scores, "2", outcome=outcome, role="shadow", route="mirror"
+    )
+    return rec._replace(latency_ms=None if outcome == "DROPPED" else 4.0, span_id="b7ad6b7169203331")
+
+
+@pytest.fixture(params=["folder", "s3"])
+def log_uri(request, tmp_path):
+    """The same tests on a local folder and on S3 (moto on loopback, pyarrow's S3 client)."""
+    if request.param == "folder":
+        return str(tmp_path / "log")
+    return request.getfixturevalue("s3").uri()
+
+
+def put_file(uri: str, relative: str, data: bytes) -> None:
+    fs, root = predictionlog._filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(f"{root}/{relative.rsplit('/', 1)[0]}")
+    with fs.open_output_stream(f"{root}/{relative}") as f:
+        f.write(data)
+
+
+def files(uri: str) -> list[str]:
+    fs, root = predictionlog._filesystem(uri)
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) + 1 :] for i in found if i.type == pafs.FileType.File)
+
+
+# -- the writer and the reader --------------------------------------------------------------------
+
+
+def test_one_row_per_item_with_top_k_probabilities_and_masked_metadata(log_uri, tmp_path):
+    w = writer(tmp_path, log_uri)
+    w.append(primary(metadata={"x-user-id": "alice", "x-tenant": "acme", "x-device-type": "ios"}))
+    w.append(shadow())
+    assert w.flush() == 4
+    df = read(log_uri, *window())
+    p = df[df["role"] == "primary"].sort_values("item")
+    assert list(p["item"]) == [0, 1]
+    assert list(p["top1"]) == [3, 7]
+    assert list(p["top1_prob"]) == [1.0, 1.0]
+    assert list(p["topk_index"].iloc[0][:1]) == [3]
+    assert len(p["topk_index"].iloc[0]) == 5
+    assert len(p["probs"].iloc[0]) == 10  # 10 classes: at most --prediction-log-full-max, kept whole
+    assert p["image_sha256"].iloc[0] == hashlib.sha256(b"\x89PNG-a").hexdigest()
+    assert p["user_id"].iloc[0].startswith("tok_")  # a configured header: masked whole
+    assert p["device_type"].iloc[0] == "ios"
+    assert p["tenant"].iloc[0] == "acme"
+    assert set(p["replica"]) == {"test-1"}
+    assert set(p["route"]) == {"route"}
+    s = df[df["role"] == "shadow"]
+    assert set(s["route"]) == {"mirror"}
+    assert list(s.sort_values("item")["top1"]) == [3, 2]
+    assert list(df.columns) == SCHEMA.names
+
+
+def test_many_classes_keep_the_top_k_and_logits_become_probabilities(tmp_path):
+    w = writer(tmp_path, topk=3, full_max=32)
+    logits = np.linspace(-5, 5, 1000, dtype=np.float32)[None]  # one item, 1000 classes, raw logits
+    w.append(primary("big", scores=logits, model="resnet_bench"))
+    w.append(shadow("big", scores=logits[:, ::-1].copy())._replace(model="resnet_bench"))
+    w.flush()
+    df = read(tmp_path / "log", *window(), model="resnet_bench")
+    p = df[df["role"] == "primary"].iloc[0]
+    assert p["probs"] is pd.NA  # over 32 classes: only the top-k (list columns are Arrow-backed)
+    assert list(p["topk_index"]) == [999, 998, 997]
+    expected = np.exp(5.0) / np.exp(np.linspace(-5, 5, 1000)).sum()
+    assert p["top1_prob"] == pytest.approx(expected, rel=1e-4)  # softmax of the logits
+    pairs = shadow_pairs(df)
+    assert len(pairs) == 1
+    rebuilt = pairs["primary_probs"].iloc[0]
+    assert rebuilt.shape == (1000,)
+    assert rebuilt[999] == pytest.approx(expected, rel=1e-4)
+    assert rebuilt.sum() == pytest.approx(1.0, abs=1e-4)  # the rest of the mass spread evenly
+    assert pairs["shadow_top1"].iloc[0] == 0
+
+
+def test_failed_and_dropped_shadow_copies_are_records(tmp_path):
+    w = writer(tmp_path)
+    w.append(primary("ok-1"))
+    w.append(shadow("ok-1"))
+    w.append(primary("fault-1"))
+    w.append(shadow("fault-1", outcome="FAULT"))
+    w.append(primary("dropped-1"))
+    w.append(shadow("dropped-1", outcome="DROPPED"))
+    w.append(shadow("orphan-1"))  # its primary never reached the log
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    failed = df[(df["role"] == "shadow") & (df["outcome"] == "FAULT")]
+    assert failed["top1"].isna().all()
+    assert len(failed) == 2
+    pairs = shadow_pairs(df)
+    assert list(pairs.columns) == PAIR_COLUMNS
+    assert sorted(set(pairs["request_id"])) == ["fault-1", "ok-1"]
+    errors = pairs[pairs["shadow_error"].notna()]
+    assert set(errors["shadow_error"]) == {"FAULT"}
+    assert errors["shadow_probs"].isna().all()
+    assert pairs.attrs["shadow_dropped"] == 2  # two items
+    assert pairs.attrs["shadow_without_primary"] == 2
+    assert pairs.attrs["primary_without_shadow"] == 2  # dropped-1's items have no answer to pair
+
+
+def test_records_land_in_their_model_and_hour_and_only_those_folders_are_read(tmp_path):
+    w = writer(tmp_path)
+    base = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
+    for hours in (0, 1, 2):
+        w.append(primary(f"r{hours}", when=(base + timedelta(hours=hours)).timestamp()))
+    w.append(primary("other", when=base.timestamp(), model="resnet_bench", scores=np.eye(4)[[1]]))
+    w.flush()
+    folders = sorted({f.rsplit("/", 1)[0] for f in files(str(tmp_path / "log"))})
+    assert folders == [
+        "model=digits/dt=2026-11-25/hour=10",
+        "model=digits/dt=2026-11-25/hour=11",
+        "model=digits/dt=2026-11-25/hour=12",
+        "model=resnet_bench/dt=2026-11-25/hour=10",
+    ]
+    name = files(str(tmp_path / "log"))[0].rsplit("/", 1)[1]
+    assert name.startswith("part-test-1-")
+    assert name.endswith(".parquet")
+    # Garbage outside the range proves the reader never opens folders out of range.
+    put_file(str(tmp_path / "log"), "model=digits/dt=2026-11-25/hour=09/part-x-1-garbage.parquet", b"junk")
+    df = read(tmp_path / "log", base + timedelta(minutes=30), base + timedelta(hours=1, minutes=31))
+    assert sorted(set(df["request_id"])) == ["r1"]
+    assert df.attrs["skipped_files"] == 0
+    assert read(tmp_path / "log", base - timedelta(hours=5), base - timedelta(hours=4)).empty
+    assert set(read(tmp_path / "log", base, base + timedelta(hours=3), model="resnet_bench")["model"]) == {
+        "resnet_bench"
+    }
+    assert read(tmp_path / "log", base, base + timedelta(hours=1)).attrs["skipped_files"] == 0
+    assert read(tmp_path / "log", base - timedelta(hours=1), base).attrs["skipped_files"] == 1
+
+
+def test_columns_are_projected_and_time_always_comes_along(tmp_path):
+    w = writer(tmp_path)
+    w.append(primary())
+    w.flush()
+    df = read(tmp_path / "log", *window(), columns=["model", "top1"])
+    assert list(df.columns) == ["time", "model", "top1"]
+    gate = read(tmp_path / "log", *window(), columns=GATE_COLUMNS, roles=["primary"])
+    assert list(gate.columns) == GATE_COLUMNS
+    assert len(gate) == 2
+    # A file whose meta column has the wrong type is read when meta is not asked for, skipped when it is.
+    bad = pq.read_table(next((tmp_path / "log").rglob("part-*.parquet")))
+    bad = bad.set_column(bad.schema.get_field_index("meta"), "meta", pa.array([1, 2], pa.int64()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(bad, sink)
+    folder = next((tmp_path / "log").rglob("hour=*"))
+    (folder / "part-other-1-x.parquet").write_bytes(sink.getvalue().to_pybytes())
+    assert len(read(tmp_path / "log", *window(), columns=["top1"])) == 4
+    everything = read(tmp_path / "log", *window())
+    assert len(everything) == 2
+    assert everything.attrs["skipped_files"] == 1
+    assert "wrong schema: column meta" in next(iter(everything.attrs["skipped_file_reasons"].values()))
+    with pytest.raises(ValueError, match="unknown prediction log column"):
+        read(tmp_path / "log", *window(), columns=["nope"])
+
+
+def test_naive_datetimes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="timezone-aware"):
+        read(tmp_path, datetime(2026, 1, 1), datetime(2026, 1, 2))
+
+
+def test_truncated_garbage_and_malformed_records_are_skipped_and_counted(log_uri, tmp_path, caplog):
+    w = writer(tmp_path, log_uri)
+    w.append(primary("good"))
+    w.flush()
+    good = files(log_uri)[0]
+    folder = good.rsplit("/", 1)[0]
+    fs, root = predictionlog._filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{good}") as f:
+        data = f.read()
+    put_file(log_uri, f"{folder}/part-x-1-truncated.parquet", data[: len(data) // 2])
+    put_file(log_uri, f"{folder}/part-x-1-garbage.parquet", b"PAR1 this is not parquet")
+    put_file(log_uri, f"{folder}/.part-x-1-temp.parquet.tmp", b"half written")  # hidden: never read
+    malformed = pq.read_table(pa.BufferReader(data)).to_pylist()
+    malformed[0]["role"] = "weird"
+    malformed[1]["request_id"] = None
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(malformed, schema=SCHEMA), sink)
+    put_file(log_uri, f"{folder}/part-x-1-malformed.parquet", sink.getvalue().to_pybytes())
+    df = read(log_uri, *window())
+    assert set(df["request_id"]) == {"good"}
+    assert len(df) == 2
+    assert df.attrs["skipped_files"] == 2
+    assert df.attrs["skipped_records"] == 2
+    assert df.attrs["files_read"] == 2
+    reasons = df.attrs["skipped_file_reasons"]
+    assert sorted(p.rsplit("/", 1)[1] for p in reasons) == [
+        "part-x-1-garbage.parquet",
+        "part-x-1-truncated.parquet",
+    ]
+    assert all(r.startswith("unreadable") for r in reasons.values())
+    assert "part-x-1-truncated.parquet skipped" in caplog.text
+
+
+def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
+    w = writer(tmp_path)
+    w.append(primary())
+    before = predictionlog.RECORDS.labels("error")._value.get()
+
+    def crash(fd):
+        raise OSError("disk pulled")
+
+    monkeypatch.setattr(predictionlog.os, "fsync", crash)  # after the bytes, before the rename
+    assert w.flush() == 0
+    assert [p for p in (tmp_path / "log").rglob("*") if p.is_file()] == []
+    assert predictionlog.RECORDS.labels("error")._value.get() == before + 2
+
+
+def test_each_file_is_one_put_on_s3(s3, tmp_path):
+    """A single PUT is atomic: the object exists whole or not at all (a multipart upload is too,
+    but needs its completion; the writer uses neither partial writes nor multipart)."""
+    uri = s3.uri()
+    w = writer(tmp_path, uri)
+    for i in range(100):
+        w.append(primary(f"r{i}"))
+    assert w.flush() == 200
+    (name,) = [f.rsplit("/", 1)[1] for f in files(uri)]
+    requests_for_it = [line for line in s3.log.read_text().splitlines() if name in line]
+    assert len(requests_for_it) == 1
+    assert '"PUT ' in requests_for_it[0]
+    assert "upload" not in requests_for_it[0]
+
+
+def test_a_failed_put_is_counted_and_the_writer_goes_on(s3, tmp_path):
+    missing = s3.uri().replace(f"s3://{BUCKET}/", "s3://no-such-bucket/")
+    w = writer(tmp_path, missing)
+    w.append(primary())
+    before = predictionlog.RECORDS.labels("error")._value.get()
+    assert w.flush() == 0  # the PUT fails: counted, logged, nothing raised into the thread
+    assert predictionlog.RECORDS.labels("error")._value.get() == before + 2
+    good = writer(tmp_path, s3.uri())
+    good.append(primary())
+    assert good.flush() == 2
+
+
+def test_large_flushes_are_split_into_files_under_the_put_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictionlog, "MAX_FILE_BYTES", 16384)
+    w = writer(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(500):  # random answers: nothing for Parquet's dictionaries to fold
+        w.append(primary(f"r{i}", scores=rng.dirichlet(np.ones(10), 2).astype(np.float32)))
+    assert w.flush() == 1000
+    written = list((tmp_path / "log").rglob("part-*.parquet"))
+    assert len(written) > 1
+    assert all(f.stat().st_size <= 16384 for f in written)
+    assert len(read(tmp_path / "log", *window())) == 1000
+
+
+def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_path):
+    keys = keys_file(tmp_path, {"acme": "bad"})
+    w = writer(tmp_path, keys=keys)
+    before = predictionlog.RECORDS.labels("mask_unavailable")._value.get()
+    w.append(primary("acme-1", {"x-tenant": "acme", "x-meta-phone": "13800138000"}))
+    w.append(primary("globex-1", {"x-tenant": "globex", "x-meta-phone": "13800138000"}))
+    w.append(Label(time.time(), "digits", None, "acme-2", [1], "acme"))
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    assert set(df["request_id"]) == {"globex-1"}
+    assert predictionlog.RECORDS.labels("mask_unavailable")._value.get() == before + 3
+    for f in (tmp_path / "log").rglob("*.parquet"):
+        assert b"13800138000" not in f.read_bytes()
+
+
+def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
+    w = writer(tmp_path, max_pending=2)
+    before = predictionlog.RECORDS.labels("dropped")._value.get()
+    assert w.append(primary("a"))
+    assert w.append(primary("b"))
+    assert not w.append(primary("c"))
+    assert predictionlog.RECORDS.labels("dropped")._value.get() == before + 2  # its two items
+    assert w.flush() == 4
+
+
+def test_sampling_is_a_stable_share_of_request_ids(tmp_path):
+    half = writer(tmp_path, sample=0.5)
+    ids = [f"req-{i}" for i in range(10_000)]
+    kept = [i for i in ids if half.sampled(i)]
+    assert 4_700 < len(kept) < 5_300
+    again = writer(tmp_path, sample=0.5)
+    assert kept == [i for i in ids if again.sampled(i)]  # the same on every replica and restart
+    assert not any(writer(tmp_path, sample=0.0).sampled(i) for i in ids[:100])
+
+
+def test_replica_ids_and_settings_are_validated(tmp_path):
+    masker = Masker(KeyRing(keys_file(tmp_path)))
+    for bad in ("a/b", "", "x" * 65, "a b"):
+        with pytest.raises(ValueError, match="replica id"):
+            PredictionLog(tmp_path / "log", masker, replica=bad)
+    with pytest.raises(ValueError, match="sample"):
+        PredictionLog(tmp_path / "log", masker, replica="ok", sample=1.5)
+
+
+def test_joined_pairs_primary_shadow_and_labels_and_reports_the_unmatched(tmp_path):
+    w = writer(tmp_path)
+    w.append(primary("p-1"))
+    w.append(shadow("p-1"))
+    w.append(primary("p-2"))
+    w.append(Label(time.time(), "digits", None, "p-1", [3, 9], None))
+    w.append(Label(time.time() + 1, "digits", None, "p-1", [4, 4], None))  # a second label: counted
+    w.append(Label(time.time(), "digits", None, "never-served", [5], None))
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    j = joined(df)
+    assert len(j) == 4  # one row per primary record
+    p1 = j[j["request_id"] == "p-1"].sort_values("item")
+    assert list(p1["label"]) == [3, 9]  # the earliest label
+    assert list(p1["shadow_top1"]) == [3, 2]
+    assert list(p1["shadow_version"]) == ["2", "2"]
+    assert j[j["request_id"] == "p-2"]["label"].isna().all()
+    assert j.attrs["unmatched_labels"] == 1
+    assert j.attrs["duplicate_labels"] == 2
+    lost = unmatched_labels(df)
+    assert list(lost["request_id"]) == ["never-served"]
+    assert list(lost["label"]) == [5]
+
+
+metadata_values = st.lists(
+    st.tuples(
+        st.sampled_from(["x-meta-note", "x-meta-contact", "x-device-type", "x-tenant"]),
+        st.tuples(st.text("abc -:", max_size=6), sensitive_values),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(metadata_values)
+def test_property_no_detector_match_in_any_byte_of_any_file(tmp_path, entries):
+    w = writer(tmp_path)  # uncompressed: a plaintext value would be visible as bytes
+    metadata = {name: f"{pre} {value}" for name, (pre, value) in entries}
+    rid = entries[0][1][1]  # even the request id carries one
+    w.append(primary(rid, metadata))
+    w.append(shadow(rid)._replace(metadata=metadata))
+    w.append(Label(time.time(), "digits", None, rid, [1, 2], metadata.get("x-tenant")))
+    assert w.flush() == 6
+    for f in (tmp_path / "log").rglob("*.parquet"):
+        data = f.read_bytes().decode("latin-1")
+        for _, value in entries:
+            assert value[1] not in data
+        for name, pattern in DETECTORS:
+            assert pattern.search(data) is None, name
+        df = pq.read_table(f).to_pandas()
+        for column in ("request_id", "user_id", "device_type", "tenant", "meta"):
+            for cell in df[column].dropna():
+                assert find_sensitive(cell) == []
+        # The label's request id is masked like the prediction's, so the reader joins them.
+        assert (
+            df[df["role"] == "label"]["request_id"].iloc[0]
+            == df[df["role"] == "primary"]["request_id"].iloc[0]
+        )
+    for f in (tmp_path / "log").rglob("*.parquet"):
+        f.unlink()
+
+
+@pytest.mark.parametrize(
+    ("host", "shadow"),
+    [
+        ("digits.ml.svc-shadow:8000", True),  # Envoy: the suffix goes on the host, before the port
+        ("digits-shadow", True),
+        ("digits.ml.svc:8000-shadow", True),  # Envoy before 2018
+        ("[::1]-shadow:8000", True),
+        ("127.0.0.1:8000", False),
+        ("shadow.example.com", False),
+        ("digits-shadowy:8000", False),
+        (None, False),
+    ],
+)
+def test_shadow_hosts_are_recognised_as_envoy_writes_them(host, shadow):
+    assert is_shadow_host(host) is shadow
+
+
+# -- real servers ------------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.integration
+def test_server_logs_masked_records_with_the_trace_of_the_primary(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    log_dir = tmp_path / "predictions"
+    # The deprecated names of --prediction-log and its flush interval still work.
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--shadow-log", str(log_dir),
+                       "--shadow-log-flush-s", "0.2", "--mask-header", "x-user-id", "--access-log",
+                       token=TOKEN)  # fmt: skip
+    keys = tmp_path / "predictions.mask-keys.json"
+    assert oct(keys.stat().st_mode & 0o777) == "0o600"  # created on first start
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    sent = {}
+    for i in range(10):
+        image = digit_images[i][0]
+        r = infer(s, image, {"X-User-ID": f"user-{i}", "X-Tenant": "acme", "X-Device-Type": "android",
+                             "X-Meta-Contact": "li.wei@example.com, 13800138000"})  # fmt: skip
+        sent[r.headers["X-Request-ID"]] = (
+            r.headers["traceparent"].split("-")[1],
+            hashlib.sha256(image).hexdigest(),
+        )
+    start = NOW - timedelta(hours=1)
+    assert wait_for(
+        lambda: len(shadow_pairs(read(log_dir, start, datetime.now(UTC) + timedelta(minutes=1)))) == 10
+    )
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=20)
+    df = read(log_dir, start, datetime.now(UTC) + timedelta(minutes=1))
+    assert sorted(df["role"].value_counts().items()) == [("primary", 10), ("shadow", 10)]
+    assert (df["latency_ms"] > 0).all()
+    assert set(df["outcome"]) == {"ok"}
+    pairs = shadow_pairs(df)
+    assert len(pairs) == 10
+    for row in pairs.itertuples():
+        trace_id, sha = sent[row.request_id]
+        assert row.trace_id == trace_id  # the same trace on the primary response and both records
+        assert row.image_sha256 == sha
+        assert row.user_id.startswith("tok_")
+        assert "example.com" not in row.meta
+        assert "13800138000" not in row.meta
+    assert set(df["trace_id"]) == {t for t, _ in sent.values()}
+    access = [json.loads(line.split("model_server.access: ", 1)[1]) for line in s.log.read_text().splitlines()
+              if "model_server.access: " in line]  # fmt: skip
+    for rid, (trace_id, sha) in sent.items():
+        paths = {a["path"]: a for a in access if a["request_id"] == rid}
+        assert set(paths) == {"primary", "shadow"}
+        assert {a["trace_id"] for a in paths.values()} == {trace_id}
+        assert all(a["image_sha256"] == [sha] for a in paths.values())
+    for f in log_dir.rglob("*"):
+        if f.is_file():
+            assert b"13800138000" not in f.read_bytes()
+            assert b"li.wei" not in f.read_bytes()
+
+
+@pytest.mark.integration
+def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp_path, digit_images):
+    log_dir = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
+                       "--prediction-log-flush-s", "0.01", token=TOKEN)  # fmt: skip
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    for i in range(150):
+        infer(s, digit_images[i % 50][0])
+    s.proc.send_signal(signal.SIGKILL)  # no clean shutdown: whatever was mid-write stays mid-write
+    s.proc.wait(timeout=10)
+    found = list(log_dir.rglob("part-*.parquet"))
+    assert found
+    for f in found:
+        assert pq.read_table(f).num_rows > 0  # every visible file is complete
+    df = read(log_dir, NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert df.attrs["skipped_files"] == 0
+    assert 0 < (df["role"] == "primary").sum() <= 150
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("storage", ["folder", "s3"])
+def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
+    storage, request, server_factory, repo_copy, tmp_path, digit_images
+):
+    uri = str(tmp_path / "predictions") if storage == "folder" else request.getfixturevalue("s3").uri()
+    keys = tmp_path / "keys.json"
+    create_key_file(keys)
+    ring = json.loads(keys.read_text())
+    ring["tenants"] = {"acme": base64.b64encode(os.urandom(32)).decode()}  # acme's own key
+    keys.write_text(json.dumps(ring))
+    common = ("--prediction-log", uri, "--mask-keys", str(keys), "--prediction-log-flush-s", "0.2")
+    a = server_factory(
+        repo_copy, "--state-dir", str(tmp_path / "a"), *common, "--replica-id", "replica-a", token=TOKEN
+    )
+    b = server_factory(
+        repo_copy, "--state-dir", str(tmp_path / "b"), *common, "--replica-id", "replica-b", token=TOKEN
+    )
+    for s in (a, b):
+        s.load_versions("digits", 1, 2)
+        assert put_policy(s, MIRROR_ALL).status_code == 200
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    truth = {}
+    for i in range(12):  # request ids carry a phone number: masked, under acme's key
+        image, label = digit_images[i]
+        rid = f"ra-{i}-13800138{i:03d}"
+        assert infer(a, image, {"X-Request-ID": rid, "X-Tenant": "acme"}).status_code == 200
+        truth[rid] = label
+    for i in range(8):
+        assert infer(b, digit_images[20 + i][0], {"X-Request-ID": f"rb-{i}"}).status_code == 200
+    labelled = list(truth)[:6]
+    r = requests.post(f"{b.http}/v2/models/digits/feedback", headers={"X-Tenant": "acme"}, timeout=10,
+                      json=[{"request_id": rid, "label": truth[rid]} for rid in labelled])  # fmt: skip
+    assert r.status_code == 200
+    for answer in r.json()["results"]:  # b never served these: accepted into the log, not counted
+        assert answer["status"] == 200
+        assert answer["matched_locally"] is False
+        assert answer["logged"] is True
+    rid6 = list(truth)[6]
+    r = requests.post(
+        f"{a.http}/v2/models/digits/feedback", json={"request_id": rid6, "label": truth[rid6]}, timeout=10
+    )
+    assert r.json()["matched_locally"] is True
+    assert r.json()["version"] == "1"
+    r = requests.post(
+        f"{b.http}/v2/models/digits/feedback", json={"request_id": "never-served", "label": 4}, timeout=10
+    )
+    assert r.status_code == 200
+    assert r.json()["matched_locally"] is False
+    assert (b.metric("feedback_total", model="digits", version="1") or 0) == 0  # b's live view: its own
+    assert a.metric("feedback_total", model="digits", version="1") == 1
+    assert wait_for(
+        lambda: (a.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 12
+    )
+    assert wait_for(
+        lambda: (b.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 8
+    )
+    a.stop()  # SIGTERM: each flushes what it holds
+    b.stop()
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    df = read(uri, start, end)
+    assert df.attrs["skipped_files"] == 0
+    assert {name.rsplit("/", 1)[1].split("-")[1] + "-" + name.rsplit("/", 1)[1].split("-")[2]
+            for name in files(uri)} == {"replica-a", "replica-b"}  # fmt: skip
+    assert set(df["replica"]) == {"replica-a", "replica-b"}
+    j = joined(df)
+    assert len(j) == 20
+    with_label = j[j["label"].notna()]
+    assert len(with_label) == 7  # six labelled through b, one through a
+    assert set(with_label["replica"]) == {"replica-a"}
+    assert not any("13800138" in rid for rid in df["request_id"])  # masked, yet joined
+    assert j.attrs["unmatched_labels"] == 1
+    assert list(unmatched_labels(df)["request_id"]) == ["never-served"]
+    assert set(j["shadow_version"]) == {"2"}
+    result = audit(uri, start, end, "digits")
+    assert result.rows == 20  # every request of both replicas paired with its shadow by request id
+    assert result.versions == {"primary": ["1"], "shadow": ["2"]}
+    assert result.shadow_without_primary == 0
+    assert result.primary_without_shadow == 0
+    assert result.shadow_dropped == 0
+
+
+@pytest.mark.integration
+def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy, tmp_path, digit_images):
+    """What Istio's mirror sends (Host with -shadow) is logged and counted as shadow, never as primary."""
+    log_dir = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
+                       "--prediction-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
+    hosts = ["digits.ml.svc.cluster.local-shadow:8000", "digits-shadow", f"127.0.0.1:{s.port}-shadow"]
+    for i, host in enumerate(hosts):
+        r = infer(s, digit_images[i][0], {"Host": host, "X-Request-ID": f"mirrored-{i}"})
+        assert r.status_code == 200
+    assert infer(s, digit_images[5][0], {"X-Request-ID": "direct-1"}).status_code == 200
+    assert s.metric("nv_inference_request_success", model="digits", version="1") == 1  # the direct one only
+    assert (
+        s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="shadow")
+        == 3
+    )
+    assert (
+        s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="primary")
+        == 1
+    )
+    assert s.metric("shadow_requests_total", model="digits", version="1", outcome="ok") == 3
+    assert (
+        s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="mirror") or 0
+    ) == 0
+    r = requests.post(
+        f"{s.http}/v2/models/digits/feedback", json={"request_id": "mirrored-0", "label": 1}, timeout=10
+    )
+    assert r.json()["matched_locally"] is False  # a shadow copy is not a prediction anyone was served
+    s.stop()
+    df = read(log_dir, NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    inferences = df[df["role"] != "label"]
+    roles = dict(zip(inferences["request_id"], inferences["role"], strict=True))
+    assert roles == {
+        "mirrored-0": "shadow",
+        "mirrored-1": "shadow",
+        "mirrored-2": "shadow",
+        "direct-1": "primary",
+    }
+    assert set(inferences[inferences["role"] == "shadow"]["route"]) == {"mirror"}
+
+
+@pytest.mark.integration
+def test_sampling_spares_mirrored_versions_and_named_versions(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    log_dir = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
+                       "--prediction-log-sample", "0", token=TOKEN)  # fmt: skip
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, {"route": [{"version": "1", "weight": 100}]}).status_code == 200
+    for i in range(5):
+        assert infer(s, digit_images[i][0], {"X-Request-ID": f"plain-{i}"}).status_code == 200
+    assert (
+        infer(s, digit_images[0][0], {"X-Request-ID": "named-0", "X-Model-Version": "2"}).status_code == 200
+    )
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    for i in range(4):
+        assert infer(s, digit_images[i][0], {"X-Request-ID": f"mirrored-{i}"}).status_code == 200
+    assert wait_for(
+        lambda: (s.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 4
+    )
+    s.stop()
+    df = read(log_dir, NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    kept = df.groupby("role")["request_id"].apply(lambda x: sorted(set(x))).to_dict()
+    assert kept["primary"] == ["mirrored-0", "mirrored-1", "mirrored-2", "mirrored-3", "named-0"]
+    assert kept["shadow"] == ["mirrored-0", "mirrored-1", "mirrored-2", "mirrored-3"]

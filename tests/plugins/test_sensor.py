@@ -1,0 +1,124 @@
+"""wait_for_metrics against a real model server writing its prediction log, scraped by a real
+Prometheus, under live load: pokes, verdicts, a retry, a breach."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+from include.rollout.local import local_connections, start_prometheus
+from include.rollout.spec import RolloutSpec
+from model_server.loadgen import LoadConfig, run
+
+pytestmark = pytest.mark.integration
+LOOSE = {"latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}
+
+
+class TaskInstance:
+    """What the sensor uses of its task instance: XCom pushes."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.pushed[key] = value
+
+
+@pytest.fixture
+def stage(server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
+    """Versions 1 and 2 split 50/50 with live traffic; the connections the sensor reads."""
+    import shutil
+
+    shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
+    log_dir = tmp_path / "predictions"
+    server = server_factory(repo_copy, "--prediction-log", str(log_dir), "--prediction-log-flush-s", "0.5", token="t")
+    server.load_versions("digits", 1, 2)
+    requests.put(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10,
+                 json={"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]})  # fmt: skip
+    prom = start_prometheus([server.url], tmp_path / "prometheus")
+    for conn_id, fields in local_connections(server, prom.url, repo_copy, log_dir, tmp_path / "run").items():
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
+    stop = threading.Event()
+    started = time.time()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            run(LoadConfig(url=server.url, validation=repo_copy / "digits" / "validation", rate=40, duration_s=1,
+                           feedback_share=0))  # fmt: skip
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    yield server, log_dir, started
+    stop.set()
+    t.join(timeout=30)
+    prom.stop()
+
+
+def params(**kw) -> dict:
+    return RolloutSpec.from_dict({"candidate_version": "2", "stages": [50, 100], "min_samples": 40,
+                                  "looks_per_stage": 2, **LOOSE, **kw}).to_dict()  # fmt: skip
+
+
+def poke(p: dict, started: float, ti: TaskInstance | None = None):
+    from rollout_airflow.sensors import StageMetricsSensor
+
+    sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=0, applied={"started": started})
+    return sensor.poke({"params": p, "run_id": "manual__test", "ti": ti or TaskInstance()})
+
+
+def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
+    from model_server.predictionlog import read
+
+    server, log_dir, started = stage
+    result = poke(params(bake_seconds=600, max_stage_seconds=900), started)
+    assert result.is_done is False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        from datetime import UTC, datetime, timedelta
+
+        now = datetime.now(UTC)
+        df = read(str(log_dir), now - timedelta(minutes=5), now + timedelta(minutes=1), model="digits")
+        replayed = df[(df["route"] == "version") & (df["role"] == "primary")]
+        if len(replayed) >= 2 * 450:
+            break
+        time.sleep(0.5)
+    assert set(replayed["version"]) == {"1", "2"}  # the validation replay reached both versions
+    assert replayed["image_sha256"].nunique() == 450
+
+
+def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
+    server, _, started = stage
+    p = params(bake_seconds=8, max_stage_seconds=60)
+    deadline = time.monotonic() + 90
+    while not (result := poke(p, started)).is_done:
+        assert time.monotonic() < deadline, "the stage never decided"
+        time.sleep(2)
+    verdict = result.xcom_value
+    assert verdict["decision"] == "pass", verdict["summary"]
+    assert verdict["bake"]["served"]["canary"]["live"] >= 40  # the live arm, from the log
+    assert verdict["checks"][0]["name"] == "evidence"
+    again = poke(p, started).xcom_value  # what a retried task computes: the same looks, the same verdict
+    assert (again["look"], again["decision"], again["checks"][0]["sentence"]) == (
+        verdict["look"], verdict["decision"], verdict["checks"][0]["sentence"])  # fmt: skip
+
+
+def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    server, _, started = stage
+    requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
+                 headers=server.admin, timeout=10)  # fmt: skip
+    p = params(bake_seconds=600, max_stage_seconds=900, p99_breach_seconds=3)
+    ti = TaskInstance()
+    deadline = time.monotonic() + 90
+    with pytest.raises(AirflowFailException, match="hard guard tripped: Canary P99"):  # noqa: PT012
+        while time.monotonic() < deadline:
+            assert poke(p, started, ti).is_done is False
+            time.sleep(2)
+    assert "Canary P99" in str(ti.pushed["failure"])  # the rollback report names it
+    routes = requests.get(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10).json()
+    assert routes == {"route": [{"version": "1", "weight": 100}]}
