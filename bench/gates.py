@@ -43,6 +43,7 @@ from bench.serving import machine  # noqa: E402
 from include.rollout.engine import StageWindow, gate_config, judge_stage  # noqa: E402
 from include.rollout.gates import (  # noqa: E402
     GateConfig,
+    GuardInputs,
     evaluate_gate,
     latency_check,
     nominal_alpha,
@@ -274,7 +275,9 @@ def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -
 LOOSE = {"error_margin": 0.05, "accuracy_margin": 0.02}  # what make demo loosened on main (latency kept)
 
 
-def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str, loose: bool = False) -> tuple[bool, float]:
+def main_rollout(
+    rng: np.random.Generator, spec: RolloutSpec, scenario: str, loose: bool = False
+) -> tuple[bool, float]:
     """The procedure before this engine: every judgement a fresh replay of the validation set
     (latency fresh, correctness the same images), judged at look (stage of len(stages)); a
     "wait" judged again every bake/looks seconds until max_stage_seconds. ``loose``: with the
@@ -287,15 +290,17 @@ def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str, loo
     elapsed = 0.0
     for index, _ in enumerate(spec.stages):
         decision = "wait"
-        for attempt in range(tries):
-            lat = np.exp(rng.normal(math.log(5.0), SIGMA, 2 * IMAGES) + np.repeat([0.0, math.log(ratio)], IMAGES))
+        for attempt in range(tries):  # noqa: B007 (read after the loop: the judgements it took)
+            lat = np.exp(
+                rng.normal(math.log(5.0), SIGMA, 2 * IMAGES) + np.repeat([0.0, math.log(ratio)], IMAGES)
+            )
             df = pd.DataFrame({"arm": np.repeat(["baseline", "canary"], IMAGES), "latency_ms": lat, "error": 0,
                                "correct": np.concatenate([correct[0], correct[1]]).astype(float),
                                "pair_id": np.tile(np.arange(IMAGES), 2)})  # fmt: skip
             drop = float(correct[0].mean() - correct[1].mean())
-            from include.rollout.gates import GuardInputs
-
-            decision = evaluate_gate(df, cfg, index + 1, len(spec.stages), GuardInputs(validation_drop=drop)).decision
+            decision = evaluate_gate(
+                df, cfg, index + 1, len(spec.stages), GuardInputs(validation_drop=drop)
+            ).decision
             if decision != "wait":
                 break
         elapsed += spec.bake_seconds + attempt * interval
@@ -349,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--procedure-sims", type=int, default=400)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                   help="run these; the others are kept from --out, with the date they ran")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="run these; the others are kept from --out, with the date they ran",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gates.json")
     args = p.parse_args(argv)
     runs = {

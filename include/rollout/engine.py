@@ -142,7 +142,9 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame) -> pd.Series:
     rows = records[records["role"] == "label"]
     if rows.empty or live.empty:
         return pd.Series(np.nan, index=live.index)
-    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])["label"]
+    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])[
+        "label"
+    ]
     keys = pd.MultiIndex.from_arrays([live["request_id"], live["item"]])
     return pd.Series(last.reindex(keys).to_numpy(dtype=float), index=live.index)
 
@@ -198,7 +200,9 @@ class StageState:
 
 def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
     counts = samples.groupby(["arm", "source"]).size()
-    return {arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")}
+    return {
+        arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")
+    }
 
 
 def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame) -> float:
@@ -273,12 +277,16 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
     live = samples[samples["source"] == "live"]
     replay = samples[samples["source"] == "replay"]
     n = {arm: int((live["arm"] == arm).sum()) for arm in ("baseline", "canary")}
-    labelled = {arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")}
+    labelled = {
+        arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")
+    }
     images = int(replay["pair_id"].nunique())
     rounds = int((replay["arm"] == "canary").sum())
-    text = (f"Evidence over the first {seconds:.0f} s of the stage: live A/B arms baseline {n['baseline']}, "
-            f"canary {n['canary']} requests ({labelled['baseline']} and {labelled['canary']} with feedback labels); "
-            f"validation replay of {images} images through both versions ({rounds} requests per version).")
+    text = (
+        f"Evidence over the first {seconds:.0f} s of the stage: live A/B arms baseline {n['baseline']}, "
+        f"canary {n['canary']} requests ({labelled['baseline']} and {labelled['canary']} with feedback labels); "
+        f"validation replay of {images} images through both versions ({rounds} requests per version)."
+    )
     return Check("evidence", "info", text, "prediction log records before the look's time", n["baseline"],
                  n["canary"], blocks_pass=False)  # fmt: skip
 
@@ -327,8 +335,10 @@ def projection(spec: RolloutSpec, n: int | None, rate: float) -> str:
     eta = n / rate
     budget = spec.max_stage_seconds
     if eta > budget:
-        return (f" At {rate:.1f} requests/s into the slower arm that takes about {eta:.0f} s: more than "
-                f"max_stage_seconds ({budget} s), so this stage cannot decide in time at this traffic.")
+        return (
+            f" At {rate:.1f} requests/s into the slower arm that takes about {eta:.0f} s: more than "
+            f"max_stage_seconds ({budget} s), so this stage cannot decide in time at this traffic."
+        )
     return f" At {rate:.1f} requests/s into the slower arm that takes about {eta:.0f} s."
 
 
@@ -490,7 +500,9 @@ class Rollout:
             log.info("stage %d%%: %s", weight, state.reason)
             self.sleep(self.poke_s)
         decision = "pass" if state.status == "pass" else "fail"
-        return StageOutcome(weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict)
+        return StageOutcome(
+            weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict
+        )
 
     def run(self) -> RolloutResult:
         outcomes: list[StageOutcome] = []
@@ -516,5 +528,3 @@ def poke_interval(spec: RolloutSpec) -> float:
     """How often a stage is poked: every look interval, but at least every 10 s (the hard guards)
     and at most every 2 s."""
     return min(10.0, max(2.0, look_interval(spec)))
-
-

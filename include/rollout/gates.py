@@ -178,8 +178,17 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["ci"] = [x if math.isfinite(x) else None for x in self.ci] if self.ci else None  # JSON: no infinities
+        d["ci"] = (
+            [x if math.isfinite(x) else None for x in self.ci] if self.ci else None
+        )  # JSON: no infinities
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _interval(raw: list[float | None] | None) -> tuple[float, float] | None:
+    """A JSON interval back: null bounds were infinities (``Check.to_dict``)."""
+    if not raw:
+        return None
+    return (-math.inf if raw[0] is None else raw[0], math.inf if raw[1] is None else raw[1])
 
 
 @dataclass(frozen=True)
@@ -205,8 +214,7 @@ class Verdict:
             Check(
                 **{
                     **{k: v for k, v in c.items() if k in names},
-                    "ci": (-math.inf if c["ci"][0] is None else c["ci"][0],
-                           math.inf if c["ci"][1] is None else c["ci"][1]) if c.get("ci") else None,  # fmt: skip
+                    "ci": _interval(c.get("ci")),
                 }
             )
             for c in d["checks"]

@@ -179,10 +179,14 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
                 )
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
-    raise AirflowFailException(f"the probe's shadow copy {rid} never reached the prediction log {hook.prediction_log}")
+    raise AirflowFailException(
+        f"the probe's shadow copy {rid} never reached the prediction log {hook.prediction_log}"
+    )
 
 
-def look_at_stage(params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
+def look_at_stage(
+    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
+) -> dict[str, Any] | None:
     """One poke of ``wait_for_metrics``: a replay round, then the engine judges the looks due.
 
     None while the stage goes on; its verdict (XCom) once it passed, failed or ended undecided.
@@ -363,7 +367,9 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
     out = Path(hook.extra.get("run_dir", "run")) / "audits" / model / start.strftime("%Y%m%dT%H")
     paths = write_report(result, out)
     chart = paths["plot"].read_bytes() if "plot" in paths else None
-    slack_notifier(channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(audit_message(result, chart))
+    slack_notifier(channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(
+        audit_message(result, chart)
+    )
     return {**result.to_dict(), "report": str(paths["markdown"])}
 
 

@@ -87,7 +87,9 @@ def test_a_look_sees_only_the_records_before_its_time():
 def test_a_late_poke_judges_the_same_looks_to_the_same_verdicts():
     log = records(400, 20, 50, replay_every=20)
     s = spec()
-    at_look_3 = judge_stage(s, WINDOW, log[log["time"] < pd.Timestamp(T0 + 66, unit="s", tz="UTC")], IMAGES, T0 + 66)
+    at_look_3 = judge_stage(
+        s, WINDOW, log[log["time"] < pd.Timestamp(T0 + 66, unit="s", tz="UTC")], IMAGES, T0 + 66
+    )
     later = judge_stage(s, WINDOW, log, IMAGES, T0 + 66)  # records after the poke's time are ignored too
     assert at_look_3.look == later.look == 3
     assert at_look_3.verdict.to_dict() == later.verdict.to_dict()
@@ -97,7 +99,9 @@ def test_an_equal_canary_passes_and_bakes_before_the_stage_passes():
     s = spec()
     log = records(400, 40, 50)
     mid = judge_stage(s, WINDOW, log, IMAGES, T0 + 85)
-    assert mid.status == "waiting" and mid.verdict is not None and mid.verdict.decision == "pass"
+    assert mid.status == "waiting"
+    assert mid.verdict is not None
+    assert mid.verdict.decision == "pass"
     assert "baking until 100 s" in mid.reason
     end = judge_stage(s, WINDOW, log, IMAGES, T0 + 106)
     assert end.status == "pass"
@@ -125,14 +129,16 @@ def test_a_wait_says_how_many_samples_and_how_long():
     s = spec(latency_margin=0.01)
     state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 50)
     assert state.status == "waiting"
-    assert "samples per arm" in state.reason and "requests/s" in state.reason
+    assert "samples per arm" in state.reason
+    assert "requests/s" in state.reason
 
 
 def test_the_last_look_waits_for_min_samples_but_not_past_max_stage_seconds():
     s = spec(min_samples=500)
     log = records(400, 4, 50, replay_every=None)  # about 2 requests/s per arm
     short = judge_stage(s, WINDOW, log, IMAGES, T0 + 150)
-    assert short.status == "waiting" and short.look == 4  # looks 1-4 judged, the last one postponed
+    assert short.status == "waiting"
+    assert short.look == 4
     assert judge_stage(s, WINDOW, log, IMAGES, T0 + 410).look == 5  # max_stage_seconds: judged anyway
 
 
@@ -147,20 +153,23 @@ def test_live_labels_join_by_request_id():
     log = records(100, 20, 50, replay_every=None)
     samples = stage_samples(pd.concat([log, labels_for(log, 1)]), spec(), WINDOW, T0 + 200, IMAGES)
     live = samples[samples["source"] == "live"]
-    assert live["correct"].notna().all() and live["correct"].eq(1.0).all()
+    assert live["correct"].notna().all()
+    assert live["correct"].eq(1.0).all()
 
 
 def test_an_accuracy_drop_in_the_replay_trips_the_guard():
     log = records(100, 20, 50, accuracy=(1.0, 0.95))
     assert replay_drop(stage_samples(log, spec(), WINDOW, T0 + 50, IMAGES)) == pytest.approx(0.05)
     state = judge_stage(spec(), WINDOW, log, IMAGES, T0 + 50)
-    assert state.status == "breach" and "Accuracy drop" in state.reason
+    assert state.status == "breach"
+    assert "Accuracy drop" in state.reason
 
 
 def test_a_p99_breach_from_prometheus_trips_the_guard():
     guards = GuardInputs(p99_series_ms=tuple((T0 + t, 90.0) for t in range(0, 200, 10)))
     state = judge_stage(spec(), WINDOW, records(100, 20, 50), IMAGES, T0 + 50, guards)
-    assert state.status == "breach" and "P99" in state.reason
+    assert state.status == "breach"
+    assert "P99" in state.reason
 
 
 def test_the_full_stage_judges_latency_on_the_replay():
@@ -198,7 +207,9 @@ def scripted(statuses: list[str]):
 
 def test_every_stage_passes_then_promotion():
     router = RecordingRouter()
-    result = Rollout(spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None).run()
+    result = Rollout(
+        spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None
+    ).run()
     assert result.promoted
     assert router.history[0]["route"] == [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]
     assert router.history[-1] == {"route": [{"version": "2", "weight": 100}]}
@@ -207,7 +218,9 @@ def test_every_stage_passes_then_promotion():
 @pytest.mark.parametrize("status", ["fail", "undecided", "breach"])
 def test_a_stage_that_does_not_pass_restores_stable(status):
     router = RecordingRouter()
-    result = Rollout(spec(stages=[5, 50, 100]), router, scripted(["pass", status]), sleep=lambda _: None).run()
+    result = Rollout(
+        spec(stages=[5, 50, 100]), router, scripted(["pass", status]), sleep=lambda _: None
+    ).run()
     assert not result.promoted
     assert [s.decision for s in result.stages] == ["pass", "fail"]
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}

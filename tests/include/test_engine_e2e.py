@@ -46,7 +46,9 @@ def test_the_engine_promotes_2_and_rolls_back_3(served, tmp_path, candidate, pro
     s.load_versions("digits", 1, int(candidate))
     spec = RolloutSpec.from_dict({"candidate_version": candidate, "stages": [50, 100], "bake_seconds": 8,
                                   "max_stage_seconds": 60, "looks_per_stage": 2, "min_samples": 50, **LOOSE})  # fmt: skip
-    router = make_router("local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json")
+    router = make_router(
+        "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
+    )
     judge = StageJudge(spec, s.url, validation, str(log_dir), settle_s=1.5)
     result = Rollout(spec, router, judge, poke_s=2.0).run()
     assert result.promoted is promoted, result.reason

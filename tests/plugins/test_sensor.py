@@ -35,7 +35,9 @@ def stage(server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
     log_dir = tmp_path / "predictions"
-    server = server_factory(repo_copy, "--prediction-log", str(log_dir), "--prediction-log-flush-s", "0.5", token="t")
+    server = server_factory(
+        repo_copy, "--prediction-log", str(log_dir), "--prediction-log-flush-s", "0.5", token="t"
+    )
     server.load_versions("digits", 1, 2)
     requests.put(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10,
                  json={"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]})  # fmt: skip
@@ -73,7 +75,7 @@ def poke(p: dict, started: float, ti: TaskInstance | None = None):
 def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
     from model_server.predictionlog import read
 
-    server, log_dir, started = stage
+    _server, log_dir, started = stage
     result = poke(params(bake_seconds=600, max_stage_seconds=900), started)
     assert result.is_done is False
     deadline = time.monotonic() + 30
@@ -91,7 +93,7 @@ def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
 
 
 def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
-    server, _, started = stage
+    _server, _, started = stage
     p = params(bake_seconds=8, max_stage_seconds=60)
     deadline = time.monotonic() + 90
     while not (result := poke(p, started)).is_done:
