@@ -1,13 +1,13 @@
 """The prediction log's cost: serving with it on vs off, the writer's rate, and reading 1M records.
 
 In one run:
-- serving: two real ``python -m model_server`` processes on loopback, one with
-  ``--prediction-log`` and one without, ``digits`` batch 1 at concurrency 4 through
-  ``tritonclient.http``, in interleaved rounds (the order alternates; before each window the
-  logging server has flushed what the previous one left, so its writer never runs into the
-  other's window). Throughput ratio on/off (of the medians, and the median of each round's
-  ratio), the servers' CPU time per request (the logging one's including its writer's flush of
-  the window's records: the cost that does not depend on the machine's other load), and the
+- serving: real ``python -m model_server`` processes on loopback, one with ``--prediction-log``,
+  one without and a control identical to the latter (the noise floor of this machine),
+  ``digits`` batch 1 at concurrency 4 through ``tritonclient.http``, in interleaved rounds (the
+  order rotates; after each window the logging server has flushed its records, so its writer
+  never runs into another's window). Throughput ratio on/off (of the medians, and the median
+  of each round's ratio), the servers' CPU time per request (the logging one's including its
+  writer's flush of the window's records), the same two ratios for the control, and the
   records the logging server wrote per second of its windows (none dropped);
 - the writer alone: records per second one ``PredictionLog`` thread masks, encodes and writes
   (digits-like records of 2,000 users, each with user, device, tenant and two X-Meta-* headers);
@@ -88,6 +88,7 @@ def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[st
     image = sorted((repository / "digits" / "validation").glob("*.png"))[0].read_bytes()
     servers = {
         "off": start_model_server(repository, tmp / "off", "--load-model", "digits"),
+        "control": start_model_server(repository, tmp / "control", "--load-model", "digits"),  # = off
         "on": start_model_server(
             repository,
             tmp / "on",
@@ -124,7 +125,7 @@ def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[st
         while written(server) < served(server) and server is servers["on"] and time.monotonic() < deadline:
             time.sleep(0.5)
 
-    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    runs: dict[str, list[dict]] = {"off": [], "on": [], "control": []}
     on_seconds = 0.0
     try:
         for server in servers.values():  # warm both: connections, first runs
@@ -132,7 +133,8 @@ def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[st
             settle(server)
         base = written(servers["on"])
         for r in range(rounds):
-            for name in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            order = ("off", "on", "control")
+            for name in order[r % 3 :] + order[: r % 3]:  # each first in turn
                 server = servers[name]
                 cpu, count = cpu_seconds(server.proc.pid), served(server)
                 result = run_for(seconds, 4, call(server))
@@ -153,6 +155,8 @@ def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[st
     cpu_off = statistics.median(r["server_cpu_ms_per_request"] for r in runs["off"])
     cpu_on = statistics.median(r["server_cpu_ms_per_request"] for r in runs["on"])
     pairs = [b["requests_per_s"] / a["requests_per_s"] for a, b in zip(runs["off"], runs["on"], strict=True)]
+    control = statistics.median(r["requests_per_s"] for r in runs["control"])
+    cpu_control = statistics.median(r["server_cpu_ms_per_request"] for r in runs["control"])
     return {
         "model": "digits",
         "batch": 1,
@@ -166,6 +170,9 @@ def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[st
         "server_cpu_ms_per_request_off": cpu_off,
         "server_cpu_ms_per_request_on": cpu_on,
         "server_cpu_ratio_on_off": cpu_on / cpu_off,
+        # The same measurement between two identical servers without the log: the noise floor.
+        "control_throughput_ratio": control / off,
+        "control_cpu_ratio": cpu_control / cpu_off,
         "off_p50_ms": statistics.median(r["p50_ms"] for r in runs["off"]),
         "on_p50_ms": statistics.median(r["p50_ms"] for r in runs["on"]),
         "off_p99_ms": statistics.median(r["p99_ms"] for r in runs["off"]),
@@ -286,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{serve['on_requests_per_s']:.0f} rps, ratio {serve['throughput_ratio_on_off']:.3f} (median of "
               f"rounds {serve['throughput_ratio_median_of_rounds']:.3f}); server CPU per request "
               f"{serve['server_cpu_ms_per_request_off']:.3f} -> {serve['server_cpu_ms_per_request_on']:.3f} ms "
-              f"({serve['server_cpu_ratio_on_off']:.3f}x); p50 "
+              f"({serve['server_cpu_ratio_on_off']:.3f}x); control (off vs an identical off): throughput "
+              f"{serve['control_throughput_ratio']:.3f}, CPU {serve['control_cpu_ratio']:.3f}x; p50 "
               f"{serve['off_p50_ms']:.3f} -> {serve['on_p50_ms']:.3f} ms; records written "
               f"{serve['records_written_per_s_served']:.0f}/s, dropped {serve['records_dropped']:.0f}", flush=True)  # fmt: skip
         writer = writer_rate(tmp)
@@ -304,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"(imports alone {baseline['max_rss_mib']:.0f} MiB), {r['rows']} rows", flush=True)  # fmt: skip
     goals = {
         "throughput_ratio_on_off_min_0.95": serve["throughput_ratio_on_off"],
+        "throughput_ratio_median_of_rounds": serve["throughput_ratio_median_of_rounds"],
+        "control_throughput_ratio (noise floor)": serve["control_throughput_ratio"],
         "server_cpu_ratio_on_off": serve["server_cpu_ratio_on_off"],
+        "control_cpu_ratio (noise floor)": serve["control_cpu_ratio"],
         "audit_seconds_max_30": audit["seconds"],
         "audit_max_rss_mib_max_2048": audit["max_rss_mib"],
     }

@@ -497,13 +497,6 @@ class PredictionLog:
                 self._pending_bytes = 0
             if not batch:
                 return 0
-            if os.environ.get("PL_EXP") == "pickle":
-                import pickle
-                payload = [(r.received_at, r.model, r.version, r.role, r.route, r.request_id, r.trace_id, r.span_id,
-                            r.latency_ms, r.outcome, None if r.scores is None else (r.scores.shape, r.scores.tobytes()),
-                            None if r.data is None else list(r.data), r.batched, r.metadata, r.items) for r in batch]
-                self._sink = pickle.dumps(payload, protocol=5)
-                return len(batch)
             groups: dict[tuple[str, int], list[Any]] = {}
             for rec in batch:
                 # The hour of the microsecond the record stores, so the file's folder and its times agree.

@@ -31,7 +31,7 @@ def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypat
 
     def traffic() -> None:  # live traffic the whole time, as in production
         while not stop.is_set():
-            run(LoadConfig(url=s.url, validation=repo_copy / "digits" / "validation", rate=20, duration_s=2,
+            run(LoadConfig(url=s.url, validation=repo_copy / "digits" / "validation", rate=40, duration_s=2,
                            feedback_share=0.5, feedback_delay_s=0.2))  # fmt: skip
 
     t = threading.Thread(target=traffic, daemon=True)
@@ -50,8 +50,10 @@ def rollout_dag():
     return bag.dags["model_rollout"]
 
 
-CONF = {"stages": [50, 100], "bake_seconds": 6, "max_stage_seconds": 120, "looks_per_stage": 2, "min_samples": 50,
-        "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
+# Wiring, not the defaults (bench/gates.py and make demo are): under CI load the candidate, which
+# also runs every mirrored copy, can be tens of percent slower than the baseline.
+CONF = {"stages": [50, 100], "bake_seconds": 10, "max_stage_seconds": 120, "looks_per_stage": 2, "min_samples": 100,
+        "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
 
 
 @pytest.mark.parametrize(("candidate", "final"), [("2", "2"), ("3", "1")])

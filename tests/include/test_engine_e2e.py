@@ -16,7 +16,9 @@ from model_server.loadgen import LoadConfig, run
 
 pytestmark = pytest.mark.integration
 TOKEN = "engine-token"
-LOOSE = {"latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # wiring, not the defaults
+# Wiring, not the defaults: under CI load the candidate (which also runs every mirrored copy)
+# can be tens of percent slower than the baseline; the statistics are bench/gates.py's.
+LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from include.rollout.spec import RolloutSpec
 from model_server.loadgen import LoadConfig, run
 
 pytestmark = pytest.mark.integration
-LOOSE = {"latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}
+LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # wiring: see test_engine_e2e
 
 
 class TaskInstance:
