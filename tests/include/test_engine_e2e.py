@@ -47,7 +47,8 @@ def test_the_engine_promotes_2_and_rolls_back_3(served, tmp_path, candidate, pro
     s, log_dir, validation = served
     s.load_versions("digits", 1, int(candidate))
     spec = RolloutSpec.from_dict({"candidate_version": candidate, "stages": [50, 100], "bake_seconds": 8,
-                                  "max_stage_seconds": 60, "looks_per_stage": 2, "min_samples": 50, **LOOSE})  # fmt: skip
+                                  "max_stage_seconds": 60, "looks_per_stage": 2, "min_samples": 50, "mirror_percent": 0,
+                                  **LOOSE})  # fmt: skip
     router = make_router(
         "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
     )

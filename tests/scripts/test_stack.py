@@ -19,8 +19,10 @@ from include.rollout.metrics import PrometheusSource, ScrapeSource, wait_for_val
 from scripts import stack
 
 pytestmark = pytest.mark.integration
+# Wiring, not the defaults; no mirror: a candidate that also runs every mirrored copy measures
+# tens of percent slower than the baseline on a busy 2-core machine (see the closing note of issue 9).
 CONF = {"candidate_version": "2", "stages": [50, 100], "bake_seconds": 6, "looks_per_stage": 2, "min_samples": 100,
-        "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip (wiring, not the defaults)
+        "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02, "mirror_percent": 0}  # fmt: skip
 
 
 def alive(pid: int) -> bool:
@@ -175,7 +177,14 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2)]
     assert [g["decision"] for g in gates] == ["pass", "pass"]
     # The wait poked in reschedule mode: each poke logged where the stage stood, the last its pass.
-    logs = run_dir / "airflow" / "logs" / "dag_id=model_rollout" / f"run_id={run_id}" / "task_id=stage_1.wait_for_metrics"
+    logs = (
+        run_dir
+        / "airflow"
+        / "logs"
+        / "dag_id=model_rollout"
+        / f"run_id={run_id}"
+        / "task_id=stage_1.wait_for_metrics"
+    )
     poke_log = "".join(p.read_text() for p in logs.glob("*.log"))
     assert "stage 1 (50%): pass, look " in poke_log  # the last poke's line (earlier ones waited, if any)
     assert gates[0]["bake"]["served"]["canary"]["live"] > 0  # the live arm, from the prediction log
@@ -228,7 +237,9 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
 
     run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
                                            "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
-    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240)
+    api.wait_for_task(
+        "model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240
+    )
     assert routes()["route"] == [{"version": "2", "weight": 50}, {"version": "3", "weight": 50}]  # mid-stage
     api.mark_failed("model_rollout", run_id)
     teardown = api.wait_for_task(
