@@ -82,9 +82,6 @@ class StageWindow:
         """The live arms while both take traffic; at 100% the baseline has only the replay."""
         return "live" if self.weight < 100 else "replay"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "weight": self.weight, "started": self.started}
-
 
 def look_interval(spec: RolloutSpec) -> float:
     return spec.bake_seconds / spec.looks_per_stage
@@ -191,11 +188,6 @@ class StageState:
     @property
     def done(self) -> bool:
         return self.status != "waiting"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "look": self.look, "looks": self.looks, "reason": self.reason,
-                "served": self.served, "elapsed_s": round(self.elapsed_s, 1),
-                "verdict": self.verdict.to_dict() if self.verdict else None}  # fmt: skip
 
 
 def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
