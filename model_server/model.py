@@ -5,6 +5,11 @@ instance group): on a CPU, one instance already uses every core through ORT's in
 threads, so more would only fight for them. ONNX Runtime releases the GIL while running.
 Requests of a small model, predicted from its recent timings to finish within
 ``INLINE_BUDGET_S``, run on the event loop instead: for them the thread hop is the main cost.
+
+Shadow copies run on one thread of their own and do not feed the timings, so the version
+they mirror to serves its primaries exactly as the baseline serves its own: never queued
+behind a shadow run, never pushed off the event loop by the shadow's slower, contended runs.
+Without that, the candidate's live latency arm is measured slower than it is.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class LoadedVersion:
         self.executor = ThreadPoolExecutor(
             config.instance_count, thread_name_prefix=f"{self.name}-v{version}"
         )
+        self.shadow_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-v{version}-shadow")
         self.inflight = 0
         self.retired = False
         self._seconds_per_item = math.inf  # moving average of preprocessing + execution
@@ -171,6 +177,7 @@ class LoadedVersion:
         """Release the session; called once the version is retired and drained."""
         self.session = None
         self.executor.shutdown(wait=False)
+        self.shadow_executor.shutdown(wait=False)
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -216,6 +223,7 @@ class LoadedVersion:
     def _run(
         self, inputs: list[InferInput], outputs: list[str], submitted: float, run_options: Any = None
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        """One execution; a shadow's (``run_options`` given) is not learnt from."""
         started = time.perf_counter()
         session = self.session
         if session is None:  # cannot happen while in flight; guards against misuse
@@ -246,9 +254,10 @@ class LoadedVersion:
                 fault.inflict(f"model '{self.name}' version {self.version}")
         finally:  # an injected abort comes after the work: the run still tells what it costs
             done = time.perf_counter()
-            per_item = (done - started) / max(batch, 1)
-            previous = self._seconds_per_item
-            self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
+            if run_options is None:
+                per_item = (done - started) / max(batch, 1)
+                previous = self._seconds_per_item
+                self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
 
@@ -259,24 +268,25 @@ class LoadedVersion:
         return estimate * batch
 
     async def infer(
-        self, inputs: list[InferInput], outputs: list[str], allow_inline: bool = True, run_options: Any = None
+        self, inputs: list[InferInput], outputs: list[str], shadow_run: Any = None
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         """Run on the event loop when cheap enough, else on the version's executor.
 
-        ``run_options`` (an ``onnxruntime.RunOptions``) lets the caller abort the run by
-        setting ``terminate``: the shadow path yields to primary requests that way.
+        A shadow copy passes ``shadow_run`` (an ``onnxruntime.RunOptions``): it runs on the
+        shadow's thread, and the caller aborts it by setting ``terminate`` when a primary arrives.
         """
+        loop = asyncio.get_running_loop()
+        if shadow_run is not None:
+            return await loop.run_in_executor(
+                self.shadow_executor, self._run, inputs, outputs, time.perf_counter(), shadow_run
+            )
         if (
-            allow_inline
-            and self.fault is None
+            self.fault is None
             and self.config.instance_count == 1
             and self.predicted_seconds(inputs) <= INLINE_BUDGET_S
         ):
             return self._run(inputs, outputs, time.perf_counter())
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, self._run, inputs, outputs, time.perf_counter(), run_options
-        )
+        return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -221,7 +221,7 @@ class ShadowMirror:
             if lv.predicted_seconds(inputs) >= PREEMPT_MIN_S:
                 self.gate.shadow_runs.add(run)
             try:
-                return await lv.infer(inputs, outputs, allow_inline=False, run_options=run)
+                return await lv.infer(inputs, outputs, shadow_run=run)
             except Preempted:
                 continue
             finally:

@@ -44,3 +44,33 @@ def test_a_run_aborted_by_an_injected_fault_still_counts(version, digit_images):
     with pytest.raises(InferenceFailed, match="injected fault"):
         version._run(inputs, ["probabilities"], 0.0)
     assert version.predicted_seconds(inputs) < 1.0
+
+
+def test_shadow_runs_leave_the_estimate_and_the_primary_instance_alone(version, digit_images):
+    """The candidate runs every mirrored copy: if those runs, slower on a contended machine,
+    moved its estimate past the inline budget or held its one instance, its own primaries
+    would measure slower than the baseline's and the live latency arm would be biased."""
+    import asyncio
+    import threading
+
+    import onnxruntime as ort
+
+    inputs = one_image(digit_images)
+    version.warmup()
+    version._run(inputs, ["probabilities"], 0.0)
+    before = version.predicted_seconds(inputs)
+    version.fault = Fault.from_dict({"delay": {"ms": 50}})
+    threads: list[str] = []
+    real_run = version._run
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_run(*args, **kwargs)
+
+    version._run = spy
+    asyncio.run(version.infer(inputs, ["probabilities"], shadow_run=ort.RunOptions()))
+    assert threads == ["digits-v2-shadow_0"]
+    assert version.predicted_seconds(inputs) == before  # a 50 ms shadow run taught it nothing
+    version.fault = None
+    asyncio.run(version.infer(inputs, ["probabilities"]))
+    assert version.predicted_seconds(inputs) != before  # a primary run does
