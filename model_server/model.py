@@ -318,6 +318,10 @@ class Fault:
         delay, abort = raw.get("delay") or {}, raw.get("abort") or {}
         if not isinstance(delay, dict) or not isinstance(abort, dict):
             raise InvalidInput("fault.delay and fault.abort must be objects")
+        for name, given, allowed in (("delay", delay, {"ms", "percent"}), ("abort", abort, {"percent"})):
+            if set(given) - allowed:
+                raise InvalidInput(f"fault.{name}: unknown field(s) {sorted(set(given) - allowed)}; "
+                                   f"allowed: {', '.join(sorted(allowed))}")  # fmt: skip
         values = {
             "delay.ms": delay.get("ms", 0.0),
             "delay.percent": delay.get("percent", 100.0),

@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         server = start_model_server(
             args.repository,
             Path(tmp),
-            "--shadow-log",
-            str(Path(tmp) / "shadow"),
+            "--prediction-log",
+            str(Path(tmp) / "predictions"),
+            "--prediction-log-flush-s",
+            "0.5",
             "--mask-header",
             "x-user-id",
             token=token,
@@ -81,20 +83,20 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"    [{c.decision}] {c.name}: {c.sentence}")
             ok = server.metric("nv_inference_request_success", model="digits", version="3")
             print(f'\n/metrics: nv_inference_request_success{{model="digits",version="3"}} {ok:g}')
-            canary_with_shadow(server, args.repository, Path(tmp) / "shadow", args.seconds)
+            canary_with_shadow(server, args.repository, Path(tmp) / "predictions", args.seconds)
         finally:
             server.stop()
     print("\nThe Airflow rollout drives these steps from the UI: make demo")
     return 0
 
 
-def canary_with_shadow(server: Any, repository: Path, shadow_log: Path, seconds: float) -> None:
+def canary_with_shadow(server: Any, repository: Path, prediction_log: Path, seconds: float) -> None:
     """Version 2 as a 10% canary with a 100% shadow, under generated traffic with feedback."""
     import requests
 
     from include.rollout.audit import audit_frame
     from model_server.loadgen import LoadConfig, run
-    from model_server.shadowlog import read_shadow_log
+    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
 
     policy: dict[str, Any] = {"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
               "mirror": {"version": "2", "percent": 100}}  # fmt: skip
@@ -112,8 +114,10 @@ def canary_with_shadow(server: Any, repository: Path, shadow_log: Path, seconds:
         print(
             f"  version {v}: live accuracy from feedback {live} ({total:g} labels), shadow copies run {shadow:g}"
         )
-    time.sleep(3)  # the shadow log writer flushes every 2 s
-    df = read_shadow_log(shadow_log, started, datetime.now(UTC))
+    time.sleep(1.5)  # the prediction log's writer flushes every 0.5 s
+    records = read(prediction_log, started, datetime.now(UTC), "digits", columns=SHADOW_PAIR_COLUMNS,
+                   roles=("primary", "shadow"))  # fmt: skip
+    df = shadow_pairs(records)
     if len(df):
         result = audit_frame(df, model="digits")
         print(

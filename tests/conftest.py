@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,6 +65,32 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ModelServerProcess]
     yield factory
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def live_traffic() -> Iterator[Callable[..., None]]:
+    """Start live traffic (the load generator, round after round) that runs until the test ends,
+    as production traffic runs through a rollout."""
+    from model_server.loadgen import LoadConfig, run
+
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start(url: str, validation: Path, rate: float = 40, feedback_share: float = 0.5) -> None:
+        cfg = LoadConfig(url=url, validation=validation, rate=rate, duration_s=1,
+                         feedback_share=feedback_share, feedback_delay_s=0.2)  # fmt: skip
+
+        def rounds() -> None:
+            while not stop.is_set():
+                run(cfg)
+
+        threads.append(threading.Thread(target=rounds, daemon=True))
+        threads[-1].start()
+
+    yield start
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
 from include.rollout.local import local_connections, start_prometheus
 from include.rollout.mesh import LocalRouter
-from model_server.loadgen import LoadConfig, run
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -17,7 +15,7 @@ TOKEN = "dag-test-token"
 
 
 @pytest.fixture
-def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
+def stack(airflow_db, server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeypatch):
     import shutil
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
@@ -27,18 +25,8 @@ def stack(airflow_db, server_factory, repo_copy, models_dir, tmp_path, monkeypat
     conns = local_connections(s, prom.url, repo_copy, tmp_path / "predictions", tmp_path / "run")
     for conn_id, fields in conns.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
-    stop = threading.Event()
-
-    def traffic() -> None:  # live traffic the whole time, as in production
-        while not stop.is_set():
-            run(LoadConfig(url=s.url, validation=repo_copy / "digits" / "validation", rate=40, duration_s=2,
-                           feedback_share=0.5, feedback_delay_s=0.2))  # fmt: skip
-
-    t = threading.Thread(target=traffic, daemon=True)
-    t.start()
+    live_traffic(s.url, repo_copy / "digits" / "validation")
     yield s, tmp_path
-    stop.set()
-    t.join(timeout=30)
     prom.stop()
 
 

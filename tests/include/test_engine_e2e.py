@@ -4,15 +4,12 @@ validation replay, promote or roll back; and ``rolloutctl run`` on the same engi
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
 
 import pytest
 
 from include.rollout.engine import Rollout, StageJudge
 from include.rollout.mesh import make_router
 from include.rollout.spec import RolloutSpec
-from model_server.loadgen import LoadConfig, run
 
 pytestmark = pytest.mark.integration
 TOKEN = "engine-token"
@@ -22,24 +19,14 @@ LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}
 
 
 @pytest.fixture
-def served(server_factory, repo_copy, models_dir, tmp_path) -> Iterator[tuple]:
+def served(server_factory, live_traffic, repo_copy, models_dir, tmp_path) -> tuple:
     """A model server with its prediction log, and live traffic for the whole test."""
     log_dir = tmp_path / "predictions"
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
                        "--prediction-log-flush-s", "0.5", token=TOKEN)  # fmt: skip
-    stop = threading.Event()
     validation = models_dir / "digits" / "validation"
-
-    def traffic() -> None:
-        while not stop.is_set():
-            run(LoadConfig(url=s.url, validation=validation, rate=40, duration_s=2, feedback_share=0.5,
-                           feedback_delay_s=0.2))  # fmt: skip
-
-    t = threading.Thread(target=traffic, daemon=True)
-    t.start()
-    yield s, log_dir, validation
-    stop.set()
-    t.join(timeout=30)
+    live_traffic(s.url, validation)
+    return s, log_dir, validation
 
 
 @pytest.mark.parametrize(("candidate", "promoted"), [("2", True), ("3", False)])

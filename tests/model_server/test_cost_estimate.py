@@ -74,3 +74,20 @@ def test_shadow_runs_leave_the_estimate_and_the_primary_instance_alone(version, 
     version.fault = None
     asyncio.run(version.infer(inputs, ["probabilities"]))
     assert version.predicted_seconds(inputs) != before  # a primary run does
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        ({"delay": {"fixedDelay": "50ms"}}, "fault.delay: unknown field(s) ['fixedDelay']"),
+        ({"abort": {"percent": 10, "httpStatus": 503}}, "fault.abort: unknown field(s) ['httpStatus']"),
+        ({"delay": {"ms": -1}}, "fault.delay.ms must be a non-negative number"),
+    ],
+)
+def test_a_fault_with_a_field_it_does_not_know_is_refused_by_name(raw, named):
+    """A misspelt field silently read as "no fault" would make a fault-injection test pass vacuously."""
+    from model_server.errors import InvalidInput
+
+    with pytest.raises(InvalidInput) as err:
+        Fault.from_dict(raw)
+    assert named in err.value.message

@@ -4,7 +4,6 @@ Prometheus, under live load: pokes, verdicts, a retry, a breach."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -12,7 +11,6 @@ import requests
 
 from include.rollout.local import local_connections, start_prometheus
 from include.rollout.spec import RolloutSpec
-from model_server.loadgen import LoadConfig, run
 
 pytestmark = pytest.mark.integration
 LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # wiring: see test_engine_e2e
@@ -29,7 +27,7 @@ class TaskInstance:
 
 
 @pytest.fixture
-def stage(server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
+def stage(server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeypatch):
     """Versions 1 and 2 split 50/50 with live traffic; the connections the sensor reads."""
     import shutil
 
@@ -44,19 +42,9 @@ def stage(server_factory, repo_copy, models_dir, tmp_path, monkeypatch):
     prom = start_prometheus([server.url], tmp_path / "prometheus")
     for conn_id, fields in local_connections(server, prom.url, repo_copy, log_dir, tmp_path / "run").items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
-    stop = threading.Event()
     started = time.time()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            run(LoadConfig(url=server.url, validation=repo_copy / "digits" / "validation", rate=40, duration_s=1,
-                           feedback_share=0))  # fmt: skip
-
-    t = threading.Thread(target=traffic, daemon=True)
-    t.start()
+    live_traffic(server.url, repo_copy / "digits" / "validation", feedback_share=0)
     yield server, log_dir, started
-    stop.set()
-    t.join(timeout=30)
     prom.stop()
 
 
