@@ -136,7 +136,7 @@ def test_request_id_and_trace_context_are_kept(routed, digit_images):
                 "route": [{"version": "1"}],
                 "rules": [{"match": {"headers": {"x": {"regex": "*"}}}, "route": [{"version": "2"}]}],
             },
-            "not a valid regular expression",
+            "not a regular expression Istio accepts",
         ),
         (
             {"route": [{"version": "2", "weight": 100}], "mirror": {"version": "2", "percent": 10}},
