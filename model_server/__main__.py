@@ -12,6 +12,7 @@ import uvicorn
 
 from model_server.app import Settings, create_app
 from model_server.errors import ServerError
+from model_server.httpserver import limited_protocol
 from model_server.masking import KeyRing, Masker, create_key_file
 from model_server.metrics import gpu_count
 from model_server.model import select_providers
@@ -118,7 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels"
     )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds to receive a body")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to receive the headers, and then the body",
+    )
     p.add_argument(
         "--exit-on-error",
         action=argparse.BooleanOptionalAction,
@@ -238,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         access_log=False,
         timeout_keep_alive=75,
+        http=limited_protocol(args.request_timeout),
     )
     return 0
 

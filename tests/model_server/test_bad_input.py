@@ -282,3 +282,54 @@ def test_failures_are_counted_per_model_version(server):
     after = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
     assert after == before + 1
     assert server.proc.poll() is None
+
+
+def raw_exchange(port: int, request: bytes, timeout: float = 30) -> tuple[int, str]:
+    """Send raw bytes (clients refuse to send such headers) and read the status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before reading it all: the answer is still there
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "needle"),
+    [
+        (b"X-Meta-Session: " + b"a" * 16 * 1024 * 1024 + b"\r\n", 431, "request headers exceed 61440 bytes"),
+        (b"X-Meta-Session: " + b"a" * 70_000 + b"\r\n", 431, "request headers exceed 61440 bytes"),
+        (b"".join(b"X-Meta-%d: v\r\n" % i for i in range(101)), 431, "more than 100 request headers"),
+    ],
+)
+def test_headers_over_envoys_limits_get_431_and_the_server_keeps_serving(server, headers, status, needle):
+    """A 16 MB header was parsed, kept and masked on the shadow path; Envoy refuses more than
+    60 KiB of headers or more than 100 of them, and so does the server now."""
+    got, body = raw_exchange(
+        server.port, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+    )
+    assert got == status
+    assert needle in json.loads(body)["error"]
+    assert requests.get(f"{server.http}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_headers_just_under_the_limits_are_served(server, digit_images):
+    body, headers = image_body([digit_images[0][0]])
+    meta = {f"X-Meta-K{i}": "v" * 500 for i in range(90)}  # 90 headers, about 46 KiB
+    r = post(server, "/v2/models/digits/infer", body, {**headers, **meta})
+    assert r.status_code == 200, r.text
+
+
+def test_headers_trickled_in_time_out_with_408(server_factory, repo_copy):
+    """One header byte at a time kept the connection open forever: the keep-alive timer stops
+    at the first byte. Now the headers must all arrive within --request-timeout."""
+    s = server_factory(repo_copy, "--request-timeout", "1")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        status, body = response.status, response.read().decode()
+    assert status == 408
+    assert "request headers not complete within 1 s" in json.loads(body)["error"]
