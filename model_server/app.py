@@ -327,7 +327,9 @@ def create_app(
                 latency_ms = (time.perf_counter() - started) * 1000
                 dropped = shadow_copy and isinstance(exc, Preempted)
                 if shadow_copy:
-                    outcome = "dropped" if dropped else "error"
+                    # A copy the candidate refuses as a client error (Istio mirrors every request,
+                    # garbage included) is counted apart: a client must not move the shadow guard.
+                    outcome = "dropped" if dropped else "rejected" if exc.status < 500 else "error"
                     metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
                 if not dropped:
                     vm.failure(failure_reason(exc))

@@ -121,7 +121,7 @@ def stage_samples(
     chosen = primary[keep].reset_index(drop=True)
     is_replay = is_replay[keep].reset_index(drop=True)
     truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
-    error = chosen["outcome"] != "ok"
+    error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT"])  # server failures: a client's 400 is not the version's
     return pd.DataFrame({
         "arm": chosen["version"].map(arms),
         "source": np.where(is_replay, "replay", "live"),

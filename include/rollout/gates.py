@@ -589,7 +589,9 @@ def evaluate_gate(
         decision = "pass"
     else:
         decision = "wait"
-    reasons = [c.sentence for c in checks if c.decision == decision] or [c.sentence for c in checks[:1]]
+    # A pass is the statistics' (the guards only could have failed it); a fail or wait names its cause.
+    ranked = sorted(checks, key=lambda c: c.name.startswith("guard_")) if decision == "pass" else checks
+    reasons = [c.sentence for c in ranked if c.decision == decision] or [c.sentence for c in checks[:1]]
     summary = (
         f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): "
         + " ".join(reasons[:3])

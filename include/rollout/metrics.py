@@ -209,7 +209,8 @@ class PromQL:
     @staticmethod
     def error_rate(model: str, version: str, window: str = "1m") -> str:
         sel = _sel(model, version)
-        failures = f"(sum(rate(nv_inference_request_failure{{{sel}}}[{window}])) or vector(0))"
+        # Server failures only: a client's malformed requests (INVALID_INPUT) say nothing of the version.
+        failures = f"(sum(rate(nv_inference_request_failure{{{sel},reason!=\"INVALID_INPUT\"}}[{window}])) or vector(0))"
         return f"{failures} / (sum(rate(nv_inference_request_success{{{sel}}}[{window}])) + {failures})"
 
     @staticmethod

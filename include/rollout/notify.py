@@ -86,6 +86,10 @@ def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes
     return Message(text, _limit(blocks), chart)
 
 
+# What a promotion report says of each stage: what it rests on, then the live and replay results.
+STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired")
+
+
 def promotion_message(
     spec: RolloutSpec, verdicts: list[Verdict], audit: AuditResult | None = None, chart: bytes | None = None
 ) -> Message:
@@ -93,8 +97,9 @@ def promotion_message(
     blocks = [header(f"Promoted: {spec.model} v{spec.candidate_version} at 100%"),
               section(f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
                       f"version {spec.baseline_version} retired, mirror off.")]  # fmt: skip
-    for v in verdicts[-1:]:
-        blocks += _check_lines([c for c in v.checks if c.decision != "info" or c.name == "evidence"])
+    for weight, v in zip(spec.stages, verdicts, strict=False):
+        blocks.append(section(f"{ICONS[v.decision]} *{weight}%*: {v.decision.upper()} at look {v.look} of "
+                              f"{v.looks}. " + " ".join(c.sentence for c in v.checks if c.name in STAGE_EVIDENCE)))  # fmt: skip
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)

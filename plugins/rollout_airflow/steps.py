@@ -263,8 +263,9 @@ def judge_evidence(
     failures = failures or []
     for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
         if verdict is None:
-            why = failures[i] if i < len(failures) and failures[i] else "a step failed or was interrupted"
-            return "rollback", f"the {weight}% stage produced no verdict: {why}"
+            if i < len(failures) and failures[i]:  # its wait ended it: a tripped guard, never ready
+                return "rollback", f"the {weight}% stage: {failures[i]}"
+            return "rollback", f"the {weight}% stage produced no verdict: a step failed or was interrupted"
         if verdict["decision"] != "pass":
             return "rollback", f"the {weight}% stage: {verdict['summary']}"
     if audit is not None and audit.get("verdict") == "fail":

@@ -71,7 +71,7 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
 
     server, tmp = stack
     server.load_versions("digits", 1, 2)
-    r = requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
+    r = requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90, "percent": 10}},
                      headers=server.admin, timeout=10)  # fmt: skip
     assert r.status_code == 200
     conf = {**CONF, "candidate_version": "2", "bake_seconds": 60, "p99_breach_seconds": 3}
@@ -83,7 +83,7 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
         "route": [{"version": "1", "weight": 100}]
     }
     text = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())["text"]
-    assert "no verdict: hard guard tripped: Canary P99" in text  # the report names the guard
+    assert "stage: hard guard tripped: Canary P99" in text  # the report names the guard
 
 
 def test_the_failure_callback_restores_stable(stack):

@@ -157,6 +157,18 @@ def test_live_labels_join_by_request_id():
     assert live["correct"].eq(1.0).all()
 
 
+def test_a_clients_malformed_requests_are_not_the_versions_errors():
+    """A client can pin its requests to the canary (a user id in its bucket range) and send
+    garbage: 400s say nothing of the version and must not move the error check; 5xx do."""
+    log = records(100, 20, 50, replay_every=None)
+    canary = log.index[log["version"] == "2"]
+    log.loc[canary[:50], "outcome"] = "INVALID_INPUT"
+    log.loc[canary[50:55], "outcome"] = "BACKEND"
+    samples = stage_samples(log, spec(), WINDOW, T0 + 200, IMAGES)
+    assert samples.loc[samples["arm"] == "canary", "error"].sum() == 5
+    assert samples.loc[samples["arm"] == "baseline", "error"].sum() == 0
+
+
 def test_an_accuracy_drop_in_the_replay_trips_the_guard():
     log = records(100, 20, 50, accuracy=(1.0, 0.95))
     assert replay_drop(stage_samples(log, spec(), WINDOW, T0 + 50, IMAGES)) == pytest.approx(0.05)

@@ -7,6 +7,7 @@ import shutil
 import time
 
 import pytest
+import requests
 
 from include.rollout.local import start_prometheus
 from include.rollout.metrics import (
@@ -71,6 +72,9 @@ def test_prometheus_answers_the_rollout_queries(stack):
     server, prom, models_dir = stack
     source = PrometheusSource(prom.url)
     assert source.is_online()
+    for _ in range(20):  # a client's garbage pinned to version 1: not the version's errors
+        r = requests.post(f"{server.http}/v2/models/digits/versions/1/infer", data=b"{not json", timeout=10)
+        assert r.status_code == 400
     stats = run(
         LoadConfig(
             url=server.url,
@@ -91,7 +95,8 @@ def test_prometheus_answers_the_rollout_queries(stack):
     accuracy = wait_for_value(source, PromQL.live_accuracy("digits", "2", "1m"))
     assert 0.85 <= accuracy <= 1.0
     assert source.query(PromQL.shadow_error_rate("digits", "2", "1m")) == 0.0
-    assert source.query(PromQL.error_rate("digits", "1", "1m")) == 0.0
+    assert source.query(PromQL.error_rate("digits", "1", "1m")) == 0.0  # the 400s are not counted
+    assert source.query('sum(nv_inference_request_failure{model="digits",version="1"})') == 20
     # Distinct failures: no such version, several series, no GPU, bad PromQL.
     with pytest.raises(NoValuesFound):
         source.query(PromQL.latency_quantile_ms("digits", "7", 0.99))

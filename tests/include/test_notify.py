@@ -58,9 +58,15 @@ def test_stage_and_promotion_messages_fit_slacks_limits(slack):
     verdict = evaluate_gate(samples(2000), guards=guards)
     notifier = SlackNotifier("C123", token=slack.token, base_url=slack.base_url)
     notifier.send(stage_message(SPEC, 25, verdict))
-    notifier.send(promotion_message(SPEC, [verdict]))
+    notifier.send(promotion_message(SPEC, [verdict] * 4))
     assert len(slack.messages()) == 2
     assert all(check_blocks(m["blocks"]) is None for m in slack.messages())
+    # The reviewer reads every stage's evidence, not only the last one's.
+    promoted = json.dumps(slack.messages()[1]["blocks"])
+    for weight in SPEC.stages:
+        assert f"*{weight}%*: {verdict.decision.upper()} at look 1 of 1." in promoted
+    assert promoted.count("geometric-mean latency") == 4
+    assert promoted.count("Error rate") == 4
 
 
 def test_long_texts_and_many_checks_are_cut_to_the_limits(slack):

@@ -100,7 +100,9 @@ def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
     from airflow.sdk.exceptions import AirflowFailException
 
     server, _, started = stage
-    requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90}},
+    # 10% of version 2's requests 90 ms slower: its P99 over the 60 ms limit, its one instance
+    # not saturated by the live traffic (all of them 90 ms slower would queue without end).
+    requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90, "percent": 10}},
                  headers=server.admin, timeout=10)  # fmt: skip
     p = params(bake_seconds=600, max_stage_seconds=900, p99_breach_seconds=3)
     ti = TaskInstance()

@@ -23,7 +23,7 @@ def test_every_stage_passing_promotes_without_approval():
         (
             [None, None],
             ["hard guard tripped: Canary P99 is 95 ms"],
-            "no verdict: hard guard tripped: Canary P99",
+            "the 50% stage: hard guard tripped: Canary P99",
         ),
         ([PASS, None], [], "no verdict: a step failed or was interrupted"),
     ],
