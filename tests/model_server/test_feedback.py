@@ -51,7 +51,9 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
         correct = s.metric("feedback_correct_total", model="digits", version=version)
         assert total == stats.served[version]
         assert correct == stats.correct[version]  # live accuracy == true accuracy of served answers
-    assert stats.correct["1"] / stats.served["1"] > stats.correct["3"] / stats.served["3"]
+    # Wrong answers were served and labelled (v3 is 92% accurate: all of ~200 right has odds 1e-7),
+    # so the equalities above compared real disagreements, not only agreements.
+    assert stats.correct["3"] < stats.served["3"]
     s.stop()
     # The log's reader joins the same labels to the same answers: the same counts per version.
     j = joined(read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)))
