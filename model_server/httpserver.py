@@ -39,7 +39,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_headers = False  # between a message's first byte and its last header
-        self._header_bytes = 0
+        self._received = 0  # bytes read while this message's headers were incomplete
+        self._header_bytes = 0  # bytes of its complete headers (on_header)
         self._header_count = 0
         self._header_timer: asyncio.TimerHandle | None = None
 
@@ -67,13 +68,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # Everything of this message so far is its request line and headers (the parser
             # consumed it all and the headers are not complete); a message that began in this
             # chunk may count some bytes of the one before: at most one read too many.
-            self._header_bytes = (self._header_bytes if was_in_headers else 0) + len(data)
-            if self._header_bytes > self.max_header_bytes:
+            self._received = (self._received if was_in_headers else 0) + len(data)
+            if self._received > self.max_header_bytes:
                 self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
+        self._received = 0
         self._header_bytes = 0
         self._header_count = 0
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)

@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -333,3 +334,20 @@ def test_headers_trickled_in_time_out_with_408(server_factory, repo_copy):
         status, body = response.status, response.read().decode()
     assert status == 408
     assert "request headers not complete within 1 s" in json.loads(body)["error"]
+
+
+def test_headers_under_the_limit_sent_in_three_writes_are_served(server, digit_images):
+    """The bytes of a header are counted once, whether it arrives in one read or several."""
+    body, headers = image_body([digit_images[0][0]])
+    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-Meta-K%d: %s\r\n" % (i, b"v" * 560) for i in range(90))  # about 51 KiB
+            + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+            + b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        for part in (head[:20_000], head[20_000:40_000]):
+            sock.sendall(part)
+            time.sleep(0.5)  # the server reads each part alone
+        sock.sendall(head[40_000:] + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 200, response.read()
