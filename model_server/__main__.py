@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import uvicorn
@@ -13,7 +14,7 @@ import uvicorn
 from model_server.app import Settings, create_app
 from model_server.errors import ServerError
 from model_server.httpserver import limited_protocol
-from model_server.masking import KeyRing, Masker, create_key_file
+from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
 from model_server.metrics import gpu_count
 from model_server.model import select_providers
 from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
@@ -165,7 +166,29 @@ def state_dir(args: argparse.Namespace) -> Path | None:
     return path / "traffic"
 
 
-def prediction_log(args: argparse.Namespace) -> PredictionLog | None:
+def masker(args: argparse.Namespace, state: Path | None) -> Masker:
+    """The masker of the prediction log and of every log line. Its key file: --mask-keys, or
+    one made (mode 0600) beside a folder prediction log, else in the state folder, else in a
+    private temporary folder (tokens in the logs then mask without a way back)."""
+    keys = args.mask_keys
+    uri = args.prediction_log or args.shadow_log
+    if keys is None:
+        if uri is not None and "://" in uri and not uri.startswith("file://"):
+            raise SystemExit("model-server: a prediction log on object storage needs --mask-keys FILE")
+        if uri is not None:
+            folder = Path(uri.removeprefix("file://"))
+            keys = folder.with_name(folder.name + ".mask-keys.json")
+        elif state is not None:
+            keys = state.parent / "mask-keys.json"
+        else:
+            keys = Path(tempfile.mkdtemp(prefix="model-server-")) / "mask-keys.json"
+        if not keys.exists():
+            create_key_file(keys)
+            log.info("created masking key file %s (mode 0600)", keys)
+    return Masker(KeyRing(keys), args.mask_header)
+
+
+def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | None:
     """The writer, or None without --prediction-log (or its old name --shadow-log)."""
     if args.prediction_log and args.shadow_log:
         raise SystemExit("model-server: give --prediction-log or its old name --shadow-log, not both")
@@ -177,16 +200,6 @@ def prediction_log(args: argparse.Namespace) -> PredictionLog | None:
     replica = default_replica() if args.replica_id is None else args.replica_id
     if not REPLICA_RE.fullmatch(replica):
         raise SystemExit(f"model-server: invalid --replica-id {replica!r}: 1 to 64 of A-Z a-z 0-9 _ . -")
-    keys = args.mask_keys
-    if keys is None:
-        if "://" in uri and not uri.startswith("file://"):
-            raise SystemExit("model-server: a prediction log on object storage needs --mask-keys FILE")
-        folder = Path(uri.removeprefix("file://"))
-        keys = folder.with_name(folder.name + ".mask-keys.json")
-        if not keys.exists():
-            create_key_file(keys)
-            log.info("created masking key file %s (mode 0600)", keys)
-    masker = Masker(KeyRing(keys), args.mask_header)
     try:
         return PredictionLog(
             uri,
@@ -208,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.access_log:
         logging.getLogger("model_server.access").setLevel(logging.INFO)
-    plog = prediction_log(args)
     gpus = gpu_count()
     if args.device == "cuda" and gpus == 0:
         print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)
@@ -218,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return 2
+    state = state_dir(args)
+    mask = masker(args, state)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(LogMasking(mask))
+    plog = prediction_log(args, mask)
     for name in args.load_model or repo.names():
         try:
             versions = repo.load(name)
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         request_timeout_s=args.request_timeout,
         admin_token=admin_token(args),
-        state_dir=state_dir(args),
+        state_dir=state,
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,
         shadow_workers=args.shadow_workers,
@@ -243,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         log_level=args.log_level,
         access_log=False,
+        log_config=None,  # uvicorn's records reach the root handlers, and their masking
         timeout_keep_alive=75,
         http=limited_protocol(args.request_timeout),
     )

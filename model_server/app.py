@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from model_server import __version__, metrics
+from model_server.config import ascii_uint
 from model_server.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -86,7 +87,7 @@ def is_shadow_host(host: str | None) -> bool:
     if host.endswith("-shadow"):
         return True
     name, sep, port = host.rpartition(":")
-    return bool(sep) and port.isdigit() and name.endswith("-shadow")
+    return bool(sep) and ascii_uint(port) is not None and name.endswith("-shadow")
 
 
 def shadow_record(result: ShadowResult) -> Inference:
@@ -163,7 +164,7 @@ def create_app(
                 )
             return b"".join(chunks)
 
-        if declared is not None and (not declared.isdigit()):
+        if declared is not None and ascii_uint(declared) is None:
             raise InvalidInput(f"invalid Content-Length {declared!r}")
         try:
             async with asyncio.timeout(settings.request_timeout_s):
@@ -493,14 +494,16 @@ def create_app(
                 try:
                     wanted = read_traffic_file(path)
                     checked = {m: validate_policy(m, p.to_dict()) for m, p in wanted.items()}
-                except (PolicyError, ServerError) as exc:
-                    metrics.TRAFFIC_FILE_ERRORS.inc()
-                    log.error("traffic file not applied: %s", getattr(exc, "message", exc))
-                else:
                     for model, policy in checked.items():
                         if policies.get(model) != policy:
                             await asyncio.to_thread(policies.apply, model, policy)
                             log.info("traffic policy for %r from %s", model, path)
+                except (PolicyError, ServerError) as exc:
+                    metrics.TRAFFIC_FILE_ERRORS.inc()
+                    log.error("traffic file not applied: %s", getattr(exc, "message", exc))
+                except Exception:  # the watcher outlives any file: "²" as a version once ended it
+                    metrics.TRAFFIC_FILE_ERRORS.inc()
+                    log.exception("traffic file not applied")
             await asyncio.sleep(settings.traffic_poll_s)
 
     # -- model repository extension ---------------------------------------------------------

@@ -17,6 +17,13 @@ from typing import Any
 from model_server.errors import InvalidInput
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_UINT_RE = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_uint(text: str) -> int | None:
+    """``text`` as a non-negative integer when it is 1 to 18 ASCII digits, else None. (str.isdigit
+    takes superscripts, which int() refuses, and other scripts' digits; a path or header is not a number.)"""
+    return int(text) if _UINT_RE.fullmatch(text) else None
 
 # KServe v2 datatype -> numpy dtype string (little-endian on the wire).
 DATATYPES: dict[str, str] = {

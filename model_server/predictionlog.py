@@ -45,7 +45,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from prometheus_client import Counter
 
-from model_server.masking import Key, Masker, MaskingUnavailable
+from model_server.files import write_private
+from model_server.masking import SUSPECT, Key, Masker, MaskingUnavailable
 from model_server.trace import item_hashes
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,6 @@ PAIR_COLUMNS = [
 ]  # fmt: skip
 
 _OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
-# What every detector's match contains: "@" (e-mail), "+" (international phone), or ten digits
-# at most two separators apart (ID, PRC and NANP phone, card numbers). A value with none of them
-# comes out of Masker.mask_text unchanged.
-# The same test in RE2 for pyarrow, plus any non-ASCII value (Python's \d takes other digits too).
-_SUSPECT = r"[@+]|[0-9](?:[ .()\-]{0,2}[0-9]){9}"
 MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
 _MASK_CACHE_MAX = 100_000
 
@@ -298,7 +294,8 @@ class PredictionLog:
         cached = self._meta_cache.get((key.kid, items))
         if cached is None:
             masked = {name: self._mask(name, value, key) for name, value in items}
-            extra = {k: v for k, v in masked.items() if k.startswith("x-meta-")}
+            # a header's name is written too: "X-Meta-13800138000: 1" leaks like a value
+            extra = {self._mask("", k, key): v for k, v in masked.items() if k.startswith("x-meta-")}
             cached = (
                 masked.get("x-user-id"),
                 masked.get("x-device-type"),
@@ -318,7 +315,7 @@ class PredictionLog:
         if not ids:
             return ids
         arr = pa.array(ids, pa.string())
-        suspect = pc.or_(pc.match_substring_regex(arr, _SUSPECT), pc.invert(pc.string_is_ascii(arr)))
+        suspect = pc.or_(pc.match_substring_regex(arr, SUSPECT), pc.invert(pc.string_is_ascii(arr)))
         out = list(ids)
         for i in np.flatnonzero(suspect.to_numpy(zero_copy_only=False)):
             out[i] = self.masker.mask_text(ids[i], keys[i])
@@ -543,18 +540,7 @@ class PredictionLog:
         for buf in self._encode(table):
             name = f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
             if self.local:
-                path = Path(folder)
-                path.mkdir(parents=True, exist_ok=True)
-                tmp = path / f".{name}.tmp"
-                try:
-                    with tmp.open("wb") as f:
-                        f.write(memoryview(buf))
-                        f.flush()
-                        os.fsync(f.fileno())
-                    tmp.replace(path / name)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                write_private(Path(folder) / name, memoryview(buf))
             else:  # an object store: the object appears whole when its single PUT completes
                 with self.fs.open_output_stream(f"{folder}/{name}") as out:
                     out.write(buf)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server import metrics
-from model_server.config import NAME_RE, ModelConfig, load_config
+from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config
 from model_server.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServerError
 from model_server.model import LoadedVersion, file_sha256
 
@@ -62,7 +62,7 @@ class ModelRepository:
     def versions_on_disk(model_dir: Path) -> dict[int, Path]:
         found = {}
         for child in model_dir.iterdir():
-            if not (child.name.isdigit() and int(child.name) > 0):
+            if not (ascii_uint(child.name) or 0) > 0:
                 continue
             onnx = (child / "model.onnx").resolve()
             if onnx.is_file() and onnx.is_relative_to(model_dir):
@@ -173,7 +173,7 @@ class ModelRepository:
         A version the client asked for and that is not loaded is a 404; one the traffic
         policy chose (``routed_by``) is a 503: the server's fault, never a silent fallback.
         """
-        if version is not None and not (version.isdigit() and int(version) > 0):
+        if version is not None and not (ascii_uint(version) or 0) > 0:
             raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
         with self._lock:
             versions = self._models.get(name)
@@ -217,7 +217,7 @@ class ModelRepository:
             versions = self._models.get(name) or {}
         if version is None:
             return bool(versions)
-        return version.isdigit() and int(version) in versions
+        return ascii_uint(version) in versions
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Triton's repository index: one entry per loaded version, one per idle model."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import re2
+
+from model_server.config import ascii_uint
+from model_server.files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +224,10 @@ class TrafficPolicy:
 
 def _version(raw: Any, where: str) -> str:
     v = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
-    if not isinstance(v, str) or not v.isdigit() or int(v) < 1:
+    n = ascii_uint(v) if isinstance(v, str) else None
+    if n is None or n < 1:
         raise PolicyError(f"{where}: version must be a positive integer (as a string), got {raw!r}")
-    return str(int(v))
+    return str(n)
 
 
 def _parse_route(raw: Any, where: str) -> tuple[Destination, ...]:
@@ -309,7 +312,9 @@ class PolicyStore:
     def apply(self, model: str, policy: TrafficPolicy) -> None:
         with self._lock:
             if self.state_dir is not None:
-                _atomic_write_json(self.state_dir / f"{model}.json", policy.to_dict())
+                write_private(
+                    self.state_dir / f"{model}.json", json.dumps(policy.to_dict(), indent=2).encode() + b"\n"
+                )
             self._policies = {**self._policies, model: policy}
         self._on_change(model, policy)
 
@@ -328,21 +333,6 @@ class PolicyStore:
             self._on_change(path.stem, policy)
             restored.append(path.stem)
         return restored
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_traffic_file(path: Path) -> dict[str, TrafficPolicy]:

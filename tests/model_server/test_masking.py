@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,11 +16,13 @@ from hypothesis import strategies as st
 from model_server.masking import (
     TOKEN_RE,
     KeyRing,
+    LogMasking,
     Masker,
     MaskingUnavailable,
     create_key_file,
     find_sensitive,
     main,
+    normalise,
     reveal,
 )
 
@@ -144,6 +148,11 @@ def test_property_masked_text_has_no_sensitive_value(tmp_path_factory, parts, ta
 
 HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest's timeout
     "letters without @": "a" * 1_000_000,
+    "percent signs": "%" * 1_000_000,
+    "percent-encoded letters": "%61" * 333_333,
+    "JSON escapes": "\\u0061" * 166_666,
+    "entities": "&#97;" * 200_000,
+    "full-width letters": "\uff41" * 1_000_000,
     "digits": "1" * 1_000_000,
     "dotted labels after @": "a@" + "a." * 500_000,
     "plus digit pairs": "+1" * 500_000,
@@ -159,6 +168,7 @@ def test_every_detector_is_linear_on_hostile_text(shape):
     scanned the run once per start position). Each detector now starts only at a boundary and
     every repetition is bounded."""
     found = find_sensitive(HOSTILE[shape])
+    assert len(normalise(HOSTILE[shape])) <= len(HOSTILE[shape])
     if shape == "spaced digits":  # runs of 13 to 19 spaced digits read as card numbers, each masked
         assert {name for name, _ in found} == {"bank_card"}
     else:
@@ -171,3 +181,119 @@ def test_the_email_detector_keeps_what_it_caught_before():
         ("email", "first.last+tag@mail.example.co.uk")
     ]
     assert find_sensitive("a@b.c and foo@bar and 0xdead@") == []
+
+
+# Each passed the detectors before (found by hand against a running server): the value, and
+# what the token reveals (the value as normalised: digits and "@" in ASCII, escapes decoded).
+EVADING = {
+    "(555)123-4567": "(555)123-4567",
+    "5551234567": "5551234567",
+    "138.0013.8000": "138.0013.8000",
+    "1380 013 8000": "1380 013 8000",
+    "+44 (0)20 7946 0958": "+44 (0)20 7946 0958",
+    "4111.1111.1111.1111": "4111.1111.1111.1111",
+    "4111/1111/1111/1111": "4111/1111/1111/1111",
+    "4111  1111  1111  1111": "4111  1111  1111  1111",
+    "alice%40example.com": "alice@example.com",
+    "alice%2540example.com": "alice@example.com",  # encoded twice
+    "phone%3D13800138000": "13800138000",
+    "\\u0031\\u0033\\u0038\\u0030\\u0030\\u0031\\u0033\\u0038\\u0030\\u0030\\u0030": "13800138000",
+    "bob\\u0040example.com": "bob@example.com",
+    "bob&#64;example.com": "bob@example.com",
+    "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10": "13800138000",  # full-width
+    "\u0661\u0663\u0668\u0660\u0660\u0661\u0663\u0668\u0660\u0660\u0660": "13800138000",  # Arabic-Indic
+    "alice\uff20example.com": "alice@example.com",  # the full-width at sign
+    "110105 19491231 002X": "110105 19491231 002X",  # left its last 4 characters in clear
+    "1101 0519 4912 3100 2X": "1101 0519 4912 3100 2X",
+}
+
+
+@pytest.mark.parametrize("value", sorted(EVADING))
+def test_the_formats_that_passed_the_detectors_are_masked(keys, value):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(f"note: {value}; end", ring.key_for(None))
+    assert find_sensitive(masked) == []
+    assert not re.search(r"\d", normalise(masked)), masked  # no digit left, in any script
+    assert "@" not in normalise(masked)
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [EVADING[value]]
+
+
+def test_text_without_a_value_is_written_as_it_came(keys):
+    """Normalisation decides what is found; text that holds no value keeps its own bytes
+    (percent-encoded paths, non-ASCII names, dates, epoch seconds)."""
+    ring = KeyRing(keys)
+    for text in ["path=%2Fv2%2Fmodels", "caf\u00e9 \uff21\uff22", "2026-11-30 12:00:00", "ts 1700000000", "a&b"]:
+        assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def _obfuscate(draw, value: str) -> str:
+    """One of the ways a client's value reaches a header: digits in another script, characters
+    percent-encoded or JSON-escaped, "@" full-width."""
+    scripts = [0x30, 0xFF10, 0x660, 0x6F0, 0x966]  # ASCII, full-width, Arabic-Indic, Persian, Devanagari
+    base = draw(st.sampled_from(scripts))
+    out = []
+    for ch in value:
+        how = draw(st.sampled_from(["plain", "plain", "script", "percent", "json"]))
+        if ch.isdigit() and how == "script":
+            out.append(chr(base + int(ch)))
+        elif ch == "@" and how == "script":
+            out.append("\uff20")
+        elif how == "percent":
+            out.append(f"%{ord(ch):02X}")
+        elif how == "json":
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@st.composite
+def obfuscated_values(draw):
+    value = draw(sensitive_values)
+    return value, _obfuscate(draw, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(filler, obfuscated_values()), min_size=1, max_size=3), filler)
+def test_property_obfuscated_values_are_masked(tmp_path_factory, parts, tail):
+    keys = tmp_path_factory.getbasetemp() / "prop-keys.json"
+    if not keys.exists():
+        keys.write_text(json.dumps({"default": key_b64()}))
+    ring = KeyRing(keys)
+    text = "".join(f"{f} {shown} " for f, (_, shown) in parts) + tail
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert find_sensitive(masked) == []
+    assert not re.search(r"\d", normalise(masked)), (text, masked)
+    revealed = {reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)}
+    assert {value for _, (value, _) in parts} <= revealed
+
+
+def test_log_masking_masks_every_line_and_escapes_control_characters(keys):
+    """One step for every log line: values become tokens (the default key), control characters
+    are escaped (an ESC sequence or a newline from a URL cannot rewrite or forge a line), and a
+    traceback that quotes a value is masked as well."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+
+    def emitted(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, msg, args, sys.exc_info() if exc else None)
+        assert masking.filter(record)
+        return record
+
+    r = emitted("request %s from %s", "order-13800138000", "alice%40example.com")
+    line = r.getMessage()
+    assert "13800138000" not in line
+    assert "alice" not in line
+    assert "%40" not in line
+    assert line.startswith("request order-tok_")
+    assert emitted("GET /v2/\x1b[2J\x1b[31mfake\nINFO forged line").getMessage() == (
+        "GET /v2/\\x1b[2J\\x1b[31mfake\\x0aINFO forged line"
+    )
+    try:
+        raise ValueError("label 'li.wei@example.com' is not a class")
+    except ValueError:
+        r = emitted("failed", exc=True)
+    assert "li.wei@example.com" not in r.exc_text
+    assert "ValueError: label 'tok_" in r.exc_text
+    keys.write_text("{broken")  # no usable key: values are dropped, never written in clear
+    assert emitted("id %s", "13800138000").getMessage() == "id <masked>"

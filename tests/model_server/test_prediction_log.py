@@ -528,6 +528,49 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
 
 
 @pytest.mark.integration
+def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_copy, tmp_path, digit_images):
+    """Request ids, header names, escaped and full-width values, values echoed by a 400: none
+    of them reaches the server's log, the access log or the prediction log as sent; every file
+    the server writes is mode 0600."""
+    log_dir, state = tmp_path / "predictions", tmp_path / "state"
+    s = server_factory(repo_copy, "--state-dir", str(state), "--prediction-log", str(log_dir),
+                       "--prediction-log-flush-s", "0.2", "--access-log", token=TOKEN)  # fmt: skip
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    image = digit_images[0][0]
+    sent = [
+        {"X-Request-ID": "order-13800138000"},
+        {"X-Request-ID": "alice%40example.com"},
+        {"X-Meta-13911112222": "1", "X-Meta-Note": "bob&#64;example.com"},
+        {"X-Meta-Contact": "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10".encode()},
+    ]
+    for headers in sent:
+        assert infer(s, image, headers).status_code == 200
+    bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["carol@example.com"]}]}
+    r = requests.post(f"{s.http}/v2/models/digits/infer", json=bad, headers={"X-Request-ID": "id-15900001111"},
+                      timeout=10)  # fmt: skip
+    assert r.status_code == 400
+    assert "carol@example.com" in r.json()["error"]
+    assert wait_for(lambda: len(read(log_dir, *window())) >= 2 * len(sent))
+    s.stop()
+    files = [f for f in [s.log, *log_dir.rglob("*"), *state.rglob("*")] if f.is_file()]
+    # What a reader of each file sees: text as it is, Parquet decoded (its pages are compressed).
+    written = "\n".join(
+        json.dumps(pq.read_table(f).to_pylist(), default=str) if f.suffix == ".parquet" else f.read_text()
+        for f in files
+    ).encode()
+    for clear in [b"13800138000", b"13911112222", b"15900001111", b"example.com", b"%40", b"&#64;",
+                  "\uff11".encode()]:  # fmt: skip
+        assert clear not in written, clear
+    assert b'"request_id": "order-tok_' in written  # logged, and masked
+    assert b'"status": 400' in written
+    assert b"found 'tok_" in written
+    private = [f for f in files if f != s.log]
+    assert {f.suffix for f in private} >= {".json", ".parquet"}
+    assert {oct(f.stat().st_mode & 0o777) for f in private} == {"0o600"}
+
+
+@pytest.mark.integration
 def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp_path, digit_images):
     log_dir = tmp_path / "predictions"
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),

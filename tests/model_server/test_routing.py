@@ -142,6 +142,8 @@ def test_request_id_and_trace_context_are_kept(routed, digit_images):
             {"route": [{"version": "2", "weight": 100}], "mirror": {"version": "2", "percent": 10}},
             "is the primary",
         ),
+        ({"route": [{"version": "\u00b2", "weight": 100}]}, "version must be a positive integer"),
+        ({"route": [{"version": "\u0661", "weight": 100}]}, "version must be a positive integer"),
     ],
 )
 def test_invalid_policies_get_400_and_change_nothing(routed, policy, needle):
@@ -220,6 +222,11 @@ def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(
     traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 50}]}}}))
     assert wait_for(lambda: (s.metric("model_server_traffic_file_errors_total") or 0) >= 1)
     assert current() == new
+    # "²" passes str.isdigit and fails int(): it used to end the watcher, and with it every reload.
+    traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "\u00b2", "weight": 100}]}}}))
+    assert wait_for(lambda: (s.metric("model_server_traffic_file_errors_total") or 0) >= 2)
+    traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))
+    assert wait_for(lambda: current() == {"route": [{"version": "1", "weight": 100}]})
 
 
 def test_policy_updates_under_load_lose_no_request(routed, digit_images):
