@@ -18,6 +18,7 @@ from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
 from model_server.metrics import gpu_count
 from model_server.model import select_providers
 from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
+from model_server.protocol import MAX_JSON_BYTES
 from model_server.repository import ModelRepository
 
 log = logging.getLogger("model_server")
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=256,
         help="mirrored requests that may wait for the shadow; more are dropped and counted",
+    )
+    p.add_argument(
+        "--shadow-queue-mb",
+        type=float,
+        default=256.0,
+        help="the inputs of the waiting mirrored requests together; more are dropped and counted",
     )
     p.add_argument("--shadow-workers", type=int, default=2, help="concurrent shadow executions")
     p.add_argument(
@@ -120,6 +127,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels"
     )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
+    p.add_argument(
+        "--max-json-mb",
+        type=float,
+        default=MAX_JSON_BYTES / 2**20,
+        help="limit of an infer request's JSON part and of any other JSON body (413 above)",
+    )
+    p.add_argument(
+        "--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)"
+    )
     p.add_argument(
         "--request-timeout",
         type=float,
@@ -245,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     settings = Settings(
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_json_bytes=int(args.max_json_mb * 1024 * 1024),
+        feedback_max_items=args.feedback_max_items,
         request_timeout_s=args.request_timeout,
         admin_token=admin_token(args),
         state_dir=state,
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,
+        shadow_queue_bytes=int(args.shadow_queue_mb * 1024 * 1024),
         shadow_workers=args.shadow_workers,
         feedback_capacity=args.feedback_capacity,
         feedback_ttl_s=args.feedback_ttl_s,

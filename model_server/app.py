@@ -37,7 +37,13 @@ from model_server.errors import (
 from model_server.feedback import FeedbackStore
 from model_server.model import Fault, Preempted, failure_reason, outcome_of
 from model_server.predictionlog import Inference, Label, PredictionLog
-from model_server.protocol import HEADER_LENGTH, InferRequest, decode_infer_request, encode_infer_response
+from model_server.protocol import (
+    HEADER_LENGTH,
+    MAX_JSON_BYTES,
+    InferRequest,
+    decode_infer_request,
+    encode_infer_response,
+)
 from model_server.repository import ModelRepository
 from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
 from model_server.trace import TraceContext, log_access, request_id
@@ -58,9 +64,12 @@ class Settings:
     traffic_file: Path | None = None  # watched policy file: {"models": {name: policy}}
     traffic_poll_s: float = 1.0
     shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
+    shadow_queue_bytes: int = 256 * 1024 * 1024  # and the bytes of their inputs together
     shadow_workers: int = 2
     feedback_capacity: int = 200_000  # served predictions kept for delayed labels
     feedback_ttl_s: float = 3600.0
+    max_json_bytes: int = MAX_JSON_BYTES  # an infer request's JSON part, any other JSON body
+    feedback_max_items: int = 1000  # labels in one feedback call
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -142,8 +151,8 @@ def create_app(
         ):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_body_bytes
+    async def read_body(request: Request, limit: int | None = None) -> bytes:
+        limit = limit or settings.max_body_bytes
         declared = request.headers.get("content-length")
 
         async def read() -> bytes:
@@ -175,7 +184,7 @@ def create_app(
             ) from None
 
     async def json_body(request: Request, allow_list: bool = False) -> Any:
-        body = await read_body(request)
+        body = await read_body(request, settings.max_json_bytes)
         if not body.strip():
             return {}
         try:
@@ -278,6 +287,11 @@ def create_app(
         # A copy made by Istio's mirror: served as a shadow (yields to primaries, counted and
         # logged as shadow), never routed, mirrored or remembered for feedback.
         shadow_copy = is_shadow_host(headers.get("host"))
+        # The rollout's masking probe: its copy runs at once instead of in idle time (under load
+        # there may be none for minutes). Only with the admin token: it takes the primary's time.
+        probe = "x-shadow-probe" in headers
+        if probe:
+            check_admin(request)
         version = request.path_params.get("version") or headers.get("x-model-version")
         decided = "version" if version else "route"
         policy = policies.get(model)
@@ -301,7 +315,7 @@ def create_app(
             )
             req = None
             try:
-                req = decode_infer_request(body, request.headers.get(HEADER_LENGTH))
+                req = decode_infer_request(body, request.headers.get(HEADER_LENGTH), settings.max_json_bytes)
                 outputs = lv.validate(req.inputs, req.outputs)
                 if shadow_copy:
                     results, batch, timing = await mirror.yielding_run(lv, req.inputs, outputs, rid)
@@ -377,6 +391,7 @@ def create_app(
                 primary_latency_ms=(done - started) * 1000,
                 metadata=request_metadata(headers),
                 batched=batched,
+                probe=probe,
             )
             background = BackgroundTask(mirror.submit, job)  # runs after the response is sent
         out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}
@@ -410,7 +425,11 @@ def create_app(
         plog.append(shadow_record(result))
 
     mirror = ShadowMirror(
-        repo, settings.shadow_queue, settings.shadow_workers, sink=None if plog is None else log_shadow
+        repo,
+        settings.shadow_queue,
+        settings.shadow_workers,
+        sink=None if plog is None else log_shadow,
+        queue_bytes=settings.shadow_queue_bytes,
     )
 
     def validate_policy(model: str, raw: object) -> TrafficPolicy:
@@ -457,6 +476,11 @@ def create_app(
             return fb.answer(logged)
 
         if isinstance(body, list):
+            if len(body) > settings.feedback_max_items:
+                raise PayloadTooLarge(
+                    f"feedback list of {len(body)} items is over the limit of {settings.feedback_max_items} "
+                    "per call; send it in parts"
+                )
             results = []
             for item in body:
                 try:

@@ -25,6 +25,7 @@ def ascii_uint(text: str) -> int | None:
     takes superscripts, which int() refuses, and other scripts' digits; a path or header is not a number.)"""
     return int(text) if _UINT_RE.fullmatch(text) else None
 
+
 # KServe v2 datatype -> numpy dtype string (little-endian on the wire).
 DATATYPES: dict[str, str] = {
     "BOOL": "|b1",

@@ -38,7 +38,7 @@ import onnxruntime as ort
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
 from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable, ServerError
 from model_server.metrics import VersionMetrics
-from model_server.preprocess import images_to_features
+from model_server.preprocess import check_pixels, images_to_features
 from model_server.protocol import InferInput
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ class LoadedVersion:
             return False
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
         size = sum(
-            sum(len(x) for x in i.data.reshape(-1)) if i.data.dtype == object else i.data.nbytes for i in inputs
+            sum(len(x) for x in i.data.reshape(-1)) if i.data.dtype == object else i.data.nbytes
+            for i in inputs
         )
         return self._warmup_seconds * batch <= INLINE_BUDGET_S and size <= INLINE_MAX_BYTES
 
@@ -241,6 +242,8 @@ class LoadedVersion:
         batches = {i.shape[0] for i in inputs if i.shape}
         if cfg.max_batch_size and len(batches) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
+        if cfg.preprocess is not None:
+            check_pixels(given[cfg.inputs[0].name].data, cfg.inputs[0].name)
         names = [o.name for o in cfg.outputs]
         if requested is None:
             return names

@@ -47,7 +47,9 @@ def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     raw = getattr(headers, "raw", None)
     if raw is not None:  # Starlette's headers: ASGI names are lower-case bytes; decode only these
         return {
-            k.decode("latin-1"): _header_text(v) for k, v in raw if k in _METADATA_RAW or k.startswith(b"x-meta-")
+            k.decode("latin-1"): _header_text(v)
+            for k, v in raw
+            if k in _METADATA_RAW or k.startswith(b"x-meta-")
         }
     return {
         k.lower(): v
@@ -71,6 +73,15 @@ class ShadowJob:
     metadata: dict[str, str] = field(default_factory=dict)
     batched: bool = True  # the model has a batch dimension
     queued_at: float = field(default_factory=time.perf_counter)
+    probe: bool = False  # the rollout's masking probe: runs at once, not in idle time
+
+    @property
+    def nbytes(self) -> int:
+        """What the queued copy holds: its inputs (the primary's outputs are small beside them)."""
+        return sum(
+            sum(len(x) for x in i.data.reshape(-1)) if i.data.dtype == object else i.data.nbytes
+            for i in self.inputs
+        )
 
 
 @dataclass
@@ -120,20 +131,37 @@ class ShadowMirror:
         workers: int = 2,
         sink: ShadowSink | None = None,
         max_preemptions: int = 5,
+        queue_bytes: int = 256 * 1024 * 1024,
     ):
         self.repo = repo
         self.gate = PrimaryGate()
         self.max_preemptions = max_preemptions
         self.queue: asyncio.Queue[ShadowJob] = asyncio.Queue(maxsize=queue_size)
+        self.queue_bytes = queue_bytes  # the queued copies' inputs together, at most
+        self.queued_bytes = 0
         self.workers = workers
         self.sink = sink
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Task[None]] = set()
 
-    def submit(self, job: ShadowJob) -> None:
+    async def submit(self, job: ShadowJob) -> None:
+        """Queue a copy; on the event loop (a coroutine, so that Starlette's BackgroundTask runs it
+        there: asyncio's queue and the byte count are not thread-safe)."""
+        if job.probe:  # a handful per rollout, sent with the admin token: never queued behind load
+            task = asyncio.get_running_loop().create_task(self._finish(job))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+            return
+        size = job.nbytes
+        if self.queued_bytes + size > self.queue_bytes:
+            self._dropped(job, f"shadow queue holds {self.queued_bytes} bytes; limit {self.queue_bytes}")
+            return
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
             self._dropped(job, "shadow queue full")
+            return
+        self.queued_bytes += size
 
     def _dropped(self, job: ShadowJob, why: str) -> None:
         metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
@@ -154,18 +182,24 @@ class ShadowMirror:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while not self.queue.empty():
             self._dropped(self.queue.get_nowait(), "server shutting down")
+        self.queued_bytes = 0
 
     async def _worker(self) -> None:
         while True:
             job = await self.queue.get()
+            self.queued_bytes -= job.nbytes
             try:
-                result = await self.run(job)
-                if result is not None and self.sink is not None:
-                    self.sink(result)
-            except Exception:  # a shadow must never take the worker down
-                log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
+                await self._finish(job)
             finally:
                 self.queue.task_done()
+
+    async def _finish(self, job: ShadowJob) -> None:
+        try:
+            result = await self.run(job)
+            if result is not None and self.sink is not None:
+                self.sink(result)
+        except Exception:  # a shadow must never take the worker down
+            log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
 
     async def run(self, job: ShadowJob) -> ShadowResult | None:
         error = None
@@ -175,9 +209,14 @@ class ShadowMirror:
         try:
             with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
                 try:
-                    results, batch, timing = await self.yielding_run(
-                        lv, job.inputs, job.outputs, job.request_id
-                    )
+                    if job.probe:
+                        results, batch, timing = await lv.infer(
+                            job.inputs, job.outputs, shadow_run=ort.RunOptions()
+                        )
+                    else:
+                        results, batch, timing = await self.yielding_run(
+                            lv, job.inputs, job.outputs, job.request_id
+                        )
                 except OutOfMemory:
                     lv.shadow_metrics.failure("OOM")
                     raise

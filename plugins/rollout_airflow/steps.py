@@ -162,8 +162,13 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                         "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
     started = datetime.now(UTC)
-    r = requests.post(f"{hook.url}/v2/models/{spec.model}/infer", json=body, timeout=30,
-                      headers={"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}"})  # fmt: skip
+    # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
+    # time, which a loaded or slow candidate may not have for minutes.
+    probe_headers = {"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}",
+                     "X-Shadow-Probe": "1", **({"Authorization": f"Bearer {hook.token}"} if hook.token else {})}  # fmt: skip
+    r = requests.post(
+        f"{hook.url}/v2/models/{spec.model}/infer", json=body, timeout=30, headers=probe_headers
+    )
     if r.status_code != 200:
         raise AirflowFailException(f"probe request failed: {r.status_code} {r.text}")
     deadline = time.monotonic() + 30

@@ -170,6 +170,46 @@ def test_decompression_bomb_is_refused(server):
     assert "element 0" in r.json()["error"]
 
 
+def test_many_large_images_in_one_request_are_refused_before_decoding(server, digit_images):
+    """64 large PNGs in one request held the model 4.2 s: each image was under the per-image
+    limit. The request's pixels together are bounded too, read from the headers alone."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG")  # at the per-image limit, a small file
+    body, headers = image_body([buf.getvalue()] * 3)
+    r = post(server, "/v2/models/digits/infer", body, headers)
+    assert r.status_code == 400
+    assert "pixels per request" in r.json()["error"]
+    body, headers = image_body([digit_images[0][0]] * 64)  # many small ones are fine
+    assert post(server, "/v2/models/digits/infer", body, headers).status_code == 200
+
+
+def test_json_over_its_limit_gets_413_before_parsing(server):
+    """A 64 MB JSON body froze every endpoint 2.5 s while it was parsed: JSON (an infer request's
+    JSON part, any other JSON body) is bounded at 4 MiB; large tensors go as binary data."""
+    big = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x" * (5 << 20)]}]})
+    r = post(server, "/v2/models/digits/infer", big, {"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert "JSON part of the request" in r.json()["error"]
+    assert "binary" in r.json()["error"]
+    r = post(server, "/v2/models/digits/feedback", json.dumps([{"request_id": "x" * (5 << 20), "label": 1}]))
+    assert r.status_code == 413
+
+
+def test_a_feedback_list_over_the_limit_gets_413(server):
+    """A feedback list of 1M items froze the server 4.1 s and answered 98 MB."""
+    items = [{"request_id": f"r{i}", "label": 1} for i in range(1001)]
+    r = post(server, "/v2/models/digits/feedback", json.dumps(items))
+    assert r.status_code == 413
+    assert "1001 items is over the limit of 1000" in r.json()["error"]
+    r = post(server, "/v2/models/digits/feedback", json.dumps(items[:1000]))
+    assert r.status_code == 200
+    assert len(r.json()["results"]) == 1000
+
+
 def test_batch_over_max_batch_size(server, digit_images):
     body, headers = image_body([digit_images[0][0]] * 65)
     r = post(server, "/v2/models/digits/infer", body, headers)

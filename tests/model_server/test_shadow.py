@@ -154,3 +154,76 @@ def test_requests_that_name_their_version_are_not_mirrored(server_factory, repo_
     assert wait_until(lambda: shadow_count(s, "ok") == 1)
     time.sleep(0.3)
     assert shadow_count(s, "ok") == 1
+
+
+def big_png(digit_images) -> bytes:
+    img = Image.open(io.BytesIO(digit_images[0][0])).resize((1024, 1024), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def test_the_queue_is_bounded_in_bytes(server_factory, repo_copy, tmp_path, digit_images):
+    """24 mirrored 16 MB requests held +311 MB: the count bound alone let the defaults reach
+    16 GB. Copies past --shadow-queue-mb are dropped and counted, whatever the count bound."""
+    s = start(server_factory, repo_copy, tmp_path, "--shadow-queue-mb", "1.5", "--shadow-workers", "1")
+    set_fault(s, "2", {"delay": {"ms": 3000, "percent": 100}})
+    big = big_png(digit_images)
+    n = 6
+    for _ in range(n):
+        assert infer(s, big).status_code == 200
+    # One copy runs (off the queue), one waits (1 MiB of 1.5), the others are over the bytes.
+    assert shadow_count(s, "dropped") >= n - 2
+    assert wait_until(lambda: shadow_count(s, "ok") + shadow_count(s, "dropped") == n)
+
+
+def test_the_rollout_probe_runs_at_once_and_needs_the_admin_token(models_dir, digit_images):
+    """The enable_shadow probe waited behind load for idle time that a slow candidate under
+    traffic never had (a flaky end-to-end test). With X-Shadow-Probe its copy runs at once."""
+    import asyncio
+
+    import numpy as np
+
+    from model_server.protocol import InferInput
+    from model_server.repository import ModelRepository
+    from model_server.shadow import ShadowJob, ShadowMirror
+    from model_server.trace import TraceContext
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        repo = ModelRepository(models_dir, ["CPUExecutionProvider"])
+        repo.load("digits")
+        done: list[str] = []
+        mirror = ShadowMirror(repo, sink=lambda r: done.append(r.job.request_id))
+        mirror.start()
+        data = np.array([digit_images[0][0]], dtype=object)
+
+        def job(rid: str, probe: bool) -> ShadowJob:
+            return ShadowJob("digits", "1", "1", [InferInput("image", "BYTES", (1,), data)], ["probabilities"],
+                             rid, TraceContext.from_header(None), time.time(), {}, 1.0, probe=probe)  # fmt: skip
+
+        with mirror.gate:  # a primary in flight, and another, and another: no idle time at all
+            await mirror.submit(job("queued", probe=False))
+            await mirror.submit(job("probe", probe=True))
+            for _ in range(200):
+                if done:
+                    break
+                await asyncio.sleep(0.05)
+            during = list(done)
+        for _ in range(200):
+            if len(done) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await mirror.stop()
+        repo.close_all()
+        return during, done
+
+    during, after = asyncio.run(scenario())
+    assert during == ["probe"]  # the ordinary copy waits for idle time, the probe does not
+    assert after == ["probe", "queued"]
+
+
+def test_a_probe_without_the_admin_token_is_refused(server_factory, repo_copy, tmp_path, digit_images):
+    s = start(server_factory, repo_copy, tmp_path)
+    assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1"}).status_code == 401
+    assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1", **s.admin}).status_code == 200
+    assert wait_until(lambda: shadow_count(s, "ok") == 1)
