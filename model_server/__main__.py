@@ -251,9 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogMasking(mask))
     plog = prediction_log(args, mask)
+    repo.persist_in(state.parent / "loads" if state is not None else None)
     for name in args.load_model or repo.names():
+        wanted, override = repo.persisted(name)  # as the last load or unload left it
+        if not wanted:
+            log.info("model %r stays unloaded, as it was before the restart", name)
+            continue
         try:
-            versions = repo.load(name)
+            versions = repo.load(name, override, persist=False)
             log.info("model %r ready, versions %s", name, versions)
         except ServerError as exc:
             if args.exit_on_error:

@@ -201,9 +201,28 @@ def create_app(
     async def live(request: Request) -> Response:
         return Response(status_code=200)
 
+    def routed_versions(model: str) -> set[str]:
+        policy = policies.get(model)
+        return policy.versions() if policy is not None else set()
+
+    def disagreement(model: str) -> str | None:
+        """Why the model's traffic policy cannot be served as it stands (a routed or mirrored
+        version not loaded), or None."""
+        wanted = routed_versions(model)
+        loaded = {str(v) for v in repo.loaded_versions(model)}
+        missing = sorted(wanted - loaded, key=int)
+        if not missing:
+            return None
+        return f"model '{model}': the traffic policy routes to version(s) {missing}, not loaded"
+
     @endpoint("/v2/health/ready")
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if state["ready"] else 503)
+        """Ready once started and while every traffic policy's versions are loaded (after a
+        restart, a restored policy may name versions that have not loaded yet, or failed to)."""
+        if not state["ready"]:
+            return error(503, "starting or stopping")
+        reasons = [r for m in policies.models() if (r := disagreement(m)) is not None]
+        return error(503, "; ".join(reasons)) if reasons else Response(status_code=200)
 
     @endpoint("/v2")
     async def server_metadata(request: Request) -> Response:
@@ -242,7 +261,8 @@ def create_app(
         name = request.path_params["model"]
         version = request.path_params.get("version")
         if repo.is_ready(name, version):
-            return Response(status_code=200)
+            reason = None if version is not None else disagreement(name)
+            return Response(status_code=200) if reason is None else error(503, reason)
         repo.model_dir(name)  # 404 for a model the repository does not have
         return error(503, f"model '{name}'" + (f" version {version}" if version else "") + " is not ready")
 
@@ -448,6 +468,10 @@ def create_app(
             policy = validate_policy(model, await json_body(request))
             await asyncio.to_thread(policies.apply, model, policy)
             log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
+        elif request.method == "DELETE":  # back to the default: the highest loaded version
+            repo.model_dir(model)
+            await asyncio.to_thread(policies.remove, model)
+            log.info("traffic policy for %r removed", model)
         current = policies.get(model)
         if current is None:
             _, loaded = repo.loaded(model)
@@ -554,13 +578,14 @@ def create_app(
                 raise InvalidInput(f"parameters.config is not a JSON object: {exc}") from None
             if not isinstance(override, dict):
                 raise InvalidInput("parameters.config must be a JSON object")
-        await asyncio.to_thread(repo.load, name, override)
+        await asyncio.to_thread(repo.load, name, override, routed_versions(name))
         return Response(status_code=200)
 
     @endpoint("/v2/repository/models/{model}/unload", admin=True)
     async def unload(request: Request) -> Response:
         await json_body(request)
-        await asyncio.to_thread(repo.unload, request.path_params["model"])
+        name = request.path_params["model"]
+        await asyncio.to_thread(repo.unload, name, routed_versions(name))
         return Response(status_code=200)
 
     @endpoint("/metrics")
@@ -579,7 +604,7 @@ def create_app(
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT"]),
+        Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT", "DELETE"]),
         Route("/v2/models/{model}/feedback", post_feedback, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/fault", fault, methods=["GET", "PUT"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),

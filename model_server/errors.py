@@ -31,6 +31,12 @@ class RequestTimeout(ServerError):
     status = 408
 
 
+class Conflict(ServerError):
+    """The request contradicts the server's state (a second label; unloading a routed version)."""
+
+    status = 409
+
+
 class PayloadTooLarge(ServerError):
     status = 413
 

@@ -20,16 +20,12 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from model_server.errors import InvalidInput, ModelNotFound, ServerError
+from model_server.errors import Conflict, InvalidInput, ModelNotFound
 
 FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
 FEEDBACK_CORRECT = Counter(
     "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
 )
-
-
-class Conflict(ServerError):
-    status = 409
 
 
 @dataclass

@@ -8,16 +8,18 @@ requests it holds and only then releases its session. A load that fails changes 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from model_server import metrics
 from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config
-from model_server.errors import InvalidInput, ModelNotFound, ModelUnavailable, ServerError
+from model_server.errors import Conflict, InvalidInput, ModelNotFound, ModelUnavailable, ServerError
+from model_server.files import write_private
 from model_server.model import LoadedVersion, file_sha256
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,31 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._errors: dict[str, str] = {}
+        self.state_dir: Path | None = None  # where loads and unloads persist (persist_in)
+
+    def persist_in(self, state_dir: Path | None) -> None:
+        """Persist each load (with its config override) and unload in ``state_dir``, so that a
+        restart serves what the traffic policy, persisted beside it, routes to."""
+        self.state_dir = state_dir
+
+    def persisted(self, name: str) -> tuple[bool, dict[str, Any] | None]:
+        """(whether to load ``name`` at start, the override of its last load)."""
+        path = self.state_dir / f"{name}.json" if self.state_dir is not None else None
+        if path is None or not path.is_file():
+            return True, None
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict | None):
+                raise ValueError("expected {'loaded': bool, 'config': {...} or null}")
+        except (OSError, ValueError) as exc:
+            log.error("ignoring persisted load state %s: %s", path, exc)
+            return True, None
+        return bool(raw.get("loaded", True)), raw.get("config")
+
+    def _persist(self, name: str, loaded: bool, override: dict[str, Any] | None) -> None:
+        if self.state_dir is not None:
+            record = {"loaded": loaded, "config": override}
+            write_private(self.state_dir / f"{name}.json", json.dumps(record, indent=2).encode() + b"\n")
 
     # -- the folder -------------------------------------------------------------------------
 
@@ -71,11 +98,15 @@ class ModelRepository:
 
     # -- load / unload ----------------------------------------------------------------------
 
-    def load(self, name: str, override: dict[str, Any] | None = None) -> list[int]:
-        """Load (or reload) a model per its version policy; all or nothing."""
+    def load(
+        self, name: str, override: dict[str, Any] | None = None, keep: Iterable[str] = (), persist: bool = True
+    ) -> list[int]:
+        """Load (or reload) a model per its version policy; all or nothing. A load that would
+        leave out a version in ``keep`` (those the traffic policy routes or mirrors to) is
+        refused with 409 before anything changes."""
         with self._load_lock:
             try:
-                versions = self._load(name, override)
+                versions = self._load(name, override, {int(v) for v in keep})
             except ServerError as exc:
                 metrics.MODEL_LOADS.labels(name if NAME_RE.match(name) else "_invalid", "error").inc()
                 self._errors[name] = exc.message
@@ -83,15 +114,23 @@ class ModelRepository:
                 raise
             metrics.MODEL_LOADS.labels(name, "ok").inc()
             self._errors.pop(name, None)
+            if persist:
+                self._persist(name, True, override)
             return versions
 
-    def _load(self, name: str, override: dict[str, Any] | None) -> list[int]:
+    def _load(self, name: str, override: dict[str, Any] | None, keep: set[int]) -> list[int]:
         model_dir = self.model_dir(name)
         cfg = load_config(model_dir, override)
         on_disk = self.versions_on_disk(model_dir)
         if not on_disk:
             raise InvalidInput(f"model '{name}' has no <version>/model.onnx in the repository")
         wanted = cfg.select_versions(list(on_disk))
+        dropped = sorted(keep - set(wanted))
+        if dropped:
+            raise Conflict(
+                f"model '{name}': the traffic policy routes to version(s) {dropped}, which this load "
+                f"would not serve (it selects {sorted(wanted)}); change the traffic policy first"
+            )
         current = self._models.get(name, {})
         new: dict[int, LoadedVersion] = {}
         created: list[LoadedVersion] = []
@@ -127,14 +166,22 @@ class ModelRepository:
             )
         return sorted(new)
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, keep: Iterable[str] = ()) -> None:
+        """Unload every version; refused with 409 while the traffic policy routes to one."""
         with self._load_lock:
             if name not in self._models:  # a loaded model can be unloaded even if its folder went
                 self.model_dir(name)
+            routed = sorted(set(keep), key=int)
+            if routed:
+                raise Conflict(
+                    f"model '{name}': the traffic policy routes to version(s) {routed}; "
+                    "unloading would answer its requests 503; change the traffic policy first"
+                )
             with self._lock:
                 for lv in self._models.pop(name, {}).values():
                     self._retire(lv)
                 self._configs.pop(name, None)
+            self._persist(name, False, None)
             log.info("unloaded model %r", name)
 
     def _retire(self, lv: LoadedVersion) -> None:
@@ -205,6 +252,10 @@ class ModelRepository:
             if versions:
                 return self._configs[name], dict(versions)
         raise self._unavailable(name)
+
+    def loaded_versions(self, name: str) -> list[int]:
+        with self._lock:
+            return sorted(self._models.get(name) or {})
 
     def model_config(self, name: str) -> ModelConfig:
         """The loaded config, else the one on disk (404 for a model the repository lacks)."""

@@ -318,6 +318,16 @@ class PolicyStore:
             self._policies = {**self._policies, model: policy}
         self._on_change(model, policy)
 
+    def models(self) -> list[str]:
+        return sorted(self._policies)
+
+    def remove(self, model: str) -> None:
+        with self._lock:
+            if self.state_dir is not None:
+                (self.state_dir / f"{model}.json").unlink(missing_ok=True)
+            self._policies = {m: p for m, p in self._policies.items() if m != model}
+        self._on_change(model, None)
+
     def restore(self) -> list[str]:
         """Load persisted policies (skipping and logging unreadable ones)."""
         restored: list[str] = []

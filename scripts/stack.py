@@ -53,8 +53,9 @@ def up(
         token_file.write_text(secrets.token_urlsafe(24))
     server = start_model_server(repository, run, "--prediction-log", str(run / "predictions"), "--state-dir",
                                 str(run / "state"), "--mask-header", "x-user-id",
-                                token=token_file.read_text().strip(), port=port)  # fmt: skip
+                                token=token_file.read_text().strip(), port=port, until="live")  # fmt: skip
     serve_what_is_routed(server)
+    wait_ready(server)
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     log = (run / "loadgen.log").open("wb")
     loadgen = subprocess.Popen(
@@ -95,17 +96,30 @@ def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | 
 
 
 def serve_only(state: dict[str, Any], version: str, model: str = "digits") -> None:
-    """That version alone loaded and at 100% (the starting point of a demo or a measured run)."""
-    policy = {"version_policy": {"specific": {"versions": [int(version)]}}}
-    admin(
-        state, "POST", f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(policy)}}
-    )
-    admin(state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]})
+    """That version alone loaded and at 100% (the starting point of a demo or a measured run):
+    loaded beside what is routed now, routed, then alone (a load never drops a routed version)."""
+    from model_server.traffic import TrafficPolicy
+
+    routed = {
+        int(v) for v in TrafficPolicy.from_dict(admin(state, "GET", f"/v2/models/{model}/traffic")).versions()
+    }
+    for versions in ([*routed, int(version)], [int(version)]):
+        policy = {"version_policy": {"specific": {"versions": sorted(set(versions))}}}
+        admin(
+            state,
+            "POST",
+            f"/v2/repository/models/{model}/load",
+            {"parameters": {"config": json.dumps(policy)}},
+        )
+        if versions != [int(version)]:
+            admin(
+                state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]}
+            )
 
 
 def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> None:
-    """After a restart the server restores its traffic policy (a promoted version, say) but loads
-    the versions its config names: load the ones the policy routes or mirrors to."""
+    """Load the versions the restored traffic policy routes or mirrors to, when the server has no
+    record of the load that brought them in (a state folder written before loads persisted)."""
     from model_server.traffic import TrafficPolicy
 
     request = urllib.request.Request(f"{server.http}/v2/models/{model}/traffic", headers=server.admin)
@@ -113,6 +127,14 @@ def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> N
         routed = TrafficPolicy.from_dict(json.load(r)).versions()
     if routed - {str(v) for v in server.client().get_model_metadata(model)["versions"]}:
         server.load_versions(model, *routed)
+
+
+def wait_ready(server: ModelServerProcess, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not server.client().is_server_ready():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the model server is not ready; see {server.log}")
+        time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:

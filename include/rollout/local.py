@@ -113,8 +113,10 @@ def start_model_server(
     token: str | None = None,
     port: int | None = None,
     wait_s: float = 60.0,
+    until: str = "ready",
 ) -> ModelServerProcess:
-    """Start ``python -m model_server`` on 127.0.0.1 and wait until it is ready.
+    """Start ``python -m model_server`` on 127.0.0.1 and wait until it is ready (``until``
+    "live": until it answers, ready or not).
 
     Traffic policies persist under ``log_dir`` unless ``--state-dir`` is among ``args``.
 
@@ -152,7 +154,7 @@ def start_model_server(
         if proc.poll() is not None:
             raise RuntimeError(f"model server exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            if _get(f"{server.http}/v2/health/ready", timeout=1)[0] == 200:
+            if _get(f"{server.http}/v2/health/{until}", timeout=1)[0] == 200:
                 return server
         except OSError:
             pass
@@ -354,7 +356,11 @@ def start_airflow(
 
 
 def local_connections(
-    server: ModelServerProcess, prometheus_url: str, repository: Path, prediction_log: Path | str, run_dir: Path
+    server: ModelServerProcess,
+    prometheus_url: str,
+    repository: Path,
+    prediction_log: Path | str,
+    run_dir: Path,
 ) -> dict[str, dict[str, Any]]:
     """The Airflow connections of the one-machine stack (no ``slack_api_default``: the outbox)."""
     host, port = prometheus_url.rsplit("/", 1)[-1].rsplit(":", 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import threading
 import time
@@ -164,34 +165,67 @@ def test_policy_calls_need_the_admin_token(routed):
     assert r.status_code == 404
 
 
-def test_routed_version_that_is_unloaded_gets_503_never_a_fallback(routed, digit_images):
-    assert put_policy(routed, {"route": [{"version": "2", "weight": 100}]}).status_code == 200
+def test_a_load_or_unload_that_drops_a_routed_version_gets_409(routed, digit_images):
+    """A load that dropped a version the policy routed 70% to was accepted (142 of 200 users then
+    got 503). Now the policy must change first; nothing changes on a refusal."""
+    from tritonclient.utils import InferenceServerException
+
+    split = {"route": [{"version": "1", "weight": 30}, {"version": "2", "weight": 70}]}
+    assert put_policy(routed, split).status_code == 200
+    with pytest.raises(InferenceServerException, match=r"routes to version\(s\) \[2\]") as err:
+        routed.load_versions("digits", 1)
+    assert err.value.status() == "409"
+    r = requests.post(f"{routed.http}/v2/repository/models/digits/unload", headers=routed.admin, timeout=10)
+    assert r.status_code == 409
+    assert "change the traffic policy first" in r.json()["error"]
+    replies = [infer(routed, digit_images[0][0], {"X-User-ID": f"u{i}"}) for i in range(40)]
+    assert {r.status_code for r in replies} == {200}
+    assert {r.headers["X-Model-Version"] for r in replies} == {"1", "2"}
+    # The policy removed (the default: the highest version), the same load is accepted.
+    r = requests.delete(f"{routed.http}/v2/models/digits/traffic", headers=routed.admin, timeout=5)
+    assert r.status_code == 200
     routed.load_versions("digits", 1)
-    r = infer(routed, digit_images[0][0])
-    assert r.status_code == 503
-    assert r.json()["error"].startswith("model unavailable: ")
-    assert "version 2" in r.json()["error"]
+    assert infer(routed, digit_images[0][0]).headers["X-Model-Version"] == "1"
 
 
-def test_policy_is_persisted_and_restored_on_restart(server_factory, repo_copy, tmp_path, digit_images):
+def ready(server) -> requests.Response:
+    return requests.get(f"{server.http}/v2/health/ready", timeout=5)
+
+
+def test_policy_and_loads_are_persisted_and_restored_on_restart(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """The load that brought version 2 in was not persisted: after a restart the restored policy
+    routed 42 of 200 sticky users to a version that was not loaded, and readiness said 200."""
     state = tmp_path / "state"
-    load = json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
     first = server_factory(repo_copy, "--state-dir", str(state), token=TOKEN)
-    first.client().load_model("digits", headers=first.admin, config=load)
+    first.load_versions("digits", 1, 2)
     policy = {"route": [{"version": "1", "weight": 10}, {"version": "2", "weight": 90}]}
     assert put_policy(first, policy).status_code == 200
     assert json.loads((state / "traffic" / "digits.json").read_text()) == policy
+    assert oct((state / "loads" / "digits.json").stat().st_mode & 0o777) == "0o600"
     first.stop()
     second = server_factory(repo_copy, "--state-dir", str(state), token=TOKEN)
     current = requests.get(f"{second.http}/v2/models/digits/traffic", headers=second.admin, timeout=5).json()
     assert current == policy
-    # Restored before version 2 is loaded again: routed requests to it are 503, not served by 1.
+    assert ready(second).status_code == 200
     replies = [infer(second, digit_images[0][0], {"X-User-ID": f"u{i}"}) for i in range(30)]
-    assert {r.status_code for r in replies} == {200, 503}
-    assert all(r.headers["X-Model-Version"] == "1" for r in replies if r.status_code == 200)
-    assert all("version 2" in r.json()["error"] for r in replies if r.status_code == 503)
-    second.client().load_model("digits", headers=second.admin, config=load)
-    assert infer(second, digit_images[0][0], {"X-User-ID": "u1"}).status_code == 200
+    assert {r.status_code for r in replies} == {200}
+    assert {r.headers["X-Model-Version"] for r in replies} == {"1", "2"}
+    second.stop()
+    # Version 2 gone from the repository: the persisted load (versions 1 and 2, all or nothing,
+    # as Triton loads) fails and the policy cannot be served. The server says so on its
+    # readiness (a Kubernetes pod takes no traffic), and requests get 503, never a guess.
+    shutil.rmtree(repo_copy / "digits" / "2")
+    third = server_factory(
+        repo_copy, "--state-dir", str(state), "--no-exit-on-error", token=TOKEN, until="live"
+    )
+    r = ready(third)
+    assert r.status_code == 503
+    assert "routes to version(s) ['1', '2'], not loaded" in r.json()["error"]
+    assert requests.get(f"{third.http}/v2/models/digits/ready", timeout=5).status_code == 503
+    replies = [infer(third, digit_images[0][0], {"X-User-ID": f"u{i}"}) for i in range(30)]
+    assert {r.status_code for r in replies} == {503}
 
 
 def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(

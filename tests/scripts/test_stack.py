@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 
 from include.rollout.airflow_api import AirflowAPI, AirflowAPIError
 from include.rollout.local import free_port
@@ -304,11 +305,23 @@ def test_down_stops_exactly_what_up_started(up):
 def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(
     server_factory, repo_copy, tmp_path
 ):
-    """After `make down` and `make up`, a promoted version is routed (the policy persists) and served."""
+    """After `make down` and `make up`, a promoted version is routed (the policy persists) and served:
+    the server restores its last load; a state folder from before loads persisted (a policy, no
+    load record) is brought to agree by the stack, and the server is ready only then."""
     state = tmp_path / "state"
-    (state / "traffic").mkdir(parents=True)
-    (state / "traffic" / "digits.json").write_text(json.dumps({"route": [{"version": "2", "weight": 100}]}))
     server = server_factory(repo_copy, "--state-dir", str(state), token="t")
-    assert server.client().get_model_metadata("digits")["versions"] == ["1"]  # what the config names
-    stack.serve_what_is_routed(server)
-    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
+    server.load_versions("digits", 1, 2)
+    r = requests.put(f"{server.http}/v2/models/digits/traffic", json={"route": [{"version": "2", "weight": 100}]},
+                     headers=server.admin, timeout=10)  # fmt: skip
+    assert r.status_code == 200
+    server.load_versions("digits", 2)  # promoted: the baseline retired
+    server.stop()
+    again = server_factory(repo_copy, "--state-dir", str(state), token="t")
+    assert again.client().get_model_metadata("digits")["versions"] == ["2"]
+    again.stop()
+    shutil.rmtree(state / "loads")  # as an older server left it
+    old = server_factory(repo_copy, "--state-dir", str(state), token="t", until="live")
+    assert not old.client().is_server_ready()
+    stack.serve_what_is_routed(old)
+    stack.wait_ready(old)
+    assert old.client().get_model_metadata("digits")["versions"] == ["2"]
