@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import uvicorn
 
 from model_server.app import Settings, create_app
 from model_server.errors import ServerError
+from model_server.feedback import read_key
 from model_server.httpserver import limited_protocol
 from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
 from model_server.metrics import gpu_count
@@ -124,6 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how long a served prediction waits for its label",
     )
     p.add_argument(
+        "--feedback-key-file",
+        type=Path,
+        help="secret of the feedback tokens, shared by every replica (default: made in the state folder)",
+    )
+    p.add_argument(
         "--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels"
     )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
@@ -180,6 +187,21 @@ def state_dir(args: argparse.Namespace) -> Path | None:
         log.warning("cannot write %s (%s): traffic policies will not survive a restart", path, exc)
         return None
     return path / "traffic"
+
+
+def feedback_key(args: argparse.Namespace, state: Path | None) -> bytes:
+    """The key of feedback tokens: --feedback-key-file (the same for every replica, so that any
+    of them takes a label for a prediction another served), else one made in the state folder."""
+    if args.feedback_key_file is not None:
+        path, create = args.feedback_key_file, False
+    elif state is not None:
+        path, create = state.parent / "feedback-key", True
+    else:
+        return secrets.token_bytes(32)
+    try:
+        return read_key(path, create=create)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"model-server: feedback key {path}: {exc}") from None
 
 
 def masker(args: argparse.Namespace, state: Path | None) -> Masker:
@@ -277,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         shadow_workers=args.shadow_workers,
         feedback_capacity=args.feedback_capacity,
         feedback_ttl_s=args.feedback_ttl_s,
+        feedback_key=feedback_key(args, state),
     )
     uvicorn.run(
         create_app(repo, settings, plog),

@@ -10,10 +10,11 @@ import asyncio
 import hmac
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from model_server.errors import (
     ServerError,
     Unauthorized,
 )
-from model_server.feedback import FeedbackStore
+from model_server.feedback import FeedbackSigner, FeedbackStore
 from model_server.model import Fault, Preempted, failure_reason, outcome_of
 from model_server.predictionlog import Inference, Label, PredictionLog
 from model_server.protocol import (
@@ -70,6 +71,7 @@ class Settings:
     feedback_ttl_s: float = 3600.0
     max_json_bytes: int = MAX_JSON_BYTES  # an infer request's JSON part, any other JSON body
     feedback_max_items: int = 1000  # labels in one feedback call
+    feedback_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # shared by replicas
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -344,6 +346,8 @@ def create_app(
                         results, batch, timing = await lv.infer(req.inputs, outputs)
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
+                # The credential for this prediction's label (a shadow copy's answer has no client).
+                token = None if shadow_copy else feedback.signer.token(model, rid)
                 payload, header_len = encode_infer_response(
                     lv.name,
                     lv.label,
@@ -357,6 +361,7 @@ def create_app(
                         for n, arr in zip(outputs, results, strict=True)
                     ],
                     req.id,
+                    None if token is None else {"feedback_token": token},
                 )
             except ServerError as exc:
                 latency_ms = (time.perf_counter() - started) * 1000
@@ -415,6 +420,8 @@ def create_app(
             )
             background = BackgroundTask(mirror.submit, job)  # runs after the response is sent
         out_headers = {"X-Model-Version": lv.label, "X-Request-ID": rid, "traceparent": trace.header}
+        if token is not None:
+            out_headers["X-Feedback-Token"] = token
         if header_len is None:
             return Response(
                 payload, media_type="application/json", headers=out_headers, background=background
@@ -438,7 +445,9 @@ def create_app(
             metrics.MIRROR_PERCENT.labels(model, policy.mirror.version).set(policy.mirror.percent)
 
     policies = PolicyStore(settings.state_dir, on_change=set_policy_gauges)
-    feedback = FeedbackStore(settings.feedback_capacity, settings.feedback_ttl_s)
+    feedback = FeedbackStore(
+        FeedbackSigner(settings.feedback_key), settings.feedback_capacity, settings.feedback_ttl_s
+    )
 
     def log_shadow(result: ShadowResult) -> None:
         assert plog is not None

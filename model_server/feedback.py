@@ -8,24 +8,70 @@ so live top-1 accuracy per version is one PromQL ratio: the live view of this re
 With a prediction log, every valid label is also appended to the log, matched here or not: a
 request may have been served by another replica (or expired here), and the log's reader joins
 labels to predictions by request id across replicas.
+
+A label needs the feedback token its inference response carried (``parameters.feedback_token``
+in the response, and the ``X-Feedback-Token`` header): an HMAC of the model and request id
+under a key every replica shares (``--feedback-key-file``, a Kubernetes Secret). Only a client
+that received the prediction can label it, and one request id takes one label: a re-sent
+inference with the same id keeps the first prediction and its label.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
 
-from model_server.errors import Conflict, InvalidInput, ModelNotFound
+from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized
 
 FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
 FEEDBACK_CORRECT = Counter(
     "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
 )
+
+
+def read_key(path: Path, create: bool = False) -> bytes:
+    """The feedback key in ``path`` (its text, stripped); with ``create``, a new random one is
+    written there first (mode 0600, exclusively) when the file does not exist."""
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    key = path.read_text().strip().encode()
+    if len(key) < 16:
+        raise ValueError("a feedback key needs at least 16 bytes")
+    return key
+
+
+class FeedbackSigner:
+    """Issues and checks feedback tokens: HMAC-SHA256 of (model, request id), 144 bits."""
+
+    def __init__(self, key: bytes):
+        self._key = key
+
+    def token(self, model: str, request_id: str) -> str:
+        mac = hmac.new(self._key, f"{model}\n{request_id}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:18]).decode()
+
+    def check(self, model: str, request_id: str, token: object) -> None:
+        if not isinstance(token, str) or not token:
+            raise Unauthorized(
+                "feedback needs the 'token' its inference response carried (parameters.feedback_token, "
+                "or the X-Feedback-Token header)"
+            )
+        if not hmac.compare_digest(token.encode(), self.token(model, request_id).encode()):
+            raise Unauthorized(f"feedback token does not match request {request_id!r} of model '{model}'")
 
 
 @dataclass
@@ -62,7 +108,8 @@ class Feedback:
 
 
 class FeedbackStore:
-    def __init__(self, capacity: int = 200_000, ttl_s: float = 3600.0):
+    def __init__(self, signer: FeedbackSigner, capacity: int = 200_000, ttl_s: float = 3600.0):
+        self.signer = signer
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._served: OrderedDict[str, Served] = OrderedDict()
@@ -88,8 +135,10 @@ class FeedbackStore:
     ) -> None:
         now = time.monotonic()
         with self._lock:
+            self._evict(now)
+            if request_id in self._served:  # a re-sent id keeps its first prediction and label
+                return
             self._served[request_id] = Served(model, version, top1, now, tenant)
-            self._served.move_to_end(request_id)
             self._evict(now)
 
     def label(
@@ -100,15 +149,17 @@ class FeedbackStore:
         accept_unmatched: bool = False,
         tenant: str | None = None,
     ) -> Feedback:
-        """Validate one ``{"request_id", "label"[, "tenant"]}`` and join it to what was served here.
+        """Validate one ``{"request_id", "label", "token"[, "tenant"]}`` and join it to what was
+        served here.
 
         A request this replica did not serve (or no longer remembers) raises 404, unless
         ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
         tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant).
         """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
-            raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..]}")
+            raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..], 'token': str}")
         rid = item["request_id"]
+        self.signer.check(model, rid, item.get("token"))
         if "tenant" in item and not isinstance(item["tenant"], str):
             raise InvalidInput("feedback 'tenant' must be a string")
         raw = item.get("label")

@@ -100,14 +100,14 @@ class FeedbackPoster:
 
     def __init__(self, cfg: LoadConfig, stats: LoadStats, lock: threading.Lock):
         self.cfg, self.stats, self.lock = cfg, stats, lock
-        self.due: list[tuple[float, str, int, str]] = []
+        self.due: list[tuple[float, str, int, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
-    def add(self, request_id: str, label: int, tenant: str) -> None:
+    def add(self, request_id: str, label: int, tenant: str, token: str) -> None:
         with self.lock:
-            self.due.append((time.monotonic() + self.cfg.feedback_delay_s, request_id, label, tenant))
+            self.due.append((time.monotonic() + self.cfg.feedback_delay_s, request_id, label, tenant, token))
 
     def _post(self, items: list[dict[str, Any]]) -> None:
         req = urllib.request.Request(
@@ -133,7 +133,8 @@ class FeedbackPoster:
         for i in range(0, len(ready), 200):
             # The tenant, so that a replica that did not serve the request masks its id alike.
             batch = ready[i : i + 200]
-            self._post([{"request_id": rid, "label": label, "tenant": t} for _, rid, label, t in batch])
+            self._post([{"request_id": rid, "label": label, "tenant": t, "token": token}
+                        for _, rid, label, t, token in batch])  # fmt: skip
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -197,7 +198,8 @@ def run(cfg: LoadConfig) -> LoadStats:
                     stats.errors[str(exc.status() or "connection")] += 1
                 continue
             latency = (time.perf_counter() - t) * 1000
-            version = result.get_response()["model_version"]
+            response = result.get_response()
+            version = response["model_version"]
             correct = int(result.as_numpy("probabilities")[0].argmax() == label)
             with lock:
                 stats.sent += 1
@@ -206,7 +208,7 @@ def run(cfg: LoadConfig) -> LoadStats:
                 stats.correct[version] += correct
                 stats.latencies_ms.append(latency)
             if rng.random() < cfg.feedback_share:
-                poster.add(rid, label, tenant)
+                poster.add(rid, label, tenant, response["parameters"]["feedback_token"])
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(cfg.concurrency)]
     for t in threads:

@@ -778,7 +778,9 @@ def _take(series: pd.Series, rows: np.ndarray) -> pd.Series:
 
 
 def joined(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per primary record, with its shadow's answer and its label when present.
+    """One row per served prediction (the earliest primary record of each key: a client that
+    re-sends a request id gets a second answer, not a second piece of evidence; the repeats are
+    counted in ``duplicate_primaries``), with its shadow's answer and its label when present.
 
     Pairs by ``(model, request_id, item)``; the shadow's columns are prefixed ``shadow_``
     (version, top1, top1_prob, probs, latency_ms, outcome: those the frame has) and the label
@@ -790,7 +792,8 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
     _need(df, [*KEY, "role"])
     code, t = _key_codes(df), _times(df)
     role = df["role"]
-    primary = np.flatnonzero((role == "primary").to_numpy())
+    primary, duplicate_primaries = _first(np.flatnonzero((role == "primary").to_numpy()), code, t)
+    primary = np.sort(primary)  # in the frame's order
     is_shadow = (role == "shadow").to_numpy()
     if "outcome" in df.columns:
         is_shadow = is_shadow & (df["outcome"] != "DROPPED").to_numpy()
@@ -811,6 +814,7 @@ def joined(df: pd.DataFrame) -> pd.DataFrame:
         "unmatched_labels": int((~np.isin(code[labels], primary_codes)).sum()),
         "unmatched_shadows": int((~np.isin(code[shadow], primary_codes)).sum()),
         "duplicate_labels": duplicate_labels,
+        "duplicate_primaries": duplicate_primaries,
     }
     return out
 

@@ -244,6 +244,8 @@ def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:
     flat = arr.reshape(-1)
     if datatype == "BYTES":
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in flat]
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():  # JSON has no NaN or Infinity: null
+        return [x if np.isfinite(x) else None for x in flat.tolist()]
     return flat.tolist()
 
 
@@ -252,11 +254,14 @@ def encode_infer_response(
     version: str,
     outputs: list[tuple[str, str, np.ndarray, bool]],
     request_id: str | None = None,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Build the response body; returns (body, json_header_length or None when all JSON)."""
     header: dict[str, Any] = {"model_name": model, "model_version": version}
     if request_id is not None:
         header["id"] = request_id
+    if parameters:
+        header["parameters"] = parameters
     blobs: list[bytes] = []
     outs = []
     for name, datatype, arr, binary in outputs:
@@ -272,7 +277,7 @@ def encode_infer_response(
             item["data"] = _json_data(arr, datatype)
         outs.append(item)
     header["outputs"] = outs
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

@@ -99,7 +99,11 @@ class ModelRepository:
     # -- load / unload ----------------------------------------------------------------------
 
     def load(
-        self, name: str, override: dict[str, Any] | None = None, keep: Iterable[str] = (), persist: bool = True
+        self,
+        name: str,
+        override: dict[str, Any] | None = None,
+        keep: Iterable[str] = (),
+        persist: bool = True,
     ) -> list[int]:
         """Load (or reload) a model per its version policy; all or nothing. A load that would
         leave out a version in ``keep`` (those the traffic policy routes or mirrors to) is

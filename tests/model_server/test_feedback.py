@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from model_server.feedback import FeedbackSigner, read_key
 from model_server.loadgen import LoadConfig, run
 from model_server.predictionlog import joined, read, unmatched_labels
 from tests.model_server.test_routing import TOKEN, infer, put_policy
@@ -15,7 +16,19 @@ from tests.model_server.test_routing import TOKEN, infer, put_policy
 pytestmark = pytest.mark.integration
 
 
-def feedback(server, body) -> requests.Response:
+def signer(tmp_path) -> FeedbackSigner:
+    """The tokens of the server started with --state-dir tmp_path/state, or of another replica
+    given the same key: made as the inference responses carry them."""
+    return FeedbackSigner(read_key(tmp_path / "state" / "feedback-key"))
+
+
+def feedback(server, body, sign: FeedbackSigner | None = None) -> requests.Response:
+    """Post labels; with ``sign``, each item carries the token of its request id."""
+    if sign is not None:
+        items = body if isinstance(body, list) else [body]
+        for item in items:
+            if isinstance(item.get("request_id"), str):
+                item.setdefault("token", sign.token("digits", item["request_id"]))
     return requests.post(f"{server.http}/v2/models/digits/feedback", json=body, timeout=10)
 
 
@@ -67,7 +80,7 @@ def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
 
 def test_without_a_prediction_log_an_unknown_request_id_is_404(server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    r = feedback(s, {"request_id": "never-served", "label": 3})
+    r = feedback(s, {"request_id": "never-served", "label": 3}, signer(tmp_path))
     assert r.status_code == 404  # nowhere to keep it for a reader's join
     assert "unknown request id" in r.json()["error"]
 
@@ -76,8 +89,9 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     log = tmp_path / "predictions"
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "3",
                        "--prediction-log", str(log), token=TOKEN)  # fmt: skip
+    sign = signer(tmp_path)
     # Another replica may have served it: accepted into the log, reported as not matched here.
-    r = feedback(s, {"request_id": "never-served", "label": 3})
+    r = feedback(s, {"request_id": "never-served", "label": 3}, sign)
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False
     assert r.json()["logged"] is True
@@ -86,24 +100,24 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     image, label = digit_images[0]
     infer(s, image, {"X-Request-ID": "req-a"})
     infer(s, image, {"X-Request-ID": "req-b"})
-    answer = feedback(s, {"request_id": "req-a", "label": label}).json()
+    answer = feedback(s, {"request_id": "req-a", "label": label}, sign).json()
     assert answer["correct"] == 1
     assert answer["matched_locally"] is True
-    r = feedback(s, {"request_id": "req-a", "label": label})
+    r = feedback(s, {"request_id": "req-a", "label": label}, sign)
     assert r.status_code == 409
-    r = feedback(s, {"request_id": "req-b", "label": "eleven"})
+    r = feedback(s, {"request_id": "req-b", "label": "eleven"}, sign)
     assert r.status_code == 400
     assert "not a class index or a known label" in r.json()["error"]
-    r = feedback(s, {"request_id": "req-b", "label": [1, 2]})
+    r = feedback(s, {"request_id": "req-b", "label": [1, 2]}, sign)
     assert r.status_code == 400
     assert "had 1 prediction(s); got 2 label(s)" in r.json()["error"]
     r = requests.post(f"{s.http}/v2/models/digits/feedback", data=b"{not json", timeout=10)
     assert r.status_code == 400
     assert "malformed JSON" in r.json()["error"]
-    r = feedback(s, {"request_id": "never-served-2", "label": "eleven"})
+    r = feedback(s, {"request_id": "never-served-2", "label": "eleven"}, sign)
     assert r.status_code == 400  # validated even when not matched here
     time.sleep(3.5)  # past the TTL (3 s: room for the checks above on a busy machine)
-    r = feedback(s, {"request_id": "req-b", "label": str(label)})
+    r = feedback(s, {"request_id": "req-b", "label": str(label)}, sign)
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False
     assert "expired" in r.json()["reason"]
@@ -121,7 +135,9 @@ def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
     image, label = digit_images[1]
     infer(s, image, {"X-Request-ID": "one"})
-    r = feedback(s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}])
+    r = feedback(
+        s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}], signer(tmp_path)
+    )
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == [200, 404]
     assert s.metric("feedback_total", model="digits", version="1") == 1
@@ -135,7 +151,54 @@ def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(
     image, label = digit_images[1]
     infer(s, image, {"X-Request-ID": "one"})
     body = [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}, {"label": 1}]
-    results = feedback(s, body).json()["results"]
+    results = feedback(s, body, signer(tmp_path)).json()["results"]
     assert [x["status"] for x in results] == [200, 200, 400]
     assert [x.get("matched_locally") for x in results[:2]] == [True, False]
     assert s.metric("feedback_total", model="digits", version="1") == 1
+
+
+def test_labels_need_the_token_of_their_response(server_factory, repo_copy, tmp_path, digit_images):
+    """Feedback needed no credentials: any client could label any request id and move the
+    rollout's live accuracy. A label now needs the token its inference response carried."""
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    image, label = digit_images[0]
+    r = infer(s, image, {"X-Request-ID": "mine"})
+    token = r.headers["X-Feedback-Token"]
+    assert r.json()["parameters"] == {"feedback_token": token}  # where tritonclient reads it
+    infer(s, image, {"X-Request-ID": "theirs"})
+    for item, needle in [
+        ({"request_id": "mine", "label": label}, "needs the 'token'"),
+        ({"request_id": "mine", "label": label, "token": token[:-2] + "AA"}, "does not match"),
+        ({"request_id": "theirs", "label": label, "token": token}, "does not match"),  # another's id
+    ]:
+        r = feedback(s, item)
+        assert r.status_code == 401
+        assert needle in r.json()["error"]
+    assert (s.metric("feedback_total", model="digits", version="1") or 0) == 0
+    assert feedback(s, {"request_id": "mine", "label": label, "token": token}).status_code == 200
+    assert s.metric("feedback_total", model="digits", version="1") == 1
+
+
+def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """Re-sending an inference with the same X-Request-ID reset the stored prediction: one id was
+    labelled and counted 5 times. The first prediction stays, with at most one label, in the
+    live view and in the log's join."""
+    log = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log),
+                       token=TOKEN)  # fmt: skip
+    image, label = digit_images[0]
+    statuses = []
+    for _ in range(5):
+        token = infer(s, image, {"X-Request-ID": "again"}).headers["X-Feedback-Token"]
+        statuses.append(feedback(s, {"request_id": "again", "label": label, "token": token}).status_code)
+    assert statuses == [200, 409, 409, 409, 409]
+    assert s.metric("feedback_total", model="digits", version="1") == 1
+    s.stop()
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert (df["role"] == "primary").sum() == 5  # every answer is on record
+    j = joined(df)
+    assert len(j) == 1  # but one prediction per request id is evidence, with its one label
+    assert j["label"].tolist() == [label]
+    assert j.attrs["duplicate_primaries"] == 4

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from include.rollout.audit import audit
 from model_server import predictionlog
 from model_server.app import is_shadow_host
+from model_server.feedback import FeedbackSigner, read_key
 from model_server.masking import DETECTORS, KeyRing, Masker, create_key_file, find_sensitive
 from model_server.predictionlog import (
     GATE_COLUMNS,
@@ -601,7 +602,10 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
     ring = json.loads(keys.read_text())
     ring["tenants"] = {"acme": base64.b64encode(os.urandom(32)).decode()}  # acme's own key
     keys.write_text(json.dumps(ring))
-    common = ("--prediction-log", uri, "--mask-keys", str(keys), "--prediction-log-flush-s", "0.2")
+    shared = tmp_path / "feedback-key"  # a Secret every replica mounts: any of them takes any label
+    shared.write_text("a-feedback-secret-shared-by-the-replicas")
+    common = ("--prediction-log", uri, "--mask-keys", str(keys), "--prediction-log-flush-s", "0.2",
+              "--feedback-key-file", str(shared))  # fmt: skip
     a = server_factory(
         repo_copy, "--state-dir", str(tmp_path / "a"), *common, "--replica-id", "replica-a", token=TOKEN
     )
@@ -612,17 +616,18 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
         s.load_versions("digits", 1, 2)
         assert put_policy(s, MIRROR_ALL).status_code == 200
     start = datetime.now(UTC) - timedelta(seconds=5)
-    truth = {}
+    truth, tokens = {}, {}
     for i in range(12):  # request ids carry a phone number: masked, under acme's key
         image, label = digit_images[i]
         rid = f"ra-{i}-13800138{i:03d}"
-        assert infer(a, image, {"X-Request-ID": rid, "X-Tenant": "acme"}).status_code == 200
-        truth[rid] = label
+        r = infer(a, image, {"X-Request-ID": rid, "X-Tenant": "acme"})
+        assert r.status_code == 200
+        truth[rid], tokens[rid] = label, r.headers["X-Feedback-Token"]
     for i in range(8):
         assert infer(b, digit_images[20 + i][0], {"X-Request-ID": f"rb-{i}"}).status_code == 200
     labelled = list(truth)[:6]
     r = requests.post(f"{b.http}/v2/models/digits/feedback", headers={"X-Tenant": "acme"}, timeout=10,
-                      json=[{"request_id": rid, "label": truth[rid]} for rid in labelled])  # fmt: skip
+                      json=[{"request_id": rid, "label": truth[rid], "token": tokens[rid]} for rid in labelled])  # fmt: skip
     assert r.status_code == 200
     for answer in r.json()["results"]:  # b never served these: accepted into the log, not counted
         assert answer["status"] == 200
@@ -630,13 +635,18 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
         assert answer["logged"] is True
     rid6 = list(truth)[6]
     r = requests.post(
-        f"{a.http}/v2/models/digits/feedback", json={"request_id": rid6, "label": truth[rid6]}, timeout=10
+        f"{a.http}/v2/models/digits/feedback",
+        json={"request_id": rid6, "label": truth[rid6], "token": tokens[rid6]},
+        timeout=10,
     )
     assert r.json()["matched_locally"] is True
     assert r.json()["version"] == "1"
     r = requests.post(
-        f"{b.http}/v2/models/digits/feedback", json={"request_id": "never-served", "label": 4}, timeout=10
-    )
+        f"{b.http}/v2/models/digits/feedback",
+        json={"request_id": "never-served", "label": 4,
+              "token": FeedbackSigner(read_key(shared)).token("digits", "never-served")},
+        timeout=10,
+    )  # fmt: skip
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False
     assert (b.metric("feedback_total", model="digits", version="1") or 0) == 0  # b's live view: its own
@@ -682,6 +692,7 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
     for i, host in enumerate(hosts):
         r = infer(s, digit_images[i][0], {"Host": host, "X-Request-ID": f"mirrored-{i}"})
         assert r.status_code == 200
+        assert "X-Feedback-Token" not in r.headers  # no client was served: nothing to label
     assert infer(s, digit_images[5][0], {"X-Request-ID": "direct-1"}).status_code == 200
     assert s.metric("nv_inference_request_success", model="digits", version="1") == 1  # the direct one only
     assert (
@@ -696,8 +707,11 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
     assert (
         s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="mirror") or 0
     ) == 0
+    token = FeedbackSigner(read_key(tmp_path / "state" / "feedback-key")).token("digits", "mirrored-0")
     r = requests.post(
-        f"{s.http}/v2/models/digits/feedback", json={"request_id": "mirrored-0", "label": 1}, timeout=10
+        f"{s.http}/v2/models/digits/feedback",
+        json={"request_id": "mirrored-0", "label": 1, "token": token},
+        timeout=10,
     )
     assert r.json()["matched_locally"] is False  # a shadow copy is not a prediction anyone was served
     s.stop()
