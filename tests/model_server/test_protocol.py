@@ -149,3 +149,13 @@ def test_duplicate_inputs_and_nested_data():
     np.testing.assert_array_equal(req.inputs[0].data, [[1, 2], [3, 4]])
     with pytest.raises(InvalidInput, match="more than once"):
         decode_infer_request(json.dumps({"inputs": [x, x]}).encode(), None)
+
+
+def test_non_finite_outputs_are_valid_json():
+    """NaN outputs produced invalid JSON (a bare NaN), which strict clients refuse to parse."""
+    body, header_len = encode_infer_response(
+        "m", "1", [("y", "FP32", np.array([[0.5, np.nan, np.inf]], dtype=np.float32), False)]
+    )
+    assert header_len is None
+    parsed = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert parsed["outputs"][0]["data"] == [0.5, None, None]
