@@ -231,6 +231,10 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
 def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> ModelConfig:
     path = model_dir / "config.json"
     where = f"{model_dir.name}/config.json"
+    if path.exists() and not path.resolve().is_relative_to(model_dir.resolve()):
+        # A link out of the model's folder would read any file the server can (as model.onnx's
+        # links are confined): the repository holds its models whole.
+        raise InvalidInput(f"model '{model_dir.name}': {where} is a link out of the model's folder")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:

@@ -59,6 +59,27 @@ def test_load_cannot_escape_the_repository(server_factory, repo_copy, tmp_path):
     assert s.client().is_model_ready("digits")
 
 
+def test_a_config_linked_out_of_the_model_folder_is_refused(server_factory, repo_copy, tmp_path):
+    """config.json as a symlink out of the repository was read (and a parse error quoted it)."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"not": "a model config 13800138000"}')
+    config = repo_copy / "digits" / "config.json"
+    saved = config.read_text()
+    config.unlink()
+    os.symlink(secret, config)
+    s = server_factory(repo_copy, "--no-exit-on-error", token="t0k3n", until="live")
+    r = requests.post(f"{s.http}/v2/repository/models/digits/load", headers=s.admin, timeout=10)
+    assert r.status_code == 400
+    assert "link out of the model's folder" in r.json()["error"]
+    assert "13800138000" not in r.text
+    config.unlink()
+    config.write_text(saved)
+    assert (
+        requests.post(f"{s.http}/v2/repository/models/digits/load", headers=s.admin, timeout=10).status_code
+        == 200
+    )
+
+
 def test_load_override_rejects_unknown_keys_and_file_uploads(server):
     c = server.client()
     with pytest.raises(InferenceServerException) as err:
