@@ -45,7 +45,7 @@ from include.rollout.gates import (
     nominal_alpha,
 )
 from include.rollout.mesh import Router
-from include.rollout.metrics import MetricsError, MetricsSource, PrometheusSource, PromQL
+from include.rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
 from include.rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,12 @@ def judge_stage(
     tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
     if tripped:
         return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
+    if guard_in.unavailable:  # a stage passes only under its guards: no look is judged blind
+        if elapsed >= spec.max_stage_seconds:
+            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while its hard "
+                         f"guards could not be read ({guard_in.unavailable})")  # fmt: skip
+        return state("waiting", 0, None, f"holding: the hard guards cannot be read ({guard_in.unavailable}); "
+                     "no look is judged until Prometheus answers again")  # fmt: skip
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -344,18 +350,22 @@ def _z(level: float) -> float:
 
 
 def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | None = None) -> GuardInputs:
-    """The Prometheus hard guards; a source without data leaves that guard out (hold, not pass)."""
+    """The Prometheus hard guards. No series yet leaves a guard out (nothing to judge so far);
+    Prometheus unreachable or failing sets ``unavailable``: the stage then holds, never passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
     series = None
+    down: list[str] = []
     try:
         window = max(spec.p99_breach_seconds, 10)
         points = source.query_range(PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, "30s"),
                                     now - window - 5, now, step_s=max(1.0, window / 60))  # fmt: skip
         series = tuple(points)
-    except MetricsError as exc:
+    except NoValuesFound as exc:
         log.info("no canary P99 series yet: %s", exc)
+    except MetricsError as exc:
+        down.append(str(exc))
     errors = requests = None
     sel = f'model="{spec.model}",version="{spec.candidate_version}"'
     try:
@@ -365,9 +375,12 @@ def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | N
         errors = int(
             source.query(f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)')
         )
-    except MetricsError as exc:
+    except NoValuesFound as exc:
         log.info("no shadow counts yet: %s", exc)
-    return GuardInputs(p99_series_ms=series, shadow_errors=errors, shadow_requests=requests)
+    except MetricsError as exc:
+        down.append(str(exc))
+    return GuardInputs(p99_series_ms=series, shadow_errors=errors, shadow_requests=requests,
+                       unavailable="; ".join(dict.fromkeys(down)) or None)  # fmt: skip
 
 
 def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[str, float]:

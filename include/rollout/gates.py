@@ -435,6 +435,7 @@ class GuardInputs:
     validation_drop: float | None = None  # baseline - canary accuracy on the same validation batch
     shadow_errors: int | None = None
     shadow_requests: int | None = None
+    unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
 
 
 def sustained_breach(

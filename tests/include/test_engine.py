@@ -184,6 +184,23 @@ def test_a_p99_breach_from_prometheus_trips_the_guard():
     assert "P99" in state.reason
 
 
+def test_a_stage_whose_guards_cannot_be_read_holds_and_never_passes():
+    """Prometheus down mid-stage left the P99 and shadow-error guards out, silently: the stage
+    could pass unguarded. It now holds (no look judged) and, down to the end, is undecided."""
+    s = spec()
+    log = records(400, 40, 50)
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106).status == "pass"  # the same stage, guarded
+    down = GuardInputs(unavailable="http://127.0.0.1:9090/api/v1/query: connection refused")
+    held = judge_stage(s, WINDOW, log, IMAGES, T0 + 106, down)
+    assert held.status == "waiting"
+    assert held.verdict is None
+    assert "holding: the hard guards cannot be read (http://127.0.0.1:9090" in held.reason
+    ended = judge_stage(s, WINDOW, log, IMAGES, T0 + s.max_stage_seconds, down)
+    assert ended.status == "undecided"
+    assert "could not be read" in ended.reason
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106, GuardInputs()).status == "pass"  # back: resumes
+
+
 def test_the_full_stage_judges_latency_on_the_replay():
     window = StageWindow(1, 100, T0)
     log = records(400, 40, 100)

@@ -44,8 +44,9 @@ def stage(server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeyp
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     started = time.time()
     live_traffic(server.url, repo_copy / "digits" / "validation", feedback_share=0)
-    yield server, log_dir, started
-    prom.stop()
+    holder = {"prom": prom}
+    yield server, log_dir, started, holder
+    holder["prom"].stop()
 
 
 def params(**kw) -> dict:
@@ -63,7 +64,7 @@ def poke(p: dict, started: float, ti: TaskInstance | None = None):
 def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
     from model_server.predictionlog import read
 
-    _server, log_dir, started = stage
+    _server, log_dir, started, _ = stage
     result = poke(params(bake_seconds=600, max_stage_seconds=900), started)
     assert result.is_done is False
     deadline = time.monotonic() + 30
@@ -81,7 +82,7 @@ def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
 
 
 def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
-    _server, _, started = stage
+    _server, _, started, _ = stage
     p = params(bake_seconds=12, max_stage_seconds=60, min_samples=100)
     deadline = time.monotonic() + 90
     while not (result := poke(p, started)).is_done:
@@ -99,7 +100,7 @@ def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
 def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
     from airflow.sdk.exceptions import AirflowFailException
 
-    server, _, started = stage
+    server, _, started, _ = stage
     # 10% of version 2's requests 90 ms slower: its P99 over the 60 ms limit, its one instance
     # not saturated by the live traffic (all of them 90 ms slower would queue without end).
     requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90, "percent": 10}},
@@ -114,3 +115,35 @@ def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
     assert "Canary P99" in str(ti.pushed["failure"])  # the rollback report names it
     routes = requests.get(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10).json()
     assert routes == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_prometheus_down_mid_stage_holds_it_and_the_stage_resumes_when_it_returns(stage, tmp_path, capsys):
+    """The stage's hard guards read Prometheus: while it is down nothing passes (the stage holds,
+    past its bake and its looks); back on the same port, the stage goes on to its verdict."""
+    server, _, started, holder = stage
+    p = params(bake_seconds=12, max_stage_seconds=240, min_samples=100)
+    prom = holder["prom"]
+    prom.stop()
+    down_until = time.monotonic() + 24  # twice the bake: a guarded stage would have passed by now
+    while time.monotonic() < down_until:
+        assert poke(p, started).is_done is False
+        time.sleep(2)
+    assert "holding: the hard guards cannot be read" in capsys.readouterr().out
+    holder["prom"] = start_prometheus([server.url], tmp_path / "prometheus", port=prom.port)
+    deadline = time.monotonic() + 120
+    while not (result := poke(p, started)).is_done:
+        assert time.monotonic() < deadline, "the stage never resumed"
+        time.sleep(2)
+    assert result.xcom_value["decision"] == "pass", result.xcom_value["summary"]
+
+
+def test_prometheus_down_to_the_end_of_a_stage_makes_it_undecided(stage):
+    _server, _, started, holder = stage
+    holder["prom"].stop()
+    p = params(bake_seconds=6, max_stage_seconds=14, min_samples=40)
+    deadline = time.monotonic() + 60
+    while not (result := poke(p, started)).is_done:
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    assert result.xcom_value["status"] == "undecided"
+    assert "could not be read" in result.xcom_value["summary"]
