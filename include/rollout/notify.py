@@ -10,6 +10,7 @@ Slack's limits are enforced here: at most 50 blocks, 3000 characters per text fi
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ import numpy as np
 from include.rollout.audit import AuditResult
 from include.rollout.gates import Check, Verdict
 from include.rollout.spec import RolloutSpec
+
+log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
@@ -230,26 +233,43 @@ class SlackNotifier:
             self.client = WebClient(token=token, base_url=base_url or WebClient.BASE_URL)
 
     def send(self, message: Message) -> dict[str, Any]:
+        """Post the message (its chart in the thread). When Slack fails (an outage, a refused
+        token) and an outbox is set, the message lands there with the error, logged: a report
+        is never lost, and the run that sends it does not fail after its decision is made."""
         if len(message.blocks) > MAX_BLOCKS:
             raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
         if self.client is None:
             return self._to_outbox(message)
-        posted = self.client.chat_postMessage(
-            channel=self.channel, text=_text(message.text), blocks=message.blocks
-        )
-        result = {"channel": posted["channel"], "ts": posted["ts"]}
+        from slack_sdk.errors import SlackClientError
+
+        try:
+            posted = self.client.chat_postMessage(
+                channel=self.channel, text=_text(message.text), blocks=message.blocks
+            )
+        except (SlackClientError, OSError) as exc:
+            if self.outbox is None:
+                raise
+            log.warning("Slack did not take the report (%s); it is in the outbox", exc)
+            return {**self._to_outbox(message, error=str(exc)), "slack_error": str(exc)}
+        result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         if message.chart:
-            self.client.files_upload_v2(channel=posted["channel"], thread_ts=posted["ts"], content=message.chart,
-                                        filename="rollout.png", title=message.text[:100])  # fmt: skip
-            result["chart"] = True
+            try:
+                self.client.files_upload_v2(channel=posted["channel"], thread_ts=posted["ts"], content=message.chart,
+                                            filename="rollout.png", title=message.text[:100])  # fmt: skip
+                result["chart"] = True
+            except (SlackClientError, OSError) as exc:  # the report is posted; its chart is not
+                log.warning("the report's chart was not uploaded: %s", exc)
+                result["chart_error"] = str(exc)
         return result
 
-    def _to_outbox(self, message: Message) -> dict[str, Any]:
+    def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:
         assert self.outbox is not None
         self.outbox.mkdir(parents=True, exist_ok=True)
         now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
         stem = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
+        if error is not None:
+            record["slack_error"] = error
         if message.chart:
             (self.outbox / f"{stem}.png").write_bytes(message.chart)
             record["chart"] = f"{stem}.png"

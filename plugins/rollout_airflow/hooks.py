@@ -134,7 +134,8 @@ class PrometheusHook(BaseHook):
 
 
 def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_default") -> SlackNotifier:
-    """Through the Slack provider's hook when its connection has a token; else the outbox."""
+    """Through the Slack provider's hook when its connection has a token; else, or when Slack
+    fails, the outbox."""
     from airflow.providers.slack.hooks.slack import SlackHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -146,4 +147,4 @@ def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_d
         conn = None
     if conn is None or not conn.password:
         return SlackNotifier(channel, outbox=outbox)
-    return SlackNotifier(channel, client=SlackHook(slack_conn_id=slack_conn_id).client)
+    return SlackNotifier(channel, client=SlackHook(slack_conn_id=slack_conn_id).client, outbox=outbox)

@@ -41,6 +41,7 @@ class FakeSlack:
         self.token = token
         self.calls: list[dict[str, Any]] = []
         self.uploads: dict[str, bytes] = {}
+        self.outage: int | None = None  # an HTTP status every API call answers (an outage), or None
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -93,6 +94,13 @@ class FakeSlack:
                     body.update({k: v[0] for k, v in parse_qs(url.query).items()})
                 call = {"method": method, "body": body, "ok": False}
                 slack.calls.append(call)
+                if slack.outage is not None:
+                    data = b"upstream connect error"
+                    self.send_response(slack.outage)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 if self.headers.get("Authorization") != f"Bearer {slack.token}":
                     return self._reply({"ok": False, "error": "invalid_auth"})
                 if method == "chat.postMessage":

@@ -89,6 +89,27 @@ def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
         )
 
 
+@pytest.mark.parametrize("failure", ["outage", "down", "refused token"])
+def test_when_slack_fails_the_report_lands_in_the_outbox(slack, tmp_path, failure):
+    """A Slack outage failed the notify task after the decision was made (and, after a
+    promotion, a failed task runs the failure callback). The report now lands in the outbox,
+    the error with it, and the task goes on."""
+    message = rollback_message(SPEC, "the 20% stage: hard guard tripped", None)
+    token = "xoxb-wrong" if failure == "refused token" else slack.token
+    if failure == "outage":
+        slack.outage = 503
+    elif failure == "down":
+        slack.stop()
+    notifier = SlackNotifier("C1", token=token, base_url=slack.base_url, outbox=tmp_path / "outbox")
+    result = notifier.send(message)
+    expected = {"outage": "upstream connect error", "down": "refused", "refused token": "invalid_auth"}[failure]
+    assert expected in result["slack_error"].lower(), result
+    record = json.loads((tmp_path / "outbox" / result["outbox"].rsplit("/", 1)[1]).read_text())
+    assert record["text"] == message.text
+    assert record["slack_error"] == result["slack_error"]
+    assert slack.messages() == []
+
+
 def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
     """Readers take the newest report as the last file name: one clock reading names each."""
     import time
