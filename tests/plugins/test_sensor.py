@@ -147,3 +147,42 @@ def test_prometheus_down_to_the_end_of_a_stage_makes_it_undecided(stage):
         time.sleep(2)
     assert result.xcom_value["status"] == "undecided"
     assert "could not be read" in result.xcom_value["summary"]
+
+
+def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy, tmp_path):
+    """Killed mid-stage (SIGKILL: no clean shutdown) and started again on its port with its state
+    folder: it serves the same versions under the same policy (both persisted), the pokes in
+    between wait or fail to be retried, never pass, and the stage reaches its verdict."""
+    import signal
+
+    from include.rollout.local import start_model_server
+
+    server, log_dir, started, _ = stage
+    p = params(bake_seconds=12, max_stage_seconds=240, min_samples=100)
+    policy = requests.get(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10).json()
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    outcomes = []
+    for _ in range(3):
+        try:
+            outcomes.append(poke(p, started).is_done)
+        except Exception as exc:  # the task fails this poke and Airflow retries it
+            outcomes.append(type(exc).__name__)
+        time.sleep(2)
+    assert True not in outcomes, outcomes  # nothing passes while the server is down
+    again = start_model_server(repo_copy, tmp_path, "--prediction-log", str(log_dir), "--prediction-log-flush-s",
+                               "0.5", "--state-dir", str(tmp_path / f"state-{server.port}"), token="t",
+                               port=server.port)  # fmt: skip
+    try:
+        assert again.client().get_model_metadata("digits")["versions"] == ["1", "2"]
+        assert (
+            requests.get(f"{again.http}/v2/models/digits/traffic", headers=again.admin, timeout=10).json()
+            == policy
+        )
+        deadline = time.monotonic() + 120
+        while not (result := poke(p, started)).is_done:
+            assert time.monotonic() < deadline, "the stage never decided"
+            time.sleep(2)
+        assert result.xcom_value["decision"] == "pass", result.xcom_value["summary"]
+    finally:
+        again.stop()
