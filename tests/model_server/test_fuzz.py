@@ -1,0 +1,123 @@
+"""Property-based fuzzing of a running server: headers, bodies and traffic policies that a
+careless or hostile client may send. Every answer is a clear 2xx or 4xx (never a 5xx, never a
+hang), and the server keeps serving: health, a normal inference and its log stay clean."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import ADMIN_TOKEN
+
+pytestmark = pytest.mark.integration
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+CLIENT_ERRORS = {400, 401, 404, 405, 408, 409, 413, 431}
+
+# What h11 lets through: token characters in names, visible ASCII (and Latin-1) in values.
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+KNOWN = ["X-Request-ID", "traceparent", "X-User-ID", "X-Tenant", "X-Device-Type", "X-Model-Version",
+         "Inference-Header-Content-Length", "Content-Type", "Host", "X-Shadow-Probe"]  # fmt: skip
+ODD = ["-1", "0", "99999999999999999999", "²", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "digits-shadow",
+       "13800138000", "alice%40example.com", "(a+)+$"]  # fmt: skip
+header_names = st.one_of(
+    st.sampled_from(KNOWN),
+    st.text(TOKEN_CHARS, min_size=1, max_size=40).map(lambda s: "X-Meta-" + s),
+    st.text(TOKEN_CHARS, min_size=1, max_size=40),
+)
+header_values = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200).map(str.strip),
+    st.sampled_from(ODD),
+)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+def png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def binary_infer(image: bytes) -> tuple[bytes, dict[str, str]]:
+    blob = struct.pack("<I", len(image)) + image
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def still_serving(server) -> None:
+    assert requests.get(f"{server.http}/v2/health/live", timeout=10).status_code == 200
+    body, headers = binary_infer(png())
+    assert requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=headers, timeout=10).ok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_log(server):
+    yield
+    still_serving(server)
+    log = server.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "unhandled error" not in log
+
+
+@FUZZ
+@given(st.lists(st.tuples(header_names, header_values), max_size=8))
+def test_any_headers(server, headers):
+    body, framing = binary_infer(png())
+    sent = {**framing}
+    for name, value in headers:
+        sent[name] = value
+    try:
+        r = requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=sent, timeout=10)
+    except requests.exceptions.InvalidHeader:
+        return  # refused by the client library before sending
+    assert r.status_code == 200 or r.status_code in CLIENT_ERRORS, (sent, r.status_code, r.text)
+    if r.status_code >= 400:
+        assert r.json()["error"]
+
+
+@FUZZ
+@given(json_values, st.binary(max_size=64), st.one_of(st.none(), st.integers(-5, 400).map(str)))
+def test_any_infer_body(server, header, tail, header_length):
+    body = json.dumps(header).encode() + tail
+    headers = {} if header_length is None else {"Inference-Header-Content-Length": header_length}
+    r = requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=headers, timeout=10)
+    assert r.status_code in CLIENT_ERRORS, (body[:200], r.status_code, r.text)
+    assert r.json()["error"]
+
+
+@FUZZ
+@given(st.one_of(json_values, st.fixed_dictionaries({
+    "route": st.lists(st.fixed_dictionaries({"version": st.one_of(st.sampled_from(["1", "2", 1, "²", "01", "-1"]),
+                                                                  json_values),
+                                             "weight": st.one_of(st.integers(-10, 110), json_values)}), max_size=3),
+    "rules": st.lists(st.fixed_dictionaries({"match": json_values, "route": json_values}), max_size=2),
+    "mirror": st.one_of(st.none(), st.fixed_dictionaries({"version": json_values, "percent": json_values})),
+})))  # fmt: skip
+def test_any_traffic_policy(server, policy):
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=auth, timeout=10)
+    assert r.status_code in (200, 400), (policy, r.status_code, r.text)
+    current = requests.get(f"{server.http}/v2/models/digits/traffic", headers=auth, timeout=10)
+    assert current.status_code == 200
+    body, headers = binary_infer(png())
+    served = requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=headers, timeout=10)
+    assert served.status_code == 200  # whatever was accepted routes to a loaded version
