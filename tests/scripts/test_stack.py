@@ -62,6 +62,21 @@ def api(up):
                       Path(state["airflow_password_file"]).read_text().strip())  # fmt: skip
 
 
+def wait_until_the_scheduler_saw_the_pause(scheduler_log: Path, run_id: str) -> None:
+    """Airflow 3.3.2 fails a HITL task answered before the scheduler has seen its first process
+    exit ("executor reported success, but the task instance's state is queued"). A reviewer takes
+    longer than that; a test waits until the scheduler has logged the pause."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        "TaskInstance Finished" in line
+        and "task_id=approve_promotion" in line
+        and run_id in line
+        and "state=awaiting_input" in line
+        for line in scheduler_log.read_text().splitlines()
+    ):
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def promoted_run(up, api):
     """Version 2 with require_approval: the run waits for a reviewer, who answers Promote."""
@@ -71,17 +86,7 @@ def promoted_run(up, api):
     waiting = api.wait_for_task(
         "model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=240
     )
-    # Airflow 3.3.2 fails a HITL task answered before the scheduler has seen its first process exit
-    # ("executor reported success, but the task instance's state is queued"). A reviewer takes
-    # longer than that; the test waits until the scheduler has logged the pause.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(
-        "TaskInstance Finished" in line
-        and "task_id=approve_promotion" in line
-        and "state=awaiting_input" in line
-        for line in scheduler_log.read_text().splitlines()
-    ):
-        time.sleep(0.5)
+    wait_until_the_scheduler_saw_the_pause(scheduler_log, run_id)
     request = api.hitl("model_rollout", run_id, "approve_promotion")
     answer = api.respond("model_rollout", run_id, "approve_promotion", "Promote")
     return run_id, api.wait("model_rollout", run_id, timeout_s=120), waiting, request, answer
@@ -291,6 +296,57 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
         "route": [{"version": "1", "weight": 100}]
     }
     assert stack.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
+
+
+def restart_component(run: Path, state: dict, name: str) -> None:
+    """SIGKILL an Airflow component's process group (a crash: no clean shutdown, its running
+    children with it) and start it again as it was started: the same command, environment and
+    folder; the stack's state names the new process, so that `make down` stops it."""
+    import signal
+    import subprocess
+
+    pid = state["pids"][f"airflow_{name}"]
+    cmd = [part.decode() for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    env = dict(
+        kv.decode().split("=", 1)
+        for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if b"=" in kv
+    )
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with (run / "airflow" / "logs" / f"{name}.log").open("ab") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    state["pids"][f"airflow_{name}"] = proc.pid
+    state["groups"] = [proc.pid if g == pid else g for g in state["groups"]]
+    (run / stack.STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "printed"}, indent=2))
+
+
+def test_the_scheduler_and_the_triggerer_killed_mid_run_the_run_completes(up, api, promoted_run):
+    """The scheduler killed while a stage's wait is up for reschedule, the triggerer killed while
+    the approval is deferred to it: each started again, the run carries on to its decision."""
+    run, state = up
+    stack.serve_only(state, "1")
+    run_id = api.trigger("model_rollout", {**CONF, "bake_seconds": 20, "require_approval": True})
+    api.wait_for_task(
+        "model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240
+    )
+    restart_component(run, state, "scheduler")
+    api.wait_for_task("model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=400)
+    restart_component(run, state, "triggerer")
+    wait_until_the_scheduler_saw_the_pause(run / "airflow" / "logs" / "scheduler.log", run_id)
+    api.respond("model_rollout", run_id, "approve_promotion", "Promote")
+    final = api.wait("model_rollout", run_id, timeout_s=300)
+    assert final["state"] == "success"
+    assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
+    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
+        "route": [{"version": "2", "weight": 100}]
+    }
+    assert all(alive(p) for p in state["pids"].values())
 
 
 def test_down_stops_exactly_what_up_started(up):
