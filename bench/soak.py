@@ -49,7 +49,10 @@ from model_server import predictionlog  # noqa: E402
 from model_server.loadgen import LoadConfig, run  # noqa: E402
 
 TOKEN = "bench-soak"
-MIRROR_ALL = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+MIRROR_ALL: dict[str, Any] = {
+    "route": [{"version": "1", "weight": 100}],
+    "mirror": {"version": "2", "percent": 100},
+}
 
 
 def png(size: int, seed: int = 0) -> bytes:
@@ -150,7 +153,7 @@ def hostile_kinds(url: str, tally: Tally, digit: bytes) -> dict[str, tuple[float
 
     def bad_policy(i: int) -> None:
         # Refused (400): a version that is no number, one not loaded, a look-behind Istio's RE2 lacks.
-        policies = [{"route": [{"version": "²", "weight": 100}]}, {"route": [{"version": "7", "weight": 100}]},
+        policies: list[dict[str, Any]] = [{"route": [{"version": "²", "weight": 100}]}, {"route": [{"version": "7", "weight": 100}]},
                     {**MIRROR_ALL, "rules": [{"match": {"headers": {"x": {"regex": "(?<=a)b"}}},
                                               "route": [{"version": "2"}]}]}]  # fmt: skip
         r = requests.put(f"{url}/v2/models/digits/traffic", json=policies[i % len(policies)],

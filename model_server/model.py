@@ -197,10 +197,7 @@ class LoadedVersion:
         if self.fault is not None or self.config.instance_count != 1:
             return False
         batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
-        size = sum(
-            sum(len(x) for x in i.data.reshape(-1)) if i.data.dtype == object else i.data.nbytes
-            for i in inputs
-        )
+        size = sum(i.nbytes for i in inputs)
         return self._warmup_seconds * batch <= INLINE_BUDGET_S and size <= INLINE_MAX_BYTES
 
     def close(self) -> None:

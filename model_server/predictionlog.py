@@ -102,7 +102,10 @@ PAIR_COLUMNS = [
 
 _OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
 MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
-_MASK_CACHE_MAX = 100_000
+_MASK_CACHE_MAX = 50_000
+# Only short values are cached: they are the ones that repeat (users, devices, tenants); a
+# long one (a 58 KiB header, a client's blob) kept per entry held the cache at 100 MB in a soak.
+_CACHEABLE_CHARS = 512
 
 
 class Inference(NamedTuple):
@@ -282,9 +285,10 @@ class PredictionLog:
         out = self._mask_cache.get(k)
         if out is None:
             out = self.masker.token(value, key) if whole else self.masker.mask_text(value, key)
-            if len(self._mask_cache) >= _MASK_CACHE_MAX:
-                self._mask_cache.clear()
-            self._mask_cache[k] = out
+            if len(value) <= _CACHEABLE_CHARS:
+                if len(self._mask_cache) >= _MASK_CACHE_MAX:
+                    self._mask_cache.clear()
+                self._mask_cache[k] = out
         return out
 
     def _masked_meta(self, metadata: Mapping[str, str], key: Key) -> _MaskedMeta:
@@ -302,9 +306,10 @@ class PredictionLog:
                 masked.get("x-tenant"),
                 json.dumps(extra, sort_keys=True) if extra else None,
             )
-            if len(self._meta_cache) >= _MASK_CACHE_MAX:
-                self._meta_cache.clear()
-            self._meta_cache[(key.kid, items)] = cached
+            if sum(len(n) + len(v) for n, v in items) <= _CACHEABLE_CHARS:
+                if len(self._meta_cache) >= _MASK_CACHE_MAX:
+                    self._meta_cache.clear()
+                self._meta_cache[(key.kid, items)] = cached
         return cached
 
     def _mask_ids(self, ids: list[str], keys: list[Key]) -> list[str]:

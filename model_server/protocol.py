@@ -30,6 +30,13 @@ class InferInput:
     shape: tuple[int, ...]
     data: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        """The tensor's bytes; a BYTES tensor's, its elements' lengths."""
+        if self.data.dtype == object:
+            return sum(len(x) for x in self.data.reshape(-1))
+        return int(self.data.nbytes)
+
 
 @dataclass
 class InferRequest:

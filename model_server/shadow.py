@@ -78,10 +78,7 @@ class ShadowJob:
     @property
     def nbytes(self) -> int:
         """What the queued copy holds: its inputs (the primary's outputs are small beside them)."""
-        return sum(
-            sum(len(x) for x in i.data.reshape(-1)) if i.data.dtype == object else i.data.nbytes
-            for i in self.inputs
-        )
+        return sum(i.nbytes for i in self.inputs)
 
 
 @dataclass

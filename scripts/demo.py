@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if results[-1]["outcome"] != "promote" and candidate == "2":
             break  # v2 was not promoted: v3 has no v2 baseline to go against
     print(
-        f"\nAirflow UI: {api.url} (login {state['airflow_user']} / {password}); stop everything with: make down"
+        f"\nAirflow UI: {api.url} (login {state['airflow_user']}, password in {state['airflow_password_file']}); "
+        "stop everything with: make down"
     )
     print("summary: " + "; ".join(f"v{r['candidate']}: {r['outcome']}" for r in results))
     return 0 if all(r["state"] == "success" for r in results) else 1

@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model server  {state['urls']['model_server']}  (admin token in {state['admin_token_file']})")
     print(f"prometheus    {state['urls']['prometheus']}")
     print(f"load generator: {args.rate:g} requests/s, log in {args.run / 'loadgen.log'}")
-    password = Path(state["airflow_password_file"]).read_text().strip()
-    print(f"airflow       {state['urls']['airflow']}  (login {state['airflow_user']} / {password}, kept in "
+    # The password stays in its 0600 file: a terminal's scrollback or a CI log is no place for it.
+    print(f"airflow       {state['urls']['airflow']}  (login {state['airflow_user']}, password in "
           f"{state['airflow_password_file']}; logs in {args.run / 'airflow' / 'logs'})")  # fmt: skip
     print("stop with: make down")
     return 0
