@@ -102,10 +102,26 @@ PAIR_COLUMNS = [
 
 _OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
 MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
-_MASK_CACHE_MAX = 50_000
-# Only short values are cached: they are the ones that repeat (users, devices, tenants); a
-# long one (a 58 KiB header, a client's blob) kept per entry held the cache at 100 MB in a soak.
-_CACHEABLE_CHARS = 512
+_MASK_CACHE_MAX = 100_000
+
+
+class _MaskCache(dict[Any, Any]):
+    """Masked values by what they were masked from, bounded in entries and in characters (a
+    long header kept per entry held ~100 MB in a soak; not kept at all, re-masking it on every
+    flush cost the well-behaved clients' p99): cleared whole when either bound is reached."""
+
+    MAX_CHARS = 16 * 1024 * 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chars = 0
+
+    def put(self, key: Any, value: Any, chars: int) -> None:
+        if len(self) >= _MASK_CACHE_MAX or self.chars + chars > self.MAX_CHARS:
+            self.clear()
+            self.chars = 0
+        self[key] = value
+        self.chars += chars
 
 
 class Inference(NamedTuple):
@@ -222,8 +238,8 @@ class PredictionLog:
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prediction-log", daemon=True)
-        self._mask_cache: dict[tuple[str, bool, str], str] = {}
-        self._meta_cache: dict[tuple[str, tuple[tuple[str, str], ...]], _MaskedMeta] = {}
+        self._mask_cache = _MaskCache()  # (key id, whole, value) -> masked
+        self._meta_cache = _MaskCache()  # (key id, metadata items) -> _MaskedMeta
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -285,10 +301,7 @@ class PredictionLog:
         out = self._mask_cache.get(k)
         if out is None:
             out = self.masker.token(value, key) if whole else self.masker.mask_text(value, key)
-            if len(value) <= _CACHEABLE_CHARS:
-                if len(self._mask_cache) >= _MASK_CACHE_MAX:
-                    self._mask_cache.clear()
-                self._mask_cache[k] = out
+            self._mask_cache.put(k, out, len(value) + len(out))
         return out
 
     def _masked_meta(self, metadata: Mapping[str, str], key: Key) -> _MaskedMeta:
@@ -306,10 +319,9 @@ class PredictionLog:
                 masked.get("x-tenant"),
                 json.dumps(extra, sort_keys=True) if extra else None,
             )
-            if sum(len(n) + len(v) for n, v in items) <= _CACHEABLE_CHARS:
-                if len(self._meta_cache) >= _MASK_CACHE_MAX:
-                    self._meta_cache.clear()
-                self._meta_cache[(key.kid, items)] = cached
+            self._meta_cache.put(
+                (key.kid, items), cached, sum(len(n) + len(v) for n, v in items) + len(cached[3] or "")
+            )
         return cached
 
     def _mask_ids(self, ids: list[str], keys: list[Key]) -> list[str]:
