@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.conftest import ROOT
-from tests.include.test_audit import shadow_log
+from tests.helpers import shadow_log
 
 pytestmark = pytest.mark.integration
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import time
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -14,58 +11,9 @@ import pytest
 from PIL import Image
 
 from include.rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
-from model_server.masking import KeyRing, Masker
-from model_server.predictionlog import Inference, PredictionLog
+from tests.helpers import shadow_log
 
 NOW = datetime.now(UTC)
-
-
-def shadow_log(
-    tmp_path,
-    n: int,
-    disagree: float,
-    low_confidence: float = 0.0,
-    errors: int = 0,
-    seed: int = 0,
-    dropped: int = 0,
-    orphans: int = 0,
-):
-    """A prediction log written by the real writer: ``n`` primary records with their shadow
-    records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
-    without a primary."""
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
-    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
-    rng = np.random.default_rng(seed)
-
-    def record(rid: str, version: str, role: str, scores, outcome: str = "ok") -> Inference:
-        image = np.array([f"img-{rid}".encode()], dtype=object)
-        route = "route" if role == "primary" else "mirror"
-        return Inference(time.time(), "digits", version, role, route, rid, "4bf92f3577b34da6a3ce929d0e0e4736",
-                         "00f067aa0ba902b7", 1.0 if role == "primary" else 2.0, outcome, scores, image, True, {})  # fmt: skip
-
-    for i in range(n + dropped + orphans):
-        label = int(rng.integers(10))
-        p = np.full(10, 0.01, dtype=np.float32)
-        p[label] = 0.91
-        q = p.copy()
-        if rng.random() < disagree:
-            q = np.roll(p, 1)
-        elif rng.random() < low_confidence:
-            q = np.full(10, 0.05, dtype=np.float32)
-            q[label] = 0.55
-        rid = f"r{i}"
-        if i < n + dropped:
-            writer.append(record(rid, "1", "primary", p[None]))
-        if i >= n + dropped or i < n:
-            failed = i < errors
-            writer.append(
-                record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok")
-            )
-        else:
-            writer.append(record(rid, "2", "shadow", None, "DROPPED"))
-    writer.flush()
-    return tmp_path / "log"
 
 
 def test_kl_is_zero_for_equal_and_positive_otherwise():

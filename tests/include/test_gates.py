@@ -17,6 +17,7 @@ from include.rollout.gates import (
     nominal_alpha,
     sustained_breach,
 )
+from tests.helpers import samples
 
 
 def test_boundaries_match_published_lan_demets_values():
@@ -39,21 +40,6 @@ def test_error_rate_holds_over_repeated_looks():
     assert crossed < alpha + 3 * math.sqrt(alpha * (1 - alpha) / sims)
     naive = (z >= 1.6449).any(axis=1).mean()
     assert naive > 0.15  # the trap the spending avoids (Armitage, McPherson and Rowe)
-
-
-def samples(
-    n: int, ratio: float = 1.0, errors: tuple[float, float] = (0.0, 0.0), seed: int = 0
-) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    base = np.exp(rng.normal(np.log(5), 0.3, n))
-    canary = np.exp(rng.normal(np.log(5 * ratio), 0.3, n))
-    return pd.DataFrame(
-        {
-            "arm": ["baseline"] * n + ["canary"] * n,
-            "latency_ms": np.r_[base, canary],
-            "error": np.r_[rng.random(n) < errors[0], rng.random(n) < errors[1]].astype(int),
-        }
-    )
 
 
 def test_equal_canary_passes_slow_canary_fails_few_samples_wait():

@@ -18,7 +18,7 @@ from include.rollout.notify import (
 )
 from include.rollout.spec import RolloutSpec
 from tests.fakes.slack_api import FakeSlack, check_blocks
-from tests.include.test_gates import samples
+from tests.helpers import samples
 
 SPEC = RolloutSpec.from_dict({"candidate_version": "3"})
 

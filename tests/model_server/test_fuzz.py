@@ -5,7 +5,6 @@ hang), and the server keeps serving: health, a normal inference and its log stay
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import requests
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ADMIN_TOKEN
+from tests.helpers import infer
 
 pytestmark = pytest.mark.integration
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -56,17 +56,9 @@ def png() -> bytes:
     return buf.getvalue()
 
 
-def binary_infer(image: bytes) -> tuple[bytes, dict[str, str]]:
-    blob = struct.pack("<I", len(image)) + image
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
-    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
-
-
 def still_serving(server) -> None:
     assert requests.get(f"{server.http}/v2/health/live", timeout=10).status_code == 200
-    body, headers = binary_infer(png())
-    assert requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=headers, timeout=10).ok
+    assert infer(server, png()).ok
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,12 +73,9 @@ def clean_log(server):
 @FUZZ
 @given(st.lists(st.tuples(header_names, header_values), max_size=8))
 def test_any_headers(server, headers):
-    body, framing = binary_infer(png())
-    sent = {**framing}
-    for name, value in headers:
-        sent[name] = value
+    sent = dict(headers)
     try:
-        r = requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=sent, timeout=10)
+        r = infer(server, png(), sent)
     except requests.exceptions.InvalidHeader:
         return  # refused by the client library before sending
     assert r.status_code == 200 or r.status_code in CLIENT_ERRORS, (sent, r.status_code, r.text)
@@ -118,6 +107,4 @@ def test_any_traffic_policy(server, policy):
     assert r.status_code in (200, 400), (policy, r.status_code, r.text)
     current = requests.get(f"{server.http}/v2/models/digits/traffic", headers=auth, timeout=10)
     assert current.status_code == 200
-    body, headers = binary_infer(png())
-    served = requests.post(f"{server.http}/v2/models/digits/infer", data=body, headers=headers, timeout=10)
-    assert served.status_code == 200  # whatever was accepted routes to a loaded version
+    assert infer(server, png()).status_code == 200  # whatever was accepted routes to a loaded version

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import threading
 import time
 from collections import Counter
@@ -12,37 +11,11 @@ from collections import Counter
 import pytest
 import requests
 
+from tests.helpers import TOKEN, infer, put_policy
+
 pytestmark = pytest.mark.integration
 
-TOKEN = "routing-token"
 SPLIT = {"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]}
-
-
-def infer(server, image: bytes, headers: dict[str, str] | None = None, path: str = "/v2/models/digits/infer"):
-    blob = struct.pack("<I", len(image)) + image
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "datatype": "BYTES",
-                    "shape": [1],
-                    "parameters": {"binary_data_size": len(blob)},
-                }
-            ]
-        }
-    ).encode()
-    return requests.post(
-        f"{server.http}{path}",
-        data=header + blob,
-        timeout=30,
-        headers={"Inference-Header-Content-Length": str(len(header)), **(headers or {})},
-    )
-
-
-def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
 
 
 @pytest.fixture

@@ -1,0 +1,126 @@
+"""What several test modules share: a client of the model server, generated data."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import time
+
+import numpy as np
+import pandas as pd
+import requests
+from hypothesis import strategies as st
+
+from model_server.masking import KeyRing, Masker
+from model_server.predictionlog import Inference, PredictionLog
+
+TOKEN = "routing-token"  # the admin token of the servers these tests start
+
+
+# -- the model server ---------------------------------------------------------------------------
+
+
+def infer(server, image: bytes, headers: dict[str, str] | None = None, path: str = "/v2/models/digits/infer"):
+    blob = struct.pack("<I", len(image)) + image
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
+    return requests.post(
+        f"{server.http}{path}",
+        data=header + blob,
+        timeout=30,
+        headers={"Inference-Header-Content-Length": str(len(header)), **(headers or {})},
+    )
+
+
+def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
+
+
+# -- generated data -----------------------------------------------------------------------------
+
+
+def samples(
+    n: int, ratio: float = 1.0, errors: tuple[float, float] = (0.0, 0.0), seed: int = 0
+) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    base = np.exp(rng.normal(np.log(5), 0.3, n))
+    canary = np.exp(rng.normal(np.log(5 * ratio), 0.3, n))
+    return pd.DataFrame(
+        {
+            "arm": ["baseline"] * n + ["canary"] * n,
+            "latency_ms": np.r_[base, canary],
+            "error": np.r_[rng.random(n) < errors[0], rng.random(n) < errors[1]].astype(int),
+        }
+    )
+
+
+def shadow_log(
+    tmp_path,
+    n: int,
+    disagree: float,
+    low_confidence: float = 0.0,
+    errors: int = 0,
+    seed: int = 0,
+    dropped: int = 0,
+    orphans: int = 0,
+):
+    """A prediction log written by the real writer: ``n`` primary records with their shadow
+    records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
+    without a primary."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
+    rng = np.random.default_rng(seed)
+
+    def record(rid: str, version: str, role: str, scores, outcome: str = "ok") -> Inference:
+        image = np.array([f"img-{rid}".encode()], dtype=object)
+        route = "route" if role == "primary" else "mirror"
+        return Inference(time.time(), "digits", version, role, route, rid, "4bf92f3577b34da6a3ce929d0e0e4736",
+                         "00f067aa0ba902b7", 1.0 if role == "primary" else 2.0, outcome, scores, image, True, {})  # fmt: skip
+
+    for i in range(n + dropped + orphans):
+        label = int(rng.integers(10))
+        p = np.full(10, 0.01, dtype=np.float32)
+        p[label] = 0.91
+        q = p.copy()
+        if rng.random() < disagree:
+            q = np.roll(p, 1)
+        elif rng.random() < low_confidence:
+            q = np.full(10, 0.05, dtype=np.float32)
+            q[label] = 0.55
+        rid = f"r{i}"
+        if i < n + dropped:
+            writer.append(record(rid, "1", "primary", p[None]))
+        if i >= n + dropped or i < n:
+            failed = i < errors
+            writer.append(
+                record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok")
+            )
+        else:
+            writer.append(record(rid, "2", "shadow", None, "DROPPED"))
+    writer.flush()
+    return tmp_path / "log"
+
+
+# Values every detector must mask: PRC mobile, resident ID, e-mail, card.
+sensitive_values = st.one_of(
+    st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
+    st.from_regex(
+        r"[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9])[0-9]{3}[0-9X]", fullmatch=True
+    ),
+    st.from_regex(r"[a-z]{1,8}\.[a-z]{1,8}@[a-z]{2,8}\.(com|cn|org)", fullmatch=True),
+    st.from_regex(r"[3-6][0-9]{15}", fullmatch=True),
+)
