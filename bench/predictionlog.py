@@ -18,7 +18,7 @@ In one run:
   time): seconds and peak resident memory (``ru_maxrss``), beside a subprocess that only
   imports the same modules.
 
-Prints ratios and writes ``bench/results/predictionlog.json``. Goals (issue 9): at most 5%
+Prints ratios and writes ``bench/results/predictionlog.json``. Goals: at most 5%
 serving throughput lost with the log on; the audit of 1M records under 30 s and 2 GiB.
 """
 

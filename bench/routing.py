@@ -7,7 +7,7 @@ One real model server on loopback, tritonclient as the client, interleaved round
 "direct" names the version in the path; "routed" goes through a policy with three header
 rules that do not match and a sticky 100% route to the same version; "shadow" adds a 100%
 mirror to a second version. Prints ratios and writes ``bench/results/routing.json``.
-Goals (issue 3): routed/direct p50 <= 1.05; primary p99 with 100% shadow <= 1.10x direct.
+Goals: routed/direct p50 <= 1.05; primary p99 with 100% shadow <= 1.10x direct.
 """
 
 from __future__ import annotations

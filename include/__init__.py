@@ -1,1 +1,1 @@
-"""The rollout library: pure logic with no Airflow imports (see ../shared/DESIGN.md)."""
+"""The rollout library: pure logic with no Airflow imports."""

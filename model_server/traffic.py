@@ -1,6 +1,6 @@
 """The traffic policy: who gets which version, and what is mirrored to a shadow.
 
-The one description of a traffic split (see ../shared/DESIGN.md): ordered header rules, a
+The one description of a traffic split: ordered header rules, a
 weighted default route, an optional mirror. The model server's router executes it here;
 include/ renders the same object to an Istio VirtualService. Pure: no I/O in this module
 except ``PolicyStore``, which persists policies and watches the optional policy file.

@@ -1,1 +1,1 @@
-"""Spec, metrics sources, gates, mesh routers, shadow audit and Slack reports (issue 4)."""
+"""Spec, metrics sources, gates, mesh routers, shadow audit and Slack reports."""

@@ -4,7 +4,7 @@ From the prediction log's primary and shadow records over a time range, paired b
 top-1 agreement with a Wilson interval, the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
-divergence above 0.18: the seed's defaults) with their image hashes, and the shadow error
+divergence above 0.18: the defaults) with their image hashes, and the shadow error
 rate; a Markdown report, CSV tables and a PNG plot, and a verdict: fail when agreement is shown
 below the minimum (or the shadow fails or diverges too often), pass when shown above it,
 inconclusive while the interval still straddles it, skip when the range holds no records.

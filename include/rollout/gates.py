@@ -18,7 +18,7 @@ Checks: latency (ratio of geometric means, Welch t on log latency; Mann-Whitney 
 check; p95/p99 ratio with distribution-free quantile intervals), errors and OOM (two proportions, Newcombe's
 hybrid score interval, Fisher's exact p-value at small counts), accuracy (exact McNemar on
 paired validation replays with an Agresti-Min interval, and two proportions on live feedback),
-and the seed's hard guards.
+and the hard guards.
 """
 
 from __future__ import annotations
@@ -429,7 +429,7 @@ def bucket_quantile_check(
 
 @dataclass(frozen=True)
 class GuardInputs:
-    """What the seed's hard guards look at, fetched by a MetricsSource (or given by a test)."""
+    """What the hard guards look at, fetched by a MetricsSource (or given by a test)."""
 
     p99_series_ms: tuple[tuple[float, float], ...] | None = None  # (unix time, canary p99 in ms)
     validation_drop: float | None = None  # baseline - canary accuracy on the same validation batch

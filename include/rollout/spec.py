@@ -1,7 +1,7 @@
 """RolloutSpec: what one rollout does, typed and validated, exportable as JSON schema.
 
 The Airflow trigger form, the ``rolloutctl`` CLI and the tests build it from a dict; every
-threshold is a field with the seed's value as its default. ``TrafficPolicy`` is the model
+threshold is a field with its default. ``TrafficPolicy`` is the model
 server's (``model_server.traffic``): one type for who gets which version, on both backends.
 """
 

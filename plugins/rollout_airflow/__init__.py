@@ -1,1 +1,1 @@
-"""Thin Airflow operators, sensors, triggers and hooks over include/ (issue 5)."""
+"""Thin Airflow operators, sensors, triggers and hooks over include/."""

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import shadow_log
+from tests.support import shadow_log
 
 pytestmark = pytest.mark.integration
 

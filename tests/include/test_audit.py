@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from include.rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
-from tests.helpers import shadow_log
+from tests.support import shadow_log
 
 NOW = datetime.now(UTC)
 

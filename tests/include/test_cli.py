@@ -11,7 +11,7 @@ from kubernetes import client
 from include.rollout.cli import main
 from include.rollout.images import image_tag, kaniko_pod, verify_model
 from include.rollout.mesh import validate_istio
-from tests.helpers import TOKEN, samples, shadow_log
+from tests.support import TOKEN, samples, shadow_log
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

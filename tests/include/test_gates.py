@@ -17,7 +17,7 @@ from include.rollout.gates import (
     nominal_alpha,
     sustained_breach,
 )
-from tests.helpers import samples
+from tests.support import samples
 
 
 def test_boundaries_match_published_lan_demets_values():

@@ -25,7 +25,7 @@ from include.rollout.mesh import (
 )
 from model_server.traffic import TrafficPolicy
 from tests.fakes.kube_api import FakeKubeAPI
-from tests.helpers import TOKEN
+from tests.support import TOKEN
 
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "istio" / "crd-all.gen.yaml"

@@ -22,7 +22,7 @@ from include.rollout.metrics import (
     wait_for_value,
 )
 from model_server.loadgen import LoadConfig, run
-from tests.helpers import TOKEN, put_policy
+from tests.support import TOKEN, put_policy
 
 
 def test_quantile_from_buckets_interpolates_like_prometheus():
@@ -115,7 +115,7 @@ def test_prometheus_answers_the_rollout_queries(stack):
 
 @pytest.mark.integration
 def test_scrape_source_reads_the_server_without_prometheus(server_factory, repo_copy, tmp_path, digit_images):
-    from tests.helpers import infer
+    from tests.support import infer
 
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"))
     for image, _ in digit_images[:7]:

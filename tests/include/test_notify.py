@@ -18,7 +18,7 @@ from include.rollout.notify import (
 )
 from include.rollout.spec import RolloutSpec
 from tests.fakes.slack_api import FakeSlack, check_blocks
-from tests.helpers import samples
+from tests.support import samples
 
 SPEC = RolloutSpec.from_dict({"candidate_version": "3"})
 

@@ -8,7 +8,7 @@ import pytest
 
 from include.rollout.gates import GuardInputs, evaluate_gate
 from include.rollout.replay import accuracy_drop, replay
-from tests.helpers import TOKEN
+from tests.support import TOKEN
 
 pytestmark = pytest.mark.integration
 

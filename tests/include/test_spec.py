@@ -1,4 +1,4 @@
-"""RolloutSpec: defaults from the seed, validation, JSON schema, stage policies."""
+"""RolloutSpec: its defaults, validation, JSON schema, stage policies."""
 
 from __future__ import annotations
 

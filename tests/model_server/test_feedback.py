@@ -11,7 +11,7 @@ import requests
 from model_server.feedback import FeedbackSigner, read_key
 from model_server.loadgen import LoadConfig, run
 from model_server.predictionlog import joined, read, unmatched_labels
-from tests.helpers import TOKEN, infer, put_policy
+from tests.support import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from model_server.masking import (
     normalise,
     reveal,
 )
-from tests.helpers import sensitive_values
+from tests.support import sensitive_values
 
 SAMPLES = {
     "national_id": ["11010519491231002X", "440524188001010014"],

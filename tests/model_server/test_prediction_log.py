@@ -38,8 +38,8 @@ from model_server.predictionlog import (
     shadow_pairs,
     unmatched_labels,
 )
-from tests.helpers import TOKEN, infer, put_policy, sensitive_values
 from tests.model_server.conftest import BUCKET
+from tests.support import TOKEN, infer, put_policy, sensitive_values
 
 NOW = datetime.now(UTC)
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"  # the W3C example: no digit run a detector could read

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.helpers import TOKEN, infer, put_policy
+from tests.support import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from model_server.predictionlog import read
-from tests.helpers import TOKEN, infer, put_policy
+from tests.support import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from tests.fakes.slack_api import FakeSlack
-from tests.helpers import samples
+from tests.support import samples
 
 
 def conn(monkeypatch, conn_id: str, **fields) -> None:

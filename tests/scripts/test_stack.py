@@ -21,7 +21,7 @@ from scripts import stack
 
 pytestmark = pytest.mark.integration
 # Wiring, not the defaults; no mirror: a candidate that also runs every mirrored copy measures
-# tens of percent slower than the baseline on a busy 2-core machine (see the closing note of issue 9).
+# tens of percent slower than the baseline on a busy 2-core machine.
 CONF = {"candidate_version": "2", "stages": [50, 100], "bake_seconds": 6, "looks_per_stage": 2, "min_samples": 100,
         "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02, "mirror_percent": 0}  # fmt: skip
 

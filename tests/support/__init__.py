@@ -1,4 +1,4 @@
-"""What several test modules share: a client of the model server, generated data."""
+"""What several test modules share: a client of the model server, generated data (`tests/support`)."""
 
 from __future__ import annotations
 
