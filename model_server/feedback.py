@@ -26,6 +26,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,15 @@ class Feedback:
 
 
 class FeedbackStore:
-    def __init__(self, signer: FeedbackSigner, capacity: int = 200_000, ttl_s: float = 3600.0):
+    def __init__(
+        self,
+        signer: FeedbackSigner,
+        capacity: int = 200_000,
+        ttl_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.signer = signer
+        self.clock = clock
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._served: OrderedDict[str, Served] = OrderedDict()
@@ -133,7 +141,7 @@ class FeedbackStore:
     def record(
         self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None
     ) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self._evict(now)
             if request_id in self._served:  # a re-sent id keeps its first prediction and label
@@ -167,7 +175,7 @@ class FeedbackStore:
         if not values:
             raise InvalidInput("feedback 'label' must not be an empty list")
         truth = [_label_index(v, labels) for v in values]
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self._evict(now)
             served = self._served.get(rid)

@@ -86,7 +86,12 @@ def test_prometheus_answers_the_rollout_queries(stack):
         )
     )
     assert stats.ok == stats.sent > 100
-    time.sleep(2.5)  # two more scrapes after the last request
+    # Prometheus has scraped the last request (a condition, not a guess at the clock).
+    answered = 'nv_inference_request_success{model="digits"}'  # the server's count, summed over versions
+    served = ScrapeSource(server.http).query(answered)
+    deadline = time.monotonic() + 30
+    while source.query(f"sum({answered})") < served and time.monotonic() < deadline:
+        time.sleep(0.2)
     p99 = wait_for_value(source, PromQL.latency_quantile_ms("digits", "1", 0.99, "30s"))
     p95 = source.query(PromQL.latency_quantile_ms("digits", "1", 0.95, "30s"))
     assert 0 < p95 <= p99 < 1000

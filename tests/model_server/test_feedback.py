@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -87,7 +86,7 @@ def test_without_a_prediction_log_an_unknown_request_id_is_404(server_factory, r
 
 def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
     log = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-ttl-s", "3",
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-capacity", "2",
                        "--prediction-log", str(log), token=TOKEN)  # fmt: skip
     sign = signer(tmp_path)
     # Another replica may have served it: accepted into the log, reported as not matched here.
@@ -116,17 +115,19 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     assert "malformed JSON" in r.json()["error"]
     r = feedback(s, {"request_id": "never-served-2", "label": "eleven"}, sign)
     assert r.status_code == 400  # validated even when not matched here
-    time.sleep(3.5)  # past the TTL (3 s: room for the checks above on a busy machine)
+    infer(s, image, {"X-Request-ID": "req-c"})
+    infer(s, image, {"X-Request-ID": "req-d"})  # req-b forgotten here: the store keeps the last 2
     r = feedback(s, {"request_id": "req-b", "label": str(label)}, sign)
     assert r.status_code == 200
-    assert r.json()["matched_locally"] is False
-    assert "expired" in r.json()["reason"]
+    assert r.json()["matched_locally"] is False  # still logged: the reader joins it
+    assert "expired: evicted to keep the last 2 predictions" in r.json()["reason"]
     assert s.metric("feedback_total", model="digits", version="1") == 1  # the live view: req-a only
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     labels = df[df["role"] == "label"]
     assert sorted(labels["request_id"]) == ["never-served", "req-a", "req-b"]  # no bad or second label
     j = joined(df)
+    j = j[j["label"].notna()]
     assert sorted(zip(j["request_id"], j["label"], strict=True)) == [("req-a", label), ("req-b", label)]
     assert list(unmatched_labels(df)["request_id"]) == ["never-served"]
 
@@ -202,3 +203,22 @@ def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
     assert len(j) == 1  # but one prediction per request id is evidence, with its one label
     assert j["label"].tolist() == [label]
     assert j.attrs["duplicate_primaries"] == 4
+
+
+def test_a_prediction_expires_after_its_ttl():
+    """The TTL on an injected clock (the server test above forgets by capacity: no waiting)."""
+    from model_server.feedback import FeedbackStore
+
+    now = [1000.0]
+    store = FeedbackStore(FeedbackSigner(b"k" * 32), capacity=10, ttl_s=60, clock=lambda: now[0])
+    store.record("r1", "digits", "1", [3])
+    store.record("r2", "digits", "1", [4])
+    sign = FeedbackSigner(b"k" * 32)
+    assert store.label(
+        "digits", {"request_id": "r1", "label": 3, "token": sign.token("digits", "r1")}, None
+    ).matched
+    now[0] += 61
+    late = store.label("digits", {"request_id": "r2", "label": 4, "token": sign.token("digits", "r2")}, None,
+                       accept_unmatched=True)  # fmt: skip
+    assert late.matched is False
+    assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"
