@@ -285,8 +285,8 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
         f"canary {n['canary']} requests ({labelled['baseline']} and {labelled['canary']} with feedback labels); "
         f"validation replay of {images} images through both versions ({rounds} requests per version)."
     )
-    return Check("evidence", "info", text, "prediction log records before the look's time", n["baseline"],
-                 n["canary"], blocks_pass=False)  # fmt: skip
+    return Check("evidence", "info", text, "prediction log records before the look's time",
+                 n_baseline=n["baseline"], n_canary=n["canary"], blocks_pass=False)  # fmt: skip
 
 
 def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:

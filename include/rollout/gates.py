@@ -24,7 +24,7 @@ and the hard guards.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
@@ -162,10 +162,22 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class Check:
+    """One statistical check of a look, as the report shows it.
+
+    ``decision``: pass, fail or wait for a check that can hold the gate (``blocks_pass``), info
+    or fail for one that can only fail it. The numbers are in the check's own unit, named by
+    its ``sentence``: ``effect``, its interval ``ci``, ``margin`` and ``mde`` (the smallest effect
+    these samples resolve) are a relative change for latency (0.05 = +5%), a difference of
+    proportions for errors and accuracy (0.001 = 0.1 pp), milliseconds for the P99 guard.
+    ``statistic`` is the test's (t, U, discordant pairs); ``p_value`` one-sided, toward harm.
+    Everything after ``method`` is passed by keyword.
+    """
+
     name: str
     decision: str  # pass | fail | wait | info
     sentence: str
     method: str
+    _: KW_ONLY
     n_baseline: int = 0
     n_canary: int = 0
     statistic: float | None = None
@@ -269,8 +281,9 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
                 f"these samples resolve differences of about {_pct(math.expm1(mde))}.",
     }[decision]  # fmt: skip
     return Check("latency_geomean", decision, text, "Welch t on log latency (ratio of geometric means), "
-                 "repeated one-sided interval at the look's nominal level", nb, nc, (delta - m) / se if se else None,
-                 p_ni, ratio, ci, cfg.latency_margin, math.expm1(mde))  # fmt: skip
+                 "repeated one-sided interval at the look's nominal level", n_baseline=nb, n_canary=nc,
+                 statistic=(delta - m) / se if se else None, p_value=p_ni, effect=ratio, ci=ci,
+                 margin=cfg.latency_margin, mde=math.expm1(mde))  # fmt: skip
 
 
 def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
@@ -279,8 +292,9 @@ def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
     verb = "slower" if res.pvalue < level else "not shown slower"
     return Check("latency_rank", "info", f"Mann-Whitney U: a canary request is slower than a baseline one with "
                  f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}).",
-                 "Mann-Whitney U, one-sided (canary stochastically slower)", len(base), len(canary),
-                 float(res.statistic), float(res.pvalue), prob, None, None, None, False)  # fmt: skip
+                 "Mann-Whitney U, one-sided (canary stochastically slower)", n_baseline=len(base),
+                 n_canary=len(canary), statistic=float(res.statistic), p_value=float(res.pvalue), effect=prob,
+                 blocks_pass=False)  # fmt: skip
 
 
 def quantile_interval(x: np.ndarray, q: float, level: float) -> tuple[float, float]:
@@ -308,7 +322,8 @@ def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, 
                                                 else "."))  # fmt: skip
     return Check(name, "fail" if fail else "info", text, "distribution-free intervals of each quantile "
                  "(order statistics at binomial ranks), combined into a conservative interval of the ratio",
-                 len(base), len(canary), None, None, effect, (lower, upper), cfg.tail_margin, None, False)  # fmt: skip
+                 n_baseline=len(base), n_canary=len(canary), effect=effect, ci=(lower, upper),
+                 margin=cfg.tail_margin, blocks_pass=False)  # fmt: skip
 
 
 def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
@@ -372,9 +387,8 @@ def proportion_check(
         f"{'excess' if worse_is_higher else 'drop'} {100 * excess:+.2f} pp (interval {100 * lower:+.2f} to "
         f"{100 * upper:+.2f} pp): {verdict}; one-sided p that the canary is worse: {p_harm:.3g}."
     )
-    return Check(
-        name, decision, text, method, nb, nc, None, p_harm, excess, (lower, upper), margin, mde, blocks_pass
-    )
+    return Check(name, decision, text, method, n_baseline=nb, n_canary=nc, p_value=p_harm, effect=excess,
+                 ci=(lower, upper), margin=margin, mde=mde, blocks_pass=blocks_pass)  # fmt: skip
 
 
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
@@ -401,8 +415,9 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
     )
     mde = z * se * (1 + float(stats.norm.ppf(cfg.power)) / z)
     return Check("accuracy_paired", decision, text, "exact McNemar (binomial on discordant pairs); "
-                 "Agresti-Min interval for the paired difference", n, n, float(b - c), p_exact, drop,
-                 (lower, upper), cfg.accuracy_margin, mde)  # fmt: skip
+                 "Agresti-Min interval for the paired difference", n_baseline=n, n_canary=n,
+                 statistic=float(b - c), p_value=p_exact, effect=drop, ci=(lower, upper),
+                 margin=cfg.accuracy_margin, mde=mde)  # fmt: skip
 
 
 def bucket_quantile_check(
@@ -420,8 +435,8 @@ def bucket_quantile_check(
             f"vs baseline {1000 * eb:.1f} ms (bucket {1000 * lb:.1f}-{1000 * hb:.1f}); the ratio lies in "
             f"{_pct(bounds[0])} to {_pct(bounds[1])} whatever the observations within the buckets.")  # fmt: skip
     return Check(name, "info", text, "linear interpolation within the bucket (Prometheus histogram_quantile); "
-                 "error at most the width of the bucket holding the quantile", int(base[-1][1]), int(canary[-1][1]),
-                 None, None, effect, bounds, None, None, False)  # fmt: skip
+                 "error at most the width of the bucket holding the quantile", n_baseline=int(base[-1][1]),
+                 n_canary=int(canary[-1][1]), effect=effect, ci=bounds, blocks_pass=False)  # fmt: skip
 
 
 # -- hard guards -----------------------------------------------------------------------------
@@ -527,7 +542,7 @@ def evaluate_gate(
         what = f"{latency_from} " if latency_from else ""
         checks.append(Check("samples", "wait", f"Too few {what}samples: baseline {len(lat_b)}, canary {len(lat_c)} "
                             f"(at least {cfg.min_samples} each before anything can pass).", "minimum sample size",
-                            len(lat_b), len(lat_c)))  # fmt: skip
+                            n_baseline=len(lat_b), n_canary=len(lat_c)))  # fmt: skip
     else:
         timed = [latency_check(lat_b, lat_c, cfg, level), rank_check(lat_b, lat_c, level),
                  *(tail_check(lat_b, lat_c, q, cfg, level) for q in (0.95, 0.99))]  # fmt: skip
