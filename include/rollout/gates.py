@@ -128,6 +128,11 @@ def nominal_alpha(alpha: float, look: int, looks: int, spending: str = "obrien-f
 
 @dataclass(frozen=True)
 class GateConfig:
+    """The gate's thresholds, as ``evaluate_gate`` reads them; a rollout builds it from its
+    ``RolloutSpec`` (``engine.gate_config``). Margins are relative for latency and absolute
+    (differences of proportions) for errors and accuracy; the guards' limits are hard.
+"""
+
     alpha: float = 0.05
     latency_margin: float = 0.05  # relative, on the geometric mean
     tail_margin: float = 0.25  # relative, on p95/p99: beyond it the canary fails
@@ -205,6 +210,11 @@ def _interval(raw: list[float | None] | None) -> tuple[float, float] | None:
 
 @dataclass(frozen=True)
 class Verdict:
+    """A look's decision: pass, fail or wait, with every check behind it and the look's place in
+    the stage's group-sequential plan (``look`` of ``looks``, the overall ``alpha`` and this
+    look's ``nominal_alpha`` from the ``spending`` function). ``summary`` leads the report.
+"""
+
     decision: str
     checks: tuple[Check, ...]
     look: int

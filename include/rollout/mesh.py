@@ -42,6 +42,11 @@ class RouterError(Exception):
 
 
 class Router(Protocol):
+    """Where a rollout's traffic policy is applied: the model server's router on one machine
+    (``LocalRouter``), Istio's VirtualService and DestinationRule in a cluster (``IstioRouter``).
+    ``set_routes`` answers whether anything changed; ``finalize`` leaves the routes as promoted.
+"""
+
     def reconcile(self) -> None: ...
     def set_routes(self, policy: TrafficPolicy) -> bool: ...
     def get_routes(self) -> TrafficPolicy: ...
@@ -136,6 +141,9 @@ def subset(version: str) -> str:
 
 @dataclass
 class IstioTarget:
+    """The Istio objects one model's rollout drives: its Service, and the VirtualService and
+    DestinationRule named ``name`` in ``namespace``."""
+
     namespace: str
     service: str  # the Kubernetes Service in front of the model server pods
     name: str  # VirtualService and DestinationRule name
@@ -211,6 +219,9 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
 
 @dataclass
 class IstioRouter:
+    """The traffic policy as Istio objects, applied through the Kubernetes API (server-side
+    apply, retried on conflicts): one subset per version, the policy's rules and weights."""
+
     target: IstioTarget
     versions: list[str]  # every version that may be routed to: one subset each
     api_client: Any = None  # kubernetes.client.ApiClient; from kubeconfig / in-cluster when None

@@ -42,6 +42,9 @@ class SourceOffline(MetricsError):
 
 
 class MetricsSource(Protocol):
+    """What the gate's guards read: one number per PromQL query (``NoValuesFound`` when there is
+    none, ``SourceOffline`` when the source cannot be reached)."""
+
     def query(self, promql: str) -> float: ...
     def is_online(self) -> bool: ...
 
@@ -63,6 +66,8 @@ def _get_json(url: str, timeout: float) -> dict[str, Any]:
 
 @dataclass
 class PrometheusSource:
+    """Prometheus's HTTP API: instant and range queries, each answer checked to be one series."""
+
     url: str  # http://host:port
     timeout_s: float = 10.0
 

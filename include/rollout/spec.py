@@ -34,6 +34,11 @@ def _f(default: Any, description: str, **schema: Any) -> Any:
 
 @dataclass(frozen=True)
 class RolloutSpec:
+    """One rollout as the trigger form asks for it: the model and versions, the stages and their
+    timing, every threshold of the gate and the guards, the mirror, the mesh and the report's
+    channel. Each field carries its default, its description and its JSON schema (the DAG's
+    Params are built from them); ``from_dict`` validates, naming the field that is wrong."""
+
     model: str = _f(
         "digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
     )

@@ -120,6 +120,9 @@ class ModelServerHook(BaseHook):
 
 
 class PrometheusHook(BaseHook):
+    """The ``prometheus_default`` connection (http): host, port and schema of the Prometheus the
+    guards query."""
+
     conn_name_attr = "prometheus_conn_id"
     default_conn_name = "prometheus_default"
     conn_type = "http"

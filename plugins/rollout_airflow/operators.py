@@ -17,6 +17,10 @@ PROMOTE, ROLL_BACK = "Promote", "Roll back"
 
 
 class PromotionApproval(HITLOperator):
+    """``approve_promotion``: with ``require_approval``, a reviewer answers Promote or Roll back
+    in Airflow's Required Actions (Roll back when no answer comes in ``response_timeout``);
+    skipped otherwise, and when the evidence says roll back."""
+
     def __init__(self, *, max_stages: int, response_timeout: timedelta = timedelta(hours=24), **kwargs: Any):
         super().__init__(subject="Promote {{ params.model }} v{{ params.candidate_version }} to 100%?",
                          options=[PROMOTE, ROLL_BACK], defaults=ROLL_BACK, response_timeout=response_timeout,

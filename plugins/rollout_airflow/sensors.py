@@ -21,6 +21,10 @@ GRACE_S = 300  # past max_stage_seconds, the sensor's own timeout (the engine de
 
 
 class StageMetricsSensor(BaseSensorOperator):
+    """``wait_for_metrics`` of one stage: each poke sends a validation replay round and judges the
+    looks that are due (``steps.look_at_stage``); done with the stage's verdict as its XCom,
+    failed at once when a hard guard trips (after putting the stable version back)."""
+
     template_fields = ("applied",)
     ui_color = "#e8f4fd"
 
