@@ -102,3 +102,29 @@ def test_the_failure_callback_restores_stable(stack):
         {"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")}
     )
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stands(stack, monkeypatch):
+    """The Slack provider's connection points at a Slack API answering 503 to every call: the
+    rollback is carried out, notify succeeds with the report in the outbox and Slack's error."""
+    from tests.fakes.slack_api import FakeSlack
+
+    server, tmp = stack
+    slack = FakeSlack().start()
+    slack.outage = 503
+    monkeypatch.setenv("AIRFLOW_CONN_SLACK_API_DEFAULT", json.dumps(
+        {"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}))  # fmt: skip
+    try:
+        dagrun = rollout_dag().test(run_conf={**CONF, "candidate_version": "3", "mirror_percent": 0})
+    finally:
+        slack.stop()
+    states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
+    assert states["rollback"] == "success"
+    assert states["notify"] == "success"
+    assert [c["method"] for c in slack.calls][:1] == ["chat.postMessage"]  # Slack was tried first
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == {
+        "route": [{"version": "1", "weight": 100}]
+    }
+    report = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())
+    assert report["text"].startswith("Rolled back")
+    assert "upstream connect error" in report["slack_error"]
