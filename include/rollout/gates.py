@@ -131,7 +131,7 @@ class GateConfig:
     """The gate's thresholds, as ``evaluate_gate`` reads them; a rollout builds it from its
     ``RolloutSpec`` (``engine.gate_config``). Margins are relative for latency and absolute
     (differences of proportions) for errors and accuracy; the guards' limits are hard.
-"""
+    """
 
     alpha: float = 0.05
     latency_margin: float = 0.05  # relative, on the geometric mean
@@ -213,7 +213,7 @@ class Verdict:
     """A look's decision: pass, fail or wait, with every check behind it and the look's place in
     the stage's group-sequential plan (``look`` of ``looks``, the overall ``alpha`` and this
     look's ``nominal_alpha`` from the ``spending`` function). ``summary`` leads the report.
-"""
+    """
 
     decision: str
     checks: tuple[Check, ...]

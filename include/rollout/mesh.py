@@ -45,7 +45,7 @@ class Router(Protocol):
     """Where a rollout's traffic policy is applied: the model server's router on one machine
     (``LocalRouter``), Istio's VirtualService and DestinationRule in a cluster (``IstioRouter``).
     ``set_routes`` answers whether anything changed; ``finalize`` leaves the routes as promoted.
-"""
+    """
 
     def reconcile(self) -> None: ...
     def set_routes(self, policy: TrafficPolicy) -> bool: ...
