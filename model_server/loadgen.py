@@ -192,10 +192,11 @@ def run(cfg: LoadConfig) -> LoadStats:
             t = time.perf_counter()
             try:
                 result = client.infer(cfg.model, [inp], outputs=output, headers=headers)
-            except InferenceServerException as exc:
+            except (InferenceServerException, OSError) as exc:  # a server restarting: refused, reset
+                status = exc.status() if isinstance(exc, InferenceServerException) else None
                 with lock:
                     stats.sent += 1
-                    stats.errors[str(exc.status() or "connection")] += 1
+                    stats.errors[str(status or "connection")] += 1
                 continue
             latency = (time.perf_counter() - t) * 1000
             response = result.get_response()
