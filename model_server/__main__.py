@@ -263,17 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and gpus == 0:
         print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)
         return 2
+    if not args.repository.is_dir():  # before the default state folder is made inside it
+        print(f"model-server: model repository {args.repository} is not a folder", file=sys.stderr)
+        return 2
+    state = state_dir(args)
     try:
-        repo = ModelRepository(args.repository, select_providers(args.device, gpus))
+        loads = state.parent / "loads" if state is not None else None
+        repo = ModelRepository(args.repository, select_providers(args.device, gpus), loads)
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return 2
-    state = state_dir(args)
     mask = masker(args, state)
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogMasking(mask))
     plog = prediction_log(args, mask)
-    repo.persist_in(state.parent / "loads" if state is not None else None)
     for name in args.load_model or repo.names():
         wanted, override = repo.persisted(name)  # as the last load or unload left it
         if not wanted:

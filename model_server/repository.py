@@ -31,7 +31,9 @@ def _serving_key(cfg: ModelConfig) -> ModelConfig:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, providers: list[str]):
+    def __init__(self, root: Path, providers: list[str], state_dir: Path | None = None):
+        """``state_dir``: where each load (with its config override) and unload persists, so
+        that a restart serves what the traffic policy, persisted beside it, routes to."""
         self.root = root.resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {root} is not a folder")
@@ -41,11 +43,6 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._errors: dict[str, str] = {}
-        self.state_dir: Path | None = None  # where loads and unloads persist (persist_in)
-
-    def persist_in(self, state_dir: Path | None) -> None:
-        """Persist each load (with its config override) and unload in ``state_dir``, so that a
-        restart serves what the traffic policy, persisted beside it, routes to."""
         self.state_dir = state_dir
 
     def persisted(self, name: str) -> tuple[bool, dict[str, Any] | None]:

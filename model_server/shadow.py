@@ -9,6 +9,7 @@ failed or dropped, goes to the sink (the prediction log), so primary/shadow pair
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -75,7 +76,7 @@ class ShadowJob:
     queued_at: float = field(default_factory=time.perf_counter)
     probe: bool = False  # the rollout's masking probe: runs at once, not in idle time
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """What the queued copy holds: its inputs (the primary's outputs are small beside them)."""
         return sum(i.nbytes for i in self.inputs)

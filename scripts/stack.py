@@ -55,7 +55,7 @@ def up(
                                 str(run / "state"), "--mask-header", "x-user-id",
                                 token=token_file.read_text().strip(), port=port, until="live")  # fmt: skip
     serve_what_is_routed(server)
-    wait_ready(server)
+    server.wait_until("ready")
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     log = (run / "loadgen.log").open("wb")
     loadgen = subprocess.Popen(
@@ -100,21 +100,13 @@ def serve_only(state: dict[str, Any], version: str, model: str = "digits") -> No
     loaded beside what is routed now, routed, then alone (a load never drops a routed version)."""
     from model_server.traffic import TrafficPolicy
 
-    routed = {
-        int(v) for v in TrafficPolicy.from_dict(admin(state, "GET", f"/v2/models/{model}/traffic")).versions()
-    }
-    for versions in ([*routed, int(version)], [int(version)]):
-        policy = {"version_policy": {"specific": {"versions": sorted(set(versions))}}}
-        admin(
-            state,
-            "POST",
-            f"/v2/repository/models/{model}/load",
-            {"parameters": {"config": json.dumps(policy)}},
-        )
-        if versions != [int(version)]:
-            admin(
-                state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]}
-            )
+    def load(*versions: int | str) -> None:
+        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
+        admin(state, "POST", f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(policy)}})
+
+    load(version, *TrafficPolicy.from_dict(admin(state, "GET", f"/v2/models/{model}/traffic")).versions())
+    admin(state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]})
+    load(version)
 
 
 def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> None:
@@ -127,14 +119,6 @@ def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> N
         routed = TrafficPolicy.from_dict(json.load(r)).versions()
     if routed - {str(v) for v in server.client().get_model_metadata(model)["versions"]}:
         server.load_versions(model, *routed)
-
-
-def wait_ready(server: ModelServerProcess, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not server.client().is_server_ready():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the model server is not ready; see {server.log}")
-        time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:

@@ -97,6 +97,21 @@ class ModelServerProcess(ManagedProcess):
         policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
         self.client().load_model(model, headers=self.admin, config=json.dumps(policy))
 
+    def wait_until(self, health: str = "ready", timeout_s: float = 60.0) -> None:
+        """Wait until /v2/health/<health> ("live" or "ready") answers 200; RuntimeError (with the
+        log) when the process exits first or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"model server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if _get(f"{self.http}/v2/health/{health}", timeout=1)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"model server not {health} within {timeout_s:g} s:\n{self.log.read_text()}")
+
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample's value from /metrics as Prometheus reads it; None when absent."""
         _, body = _get(f"{self.http}/metrics")
@@ -149,18 +164,12 @@ def start_model_server(
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = ModelServerProcess(proc, port, log, token)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"model server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if _get(f"{server.http}/v2/health/{until}", timeout=1)[0] == 200:
-                return server
-        except OSError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"model server not ready within {wait_s:g} s:\n{log.read_text()}")
+    try:
+        server.wait_until(until, wait_s)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 @dataclass

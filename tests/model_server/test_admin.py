@@ -124,3 +124,4 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     )
     assert out.returncode == 2
     assert "is not a folder" in out.stderr
+    assert not (tmp_path / "nope").exists()  # no state folder made where the repository is not

@@ -382,5 +382,5 @@ def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(
     old = server_factory(repo_copy, "--state-dir", str(state), token="t", until="live")
     assert not old.client().is_server_ready()
     stack.serve_what_is_routed(old)
-    stack.wait_ready(old)
+    old.wait_until("ready")
     assert old.client().get_model_metadata("digits")["versions"] == ["2"]
