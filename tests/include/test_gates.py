@@ -187,3 +187,11 @@ def test_a_verdict_with_an_unbounded_interval_survives_json():
     assert p99.ci[1] == float("inf")
     back = Verdict.from_dict(json.loads(json.dumps(v.to_dict(), allow_nan=False)))
     assert next(c for c in back.checks if c.name == "latency_p99").ci == p99.ci
+
+
+@pytest.mark.parametrize("n, ratio", [(60, 1.0), (4000, 1.0), (4000, 1.3), (20_000, 1.0)])
+def test_every_sentence_is_formatted(n, ratio):
+    # A string that lost its f prefix shows its placeholder to the reviewer: "{cfg.x}".
+    v = evaluate_gate(samples(n, ratio=ratio), {"min_samples": 50})
+    for text in [v.summary, *(c.sentence for c in v.checks), *(c.method for c in v.checks)]:
+        assert "{" not in text and "}" not in text, text
