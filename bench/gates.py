@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.engine import StageWindow, gate_config, judge_stage  # noqa: E402
+from include.rollout.engine import StageWindow, judge_stage  # noqa: E402
 from include.rollout.gates import (  # noqa: E402
     GateConfig,
     GuardInputs,
@@ -258,7 +258,7 @@ def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
     labels = {str(i): 0 for i in range(IMAGES)}
-    cfg = gate_config(spec)
+    cfg = GateConfig.from_spec(spec)
     elapsed = 0.0
     for index, weight in enumerate(spec.stages):
         window = StageWindow(index, weight, 0.0)
@@ -284,7 +284,7 @@ def main_rollout(
     error and accuracy margins make demo used on main, so the latency check decides."""
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
-    cfg = gate_config(spec, **(LOOSE if loose else {}))
+    cfg = GateConfig.from_spec(spec, **(LOOSE if loose else {}))
     interval = spec.bake_seconds / spec.looks_per_stage
     tries = 1 + int((spec.max_stage_seconds - spec.bake_seconds) // interval)
     elapsed = 0.0

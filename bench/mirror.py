@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.engine import StageWindow, gate_config, stage_samples  # noqa: E402
-from include.rollout.gates import evaluate_gate  # noqa: E402
+from include.rollout.engine import StageWindow, stage_samples  # noqa: E402
+from include.rollout.gates import GateConfig, evaluate_gate  # noqa: E402
 from include.rollout.local import start_model_server  # noqa: E402
 from include.rollout.mesh import make_router  # noqa: E402
 from include.rollout.spec import RolloutSpec  # noqa: E402
@@ -51,7 +51,7 @@ def policy(mode: str) -> TrafficPolicy:
 
 
 def latency(samples: pd.DataFrame, spec: RolloutSpec) -> dict[str, Any]:
-    verdict = evaluate_gate(samples, gate_config(spec), look=1, looks=1, latency_from="live")
+    verdict = evaluate_gate(samples, GateConfig.from_spec(spec), look=1, looks=1, latency_from="live")
     check = next(c for c in verdict.checks if c.name == "latency_geomean")
     lo, hi = check.ci or (float("nan"), float("nan"))
     return {

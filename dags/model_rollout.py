@@ -39,9 +39,10 @@ SECTIONS = {
     "model": "Model", "candidate_version": "Model", "baseline_version": "Model",
     "stages": "Stages", "bake_seconds": "Stages", "max_stage_seconds": "Stages", "looks_per_stage": "Stages",
     "mirror_percent": "Stages", "min_samples": "Statistics", "alpha": "Statistics", "spending": "Statistics",
-    "latency_margin": "Statistics", "error_margin": "Statistics", "accuracy_margin": "Statistics",
+    "latency_margin": "Statistics", "tail_margin": "Statistics", "error_margin": "Statistics", "accuracy_margin": "Statistics",
     "p99_ms_max": "Hard guards", "p99_breach_seconds": "Hard guards", "accuracy_drop_max": "Hard guards",
-    "shadow_error_rate_max": "Hard guards", "mesh": "Delivery", "slack_channel": "Delivery",
+    "shadow_error_rate_max": "Hard guards", "shadow_agreement_min": "Shadow audit",
+    "shadow_anomaly_rate_max": "Shadow audit", "mesh": "Delivery", "slack_channel": "Delivery",
     "require_approval": "Delivery",
 }  # fmt: skip
 

@@ -23,18 +23,28 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from include.rollout.spec import DEFAULTS, RolloutSpec
+
 EPS = 1e-6
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    min_agreement: float = 0.90  # the lower confidence bound of top-1 agreement must reach this
-    max_shadow_error_rate: float = 0.001
-    max_anomaly_rate: float = 0.10
+    """The audit's limits (their defaults a ``RolloutSpec``'s; ``from_spec`` for a rollout) and
+    what makes an answer an anomaly."""
+
+    min_agreement: float = DEFAULTS.shadow_agreement_min  # the interval's lower end must reach it
+    max_shadow_error_rate: float = DEFAULTS.shadow_error_rate_max
+    max_anomaly_rate: float = DEFAULTS.shadow_anomaly_rate_max
     confidence_threshold: float = 0.65
     divergence_threshold: float = 0.18
     confidence_level: float = 0.95
     max_anomalies: int = 50  # samples kept in the report
+
+    @classmethod
+    def from_spec(cls, spec: RolloutSpec) -> AuditConfig:
+        return cls(min_agreement=spec.shadow_agreement_min, max_shadow_error_rate=spec.shadow_error_rate_max,
+                   max_anomaly_rate=spec.shadow_anomaly_rate_max)  # fmt: skip
 
 
 @dataclass

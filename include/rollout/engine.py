@@ -30,7 +30,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -53,16 +52,6 @@ log = logging.getLogger(__name__)
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
 LOG_COLUMNS = ["time", "model", "version", "role", "route", "request_id", "item", "latency_ms", "outcome",
                "top1", "image_sha256", "label"]  # fmt: skip
-
-
-def gate_config(spec: RolloutSpec, **overrides: Any) -> GateConfig:
-    return GateConfig.from_any({
-        "alpha": spec.alpha, "latency_margin": spec.latency_margin, "error_margin": spec.error_margin,
-        "accuracy_margin": spec.accuracy_margin, "min_samples": spec.min_samples, "spending": spec.spending,
-        "p99_ms_max": spec.p99_ms_max, "p99_breach_seconds": float(spec.p99_breach_seconds),
-        "accuracy_drop_max": spec.accuracy_drop_max, "shadow_error_rate_max": spec.shadow_error_rate_max,
-        **overrides,
-    })  # fmt: skip
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -221,7 +210,7 @@ def judge_stage(
 ) -> StageState:
     """Judge, in order, every look whose time (plus ``settle_s``) has come, each on the records
     before its time; stop at the first that decides."""
-    cfg = config or gate_config(spec)
+    cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
     current = stage_samples(records, spec, window, now - settle_s, labels)
     elapsed = now - window.started

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
+from include.rollout.spec import DEFAULTS, RolloutSpec
+
 DECISIONS = ("pass", "fail", "wait")
 SOURCES = {"live": "Live A/B arms", "replay": "Validation replay"}  # the ``source`` of a sample
 
@@ -129,23 +131,28 @@ def nominal_alpha(alpha: float, look: int, looks: int, spending: str = "obrien-f
 @dataclass(frozen=True)
 class GateConfig:
     """The gate's thresholds, as ``evaluate_gate`` reads them; a rollout builds it from its
-    ``RolloutSpec`` (``engine.gate_config``). Margins are relative for latency and absolute
-    (differences of proportions) for errors and accuracy; the guards' limits are hard.
+    ``RolloutSpec`` (``from_spec``), whose defaults these are. Margins are relative for latency
+    and absolute (differences of proportions) for errors and accuracy; the guards' limits are hard.
     """
 
-    alpha: float = 0.05
-    latency_margin: float = 0.05  # relative, on the geometric mean
-    tail_margin: float = 0.25  # relative, on p95/p99: beyond it the canary fails
-    error_margin: float = 0.001  # absolute
-    accuracy_margin: float = 0.005  # absolute
-    min_samples: int = 100  # per arm
-    spending: str = "obrien-fleming"
-    power: float = 0.8  # for the minimum detectable effect
-    seed: int = 0
-    p99_ms_max: float = 60.0
-    p99_breach_seconds: float = 120.0
-    accuracy_drop_max: float = 0.005
-    shadow_error_rate_max: float = 0.001
+    alpha: float = DEFAULTS.alpha
+    latency_margin: float = DEFAULTS.latency_margin  # relative, on the geometric mean
+    tail_margin: float = DEFAULTS.tail_margin  # relative, on p95/p99: beyond it the canary fails
+    error_margin: float = DEFAULTS.error_margin  # absolute
+    accuracy_margin: float = DEFAULTS.accuracy_margin  # absolute
+    min_samples: int = DEFAULTS.min_samples  # per arm
+    spending: str = DEFAULTS.spending
+    p99_ms_max: float = DEFAULTS.p99_ms_max
+    p99_breach_seconds: float = DEFAULTS.p99_breach_seconds
+    accuracy_drop_max: float = DEFAULTS.accuracy_drop_max
+    shadow_error_rate_max: float = DEFAULTS.shadow_error_rate_max
+    power: float = 0.8  # for the minimum detectable effect (reported, never decides)
+
+    @classmethod
+    def from_spec(cls, spec: RolloutSpec, **overrides: Any) -> GateConfig:
+        """The gate of a rollout: every threshold from its spec (``overrides`` for a study)."""
+        return cls.from_any({f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)}
+                            | overrides)  # fmt: skip
 
     @classmethod
     def from_any(cls, config: Any) -> GateConfig:

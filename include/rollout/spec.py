@@ -1,7 +1,9 @@
 """RolloutSpec: what one rollout does, typed and validated, exportable as JSON schema.
 
 The Airflow trigger form, the ``rolloutctl`` CLI and the tests build it from a dict; every
-threshold is a field with its default. ``TrafficPolicy`` is the model
+threshold is a field with its default, declared here only: the gate's and the audit's
+configurations take their defaults from ``DEFAULTS`` and are built from a spec by
+``GateConfig.from_spec`` and ``AuditConfig.from_spec``. ``TrafficPolicy`` is the model
 server's (``model_server.traffic``): one type for who gets which version, on both backends.
 """
 
@@ -16,7 +18,7 @@ import jsonschema
 
 from model_server.traffic import Destination, Mirror, PolicyError, TrafficPolicy
 
-__all__ = ["Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
+__all__ = ["DEFAULTS", "Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
 
 
 class SpecError(ValueError):
@@ -88,6 +90,13 @@ class RolloutSpec:
         minimum=0,
         maximum=1,
     )
+    tail_margin: float = _f(
+        0.25,
+        "Canary P95 and P99 latency shown more than this much above baseline (relative) fails",
+        type="number",
+        minimum=0,
+        maximum=10,
+    )
     error_margin: float = _f(
         0.001, "Non-inferiority margin on the error rate (absolute)", type="number", minimum=0, maximum=0.1
     )
@@ -109,6 +118,20 @@ class RolloutSpec:
     )
     shadow_error_rate_max: float = _f(
         0.001, "Hard guard: largest shadow error rate", type="number", minimum=0, maximum=1
+    )
+    shadow_agreement_min: float = _f(
+        0.90,
+        "Shadow audit: top-1 agreement of candidate and primary must be shown at least this",
+        type="number",
+        minimum=0,
+        maximum=1,
+    )
+    shadow_anomaly_rate_max: float = _f(
+        0.10,
+        "Shadow audit: share of low-confidence or divergent answers shown above this fails",
+        type="number",
+        minimum=0,
+        maximum=1,
     )
     mesh: str = _f(
         "local", "Traffic backend: the model server's router or Istio", type="string", enum=["local", "istio"]
@@ -174,3 +197,6 @@ class RolloutSpec:
 
     def stable_policy(self) -> TrafficPolicy:
         return TrafficPolicy.from_dict({"route": [{"version": self.baseline_version, "weight": 100}]})
+
+
+DEFAULTS = RolloutSpec()

@@ -223,11 +223,11 @@ def look_at_stage(
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
-    from include.rollout.audit import audit, write_report
+    from include.rollout.audit import AuditConfig, audit, write_report
 
     spec = spec_from(params)
     hook = ModelServerHook()
-    result = audit(hook.prediction_log, since, datetime.now(UTC), spec.model)
+    result = audit(hook.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
     write_report(result, workdir(hook, spec, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     return result.to_dict()
 

@@ -8,7 +8,7 @@ import pytest
 from include.rollout.spec import RolloutSpec, SpecError
 
 
-def test_defaults_are_the_seed_guards():
+def test_default_guards():
     s = RolloutSpec()
     assert s.stages == (5, 25, 50, 100)
     assert (s.p99_ms_max, s.p99_breach_seconds, s.accuracy_drop_max, s.shadow_error_rate_max) == (
@@ -17,6 +17,24 @@ def test_defaults_are_the_seed_guards():
         0.005,
         0.001,
     )
+
+
+def test_the_gate_and_the_audit_take_every_threshold_from_the_spec():
+    from dataclasses import fields
+
+    from include.rollout.audit import AuditConfig
+    from include.rollout.gates import GateConfig
+
+    assert GateConfig() == GateConfig.from_spec(RolloutSpec())  # one set of defaults
+    assert AuditConfig() == AuditConfig.from_spec(RolloutSpec())
+    spec = RolloutSpec.from_dict({"alpha": 0.01, "min_samples": 500, "tail_margin": 0.5, "shadow_error_rate_max": 0.02,
+                                  "shadow_agreement_min": 0.8, "shadow_anomaly_rate_max": 0.3})  # fmt: skip
+    gate, audit = GateConfig.from_spec(spec), AuditConfig.from_spec(spec)
+    shared = [f.name for f in fields(GateConfig) if hasattr(spec, f.name)]
+    assert len(shared) == len(fields(GateConfig)) - 1  # all but the power of the reported MDE
+    assert all(getattr(gate, name) == getattr(spec, name) for name in shared)
+    assert (audit.min_agreement, audit.max_shadow_error_rate, audit.max_anomaly_rate) == (0.8, 0.02, 0.3)
+    assert GateConfig.from_spec(spec, min_samples=50).min_samples == 50  # a study's override
 
 
 def test_json_schema_is_valid_and_carries_descriptions():
