@@ -46,7 +46,7 @@ def seconds(iso: str) -> float:
 
 
 def overhead(api: AirflowAPI, state: dict[str, Any], bake: int) -> dict[str, Any]:
-    stack.serve_only(state, "1")  # version 1 alone at 100%, no fault
+    stack.admin(state).serve_only("digits", "1")  # version 1 alone at 100%, no fault
     stages = [50, 100]
     run_id = api.trigger("model_rollout", {**BASE, "stages": stages, "bake_seconds": bake})
     run = api.wait("model_rollout", run_id, timeout_s=600)
@@ -64,16 +64,16 @@ def overhead(api: AirflowAPI, state: dict[str, Any], bake: int) -> dict[str, Any
 
 
 def breach(api: AirflowAPI, state: dict[str, Any], breach_seconds: int) -> dict[str, Any]:
-    stack.serve_only(state, "1")  # version 1 alone at 100%, no fault
+    stack.admin(state).serve_only("digits", "1")  # version 1 alone at 100%, no fault
     conf = {**BASE, "stages": [50, 100], "bake_seconds": 600, "max_stage_seconds": 900,
             "p99_ms_max": 60, "p99_breach_seconds": breach_seconds}  # fmt: skip
     run_id = api.trigger("model_rollout", conf)
     api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=300)
     time.sleep(5)  # some healthy canary traffic first
-    stack.admin(state, "PUT", "/v2/models/digits/versions/2/fault", {"delay": {"ms": 90}})
+    stack.admin(state).call("PUT", "/v2/models/digits/versions/2/fault", {"delay": {"ms": 90}})
     injected = time.time()
     while True:
-        route = stack.admin(state, "GET", "/v2/models/digits/traffic")["route"]
+        route = stack.admin(state).traffic("digits").to_dict()["route"]
         if route == [{"version": "1", "weight": 100}]:
             restored = time.time()
             break

@@ -31,10 +31,10 @@ DEMO_CONF = {"stages": [20, 50, 100], "max_stage_seconds": 900}
 
 def start_from_version_1(state: dict[str, Any]) -> None:
     """The demo's starting point, also after an earlier demo: version 1 alone, at 100%."""
-    route = stack.admin(state, "GET", "/v2/models/digits/traffic")["route"]
+    route = stack.admin(state).traffic("digits").to_dict()["route"]
     if route != [{"version": "1", "weight": 100}]:
         print(f"resetting digits to version 1 at 100% (was {route})")
-        stack.serve_only(state, "1")
+        stack.admin(state).serve_only("digits", "1")
 
 
 def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from include.rollout.local import (  # noqa: E402
     start_model_server,
     start_prometheus,
 )
+from include.rollout.serving import ModelServerAdmin  # noqa: E402
 
 STATE = "stack.json"
 
@@ -85,40 +85,17 @@ def up(
     return state
 
 
-def admin(state: dict[str, Any], method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """The stack's model server admin API (its token from the 0600 file); the JSON answer or None."""
-    token = Path(state["admin_token_file"]).read_text().strip()
-    request = urllib.request.Request(state["urls"]["model_server"] + path, method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.load(r) if r.length else None
-
-
-def serve_only(state: dict[str, Any], version: str, model: str = "digits") -> None:
-    """That version alone loaded and at 100% (the starting point of a demo or a measured run):
-    loaded beside what is routed now, routed, then alone (a load never drops a routed version)."""
-    from model_server.traffic import TrafficPolicy
-
-    def load(*versions: int | str) -> None:
-        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
-        admin(state, "POST", f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(policy)}})
-
-    load(version, *TrafficPolicy.from_dict(admin(state, "GET", f"/v2/models/{model}/traffic")).versions())
-    admin(state, "PUT", f"/v2/models/{model}/traffic", {"route": [{"version": version, "weight": 100}]})
-    load(version)
+def admin(state: dict[str, Any]) -> ModelServerAdmin:
+    """The stack's model server admin API, its token from the 0600 file."""
+    return ModelServerAdmin(state["urls"]["model_server"], Path(state["admin_token_file"]).read_text().strip())
 
 
 def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> None:
     """Load the versions the restored traffic policy routes or mirrors to, when the server has no
     record of the load that brought them in (a state folder written before loads persisted)."""
-    from model_server.traffic import TrafficPolicy
-
-    request = urllib.request.Request(f"{server.http}/v2/models/{model}/traffic", headers=server.admin)
-    with urllib.request.urlopen(request, timeout=10) as r:
-        routed = TrafficPolicy.from_dict(json.load(r)).versions()
+    routed = server.api.traffic(model).versions()
     if routed - {str(v) for v in server.client().get_model_metadata(model)["versions"]}:
-        server.load_versions(model, *routed)
+        server.api.load(model, routed)
 
 
 def _alive(pid: int) -> bool:

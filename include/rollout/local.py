@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from include.rollout.serving import ModelServerAdmin
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: \d+)?$")
@@ -92,10 +94,13 @@ class ModelServerProcess(ManagedProcess):
 
         return httpclient.InferenceServerClient(self.url, **kw)
 
+    @property
+    def api(self) -> ModelServerAdmin:
+        return ModelServerAdmin(self.http, self.token)
+
     def load_versions(self, model: str, *versions: int | str) -> None:
         """Serve exactly these versions (Triton's load API with a specific version policy)."""
-        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
-        self.client().load_model(model, headers=self.admin, config=json.dumps(policy))
+        self.api.load(model, versions)
 
     def wait_until(self, health: str = "ready", timeout_s: float = 60.0) -> None:
         """Wait until /v2/health/<health> ("live" or "ready") answers 200; RuntimeError (with the

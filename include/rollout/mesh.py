@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
+from include.rollout.serving import AdminError, ModelServerAdmin
 from model_server.traffic import Destination, TrafficPolicy
 
 log = logging.getLogger(__name__)
@@ -66,29 +65,15 @@ class LocalRouter:
     state_file: Path | None = None
     timeout_s: float = 30.0
 
-    def _call(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = None if body is None else json.dumps(body).encode()
-        url = f"{self.url}/v2/models/{self.model}/traffic"
-        req = urllib.request.Request(url, method=method, headers=headers, data=data)  # noqa: S310
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:  # noqa: S310 (configured server)
-                return json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                reason = json.loads(exc.read()).get("error", "")
-            except ValueError:
-                reason = ""
-            raise RouterError(
-                f"model server {method} traffic of '{self.model}': HTTP {exc.code}: {reason}"
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise RouterError(f"model server at {self.url} unreachable: {exc}") from None
+    @property
+    def admin(self) -> ModelServerAdmin:
+        return ModelServerAdmin(self.url, self.token, self.timeout_s)
 
     def get_routes(self) -> TrafficPolicy:
-        return TrafficPolicy.from_dict(self._call("GET"))
+        try:
+            return self.admin.traffic(self.model)
+        except AdminError as exc:
+            raise RouterError(str(exc)) from None
 
     def reconcile(self) -> None:
         current = self.get_routes()
@@ -102,7 +87,10 @@ class LocalRouter:
         """Write the policy unless it is already in effect; True when it wrote."""
         if self.get_routes() == policy:
             return False
-        self._call("PUT", policy.to_dict())
+        try:
+            self.admin.set_traffic(self.model, policy)
+        except AdminError as exc:
+            raise RouterError(str(exc)) from None
         return True
 
     def finalize(self) -> None:

@@ -1,9 +1,8 @@
 """Hooks: Airflow connections -> the rollout library's objects. Secrets come only from here.
 
-- ``model_server_default`` (http): host, port, schema; the admin token as the password;
-  extra ``{"repository": ..., "prediction_log": URI, "run_dir": ...}``; for kubernetes mode also
-  ``"istio": {"namespace", "service", "name", "gateways"}`` and ``"build": {"registry", "context",
-  "namespace", "service_account", "push_secret"}``.
+- ``model_server_default`` (http): host, port, schema; the admin token as the password; the
+  extras as ``include.rollout.settings`` describes them (repository, prediction log, run folder,
+  and for kubernetes mode ``istio`` and ``build``).
 - ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
 - ``prometheus_default`` (http): the Prometheus HTTP API.
 - ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
@@ -12,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +19,12 @@ from airflow.sdk import BaseHook
 
 from include.rollout.mesh import LocalRouter
 from include.rollout.metrics import PrometheusSource, ScrapeSource
+from include.rollout.serving import ModelServerAdmin
+from include.rollout.settings import ServingSettings
 
 if TYPE_CHECKING:
     from include.rollout.deploy import VersionDeployments
-    from include.rollout.mesh import IstioRouter, IstioTarget
+    from include.rollout.mesh import IstioRouter
     from include.rollout.notify import SlackNotifier
 
 
@@ -33,7 +33,8 @@ def _http_url(conn: Any, default_port: int) -> str:
 
 
 class ModelServerHook(BaseHook):
-    """The model server (KServe v2): its admin API, its metrics, its traffic policy."""
+    """The ``model_server_default`` connection as typed settings (read once per hook), and what
+    is built from them: the mesh router, the admin client, the version Deployments."""
 
     conn_name_attr = "model_server_conn_id"
     default_conn_name = "model_server_default"
@@ -45,48 +46,16 @@ class ModelServerHook(BaseHook):
         self.model_server_conn_id = model_server_conn_id
 
     @cached_property
-    def connection(self) -> Any:
-        return self.get_connection(self.model_server_conn_id)
+    def settings(self) -> ServingSettings:
+        conn = self.get_connection(self.model_server_conn_id)
+        return ServingSettings.from_connection(_http_url(conn, 8000), conn.password, conn.extra_dejson)
 
     @property
-    def url(self) -> str:
-        return _http_url(self.connection, 8000)
-
-    @property
-    def address(self) -> str:
-        """host:port, as tritonclient takes it."""
-        return self.url.split("://", 1)[1]
-
-    @property
-    def token(self) -> str | None:
-        return self.connection.password or None
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return dict(self.connection.extra_dejson)
-
-    @property
-    def prediction_log(self) -> str:
-        """The prediction log's URI (extra ``prediction_log``; ``shadow_log`` is its old name)."""
-        return str(self.extra.get("prediction_log") or self.extra.get("shadow_log") or "run/predictions")
+    def admin(self) -> ModelServerAdmin:
+        return self.settings.admin
 
     def router(self, model: str, state_file: Path) -> LocalRouter:
-        return LocalRouter(self.url, model, self.token, state_file)
-
-    def _istio(self, kubernetes_conn_id: str) -> tuple[IstioTarget, Any]:
-        """The extras' ``istio`` section (namespace, service, name, gateways, hosts) and the
-        cluster's API client through the cncf provider's hook."""
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-        from include.rollout.mesh import IstioTarget
-
-        istio = self.extra.get("istio") or {}
-        missing = [k for k in ("namespace", "service", "name") if not istio.get(k)]
-        if missing:
-            raise ValueError(f"mesh 'istio' needs the {self.model_server_conn_id} extra istio.{missing[0]}")
-        target = IstioTarget(istio["namespace"], istio["service"], istio["name"],
-                             list(istio.get("gateways", [])), list(istio.get("hosts", [])))  # fmt: skip
-        return target, KubernetesHook(conn_id=kubernetes_conn_id).api_client
+        return LocalRouter(self.settings.url, model, self.settings.token, state_file)
 
     def istio_router(
         self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
@@ -94,29 +63,24 @@ class ModelServerHook(BaseHook):
         """The IstioRouter for this model's VirtualService and DestinationRule."""
         from include.rollout.mesh import IstioRouter
 
-        target, api = self._istio(kubernetes_conn_id)
-        return IstioRouter(target, versions, api_client=api)
+        return IstioRouter(self.settings.istio, versions, api_client=_kubernetes(kubernetes_conn_id))
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
-        """One Deployment per version behind the subsets (extras ``build.gpus``, default 1)."""
+        """One Deployment per version behind the subsets (extras ``build.gpus``)."""
         from include.rollout.deploy import VersionDeployments
 
-        target, api = self._istio(kubernetes_conn_id)
-        return VersionDeployments(
-            target, model, api, gpus=int((self.extra.get("build") or {}).get("gpus", 1))
-        )
+        return VersionDeployments(self.settings.istio, model, _kubernetes(kubernetes_conn_id),
+                                  gpus=self.settings.build.gpus)  # fmt: skip
 
     def scrape(self) -> ScrapeSource:
-        return ScrapeSource(self.url)
+        return ScrapeSource(self.settings.url)
 
-    def load_versions(self, model: str, versions: list[str]) -> None:
-        """Serve exactly these versions of ``model`` (Triton's load API with a version policy)."""
-        import tritonclient.http as httpclient
 
-        client = httpclient.InferenceServerClient(self.address)
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
-        client.load_model(model, headers=headers, config=json.dumps(policy))
+def _kubernetes(conn_id: str) -> Any:
+    """The cluster's API client through the cncf provider's hook."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    return KubernetesHook(conn_id=conn_id).api_client
 
 
 class PrometheusHook(BaseHook):

@@ -12,11 +12,11 @@ import re
 import time
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from include.rollout.settings import ServingSettings, SettingsError
 from include.rollout.spec import RolloutSpec, SpecError
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 
@@ -32,20 +32,21 @@ def spec_from(params: dict[str, Any]) -> RolloutSpec:
         raise AirflowFailException(f"invalid rollout parameters: {exc}") from None
 
 
-def workdir(hook: ModelServerHook, spec: RolloutSpec, run_id: str) -> Path:
-    base = Path(hook.extra.get("run_dir", "run")) / "rollouts" / spec.model
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    path = base / safe
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def serving() -> tuple[ModelServerHook, ServingSettings]:
+    """The model server's connection, read once for the task; a wrong extra fails it (no retry)."""
+    hook = ModelServerHook()
+    try:
+        return hook, hook.settings
+    except SettingsError as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def router(spec: RolloutSpec, run_id: str) -> Any:
     """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
-    hook = ModelServerHook()
+    hook, settings = serving()
     if spec.mesh == "istio":
         return hook.istio_router([spec.baseline_version, spec.candidate_version])
-    return hook.router(spec.model, workdir(hook, spec, run_id) / "original-routes.json")
+    return hook.router(spec.model, settings.workdir(spec.model, run_id) / "original-routes.json")
 
 
 def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
@@ -54,18 +55,17 @@ def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
     from include.rollout.images import verify_model
 
     spec = spec_from(params)
-    hook = ModelServerHook()
-    repo = Path(hook.extra.get("repository", "models"))
-    model_dir = repo / spec.model
+    _, settings = serving()
+    model_dir = settings.repository / spec.model
     report = verify_model(model_dir / spec.candidate_version / "model.onnx",
-                          model_dir / spec.baseline_version / "model.onnx", model_dir, model_dir / "validation")  # fmt: skip
+                          model_dir / spec.baseline_version / "model.onnx", model_dir, settings.validation(spec.model))  # fmt: skip
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
         build, tag = kaniko_operator(spec, report.sha256)
         build.execute(context)  # the KubernetesPodOperator: runs the pod, streams its log, cleans up
         return {**report.to_dict(), "image": tag, "deployment": deploy_candidate(spec, tag)}
-    hook.load_versions(spec.model, [spec.baseline_version, spec.candidate_version])
+    settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
 
@@ -73,28 +73,26 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
     """The KubernetesPodOperator that builds the candidate's image with Kaniko, and the image tag
     (from the artifact's digest) it pushes.
 
-    Settings from the ``model_server_default`` extras' ``build`` section: ``registry`` (image
-    repository), ``context`` (Kaniko build context), ``namespace``, ``service_account``,
-    ``push_secret`` (a Secret with .dockerconfigjson).
+    Settings from the ``model_server_default`` extras' ``build`` section (``BuildSettings``).
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
     from include.rollout.images import image_tag, kaniko_pod
 
-    build = ModelServerHook().extra.get("build") or {}
-    missing = [k for k in ("registry", "context") if not build.get(k)]
-    if missing:
-        raise AirflowFailException(f"kubernetes mode needs the model_server_default extra build.{missing[0]}")
-    tag = image_tag(build["registry"], sha256)
+    build = serving()[1].build
+    try:
+        registry, context = build.require("registry", "context")
+    except SettingsError as exc:
+        raise AirflowFailException(str(exc)) from None
+    tag = image_tag(registry, sha256)
     name = (
         f"build-{spec.model}-{spec.candidate_version}-{sha256[:8]}".lower()
         .replace("_", "-")
         .replace(".", "-")
     )
-    namespace = build.get("namespace", "ml-builds")
-    pod = kaniko_pod(name, namespace, build["context"], tag, f"models/{spec.model}/{spec.candidate_version}/model.onnx",
-                     sha256, service_account=build.get("service_account", "image-builder"),
-                     docker_config_secret=build.get("push_secret", "registry-push"))  # fmt: skip
+    namespace = build.namespace
+    pod = kaniko_pod(name, namespace, context, tag, f"models/{spec.model}/{spec.candidate_version}/model.onnx",
+                     sha256, service_account=build.service_account, docker_config_secret=build.push_secret)  # fmt: skip
     operator = KubernetesPodOperator(  # noqa: AIR001 (runs inside the build_image task)
         task_id="build_image", name=name, namespace=namespace, kubernetes_conn_id="kubernetes_default",
         pod_template_dict=pod, get_logs=True,
@@ -105,9 +103,9 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
 
 def deploy_candidate(spec: RolloutSpec, image: str) -> str:
     """Kubernetes mode: the candidate's Deployment (its image, its subset's labels), pods ready."""
-    hook = ModelServerHook()
+    hook, settings = serving()
     deployments = hook.deployments(spec.model)
-    replicas = int((hook.extra.get("build") or {}).get("replicas", 1))
+    replicas = settings.build.replicas
     deployments.apply(spec.candidate_version, image, replicas)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"
@@ -135,12 +133,11 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import secrets
     import string
 
-    import requests
-
+    from include.rollout.serving import AdminError
     from model_server.predictionlog import read
 
     spec = spec_from(params)
-    hook = ModelServerHook()
+    _, settings = serving()
     policy = router(spec, run_id).get_routes()
     if spec.mirror_percent == 0:
         return {"mirror": None}
@@ -157,23 +154,21 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     )
     rid = next(r for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24))
                            for _ in range(10_000)) if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
-    validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
-    image = sorted(validation.glob("*.png"))[0].read_bytes()
+    image = sorted(settings.validation(spec.model).glob("*.png"))[0].read_bytes()
     body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                         "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
     started = datetime.now(UTC)
     # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
     # time, which a loaded or slow candidate may not have for minutes.
     probe_headers = {"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}",
-                     "X-Shadow-Probe": "1", **({"Authorization": f"Bearer {hook.token}"} if hook.token else {})}  # fmt: skip
-    r = requests.post(
-        f"{hook.url}/v2/models/{spec.model}/infer", json=body, timeout=30, headers=probe_headers
-    )
-    if r.status_code != 200:
-        raise AirflowFailException(f"probe request failed: {r.status_code} {r.text}")
+                     "X-Shadow-Probe": "1"}  # fmt: skip
+    try:
+        settings.admin.infer(spec.model, body, probe_headers)
+    except AdminError as exc:
+        raise AirflowFailException(f"probe request failed: {exc}") from None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        df = read(hook.prediction_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1),
+        df = read(settings.prediction_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1),
                   model=spec.model, columns=["request_id", "role", "meta"], roles=["shadow"])  # fmt: skip
         rows = df[df["request_id"] == rid]
         if len(rows):
@@ -185,7 +180,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
     raise AirflowFailException(
-        f"the probe's shadow copy {rid} never reached the prediction log {hook.prediction_log}"
+        f"the probe's shadow copy {rid} never reached the prediction log {settings.prediction_log}"
     )
 
 
@@ -202,11 +197,10 @@ def look_at_stage(
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
-    hook = ModelServerHook()
+    _, settings = serving()
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
-    validation = Path(hook.extra.get("repository", "models")) / spec.model / "validation"
-    state = StageJudge(spec, hook.address, validation, hook.prediction_log, source)(window)
+    state = StageJudge(spec, settings.address, settings.validation(spec.model), settings.prediction_log, source)(window)
     print(f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
           f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}")  # fmt: skip
     if state.status == "breach":
@@ -226,9 +220,9 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
     from include.rollout.audit import AuditConfig, audit, write_report
 
     spec = spec_from(params)
-    hook = ModelServerHook()
-    result = audit(hook.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
-    write_report(result, workdir(hook, spec, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
+    _, settings = serving()
+    result = audit(settings.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
+    write_report(result, settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     return result.to_dict()
 
 
@@ -304,10 +298,11 @@ def promote(params: dict[str, Any], run_id: str) -> str:
     """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
     spec = spec_from(params)
     router(spec, run_id).set_routes(spec.promoted_policy())
+    hook, settings = serving()
     if spec.mesh == "local":
-        ModelServerHook().load_versions(spec.model, [spec.candidate_version])
+        settings.admin.load(spec.model, [spec.candidate_version])
     else:
-        ModelServerHook().deployments(spec.model).scale_to_zero(spec.baseline_version)
+        hook.deployments(spec.model).scale_to_zero(spec.baseline_version)
     return spec.candidate_version
 
 
@@ -315,10 +310,11 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0)."""
     spec = spec_from(params)
     router(spec, run_id).set_routes(spec.stable_policy())
+    hook, settings = serving()
     if unload_candidate and spec.mesh == "local":
-        ModelServerHook().load_versions(spec.model, [spec.baseline_version])
+        settings.admin.load(spec.model, [spec.baseline_version])
     elif unload_candidate:
-        ModelServerHook().deployments(spec.model).scale_to_zero(spec.candidate_version)
+        hook.deployments(spec.model).scale_to_zero(spec.candidate_version)
     return spec.baseline_version
 
 
@@ -345,14 +341,13 @@ def notify(
     from include.rollout.notify import promotion_message, rollback_message
 
     spec = spec_from(params)
-    hook = ModelServerHook()
     judged = [Verdict.from_dict(v) for v in verdicts if v]
     if outcome == "promote":
         message = promotion_message(spec, judged)
     else:
         failing = next((v for v in judged if v.decision != "pass"), None)
         message = rollback_message(spec, reason, failing)
-    return slack_notifier(spec.slack_channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(message)
+    return slack_notifier(spec.slack_channel, serving()[1].outbox).send(message)
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
@@ -363,17 +358,17 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
-    hook = ModelServerHook()
+    _, settings = serving()
     start = end - timedelta(hours=1)
-    result = with_coverage(audit(hook.prediction_log, start, end, model), mirror_percent(model, end))
+    result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
     if result.verdict == "skip":
         raise AirflowSkipException(
             f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC, and no mirror"
         )
-    out = Path(hook.extra.get("run_dir", "run")) / "audits" / model / start.strftime("%Y%m%dT%H")
+    out = settings.run_dir / "audits" / model / start.strftime("%Y%m%dT%H")
     paths = write_report(result, out)
     chart = paths["plot"].read_bytes() if "plot" in paths else None
-    slack_notifier(channel, Path(hook.extra.get("run_dir", "run")) / "outbox").send(
+    slack_notifier(channel, settings.outbox).send(
         audit_message(result, chart)
     )
     return {**result.to_dict(), "report": str(paths["markdown"])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +21,11 @@ def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, t
          password="s3cret-admin-token", extra={"repository": "models"})  # fmt: skip
     conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", port=9191)
     hook = ModelServerHook()
-    assert hook.url == "http://127.0.0.1:8123"
-    assert hook.address == "127.0.0.1:8123"
-    assert hook.extra == {"repository": "models"}
+    assert hook.settings.url == "http://127.0.0.1:8123"
+    assert hook.settings.address == "127.0.0.1:8123"
+    assert hook.settings.validation("digits") == Path("models/digits/validation")
+    assert hook.settings.prediction_log == "run/predictions"  # the default
+    assert "s3cret" not in repr(hook.settings)  # the token stays out of logs
     router = hook.router("digits", tmp_path / "original.json")
     assert (router.url, router.token) == ("http://127.0.0.1:8123", "s3cret-admin-token")
     assert PrometheusHook().source().url == "http://127.0.0.1:9191"
@@ -53,7 +56,7 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
 
 
 @pytest.mark.integration
-def test_load_versions_uses_the_admin_token(monkeypatch, server_factory, repo_copy, tmp_path):
+def test_the_admin_client_uses_the_admin_token(monkeypatch, server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token="hook-token")
     conn(
         monkeypatch,
@@ -63,5 +66,11 @@ def test_load_versions_uses_the_admin_token(monkeypatch, server_factory, repo_co
         port=s.port,
         password="hook-token",
     )
-    ModelServerHook().load_versions("digits", ["1", "2"])
+    ModelServerHook().admin.load("digits", ["1", "2"])
     assert s.client().get_model_metadata("digits")["versions"] == ["1", "2"]
+    from include.rollout.serving import AdminError, ModelServerAdmin
+
+    with pytest.raises(AdminError, match="HTTP 401") as refused:
+        ModelServerAdmin(s.http, "wrong").load("digits", ["2"])
+    assert refused.value.status == 401
+    assert s.client().get_model_metadata("digits")["versions"] == ["1", "2"]  # nothing changed

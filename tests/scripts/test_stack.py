@@ -194,7 +194,7 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     poke_log = "".join(p.read_text() for p in logs.glob("*.log"))
     assert "stage 1 (50%): pass, look " in poke_log  # the last poke's line (earlier ones waited, if any)
     assert gates[0]["bake"]["served"]["canary"]["live"] > 0  # the live arm, from the prediction log
-    assert stack.admin(state, "GET", "/v2/models/digits/traffic")["route"] == [
+    assert stack.admin(state).traffic("digits").to_dict()["route"] == [
         {"version": "2", "weight": 100}
     ]
 
@@ -239,7 +239,7 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
     _, state = up
 
     def routes() -> dict:
-        return stack.admin(state, "GET", "/v2/models/digits/traffic")
+        return stack.admin(state).traffic("digits").to_dict()
 
     run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
                                            "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
@@ -262,7 +262,7 @@ def test_a_four_stage_rollout_of_ten_looks_each_runs_through_without_a_retry(up,
     Airflow 3.3's stale-event race on resumed deferrals has nothing to hit). Airflow 3 counts each
     reschedule as a try, so try numbers say nothing here."""
     _, state = up
-    stack.serve_only(state, "1")
+    stack.admin(state).serve_only("digits", "1")
     conf = {**CONF, "stages": [5, 25, 50, 100], "looks_per_stage": 10, "bake_seconds": 20,
             "max_stage_seconds": 120, "min_samples": 20}  # fmt: skip
     run_id = api.trigger("model_rollout", conf)
@@ -291,11 +291,11 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     assert re.search(r"hard guard tripped: Accuracy drop on the validation batch is \+[\d.]+ pp"
                      r"|accuracy_live: Live accuracy from feedback: canary [\d.]+% \(\d+/\d+\)", out), out  # fmt: skip
     assert "Slack report (#model-rollouts" in out
-    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
+    assert stack.admin(state).traffic("digits").to_dict() == {
         "route": [{"version": "2", "weight": 100}]
     }
     demo.start_from_version_1(state)
-    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
+    assert stack.admin(state).traffic("digits").to_dict() == {
         "route": [{"version": "1", "weight": 100}]
     }
     assert stack.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
@@ -333,7 +333,7 @@ def test_the_scheduler_and_the_triggerer_killed_mid_run_the_run_completes(up, ap
     """The scheduler killed while a stage's wait is up for reschedule, the triggerer killed while
     the approval is deferred to it: each started again, the run carries on to its decision."""
     run, state = up
-    stack.serve_only(state, "1")
+    stack.admin(state).serve_only("digits", "1")
     run_id = api.trigger("model_rollout", {**CONF, "bake_seconds": 20, "require_approval": True})
     api.wait_for_task(
         "model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240
@@ -346,7 +346,7 @@ def test_the_scheduler_and_the_triggerer_killed_mid_run_the_run_completes(up, ap
     final = api.wait("model_rollout", run_id, timeout_s=300)
     assert final["state"] == "success"
     assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
-    assert stack.admin(state, "GET", "/v2/models/digits/traffic") == {
+    assert stack.admin(state).traffic("digits").to_dict() == {
         "route": [{"version": "2", "weight": 100}]
     }
     assert all(alive(p) for p in state["pids"].values())

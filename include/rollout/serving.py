@@ -1,0 +1,86 @@
+"""The model server's admin API, as one client: traffic policies, version loads, the probe.
+
+Every caller that changes what the model server serves goes through ``ModelServerAdmin``: the
+mesh's ``LocalRouter``, the Airflow steps, ``rolloutctl``, the one-machine stack and the benches.
+The admin token travels as a bearer token; an answer other than 2xx becomes ``AdminError`` with
+the method, the path, the status and the server's own reason.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from model_server.traffic import TrafficPolicy
+
+
+class AdminError(Exception):
+    """The model server refused or did not answer; ``status`` is None when it did not answer."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ModelServerAdmin:
+    url: str  # http://host:port
+    token: str | None = None
+    timeout_s: float = 30.0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def call(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None) -> Any:
+        """One request; the decoded JSON answer, or None for an empty one."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 (the configured server)
+            self.url.rstrip("/") + path, data=data, method=method,
+            headers={"Content-Type": "application/json", **self.headers, **(headers or {})},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as r:  # noqa: S310
+                raw = r.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", "")
+            except (ValueError, AttributeError):
+                reason = ""
+            raise AdminError(f"model server {method} {path}: HTTP {exc.code}: {reason}", exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdminError(f"model server at {self.url} unreachable: {exc}") from None
+        return json.loads(raw) if raw else None
+
+    @staticmethod
+    def _model(model: str) -> str:
+        return urllib.parse.quote(model, safe="")
+
+    def traffic(self, model: str) -> TrafficPolicy:
+        return TrafficPolicy.from_dict(self.call("GET", f"/v2/models/{self._model(model)}/traffic"))
+
+    def set_traffic(self, model: str, policy: TrafficPolicy) -> None:
+        self.call("PUT", f"/v2/models/{self._model(model)}/traffic", policy.to_dict())
+
+    def load(self, model: str, versions: Iterable[int | str]) -> None:
+        """Serve exactly these versions (Triton's load API with a specific version policy); the
+        server refuses (409) a load that would drop a version its policy routes to."""
+        policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
+        self.call("POST", f"/v2/repository/models/{self._model(model)}/load",
+                  {"parameters": {"config": json.dumps(policy)}})  # fmt: skip
+
+    def serve_only(self, model: str, version: str) -> None:
+        """That version alone loaded and at 100%: loaded beside what is routed now, routed, then
+        alone (a load never drops a routed version)."""
+        self.load(model, [version, *self.traffic(model).versions()])
+        self.set_traffic(model, TrafficPolicy.from_dict({"route": [{"version": version, "weight": 100}]}))
+        self.load(model, [version])
+
+    def infer(self, model: str, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Any:
+        """A KServe v2 JSON inference with the admin token (which ``X-Shadow-Probe`` needs)."""
+        return self.call("POST", f"/v2/models/{self._model(model)}/infer", body, headers)

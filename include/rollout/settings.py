@@ -1,0 +1,129 @@
+"""Where a rollout's parts are: the model server, its files, its cluster. Built once per task.
+
+``ServingSettings.from_connection`` reads what Airflow's ``model_server_default`` connection
+holds (URL, admin token as the password, the extras) and checks it, naming the extra that is
+wrong; every default is here and nowhere else. The extras:
+
+- ``repository``: the model repository folder (``<model>/<version>/model.onnx``, ``<model>/validation``)
+- ``prediction_log``: the prediction log's URI (``shadow_log`` is its old name)
+- ``run_dir``: where reports, audits, the outbox and the routes before a rollout are kept
+- ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
+- ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
+  ``gpus``, ``replicas`` (kubernetes mode: the Kaniko build and the version Deployments)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from include.rollout.mesh import IstioTarget
+from include.rollout.serving import ModelServerAdmin
+
+CONNECTION = "model_server_default"
+
+
+class SettingsError(ValueError):
+    """A connection's extras are missing or wrong; the message names the extra."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Kubernetes mode: the image build (Kaniko) and the Deployment of each version."""
+
+    registry: str | None = None  # image repository the build pushes to
+    context: str | None = None  # Kaniko build context (s3://, gs://, git://, dir://)
+    namespace: str = "ml-builds"
+    service_account: str = "image-builder"
+    push_secret: str = "registry-push"  # noqa: S105 (the name of a Secret with .dockerconfigjson)
+    gpus: int = 1  # per model server pod
+    replicas: int = 1  # pods per version
+
+    def require(self, *names: str) -> list[str]:
+        """The values of these settings, which kubernetes mode cannot do without."""
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            raise SettingsError(f"kubernetes mode needs the {CONNECTION} extra build.{missing[0]}")
+        return [str(getattr(self, n)) for n in names]
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    url: str = "http://127.0.0.1:8000"
+    token: str | None = field(default=None, repr=False)
+    repository: Path = Path("models")
+    prediction_log: str = "run/predictions"
+    run_dir: Path = Path("run")
+    istio_extra: Mapping[str, Any] = field(default_factory=dict)
+    build: BuildSettings = field(default_factory=BuildSettings)
+
+    @classmethod
+    def from_connection(cls, url: str, token: str | None, extra: Mapping[str, Any]) -> ServingSettings:
+        known = {"repository", "prediction_log", "shadow_log", "run_dir", "istio", "build"}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise SettingsError(f"unknown {CONNECTION} extra {unknown[0]!r}; known: {sorted(known)}")
+        for name in ("istio", "build"):
+            if not isinstance(extra.get(name) or {}, Mapping):
+                raise SettingsError(f"the {CONNECTION} extra {name} must be an object")
+        build_fields = {f.name: f.type for f in dataclasses.fields(BuildSettings)}
+        raw_build = dict(extra.get("build") or {})
+        wrong = sorted(set(raw_build) - set(build_fields))
+        if wrong:
+            raise SettingsError(f"unknown {CONNECTION} extra build.{wrong[0]}; known: {sorted(build_fields)}")
+        for name in ("gpus", "replicas"):
+            if name in raw_build:
+                try:
+                    raw_build[name] = int(raw_build[name])
+                except (TypeError, ValueError):
+                    raise SettingsError(f"the {CONNECTION} extra build.{name} must be an integer") from None
+                if raw_build[name] < (0 if name == "gpus" else 1):
+                    raise SettingsError(f"the {CONNECTION} extra build.{name} is out of range")
+        defaults = cls()
+        return cls(
+            url=url,
+            token=token or None,
+            repository=Path(extra.get("repository") or defaults.repository),
+            prediction_log=str(extra.get("prediction_log") or extra.get("shadow_log") or defaults.prediction_log),
+            run_dir=Path(extra.get("run_dir") or defaults.run_dir),
+            istio_extra=dict(extra.get("istio") or {}),
+            build=BuildSettings(**raw_build),
+        )
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient takes it."""
+        return self.url.split("://", 1)[-1]
+
+    @property
+    def admin(self) -> ModelServerAdmin:
+        return ModelServerAdmin(self.url, self.token)
+
+    @property
+    def outbox(self) -> Path:
+        """Slack reports that could not be posted (no token, or Slack failing)."""
+        return self.run_dir / "outbox"
+
+    def validation(self, model: str) -> Path:
+        """The model's validation set: labelled images, ``<label>_<n>.png``."""
+        return self.repository / model / "validation"
+
+    def workdir(self, model: str, run_id: str) -> Path:
+        """A rollout run's folder (made): its reports and the routes before it."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id[:200]).lstrip(".") or "_"
+        path = self.run_dir / "rollouts" / model / safe
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def istio(self) -> IstioTarget:
+        """Kubernetes mode: the Istio objects the rollout drives (the extras' ``istio``)."""
+        raw = self.istio_extra
+        missing = [k for k in ("namespace", "service", "name") if not raw.get(k)]
+        if missing:
+            raise SettingsError(f"mesh 'istio' needs the {CONNECTION} extra istio.{missing[0]}")
+        return IstioTarget(raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])),
+                           list(raw.get("hosts", [])))  # fmt: skip
