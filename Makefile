@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
+export PYTHONPATH := $(CURDIR):$(CURDIR)/include:$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
 .PHONY: venv models prometheus chromium test lint serve up down demo tour bench clean

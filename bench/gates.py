@@ -2,7 +2,7 @@
 power and samples, and speed.
 
 Seeded; prints tables and writes ``bench/results/gates.json``.
-(p) The rollout procedure as the engine runs it (include/rollout/engine.py), for 1, 2 and 4
+(p) The rollout procedure as the engine runs it (include/vision_rollout/engine.py), for 1, 2 and 4
     stages: per stage, prediction-log records of the live A/B arms at the stage's weight and of
     the validation replay sent at every poke, judged by ``judge_stage`` look by look (stages x
     looks, evidence accumulating, the last look waiting for min_samples); promotion when every
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.engine import StageWindow, judge_stage  # noqa: E402
-from include.rollout.gates import (  # noqa: E402
+from vision_rollout.engine import StageWindow, judge_stage  # noqa: E402
+from vision_rollout.gates import (  # noqa: E402
     GateConfig,
     GuardInputs,
     evaluate_gate,
@@ -49,7 +49,7 @@ from include.rollout.gates import (  # noqa: E402
     nominal_alpha,
     paired_accuracy_check,
 )
-from include.rollout.spec import RolloutSpec  # noqa: E402
+from vision_rollout.spec import RolloutSpec  # noqa: E402
 
 SIGMA = 0.3  # log-latency standard deviation of the simulated service
 CFG = GateConfig()

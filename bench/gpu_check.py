@@ -29,7 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.local import parse_exposition, start_model_server  # noqa: E402
+from devstack.processes import parse_exposition, start_model_server  # noqa: E402
 
 
 def infer_png(url: str, png: bytes) -> np.ndarray:

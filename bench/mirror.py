@@ -29,14 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.engine import StageWindow, stage_samples  # noqa: E402
-from include.rollout.gates import GateConfig, evaluate_gate  # noqa: E402
-from include.rollout.local import start_model_server  # noqa: E402
-from include.rollout.mesh import make_router  # noqa: E402
-from include.rollout.spec import RolloutSpec  # noqa: E402
+from devstack.loadgen import LoadConfig, run  # noqa: E402
+from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
-from model_server.loadgen import LoadConfig, run  # noqa: E402
 from model_server.traffic import TrafficPolicy  # noqa: E402
+from vision_rollout.engine import StageWindow, stage_samples  # noqa: E402
+from vision_rollout.gates import GateConfig, evaluate_gate  # noqa: E402
+from vision_rollout.mesh import make_router  # noqa: E402
+from vision_rollout.spec import RolloutSpec  # noqa: E402
 
 TOKEN = "bench-mirror"
 MODES = ("no mirror", "mirror")

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from bench.serving import machine, run_for  # noqa: E402
-from include.rollout.local import ModelServerProcess, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.masking import KeyRing, Masker  # noqa: E402
 from model_server.predictionlog import GATE_COLUMNS, Inference, Label, PredictionLog  # noqa: E402
 
@@ -247,8 +247,8 @@ def write_million(folder: Path, tmp: Path, total: int) -> dict[str, Any]:
 
 def child(kind: str, folder: str) -> None:
     """One measured task in a fresh process: prints seconds, rows and peak RSS as JSON."""
-    from include.rollout.audit import audit_frame
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
+    from vision_rollout.audit import audit_frame
 
     start, end = datetime.fromtimestamp(HOUR, UTC), datetime.fromtimestamp(HOUR + 3600, UTC)
     t = time.perf_counter()

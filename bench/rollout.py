@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.airflow_api import AirflowAPI  # noqa: E402
-from include.rollout.local import free_port  # noqa: E402
+from devstack.airflow_api import AirflowAPI  # noqa: E402
+from devstack.processes import free_port  # noqa: E402
 from scripts import stack  # noqa: E402
 
 FLAGGER_DEFAULT_S = 60.0  # analysis interval 1m x threshold (one failed check)

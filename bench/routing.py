@@ -34,7 +34,7 @@ import requests  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.local import ModelServerProcess, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 
 RULES = [
     {"match": {"headers": {"x-tenant": {"exact": "canary-testers"}}}, "route": [{"version": "2"}]},

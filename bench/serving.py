@@ -35,7 +35,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
-from include.rollout.local import ModelServerProcess, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.config import load_config  # noqa: E402
 from model_server.preprocess import images_to_features  # noqa: E402
 

@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serving import machine  # noqa: E402
-from include.rollout.local import start_model_server  # noqa: E402
+from devstack.loadgen import LoadConfig, run  # noqa: E402
+from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
-from model_server.loadgen import LoadConfig, run  # noqa: E402
 
 TOKEN = "bench-soak"
 MIRROR_ALL: dict[str, Any] = {

@@ -30,9 +30,9 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, TriggerRule, dag, get_current_context, task, task_group
 
-from include.rollout.spec import RolloutSpec
 from rollout_airflow.operators import PromotionApproval
 from rollout_airflow.sensors import StageMetricsSensor
+from vision_rollout.spec import RolloutSpec
 
 MAX_STAGES = 4
 SECTIONS = {

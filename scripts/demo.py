@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.airflow_api import FINISHED, AirflowAPI  # noqa: E402
+from devstack.airflow_api import FINISHED, AirflowAPI  # noqa: E402
 from scripts import stack  # noqa: E402
 
 # Every threshold and margin at RolloutSpec's default; only the times are short (minutes, not hours).

@@ -26,14 +26,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.local import (  # noqa: E402
+from devstack.processes import (  # noqa: E402
+    PYTHONPATH,
     ModelServerProcess,
     local_connections,
     start_airflow,
     start_model_server,
     start_prometheus,
 )
-from include.rollout.serving import ModelServerAdmin  # noqa: E402
+from vision_rollout.serving import ModelServerAdmin  # noqa: E402
 
 STATE = "stack.json"
 
@@ -59,10 +60,10 @@ def up(
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     log = (run / "loadgen.log").open("wb")
     loadgen = subprocess.Popen(
-        [sys.executable, "-m", "model_server.loadgen", "--url", server.url, "--validation",
+        [sys.executable, "-m", "devstack.loadgen", "--url", server.url, "--validation",
          str(repository / "digits" / "validation"), "--rate", str(rate), "--duration", str(7 * 24 * 3600),
          "--feedback-share", "0.5"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": PYTHONPATH}, start_new_session=True,
     )  # fmt: skip
     pids = {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid}
     state: dict[str, Any] = {

@@ -24,9 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from include.rollout.gates import GuardInputs, evaluate_gate  # noqa: E402
-from include.rollout.local import start_model_server  # noqa: E402
-from include.rollout.replay import accuracy_drop, replay  # noqa: E402
+from devstack.processes import start_model_server  # noqa: E402
+from vision_rollout.gates import GuardInputs, evaluate_gate  # noqa: E402
+from vision_rollout.replay import accuracy_drop, replay  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,9 +94,9 @@ def canary_with_shadow(server: Any, repository: Path, prediction_log: Path, seco
     """Version 2 as a 10% canary with a 100% shadow, under generated traffic with feedback."""
     import requests
 
-    from include.rollout.audit import audit_frame
-    from model_server.loadgen import LoadConfig, run
+    from devstack.loadgen import LoadConfig, run
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
+    from vision_rollout.audit import audit_frame
 
     policy: dict[str, Any] = {"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
               "mirror": {"version": "2", "percent": 100}}  # fmt: skip

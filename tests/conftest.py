@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from include.rollout.local import ModelServerProcess, start_model_server
+from devstack.processes import ModelServerProcess, start_model_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -73,7 +73,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ModelServerProcess]
 def live_traffic() -> Iterator[Callable[..., None]]:
     """Start live traffic (the load generator, round after round) that runs until the test ends,
     as production traffic runs through a rollout."""
-    from model_server.loadgen import LoadConfig, run
+    from devstack.loadgen import LoadConfig, run
 
     stop = threading.Event()
     threads: list[threading.Thread] = []

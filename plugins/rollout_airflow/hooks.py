@@ -1,7 +1,7 @@
 """Hooks: Airflow connections -> the rollout library's objects. Secrets come only from here.
 
 - ``model_server_default`` (http): host, port, schema; the admin token as the password; the
-  extras as ``include.rollout.settings`` describes them (repository, prediction log, run folder,
+  extras as ``vision_rollout.settings`` describes them (repository, prediction log, run folder,
   and for kubernetes mode ``istio`` and ``build``).
 - ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
 - ``prometheus_default`` (http): the Prometheus HTTP API.
@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from include.rollout.mesh import LocalRouter
-from include.rollout.metrics import PrometheusSource, ScrapeSource
-from include.rollout.serving import ModelServerAdmin
-from include.rollout.settings import ServingSettings
+from vision_rollout.mesh import LocalRouter
+from vision_rollout.metrics import PrometheusSource, ScrapeSource
+from vision_rollout.serving import ModelServerAdmin
+from vision_rollout.settings import ServingSettings
 
 if TYPE_CHECKING:
-    from include.rollout.deploy import VersionDeployments
-    from include.rollout.mesh import IstioRouter
-    from include.rollout.notify import SlackNotifier
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import IstioRouter
+    from vision_rollout.notify import SlackNotifier
 
 
 def _http_url(conn: Any, default_port: int) -> str:
@@ -61,13 +61,13 @@ class ModelServerHook(BaseHook):
         self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
     ) -> IstioRouter:
         """The IstioRouter for this model's VirtualService and DestinationRule."""
-        from include.rollout.mesh import IstioRouter
+        from vision_rollout.mesh import IstioRouter
 
         return IstioRouter(self.settings.istio, versions, api_client=_kubernetes(kubernetes_conn_id))
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
         """One Deployment per version behind the subsets (extras ``build.gpus``)."""
-        from include.rollout.deploy import VersionDeployments
+        from vision_rollout.deploy import VersionDeployments
 
         return VersionDeployments(self.settings.istio, model, _kubernetes(kubernetes_conn_id),
                                   gpus=self.settings.build.gpus)  # fmt: skip
@@ -106,7 +106,7 @@ def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_d
     from airflow.providers.slack.hooks.slack import SlackHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from include.rollout.notify import SlackNotifier
+    from vision_rollout.notify import SlackNotifier
 
     try:
         conn = BaseHook.get_connection(slack_conn_id)

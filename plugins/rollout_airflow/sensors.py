@@ -34,8 +34,8 @@ class StageMetricsSensor(BaseSensorOperator):
         self.stage_index, self.applied = stage_index, applied
 
     def execute(self, context: Any) -> Any:
-        from include.rollout.engine import poke_interval
         from rollout_airflow.steps import spec_from
+        from vision_rollout.engine import poke_interval
 
         spec = spec_from(context["params"])
         self.poke_interval = poke_interval(spec)

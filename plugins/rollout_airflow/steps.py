@@ -1,7 +1,7 @@
 """The rollout's steps as Airflow sees them: Params in, the library called, small results out.
 
 Each function is the body of one task of ``dags/model_rollout.py``; all logic lives in
-include/rollout. Secrets come only from the connections the hooks read.
+include/vision_rollout. Secrets come only from the connections the hooks read.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from include.rollout.settings import ServingSettings, SettingsError
-from include.rollout.spec import RolloutSpec, SpecError
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
+from vision_rollout.settings import ServingSettings, SettingsError
+from vision_rollout.spec import RolloutSpec, SpecError
 
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
@@ -52,7 +52,7 @@ def router(spec: RolloutSpec, run_id: str) -> Any:
 def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Verify the candidate before any traffic; then, in local mode, load it beside the baseline;
     in kubernetes mode (mesh ``istio``), build its serving image with Kaniko in a pod."""
-    from include.rollout.images import verify_model
+    from vision_rollout.images import verify_model
 
     spec = spec_from(params)
     _, settings = serving()
@@ -77,7 +77,7 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    from include.rollout.images import image_tag, kaniko_pod
+    from vision_rollout.images import image_tag, kaniko_pod
 
     build = serving()[1].build
     try:
@@ -133,8 +133,8 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import secrets
     import string
 
-    from include.rollout.serving import AdminError
     from model_server.predictionlog import read
+    from vision_rollout.serving import AdminError
 
     spec = spec_from(params)
     _, settings = serving()
@@ -192,7 +192,7 @@ def look_at_stage(
     None while the stage goes on; its verdict (XCom) once it passed, failed or ended undecided.
     A tripped guard puts the stable version back at once, then fails the task (no retry).
     """
-    from include.rollout.engine import StageJudge, StageWindow, gpu_gauges
+    from vision_rollout.engine import StageJudge, StageWindow, gpu_gauges
 
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
@@ -217,7 +217,7 @@ def look_at_stage(
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
-    from include.rollout.audit import AuditConfig, audit, write_report
+    from vision_rollout.audit import AuditConfig, audit, write_report
 
     spec = spec_from(params)
     _, settings = serving()
@@ -337,8 +337,8 @@ def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rol
 def notify(
     params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]
 ) -> dict[str, Any]:
-    from include.rollout.gates import Verdict
-    from include.rollout.notify import promotion_message, rollback_message
+    from vision_rollout.gates import Verdict
+    from vision_rollout.notify import promotion_message, rollback_message
 
     spec = spec_from(params)
     judged = [Verdict.from_dict(v) for v in verdicts if v]
@@ -353,8 +353,8 @@ def notify(
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
     """The hourly shadow audit of one model over the hour before ``end``: skipped when the hour
     has no shadow record and no mirror was configured; a warning when a mirror was."""
-    from include.rollout.audit import audit, with_coverage, write_report
-    from include.rollout.notify import audit_message
+    from vision_rollout.audit import audit, with_coverage, write_report
+    from vision_rollout.notify import audit_message
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
@@ -379,7 +379,7 @@ def mirror_percent(model: str, end: datetime) -> float | None:
     None when Prometheus is not configured or has no data."""
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from include.rollout.metrics import MetricsError
+    from vision_rollout.metrics import MetricsError
 
     try:
         source = PrometheusHook().source()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from devstack.processes import PYTHONPATH
 from tests.conftest import ROOT
 
 
@@ -47,7 +48,7 @@ def test_the_wait_reschedules_and_promotion_can_ask_a_reviewer(dagbag):
 
 
 def test_params_come_from_the_spec_schema(dagbag):
-    from include.rollout.spec import RolloutSpec
+    from vision_rollout.spec import RolloutSpec
 
     params = dagbag.dags["model_rollout"].params
     schema = RolloutSpec.json_schema()["properties"]
@@ -88,7 +89,7 @@ def test_parsing_imports_nothing_heavy():
             "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
             "print(sorted(m for m in ('pandas', 'scipy', 'onnxruntime', 'kubernetes', 'matplotlib', 'tritonclient')"
             " if m in sys.modules))")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from include.rollout.local import local_connections, start_prometheus
-from include.rollout.mesh import LocalRouter
+from devstack.processes import local_connections, start_prometheus
 from tests.conftest import ROOT
+from vision_rollout.mesh import LocalRouter
 
 pytestmark = pytest.mark.integration
 TOKEN = "dag-test-token"

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import jsonschema
 import yaml
 
-from include.rollout.mesh import istio_schemas
+from vision_rollout.mesh import istio_schemas
 
 PATH_RE = re.compile(
     r"^/apis/(?:networking\.istio\.io|apps)/v1/namespaces/([a-z0-9-]+)/(virtualservices|destinationrules|deployments)/"

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from include.rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
 from tests.support import shadow_log
+from vision_rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
 
 NOW = datetime.now(UTC)
 
@@ -118,7 +118,7 @@ def test_the_audit_reports_what_did_not_pair(tmp_path):
 
 
 def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
-    from include.rollout.audit import AuditResult, with_coverage
+    from vision_rollout.audit import AuditResult, with_coverage
 
     empty = AuditResult("digits", "s", "e", "skip", ["no shadow records in this range: nothing to audit"])
     assert with_coverage(empty, None).verdict == "skip"  # no mirror: nothing was expected
@@ -128,7 +128,7 @@ def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
 
 
 def test_coverage_counts_the_dropped_copies():
-    from include.rollout.audit import AuditResult, with_coverage
+    from vision_rollout.audit import AuditResult, with_coverage
 
     result = with_coverage(AuditResult("digits", "s", "e", "pass", [], rows=90, shadow_dropped=10), 100.0)
     assert result.verdict == "pass"

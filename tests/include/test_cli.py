@@ -8,10 +8,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from include.rollout.cli import main
-from include.rollout.images import image_tag, kaniko_pod, verify_model
-from include.rollout.mesh import validate_istio
 from tests.support import TOKEN, samples, shadow_log
+from vision_rollout.cli import main
+from vision_rollout.images import image_tag, kaniko_pod, verify_model
+from vision_rollout.mesh import validate_istio
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

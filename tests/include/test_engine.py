@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from include.rollout.engine import (
+from model_server.traffic import TrafficPolicy
+from vision_rollout.engine import (
     Rollout,
     StageState,
     StageWindow,
@@ -14,9 +15,8 @@ from include.rollout.engine import (
     replay_drop,
     stage_samples,
 )
-from include.rollout.gates import GuardInputs
-from include.rollout.spec import RolloutSpec
-from model_server.traffic import TrafficPolicy
+from vision_rollout.gates import GuardInputs
+from vision_rollout.spec import RolloutSpec
 
 T0 = 1_800_000_000.0
 IMAGES = {f"{i:064x}": i % 10 for i in range(500)}  # sha256 -> label

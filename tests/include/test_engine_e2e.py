@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from include.rollout.engine import Rollout, StageJudge
-from include.rollout.mesh import make_router
-from include.rollout.spec import RolloutSpec
+from vision_rollout.engine import Rollout, StageJudge
+from vision_rollout.mesh import make_router
+from vision_rollout.spec import RolloutSpec
 
 pytestmark = pytest.mark.integration
 TOKEN = "engine-token"
@@ -56,7 +56,7 @@ def test_the_engine_promotes_2_and_rolls_back_3(served, tmp_path, candidate, pro
 
 
 def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
-    from include.rollout.cli import main
+    from vision_rollout.cli import main
 
     s, log_dir, validation = served
     s.load_versions("digits", 1, 3)

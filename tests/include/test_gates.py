@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from include.rollout.gates import (
+from tests.support import samples
+from vision_rollout.gates import (
     GateConfig,
     GuardInputs,
     boundaries,
@@ -17,7 +18,6 @@ from include.rollout.gates import (
     nominal_alpha,
     sustained_breach,
 )
-from tests.support import samples
 
 
 def test_boundaries_match_published_lan_demets_values():
@@ -180,7 +180,7 @@ def test_histogram_bucket_quantiles_are_reported_with_their_error_bound():
 def test_a_verdict_with_an_unbounded_interval_survives_json():
     import json
 
-    from include.rollout.gates import Verdict
+    from vision_rollout.gates import Verdict
 
     v = evaluate_gate(samples(60), {"min_samples": 50})  # too few for a p99 upper bound: +inf
     p99 = next(c for c in v.checks if c.name == "latency_p99")

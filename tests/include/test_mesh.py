@@ -11,7 +11,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from include.rollout.mesh import (
+from model_server.traffic import TrafficPolicy
+from tests.fakes.kube_api import FakeKubeAPI
+from tests.support import TOKEN
+from vision_rollout.mesh import (
     SCHEMAS,
     IstioRouter,
     IstioTarget,
@@ -23,9 +26,6 @@ from include.rollout.mesh import (
     render_virtual_service,
     validate_istio,
 )
-from model_server.traffic import TrafficPolicy
-from tests.fakes.kube_api import FakeKubeAPI
-from tests.support import TOKEN
 
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "istio" / "crd-all.gen.yaml"

@@ -9,8 +9,10 @@ import time
 import pytest
 import requests
 
-from include.rollout.local import start_prometheus
-from include.rollout.metrics import (
+from devstack.loadgen import LoadConfig, run
+from devstack.processes import start_prometheus
+from tests.support import TOKEN, put_policy
+from vision_rollout.metrics import (
     MetricsError,
     MultipleValues,
     NoValuesFound,
@@ -21,8 +23,6 @@ from include.rollout.metrics import (
     quantile_from_buckets,
     wait_for_value,
 )
-from model_server.loadgen import LoadConfig, run
-from tests.support import TOKEN, put_policy
 
 
 def test_quantile_from_buckets_interpolates_like_prometheus():

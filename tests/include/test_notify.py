@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from include.rollout.gates import Check, GuardInputs, evaluate_gate
-from include.rollout.notify import (
+from tests.fakes.slack_api import FakeSlack, check_blocks
+from tests.support import samples
+from vision_rollout.gates import Check, GuardInputs, evaluate_gate
+from vision_rollout.notify import (
     MAX_BLOCKS,
     SlackNotifier,
     latency_accuracy_chart,
@@ -16,9 +18,7 @@ from include.rollout.notify import (
     rollback_message,
     stage_message,
 )
-from include.rollout.spec import RolloutSpec
-from tests.fakes.slack_api import FakeSlack, check_blocks
-from tests.support import samples
+from vision_rollout.spec import RolloutSpec
 
 SPEC = RolloutSpec.from_dict({"candidate_version": "3"})
 
@@ -114,7 +114,7 @@ def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, 
     """Readers take the newest report as the last file name: one clock reading names each."""
     import time
 
-    from include.rollout.notify import Message
+    from vision_rollout.notify import Message
 
     second = 1_795_000_000 * 10**9
     readings = iter([second + 999_999_999, second + 10**9 + 1])  # 1 ns apart, across the boundary

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from include.rollout.gates import GuardInputs, evaluate_gate
-from include.rollout.replay import accuracy_drop, replay
 from tests.support import TOKEN
+from vision_rollout.gates import GuardInputs, evaluate_gate
+from vision_rollout.replay import accuracy_drop, replay
 
 pytestmark = pytest.mark.integration
 

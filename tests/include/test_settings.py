@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from include.rollout.settings import BuildSettings, ServingSettings, SettingsError
+from vision_rollout.settings import BuildSettings, ServingSettings, SettingsError
 
 
 def test_defaults_and_the_old_name_of_the_prediction_log():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from include.rollout.spec import RolloutSpec, SpecError
+from vision_rollout.spec import RolloutSpec, SpecError
 
 
 def test_default_guards():
@@ -22,8 +22,8 @@ def test_default_guards():
 def test_the_gate_and_the_audit_take_every_threshold_from_the_spec():
     from dataclasses import fields
 
-    from include.rollout.audit import AuditConfig
-    from include.rollout.gates import GateConfig
+    from vision_rollout.audit import AuditConfig
+    from vision_rollout.gates import GateConfig
 
     assert GateConfig() == GateConfig.from_spec(RolloutSpec())  # one set of defaults
     assert AuditConfig() == AuditConfig.from_spec(RolloutSpec())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from include.rollout.local import free_port
+from devstack.processes import free_port
 
 BUCKET = "predictions"
 CREDENTIALS = {

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from devstack.loadgen import LoadConfig, run
 from model_server.feedback import FeedbackSigner, read_key
-from model_server.loadgen import LoadConfig, run
 from model_server.predictionlog import joined, read, unmatched_labels
 from tests.support import TOKEN, infer, put_policy
 

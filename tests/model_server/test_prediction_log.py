@@ -21,7 +21,6 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from include.rollout.audit import audit
 from model_server import predictionlog
 from model_server.app import is_shadow_host
 from model_server.feedback import FeedbackSigner, read_key
@@ -40,6 +39,7 @@ from model_server.predictionlog import (
 )
 from tests.model_server.conftest import BUCKET
 from tests.support import TOKEN, infer, put_policy, sensitive_values
+from vision_rollout.audit import audit
 
 NOW = datetime.now(UTC)
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"  # the W3C example: no digit run a detector could read

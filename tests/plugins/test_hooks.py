@@ -32,9 +32,9 @@ def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, t
 
 
 def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_path):
-    from include.rollout.gates import evaluate_gate
-    from include.rollout.notify import stage_message
-    from include.rollout.spec import RolloutSpec
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.notify import stage_message
+    from vision_rollout.spec import RolloutSpec
 
     message = stage_message(RolloutSpec(), 5, evaluate_gate(samples(300)))
     outbox = slack_notifier("#rollouts", tmp_path / "outbox", slack_conn_id="no_such_slack")
@@ -68,7 +68,7 @@ def test_the_admin_client_uses_the_admin_token(monkeypatch, server_factory, repo
     )
     ModelServerHook().admin.load("digits", ["1", "2"])
     assert s.client().get_model_metadata("digits")["versions"] == ["1", "2"]
-    from include.rollout.serving import AdminError, ModelServerAdmin
+    from vision_rollout.serving import AdminError, ModelServerAdmin
 
     with pytest.raises(AdminError, match="HTTP 401") as refused:
         ModelServerAdmin(s.http, "wrong").load("digits", ["2"])

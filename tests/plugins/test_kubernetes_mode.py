@@ -9,9 +9,9 @@ import json
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from include.rollout.spec import RolloutSpec
 from rollout_airflow import steps
 from tests.fakes.kube_api import FakeKubeAPI
+from vision_rollout.spec import RolloutSpec
 
 SHA = "c0ffee" * 10 + "beef"
 BUILD = {"registry": "registry.example.com/ml/digits-server", "context": "s3://ml-builds/serving-context.tar.gz",
@@ -71,8 +71,8 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
 
 
 def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
-    from include.rollout.mesh import render_virtual_service
     from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_virtual_service
 
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     kube.objects[("virtualservices", "models", "digits")] = {
@@ -126,8 +126,8 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
 
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
-    from include.rollout.mesh import render_virtual_service
     from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_virtual_service
 
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r").target, stable)
@@ -153,8 +153,8 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
 def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
     from kubernetes.client.exceptions import ApiException
 
-    from include.rollout.deploy import render_deployment
-    from include.rollout.mesh import IstioTarget
+    from vision_rollout.deploy import render_deployment
+    from vision_rollout.mesh import IstioTarget
 
     bad = render_deployment(IstioTarget("models", "digits", "digits"), "digits", "2", "img:1")
     bad["spec"]["selector"]["matchLabels"]["version"] = "3"

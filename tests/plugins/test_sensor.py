@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
-from include.rollout.local import local_connections, start_prometheus
-from include.rollout.spec import RolloutSpec
+from devstack.processes import local_connections, start_prometheus
+from vision_rollout.spec import RolloutSpec
 
 pytestmark = pytest.mark.integration
 LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # wiring: see test_engine_e2e
@@ -155,7 +155,7 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
     between wait or fail to be retried, never pass, and the stage reaches its verdict."""
     import signal
 
-    from include.rollout.local import start_model_server
+    from devstack.processes import start_model_server
 
     server, log_dir, started, _ = stage
     p = params(bake_seconds=12, max_stage_seconds=240, min_samples=100)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from include.rollout.airflow_api import AirflowAPI, AirflowAPIError
-from include.rollout.local import free_port
-from include.rollout.metrics import PrometheusSource, ScrapeSource, wait_for_value
+from devstack.airflow_api import AirflowAPI, AirflowAPIError
+from devstack.processes import free_port
 from scripts import stack
+from vision_rollout.metrics import PrometheusSource, ScrapeSource, wait_for_value
 
 pytestmark = pytest.mark.integration
 # Wiring, not the defaults; no mirror: a candidate that also runs every mirrored copy measures

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from include.rollout.spec import DEFAULTS, RolloutSpec
+from vision_rollout.spec import DEFAULTS, RolloutSpec
 
 EPS = 1e-6
 

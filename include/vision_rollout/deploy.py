@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from include.rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError
+from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError
 
 
 def render_deployment(

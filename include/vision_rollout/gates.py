@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from include.rollout.spec import DEFAULTS, RolloutSpec
+from vision_rollout.spec import DEFAULTS, RolloutSpec
 
 DECISIONS = ("pass", "fail", "wait")
 SOURCES = {"live": "Live A/B arms", "replay": "Validation replay"}  # the ``source`` of a sample
@@ -441,7 +441,7 @@ def bucket_quantile_check(
     base: list[tuple[float, float]], canary: list[tuple[float, float]], q: float
 ) -> Check:
     """A quantile from Prometheus histogram buckets (when only the histograms are at hand)."""
-    from include.rollout.metrics import quantile_from_buckets
+    from vision_rollout.metrics import quantile_from_buckets
 
     eb, lb, hb = quantile_from_buckets(base, q)
     ec, lc, hc = quantile_from_buckets(canary, q)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from include.rollout.gates import (
+from vision_rollout.gates import (
     Check,
     GateConfig,
     GuardInputs,
@@ -43,9 +43,9 @@ from include.rollout.gates import (
     guard_checks,
     nominal_alpha,
 )
-from include.rollout.mesh import Router
-from include.rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
-from include.rollout.spec import RolloutSpec
+from vision_rollout.mesh import Router
+from vision_rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
+from vision_rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def validation_labels(folder: Path) -> dict[str, int]:
     """sha256 of each validation image -> its label: how a replayed request finds its truth."""
     import hashlib
 
-    from include.rollout.replay import load_validation
+    from vision_rollout.replay import load_validation
 
     return {hashlib.sha256(image).hexdigest(): label for _, image, label in load_validation(folder)}
 
@@ -407,7 +407,7 @@ class StageJudge:
         return self._labels
 
     def replay_round(self) -> None:
-        from include.rollout.replay import replay
+        from vision_rollout.replay import replay
 
         arms = {"baseline": self.spec.baseline_version, "canary": self.spec.candidate_version}
         replay(self.server_address, self.spec.model, arms, self.validation, self.replay_limit,

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from include.rollout.audit import AuditResult
-from include.rollout.gates import Check, Verdict
-from include.rollout.spec import RolloutSpec
+from vision_rollout.audit import AuditResult
+from vision_rollout.gates import Check, Verdict
+from vision_rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from include.rollout.audit import wilson
+    from vision_rollout.audit import wilson
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     colours = {"baseline": "#4477aa", "canary": "#ee6677"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -20,26 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from include.rollout.serving import ModelServerAdmin
+from vision_rollout.metrics import parse_exposition
+from vision_rollout.serving import ModelServerAdmin
 
-ROOT = Path(__file__).resolve().parents[2]
-
-SAMPLE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)(?: \d+)?$")
-LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_exposition(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Prometheus text format 0.0.4 samples with names as written (no ``_total`` munging)."""
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE_RE.match(line)
-        if m is None:
-            raise ValueError(f"unparseable exposition line: {line!r}")
-        out.append((m.group(1), dict(LABEL_RE.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))  # as the Makefile sets it
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -164,7 +148,7 @@ def start_model_server(
         token_file.touch(mode=0o600)
         token_file.write_text(token)
         cmd += ["--admin-token-file", str(token_file)]
-    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    pythonpath = os.pathsep.join(p for p in (PYTHONPATH, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -298,7 +282,7 @@ def airflow_env(home: Path, port: int, connections: dict[str, dict[str, Any]]) -
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'plugins'}",
+        "PYTHONPATH": PYTHONPATH,
         "ORT_DISABLE_TELEMETRY": "1",
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from include.rollout.serving import AdminError, ModelServerAdmin
 from model_server.traffic import Destination, TrafficPolicy
+from vision_rollout.serving import AdminError, ModelServerAdmin
 
 log = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ def _policy(path: Path) -> Any:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from include.rollout.gates import evaluate_gate
+    from vision_rollout.gates import evaluate_gate
 
     config = {}
     for item in args.set:
@@ -90,7 +90,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from include.rollout.audit import audit, write_report
+    from vision_rollout.audit import audit, write_report
 
     end = datetime.now(UTC)
     result = audit(args.prediction_log, end - _since(args.since), end, args.model)
@@ -107,7 +107,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_mesh(args: argparse.Namespace) -> int:
     import yaml
 
-    from include.rollout.mesh import (
+    from vision_rollout.mesh import (
         IstioRouter,
         IstioTarget,
         LocalRouter,
@@ -148,7 +148,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from include.rollout.images import verify_model
+    from vision_rollout.images import verify_model
 
     model_dir = args.model_dir
     validation = model_dir / "validation" if model_dir else None
@@ -169,11 +169,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from include.rollout.engine import Rollout, StageJudge, StageOutcome
-    from include.rollout.mesh import LocalRouter
-    from include.rollout.metrics import PrometheusSource
-    from include.rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
-    from include.rollout.spec import RolloutSpec, SpecError
+    from vision_rollout.engine import Rollout, StageJudge, StageOutcome
+    from vision_rollout.mesh import LocalRouter
+    from vision_rollout.metrics import PrometheusSource
+    from vision_rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
+    from vision_rollout.spec import RolloutSpec, SpecError
 
     try:
         spec = RolloutSpec.from_dict(json.loads(args.spec.read_text()))

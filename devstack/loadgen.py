@@ -1,4 +1,4 @@
-"""``python -m model_server.loadgen`` / ``loadgen``: replay the digits validation images as traffic.
+"""``python -m devstack.loadgen`` / ``loadgen``: replay the digits validation images as traffic.
 
 Open loop at a target rate (requests are scheduled, not sent back to back), from several
 users with device types, tenants and realistic sensitive-looking metadata (phone numbers,

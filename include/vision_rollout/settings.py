@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from include.rollout.mesh import IstioTarget
-from include.rollout.serving import ModelServerAdmin
+from vision_rollout.mesh import IstioTarget
+from vision_rollout.serving import ModelServerAdmin
 
 CONNECTION = "model_server_default"
 

@@ -1,1 +1,0 @@
-"""The rollout library: pure logic with no Airflow imports."""
