@@ -4,7 +4,8 @@
 Roll a new version of a model out to production, or roll it back, with the evidence.
 
 1. **build_image**: verify the candidate artifact (loads, signature, golden inference); then load it
-   beside the baseline (mesh `local`) or build its image with Kaniko in a pod (mesh `istio`).
+   beside the baseline (mesh `local`), or (mesh `istio`) **kaniko_build** builds its image in a
+   pod (skipped in local mode) and **deploy_candidate** runs it as its own Deployment.
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
 3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
    log only masked.
@@ -28,9 +29,9 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task, task_group
+from airflow.sdk import Param, TriggerRule, dag, task, task_group
 
-from rollout_airflow.operators import PromotionApproval
+from rollout_airflow.operators import KanikoBuild, PromotionApproval
 from rollout_airflow.sensors import StageMetricsSensor
 from vision_rollout.spec import RolloutSpec
 
@@ -80,9 +81,13 @@ def rollout_params() -> dict[str, Param]:
 def model_rollout() -> None:
     from rollout_airflow import steps
 
-    @task(retries=1)
+    @task
     def build_image(params: dict[str, Any]) -> dict[str, Any]:
-        return steps.build_image(params, get_current_context())
+        return steps.build_image(params)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)  # after the image build, or its skip in local mode
+    def deploy_candidate(params: dict[str, Any], ti: Any) -> str:
+        return steps.deploy_candidate(params, ti.xcom_pull(task_ids="build_image"))
 
     @task
     def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -138,13 +143,16 @@ def model_rollout() -> None:
             # tripped guard fails without retrying.
             waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied,
                                         retries=2, retry_delay=timedelta(seconds=5))  # fmt: skip
-            if index == 0:  # mirror and masking, checked once before the first stage is judged
+            if index == 0:  # after the candidate's Deployment; mirror and masking checked once
+                deployed >> applied
                 applied >> enable_shadow() >> waited
             return statistical_gate(waited.output)
 
         return group(previous)
 
     built = previous = build_image()
+    deployed = KanikoBuild(task_id="kaniko_build", plan=built, retries=1, retry_delay=timedelta(minutes=1)) >> \
+        deploy_candidate()  # fmt: skip
     gates = []
     for index in range(MAX_STAGES):
         previous = stage(index, previous)

@@ -1,5 +1,11 @@
-"""``approve_promotion``: a reviewer's go before promotion (Airflow 3's human-in-the-loop).
+"""The rollout's own operators.
 
+``kaniko_build``: the candidate's serving image built by Kaniko in a pod, the cncf provider's
+KubernetesPodOperator fed by ``build_image``'s plan (XCom): its own task in the UI, with its
+retries, its log streamed from the pod and deferrable mode from Airflow's configuration
+(``[operators] default_deferrable``). Skipped when the plan is empty (mesh ``local``).
+
+``approve_promotion``: a reviewer's go before promotion (Airflow 3's human-in-the-loop).
 Asks only when the run was triggered with ``require_approval`` and the evidence says promote;
 otherwise it skips. The reviewer sees the stage verdicts and the shadow audit in the UI's
 "Required Actions" and answers Promote or Roll back; no answer within ``response_timeout``
@@ -11,9 +17,38 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.standard.operators.hitl import HITLOperator
 
 PROMOTE, ROLL_BACK = "Promote", "Roll back"
+
+
+class KanikoBuild(KubernetesPodOperator):
+    """``kaniko_build``: runs the build pod ``plan`` describes (``steps.kaniko_plan``: ``pod``, a
+    V1Pod as a dict, its ``name`` and ``namespace``), streams its log and deletes it once it
+    succeeded (a failed one stays for inspection). Skipped without a plan."""
+
+    template_fields = (*KubernetesPodOperator.template_fields, "plan")
+
+    def __init__(self, *, plan: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("kubernetes_conn_id", "kubernetes_default")
+        kwargs.setdefault("startup_timeout_seconds", 600)
+        super().__init__(get_logs=True, on_finish_action="delete_succeeded_pod", **kwargs)
+        self.plan = plan
+
+    def prepare(self, plan: dict[str, Any]) -> None:
+        """The pod of this build: its template, name and namespace from the plan."""
+        self.pod_template_dict = plan["pod"]
+        self.name, self.namespace = plan["name"], plan["namespace"]
+
+    def execute(self, context: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        plan = (self.plan or {}).get("build")
+        if not plan:
+            raise AirflowSkipException("mesh 'local': the candidate is loaded beside the baseline, no image to build")
+        self.prepare(plan)
+        return super().execute(context)
 
 
 class PromotionApproval(HITLOperator):

@@ -49,9 +49,9 @@ def router(spec: RolloutSpec, run_id: str) -> Any:
     return hook.router(spec.model, settings.workdir(spec.model, run_id) / "original-routes.json")
 
 
-def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
+def build_image(params: dict[str, Any]) -> dict[str, Any]:
     """Verify the candidate before any traffic; then, in local mode, load it beside the baseline;
-    in kubernetes mode (mesh ``istio``), build its serving image with Kaniko in a pod."""
+    in kubernetes mode (mesh ``istio``), plan its image build (``build``: run by ``kaniko_build``)."""
     from vision_rollout.images import verify_model
 
     spec = spec_from(params)
@@ -62,21 +62,17 @@ def build_image(params: dict[str, Any], context: Any = None) -> dict[str, Any]:
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
-        build, tag = kaniko_operator(spec, report.sha256)
-        build.execute(context)  # the KubernetesPodOperator: runs the pod, streams its log, cleans up
-        return {**report.to_dict(), "image": tag, "deployment": deploy_candidate(spec, tag)}
+        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256)}
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
 
-def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
-    """The KubernetesPodOperator that builds the candidate's image with Kaniko, and the image tag
-    (from the artifact's digest) it pushes.
+def kaniko_plan(spec: RolloutSpec, sha256: str) -> dict[str, Any]:
+    """The Kaniko pod that builds the candidate's image (``pod``, a V1Pod as a dict, its ``name``
+    and ``namespace``) and the ``image`` tag, from the artifact's digest, that it pushes.
 
     Settings from the ``model_server_default`` extras' ``build`` section (``BuildSettings``).
     """
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
     from vision_rollout.images import image_tag, kaniko_pod
 
     build = serving()[1].build
@@ -93,16 +89,16 @@ def kaniko_operator(spec: RolloutSpec, sha256: str) -> tuple[Any, str]:
     namespace = build.namespace
     pod = kaniko_pod(name, namespace, context, tag, f"models/{spec.model}/{spec.candidate_version}/model.onnx",
                      sha256, service_account=build.service_account, docker_config_secret=build.push_secret)  # fmt: skip
-    operator = KubernetesPodOperator(  # noqa: AIR001 (runs inside the build_image task)
-        task_id="build_image", name=name, namespace=namespace, kubernetes_conn_id="kubernetes_default",
-        pod_template_dict=pod, get_logs=True,
-        on_finish_action="delete_succeeded_pod", startup_timeout_seconds=600,
-    )  # fmt: skip
-    return operator, tag
+    return {"pod": pod, "name": name, "namespace": namespace, "image": tag}
 
 
-def deploy_candidate(spec: RolloutSpec, image: str) -> str:
-    """Kubernetes mode: the candidate's Deployment (its image, its subset's labels), pods ready."""
+def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
+    """Kubernetes mode, once ``kaniko_build`` pushed the image: the candidate's Deployment (that
+    image, its subset's labels), its pods ready. Local mode: ``build_image`` loaded it already."""
+    spec = spec_from(params)
+    if spec.mesh == "local":
+        return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
+    image = built["build"]["image"]
     hook, settings = serving()
     deployments = hook.deployments(spec.model)
     replicas = settings.build.replicas

@@ -60,7 +60,7 @@ def test_params_come_from_the_spec_schema(dagbag):
 
 
 def test_every_dag_has_an_owner_tags_and_its_retries(dagbag):
-    """Retries where a retry computes the same thing again (the build, the stage waits, the
+    """Retries where a retry computes the same thing again (the image build, the stage waits, the
     hourly audit); none on the steps that change traffic or decide: a failure there is handled
     by the teardown and the failure callback, not repeated."""
     for dag in dagbag.dags.values():
@@ -68,9 +68,24 @@ def test_every_dag_has_an_owner_tags_and_its_retries(dagbag):
         assert {t.owner for t in dag.tasks} == {"ml-platform"}
     retries = {t.task_id: t.retries for t in dagbag.dags["model_rollout"].tasks}
     for task_id, n in retries.items():
-        expected = 2 if task_id.endswith(".wait_for_metrics") else 1 if task_id == "build_image" else 0
+        expected = 2 if task_id.endswith(".wait_for_metrics") else 1 if task_id == "kaniko_build" else 0
         assert n == expected, (task_id, n)
     assert {t.retries for t in dagbag.dags["shadow_audit"].tasks} == {1}
+
+
+def test_the_image_build_is_its_own_pod_task_between_verification_and_the_first_stage(dagbag):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import conf
+
+    dag = dagbag.dags["model_rollout"]
+    kaniko = dag.get_task("kaniko_build")
+    assert isinstance(kaniko, KubernetesPodOperator)
+    assert kaniko.deferrable == conf.getboolean("operators", "default_deferrable")  # Airflow's setting
+    assert kaniko.upstream_task_ids == {"build_image"}
+    deploy = dag.get_task("deploy_candidate")
+    assert deploy.upstream_task_ids == {"kaniko_build"}
+    assert deploy.trigger_rule == "none_failed"  # runs after local mode's skipped build, not a failed one
+    assert {"build_image", "deploy_candidate"} <= dag.get_task("stage_1.apply_mesh_weights").upstream_task_ids
 
 
 def test_the_metrics_waits_retry(dagbag):
@@ -81,13 +96,15 @@ def test_the_metrics_waits_retry(dagbag):
 
 
 def test_parsing_imports_nothing_heavy():
+    """The numerical and serving libraries load in the tasks, never at parse time. The kubernetes
+    client does: the image build is the cncf provider's KubernetesPodOperator, its own task."""
     import os
     import subprocess
     import sys
 
     code = ("import runpy, sys\n"
             "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
-            "print(sorted(m for m in ('pandas', 'scipy', 'onnxruntime', 'kubernetes', 'matplotlib', 'tritonclient')"
+            "print(sorted(m for m in ('pandas', 'scipy', 'numpy', 'onnxruntime', 'matplotlib', 'tritonclient')"
             " if m in sys.modules))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     out = subprocess.run(

@@ -41,8 +41,14 @@ def kube(monkeypatch, tmp_path):
 def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
     from kubernetes import client
 
-    operator, tag = steps.kaniko_operator(RolloutSpec.from_dict(PARAMS), SHA)
+    from rollout_airflow.operators import KanikoBuild
+
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA)
+    tag = plan["image"]
     assert tag == "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
+    assert json.loads(json.dumps(plan)) == plan  # it travels by XCom
+    operator = KanikoBuild(task_id="kaniko_build", plan={"build": plan})
+    operator.prepare(plan)
     pod = operator.build_pod_request_obj()  # what the operator would create
     api = client.ApiClient()
     rendered = api.sanitize_for_serialization(pod)
@@ -50,6 +56,7 @@ def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
         api.sanitize_for_serialization(api._ApiClient__deserialize(rendered, "V1Pod")) == rendered
     )  # valid V1Pod
     assert pod.metadata.namespace == "ml-builds"
+    assert pod.metadata.name.startswith("build-digits-2-c0ffeec0")
     assert pod.spec.service_account_name == "kaniko"
     assert pod.spec.restart_policy == "Never"
     (container,) = pod.spec.containers
@@ -67,7 +74,16 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
         {"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}))  # fmt: skip
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
-        steps.kaniko_operator(RolloutSpec.from_dict(PARAMS), SHA)
+        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA)
+
+
+def test_local_mode_has_no_image_to_build():
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from rollout_airflow.operators import KanikoBuild
+
+    with pytest.raises(AirflowSkipException, match="no image to build"):
+        KanikoBuild(task_id="kaniko_build", plan={"sha256": SHA}).execute({})  # a local-mode report
 
 
 def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
@@ -105,7 +121,7 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     from kubernetes import client
 
     tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
-    assert steps.deploy_candidate(RolloutSpec.from_dict(PARAMS), tag) == "digits-v2"
+    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}) == "digits-v2"
     obj = deployment(kube, "2")
     api = client.ApiClient()
     assert (
