@@ -41,6 +41,7 @@ test: models prometheus chromium
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 serve: models
 	$(BIN)/model-server --repository models --host 127.0.0.1 --port 8000
