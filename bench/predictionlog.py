@@ -48,6 +48,7 @@ from bench.serving import machine, run_for  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.masking import KeyRing, Masker  # noqa: E402
 from model_server.predictionlog import GATE_COLUMNS, Inference, Label, PredictionLog  # noqa: E402
+from vision_rollout.replay import load_validation  # noqa: E402
 
 HOUR = datetime(2026, 11, 25, 10, tzinfo=UTC).timestamp()
 USERS = 2_000  # each with its own metadata: the writer's and the reader's caches see real variety
@@ -85,7 +86,7 @@ def written(server: ModelServerProcess) -> float:
 def serving(repository: Path, seconds: float, rounds: int, tmp: Path) -> dict[str, Any]:
     import tritonclient.http as httpclient
 
-    image = sorted((repository / "digits" / "validation").glob("*.png"))[0].read_bytes()
+    [(_, image, _)] = load_validation(repository / "digits" / "validation", limit=1)
     servers = {
         "off": start_model_server(repository, tmp / "off", "--load-model", "digits"),
         "control": start_model_server(repository, tmp / "control", "--load-model", "digits"),  # = off

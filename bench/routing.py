@@ -35,6 +35,7 @@ import tritonclient.http as httpclient  # noqa: E402
 
 from bench.serving import machine  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
+from vision_rollout.replay import load_validation  # noqa: E402
 
 RULES = [
     {"match": {"headers": {"x-tenant": {"exact": "canary-testers"}}}, "route": [{"version": "2"}]},
@@ -46,7 +47,7 @@ MODES = ("direct", "routed", "shadow")
 
 def make_input(model: str, repository: Path) -> httpclient.InferInput:
     if model == "digits":
-        image = sorted((repository / "digits" / "validation").glob("*.png"))[0].read_bytes()
+        [(_, image, _)] = load_validation(repository / "digits" / "validation", limit=1)
         inp = httpclient.InferInput("image", [1], "BYTES")
         inp.set_data_from_numpy(np.array([image], dtype=object))
     else:

@@ -38,6 +38,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.config import load_config  # noqa: E402
 from model_server.preprocess import images_to_features  # noqa: E402
+from vision_rollout.replay import load_validation  # noqa: E402
 
 ort.set_default_logger_severity(3)
 
@@ -110,8 +111,8 @@ class Case:
 def digits_case(repository: Path, session: ort.InferenceSession, batch: int) -> Case:
     pre = load_config(repository / "digits").preprocess
     assert pre is not None
-    files = sorted((repository / "digits" / "validation").glob("*.png"))[:batch]
-    images = np.array([f.read_bytes() for f in files], dtype=object)
+    images = np.array([image for _, image, _ in load_validation(repository / "digits" / "validation", batch)],
+                      dtype=object)  # fmt: skip
     features = images_to_features(images, pre, "image")
 
     def make_input() -> httpclient.InferInput:

@@ -47,6 +47,7 @@ from bench.serving import machine  # noqa: E402
 from devstack.loadgen import LoadConfig, run  # noqa: E402
 from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
+from vision_rollout.replay import load_validation  # noqa: E402
 
 TOKEN = "bench-soak"
 MIRROR_ALL: dict[str, Any] = {
@@ -230,12 +231,7 @@ def main() -> None:
     requests.put(
         f"{server.http}/v2/models/digits/traffic", json=MIRROR_ALL, headers=auth, timeout=10
     ).raise_for_status()
-    digit = (
-        repo
-        / "digits"
-        / "validation"
-        / sorted(p.name for p in (repo / "digits" / "validation").glob("*.png"))[0]
-    ).read_bytes()
+    [(_, digit, _)] = load_validation(repo / "digits" / "validation", limit=1)
     tally = Tally()
     stop = threading.Event()
 

@@ -10,7 +10,6 @@ after ``--duration`` seconds or ``--requests`` requests and prints a JSON summar
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vision_rollout.replay import load_validation
 
 DEVICES = ("ios", "android", "web")
 
@@ -90,11 +91,6 @@ def sensitive_metadata(rng: random.Random, user: int) -> dict[str, str]:
     return meta
 
 
-def load_validation(folder: Path) -> list[tuple[bytes, int]]:
-    with (folder / "labels.csv").open() as f:
-        return [((folder / r["file"]).read_bytes(), int(r["label"])) for r in csv.DictReader(f)]
-
-
 class FeedbackPoster:
     """Posts due labels in batches from a thread of its own."""
 
@@ -154,7 +150,7 @@ def run(cfg: LoadConfig) -> LoadStats:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    samples = load_validation(cfg.validation)
+    samples = [(image, label) for _, image, label in load_validation(cfg.validation)]
     stats = LoadStats()
     lock = threading.Lock()
     poster = FeedbackPoster(cfg, stats, lock)

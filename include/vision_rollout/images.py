@@ -9,7 +9,6 @@ artifact's digest.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,10 +49,10 @@ def _signature(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 
 def _golden(model_dir: Path, validation: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    with (validation / "labels.csv").open() as f:
-        rows = list(csv.DictReader(f))[:n]
-    images = np.array([(validation / r["file"]).read_bytes() for r in rows], dtype=object)
-    return images, np.array([int(r["label"]) for r in rows])
+    from vision_rollout.replay import load_validation
+
+    rows = load_validation(validation, n)
+    return np.array([image for _, image, _ in rows], dtype=object), np.array([label for _, _, label in rows])
 
 
 def verify_model(

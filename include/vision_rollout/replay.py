@@ -18,9 +18,20 @@ import pandas as pd
 
 
 def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
-    with (folder / "labels.csv").open() as f:
-        rows = list(csv.DictReader(f))[:limit]
-    return [(r["file"], (folder / r["file"]).read_bytes(), int(r["label"])) for r in rows]
+    """A model's validation set, the one reader: ``labels.csv`` (``file``, ``label``) and the
+    images it names, in its order, at most ``limit``: [(file name, image bytes, label)]. A row
+    naming a file outside the folder, or without an integer label, is refused with its line."""
+    out: list[tuple[str, bytes, int]] = []
+    with (folder / "labels.csv").open(newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            if limit is not None and len(out) >= limit:
+                break
+            name, label = row.get("file") or "", row.get("label") or ""
+            if Path(name).name != name or name in {"", ".", ".."} or not label.strip().isdigit():
+                raise ValueError(f"{folder / 'labels.csv'} line {line}: expected a file name in this folder "
+                                 f"and an integer label, got {name[:80]!r}, {label[:20]!r}")  # fmt: skip
+            out.append((name, (folder / name).read_bytes(), int(label)))
+    return out
 
 
 def replay(

@@ -130,6 +130,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import string
 
     from model_server.predictionlog import read
+    from vision_rollout.replay import load_validation
     from vision_rollout.serving import AdminError
 
     spec = spec_from(params)
@@ -150,7 +151,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     )
     rid = next(r for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24))
                            for _ in range(10_000)) if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
-    image = sorted(settings.validation(spec.model).glob("*.png"))[0].read_bytes()
+    [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
     body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
                         "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
     started = datetime.now(UTC)

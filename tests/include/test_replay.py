@@ -8,7 +8,7 @@ import pytest
 
 from tests.support import TOKEN
 from vision_rollout.gates import GuardInputs, evaluate_gate
-from vision_rollout.replay import accuracy_drop, replay
+from vision_rollout.replay import accuracy_drop, load_validation, replay
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +39,16 @@ def test_replay_pairs_versions_and_the_gate_judges_them(server_factory, repo_cop
     assert next(c for c in v_worse.checks if c.name == "accuracy_paired").decision == "fail"
     assert v_worse.decision == "fail"
     assert {"accuracy_paired", "guard_accuracy_drop"} <= {c.name for c in v_worse.failed}
+
+
+def test_the_validation_set_is_read_in_its_order_and_bounded(tmp_path):
+
+    (tmp_path / "a.png").write_bytes(b"A")
+    (tmp_path / "b.png").write_bytes(b"B")
+    (tmp_path / "labels.csv").write_text("file,label\nb.png,7\na.png,3\n")
+    assert load_validation(tmp_path) == [("b.png", b"B", 7), ("a.png", b"A", 3)]
+    assert load_validation(tmp_path, limit=1) == [("b.png", b"B", 7)]
+    for row in ("../secret,1", "a.png,seven", "/etc/passwd,1", ",2"):
+        (tmp_path / "labels.csv").write_text(f"file,label\na.png,3\n{row}\n")
+        with pytest.raises(ValueError, match=r"labels\.csv line 3: expected a file name in this folder"):
+            load_validation(tmp_path)
