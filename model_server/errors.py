@@ -1,7 +1,9 @@
-"""One exception class per HTTP meaning, mapped to a status once (in app.py).
+"""Every exception class of the model server.
 
-The body is always ``{"error": "<message>"}``: tritonclient turns exactly that into
-``InferenceServerException(msg=<message>, status=<code>)``.
+``ServerError`` and its subclasses are one class per HTTP meaning, mapped to a status once (in
+app.py). The body is always ``{"error": "<message>"}``: tritonclient turns exactly that into
+``InferenceServerException(msg=<message>, status=<code>)``. The last three classes never reach
+a client as such: each is caught by the module that raised it, or by its one caller.
 """
 
 from __future__ import annotations
@@ -47,7 +49,45 @@ class ModelUnavailable(ServerError):
     status = 503
 
 
+class OutOfMemory(ModelUnavailable):
+    """A device allocation failed: retryable, counted apart from other failures."""
+
+
+class Preempted(ModelUnavailable):
+    """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""
+
+
 class InferenceFailed(ServerError):
     """The model itself failed on input that passed validation."""
 
     status = 500
+
+
+class InjectedFault(InferenceFailed):
+    """An abort injected by fault injection: a backend failure to the metrics, FAULT in the log."""
+
+
+def failure_reason(exc: ServerError) -> str:
+    """The reason the failure metrics count (Triton's): OOM, INVALID_INPUT or BACKEND."""
+    if isinstance(exc, OutOfMemory):
+        return "OOM"
+    return "INVALID_INPUT" if exc.status < 500 else "BACKEND"
+
+
+def outcome_of(exc: ServerError) -> str:
+    """A failed inference's outcome in the prediction log: the metrics' reason, or FAULT."""
+    return "FAULT" if isinstance(exc, InjectedFault) else failure_reason(exc)
+
+
+class PolicyError(ValueError):
+    """An invalid traffic policy; the message names the field and the reason (the admin API
+    answers it as InvalidInput)."""
+
+
+class MaskingUnavailable(Exception):
+    """No usable key for a tenant: its records must not be written."""
+
+
+class HeaderLimitExceeded(Exception):
+    """Request headers over a limit, raised from the HTTP parser's callback: the connection
+    answers 431 before anything reaches the application (httpserver.py)."""

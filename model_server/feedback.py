@@ -31,14 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter
-
+from model_server import metrics
 from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized
-
-FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
-FEEDBACK_CORRECT = Counter(
-    "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
-)
 
 
 def read_key(path: Path, create: bool = False) -> bytes:
@@ -194,8 +188,8 @@ class FeedbackStore:
                 raise Conflict(f"request {rid!r} already has feedback")
             served.labelled = True
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
-        FEEDBACK.labels(model, served.version).inc(len(truth))
-        FEEDBACK_CORRECT.labels(model, served.version).inc(correct)
+        metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
+        metrics.FEEDBACK_CORRECT.labels(model, served.version).inc(correct)
         return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 
 

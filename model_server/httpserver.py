@@ -20,13 +20,11 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from model_server.errors import HeaderLimitExceeded
+
 MAX_HEADER_BYTES = 60 * 1024
 MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 30.0
-
-
-class HeaderLimitExceeded(Exception):
-    pass
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):

@@ -41,6 +41,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
+from model_server.errors import MaskingUnavailable
+
 log = logging.getLogger(__name__)
 
 _NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
@@ -118,10 +120,6 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyzBCDFGH"
 _TO_TOKEN = str.maketrans(_B32, _ALPHABET)
 _FROM_TOKEN = str.maketrans(_ALPHABET, _B32)
 TOKEN_RE = re.compile(r"tok_([a-zBCDFGH]{8})_([a-zBCDFGH]+)")
-
-
-class MaskingUnavailable(Exception):
-    """No usable key for a tenant: its records must not be written."""
 
 
 def _encode(raw: bytes) -> str:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from model_server.traffic import TrafficPolicy
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,33 @@ TRAFFIC_FILE_ERRORS = Counter(
 HTTP_REQUESTS = Counter(
     "model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code")
 )
+FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
+FEEDBACK_CORRECT = Counter(
+    "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
+)
+PREDICTION_LOG_RECORDS = Counter(
+    "prediction_log_records_total",
+    "Prediction log rows by outcome (written; dropped: writer backlog full; mask_unavailable: no "
+    "usable key for the tenant; error: the write failed)",
+    ("outcome",),
+)
+PREDICTION_LOG_FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
+
+
+def show_traffic_policy(model: str, policy: TrafficPolicy | None) -> None:
+    """Set a model's traffic gauges to its policy (None: it has none), dropping the series of
+    versions the policy no longer names."""
+    for gauge in (TRAFFIC_WEIGHT, MIRROR_PERCENT):
+        for family in gauge.collect():
+            for sample in family.samples:
+                if sample.labels["model"] == model:
+                    gauge.remove(model, sample.labels["version"])
+    if policy is None:
+        return
+    for d in policy.route:
+        TRAFFIC_WEIGHT.labels(model, d.version).set(d.weight)
+    if policy.mirror is not None:
+        MIRROR_PERCENT.labels(model, policy.mirror.version).set(policy.mirror.percent)
 
 
 class NvmlCollector(Collector):

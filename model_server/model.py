@@ -36,7 +36,14 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
-from model_server.errors import InferenceFailed, InvalidInput, ModelUnavailable, ServerError
+from model_server.errors import (
+    InferenceFailed,
+    InjectedFault,
+    InvalidInput,
+    ModelUnavailable,
+    OutOfMemory,
+    Preempted,
+)
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import check_pixels, images_to_features
 from model_server.protocol import InferInput
@@ -381,27 +388,3 @@ class Fault:
             time.sleep(self.delay_ms / 1000)
         if self.abort_percent and random.random() * 100 < self.abort_percent:  # noqa: S311
             raise InjectedFault(f"{where}: injected fault (abort)")
-
-
-class OutOfMemory(ModelUnavailable):
-    """A device allocation failed: retryable, counted apart from other failures."""
-
-
-class Preempted(ModelUnavailable):
-    """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""
-
-
-class InjectedFault(InferenceFailed):
-    """An abort injected by fault injection: a backend failure to the metrics, FAULT in the log."""
-
-
-def failure_reason(exc: ServerError) -> str:
-    """The reason the failure metrics count (Triton's): OOM, INVALID_INPUT or BACKEND."""
-    if isinstance(exc, OutOfMemory):
-        return "OOM"
-    return "INVALID_INPUT" if exc.status < 500 else "BACKEND"
-
-
-def outcome_of(exc: ServerError) -> str:
-    """A failed inference's outcome in the prediction log: the metrics' reason, or FAULT."""
-    return "FAULT" if isinstance(exc, InjectedFault) else failure_reason(exc)

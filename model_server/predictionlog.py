@@ -43,21 +43,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from prometheus_client import Counter
 
+from model_server import metrics
+from model_server.errors import MaskingUnavailable
 from model_server.files import write_private
-from model_server.masking import SUSPECT, Key, Masker, MaskingUnavailable
+from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
 
 log = logging.getLogger(__name__)
-
-RECORDS = Counter(
-    "prediction_log_records_total",
-    "Prediction log rows by outcome (written; dropped: writer backlog full; mask_unavailable: no "
-    "usable key for the tenant; error: the write failed)",
-    ("outcome",),
-)
-FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
 
 SCHEMA = pa.schema([
     ("time", pa.timestamp("us", tz="UTC")),  # when the request (or label) was received
@@ -260,7 +253,7 @@ class PredictionLog:
                 self._pending_bytes += size
                 return True
         rows = record.items if isinstance(record, Inference) else len(record.labels)
-        RECORDS.labels("dropped").inc(rows)
+        metrics.PREDICTION_LOG_RECORDS.labels("dropped").inc(rows)
         return False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -357,7 +350,9 @@ class PredictionLog:
                 kept_keys.append(key)
                 kept_tenants.append(t)
                 continue
-            RECORDS.labels("mask_unavailable").inc(len(rec.labels) if isinstance(rec, Label) else rec.items)
+            metrics.PREDICTION_LOG_RECORDS.labels("mask_unavailable").inc(
+                len(rec.labels) if isinstance(rec, Label) else rec.items
+            )
             log.error("prediction log record of request %s dropped: %s", rec.request_id, key)
         return kept, kept_keys, kept_tenants
 
@@ -536,10 +531,10 @@ class PredictionLog:
                     rows = table.num_rows
                     self._write(folder, table)
                 except Exception as exc:  # a failed write loses this file's rows, counted; others go on
-                    RECORDS.labels("error").inc(rows or sum(_rows_of(r) for r in recs))
+                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows or sum(_rows_of(r) for r in recs))
                     log.error("prediction log write of %d records in %s failed: %s", len(recs), folder, exc)
                     continue
-                RECORDS.labels("written").inc(rows)
+                metrics.PREDICTION_LOG_RECORDS.labels("written").inc(rows)
                 written += rows
             return written
 
@@ -561,7 +556,7 @@ class PredictionLog:
             else:  # an object store: the object appears whole when its single PUT completes
                 with self.fs.open_output_stream(f"{folder}/{name}") as out:
                     out.write(buf)
-            FILES.inc()
+            metrics.PREDICTION_LOG_FILES.inc()
 
 
 def _rows_of(rec: Inference | Label) -> int:

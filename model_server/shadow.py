@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from model_server import metrics
-from model_server.errors import ServerError
-from model_server.model import LoadedVersion, OutOfMemory, Preempted, outcome_of
+from model_server.errors import OutOfMemory, Preempted, ServerError, outcome_of
+from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
 from model_server.trace import TraceContext, log_access

@@ -24,6 +24,7 @@ from typing import Any
 import re2
 
 from model_server.config import ascii_uint
+from model_server.errors import PolicyError
 from model_server.files import write_private
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envo
 MAX_REGEX_CHARS = 1024
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
-
-
-class PolicyError(ValueError):
-    """An invalid policy; the message names the field and the reason."""
 
 
 def bucket(key: str) -> int:
@@ -308,6 +305,11 @@ class PolicyStore:
 
     def get(self, model: str) -> TrafficPolicy | None:
         return self._policies.get(model)
+
+    def versions(self, model: str) -> set[str]:
+        """The versions the model's policy routes or mirrors to (none without a policy)."""
+        policy = self._policies.get(model)
+        return policy.versions() if policy is not None else set()
 
     def apply(self, model: str, policy: TrafficPolicy) -> None:
         with self._lock:

@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from model_server import metrics
 from model_server.errors import InvalidInput
 from model_server.repository import ModelRepository
 
@@ -30,11 +30,11 @@ def test_retired_version_keeps_its_session_until_its_last_request(repo_copy):
         repo.load("digits", policy(2))  # v1 leaves service while a request holds it
         assert held.retired
         assert held.session is not None  # still running the held request
-        assert metrics.OPEN_SESSIONS.labels("digits")._value.get() == 2
+        assert REGISTRY.get_sample_value("model_server_open_sessions", {"model": "digits"}) == 2
         with repo.use("digits") as fresh:
             assert fresh.version == 2  # new requests already go to the new version
     assert held.session is None  # released after the last in-flight request
-    assert metrics.OPEN_SESSIONS.labels("digits")._value.get() == 1
+    assert REGISTRY.get_sample_value("model_server_open_sessions", {"model": "digits"}) == 1
     repo.close_all()
 
 

@@ -20,6 +20,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from model_server import predictionlog
 from model_server.app import is_shadow_host
@@ -58,6 +59,11 @@ def keys_file(tmp_path, tenants: dict[str, str] | None = None):
         json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": tenants or {}})
     )
     return path
+
+
+def records(outcome: str) -> float:
+    """prediction_log_records_total of one outcome, as /metrics shows it (0 before the first)."""
+    return REGISTRY.get_sample_value("prediction_log_records_total", {"outcome": outcome}) or 0.0
 
 
 def writer(tmp_path, uri=None, keys=None, **kw) -> PredictionLog:
@@ -285,7 +291,7 @@ def test_truncated_garbage_and_malformed_records_are_skipped_and_counted(log_uri
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.append(primary())
-    before = predictionlog.RECORDS.labels("error")._value.get()
+    before = records("error")
 
     def crash(fd):
         raise OSError("disk pulled")
@@ -293,7 +299,7 @@ def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(predictionlog.os, "fsync", crash)  # after the bytes, before the rename
     assert w.flush() == 0
     assert [p for p in (tmp_path / "log").rglob("*") if p.is_file()] == []
-    assert predictionlog.RECORDS.labels("error")._value.get() == before + 2
+    assert records("error") == before + 2
 
 
 def test_each_file_is_one_put_on_s3(s3, tmp_path):
@@ -315,9 +321,9 @@ def test_a_failed_put_is_counted_and_the_writer_goes_on(s3, tmp_path):
     missing = s3.uri().replace(f"s3://{BUCKET}/", "s3://no-such-bucket/")
     w = writer(tmp_path, missing)
     w.append(primary())
-    before = predictionlog.RECORDS.labels("error")._value.get()
+    before = records("error")
     assert w.flush() == 0  # the PUT fails: counted, logged, nothing raised into the thread
-    assert predictionlog.RECORDS.labels("error")._value.get() == before + 2
+    assert records("error") == before + 2
     good = writer(tmp_path, s3.uri())
     good.append(primary())
     assert good.flush() == 2
@@ -339,25 +345,25 @@ def test_large_flushes_are_split_into_files_under_the_put_limit(tmp_path, monkey
 def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_path):
     keys = keys_file(tmp_path, {"acme": "bad"})
     w = writer(tmp_path, keys=keys)
-    before = predictionlog.RECORDS.labels("mask_unavailable")._value.get()
+    before = records("mask_unavailable")
     w.append(primary("acme-1", {"x-tenant": "acme", "x-meta-phone": "13800138000"}))
     w.append(primary("globex-1", {"x-tenant": "globex", "x-meta-phone": "13800138000"}))
     w.append(Label(time.time(), "digits", None, "acme-2", [1], "acme"))
     w.flush()
     df = read(tmp_path / "log", *window())
     assert set(df["request_id"]) == {"globex-1"}
-    assert predictionlog.RECORDS.labels("mask_unavailable")._value.get() == before + 3
+    assert records("mask_unavailable") == before + 3
     for f in (tmp_path / "log").rglob("*.parquet"):
         assert b"13800138000" not in f.read_bytes()
 
 
 def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
     w = writer(tmp_path, max_pending=2)
-    before = predictionlog.RECORDS.labels("dropped")._value.get()
+    before = records("dropped")
     assert w.append(primary("a"))
     assert w.append(primary("b"))
     assert not w.append(primary("c"))
-    assert predictionlog.RECORDS.labels("dropped")._value.get() == before + 2  # its two items
+    assert records("dropped") == before + 2  # its two items
     assert w.flush() == 4
 
 

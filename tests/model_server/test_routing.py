@@ -145,8 +145,9 @@ def test_a_load_or_unload_that_drops_a_routed_version_gets_409(routed, digit_ima
 
     split = {"route": [{"version": "1", "weight": 30}, {"version": "2", "weight": 70}]}
     assert put_policy(routed, split).status_code == 200
+    only_1 = json.dumps({"version_policy": {"specific": {"versions": [1]}}})
     with pytest.raises(InferenceServerException, match=r"routes to version\(s\) \[2\]") as err:
-        routed.load_versions("digits", 1)
+        routed.client().load_model("digits", headers=routed.admin, config=only_1)  # Triton's own client
     assert err.value.status() == "409"
     r = requests.post(f"{routed.http}/v2/repository/models/digits/unload", headers=routed.admin, timeout=10)
     assert r.status_code == 409

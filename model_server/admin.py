@@ -1,0 +1,114 @@
+"""The admin calls without their transport: traffic policies, loads and unloads, fault
+injection, and the watched traffic file. The HTTP layer checks the admin token before any."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from model_server import metrics
+from model_server.errors import InvalidInput, PolicyError, ServerError
+from model_server.model import Fault
+from model_server.repository import ModelRepository
+from model_server.traffic import PolicyStore, TrafficPolicy, default_policy, read_traffic_file
+
+log = logging.getLogger(__name__)
+
+
+class Admin:
+    """Changes what serves: the traffic policies and the loaded versions the data plane serves
+    from. A policy must name loaded versions, and a load or unload must keep them."""
+
+    def __init__(self, repo: ModelRepository, policies: PolicyStore):
+        self.repo = repo
+        self.policies = policies
+
+    # -- traffic policy ---------------------------------------------------------------------
+
+    def policy(self, model: str) -> TrafficPolicy:
+        """The model's traffic policy; without one, the default: the highest loaded version."""
+        current = self.policies.get(model)
+        if current is None:
+            _, loaded = self.repo.loaded(model)
+            current = default_policy(loaded)
+        return current
+
+    def check_policy(self, model: str, raw: object) -> TrafficPolicy:
+        """``raw`` as a policy of the model, every version it names loaded; InvalidInput if not."""
+        try:
+            policy = TrafficPolicy.from_dict(raw)
+            _, loaded = self.repo.loaded(model)
+            policy.check_loaded(loaded)
+        except PolicyError as exc:
+            raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None
+        return policy
+
+    async def set_policy(self, model: str, raw: object) -> None:
+        policy = self.check_policy(model, raw)
+        await asyncio.to_thread(self.policies.apply, model, policy)
+        log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
+
+    async def remove_policy(self, model: str) -> None:
+        """Back to the default: the highest loaded version."""
+        self.repo.model_dir(model)
+        await asyncio.to_thread(self.policies.remove, model)
+        log.info("traffic policy for %r removed", model)
+
+    async def watch_traffic_file(self, path: Path, poll_s: float) -> None:
+        """Apply the file's policies when it changes; a bad file changes nothing."""
+        seen: tuple[int, int] | None = None
+        while True:
+            try:
+                st = path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp is not None and stamp != seen:
+                seen = stamp
+                try:
+                    wanted = read_traffic_file(path)
+                    checked = {m: self.check_policy(m, p.to_dict()) for m, p in wanted.items()}
+                    for model, policy in checked.items():
+                        if self.policies.get(model) != policy:
+                            await asyncio.to_thread(self.policies.apply, model, policy)
+                            log.info("traffic policy for %r from %s", model, path)
+                except (PolicyError, ServerError) as exc:
+                    metrics.TRAFFIC_FILE_ERRORS.inc()
+                    log.error("traffic file not applied: %s", getattr(exc, "message", exc))
+                except Exception:  # the watcher outlives any file: "²" as a version once ended it
+                    metrics.TRAFFIC_FILE_ERRORS.inc()
+                    log.exception("traffic file not applied")
+            await asyncio.sleep(poll_s)
+
+    # -- model repository -------------------------------------------------------------------
+
+    async def load(self, model: str, override: dict[str, Any] | None = None) -> None:
+        """Load (or reload) a model, with a config override; refused (409) if it would leave out
+        a version the traffic policy routes or mirrors to."""
+        await asyncio.to_thread(self.repo.load, model, override, self.policies.versions(model))
+
+    async def unload(self, model: str) -> None:
+        """Unload every version; refused (409) while the traffic policy routes to one."""
+        await asyncio.to_thread(self.repo.unload, model, self.policies.versions(model))
+
+    # -- fault injection --------------------------------------------------------------------
+
+    def fault(self, model: str, version: str) -> Fault:
+        """The faults injected into one version (none: the zero fault)."""
+        with self.repo.use(model, version) as lv:
+            return lv.fault or Fault()
+
+    def set_fault(self, model: str, version: str, raw: object) -> Fault:
+        """Inject a delay or failures into one version (as Istio's fault injection does)."""
+        with self.repo.use(model, version) as lv:
+            lv.fault = Fault.from_dict(raw)
+            log.warning(
+                "fault injection on %r version %s: %s",
+                lv.name,
+                lv.label,
+                lv.fault.to_dict() if lv.fault else "cleared",
+            )
+            return lv.fault or Fault()

@@ -1,0 +1,385 @@
+"""The data plane: what the server does with a request, without HTTP (KServe's ``DataPlane``).
+
+The HTTP routes (app.py) parse a request and send the answer; everything between is here:
+readiness, metadata, which version serves (the traffic policy), inference through the
+repository, the copy for the shadow, the prediction log record, feedback labels. Methods take
+plain values and protocol objects and raise the exceptions of errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from model_server import __version__, metrics
+from model_server.config import ModelConfig
+from model_server.errors import Preempted, ServerError, failure_reason, outcome_of
+from model_server.feedback import FeedbackStore
+from model_server.model import LoadedVersion
+from model_server.predictionlog import Inference, Label, PredictionLog
+from model_server.protocol import MAX_JSON_BYTES, InferRequest, decode_infer_request, encode_infer_response
+from model_server.repository import ModelRepository
+from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
+from model_server.trace import TraceContext, log_access
+from model_server.traffic import PolicyStore, TrafficPolicy
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """One inference request as the transport received it: its ids, its headers, its clock."""
+
+    request_id: str
+    trace: TraceContext = field(default_factory=lambda: TraceContext.from_header(None))
+    headers: Mapping[str, str] = field(default_factory=dict)  # names in lower case (HTTP's match any case)
+    client: str = "unknown"  # the client's address: the sticky key of a request without X-User-ID
+    received_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)  # its latency counts from here
+    shadow_copy: bool = False  # a copy made by Istio's mirror
+    probe: bool = False  # the rollout's masking probe (the transport checked the admin token)
+
+
+class Route(NamedTuple):
+    """Which version serves a request, what decided it, and the policy it was decided under."""
+
+    version: str | None  # None: the highest loaded version
+    decided_by: str  # version (the client named it), route, a rule (its name or rules[i]), mirror
+    policy: TrafficPolicy | None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """An encoded inference response, with what the transport sends beside it."""
+
+    payload: bytes
+    json_length: int | None  # the JSON part's length when binary outputs follow it, else None
+    version: str  # the version that served
+    feedback_token: str | None  # the credential for this prediction's label (none for a shadow copy)
+    shadow: ShadowJob | None  # the copy for the shadow version: submit it once the response is sent
+
+
+def shadow_record(result: ShadowResult) -> Inference:
+    """The prediction log record of an in-process shadow copy."""
+    job = result.job
+    scores = None if result.outputs is None else result.outputs[job.outputs[0]]
+    primary = job.primary_outputs[job.outputs[0]]
+    items = primary.shape[0] if job.batched and primary.ndim > 1 else 1
+    return Inference(
+        job.received_at, job.model, job.shadow_version, "shadow", "mirror", job.request_id,
+        job.trace.trace_id, job.trace.span_id, result.latency_ms, result.outcome, scores,
+        job.inputs[0].data, job.batched, job.metadata, items,
+    )  # fmt: skip
+
+
+class DataPlane:
+    """Serves inference on a model repository under its traffic policies: routes each request,
+    runs it, mirrors copies to the shadow, logs predictions and takes their labels.
+
+    ``start`` and ``stop`` bracket serving; the server is ready only in between.
+    """
+
+    def __init__(
+        self,
+        repo: ModelRepository,
+        policies: PolicyStore,
+        feedback: FeedbackStore,
+        mirror: ShadowMirror,
+        prediction_log: PredictionLog | None = None,
+        max_json_bytes: int = MAX_JSON_BYTES,
+    ):
+        self.repo = repo
+        self.policies = policies
+        self.feedback_store = feedback
+        self.mirror = mirror
+        self.prediction_log = prediction_log
+        self.max_json_bytes = max_json_bytes  # an infer request's JSON part
+        self.running = False
+
+    async def start(self) -> None:
+        """Restore the persisted traffic policies, start the prediction log and the mirror: ready."""
+        restored = await asyncio.to_thread(self.policies.restore)
+        if restored:
+            log.info("restored traffic policies for %s", restored)
+        if self.prediction_log is not None:
+            self.prediction_log.start()
+        self.mirror.start()
+        self.running = True
+
+    async def stop(self) -> None:
+        """Not ready; finish the queued shadow copies and the log's last records; release the models."""
+        self.running = False
+        await self.mirror.stop()
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.close)  # the last records, shadow copies included
+        self.repo.close_all()
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    def not_ready_reason(self) -> str | None:
+        """Why the server is not ready, or None. Ready once started and while every traffic
+        policy's versions are loaded (after a restart, a restored policy may name versions that
+        have not loaded yet, or failed to)."""
+        if not self.running:
+            return "starting or stopping"
+        reasons = [r for m in self.policies.models() if (r := self._unserved(m)) is not None]
+        return "; ".join(reasons) if reasons else None
+
+    def model_not_ready_reason(self, model: str, version: str | None = None) -> str | None:
+        """Why a model (or one version) is not ready, or None; ModelNotFound for a model the
+        repository does not have."""
+        if self.repo.is_ready(model, version):
+            return None if version is not None else self._unserved(model)
+        self.repo.model_dir(model)
+        return f"model '{model}'" + (f" version {version}" if version else "") + " is not ready"
+
+    def _unserved(self, model: str) -> str | None:
+        """Why the model's traffic policy cannot be served as it stands (a routed or mirrored
+        version not loaded), or None."""
+        wanted = self.policies.versions(model)
+        loaded = {str(v) for v in self.repo.loaded_versions(model)}
+        missing = sorted(wanted - loaded, key=int)
+        if not missing:
+            return None
+        return f"model '{model}': the traffic policy routes to version(s) {missing}, not loaded"
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "model-server", "version": __version__, "extensions": EXTENSIONS}
+
+    def _versions(self, model: str, version: str | None) -> tuple[ModelConfig, dict[int, LoadedVersion]]:
+        if version is not None:
+            with self.repo.use(model, version) as lv:
+                return lv.config, {lv.version: lv}
+        return self.repo.loaded(model)
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        cfg, versions = self._versions(model, version)
+        return {
+            "name": cfg.name,
+            "versions": [str(v) for v in sorted(versions)],
+            "platform": cfg.platform,
+            "inputs": [s.as_metadata() for s in cfg.inputs],
+            "outputs": [s.as_metadata() for s in cfg.outputs],
+            "execution_providers": {str(v): lv.provider for v, lv in sorted(versions.items())},
+            "parameters": {"versions": {str(v): lv.metadata() for v, lv in sorted(versions.items())}},
+        }
+
+    def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
+        cfg, _ = self._versions(model, version)
+        return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy}
+
+    def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Triton's repository index: one entry per loaded version, one per idle model."""
+        return self.repo.index(ready_only=ready_only)
+
+    # -- inference --------------------------------------------------------------------------
+
+    def route(self, model: str, version: str | None, ctx: RequestContext) -> Route:
+        """The version a client named (``version``, else X-Model-Version), else the traffic
+        policy's choice: its header rules, then its weighted route by the sticky hash of
+        X-User-ID (else of the client's address). A shadow copy goes to the policy's mirror."""
+        headers = ctx.headers
+        version = version or headers.get("x-model-version")
+        decided = "version" if version else "route"
+        policy = self.policies.get(model)
+        if ctx.shadow_copy:
+            decided = "mirror"
+            if version is None and policy is not None and policy.mirror is not None:
+                version = policy.mirror.version
+        elif version is None and policy is not None:
+            version, decided = policy.choose(headers, headers.get("x-user-id") or ctx.client)
+        return Route(version, decided, policy)
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        body: bytes,
+        ctx: RequestContext,
+        json_length: str | None = None,
+    ) -> InferResult:
+        """Route, decode, run and encode one request (``body``: the KServe v2 JSON, or with
+        ``json_length`` its JSON part and binary tensors).
+
+        Every outcome is counted on the version that was chosen and, when sampled (always for
+        shadow copies, replays and every request while a mirror runs), logged. A primary of a
+        classifier is remembered for its label, and a routed one may carry a copy for the
+        shadow. A shadow copy yields to primaries and is counted and logged as shadow, never
+        routed, mirrored or remembered for feedback.
+        """
+        route = self.route(model, version, ctx)
+        decided, policy = route.decided_by, route.policy
+        rid, trace, started, shadow_copy = ctx.request_id, ctx.trace, ctx.started, ctx.shadow_copy
+        plog = self.prediction_log
+        role = "shadow" if shadow_copy else "primary"
+        with self.repo.use(model, route.version, routed_by=None if decided == "version" else decided) as lv:
+            vm = lv.shadow_metrics if shadow_copy else lv.metrics
+            batched = bool(lv.config.max_batch_size)
+            # Sampling spares pairs and evidence: shadow copies, every request of a version the
+            # policy mirrors and requests that named their version (replays) are always logged.
+            logged = plog is not None and (
+                decided in ("mirror", "version")
+                or (policy is not None and policy.mirror is not None and policy.mirror.version != lv.label)
+                or plog.sampled(rid)
+            )
+            req = None
+            try:
+                req = decode_infer_request(body, json_length, self.max_json_bytes)
+                outputs = lv.validate(req.inputs, req.outputs)
+                if shadow_copy:
+                    results, batch, timing = await self.mirror.yielding_run(lv, req.inputs, outputs, rid)
+                else:
+                    with self.mirror.gate:
+                        results, batch, timing = await lv.infer(req.inputs, outputs)
+                encode_start = time.perf_counter()
+                specs = {s.name: s for s in lv.config.outputs}
+                # The credential for this prediction's label (a shadow copy's answer has no client).
+                token = None if shadow_copy else self.feedback_store.signer.token(model, rid)
+                payload, json_len = encode_infer_response(
+                    lv.name,
+                    lv.label,
+                    [
+                        (
+                            n,
+                            specs[n].datatype,
+                            arr,
+                            req.outputs[n] if req.outputs else req.binary_output_default,
+                        )
+                        for n, arr in zip(outputs, results, strict=True)
+                    ],
+                    req.id,
+                    None if token is None else {"feedback_token": token},
+                )
+            except ServerError as exc:
+                latency_ms = (time.perf_counter() - started) * 1000
+                dropped = shadow_copy and isinstance(exc, Preempted)
+                if shadow_copy:
+                    # A copy the candidate refuses as a client error (Istio mirrors every request,
+                    # garbage included) is counted apart: a client must not move the shadow guard.
+                    outcome = "dropped" if dropped else "rejected" if exc.status < 500 else "error"
+                    metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
+                if not dropped:
+                    vm.failure(failure_reason(exc))
+                log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
+                if logged:
+                    self._log(ctx, model, role, decided, lv.label, None if dropped else latency_ms,
+                              "DROPPED" if dropped else outcome_of(exc), None, req, batched, len(body))  # fmt: skip
+                raise
+            done = time.perf_counter()
+            log_access(
+                role, model, lv.label, rid, trace, 200, (done - started) * 1000, req.inputs[0].data, batched
+            )
+            scores = results[0]
+            if shadow_copy:
+                vm.succeeded(batch, done - started, timing, 0.0)
+                metrics.SHADOW_REQUESTS.labels(model, lv.label, "ok").inc()
+            else:
+                vm.succeeded(batch, done - started, timing, done - encode_start)
+                metrics.ROUTED.labels(model, lv.label, decided).inc()
+                if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
+                    self.feedback_store.record(
+                        rid, model, lv.label, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
+                    )
+            if logged:
+                self._log(ctx, model, role, decided, lv.label, (done - started) * 1000, "ok", scores, req,
+                          batched, len(body))  # fmt: skip
+        shadow = None
+        # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
+        shadow_version = None
+        if policy is not None and decided not in ("version", "mirror"):
+            shadow_version = policy.mirror_for(lv.label, rid)
+        if shadow_version is not None:
+            shadow = ShadowJob(
+                model=model,
+                primary_version=lv.label,
+                shadow_version=shadow_version,
+                inputs=req.inputs,
+                outputs=outputs,
+                request_id=rid,
+                trace=trace.child(),
+                received_at=ctx.received_at,
+                primary_outputs=dict(zip(outputs, results, strict=True)),
+                primary_latency_ms=(done - started) * 1000,
+                metadata=request_metadata(ctx.headers),
+                batched=batched,
+                probe=ctx.probe,
+            )
+        return InferResult(payload, json_len, lv.label, token, shadow)
+
+    def _log(
+        self,
+        ctx: RequestContext,
+        model: str,
+        role: str,
+        route: str,
+        version: str,
+        latency_ms: float | None,
+        outcome: str,
+        scores: np.ndarray | None,
+        req: InferRequest | None,
+        batched: bool,
+        size: int,
+    ) -> None:
+        """Hand one inference to the prediction log: references only, no work on this path."""
+        assert self.prediction_log is not None
+        data = req.inputs[0].data if req is not None and req.inputs else None
+        if scores is not None:
+            items = scores.shape[0] if batched and scores.ndim > 1 else 1
+        else:
+            items = data.shape[0] if data is not None and batched and data.ndim else 1
+        record = Inference(ctx.received_at, model, version, role, route, ctx.request_id, ctx.trace.trace_id,
+                           ctx.trace.span_id, latency_ms, outcome, scores, data, batched,
+                           request_metadata(ctx.headers), items, size)  # fmt: skip
+        self.prediction_log.append(record)
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    def class_labels(self, model: str) -> list[str] | None:
+        """The names a label may give instead of a class index (the config's metadata.labels);
+        ModelNotFound for a model the repository does not have."""
+        return self.repo.model_config(model).metadata.get("labels")
+
+    def feedback(
+        self,
+        model: str,
+        body: Any,
+        class_labels: list[str] | None,
+        tenant: str | None = None,
+        received_at: float | None = None,
+    ) -> dict[str, Any]:
+        """Delayed labels: one ``{"request_id", "label", "token"}``, or a list (answered item by
+        item, each with its status). ``tenant`` is the request's X-Tenant.
+
+        With a prediction log every valid label is appended to it, also for a request this
+        replica did not serve (another may have): ``matched_locally: false``. Without one, a
+        request id not served here is refused (ModelNotFound).
+        """
+        received_at = time.time() if received_at is None else received_at
+        plog = self.prediction_log
+
+        def one(item: Any) -> dict[str, Any]:
+            fb = self.feedback_store.label(
+                model, item, class_labels, accept_unmatched=plog is not None, tenant=tenant
+            )
+            logged = plog is not None and plog.append(
+                Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
+            )
+            return fb.answer(logged)
+
+        if not isinstance(body, list):
+            return one(body)
+        results = []
+        for item in body:
+            try:
+                results.append({"status": 200, **one(item)})
+            except ServerError as exc:
+                results.append({"status": exc.status, "error": exc.message})
+        return {"results": results}

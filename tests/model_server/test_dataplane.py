@@ -1,0 +1,336 @@
+"""The data plane without HTTP: routing, inference, the shadow copy, the prediction log record,
+feedback and readiness, driven through DataPlane (and Admin) on a real repository."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from model_server import metrics
+from model_server.admin import Admin
+from model_server.dataplane import DataPlane, InferResult, RequestContext, Route
+from model_server.errors import (
+    Conflict,
+    InjectedFault,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    Unauthorized,
+)
+from model_server.feedback import FeedbackSigner, FeedbackStore
+from model_server.masking import KeyRing, Masker
+from model_server.predictionlog import PredictionLog, read
+from model_server.repository import ModelRepository
+from model_server.shadow import ShadowMirror
+from model_server.traffic import PolicyStore, TrafficPolicy
+from tests.conftest import ROOT
+
+SPLIT = {"route": [{"version": "1", "weight": 10}, {"version": "2", "weight": 90}]}
+MIRROR = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+
+
+@pytest.fixture
+def repo(models_dir):
+    """digits versions 1 and 2 loaded (nothing persisted: no state folder)."""
+    repo = ModelRepository(models_dir, ["CPUExecutionProvider"])
+    repo.load("digits", {"version_policy": {"specific": {"versions": [1, 2]}}})
+    yield repo
+    repo.close_all()
+
+
+def data_plane(repo, prediction_log=None, state_dir=None) -> DataPlane:
+    policies = PolicyStore(state_dir, on_change=metrics.show_traffic_policy)
+    feedback = FeedbackStore(FeedbackSigner(b"data-plane-test-key"))
+    return DataPlane(repo, policies, feedback, ShadowMirror(repo), prediction_log)
+
+
+@pytest.fixture
+def dp(repo) -> DataPlane:
+    return data_plane(repo)
+
+
+def apply(dp: DataPlane, policy: dict) -> None:
+    dp.policies.apply("digits", TrafficPolicy.from_dict(policy))
+
+
+def request(image: bytes) -> tuple[bytes, str]:
+    """A KServe v2 request body with one image as binary data, and its JSON part's length."""
+    blob = struct.pack("<I", len(image)) + image
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
+    return head + blob, str(len(head))
+
+
+def infer(dp: DataPlane, image: bytes, ctx: RequestContext, version: str | None = None) -> InferResult:
+    body, json_length = request(image)
+    return asyncio.run(dp.infer("digits", version, body, ctx, json_length))
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+def test_route_splits_users_by_weight_and_keeps_each_on_one_version(dp):
+    apply(dp, SPLIT)
+    routes = {
+        u: dp.route("digits", None, RequestContext("r", headers={"x-user-id": f"user-{u}"}))
+        for u in range(2000)
+    }
+    shares = Counter(r.version for r in routes.values())
+    assert set(shares) == {"1", "2"}
+    assert 0.85 < shares["2"] / 2000 < 0.95
+    assert {r.decided_by for r in routes.values()} == {"route"}
+    again = dp.route("digits", None, RequestContext("other", headers={"x-user-id": "user-7"}))
+    assert again.version == routes[7].version  # sticky: the user's bucket, not the request's
+
+
+def test_without_x_user_id_the_client_address_is_the_sticky_key(dp):
+    apply(dp, SPLIT)
+    versions = {
+        c: dp.route("digits", None, RequestContext("r", client=f"10.0.0.{c}")).version for c in range(200)
+    }
+    assert set(versions.values()) == {"1", "2"}
+    assert all(dp.route("digits", None, RequestContext("x", client=f"10.0.0.{c}")).version == v
+               for c, v in versions.items())  # fmt: skip
+
+
+def test_a_named_version_overrides_rules_and_weights(dp):
+    apply(dp, {**SPLIT, "rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                                   "route": [{"version": "1"}]}]})  # fmt: skip
+    acme = RequestContext("r", headers={"x-tenant": "acme", "x-user-id": "u"})
+    assert dp.route("digits", None, acme) == Route("1", "acme", dp.policies.get("digits"))
+    header = RequestContext("r", headers={"x-tenant": "acme", "x-model-version": "2"})
+    assert dp.route("digits", None, header)[:2] == ("2", "version")
+    assert dp.route("digits", "1", header)[:2] == ("1", "version")  # the path's version before the header
+
+
+def test_without_a_policy_the_highest_loaded_version_serves(dp, digit_images):
+    assert dp.route("digits", None, RequestContext("r"))[:2] == (None, "route")
+    result = infer(dp, digit_images[0][0], RequestContext("r"))
+    assert result.version == "2"
+    assert result.shadow is None
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+def test_infer_serves_the_routed_version_and_counts_it_by_what_decided(dp, digit_images):
+    apply(dp, SPLIT)
+    ctx = RequestContext("req-1", headers={"x-user-id": "user-7"})
+    chosen = dp.route("digits", None, ctx).version
+    before = sample("model_server_routed_requests_total", model="digits", version=chosen, decided_by="route")
+    result = infer(dp, digit_images[0][0], ctx)
+    assert result.version == chosen
+    assert result.json_length is None  # outputs as JSON: nothing asked for binary
+    answer = json.loads(result.payload)
+    assert answer["model_version"] == chosen
+    assert np.asarray(answer["outputs"][0]["data"]).shape == (10,)
+    assert result.feedback_token == dp.feedback_store.signer.token("digits", "req-1")
+    after = sample("model_server_routed_requests_total", model="digits", version=chosen, decided_by="route")
+    assert after == before + 1
+
+
+def test_a_request_the_model_cannot_decode_is_counted_on_the_chosen_version(dp):
+    failures = metrics.REQUEST_FAILURE.value("digits", "1", "INVALID_INPUT")
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length"):
+        asyncio.run(dp.infer("digits", "1", b"{}", RequestContext("bad"), "99"))
+    assert metrics.REQUEST_FAILURE.value("digits", "1", "INVALID_INPUT") == failures + 1
+
+
+def test_a_routed_version_that_is_not_loaded_is_503_and_a_named_one_404(dp, digit_images):
+    apply(dp, {"route": [{"version": "3", "weight": 100}]})
+    with pytest.raises(ModelUnavailable, match="chosen by the traffic policy's route"):
+        infer(dp, digit_images[0][0], RequestContext("r"))
+    with pytest.raises(ModelNotFound, match="version 3 is not loaded"):
+        infer(dp, digit_images[0][0], RequestContext("r"), version="3")
+
+
+def test_an_injected_abort_fails_the_request_as_a_backend_failure(repo, dp, digit_images):
+    admin = Admin(repo, dp.policies)
+    admin.set_fault("digits", "1", {"abort": {"percent": 100}})
+    assert admin.fault("digits", "1").abort_percent == 100
+    failures = metrics.REQUEST_FAILURE.value("digits", "1", "BACKEND")
+    with pytest.raises(InjectedFault):
+        infer(dp, digit_images[0][0], RequestContext("r"), version="1")
+    assert metrics.REQUEST_FAILURE.value("digits", "1", "BACKEND") == failures + 1
+    assert admin.set_fault("digits", "1", {}).abort_percent == 0  # cleared
+    assert infer(dp, digit_images[0][0], RequestContext("r"), version="1").version == "1"
+
+
+# -- the shadow ---------------------------------------------------------------------------------
+
+
+def test_a_mirrored_request_carries_a_copy_that_the_mirror_runs_on_the_shadow(dp, digit_images):
+    apply(dp, MIRROR)
+    ok = sample("shadow_requests_total", model="digits", version="2", outcome="ok")
+    body, json_length = request(digit_images[0][0])
+
+    async def scenario() -> InferResult:
+        dp.mirror.start()
+        result = await dp.infer("digits", None, body, RequestContext("mirrored-1"), json_length)
+        assert result.shadow is not None  # the policy mirrors every request to version 2
+        await dp.mirror.submit(result.shadow)
+        await asyncio.wait_for(dp.mirror.queue.join(), 60)  # the copy ran
+        await dp.mirror.stop()
+        return result
+
+    result = asyncio.run(scenario())
+    assert result.version == "1"
+    assert (result.shadow.primary_version, result.shadow.shadow_version) == ("1", "2")
+    assert result.shadow.request_id == "mirrored-1"
+    assert sample("shadow_requests_total", model="digits", version="2", outcome="ok") == ok + 1
+
+
+def test_requests_that_name_their_version_are_not_mirrored(dp, digit_images):
+    apply(dp, MIRROR)
+    assert infer(dp, digit_images[0][0], RequestContext("replay"), version="1").shadow is None
+
+
+def test_a_copy_from_istios_mirror_is_served_as_shadow_and_not_counted_as_traffic(dp, digit_images):
+    apply(dp, MIRROR)
+    ctx = RequestContext("copy-1", shadow_copy=True)
+    assert dp.route("digits", None, ctx)[:2] == ("2", "mirror")
+    routed = sample("model_server_routed_requests_total", model="digits", version="2", decided_by="mirror")
+    ok = sample("shadow_requests_total", model="digits", version="2", outcome="ok")
+    result = infer(dp, digit_images[0][0], ctx)
+    assert result.version == "2"
+    assert result.shadow is None  # never mirrored again
+    assert result.feedback_token is None  # nor remembered for feedback
+    assert sample("shadow_requests_total", model="digits", version="2", outcome="ok") == ok + 1
+    assert (
+        sample("model_server_routed_requests_total", model="digits", version="2", decided_by="mirror")
+        == routed
+    )
+
+
+# -- the prediction log -------------------------------------------------------------------------
+
+
+def test_every_request_while_a_mirror_runs_is_logged_with_its_route(repo, digit_images, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="dp-1", sample=0.0)
+    dp = data_plane(repo, plog)
+    infer(dp, digit_images[0][0], RequestContext("unsampled"))  # no mirror, sampling 0: not logged
+    apply(dp, MIRROR)
+    served = infer(dp, digit_images[0][0], RequestContext("mirrored", headers={"x-tenant": "acme"}))
+    with pytest.raises(InvalidInput):
+        asyncio.run(dp.infer("digits", "2", b"{", RequestContext("broken")))
+    assert plog.flush() == 2
+    now = datetime.now(UTC)
+    rows = read(tmp_path / "log", now - timedelta(hours=1), now + timedelta(hours=1)).sort_values("version")
+    assert list(rows["version"]) == ["1", "2"]
+    assert list(rows["role"]) == ["primary", "primary"]
+    assert list(rows["route"]) == ["route", "version"]
+    assert list(rows["outcome"]) == ["ok", "INVALID_INPUT"]
+    assert rows["tenant"].iloc[0] == "acme"
+    top1 = int(np.argmax(json.loads(served.payload)["outputs"][0]["data"]))
+    assert rows["top1"].iloc[0] == top1
+
+
+# -- feedback -----------------------------------------------------------------------------------
+
+
+def test_feedback_joins_the_label_to_the_served_prediction(dp, digit_images):
+    image, label = digit_images[0]
+    result = infer(dp, image, RequestContext("fb-1"))
+    top1 = int(np.argmax(json.loads(result.payload)["outputs"][0]["data"]))
+    item = {"request_id": "fb-1", "label": str(label), "token": result.feedback_token}
+    answer = dp.feedback("digits", item, dp.class_labels("digits"))
+    assert answer == {"request_id": "fb-1", "labels": 1, "matched_locally": True, "version": "2",
+                      "correct": int(top1 == label), "logged": False}  # fmt: skip
+    with pytest.raises(Conflict, match="already has feedback"):
+        dp.feedback("digits", item, dp.class_labels("digits"))
+
+
+def test_feedback_for_an_unknown_request_id_is_refused_without_a_prediction_log(dp):
+    token = dp.feedback_store.signer.token("digits", "never-served")
+    item = {"request_id": "never-served", "label": 1, "token": token}
+    with pytest.raises(ModelNotFound, match="unknown request id"):
+        dp.feedback("digits", item, dp.class_labels("digits"))
+    with pytest.raises(Unauthorized):
+        dp.feedback("digits", {**item, "token": "forged"}, None)
+    answers = dp.feedback("digits", [item, {**item, "token": "forged"}], None)["results"]
+    assert [a["status"] for a in answers] == [404, 401]
+
+
+def test_feedback_for_a_model_the_repository_lacks_is_404(dp):
+    with pytest.raises(ModelNotFound):
+        dp.class_labels("nope")
+
+
+# -- readiness and admin ------------------------------------------------------------------------
+
+
+def test_readiness_names_the_routed_version_that_is_not_loaded(repo, tmp_path):
+    """A restored policy that routes to a version the repository did not load: not ready, and why."""
+    state = tmp_path / "traffic"
+    state.mkdir()
+    (state / "digits.json").write_text(json.dumps({"route": [{"version": "1", "weight": 50},
+                                                             {"version": "3", "weight": 50}]}))  # fmt: skip
+    dp = data_plane(repo, state_dir=state)
+    assert dp.not_ready_reason() == "starting or stopping"
+    expected = "model 'digits': the traffic policy routes to version(s) ['3'], not loaded"
+
+    async def scenario() -> tuple[str | None, str | None]:
+        await dp.start()
+        reasons = dp.not_ready_reason(), dp.model_not_ready_reason("digits")
+        await dp.stop()
+        return reasons
+
+    assert asyncio.run(scenario()) == (expected, expected)
+    assert dp.not_ready_reason() == "starting or stopping"
+
+
+def test_model_readiness_by_version(dp):
+    assert dp.model_not_ready_reason("digits") is None
+    assert dp.model_not_ready_reason("digits", "2") is None
+    assert dp.model_not_ready_reason("digits", "3") == "model 'digits' version 3 is not ready"
+    with pytest.raises(ModelNotFound):
+        dp.model_not_ready_reason("nope")
+
+
+def test_admin_keeps_policies_and_loads_consistent(repo, dp):
+    admin = Admin(repo, dp.policies)
+    assert admin.policy("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
+    with pytest.raises(InvalidInput, match=r"\['3'\] are not loaded"):
+        asyncio.run(admin.set_policy("digits", {"route": [{"version": "3", "weight": 100}]}))
+    asyncio.run(admin.set_policy("digits", SPLIT))
+    assert admin.policy("digits").to_dict() == SPLIT
+    assert sample("model_server_traffic_weight", model="digits", version="1") == 10
+    with pytest.raises(Conflict, match="change the traffic policy first"):
+        asyncio.run(admin.unload("digits"))
+    with pytest.raises(Conflict, match=r"routes to version\(s\) \[1\]"):
+        asyncio.run(admin.load("digits", {"version_policy": {"specific": {"versions": [2]}}}))
+    asyncio.run(admin.remove_policy("digits"))
+    assert (
+        REGISTRY.get_sample_value("model_server_traffic_weight", {"model": "digits", "version": "1"}) is None
+    )
+    asyncio.run(admin.unload("digits"))
+    assert dp.model_not_ready_reason("digits") == "model 'digits' is not ready"
+
+
+def test_the_data_plane_and_admin_need_no_web_framework():
+    """Transport-free: importing them (and all they import) loads no HTTP framework."""
+    code = (
+        "import sys, model_server.dataplane, model_server.admin; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'fastapi', 'uvicorn', 'httptools'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
