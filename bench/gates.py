@@ -76,11 +76,11 @@ def error_rates(sims: int, seed: int) -> list[dict[str, Any]]:
     for looks in (1, 5, 10, 20):
         rng = np.random.default_rng(seed + looks)
         out: dict[str, Any] = {"looks": looks}
-        for name, level_of in (("ours", lambda k, K: nominal_alpha(CFG.alpha, k, K)),
-                               ("naive", lambda k, K: CFG.alpha)):  # fmt: skip
-            at_margin = [
-                sequential_latency(rng, 1 + CFG.latency_margin, looks, 1000, level_of)[0] for _ in range(sims)
-            ]
+        for name, level_of in (
+            ("ours", lambda k, K: nominal_alpha(CFG.alpha, k, K)),
+            ("naive", lambda k, K: CFG.alpha),
+        ):
+            at_margin = [sequential_latency(rng, 1 + CFG.latency_margin, looks, 1000, level_of)[0] for _ in range(sims)]
             equal = [sequential_latency(rng, 1.0, looks, 1000, level_of)[0] for _ in range(sims)]
             out[f"{name}_wrong_pass_at_margin"] = at_margin.count("pass") / sims
             out[f"{name}_wrong_fail_equal"] = equal.count("fail") / sims
@@ -129,22 +129,38 @@ def power_latency(sims: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"regression": regression, "fixed_horizon_n_per_arm": n_fixed}
     for looks in (5, 10):
         n_max = math.ceil(1.1 * n_fixed)
-        runs = [sequential_latency(rng, regression, looks, n_max, lambda k, K: nominal_alpha(CFG.alpha, k, K))
-                for _ in range(sims)]  # fmt: skip
-        out[f"ours_K{looks}"] = {"n_max": n_max, "power": sum(d == "fail" for d, _ in runs) / sims,
-                                 "mean_n": float(np.mean([n for _, n in runs])),
-                                 "mean_n_over_fixed": float(np.mean([n for _, n in runs])) / n_fixed}  # fmt: skip
+        runs = [
+            sequential_latency(rng, regression, looks, n_max, lambda k, K: nominal_alpha(CFG.alpha, k, K))
+            for _ in range(sims)
+        ]
+        out[f"ours_K{looks}"] = {
+            "n_max": n_max,
+            "power": sum(d == "fail" for d, _ in runs) / sims,
+            "mean_n": float(np.mean([n for _, n in runs])),
+            "mean_n_over_fixed": float(np.mean([n for _, n in runs])) / n_fixed,
+        }
     fl = [flagger(rng, regression, 10, max(1, n_fixed // 5)) for _ in range(sims)]
     fl_equal = [flagger(rng, 1.0, 10, max(1, n_fixed // 5)) for _ in range(sims)]
-    out["flagger"] = {"power": sum(f for f, _ in fl) / sims, "false_rollback_equal": sum(f for f, _ in fl_equal) / sims,
-                      "mean_n": float(np.mean([n for _, n in fl]))}  # fmt: skip
-    out["kayenta"] = {"power": sum(kayenta(rng, regression, n_fixed) for _ in range(min(sims, 300))) / min(sims, 300),
-                      "n": n_fixed}  # fmt: skip
-    print(f"(b) latency +10% (margin 5%): fixed horizon {n_fixed}/arm at power {CFG.power}; "
-          + "; ".join(f"ours K={k}: power {out[f'ours_K{k}']['power']:.3f}, mean n {out[f'ours_K{k}']['mean_n']:.0f} "
-                      f"({out[f'ours_K{k}']['mean_n_over_fixed']:.2f}x)" for k in (5, 10))
-          + f"; Flagger-style power {out['flagger']['power']:.3f} (false rollbacks {out['flagger']['false_rollback_equal']:.3f})"
-          f"; Kayenta-style power {out['kayenta']['power']:.3f}", flush=True)  # fmt: skip
+    out["flagger"] = {
+        "power": sum(f for f, _ in fl) / sims,
+        "false_rollback_equal": sum(f for f, _ in fl_equal) / sims,
+        "mean_n": float(np.mean([n for _, n in fl])),
+    }
+    out["kayenta"] = {
+        "power": sum(kayenta(rng, regression, n_fixed) for _ in range(min(sims, 300))) / min(sims, 300),
+        "n": n_fixed,
+    }
+    print(
+        f"(b) latency +10% (margin 5%): fixed horizon {n_fixed}/arm at power {CFG.power}; "
+        + "; ".join(
+            f"ours K={k}: power {out[f'ours_K{k}']['power']:.3f}, mean n {out[f'ours_K{k}']['mean_n']:.0f} "
+            f"({out[f'ours_K{k}']['mean_n_over_fixed']:.2f}x)"
+            for k in (5, 10)
+        )
+        + f"; Flagger-style power {out['flagger']['power']:.3f} (false rollbacks {out['flagger']['false_rollback_equal']:.3f})"
+        f"; Kayenta-style power {out['kayenta']['power']:.3f}",
+        flush=True,
+    )
     return out
 
 
@@ -170,8 +186,12 @@ def power_accuracy(sims: int, seed: int) -> dict[str, Any]:
                 break
         decisions.append(d)
         used.append(n)
-    out["ours_K5"] = {"n_max": n_max, "power": decisions.count("fail") / sims, "mean_n": float(np.mean(used)),
-                      "mean_n_over_fixed": float(np.mean(used)) / n_fixed}  # fmt: skip
+    out["ours_K5"] = {
+        "n_max": n_max,
+        "power": decisions.count("fail") / sims,
+        "mean_n": float(np.mean(used)),
+        "mean_n_over_fixed": float(np.mean(used)) / n_fixed,
+    }
     print(
         f"(b) accuracy -1 pp (margin 0.5 pp, paired): fixed horizon {n_fixed} pairs; ours K=5: power "
         f"{out['ours_K5']['power']:.3f}, mean n {out['ours_K5']['mean_n']:.0f} "
@@ -185,12 +205,14 @@ def timing(seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     rows = []
     for n in (10_000, 100_000, 1_000_000):
-        df = pd.DataFrame({
-            "arm": np.repeat(["baseline", "canary"], n),
-            "latency_ms": np.exp(rng.normal(1.6, SIGMA, 2 * n)),
-            "error": (rng.random(2 * n) < 0.001).astype(int),
-            "correct": (rng.random(2 * n) < 0.96).astype(int),
-        })  # fmt: skip
+        df = pd.DataFrame(
+            {
+                "arm": np.repeat(["baseline", "canary"], n),
+                "latency_ms": np.exp(rng.normal(1.6, SIGMA, 2 * n)),
+                "error": (rng.random(2 * n) < 0.001).astype(int),
+                "correct": (rng.random(2 * n) < 0.96).astype(int),
+            }
+        )
         start = time.perf_counter()
         evaluate_gate(df, GateConfig())
         seconds = time.perf_counter() - start
@@ -217,12 +239,16 @@ SCENARIOS = {
 }
 
 
-def stage_records(rng: np.random.Generator, spec: RolloutSpec, weight: int, ratio: float,
-                  correct: np.ndarray) -> pd.DataFrame:  # fmt: skip
+def stage_records(
+    rng: np.random.Generator, spec: RolloutSpec, weight: int, ratio: float, correct: np.ndarray
+) -> pd.DataFrame:
     """Prediction-log records of one stage starting at t=0: live arms at ``weight`` over the
     bake (and the wait for min_samples), and the replay sent at every poke (look interval)."""
-    horizon = spec.max_stage_seconds if RATE * min(weight, 100 - weight or 100) / 100 * spec.bake_seconds \
-        < spec.min_samples else spec.bake_seconds * 1.02  # fmt: skip
+    horizon = (
+        spec.max_stage_seconds
+        if RATE * min(weight, 100 - weight or 100) / 100 * spec.bake_seconds < spec.min_samples
+        else spec.bake_seconds * 1.02
+    )
     n = rng.poisson(RATE * horizon)
     canary = rng.random(n) < weight / 100
     live_t = rng.uniform(0, horizon, n)
@@ -234,12 +260,22 @@ def stage_records(rng: np.random.Generator, spec: RolloutSpec, weight: int, rati
     m = len(is_c)
     lat = np.exp(rng.normal(math.log(5.0), SIGMA, m) + np.where(is_c, math.log(ratio), 0.0))
     top1 = np.concatenate([np.zeros(n, dtype=int), np.where(correct[r_canary.astype(int), r_image], 0, 1)])
-    return pd.DataFrame({
-        "time": np.concatenate([live_t, r_t]), "model": "digits", "version": np.where(is_c, "2", "1"),
-        "role": "primary", "route": np.concatenate([np.full(n, "route"), np.full(len(r_t), "version")]),
-        "request_id": "", "item": 0, "latency_ms": lat, "outcome": "ok", "top1": top1,
-        "image_sha256": np.concatenate([np.full(n, "live"), r_image.astype(str)]), "label": np.nan,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "time": np.concatenate([live_t, r_t]),
+            "model": "digits",
+            "version": np.where(is_c, "2", "1"),
+            "role": "primary",
+            "route": np.concatenate([np.full(n, "route"), np.full(len(r_t), "version")]),
+            "request_id": "",
+            "item": 0,
+            "latency_ms": lat,
+            "outcome": "ok",
+            "top1": top1,
+            "image_sha256": np.concatenate([np.full(n, "live"), r_image.astype(str)]),
+            "label": np.nan,
+        }
+    )
 
 
 def correctness(rng: np.random.Generator, only_base: float, only_canary: float) -> np.ndarray:
@@ -275,9 +311,7 @@ def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -
 LOOSE = {"error_margin": 0.05, "accuracy_margin": 0.02}  # what make demo loosened on main (latency kept)
 
 
-def main_rollout(
-    rng: np.random.Generator, spec: RolloutSpec, scenario: str, loose: bool = False
-) -> tuple[bool, float]:
+def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str, loose: bool = False) -> tuple[bool, float]:
     """The procedure before this engine: every judgement a fresh replay of the validation set
     (latency fresh, correctness the same images), judged at look (stage of len(stages)); a
     "wait" judged again every bake/looks seconds until max_stage_seconds. ``loose``: with the
@@ -291,16 +325,18 @@ def main_rollout(
     for index, _ in enumerate(spec.stages):
         decision = "wait"
         for attempt in range(tries):  # noqa: B007 (read after the loop: the judgements it took)
-            lat = np.exp(
-                rng.normal(math.log(5.0), SIGMA, 2 * IMAGES) + np.repeat([0.0, math.log(ratio)], IMAGES)
+            lat = np.exp(rng.normal(math.log(5.0), SIGMA, 2 * IMAGES) + np.repeat([0.0, math.log(ratio)], IMAGES))
+            df = pd.DataFrame(
+                {
+                    "arm": np.repeat(["baseline", "canary"], IMAGES),
+                    "latency_ms": lat,
+                    "error": 0,
+                    "correct": np.concatenate([correct[0], correct[1]]).astype(float),
+                    "pair_id": np.tile(np.arange(IMAGES), 2),
+                }
             )
-            df = pd.DataFrame({"arm": np.repeat(["baseline", "canary"], IMAGES), "latency_ms": lat, "error": 0,
-                               "correct": np.concatenate([correct[0], correct[1]]).astype(float),
-                               "pair_id": np.tile(np.arange(IMAGES), 2)})  # fmt: skip
             drop = float(correct[0].mean() - correct[1].mean())
-            decision = evaluate_gate(
-                df, cfg, index + 1, len(spec.stages), GuardInputs(validation_drop=drop)
-            ).decision
+            decision = evaluate_gate(df, cfg, index + 1, len(spec.stages), GuardInputs(validation_drop=drop)).decision
             if decision != "wait":
                 break
         elapsed += spec.bake_seconds + attempt * interval
@@ -312,8 +348,12 @@ def main_rollout(
 def procedure(sims: int, seed: int, workers: int) -> list[dict[str, Any]]:
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = [(n_stages, scenario, which, sims, seed + 1000 * n_stages + 17 * i) for n_stages in STAGES
-            for i, scenario in enumerate(SCENARIOS) for which in ("engine", "main", "main_loose")]  # fmt: skip
+    jobs = [
+        (n_stages, scenario, which, sims, seed + 1000 * n_stages + 17 * i)
+        for n_stages in STAGES
+        for i, scenario in enumerate(SCENARIOS)
+        for which in ("engine", "main", "main_loose")
+    ]
     with ProcessPoolExecutor(workers) as pool:
         cells = list(pool.map(_cell, jobs))
     rows = []
@@ -325,10 +365,12 @@ def procedure(sims: int, seed: int, workers: int) -> list[dict[str, Any]]:
                     row[c["which"]] = {k: c[k] for k in ("promoted", "rolled_back", "mean_seconds", "sims")}
             rows.append(row)
             e, m, ml = row["engine"], row["main"], row["main_loose"]
-            print(f"(p) {n_stages} stage(s) {scenario:20s}: promoted engine {e['promoted']:.3f} main "
-                  f"{m['promoted']:.3f} main with demo margins {ml['promoted']:.3f}; mean time to decision engine "
-                  f"{e['mean_seconds']:.0f} s main {m['mean_seconds']:.0f} s main loose {ml['mean_seconds']:.0f} s",
-                  flush=True)  # fmt: skip
+            print(
+                f"(p) {n_stages} stage(s) {scenario:20s}: promoted engine {e['promoted']:.3f} main "
+                f"{m['promoted']:.3f} main with demo margins {ml['promoted']:.3f}; mean time to decision engine "
+                f"{e['mean_seconds']:.0f} s main {m['mean_seconds']:.0f} s main loose {ml['mean_seconds']:.0f} s",
+                flush=True,
+            )
     return rows
 
 
@@ -341,8 +383,15 @@ def _cell(job: tuple[int, str, str, int, int]) -> dict[str, Any]:
     else:
         results = [main_rollout(rng, spec, scenario, loose=which == "main_loose") for _ in range(sims)]
     promoted = sum(p for p, _ in results) / sims
-    return {"n_stages": n_stages, "scenario": scenario, "which": which, "sims": sims, "promoted": promoted,
-            "rolled_back": 1 - promoted, "mean_seconds": float(np.mean([t for _, t in results]))}  # fmt: skip
+    return {
+        "n_stages": n_stages,
+        "scenario": scenario,
+        "which": which,
+        "sims": sims,
+        "promoted": promoted,
+        "rolled_back": 1 - promoted,
+        "mean_seconds": float(np.mean([t for _, t in results])),
+    }
 
 
 SECTIONS = ("procedure", "error_rates", "power_latency", "power_accuracy", "timing")
@@ -374,10 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     today = time.strftime("%Y-%m-%d")
     result.update({"benchmark": "gates", "machine": machine()})
     result.setdefault("dates", {})
-    result["settings"] = {"sims": args.sims, "procedure_sims": args.procedure_sims, "seed": args.seed,
-                          "alpha": CFG.alpha, "sigma_log_latency": SIGMA, "live_rate": RATE,
-                          "validation_images": IMAGES, "procedure_spec": "RolloutSpec defaults (bake 600 s, "
-                          "max stage 3600 s, 10 looks a stage, min 200 samples), stages as named"}  # fmt: skip
+    result["settings"] = {
+        "sims": args.sims,
+        "procedure_sims": args.procedure_sims,
+        "seed": args.seed,
+        "alpha": CFG.alpha,
+        "sigma_log_latency": SIGMA,
+        "live_rate": RATE,
+        "validation_images": IMAGES,
+        "procedure_spec": "RolloutSpec defaults (bake 600 s, "
+        "max stage 3600 s, 10 looks a stage, min 200 samples), stages as named",
+    }
     for name in args.sections:
         result[name] = runs[name]()
         result["dates"][name] = today

@@ -33,8 +33,17 @@ from devstack.processes import parse_exposition, start_model_server  # noqa: E40
 
 
 def infer_png(url: str, png: bytes) -> np.ndarray:
-    body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"content_type": "base64"},
-                        "data": [base64.b64encode(png).decode()]}]}  # fmt: skip
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(png).decode()],
+            }
+        ]
+    }
     r = requests.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
     r.raise_for_status()
     return np.array(r.json()["outputs"][0]["data"], dtype=np.float32)
@@ -42,13 +51,26 @@ def infer_png(url: str, png: bytes) -> np.ndarray:
 
 def infer_tensor(url: str, x: np.ndarray) -> tuple[np.ndarray, float]:
     """ResNet-18 with binary tensors (the KServe binary extension); (logits, seconds)."""
-    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}],
-                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     t = time.perf_counter()
-    r = requests.post(f"{url}/v2/models/resnet_bench/infer", data=header + x.tobytes(), timeout=60,
-                      headers={"Inference-Header-Content-Length": str(len(header)),
-                               "Content-Type": "application/octet-stream"})  # fmt: skip
+    r = requests.post(
+        f"{url}/v2/models/resnet_bench/infer",
+        data=header + x.tobytes(),
+        timeout=60,
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
     seconds = time.perf_counter() - t
     r.raise_for_status()
     n = int(r.headers["Inference-Header-Content-Length"])
@@ -86,13 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             for model in ("digits", "resnet_bench"):
                 meta = requests.get(f"{gpu.http}/v2/models/{model}", timeout=10).json()
                 providers = set(meta["execution_providers"].values())
-                check(
-                    f"{model}: served by the CUDA provider", providers == {"CUDAExecutionProvider"}, providers
-                )
+                check(f"{model}: served by the CUDA provider", providers == {"CUDAExecutionProvider"}, providers)
             validation = args.repository / "digits" / "validation"
             labels = {
-                r.split(",")[0]: int(r.split(",")[1])
-                for r in (validation / "labels.csv").read_text().split()[1:]
+                r.split(",")[0]: int(r.split(",")[1]) for r in (validation / "labels.csv").read_text().split()[1:]
             }
             agree = correct_gpu = correct_cpu = 0
             max_diff = 0.0
@@ -104,17 +123,28 @@ def main(argv: list[str] | None = None) -> int:
                 correct_cpu += int(b.argmax() == label)
                 max_diff = max(max_diff, float(np.abs(a - b).max()))
             n = len(labels)
-            check("digits: CUDA and CPU agree on every validation image", agree == n,
-                  {"images": n, "agree": agree, "accuracy_cuda": correct_gpu / n, "accuracy_cpu": correct_cpu / n,
-                   "max_abs_probability_diff": max_diff})  # fmt: skip
+            check(
+                "digits: CUDA and CPU agree on every validation image",
+                agree == n,
+                {
+                    "images": n,
+                    "agree": agree,
+                    "accuracy_cuda": correct_gpu / n,
+                    "accuracy_cpu": correct_cpu / n,
+                    "max_abs_probability_diff": max_diff,
+                },
+            )
             before = gauges(gpu.http)
             rng = np.random.default_rng(0)
             x = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
             lg, _ = infer_tensor(gpu.http, x)
             lc, _ = infer_tensor(cpu.http, x)
             rel = float(np.abs(lg - lc).max() / np.abs(lc).max())
-            check("resnet_bench: CUDA logits match CPU (relative max diff < 1e-2)", rel < 1e-2,
-                  {"relative_max_diff": rel, "top1_agree": int((lg.argmax(1) == lc.argmax(1)).sum())})  # fmt: skip
+            check(
+                "resnet_bench: CUDA logits match CPU (relative max diff < 1e-2)",
+                rel < 1e-2,
+                {"relative_max_diff": rel, "top1_agree": int((lg.argmax(1) == lc.argmax(1)).sum())},
+            )
             times: dict[str, list[float]] = {"cuda": [], "cpu": []}
             for _ in range(args.requests):
                 for arm, server in (("cuda", gpu), ("cpu", cpu)):
@@ -122,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             during = gauges(gpu.http)
             p50 = {arm: statistics.median(t) * 1000 for arm, t in times.items()}
             checks["resnet_bench_batch8_p50_ms"] = {**p50, "cpu_over_cuda": p50["cpu"] / p50["cuda"]}
-            print(f"resnet_bench batch 8 p50: cuda {p50['cuda']:.2f} ms, cpu {p50['cpu']:.2f} ms "
-                  f"({p50['cpu'] / p50['cuda']:.1f}x)", flush=True)  # fmt: skip
+            print(
+                f"resnet_bench batch 8 p50: cuda {p50['cuda']:.2f} ms, cpu {p50['cpu']:.2f} ms "
+                f"({p50['cpu'] / p50['cuda']:.1f}x)",
+                flush=True,
+            )
             names = {
                 "nv_gpu_utilization",
                 "nv_gpu_memory_used_bytes",
@@ -139,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             used = during.get("nv_gpu_memory_used_bytes", {})
             total = during.get("nv_gpu_memory_total_bytes", {})
-            check("memory used within total and above zero",
-                  bool(used) and all(0 < used[u] <= total[u] for u in used), {"used": used, "total": total})  # fmt: skip
-            check("gauges read at scrape time (utilization or memory moved under load)", before != during,
-                  {"before": before, "during": during})  # fmt: skip
+            check(
+                "memory used within total and above zero",
+                bool(used) and all(0 < used[u] <= total[u] for u in used),
+                {"used": used, "total": total},
+            )
+            check(
+                "gauges read at scrape time (utilization or memory moved under load)",
+                before != during,
+                {"before": before, "during": during},
+            )
             cpu_gauges = gauges(cpu.http)
             checks["cpu_server_gauges"] = sorted(cpu_gauges)  # NVML sees the GPU whatever the provider
         finally:
@@ -150,8 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             cpu.stop()
     import onnxruntime as ort
 
-    result = {"ok": not failures, "failures": failures, "onnxruntime": ort.__version__,
-              "providers_available": ort.get_available_providers(), "checks": checks}  # fmt: skip
+    result = {
+        "ok": not failures,
+        "failures": failures,
+        "onnxruntime": ort.__version__,
+        "providers_available": ort.get_available_providers(),
+        "checks": checks,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.out}: {'all checks passed' if not failures else 'FAILED: ' + ', '.join(failures)}")

@@ -78,15 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(ROOT / "models" / "digits", repo / "digits")
         shutil.copy(repo / "digits" / "1" / "model.onnx", repo / "digits" / "2" / "model.onnx")
         log_uri = str(work / "predictions")
-        server = start_model_server(repo, work / "logs", "--prediction-log", log_uri,
-                                    "--prediction-log-flush-s", "0.5", token=TOKEN)  # fmt: skip
+        server = start_model_server(
+            repo, work / "logs", "--prediction-log", log_uri, "--prediction-log-flush-s", "0.5", token=TOKEN
+        )
         windows: list[tuple[str, StageWindow, float]] = []
         try:
             server.load_versions("digits", 1, 2)
-            router = make_router("local", url=server.http, model="digits", token=TOKEN,
-                                 state_file=work / "original.json")  # fmt: skip
-            load = LoadConfig(url=server.url, validation=repo / "digits" / "validation", rate=args.rate,
-                              duration_s=args.seconds, feedback_share=0.0)  # fmt: skip
+            router = make_router(
+                "local", url=server.http, model="digits", token=TOKEN, state_file=work / "original.json"
+            )
+            load = LoadConfig(
+                url=server.url,
+                validation=repo / "digits" / "validation",
+                rate=args.rate,
+                duration_s=args.seconds,
+                feedback_share=0.0,
+            )
             for r in range(args.rounds):
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:
                     router.set_routes(policy(mode))
@@ -103,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     for mode in MODES:
         parts = [stage_samples(records, spec, w, until, {}) for m, w, until in windows if m == mode]
         results[mode] = latency(pd.concat(parts, ignore_index=True), spec)
-        print(f"{mode:>10}: canary/baseline geometric-mean latency {results[mode]['ratio']:.4f} "
-              f"(interval {results[mode]['ci'][0]:.4f} to {results[mode]['ci'][1]:.4f}), "
-              f"n = {results[mode]['n_baseline']} / {results[mode]['n_canary']}")  # fmt: skip
-    out = {"machine": machine(), "rounds": args.rounds, "seconds": args.seconds, "rate": args.rate,
-           "results": results}  # fmt: skip
+        print(
+            f"{mode:>10}: canary/baseline geometric-mean latency {results[mode]['ratio']:.4f} "
+            f"(interval {results[mode]['ci'][0]:.4f} to {results[mode]['ci'][1]:.4f}), "
+            f"n = {results[mode]['n_baseline']} / {results[mode]['n_canary']}"
+        )
+    out = {"machine": machine(), "rounds": args.rounds, "seconds": args.seconds, "rate": args.rate, "results": results}
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

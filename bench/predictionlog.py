@@ -191,9 +191,24 @@ def digits_record(i: int, t: float, rng: np.random.Generator, role: str = "prima
     scores = rng.dirichlet(np.full(10, 0.3), 1).astype(np.float32)
     image = np.array([b"\x89PNG" + rng.bytes(300)], dtype=object)
     version, route = ("1", "route") if role == "primary" else ("2", "mirror")
-    return Inference(t, "digits", version, role, route, f"{i:08x}{rng.bytes(12).hex()}", rng.bytes(16).hex(),
-                     rng.bytes(8).hex(), float(rng.gamma(4, 0.3)), "ok", scores, image, True,
-                     METADATA[int(rng.integers(USERS))], 1, 310)  # fmt: skip
+    return Inference(
+        t,
+        "digits",
+        version,
+        role,
+        route,
+        f"{i:08x}{rng.bytes(12).hex()}",
+        rng.bytes(16).hex(),
+        rng.bytes(8).hex(),
+        float(rng.gamma(4, 0.3)),
+        "ok",
+        scores,
+        image,
+        True,
+        METADATA[int(rng.integers(USERS))],
+        1,
+        310,
+    )
 
 
 def writer_rate(tmp: Path, n: int = 50_000) -> dict[str, Any]:
@@ -213,8 +228,12 @@ def writer_rate(tmp: Path, n: int = 50_000) -> dict[str, Any]:
         log.append(rec)
     append_us = (time.perf_counter() - t) / n * 1e6
     log.flush()
-    return {"records": n, "records_per_s": n / wall, "cpu_us_per_record": cpu / n * 1e6,
-            "append_us_per_record": append_us}  # fmt: skip
+    return {
+        "records": n,
+        "records_per_s": n / wall,
+        "cpu_us_per_record": cpu / n * 1e6,
+        "append_us_per_record": append_us,
+    }
 
 
 # -- reading a million records ------------------------------------------------------------------------
@@ -236,14 +255,28 @@ def write_million(folder: Path, tmp: Path, total: int) -> dict[str, Any]:
             answer = np.asarray(p.scores)
             shadow = answer if rng.random() > 0.03 else np.roll(answer, 1, axis=1)  # 3% disagree
             log.append(p)
-            log.append(p._replace(version="2", role="shadow", route="mirror", span_id=rng.bytes(8).hex(),
-                                  latency_ms=float(p.latency_ms or 0) * 1.2, scores=shadow))  # fmt: skip
+            log.append(
+                p._replace(
+                    version="2",
+                    role="shadow",
+                    route="mirror",
+                    span_id=rng.bytes(8).hex(),
+                    latency_ms=float(p.latency_ms or 0) * 1.2,
+                    scores=shadow,
+                )
+            )
             if i < labels:
                 log.append(Label(t + 1, "digits", "1", p.request_id, [int(answer.argmax())], "acme"))
         done += log.flush()
     files = list(folder.rglob("part-*.parquet"))
-    return {"records": done, "pairs": pairs, "labels": labels, "files": len(files),
-            "bytes": sum(f.stat().st_size for f in files), "write_seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "records": done,
+        "pairs": pairs,
+        "labels": labels,
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "write_seconds": time.perf_counter() - started,
+    }
 
 
 def child(kind: str, folder: str) -> None:
@@ -270,8 +303,13 @@ def child(kind: str, folder: str) -> None:
 
 
 def measured(kind: str, folder: Path) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(folder)], capture_output=True,
-                          text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -290,27 +328,39 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-predictionlog-") as name:
         tmp = Path(name)
         serve = serving(args.repository, args.seconds, args.rounds, tmp)
-        print(f"serving digits batch 1 conc 4: off {serve['off_requests_per_s']:.0f} rps, on "
-              f"{serve['on_requests_per_s']:.0f} rps, ratio {serve['throughput_ratio_on_off']:.3f} (median of "
-              f"rounds {serve['throughput_ratio_median_of_rounds']:.3f}); server CPU per request "
-              f"{serve['server_cpu_ms_per_request_off']:.3f} -> {serve['server_cpu_ms_per_request_on']:.3f} ms "
-              f"({serve['server_cpu_ratio_on_off']:.3f}x); control (off vs an identical off): throughput "
-              f"{serve['control_throughput_ratio']:.3f}, CPU {serve['control_cpu_ratio']:.3f}x; p50 "
-              f"{serve['off_p50_ms']:.3f} -> {serve['on_p50_ms']:.3f} ms; records written "
-              f"{serve['records_written_per_s_served']:.0f}/s, dropped {serve['records_dropped']:.0f}", flush=True)  # fmt: skip
+        print(
+            f"serving digits batch 1 conc 4: off {serve['off_requests_per_s']:.0f} rps, on "
+            f"{serve['on_requests_per_s']:.0f} rps, ratio {serve['throughput_ratio_on_off']:.3f} (median of "
+            f"rounds {serve['throughput_ratio_median_of_rounds']:.3f}); server CPU per request "
+            f"{serve['server_cpu_ms_per_request_off']:.3f} -> {serve['server_cpu_ms_per_request_on']:.3f} ms "
+            f"({serve['server_cpu_ratio_on_off']:.3f}x); control (off vs an identical off): throughput "
+            f"{serve['control_throughput_ratio']:.3f}, CPU {serve['control_cpu_ratio']:.3f}x; p50 "
+            f"{serve['off_p50_ms']:.3f} -> {serve['on_p50_ms']:.3f} ms; records written "
+            f"{serve['records_written_per_s_served']:.0f}/s, dropped {serve['records_dropped']:.0f}",
+            flush=True,
+        )
         writer = writer_rate(tmp)
-        print(f"writer alone: {writer['records_per_s']:.0f} records/s, {writer['cpu_us_per_record']:.1f} us CPU "
-              f"per record; append {writer['append_us_per_record']:.2f} us", flush=True)  # fmt: skip
+        print(
+            f"writer alone: {writer['records_per_s']:.0f} records/s, {writer['cpu_us_per_record']:.1f} us CPU "
+            f"per record; append {writer['append_us_per_record']:.2f} us",
+            flush=True,
+        )
         folder = tmp / "million"
         layout = write_million(folder, tmp, args.records)
-        print(f"wrote {layout['records']} records in {layout['files']} files, {layout['bytes'] / 2**20:.0f} MiB, "
-              f"{layout['write_seconds']:.1f} s", flush=True)  # fmt: skip
+        print(
+            f"wrote {layout['records']} records in {layout['files']} files, {layout['bytes'] / 2**20:.0f} MiB, "
+            f"{layout['write_seconds']:.1f} s",
+            flush=True,
+        )
         baseline = measured("imports", folder)
         audit = measured("audit", folder)
         gate = measured("gate", folder)
         for label, r in (("audit", audit), ("gate read", gate)):
-            print(f"{label}: {r['seconds']:.1f} s, peak RSS {r['max_rss_mib']:.0f} MiB "
-                  f"(imports alone {baseline['max_rss_mib']:.0f} MiB), {r['rows']} rows", flush=True)  # fmt: skip
+            print(
+                f"{label}: {r['seconds']:.1f} s, peak RSS {r['max_rss_mib']:.0f} MiB "
+                f"(imports alone {baseline['max_rss_mib']:.0f} MiB), {r['rows']} rows",
+                flush=True,
+            )
     goals = {
         "throughput_ratio_on_off_min_0.95": serve["throughput_ratio_on_off"],
         "throughput_ratio_median_of_rounds": serve["throughput_ratio_median_of_rounds"],
@@ -322,13 +372,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(goals, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "predictionlog", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "settings": {"seconds": args.seconds, "rounds": args.rounds, "records": args.records,
-                     "client": "tritonclient.http, binary data", "flush_s": 2.0, "compression": "zstd"},
-        "serving": serve, "writer": writer, "layout": layout,
-        "read": {"imports_only": baseline, "audit": audit, "gate": gate}, "goals": goals,
-    }, indent=2) + "\n")  # fmt: skip
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "predictionlog",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": machine(),
+                "settings": {
+                    "seconds": args.seconds,
+                    "rounds": args.rounds,
+                    "records": args.records,
+                    "client": "tritonclient.http, binary data",
+                    "flush_s": 2.0,
+                    "compression": "zstd",
+                },
+                "serving": serve,
+                "writer": writer,
+                "layout": layout,
+                "read": {"imports_only": baseline, "audit": audit, "gate": gate},
+                "goals": goals,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -35,8 +35,15 @@ from devstack.processes import free_port  # noqa: E402
 from scripts import stack  # noqa: E402
 
 FLAGGER_DEFAULT_S = 60.0  # analysis interval 1m x threshold (one failed check)
-BASE = {"candidate_version": "2", "baseline_version": "1", "looks_per_stage": 1, "min_samples": 30,
-        "latency_margin": 0.5, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
+BASE = {
+    "candidate_version": "2",
+    "baseline_version": "1",
+    "looks_per_stage": 1,
+    "min_samples": 30,
+    "latency_margin": 0.5,
+    "error_margin": 0.05,
+    "accuracy_margin": 0.02,
+}
 
 
 def seconds(iso: str) -> float:
@@ -55,18 +62,35 @@ def overhead(api: AirflowAPI, state: dict[str, Any], bake: int) -> dict[str, Any
     tis = api.task_instances("model_rollout", run_id)
     busy = {t: round(ti["duration"] or 0.0, 2) for t, ti in tis.items() if ti["state"] == "success"}
     total_bake = bake * len(stages)
-    row = {"bake_seconds": bake, "stages": stages, "outcome": outcome, "run_state": run["state"],
-           "wall_s": round(wall, 1), "sum_of_bakes_s": total_bake, "overhead_ratio": round(wall / total_bake, 2),
-           "overhead_s": round(wall - total_bake, 1), "task_seconds": busy}  # fmt: skip
-    print(f"bake {bake:3d} s x {len(stages)} stages: run {wall:6.1f} s, sum of bakes {total_bake} s, "
-          f"ratio {wall / total_bake:.2f}, overhead {wall - total_bake:.1f} s ({outcome})", flush=True)  # fmt: skip
+    row = {
+        "bake_seconds": bake,
+        "stages": stages,
+        "outcome": outcome,
+        "run_state": run["state"],
+        "wall_s": round(wall, 1),
+        "sum_of_bakes_s": total_bake,
+        "overhead_ratio": round(wall / total_bake, 2),
+        "overhead_s": round(wall - total_bake, 1),
+        "task_seconds": busy,
+    }
+    print(
+        f"bake {bake:3d} s x {len(stages)} stages: run {wall:6.1f} s, sum of bakes {total_bake} s, "
+        f"ratio {wall / total_bake:.2f}, overhead {wall - total_bake:.1f} s ({outcome})",
+        flush=True,
+    )
     return row
 
 
 def breach(api: AirflowAPI, state: dict[str, Any], breach_seconds: int) -> dict[str, Any]:
     stack.admin(state).serve_only("digits", "1")  # version 1 alone at 100%, no fault
-    conf = {**BASE, "stages": [50, 100], "bake_seconds": 600, "max_stage_seconds": 900,
-            "p99_ms_max": 60, "p99_breach_seconds": breach_seconds}  # fmt: skip
+    conf = {
+        **BASE,
+        "stages": [50, 100],
+        "bake_seconds": 600,
+        "max_stage_seconds": 900,
+        "p99_ms_max": 60,
+        "p99_breach_seconds": breach_seconds,
+    }
     run_id = api.trigger("model_rollout", conf)
     api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=300)
     time.sleep(5)  # some healthy canary traffic first
@@ -83,12 +107,22 @@ def breach(api: AirflowAPI, state: dict[str, Any], breach_seconds: int) -> dict[
     run = api.wait("model_rollout", run_id, timeout_s=600)  # the rollback unloads v2, its fault with it
     took = restored - injected
     reason = api.xcom("model_rollout", run_id, "decide", "reason")
-    row = {"p99_ms_max": 60, "p99_breach_seconds": breach_seconds, "injected_delay_ms": 90,
-           "breach_to_stable_s": round(took, 1), "flagger_default_s": FLAGGER_DEFAULT_S,
-           "vs_flagger": round(took / FLAGGER_DEFAULT_S, 2), "run_state": run["state"],
-           "decision": api.xcom("model_rollout", run_id, "decide", "outcome"), "reason": reason}  # fmt: skip
-    print(f"breach to stable: {took:.1f} s with a {breach_seconds} s sustained-breach window "
-          f"({took / FLAGGER_DEFAULT_S:.2f}x Flagger's default {FLAGGER_DEFAULT_S:g} s); {reason}", flush=True)  # fmt: skip
+    row = {
+        "p99_ms_max": 60,
+        "p99_breach_seconds": breach_seconds,
+        "injected_delay_ms": 90,
+        "breach_to_stable_s": round(took, 1),
+        "flagger_default_s": FLAGGER_DEFAULT_S,
+        "vs_flagger": round(took / FLAGGER_DEFAULT_S, 2),
+        "run_state": run["state"],
+        "decision": api.xcom("model_rollout", run_id, "decide", "outcome"),
+        "reason": reason,
+    }
+    print(
+        f"breach to stable: {took:.1f} s with a {breach_seconds} s sustained-breach window "
+        f"({took / FLAGGER_DEFAULT_S:.2f}x Flagger's default {FLAGGER_DEFAULT_S:g} s); {reason}",
+        flush=True,
+    )
     return row
 
 
@@ -103,17 +137,25 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(tmp) / "run"
         state = stack.up(run_dir, args.repository, free_port(), free_port(), free_port(), rate=20)
         try:
-            api = AirflowAPI(state["urls"]["airflow"], state["airflow_user"],
-                             Path(state["airflow_password_file"]).read_text().strip())  # fmt: skip
+            api = AirflowAPI(
+                state["urls"]["airflow"],
+                state["airflow_user"],
+                Path(state["airflow_password_file"]).read_text().strip(),
+            )
             api.wait_for_dag("model_rollout")
             rows = [overhead(api, state, bake) for bake in args.bakes]
             breach_row = breach(api, state, args.breach_seconds)
         finally:
             stack.down(run_dir)
-    result = {"benchmark": "rollout", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "setup": "local stack on loopback: Airflow LocalExecutor (parallelism 4, SQLite), Prometheus "
-                       "scrape 1 s, load generator 20 requests/s, reschedule-mode wait (a poke every look interval, 2-10 s)",
-              "overhead": rows, "breach": breach_row}  # fmt: skip
+    result = {
+        "benchmark": "rollout",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "setup": "local stack on loopback: Airflow LocalExecutor (parallelism 4, SQLite), Prometheus "
+        "scrape 1 s, load generator 20 requests/s, reschedule-mode wait (a poke every look interval, 2-10 s)",
+        "overhead": rows,
+        "breach": breach_row,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

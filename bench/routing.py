@@ -134,9 +134,7 @@ def set_mode(server: ModelServerProcess, model: str, mode: str) -> None:
     policy: dict[str, Any] = {"rules": RULES, "route": [{"version": "1", "weight": 100}]}
     if mode == "shadow":
         policy["mirror"] = {"version": "2", "percent": 100}
-    r = requests.put(
-        f"{server.http}/v2/models/{model}/traffic", json=policy, headers=server.admin, timeout=30
-    )
+    r = requests.put(f"{server.http}/v2/models/{model}/traffic", json=policy, headers=server.admin, timeout=30)
     r.raise_for_status()
 
 
@@ -162,10 +160,12 @@ def bench_model(
     out: dict[str, Any] = {"model": model, "sustainable_rate_rps": rate, "modes": {}}
     for mode in MODES:
         out["modes"][mode] = {
-            "closed_rps": med(closed, mode, "rps"), "closed_p50_ms": med(closed, mode, "p50_ms"),
-            "closed_p99_ms": med(closed, mode, "p99_ms"), "open_p50_ms": med(opened, mode, "p50_ms"),
+            "closed_rps": med(closed, mode, "rps"),
+            "closed_p50_ms": med(closed, mode, "p50_ms"),
+            "closed_p99_ms": med(closed, mode, "p99_ms"),
+            "open_p50_ms": med(opened, mode, "p50_ms"),
             "open_p99_ms": med(opened, mode, "p99_ms"),
-        }  # fmt: skip
+        }
     m = out["modes"]
     out["ratios"] = {
         "routed_over_direct_p50": m["routed"]["closed_p50_ms"] / m["direct"]["closed_p50_ms"],
@@ -181,18 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument(
-        "--models", nargs="+", default=["digits", "resnet_bench"], choices=["digits", "resnet_bench"]
-    )
+    p.add_argument("--models", nargs="+", default=["digits", "resnet_bench"], choices=["digits", "resnet_bench"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "routing.json")
     args = p.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
         repo = Path(tmp) / "models"
         for model in args.models:  # a second version of each model, for the shadow
-            shutil.copytree(
-                args.repository / model, repo / model, ignore=shutil.ignore_patterns("validation")
-            )
+            shutil.copytree(args.repository / model, repo / model, ignore=shutil.ignore_patterns("validation"))
             shutil.copytree(repo / model / "1", repo / model / "2", dirs_exist_ok=True)
             cfg = json.loads((repo / model / "config.json").read_text())
             cfg["version_policy"] = {"specific": {"versions": [1, 2]}}
@@ -218,11 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "routing", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "settings": {"seconds": args.seconds, "rounds": args.rounds, "client": "tritonclient.http"},
-        "results": results,
-    }, indent=2) + "\n")  # fmt: skip
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "routing",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": machine(),
+                "settings": {"seconds": args.seconds, "rounds": args.rounds, "client": "tritonclient.http"},
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -111,8 +111,9 @@ class Case:
 def digits_case(repository: Path, session: ort.InferenceSession, batch: int) -> Case:
     pre = load_config(repository / "digits").preprocess
     assert pre is not None
-    images = np.array([image for _, image, _ in load_validation(repository / "digits" / "validation", batch)],
-                      dtype=object)  # fmt: skip
+    images = np.array(
+        [image for _, image, _ in load_validation(repository / "digits" / "validation", batch)], dtype=object
+    )
     features = images_to_features(images, pre, "image")
 
     def make_input() -> httpclient.InferInput:
@@ -194,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--seconds", type=float, default=4.0, help="per measurement window")
     p.add_argument("--rounds", type=int, default=3, help="interleaved raw/server rounds (median taken)")
-    p.add_argument(
-        "--models", nargs="+", default=["resnet_bench", "digits"], choices=["resnet_bench", "digits"]
-    )
+    p.add_argument("--models", nargs="+", default=["resnet_bench", "digits"], choices=["resnet_bench", "digits"])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = p.parse_args(argv)
 
@@ -231,9 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     goals = {}
     if "resnet_bench" in args.models:
-        goals["resnet_bench_batch8_throughput_ratio_min"] = min(
-            pick("resnet_bench", "throughput_ratio", batch=8)
-        )
+        goals["resnet_bench_batch8_throughput_ratio_min"] = min(pick("resnet_bench", "throughput_ratio", batch=8))
     if "digits" in args.models:
         goals["digits_added_p50_ms_concurrency1_max"] = max(pick("digits", "added_p50_ms", concurrency=1))
         goals["digits_added_p50_ms_concurrency4_max"] = max(pick("digits", "added_p50_ms", concurrency=4))

@@ -70,8 +70,18 @@ def png(size: int, seed: int = 0) -> bytes:
 
 def binary_body(images: list[bytes]) -> tuple[bytes, dict[str, str]]:
     blob = b"".join(struct.pack("<I", len(i)) + i for i in images)
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
-                                     "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [len(images)],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    ).encode()
     return header + blob, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -128,14 +138,15 @@ def hostile_kinds(url: str, tally: Tally, digit: bytes) -> dict[str, tuple[float
 
     def masking_hostile(i: int) -> None:
         values = ["a" * 30_000, "1 " * 10_000, "%41" * 8000, "\\u0031" * 5000, "+1" * 10_000]
-        post("masking_hostile", small, {**small_headers, "X-Meta-Note": values[i % len(values)],
-                                        "X-User-ID": f"user-1380013{i % 10000:04d}"})  # fmt: skip
+        post(
+            "masking_hostile",
+            small,
+            {**small_headers, "X-Meta-Note": values[i % len(values)], "X-User-ID": f"user-1380013{i % 10000:04d}"},
+        )
 
     def big_json(i: int) -> None:
         n = (4 << 20) - 200 if i % 2 else 5 << 20  # at the 4 MiB limit, and over it (413)
-        body = json.dumps(
-            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x" * n]}]}
-        )
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x" * n]}]})
         post("big_json", body.encode(), {"Content-Type": "application/json"})
 
     def pixel_bombs(i: int) -> None:
@@ -143,22 +154,39 @@ def hostile_kinds(url: str, tally: Tally, digit: bytes) -> dict[str, tuple[float
 
     def forged_feedback(i: int) -> None:
         items = [{"request_id": f"forged-{i}-{k}", "label": 1, "token": "AAAA"} for k in range(1000)]
-        post("forged_feedback", json.dumps(items).encode(), {"Content-Type": "application/json"},
-             f"{url}/v2/models/digits/feedback")  # fmt: skip
+        post(
+            "forged_feedback",
+            json.dumps(items).encode(),
+            {"Content-Type": "application/json"},
+            f"{url}/v2/models/digits/feedback",
+        )
 
     def malformed(i: int) -> None:
-        bodies = [b"{not json", b'{"inputs": []}', json.dumps({"inputs": [{"name": "image", "datatype": "FP32",
-                  "shape": [1], "data": ["li.wei@example.com"]}]}).encode(), small[:-5], b"\x00" * 100]  # fmt: skip
+        bodies = [
+            b"{not json",
+            b'{"inputs": []}',
+            json.dumps(
+                {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["li.wei@example.com"]}]}
+            ).encode(),
+            small[:-5],
+            b"\x00" * 100,
+        ]
         headers = [{}, {}, {}, small_headers, {"Inference-Header-Content-Length": "999"}]
         post("malformed", bodies[i % len(bodies)], headers[i % len(headers)])
 
     def bad_policy(i: int) -> None:
         # Refused (400): a version that is no number, one not loaded, a look-behind Istio's RE2 lacks.
-        policies: list[dict[str, Any]] = [{"route": [{"version": "²", "weight": 100}]}, {"route": [{"version": "7", "weight": 100}]},
-                    {**MIRROR_ALL, "rules": [{"match": {"headers": {"x": {"regex": "(?<=a)b"}}},
-                                              "route": [{"version": "2"}]}]}]  # fmt: skip
-        r = requests.put(f"{url}/v2/models/digits/traffic", json=policies[i % len(policies)],
-                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)  # fmt: skip
+        policies: list[dict[str, Any]] = [
+            {"route": [{"version": "²", "weight": 100}]},
+            {"route": [{"version": "7", "weight": 100}]},
+            {**MIRROR_ALL, "rules": [{"match": {"headers": {"x": {"regex": "(?<=a)b"}}}, "route": [{"version": "2"}]}]},
+        ]
+        r = requests.put(
+            f"{url}/v2/models/digits/traffic",
+            json=policies[i % len(policies)],
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
         tally.add("bad_policy", r.status_code)
 
     def slow_client(i: int) -> None:
@@ -189,8 +217,9 @@ def probe(url: str, digit: bytes, stop: threading.Event, out: list[float], tally
     def body_fn(i: int) -> None:
         rid = request_id("probe")
         t = time.perf_counter()
-        r = requests.post(f"{url}/v2/models/digits/infer", data=body, headers={"X-Request-ID": rid, **headers},
-                          timeout=60)  # fmt: skip
+        r = requests.post(
+            f"{url}/v2/models/digits/infer", data=body, headers={"X-Request-ID": rid, **headers}, timeout=60
+        )
         out.append((time.perf_counter() - t) * 1000)
         tally.add("probe", r.status_code, rid)
 
@@ -206,8 +235,12 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 
 def stats(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms)
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2), "max_ms": round(float(a.max()), 2)}  # fmt: skip
+    return {
+        "n": int(a.size),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "max_ms": round(float(a.max()), 2),
+    }
 
 
 def main() -> None:
@@ -224,8 +257,17 @@ def main() -> None:
     repo = work / "models"
     shutil.copytree(args.repository / "digits", repo / "digits")
     log_dir = work / "predictions"
-    server = start_model_server(repo, work, "--prediction-log", str(log_dir), "--state-dir", str(work / "state"),
-                                "--mask-header", "x-user-id", token=TOKEN)  # fmt: skip
+    server = start_model_server(
+        repo,
+        work,
+        "--prediction-log",
+        str(log_dir),
+        "--state-dir",
+        str(work / "state"),
+        "--mask-header",
+        "x-user-id",
+        token=TOKEN,
+    )
     server.load_versions("digits", 1, 2)
     auth = {"Authorization": f"Bearer {TOKEN}"}
     requests.put(
@@ -250,8 +292,16 @@ def main() -> None:
 
     def valid_traffic() -> None:
         while not stop.is_set():
-            s = run(LoadConfig(url=server.url, validation=repo / "digits" / "validation", rate=args.rate,
-                               duration_s=10, feedback_share=0.3, feedback_delay_s=0.5))  # fmt: skip
+            s = run(
+                LoadConfig(
+                    url=server.url,
+                    validation=repo / "digits" / "validation",
+                    rate=args.rate,
+                    duration_s=10,
+                    feedback_share=0.3,
+                    feedback_delay_s=0.5,
+                )
+            )
             valid["sent"] += s.sent
             valid["ok"] += s.ok
             valid["feedback_accepted"] += s.feedback_accepted
@@ -267,8 +317,14 @@ def main() -> None:
     alive = server.proc.poll() is None
     # The crash, with the traffic still flowing: SIGKILL, no flush at shutdown. Lost = primary
     # answers the bench's clients received that no record in the log holds.
-    log_counts = {o: server.metric("prediction_log_records_total", outcome=o)
-                  for o in ("written", "dropped", "mask_unavailable")} if alive else {}  # fmt: skip
+    log_counts = (
+        {
+            o: server.metric("prediction_log_records_total", outcome=o)
+            for o in ("written", "dropped", "mask_unavailable")
+        }
+        if alive
+        else {}
+    )
     killed_at = time.time()
     if alive:
         server.proc.send_signal(signal.SIGKILL)
@@ -287,27 +343,43 @@ def main() -> None:
     log_text = server.log.read_text(errors="replace")
     five_xx = {k: sum(n for s, n in c.items() if s.startswith("5")) for k, c in tally.statuses.items()}
     result = {
-        "benchmark": "soak", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-        "seconds": args.seconds, "rate": args.rate, "mirror_percent": 100,
-        "crashes": {"server_alive_at_end": alive, "responses_5xx": five_xx,
-                    "tracebacks_in_log": log_text.count("Traceback")},
-        "probe_quiet": stats(quiet), "probe_under_soak": stats(loaded),
+        "benchmark": "soak",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "seconds": args.seconds,
+        "rate": args.rate,
+        "mirror_percent": 100,
+        "crashes": {
+            "server_alive_at_end": alive,
+            "responses_5xx": five_xx,
+            "tracebacks_in_log": log_text.count("Traceback"),
+        },
+        "probe_quiet": stats(quiet),
+        "probe_under_soak": stats(loaded),
         "peak_rss_mib": round(peak_kib / 1024, 1) if peak_kib else None,
         "rss_mib_first_last": [round(rss[0][1] / 1024, 1), round(rss[-1][1] / 1024, 1)] if rss else None,
         "statuses": {k: dict(v) for k, v in sorted(tally.statuses.items())},
         "valid_traffic": dict(valid),
-        "crash_loss": {"answered_tracked": len(answered), "lost": len(lost),
-                       "lost_share": round(len(lost) / max(len(answered), 1), 5),
-                       "oldest_lost_age_s": round(ages[-1], 2) if ages else 0.0, "flush_interval_s": 2.0,
-                       "lost_by_kind": dict(Counter(rid.rsplit("-", 1)[0] for _, rid in lost)),
-                       "lost_older_than_flush": [rid for at, rid in lost if killed_at - at > 3.0][:20]},
+        "crash_loss": {
+            "answered_tracked": len(answered),
+            "lost": len(lost),
+            "lost_share": round(len(lost) / max(len(answered), 1), 5),
+            "oldest_lost_age_s": round(ages[-1], 2) if ages else 0.0,
+            "flush_interval_s": 2.0,
+            "lost_by_kind": dict(Counter(rid.rsplit("-", 1)[0] for _, rid in lost)),
+            "lost_older_than_flush": [rid for at, rid in lost if killed_at - at > 3.0][:20],
+        },
         "prediction_log_rows": len(df),
         "prediction_log_records_before_kill": log_counts,
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("crashes", "probe_quiet", "probe_under_soak", "peak_rss_mib",
-                                             "crash_loss")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {k: result[k] for k in ("crashes", "probe_quiet", "probe_under_soak", "peak_rss_mib", "crash_loss")},
+            indent=2,
+        )
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

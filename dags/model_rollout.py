@@ -37,15 +37,31 @@ from vision_rollout.spec import RolloutSpec
 
 MAX_STAGES = 4
 SECTIONS = {
-    "model": "Model", "candidate_version": "Model", "baseline_version": "Model",
-    "stages": "Stages", "bake_seconds": "Stages", "max_stage_seconds": "Stages", "looks_per_stage": "Stages",
-    "mirror_percent": "Stages", "min_samples": "Statistics", "alpha": "Statistics", "spending": "Statistics",
-    "latency_margin": "Statistics", "tail_margin": "Statistics", "error_margin": "Statistics", "accuracy_margin": "Statistics",
-    "p99_ms_max": "Hard guards", "p99_breach_seconds": "Hard guards", "accuracy_drop_max": "Hard guards",
-    "shadow_error_rate_max": "Hard guards", "shadow_agreement_min": "Shadow audit",
-    "shadow_anomaly_rate_max": "Shadow audit", "mesh": "Delivery", "slack_channel": "Delivery",
+    "model": "Model",
+    "candidate_version": "Model",
+    "baseline_version": "Model",
+    "stages": "Stages",
+    "bake_seconds": "Stages",
+    "max_stage_seconds": "Stages",
+    "looks_per_stage": "Stages",
+    "mirror_percent": "Stages",
+    "min_samples": "Statistics",
+    "alpha": "Statistics",
+    "spending": "Statistics",
+    "latency_margin": "Statistics",
+    "tail_margin": "Statistics",
+    "error_margin": "Statistics",
+    "accuracy_margin": "Statistics",
+    "p99_ms_max": "Hard guards",
+    "p99_breach_seconds": "Hard guards",
+    "accuracy_drop_max": "Hard guards",
+    "shadow_error_rate_max": "Hard guards",
+    "shadow_agreement_min": "Shadow audit",
+    "shadow_anomaly_rate_max": "Shadow audit",
+    "mesh": "Delivery",
+    "slack_channel": "Delivery",
     "require_approval": "Delivery",
-}  # fmt: skip
+}
 
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:
@@ -120,9 +136,7 @@ def model_rollout() -> None:
 
     @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
-        return steps.ensure_stable(
-            params, run_id, ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="rollback")
-        )
+        return steps.ensure_stable(params, run_id, ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="rollback"))
 
     def stage(index: int, previous: Any) -> Any:
         @task_group(group_id=f"stage_{index + 1}")
@@ -141,8 +155,13 @@ def model_rollout() -> None:
             applied = apply_mesh_weights(previous)
             # A retry judges the same looks to the same verdicts (the engine keeps no state); a
             # tripped guard fails without retrying.
-            waited = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied,
-                                        retries=2, retry_delay=timedelta(seconds=5))  # fmt: skip
+            waited = StageMetricsSensor(
+                task_id="wait_for_metrics",
+                stage_index=index,
+                applied=applied,
+                retries=2,
+                retry_delay=timedelta(seconds=5),
+            )
             if index == 0:  # after the candidate's Deployment; mirror and masking checked once
                 deployed >> applied
                 applied >> enable_shadow() >> waited
@@ -151,15 +170,15 @@ def model_rollout() -> None:
         return group(previous)
 
     built = previous = build_image()
-    deployed = KanikoBuild(task_id="kaniko_build", plan=built, retries=1, retry_delay=timedelta(minutes=1)) >> \
-        deploy_candidate()  # fmt: skip
+    deployed = (
+        KanikoBuild(task_id="kaniko_build", plan=built, retries=1, retry_delay=timedelta(minutes=1))
+        >> deploy_candidate()
+    )
     gates = []
     for index in range(MAX_STAGES):
         previous = stage(index, previous)
         gates.append(previous)
-    approval = PromotionApproval(
-        task_id="approve_promotion", max_stages=MAX_STAGES, trigger_rule=TriggerRule.ALL_DONE
-    )
+    approval = PromotionApproval(task_id="approve_promotion", max_stages=MAX_STAGES, trigger_rule=TriggerRule.ALL_DONE)
     reported = gates >> shadow_consistency() >> approval >> decide() >> [promote(), rollback()] >> notify()
     # Whatever ends the run (a failed task, or a run marked failed in the UI), stable is restored
     # unless the candidate was promoted: Airflow runs teardowns in both cases.

@@ -27,9 +27,7 @@ from airflow.sdk import Param, dag, task
         "models": Param(
             ["digits"], type="array", items={"type": "string"}, description="Models to audit", section="Audit"
         ),
-        "slack_channel": Param(
-            "#model-rollouts", type="string", description="Where reports go", section="Audit"
-        ),
+        "slack_channel": Param("#model-rollouts", type="string", description="Where reports go", section="Audit"),
     },
     default_args={"owner": "ml-platform", "retries": 1},
 )

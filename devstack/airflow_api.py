@@ -24,8 +24,9 @@ class AirflowAPI:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.session = requests.Session()
-        r = self.session.post(f"{self.url}/auth/token", json={"username": username, "password": password},
-                              timeout=timeout_s)  # fmt: skip
+        r = self.session.post(
+            f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=timeout_s
+        )
         if r.status_code not in (200, 201):
             raise AirflowAPIError(f"login as {username!r} refused: {r.status_code} {r.text[:300]}")
         self.session.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
@@ -42,9 +43,7 @@ class AirflowAPI:
         while True:
             errors = self._call("GET", "/importErrors")["import_errors"]
             if errors:
-                raise AirflowAPIError(
-                    "DAG import errors: " + "; ".join(e["stack_trace"][-500:] for e in errors)
-                )
+                raise AirflowAPIError("DAG import errors: " + "; ".join(e["stack_trace"][-500:] for e in errors))
             try:
                 return self._call("GET", f"/dags/{dag_id}")
             except AirflowAPIError:

@@ -129,8 +129,9 @@ class FeedbackPoster:
         for i in range(0, len(ready), 200):
             # The tenant, so that a replica that did not serve the request masks its id alike.
             batch = ready[i : i + 200]
-            self._post([{"request_id": rid, "label": label, "tenant": t, "token": token}
-                        for _, rid, label, t, token in batch])  # fmt: skip
+            self._post(
+                [{"request_id": rid, "label": label, "tenant": t, "token": token} for _, rid, label, t, token in batch]
+            )
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -236,11 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     extra = dict(h.split("=", 1) for h in args.header)
     cfg = LoadConfig(
-        url=args.url, model=args.model, validation=args.validation, rate=args.rate,
-        duration_s=args.duration, max_requests=args.requests, concurrency=args.concurrency,
-        users=args.users, feedback_share=args.feedback_share, feedback_delay_s=args.feedback_delay,
-        seed=args.seed, headers=extra,
-    )  # fmt: skip
+        url=args.url,
+        model=args.model,
+        validation=args.validation,
+        rate=args.rate,
+        duration_s=args.duration,
+        max_requests=args.requests,
+        concurrency=args.concurrency,
+        users=args.users,
+        feedback_share=args.feedback_share,
+        feedback_delay_s=args.feedback_delay,
+        seed=args.seed,
+        headers=extra,
+    )
     print(json.dumps(run(cfg).summary(), indent=2))
     return 0
 

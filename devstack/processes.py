@@ -25,6 +25,7 @@ from vision_rollout.serving import ModelServerAdmin
 ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))  # as the Makefile sets it
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,10 +199,16 @@ def start_prometheus(
     log = work_dir / "prometheus.log"
     with log.open("wb") as f:
         proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={work_dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-            stdout=f, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     prom = PrometheusProcess(proc, port, log)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -329,8 +336,9 @@ def start_airflow(
     for name, *flags in AIRFLOW_COMPONENTS:
         log = home / "logs" / f"{name}.log"
         with log.open("ab") as f:
-            proc = subprocess.Popen([airflow, name, *flags], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                    cwd=ROOT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [airflow, name, *flags], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            )
         components[name] = ManagedProcess(proc, port if name == "api-server" else 0, log)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -343,8 +351,10 @@ def start_airflow(
             status, body = _get(f"{stack.url}/api/v2/monitor/health", timeout=2)
             if status == 200:
                 health = json.loads(body)
-                if all(health.get(c, {}).get("status") == "healthy"
-                       for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):  # fmt: skip
+                if all(
+                    health.get(c, {}).get("status") == "healthy"
+                    for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+                ):
                     return stack
         except (OSError, ValueError):
             pass
@@ -364,8 +374,11 @@ def local_connections(
     host, port = prometheus_url.rsplit("/", 1)[-1].rsplit(":", 1)
     return {
         "model_server_default": {
-            "conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": server.token,
+            "conn_type": "http",
+            "host": "127.0.0.1",
+            "port": server.port,
+            "password": server.token,
             "extra": {"repository": str(repository), "prediction_log": str(prediction_log), "run_dir": str(run_dir)},
         },
         "prometheus_default": {"conn_type": "http", "host": host, "port": int(port)},
-    }  # fmt: skip
+    }

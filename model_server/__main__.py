@@ -76,9 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(S3 options as query parameters, e.g. ?endpoint_override=host:port&scheme=http; "
         "credentials from the AWS_* variables)",
     )
-    p.add_argument(
-        "--shadow-log", metavar="DIR", help="deprecated: the old name of --prediction-log (a folder)"
-    )
+    p.add_argument("--shadow-log", metavar="DIR", help="deprecated: the old name of --prediction-log (a folder)")
     p.add_argument(
         "--replica-id",
         default=None,
@@ -109,8 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mask-keys",
         type=Path,
-        help="masking key file (default for a folder log: created beside it, mode 0600; "
-        "required for object storage)",
+        help="masking key file (default for a folder log: created beside it, mode 0600; required for object storage)",
     )
     p.add_argument(
         "--mask-header",
@@ -130,9 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="secret of the feedback tokens, shared by every replica (default: made in the state folder)",
     )
-    p.add_argument(
-        "--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels"
-    )
+    p.add_argument("--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument(
         "--max-json-mb",
@@ -140,9 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MAX_JSON_BYTES / 2**20,
         help="limit of an infer request's JSON part and of any other JSON body (413 above)",
     )
-    p.add_argument(
-        "--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)"
-    )
+    p.add_argument("--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)")
     p.add_argument(
         "--request-timeout",
         type=float,
@@ -254,9 +247,7 @@ def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.access_log:
         logging.getLogger("model_server.access").setLevel(logging.INFO)
     gpus = gpu_count()

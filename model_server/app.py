@@ -97,14 +97,10 @@ def is_shadow_host(host: str | None) -> bool:
     return bool(sep) and ascii_uint(port) is not None and name.endswith("-shadow")
 
 
-def create_app(
-    repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None
-) -> Starlette:
+def create_app(repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None) -> Starlette:
     plog = prediction_log
     policies = PolicyStore(settings.state_dir, on_change=metrics.show_traffic_policy)
-    feedback = FeedbackStore(
-        FeedbackSigner(settings.feedback_key), settings.feedback_capacity, settings.feedback_ttl_s
-    )
+    feedback = FeedbackStore(FeedbackSigner(settings.feedback_key), settings.feedback_capacity, settings.feedback_ttl_s)
 
     def log_shadow(result: ShadowResult) -> None:
         assert plog is not None
@@ -148,9 +144,7 @@ def create_app(
         if settings.admin_token is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.encode(), settings.admin_token.encode()
-        ):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
     async def read_body(request: Request, limit: int | None = None) -> bytes:
@@ -170,9 +164,7 @@ def create_app(
                 raise InvalidInput("client disconnected while sending the body") from None
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
-                raise PayloadTooLarge(
-                    f"request body of {declared or size} bytes is over the limit of {limit} bytes"
-                )
+                raise PayloadTooLarge(f"request body of {declared or size} bytes is over the limit of {limit} bytes")
             return b"".join(chunks)
 
         if declared is not None and ascii_uint(declared) is None:
@@ -181,9 +173,7 @@ def create_app(
             async with asyncio.timeout(settings.request_timeout_s):
                 return await read()
         except TimeoutError:
-            raise RequestTimeout(
-                f"request body not received within {settings.request_timeout_s:g} s"
-            ) from None
+            raise RequestTimeout(f"request body not received within {settings.request_timeout_s:g} s") from None
 
     async def json_body(request: Request, allow_list: bool = False) -> Any:
         body = await read_body(request, settings.max_json_bytes)
@@ -243,13 +233,19 @@ def create_app(
         if probe:
             check_admin(request)
         # A copy made by Istio's mirror is served as a shadow (dataplane.py).
-        ctx = RequestContext(rid, trace, headers, client_address(request), received_at, started,
-                             shadow_copy=is_shadow_host(headers.get("host")), probe=probe)  # fmt: skip
+        ctx = RequestContext(
+            rid,
+            trace,
+            headers,
+            client_address(request),
+            received_at,
+            started,
+            shadow_copy=is_shadow_host(headers.get("host")),
+            probe=probe,
+        )
         body = await read_body(request)
         params = request.path_params
-        result = await dataplane.infer(
-            params["model"], params.get("version"), body, ctx, headers.get(HEADER_LENGTH)
-        )
+        result = await dataplane.infer(params["model"], params.get("version"), body, ctx, headers.get(HEADER_LENGTH))
         background = None
         if result.shadow is not None:
             background = BackgroundTask(mirror.submit, result.shadow)  # runs after the response is sent
@@ -257,9 +253,7 @@ def create_app(
         if result.feedback_token is not None:
             out_headers["X-Feedback-Token"] = result.feedback_token
         if result.json_length is None:
-            return Response(
-                result.payload, media_type="application/json", headers=out_headers, background=background
-            )
+            return Response(result.payload, media_type="application/json", headers=out_headers, background=background)
         out_headers[HEADER_LENGTH] = str(result.json_length)
         return Response(
             result.payload, media_type="application/octet-stream", headers=out_headers, background=background
@@ -371,9 +365,7 @@ def create_app(
         await dataplane.start()
         watcher = None
         if settings.traffic_file is not None:
-            watcher = asyncio.create_task(
-                admin_api.watch_traffic_file(settings.traffic_file, settings.traffic_poll_s)
-            )
+            watcher = asyncio.create_task(admin_api.watch_traffic_file(settings.traffic_file, settings.traffic_poll_s))
         yield
         if watcher is not None:
             watcher.cancel()

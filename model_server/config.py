@@ -134,11 +134,7 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
             raise _fail(f"{where}[{i}].name", "must be a non-empty string")
         if dt not in DATATYPES:
             raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
-        if (
-            not isinstance(dims, list)
-            or not dims
-            or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims)
-        ):
+        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
         specs.append(TensorSpec(name, dt, tuple(dims)))
     return tuple(specs)
@@ -194,9 +190,7 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         if len(inputs) != 1 or inputs[0].datatype != "BYTES":
             raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
         size = pre.get("size")
-        if not (
-            isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
-        ):
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")
         scale = pre.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or scale <= 0:
@@ -244,9 +238,7 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
     if override:
         unknown = sorted(set(override) - set(OVERRIDABLE))
         if unknown:
-            raise InvalidInput(
-                f"load config override: unsupported key(s) {unknown}; allowed: {list(OVERRIDABLE)}"
-            )
+            raise InvalidInput(f"load config override: unsupported key(s) {unknown}; allowed: {list(OVERRIDABLE)}")
         raw = {**raw, **override}
         where = f"{where} with load override"
     return parse_config(model_dir.name, raw, where)

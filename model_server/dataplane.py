@@ -74,10 +74,22 @@ def shadow_record(result: ShadowResult) -> Inference:
     primary = job.primary_outputs[job.outputs[0]]
     items = primary.shape[0] if job.batched and primary.ndim > 1 else 1
     return Inference(
-        job.received_at, job.model, job.shadow_version, "shadow", "mirror", job.request_id,
-        job.trace.trace_id, job.trace.span_id, result.latency_ms, result.outcome, scores,
-        job.inputs[0].data, job.batched, job.metadata, items,
-    )  # fmt: skip
+        job.received_at,
+        job.model,
+        job.shadow_version,
+        "shadow",
+        "mirror",
+        job.request_id,
+        job.trace.trace_id,
+        job.trace.span_id,
+        result.latency_ms,
+        result.outcome,
+        scores,
+        job.inputs[0].data,
+        job.batched,
+        job.metadata,
+        items,
+    )
 
 
 class DataPlane:
@@ -270,13 +282,22 @@ class DataPlane:
                     vm.failure(failure_reason(exc))
                 log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
                 if logged:
-                    self._log(ctx, model, role, decided, lv.label, None if dropped else latency_ms,
-                              "DROPPED" if dropped else outcome_of(exc), None, req, batched, len(body))  # fmt: skip
+                    self._log(
+                        ctx,
+                        model,
+                        role,
+                        decided,
+                        lv.label,
+                        None if dropped else latency_ms,
+                        "DROPPED" if dropped else outcome_of(exc),
+                        None,
+                        req,
+                        batched,
+                        len(body),
+                    )
                 raise
             done = time.perf_counter()
-            log_access(
-                role, model, lv.label, rid, trace, 200, (done - started) * 1000, req.inputs[0].data, batched
-            )
+            log_access(role, model, lv.label, rid, trace, 200, (done - started) * 1000, req.inputs[0].data, batched)
             scores = results[0]
             if shadow_copy:
                 vm.succeeded(batch, done - started, timing, 0.0)
@@ -289,8 +310,9 @@ class DataPlane:
                         rid, model, lv.label, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
                     )
             if logged:
-                self._log(ctx, model, role, decided, lv.label, (done - started) * 1000, "ok", scores, req,
-                          batched, len(body))  # fmt: skip
+                self._log(
+                    ctx, model, role, decided, lv.label, (done - started) * 1000, "ok", scores, req, batched, len(body)
+                )
         shadow = None
         # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
         shadow_version = None
@@ -335,9 +357,24 @@ class DataPlane:
             items = scores.shape[0] if batched and scores.ndim > 1 else 1
         else:
             items = data.shape[0] if data is not None and batched and data.ndim else 1
-        record = Inference(ctx.received_at, model, version, role, route, ctx.request_id, ctx.trace.trace_id,
-                           ctx.trace.span_id, latency_ms, outcome, scores, data, batched,
-                           request_metadata(ctx.headers), items, size)  # fmt: skip
+        record = Inference(
+            ctx.received_at,
+            model,
+            version,
+            role,
+            route,
+            ctx.request_id,
+            ctx.trace.trace_id,
+            ctx.trace.span_id,
+            latency_ms,
+            outcome,
+            scores,
+            data,
+            batched,
+            request_metadata(ctx.headers),
+            items,
+            size,
+        )
         self.prediction_log.append(record)
 
     # -- feedback ---------------------------------------------------------------------------
@@ -366,9 +403,7 @@ class DataPlane:
         plog = self.prediction_log
 
         def one(item: Any) -> dict[str, Any]:
-            fb = self.feedback_store.label(
-                model, item, class_labels, accept_unmatched=plog is not None, tenant=tenant
-            )
+            fb = self.feedback_store.label(model, item, class_labels, accept_unmatched=plog is not None, tenant=tenant)
             logged = plog is not None and plog.append(
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )

@@ -92,8 +92,11 @@ class Feedback:
     reason: str | None = None  # why it was not matched here
 
     def answer(self, logged: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {"request_id": self.request_id, "labels": len(self.truth),
-                               "matched_locally": self.matched}  # fmt: skip
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "labels": len(self.truth),
+            "matched_locally": self.matched,
+        }
         if self.matched:
             out.update(version=self.version, correct=self.correct)
         else:
@@ -132,9 +135,7 @@ class FeedbackStore:
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
 
-    def record(
-        self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None
-    ) -> None:
+    def record(self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None) -> None:
         now = self.clock()
         with self._lock:
             self._evict(now)
@@ -181,9 +182,7 @@ class FeedbackStore:
             if served.model != model:
                 raise ModelNotFound(f"request {rid!r} was served by model '{served.model}', not '{model}'")
             if len(truth) != len(served.top1):
-                raise InvalidInput(
-                    f"request {rid!r} had {len(served.top1)} prediction(s); got {len(truth)} label(s)"
-                )
+                raise InvalidInput(f"request {rid!r} had {len(served.top1)} prediction(s); got {len(truth)} label(s)")
             if served.labelled:
                 raise Conflict(f"request {rid!r} already has feedback")
             served.labelled = True

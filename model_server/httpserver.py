@@ -118,14 +118,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
-        head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
-                 b"connection: close\r\n\r\n", body]  # fmt: skip
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
         self.transport.write(b"".join(head))
         self.transport.close()
 
 
 def limited_protocol(header_timeout_s: float = HEADER_TIMEOUT_S) -> type[LimitedHttpToolsProtocol]:
     """The protocol class with its header timeout (the server's ``--request-timeout``)."""
-    return type(
-        "LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"header_timeout_s": header_timeout_s}
-    )
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"header_timeout_s": header_timeout_s})

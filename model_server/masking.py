@@ -54,28 +54,32 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s).
-    ("email", re.compile(
-        r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,63}"
-    )),
-    ("national_id", re.compile(
-        _NOT_ALNUM_BEFORE
-        + r"(?:[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]"
-        # spaced or hyphenated (6-8-4, 6-4-4-4, 4-4-4-4-2): the X check character marks it;
-        # spaced ones of 18 digits are taken whole by the card detector
-        + r"|[1-9](?:[ .-]{0,2}\d){16}[ .-]{0,2}[Xx])"
-        + _NOT_ALNUM_AFTER
-    )),
-    ("phone", re.compile(
-        _NOT_ALNUM_BEFORE
-        + r"(?:(?:(?:\+|00)86[ .-]?)?1[3-9](?:[ .-]?\d){9}"  # PRC mobile, any grouping
-        + r"|\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d){6,14}"  # E.164, "+44 (0)20 ..." too
-        + r"|(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]{0,2}|\d{3}[ .-])\d{3}[ .-]\d{4}"  # NANP
-        + r"|[2-9]\d{9})"  # NANP without separators (an area code never starts with 0 or 1)
-        + _NOT_ALNUM_AFTER
-    )),
+    ("email", re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,63}")),
+    (
+        "national_id",
+        re.compile(
+            _NOT_ALNUM_BEFORE
+            + r"(?:[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]"
+            # spaced or hyphenated (6-8-4, 6-4-4-4, 4-4-4-4-2): the X check character marks it;
+            # spaced ones of 18 digits are taken whole by the card detector
+            + r"|[1-9](?:[ .-]{0,2}\d){16}[ .-]{0,2}[Xx])"
+            + _NOT_ALNUM_AFTER
+        ),
+    ),
+    (
+        "phone",
+        re.compile(
+            _NOT_ALNUM_BEFORE
+            + r"(?:(?:(?:\+|00)86[ .-]?)?1[3-9](?:[ .-]?\d){9}"  # PRC mobile, any grouping
+            + r"|\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d){6,14}"  # E.164, "+44 (0)20 ..." too
+            + r"|(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]{0,2}|\d{3}[ .-])\d{3}[ .-]\d{4}"  # NANP
+            + r"|[2-9]\d{9})"  # NANP without separators (an area code never starts with 0 or 1)
+            + _NOT_ALNUM_AFTER
+        ),
+    ),
     # 13 to 19 digits, groups apart by up to two of space, dot, slash or hyphen.
     ("bank_card", re.compile(_NOT_ALNUM_BEFORE + r"\d(?:[ ./-]{0,2}\d){12,18}" + _NOT_ALNUM_AFTER)),
-)  # fmt: skip
+)
 
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
 # phone), or ten digits at most two separators apart (IDs, phones, cards); "%", "\\" and "&"
@@ -105,9 +109,7 @@ def normalise(text: str) -> str:
     decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII.
     Linear in the text (NFKC expands a character 18-fold at most)."""
     for _ in range(3):
-        decoded = html.unescape(
-            _JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace"))
-        )
+        decoded = html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
         if decoded == text:
             break
         text = decoded
@@ -137,9 +139,7 @@ def find_sensitive(text: str) -> list[tuple[str, str]]:
     found = [(name, m.group(0)) for name, pattern in DETECTORS for m in pattern.finditer(text)]
     folded = normalise(text)
     if folded != text:
-        found += [
-            (n, m.group(0)) for n, p in DETECTORS for m in p.finditer(folded) if (n, m.group(0)) not in found
-        ]
+        found += [(n, m.group(0)) for n, p in DETECTORS for m in p.finditer(folded) if (n, m.group(0)) not in found]
     return found
 
 
@@ -223,9 +223,7 @@ class KeyRing:
     def key_for(self, tenant: str | None) -> Key:
         with self._lock:
             self._refresh()
-            key = (
-                self._tenants.get(tenant) if tenant is not None and tenant in self._tenants else self._default
-            )
+            key = self._tenants.get(tenant) if tenant is not None and tenant in self._tenants else self._default
         if not isinstance(key, Key):
             raise MaskingUnavailable(str(key))
         return key

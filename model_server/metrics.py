@@ -82,9 +82,7 @@ REQUEST_FAILURE = TritonCounter(
     "Number of failed inference requests (reason: INVALID_INPUT, OOM, BACKEND)",
     (*ML, "reason"),
 )
-INFERENCE_COUNT = TritonCounter(
-    "nv_inference_count", "Number of inferences performed (a batch of n counts n)", ML
-)
+INFERENCE_COUNT = TritonCounter("nv_inference_count", "Number of inferences performed (a batch of n counts n)", ML)
 EXEC_COUNT = TritonCounter("nv_inference_exec_count", "Number of model executions performed", ML)
 REQUEST_DURATION_US = TritonCounter(
     "nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", ML
@@ -103,9 +101,7 @@ COMPUTE_OUTPUT_US = TritonCounter(
     "Cumulative inference compute output duration in microseconds",
     ML,
 )
-OOM_ERRORS = Counter(
-    "model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path")
-)
+OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path"))
 SHADOW_REQUESTS = Counter(
     "shadow_requests_total",
     "Mirrored requests by shadow version and outcome (ok, error, dropped: queue full)",
@@ -114,14 +110,46 @@ SHADOW_REQUESTS = Counter(
 
 # Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.0125, 0.015,
-    0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.065, 0.07, 0.08, 0.09,
-    0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0065,
+    0.008,
+    0.01,
+    0.0125,
+    0.015,
+    0.0175,
+    0.02,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
+    0.045,
+    0.05,
+    0.055,
+    0.06,
+    0.065,
+    0.07,
+    0.08,
+    0.09,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 REQUEST_LATENCY = Histogram(
     "model_server_request_duration_seconds",
-    "Inference latency in the server per path (primary: body read to response encoded; "
-    "shadow: queued copy to outputs)",
+    "Inference latency in the server per path (primary: body read to response encoded; shadow: queued copy to outputs)",
     (*ML, "path"),
     buckets=LATENCY_BUCKETS,
 )
@@ -135,27 +163,19 @@ OPEN_SESSIONS = Gauge(
     "ONNX Runtime sessions alive per model, serving or draining in-flight requests",
     ("model",),
 )
-MODEL_LOADS = Counter(
-    "model_server_model_loads_total", "Model load requests by outcome", ("model", "outcome")
-)
+MODEL_LOADS = Counter("model_server_model_loads_total", "Model load requests by outcome", ("model", "outcome"))
 ROUTED = Counter(
     "model_server_routed_requests_total",
     "Successful inference requests by the version that served and what chose it "
     "(route, a rule, or version: the client named it)",
     ("model", "version", "decided_by"),
 )
-TRAFFIC_WEIGHT = Gauge(
-    "model_server_traffic_weight", "Weight (percent) of each version in the default route", ML
-)
-MIRROR_PERCENT = Gauge(
-    "model_server_mirror_percent", "Percent of requests mirrored to the shadow version", ML
-)
+TRAFFIC_WEIGHT = Gauge("model_server_traffic_weight", "Weight (percent) of each version in the default route", ML)
+MIRROR_PERCENT = Gauge("model_server_mirror_percent", "Percent of requests mirrored to the shadow version", ML)
 TRAFFIC_FILE_ERRORS = Counter(
     "model_server_traffic_file_errors_total", "Traffic policy file changes that were not applied"
 )
-HTTP_REQUESTS = Counter(
-    "model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code")
-)
+HTTP_REQUESTS = Counter("model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code"))
 FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
 FEEDBACK_CORRECT = Counter(
     "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
@@ -194,12 +214,8 @@ class NvmlCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory (bytes)", labels=["gpu_uuid"])
-        total = GaugeMetricFamily(
-            "nv_gpu_memory_total_bytes", "GPU total memory (bytes)", labels=["gpu_uuid"]
-        )
-        util = GaugeMetricFamily(
-            "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0]", labels=["gpu_uuid"]
-        )
+        total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory (bytes)", labels=["gpu_uuid"])
+        util = GaugeMetricFamily("nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0]", labels=["gpu_uuid"])
         power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power usage (watts)", labels=["gpu_uuid"])
         for uuid, handle in self.handles:
             try:

@@ -115,16 +115,12 @@ class LoadedVersion:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         where = f"model '{self.name}' version {version}"
         try:
-            self.session: ort.InferenceSession | None = ort.InferenceSession(
-                str(path), options, providers=providers
-            )
+            self.session: ort.InferenceSession | None = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind exception types
             raise InvalidInput(f"failed to load {where} from {path.name}: {exc}") from None
         self.provider = self.session.get_providers()[0]
         self._check_signature(where)
-        self.executor = ThreadPoolExecutor(
-            config.instance_count, thread_name_prefix=f"{self.name}-v{version}"
-        )
+        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"{self.name}-v{version}")
         self.shadow_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-v{version}-shadow")
         self.inflight = 0
         self.retired = False
@@ -159,8 +155,7 @@ class LoadedVersion:
         datatype = ONNX_TYPES.get(node.type)
         if datatype != spec.datatype:
             raise InvalidInput(
-                f"{where}: {kind} {spec.name!r} is {datatype or node.type} in the graph, "
-                f"{spec.datatype} in config.json"
+                f"{where}: {kind} {spec.name!r} is {datatype or node.type} in the graph, {spec.datatype} in config.json"
             )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -222,9 +217,7 @@ class LoadedVersion:
         expected = {s.name for s in cfg.inputs}
         unknown = sorted(set(given) - expected)
         if unknown:
-            raise InvalidInput(
-                f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}"
-            )
+            raise InvalidInput(f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}")
         for spec in cfg.inputs:
             inp = given.get(spec.name)
             if inp is None:
@@ -240,9 +233,7 @@ class LoadedVersion:
             if cfg.max_batch_size:
                 batch = inp.shape[0]
                 if batch < 1 or batch > cfg.max_batch_size:
-                    raise InvalidInput(
-                        f"input '{spec.name}': batch size {batch} is outside 1..{cfg.max_batch_size}"
-                    )
+                    raise InvalidInput(f"input '{spec.name}': batch size {batch} is outside 1..{cfg.max_batch_size}")
         batches = {i.shape[0] for i in inputs if i.shape}
         if cfg.max_batch_size and len(batches) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
@@ -362,8 +353,10 @@ class Fault:
             raise InvalidInput("fault.delay and fault.abort must be objects")
         for name, given, allowed in (("delay", delay, {"ms", "percent"}), ("abort", abort, {"percent"})):
             if set(given) - allowed:
-                raise InvalidInput(f"fault.{name}: unknown field(s) {sorted(set(given) - allowed)}; "
-                                   f"allowed: {', '.join(sorted(allowed))}")  # fmt: skip
+                raise InvalidInput(
+                    f"fault.{name}: unknown field(s) {sorted(set(given) - allowed)}; "
+                    f"allowed: {', '.join(sorted(allowed))}"
+                )
         values = {
             "delay.ms": delay.get("ms", 0.0),
             "delay.percent": delay.get("percent", 100.0),

@@ -52,46 +52,82 @@ from model_server.trace import item_hashes
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([
-    ("time", pa.timestamp("us", tz="UTC")),  # when the request (or label) was received
-    ("model", pa.string()),
-    ("version", pa.string()),
-    ("role", pa.string()),  # primary | shadow | label
-    ("route", pa.string()),  # route | <rule name> | version | mirror
-    ("replica", pa.string()),
-    ("request_id", pa.string()),  # masked
-    ("trace_id", pa.string()),
-    ("span_id", pa.string()),
-    ("item", pa.int32()),
-    ("latency_ms", pa.float64()),
-    ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | FAULT | DROPPED
-    ("top1", pa.int32()),
-    ("top1_prob", pa.float32()),
-    ("topk_index", pa.list_(pa.int32())),
-    ("topk_prob", pa.list_(pa.float32())),
-    ("probs", pa.list_(pa.float32())),  # the whole vector when it is short enough
-    ("image_sha256", pa.string()),
-    ("label", pa.int32()),
-    ("user_id", pa.string()),
-    ("device_type", pa.string()),
-    ("tenant", pa.string()),
-    ("meta", pa.string()),  # masked JSON object of the X-Meta-* headers
-])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("time", pa.timestamp("us", tz="UTC")),  # when the request (or label) was received
+        ("model", pa.string()),
+        ("version", pa.string()),
+        ("role", pa.string()),  # primary | shadow | label
+        ("route", pa.string()),  # route | <rule name> | version | mirror
+        ("replica", pa.string()),
+        ("request_id", pa.string()),  # masked
+        ("trace_id", pa.string()),
+        ("span_id", pa.string()),
+        ("item", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | FAULT | DROPPED
+        ("top1", pa.int32()),
+        ("top1_prob", pa.float32()),
+        ("topk_index", pa.list_(pa.int32())),
+        ("topk_prob", pa.list_(pa.float32())),
+        ("probs", pa.list_(pa.float32())),  # the whole vector when it is short enough
+        ("image_sha256", pa.string()),
+        ("label", pa.int32()),
+        ("user_id", pa.string()),
+        ("device_type", pa.string()),
+        ("tenant", pa.string()),
+        ("meta", pa.string()),  # masked JSON object of the X-Meta-* headers
+    ]
+)
 ROLES = ("primary", "shadow", "label")
 REPLICA_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY = ["model", "request_id", "item"]
 # What the shadow audit reads (shadow_pairs) and what a gate reads: column projections.
 SHADOW_PAIR_COLUMNS = [
-    "time", "model", "version", "role", "route", "request_id", "item", "trace_id", "span_id",
-    "image_sha256", "top1", "probs", "topk_index", "topk_prob", "latency_ms", "outcome", "user_id",
-    "device_type", "tenant", "meta",
-]  # fmt: skip
+    "time",
+    "model",
+    "version",
+    "role",
+    "route",
+    "request_id",
+    "item",
+    "trace_id",
+    "span_id",
+    "image_sha256",
+    "top1",
+    "probs",
+    "topk_index",
+    "topk_prob",
+    "latency_ms",
+    "outcome",
+    "user_id",
+    "device_type",
+    "tenant",
+    "meta",
+]
 GATE_COLUMNS = ["time", "model", "version", "role", "route", "latency_ms", "outcome", "top1", "image_sha256"]
 PAIR_COLUMNS = [
-    "time", "request_id", "item", "trace_id", "span_id", "model", "primary_version", "shadow_version",
-    "image_sha256", "primary_top1", "shadow_top1", "primary_probs", "shadow_probs", "primary_latency_ms",
-    "shadow_latency_ms", "shadow_error", "user_id", "device_type", "tenant", "meta",
-]  # fmt: skip
+    "time",
+    "request_id",
+    "item",
+    "trace_id",
+    "span_id",
+    "model",
+    "primary_version",
+    "shadow_version",
+    "image_sha256",
+    "primary_top1",
+    "shadow_top1",
+    "primary_probs",
+    "shadow_probs",
+    "primary_latency_ms",
+    "shadow_latency_ms",
+    "shadow_error",
+    "user_id",
+    "device_type",
+    "tenant",
+    "meta",
+]
 
 _OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
 MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
@@ -406,9 +442,7 @@ class PredictionLog:
             "trace_id": column([r.trace_id for r in recs], "trace_id"),
             "span_id": column([r.span_id for r in recs], "span_id"),
             "item": pa.array(
-                np.zeros(rows, np.int32)
-                if single
-                else (np.arange(rows) - np.repeat(starts, counts)).astype(np.int32)
+                np.zeros(rows, np.int32) if single else (np.arange(rows) - np.repeat(starts, counts)).astype(np.int32)
             ),
             "latency_ms": column([r.latency_ms for r in recs], "latency_ms"),
             "outcome": column([r.outcome for r in recs], "outcome"),
@@ -470,9 +504,7 @@ class PredictionLog:
             "probs": pa.ListArray.from_arrays(full_off, full, mask=pa.array(full_of == 0)),
         }
 
-    def _label_table(
-        self, recs: list[Label], keys: dict[str | None, Key | MaskingUnavailable]
-    ) -> pa.Table | None:
+    def _label_table(self, recs: list[Label], keys: dict[str | None, Key | MaskingUnavailable]) -> pa.Table | None:
         recs, rec_keys, tenants = self._with_keys(recs, [r.tenant for r in recs], keys)
         if not recs:
             return None
@@ -482,16 +514,21 @@ class PredictionLog:
             masked_tenant = None if tenant is None else self._mask("x-tenant", tenant, key)
             for i, label in enumerate(r.labels):
                 for name, value in (
-                    ("time", int(r.received_at * 1_000_000)), ("model", r.model), ("version", r.version),
-                    ("role", "label"), ("replica", self.replica), ("request_id", rid), ("item", i),
-                    ("outcome", "ok"), ("label", int(label)), ("tenant", masked_tenant),
-                ):  # fmt: skip
+                    ("time", int(r.received_at * 1_000_000)),
+                    ("model", r.model),
+                    ("version", r.version),
+                    ("role", "label"),
+                    ("replica", self.replica),
+                    ("request_id", rid),
+                    ("item", i),
+                    ("outcome", "ok"),
+                    ("label", int(label)),
+                    ("tenant", masked_tenant),
+                ):
                     rows[name].append(value)
         n = len(rows["time"])
         cols = {
-            name: pa.array(values, SCHEMA.field(name).type)
-            if values
-            else pa.nulls(n, SCHEMA.field(name).type)
+            name: pa.array(values, SCHEMA.field(name).type) if values else pa.nulls(n, SCHEMA.field(name).type)
             for name, values in rows.items()
             if name != "time"
         }
@@ -509,9 +546,7 @@ class PredictionLog:
             groups: dict[tuple[str, int], list[Any]] = {}
             for rec in batch:
                 # The hour of the microsecond the record stores, so the file's folder and its times agree.
-                groups.setdefault((rec.model, int(rec.received_at * 1_000_000) // 3_600_000_000), []).append(
-                    rec
-                )
+                groups.setdefault((rec.model, int(rec.received_at * 1_000_000) // 3_600_000_000), []).append(rec)
             keys: dict[str | None, Key | MaskingUnavailable] = {}
             written = 0
             for (model, hour), recs in sorted(groups.items()):

@@ -53,8 +53,7 @@ def decode_image(data: bytes, spec: ImagePreprocess, where: str) -> np.ndarray:
             with Image.open(io.BytesIO(data), formats=FORMATS) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise InvalidInput(
-                        f"{where}: image of {img.width}x{img.height} pixels is over the "
-                        f"limit of {MAX_PIXELS} pixels"
+                        f"{where}: image of {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS} pixels"
                     )
                 gray = img.convert("L")
                 if gray.size != (spec.width, spec.height):

@@ -132,9 +132,7 @@ def _json_tensor(raw: dict[str, Any], datatype: str, shape: tuple[int, ...], whe
     return arr.reshape(shape)
 
 
-def decode_infer_request(
-    body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES
-) -> InferRequest:
+def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
     """Parse a ``POST .../infer`` body (JSON, or JSON header + binary tensors). The JSON part is
     bounded (413 above ``max_json_bytes``): parsing it holds the interpreter, so every other
     request waits on it; binary tensors cost a copy at most."""

@@ -162,9 +162,7 @@ class ModelRepository:
         metrics.OPEN_SESSIONS.labels(name).inc(len(created))
         for lv in created:
             metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
-            log.info(
-                "loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12]
-            )
+            log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
         return sorted(new)
 
     def unload(self, name: str, keep: Iterable[str] = ()) -> None:
@@ -208,14 +206,10 @@ class ModelRepository:
     def _unavailable(self, name: str) -> ServerError:
         self.model_dir(name)  # raises 404 for a model the repository does not have
         reason = self._errors.get(name)
-        return ModelUnavailable(
-            f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else "")
-        )
+        return ModelUnavailable(f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else ""))
 
     @contextmanager
-    def use(
-        self, name: str, version: str | None = None, routed_by: str | None = None
-    ) -> Iterator[LoadedVersion]:
+    def use(self, name: str, version: str | None = None, routed_by: str | None = None) -> Iterator[LoadedVersion]:
         """Hold a version for one request; a retired version is released after its last one.
 
         A version the client asked for and that is not loaded is a 404; one the traffic
@@ -234,9 +228,7 @@ class ModelRepository:
             if versions:
                 message = f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
                 if routed_by is not None:
-                    raise ModelUnavailable(
-                        f"model unavailable: {message}; chosen by the traffic policy's {routed_by}"
-                    )
+                    raise ModelUnavailable(f"model unavailable: {message}; chosen by the traffic policy's {routed_by}")
                 raise ModelNotFound(message)
             raise self._unavailable(name)
         try:

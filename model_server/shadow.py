@@ -47,15 +47,9 @@ def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     """The request metadata a prediction record keeps: user, device, tenant and any X-Meta-*."""
     raw = getattr(headers, "raw", None)
     if raw is not None:  # Starlette's headers: ASGI names are lower-case bytes; decode only these
-        return {
-            k.decode("latin-1"): _header_text(v)
-            for k, v in raw
-            if k in _METADATA_RAW or k.startswith(b"x-meta-")
-        }
+        return {k.decode("latin-1"): _header_text(v) for k, v in raw if k in _METADATA_RAW or k.startswith(b"x-meta-")}
     return {
-        k.lower(): v
-        for k, v in headers.items()
-        if k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")
+        k.lower(): v for k, v in headers.items() if k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")
     }
 
 
@@ -208,13 +202,9 @@ class ShadowMirror:
             with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
                 try:
                     if job.probe:
-                        results, batch, timing = await lv.infer(
-                            job.inputs, job.outputs, shadow_run=ort.RunOptions()
-                        )
+                        results, batch, timing = await lv.infer(job.inputs, job.outputs, shadow_run=ort.RunOptions())
                     else:
-                        results, batch, timing = await self.yielding_run(
-                            lv, job.inputs, job.outputs, job.request_id
-                        )
+                        results, batch, timing = await self.yielding_run(lv, job.inputs, job.outputs, job.request_id)
                 except OutOfMemory:
                     lv.shadow_metrics.failure("OOM")
                     raise
@@ -238,9 +228,7 @@ class ShadowMirror:
             job.inputs[0].data,
             error=error,
         )
-        metrics.SHADOW_REQUESTS.labels(
-            job.model, job.shadow_version, "ok" if error is None else "error"
-        ).inc()
+        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "ok" if error is None else "error").inc()
         if error is not None:
             log.info(
                 "shadow %s v%s for request %s (trace %s): %s",

@@ -74,11 +74,16 @@ def log_access(
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     record = {
-        "path": path, "model": model, "version": version, "request_id": request_id,
-        "trace_id": trace.trace_id, "span_id": trace.span_id, "status": status,
+        "path": path,
+        "model": model,
+        "version": version,
+        "request_id": request_id,
+        "trace_id": trace.trace_id,
+        "span_id": trace.span_id,
+        "status": status,
         "latency_ms": round(latency_ms, 3),
         "image_sha256": item_hashes(data, batched) if data is not None else None,
-    }  # fmt: skip
+    }
     if error:
         record["error"] = error
     ACCESS.info(json.dumps(record))

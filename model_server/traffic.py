@@ -145,12 +145,24 @@ class TrafficPolicy:
         """The policy's JSON form as JSON schema (structure only; ``from_dict`` also checks that
         weights sum to 100, versions are unique, regexes compile, the mirror is not the primary)."""
         version = {"type": "string", "pattern": "^[1-9][0-9]*$", "description": "model version"}
-        route = {"type": "array", "minItems": 1, "description": "weighted destinations, weights summing to 100",
-                 "items": {"type": "object", "additionalProperties": False, "required": ["version"],
-                           "properties": {"version": version,
-                                          "weight": {"type": "integer", "minimum": 0, "maximum": 100}}}}  # fmt: skip
-        match = {"type": "object", "minProperties": 1, "maxProperties": 1,
-                 "properties": {k: {"type": "string"} for k in MATCH_KINDS}, "additionalProperties": False}  # fmt: skip
+        route = {
+            "type": "array",
+            "minItems": 1,
+            "description": "weighted destinations, weights summing to 100",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["version"],
+                "properties": {"version": version, "weight": {"type": "integer", "minimum": 0, "maximum": 100}},
+            },
+        }
+        match = {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": {k: {"type": "string"} for k in MATCH_KINDS},
+            "additionalProperties": False,
+        }
         return {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "TrafficPolicy",
@@ -158,18 +170,36 @@ class TrafficPolicy:
             "additionalProperties": False,
             "required": ["route"],
             "properties": {
-                "rules": {"type": "array", "description": "tried in order before route", "items": {
-                    "type": "object", "additionalProperties": False, "required": ["match", "route"],
-                    "properties": {"name": {"type": "string"}, "route": route,
-                                   "match": {"type": "object", "required": ["headers"], "additionalProperties": False,
-                                             "properties": {"headers": {"type": "object", "minProperties": 1,
-                                                                        "additionalProperties": match}}}}}},
+                "rules": {
+                    "type": "array",
+                    "description": "tried in order before route",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["match", "route"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "route": route,
+                            "match": {
+                                "type": "object",
+                                "required": ["headers"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "headers": {"type": "object", "minProperties": 1, "additionalProperties": match}
+                                },
+                            },
+                        },
+                    },
+                },
                 "route": route,
-                "mirror": {"type": "object", "additionalProperties": False, "required": ["version"],
-                           "properties": {"version": version,
-                                          "percent": {"type": "number", "minimum": 0, "maximum": 100}}},
+                "mirror": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["version"],
+                    "properties": {"version": version, "percent": {"type": "number", "minimum": 0, "maximum": 100}},
+                },
             },
-        }  # fmt: skip
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -314,9 +344,7 @@ class PolicyStore:
     def apply(self, model: str, policy: TrafficPolicy) -> None:
         with self._lock:
             if self.state_dir is not None:
-                write_private(
-                    self.state_dir / f"{model}.json", json.dumps(policy.to_dict(), indent=2).encode() + b"\n"
-                )
+                write_private(self.state_dir / f"{model}.json", json.dumps(policy.to_dict(), indent=2).encode() + b"\n")
             self._policies = {**self._policies, model: policy}
         self._on_change(model, policy)
 

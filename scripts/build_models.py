@@ -206,9 +206,7 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(np.zeros(cout, dtype=np.float32), b))
         y = self.name("conv")
         self.nodes.append(
-            helper.make_node(
-                "Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4
-            )
+            helper.make_node("Conv", [x, w, b], [y], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
         )
         return self.relu(y) if relu else y
 
@@ -230,9 +228,7 @@ def build_resnet(out: Path) -> None:
     g = GraphBuilder(SEED)
     x = g.conv("input", 3, 64, 7, 2)
     pooled = g.name("pool")
-    g.nodes.append(
-        helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    )
+    g.nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
     x, cin = pooled, 64
     for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         x = g.block(x, cin, cout, stride)
@@ -243,9 +239,7 @@ def build_resnet(out: Path) -> None:
     flat = g.name("flat")
     g.nodes.append(helper.make_node("Flatten", [gap], [flat], axis=1))
     g.inits.append(
-        numpy_helper.from_array(
-            (g.rng.standard_normal((512, 1000)) * np.sqrt(1.0 / 512)).astype(np.float32), "fc_w"
-        )
+        numpy_helper.from_array((g.rng.standard_normal((512, 1000)) * np.sqrt(1.0 / 512)).astype(np.float32), "fc_w")
     )
     g.inits.append(numpy_helper.from_array(np.zeros(1000, dtype=np.float32), "fc_b"))
     g.nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"]))
@@ -256,9 +250,7 @@ def build_resnet(out: Path) -> None:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
         g.inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="build_models")
     model_dir = out / "resnet_bench"
     save(model, model_dir / "1" / "model.onnx")
     write_json(

@@ -40,13 +40,16 @@ def start_from_version_1(state: dict[str, Any]) -> None:
 def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
     """Trigger one rollout, print each task as it ends, then the verdicts and the report."""
     run_id = api.trigger("model_rollout", conf)
-    print(f"\n=== model_rollout: digits v{conf['candidate_version']} against v{conf['baseline_version']} "
-          f"(run {run_id})", flush=True)  # fmt: skip
+    print(
+        f"\n=== model_rollout: digits v{conf['candidate_version']} against v{conf['baseline_version']} (run {run_id})",
+        flush=True,
+    )
     started, seen = time.monotonic(), set()
     while True:
         run = api.run("model_rollout", run_id)
-        for task_id, ti in sorted(api.task_instances("model_rollout", run_id).items(),
-                                  key=lambda kv: kv[1].get("start_date") or "~"):  # fmt: skip
+        for task_id, ti in sorted(
+            api.task_instances("model_rollout", run_id).items(), key=lambda kv: kv[1].get("start_date") or "~"
+        ):
             if ti["state"] in ("success", "failed", "skipped", "upstream_failed") and task_id not in seen:
                 seen.add(task_id)
                 if ti["state"] != "skipped" or not task_id.startswith("stage_"):
@@ -71,8 +74,13 @@ def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: fl
         message = json.loads(reports[-1].read_text())
         print(f"\nSlack report ({message['channel']}, saved in {reports[-1]}):\n  {message['text']}")
     print(f"\nthe run in the UI: {api.url}/dags/model_rollout/runs/{run_id}")
-    return {"candidate": conf["candidate_version"], "run_id": run_id, "state": run["state"], "outcome": outcome,
-            "reason": reason}  # fmt: skip
+    return {
+        "candidate": conf["candidate_version"],
+        "run_id": run_id,
+        "state": run["state"],
+        "outcome": outcome,
+        "reason": reason,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     start_from_version_1(state)
     results = []
     for candidate, baseline in (("2", "1"), ("3", "2")):  # v3 against the version v2's rollout left stable
-        conf = {**DEMO_CONF, "bake_seconds": args.bake_seconds, "candidate_version": candidate,
-                "baseline_version": baseline}  # fmt: skip
+        conf = {
+            **DEMO_CONF,
+            "bake_seconds": args.bake_seconds,
+            "candidate_version": candidate,
+            "baseline_version": baseline,
+        }
         results.append(roll_out(api, args.run, conf))
         if results[-1]["outcome"] != "promote" and candidate == "2":
             break  # v2 was not promoted: v3 has no v2 baseline to go against

@@ -39,9 +39,7 @@ from vision_rollout.serving import ModelServerAdmin  # noqa: E402
 STATE = "stack.json"
 
 
-def up(
-    run: Path, repository: Path, port: int, prometheus_port: int, airflow_port: int, rate: float
-) -> dict[str, Any]:
+def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_port: int, rate: float) -> dict[str, Any]:
     state_file = run / STATE
     if state_file.exists():
         alive = [p for p in json.loads(state_file.read_text())["pids"].values() if _alive(p)]
@@ -52,19 +50,44 @@ def up(
     if not token_file.exists():
         token_file.touch(mode=0o600)
         token_file.write_text(secrets.token_urlsafe(24))
-    server = start_model_server(repository, run, "--prediction-log", str(run / "predictions"), "--state-dir",
-                                str(run / "state"), "--mask-header", "x-user-id",
-                                token=token_file.read_text().strip(), port=port, until="live")  # fmt: skip
+    server = start_model_server(
+        repository,
+        run,
+        "--prediction-log",
+        str(run / "predictions"),
+        "--state-dir",
+        str(run / "state"),
+        "--mask-header",
+        "x-user-id",
+        token=token_file.read_text().strip(),
+        port=port,
+        until="live",
+    )
     serve_what_is_routed(server)
     server.wait_until("ready")
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     log = (run / "loadgen.log").open("wb")
     loadgen = subprocess.Popen(
-        [sys.executable, "-m", "devstack.loadgen", "--url", server.url, "--validation",
-         str(repository / "digits" / "validation"), "--rate", str(rate), "--duration", str(7 * 24 * 3600),
-         "--feedback-share", "0.5"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": PYTHONPATH}, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "devstack.loadgen",
+            "--url",
+            server.url,
+            "--validation",
+            str(repository / "digits" / "validation"),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(7 * 24 * 3600),
+            "--feedback-share",
+            "0.5",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        start_new_session=True,
+    )
     pids = {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid}
     state: dict[str, Any] = {
         "pids": pids,
@@ -74,8 +97,9 @@ def up(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     state_file.write_text(json.dumps(state, indent=2))  # a failed Airflow start leaves `down` what to stop
-    airflow = start_airflow(run / "airflow", local_connections(server, prom.url, repository, run / "predictions", run),
-                            port=airflow_port)  # fmt: skip
+    airflow = start_airflow(
+        run / "airflow", local_connections(server, prom.url, repository, run / "predictions", run), port=airflow_port
+    )
     for name, proc in airflow.components.items():
         pids[f"airflow_{name}"] = proc.proc.pid
         state["groups"].append(proc.proc.pid)
@@ -165,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prometheus    {state['urls']['prometheus']}")
     print(f"load generator: {args.rate:g} requests/s, log in {args.run / 'loadgen.log'}")
     # The password stays in its 0600 file: a terminal's scrollback or a CI log is no place for it.
-    print(f"airflow       {state['urls']['airflow']}  (login {state['airflow_user']}, password in "
-          f"{state['airflow_password_file']}; logs in {args.run / 'airflow' / 'logs'})")  # fmt: skip
+    print(
+        f"airflow       {state['urls']['airflow']}  (login {state['airflow_user']}, password in "
+        f"{state['airflow_password_file']}; logs in {args.run / 'airflow' / 'logs'})"
+    )
     print("stop with: make down")
     return 0
 

@@ -60,23 +60,24 @@ def main(argv: list[str] | None = None) -> int:
                 config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
             )
             validation = args.repository / "digits" / "validation"
-            print(f"loaded digits versions {client.get_model_metadata('digits')['versions']}; replaying the "
-                  "validation images through each, over the serving path\n")  # fmt: skip
-            df = replay(server.url, "digits", {v: v for v in ("1", "2", "3")}, validation)
             print(
-                f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}"
+                f"loaded digits versions {client.get_model_metadata('digits')['versions']}; replaying the "
+                "validation images through each, over the serving path\n"
             )
+            df = replay(server.url, "digits", {v: v for v in ("1", "2", "3")}, validation)
+            print(f"{'version':8s} {'algorithm':46s} {'accuracy':>9s} {'built':>7s} {'p50 ms':>7s} {'p99 ms':>7s}")
             for version, g in df.groupby("arm"):
                 meta = cfg["metadata"]["versions"][version]
-                print(f"{version:8s} {meta['algorithm']:46s} {g['correct'].mean():9.4f} {meta['heldout_accuracy']:7.4f} "
-                      f"{g['latency_ms'].median():7.2f} {g['latency_ms'].quantile(0.99):7.2f}")  # fmt: skip
+                print(
+                    f"{version:8s} {meta['algorithm']:46s} {g['correct'].mean():9.4f} {meta['heldout_accuracy']:7.4f} "
+                    f"{g['latency_ms'].median():7.2f} {g['latency_ms'].quantile(0.99):7.2f}"
+                )
             print("\nthe gate on each candidate against version 1 (paired replay):")
             for candidate in ("2", "3"):
-                pairs = df[df["arm"].isin(["1", candidate])].replace(
-                    {"arm": {"1": "baseline", candidate: "canary"}}
+                pairs = df[df["arm"].isin(["1", candidate])].replace({"arm": {"1": "baseline", candidate: "canary"}})
+                verdict = evaluate_gate(
+                    pairs, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(pairs))
                 )
-                verdict = evaluate_gate(pairs, {"min_samples": 100},
-                                        guards=GuardInputs(validation_drop=accuracy_drop(pairs)))  # fmt: skip
                 print(f"  version {candidate}: {verdict.decision.upper()}")
                 for c in verdict.checks:
                     if c.decision != "info":
@@ -98,32 +99,38 @@ def canary_with_shadow(server: Any, repository: Path, prediction_log: Path, seco
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
     from vision_rollout.audit import audit_frame
 
-    policy: dict[str, Any] = {"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
-              "mirror": {"version": "2", "percent": 100}}  # fmt: skip
+    policy: dict[str, Any] = {
+        "route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
+        "mirror": {"version": "2", "percent": 100},
+    }
     requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=server.admin, timeout=10)
     print(f"\ntraffic policy: {json.dumps(policy)}")
     started = datetime.now(UTC)
-    stats = run(LoadConfig(url=server.url, validation=repository / "digits" / "validation", rate=40,
-                           duration_s=seconds, feedback_share=1.0, feedback_delay_s=0.5))  # fmt: skip
+    stats = run(
+        LoadConfig(
+            url=server.url,
+            validation=repository / "digits" / "validation",
+            rate=40,
+            duration_s=seconds,
+            feedback_share=1.0,
+            feedback_delay_s=0.5,
+        )
+    )
     print(f"load generator: {stats.ok} of {stats.sent} requests answered, served by {dict(stats.served)}")
     for v in ("1", "2"):
         total = server.metric("feedback_total", model="digits", version=v) or 0
         correct = server.metric("feedback_correct_total", model="digits", version=v) or 0
         shadow = server.metric("shadow_requests_total", model="digits", version=v, outcome="ok") or 0
         live = f"{correct / total:.4f}" if total else "n/a"
-        print(
-            f"  version {v}: live accuracy from feedback {live} ({total:g} labels), shadow copies run {shadow:g}"
-        )
+        print(f"  version {v}: live accuracy from feedback {live} ({total:g} labels), shadow copies run {shadow:g}")
     time.sleep(1.5)  # the prediction log's writer flushes every 0.5 s
-    records = read(prediction_log, started, datetime.now(UTC), "digits", columns=SHADOW_PAIR_COLUMNS,
-                   roles=("primary", "shadow"))  # fmt: skip
+    records = read(
+        prediction_log, started, datetime.now(UTC), "digits", columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
+    )
     df = shadow_pairs(records)
     if len(df):
         result = audit_frame(df, model="digits")
-        print(
-            f"shadow audit of {len(df)} mirrored requests: {result.verdict.upper()}: "
-            + "; ".join(result.reasons)
-        )
+        print(f"shadow audit of {len(df)} mirrored requests: {result.verdict.upper()}: " + "; ".join(result.reasons))
         print(f"  a masked row: user {df['user_id'].iloc[0]}, meta {df['meta'].iloc[0][:110]}...")
 
 

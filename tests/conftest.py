@@ -22,9 +22,7 @@ ADMIN_TOKEN = "test-admin-token"
 
 # Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
-os.environ.setdefault(
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{os.environ['AIRFLOW_HOME']}/airflow.db"
-)
+os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{os.environ['AIRFLOW_HOME']}/airflow.db")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
@@ -57,9 +55,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ModelServerProcess]
     """Start servers with custom options; each is stopped by pid when the test ends."""
     started: list[ModelServerProcess] = []
 
-    def factory(
-        repository: Path, *args: str, token: str | None = None, until: str = "ready"
-    ) -> ModelServerProcess:
+    def factory(repository: Path, *args: str, token: str | None = None, until: str = "ready") -> ModelServerProcess:
         s = start_model_server(repository, tmp_path, *args, token=token, until=until)
         started.append(s)
         return s
@@ -79,8 +75,9 @@ def live_traffic() -> Iterator[Callable[..., None]]:
     threads: list[threading.Thread] = []
 
     def start(url: str, validation: Path, rate: float = 40, feedback_share: float = 0.5) -> None:
-        cfg = LoadConfig(url=url, validation=validation, rate=rate, duration_s=1,
-                         feedback_share=feedback_share, feedback_delay_s=0.2)  # fmt: skip
+        cfg = LoadConfig(
+            url=url, validation=validation, rate=rate, duration_s=1, feedback_share=feedback_share, feedback_delay_s=0.2
+        )
 
         def rounds() -> None:
             while not stop.is_set():

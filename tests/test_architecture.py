@@ -12,25 +12,50 @@ from pathlib import Path
 from devstack.processes import PYTHONPATH
 from tests.conftest import ROOT
 
-CODE = ["include", "plugins", "dags", "model_server", "devstack", "scripts", "bench", "tests", "docker", "docs",
-        "Makefile", "README.md", "BENCHMARKS.md"]  # fmt: skip
+CODE = [
+    "include",
+    "plugins",
+    "dags",
+    "model_server",
+    "devstack",
+    "scripts",
+    "bench",
+    "tests",
+    "docker",
+    "docs",
+    "Makefile",
+    "README.md",
+    "BENCHMARKS.md",
+]
 
 
 def test_imports_flow_one_way():
     """plugins -> the library -> the model server; none of them imports the one-machine stack, and
     the library and the model server never import Airflow (pyproject.toml's contracts)."""
-    out = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
-                         env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+        cwd=ROOT,
+        env={"PYTHONPATH": PYTHONPATH, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "3 kept, 0 broken" in out.stdout
 
 
 def test_dag_files_import_only_airflow_the_operators_and_the_spec():
-    allowed = re.compile(r"^(__future__|datetime|typing|pendulum|airflow(\..+)?|rollout_airflow(\..+)?|vision_rollout\.spec)$")
+    allowed = re.compile(
+        r"^(__future__|datetime|typing|pendulum|airflow(\..+)?|rollout_airflow(\..+)?|vision_rollout\.spec)$"
+    )
     for path in (ROOT / "dags").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []  # fmt: skip
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 assert allowed.match(name), f"{path.name} imports {name}"
 

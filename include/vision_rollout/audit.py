@@ -43,8 +43,11 @@ class AuditConfig:
 
     @classmethod
     def from_spec(cls, spec: RolloutSpec) -> AuditConfig:
-        return cls(min_agreement=spec.shadow_agreement_min, max_shadow_error_rate=spec.shadow_error_rate_max,
-                   max_anomaly_rate=spec.shadow_anomaly_rate_max)  # fmt: skip
+        return cls(
+            min_agreement=spec.shadow_agreement_min,
+            max_shadow_error_rate=spec.shadow_error_rate_max,
+            max_anomaly_rate=spec.shadow_anomaly_rate_max,
+        )
 
 
 @dataclass
@@ -111,10 +114,17 @@ def audit_frame(
         return AuditResult(model, start, end, "skip", ["no shadow records in this range: nothing to audit"])
     errors = df["shadow_error"].notna()
     ok = df[~errors]
-    result = AuditResult(model, start, end, "pass", [], rows=len(df), shadow_errors=int(errors.sum()),
-                         shadow_error_rate=float(errors.mean()),
-                         versions={"primary": sorted(df["primary_version"].unique()),
-                                   "shadow": sorted(df["shadow_version"].unique())})  # fmt: skip
+    result = AuditResult(
+        model,
+        start,
+        end,
+        "pass",
+        [],
+        rows=len(df),
+        shadow_errors=int(errors.sum()),
+        shadow_error_rate=float(errors.mean()),
+        versions={"primary": sorted(df["primary_version"].unique()), "shadow": sorted(df["shadow_version"].unique())},
+    )
     if ok.empty:
         result.verdict = "fail"
         result.reasons.append(f"every one of {len(df)} shadow requests failed")
@@ -135,10 +145,14 @@ def audit_frame(
     flagged = low_conf | high_div
     result.anomaly_rate = float(flagged.mean())
     labels = sorted(set(ok["primary_top1"]) | set(ok["shadow_top1"]))
-    result.confusion = pd.crosstab(ok["primary_top1"], ok["shadow_top1"], rownames=["primary"],
-                                   colnames=["shadow"]).reindex(index=labels, columns=labels, fill_value=0)  # fmt: skip
-    reason = np.where(low_conf & high_div, "low confidence and high divergence",
-                      np.where(low_conf, "low confidence", "high divergence"))  # fmt: skip
+    result.confusion = pd.crosstab(
+        ok["primary_top1"], ok["shadow_top1"], rownames=["primary"], colnames=["shadow"]
+    ).reindex(index=labels, columns=labels, fill_value=0)
+    reason = np.where(
+        low_conf & high_div,
+        "low confidence and high divergence",
+        np.where(low_conf, "low confidence", "high divergence"),
+    )
     anomalies = ok.assign(shadow_confidence=confidence, divergence=div, reason=reason)[flagged]
     result.anomalies = (
         anomalies.sort_values("divergence", ascending=False)[
@@ -167,23 +181,27 @@ def audit_frame(
         result.reasons.append(f"{agreement} is shown below {100 * cfg.min_agreement:.0f}%")
     elif lo < cfg.min_agreement:
         result.verdict = "inconclusive"
-        result.reasons.append(f"{agreement} is not yet shown above {100 * cfg.min_agreement:.0f}% "
-                              f"({len(ok)} records)")  # fmt: skip
+        result.reasons.append(f"{agreement} is not yet shown above {100 * cfg.min_agreement:.0f}% ({len(ok)} records)")
     if result.shadow_error_rate > cfg.max_shadow_error_rate:
         result.verdict = "fail"
-        result.reasons.append(f"shadow error rate {100 * result.shadow_error_rate:.3f}% is above "
-                              f"{100 * cfg.max_shadow_error_rate:.3f}%")  # fmt: skip
+        result.reasons.append(
+            f"shadow error rate {100 * result.shadow_error_rate:.3f}% is above {100 * cfg.max_shadow_error_rate:.3f}%"
+        )
     if result.anomaly_rate > cfg.max_anomaly_rate:
         # Failed only once the rate is shown above the limit: one odd probe is not a trend.
         low = wilson(int(flagged.sum()), len(flagged), cfg.confidence_level)[0]
         shown = low > cfg.max_anomaly_rate
         result.verdict = "fail" if shown else ("inconclusive" if result.verdict == "pass" else result.verdict)
-        result.reasons.append(f"{100 * result.anomaly_rate:.1f}% of requests are anomalies (limit "
-                              f"{100 * cfg.max_anomaly_rate:.0f}%{'' if shown else f', not yet shown over {len(flagged)} records'})")  # fmt: skip
+        result.reasons.append(
+            f"{100 * result.anomaly_rate:.1f}% of requests are anomalies (limit "
+            f"{100 * cfg.max_anomaly_rate:.0f}%{'' if shown else f', not yet shown over {len(flagged)} records'})"
+        )
     if result.verdict == "pass":
-        result.reasons.append(f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-"
-                              f"{100 * hi:.2f}%), shadow error rate {100 * result.shadow_error_rate:.3f}%, "
-                              f"anomalies {100 * result.anomaly_rate:.1f}%")  # fmt: skip
+        result.reasons.append(
+            f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-"
+            f"{100 * hi:.2f}%), shadow error rate {100 * result.shadow_error_rate:.3f}%, "
+            f"anomalies {100 * result.anomaly_rate:.1f}%"
+        )
     return result
 
 
@@ -197,9 +215,7 @@ def audit(
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
 
-    records = read(
-        prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
-    )
+    records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
     pairs = shadow_pairs(records)
     result = audit_frame(pairs, config, model, start.isoformat(), end.isoformat())
     result.shadow_without_primary = pairs.attrs["shadow_without_primary"]
@@ -217,9 +233,7 @@ def plot(result: AuditResult, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     if result.divergences is not None:
         ax1.hist(np.clip(result.divergences, 0, 2), bins=40, color="#4477aa")
-        ax1.axvline(
-            AuditConfig().divergence_threshold, color="#cc3311", linestyle="--", label="anomaly threshold"
-        )
+        ax1.axvline(AuditConfig().divergence_threshold, color="#cc3311", linestyle="--", label="anomaly threshold")
         ax1.set_yscale("log")
         ax1.legend()
     ax1.set_xlabel("KL(primary || shadow) per request")
@@ -247,21 +261,25 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
     """report.md, summary.json, confusion.csv, anomalies.csv and divergence.png in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "report.md", "json": out_dir / "summary.json"}
-    lines = [f"# Shadow audit: {result.model or 'all models'}", "",
-             f"- Range: {result.start} to {result.end}",
-             f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
-             f"- Records: {result.rows} (shadow errors {result.shadow_errors}, "
-             f"{100 * result.shadow_error_rate:.3f}%)"]  # fmt: skip
+    lines = [
+        f"# Shadow audit: {result.model or 'all models'}",
+        "",
+        f"- Range: {result.start} to {result.end}",
+        f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
+        f"- Records: {result.rows} (shadow errors {result.shadow_errors}, {100 * result.shadow_error_rate:.3f}%)",
+    ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci
-        lines += [f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
-                  f"{', '.join(result.versions['shadow'])}",
-                  f"- Top-1 agreement: {100 * result.agreement:.2f}% (95% Wilson interval {100 * lo:.2f}% to "
-                  f"{100 * hi:.2f}%)",
-                  f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
-                  "- Per-request KL(primary || shadow): " + ", ".join(f"{k} {v:.4f}"
-                                                                      for k, v in result.divergence_quantiles.items()),
-                  f"- Anomalies (shadow confidence < 0.65 or divergence > 0.18): {100 * (result.anomaly_rate or 0):.2f}%"]  # fmt: skip
+        lines += [
+            f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
+            f"{', '.join(result.versions['shadow'])}",
+            f"- Top-1 agreement: {100 * result.agreement:.2f}% (95% Wilson interval {100 * lo:.2f}% to "
+            f"{100 * hi:.2f}%)",
+            f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
+            "- Per-request KL(primary || shadow): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
+            f"- Anomalies (shadow confidence < 0.65 or divergence > 0.18): {100 * (result.anomaly_rate or 0):.2f}%",
+        ]
     if result.confusion is not None:
         paths["confusion"] = out_dir / "confusion.csv"
         result.confusion.to_csv(paths["confusion"])
@@ -274,12 +292,18 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
     if result.anomalies is not None:
         paths["anomalies"] = out_dir / "anomalies.csv"
         result.anomalies.to_csv(paths["anomalies"], index=False)
-        lines += ["", f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)", "",
-                  "| request | item | image sha256 | primary | shadow | confidence | divergence | reason |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {r.request_id[:16]} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
-                  f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
-                  for r in result.anomalies.itertuples()]  # fmt: skip
+        lines += [
+            "",
+            f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)",
+            "",
+            "| request | item | image sha256 | primary | shadow | confidence | divergence | reason |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r.request_id[:16]} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
+            f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
+            for r in result.anomalies.itertuples()
+        ]
     if result.verdict != "skip":
         paths["plot"] = out_dir / "divergence.png"
         plot(result, paths["plot"])
@@ -295,11 +319,16 @@ def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditRes
     ``warning``, reported like any audit, never a silent skip."""
     ran, dropped = result.rows, result.shadow_dropped
     if ran + dropped:
-        result.reasons.append(f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, "
-                              f"{dropped} dropped (no idle time or a full queue)")  # fmt: skip
+        result.reasons.append(
+            f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, "
+            f"{dropped} dropped (no idle time or a full queue)"
+        )
     if result.verdict == "skip" and mirror_percent:
         result.verdict = "warning"
-        result.reasons = [f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
-                          "log holds no shadow record of it: the copies are dropped, not written, or no request "
-                          "reached the mirrored version", *result.reasons[1:]]  # fmt: skip
+        result.reasons = [
+            f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
+            "log holds no shadow record of it: the copies are dropped, not written, or no request "
+            "reached the mirrored version",
+            *result.reasons[1:],
+        ]
     return result

@@ -157,12 +157,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         status = "OK" if report.ok else "FAILED"
-        print(
-            f"{status}: {report.path} sha256 {report.sha256[:16]} ({report.size_bytes} bytes) on {report.provider}"
-        )
+        print(f"{status}: {report.path} sha256 {report.sha256[:16]} ({report.size_bytes} bytes) on {report.provider}")
         if report.golden_accuracy is not None:
-            print(f"  golden inference on {report.golden_images} validation images: accuracy {report.golden_accuracy:.4f}"
-                  + (f", agreement with baseline {report.baseline_agreement:.4f}" if report.baseline_agreement is not None else ""))  # fmt: skip
+            print(
+                f"  golden inference on {report.golden_images} validation images: accuracy {report.golden_accuracy:.4f}"
+                + (
+                    f", agreement with baseline {report.baseline_agreement:.4f}"
+                    if report.baseline_agreement is not None
+                    else ""
+                )
+            )
         for p in report.problems:
             print(f"  problem: {p}")
     return 0 if report.ok else 1
@@ -182,9 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
     if spec.mesh != "local":
-        raise UsageError(
-            "rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow"
-        )
+        raise UsageError("rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow")
     token = args.token_file.read_text().strip() if args.token_file else None
     state = args.state_file or Path(f".rollout-{spec.model}-original.json")
     router = LocalRouter(args.url, spec.model, token, state)
@@ -193,8 +195,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
     def report(outcome: StageOutcome) -> None:
-        print(f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
-              f"{outcome.reason}", flush=True)  # fmt: skip
+        print(
+            f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
+            f"{outcome.reason}",
+            flush=True,
+        )
         if notifier is not None and outcome.verdict is not None:
             notifier.send(stage_message(spec, outcome.weight, outcome.verdict))
 
@@ -202,9 +207,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     last = result.stages[-1] if result.stages else None
     if notifier is not None:
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]
-        notifier.send(promotion_message(spec, verdicts) if result.promoted
-                      else rollback_message(spec, result.reason, last.verdict if last else None,
-                                            last.weight if last else None))  # fmt: skip
+        notifier.send(
+            promotion_message(spec, verdicts)
+            if result.promoted
+            else rollback_message(spec, result.reason, last.verdict if last else None, last.weight if last else None)
+        )
     print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason)
     return 0 if result.promoted else 1
 
@@ -218,14 +225,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=Path, required=True)
     g.add_argument("--look", type=int, default=1)
     g.add_argument("--looks", type=int, default=1)
-    g.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="gate config, e.g. alpha=0.01"
-    )
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="gate config, e.g. alpha=0.01")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
     a = sub.add_parser("audit", help="audit the shadow log over a recent window")
-    a.add_argument("--prediction-log", "--shadow-log", dest="prediction_log", required=True,
-                   help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)")
+    a.add_argument(
+        "--prediction-log",
+        "--shadow-log",
+        dest="prediction_log",
+        required=True,
+        help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)",
+    )
     a.add_argument("--since", default="1h")
     a.add_argument("--model")
     a.add_argument("--out", type=Path, help="write report.md, CSVs and the PNG here")
@@ -250,14 +260,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("run", help="a whole rollout on the model server's router, without Airflow")
-    r.add_argument(
-        "--spec", type=Path, required=True, help="RolloutSpec as JSON (see RolloutSpec.json_schema())"
-    )
+    r.add_argument("--spec", type=Path, required=True, help="RolloutSpec as JSON (see RolloutSpec.json_schema())")
     r.add_argument("--url", required=True, help="model server, http://host:port")
     r.add_argument("--validation", type=Path, required=True, help="labelled validation images (labels.csv)")
     r.add_argument("--token-file", type=Path)
-    r.add_argument("--prediction-log", required=True,
-                   help="the serving processes' prediction log (a folder or s3://bucket/prefix): the evidence")
+    r.add_argument(
+        "--prediction-log",
+        required=True,
+        help="the serving processes' prediction log (a folder or s3://bucket/prefix): the evidence",
+    )
     r.add_argument("--prometheus", help="http://host:port, for the hard guards")
     r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
     r.add_argument("--outbox", type=Path, help="write the Slack reports here")

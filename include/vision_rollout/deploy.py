@@ -23,19 +23,31 @@ def render_deployment(
 ) -> dict[str, Any]:
     labels = {"app": target.service, "version": version}
     container: dict[str, Any] = {
-        "name": "model-server", "image": image,
+        "name": "model-server",
+        "image": image,
         "args": ["--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"],
         "volumeMounts": [{"name": "state", "mountPath": "/state"}],
         "ports": [{"name": "http", "containerPort": 8000}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}, "periodSeconds": 5},
         "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},  # a quantity
-    }  # fmt: skip
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": f"{target.service}-v{version}", "namespace": target.namespace,
-                         "labels": {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER}},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
-                     "template": {"metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
-                                  "spec": {"containers": [container], "volumes": [{"name": "state", "emptyDir": {}}]}}}}  # fmt: skip
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": f"{target.service}-v{version}",
+            "namespace": target.namespace,
+            "labels": {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
+                "spec": {"containers": [container], "volumes": [{"name": "state", "emptyDir": {}}]},
+            },
+        },
+    }
 
 
 @dataclass
@@ -58,9 +70,14 @@ class VersionDeployments:
 
         body = render_deployment(self.target, self.model, version, image, replicas, self.gpus)
         try:
-            out = self._apps().patch_namespaced_deployment(self._name(version), self.target.namespace, body,
-                                                           field_manager=FIELD_MANAGER, force=True,
-                                                           _content_type="application/apply-patch+yaml")  # fmt: skip
+            out = self._apps().patch_namespaced_deployment(
+                self._name(version),
+                self.target.namespace,
+                body,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
         except ApiException as exc:
             raise RouterError(
                 f"apply Deployment {self._name(version)}: {exc.status} {exc.reason}: {exc.body}"
@@ -86,9 +103,7 @@ class VersionDeployments:
         self.apply(version, image, replicas=0)
         return True
 
-    def wait_ready(
-        self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0
-    ) -> None:
+    def wait_ready(self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             live = self._apps().read_namespaced_deployment(self._name(version), self.target.namespace)
@@ -96,6 +111,7 @@ class VersionDeployments:
             if ready >= replicas:
                 return
             if time.monotonic() > deadline:
-                raise RouterError(f"Deployment {self._name(version)}: {ready} of {replicas} pods ready "
-                                  f"after {timeout_s:g} s")  # fmt: skip
+                raise RouterError(
+                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready after {timeout_s:g} s"
+                )
             time.sleep(every_s)

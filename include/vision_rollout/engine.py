@@ -50,8 +50,20 @@ from vision_rollout.spec import RolloutSpec
 log = logging.getLogger(__name__)
 
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
-LOG_COLUMNS = ["time", "model", "version", "role", "route", "request_id", "item", "latency_ms", "outcome",
-               "top1", "image_sha256", "label"]  # fmt: skip
+LOG_COLUMNS = [
+    "time",
+    "model",
+    "version",
+    "role",
+    "route",
+    "request_id",
+    "item",
+    "latency_ms",
+    "outcome",
+    "top1",
+    "image_sha256",
+    "label",
+]
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -100,8 +112,13 @@ def stage_samples(
         return _empty_samples()
     t = _unix(records["time"])
     arms = {spec.baseline_version: "baseline", spec.candidate_version: "canary"}
-    primary = records[(records["role"] == "primary") & records["version"].isin(list(arms))
-                      & (t >= window.started) & (t < until) & (records["model"] == spec.model)]  # fmt: skip
+    primary = records[
+        (records["role"] == "primary")
+        & records["version"].isin(list(arms))
+        & (t >= window.started)
+        & (t < until)
+        & (records["model"] == spec.model)
+    ]
     if primary.empty:
         return _empty_samples()
     by_version = primary["route"] == "version"
@@ -111,16 +128,18 @@ def stage_samples(
     is_replay = is_replay[keep].reset_index(drop=True)
     truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
     error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT"])  # server failures: a client's 400 is not the version's
-    return pd.DataFrame({
-        "arm": chosen["version"].map(arms),
-        "source": np.where(is_replay, "replay", "live"),
-        "latency_ms": chosen["latency_ms"].astype(float),
-        "error": error.astype(int),
-        "oom": (chosen["outcome"] == "OOM").astype(int),
-        "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
-        "pair_id": chosen["image_sha256"].where(is_replay),
-        "time": _unix(chosen["time"]),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "arm": chosen["version"].map(arms),
+            "source": np.where(is_replay, "replay", "live"),
+            "latency_ms": chosen["latency_ms"].astype(float),
+            "error": error.astype(int),
+            "oom": (chosen["outcome"] == "OOM").astype(int),
+            "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
+            "pair_id": chosen["image_sha256"].where(is_replay),
+            "time": _unix(chosen["time"]),
+        }
+    )
 
 
 def _live_labels(records: pd.DataFrame, live: pd.DataFrame) -> pd.Series:
@@ -128,9 +147,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame) -> pd.Series:
     rows = records[records["role"] == "label"]
     if rows.empty or live.empty:
         return pd.Series(np.nan, index=live.index)
-    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])[
-        "label"
-    ]
+    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])["label"]
     keys = pd.MultiIndex.from_arrays([live["request_id"], live["item"]])
     return pd.Series(last.reindex(keys).to_numpy(dtype=float), index=live.index)
 
@@ -142,10 +159,18 @@ def _unix(times: pd.Series) -> pd.Series:
 
 
 def _empty_samples() -> pd.DataFrame:
-    return pd.DataFrame({"arm": pd.Series(dtype=str), "source": pd.Series(dtype=str),
-                         "latency_ms": pd.Series(dtype=float), "error": pd.Series(dtype=int),
-                         "oom": pd.Series(dtype=int), "correct": pd.Series(dtype=float),
-                         "pair_id": pd.Series(dtype=object), "time": pd.Series(dtype=float)})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "arm": pd.Series(dtype=str),
+            "source": pd.Series(dtype=str),
+            "latency_ms": pd.Series(dtype=float),
+            "error": pd.Series(dtype=int),
+            "oom": pd.Series(dtype=int),
+            "correct": pd.Series(dtype=float),
+            "pair_id": pd.Series(dtype=object),
+            "time": pd.Series(dtype=float),
+        }
+    )
 
 
 def replay_drop(samples: pd.DataFrame) -> float | None:
@@ -181,9 +206,7 @@ class StageState:
 
 def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
     counts = samples.groupby(["arm", "source"]).size()
-    return {
-        arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")
-    }
+    return {arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")}
 
 
 def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame) -> float:
@@ -192,8 +215,9 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
     planned = window.look_time(spec, spec.looks_per_stage)
     reached = []
     for arm in ("baseline", "canary"):
-        times = np.sort(samples.loc[(samples["arm"] == arm) & (samples["source"] == window.latency_from),
-                                    "time"].to_numpy())  # fmt: skip
+        times = np.sort(
+            samples.loc[(samples["arm"] == arm) & (samples["source"] == window.latency_from), "time"].to_numpy()
+        )
         reached.append(times[spec.min_samples - 1] + 1e-6 if len(times) >= spec.min_samples else math.inf)
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
@@ -224,10 +248,20 @@ def judge_stage(
         return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
     if guard_in.unavailable:  # a stage passes only under its guards: no look is judged blind
         if elapsed >= spec.max_stage_seconds:
-            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while its hard "
-                         f"guards could not be read ({guard_in.unavailable})")  # fmt: skip
-        return state("waiting", 0, None, f"holding: the hard guards cannot be read ({guard_in.unavailable}); "
-                     "no look is judged until Prometheus answers again")  # fmt: skip
+            return state(
+                "undecided",
+                0,
+                None,
+                f"undecided: the stage ended ({elapsed:.0f} s) while its hard "
+                f"guards could not be read ({guard_in.unavailable})",
+            )
+        return state(
+            "waiting",
+            0,
+            None,
+            f"holding: the hard guards cannot be read ({guard_in.unavailable}); "
+            "no look is judged until Prometheus answers again",
+        )
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -247,14 +281,25 @@ def judge_stage(
     if verdict.decision == "pass":
         if elapsed >= spec.bake_seconds:
             return state("pass", judged, verdict, verdict.summary)
-        return state("waiting", judged, verdict, f"passed at look {judged} of {K}; baking until "
-                     f"{spec.bake_seconds} s under the hard guards")  # fmt: skip
+        return state(
+            "waiting",
+            judged,
+            verdict,
+            f"passed at look {judged} of {K}; baking until {spec.bake_seconds} s under the hard guards",
+        )
     n = need_n(verdict, spec)
-    need = ("the estimate sits on the margin; no sample size resolves it." if n is None
-            else f"about {n} samples per arm would resolve it.")  # fmt: skip
+    need = (
+        "the estimate sits on the margin; no sample size resolves it."
+        if n is None
+        else f"about {n} samples per arm would resolve it."
+    )
     if judged == K:
-        return state("undecided", K, verdict, f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into "
-                     f"the stage): {need} {verdict.summary}")  # fmt: skip
+        return state(
+            "undecided",
+            K,
+            verdict,
+            f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into the stage): {need} {verdict.summary}",
+        )
     ahead = projection(spec, n, arm_rate(current, window))
     return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
 
@@ -264,9 +309,7 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
     live = samples[samples["source"] == "live"]
     replay = samples[samples["source"] == "replay"]
     n = {arm: int((live["arm"] == arm).sum()) for arm in ("baseline", "canary")}
-    labelled = {
-        arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")
-    }
+    labelled = {arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")}
     images = int(replay["pair_id"].nunique())
     rounds = int((replay["arm"] == "canary").sum())
     text = (
@@ -274,8 +317,15 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
         f"canary {n['canary']} requests ({labelled['baseline']} and {labelled['canary']} with feedback labels); "
         f"validation replay of {images} images through both versions ({rounds} requests per version)."
     )
-    return Check("evidence", "info", text, "prediction log records before the look's time",
-                 n_baseline=n["baseline"], n_canary=n["canary"], blocks_pass=False)  # fmt: skip
+    return Check(
+        "evidence",
+        "info",
+        text,
+        "prediction log records before the look's time",
+        n_baseline=n["baseline"],
+        n_canary=n["canary"],
+        blocks_pass=False,
+    )
 
 
 def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
@@ -348,8 +398,12 @@ def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | N
     down: list[str] = []
     try:
         window = max(spec.p99_breach_seconds, 10)
-        points = source.query_range(PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, "30s"),
-                                    now - window - 5, now, step_s=max(1.0, window / 60))  # fmt: skip
+        points = source.query_range(
+            PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, "30s"),
+            now - window - 5,
+            now,
+            step_s=max(1.0, window / 60),
+        )
         series = tuple(points)
     except NoValuesFound as exc:
         log.info("no canary P99 series yet: %s", exc)
@@ -358,18 +412,18 @@ def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | N
     errors = requests = None
     sel = f'model="{spec.model}",version="{spec.candidate_version}"'
     try:
-        requests = int(
-            source.query(f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))')
-        )
-        errors = int(
-            source.query(f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)')
-        )
+        requests = int(source.query(f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))'))
+        errors = int(source.query(f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)'))
     except NoValuesFound as exc:
         log.info("no shadow counts yet: %s", exc)
     except MetricsError as exc:
         down.append(str(exc))
-    return GuardInputs(p99_series_ms=series, shadow_errors=errors, shadow_requests=requests,
-                       unavailable="; ".join(dict.fromkeys(down)) or None)  # fmt: skip
+    return GuardInputs(
+        p99_series_ms=series,
+        shadow_errors=errors,
+        shadow_requests=requests,
+        unavailable="; ".join(dict.fromkeys(down)) or None,
+    )
 
 
 def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[str, float]:
@@ -377,9 +431,11 @@ def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[s
     if not isinstance(source, PrometheusSource):
         return {}
     gpu = {}
-    for name, promql in (("utilization", PromQL.gpu_utilization()),
-                         ("memory_used_bytes", PromQL.gpu_memory_used_bytes()),
-                         ("memory_total_bytes", "max(nv_gpu_memory_total_bytes)")):  # fmt: skip
+    for name, promql in (
+        ("utilization", PromQL.gpu_utilization()),
+        ("memory_used_bytes", PromQL.gpu_memory_used_bytes()),
+        ("memory_total_bytes", "max(nv_gpu_memory_total_bytes)"),
+    ):
         try:
             gpu[name] = source.query(promql, at=now)
         except MetricsError:
@@ -410,24 +466,38 @@ class StageJudge:
         from vision_rollout.replay import replay
 
         arms = {"baseline": self.spec.baseline_version, "canary": self.spec.candidate_version}
-        replay(self.server_address, self.spec.model, arms, self.validation, self.replay_limit,
-               request_prefix=f"replay-{uuid.uuid4().hex[:12]}")  # fmt: skip
+        replay(
+            self.server_address,
+            self.spec.model,
+            arms,
+            self.validation,
+            self.replay_limit,
+            request_prefix=f"replay-{uuid.uuid4().hex[:12]}",
+        )
 
     def records(self, window: StageWindow, now: float) -> pd.DataFrame:
         from datetime import UTC, datetime
 
         from model_server.predictionlog import read
 
-        return read(self.prediction_log, datetime.fromtimestamp(window.started, UTC),
-                    datetime.fromtimestamp(now + 1, UTC), model=self.spec.model, columns=LOG_COLUMNS)  # fmt: skip
+        return read(
+            self.prediction_log,
+            datetime.fromtimestamp(window.started, UTC),
+            datetime.fromtimestamp(now + 1, UTC),
+            model=self.spec.model,
+            columns=LOG_COLUMNS,
+        )
 
     def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:
         """No replay round of this stage in the last look interval (the log says so, not memory:
         a retried or late poke sees what earlier pokes sent)."""
         if records.empty:
             return True
-        sent = records[(records["route"] == "version") & records["image_sha256"].isin(list(self.labels))
-                       & records["version"].isin([self.spec.baseline_version, self.spec.candidate_version])]  # fmt: skip
+        sent = records[
+            (records["route"] == "version")
+            & records["image_sha256"].isin(list(self.labels))
+            & records["version"].isin([self.spec.baseline_version, self.spec.candidate_version])
+        ]
         t = _unix(sent["time"])
         return not bool(((t >= window.started) & (t > now - look_interval(self.spec))).any())
 
@@ -435,8 +505,15 @@ class StageJudge:
         """Judge the looks due, then send a replay round if none went out in the last look interval."""
         now = now or time.time()
         records = self.records(window, now)
-        state = judge_stage(self.spec, window, records, self.labels, now, guard_inputs(self.source, self.spec, now),
-                            settle_s=self.settle_s)  # fmt: skip
+        state = judge_stage(
+            self.spec,
+            window,
+            records,
+            self.labels,
+            now,
+            guard_inputs(self.source, self.spec, now),
+            settle_s=self.settle_s,
+        )
         if not state.done and self.replay_due(records, window, now):
             self.replay_round()
         return state
@@ -494,9 +571,7 @@ class Rollout:
             log.info("stage %d%%: %s", weight, state.reason)
             self.sleep(self.poke_s)
         decision = "pass" if state.status == "pass" else "fail"
-        return StageOutcome(
-            weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict
-        )
+        return StageOutcome(weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict)
 
     def run(self) -> RolloutResult:
         outcomes: list[StageOutcome] = []

@@ -60,9 +60,7 @@ def _trapezoid(grid: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def boundaries(
-    alpha: float, looks: int, spending: str = "obrien-fleming", grid: int = 1201
-) -> tuple[float, ...]:
+def boundaries(alpha: float, looks: int, spending: str = "obrien-fleming", grid: int = 1201) -> tuple[float, ...]:
     """Z critical values c_1..c_K of a one-sided test whose alpha is spent over K equal looks.
 
     The score process S(t) is Brownian motion under H0; at look k the test rejects when
@@ -86,9 +84,7 @@ def boundaries(
             assert dens is not None
             weights = dens * _trapezoid(s_grid)
 
-            def crossing(
-                b: float, s_grid: np.ndarray = s_grid, weights: np.ndarray = weights, dt: float = dt
-            ) -> float:
+            def crossing(b: float, s_grid: np.ndarray = s_grid, weights: np.ndarray = weights, dt: float = dt) -> float:
                 return float(np.sum(weights * stats.norm.sf((b - s_grid) / math.sqrt(dt))))
 
             if increment <= 0:
@@ -151,8 +147,7 @@ class GateConfig:
     @classmethod
     def from_spec(cls, spec: RolloutSpec, **overrides: Any) -> GateConfig:
         """The gate of a rollout: every threshold from its spec (``overrides`` for a study)."""
-        return cls.from_any({f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)}
-                            | overrides)  # fmt: skip
+        return cls.from_any({f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)} | overrides)
 
     @classmethod
     def from_any(cls, config: Any) -> GateConfig:
@@ -160,8 +155,11 @@ class GateConfig:
             return cls()
         if isinstance(config, cls):
             return config
-        raw = config if isinstance(config, dict) else {f.name: getattr(config, f.name) for f in fields(cls)
-                                                         if hasattr(config, f.name)}  # fmt: skip
+        raw = (
+            config
+            if isinstance(config, dict)
+            else {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -202,9 +200,7 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["ci"] = (
-            [x if math.isfinite(x) else None for x in self.ci] if self.ci else None
-        )  # JSON: no infinities
+        d["ci"] = [x if math.isfinite(x) else None for x in self.ci] if self.ci else None  # JSON: no infinities
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
@@ -248,15 +244,28 @@ class Verdict:
             )
             for c in d["checks"]
         )
-        return cls(d["decision"], checks, d["look"], d["looks"], d["alpha"], d["nominal_alpha"], d["spending"],
-                   d.get("summary", ""))  # fmt: skip
+        return cls(
+            d["decision"],
+            checks,
+            d["look"],
+            d["looks"],
+            d["alpha"],
+            d["nominal_alpha"],
+            d["spending"],
+            d.get("summary", ""),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "decision": self.decision, "summary": self.summary, "look": self.look, "looks": self.looks,
-            "alpha": self.alpha, "nominal_alpha": self.nominal_alpha, "spending": self.spending,
+            "decision": self.decision,
+            "summary": self.summary,
+            "look": self.look,
+            "looks": self.looks,
+            "alpha": self.alpha,
+            "nominal_alpha": self.nominal_alpha,
+            "spending": self.spending,
             "checks": [c.to_dict() for c in self.checks],
-        }  # fmt: skip
+        }
 
 
 # -- checks ----------------------------------------------------------------------------------
@@ -290,28 +299,46 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
     ratio, ci = math.expm1(delta), (math.expm1(lower), math.expm1(upper))
     text = {
         "pass": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
-                f"{_pct(ci[1])}), shown within the {_pct(cfg.latency_margin)} margin.",
+        f"{_pct(ci[1])}), shown within the {_pct(cfg.latency_margin)} margin.",
         "fail": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
-                f"{_pct(ci[1])}): worse than the {_pct(cfg.latency_margin)} margin.",
+        f"{_pct(ci[1])}): worse than the {_pct(cfg.latency_margin)} margin.",
         "wait": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline, but the interval "
-                f"({_pct(ci[0])} to {_pct(ci[1])}) still straddles the {_pct(cfg.latency_margin)} margin; "
-                f"these samples resolve differences of about {_pct(math.expm1(mde))}.",
-    }[decision]  # fmt: skip
-    return Check("latency_geomean", decision, text, "Welch t on log latency (ratio of geometric means), "
-                 "repeated one-sided interval at the look's nominal level", n_baseline=nb, n_canary=nc,
-                 statistic=(delta - m) / se if se else None, p_value=p_ni, effect=ratio, ci=ci,
-                 margin=cfg.latency_margin, mde=math.expm1(mde))  # fmt: skip
+        f"({_pct(ci[0])} to {_pct(ci[1])}) still straddles the {_pct(cfg.latency_margin)} margin; "
+        f"these samples resolve differences of about {_pct(math.expm1(mde))}.",
+    }[decision]
+    return Check(
+        "latency_geomean",
+        decision,
+        text,
+        "Welch t on log latency (ratio of geometric means), repeated one-sided interval at the look's nominal level",
+        n_baseline=nb,
+        n_canary=nc,
+        statistic=(delta - m) / se if se else None,
+        p_value=p_ni,
+        effect=ratio,
+        ci=ci,
+        margin=cfg.latency_margin,
+        mde=math.expm1(mde),
+    )
 
 
 def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
     res = stats.mannwhitneyu(canary, base, alternative="greater")
     prob = float(res.statistic) / (len(base) * len(canary))
     verb = "slower" if res.pvalue < level else "not shown slower"
-    return Check("latency_rank", "info", f"Mann-Whitney U: a canary request is slower than a baseline one with "
-                 f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}).",
-                 "Mann-Whitney U, one-sided (canary stochastically slower)", n_baseline=len(base),
-                 n_canary=len(canary), statistic=float(res.statistic), p_value=float(res.pvalue), effect=prob,
-                 blocks_pass=False)  # fmt: skip
+    return Check(
+        "latency_rank",
+        "info",
+        f"Mann-Whitney U: a canary request is slower than a baseline one with "
+        f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}).",
+        "Mann-Whitney U, one-sided (canary stochastically slower)",
+        n_baseline=len(base),
+        n_canary=len(canary),
+        statistic=float(res.statistic),
+        p_value=float(res.pvalue),
+        effect=prob,
+        blocks_pass=False,
+    )
 
 
 def quantile_interval(x: np.ndarray, q: float, level: float) -> tuple[float, float]:
@@ -334,13 +361,23 @@ def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, 
     effect = qc / qb - 1
     name = f"latency_p{round(q * 100)}"
     fail = lower > cfg.tail_margin
-    text = (f"p{round(q * 100)}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, interval "
-            f"{_pct(lower)} to {_pct(upper)})" + (f": worse than the {_pct(cfg.tail_margin)} tail margin." if fail
-                                                else "."))  # fmt: skip
-    return Check(name, "fail" if fail else "info", text, "distribution-free intervals of each quantile "
-                 "(order statistics at binomial ranks), combined into a conservative interval of the ratio",
-                 n_baseline=len(base), n_canary=len(canary), effect=effect, ci=(lower, upper),
-                 margin=cfg.tail_margin, blocks_pass=False)  # fmt: skip
+    text = (
+        f"p{round(q * 100)}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, interval "
+        f"{_pct(lower)} to {_pct(upper)})" + (f": worse than the {_pct(cfg.tail_margin)} tail margin." if fail else ".")
+    )
+    return Check(
+        name,
+        "fail" if fail else "info",
+        text,
+        "distribution-free intervals of each quantile "
+        "(order statistics at binomial ranks), combined into a conservative interval of the ratio",
+        n_baseline=len(base),
+        n_canary=len(canary),
+        effect=effect,
+        ci=(lower, upper),
+        margin=cfg.tail_margin,
+        blocks_pass=False,
+    )
 
 
 def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
@@ -377,8 +414,7 @@ def proportion_check(
     """Two proportions: the canary's excess (errors) or shortfall (accuracy) against a margin."""
     z = float(stats.norm.isf(level))
     lo, hi = newcombe(xb, nb, xc, nc, z)  # canary - baseline
-    excess, (lower, upper) = ((xc / nc - xb / nb), (lo, hi)) if worse_is_higher else \
-        ((xb / nb - xc / nc), (-hi, -lo))  # fmt: skip
+    excess, (lower, upper) = ((xc / nc - xb / nb), (lo, hi)) if worse_is_higher else ((xb / nb - xc / nc), (-hi, -lo))
     table = [[xc, nc - xc], [xb, nb - xb]] if worse_is_higher else [[nc - xc, xc], [nb - xb, xb]]
     if min(xb, xc, nb - xb, nc - xc) < 5:
         p_harm = float(stats.fisher_exact(table, alternative="greater")[1])
@@ -394,18 +430,31 @@ def proportion_check(
     half = (upper - lower) / 2
     mde = half * (1 + float(stats.norm.ppf(cfg.power)) / z)
     rate_b, rate_c = xb / nb, xc / nc
-    verdict = {"pass": f"shown within the {100 * margin:.2f} pp margin",
-               "fail": f"worse than the {100 * margin:.2f} pp margin",
-               "wait": f"not yet resolved against the {100 * margin:.2f} pp margin (resolves about "
-                       f"{100 * mde:.2f} pp)",
-               "info": "reported; this check can only fail the gate"}[decision]  # fmt: skip
+    verdict = {
+        "pass": f"shown within the {100 * margin:.2f} pp margin",
+        "fail": f"worse than the {100 * margin:.2f} pp margin",
+        "wait": f"not yet resolved against the {100 * margin:.2f} pp margin (resolves about {100 * mde:.2f} pp)",
+        "info": "reported; this check can only fail the gate",
+    }[decision]
     text = (
         f"{what}: canary {100 * rate_c:.2f}% ({xc}/{nc}) vs baseline {100 * rate_b:.2f}% ({xb}/{nb}), "
         f"{'excess' if worse_is_higher else 'drop'} {100 * excess:+.2f} pp (interval {100 * lower:+.2f} to "
         f"{100 * upper:+.2f} pp): {verdict}; one-sided p that the canary is worse: {p_harm:.3g}."
     )
-    return Check(name, decision, text, method, n_baseline=nb, n_canary=nc, p_value=p_harm, effect=excess,
-                 ci=(lower, upper), margin=margin, mde=mde, blocks_pass=blocks_pass)  # fmt: skip
+    return Check(
+        name,
+        decision,
+        text,
+        method,
+        n_baseline=nb,
+        n_canary=nc,
+        p_value=p_harm,
+        effect=excess,
+        ci=(lower, upper),
+        margin=margin,
+        mde=mde,
+        blocks_pass=blocks_pass,
+    )
 
 
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
@@ -431,15 +480,23 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         f"{100 * cfg.accuracy_margin:.2f} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
     )
     mde = z * se * (1 + float(stats.norm.ppf(cfg.power)) / z)
-    return Check("accuracy_paired", decision, text, "exact McNemar (binomial on discordant pairs); "
-                 "Agresti-Min interval for the paired difference", n_baseline=n, n_canary=n,
-                 statistic=float(b - c), p_value=p_exact, effect=drop, ci=(lower, upper),
-                 margin=cfg.accuracy_margin, mde=mde)  # fmt: skip
+    return Check(
+        "accuracy_paired",
+        decision,
+        text,
+        "exact McNemar (binomial on discordant pairs); Agresti-Min interval for the paired difference",
+        n_baseline=n,
+        n_canary=n,
+        statistic=float(b - c),
+        p_value=p_exact,
+        effect=drop,
+        ci=(lower, upper),
+        margin=cfg.accuracy_margin,
+        mde=mde,
+    )
 
 
-def bucket_quantile_check(
-    base: list[tuple[float, float]], canary: list[tuple[float, float]], q: float
-) -> Check:
+def bucket_quantile_check(base: list[tuple[float, float]], canary: list[tuple[float, float]], q: float) -> Check:
     """A quantile from Prometheus histogram buckets (when only the histograms are at hand)."""
     from vision_rollout.metrics import quantile_from_buckets
 
@@ -448,12 +505,23 @@ def bucket_quantile_check(
     effect = ec / eb - 1 if eb > 0 else math.inf
     bounds = (lc / hb - 1 if hb > 0 else -1.0, hc / lb - 1 if lb > 0 else math.inf)
     name = f"latency_p{round(q * 100)}_buckets"
-    text = (f"p{round(q * 100)} from histogram buckets: canary {1000 * ec:.1f} ms (bucket {1000 * lc:.1f}-{1000 * hc:.1f}) "
-            f"vs baseline {1000 * eb:.1f} ms (bucket {1000 * lb:.1f}-{1000 * hb:.1f}); the ratio lies in "
-            f"{_pct(bounds[0])} to {_pct(bounds[1])} whatever the observations within the buckets.")  # fmt: skip
-    return Check(name, "info", text, "linear interpolation within the bucket (Prometheus histogram_quantile); "
-                 "error at most the width of the bucket holding the quantile", n_baseline=int(base[-1][1]),
-                 n_canary=int(canary[-1][1]), effect=effect, ci=bounds, blocks_pass=False)  # fmt: skip
+    text = (
+        f"p{round(q * 100)} from histogram buckets: canary {1000 * ec:.1f} ms (bucket {1000 * lc:.1f}-{1000 * hc:.1f}) "
+        f"vs baseline {1000 * eb:.1f} ms (bucket {1000 * lb:.1f}-{1000 * hb:.1f}); the ratio lies in "
+        f"{_pct(bounds[0])} to {_pct(bounds[1])} whatever the observations within the buckets."
+    )
+    return Check(
+        name,
+        "info",
+        text,
+        "linear interpolation within the bucket (Prometheus histogram_quantile); "
+        "error at most the width of the bucket holding the quantile",
+        n_baseline=int(base[-1][1]),
+        n_canary=int(canary[-1][1]),
+        effect=effect,
+        ci=bounds,
+        blocks_pass=False,
+    )
 
 
 # -- hard guards -----------------------------------------------------------------------------
@@ -470,9 +538,7 @@ class GuardInputs:
     unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
 
 
-def sustained_breach(
-    series: tuple[tuple[float, float], ...], limit: float, seconds: float
-) -> tuple[bool, float]:
+def sustained_breach(series: tuple[tuple[float, float], ...], limit: float, seconds: float) -> tuple[bool, float]:
     """Whether the series stayed above ``limit`` for its last ``seconds``; and for how long it has."""
     if not series:
         return False, 0.0
@@ -491,23 +557,44 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
     if g.p99_series_ms is not None:
         breach, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
         last = g.p99_series_ms[-1][1] if g.p99_series_ms else float("nan")
-        out.append(Check("guard_p99", "fail" if breach else "pass",
-                         f"Canary P99 is {last:.1f} ms (limit {cfg.p99_ms_max:g} ms); above the limit for the last "
-                         f"{lasted:.0f} s (rollback after {cfg.p99_breach_seconds:g} s).",
-                         "hard guard on a Prometheus range query", effect=last, margin=cfg.p99_ms_max))  # fmt: skip
+        out.append(
+            Check(
+                "guard_p99",
+                "fail" if breach else "pass",
+                f"Canary P99 is {last:.1f} ms (limit {cfg.p99_ms_max:g} ms); above the limit for the last "
+                f"{lasted:.0f} s (rollback after {cfg.p99_breach_seconds:g} s).",
+                "hard guard on a Prometheus range query",
+                effect=last,
+                margin=cfg.p99_ms_max,
+            )
+        )
     if g.validation_drop is not None:
         breach = g.validation_drop > cfg.accuracy_drop_max
-        out.append(Check("guard_accuracy_drop", "fail" if breach else "pass",
-                         f"Accuracy drop on the validation batch is {100 * g.validation_drop:+.2f} pp (limit "
-                         f"{100 * cfg.accuracy_drop_max:.2f} pp).", "hard guard, point estimate",
-                         effect=g.validation_drop, margin=cfg.accuracy_drop_max))  # fmt: skip
+        out.append(
+            Check(
+                "guard_accuracy_drop",
+                "fail" if breach else "pass",
+                f"Accuracy drop on the validation batch is {100 * g.validation_drop:+.2f} pp (limit "
+                f"{100 * cfg.accuracy_drop_max:.2f} pp).",
+                "hard guard, point estimate",
+                effect=g.validation_drop,
+                margin=cfg.accuracy_drop_max,
+            )
+        )
     if g.shadow_requests:
         rate = (g.shadow_errors or 0) / g.shadow_requests
         breach = rate > cfg.shadow_error_rate_max
-        out.append(Check("guard_shadow_errors", "fail" if breach else "pass",
-                         f"Shadow error rate is {100 * rate:.3f}% ({g.shadow_errors}/{g.shadow_requests}; limit "
-                         f"{100 * cfg.shadow_error_rate_max:.3f}%).", "hard guard, point estimate",
-                         effect=rate, margin=cfg.shadow_error_rate_max))  # fmt: skip
+        out.append(
+            Check(
+                "guard_shadow_errors",
+                "fail" if breach else "pass",
+                f"Shadow error rate is {100 * rate:.3f}% ({g.shadow_errors}/{g.shadow_requests}; limit "
+                f"{100 * cfg.shadow_error_rate_max:.3f}%).",
+                "hard guard, point estimate",
+                effect=rate,
+                margin=cfg.shadow_error_rate_max,
+            )
+        )
     return out
 
 
@@ -557,12 +644,23 @@ def evaluate_gate(
     n_min = min(len(lat_b), len(lat_c))
     if n_min < max(cfg.min_samples, 3):
         what = f"{latency_from} " if latency_from else ""
-        checks.append(Check("samples", "wait", f"Too few {what}samples: baseline {len(lat_b)}, canary {len(lat_c)} "
-                            f"(at least {cfg.min_samples} each before anything can pass).", "minimum sample size",
-                            n_baseline=len(lat_b), n_canary=len(lat_c)))  # fmt: skip
+        checks.append(
+            Check(
+                "samples",
+                "wait",
+                f"Too few {what}samples: baseline {len(lat_b)}, canary {len(lat_c)} "
+                f"(at least {cfg.min_samples} each before anything can pass).",
+                "minimum sample size",
+                n_baseline=len(lat_b),
+                n_canary=len(lat_c),
+            )
+        )
     else:
-        timed = [latency_check(lat_b, lat_c, cfg, level), rank_check(lat_b, lat_c, level),
-                 *(tail_check(lat_b, lat_c, q, cfg, level) for q in (0.95, 0.99))]  # fmt: skip
+        timed = [
+            latency_check(lat_b, lat_c, cfg, level),
+            rank_check(lat_b, lat_c, level),
+            *(tail_check(lat_b, lat_c, q, cfg, level) for q in (0.95, 0.99)),
+        ]
         where = SOURCES.get(latency_from or "")
         checks += [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
         checks.append(
@@ -598,18 +696,28 @@ def evaluate_gate(
         labelled = samples.dropna(subset=["correct"])
         if "pair_id" in samples.columns and labelled["pair_id"].notna().any():
             paired = labelled.dropna(subset=["pair_id"])
-            pairs = paired.pivot_table(
-                index="pair_id", columns="arm", values="correct", aggfunc="first"
-            ).dropna()
+            pairs = paired.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
             if {"baseline", "canary"} <= set(pairs.columns) and len(pairs) >= 1:
                 checks.append(paired_accuracy_check(pairs, cfg, level))
             labelled = labelled[labelled["pair_id"].isna()]
         lb = labelled[labelled["arm"] == "baseline"]["correct"]
         lc = labelled[labelled["arm"] == "canary"]["correct"]
         if len(lb) and len(lc):
-            checks.append(proportion_check("accuracy_live", "Live accuracy from feedback", False, int(lb.sum()),
-                                           len(lb), int(lc.sum()), len(lc), cfg.accuracy_margin, cfg, level,
-                                           blocks_pass=False))  # fmt: skip
+            checks.append(
+                proportion_check(
+                    "accuracy_live",
+                    "Live accuracy from feedback",
+                    False,
+                    int(lb.sum()),
+                    len(lb),
+                    int(lc.sum()),
+                    len(lc),
+                    cfg.accuracy_margin,
+                    cfg,
+                    level,
+                    blocks_pass=False,
+                )
+            )
 
     if buckets is not None:
         checks.append(bucket_quantile_check(buckets["baseline"], buckets["canary"], 0.99))
@@ -625,8 +733,7 @@ def evaluate_gate(
     # A pass is the statistics' (the guards only could have failed it); a fail or wait names its cause.
     ranked = sorted(checks, key=lambda c: c.name.startswith("guard_")) if decision == "pass" else checks
     reasons = [c.sentence for c in ranked if c.decision == decision] or [c.sentence for c in checks[:1]]
-    summary = (
-        f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): "
-        + " ".join(reasons[:3])
+    summary = f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): " + " ".join(
+        reasons[:3]
     )
     return Verdict(decision, tuple(checks), look, looks, cfg.alpha, level, cfg.spending, summary)

@@ -42,8 +42,9 @@ class ArtifactReport:
 
 def _signature(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     def describe(nodes: Any) -> list[dict[str, Any]]:
-        return [{"name": n.name, "type": n.type, "shape": [d if isinstance(d, int) else -1 for d in n.shape]}
-                for n in nodes]  # fmt: skip
+        return [
+            {"name": n.name, "type": n.type, "shape": [d if isinstance(d, int) else -1 for d in n.shape]} for n in nodes
+        ]
 
     return describe(session.get_inputs()), describe(session.get_outputs())
 
@@ -83,16 +84,15 @@ def verify_model(
     report.provider = session.get_providers()[0]
     report.inputs, report.outputs = _signature(session)
     if baseline is not None and baseline.is_file():
-        base_in, base_out = _signature(
-            ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"])
-        )
+        base_in, base_out = _signature(ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"]))
         if base_in != report.inputs:
             report.problems.append(f"inputs differ from the baseline's: {report.inputs} vs {base_in}")
         candidate_outputs = {o["name"]: o for o in report.outputs}
         for o in base_out:
             if candidate_outputs.get(o["name"]) != o:
-                report.problems.append(f"output {o['name']!r} differs from the baseline's: "
-                                       f"{candidate_outputs.get(o['name'])} vs {o}")  # fmt: skip
+                report.problems.append(
+                    f"output {o['name']!r} differs from the baseline's: {candidate_outputs.get(o['name'])} vs {o}"
+                )
     if config_dir is None:
         return report
     try:
@@ -143,21 +143,39 @@ def kaniko_pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "kaniko", "app.kubernetes.io/managed-by": "model-rollout"}},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": "kaniko", "app.kubernetes.io/managed-by": "model-rollout"},
+        },
         "spec": {
             "restartPolicy": "Never",
             "serviceAccountName": service_account,
-            "containers": [{
-                "name": "kaniko",
-                "image": KANIKO_IMAGE,
-                "args": [f"--dockerfile={dockerfile}", f"--context={context}", f"--destination={destination}",
-                         f"--build-arg=MODEL_FILE={model_file}", f"--build-arg=MODEL_SHA256={model_sha256}",
-                         "--snapshot-mode=redo", "--cache=true"],
-                "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-                "volumeMounts": [{"name": "docker-config", "mountPath": "/kaniko/.docker", "readOnly": True}],
-            }],
-            "volumes": [{"name": "docker-config", "secret": {"secretName": docker_config_secret,
-                                                             "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}}],
+            "containers": [
+                {
+                    "name": "kaniko",
+                    "image": KANIKO_IMAGE,
+                    "args": [
+                        f"--dockerfile={dockerfile}",
+                        f"--context={context}",
+                        f"--destination={destination}",
+                        f"--build-arg=MODEL_FILE={model_file}",
+                        f"--build-arg=MODEL_SHA256={model_sha256}",
+                        "--snapshot-mode=redo",
+                        "--cache=true",
+                    ],
+                    "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                    "volumeMounts": [{"name": "docker-config", "mountPath": "/kaniko/.docker", "readOnly": True}],
+                }
+            ],
+            "volumes": [
+                {
+                    "name": "docker-config",
+                    "secret": {
+                        "secretName": docker_config_secret,
+                        "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
+                    },
+                }
+            ],
         },
-    }  # fmt: skip
+    }

@@ -145,8 +145,11 @@ class IstioTarget:
 
 def render_virtual_service(target: IstioTarget, policy: TrafficPolicy) -> dict[str, Any]:
     def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
-        return [{"destination": {"host": target.host, "subset": subset(d.version)}, "weight": d.weight}
-                for d in dests if d.weight > 0 or len(dests) == 1]  # fmt: skip
+        return [
+            {"destination": {"host": target.host, "subset": subset(d.version)}, "weight": d.weight}
+            for d in dests
+            if d.weight > 0 or len(dests) == 1
+        ]
 
     def mirrored(entry: dict[str, Any], dests: tuple[Destination, ...]) -> dict[str, Any]:
         m = policy.mirror
@@ -158,24 +161,39 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy) -> dict[s
     http = []
     for i, rule in enumerate(policy.rules):
         match = {"headers": {h: {m.kind: m.value} for h, m in rule.headers}}
-        http.append(mirrored({"name": rule.name or f"rule-{i}", "match": [match], "route": route(rule.route)},
-                             rule.route))  # fmt: skip
+        http.append(
+            mirrored({"name": rule.name or f"rule-{i}", "match": [match], "route": route(rule.route)}, rule.route)
+        )
     http.append(mirrored({"name": "default", "route": route(policy.route)}, policy.route))
     spec: dict[str, Any] = {"hosts": target.hosts or [target.host], "http": http}
     if target.gateways:
         spec["gateways"] = target.gateways
-    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-            "metadata": {"name": target.name, "namespace": target.namespace,
-                         "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
-            "spec": spec}  # fmt: skip
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {
+            "name": target.name,
+            "namespace": target.namespace,
+            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": spec,
+    }
 
 
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
-    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-            "metadata": {"name": target.name, "namespace": target.namespace,
-                         "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
-            "spec": {"host": target.host,
-                     "subsets": [{"name": subset(v), "labels": {"version": v}} for v in sorted(set(versions), key=int)]}}  # fmt: skip
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {
+            "name": target.name,
+            "namespace": target.namespace,
+            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "host": target.host,
+            "subsets": [{"name": subset(v), "labels": {"version": v}} for v in sorted(set(versions), key=int)],
+        },
+    }
 
 
 def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
@@ -183,15 +201,16 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
 
     def dests(route: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
-            {"version": r["destination"]["subset"].removeprefix("v"), "weight": r.get("weight", 100)}
-            for r in route
+            {"version": r["destination"]["subset"].removeprefix("v"), "weight": r.get("weight", 100)} for r in route
         ]
 
     raw: dict[str, Any] = {"rules": []}
     for entry in vs["spec"].get("http", []):
         if "mirror" in entry:
-            raw["mirror"] = {"version": entry["mirror"]["subset"].removeprefix("v"),
-                             "percent": entry.get("mirrorPercentage", {}).get("value", 100.0)}  # fmt: skip
+            raw["mirror"] = {
+                "version": entry["mirror"]["subset"].removeprefix("v"),
+                "percent": entry.get("mirrorPercentage", {}).get("value", 100.0),
+            }
         if entry.get("match"):
             headers = entry["match"][0].get("headers", {})
             rule = {"match": {"headers": headers}, "route": dests(entry["route"])}
@@ -230,8 +249,9 @@ class IstioRouter:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self._api().get_namespaced_custom_object("networking.istio.io", "v1", self.target.namespace,
-                                                            plural, self.target.name)  # fmt: skip
+            return self._api().get_namespaced_custom_object(
+                "networking.istio.io", "v1", self.target.namespace, plural, self.target.name
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -246,23 +266,27 @@ class IstioRouter:
             live = self._get(plural)
             body = copy.deepcopy(obj)
             if live is not None:
-                if live.get("spec") == body["spec"] and _annotations(live) | _annotations(
-                    body
-                ) == _annotations(live):
+                if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
                     return False  # nothing to change: no write
                 body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
             try:
                 self._api().patch_namespaced_custom_object(
-                    "networking.istio.io", "v1", self.target.namespace, plural, self.target.name, body,
-                    field_manager=FIELD_MANAGER, force=True, _content_type="application/apply-patch+yaml")  # fmt: skip
+                    "networking.istio.io",
+                    "v1",
+                    self.target.namespace,
+                    plural,
+                    self.target.name,
+                    body,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                )
                 return True
             except ApiException as exc:
                 if exc.status == 409:
                     log.info("%s/%s changed while applying; retrying", plural, self.target.name)
                     continue
-                raise RouterError(
-                    f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {exc.body}"
-                ) from None
+                raise RouterError(f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {exc.body}") from None
         raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
 
     def reconcile(self) -> None:
@@ -270,10 +294,16 @@ class IstioRouter:
         self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
         live = self._get("virtualservices")
         if live is not None and ORIGINAL_ANNOTATION not in _annotations(live):
-            body = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-                    "metadata": {"name": self.target.name, "namespace": self.target.namespace,
-                                 "annotations": {ORIGINAL_ANNOTATION: json.dumps(live["spec"], sort_keys=True)}},
-                    "spec": live["spec"]}  # fmt: skip
+            body = {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "VirtualService",
+                "metadata": {
+                    "name": self.target.name,
+                    "namespace": self.target.namespace,
+                    "annotations": {ORIGINAL_ANNOTATION: json.dumps(live["spec"], sort_keys=True)},
+                },
+                "spec": live["spec"],
+            }
             self._apply(body, "virtualservices")
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
@@ -292,13 +322,14 @@ class IstioRouter:
     def finalize(self) -> None:
         live = self._get("virtualservices")
         if live is None or ORIGINAL_ANNOTATION not in _annotations(live):
-            raise RouterError(
-                "finalize: no original VirtualService spec was recorded (reconcile was not called)"
-            )
+            raise RouterError("finalize: no original VirtualService spec was recorded (reconcile was not called)")
         original = json.loads(_annotations(live)[ORIGINAL_ANNOTATION])
-        body = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-                "metadata": {"name": self.target.name, "namespace": self.target.namespace, "annotations": {}},
-                "spec": original}  # fmt: skip
+        body = {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": {"name": self.target.name, "namespace": self.target.namespace, "annotations": {}},
+            "spec": original,
+        }
         self._apply(body, "virtualservices")
 
 

@@ -102,8 +102,9 @@ class PrometheusSource:
         return value
 
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
-        data = self._api("query_range", {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}",
-                                         "step": f"{step_s:g}"})  # fmt: skip
+        data = self._api(
+            "query_range", {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
+        )
         result = data["result"]
         if not result:
             raise NoValuesFound(f"no data for {promql} between {start:.0f} and {end:.0f}")
@@ -159,8 +160,9 @@ class ScrapeSource:
         if m is None:
             raise MetricsError(f'ScrapeSource reads plain selectors like name{{label="v"}}, not {promql!r}')
         name, matchers = m.group(1), dict(MATCHER_RE.findall(m.group(2) or ""))
-        values = [v for n, labels, v in self._scrape()
-                  if n == name and all(labels.get(k) == x for k, x in matchers.items())]  # fmt: skip
+        values = [
+            v for n, labels, v in self._scrape() if n == name and all(labels.get(k) == x for k, x in matchers.items())
+        ]
         if not values:
             raise NoValuesFound(f"no sample matches {promql}")
         return float(sum(values))
@@ -216,11 +218,11 @@ class PromQL:
     """
 
     @staticmethod
-    def latency_quantile_ms(
-        model: str, version: str, q: float, window: str = "1m", path: str = "primary"
-    ) -> str:
-        return (f"1000 * histogram_quantile({q}, sum by (le) (rate(model_server_request_duration_seconds_bucket"
-                f"{{{_sel(model, version, path=path)}}}[{window}])))")  # fmt: skip
+    def latency_quantile_ms(model: str, version: str, q: float, window: str = "1m", path: str = "primary") -> str:
+        return (
+            f"1000 * histogram_quantile({q}, sum by (le) (rate(model_server_request_duration_seconds_bucket"
+            f"{{{_sel(model, version, path=path)}}}[{window}])))"
+        )
 
     @staticmethod
     def requests(model: str, version: str, window: str = "1m") -> str:
@@ -230,14 +232,16 @@ class PromQL:
     def error_rate(model: str, version: str, window: str = "1m") -> str:
         sel = _sel(model, version)
         # Server failures only: a client's malformed requests (INVALID_INPUT) say nothing of the version.
-        failures = f"(sum(rate(nv_inference_request_failure{{{sel},reason!=\"INVALID_INPUT\"}}[{window}])) or vector(0))"
+        failures = f'(sum(rate(nv_inference_request_failure{{{sel},reason!="INVALID_INPUT"}}[{window}])) or vector(0))'
         return f"{failures} / (sum(rate(nv_inference_request_success{{{sel}}}[{window}])) + {failures})"
 
     @staticmethod
     def oom_rate(model: str, version: str, window: str = "1m") -> str:
         sel = _sel(model, version)
-        return (f"(sum(rate(model_server_oom_errors_total{{{sel},path=\"primary\"}}[{window}])) or vector(0)) / "
-                f"sum(rate(nv_inference_request_success{{{sel}}}[{window}]))")  # fmt: skip
+        return (
+            f'(sum(rate(model_server_oom_errors_total{{{sel},path="primary"}}[{window}])) or vector(0)) / '
+            f"sum(rate(nv_inference_request_success{{{sel}}}[{window}]))"
+        )
 
     @staticmethod
     def live_accuracy(model: str, version: str, window: str = "5m") -> str:
@@ -247,8 +251,10 @@ class PromQL:
     @staticmethod
     def shadow_error_rate(model: str, version: str, window: str = "5m") -> str:
         sel = _sel(model, version)
-        return (f"(sum(rate(shadow_requests_total{{{sel},outcome=\"error\"}}[{window}])) or vector(0)) / "
-                f"sum(rate(shadow_requests_total{{{sel},outcome=~\"ok|error\"}}[{window}]))")  # fmt: skip
+        return (
+            f'(sum(rate(shadow_requests_total{{{sel},outcome="error"}}[{window}])) or vector(0)) / '
+            f'sum(rate(shadow_requests_total{{{sel},outcome=~"ok|error"}}[{window}]))'
+        )
 
     @staticmethod
     def gpu_memory_used_bytes() -> str:
@@ -259,9 +265,7 @@ class PromQL:
         return "max(nv_gpu_utilization)"
 
 
-def wait_for_value(
-    source: MetricsSource, promql: str, timeout_s: float = 30.0, every_s: float = 0.5
-) -> float:
+def wait_for_value(source: MetricsSource, promql: str, timeout_s: float = 30.0, every_s: float = 0.5) -> float:
     """Poll until the query gives a number (tests and the local stack's first scrapes)."""
     deadline = time.monotonic() + timeout_s
     while True:

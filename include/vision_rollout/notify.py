@@ -27,8 +27,13 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
-ICONS = {"pass": ":large_green_circle:", "fail": ":red_circle:", "wait": ":large_yellow_circle:",
-         "info": ":white_circle:", "skip": ":white_circle:"}  # fmt: skip
+ICONS = {
+    "pass": ":large_green_circle:",
+    "fail": ":red_circle:",
+    "wait": ":large_yellow_circle:",
+    "info": ":white_circle:",
+    "skip": ":white_circle:",
+}
 
 
 def _text(s: str) -> str:
@@ -64,9 +69,7 @@ def _check_lines(checks: tuple[Check, ...] | list[Check]) -> list[dict[str, Any]
 
 
 def _audit_line(audit: AuditResult) -> dict[str, Any]:
-    return section(
-        f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): " + "; ".join(audit.reasons)
-    )
+    return section(f"{ICONS.get(audit.verdict, '')} *shadow audit* ({audit.verdict}): " + "; ".join(audit.reasons))
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,14 @@ def _who(spec: RolloutSpec) -> str:
 
 def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes | None = None) -> Message:
     text = f"{spec.model} v{spec.candidate_version} at {weight}%: gate {verdict.decision.upper()}"
-    blocks = [header(f"Stage {weight}%: {verdict.decision.upper()}"),
-              section(f"{_who(spec)}, look {verdict.look} of {verdict.looks}, one-sided level "
-                      f"{verdict.nominal_alpha:.4g} ({verdict.spending} spending of alpha {verdict.alpha:g})."),
-              *_check_lines(verdict.checks)]  # fmt: skip
+    blocks = [
+        header(f"Stage {weight}%: {verdict.decision.upper()}"),
+        section(
+            f"{_who(spec)}, look {verdict.look} of {verdict.looks}, one-sided level "
+            f"{verdict.nominal_alpha:.4g} ({verdict.spending} spending of alpha {verdict.alpha:g})."
+        ),
+        *_check_lines(verdict.checks),
+    ]
     return Message(text, _limit(blocks), chart)
 
 
@@ -97,12 +104,20 @@ def promotion_message(
     spec: RolloutSpec, verdicts: list[Verdict], audit: AuditResult | None = None, chart: bytes | None = None
 ) -> Message:
     text = f"Promoted {spec.model} v{spec.candidate_version} to 100%"
-    blocks = [header(f"Promoted: {spec.model} v{spec.candidate_version} at 100%"),
-              section(f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
-                      f"version {spec.baseline_version} retired, mirror off.")]  # fmt: skip
+    blocks = [
+        header(f"Promoted: {spec.model} v{spec.candidate_version} at 100%"),
+        section(
+            f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
+            f"version {spec.baseline_version} retired, mirror off."
+        ),
+    ]
     for weight, v in zip(spec.stages, verdicts, strict=False):
-        blocks.append(section(f"{ICONS[v.decision]} *{weight}%*: {v.decision.upper()} at look {v.look} of "
-                              f"{v.looks}. " + " ".join(c.sentence for c in v.checks if c.name in STAGE_EVIDENCE)))  # fmt: skip
+        blocks.append(
+            section(
+                f"{ICONS[v.decision]} *{weight}%*: {v.decision.upper()} at look {v.look} of "
+                f"{v.looks}. " + " ".join(c.sentence for c in v.checks if c.name in STAGE_EVIDENCE)
+            )
+        )
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)
@@ -121,9 +136,13 @@ def rollback_message(
     headline = f"{first.name}: {first.sentence}" if first else reason
     text = f"Rolled back {spec.model} v{spec.candidate_version}: {headline}"
     where = f" at the {weight}% stage" if weight is not None else ""
-    blocks = [header(f"Rolled back: {spec.model} v{spec.candidate_version}"),
-              section(f"{ICONS['fail']} {_who(spec)} was rolled back{where}. Version {spec.baseline_version} takes "
-                      f"100% of traffic again; mirror off.\n*Reason:* {reason}")]  # fmt: skip
+    blocks = [
+        header(f"Rolled back: {spec.model} v{spec.candidate_version}"),
+        section(
+            f"{ICONS['fail']} {_who(spec)} was rolled back{where}. Version {spec.baseline_version} takes "
+            f"100% of traffic again; mirror off.\n*Reason:* {reason}"
+        ),
+    ]
     if first is not None:
         fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
         if first.effect is not None:
@@ -146,22 +165,31 @@ def rollback_message(
 
 def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
     text = f"Shadow audit {result.model or ''}: {result.verdict.upper()}"
-    blocks = [header(text), section(f"{ICONS.get(result.verdict, '')} {result.start} to {result.end}: "
-                                    + "; ".join(result.reasons))]  # fmt: skip
+    blocks = [
+        header(text),
+        section(f"{ICONS.get(result.verdict, '')} {result.start} to {result.end}: " + "; ".join(result.reasons)),
+    ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci
-        blocks.append(section("Numbers", [
-            f"*Records*\n{result.rows}", f"*Top-1 agreement*\n{100 * result.agreement:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}%)",
-            f"*KL of means*\n{result.kl_of_means:.5f}", f"*Shadow errors*\n{100 * result.shadow_error_rate:.3f}%",
-            f"*Anomalies*\n{100 * (result.anomaly_rate or 0):.2f}%",
-        ]))  # fmt: skip
+        blocks.append(
+            section(
+                "Numbers",
+                [
+                    f"*Records*\n{result.rows}",
+                    f"*Top-1 agreement*\n{100 * result.agreement:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}%)",
+                    f"*KL of means*\n{result.kl_of_means:.5f}",
+                    f"*Shadow errors*\n{100 * result.shadow_error_rate:.3f}%",
+                    f"*Anomalies*\n{100 * (result.anomaly_rate or 0):.2f}%",
+                ],
+            )
+        )
     if result.anomalies is not None and len(result.anomalies):
         rows = [
             f"`{r.image_sha256[:12]}` primary {r.primary_top1} / shadow {r.shadow_top1}, confidence "
             f"{r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
             for r in result.anomalies.head(10).itertuples()
         ]
-        blocks.append(section("*Anomaly samples* (image sha256)\n" + "\n".join(rows)))  # fmt: skip
+        blocks.append(section("*Anomaly samples* (image sha256)\n" + "\n".join(rows)))
     return Message(text, _limit(blocks), chart)
 
 
@@ -182,9 +210,7 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
         lat = samples[samples["arm"] == arm]["latency_ms"].dropna()
         if len(lat):
             bins = np.logspace(np.log10(max(lat.min(), 1e-3)), np.log10(lat.max() * 1.01), 40)
-            ax1.hist(
-                lat, bins=bins, alpha=0.55, color=colour, label=f"{arm} (p99 {np.quantile(lat, 0.99):.1f} ms)"
-            )
+            ax1.hist(lat, bins=bins, alpha=0.55, color=colour, label=f"{arm} (p99 {np.quantile(lat, 0.99):.1f} ms)")
     ax1.set_xscale("log")
     ax1.set_xlabel("latency (ms)")
     ax1.set_ylabel("requests")
@@ -194,9 +220,7 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
             c = samples[samples["arm"] == arm]["correct"].dropna()
             if len(c):
                 lo, hi = wilson(int(c.sum()), len(c), 0.95)
-                ax2.errorbar(
-                    [i], [c.mean()], yerr=[[c.mean() - lo], [hi - c.mean()]], fmt="o", color=colour, capsize=6
-                )
+                ax2.errorbar([i], [c.mean()], yerr=[[c.mean() - lo], [hi - c.mean()]], fmt="o", color=colour, capsize=6)
         ax2.set_xticks([0, 1], list(colours))
         ax2.set_xlim(-0.5, 1.5)
         ax2.set_ylabel("top-1 accuracy (95% interval)")
@@ -243,9 +267,7 @@ class SlackNotifier:
         from slack_sdk.errors import SlackClientError
 
         try:
-            posted = self.client.chat_postMessage(
-                channel=self.channel, text=_text(message.text), blocks=message.blocks
-            )
+            posted = self.client.chat_postMessage(channel=self.channel, text=_text(message.text), blocks=message.blocks)
         except (SlackClientError, OSError) as exc:
             if self.outbox is None:
                 raise
@@ -254,8 +276,13 @@ class SlackNotifier:
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         if message.chart:
             try:
-                self.client.files_upload_v2(channel=posted["channel"], thread_ts=posted["ts"], content=message.chart,
-                                            filename="rollout.png", title=message.text[:100])  # fmt: skip
+                self.client.files_upload_v2(
+                    channel=posted["channel"],
+                    thread_ts=posted["ts"],
+                    content=message.chart,
+                    filename="rollout.png",
+                    title=message.text[:100],
+                )
                 result["chart"] = True
             except (SlackClientError, OSError) as exc:  # the report is posted; its chart is not
                 log.warning("the report's chart was not uploaded: %s", exc)
@@ -266,7 +293,9 @@ class SlackNotifier:
         assert self.outbox is not None
         self.outbox.mkdir(parents=True, exist_ok=True)
         now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
-        stem = f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
+        stem = (
+            f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
+        )
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
         if error is not None:
             record["slack_error"] = error

@@ -28,8 +28,10 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
                 break
             name, label = row.get("file") or "", row.get("label") or ""
             if Path(name).name != name or name in {"", ".", ".."} or not label.strip().isdigit():
-                raise ValueError(f"{folder / 'labels.csv'} line {line}: expected a file name in this folder "
-                                 f"and an integer label, got {name[:80]!r}, {label[:20]!r}")  # fmt: skip
+                raise ValueError(
+                    f"{folder / 'labels.csv'} line {line}: expected a file name in this folder "
+                    f"and an integer label, got {name[:80]!r}, {label[:20]!r}"
+                )
             out.append((name, (folder / name).read_bytes(), int(label)))
     return out
 
@@ -60,14 +62,27 @@ def replay(
         for arm, version in arms if i % 2 == 0 else arms[::-1]:  # alternate who goes first
             start = time.perf_counter()
             try:
-                result = client.infer(model, [inp], model_version=version, outputs=outputs,
-                                      headers={"X-Request-ID": f"{request_prefix}-{arm}-{i}", **(headers or {})})  # fmt: skip
+                result = client.infer(
+                    model,
+                    [inp],
+                    model_version=version,
+                    outputs=outputs,
+                    headers={"X-Request-ID": f"{request_prefix}-{arm}-{i}", **(headers or {})},
+                )
                 correct: float = float(result.as_numpy(output)[0].argmax() == label)
                 error = 0
             except InferenceServerException:
                 correct, error = float("nan"), 1
-            rows.append({"arm": arm, "version": version, "latency_ms": (time.perf_counter() - start) * 1000,
-                         "error": error, "correct": correct, "pair_id": name})  # fmt: skip
+            rows.append(
+                {
+                    "arm": arm,
+                    "version": version,
+                    "latency_ms": (time.perf_counter() - start) * 1000,
+                    "error": error,
+                    "correct": correct,
+                    "pair_id": name,
+                }
+            )
     client.close()
     return pd.DataFrame(rows)
 

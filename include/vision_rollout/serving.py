@@ -41,9 +41,11 @@ class ModelServerAdmin:
         """One request; the decoded JSON answer, or None for an empty one."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 (the configured server)
-            self.url.rstrip("/") + path, data=data, method=method,
+            self.url.rstrip("/") + path,
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json", **self.headers, **(headers or {})},
-        )  # fmt: skip
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as r:  # noqa: S310
                 raw = r.read()
@@ -71,8 +73,9 @@ class ModelServerAdmin:
         """Serve exactly these versions (Triton's load API with a specific version policy); the
         server refuses (409) a load that would drop a version its policy routes to."""
         policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
-        self.call("POST", f"/v2/repository/models/{self._model(model)}/load",
-                  {"parameters": {"config": json.dumps(policy)}})  # fmt: skip
+        self.call(
+            "POST", f"/v2/repository/models/{self._model(model)}/load", {"parameters": {"config": json.dumps(policy)}}
+        )
 
     def serve_only(self, model: str, version: str) -> None:
         """That version alone loaded and at 100%: loaded beside what is routed now, routed, then

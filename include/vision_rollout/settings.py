@@ -125,5 +125,6 @@ class ServingSettings:
         missing = [k for k in ("namespace", "service", "name") if not raw.get(k)]
         if missing:
             raise SettingsError(f"mesh 'istio' needs the {CONNECTION} extra istio.{missing[0]}")
-        return IstioTarget(raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])),
-                           list(raw.get("hosts", [])))  # fmt: skip
+        return IstioTarget(
+            raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])), list(raw.get("hosts", []))
+        )

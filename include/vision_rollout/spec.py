@@ -41,9 +41,7 @@ class RolloutSpec:
     channel. Each field carries its default, its description and its JSON schema (the DAG's
     Params are built from them); ``from_dict`` validates, naming the field that is wrong."""
 
-    model: str = _f(
-        "digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-    )
+    model: str = _f("digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     candidate_version: str = _f("2", "Version to roll out", type="string", pattern=r"^[1-9][0-9]*$")
     baseline_version: str = _f("1", "Stable version now serving", type="string", pattern=r"^[1-9][0-9]*$")
     stages: tuple[int, ...] = _f(
@@ -53,12 +51,8 @@ class RolloutSpec:
         items={"type": "integer", "minimum": 1, "maximum": 100},
         minItems=1,
     )
-    bake_seconds: int = _f(
-        600, "Minimum time each stage takes traffic before it is judged", type="integer", minimum=0
-    )
-    max_stage_seconds: int = _f(
-        3600, "A stage still undecided after this long rolls back", type="integer", minimum=1
-    )
+    bake_seconds: int = _f(600, "Minimum time each stage takes traffic before it is judged", type="integer", minimum=0)
+    max_stage_seconds: int = _f(3600, "A stage still undecided after this long rolls back", type="integer", minimum=1)
     min_samples: int = _f(200, "Minimum requests per arm before a stage can pass", type="integer", minimum=10)
     looks_per_stage: int = _f(
         10,
@@ -103,9 +97,7 @@ class RolloutSpec:
     accuracy_margin: float = _f(
         0.005, "Non-inferiority margin on top-1 accuracy (absolute)", type="number", minimum=0, maximum=0.1
     )
-    p99_ms_max: float = _f(
-        60.0, "Hard guard: canary P99 latency limit (ms)", type="number", exclusiveMinimum=0
-    )
+    p99_ms_max: float = _f(60.0, "Hard guard: canary P99 latency limit (ms)", type="number", exclusiveMinimum=0)
     p99_breach_seconds: int = _f(
         120, "Hard guard: how long a P99 breach must last to roll back", type="integer", minimum=0
     )
@@ -161,8 +153,13 @@ class RolloutSpec:
                 "description": f.metadata["description"],
                 "default": list(default) if isinstance(default, tuple) else default,
             }
-        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "RolloutSpec",
-                "type": "object", "properties": props, "additionalProperties": False}  # fmt: skip
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "RolloutSpec",
+            "type": "object",
+            "properties": props,
+            "additionalProperties": False,
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RolloutSpec:
@@ -183,9 +180,14 @@ class RolloutSpec:
 
     def policy_for_stage(self, weight: int) -> TrafficPolicy:
         """The traffic policy of a stage: baseline and candidate by weight, the mirror on."""
-        route = [{"version": self.baseline_version, "weight": 100 - weight},
-                 {"version": self.candidate_version, "weight": weight}] if weight < 100 else \
-                [{"version": self.candidate_version, "weight": 100}]  # fmt: skip
+        route = (
+            [
+                {"version": self.baseline_version, "weight": 100 - weight},
+                {"version": self.candidate_version, "weight": weight},
+            ]
+            if weight < 100
+            else [{"version": self.candidate_version, "weight": 100}]
+        )
         raw: dict[str, Any] = {"route": route}
         if weight < 100 and self.mirror_percent > 0:
             raw["mirror"] = {"version": self.candidate_version, "percent": self.mirror_percent}

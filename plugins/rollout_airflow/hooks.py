@@ -57,9 +57,7 @@ class ModelServerHook(BaseHook):
     def router(self, model: str, state_file: Path) -> LocalRouter:
         return LocalRouter(self.settings.url, model, self.settings.token, state_file)
 
-    def istio_router(
-        self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
-    ) -> IstioRouter:
+    def istio_router(self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default") -> IstioRouter:
         """The IstioRouter for this model's VirtualService and DestinationRule."""
         from vision_rollout.mesh import IstioRouter
 
@@ -69,8 +67,9 @@ class ModelServerHook(BaseHook):
         """One Deployment per version behind the subsets (extras ``build.gpus``)."""
         from vision_rollout.deploy import VersionDeployments
 
-        return VersionDeployments(self.settings.istio, model, _kubernetes(kubernetes_conn_id),
-                                  gpus=self.settings.build.gpus)  # fmt: skip
+        return VersionDeployments(
+            self.settings.istio, model, _kubernetes(kubernetes_conn_id), gpus=self.settings.build.gpus
+        )
 
     def scrape(self) -> ScrapeSource:
         return ScrapeSource(self.settings.url)

@@ -57,9 +57,13 @@ class PromotionApproval(HITLOperator):
     skipped otherwise, and when the evidence says roll back."""
 
     def __init__(self, *, max_stages: int, response_timeout: timedelta = timedelta(hours=24), **kwargs: Any):
-        super().__init__(subject="Promote {{ params.model }} v{{ params.candidate_version }} to 100%?",
-                         options=[PROMOTE, ROLL_BACK], defaults=ROLL_BACK, response_timeout=response_timeout,
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            subject="Promote {{ params.model }} v{{ params.candidate_version }} to 100%?",
+            options=[PROMOTE, ROLL_BACK],
+            defaults=ROLL_BACK,
+            response_timeout=response_timeout,
+            **kwargs,
+        )
         self.max_stages = max_stages
 
     def execute(self, context: Any) -> Any:

@@ -57,8 +57,12 @@ def build_image(params: dict[str, Any]) -> dict[str, Any]:
     spec = spec_from(params)
     _, settings = serving()
     model_dir = settings.repository / spec.model
-    report = verify_model(model_dir / spec.candidate_version / "model.onnx",
-                          model_dir / spec.baseline_version / "model.onnx", model_dir, settings.validation(spec.model))  # fmt: skip
+    report = verify_model(
+        model_dir / spec.candidate_version / "model.onnx",
+        model_dir / spec.baseline_version / "model.onnx",
+        model_dir,
+        settings.validation(spec.model),
+    )
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
@@ -81,14 +85,18 @@ def kaniko_plan(spec: RolloutSpec, sha256: str) -> dict[str, Any]:
     except SettingsError as exc:
         raise AirflowFailException(str(exc)) from None
     tag = image_tag(registry, sha256)
-    name = (
-        f"build-{spec.model}-{spec.candidate_version}-{sha256[:8]}".lower()
-        .replace("_", "-")
-        .replace(".", "-")
-    )
+    name = f"build-{spec.model}-{spec.candidate_version}-{sha256[:8]}".lower().replace("_", "-").replace(".", "-")
     namespace = build.namespace
-    pod = kaniko_pod(name, namespace, context, tag, f"models/{spec.model}/{spec.candidate_version}/model.onnx",
-                     sha256, service_account=build.service_account, docker_config_secret=build.push_secret)  # fmt: skip
+    pod = kaniko_pod(
+        name,
+        namespace,
+        context,
+        tag,
+        f"models/{spec.model}/{spec.candidate_version}/model.onnx",
+        sha256,
+        service_account=build.service_account,
+        docker_config_secret=build.push_secret,
+    )
     return {"pod": pod, "name": name, "namespace": namespace, "image": tag}
 
 
@@ -107,9 +115,7 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
     return f"{deployments.target.service}-v{spec.candidate_version}"
 
 
-def apply_weights(
-    params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None
-) -> dict[str, Any]:
+def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
     """``previous``: the build report (first stage) or the previous stage's verdict."""
     spec = spec_from(params)
     if index >= len(spec.stages):
@@ -145,35 +151,53 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     # A request the policy routes to the baseline and samples for the mirror. Its id is letters
     # only: no detector may take part of it for a phone or card number and mask it.
     user = next(
-        f"probe-user-{i}"
-        for i in range(10_000)
-        if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
+        f"probe-user-{i}" for i in range(10_000) if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
     )
-    rid = next(r for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24))
-                           for _ in range(10_000)) if policy.mirror_for(spec.baseline_version, r) is not None)  # fmt: skip
+    rid = next(
+        r
+        for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24)) for _ in range(10_000))
+        if policy.mirror_for(spec.baseline_version, r) is not None
+    )
     [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
-    body: dict[str, Any] = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                        "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image).decode()]}]}  # fmt: skip
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(image).decode()],
+            }
+        ]
+    }
     started = datetime.now(UTC)
     # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
     # time, which a loaded or slow candidate may not have for minutes.
-    probe_headers = {"X-Request-ID": rid, "X-User-ID": user, "X-Meta-Probe": f"call {PROBE_VALUE}",
-                     "X-Shadow-Probe": "1"}  # fmt: skip
+    probe_headers = {
+        "X-Request-ID": rid,
+        "X-User-ID": user,
+        "X-Meta-Probe": f"call {PROBE_VALUE}",
+        "X-Shadow-Probe": "1",
+    }
     try:
         settings.admin.infer(spec.model, body, probe_headers)
     except AdminError as exc:
         raise AirflowFailException(f"probe request failed: {exc}") from None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        df = read(settings.prediction_log, started - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1),
-                  model=spec.model, columns=["request_id", "role", "meta"], roles=["shadow"])  # fmt: skip
+        df = read(
+            settings.prediction_log,
+            started - timedelta(minutes=1),
+            datetime.now(UTC) + timedelta(minutes=1),
+            model=spec.model,
+            columns=["request_id", "role", "meta"],
+            roles=["shadow"],
+        )
         rows = df[df["request_id"] == rid]
         if len(rows):
             meta = rows["meta"].iloc[0] or ""
             if PROBE_VALUE in meta or "tok_" not in meta:
-                raise AirflowFailException(
-                    f"masking check failed: the probe's metadata reached the log as {meta!r}"
-                )
+                raise AirflowFailException(f"masking check failed: the probe's metadata reached the log as {meta!r}")
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
     raise AirflowFailException(
@@ -198,8 +222,10 @@ def look_at_stage(
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
     state = StageJudge(spec, settings.address, settings.validation(spec.model), settings.prediction_log, source)(window)
-    print(f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
-          f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}")  # fmt: skip
+    print(
+        f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
+        f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"
+    )
     if state.status == "breach":
         restore_stable(params, run_id, unload_candidate=False)
         raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")
@@ -208,8 +234,13 @@ def look_at_stage(
     verdict = state.verdict.to_dict() if state.verdict else {"decision": "wait", "checks": []}
     if state.status == "undecided":
         verdict["summary"] = state.reason
-    bake = {"elapsed_s": round(state.elapsed_s, 1), "served": state.served, "gpu": gpu_gauges(source),
-            "look": state.look, "looks": state.looks}  # fmt: skip
+    bake = {
+        "elapsed_s": round(state.elapsed_s, 1),
+        "served": state.served,
+        "gpu": gpu_gauges(source),
+        "look": state.look,
+        "looks": state.looks,
+    }
     return {**verdict, "status": state.status, "bake": bake}
 
 
@@ -226,9 +257,7 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
 def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None, list[str | None]]:
     """From XCom: each stage's verdict, the shadow audit, and why a stage's wait failed."""
     verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(max_stages)]
-    failures = [
-        ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(max_stages)
-    ]
+    failures = [ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(max_stages)]
     return verdicts, ti.xcom_pull(task_ids="shadow_consistency"), failures
 
 
@@ -242,8 +271,11 @@ def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, 
     for weight, verdict in zip(spec.stages, verdicts, strict=False):
         if verdict:
             lines.append(f"- **{weight}%**: {verdict['summary']}")
-    lines += ["", "Promote: the candidate takes 100%, the baseline is retired, the mirror is off. "
-              "Roll back: the baseline takes 100% again. No answer in time rolls back."]  # fmt: skip
+    lines += [
+        "",
+        "Promote: the candidate takes 100%, the baseline is retired, the mirror is off. "
+        "Roll back: the baseline takes 100% again. No answer in time rolls back.",
+    ]
     return "\n".join(lines)
 
 
@@ -266,9 +298,7 @@ def judge_evidence(
             return "rollback", f"the {weight}% stage: {verdict['summary']}"
     if audit is not None and audit.get("verdict") == "fail":
         return "rollback", "shadow audit failed: " + "; ".join(audit.get("reasons", []))
-    return "promote", "every stage passed" + (
-        f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else ""
-    )
+    return "promote", "every stage passed" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
 
 
 def decide(
@@ -331,9 +361,7 @@ def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rol
     return done
 
 
-def notify(
-    params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]
-) -> dict[str, Any]:
+def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]) -> dict[str, Any]:
     from vision_rollout.gates import Verdict
     from vision_rollout.notify import promotion_message, rollback_message
 
@@ -365,9 +393,7 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
     out = settings.run_dir / "audits" / model / start.strftime("%Y%m%dT%H")
     paths = write_report(result, out)
     chart = paths["plot"].read_bytes() if "plot" in paths else None
-    slack_notifier(channel, settings.outbox).send(
-        audit_message(result, chart)
-    )
+    slack_notifier(channel, settings.outbox).send(audit_message(result, chart))
     return {**result.to_dict(), "report": str(paths["markdown"])}
 
 
@@ -380,8 +406,9 @@ def mirror_percent(model: str, end: datetime) -> float | None:
 
     try:
         source = PrometheusHook().source()
-        return source.query(f'max(max_over_time(model_server_mirror_percent{{model="{model}"}}[1h]))',
-                            at=end.timestamp())  # fmt: skip
+        return source.query(
+            f'max(max_over_time(model_server_mirror_percent{{model="{model}"}}[1h]))', at=end.timestamp()
+        )
     except (AirflowNotFoundException, MetricsError):
         return None
 

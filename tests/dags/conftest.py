@@ -13,6 +13,7 @@ import pytest
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     db = Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"  # set by tests/conftest.py
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True,
-                   env={**os.environ})  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env={**os.environ}
+    )
     return db

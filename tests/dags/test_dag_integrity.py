@@ -22,8 +22,18 @@ def test_no_import_errors(dagbag):
 def test_model_rollout_has_the_seven_steps(dagbag):
     dag = dagbag.dags["model_rollout"]
     ids = set(dag.task_ids)
-    for step in ("build_image", "stage_1.apply_mesh_weights", "stage_1.enable_shadow", "stage_1.wait_for_metrics",
-                 "stage_1.statistical_gate", "shadow_consistency", "decide", "promote", "rollback", "notify"):  # fmt: skip
+    for step in (
+        "build_image",
+        "stage_1.apply_mesh_weights",
+        "stage_1.enable_shadow",
+        "stage_1.wait_for_metrics",
+        "stage_1.statistical_gate",
+        "shadow_consistency",
+        "decide",
+        "promote",
+        "rollback",
+        "notify",
+    ):
         assert step in ids, step
     assert {f"stage_{i}.statistical_gate" for i in (2, 3, 4)} <= ids
     assert dag.max_active_runs == 1
@@ -102,14 +112,14 @@ def test_parsing_imports_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import runpy, sys\n"
-            "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
-            "print(sorted(m for m in ('pandas', 'scipy', 'numpy', 'onnxruntime', 'matplotlib', 'tritonclient')"
-            " if m in sys.modules))")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    code = (
+        "import runpy, sys\n"
+        "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
+        "print(sorted(m for m in ('pandas', 'scipy', 'numpy', 'onnxruntime', 'matplotlib', 'tritonclient')"
+        " if m in sys.modules))"
     )
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 

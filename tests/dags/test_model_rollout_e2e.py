@@ -19,8 +19,16 @@ def stack(airflow_db, server_factory, live_traffic, repo_copy, models_dir, tmp_p
     import shutil
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log",
-                       str(tmp_path / "predictions"), "--prediction-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(tmp_path / "predictions"),
+        "--prediction-log-flush-s",
+        "0.2",
+        token=TOKEN,
+    )
     prom = start_prometheus([s.url], tmp_path / "prometheus")
     conns = local_connections(s, prom.url, repo_copy, tmp_path / "predictions", tmp_path / "run")
     for conn_id, fields in conns.items():
@@ -40,8 +48,16 @@ def rollout_dag():
 
 # Wiring, not the defaults (bench/gates.py and make demo are): under CI load the candidate, which
 # also runs every mirrored copy, can be tens of percent slower than the baseline.
-CONF = {"stages": [50, 100], "bake_seconds": 10, "max_stage_seconds": 120, "looks_per_stage": 2, "min_samples": 100,
-        "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # fmt: skip
+CONF = {
+    "stages": [50, 100],
+    "bake_seconds": 10,
+    "max_stage_seconds": 120,
+    "looks_per_stage": 2,
+    "min_samples": 100,
+    "latency_margin": 1.0,
+    "error_margin": 0.05,
+    "accuracy_margin": 0.02,
+}
 
 
 @pytest.mark.parametrize(("candidate", "final"), [("2", "2"), ("3", "1")])
@@ -71,8 +87,12 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
 
     server, tmp = stack
     server.load_versions("digits", 1, 2)
-    r = requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90, "percent": 10}},
-                     headers=server.admin, timeout=10)  # fmt: skip
+    r = requests.put(
+        f"{server.http}/v2/models/digits/versions/2/fault",
+        json={"delay": {"ms": 90, "percent": 10}},
+        headers=server.admin,
+        timeout=10,
+    )
     assert r.status_code == 200
     conf = {**CONF, "candidate_version": "2", "bake_seconds": 60, "p99_breach_seconds": 3}
     dagrun = rollout_dag().test(run_conf=conf)
@@ -95,12 +115,16 @@ def test_the_failure_callback_restores_stable(stack):
     server, _ = stack
     server.load_versions("digits", 1, 2)
     router = LocalRouter(server.http, "digits", TOKEN)
-    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
-                                               "mirror": {"version": "2", "percent": 100}}))  # fmt: skip
-    # What Airflow hands the DAG's on_failure_callback when a run fails or is marked failed mid-stage.
-    restore_stable_on_failure(
-        {"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")}
+    router.set_routes(
+        TrafficPolicy.from_dict(
+            {
+                "route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}],
+                "mirror": {"version": "2", "percent": 100},
+            }
+        )
     )
+    # What Airflow hands the DAG's on_failure_callback when a run fails or is marked failed mid-stage.
+    restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")})
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
 
 
@@ -112,8 +136,10 @@ def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stan
     server, tmp = stack
     slack = FakeSlack().start()
     slack.outage = 503
-    monkeypatch.setenv("AIRFLOW_CONN_SLACK_API_DEFAULT", json.dumps(
-        {"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}))  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_API_DEFAULT",
+        json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
+    )
     try:
         dagrun = rollout_dag().test(run_conf={**CONF, "candidate_version": "3", "mirror_percent": 0})
     finally:

@@ -34,8 +34,11 @@ KINDS = {
     "destinationrules": "DestinationRule",
     "deployments": "Deployment",
 }
-API_VERSIONS = {"virtualservices": "networking.istio.io/v1", "destinationrules": "networking.istio.io/v1",
-                "deployments": "apps/v1"}  # fmt: skip
+API_VERSIONS = {
+    "virtualservices": "networking.istio.io/v1",
+    "destinationrules": "networking.istio.io/v1",
+    "deployments": "apps/v1",
+}
 
 
 def invalid_deployment(body: dict[str, Any]) -> str | None:
@@ -56,8 +59,15 @@ def invalid_deployment(body: dict[str, Any]) -> str | None:
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}  # fmt: skip
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 class FakeKubeAPI:
@@ -114,9 +124,7 @@ class FakeKubeAPI:
                 if m is None:
                     self._send(
                         404,
-                        status(
-                            404, "NotFound", f"the server could not find the requested resource {self.path}"
-                        ),
+                        status(404, "NotFound", f"the server could not find the requested resource {self.path}"),
                     )
                     return None
                 return m.group(2), m.group(1), m.group(3)
@@ -139,23 +147,17 @@ class FakeKubeAPI:
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
                 ctype = self.headers.get("Content-Type", "")
-                api.requests.append(
-                    {"method": "PATCH", "path": url.path, "query": query, "content_type": ctype}
-                )
+                api.requests.append({"method": "PATCH", "path": url.path, "query": query, "content_type": ctype})
                 key = self._route()
                 if key is None:
                     return
                 plural, namespace, name = key
                 if ctype != "application/apply-patch+yaml":
-                    return self._send(
-                        415, status(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}")
-                    )
+                    return self._send(415, status(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}"))
                 if query.get("force", ["false"])[0] not in GO_BOOLS:
                     return self._send(400, status(400, "BadRequest", f"invalid force {query['force'][0]!r}"))
                 if not query.get("fieldManager"):
-                    return self._send(
-                        422, status(422, "Invalid", "fieldManager is required for apply requests")
-                    )
+                    return self._send(422, status(422, "Invalid", "fieldManager is required for apply requests"))
                 try:
                     body = yaml.safe_load(raw)
                 except yaml.YAMLError as exc:
@@ -164,9 +166,7 @@ class FakeKubeAPI:
                 if body.get("apiVersion") != API_VERSIONS[plural] or body.get("kind") != KINDS[plural]:
                     return self._send(400, status(400, "BadRequest", "apiVersion/kind do not match the path"))
                 if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
-                    return self._send(
-                        400, status(400, "BadRequest", "metadata.name/namespace do not match the path")
-                    )
+                    return self._send(400, status(400, "BadRequest", "metadata.name/namespace do not match the path"))
                 if plural == "deployments":
                     problem = invalid_deployment(body)
                     if problem:
@@ -178,16 +178,36 @@ class FakeKubeAPI:
                         jsonschema.validate(body, istio_schemas()[KINDS[plural]]["openAPIV3Schema"])
                     except jsonschema.ValidationError as exc:
                         where = ".".join(str(p) for p in exc.absolute_path)
-                        return self._send(422, status(422, "Invalid", f"{KINDS[plural]}.networking.istio.io \"{name}\" is "
-                                                                     f"invalid: {where}: {exc.message}"))  # fmt: skip
+                        return self._send(
+                            422,
+                            status(
+                                422,
+                                "Invalid",
+                                f'{KINDS[plural]}.networking.istio.io "{name}" is invalid: {where}: {exc.message}',
+                            ),
+                        )
                 with api.lock:
                     live = api.objects.get(key)
                     wanted = meta.get("resourceVersion")
                     if wanted is not None and (live is None or live["metadata"]["resourceVersion"] != wanted):
-                        return self._send(409, status(409, "Conflict", "the object has been modified; please apply "
-                                                                       "your changes to the latest version and try again"))  # fmt: skip
-                    obj = copy.deepcopy(live) if live else {"apiVersion": body["apiVersion"], "kind": body["kind"],
-                                                            "metadata": {"name": name, "namespace": namespace}}  # fmt: skip
+                        return self._send(
+                            409,
+                            status(
+                                409,
+                                "Conflict",
+                                "the object has been modified; please apply "
+                                "your changes to the latest version and try again",
+                            ),
+                        )
+                    obj = (
+                        copy.deepcopy(live)
+                        if live
+                        else {
+                            "apiVersion": body["apiVersion"],
+                            "kind": body["kind"],
+                            "metadata": {"name": name, "namespace": namespace},
+                        }
+                    )
                     obj["spec"] = body["spec"]
                     if plural == "deployments":  # what the controllers would report once the pods run
                         replicas = body["spec"].get("replicas", 1)
@@ -201,9 +221,7 @@ class FakeKubeAPI:
                             obj["metadata"][field] = {k: v for k, v in meta[field].items()}
                     api.version += 1
                     obj["metadata"]["resourceVersion"] = str(api.version)
-                    obj["metadata"]["managedFields"] = [
-                        {"manager": query["fieldManager"][0], "operation": "Apply"}
-                    ]
+                    obj["metadata"]["managedFields"] = [{"manager": query["fieldManager"][0], "operation": "Apply"}]
                     api.objects[key] = obj
                     reply = copy.deepcopy(obj)
                 self._send(201 if live is None else 200, reply)

@@ -112,23 +112,32 @@ class FakeSlack:
                     if problem:
                         return self._reply({"ok": False, "error": problem})
                     call["ok"] = True
-                    return self._reply({"ok": True, "channel": "C0ROLLOUT", "ts": f"1700000000.{len(slack.calls):06d}",
-                                        "message": {"text": body.get("text")}})  # fmt: skip
+                    return self._reply(
+                        {
+                            "ok": True,
+                            "channel": "C0ROLLOUT",
+                            "ts": f"1700000000.{len(slack.calls):06d}",
+                            "message": {"text": body.get("text")},
+                        }
+                    )
                 if method == "files.getUploadURLExternal":
                     if not body.get("filename") or not str(body.get("length", "")).isdigit():
                         return self._reply({"ok": False, "error": "invalid_arguments"})
                     file_id = f"F{len(slack.calls):04d}"
                     call["ok"] = True
-                    return self._reply({"ok": True, "file_id": file_id,
-                                        "upload_url": f"http://127.0.0.1:{slack.server.server_address[1]}/upload/{file_id}"})  # fmt: skip
+                    return self._reply(
+                        {
+                            "ok": True,
+                            "file_id": file_id,
+                            "upload_url": f"http://127.0.0.1:{slack.server.server_address[1]}/upload/{file_id}",
+                        }
+                    )
                 if method == "files.completeUploadExternal":
                     files = json.loads(body.get("files", "[]"))
                     if not files or any(f["id"] not in slack.uploads for f in files):
                         return self._reply({"ok": False, "error": "file_not_found"})
                     call["ok"] = True
-                    return self._reply(
-                        {"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]}
-                    )
+                    return self._reply({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]})
                 return self._reply({"ok": False, "error": "unknown_method"})
 
         return Handler

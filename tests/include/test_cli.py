@@ -111,8 +111,20 @@ def test_mesh_apply_local(server_factory, repo_copy, tmp_path, capsys):
     policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    args = ["mesh", "apply", "--backend", "local", "--url", s.http, "--model", "digits", "--policy", str(policy),
-            "--token-file", str(token)]  # fmt: skip
+    args = [
+        "mesh",
+        "apply",
+        "--backend",
+        "local",
+        "--url",
+        s.http,
+        "--model",
+        "digits",
+        "--policy",
+        str(policy),
+        "--token-file",
+        str(token),
+    ]
     assert run(capsys, *args)[1].strip() == "applied"
     assert run(capsys, *args)[1].strip() == "unchanged: already in effect"
     token.write_text("wrong")
@@ -123,9 +135,7 @@ def test_mesh_apply_local(server_factory, repo_copy, tmp_path, capsys):
 
 def test_verify_model(models_dir, tmp_path, capsys):
     digits = models_dir / "digits"
-    good = verify_model(
-        digits / "2" / "model.onnx", digits / "1" / "model.onnx", digits, digits / "validation"
-    )
+    good = verify_model(digits / "2" / "model.onnx", digits / "1" / "model.onnx", digits, digits / "validation")
     assert good.ok
     assert good.golden_images == 64
     assert good.golden_accuracy > 0.9
@@ -133,9 +143,7 @@ def test_verify_model(models_dir, tmp_path, capsys):
     broken = tmp_path / "model.onnx"
     broken.write_bytes(b"not onnx")
     assert "does not load" in verify_model(broken).problems[0]
-    wrong = verify_model(
-        models_dir / "resnet_bench" / "1" / "model.onnx", digits / "1" / "model.onnx", digits
-    )
+    wrong = verify_model(models_dir / "resnet_bench" / "1" / "model.onnx", digits / "1" / "model.onnx", digits)
     assert any("inputs differ" in p for p in wrong.problems)
     assert run(capsys, "verify-model", str(broken))[0] == 1
     code, out, _ = run(

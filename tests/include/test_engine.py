@@ -23,8 +23,16 @@ IMAGES = {f"{i:064x}": i % 10 for i in range(500)}  # sha256 -> label
 
 
 def spec(**kw) -> RolloutSpec:
-    return RolloutSpec.from_dict({"stages": [50, 100], "bake_seconds": 100, "max_stage_seconds": 400,
-                                  "looks_per_stage": 5, "min_samples": 50, **kw})  # fmt: skip
+    return RolloutSpec.from_dict(
+        {
+            "stages": [50, 100],
+            "bake_seconds": 100,
+            "max_stage_seconds": 400,
+            "looks_per_stage": 5,
+            "min_samples": 50,
+            **kw,
+        }
+    )
 
 
 def records(
@@ -48,17 +56,35 @@ def records(
         canary = rng.uniform(0, 100) < weight
         v = "2" if canary else "1"
         err = rng.random() < errors[int(canary)]
-        rows.append({"time": t, "version": v, "route": "route", "request_id": f"live-{i}",
-                     "latency_ms": float(np.exp(rng.normal(np.log(5 * (ratio if canary else 1)), 0.3))),
-                     "outcome": "BACKEND" if err else "ok", "top1": None if err else 1, "image_sha256": "x" * 64})  # fmt: skip
+        rows.append(
+            {
+                "time": t,
+                "version": v,
+                "route": "route",
+                "request_id": f"live-{i}",
+                "latency_ms": float(np.exp(rng.normal(np.log(5 * (ratio if canary else 1)), 0.3))),
+                "outcome": "BACKEND" if err else "ok",
+                "top1": None if err else 1,
+                "image_sha256": "x" * 64,
+            }
+        )
     if replay_every:
         for r, t in enumerate(np.arange(start + 0.5, start + seconds, replay_every)):
             for j, (sha, label) in enumerate(IMAGES.items()):
                 for arm, v in enumerate(("1", "2")):
                     right = (j / len(IMAGES)) < accuracy[arm]
-                    rows.append({"time": t + 0.001 * j, "version": v, "route": "version",
-                                 "request_id": f"replay-{r}-{arm}-{j}", "latency_ms": float(np.exp(rng.normal(np.log(5), 0.3))),
-                                 "outcome": "ok", "top1": label if right else (label + 1) % 10, "image_sha256": sha})  # fmt: skip
+                    rows.append(
+                        {
+                            "time": t + 0.001 * j,
+                            "version": v,
+                            "route": "version",
+                            "request_id": f"replay-{r}-{arm}-{j}",
+                            "latency_ms": float(np.exp(rng.normal(np.log(5), 0.3))),
+                            "outcome": "ok",
+                            "top1": label if right else (label + 1) % 10,
+                            "image_sha256": sha,
+                        }
+                    )
     df = pd.DataFrame(rows)
     df["model"], df["role"], df["item"], df["label"] = "digits", "primary", 0, np.nan
     df["time"] = pd.to_datetime(df["time"], unit="s", utc=True)
@@ -67,9 +93,22 @@ def records(
 
 def labels_for(df: pd.DataFrame, truth: int) -> pd.DataFrame:
     live = df[df["route"] == "route"]
-    return pd.DataFrame({"time": live["time"], "model": "digits", "version": None, "role": "label", "route": None,
-                         "request_id": live["request_id"], "item": 0, "latency_ms": np.nan, "outcome": None,
-                         "top1": None, "image_sha256": None, "label": float(truth)})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "time": live["time"],
+            "model": "digits",
+            "version": None,
+            "role": "label",
+            "route": None,
+            "request_id": live["request_id"],
+            "item": 0,
+            "latency_ms": np.nan,
+            "outcome": None,
+            "top1": None,
+            "image_sha256": None,
+            "label": float(truth),
+        }
+    )
 
 
 WINDOW = StageWindow(0, 50, T0)
@@ -87,9 +126,7 @@ def test_a_look_sees_only_the_records_before_its_time():
 def test_a_late_poke_judges_the_same_looks_to_the_same_verdicts():
     log = records(400, 20, 50, replay_every=20)
     s = spec()
-    at_look_3 = judge_stage(
-        s, WINDOW, log[log["time"] < pd.Timestamp(T0 + 66, unit="s", tz="UTC")], IMAGES, T0 + 66
-    )
+    at_look_3 = judge_stage(s, WINDOW, log[log["time"] < pd.Timestamp(T0 + 66, unit="s", tz="UTC")], IMAGES, T0 + 66)
     later = judge_stage(s, WINDOW, log, IMAGES, T0 + 66)  # records after the poke's time are ignored too
     assert at_look_3.look == later.look == 3
     assert at_look_3.verdict.to_dict() == later.verdict.to_dict()
@@ -206,8 +243,14 @@ def test_the_full_stage_judges_latency_on_the_replay():
     log = records(400, 40, 100)
     state = judge_stage(spec(), window, log, IMAGES, T0 + 106)
     latency = next(c for c in state.verdict.checks if c.name == "latency_geomean")
-    assert latency.n_baseline == (log[(log["version"] == "1") & (log["route"] == "version")]["time"]
-                                  < pd.Timestamp(T0 + 100, unit="s", tz="UTC")).sum() or latency.n_baseline > 0  # fmt: skip
+    assert (
+        latency.n_baseline
+        == (
+            log[(log["version"] == "1") & (log["route"] == "version")]["time"]
+            < pd.Timestamp(T0 + 100, unit="s", tz="UTC")
+        ).sum()
+        or latency.n_baseline > 0
+    )
     assert state.served["baseline"].get("live", 0) == 0
 
 
@@ -236,9 +279,7 @@ def scripted(statuses: list[str]):
 
 def test_every_stage_passes_then_promotion():
     router = RecordingRouter()
-    result = Rollout(
-        spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None
-    ).run()
+    result = Rollout(spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None).run()
     assert result.promoted
     assert router.history[0]["route"] == [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]
     assert router.history[-1] == {"route": [{"version": "2", "weight": 100}]}
@@ -247,9 +288,7 @@ def test_every_stage_passes_then_promotion():
 @pytest.mark.parametrize("status", ["fail", "undecided", "breach"])
 def test_a_stage_that_does_not_pass_restores_stable(status):
     router = RecordingRouter()
-    result = Rollout(
-        spec(stages=[5, 50, 100]), router, scripted(["pass", status]), sleep=lambda _: None
-    ).run()
+    result = Rollout(spec(stages=[5, 50, 100]), router, scripted(["pass", status]), sleep=lambda _: None).run()
     assert not result.promoted
     assert [s.decision for s in result.stages] == ["pass", "fail"]
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}

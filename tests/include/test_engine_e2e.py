@@ -22,8 +22,16 @@ LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}
 def served(server_factory, live_traffic, repo_copy, models_dir, tmp_path) -> tuple:
     """A model server with its prediction log, and live traffic for the whole test."""
     log_dir = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
-                       "--prediction-log-flush-s", "0.5", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.5",
+        token=TOKEN,
+    )
     validation = models_dir / "digits" / "validation"
     live_traffic(s.url, validation)
     return s, log_dir, validation
@@ -33,12 +41,19 @@ def served(server_factory, live_traffic, repo_copy, models_dir, tmp_path) -> tup
 def test_the_engine_promotes_2_and_rolls_back_3(served, tmp_path, candidate, promoted):
     s, log_dir, validation = served
     s.load_versions("digits", 1, int(candidate))
-    spec = RolloutSpec.from_dict({"candidate_version": candidate, "stages": [50, 100], "bake_seconds": 8,
-                                  "max_stage_seconds": 60, "looks_per_stage": 2, "min_samples": 50, "mirror_percent": 0,
-                                  **LOOSE})  # fmt: skip
-    router = make_router(
-        "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
+    spec = RolloutSpec.from_dict(
+        {
+            "candidate_version": candidate,
+            "stages": [50, 100],
+            "bake_seconds": 8,
+            "max_stage_seconds": 60,
+            "looks_per_stage": 2,
+            "min_samples": 50,
+            "mirror_percent": 0,
+            **LOOSE,
+        }
     )
+    router = make_router("local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json")
     judge = StageJudge(spec, s.url, validation, str(log_dir), settle_s=1.5)
     result = Rollout(spec, router, judge, poke_s=2.0).run()
     assert result.promoted is promoted, result.reason
@@ -61,13 +76,32 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
     s, log_dir, validation = served
     s.load_versions("digits", 1, 3)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"candidate_version": "3", "stages": [25, 100], "bake_seconds": 4,
-                                "looks_per_stage": 2, "min_samples": 50}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {"candidate_version": "3", "stages": [25, 100], "bake_seconds": 4, "looks_per_stage": 2, "min_samples": 50}
+        )
+    )
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    code = main(["run", "--spec", str(spec), "--url", s.http, "--validation", str(validation),
-                 "--prediction-log", str(log_dir), "--token-file", str(token),
-                 "--state-file", str(tmp_path / "orig.json"), "--outbox", str(tmp_path / "outbox")])  # fmt: skip
+    code = main(
+        [
+            "run",
+            "--spec",
+            str(spec),
+            "--url",
+            s.http,
+            "--validation",
+            str(validation),
+            "--prediction-log",
+            str(log_dir),
+            "--token-file",
+            str(token),
+            "--state-file",
+            str(tmp_path / "orig.json"),
+            "--outbox",
+            str(tmp_path / "outbox"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "ROLLED BACK: stage 25%" in out

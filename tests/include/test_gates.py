@@ -55,9 +55,7 @@ def test_equal_canary_passes_slow_canary_fails_few_samples_wait():
 
 def test_too_few_samples_for_the_margin_waits_with_the_mde():
     df = samples(150)
-    df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[
-        ::-1
-    ]
+    df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[::-1]
     v = evaluate_gate(df, {"latency_margin": 0.01, "min_samples": 100})  # a margin finer than 150 resolve
     check = next(c for c in v.checks if c.name == "latency_geomean")
     assert v.decision == "wait"
@@ -121,15 +119,11 @@ def test_hard_guards():
     assert sustained_breach(recovered, 60, 120)[0] is False
     v = evaluate_gate(
         samples(3000),
-        guards=GuardInputs(
-            p99_series_ms=series, validation_drop=0.001, shadow_errors=0, shadow_requests=5000
-        ),
+        guards=GuardInputs(p99_series_ms=series, validation_drop=0.001, shadow_errors=0, shadow_requests=5000),
     )
     assert v.decision == "fail"
     assert [c.name for c in v.failed] == ["guard_p99"]
-    v = evaluate_gate(
-        samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000)
-    )
+    v = evaluate_gate(samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000))
     assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
 
 

@@ -29,12 +29,19 @@ from vision_rollout.mesh import (
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 ISTIO_CRDS = Path(__file__).resolve().parents[2] / "deploy" / "istio" / "crds.yaml"  # Istio's own, verbatim
 TARGET = IstioTarget(namespace="models", service="digits", name="digits")
-CANARY = TrafficPolicy.from_dict({
-    "rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
-               "route": [{"version": "2", "weight": 100}]}],
-    "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
-    "mirror": {"version": "2", "percent": 100},
-})  # fmt: skip
+CANARY = TrafficPolicy.from_dict(
+    {
+        "rules": [
+            {
+                "name": "acme",
+                "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+        "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
+        "mirror": {"version": "2", "percent": 100},
+    }
+)
 
 
 def test_vendored_schemas_are_istios_own():
@@ -73,11 +80,11 @@ def kube():
 
 def test_istio_router_applies_diffs_and_restores(kube):
     fake, api = kube
-    original = render_virtual_service(
-        TARGET, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    )
-    fake.objects[("virtualservices", "models", "digits")] = {**original, "metadata": {**original["metadata"],
-                                                                                    "resourceVersion": "7"}}  # fmt: skip
+    original = render_virtual_service(TARGET, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    fake.objects[("virtualservices", "models", "digits")] = {
+        **original,
+        "metadata": {**original["metadata"], "resourceVersion": "7"},
+    }
     router = IstioRouter(TARGET, ["1", "2"], api_client=api)
     router.reconcile()
     assert ("destinationrules", "models", "digits") in fake.objects
@@ -106,9 +113,7 @@ def test_istio_router_retries_when_the_object_changes_underneath(kube):
         if plural == "virtualservices":
             calls["n"] += 1
             if calls["n"] == 2:  # the read inside the apply
-                fake.touch(
-                    "virtualservices", "models", "digits", lambda o: o["metadata"].setdefault("labels", {})
-                )
+                fake.touch("virtualservices", "models", "digits", lambda o: o["metadata"].setdefault("labels", {}))
         return live
 
     router._get = racing_get  # type: ignore[method-assign]
@@ -130,9 +135,7 @@ def test_make_router_rejects_unknown_backends():
 def test_local_router_drives_the_model_server(server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
     s.load_versions("digits", 1, 2)
-    router = make_router(
-        "local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json"
-    )
+    router = make_router("local", url=s.http, model="digits", token=TOKEN, state_file=tmp_path / "original.json")
     router.reconcile()
     assert router.set_routes(CANARY) is True
     assert router.set_routes(CANARY) is False

@@ -129,9 +129,7 @@ def test_scrape_source_reads_the_server_without_prometheus(server_factory, repo_
     assert source.is_online()
     assert source.query('nv_inference_request_success{model="digits",version="1"}') == 7
     assert source.query("nv_inference_request_success") == 7
-    buckets = source.buckets(
-        "model_server_request_duration_seconds", model="digits", version="1", path="primary"
-    )
+    buckets = source.buckets("model_server_request_duration_seconds", model="digits", version="1", path="primary")
     est, lo, hi = quantile_from_buckets(buckets, 0.99)
     assert lo <= est <= hi
     with pytest.raises(NoValuesFound):

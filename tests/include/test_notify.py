@@ -32,8 +32,13 @@ def slack():
 
 def test_rollback_names_the_failing_check_with_its_numbers(slack):
     verdict = evaluate_gate(samples(3000, ratio=1.25))
-    msg = rollback_message(SPEC, "the latency gate failed", verdict, weight=5,
-                           chart=latency_accuracy_chart(samples(500, ratio=1.25), "digits v3 vs v1"))  # fmt: skip
+    msg = rollback_message(
+        SPEC,
+        "the latency gate failed",
+        verdict,
+        weight=5,
+        chart=latency_accuracy_chart(samples(500, ratio=1.25), "digits v3 vs v1"),
+    )
     assert check_blocks(msg.blocks) is None
     text = json.dumps(msg.blocks)
     assert "latency_geomean" in text
@@ -53,8 +58,9 @@ def test_rollback_names_the_failing_check_with_its_numbers(slack):
 
 
 def test_stage_and_promotion_messages_fit_slacks_limits(slack):
-    guards = GuardInputs(p99_series_ms=((0.0, 10.0), (60.0, 12.0)), validation_drop=-0.01, shadow_errors=0,
-                         shadow_requests=1000)  # fmt: skip
+    guards = GuardInputs(
+        p99_series_ms=((0.0, 10.0), (60.0, 12.0)), validation_drop=-0.01, shadow_errors=0, shadow_requests=1000
+    )
     verdict = evaluate_gate(samples(2000), guards=guards)
     notifier = SlackNotifier("C123", token=slack.token, base_url=slack.base_url)
     notifier.send(stage_message(SPEC, 25, verdict))
@@ -129,8 +135,9 @@ def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, 
 def test_without_a_token_messages_go_to_the_outbox(tmp_path):
     df = samples(400)
     df["correct"] = np.r_[np.ones(380), np.zeros(20), np.ones(370), np.zeros(30)].astype(int)
-    msg = rollback_message(SPEC, "hard guard: P99 above 60 ms for 2 minutes", evaluate_gate(df),
-                           chart=latency_accuracy_chart(df, "v3"))  # fmt: skip
+    msg = rollback_message(
+        SPEC, "hard guard: P99 above 60 ms for 2 minutes", evaluate_gate(df), chart=latency_accuracy_chart(df, "v3")
+    )
     result = SlackNotifier("#model-rollouts", outbox=tmp_path / "outbox").send(msg)
     record = json.loads(open(result["outbox"]).read())
     assert record["channel"] == "#model-rollouts"

@@ -23,18 +23,10 @@ def test_replay_pairs_versions_and_the_gate_judges_them(server_factory, repo_cop
     assert len(better) == 900
     assert better["error"].sum() == 0
     # The same images through the server reproduce the build-time held-out accuracies.
-    assert better[better["arm"] == "canary"]["correct"].mean() == pytest.approx(
-        cfg["2"]["heldout_accuracy"], abs=1e-4
-    )
-    assert accuracy_drop(worse) == pytest.approx(
-        cfg["1"]["heldout_accuracy"] - cfg["3"]["heldout_accuracy"], abs=1e-4
-    )
-    v_better = evaluate_gate(
-        better, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(better))
-    )
-    v_worse = evaluate_gate(
-        worse, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(worse))
-    )
+    assert better[better["arm"] == "canary"]["correct"].mean() == pytest.approx(cfg["2"]["heldout_accuracy"], abs=1e-4)
+    assert accuracy_drop(worse) == pytest.approx(cfg["1"]["heldout_accuracy"] - cfg["3"]["heldout_accuracy"], abs=1e-4)
+    v_better = evaluate_gate(better, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(better)))
+    v_worse = evaluate_gate(worse, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(worse)))
     assert next(c for c in v_better.checks if c.name == "accuracy_paired").decision == "pass"
     assert next(c for c in v_worse.checks if c.name == "accuracy_paired").decision == "fail"
     assert v_worse.decision == "fail"

@@ -11,9 +11,16 @@ from vision_rollout.settings import BuildSettings, ServingSettings, SettingsErro
 
 def test_defaults_and_the_old_name_of_the_prediction_log():
     s = ServingSettings.from_connection("http://h:8000", "", {})
-    assert (s.repository, s.prediction_log, s.run_dir, s.token) == (Path("models"), "run/predictions", Path("run"), None)
+    assert (s.repository, s.prediction_log, s.run_dir, s.token) == (
+        Path("models"),
+        "run/predictions",
+        Path("run"),
+        None,
+    )
     assert s.build == BuildSettings()
-    assert ServingSettings.from_connection("http://h:8000", None, {"shadow_log": "s3://b/p"}).prediction_log == "s3://b/p"
+    assert (
+        ServingSettings.from_connection("http://h:8000", None, {"shadow_log": "s3://b/p"}).prediction_log == "s3://b/p"
+    )
 
 
 def test_paths_a_rollout_uses(tmp_path):
@@ -49,8 +56,13 @@ def test_kubernetes_settings_are_required_where_used():
         _ = s.istio
     with pytest.raises(SettingsError, match=r"extra build\.registry"):
         s.build.require("registry")
-    full = ServingSettings.from_connection("http://h:8000", None, {
-        "istio": {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]},
-        "build": {"registry": "r.example/x", "replicas": "3"}})  # fmt: skip
+    full = ServingSettings.from_connection(
+        "http://h:8000",
+        None,
+        {
+            "istio": {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]},
+            "build": {"registry": "r.example/x", "replicas": "3"},
+        },
+    )
     assert (full.istio.host, full.istio.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
     assert full.build.replicas == 3

@@ -27,8 +27,16 @@ def test_the_gate_and_the_audit_take_every_threshold_from_the_spec():
 
     assert GateConfig() == GateConfig.from_spec(RolloutSpec())  # one set of defaults
     assert AuditConfig() == AuditConfig.from_spec(RolloutSpec())
-    spec = RolloutSpec.from_dict({"alpha": 0.01, "min_samples": 500, "tail_margin": 0.5, "shadow_error_rate_max": 0.02,
-                                  "shadow_agreement_min": 0.8, "shadow_anomaly_rate_max": 0.3})  # fmt: skip
+    spec = RolloutSpec.from_dict(
+        {
+            "alpha": 0.01,
+            "min_samples": 500,
+            "tail_margin": 0.5,
+            "shadow_error_rate_max": 0.02,
+            "shadow_agreement_min": 0.8,
+            "shadow_anomaly_rate_max": 0.3,
+        }
+    )
     gate, audit = GateConfig.from_spec(spec), AuditConfig.from_spec(spec)
     shared = [f.name for f in fields(GateConfig) if hasattr(spec, f.name)]
     assert len(shared) == len(fields(GateConfig)) - 1  # all but the power of the reported MDE
@@ -77,15 +85,27 @@ def test_traffic_policy_json_schema_accepts_what_from_dict_accepts():
 
     schema = TrafficPolicy.json_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
-    policy = {"rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
-                         "route": [{"version": "2", "weight": 100}]}],
-              "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
-              "mirror": {"version": "2", "percent": 100}}  # fmt: skip
+    policy = {
+        "rules": [
+            {
+                "name": "acme",
+                "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+        "route": [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}],
+        "mirror": {"version": "2", "percent": 100},
+    }
     jsonschema.validate(policy, schema)
     assert TrafficPolicy.from_dict(policy).to_dict() == {
         **policy,
         "mirror": {"version": "2", "percent": 100.0},
     }
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"route": [{"version": "1", "weight": 100}], "rules": [{"match": {"headers": {
-            "x": {"glob": "*"}}}, "route": [{"version": "2"}]}]}, schema)  # fmt: skip
+        jsonschema.validate(
+            {
+                "route": [{"version": "1", "weight": 100}],
+                "rules": [{"match": {"headers": {"x": {"glob": "*"}}}, "route": [{"version": "2"}]}],
+            },
+            schema,
+        )

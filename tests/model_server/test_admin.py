@@ -74,10 +74,7 @@ def test_a_config_linked_out_of_the_model_folder_is_refused(server_factory, repo
     assert "13800138000" not in r.text
     config.unlink()
     config.write_text(saved)
-    assert (
-        requests.post(f"{s.http}/v2/repository/models/digits/load", headers=s.admin, timeout=10).status_code
-        == 200
-    )
+    assert requests.post(f"{s.http}/v2/repository/models/digits/load", headers=s.admin, timeout=10).status_code == 200
 
 
 def test_load_override_rejects_unknown_keys_and_file_uploads(server):

@@ -21,9 +21,7 @@ def post(server, path: str, body: bytes | str, headers: dict[str, str] | None = 
     return requests.post(f"{server.http}{path}", data=body, headers=headers or {}, timeout=30)
 
 
-def image_body(
-    images: list[bytes], datatype: str = "BYTES", shape: list[int] | None = None
-) -> tuple[bytes, dict]:
+def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | None = None) -> tuple[bytes, dict]:
     blob = b"".join(struct.pack("<I", len(i)) + i for i in images)
     header = json.dumps(
         {
@@ -318,10 +316,7 @@ def test_unknown_endpoint_and_method_are_json(server):
 
 
 def test_failures_are_counted_per_model_version(server):
-    before = (
-        server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
-        or 0
-    )
+    before = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") or 0
     post(server, "/v2/models/digits/infer", b"{broken")
     after = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
     assert after == before + 1
@@ -351,9 +346,7 @@ def raw_exchange(port: int, request: bytes, timeout: float = 30) -> tuple[int, s
 def test_headers_over_envoys_limits_get_431_and_the_server_keeps_serving(server, headers, status, needle):
     """A 16 MB header was parsed, kept and masked on the shadow path; Envoy refuses more than
     60 KiB of headers or more than 100 of them, and so does the server now."""
-    got, body = raw_exchange(
-        server.port, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
-    )
+    got, body = raw_exchange(server.port, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
     assert got == status
     assert needle in json.loads(body)["error"]
     assert requests.get(f"{server.http}/v2/health/ready", timeout=10).status_code == 200
@@ -382,10 +375,12 @@ def test_headers_trickled_in_time_out_with_408(server_factory, repo_copy):
 def test_headers_under_the_limit_sent_in_three_writes_are_served(server, digit_images):
     """The bytes of a header are counted once, whether it arrives in one read or several."""
     body, headers = image_body([digit_images[0][0]])
-    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-            + b"".join(b"X-Meta-K%d: %s\r\n" % (i, b"v" * 560) for i in range(90))  # about 51 KiB
-            + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
-            + b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+    head = (
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+        + b"".join(b"X-Meta-K%d: %s\r\n" % (i, b"v" * 560) for i in range(90))  # about 51 KiB
+        + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         for part in (head[:20_000], head[20_000:40_000]):
             sock.sendall(part)

@@ -67,8 +67,13 @@ def apply(dp: DataPlane, policy: dict) -> None:
 def request(image: bytes) -> tuple[bytes, str]:
     """A KServe v2 request body with one image as binary data, and its JSON part's length."""
     blob = struct.pack("<I", len(image)) + image
-    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()  # fmt: skip
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+            ]
+        }
+    ).encode()
     return head + blob, str(len(head))
 
 
@@ -86,10 +91,7 @@ def sample(name: str, **labels: str) -> float:
 
 def test_route_splits_users_by_weight_and_keeps_each_on_one_version(dp):
     apply(dp, SPLIT)
-    routes = {
-        u: dp.route("digits", None, RequestContext("r", headers={"x-user-id": f"user-{u}"}))
-        for u in range(2000)
-    }
+    routes = {u: dp.route("digits", None, RequestContext("r", headers={"x-user-id": f"user-{u}"})) for u in range(2000)}
     shares = Counter(r.version for r in routes.values())
     assert set(shares) == {"1", "2"}
     assert 0.85 < shares["2"] / 2000 < 0.95
@@ -100,17 +102,23 @@ def test_route_splits_users_by_weight_and_keeps_each_on_one_version(dp):
 
 def test_without_x_user_id_the_client_address_is_the_sticky_key(dp):
     apply(dp, SPLIT)
-    versions = {
-        c: dp.route("digits", None, RequestContext("r", client=f"10.0.0.{c}")).version for c in range(200)
-    }
+    versions = {c: dp.route("digits", None, RequestContext("r", client=f"10.0.0.{c}")).version for c in range(200)}
     assert set(versions.values()) == {"1", "2"}
-    assert all(dp.route("digits", None, RequestContext("x", client=f"10.0.0.{c}")).version == v
-               for c, v in versions.items())  # fmt: skip
+    assert all(
+        dp.route("digits", None, RequestContext("x", client=f"10.0.0.{c}")).version == v for c, v in versions.items()
+    )
 
 
 def test_a_named_version_overrides_rules_and_weights(dp):
-    apply(dp, {**SPLIT, "rules": [{"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}},
-                                   "route": [{"version": "1"}]}]})  # fmt: skip
+    apply(
+        dp,
+        {
+            **SPLIT,
+            "rules": [
+                {"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}}, "route": [{"version": "1"}]}
+            ],
+        },
+    )
     acme = RequestContext("r", headers={"x-tenant": "acme", "x-user-id": "u"})
     assert dp.route("digits", None, acme) == Route("1", "acme", dp.policies.get("digits"))
     header = RequestContext("r", headers={"x-tenant": "acme", "x-model-version": "2"})
@@ -211,10 +219,7 @@ def test_a_copy_from_istios_mirror_is_served_as_shadow_and_not_counted_as_traffi
     assert result.shadow is None  # never mirrored again
     assert result.feedback_token is None  # nor remembered for feedback
     assert sample("shadow_requests_total", model="digits", version="2", outcome="ok") == ok + 1
-    assert (
-        sample("model_server_routed_requests_total", model="digits", version="2", decided_by="mirror")
-        == routed
-    )
+    assert sample("model_server_routed_requests_total", model="digits", version="2", decided_by="mirror") == routed
 
 
 # -- the prediction log -------------------------------------------------------------------------
@@ -251,8 +256,14 @@ def test_feedback_joins_the_label_to_the_served_prediction(dp, digit_images):
     top1 = int(np.argmax(json.loads(result.payload)["outputs"][0]["data"]))
     item = {"request_id": "fb-1", "label": str(label), "token": result.feedback_token}
     answer = dp.feedback("digits", item, dp.class_labels("digits"))
-    assert answer == {"request_id": "fb-1", "labels": 1, "matched_locally": True, "version": "2",
-                      "correct": int(top1 == label), "logged": False}  # fmt: skip
+    assert answer == {
+        "request_id": "fb-1",
+        "labels": 1,
+        "matched_locally": True,
+        "version": "2",
+        "correct": int(top1 == label),
+        "logged": False,
+    }
     with pytest.raises(Conflict, match="already has feedback"):
         dp.feedback("digits", item, dp.class_labels("digits"))
 
@@ -280,8 +291,9 @@ def test_readiness_names_the_routed_version_that_is_not_loaded(repo, tmp_path):
     """A restored policy that routes to a version the repository did not load: not ready, and why."""
     state = tmp_path / "traffic"
     state.mkdir()
-    (state / "digits.json").write_text(json.dumps({"route": [{"version": "1", "weight": 50},
-                                                             {"version": "3", "weight": 50}]}))  # fmt: skip
+    (state / "digits.json").write_text(
+        json.dumps({"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]})
+    )
     dp = data_plane(repo, state_dir=state)
     assert dp.not_ready_reason() == "starting or stopping"
     expected = "model 'digits': the traffic policy routes to version(s) ['3'], not loaded"
@@ -317,9 +329,7 @@ def test_admin_keeps_policies_and_loads_consistent(repo, dp):
     with pytest.raises(Conflict, match=r"routes to version\(s\) \[1\]"):
         asyncio.run(admin.load("digits", {"version_policy": {"specific": {"versions": [2]}}}))
     asyncio.run(admin.remove_policy("digits"))
-    assert (
-        REGISTRY.get_sample_value("model_server_traffic_weight", {"model": "digits", "version": "1"}) is None
-    )
+    assert REGISTRY.get_sample_value("model_server_traffic_weight", {"model": "digits", "version": "1"}) is None
     asyncio.run(admin.unload("digits"))
     assert dp.model_not_ready_reason("digits") == "model 'digits' is not ready"
 

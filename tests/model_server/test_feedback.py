@@ -31,18 +31,11 @@ def feedback(server, body, sign: FeedbackSigner | None = None) -> requests.Respo
     return requests.post(f"{server.http}/v2/models/digits/feedback", json=body, timeout=10)
 
 
-def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(
-    server_factory, repo_copy, models_dir, tmp_path
-):
+def test_feedback_accuracy_equals_the_accuracy_of_what_was_served(server_factory, repo_copy, models_dir, tmp_path):
     log = tmp_path / "predictions"
-    s = server_factory(
-        repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN
-    )
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN)
     s.load_versions("digits", 1, 3)
-    assert (
-        put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code
-        == 200
-    )
+    assert put_policy(s, {"route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}]}).status_code == 200
     stats = run(
         LoadConfig(
             url=s.url,
@@ -86,8 +79,16 @@ def test_without_a_prediction_log_an_unknown_request_id_is_404(server_factory, r
 
 def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, tmp_path, digit_images):
     log = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--feedback-capacity", "2",
-                       "--prediction-log", str(log), token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--feedback-capacity",
+        "2",
+        "--prediction-log",
+        str(log),
+        token=TOKEN,
+    )
     sign = signer(tmp_path)
     # Another replica may have served it: accepted into the log, reported as not matched here.
     r = feedback(s, {"request_id": "never-served", "label": 3}, sign)
@@ -136,19 +137,21 @@ def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
     image, label = digit_images[1]
     infer(s, image, {"X-Request-ID": "one"})
-    r = feedback(
-        s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}], signer(tmp_path)
-    )
+    r = feedback(s, [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}], signer(tmp_path))
     assert r.status_code == 200
     assert [x["status"] for x in r.json()["results"]] == [200, 404]
     assert s.metric("feedback_total", model="digits", version="1") == 1
 
 
-def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(
-    server_factory, repo_copy, tmp_path, digit_images
-):
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log",
-                       str(tmp_path / "predictions"), token=TOKEN)  # fmt: skip
+def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(server_factory, repo_copy, tmp_path, digit_images):
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(tmp_path / "predictions"),
+        token=TOKEN,
+    )
     image, label = digit_images[1]
     infer(s, image, {"X-Request-ID": "one"})
     body = [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}, {"label": 1}]
@@ -187,8 +190,7 @@ def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
     labelled and counted 5 times. The first prediction stays, with at most one label, in the
     live view and in the log's join."""
     log = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log),
-                       token=TOKEN)  # fmt: skip
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN)
     image, label = digit_images[0]
     statuses = []
     for _ in range(5):
@@ -214,11 +216,10 @@ def test_a_prediction_expires_after_its_ttl():
     store.record("r1", "digits", "1", [3])
     store.record("r2", "digits", "1", [4])
     sign = FeedbackSigner(b"k" * 32)
-    assert store.label(
-        "digits", {"request_id": "r1", "label": 3, "token": sign.token("digits", "r1")}, None
-    ).matched
+    assert store.label("digits", {"request_id": "r1", "label": 3, "token": sign.token("digits", "r1")}, None).matched
     now[0] += 61
-    late = store.label("digits", {"request_id": "r2", "label": 4, "token": sign.token("digits", "r2")}, None,
-                       accept_unmatched=True)  # fmt: skip
+    late = store.label(
+        "digits", {"request_id": "r2", "label": 4, "token": sign.token("digits", "r2")}, None, accept_unmatched=True
+    )
     assert late.matched is False
     assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"

@@ -20,10 +20,29 @@ CLIENT_ERRORS = {400, 401, 404, 405, 408, 409, 413, 431}
 
 # What h11 lets through: token characters in names, visible ASCII (and Latin-1) in values.
 TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-KNOWN = ["X-Request-ID", "traceparent", "X-User-ID", "X-Tenant", "X-Device-Type", "X-Model-Version",
-         "Inference-Header-Content-Length", "Content-Type", "Host", "X-Shadow-Probe"]  # fmt: skip
-ODD = ["-1", "0", "99999999999999999999", "²", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "digits-shadow",
-       "13800138000", "alice%40example.com", "(a+)+$"]  # fmt: skip
+KNOWN = [
+    "X-Request-ID",
+    "traceparent",
+    "X-User-ID",
+    "X-Tenant",
+    "X-Device-Type",
+    "X-Model-Version",
+    "Inference-Header-Content-Length",
+    "Content-Type",
+    "Host",
+    "X-Shadow-Probe",
+]
+ODD = [
+    "-1",
+    "0",
+    "99999999999999999999",
+    "²",
+    "00-" + "0" * 32 + "-" + "0" * 16 + "-01",
+    "digits-shadow",
+    "13800138000",
+    "alice%40example.com",
+    "(a+)+$",
+]
 header_names = st.one_of(
     st.sampled_from(KNOWN),
     st.text(TOKEN_CHARS, min_size=1, max_size=40).map(lambda s: "X-Meta-" + s),
@@ -34,14 +53,8 @@ header_values = st.one_of(
     st.sampled_from(ODD),
 )
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
-    ),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
 )
 
@@ -94,13 +107,26 @@ def test_any_infer_body(server, header, tail, header_length):
 
 
 @FUZZ
-@given(st.one_of(json_values, st.fixed_dictionaries({
-    "route": st.lists(st.fixed_dictionaries({"version": st.one_of(st.sampled_from(["1", "2", 1, "²", "01", "-1"]),
-                                                                  json_values),
-                                             "weight": st.one_of(st.integers(-10, 110), json_values)}), max_size=3),
-    "rules": st.lists(st.fixed_dictionaries({"match": json_values, "route": json_values}), max_size=2),
-    "mirror": st.one_of(st.none(), st.fixed_dictionaries({"version": json_values, "percent": json_values})),
-})))  # fmt: skip
+@given(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "route": st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "version": st.one_of(st.sampled_from(["1", "2", 1, "²", "01", "-1"]), json_values),
+                            "weight": st.one_of(st.integers(-10, 110), json_values),
+                        }
+                    ),
+                    max_size=3,
+                ),
+                "rules": st.lists(st.fixed_dictionaries({"match": json_values, "route": json_values}), max_size=2),
+                "mirror": st.one_of(st.none(), st.fixed_dictionaries({"version": json_values, "percent": json_values})),
+            }
+        ),
+    )
+)
 def test_any_traffic_policy(server, policy):
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     r = requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=auth, timeout=10)

@@ -74,9 +74,7 @@ def test_graph_that_does_not_match_config_is_refused(repo_copy, models_dir):
     # resnet's graph in digits' slot: loads in ORT, but its signature is not digits'.
     shutil.copy(models_dir / "resnet_bench" / "1" / "model.onnx", repo_copy / "digits" / "3" / "model.onnx")
     repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
-    with pytest.raises(
-        InvalidInput, match=r"preprocess.onnx_input 'input' is not a graph input|not in the graph"
-    ):
+    with pytest.raises(InvalidInput, match=r"preprocess.onnx_input 'input' is not a graph input|not in the graph"):
         repo.load("digits", policy(3))
 
 

@@ -95,9 +95,7 @@ def test_digits_infer_classifies_validation_images(server, digit_images, binary)
         assert r.status_code == 200, r.text
         payload = r.json()
         assert payload["id"] == "req-2"
-        probs = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(
-            payload["outputs"][0]["shape"]
-        )
+        probs = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(payload["outputs"][0]["shape"])
     assert probs.shape == (32, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     labels = np.array([label for _, label in batch])
@@ -172,9 +170,7 @@ def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_im
     assert server.metric("nv_inference_exec_count", model="digits", version="1") >= 1
     assert server.metric("nv_inference_request_duration_us", model="digits", version="1") > 0
     assert (
-        server.metric(
-            "model_server_model_info", model="digits", version="1", execution_provider="CPUExecutionProvider"
-        )
+        server.metric("model_server_model_info", model="digits", version="1", execution_provider="CPUExecutionProvider")
         == 1
     )
     primary = {"model": "digits", "version": "1", "path": "primary"}

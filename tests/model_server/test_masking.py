@@ -170,9 +170,7 @@ def test_every_detector_is_linear_on_hostile_text(shape):
 
 def test_the_email_detector_keeps_what_it_caught_before():
     assert find_sensitive("mail bob@example.com2 now") == [("email", "bob@example.com")]
-    assert find_sensitive("x=first.last+tag@mail.example.co.uk;") == [
-        ("email", "first.last+tag@mail.example.co.uk")
-    ]
+    assert find_sensitive("x=first.last+tag@mail.example.co.uk;") == [("email", "first.last+tag@mail.example.co.uk")]
     assert find_sensitive("a@b.c and foo@bar and 0xdead@") == []
 
 

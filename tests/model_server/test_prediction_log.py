@@ -55,9 +55,7 @@ def window(minutes: float = 10) -> tuple[datetime, datetime]:
 
 def keys_file(tmp_path, tenants: dict[str, str] | None = None):
     path = tmp_path / "keys.json"
-    path.write_text(
-        json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": tenants or {}})
-    )
+    path.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": tenants or {}}))
     return path
 
 
@@ -85,17 +83,28 @@ def primary(
     if scores is None and outcome == "ok":
         scores = np.eye(10, dtype=np.float32)[[3, 7]]
     return Inference(
-        when or time.time(), model, version, role, route, rid, TRACE, "00f067aa0ba902b7", 1.5, outcome,
-        scores, IMAGES, True, metadata or {}, 2,
-    )  # fmt: skip
+        when or time.time(),
+        model,
+        version,
+        role,
+        route,
+        rid,
+        TRACE,
+        "00f067aa0ba902b7",
+        1.5,
+        outcome,
+        scores,
+        IMAGES,
+        True,
+        metadata or {},
+        2,
+    )
 
 
 def shadow(rid: str = "r-1", scores=None, outcome: str = "ok", when: float | None = None) -> Inference:
     if scores is None and outcome == "ok":
         scores = np.eye(10, dtype=np.float32)[[3, 2]]
-    rec = primary(
-        rid, {"x-user-id": "alice"}, when, scores, "2", outcome=outcome, role="shadow", route="mirror"
-    )
+    rec = primary(rid, {"x-user-id": "alice"}, when, scores, "2", outcome=outcome, role="shadow", route="mirror")
     return rec._replace(latency_ms=None if outcome == "DROPPED" else 4.0, span_id="b7ad6b7169203331")
 
 
@@ -441,10 +450,7 @@ def test_property_no_detector_match_in_any_byte_of_any_file(tmp_path, entries):
             for cell in df[column].dropna():
                 assert find_sensitive(cell) == []
         # The label's request id is masked like the prediction's, so the reader joins them.
-        assert (
-            df[df["role"] == "label"]["request_id"].iloc[0]
-            == df[df["role"] == "primary"]["request_id"].iloc[0]
-        )
+        assert df[df["role"] == "label"]["request_id"].iloc[0] == df[df["role"] == "primary"]["request_id"].iloc[0]
     for f in (tmp_path / "log").rglob("*.parquet"):
         f.unlink()
 
@@ -479,14 +485,22 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:
 
 
 @pytest.mark.integration
-def test_server_logs_masked_records_with_the_trace_of_the_primary(
-    server_factory, repo_copy, tmp_path, digit_images
-):
+def test_server_logs_masked_records_with_the_trace_of_the_primary(server_factory, repo_copy, tmp_path, digit_images):
     log_dir = tmp_path / "predictions"
     # The deprecated names of --prediction-log and its flush interval still work.
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--shadow-log", str(log_dir),
-                       "--shadow-log-flush-s", "0.2", "--mask-header", "x-user-id", "--access-log",
-                       token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--shadow-log",
+        str(log_dir),
+        "--shadow-log-flush-s",
+        "0.2",
+        "--mask-header",
+        "x-user-id",
+        "--access-log",
+        token=TOKEN,
+    )
     keys = tmp_path / "predictions.mask-keys.json"
     assert oct(keys.stat().st_mode & 0o777) == "0o600"  # created on first start
     s.load_versions("digits", 1, 2)
@@ -494,16 +508,22 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
     sent = {}
     for i in range(10):
         image = digit_images[i][0]
-        r = infer(s, image, {"X-User-ID": f"user-{i}", "X-Tenant": "acme", "X-Device-Type": "android",
-                             "X-Meta-Contact": "li.wei@example.com, 13800138000"})  # fmt: skip
+        r = infer(
+            s,
+            image,
+            {
+                "X-User-ID": f"user-{i}",
+                "X-Tenant": "acme",
+                "X-Device-Type": "android",
+                "X-Meta-Contact": "li.wei@example.com, 13800138000",
+            },
+        )
         sent[r.headers["X-Request-ID"]] = (
             r.headers["traceparent"].split("-")[1],
             hashlib.sha256(image).hexdigest(),
         )
     start = NOW - timedelta(hours=1)
-    assert wait_for(
-        lambda: len(shadow_pairs(read(log_dir, start, datetime.now(UTC) + timedelta(minutes=1)))) == 10
-    )
+    assert wait_for(lambda: len(shadow_pairs(read(log_dir, start, datetime.now(UTC) + timedelta(minutes=1)))) == 10)
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=20)
     df = read(log_dir, start, datetime.now(UTC) + timedelta(minutes=1))
@@ -520,8 +540,11 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(
         assert "example.com" not in row.meta
         assert "13800138000" not in row.meta
     assert set(df["trace_id"]) == {t for t, _ in sent.values()}
-    access = [json.loads(line.split("model_server.access: ", 1)[1]) for line in s.log.read_text().splitlines()
-              if "model_server.access: " in line]  # fmt: skip
+    access = [
+        json.loads(line.split("model_server.access: ", 1)[1])
+        for line in s.log.read_text().splitlines()
+        if "model_server.access: " in line
+    ]
     for rid, (trace_id, sha) in sent.items():
         paths = {a["path"]: a for a in access if a["request_id"] == rid}
         assert set(paths) == {"primary", "shadow"}
@@ -539,8 +562,17 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     of them reaches the server's log, the access log or the prediction log as sent; every file
     the server writes is mode 0600."""
     log_dir, state = tmp_path / "predictions", tmp_path / "state"
-    s = server_factory(repo_copy, "--state-dir", str(state), "--prediction-log", str(log_dir),
-                       "--prediction-log-flush-s", "0.2", "--access-log", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(state),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.2",
+        "--access-log",
+        token=TOKEN,
+    )
     s.load_versions("digits", 1, 2)
     assert put_policy(s, MIRROR_ALL).status_code == 200
     image = digit_images[0][0]
@@ -553,8 +585,9 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     for headers in sent:
         assert infer(s, image, headers).status_code == 200
     bad = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["carol@example.com"]}]}
-    r = requests.post(f"{s.http}/v2/models/digits/infer", json=bad, headers={"X-Request-ID": "id-15900001111"},
-                      timeout=10)  # fmt: skip
+    r = requests.post(
+        f"{s.http}/v2/models/digits/infer", json=bad, headers={"X-Request-ID": "id-15900001111"}, timeout=10
+    )
     assert r.status_code == 400
     assert "carol@example.com" in r.json()["error"]
     assert wait_for(lambda: len(read(log_dir, *window())) >= 2 * len(sent))
@@ -565,8 +598,7 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
         json.dumps(pq.read_table(f).to_pylist(), default=str) if f.suffix == ".parquet" else f.read_text()
         for f in files
     ).encode()
-    for clear in [b"13800138000", b"13911112222", b"15900001111", b"example.com", b"%40", b"&#64;",
-                  "\uff11".encode()]:  # fmt: skip
+    for clear in [b"13800138000", b"13911112222", b"15900001111", b"example.com", b"%40", b"&#64;", "\uff11".encode()]:
         assert clear not in written, clear
     assert b'"request_id": "order-tok_' in written  # logged, and masked
     assert b'"status": 400' in written
@@ -579,8 +611,16 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
 @pytest.mark.integration
 def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp_path, digit_images):
     log_dir = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
-                       "--prediction-log-flush-s", "0.01", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.01",
+        token=TOKEN,
+    )
     s.load_versions("digits", 1, 2)
     assert put_policy(s, MIRROR_ALL).status_code == 200
     for i in range(150):
@@ -609,14 +649,18 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
     keys.write_text(json.dumps(ring))
     shared = tmp_path / "feedback-key"  # a Secret every replica mounts: any of them takes any label
     shared.write_text("a-feedback-secret-shared-by-the-replicas")
-    common = ("--prediction-log", uri, "--mask-keys", str(keys), "--prediction-log-flush-s", "0.2",
-              "--feedback-key-file", str(shared))  # fmt: skip
-    a = server_factory(
-        repo_copy, "--state-dir", str(tmp_path / "a"), *common, "--replica-id", "replica-a", token=TOKEN
+    common = (
+        "--prediction-log",
+        uri,
+        "--mask-keys",
+        str(keys),
+        "--prediction-log-flush-s",
+        "0.2",
+        "--feedback-key-file",
+        str(shared),
     )
-    b = server_factory(
-        repo_copy, "--state-dir", str(tmp_path / "b"), *common, "--replica-id", "replica-b", token=TOKEN
-    )
+    a = server_factory(repo_copy, "--state-dir", str(tmp_path / "a"), *common, "--replica-id", "replica-a", token=TOKEN)
+    b = server_factory(repo_copy, "--state-dir", str(tmp_path / "b"), *common, "--replica-id", "replica-b", token=TOKEN)
     for s in (a, b):
         s.load_versions("digits", 1, 2)
         assert put_policy(s, MIRROR_ALL).status_code == 200
@@ -631,8 +675,12 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
     for i in range(8):
         assert infer(b, digit_images[20 + i][0], {"X-Request-ID": f"rb-{i}"}).status_code == 200
     labelled = list(truth)[:6]
-    r = requests.post(f"{b.http}/v2/models/digits/feedback", headers={"X-Tenant": "acme"}, timeout=10,
-                      json=[{"request_id": rid, "label": truth[rid], "token": tokens[rid]} for rid in labelled])  # fmt: skip
+    r = requests.post(
+        f"{b.http}/v2/models/digits/feedback",
+        headers={"X-Tenant": "acme"},
+        timeout=10,
+        json=[{"request_id": rid, "label": truth[rid], "token": tokens[rid]} for rid in labelled],
+    )
     assert r.status_code == 200
     for answer in r.json()["results"]:  # b never served these: accepted into the log, not counted
         assert answer["status"] == 200
@@ -648,27 +696,27 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
     assert r.json()["version"] == "1"
     r = requests.post(
         f"{b.http}/v2/models/digits/feedback",
-        json={"request_id": "never-served", "label": 4,
-              "token": FeedbackSigner(read_key(shared)).token("digits", "never-served")},
+        json={
+            "request_id": "never-served",
+            "label": 4,
+            "token": FeedbackSigner(read_key(shared)).token("digits", "never-served"),
+        },
         timeout=10,
-    )  # fmt: skip
+    )
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False
     assert (b.metric("feedback_total", model="digits", version="1") or 0) == 0  # b's live view: its own
     assert a.metric("feedback_total", model="digits", version="1") == 1
-    assert wait_for(
-        lambda: (a.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 12
-    )
-    assert wait_for(
-        lambda: (b.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 8
-    )
+    assert wait_for(lambda: (a.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 12)
+    assert wait_for(lambda: (b.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 8)
     a.stop()  # SIGTERM: each flushes what it holds
     b.stop()
     end = datetime.now(UTC) + timedelta(minutes=1)
     df = read(uri, start, end)
     assert df.attrs["skipped_files"] == 0
-    assert {name.rsplit("/", 1)[1].split("-")[1] + "-" + name.rsplit("/", 1)[1].split("-")[2]
-            for name in files(uri)} == {"replica-a", "replica-b"}  # fmt: skip
+    assert {
+        name.rsplit("/", 1)[1].split("-")[1] + "-" + name.rsplit("/", 1)[1].split("-")[2] for name in files(uri)
+    } == {"replica-a", "replica-b"}
     assert set(df["replica"]) == {"replica-a", "replica-b"}
     j = joined(df)
     assert len(j) == 20
@@ -691,8 +739,16 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
 def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy, tmp_path, digit_images):
     """What Istio's mirror sends (Host with -shadow) is logged and counted as shadow, never as primary."""
     log_dir = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
-                       "--prediction-log-flush-s", "0.2", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.2",
+        token=TOKEN,
+    )
     hosts = ["digits.ml.svc.cluster.local-shadow:8000", "digits-shadow", f"127.0.0.1:{s.port}-shadow"]
     for i, host in enumerate(hosts):
         r = infer(s, digit_images[i][0], {"Host": host, "X-Request-ID": f"mirrored-{i}"})
@@ -700,18 +756,10 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
         assert "X-Feedback-Token" not in r.headers  # no client was served: nothing to label
     assert infer(s, digit_images[5][0], {"X-Request-ID": "direct-1"}).status_code == 200
     assert s.metric("nv_inference_request_success", model="digits", version="1") == 1  # the direct one only
-    assert (
-        s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="shadow")
-        == 3
-    )
-    assert (
-        s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="primary")
-        == 1
-    )
+    assert s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="shadow") == 3
+    assert s.metric("model_server_request_duration_seconds_count", model="digits", version="1", path="primary") == 1
     assert s.metric("shadow_requests_total", model="digits", version="1", outcome="ok") == 3
-    assert (
-        s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="mirror") or 0
-    ) == 0
+    assert (s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="mirror") or 0) == 0
     token = FeedbackSigner(read_key(tmp_path / "state" / "feedback-key")).token("digits", "mirrored-0")
     r = requests.post(
         f"{s.http}/v2/models/digits/feedback",
@@ -733,25 +781,27 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
 
 
 @pytest.mark.integration
-def test_sampling_spares_mirrored_versions_and_named_versions(
-    server_factory, repo_copy, tmp_path, digit_images
-):
+def test_sampling_spares_mirrored_versions_and_named_versions(server_factory, repo_copy, tmp_path, digit_images):
     log_dir = tmp_path / "predictions"
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log_dir),
-                       "--prediction-log-sample", "0", token=TOKEN)  # fmt: skip
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-sample",
+        "0",
+        token=TOKEN,
+    )
     s.load_versions("digits", 1, 2)
     assert put_policy(s, {"route": [{"version": "1", "weight": 100}]}).status_code == 200
     for i in range(5):
         assert infer(s, digit_images[i][0], {"X-Request-ID": f"plain-{i}"}).status_code == 200
-    assert (
-        infer(s, digit_images[0][0], {"X-Request-ID": "named-0", "X-Model-Version": "2"}).status_code == 200
-    )
+    assert infer(s, digit_images[0][0], {"X-Request-ID": "named-0", "X-Model-Version": "2"}).status_code == 200
     assert put_policy(s, MIRROR_ALL).status_code == 200
     for i in range(4):
         assert infer(s, digit_images[i][0], {"X-Request-ID": f"mirrored-{i}"}).status_code == 200
-    assert wait_for(
-        lambda: (s.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 4
-    )
+    assert wait_for(lambda: (s.metric("shadow_requests_total", model="digits", version="2", outcome="ok") or 0) == 4)
     s.stop()
     df = read(log_dir, NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     kept = df.groupby("role")["request_id"].apply(lambda x: sorted(set(x))).to_dict()

@@ -48,10 +48,7 @@ def test_weighted_sticky_routing_and_headers(routed, digit_images):
         seen[version] += 1
     assert set(seen) == {"1", "2"}
     assert routed.metric("model_server_traffic_weight", model="digits", version="2") == 50
-    assert (
-        routed.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route")
-        > 0
-    )
+    assert routed.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route") > 0
 
 
 def test_header_rule_version_header_and_versioned_path_override(routed, digit_images):
@@ -73,10 +70,7 @@ def test_header_rule_version_header_and_versioned_path_override(routed, digit_im
     assert r.headers["X-Model-Version"] == "1"
     r = infer(routed, img, {"X-Model-Version": "9"})
     assert r.status_code == 404  # the client named a version that is not loaded
-    assert (
-        routed.metric("model_server_routed_requests_total", model="digits", version="3", decided_by="acme")
-        == 1
-    )
+    assert routed.metric("model_server_routed_requests_total", model="digits", version="3", decided_by="acme") == 1
 
 
 def test_request_id_and_trace_context_are_kept(routed, digit_images):
@@ -166,9 +160,7 @@ def ready(server) -> requests.Response:
     return requests.get(f"{server.http}/v2/health/ready", timeout=5)
 
 
-def test_policy_and_loads_are_persisted_and_restored_on_restart(
-    server_factory, repo_copy, tmp_path, digit_images
-):
+def test_policy_and_loads_are_persisted_and_restored_on_restart(server_factory, repo_copy, tmp_path, digit_images):
     """The load that brought version 2 in was not persisted: after a restart the restored policy
     routed 42 of 200 sticky users to a version that was not loaded, and readiness said 200."""
     state = tmp_path / "state"
@@ -191,9 +183,7 @@ def test_policy_and_loads_are_persisted_and_restored_on_restart(
     # as Triton loads) fails and the policy cannot be served. The server says so on its
     # readiness (a Kubernetes pod takes no traffic), and requests get 503, never a guess.
     shutil.rmtree(repo_copy / "digits" / "2")
-    third = server_factory(
-        repo_copy, "--state-dir", str(state), "--no-exit-on-error", token=TOKEN, until="live"
-    )
+    third = server_factory(repo_copy, "--state-dir", str(state), "--no-exit-on-error", token=TOKEN, until="live")
     r = ready(third)
     assert r.status_code == 503
     assert "routes to version(s) ['1', '2'], not loaded" in r.json()["error"]
@@ -202,9 +192,7 @@ def test_policy_and_loads_are_persisted_and_restored_on_restart(
     assert {r.status_code for r in replies} == {503}
 
 
-def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(
-    server_factory, repo_copy, tmp_path, digit_images
-):
+def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(server_factory, repo_copy, tmp_path, digit_images):
     traffic = tmp_path / "traffic.json"
     traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))
     load = ["--traffic-file", str(traffic), "--state-dir", str(tmp_path / "state")]

@@ -39,9 +39,7 @@ def wait_until(predicate, timeout: float = 30.0) -> bool:
 
 
 def set_fault(s, version: str, fault: dict) -> None:
-    r = requests.put(
-        f"{s.http}/v2/models/digits/versions/{version}/fault", json=fault, headers=s.admin, timeout=10
-    )
+    r = requests.put(f"{s.http}/v2/models/digits/versions/{version}/fault", json=fault, headers=s.admin, timeout=10)
     assert r.status_code == 200, r.text
 
 
@@ -54,10 +52,7 @@ def test_every_request_is_mirrored_and_only_the_primary_counts_as_traffic(
         assert r.status_code == 200
         assert r.headers["X-Model-Version"] == "1"
     assert wait_until(lambda: shadow_count(s, "ok") == 40)
-    assert (
-        s.metric("model_server_request_duration_seconds_count", model="digits", version="2", path="shadow")
-        == 40
-    )
+    assert s.metric("model_server_request_duration_seconds_count", model="digits", version="2", path="shadow") == 40
     assert s.metric("nv_inference_request_success", model="digits", version="1") == 40
     # The shadow's copies are not version 2's traffic: its primary counters stay at zero.
     assert (s.metric("nv_inference_request_success", model="digits", version="2") or 0) == 0
@@ -90,8 +85,17 @@ def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, 
 def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
     server_factory, repo_copy, tmp_path, digit_images
 ):
-    s = start(server_factory, repo_copy, tmp_path, "--shadow-queue", "2", "--shadow-workers", "1",
-              "--prediction-log", str(tmp_path / "log"))  # fmt: skip
+    s = start(
+        server_factory,
+        repo_copy,
+        tmp_path,
+        "--shadow-queue",
+        "2",
+        "--shadow-workers",
+        "1",
+        "--prediction-log",
+        str(tmp_path / "log"),
+    )
     set_fault(s, "2", {"delay": {"ms": 4000, "percent": 100}})
     n = 10
     for i in range(n):
@@ -198,8 +202,19 @@ def test_the_rollout_probe_runs_at_once_and_needs_the_admin_token(models_dir, di
         data = np.array([digit_images[0][0]], dtype=object)
 
         def job(rid: str, probe: bool) -> ShadowJob:
-            return ShadowJob("digits", "1", "1", [InferInput("image", "BYTES", (1,), data)], ["probabilities"],
-                             rid, TraceContext.from_header(None), time.time(), {}, 1.0, probe=probe)  # fmt: skip
+            return ShadowJob(
+                "digits",
+                "1",
+                "1",
+                [InferInput("image", "BYTES", (1,), data)],
+                ["probabilities"],
+                rid,
+                TraceContext.from_header(None),
+                time.time(),
+                {},
+                1.0,
+                probe=probe,
+            )
 
         with mirror.gate:  # a primary in flight, and another, and another: no idle time at all
             await mirror.submit(job("queued", probe=False))

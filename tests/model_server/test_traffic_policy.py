@@ -145,18 +145,14 @@ def test_mirror_samples_its_percent_and_never_the_primary():
         (
             {
                 "route": [{"version": "1"}],
-                "rules": [
-                    {"match": {"headers": {"x": {"regex": "a{1000}{1000}"}}}, "route": [{"version": "2"}]}
-                ],
+                "rules": [{"match": {"headers": {"x": {"regex": "a{1000}{1000}"}}}, "route": [{"version": "2"}]}],
             },
             "RE2 syntax",
         ),
         (
             {
                 "route": [{"version": "1"}],
-                "rules": [
-                    {"match": {"headers": {"x": {"regex": "[a-z]" * 400}}}, "route": [{"version": "2"}]}
-                ],
+                "rules": [{"match": {"headers": {"x": {"regex": "[a-z]" * 400}}}, "route": [{"version": "2"}]}],
             },
             "at most 1024",
         ),
@@ -184,10 +180,12 @@ def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
     pytest's timeout); RE2, as Envoy, matches in one pass."""
-    p = TrafficPolicy.from_dict({
-        "route": [{"version": "1"}],
-        "rules": [{"match": {"headers": {"x-user-id": {"regex": "^(a+)+$"}}}, "route": [{"version": "2"}]}],
-    })  # fmt: skip
+    p = TrafficPolicy.from_dict(
+        {
+            "route": [{"version": "1"}],
+            "rules": [{"match": {"headers": {"x-user-id": {"regex": "^(a+)+$"}}}, "route": [{"version": "2"}]}],
+        }
+    )
     assert p.choose({"x-user-id": "a" * 100_000 + "b"}, "u") == ("1", "route")
     assert p.choose({"x-user-id": "a" * 40}, "u")[0] == "2"
 
@@ -197,8 +195,10 @@ def test_a_persisted_policy_with_a_backtracking_regex_is_not_restored(tmp_path, 
     again: now it is refused on restore, by name, and the others still load."""
     from model_server.traffic import PolicyStore
 
-    evil = {"route": [{"version": "1", "weight": 100}],
-            "rules": [{"match": {"headers": {"x": {"regex": "^(?:a+)+(?=b)"}}}, "route": [{"version": "2"}]}]}  # fmt: skip
+    evil = {
+        "route": [{"version": "1", "weight": 100}],
+        "rules": [{"match": {"headers": {"x": {"regex": "^(?:a+)+(?=b)"}}}, "route": [{"version": "2"}]}],
+    }
     (tmp_path / "digits.json").write_text(json.dumps(evil))
     (tmp_path / "other.json").write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
     changed: list[str] = []

@@ -17,8 +17,16 @@ def conn(monkeypatch, conn_id: str, **fields) -> None:
 
 
 def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, tmp_path):
-    conn(monkeypatch, "model_server_default", conn_type="http", host="127.0.0.1", port=8123, schema="http",
-         password="s3cret-admin-token", extra={"repository": "models"})  # fmt: skip
+    conn(
+        monkeypatch,
+        "model_server_default",
+        conn_type="http",
+        host="127.0.0.1",
+        port=8123,
+        schema="http",
+        password="s3cret-admin-token",
+        extra={"repository": "models"},
+    )
     conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", port=9191)
     hook = ModelServerHook()
     assert hook.settings.url == "http://127.0.0.1:8123"

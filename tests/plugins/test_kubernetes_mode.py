@@ -14,8 +14,13 @@ from tests.fakes.kube_api import FakeKubeAPI
 from vision_rollout.spec import RolloutSpec
 
 SHA = "c0ffee" * 10 + "beef"
-BUILD = {"registry": "registry.example.com/ml/digits-server", "context": "s3://ml-builds/serving-context.tar.gz",
-         "namespace": "ml-builds", "service_account": "kaniko", "push_secret": "registry-push"}  # fmt: skip
+BUILD = {
+    "registry": "registry.example.com/ml/digits-server",
+    "context": "s3://ml-builds/serving-context.tar.gz",
+    "namespace": "ml-builds",
+    "service_account": "kaniko",
+    "push_secret": "registry-push",
+}
 ISTIO = {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]}
 PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
 
@@ -24,16 +29,30 @@ PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
 def kube(monkeypatch, tmp_path):
     fake = FakeKubeAPI().start()
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": fake.url}}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         "users": [{"name": "test", "user": {"token": "test-token"}}],
-    }  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_DEFAULT", json.dumps(
-        {"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(kubeconfig), "namespace": "models"}}))  # fmt: skip
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "digits.models.svc", "port": 8000,
-         "extra": {"istio": ISTIO, "build": BUILD, "run_dir": str(tmp_path)}}))  # fmt: skip
+    }
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps(
+            {"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(kubeconfig), "namespace": "models"}}
+        ),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "http",
+                "host": "digits.models.svc",
+                "port": 8000,
+                "extra": {"istio": ISTIO, "build": BUILD, "run_dir": str(tmp_path)},
+            }
+        ),
+    )
     yield fake
     fake.stop()
 
@@ -52,9 +71,7 @@ def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
     pod = operator.build_pod_request_obj()  # what the operator would create
     api = client.ApiClient()
     rendered = api.sanitize_for_serialization(pod)
-    assert (
-        api.sanitize_for_serialization(api._ApiClient__deserialize(rendered, "V1Pod")) == rendered
-    )  # valid V1Pod
+    assert api.sanitize_for_serialization(api._ApiClient__deserialize(rendered, "V1Pod")) == rendered  # valid V1Pod
     assert pod.metadata.namespace == "ml-builds"
     assert pod.metadata.name.startswith("build-digits-2-c0ffeec0")
     assert pod.spec.service_account_name == "kaniko"
@@ -71,8 +88,10 @@ def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
 
 
 def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}))  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}),
+    )
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
         steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA)
 
@@ -107,8 +126,10 @@ def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
 
 
 def test_istio_mode_without_target_settings_fails_naming_the_setting(kube, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(
-        {"conn_type": "http", "host": "digits", "extra": {"istio": {"namespace": "models"}}}))  # fmt: skip
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": {"namespace": "models"}}}),
+    )
     with pytest.raises(ValueError, match=r"extra istio\.service"):
         steps.router(RolloutSpec.from_dict(PARAMS), "r")
 
@@ -124,9 +145,7 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}) == "digits-v2"
     obj = deployment(kube, "2")
     api = client.ApiClient()
-    assert (
-        api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj
-    )  # a valid Deployment
+    assert api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj  # a valid Deployment
     pod = obj["spec"]["template"]
     assert pod["metadata"]["labels"] == {
         "app": "digits",
@@ -176,8 +195,9 @@ def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kub
     bad["spec"]["selector"]["matchLabels"]["version"] = "3"
     apps = steps.ModelServerHook().deployments("digits")._apps()
     with pytest.raises(ApiException) as refused:
-        apps.patch_namespaced_deployment("digits-v2", "models", bad, field_manager="model-rollout",
-                                         _content_type="application/apply-patch+yaml")  # fmt: skip
+        apps.patch_namespaced_deployment(
+            "digits-v2", "models", bad, field_manager="model-rollout", _content_type="application/apply-patch+yaml"
+        )
     assert refused.value.status == 422
     assert "`selector` does not match template `labels`" in refused.value.body
     assert ("deployments", "models", "digits-v2") not in kube.objects

@@ -33,12 +33,14 @@ def stage(server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeyp
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
     log_dir = tmp_path / "predictions"
-    server = server_factory(
-        repo_copy, "--prediction-log", str(log_dir), "--prediction-log-flush-s", "0.5", token="t"
-    )
+    server = server_factory(repo_copy, "--prediction-log", str(log_dir), "--prediction-log-flush-s", "0.5", token="t")
     server.load_versions("digits", 1, 2)
-    requests.put(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10,
-                 json={"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]})  # fmt: skip
+    requests.put(
+        f"{server.http}/v2/models/digits/traffic",
+        headers=server.admin,
+        timeout=10,
+        json={"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]},
+    )
     prom = start_prometheus([server.url], tmp_path / "prometheus")
     for conn_id, fields in local_connections(server, prom.url, repo_copy, log_dir, tmp_path / "run").items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
@@ -50,8 +52,9 @@ def stage(server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeyp
 
 
 def params(**kw) -> dict:
-    return RolloutSpec.from_dict({"candidate_version": "2", "stages": [50, 100], "min_samples": 40,
-                                  "looks_per_stage": 2, **LOOSE, **kw}).to_dict()  # fmt: skip
+    return RolloutSpec.from_dict(
+        {"candidate_version": "2", "stages": [50, 100], "min_samples": 40, "looks_per_stage": 2, **LOOSE, **kw}
+    ).to_dict()
 
 
 def poke(p: dict, started: float, ti: TaskInstance | None = None):
@@ -94,7 +97,10 @@ def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
     assert verdict["checks"][0]["name"] == "evidence"
     again = poke(p, started).xcom_value  # what a retried task computes: the same looks, the same verdict
     assert (again["look"], again["decision"], again["checks"][0]["sentence"]) == (
-        verdict["look"], verdict["decision"], verdict["checks"][0]["sentence"])  # fmt: skip
+        verdict["look"],
+        verdict["decision"],
+        verdict["checks"][0]["sentence"],
+    )
 
 
 def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
@@ -103,8 +109,12 @@ def test_a_tripped_guard_restores_stable_and_fails_with_its_reason(stage):
     server, _, started, _ = stage
     # 10% of version 2's requests 90 ms slower: its P99 over the 60 ms limit, its one instance
     # not saturated by the live traffic (all of them 90 ms slower would queue without end).
-    requests.put(f"{server.http}/v2/models/digits/versions/2/fault", json={"delay": {"ms": 90, "percent": 10}},
-                 headers=server.admin, timeout=10)  # fmt: skip
+    requests.put(
+        f"{server.http}/v2/models/digits/versions/2/fault",
+        json={"delay": {"ms": 90, "percent": 10}},
+        headers=server.admin,
+        timeout=10,
+    )
     p = params(bake_seconds=600, max_stage_seconds=900, p99_breach_seconds=3)
     ti = TaskInstance()
     deadline = time.monotonic() + 90
@@ -170,15 +180,21 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
             outcomes.append(type(exc).__name__)
         time.sleep(2)
     assert True not in outcomes, outcomes  # nothing passes while the server is down
-    again = start_model_server(repo_copy, tmp_path, "--prediction-log", str(log_dir), "--prediction-log-flush-s",
-                               "0.5", "--state-dir", str(tmp_path / f"state-{server.port}"), token="t",
-                               port=server.port)  # fmt: skip
+    again = start_model_server(
+        repo_copy,
+        tmp_path,
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.5",
+        "--state-dir",
+        str(tmp_path / f"state-{server.port}"),
+        token="t",
+        port=server.port,
+    )
     try:
         assert again.client().get_model_metadata("digits")["versions"] == ["1", "2"]
-        assert (
-            requests.get(f"{again.http}/v2/models/digits/traffic", headers=again.admin, timeout=10).json()
-            == policy
-        )
+        assert requests.get(f"{again.http}/v2/models/digits/traffic", headers=again.admin, timeout=10).json() == policy
         deadline = time.monotonic() + 120
         while not (result := poke(p, started)).is_done:
             assert time.monotonic() < deadline, "the stage never decided"

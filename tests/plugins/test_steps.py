@@ -46,11 +46,19 @@ def test_a_failed_shadow_audit_rolls_back():
     ("approval", "outcome", "words"),
     [
         (ALICE, "promote", "approved by Alice"),
-        ({"chosen_options": ["Roll back"], "responded_by_user": {"id": "bob", "name": "Bob"}}, "rollback", "rejected by Bob"),
-        ({"chosen_options": ["Roll back"], "responded_by_user": None}, "rollback", "rejected by default (no answer in time)"),
+        (
+            {"chosen_options": ["Roll back"], "responded_by_user": {"id": "bob", "name": "Bob"}},
+            "rollback",
+            "rejected by Bob",
+        ),
+        (
+            {"chosen_options": ["Roll back"], "responded_by_user": None},
+            "rollback",
+            "rejected by default (no answer in time)",
+        ),
         (None, "rollback", "not approved (no answer from a reviewer)"),
     ],
-)  # fmt: skip
+)
 def test_with_require_approval_the_reviewer_decides(approval, outcome, words):
     result = decide({**PARAMS, "require_approval": True}, [PASS, PASS], None, approval=approval)
     assert result[0] == outcome

@@ -23,8 +23,17 @@ from vision_rollout.metrics import PrometheusSource, ScrapeSource, wait_for_valu
 pytestmark = pytest.mark.integration
 # Wiring, not the defaults; no mirror: a candidate that also runs every mirrored copy measures
 # tens of percent slower than the baseline on a busy 2-core machine.
-CONF = {"candidate_version": "2", "stages": [50, 100], "bake_seconds": 6, "looks_per_stage": 2, "min_samples": 100,
-        "latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02, "mirror_percent": 0}  # fmt: skip
+CONF = {
+    "candidate_version": "2",
+    "stages": [50, 100],
+    "bake_seconds": 6,
+    "looks_per_stage": 2,
+    "min_samples": 100,
+    "latency_margin": 1.0,
+    "error_margin": 0.05,
+    "accuracy_margin": 0.02,
+    "mirror_percent": 0,
+}
 
 
 def alive(pid: int) -> bool:
@@ -46,8 +55,21 @@ def up(models_dir, tmp_path_factory):
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            code = stack.main(["up", "--run", str(run), "--repository", str(models_dir), "--port", ports[0],
-                               "--prometheus-port", ports[1], "--airflow-port", ports[2]])  # fmt: skip
+            code = stack.main(
+                [
+                    "up",
+                    "--run",
+                    str(run),
+                    "--repository",
+                    str(models_dir),
+                    "--port",
+                    ports[0],
+                    "--prometheus-port",
+                    ports[1],
+                    "--airflow-port",
+                    ports[2],
+                ]
+            )
         assert code == 0
         state = json.loads((run / stack.STATE).read_text())
         state["printed"] = out.getvalue()
@@ -59,8 +81,9 @@ def up(models_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def api(up):
     _, state = up
-    return AirflowAPI(state["urls"]["airflow"], state["airflow_user"],
-                      Path(state["airflow_password_file"]).read_text().strip())  # fmt: skip
+    return AirflowAPI(
+        state["urls"]["airflow"], state["airflow_user"], Path(state["airflow_password_file"]).read_text().strip()
+    )
 
 
 def wait_until_the_scheduler_saw_the_pause(scheduler_log: Path, run_id: str) -> None:
@@ -84,9 +107,7 @@ def promoted_run(up, api):
     scheduler_log = up[0] / "airflow" / "logs" / "scheduler.log"
     api.wait_for_dag("model_rollout")
     run_id = api.trigger("model_rollout", {**CONF, "require_approval": True})
-    waiting = api.wait_for_task(
-        "model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=240
-    )
+    waiting = api.wait_for_task("model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=240)
     wait_until_the_scheduler_saw_the_pause(scheduler_log, run_id)
     request = api.hitl("model_rollout", run_id, "approve_promotion")
     answer = api.respond("model_rollout", run_id, "approve_promotion", "Promote")
@@ -113,9 +134,7 @@ def test_up_starts_every_service(up):
     assert "stop with: make down" in state["printed"]
     with urllib.request.urlopen(state["urls"]["airflow"] + "/api/v2/monitor/health", timeout=10) as r:
         health = json.load(r)
-    assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {
-        "healthy"
-    }
+    assert {health[c]["status"] for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")} == {"healthy"}
     with pytest.raises(SystemExit, match="already up"):
         stack.up(run, Path("models"), free_port(), free_port(), free_port(), rate=30)
 
@@ -184,24 +203,15 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     assert [g["decision"] for g in gates] == ["pass", "pass"]
     # The wait poked in reschedule mode: each poke logged where the stage stood, the last its pass.
     logs = (
-        run_dir
-        / "airflow"
-        / "logs"
-        / "dag_id=model_rollout"
-        / f"run_id={run_id}"
-        / "task_id=stage_1.wait_for_metrics"
+        run_dir / "airflow" / "logs" / "dag_id=model_rollout" / f"run_id={run_id}" / "task_id=stage_1.wait_for_metrics"
     )
     poke_log = "".join(p.read_text() for p in logs.glob("*.log"))
     assert "stage 1 (50%): pass, look " in poke_log  # the last poke's line (earlier ones waited, if any)
     assert gates[0]["bake"]["served"]["canary"]["live"] > 0  # the live arm, from the prediction log
-    assert stack.admin(state).traffic("digits").to_dict()["route"] == [
-        {"version": "2", "weight": 100}
-    ]
+    assert stack.admin(state).traffic("digits").to_dict()["route"] == [{"version": "2", "weight": 100}]
 
 
-@pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)"
-)
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)")
 def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -209,8 +219,9 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     run_id = promoted_run[0]
     shot = tmp_path / "model_rollout-run.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.goto(state["urls"]["airflow"] + f"/dags/model_rollout/runs/{run_id}")
@@ -226,9 +237,19 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
         finally:
             browser.close()
     assert run_id in text
-    for task_id in ("build_image", "stage_1.apply_mesh_weights", "stage_1.enable_shadow", "stage_1.wait_for_metrics",
-                    "stage_1.statistical_gate", "shadow_consistency", "approve_promotion", "decide", "promote",
-                    "rollback", "notify"):  # fmt: skip
+    for task_id in (
+        "build_image",
+        "stage_1.apply_mesh_weights",
+        "stage_1.enable_shadow",
+        "stage_1.wait_for_metrics",
+        "stage_1.statistical_gate",
+        "shadow_consistency",
+        "approve_promotion",
+        "decide",
+        "promote",
+        "rollback",
+        "notify",
+    ):
         assert task_id in text
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000
@@ -241,16 +262,14 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
     def routes() -> dict:
         return stack.admin(state).traffic("digits").to_dict()
 
-    run_id = api.trigger("model_rollout", {**CONF, "candidate_version": "3", "baseline_version": "2",
-                                           "bake_seconds": 600, "max_stage_seconds": 900})  # fmt: skip
-    api.wait_for_task(
-        "model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240
+    run_id = api.trigger(
+        "model_rollout",
+        {**CONF, "candidate_version": "3", "baseline_version": "2", "bake_seconds": 600, "max_stage_seconds": 900},
     )
+    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240)
     assert routes()["route"] == [{"version": "2", "weight": 50}, {"version": "3", "weight": 50}]  # mid-stage
     api.mark_failed("model_rollout", run_id)
-    teardown = api.wait_for_task(
-        "model_rollout", run_id, "ensure_stable", {"success", "failed"}, timeout_s=120
-    )
+    teardown = api.wait_for_task("model_rollout", run_id, "ensure_stable", {"success", "failed"}, timeout_s=120)
     assert teardown["state"] == "failed"  # restored, then failed on purpose: the run did not decide
     assert routes() == {"route": [{"version": "2", "weight": 100}]}  # stable back, mirror off
     assert api.wait("model_rollout", run_id, timeout_s=60)["state"] == "failed"
@@ -263,8 +282,14 @@ def test_a_four_stage_rollout_of_ten_looks_each_runs_through_without_a_retry(up,
     reschedule as a try, so try numbers say nothing here."""
     _, state = up
     stack.admin(state).serve_only("digits", "1")
-    conf = {**CONF, "stages": [5, 25, 50, 100], "looks_per_stage": 10, "bake_seconds": 20,
-            "max_stage_seconds": 120, "min_samples": 20}  # fmt: skip
+    conf = {
+        **CONF,
+        "stages": [5, 25, 50, 100],
+        "looks_per_stage": 10,
+        "bake_seconds": 20,
+        "max_stage_seconds": 120,
+        "min_samples": 20,
+    }
     run_id = api.trigger("model_rollout", conf)
     run = api.wait("model_rollout", run_id, timeout_s=600)
     tis = api.task_instances("model_rollout", run_id)
@@ -281,23 +306,23 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     from scripts import demo
 
     run_dir, state = up
-    result = demo.roll_out(api, run_dir, {**demo.DEMO_CONF, "bake_seconds": 2, "candidate_version": "3",
-                                          "baseline_version": "2"})  # fmt: skip
+    result = demo.roll_out(
+        api, run_dir, {**demo.DEMO_CONF, "bake_seconds": 2, "candidate_version": "3", "baseline_version": "2"}
+    )
     out = capsys.readouterr().out
     assert result["outcome"] == "rollback"
     assert "decision: ROLLBACK" in out
     # The accuracy that condemns v3, with its numbers: the replay's guard, or (when live labels
     # land before the replay, as on a loaded machine) the live accuracy check.
-    assert re.search(r"hard guard tripped: Accuracy drop on the validation batch is \+[\d.]+ pp"
-                     r"|accuracy_live: Live accuracy from feedback: canary [\d.]+% \(\d+/\d+\)", out), out  # fmt: skip
+    assert re.search(
+        r"hard guard tripped: Accuracy drop on the validation batch is \+[\d.]+ pp"
+        r"|accuracy_live: Live accuracy from feedback: canary [\d.]+% \(\d+/\d+\)",
+        out,
+    ), out
     assert "Slack report (#model-rollouts" in out
-    assert stack.admin(state).traffic("digits").to_dict() == {
-        "route": [{"version": "2", "weight": 100}]
-    }
+    assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
     demo.start_from_version_1(state)
-    assert stack.admin(state).traffic("digits").to_dict() == {
-        "route": [{"version": "1", "weight": 100}]
-    }
+    assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert stack.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
 
 
@@ -310,20 +335,14 @@ def restart_component(run: Path, state: dict, name: str) -> None:
 
     pid = state["pids"][f"airflow_{name}"]
     cmd = [part.decode() for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
-    env = dict(
-        kv.decode().split("=", 1)
-        for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if b"=" in kv
-    )
+    env = dict(kv.decode().split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
     cwd = os.readlink(f"/proc/{pid}/cwd")
     os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     with (run / "airflow" / "logs" / f"{name}.log").open("ab") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     state["pids"][f"airflow_{name}"] = proc.pid
     state["groups"] = [proc.pid if g == pid else g for g in state["groups"]]
     (run / stack.STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "printed"}, indent=2))
@@ -335,9 +354,7 @@ def test_the_scheduler_and_the_triggerer_killed_mid_run_the_run_completes(up, ap
     run, state = up
     stack.admin(state).serve_only("digits", "1")
     run_id = api.trigger("model_rollout", {**CONF, "bake_seconds": 20, "require_approval": True})
-    api.wait_for_task(
-        "model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240
-    )
+    api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240)
     restart_component(run, state, "scheduler")
     api.wait_for_task("model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=400)
     restart_component(run, state, "triggerer")
@@ -346,9 +363,7 @@ def test_the_scheduler_and_the_triggerer_killed_mid_run_the_run_completes(up, ap
     final = api.wait("model_rollout", run_id, timeout_s=300)
     assert final["state"] == "success"
     assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
-    assert stack.admin(state).traffic("digits").to_dict() == {
-        "route": [{"version": "2", "weight": 100}]
-    }
+    assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
     assert all(alive(p) for p in state["pids"].values())
 
 
@@ -361,17 +376,19 @@ def test_down_stops_exactly_what_up_started(up):
     assert stack.down(run) == []
 
 
-def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(
-    server_factory, repo_copy, tmp_path
-):
+def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(server_factory, repo_copy, tmp_path):
     """After `make down` and `make up`, a promoted version is routed (the policy persists) and served:
     the server restores its last load; a state folder from before loads persisted (a policy, no
     load record) is brought to agree by the stack, and the server is ready only then."""
     state = tmp_path / "state"
     server = server_factory(repo_copy, "--state-dir", str(state), token="t")
     server.load_versions("digits", 1, 2)
-    r = requests.put(f"{server.http}/v2/models/digits/traffic", json={"route": [{"version": "2", "weight": 100}]},
-                     headers=server.admin, timeout=10)  # fmt: skip
+    r = requests.put(
+        f"{server.http}/v2/models/digits/traffic",
+        json={"route": [{"version": "2", "weight": 100}]},
+        headers=server.admin,
+        timeout=10,
+    )
     assert r.status_code == 200
     server.load_versions("digits", 2)  # promoted: the baseline retired
     server.stop()

@@ -52,9 +52,7 @@ def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
 # -- generated data -----------------------------------------------------------------------------
 
 
-def samples(
-    n: int, ratio: float = 1.0, errors: tuple[float, float] = (0.0, 0.0), seed: int = 0
-) -> pd.DataFrame:
+def samples(n: int, ratio: float = 1.0, errors: tuple[float, float] = (0.0, 0.0), seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     base = np.exp(rng.normal(np.log(5), 0.3, n))
     canary = np.exp(rng.normal(np.log(5 * ratio), 0.3, n))
@@ -88,8 +86,22 @@ def shadow_log(
     def record(rid: str, version: str, role: str, scores, outcome: str = "ok") -> Inference:
         image = np.array([f"img-{rid}".encode()], dtype=object)
         route = "route" if role == "primary" else "mirror"
-        return Inference(time.time(), "digits", version, role, route, rid, "4bf92f3577b34da6a3ce929d0e0e4736",
-                         "00f067aa0ba902b7", 1.0 if role == "primary" else 2.0, outcome, scores, image, True, {})  # fmt: skip
+        return Inference(
+            time.time(),
+            "digits",
+            version,
+            role,
+            route,
+            rid,
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "00f067aa0ba902b7",
+            1.0 if role == "primary" else 2.0,
+            outcome,
+            scores,
+            image,
+            True,
+            {},
+        )
 
     for i in range(n + dropped + orphans):
         label = int(rng.integers(10))
@@ -106,9 +118,7 @@ def shadow_log(
             writer.append(record(rid, "1", "primary", p[None]))
         if i >= n + dropped or i < n:
             failed = i < errors
-            writer.append(
-                record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok")
-            )
+            writer.append(record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
         else:
             writer.append(record(rid, "2", "shadow", None, "DROPPED"))
     writer.flush()
@@ -118,9 +128,7 @@ def shadow_log(
 # Values every detector must mask: PRC mobile, resident ID, e-mail, card.
 sensitive_values = st.one_of(
     st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
-    st.from_regex(
-        r"[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9])[0-9]{3}[0-9X]", fullmatch=True
-    ),
+    st.from_regex(r"[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9])[0-9]{3}[0-9X]", fullmatch=True),
     st.from_regex(r"[a-z]{1,8}\.[a-z]{1,8}@[a-z]{2,8}\.(com|cn|org)", fullmatch=True),
     st.from_regex(r"[3-6][0-9]{15}", fullmatch=True),
 )
