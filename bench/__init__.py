@@ -1,0 +1,44 @@
+"""Benchmarks: side-by-side comparisons in one process run that print ratios (the machine is shared
+and noisy, absolute times drift); results in bench/results/, the table in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": _onnxruntime_version(),
+        "execution_provider": "CPUExecutionProvider",
+    }
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def write_result(out: Path, benchmark: str, result: dict[str, Any]) -> None:
+    """The result as JSON in ``out`` (its folder made), named, dated, with the machine it ran on."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    rest = {k: v for k, v in result.items() if k not in stamp}  # a result read back keeps this run's stamp
+    out.write_text(json.dumps({**stamp, **rest}, indent=2, default=str) + "\n")
+    print(f"wrote {out}")

@@ -39,7 +39,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import machine  # noqa: E402
+from bench import write_result  # noqa: E402
 from vision_rollout.engine import StageWindow, judge_stage  # noqa: E402
 from vision_rollout.gates import (  # noqa: E402
     GateConfig,
@@ -421,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     today = time.strftime("%Y-%m-%d")
-    result.update({"benchmark": "gates", "machine": machine()})
     result.setdefault("dates", {})
     result["settings"] = {
         "sims": args.sims,
@@ -437,9 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections:
         result[name] = runs[name]()
         result["dates"][name] = today
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "gates", result)
     return 0
 
 

@@ -14,7 +14,6 @@ Exits 1 when a check fails. Needs onnxruntime-gpu and CUDA 13 libraries (nvidia-
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import statistics
 import sys
@@ -29,22 +28,13 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devstack.processes import parse_exposition, start_model_server  # noqa: E402
+from devstack.processes import start_model_server  # noqa: E402
+from vision_rollout.metrics import parse_exposition  # noqa: E402
+from vision_rollout.serving import image_request  # noqa: E402
 
 
 def infer_png(url: str, png: bytes) -> np.ndarray:
-    body: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [1],
-                "datatype": "BYTES",
-                "parameters": {"content_type": "base64"},
-                "data": [base64.b64encode(png).decode()],
-            }
-        ]
-    }
-    r = requests.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+    r = requests.post(f"{url}/v2/models/digits/infer", json=image_request([png]), timeout=30)
     r.raise_for_status()
     return np.array(r.json()["outputs"][0]["data"], dtype=np.float32)
 

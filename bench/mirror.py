@@ -14,7 +14,6 @@ ratio of geometric-mean latency with its interval: an unbiased A/A reads 1.0, an
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import machine  # noqa: E402
+from bench import write_result  # noqa: E402
 from devstack.loadgen import LoadConfig, run  # noqa: E402
 from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
@@ -115,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(interval {results[mode]['ci'][0]:.4f} to {results[mode]['ci'][1]:.4f}), "
             f"n = {results[mode]['n_baseline']} / {results[mode]['n_canary']}"
         )
-    out = {"machine": machine(), "rounds": args.rounds, "seconds": args.seconds, "rate": args.rate, "results": results}
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(
+        args.out, "mirror", {"rounds": args.rounds, "seconds": args.seconds, "rate": args.rate, "results": results}
+    )
     return 0
 
 

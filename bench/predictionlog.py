@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from bench.serving import machine, run_for  # noqa: E402
+from bench import write_result  # noqa: E402
+from bench.serving import run_for  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.masking import KeyRing, Masker  # noqa: E402
 from model_server.predictionlog import GATE_COLUMNS, Inference, Label, PredictionLog  # noqa: E402
@@ -371,32 +372,25 @@ def main(argv: list[str] | None = None) -> int:
         "audit_max_rss_mib_max_2048": audit["max_rss_mib"],
     }
     print(json.dumps(goals, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "predictionlog",
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": machine(),
-                "settings": {
-                    "seconds": args.seconds,
-                    "rounds": args.rounds,
-                    "records": args.records,
-                    "client": "tritonclient.http, binary data",
-                    "flush_s": 2.0,
-                    "compression": "zstd",
-                },
-                "serving": serve,
-                "writer": writer,
-                "layout": layout,
-                "read": {"imports_only": baseline, "audit": audit, "gate": gate},
-                "goals": goals,
+    write_result(
+        args.out,
+        "predictionlog",
+        {
+            "settings": {
+                "seconds": args.seconds,
+                "rounds": args.rounds,
+                "records": args.records,
+                "client": "tritonclient.http, binary data",
+                "flush_s": 2.0,
+                "compression": "zstd",
             },
-            indent=2,
-        )
-        + "\n"
+            "serving": serve,
+            "writer": writer,
+            "layout": layout,
+            "read": {"imports_only": baseline, "audit": audit, "gate": gate},
+            "goals": goals,
+        },
     )
-    print(f"wrote {args.out}")
     return 0
 
 

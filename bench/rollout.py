@@ -19,7 +19,6 @@ server on loopback) and drives ``model_rollout`` through the REST API, as a user
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import machine  # noqa: E402
+from bench import write_result  # noqa: E402
 from devstack.airflow_api import AirflowAPI  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from scripts import stack  # noqa: E402
@@ -148,17 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.down(run_dir)
     result = {
-        "benchmark": "rollout",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
         "setup": "local stack on loopback: Airflow LocalExecutor (parallelism 4, SQLite), Prometheus "
         "scrape 1 s, load generator 20 requests/s, reschedule-mode wait (a poke every look interval, 2-10 s)",
         "overhead": rows,
         "breach": breach_row,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, "rollout", result)
     return 0
 
 

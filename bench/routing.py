@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
-from bench.serving import machine  # noqa: E402
+from bench import write_result  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from vision_rollout.replay import load_validation  # noqa: E402
 
@@ -213,21 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             server.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "routing",
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": machine(),
-                "settings": {"seconds": args.seconds, "rounds": args.rounds, "client": "tritonclient.http"},
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args.out,
+        "routing",
+        {
+            "settings": {"seconds": args.seconds, "rounds": args.rounds, "client": "tritonclient.http"},
+            "results": results,
+        },
     )
-    print(f"wrote {args.out}")
     return 0
 
 

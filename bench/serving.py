@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -35,6 +34,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
+from bench import write_result  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
 from model_server.config import load_config  # noqa: E402
 from model_server.preprocess import images_to_features  # noqa: E402
@@ -75,24 +75,6 @@ def run_for(seconds: float, concurrency: int, call: Callable[[dict], object]) ->
         "requests_per_s": len(flat) / elapsed,
         "p50_ms": 1000 * flat[len(flat) // 2],
         "p99_ms": 1000 * flat[min(len(flat) - 1, int(len(flat) * 0.99))],
-    }
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "execution_provider": "CPUExecutionProvider",
     }
 
 
@@ -235,26 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         goals["digits_added_p50_ms_concurrency1_max"] = max(pick("digits", "added_p50_ms", concurrency=1))
         goals["digits_added_p50_ms_concurrency4_max"] = max(pick("digits", "added_p50_ms", concurrency=4))
     print(json.dumps(goals, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "serving",
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": machine(),
-                "settings": {
-                    "seconds": args.seconds,
-                    "rounds": args.rounds,
-                    "client": "tritonclient.http, binary data",
-                },
-                "results": results,
-                "goals": goals,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args.out,
+        "serving",
+        {
+            "settings": {"seconds": args.seconds, "rounds": args.rounds, "client": "tritonclient.http, binary data"},
+            "results": results,
+            "goals": goals,
+        },
     )
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -43,7 +43,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serving import machine  # noqa: E402
+from bench import write_result  # noqa: E402
 from devstack.loadgen import LoadConfig, run  # noqa: E402
 from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
@@ -343,9 +343,6 @@ def main() -> None:
     log_text = server.log.read_text(errors="replace")
     five_xx = {k: sum(n for s, n in c.items() if s.startswith("5")) for k, c in tally.statuses.items()}
     result = {
-        "benchmark": "soak",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
         "seconds": args.seconds,
         "rate": args.rate,
         "mirror_percent": 100,
@@ -372,8 +369,7 @@ def main() -> None:
         "prediction_log_rows": len(df),
         "prediction_log_records_before_kill": log_counts,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, "soak", result)
     print(
         json.dumps(
             {k: result[k] for k in ("crashes", "probe_quiet", "probe_under_soak", "peak_rss_mib", "crash_loss")},

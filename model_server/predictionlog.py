@@ -105,7 +105,22 @@ SHADOW_PAIR_COLUMNS = [
     "tenant",
     "meta",
 ]
-GATE_COLUMNS = ["time", "model", "version", "role", "route", "latency_ms", "outcome", "top1", "image_sha256"]
+# What the rollout's gate reads: the arms (role, route, version), latency and outcome, top-1 and
+# the image hash (the replay's truth) or the label joined by request id.
+GATE_COLUMNS = [
+    "time",
+    "model",
+    "version",
+    "role",
+    "route",
+    "request_id",
+    "item",
+    "latency_ms",
+    "outcome",
+    "top1",
+    "image_sha256",
+    "label",
+]
 PAIR_COLUMNS = [
     "time",
     "request_id",

@@ -50,20 +50,6 @@ from vision_rollout.spec import RolloutSpec
 log = logging.getLogger(__name__)
 
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
-LOG_COLUMNS = [
-    "time",
-    "model",
-    "version",
-    "role",
-    "route",
-    "request_id",
-    "item",
-    "latency_ms",
-    "outcome",
-    "top1",
-    "image_sha256",
-    "label",
-]
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -478,14 +464,14 @@ class StageJudge:
     def records(self, window: StageWindow, now: float) -> pd.DataFrame:
         from datetime import UTC, datetime
 
-        from model_server.predictionlog import read
+        from model_server.predictionlog import GATE_COLUMNS, read
 
         return read(
             self.prediction_log,
             datetime.fromtimestamp(window.started, UTC),
             datetime.fromtimestamp(now + 1, UTC),
             model=self.spec.model,
-            columns=LOG_COLUMNS,
+            columns=GATE_COLUMNS,
         )
 
     def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:

@@ -8,6 +8,7 @@ the method, the path, the status and the server's own reason.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.parse
@@ -17,6 +18,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_server.traffic import TrafficPolicy
+
+
+def image_request(images: Iterable[bytes], input_name: str = "image") -> dict[str, Any]:
+    """A KServe v2 JSON inference request of encoded images (PNG, JPEG) as base64 BYTES."""
+    data = [base64.b64encode(image).decode() for image in images]
+    return {
+        "inputs": [
+            {
+                "name": input_name,
+                "shape": [len(data)],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": data,
+            }
+        ]
+    }
 
 
 class AdminError(Exception):

@@ -6,7 +6,6 @@ include/vision_rollout. Secrets come only from the connections the hooks read.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -137,7 +136,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     from model_server.predictionlog import read
     from vision_rollout.replay import load_validation
-    from vision_rollout.serving import AdminError
+    from vision_rollout.serving import AdminError, image_request
 
     spec = spec_from(params)
     _, settings = serving()
@@ -159,17 +158,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if policy.mirror_for(spec.baseline_version, r) is not None
     )
     [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
-    body: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": [1],
-                "datatype": "BYTES",
-                "parameters": {"content_type": "base64"},
-                "data": [base64.b64encode(image).decode()],
-            }
-        ]
-    }
+    body = image_request([image])
     started = datetime.now(UTC)
     # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
     # time, which a loaded or slow candidate may not have for minutes.
