@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.processes import start_model_server  # noqa: E402
 from vision_rollout.metrics import parse_exposition  # noqa: E402
+from vision_rollout.replay import load_validation  # noqa: E402
 from vision_rollout.serving import image_request  # noqa: E402
 
 
@@ -99,20 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                 meta = requests.get(f"{gpu.http}/v2/models/{model}", timeout=10).json()
                 providers = set(meta["execution_providers"].values())
                 check(f"{model}: served by the CUDA provider", providers == {"CUDAExecutionProvider"}, providers)
-            validation = args.repository / "digits" / "validation"
-            labels = {
-                r.split(",")[0]: int(r.split(",")[1]) for r in (validation / "labels.csv").read_text().split()[1:]
-            }
+            labelled = load_validation(args.repository / "digits" / "validation")
             agree = correct_gpu = correct_cpu = 0
             max_diff = 0.0
-            for name, label in labels.items():
-                png = (validation / name).read_bytes()
+            for _, png, label in labelled:
                 a, b = infer_png(gpu.http, png), infer_png(cpu.http, png)
                 agree += int(a.argmax() == b.argmax())
                 correct_gpu += int(a.argmax() == label)
                 correct_cpu += int(b.argmax() == label)
                 max_diff = max(max_diff, float(np.abs(a - b).max()))
-            n = len(labels)
+            n = len(labelled)
             check(
                 "digits: CUDA and CPU agree on every validation image",
                 agree == n,

@@ -30,11 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
 from bench import write_result  # noqa: E402
 from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
+from model_server.traffic import TrafficPolicy  # noqa: E402
 from vision_rollout.replay import load_validation  # noqa: E402
 
 RULES = [
@@ -134,8 +134,7 @@ def set_mode(server: ModelServerProcess, model: str, mode: str) -> None:
     policy: dict[str, Any] = {"rules": RULES, "route": [{"version": "1", "weight": 100}]}
     if mode == "shadow":
         policy["mirror"] = {"version": "2", "percent": 100}
-    r = requests.put(f"{server.http}/v2/models/{model}/traffic", json=policy, headers=server.admin, timeout=30)
-    r.raise_for_status()
+    server.api.set_traffic(model, TrafficPolicy.from_dict(policy))
 
 
 def bench_model(

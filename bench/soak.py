@@ -47,6 +47,7 @@ from bench import write_result  # noqa: E402
 from devstack.loadgen import LoadConfig, run  # noqa: E402
 from devstack.processes import start_model_server  # noqa: E402
 from model_server import predictionlog  # noqa: E402
+from model_server.traffic import TrafficPolicy  # noqa: E402
 from vision_rollout.replay import load_validation  # noqa: E402
 
 TOKEN = "bench-soak"
@@ -269,10 +270,7 @@ def main() -> None:
         token=TOKEN,
     )
     server.load_versions("digits", 1, 2)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    requests.put(
-        f"{server.http}/v2/models/digits/traffic", json=MIRROR_ALL, headers=auth, timeout=10
-    ).raise_for_status()
+    server.api.set_traffic("digits", TrafficPolicy.from_dict(MIRROR_ALL))
     [(_, digit, _)] = load_validation(repo / "digits" / "validation", limit=1)
     tally = Tally()
     stop = threading.Event()

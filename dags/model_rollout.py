@@ -97,11 +97,11 @@ def rollout_params() -> dict[str, Param]:
 def model_rollout() -> None:
     from rollout_airflow import steps
 
-    @task
+    @task(retries=1)
     def build_image(params: dict[str, Any]) -> dict[str, Any]:
         return steps.build_image(params)
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED)  # after the image build, or its skip in local mode
+    @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], ti: Any) -> str:
         return steps.deploy_candidate(params, ti.xcom_pull(task_ids="build_image"))
 

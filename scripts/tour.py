@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"model server on http://{server.url} (KServe v2); execution provider: "
                 f"{client.get_model_metadata('digits')['execution_providers']['1']}"
             )
-            client.load_model(
-                "digits",
-                headers=server.admin,
-                config=json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}}),
-            )
+            server.load_versions("digits", 1, 2, 3)
             validation = args.repository / "digits" / "validation"
             print(
                 f"loaded digits versions {client.get_model_metadata('digits')['versions']}; replaying the "
@@ -93,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def canary_with_shadow(server: Any, repository: Path, prediction_log: Path, seconds: float) -> None:
     """Version 2 as a 10% canary with a 100% shadow, under generated traffic with feedback."""
-    import requests
 
     from devstack.loadgen import LoadConfig, run
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
+    from model_server.traffic import TrafficPolicy
     from vision_rollout.audit import audit_frame
 
     policy: dict[str, Any] = {
         "route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
         "mirror": {"version": "2", "percent": 100},
     }
-    requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=server.admin, timeout=10)
+    server.api.set_traffic("digits", TrafficPolicy.from_dict(policy))
     print(f"\ntraffic policy: {json.dumps(policy)}")
     started = datetime.now(UTC)
     stats = run(

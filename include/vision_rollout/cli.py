@@ -61,10 +61,10 @@ def _policy(path: Path) -> Any:
 
     try:
         return TrafficPolicy.from_dict(json.loads(path.read_text()))
+    except PolicyError as exc:  # a ValueError too: named first
+        raise UsageError(f"{path}: invalid policy: {exc}") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    except PolicyError as exc:
-        raise UsageError(f"{path}: invalid policy: {exc}") from None
 
 
 def cmd_gate(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
@@ -150,24 +151,26 @@ class GateConfig:
         return cls.from_any({f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)} | overrides)
 
     @classmethod
-    def from_any(cls, config: Any) -> GateConfig:
+    def from_any(cls, config: GateConfig | dict[str, Any] | None) -> GateConfig:
+        """A config as given, or from a dict checked against the limits of ``RolloutSpec``'s
+        fields of the same names (its JSON schema): ValueError naming the key."""
         if config is None:
             return cls()
-        if isinstance(config, cls):
+        if isinstance(config, GateConfig):
             return config
-        raw = (
-            config
-            if isinstance(config, dict)
-            else {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
-        )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown gate config key(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**raw)
-        if not 0 < cfg.alpha < 0.5:
-            raise ValueError(f"alpha must be in (0, 0.5), got {cfg.alpha}")
-        return cfg
+        spec_fields = RolloutSpec.json_schema()["properties"]
+        power = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
+        schema = {"type": "object", "properties": {k: spec_fields.get(k, power) for k in known}}
+        try:
+            jsonschema.validate(config, schema)
+        except jsonschema.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.absolute_path)
+            raise ValueError(f"gate config {where}: {exc.message[:200]}") from None
+        return cls(**config)
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,12 @@ def _signature(session: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return describe(session.get_inputs()), describe(session.get_outputs())
 
 
-def _golden(model_dir: Path, validation: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _golden(validation: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     from vision_rollout.replay import load_validation
 
     rows = load_validation(validation, n)
+    if not rows:
+        raise ValueError("labels.csv names no image")
     return np.array([image for _, image, _ in rows], dtype=object), np.array([label for _, _, label in rows])
 
 
@@ -103,8 +105,13 @@ def verify_model(
         report.problems.append(exc.message)
         return report
     if validation is not None and cfg.preprocess is not None and (validation / "labels.csv").is_file():
-        images, labels = _golden(config_dir, validation, golden_n)
-        feats = images_to_features(images, cfg.preprocess, cfg.inputs[0].name)
+        try:
+            images, labels = _golden(validation, golden_n)
+            feats = images_to_features(images, cfg.preprocess, cfg.inputs[0].name)
+        except (OSError, ValueError, ServerError) as exc:
+            report.problems.append(f"the validation set {validation} cannot be read: {getattr(exc, 'message', exc)}")
+            version.close()
+            return report
         out = session.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
         report.golden_images = len(labels)
         if out.shape[0] != len(labels) or not np.isfinite(out).all():
@@ -131,9 +138,10 @@ def kaniko_pod(
     destination: str,
     model_file: str,
     model_sha256: str,
+    *,
+    docker_config_secret: str,  # the Secret's name (BuildSettings.push_secret)
+    service_account: str,
     dockerfile: str = "docker/Dockerfile.model-server",
-    docker_config_secret: str = "registry-push",  # noqa: S107 (a Secret's name, not a password)
-    service_account: str = "image-builder",
 ) -> dict[str, Any]:
     """The Kaniko build pod (a V1Pod as a dict) for the KubernetesPodOperator.
 

@@ -36,6 +36,9 @@ def image_request(images: Iterable[bytes], input_name: str = "image") -> dict[st
     }
 
 
+MAX_ANSWER = 8 * 2**20  # an admin answer (a policy, the repository index) is far smaller
+
+
 class AdminError(Exception):
     """The model server refused or did not answer; ``status`` is None when it did not answer."""
 
@@ -49,13 +52,22 @@ class ModelServerAdmin:
     url: str  # http://host:port
     token: str | None = None
     timeout_s: float = 30.0
+    load_timeout_s: float = 600.0  # a load answers once the versions are warm (GPU sessions take a while)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def call(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None) -> Any:
-        """One request; the decoded JSON answer, or None for an empty one."""
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """One request; the decoded JSON answer (at most ``MAX_ANSWER`` bytes), or None for an empty one."""
+        timeout_s = timeout_s or self.timeout_s
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 (the configured server)
             self.url.rstrip("/") + path,
@@ -64,16 +76,20 @@ class ModelServerAdmin:
             headers={"Content-Type": "application/json", **self.headers, **(headers or {})},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as r:  # noqa: S310
-                raw = r.read()
+            with urllib.request.urlopen(request, timeout=timeout_s) as r:  # noqa: S310
+                raw = r.read(MAX_ANSWER + 1)
         except urllib.error.HTTPError as exc:
             try:
-                reason = json.loads(exc.read()).get("error", "")
+                reason = str(json.loads(exc.read(MAX_ANSWER)).get("error", ""))[:1000]
             except (ValueError, AttributeError):
                 reason = ""
             raise AdminError(f"model server {method} {path}: HTTP {exc.code}: {reason}", exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+                raise AdminError(f"model server {method} {path}: no answer within {timeout_s:g} s") from None
             raise AdminError(f"model server at {self.url} unreachable: {exc}") from None
+        if len(raw) > MAX_ANSWER:
+            raise AdminError(f"model server {method} {path}: an answer over {MAX_ANSWER} bytes")
         return json.loads(raw) if raw else None
 
     @staticmethod
@@ -90,9 +106,8 @@ class ModelServerAdmin:
         """Serve exactly these versions (Triton's load API with a specific version policy); the
         server refuses (409) a load that would drop a version its policy routes to."""
         policy = {"version_policy": {"specific": {"versions": sorted({int(v) for v in versions})}}}
-        self.call(
-            "POST", f"/v2/repository/models/{self._model(model)}/load", {"parameters": {"config": json.dumps(policy)}}
-        )
+        path = f"/v2/repository/models/{self._model(model)}/load"
+        self.call("POST", path, {"parameters": {"config": json.dumps(policy)}}, timeout_s=self.load_timeout_s)
 
     def serve_only(self, model: str, version: str) -> None:
         """That version alone loaded and at 100%: loaded beside what is routed now, routed, then

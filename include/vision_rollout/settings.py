@@ -14,16 +14,55 @@ wrong; every default is here and nowhere else. The extras:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from vision_rollout.mesh import IstioTarget
 from vision_rollout.serving import ModelServerAdmin
 
 CONNECTION = "model_server_default"
+
+
+def _text(max_length: int = 4096) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length}
+
+
+_NAMES = {"type": "array", "items": _text(253), "maxItems": 64}
+EXTRA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,  # a mistyped name is refused, not silently defaulted
+    "properties": {
+        "repository": _text(),
+        "prediction_log": _text(),
+        "shadow_log": _text(),
+        "run_dir": _text(),
+        "istio": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "namespace": _text(63),
+                "service": _text(63),
+                "name": _text(253),
+                "gateways": _NAMES,
+                "hosts": _NAMES,
+            },
+        },
+        "build": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                **{name: _text() for name in ("registry", "context")},
+                **{name: _text(253) for name in ("namespace", "service_account", "push_secret")},
+                "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+        },
+    },
+}
 
 
 class SettingsError(ValueError):
@@ -62,35 +101,23 @@ class ServingSettings:
 
     @classmethod
     def from_connection(cls, url: str, token: str | None, extra: Mapping[str, Any]) -> ServingSettings:
-        known = {"repository", "prediction_log", "shadow_log", "run_dir", "istio", "build"}
-        unknown = sorted(set(extra) - known)
-        if unknown:
-            raise SettingsError(f"unknown {CONNECTION} extra {unknown[0]!r}; known: {sorted(known)}")
-        for name in ("istio", "build"):
-            if not isinstance(extra.get(name) or {}, Mapping):
-                raise SettingsError(f"the {CONNECTION} extra {name} must be an object")
-        build_fields = {f.name: f.type for f in dataclasses.fields(BuildSettings)}
-        raw_build = dict(extra.get("build") or {})
-        wrong = sorted(set(raw_build) - set(build_fields))
-        if wrong:
-            raise SettingsError(f"unknown {CONNECTION} extra build.{wrong[0]}; known: {sorted(build_fields)}")
-        for name in ("gpus", "replicas"):
-            if name in raw_build:
-                try:
-                    raw_build[name] = int(raw_build[name])
-                except (TypeError, ValueError):
-                    raise SettingsError(f"the {CONNECTION} extra build.{name} must be an integer") from None
-                if raw_build[name] < (0 if name == "gpus" else 1):
-                    raise SettingsError(f"the {CONNECTION} extra build.{name} is out of range")
+        try:
+            jsonschema.validate(dict(extra), EXTRA_SCHEMA)
+        except jsonschema.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.absolute_path)
+            raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {exc.message[:300]}") from None
         defaults = cls()
+        build: dict[str, Any] = {
+            k: int(v) if k in ("gpus", "replicas") else v for k, v in (extra.get("build") or {}).items()
+        }
         return cls(
             url=url,
             token=token or None,
             repository=Path(extra.get("repository") or defaults.repository),
-            prediction_log=str(extra.get("prediction_log") or extra.get("shadow_log") or defaults.prediction_log),
+            prediction_log=extra.get("prediction_log") or extra.get("shadow_log") or defaults.prediction_log,
             run_dir=Path(extra.get("run_dir") or defaults.run_dir),
             istio_extra=dict(extra.get("istio") or {}),
-            build=BuildSettings(**raw_build),
+            build=BuildSettings(**build),
         )
 
     @property
@@ -108,7 +135,7 @@ class ServingSettings:
         return self.run_dir / "outbox"
 
     def validation(self, model: str) -> Path:
-        """The model's validation set: labelled images, ``<label>_<n>.png``."""
+        """The model's validation set: ``labels.csv`` (``file``, ``label``) and the images it names."""
         return self.repository / model / "validation"
 
     def workdir(self, model: str, run_id: str) -> Path:

@@ -24,7 +24,7 @@ from vision_rollout.settings import ServingSettings
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.mesh import IstioRouter
+    from vision_rollout.mesh import IstioRouter, IstioTarget
     from vision_rollout.notify import SlackNotifier
 
 
@@ -61,15 +61,24 @@ class ModelServerHook(BaseHook):
         """The IstioRouter for this model's VirtualService and DestinationRule."""
         from vision_rollout.mesh import IstioRouter
 
-        return IstioRouter(self.settings.istio, versions, api_client=_kubernetes(kubernetes_conn_id))
+        return IstioRouter(self._istio(), versions, api_client=_kubernetes(kubernetes_conn_id))
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
         """One Deployment per version behind the subsets (extras ``build.gpus``)."""
         from vision_rollout.deploy import VersionDeployments
 
-        return VersionDeployments(
-            self.settings.istio, model, _kubernetes(kubernetes_conn_id), gpus=self.settings.build.gpus
-        )
+        return VersionDeployments(self._istio(), model, _kubernetes(kubernetes_conn_id), gpus=self.settings.build.gpus)
+
+    def _istio(self) -> IstioTarget:
+        """Kubernetes mode's Istio objects; without them the task fails naming the extra (no retry)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from vision_rollout.settings import SettingsError
+
+        try:
+            return self.settings.istio
+        except SettingsError as exc:
+            raise AirflowFailException(str(exc)) from None
 
     def scrape(self) -> ScrapeSource:
         return ScrapeSource(self.settings.url)

@@ -24,9 +24,10 @@ PROMOTE, ROLL_BACK = "Promote", "Roll back"
 
 
 class KanikoBuild(KubernetesPodOperator):
-    """``kaniko_build``: runs the build pod ``plan`` describes (``steps.kaniko_plan``: ``pod``, a
-    V1Pod as a dict, its ``name`` and ``namespace``), streams its log and deletes it once it
-    succeeded (a failed one stays for inspection). Skipped without a plan."""
+    """``kaniko_build``: runs the build pod of ``plan``, ``build_image``'s output (its ``build``,
+    from ``steps.kaniko_plan``: ``pod``, a V1Pod as a dict, its ``name`` and ``namespace``),
+    streams its log and deletes it once it succeeded (a failed one stays for inspection).
+    Skipped when the output has no ``build`` (mesh ``local``)."""
 
     template_fields = (*KubernetesPodOperator.template_fields, "plan")
 

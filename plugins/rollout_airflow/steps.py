@@ -16,7 +16,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.settings import ServingSettings, SettingsError
+from vision_rollout.settings import SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
 
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
@@ -31,21 +31,22 @@ def spec_from(params: dict[str, Any]) -> RolloutSpec:
         raise AirflowFailException(f"invalid rollout parameters: {exc}") from None
 
 
-def serving() -> tuple[ModelServerHook, ServingSettings]:
-    """The model server's connection, read once for the task; a wrong extra fails it (no retry)."""
+def serving() -> ModelServerHook:
+    """The model server's hook, its connection read and checked (``hook.settings``): one per task;
+    a wrong extra fails the task (no retry)."""
     hook = ModelServerHook()
     try:
-        return hook, hook.settings
+        _ = hook.settings
     except SettingsError as exc:
         raise AirflowFailException(str(exc)) from None
+    return hook
 
 
-def router(spec: RolloutSpec, run_id: str) -> Any:
+def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> Any:
     """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
-    hook, settings = serving()
     if spec.mesh == "istio":
         return hook.istio_router([spec.baseline_version, spec.candidate_version])
-    return hook.router(spec.model, settings.workdir(spec.model, run_id) / "original-routes.json")
+    return hook.router(spec.model, hook.settings.workdir(spec.model, run_id) / "original-routes.json")
 
 
 def build_image(params: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def build_image(params: dict[str, Any]) -> dict[str, Any]:
     from vision_rollout.images import verify_model
 
     spec = spec_from(params)
-    _, settings = serving()
+    settings = serving().settings
     model_dir = settings.repository / spec.model
     report = verify_model(
         model_dir / spec.candidate_version / "model.onnx",
@@ -78,7 +79,7 @@ def kaniko_plan(spec: RolloutSpec, sha256: str) -> dict[str, Any]:
     """
     from vision_rollout.images import image_tag, kaniko_pod
 
-    build = serving()[1].build
+    build = serving().settings.build
     try:
         registry, context = build.require("registry", "context")
     except SettingsError as exc:
@@ -106,7 +107,8 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
     if spec.mesh == "local":
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
     image = built["build"]["image"]
-    hook, settings = serving()
+    hook = serving()
+    settings = hook.settings
     deployments = hook.deployments(spec.model)
     replicas = settings.build.replicas
     deployments.apply(spec.candidate_version, image, replicas)
@@ -121,7 +123,7 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
         raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
-    r = router(spec, run_id)
+    r = router(spec, run_id, serving())
     if index == 0:
         r.reconcile()
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
@@ -139,8 +141,9 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     from vision_rollout.serving import AdminError, image_request
 
     spec = spec_from(params)
-    _, settings = serving()
-    policy = router(spec, run_id).get_routes()
+    hook = serving()
+    settings = hook.settings
+    policy = router(spec, run_id, hook).get_routes()
     if spec.mirror_percent == 0:
         return {"mirror": None}
     if policy.mirror is None or policy.mirror.version != spec.candidate_version:
@@ -157,7 +160,10 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24)) for _ in range(10_000))
         if policy.mirror_for(spec.baseline_version, r) is not None
     )
-    [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
+    try:
+        [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
+    except (OSError, ValueError) as exc:  # an empty set fails the unpacking
+        raise AirflowFailException(f"no probe image in {settings.validation(spec.model)}: {exc}") from None
     body = image_request([image])
     started = datetime.now(UTC)
     # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
@@ -207,7 +213,7 @@ def look_at_stage(
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
-    _, settings = serving()
+    settings = serving().settings
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
     state = StageJudge(spec, settings.address, settings.validation(spec.model), settings.prediction_log, source)(window)
@@ -237,7 +243,7 @@ def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any
     from vision_rollout.audit import AuditConfig, audit, write_report
 
     spec = spec_from(params)
-    _, settings = serving()
+    settings = serving().settings
     result = audit(settings.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
     write_report(result, settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     return result.to_dict()
@@ -313,8 +319,9 @@ def decide(
 def promote(params: dict[str, Any], run_id: str) -> str:
     """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
     spec = spec_from(params)
-    router(spec, run_id).set_routes(spec.promoted_policy())
-    hook, settings = serving()
+    hook = serving()
+    settings = hook.settings
+    router(spec, run_id, hook).set_routes(spec.promoted_policy())
     if spec.mesh == "local":
         settings.admin.load(spec.model, [spec.candidate_version])
     else:
@@ -325,8 +332,9 @@ def promote(params: dict[str, Any], run_id: str) -> str:
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
     """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0)."""
     spec = spec_from(params)
-    router(spec, run_id).set_routes(spec.stable_policy())
-    hook, settings = serving()
+    hook = serving()
+    settings = hook.settings
+    router(spec, run_id, hook).set_routes(spec.stable_policy())
     if unload_candidate and spec.mesh == "local":
         settings.admin.load(spec.model, [spec.baseline_version])
     elif unload_candidate:
@@ -361,7 +369,7 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
     else:
         failing = next((v for v in judged if v.decision != "pass"), None)
         message = rollback_message(spec, reason, failing)
-    return slack_notifier(spec.slack_channel, serving()[1].outbox).send(message)
+    return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
@@ -372,7 +380,7 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
-    _, settings = serving()
+    settings = serving().settings
     start = end - timedelta(hours=1)
     result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
     if result.verdict == "skip":

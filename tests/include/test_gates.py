@@ -134,6 +134,10 @@ def test_bad_input_is_named():
         evaluate_gate(pd.DataFrame({"arm": ["blue"], "latency_ms": [1.0], "error": [0]}))
     with pytest.raises(ValueError, match="unknown gate config"):
         evaluate_gate(samples(10), {"alfa": 0.1})
+    with pytest.raises(ValueError, match="gate config alpha: 'abc' is not of type 'number'"):
+        evaluate_gate(samples(10), {"alpha": "abc"})  # the spec's limits, not a TypeError deep inside
+    with pytest.raises(ValueError, match="gate config min_samples: -3 is less than the minimum of 10"):
+        evaluate_gate(samples(10), {"min_samples": -3})
     with pytest.raises(ValueError, match="look must be in"):
         evaluate_gate(samples(10), look=3, looks=2)
 

@@ -21,6 +21,13 @@ def test_verify_model(models_dir, tmp_path):
     assert "does not load" in verify_model(broken).problems[0]
     wrong = verify_model(models_dir / "resnet_bench" / "1" / "model.onnx", digits / "1" / "model.onnx", digits)
     assert any("inputs differ" in p for p in wrong.problems)
+    bad = tmp_path / "validation"
+    bad.mkdir()
+    (bad / "labels.csv").write_text("file,label\n../../etc/passwd,1\n")
+    refused = verify_model(digits / "2" / "model.onnx", None, digits, bad)  # listed, not raised
+    assert not refused.ok
+    assert "cannot be read: " in refused.problems[0]
+    assert "expected a file name in this folder" in refused.problems[0]
 
 
 def test_kaniko_pod_is_a_valid_v1_pod_tagged_by_digest():
@@ -34,6 +41,8 @@ def test_kaniko_pod_is_a_valid_v1_pod_tagged_by_digest():
         tag,
         "models/digits/2/model.onnx",
         sha,
+        docker_config_secret="registry-push",
+        service_account="image-builder",
     )
     api = client.ApiClient()
     v1 = api._ApiClient__deserialize(pod, "V1Pod")  # the client's own model: unknown fields would be dropped

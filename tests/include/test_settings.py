@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,21 @@ def test_paths_a_rollout_uses(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        ({"predictions_log": "x"}, "unknown model_server_default extra 'predictions_log'"),  # a typo is not ignored
-        ({"build": "registry"}, "extra build must be an object"),
-        ({"build": {"replica": 2}}, "unknown model_server_default extra build.replica"),
-        ({"build": {"replicas": "two"}}, "build.replicas must be an integer"),
-        ({"build": {"replicas": 0}}, "build.replicas is out of range"),
+        ({"predictions_log": "x"}, "extra (extras): Additional properties are not allowed ('predictions_log'"),
+        ({"build": "registry"}, "extra build: 'registry' is not of type 'object'"),
+        ({"build": {"replica": 2}}, "extra build: Additional properties are not allowed ('replica'"),
+        ({"build": {"replicas": "two"}}, "extra build.replicas: 'two' is not of type 'integer'"),
+        ({"build": {"replicas": 1.7}}, "extra build.replicas: 1.7 is not of type 'integer'"),
+        ({"build": {"gpus": True}}, "extra build.gpus: True is not of type 'integer'"),
+        ({"build": {"replicas": 0}}, "extra build.replicas: 0 is less than the minimum of 1"),
+        ({"build": {"namespace": None}}, "extra build.namespace: None is not of type 'string'"),
+        ({"repository": 5}, "extra repository: 5 is not of type 'string'"),
+        ({"istio": {"gateways": "mesh"}}, "extra istio.gateways: 'mesh' is not of type 'array'"),
+        ({"istio": {"namspace": "models"}}, "extra istio: Additional properties are not allowed ('namspace'"),
     ],
 )
 def test_wrong_extras_are_named(extra, needle):
-    with pytest.raises(SettingsError, match=needle.replace(".", r"\.")):
+    with pytest.raises(SettingsError, match=re.escape(needle)):
         ServingSettings.from_connection("http://h:8000", None, extra)
 
 
@@ -61,8 +68,9 @@ def test_kubernetes_settings_are_required_where_used():
         None,
         {
             "istio": {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]},
-            "build": {"registry": "r.example/x", "replicas": "3"},
+            "build": {"registry": "r.example/x", "replicas": 3.0},
         },
     )
     assert (full.istio.host, full.istio.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
     assert full.build.replicas == 3
+    assert isinstance(full.build.replicas, int)  # 3.0 is an integer to JSON Schema, and a count here

@@ -111,7 +111,11 @@ def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
 
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     kube.objects[("virtualservices", "models", "digits")] = {
-        **(vs := render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r").target, stable)),
+        **(
+            vs := render_virtual_service(
+                steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable
+            )
+        ),
         "metadata": {**vs["metadata"], "resourceVersion": "3"},
     }
     applied = steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
@@ -130,8 +134,8 @@ def test_istio_mode_without_target_settings_fails_naming_the_setting(kube, monke
         "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
         json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": {"namespace": "models"}}}),
     )
-    with pytest.raises(ValueError, match=r"extra istio\.service"):
-        steps.router(RolloutSpec.from_dict(PARAMS), "r")
+    with pytest.raises(AirflowFailException, match=r"extra istio\.service"):
+        steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving())
 
 
 def deployment(kube: FakeKubeAPI, version: str) -> dict:
@@ -165,7 +169,7 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     from vision_rollout.mesh import render_virtual_service
 
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r").target, stable)
+    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable)
     kube.objects[("virtualservices", "models", "digits")] = {
         **vs,
         "metadata": {**vs["metadata"], "resourceVersion": "3"},
