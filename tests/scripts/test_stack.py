@@ -323,7 +323,7 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
     demo.start_from_version_1(state)
     assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
-    assert stack.admin(state, "GET", "/v2/models/digits")["versions"] == ["1"]
+    assert stack.admin(state).call("GET", "/v2/models/digits")["versions"] == ["1"]
 
 
 def restart_component(run: Path, state: dict, name: str) -> None:
