@@ -10,6 +10,7 @@ after ``--duration`` seconds or ``--requests`` requests and prints a JSON summar
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import random
 import sys
@@ -189,7 +190,7 @@ def run(cfg: LoadConfig) -> LoadStats:
             t = time.perf_counter()
             try:
                 result = client.infer(cfg.model, [inp], outputs=output, headers=headers)
-            except (InferenceServerException, OSError) as exc:  # a server restarting: refused, reset
+            except (InferenceServerException, OSError, http.client.HTTPException) as exc:  # refused, reset, closed
                 status = exc.status() if isinstance(exc, InferenceServerException) else None
                 with lock:
                     stats.sent += 1
