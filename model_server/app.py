@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -71,6 +72,25 @@ class Settings:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+CONTENT_CODINGS = {"identity": 0, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A request body sent with ``Content-Encoding`` gzip or deflate (the zlib format, as
+    tritonclient's ``request_compression_algorithm`` and Triton use it): at most ``limit`` bytes
+    once decompressed (413 above, known without inflating further), one whole stream (else 400)."""
+    inflater = zlib.decompressobj(CONTENT_CODINGS[encoding])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"request body is over the limit of {limit} bytes once decompressed ({encoding})")
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidInput(f"request body is not one whole {encoding} stream (cut short, or data after it)")
+    return out
 
 
 def client_address(request: Request) -> str:
@@ -169,11 +189,17 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
         if declared is not None and ascii_uint(declared) is None:
             raise InvalidInput(f"invalid Content-Length {declared!r}")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in CONTENT_CODINGS:
+            raise InvalidInput(f"unsupported Content-Encoding {encoding[:40]!r}: use gzip, deflate or identity")
         try:
             async with asyncio.timeout(settings.request_timeout_s):
-                return await read()
+                body = await read()
         except TimeoutError:
             raise RequestTimeout(f"request body not received within {settings.request_timeout_s:g} s") from None
+        if encoding == "identity" or not body:
+            return body
+        return await asyncio.to_thread(decompress, body, encoding, limit)
 
     async def json_body(request: Request, allow_list: bool = False) -> Any:
         body = await read_body(request, settings.max_json_bytes)

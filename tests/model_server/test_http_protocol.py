@@ -193,3 +193,47 @@ def test_no_gpu_means_no_gpu_series(server):
     text = requests.get(f"{server.http}/metrics", timeout=5).text
     assert "nv_gpu_memory_used_bytes" not in text
     assert "nv_gpu_utilization" not in text
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_as_tritonclient_sends_them(server, digit_images, algorithm):
+    """Triton honours Content-Encoding on requests; Inference-Header-Content-Length counts the
+    uncompressed body."""
+    c = server.client()
+    images = [img for img, _ in digit_images[:8]]
+    out = httpclient.InferRequestedOutput("probabilities", binary_data=True)
+    plain = c.infer("digits", [image_input(images)], outputs=[out]).as_numpy("probabilities")
+    packed = c.infer("digits", [image_input(images)], outputs=[out], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
+    tensors = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")  # JSON tensors, compressed
+    tensors.set_data_from_numpy(np.zeros((1, 3, 224, 224), dtype=np.float32), binary_data=False)
+    json_out = [
+        httpclient.InferRequestedOutput(c.get_model_metadata("resnet_bench")["outputs"][0]["name"], binary_data=False)
+    ]
+    both = [
+        c.infer("resnet_bench", [tensors], outputs=json_out, request_compression_algorithm=a) for a in (None, algorithm)
+    ]
+    np.testing.assert_array_equal(*(r.as_numpy(json_out[0].name()) for r in both))
+
+
+def test_a_compressed_body_is_bounded_and_checked(server):
+    import gzip
+    import zlib
+
+    url = f"{server.http}/v2/models/digits/feedback"  # a JSON endpoint: 4 MiB once decompressed
+    bomb = gzip.compress(b" " * (5 * 2**20))
+    assert len(bomb) < 10_000
+    r = requests.post(url, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert r.status_code == 413
+    assert "once decompressed" in r.json()["error"]
+    cut = zlib.compress(b'{"request_id": "x", "label": 1}')[:-4]
+    r = requests.post(url, data=cut, headers={"Content-Encoding": "deflate"}, timeout=10)
+    assert r.status_code == 400
+    assert "not one whole deflate stream" in r.json()["error"]
+    r = requests.post(url, data=b"not gzip", headers={"Content-Encoding": "gzip"}, timeout=10)
+    assert r.status_code == 400
+    assert "not valid gzip data" in r.json()["error"]
+    r = requests.post(url, data=b"{}", headers={"Content-Encoding": "br"}, timeout=10)
+    assert r.status_code == 400
+    assert "unsupported Content-Encoding 'br'" in r.json()["error"]
+    assert server.client().is_server_ready()
