@@ -150,26 +150,34 @@ def _version_policy(where: str, policy: Any) -> dict[str, Any]:
     if kind == "all" and body == {}:
         return policy
     if kind == "latest" and isinstance(body, dict):
-        n = body.get("num_versions", 1)
-        if isinstance(n, int) and not isinstance(n, bool) and n >= 1:
+        n = proto_int(body.get("num_versions", 1))
+        if n is not None and n >= 1:
             return {"latest": {"num_versions": n}}
         raise _fail(where, "latest.num_versions must be an integer >= 1")
     if kind == "specific" and isinstance(body, dict):
-        versions = body.get("versions")
-        if (
-            isinstance(versions, list)
-            and versions
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions)
-        ):
-            return {"specific": {"versions": sorted(set(versions))}}
+        raw = body.get("versions")
+        versions = [proto_int(v) for v in raw] if isinstance(raw, list) and len(raw) <= 10_000 else []
+        if versions and all(v is not None and v >= 1 for v in versions):
+            return {"specific": {"versions": sorted({v for v in versions if v is not None})}}
         raise _fail(where, "specific.versions must be a non-empty list of integers >= 1")
     raise _fail(where, f"unknown or malformed policy {policy!r}")
 
 
+def proto_int(value: Any) -> int | None:
+    """An integer as protobuf's JSON mapping writes it: a number, or (64-bit fields, which Triton
+    writes so) its decimal string; None for anything else (a bool, a fraction, other text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return ascii_uint(value) if isinstance(value, str) else None
+
+
 def _positive_int(where: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise _fail(where, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+    number = proto_int(value)
+    if number is None or number < minimum:
+        raise _fail(where, f"must be an integer >= {minimum}, got {str(value)[:40]!r}")
+    return number
 
 
 def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> ModelConfig:

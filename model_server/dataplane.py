@@ -186,7 +186,8 @@ class DataPlane:
 
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
         cfg, _ = self._versions(model, version)
-        return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy}
+        parsed = {"max_batch_size": cfg.max_batch_size, "instance_count": cfg.instance_count}  # "16" -> 16
+        return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy, **parsed}
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Triton's repository index: one entry per loaded version, one per idle model."""

@@ -72,7 +72,7 @@ class ModelRepository:
             raise InvalidInput(f"invalid model name {name!r}: use letters, digits, '_', '.', '-'")
         path = (self.root / name).resolve()
         if path.parent != self.root or not path.is_dir():
-            raise ModelNotFound(f"model '{name}' is not in the model repository")
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")  # Triton's wording
         return path
 
     def names(self) -> list[str]:
@@ -112,7 +112,7 @@ class ModelRepository:
                 metrics.MODEL_LOADS.labels(name if NAME_RE.match(name) else "_invalid", "error").inc()
                 self._errors[name] = exc.message
                 log.error("load of model %r failed: %s", name, exc.message)
-                raise
+                raise type(exc)(f"failed to load '{name[:200]}': {exc.message}") from None  # Triton's wording
             metrics.MODEL_LOADS.labels(name, "ok").inc()
             self._errors.pop(name, None)
             if persist:

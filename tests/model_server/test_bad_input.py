@@ -280,7 +280,7 @@ def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
 @pytest.mark.parametrize(
     ("path", "status", "needle"),
     [
-        ("/v2/models/no_such_model/infer", 404, "not in the model repository"),
+        ("/v2/models/no_such_model/infer", 404, "Request for unknown model: 'no_such_model' is not found"),
         ("/v2/models/digits/versions/7/infer", 404, "version 7 is not loaded"),
         ("/v2/models/digits/versions/one/infer", 400, "invalid version"),
         ("/v2/models/digits/versions/%C2%B2/infer", 400, "invalid version"),  # "²": was a 500

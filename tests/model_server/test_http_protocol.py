@@ -58,7 +58,7 @@ def test_model_readiness(server):
     assert not c.is_model_ready("no_such_model")
     r = requests.get(f"{server.http}/v2/models/no_such_model/ready", timeout=5)
     assert r.status_code == 404
-    assert "not in the model repository" in r.json()["error"]
+    assert r.json()["error"] == "Request for unknown model: 'no_such_model' is not found"
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -159,6 +159,28 @@ def test_load_and_unload_through_tritonclient(server, digit_images):
     assert "not loaded" in err.value.message()
     c.load_model("resnet_bench", headers=server.admin)
     assert c.is_model_ready("resnet_bench")
+
+
+def test_load_configs_and_errors_as_triton_writes_them(server):
+    """Protobuf's JSON mapping lets 64-bit integers be strings (Triton writes its configs so);
+    scripts written for Triton match its wording for an unknown model and a refused load."""
+    c = server.client()
+    as_triton = json.dumps({"max_batch_size": "16", "version_policy": {"specific": {"versions": ["1", "2"]}}})
+    c.load_model("digits", headers=server.admin, config=as_triton)
+    try:
+        assert c.get_model_metadata("digits")["versions"] == ["1", "2"]
+        assert c.get_model_config("digits")["max_batch_size"] == 16
+    finally:
+        c.load_model("digits", headers=server.admin)
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'no_such_model' is not found"):
+        c.get_model_metadata("no_such_model")
+    with pytest.raises(InferenceServerException, match="failed to load 'no_such_model'"):
+        c.load_model("no_such_model", headers=server.admin)
+    for bad in ({"max_batch_size": "sixteen"}, {"max_batch_size": True}, {"max_batch_size": 1.5}):
+        with pytest.raises(InferenceServerException, match=r"failed to load 'digits': .*max_batch_size") as err:
+            c.load_model("digits", headers=server.admin, config=json.dumps(bad))
+        assert err.value.status() == "400"
+    assert c.get_model_metadata("digits")["versions"] == ["1"]  # a refused load changed nothing
 
 
 def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_images):
