@@ -16,7 +16,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.settings import SettingsError
+from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
 
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
@@ -66,12 +66,12 @@ def build_image(params: dict[str, Any]) -> dict[str, Any]:
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
-        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256)}
+        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256, settings.build)}
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
 
-def kaniko_plan(spec: RolloutSpec, sha256: str) -> dict[str, Any]:
+def kaniko_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
     """The Kaniko pod that builds the candidate's image (``pod``, a V1Pod as a dict, its ``name``
     and ``namespace``) and the ``image`` tag, from the artifact's digest, that it pushes.
 
@@ -79,7 +79,6 @@ def kaniko_plan(spec: RolloutSpec, sha256: str) -> dict[str, Any]:
     """
     from vision_rollout.images import image_tag, kaniko_pod
 
-    build = serving().settings.build
     try:
         registry, context = build.require("registry", "context")
     except SettingsError as exc:

@@ -62,7 +62,7 @@ def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
 
     from rollout_airflow.operators import KanikoBuild
 
-    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA)
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
     tag = plan["image"]
     assert tag == "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
     assert json.loads(json.dumps(plan)) == plan  # it travels by XCom
@@ -93,7 +93,7 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
         json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}),
     )
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
-        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA)
+        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
 
 
 def test_local_mode_has_no_image_to_build():
