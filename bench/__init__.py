@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,30 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    gpu = _gpu_name()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "gpu": gpu,
         "python": platform.python_version(),
         "onnxruntime": _onnxruntime_version(),
-        "execution_provider": "CPUExecutionProvider",
+        "execution_provider": "CUDAExecutionProvider" if gpu else "CPUExecutionProvider",
     }
+
+
+def _gpu_name() -> str | None:
+    """The first GPU's name and driver as nvidia-smi gives them, or None without one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
 
 
 def _onnxruntime_version() -> str:

@@ -61,7 +61,7 @@ ONNX_TYPES: dict[str, str] = {
 }
 
 # Keys a load request may override (Triton's load API takes a whole config; we take these).
-OVERRIDABLE = ("version_policy", "instance_count", "max_batch_size")
+OVERRIDABLE = ("version_policy", "instance_count", "max_batch_size", "dynamic_batching")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,106 @@ class ImagePreprocess:
 
 
 @dataclass(frozen=True)
+class DynamicBatching:
+    """Triton's ``dynamic_batching``: requests of one version queue and run merged.
+
+    A batch runs at once when it reaches ``max_batch_size`` or the largest preferred size, or
+    when the next queued request cannot join it; otherwise it waits for more until its oldest
+    request has queued ``max_queue_delay_microseconds``, then runs the largest preferred size it
+    holds (all of it when it holds none). ``priority_levels`` (1 the highest) order the queue;
+    ``max_queue_size`` and ``default_timeout_microseconds`` bound it (0: unbounded), a request
+    over either refused as Triton does (503).
+    """
+
+    preferred_batch_size: tuple[int, ...] = ()
+    max_queue_delay_microseconds: int = 0
+    preserve_ordering: bool = False
+    priority_levels: int = 0
+    default_priority_level: int = 0
+    max_queue_size: int = 0
+    default_timeout_microseconds: int = 0
+    allow_timeout_override: bool = False
+
+    def as_config(self) -> dict[str, Any]:
+        """Triton's JSON form, integers parsed."""
+        return {
+            "preferred_batch_size": list(self.preferred_batch_size),
+            "max_queue_delay_microseconds": self.max_queue_delay_microseconds,
+            "preserve_ordering": self.preserve_ordering,
+            "priority_levels": self.priority_levels,
+            "default_priority_level": self.default_priority_level,
+            "default_queue_policy": {
+                "max_queue_size": self.max_queue_size,
+                "default_timeout_microseconds": self.default_timeout_microseconds,
+                "allow_timeout_override": self.allow_timeout_override,
+                "timeout_action": "REJECT",
+            },
+        }
+
+
+_BATCHING_KEYS = {
+    "preferred_batch_size",
+    "max_queue_delay_microseconds",
+    "preserve_ordering",
+    "priority_levels",
+    "default_priority_level",
+    "default_queue_policy",
+}
+_QUEUE_POLICY_KEYS = {"max_queue_size", "default_timeout_microseconds", "allow_timeout_override", "timeout_action"}
+MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait is a misconfiguration, not batching
+
+
+def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatching | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _fail(where, "must be an object (Triton's dynamic_batching)")
+    unknown = sorted(set(raw) - _BATCHING_KEYS)
+    if unknown:
+        raise _fail(where, f"unsupported field(s) {unknown}; supported: {sorted(_BATCHING_KEYS)}")
+    if max_batch_size < 1:
+        raise _fail(where, "needs max_batch_size >= 1: requests are merged along the batch dimension")
+    sizes_raw = raw.get("preferred_batch_size", [])
+    if not isinstance(sizes_raw, list) or len(sizes_raw) > 64:
+        raise _fail(f"{where}.preferred_batch_size", "must be a list of at most 64 integers")
+    sizes = sorted({_positive_int(f"{where}.preferred_batch_size", s, 1) for s in sizes_raw})
+    if sizes and sizes[-1] > max_batch_size:
+        raise _fail(f"{where}.preferred_batch_size", f"{sizes[-1]} is over max_batch_size {max_batch_size}")
+    delay = _positive_int(f"{where}.max_queue_delay_microseconds", raw.get("max_queue_delay_microseconds", 0), 0)
+    if delay > MAX_QUEUE_DELAY_US:
+        raise _fail(f"{where}.max_queue_delay_microseconds", f"{delay} is over {MAX_QUEUE_DELAY_US}")
+    levels = _positive_int(f"{where}.priority_levels", raw.get("priority_levels", 0), 0)
+    default_level = _positive_int(f"{where}.default_priority_level", raw.get("default_priority_level", 0), 0)
+    if levels > 1000 or default_level > levels or (levels and not default_level):
+        raise _fail(
+            where,
+            f"priority_levels {levels} (at most 1000) needs a default_priority_level in 1..{levels}, "
+            f"got {default_level}",
+        )
+    policy = raw.get("default_queue_policy", {})
+    if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
+        raise _fail(f"{where}.default_queue_policy", f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
+    if policy.get("timeout_action", "REJECT") != "REJECT":
+        raise _fail(f"{where}.default_queue_policy.timeout_action", "only REJECT is supported")
+    ordering, override = raw.get("preserve_ordering", False), policy.get("allow_timeout_override", False)
+    for key, value in (("preserve_ordering", ordering), ("default_queue_policy.allow_timeout_override", override)):
+        if not isinstance(value, bool):
+            raise _fail(f"{where}.{key}", f"must be true or false, got {value!r}")
+    return DynamicBatching(
+        preferred_batch_size=tuple(sizes),
+        max_queue_delay_microseconds=delay,
+        preserve_ordering=ordering,
+        priority_levels=levels,
+        default_priority_level=default_level,
+        max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0),
+        default_timeout_microseconds=_positive_int(
+            f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0
+        ),
+        allow_timeout_override=override,
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -95,6 +195,7 @@ class ModelConfig:
     instance_count: int = 1
     version_policy: dict[str, Any] = field(default_factory=lambda: {"latest": {"num_versions": 1}})
     preprocess: ImagePreprocess | None = None
+    dynamic_batching: DynamicBatching | None = None
     platform: str = "onnxruntime_onnx"
     metadata: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -214,16 +315,18 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
             invert=bool(pre.get("invert", False)),
             flatten=bool(pre.get("flatten", True)),
         )
+    max_batch_size = _positive_int(f"{where}: max_batch_size", raw.get("max_batch_size", 0), 0)
     return ModelConfig(
         name=name,
         inputs=inputs,
         outputs=outputs,
-        max_batch_size=_positive_int(f"{where}: max_batch_size", raw.get("max_batch_size", 0), 0),
+        max_batch_size=max_batch_size,
         instance_count=_positive_int(f"{where}: instance_count", raw.get("instance_count", 1), 1),
         version_policy=_version_policy(
             f"{where}: version_policy", raw.get("version_policy", {"latest": {"num_versions": 1}})
         ),
         preprocess=preprocess,
+        dynamic_batching=_dynamic_batching(f"{where}: dynamic_batching", raw.get("dynamic_batching"), max_batch_size),
         platform=platform,
         metadata=raw.get("metadata", {}) if isinstance(raw.get("metadata", {}), dict) else {},
         raw=raw,

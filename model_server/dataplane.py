@@ -186,7 +186,9 @@ class DataPlane:
 
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
         cfg, _ = self._versions(model, version)
-        parsed = {"max_batch_size": cfg.max_batch_size, "instance_count": cfg.instance_count}  # "16" -> 16
+        parsed: dict[str, Any] = {"max_batch_size": cfg.max_batch_size, "instance_count": cfg.instance_count}
+        if cfg.dynamic_batching is not None:  # "16" -> 16, defaults filled in, as Triton answers
+            parsed["dynamic_batching"] = cfg.dynamic_batching.as_config()
         return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy, **parsed}
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
@@ -251,7 +253,7 @@ class DataPlane:
                     results, batch, timing = await self.mirror.yielding_run(lv, req.inputs, outputs, rid)
                 else:
                     with self.mirror.gate:
-                        results, batch, timing = await lv.infer(req.inputs, outputs)
+                        results, batch, timing = await lv.infer(req.inputs, outputs, parameters=req.parameters)
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
                 # The credential for this prediction's label (a shadow copy's answer has no client).

@@ -57,6 +57,10 @@ class Preempted(ModelUnavailable):
     """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""
 
 
+class Rejected(ModelUnavailable):
+    """Refused by the dynamic batcher's queue policy (queue full, queue timeout), as Triton does."""
+
+
 class InferenceFailed(ServerError):
     """The model itself failed on input that passed validation."""
 
@@ -68,9 +72,11 @@ class InjectedFault(InferenceFailed):
 
 
 def failure_reason(exc: ServerError) -> str:
-    """The reason the failure metrics count (Triton's): OOM, INVALID_INPUT or BACKEND."""
+    """The reason the failure metrics count (Triton's): OOM, REJECTED, INVALID_INPUT or BACKEND."""
     if isinstance(exc, OutOfMemory):
         return "OOM"
+    if isinstance(exc, Rejected):
+        return "REJECTED"
     return "INVALID_INPUT" if exc.status < 500 else "BACKEND"
 
 

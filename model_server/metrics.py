@@ -79,7 +79,7 @@ REQUEST_SUCCESS = TritonCounter(
 )
 REQUEST_FAILURE = TritonCounter(
     "nv_inference_request_failure",
-    "Number of failed inference requests (reason: INVALID_INPUT, OOM, BACKEND)",
+    "Number of failed inference requests (reason: INVALID_INPUT, OOM, REJECTED, BACKEND)",
     (*ML, "reason"),
 )
 INFERENCE_COUNT = TritonCounter("nv_inference_count", "Number of inferences performed (a batch of n counts n)", ML)
@@ -278,12 +278,15 @@ class VersionMetrics:
             return
         self.success.inc()
         self.count.inc(batch)
-        self.exec.inc()
         self.duration.inc(seconds * 1e6)
         self.queue.inc(timing["queue"] * 1e6)
         self.compute_input.inc(timing["input"] * 1e6)
         self.compute_infer.inc(timing["infer"] * 1e6)
         self.compute_output.inc(output_seconds * 1e6)
+
+    def executed(self, batch: int) -> None:
+        """One model execution of ``batch`` items (several requests' when the batcher merged them)."""
+        self.exec.inc()
 
     def failure(self, reason: str) -> None:
         if self.primary:

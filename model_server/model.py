@@ -35,6 +35,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
+from model_server.batcher import DynamicBatcher, Outcome, Pending, is_retryable, merge, split
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
 from model_server.errors import (
     InferenceFailed,
@@ -43,6 +44,7 @@ from model_server.errors import (
     ModelUnavailable,
     OutOfMemory,
     Preempted,
+    ServerError,
 )
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import check_pixels, images_to_features
@@ -129,6 +131,8 @@ class LoadedVersion:
         self.metrics = VersionMetrics(self.name, self.label)
         self.shadow_metrics = VersionMetrics(self.name, self.label, "shadow")
         self.fault: Fault | None = None
+        batching = config.dynamic_batching
+        self.batcher = DynamicBatcher(self, batching) if batching is not None else None
 
     def _check_signature(self, where: str) -> None:
         assert self.session is not None
@@ -193,18 +197,22 @@ class LoadedVersion:
         # (+184% in its live arm with two busy loops beside the server).
         self._warmup_seconds = min(times[1:])
 
-    def runs_inline(self, inputs: list[InferInput]) -> bool:
-        """Whether a request runs on the event loop: decided from the warm-up's cost, fixed per
-        version, so that load never moves one version's requests off the loop and not another's."""
+    def runs_inline(self, size: int, batch: int) -> bool:
+        """Whether an execution of ``batch`` items in ``size`` bytes runs on the event loop:
+        decided from the warm-up's cost, fixed per version, so that load never moves one
+        version's requests off the loop and not another's."""
         if self.fault is not None or self.config.instance_count != 1:
             return False
-        batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
-        size = sum(i.nbytes for i in inputs)
         return self._warmup_seconds * batch <= INLINE_BUDGET_S and size <= INLINE_MAX_BYTES
+
+    def batch_of(self, inputs: list[InferInput]) -> int:
+        return inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
 
     def close(self) -> None:
         """Release the session; called once the version is retired and drained."""
         self.session = None
+        if self.batcher is not None:
+            self.batcher.close()
         self.executor.shutdown(wait=False)
         self.shadow_executor.shutdown(wait=False)
 
@@ -276,40 +284,86 @@ class LoadedVersion:
                 raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
         fault = self.fault
-        try:
-            if fault is not None:
-                fault.inflict(f"model '{self.name}' version {self.version}")
-        finally:  # an injected abort comes after the work: the run still tells what it costs
-            done = time.perf_counter()
-            if run_options is None:
-                per_item = (done - started) / max(batch, 1)
-                previous = self._seconds_per_item
-                self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
+        if fault is not None:
+            fault.delay()
+        done = time.perf_counter()
+        if run_options is None:
+            self.metrics.executed(batch)
+            per_item = (done - started) / max(batch, 1)
+            previous = self._seconds_per_item
+            self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
         timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
         return result, batch, timing
 
+    def _abort(self) -> None:
+        """An injected abort, drawn per request (after the work: the run still tells what it costs)."""
+        fault = self.fault
+        if fault is not None:
+            fault.abort(f"model '{self.name}' version {self.version}")
+
+    def run_batch(self, batch: list[Pending]) -> list[Outcome | BaseException]:
+        """One merged execution of the batcher's requests, split back per request; on the
+        version's thread (or the loop). A failed merged run is retried request by request."""
+        started = time.perf_counter()
+        try:
+            results, _, timing = self._run(merge(batch), batch[0].outputs, started)
+            parts = split(results, batch) if len(batch) > 1 else [results]
+        except ServerError as exc:
+            if len(batch) == 1 or not is_retryable(exc):
+                return [exc] * len(batch)
+            parts = None
+        if parts is None:  # one by one: a bad request fails alone
+            return [self._run_alone(p) for p in batch]
+        outcomes: list[Outcome | BaseException] = []
+        for pending, rows in zip(batch, parts, strict=True):
+            try:
+                self._abort()
+                outcomes.append((rows, pending.batch, {**timing, "queue": started - pending.enqueued}))
+            except InjectedFault as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _run_alone(self, pending: Pending) -> Outcome | BaseException:
+        try:
+            outcome = self._run(pending.inputs, pending.outputs, pending.enqueued)
+            self._abort()
+            return outcome
+        except ServerError as exc:
+            return exc
+
     def predicted_seconds(self, inputs: list[InferInput]) -> float:
         """Preprocessing plus execution this request should take, from recent runs (or the warm-up)."""
-        batch = inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
+        batch = self.batch_of(inputs)
         estimate = self._seconds_per_item if self._seconds_per_item < math.inf else self._warmup_seconds
         return estimate * batch
 
     async def infer(
-        self, inputs: list[InferInput], outputs: list[str], shadow_run: Any = None
-    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
-        """Run on the event loop when cheap enough, else on the version's executor.
+        self,
+        inputs: list[InferInput],
+        outputs: list[str],
+        shadow_run: Any = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Outcome:
+        """Through the dynamic batcher when the config has one; else run on the event loop when
+        cheap enough, else on the version's executor. ``parameters``: the request's (priority,
+        timeout), read by the batcher.
 
-        A shadow copy passes ``shadow_run`` (an ``onnxruntime.RunOptions``): it runs on the
+        A shadow copy passes ``shadow_run`` (an ``onnxruntime.RunOptions``): it runs alone on the
         shadow's thread, and the caller aborts it by setting ``terminate`` when a primary arrives.
         """
         loop = asyncio.get_running_loop()
         if shadow_run is not None:
-            return await loop.run_in_executor(
+            outcome = await loop.run_in_executor(
                 self.shadow_executor, self._run, inputs, outputs, time.perf_counter(), shadow_run
             )
-        if self.runs_inline(inputs):
-            return self._run(inputs, outputs, time.perf_counter())
-        return await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
+        elif self.batcher is not None:
+            return await self.batcher.submit(inputs, outputs, parameters or {})
+        elif self.runs_inline(sum(i.nbytes for i in inputs), self.batch_of(inputs)):
+            outcome = self._run(inputs, outputs, time.perf_counter())
+        else:
+            outcome = await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
+        self._abort()
+        return outcome
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -376,8 +430,12 @@ class Fault:
             "abort": {"percent": self.abort_percent},
         }
 
-    def inflict(self, where: str) -> None:
+    def delay(self) -> None:
+        """Per execution, holding the instance as a slow model would."""
         if self.delay_ms and random.random() * 100 < self.delay_percent:  # noqa: S311 (sampling, not secrets)
             time.sleep(self.delay_ms / 1000)
+
+    def abort(self, where: str) -> None:
+        """Per request: InjectedFault on the configured share."""
         if self.abort_percent and random.random() * 100 < self.abort_percent:  # noqa: S311
             raise InjectedFault(f"{where}: injected fault (abort)")

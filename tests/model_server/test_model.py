@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_a_run_aborted_by_an_injected_fault_still_counts(version, digit_images):
     inputs = one_image(digit_images)
     version.fault = Fault.from_dict({"abort": {"percent": 100}})
     with pytest.raises(InferenceFailed, match="injected fault"):
-        version._run(inputs, ["probabilities"], 0.0)
+        asyncio.run(version.infer(inputs, ["probabilities"]))
     assert version.predicted_seconds(inputs) < 1.0
 
 
@@ -50,7 +51,6 @@ def test_shadow_runs_leave_the_estimate_and_the_primary_instance_alone(version, 
     """The candidate runs every mirrored copy: if those runs, slower on a contended machine,
     moved its estimate past the inline budget or held its one instance, its own primaries
     would measure slower than the baseline's and the live latency arm would be biased."""
-    import asyncio
     import threading
 
     import onnxruntime as ort

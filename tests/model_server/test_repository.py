@@ -79,7 +79,11 @@ def test_graph_that_does_not_match_config_is_refused(repo_copy, models_dir):
 
 
 @pytest.mark.integration
-def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_copy, digit_images):
+@pytest.mark.parametrize("batching", [None, {"max_queue_delay_microseconds": 2000}], ids=["alone", "batched"])
+def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_copy, digit_images, batching):
+    if batching is not None:  # every version loaded below runs the dynamic batcher
+        config = json.loads((repo_copy / "digits" / "config.json").read_text())
+        (repo_copy / "digits" / "config.json").write_text(json.dumps({**config, "dynamic_batching": batching}))
     server = server_factory(repo_copy, token="swap-token")
     images = np.array([img for img, _ in digit_images[:4]], dtype=object)
     stop = threading.Event()
@@ -148,3 +152,6 @@ def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_co
     # Every retired session was released once its requests finished: one left, the serving one.
     assert server.metric("model_server_open_sessions", model="digits") == 1
     assert server.metric("model_server_model_loads_total", model="digits", outcome="error") == 1
+    if batching is not None:  # four clients: requests were merged (fewer executions than requests)
+        executions = server.metric("nv_inference_exec_count", model="digits", version="1")
+        assert executions < server.metric("nv_inference_request_success", model="digits", version="1")

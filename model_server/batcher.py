@@ -1,0 +1,287 @@
+"""Triton's dynamic batcher for one model version: requests queue, run merged, and are split back.
+
+Requests join a batch only when it can hold them: the same input names, datatypes and
+dimensions after the batch dimension, and the same requested outputs. The queue is ordered by
+priority level (1 first), then by arrival. A batch is formed when an instance is free:
+
+- it runs at once when it reaches ``max_batch_size`` or the largest preferred size, or when the
+  next queued request cannot join it;
+- otherwise it waits for more until its oldest request has queued ``max_queue_delay``, then
+  runs the largest preferred size it holds (all of it when it holds none).
+
+A merged run's outputs are split along the batch dimension, each request keeping its own rows.
+When a merged run fails, its requests run again one by one: a bad request fails alone. An
+injected abort is drawn per request, as Istio's fault injection is. With ``preserve_ordering``
+responses are released in the order the requests arrived, whatever order their batches end in.
+
+The batcher lives on the server's event loop; executions run on the version's thread pool
+(``instance_count`` at a time), or on the loop when the merged batch is cheap enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from model_server.config import DynamicBatching
+from model_server.errors import InvalidInput, Rejected, ServerError
+from model_server.protocol import InferInput
+
+if TYPE_CHECKING:
+    from model_server.model import LoadedVersion
+
+Outcome = tuple[list[np.ndarray], int, dict[str, float]]
+
+
+@dataclass(eq=False)
+class Pending:
+    """One queued request."""
+
+    inputs: list[InferInput]
+    outputs: list[str]
+    batch: int
+    key: tuple[Any, ...]
+    priority: int
+    seq: int
+    enqueued: float
+    deadline: float | None
+    future: asyncio.Future[Outcome] = field(repr=False)
+    outcome: Outcome | BaseException | None = None
+
+
+def merge_key(inputs: list[InferInput], outputs: list[str]) -> tuple[Any, ...]:
+    """Requests with equal keys can run as one: same tensors but for the batch dimension."""
+    return tuple(sorted((i.name, i.datatype, i.shape[1:]) for i in inputs)) + tuple(outputs)
+
+
+class DynamicBatcher:
+    def __init__(self, lv: LoadedVersion, config: DynamicBatching):
+        self.lv = lv
+        self.config = config
+        self.max_batch = lv.config.max_batch_size
+        self.largest_preferred = config.preferred_batch_size[-1] if config.preferred_batch_size else self.max_batch
+        self.delay_s = config.max_queue_delay_microseconds / 1e6
+        self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, seq)
+        self._seq = itertools.count()
+        self._free = lv.config.instance_count
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._order: dict[int, Pending] = {}  # preserve_ordering: answered requests not yet released
+        self._next_release = 0
+        self._timeouts = 0  # queued requests with a deadline
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # -- the request's side --------------------------------------------------------------------
+
+    def priority_of(self, parameters: dict[str, Any]) -> int:
+        raw = parameters.get("priority", 0)
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            raise InvalidInput(f"parameters.priority must be a non-negative integer, got {raw!r}")
+        levels = self.config.priority_levels
+        if not levels:
+            return 0
+        if raw > levels:
+            raise InvalidInput(f"parameters.priority {raw} is over the model's priority_levels {levels}")
+        return raw or self.config.default_priority_level
+
+    def timeout_of(self, parameters: dict[str, Any]) -> float:
+        """The request's queue timeout in seconds (0: none)."""
+        timeout_us = self.config.default_timeout_microseconds
+        raw = parameters.get("timeout")
+        if raw is not None:
+            if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+                raise InvalidInput(f"parameters.timeout must be a non-negative integer (microseconds), got {raw!r}")
+            if self.config.allow_timeout_override:
+                timeout_us = raw
+        return timeout_us / 1e6
+
+    async def submit(self, inputs: list[InferInput], outputs: list[str], parameters: dict[str, Any]) -> Outcome:
+        """Queue one validated request and wait for its share of a batch."""
+        priority = self.priority_of(parameters)
+        timeout = self.timeout_of(parameters)
+        limit = self.config.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise Rejected(f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size ({limit})")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # the first request (or a new loop: tests run one per case)
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._form_batches())
+        now = time.perf_counter()
+        seq = next(self._seq)
+        pending = Pending(
+            inputs,
+            outputs,
+            inputs[0].shape[0],
+            merge_key(inputs, outputs),
+            priority,
+            seq,
+            now,
+            now + timeout if timeout else None,
+            loop.create_future(),
+        )
+        self._timeouts += pending.deadline is not None
+        bisect.insort(self._queue, (priority, seq, pending), key=lambda item: item[:2])
+        assert self._wake is not None
+        self._wake.set()
+        return await pending.future
+
+    def close(self) -> None:
+        """Stop forming batches (the version is drained: nothing is queued)."""
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    # -- forming batches -----------------------------------------------------------------------
+
+    def _candidates(self) -> tuple[list[Pending], bool]:
+        """The head's batch as it stands, and whether it is complete (cannot usefully grow)."""
+        head = self._queue[0][2]
+        taken, size = [head], head.batch
+        for _, _, p in self._queue[1:]:
+            if p.key != head.key or size + p.batch > self.max_batch:
+                return taken, True  # the next request cannot join: run what we have
+            taken.append(p)
+            size += p.batch
+        return taken, size >= self.largest_preferred
+
+    def _prefix(self, taken: list[Pending]) -> list[Pending]:
+        """What runs of the batch formed: up to its last preferred size, else up to the largest
+        preferred size (Triton's cursor mark); all of it when no preferred size is configured."""
+        sizes, preferred, fits, size = self.config.preferred_batch_size, 0, 1, 0
+        for i, p in enumerate(taken):
+            size += p.batch
+            if size in sizes:
+                preferred = i + 1
+            if size <= self.largest_preferred:
+                fits = i + 1
+        return taken[: preferred or fits]
+
+    def _expire(self, now: float) -> None:
+        """Refuse the queued requests whose timeout passed, as Triton's REJECT action does."""
+        expired = [item for item in self._queue if item[2].deadline is not None and item[2].deadline <= now]
+        for item in expired:
+            self._queue.remove(item)
+            self._timeouts -= 1
+            self._answer(item[2], Rejected(f"model '{self.lv.name}': request timeout expired in the queue"))
+
+    async def _form_batches(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        while True:
+            if not self._queue or self._free == 0:
+                wake.clear()
+                await wake.wait()
+                continue
+            now = time.perf_counter()
+            if self._timeouts:
+                self._expire(now)
+                if not self._queue:
+                    continue
+            taken, complete = self._candidates()
+            if not complete and self.delay_s:
+                remaining = taken[0].enqueued + self.delay_s - now
+                if remaining > 0:
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), remaining)
+                    except TimeoutError:
+                        pass
+                    continue
+            taken = self._prefix(taken)
+            del self._queue[: len(taken)]  # a batch is always the head of the queue
+            self._timeouts -= sum(p.deadline is not None for p in taken)
+            self._free -= 1
+            task = asyncio.get_running_loop().create_task(self._execute(taken))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    # -- running and answering -----------------------------------------------------------------
+
+    async def _execute(self, batch: list[Pending]) -> None:
+        try:
+            lv = self.lv
+            if lv.runs_inline(merged_size(batch), sum(p.batch for p in batch)):
+                outcomes = lv.run_batch(batch)
+            else:
+                loop = asyncio.get_running_loop()
+                outcomes = await loop.run_in_executor(lv.executor, lv.run_batch, batch)
+        except BaseException as exc:  # every waiting request gets an answer, cancellation too
+            outcomes = [exc] * len(batch)
+        finally:
+            self._free += 1
+            assert self._wake is not None
+            self._wake.set()
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            self._answer(pending, outcome)
+
+    def _answer(self, pending: Pending, outcome: Outcome | BaseException) -> None:
+        if not self.config.preserve_ordering:
+            _settle(pending.future, outcome)
+            return
+        pending.outcome = outcome
+        self._order[pending.seq] = pending
+        while self._next_release in self._order:  # release in arrival order
+            released = self._order.pop(self._next_release)
+            self._next_release += 1
+            assert released.outcome is not None
+            _settle(released.future, released.outcome)
+
+
+def merged_size(batch: list[Pending]) -> int:
+    return sum(i.nbytes for p in batch for i in p.inputs)
+
+
+def _settle(future: asyncio.Future[Outcome], outcome: Outcome | BaseException) -> None:
+    if future.done():  # the client went away (cancelled)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def merge(batch: list[Pending]) -> list[InferInput]:
+    """The batch's inputs concatenated along the batch dimension, in the head's input order."""
+    head = batch[0].inputs
+    if len(batch) == 1:
+        return head
+    merged = []
+    for idx, first in enumerate(head):
+        parts = [_same_input(p.inputs, first.name, idx).data for p in batch]
+        data = np.concatenate(parts, axis=0)
+        merged.append(InferInput(first.name, first.datatype, tuple(data.shape), data))
+    return merged
+
+
+def _same_input(inputs: list[InferInput], name: str, idx: int) -> InferInput:
+    if idx < len(inputs) and inputs[idx].name == name:
+        return inputs[idx]
+    return next(i for i in inputs if i.name == name)
+
+
+def split(results: list[np.ndarray], batch: list[Pending]) -> list[list[np.ndarray]] | None:
+    """Each request's rows of a merged run's outputs; None when an output has no batch dimension
+    of the merged size (the caller then runs the requests one by one)."""
+    total = sum(p.batch for p in batch)
+    if any(r.ndim == 0 or r.shape[0] != total for r in results):
+        return None
+    bounds = list(itertools.accumulate(p.batch for p in batch))
+    starts = [0, *bounds[:-1]]
+    return [[r[a:b] for r in results] for a, b in zip(starts, bounds, strict=True)]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A merged run that failed is retried request by request, unless the failure is the server's
+    state (an unloaded version) rather than something one request may have caused."""
+    return isinstance(exc, ServerError) and not isinstance(exc, Rejected)

@@ -1,0 +1,430 @@
+"""The dynamic batcher: how batches form (on a stand-in version whose executions the test holds
+and releases), and that merging and splitting are exact on real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from model_server.batcher import DynamicBatcher, Pending
+from model_server.config import DynamicBatching, load_config, parse_config
+from model_server.errors import InvalidInput, Rejected
+from model_server.model import LoadedVersion
+from model_server.protocol import InferInput
+
+# -- how batches form --------------------------------------------------------------------------
+
+
+class HeldVersion:
+    """Stands in for a LoadedVersion: records each execution's requests (by their first input's
+    first value) and holds it until the test releases it."""
+
+    def __init__(self, max_batch_size: int = 8, instance_count: int = 1):
+        self.name, self.version = "m", 1
+        self.config = SimpleNamespace(max_batch_size=max_batch_size, instance_count=instance_count)
+        self.executor = ThreadPoolExecutor(instance_count)
+        self.executions: list[list[int]] = []
+        self.finished: list[list[int]] = []
+        self.gates: list[threading.Event] = []
+        self.lock = threading.Lock()
+
+    def runs_inline(self, size: int, batch: int) -> bool:
+        return False
+
+    def run_batch(self, batch: list[Pending]) -> list:
+        gate = threading.Event()
+        ids = [int(p.inputs[0].data.reshape(-1)[0]) for p in batch]
+        with self.lock:
+            self.executions.append(ids)
+            self.gates.append(gate)
+        assert gate.wait(30), "the test never released this execution"
+        with self.lock:
+            self.finished.append(ids)
+        return [([p.inputs[0].data * 2], p.batch, {"queue": 0.0, "input": 0.0, "infer": 0.0}) for p in batch]
+
+
+def request(ident: int, batch: int = 1, width: int = 4) -> list[InferInput]:
+    data = np.full((batch, width), ident, dtype=np.int32)
+    return [InferInput("x", "INT32", data.shape, data)]
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def release(lv: HeldVersion, n: int) -> None:
+    """Let the n-th execution (0-based) finish, once it has started."""
+    await until(lambda: len(lv.gates) > n, f"execution {n} started")
+    lv.gates[n].set()
+
+
+def batcher(lv: HeldVersion, **config) -> DynamicBatcher:
+    return DynamicBatcher(lv, DynamicBatching(**config))  # type: ignore[arg-type]
+
+
+def test_requests_that_queue_behind_a_busy_instance_run_as_one_batch_in_arrival_order():
+    async def scenario():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv)
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs alone")
+        # While it runs: five that fit together, one of another shape, one more of the first shape.
+        same = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in range(1, 6)]
+        other = asyncio.ensure_future(b.submit(request(6, width=5), ["y"], {}))
+        last = asyncio.ensure_future(b.submit(request(7), ["y"], {}))
+        await asyncio.sleep(0.05)
+        assert len(lv.executions) == 1  # nothing runs while the one instance is busy
+        for n in range(4):
+            await release(lv, n)
+        results = await asyncio.gather(first, *same, other, last)
+        return lv.executions, results
+
+    executions, results = asyncio.run(scenario())
+    # A request of another shape is never merged and ends the batch before it, as in Triton.
+    assert executions == [[0], [1, 2, 3, 4, 5], [6], [7]]
+    for ident, (outputs, batch, _) in enumerate(results):
+        assert batch == 1
+        assert outputs[0].tolist() == [[ident * 2] * (5 if ident == 6 else 4)]
+
+
+def test_a_batch_never_exceeds_max_batch_size_and_stops_at_the_preferred_size():
+    async def scenario(executions: int, **config):
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, **config)
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        # Seven requests of batch 3 behind it: 21 items, at most 8 per execution.
+        rest = [asyncio.ensure_future(b.submit(request(i, batch=3), ["y"], {})) for i in range(1, 8)]
+        for n in range(executions):
+            await release(lv, n)
+        for outputs, batch, _ in await asyncio.gather(*rest):
+            assert batch == 3
+            assert outputs[0].shape == (3, 4)
+        await first
+        return [sum(1 if i == 0 else 3 for i in ids) for ids in lv.executions]
+
+    assert asyncio.run(scenario(5)) == [1, 6, 6, 6, 3]
+    # Preferred size 3: each batch stops at it, although two requests (6 items) would fit.
+    assert asyncio.run(scenario(8, preferred_batch_size=(3,))) == [1, 3, 3, 3, 3, 3, 3, 3]
+
+
+def test_a_partial_batch_waits_for_the_queue_delay_then_runs():
+    async def scenario():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, preferred_batch_size=(4,), max_queue_delay_microseconds=200_000)
+        futures = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in range(2)]
+        await asyncio.sleep(0.02)
+        waited = list(lv.executions)  # two of a preferred four: waiting for more
+        futures += [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in range(2, 5)]
+        await release(lv, 0)  # four reached: runs at once, the fifth waits for its delay
+        await release(lv, 1)
+        await asyncio.gather(*futures)
+        return waited, lv.executions
+
+    waited, executions = asyncio.run(scenario())
+    assert waited == []
+    assert executions == [[0, 1, 2, 3], [4]]
+
+
+def test_priority_levels_order_the_queue():
+    async def scenario():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, priority_levels=2, default_priority_level=2)
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        low = asyncio.ensure_future(b.submit(request(1, width=3), ["y"], {}))  # default: level 2
+        high = asyncio.ensure_future(b.submit(request(2, width=5), ["y"], {"priority": 1}))
+        await asyncio.sleep(0.02)
+        for n in range(3):
+            await release(lv, n)
+        await asyncio.gather(first, low, high)
+        with pytest.raises(InvalidInput, match="priority 3 is over the model's priority_levels 2"):
+            await b.submit(request(3), ["y"], {"priority": 3})
+        with pytest.raises(InvalidInput, match="priority must be a non-negative integer"):
+            await b.submit(request(3), ["y"], {"priority": "high"})
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [2], [1]]
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_preserve_ordering_releases_responses_in_arrival_order(preserve):
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1, instance_count=2)
+        b = batcher(lv, preserve_ordering=preserve)
+        slow = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        fast = asyncio.ensure_future(b.submit(request(1), ["y"], {}))
+        await until(lambda: len(lv.executions) == 2, "both run, one per instance")
+        await release(lv, 1)  # the later request finishes first
+        await until(lambda: lv.finished == [[1]], "the later request's execution ended")
+        await asyncio.sleep(0.05)
+        answered_early = fast.done()
+        await release(lv, 0)
+        await asyncio.gather(slow, fast)
+        return answered_early
+
+    assert asyncio.run(scenario()) is (not preserve)
+
+
+def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = batcher(lv, max_queue_size=2, default_timeout_microseconds=1000, allow_timeout_override=True)
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {"timeout": 0}))
+        await until(lambda: lv.executions, "the first request runs")
+        expires = asyncio.ensure_future(b.submit(request(1), ["y"], {}))  # 1 ms: expires in the queue
+        kept = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 0}))  # override: no timeout
+        await asyncio.sleep(0.01)
+        with pytest.raises(Rejected, match="exceeds maximum queue size \\(2\\)"):
+            await b.submit(request(3), ["y"], {})
+        await asyncio.sleep(0.02)
+        await release(lv, 0)
+        await release(lv, 1)
+        await running
+        with pytest.raises(Rejected, match="request timeout expired"):
+            await expires
+        await kept
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [2]]
+
+
+def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():
+    base = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 4]}],
+        "output": [{"name": "y", "datatype": "FP32", "dims": [-1, 4]}],
+    }
+    cfg = parse_config(
+        "m",
+        {
+            **base,
+            "dynamic_batching": {
+                "preferred_batch_size": ["4", 2],
+                "max_queue_delay_microseconds": "100",
+                "default_queue_policy": {"max_queue_size": "32"},
+            },
+        },
+    )
+    assert cfg.dynamic_batching is not None
+    assert cfg.dynamic_batching.preferred_batch_size == (2, 4)
+    assert cfg.dynamic_batching.as_config()["default_queue_policy"]["max_queue_size"] == 32
+    for batching, message in [
+        ({"preferred_batch_size": [16]}, "preferred_batch_size: 16 is over max_batch_size 8"),
+        ({"max_queue_delay_microseconds": -1}, "max_queue_delay_microseconds: must be an integer >= 0"),
+        ({"max_queue_delay_micro": 5}, "unsupported field\\(s\\) \\['max_queue_delay_micro'\\]"),
+        ({"priority_levels": 2}, "needs a default_priority_level in 1..2"),
+        ({"preserve_ordering": "yes"}, "preserve_ordering: must be true or false"),
+        ({"default_queue_policy": {"timeout_action": "DELAY"}}, "only REJECT is supported"),
+        ([], "must be an object"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_config("m", {**base, "dynamic_batching": batching})
+    with pytest.raises(InvalidInput, match="needs max_batch_size >= 1"):
+        parse_config("m", {**base, "max_batch_size": 0, "dynamic_batching": {}})
+
+
+# -- exact merge and split on real sessions ----------------------------------------------------
+
+DATATYPES = {
+    "BOOL": (TensorProto.BOOL, np.bool_),
+    "UINT8": (TensorProto.UINT8, np.uint8),
+    "INT8": (TensorProto.INT8, np.int8),
+    "UINT16": (TensorProto.UINT16, np.uint16),
+    "INT16": (TensorProto.INT16, np.int16),
+    "INT32": (TensorProto.INT32, np.int32),
+    "INT64": (TensorProto.INT64, np.int64),
+    "FP16": (TensorProto.FLOAT16, np.float16),
+    "FP32": (TensorProto.FLOAT, np.float32),
+    "FP64": (TensorProto.DOUBLE, np.float64),
+}
+
+
+def every_datatype_model(folder: Path) -> Path:
+    """One input per datatype, each echoed to an output of its own, and their sum as FP64:
+    a batched run's rows must come back to the request they belong to, bit for bit."""
+    nodes, inputs, outputs, casts = [], [], [], []
+    for name, (proto, _) in DATATYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"IN_{name}", proto, ["batch", 3]))
+        outputs.append(helper.make_tensor_value_info(f"OUT_{name}", proto, ["batch", 3]))
+        nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
+        nodes.append(helper.make_node("Cast", [f"IN_{name}"], [f"C_{name}"], to=TensorProto.DOUBLE))
+        casts.append(f"C_{name}")
+    nodes.append(helper.make_node("Sum", casts, ["SUM"]))
+    outputs.append(helper.make_tensor_value_info("SUM", TensorProto.DOUBLE, ["batch", 3]))
+    graph = helper.make_graph(nodes, "every_datatype", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    config = {
+        "max_batch_size": 16,
+        "input": [{"name": f"IN_{n}", "datatype": n, "dims": [-1, 3]} for n in DATATYPES],
+        "output": [{"name": f"OUT_{n}", "datatype": n, "dims": [-1, 3]} for n in DATATYPES]
+        + [{"name": "SUM", "datatype": "FP64", "dims": [-1, 3]}],
+        "dynamic_batching": {},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def random_inputs(rng: np.random.Generator, batch: int) -> list[InferInput]:
+    inputs = []
+    for name, (_, dtype) in DATATYPES.items():
+        if dtype is np.bool_:
+            data = rng.integers(0, 2, (batch, 3)).astype(bool)
+        elif np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            data = rng.integers(max(info.min, -1000), min(info.max, 1000), (batch, 3)).astype(dtype)
+        else:
+            data = rng.standard_normal((batch, 3)).astype(dtype)
+        inputs.append(InferInput(f"IN_{name}", name, data.shape, data))
+    rng.shuffle(inputs)  # requests may list their inputs in any order
+    return inputs
+
+
+def exact_runs(lv: LoadedVersion, requests: list[list[InferInput]], outputs: list[str]) -> tuple[list, list[int]]:
+    """The requests submitted together through the batcher; the outputs and each execution's size."""
+    sizes: list[int] = []
+    run_batch = lv.run_batch
+
+    def counting(batch):
+        sizes.append(sum(p.batch for p in batch))
+        return run_batch(batch)
+
+    lv.run_batch = counting  # type: ignore[method-assign]
+
+    async def together():
+        return await asyncio.gather(*(lv.infer(r, outputs) for r in requests))
+
+    return asyncio.run(together()), sizes
+
+
+def test_merge_and_split_are_exact_for_every_datatype(tmp_path):
+    cfg = load_config(every_datatype_model(tmp_path / "every_datatype"))
+    lv = LoadedVersion(cfg, 1, tmp_path / "every_datatype" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        lv.warmup()
+        rng = np.random.default_rng(7)
+        requests = [random_inputs(rng, batch) for batch in (1, 3, 2, 1, 4, 1)]
+        outputs = [o.name for o in cfg.outputs]
+        batched, sizes = exact_runs(lv, requests, outputs)
+        assert sizes == [12]  # six requests, one execution
+        for req, (results, batch, timing) in zip(requests, batched, strict=True):
+            alone, _, _ = lv._run(req, outputs, 0.0)
+            given = {i.name: i.data for i in req}
+            assert batch == given["IN_FP32"].shape[0]
+            assert timing["queue"] >= 0
+            for name, got, want in zip(outputs, results, alone, strict=True):
+                assert got.dtype == want.dtype, name
+                assert got.shape == want.shape, name
+                assert np.array_equal(got, want), name  # bit for bit, row for row
+                if name.startswith("OUT_"):
+                    assert np.array_equal(got, given["IN_" + name[4:]]), name
+    finally:
+        lv.close()
+
+
+def test_merged_images_match_one_by_one_and_a_bad_one_fails_alone(models_dir, digit_images):
+    raw = json.loads((models_dir / "digits" / "config.json").read_text())
+    cfg = parse_config("digits", {**raw, "dynamic_batching": {}})
+    lv = LoadedVersion(cfg, 1, models_dir / "digits" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        lv.warmup()
+
+        def images(*pngs: bytes) -> list[InferInput]:
+            return [InferInput("image", "BYTES", (len(pngs),), np.array(pngs, dtype=object))]
+
+        pngs = [png for png, _ in digit_images[:7]]
+        requests = [images(pngs[0]), images(pngs[1], pngs[2]), images(pngs[3]), images(*pngs[4:7])]
+        batched, sizes = exact_runs(lv, requests, ["probabilities"])
+        assert sizes == [7]
+        for req, (results, _, _) in zip(requests, batched, strict=True):
+            alone, _, _ = lv._run(req, ["probabilities"], 0.0)
+            np.testing.assert_allclose(results[0], alone[0], rtol=1e-6, atol=1e-7)
+            assert (results[0].argmax(axis=1) == alone[0].argmax(axis=1)).all()
+
+        # One request's image cannot be decoded: the merged run fails, the others run again alone.
+        broken = images(b"\x89PNG\r\n\x1a\n not really")
+        sizes.clear()
+
+        async def together():
+            return await asyncio.gather(
+                *(lv.infer(r, ["probabilities"]) for r in [requests[0], broken, requests[1]]),
+                return_exceptions=True,
+            )
+
+        first, failed, third = asyncio.run(together())
+        assert isinstance(failed, InvalidInput)
+        assert "image" in failed.message
+        np.testing.assert_allclose(first[0][0], batched[0][0][0])
+        np.testing.assert_allclose(third[0][0], batched[1][0][0])
+    finally:
+        lv.close()
+
+
+# -- through the HTTP API, with Triton's client ------------------------------------------------
+
+
+@pytest.mark.integration
+def test_concurrent_clients_are_batched_and_a_bad_request_fails_alone(server_factory, repo_copy, digit_images):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    batching = {"preferred_batch_size": ["6"], "max_queue_delay_microseconds": "5000000"}
+    (repo_copy / "digits" / "config.json").write_text(json.dumps({**config, "dynamic_batching": batching}))
+    server = server_factory(repo_copy)
+    client = server.client(concurrency=6)
+    answered = client.get_model_config("digits")["dynamic_batching"]
+    assert answered["preferred_batch_size"] == [6]
+    assert answered["max_queue_delay_microseconds"] == 5_000_000
+
+    def send(pngs: list[bytes]):
+        inputs = []
+        for png in pngs:
+            inp = httpclient.InferInput("image", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([png], dtype=object))
+            inputs.append(inp)
+        pending = [client.async_infer("digits", [inp], request_id=f"r{i}") for i, inp in enumerate(inputs)]
+        outcomes = []
+        for p in pending:
+            try:
+                outcomes.append(p.get_result())
+            except InferenceServerException as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    # Six clients' single images: one execution, each answer its own.
+    six = digit_images[:6]
+    for result in send([png for png, _ in six]):
+        assert result.as_numpy("probabilities").shape == (1, 10)
+        assert result.get_response()["id"] in {f"r{i}" for i in range(6)}
+    assert server.metric("nv_inference_exec_count", model="digits", version="1") == 1
+    assert server.metric("nv_inference_request_success", model="digits", version="1") == 6
+    assert server.metric("nv_inference_queue_duration_us", model="digits", version="1") > 0
+    expected = [r.as_numpy("probabilities").argmax() for r in send([png for png, _ in six])]
+
+    # One undecodable image among them: it alone fails, with a 400 naming it; the rest are answered.
+    pngs = [png for png, _ in six]
+    pngs[2] = b"\x89PNG\r\n\x1a\n not an image"
+    outcomes = send(pngs)
+    assert isinstance(outcomes[2], InferenceServerException)
+    assert outcomes[2].status() == "400"
+    for i, outcome in enumerate(outcomes):
+        if i != 2:
+            assert outcome.as_numpy("probabilities").argmax() == expected[i]
+    assert server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") == 1
+    client.close()
