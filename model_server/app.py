@@ -244,6 +244,12 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         reason = dataplane.model_not_ready_reason(params["model"], params.get("version"))
         return Response(status_code=200) if reason is None else error(503, reason)
 
+    @endpoint("/v2/models/{model}/stats")
+    async def model_stats(request: Request) -> Response:
+        """Triton's statistics extension: all models (/v2/models/stats), one, or one version."""
+        params = request.path_params
+        return JSONResponse(dataplane.statistics(params.get("model"), params.get("version")))
+
     # -- inference --------------------------------------------------------------------------
 
     @endpoint("/v2/models/{model}/infer")
@@ -361,12 +367,15 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", model_stats, methods=["GET"]),  # before /v2/models/{model}, as in Triton
         Route("/v2/models/{model}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/config", model_config, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/config", model_config, methods=["GET"]),
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT", "DELETE"]),

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server import __version__, metrics
-from model_server.config import ModelConfig
-from model_server.errors import Preempted, ServerError, failure_reason, outcome_of
+from model_server.config import ModelConfig, ascii_uint
+from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
 from model_server.feedback import FeedbackStore
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog
@@ -31,7 +31,7 @@ from model_server.traffic import PolicyStore, TrafficPolicy
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
 @dataclass(frozen=True)
@@ -191,6 +191,32 @@ class DataPlane:
             parsed["dynamic_batching"] = cfg.dynamic_batching.as_config()
         return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy, **parsed}
 
+    def statistics(self, model: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Triton's statistics extension: every loaded version of every model (no ``model``),
+        of one model, or one version. As Triton, a model or version that is not loaded is a 400
+        ("requested model 'm' is not available", "requested model version is not available for
+        model 'm'"); a model the repository does not have, a 404 in Triton's wording."""
+        if not model:
+            loaded = self.repo.all_loaded()
+        else:
+            if version is not None and not (ascii_uint(version) or 0) > 0:
+                raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
+            versions = self.repo.all_loaded().get(model)
+            if not versions:
+                self.repo.model_dir(model)  # 404 for a model the repository does not have
+                raise InvalidInput(f"requested model '{model}' is not available")
+            if version is not None:
+                lv = versions.get(int(version))
+                if lv is None:
+                    raise InvalidInput(f"requested model version is not available for model '{model}'")
+                versions = {lv.version: lv}
+            loaded = {model: versions}
+        return {
+            "model_stats": [
+                versions[v].metrics.statistics() for _, versions in sorted(loaded.items()) for v in sorted(versions)
+            ]
+        }
+
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Triton's repository index: one entry per loaded version, one per idle model."""
         return self.repo.index(ready_only=ready_only)
@@ -282,7 +308,7 @@ class DataPlane:
                     outcome = "dropped" if dropped else "rejected" if exc.status < 500 else "error"
                     metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
                 if not dropped:
-                    vm.failure(failure_reason(exc))
+                    vm.failure(failure_reason(exc), latency_ms / 1000)
                 log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
                 if logged:
                     self._log(

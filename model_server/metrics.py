@@ -1,4 +1,5 @@
-"""Prometheus metrics, declared once. Triton's names where Triton has one.
+"""Prometheus metrics, declared once. Triton's names where Triton has one; beside them, the
+counters of Triton's statistics extension (``InferenceStatistics``), fed by the same calls.
 
 Labels stay small and fixed: ``model`` and ``version`` (Triton's), plus ``reason`` on
 failures. GPU gauges exist only when NVML finds a GPU: absent, not zero, without one.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -250,11 +252,88 @@ def gpu_count() -> int:
     return n
 
 
+class InferenceStatistics:
+    """Triton's statistics extension for one model version (``GET /v2/models/{m}/versions/{v}/stats``):
+    the same events as Triton's counters above, kept as Triton keeps them (counts, durations in
+    nanoseconds, one entry per executed batch size), since the server started.
+
+    One object per (model, version), shared by every load of it, as the Prometheus series are,
+    so the two always agree. Requests finish on the event loop and executions on worker
+    threads: every update takes the one lock.
+    """
+
+    _all: ClassVar[dict[tuple[str, str], InferenceStatistics]] = {}
+    _all_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.success = [0, 0]  # count, ns
+        self.fail = [0, 0]
+        self.queue_ns = 0
+        self.compute_ns = [0, 0, 0]  # input, infer, output: per request
+        self.batches: dict[int, list[int]] = {}  # batch size -> [executions, input, infer, output ns]
+
+    @classmethod
+    def of(cls, model: str, version: str) -> InferenceStatistics:
+        with cls._all_lock:
+            stats = cls._all.get((model, version))
+            if stats is None:
+                stats = cls._all[(model, version)] = cls()
+            return stats
+
+    def snapshot(self, model: str, version: str) -> dict[str, Any]:
+        """Triton's ``$model_stat`` object."""
+
+        def duration(count: int, ns: int) -> dict[str, int]:
+            return {"count": count, "ns": ns}
+
+        with self.lock:
+            success, fail = self.success[0], self.fail[0]
+            compute = [duration(success, ns) for ns in self.compute_ns]
+            batches = [
+                {
+                    "batch_size": size,
+                    "compute_input": duration(n, input_ns),
+                    "compute_infer": duration(n, infer_ns),
+                    "compute_output": duration(n, output_ns),
+                }
+                for size, (n, input_ns, infer_ns, output_ns) in sorted(self.batches.items())
+            ]
+            return {
+                "name": model,
+                "version": version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": duration(success, self.success[1]),
+                    "fail": duration(fail, self.fail[1]),
+                    "queue": duration(success, self.queue_ns),
+                    "compute_input": compute[0],
+                    "compute_infer": compute[1],
+                    "compute_output": compute[2],
+                    "cache_hit": duration(0, 0),  # no response cache
+                    "cache_miss": duration(0, 0),
+                },
+                "response_stats": {},  # per-response statistics of decoupled models: none here
+                "batch_stats": batches,
+                "memory_usage": [],
+            }
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
 class VersionMetrics:
     """The metric children of one model version on one path, bound once instead of per request.
 
-    The primary path feeds Triton's counters; the shadow path only its own latency histogram
-    and ``shadow_requests_total``, so mirrored copies never count as the version's traffic.
+    The primary path feeds Triton's counters and its statistics extension; the shadow path only
+    its own latency histogram and ``shadow_requests_total``, so mirrored copies never count as
+    the version's traffic.
     """
 
     def __init__(self, model: str, version: str, path: str = "primary"):
@@ -271,8 +350,12 @@ class VersionMetrics:
             self.compute_input = COMPUTE_INPUT_US.labels(*labels)
             self.compute_infer = COMPUTE_INFER_US.labels(*labels)
             self.compute_output = COMPUTE_OUTPUT_US.labels(*labels)
+            self.stats = InferenceStatistics.of(model, version)
 
     def succeeded(self, batch: int, seconds: float, timing: dict[str, float], output_seconds: float) -> None:
+        """One request answered: ``batch`` items in ``seconds``; ``timing`` holds the queue, input
+        and infer seconds of the execution it was part of (Triton gives each request of a batched
+        execution that execution's compute durations)."""
         self.latency.observe(seconds)
         if not self.primary:
             return
@@ -283,14 +366,48 @@ class VersionMetrics:
         self.compute_input.inc(timing["input"] * 1e6)
         self.compute_infer.inc(timing["infer"] * 1e6)
         self.compute_output.inc(output_seconds * 1e6)
+        stats = self.stats
+        with stats.lock:
+            stats.inference_count += batch
+            stats.success[0] += 1
+            stats.success[1] += _ns(seconds)
+            stats.queue_ns += _ns(timing["queue"])
+            compute = stats.compute_ns
+            compute[0] += _ns(timing["input"])
+            compute[1] += _ns(timing["infer"])
+            compute[2] += _ns(output_seconds)
 
-    def executed(self, batch: int) -> None:
-        """One model execution of ``batch`` items (several requests' when the batcher merged them)."""
+    def executed(self, batch_size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """One model execution of ``batch_size`` items (however many requests it served): the
+        execution count and the batch statistics of that size. The primary path only."""
+        if not self.primary:
+            return
         self.exec.inc()
+        now_ms = int(time.time() * 1000)
+        stats = self.stats
+        with stats.lock:
+            stats.execution_count += 1
+            stats.last_inference_ms = max(stats.last_inference_ms, now_ms)
+            entry = stats.batches.get(batch_size)
+            if entry is None:
+                entry = stats.batches[batch_size] = [0, 0, 0, 0]
+            entry[0] += 1
+            entry[1] += _ns(input_s)
+            entry[2] += _ns(infer_s)
+            entry[3] += _ns(output_s)
 
-    def failure(self, reason: str) -> None:
+    def statistics(self) -> dict[str, Any]:
+        """This version's ``$model_stat`` of Triton's statistics extension (the primary path's)."""
+        return InferenceStatistics.of(self.model, self.version).snapshot(self.model, self.version)
+
+    def failure(self, reason: str, seconds: float = 0.0) -> None:
+        """One request failed after ``seconds`` (``reason``: OOM, INVALID_INPUT or BACKEND)."""
         if self.primary:
             REQUEST_FAILURE.labels(self.model, self.version, reason).inc()
+            stats = self.stats
+            with stats.lock:
+                stats.fail[0] += 1
+                stats.fail[1] += _ns(seconds)
         if reason == "OOM":
             OOM_ERRORS.labels(self.model, self.version, self.path).inc()
 

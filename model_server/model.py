@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ ort.set_default_logger_severity(3)
 INLINE_BUDGET_S = 0.0005
 INLINE_MAX_BYTES = 16 * 1024  # decoding grows with the bytes: more goes to the executor
 WARMUP_RUNS = 10  # timed warm-up runs after the first (which allocates)
+
+# ORT's message when a Cast from a string tensor meets text that is not a number: the C++
+# conversion that failed (std::stoll, std::stod, ...). The input's fault, not the model's.
+STRING_PARSE_FAILED = re.compile(r"Status Message: (?:std::)?sto(?:i|l|ll|ul|ull|f|d|ld)\b")
 
 OOM_MARKERS = (
     "out of memory",
@@ -96,6 +101,34 @@ def select_providers(device: str, gpus: int) -> list[str]:
     if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels, when installed
         ort.preload_dlls()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def ort_tensor(inp: InferInput) -> np.ndarray:
+    """An input as ONNX Runtime takes it. A BYTES tensor feeds a string tensor, which ORT's
+    Python API takes as ``str`` elements (UTF-8 text; it would turn a ``bytes`` element into
+    its repr, ``"b'1'"``): decoded here, a 400 for an element that is not UTF-8."""
+    data = inp.data
+    if data.dtype != object:
+        return np.ascontiguousarray(data)
+    flat = data.reshape(-1)
+    try:
+        text = [x.decode() for x in flat]
+    except UnicodeDecodeError:
+        bad = next(i for i, x in enumerate(flat) if not _is_utf8(x))
+        raise InvalidInput(
+            f"input '{inp.name}': BYTES element {bad} is not UTF-8 text (the model takes strings)"
+        ) from None
+    out = np.empty(len(text), dtype=object)
+    out[:] = text
+    return out.reshape(data.shape)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
@@ -173,11 +206,16 @@ class LoadedVersion:
         for node in self.session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in node.shape]
             datatype = ONNX_TYPES.get(node.type)
-            if datatype is None or datatype == "BYTES":
+            if datatype is None:
                 raise InvalidInput(
                     f"model '{self.name}' version {self.version}: cannot warm up input {node.name!r} of {node.type}"
                 )
-            feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
+            if datatype == "BYTES":
+                # The text "0". (Triton's zero_data for strings is empty elements, but its warm-up
+                # is opt-in; this one is not, and a model that reads numbers fails on "".)
+                feeds[node.name] = np.full(shape, "0", dtype=object)
+            else:
+                feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
         image = np.array([_blank_png(pre.width, pre.height)], dtype=object) if pre is not None else None
         outputs = [o.name for o in self.config.outputs]
         times = []
@@ -267,7 +305,7 @@ class LoadedVersion:
         if pre is not None:
             feeds = {pre.onnx_input: images_to_features(inputs[0].data, pre, inputs[0].name)}
         else:
-            feeds = {i.name: np.ascontiguousarray(i.data) for i in inputs}
+            feeds = {i.name: ort_tensor(i) for i in inputs}
         batch = next(iter(feeds.values())).shape[0] if self.config.max_batch_size else 1
         prepared = time.perf_counter()
         try:
@@ -282,13 +320,17 @@ class LoadedVersion:
                 ) from None
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
                 raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
+            if STRING_PARSE_FAILED.search(message) and any(i.type == "tensor(string)" for i in session.get_inputs()):
+                raise InvalidInput(
+                    f"model '{self.name}' could not read a string input as a number: {message}"
+                ) from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
         fault = self.fault
         if fault is not None:
             fault.delay()
         done = time.perf_counter()
         if run_options is None:
-            self.metrics.executed(batch)
+            self.metrics.executed(batch, prepared - started, done - prepared, 0.0)  # one per execution, merged or not
             per_item = (done - started) / max(batch, 1)
             previous = self._seconds_per_item
             self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item

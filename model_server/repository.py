@@ -246,6 +246,11 @@ class ModelRepository:
                 return self._configs[name], dict(versions)
         raise self._unavailable(name)
 
+    def all_loaded(self) -> dict[str, dict[int, LoadedVersion]]:
+        """Every model with a loaded version, and those versions: a snapshot."""
+        with self._lock:
+            return {name: dict(versions) for name, versions in self._models.items() if versions}
+
     def loaded_versions(self, name: str) -> list[int]:
         with self._lock:
             return sorted(self._models.get(name) or {})

@@ -1,4 +1,5 @@
-"""What several test modules share: a client of the model server, generated data (`tests/support`)."""
+"""What several test modules share: a client of the model server, Triton's example models,
+generated data (`tests/support`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -47,6 +49,58 @@ def infer(server, image: bytes, headers: dict[str, str] | None = None, path: str
 def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
+
+
+# -- Triton's example models -------------------------------------------------------------------
+
+SIMPLE_MODELS = ("simple", "simple_string")
+
+
+def write_simple_models(repository: Path, *names: str) -> None:
+    """Triton's ``simple`` and ``simple_string`` (its client examples' models) as ONNX graphs in a
+    repository, version 1 each: INPUT0 and INPUT1 of [batch, 16] with max_batch_size 8 (Triton's
+    dims [16]; config.json here writes the batch dimension), OUTPUT0 = INPUT0 + INPUT1 and
+    OUTPUT1 = INPUT0 - INPUT1; INT32 for ``simple``, BYTES (ONNX strings, each the decimal text
+    of an integer) for ``simple_string``. ``names``: which (default both)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scripts.build_models import IR_VERSION, OPSET
+
+    for name in names or SIMPLE_MODELS:
+        strings = name == "simple_string"
+        elem, datatype = (TensorProto.STRING, "BYTES") if strings else (TensorProto.INT32, "INT32")
+        nodes = []
+        a, b = "INPUT0", "INPUT1"
+        if strings:  # the text as numbers, and the results back to text
+            nodes += [helper.make_node("Cast", [x], [f"{x}_int"], to=TensorProto.INT32) for x in (a, b)]
+            a, b = f"{a}_int", f"{b}_int"
+        outs = ("sum", "diff") if strings else ("OUTPUT0", "OUTPUT1")
+        nodes += [helper.make_node("Add", [a, b], [outs[0]]), helper.make_node("Sub", [a, b], [outs[1]])]
+        if strings:
+            nodes += [
+                helper.make_node("Cast", [x], [y], to=TensorProto.STRING)
+                for x, y in zip(outs, ("OUTPUT0", "OUTPUT1"), strict=True)
+            ]
+        tensors = [
+            helper.make_tensor_value_info(t, elem, ["batch", 16]) for t in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")
+        ]
+        graph = helper.make_graph(nodes, name, tensors[:2], tensors[2:])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tests")
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        folder = repository / name
+        (folder / "1").mkdir(parents=True)
+        onnx.save(model, folder / "1" / "model.onnx")
+        spec = [{"name": t, "datatype": datatype, "dims": [-1, 16]} for t in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
+        config = {
+            "name": name,
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": 8,
+            "input": spec[:2],
+            "output": spec[2:],
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # -- generated data -----------------------------------------------------------------------------

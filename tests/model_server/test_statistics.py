@@ -1,0 +1,138 @@
+"""Triton's statistics extension (GET /v2/models[/{m}[/versions/{v}]]/stats) through tritonclient."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from devstack.processes import parse_exposition
+from tests.conftest import ADMIN_TOKEN
+from tests.support import write_simple_models
+
+pytestmark = pytest.mark.integration
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+
+def simple_inputs(batch: int, binary: bool = True) -> list[httpclient.InferInput]:
+    inputs = []
+    for name, data in (("INPUT0", np.arange(16 * batch)), ("INPUT1", np.ones(16 * batch))):
+        inp = httpclient.InferInput(name, [batch, 16], "INT32")
+        inp.set_data_from_numpy(data.astype(np.int32).reshape(batch, 16), binary_data=binary)
+        inputs.append(inp)
+    return inputs
+
+
+def metrics_of(server, model: str, version: str) -> dict[str, float]:
+    """Triton's counters of one version on /metrics, the failures summed over their reasons."""
+    text = requests.get(f"{server.http}/metrics", timeout=5).text
+    out: dict[str, float] = {}
+    for name, labels, value in parse_exposition(text):
+        if name.startswith("nv_inference_") and labels.get("model") == model and labels.get("version") == version:
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
+    write_simple_models(repo_copy, "simple")
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    assert "statistics" in c.get_server_metadata()["extensions"]
+
+    # Every loaded version of every model, in name order; nothing counted yet.
+    everything = c.get_inference_statistics()
+    assert [(s["name"], s["version"]) for s in everything["model_stats"]] == [("digits", "1"), ("simple", "1")]
+    fresh = everything["model_stats"][1]
+    assert fresh["last_inference"] == fresh["inference_count"] == fresh["execution_count"] == 0
+    assert fresh["inference_stats"] == {d: {"count": 0, "ns": 0} for d in DURATIONS}
+    assert fresh["batch_stats"] == []
+    assert fresh["memory_usage"] == []
+
+    started_ms = time.time() * 1000
+    for batch in (1, 3, 1):  # as simple_http_infer_client sends them (query parameters included)
+        result = c.infer("simple", simple_inputs(batch), query_params={"test_1": 1, "test_2": 2})
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(16 * batch).reshape(batch, 16) + 1)
+    with pytest.raises(InferenceServerException) as err:  # a shape the model refuses: one failure
+        c.infer("simple", [simple_inputs(1)[0], simple_inputs(3)[1]])
+    assert err.value.status() == "400"
+    finished_ms = time.time() * 1000
+
+    one = c.get_inference_statistics(model_name="simple")
+    assert one == c.get_inference_statistics(model_name="simple", model_version="1")
+    (stat,) = one["model_stats"]
+    assert (stat["name"], stat["version"]) == ("simple", "1")
+    assert started_ms - 1 <= stat["last_inference"] <= finished_ms + 1
+    assert stat["inference_count"] == 5  # items: 1 + 3 + 1
+    assert stat["execution_count"] == 3
+    infer = stat["inference_stats"]
+    for d in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert infer[d]["count"] == 3, d
+    assert infer["success"]["ns"] > infer["compute_infer"]["ns"] > 0
+    assert infer["fail"]["count"] == 1
+    assert infer["fail"]["ns"] > 0
+    assert infer["cache_hit"] == infer["cache_miss"] == {"count": 0, "ns": 0}
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stat["batch_stats"]] == [(1, 2), (3, 1)]
+    for b in stat["batch_stats"]:
+        assert b["compute_input"]["count"] == b["compute_output"]["count"] == b["compute_infer"]["count"]
+        assert b["compute_infer"]["ns"] > 0
+    assert sum(b["compute_infer"]["ns"] for b in stat["batch_stats"]) == infer["compute_infer"]["ns"]
+
+    # The same events as Triton's Prometheus counters.
+    prom = metrics_of(server, "simple", "1")
+    assert prom["nv_inference_request_success"] == infer["success"]["count"]
+    assert prom["nv_inference_request_failure"] == infer["fail"]["count"]
+    assert prom["nv_inference_count"] == stat["inference_count"]
+    assert prom["nv_inference_exec_count"] == stat["execution_count"]
+    for counter, duration in (
+        ("nv_inference_request_duration_us", "success"),
+        ("nv_inference_queue_duration_us", "queue"),
+        ("nv_inference_compute_input_duration_us", "compute_input"),
+        ("nv_inference_compute_infer_duration_us", "compute_infer"),
+        ("nv_inference_compute_output_duration_us", "compute_output"),
+    ):
+        assert prom[counter] == pytest.approx(infer[duration]["ns"] / 1000, abs=1), counter
+
+    # A copy made by Istio's mirror is served as a shadow: never counted as the version's traffic.
+    shadow = requests.post(
+        f"{server.http}/v2/models/simple/infer",
+        json={
+            "inputs": [
+                {"name": n, "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}
+                for n in ("INPUT0", "INPUT1")
+            ]
+        },
+        headers={"Host": "simple.ml.svc-shadow:8000"},
+        timeout=10,
+    )
+    assert shadow.status_code == 200
+    assert c.get_inference_statistics(model_name="simple") == one
+
+    # The other model's counters did not move; the whole list holds both.
+    assert c.get_inference_statistics()["model_stats"] == [everything["model_stats"][0], stat]
+
+
+def test_statistics_of_what_is_not_loaded_answer_as_triton(server_factory, repo_copy):
+    write_simple_models(repo_copy, "simple")
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    with pytest.raises(InferenceServerException, match="Request for unknown model: 'no_such_model' is not found"):
+        c.get_inference_statistics(model_name="no_such_model")
+    # digits has versions 1, 2, 3 on disk; its config.json loads 1.
+    with pytest.raises(InferenceServerException) as err:
+        c.get_inference_statistics(model_name="digits", model_version="2")
+    assert err.value.status() == "400"
+    assert err.value.message() == "requested model version is not available for model 'digits'"
+    with pytest.raises(InferenceServerException) as err:
+        c.get_inference_statistics(model_name="digits", model_version="one")
+    assert err.value.status() == "400"
+    c.unload_model("digits", headers=server.admin)
+    with pytest.raises(InferenceServerException) as err:
+        c.get_inference_statistics(model_name="digits")
+    assert err.value.status() == "400"
+    assert err.value.message() == "requested model 'digits' is not available"
+    assert [s["name"] for s in c.get_inference_statistics()["model_stats"]] == ["simple"]
