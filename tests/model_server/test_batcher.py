@@ -249,6 +249,7 @@ DATATYPES = {
     "FP16": (TensorProto.FLOAT16, np.float16),
     "FP32": (TensorProto.FLOAT, np.float32),
     "FP64": (TensorProto.DOUBLE, np.float64),
+    "BYTES": (TensorProto.STRING, np.object_),
 }
 
 
@@ -260,8 +261,9 @@ def every_datatype_model(folder: Path) -> Path:
         inputs.append(helper.make_tensor_value_info(f"IN_{name}", proto, ["batch", 3]))
         outputs.append(helper.make_tensor_value_info(f"OUT_{name}", proto, ["batch", 3]))
         nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
-        nodes.append(helper.make_node("Cast", [f"IN_{name}"], [f"C_{name}"], to=TensorProto.DOUBLE))
-        casts.append(f"C_{name}")
+        if name != "BYTES":
+            nodes.append(helper.make_node("Cast", [f"IN_{name}"], [f"C_{name}"], to=TensorProto.DOUBLE))
+            casts.append(f"C_{name}")
     nodes.append(helper.make_node("Sum", casts, ["SUM"]))
     outputs.append(helper.make_tensor_value_info("SUM", TensorProto.DOUBLE, ["batch", 3]))
     graph = helper.make_graph(nodes, "every_datatype", inputs, outputs)
@@ -283,7 +285,12 @@ def every_datatype_model(folder: Path) -> Path:
 def random_inputs(rng: np.random.Generator, batch: int) -> list[InferInput]:
     inputs = []
     for name, (_, dtype) in DATATYPES.items():
-        if dtype is np.bool_:
+        if dtype is np.object_:  # strings of different lengths, some not ASCII
+            data = np.array(
+                [[f"r{v}-é" * (v % 4) for v in row] for row in rng.integers(0, 99, (batch, 3))], dtype=object
+            )
+            data = np.vectorize(str.encode, otypes=[object])(data)
+        elif dtype is np.bool_:
             data = rng.integers(0, 2, (batch, 3)).astype(bool)
         elif np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)
@@ -331,7 +338,9 @@ def test_merge_and_split_are_exact_for_every_datatype(tmp_path):
                 assert got.dtype == want.dtype, name
                 assert got.shape == want.shape, name
                 assert np.array_equal(got, want), name  # bit for bit, row for row
-                if name.startswith("OUT_"):
+                if name == "OUT_BYTES":  # ONNX Runtime answers text; the request sent UTF-8
+                    assert got.tolist() == [[b.decode() for b in row] for row in given["IN_BYTES"].tolist()]
+                elif name.startswith("OUT_"):
                     assert np.array_equal(got, given["IN_" + name[4:]]), name
     finally:
         lv.close()
@@ -415,6 +424,10 @@ def test_concurrent_clients_are_batched_and_a_bad_request_fails_alone(server_fac
     assert server.metric("nv_inference_exec_count", model="digits", version="1") == 1
     assert server.metric("nv_inference_request_success", model="digits", version="1") == 6
     assert server.metric("nv_inference_queue_duration_us", model="digits", version="1") > 0
+    (stats,) = client.get_inference_statistics("digits")["model_stats"]
+    assert (stats["inference_count"], stats["execution_count"]) == (6, 1)
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(6, 1)]
+    assert stats["inference_stats"]["success"]["count"] == 6
     expected = [r.as_numpy("probabilities").argmax() for r in send([png for png, _ in six])]
 
     # One undecodable image among them: it alone fails, with a 400 naming it; the rest are answered.
