@@ -12,10 +12,11 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +24,19 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_server import metrics
 from model_server.admin import Admin
 from model_server.config import ascii_uint
-from model_server.dataplane import DataPlane, RequestContext, shadow_record
+from model_server.dataplane import DataPlane, InferResult, RequestContext, shadow_record
 from model_server.errors import (
     InvalidInput,
+    MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     ServerError,
@@ -51,6 +53,7 @@ from model_server.traffic import PolicyStore
 log = logging.getLogger(__name__)
 
 DRAIN_FACTOR = 4
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 @dataclass
@@ -93,12 +96,45 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+# The infer endpoints, served by InferFastPath without Starlette's router, request and response
+# objects: they are most of a small model's time on the server.
+INFER_ROUTE = "/v2/models/{model}/infer"
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    """The request's headers, names in lower case (as the server hands them), the first of each name."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """An ASGI request body as it arrives."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidInput("client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+class InferFastPath:
+    """ASGI: ``.../infer`` straight to its handler, every other path to the Starlette app."""
+
+    def __init__(self, app: ASGIApp, infer: Callable[[Scope, Receive, Send, str, str | None], Awaitable[None]]):
+        self.app, self.infer = app, infer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (match := INFER_PATH.fullmatch(scope["path"])):
+            await self.infer(scope, receive, send, match.group(1), match.group(2))
+        else:
+            await self.app(scope, receive, send)
 
 
 def is_shadow_host(host: str | None) -> bool:
@@ -117,7 +153,7 @@ def is_shadow_host(host: str | None) -> bool:
     return bool(sep) and ascii_uint(port) is not None and name.endswith("-shadow")
 
 
-def create_app(repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None) -> Starlette:
+def create_app(repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None) -> ASGIApp:
     plog = prediction_log
     policies = PolicyStore(settings.state_dir, on_change=metrics.show_traffic_policy)
     feedback = FeedbackStore(FeedbackSigner(settings.feedback_key), settings.feedback_capacity, settings.feedback_ttl_s)
@@ -143,16 +179,13 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             async def handler(request: Request) -> Response:
                 try:
                     if admin:
-                        check_admin(request)
+                        check_admin(request.headers)
                     response = await fn(request)
                 except ServerError as exc:
                     response = error(exc.status, exc.message)
                 except Exception:  # a bug, not the client's fault: answer, log, keep serving
                     log.exception("unhandled error on %s %s", request.method, request.url.path)
                     response = error(500, "internal server error; see the server log")
-                rid = getattr(request.state, "request_id", None)
-                if rid is not None and "x-request-id" not in response.headers:
-                    response.headers["X-Request-ID"] = rid
                 metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
                 return response
 
@@ -160,28 +193,25 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
         return wrap
 
-    def check_admin(request: Request) -> None:
+    def check_admin(headers: Mapping[str, str]) -> None:
         if settings.admin_token is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
-    async def read_body(request: Request, limit: int | None = None) -> bytes:
+    async def read_body(receive: Receive, headers: Mapping[str, str], limit: int | None = None) -> bytes:
         limit = limit or settings.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
 
         async def read() -> bytes:
             chunks, size = [], 0
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size <= limit:
-                        chunks.append(chunk)
-                    elif size > DRAIN_FACTOR * limit:
-                        break  # not worth draining: answer now, the connection closes
-            except ClientDisconnect:
-                raise InvalidInput("client disconnected while sending the body") from None
+            async for chunk in body_chunks(receive):
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > DRAIN_FACTOR * limit:
+                    break  # not worth draining: answer now, the connection closes
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
                 raise PayloadTooLarge(f"request body of {declared or size} bytes is over the limit of {limit} bytes")
@@ -189,7 +219,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
         if declared is not None and ascii_uint(declared) is None:
             raise InvalidInput(f"invalid Content-Length {declared!r}")
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in CONTENT_CODINGS:
             raise InvalidInput(f"unsupported Content-Encoding {encoding[:40]!r}: use gzip, deflate or identity")
         try:
@@ -202,7 +232,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         return await asyncio.to_thread(decompress, body, encoding, limit)
 
     async def json_body(request: Request, allow_list: bool = False) -> Any:
-        body = await read_body(request, settings.max_json_bytes)
+        body = await read_body(request.receive, request.headers, settings.max_json_bytes)
         if not body.strip():
             return {}
         try:
@@ -252,44 +282,61 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
     # -- inference --------------------------------------------------------------------------
 
-    @endpoint("/v2/models/{model}/infer")
-    async def infer(request: Request) -> Response:
+    async def infer(scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        """``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI handler (InferFastPath)."""
         started = time.perf_counter()
         received_at = time.time()
-        headers = request.headers
-        rid = request.state.request_id = request_id(headers.get("x-request-id"))
-        trace = TraceContext.from_header(headers.get("traceparent"))
-        # The rollout's masking probe: its copy runs at once instead of in idle time (under load
-        # there may be none for minutes). Only with the admin token: it takes the primary's time.
-        probe = "x-shadow-probe" in headers
-        if probe:
-            check_admin(request)
-        # A copy made by Istio's mirror is served as a shadow (dataplane.py).
-        ctx = RequestContext(
-            rid,
-            trace,
-            headers,
-            client_address(request),
-            received_at,
-            started,
-            shadow_copy=is_shadow_host(headers.get("host")),
-            probe=probe,
-        )
-        body = await read_body(request)
-        params = request.path_params
-        result = await dataplane.infer(params["model"], params.get("version"), body, ctx, headers.get(HEADER_LENGTH))
-        background = None
-        if result.shadow is not None:
-            background = BackgroundTask(mirror.submit, result.shadow)  # runs after the response is sent
-        out_headers = {"X-Model-Version": result.version, "X-Request-ID": rid, "traceparent": trace.header}
-        if result.feedback_token is not None:
-            out_headers["X-Feedback-Token"] = result.feedback_token
-        if result.json_length is None:
-            return Response(result.payload, media_type="application/json", headers=out_headers, background=background)
-        out_headers[HEADER_LENGTH] = str(result.json_length)
-        return Response(
-            result.payload, media_type="application/octet-stream", headers=out_headers, background=background
-        )
+        rid = None
+        result: InferResult | None = None
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"method {scope['method']} not allowed on {scope['path']}")
+            headers = header_dict(scope)
+            rid = request_id(headers.get("x-request-id"))
+            trace = TraceContext.from_header(headers.get("traceparent"))
+            # The rollout's masking probe: its copy runs at once instead of in idle time (under
+            # load there may be none for minutes). Only with the admin token: it takes the primary's time.
+            probe = "x-shadow-probe" in headers
+            if probe:
+                check_admin(headers)
+            client = scope.get("client")
+            # A copy made by Istio's mirror is served as a shadow (dataplane.py).
+            ctx = RequestContext(
+                rid,
+                trace,
+                headers,
+                client[0] if client else "unknown",
+                received_at,
+                started,
+                shadow_copy=is_shadow_host(headers.get("host")),
+                probe=probe,
+            )
+            body = await read_body(receive, headers)
+            result = await dataplane.infer(model, version, body, ctx, headers.get(HEADER_LENGTH.lower()))
+            status, payload = 200, result.payload
+            out = [
+                (b"content-type", b"application/json" if result.json_length is None else b"application/octet-stream"),
+                (b"x-model-version", result.version.encode()),
+                (b"traceparent", trace.header.encode()),
+            ]
+            if result.json_length is not None:
+                out.append((HEADER_LENGTH.lower().encode(), str(result.json_length).encode()))
+            if result.feedback_token is not None:
+                out.append((b"x-feedback-token", result.feedback_token.encode()))
+        except ServerError as exc:
+            status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
+        except Exception:  # a bug, not the client's fault: answer, log, keep serving
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            status, out = 500, JSON_HEADERS
+            payload = json.dumps({"error": "internal server error; see the server log"}).encode()
+        if rid is not None:
+            out = [*out, (b"x-request-id", rid.encode())]
+        out = [*out, (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+        metrics.HTTP_REQUESTS.labels(INFER_ROUTE, str(status)).inc()
+        if result is not None and result.shadow is not None:
+            await mirror.submit(result.shadow)  # after the response is sent
 
     @endpoint("/v2/models/{model}/feedback")
     async def post_feedback(request: Request) -> Response:
@@ -376,8 +423,6 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT", "DELETE"]),
         Route("/v2/models/{model}/feedback", post_feedback, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/fault", fault, methods=["GET", "PUT"]),
@@ -406,4 +451,5 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             watcher.cancel()
         await dataplane.stop()
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    return InferFastPath(app, infer)

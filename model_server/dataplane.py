@@ -333,7 +333,7 @@ class DataPlane:
                 metrics.SHADOW_REQUESTS.labels(model, lv.label, "ok").inc()
             else:
                 vm.succeeded(batch, done - started, timing, done - encode_start)
-                metrics.ROUTED.labels(model, lv.label, decided).inc()
+                vm.routed(decided)
                 if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
                     self.feedback_store.record(
                         rid, model, lv.label, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")

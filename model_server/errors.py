@@ -33,6 +33,10 @@ class RequestTimeout(ServerError):
     status = 408
 
 
+class MethodNotAllowed(ServerError):
+    status = 405
+
+
 class Conflict(ServerError):
     """The request contradicts the server's state (a second label; unloading a routed version)."""
 

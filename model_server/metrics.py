@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -76,32 +76,10 @@ def _escape(value: str) -> str:
 
 TRITON_COUNTERS: list[TritonCounter] = []
 
-REQUEST_SUCCESS = TritonCounter(
-    "nv_inference_request_success", "Number of successful inference requests, all batch sizes", ML
-)
 REQUEST_FAILURE = TritonCounter(
     "nv_inference_request_failure",
     "Number of failed inference requests (reason: INVALID_INPUT, OOM, REJECTED, BACKEND)",
     (*ML, "reason"),
-)
-INFERENCE_COUNT = TritonCounter("nv_inference_count", "Number of inferences performed (a batch of n counts n)", ML)
-EXEC_COUNT = TritonCounter("nv_inference_exec_count", "Number of model executions performed", ML)
-REQUEST_DURATION_US = TritonCounter(
-    "nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", ML
-)
-QUEUE_DURATION_US = TritonCounter(
-    "nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds", ML
-)
-COMPUTE_INPUT_US = TritonCounter(
-    "nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds", ML
-)
-COMPUTE_INFER_US = TritonCounter(
-    "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds", ML
-)
-COMPUTE_OUTPUT_US = TritonCounter(
-    "nv_inference_compute_output_duration_us",
-    "Cumulative inference compute output duration in microseconds",
-    ML,
 )
 OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path"))
 SHADOW_REQUESTS = Counter(
@@ -277,6 +255,11 @@ class InferenceStatistics:
         self.batches: dict[int, list[int]] = {}  # batch size -> [executions, input, infer, output ns]
 
     @classmethod
+    def every(cls) -> list[tuple[tuple[str, str], InferenceStatistics]]:
+        with cls._all_lock:
+            return list(cls._all.items())
+
+    @classmethod
     def of(cls, model: str, version: str) -> InferenceStatistics:
         with cls._all_lock:
             stats = cls._all.get((model, version))
@@ -328,6 +311,60 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
+# Triton's per-version counters: rendered from each version's InferenceStatistics (one update
+# per request, not one per counter); name, help, and the value from a statistics object.
+STATISTICS_COUNTERS: tuple[tuple[str, str, Callable[[InferenceStatistics], float]], ...] = (
+    (
+        "nv_inference_request_success",
+        "Number of successful inference requests, all batch sizes",
+        lambda s: s.success[0],
+    ),
+    ("nv_inference_count", "Number of inferences performed (a batch of n counts n)", lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions performed", lambda s: s.execution_count),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative inference request duration in microseconds",
+        lambda s: s.success[1] / 1000,
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "Cumulative inference queuing duration in microseconds",
+        lambda s: s.queue_ns / 1000,
+    ),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative compute input duration in microseconds",
+        lambda s: s.compute_ns[0] / 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative compute inference duration in microseconds",
+        lambda s: s.compute_ns[1] / 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative inference compute output duration in microseconds",
+        lambda s: s.compute_ns[2] / 1000,
+    ),
+)
+
+
+def render_statistics_counters() -> str:
+    """Triton's per-version counters, from the statistics every version keeps."""
+    snapshots = []
+    for (model, version), stats in InferenceStatistics.every():
+        with stats.lock:
+            snapshots.append(((model, version), [value(stats) for _, _, value in STATISTICS_COUNTERS]))
+    lines = []
+    for i, (name, documentation, _) in enumerate(STATISTICS_COUNTERS):
+        lines += [f"# HELP {name} {documentation}", f"# TYPE {name} counter"]
+        for (model, version), values in sorted(snapshots):
+            lines.append(
+                f'{name}{{model="{_escape(model)}",version="{_escape(version)}"}} {floatToGoString(values[i])}'
+            )
+    return "\n".join(lines) + "\n"
+
+
 class VersionMetrics:
     """The metric children of one model version on one path, bound once instead of per request.
 
@@ -338,19 +375,18 @@ class VersionMetrics:
 
     def __init__(self, model: str, version: str, path: str = "primary"):
         self.model, self.version, self.path = model, version, path
-        labels = (model, version)
         self.latency = REQUEST_LATENCY.labels(model, version, path)
         self.primary = path == "primary"
+        self._routed: dict[str, Any] = {}  # how the version was chosen -> its counter child
         if self.primary:
-            self.success = REQUEST_SUCCESS.labels(*labels)
-            self.count = INFERENCE_COUNT.labels(*labels)
-            self.exec = EXEC_COUNT.labels(*labels)
-            self.duration = REQUEST_DURATION_US.labels(*labels)
-            self.queue = QUEUE_DURATION_US.labels(*labels)
-            self.compute_input = COMPUTE_INPUT_US.labels(*labels)
-            self.compute_infer = COMPUTE_INFER_US.labels(*labels)
-            self.compute_output = COMPUTE_OUTPUT_US.labels(*labels)
             self.stats = InferenceStatistics.of(model, version)
+
+    def routed(self, decided_by: str) -> None:
+        """One primary request routed here by ``decided_by`` (route, version, header, ...)."""
+        child = self._routed.get(decided_by)
+        if child is None:
+            child = self._routed[decided_by] = ROUTED.labels(self.model, self.version, decided_by)
+        child.inc()
 
     def succeeded(self, batch: int, seconds: float, timing: dict[str, float], output_seconds: float) -> None:
         """One request answered: ``batch`` items in ``seconds``; ``timing`` holds the queue, input
@@ -359,13 +395,6 @@ class VersionMetrics:
         self.latency.observe(seconds)
         if not self.primary:
             return
-        self.success.inc()
-        self.count.inc(batch)
-        self.duration.inc(seconds * 1e6)
-        self.queue.inc(timing["queue"] * 1e6)
-        self.compute_input.inc(timing["input"] * 1e6)
-        self.compute_infer.inc(timing["infer"] * 1e6)
-        self.compute_output.inc(output_seconds * 1e6)
         stats = self.stats
         with stats.lock:
             stats.inference_count += batch
@@ -382,7 +411,6 @@ class VersionMetrics:
         execution count and the batch statistics of that size. The primary path only."""
         if not self.primary:
             return
-        self.exec.inc()
         now_ms = int(time.time() * 1000)
         stats = self.stats
         with stats.lock:
@@ -414,4 +442,5 @@ class VersionMetrics:
 
 def exposition() -> bytes:
     """The /metrics body: Triton's counters, then everything in the default registry."""
-    return "".join(c.render() for c in TRITON_COUNTERS).encode() + generate_latest()
+    triton = render_statistics_counters() + "".join(c.render() for c in TRITON_COUNTERS)
+    return triton.encode() + generate_latest()
