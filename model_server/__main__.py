@@ -13,6 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from model_server.app import Settings, create_app
+from model_server.config import NAME_RE, ascii_uint
 from model_server.errors import ServerError
 from model_server.feedback import read_key
 from model_server.httpserver import limited_protocol
@@ -36,6 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         metavar="NAME",
         help="model to load at start (repeatable); default: every model in the repository",
+    )
+    p.add_argument(
+        "--serve",
+        action="append",
+        default=[],
+        metavar="MODEL:VERSION",
+        help="serve exactly this version of this model (repeatable; a pod of one version's Deployment): "
+        "loaded at start, the server ready only once it is, and no load or unload may change it",
     )
     p.add_argument(
         "--device",
@@ -157,6 +166,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def pins(specs: list[str]) -> dict[str, int]:
+    """``--serve MODEL:VERSION`` values as {model: version}; ValueError naming a bad one."""
+    pinned: dict[str, int] = {}
+    for spec in specs:
+        name, _, version = spec.rpartition(":")
+        number = ascii_uint(version)
+        if not NAME_RE.match(name) or not number:
+            raise ValueError(f"--serve {spec!r}: give MODEL:VERSION, a model name and a version >= 1")
+        if pinned.get(name, number) != number:
+            raise ValueError(f"--serve names two versions of model {name!r}: a server serves one")
+        pinned[name] = number
+    return pinned
+
+
 def admin_token(args: argparse.Namespace) -> str | None:
     if args.admin_token_file is not None:
         token = args.admin_token_file.read_text().strip()
@@ -268,7 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogMasking(mask))
     plog = prediction_log(args, mask)
-    for name in args.load_model or repo.names():
+    try:
+        repo.pinned = pins(args.serve)
+    except ValueError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return 2
+    for name, version in repo.pinned.items():
+        try:
+            repo.load(name, {"version_policy": {"specific": {"versions": [version]}}}, persist=False)
+            log.info("serving model %r version %s (--serve)", name, version)
+        except ServerError as exc:
+            if args.exit_on_error:
+                print(f"model-server: --serve {name}:{version}: {exc.message}", file=sys.stderr)
+                return 1
+            log.error("--serve %s:%s: %s; not ready until it loads", name, version, exc.message)
+    for name in [] if repo.pinned else args.load_model or repo.names():
         wanted, override = repo.persisted(name)  # as the last load or unload left it
         if not wanted:
             log.info("model %r stays unloaded, as it was before the restart", name)

@@ -142,7 +142,12 @@ class DataPlane:
         have not loaded yet, or failed to)."""
         if not self.running:
             return "starting or stopping"
-        reasons = [r for m in self.policies.models() if (r := self._unserved(m)) is not None]
+        reasons = [
+            f"model '{m}' version {v} (--serve) is not loaded"
+            for m, v in self.repo.pinned.items()
+            if not self.repo.is_ready(m, str(v))
+        ]
+        reasons += [r for m in self.policies.models() if (r := self._unserved(m)) is not None]
         return "; ".join(reasons) if reasons else None
 
     def model_not_ready_reason(self, model: str, version: str | None = None) -> str | None:

@@ -43,6 +43,7 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._errors: dict[str, str] = {}
+        self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.state_dir = state_dir
 
     def persisted(self, name: str) -> tuple[bool, dict[str, Any] | None]:
@@ -126,6 +127,12 @@ class ModelRepository:
         if not on_disk:
             raise InvalidInput(f"model '{name}' has no <version>/model.onnx in the repository")
         wanted = cfg.select_versions(list(on_disk))
+        pinned = self.pinned.get(name)
+        if pinned is not None and wanted != [pinned]:
+            raise Conflict(
+                f"model '{name}': this server serves version {pinned} only (--serve {name}:{pinned}); "
+                f"the load selects {sorted(wanted)}"
+            )
         dropped = sorted(keep - set(wanted))
         if dropped:
             raise Conflict(
@@ -170,6 +177,10 @@ class ModelRepository:
         with self._load_lock:
             if name not in self._models:  # a loaded model can be unloaded even if its folder went
                 self.model_dir(name)
+            if name in self.pinned:
+                raise Conflict(
+                    f"model '{name}': this server serves version {self.pinned[name]} (--serve): not unloaded"
+                )
             routed = sorted(set(keep), key=int)
             if routed:
                 raise Conflict(

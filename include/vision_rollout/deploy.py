@@ -1,7 +1,8 @@
 """Kubernetes mode: one Deployment per model version, the pods behind each Istio subset.
 
 ``render_deployment`` gives version N's Deployment: the serving image built for it (tagged by
-the artifact's digest, ``docker/Dockerfile.model-server``), pod labels ``app=<service>`` (the
+the artifact's digest, ``docker/Dockerfile.model-server``), serving that version only (``--serve
+MODEL:VERSION``: ready once it is loaded and warmed up), pod labels ``app=<service>`` (the
 Service's selector) and ``version=<N>`` (the DestinationRule subset's), a GPU per pod and the
 server's readiness probe. ``VersionDeployments`` applies it server-side (field manager
 ``model-rollout``), waits for its pods to be ready, and scales a version to zero on rollback or
@@ -25,7 +26,11 @@ def render_deployment(
     container: dict[str, Any] = {
         "name": "model-server",
         "image": image,
-        "args": ["--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"],
+        # The pod serves this version only, and is ready once it is loaded and warmed up.
+        "args": [
+            *("--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"),
+            *("--serve", f"{model}:{version}"),
+        ],
         "volumeMounts": [{"name": "state", "mountPath": "/state"}],
         "ports": [{"name": "http", "containerPort": 8000}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}, "periodSeconds": 5},

@@ -9,6 +9,11 @@ import pytest
 import requests
 from tritonclient.utils import InferenceServerException
 
+
+def policy(*versions: int) -> dict:
+    return {"version_policy": {"specific": {"versions": list(versions)}}}
+
+
 pytestmark = pytest.mark.integration
 
 
@@ -122,3 +127,58 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     assert out.returncode == 2
     assert "is not a folder" in out.stderr
     assert not (tmp_path / "nope").exists()  # no state folder made where the repository is not
+
+
+@pytest.mark.integration
+def test_a_pod_serves_exactly_the_version_it_is_started_with(server_factory, repo_copy):
+    """``--serve MODEL:VERSION`` (a pod of one version's Deployment): that version only, loaded at
+    start, ready only once it is, and no load or unload can change it."""
+    server = server_factory(repo_copy, "--serve", "digits:2", token="pin-token")
+    c = server.client()
+    assert c.get_model_metadata("digits")["versions"] == ["2"]  # config.json would load version 1
+    assert c.is_server_ready()
+    assert [e["name"] for e in c.get_model_repository_index() if e.get("state") == "READY"] == ["digits"]
+    for call in (
+        lambda: c.load_model("digits", headers=server.admin),  # config.json's version 1
+        lambda: c.load_model("digits", headers=server.admin, config=json.dumps(policy(2, 3))),
+        lambda: c.unload_model("digits", headers=server.admin),
+    ):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == "409"
+        assert "serves version 2" in err.value.message()
+    c.load_model("digits", headers=server.admin, config=json.dumps(policy(2)))  # the same: allowed
+    assert c.get_model_metadata("digits")["versions"] == ["2"]
+
+
+def test_serve_names_a_model_and_a_version_it_can_load(tmp_path, repo_copy):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "ORT_DISABLE_TELEMETRY": "1"}
+
+    def start(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "model_server", "--repository", str(repo_copy), "--port", "1", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    for spec, message in (("digits", "give MODEL:VERSION"), ("digits:0", "give MODEL:VERSION"), ("../x:1", "MODEL")):
+        out = start("--serve", spec)
+        assert out.returncode == 2, spec
+        assert message in out.stderr, spec
+    out = start("--serve", "digits:1", "--serve", "digits:2")
+    assert out.returncode == 2
+    assert "two versions of model 'digits'" in out.stderr
+    out = start("--serve", "digits:9")  # a version the repository does not have: never ready
+    assert out.returncode == 1
+    assert "--serve digits:9" in out.stderr
+    assert "not in the repository" in out.stderr
+
+
+@pytest.mark.integration
+def test_a_pod_whose_version_cannot_load_is_never_ready(server_factory, repo_copy):
+    server = server_factory(repo_copy, "--serve", "digits:9", "--no-exit-on-error", until="live")
+    r = requests.get(f"{server.http}/v2/health/ready", timeout=10)
+    assert r.status_code == 503
+    assert "model 'digits' version 9 (--serve) is not loaded" in r.json()["error"]

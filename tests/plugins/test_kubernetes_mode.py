@@ -160,6 +160,10 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     assert container["image"] == tag
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The pod serves version 2 only, whatever its image's config.json loads, and is ready once it does.
+    from model_server.__main__ import parse_args
+
+    assert parse_args(container["args"]).serve == ["digits:2"]  # the server's own parser takes them
     assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
 
