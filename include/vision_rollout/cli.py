@@ -124,7 +124,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         target = IstioTarget(args.namespace, args.service, args.name)
         versions = args.versions.split(",") if args.versions else sorted(policy.versions(), key=int)
         if args.action == "render":
-            objs = [render_destination_rule(target, versions), render_virtual_service(target, policy)]
+            objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
             for o in objs:
                 validate_istio(o)
             print(yaml.safe_dump_all(objs, sort_keys=False), end="")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -127,6 +128,25 @@ def subset(version: str) -> str:
     return f"v{version}"
 
 
+# Routes that send a request naming its version to that version's pods, ahead of the policy.
+PINNED_PREFIX = "pinned-v"
+
+
+def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
+    """Requests that name version N (``X-Model-Version: N``, or a ``/versions/N/`` path, as the
+    replay, the probes and clients' overrides do) go to subset vN: the weighted route would
+    send most of them to another version's pods, which answer 404 or the wrong version. Never
+    mirrored: a request that names its version is targeted, not traffic (as the server decides)."""
+    return {
+        "name": f"{PINNED_PREFIX}{version}",
+        "match": [
+            {"headers": {"x-model-version": {"exact": version}}},
+            {"uri": {"regex": f"/v2/models/[^/]+/versions/{version}/.*"}},  # Envoy: the whole path
+        ],
+        "route": [{"destination": {"host": target.host, "subset": subset(version)}}],
+    }
+
+
 @dataclass
 class IstioTarget:
     """The Istio objects one model's rollout drives: its Service, and the VirtualService and
@@ -143,7 +163,10 @@ class IstioTarget:
         return f"{self.service}.{self.namespace}.svc.cluster.local"
 
 
-def render_virtual_service(target: IstioTarget, policy: TrafficPolicy) -> dict[str, Any]:
+def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions: Iterable[str] = ()) -> dict[str, Any]:
+    """The policy as a VirtualService, after one pinned route per deployed version (``versions``,
+    the DestinationRule's subsets)."""
+
     def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
         return [
             {"destination": {"host": target.host, "subset": subset(d.version)}, "weight": d.weight}
@@ -158,8 +181,10 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy) -> dict[s
             entry["mirrorPercentage"] = {"value": m.percent}
         return entry
 
-    http = []
+    http = [pinned_route(target, v) for v in sorted(set(versions), key=int)]
     for i, rule in enumerate(policy.rules):
+        if (rule.name or "").startswith(PINNED_PREFIX):
+            raise RouterError(f"traffic rule {rule.name!r}: names starting with {PINNED_PREFIX!r} are reserved")
         match = {"headers": {h: {m.kind: m.value} for h, m in rule.headers}}
         http.append(
             mirrored({"name": rule.name or f"rule-{i}", "match": [match], "route": route(rule.route)}, rule.route)
@@ -206,6 +231,8 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
 
     raw: dict[str, Any] = {"rules": []}
     for entry in vs["spec"].get("http", []):
+        if entry.get("name", "").startswith(PINNED_PREFIX):
+            continue  # not the policy's: the routes of requests that name their version
         if "mirror" in entry:
             raw["mirror"] = {
                 "version": entry["mirror"]["subset"].removeprefix("v"),
@@ -307,7 +334,7 @@ class IstioRouter:
             self._apply(body, "virtualservices")
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
-        vs = render_virtual_service(self.target, policy)
+        vs = render_virtual_service(self.target, policy, self.versions)
         live = self._get("virtualservices")
         if live is not None and ORIGINAL_ANNOTATION in _annotations(live):
             vs["metadata"]["annotations"] = {ORIGINAL_ANNOTATION: _annotations(live)[ORIGINAL_ANNOTATION]}

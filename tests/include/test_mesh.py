@@ -91,6 +91,8 @@ def test_istio_router_applies_diffs_and_restores(kube):
     writes = len(fake.writes())
     assert router.set_routes(CANARY) is True
     assert router.get_routes() == CANARY
+    applied = fake.objects[("virtualservices", "models", "digits")]["spec"]["http"]
+    assert [r["name"] for r in applied[:2]] == ["pinned-v1", "pinned-v2"]  # every subset's version
     assert router.set_routes(CANARY) is False  # diff before write: nothing sent
     assert len(fake.writes()) == writes + 1
     w = fake.writes()[-1]
@@ -146,3 +148,33 @@ def test_local_router_drives_the_model_server(server_factory, repo_copy, tmp_pat
         LocalRouter(s.http, "digits", token="wrong").get_routes()
     with pytest.raises(RouterError, match="not loaded"):
         router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "5", "weight": 100}]}))
+
+
+def test_requests_that_name_their_version_reach_that_versions_pods():
+    """The weighted route alone sent the replay's /versions/2/infer calls to baseline pods too
+    (404, or the wrong version's answer): requests naming a version go to its subset first."""
+    import re
+
+    vs = render_virtual_service(TARGET, CANARY, ["2", "1"])
+    validate_istio(vs)
+    pinned, rest = vs["spec"]["http"][:2], vs["spec"]["http"][2:]
+    assert [r["name"] for r in pinned] == ["pinned-v1", "pinned-v2"]
+    for route, version in zip(pinned, ("1", "2"), strict=True):
+        header, uri = route["match"]
+        assert header == {"headers": {"x-model-version": {"exact": version}}}
+        assert route["route"] == [{"destination": {"host": TARGET.host, "subset": f"v{version}"}}]
+        assert "mirror" not in route  # targeted requests are not traffic: never mirrored
+        pattern = re.compile(uri["uri"]["regex"])  # Envoy matches the whole path (no query string)
+        assert pattern.fullmatch(f"/v2/models/digits/versions/{version}/infer")
+        assert not pattern.fullmatch(f"/v2/models/digits/versions/{version}0/infer")
+        assert not pattern.fullmatch("/v2/models/digits/infer")
+    assert rest == render_virtual_service(TARGET, CANARY)["spec"]["http"]  # then the policy, as before
+    assert policy_from_virtual_service(vs) == CANARY  # read back: the policy only
+    reserved = TrafficPolicy.from_dict(
+        {
+            "rules": [{"name": "pinned-v9", "match": {"headers": {"x": {"exact": "1"}}}, "route": [{"version": "1"}]}],
+            "route": [{"version": "1", "weight": 100}],
+        }
+    )
+    with pytest.raises(RouterError, match="'pinned-v9': names starting with 'pinned-v' are reserved"):
+        render_virtual_service(TARGET, reserved, ["1"])
