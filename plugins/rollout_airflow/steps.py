@@ -7,6 +7,7 @@ include/vision_rollout. Secrets come only from the connections the hooks read.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import fields
@@ -18,6 +19,8 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
+
+log = logging.getLogger(__name__)
 
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
@@ -410,7 +413,15 @@ def mirror_percent(model: str, end: datetime) -> float | None:
 
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:
-    """DAG failure callback: a failed or killed run leaves the stable version at 100%."""
+    """DAG failure callback: a failed or killed run leaves the stable version at 100%, unless
+    the candidate was already promoted (the mesh routes it 100%): then a later failure (notify,
+    say) keeps it, since promote has retired the baseline and routing back to it would be an
+    outage."""
     params = dict(context.get("params") or {})
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
+    spec = spec_from(params)
+    hook = serving()
+    if router(spec, run_id, hook).get_routes() == spec.promoted_policy():
+        log.warning("run %s failed after promoting version %s: it keeps 100%%", run_id, spec.candidate_version)
+        return
     restore_stable(params, run_id, unload_candidate=False)

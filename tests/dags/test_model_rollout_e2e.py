@@ -127,6 +127,13 @@ def test_the_failure_callback_restores_stable(stack):
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")})
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
 
+    # A run that fails after promote (notify, say) keeps the promoted version: promote retired the
+    # baseline, and routing back to it would answer every request 503.
+    promoted = {"route": [{"version": "2", "weight": 100}]}
+    router.set_routes(TrafficPolicy.from_dict(promoted))
+    restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="late-fail")})
+    assert router.get_routes().to_dict() == promoted
+
 
 def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stands(stack, monkeypatch):
     """The Slack provider's connection points at a Slack API answering 503 to every call: the

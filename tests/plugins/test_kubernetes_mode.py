@@ -191,6 +191,13 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     assert deployment(kube, "2")["spec"]["replicas"] == 1
     routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
     assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+    # The run fails after promote (notify, say): the DAG's failure callback keeps the promotion.
+    # Routing back to version 1, whose pods promote scaled to 0, would be an outage.
+    writes = len(kube.writes())
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-2"})
+    assert len(kube.writes()) == writes
+    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
+    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
 
 
 def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
