@@ -46,7 +46,7 @@ from model_server.feedback import FeedbackSigner, FeedbackStore
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES
 from model_server.repository import ModelRepository
-from model_server.shadow import ShadowMirror, ShadowResult
+from model_server.shadow import ShadowMirror, ShadowResult, header_text
 from model_server.trace import TraceContext, request_id
 from model_server.traffic import PolicyStore
 
@@ -98,8 +98,8 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 # The infer endpoints, served by InferFastPath without Starlette's router, request and response
 # objects: they are most of a small model's time on the server.
-INFER_ROUTE = "/v2/models/{model}/infer"
-INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer/?")
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -107,8 +107,11 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def header_dict(scope: Scope) -> dict[str, str]:
-    """The request's headers, names in lower case (as the server hands them), the first of each name."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+    """The request's headers, names in lower case (as the server hands them), the first of each
+    name; values as their sender wrote them (``header_text``: UTF-8, else Latin-1), so that the
+    masking reads a full-width number as a number, and header rules match text as Envoy matches
+    its bytes."""
+    return {k.decode("latin-1"): header_text(v) for k, v in reversed(scope["headers"])}
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
@@ -334,7 +337,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         out = [*out, (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
-        metrics.HTTP_REQUESTS.labels(INFER_ROUTE, str(status)).inc()
+        metrics.HTTP_REQUESTS.labels(INFER_ROUTES[version is not None], str(status)).inc()
         if result is not None and result.shadow is not None:
             await mirror.submit(result.shadow)  # after the response is sent
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model_server.config import DynamicBatching
-from model_server.errors import InvalidInput, Rejected, ServerError
+from model_server.errors import ClientTimeout, InferenceFailed, InvalidInput, Rejected, ServerError
 from model_server.protocol import InferInput
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Pending:
     seq: int
     enqueued: float
     deadline: float | None
+    own_timeout: bool  # the deadline is the client's (parameters.timeout), not the model's default
     future: asyncio.Future[Outcome] = field(repr=False)
     outcome: Outcome | BaseException | None = None
 
@@ -95,26 +96,25 @@ class DynamicBatcher:
             raise InvalidInput(f"parameters.priority {raw} is over the model's priority_levels {levels}")
         return raw or self.config.default_priority_level
 
-    def timeout_of(self, parameters: dict[str, Any]) -> float:
-        """The request's queue timeout in seconds (0: none)."""
-        timeout_us = self.config.default_timeout_microseconds
+    def timeout_of(self, parameters: dict[str, Any]) -> tuple[float, bool]:
+        """The request's queue timeout in seconds (0: none), and whether the client chose it."""
         raw = parameters.get("timeout")
         if raw is not None:
             if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
                 raise InvalidInput(f"parameters.timeout must be a non-negative integer (microseconds), got {raw!r}")
             if self.config.allow_timeout_override:
-                timeout_us = raw
-        return timeout_us / 1e6
+                return raw / 1e6, True
+        return self.config.default_timeout_microseconds / 1e6, False
 
     async def submit(self, inputs: list[InferInput], outputs: list[str], parameters: dict[str, Any]) -> Outcome:
         """Queue one validated request and wait for its share of a batch."""
         priority = self.priority_of(parameters)
-        timeout = self.timeout_of(parameters)
+        timeout, own = self.timeout_of(parameters)
         limit = self.config.max_queue_size
         if limit and len(self._queue) >= limit:
             raise Rejected(f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size ({limit})")
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # the first request (or a new loop: tests run one per case)
+        if self._loop is not loop or self._task is None or self._task.done():  # first request, or a new loop
             self._loop = loop
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._form_batches())
@@ -129,13 +129,26 @@ class DynamicBatcher:
             seq,
             now,
             now + timeout if timeout else None,
+            own,
             loop.create_future(),
         )
         self._timeouts += pending.deadline is not None
         bisect.insort(self._queue, (priority, seq, pending), key=lambda item: item[:2])
         assert self._wake is not None
         self._wake.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:  # the client went away: its place in the queue is freed
+            self._withdraw(pending)
+            raise
+
+    def _withdraw(self, pending: Pending) -> None:
+        for i, item in enumerate(self._queue):
+            if item[2] is pending:
+                del self._queue[i]
+                self._timeouts -= pending.deadline is not None
+                self._answer(pending, asyncio.CancelledError())  # keeps preserve_ordering's count
+                return
 
     def close(self) -> None:
         """Stop forming batches (the version is drained: nothing is queued)."""
@@ -173,30 +186,25 @@ class DynamicBatcher:
         for item in expired:
             self._queue.remove(item)
             self._timeouts -= 1
-            self._answer(item[2], Rejected(f"model '{self.lv.name}': request timeout expired in the queue"))
+            # A client that chose its own timeout gave up: not the version's failure (as a 400 is not).
+            error = ClientTimeout if item[2].own_timeout else Rejected
+            self._answer(item[2], error(f"model '{self.lv.name}': request timeout expired in the queue"))
 
     async def _form_batches(self) -> None:
         assert self._wake is not None
         wake = self._wake
         while True:
-            if not self._queue or self._free == 0:
-                wake.clear()
-                await wake.wait()
-                continue
             now = time.perf_counter()
             if self._timeouts:
-                self._expire(now)
-                if not self._queue:
-                    continue
+                self._expire(now)  # also while every instance is busy: a timeout is the client's
+            if not self._queue or self._free == 0:
+                await self._sleep(wake, None, now)
+                continue
             taken, complete = self._candidates()
             if not complete and self.delay_s:
-                remaining = taken[0].enqueued + self.delay_s - now
-                if remaining > 0:
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), remaining)
-                    except TimeoutError:
-                        pass
+                until = taken[0].enqueued + self.delay_s
+                if until > now:
+                    await self._sleep(wake, until, now)
                     continue
             taken = self._prefix(taken)
             del self._queue[: len(taken)]  # a batch is always the head of the queue
@@ -205,6 +213,20 @@ class DynamicBatcher:
             task = asyncio.get_running_loop().create_task(self._execute(taken))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    async def _sleep(self, wake: asyncio.Event, until: float | None, now: float) -> None:
+        """Until woken (an arrival, a free instance), ``until``, or the next queue timeout."""
+        if self._timeouts:
+            first = min(p.deadline for _, _, p in self._queue if p.deadline is not None)
+            until = first if until is None else min(until, first)
+        wake.clear()
+        if until is None:
+            await wake.wait()
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), max(until - now, 0.0))
+        except TimeoutError:
+            pass
 
     # -- running and answering -----------------------------------------------------------------
 
@@ -246,6 +268,8 @@ def _settle(future: asyncio.Future[Outcome], outcome: Outcome | BaseException) -
     if future.done():  # the client went away (cancelled)
         return
     if isinstance(outcome, BaseException):
+        if not isinstance(outcome, (ServerError, asyncio.CancelledError)):  # a bug: answered, not lost
+            outcome = InferenceFailed(f"batched execution failed: {type(outcome).__name__}: {outcome}")
         future.set_exception(outcome)
     else:
         future.set_result(outcome)

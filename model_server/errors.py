@@ -65,6 +65,11 @@ class Rejected(ModelUnavailable):
     """Refused by the dynamic batcher's queue policy (queue full, queue timeout), as Triton does."""
 
 
+class ClientTimeout(Rejected):
+    """Refused when the queue timeout the client chose (``parameters.timeout``) expired: counted
+    CANCELED, so that a client cannot move a version's error rate by the timeouts it sends."""
+
+
 class InferenceFailed(ServerError):
     """The model itself failed on input that passed validation."""
 
@@ -76,9 +81,11 @@ class InjectedFault(InferenceFailed):
 
 
 def failure_reason(exc: ServerError) -> str:
-    """The reason the failure metrics count (Triton's): OOM, REJECTED, INVALID_INPUT or BACKEND."""
+    """The reason the failure metrics count (Triton's): OOM, CANCELED, REJECTED, INVALID_INPUT or BACKEND."""
     if isinstance(exc, OutOfMemory):
         return "OOM"
+    if isinstance(exc, ClientTimeout):
+        return "CANCELED"
     if isinstance(exc, Rejected):
         return "REJECTED"
     return "INVALID_INPUT" if exc.status < 500 else "BACKEND"

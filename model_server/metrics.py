@@ -78,7 +78,7 @@ TRITON_COUNTERS: list[TritonCounter] = []
 
 REQUEST_FAILURE = TritonCounter(
     "nv_inference_request_failure",
-    "Number of failed inference requests (reason: INVALID_INPUT, OOM, REJECTED, BACKEND)",
+    "Number of failed inference requests (reason: INVALID_INPUT, OOM, CANCELED, REJECTED, BACKEND)",
     (*ML, "reason"),
 )
 OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path"))

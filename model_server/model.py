@@ -183,6 +183,13 @@ class LoadedVersion:
                 self._check_tensor(where, "input", spec, graph_in)
         for spec in self.config.outputs:
             self._check_tensor(where, "output", spec, graph_out)
+            shape = graph_out[spec.name].shape
+            if self.config.dynamic_batching is not None and (not shape or isinstance(shape[0], int)):
+                # Its rows could not be split back per request (a reduction over the batch, say).
+                raise InvalidInput(
+                    f"{where}: dynamic_batching needs every output batched along its first dimension; "
+                    f"output {spec.name!r} has shape {shape} in the graph"
+                )
 
     @staticmethod
     def _check_tensor(where: str, kind: str, spec: TensorSpec, graph: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ SCHEMA = pa.schema(
         ("span_id", pa.string()),
         ("item", pa.int32()),
         ("latency_ms", pa.float64()),
-        ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | REJECTED | FAULT | DROPPED
+        ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | REJECTED | CANCELED | FAULT | DROPPED
         ("top1", pa.int32()),
         ("top1_prob", pa.float32()),
         ("topk_index", pa.list_(pa.int32())),

@@ -30,10 +30,9 @@ log = logging.getLogger(__name__)
 
 PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
-_METADATA_RAW = tuple(h.encode() for h in METADATA_HEADERS)
 
 
-def _header_text(value: bytes) -> str:
+def header_text(value: bytes) -> str:
     """A header value as its sender wrote it: UTF-8 (what clients send beyond ASCII), else
     Latin-1 (HTTP's historical charset). Read as Latin-1 only, a full-width number would reach
     the masking as mojibake that no detector reads and any reader decodes back."""
@@ -44,10 +43,8 @@ def _header_text(value: bytes) -> str:
 
 
 def request_metadata(headers: Mapping[str, str]) -> dict[str, str]:
-    """The request metadata a prediction record keeps: user, device, tenant and any X-Meta-*."""
-    raw = getattr(headers, "raw", None)
-    if raw is not None:  # Starlette's headers: ASGI names are lower-case bytes; decode only these
-        return {k.decode("latin-1"): _header_text(v) for k, v in raw if k in _METADATA_RAW or k.startswith(b"x-meta-")}
+    """The request metadata a prediction record keeps: user, device, tenant and any X-Meta-*
+    (``headers``: values decoded by ``header_text``)."""
     return {
         k.lower(): v for k, v in headers.items() if k.lower() in METADATA_HEADERS or k.lower().startswith("x-meta-")
     }

@@ -113,7 +113,8 @@ def stage_samples(
     chosen = primary[keep].reset_index(drop=True)
     is_replay = is_replay[keep].reset_index(drop=True)
     truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
-    error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT"])  # server failures: a client's 400 is not the version's
+    # Server failures: a client's 400, or its own queue timeout (CANCELED), is not the version's.
+    error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT", "CANCELED"])
     return pd.DataFrame(
         {
             "arm": chosen["version"].map(arms),
@@ -232,22 +233,16 @@ def judge_stage(
     tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
     if tripped:
         return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
-    if guard_in.unavailable:  # a stage passes only under its guards: no look is judged blind
+    if guard_in.unavailable or guard_in.missing:  # a stage passes only under its guards: no look is judged blind
+        if guard_in.unavailable:
+            now_, then = "the hard guards cannot be read", "its hard guards could not be read"
+            why, until = f" ({guard_in.unavailable})", "Prometheus answers again"
+        else:
+            now_, then = "a hard guard has no data", "a hard guard had no data"
+            why, until = f": {guard_in.missing}", "it has"
         if elapsed >= spec.max_stage_seconds:
-            return state(
-                "undecided",
-                0,
-                None,
-                f"undecided: the stage ended ({elapsed:.0f} s) while its hard "
-                f"guards could not be read ({guard_in.unavailable})",
-            )
-        return state(
-            "waiting",
-            0,
-            None,
-            f"holding: the hard guards cannot be read ({guard_in.unavailable}); "
-            "no look is judged until Prometheus answers again",
-        )
+            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {then}{why}")
+        return state("waiting", 0, None, f"holding: {now_}{why}; no look is judged until {until}")
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -374,25 +369,36 @@ def _z(level: float) -> float:
 # -- reading the world: the stage judge ------------------------------------------------------
 
 
+RATE_WINDOW_MIN_S = 30.0  # the P99 guard's rate window, at least; else 4 scrape intervals
+
+
+def rate_window_s(scrape_interval_s: float) -> float:
+    """A rate window that holds enough samples whatever the scrape interval: 4 intervals, at least 30 s."""
+    return max(RATE_WINDOW_MIN_S, 4 * scrape_interval_s)
+
+
 def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | None = None) -> GuardInputs:
-    """The Prometheus hard guards. No series yet leaves a guard out (nothing to judge so far);
-    Prometheus unreachable or failing sets ``unavailable``: the stage then holds, never passes."""
+    """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
+    summed over the version's pods. No data for the canary's P99 sets ``missing``, and
+    Prometheus unreachable or failing sets ``unavailable``: either way the stage holds, never passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
     series = None
     down: list[str] = []
+    missing = None
     try:
+        rate = rate_window_s(source.scrape_interval_s())
         window = max(spec.p99_breach_seconds, 10)
         points = source.query_range(
-            PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, "30s"),
+            PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, f"{rate:g}s"),
             now - window - 5,
             now,
             step_s=max(1.0, window / 60),
         )
         series = tuple(points)
     except NoValuesFound as exc:
-        log.info("no canary P99 series yet: %s", exc)
+        missing = f"the canary's P99 has no data in Prometheus ({exc})"
     except MetricsError as exc:
         down.append(str(exc))
     errors = requests = None
@@ -409,6 +415,7 @@ def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | N
         shadow_errors=errors,
         shadow_requests=requests,
         unavailable="; ".join(dict.fromkeys(down)) or None,
+        missing=missing,
     )
 
 

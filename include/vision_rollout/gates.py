@@ -539,6 +539,7 @@ class GuardInputs:
     shadow_errors: int | None = None
     shadow_requests: int | None = None
     unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
+    missing: str | None = None  # a guard Prometheus has no data for: it cannot judge, so nothing passes
 
 
 def sustained_breach(series: tuple[tuple[float, float], ...], limit: float, seconds: float) -> tuple[bool, float]:

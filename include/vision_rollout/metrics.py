@@ -101,6 +101,16 @@ class PrometheusSource:
             raise NoValuesFound(f"NaN for {promql} (no traffic in the window?)")
         return value
 
+    def scrape_interval_s(self) -> float:
+        """The longest scrape interval among Prometheus' active targets (its own configuration, as
+        its targets API reports it): a rate needs at least two samples in its window, and a window
+        of 4 intervals keeps one missed scrape from emptying it. MetricsError without targets."""
+        targets = self._api("targets", {"state": "active"}).get("activeTargets") or []
+        intervals = [parse_duration(t["scrapeInterval"]) for t in targets[:10_000] if t.get("scrapeInterval")]
+        if not intervals:
+            raise MetricsError("prometheus: no active target reports a scrapeInterval")
+        return max(intervals)
+
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
         data = self._api(
             "query_range", {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
@@ -111,6 +121,17 @@ class PrometheusSource:
         if len(result) > 1:
             raise MultipleValues(f"{len(result)} series for {promql}; aggregate it")
         return [(float(t), float(v)) for t, v in result[0]["values"] if not math.isnan(float(v))]
+
+
+DURATION_RE = re.compile(r"(?:([0-9]{1,9})(ms|s|m|h|d|w|y))")
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def parse_duration(text: str) -> float:
+    """A Prometheus duration ("15s", "1m30s", "500ms") in seconds; MetricsError for anything else."""
+    if len(text) > 64 or not re.fullmatch(r"(?:[0-9]{1,9}(?:ms|s|m|h|d|w|y))+", text):
+        raise MetricsError(f"prometheus: not a duration: {text[:64]!r}")
+    return sum(int(n) * DURATION_UNITS[unit] for n, unit in DURATION_RE.findall(text))
 
 
 SELECTOR_RE = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{(.*)\})?\s*$")
@@ -231,8 +252,9 @@ class PromQL:
     @staticmethod
     def error_rate(model: str, version: str, window: str = "1m") -> str:
         sel = _sel(model, version)
-        # Server failures only: a client's malformed requests (INVALID_INPUT) say nothing of the version.
-        failures = f'(sum(rate(nv_inference_request_failure{{{sel},reason!="INVALID_INPUT"}}[{window}])) or vector(0))'
+        # Server failures only: a client's malformed requests (INVALID_INPUT) and its own queue
+        # timeouts (CANCELED) say nothing of the version.
+        failures = f'(sum(rate(nv_inference_request_failure{{{sel},reason!~"INVALID_INPUT|CANCELED"}}[{window}])) or vector(0))'
         return f"{failures} / (sum(rate(nv_inference_request_success{{{sel}}}[{window}])) + {failures})"
 
     @staticmethod

@@ -196,13 +196,16 @@ def test_live_labels_join_by_request_id():
 
 def test_a_clients_malformed_requests_are_not_the_versions_errors():
     """A client can pin its requests to the canary (a user id in its bucket range) and send
-    garbage: 400s say nothing of the version and must not move the error check; 5xx do."""
+    garbage, or tiny queue timeouts of its own: 400s and CANCELED say nothing of the version
+    and must not move the error check; 5xx (a full queue's REJECTED too) do."""
     log = records(100, 20, 50, replay_every=None)
     canary = log.index[log["version"] == "2"]
     log.loc[canary[:50], "outcome"] = "INVALID_INPUT"
     log.loc[canary[50:55], "outcome"] = "BACKEND"
+    log.loc[canary[55:65], "outcome"] = "CANCELED"
+    log.loc[canary[65:67], "outcome"] = "REJECTED"
     samples = stage_samples(log, spec(), WINDOW, T0 + 200, IMAGES)
-    assert samples.loc[samples["arm"] == "canary", "error"].sum() == 5
+    assert samples.loc[samples["arm"] == "canary", "error"].sum() == 7
     assert samples.loc[samples["arm"] == "baseline", "error"].sum() == 0
 
 
@@ -236,6 +239,21 @@ def test_a_stage_whose_guards_cannot_be_read_holds_and_never_passes():
     assert ended.status == "undecided"
     assert "could not be read" in ended.reason
     assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106, GuardInputs()).status == "pass"  # back: resumes
+
+
+def test_a_guard_without_data_holds_the_stage_never_passes_it():
+    """No P99 series for the canary (nothing scraped yet, or a window too short for the scrape
+    interval) left the guard out and the stage passed unguarded; it now holds, then is undecided."""
+    s = spec()
+    log = records(400, 40, 50)
+    blind = GuardInputs(missing="the canary's P99 has no data in Prometheus (no data for 1000 * ...)")
+    held = judge_stage(s, WINDOW, log, IMAGES, T0 + 106, blind)
+    assert held.status == "waiting"
+    assert held.verdict is None
+    assert held.reason.startswith("holding: a hard guard has no data: the canary's P99")
+    ended = judge_stage(s, WINDOW, log, IMAGES, T0 + s.max_stage_seconds, blind)
+    assert ended.status == "undecided"
+    assert "while a hard guard had no data" in ended.reason
 
 
 def test_the_full_stage_judges_latency_on_the_replay():

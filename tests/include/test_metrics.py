@@ -20,6 +20,7 @@ from vision_rollout.metrics import (
     PromQL,
     ScrapeSource,
     SourceOffline,
+    parse_duration,
     quantile_from_buckets,
     wait_for_value,
 )
@@ -44,6 +45,38 @@ def test_offline_sources_say_so():
         dead.query("up")
     with pytest.raises(SourceOffline):
         ScrapeSource("http://127.0.0.1:9", timeout_s=1).query("up")
+
+
+def test_prometheus_durations():
+    assert [parse_duration(d) for d in ("15s", "1m30s", "500ms", "2h", "1d")] == [15, 90, 0.5, 7200, 86400]
+    for bad in ("15", "s", "1.5s", "-1s", "1m 30s", "9" * 70 + "s"):
+        with pytest.raises(MetricsError, match="not a duration"):
+            parse_duration(bad)
+
+
+@pytest.mark.integration
+def test_guards_read_windows_from_the_scrape_interval_and_hold_without_data(server_factory, repo_copy, tmp_path):
+    """At a realistic 15 s scrape interval the P99 guard's rate(...[30s]) held at most two samples:
+    one missed scrape and it returned nothing, and the guard was dropped without a word. Its window
+    is now 4 intervals (60 s here), and a guard with no data holds the stage."""
+    from vision_rollout.engine import guard_inputs, rate_window_s
+    from vision_rollout.spec import RolloutSpec
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    prom = start_prometheus([s.url], tmp_path / "prometheus", scrape_interval_s=15)
+    try:
+        source = PrometheusSource(prom.url)
+        assert source.scrape_interval_s() == 15
+        assert rate_window_s(15) == 60
+        assert rate_window_s(1) == 30  # the one-machine stack's 1 s scrapes keep the 30 s floor
+        spec = RolloutSpec.from_dict({"candidate_version": "2"})
+        guards = guard_inputs(source, spec)  # version 2 has served nothing: no P99 series
+        assert guards.unavailable is None
+        assert guards.missing is not None
+        assert "the canary's P99 has no data" in guards.missing
+        assert "[60s]" in guards.missing  # the query it ran, with its window
+    finally:
+        prom.stop()
 
 
 @pytest.fixture

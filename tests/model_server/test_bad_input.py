@@ -313,8 +313,8 @@ def test_unknown_endpoint_and_method_are_json(server):
     r = requests.get(f"{server.http}/v2/models/digits/infer", timeout=5)
     assert r.status_code == 405
     assert "not allowed" in r.json()["error"]
-    # A refused inference still names its request, as an answered one does.
-    r = requests.post(f"{server.http}/v2/models/digits/versions/1/infer", data=b"{", headers={"X-Request-ID": "bad-1"})
+    # A refused inference still names its request, as an answered one does (a trailing slash too).
+    r = requests.post(f"{server.http}/v2/models/digits/versions/1/infer/", data=b"{", headers={"X-Request-ID": "bad-1"})
     assert r.status_code == 400
     assert r.headers["x-request-id"] == "bad-1"
     assert r.headers["content-type"] == "application/json"

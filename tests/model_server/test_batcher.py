@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from model_server.batcher import DynamicBatcher, Pending
 from model_server.config import DynamicBatching, load_config, parse_config
-from model_server.errors import InvalidInput, Rejected
+from model_server.errors import ClientTimeout, InvalidInput, Rejected, failure_reason
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
 
@@ -181,24 +181,78 @@ def test_preserve_ordering_releases_responses_in_arrival_order(preserve):
 def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
     async def scenario():
         lv = HeldVersion(max_batch_size=1)
-        b = batcher(lv, max_queue_size=2, default_timeout_microseconds=1000, allow_timeout_override=True)
+        b = batcher(lv, max_queue_size=2, default_timeout_microseconds=300_000, allow_timeout_override=True)
         running = asyncio.ensure_future(b.submit(request(0), ["y"], {"timeout": 0}))
         await until(lambda: lv.executions, "the first request runs")
-        expires = asyncio.ensure_future(b.submit(request(1), ["y"], {}))  # 1 ms: expires in the queue
+        expires = asyncio.ensure_future(b.submit(request(1), ["y"], {}))  # 0.3 s: expires in the queue
         kept = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 0}))  # override: no timeout
-        await asyncio.sleep(0.01)
+        await until(lambda: b.queued == 2, "both queued")
         with pytest.raises(Rejected, match="exceeds maximum queue size \\(2\\)"):
             await b.submit(request(3), ["y"], {})
-        await asyncio.sleep(0.02)
+        await until(lambda: expires.done(), "the queue timeout")
         await release(lv, 0)
         await release(lv, 1)
         await running
-        with pytest.raises(Rejected, match="request timeout expired"):
+        with pytest.raises(Rejected, match="request timeout expired") as expired:
             await expires
+        assert failure_reason(expired.value) == "REJECTED"  # the model's own timeout: the version's failure
         await kept
         return lv.executions
 
     assert asyncio.run(scenario()) == [[0], [2]]
+
+
+def test_a_request_that_goes_away_frees_its_place_and_timeouts_expire_while_the_instance_is_busy():
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = batcher(lv, max_queue_size=1, default_timeout_microseconds=2_000_000, allow_timeout_override=True)
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {"timeout": 0}))
+        await until(lambda: lv.executions, "the first request runs")
+        gone = asyncio.ensure_future(b.submit(request(1), ["y"], {}))
+        await until(lambda: b.queued == 1, "the second request queued")
+        gone.cancel()  # its client went away
+        await until(lambda: b.queued == 0, "its place freed")
+        expires = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 1000}))  # the queue has room
+        with pytest.raises(ClientTimeout, match="request timeout expired") as expired:
+            await expires  # refused while the instance is still busy, not when it frees
+        assert failure_reason(expired.value) == "CANCELED"  # the client's choice: not the version's failure
+        assert len(lv.executions) == 1
+        kept = asyncio.ensure_future(b.submit(request(3), ["y"], {}))
+        await release(lv, 0)
+        await release(lv, 1)
+        await asyncio.gather(running, kept)
+        assert b._timeouts == 0
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [3]]
+
+
+def test_a_model_with_an_output_not_batched_cannot_use_the_batcher(tmp_path):
+    """Its rows cannot be split back per request: a merged run would answer each request the
+    reduction over everyone's inputs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [4])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    node = helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=0)
+    model = helper.make_model(
+        helper.make_graph([node], "reduce", [x], [total], [axes]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 4]}],
+        "output": [{"name": "total", "datatype": "FP32", "dims": [4]}],
+    }
+    LoadedVersion(parse_config("reduce", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"]).close()
+    with pytest.raises(InvalidInput, match="needs every output batched along its first dimension; output 'total'"):
+        LoadedVersion(
+            parse_config("reduce", {**raw, "dynamic_batching": {}}),
+            1,
+            tmp_path / "1" / "model.onnx",
+            ["CPUExecutionProvider"],
+        )
 
 
 def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -601,6 +602,11 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     for clear in [b"13800138000", b"13911112222", b"15900001111", b"example.com", b"%40", b"&#64;", "\uff11".encode()]:
         assert clear not in written, clear
     assert b'"request_id": "order-tok_' in written  # logged, and masked
+    # The full-width number was read as a number and masked, not logged as Latin-1 mojibake
+    # (which no detector reads, and any reader decodes back).
+    values = [v for m in read(log_dir, *window())["meta"].dropna().astype(str) for v in json.loads(m).values()]
+    assert any(v.startswith("tok_") for v in values)
+    assert not any(re.search("[\u0080-\u00ff]", v) for v in values), values
     assert b'"status": 400' in written
     assert b"found 'tok_" in written
     private = [f for f in files if f != s.log]
