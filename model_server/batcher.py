@@ -161,7 +161,7 @@ class DynamicBatcher:
         """The head's batch as it stands, and whether it is complete (cannot usefully grow)."""
         head = self._queue[0][2]
         taken, size = [head], head.batch
-        for _, _, p in self._queue[1:]:
+        for _, _, p in itertools.islice(self._queue, 1, None):  # stops at the first that cannot join
             if p.key != head.key or size + p.batch > self.max_batch:
                 return taken, True  # the next request cannot join: run what we have
             taken.append(p)
