@@ -196,9 +196,13 @@ def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
     return {arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")}
 
 
-def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame) -> float:
+def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame, images: int = 0) -> float:
     """The last look: at the bake's end, or later once each arm has ``min_samples`` of its
-    latency evidence, but never past ``max_stage_seconds``."""
+    latency evidence and, when the validation replay runs, ``min_samples`` of its ``images``
+    (all of them when fewer) are answered by both versions; never past ``max_stage_seconds``.
+    Each condition is the time a count was reached in the log, so a late poke finds the same
+    time. Without the replay's, a last look on a loaded machine found a replay round sent but 8
+    of its images logged by both versions, and judged accuracy on those."""
     planned = window.look_time(spec, spec.looks_per_stage)
     reached = []
     for arm in ("baseline", "canary"):
@@ -206,6 +210,14 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
             samples.loc[(samples["arm"] == arm) & (samples["source"] == window.latency_from), "time"].to_numpy()
         )
         reached.append(times[spec.min_samples - 1] + 1e-6 if len(times) >= spec.min_samples else math.inf)
+    replay = samples.dropna(subset=["pair_id"])
+    if images and len(replay):
+        # An image is paired once both versions' first answers to it are logged (later rounds
+        # replay it again: they move nothing).
+        first = replay.groupby(["pair_id", "arm"])["time"].min().unstack()
+        complete = np.sort(first.dropna().max(axis=1).to_numpy()) if first.shape[1] == 2 else np.array([])
+        need = min(spec.min_samples, images)
+        reached.append(complete[need - 1] + 1e-6 if len(complete) >= need else math.inf)
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
 
@@ -246,7 +258,7 @@ def judge_stage(
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
-        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current)
+        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, len(labels))
         if at > now - settle_s:
             break
         samples = stage_samples(records, spec, window, at, labels)

@@ -11,6 +11,7 @@ from vision_rollout.engine import (
     Rollout,
     StageState,
     StageWindow,
+    final_look_time,
     judge_stage,
     replay_drop,
     stage_samples,
@@ -177,6 +178,29 @@ def test_the_last_look_waits_for_min_samples_but_not_past_max_stage_seconds():
     assert short.status == "waiting"
     assert short.look == 4
     assert judge_stage(s, WINDOW, log, IMAGES, T0 + 410).look == 5  # max_stage_seconds: judged anyway
+
+
+def test_the_last_look_waits_for_the_replay_to_be_answered_by_both_versions():
+    """On a loaded machine a last look came when a replay round was sent but 8 of its images had
+    been answered by the canary: accuracy judged on 8 pairs could not resolve, and the stage ended
+    undecided. The last look now waits until min_samples images are paired, then gives the same
+    time to every later poke."""
+    s = spec(min_samples=50)
+    log = records(300, 20, 50, replay_every=None)
+    replay = records(300, 0, 50, replay_every=1000)  # one round at 0.5 s, of all 500 images
+    late = replay["version"] == "2"
+    lagging = T0 + 150 + np.arange(int(late.sum())) * 0.1  # the canary's answers lag
+    replay.loc[late, "time"] = pd.to_datetime(lagging, unit="s", utc=True)
+    both = pd.concat([log, replay], ignore_index=True)
+    at = T0 + 150 + 49 * 0.1  # the canary's 50th answer: 50 images paired
+    current = stage_samples(both, s, WINDOW, T0 + 250, IMAGES)
+    assert final_look_time(s, WINDOW, current, len(IMAGES)) == pytest.approx(at, abs=1e-3)
+    later = stage_samples(both, s, WINDOW, T0 + 299, IMAGES)  # a late poke: the same last look
+    assert final_look_time(s, WINDOW, later, len(IMAGES)) == pytest.approx(at, abs=1e-3)
+    assert final_look_time(s, WINDOW, current, 0) < T0 + 110  # without the replay: the bake's end
+    waiting = judge_stage(s, WINDOW, both, IMAGES, T0 + 140)
+    assert waiting.status == "waiting"  # past the bake, but no image answered by both versions yet
+    assert waiting.look == s.looks_per_stage - 1
 
 
 def test_replayed_images_count_once_for_accuracy():
