@@ -26,6 +26,14 @@ def ascii_uint(text: str) -> int | None:
     return int(text) if _UINT_RE.fullmatch(text) else None
 
 
+def version_number(text: str) -> int:
+    """A version as a path or header gives it: a positive integer in ASCII digits, else 400."""
+    number = ascii_uint(text)
+    if not number:
+        raise InvalidInput(f"invalid version {text!r}: versions are positive integers")
+    return number
+
+
 # KServe v2 datatype -> numpy dtype string (little-endian on the wire).
 DATATYPES: dict[str, str] = {
     "BOOL": "|b1",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server import __version__, metrics
-from model_server.config import ModelConfig, ascii_uint
+from model_server.config import ModelConfig, version_number
 from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
 from model_server.feedback import FeedbackStore
 from model_server.model import LoadedVersion
@@ -204,14 +204,13 @@ class DataPlane:
         if not model:
             loaded = self.repo.all_loaded()
         else:
-            if version is not None and not (ascii_uint(version) or 0) > 0:
-                raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
+            number = version_number(version) if version is not None else None
             versions = self.repo.all_loaded().get(model)
             if not versions:
                 self.repo.model_dir(model)  # 404 for a model the repository does not have
                 raise InvalidInput(f"requested model '{model}' is not available")
-            if version is not None:
-                lv = versions.get(int(version))
+            if number is not None:
+                lv = versions.get(number)
                 if lv is None:
                     raise InvalidInput(f"requested model version is not available for model '{model}'")
                 versions = {lv.version: lv}

@@ -426,7 +426,7 @@ class VersionMetrics:
 
     def statistics(self) -> dict[str, Any]:
         """This version's ``$model_stat`` of Triton's statistics extension (the primary path's)."""
-        return InferenceStatistics.of(self.model, self.version).snapshot(self.model, self.version)
+        return self.stats.snapshot(self.model, self.version)
 
     def failure(self, reason: str, seconds: float = 0.0) -> None:
         """One request failed after ``seconds`` (``reason``: OOM, INVALID_INPUT or BACKEND)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server import metrics
-from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config
+from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config, version_number
 from model_server.errors import Conflict, InvalidInput, ModelNotFound, ModelUnavailable, ServerError
 from model_server.files import write_private
 from model_server.model import LoadedVersion, file_sha256
@@ -226,13 +226,12 @@ class ModelRepository:
         A version the client asked for and that is not loaded is a 404; one the traffic
         policy chose (``routed_by``) is a 503: the server's fault, never a silent fallback.
         """
-        if version is not None and not (ascii_uint(version) or 0) > 0:
-            raise InvalidInput(f"invalid version {version!r}: versions are positive integers")
+        number = version_number(version) if version is not None else None
         with self._lock:
             versions = self._models.get(name)
             lv = None
             if versions:
-                lv = versions.get(int(version)) if version is not None else versions[max(versions)]
+                lv = versions.get(number) if number is not None else versions[max(versions)]
                 if lv is not None:
                     lv.inflight += 1
         if lv is None:
