@@ -175,10 +175,13 @@ def start_prometheus(
     scrape_interval_s: float = 1.0,
     port: int | None = None,
     wait_s: float = 30.0,
+    file_sd: Path | None = None,
 ) -> PrometheusProcess:
     """Debian's ``prometheus`` on 127.0.0.1 with its own config and data folder, scraping ``targets``.
 
-    Returns once every target has been scraped successfully.
+    Returns once every target has been scraped successfully. With ``file_sd``, the targets are
+    also discovered from that file (Prometheus' file-based service discovery, re-read on change:
+    the one-machine cluster's pods, as kubernetes_sd would find them); those are not waited for.
     """
     import shutil
 
@@ -195,6 +198,12 @@ def start_prometheus(
         "scrape_configs:\n"
         "  - job_name: model-server\n"
         f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
+        + (
+            f"    honor_labels: true\n    file_sd_configs:\n      - files: [{json.dumps(str(file_sd))}]\n"
+            "        refresh_interval: 5s\n"
+            if file_sd is not None
+            else ""
+        )
     )
     log = work_dir / "prometheus.log"
     with log.open("wb") as f:
@@ -219,13 +228,77 @@ def start_prometheus(
             status, body = _get(f"{prom.url}/api/v1/targets?state=active", timeout=1)
             if status == 200:
                 active = json.loads(body)["data"]["activeTargets"]
-                if len(active) == len(targets) and all(t["health"] == "up" for t in active):
+                static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
+                if len(static) == len(targets) and all(t["health"] == "up" for t in static):
                     return prom
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.2)
     prom.stop()
     raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{log.read_text()[-3000:]}")
+
+
+S3_BUCKET = "predictions"
+S3_CREDENTIALS = {  # moto's: any key is accepted; the model servers and readers take them from the environment
+    "AWS_ACCESS_KEY_ID": "test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@dataclass
+class S3Process(ManagedProcess):
+    """An S3 API on loopback (moto's server mode) with one bucket: object storage for the prediction log."""
+
+    bucket: str = S3_BUCKET
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def uri(self, prefix: str) -> str:
+        """A prefix in the bucket, as the model server and the reader take it."""
+        return f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def filesystem(self) -> Any:
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=self.endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+
+
+def start_s3(work_dir: Path, port: int | None = None, wait_s: float = 60.0) -> S3Process:
+    """``python -m moto.server`` on 127.0.0.1 with the bucket made; stopped by its pid."""
+    port = port or free_port()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log = work_dir / "moto.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **S3_CREDENTIALS},
+        )
+    server = S3Process(proc, port, log)
+    deadline = time.monotonic() + wait_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            server.filesystem().create_dir(server.bucket)
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.2)
 
 
 AIRFLOW_COMPONENTS = (

@@ -2,85 +2,33 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from devstack.processes import free_port
+from devstack.processes import S3_BUCKET as BUCKET
+from devstack.processes import S3_CREDENTIALS as CREDENTIALS
+from devstack.processes import S3Process, start_s3
 
-BUCKET = "predictions"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "test-access-key",
-    "AWS_SECRET_ACCESS_KEY": "test-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+__all__ = ["BUCKET", "CREDENTIALS", "S3Server"]
 
 
-@dataclass
-class S3Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
+class S3Server(S3Process):
     def uri(self, prefix: str | None = None) -> str:
-        """A fresh prefix in the bucket, as the model server and the reader take it."""
-        prefix = prefix or uuid.uuid4().hex[:12]
-        return f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
-
-    def filesystem(self):
-        import pyarrow.fs as pafs
-
-        return pafs.S3FileSystem(
-            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            endpoint_override=f"127.0.0.1:{self.port}",
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
+        """A fresh prefix in the bucket unless one is given."""
+        return super().uri(prefix or uuid.uuid4().hex[:12])
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """``python -m moto.server`` on a free 127.0.0.1 port with one bucket; stopped by its pid."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **CREDENTIALS},
-        )
-    server = S3Server(proc, port, log)
+    started = start_s3(tmp_path_factory.mktemp("moto"))
+    server = S3Server(started.proc, started.port, started.log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                server.filesystem().create_dir(BUCKET)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        server.stop()
 
 
 @pytest.fixture
