@@ -341,8 +341,11 @@ class AirflowProcesses:
                 proc.proc.wait(timeout=5)
 
 
-def airflow_env(home: Path, port: int, connections: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """Environment of the local Airflow: settings, generated secrets in 0600 files, connections."""
+def airflow_env(
+    home: Path, port: int, connections: dict[str, dict[str, Any]], extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Environment of the local Airflow: settings, generated secrets in 0600 files, connections,
+    and ``extra`` (the object store's credentials, as a worker's pod would have them)."""
     import secrets
 
     from cryptography.fernet import Fernet
@@ -384,6 +387,7 @@ def airflow_env(home: Path, port: int, connections: dict[str, dict[str, Any]]) -
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
     }
+    env.update(extra or {})
     env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
     for conn_id, conn in connections.items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
@@ -395,10 +399,11 @@ def start_airflow(
     connections: dict[str, dict[str, Any]],
     port: int | None = None,
     wait_s: float = 180.0,
+    extra_env: dict[str, str] | None = None,
 ) -> AirflowProcesses:
     """Migrate the database, start Airflow's components on 127.0.0.1, wait until all are healthy."""
     port = port or free_port()
-    env = airflow_env(home, port, connections)
+    env = airflow_env(home, port, connections, extra_env)
     airflow = str(Path(sys.executable).parent / "airflow")
     migrate = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, cwd=ROOT)
     if migrate.returncode:

@@ -133,8 +133,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def down(run: Path) -> list[str]:
-    state_file = run / STATE
+def down(run: Path, state_name: str = STATE) -> list[str]:
+    state_file = run / state_name
     if not state_file.exists():
         return []
     state = json.loads(state_file.read_text())

@@ -153,35 +153,45 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             f"the mirror to version {spec.candidate_version} is not in effect: {policy.to_dict()}"
         )
     # A request the policy routes to the baseline and samples for the mirror. Its id is letters
-    # only: no detector may take part of it for a phone or card number and mask it.
+    # only: no detector may take part of it for a phone or card number and mask it. Envoy (mesh
+    # istio) splits and samples on its own, per request: a probe goes every 2 s until a copy lands.
     user = next(
         f"probe-user-{i}" for i in range(10_000) if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
     )
-    rid = next(
-        r
-        for r in ("probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24)) for _ in range(10_000))
-        if policy.mirror_for(spec.baseline_version, r) is not None
-    )
+
+    def probe_id() -> str:
+        return next(
+            r
+            for r in (
+                "probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24)) for _ in range(10_000)
+            )
+            if policy.mirror_for(spec.baseline_version, r) is not None
+        )
+
     try:
         [(_, image, _)] = load_validation(settings.validation(spec.model), limit=1)
     except (OSError, ValueError) as exc:  # an empty set fails the unpacking
         raise AirflowFailException(f"no probe image in {settings.validation(spec.model)}: {exc}") from None
     body = image_request([image])
     started = datetime.now(UTC)
-    # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's idle
-    # time, which a loaded or slow candidate may not have for minutes.
-    probe_headers = {
-        "X-Request-ID": rid,
-        "X-User-ID": user,
-        "X-Meta-Probe": f"call {PROBE_VALUE}",
-        "X-Shadow-Probe": "1",
-    }
-    try:
-        settings.admin.infer(spec.model, body, probe_headers)
-    except AdminError as exc:
-        raise AirflowFailException(f"probe request failed: {exc}") from None
-    deadline = time.monotonic() + 30
+    sent: list[str] = []
+    deadline, next_probe = time.monotonic() + 30, 0.0
     while time.monotonic() < deadline:
+        if not sent or (spec.mesh == "istio" and time.monotonic() >= next_probe):
+            sent.append(probe_id())
+            next_probe = time.monotonic() + 2
+            # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's
+            # idle time, which a loaded or slow candidate may not have for minutes.
+            probe_headers = {
+                "X-Request-ID": sent[-1],
+                "X-User-ID": user,
+                "X-Meta-Probe": f"call {PROBE_VALUE}",
+                "X-Shadow-Probe": "1",
+            }
+            try:
+                settings.admin.infer(spec.model, body, probe_headers)
+            except AdminError as exc:
+                raise AirflowFailException(f"probe request failed: {exc}") from None
         df = read(
             settings.prediction_log,
             started - timedelta(minutes=1),
@@ -190,15 +200,16 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             columns=["request_id", "role", "meta"],
             roles=["shadow"],
         )
-        rows = df[df["request_id"] == rid]
+        rows = df[df["request_id"].isin(sent)]
         if len(rows):
             meta = rows["meta"].iloc[0] or ""
             if PROBE_VALUE in meta or "tok_" not in meta:
                 raise AirflowFailException(f"masking check failed: the probe's metadata reached the log as {meta!r}")
+            rid = str(rows["request_id"].iloc[0])
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
     raise AirflowFailException(
-        f"the probe's shadow copy {rid} never reached the prediction log {settings.prediction_log}"
+        f"no shadow copy of the probe ({', '.join(sent)}) reached the prediction log {settings.prediction_log} in 30 s"
     )
 
 
