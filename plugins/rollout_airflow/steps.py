@@ -12,13 +12,17 @@ import re
 import time
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
+from vision_rollout.deploy import candidate_replicas
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
+
+if TYPE_CHECKING:
+    from vision_rollout.deploy import VersionDeployments
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +114,49 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
     image = built["build"]["image"]
     hook = serving()
-    settings = hook.settings
     deployments = hook.deployments(spec.model)
-    replicas = settings.build.replicas
+    replicas = candidate_size(spec, spec.stages[0], deployments)
     deployments.apply(spec.candidate_version, image, replicas)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"
 
 
+def baseline_size(spec: RolloutSpec, deployments: VersionDeployments) -> int:
+    """The baseline's pods: its live Deployment's ``spec.replicas`` (an HPA's choice under
+    autoscaling), else (no Deployment, or at 0) the extras' ``build.replicas``."""
+    return deployments.replicas(spec.baseline_version) or deployments.build.replicas
+
+
+def candidate_size(spec: RolloutSpec, weight: int, deployments: VersionDeployments) -> int:
+    """The candidate's pods at a stage of ``weight`` percent (``candidate_replicas``)."""
+    return candidate_replicas(
+        baseline_size(spec, deployments), weight, spec.mirror_percent, deployments.build.min_replicas
+    )
+
+
+def scale_ready(deployments: VersionDeployments, version: str, replicas: int) -> None:
+    """Version ``version`` at ``replicas`` pods, that many ready: before any traffic moves to it."""
+    if not deployments.scale(version, replicas):
+        raise AirflowFailException(f"version {version} has no Deployment {deployments.target.service}-v{version}")
+    deployments.wait_ready(version, replicas)
+
+
 def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """``previous``: the build report (first stage) or the previous stage's verdict."""
+    """Stage ``index``'s weights (and mirror) into effect; in kubernetes mode the candidate first
+    scaled to the stage's size, its pods ready. ``previous``: the build report (first stage) or
+    the previous stage's verdict."""
     spec = spec_from(params)
     if index >= len(spec.stages):
         raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
-    r = router(spec, run_id, serving())
+    hook = serving()
+    r = router(spec, run_id, hook)
     if index == 0:
         r.reconcile()
+    if spec.mesh == "istio":  # sized and ready before the weight moves: no route to missing pods
+        deployments = hook.deployments(spec.model)
+        scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     return {"weight": spec.stages[index], "started": time.time()}
 
