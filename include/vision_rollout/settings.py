@@ -9,8 +9,9 @@ wrong; every default is here and nowhere else. The extras:
 - ``run_dir``: where reports, audits, the outbox and the routes before a rollout are kept
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
 - ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
-  ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas`` (kubernetes mode:
-  the Kaniko build and the version Deployments, ``BuildSettings``)
+  ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
+  ``drain_seconds`` (kubernetes mode: the Kaniko build and the version Deployments,
+  ``BuildSettings``)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "max_replicas": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "autoscaling": {"type": "boolean"},
+                "drain_seconds": {"type": "number", "minimum": 0, "maximum": 600},
             },
         },
     },
@@ -91,6 +93,9 @@ class BuildSettings:
     # An HPA per version owns spec.replicas; the rollout sets its minReplicas per stage.
     autoscaling: bool = False
     max_replicas: int | None = None  # the HPAs' maxReplicas (default: 10 x their minReplicas)
+    # After the mesh stops routing to a version, before its pods go: Envoy's config
+    # propagation and the requests in flight.
+    drain_seconds: float = 10.0
 
     def require(self, *names: str) -> list[str]:
         """The values of these settings, which kubernetes mode cannot do without."""

@@ -23,6 +23,7 @@ from vision_rollout.spec import RolloutSpec, SpecError
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import Router
 
 log = logging.getLogger(__name__)
 
@@ -348,29 +349,62 @@ def decide(
 
 
 def promote(params: dict[str, Any], run_id: str) -> str:
-    """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
+    """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0).
+
+    Kubernetes mode, in an order that never routes to missing pods: the candidate scaled to the
+    baseline's size and ready, then 100% to it, then the baseline drained (``retire``), then its
+    pods gone."""
     spec = spec_from(params)
     hook = serving()
-    settings = hook.settings
-    router(spec, run_id, hook).set_routes(spec.promoted_policy())
+    r = router(spec, run_id, hook)
     if spec.mesh == "local":
-        settings.admin.load(spec.model, [spec.candidate_version])
-    else:
-        hook.deployments(spec.model).scale_to_zero(spec.baseline_version)
+        r.set_routes(spec.promoted_policy())
+        hook.settings.admin.load(spec.model, [spec.candidate_version])
+        return spec.candidate_version
+    deployments = hook.deployments(spec.model)
+    scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))
+    r.set_routes(spec.promoted_policy())
+    retire(r, deployments, spec.baseline_version)
     return spec.candidate_version
 
 
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
-    """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0)."""
+    """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0).
+
+    Kubernetes mode: the baseline's pods first (scaled back to ``build.replicas`` and all ready
+    when something scaled it to 0; else one ready pod is enough: it serves already, and a rollback
+    must not wait on a pod that will not start), then 100% to it, then the candidate drained and
+    scaled to 0 (``retire``)."""
     spec = spec_from(params)
     hook = serving()
-    settings = hook.settings
-    router(spec, run_id, hook).set_routes(spec.stable_policy())
-    if unload_candidate and spec.mesh == "local":
-        settings.admin.load(spec.model, [spec.baseline_version])
-    elif unload_candidate:
-        hook.deployments(spec.model).scale_to_zero(spec.candidate_version)
+    r = router(spec, run_id, hook)
+    if spec.mesh == "local":
+        r.set_routes(spec.stable_policy())
+        if unload_candidate:
+            hook.settings.admin.load(spec.model, [spec.baseline_version])
+        return spec.baseline_version
+    deployments = hook.deployments(spec.model)
+    live = deployments.replicas(spec.baseline_version)
+    if live == 0:
+        scale_ready(deployments, spec.baseline_version, deployments.build.replicas)
+    elif live is not None:
+        deployments.wait_ready(spec.baseline_version, 1)
+    r.set_routes(spec.stable_policy())
+    if unload_candidate:
+        retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
+
+
+def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
+    """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
+    back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``)."""
+    from vision_rollout.mesh import RouterError, wait_unrouted
+
+    try:
+        wait_unrouted(r, version, deployments.build.drain_seconds)
+    except RouterError as exc:
+        raise AirflowFailException(f"version {version} keeps its pods: {exc}") from None
+    deployments.scale_to_zero(version)
 
 
 def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rolled_back: str | None) -> str:

@@ -20,6 +20,7 @@ BUILD = {
     "namespace": "ml-builds",
     "service_account": "kaniko",
     "push_secret": "registry-push",
+    "drain_seconds": 0,  # no Envoy to wait for
 }
 ISTIO = {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]}
 PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
@@ -263,3 +264,43 @@ def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube
     assert hpa["content_type"] == "application/apply-patch+yaml"
     assert hpa["query"]["fieldManager"] == ["model-rollout"]
     assert hpa["query"]["force"] == ["True"]  # the rollout's own object, as the Istio ones
+
+
+def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
+    stable_routes(kube)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=3)
+    deployments.apply("2", image("2"), replicas=1)  # as the last canary stage left it
+    since = len(kube.requests)
+    steps.promote(PARAMS, "run-1")
+    assert deployment(kube, "2")["spec"]["replicas"] == 3  # the baseline's full size
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+    done = calls(kube, since)
+    scaled_up = done.index(("PATCH", "deployments/digits-v2"))
+    routed = done.index(("PATCH", "virtualservices/digits"))
+    retired = done.index(("PATCH", "deployments/digits-v1"))
+    assert scaled_up < done.index(("GET", "deployments/digits-v2"), scaled_up) < routed  # ready before routed
+    assert ("GET", "virtualservices/digits") in done[routed:retired]  # read back: nothing routes to v1
+    assert scaled_up < routed < retired
+
+
+def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
+    """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
+    rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
+    the candidate."""
+    connect(monkeypatch, tmp_path, replicas=2)
+    stable_routes(kube)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=0)
+    deployments.apply("2", image("2"), replicas=2)
+    since = len(kube.requests)
+    steps.restore_stable(PARAMS, "run-1")
+    assert deployment(kube, "1")["spec"]["replicas"] == 2  # build.replicas
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    done = calls(kube, since)
+    restored = done.index(("PATCH", "deployments/digits-v1"))
+    routed = max(i for i, call in enumerate(done) if call == ("PATCH", "virtualservices/digits"))
+    retired = done.index(("PATCH", "deployments/digits-v2"))
+    assert ("GET", "deployments/digits-v1") in done[restored:routed]  # its readiness
+    assert ("GET", "virtualservices/digits") in done[routed:retired]
+    assert restored < routed < retired
