@@ -4,7 +4,8 @@
 the artifact's digest, ``docker/Dockerfile.model-server``), serving that version only (``--serve
 MODEL:VERSION``: ready once it is loaded and warmed up), pod labels ``app=<service>`` (the
 Service's selector) and ``version=<N>`` (the DestinationRule subset's), a GPU per pod and the
-server's readiness probe. ``VersionDeployments`` applies it server-side (field manager
+server's readiness probe, the admin API on a port of its own (8001, ``--admin-port``) that
+``render_service``'s Service leaves out, its token from a Secret. ``VersionDeployments`` applies it server-side (field manager
 ``model-rollout``), sizes it (``candidate_replicas`` per stage), waits for its pods to be ready,
 and scales a version to zero on rollback or retirement.
 
@@ -28,6 +29,9 @@ from typing import Any
 from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError
 from vision_rollout.settings import BuildSettings
 
+HTTP_PORT = 8000  # the data port: inference, metadata, health, metrics, feedback
+ADMIN_PORT = 8001  # the admin API (--admin-port), kept out of the Service
+ADMIN_TOKEN_KEY = "token"  # noqa: S105 (the key of the admin token in its Secret, build.admin_secret)
 MAX_REPLICAS = 10_000  # as build.max_replicas: a count beyond it is a mistake, not a plan
 
 
@@ -72,10 +76,21 @@ def render_deployment(
         "args": [
             *("--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"),
             *("--serve", f"{model}:{version}"),
+            *("--admin-port", str(ADMIN_PORT)),
+        ],
+        # The server reads its admin token from this variable; a Secret, never the manifest.
+        "env": [
+            {
+                "name": "MODEL_SERVER_ADMIN_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": build.admin_secret, "key": ADMIN_TOKEN_KEY}},
+            }
         ],
         "volumeMounts": [{"name": "state", "mountPath": "/state"}],
-        "ports": [{"name": "http", "containerPort": 8000}],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}, "periodSeconds": 5},
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT},
+            {"name": "admin", "containerPort": ADMIN_PORT},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
         "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},  # a quantity
     }
     spec: dict[str, Any] = {
@@ -101,6 +116,30 @@ def render_deployment(
 
 def deployment_name(target: IstioTarget, version: str) -> str:
     return f"{target.service}-v{version}"
+
+
+def render_service(target: IstioTarget) -> dict[str, Any]:
+    """The Service in front of every version's pods (``app=<service>``; Istio's subsets split
+    it by ``version``): the data port only. The admin port (traffic, load/unload, fault
+    injection) is not in it, so nothing reaches it through the Service's name; the server
+    answers admin calls on the data port 404. An Istio AuthorizationPolicy admitting only the
+    Airflow workers' service account to port 8001 would also close it to pod-IP traffic
+    inside the mesh; it is not rendered here (the rollout does not call the admin API in
+    Kubernetes mode: Istio routes, and the probe is a data-port call with the token)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": target.service,
+            "namespace": target.namespace,
+            "labels": {"app": target.service, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "selector": {"app": target.service},
+            # appProtocol: Istio takes it as HTTP without sniffing (the port name would do too).
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"}],
+        },
+    }
 
 
 def render_hpa(target: IstioTarget, version: str, min_replicas: int, max_replicas: int) -> dict[str, Any]:

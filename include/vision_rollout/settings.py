@@ -10,8 +10,8 @@ wrong; every default is here and nowhere else. The extras:
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
 - ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
   ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
-  ``drain_seconds`` (kubernetes mode: the Kaniko build and the version Deployments,
-  ``BuildSettings``)
+  ``drain_seconds``, ``admin_secret`` (kubernetes mode: the Kaniko build and the version
+  Deployments, ``BuildSettings``)
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ EXTRA_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 **{name: _text() for name in ("registry", "context")},
-                **{name: _text(253) for name in ("namespace", "service_account", "push_secret")},
+                **{name: _text(253) for name in ("namespace", "service_account", "push_secret", "admin_secret")},
                 "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
                 "replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -96,6 +96,7 @@ class BuildSettings:
     # After the mesh stops routing to a version, before its pods go: Envoy's config
     # propagation and the requests in flight.
     drain_seconds: float = 10.0
+    admin_secret: str = "model-server-admin"  # noqa: S105 (the Secret whose key "token" is the admin token)
 
     def require(self, *names: str) -> list[str]:
         """The values of these settings, which kubernetes mode cannot do without."""

@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from vision_rollout.deploy import candidate_replicas, refused, render_deployment, render_hpa
+from vision_rollout.deploy import candidate_replicas, refused, render_deployment, render_hpa, render_service
 from vision_rollout.mesh import IstioTarget
 
 TARGET = IstioTarget("models", "digits", "digits")
@@ -92,3 +92,15 @@ def test_a_field_owned_by_another_manager_is_reported_not_taken():
     other = ApiException(status=422, reason="Invalid")
     other.body = "not json"
     assert str(refused("apply Deployment digits-v2", other)) == "apply Deployment digits-v2: 422 Invalid: not json"
+
+
+def test_the_service_exposes_the_data_port_only():
+    service = render_service(TARGET)
+    assert round_trips(service, "V1Service")
+    assert service["spec"]["selector"] == {"app": "digits"}  # every version's pods; Istio splits by subset
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", 8000, "http")]
+    pod = render_deployment(TARGET, "digits", "2", "img:1")["spec"]["template"]
+    assert pod["metadata"]["labels"]["app"] == "digits"
+    (container,) = pod["spec"]["containers"]
+    admin = next(p for p in container["ports"] if p["name"] == "admin")
+    assert admin["containerPort"] not in [p["port"] for p in service["spec"]["ports"]]

@@ -181,7 +181,18 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     # The pod serves version 2 only, whatever its image's config.json loads, and is ready once it does.
     from model_server.__main__ import parse_args
 
-    assert parse_args(container["args"]).serve == ["digits:2"]  # the server's own parser takes them
+    args = parse_args(container["args"])
+    assert args.serve == ["digits:2"]  # the server's own parser takes them
+    # The admin API on a port of its own, which the Service leaves out; its token from a Secret.
+    assert args.admin_port == 8001
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "admin": 8001}
+    assert container["readinessProbe"]["httpGet"]["port"] == 8000
+    assert container["env"] == [
+        {
+            "name": "MODEL_SERVER_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "model-server-admin", "key": "token"}},
+        }
+    ]
     assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
 
