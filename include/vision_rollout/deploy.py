@@ -32,6 +32,10 @@ from vision_rollout.settings import BuildSettings
 HTTP_PORT = 8000  # the data port: inference, metadata, health, metrics, feedback
 ADMIN_PORT = 8001  # the admin API (--admin-port), kept out of the Service
 ADMIN_TOKEN_KEY = "token"  # noqa: S105 (the key of the admin token in its Secret, build.admin_secret)
+SECRETS_DIR = "/etc/model-server"  # each Secret a folder of its own under it
+FEEDBACK_KEY = "key"  # the key of the feedback key in build.feedback_secret
+MASK_KEYS = "mask-keys.json"  # the key of the masking key file in build.mask_secret
+SERVER_UID = 10001  # the user docker/Dockerfile.model-server runs the server as
 MAX_REPLICAS = 10_000  # as build.max_replicas: a count beyond it is a mistake, not a plan
 
 
@@ -63,12 +67,26 @@ def render_deployment(
     image: str,
     replicas: int | None = 1,
     build: BuildSettings | None = None,
+    prediction_log: str | None = None,
 ) -> dict[str, Any]:
     """Version ``version``'s Deployment; ``replicas`` None leaves ``spec.replicas`` out (an HPA
-    owns it)."""
+    owns it).
+
+    What a pod needs for the rollout's evidence: ``--prediction-log`` (the settings' URI, in
+    production ``s3://...``, which the Airflow workers read too), the object store's
+    credentials as ``AWS_*`` variables from ``build.storage_secret`` (when set), and two keys
+    every replica must share, from Secrets mounted read-only: the feedback key (a label's token
+    issued by one pod is checked by another: ``build.feedback_secret``, key ``key``) and the
+    masking keys (the same value masks to the same token in every pod's records, and a log on
+    object storage needs them: ``build.mask_secret``, key ``mask-keys.json``).
+    """
     build = build or BuildSettings()
     gpus = build.gpus
     labels = {"app": target.service, "version": version}
+    secrets = [  # (volume, Secret, key, flag): read-only files the server is pointed at
+        ("feedback-key", build.feedback_secret, FEEDBACK_KEY, "--feedback-key-file"),
+        ("mask-keys", build.mask_secret, MASK_KEYS, "--mask-keys"),
+    ]
     container: dict[str, Any] = {
         "name": "model-server",
         "image": image,
@@ -77,6 +95,8 @@ def render_deployment(
             *("--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"),
             *("--serve", f"{model}:{version}"),
             *("--admin-port", str(ADMIN_PORT)),
+            *(("--prediction-log", prediction_log) if prediction_log else ()),
+            *(arg for volume, _, key, flag in secrets for arg in (flag, f"{SECRETS_DIR}/{volume}/{key}")),
         ],
         # The server reads its admin token from this variable; a Secret, never the manifest.
         "env": [
@@ -85,7 +105,10 @@ def render_deployment(
                 "valueFrom": {"secretKeyRef": {"name": build.admin_secret, "key": ADMIN_TOKEN_KEY}},
             }
         ],
-        "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+        "volumeMounts": [
+            {"name": "state", "mountPath": "/state"},
+            *({"name": volume, "mountPath": f"{SECRETS_DIR}/{volume}", "readOnly": True} for volume, *_ in secrets),
+        ],
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT},
             {"name": "admin", "containerPort": ADMIN_PORT},
@@ -93,11 +116,21 @@ def render_deployment(
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
         "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},  # a quantity
     }
+    if build.storage_secret:
+        container["envFrom"] = [{"secretRef": {"name": build.storage_secret}}]
+    volumes = [
+        {"name": "state", "emptyDir": {}},
+        *(
+            {"name": volume, "secret": {"secretName": name, "items": [{"key": key, "path": key}], "defaultMode": 0o440}}
+            for volume, name, key, _ in secrets
+        ),
+    ]
     spec: dict[str, Any] = {
         "selector": {"matchLabels": dict(labels)},
         "template": {
             "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
-            "spec": {"containers": [container], "volumes": [{"name": "state", "emptyDir": {}}]},
+            # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
+            "spec": {"containers": [container], "volumes": volumes, "securityContext": {"fsGroup": SERVER_UID}},
         },
     }
     if replicas is not None:
@@ -187,6 +220,7 @@ class VersionDeployments:
     model: str
     api_client: Any = None  # kubernetes.client.ApiClient (the Airflow hook's)
     build: BuildSettings = field(default_factory=BuildSettings)
+    prediction_log: str | None = None  # the pods' --prediction-log (the settings')
 
     def _apps(self) -> Any:
         from kubernetes import client
@@ -204,7 +238,9 @@ class VersionDeployments:
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
-        body = render_deployment(self.target, self.model, version, image, None if autoscaled else replicas, self.build)
+        body = render_deployment(
+            self.target, self.model, version, image, None if autoscaled else replicas, self.build, self.prediction_log
+        )
         try:
             out = self._apps().patch_namespaced_deployment(
                 self._name(version),

@@ -10,8 +10,8 @@ wrong; every default is here and nowhere else. The extras:
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
 - ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
   ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
-  ``drain_seconds``, ``admin_secret`` (kubernetes mode: the Kaniko build and the version
-  Deployments, ``BuildSettings``)
+  ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
+  (kubernetes mode: the Kaniko build and the version Deployments, ``BuildSettings``)
 """
 
 from __future__ import annotations
@@ -58,7 +58,18 @@ EXTRA_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 **{name: _text() for name in ("registry", "context")},
-                **{name: _text(253) for name in ("namespace", "service_account", "push_secret", "admin_secret")},
+                **{
+                    name: _text(253)
+                    for name in (
+                        "namespace",
+                        "service_account",
+                        "push_secret",
+                        "admin_secret",
+                        "storage_secret",
+                        "feedback_secret",
+                        "mask_secret",
+                    )
+                },
                 "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
                 "replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -97,6 +108,9 @@ class BuildSettings:
     # propagation and the requests in flight.
     drain_seconds: float = 10.0
     admin_secret: str = "model-server-admin"  # noqa: S105 (the Secret whose key "token" is the admin token)
+    storage_secret: str | None = None  # a Secret of AWS_* variables: the prediction log's object store
+    feedback_secret: str = "model-server-feedback"  # noqa: S105 (key "key": the replicas' feedback key)
+    mask_secret: str = "model-server-masking"  # noqa: S105 (key "mask-keys.json": the replicas' masking keys)
 
     def require(self, *names: str) -> list[str]:
         """The values of these settings, which kubernetes mode cannot do without."""

@@ -67,7 +67,10 @@ class ModelServerHook(BaseHook):
         """One Deployment per version behind the subsets (the extras' ``build``)."""
         from vision_rollout.deploy import VersionDeployments
 
-        return VersionDeployments(self._istio(), model, _kubernetes(kubernetes_conn_id), build=self.settings.build)
+        settings = self.settings
+        return VersionDeployments(
+            self._istio(), model, _kubernetes(kubernetes_conn_id), settings.build, settings.prediction_log
+        )
 
     def _istio(self) -> IstioTarget:
         """Kubernetes mode's Istio objects; without them the task fails naming the extra (no retry)."""

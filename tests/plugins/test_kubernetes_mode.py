@@ -26,18 +26,12 @@ ISTIO = {"namespace": "models", "service": "digits", "name": "digits", "gateways
 PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
 
 
-def connect(monkeypatch, tmp_path, **build) -> None:
-    """The ``model_server_default`` connection of these tests, ``build`` settings added."""
+def connect(monkeypatch, tmp_path, extra: dict | None = None, **build) -> None:
+    """The ``model_server_default`` connection of these tests, ``extra`` and ``build`` settings added."""
+    extras = {"istio": ISTIO, "build": {**BUILD, **build}, "run_dir": str(tmp_path), **(extra or {})}
     monkeypatch.setenv(
         "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "http",
-                "host": "digits.models.svc",
-                "port": 8000,
-                "extra": {"istio": ISTIO, "build": {**BUILD, **build}, "run_dir": str(tmp_path)},
-            }
-        ),
+        json.dumps({"conn_type": "http", "host": "digits.models.svc", "port": 8000, "extra": extras}),
     )
 
 
@@ -315,3 +309,40 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     assert ("GET", "deployments/digits-v1") in done[restored:routed]  # its readiness
     assert ("GET", "virtualservices/digits") in done[routed:retired]
     assert restored < routed < retired
+
+
+def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
+    """The prediction log on object storage, its credentials, and the keys every replica shares
+    (feedback tokens, masking), each from a Secret mounted read-only where the server reads it."""
+    from kubernetes import client
+
+    from model_server.__main__ import parse_args
+
+    log = "s3://ml-predictions/digits?region=eu-west-1"
+    connect(monkeypatch, tmp_path, {"prediction_log": log}, storage_secret="predictions-s3")
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    obj = deployment(kube, "2")
+    api = client.ApiClient()
+    assert api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj
+    pod = obj["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parse_args(container["args"])
+    assert args.prediction_log == log
+    assert container["envFrom"] == [{"secretRef": {"name": "predictions-s3"}}]  # AWS_* for the log's S3 client
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, secret, key in (
+        (args.feedback_key_file, "model-server-feedback", "key"),
+        (args.mask_keys, "model-server-masking", "mask-keys.json"),
+    ):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        assert path.name == key
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret
+        assert volumes[mount["name"]]["secret"]["items"] == [{"key": key, "path": key}]
+    assert pod["securityContext"] == {"fsGroup": 10001}  # the image's user reads the Secrets' files
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    # Without a storage Secret (credentials from the node's or the pod's identity): no envFrom.
+    connect(monkeypatch, tmp_path, {"prediction_log": log})
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    assert "envFrom" not in deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]
