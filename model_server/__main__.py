@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import secrets
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repository", type=Path, required=True, help="model repository folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve the admin API (traffic, load/unload, fault injection) on this port only, the data "
+        "port answering it 404 (default: every call on --port)",
+    )
     p.add_argument(
         "--load-model",
         action="append",
@@ -180,6 +187,31 @@ def pins(specs: list[str]) -> dict[str, int]:
     return pinned
 
 
+def listeners(host: str, port: int, admin_port: int | None) -> list[socket.socket]:
+    """The bound sockets: the data port, and the admin port when given (ValueError or OSError
+    naming a bad or busy port). Bound here rather than by uvicorn, which binds one."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0 to 65535)")
+    if admin_port is not None and not 1 <= admin_port <= 65535:
+        raise ValueError(f"--admin-port {admin_port} is not a TCP port (1 to 65535)")
+    if port == admin_port:
+        raise ValueError(f"--admin-port {admin_port} is --port: give the admin API a port of its own")
+    ports = [port] if admin_port is None else [port, admin_port]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn decides
+    bound: list[socket.socket] = []
+    try:
+        for p in ports:
+            try:
+                bound.append(socket.create_server((host, p), family=family))
+            except OSError as exc:
+                raise OSError(f"cannot listen on {host}:{p}: {exc.strerror}") from None
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
 def admin_token(args: argparse.Namespace) -> str | None:
     if args.admin_token_file is not None:
         token = args.admin_token_file.read_text().strip()
@@ -317,7 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.exit_on_error:
                 print(f"model-server: {exc.message}", file=sys.stderr)
                 return 1
+    try:
+        sockets = listeners(args.host, args.port, args.admin_port)
+    except (OSError, ValueError) as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return 2
     settings = Settings(
+        admin_port=args.admin_port,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_json_bytes=int(args.max_json_mb * 1024 * 1024),
         feedback_max_items=args.feedback_max_items,
@@ -332,17 +370,17 @@ def main(argv: list[str] | None = None) -> int:
         feedback_ttl_s=args.feedback_ttl_s,
         feedback_key=feedback_key(args, state),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(repo, settings, plog),
-        host=args.host,
-        port=args.port,
         log_level=args.log_level,
         access_log=False,
         log_config=None,  # uvicorn's records reach the root handlers, and their masking
         timeout_keep_alive=75,
         http=limited_protocol(args.request_timeout),
     )
-    return 0
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)  # one event loop, one app, a listener per port
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

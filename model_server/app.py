@@ -3,7 +3,8 @@
 Routes only parse a request (body limits, JSON, headers), call the data plane (dataplane.py)
 or an admin call (admin.py), and encode the answer; every error becomes ``{"error": ...}``
 with the status of its exception class, so nothing escapes as a crash. The admin token is
-checked here, before any admin call.
+checked here, before any admin call, and with an admin port (``Settings.admin_port``) the port
+the call arrived on (ASGI ``scope["server"]``): one app serves both listeners.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from model_server.admin import Admin
 from model_server.config import ascii_uint
 from model_server.dataplane import DataPlane, InferResult, RequestContext, shadow_record
 from model_server.errors import (
+    AdminOnly,
     InvalidInput,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -61,6 +63,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 30.0
     admin_token: str | None = None
+    admin_port: int | None = None  # admin calls are answered on this port only (None: on any)
     state_dir: Path | None = None  # traffic policies persist here (restored on restart)
     traffic_file: Path | None = None  # watched policy file: {"models": {name: policy}}
     traffic_poll_s: float = 1.0
@@ -182,6 +185,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             async def handler(request: Request) -> Response:
                 try:
                     if admin:
+                        check_admin_port(request.scope)
                         check_admin(request.headers)
                     response = await fn(request)
                 except ServerError as exc:
@@ -195,6 +199,19 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             return handler
 
         return wrap
+
+    def check_admin_port(scope: Scope) -> None:
+        """With ``--admin-port``, the admin API (every ``endpoint(..., admin=True)``: traffic
+        policies, load and unload, fault injection) is on that port only, which a Kubernetes
+        Service need not expose: the data port answers 404, as for a path it does not serve."""
+        if settings.admin_port is None:
+            return
+        server = scope.get("server")
+        if server is None or server[1] != settings.admin_port:
+            raise AdminOnly(
+                f"{scope['method']} {scope['path']} is an admin call: it is served on the admin port "
+                f"{settings.admin_port} only, not on this data port"
+            )
 
     def check_admin(headers: Mapping[str, str]) -> None:
         if settings.admin_token is None:

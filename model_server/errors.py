@@ -29,6 +29,12 @@ class ModelNotFound(ServerError):
     status = 404
 
 
+class AdminOnly(ServerError):
+    """An admin call on the data port of a server with an admin port: not served there."""
+
+    status = 404
+
+
 class RequestTimeout(ServerError):
     status = 408
 

@@ -4,25 +4,89 @@
 the artifact's digest, ``docker/Dockerfile.model-server``), serving that version only (``--serve
 MODEL:VERSION``: ready once it is loaded and warmed up), pod labels ``app=<service>`` (the
 Service's selector) and ``version=<N>`` (the DestinationRule subset's), a GPU per pod and the
-server's readiness probe. ``VersionDeployments`` applies it server-side (field manager
-``model-rollout``), waits for its pods to be ready, and scales a version to zero on rollback or
-retirement by re-applying its own Deployment with 0 replicas (so one field manager keeps the
-whole object).
+server's readiness probe, the admin API on a port of its own (8001, ``--admin-port``) that
+``render_service``'s Service leaves out, its token from a Secret. ``VersionDeployments`` applies it server-side (field manager
+``model-rollout``), sizes it (``candidate_replicas`` per stage), waits for its pods to be ready,
+and scales a version to zero on rollback or retirement.
+
+Who owns ``spec.replicas``: without autoscaling the rollout does (it re-applies its own
+Deployment with the new count, so one field manager keeps the whole object); with
+``build.autoscaling`` an HPA per version does (``render_hpa``), as with Flagger: the applied
+Deployment leaves ``spec.replicas`` out and the rollout moves the HPA's ``minReplicas`` instead.
+Deployments are applied without ``force``: a field another manager owns (a ``kubectl scale``,
+an HPA the rollout did not make) is a 409 the task reports, never silently taken over.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError
+from vision_rollout.settings import BuildSettings
+
+HTTP_PORT = 8000  # the data port: inference, metadata, health, metrics, feedback
+ADMIN_PORT = 8001  # the admin API (--admin-port), kept out of the Service
+ADMIN_TOKEN_KEY = "token"  # noqa: S105 (the key of the admin token in its Secret, build.admin_secret)
+SECRETS_DIR = "/etc/model-server"  # each Secret a folder of its own under it
+FEEDBACK_KEY = "key"  # the key of the feedback key in build.feedback_secret
+MASK_KEYS = "mask-keys.json"  # the key of the masking key file in build.mask_secret
+SERVER_UID = 10001  # the user docker/Dockerfile.model-server runs the server as
+MAX_REPLICAS = 10_000  # as build.max_replicas: a count beyond it is a mistake, not a plan
+
+
+def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floor: int = 1) -> int:
+    """The candidate's pods at a stage: ``max(floor, ceil(baseline * load))``.
+
+    ``load`` is the candidate's share of the baseline's traffic: its weight, plus the mirrored
+    copies of the baseline's share (``weight/100 + mirror/100 * (1 - weight/100)``), since a copy
+    costs the candidate an inference as a routed request does. So with a 100% mirror the
+    candidate needs the baseline's size from the first stage, and at 100% weight always does.
+    ``baseline``: the baseline's pods. Percentages are taken as written (``str``), so 7% of 100
+    pods is 7, not the 8 that binary floating point would give.
+    """
+    for name, value, top in (("weight", weight, 100), ("mirror_percent", mirror_percent, 100)):
+        if not 0 <= value <= top:
+            raise ValueError(f"{name} {value!r}: a percentage, 0 to 100")
+    for name, count in (("baseline", baseline), ("floor", floor)):
+        if not 0 <= count <= MAX_REPLICAS:
+            raise ValueError(f"{name} replicas {count!r}: 0 to {MAX_REPLICAS}")
+    w = Fraction(str(weight)) / 100
+    load = w + Fraction(str(mirror_percent)) / 100 * (1 - w)
+    return max(floor, math.ceil(baseline * load))
 
 
 def render_deployment(
-    target: IstioTarget, model: str, version: str, image: str, replicas: int = 1, gpus: int = 1
+    target: IstioTarget,
+    model: str,
+    version: str,
+    image: str,
+    replicas: int | None = 1,
+    build: BuildSettings | None = None,
+    prediction_log: str | None = None,
 ) -> dict[str, Any]:
+    """Version ``version``'s Deployment; ``replicas`` None leaves ``spec.replicas`` out (an HPA
+    owns it).
+
+    What a pod needs for the rollout's evidence: ``--prediction-log`` (the settings' URI, in
+    production ``s3://...``, which the Airflow workers read too), the object store's
+    credentials as ``AWS_*`` variables from ``build.storage_secret`` (when set), and two keys
+    every replica must share, from Secrets mounted read-only: the feedback key (a label's token
+    issued by one pod is checked by another: ``build.feedback_secret``, key ``key``) and the
+    masking keys (the same value masks to the same token in every pod's records, and a log on
+    object storage needs them: ``build.mask_secret``, key ``mask-keys.json``).
+    """
+    build = build or BuildSettings()
+    gpus = build.gpus
     labels = {"app": target.service, "version": version}
+    secrets = [  # (volume, Secret, key, flag): read-only files the server is pointed at
+        ("feedback-key", build.feedback_secret, FEEDBACK_KEY, "--feedback-key-file"),
+        ("mask-keys", build.mask_secret, MASK_KEYS, "--mask-keys"),
+    ]
     container: dict[str, Any] = {
         "name": "model-server",
         "image": image,
@@ -30,29 +94,124 @@ def render_deployment(
         "args": [
             *("--repository", "/models", "--state-dir", "/state", "--device", "cuda" if gpus else "cpu"),
             *("--serve", f"{model}:{version}"),
+            *("--admin-port", str(ADMIN_PORT)),
+            *(("--prediction-log", prediction_log) if prediction_log else ()),
+            *(arg for volume, _, key, flag in secrets for arg in (flag, f"{SECRETS_DIR}/{volume}/{key}")),
         ],
-        "volumeMounts": [{"name": "state", "mountPath": "/state"}],
-        "ports": [{"name": "http", "containerPort": 8000}],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}, "periodSeconds": 5},
+        # The server reads its admin token from this variable; a Secret, never the manifest.
+        "env": [
+            {
+                "name": "MODEL_SERVER_ADMIN_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": build.admin_secret, "key": ADMIN_TOKEN_KEY}},
+            }
+        ],
+        "volumeMounts": [
+            {"name": "state", "mountPath": "/state"},
+            *({"name": volume, "mountPath": f"{SECRETS_DIR}/{volume}", "readOnly": True} for volume, *_ in secrets),
+        ],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT},
+            {"name": "admin", "containerPort": ADMIN_PORT},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
         "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},  # a quantity
     }
+    if build.storage_secret:
+        container["envFrom"] = [{"secretRef": {"name": build.storage_secret}}]
+    volumes = [
+        {"name": "state", "emptyDir": {}},
+        *(
+            {"name": volume, "secret": {"secretName": name, "items": [{"key": key, "path": key}], "defaultMode": 0o440}}
+            for volume, name, key, _ in secrets
+        ),
+    ]
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": dict(labels)},
+        "template": {
+            "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
+            # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
+            "spec": {"containers": [container], "volumes": volumes, "securityContext": {"fsGroup": SERVER_UID}},
+        },
+    }
+    if replicas is not None:
+        spec = {"replicas": replicas, **spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": f"{target.service}-v{version}",
+            "name": deployment_name(target, version),
             "namespace": target.namespace,
             "labels": {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER},
         },
+        "spec": spec,
+    }
+
+
+def deployment_name(target: IstioTarget, version: str) -> str:
+    return f"{target.service}-v{version}"
+
+
+def render_service(target: IstioTarget) -> dict[str, Any]:
+    """The Service in front of every version's pods (``app=<service>``; Istio's subsets split
+    it by ``version``): the data port only. The admin port (traffic, load/unload, fault
+    injection) is not in it, so nothing reaches it through the Service's name; the server
+    answers admin calls on the data port 404. An Istio AuthorizationPolicy admitting only the
+    Airflow workers' service account to port 8001 would also close it to pod-IP traffic
+    inside the mesh; it is not rendered here (the rollout does not call the admin API in
+    Kubernetes mode: Istio routes, and the probe is a data-port call with the token)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": target.service,
+            "namespace": target.namespace,
+            "labels": {"app": target.service, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
         "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": dict(labels)},
-            "template": {
-                "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
-                "spec": {"containers": [container], "volumes": [{"name": "state", "emptyDir": {}}]},
-            },
+            "selector": {"app": target.service},
+            # appProtocol: Istio takes it as HTTP without sniffing (the port name would do too).
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http", "appProtocol": "http"}],
         },
     }
+
+
+def render_hpa(target: IstioTarget, version: str, min_replicas: int, max_replicas: int) -> dict[str, Any]:
+    """The ``autoscaling/v2`` HorizontalPodAutoscaler of version ``version``'s Deployment: the
+    stage's size as its floor. Its metrics are left to whoever runs the HPA (Kubernetes' default
+    is 80% CPU): the rollout neither sets nor owns them, only the bounds."""
+    if not 1 <= min_replicas <= max_replicas <= MAX_REPLICAS:
+        raise ValueError(f"HPA bounds {min_replicas}..{max_replicas}: need 1 <= min <= max <= {MAX_REPLICAS}")
+    name = deployment_name(target, version)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {
+            "name": name,
+            "namespace": target.namespace,
+            "labels": {"app": target.service, "version": version, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+        },
+    }
+
+
+def refused(what: str, exc: Any) -> RouterError:
+    """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
+    apply is a field another manager owns (its ``message`` names the manager and the field)."""
+    try:
+        message = str(json.loads(exc.body).get("message") or exc.body)
+    except (TypeError, ValueError, AttributeError):
+        message = str(exc.body)
+    if exc.status == 409:
+        return RouterError(
+            f"{what}: 409 Conflict: {message[:1000]}. The rollout does not take over fields another "
+            "manager owns: give the field back (or, for spec.replicas under your own HPA, set the "
+            "model_server_default extra build.autoscaling)"
+        )
+    return RouterError(f"{what}: {exc.status} {exc.reason}: {message[:1000]}")
 
 
 @dataclass
@@ -60,7 +219,8 @@ class VersionDeployments:
     target: IstioTarget
     model: str
     api_client: Any = None  # kubernetes.client.ApiClient (the Airflow hook's)
-    gpus: int = 1
+    build: BuildSettings = field(default_factory=BuildSettings)
+    prediction_log: str | None = None  # the pods' --prediction-log (the settings')
 
     def _apps(self) -> Any:
         from kubernetes import client
@@ -68,50 +228,105 @@ class VersionDeployments:
         return client.AppsV1Api(self.api_client)
 
     def _name(self, version: str) -> str:
-        return f"{self.target.service}-v{version}"
+        return deployment_name(self.target, version)
 
     def apply(self, version: str, image: str, replicas: int = 1) -> dict[str, Any]:
+        """Apply version ``version``'s Deployment with ``replicas`` pods (under autoscaling: its
+        HPA's floor). No ``force``: unlike the Istio objects, which only the rollout writes, a
+        Deployment's fields may have other owners (an HPA, ``kubectl scale``); fighting them would
+        undo their changes at every stage, so a conflict is reported instead."""
         from kubernetes.client.exceptions import ApiException
 
-        body = render_deployment(self.target, self.model, version, image, replicas, self.gpus)
+        autoscaled = self.build.autoscaling
+        body = render_deployment(
+            self.target, self.model, version, image, None if autoscaled else replicas, self.build, self.prediction_log
+        )
         try:
             out = self._apps().patch_namespaced_deployment(
                 self._name(version),
                 self.target.namespace,
                 body,
                 field_manager=FIELD_MANAGER,
-                force=True,
                 _content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
-            raise RouterError(
-                f"apply Deployment {self._name(version)}: {exc.status} {exc.reason}: {exc.body}"
-            ) from None
+            raise refused(f"apply Deployment {self._name(version)}", exc) from None
+        if autoscaled:
+            self._autoscale(version, replicas, out.spec.replicas or 0)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
 
-    def image(self, version: str) -> str | None:
+    def _autoscale(self, version: str, replicas: int, live: int) -> None:
+        """Under an HPA: its floor is the stage's size (``force``: the rollout made the HPA and
+        is its only writer, as for the Istio objects). An HPA does nothing for a Deployment at 0
+        (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
+        count is also set through the scale subresource, as ``kubectl scale`` does, when it has
+        to grow from below the floor or go to 0; the HPA owns it from there."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = self._name(version)
+        if replicas > 0:
+            top = max(self.build.max_replicas or 10 * replicas, replicas)
+            try:
+                client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
+                    name,
+                    self.target.namespace,
+                    render_hpa(self.target, version, replicas, top),
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                )
+            except ApiException as exc:
+                raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
+        if replicas == 0 or live < replicas:
+            try:
+                self._apps().patch_namespaced_deployment_scale(
+                    name, self.target.namespace, {"spec": {"replicas": replicas}}, field_manager=FIELD_MANAGER
+                )
+            except ApiException as exc:
+                raise refused(f"scale Deployment {name}", exc) from None
+
+    def _live(self, version: str) -> Any:
+        """The live Deployment (a V1Deployment), None when there is none."""
         from kubernetes.client.exceptions import ApiException
 
         try:
-            live = self._apps().read_namespaced_deployment(self._name(version), self.target.namespace)
+            return self._apps().read_namespaced_deployment(self._name(version), self.target.namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise RouterError(f"GET Deployment {self._name(version)}: {exc.status} {exc.reason}") from None
-        return str(live.spec.template.spec.containers[0].image)
+            raise refused(f"GET Deployment {self._name(version)}", exc) from None
 
-    def scale_to_zero(self, version: str) -> bool:
-        """False when the version has no Deployment (nothing to scale)."""
+    def image(self, version: str) -> str | None:
+        live = self._live(version)
+        return None if live is None else str(live.spec.template.spec.containers[0].image)
+
+    def replicas(self, version: str) -> int | None:
+        """The live Deployment's ``spec.replicas`` (an HPA's choice under autoscaling); None
+        when the version has no Deployment."""
+        live = self._live(version)
+        return None if live is None else int(live.spec.replicas or 0)
+
+    def scale(self, version: str, replicas: int) -> bool:
+        """Re-apply the version's own Deployment (its live image) with ``replicas`` pods; False
+        when it has no Deployment (nothing to scale)."""
         image = self.image(version)
         if image is None:
             return False
-        self.apply(version, image, replicas=0)
+        self.apply(version, image, replicas)
         return True
 
+    def scale_to_zero(self, version: str) -> bool:
+        """False when the version has no Deployment (nothing to scale)."""
+        return self.scale(version, 0)
+
     def wait_ready(self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0) -> None:
+        """Until at least ``replicas`` of the version's pods are ready; RouterError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
-            live = self._apps().read_namespaced_deployment(self._name(version), self.target.namespace)
+            live = self._live(version)
+            if live is None:
+                raise RouterError(f"Deployment {self._name(version)} does not exist")
             ready = (live.status.ready_replicas or 0) if live.status else 0
             if ready >= replicas:
                 return

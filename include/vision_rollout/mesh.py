@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -358,6 +359,27 @@ class IstioRouter:
             "spec": original,
         }
         self._apply(body, "virtualservices")
+
+
+def routes_to(policy: TrafficPolicy, version: str) -> bool:
+    """Whether ``policy`` sends ``version`` any request (by weight, default route or rule) or any
+    mirrored copy."""
+    routes = [policy.route, *(rule.route for rule in policy.rules)]
+    routed = any(d.version == version and d.weight > 0 for route in routes for d in route)
+    return routed or (policy.mirror is not None and policy.mirror.version == version)
+
+
+def wait_unrouted(router: Router, version: str, drain_s: float, timeout_s: float = 120.0, every_s: float = 1.0) -> None:
+    """Return once the routes read back from the mesh send ``version`` nothing (``routes_to``),
+    and ``drain_s`` later: a written VirtualService takes seconds to reach every Envoy, and the
+    requests already sent to the version must finish before its pods go. RouterError when the
+    routes still send it traffic after ``timeout_s`` (another writer, a failed write)."""
+    deadline = time.monotonic() + timeout_s
+    while routes_to(policy := router.get_routes(), version):
+        if time.monotonic() > deadline:
+            raise RouterError(f"the mesh still routes to version {version} after {timeout_s:g} s: {policy.to_dict()}")
+        time.sleep(every_s)
+    time.sleep(drain_s)
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:

@@ -9,7 +9,9 @@ wrong; every default is here and nowhere else. The extras:
 - ``run_dir``: where reports, audits, the outbox and the routes before a rollout are kept
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
 - ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
-  ``gpus``, ``replicas`` (kubernetes mode: the Kaniko build and the version Deployments)
+  ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
+  ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
+  (kubernetes mode: the Kaniko build and the version Deployments, ``BuildSettings``)
 """
 
 from __future__ import annotations
@@ -56,13 +58,31 @@ EXTRA_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 **{name: _text() for name in ("registry", "context")},
-                **{name: _text(253) for name in ("namespace", "service_account", "push_secret")},
+                **{
+                    name: _text(253)
+                    for name in (
+                        "namespace",
+                        "service_account",
+                        "push_secret",
+                        "admin_secret",
+                        "storage_secret",
+                        "feedback_secret",
+                        "mask_secret",
+                    )
+                },
                 "gpus": {"type": "integer", "minimum": 0, "maximum": 64},
                 "replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
+                "max_replicas": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "autoscaling": {"type": "boolean"},
+                "drain_seconds": {"type": "number", "minimum": 0, "maximum": 600},
             },
         },
     },
 }
+
+
+INTEGERS = ("gpus", "replicas", "min_replicas", "max_replicas")  # 3.0 is an integer to JSON Schema
 
 
 class SettingsError(ValueError):
@@ -79,7 +99,18 @@ class BuildSettings:
     service_account: str = "image-builder"
     push_secret: str = "registry-push"  # noqa: S105 (the name of a Secret with .dockerconfigjson)
     gpus: int = 1  # per model server pod
-    replicas: int = 1  # pods per version
+    replicas: int = 1  # the baseline's pods when its live Deployment does not say
+    min_replicas: int = 1  # the candidate's floor at every stage
+    # An HPA per version owns spec.replicas; the rollout sets its minReplicas per stage.
+    autoscaling: bool = False
+    max_replicas: int | None = None  # the HPAs' maxReplicas (default: 10 x their minReplicas)
+    # After the mesh stops routing to a version, before its pods go: Envoy's config
+    # propagation and the requests in flight.
+    drain_seconds: float = 10.0
+    admin_secret: str = "model-server-admin"  # noqa: S105 (the Secret whose key "token" is the admin token)
+    storage_secret: str | None = None  # a Secret of AWS_* variables: the prediction log's object store
+    feedback_secret: str = "model-server-feedback"  # noqa: S105 (key "key": the replicas' feedback key)
+    mask_secret: str = "model-server-masking"  # noqa: S105 (key "mask-keys.json": the replicas' masking keys)
 
     def require(self, *names: str) -> list[str]:
         """The values of these settings, which kubernetes mode cannot do without."""
@@ -107,9 +138,7 @@ class ServingSettings:
             where = ".".join(str(p) for p in exc.absolute_path)
             raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {exc.message[:300]}") from None
         defaults = cls()
-        build: dict[str, Any] = {
-            k: int(v) if k in ("gpus", "replicas") else v for k, v in (extra.get("build") or {}).items()
-        }
+        build: dict[str, Any] = {k: int(v) if k in INTEGERS else v for k, v in (extra.get("build") or {}).items()}
         return cls(
             url=url,
             token=token or None,

@@ -64,10 +64,13 @@ class ModelServerHook(BaseHook):
         return IstioRouter(self._istio(), versions, api_client=_kubernetes(kubernetes_conn_id))
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
-        """One Deployment per version behind the subsets (extras ``build.gpus``)."""
+        """One Deployment per version behind the subsets (the extras' ``build``)."""
         from vision_rollout.deploy import VersionDeployments
 
-        return VersionDeployments(self._istio(), model, _kubernetes(kubernetes_conn_id), gpus=self.settings.build.gpus)
+        settings = self.settings
+        return VersionDeployments(
+            self._istio(), model, _kubernetes(kubernetes_conn_id), settings.build, settings.prediction_log
+        )
 
     def _istio(self) -> IstioTarget:
         """Kubernetes mode's Istio objects; without them the task fails naming the extra (no retry)."""

@@ -12,13 +12,18 @@ import re
 import time
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
+from vision_rollout.deploy import candidate_replicas
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
+
+if TYPE_CHECKING:
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import Router
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +115,49 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
     image = built["build"]["image"]
     hook = serving()
-    settings = hook.settings
     deployments = hook.deployments(spec.model)
-    replicas = settings.build.replicas
+    replicas = candidate_size(spec, spec.stages[0], deployments)
     deployments.apply(spec.candidate_version, image, replicas)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"
 
 
+def baseline_size(spec: RolloutSpec, deployments: VersionDeployments) -> int:
+    """The baseline's pods: its live Deployment's ``spec.replicas`` (an HPA's choice under
+    autoscaling), else (no Deployment, or at 0) the extras' ``build.replicas``."""
+    return deployments.replicas(spec.baseline_version) or deployments.build.replicas
+
+
+def candidate_size(spec: RolloutSpec, weight: int, deployments: VersionDeployments) -> int:
+    """The candidate's pods at a stage of ``weight`` percent (``candidate_replicas``)."""
+    return candidate_replicas(
+        baseline_size(spec, deployments), weight, spec.mirror_percent, deployments.build.min_replicas
+    )
+
+
+def scale_ready(deployments: VersionDeployments, version: str, replicas: int) -> None:
+    """Version ``version`` at ``replicas`` pods, that many ready: before any traffic moves to it."""
+    if not deployments.scale(version, replicas):
+        raise AirflowFailException(f"version {version} has no Deployment {deployments.target.service}-v{version}")
+    deployments.wait_ready(version, replicas)
+
+
 def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
-    """``previous``: the build report (first stage) or the previous stage's verdict."""
+    """Stage ``index``'s weights (and mirror) into effect; in kubernetes mode the candidate first
+    scaled to the stage's size, its pods ready. ``previous``: the build report (first stage) or
+    the previous stage's verdict."""
     spec = spec_from(params)
     if index >= len(spec.stages):
         raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
-    r = router(spec, run_id, serving())
+    hook = serving()
+    r = router(spec, run_id, hook)
     if index == 0:
         r.reconcile()
+    if spec.mesh == "istio":  # sized and ready before the weight moves: no route to missing pods
+        deployments = hook.deployments(spec.model)
+        scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     return {"weight": spec.stages[index], "started": time.time()}
 
@@ -330,29 +360,62 @@ def decide(
 
 
 def promote(params: dict[str, Any], run_id: str) -> str:
-    """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0)."""
+    """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0).
+
+    Kubernetes mode, in an order that never routes to missing pods: the candidate scaled to the
+    baseline's size and ready, then 100% to it, then the baseline drained (``retire``), then its
+    pods gone."""
     spec = spec_from(params)
     hook = serving()
-    settings = hook.settings
-    router(spec, run_id, hook).set_routes(spec.promoted_policy())
+    r = router(spec, run_id, hook)
     if spec.mesh == "local":
-        settings.admin.load(spec.model, [spec.candidate_version])
-    else:
-        hook.deployments(spec.model).scale_to_zero(spec.baseline_version)
+        r.set_routes(spec.promoted_policy())
+        hook.settings.admin.load(spec.model, [spec.candidate_version])
+        return spec.candidate_version
+    deployments = hook.deployments(spec.model)
+    scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))
+    r.set_routes(spec.promoted_policy())
+    retire(r, deployments, spec.baseline_version)
     return spec.candidate_version
 
 
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
-    """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0)."""
+    """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0).
+
+    Kubernetes mode: the baseline's pods first (scaled back to ``build.replicas`` and all ready
+    when something scaled it to 0; else one ready pod is enough: it serves already, and a rollback
+    must not wait on a pod that will not start), then 100% to it, then the candidate drained and
+    scaled to 0 (``retire``)."""
     spec = spec_from(params)
     hook = serving()
-    settings = hook.settings
-    router(spec, run_id, hook).set_routes(spec.stable_policy())
-    if unload_candidate and spec.mesh == "local":
-        settings.admin.load(spec.model, [spec.baseline_version])
-    elif unload_candidate:
-        hook.deployments(spec.model).scale_to_zero(spec.candidate_version)
+    r = router(spec, run_id, hook)
+    if spec.mesh == "local":
+        r.set_routes(spec.stable_policy())
+        if unload_candidate:
+            hook.settings.admin.load(spec.model, [spec.baseline_version])
+        return spec.baseline_version
+    deployments = hook.deployments(spec.model)
+    live = deployments.replicas(spec.baseline_version)
+    if live == 0:
+        scale_ready(deployments, spec.baseline_version, deployments.build.replicas)
+    elif live is not None:
+        deployments.wait_ready(spec.baseline_version, 1)
+    r.set_routes(spec.stable_policy())
+    if unload_candidate:
+        retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
+
+
+def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
+    """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
+    back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``)."""
+    from vision_rollout.mesh import RouterError, wait_unrouted
+
+    try:
+        wait_unrouted(r, version, deployments.build.drain_seconds)
+    except RouterError as exc:
+        raise AirflowFailException(f"version {version} keeps its pods: {exc}") from None
+    deployments.scale_to_zero(version)
 
 
 def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rolled_back: str | None) -> str:

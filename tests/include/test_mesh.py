@@ -23,7 +23,9 @@ from vision_rollout.mesh import (
     policy_from_virtual_service,
     render_destination_rule,
     render_virtual_service,
+    routes_to,
     validate_istio,
+    wait_unrouted,
 )
 
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -178,3 +180,29 @@ def test_requests_that_name_their_version_reach_that_versions_pods():
     )
     with pytest.raises(RouterError, match="'pinned-v9': names starting with 'pinned-v' are reserved"):
         render_virtual_service(TARGET, reserved, ["1"])
+
+
+def test_what_routes_to_a_version_weights_rules_and_the_mirror():
+    assert routes_to(CANARY, "2")  # by its rule
+    assert routes_to(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}), "1")
+    only_mirrored = TrafficPolicy.from_dict(
+        {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 5}}
+    )
+    assert routes_to(only_mirrored, "2")
+    zero = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}, {"version": "2", "weight": 0}]})
+    assert not routes_to(zero, "2")
+    assert not routes_to(zero, "3")
+
+
+def test_a_version_is_drained_only_once_the_mesh_routes_nothing_to_it(kube):
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.set_routes(
+        TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    )
+    with pytest.raises(RouterError, match=r"the mesh still routes to version 1 after 0\.2 s"):
+        wait_unrouted(router, "1", drain_s=0, timeout_s=0.2, every_s=0.05)
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]}))
+    gets = sum(r["method"] == "GET" for r in fake.requests)
+    wait_unrouted(router, "1", drain_s=0)
+    assert sum(r["method"] == "GET" for r in fake.requests) == gets + 1  # read back once, from the mesh

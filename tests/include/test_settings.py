@@ -74,3 +74,29 @@ def test_kubernetes_settings_are_required_where_used():
     assert (full.istio.host, full.istio.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
     assert full.build.replicas == 3
     assert isinstance(full.build.replicas, int)  # 3.0 is an integer to JSON Schema, and a count here
+
+
+def test_the_sizing_settings_of_kubernetes_mode():
+    build = ServingSettings.from_connection(
+        "http://h:8000", None, {"build": {"min_replicas": 2.0, "autoscaling": True, "max_replicas": 30}}
+    ).build
+    assert (build.min_replicas, build.autoscaling, build.max_replicas) == (2, True, 30)
+    assert isinstance(build.min_replicas, int)
+    assert (BuildSettings().min_replicas, BuildSettings().autoscaling, BuildSettings().max_replicas) == (1, False, None)
+    assert BuildSettings().drain_seconds == 10.0
+    assert (BuildSettings().admin_secret, BuildSettings().feedback_secret, BuildSettings().mask_secret) == (
+        "model-server-admin",
+        "model-server-feedback",
+        "model-server-masking",
+    )
+    assert BuildSettings().storage_secret is None
+    assert ServingSettings.from_connection("h", None, {"build": {"drain_seconds": 2.5}}).build.drain_seconds == 2.5
+    for extra, message in (
+        ({"min_replicas": 0}, "extra build.min_replicas: 0 is less than the minimum of 1"),
+        ({"autoscaling": "yes"}, "extra build.autoscaling: 'yes' is not of type 'boolean'"),
+        ({"max_replicas": 10_001}, "extra build.max_replicas: 10001 is greater than the maximum of 10000"),
+        ({"drain_seconds": -1}, "extra build.drain_seconds: -1 is less than the minimum of 0"),
+        ({"storage_secret": ""}, "extra build.storage_secret: '' should be non-empty"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            ServingSettings.from_connection("http://h:8000", None, {"build": extra})

@@ -182,3 +182,59 @@ def test_a_pod_whose_version_cannot_load_is_never_ready(server_factory, repo_cop
     r = requests.get(f"{server.http}/v2/health/ready", timeout=10)
     assert r.status_code == 503
     assert "model 'digits' version 9 (--serve) is not loaded" in r.json()["error"]
+
+
+def test_with_an_admin_port_admin_calls_are_served_there_only(server_factory, repo_copy, digit_images):
+    """--admin-port: the data port (the one a Kubernetes Service exposes) answers every admin
+    call 404 naming the admin port, with the token or without; the admin port serves them, token
+    checked; inference, metadata and the probe header (with the token) stay on the data port."""
+    from devstack.processes import free_port
+    from vision_rollout.serving import image_request
+
+    admin_port = free_port()
+    s = server_factory(repo_copy, "--admin-port", str(admin_port), token="t0k3n")
+    admin = f"http://127.0.0.1:{admin_port}"
+    calls = [
+        ("GET", "/v2/models/digits/traffic"),
+        ("PUT", "/v2/models/digits/versions/1/fault"),
+        ("POST", "/v2/repository/models/digits/load"),
+        ("POST", "/v2/repository/models/digits/unload"),
+    ]
+    for method, path in calls:
+        r = requests.request(method, s.http + path, headers=s.admin, json={}, timeout=10)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["error"] == (
+            f"{method} {path} is an admin call: it is served on the admin port {admin_port} only, not on this data port"
+        )
+        assert requests.request(method, admin + path, json={}, timeout=10).status_code == 401  # token still needed
+    assert s.client().is_model_ready("digits")  # the unload on the data port did nothing
+    r = requests.get(f"{admin}/v2/models/digits/traffic", headers=s.admin, timeout=10)
+    assert r.status_code == 200
+    assert "route" in r.json()
+    assert requests.post(f"{admin}/v2/repository/models/digits/load", headers=s.admin, timeout=10).status_code == 200
+    assert s.client().get_model_metadata("digits")["name"] == "digits"
+    body = image_request([digit_images[0][0]])
+    probe = requests.post(f"{s.http}/v2/models/digits/infer", json=body, headers={"X-Shadow-Probe": "1"}, timeout=30)
+    assert probe.status_code == 401  # the probe is a data-path call, admitted by the token alone
+    probe = requests.post(
+        f"{s.http}/v2/models/digits/infer", json=body, headers={"X-Shadow-Probe": "1", **s.admin}, timeout=30
+    )
+    assert probe.status_code == 200, probe.text
+
+
+def test_the_admin_port_must_be_a_port_of_its_own():
+    import socket
+
+    from model_server.__main__ import listeners
+
+    with pytest.raises(ValueError, match="--admin-port 8000 is --port: give the admin API a port of its own"):
+        listeners("127.0.0.1", 8000, 8000)
+    with pytest.raises(ValueError, match=r"--admin-port 70000 is not a TCP port \(1 to 65535\)"):
+        listeners("127.0.0.1", 8000, 70000)
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            listeners("127.0.0.1", 0, port)
+    finally:
+        busy.close()

@@ -20,9 +20,19 @@ BUILD = {
     "namespace": "ml-builds",
     "service_account": "kaniko",
     "push_secret": "registry-push",
+    "drain_seconds": 0,  # no Envoy to wait for
 }
 ISTIO = {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]}
 PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
+
+
+def connect(monkeypatch, tmp_path, extra: dict | None = None, **build) -> None:
+    """The ``model_server_default`` connection of these tests, ``extra`` and ``build`` settings added."""
+    extras = {"istio": ISTIO, "build": {**BUILD, **build}, "run_dir": str(tmp_path), **(extra or {})}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "digits.models.svc", "port": 8000, "extra": extras}),
+    )
 
 
 @pytest.fixture
@@ -42,17 +52,7 @@ def kube(monkeypatch, tmp_path):
             {"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(kubeconfig), "namespace": "models"}}
         ),
     )
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "http",
-                "host": "digits.models.svc",
-                "port": 8000,
-                "extra": {"istio": ISTIO, "build": BUILD, "run_dir": str(tmp_path)},
-            }
-        ),
-    )
+    connect(monkeypatch, tmp_path)
     yield fake
     fake.stop()
 
@@ -105,19 +105,31 @@ def test_local_mode_has_no_image_to_build():
         KanikoBuild(task_id="kaniko_build", plan={"sha256": SHA}).execute({})  # a local-mode report
 
 
-def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
+def stable_routes(kube: FakeKubeAPI) -> None:
+    """The VirtualService as it is before a rollout: version 1 takes everything."""
     from model_server.traffic import TrafficPolicy
     from vision_rollout.mesh import render_virtual_service
 
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable)
     kube.objects[("virtualservices", "models", "digits")] = {
-        **(
-            vs := render_virtual_service(
-                steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable
-            )
-        ),
+        **vs,
         "metadata": {**vs["metadata"], "resourceVersion": "3"},
     }
+
+
+def image(version: str) -> str:
+    return f"registry.example.com/ml/digits-server:v{version}"
+
+
+def calls(kube: FakeKubeAPI, since: int = 0) -> list[tuple[str, str]]:
+    """The API calls since request ``since``: (verb, "<plural>/<name>")."""
+    return [(r["method"], "/".join(r["path"].split("/")[-2:])) for r in kube.requests[since:]]
+
+
+def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
+    stable_routes(kube)
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     applied = steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
     assert applied["weight"] == 10
     routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
@@ -163,21 +175,24 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     # The pod serves version 2 only, whatever its image's config.json loads, and is ready once it does.
     from model_server.__main__ import parse_args
 
-    assert parse_args(container["args"]).serve == ["digits:2"]  # the server's own parser takes them
+    args = parse_args(container["args"])
+    assert args.serve == ["digits:2"]  # the server's own parser takes them
+    # The admin API on a port of its own, which the Service leaves out; its token from a Secret.
+    assert args.admin_port == 8001
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "admin": 8001}
+    assert container["readinessProbe"]["httpGet"]["port"] == 8000
+    assert container["env"] == [
+        {
+            "name": "MODEL_SERVER_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "model-server-admin", "key": "token"}},
+        }
+    ]
     assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
 
 
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
-    from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
-
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable)
-    kube.objects[("virtualservices", "models", "digits")] = {
-        **vs,
-        "metadata": {**vs["metadata"], "resourceVersion": "3"},
-    }
+    stable_routes(kube)
     deployments = steps.ModelServerHook().deployments("digits")
     for version in ("1", "2"):
         deployments.apply(version, f"registry.example.com/ml/digits-server:v{version}")
@@ -216,3 +231,118 @@ def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kub
     assert refused.value.status == 422
     assert "`selector` does not match template `labels`" in refused.value.body
     assert ("deployments", "models", "digits-v2") not in kube.objects
+
+
+@pytest.mark.parametrize(("mirror", "sizes"), [(0, [1, 2, 4]), (50, [3, 3, 4])], ids=["no-mirror", "mirror-50"])
+def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube, mirror, sizes):
+    """Four baseline pods; stages 10, 50 and 100%: the candidate takes its weight's share, plus
+    the mirrored copies of the baseline's share, before the VirtualService sends it any."""
+    params = {**PARAMS, "mirror_percent": mirror}
+    stable_routes(kube)
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
+    steps.deploy_candidate(params, {"build": {"image": image("2")}})
+    assert deployment(kube, "2")["spec"]["replicas"] == sizes[0]  # the first stage's size from the start
+    for index, expected in enumerate(sizes):
+        since = len(kube.requests)
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+        assert deployment(kube, "2")["spec"]["replicas"] == expected
+        done = calls(kube, since)
+        routed = max(i for i, call in enumerate(done) if call == ("PATCH", "virtualservices/digits"))  # the weights
+        scaled = done.index(("PATCH", "deployments/digits-v2"))
+        assert ("GET", "deployments/digits-v2") in done[scaled:routed]  # its readiness, read back between
+    assert deployment(kube, "1")["spec"]["replicas"] == 4
+    for write in kube.writes():  # a Deployment field another manager owns is a conflict, not taken
+        assert ("force" in write["query"]) == ("/deployments/" not in write["path"]), write
+
+
+def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube, monkeypatch, tmp_path):
+    """The fake API server has no autoscaling/v2: the HPA's apply is seen as a request and a 404."""
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    with pytest.raises(RouterError, match="apply HorizontalPodAutoscaler digits-v2: 404"):
+        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, {"build": {"image": image("2")}})
+    assert "replicas" not in deployment(kube, "2")["spec"]  # the HPA's field, never claimed
+    assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
+    hpa = kube.writes()[-1]
+    assert hpa["path"] == "/apis/autoscaling/v2/namespaces/models/horizontalpodautoscalers/digits-v2"
+    assert hpa["content_type"] == "application/apply-patch+yaml"
+    assert hpa["query"]["fieldManager"] == ["model-rollout"]
+    assert hpa["query"]["force"] == ["True"]  # the rollout's own object, as the Istio ones
+
+
+def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
+    stable_routes(kube)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=3)
+    deployments.apply("2", image("2"), replicas=1)  # as the last canary stage left it
+    since = len(kube.requests)
+    steps.promote(PARAMS, "run-1")
+    assert deployment(kube, "2")["spec"]["replicas"] == 3  # the baseline's full size
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+    done = calls(kube, since)
+    scaled_up = done.index(("PATCH", "deployments/digits-v2"))
+    routed = done.index(("PATCH", "virtualservices/digits"))
+    retired = done.index(("PATCH", "deployments/digits-v1"))
+    assert scaled_up < done.index(("GET", "deployments/digits-v2"), scaled_up) < routed  # ready before routed
+    assert ("GET", "virtualservices/digits") in done[routed:retired]  # read back: nothing routes to v1
+    assert scaled_up < routed < retired
+
+
+def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
+    """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
+    rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
+    the candidate."""
+    connect(monkeypatch, tmp_path, replicas=2)
+    stable_routes(kube)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=0)
+    deployments.apply("2", image("2"), replicas=2)
+    since = len(kube.requests)
+    steps.restore_stable(PARAMS, "run-1")
+    assert deployment(kube, "1")["spec"]["replicas"] == 2  # build.replicas
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+    done = calls(kube, since)
+    restored = done.index(("PATCH", "deployments/digits-v1"))
+    routed = max(i for i, call in enumerate(done) if call == ("PATCH", "virtualservices/digits"))
+    retired = done.index(("PATCH", "deployments/digits-v2"))
+    assert ("GET", "deployments/digits-v1") in done[restored:routed]  # its readiness
+    assert ("GET", "virtualservices/digits") in done[routed:retired]
+    assert restored < routed < retired
+
+
+def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
+    """The prediction log on object storage, its credentials, and the keys every replica shares
+    (feedback tokens, masking), each from a Secret mounted read-only where the server reads it."""
+    from kubernetes import client
+
+    from model_server.__main__ import parse_args
+
+    log = "s3://ml-predictions/digits?region=eu-west-1"
+    connect(monkeypatch, tmp_path, {"prediction_log": log}, storage_secret="predictions-s3")
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    obj = deployment(kube, "2")
+    api = client.ApiClient()
+    assert api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj
+    pod = obj["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parse_args(container["args"])
+    assert args.prediction_log == log
+    assert container["envFrom"] == [{"secretRef": {"name": "predictions-s3"}}]  # AWS_* for the log's S3 client
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, secret, key in (
+        (args.feedback_key_file, "model-server-feedback", "key"),
+        (args.mask_keys, "model-server-masking", "mask-keys.json"),
+    ):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        assert path.name == key
+        assert volumes[mount["name"]]["secret"]["secretName"] == secret
+        assert volumes[mount["name"]]["secret"]["items"] == [{"key": key, "path": key}]
+    assert pod["securityContext"] == {"fsGroup": 10001}  # the image's user reads the Secrets' files
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    # Without a storage Secret (credentials from the node's or the pod's identity): no envFrom.
+    connect(monkeypatch, tmp_path, {"prediction_log": log})
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    assert "envFrom" not in deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]

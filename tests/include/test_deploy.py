@@ -1,0 +1,106 @@
+"""Kubernetes mode's pure parts: the candidate's size per stage, the HPA, the refusals' wording."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from vision_rollout.deploy import candidate_replicas, refused, render_deployment, render_hpa, render_service
+from vision_rollout.mesh import IstioTarget
+
+TARGET = IstioTarget("models", "digits", "digits")
+
+
+def round_trips(obj: dict, kind: str) -> bool:
+    """Whether the kubernetes client's model of ``kind`` keeps every field (a misspelt or
+    misplaced one is dropped)."""
+    api = client.ApiClient()
+    return api.sanitize_for_serialization(api._ApiClient__deserialize(obj, kind)) == obj
+
+
+@pytest.mark.parametrize(
+    ("baseline", "weight", "mirror", "floor", "expected"),
+    [
+        (4, 100, 100, 1, 4),  # all the traffic: the baseline's size, mirror or not
+        (4, 100, 0, 1, 4),
+        (10, 10, 0, 1, 1),  # no mirror: the weight's share
+        (10, 25, 0, 1, 3),  # rounded up: 2.5 pods are 3
+        (100, 7, 0, 1, 7),  # 7% of 100 is 7 (binary floating point says 7.000000000000001)
+        (4, 10, 50, 1, 3),  # 10% routed + half of the other 90% mirrored: 55% of 4 pods
+        (4, 10, 100, 1, 4),  # a full mirror: every request reaches the candidate
+        (1, 10, 0, 1, 1),  # one baseline pod: the floor
+        (1, 0, 0, 1, 1),
+        (10, 10, 0, 3, 3),  # the floor (build.min_replicas) when the share is smaller
+        (0, 50, 0, 0, 0),  # nothing to serve, no floor: nothing
+        (8, 12.5, 0, 1, 1),
+        (10, 12.5, 33.3, 1, 5),  # 0.125 + 0.333 * 0.875 = 0.4164 of 10
+    ],
+)
+def test_the_candidate_is_sized_by_its_share_of_the_baselines_traffic(baseline, weight, mirror, floor, expected):
+    assert candidate_replicas(baseline, weight, mirror, floor) == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((4, 101, 0, 1), "weight 101: a percentage, 0 to 100"),
+        ((4, -1, 0, 1), "weight -1"),
+        ((4, 10, 100.5, 1), "mirror_percent 100.5"),
+        ((-1, 10, 0, 1), "baseline replicas -1"),
+        ((4, 10, 0, 10_001), "floor replicas 10001"),
+    ],
+)
+def test_sizes_out_of_range_are_refused_naming_them(args, message):
+    with pytest.raises(ValueError, match=message):
+        candidate_replicas(*args)
+
+
+def test_an_autoscaled_deployment_leaves_its_replicas_to_the_hpa():
+    owned = render_deployment(TARGET, "digits", "2", "img:1", replicas=3)
+    autoscaled = render_deployment(TARGET, "digits", "2", "img:1", replicas=None)
+    assert owned["spec"]["replicas"] == 3
+    assert "replicas" not in autoscaled["spec"]  # applied without it: the HPA's field is not claimed
+    assert round_trips(autoscaled, "V1Deployment")
+    hpa = render_hpa(TARGET, "2", 3, 30)
+    assert round_trips(hpa, "V2HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "digits-v2"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 30)
+    assert "metrics" not in hpa["spec"]  # the user's to choose; the rollout moves the floor only
+    for low, high in ((0, 3), (4, 3)):
+        with pytest.raises(ValueError, match=rf"HPA bounds {low}\.\.{high}"):
+            render_hpa(TARGET, "2", low, high)
+
+
+def test_a_field_owned_by_another_manager_is_reported_not_taken():
+    exc = ApiException(status=409, reason="Conflict")
+    exc.body = json.dumps(
+        {
+            "kind": "Status",
+            "code": 409,
+            "reason": "Conflict",
+            "message": 'Apply failed with 1 conflict: conflict with "kubectl" using apps/v1: .spec.replicas',
+        }
+    )
+    message = str(refused("apply Deployment digits-v2", exc))
+    assert message.startswith("apply Deployment digits-v2: 409 Conflict: Apply failed with 1 conflict")
+    assert 'conflict with "kubectl" using apps/v1: .spec.replicas' in message
+    assert "build.autoscaling" in message
+    other = ApiException(status=422, reason="Invalid")
+    other.body = "not json"
+    assert str(refused("apply Deployment digits-v2", other)) == "apply Deployment digits-v2: 422 Invalid: not json"
+
+
+def test_the_service_exposes_the_data_port_only():
+    service = render_service(TARGET)
+    assert round_trips(service, "V1Service")
+    assert service["spec"]["selector"] == {"app": "digits"}  # every version's pods; Istio splits by subset
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", 8000, "http")]
+    pod = render_deployment(TARGET, "digits", "2", "img:1")["spec"]["template"]
+    assert pod["metadata"]["labels"]["app"] == "digits"
+    (container,) = pod["spec"]["containers"]
+    admin = next(p for p in container["ports"] if p["name"] == "admin")
+    assert admin["containerPort"] not in [p["port"] for p in service["spec"]["ports"]]
