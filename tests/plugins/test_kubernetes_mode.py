@@ -9,8 +9,8 @@ import json
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from devstack.cluster.kube import FakeKubeAPI
 from rollout_airflow import steps
-from tests.fakes.kube_api import FakeKubeAPI
 from vision_rollout.spec import RolloutSpec
 
 SHA = "c0ffee" * 10 + "beef"

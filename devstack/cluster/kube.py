@@ -15,6 +15,7 @@ import copy
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -91,7 +92,7 @@ class FakeKubeAPI:
         self.server.shutdown()
         self.server.server_close()
 
-    def touch(self, plural: str, namespace: str, name: str, mutate) -> None:  # type: ignore[no-untyped-def]
+    def touch(self, plural: str, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> None:
         """Another writer changes the object (bumps resourceVersion)."""
         with self.lock:
             obj = self.objects[(plural, namespace, name)]
@@ -102,7 +103,7 @@ class FakeKubeAPI:
     def writes(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == "PATCH"]
 
-    def _handler(self):  # type: ignore[no-untyped-def]
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
