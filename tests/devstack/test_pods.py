@@ -274,3 +274,30 @@ def test_the_kaniko_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_contex
     assert "not MODEL_SHA256" in terminated.message
     log = client.CoreV1Api(api_client).read_namespaced_pod_log(names[0], "ml-builds")
     assert "sha256sum: WARNING: 1 computed checksum did NOT match" in log
+
+
+def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):
+    api = FakeKubeAPI(kubelet=True).start()
+    new_image = IMAGE.replace("0123456789ab", "ba9876543210")
+    runner = PodRunner(api, tmp_path, {IMAGE: models_dir, new_image: models_dir}, gpu=False)
+    cfg = client.Configuration()
+    cfg.host = api.url
+    versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), gpus=0)
+    try:
+        versions.apply("2", IMAGE)
+        old = wait_for("the first pod ready", lambda: (runner.reconcile(), runner.endpoints("models", {}))[1])
+        versions.apply("2", new_image)
+        runner.reconcile()
+        assert runner.endpoints("models", {}) == old  # the old pod serves until the new one is ready
+        assert len(api.list("pods", "models")) == 2  # surge
+        new = wait_for(
+            "the rollout done",
+            lambda: (runner.reconcile(), [e for e in runner.endpoints("models", {}) if e not in old])[1],
+        )
+        wait_for("the old pod gone", lambda: (runner.reconcile(), len(api.list("pods", "models")) == 1)[1])
+        assert runner.endpoints("models", {}) == new
+        status = api.get("deployments", "models", "digits-v2")["status"]
+        assert (status["observedGeneration"], status["updatedReplicas"], status["readyReplicas"]) == (2, 1, 1)
+    finally:
+        runner.stop()
+        api.stop()
