@@ -10,8 +10,8 @@ import pytest
 import yaml
 from kubernetes import client
 
+from devstack.cluster.kube import FakeKubeAPI
 from model_server.traffic import TrafficPolicy
-from tests.fakes.kube_api import FakeKubeAPI
 from tests.support import TOKEN
 from vision_rollout.mesh import (
     SCHEMAS,

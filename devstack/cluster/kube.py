@@ -1,0 +1,834 @@
+"""A local HTTP server speaking the Kubernetes API: the one-machine cluster's API server.
+
+No API server can run on these machines, so this one checks what the real one checks for the
+calls the product makes (the IstioRouter, the version Deployments, the cncf provider's
+KubernetesPodOperator, a ``kubectl get``): paths and verbs, the server-side-apply content type
+and field manager, that the body names the object of the path, Istio's CRD schema and the
+required fields of Deployments, Pods, Secrets and Services (422 Invalid), optimistic concurrency
+on ``metadata.resourceVersion`` (409 Conflict), label and field selectors on lists, bounded
+bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
+
+Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list),
+core/v1 Secret and Service (apply, get, list), Pod (create, get, list, patch of labels and
+annotations, delete, log with ``follow``), Event (list: always empty, nothing records events).
+
+Without a kubelet (``FakeKubeAPI(kubelet=False)``, the unit tests) a Deployment reports its
+pods ready as soon as it is applied and a deleted Pod is gone at once. With one
+(``kubelet=True`` and a ``devstack.cluster.pods.PodRunner`` attached) the runner writes the
+status of Deployments and Pods, finishes a Pod's deletion once its process is stopped, and
+serves container logs (``log_source``); ``metadata.generation`` counts spec changes, as the
+real server's does, so ``status.observedGeneration`` says whether the status is current.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import jsonschema
+import yaml
+
+from vision_rollout.mesh import istio_schemas
+
+MAX_BODY_BYTES = 3 * 1024 * 1024  # the real API server's request size limit
+MAX_OBJECTS = 5000  # all kinds together: a runaway creator meets a quota, not an out-of-memory
+MAX_SELECTOR_TERMS = 64
+MAX_SECRET_BYTES = 1024 * 1024  # the real server's limit on a Secret's data
+PATH_RE = re.compile(
+    r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v1))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
+    r"(?:/([a-z0-9.-]{1,253}))?(?:/(log))?$"
+)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+LABEL_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+SET_TERM = re.compile(r"^([^\s!=(),]+)\s+(in|notin)\s+\(([^()]*)\)$")
+GO_BOOLS = {"1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"}
+GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+
+
+@dataclass(frozen=True)
+class Resource:
+    api_version: str
+    kind: str
+    apply: bool = False  # server-side apply (PATCH application/apply-patch+yaml)
+    create: bool = False  # POST to the collection
+
+
+RESOURCES = {
+    "virtualservices": Resource("networking.istio.io/v1", "VirtualService", apply=True),
+    "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", apply=True),
+    "deployments": Resource("apps/v1", "Deployment", apply=True),
+    "secrets": Resource("v1", "Secret", apply=True),
+    "services": Resource("v1", "Service", apply=True),
+    "pods": Resource("v1", "Pod", create=True),
+    "events": Resource("v1", "Event"),
+}
+FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
+
+
+def now_rfc3339(nanos: bool = False) -> str:
+    """The time as the API server writes it (RFC 3339; with nanoseconds in log timestamps)."""
+    t = time.time_ns()
+    seconds = datetime.fromtimestamp(t // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{seconds}.{t % 1_000_000_000:09d}Z" if nanos else f"{seconds}Z"
+
+
+def parse_log_time(stamp: str) -> float | None:
+    """Seconds since the epoch of a log line's RFC 3339 nanosecond timestamp (None when not one)."""
+    try:
+        whole, _, frac = stamp.rstrip("Z").partition(".")
+        return datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp() + float(f"0.{frac or 0}")
+    except ValueError:
+        return None
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+class APIError(Exception):
+    """An answer other than success: its code, Kubernetes reason and message (a Status body)."""
+
+    def __init__(self, code: int, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+def _split_terms(text: str) -> list[str]:
+    """Terms of a selector: commas outside parentheses separate them (one pass)."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            terms.append(text[start:i].strip())
+            start = i + 1
+    terms.append(text[start:].strip())
+    return [t for t in terms if t]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One term of a selector: ``op`` is ``in`` (``=``, ``==``, ``in``), ``notin`` (``!=``,
+    ``notin``), ``exists`` (``key``) or ``!exists`` (``!key``)."""
+
+    key: str
+    op: str
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.op == "exists":
+            return self.key in labels
+        if self.op == "!exists":
+            return self.key not in labels
+        return (labels.get(self.key) in self.values) == (self.op == "in")
+
+
+def parse_label_selector(text: str) -> Callable[[dict[str, str]], bool]:
+    """A label selector's predicate (``a=b``, ``a==b``, ``a!=b``, ``a``, ``!a``, ``a in (b,c)``,
+    ``a notin (b)``); ValueError names the term the real server would refuse."""
+    if len(text) > 4096:
+        raise ValueError("label selector longer than 4096 characters")
+    terms = _split_terms(text)
+    if len(terms) > MAX_SELECTOR_TERMS:
+        raise ValueError(f"label selector has {len(terms)} terms, at most {MAX_SELECTOR_TERMS}")
+    requirements = []
+    for term in terms:
+        if m := SET_TERM.match(term):
+            values = frozenset(v.strip() for v in m.group(3).split(",") if v.strip())
+            if not values or any(not LABEL_VALUE.match(v) for v in values):
+                raise ValueError(f"unable to parse requirement: {term!r}: values must be valid label values")
+            req = Requirement(m.group(1), m.group(2), values)
+        elif term.startswith("!"):
+            req = Requirement(term[1:].strip(), "!exists")
+        elif "!=" in term:
+            key, value = term.split("!=", 1)
+            req = Requirement(key.strip(), "notin", frozenset([value.strip()]))
+        elif "=" in term:
+            key, value = term.replace("==", "=", 1).split("=", 1)
+            req = Requirement(key.strip(), "in", frozenset([value.strip()]))
+        else:
+            req = Requirement(term, "exists")
+        if len(req.key) > 317 or not LABEL_NAME.match(req.key):
+            raise ValueError(f"unable to parse requirement: {term!r}: invalid label key {req.key!r}")
+        if any(not LABEL_VALUE.match(v) for v in req.values):
+            raise ValueError(f"unable to parse requirement: {term!r}: invalid label value")
+        requirements.append(req)
+    return lambda labels: all(r.matches(labels) for r in requirements)
+
+
+def _dotted(obj: dict[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else str(value)
+
+
+def parse_field_selector(text: str, plural: str) -> Callable[[dict[str, Any]], bool]:
+    """A field selector's predicate (``f=v``, ``f==v``, ``f!=v``) over the fields the real server
+    indexes for the kind; ValueError for any other field ("field label not supported")."""
+    allowed = ("metadata.name", "metadata.namespace", *FIELDS.get(plural, ()))
+    terms = _split_terms(text)
+    if len(terms) > MAX_SELECTOR_TERMS:
+        raise ValueError(f"field selector has {len(terms)} terms, at most {MAX_SELECTOR_TERMS}")
+    requirements = []
+    for term in terms:
+        op = "notin" if "!=" in term else "in"
+        field, sep, value = term.replace("!=", "=", 1).replace("==", "=", 1).partition("=")
+        if not sep:
+            raise ValueError(f"invalid selector: {term!r}")
+        if field.strip() not in allowed:
+            raise ValueError(f"field label not supported: {field.strip()}")
+        requirements.append(Requirement(field.strip(), op, frozenset([value.strip()])))
+    return lambda obj: all(r.matches({r.key: _dotted(obj, r.key)}) for r in requirements)
+
+
+def invalid_labels(meta: dict[str, Any]) -> str | None:
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        return "metadata.labels: Invalid value: must be a map of strings"
+    for key, value in labels.items():
+        if not isinstance(value, str) or len(key) > 317 or not LABEL_NAME.match(key):
+            return f"metadata.labels: Invalid value: {key!r}: a label key must be a qualified name"
+        if len(value) > 63 or not LABEL_VALUE.match(value):
+            return f"metadata.labels: Invalid value: {value!r}: a label value must be 63 characters or less, alphanumeric, '-', '_' or '.'"
+    return None
+
+
+def invalid_pod_spec(spec: dict[str, Any], where: str) -> str | None:
+    """What the API server's validation says of a pod spec (the fields these pods set)."""
+    containers = spec.get("containers") or []
+    if not isinstance(containers, list) or not containers:
+        return f"{where}.containers: Required value"
+    names = set()
+    for i, c in enumerate(containers):
+        if not isinstance(c, dict) or not c.get("name") or not c.get("image"):
+            return f"{where}.containers[{i}]: Required value: a name and an image each"
+        if not DNS_LABEL.match(str(c["name"])):
+            return f"{where}.containers[{i}].name: Invalid value: {c['name']!r}: must be a DNS-1123 label"
+        if c["name"] in names:
+            return f"{where}.containers[{i}].name: Duplicate value: {c['name']!r}"
+        names.add(c["name"])
+        for field in ("args", "command"):
+            if not isinstance(c.get(field, []), list) or not all(isinstance(a, str) for a in c.get(field, [])):
+                return f"{where}.containers[{i}].{field}: Invalid value: a list of strings"
+    if spec.get("restartPolicy", "Always") not in ("Always", "OnFailure", "Never"):
+        return f"{where}.restartPolicy: Unsupported value: {spec['restartPolicy']!r}"
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    if not isinstance(grace, int) or grace < 0:
+        return f"{where}.terminationGracePeriodSeconds: Invalid value: must be a non-negative integer"
+    return None
+
+
+def invalid_deployment(body: dict[str, Any]) -> str | None:
+    """What the API server's validation says of a Deployment (the fields these calls set)."""
+    spec = body.get("spec") or {}
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    template_meta = (spec.get("template") or {}).get("metadata") or {}
+    labels = template_meta.get("labels") or {}
+    if not selector:
+        return "spec.selector: Required value"
+    if any(labels.get(k) != v for k, v in selector.items()):
+        return "spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`"
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 2**31 - 1:
+        return "spec.replicas: Invalid value: must be greater than or equal to 0"
+    problem = invalid_labels(template_meta)
+    if problem:
+        return f"spec.template.{problem}"
+    return invalid_pod_spec((spec.get("template") or {}).get("spec") or {}, "spec.template.spec")
+
+
+def invalid_secret(body: dict[str, Any]) -> str | None:
+    data = body.get("data") or {}
+    string_data = body.get("stringData") or {}
+    if not isinstance(data, dict) or not isinstance(string_data, dict):
+        return "data: Invalid value: must be a map of strings"
+    size = 0
+    for key, value in [*data.items(), *string_data.items()]:
+        if not SECRET_KEY.match(str(key)):
+            return f"data[{key}]: Invalid value: {key!r}: a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+        if not isinstance(value, str):
+            return f"data[{key}]: Invalid value: must be a string"
+        size += len(value)
+    for key, value in data.items():
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return f"data[{key}]: Invalid value: illegal base64 data"
+    if size > MAX_SECRET_BYTES:
+        return f"data: Too long: must have at most {MAX_SECRET_BYTES} bytes"
+    return None
+
+
+def invalid_service(body: dict[str, Any]) -> str | None:
+    ports = (body.get("spec") or {}).get("ports")
+    if not isinstance(ports, list) or not ports:
+        return "spec.ports: Required value"
+    for i, p in enumerate(ports):
+        port = p.get("port") if isinstance(p, dict) else None
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            return f"spec.ports[{i}].port: Invalid value: {port!r}: must be between 1 and 65535, inclusive"
+    return None
+
+
+def invalid_istio(body: dict[str, Any]) -> str | None:
+    """Istio's CRD schema (its OpenAPI v3 schema, as the API server validates custom resources)."""
+    try:
+        jsonschema.validate(body, istio_schemas()[body["kind"]]["openAPIV3Schema"])
+    except jsonschema.ValidationError as exc:
+        return f"{'.'.join(str(p) for p in exc.absolute_path)}: {exc.message}"
+    return None
+
+
+VALIDATORS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "virtualservices": invalid_istio,
+    "destinationrules": invalid_istio,
+    "deployments": invalid_deployment,
+    "secrets": invalid_secret,
+    "services": invalid_service,
+}
+
+
+def _qualified(plural: str) -> str:
+    """How the server names a resource in messages (``deployments.apps``, ``pods``)."""
+    return f"{plural}{_group_suffix(plural)}"
+
+
+def _group_suffix(plural: str) -> str:
+    group = RESOURCES[plural].api_version.rpartition("/")[0]
+    return f".{group}" if group else ""
+
+
+LogSource = Callable[[str, str, str, bool], "Path | None"]
+
+
+class FakeKubeAPI:
+    """The API server on 127.0.0.1 (a free port): ``start()``, ``url``, ``stop()``.
+
+    ``objects`` maps ``(plural, namespace, name)`` to the stored object and ``requests`` logs
+    every call (method, path, query, content type, status), for tests to assert on writes. The
+    pod runner uses the Python side (``get``, ``list``, ``create``, ``set_status``, ``remove``)
+    under the same lock as the HTTP handlers.
+    """
+
+    def __init__(self, kubelet: bool = False) -> None:
+        self.kubelet = kubelet
+        self.log_source: LogSource | None = None  # set by the pod runner: (ns, pod, container, previous) -> file
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.version = 100
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeKubeAPI:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()  # ends followed log streams
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, namespace: str = "default") -> dict[str, Any]:
+        """A kubeconfig whose cluster is this server (for a ``kubernetes_default`` connection)."""
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "one-machine",
+            "clusters": [{"name": "one-machine", "cluster": {"server": self.url}}],
+            "contexts": [
+                {"name": "one-machine", "context": {"cluster": "one-machine", "user": "dev", "namespace": namespace}}
+            ],
+            "users": [{"name": "dev", "user": {"token": "one-machine-cluster"}}],
+        }
+
+    def _bump(self, obj: dict[str, Any]) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+
+    def touch(self, plural: str, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """Another writer changes the object (bumps resourceVersion)."""
+        with self.lock:
+            obj = self.objects[(plural, namespace, name)]
+            mutate(obj)
+            self._bump(obj)
+
+    def writes(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["method"] in ("PATCH", "POST", "DELETE")]
+
+    # -- the Python side, for the pod runner (the controllers and the kubelet) ---------------
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            return copy.deepcopy(self.objects.get((plural, namespace, name)))
+
+    def list(
+        self, plural: str, namespace: str | None = None, labels: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Objects of a kind (in a namespace, or all), filtered by label and field selectors."""
+        match_labels = parse_label_selector(labels) if labels else None
+        match_fields = parse_field_selector(fields, plural) if fields else None
+        with self.lock:
+            found = [
+                copy.deepcopy(obj)
+                for (p, ns, _), obj in sorted(self.objects.items())
+                if p == plural and namespace in (None, ns)
+            ]
+        return [
+            obj
+            for obj in found
+            if (match_labels is None or match_labels(obj["metadata"].get("labels") or {}))
+            and (match_fields is None or match_fields(obj))
+        ]
+
+    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create an object as POST does (validated; ``generateName`` honoured); APIError if refused."""
+        resource = RESOURCES[plural]
+        if not resource.create:
+            raise APIError(405, "MethodNotAllowed", f"the server does not allow this method on {plural}")
+        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        if body.get("apiVersion") != resource.api_version or body.get("kind") != resource.kind or meta is None:
+            raise APIError(400, "BadRequest", f"the body is not a {resource.api_version} {resource.kind}")
+        if meta.get("namespace", namespace) != namespace:
+            raise APIError(400, "BadRequest", "the namespace of the object does not match the namespace of the request")
+        with self.lock:
+            name = meta.get("name") or ""
+            if not name and meta.get("generateName"):
+                name = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+            if not DNS_SUBDOMAIN.match(name):
+                raise APIError(
+                    422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.name: Invalid value: {name!r}'
+                )
+            problem = invalid_labels(meta) or invalid_pod_spec(body.get("spec") or {}, "spec")
+            if problem:
+                raise APIError(422, "Invalid", f'{resource.kind} "{name}" is invalid: {problem}')
+            if (plural, namespace, name) in self.objects:
+                raise APIError(409, "AlreadyExists", f'{_qualified(plural)} "{name}" already exists')
+            if len(self.objects) >= MAX_OBJECTS:
+                raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
+            obj = copy.deepcopy(body)
+            obj["metadata"] = {
+                **{k: v for k, v in meta.items() if k != "generateName"},
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": now_rfc3339(),
+            }
+            obj["status"] = {"phase": "Pending"}  # until a kubelet takes it
+            self._bump(obj)
+            self.objects[(plural, namespace, name)] = obj
+            return copy.deepcopy(obj)
+
+    def set_status(self, plural: str, namespace: str, name: str, new: dict[str, Any]) -> bool:
+        """Write an object's status (the controllers' and kubelet's write); False when it is gone.
+        An unchanged status is not written (no resourceVersion churn)."""
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            if obj is None:
+                return False
+            if obj.get("status") != new:
+                obj["status"] = copy.deepcopy(new)
+                self._bump(obj)
+            return True
+
+    def remove(self, plural: str, namespace: str, name: str) -> None:
+        """The object is gone (a kubelet confirms a pod's deletion once its process stopped)."""
+        with self.lock:
+            self.objects.pop((plural, namespace, name), None)
+
+    def delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        """DELETE: a pod run by a kubelet is marked (``deletionTimestamp``) for the kubelet to stop;
+        anything else is gone at once. The object as it was is returned; APIError 404 when absent."""
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            if obj is None:
+                raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
+            if plural == "pods" and self.kubelet:
+                if "deletionTimestamp" not in obj["metadata"]:
+                    obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+                    obj["metadata"]["deletionGracePeriodSeconds"] = obj["spec"].get("terminationGracePeriodSeconds", 30)
+                    self._bump(obj)
+            else:
+                del self.objects[(plural, namespace, name)]
+            return copy.deepcopy(obj)
+
+    def apply(self, plural: str, namespace: str, name: str, body: dict[str, Any], manager: str) -> tuple[int, Any]:
+        """Server-side apply of a whole object by one field manager: (201 or 200, the object)."""
+        resource = RESOURCES[plural]
+        if not resource.apply:
+            raise APIError(405, "MethodNotAllowed", f"apply is not supported for {plural} here")
+        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        if body.get("apiVersion") != resource.api_version or body.get("kind") != resource.kind or meta is None:
+            raise APIError(400, "BadRequest", "apiVersion/kind do not match the path")
+        if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
+            raise APIError(400, "BadRequest", "metadata.name/namespace do not match the path")
+        problem = invalid_labels(meta) or VALIDATORS[plural](body)
+        if problem:
+            raise APIError(422, "Invalid", f'{resource.kind}{_group_suffix(plural)} "{name}" is invalid: {problem}')
+        with self.lock:
+            live = self.objects.get((plural, namespace, name))
+            wanted = meta.get("resourceVersion")
+            if wanted is not None and (live is None or live["metadata"]["resourceVersion"] != wanted):
+                raise APIError(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                )
+            if live is None and len(self.objects) >= MAX_OBJECTS:
+                raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
+            obj = _applied(live, body, name, namespace)
+            if plural == "deployments":
+                obj["metadata"]["generation"] = live["metadata"]["generation"] if live else 1
+                if live is not None and live.get("spec") != obj["spec"]:
+                    obj["metadata"]["generation"] += 1
+                if not self.kubelet:  # what the controllers would report once the pods run
+                    replicas = obj["spec"].get("replicas", 1)
+                    obj["status"] = {
+                        "observedGeneration": obj["metadata"]["generation"],
+                        "replicas": replicas,
+                        "readyReplicas": replicas,
+                        "availableReplicas": replicas,
+                        "updatedReplicas": replicas,
+                    }
+            self._bump(obj)
+            obj["metadata"]["managedFields"] = [{"manager": manager, "operation": "Apply"}]
+            self.objects[(plural, namespace, name)] = obj
+            return (201 if live is None else 200), copy.deepcopy(obj)
+
+    def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch of a pod: only its labels and annotations may change (as the real server:
+        a pod's spec is immutable but for a few fields these callers never touch)."""
+        if set(patch) - {"metadata"} or set(patch.get("metadata") or {}) - {"labels", "annotations"}:
+            raise APIError(
+                422, "Invalid", f'Pod "{name}" is invalid: spec: Forbidden: pod updates may not change these fields'
+            )
+        with self.lock:
+            obj = self.objects.get(("pods", namespace, name))
+            if obj is None:
+                raise APIError(404, "NotFound", f'pods "{name}" not found')
+            meta = copy.deepcopy(obj["metadata"])
+            for field, changes in (patch.get("metadata") or {}).items():
+                merged = dict(meta.get(field) or {})
+                for key, value in (changes or {}).items():
+                    if value is None:
+                        merged.pop(key, None)
+                    else:
+                        merged[key] = value
+                meta[field] = merged
+            problem = invalid_labels(meta)
+            if problem:
+                raise APIError(422, "Invalid", f'Pod "{name}" is invalid: {problem}')
+            obj["metadata"] = meta
+            self._bump(obj)
+            return copy.deepcopy(obj)
+
+    def read_log(self, namespace: str, name: str, container: str | None, previous: bool) -> tuple[str, Path | None]:
+        """Which container's log file a log request reads; APIError as the real server answers."""
+        pod = self.get("pods", namespace, name)
+        if pod is None:
+            raise APIError(404, "NotFound", f'pods "{name}" not found')
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        if container is None:
+            if len(names) != 1:
+                raise APIError(
+                    400,
+                    "BadRequest",
+                    f"a container name must be specified for pod {name}, choose one of: [{' '.join(names)}]",
+                )
+            container = names[0]
+        if container not in names:
+            raise APIError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        state = _container_state(pod, container)
+        if state is None or "waiting" in state:
+            reason = (state or {}).get("waiting", {}).get("reason", "ContainerCreating")
+            raise APIError(400, "BadRequest", f'container "{container}" in pod "{name}" is waiting to start: {reason}')
+        source = self.log_source
+        return container, source(namespace, name, container, previous) if source else None
+
+    def follow_lines(
+        self, namespace: str, name: str, container: str, path: Path | None, follow: bool
+    ) -> Iterator[bytes]:
+        """The log file's lines (``<RFC 3339 timestamp> <message>\\n``), and with ``follow`` the
+        new ones as they come until the container terminates, the pod is gone or the server stops."""
+        offset = 0
+        pending = b""
+        while True:
+            running = follow and not self.stopping.is_set() and self._running(namespace, name, container)
+            if path is not None and path.is_file():
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(1024 * 1024)
+                    offset += len(chunk)
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
+                if len(chunk) == 1024 * 1024:
+                    continue
+            if not running:
+                return
+            time.sleep(0.1)
+
+    def _running(self, namespace: str, name: str, container: str) -> bool:
+        pod = self.get("pods", namespace, name)
+        return pod is not None and "running" in (_container_state(pod, container) or {})
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            record: dict[str, Any]
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: dict[str, Any]) -> None:
+                self.record["status"] = code
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _start(self, method: str) -> tuple[str, str | None, str | None, str | None, dict[str, list[str]]]:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                self.record = {
+                    "method": method,
+                    "path": url.path,
+                    "query": query,
+                    "content_type": self.headers.get("Content-Type", ""),
+                }
+                with api.lock:
+                    api.requests.append(self.record)
+                m = PATH_RE.match(url.path)
+                plural = m.group(4) if m else ""
+                if m is None or plural not in RESOURCES or RESOURCES[plural].api_version != (m.group(1) or m.group(2)):
+                    raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
+                namespace, name, sub = m.group(3), m.group(5), m.group(6)
+                if (namespace is None and name is not None) or (sub is not None and plural != "pods"):
+                    raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
+                return plural, namespace, name, sub, query
+
+            def _body(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    raise APIError(413, "RequestEntityTooLarge", f"request entity too large: limit is {MAX_BODY_BYTES}")
+                return self.rfile.read(length)
+
+            def _json(self) -> dict[str, Any]:
+                try:
+                    body = json.loads(self._body())
+                except ValueError as exc:
+                    raise APIError(400, "BadRequest", f"error decoding JSON: {exc}") from None
+                if not isinstance(body, dict):
+                    raise APIError(400, "BadRequest", "the body must be a JSON object")
+                return body
+
+            def _answer(self, method: str, handle: Callable[..., tuple[int, Any] | None]) -> None:
+                try:
+                    answer = handle(*self._start(method))
+                except APIError as exc:
+                    self._send(exc.code, status(exc.code, exc.reason, exc.message))
+                    return
+                if answer is not None:
+                    self._send(*answer)
+
+            def do_GET(self) -> None:
+                self._answer("GET", self._get)
+
+            def do_POST(self) -> None:
+                self._answer("POST", self._post)
+
+            def do_PATCH(self) -> None:
+                self._answer("PATCH", self._patch)
+
+            def do_DELETE(self) -> None:
+                self._answer("DELETE", self._delete)
+
+            def _get(
+                self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
+            ) -> tuple[int, Any] | None:
+                if sub == "log":
+                    self._log(namespace or "", name or "", query)
+                    return None
+                if name is None:
+                    try:
+                        items = api.list(
+                            plural, namespace, query.get("labelSelector", [""])[0], query.get("fieldSelector", [""])[0]
+                        )
+                    except ValueError as exc:
+                        raise APIError(400, "BadRequest", str(exc)) from None
+                    if plural == "events":
+                        items = []  # nothing records events here
+                    resource = RESOURCES[plural]
+                    for item in items:
+                        item.pop("apiVersion", None)
+                        item.pop("kind", None)
+                    return 200, {
+                        "apiVersion": resource.api_version,
+                        "kind": f"{resource.kind}List",
+                        "metadata": {"resourceVersion": str(api.version)},
+                        "items": items,
+                    }
+                obj = api.get(plural, namespace or "", name)
+                if obj is None:
+                    raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
+                return 200, obj
+
+            def _log(self, namespace: str, name: str, query: dict[str, list[str]]) -> None:
+                flags = {}
+                for flag in ("follow", "timestamps", "previous"):
+                    value = query.get(flag, ["false"])[0]
+                    if value not in GO_BOOLS:
+                        raise APIError(400, "BadRequest", f"invalid {flag} {value!r}")
+                    flags[flag] = value in GO_TRUE
+                numbers = {}
+                for field in ("sinceSeconds", "tailLines", "limitBytes"):
+                    value = query.get(field, [""])[0]
+                    if value and (not value.isdigit() or len(value) > 12):
+                        raise APIError(400, "BadRequest", f"invalid {field} {value!r}: must be a non-negative integer")
+                    numbers[field] = int(value) if value else None
+                container, path = api.read_log(namespace, name, query.get("container", [None])[0], flags["previous"])
+                self.record["status"] = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+                lines = api.follow_lines(namespace, name, container, path, flags["follow"])
+                since = time.time() - numbers["sinceSeconds"] if numbers["sinceSeconds"] is not None else None
+                tail = numbers["tailLines"]
+                if tail is not None:  # the last N lines there are now, then (following) the new ones
+                    lines = _tail(lines, tail, path)
+                sent, limit = 0, numbers["limitBytes"]
+                try:
+                    for line in lines:
+                        stamp, _, message = line.partition(b" ")
+                        if since is not None and (parse_log_time(stamp.decode()) or 0) < since:
+                            continue
+                        out = line if flags["timestamps"] else message
+                        if limit is not None and sent + len(out) > limit:
+                            self.wfile.write(out[: limit - sent])
+                            return
+                        self.wfile.write(out)
+                        self.wfile.flush()
+                        sent += len(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    return
+
+            def _post(
+                self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
+            ) -> tuple[int, Any]:
+                if name is not None or namespace is None:
+                    raise APIError(405, "MethodNotAllowed", "POST creates in a namespace's collection")
+                return 201, api.create(plural, namespace, self._json())
+
+            def _patch(
+                self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
+            ) -> tuple[int, Any]:
+                if name is None or namespace is None:
+                    raise APIError(405, "MethodNotAllowed", "PATCH names an object")
+                ctype = self.record["content_type"]
+                if plural == "pods" and ctype in (
+                    "application/merge-patch+json",
+                    "application/strategic-merge-patch+json",
+                ):
+                    return 200, api.patch_pod(namespace, name, self._json())
+                if ctype != "application/apply-patch+yaml":
+                    raise APIError(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r}")
+                if query.get("force", ["false"])[0] not in GO_BOOLS:
+                    raise APIError(400, "BadRequest", f"invalid force {query['force'][0]!r}")
+                if not query.get("fieldManager"):
+                    raise APIError(422, "Invalid", "fieldManager is required for apply requests")
+                try:
+                    body = yaml.safe_load(self._body())
+                except yaml.YAMLError as exc:
+                    raise APIError(400, "BadRequest", f"error decoding YAML: {exc}") from None
+                if not isinstance(body, dict):
+                    raise APIError(400, "BadRequest", "the body must be an object")
+                return api.apply(plural, namespace, name, body, query["fieldManager"][0])
+
+            def _delete(
+                self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
+            ) -> tuple[int, Any]:
+                if name is None or namespace is None:
+                    raise APIError(405, "MethodNotAllowed", "DELETE names an object")
+                self._body()  # DeleteOptions: nothing here reads them
+                return 200, api.delete(plural, namespace, name)
+
+        return Handler
+
+
+def _applied(live: dict[str, Any] | None, body: dict[str, Any], name: str, namespace: str) -> dict[str, Any]:
+    """The object after one field manager applied ``body``: every field it owns (all but
+    metadata and status) as applied; its labels and annotations as applied; status kept."""
+    meta = body["metadata"]
+    obj: dict[str, Any] = {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": copy.deepcopy(live["metadata"])
+        if live
+        else {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339()},
+    }
+    for field, value in body.items():
+        if field not in ("apiVersion", "kind", "metadata", "status"):
+            obj[field] = copy.deepcopy(value)
+    if body["kind"] == "Secret":  # stringData is write-only: the server stores it in data
+        obj.setdefault("type", "Opaque")
+        data = dict(obj.get("data") or {})
+        for key, value in (obj.pop("stringData", None) or {}).items():
+            data[key] = base64.b64encode(value.encode()).decode()
+        obj["data"] = data
+    for field in ("labels", "annotations"):
+        if field in meta:
+            obj["metadata"][field] = dict(meta[field])
+    if live is not None and "status" in live:
+        obj["status"] = live["status"]
+    return obj
+
+
+def _container_state(pod: dict[str, Any], container: str) -> dict[str, Any] | None:
+    for s in (pod.get("status") or {}).get("containerStatuses") or []:
+        if s.get("name") == container:
+            return dict(s.get("state") or {})
+    return None
+
+
+def _tail(lines: Iterator[bytes], n: int, path: Path | None) -> Iterator[bytes]:
+    """The last ``n`` of the lines the file holds now, then every later one."""
+    existing = path.read_bytes().count(b"\n") if path is not None and path.is_file() else 0
+    for i, line in enumerate(lines):
+        if i >= existing - n:
+            yield line

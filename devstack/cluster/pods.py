@@ -1,0 +1,863 @@
+"""The one-machine cluster's kubelet and ReplicaSet controller: each Deployment's pods run as
+model-server processes on loopback, and a Kaniko build pod as a build stand-in.
+
+``PodRunner(api, workdir, images).reconcile()``, called in a loop (``run_forever``), makes the
+pods of every Deployment in ``api`` (a ``FakeKubeAPI(kubelet=True)``) match ``spec.replicas``,
+and writes the status of the pods and the Deployments back, as the controllers and kubelets of
+a cluster do. What a pod is here:
+
+- a process ``sys.executable -m model_server`` (the serving image's entrypoint) with the
+  container's ``args``; paths in them are translated: the image's ``/models`` is the repository
+  folder the image tag names (``images``, a mapping or callable tag -> folder, or a tag a build
+  pod pushed), each ``emptyDir`` and ``secret`` volume's ``mountPath`` a fresh folder of the pod,
+  ``/tmp`` the pod's own; ``--host``/``--port`` are replaced by ``127.0.0.1`` and a free port,
+  the pod's own "pod IP" (``status.podIP`` is 127.0.0.1; the address is in the pod's annotation
+  ``cluster.devstack/address``; every ``containerPort`` and probe port means that one port);
+  ``--device cuda`` becomes ``--device cpu`` where no GPU is found (the server refuses cuda
+  without one), so GPU Deployments run here unchanged;
+- its environment: the container's ``env`` (``value``, ``valueFrom.secretKeyRef`` read from the
+  API server's Secrets, ``fieldRef`` of the pod's name, namespace or IP) plus ``PATH``,
+  ``PYTHONPATH`` and ``ORT_DISABLE_TELEMETRY=1``, nothing else of this process's environment. A
+  missing Secret (or key) keeps the container waiting with ``CreateContainerConfigError`` and
+  the reason, as kubelet does, until it exists; an unknown image waits with ``ErrImagePull``;
+- readiness from the container's ``readinessProbe.httpGet`` (every ``periodSeconds`` but at
+  most 1 s here, ``timeoutSeconds`` at most 1 s, ``failureThreshold`` consecutive failures make
+  it not ready; ``initialDelaySeconds`` is not waited); no probe: ready once started. Liveness
+  and startup probes are not run;
+- restartPolicy Always: an exited process is started again (``restartCount`` + 1) after
+  kubelet's back-off (none the first time, then 10 s doubling to 300 s, never reset);
+- scaling down stops the newest pods first; a pod being stopped is not ready (out of
+  ``endpoints``) before it gets SIGTERM, and SIGKILL after ``terminationGracePeriodSeconds``
+  (default 30); a pod deleted through the API is stopped the same way and the ReplicaSet
+  controller replaces it;
+- a template change rolls the pods, simplified from maxSurge/maxUnavailable 25 %: all the new
+  pods are started at once (surge), the old ones stopped when as many new ones are ready;
+- at most ``max_pods`` (16) pods per Deployment: beyond that the Deployment's status has a
+  ``ReplicaFailure`` condition saying so.
+
+Pods created through the API (not by a Deployment) whose image is Kaniko's executor
+(``gcr.io/kaniko-project/executor``, or any image in ``builders``) are builds: the stand-in does
+what ``docker/Dockerfile.model-server`` does with the build context (``--context=dir://PATH``):
+``COPY ${MODEL_DIR} /models`` and, with ``MODEL_FILE``, ``sha256sum -c`` of that file against
+``MODEL_SHA256``; then it "pushes" every ``--destination`` tag (the tag names a copy of the
+context's models folder, so ``images`` resolves it for Deployments afterwards), writes the build
+log (read through the pod log endpoint) and ends the pod Succeeded, or Failed with the reason
+in the log and the container's terminated state. Other bare pods fail at once, saying why.
+
+Container logs are files of lines stamped as the container runtime stamps them (one file per
+container start, rotated at 10 MiB), served by the API server's log endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
+from devstack.processes import PYTHONPATH, free_port
+
+log = logging.getLogger(__name__)
+
+KANIKO_IMAGE_PREFIX = "gcr.io/kaniko-project/executor"
+ADDRESS_ANNOTATION = "cluster.devstack/address"
+IMAGE_CMD = ["--repository", "/models", "--state-dir", "/tmp/model-server-state"]  # noqa: S108 (the serving image CMD, a path in the container)
+MAX_PODS_PER_DEPLOYMENT = 16
+MAX_PODS = 64  # all Deployments together: each pod is a model-server process
+MAX_ARGS = 128
+MAX_ARG_CHARS = 4096
+MAX_ENV = 128
+MAX_LINE_BYTES = 64 * 1024
+LOG_MAX_BYTES = 10 * 1024 * 1024  # kubelet's containerLogMaxSize default
+MAX_CONTEXT_BYTES = 4 * 1024**3
+MAX_CONTEXT_FILES = 100_000
+BACKOFF_S, MAX_BACKOFF_S = 10.0, 300.0
+NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what the ReplicaSet controller draws pod suffixes from
+
+ImageSource = Mapping[str, Path] | Callable[[str], "Path | None"]
+
+
+class ContainerError(Exception):
+    """Why a container cannot start (kubelet's waiting reason and message)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class ContainerLog:
+    """A container's log, as the container runtime keeps it: each line stamped with the time it
+    was written (RFC 3339, nanoseconds), rotated (one old file kept) past ``LOG_MAX_BYTES``."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.lock = threading.Lock()
+        self.file = path.open("ab")
+
+    def write(self, line: bytes | str) -> None:
+        data = line.encode() if isinstance(line, str) else line
+        with self.lock:
+            if self.file.closed:
+                return
+            if self.file.tell() > LOG_MAX_BYTES:
+                self.file.close()
+                self.path.replace(self.path.with_suffix(".log.1"))
+                self.file = self.path.open("ab")
+            self.file.write(now_rfc3339(nanos=True).encode() + b" " + data.rstrip(b"\n") + b"\n")
+            self.file.flush()
+
+    def pump(self, stream: IO[bytes]) -> threading.Thread:
+        """Copy a process's output here, line by line, until it closes (a daemon thread)."""
+
+        def run() -> None:
+            with stream:
+                while line := stream.readline(MAX_LINE_BYTES):
+                    self.write(line)
+            self.close()
+
+        thread = threading.Thread(target=run, daemon=True, name=f"log-{self.path.name}")
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
+
+
+@dataclass
+class Pod:
+    namespace: str
+    name: str
+    owner: str | None  # the Deployment's name; None for a pod created through the API (a build)
+    template_hash: str
+    labels: dict[str, str]
+    spec: dict[str, Any]
+    dir: Path
+    port: int = 0
+    created: float = field(default_factory=time.monotonic)
+    proc: subprocess.Popen[bytes] | None = None
+    log: ContainerLog | None = None
+    restarts: int = 0
+    started_at: str = ""
+    ready: bool = False
+    probe_failures: int = 0
+    next_probe: float = 0.0
+    restart_at: float = 0.0
+    waiting: tuple[str, str] | None = ("ContainerCreating", "")
+    terminated: dict[str, Any] | None = None  # the container's end (builds, bare pods)
+    last_state: dict[str, Any] = field(default_factory=dict)
+    terminating: bool = False
+    kill_at: float = 0.0
+
+    @property
+    def container(self) -> dict[str, Any]:
+        return dict(self.spec["containers"][0])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_path(self, restarts: int | None = None) -> Path:
+        return self.dir / "logs" / f"{self.container['name']}-{self.restarts if restarts is None else restarts}.log"
+
+
+class PodRunner:
+    """The kubelet and ReplicaSet controller of the one-machine cluster (see the module's doc)."""
+
+    def __init__(
+        self,
+        api: FakeKubeAPI,
+        workdir: Path,
+        images: ImageSource,
+        builders: Iterable[str] = (),
+        gpu: bool | None = None,
+        max_pods: int = MAX_PODS_PER_DEPLOYMENT,
+    ):
+        if not api.kubelet:
+            raise ValueError(
+                "the pod runner needs FakeKubeAPI(kubelet=True): without it Deployments report ready at once"
+            )
+        if gpu is None:
+            from model_server.metrics import gpu_count
+
+            gpu = gpu_count() > 0
+        self.api, self.workdir, self.images, self.gpu = api, workdir, images, gpu
+        self.builders = frozenset(builders)
+        self.max_pods = min(max_pods, MAX_PODS)
+        self.pushed: dict[str, Path] = {}  # image tags the builds pushed
+        self.pods: dict[tuple[str, str], Pod] = {}
+        self.failures: dict[tuple[str, str], str] = {}  # a Deployment's ReplicaFailure message
+        self.lock = threading.RLock()
+        self.reconciling = threading.Lock()
+        workdir.mkdir(parents=True, exist_ok=True)
+        api.log_source = self.log_source
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run_forever(self, stop: threading.Event, every_s: float = 0.5) -> None:
+        """``reconcile()`` every ``every_s`` until ``stop`` is set; a failing round is logged and
+        the next one tried (a cluster's controllers do not stop on one error)."""
+        while not stop.is_set():
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("pod runner: reconcile failed")
+            stop.wait(every_s)
+
+    def reconcile(self) -> None:
+        """One round: pods to match Deployments, builds started, processes tended, probes run,
+        status written. Probes run outside the lock, so ``endpoints`` never waits on a slow pod."""
+        with self.reconciling:
+            with self.lock:
+                deployments = self.api.list("deployments")
+                live = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in deployments}
+                for key, deployment in live.items():
+                    self._scale(key, deployment)
+                for pod in self.pods.values():
+                    if pod.owner is not None and (pod.namespace, pod.owner) not in live and not pod.terminating:
+                        self._terminate(pod)  # its Deployment is gone
+                self._adopt_created_pods()
+                for pod in list(self.pods.values()):
+                    self._tend(pod)
+                due = [
+                    p
+                    for p in self.pods.values()
+                    if p.running and not p.terminating and time.monotonic() >= p.next_probe
+                ]
+            results = {(p.namespace, p.name): self._probe(p) for p in due}
+            with self.lock:
+                for key, ok in results.items():
+                    probed = self.pods.get(key)
+                    if probed is not None and probed.running and not probed.terminating:
+                        self._record_probe(probed, ok)
+                for pod in self.pods.values():
+                    self.api.set_status("pods", pod.namespace, pod.name, self._pod_status(pod))
+                for (namespace, name), deployment in live.items():
+                    self.api.set_status("deployments", namespace, name, self._deployment_status(deployment))
+
+    def stop(self) -> None:
+        """Every pod process stopped by its pid: SIGTERM, then SIGKILL past its grace period."""
+        with self.lock:
+            pods = list(self.pods.values())
+            for pod in pods:
+                pod.ready = False
+                if pod.running:
+                    assert pod.proc is not None
+                    pod.proc.send_signal(signal.SIGTERM)
+                    pod.kill_at = time.monotonic() + self._grace(pod)
+        for pod in pods:
+            if pod.proc is not None:
+                try:
+                    pod.proc.wait(timeout=max(0.0, pod.kill_at - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pod.proc.kill()
+                    pod.proc.wait(timeout=10)
+            if pod.log is not None:
+                pod.log.close()
+
+    # -- what others read ---------------------------------------------------------------------
+
+    def endpoints(self, namespace: str, labels: Mapping[str, str]) -> list[str]:
+        """``127.0.0.1:port`` of the ready pods, not being stopped, whose labels include ``labels``
+        (a Service's endpoints, for the data plane)."""
+        with self.lock:
+            return sorted(
+                p.address
+                for p in self.pods.values()
+                if p.namespace == namespace
+                and p.ready
+                and not p.terminating
+                and all(p.labels.get(k) == v for k, v in labels.items())
+            )
+
+    def write_file_sd(self, path: Path) -> None:
+        """Prometheus file-based service discovery of the model-server pods, written atomically
+        (a temporary file renamed over ``path``): one target group per pod whose process runs,
+        ready or not (as ``kubernetes_sd_configs`` role ``pod`` lists every pod with an IP), with
+        the labels the usual relabelling gives: ``namespace`` (``__meta_kubernetes_namespace``),
+        ``pod`` (``__meta_kubernetes_pod_name``) and each pod label through
+        ``labelmap: __meta_kubernetes_pod_label_(.+)`` (``app``, ``version``,
+        ``pod_template_hash``: characters other than ``[a-zA-Z0-9_]`` become ``_``)."""
+        with self.lock:
+            groups = [
+                {
+                    "targets": [p.address],
+                    "labels": {
+                        **{_prometheus_name(k): v for k, v in sorted(p.labels.items())},
+                        "namespace": p.namespace,
+                        "pod": p.name,
+                    },
+                }
+                for p in sorted(self.pods.values(), key=lambda p: (p.namespace, p.name))
+                if p.owner is not None and p.running
+            ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(groups, indent=1))
+        tmp.replace(path)
+
+    def log_source(self, namespace: str, name: str, container: str, previous: bool) -> Path | None:
+        """The file the API server's log endpoint reads for a container (its previous start's
+        with ``previous``)."""
+        with self.lock:
+            pod = self.pods.get((namespace, name))
+            if pod is None or pod.container["name"] != container:
+                return None
+            if previous:
+                return pod.log_path(pod.restarts - 1) if pod.restarts else None
+            return pod.log_path()
+
+    def resolve(self, image: str) -> Path | None:
+        """The repository folder of an image: one a build pushed, else the runner's ``images``."""
+        if image in self.pushed:
+            return self.pushed[image]
+        if callable(self.images):
+            return self.images(image)
+        return self.images.get(image)
+
+    # -- the ReplicaSet controller ----------------------------------------------------------------
+
+    def _scale(self, key: tuple[str, str], deployment: dict[str, Any]) -> None:
+        spec = deployment["spec"]
+        wanted = spec.get("replicas", 1)
+        if wanted > self.max_pods:
+            self.failures[key] = (
+                f"spec.replicas {wanted} is more than the {self.max_pods} pods per Deployment this "
+                f"one-machine cluster runs; {self.max_pods} run"
+            )
+            wanted = self.max_pods
+        else:
+            self.failures.pop(key, None)
+        template_hash = _template_hash(spec["template"])
+        mine = [p for p in self.pods.values() if (p.namespace, p.owner) == key and not p.terminating]
+        current = sorted((p for p in mine if p.template_hash == template_hash), key=lambda p: p.created)
+        for pod in current[wanted:][::-1]:  # the newest first
+            self._terminate(pod)
+        for _ in range(wanted - len(current)):
+            if sum(1 for p in self.pods.values() if p.owner is not None) >= MAX_PODS:
+                self.failures[key] = f"this one-machine cluster runs at most {MAX_PODS} pods in all"
+                break
+            self._create(deployment, template_hash)
+        if wanted == 0 or sum(p.ready for p in current[:wanted]) >= wanted:
+            for pod in mine:
+                if pod.template_hash != template_hash:
+                    self._terminate(pod)  # the rollout's old pods, once the new ones are ready
+
+    def _create(self, owner: dict[str, Any], template_hash: str) -> None:
+        namespace, deployment = owner["metadata"]["namespace"], owner["metadata"]["name"]
+        template = owner["spec"]["template"]
+        replica_set = f"{deployment}-{template_hash}"  # not stored: the pods' owner in name only
+        replica_set_uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{owner['metadata'].get('uid')}/{template_hash}"))
+        labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
+        port = free_port()
+        name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "labels": labels,
+                "annotations": {
+                    **(template.get("metadata") or {}).get("annotations", {}),
+                    ADDRESS_ANNOTATION: f"127.0.0.1:{port}",
+                },
+                "ownerReferences": [
+                    {
+                        "apiVersion": "apps/v1",
+                        "kind": "ReplicaSet",
+                        "name": replica_set,
+                        "uid": replica_set_uid,
+                        "controller": True,
+                    }
+                ],
+            },
+            "spec": {**template["spec"], "nodeName": "one-machine"},
+        }
+        created = self.api.create("pods", namespace, body)
+        self.pods[(namespace, name)] = Pod(
+            namespace,
+            name,
+            deployment,
+            template_hash,
+            labels,
+            created["spec"],
+            self.workdir / "pods" / namespace / name,
+            port,
+        )
+
+    def _adopt_created_pods(self) -> None:
+        """Pods created through the API (the KubernetesPodOperator's): builds, or refused."""
+        for obj in self.api.list("pods"):
+            meta = obj["metadata"]
+            key = (meta["namespace"], meta["name"])
+            if key in self.pods or "deletionTimestamp" in meta or (obj.get("status") or {}).get("phase") != "Pending":
+                continue
+            pod = Pod(*key, None, "", meta.get("labels") or {}, obj["spec"], self.workdir / "pods" / key[0] / key[1])
+            self.pods[key] = pod
+            image = pod.container["image"]
+            if not (image.startswith(KANIKO_IMAGE_PREFIX) or image in self.builders):
+                pod.waiting = None
+                pod.terminated = _terminated(
+                    128,
+                    "ContainerCannotRun",
+                    f"image {image!r}: this one-machine cluster runs a pod created by itself only for a build "
+                    f"({KANIKO_IMAGE_PREFIX} or {sorted(self.builders)}); model servers run from Deployments",
+                )
+
+    # -- the kubelet --------------------------------------------------------------------------------
+
+    def _tend(self, pod: Pod) -> None:
+        obj = self.api.get("pods", pod.namespace, pod.name)
+        if not pod.terminating and (obj is None or "deletionTimestamp" in obj["metadata"]):
+            self._terminate(pod)
+        if pod.terminating:
+            if pod.running and time.monotonic() >= pod.kill_at:
+                assert pod.proc is not None
+                pod.proc.kill()
+            if not pod.running:
+                if pod.proc is not None:
+                    pod.proc.wait()
+                if pod.log is not None:
+                    pod.log.close()
+                self.api.remove("pods", pod.namespace, pod.name)
+                del self.pods[(pod.namespace, pod.name)]
+            return
+        if pod.terminated is not None:
+            return
+        if pod.owner is None:
+            if pod.waiting is not None:
+                self._start_build(pod)
+            return
+        if pod.proc is not None and not pod.running:
+            self._exited(pod)
+        if pod.proc is None and time.monotonic() >= pod.restart_at:
+            self._start(pod)
+
+    def _exited(self, pod: Pod) -> None:
+        assert pod.proc is not None
+        code = pod.proc.returncode if pod.proc.returncode >= 0 else 128 - pod.proc.returncode  # 137: SIGKILL
+        pod.last_state = {
+            "terminated": {
+                **_terminated(code, "Error" if code else "Completed", "")["terminated"],
+                "startedAt": pod.started_at,
+            }
+        }
+        pod.proc, pod.ready, pod.probe_failures = None, False, 0
+        delay = min(BACKOFF_S * 2 ** (pod.restarts - 1), MAX_BACKOFF_S) if pod.restarts else 0.0
+        pod.restart_at = time.monotonic() + delay
+        if delay:
+            message = f"back-off {delay:g}s restarting failed container={pod.container['name']} pod={pod.name}"
+            pod.waiting = ("CrashLoopBackOff", message)
+
+    def _start(self, pod: Pod) -> None:
+        try:
+            argv, env = self._command(pod)
+        except ContainerError as exc:
+            pod.waiting = (exc.reason, exc.message)
+            return
+        if pod.last_state:
+            pod.restarts += 1
+        pod.log = ContainerLog(pod.log_path())
+        (pod.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        pod.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=pod.dir, start_new_session=True
+        )
+        assert pod.proc.stdout is not None
+        pod.log.pump(pod.proc.stdout)
+        pod.started_at, pod.waiting, pod.next_probe = now_rfc3339(), None, 0.0
+
+    def _command(self, pod: Pod) -> tuple[list[str], dict[str, str]]:
+        """The model-server command line and environment of the pod's container; ContainerError
+        when kubelet could not start it (no image, no Secret, a command it cannot run)."""
+        container = pod.container
+        if container.get("command"):
+            raise ContainerError(
+                "CreateContainerError",
+                "command is not supported here: the serving image's entrypoint (the model server) runs, with args",
+            )
+        image = container["image"]
+        repository = self.resolve(image)
+        if repository is None or not repository.is_dir():
+            raise ContainerError(
+                "ErrImagePull", f'image "{image}" is not in this cluster: push it with a build pod or name it in images'
+            )
+        args = list(container.get("args") or IMAGE_CMD)
+        if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_CHARS for a in args):
+            raise ContainerError(
+                "CreateContainerError", f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each"
+            )
+        paths = {"/models": repository, "/tmp": pod.dir / "tmp", **self._volumes(pod)}  # noqa: S108 (the container path)
+        argv = [*_translate(args, paths, self.gpu), "--host", "127.0.0.1", "--port", str(pod.port)]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(pod.dir / "tmp"),
+            "HOSTNAME": pod.name,
+            "PYTHONPATH": PYTHONPATH,
+            "ORT_DISABLE_TELEMETRY": "1",
+            **self._env(pod),
+        }
+        return [sys.executable, "-m", "model_server", *argv], env
+
+    def _volumes(self, pod: Pod) -> dict[str, Path]:
+        """Each mounted volume's folder: ``emptyDir`` fresh for the pod, ``secret`` with its keys
+        as files. ContainerError (kubelet's mount failure) when a Secret is missing."""
+        volumes = {v.get("name"): v for v in pod.spec.get("volumes") or []}
+        paths = {}
+        for mount in pod.container.get("volumeMounts") or []:
+            volume = volumes.get(mount.get("name"))
+            if volume is None:
+                raise ContainerError("CreateContainerConfigError", f"volume {mount.get('name')!r} is not in the pod")
+            folder = pod.dir / "volumes" / volume["name"]
+            if "secret" in volume:
+                secret_name = volume["secret"].get("secretName", "")
+                data = self._secret(pod.namespace, secret_name)
+                if data is None:
+                    if volume["secret"].get("optional"):
+                        data = {}
+                    else:
+                        raise ContainerError(
+                            "ContainerCreating",
+                            f'MountVolume.SetUp failed for volume "{volume["name"]}" : secret "{secret_name}" not found',
+                        )
+                items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                for item in items:
+                    target = (folder / item["path"]).resolve()
+                    if not target.is_relative_to(folder.resolve()) or item["key"] not in data:
+                        raise ContainerError(
+                            "ContainerCreating", f'secret "{secret_name}" has no key {item["key"]!r} or a bad path'
+                        )
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data[item["key"]])
+            elif "emptyDir" not in volume:
+                raise ContainerError(
+                    "CreateContainerConfigError", f"volume {volume['name']!r}: only emptyDir and secret volumes here"
+                )
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[str(mount["mountPath"]).rstrip("/")] = folder
+        return paths
+
+    def _secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        import base64
+
+        obj = self.api.get("secrets", namespace, name)
+        if obj is None:
+            return None
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+
+    def _env(self, pod: Pod) -> dict[str, str]:
+        entries = pod.container.get("env") or []
+        if len(entries) > MAX_ENV:
+            raise ContainerError("CreateContainerConfigError", f"{len(entries)} env entries, at most {MAX_ENV}")
+        env = {}
+        for entry in entries:
+            name, source = entry.get("name", ""), entry.get("valueFrom")
+            if source is None:
+                env[name] = str(entry.get("value", ""))
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                data = self._secret(pod.namespace, ref.get("name", ""))
+                if data is None or ref.get("key") not in data:
+                    if ref.get("optional"):
+                        continue
+                    if data is None:
+                        raise ContainerError("CreateContainerConfigError", f'secret "{ref.get("name")}" not found')
+                    raise ContainerError(
+                        "CreateContainerConfigError",
+                        f"couldn't find key {ref.get('key')} in Secret {pod.namespace}/{ref.get('name')}",
+                    )
+                env[name] = data[ref["key"]].decode(errors="replace")
+            elif "fieldRef" in source:
+                path = source["fieldRef"].get("fieldPath")
+                fields = {"metadata.name": pod.name, "metadata.namespace": pod.namespace, "status.podIP": "127.0.0.1"}
+                if path not in fields:
+                    raise ContainerError(
+                        "CreateContainerConfigError", f"env {name}: fieldRef {path!r} is not supported here"
+                    )
+                env[name] = fields[path]
+            else:
+                raise ContainerError(
+                    "CreateContainerConfigError", f"env {name}: only value, secretKeyRef and fieldRef here"
+                )
+        return env
+
+    def _terminate(self, pod: Pod) -> None:
+        """Stop a pod: out of the endpoints (not ready, status written) first, then SIGTERM."""
+        pod.terminating, pod.ready = True, False
+        self.api.set_status("pods", pod.namespace, pod.name, self._pod_status(pod))
+        obj = self.api.get("pods", pod.namespace, pod.name)
+        if obj is not None and "deletionTimestamp" not in obj["metadata"]:
+            self.api.delete("pods", pod.namespace, pod.name)
+        pod.kill_at = time.monotonic() + self._grace(pod)
+        if pod.running:
+            assert pod.proc is not None
+            pod.proc.send_signal(signal.SIGTERM)
+
+    @staticmethod
+    def _grace(pod: Pod) -> float:
+        return float(pod.spec.get("terminationGracePeriodSeconds", 30))
+
+    def _probe(self, pod: Pod) -> bool:
+        probe = pod.container.get("readinessProbe")
+        if not probe:
+            return True
+        path = (probe.get("httpGet") or {}).get("path", "/")
+        timeout = min(float(probe.get("timeoutSeconds", 1)), 1.0)
+        try:
+            with urllib.request.urlopen(f"http://{pod.address}{path}", timeout=timeout) as r:
+                return 200 <= r.status < 400
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _record_probe(self, pod: Pod, ok: bool) -> None:
+        probe = pod.container.get("readinessProbe") or {}
+        pod.next_probe = time.monotonic() + min(float(probe.get("periodSeconds", 10)), 1.0)
+        pod.probe_failures = 0 if ok else pod.probe_failures + 1
+        if ok:
+            pod.ready = True
+        elif pod.probe_failures >= int(probe.get("failureThreshold", 3)) or not pod.ready:
+            pod.ready = False
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def _pod_status(self, pod: Pod) -> dict[str, Any]:
+        container = pod.container
+        if pod.terminated is not None:
+            state: dict[str, Any] = pod.terminated
+            phase = "Succeeded" if pod.terminated["terminated"]["exitCode"] == 0 else "Failed"
+        elif pod.running or (pod.owner is None and pod.waiting is None):
+            state, phase = {"running": {"startedAt": pod.started_at}}, "Running"
+        else:
+            reason, message = pod.waiting or ("ContainerCreating", "")
+            state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
+            phase = "Running" if pod.last_state else "Pending"
+        ready = "True" if pod.ready and not pod.terminating else "False"
+        return {
+            "phase": phase,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": "True"},
+                {"type": "ContainersReady", "status": ready},
+                {"type": "Ready", "status": ready},
+            ],
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": ready == "True",
+                    "started": "running" in state,
+                    "restartCount": pod.restarts,
+                    "state": state,
+                    "lastState": pod.last_state,
+                }
+            ],
+        }
+
+    def _deployment_status(self, deployment: dict[str, Any]) -> dict[str, Any]:
+        meta, spec = deployment["metadata"], deployment["spec"]
+        key = (meta["namespace"], meta["name"])
+        wanted = spec.get("replicas", 1)
+        template_hash = _template_hash(spec["template"])
+        pods = [p for p in self.pods.values() if (p.namespace, p.owner) == key and not p.terminating]
+        ready = sum(p.ready for p in pods)
+        counts = {
+            "replicas": len(pods),
+            "updatedReplicas": sum(p.template_hash == template_hash for p in pods),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "unavailableReplicas": max(0, wanted - ready),
+        }
+        available = ready >= wanted
+        conditions = [
+            {
+                "type": "Available",
+                "status": "True" if available else "False",
+                "reason": "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable",
+                "message": "Deployment has minimum availability."
+                if available
+                else "Deployment does not have minimum availability.",
+            },
+            {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "message": ""},
+        ]
+        if key in self.failures:
+            conditions.append(
+                {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": self.failures[key]}
+            )
+        # As the real server, zero counts are left out.
+        return {
+            "observedGeneration": meta.get("generation", 1),
+            **{k: v for k, v in counts.items() if v},
+            "conditions": conditions,
+        }
+
+    # -- the build stand-in -------------------------------------------------------------------------
+
+    def _start_build(self, pod: Pod) -> None:
+        try:
+            self._volumes(pod)  # the push Secret must be there, as kubelet must mount it
+        except ContainerError as exc:
+            pod.waiting = (exc.reason, exc.message)
+            return
+        pod.log = ContainerLog(pod.log_path())
+        pod.started_at, pod.waiting = now_rfc3339(), None
+        threading.Thread(target=self._build, args=(pod,), daemon=True, name=f"build-{pod.name}").start()
+
+    def _build(self, pod: Pod) -> None:
+        assert pod.log is not None
+        try:
+            tags, folder = build_model_image(pod.container.get("args") or [], self.workdir / "images", pod.log.write)
+        except BuildError as exc:
+            pod.log.write(f"error building image: {exc}")
+            end = _terminated(1, "Error", str(exc))
+        else:
+            with self.lock:
+                for tag in tags:
+                    self.pushed[tag] = folder
+            end = _terminated(0, "Completed", "")
+        end["terminated"]["startedAt"] = pod.started_at
+        pod.log.close()
+        with self.lock:
+            pod.terminated = end
+
+
+class BuildError(Exception):
+    """Why a build failed (the last words of its log)."""
+
+
+def build_model_image(args: list[str], images: Path, say: Callable[[str], None]) -> tuple[list[str], Path]:
+    """What Kaniko does with ``docker/Dockerfile.model-server`` and these executor ``args``, on
+    this machine: the context's models folder copied (``COPY ${MODEL_DIR} /models``), the baked
+    candidate's sha256 checked (``sha256sum -c``), the result kept as a folder under ``images``
+    for every ``--destination`` tag. Returns (tags, folder); BuildError says why not."""
+    if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_CHARS for a in args):
+        raise BuildError(f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each")
+    flags: dict[str, list[str]] = {}
+    rest = iter(args)
+    for arg in rest:
+        if not arg.startswith("--"):
+            raise BuildError(f"unexpected argument {arg!r}")
+        name, sep, value = arg[2:].partition("=")
+        flags.setdefault(name, []).append(value if sep else next(rest, ""))
+    context_uri = (flags.get("context") or [""])[-1]
+    if not context_uri.startswith("dir://"):
+        raise BuildError(f"--context {context_uri!r}: only dir:// build contexts can be read on this machine")
+    context = Path(context_uri.removeprefix("dir://"))
+    if not context.is_dir():
+        raise BuildError(f"--context {context_uri!r}: no such folder")
+    dockerfile = (flags.get("dockerfile") or ["Dockerfile"])[-1]
+    if not (context / dockerfile).is_file():
+        raise BuildError(f"error resolving dockerfile path: {dockerfile} is not a file in the build context {context}")
+    if Path(dockerfile).name != "Dockerfile.model-server":
+        raise BuildError(f"--dockerfile {dockerfile}: this stand-in builds only docker/Dockerfile.model-server")
+    destinations = flags.get("destination") or []
+    if not destinations:
+        raise BuildError("no --destination: nothing to push")
+    build_args = dict(a.partition("=")[::2] for a in flags.get("build-arg") or [])
+    model_dir = build_args.get("MODEL_DIR") or "models"
+    source = (context / model_dir).resolve()
+    say(f"INFO Using dockerfile: {context / dockerfile}")
+    say(f"INFO COPY {model_dir} /models")
+    if not source.is_relative_to(context.resolve()) or not source.is_dir():
+        raise BuildError(f"COPY failed: {model_dir} is not a folder of the build context")
+    files = [p for p in source.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    if len(files) > MAX_CONTEXT_FILES or size > MAX_CONTEXT_BYTES:
+        raise BuildError(f"COPY {model_dir}: {len(files)} files, {size} bytes: more than this cluster copies")
+    model_file = build_args.get("MODEL_FILE", "")
+    if model_file:
+        inside = model_file.removeprefix(f"{model_dir}/")
+        candidate = (source / inside).resolve()
+        say(f'INFO RUN echo "$MODEL_SHA256  /models/{inside}" | sha256sum -c -')
+        if not candidate.is_relative_to(source) or not candidate.is_file():
+            say(f"sha256sum: /models/{inside}: No such file or directory")
+            raise BuildError(f"/models/{inside} does not exist: exit status 1")
+        digest = hashlib.sha256()
+        with candidate.open("rb") as f:
+            while chunk := f.read(1024 * 1024):
+                digest.update(chunk)
+        if digest.hexdigest() != build_args.get("MODEL_SHA256", ""):
+            say(f"/models/{inside}: FAILED")
+            say("sha256sum: WARNING: 1 computed checksum did NOT match")
+            raise BuildError(
+                f"the sha256 of {model_file} is {digest.hexdigest()}, not MODEL_SHA256 "
+                f"{build_args.get('MODEL_SHA256', '')!r}: exit status 1"
+            )
+        say(f"/models/{inside}: OK")
+    images.mkdir(parents=True, exist_ok=True)
+    folder = images / f"{hashlib.sha256(' '.join(destinations).encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
+    shutil.copytree(source, folder)
+    for tag in destinations:
+        say(f"INFO Pushing image to {tag}")
+        say(f"INFO Pushed {tag}")
+    return destinations, folder
+
+
+def _translate(args: list[str], paths: Mapping[str, Path], gpu: bool) -> list[str]:
+    """The container's args for a process here: container paths to the pod's folders, the
+    address flags dropped (the runner gives its own), ``cuda`` to ``cpu`` without a GPU."""
+    out: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        flag, sep, value = arg.partition("=")
+        if flag in ("--host", "--port"):
+            if not sep:
+                next(rest, None)
+            continue
+        if sep and flag.startswith("--"):
+            out.append(f"{flag}={_arg_value(flag, value, paths, gpu)}")
+        else:
+            out.append(_arg_value(out[-1] if out else "", arg, paths, gpu))
+    return out
+
+
+def _arg_value(flag: str, value: str, paths: Mapping[str, Path], gpu: bool) -> str:
+    if flag == "--device" and value == "cuda" and not gpu:
+        return "cpu"
+    for mount in sorted(paths, key=len, reverse=True):
+        if value == mount or value.startswith(f"{mount}/"):
+            return str(paths[mount]) + value[len(mount) :]
+    return value
+
+
+def _terminated(code: int, reason: str, message: str) -> dict[str, Any]:
+    now = now_rfc3339()
+    return {
+        "terminated": {
+            "exitCode": code,
+            "reason": reason,
+            **({"message": message[-4096:]} if message else {}),
+            "startedAt": now,
+            "finishedAt": now,
+        }
+    }
+
+
+def _template_hash(template: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _prometheus_name(label: str) -> str:
+    return "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in label)

@@ -1,0 +1,106 @@
+"""The cluster's API server refuses what the real one refuses, through the official client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from devstack.cluster.kube import FakeKubeAPI, parse_label_selector
+
+APPLY = {"field_manager": "test", "_content_type": "application/apply-patch+yaml"}
+
+
+@pytest.fixture
+def core():
+    fake = FakeKubeAPI().start()
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    yield fake, client.CoreV1Api(client.ApiClient(cfg))
+    fake.stop()
+
+
+def pod(name: str, **labels: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "main", "image": "img:1"}]},
+    }
+
+
+def test_label_selectors_as_the_real_server_reads_them():
+    labels = {"app": "digits", "version": "2", "already_checked": "True"}
+    assert parse_label_selector("app=digits,version in (1, 2),already_checked!=False,!airflow-worker")(labels)
+    assert not parse_label_selector("app==digits,version notin (2)")(labels)
+    assert not parse_label_selector("missing")(labels)
+    with pytest.raises(ValueError, match="invalid label key"):
+        parse_label_selector("bad key=1")
+
+
+def test_pods_are_created_listed_by_selector_and_validated(core):
+    fake, api = core
+    api.create_namespaced_pod("ml", pod("a", app="x"))
+    api.create_namespaced_pod("ml", pod("b", app="y"))
+    api.create_namespaced_pod("other", pod("c", app="x"))
+    assert [p.metadata.name for p in api.list_namespaced_pod("ml", label_selector="app=x").items] == ["a"]
+    assert [p.metadata.name for p in api.list_pod_for_all_namespaces(label_selector="app=x").items] == ["a", "c"]
+    assert api.read_namespaced_pod("a", "ml").status.phase == "Pending"  # no kubelet takes it
+    with pytest.raises(ApiException) as exists:
+        api.create_namespaced_pod("ml", pod("a"))
+    assert exists.value.status == 409
+    bad = pod("d")
+    bad["spec"]["containers"][0]["name"] = "Not_A_Label"
+    with pytest.raises(ApiException) as invalid:
+        api.create_namespaced_pod("ml", bad)
+    assert invalid.value.status == 422
+    assert "must be a DNS-1123 label" in invalid.value.body
+    with pytest.raises(ApiException) as selector:
+        api.list_namespaced_pod("ml", field_selector="spec.foo=1")
+    assert selector.value.status == 400
+    assert "field label not supported: spec.foo" in selector.value.body
+    api.patch_namespaced_pod("a", "ml", {"metadata": {"labels": {"checked": "True"}}})
+    assert api.read_namespaced_pod("a", "ml").metadata.labels == {"app": "x", "checked": "True"}
+    with pytest.raises(ApiException) as immutable:
+        api.patch_namespaced_pod("a", "ml", {"spec": {"containers": []}})
+    assert immutable.value.status == 422
+    api.delete_namespaced_pod("a", "ml")
+    assert ("pods", "ml", "a") not in fake.objects  # without a kubelet, gone at once
+    assert api.list_namespaced_event("ml", field_selector="involvedObject.name=b").items == []
+
+
+def test_a_waiting_container_has_no_log_yet(core):
+    _, api = core
+    api.create_namespaced_pod("ml", pod("a"))
+    with pytest.raises(ApiException) as waiting:
+        api.read_namespaced_pod_log("a", "ml")
+    assert waiting.value.status == 400
+    assert (
+        json.loads(waiting.value.body)["message"]
+        == 'container "main" in pod "a" is waiting to start: ContainerCreating'
+    )
+    with pytest.raises(ApiException) as unknown:
+        api.read_namespaced_pod_log("a", "ml", container="other")
+    assert "container other is not valid for pod a" in unknown.value.body
+
+
+def test_secrets_and_services_are_applied_and_checked(core):
+    fake, api = core
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "ml"}, "data": {"k": "!!"}}
+    with pytest.raises(ApiException) as invalid:
+        api.patch_namespaced_secret("s", "ml", secret, **APPLY)
+    assert invalid.value.status == 422
+    assert "illegal base64 data" in invalid.value.body
+    secret["data"] = {"k": "dg=="}
+    api.patch_namespaced_secret("s", "ml", secret, **APPLY)
+    assert api.read_namespaced_secret("s", "ml").type == "Opaque"
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "digits", "namespace": "ml"}, "spec": {}}
+    with pytest.raises(ApiException) as no_ports:
+        api.patch_namespaced_service("digits", "ml", service, **APPLY)
+    assert "spec.ports: Required value" in no_ports.value.body
+    service["spec"] = {"selector": {"app": "digits"}, "ports": [{"name": "http", "port": 8000}]}
+    api.patch_namespaced_service("digits", "ml", service, **APPLY)
+    assert [s.metadata.name for s in api.list_namespaced_service("ml").items] == ["digits"]
+    assert fake.writes()[-1]["query"]["fieldManager"] == ["test"]

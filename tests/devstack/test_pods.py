@@ -1,0 +1,303 @@
+"""The one-machine cluster's pod runner: Deployments run as model-server processes behind the
+fake API server, seen through the official kubernetes client, ``VersionDeployments`` and the
+cncf provider's KubernetesPodOperator (a Kaniko build pod run by the build stand-in)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from devstack.cluster.kube import FakeKubeAPI
+from devstack.cluster.pods import PodRunner
+from vision_rollout.deploy import VersionDeployments, render_deployment
+from vision_rollout.mesh import IstioTarget
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "registry.example.com/ml/digits-server:sha-0123456789ab"
+TARGET = IstioTarget(namespace="models", service="digits", name="digits")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+    """``check()``'s first truthy value; fails naming ``what`` past a generous deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s:g} s: {what}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, models_dir: Path) -> Iterator[tuple[FakeKubeAPI, PodRunner, client.ApiClient]]:
+    api = FakeKubeAPI(kubelet=True).start()
+    runner = PodRunner(api, tmp_path / "cluster", {IMAGE: models_dir}, gpu=False)
+    stop = threading.Event()
+    loop = threading.Thread(target=runner.run_forever, args=(stop, 0.2), daemon=True)
+    loop.start()
+    cfg = client.Configuration()
+    cfg.host = api.url
+    yield api, runner, client.ApiClient(cfg)
+    stop.set()
+    loop.join(timeout=30)
+    runner.stop()
+    api.stop()
+
+
+def pods(api_client: client.ApiClient, selector: str = "app=digits") -> list[Any]:
+    return client.CoreV1Api(api_client).list_namespaced_pod("models", label_selector=selector).items
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tmp_path):
+    _api, runner, api_client = cluster
+    versions = VersionDeployments(TARGET, "digits", api_client, gpus=1)  # asks for cuda: runs on CPU here
+    versions.apply("2", IMAGE, replicas=2)
+    versions.wait_ready("2", replicas=2, timeout_s=120, every_s=0.2)
+
+    live = client.AppsV1Api(api_client).read_namespaced_deployment("digits-v2", "models")
+    assert (live.status.ready_replicas, live.status.updated_replicas) == (2, 2)
+    assert live.status.observed_generation == live.metadata.generation == 1
+    addresses = runner.endpoints("models", {"app": "digits", "version": "2"})
+    assert len(addresses) == 2
+    assert all(a.startswith("127.0.0.1:") for a in addresses)
+    assert runner.endpoints("models", {"app": "digits", "version": "1"}) == []
+    listed = pods(api_client, "app=digits,version=2")
+    assert all(
+        p.metadata.name.startswith("digits-v2-") and len(p.metadata.name) == len("digits-v2-") + 5 for p in listed
+    )
+    assert all(p.status.phase == "Running" and p.status.container_statuses[0].ready for p in listed)
+    sd = tmp_path / "sd" / "pods.json"
+    runner.write_file_sd(sd)
+    groups = json.loads(sd.read_text())
+    assert sorted(g["targets"][0] for g in groups) == addresses
+    assert {(g["labels"]["app"], g["labels"]["version"], g["labels"]["namespace"]) for g in groups} == {
+        ("digits", "2", "models")
+    }
+    assert {g["labels"]["pod"] for g in groups} == {p.metadata.name for p in listed}
+    assert all(g["labels"]["pod_template_hash"] for g in groups)
+
+    victim = runner.pods[("models", listed[0].metadata.name)]
+    pid = victim.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the killed pod restarted", lambda: victim.restarts == 1 and victim.running)
+    wait_for(
+        "the restarted pod ready again",
+        lambda: next(p for p in pods(api_client) if p.metadata.name == victim.name).status.container_statuses[0].ready,
+    )
+    status = next(p for p in pods(api_client) if p.metadata.name == victim.name).status.container_statuses[0]
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 128 + signal.SIGKILL  # as kubelet reports it
+    assert len(runner.endpoints("models", {"version": "2"})) == 2
+
+    pids = [p.proc.pid for p in runner.pods.values()]
+    assert versions.scale_to_zero("2") is True
+    wait_for("the pods gone after scaling to zero", lambda: not pods(api_client))
+    assert not any(alive(p) for p in pids)
+    assert runner.endpoints("models", {"app": "digits"}) == []
+    live = client.AppsV1Api(api_client).read_namespaced_deployment("digits-v2", "models")
+    assert live.metadata.generation == 2
+    assert not live.status.ready_replicas
+
+
+def test_a_missing_secret_keeps_the_pod_waiting_with_the_reason(cluster):
+    _api, runner, api_client = cluster
+    body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=1, gpus=0)
+    body["spec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "model-admin", "key": "token"}}}
+    ]
+    client.AppsV1Api(api_client).patch_namespaced_deployment(
+        "digits-v2", "models", body, field_manager="test", _content_type="application/apply-patch+yaml"
+    )
+    waiting = wait_for(
+        "the pod waiting for its Secret",
+        lambda: [p.status.container_statuses[0].state.waiting for p in pods(api_client) if p.status.container_statuses],
+    )[0]
+    assert waiting.reason == "CreateContainerConfigError"
+    assert waiting.message == 'secret "model-admin" not found'
+    assert not any(p.proc for p in runner.pods.values())
+    assert runner.endpoints("models", {"app": "digits"}) == []
+    # Once the Secret exists (server-side apply), kubelet starts the container with its value.
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "model-admin", "namespace": "models"},
+        "stringData": {"token": "s3cret"},
+    }
+    client.CoreV1Api(api_client).patch_namespaced_secret(
+        "model-admin", "models", secret, field_manager="test", _content_type="application/apply-patch+yaml"
+    )
+    assert client.CoreV1Api(api_client).read_namespaced_secret("model-admin", "models").data == {"token": "czNjcmV0"}
+    pod = wait_for("the container started", lambda: [p for p in runner.pods.values() if p.proc])[0]
+    assert pod.container["env"][0]["name"] == "ADMIN_TOKEN"
+    assert (pod.dir / "volumes" / "state").is_dir()  # the emptyDir behind --state-dir /state
+
+
+def test_replicas_beyond_the_limit_are_reported_in_the_deployment_status(tmp_path, models_dir):
+    api = FakeKubeAPI(kubelet=True).start()
+    runner = PodRunner(api, tmp_path, {}, gpu=False, max_pods=1)  # no image: nothing starts
+    try:
+        body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=3, gpus=0)
+        api.apply("deployments", "models", "digits-v2", body, "test")
+        runner.reconcile()
+        status = api.get("deployments", "models", "digits-v2")["status"]
+        (failure,) = [c for c in status["conditions"] if c["type"] == "ReplicaFailure"]
+        assert "spec.replicas 3 is more than the 1 pods per Deployment" in failure["message"]
+        (pod,) = api.list("pods", "models", "app=digits")
+        assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImagePull"
+    finally:
+        runner.stop()
+        api.stop()
+
+
+# -- the Kaniko build pod through the cncf provider's KubernetesPodOperator -----------------------
+
+
+@pytest.fixture
+def build_context(tmp_path: Path, models_dir: Path) -> Path:
+    """A build context like the production one: the Dockerfile and the candidate's model."""
+    context = tmp_path / "context"
+    (context / "docker").mkdir(parents=True)
+    shutil.copy(ROOT / "docker" / "Dockerfile.model-server", context / "docker")
+    (context / "models" / "digits" / "2").mkdir(parents=True)
+    shutil.copy(models_dir / "digits" / "config.json", context / "models" / "digits")
+    shutil.copy(models_dir / "digits" / "2" / "model.onnx", context / "models" / "digits" / "2")
+    return context
+
+
+def run_build(
+    api: FakeKubeAPI, context: Path, sha256: str, monkeypatch: pytest.MonkeyPatch, name: str, pod_names: list[str]
+) -> None:
+    from rollout_airflow.operators import KanikoBuild
+    from vision_rollout.images import kaniko_pod
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(api.kubeconfig("ml-builds"))}}),
+    )
+    pod = kaniko_pod(
+        name,
+        "ml-builds",
+        f"dir://{context}",
+        IMAGE,
+        "models/digits/2/model.onnx",
+        sha256,
+        docker_config_secret="registry-push",
+        service_account="kaniko",
+    )
+    plan = {"build": {"pod": pod, "name": name, "namespace": "ml-builds", "image": IMAGE}}
+    operator = KanikoBuild(
+        task_id="kaniko_build", plan=plan, startup_timeout_seconds=60, startup_check_interval_seconds=1
+    )
+    ti = SimpleNamespace(dag_id="model_rollout", task_id="kaniko_build", map_index=-1, try_number=1, xcom={})
+    ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
+    try:
+        operator.execute({"ti": ti, "run_id": "manual__1", "dag": SimpleNamespace(dag_id="model_rollout")})
+    finally:
+        pod_names.append(ti.xcom["pod_name"])  # the operator adds a random suffix
+
+
+@pytest.fixture
+def push_secret(cluster):
+    _api, _, api_client = cluster
+    config = json.dumps({"auths": {"registry.example.com": {"auth": "dXNlcjpwYXNz"}}})
+    client.CoreV1Api(api_client).patch_namespaced_secret(
+        "registry-push",
+        "ml-builds",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "registry-push", "namespace": "ml-builds"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": config},
+        },
+        field_manager="test",
+        _content_type="application/apply-patch+yaml",
+    )
+    return config
+
+
+def test_the_kaniko_pod_builds_and_pushes_the_checked_model(cluster, build_context, push_secret, monkeypatch, capsys):
+    api, runner, _api_client = cluster
+    runner.pushed.clear()
+    runner.images = {}  # the tag resolves only once the build pushed it
+    sha = hashlib.sha256((build_context / "models" / "digits" / "2" / "model.onnx").read_bytes()).hexdigest()
+    names: list[str] = []
+    run_build(api, build_context, sha, monkeypatch, "build-digits-2-good", names)
+    folder = runner.resolve(IMAGE)
+    assert folder is not None
+    assert (folder / "digits" / "2" / "model.onnx").read_bytes() == (
+        build_context / "models" / "digits" / "2" / "model.onnx"
+    ).read_bytes()
+    streamed = capsys.readouterr().out  # the build log, followed by the operator
+    assert f"Pushed {IMAGE}" in streamed
+    assert "/models/digits/2/model.onnx: OK" in streamed
+    assert names[0].startswith("build-digits-2-good")
+    wait_for("the succeeded pod deleted", lambda: api.get("pods", "ml-builds", names[0]) is None)
+    created = [r for r in api.writes() if r["method"] == "POST"]
+    assert created
+    assert created[-1]["path"] == "/api/v1/namespaces/ml-builds/pods"
+
+
+def test_the_kaniko_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context, push_secret, monkeypatch):
+    from airflow.exceptions import AirflowException
+
+    api, runner, api_client = cluster
+    runner.pushed.clear()
+    names: list[str] = []
+    with pytest.raises(AirflowException, match="Failed"):
+        run_build(api, build_context, "0" * 64, monkeypatch, "build-digits-2-bad", names)
+    assert runner.pushed == {}
+    pod = client.CoreV1Api(api_client).read_namespaced_pod(names[0], "ml-builds")  # kept to inspect
+    assert pod.status.phase == "Failed"
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 1
+    assert "not MODEL_SHA256" in terminated.message
+    log = client.CoreV1Api(api_client).read_namespaced_pod_log(names[0], "ml-builds")
+    assert "sha256sum: WARNING: 1 computed checksum did NOT match" in log
+
+
+def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):
+    api = FakeKubeAPI(kubelet=True).start()
+    new_image = IMAGE.replace("0123456789ab", "ba9876543210")
+    runner = PodRunner(api, tmp_path, {IMAGE: models_dir, new_image: models_dir}, gpu=False)
+    cfg = client.Configuration()
+    cfg.host = api.url
+    versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), gpus=0)
+    try:
+        versions.apply("2", IMAGE)
+        old = wait_for("the first pod ready", lambda: (runner.reconcile(), runner.endpoints("models", {}))[1])
+        versions.apply("2", new_image)
+        runner.reconcile()
+        assert runner.endpoints("models", {}) == old  # the old pod serves until the new one is ready
+        assert len(api.list("pods", "models")) == 2  # surge
+        new = wait_for(
+            "the rollout done",
+            lambda: (runner.reconcile(), [e for e in runner.endpoints("models", {}) if e not in old])[1],
+        )
+        wait_for("the old pod gone", lambda: (runner.reconcile(), len(api.list("pods", "models")) == 1)[1])
+        assert runner.endpoints("models", {}) == new
+        status = api.get("deployments", "models", "digits-v2")["status"]
+        assert (status["observedGeneration"], status["updatedReplicas"], status["readyReplicas"]) == (2, 1, 1)
+    finally:
+        runner.stop()
+        api.stop()
