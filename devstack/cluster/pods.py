@@ -11,12 +11,13 @@ a cluster do. What a pod is here:
   folder the image tag names (``images``, a mapping or callable tag -> folder, or a tag a build
   pod pushed), each ``emptyDir`` and ``secret`` volume's ``mountPath`` a fresh folder of the pod,
   ``/tmp`` the pod's own; ``--host``/``--port`` are replaced by ``127.0.0.1`` and a free port,
-  the pod's own "pod IP" (``status.podIP`` is 127.0.0.1; the address is in the pod's annotation
+  the pod's own "pod IP" (``--admin-port`` by another free port) (``status.podIP`` is 127.0.0.1; the address is in the pod's annotation
   ``cluster.devstack/address``; every ``containerPort`` and probe port means that one port);
   ``--device cuda`` becomes ``--device cpu`` where no GPU is found (the server refuses cuda
   without one), so GPU Deployments run here unchanged;
-- its environment: the container's ``env`` (``value``, ``valueFrom.secretKeyRef`` read from the
-  API server's Secrets, ``fieldRef`` of the pod's name, namespace or IP) plus ``PATH``,
+- its environment: the container's ``envFrom`` Secrets and ``env`` (``value``,
+  ``valueFrom.secretKeyRef`` read from the API server's Secrets, ``fieldRef`` of the pod's name,
+  namespace or IP) plus ``PATH``,
   ``PYTHONPATH`` and ``ORT_DISABLE_TELEMETRY=1``, nothing else of this process's environment. A
   missing Secret (or key) keeps the container waiting with ``CreateContainerConfigError`` and
   the reason, as kubelet does, until it exists; an unknown image waits with ``ErrImagePull``;
@@ -508,6 +509,8 @@ class PodRunner:
             )
         paths = {"/models": repository, "/tmp": pod.dir / "tmp", **self._volumes(pod)}  # noqa: S108 (the container path)
         argv = [*_translate(args, paths, self.gpu), "--host", "127.0.0.1", "--port", str(pod.port)]
+        if any(a.partition("=")[0] == "--admin-port" for a in args):  # the pod's own, as its IP is
+            argv += ["--admin-port", str(free_port())]
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(pod.dir / "tmp"),
@@ -566,9 +569,20 @@ class PodRunner:
 
     def _env(self, pod: Pod) -> dict[str, str]:
         entries = pod.container.get("env") or []
-        if len(entries) > MAX_ENV:
+        sources = pod.container.get("envFrom") or []
+        if len(entries) + len(sources) > MAX_ENV:
             raise ContainerError("CreateContainerConfigError", f"{len(entries)} env entries, at most {MAX_ENV}")
         env = {}
+        for source in sources:  # every key of a Secret, then env entries over them (kubelet's order)
+            ref = source.get("secretRef")
+            if ref is None:
+                raise ContainerError("CreateContainerConfigError", "envFrom: only secretRef here")
+            data = self._secret(pod.namespace, ref.get("name", ""))
+            if data is None:
+                if ref.get("optional"):
+                    continue
+                raise ContainerError("CreateContainerConfigError", f'secret "{ref.get("name")}" not found')
+            env.update({source.get("prefix", "") + k: v.decode(errors="replace") for k, v in data.items()})
         for entry in entries:
             name, source = entry.get("name", ""), entry.get("valueFrom")
             if source is None:
@@ -822,7 +836,7 @@ def _translate(args: list[str], paths: Mapping[str, Path], gpu: bool) -> list[st
     rest = iter(args)
     for arg in rest:
         flag, sep, value = arg.partition("=")
-        if flag in ("--host", "--port"):
+        if flag in ("--host", "--port", "--admin-port"):
             if not sep:
                 next(rest, None)
             continue

@@ -19,14 +19,26 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
 from devstack.cluster.pods import PodRunner
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.mesh import IstioTarget
+from vision_rollout.settings import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/ml/digits-server:sha-0123456789ab"
 TARGET = IstioTarget(namespace="models", service="digits", name="digits")
+CPU = BuildSettings(gpus=0)
+
+
+def with_secrets(api: FakeKubeAPI) -> FakeKubeAPI:
+    """The Secrets every model-server pod of ``render_deployment`` mounts (admin token, keys)."""
+    cfg = client.Configuration()
+    cfg.host = api.url
+    for name, data in pod_secrets(CPU, "admin-token").items():
+        apply_secret(client.ApiClient(cfg), "models", name, data)
+    return api
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120.0) -> Any:
@@ -42,7 +54,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 120.0) -> A
 
 @pytest.fixture
 def cluster(tmp_path: Path, models_dir: Path) -> Iterator[tuple[FakeKubeAPI, PodRunner, client.ApiClient]]:
-    api = FakeKubeAPI(kubelet=True).start()
+    api = with_secrets(FakeKubeAPI(kubelet=True).start())
     runner = PodRunner(api, tmp_path / "cluster", {IMAGE: models_dir}, gpu=False)
     stop = threading.Event()
     loop = threading.Thread(target=runner.run_forever, args=(stop, 0.2), daemon=True)
@@ -70,7 +82,9 @@ def alive(pid: int) -> bool:
 
 def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tmp_path):
     _api, runner, api_client = cluster
-    versions = VersionDeployments(TARGET, "digits", api_client, gpus=1)  # asks for cuda: runs on CPU here
+    versions = VersionDeployments(
+        TARGET, "digits", api_client, BuildSettings(gpus=1)
+    )  # asks for cuda: runs on CPU here
     versions.apply("2", IMAGE, replicas=2)
     versions.wait_ready("2", replicas=2, timeout_s=120, every_s=0.2)
 
@@ -121,7 +135,7 @@ def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tm
 
 def test_a_missing_secret_keeps_the_pod_waiting_with_the_reason(cluster):
     _api, runner, api_client = cluster
-    body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=1, gpus=0)
+    body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=1, build=CPU)
     body["spec"]["template"]["spec"]["containers"][0]["env"] = [
         {"name": "ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "model-admin", "key": "token"}}}
     ]
@@ -153,10 +167,10 @@ def test_a_missing_secret_keeps_the_pod_waiting_with_the_reason(cluster):
 
 
 def test_replicas_beyond_the_limit_are_reported_in_the_deployment_status(tmp_path, models_dir):
-    api = FakeKubeAPI(kubelet=True).start()
+    api = with_secrets(FakeKubeAPI(kubelet=True).start())
     runner = PodRunner(api, tmp_path, {}, gpu=False, max_pods=1)  # no image: nothing starts
     try:
-        body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=3, gpus=0)
+        body = render_deployment(TARGET, "digits", "2", IMAGE, replicas=3, build=CPU)
         api.apply("deployments", "models", "digits-v2", body, "test")
         runner.reconcile()
         status = api.get("deployments", "models", "digits-v2")["status"]
@@ -277,12 +291,12 @@ def test_the_kaniko_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_contex
 
 
 def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):
-    api = FakeKubeAPI(kubelet=True).start()
+    api = with_secrets(FakeKubeAPI(kubelet=True).start())
     new_image = IMAGE.replace("0123456789ab", "ba9876543210")
     runner = PodRunner(api, tmp_path, {IMAGE: models_dir, new_image: models_dir}, gpu=False)
     cfg = client.Configuration()
     cfg.host = api.url
-    versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), gpus=0)
+    versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), CPU)
     try:
         versions.apply("2", IMAGE)
         old = wait_for("the first pod ready", lambda: (runner.reconcile(), runner.endpoints("models", {}))[1])
