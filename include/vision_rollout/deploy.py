@@ -321,14 +321,20 @@ class VersionDeployments:
         return self.scale(version, 0)
 
     def wait_ready(self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0) -> None:
-        """Until at least ``replicas`` of the version's pods are ready; RouterError after ``timeout_s``."""
+        """Until at least ``replicas`` of the version's pods run its current template and are ready
+        (the controller has seen the last spec, ``observedGeneration``, and counts them in
+        ``updatedReplicas``: while a new image rolls out, the old pods' readiness does not count);
+        RouterError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
             live = self._live(version)
             if live is None:
                 raise RouterError(f"Deployment {self._name(version)} does not exist")
-            ready = (live.status.ready_replicas or 0) if live.status else 0
-            if ready >= replicas:
+            status = live.status
+            ready = (status.ready_replicas or 0) if status else 0
+            current = status is not None and (status.observed_generation or 0) >= (live.metadata.generation or 0)
+            updated = (status.updated_replicas or 0) if status else 0
+            if current and min(ready, updated) >= replicas:
                 return
             if time.monotonic() > deadline:
                 raise RouterError(

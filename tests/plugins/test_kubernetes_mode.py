@@ -155,14 +155,11 @@ def deployment(kube: FakeKubeAPI, version: str) -> dict:
 
 
 def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
-    from kubernetes import client
 
     tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
     assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}) == "digits-v2"
     obj = deployment(kube, "2")
-    api = client.ApiClient()
-    timeless = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "creationTimestamp"}}
-    assert api.sanitize_for_serialization(api._ApiClient__deserialize(timeless, "V1Deployment")) == timeless  # valid
+    assert valid_deployment(obj)
     pod = obj["spec"]["template"]
     assert pod["metadata"]["labels"] == {
         "app": "digits",
@@ -312,10 +309,18 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     assert restored < routed < retired
 
 
+def valid_deployment(obj: dict) -> bool:
+    """The kubernetes client's V1Deployment round-trips it (it writes the timestamp's Z as +00:00)."""
+    from kubernetes import client
+
+    api = client.ApiClient()
+    timeless = {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "creationTimestamp"}}
+    return bool(api.sanitize_for_serialization(api._ApiClient__deserialize(timeless, "V1Deployment")) == timeless)
+
+
 def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
     """The prediction log on object storage, its credentials, and the keys every replica shares
     (feedback tokens, masking), each from a Secret mounted read-only where the server reads it."""
-    from kubernetes import client
 
     from model_server.__main__ import parse_args
 
@@ -323,8 +328,7 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
     connect(monkeypatch, tmp_path, {"prediction_log": log}, storage_secret="predictions-s3")
     steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
     obj = deployment(kube, "2")
-    api = client.ApiClient()
-    assert api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj
+    assert valid_deployment(obj)
     pod = obj["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = parse_args(container["args"])
