@@ -124,6 +124,10 @@ def _fields(raw: Any, allowed: Sequence[str], where: str) -> dict[str, Any]:
     return raw
 
 
+def _printable(text: str) -> bool:
+    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
 def _name(raw: Any, where: str) -> str:
     if not isinstance(raw, str) or not _DNS_LABEL.fullmatch(raw):
         raise ValueError(f"{where} must be a DNS label (lower-case letters, digits, '-'), got {raw!r}")
@@ -155,7 +159,7 @@ def _string_match(raw: Any, where: str, header: bool) -> str:
     kind, value = next(iter(spec.items()))
     if not isinstance(value, str) or len(value) > MAX_VALUE_CHARS:
         raise ValueError(f"{where}.{kind} must be a string of at most {MAX_VALUE_CHARS} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if not _printable(value):
         raise ValueError(f"{where}.{kind} {value!r} holds control characters, which no request can carry")
     if kind == "regex":
         try:
@@ -219,7 +223,7 @@ def _weighted(raw: Any, where: str, namespace: str) -> tuple[tuple[Cluster, int]
 def _route(raw: Any, where: str, namespace: str, index: int) -> Route:
     spec = _fields(raw, ("name", "match", "route", "mirror", "mirrorPercentage"), where)
     name = spec.get("name", f"http[{index}]")
-    if not isinstance(name, str) or len(name) > 253 or "$" in name or any(ord(c) < 0x20 for c in name):
+    if not isinstance(name, str) or len(name) > 253 or "$" in name or not _printable(name):
         raise ValueError(f"{where}.name must be a string of at most 253 characters without '$' or control characters")
     matches = None
     if "match" in spec:
@@ -307,14 +311,14 @@ def _pods(
         if cluster.subset not in declared:
             return None
         labels |= declared[cluster.subset]
-    pods = sorted(set(endpoints(cluster.namespace, labels)))
+    pods = list(endpoints(cluster.namespace, labels))
     if len(pods) > MAX_ENDPOINTS:
         raise ValueError(f"cluster {cluster.name}: {len(pods)} ready pods, at most {MAX_ENDPOINTS}")
     for pod in pods:
         m = _ADDRESS.fullmatch(pod) if isinstance(pod, str) else None
         if m is None or not 1 <= int(m.group(2)) <= 65535:
             raise ValueError(f"cluster {cluster.name}: pod address {pod!r} is not host:port")
-    return pods
+    return sorted(set(pods))
 
 
 # -- nginx -----------------------------------------------------------------------------------
@@ -323,7 +327,7 @@ def _pods(
 def _q(text: str, regex: bool = False) -> str:
     """``text`` as one quoted nginx token. In a value ``$`` would name a variable and has no
     escape in nginx, so it is refused there (a ``map`` key's regex is not interpolated)."""
-    if (not regex and "$" in text) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if (not regex and "$" in text) or not _printable(text):
         raise ValueError(f"{text!r}: '$' and control characters cannot appear in the nginx configuration")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -429,30 +433,51 @@ def render_nginx(
     if len(virtual_services) > MAX_VIRTUAL_SERVICES:
         raise ValueError(f"{len(virtual_services)} VirtualServices, at most {MAX_VIRTUAL_SERVICES}")
     subsets = _subsets(destination_rules)
-    parsed = [_virtual_service(vs) for vs in virtual_services]
-    ports: dict[int, str] = {}
-    for namespace, name, _ in parsed:
+    served: dict[int, tuple[str, str, list[Route]]] = {}  # port -> the VirtualService it serves
+    for namespace, name, routes in map(_virtual_service, virtual_services):
         port = listen.get((namespace, name))
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ValueError(f"VirtualService {namespace}/{name}: no loopback port to serve it on (listen: {port!r})")
-        if port in ports:
-            raise ValueError(f"VirtualService {namespace}/{name}: port {port} already serves {ports[port]}")
-        ports[port] = f"{namespace}/{name}"
-
-    clusters = {c for _, _, routes in parsed for r in routes for c in (*(d for d, _ in r.destinations), r.mirror) if c}
+        if port in served:
+            raise ValueError(
+                f"VirtualService {namespace}/{name}: port {port} already serves {served[port][0]}/{served[port][1]}"
+            )
+        served[port] = (namespace, name, routes)
+    clusters = {
+        cluster
+        for _, _, routes in served.values()
+        for route in routes
+        for cluster in (*(c for c, _ in route.destinations), route.mirror)
+        if cluster is not None
+    }
     pods = {c: _pods(c, subsets, endpoints) for c in sorted(clusters, key=lambda c: c.name)}
-    available = {c.name: bool(p) for c, p in pods.items()}
 
-    out = [
-        "# Rendered by devstack.cluster.dataplane from Istio VirtualServices and DestinationRules.",
-        f"pid {_q(str(workdir / 'nginx.pid'))};",
-        f"error_log {_q(str(workdir / 'error.log'))} warn;",
-        "worker_processes 1;",
-        "events { worker_connections 1024; }",
-        "http {",
-    ]
-    http = [f"{kind}_temp_path {_q(str(workdir / (kind + '_temp')))};" for kind in _TEMP_PATHS]
-    http += [
+    http = _settings(workdir) + _routing(served, pods)
+    for cluster, addresses in pods.items():
+        if addresses:
+            labels = f"app={cluster.service}" + (f", subset {cluster.subset}" if cluster.subset else "")
+            http += ["", f"upstream {cluster.name} {{  # ready pods of {cluster.namespace}: {labels}"]
+            http += [f"    server {a};" for a in addresses] + ["    keepalive 16;", "}"]
+    if served:
+        http += _server(served)
+    return "\n".join(
+        [
+            "# Rendered by devstack.cluster.dataplane from Istio VirtualServices and DestinationRules.",
+            f"pid {_q(str(workdir / 'nginx.pid'))};",
+            f"error_log {_q(str(workdir / 'error.log'))} warn;",
+            "worker_processes 1;",
+            "events { worker_connections 1024; }",
+            "http {",
+            *("    " + line if line else "" for line in http),
+            "}\n",
+        ]
+    )
+
+
+def _settings(workdir: Path) -> list[str]:
+    """What every request shares: files under ``workdir``, limits, the log, proxying."""
+    return [
+        *(f"{kind}_temp_path {_q(str(workdir / (kind + '_temp')))};" for kind in _TEMP_PATHS),
         "default_type text/plain;",
         "server_tokens off;",
         "client_max_body_size 64m;  # the model server's limit",
@@ -470,7 +495,7 @@ def render_nginx(
         "proxy_connect_timeout 10s;",
         "proxy_send_timeout 300s;",
         "proxy_read_timeout 300s;",
-        "proxy_next_upstream error;  # Envoy's connect-failure retry; never after a POST was sent",
+        "proxy_next_upstream error;  # Envoy's connect-failure retry; never once a POST was sent, never on a timeout",
         "proxy_next_upstream_tries 3;",
         "",
         "# Per request: the path without the query, the request id, the mirror copy's authority.",
@@ -479,65 +504,71 @@ def render_nginx(
         'map $http_host $rollout_shadow_host { "~^(?<rollout_host>.*)(?<rollout_port>:[0-9]+)$" '
         '"${rollout_host}-shadow${rollout_port}"; default "${http_host}-shadow"; }',
     ]
+
+
+def _routing(served: Mapping[int, tuple[str, str, list[Route]]], pods: Mapping[Cluster, list[str] | None]) -> list[str]:
+    """Each VirtualService's maps, then the maps that every request reads, keyed by the port it
+    came in on (one per VirtualService): its route, that route's cluster and mirror cluster,
+    and whether that cluster can answer."""
+    available = {c.name: bool(p) for c, p in pods.items()}
+    lines: list[str] = []
     route_of_port, names, primaries, mirrors = [], [], [], []
-    for i, (namespace, name, routes) in enumerate(parsed):
-        port = listen[(namespace, name)]
-        lines, head, chosen = _render_virtual_service(i, routes, available)
-        http += ["", f"# -- VirtualService {namespace}/{name}, served on 127.0.0.1:{port}", *lines]
+    for i, (port, (namespace, name, routes)) in enumerate(served.items()):
+        maps, head, chosen = _render_virtual_service(i, routes, available)
+        lines += ["", f"# -- VirtualService {namespace}/{name}, served on 127.0.0.1:{port}", *maps]
         route_of_port.append(f"{port} {head};")
         for j, route_name, primary, mirror in chosen:
             key = f'"{port}:{j}"'
             names.append(f"{key} {_q(route_name)};")
             primaries.append(f"{key} {primary};")
             mirrors.append(f"{key} {mirror};")
-
-    def block(header: str, entries: list[str], default: str | None = '""') -> list[str]:
-        return [header + " {", *("    " + e for e in entries), *([f"    default {default};"] if default else []), "}"]
-
-    http += ["", "# -- The route each request takes (keyed by the port: one per VirtualService), and its clusters"]
-    http += block("map $server_port $rollout_route", route_of_port)
-    http += block("map $server_port $rollout_virtual_service", [f"{p} {_q(vs)};" for p, vs in ports.items()])
-    http += block('map "$server_port:$rollout_route" $rollout_route_name', names)
-    http += block('map "$server_port:$rollout_route" $rollout_cluster', primaries)
-    http += block('map "$server_port:$rollout_route" $rollout_mirror_cluster', mirrors)
-    http += block("map $rollout_mirror_cluster $rollout_mirrored", ['"" no;'], "yes")
-    http += block("map $rollout_cluster $rollout_subset", [f"{c.name} {c.subset or _EMPTY};" for c in pods])
     verdicts = ['"" route_not_found;'] + [
         f"{c.name} {_EMPTY if p else 'no_healthy_upstream'};" for c, p in pods.items() if p is not None
-    ]  # an undeclared subset is not there: the default
-    http += block("map $rollout_cluster $rollout_unroutable", verdicts, "cluster_not_found")
-    http += block("map $rollout_unroutable $rollout_reply", ['no_healthy_upstream "no healthy upstream";'])
+    ]  # an undeclared subset is no cluster: the default
+    lines += ["", "# -- The route each request takes, its clusters, and what answers when no pod can"]
+    lines += _map("$server_port", "$rollout_route", route_of_port)
+    lines += _map(
+        "$server_port", "$rollout_virtual_service", [f"{p} {_q(f'{ns}/{n}')};" for p, (ns, n, _) in served.items()]
+    )
+    lines += _map('"$server_port:$rollout_route"', "$rollout_route_name", names)
+    lines += _map('"$server_port:$rollout_route"', "$rollout_cluster", primaries)
+    lines += _map('"$server_port:$rollout_route"', "$rollout_mirror_cluster", mirrors)
+    lines += _map("$rollout_mirror_cluster", "$rollout_mirrored", ['"" no;'], default="yes")
+    lines += _map("$rollout_cluster", "$rollout_subset", [f"{c.name} {c.subset or _EMPTY};" for c in pods])
+    lines += _map("$rollout_cluster", "$rollout_unroutable", verdicts, default="cluster_not_found")
+    lines += _map("$rollout_unroutable", "$rollout_reply", ['no_healthy_upstream "no healthy upstream";'])
+    return lines
 
-    for cluster, addresses in pods.items():
-        if addresses:
-            labels = f"app={cluster.service}" + (f", subset {cluster.subset}" if cluster.subset else "")
-            http += ["", f"upstream {cluster.name} {{  # ready pods of {cluster.namespace}: {labels}"]
-            http += [f"    server {a};" for a in addresses] + ["    keepalive 16;", "}"]
 
-    if ports:
-        http += ["", "server {", *(f"    listen 127.0.0.1:{p};  # VirtualService {vs}" for p, vs in ports.items())]
-        http += ["    location / {"]
-        http += [
-            "        # Envoy's local replies. The body is a variable: a literal empty text gets nginx's error page.",
-            "        if ($rollout_unroutable = route_not_found) { return 404 $rollout_reply; }",
-            "        if ($rollout_unroutable = cluster_not_found) { return 503 $rollout_reply; }",
-            "        if ($rollout_unroutable = no_healthy_upstream) { return 503 $rollout_reply; }",
-            f"        mirror {_MIRROR_URI};",
-            "        mirror_request_body on;",
-            "        proxy_pass http://$rollout_cluster$request_uri;",
-            *_proxy_headers("$http_host"),
-            "    }",
-            f"    location = {_MIRROR_URI} {{",
-            "        internal;",
-            '        if ($rollout_mirror_cluster = "") { return 204; }',
-            "        proxy_pass http://$rollout_mirror_cluster$request_uri;",
-            *_proxy_headers("$rollout_shadow_host"),
-            "    }",
-            "}",
-        ]
-    out += ["    " + line if line else "" for line in http]
-    out.append("}")
-    return "\n".join(out) + "\n"
+def _map(source: str, variable: str, entries: list[str], default: str = _EMPTY) -> list[str]:
+    return [f"map {source} {variable} {{", *("    " + e for e in entries), f"    default {default};", "}"]
+
+
+def _server(served: Mapping[int, tuple[str, str, list[Route]]]) -> list[str]:
+    """One server on every VirtualService's port: Envoy's local replies when nothing can
+    answer, else the request proxied to its cluster and, when chosen, mirrored."""
+    return [
+        "",
+        "server {",
+        *(f"    listen 127.0.0.1:{port};  # VirtualService {ns}/{name}" for port, (ns, name, _) in served.items()),
+        "    location / {",
+        "        # Envoy's local replies. The body is a variable: a literal empty text gets nginx's error page.",
+        "        if ($rollout_unroutable = route_not_found) { return 404 $rollout_reply; }",
+        "        if ($rollout_unroutable = cluster_not_found) { return 503 $rollout_reply; }",
+        "        if ($rollout_unroutable = no_healthy_upstream) { return 503 $rollout_reply; }",
+        f"        mirror {_MIRROR_URI};",
+        "        mirror_request_body on;",
+        "        proxy_pass http://$rollout_cluster$request_uri;",
+        *_proxy_headers("$http_host"),
+        "    }",
+        f"    location = {_MIRROR_URI} {{",
+        "        internal;",
+        '        if ($rollout_mirror_cluster = "") { return 204; }',
+        "        proxy_pass http://$rollout_mirror_cluster$request_uri;",
+        *_proxy_headers("$rollout_shadow_host"),
+        "    }",
+        "}",
+    ]
 
 
 def _proxy_headers(host: str) -> list[str]:
@@ -558,6 +589,7 @@ def find_nginx() -> str | None:
 
 
 def _listen_ports(conf: str) -> list[int]:
+    """The loopback ports a configuration listens on, as ``render_nginx`` writes them."""
     return [int(p) for p in re.findall(r"^\s*listen\s+127\.0\.0\.1:([0-9]{1,5})\b", conf, re.MULTILINE)]
 
 
@@ -617,13 +649,22 @@ class NginxDataPlane:
             raise DataPlaneError("nginx is not installed (Debian: apt-get install nginx-light)")
         # As root, workers would run as "nobody" and could not use a private workdir.
         user = " user root;" if os.geteuid() == 0 else ""
-        prefix = str(self.workdir.resolve())
-        return [binary, "-p", prefix, "-e", str(self.error_log), "-c", str(conf), "-g", f"daemon off;{user}", *args]
+        return [
+            binary,
+            "-p",
+            f"{self.workdir}/",
+            "-e",
+            str(self.error_log),
+            "-c",
+            str(conf),
+            "-g",
+            f"daemon off;{user}",
+            *args,
+        ]
 
     def _test(self, conf: str) -> Path:
         """Write ``conf`` beside the installed one and have nginx check it; its path when nginx
         accepts it, DataPlaneError with nginx's reason when not (the candidate removed)."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
         candidate = self.workdir / "nginx.conf.candidate"
         candidate.write_text(conf)
         done = subprocess.run(self._nginx(candidate, "-t", "-q"), capture_output=True, text=True, check=False)
@@ -634,7 +675,16 @@ class NginxDataPlane:
         return candidate
 
     def _wait_listening(self, conf: str) -> None:
+        """Until nginx has written its pid (its sockets are bound by then) and every port of
+        ``conf`` accepts connections."""
         deadline = time.monotonic() + self.wait_s
+        pid_file = self.workdir / "nginx.pid"
+        while not (pid_file.exists() and pid_file.read_text().strip() == str(self.pid)):
+            if self.pid is None:
+                raise DataPlaneError(f"nginx exited:\n{self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise DataPlaneError(f"nginx wrote no pid file within {self.wait_s:g} s")
+            time.sleep(0.05)
         for port in _listen_ports(conf):
             while True:
                 if self.pid is None:
@@ -658,6 +708,7 @@ class NginxDataPlane:
         if self.pid is not None:
             raise DataPlaneError(f"nginx already runs (pid {self.pid}): use apply()")
         self.workdir = self.workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
         candidate = self._test(conf)
         candidate.replace(self.conf_path)
         with (self.workdir / "nginx.out").open("ab") as out:
@@ -678,23 +729,18 @@ class NginxDataPlane:
             raise DataPlaneError("nginx is not running: start() first")
         if conf == self._conf:
             return False
-        candidate = self._test(conf)
+        previous, candidate = self._conf or "", self._test(conf)
         old_workers, log_size = _children(pid), self._log_size()
         candidate.replace(self.conf_path)
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + self.wait_s
-        while not _children(pid) - old_workers:
-            failed = re.search(r"\[(emerg|alert)\][^\n]*", self._log_tail(log_size))
-            if failed or self.pid is None or time.monotonic() > deadline:
-                assert self._conf is not None
-                _write_atomic(self.conf_path, self._conf)
-                why = (
-                    failed.group(0)
-                    if failed
-                    else "nginx exited"
-                    if self.pid is None
-                    else f"no new workers after {self.wait_s:g} s"
-                )
+        while not _children(pid) - old_workers:  # new workers: the new configuration serves
+            failed = re.search(r"\[(emerg|alert)\][^\n]*", self._log_tail(log_size))  # e.g. a port taken
+            why = failed.group(0) if failed else "nginx exited" if self.pid is None else None
+            if why is None and time.monotonic() > deadline:
+                why = f"no new workers after {self.wait_s:g} s"
+            if why is not None:
+                _write_atomic(self.conf_path, previous)
                 raise DataPlaneError(f"nginx did not take the new configuration (the running one is kept): {why}")
             time.sleep(0.05)
         self._conf = conf

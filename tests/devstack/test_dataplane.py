@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -364,7 +365,8 @@ def test_a_mirrored_request_is_copied_to_the_shadow_with_its_body_and_never_awai
     assert len(original["request_id"]) == 32
     shadow.hold.set()
     wait_for(lambda: len(log_lines(nginx)) == 1, "the request's log line")
-    assert log_lines(nginx)[0]["mirrored"] == "yes"
+    line = log_lines(nginx)[0]
+    assert (line["mirrored"], line["subset"], line["upstream_addr"]) == ("yes", "v1", primary.address)
     assert call(port, headers={"X-Request-ID": "client-id"}).seen["request_id"] == "client-id"  # the client's kept
 
 
@@ -437,6 +439,20 @@ def test_a_configuration_nginx_refuses_is_not_installed_and_the_old_one_serves(n
     broken = conf.replace("keepalive 16;", "keepalive sixteen;", 1)
     with pytest.raises(DataPlaneError, match=r"nginx refused the configuration.*keepalive"):
         nginx.apply(broken)
+    assert nginx.conf_path.read_text() == conf
+    assert call(port).pod == "v1"
+
+
+def test_a_configuration_nginx_cannot_load_is_rolled_back_and_the_old_one_serves(nginx, pods):
+    pods.add("v1", "1")
+    vs, dr = istio({"route": [{"version": "1"}]}, ["1"])
+    port, conf = serve(nginx, pods, vs, dr)
+    other = copy.deepcopy(vs)
+    other["metadata"]["name"] = "other"
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # nginx -t does not bind: only the reload finds out
+        listen = {("ml", "digits"): port, ("ml", "other"): taken.getsockname()[1]}
+        with pytest.raises(DataPlaneError, match=r"did not take the new configuration.*\[emerg\].*bind"):
+            nginx.apply(render_nginx([vs, other], [dr], pods.endpoints, listen, nginx.workdir))
     assert nginx.conf_path.read_text() == conf
     assert call(port).pod == "v1"
 
