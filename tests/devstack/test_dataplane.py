@@ -123,7 +123,7 @@ def pods() -> Iterator[FakePods]:
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[NginxDataPlane]:
     if NGINX is None:
-        pytest.skip("nginx is not installed (CI installs Debian's nginx-light)")
+        pytest.skip("nginx is not installed (on PATH or in /usr/sbin): apt-get install nginx-light, as CI does")
     plane = NginxDataPlane(tmp_path / "nginx")
     yield plane
     plane.stop()
@@ -208,6 +208,7 @@ def dest(version: str, weight: int | None = None) -> dict[str, Any]:
 # -- routing -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_weights_split_requests_at_random_in_proportion(nginx, pods):
     pods.add("v1-a", "1")
     pods.add("v2-a", "2")
@@ -223,6 +224,7 @@ def test_weights_split_requests_at_random_in_proportion(nginx, pods):
     assert logged == {"v1": served["v1-a"], "v2": served["v2-a"]}  # the log counts which version served what
 
 
+@pytest.mark.integration
 def test_a_zero_weight_destination_gets_nothing(nginx, pods):
     pods.add("v1-a", "1")
     pods.add("v2-a", "2")
@@ -231,6 +233,7 @@ def test_a_zero_weight_destination_gets_nothing(nginx, pods):
     assert Counter(call(port).pod for _ in range(100)) == {"v1-a": 100}
 
 
+@pytest.mark.integration
 def test_header_rules_match_exactly_by_prefix_or_by_full_regex(nginx, pods):
     for v in "12345":
         pods.add(f"v{v}", v)
@@ -262,6 +265,7 @@ def test_header_rules_match_exactly_by_prefix_or_by_full_regex(nginx, pods):
     assert routes == ["exact", "default", "default"]
 
 
+@pytest.mark.integration
 def test_pinned_routes_send_a_request_naming_its_version_to_that_version(nginx, pods):
     pods.add("v1", "1")
     pods.add("v2", "2")
@@ -278,6 +282,7 @@ def test_pinned_routes_send_a_request_naming_its_version_to_that_version(nginx, 
     assert answer.seen["host"] == f"127.0.0.1:{port}"  # the client's Host
 
 
+@pytest.mark.integration
 def test_the_first_matching_route_wins_entries_or_conditions_and(nginx, pods):
     for v in "123":
         pods.add(f"v{v}", v)
@@ -305,6 +310,7 @@ def test_the_first_matching_route_wins_entries_or_conditions_and(nginx, pods):
     assert call(port).pod == "v3"  # the catch-all comes before "unreachable"
 
 
+@pytest.mark.integration
 def test_requests_nothing_can_serve_get_envoys_answers_never_another_subset(nginx, pods):
     v1 = pods.add("v1", "1")
     pods.add("v2-starting", "2", ready=False)
@@ -330,6 +336,7 @@ def test_requests_nothing_can_serve_get_envoys_answers_never_another_subset(ngin
     ]
 
 
+@pytest.mark.integration
 def test_a_pod_that_refuses_connections_is_retried_on_another_of_its_subset(nginx, pods):
     dead, alive = pods.add("v1-dead", "1"), pods.add("v1-alive", "1")
     pods.add("v2", "2")
@@ -346,6 +353,7 @@ def test_a_pod_that_refuses_connections_is_retried_on_another_of_its_subset(ngin
 # -- mirroring ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_mirrored_request_is_copied_to_the_shadow_with_its_body_and_never_awaited(nginx, pods):
     primary, shadow = pods.add("v1", "1"), pods.add("v2", "2")
     port, _ = serve(nginx, pods, *istio({"route": [{"version": "1"}], "mirror": {"version": "2"}}, ["1", "2"]))
@@ -370,6 +378,7 @@ def test_a_mirrored_request_is_copied_to_the_shadow_with_its_body_and_never_awai
     assert call(port, headers={"X-Request-ID": "client-id"}).seen["request_id"] == "client-id"  # the client's kept
 
 
+@pytest.mark.integration
 def test_a_mirror_percentage_copies_that_share_of_requests(nginx, pods):
     pods.add("v1", "1")
     shadow = pods.add("v2", "2")
@@ -383,6 +392,7 @@ def test_a_mirror_percentage_copies_that_share_of_requests(nginx, pods):
     assert all(is_shadow_host(r["host"]) for r in shadow.requests)
 
 
+@pytest.mark.integration
 def test_routes_that_name_their_version_are_not_mirrored(nginx, pods):
     pods.add("v1", "1")
     shadow = pods.add("v2", "2")
@@ -396,6 +406,7 @@ def test_routes_that_name_their_version_are_not_mirrored(nginx, pods):
 # -- reloads -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_changed_weights_are_applied_without_failing_a_request(nginx, pods):
     v1, _ = pods.add("v1", "1"), pods.add("v2", "2")
     port, conf = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1", "2"]))
@@ -433,6 +444,7 @@ def test_changed_weights_are_applied_without_failing_a_request(nginx, pods):
     assert nginx.conf_path.read_text() == flipped != conf
 
 
+@pytest.mark.integration
 def test_a_configuration_nginx_refuses_is_not_installed_and_the_old_one_serves(nginx, pods):
     pods.add("v1", "1")
     port, conf = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1"]))
@@ -443,6 +455,7 @@ def test_a_configuration_nginx_refuses_is_not_installed_and_the_old_one_serves(n
     assert call(port).pod == "v1"
 
 
+@pytest.mark.integration
 def test_a_configuration_nginx_cannot_load_is_rolled_back_and_the_old_one_serves(nginx, pods):
     pods.add("v1", "1")
     vs, dr = istio({"route": [{"version": "1"}]}, ["1"])
@@ -457,6 +470,7 @@ def test_a_configuration_nginx_cannot_load_is_rolled_back_and_the_old_one_serves
     assert call(port).pod == "v1"
 
 
+@pytest.mark.integration
 def test_an_object_the_data_plane_cannot_reproduce_is_refused_while_the_old_one_serves(nginx, pods):
     pods.add("v1", "1")
     vs, dr = istio({"route": [{"version": "1"}]}, ["1"])
