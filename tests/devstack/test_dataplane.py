@@ -420,7 +420,11 @@ def test_changed_weights_are_applied_without_failing_a_request(nginx, pods):
 
     def loop() -> None:
         while not stop.is_set():
-            a = call(port)
+            try:
+                a = call(port)
+            except OSError as exc:  # refused or reset: a failed request, counted
+                answers.append((0, repr(exc)))
+                continue
             answers.append((a.status, a.pod if a.status == 200 else a.body.decode()))
 
     client = threading.Thread(target=loop)
