@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/include:$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models prometheus chromium test lint serve up down demo tour bench clean
+.PHONY: venv models prometheus nginx chromium test lint serve up down demo tour bench clean cluster-up cluster-down cluster-demo
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ prometheus:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "prometheus is missing: sudo apt-get install --no-install-recommends prometheus" >&2; exit 1; fi; }
 
+# Debian's nginx: the one-machine cluster's data plane (Envoy's stand-in, configured from the VirtualServices).
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light; \
+	  else echo "nginx is missing: sudo apt-get install --no-install-recommends nginx-light" >&2; exit 1; fi; }
+
 # Debian's Chromium, for the UI screenshot test (driven by Playwright; no browser download).
 chromium:
 	@command -v chromium >/dev/null || { \
@@ -35,7 +42,7 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else echo "chromium is missing (the UI test skips): sudo apt-get install --no-install-recommends chromium" >&2; fi; }
 
-test: models prometheus chromium
+test: models prometheus nginx chromium
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -55,6 +62,16 @@ down:
 
 demo: models prometheus
 	$(BIN)/python scripts/demo.py --repository models
+
+# Kubernetes mode on one machine: API server, pod runner, nginx data plane, Prometheus (15 s), S3.
+cluster-up: models prometheus nginx
+	$(BIN)/python scripts/cluster.py up
+
+cluster-down:
+	@test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down || true
+
+cluster-demo: models prometheus nginx
+	$(BIN)/python scripts/cluster.py demo
 
 tour: models
 	$(BIN)/python scripts/tour.py --repository models

@@ -1,0 +1,285 @@
+"""The one-machine cluster: what Kubernetes mode (mesh ``istio``) drives, from real parts.
+
+No Kubernetes API server, kubelet or Envoy can run here, so each is stood in for by the smallest
+faithful piece, all on 127.0.0.1:
+
+- the API server: ``kube.FakeKubeAPI`` (apps/v1, core/v1, the Istio CRDs; the real wire
+  protocol, server-side apply, CRD schema validation, optimistic concurrency);
+- kubelet and the ReplicaSet controller: ``pods.PodRunner`` (each Deployment's pods as
+  model-server processes with the pod template's args, env and Secrets; readiness from the
+  probe into the Deployment's status; a killed pod restarted; a Kaniko build pod run as the
+  build's Dockerfile would);
+- Envoy configured by Istio: Debian's ``nginx``, rendered from the applied VirtualServices and
+  DestinationRules and the ready pods (``dataplane``), reloaded on every change as xDS would push
+  it; one loopback port per Service stands for its ClusterIP;
+- Prometheus with the pods found by file-based service discovery (written by the pod runner,
+  labels as kubernetes_sd relabelling gives), scraping at a production interval (15 s);
+- object storage: an S3 API (moto) holding the prediction log every pod appends to.
+
+``Cluster.start`` runs the control loop in a thread (reconcile pods, write the scrape targets,
+render and reload the data plane, every half second); ``install`` puts a model in as a
+production install would have it (its Service, Secrets, version 1's Deployment, 100% to v1).
+``python -m devstack.cluster`` runs one in the foreground (``make cluster-up`` starts it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devstack.cluster.dataplane import NginxDataPlane, render_nginx
+from devstack.cluster.install import apply_secret, pod_secrets
+from devstack.cluster.kube import FakeKubeAPI
+from devstack.cluster.pods import PodRunner
+from devstack.processes import (
+    ROOT,
+    S3_CREDENTIALS,
+    PrometheusProcess,
+    S3Process,
+    _get,
+    free_port,
+    start_prometheus,
+    start_s3,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "ml"
+BOOTSTRAP_TAG = "registry.cluster.local/vision-rollout/{model}:v{version}"
+REGISTRY = "registry.cluster.local/vision-rollout/model-server"
+
+
+@dataclass
+class Cluster:
+    """The cluster's parts, started by ``start`` and stopped (every process by its pid) by ``stop``."""
+
+    workdir: Path
+    repository: Path  # what the images bake in: the model repository (the registry's stand-in)
+    scrape_interval_s: float = 15.0
+    api: FakeKubeAPI = field(init=False)
+    s3: S3Process = field(init=False)
+    prometheus: PrometheusProcess = field(init=False)
+    pods: PodRunner = field(init=False)
+    dataplane: NginxDataPlane = field(init=False)
+    admin_token: str = field(init=False, repr=False)
+    service_ports: dict[tuple[str, str], int] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)  # the registry: tag -> the models it bakes in
+    errors: list[str] = field(default_factory=list)  # what the control loop could not do, newest last
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _loop: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> Cluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.admin_token = secrets.token_urlsafe(24)
+        self.api = FakeKubeAPI(kubelet=True).start()
+        try:
+            self.s3 = start_s3(self.workdir / "s3")
+            self.pods = PodRunner(self.api, self.workdir / "pods", self.images)
+            self.pods.write_file_sd(self.file_sd)
+            self.prometheus = start_prometheus(
+                [], self.workdir / "prometheus", scrape_interval_s=self.scrape_interval_s, file_sd=self.file_sd
+            )
+            self.dataplane = NginxDataPlane(self.workdir / "nginx")
+            self.dataplane.start(self._render())
+            self._loop = threading.Thread(target=self._control_loop, name="cluster-control", daemon=True)
+            self._loop.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=30)
+        for part in ("dataplane", "pods", "prometheus", "s3"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                try:
+                    obj.stop()
+                except Exception:  # stop the rest whatever one part does
+                    log.exception("stopping the cluster's %s", part)
+        if getattr(self, "api", None) is not None:
+            self.api.stop()
+
+    @property
+    def file_sd(self) -> Path:
+        return self.workdir / "prometheus" / "targets.json"
+
+    # -- the control loop ----------------------------------------------------------------------
+
+    def _render(self) -> str:
+        return render_nginx(
+            self.api.list("virtualservices"),
+            self.api.list("destinationrules"),
+            self.pods.endpoints,
+            self._listen(),
+            self.workdir / "nginx",
+        )
+
+    def _listen(self) -> dict[tuple[str, str], int]:
+        """Each VirtualService on the port of the Service its first host names (its ClusterIP)."""
+        out = {}
+        for vs in self.api.list("virtualservices"):
+            meta = vs["metadata"]
+            host = (vs["spec"].get("hosts") or [""])[0]
+            service, _, rest = host.partition(".")
+            namespace = rest.partition(".")[0] or meta["namespace"]
+            port = self.service_ports.get((namespace, service))
+            if port is not None:
+                out[(meta["namespace"], meta["name"])] = port
+        return out
+
+    def _control_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.pods.reconcile()
+                self.pods.write_file_sd(self.file_sd)
+                self.dataplane.apply(self._render())
+            except Exception as exc:  # reported, and tried again: a controller does not die of one error
+                message = f"{type(exc).__name__}: {exc}"
+                if not self.errors or self.errors[-1] != message:
+                    log.warning("cluster control loop: %s", message)
+                    self.errors.append(message)
+                    del self.errors[:-20]
+
+    # -- what a production install would have -------------------------------------------------
+
+    def service_url(self, model: str, namespace: str = NAMESPACE) -> str:
+        """The data plane's address of the model's Service (its ClusterIP stand-in)."""
+        return f"http://127.0.0.1:{self.service_ports[(namespace, model)]}"
+
+    def kubeconfig(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "cluster",
+            "clusters": [{"name": "cluster", "cluster": {"server": self.api.url}}],
+            "contexts": [{"name": "cluster", "context": {"cluster": "cluster", "user": "airflow"}}],
+            "users": [{"name": "airflow", "user": {"token": "airflow-worker"}}],
+        }
+
+    def wait_until(self, check: Any, what: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster: {what} not within {timeout_s:g} s; control loop: {self.errors[-3:]}")
+            time.sleep(0.2)
+
+    def install(self, model: str, replicas: int = 2, namespace: str = NAMESPACE) -> None:
+        """The model as a production install has it before any rollout: its Service, the Secrets its
+        pods read (admin token, feedback key, object-storage credentials), version 1's Deployment
+        (its image baked from the repository) with its pods ready, and the mesh routing 100% to v1."""
+        from kubernetes import client as k8s
+
+        from model_server.traffic import TrafficPolicy
+        from vision_rollout.deploy import VersionDeployments, render_service
+        from vision_rollout.mesh import IstioRouter, IstioTarget
+
+        target = IstioTarget(namespace, model, model)
+        build = self.build_settings(replicas)
+        self.service_ports.setdefault((namespace, model), free_port())
+        api = self.api_client()
+        for name, data in pod_secrets(build, self.admin_token, dict(S3_CREDENTIALS)).items():
+            apply_secret(api, namespace, name, data)
+        service = render_service(target)
+        k8s.CoreV1Api(api).patch_namespaced_service(
+            model, namespace, service, field_manager="install", force=True, _content_type="application/apply-patch+yaml"
+        )
+        # The build context the rollout's Kaniko pod reads: the Dockerfile and the model's folder.
+        shutil.copytree(self.repository / model, self.context / "models" / model, dirs_exist_ok=True)
+        (self.context / "docker").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "docker" / "Dockerfile.model-server", self.context / "docker")
+        image = BOOTSTRAP_TAG.format(model=model, version=1)
+        self.images[image] = self.repository
+        deployments = VersionDeployments(target, model, api, build=build, prediction_log=self.prediction_log)
+        deployments.apply("1", image, replicas)
+        deployments.wait_ready("1", replicas, timeout_s=180, every_s=0.5)
+        router = IstioRouter(target, ["1"], api_client=api)
+        router.reconcile()
+        router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+        self.wait_until(lambda: self._serves(model, namespace), f"{model}'s Service answering through the data plane")
+
+    def _serves(self, model: str, namespace: str) -> bool:
+        try:
+            return _get(f"{self.service_url(model, namespace)}/v2/models/{model}/ready", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def api_client(self) -> Any:
+        from kubernetes import client as k8s
+
+        config = k8s.Configuration(host=self.api.url)
+        return k8s.ApiClient(config)
+
+    @property
+    def context(self) -> Path:
+        return self.workdir / "context"
+
+    @property
+    def prediction_log(self) -> str:
+        return self.s3.uri("predictions")
+
+    def build_settings(self, replicas: int = 2) -> Any:
+        """Kubernetes mode's build settings here: the Kaniko stand-in reads a context folder (the
+        Dockerfile and the installed models' folders); no GPU (pods run the CPU provider)."""
+        from vision_rollout.settings import BuildSettings
+
+        return BuildSettings(
+            registry=REGISTRY,
+            context=f"dir://{self.context.resolve()}",
+            namespace="ml-builds",
+            gpus=0,
+            replicas=replicas,
+            storage_secret="object-storage",  # noqa: S106 (a Secret's name)
+            drain_seconds=5,
+        )
+
+    def connections(self, model: str, run_dir: Path, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:
+        """The Airflow connections a worker of this cluster would have (``mesh = istio``)."""
+        from dataclasses import asdict
+
+        build = {k: v for k, v in asdict(self.build_settings()).items() if v is not None}
+        prom_port = int(self.prometheus.url.rsplit(":", 1)[1])
+        return {
+            "model_server_default": {
+                "conn_type": "http",
+                "host": "127.0.0.1",
+                "port": self.service_ports[(namespace, model)],
+                "password": self.admin_token,
+                "extra": {
+                    "repository": str(self.repository),
+                    "prediction_log": self.prediction_log,
+                    "run_dir": str(run_dir),
+                    "istio": {"namespace": namespace, "service": model, "name": model},
+                    "build": build,
+                },
+            },
+            "kubernetes_default": {
+                "conn_type": "kubernetes",
+                "extra": {"kube_config": json.dumps(self.kubeconfig()), "namespace": namespace},
+            },
+            "prometheus_default": {"conn_type": "http", "host": "127.0.0.1", "port": prom_port},
+        }
+
+    def dump(self) -> dict[str, Any]:
+        """What a client of the cluster needs (``make cluster-up`` writes it to state.json)."""
+        return {
+            "api": self.api.url,
+            "prometheus": self.prometheus.url,
+            "s3": self.s3.endpoint,
+            "services": {f"{ns}/{name}": port for (ns, name), port in self.service_ports.items()},
+            "scrape_interval_s": self.scrape_interval_s,
+        }
+
+
+__all__ = ["NAMESPACE", "Cluster"]
