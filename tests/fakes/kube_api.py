@@ -129,7 +129,40 @@ class FakeKubeAPI:
                     return None
                 return m.group(2), m.group(1), m.group(3)
 
+            def _lease(self, method: str) -> bool:
+                """A coordination.k8s.io Lease call answered (the block below); False for other paths."""
+                path = urlparse(self.path).path
+                if not LEASE_RE.match(path):
+                    return False
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                api.requests.append({"method": method, "path": path})
+                try:
+                    body = json.loads(raw) if raw else {}
+                except ValueError as exc:
+                    self._send(400, status(400, "BadRequest", f"error decoding JSON: {exc}"))
+                    return True
+                self._send(*lease_call(api, method, path, body))
+                return True
+
+            def _refuse(self, method: str) -> None:
+                api.requests.append({"method": method, "path": self.path})
+                self._send(405, status(405, "MethodNotAllowed", f"{method} is not supported on {self.path}"))
+
+            def do_POST(self) -> None:
+                if not self._lease("POST"):
+                    self._refuse("POST")
+
+            def do_PUT(self) -> None:
+                if not self._lease("PUT"):
+                    self._refuse("PUT")
+
+            def do_DELETE(self) -> None:
+                if not self._lease("DELETE"):
+                    self._refuse("DELETE")
+
             def do_GET(self) -> None:
+                if self._lease("GET"):
+                    return
                 api.requests.append({"method": "GET", "path": self.path})
                 key = self._route()
                 if key is None:
@@ -227,3 +260,69 @@ class FakeKubeAPI:
                 self._send(201 if live is None else 200, reply)
 
         return Handler
+
+
+# --- coordination.k8s.io/v1 Leases (the per-model rollout lock, vision_rollout.locks.LeaseLock) ---
+# POST creates (409 AlreadyExists), GET reads, PUT replaces (404 when absent: Leases are not
+# created on update; 409 Conflict on a stale metadata.resourceVersion), DELETE honours
+# preconditions.resourceVersion (409 Conflict). Bodies must name the path's object, and times
+# are MicroTime with exactly six fractional digits, as the real API server parses them.
+LEASE_RE = re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([a-z0-9-]{1,63})/leases(?:/([a-z0-9.-]{1,253}))?$")
+MICRO_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(?:Z|[+-]\d\d:\d\d)$")
+
+
+def invalid_lease(body: dict[str, Any], namespace: str, name: str | None) -> tuple[int, dict[str, Any]] | None:
+    """What the API server says of a Lease body (None: acceptable)."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    if body.get("apiVersion") != "coordination.k8s.io/v1" or body.get("kind") != "Lease":
+        return 400, status(400, "BadRequest", "apiVersion/kind do not match the path")
+    if (
+        not meta.get("name")
+        or (name is not None and meta["name"] != name)
+        or meta.get("namespace", namespace) != namespace
+    ):
+        return 400, status(400, "BadRequest", "metadata.name/namespace do not match the path")
+    for field in ("acquireTime", "renewTime"):
+        if field in spec and not MICRO_TIME_RE.match(str(spec[field])):
+            return 400, status(400, "BadRequest", f'parsing time "{spec[field]}" as "2006-01-02T15:04:05.000000Z07:00"')
+    seconds = spec.get("leaseDurationSeconds")
+    if seconds is not None and (not isinstance(seconds, int) or seconds <= 0):
+        return 422, status(
+            422, "Invalid", f"spec.leaseDurationSeconds: Invalid value: {seconds}: must be greater than 0"
+        )
+    return None
+
+
+def lease_call(api: FakeKubeAPI, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    namespace, name = LEASE_RE.match(path).groups()  # type: ignore[union-attr]
+    if (method == "POST") != (name is None):
+        return 405, status(405, "MethodNotAllowed", f"{method} is not supported on {path}")
+    if method in ("POST", "PUT") and (problem := invalid_lease(body, namespace, name)):
+        return problem
+    key = ("leases", namespace, name or body["metadata"]["name"])
+    with api.lock:
+        live = api.objects.get(key)
+        if method == "GET" or (method in ("PUT", "DELETE") and live is None):
+            return (
+                (200, copy.deepcopy(live)) if live else (404, status(404, "NotFound", f'leases "{key[2]}" not found'))
+            )
+        if method == "POST" and live is not None:
+            return 409, status(409, "AlreadyExists", f'leases.coordination.k8s.io "{key[2]}" already exists')
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if method == "DELETE":
+            wanted = (body.get("preconditions") or {}).get("resourceVersion")
+        if live is not None and wanted is not None and wanted != live["metadata"]["resourceVersion"]:
+            return 409, status(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on leases.coordination.k8s.io "{key[2]}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        if method == "DELETE":
+            del api.objects[key]
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        api.version += 1
+        meta = {**{k: v for k, v in body["metadata"].items() if k in ("name", "labels")}, "namespace": namespace}
+        obj = {**body, "metadata": {**meta, "resourceVersion": str(api.version)}}
+        api.objects[key] = obj
+        return (201 if live is None else 200), copy.deepcopy(obj)

@@ -1,6 +1,7 @@
 """Kubernetes mode (mesh ``istio``): the Kaniko build pod the KubernetesPodOperator would run, rendered
-and checked with the kubernetes client, and the stage weights applied as an Istio VirtualService
-through ``kubernetes_default`` (the fake API server speaks the real wire protocol)."""
+and checked with the kubernetes client, the stage weights applied as an Istio VirtualService
+through ``kubernetes_default`` (the fake API server speaks the real wire protocol), each model
+its own target, and one run at a time per model (its Lease)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,35 @@ def kube(monkeypatch, tmp_path):
     fake.stop()
 
 
+def take(run_id: str, model: str = "digits") -> None:
+    """What build_image does first: the run takes its model's Lease."""
+    steps.serving().model_lock(model, "istio").acquire(run_id)
+
+
+def stable_virtual_service(kube: FakeKubeAPI, params: dict) -> None:
+    """The model's VirtualService as it was before the rollout: version 1 takes 100%."""
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_virtual_service
+
+    target = steps.router(RolloutSpec.from_dict(params), "r", steps.serving()).target
+    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    kube.objects[("virtualservices", target.namespace, target.name)] = {
+        **vs,
+        "metadata": {**vs["metadata"], "resourceVersion": "3"},
+    }
+
+
+def routes(kube: FakeKubeAPI, name: str = "digits") -> list[tuple[str, int]]:
+    http = kube.objects[("virtualservices", "models", name)]["spec"]["http"][-1]["route"]
+    return [(r["destination"]["subset"], r.get("weight", 100)) for r in http]
+
+
 def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
     from kubernetes import client
 
     from rollout_airflow.operators import KanikoBuild
 
-    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
     tag = plan["image"]
     assert tag == "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
     assert json.loads(json.dumps(plan)) == plan  # it travels by XCom
@@ -93,7 +117,7 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
         json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}),
     )
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
-        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
+        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
 
 
 def test_local_mode_has_no_image_to_build():
@@ -106,27 +130,15 @@ def test_local_mode_has_no_image_to_build():
 
 
 def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
-    from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
-
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    kube.objects[("virtualservices", "models", "digits")] = {
-        **(
-            vs := render_virtual_service(
-                steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable
-            )
-        ),
-        "metadata": {**vs["metadata"], "resourceVersion": "3"},
-    }
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
     applied = steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
     assert applied["weight"] == 10
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r["weight"]) for r in routes] == [("v1", 90), ("v2", 10)]
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
     assert ("destinationrules", "models", "digits") in kube.objects  # one subset per version
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
     steps.restore_stable({**PARAMS}, "run-1", unload_candidate=False)
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r["weight"]) for r in routes] == [("v1", 100)]
+    assert routes(kube) == [("v1", 100)]
 
 
 def test_istio_mode_without_target_settings_fails_naming_the_setting(kube, monkeypatch):
@@ -146,7 +158,8 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     from kubernetes import client
 
     tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
-    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}) == "digits-v2"
+    take("run-1")
+    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}, "run-1") == "digits-v2"
     obj = deployment(kube, "2")
     api = client.ApiClient()
     assert api.sanitize_for_serialization(api._ApiClient__deserialize(obj, "V1Deployment")) == obj  # a valid Deployment
@@ -169,35 +182,29 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
 
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
-    from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
-
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable)
-    kube.objects[("virtualservices", "models", "digits")] = {
-        **vs,
-        "metadata": {**vs["metadata"], "resourceVersion": "3"},
-    }
+    stable_virtual_service(kube, PARAMS)
     deployments = steps.ModelServerHook().deployments("digits")
     for version in ("1", "2"):
         deployments.apply(version, f"registry.example.com/ml/digits-server:v{version}")
+    take("run-1")
     steps.restore_stable(PARAMS, "run-1")  # rollback: the candidate's pods go away
     assert deployment(kube, "2")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v2")  # kept
     assert deployment(kube, "1")["spec"]["replicas"] == 1
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1").startswith("version 1 takes 100%")  # run-1 ends
     deployments.apply("2", "registry.example.com/ml/digits-server:v2")
+    take("run-2")
     steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
     assert deployment(kube, "1")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["replicas"] == 1
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+    assert routes(kube) == [("v2", 100)]
     # The run fails after promote (notify, say): the DAG's failure callback keeps the promotion.
     # Routing back to version 1, whose pods promote scaled to 0, would be an outage.
     writes = len(kube.writes())
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-2"})
     assert len(kube.writes()) == writes
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+    assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None  # and the run's Lease is released
 
 
 def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
