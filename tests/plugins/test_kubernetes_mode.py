@@ -223,3 +223,90 @@ def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kub
     assert refused.value.status == 422
     assert "`selector` does not match template `labels`" in refused.value.body
     assert ("deployments", "models", "digits-v2") not in kube.objects
+
+
+@pytest.fixture
+def fleet(kube, monkeypatch, tmp_path, models_dir):
+    """One connection for every model: {model} in the connection-wide sections; a repository of
+    two models (digits, and its files again as mnist)."""
+    repository = tmp_path / "models"
+    repository.mkdir()
+    (repository / "digits").symlink_to(models_dir / "digits", target_is_directory=True)
+    (repository / "mnist").mkdir()
+    for part in ("1", "2", "3", "validation"):
+        (repository / "mnist" / part).symlink_to(models_dir / "digits" / part, target_is_directory=True)
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    (repository / "mnist" / "config.json").write_text(json.dumps({**config, "name": "mnist"}))
+    extra = {
+        "repository": str(repository),
+        "run_dir": str(tmp_path / "run"),
+        "istio": {**ISTIO, "service": "{model}", "name": "{model}"},
+        "build": {**BUILD, "registry": "registry.example.com/ml/{model}-server"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    for model in ("digits", "mnist"):
+        stable_virtual_service(kube, {**PARAMS, "model": model})
+    return kube
+
+
+def lease(kube: FakeKubeAPI, model: str) -> dict | None:
+    return kube.objects.get(("leases", "models", f"rollout-{model}"))
+
+
+def changes(kube: FakeKubeAPI, since: int) -> list[dict]:
+    """Every call after ``since`` that is not a read or a refused attempt to take a lease."""
+    return [r for r in kube.requests[since:] if r["method"] != "GET" and r.get("status") != 409]
+
+
+def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(fleet):
+    built = steps.build_image(PARAMS, "run-a")
+    assert built["build"]["image"].startswith("registry.example.com/ml/digits-server:")  # the model's own build
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+
+    before = len(fleet.requests)
+    with pytest.raises(
+        AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'.*touched nothing"
+    ):
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    assert changes(fleet, before) == []  # refused before touching anything
+    # Its teardown and the DAG's failure callback leave run-a's routes and lease alone.
+    assert "nothing restored" in steps.ensure_stable({**PARAMS, "candidate_version": "3"}, "run-b", None, None)
+    steps.restore_stable_on_failure({"params": {**PARAMS, "candidate_version": "3"}, "run_id": "run-b"})
+    assert changes(fleet, before) == []
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+
+    mnist = {**PARAMS, "model": "mnist"}  # another model: its own lease, VirtualService, image
+    built = steps.build_image(mnist, "run-c")
+    assert built["build"]["image"].startswith("registry.example.com/ml/mnist-server:")
+    steps.apply_weights(mnist, 0, "run-c", built)
+    assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "mnist")["spec"]["holderIdentity"] == "run-c"
+
+    # run-a ends: stable back, its lease released; the model is free for the next run.
+    assert steps.ensure_stable(PARAMS, "run-a", None, "1").startswith("version 1 takes 100%")
+    assert routes(fleet) == [("v1", 100)]
+    assert lease(fleet, "digits") is None
+    assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]  # the other model's rollout goes on
+    steps.build_image(PARAMS, "run-b")
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    # run-a stalls past its lease (a crashed worker); run-b takes the model over.
+    fleet.objects[("leases", "models", "rollout-digits")]["spec"]["renewTime"] = "2020-01-01T00:00:00.000000Z"
+    steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    steps.apply_weights({**PARAMS, "candidate_version": "3"}, 0, "run-b", built)
+    assert routes(fleet) == [("v1", 90), ("v3", 10)]
+    before = len(fleet.requests)
+    with pytest.raises(AirflowFailException, match=r"run 'run-a' does not hold model 'digits': run 'run-b'"):
+        steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
+    with pytest.raises(AirflowFailException, match="run 'run-a' does not hold model 'digits'"):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-a")
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None)
+    assert changes(fleet, before) == []
+    assert routes(fleet) == [("v1", 90), ("v3", 10)]
