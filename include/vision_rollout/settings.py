@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +193,7 @@ class ServingSettings:
     def build_for(self, model: str) -> BuildSettings:
         """Kubernetes mode: the model's image build and Deployments (the extras' ``build``,
         overridden by ``models.<model>.build``)."""
-        own = _build_fields((self.models.get(model) or {}).get("build") or {})
-        merged = replace(self.build, **own)
-        return replace(merged, **{f.name: _fill(getattr(merged, f.name), model) for f in fields(merged)})
+        return BuildSettings(**_build_fields(self._section(model, "build", asdict(self.build))))
 
     def _check_targets_distinct(self) -> None:
         """Two models of ``models`` driving one VirtualService or one Service would fight over it."""
