@@ -310,3 +310,15 @@ def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None)
     assert changes(fleet, before) == []
     assert routes(fleet) == [("v1", 90), ("v3", 10)]
+
+
+def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
+    from rollout_airflow.operators import KanikoBuild
+
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+    take("run-a")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match="run 'run-b' does not hold model 'digits'"):
+        KanikoBuild(task_id="kaniko_build", plan={"build": plan}).execute({"params": PARAMS, "run_id": "run-b"})
+    assert changes(kube, before) == []  # no pod, no lease written
+    assert steps.serving().model_lock("digits", "istio").holding().holder == "run-a"
