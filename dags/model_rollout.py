@@ -21,6 +21,11 @@ Roll a new version of a model out to production, or roll it back, with the evide
    no answer in 24 h rolls back).
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
+
+Runs of different models go on side by side; one model has one run at a time: **build_image**
+takes the model's lease (a Kubernetes Lease `rollout-<model>`, or a lock file in local mode),
+every step renews it, the teardown **ensure_stable** releases it. A second run of the same
+model fails its first task at once, naming the run that holds the model, and touches nothing.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def rollout_params() -> dict[str, Param]:
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=16,  # one run at a time per model: build_image takes the model's lease
     doc_md=__doc__,
     tags=["ml", "rollout", "canary"],
     params=rollout_params(),
@@ -98,12 +103,12 @@ def model_rollout() -> None:
     from rollout_airflow import steps
 
     @task(retries=1)
-    def build_image(params: dict[str, Any]) -> dict[str, Any]:
-        return steps.build_image(params)
+    def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+        return steps.build_image(params, run_id)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
-    def deploy_candidate(params: dict[str, Any], ti: Any) -> str:
-        return steps.deploy_candidate(params, ti.xcom_pull(task_ids="build_image"))
+    def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:
+        return steps.deploy_candidate(params, ti.xcom_pull(task_ids="build_image"), run_id)
 
     @task
     def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:

@@ -77,6 +77,7 @@ RESOURCES = {
     "services": Resource("v1", "Service", apply=True),
     "pods": Resource("v1", "Pod", create=True),
     "events": Resource("v1", "Event"),
+    "leases": Resource("coordination.k8s.io/v1", "Lease"),  # the per-model rollout lock: lease_call
 }
 FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
@@ -679,12 +680,27 @@ class FakeKubeAPI:
             def do_DELETE(self) -> None:
                 self._answer("DELETE", self._delete)
 
+            def do_PUT(self) -> None:
+                self._answer("PUT", self._put)
+
+            def _lease(self, method: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+                return lease_call(api, method, self.record["path"], body or {})
+
+            def _put(
+                self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
+            ) -> tuple[int, Any]:
+                if plural != "leases":
+                    raise APIError(405, "MethodNotAllowed", f"PUT is not supported on {plural} here: use apply")
+                return self._lease("PUT", self._json())
+
             def _get(
                 self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
             ) -> tuple[int, Any] | None:
                 if sub == "log":
                     self._log(namespace or "", name or "", query)
                     return None
+                if plural == "leases":
+                    return self._lease("GET")
                 if name is None:
                     try:
                         items = api.list(
@@ -753,6 +769,8 @@ class FakeKubeAPI:
             ) -> tuple[int, Any]:
                 if name is not None or namespace is None:
                     raise APIError(405, "MethodNotAllowed", "POST creates in a namespace's collection")
+                if plural == "leases":
+                    return self._lease("POST", self._json())
                 return 201, api.create(plural, namespace, self._json())
 
             def _patch(
@@ -785,7 +803,14 @@ class FakeKubeAPI:
             ) -> tuple[int, Any]:
                 if name is None or namespace is None:
                     raise APIError(405, "MethodNotAllowed", "DELETE names an object")
-                self._body()  # DeleteOptions: nothing here reads them
+                if plural == "leases":  # DeleteOptions' preconditions.resourceVersion
+                    raw = self._body()
+                    try:
+                        options = json.loads(raw) if raw else {}
+                    except ValueError as exc:
+                        raise APIError(400, "BadRequest", f"error decoding JSON: {exc}") from None
+                    return self._lease("DELETE", options if isinstance(options, dict) else {})
+                self._body()  # DeleteOptions: nothing else here reads them
                 return 200, api.delete(plural, namespace, name)
 
         return Handler
@@ -832,3 +857,69 @@ def _tail(lines: Iterator[bytes], n: int, path: Path | None) -> Iterator[bytes]:
     for i, line in enumerate(lines):
         if i >= existing - n:
             yield line
+
+
+# --- coordination.k8s.io/v1 Leases (the per-model rollout lock, vision_rollout.locks.LeaseLock) ---
+# POST creates (409 AlreadyExists), GET reads, PUT replaces (404 when absent: Leases are not
+# created on update; 409 Conflict on a stale metadata.resourceVersion), DELETE honours
+# preconditions.resourceVersion (409 Conflict). Bodies must name the path's object, and times
+# are MicroTime with exactly six fractional digits, as the real API server parses them.
+LEASE_RE = re.compile(r"^/apis/coordination\.k8s\.io/v1/namespaces/([a-z0-9-]{1,63})/leases(?:/([a-z0-9.-]{1,253}))?$")
+MICRO_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(?:Z|[+-]\d\d:\d\d)$")
+
+
+def invalid_lease(body: dict[str, Any], namespace: str, name: str | None) -> tuple[int, dict[str, Any]] | None:
+    """What the API server says of a Lease body (None: acceptable)."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    if body.get("apiVersion") != "coordination.k8s.io/v1" or body.get("kind") != "Lease":
+        return 400, status(400, "BadRequest", "apiVersion/kind do not match the path")
+    if (
+        not meta.get("name")
+        or (name is not None and meta["name"] != name)
+        or meta.get("namespace", namespace) != namespace
+    ):
+        return 400, status(400, "BadRequest", "metadata.name/namespace do not match the path")
+    for field in ("acquireTime", "renewTime"):
+        if field in spec and not MICRO_TIME_RE.match(str(spec[field])):
+            return 400, status(400, "BadRequest", f'parsing time "{spec[field]}" as "2006-01-02T15:04:05.000000Z07:00"')
+    seconds = spec.get("leaseDurationSeconds")
+    if seconds is not None and (not isinstance(seconds, int) or seconds <= 0):
+        return 422, status(
+            422, "Invalid", f"spec.leaseDurationSeconds: Invalid value: {seconds}: must be greater than 0"
+        )
+    return None
+
+
+def lease_call(api: FakeKubeAPI, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    namespace, name = LEASE_RE.match(path).groups()  # type: ignore[union-attr]
+    if (method == "POST") != (name is None):
+        return 405, status(405, "MethodNotAllowed", f"{method} is not supported on {path}")
+    if method in ("POST", "PUT") and (problem := invalid_lease(body, namespace, name)):
+        return problem
+    key = ("leases", namespace, name or body["metadata"]["name"])
+    with api.lock:
+        live = api.objects.get(key)
+        if method == "GET" or (method in ("PUT", "DELETE") and live is None):
+            return (
+                (200, copy.deepcopy(live)) if live else (404, status(404, "NotFound", f'leases "{key[2]}" not found'))
+            )
+        if method == "POST" and live is not None:
+            return 409, status(409, "AlreadyExists", f'leases.coordination.k8s.io "{key[2]}" already exists')
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if method == "DELETE":
+            wanted = (body.get("preconditions") or {}).get("resourceVersion")
+        if live is not None and wanted is not None and wanted != live["metadata"]["resourceVersion"]:
+            return 409, status(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on leases.coordination.k8s.io "{key[2]}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        if method == "DELETE":
+            del api.objects[key]
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        api.version += 1
+        meta = {**{k: v for k, v in body["metadata"].items() if k in ("name", "labels")}, "namespace": namespace}
+        obj = {**body, "metadata": {**meta, "resourceVersion": str(api.version)}}
+        api.objects[key] = obj
+        return (201 if live is None else 200), copy.deepcopy(obj)

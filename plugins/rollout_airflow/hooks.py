@@ -2,7 +2,7 @@
 
 - ``model_server_default`` (http): host, port, schema; the admin token as the password; the
   extras as ``vision_rollout.settings`` describes them (repository, prediction log, run folder,
-  and for kubernetes mode ``istio`` and ``build``).
+  and for kubernetes mode ``istio`` and ``build``, connection-wide and per model).
 - ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
 - ``prometheus_default`` (http): the Prometheus HTTP API.
 - ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
@@ -24,6 +24,7 @@ from vision_rollout.settings import ServingSettings
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.locks import ModelLock
     from vision_rollout.mesh import IstioRouter, IstioTarget
     from vision_rollout.notify import SlackNotifier
 
@@ -57,29 +58,45 @@ class ModelServerHook(BaseHook):
     def router(self, model: str, state_file: Path) -> LocalRouter:
         return LocalRouter(self.settings.url, model, self.settings.token, state_file)
 
-    def istio_router(self, versions: list[str], kubernetes_conn_id: str = "kubernetes_default") -> IstioRouter:
+    def istio_router(
+        self, model: str, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
+    ) -> IstioRouter:
         """The IstioRouter for this model's VirtualService and DestinationRule."""
         from vision_rollout.mesh import IstioRouter
 
-        return IstioRouter(self._istio(), versions, api_client=_kubernetes(kubernetes_conn_id))
+        return IstioRouter(self._istio(model), versions, api_client=_kubernetes(kubernetes_conn_id))
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
-        """One Deployment per version behind the subsets (the extras' ``build``)."""
+        """One Deployment per version behind the model's subsets (the model's ``build`` extras)."""
         from vision_rollout.deploy import VersionDeployments
 
         settings = self.settings
         return VersionDeployments(
-            self._istio(), model, _kubernetes(kubernetes_conn_id), settings.build, settings.prediction_log
+            self._istio(model),
+            model,
+            _kubernetes(kubernetes_conn_id),
+            settings.build_for(model),
+            settings.prediction_log,
         )
 
-    def _istio(self) -> IstioTarget:
-        """Kubernetes mode's Istio objects; without them the task fails naming the extra (no retry)."""
+    def model_lock(self, model: str, mesh: str, kubernetes_conn_id: str = "kubernetes_default") -> ModelLock:
+        """One rollout of ``model`` at a time: the Lease ``rollout-<model>`` in the model's namespace
+        (mesh ``istio``), or a lock file under the run folder (``locks/<model>.lock``)."""
+        from vision_rollout.locks import FileLock, LeaseLock
+
+        if mesh == "istio":
+            return LeaseLock(model, self._istio(model).namespace, _kubernetes(kubernetes_conn_id))
+        return FileLock(model, self.settings.run_dir / "locks")
+
+    def _istio(self, model: str) -> IstioTarget:
+        """Kubernetes mode's Istio objects of the model; without them the task fails naming the
+        extra (no retry)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from vision_rollout.settings import SettingsError
 
         try:
-            return self.settings.istio
+            return self.settings.istio_for(model)
         except SettingsError as exc:
             raise AirflowFailException(str(exc)) from None
 

@@ -21,6 +21,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.standard.operators.hitl import HITLOperator
 
 PROMOTE, ROLL_BACK = "Promote", "Roll back"
+BUILD_LEASE_S = 2 * 3600  # the model's lease while its image builds (a pod start and a build)
 
 
 class KanikoBuild(KubernetesPodOperator):
@@ -48,6 +49,9 @@ class KanikoBuild(KubernetesPodOperator):
         plan = (self.plan or {}).get("build")
         if not plan:
             raise AirflowSkipException("mesh 'local': the candidate is loaded beside the baseline, no image to build")
+        from rollout_airflow import steps
+
+        steps.hold(steps.spec_from(context["params"]), context["run_id"], seconds=BUILD_LEASE_S)
         self.prepare(plan)
         return super().execute(context)
 
@@ -71,6 +75,7 @@ class PromotionApproval(HITLOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from rollout_airflow import steps
+        from vision_rollout.locks import LEASE_S, MAX_LEASE_S
 
         params = context["params"]
         if not params.get("require_approval"):
@@ -80,4 +85,6 @@ class PromotionApproval(HITLOperator):
         if outcome != "promote":
             raise AirflowSkipException(f"nothing to approve, the evidence says roll back: {reason}")
         self.body = steps.approval_body(params, reason, evidence[0])
+        wait = int(self.response_timeout.total_seconds()) if self.response_timeout else MAX_LEASE_S
+        steps.hold(steps.spec_from(params), context["run_id"], seconds=min(wait + LEASE_S, MAX_LEASE_S))
         return super().execute(context)

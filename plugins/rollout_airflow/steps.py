@@ -2,6 +2,12 @@
 
 Each function is the body of one task of ``dags/model_rollout.py``; all logic lives in
 include/vision_rollout. Secrets come only from the connections the hooks read.
+
+One run at a time per model (``vision_rollout.locks``): ``build_image`` takes the model's lease
+(a second run of the model fails there, touching nothing), every step that touches the model
+renews it (``hold``), and the teardown ``ensure_stable`` releases it. The teardown and the
+failure callback restore stable only while this run holds the lease: a run that never held it,
+or lost it, leaves another run's routes alone.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import candidate_replicas
+from vision_rollout.locks import LEASE_S, LockLost, ModelBusy
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
 
@@ -53,17 +60,33 @@ def serving() -> ModelServerHook:
 def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> Any:
     """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
     if spec.mesh == "istio":
-        return hook.istio_router([spec.baseline_version, spec.candidate_version])
+        return hook.istio_router(spec.model, [spec.baseline_version, spec.candidate_version])
     return hook.router(spec.model, hook.settings.workdir(spec.model, run_id) / "original-routes.json")
 
 
-def build_image(params: dict[str, Any]) -> dict[str, Any]:
-    """Verify the candidate before any traffic; then, in local mode, load it beside the baseline;
-    in kubernetes mode (mesh ``istio``), plan its image build (``build``: run by ``kaniko_build``)."""
+def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, seconds: int = LEASE_S) -> None:
+    """Renew this run's lease on its model for ``seconds`` (every step and poke that touches the
+    model). A run that lost it (it expired and another run took it over) fails here, without
+    retrying and before touching anything."""
+    try:
+        (hook or serving()).model_lock(spec.model, spec.mesh).renew(run_id, seconds)
+    except LockLost as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Take the model's lease (one rollout of a model at a time); verify the candidate before any
+    traffic; then, in local mode, load it beside the baseline; in kubernetes mode (mesh ``istio``),
+    plan its image build (``build``: run by ``kaniko_build``)."""
     from vision_rollout.images import verify_model
 
     spec = spec_from(params)
-    settings = serving().settings
+    hook = serving()
+    try:
+        hook.model_lock(spec.model, spec.mesh).acquire(run_id)
+    except ModelBusy as exc:
+        raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
+    settings = hook.settings
     model_dir = settings.repository / spec.model
     report = verify_model(
         model_dir / spec.candidate_version / "model.onnx",
@@ -74,7 +97,7 @@ def build_image(params: dict[str, Any]) -> dict[str, Any]:
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
-        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256, settings.build)}
+        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256, settings.build_for(spec.model))}
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
@@ -107,7 +130,7 @@ def kaniko_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[st
     return {"pod": pod, "name": name, "namespace": namespace, "image": tag}
 
 
-def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
+def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str) -> str:
     """Kubernetes mode, once ``kaniko_build`` pushed the image: the candidate's Deployment (that
     image, its subset's labels), its pods ready. Local mode: ``build_image`` loaded it already."""
     spec = spec_from(params)
@@ -115,6 +138,7 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any]) -> str:
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
     image = built["build"]["image"]
     hook = serving()
+    hold(spec, run_id, hook, seconds=LEASE_S + 600)  # and wait_ready's 600 s
     deployments = hook.deployments(spec.model)
     replicas = candidate_size(spec, spec.stages[0], deployments)
     deployments.apply(spec.candidate_version, image, replicas)
@@ -152,6 +176,7 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
     hook = serving()
+    hold(spec, run_id, hook)
     r = router(spec, run_id, hook)
     if index == 0:
         r.reconcile()
@@ -174,6 +199,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     spec = spec_from(params)
     hook = serving()
+    hold(spec, run_id, hook)
     settings = hook.settings
     policy = router(spec, run_id, hook).get_routes()
     if spec.mirror_percent == 0:
@@ -256,7 +282,9 @@ def look_at_stage(
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
-    settings = serving().settings
+    hook = serving()
+    hold(spec, run_id, hook)
+    settings = hook.settings
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
     state = StageJudge(spec, settings.address, settings.validation(spec.model), settings.prediction_log, source)(window)
@@ -367,6 +395,7 @@ def promote(params: dict[str, Any], run_id: str) -> str:
     pods gone."""
     spec = spec_from(params)
     hook = serving()
+    hold(spec, run_id, hook)
     r = router(spec, run_id, hook)
     if spec.mesh == "local":
         r.set_routes(spec.promoted_policy())
@@ -388,6 +417,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     scaled to 0 (``retire``)."""
     spec = spec_from(params)
     hook = serving()
+    hold(spec, run_id, hook)
     r = router(spec, run_id, hook)
     if spec.mesh == "local":
         r.set_routes(spec.stable_policy())
@@ -419,15 +449,24 @@ def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
 
 
 def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rolled_back: str | None) -> str:
-    """The run's teardown: unless the candidate was promoted, the stable version takes 100%.
+    """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
+    the model's lease is released. A run that does not hold the lease (another run of the model
+    held it, or took it over) touches nothing: the routes are that run's.
 
     A run that ended before promote or rollback (marked failed in the UI, say) fails here, once
     stable is back: Airflow would otherwise count it a success (its reporting leaf was skipped).
     """
     spec = spec_from(params)
+    lock = serving().model_lock(spec.model, spec.mesh)
+    try:
+        lock.renew(run_id)
+    except LockLost as exc:
+        return f"nothing restored, the routes are not this run's: {exc}"
+    if promoted != spec.candidate_version:
+        restore_stable(params, run_id)  # should it fail, the lease stays: the failure callback tries again
+    lock.release(run_id)
     if promoted == spec.candidate_version:
         return f"version {promoted} was promoted: nothing to restore"
-    restore_stable(params, run_id)
     done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
     if rolled_back is None:
         raise AirflowFailException(f"the run was stopped before it decided; {done}")
@@ -487,15 +526,23 @@ def mirror_percent(model: str, end: datetime) -> float | None:
 
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:
-    """DAG failure callback: a failed or killed run leaves the stable version at 100%, unless
+    """DAG failure callback: a failed or killed run that still holds its model's lease (its
+    teardown did not finish) leaves the stable version at 100% and releases the lease, unless
     the candidate was already promoted (the mesh routes it 100%): then a later failure (notify,
     say) keeps it, since promote has retired the baseline and routing back to it would be an
-    outage."""
+    outage. A run that does not hold the lease touches nothing (another run's routes)."""
     params = dict(context.get("params") or {})
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     spec = spec_from(params)
     hook = serving()
+    lock = hook.model_lock(spec.model, spec.mesh)
+    try:
+        lock.renew(run_id)
+    except LockLost as exc:
+        log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
+        return
     if router(spec, run_id, hook).get_routes() == spec.promoted_policy():
         log.warning("run %s failed after promoting version %s: it keeps 100%%", run_id, spec.candidate_version)
-        return
-    restore_stable(params, run_id, unload_candidate=False)
+    else:
+        restore_stable(params, run_id, unload_candidate=False)
+    lock.release(run_id)

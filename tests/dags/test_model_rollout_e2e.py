@@ -77,6 +77,7 @@ def test_rollout_promotes_or_rolls_back(stack, candidate, final):
     assert states["notify"] == "success"
     assert states["promote" if final == candidate else "rollback"] == "success"
     assert states["ensure_stable"] == "success"  # the teardown found the decision carried out
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()  # and released the model
     reports = sorted((tmp / "run" / "outbox").glob("*.json"))
     text = json.loads(reports[-1].read_text())["text"]
     assert text.startswith("Promoted" if final == candidate else "Rolled back")
@@ -110,6 +111,7 @@ def test_the_failure_callback_restores_stable(stack):
     from types import SimpleNamespace
 
     from model_server.traffic import TrafficPolicy
+    from rollout_airflow.hooks import ModelServerHook
     from rollout_airflow.steps import restore_stable_on_failure
 
     server, _ = stack
@@ -123,14 +125,22 @@ def test_the_failure_callback_restores_stable(stack):
             }
         )
     )
+    mid_stage = router.get_routes()
     # What Airflow hands the DAG's on_failure_callback when a run fails or is marked failed mid-stage.
+    # A run that never held the model (another run's) leaves its routes alone.
+    restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="other-run")})
+    assert router.get_routes() == mid_stage
+    lock = ModelServerHook().model_lock("digits", "local")
+    lock.acquire("killed-run")  # as its build_image did
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")})
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert lock.holding() is None  # released: the model is free for the next run
 
     # A run that fails after promote (notify, say) keeps the promoted version: promote retired the
     # baseline, and routing back to it would answer every request 503.
     promoted = {"route": [{"version": "2", "weight": 100}]}
     router.set_routes(TrafficPolicy.from_dict(promoted))
+    lock.acquire("late-fail")
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="late-fail")})
     assert router.get_routes().to_dict() == promoted
 

@@ -59,8 +59,8 @@ def test_wrong_extras_are_named(extra, needle):
 
 def test_kubernetes_settings_are_required_where_used():
     s = ServingSettings.from_connection("http://h:8000", None, {"istio": {"namespace": "models", "service": "digits"}})
-    with pytest.raises(SettingsError, match=r"extra istio\.name"):
-        _ = s.istio
+    with pytest.raises(SettingsError, match=r"extra istio\.name \(or models\.digits\.istio\.name\)"):
+        s.istio_for("digits")
     with pytest.raises(SettingsError, match=r"extra build\.registry"):
         s.build.require("registry")
     full = ServingSettings.from_connection(
@@ -71,9 +71,10 @@ def test_kubernetes_settings_are_required_where_used():
             "build": {"registry": "r.example/x", "replicas": 3.0},
         },
     )
-    assert (full.istio.host, full.istio.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
-    assert full.build.replicas == 3
-    assert isinstance(full.build.replicas, int)  # 3.0 is an integer to JSON Schema, and a count here
+    target = full.istio_for("digits")
+    assert (target.host, target.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
+    assert full.build_for("digits").replicas == 3
+    assert isinstance(full.build_for("digits").replicas, int)  # 3.0 is an integer to JSON Schema, and a count here
 
 
 def test_the_sizing_settings_of_kubernetes_mode():
@@ -100,3 +101,107 @@ def test_the_sizing_settings_of_kubernetes_mode():
     ):
         with pytest.raises(SettingsError, match=re.escape(message)):
             ServingSettings.from_connection("http://h:8000", None, {"build": extra})
+
+
+FLEET = {
+    "istio": {"namespace": "models", "service": "{model}", "name": "{model}", "hosts": ["{model}.example.com"]},
+    "build": {"registry": "registry.example.com/ml/{model}-server", "context": "s3://ml-builds/ctx.tar.gz", "gpus": 1},
+}
+
+
+def test_a_model_without_an_entry_gets_the_connection_wide_target_with_its_name_filled_in():
+    s = ServingSettings.from_connection("http://h:8000", None, FLEET)
+    target = s.istio_for("Resnet_50.v2")
+    assert (target.namespace, target.service, target.name) == ("models", "resnet-50-v2", "resnet-50-v2")  # a DNS label
+    assert target.hosts == ["resnet-50-v2.example.com"]
+    build = s.build_for("digits")
+    assert (build.registry, build.context, build.gpus) == (
+        "registry.example.com/ml/digits-server",
+        "s3://ml-builds/ctx.tar.gz",
+        1,
+    )
+    assert s.build.registry == "registry.example.com/ml/{model}-server"  # the connection-wide section, as written
+
+
+def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field():
+    extra = {
+        **FLEET,
+        "models": {
+            "detector": {
+                "istio": {"namespace": "vision", "gateways": ["edge"]},
+                "build": {"gpus": 2, "replicas": 4.0, "registry": "registry.example.com/det"},
+            },
+            "digits": {"build": {"gpus": 0}},
+        },
+    }
+    s = ServingSettings.from_connection("http://h:8000", None, extra)
+    det = s.istio_for("detector")
+    assert (det.namespace, det.service, det.name, det.gateways) == ("vision", "detector", "detector", ["edge"])
+    assert det.hosts == ["detector.example.com"]  # not overridden: the connection-wide template
+    build = s.build_for("detector")
+    assert (build.gpus, build.replicas, build.registry) == (2, 4, "registry.example.com/det")
+    assert isinstance(build.replicas, int)
+    assert build.context == "s3://ml-builds/ctx.tar.gz"  # inherited
+    assert s.build_for("digits").gpus == 0
+    assert s.istio_for("digits").namespace == "models"  # no istio entry: the connection-wide one
+    assert s.build_for("other") == BuildSettings(
+        registry="registry.example.com/ml/other-server", context="s3://ml-builds/ctx.tar.gz", gpus=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("models", "needle"),
+    [
+        (
+            {"a": {"istio": {"name": "shared"}}, "b": {"istio": {"name": "shared"}}},
+            "models: 'a' and 'b' share the VirtualService models/shared; give each its own istio.name",
+        ),
+        (
+            {"a": {"istio": {"service": "svc"}}, "b": {"istio": {"service": "svc", "namespace": "models"}}},
+            "models: 'a' and 'b' share the Service models/svc; give each its own istio.service",
+        ),
+        (  # two spellings of one Kubernetes name
+            {"My_Model": {}, "my-model": {}},
+            "models: 'My_Model' and 'my-model' share the VirtualService models/my-model",
+        ),
+    ],
+)
+def test_two_models_driving_one_object_are_refused_naming_both(models, needle):
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        ServingSettings.from_connection("http://h:8000", None, {**FLEET, "models": models})
+
+
+def test_the_same_names_in_two_namespaces_are_two_objects():
+    models = {
+        "a": {"istio": {"name": "x", "service": "x"}},
+        "b": {"istio": {"name": "x", "service": "x", "namespace": "b"}},
+    }
+    s = ServingSettings.from_connection("http://h:8000", None, {**FLEET, "models": models})
+    assert (s.istio_for("a").namespace, s.istio_for("b").namespace) == ("models", "b")
+
+
+@pytest.mark.parametrize(
+    ("models", "needle"),
+    [
+        ({"digits": {"istoi": {}}}, "extra models.digits: Additional properties are not allowed ('istoi'"),
+        (
+            {"digits": {"build": {"replica": 2}}},
+            "extra models.digits.build: Additional properties are not allowed ('replica'",
+        ),
+        ({"digits": {"build": {"gpus": -1}}}, "extra models.digits.build.gpus: -1 is less than the minimum of 0"),
+        ({"digits": {"istio": {"name": ""}}}, "extra models.digits.istio.name: '' should be non-empty"),
+        ({"../etc": {}}, "extra models: '../etc' does not match"),
+        ({"m" * 129: {}}, "is too long"),
+        ({"digits": []}, "extra models.digits: [] is not of type 'object'"),
+        ([], "extra models: [] is not of type 'object'"),
+    ],
+)
+def test_wrong_model_sections_are_named(models, needle):
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        ServingSettings.from_connection("http://h:8000", None, {**FLEET, "models": models})
+
+
+def test_the_number_of_models_is_bounded():
+    models = {f"m{i}": {} for i in range(1001)}
+    with pytest.raises(SettingsError, match="extra models: breaks maxProperties 1000"):
+        ServingSettings.from_connection("http://h:8000", None, {"models": models})

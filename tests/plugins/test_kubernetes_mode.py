@@ -1,6 +1,7 @@
 """Kubernetes mode (mesh ``istio``): the Kaniko build pod the KubernetesPodOperator would run, rendered
-and checked with the kubernetes client, and the stage weights applied as an Istio VirtualService
-through ``kubernetes_default`` (the fake API server speaks the real wire protocol)."""
+and checked with the kubernetes client, the stage weights applied as an Istio VirtualService
+through ``kubernetes_default`` (the fake API server speaks the real wire protocol), each model
+its own target, and one run at a time per model (its Lease)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,35 @@ def kube(monkeypatch, tmp_path):
     fake.stop()
 
 
+def take(run_id: str, model: str = "digits") -> None:
+    """What build_image does first: the run takes its model's Lease."""
+    steps.serving().model_lock(model, "istio").acquire(run_id)
+
+
+def stable_virtual_service(kube: FakeKubeAPI, params: dict) -> None:
+    """The model's VirtualService as it was before the rollout: version 1 takes 100%."""
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_virtual_service
+
+    target = steps.router(RolloutSpec.from_dict(params), "r", steps.serving()).target
+    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    kube.objects[("virtualservices", target.namespace, target.name)] = {
+        **vs,
+        "metadata": {**vs["metadata"], "resourceVersion": "3"},
+    }
+
+
+def routes(kube: FakeKubeAPI, name: str = "digits") -> list[tuple[str, int]]:
+    http = kube.objects[("virtualservices", "models", name)]["spec"]["http"][-1]["route"]
+    return [(r["destination"]["subset"], r.get("weight", 100)) for r in http]
+
+
 def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
     from kubernetes import client
 
     from rollout_airflow.operators import KanikoBuild
 
-    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
     tag = plan["image"]
     assert tag == "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
     assert json.loads(json.dumps(plan)) == plan  # it travels by XCom
@@ -93,7 +117,7 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
         json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}),
     )
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
-        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build)
+        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
 
 
 def test_local_mode_has_no_image_to_build():
@@ -103,19 +127,6 @@ def test_local_mode_has_no_image_to_build():
 
     with pytest.raises(AirflowSkipException, match="no image to build"):
         KanikoBuild(task_id="kaniko_build", plan={"sha256": SHA}).execute({})  # a local-mode report
-
-
-def stable_routes(kube: FakeKubeAPI) -> None:
-    """The VirtualService as it is before a rollout: version 1 takes everything."""
-    from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
-
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-    vs = render_virtual_service(steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target, stable)
-    kube.objects[("virtualservices", "models", "digits")] = {
-        **vs,
-        "metadata": {**vs["metadata"], "resourceVersion": "3"},
-    }
 
 
 def image(version: str) -> str:
@@ -128,17 +139,16 @@ def calls(kube: FakeKubeAPI, since: int = 0) -> list[tuple[str, str]]:
 
 
 def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
-    stable_routes(kube)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     applied = steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
     assert applied["weight"] == 10
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r["weight"]) for r in routes] == [("v1", 90), ("v2", 10)]
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
     assert ("destinationrules", "models", "digits") in kube.objects  # one subset per version
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
     steps.restore_stable({**PARAMS}, "run-1", unload_candidate=False)
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r["weight"]) for r in routes] == [("v1", 100)]
+    assert routes(kube) == [("v1", 100)]
 
 
 def test_istio_mode_without_target_settings_fails_naming_the_setting(kube, monkeypatch):
@@ -157,7 +167,8 @@ def deployment(kube: FakeKubeAPI, version: str) -> dict:
 def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
     tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
-    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}) == "digits-v2"
+    take("run-1")
+    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}, "run-1") == "digits-v2"
     obj = deployment(kube, "2")
     assert valid_deployment(obj)
     pod = obj["spec"]["template"]
@@ -190,27 +201,33 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
 
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
-    stable_routes(kube)
+    stable_virtual_service(kube, PARAMS)
     deployments = steps.ModelServerHook().deployments("digits")
     for version in ("1", "2"):
         deployments.apply(version, f"registry.example.com/ml/digits-server:v{version}")
+    take("run-1")
     steps.restore_stable(PARAMS, "run-1")  # rollback: the candidate's pods go away
     assert deployment(kube, "2")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v2")  # kept
     assert deployment(kube, "1")["spec"]["replicas"] == 1
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1").startswith("version 1 takes 100%")  # run-1 ends
     deployments.apply("2", "registry.example.com/ml/digits-server:v2")
+    take("run-2")
     steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
     assert deployment(kube, "1")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["replicas"] == 1
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+    assert routes(kube) == [("v2", 100)]
+
     # The run fails after promote (notify, say): the DAG's failure callback keeps the promotion.
     # Routing back to version 1, whose pods promote scaled to 0, would be an outage.
-    writes = len(kube.writes())
+    def mesh_and_pods_writes() -> list[dict]:
+        return [w for w in kube.writes() if "/leases" not in w["path"]]
+
+    writes = len(mesh_and_pods_writes())
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-2"})
-    assert len(kube.writes()) == writes
-    routes = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"]
-    assert [(r["destination"]["subset"], r.get("weight", 100)) for r in routes] == [("v2", 100)]
+    assert len(mesh_and_pods_writes()) == writes
+    assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None  # and the run's Lease is released
 
 
 def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
@@ -236,9 +253,10 @@ def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube
     """Four baseline pods; stages 10, 50 and 100%: the candidate takes its weight's share, plus
     the mirrored copies of the baseline's share, before the VirtualService sends it any."""
     params = {**PARAMS, "mirror_percent": mirror}
-    stable_routes(kube)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
     steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
-    steps.deploy_candidate(params, {"build": {"image": image("2")}})
+    steps.deploy_candidate(params, {"build": {"image": image("2")}}, "run-1")
     assert deployment(kube, "2")["spec"]["replicas"] == sizes[0]  # the first stage's size from the start
     for index, expected in enumerate(sizes):
         since = len(kube.requests)
@@ -250,7 +268,8 @@ def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube
         assert ("GET", "deployments/digits-v2") in done[scaled:routed]  # its readiness, read back between
     assert deployment(kube, "1")["spec"]["replicas"] == 4
     for write in kube.writes():  # a Deployment field another manager owns is a conflict, not taken
-        assert ("force" in write["query"]) == ("/deployments/" not in write["path"]), write
+        if write["method"] == "PATCH":
+            assert ("force" in write["query"]) == ("/deployments/" not in write["path"]), write
 
 
 def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube, monkeypatch, tmp_path):
@@ -258,8 +277,9 @@ def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube
     from vision_rollout.mesh import RouterError
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    take("run-1")
     with pytest.raises(RouterError, match="apply HorizontalPodAutoscaler digits-v2: 404"):
-        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, {"build": {"image": image("2")}})
+        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, {"build": {"image": image("2")}}, "run-1")
     assert "replicas" not in deployment(kube, "2")["spec"]  # the HPA's field, never claimed
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
     hpa = kube.writes()[-1]
@@ -270,7 +290,8 @@ def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube
 
 
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
-    stable_routes(kube)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
     deployments = steps.ModelServerHook().deployments("digits")
     deployments.apply("1", image("1"), replicas=3)
     deployments.apply("2", image("2"), replicas=1)  # as the last canary stage left it
@@ -292,7 +313,8 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
     the candidate."""
     connect(monkeypatch, tmp_path, replicas=2)
-    stable_routes(kube)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
     deployments = steps.ModelServerHook().deployments("digits")
     deployments.apply("1", image("1"), replicas=0)
     deployments.apply("2", image("2"), replicas=2)
@@ -326,7 +348,8 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
 
     log = "s3://ml-predictions/digits?region=eu-west-1"
     connect(monkeypatch, tmp_path, {"prediction_log": log}, storage_secret="predictions-s3")
-    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    take("run-1")
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}}, "run-1")
     obj = deployment(kube, "2")
     assert valid_deployment(obj)
     pod = obj["spec"]["template"]["spec"]
@@ -349,5 +372,109 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
     # Without a storage Secret (credentials from the node's or the pod's identity): no envFrom.
     connect(monkeypatch, tmp_path, {"prediction_log": log})
-    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}})
+    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}}, "run-1")
     assert "envFrom" not in deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.fixture
+def fleet(kube, monkeypatch, tmp_path, models_dir):
+    """One connection for every model: {model} in the connection-wide sections; a repository of
+    two models (digits, and its files again as mnist)."""
+    repository = tmp_path / "models"
+    repository.mkdir()
+    (repository / "digits").symlink_to(models_dir / "digits", target_is_directory=True)
+    (repository / "mnist").mkdir()
+    for part in ("1", "2", "3", "validation"):
+        (repository / "mnist" / part).symlink_to(models_dir / "digits" / part, target_is_directory=True)
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    (repository / "mnist" / "config.json").write_text(json.dumps({**config, "name": "mnist"}))
+    extra = {
+        "repository": str(repository),
+        "run_dir": str(tmp_path / "run"),
+        "istio": {**ISTIO, "service": "{model}", "name": "{model}"},
+        "build": {**BUILD, "registry": "registry.example.com/ml/{model}-server"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    for model in ("digits", "mnist"):
+        stable_virtual_service(kube, {**PARAMS, "model": model})
+    return kube
+
+
+def lease(kube: FakeKubeAPI, model: str) -> dict | None:
+    return kube.objects.get(("leases", "models", f"rollout-{model}"))
+
+
+def changes(kube: FakeKubeAPI, since: int) -> list[dict]:
+    """Every call after ``since`` that is not a read or a refused attempt to take a lease."""
+    return [r for r in kube.requests[since:] if r["method"] != "GET" and r.get("status") != 409]
+
+
+def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(fleet):
+    built = steps.build_image(PARAMS, "run-a")
+    assert built["build"]["image"].startswith("registry.example.com/ml/digits-server:")  # the model's own build
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+
+    before = len(fleet.requests)
+    with pytest.raises(
+        AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'.*touched nothing"
+    ):
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    assert changes(fleet, before) == []  # refused before touching anything
+    # Its teardown and the DAG's failure callback leave run-a's routes and lease alone.
+    assert "nothing restored" in steps.ensure_stable({**PARAMS, "candidate_version": "3"}, "run-b", None, None)
+    steps.restore_stable_on_failure({"params": {**PARAMS, "candidate_version": "3"}, "run_id": "run-b"})
+    assert changes(fleet, before) == []
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+
+    mnist = {**PARAMS, "model": "mnist"}  # another model: its own lease, VirtualService, image
+    built = steps.build_image(mnist, "run-c")
+    assert built["build"]["image"].startswith("registry.example.com/ml/mnist-server:")
+    steps.deploy_candidate(mnist, built, "run-c")
+    steps.apply_weights(mnist, 0, "run-c", built)
+    assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "mnist")["spec"]["holderIdentity"] == "run-c"
+
+    # run-a ends: stable back, its lease released; the model is free for the next run.
+    assert steps.ensure_stable(PARAMS, "run-a", None, "1").startswith("version 1 takes 100%")
+    assert routes(fleet) == [("v1", 100)]
+    assert lease(fleet, "digits") is None
+    assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]  # the other model's rollout goes on
+    steps.build_image(PARAMS, "run-b")
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    # run-a stalls past its lease (a crashed worker); run-b takes the model over.
+    fleet.objects[("leases", "models", "rollout-digits")]["spec"]["renewTime"] = "2020-01-01T00:00:00.000000Z"
+    steps.deploy_candidate(
+        {**PARAMS, "candidate_version": "3"}, steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b"), "run-b"
+    )
+    steps.apply_weights({**PARAMS, "candidate_version": "3"}, 0, "run-b", built)
+    assert routes(fleet) == [("v1", 90), ("v3", 10)]
+    before = len(fleet.requests)
+    with pytest.raises(AirflowFailException, match=r"run 'run-a' does not hold model 'digits': run 'run-b'"):
+        steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
+    with pytest.raises(AirflowFailException, match="run 'run-a' does not hold model 'digits'"):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-a")
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None)
+    assert changes(fleet, before) == []
+    assert routes(fleet) == [("v1", 90), ("v3", 10)]
+
+
+def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
+    from rollout_airflow.operators import KanikoBuild
+
+    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+    take("run-a")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match="run 'run-b' does not hold model 'digits'"):
+        KanikoBuild(task_id="kaniko_build", plan={"build": plan}).execute({"params": PARAMS, "run_id": "run-b"})
+    assert changes(kube, before) == []  # no pod, no lease written
+    assert steps.serving().model_lock("digits", "istio").holding().holder == "run-a"

@@ -44,6 +44,9 @@ def stage(server_factory, live_traffic, repo_copy, models_dir, tmp_path, monkeyp
     prom = start_prometheus([server.url], tmp_path / "prometheus")
     for conn_id, fields in local_connections(server, prom.url, repo_copy, log_dir, tmp_path / "run").items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
+    from rollout_airflow.hooks import ModelServerHook
+
+    ModelServerHook().model_lock("digits", "local").acquire("manual__test")  # as the run's build_image did
     started = time.time()
     live_traffic(server.url, repo_copy / "digits" / "validation", feedback_share=0)
     holder = {"prom": prom}

@@ -1,9 +1,15 @@
-"""decide: the evidence first, then (with require_approval) the reviewer's answer."""
+"""decide: the evidence first, then (with require_approval) the reviewer's answer. One run at a
+time per model in local mode (the lock file)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import socket
 
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from rollout_airflow import steps
 from rollout_airflow.steps import approval_body, decide
 
 PASS = {"decision": "pass", "summary": "PASS at look 1"}
@@ -70,3 +76,24 @@ def test_the_reviewer_reads_each_stage():
     assert "**50%**: PASS at look 1" in body
     assert "**100%**: PASS at look 1" in body
     assert "No answer in time rolls back" in body
+
+
+def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_path):
+    """The model server's address answers nothing: any call to it would fail these steps."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": extra}),
+    )
+    lock = steps.serving().model_lock("digits", "local")
+    lock.acquire("run-a")
+    with pytest.raises(AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'"):
+        steps.build_image(PARAMS, "run-b")
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-b", None, None)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-b"})
+    assert lock.holding().holder == "run-a"
+    assert json.loads((tmp_path / "locks" / "digits.lock").read_text())["holder"] == "run-a"
+    assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model

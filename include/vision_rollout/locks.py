@@ -1,0 +1,333 @@
+"""One rollout at a time per model: a lease the run takes in its first task and renews in each.
+
+Two runs of one model would drive the same routes and Deployments. Runs of different models
+may go on side by side, so the lock is the model's, not the DAG's, and it must hold across
+workers on other machines. It is a lease, as Kubernetes leader election keeps one: the holder
+(the run id) renews it in every task and sensor poke; a lease not renewed for its duration
+belongs to a run that crashed, and another run may take it over. The rules, once for both
+backends (``CompareAndSwapLock``):
+
+- ``acquire``: taken when free, expired, or already this holder's; ``ModelBusy`` naming the
+  holder otherwise.
+- ``renew``: only by the holder the lease names (even expired: nobody took it over);
+  ``LockLost`` otherwise, so a run whose lease was taken over stops before touching anything.
+- ``release``: only by the holder; anyone else's call changes nothing.
+
+Every write is a compare-and-swap on the version read, so of two runs racing for one model
+exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
+namespace (kubernetes mode); ``FileLock``, a JSON file under the run folder (local mode). Expiry
+is judged on the reader's clock: workers' clocks are assumed synchronised (NTP), as leases are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+from vision_rollout.settings import MODEL_PATTERN, model_name
+
+LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
+MAX_LEASE_S = 7 * 24 * 3600
+MAX_HOLDER = 253
+
+
+class LockError(RuntimeError):
+    """The lock's store failed or holds something unreadable (a transient failure may be retried)."""
+
+
+class ModelBusy(LockError):
+    """Another run holds the model: this run must not touch it."""
+
+
+class LockLost(LockError):
+    """This run does not (or no longer) hold the model."""
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Who holds a model's lease, since when (epoch seconds) and for how long after its last renewal."""
+
+    holder: str
+    renewed: float
+    seconds: int
+    acquired: float
+    transitions: int = 0  # how many times the lease changed hands (the Lease's leaseTransitions)
+
+    @property
+    def expires(self) -> float:
+        return self.renewed + self.seconds
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires
+
+    def describe(self) -> str:
+        until = datetime.fromtimestamp(self.expires, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"run {self.holder!r} (its lease runs to {until} unless renewed)"
+
+
+class ModelLock(Protocol):
+    """One model's lease (see the module's rules)."""
+
+    model: str
+
+    def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
+
+    def renew(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
+
+    def release(self, holder: str) -> bool: ...
+
+    def holding(self) -> Holding | None: ...
+
+
+class CompareAndSwapLock(ABC):
+    """The lease rules over a store with four primitives, each a compare-and-swap on a version."""
+
+    where: str  # the store, for messages ("Lease models/rollout-digits", a file's path)
+
+    def __init__(self, model: str, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(model, str) or len(model) > 128 or not re.fullmatch(MODEL_PATTERN, model):
+            raise ValueError(f"not a model name: {str(model)[:80]!r}")
+        self.model = model
+        self.clock = clock
+
+    @abstractmethod
+    def _read(self) -> tuple[Holding | None, str | None]:
+        """The holding and its version; (None, None) when there is none."""
+
+    @abstractmethod
+    def _create(self, holding: Holding) -> bool:
+        """False when one exists already."""
+
+    @abstractmethod
+    def _replace(self, holding: Holding, version: str) -> bool:
+        """False when the stored version is no longer ``version`` (someone else wrote)."""
+
+    @abstractmethod
+    def _delete(self, version: str) -> bool:
+        """False when the stored version is no longer ``version``."""
+
+    def holding(self) -> Holding | None:
+        return self._read()[0]
+
+    def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding:
+        _check(holder, seconds)
+        now = self.clock()
+        fresh = Holding(holder, now, seconds, now)
+        for _ in range(2):  # a lease released between our create and our read: create again, once
+            if self._create(fresh):
+                return fresh
+            current, version = self._read()
+            if current is not None and version is not None:
+                break
+        else:
+            raise ModelBusy(f"model {self.model!r} keeps changing hands ({self.where}); try again")
+        if current.holder and current.holder != holder and not current.expired(now):
+            raise ModelBusy(f"model {self.model!r} is being rolled out by {current.describe()}; {self.where}")
+        if current.holder == holder:
+            taken = replace(current, renewed=now, seconds=seconds)
+        else:
+            taken = replace(fresh, transitions=current.transitions + 1)
+        if self._replace(taken, version):
+            return taken
+        winner = self.holding()
+        by = winner.describe() if winner else "another run"
+        raise ModelBusy(f"model {self.model!r} was taken by {by} at the same moment; {self.where}")
+
+    def renew(self, holder: str, seconds: int = LEASE_S) -> Holding:
+        _check(holder, seconds)
+        current, version = self._read()
+        if current is None or version is None or current.holder != holder:
+            raise LockLost(self._not_held(holder, current))
+        renewed = replace(current, renewed=self.clock(), seconds=seconds)
+        if not self._replace(renewed, version):
+            raise LockLost(self._not_held(holder, self.holding()))
+        return renewed
+
+    def release(self, holder: str) -> bool:
+        current, version = self._read()
+        if current is None or version is None or current.holder != holder:
+            return False
+        return self._delete(version)
+
+    def _not_held(self, holder: str, current: Holding | None) -> str:
+        now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"
+        return f"run {holder!r} does not hold model {self.model!r}: {now} ({self.where})"
+
+
+def _check(holder: str, seconds: int) -> None:
+    if not isinstance(holder, str) or not 0 < len(holder) <= MAX_HOLDER:
+        raise ValueError(f"a lock holder is a run id of 1 to {MAX_HOLDER} characters, not {str(holder)[:80]!r}")
+    if not isinstance(seconds, int) or not 0 < seconds <= MAX_LEASE_S:
+        raise ValueError(f"a lease lasts 1 to {MAX_LEASE_S} s, not {seconds!r}")
+
+
+class FileLock(CompareAndSwapLock):
+    """Local mode: ``<folder>/<model>.lock``, created with O_EXCL, holding the run id and expiry.
+
+    Each primitive runs under ``flock`` of a sibling guard file (never deleted), so a compare
+    and its write are one step for every process on this machine."""
+
+    def __init__(self, model: str, folder: Path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(model, clock)
+        self.path = folder / f"{model}.lock"
+        self.where = str(self.path)
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def _raw(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _read(self) -> tuple[Holding | None, str | None]:
+        with self._guarded():
+            raw = self._raw()
+        if raw is None:
+            return None, None
+        try:
+            return Holding(**json.loads(raw)), raw
+        except (ValueError, TypeError) as exc:
+            raise LockError(f"unreadable lock file {self.path} ({exc}); remove it if no rollout runs") from None
+
+    def _create(self, holding: Holding) -> bool:
+        with self._guarded():
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as out:
+                out.write(_record(holding))
+        return True
+
+    def _replace(self, holding: Holding, version: str) -> bool:
+        with self._guarded():
+            if self._raw() != version:
+                return False
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(_record(holding))
+            os.replace(tmp, self.path)
+        return True
+
+    def _delete(self, version: str) -> bool:
+        with self._guarded():
+            if self._raw() != version:
+                return False
+            self.path.unlink()
+        return True
+
+
+def _record(holding: Holding) -> str:
+    return json.dumps(holding.__dict__, sort_keys=True)
+
+
+def lease_name(model: str) -> str:
+    """``rollout-<model>`` as a Kubernetes name (``My_Model`` and ``my-model`` share one lease:
+    the cautious side)."""
+    return f"rollout-{model_name(model)}"[:253].rstrip("-.")
+
+
+class LeaseLock(CompareAndSwapLock):
+    """Kubernetes mode: the Lease ``rollout-<model>`` in the model's namespace, through the
+    kubernetes client's ``CoordinationV1Api``. Create answers 409 AlreadyExists when it is held;
+    replace and delete carry the resourceVersion read and answer 409 Conflict when someone else
+    wrote in between."""
+
+    def __init__(self, model: str, namespace: str, api_client: Any = None, clock: Callable[[], float] = time.time):
+        super().__init__(model, clock)
+        self.namespace, self.name = namespace, lease_name(model)
+        self.where = f"Lease {namespace}/{self.name}"
+        self.api_client = api_client
+
+    def _api(self) -> Any:
+        from kubernetes import client
+
+        return client.CoordinationV1Api(self.api_client)
+
+    def _call(self, what: str, call: Callable[[], Any], refused: tuple[int, ...] = ()) -> Any:
+        """The API call's answer; None when it answered one of the ``refused`` statuses."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return call()
+        except ApiException as exc:
+            if exc.status in refused:
+                return None
+            raise LockError(f"{what} {self.where}: {exc.status} {exc.reason}: {str(exc.body)[:300]}") from None
+
+    def _read(self) -> tuple[Holding | None, str | None]:
+        lease = self._call("GET", partial(self._api().read_namespaced_lease, self.name, self.namespace), (404,))
+        if lease is None:
+            return None, None
+        spec = lease.spec
+        renewed = spec.renew_time or spec.acquire_time
+        holding = Holding(
+            holder=spec.holder_identity or "",  # "": released as leader election releases, free to take
+            renewed=renewed.timestamp() if renewed else 0.0,
+            seconds=int(spec.lease_duration_seconds or 0),
+            acquired=spec.acquire_time.timestamp() if spec.acquire_time else 0.0,
+            transitions=int(spec.lease_transitions or 0),
+        )
+        return holding, str(lease.metadata.resource_version)
+
+    def _body(self, holding: Holding, version: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "labels": {"model-rollout/lock": "1"}}
+        if version is not None:
+            meta["resourceVersion"] = version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": {
+                "holderIdentity": holding.holder,
+                "leaseDurationSeconds": holding.seconds,
+                "acquireTime": micro_time(holding.acquired),
+                "renewTime": micro_time(holding.renewed),
+                "leaseTransitions": holding.transitions,
+            },
+        }
+
+    def _create(self, holding: Holding) -> bool:
+        create = partial(self._api().create_namespaced_lease, self.namespace, self._body(holding))
+        return self._call("create", create, (409,)) is not None
+
+    def _replace(self, holding: Holding, version: str) -> bool:
+        body = self._body(holding, version)
+        return (
+            self._call(
+                "replace", partial(self._api().replace_namespaced_lease, self.name, self.namespace, body), (409, 404)
+            )
+            is not None
+        )
+
+    def _delete(self, version: str) -> bool:
+        from kubernetes import client
+
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version))
+        delete = partial(self._api().delete_namespaced_lease, self.name, self.namespace, body=options)
+        return self._call("delete", delete, (409, 404)) is not None
+
+
+def micro_time(epoch: float) -> str:
+    """A Kubernetes MicroTime: exactly six fractional digits, which the API server requires
+    (Python's ``isoformat`` drops them when they are zero)."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,258 @@
+"""The per-model rollout lock: one lease rule, two stores (a lock file; a Kubernetes Lease through
+the real kubernetes client's CoordinationV1Api against the fake API server). The clock is
+injected: expiry is tested by moving it, never by sleeping."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from devstack.cluster.kube import FakeKubeAPI
+from vision_rollout.locks import (
+    LEASE_S,
+    CompareAndSwapLock,
+    FileLock,
+    LeaseLock,
+    LockError,
+    LockLost,
+    ModelBusy,
+    lease_name,
+    micro_time,
+)
+
+T0 = 1_790_000_000.0
+NAMESPACES = itertools.count()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def kube() -> Iterator[tuple[FakeKubeAPI, Any]]:
+    fake = FakeKubeAPI().start()
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    yield fake, client.ApiClient(cfg)
+    fake.stop()
+
+
+@pytest.fixture(params=["file", "lease"])
+def make(request, tmp_path, kube) -> Callable[..., CompareAndSwapLock]:
+    """Locks of one store: every lock made shares it (two workers looking at one model)."""
+    namespace = f"test-{next(NAMESPACES)}"  # a fresh store per test on the module's API server
+
+    def make(model: str = "digits", clock: Callable[[], float] | None = None) -> CompareAndSwapLock:
+        clock = clock or Clock()
+        if request.param == "file":
+            return FileLock(model, tmp_path / "locks", clock=clock)
+        return LeaseLock(model, namespace, kube[1], clock=clock)
+
+    return make
+
+
+def test_the_first_run_takes_the_model_and_a_second_is_refused_naming_it(make):
+    clock = Clock()
+    lock = make(clock=clock)
+    held = lock.acquire("run-a")
+    assert (held.holder, held.expires) == ("run-a", T0 + LEASE_S)
+    assert lock.holding() == held
+    clock.now += 60
+    with pytest.raises(ModelBusy, match=r"model 'digits' is being rolled out by run 'run-a' \(its lease runs to"):
+        make(clock=clock).acquire("run-b")
+    assert lock.holding().holder == "run-a"  # the refusal changed nothing
+
+
+def test_a_retry_of_the_holder_takes_it_again_and_another_model_is_free(make):
+    clock = Clock()
+    make(clock=clock).acquire("run-a")
+    clock.now += 10
+    again = make(clock=clock).acquire("run-a", seconds=30)  # build_image retried: still run-a's
+    assert (again.renewed, again.seconds, again.acquired) == (T0 + 10, 30, T0)
+    assert make("mnist", clock=clock).acquire("run-b").holder == "run-b"  # another model's run proceeds
+
+
+def test_the_holder_renews_and_nobody_else_can(make):
+    clock = Clock()
+    lock = make(clock=clock)
+    lock.acquire("run-a")
+    clock.now += LEASE_S - 1
+    assert lock.renew("run-a").expires == clock.now + LEASE_S
+    with pytest.raises(LockLost, match=r"run 'run-b' does not hold model 'digits': run 'run-a' \(its lease"):
+        lock.renew("run-b")
+    with pytest.raises(LockLost, match="run 'run-a' does not hold model 'mnist': nobody holds it"):
+        make("mnist", clock=clock).renew("run-a")  # never taken: renewing does not take it
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_stops(make):
+    clock = Clock()
+    make(clock=clock).acquire("crashed-run", seconds=30)
+    clock.now += 29
+    with pytest.raises(ModelBusy):
+        make(clock=clock).acquire("run-b")
+    clock.now += 1  # 30 s without a renewal: the run is taken for dead
+    taken = make(clock=clock).acquire("run-b")
+    assert (taken.holder, taken.acquired, taken.transitions) == ("run-b", clock.now, 1)
+    with pytest.raises(LockLost, match="run 'run-b'"):  # the old holder's next step stops, naming the new one
+        make(clock=clock).renew("crashed-run")
+    assert not make(clock=clock).release("crashed-run")
+    assert make(clock=clock).holding().holder == "run-b"
+
+
+def test_an_expired_lease_nobody_took_is_still_its_holders(make):
+    clock = Clock()
+    lock = make(clock=clock)
+    lock.acquire("run-a", seconds=30)
+    clock.now += 3600  # a long queue between two tasks, and no other run asked
+    assert lock.renew("run-a").holder == "run-a"
+
+
+def test_only_the_holder_releases(make):
+    lock = make()
+    lock.acquire("run-a")
+    assert not lock.release("run-b")  # the refused run's teardown
+    assert lock.holding().holder == "run-a"
+    assert lock.release("run-a")
+    assert lock.holding() is None
+    assert not lock.release("run-a")  # twice: nothing left
+    assert make().acquire("run-b").transitions == 0  # free again: created anew
+
+
+def test_of_two_runs_taking_over_at_the_same_moment_one_wins(make):
+    """Run b reads the expired lease; run c takes it over before b writes: b's compare-and-swap
+    fails (409 Conflict, or the changed file) and b is refused naming c."""
+    clock = Clock()
+    make(clock=clock).acquire("crashed-run", seconds=30)
+    clock.now += 31
+    b = make(clock=clock)
+    read = b._read
+
+    def read_then_lose() -> Any:
+        seen = read()
+        make(clock=clock).acquire("run-c")
+        return seen
+
+    b._read = read_then_lose  # type: ignore[method-assign]
+    with pytest.raises(ModelBusy, match=r"was taken by run 'run-c' \(.*\) at the same moment"):
+        b.acquire("run-b")
+    assert make(clock=clock).holding().holder == "run-c"
+
+
+def test_many_runs_racing_for_a_free_model_one_wins(make):
+    clock = Clock()
+    won: list[str] = []
+    refused: list[str] = []
+    start = threading.Barrier(6)
+
+    def race(holder: str) -> None:
+        start.wait()
+        try:
+            won.append(make(clock=clock).acquire(holder).holder)
+        except ModelBusy:
+            refused.append(holder)
+
+    threads = [threading.Thread(target=race, args=(f"run-{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(won) == 1
+    assert len(refused) == 5
+    assert make(clock=clock).holding().holder == won[0]
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda lock: lock.acquire(""), "a lock holder is a run id of 1 to 253 characters"),
+        (lambda lock: lock.acquire("r" * 254), "a lock holder is a run id of 1 to 253 characters"),
+        (lambda lock: lock.renew("run-a", seconds=0), "a lease lasts 1 to 604800 s, not 0"),
+        (lambda lock: lock.acquire("run-a", seconds=10**9), "a lease lasts 1 to 604800 s"),
+    ],
+)
+def test_bad_holders_and_durations_are_refused(make, call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call(make())
+
+
+@pytest.mark.parametrize("model", ["../etc/passwd", "", "-x", "m" * 129])
+def test_a_lock_is_only_for_a_model_name(tmp_path, model):
+    with pytest.raises(ValueError, match="not a model name"):
+        FileLock(model, tmp_path)
+
+
+def test_an_unreadable_lock_file_is_named(tmp_path):
+    (tmp_path / "digits.lock").write_text("{not json")
+    with pytest.raises(LockError, match=r"unreadable lock file .*digits\.lock .*remove it if no rollout runs"):
+        FileLock("digits", tmp_path).acquire("run-a")
+
+
+def test_the_lock_file_holds_the_run_and_its_expiry(tmp_path):
+    FileLock("digits", tmp_path, clock=Clock()).acquire("run-a", seconds=120)
+    record = json.loads((tmp_path / "digits.lock").read_text())
+    assert (record["holder"], record["renewed"] + record["seconds"]) == ("run-a", T0 + 120)
+
+
+def test_the_lease_is_a_valid_kubernetes_lease_in_the_models_namespace(kube):
+    fake, api_client = kube
+    LeaseLock("My_Model.v2", "vision", api_client, clock=Clock()).acquire("manual__2026-11-30T16:00:00+00:00")
+    assert lease_name("My_Model.v2") == "rollout-my-model-v2"
+    lease = client.CoordinationV1Api(api_client).read_namespaced_lease("rollout-my-model-v2", "vision")
+    assert lease.spec.holder_identity == "manual__2026-11-30T16:00:00+00:00"
+    assert lease.spec.lease_duration_seconds == LEASE_S
+    assert lease.spec.renew_time.timestamp() == T0
+    stored = fake.objects[("leases", "vision", "rollout-my-model-v2")]["spec"]
+    assert stored["renewTime"] == "2026-09-21T14:13:20.000000Z"  # MicroTime: six digits, even when zero
+    assert micro_time(T0 + 0.25) == "2026-09-21T14:13:20.250000Z"
+
+
+def test_the_fake_api_server_refuses_what_the_real_one_refuses(kube):
+    from datetime import UTC, datetime
+
+    _, api_client = kube
+    api = client.CoordinationV1Api(api_client)
+    base = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l1"}}
+    api.create_namespaced_lease("refusals", {**base, "spec": {"holderIdentity": "a"}})
+
+    def status(call: Callable[[], Any]) -> tuple[int, str]:
+        with pytest.raises(ApiException) as refused:
+            call()
+        return refused.value.status, json.loads(refused.value.body)["reason"]
+
+    assert status(lambda: api.create_namespaced_lease("refusals", {**base, "spec": {}})) == (409, "AlreadyExists")
+    seconds_zero = {**base, "spec": {"leaseDurationSeconds": 0}}
+    assert status(lambda: api.create_namespaced_lease("refusals", seconds_zero)) == (422, "Invalid")
+    # Python's own datetime serialisation drops zero microseconds: the API server refuses it.
+    no_micros = client.V1Lease(
+        metadata=client.V1ObjectMeta(name="l2"), spec=client.V1LeaseSpec(renew_time=datetime.fromtimestamp(T0, UTC))
+    )
+    assert status(lambda: api.create_namespaced_lease("refusals", no_micros)) == (400, "BadRequest")
+    other = {**base, "metadata": {"name": "l3"}}
+    assert status(lambda: api.replace_namespaced_lease("l1", "refusals", other)) == (400, "BadRequest")
+    assert status(lambda: api.replace_namespaced_lease("l3", "refusals", other)) == (404, "NotFound")
+    stale = {**base, "metadata": {"name": "l1", "resourceVersion": "1"}}
+    assert status(lambda: api.replace_namespaced_lease("l1", "refusals", stale)) == (409, "Conflict")
+    precondition = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version="1"))
+    assert status(lambda: api.delete_namespaced_lease("l1", "refusals", body=precondition)) == (409, "Conflict")
+    assert api.read_namespaced_lease("l1", "refusals").spec.holder_identity == "a"  # nothing changed
+    api.delete_namespaced_lease("l1", "refusals")
+    assert status(lambda: api.read_namespaced_lease("l1", "refusals")) == (404, "NotFound")
+
+
+def test_the_api_servers_other_answers_are_named(kube):
+    lock = LeaseLock("digits", "Not_A_Namespace", kube[1])  # the API server has no such path
+    with pytest.raises(
+        LockError, match=r"create Lease Not_A_Namespace/rollout-digits: 404 .*could not find the requested resource"
+    ):
+        lock.acquire("run-a")
