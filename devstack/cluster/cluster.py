@@ -191,6 +191,8 @@ class Cluster:
         api = self.api_client()
         for name, data in pod_secrets(build, self.admin_token, dict(S3_CREDENTIALS)).items():
             apply_secret(api, namespace, name, data)
+        # The build pods' registry credentials (this registry takes any).
+        apply_secret(api, build.namespace, build.push_secret, {".dockerconfigjson": json.dumps({"auths": {}})})
         service = render_service(target)
         k8s.CoreV1Api(api).patch_namespaced_service(
             model, namespace, service, field_manager="install", force=True, _content_type="application/apply-patch+yaml"

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 KANIKO_IMAGE_PREFIX = "gcr.io/kaniko-project/executor"
 ADDRESS_ANNOTATION = "cluster.devstack/address"
+ADMIN_ANNOTATION = "cluster.devstack/admin-address"  # the pod's --admin-port, when its args have one
 IMAGE_CMD = ["--repository", "/models", "--state-dir", "/tmp/model-server-state"]  # noqa: S108 (the serving image CMD, a path in the container)
 MAX_PODS_PER_DEPLOYMENT = 16
 MAX_PODS = 64  # all Deployments together: each pod is a model-server process
@@ -151,6 +152,7 @@ class Pod:
     spec: dict[str, Any]
     dir: Path
     port: int = 0
+    admin_port: int = 0  # its --admin-port's, 0 without one
     created: float = field(default_factory=time.monotonic)
     proc: subprocess.Popen[bytes] | None = None
     log: ContainerLog | None = None
@@ -278,12 +280,13 @@ class PodRunner:
 
     # -- what others read ---------------------------------------------------------------------
 
-    def endpoints(self, namespace: str, labels: Mapping[str, str]) -> list[str]:
+    def endpoints(self, namespace: str, labels: Mapping[str, str], admin: bool = False) -> list[str]:
         """``127.0.0.1:port`` of the ready pods, not being stopped, whose labels include ``labels``
-        (a Service's endpoints, for the data plane)."""
+        (a Service's endpoints, for the data plane); with ``admin``, their admin ports' (a pod's
+        IP with its admin port, which no Service exposes: fault injection in tests)."""
         with self.lock:
             return sorted(
-                p.address
+                f"127.0.0.1:{p.admin_port}" if admin else p.address
                 for p in self.pods.values()
                 if p.namespace == namespace
                 and p.ready
@@ -371,6 +374,8 @@ class PodRunner:
         replica_set_uid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{owner['metadata'].get('uid')}/{template_hash}"))
         labels = {**(template.get("metadata") or {}).get("labels", {}), "pod-template-hash": template_hash}
         port = free_port()
+        args = (template["spec"].get("containers") or [{}])[0].get("args") or []
+        admin_port = free_port() if any(str(a).partition("=")[0] == "--admin-port" for a in args) else 0
         name = f"{deployment}-{''.join(secrets.choice(NAME_CHARS) for _ in range(5))}"
         body = {
             "apiVersion": "v1",
@@ -381,6 +386,7 @@ class PodRunner:
                 "annotations": {
                     **(template.get("metadata") or {}).get("annotations", {}),
                     ADDRESS_ANNOTATION: f"127.0.0.1:{port}",
+                    **({ADMIN_ANNOTATION: f"127.0.0.1:{admin_port}"} if admin_port else {}),
                 },
                 "ownerReferences": [
                     {
@@ -404,6 +410,7 @@ class PodRunner:
             created["spec"],
             self.workdir / "pods" / namespace / name,
             port,
+            admin_port,
         )
 
     def _adopt_created_pods(self) -> None:
@@ -509,8 +516,8 @@ class PodRunner:
             )
         paths = {"/models": repository, "/tmp": pod.dir / "tmp", **self._volumes(pod)}  # noqa: S108 (the container path)
         argv = [*_translate(args, paths, self.gpu), "--host", "127.0.0.1", "--port", str(pod.port)]
-        if any(a.partition("=")[0] == "--admin-port" for a in args):  # the pod's own, as its IP is
-            argv += ["--admin-port", str(free_port())]
+        if pod.admin_port:  # the pod's own, as its IP is
+            argv += ["--admin-port", str(pod.admin_port)]
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(pod.dir / "tmp"),
