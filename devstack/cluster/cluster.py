@@ -72,6 +72,9 @@ class Cluster:
     service_ports: dict[tuple[str, str], int] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)  # the registry: tag -> the models it bakes in
     errors: list[str] = field(default_factory=list)  # what the control loop could not do, newest last
+    # (namespace/VirtualService, subset) -> when the data plane stopped sending it anything
+    unrouted: dict[tuple[str, str], float] = field(default_factory=dict)
+    _routed: set[tuple[str, str]] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _loop: threading.Thread | None = None
 
@@ -144,13 +147,51 @@ class Cluster:
             try:
                 self.pods.reconcile()
                 self.pods.write_file_sd(self.file_sd)
-                self.dataplane.apply(self._render())
+                if self.dataplane.apply(self._render()):
+                    self._note_routes(time.time())
             except Exception as exc:  # reported, and tried again: a controller does not die of one error
                 message = f"{type(exc).__name__}: {exc}"
                 if not self.errors or self.errors[-1] != message:
                     log.warning("cluster control loop: %s", message)
                     self.errors.append(message)
                     del self.errors[:-20]
+
+    def _note_routes(self, now: float) -> None:
+        """After a reload: which subsets each VirtualService now sends requests or copies to."""
+        routed = set()
+        for vs in self.api.list("virtualservices"):
+            key = f"{vs['metadata']['namespace']}/{vs['metadata']['name']}"
+            for route in vs["spec"].get("http", []):
+                dests = route.get("route", [])
+                routed |= {
+                    (key, d["destination"]["subset"]) for d in dests if d.get("weight", 100) > 0 or len(dests) == 1
+                }
+                if "mirror" in route:
+                    routed.add((key, route["mirror"]["subset"]))
+        for gone in self._routed - routed:
+            self.unrouted[gone] = now
+        for back in routed:
+            self.unrouted.pop(back, None)
+        self._routed = routed
+
+    def late_requests(self, namespace: str, name: str, version: str) -> int | None:
+        """Requests the data plane sent to ``version`` after the VirtualService stopped routing to
+        it (the access log's start times after that reload): what reached a retired version.
+        None while the mesh still routes to it."""
+        since = self.unrouted.get((f"{namespace}/{name}", f"v{version}"))
+        if since is None:
+            return None
+        late = 0
+        with (self.workdir / "nginx" / "access.log").open() as f:
+            for line in f:
+                entry = json.loads(line)
+                if (
+                    entry["virtual_service"] == f"{namespace}/{name}"
+                    and entry["subset"] == f"v{version}"
+                    and entry["msec"] - entry["request_time"] > since
+                ):
+                    late += 1
+        return late
 
     # -- what a production install would have -------------------------------------------------
 

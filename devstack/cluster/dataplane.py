@@ -489,7 +489,7 @@ def _settings(workdir: Path) -> list[str]:
         'log_format rollout escape=json \'{"time":"$time_iso8601","method":"$request_method","uri":"$request_uri",'
         '"status":$status,"upstream_addr":"$upstream_addr","virtual_service":"$rollout_virtual_service",'
         '"route":"$rollout_route_name","subset":"$rollout_subset","mirrored":"$rollout_mirrored",'
-        '"request_id":"$rollout_request_id"}\';',
+        '"request_id":"$rollout_request_id","msec":$msec,"request_time":$request_time}\';',
         f"access_log {_q(str(workdir / 'access.log'))} rollout;",
         "proxy_http_version 1.1;",
         "proxy_connect_timeout 10s;",

@@ -10,13 +10,17 @@ rolled back.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from devstack.cluster.cluster import NAMESPACE, Cluster
 from devstack.cluster.dataplane import find_nginx
@@ -107,6 +111,25 @@ def replicas(cluster: Cluster, version: str) -> int:
     return int(deployment["spec"]["replicas"])
 
 
+def when_serving(cluster: Cluster, version: str, then: Callable[[list[Any]], None]) -> threading.Thread:
+    """In the background: once the mesh sends ``version`` a weight and its pods are ready, ``then``
+    (its pods) once: what happens to a candidate in the middle of a stage."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            weighted = any(r["subset"] == f"v{version}" and r["weight"] > 0 for r in routes(cluster))
+            pods = [p for p in cluster.pods.pods.values() if p.labels.get("version") == version and p.ready]
+            if weighted and pods:
+                then(pods)
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, worker, models_dir):
     dag = rollout_dag()
     validation = models_dir / "digits" / "validation"
@@ -120,14 +143,62 @@ def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, work
     assert cluster.pods.endpoints(NAMESPACE, {"app": "digits", "version": "1"}) == []
     assert len(cluster.pods.endpoints(NAMESPACE, {"app": "digits", "version": "2"})) == 2
     assert load.errors == Counter(), load.errors  # zero failed client requests across the promotion
+    late = cluster.late_requests(NAMESPACE, "digits", "1")
+    assert late is not None  # the data plane stopped routing to v1 (its reload recorded)
+    print(f"requests v1 took after the mesh stopped routing to it: {late}")
     assert load.served["1"] > 0
     assert load.served["2"] > 0
 
-    run = dag.test(run_conf={**CONF, "candidate_version": "3", "baseline_version": "2", "mirror_percent": 100})
+    # A candidate pod killed in the middle of its stage: restarted and ready again; the rollout decides.
+    back: list[Any] = []
+
+    def kill(pods: list[Any]) -> None:
+        os.kill(pods[0].proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (pods[0].restarts and pods[0].ready):
+            time.sleep(0.2)
+        back.append((pods[0].restarts, pods[0].ready))
+
+    watcher = when_serving(cluster, "3", kill)
+    conf = {**CONF, "candidate_version": "3", "baseline_version": "2", "mirror_percent": 100, "bake_seconds": 30}
+    run = dag.test(run_conf=conf)
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    watcher.join(timeout=150)
+    assert back == [(1, True)], "the killed v3 pod was not restarted and ready again during its stage"
     assert states["stage_1.enable_shadow"] == "success"  # the probe's copy through nginx's mirror, masked
     assert states["rollback"] == "success", states
     assert routes(cluster) == [{"subset": "v2", "weight": 100}]
     assert replicas(cluster, "3") == 0
     reports = sorted((worker / "outbox").glob("*.json"))
     assert "rolled back" in json.loads(reports[-1].read_text())["text"].lower()
+
+
+def test_a_p99_breach_in_the_candidates_pods_restores_stable(cluster, worker):
+    """90 ms added to 10% of version 3's answers (fault injection on its pods' admin ports, which
+    no Service exposes): the P99 guard trips through Prometheus before the bake ends, stable takes
+    100% again and the report names the guard."""
+
+    def slow(pods: list[Any]) -> None:
+        for pod in pods:
+            r = requests.put(
+                f"http://127.0.0.1:{pod.admin_port}/v2/models/digits/versions/3/fault",
+                json={"delay": {"ms": 90, "percent": 10}},
+                headers={"Authorization": f"Bearer {cluster.admin_token}"},
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+
+    stable = routes(cluster)[0]["subset"].removeprefix("v")  # what the test before left stable
+    with SteadyLoad(
+        cluster.service_url("digits").removeprefix("http://"), cluster.repository / "digits" / "validation"
+    ):
+        when_serving(cluster, "3", slow)
+        conf = {**CONF, "candidate_version": "3", "baseline_version": stable, "mirror_percent": 0}
+        run = rollout_dag().test(run_conf={**conf, "bake_seconds": 120, "p99_breach_seconds": 3})
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["stage_1.wait_for_metrics"] == "failed"  # the guard tripped before the bake ended
+    assert states["rollback"] == "success"
+    assert routes(cluster) == [{"subset": f"v{stable}", "weight": 100}]
+    assert replicas(cluster, "3") == 0
+    text = json.loads(sorted((worker / "outbox").glob("*.json"))[-1].read_text())["text"]
+    assert "hard guard tripped: Canary P99" in text
