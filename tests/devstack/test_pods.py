@@ -23,6 +23,7 @@ from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
 from devstack.cluster.pods import PodRunner
 from vision_rollout.deploy import VersionDeployments, render_deployment
+from vision_rollout.locks import FileLock
 from vision_rollout.mesh import IstioTarget
 from vision_rollout.settings import BuildSettings
 
@@ -224,8 +225,17 @@ def run_build(
     )
     ti = SimpleNamespace(dag_id="model_rollout", task_id="kaniko_build", map_index=-1, try_number=1, xcom={})
     ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
+    # The build runs for a run that holds its model (build_image took the lock; here a lock file).
+    run_dir = context.parent / "run"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": {"run_dir": str(run_dir)}})
+    )
+    FileLock("digits", run_dir / "locks").acquire("manual__1")
+    params = {"model": "digits", "mesh": "local"}
     try:
-        operator.execute({"ti": ti, "run_id": "manual__1", "dag": SimpleNamespace(dag_id="model_rollout")})
+        operator.execute(
+            {"ti": ti, "params": params, "run_id": "manual__1", "dag": SimpleNamespace(dag_id="model_rollout")}
+        )
     finally:
         pod_names.append(ti.xcom["pod_name"])  # the operator adds a random suffix
 

@@ -16,6 +16,13 @@ from vision_rollout.audit import AuditConfig, audit, audit_frame, kl, write_repo
 NOW = datetime.now(UTC)
 
 
+def around_now() -> tuple[datetime, datetime]:
+    """Five minutes either side of the time the log was written (now, not the module's import:
+    in the whole suite a test runs many minutes after collection)."""
+    now = datetime.now(UTC)
+    return now - timedelta(minutes=5), now + timedelta(minutes=5)
+
+
 def test_kl_is_zero_for_equal_and_positive_otherwise():
     p = np.array([0.7, 0.2, 0.1])
     assert kl(p, p) == pytest.approx(0.0, abs=1e-9)
@@ -24,7 +31,7 @@ def test_kl_is_zero_for_equal_and_positive_otherwise():
 
 def test_agreeing_shadow_passes_with_an_interval(tmp_path):
     log = shadow_log(tmp_path, 400, disagree=0.01)
-    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5), "digits")
+    result = audit(log, *around_now(), "digits")
     assert result.verdict == "pass"
     assert result.rows == 400
     assert 0.97 < result.agreement <= 1.0
@@ -36,7 +43,7 @@ def test_agreeing_shadow_passes_with_an_interval(tmp_path):
 
 def test_disagreeing_and_unsure_shadow_fails_with_reasons_and_anomaly_hashes(tmp_path):
     log = shadow_log(tmp_path, 300, disagree=0.2, low_confidence=0.3, errors=2)
-    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5))
+    result = audit(log, *around_now())
     assert result.verdict == "fail"
     assert any("agreement" in r and "shown below" in r for r in result.reasons)
     assert any("shadow error rate" in r for r in result.reasons)
@@ -107,7 +114,7 @@ def test_an_anomaly_rate_fails_only_once_shown_above_the_limit(tmp_path):
 
 def test_the_audit_reports_what_did_not_pair(tmp_path):
     log = shadow_log(tmp_path, 100, disagree=0.0, dropped=3, orphans=2)
-    result = audit(log, NOW - timedelta(minutes=5), NOW + timedelta(minutes=5), "digits")
+    result = audit(log, *around_now(), "digits")
     assert result.rows == 100  # dropped copies and orphan shadows are not audited pairs
     assert result.shadow_errors == 0  # a dropped copy is not a shadow error
     assert result.shadow_dropped == 3
