@@ -48,6 +48,7 @@ from devstack.processes import (
     start_prometheus,
     start_s3,
 )
+from vision_rollout.mesh import PINNED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,13 @@ class Cluster:
                     del self.errors[:-20]
 
     def _note_routes(self, now: float) -> None:
-        """After a reload: which subsets each VirtualService now sends requests or copies to."""
+        """After a reload: which subsets each VirtualService's policy now sends requests or copies to."""
         routed = set()
         for vs in self.api.list("virtualservices"):
             key = f"{vs['metadata']['namespace']}/{vs['metadata']['name']}"
             for route in vs["spec"].get("http", []):
+                if route.get("name", "").startswith(PINNED_PREFIX):
+                    continue  # requests that name their version: not traffic the policy sends it
                 dests = route.get("route", [])
                 routed |= {
                     (key, d["destination"]["subset"]) for d in dests if d.get("weight", 100) > 0 or len(dests) == 1
@@ -175,8 +178,9 @@ class Cluster:
         self._routed = routed
 
     def late_requests(self, namespace: str, name: str, version: str) -> int | None:
-        """Requests the data plane sent to ``version`` after the VirtualService stopped routing to
-        it (the access log's start times after that reload): what reached a retired version.
+        """Requests the data plane sent to ``version`` by the policy's routes (not those naming
+        their version) after the VirtualService stopped routing to it (the access log's start
+        times after that reload): what reached a retired version.
         None while the mesh still routes to it."""
         since = self.unrouted.get((f"{namespace}/{name}", f"v{version}"))
         if since is None:
@@ -187,6 +191,7 @@ class Cluster:
                 entry = json.loads(line)
                 if (
                     entry["virtual_service"] == f"{namespace}/{name}"
+                    and not entry["route"].startswith(PINNED_PREFIX)  # the replay names its version
                     and entry["subset"] == f"v{version}"
                     and entry["msec"] - entry["request_time"] > since
                 ):
