@@ -68,28 +68,12 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
     inside = json.loads(cluster_state.read_text())
     connections = inside["connections"]["digits"]
     service = f"127.0.0.1:{connections['model_server_default']['port']}"
-    with (run / "cluster-loadgen.log").open("ab") as log:
-        loadgen = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "devstack.loadgen", "--url", service),
-                *("--validation", str(repository / "digits" / "validation"), "--rate", str(rate)),
-                *("--duration", str(7 * 24 * 3600), "--feedback-share", "0.5"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    loadgen = stack.start_loadgen(service, repository, rate, run / "cluster-loadgen.log")
     state["pids"]["loadgen"] = loadgen.pid
     state["urls"] = {"digits": f"http://{service}", "prometheus": inside["prometheus"], "kubernetes": inside["api"]}
     state_file.write_text(json.dumps(state, indent=2))
     airflow = start_airflow(run / "airflow-cluster", connections, port=airflow_port, extra_env=S3_CREDENTIALS)
-    for name, proc in airflow.components.items():
-        state["pids"][f"airflow_{name}"] = proc.proc.pid
-        state["groups"].append(proc.proc.pid)
-    state["urls"]["airflow"] = airflow.url
-    state["airflow_user"] = airflow.user
-    state["airflow_password_file"] = str(airflow.home / "admin-password")
+    stack.record_airflow(state, airflow)
     state_file.write_text(json.dumps(state, indent=2))
     return state
 

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.processes import (  # noqa: E402
     PYTHONPATH,
+    AirflowProcesses,
     ModelServerProcess,
+    alive,
     local_connections,
     start_airflow,
     start_model_server,
@@ -42,9 +44,9 @@ STATE = "stack.json"
 def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_port: int, rate: float) -> dict[str, Any]:
     state_file = run / STATE
     if state_file.exists():
-        alive = [p for p in json.loads(state_file.read_text())["pids"].values() if _alive(p)]
-        if alive:
-            raise SystemExit(f"the stack is already up (pids {alive}); run `make down` first")
+        running = [p for p in json.loads(state_file.read_text())["pids"].values() if alive(p)]
+        if running:
+            raise SystemExit(f"the stack is already up (pids {running}); run `make down` first")
     run.mkdir(parents=True, exist_ok=True)
     token_file = run / "admin-token"
     if not token_file.exists():
@@ -66,28 +68,7 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     serve_what_is_routed(server)
     server.wait_until("ready")
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
-    log = (run / "loadgen.log").open("wb")
-    loadgen = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "devstack.loadgen",
-            "--url",
-            server.url,
-            "--validation",
-            str(repository / "digits" / "validation"),
-            "--rate",
-            str(rate),
-            "--duration",
-            str(7 * 24 * 3600),
-            "--feedback-share",
-            "0.5",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": PYTHONPATH},
-        start_new_session=True,
-    )
+    loadgen = start_loadgen(server.url, repository, rate, run / "loadgen.log")
     pids = {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid}
     state: dict[str, Any] = {
         "pids": pids,
@@ -100,14 +81,36 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     airflow = start_airflow(
         run / "airflow", local_connections(server, prom.url, repository, run / "predictions", run), port=airflow_port
     )
+    record_airflow(state, airflow)
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def start_loadgen(url: str, repository: Path, rate: float, log: Path) -> subprocess.Popen[bytes]:
+    """The load generator replaying the validation images with feedback, for a week, in its own
+    session (``down`` stops it by pid)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "devstack.loadgen", "--url", url),
+                *("--validation", str(repository / "digits" / "validation"), "--rate", str(rate)),
+                *("--duration", str(7 * 24 * 3600), "--feedback-share", "0.5"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, "ORT_DISABLE_TELEMETRY": "1"},
+            start_new_session=True,
+        )
+
+
+def record_airflow(state: dict[str, Any], airflow: AirflowProcesses) -> None:
+    """Airflow's components in the state ``down`` reads (stopped by process group), its URL and login."""
     for name, proc in airflow.components.items():
-        pids[f"airflow_{name}"] = proc.proc.pid
+        state["pids"][f"airflow_{name}"] = proc.proc.pid
         state["groups"].append(proc.proc.pid)
     state["urls"]["airflow"] = airflow.url
     state["airflow_user"] = airflow.user
     state["airflow_password_file"] = str(airflow.home / "admin-password")
-    state_file.write_text(json.dumps(state, indent=2))
-    return state
 
 
 def admin(state: dict[str, Any]) -> ModelServerAdmin:
@@ -121,16 +124,6 @@ def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> N
     routed = server.api.traffic(model).versions()
     if routed - {str(v) for v in server.client().get_model_metadata(model)["versions"]}:
         server.api.load(model, routed)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def down(run: Path, state_name: str = STATE) -> list[str]:
@@ -148,15 +141,15 @@ def down(run: Path, state_name: str = STATE) -> list[str]:
 
     stopped = []
     for name, pid in pids.items():  # exactly what `up` started, by process id
-        if _alive(pid):
+        if alive(pid):
             kill(pid, signal.SIGTERM)
             stopped.append(name)
     deadline = time.monotonic() + 30
     for pid in pids.values():
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             _reap(pid)
             time.sleep(0.1)
-        if _alive(pid):
+        if alive(pid):
             kill(pid, signal.SIGKILL)
             _reap(pid)
     state_file.unlink()

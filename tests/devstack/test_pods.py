@@ -22,6 +22,7 @@ from kubernetes import client
 from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
 from devstack.cluster.pods import PodRunner
+from devstack.processes import alive
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.locks import FileLock
 from vision_rollout.mesh import IstioTarget
@@ -71,14 +72,6 @@ def cluster(tmp_path: Path, models_dir: Path) -> Iterator[tuple[FakeKubeAPI, Pod
 
 def pods(api_client: client.ApiClient, selector: str = "app=digits") -> list[Any]:
     return client.CoreV1Api(api_client).list_namespaced_pod("models", label_selector=selector).items
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from devstack.airflow_api import AirflowAPI, AirflowAPIError
-from devstack.processes import free_port
+from devstack.processes import alive, free_port
 from scripts import stack
 from vision_rollout.metrics import PrometheusSource, ScrapeSource, wait_for_value
 
@@ -34,14 +34,6 @@ CONF = {
     "accuracy_margin": 0.02,
     "mirror_percent": 0,
 }
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
