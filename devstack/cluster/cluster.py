@@ -204,16 +204,6 @@ class Cluster:
         """The data plane's address of the model's Service (its ClusterIP stand-in)."""
         return f"http://127.0.0.1:{self.service_ports[(namespace, model)]}"
 
-    def kubeconfig(self) -> dict[str, Any]:
-        return {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "current-context": "cluster",
-            "clusters": [{"name": "cluster", "cluster": {"server": self.api.url}}],
-            "contexts": [{"name": "cluster", "context": {"cluster": "cluster", "user": "airflow"}}],
-            "users": [{"name": "airflow", "user": {"token": "airflow-worker"}}],
-        }
-
     def wait_until(self, check: Any, what: str, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not check():
@@ -314,7 +304,7 @@ class Cluster:
             },
             "kubernetes_default": {
                 "conn_type": "kubernetes",
-                "extra": {"kube_config": json.dumps(self.kubeconfig()), "namespace": namespace},
+                "extra": {"kube_config": json.dumps(self.api.kubeconfig(namespace)), "namespace": namespace},
             },
             "prometheus_default": {"conn_type": "http", "host": "127.0.0.1", "port": prom_port},
         }
