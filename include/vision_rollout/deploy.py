@@ -266,7 +266,7 @@ class VersionDeployments:
 
         name = self._name(version)
         if replicas > 0:
-            top = max(self.build.max_replicas or 10 * replicas, replicas)
+            top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
             try:
                 client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
                     name,
@@ -322,8 +322,9 @@ class VersionDeployments:
 
     def wait_ready(self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0) -> None:
         """Until at least ``replicas`` of the version's pods run its current template and are ready
-        (the controller has seen the last spec, ``observedGeneration``, and counts them in
-        ``updatedReplicas``: while a new image rolls out, the old pods' readiness does not count);
+        (the controller has seen the last spec, ``observedGeneration``, counts them in
+        ``updatedReplicas``, and no pod of an older template is left: while a new image rolls out,
+        the old pods' readiness does not count);
         RouterError after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -334,10 +335,13 @@ class VersionDeployments:
             ready = (status.ready_replicas or 0) if status else 0
             current = status is not None and (status.observed_generation or 0) >= (live.metadata.generation or 0)
             updated = (status.updated_replicas or 0) if status else 0
-            if current and min(ready, updated) >= replicas:
+            total = (status.replicas or 0) if status else 0
+            # As `kubectl rollout status`: no pod of an older template left, so every ready pod is a new one.
+            if current and updated >= replicas and total <= updated and ready >= replicas:
                 return
             if time.monotonic() > deadline:
                 raise RouterError(
-                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready after {timeout_s:g} s"
+                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready after {timeout_s:g} s "
+                    f"({updated} on its current template, {total - updated} older ones left)"
                 )
             time.sleep(every_s)

@@ -247,14 +247,24 @@ def lease_name(model: str) -> str:
 
 
 class LeaseLock(CompareAndSwapLock):
-    """Kubernetes mode: the Lease ``rollout-<model>`` in the model's namespace, through the
+    """Kubernetes mode: the Lease ``rollout-<key>`` (the target's VirtualService; the model's name
+    without one) in the target's namespace, through the
     kubernetes client's ``CoordinationV1Api``. Create answers 409 AlreadyExists when it is held;
     replace and delete carry the resourceVersion read and answer 409 Conflict when someone else
     wrote in between."""
 
-    def __init__(self, model: str, namespace: str, api_client: Any = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        model: str,
+        namespace: str,
+        api_client: Any = None,
+        clock: Callable[[], float] = time.time,
+        key: str | None = None,
+    ):
         super().__init__(model, clock)
-        self.namespace, self.name = namespace, lease_name(model)
+        # ``key``: what the rollout writes (its VirtualService's name): models that share one
+        # target share one lease, so their rollouts cannot interleave on it.
+        self.namespace, self.name = namespace, lease_name(key or model)
         self.where = f"Lease {namespace}/{self.name}"
         self.api_client = api_client
 

@@ -80,12 +80,14 @@ class ModelServerHook(BaseHook):
         )
 
     def model_lock(self, model: str, mesh: str, kubernetes_conn_id: str = "kubernetes_default") -> ModelLock:
-        """One rollout of ``model`` at a time: the Lease ``rollout-<model>`` in the model's namespace
-        (mesh ``istio``), or a lock file under the run folder (``locks/<model>.lock``)."""
+        """One rollout at a time of what ``model``'s rollout writes: in mesh ``istio`` the Lease
+        ``rollout-<VirtualService>`` in the target's namespace (models sharing one target share it),
+        else a lock file under the run folder (``locks/<model>.lock``: one model server per model)."""
         from vision_rollout.locks import FileLock, LeaseLock
 
         if mesh == "istio":
-            return LeaseLock(model, self._istio(model).namespace, _kubernetes(kubernetes_conn_id))
+            target = self._istio(model)
+            return LeaseLock(model, target.namespace, _kubernetes(kubernetes_conn_id), key=target.name)
         return FileLock(model, self.settings.run_dir / "locks")
 
     def _istio(self, model: str) -> IstioTarget:

@@ -64,6 +64,11 @@ def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> Any:
     return hook.router(spec.model, hook.settings.workdir(spec.model, run_id) / "original-routes.json")
 
 
+# A step that waits for pods and drains (wait_ready's 600 s, wait_unrouted's 120 s, a drain of up
+# to 600 s) holds the lease for all of it: no other run may take the model over meanwhile.
+WAITING_STEP_S = LEASE_S + 600 + 120 + 600
+
+
 def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, seconds: int = LEASE_S) -> None:
     """Renew this run's lease on its model for ``seconds`` (every step and poke that touches the
     model). A run that lost it (it expired and another run took it over) fails here, without
@@ -166,6 +171,17 @@ def scale_ready(deployments: VersionDeployments, version: str, replicas: int) ->
     deployments.wait_ready(version, replicas)
 
 
+def baseline_serving(spec: RolloutSpec, deployments: VersionDeployments) -> None:
+    """The baseline runs pods (a rollout against a version already retired would route its share
+    to nothing), one of them ready."""
+    if not deployments.replicas(spec.baseline_version):
+        raise AirflowFailException(
+            f"baseline version {spec.baseline_version} has no pods ({deployments.target.service}-v"
+            f"{spec.baseline_version} is missing or at 0): roll out against the version serving now"
+        )
+    deployments.wait_ready(spec.baseline_version, 1)
+
+
 def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
     """Stage ``index``'s weights (and mirror) into effect; in kubernetes mode the candidate first
     scaled to the stage's size, its pods ready. ``previous``: the build report (first stage) or
@@ -176,13 +192,16 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
     hook = serving()
-    hold(spec, run_id, hook)
+    hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)
+    if spec.mesh == "istio":  # both versions ready before any weight moves: no route to missing pods
+        deployments = hook.deployments(spec.model)
+        if index == 0:
+            baseline_serving(spec, deployments)
+        scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     if index == 0:
         r.reconcile()
-    if spec.mesh == "istio":  # sized and ready before the weight moves: no route to missing pods
-        deployments = hook.deployments(spec.model)
-        scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
+    hold(spec, run_id, hook)  # still this run's, after the wait
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     return {"weight": spec.stages[index], "started": time.time()}
 
@@ -395,7 +414,7 @@ def promote(params: dict[str, Any], run_id: str) -> str:
     pods gone."""
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook)
+    hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)
     if spec.mesh == "local":
         r.set_routes(spec.promoted_policy())
@@ -403,6 +422,7 @@ def promote(params: dict[str, Any], run_id: str) -> str:
         return spec.candidate_version
     deployments = hook.deployments(spec.model)
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))
+    hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
     r.set_routes(spec.promoted_policy())
     retire(r, deployments, spec.baseline_version)
     return spec.candidate_version
@@ -417,7 +437,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     scaled to 0 (``retire``)."""
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook)
+    hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)
     if spec.mesh == "local":
         r.set_routes(spec.stable_policy())
@@ -426,10 +446,17 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         return spec.baseline_version
     deployments = hook.deployments(spec.model)
     live = deployments.replicas(spec.baseline_version)
-    if live == 0:
-        scale_ready(deployments, spec.baseline_version, deployments.build.replicas)
-    elif live is not None:
+    if live is None:
+        raise AirflowFailException(
+            f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
+            "sending traffic to no pods"
+        )
+    if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
+        size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
+        scale_ready(deployments, spec.baseline_version, size)
+    else:
         deployments.wait_ready(spec.baseline_version, 1)
+    hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
     r.set_routes(spec.stable_policy())
     if unload_candidate:
         retire(r, deployments, spec.candidate_version)
@@ -462,6 +489,8 @@ def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rol
         lock.renew(run_id)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
+    if promoted != spec.candidate_version and router(spec, run_id, serving()).get_routes() == spec.promoted_policy():
+        promoted = spec.candidate_version  # promote's routes are in effect, its record lost (a killed worker)
     if promoted != spec.candidate_version:
         restore_stable(params, run_id)  # should it fail, the lease stays: the failure callback tries again
     lock.release(run_id)

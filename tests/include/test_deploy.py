@@ -104,3 +104,32 @@ def test_the_service_exposes_the_data_port_only():
     (container,) = pod["spec"]["containers"]
     admin = next(p for p in container["ports"] if p["name"] == "admin")
     assert admin["containerPort"] not in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_wait_ready_counts_no_pod_of_an_older_template():
+    """A new image rolling out: the old pod ready, the new one surged and not yet ready. The
+    version is not ready (as `kubectl rollout status`) until only new pods are left, all ready."""
+    from kubernetes import client
+
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import IstioTarget, RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api = FakeKubeAPI(kubelet=True).start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        versions = VersionDeployments(
+            IstioTarget("models", "digits", "digits"), "digits", client.ApiClient(cfg), BuildSettings(gpus=0)
+        )
+        versions.apply("2", "img:a", 1)
+        versions.apply("2", "img:b", 1)  # generation 2
+        status = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1}
+        api.set_status("deployments", "models", "digits-v2", status)
+        with pytest.raises(RouterError, match="1 of 1 pods ready after 0 s \\(1 on its current template, 1 older ones left\\)"):
+            versions.wait_ready("2", 1, timeout_s=0, every_s=0)
+        api.set_status("deployments", "models", "digits-v2", {**status, "replicas": 1})  # the old pod gone
+        versions.wait_ready("2", 1, timeout_s=0, every_s=0)
+    finally:
+        api.stop()
