@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack.airflow_api import AirflowAPI  # noqa: E402
+from devstack.cluster.pods import kill_orphans  # noqa: E402
 from devstack.processes import PYTHONPATH, S3_CREDENTIALS, start_airflow  # noqa: E402
 from scripts import demo, stack  # noqa: E402
 
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bake-seconds", type=int, default=300)
     args = p.parse_args(argv)
     if args.command == "down":
-        stopped = stack.down(args.run, STATE)
+        stopped = stack.down(args.run, STATE, grace_s=120)  # the cluster stops its pods, each in its grace period
+        # Those it could not (killed past the wait): every pod process left, by its pid file.
+        stopped += [f"pod {name}" for name in kill_orphans(args.run / "cluster" / "pods")]
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
         return 0
     state_file = args.run / STATE

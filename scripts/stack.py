@@ -126,7 +126,7 @@ def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> N
         server.api.load(model, routed)
 
 
-def down(run: Path, state_name: str = STATE) -> list[str]:
+def down(run: Path, state_name: str = STATE, grace_s: float = 30) -> list[str]:
     state_file = run / state_name
     if not state_file.exists():
         return []
@@ -144,7 +144,7 @@ def down(run: Path, state_name: str = STATE) -> list[str]:
         if alive(pid):
             kill(pid, signal.SIGTERM)
             stopped.append(name)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + grace_s
     for pid in pids.values():
         while alive(pid) and time.monotonic() < deadline:
             _reap(pid)

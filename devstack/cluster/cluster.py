@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devstack.cluster.dataplane import NginxDataPlane, render_nginx
+from devstack.cluster.dataplane import NginxDataPlane, render_accepted
 from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
 from devstack.cluster.pods import PodRunner
@@ -76,6 +76,7 @@ class Cluster:
     # (namespace/VirtualService, subset) -> when the data plane stopped sending it anything
     unrouted: dict[tuple[str, str], float] = field(default_factory=dict)
     _routed: set[tuple[str, str]] = field(default_factory=set)
+    _accepted: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # the data plane's
     _stop: threading.Event = field(default_factory=threading.Event)
     _loop: threading.Thread | None = None
 
@@ -122,13 +123,19 @@ class Cluster:
     # -- the control loop ----------------------------------------------------------------------
 
     def _render(self) -> str:
-        return render_nginx(
+        """The data plane's config; an object it cannot take is reported and keeps its last
+        accepted version, the others' changes go through (as istiod)."""
+        conf, refused = render_accepted(
             self.api.list("virtualservices"),
             self.api.list("destinationrules"),
             self.pods.endpoints,
             self._listen(),
             self.workdir / "nginx",
+            self._accepted,
         )
+        for message in refused:
+            self._report(message)
+        return conf
 
     def _listen(self) -> dict[tuple[str, str], int]:
         """Each VirtualService on the port of the Service its first host names (its ClusterIP)."""
@@ -151,11 +158,13 @@ class Cluster:
                 if self.dataplane.apply(self._render()):
                     self._note_routes(time.time())
             except Exception as exc:  # reported, and tried again: a controller does not die of one error
-                message = f"{type(exc).__name__}: {exc}"
-                if not self.errors or self.errors[-1] != message:
-                    log.warning("cluster control loop: %s", message)
-                    self.errors.append(message)
-                    del self.errors[:-20]
+                self._report(f"{type(exc).__name__}: {exc}")
+
+    def _report(self, message: str) -> None:
+        if message not in self.errors[-5:]:
+            log.warning("cluster control loop: %s", message)
+            self.errors.append(message)
+            del self.errors[:-20]
 
     def _note_routes(self, now: float) -> None:
         """After a reload: which subsets each VirtualService's policy now sends requests or copies to."""

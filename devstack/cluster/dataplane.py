@@ -474,6 +474,44 @@ def render_nginx(
     )
 
 
+def render_accepted(
+    virtual_services: Sequence[dict[str, Any]],
+    destination_rules: Sequence[dict[str, Any]],
+    endpoints: Endpoints,
+    listen: Mapping[tuple[str, str], int],
+    workdir: Path | str,
+    accepted: dict[tuple[str, str, str], dict[str, Any]],
+) -> tuple[str, list[str]]:
+    """``render_nginx`` as istiod pushes config: an object the data plane cannot take is left out
+    and reported, its last accepted version (``accepted``, kept between calls by the caller) staying
+    in effect, while every other object's changes go through. (conf, what was refused.)"""
+    refused: list[str] = []
+
+    def take(kind: str, objects: Sequence[dict[str, Any]], check: Callable[[dict[str, Any]], Any]) -> list[dict]:
+        out = []
+        for obj in objects:
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            key = (kind, str(meta.get("namespace")), str(meta.get("name"))) if isinstance(meta, dict) else None
+            try:
+                check(obj)
+            except ValueError as exc:
+                last = accepted.get(key) if key else None
+                refused.append(f"{exc}" + ("; its last accepted version stays in effect" if last else ""))
+                if last is not None:
+                    out.append(last)
+                continue
+            if key:
+                accepted[key] = obj
+            out.append(obj)
+        return out
+
+    rules = take("DestinationRule", destination_rules, lambda dr: _subsets([dr]))
+    services = take(
+        "VirtualService", virtual_services, lambda vs: render_nginx([vs], rules, endpoints, listen, workdir)
+    )
+    return render_nginx(services, rules, endpoints, listen, workdir), refused
+
+
 def _settings(workdir: Path) -> list[str]:
     """What every request shares: files under ``workdir``, limits, the log, proxying."""
     return [

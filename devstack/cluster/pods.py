@@ -184,6 +184,27 @@ class Pod:
         return self.dir / "logs" / f"{self.container['name']}-{self.restarts if restarts is None else restarts}.log"
 
 
+PID_FILE = "container.pid"
+
+
+def kill_orphans(workdir: Path) -> list[str]:
+    """Kill (SIGKILL, its process group) every pod process a pod runner over ``workdir`` left
+    behind: for when the runner's process was killed before it could stop its pods. A pid counts
+    only while its process still runs in the pod's folder (no other process that took the number
+    over is touched). The pods' names."""
+    killed = []
+    for pid_file in sorted(workdir.glob(f"pods/*/*/{PID_FILE}")):
+        try:
+            pid = int(pid_file.read_text())
+            if Path(f"/proc/{pid}/cwd").resolve() != pid_file.parent.resolve():
+                continue
+            os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or never a number
+        killed.append(pid_file.parent.name)
+    return killed
+
+
 class PodRunner:
     """The kubelet and ReplicaSet controller of the one-machine cluster (see the module's doc)."""
 
@@ -490,6 +511,7 @@ class PodRunner:
         pod.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=pod.dir, start_new_session=True
         )
+        (pod.dir / PID_FILE).write_text(str(pod.proc.pid))  # for kill_orphans, should this process die first
         assert pod.proc.stdout is not None
         pod.log.pump(pod.proc.stdout)
         pod.started_at, pod.waiting, pod.next_probe = now_rfc3339(), None, 0.0

@@ -556,7 +556,8 @@ def mirror_percent(model: str, end: datetime) -> float | None:
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:
     """DAG failure callback: a failed or killed run that still holds its model's lease (its
-    teardown did not finish) leaves the stable version at 100% and releases the lease, unless
+    teardown did not finish) leaves the stable version at 100%, unloads the candidate (its pods
+    scaled to 0: no GPUs held by a version nothing routes to) and releases the lease, unless
     the candidate was already promoted (the mesh routes it 100%): then a later failure (notify,
     say) keeps it, since promote has retired the baseline and routing back to it would be an
     outage. A run that does not hold the lease touches nothing (another run's routes)."""
@@ -573,5 +574,5 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     if router(spec, run_id, hook).get_routes() == spec.promoted_policy():
         log.warning("run %s failed after promoting version %s: it keeps 100%%", run_id, spec.candidate_version)
     else:
-        restore_stable(params, run_id, unload_candidate=False)
+        restore_stable(params, run_id)
     lock.release(run_id)

@@ -107,6 +107,18 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
     assert "stage: hard guard tripped: Canary P99" in text  # the report names the guard
 
 
+def ready(url: str, version: str) -> bool:
+    """The KServe v2 model-version readiness call (200 ready, 400 not loaded)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/v2/models/digits/versions/{version}/ready", timeout=10) as answer:
+            return bool(answer.status == 200)
+    except urllib.error.HTTPError:
+        return False
+
+
 def test_the_failure_callback_restores_stable(stack):
     from types import SimpleNamespace
 
@@ -135,10 +147,13 @@ def test_the_failure_callback_restores_stable(stack):
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")})
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert lock.holding() is None  # released: the model is free for the next run
+    assert not ready(server.http, "2")  # the candidate unloaded
+    assert ready(server.http, "1")
 
     # A run that fails after promote (notify, say) keeps the promoted version: promote retired the
     # baseline, and routing back to it would answer every request 503.
     promoted = {"route": [{"version": "2", "weight": 100}]}
+    server.load_versions("digits", 1, 2)
     router.set_routes(TrafficPolicy.from_dict(promoted))
     lock.acquire("late-fail")
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="late-fail")})

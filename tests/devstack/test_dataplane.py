@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from devstack.cluster.dataplane import DataPlaneError, NginxDataPlane, find_nginx, render_nginx
+from devstack.cluster.dataplane import DataPlaneError, NginxDataPlane, find_nginx, render_accepted, render_nginx
 from devstack.processes import free_port
 from model_server.app import is_shadow_host
 from model_server.traffic import TrafficPolicy
@@ -571,6 +571,36 @@ def test_destination_rules_for_one_service_twice_are_refused():
         ValueError, match=r"DestinationRule ml/digits-2: another DestinationRule already covers digits.ml"
     ):
         render_nginx([vs], [dr, other], lambda ns, labels: [], {("ml", "digits"): 8000}, Path("/tmp/w"))
+
+
+def test_one_object_the_data_plane_cannot_take_does_not_hold_back_the_others():
+    """As istiod: a VirtualService it cannot push is reported and keeps its last accepted
+    version; another VirtualService's change goes through in the same push."""
+    digits, dr = istio({"route": [{"version": "1"}]}, ["1", "2"])
+    mnist = raw_vs([{"name": "default", "route": [dest("1")]}], name="mnist")
+    listen = {("ml", "digits"): 8000, ("ml", "mnist"): 8001}
+    accepted: dict = {}
+
+    def render(*vss: dict) -> tuple[str, list[str]]:
+        return render_accepted(list(vss), [dr], lambda ns, labels: ["127.0.0.1:9"], listen, Path("/tmp/w"), accepted)
+
+    first, refused = render(digits, mnist)
+    assert refused == []
+    bad = copy.deepcopy(digits)
+    bad["spec"]["http"][-1]["fault"] = {"abort": {"httpStatus": 500}}
+    moved = copy.deepcopy(mnist)
+    moved["spec"]["http"][-1]["route"] = [dest("2")]
+    conf, refused = render(bad, moved)
+    assert len(refused) == 1
+    assert "VirtualService ml/digits route 'default'" in refused[0]
+    assert "fault not supported" in refused[0]
+    assert refused[0].endswith("; its last accepted version stays in effect")
+    assert conf == render_nginx([digits, moved], [dr], lambda ns, labels: ["127.0.0.1:9"], listen, Path("/tmp/w"))
+    assert conf != first  # mnist's change went through
+    unknown = raw_vs([{"name": "default", "route": [dest("1")]}], name="other")  # no port, never accepted
+    conf, refused = render(digits, moved, unknown)
+    assert refused == ["VirtualService ml/other: no loopback port to serve it on (listen: None)"]
+    assert conf == render_nginx([digits, moved], [dr], lambda ns, labels: ["127.0.0.1:9"], listen, Path("/tmp/w"))
 
 
 def test_short_and_full_service_hosts_name_the_same_pods():

@@ -21,7 +21,7 @@ from kubernetes import client
 
 from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
-from devstack.cluster.pods import PodRunner
+from devstack.cluster.pods import PodRunner, kill_orphans
 from devstack.processes import alive
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.locks import FileLock
@@ -125,6 +125,22 @@ def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tm
     live = client.AppsV1Api(api_client).read_namespaced_deployment("digits-v2", "models")
     assert live.metadata.generation == 2
     assert not live.status.ready_replicas
+
+
+def test_pod_processes_left_by_a_killed_runner_are_found_and_killed(cluster, tmp_path):
+    """`make cluster-down` kills the cluster's process past its wait: the pods (each in its own
+    session) would outlive it. Their pid files find them; a pid file naming a process that runs
+    elsewhere (its number reused) is left alone."""
+    _api, runner, api_client = cluster
+    VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0)).apply("2", IMAGE, replicas=1)
+    wait_for("a pod running", lambda: any(p.running for p in runner.pods.values()))
+    (pod,) = runner.pods.values()
+    process = pod.proc  # the runner, alive here, starts another after the kill
+    stranger = tmp_path / "cluster" / "pods" / "models" / "not-a-pod"
+    stranger.mkdir(parents=True)
+    (stranger / "container.pid").write_text(str(os.getpid()))  # this test's process: not in that folder
+    assert kill_orphans(tmp_path / "cluster") == [pod.name]
+    assert process.wait(timeout=30) == -signal.SIGKILL
 
 
 def test_a_missing_secret_keeps_the_pod_waiting_with_the_reason(cluster):

@@ -127,7 +127,9 @@ def test_wait_ready_counts_no_pod_of_an_older_template():
         versions.apply("2", "img:b", 1)  # generation 2
         status = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1}
         api.set_status("deployments", "models", "digits-v2", status)
-        with pytest.raises(RouterError, match="1 of 1 pods ready after 0 s \\(1 on its current template, 1 older ones left\\)"):
+        with pytest.raises(
+            RouterError, match="1 of 1 pods ready after 0 s \\(1 on its current template, 1 older ones left\\)"
+        ):
             versions.wait_ready("2", 1, timeout_s=0, every_s=0)
         api.set_status("deployments", "models", "digits-v2", {**status, "replicas": 1})  # the old pod gone
         versions.wait_ready("2", 1, timeout_s=0, every_s=0)

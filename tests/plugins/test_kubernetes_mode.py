@@ -64,11 +64,14 @@ def take(run_id: str, model: str = "digits") -> None:
 
 
 def stable_virtual_service(kube: FakeKubeAPI, params: dict) -> None:
-    """The model's VirtualService as it was before the rollout: version 1 takes 100%."""
+    """The model as it was before the rollout: version 1's Deployment, and its VirtualService
+    sending it 100%."""
     from model_server.traffic import TrafficPolicy
     from vision_rollout.mesh import render_virtual_service
 
-    target = steps.router(RolloutSpec.from_dict(params), "r", steps.serving()).target
+    spec = RolloutSpec.from_dict(params)
+    steps.serving().deployments(spec.model).apply("1", image("1"))
+    target = steps.router(spec, "r", steps.serving()).target
     vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
     kube.objects[("virtualservices", target.namespace, target.name)] = {
         **vs,
@@ -478,3 +481,51 @@ def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
         KanikoBuild(task_id="kaniko_build", plan={"build": plan}).execute({"params": PARAMS, "run_id": "run-b"})
     assert changes(kube, before) == []  # no pod, no lease written
     assert steps.serving().model_lock("digits", "istio").holding().holder == "run-a"
+
+
+def test_a_rollout_against_a_baseline_without_pods_moves_no_weight(kube):
+    """Stage 1 against a version already retired (or never deployed) would route its share to
+    nothing: refused before the VirtualService is touched."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=0)
+    deployments.apply("2", image("2"))
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match="baseline version 1 has no pods"):
+        steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    assert not [w for w in changes(kube, before) if "/virtualservices/" in w["path"]]
+    assert routes(kube) == [("v1", 100)]
+
+
+def test_a_rollback_to_a_version_without_a_deployment_leaves_the_routes(kube):
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    del kube.objects[("deployments", "models", "digits-v1")]  # deleted by hand meanwhile
+    with pytest.raises(AirflowFailException, match="version 1 has no Deployment: the routes stay"):
+        steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    assert deployment(kube, "2")["spec"]["replicas"] == 1  # the candidate still serves its share
+
+
+def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
+    """promote's worker killed after the routes moved (its XCom never written): the teardown reads
+    the VirtualService, sees the candidate at 100%, and does not route back to a retired baseline."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1")
+    assert steps.ensure_stable(PARAMS, "run-1", None, None) == "version 2 was promoted: nothing to restore"
+    assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None
+
+
+def test_models_sharing_one_virtual_service_share_its_lease(kube):
+    """The single-model setup (one connection-wide target, no {model}) used for two models: their
+    rollouts would write the same VirtualService, so they take turns on one Lease."""
+    take("run-a", "digits")
+    assert kube.objects[("leases", "models", "rollout-digits")]["spec"]["holderIdentity"] == "run-a"
+    with pytest.raises(AirflowFailException, match="being rolled out by run 'run-a'"):
+        steps.build_image({**PARAMS, "model": "mnist"}, "run-b")
