@@ -67,8 +67,8 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
             raise SystemExit(f"the cluster did not come up; see {workdir / 'cluster.log'}")
         time.sleep(0.5)
     inside = json.loads(cluster_state.read_text())
-    connections = inside["connections"]["digits"]
-    service = f"127.0.0.1:{connections['model_server_default']['port']}"
+    connections = inside["connections"]
+    service = f"127.0.0.1:{inside['services']['ml/digits']}"  # the Service's ClusterIP stand-in
     loadgen = stack.start_loadgen(service, repository, rate, run / "cluster-loadgen.log")
     state["pids"]["loadgen"] = loadgen.pid
     state["urls"] = {"digits": f"http://{service}", "prometheus": inside["prometheus"], "kubernetes": inside["api"]}

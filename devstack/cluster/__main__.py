@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             **cluster.dump(),
             "pid": os.getpid(),
             "models": models,
-            "connections": {m: cluster.connections(m, args.run_dir) for m in models},
+            "connections": cluster.connections(args.run_dir),
         }
         tmp = args.state.with_suffix(".tmp")
         tmp.touch(mode=0o600)

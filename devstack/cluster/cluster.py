@@ -291,24 +291,28 @@ class Cluster:
             drain_seconds=5,
         )
 
-    def connections(self, model: str, run_dir: Path, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:
-        """The Airflow connections a worker of this cluster would have (``mesh = istio``)."""
+    def connections(self, run_dir: Path, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:
+        """The Airflow connections a worker of this cluster would have (``mesh = istio``): one
+        for every model installed, each its own Service, VirtualService and Deployments
+        (``{model}``), reached on its Service's loopback port (``models.<model>.istio.url``)."""
         from dataclasses import asdict
 
         build = {k: v for k, v in asdict(self.build_settings()).items() if v is not None}
         prom_port = int(self.prometheus.url.rsplit(":", 1)[1])
+        installed = sorted(name for ns, name in self.service_ports if ns == namespace)
         return {
             "model_server_default": {
                 "conn_type": "http",
                 "host": "127.0.0.1",
-                "port": self.service_ports[(namespace, model)],
+                "port": self.service_ports[(namespace, installed[0])],
                 "password": self.admin_token,
                 "extra": {
                     "repository": str(self.repository),
                     "prediction_log": self.prediction_log,
                     "run_dir": str(run_dir),
-                    "istio": {"namespace": namespace, "service": model, "name": model},
+                    "istio": {"namespace": namespace, "service": "{model}", "name": "{model}"},
                     "build": build,
+                    "models": {m: {"istio": {"url": self.service_url(m, namespace)}} for m in installed},
                 },
             },
             "kubernetes_default": {

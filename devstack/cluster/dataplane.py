@@ -24,6 +24,8 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   which ``model_server.app.is_shadow_host`` recognises). The client's response does not
   wait for the copy. nginx's known limit: the request is finalized (its access-log line
   written, the next request on a keepalive connection read) only once the copy is answered.
+- Clients get ``Connection: close``: a reload closes idle client connections (Envoy changes
+  routes on the connections it has), and a request sent on one that instant would fail.
 - Proxying as a sidecar does: HTTP/1.1 with keepalive to the pods, the client's Host and
   headers, ``X-Request-ID`` added when the client sent none, a retry on another pod of the
   same subset when a connection fails (``proxy_next_upstream error``: never after a
@@ -529,6 +531,10 @@ def _settings(workdir: Path) -> list[str]:
         '"route":"$rollout_route_name","subset":"$rollout_subset","mirrored":"$rollout_mirrored",'
         '"request_id":"$rollout_request_id","msec":$msec,"request_time":$request_time}\';',
         f"access_log {_q(str(workdir / 'access.log'))} rollout;",
+        # Envoy applies a route change to the connections it has; nginx reloads, and its old
+        # workers close their idle client connections, which a request sent that instant finds
+        # gone. Answering clients with Connection: close leaves no idle connection to race.
+        "keepalive_timeout 0;",
         "proxy_http_version 1.1;",
         "proxy_connect_timeout 10s;",
         "proxy_send_timeout 300s;",

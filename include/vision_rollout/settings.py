@@ -7,7 +7,9 @@ wrong; every default is here and nowhere else. The extras:
 - ``repository``: the model repository folder (``<model>/<version>/model.onnx``, ``<model>/validation``)
 - ``prediction_log``: the prediction log's URI (``shadow_log`` is its old name)
 - ``run_dir``: where reports, audits, the outbox and the routes before a rollout are kept
-- ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode)
+- ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode), and
+  ``url``: where the workers reach the model's Service through the mesh (the validation replay,
+  the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
   ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
   ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
@@ -60,6 +62,7 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "name": _text(253),
                 "gateways": _NAMES,
                 "hosts": _NAMES,
+                "url": {**_text(), "pattern": "^https?://"},
             },
         },
         "build": {
@@ -218,6 +221,14 @@ class ServingSettings:
         return IstioTarget(
             raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])), list(raw.get("hosts", []))
         )
+
+    def serving_url(self, model: str, mesh: str) -> str:
+        """Where the rollout's own requests (the validation replay, the masking probe) reach the
+        model: its Service through the mesh (``istio.url``, or ``models.<model>.istio.url``) in
+        mesh ``istio``, else, and by default, the connection's host and port."""
+        if mesh == "istio":
+            return str(self._section(model, "istio", self.istio_extra).get("url") or self.url)
+        return self.url
 
     def build_for(self, model: str) -> BuildSettings:
         """Kubernetes mode: the model's image build and Deployments (the extras' ``build``,

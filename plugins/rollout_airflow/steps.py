@@ -214,7 +214,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     from model_server.predictionlog import read
     from vision_rollout.replay import load_validation
-    from vision_rollout.serving import AdminError, image_request
+    from vision_rollout.serving import AdminError, ModelServerAdmin, image_request
 
     spec = spec_from(params)
     hook = serving()
@@ -248,6 +248,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # an empty set fails the unpacking
         raise AirflowFailException(f"no probe image in {settings.validation(spec.model)}: {exc}") from None
     body = image_request([image])
+    through_mesh = ModelServerAdmin(settings.serving_url(spec.model, spec.mesh), settings.token)
     started = datetime.now(UTC)
     sent: list[str] = []
     deadline, next_probe = time.monotonic() + 30, 0.0
@@ -264,7 +265,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
                 "X-Shadow-Probe": "1",
             }
             try:
-                settings.admin.infer(spec.model, body, probe_headers)
+                through_mesh.infer(spec.model, body, probe_headers)
             except AdminError as exc:
                 raise AirflowFailException(f"probe request failed: {exc}") from None
         df = read(
@@ -306,7 +307,8 @@ def look_at_stage(
     settings = hook.settings
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
-    state = StageJudge(spec, settings.address, settings.validation(spec.model), settings.prediction_log, source)(window)
+    address = settings.serving_url(spec.model, spec.mesh).split("://", 1)[-1]  # host:port, as tritonclient takes it
+    state = StageJudge(spec, address, settings.validation(spec.model), settings.prediction_log, source)(window)
     print(
         f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"

@@ -89,7 +89,7 @@ class SteadyLoad:
 @pytest.fixture
 def worker(cluster: Cluster, airflow_db: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An Airflow worker of this cluster: its connections, and the object store's credentials."""
-    for conn_id, fields in cluster.connections("digits", tmp_path / "run").items():
+    for conn_id, fields in cluster.connections(tmp_path / "run").items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)

@@ -449,6 +449,47 @@ def test_changed_weights_are_applied_without_failing_a_request(nginx, pods):
 
 
 @pytest.mark.integration
+def test_clients_that_keep_their_connection_lose_no_request_to_a_reload(nginx, pods):
+    """tritonclient keeps its connections open; a reload's old workers close their idle ones.
+    Four such clients through 30 reloads: every request answered (each response says
+    Connection: close, so no idle connection is left to race the close)."""
+    pods.add("v1", "1"), pods.add("v2", "2")
+    port, _ = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1", "2"]))
+    failures: list[str] = []
+    answered: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def keepalive_client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        while not stop.is_set():
+            try:
+                conn.request("POST", INFER, body=b"{}")
+                r = conn.getresponse()
+                body = r.read()
+                answered[str(r.status)] += 1
+                if r.status != 200:
+                    failures.append(f"{r.status} {body[:100]!r}")
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                conn.close()
+        conn.close()
+
+    clients = [threading.Thread(target=keepalive_client) for _ in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        for i in range(30):
+            serve(nginx, pods, *istio({"route": [{"version": "2" if i % 2 == 0 else "1"}]}, ["1", "2"]), port=port)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(DEADLINE_S)
+    assert failures == [], (failures[:5], answered)
+    assert answered["200"] > 30
+
+
+@pytest.mark.integration
 def test_a_configuration_nginx_refuses_is_not_installed_and_the_old_one_serves(nginx, pods):
     pods.add("v1", "1")
     port, conf = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1"]))

@@ -123,6 +123,25 @@ def test_a_model_without_an_entry_gets_the_connection_wide_target_with_its_name_
     assert s.build.registry == "registry.example.com/ml/{model}-server"  # the connection-wide section, as written
 
 
+def test_the_rollouts_own_requests_reach_each_model_through_its_service():
+    """The replay and the probe: in mesh istio through the model's Service (``istio.url``, with
+    {model} filled in, or a model's own), else the connection's host and port."""
+    extra = {
+        **FLEET,
+        "istio": {**FLEET["istio"], "url": "http://{model}.models.svc.cluster.local:8000"},
+        "models": {"detector": {"istio": {"url": "http://10.0.0.7:8000"}}},
+    }
+    s = ServingSettings.from_connection("http://h:8000", None, extra)
+    assert s.serving_url("digits", "istio") == "http://digits.models.svc.cluster.local:8000"
+    assert s.serving_url("detector", "istio") == "http://10.0.0.7:8000"
+    assert s.serving_url("digits", "local") == "http://h:8000"
+    assert (
+        ServingSettings.from_connection("http://h:8000", None, FLEET).serving_url("digits", "istio") == "http://h:8000"
+    )
+    with pytest.raises(SettingsError, match=re.escape("extra istio.url: 'digits.svc:8000' does not match")):
+        ServingSettings.from_connection("http://h:8000", None, {"istio": {"url": "digits.svc:8000"}})
+
+
 def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field():
     extra = {
         **FLEET,
