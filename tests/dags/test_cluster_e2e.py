@@ -44,11 +44,24 @@ CONF = {
 }
 
 
+def two_models(models_dir: Path, repository: Path) -> Path:
+    """A repository of two models: digits, and its files again as mnist (copies: the model server
+    refuses files reached through a link out of its repository)."""
+    import shutil
+
+    for model in ("digits", "mnist"):
+        shutil.copytree(models_dir / "digits", repository / model)
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    (repository / "mnist" / "config.json").write_text(json.dumps({**config, "name": "mnist"}))
+    return repository
+
+
 @pytest.fixture(scope="module")
 def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if find_nginx() is None:
         pytest.skip("nginx is not installed (make test installs nginx-light)")
-    c = Cluster(tmp_path_factory.mktemp("cluster"), models_dir, scrape_interval_s=5).start()
+    work = tmp_path_factory.mktemp("cluster")
+    c = Cluster(work, two_models(models_dir, work / "repository"), scrape_interval_s=5).start()
     try:
         c.install("digits", replicas=2)
         yield c
@@ -60,10 +73,12 @@ class SteadyLoad:
     """The load generator through the data plane, round after round, every answer counted: the
     versions that served, and every failed request by its status."""
 
-    def __init__(self, url: str, validation: Path) -> None:
+    def __init__(self, url: str, validation: Path, model: str = "digits", rate: float = 30) -> None:
         from devstack.loadgen import LoadConfig
 
-        self.cfg = LoadConfig(url=url, validation=validation, rate=30, duration_s=1, feedback_delay_s=0.2)
+        self.cfg = LoadConfig(
+            url=url, model=model, validation=validation, rate=rate, duration_s=1, feedback_delay_s=0.2
+        )
         self.served: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.stop = threading.Event()
@@ -96,17 +111,17 @@ def worker(cluster: Cluster, airflow_db: Path, monkeypatch: pytest.MonkeyPatch, 
     return tmp_path / "run"
 
 
-def routes(cluster: Cluster) -> list[dict[str, Any]]:
+def routes(cluster: Cluster, model: str = "digits") -> list[dict[str, Any]]:
     """The default route of the applied VirtualService, as subsets and weights."""
-    vs = cluster.api.get("virtualservices", NAMESPACE, "digits")
+    vs = cluster.api.get("virtualservices", NAMESPACE, model)
     assert vs is not None
     return [
         {"subset": d["destination"]["subset"], "weight": d.get("weight", 100)} for d in vs["spec"]["http"][-1]["route"]
     ]
 
 
-def replicas(cluster: Cluster, version: str) -> int:
-    deployment = cluster.api.get("deployments", NAMESPACE, f"digits-v{version}")
+def replicas(cluster: Cluster, version: str, model: str = "digits") -> int:
+    deployment = cluster.api.get("deployments", NAMESPACE, f"{model}-v{version}")
     assert deployment is not None
     return int(deployment["spec"]["replicas"])
 
@@ -202,3 +217,91 @@ def test_a_p99_breach_in_the_candidates_pods_restores_stable(cluster, worker):
     assert replicas(cluster, "3") == 0
     text = json.loads(sorted((worker / "outbox").glob("*.json"))[-1].read_text())["text"]
     assert "hard guard tripped: Canary P99" in text
+
+
+@pytest.mark.timeout(900)
+def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(cluster, airflow_db, tmp_path):
+    """digits' v3 and mnist's v2 at the same time, each run by its own Airflow process (its own
+    database) against the one cluster, under load on both Services: each model's run holds its
+    own Lease and drives its own VirtualService and Deployments. mnist's report cannot be written
+    (its outbox is a file): notify fails after the promotion, and v2 keeps serving."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    cluster.install("mnist", replicas=1)
+    stable = routes(cluster)[0]["subset"].removeprefix("v")
+    confs = {
+        "digits": {**CONF, "candidate_version": "3", "baseline_version": stable, "mirror_percent": 0},
+        "mnist": {**CONF, "model": "mnist", "candidate_version": "2", "baseline_version": "1", "mirror_percent": 0},
+    }
+    both_held: list[bool] = []
+    stop = threading.Event()
+
+    def leases() -> None:
+        while not stop.wait(0.5):
+            held = [cluster.api.get("leases", NAMESPACE, f"rollout-{m}") for m in confs]
+            if all(lease and lease["spec"].get("holderIdentity") for lease in held):
+                both_held.append(True)
+
+    processes = {}
+    for model, conf in confs.items():
+        home = tmp_path / model
+        (home / "run").mkdir(parents=True)
+        if model == "mnist":
+            (home / "run" / "outbox").write_text("a file where the outbox folder should be\n")
+        with sqlite3.connect(airflow_db) as source, sqlite3.connect(home / "airflow.db") as copy:
+            source.backup(copy)
+        env = {
+            **os.environ,
+            **S3_CREDENTIALS,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        }
+        for conn_id, fields in cluster.connections(home / "run").items():
+            env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(fields)
+        processes[model] = (home, env, conf)
+    watcher = threading.Thread(target=leases, daemon=True)
+    watcher.start()
+    validation = cluster.repository / "digits" / "validation"
+    with (
+        SteadyLoad(cluster.service_url("digits").removeprefix("http://"), validation, rate=20) as digits_load,
+        SteadyLoad(cluster.service_url("mnist").removeprefix("http://"), validation, "mnist", rate=20) as mnist_load,
+    ):
+        started = {
+            model: subprocess.Popen(
+                [sys.executable, "-m", "tests.dags.dag_run", json.dumps(conf)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=(home / "dag_test.log").open("wb"),
+                cwd=Path(__file__).resolve().parents[2],
+            )
+            for model, (home, env, conf) in processes.items()
+        }
+        outcome = {}
+        for model, proc in started.items():
+            out, _ = proc.communicate(timeout=900)
+            lines = out.decode().strip().splitlines()
+            assert proc.returncode == 0, f"{model}: see {processes[model][0] / 'dag_test.log'}"
+            assert lines, f"{model}: no outcome printed; see {processes[model][0] / 'dag_test.log'}"
+            outcome[model] = json.loads(lines[-1])
+    stop.set()
+    watcher.join(timeout=10)
+    assert both_held, "the two rollouts never held their models at the same time"
+
+    digits, mnist = outcome["digits"]["tasks"], outcome["mnist"]["tasks"]
+    assert digits["rollback"] == "success", digits
+    assert routes(cluster, "digits") == [{"subset": f"v{stable}", "weight": 100}]
+    assert replicas(cluster, "3") == 0
+    assert mnist["promote"] == "success", mnist
+    assert mnist["notify"] == "failed"  # after the promotion
+    assert outcome["mnist"]["state"] == "failed"
+    assert routes(cluster, "mnist") == [{"subset": "v2", "weight": 100}]  # the promotion kept
+    assert replicas(cluster, "1", "mnist") == 0
+    assert cluster.pods.endpoints(NAMESPACE, {"app": "mnist", "version": "2"})  # v2 serves
+    assert digits_load.errors == Counter(), digits_load.errors
+    assert mnist_load.errors == Counter(), mnist_load.errors
+    assert mnist_load.served["2"] > 0
+    for model in confs:  # each run's Lease released by its teardown
+        lease = cluster.api.get("leases", NAMESPACE, f"rollout-{model}")
+        assert lease is None or not lease["spec"].get("holderIdentity"), lease
