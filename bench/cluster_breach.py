@@ -3,7 +3,7 @@
 The cluster (``devstack.cluster``: API server, pods as model-server processes, nginx configured
 from the VirtualService, Prometheus discovering the pods and scraping them every ``--scrape``
 seconds, the prediction log on S3) with digits v1 on 2 pods and live load through the data plane.
-The rollout's own steps, as the DAG's tasks call them (``build_image``, the Kaniko stand-in,
+The rollout's own steps, as the DAG's tasks call them (``build_image``, the BuildKit stand-in,
 ``deploy_candidate``, ``apply_weights`` at 50%), then the stage poked at the sensor's interval
 (``poke_interval``). Once the stage is judged with guard data, 90 ms of delay is injected into
 10% of the candidate pods' answers (their admin ports) and the time until the VirtualService
@@ -52,17 +52,17 @@ def trial(cluster: Cluster, breach_seconds: int, run_id: str) -> dict[str, Any]:
 
     from rollout_airflow import steps
     from rollout_airflow.hooks import PrometheusHook
-    from rollout_airflow.operators import KanikoBuild
+    from rollout_airflow.operators import ImageBuild
     from vision_rollout.engine import guard_inputs, poke_interval
     from vision_rollout.spec import RolloutSpec
 
     params = {**CONF, "candidate_version": "2", "p99_breach_seconds": breach_seconds}
     every = poke_interval(RolloutSpec.from_dict(params))
     built = steps.build_image(params, run_id)
-    ti = SimpleNamespace(dag_id="model_rollout", task_id="kaniko_build", map_index=-1, try_number=1, xcom={})
+    ti = SimpleNamespace(dag_id="model_rollout", task_id="buildkit_build", map_index=-1, try_number=1, xcom={})
     ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
     context = {"ti": ti, "params": params, "run_id": run_id, "dag": SimpleNamespace(dag_id="model_rollout")}
-    KanikoBuild(task_id="kaniko_build", plan=built).execute(context)
+    ImageBuild(task_id="buildkit_build", plan=built).execute(context)
     steps.deploy_candidate(params, built, run_id)
     applied = steps.apply_weights(params, 0, run_id, built)
     spec, source = RolloutSpec.from_dict(params), PrometheusHook().source()

@@ -4,8 +4,8 @@
 Roll a new version of a model out to production, or roll it back, with the evidence.
 
 1. **build_image**: verify the candidate artifact (loads, signature, golden inference); then load it
-   beside the baseline (mesh `local`), or (mesh `istio`) **kaniko_build** builds its image in a
-   pod (skipped in local mode) and **deploy_candidate** runs it as its own Deployment.
+   beside the baseline (mesh `local`), or (mesh `istio`) **buildkit_build** builds its image in a
+   BuildKit pod (skipped in local mode) and **deploy_candidate** runs it as its own Deployment.
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
 3. **enable_shadow**: mirror on; a probe with a synthetic phone number must reach the shadow
    log only masked.
@@ -36,7 +36,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, TriggerRule, dag, task, task_group
 
-from rollout_airflow.operators import KanikoBuild, PromotionApproval
+from rollout_airflow.operators import ImageBuild, PromotionApproval
 from rollout_airflow.sensors import StageMetricsSensor
 from vision_rollout.spec import RolloutSpec
 
@@ -176,8 +176,7 @@ def model_rollout() -> None:
 
     built = previous = build_image()
     deployed = (
-        KanikoBuild(task_id="kaniko_build", plan=built, retries=1, retry_delay=timedelta(minutes=1))
-        >> deploy_candidate()
+        ImageBuild(task_id="buildkit_build", plan=built, retries=1, retry_delay=timedelta(minutes=1)) >> deploy_candidate()
     )
     gates = []
     for index in range(MAX_STAGES):

@@ -7,7 +7,7 @@ faithful piece, all on 127.0.0.1:
   protocol, server-side apply, CRD schema validation, optimistic concurrency);
 - kubelet and the ReplicaSet controller: ``pods.PodRunner`` (each Deployment's pods as
   model-server processes with the pod template's args, env and Secrets; readiness from the
-  probe into the Deployment's status; a killed pod restarted; a Kaniko build pod run as the
+  probe into the Deployment's status; a killed pod restarted; a BuildKit build pod run as the
   build's Dockerfile would);
 - Envoy configured by Istio: Debian's ``nginx``, rendered from the applied VirtualServices and
   DestinationRules and the ready pods (``dataplane``), reloaded on every change as xDS would push
@@ -242,7 +242,7 @@ class Cluster:
         k8s.CoreV1Api(api).patch_namespaced_service(
             model, namespace, service, field_manager="install", force=True, _content_type="application/apply-patch+yaml"
         )
-        # The build context the rollout's Kaniko pod reads: the Dockerfile and the model's folder.
+        # The build context the rollout's build pod reads: the Dockerfile and the model's folder.
         shutil.copytree(self.repository / model, self.context / "models" / model, dirs_exist_ok=True)
         (self.context / "docker").mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / "docker" / "Dockerfile.model-server", self.context / "docker")
@@ -277,7 +277,7 @@ class Cluster:
         return self.s3.uri("predictions")
 
     def build_settings(self, replicas: int = 2) -> Any:
-        """Kubernetes mode's build settings here: the Kaniko stand-in reads a context folder (the
+        """Kubernetes mode's build settings here: the BuildKit stand-in reads a context folder (the
         Dockerfile and the installed models' folders); no GPU (pods run the CPU provider)."""
         from vision_rollout.settings import BuildSettings
 

@@ -1,5 +1,5 @@
 """The one-machine cluster's kubelet and ReplicaSet controller: each Deployment's pods run as
-model-server processes on loopback, and a Kaniko build pod as a build stand-in.
+model-server processes on loopback, and a BuildKit build pod as a build stand-in.
 
 ``PodRunner(api, workdir, images).reconcile()``, called in a loop (``run_forever``), makes the
 pods of every Deployment in ``api`` (a ``FakeKubeAPI(kubelet=True)``) match ``spec.replicas``,
@@ -36,14 +36,19 @@ a cluster do. What a pod is here:
 - at most ``max_pods`` (16) pods per Deployment: beyond that the Deployment's status has a
   ``ReplicaFailure`` condition saying so.
 
-Pods created through the API (not by a Deployment) whose image is Kaniko's executor
-(``gcr.io/kaniko-project/executor``, or any image in ``builders``) are builds: the stand-in does
-what ``docker/Dockerfile.model-server`` does with the build context (``--context=dir://PATH``):
-``COPY ${MODEL_DIR} /models`` and, with ``MODEL_FILE``, ``sha256sum -c`` of that file against
-``MODEL_SHA256``; then it "pushes" every ``--destination`` tag (the tag names a copy of the
-context's models folder, so ``images`` resolves it for Deployments afterwards), writes the build
-log (read through the pod log endpoint) and ends the pod Succeeded, or Failed with the reason
-in the log and the container's terminated state. Other bare pods fail at once, saying why.
+Pods created through the API (not by a Deployment) whose image is BuildKit's (``moby/buildkit``,
+or any image in ``builders``) are builds. The stand-in runs their init containers in order as
+their images would, into the pod's volume folders: the AWS CLI's ``s3 cp s3://... PATH`` (the
+object from ``objects``, an s3:// URI -> bytes or None) and the builder's ``tar -xzf ARCHIVE -C
+DIR``; then what ``buildctl-daemonless.sh build`` does with ``docker/Dockerfile.model-server``
+and the ``--local`` context (a volume of the container, else a folder of this machine: a
+``dir://`` context): ``COPY ${MODEL_DIR} /models`` and, with ``MODEL_FILE``, ``sha256sum -c`` of
+that file against ``MODEL_SHA256``; then it "pushes" the ``--output`` image's name (the tag names
+a copy of the context's models folder, so ``images`` resolves it for Deployments afterwards),
+writes the build log (read through the pod log endpoint; an init container's lines in it too)
+and ends the pod Succeeded, or Failed with the reason in the log and the container's terminated
+state. A command, flag or option it does not understand fails the build, saying which; the cache
+flags are taken and nothing cached. Other bare pods fail at once, saying why.
 
 Container logs are files of lines stamped as the container runtime stamps them (one file per
 container start, rotated at 10 MiB), served by the API server's log endpoint.
@@ -60,6 +65,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -75,7 +81,8 @@ from devstack.processes import PYTHONPATH, free_port
 
 log = logging.getLogger(__name__)
 
-KANIKO_IMAGE_PREFIX = "gcr.io/kaniko-project/executor"
+BUILDKIT_IMAGE_PREFIX = "moby/buildkit"
+AWS_CLI_IMAGE_PREFIX = "amazon/aws-cli"
 ADDRESS_ANNOTATION = "cluster.devstack/address"
 ADMIN_ANNOTATION = "cluster.devstack/admin-address"  # the pod's --admin-port, when its args have one
 IMAGE_CMD = ["--repository", "/models", "--state-dir", "/tmp/model-server-state"]  # noqa: S108 (the serving image CMD, a path in the container)
@@ -92,6 +99,7 @@ BACKOFF_S, MAX_BACKOFF_S = 10.0, 300.0
 NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # what the ReplicaSet controller draws pod suffixes from
 
 ImageSource = Mapping[str, Path] | Callable[[str], "Path | None"]
+ObjectSource = Callable[[str], "bytes | None"]
 
 
 class ContainerError(Exception):
@@ -216,6 +224,7 @@ class PodRunner:
         builders: Iterable[str] = (),
         gpu: bool | None = None,
         max_pods: int = MAX_PODS_PER_DEPLOYMENT,
+        objects: ObjectSource | None = None,
     ):
         if not api.kubelet:
             raise ValueError(
@@ -227,6 +236,7 @@ class PodRunner:
             gpu = gpu_count() > 0
         self.api, self.workdir, self.images, self.gpu = api, workdir, images, gpu
         self.builders = frozenset(builders)
+        self.objects = objects  # where the build pods' s3:// contexts are
         self.max_pods = min(max_pods, MAX_PODS)
         self.pushed: dict[str, Path] = {}  # image tags the builds pushed
         self.pods: dict[tuple[str, str], Pod] = {}
@@ -444,14 +454,17 @@ class PodRunner:
             pod = Pod(*key, None, "", meta.get("labels") or {}, obj["spec"], self.workdir / "pods" / key[0] / key[1])
             self.pods[key] = pod
             image = pod.container["image"]
-            if not (image.startswith(KANIKO_IMAGE_PREFIX) or image in self.builders):
+            if not self._builder(image):
                 pod.waiting = None
                 pod.terminated = _terminated(
                     128,
                     "ContainerCannotRun",
                     f"image {image!r}: this one-machine cluster runs a pod created by itself only for a build "
-                    f"({KANIKO_IMAGE_PREFIX} or {sorted(self.builders)}); model servers run from Deployments",
+                    f"({BUILDKIT_IMAGE_PREFIX} or {sorted(self.builders)}); model servers run from Deployments",
                 )
+
+    def _builder(self, image: str) -> bool:
+        return image.startswith(BUILDKIT_IMAGE_PREFIX) or image in self.builders
 
     # -- the kubelet --------------------------------------------------------------------------------
 
@@ -550,12 +563,13 @@ class PodRunner:
         }
         return [sys.executable, "-m", "model_server", *argv], env
 
-    def _volumes(self, pod: Pod) -> dict[str, Path]:
-        """Each mounted volume's folder: ``emptyDir`` fresh for the pod, ``secret`` with its keys
-        as files. ContainerError (kubelet's mount failure) when a Secret is missing."""
+    def _volumes(self, pod: Pod, container: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Each volume the container (the pod's first by default) mounts, by its ``mountPath``:
+        ``emptyDir`` a folder of the pod (shared by its containers), ``secret`` with its keys as
+        files. ContainerError (kubelet's mount failure) when a Secret is missing."""
         volumes = {v.get("name"): v for v in pod.spec.get("volumes") or []}
         paths = {}
-        for mount in pod.container.get("volumeMounts") or []:
+        for mount in (container or pod.container).get("volumeMounts") or []:
             volume = volumes.get(mount.get("name"))
             if volume is None:
                 raise ContainerError("CreateContainerConfigError", f"volume {mount.get('name')!r} is not in the pod")
@@ -758,22 +772,32 @@ class PodRunner:
 
     # -- the build stand-in -------------------------------------------------------------------------
 
+    def _containers(self, pod: Pod) -> list[dict[str, Any]]:
+        """The pod's init containers, in order, then its build container."""
+        return [*(pod.spec.get("initContainers") or []), pod.container]
+
     def _start_build(self, pod: Pod) -> None:
-        try:
-            self._volumes(pod)  # the push Secret must be there, as kubelet must mount it
+        try:  # every container's volumes mounted first, as kubelet does: the push Secret must be there
+            steps = [(container, self._volumes(pod, container)) for container in self._containers(pod)]
         except ContainerError as exc:
             pod.waiting = (exc.reason, exc.message)
             return
         pod.log = ContainerLog(pod.log_path())
         pod.started_at, pod.waiting = now_rfc3339(), None
-        threading.Thread(target=self._build, args=(pod,), daemon=True, name=f"build-{pod.name}").start()
+        threading.Thread(target=self._build, args=(pod, steps), daemon=True, name=f"build-{pod.name}").start()
 
-    def _build(self, pod: Pod) -> None:
+    def _build(self, pod: Pod, steps: list[tuple[dict[str, Any], dict[str, Path]]]) -> None:
         assert pod.log is not None
+        say = pod.log.write
+        *inits, (build, mounts) = steps
         try:
-            tags, folder = build_model_image(pod.container.get("args") or [], self.workdir / "images", pod.log.write)
+            for init, init_mounts in inits:
+                self._run_init(init, init_mounts, say)
+            tags, folder = build_model_image(
+                build.get("command") or [], build.get("args") or [], mounts, self.workdir / "images", say
+            )
         except BuildError as exc:
-            pod.log.write(f"error building image: {exc}")
+            say(f"error: {exc}")
             end = _terminated(1, "Error", str(exc))
         else:
             with self.lock:
@@ -785,46 +809,125 @@ class PodRunner:
         with self.lock:
             pod.terminated = end
 
+    def _run_init(self, container: Mapping[str, Any], mounts: Mapping[str, Path], say: Callable[[str], None]) -> None:
+        """An init container of a build pod, as its image would run it (see the module's doc)."""
+        name, image = container.get("name", ""), str(container.get("image", ""))
+        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+
+        def on_volume(path: str) -> Path:
+            local = _on_volume(path, mounts)
+            if local is None:
+                raise BuildError(f"init container {name}: {path} is on no volume: it ends with the container")
+            return local
+
+        if image.startswith(AWS_CLI_IMAGE_PREFIX) and not container.get("command"):
+            options, (source, target) = argv[2:-2], argv[-2:] if len(argv) >= 4 else ("", "")
+            if argv[:2] != ["s3", "cp"] or not source.startswith("s3://") or set(options) - AWS_CP_OPTIONS:
+                raise BuildError(
+                    f"init container {name}: aws {' '.join(argv)}: only `s3 cp [--no-progress] s3://... PATH` here"
+                )
+            if self.objects is None:
+                raise BuildError(f"init container {name}: this cluster has no object store for {source}")
+            data = self.objects(source)
+            if data is None:
+                raise BuildError(
+                    f"init container {name}: fatal error: An error occurred (404) when calling the HeadObject "
+                    f"operation: Key {source.removeprefix('s3://').partition('/')[2]!r} does not exist"
+                )
+            local = on_volume(target)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(data)
+            say(f"download: {source} to {target}")
+        elif self._builder(image) and len(argv) == 5 and argv[:2] == ["tar", "-xzf"] and argv[3] == "-C":
+            archive, folder = on_volume(argv[2]), on_volume(argv[4])
+            if not folder.is_dir():
+                raise BuildError(f"init container {name}: tar: can't change directory to '{argv[4]}'")
+            try:
+                with tarfile.open(archive, "r:gz") as tar:
+                    members = tar.getmembers()
+                    if len(members) > MAX_CONTEXT_FILES or sum(m.size for m in members) > MAX_CONTEXT_BYTES:
+                        raise BuildError(f"init container {name}: {argv[2]}: more than this cluster unpacks")
+                    tar.extractall(folder, filter="data")
+            except (OSError, tarfile.TarError) as exc:
+                raise BuildError(f"init container {name}: tar: {argv[2]}: {exc}") from None
+        else:
+            raise BuildError(
+                f"init container {name} ({image}: {' '.join(argv)}): this cluster runs only the AWS CLI's "
+                "`s3 cp s3://... PATH` and the builder's `tar -xzf ARCHIVE -C DIR` before a build"
+            )
+
 
 class BuildError(Exception):
     """Why a build failed (the last words of its log)."""
 
 
-def build_model_image(args: list[str], images: Path, say: Callable[[str], None]) -> tuple[list[str], Path]:
-    """What Kaniko does with ``docker/Dockerfile.model-server`` and these executor ``args``, on
-    this machine: the context's models folder copied (``COPY ${MODEL_DIR} /models``), the baked
-    candidate's sha256 checked (``sha256sum -c``), the result kept as a folder under ``images``
-    for every ``--destination`` tag. Returns (tags, folder); BuildError says why not."""
+AWS_CP_OPTIONS = {"--no-progress", "--only-show-errors", "--quiet"}
+BUILDCTL_FLAGS = {"progress", "frontend", "local", "opt", "output", "import-cache", "export-cache"}
+SHA256_CHECK = (
+    'RUN if [ -n "$MODEL_FILE" ]; then echo "$MODEL_SHA256  /models/${MODEL_FILE#${MODEL_DIR}/}" | sha256sum -c -; fi'
+)
+
+
+def build_model_image(
+    command: list[str], args: list[str], mounts: Mapping[str, Path], images: Path, say: Callable[[str], None]
+) -> tuple[list[str], Path]:
+    """What ``buildctl-daemonless.sh build`` (the ``dockerfile.v0`` frontend) does with
+    ``docker/Dockerfile.model-server`` and these ``args``, on this machine: the ``--local``
+    context (``mounts``: the container's volumes by mount path; any other path is this machine's)
+    read, its models folder copied (``COPY ${MODEL_DIR} /models``), the baked candidate's sha256
+    checked (``sha256sum -c``), the result kept as a folder under ``images`` for the ``--output``
+    image's name. Returns (tags, folder); BuildError says why not."""
     if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_CHARS for a in args):
         raise BuildError(f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each")
+    if command != ["buildctl-daemonless.sh"] or args[:1] != ["build"]:
+        raise BuildError(f"{' '.join([*command, *args[:1]])!r}: a build here is `buildctl-daemonless.sh build ...`")
     flags: dict[str, list[str]] = {}
-    rest = iter(args)
+    rest = iter(args[1:])
     for arg in rest:
         if not arg.startswith("--"):
             raise BuildError(f"unexpected argument {arg!r}")
         name, sep, value = arg[2:].partition("=")
+        if name not in BUILDCTL_FLAGS:
+            raise BuildError(
+                f"flag --{name}: this stand-in of buildctl build understands --{', --'.join(sorted(BUILDCTL_FLAGS))}"
+            )
         flags.setdefault(name, []).append(value if sep else next(rest, ""))
-    context_uri = (flags.get("context") or [""])[-1]
-    if not context_uri.startswith("dir://"):
-        raise BuildError(f"--context {context_uri!r}: only dir:// build contexts can be read on this machine")
-    context = Path(context_uri.removeprefix("dir://"))
+    if flags.get("frontend") != ["dockerfile.v0"]:
+        raise BuildError(f"--frontend {flags.get('frontend')}: only dockerfile.v0 builds here")
+    opts: dict[str, str] = {}
+    for opt in flags.get("opt") or []:
+        key, _, value = opt.partition("=")
+        if key == "context":
+            raise BuildError(f"--opt context={value}: no git or https context can be reached from this machine")
+        if key != "filename" and not key.startswith("build-arg:"):
+            raise BuildError(f"--opt {key}: this stand-in takes filename and build-arg:NAME")
+        opts[key] = value
+    local = dict(entry.partition("=")[::2] for entry in flags.get("local") or [])
+    if set(local) - {"context", "dockerfile"} or "context" not in local:
+        raise BuildError(f"--local {sorted(local)}: a build here reads --local context=DIR (and dockerfile=DIR)")
+    context = _on_volume(local["context"], mounts) or Path(local["context"])  # dir://: this machine's
     if not context.is_dir():
-        raise BuildError(f"--context {context_uri!r}: no such folder")
-    dockerfile = (flags.get("dockerfile") or ["Dockerfile"])[-1]
-    if not (context / dockerfile).is_file():
-        raise BuildError(f"error resolving dockerfile path: {dockerfile} is not a file in the build context {context}")
-    if Path(dockerfile).name != "Dockerfile.model-server":
-        raise BuildError(f"--dockerfile {dockerfile}: this stand-in builds only docker/Dockerfile.model-server")
-    destinations = flags.get("destination") or []
-    if not destinations:
-        raise BuildError("no --destination: nothing to push")
-    build_args = dict(a.partition("=")[::2] for a in flags.get("build-arg") or [])
+        raise BuildError(f"--local context={local['context']}: no such folder")
+    output = dict(field.partition("=")[::2] for field in (flags.get("output") or [""])[-1].split(","))
+    if output.get("type") != "image" or output.get("push") != "true" or not output.get("name"):
+        raise BuildError(f"--output {flags.get('output')}: a build here pushes: type=image,name=TAG,push=true")
+    for ref in [*(flags.get("import-cache") or []), *(flags.get("export-cache") or [])]:
+        if "type=registry" not in ref.split(","):
+            raise BuildError(f"cache {ref!r}: only type=registry here")
+    filename = opts.get("filename", "Dockerfile")
+    folder = local.get("dockerfile", local["context"])
+    dockerfile = (_on_volume(folder, mounts) or Path(folder)) / filename
+    say(f"#1 [internal] load build definition from {filename}")
+    if not dockerfile.is_file():
+        raise BuildError(f"failed to solve: failed to read dockerfile: open {filename}: no such file or directory")
+    if dockerfile.name != "Dockerfile.model-server":
+        raise BuildError(f"--opt filename={filename}: this stand-in builds only docker/Dockerfile.model-server")
+    build_args = {k.removeprefix("build-arg:"): v for k, v in opts.items() if k.startswith("build-arg:")}
     model_dir = build_args.get("MODEL_DIR") or "models"
     source = (context / model_dir).resolve()
-    say(f"INFO Using dockerfile: {context / dockerfile}")
-    say(f"INFO COPY {model_dir} /models")
+    say(f"#2 [models 1/2] COPY {model_dir} /models")
     if not source.is_relative_to(context.resolve()) or not source.is_dir():
-        raise BuildError(f"COPY failed: {model_dir} is not a folder of the build context")
+        raise BuildError(f'failed to solve: failed to compute cache key: "/{model_dir}": not found')
     files = [p for p in source.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
     if len(files) > MAX_CONTEXT_FILES or size > MAX_CONTEXT_BYTES:
@@ -833,29 +936,38 @@ def build_model_image(args: list[str], images: Path, say: Callable[[str], None])
     if model_file:
         inside = model_file.removeprefix(f"{model_dir}/")
         candidate = (source / inside).resolve()
-        say(f'INFO RUN echo "$MODEL_SHA256  /models/{inside}" | sha256sum -c -')
+        say(f"#3 [models 2/2] {SHA256_CHECK}")
         if not candidate.is_relative_to(source) or not candidate.is_file():
-            say(f"sha256sum: /models/{inside}: No such file or directory")
-            raise BuildError(f"/models/{inside} does not exist: exit status 1")
+            say(f"#3 0.012 sha256sum: /models/{inside}: No such file or directory")
+            raise BuildError(f"failed to solve: /models/{inside} does not exist: exit code: 1")
         digest = hashlib.sha256()
         with candidate.open("rb") as f:
             while chunk := f.read(1024 * 1024):
                 digest.update(chunk)
         if digest.hexdigest() != build_args.get("MODEL_SHA256", ""):
-            say(f"/models/{inside}: FAILED")
-            say("sha256sum: WARNING: 1 computed checksum did NOT match")
+            say(f"#3 0.012 /models/{inside}: FAILED")
+            say("#3 0.012 sha256sum: WARNING: 1 computed checksum did NOT match")
             raise BuildError(
-                f"the sha256 of {model_file} is {digest.hexdigest()}, not MODEL_SHA256 "
-                f"{build_args.get('MODEL_SHA256', '')!r}: exit status 1"
+                f"failed to solve: the sha256 of {model_file} is {digest.hexdigest()}, not MODEL_SHA256 "
+                f"{build_args.get('MODEL_SHA256', '')!r}: exit code: 1"
             )
-        say(f"/models/{inside}: OK")
+        say(f"#3 0.012 /models/{inside}: OK")
     images.mkdir(parents=True, exist_ok=True)
-    folder = images / f"{hashlib.sha256(' '.join(destinations).encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
-    shutil.copytree(source, folder)
-    for tag in destinations:
-        say(f"INFO Pushing image to {tag}")
-        say(f"INFO Pushed {tag}")
-    return destinations, folder
+    tag = output["name"]
+    image = images / f"{hashlib.sha256(tag.encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
+    shutil.copytree(source, image)
+    say("#4 exporting to image")
+    say(f"#4 pushing manifest for {tag}")
+    say("#4 DONE")
+    return [tag], image
+
+
+def _on_volume(path: str, mounts: Mapping[str, Path]) -> Path | None:
+    """A container's path as this machine's, when it is on one of the container's volumes."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if path == mount or path.startswith(f"{mount}/"):
+            return mounts[mount] / path[len(mount) :].lstrip("/")
+    return None
 
 
 def _translate(args: list[str], paths: Mapping[str, Path], gpu: bool) -> list[str]:

@@ -2,9 +2,9 @@
 
 ``verify_model`` loads the candidate in ONNX Runtime, checks its signature against the model's
 config and the baseline's graph, runs a golden inference over validation images through the
-server's own preprocessing, and records size and sha256. ``kaniko_pod`` renders the build pod
-(for the KubernetesPodOperator) that bakes the model into the serving image, tagged by the
-artifact's digest.
+server's own preprocessing, and records size and sha256. ``build_pod`` renders the build pod
+(for the KubernetesPodOperator: BuildKit, rootless) that bakes the model into the serving image,
+tagged by the artifact's digest.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
-KANIKO_IMAGE = "gcr.io/kaniko-project/executor:v1.23.2"
+# The AWS CLI's image (amazon/aws-cli, tagged as the CLI's release 2.36.7) fetches an s3://
+# build context; BuildKit fetches git and https contexts itself.
+AWS_CLI_IMAGE = "amazon/aws-cli:2.36.7"
+BUILDER_UID = 1000  # the user of BuildKit's rootless image, mapped to root in its user namespace
+BUILDER_HOME = "/home/user"
+CONTEXT_DIR = "/workspace/context"
 
 
 @dataclass
@@ -131,7 +136,7 @@ def image_tag(registry_repo: str, sha256: str) -> str:
     return f"{registry_repo}:sha-{sha256[:12]}"
 
 
-def kaniko_pod(
+def build_pod(
     name: str,
     namespace: str,
     context: str,
@@ -139,51 +144,145 @@ def kaniko_pod(
     model_file: str,
     model_sha256: str,
     *,
+    builder_image: str,  # BuildSettings.builder_image: BuildKit's rootless image or a mirror of it
     docker_config_secret: str,  # the Secret's name (BuildSettings.push_secret)
     service_account: str,
     dockerfile: str = "docker/Dockerfile.model-server",
 ) -> dict[str, Any]:
-    """The Kaniko build pod (a V1Pod as a dict) for the KubernetesPodOperator.
+    """The BuildKit build pod (a V1Pod as a dict) for the KubernetesPodOperator: rootless BuildKit
+    (``buildctl-daemonless.sh``, the daemon in the build container) as BuildKit's own
+    ``examples/kubernetes/job.rootless.yaml``, pushing ``destination`` with the push Secret's
+    ``config.json`` and a registry cache beside it.
 
-    ``model_file`` is the candidate's path in the build context (``models/<m>/<v>/model.onnx``);
-    the Dockerfile refuses to build unless its sha256 is ``model_sha256``.
+    ``context``: ``s3://bucket/key.tar.gz`` (a tarball fetched by ``aws s3 cp`` with the service
+    account's credentials and unpacked by init containers into an emptyDir: BuildKit reads no
+    s3://), a ``git://`` or ``https://`` URL BuildKit fetches itself (a git repository or a
+    tarball; no credentials in it, the build log shows it), or ``dir://PATH``, a folder the build
+    container sees. ``model_file`` is the candidate's path in the context
+    (``models/<m>/<v>/model.onnx``); the Dockerfile refuses to build unless its sha256 is
+    ``model_sha256``. ValueError for any other context.
     """
+    init_containers: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    folder, filename = dockerfile.rpartition("/")[::2]
+    if context.startswith("s3://"):
+        local = ["--local", f"context={CONTEXT_DIR}", "--local", f"dockerfile={CONTEXT_DIR}/{folder}".rstrip("/")]
+        init_containers = _context_fetch(context, builder_image)
+        volumes = [{"name": "download", "emptyDir": {}}, {"name": "context", "emptyDir": {}}]
+    elif context.startswith(("git://", "https://")):
+        local, filename = ["--opt", f"context={context}"], dockerfile  # the Dockerfile from the context
+    elif context.startswith("dir://"):
+        path = context.removeprefix("dir://").rstrip("/")
+        local = ["--local", f"context={path}", "--local", f"dockerfile={path}/{folder}".rstrip("/")]
+    else:
+        raise ValueError(f"build context {context!r}: an s3://, git://, https:// or dir:// URI")
+    repository = destination.rpartition(":")[0]
+    cache = f"type=registry,ref={repository}:buildcache"
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "kaniko", "app.kubernetes.io/managed-by": "model-rollout"},
+            "labels": {"app.kubernetes.io/name": "image-build", "app.kubernetes.io/managed-by": "model-rollout"},
         },
         "spec": {
             "restartPolicy": "Never",
             "serviceAccountName": service_account,
+            **({"initContainers": init_containers} if init_containers else {}),
             "containers": [
                 {
-                    "name": "kaniko",
-                    "image": KANIKO_IMAGE,
+                    "name": "build",
+                    "image": builder_image,
+                    "command": ["buildctl-daemonless.sh"],
                     "args": [
-                        f"--dockerfile={dockerfile}",
-                        f"--context={context}",
-                        f"--destination={destination}",
-                        f"--build-arg=MODEL_FILE={model_file}",
-                        f"--build-arg=MODEL_SHA256={model_sha256}",
-                        "--snapshot-mode=redo",
-                        "--cache=true",
+                        "build",
+                        "--progress",
+                        "plain",
+                        "--frontend",
+                        "dockerfile.v0",
+                        *local,
+                        "--opt",
+                        f"filename={filename}",
+                        "--opt",
+                        f"build-arg:MODEL_FILE={model_file}",
+                        "--opt",
+                        f"build-arg:MODEL_SHA256={model_sha256}",
+                        "--import-cache",
+                        cache,
+                        "--export-cache",
+                        f"{cache},mode=max",
+                        "--output",
+                        f"type=image,name={destination},push=true",
                     ],
+                    # Kubernetes cannot unmask /proc (Docker's systempaths=unconfined), so the build's
+                    # steps run without a process namespace of their own (BuildKit's docs/rootless.md).
+                    "env": [
+                        {"name": "BUILDKITD_FLAGS", "value": "--oci-worker-no-process-sandbox"},
+                        {"name": "DOCKER_CONFIG", "value": f"{BUILDER_HOME}/.docker"},
+                    ],
+                    # Not privileged: rootlesskit maps the user 1000 of the image to root in a user
+                    # namespace, which needs unshare and mount (seccomp and AppArmor unconfined) and
+                    # the setuid newuidmap (no allowPrivilegeEscalation: false).
+                    "securityContext": {
+                        "runAsUser": BUILDER_UID,
+                        "runAsGroup": BUILDER_UID,
+                        "runAsNonRoot": True,
+                        "seccompProfile": {"type": "Unconfined"},
+                        "appArmorProfile": {"type": "Unconfined"},
+                    },
                     "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-                    "volumeMounts": [{"name": "docker-config", "mountPath": "/kaniko/.docker", "readOnly": True}],
+                    "volumeMounts": [
+                        *([{"name": "context", "mountPath": CONTEXT_DIR, "readOnly": True}] if init_containers else []),
+                        {"name": "docker-config", "mountPath": f"{BUILDER_HOME}/.docker", "readOnly": True},
+                        # Not the image's VOLUME: on some nodes (Container-Optimized OS) it is nosuid.
+                        {"name": "buildkitd", "mountPath": f"{BUILDER_HOME}/.local/share/buildkit"},
+                    ],
                 }
             ],
             "volumes": [
+                *volumes,
                 {
                     "name": "docker-config",
                     "secret": {
                         "secretName": docker_config_secret,
                         "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
                     },
-                }
+                },
+                {"name": "buildkitd", "emptyDir": {}},
             ],
         },
     }
+
+
+def _context_fetch(context: str, builder_image: str) -> list[dict[str, Any]]:
+    """The init containers that put an s3:// context tarball, unpacked, into the ``context``
+    emptyDir: ``aws s3 cp`` (credentials from the pod's service account, never in its spec), then
+    the builder image's ``tar`` (the AWS CLI's image has none)."""
+    unprivileged = {
+        "runAsUser": BUILDER_UID,
+        "runAsGroup": BUILDER_UID,
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    return [
+        {
+            "name": "fetch-context",
+            "image": AWS_CLI_IMAGE,
+            "args": ["s3", "cp", "--no-progress", context, "/download/context.tar.gz"],
+            "env": [{"name": "HOME", "value": "/download"}],  # the CLI's cache, not the image's /root
+            "securityContext": unprivileged,
+            "volumeMounts": [{"name": "download", "mountPath": "/download"}],
+        },
+        {
+            "name": "unpack-context",
+            "image": builder_image,
+            "command": ["tar", "-xzf", "/download/context.tar.gz", "-C", CONTEXT_DIR],
+            "securityContext": unprivileged,
+            "volumeMounts": [
+                {"name": "download", "mountPath": "/download", "readOnly": True},
+                {"name": "context", "mountPath": CONTEXT_DIR},
+            ],
+        },
+    ]

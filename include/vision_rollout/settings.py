@@ -10,10 +10,11 @@ wrong; every default is here and nowhere else. The extras:
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode), and
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
-- ``build``: ``registry``, ``context``, ``namespace``, ``service_account``, ``push_secret``,
-  ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
+- ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
+  ``push_secret``, ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
   ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
-  (kubernetes mode: the Kaniko build and the version Deployments, ``BuildSettings``)
+  (kubernetes mode: the image build, BuildKit rootless, and the version Deployments,
+  ``BuildSettings``)
 - ``models``: ``{<model>: {"istio": {...}, "build": {...}}}``, a model's own sections, each
   overriding the connection-wide one field by field (``istio_for``, ``build_for``)
 
@@ -38,6 +39,9 @@ from vision_rollout.mesh import IstioTarget
 from vision_rollout.serving import ModelServerAdmin
 
 CONNECTION = "model_server_default"
+# BuildKit's rootless image (moby/buildkit, release v0.32.2): the image build's default builder.
+BUILDKIT_IMAGE = "moby/buildkit:v0.32.2-rootless"
+CONTEXT_PATTERN = r"^(s3|git|https|dir)://"  # what images.build_pod can hand to BuildKit
 
 
 def _text(max_length: int = 4096) -> dict[str, Any]:
@@ -69,7 +73,8 @@ EXTRA_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                **{name: _text() for name in ("registry", "context")},
+                **{name: _text() for name in ("registry", "builder_image")},
+                "context": {**_text(), "pattern": CONTEXT_PATTERN},
                 **{
                     name: _text(253)
                     for name in (
@@ -116,10 +121,13 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class BuildSettings:
-    """Kubernetes mode: the image build (Kaniko) and the Deployment of each version."""
+    """Kubernetes mode: the image build (BuildKit, rootless) and the Deployment of each version."""
 
     registry: str | None = None  # image repository the build pushes to
-    context: str | None = None  # Kaniko build context (s3://, gs://, git://, dir://)
+    context: str | None = None  # build context: s3:// tarball, git:// or https:// URL, dir:// (images.build_pod)
+    # BuildKit's rootless image, or the same from a mirror: the pod runs its buildctl-daemonless.sh
+    # (and its tar, for an s3:// context).
+    builder_image: str = BUILDKIT_IMAGE
     namespace: str = "ml-builds"
     service_account: str = "image-builder"
     push_secret: str = "registry-push"  # noqa: S105 (the name of a Secret with .dockerconfigjson)

@@ -3,7 +3,7 @@
 - ``model_server_default`` (http): host, port, schema; the admin token as the password; the
   extras as ``vision_rollout.settings`` describes them (repository, prediction log, run folder,
   and for kubernetes mode ``istio`` and ``build``, connection-wide and per model).
-- ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and Kaniko pods use.
+- ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and the build pods use.
 - ``prometheus_default`` (http): the Prometheus HTTP API.
 - ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
   password, optional ``base_url`` extra); without a token, reports go to an outbox folder.

@@ -1,8 +1,8 @@
 """The rollout's own operators.
 
-``kaniko_build``: the candidate's serving image built by Kaniko in a pod, the cncf provider's
-KubernetesPodOperator fed by ``build_image``'s plan (XCom): its own task in the UI, with its
-retries, its log streamed from the pod and deferrable mode from Airflow's configuration
+``buildkit_build``: the candidate's serving image built by BuildKit (rootless) in a pod, the cncf
+provider's KubernetesPodOperator fed by ``build_image``'s plan (XCom): its own task in the UI,
+with its retries, its log streamed from the pod and deferrable mode from Airflow's configuration
 (``[operators] default_deferrable``). Skipped when the plan is empty (mesh ``local``).
 
 ``approve_promotion``: a reviewer's go before promotion (Airflow 3's human-in-the-loop).
@@ -24,9 +24,9 @@ PROMOTE, ROLL_BACK = "Promote", "Roll back"
 BUILD_LEASE_S = 2 * 3600  # the model's lease while its image builds (a pod start and a build)
 
 
-class KanikoBuild(KubernetesPodOperator):
-    """``kaniko_build``: runs the build pod of ``plan``, ``build_image``'s output (its ``build``,
-    from ``steps.kaniko_plan``: ``pod``, a V1Pod as a dict, its ``name`` and ``namespace``),
+class ImageBuild(KubernetesPodOperator):
+    """``buildkit_build``: runs the build pod of ``plan``, ``build_image``'s output (its ``build``,
+    from ``steps.build_plan``: ``pod``, a V1Pod as a dict, its ``name`` and ``namespace``),
     streams its log and deletes it once it succeeded (a failed one stays for inspection).
     Skipped when the output has no ``build`` (mesh ``local``)."""
 

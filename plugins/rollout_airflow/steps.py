@@ -82,7 +82,7 @@ def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, se
 def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Take the model's lease (one rollout of a model at a time); verify the candidate before any
     traffic; then, in local mode, load it beside the baseline; in kubernetes mode (mesh ``istio``),
-    plan its image build (``build``: run by ``kaniko_build``)."""
+    plan its image build (``build``: run by ``buildkit_build``)."""
     from vision_rollout.images import verify_model
 
     spec = spec_from(params)
@@ -102,18 +102,18 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     if not report.ok:
         raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
     if spec.mesh == "istio":
-        return {**report.to_dict(), "build": kaniko_plan(spec, report.sha256, settings.build_for(spec.model))}
+        return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
 
-def kaniko_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
-    """The Kaniko pod that builds the candidate's image (``pod``, a V1Pod as a dict, its ``name``
+def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
+    """The BuildKit pod that builds the candidate's image (``pod``, a V1Pod as a dict, its ``name``
     and ``namespace``) and the ``image`` tag, from the artifact's digest, that it pushes.
 
     Settings from the ``model_server_default`` extras' ``build`` section (``BuildSettings``).
     """
-    from vision_rollout.images import image_tag, kaniko_pod
+    from vision_rollout.images import build_pod, image_tag
 
     try:
         registry, context = build.require("registry", "context")
@@ -122,13 +122,14 @@ def kaniko_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[st
     tag = image_tag(registry, sha256)
     name = f"build-{spec.model}-{spec.candidate_version}-{sha256[:8]}".lower().replace("_", "-").replace(".", "-")
     namespace = build.namespace
-    pod = kaniko_pod(
+    pod = build_pod(
         name,
         namespace,
         context,
         tag,
         f"models/{spec.model}/{spec.candidate_version}/model.onnx",
         sha256,
+        builder_image=build.builder_image,
         service_account=build.service_account,
         docker_config_secret=build.push_secret,
     )
@@ -136,7 +137,7 @@ def kaniko_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[st
 
 
 def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str) -> str:
-    """Kubernetes mode, once ``kaniko_build`` pushed the image: the candidate's Deployment (that
+    """Kubernetes mode, once ``buildkit_build`` pushed the image: the candidate's Deployment (that
     image, its subset's labels), its pods ready. Local mode: ``build_image`` loaded it already."""
     spec = spec_from(params)
     if spec.mesh == "local":

@@ -2,7 +2,7 @@
 
 The API server, pods as model-server processes, nginx configured from the applied
 VirtualService, Prometheus discovering the pods (every 5 s here; 15 s in ``make cluster-demo``)
-and the prediction log on an S3 API: version 2 built by the Kaniko stand-in, deployed, promoted
+and the prediction log on an S3 API: version 2 built by the BuildKit stand-in, deployed, promoted
 under steady load with no failed client request; then version 3 against it, with the mirror,
 rolled back.
 """
@@ -151,7 +151,7 @@ def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, work
     with SteadyLoad(cluster.service_url("digits").removeprefix("http://"), validation) as load:
         run = dag.test(run_conf={**CONF, "candidate_version": "2", "mirror_percent": 0})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["kaniko_build"] == "success"  # the Kaniko stand-in built and pushed its image
+    assert states["buildkit_build"] == "success"  # the BuildKit stand-in built and pushed its image
     assert states["promote"] == "success", states
     assert routes(cluster) == [{"subset": "v2", "weight": 100}]
     assert replicas(cluster, "1") == 0

@@ -79,7 +79,7 @@ def test_every_dag_has_an_owner_tags_and_its_retries(dagbag):
         assert {t.owner for t in dag.tasks} == {"ml-platform"}
     retries = {t.task_id: t.retries for t in dagbag.dags["model_rollout"].tasks}
     for task_id, n in retries.items():
-        repeatable = ("build_image", "kaniko_build", "deploy_candidate")  # verify, load, build, apply: idempotent
+        repeatable = ("build_image", "buildkit_build", "deploy_candidate")  # verify, load, build, apply: idempotent
         expected = 2 if task_id.endswith(".wait_for_metrics") else 1 if task_id in repeatable else 0
         assert n == expected, (task_id, n)
     assert {t.retries for t in dagbag.dags["shadow_audit"].tasks} == {1}
@@ -90,12 +90,12 @@ def test_the_image_build_is_its_own_pod_task_between_verification_and_the_first_
     from airflow.sdk import conf
 
     dag = dagbag.dags["model_rollout"]
-    kaniko = dag.get_task("kaniko_build")
-    assert isinstance(kaniko, KubernetesPodOperator)
-    assert kaniko.deferrable == conf.getboolean("operators", "default_deferrable")  # Airflow's setting
-    assert kaniko.upstream_task_ids == {"build_image"}
+    build = dag.get_task("buildkit_build")
+    assert isinstance(build, KubernetesPodOperator)
+    assert build.deferrable == conf.getboolean("operators", "default_deferrable")  # Airflow's setting
+    assert build.upstream_task_ids == {"build_image"}
     deploy = dag.get_task("deploy_candidate")
-    assert deploy.upstream_task_ids == {"kaniko_build"}
+    assert deploy.upstream_task_ids == {"buildkit_build"}
     assert deploy.trigger_rule == "none_failed"  # runs after local mode's skipped build, not a failed one
     assert {"build_image", "deploy_candidate"} <= dag.get_task("stage_1.apply_mesh_weights").upstream_task_ids
 

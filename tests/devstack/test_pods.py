@@ -1,14 +1,17 @@
 """The one-machine cluster's pod runner: Deployments run as model-server processes behind the
 fake API server, seen through the official kubernetes client, ``VersionDeployments`` and the
-cncf provider's KubernetesPodOperator (a Kaniko build pod run by the build stand-in)."""
+cncf provider's KubernetesPodOperator (a BuildKit build pod run by the build stand-in)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +29,7 @@ from devstack.processes import alive
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.locks import FileLock
 from vision_rollout.mesh import IstioTarget
-from vision_rollout.settings import BuildSettings
+from vision_rollout.settings import BUILDKIT_IMAGE, BuildSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/ml/digits-server:sha-0123456789ab"
@@ -193,7 +196,7 @@ def test_replicas_beyond_the_limit_are_reported_in_the_deployment_status(tmp_pat
         api.stop()
 
 
-# -- the Kaniko build pod through the cncf provider's KubernetesPodOperator -----------------------
+# -- the BuildKit build pod through the cncf provider's KubernetesPodOperator ---------------------
 
 
 @pytest.fixture
@@ -208,34 +211,46 @@ def build_context(tmp_path: Path, models_dir: Path) -> Path:
     return context
 
 
+def sha256_of(context: Path) -> str:
+    return hashlib.sha256((context / "models" / "digits" / "2" / "model.onnx").read_bytes()).hexdigest()
+
+
 def run_build(
-    api: FakeKubeAPI, context: Path, sha256: str, monkeypatch: pytest.MonkeyPatch, name: str, pod_names: list[str]
+    api: FakeKubeAPI,
+    context: str,
+    sha256: str,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    pod_names: list[str],
+    run_dir: Path,
 ) -> None:
-    from rollout_airflow.operators import KanikoBuild
-    from vision_rollout.images import kaniko_pod
+    """``buildkit_build`` as the DAG runs it: the pod of ``build_pod`` created, followed and ended by
+    the real KubernetesPodOperator through ``kubernetes_default``."""
+    from rollout_airflow.operators import ImageBuild
+    from vision_rollout.images import build_pod
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_KUBERNETES_DEFAULT",
         json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(api.kubeconfig("ml-builds"))}}),
     )
-    pod = kaniko_pod(
+    pod = build_pod(
         name,
         "ml-builds",
-        f"dir://{context}",
+        context,
         IMAGE,
         "models/digits/2/model.onnx",
         sha256,
+        builder_image=BUILDKIT_IMAGE,
         docker_config_secret="registry-push",
-        service_account="kaniko",
+        service_account="image-builder",
     )
     plan = {"build": {"pod": pod, "name": name, "namespace": "ml-builds", "image": IMAGE}}
-    operator = KanikoBuild(
-        task_id="kaniko_build", plan=plan, startup_timeout_seconds=60, startup_check_interval_seconds=1
+    operator = ImageBuild(
+        task_id="buildkit_build", plan=plan, startup_timeout_seconds=60, startup_check_interval_seconds=1
     )
-    ti = SimpleNamespace(dag_id="model_rollout", task_id="kaniko_build", map_index=-1, try_number=1, xcom={})
+    ti = SimpleNamespace(dag_id="model_rollout", task_id="buildkit_build", map_index=-1, try_number=1, xcom={})
     ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
     # The build runs for a run that holds its model (build_image took the lock; here a lock file).
-    run_dir = context.parent / "run"
     monkeypatch.setenv(
         "AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": {"run_dir": str(run_dir)}})
     )
@@ -269,20 +284,27 @@ def push_secret(cluster):
     return config
 
 
-def test_the_kaniko_pod_builds_and_pushes_the_checked_model(cluster, build_context, push_secret, monkeypatch, capsys):
+def test_the_build_pod_builds_and_pushes_the_checked_model(cluster, build_context, push_secret, monkeypatch, capsys):
     api, runner, _api_client = cluster
     runner.pushed.clear()
     runner.images = {}  # the tag resolves only once the build pushed it
-    sha = hashlib.sha256((build_context / "models" / "digits" / "2" / "model.onnx").read_bytes()).hexdigest()
     names: list[str] = []
-    run_build(api, build_context, sha, monkeypatch, "build-digits-2-good", names)
+    run_build(
+        api,
+        f"dir://{build_context}",
+        sha256_of(build_context),
+        monkeypatch,
+        "build-digits-2-good",
+        names,
+        build_context.parent / "run",
+    )
     folder = runner.resolve(IMAGE)
     assert folder is not None
     assert (folder / "digits" / "2" / "model.onnx").read_bytes() == (
         build_context / "models" / "digits" / "2" / "model.onnx"
     ).read_bytes()
     streamed = capsys.readouterr().out  # the build log, followed by the operator
-    assert f"Pushed {IMAGE}" in streamed
+    assert f"pushing manifest for {IMAGE}" in streamed
     assert "/models/digits/2/model.onnx: OK" in streamed
     assert names[0].startswith("build-digits-2-good")
     wait_for("the succeeded pod deleted", lambda: api.get("pods", "ml-builds", names[0]) is None)
@@ -291,22 +313,111 @@ def test_the_kaniko_pod_builds_and_pushes_the_checked_model(cluster, build_conte
     assert created[-1]["path"] == "/api/v1/namespaces/ml-builds/pods"
 
 
-def test_the_kaniko_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context, push_secret, monkeypatch):
+def test_an_s3_context_is_fetched_and_unpacked_before_the_build(
+    cluster, build_context, push_secret, monkeypatch, capsys
+):
+    api, runner, _api_client = cluster
+    runner.pushed.clear()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(build_context, arcname=".")
+    uri = "s3://ml-builds/serving-context.tar.gz"
+    runner.objects = {uri: archive.getvalue()}.get
+    names: list[str] = []
+    run_build(api, uri, sha256_of(build_context), monkeypatch, "build-digits-2-s3", names, build_context.parent / "run")
+    folder = runner.resolve(IMAGE)
+    assert folder is not None
+    assert (folder / "digits" / "2" / "model.onnx").read_bytes() == (
+        build_context / "models" / "digits" / "2" / "model.onnx"
+    ).read_bytes()
+    streamed = capsys.readouterr().out
+    assert f"download: {uri} to /download/context.tar.gz" in streamed
+    assert "/models/digits/2/model.onnx: OK" in streamed
+
+
+def test_the_build_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context, push_secret, monkeypatch):
     from airflow.exceptions import AirflowException
 
     api, runner, api_client = cluster
     runner.pushed.clear()
     names: list[str] = []
     with pytest.raises(AirflowException, match="Failed"):
-        run_build(api, build_context, "0" * 64, monkeypatch, "build-digits-2-bad", names)
+        run_build(
+            api,
+            f"dir://{build_context}",
+            "0" * 64,
+            monkeypatch,
+            "build-digits-2-bad",
+            names,
+            build_context.parent / "run",
+        )
     assert runner.pushed == {}
     pod = client.CoreV1Api(api_client).read_namespaced_pod(names[0], "ml-builds")  # kept to inspect
     assert pod.status.phase == "Failed"
+    assert pod.spec.containers[0].image == BUILDKIT_IMAGE  # as the operator created it
     terminated = pod.status.container_statuses[0].state.terminated
     assert terminated.exit_code == 1
     assert "not MODEL_SHA256" in terminated.message
     log = client.CoreV1Api(api_client).read_namespaced_pod_log(names[0], "ml-builds")
     assert "sha256sum: WARNING: 1 computed checksum did NOT match" in log
+
+
+def test_a_build_of_an_s3_context_the_store_lacks_fails_naming_it(cluster, build_context, push_secret, monkeypatch):
+    from airflow.exceptions import AirflowException
+
+    api, runner, api_client = cluster
+    runner.pushed.clear()
+    runner.objects = {}.get
+    names: list[str] = []
+    with pytest.raises(AirflowException, match="Failed"):
+        run_build(
+            api,
+            "s3://ml-builds/missing.tar.gz",
+            "0" * 64,
+            monkeypatch,
+            "build-digits-2-none",
+            names,
+            build_context.parent / "run",
+        )
+    assert runner.pushed == {}
+    pod = client.CoreV1Api(api_client).read_namespaced_pod(names[0], "ml-builds")
+    assert [c.name for c in pod.spec.init_containers] == ["fetch-context", "unpack-context"]
+    assert "Key 'missing.tar.gz' does not exist" in pod.status.container_statuses[0].state.terminated.message
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda a: [*a, "--secret", "id=token"], "flag --secret: this stand-in of buildctl build understands"),
+        (lambda a: [*a, "--opt", "context=https://example.com/ctx.tar.gz"], "no git or https context"),
+        (lambda a: [*a, "--opt", "target=build"], "--opt target: this stand-in takes filename and build-arg:NAME"),
+        (lambda a: [*a[:-1], a[-1].replace(",push=true", "")], "a build here pushes: type=image,name=TAG,push=true"),
+        (lambda a: [x.replace("dockerfile.v0", "gateway.v0") for x in a], "only dockerfile.v0 builds here"),
+        (lambda a: [*a, "--export-cache", "type=local,dest=/cache"], "only type=registry here"),
+        (lambda a: ["prune", *a[1:]], "a build here is `buildctl-daemonless.sh build ...`"),
+    ],
+)
+def test_the_build_stand_in_refuses_what_it_does_not_understand(build_context, tmp_path, change, reason):
+    from devstack.cluster.pods import BuildError, build_model_image
+    from vision_rollout.images import build_pod
+
+    pod = build_pod(
+        "b",
+        "ml-builds",
+        f"dir://{build_context}",
+        IMAGE,
+        "models/digits/2/model.onnx",
+        sha256_of(build_context),
+        builder_image=BUILDKIT_IMAGE,
+        docker_config_secret="registry-push",
+        service_account="image-builder",
+    )
+    container = pod["spec"]["containers"][0]
+    lines: list[str] = []
+    tags, _ = build_model_image(container["command"], container["args"], {}, tmp_path / "images", lines.append)
+    assert tags == [IMAGE]  # as rendered, it builds
+    with pytest.raises(BuildError, match=re.escape(reason)):
+        build_model_image(container["command"], change(container["args"]), {}, tmp_path / "images", lines.append)
 
 
 def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vision_rollout.settings import BuildSettings, ServingSettings, SettingsError
+from vision_rollout.settings import BUILDKIT_IMAGE, BuildSettings, ServingSettings, SettingsError
 
 
 def test_defaults_and_the_old_name_of_the_prediction_log():
@@ -50,6 +50,9 @@ def test_paths_a_rollout_uses(tmp_path):
         ({"repository": 5}, "extra repository: 5 is not of type 'string'"),
         ({"istio": {"gateways": "mesh"}}, "extra istio.gateways: 'mesh' is not of type 'array'"),
         ({"istio": {"namspace": "models"}}, "extra istio: Additional properties are not allowed ('namspace'"),
+        ({"build": {"context": "gs://b/ctx.tar.gz"}}, "extra build.context: 'gs://b/ctx.tar.gz' does not match"),
+        ({"models": {"d": {"build": {"context": "/srv/ctx"}}}}, "extra models.d.build.context: '/srv/ctx' does not"),
+        ({"build": {"builder_image": ""}}, "extra build.builder_image: '' should be non-empty"),
     ],
 )
 def test_wrong_extras_are_named(extra, needle):
@@ -91,6 +94,9 @@ def test_the_sizing_settings_of_kubernetes_mode():
         "model-server-masking",
     )
     assert BuildSettings().storage_secret is None
+    assert BuildSettings().builder_image == BUILDKIT_IMAGE
+    mirror = {"builder_image": "mirror.example.com/moby/buildkit:v0.32.2-rootless"}
+    assert ServingSettings.from_connection("h", None, {"build": mirror}).build.builder_image == mirror["builder_image"]
     assert ServingSettings.from_connection("h", None, {"build": {"drain_seconds": 2.5}}).build.drain_seconds == 2.5
     for extra, message in (
         ({"min_replicas": 0}, "extra build.min_replicas: 0 is less than the minimum of 1"),

@@ -1,4 +1,4 @@
-"""Kubernetes mode (mesh ``istio``): the Kaniko build pod the KubernetesPodOperator would run, rendered
+"""Kubernetes mode (mesh ``istio``): the BuildKit build pod the KubernetesPodOperator would run, rendered
 and checked with the kubernetes client, the stage weights applied as an Istio VirtualService
 through ``kubernetes_default`` (the fake API server speaks the real wire protocol), each model
 its own target, and one run at a time per model (its Lease)."""
@@ -19,7 +19,7 @@ BUILD = {
     "registry": "registry.example.com/ml/digits-server",
     "context": "s3://ml-builds/serving-context.tar.gz",
     "namespace": "ml-builds",
-    "service_account": "kaniko",
+    "service_account": "image-builder",
     "push_secret": "registry-push",
     "drain_seconds": 0,  # no Envoy to wait for
 }
@@ -84,16 +84,17 @@ def routes(kube: FakeKubeAPI, name: str = "digits") -> list[tuple[str, int]]:
     return [(r["destination"]["subset"], r.get("weight", 100)) for r in http]
 
 
-def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
+def test_the_build_pod_is_rootless_buildkit_pushing_the_digest_tag(kube):
     from kubernetes import client
 
-    from rollout_airflow.operators import KanikoBuild
+    from rollout_airflow.operators import ImageBuild
+    from vision_rollout.settings import BUILDKIT_IMAGE
 
-    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+    plan = steps.build_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
     tag = plan["image"]
     assert tag == "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
     assert json.loads(json.dumps(plan)) == plan  # it travels by XCom
-    operator = KanikoBuild(task_id="kaniko_build", plan={"build": plan})
+    operator = ImageBuild(task_id="buildkit_build", plan={"build": plan})
     operator.prepare(plan)
     pod = operator.build_pod_request_obj()  # what the operator would create
     api = client.ApiClient()
@@ -101,17 +102,33 @@ def test_the_build_pod_is_kaniko_pushing_the_digest_tag(kube):
     assert api.sanitize_for_serialization(api._ApiClient__deserialize(rendered, "V1Pod")) == rendered  # valid V1Pod
     assert pod.metadata.namespace == "ml-builds"
     assert pod.metadata.name.startswith("build-digits-2-c0ffeec0")
-    assert pod.spec.service_account_name == "kaniko"
+    assert pod.spec.service_account_name == "image-builder"
     assert pod.spec.restart_policy == "Never"
     (container,) = pod.spec.containers
-    assert container.image.startswith("gcr.io/kaniko-project/executor:")
-    assert f"--destination={tag}" in container.args
-    assert "--context=s3://ml-builds/serving-context.tar.gz" in container.args
-    assert f"--build-arg=MODEL_SHA256={SHA}" in container.args
-    assert "--build-arg=MODEL_FILE=models/digits/2/model.onnx" in container.args
-    assert pod.spec.volumes[0].secret.secret_name == "registry-push"
+    assert container.image == BUILDKIT_IMAGE  # the default builder
+    assert container.command == ["buildctl-daemonless.sh"]  # the operator keeps the template's command
+    assert f"type=image,name={tag},push=true" in container.args
+    assert f"build-arg:MODEL_SHA256={SHA}" in container.args
+    assert "build-arg:MODEL_FILE=models/digits/2/model.onnx" in container.args
+    assert not container.security_context.privileged
+    assert container.security_context.seccomp_profile.type == "Unconfined"
+    fetch, _unpack = pod.spec.init_containers  # the s3:// context, fetched before the build
+    assert fetch.args[-2:] == ["s3://ml-builds/serving-context.tar.gz", "/download/context.tar.gz"]
+    secret = next(v for v in pod.spec.volumes if v.secret)
+    assert secret.secret.secret_name == "registry-push"
+    assert next(m for m in container.volume_mounts if m.name == secret.name).read_only
     assert operator.kubernetes_conn_id == "kubernetes_default"
     assert operator.on_finish_action.value == "delete_succeeded_pod"
+
+
+def test_the_builder_image_is_a_setting(kube, monkeypatch, tmp_path):
+    """A mirror, or another build of BuildKit's rootless image: the same command line."""
+    mirror = "mirror.example.com/moby/buildkit:v0.32.2-rootless"
+    connect(monkeypatch, tmp_path, builder_image=mirror)
+    plan = steps.build_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+    spec = plan["pod"]["spec"]
+    assert spec["containers"][0]["image"] == spec["initContainers"][1]["image"] == mirror
+    assert spec["containers"][0]["command"] == ["buildctl-daemonless.sh"]
 
 
 def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, monkeypatch):
@@ -120,16 +137,16 @@ def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, m
         json.dumps({"conn_type": "http", "host": "digits", "extra": {"istio": ISTIO, "build": {"context": "s3://x"}}}),
     )
     with pytest.raises(AirflowFailException, match=r"model_server_default extra build\.registry"):
-        steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+        steps.build_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
 
 
 def test_local_mode_has_no_image_to_build():
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from rollout_airflow.operators import KanikoBuild
+    from rollout_airflow.operators import ImageBuild
 
     with pytest.raises(AirflowSkipException, match="no image to build"):
-        KanikoBuild(task_id="kaniko_build", plan={"sha256": SHA}).execute({})  # a local-mode report
+        ImageBuild(task_id="buildkit_build", plan={"sha256": SHA}).execute({})  # a local-mode report
 
 
 def image(version: str) -> str:
@@ -472,13 +489,13 @@ def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
 
 
 def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
-    from rollout_airflow.operators import KanikoBuild
+    from rollout_airflow.operators import ImageBuild
 
-    plan = steps.kaniko_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
+    plan = steps.build_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
     take("run-a")
     before = len(kube.requests)
     with pytest.raises(AirflowFailException, match="run 'run-b' does not hold model 'digits'"):
-        KanikoBuild(task_id="kaniko_build", plan={"build": plan}).execute({"params": PARAMS, "run_id": "run-b"})
+        ImageBuild(task_id="buildkit_build", plan={"build": plan}).execute({"params": PARAMS, "run_id": "run-b"})
     assert changes(kube, before) == []  # no pod, no lease written
     assert steps.serving().model_lock("digits", "istio").holding().holder == "run-a"
 
