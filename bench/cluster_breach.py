@@ -90,7 +90,7 @@ def trial(cluster: Cluster, breach_seconds: int, run_id: str) -> dict[str, Any]:
     while stable_route(cluster) != [{"subset": "v1", "weight": 100}]:
         time.sleep(0.1)
     stable = time.monotonic() - injected
-    steps.ensure_stable(params, run_id, None, "1")  # the candidate's pods gone, the lease released
+    steps.ensure_stable(params, run_id, None, "1", {"outbox": "-"})  # the candidate's pods gone, the lease released
     return {
         "p99_breach_seconds": breach_seconds,
         "poke_interval_s": every,

@@ -23,8 +23,9 @@ Roll a new version of a model out to production, or roll it back, with the evide
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 
 Runs of different models go on side by side; one model has one run at a time: **build_image**
-takes the model's lease (a Kubernetes Lease `rollout-<model>`, or a lock file in local mode),
-every step renews it, the teardown **ensure_stable** releases it. A second run of the same
+takes the model's lease (a Kubernetes Lease `rollout-<VirtualService>`, or a lock file in local mode),
+every step renews it, the teardown **ensure_stable** releases it (and fails the run when the
+report was not sent, the decision kept). A second run of the same
 model fails its first task at once, naming the run that holds the model, and touches nothing.
 """
 
@@ -141,7 +142,8 @@ def model_rollout() -> None:
 
     @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
-        return steps.ensure_stable(params, run_id, ti.xcom_pull(task_ids="promote"), ti.xcom_pull(task_ids="rollback"))
+        promoted, rolled_back, report = (ti.xcom_pull(task_ids=t) for t in ("promote", "rollback", "notify"))
+        return steps.ensure_stable(params, run_id, promoted, rolled_back, report)
 
     def stage(index: int, previous: Any) -> Any:
         @task_group(group_id=f"stage_{index + 1}")
@@ -176,7 +178,8 @@ def model_rollout() -> None:
 
     built = previous = build_image()
     deployed = (
-        ImageBuild(task_id="buildkit_build", plan=built, retries=1, retry_delay=timedelta(minutes=1)) >> deploy_candidate()
+        ImageBuild(task_id="buildkit_build", plan=built, retries=1, retry_delay=timedelta(minutes=1))
+        >> deploy_candidate()
     )
     gates = []
     for index in range(MAX_STAGES):

@@ -478,13 +478,20 @@ def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
     deployments.scale_to_zero(version)
 
 
-def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rolled_back: str | None) -> str:
+def ensure_stable(
+    params: dict[str, Any],
+    run_id: str,
+    promoted: str | None,
+    rolled_back: str | None,
+    report: dict[str, Any] | None,
+) -> str:
     """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
     the model's lease is released. A run that does not hold the lease (another run of the model
     held it, or took it over) touches nothing: the routes are that run's.
 
-    A run that ended before promote or rollback (marked failed in the UI, say) fails here, once
-    stable is back: Airflow would otherwise count it a success (its reporting leaf was skipped).
+    It fails, once that is done, a run that ended before promote or rollback (marked failed in the
+    UI, say) and a run whose report (``report``, notify's XCom) was not sent: Airflow would
+    otherwise count either a success (a teardown's upstream failing does not fail the run).
     """
     spec = spec_from(params)
     lock = serving().model_lock(spec.model, spec.mesh)
@@ -498,10 +505,13 @@ def ensure_stable(params: dict[str, Any], run_id: str, promoted: str | None, rol
         restore_stable(params, run_id)  # should it fail, the lease stays: the failure callback tries again
     lock.release(run_id)
     if promoted == spec.candidate_version:
-        return f"version {promoted} was promoted: nothing to restore"
-    done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
-    if rolled_back is None:
-        raise AirflowFailException(f"the run was stopped before it decided; {done}")
+        done = f"version {promoted} was promoted: nothing to restore"
+    else:
+        done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
+        if rolled_back is None:
+            raise AirflowFailException(f"the run was stopped before it decided; {done}")
+    if report is None:
+        raise AirflowFailException(f"{done}; but its report was not sent (see notify's log)")
     return done
 
 

@@ -295,6 +295,7 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
     assert replicas(cluster, "3") == 0
     assert mnist["promote"] == "success", mnist
     assert mnist["notify"] == "failed"  # after the promotion
+    assert mnist["ensure_stable"] == "failed"  # the teardown fails the run: its report was not sent
     assert outcome["mnist"]["state"] == "failed"
     assert routes(cluster, "mnist") == [{"subset": "v2", "weight": 100}]  # the promotion kept
     assert replicas(cluster, "1", "mnist") == 0

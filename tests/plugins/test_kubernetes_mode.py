@@ -25,6 +25,7 @@ BUILD = {
 }
 ISTIO = {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh"]}
 PARAMS = {"candidate_version": "2", "mesh": "istio", "stages": [10, 50, 100]}
+SENT = {"outbox": "run/outbox/report.json"}  # notify's XCom: the report went out
 
 
 def connect(monkeypatch, tmp_path, extra: dict | None = None, **build) -> None:
@@ -230,7 +231,7 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     assert deployment(kube, "2")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v2")  # kept
     assert deployment(kube, "1")["spec"]["replicas"] == 1
-    assert steps.ensure_stable(PARAMS, "run-1", None, "1").startswith("version 1 takes 100%")  # run-1 ends
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")  # run-1 ends
     deployments.apply("2", "registry.example.com/ml/digits-server:v2")
     take("run-2")
     steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
@@ -444,7 +445,7 @@ def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(flee
         steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
     assert changes(fleet, before) == []  # refused before touching anything
     # Its teardown and the DAG's failure callback leave run-a's routes and lease alone.
-    assert "nothing restored" in steps.ensure_stable({**PARAMS, "candidate_version": "3"}, "run-b", None, None)
+    assert "nothing restored" in steps.ensure_stable({**PARAMS, "candidate_version": "3"}, "run-b", None, None, None)
     steps.restore_stable_on_failure({"params": {**PARAMS, "candidate_version": "3"}, "run_id": "run-b"})
     assert changes(fleet, before) == []
     assert routes(fleet) == [("v1", 90), ("v2", 10)]
@@ -459,7 +460,7 @@ def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(flee
     assert lease(fleet, "mnist")["spec"]["holderIdentity"] == "run-c"
 
     # run-a ends: stable back, its lease released; the model is free for the next run.
-    assert steps.ensure_stable(PARAMS, "run-a", None, "1").startswith("version 1 takes 100%")
+    assert steps.ensure_stable(PARAMS, "run-a", None, "1", SENT).startswith("version 1 takes 100%")
     assert routes(fleet) == [("v1", 100)]
     assert lease(fleet, "digits") is None
     assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]  # the other model's rollout goes on
@@ -483,7 +484,7 @@ def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
         steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
     with pytest.raises(AirflowFailException, match="run 'run-a' does not hold model 'digits'"):
         steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-a")
-    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None)
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)
     assert changes(fleet, before) == []
     assert routes(fleet) == [("v1", 90), ("v3", 10)]
 
@@ -534,7 +535,7 @@ def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     steps.promote(PARAMS, "run-1")
-    assert steps.ensure_stable(PARAMS, "run-1", None, None) == "version 2 was promoted: nothing to restore"
+    assert steps.ensure_stable(PARAMS, "run-1", None, None, SENT) == "version 2 was promoted: nothing to restore"
     assert routes(kube) == [("v2", 100)]
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
@@ -546,3 +547,18 @@ def test_models_sharing_one_virtual_service_share_its_lease(kube):
     assert kube.objects[("leases", "models", "rollout-digits")]["spec"]["holderIdentity"] == "run-a"
     with pytest.raises(AirflowFailException, match="being rolled out by run 'run-a'"):
         steps.build_image({**PARAMS, "model": "mnist"}, "run-b")
+
+
+def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
+    """notify failed after promote: the teardown keeps the promoted version and releases the
+    Lease, then fails, so the run ends failed (a teardown's upstream failing would not fail it)."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1")
+    with pytest.raises(
+        AirflowFailException, match="version 2 was promoted: nothing to restore; but its report was not sent"
+    ):
+        steps.ensure_stable(PARAMS, "run-1", "2", None, None)
+    assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None

@@ -92,7 +92,7 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     lock.acquire("run-a")
     with pytest.raises(AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'"):
         steps.build_image(PARAMS, "run-b")
-    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-b", None, None)
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-b", None, None, None)
     steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-b"})
     assert lock.holding().holder == "run-a"
     assert json.loads((tmp_path / "locks" / "digits.lock").read_text())["holder"] == "run-a"
