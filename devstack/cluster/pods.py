@@ -966,7 +966,8 @@ def _on_volume(path: str, mounts: Mapping[str, Path]) -> Path | None:
     """A container's path as this machine's, when it is on one of the container's volumes."""
     for mount in sorted(mounts, key=len, reverse=True):
         if path == mount or path.startswith(f"{mount}/"):
-            return mounts[mount] / path[len(mount) :].lstrip("/")
+            local = (mounts[mount] / path[len(mount) :].lstrip("/")).resolve()
+            return local if local.is_relative_to(mounts[mount].resolve()) else None  # no way out by ".."
     return None
 
 

@@ -301,6 +301,14 @@ class VersionDeployments:
         live = self._live(version)
         return None if live is None else str(live.spec.template.spec.containers[0].image)
 
+    def model_of(self, version: str) -> str | None:
+        """The model the version's live Deployment serves (its pods' ``model-rollout/model``
+        annotation, which ``render_deployment`` writes); None without a Deployment or the
+        annotation (one installed by other means)."""
+        live = self._live(version)
+        annotations = (live.spec.template.metadata.annotations or {}) if live is not None else {}
+        return annotations.get("model-rollout/model")
+
     def replicas(self, version: str) -> int | None:
         """The live Deployment's ``spec.replicas`` (an HPA's choice under autoscaling); None
         when the version has no Deployment."""
@@ -320,12 +328,15 @@ class VersionDeployments:
         """False when the version has no Deployment (nothing to scale)."""
         return self.scale(version, 0)
 
-    def wait_ready(self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0) -> None:
+    def wait_ready(
+        self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0, strict: bool = True
+    ) -> None:
         """Until at least ``replicas`` of the version's pods run its current template and are ready
         (the controller has seen the last spec, ``observedGeneration``, counts them in
         ``updatedReplicas``, and no pod of an older template is left: while a new image rolls out,
-        the old pods' readiness does not count);
-        RouterError after ``timeout_s``."""
+        the old pods' readiness does not count); RouterError after ``timeout_s``. Not ``strict``:
+        ready pods of any template count (the mesh routes to them all: what a rollback needs of a
+        version that serves already, whose own update may be stuck)."""
         deadline = time.monotonic() + timeout_s
         while True:
             live = self._live(version)
@@ -337,7 +348,7 @@ class VersionDeployments:
             updated = (status.updated_replicas or 0) if status else 0
             total = (status.replicas or 0) if status else 0
             # As `kubectl rollout status`: no pod of an older template left, so every ready pod is a new one.
-            if current and updated >= replicas and total <= updated and ready >= replicas:
+            if ready >= replicas and (not strict or (current and updated >= replicas and total <= updated)):
                 return
             if time.monotonic() > deadline:
                 raise RouterError(

@@ -156,7 +156,7 @@ def build_pod(
 
     ``context``: ``s3://bucket/key.tar.gz`` (a tarball fetched by ``aws s3 cp`` with the service
     account's credentials and unpacked by init containers into an emptyDir: BuildKit reads no
-    s3://), a ``git://`` or ``https://`` URL BuildKit fetches itself (a git repository or a
+    s3://), an ``https://`` URL BuildKit fetches itself (a git repository or a
     tarball; no credentials in it, the build log shows it), or ``dir://PATH``, a folder the build
     container sees. ``model_file`` is the candidate's path in the context
     (``models/<m>/<v>/model.onnx``); the Dockerfile refuses to build unless its sha256 is
@@ -169,13 +169,13 @@ def build_pod(
         local = ["--local", f"context={CONTEXT_DIR}", "--local", f"dockerfile={CONTEXT_DIR}/{folder}".rstrip("/")]
         init_containers = _context_fetch(context, builder_image)
         volumes = [{"name": "download", "emptyDir": {}}, {"name": "context", "emptyDir": {}}]
-    elif context.startswith(("git://", "https://")):
+    elif context.startswith("https://"):
         local, filename = ["--opt", f"context={context}"], dockerfile  # the Dockerfile from the context
     elif context.startswith("dir://"):
         path = context.removeprefix("dir://").rstrip("/")
         local = ["--local", f"context={path}", "--local", f"dockerfile={path}/{folder}".rstrip("/")]
     else:
-        raise ValueError(f"build context {context!r}: an s3://, git://, https:// or dir:// URI")
+        raise ValueError(f"build context {context!r}: an s3://, https:// or dir:// URI")
     repository = destination.rpartition(":")[0]
     cache = f"type=registry,ref={repository}:buildcache"
     return {
@@ -185,6 +185,9 @@ def build_pod(
             "name": name,
             "namespace": namespace,
             "labels": {"app.kubernetes.io/name": "image-build", "app.kubernetes.io/managed-by": "model-rollout"},
+            # What API servers before 1.30 read (they drop the appArmorProfile field below); from
+            # 1.30 both are accepted when they agree.
+            "annotations": {"container.apparmor.security.beta.kubernetes.io/build": "unconfined"},
         },
         "spec": {
             "restartPolicy": "Never",

@@ -258,8 +258,9 @@ class SlackNotifier:
 
     def send(self, message: Message) -> dict[str, Any]:
         """Post the message (its chart in the thread). When Slack fails (an outage, a refused
-        token) and an outbox is set, the message lands there with the error, logged: a report
-        is never lost, and the run that sends it does not fail after its decision is made."""
+        token) and an outbox is set, the message lands there with the error (``slack_error`` in
+        the answer), logged: a report is never lost, and the caller decides what an undelivered
+        one means (the rollout's teardown fails the run, its decision kept)."""
         if len(message.blocks) > MAX_BLOCKS:
             raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
         if self.client is None:

@@ -116,6 +116,16 @@ class ModelServerAdmin:
         self.set_traffic(model, TrafficPolicy.from_dict({"route": [{"version": version, "weight": 100}]}))
         self.load(model, [version])
 
+    def ready(self, model: str, version: str) -> bool:
+        """Whether the server serves that version now (KServe v2 model readiness: 200, else 400)."""
+        try:
+            self.call("GET", f"/v2/models/{self._model(model)}/versions/{urllib.parse.quote(version, safe='')}/ready")
+        except AdminError as exc:
+            if exc.status is None:
+                raise
+            return False
+        return True
+
     def infer(self, model: str, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Any:
         """A KServe v2 JSON inference with the admin token (which ``X-Shadow-Probe`` needs)."""
         return self.call("POST", f"/v2/models/{self._model(model)}/infer", body, headers)

@@ -41,7 +41,10 @@ from vision_rollout.serving import ModelServerAdmin
 CONNECTION = "model_server_default"
 # BuildKit's rootless image (moby/buildkit, release v0.32.2): the image build's default builder.
 BUILDKIT_IMAGE = "moby/buildkit:v0.32.2-rootless"
-CONTEXT_PATTERN = r"^(s3|git|https|dir)://"  # what images.build_pod can hand to BuildKit
+# What images.build_pod can hand to BuildKit: no git:// (unauthenticated plain text: anyone on the
+# path could change the Dockerfile built), no credentials in a URL (they would be in the pod's args
+# and the build log).
+CONTEXT_PATTERN = r"^(s3://|dir://|https://[^/@?#\s]+(/|$))"
 
 
 def _text(max_length: int = 4096) -> dict[str, Any]:
@@ -66,7 +69,8 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "name": _text(253),
                 "gateways": _NAMES,
                 "hosts": _NAMES,
-                "url": {**_text(), "pattern": "^https?://"},
+                # In the mesh (the sidecar adds mTLS): a host and port, no path, no credentials.
+                "url": {**_text(), "pattern": r"^http://[^/@?#\s]+/?$"},
             },
         },
         "build": {
@@ -124,7 +128,7 @@ class BuildSettings:
     """Kubernetes mode: the image build (BuildKit, rootless) and the Deployment of each version."""
 
     registry: str | None = None  # image repository the build pushes to
-    context: str | None = None  # build context: s3:// tarball, git:// or https:// URL, dir:// (images.build_pod)
+    context: str | None = None  # build context: s3:// tarball, https:// URL, dir:// (images.build_pod)
     # BuildKit's rootless image, or the same from a mirror: the pod runs its buildctl-daemonless.sh
     # (and its tar, for an s3:// context).
     builder_image: str = BUILDKIT_IMAGE

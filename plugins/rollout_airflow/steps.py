@@ -146,6 +146,14 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str)
     hook = serving()
     hold(spec, run_id, hook, seconds=LEASE_S + 600)  # and wait_ready's 600 s
     deployments = hook.deployments(spec.model)
+    for version in (spec.baseline_version, spec.candidate_version):
+        owner = deployments.model_of(version)
+        if owner not in (None, spec.model):  # one target configured for two models: refused, untouched
+            raise AirflowFailException(
+                f"Deployment {deployments.target.namespace}/{deployments.target.service}-v{version} serves model "
+                f"{owner!r}, not {spec.model!r}: give each model its own target ({{model}} in the istio "
+                f"section, or models.{spec.model}.istio)"
+            )
     replicas = candidate_size(spec, spec.stages[0], deployments)
     deployments.apply(spec.candidate_version, image, replicas)
     deployments.wait_ready(spec.candidate_version, replicas)
@@ -199,8 +207,9 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
         deployments = hook.deployments(spec.model)
         if index == 0:
             baseline_serving(spec, deployments)
+            r.reconcile()  # the subsets, before anything (a rollback included) routes to one
         scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
-    if index == 0:
+    elif index == 0:
         r.reconcile()
     hold(spec, run_id, hook)  # still this run's, after the wait
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
@@ -434,34 +443,42 @@ def promote(params: dict[str, Any], run_id: str) -> str:
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:
     """100% baseline, mirror off; the candidate unloaded (or its Deployment scaled to 0).
 
-    Kubernetes mode: the baseline's pods first (scaled back to ``build.replicas`` and all ready
-    when something scaled it to 0; else one ready pod is enough: it serves already, and a rollback
-    must not wait on a pod that will not start), then 100% to it, then the candidate drained and
-    scaled to 0 (``retire``)."""
+    Routes that send the candidate nothing are left as they are (a run refused before its first
+    stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
+    the baseline's pods first (scaled back and all ready when a cut-short promotion retired it;
+    else one ready pod is enough: it serves already, and a rollback must not wait on a pod that
+    will not start), then 100% to it, then the candidate drained and scaled to 0 (``retire``)."""
+    from vision_rollout.mesh import routes_to
+
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook, WAITING_STEP_S)
+    hold(spec, run_id, hook)
     r = router(spec, run_id, hook)
+    rerouted = routes_to(r.get_routes(), spec.candidate_version)
     if spec.mesh == "local":
-        r.set_routes(spec.stable_policy())
+        if rerouted:
+            r.set_routes(spec.stable_policy())
         if unload_candidate:
             hook.settings.admin.load(spec.model, [spec.baseline_version])
         return spec.baseline_version
     deployments = hook.deployments(spec.model)
-    live = deployments.replicas(spec.baseline_version)
-    if live is None:
-        raise AirflowFailException(
-            f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
-            "sending traffic to no pods"
-        )
-    if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
-        size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
-        scale_ready(deployments, spec.baseline_version, size)
-    else:
-        deployments.wait_ready(spec.baseline_version, 1)
-    hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
-    r.set_routes(spec.stable_policy())
+    if rerouted:
+        live = deployments.replicas(spec.baseline_version)
+        if live is None:
+            raise AirflowFailException(
+                f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
+                "sending traffic to no pods"
+            )
+        hold(spec, run_id, hook, WAITING_STEP_S)  # for the waits
+        if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
+            size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
+            scale_ready(deployments, spec.baseline_version, size)
+        else:
+            deployments.wait_ready(spec.baseline_version, 1, strict=False)
+        hold(spec, run_id, hook)  # still this run's, after the wait
+        r.set_routes(spec.stable_policy())
     if unload_candidate:
+        hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
         retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
 
@@ -494,25 +511,49 @@ def ensure_stable(
     otherwise count either a success (a teardown's upstream failing does not fail the run).
     """
     spec = spec_from(params)
-    lock = serving().model_lock(spec.model, spec.mesh)
     try:
-        lock.renew(run_id)
+        kept, done = finish(params, run_id, promoted == spec.candidate_version)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
-    if promoted != spec.candidate_version and router(spec, run_id, serving()).get_routes() == spec.promoted_policy():
-        promoted = spec.candidate_version  # promote's routes are in effect, its record lost (a killed worker)
-    if promoted != spec.candidate_version:
-        restore_stable(params, run_id)  # should it fail, the lease stays: the failure callback tries again
-    lock.release(run_id)
-    if promoted == spec.candidate_version:
-        done = f"version {promoted} was promoted: nothing to restore"
-    else:
-        done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
-        if rolled_back is None:
-            raise AirflowFailException(f"the run was stopped before it decided; {done}")
+    if not kept and rolled_back is None:
+        raise AirflowFailException(f"the run was stopped before it decided; {done}")
     if report is None:
         raise AirflowFailException(f"{done}; but its report was not sent (see notify's log)")
+    if report.get("slack_error"):
+        raise AirflowFailException(
+            f"{done}; but its report did not reach Slack ({report['slack_error']}): it is in the outbox, {report.get('outbox')}"
+        )
     return done
+
+
+def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate: bool = True) -> tuple[bool, str]:
+    """What ends a run that holds its model (the teardown, and the failure callback should the
+    teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
+    effect with the baseline retired: its record lost with a killed worker; routing back to
+    retired pods would be an outage), else the stable version at 100%; then the lease released.
+    LockLost, touching nothing, for a run that does not hold it. Should the restore fail, the
+    lease stays: the failure callback tries again."""
+    spec = spec_from(params)
+    hook = serving()
+    lock = hook.model_lock(spec.model, spec.mesh)
+    lock.renew(run_id)
+    kept = promoted or promotion_in_effect(spec, run_id, hook)
+    if not kept:
+        restore_stable(params, run_id, unload_candidate)
+    lock.release(run_id)
+    if kept:
+        return True, f"version {spec.candidate_version} was promoted: nothing to restore"
+    return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
+
+
+def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:
+    """The candidate takes 100% and the baseline is retired: promote ran. (A last stage at 100%
+    has the same routes, with the baseline still serving: not a promotion.)"""
+    if router(spec, run_id, hook).get_routes() != spec.promoted_policy():
+        return False
+    if spec.mesh == "istio":
+        return not hook.deployments(spec.model).replicas(spec.baseline_version)
+    return not hook.settings.admin.ready(spec.model, spec.baseline_version)
 
 
 def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -569,23 +610,13 @@ def mirror_percent(model: str, end: datetime) -> float | None:
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:
     """DAG failure callback: a failed or killed run that still holds its model's lease (its
-    teardown did not finish) leaves the stable version at 100%, unloads the candidate (its pods
-    scaled to 0: no GPUs held by a version nothing routes to) and releases the lease, unless
-    the candidate was already promoted (the mesh routes it 100%): then a later failure (notify,
-    say) keeps it, since promote has retired the baseline and routing back to it would be an
-    outage. A run that does not hold the lease touches nothing (another run's routes)."""
+    teardown did not finish) leaves the stable version at 100% and releases the lease (``finish``),
+    unless promote ran: a later failure keeps the promotion. It runs where Airflow runs DAG
+    callbacks, under a time limit: the routes only, the candidate's pods left for the next run's
+    teardown (no drain wait here). A run that does not hold the lease touches nothing."""
     params = dict(context.get("params") or {})
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
-    spec = spec_from(params)
-    hook = serving()
-    lock = hook.model_lock(spec.model, spec.mesh)
     try:
-        lock.renew(run_id)
+        log.warning("run %s failed: %s", run_id, finish(params, run_id, promoted=False, unload_candidate=False)[1])
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
-        return
-    if router(spec, run_id, hook).get_routes() == spec.promoted_policy():
-        log.warning("run %s failed after promoting version %s: it keeps 100%%", run_id, spec.candidate_version)
-    else:
-        restore_stable(params, run_id)
-    lock.release(run_id)

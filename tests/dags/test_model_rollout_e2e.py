@@ -107,18 +107,6 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
     assert "stage: hard guard tripped: Canary P99" in text  # the report names the guard
 
 
-def ready(url: str, version: str) -> bool:
-    """The KServe v2 model-version readiness call (200 ready, 400 not loaded)."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/v2/models/digits/versions/{version}/ready", timeout=10) as answer:
-            return bool(answer.status == 200)
-    except urllib.error.HTTPError:
-        return False
-
-
 def test_the_failure_callback_restores_stable(stack):
     from types import SimpleNamespace
 
@@ -147,22 +135,29 @@ def test_the_failure_callback_restores_stable(stack):
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="killed-run")})
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert lock.holding() is None  # released: the model is free for the next run
-    assert not ready(server.http, "2")  # the candidate unloaded
-    assert ready(server.http, "1")
+    assert server.api.ready("digits", "2")  # left loaded: a callback has no time for the drain
+
+    # A run failing in its last stage (100% candidate, the baseline still loaded): stable again.
+    promoted = {"route": [{"version": "2", "weight": 100}]}
+    router.set_routes(TrafficPolicy.from_dict(promoted))
+    lock.acquire("last-stage")
+    restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="last-stage")})
+    assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
 
     # A run that fails after promote (notify, say) keeps the promoted version: promote retired the
     # baseline, and routing back to it would answer every request 503.
-    promoted = {"route": [{"version": "2", "weight": 100}]}
-    server.load_versions("digits", 1, 2)
     router.set_routes(TrafficPolicy.from_dict(promoted))
+    server.load_versions("digits", 2)  # as promote leaves it: the baseline unloaded
     lock.acquire("late-fail")
     restore_stable_on_failure({"params": {"candidate_version": "2"}, "dag_run": SimpleNamespace(run_id="late-fail")})
     assert router.get_routes().to_dict() == promoted
+    assert not server.api.ready("digits", "1")
 
 
 def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stands(stack, monkeypatch):
     """The Slack provider's connection points at a Slack API answering 503 to every call: the
-    rollback is carried out, notify succeeds with the report in the outbox and Slack's error."""
+    rollback is carried out, notify puts the report in the outbox with Slack's error, and the
+    run ends failed (the teardown names the undelivered report): the reviewers were not told."""
     from tests.fakes.slack_api import FakeSlack
 
     server, tmp = stack
@@ -179,6 +174,8 @@ def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stan
     states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
     assert states["rollback"] == "success"
     assert states["notify"] == "success"
+    assert states["ensure_stable"] == "failed"
+    assert dagrun.state == "failed"
     assert [c["method"] for c in slack.calls][:1] == ["chat.postMessage"]  # Slack was tried first
     assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == {
         "route": [{"version": "1", "weight": 100}]

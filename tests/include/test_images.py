@@ -74,6 +74,8 @@ def test_the_build_pod_is_a_valid_v1_pod_running_rootless_buildkit_tagged_by_dig
     assert not security.privileged
     assert (security.run_as_user, security.run_as_group, security.run_as_non_root) == (1000, 1000, True)
     assert security.seccomp_profile.type == security.app_armor_profile.type == "Unconfined"
+    # The same for API servers before 1.30, which read the annotation (from 1.30 both must agree).
+    assert v1.metadata.annotations == {"container.apparmor.security.beta.kubernetes.io/build": "unconfined"}
     env = {e.name: e.value for e in build.env}
     assert env == {"BUILDKITD_FLAGS": "--oci-worker-no-process-sandbox", "DOCKER_CONFIG": "/home/user/.docker"}
     mounts = {m.name: m for m in build.volume_mounts}
@@ -106,8 +108,8 @@ def test_an_s3_context_is_fetched_and_unpacked_by_init_containers_without_creden
     assert [v["name"] for v in pod["spec"]["volumes"] if "emptyDir" in v] == ["download", "context", "buildkitd"]
 
 
-def test_git_https_and_dir_contexts_need_no_init_container():
-    for remote in ("git://example.com/ml/serving.git", "https://example.com/ml/serving.git#main"):
+def test_https_and_dir_contexts_need_no_init_container():
+    for remote in ("https://example.com/ml/serving.git", "https://example.com/ml/serving.git#main"):
         pod = render(remote)
         assert "initContainers" not in pod["spec"]
         args = pod["spec"]["containers"][0]["args"]
@@ -116,7 +118,7 @@ def test_git_https_and_dir_contexts_need_no_init_container():
         assert "filename=docker/Dockerfile.model-server" in args  # the Dockerfile comes from that context
     args = render("dir:///srv/context/")["spec"]["containers"][0]["args"]
     assert ["--local", "context=/srv/context", "--local", "dockerfile=/srv/context/docker"] == args[5:9]
-    with pytest.raises(ValueError, match="s3://, git://, https:// or dir://"):
+    with pytest.raises(ValueError, match="s3://, https:// or dir://"):
         render("gs://ml-builds/serving-context.tar.gz")
 
 

@@ -51,6 +51,8 @@ def test_paths_a_rollout_uses(tmp_path):
         ({"istio": {"gateways": "mesh"}}, "extra istio.gateways: 'mesh' is not of type 'array'"),
         ({"istio": {"namspace": "models"}}, "extra istio: Additional properties are not allowed ('namspace'"),
         ({"build": {"context": "gs://b/ctx.tar.gz"}}, "extra build.context: 'gs://b/ctx.tar.gz' does not match"),
+        ({"build": {"context": "git://git.example.com/x.git"}}, "extra build.context: 'git://git.example.com/x.git'"),
+        ({"build": {"context": "https://u:token@git.example.com/x.git"}}, "extra build.context: 'https://u:token@"),
         ({"models": {"d": {"build": {"context": "/srv/ctx"}}}}, "extra models.d.build.context: '/srv/ctx' does not"),
         ({"build": {"builder_image": ""}}, "extra build.builder_image: '' should be non-empty"),
     ],
@@ -144,8 +146,9 @@ def test_the_rollouts_own_requests_reach_each_model_through_its_service():
     assert (
         ServingSettings.from_connection("http://h:8000", None, FLEET).serving_url("digits", "istio") == "http://h:8000"
     )
-    with pytest.raises(SettingsError, match=re.escape("extra istio.url: 'digits.svc:8000' does not match")):
-        ServingSettings.from_connection("http://h:8000", None, {"istio": {"url": "digits.svc:8000"}})
+    for bad in ("digits.svc:8000", "https://gw.example.com", "http://gw/v2/models", "http://u:p@digits.svc:8000"):
+        with pytest.raises(SettingsError, match=re.escape(f"extra istio.url: '{bad}' does not match")):
+            ServingSettings.from_connection("http://h:8000", None, {"istio": {"url": bad}})
 
 
 def test_a_models_own_sections_override_the_connection_wide_ones_field_by_field():

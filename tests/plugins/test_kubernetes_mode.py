@@ -64,16 +64,16 @@ def take(run_id: str, model: str = "digits") -> None:
     steps.serving().model_lock(model, "istio").acquire(run_id)
 
 
-def stable_virtual_service(kube: FakeKubeAPI, params: dict) -> None:
+def stable_virtual_service(kube: FakeKubeAPI, params: dict, serving: str = "1") -> None:
     """The model as it was before the rollout: version 1's Deployment, and its VirtualService
-    sending it 100%."""
+    sending version ``serving`` 100%."""
     from model_server.traffic import TrafficPolicy
     from vision_rollout.mesh import render_virtual_service
 
     spec = RolloutSpec.from_dict(params)
     steps.serving().deployments(spec.model).apply("1", image("1"))
     target = steps.router(spec, "r", steps.serving()).target
-    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": serving, "weight": 100}]}))
     kube.objects[("virtualservices", target.namespace, target.name)] = {
         **vs,
         "metadata": {**vs["metadata"], "resourceVersion": "3"},
@@ -334,7 +334,7 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
     the candidate."""
     connect(monkeypatch, tmp_path, replicas=2)
-    stable_virtual_service(kube, PARAMS)
+    stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
     take("run-1")
     deployments = steps.ModelServerHook().deployments("digits")
     deployments.apply("1", image("1"), replicas=0)
@@ -540,13 +540,22 @@ def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
 
-def test_models_sharing_one_virtual_service_share_its_lease(kube):
-    """The single-model setup (one connection-wide target, no {model}) used for two models: their
-    rollouts would write the same VirtualService, so they take turns on one Lease."""
+def test_a_model_sent_to_another_models_target_is_refused_before_any_write(kube):
+    """The single-model setup (one connection-wide target, no {model}) used for a second model:
+    its rollout would take over digits' Deployments and VirtualService. The runs take turns on
+    the VirtualService's Lease, and mnist's is refused before it writes anything."""
+    stable_virtual_service(kube, PARAMS)  # digits-v1 serves digits
     take("run-a", "digits")
     assert kube.objects[("leases", "models", "rollout-digits")]["spec"]["holderIdentity"] == "run-a"
+    mnist = {**PARAMS, "model": "mnist"}
     with pytest.raises(AirflowFailException, match="being rolled out by run 'run-a'"):
-        steps.build_image({**PARAMS, "model": "mnist"}, "run-b")
+        steps.build_image(mnist, "run-b")
+    steps.serving().model_lock("digits", "istio").release("run-a")
+    take("run-b", "mnist")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match=r"models/digits-v1 serves model 'digits', not 'mnist'"):
+        steps.deploy_candidate(mnist, {"build": {"image": image("2")}}, "run-b")
+    assert [w for w in changes(kube, before) if "/leases" not in w["path"]] == []
 
 
 def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
@@ -562,3 +571,37 @@ def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
         steps.ensure_stable(PARAMS, "run-1", "2", None, None)
     assert routes(kube) == [("v2", 100)]
     assert steps.serving().model_lock("digits", "istio").holding() is None
+
+
+def test_a_rollback_after_a_refused_first_stage_leaves_the_version_serving_now(kube):
+    """v2 serves (v1 retired by its promotion); a v3 rollout left on the form's baseline 1 is
+    refused at stage 1, and the rollback that follows scales v3 down without touching the
+    routes or bringing v1 back: production stays on v2."""
+    params = {**PARAMS, "candidate_version": "3"}
+    stable_virtual_service(kube, params, serving="2")
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=0)
+    deployments.apply("2", image("2"), replicas=2)
+    deployments.apply("3", image("3"), replicas=1)
+    take("run-1")
+    with pytest.raises(AirflowFailException, match="baseline version 1 has no pods"):
+        steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    steps.restore_stable(params, "run-1")
+    assert routes(kube) == [("v2", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+    assert deployment(kube, "3")["spec"]["replicas"] == 0
+
+
+def test_a_run_failing_in_its_last_stage_at_100_percent_is_rolled_back_not_kept(kube):
+    """The last stage routes the candidate 100%, as a promotion does, but the baseline still
+    serves: the teardown restores stable (promote never ran)."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    for index in range(3):
+        steps.apply_weights(PARAMS, index, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v2", 100)]
+    with pytest.raises(AirflowFailException, match="stopped before it decided; version 1 takes 100%"):
+        steps.ensure_stable(PARAMS, "run-1", None, None, None)
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
