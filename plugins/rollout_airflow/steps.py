@@ -543,7 +543,8 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
     lock.release(run_id)
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"
-    return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} is unloaded"
+    candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
+    return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
 
 
 def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:
@@ -612,8 +613,9 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     """DAG failure callback: a failed or killed run that still holds its model's lease (its
     teardown did not finish) leaves the stable version at 100% and releases the lease (``finish``),
     unless promote ran: a later failure keeps the promotion. It runs where Airflow runs DAG
-    callbacks, under a time limit: the routes only, the candidate's pods left for the next run's
-    teardown (no drain wait here). A run that does not hold the lease touches nothing."""
+    callbacks, under a time limit: the routes only, no drain wait, so the candidate is left
+    loaded (its pods running), which the warning it logs says. A run that does not hold the
+    lease touches nothing."""
     params = dict(context.get("params") or {})
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     try:
