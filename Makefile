@@ -42,7 +42,13 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else echo "chromium is missing (the UI test skips): sudo apt-get install --no-install-recommends chromium" >&2; fi; }
 
-test: models prometheus nginx chromium
+# npm's @kubernetes-models/prometheus-operator: the PodMonitor's schema (devstack/manifests.py).
+NODE_STAMP := devstack/node/node_modules/.installed
+$(NODE_STAMP): devstack/node/package.json devstack/node/package-lock.json
+	cd devstack/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: models prometheus nginx chromium $(NODE_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

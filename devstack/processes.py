@@ -186,13 +186,13 @@ def start_prometheus(
     scrape_interval_s: float = 1.0,
     port: int | None = None,
     wait_s: float = 30.0,
-    file_sd: Path | None = None,
+    jobs: tuple[dict[str, Any], ...] = (),
 ) -> PrometheusProcess:
     """Debian's ``prometheus`` on 127.0.0.1 with its own config and data folder, scraping ``targets``.
 
-    Returns once every target has been scraped successfully. With ``file_sd``, the targets are
-    also discovered from that file (Prometheus' file-based service discovery, re-read on change:
-    the one-machine cluster's pods, as kubernetes_sd would find them); those are not waited for.
+    Returns once every target has been scraped successfully. ``jobs``: more scrape jobs, as
+    Prometheus' configuration has them (the one-machine cluster's: its pods found through a file,
+    ``manifests.scrape_job``); their targets are not waited for.
     """
     import shutil
 
@@ -207,14 +207,12 @@ def start_prometheus(
         f"  scrape_interval: {scrape_interval_s:g}s\n"
         f"  evaluation_interval: {scrape_interval_s:g}s\n"
         "scrape_configs:\n"
-        "  - job_name: model-server\n"
-        f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
         + (
-            f"    honor_labels: true\n    file_sd_configs:\n      - files: [{json.dumps(str(file_sd))}]\n"
-            "        refresh_interval: 5s\n"
-            if file_sd is not None
+            f"  - job_name: model-server\n    static_configs:\n      - targets: {json.dumps(targets)}\n"
+            if targets
             else ""
         )
+        + "".join(f"  - {json.dumps(job)}\n" for job in jobs)  # JSON is YAML
     )
     log = work_dir / "prometheus.log"
     with log.open("wb") as f:

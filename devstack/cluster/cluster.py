@@ -12,8 +12,9 @@ faithful piece, all on 127.0.0.1:
 - Envoy configured by Istio: Debian's ``nginx``, rendered from the applied VirtualServices and
   DestinationRules and the ready pods (``dataplane``), reloaded on every change as xDS would push
   it; one loopback port per Service stands for its ClusterIP;
-- Prometheus with the pods found by file-based service discovery (written by the pod runner,
-  labels as kubernetes_sd relabelling gives), scraping at a production interval (15 s);
+- Prometheus running deploy/'s scrape job (``deploy/prometheus/scrape-config.yaml``: its
+  relabelling, at a production interval, 15 s), the pods found through file-based discovery with
+  the labels kubernetes_sd would give them (written by the pod runner);
 - object storage: an S3 API (moto) holding the prediction log every pod appends to.
 
 ``Cluster.start`` runs the control loop in a thread (reconcile pods, write the scrape targets,
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devstack import manifests
 from devstack.cluster.dataplane import NginxDataPlane, render_accepted
 from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
@@ -91,7 +93,10 @@ class Cluster:
             self.pods = PodRunner(self.api, self.workdir / "pods", self.images)
             self.pods.write_file_sd(self.file_sd)
             self.prometheus = start_prometheus(
-                [], self.workdir / "prometheus", scrape_interval_s=self.scrape_interval_s, file_sd=self.file_sd
+                [],
+                self.workdir / "prometheus",
+                scrape_interval_s=self.scrape_interval_s,
+                jobs=(manifests.scrape_job(self.file_sd, self.scrape_interval_s),),
             )
             self.dataplane = NginxDataPlane(self.workdir / "nginx")
             self.dataplane.start(self._render())

@@ -27,6 +27,7 @@ import binascii
 import copy
 import json
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -43,6 +44,8 @@ import yaml
 
 from vision_rollout.mesh import istio_schemas
 
+# The Airflow workers' ServiceAccount (deploy/base/rbac.yaml binds the rollout's Roles to it).
+WORKER_USER = "system:serviceaccount:airflow:airflow-worker"
 MAX_BODY_BYTES = 3 * 1024 * 1024  # the real API server's request size limit
 MAX_OBJECTS = 5000  # all kinds together: a runaway creator meets a quota, not an out-of-memory
 MAX_SELECTOR_TERMS = 64
@@ -333,7 +336,9 @@ class FakeKubeAPI:
     """The API server on 127.0.0.1 (a free port): ``start()``, ``url``, ``stop()``.
 
     ``objects`` maps ``(plural, namespace, name)`` to the stored object and ``requests`` logs
-    every call (method, path, query, content type, status), for tests to assert on writes. The
+    every call (method, path, query, content type, status, and ``user``: whose bearer token it
+    carried, as ``kubeconfig`` issues them; None without one), for tests to assert on writes and
+    on what each user did (``devstack.rbac``). The
     pod runner uses the Python side (``get``, ``list``, ``create``, ``set_status``, ``remove``)
     under the same lock as the HTTP handlers.
     """
@@ -343,6 +348,7 @@ class FakeKubeAPI:
         self.log_source: LogSource | None = None  # set by the pod runner: (ns, pod, container, previous) -> file
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
+        self.users: dict[str, str] = {}  # bearer token -> user name (kubeconfig issues them)
         self.version = 100
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -362,8 +368,11 @@ class FakeKubeAPI:
         self.server.shutdown()
         self.server.server_close()
 
-    def kubeconfig(self, namespace: str = "default") -> dict[str, Any]:
-        """A kubeconfig whose cluster is this server (for a ``kubernetes_default`` connection)."""
+    def kubeconfig(self, namespace: str = "default", user: str = WORKER_USER) -> dict[str, Any]:
+        """A kubeconfig whose cluster is this server (for a ``kubernetes_default`` connection),
+        with a token of its own for ``user`` (by default the Airflow workers' ServiceAccount)."""
+        token = next((t for t, u in self.users.items() if u == user), None) or secrets.token_urlsafe(16)
+        self.users[token] = user
         return {
             "apiVersion": "v1",
             "kind": "Config",
@@ -372,7 +381,7 @@ class FakeKubeAPI:
             "contexts": [
                 {"name": "one-machine", "context": {"cluster": "one-machine", "user": "dev", "namespace": namespace}}
             ],
-            "users": [{"name": "dev", "user": {"token": "one-machine-cluster"}}],
+            "users": [{"name": "dev", "user": {"token": token}}],
         }
 
     def _bump(self, obj: dict[str, Any]) -> None:
@@ -627,11 +636,13 @@ class FakeKubeAPI:
             def _start(self, method: str) -> tuple[str, str | None, str | None, str | None, dict[str, list[str]]]:
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
+                scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
                 self.record = {
                     "method": method,
                     "path": url.path,
                     "query": query,
                     "content_type": self.headers.get("Content-Type", ""),
+                    "user": api.users.get(token) if scheme.lower() == "bearer" else None,
                 }
                 with api.lock:
                     api.requests.append(self.record)

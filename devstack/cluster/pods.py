@@ -327,24 +327,33 @@ class PodRunner:
 
     def write_file_sd(self, path: Path) -> None:
         """Prometheus file-based service discovery of the model-server pods, written atomically
-        (a temporary file renamed over ``path``): one target group per pod whose process runs,
-        ready or not (as ``kubernetes_sd_configs`` role ``pod`` lists every pod with an IP), with
-        the labels the usual relabelling gives: ``namespace`` (``__meta_kubernetes_namespace``),
-        ``pod`` (``__meta_kubernetes_pod_name``) and each pod label through
-        ``labelmap: __meta_kubernetes_pod_label_(.+)`` (``app``, ``version``,
-        ``pod_template_hash``: characters other than ``[a-zA-Z0-9_]`` become ``_``)."""
+        (a temporary file renamed over ``path``), as ``kubernetes_sd_configs`` role ``pod`` finds
+        them: every pod whose process runs, ready or not, one target per container port, with the
+        ``__meta_kubernetes_*`` labels that role gives (namespace, pod name, IP and readiness, the
+        container and port, each pod label as ``__meta_kubernetes_pod_label_<name>`` with
+        characters other than ``[a-zA-Z0-9_]`` as ``_``, and ``..._labelpresent_<name>``). The
+        scrape job's own relabelling (``deploy/prometheus/scrape-config.yaml``) makes the labels."""
         with self.lock:
             groups = [
                 {
-                    "targets": [p.address],
+                    "targets": [f"127.0.0.1:{port}"],
                     "labels": {
-                        **{_prometheus_name(k): v for k, v in sorted(p.labels.items())},
-                        "namespace": p.namespace,
-                        "pod": p.name,
+                        "__meta_kubernetes_namespace": p.namespace,
+                        "__meta_kubernetes_pod_name": p.name,
+                        "__meta_kubernetes_pod_ip": "127.0.0.1",
+                        "__meta_kubernetes_pod_ready": str(p.ready).lower(),
+                        "__meta_kubernetes_pod_container_name": p.container["name"],
+                        "__meta_kubernetes_pod_container_port_name": port_name,
+                        "__meta_kubernetes_pod_container_port_number": str(port),
+                        **{
+                            f"__meta_kubernetes_pod_label_{_prometheus_name(k)}": v for k, v in sorted(p.labels.items())
+                        },
+                        **{f"__meta_kubernetes_pod_labelpresent_{_prometheus_name(k)}": "true" for k in p.labels},
                     },
                 }
                 for p in sorted(self.pods.values(), key=lambda p: (p.namespace, p.name))
                 if p.owner is not None and p.running
+                for port_name, port in _ports(p)
             ]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -864,7 +873,7 @@ class BuildError(Exception):
 AWS_CP_OPTIONS = {"--no-progress", "--only-show-errors", "--quiet"}
 BUILDCTL_FLAGS = {"progress", "frontend", "local", "opt", "output", "import-cache", "export-cache"}
 SHA256_CHECK = (
-    'RUN if [ -n "$MODEL_FILE" ]; then echo "$MODEL_SHA256  /models/${MODEL_FILE#${MODEL_DIR}/}" | sha256sum -c -; fi'
+    'RUN if [ -n "$MODEL_FILE" ]; then echo "$MODEL_SHA256  /models/${MODEL_FILE#"${MODEL_DIR}"/}" | sha256sum -c -; fi'
 )
 
 
@@ -1013,6 +1022,21 @@ def _terminated(code: int, reason: str, message: str) -> dict[str, Any]:
 
 def _template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _ports(pod: Pod) -> list[tuple[str, int]]:
+    """The container's declared ports as this pod has them: its ``--admin-port``'s is the pod's
+    admin port, every other the data port (no ``ports``: the data port, unnamed)."""
+    args = [str(a) for a in pod.container.get("args") or []]
+    admin = args[args.index("--admin-port") + 1] if "--admin-port" in args[:-1] else None
+    declared = pod.container.get("ports") or [{}]
+    return [
+        (
+            str(d.get("name", "")),
+            pod.admin_port if admin is not None and str(d.get("containerPort")) == admin else pod.port,
+        )
+        for d in declared
+    ]
 
 
 def _prometheus_name(label: str) -> str:

@@ -36,6 +36,7 @@ SECRETS_DIR = "/etc/model-server"  # each Secret a folder of its own under it
 FEEDBACK_KEY = "key"  # the key of the feedback key in build.feedback_secret
 MASK_KEYS = "mask-keys.json"  # the key of the masking key file in build.mask_secret
 SERVER_UID = 10001  # the user docker/Dockerfile.model-server runs the server as
+GPU_RESOURCE = "nvidia.com/gpu"  # NVIDIA's device plugin's resource, and the taint GPU nodes usually carry
 MAX_REPLICAS = 10_000  # as build.max_replicas: a count beyond it is a mistake, not a plan
 
 
@@ -79,9 +80,21 @@ def render_deployment(
     issued by one pod is checked by another: ``build.feedback_secret``, key ``key``) and the
     masking keys (the same value masks to the same token in every pod's records, and a log on
     object storage needs them: ``build.mask_secret``, key ``mask-keys.json``).
+
+    What a production pod needs besides (``deploy/base`` holds version 1's Deployment as this
+    renders it): a non-root user with no privilege escalation, no capabilities, the runtime's
+    seccomp profile and a read-only root filesystem (``/tmp`` and ``/state`` are emptyDirs: Pod
+    Security's "restricted"); requests for CPU and memory (``build.cpu``, ``build.memory``) and
+    the GPU with its usual taint tolerated; a liveness probe (the process answers) beside the
+    readiness one (the version is loaded and warmed up); and a ``preStop`` wait of
+    ``build.drain_seconds`` before SIGTERM, so that the mesh stops sending a terminating pod
+    requests before it stops taking them (within a grace period that leaves the server 30 s
+    more to finish what it holds).
     """
     build = build or BuildSettings()
     gpus = build.gpus
+    gpu = {GPU_RESOURCE: str(gpus)} if gpus else {}  # a quantity
+    drain = math.ceil(build.drain_seconds)
     labels = {"app": target.service, "version": version}
     secrets = [  # (volume, Secret, key, flag): read-only files the server is pointed at
         ("feedback-key", build.feedback_secret, FEEDBACK_KEY, "--feedback-key-file"),
@@ -107,6 +120,7 @@ def render_deployment(
         ],
         "volumeMounts": [
             {"name": "state", "mountPath": "/state"},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (an emptyDir: the root filesystem is read-only)
             *({"name": volume, "mountPath": f"{SECRETS_DIR}/{volume}", "readOnly": True} for volume, *_ in secrets),
         ],
         "ports": [
@@ -114,12 +128,28 @@ def render_deployment(
             {"name": "admin", "containerPort": ADMIN_PORT},
         ],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
-        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {},  # a quantity
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", f"{drain:d}"]}}},
+        "resources": {
+            "requests": {"cpu": build.cpu, "memory": build.memory, **gpu},
+            "limits": {"memory": build.memory, **gpu},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     if build.storage_secret:
         container["envFrom"] = [{"secretRef": {"name": build.storage_secret}}]
     volumes = [
         {"name": "state", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
         *(
             {"name": volume, "secret": {"secretName": name, "items": [{"key": key, "path": key}], "defaultMode": 0o440}}
             for volume, name, key, _ in secrets
@@ -129,8 +159,24 @@ def render_deployment(
         "selector": {"matchLabels": dict(labels)},
         "template": {
             "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
-            # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
-            "spec": {"containers": [container], "volumes": volumes, "securityContext": {"fsGroup": SERVER_UID}},
+            "spec": {
+                "containers": [container],
+                "volumes": volumes,
+                # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": SERVER_UID,
+                    "runAsGroup": SERVER_UID,
+                    "fsGroup": SERVER_UID,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "terminationGracePeriodSeconds": drain + 30,
+                **(
+                    {"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]}
+                    if gpus
+                    else {}
+                ),
+            },
         },
     }
     if replicas is not None:

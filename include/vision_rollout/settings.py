@@ -11,7 +11,7 @@ wrong; every default is here and nowhere else. The extras:
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
-  ``push_secret``, ``gpus``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
+  ``push_secret``, ``gpus``, ``cpu``, ``memory``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
   ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
   (kubernetes mode: the image build, BuildKit rootless, and the version Deployments,
   ``BuildSettings``)
@@ -78,6 +78,15 @@ EXTRA_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 **{name: _text() for name in ("registry", "builder_image")},
+                # Kubernetes quantities (resource.Quantity's syntax, no more than 32 characters).
+                **{
+                    name: {
+                        "type": "string",
+                        "pattern": r"^[0-9]+(\.[0-9]+)?(m|[KMGTPE]i?|[eE][0-9]+)?$",
+                        "maxLength": 32,
+                    }
+                    for name in ("cpu", "memory")
+                },
                 "context": {**_text(), "pattern": CONTEXT_PATTERN},
                 **{
                     name: _text(253)
@@ -136,6 +145,8 @@ class BuildSettings:
     service_account: str = "image-builder"
     push_secret: str = "registry-push"  # noqa: S105 (the name of a Secret with .dockerconfigjson)
     gpus: int = 1  # per model server pod
+    cpu: str = "2"  # each model server pod's CPU request (a Kubernetes quantity)
+    memory: str = "4Gi"  # each model server pod's memory request and limit
     replicas: int = 1  # the baseline's pods when its live Deployment does not say
     min_replicas: int = 1  # the candidate's floor at every stage
     # An HPA per version owns spec.replicas; the rollout sets its minReplicas per stage.

@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 import requests
 
+from devstack import manifests, rbac
 from devstack.cluster.cluster import NAMESPACE, Cluster
 from devstack.cluster.dataplane import find_nginx
+from devstack.cluster.kube import WORKER_USER
 from devstack.processes import S3_CREDENTIALS
 from tests.dags.test_model_rollout_e2e import rollout_dag
 
@@ -306,3 +308,18 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
     for model in confs:  # each run's Lease released by its teardown
         lease = cluster.api.get("leases", NAMESPACE, f"rollout-{model}")
         assert lease is None or not lease["spec"].get("holderIdentity"), lease
+
+
+def test_the_workers_role_allows_every_call_they_made_and_nothing_more(cluster):
+    """Least privilege, proven on the rollouts above: every call made with the Airflow workers'
+    credentials (the fake API server records each with its bearer token's user) is allowed by
+    the Roles deploy/overlays/local-cluster binds to their ServiceAccount, and every grant of
+    those Roles was needed by at least one call."""
+    calls = [rbac.attributes(r) for r in cluster.api.requests if r["user"] == WORKER_USER]
+    if not calls:
+        pytest.skip("runs after this module's rollouts, on the calls they made")
+    rules = rbac.bound_rules(manifests.render("local-cluster"), WORKER_USER)
+    refused = sorted({str(c) for c in calls if not rbac.allowed(rules.get(c.namespace, []), c)})
+    assert refused == []
+    for namespace, granted in rules.items():
+        assert rbac.unused(granted, [c for c in calls if c.namespace == namespace]) == [], namespace

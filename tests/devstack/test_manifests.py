@@ -1,0 +1,245 @@
+"""deploy/: every overlay renders with kubectl kustomize, every object validates against Kubernetes'
+schema (pinned version), Istio's CRDs and the prometheus-operator's types, a broken object of each
+kind is refused, and what the rollout also renders (version 1's Deployment, the Service, the
+mesh's objects) is exactly what it renders, so that its first apply changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+import yaml
+
+from devstack import manifests, rbac
+from devstack.cluster.cluster import BOOTSTRAP_TAG
+from devstack.processes import start_prometheus
+from model_server.traffic import TrafficPolicy
+from vision_rollout.deploy import ADMIN_PORT, render_deployment, render_service
+from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
+from vision_rollout.settings import BuildSettings
+
+OVERLAYS = sorted(p.name for p in (manifests.DEPLOY / "overlays").iterdir())
+TARGET = IstioTarget("ml", "digits", "digits")
+KINDS = {
+    "Namespace",
+    "Service",
+    "Deployment",
+    "PodDisruptionBudget",
+    "DestinationRule",
+    "VirtualService",
+    "AuthorizationPolicy",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "PodMonitor",
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {overlay: manifests.render(overlay) for overlay in OVERLAYS}
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+
+
+def test_the_overlays_are_the_ones_the_docs_name():
+    assert OVERLAYS == ["local-cluster", "production"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_of_every_overlay_validates(rendered, overlay):
+    objects = rendered[overlay]
+    assert {o["kind"] for o in objects} == KINDS
+    assert manifests.problems(objects) == []
+
+
+# A mistake of each kind's own, as a hand edit would make it: (path, value).
+MISTAKES = {
+    "Namespace": ("spec", {"finalizers": "kubernetes"}),  # a list
+    "Service": ("spec.ports.0.port", "http"),  # a number
+    "Deployment": ("spec.template.spec.containers.0.resources.requests", ["cpu"]),  # a map
+    "PodDisruptionBudget": ("spec.maxUnavailabel", 1),  # a misspelt field (strict)
+    "DestinationRule": ("spec.subsets.0.labels", "version=1"),  # a map
+    "VirtualService": ("spec.http.1.route.0.weight", "100%"),  # an integer
+    "AuthorizationPolicy": ("spec.action", "REFUSE"),  # ALLOW, DENY, AUDIT or CUSTOM
+    "ServiceAccount": ("automountServiceAccountToken", "no"),  # a boolean
+    "Role": ("rules.0.verbs", "get"),  # a list
+    "RoleBinding": ("subjects.0.nmae", "airflow-worker"),  # a misspelt field (strict)
+    "PodMonitor": ("spec.podMetricsEndpoints.0.interval", "every 15 s"),  # a duration
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_broken_object_of_each_kind_is_refused_by_name(rendered, kind):
+    objects = copy.deepcopy(rendered["production"])
+    target = next(o for o in objects if o["kind"] == kind)
+    path, value = MISTAKES[kind]
+    *parents, last = path.split(".")
+    node: Any = target
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    found = manifests.problems(objects)
+    assert len(found) == 1, found
+    assert found[0].startswith(manifests.name(target) + ": ")
+
+
+def test_an_unknown_kind_is_refused_not_skipped():
+    found = manifests.problems([{"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}])
+    assert found == ["Widget w: no schema for example.com/v1 Widget in Kubernetes " + manifests.K8S_VERSION]
+
+
+def test_version_1_is_deployed_as_the_rollout_renders_a_version(rendered):
+    """The rollout re-applies version 1's Deployment (scaling it, retiring it) with its own
+    rendering: the pod template a user applied from deploy/ must be that rendering, or the
+    first re-apply would roll every baseline pod."""
+    production = one(rendered["production"], "Deployment")
+    build = BuildSettings(storage_secret="model-server-storage")
+    image = "registry.example.com/ml/model-server:digits-1"
+    assert production == render_deployment(TARGET, "digits", "1", image, 3, build, "s3://model-rollout/predictions")
+    local = one(rendered["local-cluster"], "Deployment")
+    build = BuildSettings(gpus=0, drain_seconds=5, storage_secret="model-server-storage")
+    image = BOOTSTRAP_TAG.format(model="digits", version=1)
+    assert local == render_deployment(TARGET, "digits", "1", image, 2, build, "s3://predictions/predictions")
+
+
+def test_the_hardening_a_production_pod_needs(rendered):
+    pod = one(rendered["production"], "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/state", "/tmp"}
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    drain = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > drain == BuildSettings().drain_seconds
+    assert container["args"][container["args"].index("--serve") + 1] == "digits:1"
+
+
+def test_the_service_and_the_mesh_are_the_rollouts_own_rendering(rendered):
+    objects = rendered["production"]
+    service = one(objects, "Service")
+    assert service == render_service(TARGET)
+    assert ADMIN_PORT not in {p["port"] for p in service["spec"]["ports"]}
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    assert one(objects, "VirtualService") == render_virtual_service(TARGET, stable, ["1"])
+    assert one(objects, "DestinationRule") == render_destination_rule(TARGET, ["1"])
+    policy = one(objects, "AuthorizationPolicy")["spec"]
+    assert policy["action"] == "DENY"
+    assert policy["rules"] == [
+        {
+            "from": [{"source": {"notPrincipals": ["cluster.local/ns/airflow/sa/airflow-worker"]}}],
+            "to": [{"operation": {"ports": [str(ADMIN_PORT)]}}],
+        }
+    ]
+
+
+def test_the_autoscaling_component_renders_and_validates(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    production, component = (
+        os.path.relpath(manifests.DEPLOY / p, overlay) for p in ("overlays/production", "components/autoscaling")
+    )  # kustomize takes relative paths only
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{production}]\ncomponents: [{component}]\n"
+    )
+    objects = manifests.render(overlay)
+    assert one(objects, "Role", "model-rollout-autoscaling")["rules"][0]["resources"] == ["horizontalpodautoscalers"]
+    assert manifests.problems(objects) == []
+
+
+def test_a_broken_kustomization_is_reported_with_kustomizes_words(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(manifests.ManifestError, match=r"missing\.yaml"):
+        manifests.render(tmp_path)
+
+
+def test_the_scrape_job_keeps_each_versions_data_port_with_its_labels(tmp_path):
+    """deploy/'s Prometheus job, run by a real Prometheus on targets labelled as kubernetes_sd
+    labels pods: a model-server pod's data port is scraped as {app, version, pod, namespace};
+    its admin port and a pod without a version label are dropped."""
+
+    def target(port: int, port_name: str, **labels: str) -> dict[str, Any]:
+        return {
+            "targets": [f"127.0.0.1:{port}"],
+            "labels": {
+                "__meta_kubernetes_namespace": "ml",
+                "__meta_kubernetes_pod_name": f"pod-{port}",
+                "__meta_kubernetes_pod_container_port_name": port_name,
+                **{f"__meta_kubernetes_pod_label_{k}": v for k, v in labels.items()},
+                **{f"__meta_kubernetes_pod_labelpresent_{k}": "true" for k in labels},
+            },
+        }
+
+    file_sd = tmp_path / "targets.json"
+    file_sd.write_text(
+        json.dumps(
+            [
+                target(9101, "http", app="digits", version="2", pod_template_hash="abc"),
+                target(9102, "admin", app="digits", version="2"),
+                target(9103, "http", app="other"),
+            ]
+        )
+    )
+    prom = start_prometheus([], tmp_path / "prometheus", jobs=(manifests.scrape_job(file_sd, 15),))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"{prom.url}/api/v1/targets", timeout=5) as answer:
+                data = json.load(answer)["data"]
+            if len(data["activeTargets"]) + len(data["droppedTargets"]) == 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        prom.stop()
+    (active,) = data["activeTargets"]
+    assert active["scrapeUrl"] == "http://127.0.0.1:9101/metrics"
+    assert active["labels"] == {
+        "app": "digits",
+        "version": "2",
+        "pod_template_hash": "abc",
+        "pod": "pod-9101",
+        "namespace": "ml",
+        "instance": "127.0.0.1:9101",
+        "job": "model-server",
+    }
+    assert active["scrapeInterval"] == "15s"
+    assert sorted(t["discoveredLabels"]["__address__"] for t in data["droppedTargets"]) == [
+        "127.0.0.1:9102",
+        "127.0.0.1:9103",
+    ]
+
+
+def test_the_helm_values_name_the_roles_account_and_every_connection():
+    """deploy/helm/values.yaml (the official Airflow chart's values): KubernetesExecutor with the
+    workers' ServiceAccount that deploy/'s Roles are bound to, the triggerer on (the stage waits
+    defer), and each connection the project uses (airflow_settings.yaml) from a Secret."""
+    values = yaml.safe_load((manifests.DEPLOY / "helm" / "values.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor"
+    assert values["triggerer"]["enabled"] is True
+    account = values["workers"]["serviceAccount"]["name"]
+    rules = rbac.bound_rules(manifests.render("production"), f"system:serviceaccount:airflow:{account}")
+    assert set(rules) == {"ml", "ml-builds"}
+    local = yaml.safe_load((manifests.ROOT / "airflow_settings.yaml").read_text())
+    connections = {c["conn_id"] for c in local["airflow"]["connections"]}
+    assert {s["envName"] for s in values["secret"]} == {f"AIRFLOW_CONN_{c.upper()}" for c in connections}
+    assert all(s["secretName"] and s["secretKey"] for s in values["secret"])
+    assert values["airflowVersion"] == values["defaultAirflowTag"] == "3.3.2"
