@@ -19,6 +19,7 @@ an HPA the rollout did not make) is a 409 the task reports, never silently taken
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -69,9 +70,17 @@ def render_deployment(
     replicas: int | None = 1,
     build: BuildSettings | None = None,
     prediction_log: str | None = None,
+    like: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Version ``version``'s Deployment; ``replicas`` None leaves ``spec.replicas`` out (an HPA
     owns it).
+
+    ``like``: a live pod template to take instead of this rendering (Flagger's way: the
+    baseline's, so that what a user set on its pods — resources, tolerations, node selection,
+    env, probes, the prediction log — carries over to the candidate; or the version's own, so that
+    re-applying it to scale changes nothing else). Only what makes it this version changes: the
+    ``version`` label, the model annotation, and the ``model-server`` container's image and
+    ``--serve`` (``like``'s first container when none has that name).
 
     What a pod needs for the rollout's evidence: ``--prediction-log`` (the settings' URI, in
     production ``s3://...``, which the Airflow workers read too), the object store's
@@ -155,29 +164,26 @@ def render_deployment(
             for volume, name, key, _ in secrets
         ),
     ]
+    template = {
+        "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
+        "spec": {
+            "containers": [container],
+            "volumes": volumes,
+            # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": SERVER_UID,
+                "runAsGroup": SERVER_UID,
+                "fsGroup": SERVER_UID,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "terminationGracePeriodSeconds": drain + 30,
+            **({"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]} if gpus else {}),
+        },
+    }
     spec: dict[str, Any] = {
         "selector": {"matchLabels": dict(labels)},
-        "template": {
-            "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
-            "spec": {
-                "containers": [container],
-                "volumes": volumes,
-                # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
-                "securityContext": {
-                    "runAsNonRoot": True,
-                    "runAsUser": SERVER_UID,
-                    "runAsGroup": SERVER_UID,
-                    "fsGroup": SERVER_UID,
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
-                "terminationGracePeriodSeconds": drain + 30,
-                **(
-                    {"tolerations": [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]}
-                    if gpus
-                    else {}
-                ),
-            },
-        },
+        "template": template if like is None else _as_version(like, model, version, image, labels),
     }
     if replicas is not None:
         spec = {"replicas": replicas, **spec}
@@ -191,6 +197,23 @@ def render_deployment(
         },
         "spec": spec,
     }
+
+
+def _as_version(like: dict[str, Any], model: str, version: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """``like`` (a pod template) as version ``version``'s (``render_deployment``'s ``like``)."""
+    template = copy.deepcopy(like)
+    meta = template.setdefault("metadata", {})
+    meta["labels"] = {**(meta.get("labels") or {}), **labels}
+    meta["annotations"] = {**(meta.get("annotations") or {}), "model-rollout/model": model}
+    containers = template["spec"]["containers"]
+    container = next((c for c in containers if c.get("name") == "model-server"), containers[0])
+    container["image"] = image
+    args = [str(a) for a in container.get("args") or []]
+    serve = [i + 1 for i, a in enumerate(args[:-1]) if a == "--serve"]
+    for i in serve:
+        args[i] = f"{model}:{version}"
+    container["args"] = args + ([] if serve else ["--serve", f"{model}:{version}"])
+    return template
 
 
 def deployment_name(target: IstioTarget, version: str) -> str:
@@ -276,16 +299,28 @@ class VersionDeployments:
     def _name(self, version: str) -> str:
         return deployment_name(self.target, version)
 
-    def apply(self, version: str, image: str, replicas: int = 1) -> dict[str, Any]:
+    def apply(self, version: str, image: str, replicas: int = 1, like: str | None = None) -> dict[str, Any]:
         """Apply version ``version``'s Deployment with ``replicas`` pods (under autoscaling: its
-        HPA's floor). No ``force``: unlike the Istio objects, which only the rollout writes, a
-        Deployment's fields may have other owners (an HPA, ``kubectl scale``); fighting them would
-        undo their changes at every stage, so a conflict is reported instead."""
+        HPA's floor). Its pod template: its own live one when it has a Deployment (scaling changes
+        nothing else), else version ``like``'s (the baseline's: what the user set on its pods
+        carries over), else ``render_deployment``'s. No ``force``: unlike the Istio objects,
+        which only the rollout writes, a Deployment's fields may have other owners (an HPA,
+        ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
+        is reported instead."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
+        source = self._live(version) or (self._live(like) if like is not None else None)
+        template = None if source is None else self._apps().api_client.sanitize_for_serialization(source.spec.template)
         body = render_deployment(
-            self.target, self.model, version, image, None if autoscaled else replicas, self.build, self.prediction_log
+            self.target,
+            self.model,
+            version,
+            image,
+            None if autoscaled else replicas,
+            self.build,
+            self.prediction_log,
+            like=template,
         )
         try:
             out = self._apps().patch_namespaced_deployment(

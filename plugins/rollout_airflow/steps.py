@@ -138,7 +138,7 @@ def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str
 
 def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str) -> str:
     """Kubernetes mode, once ``buildkit_build`` pushed the image: the candidate's Deployment (that
-    image, its subset's labels), its pods ready. Local mode: ``build_image`` loaded it already."""
+    image, its subset's labels, the rest of its pod template the baseline's), its pods ready. Local mode: ``build_image`` loaded it already."""
     spec = spec_from(params)
     if spec.mesh == "local":
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
@@ -155,7 +155,7 @@ def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str)
                 f"section, or models.{spec.model}.istio)"
             )
     replicas = candidate_size(spec, spec.stages[0], deployments)
-    deployments.apply(spec.candidate_version, image, replicas)
+    deployments.apply(spec.candidate_version, image, replicas, like=spec.baseline_version)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"
 

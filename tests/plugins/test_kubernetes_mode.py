@@ -200,7 +200,7 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     assert obj["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
     (container,) = pod["spec"]["containers"]
     assert container["image"] == tag
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     # The pod serves version 2 only, whatever its image's config.json loads, and is ready once it does.
     from model_server.__main__ import parse_args
@@ -219,6 +219,39 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     ]
     assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
+
+
+def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_ones(kube):
+    """What a user set on the baseline's pods (node selection, a resource, an env variable, a
+    flag) carries over to the candidate, as Flagger clones its target; only the version's own
+    parts change. Scaling a version keeps its own template: its pods are not rolled."""
+    stable_virtual_service(kube, PARAMS)
+
+    def customise(obj: dict) -> None:
+        pod = obj["spec"]["template"]["spec"]
+        pod["nodeSelector"] = {"gpu": "h100"}
+        (container,) = pod["containers"]
+        container["resources"]["requests"]["cpu"] = "6"
+        container["env"].append({"name": "OMP_NUM_THREADS", "value": "4"})
+        container["args"] += ["--max-body-mb", "16"]
+
+    kube.touch("deployments", "models", "digits-v1", customise)
+    take("run-1")
+    tag = image("2")
+    steps.deploy_candidate(PARAMS, {"build": {"image": tag}}, "run-1")
+    v1, v2 = deployment(kube, "1")["spec"]["template"], deployment(kube, "2")["spec"]["template"]
+    assert v2["spec"]["nodeSelector"] == {"gpu": "h100"}
+    (c1,), (c2,) = v1["spec"]["containers"], v2["spec"]["containers"]
+    assert c2["resources"] == c1["resources"]
+    assert c2["resources"]["requests"]["cpu"] == "6"
+    assert c2["env"] == c1["env"]
+    assert c2["image"] == tag
+    assert c2["args"] == [a.replace("digits:1", "digits:2") for a in c1["args"]]
+    assert v2["metadata"]["labels"] == {"app": "digits", "version": "2"}
+    steps.serving().deployments("digits").scale_to_zero("1")
+    after = deployment(kube, "1")
+    assert after["spec"]["replicas"] == 0
+    assert after["spec"]["template"] == v1  # the user's changes kept, nothing rolled
 
 
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
@@ -389,10 +422,11 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
         assert path.name == key
         assert volumes[mount["name"]]["secret"]["secretName"] == secret
         assert volumes[mount["name"]]["secret"]["items"] == [{"key": key, "path": key}]
-    assert pod["securityContext"] == {"fsGroup": 10001}  # the image's user reads the Secrets' files
+    assert pod["securityContext"]["fsGroup"] == 10001  # the image's user reads the Secrets' files
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
     # Without a storage Secret (credentials from the node's or the pod's identity): no envFrom.
     connect(monkeypatch, tmp_path, {"prediction_log": log})
+    kube.remove("deployments", "models", "digits-v2")  # a live Deployment would keep its own template
     steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}}, "run-1")
     assert "envFrom" not in deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]
 
