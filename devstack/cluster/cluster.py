@@ -37,7 +37,7 @@ from typing import Any
 
 from devstack import manifests
 from devstack.cluster.dataplane import NginxDataPlane, render_accepted
-from devstack.cluster.install import apply_secret, pod_secrets
+from devstack.cluster.install import apply_object, apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
 from devstack.cluster.pods import PodRunner
 from devstack.processes import (
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "ml"
 BOOTSTRAP_TAG = "registry.cluster.local/vision-rollout/{model}:v{version}"
+# The models deploy/ holds, by namespace and name: installed from these overlays (deploy/overlays).
+OVERLAYS = {("ml", "digits"): "local-cluster"}
 REGISTRY = "registry.cluster.local/vision-rollout/model-server"
 
 
@@ -228,7 +230,12 @@ class Cluster:
     def install(self, model: str, replicas: int = 2, namespace: str = NAMESPACE) -> None:
         """The model as a production install has it before any rollout: its Service, the Secrets its
         pods read (admin token, feedback key, object-storage credentials), version 1's Deployment
-        (its image baked from the repository) with its pods ready, and the mesh routing 100% to v1."""
+        (its image baked from the repository) with its pods ready, and the mesh routing 100% to v1.
+
+        A model deploy/ holds (``OVERLAYS``) is installed from its overlay, as a user would:
+        every object ``kubectl kustomize`` renders, applied server-side with the rollout's field
+        manager (README, "Deploy to a cluster"), the Secrets it names made here. Another is
+        installed from the rollout's own rendering of those objects."""
         from kubernetes import client as k8s
 
         from model_server.traffic import TrafficPolicy
@@ -239,14 +246,11 @@ class Cluster:
         build = self.build_settings(replicas)
         self.service_ports.setdefault((namespace, model), free_port())
         api = self.api_client()
-        for name, data in pod_secrets(build, self.admin_token, dict(S3_CREDENTIALS)).items():
+        storage = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{self.s3.endpoint}"}
+        for name, data in pod_secrets(build, self.admin_token, storage).items():
             apply_secret(api, namespace, name, data)
         # The build pods' registry credentials (this registry takes any).
         apply_secret(api, build.namespace, build.push_secret, {".dockerconfigjson": json.dumps({"auths": {}})})
-        service = render_service(target)
-        k8s.CoreV1Api(api).patch_namespaced_service(
-            model, namespace, service, field_manager="install", force=True, _content_type="application/apply-patch+yaml"
-        )
         # The build context the rollout's build pod reads: the Dockerfile and the model's folder.
         shutil.copytree(self.repository / model, self.context / "models" / model, dirs_exist_ok=True)
         (self.context / "docker").mkdir(parents=True, exist_ok=True)
@@ -254,11 +258,30 @@ class Cluster:
         image = BOOTSTRAP_TAG.format(model=model, version=1)
         self.images[image] = self.repository
         deployments = VersionDeployments(target, model, api, build=build, prediction_log=self.prediction_log)
-        deployments.apply("1", image, replicas)
+        overlay = OVERLAYS.get((namespace, model))
+        if overlay is not None:
+            objects = manifests.render(overlay)
+            if not any(o["kind"] == "Deployment" and o["metadata"]["name"] == f"{model}-v1" for o in objects):
+                raise ValueError(f"deploy/overlays/{overlay} has no Deployment {model}-v1")
+            for obj in objects:
+                apply_object(api, obj)
+            if deployments.replicas("1") != replicas:
+                deployments.scale("1", replicas)
+        else:
+            k8s.CoreV1Api(api).patch_namespaced_service(
+                model,
+                namespace,
+                render_service(target),
+                field_manager="install",
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+            deployments.apply("1", image, replicas)
         deployments.wait_ready("1", replicas, timeout_s=180, every_s=0.5)
-        router = IstioRouter(target, ["1"], api_client=api)
-        router.reconcile()
-        router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+        if overlay is None:
+            router = IstioRouter(target, ["1"], api_client=api)
+            router.reconcile()
+            router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
         self.wait_until(lambda: self._serves(model, namespace), f"{model}'s Service answering through the data plane")
 
     def _serves(self, model: str, namespace: str) -> bool:
@@ -292,7 +315,7 @@ class Cluster:
             namespace="ml-builds",
             gpus=0,
             replicas=replicas,
-            storage_secret="object-storage",  # noqa: S106 (a Secret's name)
+            storage_secret="model-server-storage",  # noqa: S106 (a Secret's name, deploy/'s)
             drain_seconds=5,
         )
 

@@ -1,5 +1,6 @@
 """What an install of the model server puts in a namespace before any rollout: the Secrets its
-pods read. Shared by the one-machine cluster and the tests that run pods."""
+pods read, and deploy/'s manifests applied as its README says (server-side, the rollout's field
+manager). Shared by the one-machine cluster and the tests that run pods."""
 
 from __future__ import annotations
 
@@ -38,4 +39,30 @@ def apply_secret(api_client: Any, namespace: str, name: str, data: dict[str, str
     }
     k8s.CoreV1Api(api_client).patch_namespaced_secret(
         name, namespace, body, field_manager="install", force=True, _content_type="application/apply-patch+yaml"
+    )
+
+
+def plural(kind: str) -> str:
+    """A kind's resource name, as the API server's REST mapping gives it for the kinds here."""
+    lower = kind.lower()
+    return f"{lower[:-1]}ies" if lower.endswith("y") else f"{lower}s"
+
+
+def apply_object(api_client: Any, obj: dict[str, Any], manager: str = "model-rollout") -> None:
+    """``kubectl apply --server-side --field-manager=<manager>`` of one object: a PATCH of type
+    application/apply-patch+yaml to its path (the API server refuses what it refuses)."""
+    group_version = obj["apiVersion"]
+    prefix = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    namespace = obj["metadata"].get("namespace")
+    where = f"/namespaces/{namespace}" if namespace else ""
+    path = f"{prefix}{where}/{plural(obj['kind'])}/{obj['metadata']['name']}"
+    api_client.call_api(
+        path,
+        "PATCH",
+        query_params=[("fieldManager", manager)],
+        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        body=obj,
+        auth_settings=["BearerToken"],
+        response_types_map={},
+        _preload_content=False,
     )

@@ -70,6 +70,7 @@ class Resource:
     kind: str
     apply: bool = False  # server-side apply (PATCH application/apply-patch+yaml)
     create: bool = False  # POST to the collection
+    cluster_scoped: bool = False  # no namespace (stored under "")
 
 
 RESOURCES = {
@@ -81,6 +82,15 @@ RESOURCES = {
     "pods": Resource("v1", "Pod", create=True),
     "events": Resource("v1", "Event"),
     "leases": Resource("coordination.k8s.io/v1", "Lease"),  # the per-model rollout lock: lease_call
+    # The rest of what deploy/ applies: stored as applied, validated as the real server would
+    # (devstack.manifests: Kubernetes' schema, Istio's CRD, the prometheus-operator's types).
+    "namespaces": Resource("v1", "Namespace", apply=True, cluster_scoped=True),
+    "serviceaccounts": Resource("v1", "ServiceAccount", apply=True),
+    "poddisruptionbudgets": Resource("policy/v1", "PodDisruptionBudget", apply=True),
+    "roles": Resource("rbac.authorization.k8s.io/v1", "Role", apply=True),
+    "rolebindings": Resource("rbac.authorization.k8s.io/v1", "RoleBinding", apply=True),
+    "authorizationpolicies": Resource("security.istio.io/v1", "AuthorizationPolicy", apply=True),
+    "podmonitors": Resource("monitoring.coreos.com/v1", "PodMonitor", apply=True),
 }
 FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
@@ -310,12 +320,32 @@ def invalid_istio(body: dict[str, Any]) -> str | None:
     return None
 
 
+def invalid_manifest(body: dict[str, Any]) -> str | None:
+    """What ``devstack.manifests`` finds wrong with an object (its kind's schema), None if nothing."""
+    from devstack import manifests
+
+    found = manifests.problems([body])
+    return found[0].partition(": ")[2] if found else None
+
+
 VALIDATORS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "virtualservices": invalid_istio,
     "destinationrules": invalid_istio,
     "deployments": invalid_deployment,
     "secrets": invalid_secret,
     "services": invalid_service,
+    **{
+        plural: invalid_manifest
+        for plural in (
+            "namespaces",
+            "serviceaccounts",
+            "poddisruptionbudgets",
+            "roles",
+            "rolebindings",
+            "authorizationpolicies",
+            "podmonitors",
+        )
+    },
 }
 
 
@@ -504,6 +534,8 @@ class FakeKubeAPI:
             raise APIError(400, "BadRequest", "apiVersion/kind do not match the path")
         if meta.get("name") != name or meta.get("namespace", namespace) != namespace:
             raise APIError(400, "BadRequest", "metadata.name/namespace do not match the path")
+        if resource.cluster_scoped:
+            body = {**body, "metadata": {k: v for k, v in meta.items() if k != "namespace"}}
         problem = invalid_labels(meta) or VALIDATORS[plural](body)
         if problem:
             raise APIError(422, "Invalid", f'{resource.kind}{_group_suffix(plural)} "{name}" is invalid: {problem}')
@@ -651,8 +683,15 @@ class FakeKubeAPI:
                 if m is None or plural not in RESOURCES or RESOURCES[plural].api_version != (m.group(1) or m.group(2)):
                     raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
                 namespace, name, sub = m.group(3), m.group(5), m.group(6)
-                if (namespace is None and name is not None) or (sub is not None and plural != "pods"):
+                scoped = not RESOURCES[plural].cluster_scoped
+                if (
+                    (scoped and namespace is None and name is not None)
+                    or (not scoped and namespace is not None)
+                    or (sub is not None and plural != "pods")
+                ):
                     raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
+                if not scoped:
+                    namespace = ""  # how cluster-scoped objects are stored
                 return plural, namespace, name, sub, query
 
             def _body(self) -> bytes:
@@ -836,7 +875,12 @@ def _applied(live: dict[str, Any] | None, body: dict[str, Any], name: str, names
         "kind": body["kind"],
         "metadata": copy.deepcopy(live["metadata"])
         if live
-        else {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339()},
+        else {
+            "name": name,
+            **({"namespace": namespace} if namespace else {}),  # none for a cluster-scoped object
+            "uid": str(uuid.uuid4()),
+            "creationTimestamp": now_rfc3339(),
+        },
     }
     for field, value in body.items():
         if field not in ("apiVersion", "kind", "metadata", "status"):

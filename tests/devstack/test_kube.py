@@ -104,3 +104,38 @@ def test_secrets_and_services_are_applied_and_checked(core):
     api.patch_namespaced_service("digits", "ml", service, **APPLY)
     assert [s.metadata.name for s in api.list_namespaced_service("ml").items] == ["digits"]
     assert fake.writes()[-1]["query"]["fieldManager"] == ["test"]
+
+
+def test_deploys_overlay_applies_as_kubectl_apply_server_side_would(core):
+    """Every object of deploy/overlays/local-cluster applied server-side (the README's command),
+    each stored where the real server keeps it (a Namespace cluster-scoped); an object its kind's
+    schema refuses is a 422 naming the field, and nothing of it is stored."""
+    import copy
+
+    from devstack import manifests
+    from devstack.cluster.install import apply_object
+
+    fake, api = core
+    objects = manifests.render("local-cluster")
+    for obj in objects:
+        apply_object(api.api_client, obj)
+    assert {(plural, ns, name) for plural, ns, name in fake.objects} >= {
+        ("namespaces", "", "ml"),
+        ("namespaces", "", "ml-builds"),
+        ("deployments", "ml", "digits-v1"),
+        ("podmonitors", "ml", "model-server"),
+        ("authorizationpolicies", "ml", "digits-admin"),
+        ("roles", "ml-builds", "model-rollout-builds"),
+        ("poddisruptionbudgets", "ml", "digits"),
+    }
+    assert "namespace" not in fake.objects[("namespaces", "", "ml")]["metadata"]
+    assert api.read_namespace("ml").metadata.labels["istio-injection"] == "enabled"
+    assert fake.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
+    bad = copy.deepcopy(next(o for o in objects if o["kind"] == "PodMonitor"))
+    bad["metadata"]["name"] = "broken"
+    bad["spec"]["podMetricsEndpoints"][0]["interval"] = "often"
+    with pytest.raises(ApiException) as refused:
+        apply_object(api.api_client, bad)
+    assert refused.value.status == 422
+    assert "interval" in json.loads(refused.value.body)["message"]
+    assert ("podmonitors", "ml", "broken") not in fake.objects
