@@ -28,8 +28,8 @@ a cluster do. What a pod is here:
 - restartPolicy Always: an exited process is started again (``restartCount`` + 1) after
   kubelet's back-off (none the first time, then 10 s doubling to 300 s, never reset);
 - scaling down stops the newest pods first; a pod being stopped is not ready (out of
-  ``endpoints``) before it gets SIGTERM, and SIGKILL after ``terminationGracePeriodSeconds``
-  (default 30); a pod deleted through the API is stopped the same way and the ReplicaSet
+  ``endpoints``), then runs its ``preStop`` hook (``sleep N`` only), then gets SIGTERM, and
+  SIGKILL once ``terminationGracePeriodSeconds`` (default 30, counted from the start) is over; a pod deleted through the API is stopped the same way and the ReplicaSet
   controller replaces it;
 - a template change rolls the pods, simplified from maxSurge/maxUnavailable 25 %: all the new
   pods are started at once (surge), the old ones stopped when as many new ones are ready;
@@ -174,6 +174,7 @@ class Pod:
     terminated: dict[str, Any] | None = None  # the container's end (builds, bare pods)
     last_state: dict[str, Any] = field(default_factory=dict)
     terminating: bool = False
+    term_at: float = 0.0  # when SIGTERM goes, once its preStop hook ran (0: sent)
     kill_at: float = 0.0
 
     @property
@@ -482,6 +483,11 @@ class PodRunner:
         if not pod.terminating and (obj is None or "deletionTimestamp" in obj["metadata"]):
             self._terminate(pod)
         if pod.terminating:
+            if pod.term_at and time.monotonic() >= pod.term_at:
+                pod.term_at = 0.0
+                if pod.running:
+                    assert pod.proc is not None
+                    pod.proc.send_signal(signal.SIGTERM)
             if pod.running and time.monotonic() >= pod.kill_at:
                 assert pod.proc is not None
                 pod.proc.kill()
@@ -667,16 +673,22 @@ class PodRunner:
         return env
 
     def _terminate(self, pod: Pod) -> None:
-        """Stop a pod: out of the endpoints (not ready, status written) first, then SIGTERM."""
+        """Stop a pod: out of the endpoints (not ready, status written) first, then its
+        ``preStop`` hook (``sleep N``, as an exec command or the ``sleep`` action), then SIGTERM;
+        SIGKILL once the grace period, counted from the start, is over (kubelet's order)."""
         pod.terminating, pod.ready = True, False
         self.api.set_status("pods", pod.namespace, pod.name, self._pod_status(pod))
         obj = self.api.get("pods", pod.namespace, pod.name)
         if obj is not None and "deletionTimestamp" not in obj["metadata"]:
             self.api.delete("pods", pod.namespace, pod.name)
-        pod.kill_at = time.monotonic() + self._grace(pod)
-        if pod.running:
-            assert pod.proc is not None
-            pod.proc.send_signal(signal.SIGTERM)
+        now = time.monotonic()
+        pod.kill_at = now + self._grace(pod)
+        pod.term_at = now + min(_pre_stop_sleep(pod.container), self._grace(pod))
+        if pod.term_at <= now:  # no hook: SIGTERM now
+            pod.term_at = 0.0
+            if pod.running:
+                assert pod.proc is not None
+                pod.proc.send_signal(signal.SIGTERM)
 
     @staticmethod
     def _grace(pod: Pod) -> float:
@@ -1022,6 +1034,24 @@ def _terminated(code: int, reason: str, message: str) -> dict[str, Any]:
 
 def _template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _pre_stop_sleep(container: Mapping[str, Any]) -> float:
+    """The seconds a container's ``preStop`` hook sleeps: ``exec`` of ``sleep N`` or the
+    ``sleep`` action; 0 without a hook. Another hook is not run here, and logged as such."""
+    hook = (container.get("lifecycle") or {}).get("preStop")
+    if not hook:
+        return 0.0
+    command = [str(c) for c in (hook.get("exec") or {}).get("command") or []]
+    try:
+        if len(command) == 2 and command[0] in ("sleep", "/bin/sleep"):
+            return max(0.0, float(command[1]))
+        if "sleep" in hook:
+            return max(0.0, float(hook["sleep"]["seconds"]))
+    except (TypeError, ValueError, KeyError):
+        pass
+    log.warning("preStop hook %s is not run here (only sleep N)", json.dumps(hook)[:200])
+    return 0.0
 
 
 def _ports(pod: Pod) -> list[tuple[str, int]]:

@@ -451,3 +451,24 @@ def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):
     finally:
         runner.stop()
         api.stop()
+
+
+def test_a_stopped_pod_leaves_the_endpoints_then_sleeps_its_pre_stop_then_ends_on_sigterm(cluster):
+    """kubelet's order when a pod goes: out of the endpoints at once, its preStop hook (the
+    rendered drain, ``sleep N``) while it still serves what it holds, then SIGTERM, before the
+    grace period's SIGKILL."""
+    _, runner, api_client = cluster
+    drain = 10
+    versions = VersionDeployments(TARGET, "digits", api_client, build=BuildSettings(gpus=0, drain_seconds=drain))
+    versions.apply("2", IMAGE, replicas=1)
+    versions.wait_ready("2", replicas=1, timeout_s=120, every_s=0.2)
+    (pod,) = runner.pods.values()
+    proc = pod.proc
+    assert proc is not None
+    versions.scale_to_zero("2")
+    wait_for("the pod out of the endpoints", lambda: not runner.endpoints("models", {"version": "2"}))
+    left = time.monotonic()
+    assert proc.poll() is None  # still running: the preStop sleep comes first
+    wait_for("the process ended", lambda: proc.poll() is not None, timeout_s=120)
+    assert time.monotonic() - left >= drain - 1  # a lower bound: a slow machine only adds to it
+    assert proc.returncode != -signal.SIGKILL  # ended by SIGTERM, within the grace period
