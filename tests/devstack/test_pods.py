@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from devstack import manifests, rbac
 from devstack.cluster.install import apply_secret, pod_secrets
-from devstack.cluster.kube import FakeKubeAPI
+from devstack.cluster.kube import WORKER_USER, FakeKubeAPI
 from devstack.cluster.pods import PodRunner, kill_orphans
 from devstack.processes import alive
 from vision_rollout.deploy import VersionDeployments, render_deployment
@@ -366,6 +367,14 @@ def test_the_build_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context
     assert "not MODEL_SHA256" in terminated.message
     log = client.CoreV1Api(api_client).read_namespaced_pod_log(names[0], "ml-builds")
     assert "sha256sum: WARNING: 1 computed checksum did NOT match" in log
+    # The operator labelled the failed pod already_checked (a retry must not reattach to it), with
+    # a call the workers' Role in deploy/ allows (the cluster e2e counts on this test for it).
+    assert pod.metadata.labels["already_checked"] == "True"
+    calls = [rbac.attributes(r) for r in api.requests if r["user"] == WORKER_USER]
+    patch = rbac.Attributes("patch", "", "pods", "ml-builds", names[0])
+    assert patch in calls
+    rules = rbac.bound_rules(manifests.render("local-cluster"), WORKER_USER)["ml-builds"]
+    assert [str(c) for c in calls if not rbac.allowed(rules, c)] == []
 
 
 def test_a_build_of_an_s3_context_the_store_lacks_fails_naming_it(cluster, build_context, push_secret, monkeypatch):
