@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR):$(CURDIR)/include:$(CURDIR)/plugins
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: venv models prometheus nginx chromium test lint serve up down demo tour bench clean cluster-up cluster-down cluster-demo
+.PHONY: venv models prometheus nginx chromium test deploy-check lint serve up down demo tour bench clean cluster-up cluster-down cluster-demo
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ $(NODE_STAMP): devstack/node/package.json devstack/node/package-lock.json
 
 test: models prometheus nginx chromium $(NODE_STAMP)
 	$(BIN)/python -m pytest
+
+# deploy/'s overlays (or yours: make deploy-check OVERLAYS=path/to/overlay) rendered and validated.
+OVERLAYS ?= local-cluster production
+deploy-check: $(STAMP) $(NODE_STAMP)
+	$(BIN)/python -m devstack.manifests $(OVERLAYS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

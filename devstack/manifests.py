@@ -15,10 +15,14 @@ returns the objects. ``check(objects)`` names every object that a cluster of Kub
   ``@kubernetes-models/prometheus-operator`` generates from the operator's Go types
   (``devstack/node``, run with node; it allows unknown fields);
 - any other kind is refused: nothing in ``deploy/`` goes unchecked.
+
+``python -m devstack.manifests OVERLAY...`` (``make deploy-check``) checks overlays of your own
+the same way: each problem on a line, exit status 1 if there is any.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import shutil
@@ -150,3 +154,27 @@ def problems(objects: list[dict[str, Any]]) -> list[str]:
         if why:
             out.append(f"{name(obj)}: {why}")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m devstack.manifests", description="Render and check kustomize overlays.")
+    p.add_argument("overlays", nargs="+", help="a folder with a kustomization.yaml, or a name under deploy/overlays")
+    args = p.parse_args(argv)
+    failed = False
+    for overlay in args.overlays:
+        try:
+            objects = render(Path(overlay).resolve() if Path(overlay).exists() else overlay)
+        except ManifestError as exc:
+            print(f"{overlay}: {exc}")
+            failed = True
+            continue
+        found = problems(objects)
+        for line in found:
+            print(f"{overlay}: {line}")
+        print(f"{overlay}: {len(objects)} objects, {len(found) or 'no'} problems", file=sys.stderr)
+        failed = failed or bool(found)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -243,3 +243,18 @@ def test_the_helm_values_name_the_roles_account_and_every_connection():
     assert {s["envName"] for s in values["secret"]} == {f"AIRFLOW_CONN_{c.upper()}" for c in connections}
     assert all(s["secretName"] and s["secretKey"] for s in values["secret"])
     assert values["airflowVersion"] == values["defaultAirflowTag"] == "3.3.2"
+
+
+def test_deploy_check_names_each_problem_of_a_users_overlay(tmp_path, capsys):
+    """``make deploy-check OVERLAYS=...`` on an overlay of one's own: a patch that breaks the
+    Deployment is named, exit status 1; deploy/'s own overlays pass."""
+    overlay = tmp_path / "mine"
+    overlay.mkdir()
+    base = os.path.relpath(manifests.DEPLOY / "overlays" / "production", overlay)
+    (overlay / "kustomization.yaml").write_text(f"resources: [{base}]\npatches: [{{path: replicas.yaml}}]\n")
+    (overlay / "replicas.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: digits-v1, namespace: ml}\nspec: {replicas: three}\n"
+    )
+    assert manifests.main([str(overlay)]) == 1
+    assert "Deployment ml/digits-v1: invalid at spec/replicas" in capsys.readouterr().out
+    assert manifests.main(["local-cluster", "production"]) == 0
