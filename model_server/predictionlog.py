@@ -2,8 +2,9 @@
 
 Every serving process appends to the same log, a local folder or object storage (``s3://``
 through ``pyarrow.fs``), in the layout
-``<root>/model=<model>/dt=YYYY-MM-DD/hour=HH/part-<replica>-<time>-<uuid12>.parquet`` (UTC, by
-the time the request was received), so replicas write side by side and never to the same file.
+``<root>/model=<model>/dt=YYYY-MM-DD/hour=HH/part-<replica>-<YYYYmmddTHHMMSS>Z-<uuid12>.parquet``
+(the folder by the UTC hour the request was received, the name by the UTC second the file was
+written), so replicas write side by side and never to the same file.
 
 Writing: the request path only appends a tuple to a bounded buffer (a full buffer drops the
 record and counts it); a writer thread, every ``flush_s`` and at shutdown, masks, hashes the
@@ -600,7 +601,10 @@ class PredictionLog:
 
     def _write(self, folder: str, table: pa.Table) -> None:
         for buf in self._encode(table):
-            name = f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+            # The UTC second of the write: every record in the file was received before it (read prunes by it).
+            name = (
+                f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}.parquet"
+            )
             if self.local:
                 write_private(Path(folder) / name, memoryview(buf))
             else:  # an object store: the object appears whole when its single PUT completes
@@ -654,6 +658,20 @@ def _hours(start: datetime, end: datetime) -> list[tuple[str, str]]:
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+
+
+# A file's write time in its name (UTC: the "Z"); names without it (older writers) are always read.
+WRITTEN = re.compile(r"-(\d{8}T\d{6})Z-[0-9a-f]{12}\.parquet$")
+CLOCK_STEP_S = 60  # how far a writer's clock may step back between receiving a record and writing it
+
+
+def _written_before(name: str, start: datetime) -> bool:
+    """Whether a file of this name was written (so all its records received) before ``start``."""
+    m = WRITTEN.search(name)
+    if m is None:
+        return False
+    written = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    return written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
 
 
 def _read_one(
@@ -720,8 +738,10 @@ def read(
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
-    Only the ``model=``/``dt=``/``hour=`` folders of the range are listed, and only ``columns``
-    (plus ``time``) are read. Unreadable, truncated or wrongly typed files are skipped with a
+    Only the ``model=``/``dt=``/``hour=`` folders of the range are listed, only files that may
+    hold records of the range are opened (a file written, by its name, more than ``CLOCK_STEP_S``
+    before ``start`` holds none: its records were received before it was written), and only
+    ``columns`` (plus ``time``) are read. Unreadable, truncated or wrongly typed files are skipped with a
     warning, as are malformed records (no time, model, request id, item or a known role): the
     counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
     ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list
@@ -756,6 +776,7 @@ def read(
             if info.type == pafs.FileType.File
             and info.base_name.startswith("part-")
             and info.base_name.endswith(".parquet")
+            and not _written_before(info.base_name, start)
         )
         results = list(pool.map(lambda p: _read_one(fs, p, read_cols, start, end, role_list), paths))
     tables, reasons, malformed = [], {}, 0

@@ -260,6 +260,38 @@ def test_columns_are_projected_and_time_always_comes_along(tmp_path):
         read(tmp_path / "log", *window(), columns=["nope"])
 
 
+def test_files_written_before_the_range_are_not_opened(log_uri, tmp_path, monkeypatch):
+    """A file's name holds the UTC second it was written (whatever the writer's time zone); every
+    record in it was received before then, so a read of a range starting more than a minute after
+    that never opens it: a log of hours costs what the range holds, not what its hour folders hold."""
+    monkeypatch.setenv("TZ", "America/Los_Angeles")  # the name is UTC all the same
+    time.tzset()
+    try:
+        w = writer(tmp_path, log_uri)
+        w.append(primary("now"))
+        w.flush()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    (name,) = [f.rsplit("/", 1)[1] for f in files(log_uri)]
+    written = datetime.strptime(predictionlog.WRITTEN.search(name).group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    assert abs((written - datetime.now(UTC)).total_seconds()) < 3600  # UTC, not Los Angeles' clock
+    folder = files(log_uri)[0].rsplit("/", 1)[0]
+    fs, root = predictionlog._filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{files(log_uri)[0]}") as f:
+        data = f.read()
+    # The same records under names no writer would give them: written 10 minutes ago (so never
+    # opened by a read from 5 minutes ago on), and a name without a UTC time (always opened).
+    old = f"{written - timedelta(minutes=10):%Y%m%dT%H%M%S}Z"
+    put_file(log_uri, f"{folder}/part-x-{old}-0123456789ab.parquet", data)
+    put_file(log_uri, f"{folder}/part-x-1-unnamed.parquet", data)
+    recent = read(log_uri, datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC) + timedelta(minutes=1))
+    assert recent.attrs["files_read"] == 2
+    assert len(recent) == 2 * 2  # two items each: the writer's file and the unnamed one
+    wide = read(log_uri, datetime.now(UTC) - timedelta(minutes=15), datetime.now(UTC) + timedelta(minutes=1))
+    assert wide.attrs["files_read"] == 3
+
+
 def test_naive_datetimes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="timezone-aware"):
         read(tmp_path, datetime(2026, 1, 1), datetime(2026, 1, 2))
