@@ -53,7 +53,7 @@ def trial(cluster: Cluster, breach_seconds: int, run_id: str) -> dict[str, Any]:
     from rollout_airflow import steps
     from rollout_airflow.hooks import PrometheusHook
     from rollout_airflow.operators import ImageBuild
-    from vision_rollout.engine import guard_inputs, poke_interval
+    from vision_rollout.engine import guard_inputs, poke_interval, rate_window_s
     from vision_rollout.spec import RolloutSpec
 
     params = {**CONF, "candidate_version": "2", "p99_breach_seconds": breach_seconds}
@@ -64,9 +64,13 @@ def trial(cluster: Cluster, breach_seconds: int, run_id: str) -> dict[str, Any]:
     context = {"ti": ti, "params": params, "run_id": run_id, "dag": SimpleNamespace(dag_id="model_rollout")}
     ImageBuild(task_id="buildkit_build", plan=built).execute(context)
     steps.deploy_candidate(params, built, run_id)
+    deployed = time.time()
     applied = steps.apply_weights(params, 0, run_id, built)
     spec, source = RolloutSpec.from_dict(params), PrometheusHook().source()
-    while guard_inputs(source, spec).missing is not None:  # the canary's P99 in Prometheus first
+    # The canary's P99 in Prometheus first, over a guard window that holds this trial's pods only:
+    # the version's series carries an earlier trial's slow samples until they leave it.
+    clean_s = max(breach_seconds, 10) + rate_window_s(source.scrape_interval_s()) + 5
+    while guard_inputs(source, spec).missing is not None or time.time() - deployed < clean_s:
         _poke(steps, params, applied, run_id)
         time.sleep(every)
     for address in cluster.pods.endpoints(NAMESPACE, {"app": "digits", "version": "2"}, admin=True):
