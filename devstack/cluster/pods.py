@@ -29,8 +29,9 @@ a cluster do. What a pod is here:
   kubelet's back-off (none the first time, then 10 s doubling to 300 s, never reset);
 - scaling down stops the newest pods first; a pod being stopped is not ready (out of
   ``endpoints``), then runs its ``preStop`` hook (``sleep N`` only), then gets SIGTERM, and
-  SIGKILL once ``terminationGracePeriodSeconds`` (default 30, counted from the start) is over; a pod deleted through the API is stopped the same way and the ReplicaSet
-  controller replaces it;
+  SIGKILL once ``terminationGracePeriodSeconds`` (default 30, counted from the start) is over;
+  a pod deleted through the API is stopped the same way and the ReplicaSet controller
+  replaces it;
 - a template change rolls the pods, simplified from maxSurge/maxUnavailable 25 %: all the new
   pods are started at once (surge), the old ones stopped when as many new ones are ready;
 - at most ``max_pods`` (16) pods per Deployment: beyond that the Deployment's status has a

@@ -138,7 +138,8 @@ def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str
 
 def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str) -> str:
     """Kubernetes mode, once ``buildkit_build`` pushed the image: the candidate's Deployment (that
-    image, its subset's labels, the rest of its pod template the baseline's), its pods ready. Local mode: ``build_image`` loaded it already."""
+    image, its subset's labels, the rest of its pod template the baseline's), its pods ready.
+    Local mode: ``build_image`` loaded it already."""
     spec = spec_from(params)
     if spec.mesh == "local":
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
