@@ -23,7 +23,14 @@ from vision_rollout.metrics import parse_exposition
 from vision_rollout.serving import ModelServerAdmin
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTHONPATH = os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))  # as the Makefile sets it
+
+
+def source_path(source: Path) -> str:
+    """The PYTHONPATH of a copy of this project's code, as the Makefile sets it."""
+    return os.pathsep.join(str(source / p) for p in ("", "include", "plugins"))
+
+
+PYTHONPATH = source_path(ROOT)
 
 
 def free_port() -> int:
@@ -130,9 +137,11 @@ def start_model_server(
     port: int | None = None,
     wait_s: float = 60.0,
     until: str = "ready",
+    source: Path = ROOT,
 ) -> ModelServerProcess:
     """Start ``python -m model_server`` on 127.0.0.1 and wait until it is ready (``until``
-    "live": until it answers, ready or not).
+    "live": until it answers, ready or not); ``source``: another copy of this project's code
+    (a benchmark's earlier commit).
 
     Traffic policies persist under ``log_dir`` unless ``--state-dir`` is among ``args``.
 
@@ -160,10 +169,12 @@ def start_model_server(
         token_file.touch(mode=0o600)
         token_file.write_text(token)
         cmd += ["--admin-token-file", str(token_file)]
-    pythonpath = os.pathsep.join(p for p in (PYTHONPATH, os.environ.get("PYTHONPATH", "")) if p)
+    # Another copy runs its own code alone (this environment's PYTHONPATH points at this one).
+    inherited = os.environ.get("PYTHONPATH", "") if source == ROOT else ""
+    pythonpath = os.pathsep.join(p for p in (source_path(source), inherited) if p)
     env = {**os.environ, "PYTHONPATH": pythonpath, "ORT_DISABLE_TELEMETRY": "1"}
     with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=source)
     server = ModelServerProcess(proc, port, log, token)
     try:
         server.wait_until(until, wait_s)

@@ -370,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         feedback_ttl_s=args.feedback_ttl_s,
         feedback_key=feedback_key(args, state),
     )
+    app = create_app(repo, settings, plog)
     config = uvicorn.Config(
-        create_app(repo, settings, plog),
+        app,
         log_level=args.log_level,
         access_log=False,
         log_config=None,  # uvicorn's records reach the root handlers, and their masking
         timeout_keep_alive=75,
-        http=limited_protocol(args.request_timeout),
+        http=limited_protocol(args.request_timeout, app.direct),
     )
     server = uvicorn.Server(config)
     server.run(sockets=sockets)  # one event loop, one app, a listener per port

@@ -17,7 +17,7 @@ import re
 import secrets
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from model_server.errors import (
     Unauthorized,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore
+from model_server.httpserver import Answer, DirectRoute
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES
 from model_server.repository import ModelRepository
@@ -109,12 +110,12 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def header_dict(scope: Scope) -> dict[str, str]:
+def header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """The request's headers, names in lower case (as the server hands them), the first of each
     name; values as their sender wrote them (``header_text``: UTF-8, else Latin-1), so that the
     masking reads a full-width number as a number, and header rules match text as Envoy matches
     its bytes."""
-    return {k.decode("latin-1"): header_text(v) for k, v in reversed(scope["headers"])}
+    return {k.decode("latin-1"): header_text(v) for k, v in reversed(headers)}
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
@@ -131,10 +132,16 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 
 class InferFastPath:
-    """ASGI: ``.../infer`` straight to its handler, every other path to the Starlette app."""
+    """ASGI: ``.../infer`` straight to its handler, every other path to the Starlette app.
+    ``direct``: the same handler for the requests the HTTP protocol answers itself."""
 
-    def __init__(self, app: ASGIApp, infer: Callable[[Scope, Receive, Send, str, str | None], Awaitable[None]]):
-        self.app, self.infer = app, infer
+    def __init__(
+        self,
+        app: ASGIApp,
+        infer: Callable[[Scope, Receive, Send, str, str | None], Awaitable[None]],
+        direct: DirectRoute,
+    ):
+        self.app, self.infer, self.direct = app, infer, direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (match := INFER_PATH.fullmatch(scope["path"])):
@@ -159,7 +166,7 @@ def is_shadow_host(host: str | None) -> bool:
     return bool(sep) and ascii_uint(port) is not None and name.endswith("-shadow")
 
 
-def create_app(repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None) -> ASGIApp:
+def create_app(repo: ModelRepository, settings: Settings, prediction_log: PredictionLog | None = None) -> InferFastPath:
     plog = prediction_log
     policies = PolicyStore(settings.state_dir, on_change=metrics.show_traffic_policy)
     feedback = FeedbackStore(FeedbackSigner(settings.feedback_key), settings.feedback_capacity, settings.feedback_ttl_s)
@@ -220,9 +227,24 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
+    def body_encoding(headers: Mapping[str, str]) -> str:
+        """The body's Content-Encoding, checked with its Content-Length before it is read."""
+        declared = headers.get("content-length")
+        if declared is not None and ascii_uint(declared) is None:
+            raise InvalidInput(f"invalid Content-Length {declared!r}")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in CONTENT_CODINGS:
+            raise InvalidInput(f"unsupported Content-Encoding {encoding[:40]!r}: use gzip, deflate or identity")
+        return encoding
+
+    async def decoded(body: bytes, encoding: str, limit: int) -> bytes:
+        if encoding == "identity" or not body:
+            return body
+        return await asyncio.to_thread(decompress, body, encoding, limit)
+
     async def read_body(receive: Receive, headers: Mapping[str, str], limit: int | None = None) -> bytes:
         limit = limit or settings.max_body_bytes
-        declared = headers.get("content-length")
+        encoding = body_encoding(headers)
 
         async def read() -> bytes:
             chunks, size = [], 0
@@ -234,22 +256,28 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                     break  # not worth draining: answer now, the connection closes
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
-                raise PayloadTooLarge(f"request body of {declared or size} bytes is over the limit of {limit} bytes")
+                raise PayloadTooLarge(
+                    f"request body of {headers.get('content-length') or size} bytes is over the limit of {limit} bytes"
+                )
             return b"".join(chunks)
 
-        if declared is not None and ascii_uint(declared) is None:
-            raise InvalidInput(f"invalid Content-Length {declared!r}")
-        encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in CONTENT_CODINGS:
-            raise InvalidInput(f"unsupported Content-Encoding {encoding[:40]!r}: use gzip, deflate or identity")
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 body = await read()
         except TimeoutError:
-            raise RequestTimeout(f"request body not received within {settings.request_timeout_s:g} s") from None
-        if encoding == "identity" or not body:
-            return body
-        return await asyncio.to_thread(decompress, body, encoding, limit)
+            raise body_timeout() from None
+        return await decoded(body, encoding, limit)
+
+    async def buffered_body(body: bytes | None, headers: Mapping[str, str]) -> bytes:
+        """The body the HTTP protocol buffered (at most ``max_body_bytes``; None: it did not
+        arrive in time), checked as ``read_body`` checks one it reads."""
+        encoding = body_encoding(headers)
+        if body is None:
+            raise body_timeout()
+        return await decoded(body, encoding, settings.max_body_bytes)
+
+    def body_timeout() -> RequestTimeout:
+        return RequestTimeout(f"request body not received within {settings.request_timeout_s:g} s")
 
     async def json_body(request: Request, allow_list: bool = False) -> Any:
         body = await read_body(request.receive, request.headers, settings.max_json_bytes)
@@ -302,16 +330,25 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
     # -- inference --------------------------------------------------------------------------
 
-    async def infer(scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
-        """``POST /v2/models/{m}[/versions/{v}]/infer`` as a plain ASGI handler (InferFastPath)."""
+    async def answer_infer(
+        method: str,
+        path: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        model: str,
+        version: str | None,
+        read: Callable[[Mapping[str, str]], Awaitable[bytes]],
+    ) -> Answer:
+        """``POST /v2/models/{m}[/versions/{v}]/infer``, on either way it arrives (InferFastPath,
+        or the HTTP protocol's DirectRoute): every outcome an answer, nothing raised."""
         started = time.perf_counter()
         received_at = time.time()
         rid = None
         result: InferResult | None = None
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(f"method {scope['method']} not allowed on {scope['path']}")
-            headers = header_dict(scope)
+            if method != "POST":
+                raise MethodNotAllowed(f"method {method} not allowed on {path}")
+            headers = header_dict(raw_headers)
             rid = request_id(headers.get("x-request-id"))
             trace = TraceContext.from_header(headers.get("traceparent"))
             # The rollout's masking probe: its copy runs at once instead of in idle time (under
@@ -319,7 +356,6 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             probe = "x-shadow-probe" in headers
             if probe:
                 check_admin(headers)
-            client = scope.get("client")
             # A copy made by Istio's mirror is served as a shadow (dataplane.py).
             ctx = RequestContext(
                 rid,
@@ -331,7 +367,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 shadow_copy=is_shadow_host(headers.get("host")),
                 probe=probe,
             )
-            body = await read_body(receive, headers)
+            body = await read(headers)
             result = await dataplane.infer(model, version, body, ctx, headers.get(HEADER_LENGTH.lower()))
             status, payload = 200, result.payload
             out = [
@@ -346,17 +382,50 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         except ServerError as exc:
             status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
         except Exception:  # a bug, not the client's fault: answer, log, keep serving
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error on %s %s", method, path)
             status, out = 500, JSON_HEADERS
             payload = json.dumps({"error": "internal server error; see the server log"}).encode()
         if rid is not None:
             out = [*out, (b"x-request-id", rid.encode())]
-        out = [*out, (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        await send({"type": "http.response.body", "body": payload})
-        metrics.HTTP_REQUESTS.labels(INFER_ROUTES[version is not None], str(status)).inc()
-        if result is not None and result.shadow is not None:
-            await mirror.submit(result.shadow)  # after the response is sent
+        shadow = result.shadow if result is not None else None
+
+        def then() -> None:
+            metrics.HTTP_REQUESTS.labels(INFER_ROUTES[version is not None], str(status)).inc()
+            if shadow is not None:
+                mirror.submit(shadow)  # after the response is sent
+
+        return Answer(status, out, payload, then)
+
+    async def infer(scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        """The ASGI way (InferFastPath): bodies the protocol does not buffer itself."""
+        answer = await answer_infer(
+            scope["method"],
+            scope["path"],
+            scope["headers"],
+            scope.get("client"),
+            model,
+            version,
+            lambda headers: read_body(receive, headers),
+        )
+        out = [*answer.headers, (b"content-length", str(len(answer.body)).encode())]
+        await send({"type": "http.response.start", "status": answer.status, "headers": out})
+        await send({"type": "http.response.body", "body": answer.body})
+        if answer.then is not None:
+            answer.then()
+
+    def direct_infer(
+        match: re.Match[str], raw_headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None, body: bytes | None
+    ) -> Coroutine[Any, Any, Answer]:
+        """The HTTP protocol's way (httpserver.DirectRoute): the body already buffered."""
+        return answer_infer(
+            "POST",
+            match.string,
+            raw_headers,
+            client,
+            match.group(1),
+            match.group(2),
+            lambda headers: buffered_body(body, headers),
+        )
 
     @endpoint("/v2/models/{model}/feedback")
     async def post_feedback(request: Request) -> Response:
@@ -472,4 +541,4 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         await dataplane.stop()
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    return InferFastPath(app, infer)
+    return InferFastPath(app, infer, DirectRoute(INFER_PATH, direct_infer, settings.max_body_bytes))

@@ -133,9 +133,9 @@ class ShadowMirror:
         self._tasks: list[asyncio.Task[None]] = []
         self._probes: set[asyncio.Task[None]] = set()
 
-    async def submit(self, job: ShadowJob) -> None:
-        """Queue a copy; on the event loop (a coroutine, so that Starlette's BackgroundTask runs it
-        there: asyncio's queue and the byte count are not thread-safe)."""
+    def submit(self, job: ShadowJob) -> None:
+        """Queue a copy; on the event loop's thread (asyncio's queue and the byte count are not
+        thread-safe)."""
         if job.probe:  # a handful per rollout, sent with the admin token: never queued behind load
             task = asyncio.get_running_loop().create_task(self._finish(job))
             self._probes.add(task)

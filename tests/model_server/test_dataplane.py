@@ -191,7 +191,7 @@ def test_a_mirrored_request_carries_a_copy_that_the_mirror_runs_on_the_shadow(dp
         dp.mirror.start()
         result = await dp.infer("digits", None, body, RequestContext("mirrored-1"), json_length)
         assert result.shadow is not None  # the policy mirrors every request to version 2
-        await dp.mirror.submit(result.shadow)
+        dp.mirror.submit(result.shadow)
         await asyncio.wait_for(dp.mirror.queue.join(), 60)  # the copy ran
         await dp.mirror.stop()
         return result

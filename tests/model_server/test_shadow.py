@@ -217,8 +217,8 @@ def test_the_rollout_probe_runs_at_once_and_needs_the_admin_token(models_dir, di
             )
 
         with mirror.gate:  # a primary in flight, and another, and another: no idle time at all
-            await mirror.submit(job("queued", probe=False))
-            await mirror.submit(job("probe", probe=True))
+            mirror.submit(job("queued", probe=False))
+            mirror.submit(job("probe", probe=True))
             for _ in range(200):
                 if done:
                     break

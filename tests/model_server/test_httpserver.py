@@ -1,0 +1,279 @@
+"""The HTTP protocol's own way for inference requests (httpserver.DirectRoute), on a transport
+that records what the protocol writes: which requests it answers itself and which it leaves to
+the ASGI app, in order, in one write, and what happens when a handler waits, fails or its body
+never comes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from model_server.httpserver import Answer, DirectRoute, limited_protocol
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closed, "written after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % (len(body) + 5))]}
+    )
+    await send({"type": "http.response.body", "body": b"asgi:" + body})
+
+
+class Handler:
+    """Echoes the body; ``wait``: first waits on a future the test resolves."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes | None, tuple[str, int] | None]] = []
+        self.wait: asyncio.Future[None] | None = None
+        self.then: list[int] = []
+
+    async def __call__(
+        self, match: re.Match[str], headers: list[tuple[bytes, bytes]], client: Any, body: bytes | None
+    ) -> Answer:
+        self.calls.append((match.group(1), body, client))
+        if body == b"bug":
+            raise RuntimeError("a bug")
+        if self.wait is not None:
+            await self.wait
+        if body is None:
+            return Answer(408, [], b"timed out")
+        return Answer(200, [(b"x-path", b"direct")], b"direct:" + body, lambda: self.then.append(len(self.then)))
+
+
+def connect(handler: Handler, timeout_s: float = 30.0, **config: Any) -> tuple[Any, Transport]:
+    cls = limited_protocol(timeout_s, DirectRoute(re.compile(r"/m/([^/]+)/infer"), handler, MAX_BODY))
+    protocol = cls(Config(asgi_app, **config), ServerState(), {}, _loop=asyncio.get_running_loop())
+    transport = Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+MAX_BODY = 256 * 1024
+
+
+def post(path: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
+    head = [f"POST {path} HTTP/{version}", "Host: x", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def bodies(transport: Transport) -> list[bytes]:
+    """The bodies of the responses written, in order (the ASGI way writes a head and a body)."""
+    out, rest = [], b"".join(transport.writes)
+    while rest:
+        head, rest = rest.split(b"\r\n\r\n", 1)
+        if head.startswith(b"HTTP/1.1 100 "):
+            continue
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        out.append(rest[:length])
+        rest = rest[length:]
+    return out
+
+
+def test_an_inference_request_is_answered_where_it_arrived_in_one_write() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/digits/infer", b"abc"))
+        # Answered before the event loop ran again: no task.
+        assert len(transport.writes) == 1
+        assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"x-path: direct\r\n" in transport.writes[0]
+        assert b"content-length: 10\r\n" in transport.writes[0]
+        assert bodies(transport) == [b"direct:abc"]
+        assert handler.calls == [("digits", b"abc", ("127.0.0.1", 5000))]
+        assert handler.then == [0]  # after it was written
+        assert not transport.closed  # keep-alive
+        # Its headers and body in separate reads: answered on the last one.
+        head, body = post("/m/digits/infer", b"defg").split(b"\r\n\r\n")
+        protocol.data_received(head + b"\r\n\r\n")
+        protocol.data_received(body[:2])
+        assert len(transport.writes) == 1
+        protocol.data_received(body[2:])
+        assert bodies(transport) == [b"direct:abc", b"direct:defg"]
+        # A body of many reads (more than uvicorn buffers before it pauses reading) kept whole.
+        big = post("/m/digits/infer", bytes(range(256)) * 1024)
+        for i in range(0, len(big), 65536):
+            protocol.data_received(big[i : i + 65536])
+        assert bodies(transport)[-1] == b"direct:" + bytes(range(256)) * 1024
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "why"),
+    [
+        (b"GET /m/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n", "not a POST"),
+        (post("/other/infer", b"abc"), "another path"),
+        (post("/m/dig%69ts/infer", b"abc"), "a percent-encoded path"),
+        (post("/m/digits/infer", b"a" * (MAX_BODY + 1)), "a body over the route's max_body"),
+        (post("/m/digits/infer", b"abc", "Expect: 100-continue"), "Expect: 100-continue"),
+        (
+            b"POST /m/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "a chunked body",
+        ),
+    ],
+)
+def test_other_requests_go_the_asgi_way(request_bytes: bytes, why: str) -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(request_bytes)
+        await settle()
+        assert handler.calls == [], why
+        assert bodies(transport)[-1].startswith(b"asgi:"), why
+
+    asyncio.run(scenario())
+
+
+def test_pipelined_requests_are_answered_in_order_whichever_way_each_goes() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        chunked = b"POST /m/x/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n2\r\n0\r\n\r\n"
+        protocol.data_received(post("/m/x/infer", b"1") + chunked + post("/m/x/infer", b"3") + post("/o", b"4"))
+        await settle()
+        assert bodies(transport) == [b"direct:1", b"asgi:2", b"asgi:3", b"asgi:4"]
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_that_waits_is_carried_on_by_a_task_and_answers_after() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"slow") + post("/m/x/infer", b"next"))
+        await settle()
+        assert transport.writes == []
+        assert len(protocol.tasks) == 1  # the server waits for it on shutdown
+        handler.wait.set_result(None)
+        await settle()
+        assert bodies(transport) == [b"direct:slow", b"asgi:next"]  # the next one waited its turn
+        assert not protocol.tasks
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_cancelled_while_it_waits_is_cancelled_inside() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"slow"))
+        await settle()
+        (task,) = protocol.tasks
+        task.cancel()
+        await settle()
+        assert handler.wait.cancelled()  # what the handler awaited, as a task's cancel does
+        assert task.cancelled()
+        assert transport.writes == []
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_bug_is_a_500_and_the_connection_keeps_serving() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"bug"))
+        assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
+        assert b"internal server error" in transport.writes[0]
+        protocol.data_received(post("/m/x/infer", b"ok"))
+        assert bodies(transport)[-1] == b"direct:ok"
+
+    asyncio.run(scenario())
+
+
+def test_a_body_not_complete_in_time_is_answered_by_the_handler_and_the_connection_closed() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler, timeout_s=0.05)
+        protocol.data_received(post("/m/x/infer", b"abcdef")[:-3])
+        await asyncio.sleep(0.3)
+        assert handler.calls == [("x", None, ("127.0.0.1", 5000))]
+        assert transport.writes[0].startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close\r\n" in transport.writes[0]
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_http_1_0_and_connection_close_are_answered_then_closed() -> None:
+    async def scenario() -> None:
+        for request in (post("/m/x/infer", b"a", version="1.0"), post("/m/x/infer", b"a", "Connection: close")):
+            handler = Handler()
+            protocol, transport = connect(handler)
+            protocol.data_received(request)
+            assert bodies(transport) == [b"direct:a"]
+            assert b"connection: close\r\n" in transport.writes[0]
+            assert transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_trusted_proxys_forwarded_client_is_the_client_as_uvicorns_middleware_has_it() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, _ = connect(handler)  # 127.0.0.1 is trusted by default
+        protocol.data_received(post("/m/x/infer", b"a", "X-Forwarded-For: 203.0.113.9"))
+        untrusting, _ = connect(handler, proxy_headers=False)
+        untrusting.data_received(post("/m/x/infer", b"a", "X-Forwarded-For: 203.0.113.9"))
+        assert [c[2] for c in handler.calls] == [("203.0.113.9", 0), ("127.0.0.1", 5000)]
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_lost_while_the_handler_waits_gets_no_write() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"slow"))
+        protocol.connection_lost(None)
+        handler.wait.set_result(None)
+        await settle()
+        assert transport.writes == []
+        assert handler.then == [0]  # still counted, its shadow copy still queued
+
+    asyncio.run(scenario())
