@@ -6,7 +6,8 @@ run beside this tree's, both as ``python -m model_server`` from this environment
 same repository (``tiny``, 64 -> 10 MatMul + Softmax, built as bench/peers.py builds it, and
 ``resnet_bench``), both driven by the same ``tritonclient.http`` code with binary tensors, one
 client per thread; raw ``InferenceSession.run`` in this process is the reference for the added
-latency. Rows are measured in interleaved rounds, raw / base / head in a rotating order;
+latency. A third server, ``floor``, answers every request at once with bytes the head server
+answered (httptools on uvloop, no model): what the client and the loopback alone add. Rows are measured in interleaved rounds, raw / base / head in a rotating order;
 throughput ratios are medians of per-round ratios. Prints a table, writes
 ``bench/results/versus.json``.
 
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +35,64 @@ sys.path.insert(0, str(ROOT))
 from bench import write_result  # noqa: E402
 from bench.peers import check_answers, make_case, make_repository, raw_session, served, timed  # noqa: E402
 from bench.serving import stateless  # noqa: E402
-from devstack.processes import ModelServerProcess, start_model_server  # noqa: E402
+from devstack.processes import ModelServerProcess, free_port, start_model_server  # noqa: E402
 
 BASE = "144330b^"  # before "Serving: a leaner request path" (the issue's "today")
 ROWS = [("tiny", 1, 1), ("tiny", 1, 4), ("tiny", 8, 4), ("resnet_bench", 1, 1)]
-ARMS = ("raw", "base", "head")
+ARMS = ("raw", "floor", "base", "head")
+
+# Run as its own process: the parser and the event loop the servers use, one canned answer.
+FLOOR_SERVER = """
+import asyncio, sys, httptools, uvloop
+answer = open(sys.argv[2], "rb").read()
+class Canned(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.parser = transport, httptools.HttpRequestParser(self)
+    def data_received(self, data):
+        self.parser.feed_data(data)
+    def on_message_complete(self):
+        self.transport.write(answer)
+async def main():
+    server = await asyncio.get_running_loop().create_server(Canned, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+uvloop.run(main())
+"""
+
+
+def start_floor(case: Any, head: ModelServerProcess, work: Path) -> ModelServerProcess:
+    """The floor server, answering what ``head`` answers to ``case``'s request (read raw)."""
+    import http.client
+
+    import tritonclient.http as httpclient
+
+    inputs = [case.make_input()]
+    outputs = [httpclient.InferRequestedOutput(case.output, binary_data=True)]
+    body, json_length = httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs)
+    conn = http.client.HTTPConnection("127.0.0.1", head.port, timeout=30)
+    headers = {"Inference-Header-Content-Length": str(json_length)} if json_length else {}
+    conn.request("POST", f"/v2/models/{case.model}/infer", body, headers)
+    response = conn.getresponse()
+    payload = response.read()
+    head_lines = [f"HTTP/1.1 {response.status} OK"] + [
+        f"{k}: {v}" for k, v in response.getheaders() if k.lower() not in ("date", "server", "content-length")
+    ]
+    canned = work / f"floor-{case.model}-{case.batch}.bin"
+    canned.write_bytes(("\r\n".join(head_lines) + f"\r\ncontent-length: {len(payload)}\r\n\r\n").encode() + payload)
+    port = free_port()
+    log = work / f"floor-{port}.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(port), str(canned)], stdout=f, stderr=f)
+    server = ModelServerProcess(proc, port, log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                server.stop(timeout_s=5)
+                raise RuntimeError(f"the floor server did not start; see {log}") from None
+            time.sleep(0.1)
 
 
 def export(revision: str, into: Path) -> str:
@@ -61,13 +117,13 @@ def measure(
     }
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for r in range(rounds):
-        for arm in ARMS[r % 3 :] + ARMS[: r % 3]:
+        for arm in ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]:
             runs[arm].append(timed(calls[arm], concurrency, seconds, servers.get(arm)))
     row: dict[str, Any] = {"model": case.model, "batch": case.batch, "concurrency": concurrency}
     for arm in ARMS:
         row[f"{arm}_requests_per_s"] = statistics.median(x["requests_per_s"] for x in runs[arm])
         row[f"{arm}_p50_ms"] = statistics.median(x["p50_ms"] for x in runs[arm])
-    for arm in ("base", "head"):
+    for arm in ("floor", "base", "head"):
         row[f"{arm}_added_p50_ms"] = statistics.median(
             x["p50_ms"] - y["p50_ms"] for x, y in zip(runs[arm], runs["raw"], strict=True)
         )
@@ -80,14 +136,14 @@ def measure(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | batch | concurrency | head / base throughput | added p50 base | added p50 head | "
+        "| model | batch | concurrency | head / base throughput | added p50 floor | added p50 base | added p50 head | "
         "server CPU per request base | head |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['concurrency']} | **{r['head_over_base']:.2f}** | "
-            f"{r['base_added_p50_ms']:+.3f} ms | {r['head_added_p50_ms']:+.3f} ms | "
+            f"{r['floor_added_p50_ms']:+.3f} ms | {r['base_added_p50_ms']:+.3f} ms | {r['head_added_p50_ms']:+.3f} ms | "
             f"{r['base_cpu_ms_per_request']:.3f} ms | {r['head_cpu_ms_per_request']:.3f} ms |"
         )
     return "\n".join(lines)
@@ -117,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             for model, batch, concurrency in ROWS:
                 case = make_case(model, batch)
                 check_answers(case, sessions[model], servers)
-                row = measure(case, sessions[model], servers, concurrency, args.seconds, args.rounds)
+                servers["floor"] = start_floor(case, servers["head"], Path(tmp))
+                try:
+                    row = measure(case, sessions[model], servers, concurrency, args.seconds, args.rounds)
+                finally:
+                    servers.pop("floor").stop(timeout_s=5)
                 rows.append(row)
                 print(
                     f"{model:13s} batch {batch} conc {concurrency}: head/base {row['head_over_base']:.2f} "
                     f"(rounds {', '.join(f'{x:.2f}' for x in row['head_over_base_rounds'])}); added p50 "
-                    f"base {row['base_added_p50_ms']:+.3f} ms head {row['head_added_p50_ms']:+.3f} ms; "
+                    f"floor {row['floor_added_p50_ms']:+.3f} ms base {row['base_added_p50_ms']:+.3f} ms head {row['head_added_p50_ms']:+.3f} ms; "
                     f"CPU/request base {row['base_cpu_ms_per_request']:.3f} ms head "
                     f"{row['head_cpu_ms_per_request']:.3f} ms",
                     flush=True,
@@ -145,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "client": "tritonclient.http, binary data, one client per thread",
                 "added_p50": "median over rounds of (server p50 - raw ORT p50 in the same round)",
+                "floor": "httptools on uvloop answering every request with the head server's answer, no model",
                 "ratios": "medians of per-round ratios of requests per second; rounds rotate raw/base/head",
             },
             "goals": "tiny c1 added p50 <= 0.25 ms; tiny c4 head/base >= 1.5",

@@ -185,6 +185,14 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     dataplane = DataPlane(repo, policies, feedback, mirror, plog, settings.max_json_bytes)
     admin_api = Admin(repo, policies)
 
+    http_counters: dict[tuple[str, int], Any] = {}  # (route, status): bounded by routes x statuses
+
+    def count_http(route: str, status: int) -> None:
+        counter = http_counters.get((route, status))
+        if counter is None:
+            counter = http_counters[route, status] = metrics.HTTP_REQUESTS.labels(route, str(status))
+        counter.inc()
+
     def endpoint(route: str, admin: bool = False) -> Callable[[Handler], Handler]:
         """Map exceptions to statuses once, check the admin token, count by route."""
 
@@ -200,7 +208,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 except Exception:  # a bug, not the client's fault: answer, log, keep serving
                     log.exception("unhandled error on %s %s", request.method, request.url.path)
                     response = error(500, "internal server error; see the server log")
-                metrics.HTTP_REQUESTS.labels(route, str(response.status_code)).inc()
+                count_http(route, response.status_code)
                 return response
 
             return handler
@@ -390,7 +398,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         shadow = result.shadow if result is not None else None
 
         def then() -> None:
-            metrics.HTTP_REQUESTS.labels(INFER_ROUTES[version is not None], str(status)).inc()
+            count_http(INFER_ROUTES[version is not None], status)
             if shadow is not None:
                 mirror.submit(shadow)  # after the response is sent
 

@@ -19,7 +19,6 @@ inference with the same id keeps the first prediction and its label.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import secrets
@@ -56,7 +55,7 @@ class FeedbackSigner:
         self._key = key
 
     def token(self, model: str, request_id: str) -> str:
-        mac = hmac.new(self._key, f"{model}\n{request_id}".encode(), hashlib.sha256).digest()
+        mac = hmac.digest(self._key, f"{model}\n{request_id}".encode(), "sha256")
         return base64.urlsafe_b64encode(mac[:18]).decode()
 
     def check(self, model: str, request_id: str, token: object) -> None:

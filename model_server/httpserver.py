@@ -199,7 +199,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return None
         if self.pipeline or not (self.cycle is None or self.cycle.response_complete) or self.parser.should_upgrade():
             return None
-        path = httptools.parse_url(self.url).path
+        url = self.url
+        path = url if b"?" not in url and b"#" not in url else httptools.parse_url(url).path
         if b"%" in path or not path.isascii():
             return None  # percent-decoding and its errors: the ASGI way
         match = self.direct.pattern.fullmatch(path.decode("ascii"))

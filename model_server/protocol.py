@@ -254,6 +254,9 @@ def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:
     return flat.tolist()
 
 
+RESPONSE_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once, not per response
+
+
 def encode_infer_response(
     model: str,
     version: str,
@@ -282,7 +285,7 @@ def encode_infer_response(
             item["data"] = _json_data(arr, datatype)
         outs.append(item)
     header["outputs"] = outs
-    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    head = RESPONSE_JSON.encode(header).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)

@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import secrets
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,7 @@ class TraceContext:
 
 
 def request_id(value: str | None) -> str:
-    return value if value is not None and REQUEST_ID_RE.match(value) else uuid.uuid4().hex
+    return value if value is not None and REQUEST_ID_RE.match(value) else secrets.token_hex(16)
 
 
 def item_hashes(data: np.ndarray, batched: bool) -> list[str]:
