@@ -139,3 +139,14 @@ def test_deploys_overlay_applies_as_kubectl_apply_server_side_would(core):
     assert refused.value.status == 422
     assert "interval" in json.loads(refused.value.body)["message"]
     assert ("podmonitors", "ml", "broken") not in fake.objects
+
+
+def test_apply_object_names_resources_as_the_servers_table_does():
+    """``install.plural`` reads the resource name from ``RESOURCES``; a kind the server does not
+    serve is an error naming it, not a guessed path."""
+    from devstack.cluster.install import plural
+
+    assert plural("AuthorizationPolicy") == "authorizationpolicies"
+    assert plural("Namespace") == "namespaces"
+    with pytest.raises(ValueError, match="'HorizontalPodAutoscaler'"):
+        plural("HorizontalPodAutoscaler")
