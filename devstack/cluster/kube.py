@@ -39,10 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import jsonschema
 import yaml
-
-from vision_rollout.mesh import istio_schemas
 
 # The Airflow workers' ServiceAccount (deploy/base/rbac.yaml binds the rollout's Roles to it).
 WORKER_USER = "system:serviceaccount:airflow:airflow-worker"
@@ -280,17 +277,9 @@ def invalid_service(body: dict[str, Any]) -> str | None:
     return None
 
 
-def invalid_istio(body: dict[str, Any]) -> str | None:
-    """Istio's CRD schema (its OpenAPI v3 schema, as the API server validates custom resources)."""
-    try:
-        jsonschema.validate(body, istio_schemas()[body["kind"]]["openAPIV3Schema"])
-    except jsonschema.ValidationError as exc:
-        return f"{'.'.join(str(p) for p in exc.absolute_path)}: {exc.message}"
-    return None
-
-
 def invalid_manifest(body: dict[str, Any]) -> str | None:
-    """What ``devstack.manifests`` finds wrong with an object (its kind's schema), None if nothing."""
+    """What ``devstack.manifests`` finds wrong with an object (its kind's schema: Kubernetes', or
+    the v1 ``openAPIV3Schema`` of Istio's own CRD), None if nothing."""
     from devstack import manifests
 
     found = manifests.problems([body])
@@ -322,8 +311,8 @@ class Resource:
 
 
 RESOURCES = {
-    "virtualservices": Resource("networking.istio.io/v1", "VirtualService", invalid_istio, apply=True),
-    "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", invalid_istio, apply=True),
+    "virtualservices": Resource("networking.istio.io/v1", "VirtualService", invalid_manifest, apply=True),
+    "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", invalid_manifest, apply=True),
     "deployments": Resource("apps/v1", "Deployment", invalid_deployment, apply=True),
     "secrets": Resource("v1", "Secret", invalid_secret, apply=True),
     "services": Resource("v1", "Service", invalid_service, apply=True),
