@@ -9,6 +9,8 @@ import json
 import secrets
 from typing import Any
 
+from devstack.cluster.kube import RESOURCES
+
 
 def pod_secrets(build: Any, admin_token: str, storage: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
     """The Secrets a model-server pod of ``render_deployment`` reads (``BuildSettings`` names them):
@@ -43,9 +45,12 @@ def apply_secret(api_client: Any, namespace: str, name: str, data: dict[str, str
 
 
 def plural(kind: str) -> str:
-    """A kind's resource name, as the API server's REST mapping gives it for the kinds here."""
-    lower = kind.lower()
-    return f"{lower[:-1]}ies" if lower.endswith("y") else f"{lower}s"
+    """A kind's resource name, from the one-machine API server's table (``kube.RESOURCES``);
+    ValueError for a kind that server does not serve."""
+    found = next((name for name, resource in RESOURCES.items() if resource.kind == kind), None)
+    if found is None:
+        raise ValueError(f"kind {kind!r}: not one the one-machine API server serves (devstack.cluster.kube.RESOURCES)")
+    return found
 
 
 def apply_object(api_client: Any, obj: dict[str, Any], manager: str = "model-rollout") -> None:

@@ -39,10 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import jsonschema
 import yaml
-
-from vision_rollout.mesh import istio_schemas
 
 # The Airflow workers' ServiceAccount (deploy/base/rbac.yaml binds the rollout's Roles to it).
 WORKER_USER = "system:serviceaccount:airflow:airflow-worker"
@@ -62,37 +59,6 @@ SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 SET_TERM = re.compile(r"^([^\s!=(),]+)\s+(in|notin)\s+\(([^()]*)\)$")
 GO_BOOLS = {"1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"}
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-
-
-@dataclass(frozen=True)
-class Resource:
-    api_version: str
-    kind: str
-    apply: bool = False  # server-side apply (PATCH application/apply-patch+yaml)
-    create: bool = False  # POST to the collection
-    cluster_scoped: bool = False  # no namespace (stored under "")
-
-
-RESOURCES = {
-    "virtualservices": Resource("networking.istio.io/v1", "VirtualService", apply=True),
-    "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", apply=True),
-    "deployments": Resource("apps/v1", "Deployment", apply=True),
-    "secrets": Resource("v1", "Secret", apply=True),
-    "services": Resource("v1", "Service", apply=True),
-    "pods": Resource("v1", "Pod", create=True),
-    "events": Resource("v1", "Event"),
-    "leases": Resource("coordination.k8s.io/v1", "Lease"),  # the per-model rollout lock: lease_call
-    # The rest of what deploy/ applies: stored as applied, validated as the real server would
-    # (devstack.manifests: Kubernetes' schema, Istio's CRD, the prometheus-operator's types).
-    "namespaces": Resource("v1", "Namespace", apply=True, cluster_scoped=True),
-    "serviceaccounts": Resource("v1", "ServiceAccount", apply=True),
-    "poddisruptionbudgets": Resource("policy/v1", "PodDisruptionBudget", apply=True),
-    "roles": Resource("rbac.authorization.k8s.io/v1", "Role", apply=True),
-    "rolebindings": Resource("rbac.authorization.k8s.io/v1", "RoleBinding", apply=True),
-    "authorizationpolicies": Resource("security.istio.io/v1", "AuthorizationPolicy", apply=True),
-    "podmonitors": Resource("monitoring.coreos.com/v1", "PodMonitor", apply=True),
-}
-FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
 
 def now_rfc3339(nanos: bool = False) -> str:
@@ -311,42 +277,59 @@ def invalid_service(body: dict[str, Any]) -> str | None:
     return None
 
 
-def invalid_istio(body: dict[str, Any]) -> str | None:
-    """Istio's CRD schema (its OpenAPI v3 schema, as the API server validates custom resources)."""
-    try:
-        jsonschema.validate(body, istio_schemas()[body["kind"]]["openAPIV3Schema"])
-    except jsonschema.ValidationError as exc:
-        return f"{'.'.join(str(p) for p in exc.absolute_path)}: {exc.message}"
-    return None
-
-
 def invalid_manifest(body: dict[str, Any]) -> str | None:
-    """What ``devstack.manifests`` finds wrong with an object (its kind's schema), None if nothing."""
+    """What ``devstack.manifests`` finds wrong with an object (its kind's schema: Kubernetes', or
+    the v1 ``openAPIV3Schema`` of Istio's own CRD), None if nothing."""
     from devstack import manifests
 
     found = manifests.problems([body])
     return found[0].partition(": ")[2] if found else None
 
 
-VALIDATORS: dict[str, Callable[[dict[str, Any]], str | None]] = {
-    "virtualservices": invalid_istio,
-    "destinationrules": invalid_istio,
-    "deployments": invalid_deployment,
-    "secrets": invalid_secret,
-    "services": invalid_service,
-    **{
-        plural: invalid_manifest
-        for plural in (
-            "namespaces",
-            "serviceaccounts",
-            "poddisruptionbudgets",
-            "roles",
-            "rolebindings",
-            "authorizationpolicies",
-            "podmonitors",
-        )
-    },
+def invalid_pod(body: dict[str, Any]) -> str | None:
+    return invalid_pod_spec(body.get("spec") or {}, "spec")
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A resource the server serves; ``validate`` says what its validation finds wrong with a
+    body that is applied or created (None: nothing), and every resource written has one."""
+
+    api_version: str
+    kind: str
+    validate: Callable[[dict[str, Any]], str | None] | None = None
+    apply: bool = False  # server-side apply (PATCH application/apply-patch+yaml)
+    create: bool = False  # POST to the collection
+    cluster_scoped: bool = False  # no namespace (stored under "")
+
+    def __post_init__(self) -> None:
+        if (self.apply or self.create) and self.validate is None:
+            raise ValueError(f"{self.kind}: a resource that is written needs a validator")
+
+    def invalid(self, body: dict[str, Any]) -> str | None:
+        return self.validate(body) if self.validate is not None else None
+
+
+RESOURCES = {
+    "virtualservices": Resource("networking.istio.io/v1", "VirtualService", invalid_manifest, apply=True),
+    "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", invalid_manifest, apply=True),
+    "deployments": Resource("apps/v1", "Deployment", invalid_deployment, apply=True),
+    "secrets": Resource("v1", "Secret", invalid_secret, apply=True),
+    "services": Resource("v1", "Service", invalid_service, apply=True),
+    "pods": Resource("v1", "Pod", invalid_pod, create=True),
+    "events": Resource("v1", "Event"),
+    "leases": Resource("coordination.k8s.io/v1", "Lease"),  # the per-model rollout lock: lease_call
+    # The rest of what deploy/ applies: stored as applied, validated as the real server would
+    # (devstack.manifests: Kubernetes' schema, Istio's CRD, the prometheus-operator's types).
+    "namespaces": Resource("v1", "Namespace", invalid_manifest, apply=True, cluster_scoped=True),
+    "serviceaccounts": Resource("v1", "ServiceAccount", invalid_manifest, apply=True),
+    "poddisruptionbudgets": Resource("policy/v1", "PodDisruptionBudget", invalid_manifest, apply=True),
+    "roles": Resource("rbac.authorization.k8s.io/v1", "Role", invalid_manifest, apply=True),
+    "rolebindings": Resource("rbac.authorization.k8s.io/v1", "RoleBinding", invalid_manifest, apply=True),
+    "authorizationpolicies": Resource("security.istio.io/v1", "AuthorizationPolicy", invalid_manifest, apply=True),
+    "podmonitors": Resource("monitoring.coreos.com/v1", "PodMonitor", invalid_manifest, apply=True),
 }
+FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
 
 def _qualified(plural: str) -> str:
@@ -471,7 +454,7 @@ class FakeKubeAPI:
                 raise APIError(
                     422, "Invalid", f'{resource.kind} "{name}" is invalid: metadata.name: Invalid value: {name!r}'
                 )
-            problem = invalid_labels(meta) or invalid_pod_spec(body.get("spec") or {}, "spec")
+            problem = invalid_labels(meta) or resource.invalid(body)
             if problem:
                 raise APIError(422, "Invalid", f'{resource.kind} "{name}" is invalid: {problem}')
             if (plural, namespace, name) in self.objects:
@@ -536,7 +519,7 @@ class FakeKubeAPI:
             raise APIError(400, "BadRequest", "metadata.name/namespace do not match the path")
         if resource.cluster_scoped:
             body = {**body, "metadata": {k: v for k, v in meta.items() if k != "namespace"}}
-        problem = invalid_labels(meta) or VALIDATORS[plural](body)
+        problem = invalid_labels(meta) or resource.invalid(body)
         if problem:
             raise APIError(422, "Invalid", f'{resource.kind}{_group_suffix(plural)} "{name}" is invalid: {problem}')
         with self.lock:

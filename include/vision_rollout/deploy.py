@@ -216,6 +216,11 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
     return template
 
 
+def _image(live: Any) -> str:
+    """A live Deployment's (a V1Deployment's) image: its pod template's first container's."""
+    return str(live.spec.template.spec.containers[0].image)
+
+
 def deployment_name(target: IstioTarget, version: str) -> str:
     return f"{target.service}-v{version}"
 
@@ -307,10 +312,15 @@ class VersionDeployments:
         which only the rollout writes, a Deployment's fields may have other owners (an HPA,
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
         is reported instead."""
+        source = self._live(version) or (self._live(like) if like is not None else None)
+        return self._apply(version, image, replicas, source)
+
+    def _apply(self, version: str, image: str, replicas: int, source: Any) -> dict[str, Any]:
+        """``apply`` with its pod template from ``source`` (a V1Deployment already read; None:
+        ``render_deployment``'s)."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
-        source = self._live(version) or (self._live(like) if like is not None else None)
         template = None if source is None else self._apps().api_client.sanitize_for_serialization(source.spec.template)
         body = render_deployment(
             self.target,
@@ -380,7 +390,7 @@ class VersionDeployments:
 
     def image(self, version: str) -> str | None:
         live = self._live(version)
-        return None if live is None else str(live.spec.template.spec.containers[0].image)
+        return None if live is None else _image(live)
 
     def model_of(self, version: str) -> str | None:
         """The model the version's live Deployment serves (its pods' ``model-rollout/model``
@@ -398,11 +408,11 @@ class VersionDeployments:
 
     def scale(self, version: str, replicas: int) -> bool:
         """Re-apply the version's own Deployment (its live image) with ``replicas`` pods; False
-        when it has no Deployment (nothing to scale)."""
-        image = self.image(version)
-        if image is None:
+        when it has no Deployment (nothing to scale). One GET: the live Deployment gives both."""
+        live = self._live(version)
+        if live is None:
             return False
-        self.apply(version, image, replicas)
+        self._apply(version, _image(live), replicas, live)
         return True
 
     def scale_to_zero(self, version: str) -> bool:

@@ -139,3 +139,36 @@ def test_deploys_overlay_applies_as_kubectl_apply_server_side_would(core):
     assert refused.value.status == 422
     assert "interval" in json.loads(refused.value.body)["message"]
     assert ("podmonitors", "ml", "broken") not in fake.objects
+
+
+def test_apply_object_names_resources_as_the_servers_table_does():
+    """``install.plural`` reads the resource name from ``RESOURCES``; a kind the server does not
+    serve is an error naming it, not a guessed path."""
+    from devstack.cluster.install import plural
+
+    assert plural("AuthorizationPolicy") == "authorizationpolicies"
+    assert plural("Namespace") == "namespaces"
+    with pytest.raises(ValueError, match="'HorizontalPodAutoscaler'"):
+        plural("HorizontalPodAutoscaler")
+
+
+def test_an_istio_object_its_crd_refuses_is_invalid_by_path(core):
+    """VirtualServices and DestinationRules are checked against Istio's CRD (deploy/istio/crds.yaml)
+    as every other kind deploy/ applies is: a 422 naming where, and nothing stored."""
+    from devstack.cluster.install import apply_object
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
+
+    fake, api = core
+    target = IstioTarget(namespace="ml", service="digits", name="digits")
+    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1"}]}))
+    apply_object(api.api_client, vs)
+    apply_object(api.api_client, render_destination_rule(target, ["1"]))
+    bad = {**vs, "metadata": {**vs["metadata"], "name": "broken"}, "spec": {**vs["spec"], "hosts": "digits"}}
+    with pytest.raises(ApiException) as refused:
+        apply_object(api.api_client, bad)
+    assert refused.value.status == 422
+    message = json.loads(refused.value.body)["message"]
+    assert message.startswith('VirtualService.networking.istio.io "broken" is invalid: invalid at spec/hosts: ')
+    assert ("virtualservices", "ml", "broken") not in fake.objects
+    assert ("destinationrules", "ml", "digits") in fake.objects

@@ -248,7 +248,9 @@ def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_o
     assert c2["image"] == tag
     assert c2["args"] == [a.replace("digits:1", "digits:2") for a in c1["args"]]
     assert v2["metadata"]["labels"] == {"app": "digits", "version": "2"}
+    since = len(kube.requests)
     steps.serving().deployments("digits").scale_to_zero("1")
+    assert calls(kube, since) == [("GET", "deployments/digits-v1"), ("PATCH", "deployments/digits-v1")]  # one read
     after = deployment(kube, "1")
     assert after["spec"]["replicas"] == 0
     assert after["spec"]["template"] == v1  # the user's changes kept, nothing rolled
