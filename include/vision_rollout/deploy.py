@@ -388,10 +388,6 @@ class VersionDeployments:
                 return None
             raise refused(f"GET Deployment {self._name(version)}", exc) from None
 
-    def image(self, version: str) -> str | None:
-        live = self._live(version)
-        return None if live is None else _image(live)
-
     def model_of(self, version: str) -> str | None:
         """The model the version's live Deployment serves (its pods' ``model-rollout/model``
         annotation, which ``render_deployment`` writes); None without a Deployment or the
