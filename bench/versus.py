@@ -1,18 +1,19 @@
 """This model server against itself at an earlier commit: what a change to the request path bought.
 
 The code at ``--base`` (any git revision; by default the commit before the leaner request path
-began, the state issue 12 measured) is exported with ``git archive`` into a temporary folder and
-run beside this tree's, both as ``python -m model_server`` from this environment, serving the
-same repository (``tiny``, 64 -> 10 MatMul + Softmax, built as bench/peers.py builds it, and
-``resnet_bench``), both driven by the same ``tritonclient.http`` code with binary tensors, one
-client per thread; raw ``InferenceSession.run`` in this process is the reference for the added
-latency. A third server, ``floor``, answers every request at once with bytes the head server
-answered (httptools on uvloop, no model): what the client and the loopback alone add. Rows are measured in interleaved rounds, raw / base / head in a rotating order;
-throughput ratios are medians of per-round ratios. Prints a table, writes
-``bench/results/versus.json``.
+began: the state the serving goals were set against) is exported with ``git archive`` into a
+temporary folder and run beside this tree's, both as ``python -m model_server`` from this
+environment, serving the same repository (``tiny``, 64 -> 10 MatMul + Softmax, built as
+bench/peers.py builds it, and ``resnet_bench``), both driven by the same ``tritonclient.http``
+code with binary tensors, one client per thread. Raw ``InferenceSession.run`` in this process is
+the reference for the added latency; a fourth arm, ``floor``, a server that answers every
+request at once with bytes the head server answered (httptools on uvloop, no model), shows
+what the client and the loopback alone add. Rows are measured in interleaved rounds, the four
+arms in a rotating order; throughput ratios are medians of per-round ratios. Prints a table,
+writes ``bench/results/versus.json``.
 
-Goals (issue 12): ``tiny`` at concurrency 1 adds at most 0.25 ms to raw ORT's p50; at
-concurrency 4 at least 1.5x the base's throughput.
+Goals (BENCHMARKS.md, "The request path"): ``tiny`` at concurrency 1 adds at most 0.25 ms to
+raw ORT's p50; at concurrency 4 at least 1.5x the base's throughput.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from bench.peers import check_answers, make_case, make_repository, raw_session, 
 from bench.serving import stateless  # noqa: E402
 from devstack.processes import ModelServerProcess, free_port, start_model_server  # noqa: E402
 
-BASE = "144330b^"  # before "Serving: a leaner request path" (the issue's "today")
+BASE = "144330b^"  # before "Serving: a leaner request path"
 ROWS = [("tiny", 1, 1), ("tiny", 1, 4), ("tiny", 8, 4), ("resnet_bench", 1, 1)]
 ARMS = ("raw", "floor", "base", "head")
 
