@@ -61,7 +61,8 @@ INTERNAL_ERROR = Answer(
 )
 
 # (path match, headers as received, the client's (host, port), the body or None when it did not
-# arrive in time) -> the answer. It answers every outcome itself: it does not raise.
+# arrive in time) -> the answer. It answers every outcome itself: it does not raise. Until it
+# first waits it runs inside the protocol's callback, not in a task: no asyncio.timeout() there.
 DirectHandler = Callable[
     [re.Match[str], list[tuple[bytes, bytes]], tuple[str, int] | None, bytes | None], Coroutine[Any, Any, Answer]
 ]
@@ -80,6 +81,7 @@ class DirectCycle:
     def __init__(self, match: re.Match[str], headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.match, self.headers, self.keep_alive = match, headers, keep_alive
         self.chunks: list[bytes] = []
+        self.started = False  # the handler was called
         self.more_body = True
         self.response_complete = False
         self.disconnected = False
@@ -132,15 +134,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # As uvicorn's ProxyHeadersMiddleware sees the client, for the requests answered here.
         self._trusted = _TrustedHosts(self.config.forwarded_allow_ips) if self.config.proxy_headers else None
         self._complete: DirectCycle | None = None  # its last byte arrived in this data_received
+        self._ended_in_read = False  # a message ended in this data_received
 
     def data_received(self, data: bytes) -> None:
         self._parse(data)
         cycle, self._complete = self._complete, None
         if cycle is not None and not self.transport.is_closing():
-            self._start_direct(cycle, b"".join(cycle.chunks))
+            body, cycle.chunks = b"".join(cycle.chunks), []  # not kept while the connection idles
+            self._start_direct(cycle, body)
 
     def _parse(self, data: bytes) -> None:
         was_in_headers = self._in_headers
+        self._ended_in_read = False
         try:
             self._unset_keepalive_if_required()
             self.parser.feed_data(data)
@@ -161,9 +166,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             # Everything of this message so far is its request line and headers (the parser
-            # consumed it all and the headers are not complete); a message that began in this
-            # chunk may count some bytes of the one before: at most one read too many.
-            self._received = (self._received if was_in_headers else 0) + len(data)
+            # consumed it all and the headers are not complete). A read in which another
+            # message ended holds that one's bytes too: it is not counted (at most one read
+            # too few; the next counts), so pipelined small requests are not taken for one
+            # long header.
+            if self._ended_in_read:
+                self._received = 0
+            else:
+                self._received = (self._received if was_in_headers else 0) + len(data)
             if self._received > self.max_header_bytes:
                 self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
 
@@ -194,8 +204,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle.timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow, cycle)
 
     def _direct_cycle(self) -> DirectCycle | None:
-        """The request as a DirectCycle, when the DirectRoute takes it."""
+        """The request as a DirectCycle, when the DirectRoute takes it (not while the client
+        leaves answers unread: the ASGI way waits for the transport to drain)."""
         if self.direct is None or self.parser.get_method() != b"POST" or self.expect_100_continue:
+            return None
+        if self.flow.write_paused:
             return None
         if self.pipeline or not (self.cycle is None or self.cycle.response_complete) or self.parser.should_upgrade():
             return None
@@ -220,15 +233,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):  # kept whole (no pause: nothing else would read it)
-            if not cycle.response_complete:
+            if not cycle.started:
                 cycle.chunks.append(body)
             return
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._ended_in_read = True
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):
-            if not cycle.response_complete:
+            if not cycle.started:  # (started: its body timed out, the handler answers that)
                 cycle.more_body = False
                 self._complete = cycle
             return
@@ -246,6 +260,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_direct(self, cycle: DirectCycle, body: bytes | None) -> None:
         """Run the handler here until it waits; then a task carries it on."""
+        cycle.started = True
         if cycle.timer is not None:
             cycle.timer.cancel()
             cycle.timer = None
@@ -256,9 +271,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except StopIteration as done:
             self._answer(cycle, done.value)
             return
-        except Exception:
-            log.exception("unhandled error on POST %s", cycle.match.string)
-            self._answer(cycle, INTERNAL_ERROR)
+        except BaseException as exc:
+            self._failed(cycle, exc)
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise  # KeyboardInterrupt, SystemExit
             return
         task = self.loop.create_task(self._finish(cycle, Resume(coro, first)))
         task.add_done_callback(self.tasks.discard)
@@ -267,10 +283,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     async def _finish(self, cycle: DirectCycle, rest: Resume) -> None:
         try:
             answer = await rest
-        except Exception:
-            log.exception("unhandled error on POST %s", cycle.match.string)
-            answer = INTERNAL_ERROR
+        except BaseException as exc:  # cancelled too (the server's shutdown timed out): answered
+            self._failed(cycle, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
         self._answer(cycle, answer)
+
+    def _failed(self, cycle: DirectCycle, exc: BaseException) -> None:
+        """The handler raised (it should answer every outcome itself): 500, and the connection
+        closed, as uvicorn does for an ASGI app that fails."""
+        if isinstance(exc, Exception):
+            log.exception("unhandled error on POST %s", cycle.match.string, exc_info=exc)
+        cycle.keep_alive = False
+        self._answer(cycle, INTERNAL_ERROR)
 
     def _answer(self, cycle: DirectCycle, answer: Answer) -> None:
         cycle.response_complete = True
@@ -284,8 +310,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(b"".join([*head, b"\r\n", answer.body]))
             if not cycle.keep_alive:
                 self.transport.close()
-        if answer.then is not None:
-            answer.then()
+        try:
+            if answer.then is not None:
+                answer.then()
+        except Exception:
+            log.exception("after the answer to POST %s", cycle.match.string)
         self.on_response_complete()
 
     def _body_too_slow(self, cycle: DirectCycle) -> None:

@@ -203,24 +203,82 @@ def test_a_handler_cancelled_while_it_waits_is_cancelled_inside() -> None:
         protocol.data_received(post("/m/x/infer", b"slow"))
         await settle()
         (task,) = protocol.tasks
-        task.cancel()
+        task.cancel()  # uvicorn's shutdown timed out
         await settle()
         assert handler.wait.cancelled()  # what the handler awaited, as a task's cancel does
         assert task.cancelled()
-        assert transport.writes == []
+        assert transport.writes[0].startswith(b"HTTP/1.1 500 ")  # answered, then closed
+        assert transport.closed
 
     asyncio.run(scenario())
 
 
-def test_a_handler_bug_is_a_500_and_the_connection_keeps_serving() -> None:
+def test_a_handler_bug_is_a_500_and_the_connection_closed_as_uvicorn_does() -> None:
     async def scenario() -> None:
         handler = Handler()
         protocol, transport = connect(handler)
-        protocol.data_received(post("/m/x/infer", b"bug"))
+        protocol.data_received(post("/m/x/infer", b"bug") + post("/m/x/infer", b"next"))
+        assert len(transport.writes) == 1
         assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
         assert b"internal server error" in transport.writes[0]
-        protocol.data_received(post("/m/x/infer", b"ok"))
-        assert bodies(transport)[-1] == b"direct:ok"
+        assert b"connection: close\r\n" in transport.writes[0]
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_after_the_answer_does_not_hold_up_the_next_request() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        handler.then = None  # type: ignore[assignment]  # then() raises: None has no append
+        protocol.data_received(post("/m/x/infer", b"1") + post("/m/x/infer", b"2"))
+        await settle()
+        assert bodies(transport) == [b"direct:1", b"asgi:2"]
+        assert not transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_while_the_client_leaves_answers_unread_requests_wait_the_asgi_way() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.pause_writing()  # the transport's buffer is over its high-water mark
+        protocol.data_received(post("/m/x/infer", b"1"))
+        await settle()
+        assert handler.calls == []
+        assert transport.writes == []  # uvicorn's send waits for the buffer to drain
+        protocol.resume_writing()
+        await settle()
+        assert bodies(transport) == [b"asgi:1"]
+
+    asyncio.run(scenario())
+
+
+def test_the_body_is_not_kept_once_the_handler_has_it() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"a" * 200_000))
+        assert bodies(transport) == [b"direct:" + b"a" * 200_000]
+        assert protocol.cycle.chunks == []  # the idle connection's cycle holds no body
+
+    asyncio.run(scenario())
+
+
+def test_many_small_pipelined_requests_in_one_read_are_not_one_long_header() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        many = b"".join(post("/m/x/infer", b"%d" % i) for i in range(1200))  # about 80 KB
+        protocol.data_received(many + b"GET /o HTTP/1.1\r\n")  # and the start of one more
+        await asyncio.sleep(0.5)
+        assert len(bodies(transport)) == 1200
+        assert not transport.closed
+        protocol.data_received(b"Host: x\r\n\r\n")
+        await settle()
+        assert len(bodies(transport)) == 1201
 
     asyncio.run(scenario())
 
@@ -275,5 +333,23 @@ def test_a_connection_lost_while_the_handler_waits_gets_no_write() -> None:
         await settle()
         assert transport.writes == []
         assert handler.then == [0]  # still counted, its shadow copy still queued
+
+    asyncio.run(scenario())
+
+
+def test_a_body_that_arrives_after_its_timeout_answer_began_is_not_run_again() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler, timeout_s=0.05)
+        request = post("/m/x/infer", b"abcdef")
+        protocol.data_received(request[:-3])
+        await asyncio.sleep(0.3)  # timed out: the handler runs with no body, and waits
+        protocol.data_received(request[-3:])
+        handler.wait.set_result(None)
+        await settle()
+        assert [c[1] for c in handler.calls] == [None]
+        assert transport.writes[0].startswith(b"HTTP/1.1 408 ")
+        assert protocol.server_state.total_requests == 1
 
     asyncio.run(scenario())
