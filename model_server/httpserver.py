@@ -82,7 +82,6 @@ class DirectCycle:
         self.match, self.headers, self.keep_alive = match, headers, keep_alive
         self.chunks: list[bytes] = []
         self.started = False  # the handler was called
-        self.more_body = True
         self.response_complete = False
         self.disconnected = False
         self.message_event = self  # uvicorn sets it on each event: nothing waits on it here
@@ -243,7 +242,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):
             if not cycle.started:  # (started: its body timed out, the handler answers that)
-                cycle.more_body = False
                 self._complete = cycle
             return
         super().on_message_complete()
@@ -321,7 +319,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Its body not complete in time: the handler answers 408; the connection closes (the
         parser is in the middle of the body)."""
         cycle.timer = None
-        if self.cycle is cycle and not cycle.response_complete:
+        if self.cycle is cycle and not cycle.started:
             cycle.keep_alive = False
             self._start_direct(cycle, None)
 
