@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{model:13s} batch {batch} conc {concurrency}: head/base {row['head_over_base']:.2f} "
                     f"(rounds {', '.join(f'{x:.2f}' for x in row['head_over_base_rounds'])}); added p50 "
-                    f"floor {row['floor_added_p50_ms']:+.3f} ms base {row['base_added_p50_ms']:+.3f} ms head {row['head_added_p50_ms']:+.3f} ms; "
+                    f"floor {row['floor_added_p50_ms']:+.3f} ms base {row['base_added_p50_ms']:+.3f} ms "
+                    f"head {row['head_added_p50_ms']:+.3f} ms; "
                     f"CPU/request base {row['base_cpu_ms_per_request']:.3f} ms head "
                     f"{row['head_cpu_ms_per_request']:.3f} ms",
                     flush=True,
