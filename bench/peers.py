@@ -58,6 +58,7 @@ ROWS = [  # model, batch, concurrency
     ("tiny", 1, 4),
     ("tiny", 8, 4),
     ("resnet_bench", 1, 1),
+    ("resnet_bench", 1, 4),
     ("resnet_bench", 8, 1),
     ("resnet_bench", 8, 4),
 ]
