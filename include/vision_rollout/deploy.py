@@ -216,11 +216,6 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
     return template
 
 
-def _image(live: Any) -> str:
-    """A live Deployment's (a V1Deployment's) image: its pod template's first container's."""
-    return str(live.spec.template.spec.containers[0].image)
-
-
 def deployment_name(target: IstioTarget, version: str) -> str:
     return f"{target.service}-v{version}"
 
@@ -408,7 +403,7 @@ class VersionDeployments:
         live = self._live(version)
         if live is None:
             return False
-        self._apply(version, _image(live), replicas, live)
+        self._apply(version, str(live.spec.template.spec.containers[0].image), replicas, live)
         return True
 
     def scale_to_zero(self, version: str) -> bool:
