@@ -389,10 +389,14 @@ def rate_window_s(scrape_interval_s: float) -> float:
     return max(RATE_WINDOW_MIN_S, 4 * scrape_interval_s)
 
 
-def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | None = None) -> GuardInputs:
+def guard_inputs(
+    source: MetricsSource | None, spec: RolloutSpec, now: float | None = None, since: float | None = None
+) -> GuardInputs:
     """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
-    summed over the version's pods. No data for the canary's P99 sets ``missing``, and
-    Prometheus unreachable or failing sets ``unavailable``: either way the stage holds, never passes."""
+    summed over the version's pods; the P99 series from ``since`` on (the stage's start: a
+    breach the same version had before, in an earlier rollout of it, is not this stage's). No
+    data for the canary's P99 sets ``missing``, and Prometheus unreachable or failing sets
+    ``unavailable``: either way the stage holds, never passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
@@ -404,7 +408,7 @@ def guard_inputs(source: MetricsSource | None, spec: RolloutSpec, now: float | N
         window = max(spec.p99_breach_seconds, 10)
         points = source.query_range(
             PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, f"{rate:g}s"),
-            now - window - 5,
+            max(now - window - 5, min(since or 0.0, now)),
             now,
             step_s=max(1.0, window / 60),
         )
@@ -516,7 +520,7 @@ class StageJudge:
             records,
             self.labels,
             now,
-            guard_inputs(self.source, self.spec, now),
+            guard_inputs(self.source, self.spec, now, since=window.started),
             settle_s=self.settle_s,
         )
         if not state.done and self.replay_due(records, window, now):

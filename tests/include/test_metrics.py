@@ -79,6 +79,54 @@ def test_guards_read_windows_from_the_scrape_interval_and_hold_without_data(serv
         prom.stop()
 
 
+class History(PrometheusSource):
+    """Prometheus as the guards see it: a P99 history answered for the range asked for."""
+
+    def __init__(self, points: list[tuple[float, float]]):
+        super().__init__("http://127.0.0.1:9")
+        self.points = points
+        self.ranges: list[tuple[float, float]] = []
+
+    def scrape_interval_s(self) -> float:
+        return 1.0
+
+    def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
+        self.ranges.append((start, end))
+        points = [(t, v) for t, v in self.points if start <= t <= end]
+        if not points:
+            raise NoValuesFound(f"no data for {promql}")
+        return points
+
+    def query(self, promql: str) -> float:
+        raise NoValuesFound(promql)
+
+
+def test_the_p99_guard_counts_no_breach_from_before_its_stage():
+    """The same candidate breached in an earlier rollout of it, up to the moment this stage began
+    (a rollout retried at once after a rollback): that breach is not this stage's, and 30 s of
+    this stage above the limit are not the 120 s the guard waits for; 120 s within it are."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.gates import GateConfig, guard_checks
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"candidate_version": "2", "p99_ms_max": 60, "p99_breach_seconds": 120})
+    now = 100_000.0
+    source = History([(t, 200.0) for t in range(int(now) - 300, int(now) + 1, 5)])  # above 60 ms throughout
+    cfg = GateConfig.from_spec(spec)
+
+    def p99_check(since: float | None):
+        (check,) = [c for c in guard_checks(guard_inputs(source, spec, now, since=since), cfg) if c.name == "guard_p99"]
+        return check
+
+    assert p99_check(None).decision == "fail"  # no stage: the last 125 s, as before
+    recent = p99_check(now - 30)
+    assert source.ranges[-1] == (now - 30, now)
+    assert recent.decision == "pass"
+    assert "above the limit for the last 30 s" in recent.sentence
+    assert p99_check(now - 200).decision == "fail"
+    assert source.ranges[-1] == (now - 125, now)
+
+
 @pytest.fixture
 def stack(server_factory, repo_copy, tmp_path, models_dir):
     if shutil.which("prometheus") is None:
