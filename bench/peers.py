@@ -335,6 +335,16 @@ def cpu_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_row(text: str) -> tuple[str, int, int]:
+    """``resnet_bench:1:1``: a row of ROWS."""
+    model, _, rest = text.partition(":")
+    batch, _, concurrency = rest.partition(":")
+    if not (batch.isdigit() and concurrency.isdigit()) or (model, int(batch), int(concurrency)) not in ROWS:
+        rows = ", ".join(":".join(map(str, r)) for r in ROWS)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a row of the table ({rows})")
+    return model, int(batch), int(concurrency)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, default=ROOT / "models", help="where resnet_bench is")
@@ -343,12 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved raw/ours/KServe rounds (medians taken)")
     p.add_argument("--quick", action="store_true", help="one round of 1 s windows, written to bench/.logs/peers/")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        type=parse_row,
+        metavar="MODEL:BATCH:CONCURRENCY",
+        help="only these rows of the table (longer windows on one goal's row), written to bench/.logs/peers/",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.rounds = 1.0, 1
     log_dir = ROOT / "bench" / ".logs" / "peers"
-    out = args.out or (log_dir / "peers-quick.json" if args.quick else ROOT / "bench" / "results" / "peers.json")
+    partial = args.quick or args.rows
+    out = args.out or (log_dir / "peers-partial.json" if partial else ROOT / "bench" / "results" / "peers.json")
     if not (args.repository / "resnet_bench" / "1" / "model.onnx").is_file():
         print(f"peers: no resnet_bench in {args.repository} (make models)", file=sys.stderr)
         return 2
@@ -366,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             servers["ours"] = start_model_server(Path(tmp) / "models", log_dir, "--device", args.device)
             servers["kserve"] = start_kserve(kserve_python, onnx_files, log_dir, args.device)
-            for model, batch, concurrency in ROWS:
+            for model, batch, concurrency in args.rows or ROWS:
                 case = make_case(model, batch)
                 diff = check_answers(case, sessions[model], servers)
                 row = measure(case, sessions[model], servers, concurrency, args.seconds, args.rounds)
