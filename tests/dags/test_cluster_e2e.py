@@ -270,11 +270,13 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
         SteadyLoad(cluster.service_url("digits").removeprefix("http://"), validation, rate=20) as digits_load,
         SteadyLoad(cluster.service_url("mnist").removeprefix("http://"), validation, "mnist", rate=20) as mnist_load,
     ):
+        # Each process's output goes to a file, not a pipe: a pipe read only after the other
+        # process ends fills (Airflow logs every task to stdout) and stops its writer mid-stage.
         started = {
             model: subprocess.Popen(
                 [sys.executable, "-m", "tests.dags.dag_run", json.dumps(conf)],
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=(home / "dag_test.out").open("wb"),
                 stderr=(home / "dag_test.log").open("wb"),
                 cwd=Path(__file__).resolve().parents[2],
             )
@@ -282,10 +284,11 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
         }
         outcome = {}
         for model, proc in started.items():
-            out, _ = proc.communicate(timeout=900)
-            lines = out.decode().strip().splitlines()
-            assert proc.returncode == 0, f"{model}: see {processes[model][0] / 'dag_test.log'}"
-            assert lines, f"{model}: no outcome printed; see {processes[model][0] / 'dag_test.log'}"
+            proc.wait(timeout=900)
+            home = processes[model][0]
+            lines = (home / "dag_test.out").read_text().strip().splitlines()
+            assert proc.returncode == 0, f"{model}: see {home / 'dag_test.out'} and {home / 'dag_test.log'}"
+            assert lines, f"{model}: no outcome printed; see {home / 'dag_test.log'}"
             outcome[model] = json.loads(lines[-1])
     stop.set()
     watcher.join(timeout=10)
