@@ -20,13 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 ADMIN_TOKEN = "test-admin-token"
 
-# Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
+# Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported;
+# one made here is removed when the session ends (pytest_sessionfinish), one the caller set is not.
+_MADE_AIRFLOW_HOME: str | None = None
+if "AIRFLOW_HOME" not in os.environ:
+    _MADE_AIRFLOW_HOME = os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-")
 os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{os.environ['AIRFLOW_HOME']}/airflow.db")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _MADE_AIRFLOW_HOME is not None and os.environ.get("AIRFLOW_HOME") == _MADE_AIRFLOW_HOME:
+        shutil.rmtree(_MADE_AIRFLOW_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,9 @@ class Cluster:
     workdir: Path
     repository: Path  # what the images bake in: the model repository (the registry's stand-in)
     scrape_interval_s: float = 15.0
+    # The rollout's build.drain_seconds (its connection): the wait before a version's pods go,
+    # and their preStop sleep.
+    drain_seconds: float = 5.0
     api: FakeKubeAPI = field(init=False)
     s3: S3Process = field(init=False)
     prometheus: PrometheusProcess = field(init=False)
@@ -316,7 +319,7 @@ class Cluster:
             gpus=0,
             replicas=replicas,
             storage_secret="model-server-storage",  # noqa: S106 (a Secret's name, deploy/'s)
-            drain_seconds=5,
+            drain_seconds=self.drain_seconds,
         )
 
     def connections(self, run_dir: Path, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:

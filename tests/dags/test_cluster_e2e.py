@@ -63,7 +63,9 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     if find_nginx() is None:
         pytest.skip("nginx is not installed (make test installs nginx-light)")
     work = tmp_path_factory.mktemp("cluster")
-    c = Cluster(work, two_models(models_dir, work / "repository"), scrape_interval_s=5).start()
+    # A 2 s drain (5 s in `make cluster-demo`): each version retired waits it, and the rollback's
+    # teardown retires the candidate again; the data plane reloads within 0.5 s of a change.
+    c = Cluster(work, two_models(models_dir, work / "repository"), scrape_interval_s=5, drain_seconds=2).start()
     try:
         c.install("digits", replicas=2)
         yield c
@@ -270,11 +272,13 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
         SteadyLoad(cluster.service_url("digits").removeprefix("http://"), validation, rate=20) as digits_load,
         SteadyLoad(cluster.service_url("mnist").removeprefix("http://"), validation, "mnist", rate=20) as mnist_load,
     ):
+        # Each process's output goes to a file, not a pipe: a pipe read only after the other
+        # process ends fills (Airflow logs every task to stdout) and stops its writer mid-stage.
         started = {
             model: subprocess.Popen(
                 [sys.executable, "-m", "tests.dags.dag_run", json.dumps(conf)],
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=(home / "dag_test.out").open("wb"),
                 stderr=(home / "dag_test.log").open("wb"),
                 cwd=Path(__file__).resolve().parents[2],
             )
@@ -282,10 +286,11 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
         }
         outcome = {}
         for model, proc in started.items():
-            out, _ = proc.communicate(timeout=900)
-            lines = out.decode().strip().splitlines()
-            assert proc.returncode == 0, f"{model}: see {processes[model][0] / 'dag_test.log'}"
-            assert lines, f"{model}: no outcome printed; see {processes[model][0] / 'dag_test.log'}"
+            proc.wait(timeout=900)
+            home = processes[model][0]
+            lines = (home / "dag_test.out").read_text().strip().splitlines()
+            assert proc.returncode == 0, f"{model}: see {home / 'dag_test.out'} and {home / 'dag_test.log'}"
+            assert lines, f"{model}: no outcome printed; see {home / 'dag_test.log'}"
             outcome[model] = json.loads(lines[-1])
     stop.set()
     watcher.join(timeout=10)

@@ -327,7 +327,7 @@ def test_a_four_stage_rollout_of_ten_looks_survives_its_scheduler_and_triggerer_
         **CONF,
         "stages": [5, 25, 50, 100],
         "looks_per_stage": 10,
-        "bake_seconds": 20,
+        "bake_seconds": 10,  # 10 looks a stage, a look due every second (a poke every 2 s)
         "max_stage_seconds": 120,
         "min_samples": 20,
         "require_approval": True,
@@ -345,7 +345,7 @@ def test_a_four_stage_rollout_of_ten_looks_survives_its_scheduler_and_triggerer_
     assert [w["state"] for w in waits] == ["success"] * 4, waits
     gates = [api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate") for i in (1, 2, 3, 4)]
     assert all(g["looks"] == 10 and 1 <= g["look"] <= 10 for g in gates)
-    assert all(g["bake"]["elapsed_s"] >= 20 for g in gates if g["decision"] == "pass")
+    assert all(g["bake"]["elapsed_s"] >= conf["bake_seconds"] for g in gates if g["decision"] == "pass")
     assert final["state"] == "success"
     assert api.xcom("model_rollout", run_id, "decide", "outcome") == "promote"
     assert stack.admin(state).traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
