@@ -411,7 +411,7 @@ class VersionDeployments:
         return self.scale(version, 0)
 
     def wait_ready(
-        self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 5.0, strict: bool = True
+        self, version: str, replicas: int = 1, timeout_s: float = 600.0, every_s: float = 1.0, strict: bool = True
     ) -> None:
         """Until at least ``replicas`` of the version's pods run its current template and are ready
         (the controller has seen the last spec, ``observedGeneration``, counts them in

@@ -478,7 +478,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook)  # still this run's, after the wait
         r.set_routes(spec.stable_policy())
-    if unload_candidate:
+    if unload_candidate and deployments.replicas(spec.candidate_version):  # (the teardown after a rollback: 0)
         hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
         retire(r, deployments, spec.candidate_version)
     return spec.baseline_version

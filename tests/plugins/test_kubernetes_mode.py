@@ -266,7 +266,9 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     assert deployment(kube, "2")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":v2")  # kept
     assert deployment(kube, "1")["spec"]["replicas"] == 1
+    since = len(kube.requests)
     assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")  # run-1 ends
+    assert ("PATCH", "deployments/digits-v2") not in calls(kube, since)  # retired once, not drained again
     deployments.apply("2", "registry.example.com/ml/digits-server:v2")
     take("run-2")
     steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
