@@ -395,12 +395,13 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             payload = json.dumps({"error": "internal server error; see the server log"}).encode()
         if rid is not None:
             out = [*out, (b"x-request-id", rid.encode())]
-        shadow = result.shadow if result is not None else None
 
-        def then() -> None:
+        def then() -> None:  # after the response is sent
+            if result is not None:
+                result.settle()
             count_http(INFER_ROUTES[version is not None], status)
-            if shadow is not None:
-                mirror.submit(shadow)  # after the response is sent
+            if result is not None and result.shadow is not None:
+                mirror.submit(result.shadow)
 
         return Answer(status, out, payload, then)
 

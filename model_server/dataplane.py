@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -65,6 +65,7 @@ class InferResult:
     version: str  # the version that served
     feedback_token: str | None  # the credential for this prediction's label (none for a shadow copy)
     shadow: ShadowJob | None  # the copy for the shadow version: submit it once the response is sent
+    settle: Callable[[], None]  # metrics, access log, feedback record, prediction log: call it then too
 
 
 def shadow_record(result: ShadowResult) -> Inference:
@@ -330,22 +331,40 @@ class DataPlane:
                     )
                 raise
             done = time.perf_counter()
-            log_access(role, model, lv.label, rid, trace, 200, (done - started) * 1000, req.inputs[0].data, batched)
-            scores = results[0]
-            if shadow_copy:
-                vm.succeeded(batch, done - started, timing, 0.0)
-                metrics.SHADOW_REQUESTS.labels(model, lv.label, "ok").inc()
-            else:
-                vm.succeeded(batch, done - started, timing, done - encode_start)
-                vm.routed(decided)
-                if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
-                    self.feedback_store.record(
-                        rid, model, lv.label, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
-                    )
-            if logged:
-                self._log(
-                    ctx, model, role, decided, lv.label, (done - started) * 1000, "ok", scores, req, batched, len(body)
+            served, decoded = lv.label, req
+
+            def settle() -> None:
+                """The success's bookkeeping, once the answer is written (before the next event:
+                a scrape or a label for this prediction comes after it)."""
+                log_access(
+                    role, model, served, rid, trace, 200, (done - started) * 1000, decoded.inputs[0].data, batched
                 )
+                scores = results[0]
+                if shadow_copy:
+                    vm.succeeded(batch, done - started, timing, 0.0)
+                    metrics.SHADOW_REQUESTS.labels(model, served, "ok").inc()
+                else:
+                    vm.succeeded(batch, done - started, timing, done - encode_start)
+                    vm.routed(decided)
+                    if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
+                        self.feedback_store.record(
+                            rid, model, served, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
+                        )
+                if logged:
+                    self._log(
+                        ctx,
+                        model,
+                        role,
+                        decided,
+                        served,
+                        (done - started) * 1000,
+                        "ok",
+                        scores,
+                        decoded,
+                        batched,
+                        len(body),
+                    )
+
         shadow = None
         # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
         shadow_version = None
@@ -367,7 +386,7 @@ class DataPlane:
                 batched=batched,
                 probe=ctx.probe,
             )
-        return InferResult(payload, json_len, lv.label, token, shadow)
+        return InferResult(payload, json_len, lv.label, token, shadow, settle)
 
     def _log(
         self,

@@ -79,7 +79,9 @@ def request(image: bytes) -> tuple[bytes, str]:
 
 def infer(dp: DataPlane, image: bytes, ctx: RequestContext, version: str | None = None) -> InferResult:
     body, json_length = request(image)
-    return asyncio.run(dp.infer("digits", version, body, ctx, json_length))
+    result = asyncio.run(dp.infer("digits", version, body, ctx, json_length))
+    result.settle()  # as the transport does once the answer is written
+    return result
 
 
 def sample(name: str, **labels: str) -> float:

@@ -183,6 +183,34 @@ def test_labels_need_the_token_of_their_response(server_factory, repo_copy, tmp_
     assert s.metric("feedback_total", model="digits", version="1") == 1
 
 
+def test_an_answer_is_counted_and_can_be_labelled_the_moment_it_arrives_either_way(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """The counters, the routed count and the prediction kept for its label are settled after the
+    answer is written (the client has it sooner), and before the connection's next request: a
+    label sent at once on the same connection finds its prediction, a scrape counts it. Both
+    ways a request arrives: with a Content-Length (the protocol answers it) and chunked (ASGI)."""
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    image, label = digit_images[0]
+    plain = infer(s, image).request.body
+    header_length = str(len(plain) - len(image) - 4)
+    session = requests.Session()
+    for n, body in enumerate([plain, iter([plain[:7], plain[7:]])], start=1):  # Content-Length, then chunked
+        rid = f"either-way-{n}"
+        r = session.post(
+            f"{s.http}/v2/models/digits/infer",
+            data=body,
+            headers={"Inference-Header-Content-Length": header_length, "X-Request-ID": rid},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        item = {"request_id": rid, "label": label, "token": r.headers["X-Feedback-Token"]}
+        assert session.post(f"{s.http}/v2/models/digits/feedback", json=item, timeout=10).status_code == 200
+        assert s.metric("nv_inference_request_success", model="digits", version="1") == n + 1  # and the first infer
+        assert s.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="route") == n + 1
+    assert s.metric("feedback_total", model="digits", version="1") == 2
+
+
 def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
     server_factory, repo_copy, tmp_path, digit_images
 ):
