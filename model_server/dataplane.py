@@ -331,14 +331,12 @@ class DataPlane:
                     )
                 raise
             done = time.perf_counter()
-            served, decoded = lv.label, req
+            served, decoded, ms = lv.label, req, (done - started) * 1000
 
             def settle() -> None:
                 """The success's bookkeeping, once the answer is written (before the next event:
                 a scrape or a label for this prediction comes after it)."""
-                log_access(
-                    role, model, served, rid, trace, 200, (done - started) * 1000, decoded.inputs[0].data, batched
-                )
+                log_access(role, model, served, rid, trace, 200, ms, decoded.inputs[0].data, batched)
                 scores = results[0]
                 if shadow_copy:
                     vm.succeeded(batch, done - started, timing, 0.0)
@@ -351,19 +349,7 @@ class DataPlane:
                             rid, model, served, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
                         )
                 if logged:
-                    self._log(
-                        ctx,
-                        model,
-                        role,
-                        decided,
-                        served,
-                        (done - started) * 1000,
-                        "ok",
-                        scores,
-                        decoded,
-                        batched,
-                        len(body),
-                    )
+                    self._log(ctx, model, role, decided, served, ms, "ok", scores, decoded, batched, len(body))
 
         shadow = None
         # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
@@ -381,7 +367,7 @@ class DataPlane:
                 trace=trace.child(),
                 received_at=ctx.received_at,
                 primary_outputs=dict(zip(outputs, results, strict=True)),
-                primary_latency_ms=(done - started) * 1000,
+                primary_latency_ms=ms,
                 metadata=request_metadata(ctx.headers),
                 batched=batched,
                 probe=ctx.probe,
