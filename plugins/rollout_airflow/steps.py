@@ -478,7 +478,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook)  # still this run's, after the wait
         r.set_routes(spec.stable_policy())
-    if unload_candidate and deployments.replicas(spec.candidate_version):  # (the teardown after a rollback: 0)
+    if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
         retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
@@ -486,9 +486,12 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 
 def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
     """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
-    back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``)."""
+    back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``).
+    A version with no pods has nothing to drain (retired already: the teardown after a rollback)."""
     from vision_rollout.mesh import RouterError, wait_unrouted
 
+    if not deployments.replicas(version):
+        return
     try:
         wait_unrouted(r, version, deployments.build.drain_seconds)
     except RouterError as exc:

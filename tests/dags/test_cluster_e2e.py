@@ -63,8 +63,8 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     if find_nginx() is None:
         pytest.skip("nginx is not installed (make test installs nginx-light)")
     work = tmp_path_factory.mktemp("cluster")
-    # A 2 s drain (5 s in `make cluster-demo`): each version retired waits it, and the rollback's
-    # teardown retires the candidate again; the data plane reloads within 0.5 s of a change.
+    # A 2 s drain (5 s in `make cluster-demo`): each version retired waits it; the data plane
+    # reloads within 0.5 s of a change.
     c = Cluster(work, two_models(models_dir, work / "repository"), scrape_interval_s=5, drain_seconds=2).start()
     try:
         c.install("digits", replicas=2)
