@@ -52,11 +52,12 @@ class FeedbackSigner:
     """Issues and checks feedback tokens: HMAC-SHA256 of (model, request id), 144 bits."""
 
     def __init__(self, key: bytes):
-        self._key = key
+        self._keyed = hmac.new(key, digestmod="sha256")  # copied per token: the key is set up once
 
     def token(self, model: str, request_id: str) -> str:
-        mac = hmac.digest(self._key, f"{model}\n{request_id}".encode(), "sha256")
-        return base64.urlsafe_b64encode(mac[:18]).decode()
+        mac = self._keyed.copy()
+        mac.update(f"{model}\n{request_id}".encode())
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
 
     def check(self, model: str, request_id: str, token: object) -> None:
         if not isinstance(token, str) or not token:

@@ -60,6 +60,7 @@ ort.set_default_logger_severity(3)
 INLINE_BUDGET_S = 0.0005
 INLINE_MAX_BYTES = 16 * 1024  # decoding grows with the bytes: more goes to the executor
 WARMUP_RUNS = 10  # timed warm-up runs after the first (which allocates)
+MAX_VALID_SIGNATURES = 64  # input signatures (names, datatypes, shapes) that passed, kept per version
 
 # ORT's message when a Cast from a string tensor meets text that is not a number: the C++
 # conversion that failed (std::stoll, std::stod, ...). The input's fault, not the model's.
@@ -164,6 +165,7 @@ class LoadedVersion:
         self.metrics = VersionMetrics(self.name, self.label)
         self.shadow_metrics = VersionMetrics(self.name, self.label, "shadow")
         self.fault: Fault | None = None
+        self._valid: dict[tuple[Any, ...], list[str]] = {}  # requests' signatures that passed -> outputs
         batching = config.dynamic_batching
         self.batcher = DynamicBatcher(self, batching) if batching is not None else None
 
@@ -264,7 +266,22 @@ class LoadedVersion:
     # -- inference ---------------------------------------------------------------------------
 
     def validate(self, inputs: list[InferInput], requested: dict[str, bool] | None) -> list[str]:
-        """Check inputs against config; return the output names to compute."""
+        """Check inputs against config; return the output names to compute. Inputs of names,
+        datatypes and shapes that passed before, with the same outputs requested, pass again
+        (their images still checked)."""
+        key = (tuple((i.name, i.datatype, i.shape) for i in inputs), None if requested is None else tuple(requested))
+        names = self._valid.get(key)
+        if names is None:
+            names = self._validate(inputs, requested)
+            if len(self._valid) >= MAX_VALID_SIGNATURES:
+                self._valid.clear()
+            self._valid[key] = names
+        elif self.config.preprocess is not None:
+            name = self.config.inputs[0].name
+            check_pixels(next(i for i in inputs if i.name == name).data, name)
+        return list(names)
+
+    def _validate(self, inputs: list[InferInput], requested: dict[str, bool] | None) -> list[str]:
         cfg = self.config
         given = {i.name: i for i in inputs}
         expected = {s.name for s in cfg.inputs}

@@ -12,7 +12,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -132,10 +132,43 @@ def _json_tensor(raw: dict[str, Any], datatype: str, shape: tuple[int, ...], whe
     return arr.reshape(shape)
 
 
+class _Layout(NamedTuple):
+    """What a JSON part whose tensors are all binary said, once checked: the same bytes
+    (a client sends the same header for every request of a shape) need no second parse."""
+
+    inputs: tuple[tuple[str, str, tuple[int, ...], np.dtype | None, int], ...]  # dtype None: BYTES
+    binary_size: int  # every input's binary_data_size together
+    outputs: dict[str, bool] | None  # copied per request
+    id: str | None
+    binary_output_default: bool
+    parameters: dict[str, Any]  # copied per request
+
+
+LAYOUTS: dict[bytes, _Layout] = {}  # by the JSON part's bytes; emptied when full
+MAX_LAYOUTS = 256
+MAX_LAYOUT_KEY = 4096  # bytes of a JSON part worth keeping (tritonclient's are a few hundred)
+
+
+def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
+    inputs, offset = [], 0
+    for name, datatype, shape, dtype, size in layout.inputs:
+        chunk = binary[offset : offset + size]
+        offset += size
+        if dtype is None:
+            data = _parse_bytes_tensor(chunk, _num_elements(shape), f"input '{name}'").reshape(shape)
+        else:
+            data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+        inputs.append(InferInput(name, datatype, shape, data))
+    outputs = None if layout.outputs is None else dict(layout.outputs)
+    return InferRequest(inputs, outputs, layout.id, layout.binary_output_default, dict(layout.parameters))
+
+
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
     """Parse a ``POST .../infer`` body (JSON, or JSON header + binary tensors). The JSON part is
     bounded (413 above ``max_json_bytes``): parsing it holds the interpreter, so every other
-    request waits on it; binary tensors cost a copy at most."""
+    request waits on it; binary tensors cost a copy at most. A JSON part seen before with
+    binary tensors only is not parsed again (``LAYOUTS``): its tensors are cut from the binary
+    part as the first one's were, when the binary part has the same length."""
     if header_length is not None:
         try:
             json_len = int(header_length)
@@ -150,8 +183,12 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             f"the JSON part of the request is {json_len} bytes, over the limit of {max_json_bytes} bytes; "
             "send large tensors as binary data (the binary tensor extension, tritonclient's default)"
         )
+    key = body[:json_len]
+    layout = LAYOUTS.get(key)
+    if layout is not None and len(body) - json_len == layout.binary_size:
+        return _from_layout(layout, memoryview(body)[json_len:])
     try:
-        header = json.loads(body[:json_len])
+        header = json.loads(key)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidInput(f"malformed JSON in request body: {exc}") from None
     if not isinstance(header, dict):
@@ -163,6 +200,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     binary = memoryview(body)[json_len:]
     offset = 0
     inputs: list[InferInput] = []
+    cuts: list[tuple[str, str, tuple[int, ...], np.dtype | None, int]] | None = []  # the layout
     seen: set[str] = set()
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
@@ -200,6 +238,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             chunk = binary[offset : offset + size]
             offset += size
             count = _num_elements(shape)
+            dtype = None
             if datatype == "BYTES":
                 data = _parse_bytes_tensor(chunk, count, where).reshape(shape)
             else:
@@ -210,8 +249,11 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
                         f"{count * dtype.itemsize} bytes, binary_data_size is {size}"
                     )
                 data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+            if cuts is not None:
+                cuts.append((name, datatype, shape, dtype, size))
         elif "data" in raw:
             data = _json_tensor(raw, datatype, shape, where)
+            cuts = None  # the tensor is in the JSON: nothing to keep
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
         inputs.append(InferInput(name, datatype, shape, data))
@@ -242,6 +284,12 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     req_id = header.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
+    if cuts is not None and json_len <= MAX_LAYOUT_KEY:
+        if len(LAYOUTS) >= MAX_LAYOUTS:
+            LAYOUTS.clear()  # (a client naming every request by its id: nothing repeats)
+        LAYOUTS[key] = _Layout(
+            tuple(cuts), offset, None if outputs is None else dict(outputs), req_id, binary_default, dict(params)
+        )
     return InferRequest(inputs, outputs, req_id, binary_default, params)
 
 

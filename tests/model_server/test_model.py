@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import struct
 
 import numpy as np
 import pytest
 
 from model_server.config import load_config
-from model_server.errors import InferenceFailed
+from model_server.errors import InferenceFailed, InvalidInput
 from model_server.model import Fault, LoadedVersion
 from model_server.protocol import InferInput
 
@@ -91,3 +92,22 @@ def test_a_fault_with_a_field_it_does_not_know_is_refused_by_name(raw, named):
     with pytest.raises(InvalidInput) as err:
         Fault.from_dict(raw)
     assert named in err.value.message
+
+
+def test_a_signature_that_passed_before_still_has_its_images_and_outputs_checked(version, digit_images):
+    """Validation remembers the names, datatypes and shapes that passed, never the data: a
+    request of the same signature with too many pixels, or asking an unknown output, is refused."""
+    inputs = one_image(digit_images)
+    assert version.validate(inputs, None) == ["probabilities"]
+    assert version.validate(inputs, {"probabilities": True}) == ["probabilities"]
+    assert len(version._valid) == 2
+    # A PNG header claiming a huge image (nothing decoded: the header is read alone).
+    huge = bytearray(digit_images[0][0])
+    huge[16:24] = struct.pack(">II", 40_000, 40_000)
+    with pytest.raises(InvalidInput, match="pixels per request"):
+        version.validate([InferInput("image", "BYTES", (1,), np.array([bytes(huge)], dtype=object))], None)
+    with pytest.raises(InvalidInput, match="unknown output"):
+        version.validate(inputs, {"logits": True})
+    with pytest.raises(InvalidInput, match="batch size 0"):
+        version.validate([InferInput("image", "BYTES", (0,), np.array([], dtype=object))], None)
+    assert len(version._valid) == 2  # what failed is not remembered

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from model_server import protocol
 from model_server.errors import InvalidInput
 from model_server.protocol import decode_infer_request, encode_infer_response, serialize_bytes_tensor
 
@@ -48,6 +49,56 @@ def test_bytes_tensor_binary_and_requested_outputs():
     req = decode_infer_request(*tritonclient_body([inp], [out]))
     assert list(req.inputs[0].data) == list(items)
     assert req.outputs == {"probabilities": True}
+
+
+def test_a_json_part_seen_before_is_cut_from_each_request_s_own_bytes():
+    """The second request with the same JSON part takes its layout, never the first's tensors,
+    dicts or errors; a binary part of another length is parsed (and refused) as any."""
+    protocol.LAYOUTS.clear()
+    x = httpclient.InferInput("x", [2, 3], "FP32")
+    s = httpclient.InferInput("s", [2], "BYTES")
+    out = [httpclient.InferRequestedOutput("y", binary_data=True)]
+    bodies = []
+    for k in range(3):
+        x.set_data_from_numpy(np.full((2, 3), k, np.float32), binary_data=True)
+        s.set_data_from_numpy(np.array([b"ab", b"c%d" % k], dtype=object), binary_data=True)
+        bodies.append(tritonclient_body([x, s], out))
+    assert bodies[0][1] == bodies[1][1]
+    assert bodies[0][0][: int(bodies[0][1])] == bodies[1][0][: int(bodies[1][1])]
+    requests = [decode_infer_request(*b) for b in bodies]
+    assert len(protocol.LAYOUTS) == 1  # the JSON part kept once
+    for k, req in enumerate(requests):
+        np.testing.assert_array_equal(req.inputs[0].data, np.full((2, 3), k, np.float32))
+        assert list(req.inputs[1].data) == [b"ab", b"c%d" % k]
+        assert req.outputs == {"y": True}
+    requests[0].outputs["z"] = False
+    requests[0].parameters["p"] = 1
+    assert requests[1].outputs == {"y": True}
+    assert "p" not in requests[1].parameters
+    body, length = bodies[0]
+    with pytest.raises(InvalidInput, match="runs past the end of the binary data"):
+        decode_infer_request(body[:-1], length)
+    with pytest.raises(InvalidInput, match="1 bytes of binary data are not claimed"):
+        decode_infer_request(body + b"\0", length)
+    # The same length, the BYTES element's length lying: refused as the first parse refuses it.
+    json_len = int(length)
+    broken = body[:json_len] + body[json_len:].replace(struct.pack("<I", 2) + b"c0", struct.pack("<I", 9) + b"c0")
+    with pytest.raises(InvalidInput, match="claims 9 bytes past the end"):
+        decode_infer_request(broken, length)
+
+
+def test_layouts_are_bounded():
+    protocol.LAYOUTS.clear()
+    x = httpclient.InferInput("x", [1], "FP32")
+    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=True)
+    for i in range(protocol.MAX_LAYOUTS + 10):
+        body, length = httpclient.InferenceServerClient.generate_request_body([x], request_id=f"r{i}")
+        assert decode_infer_request(body, str(length)).id == f"r{i}"
+        assert 0 < len(protocol.LAYOUTS) <= protocol.MAX_LAYOUTS
+    protocol.LAYOUTS.clear()
+    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=False)  # a tensor in the JSON: not kept
+    decode_infer_request(*tritonclient_body([x]))
+    assert not protocol.LAYOUTS
 
 
 def test_response_decodes_in_tritonclient():
