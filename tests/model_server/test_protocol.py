@@ -101,6 +101,37 @@ def test_layouts_are_bounded():
     assert not protocol.LAYOUTS
 
 
+@pytest.mark.parametrize("name", ["probabilities", 'a "quoted" \\ name', "\u00e9t\u00e9", "nul\0in a name", "\0"])
+def test_a_response_s_json_part_kept_as_text_carries_each_response_s_own_id_and_token(name):
+    """The JSON part of binary responses is kept as text around the id and the token: every
+    response still reads as if encoded whole, with its own values, whatever the names hold."""
+    protocol.HEADS.clear()
+    scores = np.arange(6, dtype=np.float32).reshape(2, 3)
+    labels = np.array([b"a", b"bc"], dtype=object)
+    for k, rid in enumerate([None, "r-1", 'r "2" \u2603', None]):
+        token = f"token-{k}" if k != 3 else f"tok\u00e9n-{k}"
+        body, length = encode_infer_response(
+            "digits",
+            "2",
+            [(name, "FP32", scores, True), ("labels", "BYTES", labels, True)],
+            rid,
+            {"feedback_token": token},
+        )
+        head = json.loads(body[:length])
+        assert head.get("id") == rid
+        assert head["parameters"] == {"feedback_token": token}
+        assert [o["name"] for o in head["outputs"]] == [name, "labels"]
+        assert head["outputs"][0] == {
+            "name": name,
+            "datatype": "FP32",
+            "shape": [2, 3],
+            "parameters": {"binary_data_size": 24},
+        }
+        assert body[length : length + 24] == scores.tobytes()
+        assert body[length + 24 :] == serialize_bytes_tensor(labels)
+    assert len(protocol.HEADS) == (0 if name == protocol.HOLE else 2)  # with an id and without
+
+
 def test_response_decodes_in_tritonclient():
     probs = np.random.default_rng(1).random((3, 10)).astype(np.float32)
     labels = np.array([b"seven", b"two", b"one"], dtype=object)
