@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +30,12 @@ class TraceContext:
         """Continue the caller's trace with a new span of ours, or start a new trace."""
         m = TRACEPARENT_RE.match(value.strip().lower()) if value else None
         if m and m.group(1) != "ff" and set(m.group(2)) != {"0"} and set(m.group(3)) != {"0"}:
-            return cls(m.group(2), secrets.token_hex(8), m.group(4))
-        return cls(secrets.token_hex(16), secrets.token_hex(8))
+            return cls(m.group(2), os.urandom(8).hex(), m.group(4))
+        ids = os.urandom(24).hex()  # one read of the system's random source, not two
+        return cls(ids[:32], ids[32:])
 
     def child(self) -> TraceContext:
-        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+        return TraceContext(self.trace_id, os.urandom(8).hex(), self.flags)
 
     @property
     def header(self) -> str:
@@ -42,7 +43,7 @@ class TraceContext:
 
 
 def request_id(value: str | None) -> str:
-    return value if value is not None and REQUEST_ID_RE.match(value) else secrets.token_hex(16)
+    return value if value is not None and REQUEST_ID_RE.match(value) else os.urandom(16).hex()
 
 
 def item_hashes(data: np.ndarray, batched: bool) -> list[str]:
