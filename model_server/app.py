@@ -45,7 +45,7 @@ from model_server.errors import (
     Unauthorized,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore
-from model_server.httpserver import Answer, DirectRoute
+from model_server.httpserver import Answer, DirectRoute, NoBody
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES
 from model_server.repository import ModelRepository
@@ -106,6 +106,10 @@ INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{versio
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer/?")
 
 
+def client_gone() -> InvalidInput:
+    return InvalidInput("client disconnected while sending the body")
+
+
 def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -123,7 +127,7 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise InvalidInput("client disconnected while sending the body")
+            raise client_gone()
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
@@ -276,12 +280,14 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             raise body_timeout() from None
         return await decoded(body, encoding, limit)
 
-    async def buffered_body(body: bytes | None, headers: Mapping[str, str]) -> bytes:
-        """The body the HTTP protocol buffered (at most ``max_body_bytes``; None: it did not
-        arrive in time), checked as ``read_body`` checks one it reads."""
+    async def buffered_body(body: bytes | NoBody, headers: Mapping[str, str]) -> bytes:
+        """The body the HTTP protocol buffered (at most ``max_body_bytes``), or why there is
+        none, checked and refused as ``read_body`` checks and refuses one it reads."""
         encoding = body_encoding(headers)
-        if body is None:
+        if body is NoBody.TIMED_OUT:
             raise body_timeout()
+        if body is NoBody.DISCONNECTED:
+            raise client_gone()
         return await decoded(body, encoding, settings.max_body_bytes)
 
     def body_timeout() -> RequestTimeout:
@@ -423,7 +429,10 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             answer.then()
 
     def direct_infer(
-        match: re.Match[str], raw_headers: list[tuple[bytes, bytes]], client: tuple[str, int] | None, body: bytes | None
+        match: re.Match[str],
+        raw_headers: list[tuple[bytes, bytes]],
+        client: tuple[str, int] | None,
+        body: bytes | NoBody,
     ) -> Coroutine[Any, Any, Answer]:
         """The HTTP protocol's way (httpserver.DirectRoute): the body already buffered."""
         return answer_infer(

@@ -20,12 +20,14 @@ buffered whole (as the ASGI way's handler buffers it: no more memory), its handl
 never waits, as Python 3.12's eager tasks do; a task carries on where it does wait), and the
 answer written in one piece. Anything else goes the ASGI way as before; the handler is the same
 code on both ways (app.py). A body not complete within the request timeout is answered 408 by
-the handler, as on the ASGI way, and the connection closed.
+the handler, as on the ASGI way, and the connection closed; one whose client disconnects first
+is the handler's too (a 400 counted, nothing written), as the ASGI way's handler counts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import re
@@ -60,11 +62,19 @@ INTERNAL_ERROR = Answer(
     500, [(b"content-type", b"application/json")], b'{"error": "internal server error; see the server log"}'
 )
 
-# (path match, headers as received, the client's (host, port), the body or None when it did not
-# arrive in time) -> the answer. It answers every outcome itself: it does not raise. Until it
-# first waits it runs inside the protocol's callback, not in a task: no asyncio.timeout() there.
+
+class NoBody(enum.Enum):
+    """Why a DirectRoute's handler is called without the body."""
+
+    TIMED_OUT = "not complete within the request timeout"
+    DISCONNECTED = "the client disconnected before it was complete"
+
+
+# (path match, headers as received, the client's (host, port), the body or why there is none)
+# -> the answer. It answers every outcome itself: it does not raise. Until it first waits it
+# runs inside the protocol's callback, not in a task: no asyncio.timeout() there.
 DirectHandler = Callable[
-    [re.Match[str], list[tuple[bytes, bytes]], tuple[str, int] | None, bytes | None], Coroutine[Any, Any, Answer]
+    [re.Match[str], list[tuple[bytes, bytes]], tuple[str, int] | None, bytes | NoBody], Coroutine[Any, Any, Answer]
 ]
 
 
@@ -256,7 +266,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         host, port = self._trusted.get_trusted_client_address(b", ".join(forwarded).decode("latin1"))
         return (host, port) if host else client
 
-    def _start_direct(self, cycle: DirectCycle, body: bytes | None) -> None:
+    def _start_direct(self, cycle: DirectCycle, body: bytes | NoBody) -> None:
         """Run the handler here until it waits; then a task carries it on."""
         cycle.started = True
         if cycle.timer is not None:
@@ -321,12 +331,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle.timer = None
         if self.cycle is cycle and not cycle.started:
             cycle.keep_alive = False
-            self._start_direct(cycle, None)
+            self._start_direct(cycle, NoBody.TIMED_OUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_header_phase()
-        if isinstance(self.cycle, DirectCycle) and self.cycle.timer is not None:
-            self.cycle.timer.cancel()
+        cycle = self.cycle
+        if isinstance(cycle, DirectCycle) and not cycle.response_complete:
+            if cycle.timer is not None:
+                cycle.timer.cancel()
+            cycle.disconnected = True  # (nothing is written)
+            if not cycle.started:  # gone mid-body: the handler answers it, as the ASGI way's does
+                self._start_direct(cycle, NoBody.DISCONNECTED)
         super().connection_lost(exc)
 
     def _end_header_phase(self) -> None:

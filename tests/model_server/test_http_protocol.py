@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -208,6 +210,26 @@ def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_im
         if line.startswith("model_server_request_duration_seconds_bucket") and 'le="+Inf"' not in line
     }
     assert len([b for b in buckets if b <= 0.1]) >= 20  # fine enough for p95/p99 below 100 ms
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_gone_mid_body_is_counted_a_400_either_way_a_request_arrives(server, framing):
+    """A Content-Length body is kept by the HTTP protocol itself, a chunked one goes the ASGI
+    way: a client that disconnects before its body is complete is a 400 on both."""
+    route = {"route": "/v2/models/{model}/infer", "code": "400"}
+    before = server.metric("model_server_http_requests_total", **route) or 0.0
+    head = "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+    head += (
+        "Content-Length: 1000\r\n\r\nabc"
+        if framing == "content-length"
+        else "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head.encode())
+    deadline = time.monotonic() + 10
+    while server.metric("model_server_http_requests_total", **route) != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("model_server_http_requests_total", **route) == before + 1
 
 
 def test_no_gpu_means_no_gpu_series(server):

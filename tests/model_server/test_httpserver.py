@@ -13,7 +13,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from model_server.httpserver import Answer, DirectRoute, limited_protocol
+from model_server.httpserver import Answer, DirectRoute, NoBody, limited_protocol
 
 
 class Transport(asyncio.Transport):
@@ -59,21 +59,24 @@ class Handler:
     """Echoes the body; ``wait``: first waits on a future the test resolves."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, bytes | None, tuple[str, int] | None]] = []
+        self.calls: list[tuple[str, bytes | NoBody, tuple[str, int] | None]] = []
         self.wait: asyncio.Future[None] | None = None
         self.then: list[int] = []
 
     async def __call__(
-        self, match: re.Match[str], headers: list[tuple[bytes, bytes]], client: Any, body: bytes | None
+        self, match: re.Match[str], headers: list[tuple[bytes, bytes]], client: Any, body: bytes | NoBody
     ) -> Answer:
         self.calls.append((match.group(1), body, client))
         if body == b"bug":
             raise RuntimeError("a bug")
         if self.wait is not None:
             await self.wait
-        if body is None:
-            return Answer(408, [], b"timed out")
-        return Answer(200, [(b"x-path", b"direct")], b"direct:" + body, lambda: self.then.append(len(self.then)))
+        if isinstance(body, NoBody):
+            return Answer(408 if body is NoBody.TIMED_OUT else 400, [], body.value.encode(), self.counted)
+        return Answer(200, [(b"x-path", b"direct")], b"direct:" + body, self.counted)
+
+    def counted(self) -> None:
+        self.then.append(len(self.then))
 
 
 def connect(handler: Handler, timeout_s: float = 30.0, **config: Any) -> tuple[Any, Transport]:
@@ -289,7 +292,7 @@ def test_a_body_not_complete_in_time_is_answered_by_the_handler_and_the_connecti
         protocol, transport = connect(handler, timeout_s=0.05)
         protocol.data_received(post("/m/x/infer", b"abcdef")[:-3])
         await asyncio.sleep(0.3)
-        assert handler.calls == [("x", None, ("127.0.0.1", 5000))]
+        assert handler.calls == [("x", NoBody.TIMED_OUT, ("127.0.0.1", 5000))]
         assert transport.writes[0].startswith(b"HTTP/1.1 408 ")
         assert b"connection: close\r\n" in transport.writes[0]
         assert transport.closed
@@ -348,8 +351,33 @@ def test_a_body_that_arrives_after_its_timeout_answer_began_is_not_run_again() -
         protocol.data_received(request[-3:])
         handler.wait.set_result(None)
         await settle()
-        assert [c[1] for c in handler.calls] == [None]
+        assert [c[1] for c in handler.calls] == [NoBody.TIMED_OUT]
         assert transport.writes[0].startswith(b"HTTP/1.1 408 ")
         assert protocol.server_state.total_requests == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_client_gone_mid_body_is_answered_by_the_handler_and_nothing_written() -> None:
+    """As the ASGI way's handler answers (and counts) a body cut short by a disconnect."""
+
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        request = post("/m/x/infer", b"abcdef")
+        protocol.data_received(request[:-3])
+        protocol.connection_lost(None)
+        await settle()
+        assert [c[1] for c in handler.calls] == [NoBody.DISCONNECTED]
+        assert handler.then == [0]
+        assert transport.writes == []
+        # Gone between requests, or after its answer: nothing to answer.
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"abc") + b"POST /m/x/infer HTTP/1.1\r\nHost: x")
+        protocol.connection_lost(None)
+        await settle()
+        assert [c[1] for c in handler.calls] == [b"abc"]
+        assert bodies(transport) == [b"direct:abc"]
 
     asyncio.run(scenario())
