@@ -139,14 +139,17 @@ class _Layout(NamedTuple):
     inputs: tuple[tuple[str, str, tuple[int, ...], np.dtype | None, int], ...]  # dtype None: BYTES
     binary_size: int  # every input's binary_data_size together
     outputs: dict[str, bool] | None  # copied per request
-    id: str | None
     binary_output_default: bool
-    parameters: dict[str, Any]  # copied per request
+    parameters: dict[str, str | int | float | bool | None]  # copied per request
 
 
 LAYOUTS: dict[bytes, _Layout] = {}  # by the JSON part's bytes; emptied when full
 MAX_LAYOUTS = 256
 MAX_LAYOUT_KEY = 4096  # bytes of a JSON part worth keeping (tritonclient's are a few hundred)
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
 
 
 def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
@@ -160,7 +163,7 @@ def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
             data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
         inputs.append(InferInput(name, datatype, shape, data))
     outputs = None if layout.outputs is None else dict(layout.outputs)
-    return InferRequest(inputs, outputs, layout.id, layout.binary_output_default, dict(layout.parameters))
+    return InferRequest(inputs, outputs, None, layout.binary_output_default, dict(layout.parameters))
 
 
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
@@ -184,7 +187,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             "send large tensors as binary data (the binary tensor extension, tritonclient's default)"
         )
     key = body[:json_len]
-    layout = LAYOUTS.get(key)
+    layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
     try:
@@ -266,7 +269,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     binary_default = bool(params.get("binary_data_output", False))
-    outputs = None
+    outputs: dict[str, bool] | None = None
     raw_outputs = header.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -281,15 +284,16 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             if oparams.get("classification"):
                 raise InvalidInput(f"outputs[{i}]: the classification extension is not supported")
             outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
+        outputs = outputs or None  # none named: every output, as Triton answers an empty list
     req_id = header.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
-    if cuts is not None and json_len <= MAX_LAYOUT_KEY:
+    # Kept: binary tensors only, no id (a client naming its requests repeats no JSON part), and
+    # parameters of plain values (copied per request; nothing of one request shared with another).
+    if cuts is not None and req_id is None and json_len <= MAX_LAYOUT_KEY and all(map(_plain, params.values())):
         if len(LAYOUTS) >= MAX_LAYOUTS:
-            LAYOUTS.clear()  # (a client naming every request by its id: nothing repeats)
-        LAYOUTS[key] = _Layout(
-            tuple(cuts), offset, None if outputs is None else dict(outputs), req_id, binary_default, dict(params)
-        )
+            LAYOUTS.clear()
+        LAYOUTS[key] = _Layout(tuple(cuts), offset, None if outputs is None else dict(outputs), binary_default, params)
     return InferRequest(inputs, outputs, req_id, binary_default, params)
 
 
@@ -322,8 +326,9 @@ def encode_infer_response(
         blobs.append(_blob(arr, datatype))
         sizes.append((name, datatype, arr.shape, len(blobs[-1])))
     else:
-        head = _binary_head(model, version, request_id, parameters, tuple(sizes))
-        return head + b"".join(blobs), len(head)
+        if outputs:  # (none: a JSON answer)
+            head = _binary_head(model, version, request_id, parameters, tuple(sizes))
+            return head + b"".join(blobs), len(head)
     blobs = []
     outs = []
     for name, datatype, arr, binary in outputs:

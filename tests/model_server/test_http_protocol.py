@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
@@ -210,6 +211,26 @@ def test_metrics_use_triton_names_and_report_latency_histograms(server, digit_im
         if line.startswith("model_server_request_duration_seconds_bucket") and 'le="+Inf"' not in line
     }
     assert len([b for b in buckets if b <= 0.1]) >= 20  # fine enough for p95/p99 below 100 ms
+
+
+def test_an_empty_outputs_list_is_answered_with_every_output(server, digit_images):
+    """As Triton answers it (it was a 500: no output named, ORT ran them all)."""
+    image = base64.b64encode(digit_images[0][0]).decode()
+    request = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [image],
+                "parameters": {"content_type": "base64"},
+            }
+        ],
+        "outputs": [],
+    }
+    r = requests.post(f"{server.http}/v2/models/digits/infer", json=request, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

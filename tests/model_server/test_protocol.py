@@ -87,18 +87,42 @@ def test_a_json_part_seen_before_is_cut_from_each_request_s_own_bytes():
         decode_infer_request(broken, length)
 
 
-def test_layouts_are_bounded():
+def test_layouts_are_bounded_and_keep_nothing_a_request_could_share_or_never_repeat():
+    protocol.LAYOUTS.clear()
+    for i in range(protocol.MAX_LAYOUTS + 10):
+        x = httpclient.InferInput(f"x{i}", [1], "FP32")
+        x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=True)
+        assert decode_infer_request(*tritonclient_body([x])).inputs[0].name == f"x{i}"
+        assert 0 < len(protocol.LAYOUTS) <= protocol.MAX_LAYOUTS
     protocol.LAYOUTS.clear()
     x = httpclient.InferInput("x", [1], "FP32")
     x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=True)
-    for i in range(protocol.MAX_LAYOUTS + 10):
-        body, length = httpclient.InferenceServerClient.generate_request_body([x], request_id=f"r{i}")
-        assert decode_infer_request(body, str(length)).id == f"r{i}"
-        assert 0 < len(protocol.LAYOUTS) <= protocol.MAX_LAYOUTS
-    protocol.LAYOUTS.clear()
-    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=False)  # a tensor in the JSON: not kept
+    body, length = httpclient.InferenceServerClient.generate_request_body([x], request_id="r1")
+    assert decode_infer_request(body, str(length)).id == "r1"  # an id: the next request's differs
+    body, length = httpclient.InferenceServerClient.generate_request_body([x], parameters={"p": {"a": [1]}})
+    assert decode_infer_request(body, str(length)).parameters["p"] == {"a": [1]}  # not plain: it would be shared
+    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=False)  # a tensor in the JSON
     decode_infer_request(*tritonclient_body([x]))
     assert not protocol.LAYOUTS
+    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=True)
+    body, length = httpclient.InferenceServerClient.generate_request_body([x], parameters={"tenant_tier": 2})
+    for _ in range(2):
+        assert decode_infer_request(body, str(length)).parameters["tenant_tier"] == 2
+    assert len(protocol.LAYOUTS) == 1
+
+
+def test_an_empty_outputs_list_asks_for_every_output_as_triton_answers_it():
+    x = httpclient.InferInput("x", [1], "FP32")
+    x.set_data_from_numpy(np.zeros(1, np.float32), binary_data=True)
+    body, length = tritonclient_body([x])
+    head = json.loads(body[: int(length)])
+    head["outputs"] = []
+    part = json.dumps(head).encode()
+    assert decode_infer_request(part + body[int(length) :], str(len(part))).outputs is None
+    assert encode_infer_response("digits", "2", []) == (
+        b'{"model_name":"digits","model_version":"2","outputs":[]}',
+        None,
+    )
 
 
 @pytest.mark.parametrize("name", ["probabilities", 'a "quoted" \\ name', "\u00e9t\u00e9", "nul\0in a name", "\0"])
