@@ -293,7 +293,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     if cuts is not None and req_id is None and json_len <= MAX_LAYOUT_KEY and all(map(_plain, params.values())):
         if len(LAYOUTS) >= MAX_LAYOUTS:
             LAYOUTS.clear()
-        LAYOUTS[key] = _Layout(tuple(cuts), offset, None if outputs is None else dict(outputs), binary_default, params)
+        kept = None if outputs is None else dict(outputs)
+        LAYOUTS[key] = _Layout(tuple(cuts), offset, kept, binary_default, dict(params))
     return InferRequest(inputs, outputs, req_id, binary_default, params)
 
 

@@ -71,10 +71,12 @@ def test_a_json_part_seen_before_is_cut_from_each_request_s_own_bytes():
         np.testing.assert_array_equal(req.inputs[0].data, np.full((2, 3), k, np.float32))
         assert list(req.inputs[1].data) == [b"ab", b"c%d" % k]
         assert req.outputs == {"y": True}
-    requests[0].outputs["z"] = False
+    requests[0].outputs["z"] = False  # the first request's dicts (the full parse), then a kept one's
     requests[0].parameters["p"] = 1
-    assert requests[1].outputs == {"y": True}
-    assert "p" not in requests[1].parameters
+    requests[1].parameters["q"] = 2
+    for req in [requests[2], decode_infer_request(*bodies[0])]:
+        assert req.outputs == {"y": True}
+        assert req.parameters == {}
     body, length = bodies[0]
     with pytest.raises(InvalidInput, match="runs past the end of the binary data"):
         decode_infer_request(body[:-1], length)
