@@ -559,4 +559,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         await dataplane.stop()
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    return InferFastPath(app, infer, DirectRoute(INFER_PATH, direct_infer, settings.max_body_bytes))
+    # A Content-Encoding or a masking probe may be refused from the headers alone (an unsupported
+    # coding, no admin token): the ASGI way answers those before the body is read.
+    asgi_headers = frozenset({b"content-encoding", b"x-shadow-probe"})
+    return InferFastPath(app, infer, DirectRoute(INFER_PATH, direct_infer, settings.max_body_bytes, asgi_headers))

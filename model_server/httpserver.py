@@ -15,10 +15,11 @@ A small inference request is most of its time on the server in the layers around
 uvicorn's request cycle (the ASGI scope, an event, a task, two writes) cost about 100 us a
 request here, against 25 us for parsing and answering it alone (`BENCHMARKS.md`, "The request
 path"). So a request the ``DirectRoute`` matches (POST, its path, a Content-Length within the
-route's ``max_body``, no ``Expect: 100-continue``, none waiting before it on the connection) is
-buffered whole (as the ASGI way's handler buffers it: no more memory), its handler started at once where its last byte arrived (run to the end there when it
-never waits, as Python 3.12's eager tasks do; a task carries on where it does wait), and the
-answer written in one piece. Anything else goes the ASGI way as before; the handler is the same
+route's ``max_body``, no ``Expect: 100-continue``, none of the route's ``asgi_headers``, none
+waiting before it on the connection) is buffered whole (as the ASGI way's handler buffers it:
+no more memory), its handler started at once where its last byte arrived (run to the end there
+when it never waits, as Python 3.12's eager tasks do; a task carries on where it does wait), and
+the answer written in one piece. Anything else goes the ASGI way as before; the handler is the same
 code on both ways (app.py). A body not complete within the request timeout is answered 408 by
 the handler, as on the ASGI way, and the connection closed; one whose client disconnects first
 is the handler's too (a 400 counted, nothing written), as the ASGI way's handler counts it.
@@ -82,6 +83,9 @@ class DirectRoute(NamedTuple):
     pattern: re.Pattern[str]  # on the whole path, as ASCII
     handler: DirectHandler
     max_body: int  # bytes; a longer Content-Length goes the ASGI way (its handler answers 413)
+    # Requests with one of these headers go the ASGI way, where the handler may refuse them from
+    # their headers before their body is read (here it would run once the whole body arrived).
+    asgi_headers: frozenset[bytes] = frozenset()
 
 
 class DirectCycle:
@@ -229,8 +233,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if match is None:
             return None
         length = None
+        asgi_headers = self.direct.asgi_headers
         for name, value in self.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and length is not None):
+            if (
+                name in asgi_headers
+                or name == b"transfer-encoding"
+                or (name == b"content-length" and length is not None)
+            ):
                 return None
             if name == b"content-length":
                 length = ascii_uint(value.decode("latin-1"))

@@ -395,3 +395,24 @@ def test_headers_under_the_limit_sent_in_three_writes_are_served(server, digit_i
         response = http.client.HTTPResponse(sock)
         response.begin()
         assert response.status == 200, response.read()
+
+
+@pytest.mark.parametrize(
+    ("header", "needle"),
+    [
+        ("Content-Encoding: br", "unsupported Content-Encoding"),
+        ("X-Shadow-Probe: 1", "admin call"),
+    ],
+)
+def test_a_request_refused_for_its_headers_is_answered_before_its_body_is_sent(server, header, needle):
+    """The client learns at once, not after uploading up to --max-body-mb for nothing."""
+    head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n{header}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode())  # and nothing of the body
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without an answer: {answer!r}"
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") or answer.startswith(b"HTTP/1.1 401 "), answer
+    assert needle in answer.decode()

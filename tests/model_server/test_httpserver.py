@@ -80,7 +80,8 @@ class Handler:
 
 
 def connect(handler: Handler, timeout_s: float = 30.0, **config: Any) -> tuple[Any, Transport]:
-    cls = limited_protocol(timeout_s, DirectRoute(re.compile(r"/m/([^/]+)/infer"), handler, MAX_BODY))
+    route = DirectRoute(re.compile(r"/m/([^/]+)/infer"), handler, MAX_BODY, frozenset({b"x-checked-first"}))
+    cls = limited_protocol(timeout_s, route)
     protocol = cls(Config(asgi_app, **config), ServerState(), {}, _loop=asyncio.get_running_loop())
     transport = Transport()
     protocol.connection_made(transport)
@@ -151,6 +152,7 @@ def test_an_inference_request_is_answered_where_it_arrived_in_one_write() -> Non
         (post("/m/dig%69ts/infer", b"abc"), "a percent-encoded path"),
         (post("/m/digits/infer", b"a" * (MAX_BODY + 1)), "a body over the route's max_body"),
         (post("/m/digits/infer", b"abc", "Expect: 100-continue"), "Expect: 100-continue"),
+        (post("/m/digits/infer", b"abc", "X-Checked-First: 1"), "one of the route's asgi_headers"),
         (
             b"POST /m/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
             "a chunked body",
