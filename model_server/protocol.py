@@ -330,17 +330,15 @@ def encode_infer_response(
         if outputs:  # (none: a JSON answer)
             head = _binary_head(model, version, request_id, parameters, tuple(sizes))
             return head + b"".join(blobs), len(head)
-    blobs = []
-    outs = []
-    for name, datatype, arr, binary in outputs:
-        item: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+    outs = [_binary_output(*size) for size in sizes]  # the binary ones before the first JSON one
+    for name, datatype, arr, binary in outputs[len(sizes) :]:
         if binary:
-            blob = _blob(arr, datatype)
-            item["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
+            blobs.append(_blob(arr, datatype))
+            outs.append(_binary_output(name, datatype, arr.shape, len(blobs[-1])))
         else:
-            item["data"] = _json_data(arr, datatype)
-        outs.append(item)
+            outs.append(
+                {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": _json_data(arr, datatype)}
+            )
     head = RESPONSE_JSON.encode(_header(model, version, request_id, parameters, outs)).encode()
     if not blobs:
         return head, None
@@ -351,6 +349,10 @@ def _blob(arr: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         return serialize_bytes_tensor(arr)
     return np.ascontiguousarray(arr, dtype=np.dtype(DATATYPES[datatype])).tobytes()
+
+
+def _binary_output(name: str, datatype: str, shape: tuple[int, ...], size: int) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": list(shape), "parameters": {"binary_data_size": size}}
 
 
 def _header(
@@ -380,10 +382,7 @@ def _binary_head(
     sizes: tuple[tuple[str, str, tuple[int, ...], int], ...],
 ) -> bytes:
     def outs() -> list[dict[str, Any]]:
-        return [
-            {"name": n, "datatype": d, "shape": list(shape), "parameters": {"binary_data_size": size}}
-            for n, d, shape, size in sizes
-        ]
+        return [_binary_output(*size) for size in sizes]
 
     values = list(parameters.values())
     if request_id is not None:
