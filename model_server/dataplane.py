@@ -266,7 +266,9 @@ class DataPlane:
         rid, trace, started, shadow_copy = ctx.request_id, ctx.trace, ctx.started, ctx.shadow_copy
         plog = self.prediction_log
         role = "shadow" if shadow_copy else "primary"
-        with self.repo.use(model, route.version, routed_by=None if decided == "version" else decided) as lv:
+        # A version the client named (a shadow copy's too) not loaded is its 404, not the policy's 503.
+        named = version is not None or "x-model-version" in ctx.headers
+        with self.repo.use(model, route.version, routed_by=None if named else decided) as lv:
             vm = lv.shadow_metrics if shadow_copy else lv.metrics
             batched = bool(lv.config.max_batch_size)
             # Sampling spares pairs and evidence: shadow copies, every request of a version the
