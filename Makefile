@@ -48,8 +48,10 @@ $(NODE_STAMP): devstack/node/package.json devstack/node/package-lock.json
 	cd devstack/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Two workers, a test file each at a time (its module's servers stay one process's): CI has 2 cores.
+TEST_WORKERS ?= 2
 test: models prometheus nginx chromium $(NODE_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # deploy/'s overlays (or yours: make deploy-check OVERLAYS=path/to/overlay) rendered and validated.
 OVERLAYS ?= local-cluster production

@@ -20,16 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 ADMIN_TOKEN = "test-admin-token"
 
-# Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported;
-# one made here is removed when the session ends (pytest_sessionfinish), one the caller set is not.
+# Airflow keeps its home (config, logs, SQLite) in a temporary folder, set before it is imported,
+# one per test process: make test's workers inherit the environment of the process that started
+# them, so a home made there (named in _MADE) is not taken for one the caller set. A home made
+# here is removed when the session ends (pytest_sessionfinish); one the caller set is not.
+_MADE = "VISION_ROLLOUT_TESTS_AIRFLOW_HOME"
 _MADE_AIRFLOW_HOME: str | None = None
-if "AIRFLOW_HOME" not in os.environ:
-    _MADE_AIRFLOW_HOME = os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-")
+_inherited = os.environ.get(_MADE)
+if os.environ.get("AIRFLOW_HOME") in (None, _inherited):
+    _MADE_AIRFLOW_HOME = os.environ["AIRFLOW_HOME"] = os.environ[_MADE] = tempfile.mkdtemp(prefix="airflow-home-")
+    if _inherited and os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN") == f"sqlite:///{_inherited}/airflow.db":
+        del os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
 os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{os.environ['AIRFLOW_HOME']}/airflow.db")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow modules first (a stable sort): make test's workers take a file at a time in this
+    order, so the ones of minutes start at once and the many short ones fill in beside them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

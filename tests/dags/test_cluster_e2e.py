@@ -29,7 +29,7 @@ from devstack.cluster.kube import WORKER_USER
 from devstack.processes import S3_CREDENTIALS
 from tests.dags.test_model_rollout_e2e import rollout_dag
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Wiring, not the defaults (as in test_model_rollout_e2e.py): the margins leave room for a
 # candidate slowed by a busy CI machine.

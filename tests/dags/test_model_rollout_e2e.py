@@ -10,7 +10,7 @@ from devstack.processes import local_connections, start_prometheus
 from tests.conftest import ROOT
 from vision_rollout.mesh import LocalRouter
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "dag-test-token"
 
 

@@ -12,7 +12,7 @@ import requests
 from devstack.processes import local_connections, start_prometheus
 from vision_rollout.spec import RolloutSpec
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  # wiring: see test_engine_e2e
 
 

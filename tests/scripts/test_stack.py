@@ -20,7 +20,7 @@ from devstack.processes import alive, free_port
 from scripts import stack
 from vision_rollout.metrics import PrometheusSource, ScrapeSource, wait_for_value
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Wiring, not the defaults; no mirror: a candidate that also runs every mirrored copy measures
 # tens of percent slower than the baseline on a busy 2-core machine.
 CONF = {
