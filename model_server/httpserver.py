@@ -152,9 +152,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._parse(data)
         cycle, self._complete = self._complete, None
-        if cycle is not None and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if cycle is not None:
             body, cycle.chunks = b"".join(cycle.chunks), []  # not kept while the connection idles
             self._start_direct(cycle, body)
+        # The header and body timers run from the end of the read that left a message's headers
+        # or a direct request's body unfinished (most requests arrive whole in one read: none).
+        if self._in_headers and self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        current = self.cycle
+        if isinstance(current, DirectCycle) and not current.started and current.timer is None:
+            current.timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow, current)
 
     def _parse(self, data: bytes) -> None:
         was_in_headers = self._in_headers
@@ -196,7 +205,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._received = 0
         self._header_bytes = 0
         self._header_count = 0
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -214,7 +222,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         self.cycle = cycle  # type: ignore[assignment]
-        cycle.timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow, cycle)
 
     def _direct_cycle(self) -> DirectCycle | None:
         """The request as a DirectCycle, when the DirectRoute takes it (not while the client

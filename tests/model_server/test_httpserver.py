@@ -302,6 +302,49 @@ def test_a_body_not_complete_in_time_is_answered_by_the_handler_and_the_connecti
     asyncio.run(scenario())
 
 
+class CountingLoop:
+    """The loop, noting the protocol's own timers armed (not uvicorn's keep-alive)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.armed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        if callback.__name__ in ("_headers_too_slow", "_body_too_slow"):
+            self.armed.append(callback.__name__)
+        return self.loop.call_later(delay, callback, *args)
+
+
+def test_timers_are_armed_only_for_a_message_a_read_left_unfinished() -> None:
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, _ = connect(handler)
+        protocol.loop = CountingLoop(protocol.loop)
+        protocol.data_received(post("/m/x/infer", b"whole"))
+        assert protocol.loop.armed == []
+        request = post("/m/x/infer", b"abcdef")
+        protocol.data_received(request[:20])  # headers cut short
+        header_timer = protocol._header_timer
+        assert header_timer is not None
+        protocol.data_received(request[20:30])  # still: the same deadline
+        assert protocol._header_timer is header_timer
+        protocol.data_received(request[30:-3])  # headers done, the body cut short
+        assert protocol._header_timer is None
+        assert header_timer.cancelled()
+        body_timer = protocol.cycle.timer
+        assert body_timer is not None
+        protocol.data_received(request[-3:])
+        assert protocol.cycle.timer is None
+        assert body_timer.cancelled()
+        assert [c[1] for c in handler.calls] == [b"whole", b"abcdef"]
+        assert protocol.loop.armed == ["_headers_too_slow", "_body_too_slow"]
+
+    asyncio.run(scenario())
+
+
 def test_http_1_0_and_connection_close_are_answered_then_closed() -> None:
     async def scenario() -> None:
         for request in (post("/m/x/infer", b"a", version="1.0"), post("/m/x/infer", b"a", "Connection: close")):
