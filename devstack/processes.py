@@ -6,8 +6,10 @@ free port, and are stopped by whoever started them, by process id.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,40 @@ def source_path(source: Path) -> str:
 PYTHONPATH = source_path(ROOT)
 
 
+# free_port hands out ports below the kernel's ephemeral range (which bind(0) and connect() draw
+# from), each process its own turn through them from a random start, and each pytest-xdist worker
+# its own slice: a port picked for a server is not picked again, here or by another test worker,
+# in the second or two before that server binds it.
+PORTS_FROM = 10000
+
+
+def port_slice(environ: Mapping[str, str] = os.environ) -> range:
+    """This process's ports: its test worker's share of PORTS_FROM up to the ephemeral range."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    workers = max(int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    worker = int(environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % workers
+    size = max(ephemeral - PORTS_FROM, 0) // workers
+    return range(PORTS_FROM + worker * size, PORTS_FROM + (worker + 1) * size)
+
+
+_PORTS = port_slice()
+_next_port = itertools.count(secrets.randbelow(len(_PORTS) or 1))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, for a server about to bind it."""
+    for _ in range(min(len(_PORTS), 1000)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no range of our own (or all of it taken): the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
