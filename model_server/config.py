@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class TensorSpec:
     name: str
     datatype: str
     dims: tuple[int, ...]
+    label_filename: str | None = None  # an output's class labels, one a line (Triton's field)
 
     def as_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.dims)}
@@ -207,6 +208,7 @@ class ModelConfig:
     platform: str = "onnxruntime_onnx"
     metadata: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # output -> its label_filename's lines
 
     def select_versions(self, available: list[int]) -> list[int]:
         """Apply the version policy to the versions on disk (Triton's semantics)."""
@@ -245,7 +247,12 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
             raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
         if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
-        specs.append(TensorSpec(name, dt, tuple(dims)))
+        labels = item.get("label_filename")
+        if labels is not None and (
+            not isinstance(labels, str) or labels in ("", ".", "..") or "/" in labels or "\\" in labels
+        ):
+            raise _fail(f"{where}[{i}].label_filename", "must be the name of a file in the model's folder")
+        specs.append(TensorSpec(name, dt, tuple(dims), labels))
     return tuple(specs)
 
 
@@ -360,4 +367,28 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
             raise InvalidInput(f"load config override: unsupported key(s) {unknown}; allowed: {list(OVERRIDABLE)}")
         raw = {**raw, **override}
         where = f"{where} with load override"
-    return parse_config(model_dir.name, raw, where)
+    config = parse_config(model_dir.name, raw, where)
+    labels = {o.name: _labels(model_dir, o.label_filename) for o in config.outputs if o.label_filename}
+    return replace(config, labels=labels) if labels else config
+
+
+MAX_LABELS_BYTES = 4 << 20
+
+
+def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
+    """An output's labels file (in the model's folder, not a link out of it): a label a line."""
+    path = model_dir / filename
+    where = f"model '{model_dir.name}': label_filename {filename!r}"
+    if not path.resolve().is_relative_to(model_dir.resolve()):
+        raise InvalidInput(f"{where} is a link out of the model's folder")
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_LABELS_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_LABELS_BYTES:
+        raise InvalidInput(f"{where} is over {MAX_LABELS_BYTES >> 20} MiB")
+    try:
+        return tuple(data.decode("utf-8").splitlines())
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{where} is not UTF-8 text") from None

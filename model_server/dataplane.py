@@ -23,7 +23,13 @@ from model_server.errors import InvalidInput, Preempted, ServerError, failure_re
 from model_server.feedback import FeedbackStore
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog
-from model_server.protocol import MAX_JSON_BYTES, InferRequest, decode_infer_request, encode_infer_response
+from model_server.protocol import (
+    MAX_JSON_BYTES,
+    InferRequest,
+    decode_infer_request,
+    encode_infer_response,
+    top_classes,
+)
 from model_server.repository import ModelRepository
 from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
 from model_server.trace import TraceContext, log_access
@@ -31,7 +37,7 @@ from model_server.traffic import PolicyStore, TrafficPolicy
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 
 
 @dataclass(frozen=True)
@@ -291,20 +297,17 @@ class DataPlane:
                 specs = {s.name: s for s in lv.config.outputs}
                 # The credential for this prediction's label (a shadow copy's answer has no client).
                 token = None if shadow_copy else self.feedback_store.signer.token(model, rid)
+                answered = []
+                for n, arr in zip(outputs, results, strict=True):
+                    binary = req.outputs[n] if req.outputs else req.binary_output_default
+                    if n in req.classification:  # Triton's classification extension
+                        count, labels = req.classification[n], lv.config.labels.get(n, ())
+                        top = top_classes(arr, specs[n].datatype, count, batched, labels)
+                        answered.append((n, "BYTES", top, binary))
+                    else:
+                        answered.append((n, specs[n].datatype, arr, binary))
                 payload, json_len = encode_infer_response(
-                    lv.name,
-                    lv.label,
-                    [
-                        (
-                            n,
-                            specs[n].datatype,
-                            arr,
-                            req.outputs[n] if req.outputs else req.binary_output_default,
-                        )
-                        for n, arr in zip(outputs, results, strict=True)
-                    ],
-                    req.id,
-                    None if token is None else {"feedback_token": token},
+                    lv.name, lv.label, answered, req.id, None if token is None else {"feedback_token": token}
                 )
             except ServerError as exc:
                 latency_ms = (time.perf_counter() - started) * 1000

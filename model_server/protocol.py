@@ -45,6 +45,7 @@ class InferRequest:
     id: str | None = None
     binary_output_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    classification: dict[str, int] = field(default_factory=dict)  # output -> top classes asked
 
 
 def _num_elements(shape: tuple[int, ...]) -> int:
@@ -141,6 +142,7 @@ class _Layout(NamedTuple):
     outputs: dict[str, bool] | None  # copied per request
     binary_output_default: bool
     parameters: dict[str, str | int | float | bool | None]  # copied per request
+    classification: dict[str, int]  # copied per request
 
 
 LAYOUTS: dict[bytes, _Layout] = {}  # by the JSON part's bytes; emptied when full
@@ -163,7 +165,9 @@ def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
             data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
         inputs.append(InferInput(name, datatype, shape, data))
     outputs = None if layout.outputs is None else dict(layout.outputs)
-    return InferRequest(inputs, outputs, None, layout.binary_output_default, dict(layout.parameters))
+    return InferRequest(
+        inputs, outputs, None, layout.binary_output_default, dict(layout.parameters), dict(layout.classification)
+    )
 
 
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
@@ -270,6 +274,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         raise InvalidInput("'parameters' must be an object")
     binary_default = bool(params.get("binary_data_output", False))
     outputs: dict[str, bool] | None = None
+    classification: dict[str, int] = {}
     raw_outputs = header.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -281,8 +286,11 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             oparams = out.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise InvalidInput(f"outputs[{i}]: 'parameters' must be an object")
-            if oparams.get("classification"):
-                raise InvalidInput(f"outputs[{i}]: the classification extension is not supported")
+            count = oparams.get("classification", 0)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise InvalidInput(f"outputs[{i}]: 'classification' must be a non-negative integer, got {count!r}")
+            if count:
+                classification[out["name"]] = count
             outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
         outputs = outputs or None  # none named: every output, as Triton answers an empty list
     req_id = header.get("id")
@@ -294,8 +302,37 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         if len(LAYOUTS) >= MAX_LAYOUTS:
             LAYOUTS.clear()
         kept = None if outputs is None else dict(outputs)
-        LAYOUTS[key] = _Layout(tuple(cuts), offset, kept, binary_default, dict(params))
-    return InferRequest(inputs, outputs, req_id, binary_default, params)
+        LAYOUTS[key] = _Layout(tuple(cuts), offset, kept, binary_default, dict(params), dict(classification))
+    return InferRequest(inputs, outputs, req_id, binary_default, params, classification)
+
+
+# Triton's classification extension: the types whose values it ranks.
+CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"})
+
+
+def top_classes(arr: np.ndarray, datatype: str, count: int, batched: bool, labels: tuple[str, ...] = ()) -> np.ndarray:
+    """An output as Triton's classification extension answers it: for each batch item (the whole
+    tensor when the model does not batch) its ``count`` highest values, highest first (equal
+    values by index), each the BYTES string "value:index" (a float as C's %f writes it), then
+    ":label" where the output's labels have one for that index; shape [batch, min(count,
+    classes)], or [min(count, classes)] without a batch dimension."""
+    if datatype not in CLASSIFIABLE:
+        raise InvalidInput(f"class result not available for output due to unsupported type '{datatype}'")
+    batch = batched and arr.ndim > 0
+    rows = arr.reshape(arr.shape[0] if batch else 1, -1)
+    n = rows.shape[1]
+    k = min(count, n)
+    ranked = np.where(np.isnan(rows), -np.inf, rows) if rows.dtype.kind == "f" else rows  # NaN last
+    # Descending and stable: ascending on the reversed row, read backwards, indices mapped back.
+    order = (n - 1) - np.argsort(ranked[:, ::-1], axis=1, kind="stable")[:, ::-1][:, :k]
+    number = "{:f}" if datatype.startswith("FP") else "{:d}"
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for b, (row, picked) in enumerate(zip(rows.tolist(), order.tolist(), strict=True)):
+        out[b] = [
+            f"{number.format(row[i])}:{i}{':' + labels[i] if i < len(labels) and labels[i] else ''}".encode()
+            for i in picked
+        ]
+    return out if batch else out.reshape(k)
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

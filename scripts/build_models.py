@@ -116,7 +116,8 @@ def build_digits(out: Path) -> dict:
         "platform": "onnxruntime_onnx",
         "max_batch_size": 64,
         "input": [{"name": "image", "datatype": "BYTES", "dims": [-1]}],
-        "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
+        # Triton's label_filename: the classification extension answers "value:index:label".
+        "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10], "label_filename": "labels.txt"}],
         "preprocess": {
             "kind": "image",
             "size": [8, 8],
@@ -173,6 +174,7 @@ def build_digits(out: Path) -> dict:
             f"digits v{version}: {DIGIT_VERSIONS[version]}: held-out accuracy {accuracy:.4f}, "
             f"{per_image_ms:.3f} ms/image (raw ORT, batch 1)"
         )
+    (model_dir / "labels.txt").write_text("".join(f"{d}\n" for d in range(10)))
     write_json(model_dir / "config.json", config)
     acc = {v: m["heldout_accuracy"] for v, m in config["metadata"]["versions"].items()}
     if not acc["2"] > acc["1"] > acc["3"]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from model_server.config import parse_config
+from model_server import config
+from model_server.config import load_config, parse_config
 from model_server.errors import InvalidInput
 from model_server.model import is_out_of_memory
 
@@ -47,6 +50,9 @@ def test_specific_policy_with_a_missing_version_names_it():
         ({"version_policy": {"latest": {"num_versions": 0}}}, "num_versions"),
         ({"version_policy": {"newest": {}}}, "unknown or malformed"),
         ({"preprocess": {"kind": "audio"}}, "only {'kind': 'image'"),
+        ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": "../x"}]}, "label_filename"),
+        ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": ".."}]}, "label_filename"),
+        ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": 3}]}, "label_filename"),
     ],
 )
 def test_invalid_configs_name_the_field(change, needle):
@@ -68,3 +74,26 @@ def test_invalid_configs_name_the_field(change, needle):
 )
 def test_out_of_memory_messages_are_recognised(message, oom):
     assert is_out_of_memory(message) is oom
+
+
+def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_path, monkeypatch):
+    model = tmp_path / "m"
+    model.mkdir()
+    output = {"name": "y", "datatype": "FP32", "dims": [3], "label_filename": "labels.txt"}
+    (model / "config.json").write_text(json.dumps({**BASE, "output": [output]}))
+    with pytest.raises(InvalidInput, match=r"label_filename 'labels\.txt': cannot read it"):
+        load_config(model)
+    (model / "labels.txt").write_text("cat\ndog\n\u00e9t\u00e9\n")
+    assert load_config(model).labels == {"y": ("cat", "dog", "\u00e9t\u00e9")}
+    (model / "labels.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(InvalidInput, match="is not UTF-8 text"):
+        load_config(model)
+    monkeypatch.setattr(config, "MAX_LABELS_BYTES", 8)
+    (model / "labels.txt").write_text("a\nb\nc\nd\ne\n")
+    with pytest.raises(InvalidInput, match="is over"):
+        load_config(model)
+    (model / "labels.txt").unlink()
+    (tmp_path / "outside.txt").write_text("x\n")
+    (model / "labels.txt").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(InvalidInput, match="is a link out of the model's folder"):
+        load_config(model)

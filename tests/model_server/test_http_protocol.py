@@ -233,6 +233,38 @@ def test_an_empty_outputs_list_is_answered_with_every_output(server, digit_image
     assert [o["name"] for o in r.json()["outputs"]] == ["probabilities"]
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_the_classification_extension_as_triton_s_image_client_asks_it(server, digit_images, binary):
+    """tritonclient's ``class_count``: the top classes of each image as "value:index:label"
+    strings, the values those of the plain output; more classes asked than there are: all."""
+    c = server.client()
+    assert "classification" in c.get_server_metadata()["extensions"]
+    images = [img for img, _ in digit_images[:4]]
+    probs = c.infer("digits", [image_input(images)]).as_numpy("probabilities")
+    for count, expected in ((3, 3), (50, 10)):
+        out = httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=count)
+        result = c.infer("digits", [image_input(images)], outputs=[out])
+        assert result.get_output("probabilities")["datatype"] == "BYTES"
+        classes = result.as_numpy("probabilities")
+        assert classes.shape == (4, expected)
+        for row, p in zip(classes, probs, strict=True):
+            fields = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]
+            assert [int(i) for _, i, _ in fields] == list(np.argsort(-p, kind="stable")[:expected])
+            assert [v for v, _, _ in fields] == [f"{p[int(i)]:f}" for _, i, _ in fields]
+            assert [label for _, _, label in fields] == [i for _, i, _ in fields]  # digits' labels.txt
+    logits = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    inp = httpclient.InferInput("input", list(logits.shape), "FP32")
+    inp.set_data_from_numpy(logits)
+    top = c.infer("resnet_bench", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=5)])
+    assert top.as_numpy("logits").shape == (2, 5)
+    assert top.as_numpy("logits")[0, 0].count(b":") == 1  # no labels: "value:index"
+    bad = {"name": "probabilities", "parameters": {"classification": "3"}}
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [bad]}
+    r = requests.post(f"{server.http}/v2/models/digits/infer", json=body, timeout=10)
+    assert r.status_code == 400
+    assert "'classification' must be a non-negative integer" in r.json()["error"]
+
+
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_client_gone_mid_body_is_counted_a_400_either_way_a_request_arrives(server, framing):
     """A Content-Length body is kept by the HTTP protocol itself, a chunked one goes the ASGI

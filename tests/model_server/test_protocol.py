@@ -267,3 +267,44 @@ def test_non_finite_outputs_are_valid_json():
     assert header_len is None
     parsed = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert parsed["outputs"][0]["data"] == [0.5, None, None]
+
+
+def test_classification_is_asked_per_output_and_kept_with_a_layout():
+    protocol.LAYOUTS.clear()
+    x = httpclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 4), np.float32), binary_data=True)
+    out = [
+        httpclient.InferRequestedOutput("y", binary_data=True, class_count=3),
+        httpclient.InferRequestedOutput("z", binary_data=False),
+    ]
+    body = tritonclient_body([x], out)
+    first, again = decode_infer_request(*body), decode_infer_request(*body)  # the second from the layout
+    assert first.classification == again.classification == {"y": 3}
+    assert again.classification is not first.classification
+    assert first.outputs == {"y": True, "z": False}
+    for bad in (-1, "3", True, 2.5, None):
+        head = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}
+        head["outputs"] = [{"name": "y", "parameters": {"classification": bad}}]
+        with pytest.raises(InvalidInput, match="'classification' must be a non-negative integer"):
+            decode_infer_request(json.dumps(head).encode(), None)
+
+
+def test_top_classes_rank_as_triton_does():
+    """Highest first by the output's own type, equal values by index, "value:index" with C's %f
+    for floats; a row per batch item; at most as many as there are classes; NaN last."""
+    probs = np.array([[0.1, 0.7, 0.2, 0.7], [1.0, 0.0, 0.0, 0.0]], np.float32)
+    assert protocol.top_classes(probs, "FP32", 3, batched=True).tolist() == [
+        [b"0.700000:1", b"0.700000:3", b"0.200000:2"],
+        [b"1.000000:0", b"0.000000:1", b"0.000000:2"],
+    ]
+    big = np.array([[2**64 - 1, 5, 2**63]], np.uint64)
+    assert protocol.top_classes(big, "UINT64", 9, batched=True).tolist() == [
+        [b"18446744073709551615:0", b"9223372036854775808:2", b"5:1"]
+    ]
+    ints = np.array([[-3, 4], [2, -8]], np.int8)  # not batched: the whole tensor, as one row
+    assert protocol.top_classes(ints, "INT8", 2, batched=False).tolist() == [b"4:1", b"2:2"]
+    nan = np.array([[np.nan, -1.0, np.inf]], np.float64)
+    assert protocol.top_classes(nan, "FP64", 3, batched=True).tolist() == [[b"inf:2", b"-1.000000:1", b"nan:0"]]
+    for datatype in ("BYTES", "BOOL", "FP16"):
+        with pytest.raises(InvalidInput, match=f"unsupported type '{datatype}'"):
+            protocol.top_classes(np.zeros((1, 2)), datatype, 1, batched=True)
