@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -249,7 +250,7 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
         labels = item.get("label_filename")
         if labels is not None and (
-            not isinstance(labels, str) or labels in ("", ".", "..") or "/" in labels or "\\" in labels
+            not isinstance(labels, str) or labels in ("", ".", "..") or any(c in labels for c in "/\\\0")
         ):
             raise _fail(f"{where}[{i}].label_filename", "must be the name of a file in the model's folder")
         specs.append(TensorSpec(name, dt, tuple(dims), labels))
@@ -355,6 +356,8 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
         # A link out of the model's folder would read any file the server can (as model.onnx's
         # links are confined): the repository holds its models whole.
         raise InvalidInput(f"model '{model_dir.name}': {where} is a link out of the model's folder")
+    if path.exists() and not path.is_file():  # (a FIFO would hold the load until written)
+        raise InvalidInput(f"model '{model_dir.name}': {where} is not a regular file")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -376,19 +379,23 @@ MAX_LABELS_BYTES = 4 << 20
 
 
 def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
-    """An output's labels file (in the model's folder, not a link out of it): a label a line."""
+    """An output's labels file (a regular file in the model's folder, not a link out of it): a
+    label a line, lines split at "\\n" only, as Triton reads them."""
     path = model_dir / filename
     where = f"model '{model_dir.name}': label_filename {filename!r}"
-    if not path.resolve().is_relative_to(model_dir.resolve()):
-        raise InvalidInput(f"{where} is a link out of the model's folder")
     try:
+        if not path.resolve().is_relative_to(model_dir.resolve()):
+            raise InvalidInput(f"{where} is a link out of the model's folder")
+        if not stat.S_ISREG(path.stat().st_mode):  # (a FIFO would hold the load until written)
+            raise InvalidInput(f"{where} is not a regular file")
         with path.open("rb") as f:
             data = f.read(MAX_LABELS_BYTES + 1)
-    except OSError as exc:
-        raise InvalidInput(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop
+        raise InvalidInput(f"{where}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
     if len(data) > MAX_LABELS_BYTES:
         raise InvalidInput(f"{where} is over {MAX_LABELS_BYTES >> 20} MiB")
     try:
-        return tuple(data.decode("utf-8").splitlines())
+        lines = data.decode("utf-8").split("\n")
     except UnicodeDecodeError:
         raise InvalidInput(f"{where} is not UTF-8 text") from None
+    return tuple(lines[:-1] if lines[-1] == "" else lines)

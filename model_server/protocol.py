@@ -313,26 +313,32 @@ CLASSIFIABLE = frozenset({"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16"
 def top_classes(arr: np.ndarray, datatype: str, count: int, batched: bool, labels: tuple[str, ...] = ()) -> np.ndarray:
     """An output as Triton's classification extension answers it: for each batch item (the whole
     tensor when the model does not batch) its ``count`` highest values, highest first (equal
-    values by index), each the BYTES string "value:index" (a float as C's %f writes it), then
-    ":label" where the output's labels have one for that index; shape [batch, min(count,
-    classes)], or [min(count, classes)] without a batch dimension."""
+    values by index, NaN last), each the BYTES string "value:index" (a float as C's %f writes
+    it), then ":label" where the output's labels have one for that index; shape [batch,
+    min(count, classes)], or [min(count, classes)] without a batch dimension."""
     if datatype not in CLASSIFIABLE:
         raise InvalidInput(f"class result not available for output due to unsupported type '{datatype}'")
-    batch = batched and arr.ndim > 0
-    rows = arr.reshape(arr.shape[0] if batch else 1, -1)
-    n = rows.shape[1]
-    k = min(count, n)
-    ranked = np.where(np.isnan(rows), -np.inf, rows) if rows.dtype.kind == "f" else rows  # NaN last
-    # Descending and stable: ascending on the reversed row, read backwards, indices mapped back.
-    order = (n - 1) - np.argsort(ranked[:, ::-1], axis=1, kind="stable")[:, ::-1][:, :k]
-    number = "{:f}" if datatype.startswith("FP") else "{:d}"
+    batch = batched and arr.ndim > 0 and arr.shape[0] > 0  # (an empty batch: as Triton, no batch)
+    rows = arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if batch else arr.reshape(1, arr.size)
+    k = min(count, rows.shape[1])
+    # Ascending on the values negated (ints bitwise: exact at their limits), stable: by index.
+    order = np.argsort(-rows if rows.dtype.kind == "f" else ~rows, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(rows, order, axis=1).tolist()
+    number = _c_float if datatype.startswith("FP") else str
     out = np.empty((rows.shape[0], k), dtype=object)
-    for b, (row, picked) in enumerate(zip(rows.tolist(), order.tolist(), strict=True)):
+    for b, (picked, vals) in enumerate(zip(order.tolist(), values, strict=True)):
         out[b] = [
-            f"{number.format(row[i])}:{i}{':' + labels[i] if i < len(labels) and labels[i] else ''}".encode()
-            for i in picked
+            f"{number(v)}:{i}{':' + labels[i] if i < len(labels) and labels[i] else ''}".encode()
+            for i, v in zip(picked, vals, strict=True)
         ]
     return out if batch else out.reshape(k)
+
+
+def _c_float(value: float) -> str:
+    """As C++'s std::to_string (printf's %f) writes a float, a negative NaN "-nan" included."""
+    if value != value and math.copysign(1.0, value) < 0:
+        return "-nan"
+    return f"{value:f}"
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_specific_policy_with_a_missing_version_names_it():
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": "../x"}]}, "label_filename"),
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": ".."}]}, "label_filename"),
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": 3}]}, "label_filename"),
+        ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": "a\0b"}]}, "label_filename"),
     ],
 )
 def test_invalid_configs_name_the_field(change, needle):
@@ -85,6 +87,8 @@ def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_pa
         load_config(model)
     (model / "labels.txt").write_text("cat\ndog\n\u00e9t\u00e9\n")
     assert load_config(model).labels == {"y": ("cat", "dog", "\u00e9t\u00e9")}
+    (model / "labels.txt").write_text("a\x0cb\nc\u2028d\r\n\ne")  # lines end at "\n" only, as in Triton
+    assert load_config(model).labels == {"y": ("a\x0cb", "c\u2028d\r", "", "e")}
     (model / "labels.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(InvalidInput, match="is not UTF-8 text"):
         load_config(model)
@@ -96,4 +100,16 @@ def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_pa
     (tmp_path / "outside.txt").write_text("x\n")
     (model / "labels.txt").symlink_to(tmp_path / "outside.txt")
     with pytest.raises(InvalidInput, match="is a link out of the model's folder"):
+        load_config(model)
+    (model / "labels.txt").unlink()
+    (model / "labels.txt").symlink_to(model / "labels.txt")  # a loop
+    with pytest.raises(InvalidInput, match="cannot read it"):
+        load_config(model)
+    (model / "labels.txt").unlink()
+    os.mkfifo(model / "labels.txt")  # would wait for a writer
+    with pytest.raises(InvalidInput, match="is not a regular file"):
+        load_config(model)
+    os.rename(model / "config.json", model / "c")
+    os.mkfifo(model / "config.json")
+    with pytest.raises(InvalidInput, match=r"config\.json is not a regular file"):
         load_config(model)

@@ -291,7 +291,8 @@ def test_classification_is_asked_per_output_and_kept_with_a_layout():
 
 def test_top_classes_rank_as_triton_does():
     """Highest first by the output's own type, equal values by index, "value:index" with C's %f
-    for floats; a row per batch item; at most as many as there are classes; NaN last."""
+    for floats; a row per batch item (an empty batch: none, shape [0] as Triton answers it); at
+    most as many as there are classes; NaN last."""
     probs = np.array([[0.1, 0.7, 0.2, 0.7], [1.0, 0.0, 0.0, 0.0]], np.float32)
     assert protocol.top_classes(probs, "FP32", 3, batched=True).tolist() == [
         [b"0.700000:1", b"0.700000:3", b"0.200000:2"],
@@ -303,8 +304,11 @@ def test_top_classes_rank_as_triton_does():
     ]
     ints = np.array([[-3, 4], [2, -8]], np.int8)  # not batched: the whole tensor, as one row
     assert protocol.top_classes(ints, "INT8", 2, batched=False).tolist() == [b"4:1", b"2:2"]
-    nan = np.array([[np.nan, -1.0, np.inf]], np.float64)
-    assert protocol.top_classes(nan, "FP64", 3, batched=True).tolist() == [[b"inf:2", b"-1.000000:1", b"nan:0"]]
+    odd = np.array([[np.nan, -1.0, -np.inf, np.inf, -np.nan]], np.float64)
+    assert protocol.top_classes(odd, "FP64", 5, batched=True).tolist() == [
+        [b"inf:3", b"-1.000000:1", b"-inf:2", b"nan:0", b"-nan:4"]  # -nan as C++ writes a negative NaN
+    ]
+    assert protocol.top_classes(np.zeros((0, 10), np.float32), "FP32", 3, batched=True).shape == (0,)
     for datatype in ("BYTES", "BOOL", "FP16"):
         with pytest.raises(InvalidInput, match=f"unsupported type '{datatype}'"):
             protocol.top_classes(np.zeros((1, 2)), datatype, 1, batched=True)
