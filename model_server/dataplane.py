@@ -423,9 +423,12 @@ class DataPlane:
     # -- feedback ---------------------------------------------------------------------------
 
     def class_labels(self, model: str) -> list[str] | None:
-        """The names a label may give instead of a class index (the config's metadata.labels);
-        ModelNotFound for a model the repository does not have."""
-        return self.repo.model_config(model).metadata.get("labels")
+        """The names a label may give instead of a class index (the config's metadata.labels,
+        else its first output's label_filename); ModelNotFound for a model the repository does
+        not have."""
+        config = self.repo.model_config(model)
+        names = config.metadata.get("labels") or config.labels.get(config.outputs[0].name)
+        return None if names is None else list(names)
 
     def feedback(
         self,

@@ -130,7 +130,6 @@ def build_digits(out: Path) -> dict:
         "metadata": {
             "description": "8x8 handwritten digits (scikit-learn load_digits); input: PNG/JPEG of a "
             "bright digit on a dark background, any size",
-            "labels": [str(d) for d in range(10)],
             "validation": {"folder": "validation", "labels": "validation/labels.csv", "n": len(y_te)},
             "versions": {},
         },
