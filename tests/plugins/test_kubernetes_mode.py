@@ -6,6 +6,7 @@ its own target, and one run at a time per model (its Lease)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -445,6 +446,7 @@ def fleet(kube, monkeypatch, tmp_path, models_dir):
     (repository / "mnist").mkdir()
     for part in ("1", "2", "3", "validation"):
         (repository / "mnist" / part).symlink_to(models_dir / "digits" / part, target_is_directory=True)
+    shutil.copy(models_dir / "digits" / "labels.txt", repository / "mnist")  # (a link out would be refused)
     config = json.loads((models_dir / "digits" / "config.json").read_text())
     (repository / "mnist" / "config.json").write_text(json.dumps({**config, "name": "mnist"}))
     extra = {
