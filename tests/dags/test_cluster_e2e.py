@@ -149,6 +149,7 @@ def when_serving(cluster: Cluster, version: str, then: Callable[[list[Any]], Non
     return thread
 
 
+@pytest.mark.timeout(600)  # two rollouts: 140 s serial, 194 s beside another test worker, both under load
 def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, worker, models_dir):
     dag = rollout_dag()
     validation = models_dir / "digits" / "validation"
