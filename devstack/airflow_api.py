@@ -13,6 +13,7 @@ from typing import Any
 import requests
 
 FINISHED = {"success", "failed"}
+ENDED = {"success", "failed", "skipped", "upstream_failed", "removed"}  # a task instance's last states
 
 
 class AirflowAPIError(RuntimeError):
@@ -75,12 +76,14 @@ class AirflowAPI:
     def wait_for_task(
         self, dag_id: str, run_id: str, task_id: str, states: set[str], timeout_s: float = 600.0
     ) -> dict[str, Any]:
-        """The task instance once it is in one of ``states``."""
+        """The task instance once it is in one of ``states`` (an error at once if it ends in another)."""
         deadline = time.monotonic() + timeout_s
         while True:
             ti = self.task_instances(dag_id, run_id).get(task_id, {})
             if ti.get("state") in states:
                 return ti
+            if ti.get("state") in ENDED:
+                raise AirflowAPIError(f"{task_id} ended {ti['state']}, never reached {sorted(states)}")
             if time.monotonic() > deadline:
                 raise AirflowAPIError(f"{task_id} never reached {sorted(states)} (last: {ti.get('state')})")
             time.sleep(1)
