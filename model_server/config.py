@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -352,12 +351,7 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
 def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> ModelConfig:
     path = model_dir / "config.json"
     where = f"{model_dir.name}/config.json"
-    if path.exists() and not path.resolve().is_relative_to(model_dir.resolve()):
-        # A link out of the model's folder would read any file the server can (as model.onnx's
-        # links are confined): the repository holds its models whole.
-        raise InvalidInput(f"model '{model_dir.name}': {where} is a link out of the model's folder")
-    if path.exists() and not path.is_file():  # (a FIFO would hold the load until written)
-        raise InvalidInput(f"model '{model_dir.name}': {where} is not a regular file")
+    _confined(model_dir, path, f"model '{model_dir.name}': {where}")
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -375,6 +369,18 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
     return replace(config, labels=labels) if labels else config
 
 
+def _confined(model_dir: Path, path: Path, where: str) -> None:
+    """Refuse a file of the model's that is a link out of its folder (it would read any file the
+    server can, as model.onnx's links are confined: the repository holds its models whole) or
+    not a regular file (a FIFO would hold the load until written). A missing one (or a link
+    loop, which does not exist either) is left to its reader."""
+    if path.exists():
+        if not path.resolve().is_relative_to(model_dir.resolve()):
+            raise InvalidInput(f"{where} is a link out of the model's folder")
+        if not path.is_file():
+            raise InvalidInput(f"{where} is not a regular file")
+
+
 MAX_LABELS_BYTES = 4 << 20
 
 
@@ -383,15 +389,12 @@ def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
     label a line, lines split at "\\n" only, as Triton reads them."""
     path = model_dir / filename
     where = f"model '{model_dir.name}': label_filename {filename!r}"
+    _confined(model_dir, path, where)
     try:
-        if not path.resolve().is_relative_to(model_dir.resolve()):
-            raise InvalidInput(f"{where} is a link out of the model's folder")
-        if not stat.S_ISREG(path.stat().st_mode):  # (a FIFO would hold the load until written)
-            raise InvalidInput(f"{where} is not a regular file")
         with path.open("rb") as f:
             data = f.read(MAX_LABELS_BYTES + 1)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop
-        raise InvalidInput(f"{where}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    except OSError as exc:  # missing, a link loop
+        raise InvalidInput(f"{where}: cannot read it: {exc.strerror or exc}") from None
     if len(data) > MAX_LABELS_BYTES:
         raise InvalidInput(f"{where} is over {MAX_LABELS_BYTES >> 20} MiB")
     try:
