@@ -233,7 +233,7 @@ def _fail(where: str, msg: str) -> InvalidInput:
     return InvalidInput(f"{where}: {msg}")
 
 
-def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
+def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec, ...]:
     if not isinstance(items, list) or not items:
         raise _fail(where, "must be a non-empty list of {name, datatype, dims}")
     specs = []
@@ -248,6 +248,8 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...]:
         if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
         labels = item.get("label_filename")
+        if labels is not None and not outputs:  # Triton's ModelInput has no such field
+            raise _fail(f"{where}[{i}].label_filename", "only an output has class labels")
         if labels is not None and (
             not isinstance(labels, str) or labels in ("", ".", "..") or any(c in labels for c in "/\\\0")
         ):
@@ -304,8 +306,8 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
     platform = raw.get("platform", "onnxruntime_onnx")
     if platform != "onnxruntime_onnx":
         raise _fail(f"{where}: platform", f"{platform!r} is not supported (onnxruntime_onnx)")
-    inputs = _tensor_specs(f"{where}: input", raw.get("input"))
-    outputs = _tensor_specs(f"{where}: output", raw.get("output"))
+    inputs = _tensor_specs(f"{where}: input", raw.get("input"), outputs=False)
+    outputs = _tensor_specs(f"{where}: output", raw.get("output"), outputs=True)
     pre = raw.get("preprocess")
     preprocess = None
     if pre is not None:

@@ -55,6 +55,7 @@ def test_specific_policy_with_a_missing_version_names_it():
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": ".."}]}, "label_filename"),
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": 3}]}, "label_filename"),
         ({"output": [{"name": "y", "datatype": "FP32", "dims": [2], "label_filename": "a\0b"}]}, "label_filename"),
+        ({"input": [{"name": "x", "datatype": "FP32", "dims": [2], "label_filename": "a"}]}, "only an output has"),
     ],
 )
 def test_invalid_configs_name_the_field(change, needle):
