@@ -289,6 +289,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             count = oparams.get("classification", 0)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise InvalidInput(f"outputs[{i}]: 'classification' must be a non-negative integer, got {count!r}")
+            if out["name"] in outputs:  # named twice: the first entry's parameters, as Triton keeps them
+                continue
             if count:
                 classification[out["name"]] = count
             outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))

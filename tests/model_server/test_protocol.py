@@ -282,6 +282,10 @@ def test_classification_is_asked_per_output_and_kept_with_a_layout():
     assert first.classification == again.classification == {"y": 3}
     assert again.classification is not first.classification
     assert first.outputs == {"y": True, "z": False}
+    twice = [*out, httpclient.InferRequestedOutput("y", binary_data=False, class_count=5)]
+    for _ in range(2):  # an output named twice: its first entry's parameters, as Triton keeps them
+        request = decode_infer_request(*tritonclient_body([x], twice))
+        assert (request.outputs, request.classification) == ({"y": True, "z": False}, {"y": 3})
     for bad in (-1, "3", True, 2.5, None):
         head = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}
         head["outputs"] = [{"name": "y", "parameters": {"classification": bad}}]
