@@ -396,7 +396,7 @@ def _blob(arr: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(arr, dtype=np.dtype(DATATYPES[datatype])).tobytes()
 
 
-def _binary_output(name: str, datatype: str, shape: tuple[int, ...], size: int) -> dict[str, Any]:
+def _binary_output(name: str, datatype: str, shape: tuple[int, ...], size: int | str) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(shape), "parameters": {"binary_data_size": size}}
 
 
@@ -429,14 +429,20 @@ def _binary_head(
     def outs() -> list[dict[str, Any]]:
         return [_binary_output(*size) for size in sizes]
 
-    values = list(parameters.values())
+    values: list[Any] = list(parameters.values())
     if request_id is not None:
         values.insert(0, request_id)
-    key = (model, version, request_id is not None, *parameters, sizes)
+    # A BYTES output's size follows its values (strings, class results): a hole as well.
+    values += [size for _, datatype, _, size in sizes if datatype == "BYTES"]
+    fixed = tuple(
+        (name, datatype, shape, HOLE if datatype == "BYTES" else size) for name, datatype, shape, size in sizes
+    )
+    key = (model, version, request_id is not None, *parameters, fixed)
     pieces = HEADS.get(key)
     if pieces is None:
         holes = dict.fromkeys(parameters, HOLE)
-        text = RESPONSE_JSON.encode(_header(model, version, None if request_id is None else HOLE, holes, outs()))
+        head = _header(model, version, None if request_id is None else HOLE, holes, [_binary_output(*f) for f in fixed])
+        text = RESPONSE_JSON.encode(head)
         pieces = text.split(RESPONSE_JSON.encode(HOLE))
         if len(pieces) != len(values) + 1:  # a name that is the hole itself: not kept
             pieces = None

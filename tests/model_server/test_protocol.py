@@ -130,11 +130,12 @@ def test_an_empty_outputs_list_asks_for_every_output_as_triton_answers_it():
 @pytest.mark.parametrize("name", ["probabilities", 'a "quoted" \\ name', "\u00e9t\u00e9", "nul\0in a name", "\0"])
 def test_a_response_s_json_part_kept_as_text_carries_each_response_s_own_id_and_token(name):
     """The JSON part of binary responses is kept as text around the id and the token: every
-    response still reads as if encoded whole, with its own values, whatever the names hold."""
+    response still reads as if encoded whole, with its own values, whatever the names hold; a
+    BYTES output's size, which its values set, is a hole too (class results vary in size)."""
     protocol.HEADS.clear()
     scores = np.arange(6, dtype=np.float32).reshape(2, 3)
-    labels = np.array([b"a", b"bc"], dtype=object)
     for k, rid in enumerate([None, "r-1", 'r "2" \u2603', None]):
+        labels = np.array([b"a" * (k + 1), b"bc"], dtype=object)
         token = f"token-{k}" if k != 3 else f"tok\u00e9n-{k}"
         body, length = encode_infer_response(
             "digits",
@@ -154,6 +155,7 @@ def test_a_response_s_json_part_kept_as_text_carries_each_response_s_own_id_and_
             "parameters": {"binary_data_size": 24},
         }
         assert body[length : length + 24] == scores.tobytes()
+        assert head["outputs"][1]["parameters"] == {"binary_data_size": len(serialize_bytes_tensor(labels))}
         assert body[length + 24 :] == serialize_bytes_tensor(labels)
     assert len(protocol.HEADS) == (0 if name == protocol.HOLE else 2)  # with an id and without
 
