@@ -100,6 +100,32 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
+def response_coding(accept: str | None) -> str:
+    """The coding of an inference response, picked from ``Accept-Encoding`` as Triton picks it
+    (tritonclient's ``response_compression_algorithm`` sends one): gzip, deflate or identity,
+    the first of the highest weight above 0; the identity when none is named or none is valid."""
+    best, weight = "identity", 0.0
+    for entry in (accept or "").split(","):
+        coding, *params = (part.strip().lower() for part in entry.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = -1.0  # a malformed weight: the entry is skipped
+        if coding in CONTENT_CODINGS and 0.0 <= q <= 1.0 and q > weight:
+            best, weight = coding, q
+    return best
+
+
+def compress(body: bytes, coding: str) -> bytes:
+    """A response body in gzip or deflate (the zlib format, as Triton and tritonclient read it)."""
+    packer = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, CONTENT_CODINGS[coding])
+    return packer.compress(body) + packer.flush()
+
+
 # The infer endpoints, served by InferFastPath without Starlette's router, request and response
 # objects: they are most of a small model's time on the server.
 INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
@@ -393,6 +419,10 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 out.append((HEADER_LENGTH.lower().encode(), str(result.json_length).encode()))
             if result.feedback_token is not None:
                 out.append((b"x-feedback-token", result.feedback_token.encode()))
+            coding = response_coding(headers.get("accept-encoding"))
+            if coding != "identity":  # Inference-Header-Content-Length still counts the JSON part as it was
+                payload = await asyncio.to_thread(compress, payload, coding)
+                out.append((b"content-encoding", coding.encode()))
         except ServerError as exc:
             status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
         except Exception:  # a bug, not the client's fault: answer, log, keep serving

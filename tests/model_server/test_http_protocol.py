@@ -17,6 +17,8 @@ from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration
 
+HEADER_LENGTH = "inference-header-content-length"
+
 
 def image_input(images: list[bytes], binary: bool = True) -> httpclient.InferInput:
     inp = httpclient.InferInput("image", [len(images)], "BYTES")
@@ -311,6 +313,78 @@ def test_compressed_requests_as_tritonclient_sends_them(server, digit_images, al
         c.infer("resnet_bench", [tensors], outputs=json_out, request_compression_algorithm=a) for a in (None, algorithm)
     ]
     np.testing.assert_array_equal(*(r.as_numpy(json_out[0].name()) for r in both))
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_responses_as_tritonclient_asks_them(server, digit_images, algorithm):
+    """Triton compresses an inference response in the coding Accept-Encoding picks;
+    Inference-Header-Content-Length still counts the JSON part uncompressed. Either way a request
+    arrives (a compressed one goes the ASGI way)."""
+    import zlib
+
+    c = server.client()
+    images = [img for img, _ in digit_images[:8]]
+    out = [httpclient.InferRequestedOutput("probabilities", binary_data=True)]
+    plain = c.infer("digits", [image_input(images)], outputs=out).as_numpy("probabilities")
+    for request_algorithm in (None, algorithm):
+        packed = c.infer(
+            "digits",
+            [image_input(images)],
+            outputs=out,
+            request_compression_algorithm=request_algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
+    body, length = httpclient.InferenceServerClient.generate_request_body([image_input(images)], outputs=out)
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    with conn, conn.makefile("rb") as reader:
+        asked = [
+            (algorithm, True),
+            (f"identity;q=0.5, {algorithm};q=0.9", True),
+            ("br", False),
+            (f"{algorithm};q=0", False),
+        ]
+        for accept, compressed in asked:
+            conn.sendall(
+                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                + f"Accept-Encoding: {accept}\r\nInference-Header-Content-Length: {length}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert reader.readline().startswith(b"HTTP/1.1 200")
+            headers = {}
+            while (line := reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                headers[name.lower()] = value.strip()
+            raw = reader.read(int(headers["content-length"]))
+            if compressed:
+                assert headers["content-encoding"] == algorithm
+                raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
+            else:  # asked with weight 0, or only codings it does not know: as it was
+                assert "content-encoding" not in headers
+            result = httpclient.InferResult.from_response_body(raw, header_length=int(headers[HEADER_LENGTH]))
+            np.testing.assert_array_equal(result.as_numpy("probabilities"), plain)
+
+
+@pytest.mark.parametrize(
+    ("accept", "coding"),
+    [
+        (None, "identity"),
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("GZip ; Q=0.5, deflate;q=0.7", "deflate"),
+        ("gzip, deflate", "gzip"),  # equal weights: the first
+        ("deflate;q=0.5, identity", "identity"),
+        ("gzip;q=0, deflate;q=0", "identity"),
+        ("gzip;q=2, deflate;q=nan, br", "identity"),  # weights out of [0, 1], codings unknown
+        ("gzip;q=x, deflate;q=0.001", "deflate"),  # a malformed weight skips its entry
+        (",,;, ;q=1", "identity"),
+    ],
+)
+def test_the_response_coding_is_picked_as_triton_picks_it(accept, coding):
+    from model_server.app import response_coding
+
+    assert response_coding(accept) == coding
 
 
 def test_a_compressed_body_is_bounded_and_checked(server):
