@@ -219,7 +219,10 @@ def probe(url: str, digit: bytes, stop: threading.Event, out: list[float], tally
         rid = request_id("probe")
         t = time.perf_counter()
         r = requests.post(
-            f"{url}/v2/models/digits/infer", data=body, headers={"X-Request-ID": rid, **headers}, timeout=60
+            f"{url}/v2/models/digits/infer",
+            data=body,
+            headers={"X-Request-ID": rid, "Accept-Encoding": "identity", **headers},  # as tritonclient asks
+            timeout=60,
         )
         out.append((time.perf_counter() - t) * 1000)
         tally.add("probe", r.status_code, rid)
