@@ -132,6 +132,13 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
+def _few(names: list[str], shown: int = 10) -> str:
+    """Names for an error message: the first ``shown``, each cut at 64 characters (a request
+    may name a thousand, each as long as its JSON part allows)."""
+    text = str([name if len(name) <= 64 else name[:64] + "..." for name in names[:shown]])
+    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
+
+
 def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
     return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
 
@@ -287,7 +294,7 @@ class LoadedVersion:
         expected = {s.name for s in cfg.inputs}
         unknown = sorted(set(given) - expected)
         if unknown:
-            raise InvalidInput(f"unknown input(s) {unknown} for model '{self.name}'; expected {sorted(expected)}")
+            raise InvalidInput(f"unknown input(s) {_few(unknown)} for model '{self.name}'; expected {sorted(expected)}")
         for spec in cfg.inputs:
             inp = given.get(spec.name)
             if inp is None:
@@ -314,7 +321,7 @@ class LoadedVersion:
             return names
         unknown = sorted(set(requested) - set(names))
         if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown} for model '{self.name}'; it has {names}")
+            raise InvalidInput(f"unknown output(s) {_few(unknown)} for model '{self.name}'; it has {names}")
         return [n for n in names if n in requested]
 
     def _run(

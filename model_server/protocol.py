@@ -16,10 +16,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES
+from model_server.config import DATATYPES, ascii_uint
 from model_server.errors import InvalidInput, PayloadTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has a few)
+MAX_DIMS = 32
+MAX_ELEMENTS = 2**63 - 1  # numpy's and ONNX's int64 sizes
 MAX_JSON_BYTES = 4 * 1024 * 1024  # about 0.1 s of parsing here; a JSON tensor of 400k numbers
 
 
@@ -115,7 +118,10 @@ def _json_tensor(raw: dict[str, Any], datatype: str, shape: tuple[int, ...], whe
                 except (binascii.Error, ValueError):
                     raise InvalidInput(f"{where}: BYTES element {i} is not valid base64") from None
             else:
-                out[i] = item.encode("utf-8")
+                try:
+                    out[i] = item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidInput(f"{where}: BYTES element {i} is not valid Unicode (a lone surrogate)") from None
         return out.reshape(shape)
     if datatype == "BOOL":
         if not all(isinstance(x, bool) for x in flat):
@@ -177,10 +183,9 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     binary tensors only is not parsed again (``LAYOUTS``): its tensors are cut from the binary
     part as the first one's were, when the binary part has the same length."""
     if header_length is not None:
-        try:
-            json_len = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        json_len = ascii_uint(header_length.strip())
+        if json_len is None:
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:40]!r}")
         if not 0 < json_len <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH} is {json_len} but the body has {len(body)} bytes")
     else:
@@ -203,6 +208,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
+    if len(raw_inputs) > MAX_TENSORS:
+        raise InvalidInput(f"request has {len(raw_inputs)} inputs, over the limit of {MAX_TENSORS}")
 
     binary = memoryview(body)[json_len:]
     offset = 0
@@ -215,7 +222,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}] needs a 'name' string")
-        where = f"input '{name}'"
+        where = f"input '{name if len(name) <= 64 else name[:64] + '...'}'"
         if name in seen:
             raise InvalidInput(f"{where} is given more than once")
         seen.add(name)
@@ -227,6 +234,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw
         ):
             raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+        if len(shape_raw) > MAX_DIMS or math.prod(d for d in shape_raw if d) > MAX_ELEMENTS:
+            raise InvalidInput(f"{where}: a shape has at most {MAX_DIMS} dimensions and 2**63-1 elements")
         shape = tuple(shape_raw)
         params = raw.get("parameters") or {}
         if not isinstance(params, dict):
@@ -272,13 +281,17 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput("parameters.binary_data_output must be true or false")
     outputs: dict[str, bool] | None = None
     classification: dict[str, int] = {}
     raw_outputs = header.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise InvalidInput("'outputs' must be a list")
+        if len(raw_outputs) > MAX_TENSORS:
+            raise InvalidInput(f"request asks for {len(raw_outputs)} outputs, over the limit of {MAX_TENSORS}")
         outputs = {}
         for i, out in enumerate(raw_outputs):
             if not isinstance(out, dict) or not isinstance(out.get("name"), str):
@@ -289,11 +302,14 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             count = oparams.get("classification", 0)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise InvalidInput(f"outputs[{i}]: 'classification' must be a non-negative integer, got {count!r}")
+            binary_data = oparams.get("binary_data", binary_default)
+            if not isinstance(binary_data, bool):
+                raise InvalidInput(f"outputs[{i}]: 'binary_data' must be true or false")
             if out["name"] in outputs:  # named twice: the first entry's parameters, as Triton keeps them
                 continue
             if count:
                 classification[out["name"]] = count
-            outputs[out["name"]] = bool(oparams.get("binary_data", binary_default))
+            outputs[out["name"]] = binary_data
         outputs = outputs or None  # none named: every output, as Triton answers an empty list
     req_id = header.get("id")
     if req_id is not None and not isinstance(req_id, str):

@@ -146,6 +146,50 @@ def test_hostile_sizes_are_refused_before_allocating(server):
     assert server.client().is_server_live()
 
 
+def test_out_of_bounds_shapes_counts_and_flags_are_400s_naming_them(server, digit_images):
+    """Shapes numpy cannot hold, text that is not Unicode, counts and flags out of their types:
+    each a 400 with a short message (they were 500s, each with a traceback in the log)."""
+
+    def binary(shape: list[int], blob: bytes, **extra) -> tuple[bytes, dict[str, str]]:
+        tensor = {"name": "image", "datatype": "BYTES", "shape": shape, "parameters": {"binary_data_size": len(blob)}}
+        header = json.dumps({"inputs": [tensor], **extra}).encode()
+        return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+    def as_json(shape: list[int], data: list, **extra) -> tuple[bytes, dict[str, str]]:
+        return json.dumps(
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": shape, "data": data}], **extra}
+        ).encode(), {}
+
+    image = digit_images[0][0]
+    one = struct.pack("<I", len(image)) + image
+    cases = [
+        (binary([0, 2**63], b""), "at most 32 dimensions and 2**63-1 elements"),
+        (binary([2**32, 2**32, 0], b""), "at most 32 dimensions"),
+        (binary([1] * 70, one), "at most 32 dimensions"),
+        (as_json([0, 2**62, 8], []), "at most 32 dimensions"),
+        (as_json([1], ["\ud800"]), "not valid Unicode"),
+        (
+            binary([1], one, outputs=[{"name": "probabilities", "parameters": {"binary_data": "false"}}]),
+            "true or false",
+        ),
+        (binary([1], one, parameters={"binary_data_output": "no"}), "true or false"),
+        (as_json([1], ["x"], outputs=[{"name": f"o{i}"} for i in range(1025)]), "over the limit of 1024"),
+    ]
+    many = [{"name": f"x{i}", "datatype": "BYTES", "shape": [0], "data": []} for i in range(1025)]
+    cases.append(((json.dumps({"inputs": many}).encode(), {}), "1025 inputs, over the limit of 1024"))
+    unknown = [{"name": f"{i:04d}" + "n" * 2000} for i in range(1000)]
+    cases.append((as_json([1], [image.decode("latin-1")], outputs=unknown), "and 990 more"))
+    for header_length in (b"+210", b"2_1_0", "\u0661\u0662\u0663".encode()):  # int() takes each
+        body, _ = binary([1], one)
+        cases.append(((body, {"Inference-Header-Content-Length": header_length}), "must be an integer"))
+    for (body, headers), needle in cases:
+        r = post(server, "/v2/models/digits/infer", body, headers)
+        assert r.status_code == 400, (needle, r.status_code, r.text[:300])
+        assert needle in r.json()["error"]
+        assert len(r.content) < 2000  # names cut short, a thousand of them counted
+    assert server.client().is_server_live()
+
+
 def test_truncated_and_corrupt_images(server, digit_images):
     img = digit_images[0][0]
     for bad in (img[: len(img) // 2], img[:8] + bytes(len(img) - 8), b""):
