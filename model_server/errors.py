@@ -111,6 +111,11 @@ class MaskingUnavailable(Exception):
     """No usable key for a tenant: its records must not be written."""
 
 
-class HeaderLimitExceeded(Exception):
-    """Request headers over a limit, raised from the HTTP parser's callback: the connection
-    answers 431 before anything reaches the application (httpserver.py)."""
+class RequestRefused(Exception):
+    """A request refused from its headers (over a limit: 431), raised from the HTTP parser's
+    callback: the connection answers ``status`` before anything reaches the application
+    (httpserver.py), and closes."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status

@@ -37,10 +37,10 @@ from typing import Any, NamedTuple
 
 import httptools
 from uvicorn.middleware.proxy_headers import _TrustedHosts
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from model_server.config import ascii_uint
-from model_server.errors import HeaderLimitExceeded
+from model_server.errors import RequestRefused
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,17 @@ class Resume:
                     return stop.value
 
 
+class EarlyAnswerCycle(RequestResponseCycle):
+    """uvicorn's request cycle, but an answer that starts before the request's body was read
+    whole (a 400, 408 or 413 from its headers or its first bytes) closes the connection: uvicorn
+    would go on reading and throwing away the rest, however long it was declared, with no timer."""
+
+    async def send(self, message: Any) -> None:
+        if not self.response_started and self.more_body:
+            self.keep_alive = False
+        await super().send(message)
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """``uvicorn.run(app, http=limited_protocol(30.0, direct))``."""
 
@@ -148,8 +159,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._trusted = _TrustedHosts(self.config.forwarded_allow_ips) if self.config.proxy_headers else None
         self._complete: DirectCycle | None = None  # its last byte arrived in this data_received
         self._ended_in_read = False  # a message ended in this data_received
+        self._upgrade_ignored = False  # the connection closes once that request is answered
+
+    def _should_upgrade(self) -> bool:
+        return False  # no websocket is served here (on_headers_complete)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # uvicorn arms its keep-alive timer after an answer: one that never sends a byte is held too.
+        self._idle()
+
+    def _idle(self) -> None:
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def data_received(self, data: bytes) -> None:
+        if self._upgrade_ignored:
+            return  # not HTTP to the parser: nothing more is read
         self._parse(data)
         cycle, self._complete = self._complete, None
         if self.transport.is_closing():
@@ -164,6 +192,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         current = self.cycle
         if isinstance(current, DirectCycle) and not current.started and current.timer is None:
             current.timer = self.loop.call_later(self.header_timeout_s, self._body_too_slow, current)
+        # A read that began no message (blank lines between messages) leaves the connection idle:
+        # the keep-alive timer it stopped runs again.
+        if not self._in_headers and not self.pipeline and (current is None or current.response_complete):
+            self._idle()
 
     def _parse(self, data: bytes) -> None:
         was_in_headers = self._in_headers
@@ -172,8 +204,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, HeaderLimitExceeded):
-                self._refuse(431, str(exc.__context__))
+            if isinstance(exc.__context__, RequestRefused):
+                self._refuse(exc.__context__.status, str(exc.__context__))
                 return
             self._bad_request()
             return
@@ -181,11 +213,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._bad_request()
             return
         except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return
+            return  # (on_headers_complete: the request is answered, then the connection closes)
         if self._in_headers:
             # Everything of this message so far is its request line and headers (the parser
             # consumed it all and the headers are not complete). A read in which another
@@ -199,6 +227,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if self._received > self.max_header_bytes:
                 self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
 
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)  # the request line counts with the headers, as in Envoy
+        if self._header_bytes > self.max_header_bytes:
+            raise RequestRefused(431, f"request headers exceed {self.max_header_bytes} bytes")
+        super().on_url(url)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
@@ -210,18 +244,32 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
         if self._header_count > self.max_headers:
-            raise HeaderLimitExceeded(f"more than {self.max_headers} request headers")
+            raise RequestRefused(431, f"more than {self.max_headers} request headers")
         if self._header_bytes > self.max_header_bytes:
-            raise HeaderLimitExceeded(f"request headers exceed {self.max_header_bytes} bytes")
+            raise RequestRefused(431, f"request headers exceed {self.max_header_bytes} bytes")
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._end_header_phase()
+        # An Upgrade (h2c, websocket: none is served here) stops the parser at these headers:
+        # a body would be read as the next request. One with a body is refused; one without is
+        # answered over HTTP/1.1, and the connection closes after it (RFC 9110 lets a server
+        # ignore Upgrade).
+        upgrade = self.parser.should_upgrade()
+        if upgrade and any(
+            name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+            for name, value in self.headers
+        ):
+            raise RequestRefused(400, "Upgrade is not supported: send the request without it")
         cycle = self._direct_cycle()
-        if cycle is None:
-            super().on_headers_complete()
+        if cycle is not None:
+            self.cycle = cycle  # type: ignore[assignment]
             return
-        self.cycle = cycle  # type: ignore[assignment]
+        super().on_headers_complete()
+        self.cycle.__class__ = EarlyAnswerCycle
+        if upgrade:
+            self.cycle.keep_alive = False
+            self._upgrade_ignored = True
 
     def _direct_cycle(self) -> DirectCycle | None:
         """The request as a DirectCycle, when the DirectRoute takes it (not while the client
@@ -249,7 +297,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             ):
                 return None
             if name == b"content-length":
-                length = ascii_uint(value.decode("latin-1"))
+                length = ascii_uint(value.decode("latin-1").strip())
         if length is None or length > self.direct.max_body:
             return None
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
@@ -368,6 +416,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
+        if self.flow.read_paused:  # pipelined behind an answer not yet written: not read, not late
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+            return
         if self._in_headers and not self.transport.is_closing():
             self._refuse(408, f"request headers not complete within {self.header_timeout_s:g} s")
 

@@ -43,6 +43,10 @@ class Transport(asyncio.Transport):
 
 
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["path"] == "/early":  # answered from its headers, its body not read
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
     body = b""
     while True:
         message = await receive()
@@ -424,5 +428,109 @@ def test_a_client_gone_mid_body_is_answered_by_the_handler_and_nothing_written()
         await settle()
         assert [c[1] for c in handler.calls] == [b"abc"]
         assert bodies(transport) == [b"direct:abc"]
+
+    asyncio.run(scenario())
+
+
+def test_an_upgrade_with_a_body_is_refused_and_one_without_is_answered_then_the_connection_closed() -> None:
+    """The parser stops at an Upgrade request's headers: its body would be read as the next
+    request (a request smuggled inside another's body). None is served here."""
+    inner = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    outer = post("/o", inner, "Connection: Upgrade", "Upgrade: h2c")
+    plain = b"GET /o HTTP/1.1\r\nHost: x\r\n"
+
+    async def scenario() -> None:
+        for reads in (
+            [outer],
+            [outer[: -len(inner)], inner],
+            [post("/m/x/infer", inner, "Connection: upgrade", "Upgrade: h2c")],
+        ):
+            handler = Handler()
+            protocol, transport = connect(handler)
+            for data in reads:
+                protocol.data_received(data)
+                await settle()
+            assert transport.writes[0].startswith(b"HTTP/1.1 400 ")
+            assert b"Upgrade is not supported" in transport.writes[0]
+            assert len(transport.writes) == 1
+            assert transport.closed
+            assert handler.calls == []
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(plain + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + plain + b"\r\n")
+        protocol.data_received(post("/m/x/infer", b"later"))
+        await settle()
+        assert bodies(transport) == [b"asgi:"]  # answered once, over HTTP/1.1; nothing after it read
+        assert b"connection: close\r\n" in transport.writes[0]
+        assert transport.closed
+        assert handler.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_idle_from_its_start_or_after_blank_lines_is_closed_by_the_keep_alive_timer() -> None:
+    async def scenario() -> None:
+        _, silent = connect(Handler(), timeout_keep_alive=0.05)
+        protocol, blank = connect(Handler(), timeout_keep_alive=0.05)
+        protocol.data_received(b"GET /o HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settle()
+        protocol.data_received(b"\r\n")  # no message begins: the connection is idle again
+        await asyncio.sleep(0.3)
+        assert silent.closed
+        assert silent.writes == []
+        assert blank.closed
+        assert bodies(blank) == [b"asgi:"]
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_before_its_body_was_read_closes_the_connection() -> None:
+    """uvicorn would read and throw away the rest of the body, however long it was declared."""
+
+    async def scenario() -> None:
+        protocol, transport = connect(Handler())
+        protocol.data_received(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\nabc")
+        await settle()
+        assert transport.writes[0].startswith(b"HTTP/1.1 413 ")
+        assert b"connection: close\r\n" in transport.writes[0]
+        assert transport.closed
+        protocol, transport = connect(Handler())
+        protocol.data_received(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        await settle()
+        assert b"connection: close" not in transport.writes[0]
+        assert not transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_the_request_line_counts_with_the_headers() -> None:
+    async def scenario() -> None:
+        protocol, transport = connect(Handler())
+        url = "/o?" + "q" * 40_000
+        protocol.data_received(f"GET {url} HTTP/1.1\r\nHost: x\r\nX-Meta: {'v' * 30_000}\r\n\r\n".encode())
+        assert transport.writes[0].startswith(b"HTTP/1.1 431 ")
+        assert transport.closed
+
+    asyncio.run(scenario())
+
+
+def test_headers_waiting_behind_answers_not_yet_written_do_not_time_out() -> None:
+    """A request pipelined behind one in flight pauses reading: the headers after it are not
+    read, so not late."""
+
+    async def scenario() -> None:
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler, timeout_s=0.05)
+        last = post("/m/x/infer", b"3")
+        protocol.data_received(post("/m/x/infer", b"1") + b"GET /o HTTP/1.1\r\nHost: x\r\n\r\n" + last[:10])
+        await asyncio.sleep(0.3)
+        assert transport.writes == []
+        assert not transport.closed
+        handler.wait.set_result(None)
+        await settle()
+        protocol.data_received(last[10:])
+        await settle()
+        assert bodies(transport) == [b"direct:1", b"asgi:", b"direct:3"]
 
     asyncio.run(scenario())
