@@ -268,7 +268,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     def body_encoding(headers: Mapping[str, str]) -> str:
         """The body's Content-Encoding, checked with its Content-Length before it is read."""
         declared = headers.get("content-length")
-        if declared is not None and ascii_uint(declared) is None:
+        if declared is not None and ascii_uint(declared.strip()) is None:
             raise InvalidInput(f"invalid Content-Length {declared!r}")
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in CONTENT_CODINGS:
@@ -283,6 +283,10 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     async def read_body(receive: Receive, headers: Mapping[str, str], limit: int | None = None) -> bytes:
         limit = limit or settings.max_body_bytes
         encoding = body_encoding(headers)
+        declared = headers.get("content-length")
+        if declared is not None and int(declared) > limit and "100-continue" in headers.get("expect", "").lower():
+            # Refused before the client is told to send it (the first receive() would tell it).
+            raise PayloadTooLarge(f"request body of {declared.strip()} bytes is over the limit of {limit} bytes")
 
         async def read() -> bytes:
             chunks, size = [], 0
