@@ -376,11 +376,17 @@ def _confined(model_dir: Path, path: Path, where: str) -> None:
     server can, as model.onnx's links are confined: the repository holds its models whole) or
     not a regular file (a FIFO would hold the load until written). A missing one (or a link
     loop, which does not exist either) is left to its reader."""
-    if path.exists():
-        if not path.resolve().is_relative_to(model_dir.resolve()):
-            raise InvalidInput(f"{where} is a link out of the model's folder")
-        if not path.is_file():
-            raise InvalidInput(f"{where} is not a regular file")
+    try:
+        if not path.exists():
+            return
+        outside = not path.resolve().is_relative_to(model_dir.resolve())
+        regular = path.is_file()
+    except (OSError, RuntimeError) as exc:  # a name too long, a folder it may not read
+        raise InvalidInput(f"{where}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    if outside:
+        raise InvalidInput(f"{where} is a link out of the model's folder")
+    if not regular:
+        raise InvalidInput(f"{where} is not a regular file")
 
 
 MAX_LABELS_BYTES = 4 << 20

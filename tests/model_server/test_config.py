@@ -107,6 +107,11 @@ def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_pa
     with pytest.raises(InvalidInput, match="cannot read it"):
         load_config(model)
     (model / "labels.txt").unlink()
+    long_name = {**output, "label_filename": "l" * 300}  # the file system refuses the name
+    (model / "config.json").write_text(json.dumps({**BASE, "output": [long_name]}))
+    with pytest.raises(InvalidInput, match="cannot read it: File name too long"):
+        load_config(model)
+    (model / "config.json").write_text(json.dumps({**BASE, "output": [output]}))
     os.mkfifo(model / "labels.txt")  # would wait for a writer
     with pytest.raises(InvalidInput, match="is not a regular file"):
         load_config(model)
