@@ -159,7 +159,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._trusted = _TrustedHosts(self.config.forwarded_allow_ips) if self.config.proxy_headers else None
         self._complete: DirectCycle | None = None  # its last byte arrived in this data_received
         self._ended_in_read = False  # a message ended in this data_received
-        self._upgrade_ignored = False  # the connection closes once that request is answered
+        # After a request that asked for an Upgrade, the bytes of its body still to come (its
+        # Content-Length): the parser stopped at its headers. None: nothing more is read.
+        self._upgrade_body: int | None = None
+        self._upgraded = False
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -176,8 +179,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrade_ignored:
-            return  # not HTTP to the parser: nothing more is read
+        if self._upgraded:
+            self._upgrade_body_received(data)
+            return
         self._parse(data)
         cycle, self._complete = self._complete, None
         if self.transport.is_closing():
@@ -212,8 +216,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._bad_request()
             return
-        except httptools.HttpParserUpgrade:
-            return  # (on_headers_complete: the request is answered, then the connection closes)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded = True
+            self._upgrade_body_received(data[upgrade.args[0] :])
+            return
         if self._in_headers:
             # Everything of this message so far is its request line and headers (the parser
             # consumed it all and the headers are not complete). A read in which another
@@ -251,25 +257,39 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._end_header_phase()
-        # An Upgrade (h2c, websocket: none is served here) stops the parser at these headers:
-        # a body would be read as the next request. One with a body is refused; one without is
-        # answered over HTTP/1.1, and the connection closes after it (RFC 9110 lets a server
-        # ignore Upgrade).
-        upgrade = self.parser.should_upgrade()
-        if upgrade and any(
-            name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
-            for name, value in self.headers
-        ):
-            raise RequestRefused(400, "Upgrade is not supported: send the request without it")
+        # An Upgrade (h2c, as Java's HttpClient and curl --http2 ask it; websocket: none is
+        # served here) stops the parser at these headers: the body would be parsed as the next
+        # request. The request is served over HTTP/1.1 (RFC 9110 lets a server ignore Upgrade),
+        # its body taken by its Content-Length (a chunked one is refused), and the connection
+        # closed after the answer: nothing after that body is read.
+        if self.parser.should_upgrade():
+            length = 0
+            for name, value in self.headers:
+                if name == b"transfer-encoding":
+                    raise RequestRefused(400, "Upgrade with a chunked body is not supported: send it without Upgrade")
+                if name == b"content-length":
+                    length = ascii_uint(value.decode("latin-1").strip()) or 0
+            self._upgrade_body = length
         cycle = self._direct_cycle()
         if cycle is not None:
             self.cycle = cycle  # type: ignore[assignment]
             return
         super().on_headers_complete()
-        self.cycle.__class__ = EarlyAnswerCycle
-        if upgrade:
+        if self._upgrade_body is not None:
             self.cycle.keep_alive = False
-            self._upgrade_ignored = True
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.__class__ = EarlyAnswerCycle  # (before its task runs: its send is the one it calls)
+        super()._start_asgi_task(cycle, app)
+
+    def _upgrade_body_received(self, data: bytes) -> None:
+        left = self._upgrade_body or 0
+        if not left or not data:
+            return
+        self._upgrade_body = left - len(data[:left])
+        self.on_body(data[:left])
+        if not self._upgrade_body:
+            self.on_message_complete()
 
     def _direct_cycle(self) -> DirectCycle | None:
         """The request as a DirectCycle, when the DirectRoute takes it (not while the client
@@ -278,7 +298,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return None
         if self.flow.write_paused:
             return None
-        if self.pipeline or not (self.cycle is None or self.cycle.response_complete) or self.parser.should_upgrade():
+        if self.pipeline or not (self.cycle is None or self.cycle.response_complete) or self._upgrade_body is not None:
             return None
         url = self.url
         path = url if b"?" not in url and b"#" not in url else httptools.parse_url(url).path
@@ -313,6 +333,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._ended_in_read = True
+        if self._upgrade_body:  # the parser ends the message at its headers: its body follows
+            return
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):
             if not cycle.started:  # (started: its body timed out, the handler answers that)
@@ -389,6 +411,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             log.exception("after the answer to POST %s", cycle.match.string)
         self.on_response_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # (reading resumes)
+        if self._in_headers and self._header_timer is None and not self.flow.read_paused:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
     def _body_too_slow(self, cycle: DirectCycle) -> None:
         """Its body not complete in time: the handler answers 408; the connection closes (the
         parser is in the middle of the body)."""
@@ -399,6 +426,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_header_phase()
+        self._unset_keepalive_if_required()  # (uvicorn's only when the client closed cleanly)
         cycle = self.cycle
         if isinstance(cycle, DirectCycle) and not cycle.response_complete:
             if cycle.timer is not None:
@@ -416,9 +444,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if self.flow.read_paused:  # pipelined behind an answer not yet written: not read, not late
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
-            return
+        if self.flow.read_paused:  # behind an answer not yet written: not read, so not late
+            return  # (the time runs again once reading resumes: on_response_complete)
         if self._in_headers and not self.transport.is_closing():
             self._refuse(408, f"request headers not complete within {self.header_timeout_s:g} s")
 
