@@ -408,3 +408,36 @@ def test_a_compressed_body_is_bounded_and_checked(server):
     assert r.status_code == 400
     assert "unsupported Content-Encoding 'br'" in r.json()["error"]
     assert server.client().is_server_ready()
+
+
+def test_a_post_asking_for_h2c_as_java_s_httpclient_sends_it_is_served_over_http_1_1(server, digit_images):
+    """Java's HttpClient asks an Upgrade to h2c with a connection's first request, body and all:
+    served over HTTP/1.1 (as Triton serves it), the body read by its length, the connection closed
+    after it; a request written after that body is not read."""
+    c = server.client()
+    images = [img for img, _ in digit_images[:2]]
+    out = [httpclient.InferRequestedOutput("probabilities", binary_data=True)]
+    plain = c.infer("digits", [image_input(images)], outputs=out).as_numpy("probabilities")
+    body, length = httpclient.InferenceServerClient.generate_request_body([image_input(images)], outputs=out)
+    head = (
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        f"Upgrade: h2c\r\nHTTP2-Settings: AAEAAEAAAAIAAAAB\r\nInference-Header-Content-Length: {length}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + body[:100])
+        time.sleep(0.2)  # the rest in another read
+        sock.sendall(body[100:] + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    status, _, rest = received.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    fields = dict(line.split(b": ", 1) for line in headers.split(b"\r\n"))
+    assert fields[b"connection"] == b"close"
+    assert len(payload) == int(fields[b"content-length"])  # one answer: the GET after it was not read
+    result = httpclient.InferResult.from_response_body(
+        payload, header_length=int(fields[b"inference-header-content-length"])
+    )
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), plain)
