@@ -159,8 +159,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._trusted = _TrustedHosts(self.config.forwarded_allow_ips) if self.config.proxy_headers else None
         self._complete: DirectCycle | None = None  # its last byte arrived in this data_received
         self._ended_in_read = False  # a message ended in this data_received
-        # After a request that asked for an Upgrade, the bytes of its body still to come (its
-        # Content-Length): the parser stopped at its headers. None: nothing more is read.
+        # A request that asked for an Upgrade: the bytes of its body still to come by its
+        # Content-Length (None: none asked). The parser stopped at its headers (_upgraded):
+        # those bytes are its body, and nothing after them is read.
         self._upgrade_body: int | None = None
         self._upgraded = False
 
