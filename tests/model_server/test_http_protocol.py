@@ -319,11 +319,11 @@ def test_compressed_requests_as_tritonclient_sends_them(server, digit_images, al
 def test_compressed_responses_as_tritonclient_asks_them(server, digit_images, algorithm):
     """Triton compresses an inference response in the coding Accept-Encoding picks;
     Inference-Header-Content-Length still counts the JSON part uncompressed. Either way a request
-    arrives (a compressed one goes the ASGI way)."""
+    arrives (a compressed one goes the ASGI way); an answer under 1 KiB stays as it is."""
     import zlib
 
     c = server.client()
-    images = [img for img, _ in digit_images[:8]]
+    images = [img for img, _ in digit_images[:40]]  # 1.6 KB of probabilities
     out = [httpclient.InferRequestedOutput("probabilities", binary_data=True)]
     plain = c.infer("digits", [image_input(images)], outputs=out).as_numpy("probabilities")
     for request_algorithm in (None, algorithm):
@@ -335,20 +335,31 @@ def test_compressed_responses_as_tritonclient_asks_them(server, digit_images, al
             response_compression_algorithm=algorithm,
         )
         np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
-    body, length = httpclient.InferenceServerClient.generate_request_body([image_input(images)], outputs=out)
-    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    with conn, conn.makefile("rb") as reader:
-        asked = [
+    pixels = httpclient.InferInput("input", [2, 3, 224, 224], "FP32")
+    pixels.set_data_from_numpy(np.random.default_rng(3).random((2, 3, 224, 224), dtype=np.float32))
+    logits = c.get_model_metadata("resnet_bench")["outputs"][0]["name"]
+    json_out = [httpclient.InferRequestedOutput(logits, binary_data=False)]  # about 40 KB: compressed off the loop
+    cases = [
+        ("digits", [image_input(images)], out, plain, accept, compressed)
+        for accept, compressed in [
             (algorithm, True),
             (f"identity;q=0.5, {algorithm};q=0.9", True),
             ("br", False),
             (f"{algorithm};q=0", False),
         ]
-        for accept, compressed in asked:
+    ]
+    cases.append(("digits", [image_input(images[:1])], out, plain[:1], algorithm, False))  # 40 bytes
+    big = c.infer("resnet_bench", [pixels], outputs=json_out).as_numpy(logits)
+    cases.append(("resnet_bench", [pixels], json_out, big, algorithm, True))
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    with conn, conn.makefile("rb") as reader:
+        for model, inputs, outputs, expected, accept, compressed in cases:
+            body, length = httpclient.InferenceServerClient.generate_request_body(inputs, outputs=outputs)
             conn.sendall(
-                b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-                + f"Accept-Encoding: {accept}\r\nInference-Header-Content-Length: {length}\r\n".encode()
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+                + f"Accept-Encoding: {accept}\r\nContent-Length: {len(body)}\r\n".encode()
+                + (f"Inference-Header-Content-Length: {length}\r\n" if length else "").encode()
+                + b"\r\n"
                 + body
             )
             assert reader.readline().startswith(b"HTTP/1.1 200")
@@ -360,10 +371,13 @@ def test_compressed_responses_as_tritonclient_asks_them(server, digit_images, al
             if compressed:
                 assert headers["content-encoding"] == algorithm
                 raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
-            else:  # asked with weight 0, or only codings it does not know: as it was
+            else:  # asked with weight 0, only codings it does not know, or too small: as it was
                 assert "content-encoding" not in headers
-            result = httpclient.InferResult.from_response_body(raw, header_length=int(headers[HEADER_LENGTH]))
-            np.testing.assert_array_equal(result.as_numpy("probabilities"), plain)
+            header_length = headers.get(HEADER_LENGTH)
+            result = httpclient.InferResult.from_response_body(
+                raw, header_length=None if header_length is None else int(header_length)
+            )
+            np.testing.assert_array_equal(result.as_numpy(outputs[0].name()), expected)
 
 
 @pytest.mark.parametrize(
