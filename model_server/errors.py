@@ -1,4 +1,4 @@
-"""Every exception class of the model server.
+"""Every exception class of the model server, and how their messages show a client's names.
 
 ``ServerError`` and its subclasses are one class per HTTP meaning, mapped to a status once (in
 app.py). The body is always ``{"error": "<message>"}``: tritonclient turns exactly that into
@@ -7,6 +7,12 @@ a client as such: each is caught by the module that raised it, or by its one cal
 """
 
 from __future__ import annotations
+
+
+def shown(name: str) -> str:
+    """A client's name as an error message shows it: at most 64 characters (a request's names
+    are as long as its JSON part allows, and messages reach the log)."""
+    return name if len(name) <= 64 else name[:64] + "..."
 
 
 class ServerError(Exception):

@@ -160,10 +160,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._complete: DirectCycle | None = None  # its last byte arrived in this data_received
         self._ended_in_read = False  # a message ended in this data_received
         # A request that asked for an Upgrade: the bytes of its body still to come by its
-        # Content-Length (None: none asked). The parser stopped at its headers (_upgraded):
-        # those bytes are its body, and nothing after them is read.
+        # Content-Length (None: none asked). The parser stopped at its headers: the bytes
+        # after them are that body, and nothing after it is read.
         self._upgrade_body: int | None = None
-        self._upgraded = False
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -180,7 +179,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def data_received(self, data: bytes) -> None:
-        if self._upgraded:
+        if self._upgrade_body is not None:  # (set in the read the parser stopped in)
             self._upgrade_body_received(data)
             return
         self._parse(data)
@@ -218,7 +217,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._bad_request()
             return
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded = True
             self._upgrade_body_received(data[upgrade.args[0] :])
             return
         if self._in_headers:

@@ -46,6 +46,7 @@ from model_server.errors import (
     OutOfMemory,
     Preempted,
     ServerError,
+    shown,
 )
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import check_pixels, images_to_features
@@ -132,11 +133,10 @@ def _is_utf8(value: bytes) -> bool:
     return True
 
 
-def _few(names: list[str], shown: int = 10) -> str:
-    """Names for an error message: the first ``shown``, each cut at 64 characters (a request
-    may name a thousand, each as long as its JSON part allows)."""
-    text = str([name if len(name) <= 64 else name[:64] + "..." for name in names[:shown]])
-    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
+def _few(names: list[str], count: int = 10) -> str:
+    """Names for an error message: the first ``count``, each as ``shown`` (a request may name a thousand)."""
+    text = str([shown(name) for name in names[:count]])
+    return text if len(names) <= count else f"{text} and {len(names) - count} more"
 
 
 def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:

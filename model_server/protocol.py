@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server.config import DATATYPES, ascii_uint
-from model_server.errors import InvalidInput, PayloadTooLarge
+from model_server.errors import InvalidInput, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has a few)
@@ -222,7 +222,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}] needs a 'name' string")
-        where = f"input '{name if len(name) <= 64 else name[:64] + '...'}'"
+        where = f"input '{shown(name)}'"
         if name in seen:
             raise InvalidInput(f"{where} is given more than once")
         seen.add(name)
