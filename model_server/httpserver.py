@@ -8,8 +8,8 @@ the shadow path. Here the request line and headers together are limited to
 ``MAX_HEADERS`` (Envoy's ``max_headers_count``, 100), and the time to send them to
 ``HEADER_TIMEOUT_S`` (a client trickling one header byte a minute would otherwise hold its
 connection forever: the keep-alive timer stops at the first byte). Over a limit the client gets
-431 or 408 with the reason, as JSON like every other error, and the connection is closed;
-nothing reaches the application.
+431 or 408 with the reason, as JSON like every other error, once the answers to the requests
+pipelined before it are written, and the connection is closed; nothing reaches the application.
 
 A small inference request is most of its time on the server in the layers around the model:
 uvicorn's request cycle (the ASGI scope, an event, a task, two writes) cost about 100 us a
@@ -163,6 +163,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # Content-Length (None: none asked). The parser stopped at its headers: the bytes
         # after them are that body, and nothing after it is read.
         self._upgrade_body: int | None = None
+        # A refusal waiting for the answers to the requests before it (nothing more is read),
+        # and the request whose body broke, which is never run.
+        self._refusal: bytes | None = None
+        self._broken: RequestResponseCycle | None = None
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -179,6 +183,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
 
     def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return
         if self._upgrade_body is not None:  # (set in the read the parser stopped in)
             self._upgrade_body_received(data)
             return
@@ -412,6 +418,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # (reading resumes)
+        if self._refusal is not None and not self._answers_pending() and not self.transport.is_closing():
+            self._write_refusal(self._refusal)
+            return
         if self._in_headers and self._header_timer is None and not self.flow.read_paused:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
@@ -452,10 +461,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(400, "invalid HTTP request")
 
     def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with ``reason`` and close the connection, once the answers to the
+        requests before the refused one are written (a client that pipelines gets those, in
+        order); nothing after it is read. A request whose body broke is never run."""
         self._end_header_phase()
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._refusal is not None:
             return
-        self.logger.warning("refused a request before its headers were read: %s", reason)
+        self.logger.warning("refused a request: %s", reason)
         body = json.dumps({"error": reason}).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
@@ -466,7 +478,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n",
             body,
         ]
-        self.transport.write(b"".join(head))
+        self._refusal = b"".join(head)
+        cycle = self.cycle
+        in_line = False
+        if isinstance(cycle, RequestResponseCycle) and cycle.more_body and not cycle.response_complete:
+            # Its body is what broke: it runs already, or it waits in line behind one in flight
+            # (the one uvicorn no longer names) and is taken out of it.
+            self._broken = cycle
+            in_line = any(waiting is cycle for waiting, _ in self.pipeline)
+            self.pipeline = type(self.pipeline)(waiting for waiting in self.pipeline if waiting[0] is not cycle)
+        if not in_line and not self._answers_pending():
+            self._write_refusal(self._refusal)
+
+    def _answers_pending(self) -> bool:
+        """Requests before a refused one not yet answered: waiting in line, or in flight."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and cycle is not self._broken and not cycle.response_complete)
+
+    def _write_refusal(self, refusal: bytes) -> None:
+        self.transport.write(refusal)
         self.transport.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import struct
 import time
@@ -493,3 +494,26 @@ def test_a_body_declared_over_the_limit_is_refused_before_100_continue(server, p
         assert response.status == 413
         assert "over the limit" in json.loads(response.read())["error"]
         assert response.getheader("connection") == "close"
+
+
+def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(server, digit_images):
+    """Each request before the malformed one is answered, in order, then the 400 and the close
+    (the 400 was written at once and the earlier answers lost with the connection)."""
+    body, headers = image_body([digit_images[0][0]])
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n".encode()
+    asgi_way = b"Content-Encoding: identity\r\n"  # (a header the protocol's own way leaves to the app)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request + b"\r\n" + body + request + asgi_way + b"\r\n" + body + b"\x00 not HTTP\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    answers = []
+    while received:
+        head, received = received.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        answers.append((int(head.split()[1]), received[:length]))
+        received = received[length:]
+    assert [status for status, _ in answers] == [200, 200, 400]
+    assert json.loads(answers[0][1])["outputs"] == json.loads(answers[1][1])["outputs"]
+    assert json.loads(answers[2][1]) == {"error": "invalid HTTP request"}

@@ -557,3 +557,74 @@ def test_headers_waiting_behind_answers_not_yet_written_do_not_time_out() -> Non
         assert bodies(transport) == [b"direct:1", b"asgi:", b"direct:3"]
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_is_written_after_the_answers_to_the_requests_before_it() -> None:
+    """A client that pipelines gets every answer before the refused request, in order, then the
+    refusal; a request whose body broke is never run; nothing after the refusal is read."""
+
+    async def scenario() -> None:
+        garbage = b"\x00GARBAGE\r\n\r\n"
+        # A request and garbage in one read: the request is answered, then the 400.
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"1") + garbage)
+        await settle()
+        assert bodies(transport) == [b"direct:1", b'{"error": "invalid HTTP request"}']
+        assert transport.writes[-1].startswith(b"HTTP/1.1 400 ")
+        assert transport.closed
+
+        # Behind a handler that waits and an ASGI request in line: nothing until they answer.
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler)
+        protocol.data_received(post("/m/x/infer", b"slow") + b"GET /o HTTP/1.1\r\nHost: x\r\n\r\n" + garbage)
+        protocol.data_received(post("/m/x/infer", b"never read"))
+        await settle()
+        assert transport.writes == []
+        assert not transport.closed
+        handler.wait.set_result(None)
+        await settle()
+        assert bodies(transport)[:2] == [b"direct:slow", b"asgi:"]
+        assert transport.writes[-1].startswith(b"HTTP/1.1 400 ")
+        assert transport.closed
+        assert [call[1] for call in handler.calls] == [b"slow"]
+
+        # A chunked body that breaks while waiting in line: that request never runs.
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler)
+        broken = b"POST /o HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\nzz\r\n"
+        protocol.data_received(post("/m/x/infer", b"slow") + broken)
+        await settle()
+        assert transport.writes == []
+        handler.wait.set_result(None)
+        await settle()
+        assert len(bodies(transport)) == 2
+        assert bodies(transport)[0] == b"direct:slow"
+        assert transport.writes[-1].startswith(b"HTTP/1.1 400 ")
+        assert transport.closed
+
+        # ... and while it runs (nothing before it to wait for): refused at once, the app sees
+        # the client gone.
+        protocol, transport = connect(Handler())
+        protocol.data_received(broken)
+        await settle()
+        assert len(transport.writes) == 1
+        assert transport.writes[0].startswith(b"HTTP/1.1 400 ")
+        assert transport.closed
+
+        # Headers too slow behind an answer still being computed (reading is not paused).
+        handler = Handler()
+        handler.wait = asyncio.get_running_loop().create_future()
+        protocol, transport = connect(handler, timeout_s=0.05)
+        protocol.data_received(post("/m/x/infer", b"slow") + b"GET /o HTTP/1.1\r\nHo")
+        await asyncio.sleep(0.3)  # (at least the timeout: the 408 is due, however slow the machine)
+        assert transport.writes == []
+        handler.wait.set_result(None)
+        await settle()
+        assert bodies(transport)[0] == b"direct:slow"
+        assert transport.writes[-1].startswith(b"HTTP/1.1 408 ")
+        assert transport.closed
+
+    asyncio.run(scenario())
