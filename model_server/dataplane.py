@@ -20,7 +20,7 @@ import numpy as np
 from model_server import __version__, metrics
 from model_server.config import ModelConfig, version_number
 from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
-from model_server.feedback import FeedbackStore
+from model_server.feedback import FeedbackStore, class_index
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog
 from model_server.protocol import (
@@ -122,6 +122,7 @@ class DataPlane:
         self.prediction_log = prediction_log
         self.max_json_bytes = max_json_bytes  # an infer request's JSON part
         self.running = False
+        self._class_names: dict[str, tuple[ModelConfig, dict[str, int] | None]] = {}  # model -> of its config
 
     async def start(self) -> None:
         """Restore the persisted traffic policies, start the prediction log and the mirror: ready."""
@@ -422,19 +423,26 @@ class DataPlane:
 
     # -- feedback ---------------------------------------------------------------------------
 
-    def class_labels(self, model: str) -> list[str] | None:
-        """The names a label may give instead of a class index (the config's metadata.labels,
-        else its first output's label_filename); ModelNotFound for a model the repository does
-        not have."""
+    def class_labels(self, model: str) -> dict[str, int] | None:
+        """The names a label may give instead of a class index, each to its index (the config's
+        metadata.labels, else its first output's label_filename; made once a config);
+        ModelNotFound for a model the repository does not have."""
         config = self.repo.model_config(model)
-        names = config.metadata.get("labels") or config.labels.get(config.outputs[0].name)
-        return None if names is None else list(names)
+        kept = self._class_names.get(model)
+        if kept is not None and kept[0] is config:
+            return kept[1]
+        names = config.metadata.get("labels")
+        if not isinstance(names, list) or not names:  # (free-form metadata: a list, else not names)
+            names = config.labels.get(config.outputs[0].name)
+        index = None if names is None else class_index(names)
+        self._class_names[model] = (config, index)
+        return index
 
     def feedback(
         self,
         model: str,
         body: Any,
-        class_labels: list[str] | None,
+        class_labels: dict[str, int] | None,
         tenant: str | None = None,
         received_at: float | None = None,
     ) -> dict[str, Any]:

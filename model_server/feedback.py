@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server import metrics
-from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized
+from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized, shown
 
 
 def read_key(path: Path, create: bool = False) -> bytes:
@@ -148,7 +148,7 @@ class FeedbackStore:
         self,
         model: str,
         item: Any,
-        labels: list[str] | None,
+        labels: dict[str, int] | None,
         accept_unmatched: bool = False,
         tenant: str | None = None,
     ) -> Feedback:
@@ -192,10 +192,23 @@ class FeedbackStore:
         return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
 
 
-def _label_index(value: Any, labels: list[str] | None) -> int:
+def class_index(names: list[Any] | tuple[str, ...]) -> dict[str, int]:
+    """A model's class names, each to its index (the first, where one is named twice; what is
+    not a string names none)."""
+    index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if isinstance(name, str):
+            index.setdefault(name, i)
+    return index
+
+
+def _label_index(value: Any, labels: dict[str, int] | None) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and labels and value in labels:
-        return labels.index(value)
-    known = f"; labels are {labels}" if labels else ""
-    raise InvalidInput(f"label {value!r} is not a class index or a known label{known}")
+        return labels[value]
+    known = ""
+    if labels:
+        few = ", ".join(shown(name) for name in list(labels)[:10])
+        known = f"; labels are {few}" + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    raise InvalidInput(f"label {shown(repr(value))} is not a class index or a known label{known}")

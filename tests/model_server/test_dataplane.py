@@ -281,6 +281,40 @@ def test_feedback_for_an_unknown_request_id_is_refused_without_a_prediction_log(
     assert [a["status"] for a in answers] == [404, 401]
 
 
+def test_class_names_are_indexed_once_a_config_and_named_boundedly_in_errors(repo_copy):
+    """A label given by name is looked up in a map made once per loaded config (it was a list
+    copied per call and searched per label), and a wrong one names ten of the classes, not all
+    of them (a 1000-class model's list in every item of a 1000-item call)."""
+    names = [f"class-{i}" for i in range(1000)] + ["class-7", "x" * 300]  # (a name twice: its first index)
+    (repo_copy / "digits" / "labels.txt").write_text("\n".join(names))
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", {"version_policy": {"specific": {"versions": [1]}}})
+    try:
+        dp = data_plane(repo)
+        labels = dp.class_labels("digits")
+        assert labels is dp.class_labels("digits")  # made once
+        assert labels is not None
+        assert labels["class-7"] == 7
+        assert labels["class-999"] == 999
+        assert labels["x" * 300] == 1001
+        token = dp.feedback_store.signer.token("digits", "r")
+        answer = dp.feedback("digits", [{"request_id": "r", "label": "nope" * 1000, "token": token}] * 3, labels)
+        errors = [item["error"] for item in answer["results"]]
+        assert errors[0] == errors[2]
+        assert "'class-0', " not in errors[0]  # (names shown as they are, cut at 64 characters)
+        assert "class-0, class-1, class-2" in errors[0]
+        assert "class-9, ... (1001 in all)" in errors[0]
+        assert "class-10," not in errors[0]
+        assert len(errors[0]) < 300  # the label cut too
+        config = json.loads((repo_copy / "digits" / "config.json").read_text())
+        config["metadata"]["labels"] = ["a", "b"]
+        (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+        repo.load("digits", {"version_policy": {"specific": {"versions": [1]}}})
+        assert dp.class_labels("digits") == {"a": 0, "b": 1}  # a new config: made again
+    finally:
+        repo.close_all()
+
+
 def test_feedback_for_a_model_the_repository_lacks_is_404(dp):
     with pytest.raises(ModelNotFound):
         dp.class_labels("nope")
