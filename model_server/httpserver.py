@@ -154,6 +154,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._received = 0  # bytes read while this message's headers were incomplete
         self._header_bytes = 0  # bytes of its complete headers (on_header)
         self._header_count = 0
+        self._hosts = 0  # Host headers
         self._header_timer: asyncio.TimerHandle | None = None
         # As uvicorn's ProxyHeadersMiddleware sees the client, for the requests answered here.
         self._trusted = _TrustedHosts(self.config.forwarded_allow_ips) if self.config.proxy_headers else None
@@ -250,6 +251,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._received = 0
         self._header_bytes = 0
         self._header_count = 0
+        self._hosts = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -259,9 +261,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_bytes > self.max_header_bytes:
             raise RequestRefused(431, f"request headers exceed {self.max_header_bytes} bytes")
         super().on_header(name, value)
+        name = self.headers[-1][0]  # (lower-cased by uvicorn)
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"transfer-encoding":
+            # RFC 9112 6.1: a coding the server does not apply is a 501 (llhttp frames "gzip,
+            # chunked" by its chunks, and the body would be read still gzipped).
+            for coding in value.split(b","):
+                if coding.strip().lower() != b"chunked":
+                    shown = coding.strip().decode("latin-1")[:64]
+                    raise RequestRefused(501, f"Transfer-Encoding {shown!r} is not supported: only chunked")
 
     def on_headers_complete(self) -> None:
         self._end_header_phase()
+        # RFC 9112 3.2, as Envoy: an HTTP/1.1 request without Host, any with two, is a 400 (a
+        # proxy in front and this server could each take a different one).
+        if self._hosts > 1 or (not self._hosts and self.parser.get_http_version() == "1.1"):
+            raise RequestRefused(400, "a request needs exactly one Host header")
         # An Upgrade (h2c, as Java's HttpClient and curl --http2 ask it; websocket: none is
         # served here) stops the parser at these headers: the body would be parsed as the next
         # request. The request is served over HTTP/1.1 (RFC 9110 lets a server ignore Upgrade),

@@ -628,3 +628,53 @@ def test_a_refusal_is_written_after_the_answers_to_the_requests_before_it() -> N
         assert transport.closed
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("head", "answered"),
+    [
+        (b"GET /o HTTP/1.1\r\nHost: x\r\n", True),
+        (b"GET /o HTTP/1.0\r\n", True),  # (HTTP/1.0 has no Host)
+        (b"GET /o HTTP/1.1\r\n", False),
+        (b"GET /o HTTP/1.1\r\nHost: x\r\nhost: y\r\n", False),
+        (b"GET /o HTTP/1.0\r\nHost: x\r\nHost: y\r\n", False),
+        (b"POST /m/x/infer HTTP/1.1\r\nContent-Length: 1\r\n", False),  # the protocol's own way too
+    ],
+)
+def test_a_request_needs_exactly_one_host_header(head: bytes, answered: bool) -> None:
+    """RFC 9112 3.2, as Envoy: a proxy in front and this server could each take another Host."""
+
+    async def scenario() -> None:
+        handler = Handler()
+        protocol, transport = connect(handler)
+        protocol.data_received(head + b"\r\n" + (b"1" if head.startswith(b"POST") else b""))
+        await settle()
+        if answered:
+            assert bodies(transport) == [b"asgi:"]
+        else:
+            assert bodies(transport) == [b'{"error": "a request needs exactly one Host header"}']
+            assert transport.writes[0].startswith(b"HTTP/1.1 400 ")
+            assert transport.closed
+            assert handler.calls == []
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"x-custom , chunked"])
+def test_a_transfer_coding_other_than_chunked_is_a_501(coding: bytes) -> None:
+    """RFC 9112 6.1: llhttp frames "gzip, chunked" by its chunks, and the body was read still
+    gzipped. Plain chunked is served."""
+
+    async def scenario() -> None:
+        protocol, transport = connect(Handler())
+        protocol.data_received(b"POST /o HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n")
+        await settle()
+        assert transport.writes[0].startswith(b"HTTP/1.1 501 ")
+        assert b"is not supported: only chunked" in transport.writes[0]
+        assert transport.closed
+        protocol, transport = connect(Handler())
+        protocol.data_received(b"POST /o HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n")
+        await settle()
+        assert bodies(transport) == [b"asgi:z"]
+
+    asyncio.run(scenario())
