@@ -492,7 +492,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     async def post_feedback(request: Request) -> Response:
         """Delayed labels: one {"request_id", "label", "token"}, or a list (DataPlane.feedback)."""
         model = request.path_params["model"]
-        labels = dataplane.class_labels(model)  # before the body: an unknown model is a 404
+        rules = dataplane.label_rules(model)  # before the body: an unknown model is a 404
         received_at = time.time()
         tenant = request.headers.get("x-tenant")
         body = await json_body(request, allow_list=True)
@@ -501,7 +501,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 f"feedback list of {len(body)} items is over the limit of {settings.feedback_max_items} "
                 "per call; send it in parts"
             )
-        return JSONResponse(dataplane.feedback(model, body, labels, tenant, received_at))
+        return JSONResponse(dataplane.feedback(model, body, rules, tenant, received_at))
 
     # -- admin: traffic policy, fault injection ---------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 from model_server import __version__, metrics
 from model_server.config import ModelConfig, version_number
 from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
-from model_server.feedback import FeedbackStore, class_index
+from model_server.feedback import FeedbackStore, LabelRules
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog
 from model_server.protocol import (
@@ -122,7 +122,7 @@ class DataPlane:
         self.prediction_log = prediction_log
         self.max_json_bytes = max_json_bytes  # an infer request's JSON part
         self.running = False
-        self._class_names: dict[str, tuple[ModelConfig, dict[str, int] | None]] = {}  # model -> of its config
+        self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
 
     async def start(self) -> None:
         """Restore the persisted traffic policies, start the prediction log and the mirror: ready."""
@@ -423,26 +423,28 @@ class DataPlane:
 
     # -- feedback ---------------------------------------------------------------------------
 
-    def class_labels(self, model: str) -> dict[str, int] | None:
-        """The names a label may give instead of a class index, each to its index (the config's
-        metadata.labels, else its first output's label_filename; made once a config);
-        ModelNotFound for a model the repository does not have."""
+    def label_rules(self, model: str) -> LabelRules:
+        """What a label for ``model`` may be (LabelRules, made once a config): its classes by
+        the last dimension of its first output, their names from the config's metadata.labels,
+        else from that output's label_filename; ModelNotFound for a model the repository does
+        not have."""
         config = self.repo.model_config(model)
-        kept = self._class_names.get(model)
+        kept = self._label_rules.get(model)
         if kept is not None and kept[0] is config:
             return kept[1]
+        output = config.outputs[0]
         names = config.metadata.get("labels")
         if not isinstance(names, list) or not names:  # (free-form metadata: a list, else not names)
-            names = config.labels.get(config.outputs[0].name)
-        index = None if names is None else class_index(names)
-        self._class_names[model] = (config, index)
-        return index
+            names = config.labels.get(output.name)
+        rules = LabelRules.of(names, output.dims[-1] if output.dims else None, config.max_batch_size)
+        self._label_rules[model] = (config, rules)
+        return rules
 
     def feedback(
         self,
         model: str,
         body: Any,
-        class_labels: dict[str, int] | None,
+        rules: LabelRules,
         tenant: str | None = None,
         received_at: float | None = None,
     ) -> dict[str, Any]:
@@ -457,7 +459,7 @@ class DataPlane:
         plog = self.prediction_log
 
         def one(item: Any) -> dict[str, Any]:
-            fb = self.feedback_store.label(model, item, class_labels, accept_unmatched=plog is not None, tenant=tenant)
+            fb = self.feedback_store.label(model, item, rules, accept_unmatched=plog is not None, tenant=tenant)
             logged = plog is not None and plog.append(
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from model_server import metrics
 from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized, shown
@@ -66,7 +66,28 @@ class FeedbackSigner:
                 "or the X-Feedback-Token header)"
             )
         if not hmac.compare_digest(token.encode(), self.token(model, request_id).encode()):
-            raise Unauthorized(f"feedback token does not match request {request_id!r} of model '{model}'")
+            raise Unauthorized(f"feedback token does not match request {shown(request_id)!r} of model '{model}'")
+
+
+MAX_CLASS_INDEX = 2**31 - 1  # the prediction log's label column is int32
+MAX_LABELS = 1024  # a request's labels when the model does not batch (nor say how many items)
+
+
+class LabelRules(NamedTuple):
+    """What a label for one model may be: a class index below ``classes`` (as many as its
+    output's last dimension, else as its names, else the log's int32 allows), or one of its
+    ``names``; at most ``max_items`` labels a request (its largest batch)."""
+
+    names: dict[str, int] | None
+    classes: int
+    max_items: int
+
+    @classmethod
+    def of(cls, names: list[Any] | tuple[str, ...] | None, classes: int | None, max_batch_size: int) -> LabelRules:
+        index = None if names is None else class_index(names)
+        if classes is None or classes <= 0:
+            classes = len(names) if names else MAX_CLASS_INDEX
+        return cls(index, min(classes, MAX_CLASS_INDEX), max_batch_size if max_batch_size > 0 else MAX_LABELS)
 
 
 @dataclass
@@ -148,7 +169,7 @@ class FeedbackStore:
         self,
         model: str,
         item: Any,
-        labels: dict[str, int] | None,
+        rules: LabelRules,
         accept_unmatched: bool = False,
         tenant: str | None = None,
     ) -> Feedback:
@@ -169,7 +190,12 @@ class FeedbackStore:
         values = raw if isinstance(raw, list) else [raw]
         if not values:
             raise InvalidInput("feedback 'label' must not be an empty list")
-        truth = [_label_index(v, labels) for v in values]
+        if len(values) > rules.max_items:
+            raise InvalidInput(
+                f"feedback for request {shown(rid)!r} has {len(values)} labels; "
+                f"model '{model}' answers at most {rules.max_items} items a request"
+            )
+        truth = [_label_index(v, rules) for v in values]
         now = self.clock()
         with self._lock:
             self._evict(now)
@@ -177,14 +203,16 @@ class FeedbackStore:
             if served is None:
                 why = self._gone.get(rid, "unknown request id: no prediction was served under it here")
                 if not accept_unmatched:
-                    raise ModelNotFound(f"request {rid!r}: {why}")
+                    raise ModelNotFound(f"request {shown(rid)!r}: {why}")
                 return Feedback(rid, truth, item.get("tenant", tenant), matched=False, reason=why)
             if served.model != model:
-                raise ModelNotFound(f"request {rid!r} was served by model '{served.model}', not '{model}'")
+                raise ModelNotFound(f"request {shown(rid)!r} was served by model '{served.model}', not '{model}'")
             if len(truth) != len(served.top1):
-                raise InvalidInput(f"request {rid!r} had {len(served.top1)} prediction(s); got {len(truth)} label(s)")
+                raise InvalidInput(
+                    f"request {shown(rid)!r} had {len(served.top1)} prediction(s); got {len(truth)} label(s)"
+                )
             if served.labelled:
-                raise Conflict(f"request {rid!r} already has feedback")
+                raise Conflict(f"request {shown(rid)!r} already has feedback")
             served.labelled = True
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
         metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
@@ -202,13 +230,14 @@ def class_index(names: list[Any] | tuple[str, ...]) -> dict[str, int]:
     return index
 
 
-def _label_index(value: Any, labels: dict[str, int] | None) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+def _label_index(value: Any, rules: LabelRules) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < rules.classes:
         return value
-    if isinstance(value, str) and labels and value in labels:
-        return labels[value]
-    known = ""
-    if labels:
-        few = ", ".join(shown(name) for name in list(labels)[:10])
-        known = f"; labels are {few}" + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    names = rules.names
+    if isinstance(value, str) and names and value in names:
+        return names[value]
+    known = f"; classes are 0 to {rules.classes - 1}"
+    if names:
+        few = ", ".join(shown(name) for name in list(names)[:10])
+        known += f", or their names: {few}" + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
     raise InvalidInput(f"label {shown(repr(value))} is not a class index or a known label{known}")

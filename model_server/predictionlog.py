@@ -31,10 +31,11 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -198,6 +199,11 @@ class Label(NamedTuple):
     labels: Sequence[int]  # one per item
     tenant: str | None  # whose key masks the request id (the request's tenant)
 
+    @property
+    def size(self) -> int:
+        """About the bytes it holds, for the buffer's byte budget."""
+        return 64 + len(self.request_id) + 8 * len(self.labels)
+
 
 def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and root path for a folder path, ``file://`` or ``s3://`` URI.
@@ -298,7 +304,7 @@ class PredictionLog:
 
     def append(self, record: Inference | Label) -> bool:
         """Queue one record; False (and counted) when the buffer is full. Never blocks on I/O."""
-        size = record.size if isinstance(record, Inference) else 0
+        size = record.size
         with self._lock:
             if len(self._pending) < self.max_pending and self._pending_bytes + size <= self.max_pending_bytes:
                 self._pending.append(record)
@@ -525,31 +531,31 @@ class PredictionLog:
         if not recs:
             return None
         rids = self._mask_ids([r.request_id for r in recs], rec_keys)
-        rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-        for r, rid, key, tenant in zip(recs, rids, rec_keys, tenants, strict=True):
-            masked_tenant = None if tenant is None else self._mask("x-tenant", tenant, key)
-            for i, label in enumerate(r.labels):
-                for name, value in (
-                    ("time", int(r.received_at * 1_000_000)),
-                    ("model", r.model),
-                    ("version", r.version),
-                    ("role", "label"),
-                    ("replica", self.replica),
-                    ("request_id", rid),
-                    ("item", i),
-                    ("outcome", "ok"),
-                    ("label", int(label)),
-                    ("tenant", masked_tenant),
-                ):
-                    rows[name].append(value)
-        n = len(rows["time"])
-        cols = {
-            name: pa.array(values, SCHEMA.field(name).type) if values else pa.nulls(n, SCHEMA.field(name).type)
-            for name, values in rows.items()
-            if name != "time"
+        counts = np.array([len(r.labels) for r in recs], np.int64)
+        rows = int(counts.sum())
+        rep = pa.array(np.repeat(np.arange(len(recs)), counts))
+
+        def column(values: list[Any], name: str) -> pa.Array:
+            return pa.array(values, type=SCHEMA.field(name).type).take(rep)
+
+        us = np.array([int(r.received_at * 1_000_000) for r in recs], np.int64)
+        labels = np.fromiter((label for r in recs for label in r.labels), np.int64, rows)
+        tenant = [None if t is None else self._mask("x-tenant", t, k) for t, k in zip(tenants, rec_keys, strict=True)]
+        cols: dict[str, pa.Array] = {
+            "time": pa.array(np.repeat(us, counts)).cast(SCHEMA.field("time").type),
+            "model": column([r.model for r in recs], "model"),
+            "version": column([r.version for r in recs], "version"),
+            "role": pa.array(["label"] * rows, pa.string()),
+            "replica": pa.array([self.replica] * rows, pa.string()),
+            "request_id": column(rids, "request_id"),
+            "item": pa.array((np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)),
+            "outcome": pa.array(["ok"] * rows, pa.string()),
+            "label": pa.array(labels, pa.int32()),  # (safe: a value over int32 raises, never wraps)
+            "tenant": column(tenant, "tenant"),
         }
-        cols["time"] = pa.array(np.asarray(rows["time"], np.int64)).cast(SCHEMA.field("time").type)
-        return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
+        return pa.table(
+            [cols.get(name, pa.nulls(rows, SCHEMA.field(name).type)) for name in SCHEMA.names], schema=SCHEMA
+        )
 
     def flush(self) -> int:
         """Write what is queued; returns the number of rows written."""
@@ -568,26 +574,41 @@ class PredictionLog:
             for (model, hour), recs in sorted(groups.items()):
                 t = datetime.fromtimestamp(hour * 3600, UTC)
                 folder = f"{self.root}/model={model}/dt={t:%Y-%m-%d}/hour={t:%H}"
-                rows = 0
+                inferences = [r for r in recs if type(r) is Inference]
+                labels = [r for r in recs if type(r) is Label]
+                parts = [
+                    part
+                    for part in (
+                        self._part(inferences, partial(self._inference_table, inferences, keys), folder),
+                        self._part(labels, partial(self._label_table, labels, keys), folder),
+                    )
+                    if part is not None
+                ]
+                if not parts:
+                    continue
+                table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+                rows = table.num_rows
                 try:
-                    inferences = [r for r in recs if type(r) is Inference]
-                    tables = [
-                        self._inference_table(inferences, keys) if inferences else None,
-                        self._label_table([r for r in recs if type(r) is Label], keys),
-                    ]
-                    parts = [tb for tb in tables if tb is not None]
-                    if not parts:
-                        continue
-                    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-                    rows = table.num_rows
                     self._write(folder, table)
                 except Exception as exc:  # a failed write loses this file's rows, counted; others go on
-                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows or sum(_rows_of(r) for r in recs))
+                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows)
                     log.error("prediction log write of %d records in %s failed: %s", len(recs), folder, exc)
                     continue
                 metrics.PREDICTION_LOG_RECORDS.labels("written").inc(rows)
                 written += rows
             return written
+
+    @staticmethod
+    def _part(
+        recs: Sequence[Inference | Label], table_of: Callable[[], pa.Table | None], folder: str
+    ) -> pa.Table | None:
+        """The records' table; records it cannot hold lose their own rows, counted, not the others'."""
+        try:
+            return table_of() if recs else None
+        except Exception as exc:
+            metrics.PREDICTION_LOG_RECORDS.labels("error").inc(sum(_rows_of(r) for r in recs))
+            log.error("prediction log: %d records for %s not written: %s", len(recs), folder, exc)
+            return None
 
     def _encode(self, table: pa.Table) -> list[pa.Buffer]:
         """Parquet files of the table, each under MAX_FILE_BYTES (split by rows when larger)."""

@@ -257,7 +257,7 @@ def test_feedback_joins_the_label_to_the_served_prediction(dp, digit_images):
     result = infer(dp, image, RequestContext("fb-1"))
     top1 = int(np.argmax(json.loads(result.payload)["outputs"][0]["data"]))
     item = {"request_id": "fb-1", "label": str(label), "token": result.feedback_token}
-    answer = dp.feedback("digits", item, dp.class_labels("digits"))
+    answer = dp.feedback("digits", item, dp.label_rules("digits"))
     assert answer == {
         "request_id": "fb-1",
         "labels": 1,
@@ -267,21 +267,21 @@ def test_feedback_joins_the_label_to_the_served_prediction(dp, digit_images):
         "logged": False,
     }
     with pytest.raises(Conflict, match="already has feedback"):
-        dp.feedback("digits", item, dp.class_labels("digits"))
+        dp.feedback("digits", item, dp.label_rules("digits"))
 
 
 def test_feedback_for_an_unknown_request_id_is_refused_without_a_prediction_log(dp):
     token = dp.feedback_store.signer.token("digits", "never-served")
     item = {"request_id": "never-served", "label": 1, "token": token}
     with pytest.raises(ModelNotFound, match="unknown request id"):
-        dp.feedback("digits", item, dp.class_labels("digits"))
+        dp.feedback("digits", item, dp.label_rules("digits"))
     with pytest.raises(Unauthorized):
-        dp.feedback("digits", {**item, "token": "forged"}, None)
-    answers = dp.feedback("digits", [item, {**item, "token": "forged"}], None)["results"]
+        dp.feedback("digits", {**item, "token": "forged"}, dp.label_rules("digits"))
+    answers = dp.feedback("digits", [item, {**item, "token": "forged"}], dp.label_rules("digits"))["results"]
     assert [a["status"] for a in answers] == [404, 401]
 
 
-def test_class_names_are_indexed_once_a_config_and_named_boundedly_in_errors(repo_copy):
+def test_what_a_label_may_be_is_made_once_a_config_and_named_boundedly_in_errors(repo_copy):
     """A label given by name is looked up in a map made once per loaded config (it was a list
     copied per call and searched per label), and a wrong one names ten of the classes, not all
     of them (a 1000-class model's list in every item of a 1000-item call)."""
@@ -291,18 +291,18 @@ def test_class_names_are_indexed_once_a_config_and_named_boundedly_in_errors(rep
     repo.load("digits", {"version_policy": {"specific": {"versions": [1]}}})
     try:
         dp = data_plane(repo)
-        labels = dp.class_labels("digits")
-        assert labels is dp.class_labels("digits")  # made once
-        assert labels is not None
-        assert labels["class-7"] == 7
-        assert labels["class-999"] == 999
-        assert labels["x" * 300] == 1001
+        rules = dp.label_rules("digits")
+        assert rules is dp.label_rules("digits")  # made once
+        assert rules.names is not None
+        assert rules.names["class-7"] == 7
+        assert rules.names["class-999"] == 999  # (names beyond the output's 10 classes are the config's error)
+        assert rules.names["x" * 300] == 1001
+        assert (rules.classes, rules.max_items) == (10, 64)  # the output's [-1, 10]; max_batch_size
         token = dp.feedback_store.signer.token("digits", "r")
-        answer = dp.feedback("digits", [{"request_id": "r", "label": "nope" * 1000, "token": token}] * 3, labels)
+        answer = dp.feedback("digits", [{"request_id": "r", "label": "nope" * 1000, "token": token}] * 3, rules)
         errors = [item["error"] for item in answer["results"]]
         assert errors[0] == errors[2]
-        assert "'class-0', " not in errors[0]  # (names shown as they are, cut at 64 characters)
-        assert "class-0, class-1, class-2" in errors[0]
+        assert "classes are 0 to 9, or their names: class-0, class-1, class-2" in errors[0]
         assert "class-9, ... (1001 in all)" in errors[0]
         assert "class-10," not in errors[0]
         assert len(errors[0]) < 300  # the label cut too
@@ -310,14 +310,35 @@ def test_class_names_are_indexed_once_a_config_and_named_boundedly_in_errors(rep
         config["metadata"]["labels"] = ["a", "b"]
         (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
         repo.load("digits", {"version_policy": {"specific": {"versions": [1]}}})
-        assert dp.class_labels("digits") == {"a": 0, "b": 1}  # a new config: made again
+        assert dp.label_rules("digits").names == {"a": 0, "b": 1}  # a new config: made again
     finally:
         repo.close_all()
 
 
+def test_a_label_is_a_class_of_the_model_and_a_request_has_at_most_its_largest_batch_of_them(tmp_path, repo):
+    """A class index at or over the model's classes was taken, and counted as a wrong answer:
+    one of 2**31 then failed the prediction log's whole flush, inferences and all (int32). A
+    request id this replica did not serve took any number of labels (1.3 M from one call)."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)))
+    dp = data_plane(repo, plog)
+    rules = dp.label_rules("digits")
+    token = dp.feedback_store.signer.token("digits", "elsewhere")
+    for label in (10, 2**31, 10**20, -1, True, 1.0):
+        with pytest.raises(InvalidInput, match="classes are 0 to 9"):
+            dp.feedback("digits", {"request_id": "elsewhere", "label": label, "token": token}, rules)
+    with pytest.raises(InvalidInput, match="has 65 labels; model 'digits' answers at most 64 items a request"):
+        dp.feedback("digits", {"request_id": "elsewhere", "label": [1] * 65, "token": token}, rules)
+    answer = dp.feedback("digits", {"request_id": "elsewhere", "label": [9] * 64, "token": token}, rules)
+    assert answer["matched_locally"] is False
+    assert answer["logged"] is True
+    assert plog.flush() == 64
+
+
 def test_feedback_for_a_model_the_repository_lacks_is_404(dp):
     with pytest.raises(ModelNotFound):
-        dp.class_labels("nope")
+        dp.label_rules("nope")
 
 
 # -- readiness and admin ------------------------------------------------------------------------

@@ -237,17 +237,19 @@ def test_a_re_sent_request_id_keeps_its_first_prediction_and_one_label(
 
 def test_a_prediction_expires_after_its_ttl():
     """The TTL on an injected clock (the server test above forgets by capacity: no waiting)."""
-    from model_server.feedback import FeedbackStore
+    from model_server.feedback import FeedbackStore, LabelRules
+
+    rules = LabelRules.of(None, 10, 64)
 
     now = [1000.0]
     store = FeedbackStore(FeedbackSigner(b"k" * 32), capacity=10, ttl_s=60, clock=lambda: now[0])
     store.record("r1", "digits", "1", [3])
     store.record("r2", "digits", "1", [4])
     sign = FeedbackSigner(b"k" * 32)
-    assert store.label("digits", {"request_id": "r1", "label": 3, "token": sign.token("digits", "r1")}, None).matched
+    assert store.label("digits", {"request_id": "r1", "label": 3, "token": sign.token("digits", "r1")}, rules).matched
     now[0] += 61
     late = store.label(
-        "digits", {"request_id": "r2", "label": 4, "token": sign.token("digits", "r2")}, None, accept_unmatched=True
+        "digits", {"request_id": "r2", "label": 4, "token": sign.token("digits", "r2")}, rules, accept_unmatched=True
     )
     assert late.matched is False
     assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"

@@ -399,6 +399,31 @@ def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_p
         assert b"13800138000" not in f.read_bytes()
 
 
+def test_records_a_table_cannot_hold_lose_their_own_rows_not_the_others(tmp_path):
+    """A label over the int32 column (the server refuses it; this is the writer's own guard)
+    failed the whole flush of its model and hour, every inference with it."""
+    w = writer(tmp_path)
+    before = records("error")
+    w.append(primary("a"))
+    w.append(Label(time.time(), "digits", "1", "a", [2**31], None))
+    w.append(Label(time.time(), "digits", "1", "b", [3, 4], None))
+    assert w.flush() == 2  # the primary's two items
+    assert records("error") == before + 3  # the two labels' three
+    df = read(tmp_path / "log", *window())
+    assert sorted(df["role"]) == ["primary", "primary"]
+    w.append(Label(time.time(), "digits", "1", "b", [3, 4], "acme"))
+    w.append(Label(time.time(), "digits", "2", "c", [5], None))
+    assert w.flush() == 3
+    df = read(tmp_path / "log", *window())
+    labels = df[df["role"] == "label"].sort_values(["request_id", "item"])
+    assert sorted(zip(labels["version"], labels["item"], labels["label"], strict=True)) == [
+        ("1", 0, 3),
+        ("1", 1, 4),
+        ("2", 0, 5),
+    ]
+    assert labels["tenant"].notna().sum() == 2  # (masked)
+
+
 def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
     w = writer(tmp_path, max_pending=2)
     before = records("dropped")
