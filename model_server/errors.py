@@ -27,6 +27,13 @@ class InvalidInput(ServerError):
     status = 400
 
 
+class ModelRejectedInput(InvalidInput):
+    """The model's own run refused an input the server's checks let through (ONNX Runtime's
+    InvalidArgument: a data-dependent index out of range, a reshape that fits some inputs): a
+    400 as Triton answers it, but the version's failure (BACKEND), which another version may
+    not have."""
+
+
 class Unauthorized(ServerError):
     status = 401
 
@@ -93,14 +100,15 @@ class InjectedFault(InferenceFailed):
 
 
 def failure_reason(exc: ServerError) -> str:
-    """The reason the failure metrics count (Triton's): OOM, CANCELED, REJECTED, INVALID_INPUT or BACKEND."""
+    """The reason the failure metrics count (Triton's): OOM, CANCELED, REJECTED, INVALID_INPUT (the
+    client's request) or BACKEND (the version's: a model that refused an input counts here)."""
     if isinstance(exc, OutOfMemory):
         return "OOM"
     if isinstance(exc, ClientTimeout):
         return "CANCELED"
     if isinstance(exc, Rejected):
         return "REJECTED"
-    return "INVALID_INPUT" if exc.status < 500 else "BACKEND"
+    return "INVALID_INPUT" if exc.status < 500 and not isinstance(exc, ModelRejectedInput) else "BACKEND"
 
 
 def outcome_of(exc: ServerError) -> str:

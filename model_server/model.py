@@ -42,6 +42,7 @@ from model_server.errors import (
     InferenceFailed,
     InjectedFault,
     InvalidInput,
+    ModelRejectedInput,
     ModelUnavailable,
     OutOfMemory,
     Preempted,
@@ -350,7 +351,7 @@ class LoadedVersion:
                     f"model '{self.name}' version {self.version} ran out of memory on {self.provider}: {message}"
                 ) from None
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
-                raise InvalidInput(f"model '{self.name}' rejected the input: {message}") from None
+                raise ModelRejectedInput(f"model '{self.name}' rejected the input: {message}") from None
             if STRING_PARSE_FAILED.search(message) and any(i.type == "tensor(string)" for i in session.get_inputs()):
                 raise InvalidInput(
                     f"model '{self.name}' could not read a string input as a number: {message}"

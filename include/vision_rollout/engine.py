@@ -115,11 +115,15 @@ def stage_samples(
     truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
     # Server failures: a client's 400, or its own queue timeout (CANCELED), is not the version's.
     error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT", "CANCELED"])
+    # Latency of the answers and of the requests given up waiting (as long as the client's
+    # timeout: a slow arm pays for them); a failure's is not an answer's (a client's garbage
+    # pinned to one arm, answered 400 in microseconds, made it look faster).
+    answered = chosen["outcome"].isin(["ok", "CANCELED"])
     return pd.DataFrame(
         {
             "arm": chosen["version"].map(arms),
             "source": np.where(is_replay, "replay", "live"),
-            "latency_ms": chosen["latency_ms"].astype(float),
+            "latency_ms": chosen["latency_ms"].astype(float).where(answered),
             "error": error.astype(int),
             "oom": (chosen["outcome"] == "OOM").astype(int),
             "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),

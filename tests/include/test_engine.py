@@ -231,6 +231,12 @@ def test_a_clients_malformed_requests_are_not_the_versions_errors():
     samples = stage_samples(log, spec(), WINDOW, T0 + 200, IMAGES)
     assert samples.loc[samples["arm"] == "canary", "error"].sum() == 7
     assert samples.loc[samples["arm"] == "baseline", "error"].sum() == 0
+    # Nor do failures' latencies say how fast the version answers (the client's 400s, answered
+    # at once, made the arm look faster); a request given up waiting keeps its wait.
+    canary = samples[samples["arm"] == "canary"]
+    assert canary["latency_ms"].isna().sum() == 50 + 5 + 2
+    assert canary["latency_ms"].notna().sum() == len(canary) - 57  # the CANCELED ones among them
+    assert samples.loc[samples["arm"] == "baseline", "latency_ms"].notna().all()
 
 
 def test_an_accuracy_drop_in_the_replay_trips_the_guard():

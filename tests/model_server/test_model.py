@@ -8,9 +8,10 @@ import struct
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
-from model_server.config import load_config
-from model_server.errors import InferenceFailed, InvalidInput
+from model_server.config import load_config, parse_config
+from model_server.errors import InferenceFailed, InvalidInput, failure_reason
 from model_server.model import Fault, LoadedVersion
 from model_server.protocol import InferInput
 
@@ -111,3 +112,43 @@ def test_a_signature_that_passed_before_still_has_its_images_and_outputs_checked
     with pytest.raises(InvalidInput, match="batch size 0"):
         version.validate([InferInput("image", "BYTES", (0,), np.array([], dtype=object))], None)
     assert len(version._valid) == 2  # what failed is not remembered
+
+
+def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tmp_path):
+    """The server's checks pass (names, datatypes, shapes) and the graph refuses some data (a
+    Gather index computed from it, out of range): Triton answers 400, and the failure is the
+    version's (BACKEND), which the rollout's error check counts; it was the client's
+    (INVALID_INPUT), so a candidate failing 10% of its requests so passed its stage."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])
+    table = helper.make_tensor(
+        "table", TensorProto.FLOAT, [40, 10], np.tile(np.eye(10, dtype=np.float32), (4, 1)).ravel()
+    )
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["index"], axis=1, keepdims=0),
+        helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "gather", [x], [y], [table]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 64]}],
+        "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
+    }
+    lv = LoadedVersion(parse_config("gather", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        good, bad = np.zeros((2, 1, 64), np.float32)
+        good[0, 3] = bad[0, 50] = 1.0
+        [probabilities], _, _ = asyncio.run(lv.infer([InferInput("x", "FP32", (1, 64), good)], ["probabilities"]))
+        assert probabilities.argmax() == 3
+        with pytest.raises(InvalidInput, match="model 'gather' rejected the input") as refused:
+            asyncio.run(lv.infer([InferInput("x", "FP32", (1, 64), bad)], ["probabilities"]))
+        assert refused.value.status == 400
+        assert failure_reason(refused.value) == "BACKEND"
+        assert failure_reason(InvalidInput("a client's malformed request")) == "INVALID_INPUT"
+    finally:
+        lv.close()
