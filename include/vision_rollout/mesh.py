@@ -369,6 +369,31 @@ def routes_to(policy: TrafficPolicy, version: str) -> bool:
     return routed or (policy.mirror is not None and policy.mirror.version == version)
 
 
+def not_steady(policy: TrafficPolicy, baseline: str) -> str | None:
+    """Why ``policy`` is not where a rollout against ``baseline`` starts (all of the traffic on
+    the baseline, no mirror, no header rules: each stage sets the whole policy, so anything else
+    would be lost, and a rollback would "restore" a baseline that did not serve), or None."""
+    if policy.rules:
+        names = ", ".join(rule.name or "unnamed" for rule in policy.rules[:5])
+        return (
+            f"the traffic policy has {len(policy.rules)} header rule(s) ({names}): a rollout sets the whole "
+            "policy and would drop them; remove them first"
+        )
+    if policy.mirror is not None:
+        return (
+            f"the traffic policy mirrors to version {policy.mirror.version}: a rollout in progress? "
+            "A rollout sets its own mirror; remove that one first"
+        )
+    serving = [d for d in policy.route if d.weight > 0]
+    if [d.version for d in serving] != [baseline]:
+        now = ", ".join(f"version {d.version} {d.weight}%" for d in serving) or "no version"
+        return (
+            f"baseline version {baseline} is not what serves now ({now}): roll out against the version that "
+            "takes all of the traffic, or end the rollout in progress first"
+        )
+    return None
+
+
 def wait_unrouted(router: Router, version: str, drain_s: float, timeout_s: float = 120.0, every_s: float = 1.0) -> None:
     """Return once the routes read back from the mesh send ``version`` nothing (``routes_to``),
     and ``drain_s`` later: a written VirtualService takes seconds to reach every Envoy, and the

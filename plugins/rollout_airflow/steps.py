@@ -39,9 +39,17 @@ PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow l
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
-    names = {f.name for f in fields(RolloutSpec)}
+    """The run's spec from its Params. A key the spec does not have is refused, naming it: Airflow
+    adds a trigger's unknown conf keys to the Params, so a misspelt ``baselne_version`` would
+    otherwise run against the default baseline."""
+    unknown = sorted(set(params) - {f.name for f in fields(RolloutSpec)})
+    if unknown:
+        named = ", ".join(repr(k[:64]) for k in unknown[:10]) + (
+            f" ({len(unknown)} in all)" if len(unknown) > 10 else ""
+        )
+        raise AirflowFailException(f"invalid rollout parameters: unknown {named}; see the trigger form for the names")
     try:
-        return RolloutSpec.from_dict({k: v for k, v in params.items() if k in names})
+        return RolloutSpec.from_dict(params)
     except SpecError as exc:
         raise AirflowFailException(f"invalid rollout parameters: {exc}") from None
 
@@ -80,17 +88,38 @@ def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, se
 
 
 def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Take the model's lease (one rollout of a model at a time); verify the candidate before any
-    traffic; then, in local mode, load it beside the baseline; in kubernetes mode (mesh ``istio``),
-    plan its image build (``build``: run by ``buildkit_build``)."""
+    """Take the model's lease (one rollout of a model at a time); check that the baseline takes all
+    of the traffic, with no mirror or header rules (``mesh.not_steady``; a lease taken over from a
+    run that did not end: its routes put back to the baseline, when they route to it); verify the candidate
+    before any traffic; then, in local mode, load it beside the baseline; in kubernetes mode
+    (mesh ``istio``), plan its image build (``build``: run by ``buildkit_build``)."""
     from vision_rollout.images import verify_model
+    from vision_rollout.mesh import RouterError, not_steady, routes_to
 
     spec = spec_from(params)
     hook = serving()
+    lock = hook.model_lock(spec.model, spec.mesh)
+    before = lock.holding()
     try:
-        hook.model_lock(spec.model, spec.mesh).acquire(run_id)
+        lock.acquire(run_id)
     except ModelBusy as exc:
         raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
+    try:  # where it starts from: before anything changes
+        r = router(spec, run_id, hook)
+        routes = r.get_routes()
+        problem = not_steady(routes, spec.baseline_version)
+        if problem and before and before.holder not in ("", run_id) and routes_to(routes, spec.baseline_version):
+            # Taken over from a run whose lease expired while it held the model (a worker
+            # killed mid-stage): its routes are this run's to put back before anything else.
+            log.warning(
+                "%s did not end (%s): version %s takes 100%% again", before.describe(), problem, spec.baseline_version
+            )
+            r.set_routes(spec.stable_policy())
+            problem = None
+    except RouterError as exc:
+        raise AirflowFailException(f"the routes of '{spec.model}' cannot be read or set: {exc}") from None
+    if problem:
+        raise AirflowFailException(f"{problem}. This run touched nothing.")
     settings = hook.settings
     model_dir = settings.repository / spec.model
     report = verify_model(
@@ -383,8 +412,10 @@ def judge_evidence(
     audit: dict[str, Any] | None,
     failures: list[str | None] | None = None,
 ) -> tuple[str, str]:
-    """What the evidence says: promote only when every planned stage passed and the shadow audit
-    did not fail. ``failures``: per stage, why its wait failed (a tripped guard, never ready)."""
+    """What the evidence says: promote only when every planned stage passed and, with a mirror,
+    the shadow audit showed the candidate agrees with the primary (``pass``: an audit that fails,
+    is inconclusive, found no shadow record or did not run rolls back, as the form's "must be
+    shown" says). ``failures``: per stage, why its wait failed (a tripped guard, never ready)."""
     spec = spec_from(params)
     failures = failures or []
     for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
@@ -396,6 +427,9 @@ def judge_evidence(
             return "rollback", f"the {weight}% stage: {verdict['summary']}"
     if audit is not None and audit.get("verdict") == "fail":
         return "rollback", "shadow audit failed: " + "; ".join(audit.get("reasons", []))
+    if spec.mirror_percent > 0 and (audit is None or audit.get("verdict") != "pass"):
+        why = "; ".join(audit.get("reasons", [])) if audit else "the audit did not run (see shadow_consistency's log)"
+        return "rollback", f"shadow audit did not show the candidate agrees with the primary: {why}"
     return "promote", "every stage passed" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
 
 
@@ -459,8 +493,9 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     if spec.mesh == "local":
         if rerouted:
             r.set_routes(spec.stable_policy())
-        if unload_candidate:
-            hook.settings.admin.load(spec.model, [spec.baseline_version])
+        admin = hook.settings.admin
+        if unload_candidate and (rerouted or admin.ready(spec.model, spec.candidate_version)):
+            admin.load(spec.model, [spec.baseline_version])  # (a candidate never loaded: nothing to unload)
         return spec.baseline_version
     deployments = hook.deployments(spec.model)
     if rerouted:
@@ -537,16 +572,22 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
     retired pods would be an outage), else the stable version at 100%; then the lease released.
     LockLost, touching nothing, for a run that does not hold it. Should the restore fail, the
     lease stays: the failure callback tries again."""
+    from vision_rollout.mesh import routes_to
+
     spec = spec_from(params)
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
     lock.renew(run_id)
     kept = promoted or promotion_in_effect(spec, run_id, hook)
+    routes = None if kept else router(spec, run_id, hook).get_routes()
     if not kept:
         restore_stable(params, run_id, unload_candidate)
     lock.release(run_id)
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"
+    if routes is not None and routes != spec.stable_policy() and not routes_to(routes, spec.candidate_version):
+        # (a run refused before its first stage: what serves is not this run's to change)
+        return False, f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
     return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
 

@@ -9,8 +9,11 @@ import socket
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from model_server.traffic import TrafficPolicy
 from rollout_airflow import steps
 from rollout_airflow.steps import approval_body, decide
+from tests.support import TOKEN, put_policy
+from vision_rollout.mesh import routes_to
 
 PASS = {"decision": "pass", "summary": "PASS at look 1"}
 FAIL = {"decision": "fail", "summary": "FAIL: canary P99 regressed 40%"}
@@ -18,8 +21,37 @@ PARAMS = {"candidate_version": "2", "stages": [50, 100]}
 ALICE = {"chosen_options": ["Promote"], "responded_by_user": {"id": "alice", "name": "Alice"}}
 
 
+AGREES = {"verdict": "pass", "reasons": ["top-1 agreement 97.10% (interval 96.2-97.8%)"]}
+
+
 def test_every_stage_passing_promotes_without_approval():
-    assert decide(PARAMS, [PASS, PASS], None) == ("promote", "every stage passed")
+    assert decide(PARAMS, [PASS, PASS], AGREES) == (
+        "promote",
+        "every stage passed; shadow audit: top-1 agreement 97.10% (interval 96.2-97.8%)",
+    )
+    assert decide({**PARAMS, "mirror_percent": 0}, [PASS, PASS], None) == ("promote", "every stage passed")
+
+
+@pytest.mark.parametrize(
+    ("audit", "why"),
+    [
+        (
+            {
+                "verdict": "inconclusive",
+                "reasons": ["top-1 agreement 62.50% (interval 30.6-86.3%) is not yet shown above 90%"],
+            },
+            "not yet shown above 90%",
+        ),
+        ({"verdict": "skip", "reasons": ["no shadow records in this range: nothing to audit"]}, "no shadow records"),
+        (None, "the audit did not run"),
+    ],
+)
+def test_with_a_mirror_promotion_needs_the_audit_to_show_agreement(audit, why):
+    """The form says agreement "must be shown": 62.5% on 8 pairs, or no shadow record, promoted."""
+    outcome, reason = decide(PARAMS, [PASS, PASS], audit)
+    assert outcome == "rollback"
+    assert reason.startswith("shadow audit did not show the candidate agrees with the primary: ")
+    assert why in reason
 
 
 @pytest.mark.parametrize(
@@ -66,13 +98,13 @@ def test_a_failed_shadow_audit_rolls_back():
     ],
 )
 def test_with_require_approval_the_reviewer_decides(approval, outcome, words):
-    result = decide({**PARAMS, "require_approval": True}, [PASS, PASS], None, approval=approval)
+    result = decide({**PARAMS, "require_approval": True}, [PASS, PASS], AGREES, approval=approval)
     assert result[0] == outcome
     assert words in result[1]
 
 
 def test_the_reviewer_reads_each_stage():
-    body = approval_body(PARAMS, "every stage passed", [PASS, PASS])
+    body = approval_body(PARAMS, "every stage passed", [PASS, PASS])  # (the reason decide gave)
     assert "**50%**: PASS at look 1" in body
     assert "**100%**: PASS at look 1" in body
     assert "No answer in time rolls back" in body
@@ -97,3 +129,61 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert lock.holding().holder == "run-a"
     assert json.loads((tmp_path / "locks" / "digits.lock").read_text())["holder"] == "run-a"
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
+
+
+@pytest.mark.integration
+def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """The baseline is checked against what serves: a run against the form's default baseline 1
+    (or a misspelt key, which Airflow keeps as a Param of its own) while version 2 serves routed
+    95% to version 1 and unloaded version 2 (it served by default, no policy naming it); header rules a rollout would drop, and a mirror
+    left by a rollout that did not end, are named. Each refused run touches nothing."""
+    s = server_factory(repo_copy, token=TOKEN)
+    s.load_versions("digits", 1, 2)  # (the highest serves)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    admin = steps.serving().settings.admin
+    serving = admin.traffic("digits").to_dict()
+    assert serving == {"route": [{"version": "2", "weight": 100}]}
+
+    with pytest.raises(AirflowFailException, match="unknown 'baselne_version'"):
+        steps.build_image({"candidate_version": "3", "baselne_version": "2"}, "run-a")
+    with pytest.raises(AirflowFailException, match=r"baseline version 1 is not what serves now \(version 2 100%\)"):
+        steps.build_image({"candidate_version": "3"}, "run-a")
+    with pytest.raises(AirflowFailException, match="the routes were not this run's and are left as they are"):
+        steps.ensure_stable({"candidate_version": "3"}, "run-a", None, None, None)
+    assert admin.traffic("digits").to_dict() == serving
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True, False)
+
+    stable = {"candidate_version": "3", "baseline_version": "2"}
+    rule = {
+        "name": "acme",
+        "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+        "route": [{"version": "2", "weight": 100}],
+    }
+    for policy, refused in (
+        ({**serving, "rules": [rule]}, r"1 header rule\(s\) \(acme\)"),
+        ({**serving, "mirror": {"version": "1", "percent": 10}}, "mirrors to version 1"),
+    ):
+        assert put_policy(s, policy).status_code == 200
+        with pytest.raises(AirflowFailException, match=refused):
+            steps.build_image(stable, "run-b")
+        steps.restore_stable_on_failure({"params": stable, "run_id": "run-b"})
+        assert admin.traffic("digits").to_dict() == TrafficPolicy.from_dict(policy).to_dict()
+    assert put_policy(s, serving).status_code == 200
+    built = steps.build_image(stable, "run-c")  # from the steady state it starts
+    assert (admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True)
+    steps.apply_weights(stable, 0, "run-c", built)
+    assert routes_to(admin.traffic("digits"), "3")
+
+    # run-c's worker dies mid-stage; its lease expires and run-d takes the model over: run-c's
+    # routes are put back first (they were left at 95/5 and its mirror, and the false "version
+    # 2 takes 100%" logged).
+    lock_file = tmp_path / "run" / "locks" / "digits.lock"
+    lock_file.write_text(json.dumps({**json.loads(lock_file.read_text()), "renewed": 0.0}))
+    other = {"candidate_version": "1", "baseline_version": "2"}
+    steps.build_image(other, "run-d")
+    assert admin.traffic("digits").to_dict() == serving
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True, False)
