@@ -164,9 +164,15 @@ def _empty_samples() -> pd.DataFrame:
     )
 
 
-def replay_drop(samples: pd.DataFrame) -> float | None:
-    """Baseline minus candidate accuracy on the replayed images both answered (a hard guard)."""
-    pairs = samples.dropna(subset=["pair_id", "correct"])
+def replay_drop(samples: pd.DataFrame, images: int = 0) -> float | None:
+    """Baseline minus candidate accuracy on the replayed images both answered (a hard guard);
+    None until both versions answered every one of the ``images`` (a round logged whole: on a
+    part of one, one image only the baseline got among the first 40 read as a 2.5 pp drop, and
+    a candidate as accurate as the baseline tripped the guard in 11 to 17% of image orders)."""
+    replay = samples.dropna(subset=["pair_id"])
+    if images and (replay.groupby("pair_id")["arm"].nunique() == 2).sum() < images:
+        return None
+    pairs = replay.dropna(subset=["correct"])
     if pairs.empty:
         return None
     table = pairs.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
@@ -245,7 +251,9 @@ def judge_stage(
     def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
         return StageState(status, look, K, verdict, reason, served(current), elapsed)
 
-    guard_in = GuardInputs(**{**(guards.__dict__ if guards else {}), "validation_drop": replay_drop(current)})
+    guard_in = GuardInputs(
+        **{**(guards.__dict__ if guards else {}), "validation_drop": replay_drop(current, len(labels))}
+    )
     tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
     if tripped:
         return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))

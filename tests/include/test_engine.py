@@ -239,6 +239,41 @@ def test_a_clients_malformed_requests_are_not_the_versions_errors():
     assert samples.loc[samples["arm"] == "baseline", "latency_ms"].notna().all()
 
 
+def test_the_replay_guard_reads_a_round_only_once_both_versions_answered_all_of_it():
+    """An equally accurate candidate: 5 images only the baseline gets right and 5 only the
+    candidate, among 500. A part of a round logged (a slow candidate, pods flushing at different
+    times) with the baseline's 5 first read as a drop over the 0.5 pp limit."""
+    log = records(100, 20, 50, replay_every=None)
+    rows = []
+    for j, sha in enumerate(IMAGES):
+        for arm, v in enumerate(("1", "2")):
+            wrong = (arm == 1 and j < 5) or (arm == 0 and 495 <= j)
+            label = IMAGES[sha]
+            rows.append(
+                {
+                    "time": T0 + 1 + 0.001 * j,
+                    "version": v,
+                    "route": "version",
+                    "request_id": f"replay-0-{arm}-{j}",
+                    "latency_ms": 5.0,
+                    "outcome": "ok",
+                    "top1": (label + 1) % 10 if wrong else label,
+                    "image_sha256": sha,
+                }
+            )
+    replay = pd.DataFrame(rows)
+    replay = replay.assign(
+        role="primary", model="digits", item=0, label=np.nan, time=pd.to_datetime(replay["time"], unit="s", utc=True)
+    )
+    part = pd.concat([log, replay.iloc[:80]], ignore_index=True)  # the first 40 images logged
+    samples = stage_samples(part, spec(), WINDOW, T0 + 50, IMAGES)
+    assert replay_drop(samples) == pytest.approx(5 / 40)  # what the guard read
+    assert replay_drop(samples, len(IMAGES)) is None
+    assert judge_stage(spec(), WINDOW, part, IMAGES, T0 + 50).status != "breach"
+    whole = stage_samples(pd.concat([log, replay], ignore_index=True), spec(), WINDOW, T0 + 50, IMAGES)
+    assert replay_drop(whole, len(IMAGES)) == pytest.approx(0.0)
+
+
 def test_an_accuracy_drop_in_the_replay_trips_the_guard():
     log = records(100, 20, 50, accuracy=(1.0, 0.95))
     assert replay_drop(stage_samples(log, spec(), WINDOW, T0 + 50, IMAGES)) == pytest.approx(0.05)
