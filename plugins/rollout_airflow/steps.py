@@ -24,7 +24,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import candidate_replicas
-from vision_rollout.locks import LEASE_S, LockLost, ModelBusy
+from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
 
@@ -88,13 +88,12 @@ def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, se
 
 
 def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Take the model's lease (one rollout of a model at a time); check that the baseline takes all
-    of the traffic, with no mirror or header rules (``mesh.not_steady``; a lease taken over from a
-    run that did not end: its routes put back to the baseline, when they route to it); verify the candidate
-    before any traffic; then, in local mode, load it beside the baseline; in kubernetes mode
-    (mesh ``istio``), plan its image build (``build``: run by ``buildkit_build``)."""
+    """Take the model's lease (one rollout of a model at a time); check where the run starts
+    (``start_from_steady``); verify the candidate before any traffic; then, in local mode, load it
+    beside the baseline; in kubernetes mode (mesh ``istio``), plan its image build (``build``: run
+    by ``buildkit_build``). A run refused before its load gives the lease back: it changed nothing
+    its teardown or failure callback should undo (they would take what serves for its own)."""
     from vision_rollout.images import verify_model
-    from vision_rollout.mesh import RouterError, not_steady, routes_to
 
     spec = spec_from(params)
     hook = serving()
@@ -104,13 +103,40 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         lock.acquire(run_id)
     except ModelBusy as exc:
         raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
-    try:  # where it starts from: before anything changes
+    settings = hook.settings
+    try:
+        start_from_steady(spec, run_id, hook, before)
+        model_dir = settings.repository / spec.model
+        report = verify_model(
+            model_dir / spec.candidate_version / "model.onnx",
+            model_dir / spec.baseline_version / "model.onnx",
+            model_dir,
+            settings.validation(spec.model),
+        )
+        if not report.ok:
+            raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
+        if spec.mesh == "istio":
+            return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
+    except AirflowFailException:
+        lock.release(run_id)
+        raise
+    settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
+    return report.to_dict()
+
+
+def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> None:
+    """The baseline takes all of the traffic, with no mirror or header rules (``mesh.not_steady``),
+    else the run fails naming what serves. A run that took the lease over from one that did not
+    end (``before``: the holding it found) puts that run's routes back to the baseline first, when
+    they route to it."""
+    from vision_rollout.mesh import RouterError, not_steady, routes_to
+
+    try:
         r = router(spec, run_id, hook)
         routes = r.get_routes()
         problem = not_steady(routes, spec.baseline_version)
         if problem and before and before.holder not in ("", run_id) and routes_to(routes, spec.baseline_version):
-            # Taken over from a run whose lease expired while it held the model (a worker
-            # killed mid-stage): its routes are this run's to put back before anything else.
+            # Its lease expired while it held the model (a worker killed mid-stage).
             log.warning(
                 "%s did not end (%s): version %s takes 100%% again", before.describe(), problem, spec.baseline_version
             )
@@ -120,20 +146,6 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         raise AirflowFailException(f"the routes of '{spec.model}' cannot be read or set: {exc}") from None
     if problem:
         raise AirflowFailException(f"{problem}. This run touched nothing.")
-    settings = hook.settings
-    model_dir = settings.repository / spec.model
-    report = verify_model(
-        model_dir / spec.candidate_version / "model.onnx",
-        model_dir / spec.baseline_version / "model.onnx",
-        model_dir,
-        settings.validation(spec.model),
-    )
-    if not report.ok:
-        raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
-    if spec.mesh == "istio":
-        return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
-    settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
-    return report.to_dict()
 
 
 def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:

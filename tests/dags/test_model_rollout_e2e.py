@@ -7,6 +7,7 @@ import json
 import pytest
 
 from devstack.processes import local_connections, start_prometheus
+from model_server.traffic import TrafficPolicy
 from tests.conftest import ROOT
 from vision_rollout.mesh import LocalRouter
 
@@ -88,6 +89,8 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
 
     server, tmp = stack
     server.load_versions("digits", 1, 2)
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    LocalRouter(server.http, "digits", TOKEN).set_routes(stable)  # (loaded beside it, 2 would serve)
     r = requests.put(
         f"{server.http}/v2/models/digits/versions/2/fault",
         json={"delay": {"ms": 90, "percent": 10}},
@@ -110,7 +113,6 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
 def test_the_failure_callback_restores_stable(stack):
     from types import SimpleNamespace
 
-    from model_server.traffic import TrafficPolicy
     from rollout_airflow.hooks import ModelServerHook
     from rollout_airflow.steps import restore_stable_on_failure
 
