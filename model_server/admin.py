@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from model_server import metrics
 from model_server.errors import InvalidInput, PolicyError, ServerError
@@ -17,14 +19,60 @@ from model_server.traffic import PolicyStore, TrafficPolicy, default_policy, rea
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+class ModelLocks:
+    """One asyncio lock per model name, kept while a call holds or waits for it (any name may
+    be asked, and most are asked once)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, its holder and waiters)
+
+    @asynccontextmanager
+    async def hold(self, model: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(model) or (asyncio.Lock(), 0)
+        self._locks[model] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[model]
+            if users == 1:
+                del self._locks[model]
+            else:
+                self._locks[model] = (lock, users - 1)
+
 
 class Admin:
     """Changes what serves: the traffic policies and the loaded versions the data plane serves
-    from. A policy must name loaded versions, and a load or unload must keep them."""
+    from. A policy must name loaded versions, and a load or unload must keep them.
+
+    Each change of a model runs whole under the model's lock: a policy is checked against the
+    loaded versions and applied, a load or unload reads the versions the policy keeps and
+    swaps, and neither sees the state from before the other (both would pass, and the policy
+    would route to a version the load left out)."""
 
     def __init__(self, repo: ModelRepository, policies: PolicyStore):
         self.repo = repo
         self.policies = policies
+        self._locks = ModelLocks()
+        self._changes: set[asyncio.Future[Any]] = set()
+
+    async def _changing(self, models: Iterable[str], change: Callable[[], Awaitable[T]]) -> T:
+        """``change()`` holding the models' locks (in name order) until it ends, even when the
+        call that awaits it is cancelled: a load in its thread keeps them to its end."""
+
+        async def locked() -> T:
+            async with AsyncExitStack() as stack:
+                for model in sorted(set(models)):
+                    await stack.enter_async_context(self._locks.hold(model))
+                return await change()
+
+        task = asyncio.ensure_future(locked())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return await asyncio.shield(task)
 
     # -- traffic policy ---------------------------------------------------------------------
 
@@ -47,14 +95,18 @@ class Admin:
         return policy
 
     async def set_policy(self, model: str, raw: object) -> None:
-        policy = self.check_policy(model, raw)
-        await asyncio.to_thread(self.policies.apply, model, policy)
+        async def change() -> TrafficPolicy:
+            policy = self.check_policy(model, raw)
+            await asyncio.to_thread(self.policies.apply, model, policy)
+            return policy
+
+        policy = await self._changing([model], change)
         log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
 
     async def remove_policy(self, model: str) -> None:
         """Back to the default: the highest loaded version."""
         self.repo.model_dir(model)
-        await asyncio.to_thread(self.policies.remove, model)
+        await self._changing([model], lambda: asyncio.to_thread(self.policies.remove, model))
         log.info("traffic policy for %r removed", model)
 
     async def watch_traffic_file(self, path: Path, poll_s: float) -> None:
@@ -68,31 +120,42 @@ class Admin:
                 stamp = None
             if stamp is not None and stamp != seen:
                 seen = stamp
-                try:
-                    wanted = read_traffic_file(path)
-                    checked = {m: self.check_policy(m, p.to_dict()) for m, p in wanted.items()}
-                    for model, policy in checked.items():
-                        if self.policies.get(model) != policy:
-                            await asyncio.to_thread(self.policies.apply, model, policy)
-                            log.info("traffic policy for %r from %s", model, path)
-                except (PolicyError, ServerError) as exc:
-                    metrics.TRAFFIC_FILE_ERRORS.inc()
-                    log.error("traffic file not applied: %s", getattr(exc, "message", exc))
-                except Exception:  # the watcher outlives any file: "²" as a version once ended it
-                    metrics.TRAFFIC_FILE_ERRORS.inc()
-                    log.exception("traffic file not applied")
+                await self.apply_traffic_file(path)
             await asyncio.sleep(poll_s)
+
+    async def apply_traffic_file(self, path: Path) -> None:
+        """Apply the file's policies, checked and applied under their models' locks; a bad file
+        is counted and logged and changes nothing."""
+        try:
+            wanted = read_traffic_file(path)
+
+            async def change() -> None:
+                checked = {m: self.check_policy(m, p.to_dict()) for m, p in wanted.items()}
+                for model, policy in checked.items():
+                    if self.policies.get(model) != policy:
+                        await asyncio.to_thread(self.policies.apply, model, policy)
+                        log.info("traffic policy for %r from %s", model, path)
+
+            await self._changing(wanted, change)
+        except (PolicyError, ServerError) as exc:
+            metrics.TRAFFIC_FILE_ERRORS.inc()
+            log.error("traffic file not applied: %s", getattr(exc, "message", exc))
+        except Exception:  # the watcher outlives any file: "²" as a version once ended it
+            metrics.TRAFFIC_FILE_ERRORS.inc()
+            log.exception("traffic file not applied")
 
     # -- model repository -------------------------------------------------------------------
 
     async def load(self, model: str, override: dict[str, Any] | None = None) -> None:
         """Load (or reload) a model, with a config override; refused (409) if it would leave out
         a version the traffic policy routes or mirrors to."""
-        await asyncio.to_thread(self.repo.load, model, override, self.policies.versions(model))
+        await self._changing(
+            [model], lambda: asyncio.to_thread(self.repo.load, model, override, self.policies.versions(model))
+        )
 
     async def unload(self, model: str) -> None:
         """Unload every version; refused (409) while the traffic policy routes to one."""
-        await asyncio.to_thread(self.repo.unload, model, self.policies.versions(model))
+        await self._changing([model], lambda: asyncio.to_thread(self.repo.unload, model, self.policies.versions(model)))
 
     # -- fault injection --------------------------------------------------------------------
 

@@ -238,3 +238,100 @@ def test_the_admin_port_must_be_a_port_of_its_own():
             listeners("127.0.0.1", 0, port)
     finally:
         busy.close()
+
+
+def test_a_policy_and_a_load_of_one_model_each_see_what_the_other_left(repo_copy, tmp_path, monkeypatch):
+    """A policy PUT (or the watched file) during a load was checked against the versions from
+    before the load, and a load during a PUT read the policy from before it: both passed, and
+    the policy routed to a version the load had left out (every routed request 503). Now each
+    waits for the other and is checked against what it left."""
+    import asyncio
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from model_server.admin import Admin
+    from model_server.errors import Conflict, InvalidInput
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    policies = PolicyStore(None, lambda *_: None)
+    admin = Admin(repo, policies)
+    to_v2 = {"route": [{"version": "2", "weight": 100}]}
+    traffic = tmp_path / "traffic.json"
+    inside, go = threading.Event(), threading.Event()
+    go.set()
+
+    def held(real):
+        """``real``, stopped at its start while ``during`` holds it."""
+
+        def call(*args, **kwargs):
+            if not go.is_set():
+                inside.set()
+                go.wait(60)
+            return real(*args, **kwargs)
+
+        return call
+
+    def file_errors() -> float:
+        return REGISTRY.get_sample_value("model_server_traffic_file_errors_total") or 0.0
+
+    async def during(first, second):
+        """``second()`` started while ``first()`` is stopped inside its change, then both ended."""
+        inside.clear()
+        go.clear()
+        a = asyncio.ensure_future(first())
+        await asyncio.to_thread(inside.wait, 60)
+        b = asyncio.ensure_future(second())
+        for _ in range(20):  # the second call's check, had it not to wait
+            await asyncio.sleep(0)
+        go.set()
+        return await asyncio.gather(a, b, return_exceptions=True)
+
+    async def scenario() -> None:
+        with monkeypatch.context() as m:  # a load of version 3 only, while the policy moves to 2
+            m.setattr(repo, "_load", held(repo._load))
+            repo.load("digits", policy(1, 2), persist=False)
+            loaded, put = await during(
+                lambda: admin.load("digits", policy(3)), lambda: admin.set_policy("digits", to_v2)
+            )
+            assert loaded is None
+            assert isinstance(put, InvalidInput)
+            assert "version(s) ['2'] are not loaded (loaded: ['3'])" in put.message
+            assert policies.get("digits") is None
+            assert repo.loaded_versions("digits") == [3]
+
+            # The watched file takes the same way.
+            repo.load("digits", policy(1, 2), persist=False)
+            traffic.write_text(json.dumps({"models": {"digits": to_v2}}))
+            errors = file_errors()
+
+            async def watch() -> None:
+                watcher = asyncio.ensure_future(admin.watch_traffic_file(traffic, 0.01))
+                while file_errors() == errors and policies.get("digits") is None:
+                    await asyncio.sleep(0.01)
+                watcher.cancel()
+
+            await during(lambda: admin.load("digits", policy(3)), watch)
+            assert file_errors() == errors + 1
+            assert policies.get("digits") is None
+            assert repo.loaded_versions("digits") == [3]
+
+        repo.load("digits", policy(1, 2), persist=False)
+        policies.remove("digits")
+        with monkeypatch.context() as m:  # the policy moving to 2 while version 3 only is loaded
+            m.setattr(policies, "apply", held(policies.apply))
+            put, loaded = await during(
+                lambda: admin.set_policy("digits", to_v2), lambda: admin.load("digits", policy(3))
+            )
+            assert put is None
+            assert isinstance(loaded, Conflict)
+            assert "routes to version(s) [2], which this load would not serve" in loaded.message
+            assert policies.get("digits").versions() == {"2"}
+            assert repo.loaded_versions("digits") == [1, 2]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        repo.close_all()
