@@ -66,6 +66,17 @@ class PayloadTooLarge(ServerError):
     status = 413
 
 
+class StateNotSaved(ServerError):
+    """A change whose state file could not be written (a full or read-only state volume): the
+    change is not made, so what serves is what a restart restores."""
+
+    status = 503
+
+    @classmethod
+    def writing(cls, path: object, exc: OSError) -> StateNotSaved:
+        return cls(f"cannot write the state file {path}: {exc.strerror or exc}; nothing changed")
+
+
 class ModelUnavailable(ServerError):
     """The model exists but cannot serve now (not loaded, draining, out of GPU memory)."""
 

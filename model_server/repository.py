@@ -18,7 +18,14 @@ from typing import Any
 
 from model_server import metrics
 from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config, version_number
-from model_server.errors import Conflict, InvalidInput, ModelNotFound, ModelUnavailable, ServerError
+from model_server.errors import (
+    Conflict,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    ServerError,
+    StateNotSaved,
+)
 from model_server.files import write_private
 from model_server.model import LoadedVersion, file_sha256
 
@@ -61,9 +68,15 @@ class ModelRepository:
         return bool(raw.get("loaded", True)), raw.get("config")
 
     def _persist(self, name: str, loaded: bool, override: dict[str, Any] | None) -> None:
+        """Write the model's state before the change it records is made: StateNotSaved if it
+        cannot be written, and then the change is not made."""
         if self.state_dir is not None:
+            path = self.state_dir / f"{name}.json"
             record = {"loaded": loaded, "config": override}
-            write_private(self.state_dir / f"{name}.json", json.dumps(record, indent=2).encode() + b"\n")
+            try:
+                write_private(path, json.dumps(record, indent=2).encode() + b"\n")
+            except OSError as exc:
+                raise StateNotSaved.writing(path, exc) from None
 
     # -- the folder -------------------------------------------------------------------------
 
@@ -108,7 +121,7 @@ class ModelRepository:
         refused with 409 before anything changes."""
         with self._load_lock:
             try:
-                versions = self._load(name, override, {int(v) for v in keep})
+                versions = self._load(name, override, {int(v) for v in keep}, persist)
             except ServerError as exc:
                 metrics.MODEL_LOADS.labels(name if NAME_RE.match(name) else "_invalid", "error").inc()
                 self._errors[name] = exc.message
@@ -116,11 +129,9 @@ class ModelRepository:
                 raise type(exc)(f"failed to load '{name[:200]}': {exc.message}") from None  # Triton's wording
             metrics.MODEL_LOADS.labels(name, "ok").inc()
             self._errors.pop(name, None)
-            if persist:
-                self._persist(name, True, override)
             return versions
 
-    def _load(self, name: str, override: dict[str, Any] | None, keep: set[int]) -> list[int]:
+    def _load(self, name: str, override: dict[str, Any] | None, keep: set[int], persist: bool) -> list[int]:
         model_dir = self.model_dir(name)
         cfg = load_config(model_dir, override)
         on_disk = self.versions_on_disk(model_dir)
@@ -156,6 +167,8 @@ class ModelRepository:
                 created.append(lv)
                 lv.warmup()
                 new[v] = lv
+            if persist:  # saved before it serves: a load that cannot be saved changes nothing
+                self._persist(name, True, override)
         except BaseException:
             for lv in created:
                 lv.close()
@@ -187,11 +200,11 @@ class ModelRepository:
                     f"model '{name}': the traffic policy routes to version(s) {routed}; "
                     "unloading would answer its requests 503; change the traffic policy first"
                 )
+            self._persist(name, False, None)  # saved first: an unload that cannot be saved changes nothing
             with self._lock:
                 for lv in self._models.pop(name, {}).values():
                     self._retire(lv)
                 self._configs.pop(name, None)
-            self._persist(name, False, None)
             log.info("unloaded model %r", name)
 
     def _retire(self, lv: LoadedVersion) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import re2
 
 from model_server.config import ascii_uint
-from model_server.errors import PolicyError
+from model_server.errors import PolicyError, StateNotSaved
 from model_server.files import write_private
 
 log = logging.getLogger(__name__)
@@ -342,9 +342,14 @@ class PolicyStore:
         return policy.versions() if policy is not None else set()
 
     def apply(self, model: str, policy: TrafficPolicy) -> None:
+        """StateNotSaved, the policy not applied, if its file cannot be written."""
         with self._lock:
             if self.state_dir is not None:
-                write_private(self.state_dir / f"{model}.json", json.dumps(policy.to_dict(), indent=2).encode() + b"\n")
+                path = self.state_dir / f"{model}.json"
+                try:
+                    write_private(path, json.dumps(policy.to_dict(), indent=2).encode() + b"\n")
+                except OSError as exc:
+                    raise StateNotSaved.writing(path, exc) from None
             self._policies = {**self._policies, model: policy}
         self._on_change(model, policy)
 
@@ -354,7 +359,11 @@ class PolicyStore:
     def remove(self, model: str) -> None:
         with self._lock:
             if self.state_dir is not None:
-                (self.state_dir / f"{model}.json").unlink(missing_ok=True)
+                path = self.state_dir / f"{model}.json"
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise StateNotSaved.writing(path, exc) from None
             self._policies = {m: p for m, p in self._policies.items() if m != model}
         self._on_change(model, None)
 

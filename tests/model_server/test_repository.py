@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from model_server.errors import InvalidInput
+from model_server.errors import InvalidInput, StateNotSaved
 from model_server.repository import ModelRepository
 
 
@@ -67,6 +67,29 @@ def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
     assert all(v.session is not None for v in versions.values())
     entry = [e for e in repo.index() if e["name"] == "digits"]
     assert [e["version"] for e in entry] == ["1", "2"]
+    repo.close_all()
+
+
+def test_a_load_or_unload_whose_state_cannot_be_saved_changes_nothing(repo_copy, tmp_path):
+    """The state was written after the swap: a full or read-only state volume answered a bare
+    500 with the new versions already serving, and a restart brought back the old ones."""
+    loads = tmp_path / "state" / "loads"
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"], loads)
+    repo.load("digits", policy(1))
+    shutil.rmtree(loads)
+    loads.write_text("")  # where the state folder was: nothing can be written under it
+    saved = r"cannot write the state file .*/state/loads/digits\.json: File exists; nothing changed"
+    with pytest.raises(StateNotSaved, match=r"failed to load 'digits': " + saved) as err:
+        repo.load("digits", policy(1, 2))
+    assert err.value.status == 503
+    assert repo.loaded_versions("digits") == [1]
+    with pytest.raises(StateNotSaved, match=saved):
+        repo.unload("digits")
+    assert repo.loaded_versions("digits") == [1]
+    loads.unlink()
+    repo.load("digits", policy(1, 2))
+    assert repo.loaded_versions("digits") == [1, 2]
+    assert repo.persisted("digits") == (True, policy(1, 2))
     repo.close_all()
 
 

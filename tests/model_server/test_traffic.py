@@ -208,3 +208,16 @@ def test_a_persisted_policy_with_a_backtracking_regex_is_not_restored(tmp_path, 
     assert changed == ["other"]
     assert "digits.json" in caplog.text
     assert "RE2 syntax" in caplog.text
+
+
+def test_a_policy_whose_file_cannot_be_written_is_not_applied_and_the_file_is_named(tmp_path):
+    """A full or read-only state volume answered a bare 500 'internal server error'."""
+    from model_server.errors import StateNotSaved
+    from model_server.traffic import PolicyStore
+
+    (tmp_path / "traffic").write_text("")  # where the state folder should be
+    store = PolicyStore(tmp_path / "traffic", lambda *_: None)
+    with pytest.raises(StateNotSaved, match=r"cannot write the state file .*/traffic/digits\.json: ") as err:
+        store.apply("digits", policy([("1", 100)]))
+    assert err.value.status == 503
+    assert store.get("digits") is None
