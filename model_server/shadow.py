@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_server import metrics
-from model_server.errors import OutOfMemory, Preempted, ServerError, outcome_of
+from model_server.errors import ModelNotFound, ModelUnavailable, OutOfMemory, Preempted, ServerError, outcome_of
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
@@ -195,8 +196,13 @@ class ShadowMirror:
         outcome = "ok"
         outputs = None
         started = job.queued_at
-        try:
-            with self.repo.use(job.model, job.shadow_version, routed_by="mirror") as lv:
+        with ExitStack() as held:
+            try:
+                lv = held.enter_context(self.repo.use(job.model, job.shadow_version, routed_by="mirror"))
+            except (ModelUnavailable, ModelNotFound) as exc:  # unloaded since it was queued: not its failure
+                self._dropped(job, f"shadow version left service: {exc.message}")
+                return None
+            try:
                 try:
                     if job.probe:
                         results, batch, timing = await lv.infer(job.inputs, job.outputs, shadow_run=ort.RunOptions())
@@ -207,12 +213,12 @@ class ShadowMirror:
                     raise
                 lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
                 outputs = dict(zip(job.outputs, results, strict=True))
-        except Preempted:  # primary traffic never left it an idle moment: like a full queue
-            self._dropped(job, "preempted: no idle time")
-            return None
-        except ServerError as exc:
-            error = exc.message
-            outcome = outcome_of(exc)
+            except Preempted:  # primary traffic never left it an idle moment: like a full queue
+                self._dropped(job, "preempted: no idle time")
+                return None
+            except ServerError as exc:
+                error = exc.message
+                outcome = outcome_of(exc)
         latency_ms = (time.perf_counter() - started) * 1000
         log_access(
             "shadow",

@@ -242,3 +242,59 @@ def test_a_probe_without_the_admin_token_is_refused(server_factory, repo_copy, t
     assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1"}).status_code == 401
     assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1", **s.admin}).status_code == 200
     assert wait_until(lambda: shadow_count(s, "ok") == 1)
+
+
+def test_copies_for_a_version_that_left_service_are_dropped_not_failed(repo_copy, digit_images):
+    """A rollback removes the mirror, then unloads the candidate: the copies still queued for it
+    failed, counted as shadow errors (BACKEND in the log), which the shadow error-rate guard and
+    the audit read as the candidate's failures. They are dropped, saying why."""
+    import asyncio
+
+    import numpy as np
+    from prometheus_client import REGISTRY
+
+    from model_server.protocol import InferInput
+    from model_server.repository import ModelRepository
+    from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult
+    from model_server.trace import TraceContext
+
+    def versions(*numbers: int) -> dict:
+        return {"version_policy": {"specific": {"versions": list(numbers)}}}
+
+    def counted(outcome: str) -> float:
+        labels = {"model": "digits", "version": "2", "outcome": outcome}
+        return REGISTRY.get_sample_value("shadow_requests_total", labels) or 0.0
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", versions(1, 2))
+    results: list[ShadowResult] = []
+    mirror = ShadowMirror(repo, sink=results.append)
+    data = np.array([digit_images[0][0]], dtype=object)
+    job = ShadowJob(
+        "digits",
+        "1",
+        "2",
+        [InferInput("image", "BYTES", (1,), data)],
+        ["probabilities"],
+        "left-service",
+        TraceContext.from_header(None),
+        time.time(),
+        {},
+        1.0,
+    )
+    try:
+        assert asyncio.run(mirror.run(job)).outcome == "ok"  # while version 2 serves
+        before = {outcome: counted(outcome) for outcome in ("ok", "error", "dropped")}
+        repo.load("digits", versions(1))
+        assert asyncio.run(mirror.run(job)) is None
+        repo.unload("digits")
+        assert asyncio.run(mirror.run(job)) is None
+    finally:
+        repo.close_all()
+    assert [r.outcome for r in results] == ["DROPPED", "DROPPED"]
+    assert results[0].error == (
+        "shadow version left service: model unavailable: model 'digits' version 2 is not loaded (loaded: [1]); "
+        "chosen by the traffic policy's mirror"
+    )
+    assert results[1].error == "shadow version left service: model 'digits' is not loaded"
+    assert {outcome: counted(outcome) - n for outcome, n in before.items()} == {"ok": 0, "error": 0, "dropped": 2}
