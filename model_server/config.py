@@ -350,15 +350,25 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> ModelConfig:
     path = model_dir / "config.json"
     where = f"{model_dir.name}/config.json"
     _confined(model_dir, path, f"model '{model_dir.name}': {where}")
     try:
-        raw = json.loads(path.read_text())
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InvalidInput(f"model '{model_dir.name}': {where} is missing") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidInput(f"model '{model_dir.name}': {where} is over {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        raw = json.loads(data.decode())
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
     if override:
         unknown = sorted(set(override) - set(OVERRIDABLE))

@@ -199,7 +199,7 @@ class KeyRing:
             raw = json.loads(self.path.read_text())
             if not isinstance(raw, dict):
                 raise ValueError("expected {'default': key, 'tenants': {...}}")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             self._default = f"key file {self.path} is not valid: {exc}"
             log.error("%s", self._default)
             return

@@ -62,7 +62,7 @@ class ModelRepository:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict | None):
                 raise ValueError("expected {'loaded': bool, 'config': {...} or null}")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.error("ignoring persisted load state %s: %s", path, exc)
             return True, None
         return bool(raw.get("loaded", True)), raw.get("config")

@@ -375,7 +375,7 @@ class PolicyStore:
         for path in sorted(self.state_dir.glob("*.json")):
             try:
                 policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 log.error("ignoring persisted traffic policy %s: %s", path, exc)
                 continue
             self._policies = {**self._policies, path.stem: policy}
@@ -388,7 +388,7 @@ def read_traffic_file(path: Path) -> dict[str, TrafficPolicy]:
     """``{"models": {"<model>": <policy>, ...}}``; raises PolicyError naming the model."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise PolicyError(f"traffic file {path}: {exc}") from None
     models = raw.get("models") if isinstance(raw, dict) else None
     if not isinstance(models, dict):

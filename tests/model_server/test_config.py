@@ -119,3 +119,46 @@ def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_pa
     os.mkfifo(model / "config.json")
     with pytest.raises(InvalidInput, match=r"config\.json is not a regular file"):
         load_config(model)
+
+
+DEEP = ("[" * 100_000, '{"a": ' * 100_000)  # JSON nested deeper than Python's parser goes
+
+
+def test_a_config_nested_too_deep_or_too_large_is_the_model_s_load_error(tmp_path, monkeypatch):
+    """config.json nested 100,000 deep raised RecursionError, which nothing caught: the server's
+    start ended (with --no-exit-on-error too, and every other model with it), and a load or a
+    feedback call answered 500."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for deep in DEEP:
+        (model / "config.json").write_text(deep)
+        with pytest.raises(InvalidInput, match=r"model 'm': cannot read m/config\.json: maximum recursion depth"):
+            load_config(model)
+    (model / "config.json").write_text(json.dumps(BASE))
+    assert load_config(model).inputs[0].name == "x"
+    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 64)
+    with pytest.raises(InvalidInput, match=r"model 'm': m/config\.json is over 0 MiB"):
+        load_config(model)
+
+
+def test_state_and_key_files_nested_too_deep_are_refused_by_name(tmp_path, caplog):
+    """The persisted load state, a persisted traffic policy, the traffic file and the masking key
+    file raised RecursionError where a malformed file is refused, logged or counted."""
+    from model_server.errors import MaskingUnavailable, PolicyError
+    from model_server.masking import KeyRing
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore, read_traffic_file
+
+    for deep in DEEP:
+        for folder in ("repo", "loads", "traffic"):
+            (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / "loads" / "m.json").write_text(deep)
+        assert ModelRepository(tmp_path / "repo", [], tmp_path / "loads").persisted("m") == (True, None)
+        assert "ignoring persisted load state" in caplog.text
+        (tmp_path / "traffic" / "m.json").write_text(deep)
+        assert PolicyStore(tmp_path / "traffic", lambda *_: None).restore() == []
+        assert "ignoring persisted traffic policy" in caplog.text
+        with pytest.raises(PolicyError, match="maximum recursion depth"):
+            read_traffic_file(tmp_path / "traffic" / "m.json")
+        with pytest.raises(MaskingUnavailable, match="is not valid: maximum recursion depth"):
+            KeyRing(tmp_path / "traffic" / "m.json").key_for(None)
