@@ -84,23 +84,31 @@ class Admin:
             current = default_policy(loaded)
         return current
 
-    def check_policy(self, model: str, raw: object) -> TrafficPolicy:
-        """``raw`` as a policy of the model, every version it names loaded; InvalidInput if not."""
+    @staticmethod
+    def parse_policy(model: str, raw: object) -> TrafficPolicy:
+        """``raw`` as a policy of the model; InvalidInput if not. It compiles the rules' regexes:
+        run it off the event loop."""
         try:
-            policy = TrafficPolicy.from_dict(raw)
+            return TrafficPolicy.from_dict(raw)
+        except PolicyError as exc:
+            raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None
+
+    def check_loaded(self, model: str, policy: TrafficPolicy) -> None:
+        """InvalidInput unless every version the policy names is loaded."""
+        try:
             _, loaded = self.repo.loaded(model)
             policy.check_loaded(loaded)
         except PolicyError as exc:
             raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None
-        return policy
 
     async def set_policy(self, model: str, raw: object) -> None:
-        async def change() -> TrafficPolicy:
-            policy = self.check_policy(model, raw)
-            await asyncio.to_thread(self.policies.apply, model, policy)
-            return policy
+        policy = await asyncio.to_thread(self.parse_policy, model, raw)
 
-        policy = await self._changing([model], change)
+        async def change() -> None:
+            self.check_loaded(model, policy)
+            await asyncio.to_thread(self.policies.apply, model, policy)
+
+        await self._changing([model], change)
         log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
 
     async def remove_policy(self, model: str) -> None:
@@ -127,11 +135,12 @@ class Admin:
         """Apply the file's policies, checked and applied under their models' locks; a bad file
         is counted and logged and changes nothing."""
         try:
-            wanted = read_traffic_file(path)
+            wanted = await asyncio.to_thread(read_traffic_file, path)  # parsed once, off the loop
 
             async def change() -> None:
-                checked = {m: self.check_policy(m, p.to_dict()) for m, p in wanted.items()}
-                for model, policy in checked.items():
+                for model, policy in wanted.items():
+                    self.check_loaded(model, policy)
+                for model, policy in wanted.items():
                     if self.policies.get(model) != policy:
                         await asyncio.to_thread(self.policies.apply, model, policy)
                         log.info("traffic policy for %r from %s", model, path)

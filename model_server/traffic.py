@@ -33,6 +33,7 @@ BUCKETS = 10_000
 MATCH_KINDS = ("exact", "prefix", "regex")
 RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envoy bootstrap
 MAX_REGEX_CHARS = 1024
+MAX_RULES = 256  # header rules a policy: each compiled once and tried in order on every routed request
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
 
@@ -129,6 +130,8 @@ class TrafficPolicy:
         rules_raw = raw.get("rules", [])
         if not isinstance(rules_raw, list):
             raise PolicyError("rules must be a list")
+        if len(rules_raw) > MAX_RULES:
+            raise PolicyError(f"rules: {len(rules_raw)} rules; at most {MAX_RULES} a policy")
         rules = tuple(_parse_rule(r, f"rules[{i}]") for i, r in enumerate(rules_raw))
         mirror = None
         if raw.get("mirror") is not None:
@@ -172,6 +175,7 @@ class TrafficPolicy:
             "properties": {
                 "rules": {
                     "type": "array",
+                    "maxItems": MAX_RULES,
                     "description": "tried in order before route",
                     "items": {
                         "type": "object",

@@ -335,3 +335,42 @@ def test_a_policy_and_a_load_of_one_model_each_see_what_the_other_left(repo_copy
         asyncio.run(scenario())
     finally:
         repo.close_all()
+
+
+def test_a_policy_is_parsed_once_and_off_the_event_loop(repo_copy, tmp_path, monkeypatch):
+    """A policy's rules (each regex compiled) were parsed on the event loop, and the traffic
+    file's twice: a large valid file held every request for seconds."""
+    import asyncio
+    import threading
+
+    from model_server.admin import Admin
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore, TrafficPolicy
+
+    parse = TrafficPolicy.from_dict.__func__
+    parsed_on: list[int] = []
+
+    def from_dict(cls, raw):
+        parsed_on.append(threading.get_ident())
+        return parse(cls, raw)
+
+    monkeypatch.setattr(TrafficPolicy, "from_dict", classmethod(from_dict))
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", policy(1, 2), persist=False)
+    admin = Admin(repo, PolicyStore(None, lambda *_: None))
+    traffic = tmp_path / "traffic.json"
+    traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1"}]}}}))
+
+    async def scenario() -> int:
+        await admin.set_policy("digits", {"route": [{"version": "2"}]})
+        assert admin.policy("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
+        await admin.apply_traffic_file(traffic)
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(scenario())
+    finally:
+        repo.close_all()
+    assert admin.policy("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert len(parsed_on) == 2
+    assert loop_thread not in parsed_on

@@ -167,6 +167,13 @@ def test_mirror_samples_its_percent_and_never_the_primary():
             {"route": [{"version": "1"}], "rules": [{"match": {"headers": {}}, "route": [{"version": "2"}]}]},
             "must match something",
         ),
+        (
+            {
+                "route": [{"version": "1"}],
+                "rules": [{"match": {"headers": {"x": {"exact": "a"}}}, "route": [{"version": "2"}]}] * 257,
+            },
+            "rules: 257 rules; at most 256 a policy",
+        ),
         ({"route": [{"version": "1"}], "weights": {}}, "unknown policy field"),
         ([1, 2], "JSON object"),
     ],
