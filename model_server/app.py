@@ -136,6 +136,12 @@ INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{versio
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer/?")
 
 
+def refuse_constant(name: str) -> Any:
+    """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
+    and JSON has not, are refused (a NaN passes every range check after it)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def client_gone() -> InvalidInput:
     return InvalidInput("client disconnected while sending the body")
 
@@ -332,7 +338,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         if not body.strip():
             return {}
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=refuse_constant)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput(f"malformed JSON in request body: {exc}") from None
         if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
@@ -542,7 +548,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         override = None
         if "config" in params:
             try:
-                override = json.loads(params["config"])
+                override = json.loads(params["config"], parse_constant=refuse_constant)
             except (TypeError, ValueError) as exc:
                 raise InvalidInput(f"parameters.config is not a JSON object: {exc}") from None
             if not isinstance(override, dict):

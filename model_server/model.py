@@ -491,7 +491,12 @@ class Fault:
             "abort.percent": abort.get("percent", 0.0),
         }
         for key, value in values.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or (isinstance(value, float) and not math.isfinite(value))  # NaN passes every comparison
+                or value < 0
+            ):
                 raise InvalidInput(f"fault.{key} must be a non-negative number, got {value!r}")
         if values["delay.percent"] > 100 or values["abort.percent"] > 100 or values["delay.ms"] > 60_000:
             raise InvalidInput("fault: percents are 0..100 and delay.ms at most 60000")

@@ -152,3 +152,20 @@ def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tm
         assert failure_reason(InvalidInput("a client's malformed request")) == "INVALID_INPUT"
     finally:
         lv.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "field"),
+    [
+        ({"delay": {"ms": math.nan}}, "delay.ms"),
+        ({"delay": {"ms": 5, "percent": math.nan}}, "delay.percent"),
+        ({"abort": {"percent": math.nan}}, "abort.percent"),
+        ({"delay": {"ms": math.inf}}, "delay.ms"),
+        ({"abort": {"percent": -math.inf}}, "abort.percent"),
+    ],
+)
+def test_a_fault_of_nan_or_infinity_is_refused(fault, field):
+    """NaN passed every range check: the fault was set, its answer (JSON has no NaN) was a 500,
+    and a delay of NaN ms failed every request of the version until it was cleared."""
+    with pytest.raises(InvalidInput, match=rf"fault\.{field} must be a non-negative number, got -?(nan|inf)"):
+        Fault.from_dict(fault)

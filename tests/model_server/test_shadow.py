@@ -144,6 +144,11 @@ def test_fault_injection_is_admin_only_and_validated(server_factory, repo_copy, 
     r = requests.put(url, json={"delay": {"ms": -1}}, headers=s.admin, timeout=5)
     assert r.status_code == 400
     assert "delay.ms" in r.json()["error"]
+    for constant in ("NaN", "Infinity", "-Infinity"):  # Python's json takes them; JSON has none
+        r = requests.put(url, data=f'{{"delay": {{"ms": {constant}}}}}', headers=s.admin, timeout=5)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == f"malformed JSON in request body: {constant} is not a JSON value"
+    assert requests.get(url, headers=s.admin, timeout=5).json()["delay"]["ms"] == 0
     set_fault(s, "2", {"delay": {"ms": 5, "percent": 50}})
     assert requests.get(url, headers=s.admin, timeout=5).json()["delay"] == {"ms": 5.0, "percent": 50.0}
     set_fault(s, "2", {})
