@@ -15,7 +15,7 @@ import uvicorn
 
 from model_server.app import Settings, create_app
 from model_server.config import NAME_RE, ascii_uint
-from model_server.errors import ServerError
+from model_server.errors import MaskingUnavailable, ServerError
 from model_server.feedback import read_key
 from model_server.httpserver import limited_protocol
 from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
@@ -255,7 +255,8 @@ def feedback_key(args: argparse.Namespace, state: Path | None) -> bytes:
 def masker(args: argparse.Namespace, state: Path | None) -> Masker:
     """The masker of the prediction log and of every log line. Its key file: --mask-keys, or
     one made (mode 0600) beside a folder prediction log, else in the state folder, else in a
-    private temporary folder (tokens in the logs then mask without a way back)."""
+    private temporary folder (tokens in the logs then mask without a way back). With a
+    prediction log, a key file without a usable default key stops the start."""
     keys = args.mask_keys
     uri = args.prediction_log or args.shadow_log
     if keys is None:
@@ -271,7 +272,13 @@ def masker(args: argparse.Namespace, state: Path | None) -> Masker:
         if not keys.exists():
             create_key_file(keys)
             log.info("created masking key file %s (mode 0600)", keys)
-    return Masker(KeyRing(keys), args.mask_header)
+    ring = KeyRing(keys)
+    if uri is not None:  # every record of the log needs the default key: without it, each would be dropped
+        try:
+            ring.key_for(None)
+        except MaskingUnavailable as exc:
+            raise SystemExit(f"model-server: the prediction log's masking keys: {exc}") from None
+    return Masker(ring, args.mask_header)
 
 
 def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | None:

@@ -101,6 +101,28 @@ def test_unloadable_keys_raise_and_never_fall_back(tmp_path):
     assert ring.key_for("globex").kid  # the other tenants keep masking
 
 
+def test_a_prediction_log_without_a_usable_key_file_stops_the_start(tmp_path, keys):
+    """A --mask-keys path that did not exist (a typo, a Secret not mounted) was accepted: the
+    server became ready and dropped every record of its prediction log (mask_unavailable)."""
+    from model_server.__main__ import masker, parse_args
+
+    def start(key_file, *log: str) -> Masker:
+        return masker(parse_args(["--repository", str(tmp_path), "--mask-keys", str(key_file), *log]), None)
+
+    plog = ("--prediction-log", str(tmp_path / "log"))
+    missing = tmp_path / "missing.json"
+    with pytest.raises(
+        SystemExit, match=f"masking keys: key file {re.escape(str(missing))} cannot be read: No such file"
+    ):
+        start(missing, *plog)
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"masking keys: key file .*empty\.json has no default key"):
+        start(tmp_path / "empty.json", *plog)
+    assert start(keys, *plog).mask_fields({"x-user-id": "li.wei@example.com"}, None)["x-user-id"].startswith("tok_")
+    start(missing)  # without a prediction log: the log lines' masking alone, as before
+    assert not missing.exists()
+
+
 def test_key_file_is_created_with_mode_0600_and_never_overwritten(tmp_path):
     path = tmp_path / "sub" / "keys.json"
     create_key_file(path)
