@@ -89,6 +89,14 @@ class ModelRepository:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")  # Triton's wording
         return path
 
+    def _has(self, name: str) -> bool:
+        """Whether the repository has the model (its folder) or has it loaded."""
+        try:
+            self.model_dir(name)
+        except ServerError:
+            return name in self._models
+        return True
+
     def names(self) -> list[str]:
         return sorted(
             p.name
@@ -123,8 +131,11 @@ class ModelRepository:
             try:
                 versions = self._load(name, override, {int(v) for v in keep}, persist)
             except ServerError as exc:
-                metrics.MODEL_LOADS.labels(name if NAME_RE.match(name) else "_invalid", "error").inc()
-                self._errors[name] = exc.message
+                known = self._has(name)
+                series = name if known else "_unknown" if NAME_RE.match(name) else "_invalid"
+                metrics.MODEL_LOADS.labels(series, "error").inc()
+                if known:  # a name the repository lacks keeps no series and no entry (any name may be asked)
+                    self._errors[name] = exc.message
                 log.error("load of model %r failed: %s", name, exc.message)
                 raise type(exc)(f"failed to load '{name[:200]}': {exc.message}") from None  # Triton's wording
             metrics.MODEL_LOADS.labels(name, "ok").inc()

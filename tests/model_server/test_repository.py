@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
-from model_server.errors import InvalidInput, StateNotSaved
+from model_server.errors import InvalidInput, ModelNotFound, StateNotSaved
 from model_server.repository import ModelRepository
 
 
@@ -91,6 +91,28 @@ def test_a_load_or_unload_whose_state_cannot_be_saved_changes_nothing(repo_copy,
     assert repo.loaded_versions("digits") == [1, 2]
     assert repo.persisted("digits") == (True, policy(1, 2))
     repo.close_all()
+
+
+def test_loads_of_names_the_repository_lacks_add_no_series_and_keep_no_error(repo_copy):
+    """Each name an admin load was sent (any of up to 128 characters) added a series to
+    model_server_model_loads_total and kept its error message, for as long as the server ran."""
+
+    def errors(model: str) -> float | None:
+        return REGISTRY.get_sample_value("model_server_model_loads_total", {"model": model, "outcome": "error"})
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    unknown = errors("_unknown") or 0.0
+    for name in ("nope-1", "nope-2", "nope-3"):
+        with pytest.raises(ModelNotFound, match=f"failed to load '{name}'"):
+            repo.load(name)
+        assert errors(name) is None
+        assert name not in repo._errors
+    assert errors("_unknown") == unknown + 3
+    digits = errors("digits") or 0.0  # a model the repository has keeps its own, and its last error
+    with pytest.raises(InvalidInput, match="not in the repository"):
+        repo.load("digits", policy(9))
+    assert errors("digits") == digits + 1
+    assert "not in the repository" in repo.index()[0]["reason"]
 
 
 def test_graph_that_does_not_match_config_is_refused(repo_copy, models_dir):
