@@ -539,7 +539,8 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     @endpoint("/v2/repository/models/{model}/load", admin=True)
     async def load(request: Request) -> Response:
         name = request.path_params["model"]
-        params = (await json_body(request)).get("parameters") or {}
+        params = (await json_body(request)).get("parameters")
+        params = {} if params is None else params  # [] or "" is not "no parameters"
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be an object")
         files = sorted(k for k in params if k.startswith("file:"))

@@ -101,6 +101,20 @@ def test_load_override_rejects_unknown_keys_and_file_uploads(server):
     assert c.get_model_metadata("digits")["versions"] == ["1"]
 
 
+@pytest.mark.parametrize("parameters", [[], "", 0, False, "x"])
+def test_load_parameters_that_are_not_an_object_get_400(server, parameters):
+    """An empty list, string, 0 or false was taken as no parameters (a load of config.json's
+    versions), where "x" was a 400."""
+    r = requests.post(
+        f"{server.http}/v2/repository/models/digits/load",
+        json={"parameters": parameters},
+        headers=server.admin,
+        timeout=30,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"] == "'parameters' must be an object"
+
+
 def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     import subprocess
     import sys
