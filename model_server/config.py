@@ -229,6 +229,11 @@ class ModelConfig:
         return sorted(wanted)
 
 
+def _is_int(value: Any) -> bool:
+    """An integer in JSON: true and false are Python ints, not JSON's."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fail(where: str, msg: str) -> InvalidInput:
     return InvalidInput(f"{where}: {msg}")
 
@@ -245,7 +250,7 @@ def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec,
             raise _fail(f"{where}[{i}].name", "must be a non-empty string")
         if dt not in DATATYPES:
             raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
-        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and (d == -1 or d > 0) for d in dims):
+        if not isinstance(dims, list) or not dims or not all(_is_int(d) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
         labels = item.get("label_filename")
         if labels is not None and not outputs:  # Triton's ModelInput has no such field
@@ -316,7 +321,7 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         if len(inputs) != 1 or inputs[0].datatype != "BYTES":
             raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
         size = pre.get("size")
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")
         scale = pre.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or scale <= 0:

@@ -46,6 +46,14 @@ def test_specific_policy_with_a_missing_version_names_it():
         ({"input": []}, "non-empty list"),
         ({"input": [{"name": "x", "datatype": "FLOAT", "dims": [1]}]}, "datatype"),
         ({"input": [{"name": "x", "datatype": "FP32", "dims": [0]}]}, "dims"),
+        ({"input": [{"name": "x", "datatype": "FP32", "dims": [True]}]}, "dims"),  # was [1], shown as [true]
+        (
+            {
+                "input": [{"name": "x", "datatype": "BYTES", "dims": [1]}],
+                "preprocess": {"kind": "image", "size": [True, 28], "onnx_input": "x"},
+            },
+            "preprocess.size",
+        ),
         ({"max_batch_size": -1}, "max_batch_size"),
         ({"instance_count": 0}, "instance_count"),
         ({"version_policy": {"latest": {"num_versions": 0}}}, "num_versions"),
