@@ -541,6 +541,11 @@ class GuardInputs:
     unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
     missing: str | None = None  # a guard Prometheus has no data for: it cannot judge, so nothing passes
 
+    def __post_init__(self) -> None:
+        if self.p99_series_ms is not None and not self.p99_series_ms and self.missing is None:
+            # A series without a point is no data, as no series is: the guard cannot judge.
+            object.__setattr__(self, "missing", "the canary's P99 series has no point")
+
 
 def sustained_breach(series: tuple[tuple[float, float], ...], limit: float, seconds: float) -> tuple[bool, float]:
     """Whether the series stayed above ``limit`` for its last ``seconds``; and for how long it has."""
@@ -558,9 +563,19 @@ def sustained_breach(series: tuple[tuple[float, float], ...], limit: float, seco
 
 def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
     out = []
-    if g.p99_series_ms is not None:
+    if g.p99_series_ms is not None and not g.p99_series_ms:
+        out.append(
+            Check(
+                "guard_p99",
+                "wait",
+                f"Canary P99 has no data (limit {cfg.p99_ms_max:g} ms): nothing passes without it.",
+                "hard guard on a Prometheus range query",
+                margin=cfg.p99_ms_max,
+            )
+        )
+    elif g.p99_series_ms is not None:
         breach, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
-        last = g.p99_series_ms[-1][1] if g.p99_series_ms else float("nan")
+        last = g.p99_series_ms[-1][1]
         out.append(
             Check(
                 "guard_p99",

@@ -120,7 +120,11 @@ class PrometheusSource:
             raise NoValuesFound(f"no data for {promql} between {start:.0f} and {end:.0f}")
         if len(result) > 1:
             raise MultipleValues(f"{len(result)} series for {promql}; aggregate it")
-        return [(float(t), float(v)) for t, v in result[0]["values"] if not math.isnan(float(v))]
+        # NaN points (a quantile of no requests in the rate window: 0/0) are no data, not values.
+        points = [(float(t), float(v)) for t, v in result[0]["values"] if not math.isnan(float(v))]
+        if not points:
+            raise NoValuesFound(f"only NaN for {promql} between {start:.0f} and {end:.0f} (no traffic in the window?)")
+        return points
 
 
 DURATION_RE = re.compile(r"(?:([0-9]{1,9})(ms|s|m|h|d|w|y))")

@@ -321,6 +321,17 @@ def test_a_guard_without_data_holds_the_stage_never_passes_it():
     assert "while a hard guard had no data" in ended.reason
 
 
+def test_a_p99_series_without_a_point_holds_the_stage():
+    """Every point of the canary's P99 was NaN (no request in the rate window): the empty series
+    passed the guard and the stage was judged without it. It holds now, as without a series."""
+    s = spec()
+    log = records(400, 40, 50)
+    held = judge_stage(s, WINDOW, log, IMAGES, T0 + 106, GuardInputs(p99_series_ms=()))
+    assert held.status == "waiting"
+    assert held.verdict is None
+    assert held.reason.startswith("holding: a hard guard has no data: the canary's P99 series has no point")
+
+
 def test_the_full_stage_judges_latency_on_the_replay():
     window = StageWindow(1, 100, T0)
     log = records(400, 40, 100)

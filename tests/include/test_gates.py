@@ -14,6 +14,7 @@ from vision_rollout.gates import (
     GuardInputs,
     boundaries,
     evaluate_gate,
+    guard_checks,
     latency_check,
     nominal_alpha,
     sustained_breach,
@@ -125,6 +126,19 @@ def test_hard_guards():
     assert [c.name for c in v.failed] == ["guard_p99"]
     v = evaluate_gate(samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000))
     assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
+
+
+def test_a_p99_series_without_a_point_holds_the_gate():
+    """An empty P99 series read as "no breach": the guard passed ("Canary P99 is nan ms") with no
+    evidence. It is no data now, as no series is: the guard waits and nothing passes."""
+    empty = GuardInputs(p99_series_ms=())
+    assert empty.missing == "the canary's P99 series has no point"
+    (check,) = guard_checks(empty, GateConfig())
+    assert check.name == "guard_p99"
+    assert check.decision == "wait"
+    assert "no data" in check.sentence
+    assert evaluate_gate(samples(3000), guards=empty).decision == "wait"
+    assert GuardInputs(p99_series_ms=(), missing="no series").missing == "no series"
 
 
 def test_bad_input_is_named():

@@ -127,6 +127,41 @@ def test_the_p99_guard_counts_no_breach_from_before_its_stage():
     assert source.ranges[-1] == (now - 125, now)
 
 
+class Canned(PrometheusSource):
+    """Prometheus' API answering from canned ``data`` per endpoint (no server)."""
+
+    def __init__(self, **answers: dict):
+        super().__init__("http://127.0.0.1:9")
+        self.answers = answers
+
+    def _api(self, path: str, params: dict[str, str]) -> dict:
+        return self.answers[path]
+
+
+def test_a_p99_series_of_nan_points_is_no_data():
+    """The canary had no request in the rate window: histogram_quantile gave NaN at every point.
+    query_range returned an empty series, and the P99 guard passed on it ("Canary P99 is nan ms")
+    while the stage went on judging looks; it is now no data, and the stage holds."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.gates import GateConfig, guard_checks
+    from vision_rollout.spec import RolloutSpec
+
+    nan = {"resultType": "matrix", "result": [{"metric": {}, "values": [[100.0, "NaN"], [101.0, "NaN"]]}]}
+    source = Canned(
+        query_range=nan,
+        targets={"activeTargets": [{"labels": {"job": "model-server"}, "scrapeInterval": "1s"}]},
+        query={"resultType": "vector", "result": []},
+    )
+    with pytest.raises(NoValuesFound, match="only NaN"):
+        source.query_range("p99", 90, 101, 1)
+    spec = RolloutSpec.from_dict({"candidate_version": "2"})
+    guards = guard_inputs(source, spec, now=101.0)
+    assert guards.p99_series_ms is None
+    assert guards.missing is not None
+    assert "the canary's P99 has no data in Prometheus (only NaN" in guards.missing
+    assert not [c for c in guard_checks(guards, GateConfig.from_spec(spec)) if c.decision == "pass"]
+
+
 @pytest.fixture
 def stack(server_factory, repo_copy, tmp_path, models_dir):
     if shutil.which("prometheus") is None:
