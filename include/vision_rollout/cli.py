@@ -69,7 +69,10 @@ def _policy(path: Path) -> Any:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from vision_rollout.gates import evaluate_gate
+    from vision_rollout.spec import MAX_LOOKS
 
+    if not 1 <= args.looks <= MAX_LOOKS:
+        raise UsageError(f"--looks takes 1 to {MAX_LOOKS}, not {args.looks}")
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -18,7 +18,12 @@ import jsonschema
 
 from model_server.traffic import Destination, Mirror, PolicyError, TrafficPolicy
 
-__all__ = ["DEFAULTS", "Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
+__all__ = ["DEFAULTS", "MAX_LOOKS", "Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
+
+
+# The most looks a stage may plan: their group-sequential boundaries take about 0.4 s to compute
+# (``gates.boundaries``, grid x grid per look), once per poke, and far more looks add little power.
+MAX_LOOKS = 12
 
 
 class SpecError(ValueError):
@@ -59,7 +64,7 @@ class RolloutSpec:
         "Planned gate evaluations per stage (sequential alpha spending)",
         type="integer",
         minimum=1,
-        maximum=200,
+        maximum=MAX_LOOKS,
     )
     mirror_percent: float = _f(
         100.0, "Share of traffic mirrored to the candidate as shadow", type="number", minimum=0, maximum=100

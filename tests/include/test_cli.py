@@ -43,6 +43,8 @@ def test_gate_reads_parquet_takes_config_and_prints_json(tmp_path, capsys):
         ["gate"],
         ["audit", "--shadow-log", "x", "--since", "yesterday"],
         ["gate", "--samples", "{csv}", "--set", "alfa=1"],
+        ["gate", "--samples", "{csv}", "--looks", "3000"],  # was minutes of boundaries
+        ["gate", "--samples", "{csv}", "--looks", "0"],
         ["frobnicate"],
     ],
 )

@@ -17,8 +17,11 @@ from vision_rollout.gates import (
     guard_checks,
     latency_check,
     nominal_alpha,
+    spent,
     sustained_breach,
+    tail_check,
 )
+from vision_rollout.spec import MAX_LOOKS
 
 
 def test_boundaries_match_published_lan_demets_values():
@@ -31,16 +34,38 @@ def test_boundaries_match_published_lan_demets_values():
     assert nominal_alpha(0.05, 1, 1) == pytest.approx(0.05, rel=1e-6)
 
 
-def test_error_rate_holds_over_repeated_looks():
-    # Monte Carlo of the score process under H0: crossing at any of 10 looks <= alpha.
+@pytest.mark.parametrize("looks", [10, MAX_LOOKS])
+def test_error_rate_holds_over_repeated_looks(looks):
+    # Monte Carlo of the score process under H0: crossing at any of the looks <= alpha.
     rng = np.random.default_rng(7)
-    looks, sims, alpha = 10, 40_000, 0.05
+    sims, alpha = 40_000, 0.05
     c = np.array(boundaries(alpha, looks))
     z = np.cumsum(rng.standard_normal((sims, looks)), axis=1) / np.sqrt(np.arange(1, looks + 1))
     crossed = (z >= c).any(axis=1).mean()
     assert crossed < alpha + 3 * math.sqrt(alpha * (1 - alpha) / sims)
     naive = (z >= 1.6449).any(axis=1).mean()
     assert naive > 0.15  # the trap the spending avoids (Armitage, McPherson and Rowe)
+
+
+@pytest.mark.parametrize("looks", [18, 40])
+def test_early_looks_of_many_keep_a_level_above_zero(looks):
+    """O'Brien-Fleming's spending was 2 * (1 - cdf(z)): exactly 0 at look 1 of 18 or more, so the
+    look's level was 0, the p99 interval's lower bound 0, and the tail check divided by it."""
+    assert spent(0.05, 1 / looks, "obrien-fleming") > 0
+    level = nominal_alpha(0.05, 1, looks)
+    assert 0 < level < 1e-15
+    v = evaluate_gate(samples(3000), look=1, looks=looks)
+    assert v.decision == "wait"  # nothing is shown at such a level; no ZeroDivisionError either
+    p99 = next(c for c in v.checks if c.name == "latency_p99")
+    assert p99.ci[1] == math.inf
+
+
+def test_a_tail_check_without_a_lower_bound_has_no_upper_one():
+    rng = np.random.default_rng(5)
+    base, canary = np.exp(rng.normal(1, 0.3, 300)), np.exp(rng.normal(1, 0.3, 300))
+    check = tail_check(base, canary, 0.99, GateConfig(), 0.0)
+    assert check.ci[1] == math.inf
+    assert check.decision == "info"
 
 
 def test_equal_canary_passes_slow_canary_fails_few_samples_wait():

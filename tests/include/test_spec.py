@@ -62,6 +62,8 @@ def test_json_schema_is_valid_and_carries_descriptions():
         ({"mesh": "linkerd"}, "mesh"),
         ({"colour": "blue"}, "Additional properties"),
         ({"bake_seconds": 600, "max_stage_seconds": 60}, "max_stage_seconds"),
+        # 200 looks took 23 s of boundaries a poke, and 18 or more crashed the gate at look 1.
+        ({"looks_per_stage": 13}, "looks_per_stage: 13 is greater than the maximum of 12"),
     ],
 )
 def test_invalid_specs_name_the_field(raw, needle):
