@@ -243,7 +243,8 @@ class Verdict:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Verdict:
-        """Back from ``to_dict`` (an XCom value, a JSON report)."""
+        """Back from ``to_dict`` (an XCom value, a JSON report). A stage that ended without a look
+        judged left a verdict of its decision and summary only: no look (0), no level (0)."""
         names = {f.name for f in fields(Check)}
         checks = tuple(
             Check(
@@ -252,16 +253,16 @@ class Verdict:
                     "ci": _interval(c.get("ci")),
                 }
             )
-            for c in d["checks"]
+            for c in d.get("checks") or ()
         )
         return cls(
             d["decision"],
             checks,
-            d["look"],
-            d["looks"],
-            d["alpha"],
-            d["nominal_alpha"],
-            d["spending"],
+            d.get("look", 0),
+            d.get("looks", 0),
+            d.get("alpha", DEFAULTS.alpha),
+            d.get("nominal_alpha", 0.0),
+            d.get("spending", DEFAULTS.spending),
             d.get("summary", ""),
         )
 

@@ -31,6 +31,7 @@ from vision_rollout.spec import RolloutSpec, SpecError
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import Router
+    from vision_rollout.notify import Message
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +351,7 @@ def look_at_stage(
     A tripped guard puts the stable version back at once, then fails the task (no retry).
     """
     from vision_rollout.engine import StageJudge, StageWindow, gpu_gauges
+    from vision_rollout.gates import Verdict
 
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
@@ -370,7 +372,8 @@ def look_at_stage(
         raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")
     if not state.done:
         return None
-    verdict = state.verdict.to_dict() if state.verdict else {"decision": "wait", "checks": []}
+    # Ended without a look judged (its guards never read): a verdict all the same, no look, level 0.
+    verdict = (state.verdict or Verdict("wait", (), 0, state.looks, spec.alpha, 0.0, spec.spending)).to_dict()
     if state.status == "undecided":
         verdict["summary"] = state.reason
     bake = {
@@ -619,13 +622,30 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
     from vision_rollout.notify import promotion_message, rollback_message
 
     spec = spec_from(params)
-    judged = [Verdict.from_dict(v) for v in verdicts if v]
-    if outcome == "promote":
-        message = promotion_message(spec, judged)
-    else:
-        failing = next((v for v in judged if v.decision != "pass"), None)
-        message = rollback_message(spec, reason, failing)
+    try:
+        judged = [Verdict.from_dict(v) for v in verdicts if v]
+        if outcome == "promote":
+            message = promotion_message(spec, judged)
+        else:
+            failing = next((v for v in judged if v.decision != "pass"), None)
+            message = rollback_message(spec, reason, failing)
+    except Exception:  # the report goes out all the same, in plain words: the decision is made
+        log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
+        message = plain_report(spec, outcome, reason)
     return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+
+
+def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
+    """The run's decision and its reason, without the verdicts' details."""
+    from vision_rollout.notify import Message, section
+
+    done = (
+        f"promoted: version {spec.candidate_version} takes 100%"
+        if outcome == "promote"
+        else f"rolled back: version {spec.baseline_version} takes 100% again"
+    )
+    text = f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} {done}. Reason: {reason}"
+    return Message(text, [section(text)])
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:

@@ -189,3 +189,46 @@ def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     steps.build_image(other, "run-d")
     assert admin.traffic("digits").to_dict() == serving
     assert (admin.ready("digits", "1"), admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True, False)
+
+
+def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
+    """The connection's outbox (no Slack connection: reports land there), read back."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": {"run_dir": str(tmp_path)}}),
+    )
+    return [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+
+
+def test_a_stage_that_ended_undecided_without_a_look_is_reported(monkeypatch, tmp_path):
+    """Prometheus down until max_stage_seconds: the stage's XCom had no look, notify failed on
+    Verdict.from_dict (KeyError 'look') and the rollback report was never sent nor kept."""
+    outbox_reports(monkeypatch, tmp_path)
+    undecided = {
+        "decision": "wait",
+        "checks": [],
+        "summary": "undecided: the stage ended (3600 s) while its hard guards could not be read",
+        "status": "undecided",
+        "bake": {"elapsed_s": 3600.0, "served": {}, "gpu": {}, "look": 0, "looks": 10},
+    }
+    reason = f"the 50% stage: {undecided['summary']}"
+    sent = steps.notify(PARAMS, "rollback", reason, [undecided, None])
+    assert "outbox" in sent
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert "could not be read" in json.dumps(report["blocks"])
+
+
+def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise ValueError("a verdict this code cannot read")
+
+    monkeypatch.setattr("vision_rollout.notify.rollback_message", broken)
+    outbox_reports(monkeypatch, tmp_path)
+    verdict = {**FAIL, "checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
+    sent = steps.notify(PARAMS, "rollback", "the 50% stage: FAIL: canary P99 regressed 40%", [verdict])
+    assert "outbox" in sent
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["text"] == (
+        "digits v2 against v1 rolled back: version 1 takes 100% again. "
+        "Reason: the 50% stage: FAIL: canary P99 regressed 40%"
+    )
