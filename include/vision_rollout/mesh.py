@@ -63,7 +63,7 @@ class LocalRouter:
 
     url: str  # http://host:port
     model: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # out of logs
     state_file: Path | None = None
     timeout_s: float = 30.0
 

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from model_server.traffic import TrafficPolicy
@@ -50,7 +50,7 @@ class AdminError(Exception):
 @dataclass(frozen=True)
 class ModelServerAdmin:
     url: str  # http://host:port
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # out of logs
     timeout_s: float = 30.0
     load_timeout_s: float = 600.0  # a load answers once the versions are warm (GPU sessions take a while)
 

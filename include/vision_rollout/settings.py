@@ -126,6 +126,33 @@ EXTRA_SCHEMA["properties"]["models"] = {
     },
 }
 TEMPLATE = "{model}"
+URL_PATTERN = EXTRA_SCHEMA["properties"]["istio"]["properties"]["url"]["pattern"]
+HINTS = {  # what a pattern asks for, in words
+    CONTEXT_PATTERN: "s3://, dir:// or https://host/..., with no credentials in it",
+    URL_PATTERN: "http://host:port, with no path and no credentials",
+}
+
+
+def _rule(exc: jsonschema.ValidationError) -> str:
+    """The rule an extra broke, never its value: jsonschema's messages quote the value, and a
+    value may hold credentials (``https://user:token@...``) that would reach task logs and Slack.
+    Unknown keys are named (names, not values)."""
+    rule, v = exc.validator, exc.validator_value
+    if rule == "additionalProperties" and isinstance(exc.instance, Mapping):
+        unknown = sorted(str(k)[:64] for k in set(exc.instance) - set(exc.schema.get("properties", {})))
+        return f"unknown key(s) {unknown[:10]}"
+    whose = "each name " if "propertyNames" in exc.absolute_schema_path else ""
+    words = {
+        "type": f"must be of type {v!r}",
+        "pattern": f"must match {v!r}" + (f" ({HINTS[v]})" if v in HINTS else ""),
+        "minLength": "must be non-empty" if v == 1 else f"must be at least {v} characters",
+        "maxLength": f"must be at most {v} characters",
+        "minimum": f"must be at least {v}",
+        "maximum": f"must be at most {v}",
+        "maxItems": f"must have at most {v} items",
+        "maxProperties": f"must have at most {v} entries",
+    }
+    return (whose + words.get(str(rule), f"breaks {rule} {v!r}"))[:300]
 
 
 class SettingsError(ValueError):
@@ -185,9 +212,7 @@ class ServingSettings:
             jsonschema.validate(dict(extra), EXTRA_SCHEMA)
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path)
-            # A long message quotes a long value (a thousand models): the rule it broke says more.
-            why = exc.message if len(exc.message) <= 300 else f"breaks {exc.validator} {exc.validator_value!r}"[:300]
-            raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {why}") from None
+            raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {_rule(exc)}") from None
         defaults = cls()
         settings = cls(
             url=url,
