@@ -432,8 +432,8 @@ def guard_inputs(
     errors = requests = None
     sel = f'model="{spec.model}",version="{spec.candidate_version}"'
     try:
-        requests = int(source.query(f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))'))
-        errors = int(source.query(f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)'))
+        requests = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))')
+        errors = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)')
     except NoValuesFound as exc:
         log.info("no shadow counts yet: %s", exc)
     except MetricsError as exc:
@@ -445,6 +445,15 @@ def guard_inputs(
         unavailable="; ".join(dict.fromkeys(down)) or None,
         missing=missing,
     )
+
+
+def _count(source: MetricsSource, promql: str) -> int:
+    """A count from ``increase()``: extrapolated, so fractional (0.9 is a request, not none), and
+    MetricsError for what no count is (+Inf, negative)."""
+    value = source.query(promql)
+    if not math.isfinite(value) or value < 0:
+        raise MetricsError(f"not a count: {value} for {promql}")
+    return round(value)
 
 
 def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[str, float]:

@@ -102,13 +102,19 @@ class PrometheusSource:
         return value
 
     def scrape_interval_s(self) -> float:
-        """The longest scrape interval among Prometheus' active targets (its own configuration, as
-        its targets API reports it): a rate needs at least two samples in its window, and a window
-        of 4 intervals keeps one missed scrape from emptying it. MetricsError without targets."""
+        """The longest scrape interval among the model servers' active targets (Prometheus' own
+        configuration, as its targets API reports it): a rate needs at least two samples in its
+        window, and a window of 4 intervals keeps one missed scrape from emptying it. Other jobs
+        (a blackbox probe every 5 minutes) say nothing of the model servers' series. MetricsError
+        without such a target."""
         targets = self._api("targets", {"state": "active"}).get("activeTargets") or []
-        intervals = [parse_duration(t["scrapeInterval"]) for t in targets[:10_000] if t.get("scrapeInterval")]
+        intervals = [
+            parse_duration(t["scrapeInterval"])
+            for t in targets[:10_000]
+            if t.get("scrapeInterval") and _model_server_target(t)
+        ]
         if not intervals:
-            raise MetricsError("prometheus: no active target reports a scrapeInterval")
+            raise MetricsError(f"prometheus: no active target of the {MODEL_SERVER_JOB} job reports a scrapeInterval")
         return max(intervals)
 
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
@@ -125,6 +131,24 @@ class PrometheusSource:
         if not points:
             raise NoValuesFound(f"only NaN for {promql} between {start:.0f} and {end:.0f} (no traffic in the window?)")
         return points
+
+
+# The model servers' scrape job: deploy/prometheus/scrape-config.yaml's job_name (the one-machine
+# stacks' too); the PodMonitor of deploy/base/monitoring.yaml, of the same name, gives its targets
+# the job <namespace>/model-server and the scrape pool podMonitor/<namespace>/model-server/<n>.
+MODEL_SERVER_JOB = "model-server"
+POD_MONITOR_POOL_RE = re.compile(rf"podMonitor/[^/]+/{MODEL_SERVER_JOB}/[0-9]+")
+
+
+def _model_server_target(target: dict[str, Any]) -> bool:
+    """Whether a target of Prometheus' targets API is a model server's (by its job or scrape pool)."""
+    job = str((target.get("labels") or {}).get("job", ""))
+    pool = str(target.get("scrapePool", ""))
+    return (
+        MODEL_SERVER_JOB in (job, pool)
+        or job.endswith(f"/{MODEL_SERVER_JOB}")
+        or POD_MONITOR_POOL_RE.fullmatch(pool) is not None
+    )
 
 
 DURATION_RE = re.compile(r"(?:([0-9]{1,9})(ms|s|m|h|d|w|y))")

@@ -162,6 +162,46 @@ def test_a_p99_series_of_nan_points_is_no_data():
     assert not [c for c in guard_checks(guards, GateConfig.from_spec(spec)) if c.decision == "pass"]
 
 
+def test_the_rate_window_follows_the_model_servers_scrape_interval_only():
+    """A blackbox probe every 5 minutes made the P99 rate window 20 minutes: a 15 s spike then
+    read as a sustained breach. Only the model servers' targets count now, however Prometheus
+    found them: the scrape job, or the PodMonitor of the same name."""
+
+    def target(job: str, interval: str, pool: str | None = None) -> dict:
+        return {"labels": {"job": job}, "scrapePool": pool or job, "scrapeInterval": interval}
+
+    others = [target("blackbox", "5m"), target("node", "1h"), target("prometheus", "1s")]
+    for servers in (
+        [target("model-server", "15s")],
+        [target("ml/model-server", "15s", pool="podMonitor/ml/model-server/0")],
+    ):
+        source = Canned(targets={"activeTargets": others + servers})
+        assert source.scrape_interval_s() == 15
+    with pytest.raises(MetricsError, match="no active target of the model-server job"):
+        Canned(targets={"activeTargets": others}).scrape_interval_s()
+
+
+@pytest.mark.parametrize(("value", "counted"), [("0.9", 1), ("2.4", 2), ("+Inf", None), ("-1", None)])
+def test_shadow_counts_are_rounded_and_checked(value, counted):
+    """increase() extrapolates: 0.9 was truncated to 0 requests, which skipped the shadow guard;
+    +Inf raised OverflowError, which crashed the poke. 0.9 is a request now, +Inf no count:
+    Prometheus' answer is unusable, so the stage holds."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.spec import RolloutSpec
+
+    p99 = {"resultType": "matrix", "result": [{"metric": {}, "values": [[100.0, "20"]]}]}
+    source = Canned(
+        query_range=p99,
+        targets={"activeTargets": [{"labels": {"job": "model-server"}, "scrapeInterval": "1s"}]},
+        query={"resultType": "vector", "result": [{"metric": {}, "value": [101.0, value]}]},
+    )
+    guards = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "2"}), now=101.0)
+    assert guards.shadow_requests == counted
+    if counted is None:
+        assert guards.unavailable is not None
+        assert "not a count" in guards.unavailable
+
+
 @pytest.fixture
 def stack(server_factory, repo_copy, tmp_path, models_dir):
     if shutil.which("prometheus") is None:
