@@ -377,7 +377,8 @@ def procedure(sims: int, seed: int, workers: int) -> list[dict[str, Any]]:
 def _cell(job: tuple[int, str, str, int, int]) -> dict[str, Any]:
     n_stages, scenario, which, sims, seed = job
     rng = np.random.default_rng(seed)
-    spec = RolloutSpec.from_dict({"stages": STAGES[n_stages]})
+    stages = STAGES[n_stages]
+    spec = RolloutSpec.from_dict({"stages": stages, **({"mirror_percent": 0} if stages == [100] else {})})
     if which == "engine":
         results = [engine_rollout(rng, spec, scenario) for _ in range(sims)]
     else:

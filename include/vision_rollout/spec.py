@@ -146,6 +146,12 @@ class RolloutSpec:
             raise SpecError(f"the last stage must be 100 (full promotion), got {stages[-1]}")
         if self.max_stage_seconds < self.bake_seconds:
             raise SpecError("max_stage_seconds must be at least bake_seconds")
+        if stages == [100] and self.mirror_percent > 0:
+            # A stage at 100% mirrors nothing (the baseline takes no traffic to copy): the mirror
+            # asked for could never be proven on, nor the shadow audit have a record.
+            raise SpecError(
+                "stages [100] mirror nothing: set mirror_percent to 0, or add a stage below 100 for the shadow"
+            )
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
+PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -288,12 +289,16 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     )
 
     def probe_id() -> str:
-        return next(
-            r
-            for r in (
-                "probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(24)) for _ in range(10_000)
-            )
-            if policy.mirror_for(spec.baseline_version, r) is not None
+        # A random stem, then letters counted up: the mirror samples one id in 10,000 at its
+        # smallest share, and 400,000 tries all miss it with probability e^-40.
+        stem = "probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(16))
+        for i in range(PROBE_TRIES):
+            rid = stem + "".join(string.ascii_lowercase[(i // 26**k) % 26] for k in range(4))
+            if policy.mirror_for(spec.baseline_version, rid) is not None:
+                return rid
+        raise AirflowFailException(
+            f"no request id of {PROBE_TRIES} is sampled by the mirror ({policy.mirror.percent:g}% to version "
+            f"{policy.mirror.version}): the masking probe cannot be sent"
         )
 
     try:

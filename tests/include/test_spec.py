@@ -64,11 +64,18 @@ def test_json_schema_is_valid_and_carries_descriptions():
         ({"bake_seconds": 600, "max_stage_seconds": 60}, "max_stage_seconds"),
         # 200 looks took 23 s of boundaries a poke, and 18 or more crashed the gate at look 1.
         ({"looks_per_stage": 13}, "looks_per_stage: 13 is greater than the maximum of 12"),
+        # A 100% stage mirrors nothing: enable_shadow could never see the mirror and failed every run.
+        ({"stages": [100]}, r"stages \[100\] mirror nothing: set mirror_percent to 0"),
     ],
 )
 def test_invalid_specs_name_the_field(raw, needle):
     with pytest.raises(SpecError, match=needle):
         RolloutSpec.from_dict(raw)
+
+
+def test_a_single_full_stage_runs_without_a_mirror():
+    s = RolloutSpec.from_dict({"stages": [100], "mirror_percent": 0})
+    assert s.policy_for_stage(100).to_dict() == {"route": [{"version": "2", "weight": 100}]}
 
 
 def test_stage_policies():

@@ -232,3 +232,31 @@ def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_
         "digits v2 against v1 rolled back: version 1 takes 100% again. "
         "Reason: the 50% stage: FAIL: canary P99 regressed 40%"
     )
+
+
+def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_path, models_dir):
+    """A tiny mirror_percent (0.001: one id in 10,000) left the probe's search of 10,000 random ids
+    empty about a third of the time, and enable_shadow failed with a bare StopIteration. Here the
+    mirror samples no id at all: the search ends in a failure that says why."""
+    from model_server import traffic
+
+    real_bucket = traffic.bucket
+    monkeypatch.setattr(
+        traffic, "bucket", lambda key: traffic.BUCKETS - 1 if key.startswith("mirror:") else real_bucket(key)
+    )
+    extra = {"run_dir": str(tmp_path), "repository": str(models_dir)}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
+    )
+    params = {**PARAMS, "mirror_percent": 0.001}
+    spec = steps.spec_from(params)
+
+    class Routes:
+        def get_routes(self):
+            return spec.policy_for_stage(50)
+
+    monkeypatch.setattr(steps, "router", lambda *args: Routes())
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+    with pytest.raises(AirflowFailException, match=r"sampled by the mirror \(0.001% to version 2\)"):
+        steps.enable_shadow(params, "run-a")
