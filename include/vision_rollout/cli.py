@@ -37,11 +37,17 @@ def _value(text: str) -> Any:
         return text
 
 
+MAX_SINCE = timedelta(days=3660)  # ten years of prediction log: far more than any audit reads
+
+
 def _since(text: str) -> timedelta:
-    m = re.fullmatch(r"(\d+)([smhd])", text)
+    m = re.fullmatch(r"(\d{1,12})([smhd])", text)
     if m is None:
-        raise UsageError(f"--since takes a duration like 30m, 1h or 2d, not {text!r}")
-    return timedelta(seconds=int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
+        raise UsageError(f"--since takes a duration like 30m, 1h or 2d, not {text[:64]!r}")
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > MAX_SINCE.total_seconds():
+        raise UsageError(f"--since takes at most {MAX_SINCE.days}d, not {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def _read_samples(path: Path) -> Any:

@@ -46,9 +46,13 @@ class RolloutSpec:
     channel. Each field carries its default, its description and its JSON schema (the DAG's
     Params are built from them); ``from_dict`` validates, naming the field that is wrong."""
 
-    model: str = _f("digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    candidate_version: str = _f("2", "Version to roll out", type="string", pattern=r"^[1-9][0-9]*$")
-    baseline_version: str = _f("1", "Stable version now serving", type="string", pattern=r"^[1-9][0-9]*$")
+    # A model's name is a lock's and a folder's (128 characters at most, as the lock takes); a
+    # version a folder's and an integer's (9 digits).
+    model: str = _f(
+        "digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", maxLength=128
+    )
+    candidate_version: str = _f("2", "Version to roll out", type="string", pattern=r"^[1-9][0-9]*$", maxLength=9)
+    baseline_version: str = _f("1", "Stable version now serving", type="string", pattern=r"^[1-9][0-9]*$", maxLength=9)
     stages: tuple[int, ...] = _f(
         (5, 25, 50, 100),
         "Canary weight (percent) of each stage, ending at 100",
@@ -178,7 +182,7 @@ class RolloutSpec:
             jsonschema.validate(raw, cls.json_schema())
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path) or "spec"
-            raise SpecError(f"{where}: {exc.message}") from None
+            raise SpecError(f"{where}: {exc.message[:300]}") from None  # a long value quoted, cut
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         return cls(**values)
 

@@ -42,6 +42,9 @@ def test_gate_reads_parquet_takes_config_and_prints_json(tmp_path, capsys):
         ["gate", "--samples", "nope.csv"],
         ["gate"],
         ["audit", "--shadow-log", "x", "--since", "yesterday"],
+        ["audit", "--shadow-log", "x", "--since", "999999999999d"],  # was an OverflowError's traceback
+        ["audit", "--shadow-log", "x", "--since", "3661d"],
+        ["audit", "--shadow-log", "x", "--since", "9" * 40 + "s"],
         ["gate", "--samples", "{csv}", "--set", "alfa=1"],
         ["gate", "--samples", "{csv}", "--looks", "3000"],  # was minutes of boundaries
         ["gate", "--samples", "{csv}", "--looks", "0"],

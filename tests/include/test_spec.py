@@ -64,6 +64,11 @@ def test_json_schema_is_valid_and_carries_descriptions():
         ({"bake_seconds": 600, "max_stage_seconds": 60}, "max_stage_seconds"),
         # 200 looks took 23 s of boundaries a poke, and 18 or more crashed the gate at look 1.
         ({"looks_per_stage": 13}, "looks_per_stage: 13 is greater than the maximum of 12"),
+        # Long names ended in a raw ValueError from the lock, long versions in OSError (file name
+        # too long) or int()'s limit: refused here, naming the field.
+        ({"model": "m" * 129}, "model: 'mmmm"),
+        ({"candidate_version": "2" * 10}, "candidate_version: '2222222222' is too long"),
+        ({"baseline_version": "1" * 5000}, "baseline_version: '1111"),
         # A 100% stage mirrors nothing: enable_shadow could never see the mirror and failed every run.
         ({"stages": [100]}, r"stages \[100\] mirror nothing: set mirror_percent to 0"),
     ],
@@ -71,6 +76,17 @@ def test_json_schema_is_valid_and_carries_descriptions():
 def test_invalid_specs_name_the_field(raw, needle):
     with pytest.raises(SpecError, match=needle):
         RolloutSpec.from_dict(raw)
+
+
+def test_a_long_value_is_quoted_cut():
+    with pytest.raises(SpecError) as refused:
+        RolloutSpec.from_dict({"model": "m" * 5000})
+    assert len(str(refused.value)) < 400
+
+
+def test_the_longest_names_and_versions_are_taken():
+    s = RolloutSpec.from_dict({"model": "m" * 128, "candidate_version": "9" * 9, "baseline_version": "1"})
+    assert (len(s.model), s.candidate_version) == (128, "999999999")
 
 
 def test_a_single_full_stage_runs_without_a_mirror():
