@@ -7,7 +7,7 @@
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
-                 [--prometheus URL] [--state-file F] [--outbox DIR]
+                 (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR]
                                                      (a whole rollout on the model server's router)
 
 Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait.
@@ -196,6 +196,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
     if spec.mesh != "local":
         raise UsageError("rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow")
+    if not args.prometheus and not args.no_hard_guards:
+        raise UsageError(
+            "the P99 and shadow-error guards read Prometheus: give --prometheus URL, or --no-hard-guards "
+            "to roll out guarded by the replay's accuracy drop only"
+        )
+    unguarded = "" if args.prometheus else " (without the P99 and shadow-error guards: --no-hard-guards)"
+    if unguarded:
+        print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
     token = args.token_file.read_text().strip() if args.token_file else None
     state = args.state_file or Path(f".rollout-{spec.model}-original.json")
     router = LocalRouter(args.url, spec.model, token, state)
@@ -221,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if result.promoted
             else rollback_message(spec, result.reason, last.verdict if last else None, last.weight if last else None)
         )
-    print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason)
+    print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
     return 0 if result.promoted else 1
 
 
@@ -278,7 +286,13 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="the serving processes' prediction log (a folder or s3://bucket/prefix): the evidence",
     )
-    r.add_argument("--prometheus", help="http://host:port, for the hard guards")
+    guards = r.add_mutually_exclusive_group()
+    guards.add_argument("--prometheus", help="http://host:port, for the hard guards (P99, shadow errors)")
+    guards.add_argument(
+        "--no-hard-guards",
+        action="store_true",
+        help="run without Prometheus: no P99 or shadow-error guard, only the replay's accuracy drop",
+    )
     r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
     r.add_argument("--outbox", type=Path, help="write the Slack reports here")
     r.set_defaults(func=cmd_run)

@@ -58,6 +58,20 @@ def test_usage_errors_exit_2(tmp_path, capsys, argv):
     assert run(capsys, *argv)[0] == 2
 
 
+def test_run_without_prometheus_must_say_it_runs_unguarded(tmp_path, capsys):
+    """Without --prometheus a rollout ran with no P99 and no shadow-error guard, and nothing said
+    so. It is refused now unless --no-hard-guards says it is meant; the model server (nothing
+    listens on port 9) is never reached."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"stages": [50, 100]}))
+    argv = ["run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--validation", str(tmp_path)]
+    argv += ["--prediction-log", str(tmp_path / "log")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "give --prometheus URL, or --no-hard-guards" in err
+    assert run(capsys, *argv, "--prometheus", "http://127.0.0.1:9", "--no-hard-guards")[0] == 2
+
+
 def test_audit_command(tmp_path, capsys):
     log = shadow_log(tmp_path, 200, disagree=0.0)
     code, out, _ = run(

@@ -100,11 +100,14 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
             str(tmp_path / "orig.json"),
             "--outbox",
             str(tmp_path / "outbox"),
+            "--no-hard-guards",
         ]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 1
     assert "ROLLED BACK: stage 25%" in out
+    assert out.rstrip().endswith("(without the P99 and shadow-error guards: --no-hard-guards)")
+    assert "warning: no Prometheus" in err
     reports = sorted((tmp_path / "outbox").glob("*.json"))
     assert json.loads(reports[-1].read_text())["text"].startswith("Rolled back digits v3")
     routes = make_router("local", url=s.http, model="digits", token=TOKEN).get_routes()
