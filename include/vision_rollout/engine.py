@@ -216,9 +216,8 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
     planned = window.look_time(spec, spec.looks_per_stage)
     reached = []
     for arm in ("baseline", "canary"):
-        times = np.sort(
-            samples.loc[(samples["arm"] == arm) & (samples["source"] == window.latency_from), "time"].to_numpy()
-        )
+        answered = (samples["arm"] == arm) & (samples["source"] == window.latency_from) & samples["latency_ms"].notna()
+        times = np.sort(samples.loc[answered, "time"].to_numpy())
         reached.append(times[spec.min_samples - 1] + 1e-6 if len(times) >= spec.min_samples else math.inf)
     replay = samples.dropna(subset=["pair_id"])
     if images and len(replay):
@@ -240,9 +239,16 @@ def judge_stage(
     guards: GuardInputs | None = None,
     config: GateConfig | None = None,
     settle_s: float = SETTLE_S,
+    replay_images: int | None = None,
 ) -> StageState:
     """Judge, in order, every look whose time (plus ``settle_s``) has come, each on the records
-    before its time; stop at the first that decides."""
+    before its time; stop at the first that decides. ``replay_images``: the images a replay
+    round sends (default all of ``labels``); the accuracy-drop guard reads whole rounds only,
+    and no look passes before it has read one.
+
+    While a hard guard cannot be read or has no data, the looks are still judged, and one that
+    fails ends the stage (a failure needs no guard: a canary failing every request has no P99);
+    nothing passes meanwhile."""
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
     current = stage_samples(records, spec, window, now - settle_s, labels)
@@ -252,21 +258,14 @@ def judge_stage(
         return StageState(status, look, K, verdict, reason, served(current), elapsed)
 
     guard_in = GuardInputs(
-        **{**(guards.__dict__ if guards else {}), "validation_drop": replay_drop(current, len(labels))}
+        **{
+            **(guards.__dict__ if guards else {}),
+            "validation_drop": replay_drop(current, len(labels) if replay_images is None else replay_images),
+        }
     )
     tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
     if tripped:
         return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
-    if guard_in.unavailable or guard_in.missing:  # a stage passes only under its guards: no look is judged blind
-        if guard_in.unavailable:
-            now_, then = "the hard guards cannot be read", "its hard guards could not be read"
-            why, until = f" ({guard_in.unavailable})", "Prometheus answers again"
-        else:
-            now_, then = "a hard guard has no data", "a hard guard had no data"
-            why, until = f": {guard_in.missing}", "it has"
-        if elapsed >= spec.max_stage_seconds:
-            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {then}{why}")
-        return state("waiting", 0, None, f"holding: {now_}{why}; no look is judged until {until}")
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -279,11 +278,28 @@ def judge_stage(
         judged = look
         if verdict.decision != "wait":
             break
+    if verdict is not None and verdict.decision == "fail":
+        return state("fail", judged, verdict, verdict.summary)
+    if guard_in.unavailable or guard_in.missing:  # a stage passes only under its guards
+        if guard_in.unavailable:
+            now_, then = "the hard guards cannot be read", "its hard guards could not be read"
+            why, until = f" ({guard_in.unavailable})", "Prometheus answers again"
+        else:
+            now_, then = "a hard guard has no data", "a hard guard had no data"
+            why, until = f": {guard_in.missing}", "it has"
+        if elapsed >= spec.max_stage_seconds:
+            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {then}{why}")
+        return state("waiting", 0, None, f"holding: {now_}{why}; nothing passes until {until}")
     if verdict is None:
         return state("waiting", 0, None, f"first look at {look_interval(spec):.0f} s into the stage")
-    if verdict.decision == "fail":
-        return state("fail", judged, verdict, verdict.summary)
     if verdict.decision == "pass":
+        if labels and guard_in.validation_drop is None:
+            return state(
+                "waiting",
+                judged,
+                verdict,
+                f"passed at look {judged} of {K}; holding until the replay's accuracy guard has read a whole round",
+            )
         if elapsed >= spec.bake_seconds:
             return state("pass", judged, verdict, verdict.summary)
         return state(
@@ -543,6 +559,7 @@ class StageJudge:
             now,
             guard_inputs(self.source, self.spec, now, since=window.started),
             settle_s=self.settle_s,
+            replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
         )
         if not state.done and self.replay_due(records, window, now):
             self.replay_round()

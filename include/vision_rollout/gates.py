@@ -692,6 +692,9 @@ def evaluate_gate(
         ]
         where = SOURCES.get(latency_from or "")
         checks += [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
+    # Errors count every row, answered or not: a canary failing most of its requests has few
+    # latencies (a failure's is not an answer's) and must still fail here.
+    if min(len(base), len(canary)) >= max(cfg.min_samples, 3):
         checks.append(
             proportion_check(
                 "errors",

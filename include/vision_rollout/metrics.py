@@ -105,17 +105,15 @@ class PrometheusSource:
         """The longest scrape interval among the model servers' active targets (Prometheus' own
         configuration, as its targets API reports it): a rate needs at least two samples in its
         window, and a window of 4 intervals keeps one missed scrape from emptying it. Other jobs
-        (a blackbox probe every 5 minutes) say nothing of the model servers' series. MetricsError
-        without such a target."""
-        targets = self._api("targets", {"state": "active"}).get("activeTargets") or []
-        intervals = [
-            parse_duration(t["scrapeInterval"])
-            for t in targets[:10_000]
-            if t.get("scrapeInterval") and _model_server_target(t)
-        ]
-        if not intervals:
-            raise MetricsError(f"prometheus: no active target of the {MODEL_SERVER_JOB} job reports a scrapeInterval")
-        return max(intervals)
+        (a blackbox probe every 5 minutes) say nothing of the model servers' series; where no job
+        is the model servers' (a scrape config of one's own naming it otherwise), every target's
+        is taken, the longest (as before). MetricsError without any."""
+        targets = (self._api("targets", {"state": "active"}).get("activeTargets") or [])[:10_000]
+        timed = [t for t in targets if t.get("scrapeInterval")]
+        ours = [t for t in timed if _model_server_target(t)]
+        if not timed:
+            raise MetricsError("prometheus: no active target reports a scrapeInterval")
+        return max(parse_duration(t["scrapeInterval"]) for t in ours or timed)
 
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
         data = self._api(

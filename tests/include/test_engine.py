@@ -332,6 +332,33 @@ def test_a_p99_series_without_a_point_holds_the_stage():
     assert held.reason.startswith("holding: a hard guard has no data: the canary's P99 series has no point")
 
 
+def test_a_canary_failing_every_request_fails_at_its_first_look_with_no_p99():
+    """A failure has no latency (it is not an answer) and no P99 (the server observes none): the
+    errors check waited on too few latencies and the stage held on the missing P99 for its
+    whole max_stage_seconds. Errors count rows, and a look that fails needs no guard."""
+    s = spec()
+    for errors in (0.3, 1.0):
+        log = records(400, 40, 50, errors=(0.0, errors))
+        for guards in (None, GuardInputs(p99_series_ms=()), GuardInputs(unavailable="connection refused")):
+            state = judge_stage(s, WINDOW, log, IMAGES, T0 + 30, guards)
+            assert (state.status, state.look) == ("fail", 1), (errors, guards)
+            assert "Error rate" in state.reason
+
+
+def test_no_look_passes_before_the_replay_guard_has_read_a_whole_round():
+    s = spec()
+    log = records(400, 40, 50)
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106).status == "pass"
+    every_round_but_one_image = log[log["image_sha256"] != next(iter(IMAGES))]
+    held = judge_stage(s, WINDOW, every_round_but_one_image, IMAGES, T0 + 106)
+    assert held.status == "waiting"
+    assert held.reason.endswith("holding until the replay's accuracy guard has read a whole round")
+    assert (
+        judge_stage(s, WINDOW, every_round_but_one_image, IMAGES, T0 + 106, replay_images=len(IMAGES) - 1).status
+        == "pass"
+    )
+
+
 def test_the_full_stage_judges_latency_on_the_replay():
     window = StageWindow(1, 100, T0)
     log = records(400, 40, 100)

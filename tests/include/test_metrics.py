@@ -165,7 +165,7 @@ def test_a_p99_series_of_nan_points_is_no_data():
 def test_the_rate_window_follows_the_model_servers_scrape_interval_only():
     """A blackbox probe every 5 minutes made the P99 rate window 20 minutes: a 15 s spike then
     read as a sustained breach. Only the model servers' targets count now, however Prometheus
-    found them: the scrape job, or the PodMonitor of the same name."""
+    found them: the scrape job, or the PodMonitor of the same name; where none is, all of them."""
 
     def target(job: str, interval: str, pool: str | None = None) -> dict:
         return {"labels": {"job": job}, "scrapePool": pool or job, "scrapeInterval": interval}
@@ -177,8 +177,11 @@ def test_the_rate_window_follows_the_model_servers_scrape_interval_only():
     ):
         source = Canned(targets={"activeTargets": others + servers})
         assert source.scrape_interval_s() == 15
-    with pytest.raises(MetricsError, match="no active target of the model-server job"):
-        Canned(targets={"activeTargets": others}).scrape_interval_s()
+    # A scrape config of one's own naming the servers' job otherwise: every target, as before
+    # (holding every stage to its end, undecided, would roll every rollout back).
+    assert Canned(targets={"activeTargets": others}).scrape_interval_s() == 3600
+    with pytest.raises(MetricsError, match="no active target reports a scrapeInterval"):
+        Canned(targets={"activeTargets": []}).scrape_interval_s()
 
 
 @pytest.mark.parametrize(("value", "counted"), [("0.9", 1), ("2.4", 2), ("+Inf", None), ("-1", None)])
