@@ -425,7 +425,7 @@ class DataPlane:
 
     def label_rules(self, model: str) -> LabelRules:
         """What a label for ``model`` may be (LabelRules, made once a config): its classes by
-        the last dimension of its first output, their names from the config's metadata.labels,
+        the elements of a row of its first output, their names from the config's metadata.labels,
         else from that output's label_filename; ModelNotFound for a model the repository does
         not have."""
         config = self.repo.model_config(model)
@@ -436,7 +436,7 @@ class DataPlane:
         names = config.metadata.get("labels")
         if not isinstance(names, list) or not names:  # (free-form metadata: a list, else not names)
             names = config.labels.get(output.name)
-        rules = LabelRules.of(names, output.dims[-1] if output.dims else None, config.max_batch_size)
+        rules = LabelRules.of(names, output.dims, config.max_batch_size)
         self._label_rules[model] = (config, rules)
         return rules
 

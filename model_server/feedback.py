@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import os
 import secrets
 import threading
@@ -74,18 +75,23 @@ MAX_LABELS = 1024  # a request's labels when the model does not batch (nor say h
 
 
 class LabelRules(NamedTuple):
-    """What a label for one model may be: a class index below ``classes`` (as many as its
-    output's last dimension, else as its names, else the log's int32 allows), or one of its
-    ``names``; at most ``max_items`` labels a request (its largest batch)."""
+    """What a label for one model may be: a class index below ``classes`` (as many as a row of
+    its output has elements, as the prediction log ranks them, else as its names, else as the
+    log's int32 allows), or one of its ``names``; at most ``max_items`` labels a request (its
+    largest batch)."""
 
     names: dict[str, int] | None
     classes: int
     max_items: int
 
     @classmethod
-    def of(cls, names: list[Any] | tuple[str, ...] | None, classes: int | None, max_batch_size: int) -> LabelRules:
+    def of(cls, names: list[Any] | tuple[str, ...] | None, dims: tuple[int, ...], max_batch_size: int) -> LabelRules:
+        """``dims``: the output's, the batch's -1 among them or not (``[-1, 1000, 1, 1]``,
+        ``[1000]``: 1000 classes; a dimension unknown beyond the first: not known)."""
         index = None if names is None else class_index(names)
-        if classes is None or classes <= 0:
+        known = [d for d in dims if d > 0]
+        classes = math.prod(known) if known and -1 not in dims[1:] else 0
+        if classes <= 0:
             classes = len(names) if names else MAX_CLASS_INDEX
         return cls(index, min(classes, MAX_CLASS_INDEX), max_batch_size if max_batch_size > 0 else MAX_LABELS)
 

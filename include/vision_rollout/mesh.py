@@ -394,6 +394,21 @@ def not_steady(policy: TrafficPolicy, baseline: str) -> str | None:
     return None
 
 
+def mid_rollout_against(policy: TrafficPolicy, baseline: str) -> bool:
+    """Whether ``policy`` is what a rollout against ``baseline`` leaves mid-stage: the baseline
+    and one other version in the route, the baseline the larger share (a stage under 50%: at
+    50% or more which was the baseline cannot be told), no header rules, any mirror to the
+    other version."""
+    weights = {d.version: d.weight for d in policy.route if d.weight > 0}
+    others = [v for v in weights if v != baseline]
+    return (
+        not policy.rules
+        and len(others) == 1
+        and weights.get(baseline, 0) > weights[others[0]]
+        and (policy.mirror is None or policy.mirror.version == others[0])
+    )
+
+
 def wait_unrouted(router: Router, version: str, drain_s: float, timeout_s: float = 120.0, every_s: float = 1.0) -> None:
     """Return once the routes read back from the mesh send ``version`` nothing (``routes_to``),
     and ``drain_s`` later: a written VirtualService takes seconds to reach every Envoy, and the

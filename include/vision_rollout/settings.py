@@ -144,7 +144,7 @@ def _rule(exc: jsonschema.ValidationError) -> str:
     whose = "each name " if "propertyNames" in exc.absolute_schema_path else ""
     words = {
         "type": f"must be of type {v!r}",
-        "pattern": f"must match {v!r}" + (f" ({HINTS[v]})" if v in HINTS else ""),
+        "pattern": f"must match {v!r}" + (f" ({HINTS[v]})" if isinstance(v, str) and v in HINTS else ""),
         "minLength": "must be non-empty" if v == 1 else f"must be at least {v} characters",
         "maxLength": f"must be at most {v} characters",
         "minimum": f"must be at least {v}",

@@ -130,17 +130,22 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     """The baseline takes all of the traffic, with no mirror or header rules (``mesh.not_steady``),
     else the run fails naming what serves. A run that took the lease over from one that did not
     end (``before``: the holding it found) puts that run's routes back to the baseline first, when
-    they route to it."""
-    from vision_rollout.mesh import RouterError, not_steady, routes_to
+    they are what a rollout against this baseline leaves mid-stage (``mesh.mid_rollout_against``:
+    against another baseline, the unjudged candidate of that run would be put at 100%)."""
+    from vision_rollout.mesh import RouterError, mid_rollout_against, not_steady
 
     try:
         r = router(spec, run_id, hook)
         routes = r.get_routes()
         problem = not_steady(routes, spec.baseline_version)
-        if problem and before and before.holder not in ("", run_id) and routes_to(routes, spec.baseline_version):
+        took_over = before if before is not None and before.holder not in ("", run_id) else None
+        if problem and took_over and mid_rollout_against(routes, spec.baseline_version):
             # Its lease expired while it held the model (a worker killed mid-stage).
             log.warning(
-                "%s did not end (%s): version %s takes 100%% again", before.describe(), problem, spec.baseline_version
+                "%s did not end (%s): version %s takes 100%% again",
+                took_over.describe(),
+                problem,
+                spec.baseline_version,
             )
             r.set_routes(spec.stable_policy())
             problem = None
@@ -704,3 +709,5 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed: %s", run_id, finish(params, run_id, promoted=False, unload_candidate=False)[1])
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
+    except AirflowFailException as exc:  # (parameters refused at the start: it never held the model)
+        log.warning("run %s failed; nothing restored: %s", run_id, exc)

@@ -28,7 +28,7 @@ from model_server.errors import (
     ModelUnavailable,
     Unauthorized,
 )
-from model_server.feedback import FeedbackSigner, FeedbackStore
+from model_server.feedback import FeedbackSigner, FeedbackStore, LabelRules
 from model_server.masking import KeyRing, Masker
 from model_server.predictionlog import PredictionLog, read
 from model_server.repository import ModelRepository
@@ -334,6 +334,10 @@ def test_a_label_is_a_class_of_the_model_and_a_request_has_at_most_its_largest_b
     assert answer["matched_locally"] is False
     assert answer["logged"] is True
     assert plog.flush() == 64
+    # The classes of a row, as the log ranks them: an ONNX export's [N, 1000, 1, 1] has 1000.
+    shapes = [(-1, 1000, 1, 1), (1000, 1, 1), (1000,), (-1, 10), (-1, -1), (10, -1)]
+    assert [LabelRules.of(None, dims, 8).classes for dims in shapes] == [1000, 1000, 1000, 10, 2**31 - 1, 2**31 - 1]
+    assert LabelRules.of(["a", "b", "c"], (-1, -1), 0) == ({"a": 0, "b": 1, "c": 2}, 3, 1024)
 
 
 def test_feedback_for_a_model_the_repository_lacks_is_404(dp):

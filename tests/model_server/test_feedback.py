@@ -239,7 +239,7 @@ def test_a_prediction_expires_after_its_ttl():
     """The TTL on an injected clock (the server test above forgets by capacity: no waiting)."""
     from model_server.feedback import FeedbackStore, LabelRules
 
-    rules = LabelRules.of(None, 10, 64)
+    rules = LabelRules.of(None, (-1, 10), 64)
 
     now = [1000.0]
     store = FeedbackStore(FeedbackSigner(b"k" * 32), capacity=10, ttl_s=60, clock=lambda: now[0])

@@ -148,8 +148,10 @@ def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     serving = admin.traffic("digits").to_dict()
     assert serving == {"route": [{"version": "2", "weight": 100}]}
 
+    misspelt = {"candidate_version": "3", "baselne_version": "2"}
     with pytest.raises(AirflowFailException, match="unknown 'baselne_version'"):
-        steps.build_image({"candidate_version": "3", "baselne_version": "2"}, "run-a")
+        steps.build_image(misspelt, "run-a")
+    steps.restore_stable_on_failure({"params": misspelt, "run_id": "run-a"})  # (logs it, no traceback)
     with pytest.raises(AirflowFailException, match=r"baseline version 1 is not what serves now \(version 2 100%\)"):
         steps.build_image({"candidate_version": "3"}, "run-a")
     # The lease given back: the teardown and the failure callback leave what serves alone (the
@@ -185,6 +187,13 @@ def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     # 2 takes 100%" logged).
     lock_file = tmp_path / "run" / "locks" / "digits.lock"
     lock_file.write_text(json.dumps({**json.loads(lock_file.read_text()), "renewed": 0.0}))
+    left = admin.traffic("digits").to_dict()
+    # Against run-c's candidate as its baseline, its routes are not put back: the unjudged
+    # version 3 would take 100% and the load would unload version 2, which served.
+    with pytest.raises(AirflowFailException, match="mirrors to version 3: a rollout in progress"):
+        steps.build_image({"candidate_version": "1", "baseline_version": "3"}, "run-d")
+    assert admin.traffic("digits").to_dict() == left
+    lock_file.write_text(json.dumps({"holder": "run-c", "renewed": 0.0, "seconds": 300, "acquired": 0.0}))
     other = {"candidate_version": "1", "baseline_version": "2"}
     steps.build_image(other, "run-d")
     assert admin.traffic("digits").to_dict() == serving
