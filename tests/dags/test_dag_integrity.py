@@ -107,22 +107,27 @@ def test_the_metrics_waits_retry(dagbag):
     assert all(t.retries >= 1 for t in waits)
 
 
-def test_parsing_imports_nothing_heavy():
-    """The numerical and serving libraries load in the tasks, never at parse time. The kubernetes
-    client does: the image build is the cncf provider's KubernetesPodOperator, its own task."""
+def last_line(code: str) -> str:
+    """What ``code`` prints last, run in a fresh interpreter (a parse starts with no module)."""
     import os
     import subprocess
     import sys
 
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_parsing_imports_nothing_heavy():
+    """The numerical and serving libraries load in the tasks, never at parse time. The kubernetes
+    client does: the image build is the cncf provider's KubernetesPodOperator, its own task."""
     code = (
         "import runpy, sys\n"
         "for f in ('dags/model_rollout.py', 'dags/shadow_audit.py'): runpy.run_path(f)\n"
         "print(sorted(m for m in ('pandas', 'scipy', 'numpy', 'onnxruntime', 'matplotlib', 'tritonclient')"
         " if m in sys.modules))"
     )
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert last_line(code) == "[]"
 
 
 def test_the_pod_operator_is_imported_once_before_the_dag_processor_forks():
@@ -130,10 +135,6 @@ def test_the_pod_operator_is_imported_once_before_the_dag_processor_forks():
     the process that parses it (``[dag_processor] parsing_pre_import_modules``): the DAG file
     names the pod operator the image build is, so it and the kubernetes clients (1.2 s of the
     1.4 s a parse took) are not imported again at every parse."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import runpy, sys, structlog\n"
         "from airflow.dag_processing.processor import _pre_import_airflow_modules\n"
@@ -143,9 +144,7 @@ def test_the_pod_operator_is_imported_once_before_the_dag_processor_forks():
         "for f in files: runpy.run_path(f)\n"
         "print(sorted(m for m in set(sys.modules) - before if m.startswith(('airflow.providers.cncf', 'kubernetes'))))"
     )
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert last_line(code) == "[]"
 
 
 def test_shadow_audit_dag(dagbag):
