@@ -611,7 +611,7 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"
     if routes is not None and routes != spec.stable_policy() and not routes_to(routes, spec.candidate_version):
-        # (a run refused before its first stage: what serves is not this run's to change)
+        # (changed by someone else meanwhile, an operator say: not this run's to change back)
         return False, f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
     return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
