@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from model_server.errors import StateNotSaved
 
 
 def write_private(path: Path, data: bytes | memoryview) -> None:
@@ -21,3 +25,12 @@ def write_private(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_state(path: Path, record: Any) -> None:
+    """A state record as JSON (``write_private``); StateNotSaved if it cannot be written: the
+    change it records is then not made."""
+    try:
+        write_private(path, json.dumps(record, indent=2).encode() + b"\n")
+    except OSError as exc:
+        raise StateNotSaved.writing(path, exc) from None

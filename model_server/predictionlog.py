@@ -449,8 +449,7 @@ class PredictionLog:
             hashes.extend(h if len(h) == c else (h + [None] * int(c))[: int(c)])
 
         def column(values: list[Any], name: str) -> pa.Array:
-            arr = pa.array(values, type=SCHEMA.field(name).type)
-            return arr if rep is None else arr.take(pa.array(rep))
+            return _column(values, name, rep)
 
         us = np.array([int(r.received_at * 1_000_000) for r in recs], np.int64)
         cols: dict[str, pa.Array] = {
@@ -463,9 +462,7 @@ class PredictionLog:
             "request_id": column(rids, "request_id"),
             "trace_id": column([r.trace_id for r in recs], "trace_id"),
             "span_id": column([r.span_id for r in recs], "span_id"),
-            "item": pa.array(
-                np.zeros(rows, np.int32) if single else (np.arange(rows) - np.repeat(starts, counts)).astype(np.int32)
-            ),
+            "item": pa.array(np.zeros(rows, np.int32) if single else _within(counts).astype(np.int32)),
             "latency_ms": column([r.latency_ms for r in recs], "latency_ms"),
             "outcome": column([r.outcome for r in recs], "outcome"),
             "image_sha256": pa.array(hashes, pa.string()),
@@ -496,7 +493,7 @@ class PredictionLog:
             blocks = [outputs[i] for i in members]
             probs = output_probabilities(np.concatenate(blocks) if len(blocks) > 1 else blocks[0])  # type: ignore[arg-type]
             c = counts[m]
-            at = np.repeat(starts[m], c) + (np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c))
+            at = np.repeat(starts[m], c) + _within(c)
             k = min(self.topk, classes)
             order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             best = np.take_along_axis(probs, order, axis=1)
@@ -533,10 +530,10 @@ class PredictionLog:
         rids = self._mask_ids([r.request_id for r in recs], rec_keys)
         counts = np.array([len(r.labels) for r in recs], np.int64)
         rows = int(counts.sum())
-        rep = pa.array(np.repeat(np.arange(len(recs)), counts))
+        rep = np.repeat(np.arange(len(recs)), counts)
 
         def column(values: list[Any], name: str) -> pa.Array:
-            return pa.array(values, type=SCHEMA.field(name).type).take(rep)
+            return _column(values, name, rep)
 
         us = np.array([int(r.received_at * 1_000_000) for r in recs], np.int64)
         labels = np.fromiter((label for r in recs for label in r.labels), np.int64, rows)
@@ -548,7 +545,7 @@ class PredictionLog:
             "role": pa.array(["label"] * rows, pa.string()),
             "replica": pa.array([self.replica] * rows, pa.string()),
             "request_id": column(rids, "request_id"),
-            "item": pa.array((np.arange(rows) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)),
+            "item": pa.array(_within(counts).astype(np.int32)),
             "outcome": pa.array(["ok"] * rows, pa.string()),
             "label": pa.array(labels, pa.int32()),  # (safe: a value over int32 raises, never wraps)
             "tenant": column(tenant, "tenant"),
@@ -649,6 +646,18 @@ def _hashes(data: np.ndarray | None, batched: bool) -> list[str]:
         return item_hashes(data, batched=batched)
     except (TypeError, ValueError):
         return []
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """Each row's index within its group, for groups of ``counts`` rows laid end to end."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def _column(values: list[Any], name: str, rep: np.ndarray | None) -> pa.Array:
+    """A column of one value a record, each repeated to its record's rows (``rep``: the record of
+    each row; None: one row a record)."""
+    arr = pa.array(values, type=SCHEMA.field(name).type)
+    return arr if rep is None else arr.take(pa.array(rep))
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -971,7 +980,7 @@ def _probability_matrix(rows: pd.DataFrame, classes: int) -> tuple[np.ndarray, n
         if use.any():
             k = lengths[use]
             row = np.repeat(np.flatnonzero(use), k)
-            within = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+            within = _within(k)
             cls = index[np.repeat(starts[use], k) + within].astype(np.int64)
             p = prob[np.repeat(pstarts[use], k) + within].astype(np.float32)
             rest = np.clip(1.0 - np.bincount(row, weights=p, minlength=n)[use], 0.0, None)

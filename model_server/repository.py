@@ -24,9 +24,8 @@ from model_server.errors import (
     ModelNotFound,
     ModelUnavailable,
     ServerError,
-    StateNotSaved,
 )
-from model_server.files import write_private
+from model_server.files import write_state
 from model_server.model import LoadedVersion, file_sha256
 
 log = logging.getLogger(__name__)
@@ -71,12 +70,7 @@ class ModelRepository:
         """Write the model's state before the change it records is made: StateNotSaved if it
         cannot be written, and then the change is not made."""
         if self.state_dir is not None:
-            path = self.state_dir / f"{name}.json"
-            record = {"loaded": loaded, "config": override}
-            try:
-                write_private(path, json.dumps(record, indent=2).encode() + b"\n")
-            except OSError as exc:
-                raise StateNotSaved.writing(path, exc) from None
+            write_state(self.state_dir / f"{name}.json", {"loaded": loaded, "config": override})
 
     # -- the folder -------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import re2
 
 from model_server.config import ascii_uint
 from model_server.errors import PolicyError, StateNotSaved
-from model_server.files import write_private
+from model_server.files import write_state
 
 log = logging.getLogger(__name__)
 
@@ -349,11 +349,7 @@ class PolicyStore:
         """StateNotSaved, the policy not applied, if its file cannot be written."""
         with self._lock:
             if self.state_dir is not None:
-                path = self.state_dir / f"{model}.json"
-                try:
-                    write_private(path, json.dumps(policy.to_dict(), indent=2).encode() + b"\n")
-                except OSError as exc:
-                    raise StateNotSaved.writing(path, exc) from None
+                write_state(self.state_dir / f"{model}.json", policy.to_dict())
             self._policies = {**self._policies, model: policy}
         self._on_change(model, policy)
 
