@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         try:
             cluster.install("digits", replicas=2)
-            for conn_id, fields in cluster.connections(work / "run").items():
+            for conn_id, fields in cluster.connections().items():
                 os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(fields)
             os.environ.update(S3_CREDENTIALS)
             cfg = LoadConfig(

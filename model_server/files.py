@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from model_server.errors import StateNotSaved
 
 
@@ -34,3 +36,18 @@ def write_state(path: Path, record: Any) -> None:
         write_private(path, json.dumps(record, indent=2).encode() + b"\n")
     except OSError as exc:
         raise StateNotSaved.writing(path, exc) from None
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and root path for a folder path, ``file://`` or ``s3://`` URI.
+
+    On S3, ``allow_delayed_open`` unless the URI says otherwise: with it, pyarrow sends an object
+    smaller than its part size as one PUT (without it, always as a multipart upload).
+    """
+    text = str(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), Path(text).resolve().as_posix()
+    if text.startswith("s3://") and "allow_delayed_open=" not in text:
+        text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
+    fs, path = pafs.FileSystem.from_uri(text)
+    return fs, path.rstrip("/")

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from model_server import metrics
 from model_server.errors import MaskingUnavailable
-from model_server.files import write_private
+from model_server.files import filesystem, write_private
 from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
 
@@ -205,21 +205,6 @@ class Label(NamedTuple):
         return 64 + len(self.request_id) + 8 * len(self.labels)
 
 
-def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and root path for a folder path, ``file://`` or ``s3://`` URI.
-
-    On S3, ``allow_delayed_open`` unless the URI says otherwise: with it, pyarrow sends an object
-    smaller than its part size as one PUT (without it, always as a multipart upload).
-    """
-    text = str(uri)
-    if "://" not in text:
-        return pafs.LocalFileSystem(), Path(text).resolve().as_posix()
-    if text.startswith("s3://") and "allow_delayed_open=" not in text:
-        text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
-    fs, path = pafs.FileSystem.from_uri(text)
-    return fs, path.rstrip("/")
-
-
 def default_replica() -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:50] or "host"
     return f"{name}-{os.getpid()}"
@@ -272,7 +257,7 @@ class PredictionLog:
         if topk < 1 or full_max < 0:
             raise ValueError("topk must be at least 1 and full_max at least 0")
         self.uri = str(uri)
-        self.fs, self.root = _filesystem(uri)
+        self.fs, self.root = filesystem(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.masker = masker
         self.replica = replica
@@ -787,7 +772,7 @@ def read(
         raise ValueError(f"unknown prediction log column(s) {unknown}; the columns are {SCHEMA.names}")
     role_list = None if roles is None else list(roles)
     read_cols = wanted + (["role"] if role_list is not None and "role" not in wanted else [])
-    fs, root = _filesystem(uri)
+    fs, root = filesystem(uri)
     if model is not None:
         models = [model]
     else:

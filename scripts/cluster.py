@@ -29,6 +29,7 @@ from devstack.airflow_api import AirflowAPI  # noqa: E402
 from devstack.cluster.pods import kill_orphans  # noqa: E402
 from devstack.processes import PYTHONPATH, S3_CREDENTIALS, start_airflow  # noqa: E402
 from scripts import demo, stack  # noqa: E402
+from vision_rollout.folders import Folder  # noqa: E402
 
 STATE = "cluster.json"
 
@@ -46,7 +47,7 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
         cluster = subprocess.Popen(
             [
                 *(sys.executable, "-m", "devstack.cluster", "--workdir", str(workdir)),
-                *("--repository", str(repository), "--run-dir", str(run), "--state", str(cluster_state)),
+                *("--repository", str(repository), "--state", str(cluster_state)),
                 *("--scrape-interval", f"{scrape_interval_s:g}"),
             ],
             stdout=log,
@@ -72,6 +73,7 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
     loadgen = stack.start_loadgen(service, repository, rate, run / "cluster-loadgen.log")
     state["pids"]["loadgen"] = loadgen.pid
     state["urls"] = {"digits": f"http://{service}", "prometheus": inside["prometheus"], "kubernetes": inside["api"]}
+    state["run_dir"] = connections["model_server_default"]["extra"]["run_dir"]
     state_file.write_text(json.dumps(state, indent=2))
     airflow = start_airflow(run / "airflow-cluster", connections, port=airflow_port, extra_env=S3_CREDENTIALS)
     stack.record_airflow(state, airflow)
@@ -83,6 +85,8 @@ def run_demo(run: Path, state: dict[str, Any], bake_seconds: int) -> int:
     password = Path(state["airflow_password_file"]).read_text().strip()
     api = AirflowAPI(state["urls"]["airflow"], state["airflow_user"], password)
     api.wait_for_dag("model_rollout")
+    os.environ.update(S3_CREDENTIALS)  # the run folder is in the cluster's object store
+    outbox = Folder(state["run_dir"]) / "outbox"
     results = []
     for candidate, baseline in (("2", "1"), ("3", "2")):
         conf = {
@@ -92,7 +96,7 @@ def run_demo(run: Path, state: dict[str, Any], bake_seconds: int) -> int:
             "candidate_version": candidate,
             "baseline_version": baseline,
         }
-        results.append(demo.roll_out(api, run, conf))
+        results.append(demo.roll_out(api, outbox, conf))
         if results[-1]["outcome"] != "promote" and candidate == "2":
             break
     print("summary: " + "; ".join(f"v{r['candidate']}: {r['outcome']}" for r in results))

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from devstack.airflow_api import FINISHED, AirflowAPI  # noqa: E402
 from scripts import stack  # noqa: E402
+from vision_rollout.folders import Folder  # noqa: E402
 
 # Every threshold and margin at RolloutSpec's default; only the times are short (minutes, not hours).
 DEMO_CONF = {"stages": [20, 50, 100], "max_stage_seconds": 900}
@@ -37,7 +38,7 @@ def start_from_version_1(state: dict[str, Any]) -> None:
         stack.admin(state).serve_only("digits", "1")
 
 
-def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
+def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
     """Trigger one rollout, print each task as it ends, then the verdicts and the report."""
     run_id = api.trigger("model_rollout", conf)
     print(
@@ -69,10 +70,10 @@ def roll_out(api: AirflowAPI, run_dir: Path, conf: dict[str, Any], timeout_s: fl
         for check in verdict["checks"]:
             if check["decision"] in ("pass", "fail", "wait"):
                 print(f"      [{check['decision']}] {check['name']}: {check['sentence']}")
-    reports = sorted((run_dir / "outbox").glob("*.json"))
+    reports = [name for name in outbox.names() if name.endswith(".json")]
     if reports:
-        message = json.loads(reports[-1].read_text())
-        print(f"\nSlack report ({message['channel']}, saved in {reports[-1]}):\n  {message['text']}")
+        message = json.loads(outbox.read(reports[-1]))
+        print(f"\nSlack report ({message['channel']}, saved in {outbox}/{reports[-1]}):\n  {message['text']}")
     print(f"\nthe run in the UI: {api.url}/dags/model_rollout/runs/{run_id}")
     return {
         "candidate": conf["candidate_version"],
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             "candidate_version": candidate,
             "baseline_version": baseline,
         }
-        results.append(roll_out(api, args.run, conf))
+        results.append(roll_out(api, Folder(str(args.run)) / "outbox", conf))
         if results[-1]["outcome"] != "promote" and candidate == "2":
             break  # v2 was not promoted: v3 has no v2 baseline to go against
     print(

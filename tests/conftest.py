@@ -9,12 +9,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from devstack.processes import ModelServerProcess, start_model_server
+from devstack.processes import S3_CREDENTIALS, ModelServerProcess, S3Process, start_model_server, start_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -125,3 +126,31 @@ def digit_images(models_dir: Path) -> list[tuple[bytes, int]]:
     folder = models_dir / "digits" / "validation"
     with (folder / "labels.csv").open() as f:
         return [((folder / row["file"]).read_bytes(), int(row["label"])) for row in csv.DictReader(f)]
+
+
+class S3Server(S3Process):
+    """An S3 API on loopback (moto's server mode): object storage for the prediction log and the
+    run folder."""
+
+    def uri(self, prefix: str | None = None) -> str:
+        """A fresh prefix in the bucket unless one is given."""
+        return super().uri(prefix or uuid.uuid4().hex[:12])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``python -m moto.server`` on a free 127.0.0.1 port with one bucket; stopped by its pid."""
+    started = start_s3(tmp_path_factory.mktemp("moto"))
+    server = S3Server(started.proc, started.port, started.log)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The S3 server, with its credentials in the environment (the model servers inherit them)."""
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -24,7 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devstack.cluster", description=__doc__)
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--repository", type=Path, required=True)
-    p.add_argument("--run-dir", type=Path, required=True, help="the rollouts' run folder (Airflow's run_dir extra)")
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--model", action="append", default=[], help="a model to install (repeatable; default digits)")
     p.add_argument("--replicas", type=int, default=2, help="pods of each model's version 1")
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             **cluster.dump(),
             "pid": os.getpid(),
             "models": models,
-            "connections": cluster.connections(args.run_dir),
+            "connections": cluster.connections(),
         }
         tmp = args.state.with_suffix(".tmp")
         tmp.touch(mode=0o600)

@@ -322,10 +322,17 @@ class Cluster:
             drain_seconds=self.drain_seconds,
         )
 
-    def connections(self, run_dir: Path, namespace: str = NAMESPACE) -> dict[str, dict[str, Any]]:
+    @property
+    def run_dir(self) -> str:
+        """The rollouts' run folder in the object store, as a cluster's workers keep it (each
+        task's pod takes its own disk with it)."""
+        return self.s3.uri("run")
+
+    def connections(self, namespace: str = NAMESPACE, run_dir: str | None = None) -> dict[str, dict[str, Any]]:
         """The Airflow connections a worker of this cluster would have (``mesh = istio``): one
         for every model installed, each its own Service, VirtualService and Deployments
-        (``{model}``), reached on its Service's loopback port (``models.<model>.istio.url``)."""
+        (``{model}``), reached on its Service's loopback port (``models.<model>.istio.url``);
+        the run folder ``run_dir`` (default the cluster's, in its object store)."""
         from dataclasses import asdict
 
         build = {k: v for k, v in asdict(self.build_settings()).items() if v is not None}
@@ -340,7 +347,7 @@ class Cluster:
                 "extra": {
                     "repository": str(self.repository),
                     "prediction_log": self.prediction_log,
-                    "run_dir": str(run_dir),
+                    "run_dir": run_dir or self.run_dir,
                     "istio": {"namespace": namespace, "service": "{model}", "name": "{model}"},
                     "build": build,
                     "models": {m: {"istio": {"url": self.service_url(m, namespace)}} for m in installed},

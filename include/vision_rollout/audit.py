@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from vision_rollout.folders import Folder
 from vision_rollout.spec import DEFAULTS, RolloutSpec
 
 EPS = 1e-6
@@ -224,7 +225,10 @@ def audit(
     return result
 
 
-def plot(result: AuditResult, path: Path) -> None:
+def plot(result: AuditResult) -> bytes:
+    """The divergence histogram and the confusion matrix, as PNG."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,14 +257,19 @@ def plot(result: AuditResult, path: Path) -> None:
     ax2.set_title(f"Confusion (agreement {agreement})")
     fig.suptitle(f"Shadow audit{' of ' + result.model if result.model else ''}: {result.verdict.upper()}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110)
     plt.close(fig)
+    return out.getvalue()
 
 
-def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
-    """report.md, summary.json, confusion.csv, anomalies.csv and divergence.png in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "report.md", "json": out_dir / "summary.json"}
+REPORT, CHART = "report.md", "divergence.png"
+
+
+def report_files(result: AuditResult) -> dict[str, bytes]:
+    """The report's files by name: report.md, summary.json, and where the audit has them
+    confusion.csv, anomalies.csv and the chart (``CHART``)."""
+    files: dict[str, bytes] = {}
     lines = [
         f"# Shadow audit: {result.model or 'all models'}",
         "",
@@ -281,8 +290,7 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
             f"- Anomalies (shadow confidence < 0.65 or divergence > 0.18): {100 * (result.anomaly_rate or 0):.2f}%",
         ]
     if result.confusion is not None:
-        paths["confusion"] = out_dir / "confusion.csv"
-        result.confusion.to_csv(paths["confusion"])
+        files["confusion.csv"] = result.confusion.to_csv().encode()
         lines += [
             "",
             "## Confusion (rows: primary top-1, columns: shadow top-1)",
@@ -290,8 +298,7 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
             result.confusion.to_markdown(),
         ]
     if result.anomalies is not None:
-        paths["anomalies"] = out_dir / "anomalies.csv"
-        result.anomalies.to_csv(paths["anomalies"], index=False)
+        files["anomalies.csv"] = result.anomalies.to_csv(index=False).encode()
         lines += [
             "",
             f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)",
@@ -305,12 +312,17 @@ def write_report(result: AuditResult, out_dir: Path) -> dict[str, Path]:
             for r in result.anomalies.itertuples()
         ]
     if result.verdict != "skip":
-        paths["plot"] = out_dir / "divergence.png"
-        plot(result, paths["plot"])
-        lines += ["", "![divergence and confusion](divergence.png)"]
-    paths["markdown"].write_text("\n".join(lines) + "\n")
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    return paths
+        files[CHART] = plot(result)
+        lines += ["", f"![divergence and confusion]({CHART})"]
+    files["summary.json"] = (json.dumps(result.to_dict(), indent=2, default=str) + "\n").encode()
+    files[REPORT] = ("\n".join(lines) + "\n").encode()
+    return files
+
+
+def write_report(files: dict[str, bytes], folder: Folder) -> dict[str, str]:
+    """``report_files`` in ``folder``, the report itself last (the rest is there once it is);
+    where each is, by name."""
+    return {name: folder.write(name, files[name]) for name in sorted(files, key=lambda n: n == REPORT)}
 
 
 def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditResult:

@@ -50,6 +50,16 @@ def _since(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _folder(text: str) -> Any:
+    """A folder or an object store URI (``vision_rollout.folders``)."""
+    from vision_rollout.folders import Folder
+
+    try:
+        return Folder(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _read_samples(path: Path) -> Any:
     import pandas as pd
 
@@ -99,13 +109,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import audit, write_report
+    from vision_rollout.audit import REPORT, audit, report_files, write_report
 
     end = datetime.now(UTC)
     result = audit(args.prediction_log, end - _since(args.since), end, args.model)
     if args.out:
-        paths = write_report(result, args.out)
-        print(f"report: {paths['markdown']}", file=sys.stderr)
+        where = write_report(report_files(result), args.out)
+        print(f"report: {where[REPORT]}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -255,7 +265,7 @@ def parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--since", default="1h")
     a.add_argument("--model")
-    a.add_argument("--out", type=Path, help="write report.md, CSVs and the PNG here")
+    a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
     m = sub.add_parser("mesh", help="render or apply a traffic policy")
@@ -294,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
         help="run without Prometheus: no P99 or shadow-error guard, only the replay's accuracy drop",
     )
     r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
-    r.add_argument("--outbox", type=Path, help="write the Slack reports here")
+    r.add_argument("--outbox", type=_folder, help="write the Slack reports here (a folder or s3://...)")
     r.set_defaults(func=cmd_run)
     return p
 

@@ -14,12 +14,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vision_rollout.audit import AuditResult
+from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, Verdict
 from vision_rollout.spec import RolloutSpec
 
@@ -242,7 +242,7 @@ class SlackNotifier:
         channel: str,
         token: str | None = None,
         base_url: str | None = None,
-        outbox: Path | None = None,
+        outbox: Folder | None = None,
         client: Any = None,
     ):
         """``client``: a ready slack_sdk WebClient, e.g. the Slack provider's ``SlackHook().client``."""
@@ -292,7 +292,6 @@ class SlackNotifier:
 
     def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:
         assert self.outbox is not None
-        self.outbox.mkdir(parents=True, exist_ok=True)
         now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
         stem = (
             f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
@@ -301,9 +300,6 @@ class SlackNotifier:
         if error is not None:
             record["slack_error"] = error
         if message.chart:
-            (self.outbox / f"{stem}.png").write_bytes(message.chart)
+            self.outbox.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
-        tmp = self.outbox / f".{stem}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.outbox / f"{stem}.json")
-        return {"outbox": str(self.outbox / f"{stem}.json")}
+        return {"outbox": self.outbox.write(f"{stem}.json", json.dumps(record, indent=2).encode())}

@@ -6,7 +6,9 @@ wrong; every default is here and nowhere else. The extras:
 
 - ``repository``: the model repository folder (``<model>/<version>/model.onnx``, ``<model>/validation``)
 - ``prediction_log``: the prediction log's URI (``shadow_log`` is its old name)
-- ``run_dir``: where reports, audits, the outbox and the routes before a rollout are kept
+- ``run_dir``: where the audits' reports and the outbox are kept (a folder, or an object store
+  URI such as ``s3://bucket/run``: in Kubernetes mode a task's pod takes its disk with it), and
+  in mesh ``local`` the rollouts' lock files and the routes before a rollout (a folder)
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode), and
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
@@ -35,6 +37,7 @@ from typing import Any
 
 import jsonschema
 
+from vision_rollout.folders import Folder, folder_problem
 from vision_rollout.mesh import IstioTarget
 from vision_rollout.serving import ModelServerAdmin
 
@@ -201,7 +204,7 @@ class ServingSettings:
     token: str | None = field(default=None, repr=False)
     repository: Path = Path("models")
     prediction_log: str = "run/predictions"
-    run_dir: Path = Path("run")
+    run_dir: str = "run"
     istio_extra: Mapping[str, Any] = field(default_factory=dict)
     build: BuildSettings = field(default_factory=BuildSettings)  # connection-wide: see build_for
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # each model's own sections
@@ -213,13 +216,17 @@ class ServingSettings:
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path)
             raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {_rule(exc)}") from None
+        for name in ("prediction_log", "shadow_log", "run_dir"):
+            problem = folder_problem(extra.get(name) or "")
+            if problem:
+                raise SettingsError(f"the {CONNECTION} extra {name}: {problem}")
         defaults = cls()
         settings = cls(
             url=url,
             token=token or None,
             repository=Path(extra.get("repository") or defaults.repository),
             prediction_log=extra.get("prediction_log") or extra.get("shadow_log") or defaults.prediction_log,
-            run_dir=Path(extra.get("run_dir") or defaults.run_dir),
+            run_dir=extra.get("run_dir") or defaults.run_dir,
             istio_extra=dict(extra.get("istio") or {}),
             build=BuildSettings(**_build_fields(extra.get("build") or {})),
             models={name: dict(sections) for name, sections in (extra.get("models") or {}).items()},
@@ -237,18 +244,33 @@ class ServingSettings:
         return ModelServerAdmin(self.url, self.token)
 
     @property
-    def outbox(self) -> Path:
+    def run_folder(self) -> Folder:
+        return Folder(self.run_dir)
+
+    @property
+    def outbox(self) -> Folder:
         """Slack reports that could not be posted (no token, or Slack failing)."""
-        return self.run_dir / "outbox"
+        return self.run_folder / "outbox"
 
     def validation(self, model: str) -> Path:
         """The model's validation set: ``labels.csv`` (``file``, ``label``) and the images it names."""
         return self.repository / model / "validation"
 
-    def workdir(self, model: str, run_id: str) -> Path:
-        """A rollout run's folder (made): its reports and the routes before it."""
+    def workdir(self, model: str, run_id: str) -> Folder:
+        """A rollout run's folder: its shadow audit's report (and in mesh ``local`` the routes
+        before it: ``on_disk``)."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id[:200]).lstrip(".") or "_"
-        path = self.run_dir / "rollouts" / model / safe
+        return self.run_folder / "rollouts" / model / safe
+
+    def on_disk(self, folder: Folder) -> Path:
+        """``folder`` on this machine's disk (made), for what mesh ``local`` keeps there: its
+        lock files and the routes before a rollout."""
+        path = folder.path
+        if path is None:
+            raise SettingsError(
+                f"mesh 'local' keeps its lock files and the routes before a rollout on this machine's "
+                f"disk: the {CONNECTION} extra run_dir must be a folder there, not an object store URI"
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path
 

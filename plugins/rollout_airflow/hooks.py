@@ -24,6 +24,7 @@ from vision_rollout.settings import ServingSettings
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.folders import Folder
     from vision_rollout.locks import ModelLock
     from vision_rollout.mesh import IstioRouter, IstioTarget
     from vision_rollout.notify import SlackNotifier
@@ -88,7 +89,19 @@ class ModelServerHook(BaseHook):
         if mesh == "istio":
             target = self._istio(model)
             return LeaseLock(model, target.namespace, _kubernetes(kubernetes_conn_id), key=target.name)
-        return FileLock(model, self.settings.run_dir / "locks")
+        return FileLock(model, self.on_disk(self.settings.run_folder / "locks"))
+
+    def on_disk(self, folder: Folder) -> Path:
+        """Mesh ``local``'s files on this machine's disk; a run folder in an object store fails
+        the task naming the extra (no retry)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from vision_rollout.settings import SettingsError
+
+        try:
+            return self.settings.on_disk(folder)
+        except SettingsError as exc:
+            raise AirflowFailException(str(exc)) from None
 
     def _istio(self, model: str) -> IstioTarget:
         """Kubernetes mode's Istio objects of the model; without them the task fails naming the
@@ -130,7 +143,7 @@ class PrometheusHook(BaseHook):
         return PrometheusSource(_http_url(self.get_connection(self.prometheus_conn_id), 9090))
 
 
-def slack_notifier(channel: str, outbox: Path, slack_conn_id: str = "slack_api_default") -> SlackNotifier:
+def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api_default") -> SlackNotifier:
     """Through the Slack provider's hook when its connection has a token; else, or when Slack
     fails, the outbox."""
     from airflow.providers.slack.hooks.slack import SlackHook

@@ -71,7 +71,7 @@ def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> Any:
     """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
     if spec.mesh == "istio":
         return hook.istio_router(spec.model, [spec.baseline_version, spec.candidate_version])
-    return hook.router(spec.model, hook.settings.workdir(spec.model, run_id) / "original-routes.json")
+    return hook.router(spec.model, hook.on_disk(hook.settings.workdir(spec.model, run_id)) / "original-routes.json")
 
 
 # A step that waits for pods and drains (wait_ready's 600 s, wait_unrouted's 120 s, a drain of up
@@ -397,12 +397,12 @@ def look_at_stage(
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
-    from vision_rollout.audit import AuditConfig, audit, write_report
+    from vision_rollout.audit import AuditConfig, audit, report_files, write_report
 
     spec = spec_from(params)
     settings = serving().settings
     result = audit(settings.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
-    write_report(result, settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
+    write_report(report_files(result), settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     return result.to_dict()
 
 
@@ -661,7 +661,7 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
     """The hourly shadow audit of one model over the hour before ``end``: skipped when the hour
     has no shadow record and no mirror was configured; a warning when a mirror was."""
-    from vision_rollout.audit import audit, with_coverage, write_report
+    from vision_rollout.audit import CHART, REPORT, audit, report_files, with_coverage, write_report
     from vision_rollout.notify import audit_message
 
     if not MODEL_RE.fullmatch(model):
@@ -673,11 +673,10 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
         raise AirflowSkipException(
             f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC, and no mirror"
         )
-    out = settings.run_dir / "audits" / model / start.strftime("%Y%m%dT%H")
-    paths = write_report(result, out)
-    chart = paths["plot"].read_bytes() if "plot" in paths else None
-    slack_notifier(channel, settings.outbox).send(audit_message(result, chart))
-    return {**result.to_dict(), "report": str(paths["markdown"])}
+    files = report_files(result)
+    where = write_report(files, settings.run_folder / "audits" / model / start.strftime("%Y%m%dT%H"))
+    slack_notifier(channel, settings.outbox).send(audit_message(result, files.get(CHART)))
+    return {**result.to_dict(), "report": where[REPORT]}
 
 
 def mirror_percent(model: str, end: datetime) -> float | None:

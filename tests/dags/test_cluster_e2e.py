@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -28,6 +29,8 @@ from devstack.cluster.dataplane import find_nginx
 from devstack.cluster.kube import WORKER_USER
 from devstack.processes import S3_CREDENTIALS
 from tests.dags.test_model_rollout_e2e import rollout_dag
+from tests.support import files_under
+from vision_rollout.folders import Folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,13 +109,20 @@ class SteadyLoad:
 
 
 @pytest.fixture
-def worker(cluster: Cluster, airflow_db: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """An Airflow worker of this cluster: its connections, and the object store's credentials."""
-    for conn_id, fields in cluster.connections(tmp_path / "run").items():
+def worker(cluster: Cluster, airflow_db: Path, monkeypatch: pytest.MonkeyPatch) -> Folder:
+    """An Airflow worker of this cluster: its connections, and the object store's credentials.
+    Its run folder is in the object store, as a cluster's (a task's pod takes its disk with it)."""
+    for conn_id, fields in cluster.connections().items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    return tmp_path / "run"
+    return Folder(cluster.run_dir)
+
+
+def last_report(run: Folder) -> dict[str, Any]:
+    """The last Slack report in the run folder's outbox (no Slack connection here)."""
+    outbox = run / "outbox"
+    return json.loads(outbox.read([n for n in outbox.names() if n.endswith(".json")][-1]))
 
 
 def routes(cluster: Cluster, model: str = "digits") -> list[dict[str, Any]]:
@@ -189,8 +199,10 @@ def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, work
     assert states["rollback"] == "success", states
     assert routes(cluster) == [{"subset": "v2", "weight": 100}]
     assert replicas(cluster, "3") == 0
-    reports = sorted((worker / "outbox").glob("*.json"))
-    assert "rolled back" in json.loads(reports[-1].read_text())["text"].lower()
+    assert "rolled back" in last_report(worker)["text"].lower()
+    # The shadow audit's report in the object store, where any worker (and a reviewer) reads it.
+    audits = [n for n in files_under(cluster.run_dir) if re.fullmatch(r"rollouts/digits/audit-[^/]+/report\.md", n)]
+    assert audits, "the shadow audit's report is not in the run folder"
 
 
 def test_a_p99_breach_in_the_candidates_pods_restores_stable(cluster, worker):
@@ -220,7 +232,7 @@ def test_a_p99_breach_in_the_candidates_pods_restores_stable(cluster, worker):
     assert states["rollback"] == "success"
     assert routes(cluster) == [{"subset": f"v{stable}", "weight": 100}]
     assert replicas(cluster, "3") == 0
-    text = json.loads(sorted((worker / "outbox").glob("*.json"))[-1].read_text())["text"]
+    text = last_report(worker)["text"]
     assert "hard guard tripped: Canary P99" in text
 
 
@@ -252,9 +264,12 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
     processes = {}
     for model, conf in confs.items():
         home = tmp_path / model
-        (home / "run").mkdir(parents=True)
-        if model == "mnist":
+        home.mkdir()
+        run_dir = None  # the cluster's, in its object store
+        if model == "mnist":  # a run folder whose outbox cannot be written
+            (home / "run").mkdir()
             (home / "run" / "outbox").write_text("a file where the outbox folder should be\n")
+            run_dir = str(home / "run")
         with sqlite3.connect(airflow_db) as source, sqlite3.connect(home / "airflow.db") as copy:
             source.backup(copy)
         env = {
@@ -263,7 +278,7 @@ def test_two_models_roll_out_at_once_and_a_failed_report_keeps_the_promotion(clu
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         }
-        for conn_id, fields in cluster.connections(home / "run").items():
+        for conn_id, fields in cluster.connections(run_dir=run_dir).items():
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(fields)
         processes[model] = (home, env, conf)
     watcher = threading.Thread(target=leases, daemon=True)

@@ -4,22 +4,27 @@ run names; an empty hour is skipped."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.support import shadow_log
+from tests.support import files_under, shadow_log
 
 pytestmark = pytest.mark.integration
 
 
-def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store", ["folder", "s3"])
+def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkeypatch, request, store):
+    """The report and the Slack report's outbox in the run folder: a folder, or an object store
+    (Kubernetes mode: the task's pod takes its own disk with it)."""
     from airflow.dag_processing.dagbag import DagBag
 
     log = shadow_log(tmp_path, 120, disagree=0.02)  # records written just now
-    extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
+    run_dir = request.getfixturevalue("s3").uri() if store == "s3" else str(tmp_path / "run")
+    extra = {"shadow_log": str(log), "run_dir": run_dir}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
     dag = DagBag(dag_folder=str(ROOT / "dags" / "shadow_audit.py")).dags["shadow_audit"]
     now = datetime.now(UTC)
@@ -27,11 +32,13 @@ def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkey
     run = dag.test(logical_date=now + timedelta(minutes=1), run_conf={"slack_channel": "#vision-audit"})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["audit_previous_hour"] == "success"
-    reports = list((tmp_path / "run" / "audits" / "digits").glob("*/report.md"))
+    files = files_under(run_dir)
+    reports = [name for name in files if re.fullmatch(r"audits/digits/\d{8}T\d{2}/report\.md", name)]
     assert len(reports) == 1
-    assert "Top-1 agreement" in reports[0].read_text()
-    assert list((tmp_path / "run" / "outbox").glob("*.png"))  # the chart went with the Slack report
-    [sent] = [json.loads(p.read_text()) for p in (tmp_path / "run" / "outbox").glob("*.json")]
+    assert "Top-1 agreement" in files[reports[0]].decode()
+    outbox = {name.removeprefix("outbox/"): data for name, data in files.items() if name.startswith("outbox/")}
+    assert [name for name in outbox if name.endswith(".png")]  # the chart went with the Slack report
+    [sent] = [json.loads(data) for name, data in outbox.items() if name.endswith(".json")]
     assert sent["channel"] == "#vision-audit"  # the run's Param, not the default
     time.sleep(0.01)
     empty = dag.test(logical_date=now - timedelta(days=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.support import shadow_log
-from vision_rollout.audit import AuditConfig, audit, audit_frame, kl, write_report
+from vision_rollout.audit import CHART, REPORT, AuditConfig, audit, audit_frame, kl, report_files, write_report
+from vision_rollout.folders import Folder
 
 NOW = datetime.now(UTC)
 
@@ -53,24 +55,25 @@ def test_disagreeing_and_unsure_shadow_fails_with_reasons_and_anomaly_hashes(tmp
         "low confidence and high divergence",
     }
     assert result.anomalies["image_sha256"].str.len().eq(64).all()
-    paths = write_report(result, tmp_path / "report")
-    text = paths["markdown"].read_text()
+    paths = write_report(report_files(result), Folder(str(tmp_path / "report")))
+    text = Path(paths[REPORT]).read_text()
     assert "**FAIL**" in text
     assert "Top-1 agreement" in text
-    assert pd.read_csv(paths["anomalies"]).shape[0] == len(result.anomalies)
-    with Image.open(paths["plot"]) as img:
+    assert pd.read_csv(paths["anomalies.csv"]).shape[0] == len(result.anomalies)
+    with Image.open(paths[CHART]) as img:
         assert img.format == "PNG"
         assert img.size[0] > 600
-    assert json.loads(paths["json"].read_text())["verdict"] == "fail"
+    assert json.loads(Path(paths["summary.json"]).read_text())["verdict"] == "fail"
+    assert list(paths)[-1] == REPORT  # written last: the rest is there once it is
 
 
 def test_an_empty_range_is_skipped_not_failed(tmp_path):
     result = audit(tmp_path / "nothing", NOW - timedelta(hours=2), NOW - timedelta(hours=1))
     assert result.verdict == "skip"
     assert "no shadow records" in result.reasons[0]
-    paths = write_report(result, tmp_path / "report")
-    assert "SKIP" in paths["markdown"].read_text()
-    assert "plot" not in paths
+    paths = write_report(report_files(result), Folder(str(tmp_path / "report")))
+    assert "SKIP" in Path(paths[REPORT]).read_text()
+    assert CHART not in paths
 
 
 def test_thresholds_are_configurable():

@@ -9,6 +9,7 @@ import pytest
 
 from tests.fakes.slack_api import FakeSlack, check_blocks
 from tests.support import samples
+from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, GuardInputs, evaluate_gate
 from vision_rollout.notify import (
     MAX_BLOCKS,
@@ -106,7 +107,7 @@ def test_when_slack_fails_the_report_lands_in_the_outbox(slack, tmp_path, failur
         slack.outage = 503
     elif failure == "down":
         slack.stop()
-    notifier = SlackNotifier("C1", token=token, base_url=slack.base_url, outbox=tmp_path / "outbox")
+    notifier = SlackNotifier("C1", token=token, base_url=slack.base_url, outbox=Folder(str(tmp_path / "outbox")))
     result = notifier.send(message)
     expected = {"outage": "upstream connect error", "down": "refused", "refused token": "invalid_auth"}[failure]
     assert expected in result["slack_error"].lower(), result
@@ -125,7 +126,7 @@ def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, 
     second = 1_795_000_000 * 10**9
     readings = iter([second + 999_999_999, second + 10**9 + 1])  # 1 ns apart, across the boundary
     monkeypatch.setattr(time, "time_ns", lambda: next(readings))
-    notifier = SlackNotifier("#x", outbox=tmp_path)
+    notifier = SlackNotifier("#x", outbox=Folder(str(tmp_path)))
     for text in ("first", "second"):
         notifier.send(Message(text=text, blocks=[]))
     names = sorted(p.name for p in tmp_path.glob("*.json"))
@@ -138,7 +139,7 @@ def test_without_a_token_messages_go_to_the_outbox(tmp_path):
     msg = rollback_message(
         SPEC, "hard guard: P99 above 60 ms for 2 minutes", evaluate_gate(df), chart=latency_accuracy_chart(df, "v3")
     )
-    result = SlackNotifier("#model-rollouts", outbox=tmp_path / "outbox").send(msg)
+    result = SlackNotifier("#model-rollouts", outbox=Folder(str(tmp_path / "outbox"))).send(msg)
     record = json.loads(open(result["outbox"]).read())
     assert record["channel"] == "#model-rollouts"
     assert (tmp_path / "outbox" / record["chart"]).read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,7 @@ def test_defaults_and_the_old_name_of_the_prediction_log():
     assert (s.repository, s.prediction_log, s.run_dir, s.token) == (
         Path("models"),
         "run/predictions",
-        Path("run"),
+        "run",
         None,
     )
     assert s.build == BuildSettings()
@@ -29,11 +29,40 @@ def test_paths_a_rollout_uses(tmp_path):
     assert s.address == "h:8001"
     assert s.admin.headers == {"Authorization": "Bearer t"}
     assert s.validation("digits") == Path("/m/digits/validation")
-    assert s.outbox == tmp_path / "outbox"
-    work = s.workdir("digits", "manual__2026-11-30T16:00:00+00:00/../x")
-    assert work.parent == tmp_path / "rollouts" / "digits"  # a run id cannot climb out
-    assert work.is_dir()
-    assert s.workdir("digits", "..").parent == tmp_path / "rollouts" / "digits"
+    assert s.outbox.path == tmp_path / "outbox"
+    work = s.workdir("digits", "manual__2026-11-30T16:00:00+00:00/../x").path
+    assert work is not None
+    assert work.parent == tmp_path / "rollouts" / "digits"
+    assert s.on_disk(s.workdir("digits", "x")).is_dir()
+    assert s.workdir("digits", "..").path.parent == tmp_path / "rollouts" / "digits"
+
+
+def test_a_run_folder_in_an_object_store_holds_reports_but_not_mesh_local_s_files():
+    """Kubernetes mode's run folder is an object store's (a task's pod takes its disk with it):
+    the outbox and the rollouts' reports go there; mesh local's lock files and routes cannot."""
+    s = ServingSettings.from_connection("http://h:8000", None, {"run_dir": "s3://bucket/run?region=eu-west-1"})
+    assert str(s.outbox) == "s3://bucket/run/outbox"
+    assert str(s.workdir("digits", "manual__1")) == "s3://bucket/run/rollouts/digits/manual__1"
+    with pytest.raises(SettingsError, match="run_dir must be a folder there, not an object store URI"):
+        s.on_disk(s.run_folder / "locks")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "needle"),
+    [
+        ("run_dir", "ftp://host/run", "not 'ftp'://"),
+        ("run_dir", "s3://AKIA123:ghp_SECRET@bucket/run", "credentials in the URI"),
+        ("run_dir", "s3://bucket/run?access_key=AKIA&secret_key=ghp_SECRET", "credentials in the URI"),
+        ("prediction_log", "gs://bucket/log?token=ghp_SECRET", "credentials in the URI"),
+        ("shadow_log", "s3://bucket/log#ghp_SECRET", "fragment"),
+    ],
+)
+def test_folders_in_object_stores_are_refused_with_credentials_in_them(name, value, needle):
+    """Credentials come from the environment: a URI is shown in logs and reports."""
+    with pytest.raises(SettingsError, match=f"extra {name}: .*{needle}") as caught:
+        ServingSettings.from_connection("http://h:8000", None, {name: value})
+    assert "SECRET" not in str(caught.value)
+    assert "AKIA" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -23,9 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from devstack.processes import S3_BUCKET as BUCKET
 from model_server import predictionlog
 from model_server.app import is_shadow_host
 from model_server.feedback import FeedbackSigner, read_key
+from model_server.files import filesystem
 from model_server.masking import DETECTORS, KeyRing, Masker, create_key_file, find_sensitive
 from model_server.predictionlog import (
     GATE_COLUMNS,
@@ -39,7 +41,6 @@ from model_server.predictionlog import (
     shadow_pairs,
     unmatched_labels,
 )
-from tests.model_server.conftest import BUCKET
 from tests.support import TOKEN, infer, put_policy, sensitive_values
 from vision_rollout.audit import audit
 
@@ -118,7 +119,7 @@ def log_uri(request, tmp_path):
 
 
 def put_file(uri: str, relative: str, data: bytes) -> None:
-    fs, root = predictionlog._filesystem(uri)
+    fs, root = filesystem(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(f"{root}/{relative.rsplit('/', 1)[0]}")
     with fs.open_output_stream(f"{root}/{relative}") as f:
@@ -126,7 +127,7 @@ def put_file(uri: str, relative: str, data: bytes) -> None:
 
 
 def files(uri: str) -> list[str]:
-    fs, root = predictionlog._filesystem(uri)
+    fs, root = filesystem(uri)
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     return sorted(i.path[len(root) + 1 :] for i in found if i.type == pafs.FileType.File)
 
@@ -277,7 +278,7 @@ def test_files_written_before_the_range_are_not_opened(log_uri, tmp_path, monkey
     written = datetime.strptime(predictionlog.WRITTEN.search(name).group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
     assert abs((written - datetime.now(UTC)).total_seconds()) < 3600  # UTC, not Los Angeles' clock
     folder = files(log_uri)[0].rsplit("/", 1)[0]
-    fs, root = predictionlog._filesystem(log_uri)
+    fs, root = filesystem(log_uri)
     with fs.open_input_stream(f"{root}/{files(log_uri)[0]}") as f:
         data = f.read()
     # The same records under names no writer would give them: written 10 minutes ago (so never
@@ -303,7 +304,7 @@ def test_truncated_garbage_and_malformed_records_are_skipped_and_counted(log_uri
     w.flush()
     good = files(log_uri)[0]
     folder = good.rsplit("/", 1)[0]
-    fs, root = predictionlog._filesystem(log_uri)
+    fs, root = filesystem(log_uri)
     with fs.open_input_stream(f"{root}/{good}") as f:
         data = f.read()
     put_file(log_uri, f"{folder}/part-x-1-truncated.parquet", data[: len(data) // 2])

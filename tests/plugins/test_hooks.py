@@ -10,6 +10,7 @@ import pytest
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from tests.fakes.slack_api import FakeSlack
 from tests.support import samples
+from vision_rollout.folders import Folder
 
 
 def conn(monkeypatch, conn_id: str, **fields) -> None:
@@ -45,7 +46,7 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
     from vision_rollout.spec import RolloutSpec
 
     message = stage_message(RolloutSpec(), 5, evaluate_gate(samples(300)))
-    outbox = slack_notifier("#rollouts", tmp_path / "outbox", slack_conn_id="no_such_slack")
+    outbox = slack_notifier("#rollouts", Folder(str(tmp_path / "outbox")), slack_conn_id="no_such_slack")
     assert "outbox" in outbox.send(message)
     fake = FakeSlack().start()
     try:
@@ -56,7 +57,7 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
             password=fake.token,
             extra={"base_url": fake.base_url},
         )
-        posted = slack_notifier("#rollouts", tmp_path / "outbox").send(message)
+        posted = slack_notifier("#rollouts", Folder(str(tmp_path / "outbox"))).send(message)
         assert posted["channel"] == "C0ROLLOUT"
         assert fake.messages()[-1]["channel"] == "#rollouts"
     finally:

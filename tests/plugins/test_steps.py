@@ -131,6 +131,20 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
 
 
+def test_a_local_run_with_its_run_folder_in_an_object_store_fails_naming_the_extra(monkeypatch):
+    """Mesh local keeps its lock file and the routes before a rollout on the machine's disk: a
+    run folder in an object store fails the first step, touching nothing (no retry)."""
+    extra = {"run_dir": "s3://bucket/run?region=eu-west-1"}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
+    )
+    with pytest.raises(AirflowFailException, match="run_dir must be a folder there, not an object store URI"):
+        steps.build_image(PARAMS, "run-a")
+    with pytest.raises(AirflowFailException, match="run_dir must be a folder there"):
+        steps.router(steps.spec_from(PARAMS), "run-a", steps.serving())
+
+
 @pytest.mark.integration
 def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path

@@ -269,10 +269,13 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
 
 def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, promoted_run, capsys):
     from scripts import demo
+    from vision_rollout.folders import Folder
 
     run_dir, state = up
     result = demo.roll_out(
-        api, run_dir, {**demo.DEMO_CONF, "bake_seconds": 2, "candidate_version": "3", "baseline_version": "2"}
+        api,
+        Folder(str(run_dir)) / "outbox",
+        {**demo.DEMO_CONF, "bake_seconds": 2, "candidate_version": "3", "baseline_version": "2"},
     )
     out = capsys.readouterr().out
     assert result["outcome"] == "rollback"

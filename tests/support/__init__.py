@@ -186,3 +186,19 @@ sensitive_values = st.one_of(
     st.from_regex(r"[a-z]{1,8}\.[a-z]{1,8}@[a-z]{2,8}\.(com|cn|org)", fullmatch=True),
     st.from_regex(r"[3-6][0-9]{15}", fullmatch=True),
 )
+
+
+def files_under(uri: str) -> dict[str, bytes]:
+    """Every file below a folder or an object store prefix, by its path under it."""
+    import pyarrow.fs as pafs
+
+    from model_server.files import filesystem
+
+    fs, root = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    found = {}
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                found[info.path.removeprefix(root + "/")] = bytes(f.read())
+    return found

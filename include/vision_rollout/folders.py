@@ -1,0 +1,118 @@
+"""Where the rollout keeps what a reviewer reads after a run: a folder on this machine's disk or
+a prefix in an object store.
+
+The run folder (the connection's ``run_dir``) holds the shadow audits' reports and the Slack
+reports that could not be posted (the outbox). In Kubernetes mode every task runs in a pod of
+its own, whose disk goes with it: there ``run_dir`` is an object store URI
+(``s3://bucket/prefix``, ``gs://bucket/prefix``), like the prediction log's, written through
+pyarrow's filesystems with the same credentials (``AWS_*`` in the environment, or the pod's
+workload identity), never credentials in the URI: it is shown in logs and reports. Each file is
+written whole or not at all: on a disk under a hidden name renamed into place, in an object
+store as one PUT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+import pyarrow.fs as pafs
+
+from model_server.files import filesystem, write_private
+
+SCHEMES = ("file", "s3", "gs", "gcs")
+_SECRET_OPTIONS = ("key", "secret", "token", "password", "credential")
+
+
+def folder_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as a folder (a path, or a URI of ``SCHEMES`` with no
+    credentials in it); None when nothing is. Never repeats the value."""
+    if "://" not in text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in SCHEMES:
+        return f"a folder, or a URI of {', '.join(s + '://' for s in SCHEMES)}, not {parts.scheme[:16]!r}://"
+    if "@" in parts.netloc or any(
+        word in key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True) for word in _SECRET_OPTIONS
+    ):
+        return "credentials in the URI (they would be in logs and reports): they come from the environment"
+    if parts.fragment:
+        return "a URI with a fragment (#)"
+    return None
+
+
+def _check_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"not a file or folder name: {name[:80]!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class Folder:
+    """``uri`` (a path, or an object store URI with its options, such as
+    ``s3://bucket/run?region=eu-west-1``) and the folders below it."""
+
+    uri: str
+    parts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problem = folder_problem(self.uri)
+        if problem:
+            raise ValueError(f"not a folder: {problem}")
+
+    def __truediv__(self, name: str) -> Folder:
+        return Folder(self.uri, (*self.parts, _check_name(name)))
+
+    def __str__(self) -> str:
+        """Where it is, without the URI's options."""
+        path = self.path
+        return str(path) if path is not None else self._location()
+
+    @property
+    def path(self) -> Path | None:
+        """Its path on this machine's disk; None in an object store."""
+        if "://" not in self.uri:
+            return Path(self.uri, *self.parts)
+        if urlsplit(self.uri).scheme == "file":
+            return Path(filesystem(self.uri)[1], *self.parts)
+        return None
+
+    def write(self, name: str, data: bytes) -> str:
+        """``name`` in this folder holds ``data``, whole (replacing what was there); where it is.
+        OSError when it cannot be written."""
+        _check_name(name)
+        path = self.path
+        if path is not None:
+            write_private(path / name, data)
+            return str(path / name)
+        fs, key = self._key(name)
+        with fs.open_output_stream(key) as out:
+            out.write(data)
+        return self._location(name)
+
+    def read(self, name: str) -> bytes:
+        path = self.path
+        if path is not None:
+            return (path / _check_name(name)).read_bytes()
+        fs, key = self._key(_check_name(name))
+        with fs.open_input_stream(key) as f:
+            return bytes(f.read())
+
+    def names(self) -> list[str]:
+        """The files in this folder (not below it), sorted; [] when it does not exist."""
+        path = self.path
+        if path is not None:
+            names = [p.name for p in path.iterdir() if p.is_file()] if path.is_dir() else []
+            return sorted(n for n in names if not n.startswith("."))  # not one being written
+        fs, key = self._key()
+        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def _key(self, *name: str) -> tuple[pafs.FileSystem, str]:
+        fs, root = filesystem(self.uri)
+        return fs, "/".join((root, *self.parts, *name))
+
+    def _location(self, *name: str) -> str:
+        parts = urlsplit(self.uri)
+        return "/".join((f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/"), *self.parts, *name))

@@ -1,0 +1,85 @@
+"""The run folder on a disk and in an object store (moto's S3 API on loopback, pyarrow's client)."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from tests.support import files_under
+from vision_rollout.folders import Folder
+from vision_rollout.notify import Message, SlackNotifier
+
+
+@pytest.fixture(params=["folder", "s3"])
+def root(request, tmp_path) -> str:
+    return request.getfixturevalue("s3").uri() if request.param == "s3" else str(tmp_path / "run")
+
+
+def test_files_are_written_whole_read_back_and_listed(root):
+    folder = Folder(root) / "audits" / "digits"
+    assert folder.names() == []  # not made yet
+    where = folder.write("report.md", b"# one")
+    folder.write("report.md", b"# two")  # replaced
+    folder.write("summary.json", b"{}")
+    (folder / "below").write("x", b"not listed")
+    assert folder.read("report.md") == b"# two"
+    assert folder.names() == ["report.md", "summary.json"]
+    assert files_under(root) == {
+        "audits/digits/report.md": b"# two",
+        "audits/digits/summary.json": b"{}",
+        "audits/digits/below/x": b"not listed",
+    }
+    # Where it is, as logs and reports show it: without the URI's options (endpoint, region).
+    assert where == f"{folder}/report.md"
+    assert "?" not in where
+    if root.startswith("s3://"):
+        assert where.startswith("s3://") and "/audits/digits/report.md" in where  # noqa: PT018
+    else:
+        assert stat.S_IMODE((folder.path / "report.md").stat().st_mode) == 0o600  # type: ignore[operator]
+
+
+def test_the_outbox_in_an_object_store_keeps_each_report_and_its_chart(s3):
+    outbox = Folder(s3.uri()) / "outbox"
+    sent = SlackNotifier("#rollouts", outbox=outbox).send(Message("rolled back", [], chart=b"\x89PNG..."))
+    assert sent["outbox"].startswith("s3://")
+    [json_name] = [n for n in outbox.names() if n.endswith(".json")]
+    assert sent["outbox"].endswith(json_name)
+    record = outbox.read(json_name)
+    assert b'"rolled back"' in record
+    assert outbox.read(json_name.replace(".json", ".png")) == b"\x89PNG..."
+
+
+def test_a_write_that_fails_raises_and_leaves_nothing(s3, tmp_path):
+    """A bucket that does not exist, and a file where a folder should be: OSError, nothing half
+    written (the caller, such as the rollout's report, fails and says so)."""
+    missing = Folder(s3.uri().replace(f"s3://{s3.bucket}/", "s3://no-such-bucket/"))
+    with pytest.raises(OSError):  # noqa: PT011 (pyarrow's errors name the bucket, not a type)
+        missing.write("x.json", b"{}")
+    (tmp_path / "outbox").write_text("a file")
+    with pytest.raises(OSError):  # noqa: PT011
+        (Folder(str(tmp_path)) / "outbox").write("x.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b", "a\0b"])
+def test_a_name_is_one_file_or_folder(name, tmp_path):
+    with pytest.raises(ValueError, match="not a file or folder name"):
+        Folder(str(tmp_path)) / name
+    with pytest.raises(ValueError, match="not a file or folder name"):
+        Folder(str(tmp_path)).write(name, b"")
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("http://host/run", "not 'http'://"),
+        ("s3://KEY:SECRET@bucket/run", "credentials in the URI"),
+        ("s3://bucket/run?secret_key=SECRET", "credentials in the URI"),
+        ("gs://bucket/run?Access_Token=SECRET", "credentials in the URI"),
+    ],
+)
+def test_a_folder_uri_with_credentials_or_another_scheme_is_refused(uri, needle):
+    with pytest.raises(ValueError, match=needle) as caught:
+        Folder(uri)
+    assert "SECRET" not in str(caught.value)
