@@ -846,9 +846,11 @@ def _times(df: pd.DataFrame) -> np.ndarray:
     return df["time"].to_numpy("datetime64[us]").astype(np.int64)
 
 
-def _first(rows: np.ndarray, code: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, int]:
-    """The earliest of ``rows`` for each key, sorted by key; and how many repeats were left out."""
-    order = np.lexsort((t[rows], code[rows]))
+def _first(rows: np.ndarray, code: np.ndarray, t: np.ndarray, rank: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The earliest of ``rows`` for each key, sorted by key; and how many repeats were left out.
+    With ``rank`` (one a row of the frame), the earliest of the lowest rank."""
+    keys = (t[rows], code[rows]) if rank is None else (t[rows], rank[rows], code[rows])
+    order = np.lexsort(keys)
     rows = rows[order]
     keep = np.ones(len(rows), bool)
     keep[1:] = code[rows][1:] != code[rows][:-1]
@@ -999,7 +1001,16 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     ``shadow_without_primary``, ``primary_without_shadow`` (successful primaries of a mirrored
     model and version, not named by version, without a shadow record: an upper bound when the
     mirror samples under 100%), ``shadow_dropped`` (copies the in-process mirror dropped: queue
-    full or no idle time), ``primary_failed`` (pairs whose primary failed) and ``duplicates``.
+    full or no idle time), ``primary_failed`` (pairs whose primary failed), ``duplicates`` and
+    ``input_mismatch``.
+
+    A mirrored copy carries its primary's body, so its input: a shadow record whose input
+    digest (``image_sha256``) differs from its primary's is not a copy of that primary (anyone
+    who reaches the data port can send a ``-shadow`` Host with any request id) and is never
+    paired; such records are counted in ``input_mismatch``, not as duplicates. Of a key's other
+    shadow records, the earliest whose digest equals the primary's is paired, else the earliest
+    of those where either record has no digest (no input was decoded, or it could not be hashed
+    item by item: such a record pairs by key alone, unchecked); the rest are ``duplicates``.
     Pairing works on row positions: each output column is taken from ``df`` once.
     """
     _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route")])
@@ -1008,7 +1019,15 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
     primary, dup_p = _first(np.flatnonzero((df["role"] == "primary").to_numpy()), code, t)
-    shadow, dup_s = _first(np.flatnonzero(is_shadow & ~dropped_rows), code, t)
+    copies = np.flatnonzero(is_shadow & ~dropped_rows)
+    digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
+    of = _match(copies, primary, code)  # each copy's primary, or -1
+    mine, theirs = digest[copies], np.where(of >= 0, digest[of], -1)
+    compared = (mine >= 0) & (theirs >= 0)
+    mismatch = compared & (mine != theirs)
+    unverified = np.ones(len(df), np.int8)  # a copy's rank among its key's copies (0 first)
+    unverified[copies[compared & ~mismatch]] = 0
+    shadow, dup_s = _first(copies[~mismatch], code, t, unverified)
     p_all = primary
     s_of = _match(primary, shadow, code)
     p_pos, s_pos = primary[s_of >= 0], s_of[s_of >= 0]
@@ -1029,6 +1048,7 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
         "shadow_dropped": int((is_shadow & dropped_rows).sum()),
         "primary_failed": int(failed.sum()),
         "duplicates": dup_p + dup_s,
+        "input_mismatch": int(mismatch.sum()),
     }
     if len(p_pos) == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})

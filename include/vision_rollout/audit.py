@@ -1,6 +1,7 @@
 """Shadow audit: how the candidate (shadow) answered the same requests as the primary.
 
-From the prediction log's primary and shadow records over a time range, paired by request id:
+From the prediction log's primary and shadow records over a time range, paired by request id
+and input (a shadow record of another input than its primary's is no copy of it: left out):
 top-1 agreement with a Wilson interval, the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
@@ -72,10 +73,12 @@ class AuditResult:
     divergences: np.ndarray | None = None
     # What did not pair in the prediction log (set by audit()): shadow records without their
     # primary, primaries of a mirrored version without a shadow record (an upper bound when the
-    # mirror samples under 100%), and copies the in-process mirror dropped.
+    # mirror samples under 100%), copies the in-process mirror dropped, and shadow records whose
+    # input differs from their primary's (not a mirror copy of it: excluded).
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     shadow_dropped: int = 0
+    input_mismatch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
@@ -213,7 +216,11 @@ def audit(
     model: str | None = None,
     config: AuditConfig | None = None,
 ) -> AuditResult:
-    """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range."""
+    """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
+
+    Shadow records whose input differs from their primary's are named in the reasons and left
+    out; they do not change the verdict by themselves (anyone who reaches the data port can send
+    them: the pairs that remain are the honest comparisons)."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
 
     records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
@@ -222,6 +229,12 @@ def audit(
     result.shadow_without_primary = pairs.attrs["shadow_without_primary"]
     result.primary_without_shadow = pairs.attrs["primary_without_shadow"]
     result.shadow_dropped = pairs.attrs["shadow_dropped"]
+    result.input_mismatch = pairs.attrs["input_mismatch"]
+    if result.input_mismatch:
+        result.reasons.append(
+            f"{result.input_mismatch} shadow records were not a mirror copy of their primary "
+            "(another input under its request id): excluded"
+        )
     return result
 
 
@@ -276,6 +289,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Range: {result.start} to {result.end}",
         f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
         f"- Records: {result.rows} (shadow errors {result.shadow_errors}, {100 * result.shadow_error_rate:.3f}%)",
+        f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
     ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci

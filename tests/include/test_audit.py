@@ -127,6 +127,25 @@ def test_the_audit_reports_what_did_not_pair(tmp_path):
     assert (summary["shadow_dropped"], summary["shadow_without_primary"]) == (3, 2)
 
 
+def test_shadow_records_of_another_input_are_excluded_and_named_without_moving_the_verdict(tmp_path):
+    """Anyone who reaches the data port can send a -shadow Host under a served request id: 40
+    such records, disagreeing, before the real copies, neither move the agreement nor fail it."""
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "forged").mkdir()
+    clean = audit(shadow_log(tmp_path / "clean", 100, disagree=0.0), *around_now(), "digits")
+    result = audit(shadow_log(tmp_path / "forged", 100, disagree=0.0, forged=40), *around_now(), "digits")
+    assert (result.rows, result.agreement, result.verdict) == (clean.rows, clean.agreement, clean.verdict)
+    assert result.agreement == 1.0
+    assert result.input_mismatch == 40
+    assert clean.input_mismatch == 0
+    assert result.to_dict()["input_mismatch"] == 40
+    assert "40 shadow records were not a mirror copy of their primary" in result.reasons[-1]
+    assert not any("mirror copy" in r for r in clean.reasons)
+    text = write_report(result, tmp_path / "report")["markdown"].read_text()
+    assert "not a mirror copy of their primary (another input, excluded): 40" in text
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["input_mismatch"] == 40
+
+
 def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
     from vision_rollout.audit import AuditResult, with_coverage
 

@@ -206,6 +206,55 @@ def test_failed_and_dropped_shadow_copies_are_records(tmp_path):
     assert pairs.attrs["primary_without_shadow"] == 2  # dropped-1's items have no answer to pair
 
 
+def test_a_shadow_record_of_another_input_is_no_copy_and_never_displaces_the_copy(tmp_path):
+    """Anyone who reaches the data port can send a -shadow Host under a served request id: a
+    record of another input is not paired, is counted, and the real copy after it still pairs."""
+    w = writer(tmp_path)
+    t = time.time()
+    other = np.array([b"\x89PNG-x", b"\x89PNG-y"], dtype=object)
+    forged = shadow(scores=np.eye(10, dtype=np.float32)[[9, 9]])._replace(data=other)
+    w.append(primary("copied", when=t))
+    w.append(shadow("copied", when=t + 0.1))
+    w.append(primary("forged-first", when=t))
+    w.append(forged._replace(request_id="forged-first", received_at=t + 0.1))  # before the copy
+    w.append(shadow("forged-first", when=t + 0.2))
+    w.append(primary("forged-only", when=t))
+    w.append(forged._replace(request_id="forged-only", received_at=t + 0.1))
+    w.append(primary("twice", when=t))
+    w.append(shadow("twice", when=t + 0.1))
+    w.append(shadow("twice", when=t + 0.2))
+    w.flush()
+    pairs = shadow_pairs(read(tmp_path / "log", *window()))
+    assert sorted(set(pairs["request_id"])) == ["copied", "forged-first", "twice"]
+    answers = sorted(zip(pairs["item"], pairs["shadow_top1"], strict=True))
+    assert answers == [(0, 3)] * 3 + [(1, 2)] * 3  # each pair the copy's answer, none the forged 9s
+    assert pairs.attrs["input_mismatch"] == 4  # two records of two items
+    assert pairs.attrs["duplicates"] == 2  # twice's second copy only: a forged record is not one
+    assert pairs.attrs["primary_without_shadow"] == 2  # forged-only's items: no copy reached the log
+    assert pairs.attrs["shadow_without_primary"] == 0
+
+
+def test_records_without_an_input_digest_pair_by_key_and_a_matching_copy_goes_first(tmp_path):
+    w = writer(tmp_path)
+    t = time.time()
+    w.append(primary("no-digest-shadow", when=t))
+    w.append(shadow("no-digest-shadow", when=t + 0.1)._replace(data=None))
+    w.append(primary("no-digest-primary", when=t)._replace(data=None))
+    w.append(shadow("no-digest-primary", when=t + 0.1))
+    w.append(primary("both", when=t))
+    w.append(shadow("both", when=t + 0.1, scores=np.eye(10, dtype=np.float32)[[9, 9]])._replace(data=None))
+    w.append(shadow("both", when=t + 0.2))  # its digest equals the primary's: paired before the unchecked one
+    w.flush()
+    df = read(tmp_path / "log", *window())
+    assert df["image_sha256"].isna().sum() == 6  # three records of two items
+    pairs = shadow_pairs(df)
+    assert sorted(set(pairs["request_id"])) == ["both", "no-digest-primary", "no-digest-shadow"]
+    both = pairs[pairs["request_id"] == "both"].sort_values("item")
+    assert list(both["shadow_top1"]) == [3, 2]  # the matching copy's answer, not the 9s
+    assert pairs.attrs["input_mismatch"] == 0
+    assert pairs.attrs["duplicates"] == 2  # both's unchecked record
+
+
 def test_records_land_in_their_model_and_hour_and_only_those_folders_are_read(tmp_path):
     w = writer(tmp_path)
     base = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
@@ -842,6 +891,41 @@ def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy,
         "direct-1": "primary",
     }
     assert set(inferences[inferences["role"] == "shadow"]["route"]) == {"mirror"}
+
+
+@pytest.mark.integration
+def test_a_shadow_host_request_of_another_image_is_not_paired_with_the_request_it_names(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """A client can send Host ...-shadow under a served request id, before the mirror's copy of
+    that request: with another image it pairs with nothing, and the copy still pairs."""
+    log_dir = tmp_path / "predictions"
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.2",
+        token=TOKEN,
+    )
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    assert infer(s, digit_images[1][0], {"Host": "x-shadow", "X-Request-ID": "served-1"}).status_code == 200
+    assert infer(s, digit_images[0][0], {"X-Request-ID": "served-1"}).status_code == 200
+    start, end = NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)
+    assert wait_for(lambda: len(read(log_dir, start, end)) == 3)  # the primary, the forged record, the copy
+    s.stop()
+    df = read(log_dir, start, end)
+    sha = hashlib.sha256(digit_images[0][0]).hexdigest()
+    copy = df[(df["role"] == "shadow") & (df["image_sha256"] == sha)]
+    assert len(copy) == 1
+    pairs = shadow_pairs(df)
+    assert list(pairs["span_id"]) == list(copy["span_id"])  # the mirror's copy, not the earlier record
+    assert list(pairs["image_sha256"]) == [sha]
+    assert pairs.attrs["input_mismatch"] == 1
+    assert pairs.attrs["duplicates"] == 0
 
 
 @pytest.mark.integration

@@ -128,17 +128,19 @@ def shadow_log(
     seed: int = 0,
     dropped: int = 0,
     orphans: int = 0,
+    forged: int = 0,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
-    without a primary."""
+    without a primary; the first ``forged`` requests also get a shadow record of another image,
+    disagreeing, written before their copy."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
     rng = np.random.default_rng(seed)
 
-    def record(rid: str, version: str, role: str, scores, outcome: str = "ok") -> Inference:
-        image = np.array([f"img-{rid}".encode()], dtype=object)
+    def record(rid: str, version: str, role: str, scores, outcome: str = "ok", name: str = "img") -> Inference:
+        image = np.array([f"{name}-{rid}".encode()], dtype=object)
         route = "route" if role == "primary" else "mirror"
         return Inference(
             time.time(),
@@ -170,6 +172,8 @@ def shadow_log(
         rid = f"r{i}"
         if i < n + dropped:
             writer.append(record(rid, "1", "primary", p[None]))
+        if i < forged:
+            writer.append(record(rid, "2", "shadow", np.roll(p, 1)[None], name="forged"))
         if i >= n + dropped or i < n:
             failed = i < errors
             writer.append(record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
