@@ -141,9 +141,9 @@ def test_shadow_records_of_another_input_are_excluded_and_named_without_moving_t
     assert result.to_dict()["input_mismatch"] == 40
     assert "40 shadow records were not a mirror copy of their primary" in result.reasons[-1]
     assert not any("mirror copy" in r for r in clean.reasons)
-    text = write_report(result, tmp_path / "report")["markdown"].read_text()
-    assert "not a mirror copy of their primary (another input, excluded): 40" in text
-    assert json.loads((tmp_path / "report" / "summary.json").read_text())["input_mismatch"] == 40
+    files = report_files(result)
+    assert "not a mirror copy of their primary (another input, excluded): 40" in files[REPORT].decode()
+    assert json.loads(files["summary.json"])["input_mismatch"] == 40
 
 
 def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
