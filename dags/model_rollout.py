@@ -120,7 +120,7 @@ def model_rollout() -> None:
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def shadow_consistency(params: dict[str, Any], dag_run: Any) -> dict[str, Any]:
-        return steps.shadow_consistency(params, dag_run.start_date)
+        return steps.shadow_consistency(params, dag_run.start_date, dag_run.run_id)
 
     @task.branch(trigger_rule=TriggerRule.ALL_DONE)
     def decide(params: dict[str, Any], ti: Any) -> str:

@@ -205,8 +205,7 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
     meta = template.setdefault("metadata", {})
     meta["labels"] = {**(meta.get("labels") or {}), **labels}
     meta["annotations"] = {**(meta.get("annotations") or {}), "model-rollout/model": model}
-    containers = template["spec"]["containers"]
-    container = next((c for c in containers if c.get("name") == "model-server"), containers[0])
+    container = _server_container(template["spec"]["containers"])
     container["image"] = image
     args = [str(a) for a in container.get("args") or []]
     serve = [i + 1 for i, a in enumerate(args[:-1]) if a == "--serve"]
@@ -214,6 +213,16 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
         args[i] = f"{model}:{version}"
     container["args"] = args + ([] if serve else ["--serve", f"{model}:{version}"])
     return template
+
+
+def _server_container(containers: list[Any]) -> Any:
+    """A pod template's model server: its container named ``model-server``, else its first (as
+    dicts, or the Kubernetes client's objects)."""
+
+    def name(c: Any) -> Any:
+        return c.get("name") if isinstance(c, dict) else c.name
+
+    return next((c for c in containers if name(c) == "model-server"), containers[0])
 
 
 def deployment_name(target: IstioTarget, version: str) -> str:
@@ -403,7 +412,7 @@ class VersionDeployments:
         live = self._live(version)
         if live is None:
             return False
-        self._apply(version, str(live.spec.template.spec.containers[0].image), replicas, live)
+        self._apply(version, str(_server_container(live.spec.template.spec.containers).image), replicas, live)
         return True
 
     def scale_to_zero(self, version: str) -> bool:

@@ -11,7 +11,9 @@ backends (``CompareAndSwapLock``):
   holder otherwise.
 - ``renew``: only by the holder the lease names (even expired: nobody took it over);
   ``LockLost`` otherwise, so a run whose lease was taken over stops before touching anything.
-- ``release``: only by the holder; anyone else's call changes nothing.
+- ``release``: only by the holder; anyone else's call changes nothing. A run that took over an
+  expired lease and then touched nothing gives it back to the run it took it from, as it was
+  (``to``): that run, if only late, may renew it and finish, rather than finding it gone.
 
 Every write is a compare-and-swap on the version read, so of two runs racing for one model
 exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
@@ -85,7 +87,7 @@ class ModelLock(Protocol):
 
     def renew(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
 
-    def release(self, holder: str) -> bool: ...
+    def release(self, holder: str, to: Holding | None = None) -> bool: ...
 
     def holding(self) -> Holding | None: ...
 
@@ -154,10 +156,13 @@ class CompareAndSwapLock(ABC):
             raise LockLost(self._not_held(holder, self.holding()))
         return renewed
 
-    def release(self, holder: str) -> bool:
+    def release(self, holder: str, to: Holding | None = None) -> bool:
+        """``to``: the holding ``holder`` took over, put back as it was."""
         current, version = self._read()
         if current is None or version is None or current.holder != holder:
             return False
+        if to is not None and to.holder and to.holder != holder:
+            return self._replace(replace(to, transitions=current.transitions + 1), version)
         return self._delete(version)
 
     def _not_held(self, holder: str, current: Holding | None) -> str:

@@ -106,8 +106,12 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     except ModelBusy as exc:
         raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
     settings = hook.settings
+    left: str | None = None
     try:
-        start_from_steady(spec, run_id, hook, before)
+        left = start_from_steady(spec, run_id, hook, before)
+        if left is not None and spec.mesh == "istio" and left != spec.candidate_version:
+            hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
+            retire(router(spec, run_id, hook), hook.deployments(spec.model), left)  # unrouted now
         model_dir = settings.repository / spec.model
         report = verify_model(
             model_dir / spec.candidate_version / "model.onnx",
@@ -120,18 +124,21 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if spec.mesh == "istio":
             return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
     except AirflowFailException:
-        lock.release(run_id)
+        # A lease taken over from a run that did not end, and nothing touched: back to that run,
+        # which may be late rather than dead (a scheduler restart) and would else find it gone.
+        lock.release(run_id, to=before if left is None else None)
         raise
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 
 
-def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> None:
+def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> str | None:
     """The baseline takes all of the traffic, with no mirror or header rules (``mesh.not_steady``),
     else the run fails naming what serves. A run that took the lease over from one that did not
     end (``before``: the holding it found) puts that run's routes back to the baseline first, when
     they are what a rollout against this baseline leaves mid-stage (``mesh.mid_rollout_against``:
-    against another baseline, the unjudged candidate of that run would be put at 100%)."""
+    against another baseline, the unjudged candidate of that run would be put at 100%), and
+    returns the version that run had routed (its candidate, to retire); else None."""
     from vision_rollout.mesh import RouterError, mid_rollout_against, not_steady
 
     try:
@@ -148,11 +155,12 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
                 spec.baseline_version,
             )
             r.set_routes(spec.stable_policy())
-            problem = None
+            return next(d.version for d in routes.route if d.weight > 0 and d.version != spec.baseline_version)
     except RouterError as exc:
         raise AirflowFailException(f"the routes of '{spec.model}' cannot be read or set: {exc}") from None
     if problem:
         raise AirflowFailException(f"{problem}. This run touched nothing.")
+    return None
 
 
 def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str, Any]:
@@ -396,13 +404,18 @@ def look_at_stage(
     return {**verdict, "status": state.status, "bake": bake}
 
 
-def shadow_consistency(params: dict[str, Any], since: datetime) -> dict[str, Any]:
+def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> dict[str, Any]:
+    """The shadow audit of the run's records. The model stays this run's meanwhile, and for the
+    time the next task takes to start (the lease runs out 300 s after its last renewal)."""
     from vision_rollout.audit import AuditConfig, audit, report_files, write_report
 
     spec = spec_from(params)
-    settings = serving().settings
+    hook = serving()
+    hold(spec, run_id, hook, LEASE_S + 600)  # reading a long run's log takes a while
+    settings = hook.settings
     result = audit(settings.prediction_log, since, datetime.now(UTC), spec.model, AuditConfig.from_spec(spec))
     write_report(report_files(result), settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
+    hold(spec, run_id, hook)
     return result.to_dict()
 
 

@@ -118,6 +118,25 @@ def test_an_expired_lease_nobody_took_is_still_its_holders(make):
     assert lock.renew("run-a").holder == "run-a"
 
 
+def test_a_lease_taken_over_and_released_untouched_goes_back_to_the_run_it_was_taken_from(make):
+    """A run that took over an expired lease and was refused before touching anything gives it
+    back as it was: the late run renews it and finishes (deleted, it could do neither)."""
+    clock = Clock()
+    lock = make(clock=clock)
+    lock.acquire("run-a", seconds=30)
+    clock.now += 60
+    before = lock.holding()
+    taken = make(clock=clock).acquire("run-b")
+    assert lock.release("run-b", to=before)
+    back = lock.holding()
+    assert (back.holder, back.renewed, back.seconds, back.acquired) == ("run-a", T0, 30, T0)
+    assert back.transitions == taken.transitions + 1
+    assert lock.renew("run-a").holder == "run-a"
+    assert not lock.release("run-b", to=before)  # not run-b's any more: nothing changes
+    assert lock.release("run-a", to=before)  # its own holding: released
+    assert lock.holding() is None
+
+
 def test_only_the_holder_releases(make):
     lock = make()
     lock.acquire("run-a")

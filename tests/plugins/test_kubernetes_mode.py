@@ -257,6 +257,21 @@ def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_o
     assert after["spec"]["template"] == v1  # the user's changes kept, nothing rolled
 
 
+def test_scaling_keeps_the_model_servers_image_when_another_container_comes_first(kube):
+    """A baseline with a log shipper before the model server: scaling took the first container's
+    image for the model server's (the candidate and, once retired, the baseline ran it)."""
+    stable_virtual_service(kube, PARAMS)
+
+    def sidecar_first(obj: dict) -> None:
+        obj["spec"]["template"]["spec"]["containers"].insert(0, {"name": "log-shipper", "image": "fluent-bit:3.0"})
+
+    kube.touch("deployments", "models", "digits-v1", sidecar_first)
+    steps.serving().deployments("digits").scale("1", 3)
+    containers = {c["name"]: c["image"] for c in deployment(kube, "1")["spec"]["template"]["spec"]["containers"]}
+    assert containers == {"log-shipper": "fluent-bit:3.0", "model-server": image("1")}
+    assert deployment(kube, "1")["spec"]["replicas"] == 3
+
+
 def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     stable_virtual_service(kube, PARAMS)
     deployments = steps.ModelServerHook().deployments("digits")
@@ -527,6 +542,49 @@ def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)
     assert changes(fleet, before) == []
     assert routes(fleet) == [("v1", 90), ("v3", 10)]
+
+
+def expire(kube: FakeKubeAPI, model: str = "digits") -> None:
+    """The model's lease not renewed for longer than it lasts (a scheduler restart, pods Pending)."""
+    kube.objects[("leases", "models", f"rollout-{model}")]["spec"]["renewTime"] = "2020-01-01T00:00:00.000000Z"
+
+
+def test_a_refused_takeover_gives_the_lease_back_to_the_run_it_took_it_from(fleet):
+    """run-a at 50% while its lease lapsed; run-b takes it over, finds routes it may not restore
+    (50%: which was the baseline cannot be told) and is refused, touching nothing: the lease goes
+    back to run-a as it was (it was deleted: run-a could neither promote nor roll back, and the
+    routes stayed at 50% with nobody holding the model)."""
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
+    assert routes(fleet) == [("v1", 50), ("v2", 50)]
+    expire(fleet)
+    before = len(fleet.requests)
+    with pytest.raises(AirflowFailException, match="touched nothing"):
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+    assert [c for c in changes(fleet, before) if "/leases/" not in c["path"]] == []
+    steps.restore_stable(PARAMS, "run-a")  # run-a, late, rolls back
+    assert routes(fleet) == [("v1", 100)]
+    steps.ensure_stable(PARAMS, "run-a", None, "1", SENT)
+    assert lease(fleet, "digits") is None
+
+
+def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
+    """run-b takes over run-a's lapsed lease at 10%: the routes back to the baseline, then run-a's
+    candidate drained and scaled to 0 (its pods were left running for good: nobody's run)."""
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert deployment(fleet, "2")["spec"]["replicas"] > 0
+    expire(fleet)
+    b = {**PARAMS, "candidate_version": "3"}
+    steps.build_image(b, "run-b")
+    assert routes(fleet) == [("v1", 100)]
+    assert deployment(fleet, "2")["spec"]["replicas"] == 0
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)  # run-a's teardown
 
 
 def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):

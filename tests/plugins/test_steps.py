@@ -131,6 +131,28 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
 
 
+def test_the_shadow_audit_keeps_the_model_this_runs(monkeypatch, tmp_path):
+    """The audit of a long run's log takes a while, and the next task's start more: the lease is
+    renewed around it (it ran out there, and another run could take the model over mid-decision);
+    a run that lost it stops there."""
+    from datetime import UTC, datetime, timedelta
+
+    from vision_rollout.locks import LEASE_S
+
+    extra = {"run_dir": str(tmp_path), "prediction_log": str(tmp_path / "log")}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
+    )
+    lock = steps.serving().model_lock("digits", "local")
+    lock.acquire("run-a", seconds=5)
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    assert steps.shadow_consistency(PARAMS, since, "run-a")["verdict"] == "skip"  # no shadow records
+    assert lock.holding().seconds == LEASE_S
+    with pytest.raises(AirflowFailException, match="run 'run-b' does not hold model 'digits'"):
+        steps.shadow_consistency(PARAMS, since, "run-b")
+
+
 def test_a_local_run_with_its_run_folder_in_an_object_store_fails_naming_the_extra(monkeypatch):
     """Mesh local keeps its lock file and the routes before a rollout on the machine's disk: a
     run folder in an object store fails the first step, touching nothing (no retry)."""
