@@ -363,6 +363,10 @@ class FakeKubeAPI:
         self.requests: list[dict[str, Any]] = []
         self.users: dict[str, str] = {}  # bearer token -> user name (kubeconfig issues them)
         self.version = 100
+        # The next ``throttle`` requests (of ``throttled_methods``) are refused as API Priority
+        # and Fairness refuses one it has no seat for (a server under load): 429, Retry-After 1.
+        self.throttle = 0
+        self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -643,6 +647,8 @@ class FakeKubeAPI:
                 self.record["status"] = code
                 data = json.dumps(body).encode()
                 self.send_response(code)
+                if code == 429:
+                    self.send_header("Retry-After", "1")
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -661,6 +667,11 @@ class FakeKubeAPI:
                 }
                 with api.lock:
                     api.requests.append(self.record)
+                    throttled = api.throttle > 0 and method in api.throttled_methods
+                    api.throttle -= throttled
+                if throttled:
+                    self._body()  # read, not served
+                    raise APIError(429, "TooManyRequests", "Too many requests, please try again later.")
                 m = PATH_RE.match(url.path)
                 plural = m.group(4) if m else ""
                 if m is None or plural not in RESOURCES or RESOURCES[plural].api_version != (m.group(1) or m.group(2)):

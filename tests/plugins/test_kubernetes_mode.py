@@ -587,6 +587,31 @@ def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)  # run-a's teardown
 
 
+def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
+    """API Priority and Fairness refuses what it has no seat for (429, Retry-After): a rollback
+    under that load is sent again after the wait, reads and writes alike (it failed at the
+    first 429, and its teardown's and callback's tries seconds later met the same load)."""
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    before = len(fleet.requests)
+    fleet.throttle = 3
+    steps.restore_stable(PARAMS, "run-a")  # its first reads refused
+    refused = [r for r in fleet.requests[before:] if r.get("status") == 429]
+    assert len(refused) == 3
+    assert fleet.requests[before + 3]["path"] == refused[0]["path"]  # the same request, once more
+    assert routes(fleet) == [("v1", 100)]
+    assert deployment(fleet, "2")["spec"]["replicas"] == 0
+    steps.apply_weights(PARAMS, 0, "run-a", built)  # again, its writes refused this time
+    before = len(fleet.requests)
+    fleet.throttle, fleet.throttled_methods = 2, frozenset({"PATCH"})
+    steps.restore_stable(PARAMS, "run-a")
+    writes = [(r["path"], r["status"]) for r in fleet.requests[before:] if r["method"] == "PATCH"]
+    assert [status for _, status in writes[:3]] == [429, 429, 200]
+    assert len({path for path, _ in writes[:3]}) == 1
+    assert routes(fleet) == [("v1", 100)]
+
+
 def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
     from rollout_airflow.operators import ImageBuild
 
