@@ -67,10 +67,14 @@ def serving() -> ModelServerHook:
     return hook
 
 
-def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> Any:
-    """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``."""
+def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook, only: str | None = None) -> Any:
+    """The mesh the run names: the model server's own router, or Istio through ``kubernetes_default``,
+    its VirtualService with a pinned route for the baseline and the candidate, or ``only`` for
+    the one version a run leaves serving (the retired one's would send the requests that name
+    it to no pods, 503s, where the version serving answers that it does not serve it)."""
     if spec.mesh == "istio":
-        return hook.istio_router(spec.model, [spec.baseline_version, spec.candidate_version])
+        versions = [only] if only else [spec.baseline_version, spec.candidate_version]
+        return hook.istio_router(spec.model, versions)
     return hook.router(spec.model, hook.on_disk(hook.settings.workdir(spec.model, run_id)) / "original-routes.json")
 
 
@@ -142,7 +146,7 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     from vision_rollout.mesh import RouterError, mid_rollout_against, not_steady
 
     try:
-        r = router(spec, run_id, hook)
+        r = router(spec, run_id, hook, only=spec.baseline_version)
         routes = r.get_routes()
         problem = not_steady(routes, spec.baseline_version)
         took_over = before if before is not None and before.holder not in ("", run_id) else None
@@ -508,7 +512,7 @@ def promote(params: dict[str, Any], run_id: str) -> str:
     deployments = hook.deployments(spec.model)
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
-    r.set_routes(spec.promoted_policy())
+    router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
     retire(r, deployments, spec.baseline_version)
     return spec.candidate_version
 
@@ -550,7 +554,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook)  # still this run's, after the wait
-        r.set_routes(spec.stable_policy())
+        router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
         retire(r, deployments, spec.candidate_version)

@@ -304,6 +304,31 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     assert steps.serving().model_lock("digits", "istio").holding() is None  # and the run's Lease is released
 
 
+def test_a_retired_version_loses_its_pinned_route(fleet):
+    """Requests that name a version (x-model-version, /versions/N/) have a route of their own to
+    its subset while a run needs it; a version the run retires loses it (its pinned requests
+    went to no pods, 503s, where the version serving answers that it does not serve it)."""
+
+    def pinned() -> list[str]:
+        http = fleet.objects[("virtualservices", "models", "digits")]["spec"]["http"]
+        return [r["name"] for r in http if r["name"].startswith("pinned-")]
+
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert pinned() == ["pinned-v1", "pinned-v2"]
+    steps.restore_stable(PARAMS, "run-a")
+    assert pinned() == ["pinned-v1"]
+    steps.ensure_stable(PARAMS, "run-a", None, "1", SENT)
+    assert pinned() == ["pinned-v1"]
+    built = steps.build_image(PARAMS, "run-b")
+    steps.deploy_candidate(PARAMS, built, "run-b")
+    steps.apply_weights(PARAMS, 0, "run-b", built)
+    steps.promote(PARAMS, "run-b")
+    assert pinned() == ["pinned-v2"]
+    assert routes(fleet) == [("v2", 100)]
+
+
 def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kube):
     from kubernetes.client.exceptions import ApiException
 
