@@ -167,6 +167,10 @@ PREDICTION_LOG_RECORDS = Counter(
     ("outcome",),
 )
 PREDICTION_LOG_FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
+PREDICTION_LOG_FLUSH_SECONDS = Gauge(
+    "prediction_log_flush_seconds",
+    "Seconds between the prediction log's flushes: a record is in the log this long after it is made, and its write",
+)
 
 
 def show_traffic_policy(model: str, policy: TrafficPolicy | None) -> None:

@@ -205,6 +205,9 @@ class Label(NamedTuple):
         return 64 + len(self.request_id) + 8 * len(self.labels)
 
 
+MIN_FLUSH_S, MAX_FLUSH_S = 0.01, 60.0
+
+
 def default_replica() -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:50] or "host"
     return f"{name}-{os.getpid()}"
@@ -256,12 +259,15 @@ class PredictionLog:
             raise ValueError(f"sample must be within 0..1, got {sample}")
         if topk < 1 or full_max < 0:
             raise ValueError("topk must be at least 1 and full_max at least 0")
+        if not MIN_FLUSH_S <= flush_s <= MAX_FLUSH_S:  # (NaN too) 0 spun the writer; a rollout waits for it
+            raise ValueError(f"the flush interval must be within {MIN_FLUSH_S:g}..{MAX_FLUSH_S:g} s, got {flush_s}")
         self.uri = str(uri)
         self.fs, self.root = filesystem(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.masker = masker
         self.replica = replica
         self.flush_s = flush_s
+        metrics.PREDICTION_LOG_FLUSH_SECONDS.set(flush_s)
         self.sample = sample
         self.topk = topk
         self.full_max = full_max

@@ -50,6 +50,7 @@ from vision_rollout.spec import RolloutSpec
 log = logging.getLogger(__name__)
 
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
+WRITE_S = 3.0  # and a flush's write (settle_time)
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -489,6 +490,20 @@ def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[s
     return gpu
 
 
+def settle_time(source: MetricsSource | None, settle_s: float = SETTLE_S) -> float:
+    """How long after a look's time its records are all in the log: ``settle_s``, or the longest
+    flush interval a model server reports (``prediction_log_flush_seconds``) and ``WRITE_S``
+    when longer. A look judged before its records are in is judged again on more at the next
+    poke: a look the sequential test does not count, which spends error rate it does not have."""
+    if not isinstance(source, PrometheusSource):
+        return settle_s
+    try:
+        flush = source.query("max(prediction_log_flush_seconds)")
+    except MetricsError:
+        return settle_s
+    return max(settle_s, min(flush, 60.0) + WRITE_S) if math.isfinite(flush) else settle_s
+
+
 @dataclass
 class StageJudge:
     """One poke: the stage judged from the log and the guards, then a replay round when due."""
@@ -558,7 +573,7 @@ class StageJudge:
             self.labels,
             now,
             guard_inputs(self.source, self.spec, now, since=window.started),
-            settle_s=self.settle_s,
+            settle_s=settle_time(self.source, self.settle_s),
             replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
         )
         if not state.done and self.replay_due(records, window, now):

@@ -79,6 +79,44 @@ def test_guards_read_windows_from_the_scrape_interval_and_hold_without_data(serv
         prom.stop()
 
 
+@pytest.mark.integration
+def test_a_look_waits_for_the_slowest_flush_a_model_server_reports(server_factory, repo_copy, tmp_path):
+    """A server flushing its prediction log every 20 s: a look judged 5 s after its time lacked
+    up to 20 s of records, and was judged again on more at the next poke (a look the sequential
+    test does not count). The settle time is read from the servers' own gauge."""
+    from vision_rollout.engine import SETTLE_S, WRITE_S, settle_time
+
+    log = str(tmp_path / "log")
+    s = server_factory(repo_copy, "--prediction-log", log, "--prediction-log-flush-s", "20", token=TOKEN)
+    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    try:
+        source = PrometheusSource(prom.url)
+        assert wait_for_value(source, "max(prediction_log_flush_seconds)") == 20
+        assert settle_time(source) == 20 + WRITE_S
+    finally:
+        prom.stop()
+    assert settle_time(source) == SETTLE_S  # Prometheus gone: the default
+    assert settle_time(None) == SETTLE_S  # no Prometheus configured
+
+
+class Flush(PrometheusSource):
+    def __init__(self, value: float):
+        super().__init__("http://127.0.0.1:9")
+        self.value = value
+
+    def query(self, promql: str, at: float | None = None) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(("flush", "settle"), [(2.0, 5.0), (0.2, 5.0), (30.0, 33.0), (3600.0, 63.0), (math.inf, 5.0)])
+def test_the_settle_time_is_the_default_or_the_slowest_flush_and_its_write(flush, settle):
+    """2 s (the servers' default) keeps the 5 s of before; a flush longer than a server may take
+    (60 s), or not a number, is not believed."""
+    from vision_rollout.engine import settle_time
+
+    assert settle_time(Flush(flush)) == settle
+
+
 class History(PrometheusSource):
     """Prometheus as the guards see it: a P99 history answered for the range asked for."""
 

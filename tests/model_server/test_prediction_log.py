@@ -501,6 +501,9 @@ def test_replica_ids_and_settings_are_validated(tmp_path):
             PredictionLog(tmp_path / "log", masker, replica=bad)
     with pytest.raises(ValueError, match="sample"):
         PredictionLog(tmp_path / "log", masker, replica="ok", sample=1.5)
+    for flush in (0.0, -1.0, float("nan"), 61.0):  # 0 and below spun the writer thread
+        with pytest.raises(ValueError, match=r"flush interval must be within 0.01..60 s"):
+            PredictionLog(tmp_path / "log", masker, replica="ok", flush_s=flush)
 
 
 def test_joined_pairs_primary_shadow_and_labels_and_reports_the_unmatched(tmp_path):
