@@ -288,6 +288,12 @@ class ServingSettings:
             raise SettingsError(
                 f"mesh 'istio' needs the {CONNECTION} extra istio.{missing[0]} (or models.{model}.istio.{missing[0]})"
             )
+        for key, (rule, pattern) in KUBERNETES_NAMES.items():
+            if not re.fullmatch(pattern, raw[key]):
+                raise SettingsError(
+                    f"the {CONNECTION} extra istio.{key} (or models.{model}.istio.{key}) gives {raw[key][:80]!r} "
+                    f"for model '{model}': not {rule}, which Kubernetes would refuse"
+                )
         return IstioTarget(
             raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])), list(raw.get("hosts", []))
         )
@@ -321,6 +327,19 @@ class ServingSettings:
                         f"the {CONNECTION} extra models: '{other}' and '{model}' share the {kind} "
                         f"{target.namespace}/{name}; give each its own istio.{key}"
                     )
+
+
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+KUBERNETES_NAMES = {  # the target's names once {model} is filled in: what the API server takes
+    "namespace": ("a DNS label (a-z, 0-9, '-' inside, at most 63)", _LABEL),
+    # A Service's name starts with a letter; its Deployments are <service>-v<N>, its pods'
+    # label app=<service>: 63 at most.
+    "service": (
+        "a Service name (a-z first, then a-z, 0-9, '-' inside, at most 63)",
+        r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+    ),
+    "name": ("a DNS subdomain (labels joined by '.', at most 253)", rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*"),
+}
 
 
 def model_name(model: str) -> str:

@@ -190,6 +190,24 @@ def test_a_model_without_an_entry_gets_the_connection_wide_target_with_its_name_
     assert s.build.registry == "registry.example.com/ml/{model}-server"  # the connection-wide section, as written
 
 
+@pytest.mark.parametrize(
+    ("model", "key"),
+    [("m" * 64, "service"), ("model.", "service"), ("3d-detector", "service"), ("ok", "namespace"), ("ok", "name")],
+)
+def test_a_target_name_kubernetes_would_refuse_is_refused_when_read(model, key):
+    """Filled in from a model's name (at most 128 of A-Z a-z 0-9 _ . -), a Service's name could
+    be longer than 63, end in '-' or start with a digit: the API server refused it at
+    deploy_candidate, after the image build. Now the first use of the target names it."""
+    extra = {"istio": {**FLEET["istio"]}}
+    if model == "ok":
+        extra["istio"][key] = {"namespace": "Models", "name": "a..b"}[key]
+    s = ServingSettings.from_connection("http://h:8000", None, extra)
+    with pytest.raises(
+        SettingsError, match=rf"extra istio\.{key} \(or models\.{re.escape(model)}\.istio\.{key}\) gives"
+    ):
+        s.istio_for(model)
+
+
 def test_the_rollouts_own_requests_reach_each_model_through_its_service():
     """The replay and the probe: in mesh istio through the model's Service (``istio.url``, with
     {model} filled in, or a model's own), else the connection's host and port."""
