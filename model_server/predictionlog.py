@@ -998,32 +998,48 @@ def _class_count(*frames: pd.DataFrame) -> int:
 
 def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     """Primary and shadow records paired by ``(model, request_id, item)``, in the columns the
-    shadow audit consumes (``PAIR_COLUMNS``), one row per mirrored item whose primary succeeded,
-    in time order.
+    shadow audit consumes (``PAIR_COLUMNS``), one row per mirrored item whose primary succeeded
+    on another version than its shadow's, in time order.
 
     ``primary_probs``/``shadow_probs`` are numpy vectors: ``probs`` when the log kept the whole
     vector, else rebuilt from the top-k (see ``_probability_matrix``). ``shadow_error`` is the
     shadow's outcome when it was not ``ok``. ``attrs`` counts what did not pair:
-    ``shadow_without_primary``, ``primary_without_shadow`` (successful primaries of a mirrored
-    model and version, not named by version, without a shadow record: an upper bound when the
-    mirror samples under 100%), ``shadow_dropped`` (copies the in-process mirror dropped: queue
-    full or no idle time), ``primary_failed`` (pairs whose primary failed), ``duplicates`` and
-    ``input_mismatch``.
+    ``shadow_without_primary``, ``primary_without_shadow``, ``shadow_dropped`` (copies the
+    in-process mirror dropped: queue full or no idle time), ``primary_failed`` (pairs whose
+    primary failed), ``duplicates``, ``input_mismatch`` and ``self_pairs``.
+
+    A copy of a request that the mirror's own version served is no comparison: Istio mirrors
+    every request of a route, whichever weighted subset served it, so at a canary weight the
+    candidate also gets copies of its own primaries, and such a pair agrees by construction
+    (the in-process mirror makes none: ``TrafficPolicy.mirror_for``). A shadow record whose
+    primary has its version is never paired; the items such copies were made of are counted in
+    ``self_pairs`` once each, whether the copy ran or was dropped (a dropped one is not in
+    ``shadow_dropped``, which counts the comparisons lost), its repeats in ``duplicates``.
+
+    ``primary_without_shadow`` counts the successful primaries, not named by version, without a
+    shadow record to compare with, of each (model, version) that has at least one comparison as
+    the primary: the baseline's requests whose copy never reached the log (an upper bound when
+    the mirror samples under 100%). The requests the mirror's own version served are not among
+    them: none of them is expected to have a comparison (the in-process mirror makes no copy of
+    them; Istio's copies of them are self pairs), so that version has no comparison as the
+    primary (unless a later version's shadow ran beside it); and a primary with a self copy is
+    never counted.
 
     A mirrored copy carries its primary's body, so its input: a shadow record whose input
     digest (``image_sha256``) differs from its primary's is not a copy of that primary (anyone
     who reaches the data port can send a ``-shadow`` Host with any request id) and is never
-    paired; such records are counted in ``input_mismatch``, not as duplicates. Of a key's other
-    shadow records, the earliest whose digest equals the primary's is paired, else the earliest
-    of those where either record has no digest (no input was decoded, or it could not be hashed
-    item by item: such a record pairs by key alone, unchecked); the rest are ``duplicates``.
-    Pairing works on row positions: each output column is taken from ``df`` once.
+    paired; such records are counted in ``input_mismatch``, not as duplicates or self pairs. Of a
+    key's other shadow records, the earliest whose digest equals the primary's is paired, else
+    the earliest of those where either record has no digest (no input was decoded, or it could
+    not be hashed item by item: such a record pairs by key alone, unchecked); the rest are
+    ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
     """
     _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route")])
     code, t = _key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
     is_shadow = (df["role"] == "shadow").to_numpy()
+    version, versions = pd.factorize(df["version"])  # -1: none
     primary, dup_p = _first(np.flatnonzero((df["role"] == "primary").to_numpy()), code, t)
     copies = np.flatnonzero(is_shadow & ~dropped_rows)
     digest, _ = pd.factorize(df["image_sha256"])  # equal codes, equal digests; -1: none
@@ -1031,9 +1047,14 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     mine, theirs = digest[copies], np.where(of >= 0, digest[of], -1)
     compared = (mine >= 0) & (theirs >= 0)
     mismatch = compared & (mine != theirs)
+    own = ~mismatch & _same_version(copies, of, version)  # a copy of the mirror target's own primary
+    lost = np.flatnonzero(is_shadow & dropped_rows)
+    lost_of = _match(lost, primary, code)
+    lost_own = _same_version(lost, lost_of, version)
+    self_copies, dup_self = _first(copies[own], code, t)
     unverified = np.ones(len(df), np.int8)  # a copy's rank among its key's copies (0 first)
     unverified[copies[compared & ~mismatch]] = 0
-    shadow, dup_s = _first(copies[~mismatch], code, t, unverified)
+    shadow, dup_s = _first(copies[~mismatch & ~own], code, t, unverified)
     p_all = primary
     s_of = _match(primary, shadow, code)
     p_pos, s_pos = primary[s_of >= 0], s_of[s_of >= 0]
@@ -1041,20 +1062,23 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     p_pos, s_pos = p_pos[~failed], s_pos[~failed]
     order = np.lexsort((df["item"].to_numpy()[p_pos], t[p_pos]))
     p_pos, s_pos = p_pos[order], s_pos[order]
-    lonely = p_all[(s_of < 0) & ok_rows[p_all]]
+    mirrored_to_itself = np.zeros(len(df), bool)
+    mirrored_to_itself[of[own]] = True
+    mirrored_to_itself[lost_of[lost_own]] = True
+    lonely = p_all[(s_of < 0) & ok_rows[p_all] & ~mirrored_to_itself[p_all]]
     if "route" in df.columns:
         lonely = lonely[(df["route"] != "version").to_numpy()[lonely]]
     model_codes, _ = pd.factorize(df["model"])
-    version_codes, versions = pd.factorize(df["version"])
-    arm = model_codes.astype(np.int64) * (len(versions) + 1) + version_codes  # (model, version)
+    arm = model_codes.astype(np.int64) * (len(versions) + 1) + version  # (model, version)
     attrs = {
         **df.attrs,
         "shadow_without_primary": int((~np.isin(code[shadow], code[p_all])).sum()),
         "primary_without_shadow": int(np.isin(arm[lonely], np.unique(arm[p_pos])).sum()),
-        "shadow_dropped": int((is_shadow & dropped_rows).sum()),
+        "shadow_dropped": int(len(lost) - lost_own.sum()),
         "primary_failed": int(failed.sum()),
-        "duplicates": dup_p + dup_s,
+        "duplicates": dup_p + dup_s + dup_self,
         "input_mismatch": int(mismatch.sum()),
+        "self_pairs": len(np.union1d(code[self_copies], code[lost[lost_own]])),
     }
     if len(p_pos) == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
@@ -1103,6 +1127,12 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     )
     out.attrs = attrs
     return out
+
+
+def _same_version(rows: np.ndarray, of: np.ndarray, version: np.ndarray) -> np.ndarray:
+    """For each of ``rows``, whether its primary (``of``, -1: none) has its version."""
+    served = np.where(of >= 0, version[np.maximum(of, 0)], -1)
+    return (of >= 0) & (served >= 0) & (version[rows] == served)
 
 
 def _rows(matrix: np.ndarray, have: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Shadow audit: how the candidate (shadow) answered the same requests as the primary.
 
 From the prediction log's primary and shadow records over a time range, paired by request id
-and input (a shadow record of another input than its primary's is no copy of it: left out):
+and input (a shadow record of another input than its primary's is no copy of it: left out;
+nor is a copy of a request its own version served, which Istio's mirror makes: counted apart):
 top-1 agreement with a Wilson interval, the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
@@ -73,12 +74,15 @@ class AuditResult:
     divergences: np.ndarray | None = None
     # What did not pair in the prediction log (set by audit()): shadow records without their
     # primary, primaries of a mirrored version without a shadow record (an upper bound when the
-    # mirror samples under 100%), copies the in-process mirror dropped, and shadow records whose
-    # input differs from their primary's (not a mirror copy of it: excluded).
+    # mirror samples under 100%), copies the in-process mirror dropped, shadow records whose
+    # input differs from their primary's (not a mirror copy of it: excluded), and the items
+    # mirrored to the version that served them (Istio mirrors the whole weighted route, the
+    # candidate's own share too: no comparison, excluded; expected, not a warning).
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     shadow_dropped: int = 0
     input_mismatch: int = 0
+    self_pairs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
@@ -220,7 +224,9 @@ def audit(
 
     Shadow records whose input differs from their primary's are named in the reasons and left
     out; they do not change the verdict by themselves (anyone who reaches the data port can send
-    them: the pairs that remain are the honest comparisons)."""
+    them: the pairs that remain are the honest comparisons). Copies of requests the shadow's
+    own version served (``self_pairs``) are left out and counted, named in the reasons only
+    when nothing else was left to audit."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
 
     records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
@@ -230,6 +236,12 @@ def audit(
     result.primary_without_shadow = pairs.attrs["primary_without_shadow"]
     result.shadow_dropped = pairs.attrs["shadow_dropped"]
     result.input_mismatch = pairs.attrs["input_mismatch"]
+    result.self_pairs = pairs.attrs["self_pairs"]
+    if result.self_pairs and not result.rows:
+        result.reasons.append(
+            f"{result.self_pairs} shadow copies in this range were of requests their own version served "
+            "(Istio mirrors the whole route): no comparison, left out"
+        )
     if result.input_mismatch:
         result.reasons.append(
             f"{result.input_mismatch} shadow records were not a mirror copy of their primary "
@@ -290,6 +302,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
         f"- Records: {result.rows} (shadow errors {result.shadow_errors}, {100 * result.shadow_error_rate:.3f}%)",
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
+        f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
     ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci

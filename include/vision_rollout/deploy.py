@@ -45,11 +45,14 @@ def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floo
     """The candidate's pods at a stage: ``max(floor, ceil(baseline * load))``.
 
     ``load`` is the candidate's share of the baseline's traffic: its weight, plus the mirrored
-    copies of the baseline's share (``weight/100 + mirror/100 * (1 - weight/100)``), since a copy
-    costs the candidate an inference as a routed request does. So with a 100% mirror the
-    candidate needs the baseline's size from the first stage, and at 100% weight always does.
-    ``baseline``: the baseline's pods. Percentages are taken as written (``str``), so 7% of 100
-    pods is 7, not the 8 that binary floating point would give.
+    copies (``weight/100 + mirror/100``), since a copy costs the candidate an inference as a
+    routed request does. Istio mirrors every request of the weighted route, those it sends to
+    the candidate too (``render_virtual_service``), so the candidate gets a copy of its own
+    share besides the baseline's: with a 100% mirror it needs more than the baseline's size from
+    the first stage (1.05 times at 5%, 1.5 times at 50%). At 100% weight the stage has no mirror
+    (``RolloutSpec.policy_for_stage``): the baseline's size. ``baseline``: the baseline's pods.
+    Percentages are taken as written (``str``), so 7% of 100 pods is 7, not the 8 that binary
+    floating point would give.
     """
     for name, value, top in (("weight", weight, 100), ("mirror_percent", mirror_percent, 100)):
         if not 0 <= value <= top:
@@ -58,7 +61,7 @@ def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floo
         if not 0 <= count <= MAX_REPLICAS:
             raise ValueError(f"{name} replicas {count!r}: 0 to {MAX_REPLICAS}")
     w = Fraction(str(weight)) / 100
-    load = w + Fraction(str(mirror_percent)) / 100 * (1 - w)
+    load = w + Fraction(str(mirror_percent)) / 100 if w < 1 else w
     return max(floor, math.ceil(baseline * load))
 
 

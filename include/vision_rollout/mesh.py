@@ -176,6 +176,13 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
         ]
 
     def mirrored(entry: dict[str, Any], dests: tuple[Destination, ...]) -> dict[str, Any]:
+        # The mirror is the whole route's (Envoy's request_mirror_policies are a route's): the
+        # requests the route's weights send to the mirror's own subset are copied to it as well,
+        # unlike the model server's router, which skips them. Istio cannot confine it to the
+        # baseline's share: HTTPRouteDestination has no mirror, and no HTTPMatchRequest splits
+        # by weight (a second route needs a match: a header, a uri...), so splitting the route
+        # would change who is routed where. The shadow audit leaves those pairs out
+        # (shadow_pairs' self_pairs) and candidate_replicas sizes the candidate for them.
         m = policy.mirror
         if m is not None and not (len(dests) == 1 and dests[0].version == m.version):
             entry["mirror"] = {"host": target.host, "subset": subset(m.version)}

@@ -146,6 +146,39 @@ def test_shadow_records_of_another_input_are_excluded_and_named_without_moving_t
     assert json.loads(files["summary.json"])["input_mismatch"] == 40
 
 
+def test_copies_of_the_candidates_own_requests_are_no_comparison(tmp_path):
+    """Istio mirrors every request of the weighted route, those it sends to the candidate too:
+    such a pair agrees by construction and would lift an 87% agreement (and dilute the anomaly
+    rate). They are left out and counted: the audit is the baseline-served requests' alone."""
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "istio").mkdir()
+    kw = {"disagree": 0.13, "low_confidence": 0.1}
+    clean = audit(shadow_log(tmp_path / "baseline", 200, **kw), *around_now(), "digits")
+    result = audit(shadow_log(tmp_path / "istio", 200, **kw, self_mirrored=75), *around_now(), "digits")
+    assert clean.agreement is not None
+    assert clean.agreement < 0.9
+    assert (result.rows, result.agreement, result.anomaly_rate, result.agreement_ci, result.verdict) == (
+        clean.rows,
+        clean.agreement,
+        clean.anomaly_rate,
+        clean.agreement_ci,
+        clean.verdict,
+    )
+    assert result.versions == {"primary": ["1"], "shadow": ["2"]}
+    assert (result.self_pairs, clean.self_pairs) == (75, 0)
+    assert (result.primary_without_shadow, result.shadow_dropped) == (0, 0)
+    assert result.reasons == clean.reasons  # expected under Istio: reported, not a warning
+    files = report_files(result)
+    assert "mirrored to the version that served them (no comparison, excluded): 75" in files[REPORT].decode()
+    assert json.loads(files["summary.json"])["self_pairs"] == 75
+
+
+def test_a_range_of_self_copies_only_says_so(tmp_path):
+    result = audit(shadow_log(tmp_path, 0, disagree=0.0, self_mirrored=5), *around_now(), "digits")
+    assert (result.verdict, result.rows, result.self_pairs) == ("skip", 0, 5)
+    assert "5 shadow copies in this range were of requests their own version served" in result.reasons[-1]
+
+
 def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
     from vision_rollout.audit import AuditResult, with_coverage
 

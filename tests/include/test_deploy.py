@@ -29,14 +29,19 @@ def round_trips(obj: dict, kind: str) -> bool:
         (10, 10, 0, 1, 1),  # no mirror: the weight's share
         (10, 25, 0, 1, 3),  # rounded up: 2.5 pods are 3
         (100, 7, 0, 1, 7),  # 7% of 100 is 7 (binary floating point says 7.000000000000001)
-        (4, 10, 50, 1, 3),  # 10% routed + half of the other 90% mirrored: 55% of 4 pods
-        (4, 10, 100, 1, 4),  # a full mirror: every request reaches the candidate
+        (4, 10, 50, 1, 3),  # 10% routed + half of all the requests mirrored: 60% of 4 pods
+        # Istio mirrors the whole weighted route: the candidate's own share is copied to it too
+        (4, 10, 100, 1, 5),  # a full mirror: every request's copy, and its own 10% besides
+        (10, 5, 100, 1, 11),
+        (20, 25, 100, 1, 25),
+        (4, 50, 100, 1, 6),
+        (10, 50, 50, 1, 10),  # 50% routed + 50% mirrored, not 50% + 25%
         (1, 10, 0, 1, 1),  # one baseline pod: the floor
         (1, 0, 0, 1, 1),
         (10, 10, 0, 3, 3),  # the floor (build.min_replicas) when the share is smaller
         (0, 50, 0, 0, 0),  # nothing to serve, no floor: nothing
         (8, 12.5, 0, 1, 1),
-        (10, 12.5, 33.3, 1, 5),  # 0.125 + 0.333 * 0.875 = 0.4164 of 10
+        (10, 12.5, 33.3, 1, 5),  # 0.125 + 0.333 = 0.458 of 10
     ],
 )
 def test_the_candidate_is_sized_by_its_share_of_the_baselines_traffic(baseline, weight, mirror, floor, expected):

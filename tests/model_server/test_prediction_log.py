@@ -234,6 +234,60 @@ def test_a_shadow_record_of_another_input_is_no_copy_and_never_displaces_the_cop
     assert pairs.attrs["shadow_without_primary"] == 0
 
 
+def test_a_copy_of_a_request_its_own_version_served_is_no_comparison(tmp_path):
+    """Istio mirrors every request of the weighted route, those it sends to the candidate too:
+    such a copy agrees with its primary by construction. It is never paired; its items are
+    counted once as self pairs (ran or dropped), its repeats as duplicates, and the candidate's
+    own primaries are not primaries without a shadow."""
+    w = writer(tmp_path)
+    t = time.time()
+    for i in range(6):  # the baseline's, mirrored: item 0 agrees (3, 3), item 1 does not (7, 2)
+        w.append(primary(f"b-{i}", when=t))
+        w.append(shadow(f"b-{i}", when=t + 0.1))
+    w.append(primary("b-lost", when=t))  # its copy never reached the log
+    for rid in ("c-0", "c-1", "c-2", "c-twice", "c-dropped", "c-forged", "c-sampled-out"):
+        own = primary(rid, when=t, version="2")
+        w.append(own)
+        copy = own._replace(role="shadow", route="mirror", latency_ms=4.0, received_at=t + 0.1)
+        if rid == "c-twice":
+            w.append(copy)
+            w.append(copy._replace(received_at=t + 0.2))
+        elif rid == "c-dropped":
+            w.append(shadow(rid, when=t + 0.1, outcome="DROPPED"))
+        elif rid == "c-forged":  # another input under its id: no copy at all
+            w.append(copy._replace(data=np.array([b"\x89PNG-x", b"\x89PNG-y"], dtype=object)))
+        elif rid != "c-sampled-out":
+            w.append(copy)
+    w.flush()
+    pairs = shadow_pairs(read(tmp_path / "log", *window()))
+    assert sorted(set(pairs["request_id"])) == [f"b-{i}" for i in range(6)]
+    assert set(pairs["primary_version"]) == {"1"}
+    assert (pairs["primary_top1"] == pairs["shadow_top1"]).mean() == 0.5  # the true agreement
+    assert pairs.attrs["self_pairs"] == 10  # c-0, c-1, c-2, c-twice, c-dropped: two items each
+    assert pairs.attrs["duplicates"] == 2  # c-twice's second copy
+    assert pairs.attrs["shadow_dropped"] == 0  # c-dropped's copy was no comparison to lose
+    assert pairs.attrs["input_mismatch"] == 2
+    assert pairs.attrs["primary_without_shadow"] == 2  # b-lost's items; no candidate-served one
+    assert pairs.attrs["shadow_without_primary"] == 0
+
+
+def test_a_version_both_mirrored_to_itself_and_mirrored_from_counts_only_its_lost_copies(tmp_path):
+    """Version 2 both serves as a candidate (mirrored to itself) and, later in the range, as the
+    baseline of version 3's mirror: its primaries with a self copy are not without a shadow."""
+    w = writer(tmp_path)
+    t = time.time()
+    own = primary("self", when=t, version="2")
+    w.append(own)
+    w.append(own._replace(role="shadow", route="mirror", latency_ms=4.0, received_at=t + 0.1))
+    w.append(primary("to-3", when=t + 1, version="2"))
+    w.append(shadow("to-3", when=t + 1.1)._replace(version="3"))
+    w.append(primary("lost", when=t + 1, version="2"))  # v3's copy of it never reached the log
+    w.flush()
+    pairs = shadow_pairs(read(tmp_path / "log", *window()))
+    assert set(pairs["request_id"]) == {"to-3"}
+    assert (pairs.attrs["self_pairs"], pairs.attrs["primary_without_shadow"]) == (2, 2)
+
+
 def test_records_without_an_input_digest_pair_by_key_and_a_matching_copy_goes_first(tmp_path):
     w = writer(tmp_path)
     t = time.time()

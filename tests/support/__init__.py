@@ -129,11 +129,14 @@ def shadow_log(
     dropped: int = 0,
     orphans: int = 0,
     forged: int = 0,
+    self_mirrored: int = 0,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
     without a primary; the first ``forged`` requests also get a shadow record of another image,
-    disagreeing, written before their copy."""
+    disagreeing, written before their copy. Then ``self_mirrored`` requests the candidate served
+    itself, each with its copy on the candidate (Istio mirrors the whole weighted route): the
+    same answer. The first ``n`` requests are the same whatever the other counts."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -179,6 +182,11 @@ def shadow_log(
             writer.append(record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
         else:
             writer.append(record(rid, "2", "shadow", None, "DROPPED"))
+    for i in range(self_mirrored):
+        p = np.full(10, 0.01, dtype=np.float32)
+        p[i % 10] = 0.91
+        writer.append(record(f"own-{i}", "2", "primary", p[None]))
+        writer.append(record(f"own-{i}", "2", "shadow", p[None]))
     writer.flush()
     return tmp_path / "log"
 
