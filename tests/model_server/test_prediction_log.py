@@ -721,25 +721,33 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(server_factory
             assert b"li.wei" not in f.read_bytes()
 
 
+def mirroring_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2"):
+    """A model server writing its prediction log to ``tmp_path / "predictions"`` every ``flush``
+    seconds (its state in ``tmp_path / "state"``), versions 1 and 2 loaded, every request of
+    version 1 mirrored to 2."""
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(tmp_path / "predictions"),
+        "--prediction-log-flush-s",
+        flush,
+        *args,
+        token=TOKEN,
+    )
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, MIRROR_ALL).status_code == 200
+    return s
+
+
 @pytest.mark.integration
 def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_copy, tmp_path, digit_images):
     """Request ids, header names, escaped and full-width values, values echoed by a 400: none
     of them reaches the server's log, the access log or the prediction log as sent; every file
     the server writes is mode 0600."""
     log_dir, state = tmp_path / "predictions", tmp_path / "state"
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(state),
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.2",
-        "--access-log",
-        token=TOKEN,
-    )
-    s.load_versions("digits", 1, 2)
-    assert put_policy(s, MIRROR_ALL).status_code == 200
+    s = mirroring_server(server_factory, repo_copy, tmp_path, "--access-log")
     image = digit_images[0][0]
     sent = [
         {"X-Request-ID": "order-13800138000"},
@@ -781,18 +789,7 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
 @pytest.mark.integration
 def test_killed_server_leaves_only_complete_files(server_factory, repo_copy, tmp_path, digit_images):
     log_dir = tmp_path / "predictions"
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.01",
-        token=TOKEN,
-    )
-    s.load_versions("digits", 1, 2)
-    assert put_policy(s, MIRROR_ALL).status_code == 200
+    s = mirroring_server(server_factory, repo_copy, tmp_path, flush="0.01")
     for i in range(150):
         infer(s, digit_images[i % 50][0])
     s.proc.send_signal(signal.SIGKILL)  # no clean shutdown: whatever was mid-write stays mid-write
@@ -957,18 +954,7 @@ def test_a_shadow_host_request_of_another_image_is_not_paired_with_the_request_i
     """A client can send Host ...-shadow under a served request id, before the mirror's copy of
     that request: with another image it pairs with nothing, and the copy still pairs."""
     log_dir = tmp_path / "predictions"
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.2",
-        token=TOKEN,
-    )
-    s.load_versions("digits", 1, 2)
-    assert put_policy(s, MIRROR_ALL).status_code == 200
+    s = mirroring_server(server_factory, repo_copy, tmp_path)
     assert infer(s, digit_images[1][0], {"Host": "x-shadow", "X-Request-ID": "served-1"}).status_code == 200
     assert infer(s, digit_images[0][0], {"X-Request-ID": "served-1"}).status_code == 200
     start, end = NOW - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)
