@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import pyarrow.fs as pafs
+from typing import TYPE_CHECKING, Any
 
 from model_server.errors import StateNotSaved
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def write_private(path: Path, data: bytes | memoryview) -> None:
@@ -44,6 +45,8 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     On S3, ``allow_delayed_open`` unless the URI says otherwise: with it, pyarrow sends an object
     smaller than its part size as one PUT (without it, always as a multipart upload).
     """
+    import pyarrow.fs as pafs  # (numpy with it: not at a DAG file's parse)
+
     text = str(uri)
     if "://" not in text:
         return pafs.LocalFileSystem(), Path(text).resolve().as_posix()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit
 
-import pyarrow.fs as pafs
-
 from model_server.files import filesystem, write_private
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 SCHEMES = ("file", "s3", "gs", "gcs")
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "credential")
@@ -105,6 +107,8 @@ class Folder:
         if path is not None:
             names = [p.name for p in path.iterdir() if p.is_file()] if path.is_dir() else []
             return sorted(n for n in names if not n.startswith("."))  # not one being written
+        import pyarrow.fs as pafs
+
         fs, key = self._key()
         infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
