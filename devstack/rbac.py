@@ -2,22 +2,39 @@
 
 ``attributes(request)`` turns a call the fake API server recorded (``FakeKubeAPI.requests``) into
 the request attributes the API server's authorizer sees (as ``RequestInfo`` derives them from
-the method and path): verb, API group, resource, subresource, namespace, name. ``allowed(rules,
-attrs)`` is RBAC's rule match (verbs, apiGroups, resources with ``resource/subresource`` and
-``*``, resourceNames). ``unused(rules, calls)`` lists each grant (group, resource, verb) that no
-call needed: what a least-privilege Role must not hold.
+the method and path): verb, API group, resource, subresource, namespace, name. ``checks(request)``
+is every decision the authorizer is asked for one call: that one, and for a server-side apply
+that creates its object a second one, verb ``create`` (below). ``allowed(rules, attrs)`` is RBAC's
+rule match (verbs, apiGroups, resources with ``resource/subresource`` and ``*``, resourceNames).
+``unused(rules, calls)`` lists each grant (group, resource, verb) that no call needed: what a
+least-privilege Role must not hold.
+
+An apply that creates, as the real API server authorizes it (k8s.io/apiserver,
+pkg/endpoints/handlers/patch.go and pkg/registry/generic/registry/store.go): every PATCH is first
+authorized as ``patch`` (the authorization filter, from ``RequestInfo``). Only the apply patch
+types (``application/apply-patch+yaml``, and ``+cbor`` where that is served; the content type
+up to its first ``;``) may create: they set ``forceAllowCreate``, while a JSON, merge or
+strategic merge patch of a missing object is a 404. When the store finds no object to patch,
+the body (decoded, defaulted and validated for create) is checked by ``createValidation``, which
+asks the authorizer, once per request, for the same request with verb ``create`` (same group,
+resource, subresource, namespace and name) and answers 403 unless it is allowed. So an apply
+needs ``patch`` always, and ``create`` as well exactly when the object did not exist; the fake API
+server records which it was (``existed``, set where it takes the create path).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[a-z0-9.-]+)/[a-z0-9]+)(?:/namespaces/(?P<namespace>[a-z0-9-]+))?"
     r"/(?P<resource>[a-z0-9]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[a-z]+))?$"
 )
+# The patch types that create a missing object (the API server's ApplyYAMLPatchType and
+# ApplyCBORPatchType, for which its patcher sets forceAllowCreate).
+APPLY_PATCH_TYPES = ("application/apply-patch+yaml", "application/apply-patch+cbor")
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,22 @@ def attributes(request: dict[str, Any]) -> Attributes:
     }[request["method"]]
     resource = m.group("resource") + (f"/{m.group('sub')}" if m.group("sub") else "")
     return Attributes(verb, m.group("group") or "", resource, m.group("namespace") or "", name)
+
+
+def creates(request: dict[str, Any]) -> bool:
+    """Whether the call is a server-side apply that found no object, so created it (or tried to:
+    the create check comes before admission, quota included): the recorded ``existed`` is False.
+    A call the server refused before it looked for the object has no ``existed``."""
+    content_type = request.get("content_type", "").partition(";")[0]  # as the server cuts "; charset=..."
+    return request["method"] == "PATCH" and content_type in APPLY_PATCH_TYPES and request.get("existed") is False
+
+
+def checks(request: dict[str, Any]) -> list[Attributes]:
+    """Each authorization decision the API server makes for one recorded call, in its order: the
+    call's own attributes, then, for an apply that creates its object, the same with verb
+    ``create``. The call is allowed when every one of them is."""
+    attrs = attributes(request)
+    return [attrs, replace(attrs, verb="create")] if creates(request) else [attrs]
 
 
 def _grants(rule: dict[str, Any]) -> set[tuple[str, str, str]]:

@@ -349,9 +349,10 @@ class FakeKubeAPI:
     """The API server on 127.0.0.1 (a free port): ``start()``, ``url``, ``stop()``.
 
     ``objects`` maps ``(plural, namespace, name)`` to the stored object and ``requests`` logs
-    every call (method, path, query, content type, status, and ``user``: whose bearer token it
-    carried, as ``kubeconfig`` issues them; None without one), for tests to assert on writes and
-    on what each user did (``devstack.rbac``). The
+    every call (method, path, query, content type, status, ``user``: whose bearer token it
+    carried, as ``kubeconfig`` issues them, None without one; and for an apply that reached the
+    store, ``existed``: whether it patched an object or created one), for tests to assert on
+    writes and on what each user did (``devstack.rbac``). The
     pod runner uses the Python side (``get``, ``list``, ``create``, ``set_status``, ``remove``)
     under the same lock as the HTTP handlers.
     """
@@ -511,8 +512,19 @@ class FakeKubeAPI:
                 del self.objects[(plural, namespace, name)]
             return copy.deepcopy(obj)
 
-    def apply(self, plural: str, namespace: str, name: str, body: dict[str, Any], manager: str) -> tuple[int, Any]:
-        """Server-side apply of a whole object by one field manager: (201 or 200, the object)."""
+    def apply(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        body: dict[str, Any],
+        manager: str,
+        record: dict[str, Any] | None = None,
+    ) -> tuple[int, Any]:
+        """Server-side apply of a whole object by one field manager: (201 or 200, the object).
+        ``record`` (the call's entry in ``requests``) gets ``existed``: whether there was an
+        object to patch, set where the real server asks its authorizer for ``create`` when there
+        was none (after the body's validation, before its quota: ``devstack.rbac.checks``)."""
         resource = RESOURCES[plural]
         if not resource.apply:
             raise APIError(405, "MethodNotAllowed", f"apply is not supported for {plural} here")
@@ -535,6 +547,8 @@ class FakeKubeAPI:
                     "Conflict",
                     "the object has been modified; please apply your changes to the latest version and try again",
                 )
+            if record is not None:
+                record["existed"] = live is not None
             if live is None and len(self.objects) >= MAX_OBJECTS:
                 raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
             obj = _applied(live, body, name, namespace)
@@ -840,7 +854,7 @@ class FakeKubeAPI:
                     raise APIError(400, "BadRequest", f"error decoding YAML: {exc}") from None
                 if not isinstance(body, dict):
                     raise APIError(400, "BadRequest", "the body must be an object")
-                return api.apply(plural, namespace, name, body, query["fieldManager"][0])
+                return api.apply(plural, namespace, name, body, query["fieldManager"][0], record=self.record)
 
             def _delete(
                 self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]

@@ -370,7 +370,7 @@ def test_the_build_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context
     # The operator labelled the failed pod already_checked (a retry must not reattach to it), with
     # a call the workers' Role in deploy/ allows (the cluster e2e counts on this test for it).
     assert pod.metadata.labels["already_checked"] == "True"
-    calls = [rbac.attributes(r) for r in api.requests if r["user"] == WORKER_USER]
+    calls = [c for r in api.requests if r["user"] == WORKER_USER for c in rbac.checks(r)]
     patch = rbac.Attributes("patch", "", "pods", "ml-builds", names[0])
     assert patch in calls
     rules = rbac.bound_rules(manifests.render("local-cluster"), WORKER_USER)["ml-builds"]

@@ -1,16 +1,26 @@
-"""RBAC as the API server evaluates it: the request attributes of a recorded call, the rule match,
-the grants no call needed, and the Roles deploy/ binds to the Airflow workers."""
+"""RBAC as the API server evaluates it: the request attributes of a recorded call, the second
+check of an apply that creates its object, the rule match, the grants no call needed, and the
+Roles deploy/ binds to the Airflow workers, against what a rollout calls."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 from devstack import manifests, rbac
-from devstack.cluster.kube import WORKER_USER
+from devstack.cluster.kube import WORKER_USER, FakeKubeAPI
+
+APPLY = "application/apply-patch+yaml"
 
 
 def call(method: str, path: str, **query: str) -> rbac.Attributes:
     return rbac.attributes({"method": method, "path": path, "query": {k: [v] for k, v in query.items()}})
+
+
+def record(method: str, path: str, content_type: str = "", **seen: Any) -> dict[str, Any]:
+    """A call as the fake API server records it (``seen``: what it adds, ``existed`` for an apply)."""
+    return {"method": method, "path": path, "query": {}, "content_type": content_type, **seen}
 
 
 @pytest.mark.parametrize(
@@ -78,3 +88,99 @@ def test_the_workers_roles_in_deploy():
     assert not rbac.allowed(rules["ml"], call("GET", "/api/v1/namespaces/ml/secrets/model-server-admin"))
     assert not rbac.allowed(rules["ml-builds"], call("PATCH", "/apis/apps/v1/namespaces/ml-builds/deployments/x"))
     assert rbac.bound_rules(manifests.render("production"), "system:serviceaccount:airflow:someone-else") == {}
+
+
+DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/digits-v2"
+
+
+def test_an_apply_that_creates_its_object_is_checked_for_create_as_well():
+    """As the API server's patch handler: every PATCH is authorized as patch; an apply (and only
+    an apply: the other patch types never create) that finds no object is also authorized as
+    create, with the same resource and name, before the object is created."""
+    patch = rbac.Attributes("patch", "apps", "deployments", "ml", "digits-v2")
+    create = rbac.Attributes("create", "apps", "deployments", "ml", "digits-v2")
+    assert rbac.checks(record("PATCH", DEPLOYMENT, APPLY, existed=False)) == [patch, create]
+    assert rbac.checks(record("PATCH", DEPLOYMENT, APPLY, existed=True)) == [patch]
+    assert rbac.checks(record("PATCH", DEPLOYMENT, f"{APPLY}; charset=utf-8", existed=False)) == [patch, create]
+    assert rbac.checks(record("PATCH", DEPLOYMENT, "application/apply-patch+cbor", existed=False)) == [patch, create]
+    assert rbac.checks(record("PATCH", DEPLOYMENT, APPLY)) == [patch]  # refused before the store looked
+    for other in (
+        "application/merge-patch+json",
+        "application/strategic-merge-patch+json",
+        "application/json-patch+json",
+    ):
+        assert rbac.checks(record("PATCH", DEPLOYMENT, other, existed=False)) == [patch]  # a 404, never a create
+    scale = record("PATCH", f"{DEPLOYMENT}/scale", APPLY, existed=False)
+    assert rbac.checks(scale)[1] == rbac.Attributes("create", "apps", "deployments/scale", "ml", "digits-v2")
+    assert rbac.checks(record("GET", DEPLOYMENT)) == [rbac.Attributes("get", "apps", "deployments", "ml", "digits-v2")]
+
+
+def test_patch_alone_applies_to_an_existing_object_and_refuses_a_new_one():
+    """Through the fake API server and the kubernetes client: the first apply of a Deployment
+    created it, the second patched it; with patch alone only the second is allowed."""
+    from kubernetes import client, config
+
+    from vision_rollout.deploy import render_deployment
+    from vision_rollout.mesh import IstioTarget
+
+    api = FakeKubeAPI().start()
+    try:
+        apps = client.AppsV1Api(config.new_client_from_config_dict(api.kubeconfig("ml")))
+        body = render_deployment(IstioTarget("ml", "digits", "digits"), "digits", "2", "img:2", 1)
+        for _ in range(2):
+            apps.patch_namespaced_deployment("digits-v2", "ml", body, field_manager="t", _content_type=APPLY)
+    finally:
+        api.stop()
+    first, second = (r for r in api.requests if r["method"] == "PATCH")
+    assert (first["status"], first["existed"], second["status"], second["existed"]) == (201, False, 200, True)
+    patch_only = [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["patch"]}]
+    assert [rbac.allowed(patch_only, c) for c in rbac.checks(first)] == [True, False]
+    assert [rbac.allowed(patch_only, c) for c in rbac.checks(second)] == [True]
+    with_create = [{**patch_only[0], "verbs": ["create", "patch"]}]
+    assert all(rbac.allowed(with_create, c) for c in rbac.checks(first))
+    assert rbac.unused(with_create, rbac.checks(second)) == [("apps", "deployments", "create")]
+
+
+def test_the_workers_roles_allow_a_rollouts_calls_creating_the_candidates_deployment(tmp_path):
+    """deploy/ installed (its production overlay, as kubectl apply --server-side would), then what
+    a rollout does with the workers' credentials: the Lease, the mesh read and reconciled, the
+    candidate's Deployment applied into being, the weights, the baseline retired, the Lease
+    released. Every authorization decision those calls need, the create of the candidate's
+    Deployment included, is allowed by the Roles deploy/ binds to the workers."""
+    from kubernetes import client, config
+
+    from devstack.cluster.install import apply_object
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.locks import LeaseLock
+    from vision_rollout.mesh import IstioRouter, IstioTarget
+
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        objects = manifests.render("production")
+        for obj in objects:
+            apply_object(client.ApiClient(cfg), obj)
+        worker = config.new_client_from_config_dict(api.kubeconfig("ml"))
+        target = IstioTarget("ml", "digits", "digits")
+        lock = LeaseLock("digits", "ml", worker, key="digits")
+        lock.acquire("run-1")
+        router = IstioRouter(target, ["1", "2"], api_client=worker)
+        router.get_routes()
+        router.reconcile()
+        deployments = VersionDeployments(target, "digits", worker)
+        deployments.apply("2", "registry.example.com/ml/model-server:digits-2", 1, like="1")
+        router.set_routes(
+            TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]})
+        )
+        router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]}))
+        deployments.scale_to_zero("1")
+        lock.release("run-1")
+    finally:
+        api.stop()
+    calls = [c for r in api.requests if r["user"] == WORKER_USER for c in rbac.checks(r)]
+    assert rbac.Attributes("create", "apps", "deployments", "ml", "digits-v2") in calls  # applied into being
+    assert rbac.Attributes("create", "apps", "deployments", "ml", "digits-v1") not in calls  # patched
+    rules = rbac.bound_rules(objects, WORKER_USER)
+    assert sorted({str(c) for c in calls if not rbac.allowed(rules.get(c.namespace, []), c)}) == []
