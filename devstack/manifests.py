@@ -36,13 +36,15 @@ import yaml
 
 from devstack.processes import ROOT
 
-__all__ = ["DEPLOY", "ROOT", "ManifestError", "problems", "render", "scrape_job"]
+__all__ = ["DEPLOY", "ROOT", "ManifestError", "airflow_user", "helm_values", "problems", "render", "scrape_job"]
 
 K8S_VERSION = "1.33.0"  # the Kubernetes version deploy/ is validated against
 DEPLOY = ROOT / "deploy"
 NODE_DIR = ROOT / "devstack" / "node"
 ISTIO_CRDS = DEPLOY / "istio" / "crds.yaml"
 OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+HELM_VALUES = DEPLOY / "helm" / "values.yaml"
+AIRFLOW_NAMESPACE = "airflow"  # the Airflow release's namespace (README, "Deploy to a cluster")
 
 
 class ManifestError(ValueError):
@@ -64,6 +66,19 @@ def render(overlay: str | Path) -> list[dict[str, Any]]:
     if done.returncode != 0:
         raise ManifestError(f"kubectl kustomize {folder}: {done.stderr.strip()[:2000]}")
     return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+
+
+def helm_values() -> dict[str, Any]:
+    """deploy/helm/values.yaml: the official Airflow chart's values the README installs it with."""
+    values: dict[str, Any] = yaml.safe_load(HELM_VALUES.read_text())
+    return values
+
+
+def airflow_user(section: str) -> str:
+    """The user the API server sees for an Airflow component the chart runs (its values' section:
+    ``workers``, ``triggerer``, ``dagProcessor``): the ServiceAccount the values name for it."""
+    account = helm_values()[section]["serviceAccount"]["name"]
+    return f"system:serviceaccount:{AIRFLOW_NAMESPACE}:{account}"
 
 
 def scrape_job(file_sd: Path, interval_s: float) -> dict[str, Any]:

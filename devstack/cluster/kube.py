@@ -10,7 +10,8 @@ bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
 
 Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list),
 core/v1 Secret and Service (apply, get, list), Pod (create, get, list, patch of labels and
-annotations, delete, log with ``follow``), Event (list: always empty, nothing records events).
+annotations, delete, log with ``follow``), Event (list and watch: always empty, nothing records
+events).
 
 Without a kubelet (``FakeKubeAPI(kubelet=False)``, the unit tests) a Deployment reports its
 pods ready as soon as it is applied and a deleted Pod is gone at once. With one
@@ -759,6 +760,9 @@ class FakeKubeAPI:
                     return None
                 if plural == "leases":
                     return self._lease("GET")
+                if name is None and plural == "events" and query.get("watch", ["false"])[0] in GO_TRUE:
+                    self._watch_nothing(query)
+                    return None
                 if name is None:
                     try:
                         items = api.list(
@@ -782,6 +786,21 @@ class FakeKubeAPI:
                 if obj is None:
                     raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
                 return 200, obj
+
+            def _watch_nothing(self, query: dict[str, list[str]]) -> None:
+                """A watch of events (KubernetesPodTrigger's, while its pod starts): nothing records
+                events here, so the stream carries none and ends after its ``timeoutSeconds`` (at
+                most a minute) or when the server stops, as a real watch ends."""
+                value = query.get("timeoutSeconds", [""])[0]
+                if value and (not value.isdigit() or len(value) > 12):
+                    raise APIError(
+                        400, "BadRequest", f"invalid timeoutSeconds {value!r}: must be a non-negative integer"
+                    )
+                self.record["status"] = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+                api.stopping.wait(min(int(value) if value else 60, 60))
 
             def _log(self, namespace: str, name: str, query: dict[str, list[str]]) -> None:
                 flags = {}

@@ -17,6 +17,7 @@ import yaml
 
 from devstack import manifests, rbac
 from devstack.cluster.cluster import BOOTSTRAP_TAG
+from devstack.cluster.kube import WORKER_USER
 from devstack.processes import start_prometheus
 from model_server.traffic import TrafficPolicy
 from vision_rollout.deploy import ADMIN_PORT, render_deployment, render_service
@@ -151,7 +152,8 @@ def test_the_service_and_the_mesh_are_the_rollouts_own_rendering(rendered):
     ]
 
 
-def test_the_autoscaling_component_renders_and_validates(tmp_path):
+def with_autoscaling(tmp_path) -> list[dict[str, Any]]:
+    """The production overlay with the autoscaling component, as a user adds it."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     production, component = (
@@ -161,7 +163,11 @@ def test_the_autoscaling_component_renders_and_validates(tmp_path):
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         f"resources: [{production}]\ncomponents: [{component}]\n"
     )
-    objects = manifests.render(overlay)
+    return manifests.render(overlay)
+
+
+def test_the_autoscaling_component_renders_and_validates(tmp_path):
+    objects = with_autoscaling(tmp_path)
     assert one(objects, "Role", "model-rollout-autoscaling")["rules"][0]["resources"] == ["horizontalpodautoscalers"]
     assert manifests.problems(objects) == []
 
@@ -243,6 +249,105 @@ def test_the_helm_values_name_the_roles_account_and_every_connection():
     assert {s["envName"] for s in values["secret"]} == {f"AIRFLOW_CONN_{c.upper()}" for c in connections}
     assert all(s["secretName"] and s["secretKey"] for s in values["secret"])
     assert values["airflowVersion"] == values["defaultAirflowTag"] == "3.3.2"
+
+
+APPLY = "application/apply-patch+yaml"
+ML, BUILDS = "/apis/{}/namespaces/ml/{}", "/api/v1/namespaces/ml-builds/{}"
+
+
+def request(method: str, path: str, content_type: str = "", **seen: Any) -> dict[str, Any]:
+    """A call as the fake API server records it (an apply with ``existed``)."""
+    query = {"watch": ["true"]} if seen.pop("watch", False) else {}
+    return {"method": method, "path": path, "query": query, "content_type": content_type, **seen}
+
+
+# The calls each Airflow component's part of a rollout makes, in the namespaces it makes them in
+# (the workers' are also checked, both ways, against every call of the cluster end-to-end tests).
+# What a teardown calls, the tasks too: the mesh's objects read and applied (they exist: deploy/
+# installs them), the Lease renewed and released, a version's Deployment read and scaled.
+TEARDOWN = [
+    request("GET", ML.format("networking.istio.io/v1", "virtualservices/digits")),
+    request("PATCH", ML.format("networking.istio.io/v1", "virtualservices/digits"), APPLY, existed=True),
+    request("GET", ML.format("networking.istio.io/v1", "destinationrules/digits")),
+    request("PATCH", ML.format("networking.istio.io/v1", "destinationrules/digits"), APPLY, existed=True),
+    request("GET", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
+    request("PUT", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
+    request("DELETE", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
+    request("GET", ML.format("apps/v1", "deployments/digits-v1")),
+    request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
+]
+CALLS = {
+    # The tasks: the Lease taken, the candidate's Deployment applied into being (patch and create),
+    # the build pod created, followed, labelled when it failed, deleted; under autoscaling each
+    # version's HPA applied into being and its scale set.
+    "workers": [
+        *TEARDOWN,
+        request("POST", ML.format("coordination.k8s.io/v1", "leases")),
+        request("PATCH", ML.format("apps/v1", "deployments/digits-v2"), APPLY, existed=False),
+        request("POST", BUILDS.format("pods")),
+        request("GET", BUILDS.format("pods")),  # found by its labels
+        request("GET", BUILDS.format("pods/build-digits-2")),
+        request("GET", BUILDS.format("pods/build-digits-2/log")),
+        request("GET", BUILDS.format("events")),
+        request("PATCH", BUILDS.format("pods/build-digits-2"), "application/strategic-merge-patch+json"),
+        request("DELETE", BUILDS.format("pods/build-digits-2")),
+    ],
+    "workers+autoscaling": [
+        request("PATCH", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v2"), APPLY, existed=False),
+        request("PATCH", ML.format("apps/v1", "deployments/digits-v2/scale"), "application/strategic-merge-patch+json"),
+    ],
+    # KubernetesPodTrigger (the deferred build, in the triggerer): the pod read until it ends, its
+    # events watched while it starts, the pod deleted when a user kills the task (test_pods.py
+    # runs it so, with the triggerer's credentials).
+    "triggerer": [
+        request("GET", BUILDS.format("pods/build-digits-2")),
+        request("GET", BUILDS.format("events"), watch=True),
+        request("DELETE", BUILDS.format("pods/build-digits-2")),
+    ],
+    # The DAG's on_failure_callback (in the DAG processor): a teardown's routes and Lease, a
+    # retired baseline scaled back first; under autoscaling, the baseline's HPA applied (into
+    # being: a retired version has none) and its scale set.
+    "dagProcessor": TEARDOWN,
+    "dagProcessor+autoscaling": [
+        request("PATCH", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1"), APPLY, existed=False),
+        request("PATCH", ML.format("apps/v1", "deployments/digits-v1/scale"), "application/strategic-merge-patch+json"),
+    ],
+}
+NAMESPACES = {"workers": {"ml", "ml-builds"}, "triggerer": {"ml-builds"}, "dagProcessor": {"ml"}}
+
+
+@pytest.mark.parametrize("section", sorted(NAMESPACES))
+def test_each_airflow_component_that_calls_the_api_is_bound_to_what_it_calls(tmp_path, section):
+    """The workers run the rollout's tasks, the triggerer polls the deferred image build's pod
+    (KubernetesPodTrigger, in-cluster: as the triggerer's own ServiceAccount), and Airflow 3 runs
+    the DAG's on_failure_callback in the DAG processor: each as the ServiceAccount the Helm values
+    give it, which deploy/'s Roles must allow every call of its part (each decision the API server
+    makes: an apply that creates needs create too), with and without autoscaling, and bind in
+    no other namespace."""
+    user = manifests.airflow_user(section)
+    for objects, calls in (
+        (manifests.render("production"), CALLS[section]),
+        (with_autoscaling(tmp_path), CALLS[section] + CALLS.get(f"{section}+autoscaling", [])),
+    ):
+        rules = rbac.bound_rules(objects, user)
+        assert set(rules) == NAMESPACES[section]
+        needed = [c for r in calls for c in rbac.checks(r)]
+        assert sorted({str(c) for c in needed if not rbac.allowed(rules.get(c.namespace, []), c)}) == []
+
+
+def test_the_components_service_accounts_are_their_own():
+    """One ServiceAccount per component, the workers' the one the one-machine cluster's API server
+    issues the workers' token for: the triggerer holds exactly its part (it creates no build pod
+    and has nothing in the models' namespace), the DAG processor nothing in the builds'."""
+    users = {section: manifests.airflow_user(section) for section in NAMESPACES}
+    assert len(set(users.values())) == len(users)
+    assert users["workers"] == WORKER_USER
+    objects = manifests.render("production")
+    triggerer = rbac.bound_rules(objects, users["triggerer"])["ml-builds"]
+    assert not rbac.allowed(triggerer, rbac.attributes(request("POST", BUILDS.format("pods"))))
+    assert rbac.unused(triggerer, [c for r in CALLS["triggerer"] for c in rbac.checks(r)]) == []
+    assert set(rbac.bound_rules(objects, users["triggerer"])) == {"ml-builds"}
+    assert set(rbac.bound_rules(objects, users["dagProcessor"])) == {"ml"}
 
 
 def test_deploy_check_names_each_problem_of_a_users_overlay(tmp_path, capsys):

@@ -273,7 +273,11 @@ def run_build(
 
 @pytest.fixture
 def push_secret(cluster):
-    _api, _, api_client = cluster
+    return apply_push_secret(cluster[2])
+
+
+def apply_push_secret(api_client: client.ApiClient) -> str:
+    """The build pods' registry credentials, Secret registry-push in ml-builds (its config)."""
     config = json.dumps({"auths": {"registry.example.com": {"auth": "dXNlcjpwYXNz"}}})
     client.CoreV1Api(api_client).patch_namespaced_secret(
         "registry-push",
@@ -375,6 +379,116 @@ def test_the_build_pod_fails_on_a_wrong_sha256_saying_why(cluster, build_context
     assert patch in calls
     rules = rbac.bound_rules(manifests.render("local-cluster"), WORKER_USER)["ml-builds"]
     assert [str(c) for c in calls if not rbac.allowed(rules, c)] == []
+
+
+def test_a_deferred_build_is_followed_by_the_triggerer_with_its_own_credentials(cluster, build_context, monkeypatch):
+    """deploy/helm/values.yaml makes the pod operator defer (default_deferrable): a worker creates
+    the build pod and defers; KubernetesPodTrigger follows it in the triggerer, in-cluster, so with
+    the triggerer's ServiceAccount (here its token, in place of the worker's in the trigger's
+    connection): it reads the pod, and watches its events while it waits (here for its registry
+    Secret, made once the watch is seen); the worker resumes, reads the log and deletes the pod. A
+    user's kill of a deferred build has the triggerer delete the pod. Each side's calls are allowed
+    by what deploy/ binds to its ServiceAccount, and the triggerer's Role holds nothing its calls
+    did not need."""
+    import asyncio
+
+    from airflow.providers.cncf.kubernetes.triggers.pod import KubernetesPodTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from rollout_airflow.operators import ImageBuild
+    from vision_rollout.images import build_pod
+
+    api, runner, api_client = cluster
+    runner.pushed.clear()
+    runner.images = {}
+    triggerer = manifests.airflow_user("triggerer")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(api.kubeconfig("ml-builds"))}}),
+    )
+    pod = build_pod(
+        "build-digits-2-deferred",
+        "ml-builds",
+        f"dir://{build_context}",
+        IMAGE,
+        "models/digits/2/model.onnx",
+        sha256_of(build_context),
+        builder_image=BUILDKIT_IMAGE,
+        docker_config_secret="registry-push",
+        service_account="image-builder",
+    )
+    plan = {"build": {"pod": pod, "name": "build-digits-2-deferred", "namespace": "ml-builds", "image": IMAGE}}
+    operator = ImageBuild(
+        task_id="buildkit_build",
+        plan=plan,
+        deferrable=True,
+        startup_timeout_seconds=60,
+        startup_check_interval_seconds=1,
+        poll_interval=1,
+    )
+    ti = SimpleNamespace(dag_id="model_rollout", task_id="buildkit_build", map_index=-1, try_number=1, xcom={})
+    ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
+    run_dir = build_context.parent / "run"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": {"run_dir": str(run_dir)}})
+    )
+    FileLock("digits", run_dir / "locks").acquire("manual__1")
+    context = {
+        "ti": ti,
+        "params": {"model": "digits", "mesh": "local"},
+        "run_id": "manual__1",
+        "dag": SimpleNamespace(dag_id="model_rollout"),
+    }
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, KubernetesPodTrigger)
+    as_triggerer = {"kube_config": json.dumps(api.kubeconfig("ml-builds", user=triggerer))}
+    trigger.connection_extras = as_triggerer  # in-cluster: the triggerer pod's own token
+
+    def watched() -> bool:
+        return any(r["user"] == triggerer and r["path"].endswith("/events") for r in api.requests)
+
+    async def first_event() -> Any:
+        async def secret_once_watched() -> None:
+            while not watched():
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(apply_push_secret, api_client)
+
+        made = asyncio.create_task(secret_once_watched())
+        try:
+            async for event in trigger.run():
+                return event
+            return None
+        finally:
+            made.cancel()
+
+    event = asyncio.run(asyncio.wait_for(first_event(), 120))
+    assert event.payload["status"] == "success", event.payload
+    operator.trigger_reentry(context, event.payload)
+    assert runner.resolve(IMAGE) is not None  # built and pushed
+    name = ti.xcom["pod_name"]
+    wait_for("the succeeded pod deleted", lambda: api.get("pods", "ml-builds", name) is None)
+    # A user kills a deferred build: the triggerer deletes its pod (here gone already: the call counts).
+    _classpath, kwargs = trigger.serialize()
+    asyncio.run(KubernetesPodTrigger(**kwargs).on_kill())
+
+    objects = manifests.render("local-cluster")
+    by = {
+        user: [c for r in api.requests if r["user"] == user for c in rbac.checks(r)]
+        for user in (WORKER_USER, triggerer)
+    }
+    assert {str(c) for c in by[triggerer]} == {
+        "get core/pods in ml-builds",
+        "watch core/events in ml-builds",
+        "delete core/pods in ml-builds",
+    }
+    for user, calls in by.items():
+        rules = rbac.bound_rules(objects, user)["ml-builds"]
+        assert [str(c) for c in calls if not rbac.allowed(rules, c)] == [], user
+    triggerers = rbac.bound_rules(objects, triggerer)
+    assert set(triggerers) == {"ml-builds"}
+    assert rbac.unused(triggerers["ml-builds"], by[triggerer]) == []
 
 
 def test_a_build_of_an_s3_context_the_store_lacks_fails_naming_it(cluster, build_context, push_secret, monkeypatch):

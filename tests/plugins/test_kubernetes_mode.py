@@ -81,8 +81,8 @@ def stable_virtual_service(kube: FakeKubeAPI, params: dict, serving: str = "1") 
     }
 
 
-def routes(kube: FakeKubeAPI, name: str = "digits") -> list[tuple[str, int]]:
-    http = kube.objects[("virtualservices", "models", name)]["spec"]["http"][-1]["route"]
+def routes(kube: FakeKubeAPI, name: str = "digits", namespace: str = "models") -> list[tuple[str, int]]:
+    http = kube.objects[("virtualservices", namespace, name)]["spec"]["http"][-1]["route"]
     return [(r["destination"]["subset"], r.get("weight", 100)) for r in http]
 
 
@@ -754,3 +754,47 @@ def test_a_run_failing_in_its_last_stage_at_100_percent_is_rolled_back_not_kept(
         steps.ensure_stable(PARAMS, "run-1", None, None, None)
     assert routes(kube) == [("v1", 100)]
     assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+def test_the_failure_callback_calls_only_what_the_dag_processors_roles_allow(kube, monkeypatch, tmp_path):
+    """Airflow 3 runs the DAG's on_failure_callback in the DAG processor, whose kubernetes_default
+    is in-cluster: its calls carry the DAG processor's own ServiceAccount (deploy/helm/values.yaml),
+    not the workers'. A run that failed mid-stage is restored by the callback with calls that the
+    Roles deploy/ binds to that ServiceAccount allow."""
+    from devstack import manifests, rbac
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_virtual_service
+
+    def as_user(user: str) -> None:
+        kubeconfig = json.dumps(kube.kubeconfig("ml", user=user))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+            json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig, "namespace": "ml"}}),
+        )
+
+    connect(monkeypatch, tmp_path, extra={"istio": {**ISTIO, "namespace": "ml"}})  # deploy/'s namespace
+    as_user(manifests.airflow_user("workers"))
+    deployments = steps.ModelServerHook().deployments("digits")
+    for version in ("1", "2"):
+        deployments.apply(version, image(version))
+    target = steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target
+    mid_stage = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    vs = render_virtual_service(target, mid_stage, ["1", "2"])
+    kube.objects[("virtualservices", "ml", "digits")] = {**vs, "metadata": {**vs["metadata"], "resourceVersion": "3"}}
+    take("run-1")
+    processor = manifests.airflow_user("dagProcessor")
+    as_user(processor)
+    since = len(kube.requests)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube, namespace="ml") == [("v1", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None  # the Lease released
+    made = [r for r in kube.requests[since:] if r["user"] == processor]
+    assert {(r["method"], r["path"].split("/")[-2]) for r in made} >= {
+        ("PUT", "leases"),
+        ("GET", "virtualservices"),
+        ("PATCH", "virtualservices"),
+        ("GET", "deployments"),
+    }
+    rules = rbac.bound_rules(manifests.render("production"), processor)
+    refused = {str(c) for r in made for c in rbac.checks(r) if not rbac.allowed(rules.get(c.namespace, []), c)}
+    assert refused == set()
