@@ -22,7 +22,7 @@ from model_server.config import ModelConfig, version_number
 from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
 from model_server.feedback import FeedbackStore, LabelRules
 from model_server.model import LoadedVersion
-from model_server.predictionlog import Inference, Label, PredictionLog
+from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
     MAX_JSON_BYTES,
     InferRequest,
@@ -352,7 +352,7 @@ class DataPlane:
                     vm.routed(decided)
                     if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
                         self.feedback_store.record(
-                            rid, model, served, scores.argmax(axis=1).tolist(), ctx.headers.get("x-tenant")
+                            rid, model, served, predicted_classes(scores).tolist(), ctx.headers.get("x-tenant")
                         )
                 if logged:
                     self._log(ctx, model, role, decided, served, ms, "ok", scores, decoded, batched, len(body))

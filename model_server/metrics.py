@@ -166,6 +166,11 @@ PREDICTION_LOG_RECORDS = Counter(
     "usable key for the tenant; error: the write failed)",
     ("outcome",),
 )
+PREDICTION_LOG_NOT_FINITE = Counter(
+    "prediction_log_not_finite_total",
+    "Prediction log rows whose output was no finite distribution (NaN or Inf: a client's NaN or "
+    "Inf input, or a model's overflow): written without a prediction, left out of the statistics",
+)
 PREDICTION_LOG_FILES = Counter("prediction_log_files_total", "Prediction log Parquet files written")
 PREDICTION_LOG_FLUSH_SECONDS = Gauge(
     "prediction_log_flush_seconds",

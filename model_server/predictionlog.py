@@ -68,6 +68,8 @@ SCHEMA = pa.schema(
         ("item", pa.int32()),
         ("latency_ms", pa.float64()),
         ("outcome", pa.string()),  # ok | INVALID_INPUT | BACKEND | OOM | REJECTED | CANCELED | FAULT | DROPPED
+        # An answer (outcome ok) whose output row is no finite distribution (a NaN or Inf input's
+        # NaN) has no top-1, top-k or probs; its top1_prob is NaN (null: no output at all).
         ("top1", pa.int32()),
         ("top1_prob", pa.float32()),
         ("topk_index", pa.list_(pa.int32())),
@@ -140,6 +142,7 @@ PAIR_COLUMNS = [
     "primary_latency_ms",
     "shadow_latency_ms",
     "shadow_error",
+    "shadow_finite",
     "user_id",
     "device_type",
     "tenant",
@@ -218,16 +221,36 @@ def _is_distribution(rows: np.ndarray) -> np.ndarray:
 
 
 def output_probabilities(rows: np.ndarray) -> np.ndarray:
-    """Rows as they are when each is a probability distribution, else their softmax (logits)."""
+    """Rows as they are when each is a probability distribution, else their softmax (logits).
+    A row with a NaN, a +Inf or nothing but -Inf has no softmax: its row here holds a NaN (see
+    ``finite_rows``)."""
     rows = rows.astype(np.float32, copy=False)
     ok = _is_distribution(rows)
     if ok.all():
         return rows
     out = rows.copy()
-    z = rows[~ok] - rows[~ok].max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out[~ok] = e / e.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # inf - inf: the NaN that marks the row
+        z = rows[~ok] - rows[~ok].max(axis=1, keepdims=True)
+        e = np.exp(z)
+        out[~ok] = e / e.sum(axis=1, keepdims=True)
     return out
+
+
+def finite_rows(probs: np.ndarray) -> np.ndarray:
+    """Which rows of ``output_probabilities`` are a distribution (every value finite). The
+    others are no prediction: a client may send NaN or Inf in a float tensor (the binary tensor
+    extension carries any bit pattern; Triton runs it, as this server does), and the model's
+    answer to it is NaN; neither is a class."""
+    return np.isfinite(probs).all(axis=1)
+
+
+def predicted_classes(scores: np.ndarray) -> np.ndarray:
+    """The top-1 class of each row of a classifier's [batch, classes] output, as the log writes
+    it (the first of the highest probabilities); -1 where the row is no distribution."""
+    probs = output_probabilities(np.asarray(scores).reshape(len(scores), -1))
+    if probs.shape[1] == 0:
+        return np.full(len(probs), -1, np.int64)
+    return np.where(finite_rows(probs), probs.argmax(axis=1), -1)
 
 
 # The masked request metadata repeats per user and device: read as categoricals, they take a
@@ -474,6 +497,7 @@ class PredictionLog:
         top1_prob = np.zeros(rows, np.float32)
         k_of = np.zeros(rows, np.int32)
         full_of = np.zeros(rows, np.int32)
+        not_finite = np.zeros(rows, bool)
         groups: dict[int, list[int]] = {}
         for i, o in enumerate(outputs):
             if o is not None:
@@ -485,6 +509,10 @@ class PredictionLog:
             probs = output_probabilities(np.concatenate(blocks) if len(blocks) > 1 else blocks[0])  # type: ignore[arg-type]
             c = counts[m]
             at = np.repeat(starts[m], c) + _within(c)
+            finite = finite_rows(probs)
+            if not finite.all():  # no prediction: kept, marked (no top-1, a NaN top-1 probability)
+                not_finite[at[~finite]] = True
+                at, probs = at[finite], probs[finite]
             k = min(self.topk, classes)
             order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             best = np.take_along_axis(probs, order, axis=1)
@@ -495,6 +523,9 @@ class PredictionLog:
             if keep_full:
                 full_of[at] = classes
             computed.append((at, order, best, probs if keep_full else None))
+        if not_finite.any():
+            top1_prob[not_finite] = np.nan
+            metrics.PREDICTION_LOG_NOT_FINITE.inc(int(not_finite.sum()))
         absent = k_of == 0
         topk_off, full_off = _offsets(k_of), _offsets(full_of)
         topk_index = np.empty(topk_off[-1], np.int32)
@@ -508,7 +539,7 @@ class PredictionLog:
                 full[full_off[at][:, None] + np.arange(kept.shape[1])] = kept
         return {
             "top1": pa.array(top1, mask=absent),
-            "top1_prob": pa.array(top1_prob, mask=absent),
+            "top1_prob": pa.array(top1_prob, mask=absent & ~not_finite),
             "topk_index": pa.ListArray.from_arrays(topk_off, topk_index, mask=pa.array(absent)),
             "topk_prob": pa.ListArray.from_arrays(topk_off, topk_prob, mask=pa.array(absent)),
             "probs": pa.ListArray.from_arrays(full_off, full, mask=pa.array(full_of == 0)),
@@ -1008,6 +1039,13 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     in-process mirror dropped: queue full or no idle time), ``primary_failed`` (pairs whose
     primary failed), ``duplicates``, ``input_mismatch`` and ``self_pairs``.
 
+    An answer whose output was no finite distribution (a client's NaN or Inf input runs, as in
+    Triton, and its output is NaN; see ``finite_rows``) is no prediction: a pair whose primary
+    answered so is no comparison, left out and counted in ``primary_not_finite``; a pair whose
+    shadow alone answered so is kept with ``shadow_finite`` False (no shadow top-1 or vector:
+    the candidate gave no answer where the primary gave one), counted in ``shadow_not_finite``.
+    ``shadow_finite`` is True otherwise (a failed shadow's too: ``shadow_error`` tells it).
+
     A copy of a request that the mirror's own version served is no comparison: Istio mirrors
     every request of a route, whichever weighted subset served it, so at a canary weight the
     candidate also gets copies of its own primaries, and such a pair agrees by construction
@@ -1079,6 +1117,8 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
         "duplicates": dup_p + dup_s + dup_self,
         "input_mismatch": int(mismatch.sum()),
         "self_pairs": len(np.union1d(code[self_copies], code[lost[lost_own]])),
+        "primary_not_finite": 0,
+        "shadow_not_finite": 0,
     }
     if len(p_pos) == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
@@ -1096,8 +1136,24 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     s_probs, s_have = _probability_matrix(s_side, classes)
     del p_side, s_side
     top1 = df["top1"].to_numpy(np.float64, na_value=np.nan)
+    # An answer with no finite distribution (no top-1 and no vector, or, as older writers logged
+    # it, a NaN vector and a top-1 of 0) is no prediction: its pair is no comparison when the
+    # primary's is; a shadow's alone is the candidate's (kept: shadow_finite False).
+    p_finite = _finite(p_probs, p_have, top1[p_pos])
+    s_finite = _finite(s_probs, s_have, top1[s_pos])
+    attrs["primary_not_finite"] = int((~p_finite).sum())
+    if not p_finite.all():
+        p_pos, s_pos = p_pos[p_finite], s_pos[p_finite]
+        p_probs, p_have = p_probs[p_finite], p_have[p_finite]
+        s_probs, s_have, s_finite = s_probs[p_finite], s_have[p_finite], s_finite[p_finite]
     shadow_top1 = top1[s_pos]
     shadow_ok = ok_rows[s_pos]
+    attrs["shadow_not_finite"] = int((shadow_ok & ~s_finite).sum())
+    if len(p_pos) == 0:
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
+        empty.attrs = attrs
+        return empty
+    s_answered = shadow_ok & s_finite
     image = col("image_sha256", p_pos)
     out = pd.DataFrame(
         {
@@ -1112,13 +1168,14 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
             "image_sha256": image.fillna(col("image_sha256", s_pos)) if image.isna().any() else image,
             "primary_top1": top1[p_pos].astype(np.int32),
             "shadow_top1": shadow_top1.astype(np.int32)
-            if shadow_ok.all()
-            else np.where(shadow_ok, shadow_top1, np.nan),
+            if s_answered.all()
+            else np.where(s_answered, shadow_top1, np.nan),
             "primary_probs": _rows(p_probs, p_have),
-            "shadow_probs": _rows(s_probs, s_have & shadow_ok),
+            "shadow_probs": _rows(s_probs, s_have & s_answered),
             "primary_latency_ms": col("latency_ms", p_pos),
             "shadow_latency_ms": col("latency_ms", s_pos),
             "shadow_error": col("outcome", s_pos).where(~shadow_ok),
+            "shadow_finite": s_finite | ~shadow_ok,
             "user_id": col("user_id", p_pos),
             "device_type": col("device_type", p_pos),
             "tenant": col("tenant", p_pos),
@@ -1127,6 +1184,11 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     )
     out.attrs = attrs
     return out
+
+
+def _finite(probs: np.ndarray, have: np.ndarray, top1: np.ndarray) -> np.ndarray:
+    """Which rows are a prediction: a top-1 and a vector of finite values."""
+    return have & ~np.isnan(top1) & np.isfinite(probs).all(axis=1)
 
 
 def _same_version(rows: np.ndarray, of: np.ndarray, version: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 From the prediction log's primary and shadow records over a time range, paired by request id
 and input (a shadow record of another input than its primary's is no copy of it: left out;
-nor is a copy of a request its own version served, which Istio's mirror makes: counted apart):
+nor is a copy of a request its own version served, which Istio's mirror makes: counted apart;
+nor a pair whose primary's answer is no finite distribution, a NaN or Inf input's: counted apart):
 top-1 agreement with a Wilson interval, the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
@@ -83,6 +84,11 @@ class AuditResult:
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
+    # Answers that were no finite distribution (NaN or Inf: a client's NaN or Inf input runs,
+    # its output is NaN): pairs whose primary answered so are no comparison (left out, counted);
+    # the shadow's alone, where the primary's was finite, are the candidate's (anomalies).
+    primary_not_finite: int = 0
+    shadow_not_finite: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
@@ -137,9 +143,18 @@ def audit_frame(
         result.verdict = "fail"
         result.reasons.append(f"every one of {len(df)} shadow requests failed")
         return result
-    primary = np.stack(ok["primary_probs"].to_numpy()).astype(float)
-    shadow = np.stack(ok["shadow_probs"].to_numpy()).astype(float)
-    agree = ok["primary_top1"].to_numpy() == ok["shadow_top1"].to_numpy()
+    # A shadow answer that is no finite distribution where the primary's is (the candidate's
+    # NaN or Inf) is no comparison: out of the agreement and the divergences, an anomaly.
+    finite = ok["shadow_finite"].to_numpy(bool) if "shadow_finite" in ok.columns else np.ones(len(ok), bool)
+    result.shadow_not_finite = int((~finite).sum())
+    compared = ok[finite]
+    if compared.empty:
+        result.verdict = "fail"
+        result.reasons.append(f"none of the shadow's {len(ok)} answers was a finite distribution (NaN or Inf)")
+        return result
+    primary = np.stack(compared["primary_probs"].to_numpy()).astype(float)
+    shadow = np.stack(compared["shadow_probs"].to_numpy()).astype(float)
+    agree = compared["primary_top1"].to_numpy() == compared["shadow_top1"].to_numpy()
     result.agreement = float(agree.mean())
     result.agreement_ci = wilson(int(agree.sum()), len(agree), cfg.confidence_level)
     result.kl_of_means = float(kl(primary.mean(axis=0), shadow.mean(axis=0)))
@@ -147,21 +162,28 @@ def audit_frame(
     result.divergences = div
     result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
     result.divergence_quantiles["max"] = float(div.max())
-    confidence = shadow.max(axis=1)
-    low_conf = confidence < cfg.confidence_threshold
-    high_div = div > cfg.divergence_threshold
-    flagged = low_conf | high_div
+    confidence = np.full(len(ok), np.nan)
+    confidence[finite] = shadow.max(axis=1)
+    divergence = np.full(len(ok), np.inf)
+    divergence[finite] = div
+    low_conf = finite & (confidence < cfg.confidence_threshold)
+    high_div = finite & (divergence > cfg.divergence_threshold)
+    flagged = low_conf | high_div | ~finite
     result.anomaly_rate = float(flagged.mean())
-    labels = sorted(set(ok["primary_top1"]) | set(ok["shadow_top1"]))
+    labels = sorted(set(compared["primary_top1"]) | set(compared["shadow_top1"]))
     result.confusion = pd.crosstab(
-        ok["primary_top1"], ok["shadow_top1"], rownames=["primary"], colnames=["shadow"]
+        compared["primary_top1"], compared["shadow_top1"], rownames=["primary"], colnames=["shadow"]
     ).reindex(index=labels, columns=labels, fill_value=0)
     reason = np.where(
-        low_conf & high_div,
-        "low confidence and high divergence",
-        np.where(low_conf, "low confidence", "high divergence"),
+        ~finite,
+        "no finite output",
+        np.where(
+            low_conf & high_div,
+            "low confidence and high divergence",
+            np.where(low_conf, "low confidence", "high divergence"),
+        ),
     )
-    anomalies = ok.assign(shadow_confidence=confidence, divergence=div, reason=reason)[flagged]
+    anomalies = ok.assign(shadow_confidence=confidence, divergence=divergence, reason=reason)[flagged]
     result.anomalies = (
         anomalies.sort_values("divergence", ascending=False)[
             [
@@ -210,6 +232,11 @@ def audit_frame(
             f"{100 * hi:.2f}%), shadow error rate {100 * result.shadow_error_rate:.3f}%, "
             f"anomalies {100 * result.anomaly_rate:.1f}%"
         )
+    if result.shadow_not_finite:
+        result.reasons.append(
+            f"{result.shadow_not_finite} shadow answers were no finite distribution (NaN or Inf) where the "
+            "primary's was: anomalies, out of the agreement and the divergences"
+        )
     return result
 
 
@@ -237,6 +264,7 @@ def audit(
     result.shadow_dropped = pairs.attrs["shadow_dropped"]
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
+    result.primary_not_finite = pairs.attrs["primary_not_finite"]
     if result.self_pairs and not result.rows:
         result.reasons.append(
             f"{result.self_pairs} shadow copies in this range were of requests their own version served "
@@ -246,6 +274,11 @@ def audit(
         result.reasons.append(
             f"{result.input_mismatch} shadow records were not a mirror copy of their primary "
             "(another input under its request id): excluded"
+        )
+    if result.primary_not_finite:
+        result.reasons.append(
+            f"{result.primary_not_finite} primary answers were no finite distribution (NaN or Inf, as a "
+            "client's NaN or Inf input gives): no comparison, excluded"
         )
     return result
 
@@ -303,6 +336,9 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Records: {result.rows} (shadow errors {result.shadow_errors}, {100 * result.shadow_error_rate:.3f}%)",
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
+        f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
+        f"{result.primary_not_finite}",
+        f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
     ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from model_server import predictionlog
 from tests.support import shadow_log
 from vision_rollout.audit import CHART, REPORT, AuditConfig, audit, audit_frame, kl, report_files, write_report
 from vision_rollout.folders import Folder
@@ -195,3 +196,68 @@ def test_coverage_counts_the_dropped_copies():
     result = with_coverage(AuditResult("digits", "s", "e", "pass", [], rows=90, shadow_dropped=10), 100.0)
     assert result.verdict == "pass"
     assert "coverage 90.0%: 90 shadow copies ran, 10 dropped" in result.reasons[-1]
+
+
+def test_nan_answers_neither_count_as_agreement_nor_turn_the_statistics_to_nan(tmp_path):
+    """A client may send NaN in a binary FP32 tensor: both versions answer NaN. Such pairs were
+    compared as if the NaN were class 0 (agreeing) and no anomaly: 2 of them turned an hour of
+    463/500 agreement (interval 89.97-94.58%: inconclusive) into a pass, and one made the KL of
+    means and every divergence quantile NaN (summary.json then held a bare NaN)."""
+    start, end = around_now()
+    (tmp_path / "honest").mkdir()
+    (tmp_path / "nan").mkdir()
+    honest = audit(shadow_log(tmp_path / "honest", 500, 0.0), start, end)
+    log = shadow_log(tmp_path / "nan", 500, 0.0, not_finite=2)
+    records = predictionlog_records(log, start, end)
+    assert int(records["top1"].isna().sum()) == 4
+    assert records["top1_prob"].isna().sum() == 4
+    result = audit(log, start, end)
+    assert result.rows == honest.rows == 500
+    assert result.primary_not_finite == 2
+    assert result.shadow_not_finite == 0
+    assert result.agreement == honest.agreement
+    assert result.verdict == honest.verdict
+    assert result.kl_of_means == pytest.approx(honest.kl_of_means)
+    assert all(np.isfinite(v) for v in result.divergence_quantiles.values())
+    assert any("2 primary answers were no finite distribution" in r for r in result.reasons)
+    files = report_files(result)
+    json.loads(files["summary.json"], parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    assert "no finite distribution (NaN or Inf; no comparison, excluded): 2" in files[REPORT].decode()
+
+
+def test_two_nan_requests_no_longer_turn_an_inconclusive_hour_into_a_pass(tmp_path):
+    """463 of 500 agreeing: the interval's lower end 89.97%, under the 90% minimum. Two NaN
+    requests (agreeing as class 0) raised it to 90.01%: pass."""
+    start, end = around_now()
+    rng = np.random.default_rng(0)
+    log = shadow_log(tmp_path, 500, 0.0, not_finite=2)
+    records = predictionlog_records(log, start, end)
+    pairs = predictionlog.shadow_pairs(records)
+    assert len(pairs) == 500
+    assert pairs.attrs["primary_not_finite"] == 2
+    flip = rng.choice(500, 37, replace=False)  # 37 disagreements: 463 of 500 agree
+    pairs.loc[flip, "shadow_top1"] = (pairs.loc[flip, "primary_top1"] + 1) % 10
+    result = audit_frame(pairs, AuditConfig(min_agreement=0.90))
+    assert result.agreement == pytest.approx(0.926)
+    assert result.verdict == "inconclusive"
+
+
+def test_a_candidate_answering_nan_alone_is_an_anomaly_not_an_agreement(tmp_path):
+    """The candidate's NaN for an input the baseline answered (an overflow): it was compared as
+    class 0 and no anomaly (confidence NaN < 0.65 is False); now no comparison and an anomaly."""
+    start, end = around_now()
+    result = audit(shadow_log(tmp_path, 300, 0.0, shadow_not_finite=100), start, end)
+    assert result.rows == 400
+    assert result.shadow_not_finite == 100
+    assert result.primary_not_finite == 0
+    assert result.agreement == 1.0  # of the 300 comparisons
+    assert result.anomaly_rate == pytest.approx(0.25)
+    assert result.verdict == "fail"
+    assert (result.anomalies["reason"] == "no finite output").sum() == min(100, AuditConfig().max_anomalies)
+    assert all(np.isfinite(v) for v in result.divergence_quantiles.values())
+    assert any("100 shadow answers were no finite distribution" in r for r in result.reasons)
+
+
+def predictionlog_records(log: Path, start: datetime, end: datetime) -> pd.DataFrame:
+    columns = [*predictionlog.SHADOW_PAIR_COLUMNS, "top1_prob"]
+    return predictionlog.read(log, start, end, columns=columns, roles=("primary", "shadow"))

@@ -130,13 +130,17 @@ def shadow_log(
     orphans: int = 0,
     forged: int = 0,
     self_mirrored: int = 0,
+    not_finite: int = 0,
+    shadow_not_finite: int = 0,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
     without a primary; the first ``forged`` requests also get a shadow record of another image,
     disagreeing, written before their copy. Then ``self_mirrored`` requests the candidate served
     itself, each with its copy on the candidate (Istio mirrors the whole weighted route): the
-    same answer. The first ``n`` requests are the same whatever the other counts."""
+    same answer. Then ``not_finite`` requests whose input was NaN (both answers NaN, as a client
+    sending NaN in a binary FP32 tensor gets) and ``shadow_not_finite`` whose shadow alone
+    answered NaN. The first ``n`` requests are the same whatever the other counts."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -187,6 +191,12 @@ def shadow_log(
         p[i % 10] = 0.91
         writer.append(record(f"own-{i}", "2", "primary", p[None]))
         writer.append(record(f"own-{i}", "2", "shadow", p[None]))
+    nan = np.full((1, 10), np.nan, dtype=np.float32)
+    for i in range(not_finite + shadow_not_finite):
+        p = np.full(10, 0.01, dtype=np.float32)
+        p[i % 10] = 0.91
+        writer.append(record(f"nan-{i}", "1", "primary", nan if i < not_finite else p[None]))
+        writer.append(record(f"nan-{i}", "2", "shadow", nan))
     writer.flush()
     return tmp_path / "log"
 
