@@ -47,7 +47,7 @@ from model_server.errors import (
 from model_server.feedback import FeedbackSigner, FeedbackStore
 from model_server.httpserver import Answer, DirectRoute, NoBody
 from model_server.predictionlog import PredictionLog
-from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES
+from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES, parse_json, refuse_constant
 from model_server.repository import ModelRepository
 from model_server.shadow import ShadowMirror, ShadowResult, header_text
 from model_server.trace import TraceContext, request_id
@@ -134,12 +134,6 @@ def compress(body: bytes, coding: str) -> bytes:
 # objects: they are most of a small model's time on the server.
 INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer/?")
-
-
-def refuse_constant(name: str) -> Any:
-    """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
-    and JSON has not, are refused (a NaN passes every range check after it)."""
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def client_gone() -> InvalidInput:
@@ -337,10 +331,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         body = await read_body(request.receive, request.headers, settings.max_json_bytes)
         if not body.strip():
             return {}
-        try:
-            data = json.loads(body, parse_constant=refuse_constant)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+        data = parse_json(body)
         if not isinstance(data, dict) and not (allow_list and isinstance(data, list)):
             raise InvalidInput("request body must be a JSON object" + (" or a list" if allow_list else ""))
         return data

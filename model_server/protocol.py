@@ -199,10 +199,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
-    try:
-        header = json.loads(key)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    header = parse_json(key)
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     raw_inputs = header.get("inputs")
@@ -357,6 +354,32 @@ def _c_float(value: float) -> str:
     if value != value and math.copysign(1.0, value) < 0:
         return "-nan"
     return f"{value:f}"
+
+
+def refuse_constant(name: str) -> Any:
+    """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
+    and JSON has not, are refused (a NaN passes every range check after it)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(body: bytes | bytearray | memoryview) -> Any:
+    """A request body's JSON, as Triton (RapidJSON) reads it: UTF-8 without a byte order mark
+    (RFC 8259: JSON between systems is UTF-8, and no BOM is added), no NaN or Infinity.
+    ``json.loads`` alone takes UTF-16 and UTF-32 bodies and a UTF-8 BOM, which a check on the
+    bytes does not see through; they are refused (400) with what is wrong."""
+    data = bytes(body)
+    if data.startswith((b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")):
+        raise InvalidInput("malformed JSON in request body: it starts with a byte order mark; send UTF-8 without one")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"malformed JSON in request body: not UTF-8 (byte {exc.start}); JSON is sent as UTF-8"
+        ) from None
+    try:
+        return json.loads(text, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

@@ -1,9 +1,10 @@
 """NaN and Inf in a float tensor's binary data (tritonclient's binary_data=True): answered, as
 Triton answers them, and never a prediction in the log, the audit, the gates or the feedback
-counters."""
+counters. JSON bodies are read as Triton reads them: UTF-8 without a BOM, no NaN."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -134,3 +135,35 @@ def test_binary_nan_and_inf_are_answered_and_kept_out_of_every_statistic(tmp_pat
     labelled = samples.dropna(subset=["correct"])
     assert len(labelled) == 10
     assert (labelled["correct"] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(lambda b: codecs.BOM_UTF8 + b.encode(), id="utf-8 BOM"),
+        pytest.param(lambda b: b.encode("utf-16"), id="utf-16"),
+        pytest.param(lambda b: b.encode("utf-16-le"), id="utf-16-le"),
+        pytest.param(lambda b: b.encode("utf-32"), id="utf-32"),
+        pytest.param(lambda b: b.replace("0.5", "NaN").encode(), id="NaN constant"),
+        pytest.param(lambda b: b.replace("0.5", "-Infinity").encode(), id="Infinity constant"),
+    ],
+)
+def test_json_bodies_are_utf8_without_bom_or_nan(tmp_path, encode):
+    """Python's json.loads takes a UTF-8 BOM, UTF-16 and UTF-32 bodies and NaN; RapidJSON
+    (Triton) and RFC 8259 do not: each is a 400 naming what is wrong, on the infer path and the
+    other JSON endpoints; the same body in UTF-8 is answered."""
+    repo = tmp_path / "repo"
+    write_classifier(repo)
+    s = start_model_server(repo, tmp_path, token=TOKEN)
+    try:
+        body = '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.5,1,2,3]}]}'
+        assert requests.post(f"{s.http}/v2/models/tiny/infer", data=body.encode(), timeout=10).status_code == 200
+        r = requests.post(f"{s.http}/v2/models/tiny/infer", data=encode(body), timeout=10)
+        assert r.status_code == 400, r.text
+        assert "malformed JSON" in r.json()["error"]
+        feedback = '{"request_id":"x","label":0.5,"token":"t"}'
+        r = requests.post(f"{s.http}/v2/models/tiny/feedback", data=encode(feedback), timeout=10)
+        assert r.status_code == 400, r.text
+        assert "malformed JSON" in r.json()["error"]
+    finally:
+        s.stop()
