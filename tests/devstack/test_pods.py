@@ -218,6 +218,23 @@ def build_context(tmp_path: Path, models_dir: Path) -> Path:
     return context
 
 
+def digits_build_pod(name: str, context: str, sha256: str) -> dict:
+    """The build pod of digits' version 2 in ml-builds, pushing ``IMAGE``."""
+    from vision_rollout.images import build_pod
+
+    return build_pod(
+        name,
+        "ml-builds",
+        context,
+        IMAGE,
+        "models/digits/2/model.onnx",
+        sha256,
+        builder_image=BUILDKIT_IMAGE,
+        docker_config_secret="registry-push",
+        service_account="image-builder",
+    )
+
+
 def sha256_of(context: Path) -> str:
     return hashlib.sha256((context / "models" / "digits" / "2" / "model.onnx").read_bytes()).hexdigest()
 
@@ -234,23 +251,12 @@ def run_build(
     """``buildkit_build`` as the DAG runs it: the pod of ``build_pod`` created, followed and ended by
     the real KubernetesPodOperator through ``kubernetes_default``."""
     from rollout_airflow.operators import ImageBuild
-    from vision_rollout.images import build_pod
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_KUBERNETES_DEFAULT",
         json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(api.kubeconfig("ml-builds"))}}),
     )
-    pod = build_pod(
-        name,
-        "ml-builds",
-        context,
-        IMAGE,
-        "models/digits/2/model.onnx",
-        sha256,
-        builder_image=BUILDKIT_IMAGE,
-        docker_config_secret="registry-push",
-        service_account="image-builder",
-    )
+    pod = digits_build_pod(name, context, sha256)
     plan = {"build": {"pod": pod, "name": name, "namespace": "ml-builds", "image": IMAGE}}
     operator = ImageBuild(
         task_id="buildkit_build", plan=plan, startup_timeout_seconds=60, startup_check_interval_seconds=1
@@ -396,7 +402,6 @@ def test_a_deferred_build_is_followed_by_the_triggerer_with_its_own_credentials(
     from airflow.sdk.exceptions import TaskDeferred
 
     from rollout_airflow.operators import ImageBuild
-    from vision_rollout.images import build_pod
 
     api, runner, api_client = cluster
     runner.pushed.clear()
@@ -406,17 +411,7 @@ def test_a_deferred_build_is_followed_by_the_triggerer_with_its_own_credentials(
         "AIRFLOW_CONN_KUBERNETES_DEFAULT",
         json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(api.kubeconfig("ml-builds"))}}),
     )
-    pod = build_pod(
-        "build-digits-2-deferred",
-        "ml-builds",
-        f"dir://{build_context}",
-        IMAGE,
-        "models/digits/2/model.onnx",
-        sha256_of(build_context),
-        builder_image=BUILDKIT_IMAGE,
-        docker_config_secret="registry-push",
-        service_account="image-builder",
-    )
+    pod = digits_build_pod("build-digits-2-deferred", f"dir://{build_context}", sha256_of(build_context))
     plan = {"build": {"pod": pod, "name": "build-digits-2-deferred", "namespace": "ml-builds", "image": IMAGE}}
     operator = ImageBuild(
         task_id="buildkit_build",
@@ -528,19 +523,8 @@ def test_a_build_of_an_s3_context_the_store_lacks_fails_naming_it(cluster, build
 )
 def test_the_build_stand_in_refuses_what_it_does_not_understand(build_context, tmp_path, change, reason):
     from devstack.cluster.pods import BuildError, build_model_image
-    from vision_rollout.images import build_pod
 
-    pod = build_pod(
-        "b",
-        "ml-builds",
-        f"dir://{build_context}",
-        IMAGE,
-        "models/digits/2/model.onnx",
-        sha256_of(build_context),
-        builder_image=BUILDKIT_IMAGE,
-        docker_config_secret="registry-push",
-        service_account="image-builder",
-    )
+    pod = digits_build_pod("b", f"dir://{build_context}", sha256_of(build_context))
     container = pod["spec"]["containers"][0]
     lines: list[str] = []
     tags, _ = build_model_image(container["command"], container["args"], {}, tmp_path / "images", lines.append)
