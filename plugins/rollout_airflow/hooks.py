@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseHook
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from vision_rollout.locks import ModelLock
     from vision_rollout.mesh import IstioRouter, IstioTarget
     from vision_rollout.notify import SlackNotifier
+
+
+T = TypeVar("T")
 
 
 def _http_url(conn: Any, default_port: int) -> str:
@@ -94,29 +98,27 @@ class ModelServerHook(BaseHook):
     def on_disk(self, folder: Folder) -> Path:
         """Mesh ``local``'s files on this machine's disk; a run folder in an object store fails
         the task naming the extra (no retry)."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from vision_rollout.settings import SettingsError
-
-        try:
-            return self.settings.on_disk(folder)
-        except SettingsError as exc:
-            raise AirflowFailException(str(exc)) from None
+        return _or_fail(self.settings.on_disk, folder)
 
     def _istio(self, model: str) -> IstioTarget:
         """Kubernetes mode's Istio objects of the model; without them the task fails naming the
         extra (no retry)."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from vision_rollout.settings import SettingsError
-
-        try:
-            return self.settings.istio_for(model)
-        except SettingsError as exc:
-            raise AirflowFailException(str(exc)) from None
+        return _or_fail(self.settings.istio_for, model)
 
     def scrape(self) -> ScrapeSource:
         return ScrapeSource(self.settings.url)
+
+
+def _or_fail(read: Callable[[Any], T], arg: Any) -> T:
+    """``read(arg)``; a setting it finds wrong fails the task naming the extra (no retry)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from vision_rollout.settings import SettingsError
+
+    try:
+        return read(arg)
+    except SettingsError as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def _kubernetes(conn_id: str) -> Any:
