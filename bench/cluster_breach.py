@@ -62,8 +62,8 @@ def trial(cluster: Cluster, breach_seconds: int, run_id: str) -> dict[str, Any]:
     ti = SimpleNamespace(dag_id="model_rollout", task_id="buildkit_build", map_index=-1, try_number=1, xcom={})
     ti.xcom_push = lambda key, value: ti.xcom.__setitem__(key, value)
     context = {"ti": ti, "params": params, "run_id": run_id, "dag": SimpleNamespace(dag_id="model_rollout")}
-    ImageBuild(task_id="buildkit_build", plan=built).execute(context)
-    steps.deploy_candidate(params, built, run_id)
+    image = ImageBuild(task_id="buildkit_build", plan=built).execute(context)
+    steps.deploy_candidate(params, image, run_id)
     deployed = time.time()
     applied = steps.apply_weights(params, 0, run_id, built)
     spec, source = RolloutSpec.from_dict(params), PrometheusHook().source()

@@ -112,7 +112,7 @@ def model_rollout() -> None:
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:
-        return steps.deploy_candidate(params, ti.xcom_pull(task_ids="build_image"), run_id)
+        return steps.deploy_candidate(params, ti.xcom_pull(task_ids="buildkit_build", key="image"), run_id)
 
     @task
     def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:

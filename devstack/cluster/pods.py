@@ -44,8 +44,10 @@ object from ``objects``, an s3:// URI -> bytes or None) and the builder's ``tar 
 DIR``; then what ``buildctl-daemonless.sh build`` does with ``docker/Dockerfile.model-server``
 and the ``--local`` context (a volume of the container, else a folder of this machine: a
 ``dir://`` context): ``COPY ${MODEL_DIR} /models`` and, with ``MODEL_FILE``, ``sha256sum -c`` of
-that file against ``MODEL_SHA256``; then it "pushes" the ``--output`` image's name (the tag names
-a copy of the context's models folder, so ``images`` resolves it for Deployments afterwards),
+that file against ``MODEL_SHA256``; then it "pushes" the ``--output`` image's name (the tag, and
+the repository at the digest the build reports, name a copy of the context's models folder, so
+``images`` resolves them for Deployments afterwards); a build wrapped to copy its
+``--metadata-file`` to the termination log ends with buildctl's metadata as that message;
 writes the build log (read through the pod log endpoint; an init container's lines in it too)
 and ends the pod Succeeded, or Failed with the reason in the log and the container's terminated
 state. A command, flag or option it does not understand fails the build, saying which; the cache
@@ -61,6 +63,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -374,7 +377,11 @@ class PodRunner:
             return pod.log_path()
 
     def resolve(self, image: str) -> Path | None:
-        """The repository folder of an image: one a build pushed, else the runner's ``images``."""
+        """The repository folder of an image: one a build pushed (by tag, or by digest whatever
+        the tag beside it says, as a registry pulls), else the runner's ``images``."""
+        name, at, digest = image.partition("@")
+        if at and f"{_repository(name)}@{digest}" in self.pushed:
+            return self.pushed[f"{_repository(name)}@{digest}"]
         if image in self.pushed:
             return self.pushed[image]
         if callable(self.images):
@@ -815,17 +822,22 @@ class PodRunner:
         try:
             for init, init_mounts in inits:
                 self._run_init(init, init_mounts, say)
-            tags, folder = build_model_image(
-                build.get("command") or [], build.get("args") or [], mounts, self.workdir / "images", say
+            pushed, folder, message = build_model_image(
+                build.get("command") or [],
+                build.get("args") or [],
+                mounts,
+                self.workdir / "images",
+                say,
+                build.get("terminationMessagePath") or TERMINATION_LOG,
             )
         except BuildError as exc:
             say(f"error: {exc}")
             end = _terminated(1, "Error", str(exc))
         else:
             with self.lock:
-                for tag in tags:
-                    self.pushed[tag] = folder
-            end = _terminated(0, "Completed", "")
+                for reference in pushed:
+                    self.pushed[reference] = folder
+            end = _terminated(0, "Completed", message)
         end["terminated"]["startedAt"] = pod.started_at
         pod.log.close()
         with self.lock:
@@ -884,25 +896,44 @@ class BuildError(Exception):
 
 
 AWS_CP_OPTIONS = {"--no-progress", "--only-show-errors", "--quiet"}
-BUILDCTL_FLAGS = {"progress", "frontend", "local", "opt", "output", "import-cache", "export-cache"}
+BUILDCTL_FLAGS = {"progress", "frontend", "local", "opt", "output", "import-cache", "export-cache", "metadata-file"}
+TERMINATION_LOG = "/dev/termination-log"  # a container's terminationMessagePath by default
+# The one wrapper taken: buildctl-daemonless.sh with the container's args, then its metadata file
+# copied to the termination log (the pushed digest, for the pod's status).
+REPORTING_BUILD = re.compile(r'buildctl-daemonless\.sh "\$@" && cat (\S+) > (\S+)')
 SHA256_CHECK = (
     'RUN if [ -n "$MODEL_FILE" ]; then echo "$MODEL_SHA256  /models/${MODEL_FILE#"${MODEL_DIR}"/}" | sha256sum -c -; fi'
 )
 
 
 def build_model_image(
-    command: list[str], args: list[str], mounts: Mapping[str, Path], images: Path, say: Callable[[str], None]
-) -> tuple[list[str], Path]:
+    command: list[str],
+    args: list[str],
+    mounts: Mapping[str, Path],
+    images: Path,
+    say: Callable[[str], None],
+    termination_log: str = TERMINATION_LOG,
+) -> tuple[list[str], Path, str]:
     """What ``buildctl-daemonless.sh build`` (the ``dockerfile.v0`` frontend) does with
     ``docker/Dockerfile.model-server`` and these ``args``, on this machine: the ``--local``
     context (``mounts``: the container's volumes by mount path; any other path is this machine's)
     read, its models folder copied (``COPY ${MODEL_DIR} /models``), the baked candidate's sha256
     checked (``sha256sum -c``), the result kept as a folder under ``images`` for the ``--output``
-    image's name. Returns (tags, folder); BuildError says why not."""
+    image's name. Returns (what was pushed: the tag and ``<repository>@<digest>``, the folder,
+    the termination message: buildctl's ``--metadata-file`` where the command copies it to
+    ``termination_log``, else empty); BuildError says why not.
+
+    The command is ``buildctl-daemonless.sh``, or ``sh -c 'buildctl-daemonless.sh "$@" && cat
+    METADATA > TERMINATION_LOG' NAME`` where METADATA is the ``--metadata-file`` and
+    TERMINATION_LOG the container's ``terminationMessagePath``."""
     if len(args) > MAX_ARGS or any(len(a) > MAX_ARG_CHARS for a in args):
         raise BuildError(f"at most {MAX_ARGS} args of at most {MAX_ARG_CHARS} characters each")
-    if command != ["buildctl-daemonless.sh"] or args[:1] != ["build"]:
-        raise BuildError(f"{' '.join([*command, *args[:1]])!r}: a build here is `buildctl-daemonless.sh build ...`")
+    reporting = REPORTING_BUILD.fullmatch(command[2]) if len(command) == 4 and command[:2] == ["sh", "-c"] else None
+    if (command != ["buildctl-daemonless.sh"] and reporting is None) or args[:1] != ["build"]:
+        raise BuildError(
+            f"{' '.join([*command, *args[:1]])!r}: a build here is `buildctl-daemonless.sh build ...`, or that "
+            "in `sh -c 'buildctl-daemonless.sh \"$@\" && cat METADATA > TERMINATION_LOG' NAME build ...`"
+        )
     flags: dict[str, list[str]] = {}
     rest = iter(args[1:])
     for arg in rest:
@@ -930,6 +961,12 @@ def build_model_image(
     context = _on_volume(local["context"], mounts) or Path(local["context"])  # dir://: this machine's
     if not context.is_dir():
         raise BuildError(f"--local context={local['context']}: no such folder")
+    metadata_file = (flags.get("metadata-file") or [""])[-1]
+    if reporting is not None and reporting.groups() != (metadata_file, termination_log):
+        raise BuildError(
+            f"sh -c {command[2]!r}: copies {reporting[1]} to {reporting[2]}, not --metadata-file "
+            f"{metadata_file or '(none)'} to the terminationMessagePath {termination_log}"
+        )
     output = dict(field.partition("=")[::2] for field in (flags.get("output") or [""])[-1].split(","))
     if output.get("type") != "image" or output.get("push") != "true" or not output.get("name"):
         raise BuildError(f"--output {flags.get('output')}: a build here pushes: type=image,name=TAG,push=true")
@@ -978,10 +1015,30 @@ def build_model_image(
     tag = output["name"]
     image = images / f"{hashlib.sha256(tag.encode()).hexdigest()[:12]}-{secrets.token_hex(4)}"
     shutil.copytree(source, image)
+    manifest = hashlib.sha256(f"{tag}\n{image.name}".encode())  # each build its own, as layers' timestamps make it
+    pushed = f"sha256:{manifest.hexdigest()}"
     say("#4 exporting to image")
-    say(f"#4 pushing manifest for {tag}")
+    say(f"#4 exporting manifest {pushed} done")
+    say(f"#4 pushing manifest for {tag}@{pushed}")
     say("#4 DONE")
-    return [tag], image
+    metadata = {  # what buildctl writes with --metadata-file for an image export (keys sorted, indented)
+        "containerimage.config.digest": f"sha256:{hashlib.sha256(manifest.digest()).hexdigest()}",
+        "containerimage.descriptor": {
+            "digest": pushed,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "size": 1062,
+        },
+        "containerimage.digest": pushed,
+        "image.name": tag,
+    }
+    message = json.dumps(metadata, indent=2, sort_keys=True) if reporting is not None else ""
+    return [tag, f"{_repository(tag)}@{pushed}"], image, message
+
+
+def _repository(name: str) -> str:
+    """An image name without its tag (``host:5000/ml/server:v1`` -> ``host:5000/ml/server``)."""
+    head, colon, tag = name.rpartition(":")
+    return head if colon and "/" not in tag else name
 
 
 def _on_volume(path: str, mounts: Mapping[str, Path]) -> Path | None:

@@ -4,12 +4,14 @@
 config and the baseline's graph, runs a golden inference over validation images through the
 server's own preprocessing, and records size and sha256. ``build_pod`` renders the build pod
 (for the KubernetesPodOperator: BuildKit, rootless) that bakes the model into the serving image,
-tagged by the artifact's digest.
+tagged by the artifact's digest; ``pushed_image`` reads back what the registry stored, by digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,12 @@ AWS_CLI_IMAGE = "amazon/aws-cli:2.36.7"
 BUILDER_UID = 1000  # the user of BuildKit's rootless image, mapped to root in its user namespace
 BUILDER_HOME = "/home/user"
 CONTEXT_DIR = "/workspace/context"
+# buildctl writes its metadata (the pushed manifest's digest) with a temporary file and a rename,
+# which the kubelet's bind-mounted termination log does not take: written beside, then copied.
+METADATA_FILE = "/tmp/buildkit-metadata.json"  # noqa: S108 (a path in the build container)
+TERMINATION_LOG = "/dev/termination-log"
+BUILD_SCRIPT = f'buildctl-daemonless.sh "$@" && cat {METADATA_FILE} > {TERMINATION_LOG}'
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass
@@ -136,6 +144,26 @@ def image_tag(registry_repo: str, sha256: str) -> str:
     return f"{registry_repo}:sha-{sha256[:12]}"
 
 
+def pushed_image(tag: str, metadata: str | None) -> str:
+    """``tag`` pinned to the manifest its build pushed, ``<tag>@sha256:...``, from buildctl's
+    ``--metadata-file`` (the build container's termination message): what a Deployment runs, so
+    every pod of a version runs the same bytes, whatever the tag names later or a node cached.
+    ValueError saying what is wrong with ``metadata``."""
+    if not metadata:
+        raise ValueError("the build container's termination message is empty: no digest of what it pushed")
+    try:
+        fields = json.loads(metadata)
+    except ValueError:
+        raise ValueError(f"the build's metadata is not JSON: {metadata[:120]!r}") from None
+    digest = fields.get("containerimage.digest") if isinstance(fields, dict) else None
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise ValueError(f"the build's metadata names no sha256 digest: containerimage.digest {str(digest)[:80]!r}")
+    names = fields.get("image.name")
+    if isinstance(names, str) and tag not in names.split(","):
+        raise ValueError(f"the build pushed {names[:200]!r}, not {tag!r}")
+    return f"{tag}@{digest}"
+
+
 def build_pod(
     name: str,
     namespace: str,
@@ -160,7 +188,8 @@ def build_pod(
     tarball; no credentials in it, the build log shows it), or ``dir://PATH``, a folder the build
     container sees. ``model_file`` is the candidate's path in the context
     (``models/<m>/<v>/model.onnx``); the Dockerfile refuses to build unless its sha256 is
-    ``model_sha256``. ValueError for any other context.
+    ``model_sha256``. ValueError for any other context. The pushed manifest's metadata is the
+    build container's termination message (``pushed_image``).
     """
     init_containers: list[dict[str, Any]] = []
     volumes: list[dict[str, Any]] = []
@@ -197,7 +226,9 @@ def build_pod(
                 {
                     "name": "build",
                     "image": builder_image,
-                    "command": ["buildctl-daemonless.sh"],
+                    # The pushed manifest's digest reaches the pod's status as the container's
+                    # termination message (read through the API; no exec, no sidecar).
+                    "command": ["sh", "-c", BUILD_SCRIPT, "buildctl-daemonless.sh"],
                     "args": [
                         "build",
                         "--progress",
@@ -217,7 +248,12 @@ def build_pod(
                         f"{cache},mode=max",
                         "--output",
                         f"type=image,name={destination},push=true",
+                        "--metadata-file",
+                        METADATA_FILE,
                     ],
+                    "terminationMessagePath": TERMINATION_LOG,
+                    # A failed build's message is its log's tail (the reason), the operator's error.
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
                     # Kubernetes cannot unmask /proc (Docker's systempaths=unconfined), so the build's
                     # steps run without a process namespace of their own (BuildKit's docs/rootless.md).
                     "env": [

@@ -3,7 +3,9 @@
 ``buildkit_build``: the candidate's serving image built by BuildKit (rootless) in a pod, the cncf
 provider's KubernetesPodOperator fed by ``build_image``'s plan (XCom): its own task in the UI,
 with its retries, its log streamed from the pod and deferrable mode from Airflow's configuration
-(``[operators] default_deferrable``). Skipped when the plan is empty (mesh ``local``).
+(``[operators] default_deferrable``). Its XCom ``image`` is the tag pinned to the digest the
+registry stored (``<tag>@sha256:...``), read from the finished pod's status. Skipped when the
+plan is empty (mesh ``local``).
 
 ``approve_promotion``: a reviewer's go before promotion (Airflow 3's human-in-the-loop).
 Asks only when the run was triggered with ``require_approval`` and the evidence says promote;
@@ -27,16 +29,47 @@ BUILD_LEASE_S = 2 * 3600  # the model's lease while its image builds (a pod star
 class ImageBuild(KubernetesPodOperator):
     """``buildkit_build``: runs the build pod of ``plan``, ``build_image``'s output (its ``build``,
     from ``steps.build_plan``: ``pod``, a V1Pod as a dict, its ``name`` and ``namespace``),
-    streams its log and deletes it once it succeeded (a failed one stays for inspection).
-    Skipped when the output has no ``build`` (mesh ``local``)."""
+    streams its log and deletes it once it succeeded (a failed one stays for inspection), and
+    pushes XCom ``image``: the pushed tag by digest, from the build container's termination
+    message (``images.pushed_image``). Skipped when the output has no ``build`` (mesh ``local``)."""
 
     template_fields = (*KubernetesPodOperator.template_fields, "plan")
 
     def __init__(self, *, plan: Any, **kwargs: Any) -> None:
         kwargs.setdefault("kubernetes_conn_id", "kubernetes_default")
         kwargs.setdefault("startup_timeout_seconds", 600)
-        super().__init__(get_logs=True, on_finish_action="delete_succeeded_pod", **kwargs)
+        super().__init__(
+            get_logs=True,
+            on_finish_action="delete_succeeded_pod",
+            # The operator's own setting wins over the pod's: as build_pod sets it.
+            termination_message_policy="FallbackToLogsOnError",
+            **kwargs,
+        )
         self.plan = plan
+        self.metadata: str | None = None
+
+    def post_complete_action(self, *, pod: Any, remote_pod: Any, context: Any, result: Any, **kwargs: Any) -> None:
+        """The finished pod, before it is deleted: its build container's termination message."""
+        from airflow.providers.cncf.kubernetes.utils.container import get_container_termination_message
+
+        if remote_pod is not None:
+            self.metadata = get_container_termination_message(remote_pod, self.base_container_name)
+        super().post_complete_action(pod=pod, remote_pod=remote_pod, context=context, result=result, **kwargs)
+
+    def push_image(self, context: Any) -> str:
+        """XCom ``image``: the tag the build pushed, by the digest the registry stored."""
+        from airflow.exceptions import AirflowException
+
+        from vision_rollout.images import pushed_image
+
+        plan = self.plan["build"]
+        try:
+            image = pushed_image(plan["image"], self.metadata)
+        except ValueError as exc:  # a retry builds again (cached) and reads a pod of its own
+            raise AirflowException(f"build pod {plan['namespace']}/{plan['name']}: {exc}") from None
+        context["ti"].xcom_push(key="image", value=image)
+        self.log.info("pushed %s", image)
+        return image
 
     def prepare(self, plan: dict[str, Any]) -> None:
         """The pod of this build: its template, name and namespace from the plan."""
@@ -53,7 +86,12 @@ class ImageBuild(KubernetesPodOperator):
 
         steps.hold(steps.spec_from(context["params"]), context["run_id"], seconds=BUILD_LEASE_S)
         self.prepare(plan)
-        return super().execute(context)
+        super().execute(context)  # deferrable: raises TaskDeferred, and resumes in trigger_reentry
+        return self.push_image(context)
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        super().trigger_reentry(context, event)
+        return self.push_image(context)
 
 
 class PromotionApproval(HITLOperator):

@@ -196,14 +196,15 @@ def build_plan(spec: RolloutSpec, sha256: str, build: BuildSettings) -> dict[str
     return {"pod": pod, "name": name, "namespace": namespace, "image": tag}
 
 
-def deploy_candidate(params: dict[str, Any], built: dict[str, Any], run_id: str) -> str:
-    """Kubernetes mode, once ``buildkit_build`` pushed the image: the candidate's Deployment (that
-    image, its subset's labels, the rest of its pod template the baseline's), its pods ready.
-    Local mode: ``build_image`` loaded it already."""
+def deploy_candidate(params: dict[str, Any], image: str | None, run_id: str) -> str:
+    """Kubernetes mode, once ``buildkit_build`` pushed ``image`` (its tag by digest): the
+    candidate's Deployment (that image, its subset's labels, the rest of its pod template the
+    baseline's), its pods ready. Local mode: ``build_image`` loaded it already."""
     spec = spec_from(params)
     if spec.mesh == "local":
         return f"version {spec.candidate_version} is loaded beside {spec.baseline_version} on the model server"
-    image = built["build"]["image"]
+    if not image:
+        raise AirflowFailException("buildkit_build pushed no image: clear it to build again")
     hook = serving()
     hold(spec, run_id, hook, seconds=LEASE_S + 600)  # and wait_ready's 600 s
     deployments = hook.deployments(spec.model)

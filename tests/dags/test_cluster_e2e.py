@@ -168,6 +168,9 @@ def test_v2_is_promoted_with_no_failed_request_then_v3_rolled_back(cluster, work
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["buildkit_build"] == "success"  # the BuildKit stand-in built and pushed its image
     assert states["promote"] == "success", states
+    # The candidate ran the pushed manifest, by the digest its build pod reported.
+    (server,) = cluster.api.get("deployments", NAMESPACE, "digits-v2")["spec"]["template"]["spec"]["containers"]
+    assert re.fullmatch(r"[^@]+:sha-[0-9a-f]{12}@sha256:[0-9a-f]{64}", server["image"]), server["image"]
     assert routes(cluster) == [{"subset": "v2", "weight": 100}]
     assert replicas(cluster, "1") == 0
     assert cluster.pods.endpoints(NAMESPACE, {"app": "digits", "version": "1"}) == []

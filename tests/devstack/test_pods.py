@@ -247,9 +247,9 @@ def run_build(
     name: str,
     pod_names: list[str],
     run_dir: Path,
-) -> None:
+) -> str:
     """``buildkit_build`` as the DAG runs it: the pod of ``build_pod`` created, followed and ended by
-    the real KubernetesPodOperator through ``kubernetes_default``."""
+    the real KubernetesPodOperator through ``kubernetes_default``. Returns its XCom ``image``."""
     from rollout_airflow.operators import ImageBuild
 
     monkeypatch.setenv(
@@ -270,11 +270,13 @@ def run_build(
     FileLock("digits", run_dir / "locks").acquire("manual__1")
     params = {"model": "digits", "mesh": "local"}
     try:
-        operator.execute(
+        image = operator.execute(
             {"ti": ti, "params": params, "run_id": "manual__1", "dag": SimpleNamespace(dag_id="model_rollout")}
         )
     finally:
         pod_names.append(ti.xcom["pod_name"])  # the operator adds a random suffix
+    assert image == ti.xcom["image"]
+    return image
 
 
 @pytest.fixture
@@ -306,7 +308,7 @@ def test_the_build_pod_builds_and_pushes_the_checked_model(cluster, build_contex
     runner.pushed.clear()
     runner.images = {}  # the tag resolves only once the build pushed it
     names: list[str] = []
-    run_build(
+    image = run_build(
         api,
         f"dir://{build_context}",
         sha256_of(build_context),
@@ -315,8 +317,12 @@ def test_the_build_pod_builds_and_pushes_the_checked_model(cluster, build_contex
         names,
         build_context.parent / "run",
     )
+    # What deploy_candidate runs: the tag by the digest the build reported in its pod's status.
+    assert re.fullmatch(re.escape(IMAGE) + "@sha256:[0-9a-f]{64}", image)
     folder = runner.resolve(IMAGE)
     assert folder is not None
+    assert runner.resolve(image) == folder
+    assert runner.resolve(image.replace(IMAGE, IMAGE.replace("sha-", "other-"))) == folder  # a registry pulls by digest
     assert (folder / "digits" / "2" / "model.onnx").read_bytes() == (
         build_context / "models" / "digits" / "2" / "model.onnx"
     ).read_bytes()
@@ -460,8 +466,11 @@ def test_a_deferred_build_is_followed_by_the_triggerer_with_its_own_credentials(
 
     event = asyncio.run(asyncio.wait_for(first_event(), 120))
     assert event.payload["status"] == "success", event.payload
-    operator.trigger_reentry(context, event.payload)
+    image = operator.trigger_reentry(context, event.payload)
     assert runner.resolve(IMAGE) is not None  # built and pushed
+    assert image == ti.xcom["image"]  # by digest, read from the pod before the worker deleted it
+    assert re.fullmatch(re.escape(IMAGE) + "@sha256:[0-9a-f]{64}", image)
+    assert runner.resolve(image) == runner.resolve(IMAGE)
     name = ti.xcom["pod_name"]
     wait_for("the succeeded pod deleted", lambda: api.get("pods", "ml-builds", name) is None)
     # A user kills a deferred build: the triggerer deletes its pod (here gone already: the call counts).
@@ -515,7 +524,7 @@ def test_a_build_of_an_s3_context_the_store_lacks_fails_naming_it(cluster, build
         (lambda a: [*a, "--secret", "id=token"], "flag --secret: this stand-in of buildctl build understands"),
         (lambda a: [*a, "--opt", "context=https://example.com/ctx.tar.gz"], "no git or https context"),
         (lambda a: [*a, "--opt", "target=build"], "--opt target: this stand-in takes filename and build-arg:NAME"),
-        (lambda a: [*a[:-1], a[-1].replace(",push=true", "")], "a build here pushes: type=image,name=TAG,push=true"),
+        (lambda a: [x.replace(",push=true", "") for x in a], "a build here pushes: type=image,name=TAG,push=true"),
         (lambda a: [x.replace("dockerfile.v0", "gateway.v0") for x in a], "only dockerfile.v0 builds here"),
         (lambda a: [*a, "--export-cache", "type=local,dest=/cache"], "only type=registry here"),
         (lambda a: ["prune", *a[1:]], "a build here is `buildctl-daemonless.sh build ...`"),
@@ -527,10 +536,32 @@ def test_the_build_stand_in_refuses_what_it_does_not_understand(build_context, t
     pod = digits_build_pod("b", f"dir://{build_context}", sha256_of(build_context))
     container = pod["spec"]["containers"][0]
     lines: list[str] = []
-    tags, _ = build_model_image(container["command"], container["args"], {}, tmp_path / "images", lines.append)
-    assert tags == [IMAGE]  # as rendered, it builds
+    pushed, _, message = build_model_image(
+        container["command"], container["args"], {}, tmp_path / "images", lines.append
+    )
+    assert pushed == [IMAGE, f"{IMAGE.rpartition(':')[0]}@{json.loads(message)['containerimage.digest']}"]  # it builds
     with pytest.raises(BuildError, match=re.escape(reason)):
         build_model_image(container["command"], change(container["args"]), {}, tmp_path / "images", lines.append)
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (lambda c: [*c[:2], c[2].replace("/tmp/", "/var/tmp/"), c[3]], "copies /var/tmp/buildkit-metadata.json to"),
+        (lambda c: [*c[:2], c[2].replace("/dev/termination-log", "/tmp/log"), c[3]], "to /tmp/log, not --metadata"),
+        (lambda c: [*c[:2], c[2].replace("&&", ";"), c[3]], "a build here is `buildctl-daemonless.sh build ...`"),
+        (lambda c: ["bash", *c[1:]], "a build here is `buildctl-daemonless.sh build ...`"),
+    ],
+)
+def test_the_build_stand_in_reports_a_digest_only_as_the_build_pod_copies_it(build_context, tmp_path, command, reason):
+    from devstack.cluster.pods import BuildError, build_model_image
+
+    container = digits_build_pod("b", f"dir://{build_context}", sha256_of(build_context))["spec"]["containers"][0]
+    with pytest.raises(BuildError, match=re.escape(reason)):
+        build_model_image(command(container["command"]), container["args"], {}, tmp_path / "images", print)
+    # Without the wrapper buildctl runs alone: it pushes, and the pod's status has no digest.
+    pushed, _, message = build_model_image(["buildctl-daemonless.sh"], container["args"], {}, tmp_path / "i", print)
+    assert (pushed[0], message) == (IMAGE, "")
 
 
 def test_a_new_image_rolls_the_pods_new_ones_first(tmp_path, models_dir):

@@ -4,13 +4,24 @@ model server's Dockerfile."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 from kubernetes import client
 
 from tests.conftest import ROOT
-from vision_rollout.images import AWS_CLI_IMAGE, build_pod, image_tag, verify_model
+from vision_rollout.images import (
+    AWS_CLI_IMAGE,
+    BUILD_SCRIPT,
+    METADATA_FILE,
+    TERMINATION_LOG,
+    build_pod,
+    image_tag,
+    pushed_image,
+    verify_model,
+)
 from vision_rollout.settings import BUILDKIT_IMAGE
 
 
@@ -61,8 +72,13 @@ def test_the_build_pod_is_a_valid_v1_pod_running_rootless_buildkit_tagged_by_dig
     (build,) = v1.spec.containers
     assert build.image == BUILDKIT_IMAGE
     assert re.fullmatch(r"moby/buildkit:v\d+\.\d+\.\d+-rootless", BUILDKIT_IMAGE)  # a release, never :latest
-    assert build.command == ["buildctl-daemonless.sh"]
+    assert build.command == ["sh", "-c", BUILD_SCRIPT, "buildctl-daemonless.sh"]
     args = build.args
+    assert args[-2:] == ["--metadata-file", METADATA_FILE]  # the pushed digest, copied to:
+    assert (build.termination_message_path, build.termination_message_policy) == (
+        TERMINATION_LOG,
+        "FallbackToLogsOnError",
+    )
     assert args[:5] == ["build", "--progress", "plain", "--frontend", "dockerfile.v0"]
     assert f"type=image,name={tag},push=true" in args
     assert f"build-arg:MODEL_SHA256={sha}" in args
@@ -84,6 +100,62 @@ def test_the_build_pod_is_a_valid_v1_pod_running_rootless_buildkit_tagged_by_dig
     volumes = {v.name: v for v in v1.spec.volumes}
     assert volumes["docker-config"].secret.secret_name == "registry-push"
     assert volumes["docker-config"].secret.items[0].path == "config.json"
+
+
+def test_the_build_script_passes_its_args_and_reports_the_metadata_only_after_a_build(tmp_path):
+    """The wrapper as sh runs it, around a buildctl-daemonless.sh that records its argv and
+    writes --metadata-file: every arg passed as it is (spaces, quotes, globs), the metadata
+    copied to the termination log after a build that succeeded, nothing after one that failed."""
+    metadata, log = tmp_path / "metadata.json", tmp_path / "termination-log"
+    script = BUILD_SCRIPT.replace(METADATA_FILE, str(metadata)).replace(TERMINATION_LOG, str(log))
+    builder = tmp_path / "bin" / "buildctl-daemonless.sh"
+    builder.parent.mkdir()
+    builder.write_text(
+        "#!/bin/sh\n"
+        'printf "%s\\n" "$@" > "$ARGV"\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --metadata-file ] && printf "%s" "$METADATA" > "$2"; shift; done\n'
+        'exit "$STATUS"\n'
+    )
+    builder.chmod(0o755)
+    args = ["build", "--opt", "build-arg:NOTE=a b  'c' *", "--metadata-file", str(metadata)]
+    env = {**os.environ, "PATH": f"{builder.parent}:{os.environ['PATH']}", "ARGV": str(tmp_path / "argv")}
+    built = json.dumps({"containerimage.digest": "sha256:" + "c" * 64})
+    for status in ("1", "0"):
+        ran = subprocess.run(
+            ["sh", "-c", script, "buildctl-daemonless.sh", *args],
+            env={**env, "STATUS": status, "METADATA": built},
+            check=False,
+        )
+        assert ran.returncode == int(status)
+        assert (tmp_path / "argv").read_text().splitlines() == args
+        assert log.exists() == (status == "0")
+    assert log.read_text() == built
+
+
+def test_the_pushed_image_is_the_tag_by_the_digest_the_build_reports():
+    tag = "registry.example.com:5000/ml/digits-server:sha-abababababab"
+    digest = "sha256:" + "0123456789abcdef" * 4
+    metadata = {  # buildctl's --metadata-file for an image export
+        "containerimage.config.digest": "sha256:" + "e" * 64,
+        "containerimage.descriptor": {"digest": digest, "mediaType": "application/vnd.oci.image.manifest.v1+json"},
+        "containerimage.digest": digest,
+        "image.name": tag,
+    }
+    assert pushed_image(tag, json.dumps(metadata, indent=2)) == f"{tag}@{digest}"
+    assert pushed_image(tag, json.dumps({**metadata, "image.name": f"{tag},other:1"})) == f"{tag}@{digest}"
+    for message, reason in [
+        (None, "termination message is empty"),
+        ("", "termination message is empty"),
+        ("error: failed to solve: exit code: 1\n" * 200, "not JSON: 'error: failed to solve"),
+        ("[]", "names no sha256 digest"),
+        (json.dumps({**metadata, "containerimage.digest": "sha256:abc"}), "names no sha256 digest"),
+        (json.dumps({**metadata, "containerimage.digest": digest.upper()}), "names no sha256 digest"),
+        (json.dumps({**metadata, "containerimage.digest": None}), "names no sha256 digest"),
+        (json.dumps({**metadata, "image.name": "registry.example.com/ml/other:1"}), "pushed 'registry.example.com/ml/"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(reason)) as refused:
+            pushed_image(tag, message)
+        assert len(str(refused.value)) < 400  # a log's tail is cut, not echoed whole
 
 
 def test_an_s3_context_is_fetched_and_unpacked_by_init_containers_without_credentials_in_the_pod():

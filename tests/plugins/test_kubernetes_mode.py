@@ -108,7 +108,9 @@ def test_the_build_pod_is_rootless_buildkit_pushing_the_digest_tag(kube):
     assert pod.spec.restart_policy == "Never"
     (container,) = pod.spec.containers
     assert container.image == BUILDKIT_IMAGE  # the default builder
-    assert container.command == ["buildctl-daemonless.sh"]  # the operator keeps the template's command
+    assert container.command[-1] == "buildctl-daemonless.sh"  # the operator keeps the template's command
+    assert container.termination_message_policy == "FallbackToLogsOnError"  # and how it reports
+    assert container.termination_message_path == "/dev/termination-log"
     assert f"type=image,name={tag},push=true" in container.args
     assert f"build-arg:MODEL_SHA256={SHA}" in container.args
     assert "build-arg:MODEL_FILE=models/digits/2/model.onnx" in container.args
@@ -130,7 +132,7 @@ def test_the_builder_image_is_a_setting(kube, monkeypatch, tmp_path):
     plan = steps.build_plan(RolloutSpec.from_dict(PARAMS), SHA, steps.serving().settings.build_for("digits"))
     spec = plan["pod"]["spec"]
     assert spec["containers"][0]["image"] == spec["initContainers"][1]["image"] == mirror
-    assert spec["containers"][0]["command"] == ["buildctl-daemonless.sh"]
+    assert spec["containers"][0]["command"][-1] == "buildctl-daemonless.sh"
 
 
 def test_kubernetes_mode_without_build_settings_fails_naming_the_setting(kube, monkeypatch):
@@ -153,6 +155,11 @@ def test_local_mode_has_no_image_to_build():
 
 def image(version: str) -> str:
     return f"registry.example.com/ml/digits-server:v{version}"
+
+
+def pushed(built: dict) -> str:
+    """What buildkit_build hands deploy_candidate for build_image's plan: its tag, by a digest."""
+    return f"{built['build']['image']}@sha256:{'5' * 64}"
 
 
 def calls(kube: FakeKubeAPI, since: int = 0) -> list[tuple[str, str]]:
@@ -188,9 +195,12 @@ def deployment(kube: FakeKubeAPI, version: str) -> dict:
 
 def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
-    tag = "registry.example.com/ml/digits-server:sha-c0ffeec0ffee"
+    tag = f"registry.example.com/ml/digits-server:sha-c0ffeec0ffee@sha256:{'a' * 64}"  # by digest
     take("run-1")
-    assert steps.deploy_candidate(PARAMS, {"build": {"image": tag}}, "run-1") == "digits-v2"
+    with pytest.raises(AirflowFailException, match="buildkit_build pushed no image"):
+        steps.deploy_candidate(PARAMS, None, "run-1")
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    assert steps.deploy_candidate(PARAMS, tag, "run-1") == "digits-v2"
     obj = deployment(kube, "2")
     assert valid_deployment(obj)
     pod = obj["spec"]["template"]
@@ -239,7 +249,7 @@ def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_o
     kube.touch("deployments", "models", "digits-v1", customise)
     take("run-1")
     tag = image("2")
-    steps.deploy_candidate(PARAMS, {"build": {"image": tag}}, "run-1")
+    steps.deploy_candidate(PARAMS, tag, "run-1")
     v1, v2 = deployment(kube, "1")["spec"]["template"], deployment(kube, "2")["spec"]["template"]
     assert v2["spec"]["nodeSelector"] == {"gpu": "h100"}
     (c1,), (c2,) = v1["spec"]["containers"], v2["spec"]["containers"]
@@ -314,7 +324,7 @@ def test_a_retired_version_loses_its_pinned_route(fleet):
         return [r["name"] for r in http if r["name"].startswith("pinned-")]
 
     built = steps.build_image(PARAMS, "run-a")
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     assert pinned() == ["pinned-v1", "pinned-v2"]
     steps.restore_stable(PARAMS, "run-a")
@@ -322,7 +332,7 @@ def test_a_retired_version_loses_its_pinned_route(fleet):
     steps.ensure_stable(PARAMS, "run-a", None, "1", SENT)
     assert pinned() == ["pinned-v1"]
     built = steps.build_image(PARAMS, "run-b")
-    steps.deploy_candidate(PARAMS, built, "run-b")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-b")
     steps.apply_weights(PARAMS, 0, "run-b", built)
     steps.promote(PARAMS, "run-b")
     assert pinned() == ["pinned-v2"]
@@ -356,7 +366,7 @@ def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
-    steps.deploy_candidate(params, {"build": {"image": image("2")}}, "run-1")
+    steps.deploy_candidate(params, image("2"), "run-1")
     assert deployment(kube, "2")["spec"]["replicas"] == sizes[0]  # the first stage's size from the start
     for index, expected in enumerate(sizes):
         since = len(kube.requests)
@@ -379,7 +389,7 @@ def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
     take("run-1")
     with pytest.raises(RouterError, match="apply HorizontalPodAutoscaler digits-v2: 404"):
-        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, {"build": {"image": image("2")}}, "run-1")
+        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, image("2"), "run-1")
     assert "replicas" not in deployment(kube, "2")["spec"]  # the HPA's field, never claimed
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
     hpa = kube.writes()[-1]
@@ -449,7 +459,7 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
     log = "s3://ml-predictions/digits?region=eu-west-1"
     connect(monkeypatch, tmp_path, {"prediction_log": log}, storage_secret="predictions-s3")
     take("run-1")
-    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}}, "run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
     obj = deployment(kube, "2")
     assert valid_deployment(obj)
     pod = obj["spec"]["template"]["spec"]
@@ -473,7 +483,7 @@ def test_a_pod_has_what_the_evidence_needs(kube, monkeypatch, tmp_path):
     # Without a storage Secret (credentials from the node's or the pod's identity): no envFrom.
     connect(monkeypatch, tmp_path, {"prediction_log": log})
     kube.remove("deployments", "models", "digits-v2")  # a live Deployment would keep its own template
-    steps.deploy_candidate(PARAMS, {"build": {"image": image("2")}}, "run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
     assert "envFrom" not in deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]
 
 
@@ -514,7 +524,7 @@ def changes(kube: FakeKubeAPI, since: int) -> list[dict]:
 def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(fleet):
     built = steps.build_image(PARAMS, "run-a")
     assert built["build"]["image"].startswith("registry.example.com/ml/digits-server:")  # the model's own build
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     assert routes(fleet) == [("v1", 90), ("v2", 10)]
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
@@ -535,7 +545,7 @@ def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(flee
     mnist = {**PARAMS, "model": "mnist"}  # another model: its own lease, VirtualService, image
     built = steps.build_image(mnist, "run-c")
     assert built["build"]["image"].startswith("registry.example.com/ml/mnist-server:")
-    steps.deploy_candidate(mnist, built, "run-c")
+    steps.deploy_candidate(mnist, pushed(built), "run-c")
     steps.apply_weights(mnist, 0, "run-c", built)
     assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]
     assert lease(fleet, "mnist")["spec"]["holderIdentity"] == "run-c"
@@ -551,12 +561,14 @@ def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(flee
 
 def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
     built = steps.build_image(PARAMS, "run-a")
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     # run-a stalls past its lease (a crashed worker); run-b takes the model over.
     fleet.objects[("leases", "models", "rollout-digits")]["spec"]["renewTime"] = "2020-01-01T00:00:00.000000Z"
     steps.deploy_candidate(
-        {**PARAMS, "candidate_version": "3"}, steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b"), "run-b"
+        {**PARAMS, "candidate_version": "3"},
+        pushed(steps.build_image({**PARAMS, "candidate_version": "3"}, "run-b")),
+        "run-b",
     )
     steps.apply_weights({**PARAMS, "candidate_version": "3"}, 0, "run-b", built)
     assert routes(fleet) == [("v1", 90), ("v3", 10)]
@@ -581,7 +593,7 @@ def test_a_refused_takeover_gives_the_lease_back_to_the_run_it_took_it_from(flee
     back to run-a as it was (it was deleted: run-a could neither promote nor roll back, and the
     routes stayed at 50% with nobody holding the model)."""
     built = steps.build_image(PARAMS, "run-a")
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
     assert routes(fleet) == [("v1", 50), ("v2", 50)]
@@ -601,7 +613,7 @@ def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
     """run-b takes over run-a's lapsed lease at 10%: the routes back to the baseline, then run-a's
     candidate drained and scaled to 0 (its pods were left running for good: nobody's run)."""
     built = steps.build_image(PARAMS, "run-a")
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     assert deployment(fleet, "2")["spec"]["replicas"] > 0
     expire(fleet)
@@ -618,7 +630,7 @@ def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
     under that load is sent again after the wait, reads and writes alike (it failed at the
     first 429, and its teardown's and callback's tries seconds later met the same load)."""
     built = steps.build_image(PARAMS, "run-a")
-    steps.deploy_candidate(PARAMS, built, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     before = len(fleet.requests)
     fleet.throttle = 3
@@ -703,7 +715,7 @@ def test_a_model_sent_to_another_models_target_is_refused_before_any_write(kube)
     take("run-b", "mnist")
     before = len(kube.requests)
     with pytest.raises(AirflowFailException, match=r"models/digits-v1 serves model 'digits', not 'mnist'"):
-        steps.deploy_candidate(mnist, {"build": {"image": image("2")}}, "run-b")
+        steps.deploy_candidate(mnist, image("2"), "run-b")
     assert [w for w in changes(kube, before) if "/leases" not in w["path"]] == []
 
 
