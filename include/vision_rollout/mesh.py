@@ -293,17 +293,20 @@ class IstioRouter:
             raise RouterError(f"GET {plural}/{self.target.name}: {exc.status} {exc.reason}") from None
 
     def _apply(self, obj: dict[str, Any], plural: str) -> bool:
-        """Server-side apply when the spec differs; retried when the object changed meanwhile."""
+        """Server-side apply when the spec differs; retried when the object changed meanwhile.
+        Never creates: the mesh's objects are the platform's (deploy/'s overlay), and an apply
+        that would create one is refused here rather than by the API server's RBAC (a 403)."""
         from kubernetes.client.exceptions import ApiException
 
         validate_istio(obj)
         for _ in range(self.retries):
             live = self._get(plural)
             body = copy.deepcopy(obj)
-            if live is not None:
-                if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
-                    return False  # nothing to change: no write
-                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+            if live is None:
+                raise RouterError(self._missing(obj["kind"]))
+            if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
+                return False  # nothing to change: no write
+            body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
             try:
                 self._api().patch_namespaced_custom_object(
                     "networking.istio.io",
@@ -324,11 +327,19 @@ class IstioRouter:
                 raise RouterError(f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {exc.body}") from None
         raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
 
+    def _missing(self, kind: str) -> str:
+        return (
+            f"{kind} {self.target.namespace}/{self.target.name} does not exist: the rollout changes its routes and "
+            "subsets, it does not create it (apply the model's manifests, deploy/overlays, first)"
+        )
+
     def reconcile(self) -> None:
         """DestinationRule with every subset; the VirtualService's original spec remembered."""
-        self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
         live = self._get("virtualservices")
-        if live is not None and ORIGINAL_ANNOTATION not in _annotations(live):
+        if live is None:
+            raise RouterError(self._missing("VirtualService"))
+        self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
+        if ORIGINAL_ANNOTATION not in _annotations(live):
             body = {
                 "apiVersion": "networking.istio.io/v1",
                 "kind": "VirtualService",
@@ -351,7 +362,7 @@ class IstioRouter:
     def get_routes(self) -> TrafficPolicy:
         live = self._get("virtualservices")
         if live is None:
-            raise RouterError(f"VirtualService {self.target.namespace}/{self.target.name} does not exist")
+            raise RouterError(self._missing("VirtualService"))
         return policy_from_virtual_service(live)
 
     def finalize(self) -> None:

@@ -71,13 +71,41 @@ def test_rendered_objects_validate_and_read_back():
         validate_istio(bad)
 
 
+def overlay(fake: FakeKubeAPI) -> None:
+    """The model's mesh objects as deploy/'s overlay applies them: version 1 takes it all."""
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    for plural, obj in (
+        ("virtualservices", render_virtual_service(TARGET, stable)),
+        ("destinationrules", render_destination_rule(TARGET, ["1"])),
+    ):
+        fake.objects[(plural, "models", "digits")] = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "1"}}
+
+
 @pytest.fixture
 def kube():
     fake = FakeKubeAPI().start()
+    overlay(fake)
     cfg = client.Configuration()
     cfg.host = fake.url
     yield fake, client.ApiClient(cfg)
     fake.stop()
+
+
+@pytest.mark.parametrize("missing", ["virtualservices", "destinationrules"])
+def test_istio_router_never_creates_the_meshs_objects(kube, missing):
+    """They are the platform's: the workers' Role may get and patch them, not create them. A
+    missing one is named, not a 403 from the API server's RBAC, and nothing is written."""
+    fake, api = kube
+    del fake.objects[(missing, "models", "digits")]
+    kind = {"virtualservices": "VirtualService", "destinationrules": "DestinationRule"}[missing]
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    with pytest.raises(RouterError, match=f"{kind} models/digits does not exist: the rollout changes"):
+        router.reconcile()
+    if missing == "virtualservices":
+        with pytest.raises(RouterError, match=f"{kind} models/digits does not exist"):
+            router.set_routes(CANARY)
+    assert fake.writes() == []
+    assert (missing, "models", "digits") not in fake.objects
 
 
 def test_istio_router_applies_diffs_and_restores(kube):

@@ -67,18 +67,19 @@ def take(run_id: str, model: str = "digits") -> None:
 
 def stable_virtual_service(kube: FakeKubeAPI, params: dict, serving: str = "1") -> None:
     """The model as it was before the rollout: version 1's Deployment, and its VirtualService
-    sending version ``serving`` 100%."""
+    sending version ``serving`` 100% and DestinationRule (the overlay's)."""
     from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
+    from vision_rollout.mesh import render_destination_rule, render_virtual_service
 
     spec = RolloutSpec.from_dict(params)
     steps.serving().deployments(spec.model).apply("1", image("1"))
     target = steps.router(spec, "r", steps.serving()).target
     vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": serving, "weight": 100}]}))
-    kube.objects[("virtualservices", target.namespace, target.name)] = {
-        **vs,
-        "metadata": {**vs["metadata"], "resourceVersion": "3"},
-    }
+    for plural, obj in (("virtualservices", vs), ("destinationrules", render_destination_rule(target, [serving]))):
+        kube.objects[(plural, target.namespace, target.name)] = {
+            **obj,
+            "metadata": {**obj["metadata"], "resourceVersion": "3"},
+        }
 
 
 def routes(kube: FakeKubeAPI, name: str = "digits", namespace: str = "models") -> list[tuple[str, int]]:
