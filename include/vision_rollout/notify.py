@@ -5,12 +5,18 @@ A rollback message names the failing check with its numbers and the reason, not 
 ``files_upload_v2`` in the message's thread); without a token they are written to an outbox
 folder as JSON (and the chart as PNG), so the one-machine setup keeps every report.
 Slack's limits are enforced here: at most 50 blocks, 3000 characters per text field.
+
+Every mrkdwn text is escaped as Slack asks (``&``, ``<``, ``>``): the reports carry strings
+others wrote (a server's error message, an approver's name), and in Slack ``<!channel>`` pings
+a whole channel and ``<https://x|text>`` is a link that says anything. Such strings are also
+put on one line (``one_line``), so that none can add a line that reads like the report's own.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,19 +46,34 @@ def _text(s: str) -> str:
     return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + "…"
 
 
+_CUT_ENTITY = re.compile(r"&[a-z]{0,3}$")
+
+
+def mrkdwn(s: str) -> str:
+    """``s`` as Slack mrkdwn text: ``&``, ``<`` and ``>`` escaped (Slack's control characters:
+    mentions, links), cut to ``MAX_TEXT`` characters without splitting an escape."""
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return s if len(s) <= MAX_TEXT else _CUT_ENTITY.sub("", s[: MAX_TEXT - 1]) + "…"
+
+
+def one_line(s: str) -> str:
+    """Text from elsewhere on one line: line breaks and other control characters as spaces."""
+    return " ".join("".join(c if c.isprintable() else " " for c in s).split())
+
+
 def header(text: str) -> dict[str, Any]:
     return {"type": "header", "text": {"type": "plain_text", "text": _text(text)[:150]}}
 
 
 def section(markdown: str, fields: list[str] | None = None) -> dict[str, Any]:
-    block: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": _text(markdown)}}
+    block: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": mrkdwn(markdown)}}
     if fields:
-        block["fields"] = [{"type": "mrkdwn", "text": _text(f)} for f in fields[:10]]
+        block["fields"] = [{"type": "mrkdwn", "text": mrkdwn(f)} for f in fields[:10]]
     return block
 
 
 def context(markdown: str) -> dict[str, Any]:
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": _text(markdown)}]}
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": mrkdwn(markdown)}]}
 
 
 def _limit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -131,6 +152,7 @@ def rollback_message(
     audit: AuditResult | None = None,
     chart: bytes | None = None,
 ) -> Message:
+    reason = one_line(reason)
     failing = verdict.failed if verdict is not None else []
     first = failing[0] if failing else None
     headline = f"{first.name}: {first.sentence}" if first else reason
@@ -268,7 +290,9 @@ class SlackNotifier:
         from slack_sdk.errors import SlackClientError
 
         try:
-            posted = self.client.chat_postMessage(channel=self.channel, text=_text(message.text), blocks=message.blocks)
+            posted = self.client.chat_postMessage(
+                channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks
+            )
         except (SlackClientError, OSError) as exc:
             if self.outbox is None:
                 raise

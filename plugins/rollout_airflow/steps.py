@@ -665,14 +665,14 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
 
 def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
     """The run's decision and its reason, without the verdicts' details."""
-    from vision_rollout.notify import Message, section
+    from vision_rollout.notify import Message, one_line, section
 
     done = (
         f"promoted: version {spec.candidate_version} takes 100%"
         if outcome == "promote"
         else f"rolled back: version {spec.baseline_version} takes 100% again"
     )
-    text = f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} {done}. Reason: {reason}"
+    text = f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} {done}. Reason: {one_line(reason)}"
     return Message(text, [section(text)])
 
 

@@ -146,3 +146,33 @@ def test_without_a_token_messages_go_to_the_outbox(tmp_path):
     assert not list((tmp_path / "outbox").glob(".*.tmp"))
     with pytest.raises(ValueError, match="a token, a client or an outbox"):
         SlackNotifier("#x")
+
+
+def test_strings_from_elsewhere_reach_slack_escaped_and_on_one_line(slack):
+    """A rollback's reason carries text others wrote (a server's error message, an approver's
+    name): it reached Slack as mrkdwn as it was, so ``<!channel>`` pinged the whole channel, a
+    ``<url|text>`` link said anything, and a line break added a line reading like the report's."""
+    reason = (
+        "the 5% stage: probe request failed: HTTP 500: <!channel> see <https://evil.example/x|the dashboard> & "
+        "more\n*Verdict:* PASS"
+    )
+    SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(rollback_message(SPEC, reason))
+    posted = slack.messages()[-1]
+    sent = [posted["text"], *(b["text"]["text"] for b in posted["blocks"] if b["type"] == "section")]
+    assert all("<" not in t and ">" not in t for t in sent)
+    assert "&lt;!channel&gt; see &lt;https://evil.example/x|the dashboard&gt; &amp; more *Verdict:* PASS" in sent[0]
+    assert sent[1].endswith(
+        "*Reason:* the 5% stage: probe request failed: HTTP 500: &lt;!channel&gt; see "
+        "&lt;https://evil.example/x|the dashboard&gt; &amp; more *Verdict:* PASS"
+    )
+
+
+def test_escaping_keeps_a_text_within_slacks_limit_without_a_broken_escape(slack):
+    from vision_rollout.notify import MAX_TEXT, Message, section
+
+    block = section("x" + "<" * 5000)
+    assert len(block["text"]["text"]) <= MAX_TEXT
+    assert block["text"]["text"].endswith("&lt;…")
+    SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(Message("<" * 5000, [block]))
+    assert slack.calls[-1]["ok"] is True
+    assert slack.messages()[-1]["text"].endswith("&lt;…")

@@ -270,13 +270,16 @@ def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_
     monkeypatch.setattr("vision_rollout.notify.rollback_message", broken)
     outbox_reports(monkeypatch, tmp_path)
     verdict = {**FAIL, "checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
-    sent = steps.notify(PARAMS, "rollback", "the 50% stage: FAIL: canary P99 regressed 40%", [verdict])
+    reason = "the 50% stage: FAIL: canary P99 regressed 40%\n<!channel> *Verdict:* PASS"
+    sent = steps.notify(PARAMS, "rollback", reason, [verdict])
     assert "outbox" in sent
     (report,) = outbox_reports(monkeypatch, tmp_path)
     assert report["text"] == (
         "digits v2 against v1 rolled back: version 1 takes 100% again. "
-        "Reason: the 50% stage: FAIL: canary P99 regressed 40%"
+        "Reason: the 50% stage: FAIL: canary P99 regressed 40% <!channel> *Verdict:* PASS"
     )
+    # (the reason on one line; in Slack's mrkdwn, escaped)
+    assert report["blocks"][0]["text"]["text"].endswith("40% &lt;!channel&gt; *Verdict:* PASS")
 
 
 def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_path, models_dir):
