@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
+# Slack's rate limit (HTTP 429): the call is made again after its Retry-After, as slack-sdk
+# recommends, twice at most and only for a wait this long at most (a longer one: the outbox).
+RATE_LIMIT_RETRIES = 2
+MAX_RETRY_AFTER_S = 30
 ICONS = {
     "pass": ":large_green_circle:",
     "fail": ":red_circle:",
@@ -256,6 +260,22 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
     return buf.getvalue()
 
 
+def _retry_rate_limited(client: Any) -> None:
+    """Give a WebClient (its default handlers retry a refused connection only) a handler for
+    Slack's 429: a rate-limited report went to the outbox and failed the run."""
+    from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
+
+    class BoundedRateLimitRetry(RateLimitErrorRetryHandler):
+        def _can_retry(self, *, state: Any, request: Any, response: Any = None, error: Any = None) -> bool:
+            if response is None or response.status_code != 429:
+                return False
+            after = next((v[0] for k, v in response.headers.items() if k.lower() == "retry-after"), "1")
+            return after.isdigit() and int(after) <= MAX_RETRY_AFTER_S
+
+    if not any(isinstance(h, RateLimitErrorRetryHandler) for h in client.retry_handlers):
+        client.retry_handlers.append(BoundedRateLimitRetry(max_retry_count=RATE_LIMIT_RETRIES))
+
+
 class SlackNotifier:
     """Posts through slack-sdk with a bot token; without one, writes to an outbox folder."""
 
@@ -277,6 +297,8 @@ class SlackNotifier:
             from slack_sdk import WebClient
 
             self.client = WebClient(token=token, base_url=base_url or WebClient.BASE_URL)
+        if self.client is not None:
+            _retry_rate_limited(self.client)
 
     def send(self, message: Message) -> dict[str, Any]:
         """Post the message (its chart in the thread). When Slack fails (an outage, a refused

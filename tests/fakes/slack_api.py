@@ -2,7 +2,8 @@
 
 ``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
 field, 150 per header), ``files.getUploadURLExternal``, the upload URL it hands out, and
-``files.completeUploadExternal``; answers ``{"ok": false, "error": ...}`` as Slack does.
+``files.completeUploadExternal``; answers ``{"ok": false, "error": ...}`` as Slack does, and
+429 with Retry-After (``rate_limited``) as Slack's rate limiter does.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FakeSlack:
         self.calls: list[dict[str, Any]] = []
         self.uploads: dict[str, bytes] = {}
         self.outage: int | None = None  # an HTTP status every API call answers (an outage), or None
+        self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
+        self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -94,6 +97,16 @@ class FakeSlack:
                     body.update({k: v[0] for k, v in parse_qs(url.query).items()})
                 call = {"method": method, "body": body, "ok": False}
                 slack.calls.append(call)
+                if slack.rate_limited:
+                    slack.rate_limited -= 1
+                    data = json.dumps({"ok": False, "error": "ratelimited"}).encode()
+                    self.send_response(429)
+                    self.send_header("Retry-After", str(slack.retry_after))
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 if slack.outage is not None:
                     data = b"upstream connect error"
                     self.send_response(slack.outage)

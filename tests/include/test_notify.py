@@ -176,3 +176,39 @@ def test_escaping_keeps_a_text_within_slacks_limit_without_a_broken_escape(slack
     SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(Message("<" * 5000, [block]))
     assert slack.calls[-1]["ok"] is True
     assert slack.messages()[-1]["text"].endswith("&lt;…")
+
+
+@pytest.mark.parametrize("through", ["token", "provider client"])
+def test_a_rate_limited_post_is_sent_again_after_retry_after(slack, tmp_path, through):
+    """Slack answering 429 (with Retry-After) sent the report to the outbox, and the run failed
+    as undelivered; slack-sdk's default handlers retry a refused connection only."""
+    from slack_sdk import WebClient
+
+    slack.rate_limited, slack.retry_after = 2, 0
+    client = WebClient(token=slack.token, base_url=slack.base_url) if through == "provider client" else None
+    notifier = SlackNotifier(
+        "#c", token=slack.token, base_url=slack.base_url, client=client, outbox=Folder(str(tmp_path / "outbox"))
+    )
+    result = notifier.send(rollback_message(SPEC, "hard guard tripped"))
+    assert "slack_error" not in result
+    assert result["ts"]
+    assert [c["method"] for c in slack.calls] == ["chat.postMessage"] * 3
+    assert len(slack.messages()) == 1
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_a_rate_limit_past_its_retries_or_too_long_a_wait_goes_to_the_outbox(slack, tmp_path):
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.rate_limited, slack.retry_after = 1, 3600  # not waited for an hour
+    result = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x")
+    )
+    assert "ratelimited" in result["slack_error"]
+    assert len(slack.calls) == 1
+    slack.rate_limited, slack.retry_after = 5, 0
+    result = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x")
+    )
+    assert "ratelimited" in result["slack_error"]
+    assert len(slack.calls) == 1 + 3  # the call and its two retries
+    assert slack.messages() == []
