@@ -89,12 +89,31 @@ class AuditResult:
     # the shadow's alone, where the primary's was finite, are the candidate's (anomalies).
     primary_not_finite: int = 0
     shadow_not_finite: int = 0
+    config: AuditConfig = field(default_factory=AuditConfig)  # the limits it was judged against
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
         d["agreement_ci"] = list(self.agreement_ci) if self.agreement_ci else None
         d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
         return d
+
+
+def limit_percent(limit: float) -> str:
+    """A limit (a share) as a percentage, as precise as it was set: 0.995 is 99.5, not 100."""
+    return f"{100 * limit:.10g}"
+
+
+def percent_beside(x: float, limit: float, decimals: int = 2) -> str:
+    """A share ``x`` as a percentage with ``decimals`` decimals, or more where fewer would show it
+    on the limit (``limit_percent``) or across it: an upper bound of 0.899994 beside a 90% limit
+    reads 89.9994, not 90.00."""
+    shown = float(limit_percent(limit))
+    text = f"{100 * x:.{decimals}f}"
+    for d in range(decimals, 12):
+        text = f"{100 * x:.{d}f}"
+        if (float(text) < shown) == (x < limit) and (float(text) > shown) == (x > limit):
+            break
+    return text
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -135,6 +154,7 @@ def audit_frame(
         "pass",
         [],
         rows=len(df),
+        config=cfg,
         shadow_errors=int(errors.sum()),
         shadow_error_rate=float(errors.mean()),
         versions={"primary": sorted(df["primary_version"].unique()), "shadow": sorted(df["shadow_version"].unique())},
@@ -205,39 +225,46 @@ def audit_frame(
     )
 
     lo, hi = result.agreement_ci
-    agreement = f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-{100 * hi:.2f}%)"
+    minimum = limit_percent(cfg.min_agreement)
+    agreement = agreement_text(result.agreement, result.agreement_ci, cfg.min_agreement)
     if hi < cfg.min_agreement:
         result.verdict = "fail"
-        result.reasons.append(f"{agreement} is shown below {100 * cfg.min_agreement:.0f}%")
+        result.reasons.append(f"{agreement} is shown below {minimum}%")
     elif lo < cfg.min_agreement:
         result.verdict = "inconclusive"
-        result.reasons.append(f"{agreement} is not yet shown above {100 * cfg.min_agreement:.0f}% ({len(ok)} records)")
+        result.reasons.append(f"{agreement} is not yet shown above {minimum}% ({len(ok)} records)")
+    error_rate = percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)
     if result.shadow_error_rate > cfg.max_shadow_error_rate:
         result.verdict = "fail"
-        result.reasons.append(
-            f"shadow error rate {100 * result.shadow_error_rate:.3f}% is above {100 * cfg.max_shadow_error_rate:.3f}%"
-        )
+        result.reasons.append(f"shadow error rate {error_rate}% is above {limit_percent(cfg.max_shadow_error_rate)}%")
+    anomaly_rate = percent_beside(result.anomaly_rate, cfg.max_anomaly_rate, 1)
     if result.anomaly_rate > cfg.max_anomaly_rate:
         # Failed only once the rate is shown above the limit: one odd probe is not a trend.
         low = wilson(int(flagged.sum()), len(flagged), cfg.confidence_level)[0]
         shown = low > cfg.max_anomaly_rate
         result.verdict = "fail" if shown else ("inconclusive" if result.verdict == "pass" else result.verdict)
         result.reasons.append(
-            f"{100 * result.anomaly_rate:.1f}% of requests are anomalies (limit "
-            f"{100 * cfg.max_anomaly_rate:.0f}%{'' if shown else f', not yet shown over {len(flagged)} records'})"
+            f"{anomaly_rate}% of requests are anomalies (limit "
+            f"{limit_percent(cfg.max_anomaly_rate)}%{'' if shown else f', not yet shown over {len(flagged)} records'})"
         )
     if result.verdict == "pass":
-        result.reasons.append(
-            f"top-1 agreement {100 * result.agreement:.2f}% (interval {100 * lo:.2f}-"
-            f"{100 * hi:.2f}%), shadow error rate {100 * result.shadow_error_rate:.3f}%, "
-            f"anomalies {100 * result.anomaly_rate:.1f}%"
-        )
+        result.reasons.append(f"{agreement}, shadow error rate {error_rate}%, anomalies {anomaly_rate}%")
     if result.shadow_not_finite:
         result.reasons.append(
             f"{result.shadow_not_finite} shadow answers were no finite distribution (NaN or Inf) where the "
             "primary's was: anomalies, out of the agreement and the divergences"
         )
     return result
+
+
+def agreement_text(agreement: float, ci: tuple[float, float], minimum: float) -> str:
+    """The top-1 agreement and its interval, each shown beside the minimum without rounding onto
+    or across it."""
+    lo, hi = ci
+    return (
+        f"top-1 agreement {percent_beside(agreement, minimum)}% "
+        f"(interval {percent_beside(lo, minimum)}-{percent_beside(hi, minimum)}%)"
+    )
 
 
 def audit(
@@ -327,13 +354,16 @@ REPORT, CHART = "report.md", "divergence.png"
 def report_files(result: AuditResult) -> dict[str, bytes]:
     """The report's files by name: report.md, summary.json, and where the audit has them
     confusion.csv, anomalies.csv and the chart (``CHART``)."""
+    cfg = result.config
     files: dict[str, bytes] = {}
     lines = [
         f"# Shadow audit: {result.model or 'all models'}",
         "",
         f"- Range: {result.start} to {result.end}",
         f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
-        f"- Records: {result.rows} (shadow errors {result.shadow_errors}, {100 * result.shadow_error_rate:.3f}%)",
+        f"- Records: {result.rows} (shadow errors {result.shadow_errors}, "
+        f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%; limit "
+        f"{limit_percent(cfg.max_shadow_error_rate)}%)",
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
@@ -345,12 +375,15 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         lines += [
             f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
             f"{', '.join(result.versions['shadow'])}",
-            f"- Top-1 agreement: {100 * result.agreement:.2f}% (95% Wilson interval {100 * lo:.2f}% to "
-            f"{100 * hi:.2f}%)",
+            f"- Top-1 agreement: {percent_beside(result.agreement, cfg.min_agreement)}% "
+            f"({100 * cfg.confidence_level:g}% Wilson interval {percent_beside(lo, cfg.min_agreement)}% to "
+            f"{percent_beside(hi, cfg.min_agreement)}%; minimum {limit_percent(cfg.min_agreement)}%)",
             f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
             "- Per-request KL(primary || shadow): "
             + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
-            f"- Anomalies (shadow confidence < 0.65 or divergence > 0.18): {100 * (result.anomaly_rate or 0):.2f}%",
+            f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} or divergence > "
+            f"{cfg.divergence_threshold:g}): {percent_beside(result.anomaly_rate or 0, cfg.max_anomaly_rate)}% "
+            f"(limit {limit_percent(cfg.max_anomaly_rate)}%)",
         ]
     if result.confusion is not None:
         files["confusion.csv"] = result.confusion.to_csv().encode()

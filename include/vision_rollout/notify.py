@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_rollout.audit import AuditResult
+from vision_rollout.audit import AuditResult, limit_percent, percent_beside
 from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, Verdict
 from vision_rollout.spec import RolloutSpec
@@ -197,15 +197,20 @@ def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
     ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci
+        cfg = result.config
+        at = cfg.min_agreement
         blocks.append(
             section(
                 "Numbers",
                 [
                     f"*Records*\n{result.rows}",
-                    f"*Top-1 agreement*\n{100 * result.agreement:.2f}% ({100 * lo:.2f}-{100 * hi:.2f}%)",
+                    f"*Top-1 agreement* (minimum {limit_percent(at)}%)\n{percent_beside(result.agreement, at)}% "
+                    f"({percent_beside(lo, at)}-{percent_beside(hi, at)}%)",
                     f"*KL of means*\n{result.kl_of_means:.5f}",
-                    f"*Shadow errors*\n{100 * result.shadow_error_rate:.3f}%",
-                    f"*Anomalies*\n{100 * (result.anomaly_rate or 0):.2f}%",
+                    f"*Shadow errors* (limit {limit_percent(cfg.max_shadow_error_rate)}%)\n"
+                    f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%",
+                    f"*Anomalies* (limit {limit_percent(cfg.max_anomaly_rate)}%)\n"
+                    f"{percent_beside(result.anomaly_rate or 0, cfg.max_anomaly_rate)}%",
                 ],
             )
         )

@@ -261,3 +261,49 @@ def test_a_candidate_answering_nan_alone_is_an_anomaly_not_an_agreement(tmp_path
 def predictionlog_records(log: Path, start: datetime, end: datetime) -> pd.DataFrame:
     columns = [*predictionlog.SHADOW_PAIR_COLUMNS, "top1_prob"]
     return predictionlog.read(log, start, end, columns=columns, roles=("primary", "shadow"))
+
+
+def pairs(n: int, agree: int) -> pd.DataFrame:
+    """``n`` shadow pairs, the first ``agree`` of them agreeing (sure answers, no errors)."""
+    same, other = np.array([0.91, 0.09]), np.array([0.09, 0.91])
+    return pd.DataFrame(
+        {
+            "primary_version": ["1"] * n,
+            "shadow_version": ["2"] * n,
+            "shadow_error": [None] * n,
+            "primary_top1": [0] * n,
+            "shadow_top1": [0] * agree + [1] * (n - agree),
+            "primary_probs": [same] * n,
+            "shadow_probs": [same] * agree + [other] * (n - agree),
+            "time": [NOW] * n,
+            "request_id": [f"r{i}" for i in range(n)],
+            "item": [0] * n,
+            "image_sha256": ["0" * 64] * n,
+        }
+    )
+
+
+def test_numbers_beside_a_limit_are_never_rounded_onto_or_across_it():
+    """An interval whose upper end was 89.9994% beside a 90% minimum read "interval
+    87.29-90.00% is shown below 90%", and a 99.5% minimum read "100%"."""
+    from vision_rollout.audit import percent_beside
+    from vision_rollout.notify import audit_message
+
+    config = AuditConfig(min_agreement=0.9, max_anomaly_rate=1.0)
+    result = audit_frame(pairs(2091, 1855), config)  # Wilson 95% upper end 0.8999942
+    assert result.verdict == "fail"
+    assert result.reasons == ["top-1 agreement 88.71% (interval 87.29-89.999%) is shown below 90%"]
+    report = report_files(result)[REPORT].decode()
+    assert "Wilson interval 87.29% to 89.999%; minimum 90%" in report
+    assert "90.00" not in report
+    slack = json.dumps(audit_message(result).blocks)
+    assert "88.71% (87.29-89.999%)" in slack
+    assert "90.00" not in slack
+    assert json.loads(report_files(result)["summary.json"])["config"]["min_agreement"] == 0.9
+
+    unresolved = audit_frame(pairs(200, 200), AuditConfig(min_agreement=0.995, max_anomaly_rate=1.0))
+    assert unresolved.reasons[0].endswith("is not yet shown above 99.5% (200 records)")
+    assert percent_beside(0.0010004, 0.001, 3) == "0.10004"  # above a 0.1% limit, not "0.100"
+    assert percent_beside(0.0504, 0.05, 1) == "5.04"  # above a 5% limit, not "5.0"
+    assert percent_beside(0.05, 0.05, 1) == "5.0"
+    assert percent_beside(0.123456, 0.9) == "12.35"
