@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -351,6 +352,15 @@ def plot(result: AuditResult) -> bytes:
 REPORT, CHART = "report.md", "divergence.png"
 
 
+def code_cell(text: str) -> str:
+    """Text someone else chose (a client's request id) as a Markdown table cell: a code span,
+    so nothing in it is markup (no link, image or HTML), its ``|`` escaped, so it cannot split
+    the row into other columns, on one line."""
+    text = "".join(c if c.isprintable() else " " for c in text).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
 def report_files(result: AuditResult) -> dict[str, bytes]:
     """The report's files by name: report.md, summary.json, and where the audit has them
     confusion.csv, anomalies.csv and the chart (``CHART``)."""
@@ -403,7 +413,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r.request_id[:16]} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
+            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
             f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
             for r in result.anomalies.itertuples()
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -307,3 +308,27 @@ def test_numbers_beside_a_limit_are_never_rounded_onto_or_across_it():
     assert percent_beside(0.0504, 0.05, 1) == "5.04"  # above a 5% limit, not "5.0"
     assert percent_beside(0.05, 0.05, 1) == "5.0"
     assert percent_beside(0.123456, 0.9) == "12.35"
+
+
+def test_a_request_id_cannot_shift_or_mark_up_the_reports_anomaly_table():
+    """Request ids are the client's (printable ASCII): one with ``|`` split its row of report.md
+    into other columns (the next cell showing "y" as the image hash), one with ``![a](url)`` or
+    ``<img ...>`` rendered as an image fetched from anywhere."""
+    from markdown_it import MarkdownIt
+
+    df = pairs(20, 10)
+    df.loc[15, "request_id"] = "x|y|z|<img src=x"
+    df.loc[16, "request_id"] = "`|![a](http://e)"
+    report = report_files(audit_frame(df))[REPORT].decode()
+    html = MarkdownIt("gfm-like").render(report)
+    assert re.findall(r"<img[^>]*>", html) == ['<img src="divergence.png" alt="divergence and confusion" />']
+    assert "<a " not in html
+    rows = [
+        re.findall(r"<td>(.*?)</td>", row)
+        for row in re.findall(r"<tr>(.*?)</tr>", html, re.S)
+        if "high divergence" in row
+    ]
+    assert len(rows) == 10
+    ids = {row[0]: row[1:] for row in rows}
+    assert ids["<code>x|y|z|&lt;img src=x</code>"][:4] == ["0", "0" * 16, "0", "1"]
+    assert ids["<code>`|![a](http://e)</code>"][:4] == ["0", "0" * 16, "0", "1"]
