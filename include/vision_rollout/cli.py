@@ -235,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if notifier is not None:
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]
         notifier.send(
-            promotion_message(spec, verdicts)
+            promotion_message(spec, verdicts, reason=result.reason)
             if result.promoted
             else rollback_message(spec, result.reason, last.verdict if last else None, last.weight if last else None)
         )

@@ -126,14 +126,20 @@ STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "acc
 
 
 def promotion_message(
-    spec: RolloutSpec, verdicts: list[Verdict], audit: AuditResult | None = None, chart: bytes | None = None
+    spec: RolloutSpec,
+    verdicts: list[Verdict],
+    audit: AuditResult | None = None,
+    chart: bytes | None = None,
+    reason: str = "",
 ) -> Message:
+    """``reason``: the decision's own words (the shadow audit's result, who approved)."""
     text = f"Promoted {spec.model} v{spec.candidate_version} to 100%"
+    decision = f"\n*Decision:* {one_line(reason)}" if reason.strip() else ""
     blocks = [
         header(f"Promoted: {spec.model} v{spec.candidate_version} at 100%"),
         section(
             f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
-            f"version {spec.baseline_version} retired, mirror off."
+            f"version {spec.baseline_version} retired, mirror off.{decision}"
         ),
     ]
     for weight, v in zip(spec.stages, verdicts, strict=False):

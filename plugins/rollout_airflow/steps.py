@@ -653,7 +653,7 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
-            message = promotion_message(spec, judged)
+            message = promotion_message(spec, judged, reason=reason)
         else:
             failing = next((v for v in judged if v.decision != "pass"), None)
             message = rollback_message(spec, reason, failing)

@@ -282,6 +282,21 @@ def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_
     assert report["blocks"][0]["text"]["text"].endswith("40% &lt;!channel&gt; *Verdict:* PASS")
 
 
+def test_a_promotion_report_says_who_approved_it_and_what_the_shadow_audit_showed(monkeypatch, tmp_path):
+    """The promotion report left out the decision's reason: the approver and the shadow audit's
+    agreement never reached Slack, only "passed every stage"."""
+    outbox_reports(monkeypatch, tmp_path)
+    params = {**PARAMS, "require_approval": True}
+    verdict = {**PASS, "checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
+    outcome, reason = decide(params, [verdict, verdict], AGREES, approval=ALICE)
+    assert outcome == "promote"
+    steps.notify(params, outcome, reason, [verdict, verdict])
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["blocks"][1]["text"]["text"].endswith(
+        "*Decision:* every stage passed; shadow audit: top-1 agreement 97.10% (interval 96.2-97.8%); approved by Alice"
+    )
+
+
 def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_path, models_dir):
     """A tiny mirror_percent (0.001: one id in 10,000) left the probe's search of 10,000 random ids
     empty about a third of the time, and enable_shadow failed with a bare StopIteration. Here the
