@@ -20,7 +20,7 @@ from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import candidate_replicas
@@ -678,7 +678,9 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
     """The hourly shadow audit of one model over the hour before ``end``: skipped when the hour
-    has no shadow record and no mirror was configured; a warning when a mirror was."""
+    has no shadow record and no mirror was configured; a warning when a mirror was. A report
+    Slack did not take (kept in the run folder and the outbox) fails the task, which a retry
+    sends again: an audit nobody was told of is no audit."""
     from vision_rollout.audit import CHART, REPORT, audit, report_files, with_coverage, write_report
     from vision_rollout.notify import audit_message
 
@@ -693,7 +695,12 @@ def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> d
         )
     files = report_files(result)
     where = write_report(files, settings.run_folder / "audits" / model / start.strftime("%Y%m%dT%H"))
-    slack_notifier(channel, settings.outbox).send(audit_message(result, files.get(CHART)))
+    sent = slack_notifier(channel, settings.outbox).send(audit_message(result, files.get(CHART)))
+    if sent.get("slack_error"):  # (a retry sends it again; the report is kept either way)
+        raise AirflowException(
+            f"the {result.verdict} audit of '{model}' is in {where[REPORT]}, but its report did not reach "
+            f"Slack ({sent['slack_error']}): it is in the outbox, {sent.get('outbox')}"
+        )
     return {**result.to_dict(), "report": where[REPORT]}
 
 

@@ -323,3 +323,37 @@ def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_
     steps.serving().model_lock("digits", "local").acquire("run-a")
     with pytest.raises(AirflowFailException, match=r"sampled by the mirror \(0.001% to version 2\)"):
         steps.enable_shadow(params, "run-a")
+
+
+def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_it(monkeypatch, tmp_path):
+    """Slack answering 503: the hourly audit's report (a FAIL here) went to the outbox, and the
+    task succeeded: nobody was told, and nothing in the task said so."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException
+
+    from tests.fakes.slack_api import FakeSlack
+    from tests.support import shadow_log
+
+    log = shadow_log(tmp_path, 120, disagree=0.3)
+    extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    slack = FakeSlack().start()
+    try:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_SLACK_API_DEFAULT",
+            json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
+        )
+        slack.outage = 503
+        end = datetime.now(UTC) + timedelta(minutes=1)
+        with pytest.raises(AirflowException, match=r"the fail audit of 'digits' is in .*report\.md, but") as failed:
+            steps.audit_hour("digits", end)
+        assert not isinstance(failed.value, AirflowFailException)  # (retried)
+        assert "upstream connect error" in str(failed.value)
+        assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
+        slack.outage = None
+        assert steps.audit_hour("digits", end)["verdict"] == "fail"  # the retry
+        (posted,) = slack.messages()
+        assert posted["text"] == "Shadow audit digits: FAIL"
+    finally:
+        slack.stop()
