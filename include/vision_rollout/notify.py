@@ -41,6 +41,8 @@ ICONS = {
     "pass": ":large_green_circle:",
     "fail": ":red_circle:",
     "wait": ":large_yellow_circle:",
+    "inconclusive": ":large_yellow_circle:",  # (an audit's)
+    "warning": ":large_yellow_circle:",
     "info": ":white_circle:",
     "skip": ":white_circle:",
 }
@@ -102,6 +104,18 @@ class Message:
     text: str  # the notification fallback
     blocks: list[dict[str, Any]]
     chart: bytes | None = None  # PNG
+
+
+def number(x: float, digits: int = 4) -> str:
+    """A check's number for the report: ``n/a`` for NaN (no estimate), never ``-0``."""
+    if x != x:
+        return "n/a"
+    return f"{x + 0.0:.{digits}g}"  # (-0.0 + 0.0 is 0.0)
+
+
+def p_value(p: float) -> str:
+    """A p-value: one that underflowed to 0 is below the smallest a float holds, not 0."""
+    return "< 1e-300" if p == 0 else number(p, 3)
 
 
 def _who(spec: RolloutSpec) -> str:
@@ -178,13 +192,13 @@ def rollback_message(
     if first is not None:
         fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
         if first.effect is not None:
-            fields.append(f"*Effect*\n{first.effect:.4g}")
+            fields.append(f"*Effect*\n{number(first.effect)}")
         if first.ci is not None:
-            fields.append(f"*Interval*\n{first.ci[0]:.4g} to {first.ci[1]:.4g}")
+            fields.append(f"*Interval*\n{number(first.ci[0])} to {number(first.ci[1])}")
         if first.margin is not None:
-            fields.append(f"*Margin / limit*\n{first.margin:.4g}")
+            fields.append(f"*Margin / limit*\n{number(first.margin)}")
         if first.p_value is not None:
-            fields.append(f"*p-value*\n{first.p_value:.3g}")
+            fields.append(f"*p-value*\n{p_value(first.p_value)}")
         fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))
         blocks += _check_lines([c for c in failing[1:]])

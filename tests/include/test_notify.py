@@ -212,3 +212,25 @@ def test_a_rate_limit_past_its_retries_or_too_long_a_wait_goes_to_the_outbox(sla
     assert "ratelimited" in result["slack_error"]
     assert len(slack.calls) == 1 + 3  # the call and its two retries
     assert slack.messages() == []
+
+
+def test_a_failing_checks_numbers_never_read_as_0_or_nan(slack):
+    """A p-value that underflowed read "p-value 0", an effect of -0.0 read "-0" and a missing
+    interval end "nan"; an inconclusive or warning audit had no icon."""
+    from vision_rollout.audit import AuditResult
+    from vision_rollout.gates import Verdict
+    from vision_rollout.notify import audit_message
+
+    check = Check("latency_geomean", "fail", "slower", "welch", effect=-0.0, ci=(float("nan"), 0.5), p_value=0.0)
+    msg = rollback_message(SPEC, "r", Verdict("fail", (check,), 1, 1, 0.05, 0.05, "pocock"))
+    SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(msg)
+    fields = [f["text"] for f in slack.messages()[-1]["blocks"][2]["fields"]]
+    assert "*Effect*\n0" in fields
+    assert "*Interval*\nn/a to 0.5" in fields
+    assert "*p-value*\n&lt; 1e-300" in fields  # (Slack shows "< 1e-300")
+    for verdict in ("inconclusive", "warning"):
+        assert (
+            audit_message(AuditResult("digits", "s", "e", verdict, ["x"]))
+            .blocks[1]["text"]["text"]
+            .startswith(":large_yellow_circle: ")
+        )
