@@ -243,7 +243,7 @@ class Cluster:
 
         from model_server.traffic import TrafficPolicy
         from vision_rollout.deploy import VersionDeployments, render_service
-        from vision_rollout.mesh import IstioRouter, IstioTarget
+        from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
 
         target = IstioTarget(namespace, model, model)
         build = self.build_settings(replicas)
@@ -281,10 +281,10 @@ class Cluster:
             )
             deployments.apply("1", image, replicas)
         deployments.wait_ready("1", replicas, timeout_s=180, every_s=0.5)
-        if overlay is None:
-            router = IstioRouter(target, ["1"], api_client=api)
-            router.reconcile()
-            router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+        if overlay is None:  # the mesh's objects, as an overlay would apply them (the rollout creates none)
+            stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+            for obj in (render_virtual_service(target, stable), render_destination_rule(target, ["1"])):
+                apply_object(api, obj)
         self.wait_until(lambda: self._serves(model, namespace), f"{model}'s Service answering through the data plane")
 
     def _serves(self, model: str, namespace: str) -> bool:
