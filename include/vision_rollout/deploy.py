@@ -39,6 +39,13 @@ MASK_KEYS = "mask-keys.json"  # the key of the masking key file in build.mask_se
 SERVER_UID = 10001  # the user docker/Dockerfile.model-server runs the server as
 GPU_RESOURCE = "nvidia.com/gpu"  # NVIDIA's device plugin's resource, and the taint GPU nodes usually carry
 MAX_REPLICAS = 10_000  # as build.max_replicas: a count beyond it is a mistake, not a plan
+# Istio injects its proxy as a Kubernetes sidecar container (an init container that keeps running):
+# it is up before the server starts and stops only after the server has exited. Injected as a
+# plain container (Istio's default before 1.27), the proxy is sent SIGTERM with the server and
+# exits after its own 5 s drain, while the server still takes requests for build.drain_seconds and
+# then writes its last prediction-log records to the object store: those requests and records
+# would be lost at every scale-down.
+NATIVE_SIDECAR = {"sidecar.istio.io/nativeSidecar": "true"}
 
 
 def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floor: int = 1) -> int:
@@ -101,7 +108,8 @@ def render_deployment(
     readiness one (the version is loaded and warmed up); and a ``preStop`` wait of
     ``build.drain_seconds`` before SIGTERM, so that the mesh stops sending a terminating pod
     requests before it stops taking them (within a grace period that leaves the server 30 s
-    more to finish what it holds).
+    more to finish what it holds); Istio's proxy as a native sidecar (``NATIVE_SIDECAR``), so
+    that it outlives that drain and the server's last writes.
     """
     build = build or BuildSettings()
     gpus = build.gpus
@@ -168,7 +176,7 @@ def render_deployment(
         ),
     ]
     template = {
-        "metadata": {"labels": labels, "annotations": {"model-rollout/model": model}},
+        "metadata": {"labels": labels, "annotations": {"model-rollout/model": model, **NATIVE_SIDECAR}},
         "spec": {
             "containers": [container],
             "volumes": volumes,

@@ -134,6 +134,18 @@ def test_the_hardening_a_production_pod_needs(rendered):
     assert container["args"][container["args"].index("--serve") + 1] == "digits:1"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_istios_proxy_outlives_the_servers_drain(rendered, overlay):
+    """Injected as a plain container, Istio's proxy gets SIGTERM with the server and exits after
+    its own 5 s drain: the rest of the preStop wait's requests and the server's last
+    prediction-log writes (to the object store, through the proxy) would fail. As a native
+    sidecar it starts before the server and stops after it."""
+    template = one(rendered[overlay], "Deployment")["spec"]["template"]
+    assert template["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] == "true"
+    rendered_now = render_deployment(TARGET, "digits", "2", "image", 1)["spec"]["template"]
+    assert rendered_now["metadata"]["annotations"]["sidecar.istio.io/nativeSidecar"] == "true"
+
+
 def test_the_service_and_the_mesh_are_the_rollouts_own_rendering(rendered):
     objects = rendered["production"]
     service = one(objects, "Service")
