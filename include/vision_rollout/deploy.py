@@ -104,11 +104,11 @@ def render_deployment(
     renders it): a non-root user with no privilege escalation, no capabilities, the runtime's
     seccomp profile and a read-only root filesystem (``/tmp`` and ``/state`` are emptyDirs: Pod
     Security's "restricted"); requests for CPU and memory (``build.cpu``, ``build.memory``) and
-    the GPU with its usual taint tolerated; a liveness probe (the process answers) beside the
-    readiness one (the version is loaded and warmed up); and a ``preStop`` wait of
-    ``build.drain_seconds`` before SIGTERM, so that the mesh stops sending a terminating pod
-    requests before it stops taking them (within a grace period that leaves the server 30 s
-    more to finish what it holds); Istio's proxy as a native sidecar (``NATIVE_SIDECAR``), so
+    the GPU with its usual taint tolerated; a liveness probe (the process answers), held off by a
+    startup probe while the version loads, beside the readiness one (the version is loaded and
+    warmed up); and a ``preStop`` wait of ``build.drain_seconds`` before SIGTERM, so that the
+    mesh stops sending a terminating pod requests before it stops taking them (within a grace
+    period that leaves the server 30 s more to finish what it holds); Istio's proxy as a native sidecar (``NATIVE_SIDECAR``), so
     that it outlives that drain and the server's last writes.
     """
     build = build or BuildSettings()
@@ -148,6 +148,14 @@ def render_deployment(
             {"name": "admin", "containerPort": ADMIN_PORT},
         ],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
+        # The server loads and warms its version up before it listens at all (on a GPU, minutes
+        # for a large model): the liveness probe alone would kill it a minute in. Liveness
+        # counts from the first answer, within wait_ready's 10 minutes.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
         "livenessProbe": {
             "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
             "periodSeconds": 10,

@@ -129,6 +129,11 @@ def test_the_hardening_a_production_pod_needs(rendered):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The server listens only once its version is loaded and warmed up (model_server/__main__.py):
+    # liveness (6 misses, 10 s apart) waits for a startup probe that allows wait_ready's 10 minutes.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == container["livenessProbe"]["httpGet"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     drain = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pod["terminationGracePeriodSeconds"] > drain == BuildSettings().drain_seconds
     assert container["args"][container["args"].index("--serve") + 1] == "digits:1"
