@@ -268,6 +268,21 @@ def test_the_helm_values_name_the_roles_account_and_every_connection():
     assert values["airflowVersion"] == values["defaultAirflowTag"] == "3.3.2"
 
 
+def test_the_workers_pods_are_in_the_mesh_and_still_end():
+    """The replay (pinned to a version by its path) and the masking probe (Envoy's mirror) go to
+    the model's Service from the task's pod: the VirtualService routes them only from a sidecar.
+    The worker pods (the chart's pod template takes workers.labels and workers.podAnnotations)
+    opt into injection, as Kubernetes' native sidecar so that a task's pod still ends; as label
+    values, strings (a YAML true would be refused by the API server)."""
+    workers = manifests.helm_values()["workers"]
+    assert workers["labels"]["sidecar.istio.io/inject"] == "true"
+    assert workers["podAnnotations"]["sidecar.istio.io/nativeSidecar"] == "true"
+    objects = manifests.render("production")
+    principals = one(objects, "AuthorizationPolicy")["spec"]["rules"][0]["from"][0]["source"]["notPrincipals"]
+    account = manifests.airflow_user("workers").removeprefix("system:serviceaccount:").split(":")
+    assert principals == ["cluster.local/ns/{}/sa/{}".format(*account)]
+
+
 APPLY = "application/apply-patch+yaml"
 ML, BUILDS = "/apis/{}/namespaces/ml/{}", "/api/v1/namespaces/ml-builds/{}"
 
