@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 import urllib.request
 from typing import Any
@@ -105,7 +106,7 @@ def test_version_1_is_deployed_as_the_rollout_renders_a_version(rendered):
     first re-apply would roll every baseline pod."""
     production = one(rendered["production"], "Deployment")
     build = BuildSettings(storage_secret="model-server-storage")
-    image = "registry.example.com/ml/model-server:digits-1"
+    image = "registry.example.com/ml/model-server@sha256:" + "0" * 64  # a placeholder the user replaces
     assert production == render_deployment(TARGET, "digits", "1", image, 3, build, "s3://model-rollout/predictions")
     local = one(rendered["local-cluster"], "Deployment")
     build = BuildSettings(gpus=0, drain_seconds=5, storage_secret="model-server-storage")
@@ -116,6 +117,9 @@ def test_version_1_is_deployed_as_the_rollout_renders_a_version(rendered):
 def test_the_hardening_a_production_pod_needs(rendered):
     pod = one(rendered["production"], "Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
+    # By digest, as the rollout runs the versions it deploys: a tag pushed again would give the
+    # pods started later (a scale-up, a node replaced) other bits than the version that passed.
+    assert re.fullmatch(r"[^@:]+(:[^@]+)?@sha256:[0-9a-f]{64}", container["image"])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"] == {
