@@ -245,6 +245,10 @@ def feedback_key(args: argparse.Namespace, state: Path | None) -> bytes:
     elif state is not None:
         path, create = state.parent / "feedback-key", True
     else:
+        log.warning(
+            "no --feedback-key-file and no state folder: feedback tokens are this process's own, and "
+            "labels for another replica's answers, or for answers from before a restart, get 401"
+        )
         return secrets.token_bytes(32)
     try:
         return read_key(path, create=create)

@@ -453,7 +453,8 @@ class DataPlane:
 
         With a prediction log every valid label is appended to it, also for a request this
         replica did not serve (another may have): ``matched_locally: false``. Without one, a
-        request id not served here is refused (ModelNotFound).
+        request id not served here is refused (ModelNotFound). A request id labelled here
+        before is refused (Conflict), unless that label was neither matched nor logged.
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log
@@ -463,6 +464,8 @@ class DataPlane:
             logged = plog is not None and plog.append(
                 Label(received_at, model, fb.version, fb.request_id, fb.truth, fb.tenant)
             )
+            if not logged and not fb.matched:  # kept nowhere: its sender may send it again
+                self.feedback_store.forget(model, fb.request_id)
             return fb.answer(logged)
 
         if not isinstance(body, list):

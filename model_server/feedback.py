@@ -7,13 +7,19 @@ so live top-1 accuracy per version is one PromQL ratio: the live view of this re
 
 With a prediction log, every valid label is also appended to the log, matched here or not: a
 request may have been served by another replica (or expired here), and the log's reader joins
-labels to predictions by request id across replicas.
+labels to predictions by request id across replicas (the earliest label of an item wins there).
+
+One label per request id and replica: a replica remembers the ids labelled on it (within the
+feedback TTL and capacity), matched or not, and answers a second label 409. Before, an id this
+replica did not serve could be labelled any number of times: one token put 800k label rows into
+the log in 20 s and crowded the gates' inference records out of its buffer.
 
 A label needs the feedback token its inference response carried (``parameters.feedback_token``
 in the response, and the ``X-Feedback-Token`` header): an HMAC of the model and request id
 under a key every replica shares (``--feedback-key-file``, a Kubernetes Secret). Only a client
 that received the prediction can label it, and one request id takes one label: a re-sent
-inference with the same id keeps the first prediction and its label.
+inference with the same id keeps the first prediction and its label. Predictions are kept by
+(model, request id): a caller that forwards one X-Request-ID to two models labels each.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import base64
 import hmac
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -33,6 +40,7 @@ from typing import Any, NamedTuple
 
 from model_server import metrics
 from model_server.errors import Conflict, InvalidInput, ModelNotFound, Unauthorized, shown
+from model_server.trace import REQUEST_ID_RE
 
 
 def read_key(path: Path, create: bool = False) -> bytes:
@@ -72,6 +80,10 @@ class FeedbackSigner:
 
 MAX_CLASS_INDEX = 2**31 - 1  # the prediction log's label column is int32
 MAX_LABELS = 1024  # a request's labels when the model does not batch (nor say how many items)
+MAX_TENANT = 256  # characters of a label's tenant
+# A tenant names a masking key: no control characters, nothing UTF-8 cannot encode (a lone
+# surrogate, "\ud800", failed the prediction log's whole flush: every label in it was lost).
+TENANT_RE = re.compile(rf"[^\x00-\x1f\x7f\ud800-\udfff]{{0,{MAX_TENANT}}}")
 
 
 class LabelRules(NamedTuple):
@@ -96,7 +108,7 @@ class LabelRules(NamedTuple):
         return cls(index, min(classes, MAX_CLASS_INDEX), max_batch_size if max_batch_size > 0 else MAX_LABELS)
 
 
-@dataclass
+@dataclass(slots=True)
 class Served:
     model: str
     version: str
@@ -104,6 +116,9 @@ class Served:
     at: float
     tenant: str | None = None
     labelled: bool = False
+
+
+Key = tuple[str, str]  # (model, request id)
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,10 @@ class Feedback:
 
 
 class FeedbackStore:
+    """The predictions this replica served, for their labels: at most ``capacity`` of them, each
+    for ``ttl_s``; the ids recently evicted (why, for the answer); and the ids labelled here
+    (matched or not, for ``ttl_s``, at most ``capacity``), which a second label finds taken."""
+
     def __init__(
         self,
         signer: FeedbackSigner,
@@ -144,32 +163,53 @@ class FeedbackStore:
         self.clock = clock
         self.capacity = capacity
         self.ttl_s = ttl_s
-        self._served: OrderedDict[str, Served] = OrderedDict()
-        self._gone: OrderedDict[str, str] = OrderedDict()  # recently evicted id -> why
+        self._served: OrderedDict[Key, Served] = OrderedDict()
+        self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # evicted -> (expired | evicted, served at)
+        self._labelled: OrderedDict[Key, float] = OrderedDict()  # labelled here -> when
         self._lock = threading.Lock()
 
     def _evict(self, now: float) -> None:
         while self._served:
-            rid, oldest = next(iter(self._served.items()))
+            key, oldest = next(iter(self._served.items()))
             if now - oldest.at > self.ttl_s:
-                why = f"expired: served {now - oldest.at:.0f} s ago, feedback is kept {self.ttl_s:g} s"
+                why = "expired"
             elif len(self._served) > self.capacity:
-                why = f"expired: evicted to keep the last {self.capacity} predictions"
+                why = "evicted"
             else:
-                return
+                break
             self._served.popitem(last=False)
-            self._gone[rid] = why
+            self._gone[key] = (why, oldest.at)
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
+        labelled = self._labelled
+        while labelled and (len(labelled) > self.capacity or now - next(iter(labelled.values())) > self.ttl_s):
+            labelled.popitem(last=False)
+
+    def _why(self, key: Key, now: float) -> tuple[str, str]:
+        """(metric label, sentence) of a request id not held here."""
+        gone = self._gone.get(key)
+        if gone is None:
+            return "unknown", "unknown request id: no prediction was served under it here since this replica started"
+        why, at = gone
+        if why == "expired":
+            return why, f"expired: served {now - at:.0f} s ago, feedback is kept {self.ttl_s:g} s"
+        return why, f"expired: evicted to keep the last {self.capacity} predictions"
 
     def record(self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None) -> None:
         now = self.clock()
+        key = (model, request_id)
         with self._lock:
             self._evict(now)
-            if request_id in self._served:  # a re-sent id keeps its first prediction and label
+            if key in self._served:  # a re-sent id keeps its first prediction and label
                 return
-            self._served[request_id] = Served(model, version, top1, now, tenant)
+            self._served[key] = Served(model, version, top1, now, tenant)
             self._evict(now)
+
+    def forget(self, model: str, request_id: str) -> None:
+        """Take back the mark of a label that was not matched here and could not be logged
+        either (the log's buffer was full): its sender may send it again."""
+        with self._lock:
+            self._labelled.pop((model, request_id), None)
 
     def label(
         self,
@@ -184,14 +224,22 @@ class FeedbackStore:
 
         A request this replica did not serve (or no longer remembers) raises 404, unless
         ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
-        tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant).
+        tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant). A
+        request id already labelled here, matched or not, raises 409.
         """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
             raise InvalidInput("feedback needs {'request_id': str, 'label': int | str | [..], 'token': str}")
         rid = item["request_id"]
+        if not REQUEST_ID_RE.fullmatch(rid):  # what the server takes from X-Request-ID, or makes
+            raise InvalidInput(
+                f"feedback 'request_id' {shown(repr(rid))} is not a request id: 1 to 128 printable ASCII"
+            )
         self.signer.check(model, rid, item.get("token"))
-        if "tenant" in item and not isinstance(item["tenant"], str):
-            raise InvalidInput("feedback 'tenant' must be a string")
+        if "tenant" in item and not (isinstance(item["tenant"], str) and TENANT_RE.fullmatch(item["tenant"])):
+            raise InvalidInput(
+                f"feedback 'tenant' must be a string of at most {MAX_TENANT} characters, "
+                "no control characters, valid Unicode"
+            )
         raw = item.get("label")
         values = raw if isinstance(raw, list) else [raw]
         if not values:
@@ -202,24 +250,28 @@ class FeedbackStore:
                 f"model '{model}' answers at most {rules.max_items} items a request"
             )
         truth = [_label_index(v, rules) for v in values]
+        key = (model, rid)
         now = self.clock()
         with self._lock:
             self._evict(now)
-            served = self._served.get(rid)
-            if served is None:
-                why = self._gone.get(rid, "unknown request id: no prediction was served under it here")
-                if not accept_unmatched:
-                    raise ModelNotFound(f"request {shown(rid)!r}: {why}")
-                return Feedback(rid, truth, item.get("tenant", tenant), matched=False, reason=why)
-            if served.model != model:
-                raise ModelNotFound(f"request {shown(rid)!r} was served by model '{served.model}', not '{model}'")
-            if len(truth) != len(served.top1):
+            served = self._served.get(key)
+            if served is None and not accept_unmatched:
+                raise ModelNotFound(f"request {shown(rid)!r}: {self._why(key, now)[1]}")
+            if served is not None and len(truth) != len(served.top1):
                 raise InvalidInput(
                     f"request {shown(rid)!r} had {len(served.top1)} prediction(s); got {len(truth)} label(s)"
                 )
-            if served.labelled:
+            if key in self._labelled or (served is not None and served.labelled):
                 raise Conflict(f"request {shown(rid)!r} already has feedback")
-            served.labelled = True
+            if served is not None:
+                served.labelled = True
+            self._labelled[key] = now
+            self._evict(now)
+            if served is None:
+                code, why = self._why(key, now)
+        if served is None:
+            metrics.FEEDBACK_UNMATCHED.labels(model, code).inc()
+            return Feedback(rid, truth, item.get("tenant", tenant), matched=False, reason=why)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
         metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
         metrics.FEEDBACK_CORRECT.labels(model, served.version).inc(correct)

@@ -160,6 +160,13 @@ FEEDBACK = Counter("feedback_total", "Labels received for served predictions", (
 FEEDBACK_CORRECT = Counter(
     "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")
 )
+FEEDBACK_UNMATCHED = Counter(
+    "feedback_unmatched_total",
+    "Labels accepted for a prediction this replica does not hold (unknown: served by another "
+    "replica, before a restart or never; expired; evicted: over --feedback-capacity): logged for "
+    "the reader's join, not in feedback_total",
+    ("model", "reason"),
+)
 PREDICTION_LOG_RECORDS = Counter(
     "prediction_log_records_total",
     "Prediction log rows by outcome (written; dropped: writer backlog full; mask_unavailable: no "

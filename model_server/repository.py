@@ -36,6 +36,23 @@ def _serving_key(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, version_policy={}, raw={})
 
 
+def _stamp(model_dir: Path, cfg: ModelConfig) -> tuple[Any, ...]:
+    """What changes when a config on disk does: config.json's and its labels files' inode, size,
+    mtime and ctime, of the name and of what it links to (a link swapped for another, or its
+    target rewritten)."""
+    files = ["config.json", *sorted({o.label_filename for o in cfg.outputs if o.label_filename})]
+    out: list[Any] = []
+    for name in files:
+        for follow in (False, True):
+            try:
+                st = (model_dir / name).stat(follow_symlinks=follow)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
 class ModelRepository:
     def __init__(self, root: Path, providers: list[str], state_dir: Path | None = None):
         """``state_dir``: where each load (with its config override) and unload persists, so
@@ -49,6 +66,7 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._errors: dict[str, str] = {}
+        self._disk_configs: dict[str, tuple[tuple[Any, ...], ModelConfig]] = {}  # not loaded: (_stamp, config)
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.state_dir = state_dir
 
@@ -284,10 +302,21 @@ class ModelRepository:
             return sorted(self._models.get(name) or {})
 
     def model_config(self, name: str) -> ModelConfig:
-        """The loaded config, else the one on disk (404 for a model the repository lacks)."""
+        """The loaded config, else the one on disk (404 for a model the repository lacks), read
+        again only when its files change: a feedback call for a model not loaded read and parsed
+        config.json and its labels file each time, on the event loop (128 ms a call with a 4 MiB
+        labels file, unauthenticated: two clients took inference from 3 to 185 ms)."""
         with self._lock:
             cfg = self._configs.get(name)
-        return cfg if cfg is not None else load_config(self.model_dir(name))
+        if cfg is not None:
+            return cfg
+        model_dir = self.model_dir(name)
+        kept = self._disk_configs.get(name)
+        if kept is not None and kept[0] == _stamp(model_dir, kept[1]):
+            return kept[1]
+        cfg = load_config(model_dir)
+        self._disk_configs[name] = (_stamp(model_dir, cfg), cfg)  # (a race reads it twice, harmlessly)
+        return cfg
 
     def is_ready(self, name: str, version: str | None = None) -> bool:
         with self._lock:

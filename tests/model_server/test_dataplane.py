@@ -405,3 +405,34 @@ def test_the_data_plane_and_admin_need_no_web_framework():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_the_config_of_a_model_not_loaded_is_read_again_only_when_its_files_change(repo_copy, monkeypatch):
+    """Every feedback call for a model not loaded read and parsed its config.json and labels
+    file again, on the event loop, before the body or the token was looked at: 128 ms a call
+    with a 4 MiB labels file, and two clients took inference from 3 to 185 ms. Read once now,
+    and again when a file of it changes."""
+    from model_server import repository
+
+    reads = Counter()
+    load_config = repository.load_config
+
+    def counted(model_dir, override=None):
+        reads[model_dir.name] += 1
+        return load_config(model_dir, override)
+
+    monkeypatch.setattr(repository, "load_config", counted)
+    plane = data_plane(ModelRepository(repo_copy, ["CPUExecutionProvider"]))  # nothing loaded
+    first = plane.label_rules("digits")
+    for _ in range(50):
+        assert plane.label_rules("digits") is first
+    assert reads["digits"] == 1
+    labels = repo_copy / "digits" / "labels.txt"
+    labels.write_text("\n".join(["zero", *labels.read_text().splitlines()[1:]]))
+    assert plane.label_rules("digits").names["zero"] == 0
+    config = repo_copy / "digits" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_batch_size": 8}))
+    assert plane.label_rules("digits").max_items == 8
+    assert reads["digits"] == 3
+    with pytest.raises(ModelNotFound):
+        plane.label_rules("no-such-model")

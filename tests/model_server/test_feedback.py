@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -253,3 +256,145 @@ def test_a_prediction_expires_after_its_ttl():
     )
     assert late.matched is False
     assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"
+
+
+def test_one_label_per_request_id_and_replica_matched_or_not(server_factory, repo_copy, tmp_path, digit_images):
+    """An id this replica did not serve took any number of labels (only a matched one took one):
+    one token put 800k label rows into the log in 20 s, the writer's buffer dropped inference
+    records the gates read, and the reader took the last label of an id, not the first. Now a
+    replica takes one label per id, matched or not, also once its prediction was evicted, and
+    counts those it could not match by reason."""
+    log = tmp_path / "predictions"
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log),
+        "--feedback-capacity",
+        "1",
+        token=TOKEN,
+    )
+    sign = signer(tmp_path)
+    image, label = digit_images[0]
+    assert feedback(s, {"request_id": "elsewhere", "label": label}, sign).status_code == 200
+    again = feedback(s, {"request_id": "elsewhere", "label": (label + 1) % 10}, sign)
+    assert again.status_code == 409
+    assert "already has feedback" in again.json()["error"]
+    flood = feedback(s, [{"request_id": "elsewhere-2", "label": label} for _ in range(1000)], sign)
+    assert [x["status"] for x in flood.json()["results"]] == [200] + [409] * 999
+
+    codes: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda: codes.append(feedback(s, {"request_id": "raced", "label": label}, sign).status_code)
+        )
+        for _ in range(32)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200] + [409] * 31
+
+    infer(s, image, {"X-Request-ID": "served"})
+    assert feedback(s, {"request_id": "served", "label": label}, sign).json()["matched_locally"] is True
+    infer(s, image, {"X-Request-ID": "evicts-served"})  # capacity 1: "served" is forgotten here
+    assert feedback(s, {"request_id": "served", "label": label}, sign).status_code == 409  # but not its label
+    r = feedback(s, {"request_id": "evicts-served", "label": label}, sign)
+    assert r.json()["matched_locally"] is True
+    infer(s, image, {"X-Request-ID": "evicted-unlabelled"})
+    infer(s, image, {"X-Request-ID": "last"})
+    r = feedback(s, {"request_id": "evicted-unlabelled", "label": label}, sign)
+    assert r.json()["matched_locally"] is False  # taken once, for the reader's join
+    assert s.metric("feedback_unmatched_total", model="digits", reason="unknown") == 3
+    assert s.metric("feedback_unmatched_total", model="digits", reason="evicted") == 1
+    assert s.metric("feedback_total", model="digits", version="1") == 2
+    s.stop()
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    labels = df[df["role"] == "label"]
+    assert sorted(labels["request_id"]) == sorted(
+        ["elsewhere", "elsewhere-2", "raced", "served", "evicts-served", "evicted-unlabelled"]
+    )
+    assert labels.loc[labels["request_id"] == "elsewhere", "label"].tolist() == [label]
+
+
+def test_a_label_istio_mirrored_is_ignored(server_factory, repo_copy, tmp_path, digit_images):
+    """The VirtualService mirrors every request of the default route to the candidate, a label's
+    POST too: the copy was taken as a second label (logged twice; counted where the candidate
+    served it). A copy (Host ``...-shadow``) is answered 202 and changes nothing."""
+    log = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN)
+    image, label = digit_images[0]
+    token = infer(s, image, {"X-Request-ID": "mirrored"}).headers["X-Feedback-Token"]
+    item = {"request_id": "mirrored", "label": label, "token": token}
+    url = f"{s.http}/v2/models/digits/feedback"
+    for host in ("digits.ml.svc.cluster.local-shadow", "digits.ml.svc-shadow:8000"):
+        r = requests.post(url, json=item, headers={"Host": host}, timeout=10)
+        assert r.status_code == 202
+        assert "mirrored copy" in r.json()["ignored"]
+    assert (s.metric("feedback_total", model="digits", version="1") or 0) == 0
+    r = requests.post(url, json=item, timeout=10)  # the original, where it went
+    assert r.json()["matched_locally"] is True
+    assert s.metric("feedback_total", model="digits", version="1") == 1
+    s.stop()
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert (df["role"] == "label").sum() == 1
+
+
+def test_one_request_id_for_two_models_takes_a_label_for_each(server_factory, repo_copy, tmp_path, digit_images):
+    """A caller that forwards its X-Request-ID to two models (as tracing asks of services): the
+    store was keyed by request id alone, so the second model's prediction was not kept and its
+    label was refused (404, not logged, with a prediction log too)."""
+    other = repo_copy / "digits_b"
+    shutil.copytree(repo_copy / "digits", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "name": "digits_b"}))
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(tmp_path / "predictions"),
+        token=TOKEN,
+    )
+    image, label = digit_images[0]
+    answers = {}
+    for model in ("digits", "digits_b"):
+        token = infer(s, image, {"X-Request-ID": "forwarded"}, path=f"/v2/models/{model}/infer").headers[
+            "X-Feedback-Token"
+        ]
+        r = requests.post(
+            f"{s.http}/v2/models/{model}/feedback",
+            json={"request_id": "forwarded", "label": label, "token": token},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        answers[model] = r.json()
+    assert all(a["matched_locally"] and a["correct"] == 1 for a in answers.values())
+    assert s.metric("feedback_total", model="digits_b", version="1") == 1
+
+
+def test_a_tenant_or_request_id_the_log_cannot_write_is_refused(server_factory, repo_copy, tmp_path):
+    """A label's ``tenant`` with a lone surrogate was accepted, and its flush failed whole: every
+    label logged with it, any client's, was lost. A request id with one was a 500. Both are 400
+    now, and the labels beside them are written."""
+    log = tmp_path / "predictions"
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), "--prediction-log", str(log), token=TOKEN)
+    sign = signer(tmp_path)
+    body = (
+        b'[{"request_id": "good", "label": 1, "token": "%s"},'
+        b' {"request_id": "evil", "label": 1, "token": "%s", "tenant": "\\ud800"},'
+        b' {"request_id": "ctl", "label": 1, "token": "%s", "tenant": "a\\nb"}]'
+    ) % tuple(sign.token("digits", rid).encode() for rid in ("good", "evil", "ctl"))
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", data=body, timeout=10)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 400, 400]
+    assert "'tenant' must be a string" in results[1]["error"]
+    r = requests.post(f"{s.http}/v2/models/digits/feedback", data=b'{"request_id": "\\ud800", "label": 1}', timeout=10)
+    assert r.status_code == 400
+    assert "is not a request id" in r.json()["error"]
+    s.stop()  # (SIGTERM: the log flushes what it holds)
+    df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
+    assert df.loc[df["role"] == "label", "request_id"].tolist() == ["good"]
