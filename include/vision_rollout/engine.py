@@ -113,7 +113,7 @@ def stage_samples(
     keep = is_replay | ~by_version
     chosen = primary[keep].reset_index(drop=True)
     is_replay = is_replay[keep].reset_index(drop=True)
-    truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen))
+    truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen, spec.model, until))
     # Server failures: a client's 400, or its own queue timeout (CANCELED), is not the version's.
     error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT", "CANCELED"])
     # Latency of the answers and of the requests given up waiting (as long as the client's
@@ -134,14 +134,32 @@ def stage_samples(
     )
 
 
-def _live_labels(records: pd.DataFrame, live: pd.DataFrame) -> pd.Series:
-    """The label of each record, joined by request id and item (the last label wins)."""
-    rows = records[records["role"] == "label"]
+def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: float) -> pd.Series:
+    """The label of each live record, joined by request id and item, as the log's ``joined``
+    joins them: the earliest label received before ``until`` (a look's evidence is what was
+    logged before its time), on the earliest answer of its request id and item (a re-sent id is
+    a second answer, not a second piece of evidence): a second label sent to another replica
+    (each takes one) cannot override the first, a late poke judges a look on what it would have
+    seen on time, and one label of an id re-sent 20 times counts once."""
+    rows = records[(records["role"] == "label") & (records["model"] == model)]
+    out = pd.Series(np.nan, index=live.index)
     if rows.empty or live.empty:
-        return pd.Series(np.nan, index=live.index)
-    last = rows.drop_duplicates(["request_id", "item"], keep="last").set_index(["request_id", "item"])["label"]
-    keys = pd.MultiIndex.from_arrays([live["request_id"], live["item"]])
-    return pd.Series(last.reindex(keys).to_numpy(dtype=float), index=live.index)
+        return out
+    t = _unix(rows["time"])
+    rows = rows[t < until].assign(_t=t[t < until])
+    if rows.empty:
+        return out
+    first = (
+        rows.sort_values("_t", kind="stable")
+        .drop_duplicates(["request_id", "item"], keep="first")
+        .set_index(["request_id", "item"])["label"]
+    )
+    answered = live[(live["outcome"] == "ok") & (live["route"] != "version")]
+    answered = answered.assign(_t=_unix(answered["time"])).sort_values("_t", kind="stable")
+    answered = answered.drop_duplicates(["request_id", "item"], keep="first")
+    keys = pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]])
+    out.loc[answered.index] = first.reindex(keys).to_numpy(dtype=float)
+    return out
 
 
 def _unix(times: pd.Series) -> pd.Series:

@@ -424,3 +424,28 @@ def test_an_exception_restores_stable():
     with pytest.raises(RuntimeError):
         Rollout(spec(), router, broken, sleep=lambda _: None).run()
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_a_live_label_counts_once_the_earliest_before_the_look():
+    """The gate took the last label of an id in the records' order (the replicas' files', not
+    time's), whatever its time, on every record of the id. Replicas each take one label of an id,
+    so a second label sent to another replica overrode the first; a late poke judged a look on
+    labels received after it; and one label of an id re-sent 20 times counted 20 times. Now, as
+    the log's ``joined``: the earliest label received before the look, on the earliest answer."""
+    log = records(100, 20, 50, replay_every=None)
+    first = log.iloc[0]
+    resent = pd.concat([first.to_frame().T] * 20, ignore_index=True)
+    resent["time"] = first["time"] + pd.to_timedelta(np.arange(20) * 0.1, unit="s")
+    log = pd.concat([log, resent], ignore_index=True)
+    truth = int(first["top1"])
+    labels = labels_for(log.iloc[:1], truth)  # the first label: the answer was right
+    labels["time"] = first["time"] + pd.Timedelta(seconds=5)
+    relabel = labels.assign(label=float((truth + 1) % 10), time=first["time"] + pd.Timedelta(seconds=6))
+    late = labels_for(log.iloc[1:2], (truth + 1) % 10).assign(time=first["time"] + pd.Timedelta(seconds=500))
+    until = T0 + 100
+    for frame in (pd.concat([log, relabel, labels, late]), pd.concat([late, labels, log, relabel])):
+        samples = stage_samples(frame, spec(), WINDOW, until, IMAGES)
+        assert samples["correct"].notna().sum() == 1  # 21 answers under one id: one is evidence
+        assert samples["correct"].dropna().tolist() == [1.0]  # the first label, in either order
+    judged_late = stage_samples(pd.concat([log, late]), spec(), WINDOW, until, IMAGES)
+    assert judged_late["correct"].isna().all()  # received after the look: not its evidence
