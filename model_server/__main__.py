@@ -143,7 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="secret of the feedback tokens, shared by every replica (default: made in the state folder)",
     )
-    p.add_argument("--feedback-capacity", type=int, default=200_000, help="served predictions kept for labels")
+    p.add_argument(
+        "--feedback-capacity", type=int, default=200_000, help="served items (a batch of N is N) kept for labels"
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument(
         "--max-json-mb",

@@ -71,7 +71,7 @@ class Settings:
     shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
     shadow_queue_bytes: int = 256 * 1024 * 1024  # and the bytes of their inputs together
     shadow_workers: int = 2
-    feedback_capacity: int = 200_000  # served predictions kept for delayed labels
+    feedback_capacity: int = 200_000  # served items (a batch of N is N) kept for delayed labels
     feedback_ttl_s: float = 3600.0
     max_json_bytes: int = MAX_JSON_BYTES  # an infer request's JSON part, any other JSON body
     feedback_max_items: int = 1000  # labels in one feedback call

@@ -10,9 +10,8 @@ request may have been served by another replica (or expired here), and the log's
 labels to predictions by request id across replicas (the earliest label of an item wins there).
 
 One label per request id and replica: a replica remembers the ids labelled on it (within the
-feedback TTL and capacity), matched or not, and answers a second label 409. Before, an id this
-replica did not serve could be labelled any number of times: one token put 800k label rows into
-the log in 20 s and crowded the gates' inference records out of its buffer.
+feedback TTL and capacity), matched or not, and answers a second label 409, so that no client
+can flood the prediction log with labels of one id and crowd the gates' records out of it.
 
 A label needs the feedback token its inference response carried (``parameters.feedback_token``
 in the response, and the ``X-Feedback-Token`` header): an HMAC of the model and request id
@@ -148,9 +147,10 @@ class Feedback:
 
 
 class FeedbackStore:
-    """The predictions this replica served, for their labels: at most ``capacity`` of them, each
-    for ``ttl_s``; the ids recently evicted (why, for the answer); and the ids labelled here
-    (matched or not, for ``ttl_s``, at most ``capacity``), which a second label finds taken."""
+    """The predictions this replica served, for their labels: at most ``capacity`` items (a
+    request of batch 64 holds 64: the memory is the items'), each for ``ttl_s``; the ids recently
+    evicted (why, for the answer); and the ids labelled here (matched or not, for ``ttl_s``, at
+    most ``capacity``), which a second label finds taken."""
 
     def __init__(
         self,
@@ -164,6 +164,7 @@ class FeedbackStore:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._served: OrderedDict[Key, Served] = OrderedDict()
+        self._items = 0  # the served predictions' items, together
         self._gone: OrderedDict[Key, tuple[str, float]] = OrderedDict()  # evicted -> (expired | evicted, served at)
         self._labelled: OrderedDict[Key, float] = OrderedDict()  # labelled here -> when
         self._lock = threading.Lock()
@@ -173,11 +174,12 @@ class FeedbackStore:
             key, oldest = next(iter(self._served.items()))
             if now - oldest.at > self.ttl_s:
                 why = "expired"
-            elif len(self._served) > self.capacity:
+            elif self._items > self.capacity:
                 why = "evicted"
             else:
                 break
             self._served.popitem(last=False)
+            self._items -= len(oldest.top1)
             self._gone[key] = (why, oldest.at)
             if len(self._gone) > self.capacity:
                 self._gone.popitem(last=False)
@@ -193,16 +195,17 @@ class FeedbackStore:
         why, at = gone
         if why == "expired":
             return why, f"expired: served {now - at:.0f} s ago, feedback is kept {self.ttl_s:g} s"
-        return why, f"expired: evicted to keep the last {self.capacity} predictions"
+        return why, f"expired: evicted to keep the last {self.capacity} predicted items"
 
     def record(self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None) -> None:
         now = self.clock()
         key = (model, request_id)
         with self._lock:
             self._evict(now)
-            if key in self._served:  # a re-sent id keeps its first prediction and label
-                return
+            if key in self._served or len(top1) > self.capacity:  # a re-sent id keeps its first
+                return  # prediction and label; a batch above the capacity would evict all and itself
             self._served[key] = Served(model, version, top1, now, tenant)
+            self._items += len(top1)
             self._evict(now)
 
     def forget(self, model: str, request_id: str) -> None:

@@ -124,7 +124,7 @@ def test_unknown_expired_duplicate_and_bad_feedback(server_factory, repo_copy, t
     r = feedback(s, {"request_id": "req-b", "label": str(label)}, sign)
     assert r.status_code == 200
     assert r.json()["matched_locally"] is False  # still logged: the reader joins it
-    assert "expired: evicted to keep the last 2 predictions" in r.json()["reason"]
+    assert "expired: evicted to keep the last 2 predicted items" in r.json()["reason"]
     assert s.metric("feedback_total", model="digits", version="1") == 1  # the live view: req-a only
     s.stop()
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
@@ -256,6 +256,30 @@ def test_a_prediction_expires_after_its_ttl():
     )
     assert late.matched is False
     assert late.reason == "expired: served 61 s ago, feedback is kept 60 s"
+
+
+def test_the_store_holds_at_most_its_capacity_in_items_not_requests():
+    """A request of batch 64 keeps 64 top-1s: counted by requests, the default 200,000 of a
+    model batching 1024 held 200 million items. Counted by items, the oldest requests go first."""
+    from model_server.feedback import FeedbackStore, LabelRules
+
+    rules = LabelRules.of(None, (-1, 10), 64)
+    sign = FeedbackSigner(b"k" * 32)
+    store = FeedbackStore(sign, capacity=100)
+    for rid in ("a", "b", "c"):
+        store.record(rid, "digits", "1", [7] * 64)
+    assert store._items == 64  # a and b evicted: 128 and then 192 items were above 100
+
+    def label(rid: str) -> object:
+        item = {"request_id": rid, "label": [7] * 64, "token": sign.token("digits", rid)}
+        return store.label("digits", item, rules, accept_unmatched=True)
+
+    assert label("c").matched
+    evicted = label("a")
+    assert (evicted.matched, evicted.reason) == (False, "expired: evicted to keep the last 100 predicted items")
+    store.record("huge", "digits", "1", [1] * 101)  # one request above the capacity is not kept,
+    assert store._items == 64  # nor evicts the others
+    assert list(store._served) == [("digits", "c")]
 
 
 def test_one_label_per_request_id_and_replica_matched_or_not(server_factory, repo_copy, tmp_path, digit_images):
