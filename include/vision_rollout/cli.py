@@ -3,6 +3,7 @@
   rolloutctl gate --samples FILE [--look K --looks N] [--set key=value ...] [--json]
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR] [--json]
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
+  rolloutctl mesh get --backend local --url URL --model M [--token-file F]   (the policy in effect, JSON)
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
@@ -10,24 +11,50 @@
                  (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR]
                                                      (a whole rollout on the model server's router)
 
-Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait.
+Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait,
+4 error (a server, a store or a file could not be used, or the model was not where a rollout
+starts: nothing was decided); run stopped by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM),
+after the stable version is put back. Errors go to stderr in one line, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3, "inconclusive": 3}
+USAGE, ERROR = 2, 4
 
 
 class UsageError(Exception):
-    pass
+    """A wrong argument or input file: exit 2."""
+
+
+class CommandError(Exception):
+    """What the command needs could not be used, or refused it: exit 4, nothing decided."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops ``run`` (SIGINT, SIGTERM, SIGHUP): raised where the rollout is, so the
+    engine puts the stable version back on its way out. As Ctrl-C's KeyboardInterrupt, not an
+    Exception: nothing catches it on the way, and gevent's hub (the replay's HTTP client) hands
+    it to the main greenlet as it does Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _value(text: str) -> Any:
@@ -60,6 +87,66 @@ def _folder(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _log_uri(text: str) -> str:
+    """The prediction log: a folder that exists on this machine, or an object store URI without
+    credentials. A mistyped folder read as an empty log: the audit said SKIP and exited 0."""
+    from vision_rollout.folders import Folder
+
+    try:
+        path = Folder(text).path
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("not a folder", "not a prediction log")) from None
+    if path is not None and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {str(path)[:200]!r}")
+    return text
+
+
+def _url(text: str) -> str:
+    """A server's base URL, http(s)://host[:port], trailing slash dropped. Credentials in it are
+    refused without repeating them: urllib does not send them (the server was "unreachable"),
+    and the URL is in every error message, the stage reasons and the Slack report."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not one)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL (http://host:port)") from None
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError("credentials in the URL are refused (they would be printed): give none")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s)://host:port URL: {text[:100]!r}")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"a server's address, http(s)://host:port, without a path: {text[:100]!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text[:200]!r}")
+    return path
+
+
+def _token(path: Path | None) -> str | None:
+    """The admin token from its file (never from the command line: ``ps`` shows that)."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--token-file {path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise UsageError(f"--token-file {path}: is empty")
+    return token
+
+
+def _model(text: str) -> str:
+    from vision_rollout.settings import MODEL_PATTERN
+
+    if len(text) > 128 or not re.fullmatch(MODEL_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"not a model name: {text[:80]!r}")
+    return text
+
+
 def _read_samples(path: Path) -> Any:
     import pandas as pd
 
@@ -72,15 +159,23 @@ def _read_samples(path: Path) -> Any:
     raise UsageError(f"{path}: samples must be .csv or .parquet")
 
 
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deep to read") from None
+
+
 def _policy(path: Path) -> Any:
     from model_server.traffic import PolicyError, TrafficPolicy
 
+    raw = _json_file(path)
     try:
-        return TrafficPolicy.from_dict(json.loads(path.read_text()))
-    except PolicyError as exc:  # a ValueError too: named first
+        return TrafficPolicy.from_dict(raw)
+    except PolicyError as exc:
         raise UsageError(f"{path}: invalid policy: {exc}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {exc}") from None
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -112,9 +207,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from vision_rollout.audit import REPORT, audit, report_files, write_report
 
     end = datetime.now(UTC)
-    result = audit(args.prediction_log, end - _since(args.since), end, args.model)
+    since = _since(args.since)
+    try:
+        result = audit(args.prediction_log, end - since, end, args.model)
+    except OSError as exc:  # (pyarrow's errors reading an object store are OSErrors)
+        raise CommandError(f"the prediction log cannot be read: {exc}") from None
     if args.out:
-        where = write_report(report_files(result), args.out)
+        try:
+            where = write_report(report_files(result), args.out)
+        except OSError as exc:
+            raise CommandError(f"the report cannot be written to {args.out}: {exc}") from None
         print(f"report: {where[REPORT]}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
@@ -136,18 +238,32 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         validate_istio,
     )
 
+    if args.action == "get":
+        if args.backend != "local" or not (args.url and args.model):
+            raise UsageError("mesh get reads the model server's router: --backend local --url URL --model M")
+        try:
+            routes = LocalRouter(args.url, args.model, _token(args.token_file)).get_routes()
+        except RouterError as exc:
+            raise CommandError(str(exc)) from None
+        print(json.dumps(routes.to_dict(), indent=2))
+        return 0
+    if args.policy is None:
+        raise UsageError(f"mesh {args.action} needs --policy FILE")
     policy = _policy(args.policy)
     if args.backend == "istio":
         if not (args.namespace and args.service and args.name):
             raise UsageError("--backend istio needs --namespace, --service and --name")
         target = IstioTarget(args.namespace, args.service, args.name)
-        versions = args.versions.split(",") if args.versions else sorted(policy.versions(), key=int)
-        if args.action == "render":
-            objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
-            for o in objs:
-                validate_istio(o)
-            print(yaml.safe_dump_all(objs, sort_keys=False), end="")
-            return 0
+        versions = _versions(args.versions, policy) if args.versions else sorted(policy.versions(), key=int)
+        try:
+            if args.action == "render":
+                objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
+                for o in objs:
+                    validate_istio(o)
+                print(yaml.safe_dump_all(objs, sort_keys=False), end="")
+                return 0
+        except RouterError as exc:  # what Istio's schema refuses: the arguments' fault
+            raise UsageError(str(exc)) from None
         router: Any = IstioRouter(target, versions)
     else:
         if args.action == "render":
@@ -155,21 +271,37 @@ def cmd_mesh(args: argparse.Namespace) -> int:
             return 0
         if not (args.url and args.model):
             raise UsageError("--backend local needs --url and --model")
-        token = args.token_file.read_text().strip() if args.token_file else None
-        router = LocalRouter(args.url, args.model, token)
+        router = LocalRouter(args.url, args.model, _token(args.token_file))
     try:
         changed = router.set_routes(policy)
     except RouterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from None
     print("applied" if changed else "unchanged: already in effect")
     return 0
+
+
+def _versions(text: str, policy: Any) -> list[str]:
+    """``--versions``: the DestinationRule's subsets, each a version number, every version the
+    policy routes or mirrors to among them (else its routes name a subset that does not exist:
+    Envoy answers 503 for that share)."""
+    versions = [v.strip() for v in text.split(",")]
+    bad = [v for v in versions if not re.fullmatch(r"[1-9][0-9]{0,8}", v)]
+    if bad:
+        raise UsageError(f"--versions takes version numbers, e.g. 1,2, not {text[:80]!r}")
+    missing = sorted(set(policy.versions()) - set(versions), key=int)
+    if missing:
+        raise UsageError(
+            f"--versions {text}: the policy routes to version(s) {', '.join(missing)}, which would have no subset"
+        )
+    return sorted(set(versions), key=int)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from vision_rollout.images import verify_model
 
     model_dir = args.model_dir
+    if model_dir is not None and not model_dir.is_dir():
+        raise UsageError(f"--model-dir {model_dir}: no such folder")
     validation = model_dir / "validation" if model_dir else None
     report = verify_model(args.path, args.baseline, model_dir, validation)
     if args.json:
@@ -191,17 +323,113 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP (unless ignored) raise ``Interrupted`` once, where the rollout
+    is, so that it puts the stable version back before the process ends: a CI job cancelled
+    (SIGTERM) used to kill it at once, the canary left mid-stage with the mirror on. A second
+    signal does not cut the restore short; it is told to wait. (Outside the main thread, as in
+    a test's worker thread, nothing is installed.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            print("rolloutctl run: putting the stable version back; wait for it", file=sys.stderr, flush=True)
+            return
+        received.append(signum)
+        # A signal during the replay lands in gevent's hub, which printed a traceback before
+        # passing it on: quietly, where gevent is in use (not while it is being imported).
+        get_hub = getattr(sys.modules.get("gevent"), "get_hub", None)
+        with suppress(Exception):
+            if get_hub is not None:
+                hub = get_hub()
+                hub.NOT_ERROR = (*hub.NOT_ERROR, Interrupted)
+        raise Interrupted(signum)
+
+    # A signal ignored when the process started stays ignored: SIGHUP under nohup, SIGINT in a
+    # script's background job (the terminal's Ctrl-C is not for it).
+    before = {
+        sig: old
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        if (old := signal.getsignal(sig)) != signal.SIG_IGN
+    }
+    for sig in before:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            # Once stopped, a late signal (a second kill) would end the process by default with
+            # its own code before the first one's is returned: ignored instead.
+            signal.signal(sig, signal.SIG_IGN if received else old)
+
+
+def _where_routes_are(router: Any, spec: Any) -> str:
+    """What serves now, read back, for the last line of a rollout that did not end by itself."""
+    from vision_rollout.mesh import RouterError
+
+    try:
+        routes = router.get_routes()
+    except RouterError as exc:
+        return f"the routes cannot be read back ({exc}): check that version {spec.baseline_version} takes 100%"
+    if routes == spec.stable_policy():
+        return f"version {spec.baseline_version} takes 100% again"
+    return f"the routes are NOT back to version {spec.baseline_version}: {json.dumps(routes.to_dict())}"
+
+
+def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) -> dict[str, int]:
+    """What a rollout needs, checked before any route changes (the DAG's build_image checks the
+    same before its first stage): the validation set, the model server with both versions
+    loaded and the baseline alone serving (no rollout in progress: two runs at once each drove
+    the routes and both said PROMOTED), and Prometheus answering (a mistyped URL held the first
+    stage, the canary taking its share, until max_stage_seconds). The validation labels."""
+    from vision_rollout.engine import validation_labels
+    from vision_rollout.mesh import RouterError, not_steady
+    from vision_rollout.metrics import MetricsError
+    from vision_rollout.serving import AdminError
+
+    try:
+        labels = validation_labels(args.validation)
+    except OSError as exc:
+        raise UsageError(f"--validation {args.validation}: {exc.strerror or exc}: {exc.filename}") from None
+    except ValueError as exc:
+        raise UsageError(f"--validation {args.validation}: {exc}") from None
+    if not labels:
+        raise UsageError(f"--validation {args.validation}: labels.csv names no image")
+    try:
+        problem = not_steady(router.get_routes(), spec.baseline_version)
+        if problem:
+            raise CommandError(f"not where a rollout starts, nothing changed: {problem}")
+        for version in (spec.baseline_version, spec.candidate_version):
+            if not router.admin.ready(spec.model, version):
+                raise CommandError(
+                    f"version {version} of '{spec.model}' is not loaded on the model server, nothing changed: "
+                    f"load it beside version {spec.baseline_version} first"
+                )
+    except (RouterError, AdminError) as exc:
+        raise CommandError(f"nothing changed: {exc}") from None
+    if source is not None:
+        try:
+            source.scrape_interval_s()
+        except MetricsError as exc:
+            raise CommandError(f"Prometheus cannot be read, nothing changed: {exc}") from None
+    return labels
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome
     from vision_rollout.mesh import LocalRouter
     from vision_rollout.metrics import PrometheusSource
     from vision_rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
     from vision_rollout.spec import RolloutSpec, SpecError
 
+    raw = _json_file(args.spec)
     try:
-        spec = RolloutSpec.from_dict(json.loads(args.spec.read_text()))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{args.spec}: {exc}") from None
+        spec = RolloutSpec.from_dict(raw)
     except SpecError as exc:
         raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
     if spec.mesh != "local":
@@ -211,14 +439,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             "the P99 and shadow-error guards read Prometheus: give --prometheus URL, or --no-hard-guards "
             "to roll out guarded by the replay's accuracy drop only"
         )
+    if args.url.startswith("https://"):
+        raise UsageError("--url: the validation replay speaks plain HTTP to the model server: give its http:// address")
+    token = _token(args.token_file)
     unguarded = "" if args.prometheus else " (without the P99 and shadow-error guards: --no-hard-guards)"
+    router = LocalRouter(args.url, spec.model, token, args.state_file)
+    source = PrometheusSource(args.prometheus) if args.prometheus else None
+    labels = _preflight(args, spec, router, source)
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
-    token = args.token_file.read_text().strip() if args.token_file else None
-    state = args.state_file or Path(f".rollout-{spec.model}-original.json")
-    router = LocalRouter(args.url, spec.model, token, state)
-    source = PrometheusSource(args.prometheus) if args.prometheus else None
-    judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source)
+    judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels)
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
     def report(outcome: StageOutcome) -> None:
@@ -230,14 +460,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         if notifier is not None and outcome.verdict is not None:
             notifier.send(stage_message(spec, outcome.weight, outcome.verdict))
 
-    result = Rollout(spec, router, judge, on_stage=report).run()
+    def shadow_audit(start: float, end: float) -> Any:
+        """The DAG's shadow_consistency: the rollout's records, the spec's limits."""
+        result = audit(
+            args.prediction_log,
+            datetime.fromtimestamp(start, UTC),
+            datetime.fromtimestamp(end, UTC),
+            spec.model,
+            AuditConfig.from_spec(spec),
+        )
+        print(f"shadow audit: {result.verdict.upper()}: " + "; ".join(result.reasons), flush=True)
+        return result
+
+    rollout = Rollout(spec, router, judge, on_stage=report, audit=shadow_audit)
+    try:
+        with _stopped_by_signals():
+            result = rollout.run()
+    except Interrupted as exc:
+        where = _where_routes_are(router, spec)
+        print(f"INTERRUPTED by {exc}: {where}", flush=True)
+        if notifier is not None:
+            notifier.send(rollback_message(spec, f"rolloutctl run was stopped by {exc}; {where}"))
+        return 128 + exc.signum
+    except Exception as exc:
+        stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
+        raise CommandError(f"the rollout failed{stopped}: {_message(exc)}; {_where_routes_are(router, spec)}") from None
     last = result.stages[-1] if result.stages else None
     if notifier is not None:
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]
+        failed = last if last is not None and last.decision != "pass" else None
         notifier.send(
-            promotion_message(spec, verdicts, reason=result.reason)
+            promotion_message(spec, verdicts, result.audit, reason=result.reason)
             if result.promoted
-            else rollback_message(spec, result.reason, last.verdict if last else None, last.weight if last else None)
+            else rollback_message(
+                spec,
+                result.reason,
+                failed.verdict if failed else None,
+                failed.weight if failed else None,
+                result.audit,
+            )
         )
     print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
     return 0 if result.promoted else 1
@@ -247,6 +508,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="log each step (each poke of run), with tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gate", help="judge a canary from samples (CSV or Parquet)")
     g.add_argument("--samples", type=Path, required=True)
@@ -261,52 +523,92 @@ def parser() -> argparse.ArgumentParser:
         "--shadow-log",
         dest="prediction_log",
         required=True,
+        type=_log_uri,
         help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)",
     )
     a.add_argument("--since", default="1h")
-    a.add_argument("--model")
+    a.add_argument("--model", type=_model)
     a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
-    m = sub.add_parser("mesh", help="render or apply a traffic policy")
-    m.add_argument("action", choices=["render", "apply"])
+    m = sub.add_parser("mesh", help="render, read or apply a traffic policy")
+    m.add_argument("action", choices=["render", "get", "apply"])
     m.add_argument("--backend", choices=["istio", "local"], required=True)
-    m.add_argument("--policy", type=Path, required=True)
+    m.add_argument("--policy", type=Path, help="the policy, JSON (render, apply)")
     m.add_argument("--namespace")
     m.add_argument("--service")
     m.add_argument("--name")
     m.add_argument("--versions", help="subsets to declare, e.g. 1,2 (default: the policy's versions)")
-    m.add_argument("--url", help="model server, http://host:port (local backend)")
-    m.add_argument("--model")
+    m.add_argument("--url", type=_url, help="model server, http://host:port (local backend)")
+    m.add_argument("--model", type=_model)
     m.add_argument("--token-file", type=Path)
     m.set_defaults(func=cmd_mesh)
     v = sub.add_parser("verify-model", help="check a candidate artifact before any traffic")
     v.add_argument("path", type=Path)
-    v.add_argument("--baseline", type=Path)
+    v.add_argument("--baseline", type=_existing_file)
     v.add_argument("--model-dir", type=Path, help="the model's repository folder (config.json, validation/)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
     r = sub.add_parser("run", help="a whole rollout on the model server's router, without Airflow")
     r.add_argument("--spec", type=Path, required=True, help="RolloutSpec as JSON (see RolloutSpec.json_schema())")
-    r.add_argument("--url", required=True, help="model server, http://host:port")
+    r.add_argument("--url", type=_url, required=True, help="model server, http://host:port")
     r.add_argument("--validation", type=Path, required=True, help="labelled validation images (labels.csv)")
     r.add_argument("--token-file", type=Path)
     r.add_argument(
         "--prediction-log",
         required=True,
+        type=_log_uri,
         help="the serving processes' prediction log (a folder or s3://bucket/prefix): the evidence",
     )
     guards = r.add_mutually_exclusive_group()
-    guards.add_argument("--prometheus", help="http://host:port, for the hard guards (P99, shadow errors)")
+    guards.add_argument("--prometheus", type=_url, help="http://host:port, for the hard guards (P99, shadow errors)")
     guards.add_argument(
         "--no-hard-guards",
         action="store_true",
         help="run without Prometheus: no P99 or shadow-error guard, only the replay's accuracy drop",
     )
-    r.add_argument("--state-file", type=Path, help="where the routes before the rollout are kept")
+    r.add_argument(
+        "--state-file", type=Path, help="also record the routes found before the rollout in this file (none by default)"
+    )
     r.add_argument("--outbox", type=_folder, help="write the Slack reports here (a folder or s3://...)")
     r.set_defaults(func=cmd_run)
     return p
+
+
+def _message(exc: BaseException) -> str:
+    """One line for an error: the library's errors say where and why; others name their type."""
+    from vision_rollout.locks import LockError
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.metrics import MetricsError
+    from vision_rollout.serving import AdminError
+
+    if isinstance(exc, (CommandError, RouterError, AdminError, MetricsError, LockError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _OneLine(logging.Formatter):
+    """Log lines without tracebacks (``-v`` keeps them): the error the command ends on says it."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_text = ""
+        return super().format(record).rstrip()
+
+
+def _logging(verbose: bool) -> None:
+    """Where nothing configured logging (a shell, CI; not a test's capture): WARNING and up on
+    stderr in one line each, or with ``-v`` INFO and up (each poke of run) with tracebacks."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "rolloutctl: %(levelname)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt) if verbose else _OneLine(fmt))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,12 +616,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:  # argparse's own usage errors
-        return 2 if exc.code else 0
+        return USAGE if exc.code else 0
+    _logging(args.verbose)
     try:
         return int(args.func(args))
     except UsageError as exc:
         print(f"rolloutctl {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return USAGE
+    except KeyboardInterrupt:  # (run handles its own, the stable version back first)
+        print(f"rolloutctl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from vision_rollout.locks import LockError
+        from vision_rollout.mesh import RouterError
+        from vision_rollout.metrics import MetricsError
+        from vision_rollout.serving import AdminError
+
+        if not isinstance(exc, (CommandError, RouterError, AdminError, MetricsError, LockError, OSError)):
+            traceback.print_exc()  # not one the command knows: its trace, for a bug report
+        print(f"rolloutctl {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return ERROR
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,9 @@ from vision_rollout.gates import (
 from vision_rollout.mesh import Router
 from vision_rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
 from vision_rollout.spec import RolloutSpec
+
+if TYPE_CHECKING:
+    from vision_rollout.audit import AuditResult
 
 log = logging.getLogger(__name__)
 
@@ -599,6 +603,39 @@ class StageJudge:
         return state
 
 
+# -- the decision: promote or roll back (the DAG's decide task and rolloutctl run) ------------
+
+
+def judge_evidence(
+    spec: RolloutSpec,
+    verdicts: Sequence[Mapping[str, Any] | None],
+    audit: Mapping[str, Any] | None,
+    failures: Sequence[str | None] | None = None,
+) -> tuple[str, str]:
+    """What the evidence says, ("promote" | "rollback", why): promote only when every planned
+    stage passed and, with a mirror, the shadow audit showed the candidate agrees with the
+    primary (``pass``: an audit that fails, is inconclusive, found no shadow record or did not
+    run rolls back, as the form's "must be shown" says). ``verdicts``: per stage, its verdict as
+    a dict (``decision``, ``summary``) or None; ``audit``: the shadow audit's ``to_dict()`` or
+    None; ``failures``: per stage, why its wait failed (a tripped guard, never ready)."""
+    failures = failures or []
+    for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
+        if verdict is None:
+            if i < len(failures) and failures[i]:  # its wait ended it: a tripped guard, never ready
+                return "rollback", f"the {weight}% stage: {failures[i]}"
+            return "rollback", f"the {weight}% stage produced no verdict: a step failed or was interrupted"
+        if verdict["decision"] != "pass":
+            return "rollback", f"the {weight}% stage: {verdict['summary']}"
+    if len(verdicts) < len(spec.stages):
+        return "rollback", f"the {spec.stages[len(verdicts)]}% stage produced no verdict: it did not run"
+    if audit is not None and audit.get("verdict") == "fail":
+        return "rollback", "shadow audit failed: " + "; ".join(audit.get("reasons", []))
+    if spec.mirror_percent > 0 and (audit is None or audit.get("verdict") != "pass"):
+        why = "; ".join(audit.get("reasons", [])) if audit else "the audit did not run"
+        return "rollback", f"shadow audit did not show the candidate agrees with the primary: {why}"
+    return "promote", "every stage passed" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
+
+
 # -- the whole rollout in one process (rolloutctl run) ---------------------------------------
 
 
@@ -617,11 +654,14 @@ class RolloutResult:
     promoted: bool
     stages: list[StageOutcome]
     reason: str
+    audit: AuditResult | None = None  # the shadow audit, once every stage passed
 
 
 class Rollout:
-    """Stages in order, each poked every look interval until it ends; promote when all pass.
-    Every way out of a failed or interrupted rollout puts the stable version back at 100%."""
+    """Stages in order, each poked every look interval until it ends; once all passed, the shadow
+    audit of the rollout's records (``audit(start, end)``), and the decision the DAG takes on the
+    same evidence (``judge_evidence``): with a mirror, no audit (or one that did not pass) rolls
+    back. Every way out of a failed or interrupted rollout puts the stable version back at 100%."""
 
     def __init__(
         self,
@@ -632,10 +672,12 @@ class Rollout:
         sleep: Callable[[float], None] = time.sleep,
         on_stage: Callable[[StageOutcome], None] | None = None,
         poke_s: float | None = None,
+        audit: Callable[[float, float], AuditResult] | None = None,
     ):
         self.spec, self.router, self.look = spec, router, look
         self.clock, self.sleep, self.on_stage = clock, sleep, on_stage
         self.poke_s = poke_s if poke_s is not None else poke_interval(spec)
+        self.audit = audit
 
     def promote(self) -> None:
         """100% candidate, mirror off."""
@@ -653,8 +695,20 @@ class Rollout:
         decision = "pass" if state.status == "pass" else "fail"
         return StageOutcome(weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict)
 
+    def shadow_audit(self, start: float) -> AuditResult | None:
+        """The audit of the records since ``start``; None when it could not run (the DAG's
+        shadow_consistency failing: its decision rolls back a rollout with a mirror)."""
+        if self.audit is None:
+            return None
+        try:
+            return self.audit(start, self.clock())
+        except Exception:
+            log.exception("the shadow audit could not run")
+            return None
+
     def run(self) -> RolloutResult:
         outcomes: list[StageOutcome] = []
+        started = self.clock()
         self.router.reconcile()
         try:
             for index, weight in enumerate(self.spec.stages):
@@ -665,10 +719,19 @@ class Rollout:
                 if outcome.decision != "pass":
                     self.restore_stable()
                     return RolloutResult(False, outcomes, f"stage {weight}%: {outcome.reason}")
+            audit = self.shadow_audit(started)
+            verdicts = [{"decision": o.decision, "summary": o.reason} for o in outcomes]
+            decision, reason = judge_evidence(self.spec, verdicts, None if audit is None else audit.to_dict())
+            if decision != "promote":
+                self.restore_stable()
+                return RolloutResult(False, outcomes, reason, audit)
             self.promote()
-            return RolloutResult(True, outcomes, "every stage passed")
-        except BaseException:
-            log.exception("rollout interrupted: restoring the stable version")
+            return RolloutResult(True, outcomes, reason, audit)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                log.exception("rollout interrupted: restoring the stable version")
+            else:  # a signal, Ctrl-C: where it landed is no news
+                log.warning("rollout stopped (%s): restoring the stable version", exc or type(exc).__name__)
             self.restore_stable()
             raise
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-from vision_rollout.spec import DEFAULTS, RolloutSpec
+from vision_rollout.spec import DEFAULTS, RolloutSpec, non_finite
 
 DECISIONS = ("pass", "fail", "wait")
 SOURCES = {"live": "Live A/B arms", "replay": "Validation replay"}  # the ``source`` of a sample
@@ -169,6 +169,8 @@ class GateConfig:
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown gate config key(s) {unknown}; known: {sorted(known)}")
+        if (key := non_finite(config)) is not None:  # NaN passes every schema bound (a guard off)
+            raise ValueError(f"gate config {key}: {config[key]} is not a finite number")
         spec_fields = RolloutSpec.json_schema()["properties"]
         power = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
         schema = {"type": "object", "properties": {k: spec_fields.get(k, power) for k in known}}

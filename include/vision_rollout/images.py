@@ -98,8 +98,17 @@ def verify_model(
         return report
     report.provider = session.get_providers()[0]
     report.inputs, report.outputs = _signature(session)
-    if baseline is not None and baseline.is_file():
-        base_in, base_out = _signature(ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"]))
+    if baseline is not None:
+        # A baseline named but missing or unloadable is a problem, not a comparison skipped: a
+        # mistyped path passed a candidate whose signature was never compared.
+        if not baseline.is_file():
+            report.problems.append(f"the baseline {baseline} does not exist: nothing to compare the signature with")
+            return report
+        try:
+            base_in, base_out = _signature(ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"]))
+        except Exception as exc:  # ORT's own exception types
+            report.problems.append(f"the baseline {baseline} does not load in ONNX Runtime: {exc}")
+            return report
         if base_in != report.inputs:
             report.problems.append(f"inputs differ from the baseline's: {report.inputs} vs {base_in}")
         candidate_outputs = {o["name"]: o for o in report.outputs}
@@ -131,7 +140,7 @@ def verify_model(
             report.problems.append(f"golden inference gave shape {out.shape} or non-finite values")
         else:
             report.golden_accuracy = float((out.argmax(axis=1) == labels).mean())
-            if baseline is not None and baseline.is_file():
+            if baseline is not None:
                 base = ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"])
                 base_out = base.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
                 report.baseline_agreement = float((base_out.argmax(axis=1) == out.argmax(axis=1)).mean())

@@ -12,6 +12,7 @@ No data is never a pass: callers hold (wait) on ``NoValuesFound``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -19,8 +20,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from vision_rollout.serving import read_body, redact
+
+T = TypeVar("T")
 
 
 class MetricsError(Exception):
@@ -47,19 +53,49 @@ class MetricsSource(Protocol):
     def is_online(self) -> bool: ...
 
 
+MAX_ANSWER = 64 * 2**20  # a query's answer here is one series; a range of a day at 1 s is ~3 MiB
+
+
 def _get_json(url: str, timeout: float) -> dict[str, Any]:
+    where = redact(url.split("?")[0])
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (configured source URL)
-            return json.loads(r.read())
+            raw = read_body(r, MAX_ANSWER, timeout)
     except urllib.error.HTTPError as exc:
-        body = exc.read().decode(errors="replace")
+        body = exc.read(64 * 1024).decode(errors="replace")
         try:
             message = json.loads(body).get("error", body)
-        except ValueError:
+        except (ValueError, AttributeError):
             message = body
-        raise MetricsError(f"{url.split('?')[0]}: HTTP {exc.code}: {message}") from None
+        raise MetricsError(f"{where}: HTTP {exc.code}: {str(message)[:1000]}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise SourceOffline(f"{url.split('?')[0]}: {exc}") from None
+        raise SourceOffline(f"{where}: {exc}") from None
+    if len(raw) > MAX_ANSWER:
+        raise MetricsError(f"{where}: an answer over {MAX_ANSWER} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise MetricsError(f"{where}: the answer is not JSON: {raw[:80]!r}") from None
+    if not isinstance(data, dict):
+        raise MetricsError(f"{where}: the answer is not a JSON object: {raw[:80]!r}")
+    return data
+
+
+def _shape_checked(method: Callable[..., T]) -> Callable[..., T]:
+    """An answer of another shape than Prometheus' API (a proxy's page, a wrong port's JSON)
+    is a MetricsError naming the call, not a KeyError or IndexError out of the guards."""
+
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise MetricsError(
+                f"prometheus: {method.__name__}: an answer not shaped as Prometheus' API: {type(exc).__name__}: "
+                f"{str(exc)[:200]}"
+            ) from None
+
+    return checked
 
 
 @dataclass
@@ -82,6 +118,7 @@ class PrometheusSource:
             raise MetricsError(f"prometheus: {data.get('errorType')}: {data.get('error')}")
         return data["data"]
 
+    @_shape_checked
     def query(self, promql: str, at: float | None = None) -> float:
         params = {"query": promql}
         if at is not None:
@@ -101,6 +138,7 @@ class PrometheusSource:
             raise NoValuesFound(f"NaN for {promql} (no traffic in the window?)")
         return value
 
+    @_shape_checked
     def scrape_interval_s(self) -> float:
         """The longest scrape interval among the model servers' active targets (Prometheus' own
         configuration, as its targets API reports it): a rate needs at least two samples in its
@@ -115,6 +153,7 @@ class PrometheusSource:
             raise MetricsError("prometheus: no active target reports a scrapeInterval")
         return max(parse_duration(t["scrapeInterval"]) for t in ours or timed)
 
+    @_shape_checked
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
         data = self._api(
             "query_range", {"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}

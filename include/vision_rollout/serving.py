@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -37,6 +38,32 @@ def image_request(images: Iterable[bytes], input_name: str = "image") -> dict[st
 
 
 MAX_ANSWER = 8 * 2**20  # an admin answer (a policy, the repository index) is far smaller
+
+
+def redact(url: str) -> str:
+    """``url`` without a ``user:password@`` part: what messages (logs, reports, Slack) may show."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def read_body(response: Any, limit: int, timeout_s: float) -> bytes:
+    """At most ``limit + 1`` bytes of an answer, within about ``timeout_s`` in all: a socket's
+    timeout is per read, so a server sending a byte every few seconds held ``read()`` for hours.
+    TimeoutError past the time (the caller says who did not answer)."""
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = response.read1(min(2**16, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the answer took more than {timeout_s:g} s")
+    return b"".join(chunks)
 
 
 class AdminError(Exception):
@@ -77,7 +104,7 @@ class ModelServerAdmin:
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as r:  # noqa: S310
-                raw = r.read(MAX_ANSWER + 1)
+                raw = read_body(r, MAX_ANSWER, timeout_s)
         except urllib.error.HTTPError as exc:
             try:
                 reason = str(json.loads(exc.read(MAX_ANSWER)).get("error", ""))[:1000]
@@ -87,17 +114,27 @@ class ModelServerAdmin:
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
                 raise AdminError(f"model server {method} {path}: no answer within {timeout_s:g} s") from None
-            raise AdminError(f"model server at {self.url} unreachable: {exc}") from None
+            raise AdminError(f"model server at {redact(self.url)} unreachable: {exc}") from None
+        except ValueError as exc:  # a URL urllib cannot use ("host:8000", "http://[::1")
+            raise AdminError(f"model server at {redact(self.url)}: not a URL it can reach: {exc}") from None
         if len(raw) > MAX_ANSWER:
             raise AdminError(f"model server {method} {path}: an answer over {MAX_ANSWER} bytes")
-        return json.loads(raw) if raw else None
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:  # (UnicodeDecodeError too) not the model server, or not its admin API
+            raise AdminError(f"model server {method} {path}: the answer is not JSON: {raw[:80]!r}") from None
 
     @staticmethod
     def _model(model: str) -> str:
         return urllib.parse.quote(model, safe="")
 
     def traffic(self, model: str) -> TrafficPolicy:
-        return TrafficPolicy.from_dict(self.call("GET", f"/v2/models/{self._model(model)}/traffic"))
+        path = f"/v2/models/{self._model(model)}/traffic"
+        answer = self.call("GET", path)
+        try:
+            return TrafficPolicy.from_dict(answer)
+        except ValueError as exc:  # (PolicyError) an answer that is no policy
+            raise AdminError(f"model server GET {path}: the answer is not a traffic policy: {exc}") from None
 
     def set_traffic(self, model: str, policy: TrafficPolicy) -> None:
         self.call("PUT", f"/v2/models/{self._model(model)}/traffic", policy.to_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,17 @@ import jsonschema
 
 from model_server.traffic import Destination, Mirror, PolicyError, TrafficPolicy
 
-__all__ = ["DEFAULTS", "MAX_LOOKS", "Destination", "Mirror", "PolicyError", "RolloutSpec", "SpecError", "TrafficPolicy"]
+__all__ = [
+    "DEFAULTS",
+    "MAX_LOOKS",
+    "Destination",
+    "Mirror",
+    "PolicyError",
+    "RolloutSpec",
+    "SpecError",
+    "TrafficPolicy",
+    "non_finite",
+]
 
 
 # The most looks a stage may plan: their group-sequential boundaries take about 0.4 s to compute
@@ -28,6 +39,19 @@ MAX_LOOKS = 12
 
 class SpecError(ValueError):
     """An invalid rollout spec; the message names the field."""
+
+
+def non_finite(raw: dict[str, Any]) -> str | None:
+    """The first key whose value is a number that is not finite (NaN, Infinity), or None.
+
+    Python's JSON reader (a spec file, ``--set``, a trigger's conf) takes ``NaN`` and ``Infinity``,
+    and JSON schema's bounds do not catch them: every comparison with NaN is false, so
+    ``p99_ms_max: NaN`` passed ``exclusiveMinimum: 0`` and then no P99 was ever "above the
+    limit" (the guard silently off), as no drop was above ``accuracy_drop_max: NaN``."""
+    for key, value in raw.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return key
+    return None
 
 
 def _f(default: Any, description: str, **schema: Any) -> Any:
@@ -178,6 +202,8 @@ class RolloutSpec:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RolloutSpec:
+        if isinstance(raw, dict) and (key := non_finite(raw)) is not None:
+            raise SpecError(f"{key[:64]}: {raw[key]} is not a finite number")
         try:
             jsonschema.validate(raw, cls.json_schema())
         except jsonschema.ValidationError as exc:

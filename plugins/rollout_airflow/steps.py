@@ -455,25 +455,11 @@ def judge_evidence(
     audit: dict[str, Any] | None,
     failures: list[str | None] | None = None,
 ) -> tuple[str, str]:
-    """What the evidence says: promote only when every planned stage passed and, with a mirror,
-    the shadow audit showed the candidate agrees with the primary (``pass``: an audit that fails,
-    is inconclusive, found no shadow record or did not run rolls back, as the form's "must be
-    shown" says). ``failures``: per stage, why its wait failed (a tripped guard, never ready)."""
-    spec = spec_from(params)
-    failures = failures or []
-    for i, (weight, verdict) in enumerate(zip(spec.stages, verdicts, strict=False)):
-        if verdict is None:
-            if i < len(failures) and failures[i]:  # its wait ended it: a tripped guard, never ready
-                return "rollback", f"the {weight}% stage: {failures[i]}"
-            return "rollback", f"the {weight}% stage produced no verdict: a step failed or was interrupted"
-        if verdict["decision"] != "pass":
-            return "rollback", f"the {weight}% stage: {verdict['summary']}"
-    if audit is not None and audit.get("verdict") == "fail":
-        return "rollback", "shadow audit failed: " + "; ".join(audit.get("reasons", []))
-    if spec.mirror_percent > 0 and (audit is None or audit.get("verdict") != "pass"):
-        why = "; ".join(audit.get("reasons", [])) if audit else "the audit did not run (see shadow_consistency's log)"
-        return "rollback", f"shadow audit did not show the candidate agrees with the primary: {why}"
-    return "promote", "every stage passed" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
+    """What the evidence says: the library's decision (``engine.judge_evidence``), the one
+    ``rolloutctl run`` takes on the same evidence."""
+    from vision_rollout.engine import judge_evidence as judge
+
+    return judge(spec_from(params), verdicts, audit, failures)
 
 
 def decide(

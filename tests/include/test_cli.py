@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+from pathlib import Path
 
 import pytest
 import yaml
 
+from model_server.traffic import TrafficPolicy
 from tests.support import TOKEN, samples, shadow_log
 from vision_rollout.cli import main
 from vision_rollout.mesh import validate_istio
@@ -64,6 +67,7 @@ def test_run_without_prometheus_must_say_it_runs_unguarded(tmp_path, capsys):
     listens on port 9) is never reached."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"stages": [50, 100]}))
+    (tmp_path / "log").mkdir()
     argv = ["run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--validation", str(tmp_path)]
     argv += ["--prediction-log", str(tmp_path / "log")]
     code, _, err = run(capsys, *argv)
@@ -80,9 +84,14 @@ def test_audit_command(tmp_path, capsys):
     assert code == 0
     assert out.startswith("PASS")
     assert (tmp_path / "report" / "report.md").exists()
+    (tmp_path / "empty").mkdir()
     code, out, _ = run(capsys, "audit", "--shadow-log", str(tmp_path / "empty"), "--since", "1h")
     assert code == 0
     assert out.startswith("SKIP")
+    # A mistyped folder is not an empty log: it said SKIP and exited 0.
+    code, _, err = run(capsys, "audit", "--shadow-log", str(tmp_path / "emtpy"), "--since", "1h")
+    assert code == 2
+    assert "no such folder" in err
 
 
 def test_mesh_render_istio_is_valid_yaml(tmp_path, capsys):
@@ -146,7 +155,7 @@ def test_mesh_apply_local(server_factory, repo_copy, tmp_path, capsys):
     assert run(capsys, *args)[1].strip() == "unchanged: already in effect"
     token.write_text("wrong")
     code, _, err = run(capsys, *args)
-    assert code == 1
+    assert code == 4  # an error, not a verdict: 1 is "fail"
     assert "HTTP 401" in err
 
 
@@ -167,3 +176,257 @@ def test_verify_model_command(models_dir, tmp_path, capsys):
     )
     assert code == 0
     assert json.loads(out)["ok"] is True
+
+
+# -- what a hostile or careless user gives it ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://admin:hunter2@127.0.0.1:9", "credentials in the URL are refused"),
+        ("notaurl", "not an http(s)://host:port URL"),
+        ("http://[::1", "not a URL"),
+        ("ftp://127.0.0.1:9", "not an http(s)://host:port URL"),
+        ("file:///etc/passwd", "not an http(s)://host:port URL"),
+        ("http://127.0.0.1:9/v2/models", "without a path"),
+        ("http://127.0.0.1:99999", "not a URL"),
+    ],
+)
+def test_server_urls_are_checked_and_their_credentials_never_printed(tmp_path, capsys, url, words):
+    """A URL with a password went through to every error message (the password printed, and in
+    run's stage reasons and Slack reports); garbage ended in a ValueError's traceback."""
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    code, out, err = run(
+        capsys, "mesh", "apply", "--backend", "local", "--url", url, "--model", "digits", "--policy", str(policy)
+    )
+    assert (code, out) == (2, "")
+    assert words in err
+    assert "hunter2" not in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(None, "cannot be read: No such file"), (b"\xff\xfe", "cannot be read"), (b"  \n", "is empty")],
+)
+def test_a_token_file_that_cannot_be_used_is_a_usage_error(tmp_path, capsys, content, words):
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_bytes(content)
+    argv = ["mesh", "get", "--backend", "local", "--url", "http://127.0.0.1:9", "--model", "digits"]
+    code, _, err = run(capsys, *argv, "--token-file", str(token))
+    assert code == 2
+    assert words in err
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"\x00\xff not json {{{", "the answer is not JSON"),
+        (b"<html>a proxy</html>", "the answer is not JSON"),
+        (b'{"route": "x"}', "the answer is not a traffic policy"),
+        (b"null", "the answer is not a traffic policy"),
+    ],
+)
+def test_a_server_answering_garbage_is_an_error_in_one_line(tmp_path, capsys, body, words):
+    """Garbage from the --url (a wrong port, a proxy) ended in UnicodeDecodeError, JSONDecodeError
+    or PolicyError tracebacks, exit 1: the code of a failed gate or a rollback."""
+    from tests.support.hostile import hostile_server
+
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    with hostile_server(body) as url:
+        for argv in (["get"], ["apply", "--policy", str(policy)]):
+            code, out, err = run(capsys, "mesh", *argv, "--backend", "local", "--url", url, "--model", "digits")
+            assert (code, out) == (4, "")
+            assert words in err
+            assert "Traceback" not in err
+            assert len(err.strip().splitlines()) == 1
+
+
+def test_a_server_answering_a_byte_at_a_time_times_out():
+    """The socket's timeout is per read: a body sent a byte every 0.2 s held the admin client
+    (mesh apply, every step of run) for as long as the server kept at it."""
+    import time
+
+    from tests.support.hostile import hostile_server
+    from vision_rollout.serving import AdminError, ModelServerAdmin
+
+    with hostile_server(trickle_s=0.2, trickle_for_s=10) as url:
+        started = time.monotonic()
+        with pytest.raises(AdminError, match="no answer within 1 s"):
+            ModelServerAdmin(url, timeout_s=1).traffic("digits")
+        assert time.monotonic() - started < 4
+
+
+def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsys):
+    """``--versions 3`` for a policy routing to 1 and 2 rendered a VirtualService whose subsets
+    v1 and v2 the DestinationRule did not declare (Envoy answers 503); letters were a traceback."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 75}, {"version": "2", "weight": 25}]}))
+    base = ["mesh", "render", "--backend", "istio", "--policy", str(policy)]
+    base += ["--namespace", "models", "--service", "digits", "--name", "digits"]
+    for versions, words in [("3", "version(s) 1, 2, which would have no subset"), ("a,b", "version numbers")]:
+        code, out, err = run(capsys, *base, "--versions", versions)
+        assert (code, out) == (2, "")
+        assert words in err
+    code, out, _ = run(capsys, *base, "--versions", "1,2,3")
+    assert code == 0
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["DestinationRule", "VirtualService"]
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    code, _, err = run(capsys, "mesh", "render", "--backend", "local", "--policy", str(deep))
+    assert (code, err.strip()) == (2, f"rolloutctl mesh: {deep}: nested too deep to read")
+
+
+def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, capsys):
+    """A mistyped --baseline skipped the comparison and said OK (exit 0); a baseline that does
+    not load was an onnxruntime traceback."""
+    candidate = str(models_dir / "digits" / "2" / "model.onnx")
+    code, out, err = run(capsys, "verify-model", candidate, "--baseline", str(tmp_path / "typo.onnx"))
+    assert (code, out) == (2, "")
+    assert "no such file" in err
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    code, out, _ = run(capsys, "verify-model", candidate, "--baseline", str(broken))
+    assert code == 1
+    assert out.startswith("FAILED")
+    assert "the baseline" in out
+    assert "does not load in ONNX Runtime" in out
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_threshold_that_is_not_a_number_is_refused(tmp_path, capsys, value):
+    """``--set p99_ms_max=NaN`` (or NaN in run's spec file) passed every bound and turned the guard off."""
+    path = tmp_path / "s.csv"
+    samples(3000).to_csv(path, index=False)
+    code, out, err = run(capsys, "gate", "--samples", str(path), "--set", f"p99_ms_max={value}", "--json")
+    assert (code, out) == (2, "")
+    assert "is not a finite number" in err
+    spec = tmp_path / "spec.json"
+    spec.write_text(f'{{"stages": [50, 100], "p99_ms_max": {value}}}')
+    (tmp_path / "log").mkdir()
+    code, _, err = run(
+        capsys,
+        *("run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--validation", str(tmp_path)),
+        *("--prediction-log", str(tmp_path / "log"), "--no-hard-guards"),
+    )
+    assert code == 2
+    assert "invalid spec: p99_ms_max: " in err
+    assert "is not a finite number" in err
+
+
+# -- rolloutctl run against a real model server ---------------------------------------------------
+
+
+def run_argv(s, tmp_path, models_dir, spec: dict, *more: str) -> list[str]:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    (tmp_path / "predictions").mkdir(exist_ok=True)
+    return [
+        *("run", "--spec", str(spec_file), "--url", s.http, "--token-file", str(token)),
+        *("--validation", str(models_dir / "digits" / "validation")),
+        *("--prediction-log", str(tmp_path / "predictions")),
+        *more,
+    ]
+
+
+@pytest.mark.integration
+def test_run_checks_where_it_starts_and_changes_nothing_when_it_cannot(
+    server_factory, repo_copy, models_dir, tmp_path, capsys
+):
+    """Two runs at once each drove the routes and both said PROMOTED; a candidate not loaded was
+    a traceback; a mistyped --prometheus held the first stage, the canary taking its share, for
+    max_stage_seconds (an hour by default) before rolling back. Each is refused before any
+    route changes, exit 4; and no state file is left in the working folder."""
+    from tests.support import put_policy
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    stable = {"route": [{"version": "1", "weight": 100}]}
+    spec = {"stages": [50, 100], "bake_seconds": 60, "max_stage_seconds": 60}
+
+    def routes() -> dict:
+        argv = ["mesh", "get", "--backend", "local", "--url", s.http, "--model", "digits"]
+        return json.loads(run(capsys, *argv, "--token-file", str(tmp_path / "token"))[1])
+
+    cases = [
+        (
+            {"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]},
+            spec,
+            "not where a rollout starts",
+        ),
+        ({**stable, "mirror": {"version": "2", "percent": 100}}, spec, "mirrors to version 2"),
+        (stable, {**spec, "candidate_version": "3"}, "version 3 of 'digits' is not loaded"),
+    ]
+    for policy, this_spec, words in cases:
+        assert put_policy(s, policy).status_code == 200
+        code, out, err = run(capsys, *run_argv(s, tmp_path, models_dir, this_spec, "--no-hard-guards"))
+        assert (code, out) == (4, ""), err
+        assert words in err
+        assert "nothing changed" in err
+        assert routes() == policy
+    code, out, err = run(capsys, *run_argv(s, tmp_path, models_dir, spec, "--prometheus", "http://127.0.0.1:9"))
+    assert (code, out) == (4, "")
+    assert "Prometheus cannot be read, nothing changed" in err
+    assert routes() == stable
+    argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards")
+    argv[argv.index("--validation") + 1] = str(tmp_path)  # no labels.csv there
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert "labels.csv" in err
+    assert not list(tmp_path.glob(".rollout-*"))
+    assert not list(Path.cwd().glob(".rollout-*"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, repo_copy, models_dir, tmp_path, sig):
+    """A cancelled CI job (SIGTERM) killed run mid-stage: the canary kept its 50% and the mirror
+    stayed on, silently, exit 143. Now the stable version is put back first, the last line says
+    so, the outbox has the rollback report, and the exit is 128 + the signal's number."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    spec = {"stages": [50, 100], "bake_seconds": 120, "max_stage_seconds": 120}
+    argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--outbox", str(tmp_path / "outbox"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vision_rollout.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 50:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert out.strip().splitlines()[-1] == f"INTERRUPTED by {name}: version 1 takes 100% again"
+    assert "Traceback" not in err
+    assert s.api.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    [report] = (tmp_path / "outbox").glob("*.json")
+    assert json.loads(report.read_text())["text"].startswith(
+        f"Rolled back digits v2: rolloutctl run was stopped by {name}"
+    )

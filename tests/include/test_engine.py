@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from model_server.traffic import TrafficPolicy
+from vision_rollout.audit import AuditResult
 from vision_rollout.engine import (
     Rollout,
     StageState,
@@ -398,12 +399,69 @@ def scripted(statuses: list[str]):
     return lambda window: StageState(next(answers), 1, 5, None, "scripted")
 
 
+def audited(verdict: str, reason: str = "top-1 agreement 97%"):
+    """A shadow audit that answers ``verdict``, recording the window it was asked for."""
+
+    def audit(start: float, end: float) -> AuditResult:
+        audit.windows.append((start, end))
+        return AuditResult("digits", str(start), str(end), verdict, [reason])
+
+    audit.windows = []
+    return audit
+
+
 def test_every_stage_passes_then_promotion():
     router = RecordingRouter()
-    result = Rollout(spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None).run()
+    audit = audited("pass")
+    result = Rollout(
+        spec(stages=[10, 100]), router, scripted(["waiting", "pass", "pass"]), sleep=lambda _: None, audit=audit
+    ).run()
     assert result.promoted
+    assert result.reason == "every stage passed; shadow audit: top-1 agreement 97%"
+    assert len(audit.windows) == 1
     assert router.history[0]["route"] == [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]
     assert router.history[-1] == {"route": [{"version": "2", "weight": 100}]}
+
+
+@pytest.mark.parametrize(
+    ("audit", "mirror", "promoted", "words"),
+    [
+        (audited("fail", "top-1 agreement 71% is shown below 90%"), 100, False, "shadow audit failed: top-1"),
+        (audited("inconclusive", "not yet shown above 90%"), 100, False, "not yet shown above 90%"),
+        (audited("skip", "no shadow records"), 100, False, "no shadow records"),
+        (None, 100, False, "the audit did not run"),
+        (None, 0, True, "every stage passed"),
+        (audited("fail", "top-1 agreement 71%"), 0, False, "shadow audit failed"),
+    ],
+)
+def test_after_every_stage_passed_the_decision_is_the_dags(audit, mirror, promoted, words):
+    """rolloutctl run promoted once every stage passed, where the DAG's decide rolled back a
+    rollout whose shadow audit did not show agreement: both take ``judge_evidence`` now."""
+    from rollout_airflow.steps import judge_evidence as dags
+
+    router = RecordingRouter()
+    s = spec(stages=[10, 100], mirror_percent=mirror)
+    result = Rollout(s, router, scripted(["pass", "pass"]), sleep=lambda _: None, audit=audit).run()
+    assert result.promoted is promoted
+    assert words in result.reason
+    stable, promoted_routes = s.stable_policy().to_dict(), s.promoted_policy().to_dict()
+    assert router.history[-1] == (promoted_routes if promoted else stable)
+    verdicts = [{"decision": "pass", "summary": "PASS"}] * 2
+    report = audit(0.0, 1.0).to_dict() if audit else None
+    assert dags(s.to_dict(), verdicts, report) == ("promote" if promoted else "rollback", result.reason)
+
+
+def test_an_audit_that_raises_rolls_back_as_one_that_did_not_run():
+    def broken(start, end):
+        raise OSError("prediction log unreachable")
+
+    router = RecordingRouter()
+    result = Rollout(
+        spec(stages=[10, 100]), router, scripted(["pass", "pass"]), sleep=lambda _: None, audit=broken
+    ).run()
+    assert not result.promoted
+    assert "the audit did not run" in result.reason
+    assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
 
 
 @pytest.mark.parametrize("status", ["fail", "undecided", "breach"])

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from model_server.traffic import TrafficPolicy
 from vision_rollout.engine import Rollout, StageJudge
 from vision_rollout.mesh import make_router
 from vision_rollout.spec import RolloutSpec
@@ -75,6 +76,9 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
 
     s, log_dir, validation = served
     s.load_versions("digits", 1, 3)
+    s.api.set_traffic(
+        "digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    )  # where it starts
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(
@@ -112,3 +116,44 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
     assert json.loads(reports[-1].read_text())["text"].startswith("Rolled back digits v3")
     routes = make_router("local", url=s.http, model="digits", token=TOKEN).get_routes()
     assert routes.to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_rolloutctl_run_rolls_back_when_the_shadow_audit_does_not_show_agreement(served, tmp_path, capsys):
+    """Every stage of version 2 passes, but agreement with the primary must be shown at least
+    100%, which no audit can: the DAG's decide rolls back, and rolloutctl run promoted (it never
+    ran the audit). It runs the DAG's decision now (``engine.judge_evidence``)."""
+    from vision_rollout.cli import main
+
+    s, log_dir, validation = served
+    s.load_versions("digits", 1, 2)
+    s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "stages": [50, 100],
+                "bake_seconds": 6,
+                "max_stage_seconds": 60,
+                "looks_per_stage": 2,
+                "min_samples": 50,
+                "shadow_agreement_min": 1.0,
+                **LOOSE,
+            }
+        )
+    )
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    argv = ["run", "--spec", str(spec), "--url", s.http, "--validation", str(validation)]
+    argv += ["--prediction-log", str(log_dir), "--token-file", str(token), "--no-hard-guards"]
+    argv += ["--outbox", str(tmp_path / "outbox")]
+    code = main(argv)
+    out, _ = capsys.readouterr()
+    assert code == 1, out
+    assert "stage 100%: pass" in out
+    # (shown below 100%, a fail; or not yet shown above it, inconclusive: either rolls back)
+    assert "shadow audit: FAIL" in out or "shadow audit: INCONCLUSIVE" in out
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("ROLLED BACK: shadow audit")
+    assert s.api.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    reports = sorted((tmp_path / "outbox").glob("*.json"))
+    assert json.loads(reports[-1].read_text())["text"].startswith("Rolled back digits v2: shadow audit")

@@ -333,3 +333,48 @@ def test_scrape_source_reads_the_server_without_prometheus(server_factory, repo_
         source.query('nv_inference_request_success{version="9"}')
     with pytest.raises(MetricsError, match="plain selectors"):
         source.query("rate(nv_inference_count[1m])")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"<html>a proxy's page</html>", "the answer is not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"status": "success"}', "an answer not shaped as Prometheus' API: KeyError"),
+        (b'{"status": "success", "data": {"resultType": "vector", "result": [{"value": ["x"]}]}}', "IndexError"),
+        (
+            b'{"status": "success", "data": {"resultType": "matrix", "result": [{"values": 7}]}}',
+            "not shaped as Prometheus",
+        ),
+    ],
+)
+def test_an_answer_that_is_not_prometheus_is_a_metrics_error(body, words):
+    """A wrong port or a proxy answering: an IndexError or KeyError came out of the guards and
+    ended rolloutctl run in a traceback; a MetricsError holds the stage as Prometheus down does."""
+    from tests.support.hostile import hostile_server
+
+    with hostile_server(body) as url:
+        source = PrometheusSource(url, timeout_s=5)
+        with pytest.raises(MetricsError, match=words):
+            source.query("up")
+        with pytest.raises(MetricsError):
+            source.query_range("up", 0, 10, 1)
+        with pytest.raises(MetricsError):
+            source.scrape_interval_s()
+
+
+def test_a_huge_or_endless_answer_is_cut_short(monkeypatch):
+    """Prometheus' answers were read whole: a 2 GiB body took 4.3 GB of memory, and one sent a
+    byte at a time held the read past any timeout (a socket's timeout is per read)."""
+    from tests.support.hostile import hostile_server
+    from vision_rollout import metrics
+
+    monkeypatch.setattr(metrics, "MAX_ANSWER", 1000)
+    with hostile_server(b'{"status": "success", "data": "' + b"A" * 2000 + b'"}') as url:
+        with pytest.raises(MetricsError, match="an answer over 1000 bytes"):
+            PrometheusSource(url, timeout_s=5).query("up")
+    with hostile_server(trickle_s=0.2, trickle_for_s=10) as url:
+        started = time.monotonic()
+        with pytest.raises(SourceOffline, match="the answer took more than 1 s"):
+            PrometheusSource(url, timeout_s=1).query("up")
+        assert time.monotonic() - started < 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import jsonschema
 import pytest
 
@@ -76,6 +79,20 @@ def test_json_schema_is_valid_and_carries_descriptions():
 def test_invalid_specs_name_the_field(raw, needle):
     with pytest.raises(SpecError, match=needle):
         RolloutSpec.from_dict(raw)
+
+
+@pytest.mark.parametrize("key", ["p99_ms_max", "accuracy_drop_max", "shadow_error_rate_max", "alpha", "latency_margin"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_numbers_that_are_not_finite_are_refused(key, value):
+    """JSON as Python reads it (a spec file, a trigger's conf, --set) takes NaN and Infinity,
+    and no schema bound catches NaN: ``p99_ms_max: NaN`` turned the P99 guard off (no P99 is
+    above NaN) and rolloutctl run promoted a canary that the guard at 0.01 ms rolled back."""
+    from vision_rollout.gates import GateConfig
+
+    with pytest.raises(SpecError, match=f"{key}: .* is not a finite number"):
+        RolloutSpec.from_dict(json.loads(json.dumps({key: value})))
+    with pytest.raises(ValueError, match=f"gate config {key}: .* is not a finite number"):
+        GateConfig.from_any({key: value})
 
 
 def test_a_long_value_is_quoted_cut():
