@@ -1,7 +1,7 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
   rolloutctl gate --samples FILE [--look K --looks N] [--set key=value ...] [--json]
-  rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR] [--json]
+  rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--json]
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
   rolloutctl mesh get --backend local --url URL --model M [--token-file F]   (the policy in effect, JSON)
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
@@ -204,17 +204,31 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import REPORT, audit, report_files, write_report
+    from vision_rollout.audit import CHART, REPORT, audit, report_files, write_report
 
     end = datetime.now(UTC)
     since = _since(args.since)
+    # A report already in --out: a SKIP's report.md was written beside the earlier audit's chart
+    # and anomalies, which a reviewer took for this one's. Refused, or with --overwrite replaced
+    # whole (the earlier report's files this one does not have removed, on this machine's disk).
+    names = {REPORT, CHART, "summary.json", "confusion.csv", "anomalies.csv"}
+    try:
+        present = names & set(args.out.names()) if args.out else set()
+    except OSError as exc:
+        raise CommandError(f"--out {args.out} cannot be listed: {exc}") from None
+    if present and not args.overwrite:
+        raise UsageError(f"--out {args.out} holds a report already: give a new folder, or --overwrite to replace it")
     try:
         result = audit(args.prediction_log, end - since, end, args.model)
     except OSError as exc:  # (pyarrow's errors reading an object store are OSErrors)
         raise CommandError(f"the prediction log cannot be read: {exc}") from None
     if args.out:
+        files = report_files(result)
         try:
-            where = write_report(report_files(result), args.out)
+            if args.out.path is not None:
+                for name in sorted(present - set(files)):
+                    (args.out.path / name).unlink(missing_ok=True)
+            where = write_report(files, args.out)
         except OSError as exc:
             raise CommandError(f"the report cannot be written to {args.out}: {exc}") from None
         print(f"report: {where[REPORT]}", file=sys.stderr)
@@ -529,6 +543,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--since", default="1h")
     a.add_argument("--model", type=_model)
     a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
+    a.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
     m = sub.add_parser("mesh", help="render, read or apply a traffic policy")

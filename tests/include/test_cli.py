@@ -88,6 +88,17 @@ def test_audit_command(tmp_path, capsys):
     code, out, _ = run(capsys, "audit", "--shadow-log", str(tmp_path / "empty"), "--since", "1h")
     assert code == 0
     assert out.startswith("SKIP")
+    # Into the folder of the earlier report: refused (a SKIP's report.md was written beside the
+    # PASS's chart and anomalies); with --overwrite the earlier report's other files go.
+    again = ["audit", "--shadow-log", str(tmp_path / "empty"), "--out", str(tmp_path / "report")]
+    before = sorted(p.name for p in (tmp_path / "report").iterdir())
+    code, _, err = run(capsys, *again)
+    assert code == 2
+    assert "holds a report already" in err
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == before
+    assert run(capsys, *again, "--overwrite")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.md", "summary.json"]
+    assert "SKIP" in (tmp_path / "report" / "report.md").read_text()
     # A mistyped folder is not an empty log: it said SKIP and exited 0.
     code, _, err = run(capsys, "audit", "--shadow-log", str(tmp_path / "emtpy"), "--since", "1h")
     assert code == 2
