@@ -24,6 +24,19 @@ def signer(tmp_path) -> FeedbackSigner:
     return FeedbackSigner(read_key(tmp_path / "state" / "feedback-key"))
 
 
+def logging_server(server_factory, repo_copy, tmp_path):
+    """A server with its state in ``tmp_path / "state"`` and its prediction log in
+    ``tmp_path / "predictions"``, its admin API behind ``TOKEN``."""
+    return server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(tmp_path / "predictions"),
+        token=TOKEN,
+    )
+
+
 def feedback(server, body, sign: FeedbackSigner | None = None) -> requests.Response:
     """Post labels; with ``sign``, each item carries the token of its request id."""
     if sign is not None:
@@ -147,14 +160,7 @@ def test_feedback_lists_are_answered_item_by_item(server_factory, repo_copy, tmp
 
 
 def test_feedback_lists_with_a_prediction_log_accept_unmatched_items(server_factory, repo_copy, tmp_path, digit_images):
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(tmp_path / "predictions"),
-        token=TOKEN,
-    )
+    s = logging_server(server_factory, repo_copy, tmp_path)
     image, label = digit_images[1]
     infer(s, image, {"X-Request-ID": "one"})
     body = [{"request_id": "one", "label": str(label)}, {"request_id": "two", "label": 1}, {"label": 1}]
@@ -374,14 +380,7 @@ def test_one_request_id_for_two_models_takes_a_label_for_each(server_factory, re
     shutil.copytree(repo_copy / "digits", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "name": "digits_b"}))
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(tmp_path / "predictions"),
-        token=TOKEN,
-    )
+    s = logging_server(server_factory, repo_copy, tmp_path)
     image, label = digit_images[0]
     answers = {}
     for model in ("digits", "digits_b"):
