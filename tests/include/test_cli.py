@@ -413,8 +413,17 @@ def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, re
     spec = {"stages": [50, 100], "bake_seconds": 120, "max_stage_seconds": 120}
     argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--outbox", str(tmp_path / "outbox"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))}
+    # As from a terminal: a background job (a CI runner's, nohup's) inherits SIGINT ignored,
+    # which the CLI keeps ignored; the signals this test sends are taken again first.
+    terminal = (
+        "import runpy, signal, sys\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP): signal.signal(sig, signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "sys.argv[0] = 'rolloutctl'\n"
+        "runpy.run_module('vision_rollout.cli', run_name='__main__')\n"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vision_rollout.cli", *argv],
+        [sys.executable, "-c", terminal, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
