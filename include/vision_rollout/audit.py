@@ -352,11 +352,16 @@ def plot(result: AuditResult) -> bytes:
 REPORT, CHART = "report.md", "divergence.png"
 
 
+def printable(text: str) -> str:
+    """``text`` with each control character (a line break, a tab) as a space."""
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 def code_cell(text: str) -> str:
     """Text someone else chose (a client's request id) as a Markdown table cell: a code span,
     so nothing in it is markup (no link, image or HTML), its ``|`` escaped, so it cannot split
     the row into other columns, on one line."""
-    text = "".join(c if c.isprintable() else " " for c in text).replace("|", "\\|")
+    text = printable(text).replace("|", "\\|")
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     return f"{fence} {text} {fence}"
 

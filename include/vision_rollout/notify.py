@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_rollout.audit import AuditResult, limit_percent, percent_beside
+from vision_rollout.audit import AuditResult, limit_percent, percent_beside, printable
 from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, Verdict
 from vision_rollout.spec import RolloutSpec
@@ -64,7 +64,7 @@ def mrkdwn(s: str) -> str:
 
 def one_line(s: str) -> str:
     """Text from elsewhere on one line: line breaks and other control characters as spaces."""
-    return " ".join("".join(c if c.isprintable() else " " for c in s).split())
+    return " ".join(printable(s).split())
 
 
 def header(text: str) -> dict[str, Any]:
