@@ -29,6 +29,7 @@ import numpy as np
 from vision_rollout.replay import load_validation
 
 DEVICES = ("ios", "android", "web")
+MAX_FAILURES = 20
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LoadStats:
     sent: int = 0
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)  # the first MAX_FAILURES, each with its reason
     served: Counter[str] = field(default_factory=Counter)
     correct: Counter[str] = field(default_factory=Counter)
     feedback_posted: int = 0
@@ -66,6 +68,7 @@ class LoadStats:
             "sent": self.sent,
             "ok": self.ok,
             "errors": dict(self.errors),
+            "failures": self.failures,
             "served_by_version": dict(self.served),
             "accuracy_by_version": {v: self.correct[v] / n for v, n in self.served.items()},
             "feedback_posted": self.feedback_posted,
@@ -195,6 +198,8 @@ def run(cfg: LoadConfig) -> LoadStats:
                 with lock:
                     stats.sent += 1
                     stats.errors[str(status or "connection")] += 1
+                    if len(stats.failures) < MAX_FAILURES:
+                        stats.failures.append(f"request {rid}: {status or type(exc).__name__}: {str(exc)[:300]}")
                 continue
             latency = (time.perf_counter() - t) * 1000
             response = result.get_response()

@@ -41,4 +41,6 @@ def test_connections_closed_without_an_answer_are_counted_not_fatal(models_dir):
     assert stats.sent == 40  # every request went out: no worker died on the first closed connection
     assert stats.ok == 0
     assert sum(stats.errors.values()) == 40
+    assert len(stats.failures) == 20  # the first ones, each with its reason
+    assert all(f.startswith("request ") and ": " in f for f in stats.failures), stats.failures
     assert accepted >= 2
