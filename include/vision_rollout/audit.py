@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import stats
 
 from vision_rollout.folders import Folder
+from vision_rollout.gates import limit_percent, percent_beside
 from vision_rollout.spec import DEFAULTS, RolloutSpec
 
 EPS = 1e-6
@@ -97,24 +98,6 @@ class AuditResult:
         d["agreement_ci"] = list(self.agreement_ci) if self.agreement_ci else None
         d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
         return d
-
-
-def limit_percent(limit: float) -> str:
-    """A limit (a share) as a percentage, as precise as it was set: 0.995 is 99.5, not 100."""
-    return f"{100 * limit:.10g}"
-
-
-def percent_beside(x: float, limit: float, decimals: int = 2) -> str:
-    """A share ``x`` as a percentage with ``decimals`` decimals, or more where fewer would show it
-    on the limit (``limit_percent``) or across it: an upper bound of 0.899994 beside a 90% limit
-    reads 89.9994, not 90.00."""
-    shown = float(limit_percent(limit))
-    text = f"{100 * x:.{decimals}f}"
-    for d in range(decimals, 12):
-        text = f"{100 * x:.{d}f}"
-        if (float(text) < shown) == (x < limit) and (float(text) > shown) == (x > limit):
-            break
-    return text
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:

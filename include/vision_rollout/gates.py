@@ -292,8 +292,36 @@ def _decide(lower: float, upper: float, margin: float) -> str:
     return "wait"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
+def limit_percent(limit: float) -> str:
+    """A limit (a share) as a percentage, as precise as it was set: 0.995 is 99.5, not 100."""
+    return f"{100 * limit:.10g}"
+
+
+def percent_beside(x: float, limit: float, decimals: int = 2) -> str:
+    """A share ``x`` as a percentage with ``decimals`` decimals, or more where fewer would show it
+    on the limit (``limit_percent``) or across it: an upper bound of 0.899994 beside a 90% limit
+    reads 89.9994, not 90.00."""
+    shown = float(limit_percent(limit))
+    text = f"{100 * x:.{decimals}f}"
+    for d in range(decimals, 12):
+        text = f"{100 * x:.{d}f}"
+        if (float(text) < shown) == (x < limit) and (float(text) > shown) == (x > limit):
+            break
+    return text
+
+
+def _signed(x: float, beside: float | None = None) -> str:
+    """A difference in percent (or pp) with its sign; ``beside`` a margin, as ``percent_beside``."""
+    text = f"{100 * x:.2f}" if beside is None else percent_beside(x, beside)
+    return text if text.startswith("-") else "+" + text
+
+
+def _pct(x: float, beside: float | None = None) -> str:
+    return _signed(x, beside) + "%"
+
+
+def _margin(m: float) -> str:
+    return f"+{limit_percent(m)}%"
 
 
 def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: float) -> Check:
@@ -310,13 +338,14 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
     mde = (crit + float(stats.norm.ppf(cfg.power))) * se
     decision = _decide(lower, upper, m)
     ratio, ci = math.expm1(delta), (math.expm1(lower), math.expm1(upper))
+    interval = f"{_pct(ci[0], cfg.latency_margin)} to {_pct(ci[1], cfg.latency_margin)}"
     text = {
-        "pass": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
-        f"{_pct(ci[1])}), shown within the {_pct(cfg.latency_margin)} margin.",
-        "fail": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {_pct(ci[0])} to "
-        f"{_pct(ci[1])}): worse than the {_pct(cfg.latency_margin)} margin.",
+        "pass": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {interval}), "
+        f"shown within the {_margin(cfg.latency_margin)} margin.",
+        "fail": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline (interval {interval}): "
+        f"worse than the {_margin(cfg.latency_margin)} margin.",
         "wait": f"Canary geometric-mean latency is {_pct(ratio)} vs baseline, but the interval "
-        f"({_pct(ci[0])} to {_pct(ci[1])}) still straddles the {_pct(cfg.latency_margin)} margin; "
+        f"({interval}) still straddles the {_margin(cfg.latency_margin)} margin; "
         f"these samples resolve differences of about {_pct(math.expm1(mde))}.",
     }[decision]
     return Check(
@@ -378,7 +407,8 @@ def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, 
     fail = lower > cfg.tail_margin
     text = (
         f"p{round(q * 100)}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, interval "
-        f"{_pct(lower)} to {_pct(upper)})" + (f": worse than the {_pct(cfg.tail_margin)} tail margin." if fail else ".")
+        f"{_pct(lower, cfg.tail_margin)} to {_pct(upper, cfg.tail_margin)})"
+        + (f": worse than the {_margin(cfg.tail_margin)} tail margin." if fail else ".")
     )
     return Check(
         name,
@@ -446,15 +476,16 @@ def proportion_check(
     mde = half * (1 + float(stats.norm.ppf(cfg.power)) / z)
     rate_b, rate_c = xb / nb, xc / nc
     verdict = {
-        "pass": f"shown within the {100 * margin:.2f} pp margin",
-        "fail": f"worse than the {100 * margin:.2f} pp margin",
-        "wait": f"not yet resolved against the {100 * margin:.2f} pp margin (resolves about {100 * mde:.2f} pp)",
+        "pass": f"shown within the {limit_percent(margin)} pp margin",
+        "fail": f"worse than the {limit_percent(margin)} pp margin",
+        "wait": f"not yet resolved against the {limit_percent(margin)} pp margin (resolves about {100 * mde:.2f} pp)",
         "info": "reported; this check can only fail the gate",
     }[decision]
     text = (
         f"{what}: canary {100 * rate_c:.2f}% ({xc}/{nc}) vs baseline {100 * rate_b:.2f}% ({xb}/{nb}), "
-        f"{'excess' if worse_is_higher else 'drop'} {100 * excess:+.2f} pp (interval {100 * lower:+.2f} to "
-        f"{100 * upper:+.2f} pp): {verdict}; one-sided p that the canary is worse: {p_harm:.3g}."
+        f"{'excess' if worse_is_higher else 'drop'} {_signed(excess, margin)} pp (interval "
+        f"{_signed(lower, margin)} to {_signed(upper, margin)} pp): {verdict}; one-sided p that the canary "
+        f"is worse: {p_harm:.3g}."
     )
     return Check(
         name,
@@ -488,11 +519,12 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
     p_exact = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
     decision = _decide(lower, upper, cfg.accuracy_margin)
     acc_b, acc_c = float(pairs["baseline"].mean()), float(pairs["canary"].mean())
+    m = cfg.accuracy_margin
     text = (
         f"Validation replay on the same {n} images: baseline accuracy {100 * acc_b:.2f}%, canary "
         f"{100 * acc_c:.2f}%; {b} images only the baseline got right, {c} only the canary; drop "
-        f"{100 * drop:+.2f} pp (interval {100 * lower:+.2f} to {100 * upper:+.2f} pp) against the "
-        f"{100 * cfg.accuracy_margin:.2f} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
+        f"{_signed(drop, m)} pp (interval {_signed(lower, m)} to {_signed(upper, m)} pp) against the "
+        f"{limit_percent(m)} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
     )
     mde = z * se * (1 + float(stats.norm.ppf(cfg.power)) / z)
     return Check(
@@ -605,8 +637,8 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
             Check(
                 "guard_accuracy_drop",
                 "fail" if breach else "pass",
-                f"Accuracy drop on the validation batch is {100 * g.validation_drop:+.2f} pp (limit "
-                f"{100 * cfg.accuracy_drop_max:.2f} pp).",
+                f"Accuracy drop on the validation batch is {_signed(g.validation_drop, cfg.accuracy_drop_max)} pp "
+                f"(limit {limit_percent(cfg.accuracy_drop_max)} pp).",
                 "hard guard, point estimate",
                 effect=g.validation_drop,
                 margin=cfg.accuracy_drop_max,
@@ -619,8 +651,8 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
             Check(
                 "guard_shadow_errors",
                 "fail" if breach else "pass",
-                f"Shadow error rate is {100 * rate:.3f}% ({g.shadow_errors}/{g.shadow_requests}; limit "
-                f"{100 * cfg.shadow_error_rate_max:.3f}%).",
+                f"Shadow error rate is {percent_beside(rate, cfg.shadow_error_rate_max, 3)}% "
+                f"({g.shadow_errors}/{g.shadow_requests}; limit {limit_percent(cfg.shadow_error_rate_max)}%).",
                 "hard guard, point estimate",
                 effect=rate,
                 margin=cfg.shadow_error_rate_max,

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from vision_rollout.audit import AuditResult, limit_percent, percent_beside, printable
+from vision_rollout.audit import AuditResult, printable
 from vision_rollout.folders import Folder
-from vision_rollout.gates import Check, Verdict
+from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)

@@ -287,7 +287,7 @@ def pairs(n: int, agree: int) -> pd.DataFrame:
 def test_numbers_beside_a_limit_are_never_rounded_onto_or_across_it():
     """An interval whose upper end was 89.9994% beside a 90% minimum read "interval
     87.29-90.00% is shown below 90%", and a 99.5% minimum read "100%"."""
-    from vision_rollout.audit import percent_beside
+    from vision_rollout.gates import percent_beside
     from vision_rollout.notify import audit_message
 
     config = AuditConfig(min_agreement=0.9, max_anomaly_rate=1.0)

@@ -17,6 +17,7 @@ from vision_rollout.gates import (
     guard_checks,
     latency_check,
     nominal_alpha,
+    proportion_check,
     spent,
     sustained_breach,
     tail_check,
@@ -73,7 +74,7 @@ def test_equal_canary_passes_slow_canary_fails_few_samples_wait():
     slow = evaluate_gate(samples(4000, ratio=1.2))
     assert slow.decision == "fail"
     assert slow.failed[0].name == "latency_geomean"
-    assert "worse than the +5.00% margin" in slow.failed[0].sentence
+    assert "worse than the +5% margin" in slow.failed[0].sentence
     few = evaluate_gate(samples(40))
     assert few.decision == "wait"
     assert "Too few samples" in few.summary
@@ -151,6 +152,27 @@ def test_hard_guards():
     assert [c.name for c in v.failed] == ["guard_p99"]
     v = evaluate_gate(samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000))
     assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
+
+
+def test_bounds_beside_a_margin_are_never_shown_on_or_across_it():
+    """An upper bound a hair below its margin read "+5.00 pp" beside "the 5.00 pp margin", with the
+    verdict "shown within": the bounds now take the decimals their side of the margin needs, and
+    the margin reads as it was set."""
+    import re
+
+    cfg, level = GateConfig(), 0.05
+    upper = proportion_check("errors", "Error rate", True, 10, 1000, 12, 1000, 0.05, cfg, level).ci[1]
+    for margin, decision in ((upper + 1e-7, "pass"), (upper - 1e-7, "wait")):
+        check = proportion_check("errors", "Error rate", True, 10, 1000, 12, 1000, margin, cfg, level)
+        assert check.decision == decision
+        shown = re.search(r"to ([-+][0-9.]+) pp\): .* the ([0-9.]+) pp margin", check.sentence)
+        assert shown, check.sentence
+        bound, limit = float(shown[1]), float(shown[2])
+        assert limit == pytest.approx(100 * margin, rel=1e-9)  # as set, not rounded to 2 decimals
+        assert (bound < limit) == (decision == "pass"), check.sentence
+    drop = guard_checks(GuardInputs(validation_drop=0.0050001), GateConfig(accuracy_drop_max=0.005))[0]
+    assert drop.decision == "fail"
+    assert "+0.50001 pp (limit 0.5 pp)" in drop.sentence, drop.sentence
 
 
 def test_a_p99_series_without_a_point_holds_the_gate():

@@ -43,7 +43,7 @@ def test_rollback_names_the_failing_check_with_its_numbers(slack):
     assert check_blocks(msg.blocks) is None
     text = json.dumps(msg.blocks)
     assert "latency_geomean" in text
-    assert "worse than the +5.00% margin" in text
+    assert "worse than the +5% margin" in text
     assert "Interval" in text
     assert "Samples" in text
     result = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url).send(msg)
