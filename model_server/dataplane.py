@@ -350,7 +350,7 @@ class DataPlane:
                 else:
                     vm.succeeded(batch, done - started, timing, done - encode_start)
                     vm.routed(decided)
-                    if scores.ndim == 2 and batched:  # a classifier: [batch, classes]
+                    if scores.ndim and scores.size and scores.dtype.kind in "fiu":  # its rows, as the log's
                         self.feedback_store.record(
                             rid, model, served, predicted_classes(scores).tolist(), ctx.headers.get("x-tenant")
                         )

@@ -244,10 +244,18 @@ def finite_rows(probs: np.ndarray) -> np.ndarray:
     return np.isfinite(probs).all(axis=1)
 
 
+def score_rows(scores: np.ndarray) -> np.ndarray:
+    """A first output as the log ranks it: a row per item of its first dimension (the rest
+    flattened: [batch, 1000, 1, 1] is 1000 classes), a one-dimensional output one row (a model
+    that does not batch)."""
+    arr = np.asarray(scores)
+    return arr.reshape(arr.shape[0], -1) if arr.ndim >= 2 else arr.reshape(1, -1)
+
+
 def predicted_classes(scores: np.ndarray) -> np.ndarray:
-    """The top-1 class of each row of a classifier's [batch, classes] output, as the log writes
-    it (the first of the highest probabilities); -1 where the row is no distribution."""
-    probs = output_probabilities(np.asarray(scores).reshape(len(scores), -1))
+    """The top-1 class of each of a classifier's rows (``score_rows``), as the log writes it (the
+    first of the highest probabilities); -1 where the row is no distribution."""
+    probs = output_probabilities(score_rows(scores))
     if probs.shape[1] == 0:
         return np.full(len(probs), -1, np.int64)
     return np.where(finite_rows(probs), probs.argmax(axis=1), -1)
@@ -444,8 +452,7 @@ class PredictionLog:
         for r in recs:
             out = None
             if r.scores is not None:
-                arr = np.asarray(r.scores)
-                out = arr.reshape(arr.shape[0], -1) if arr.ndim >= 2 else arr.reshape(1, -1)
+                out = score_rows(r.scores)
                 if out.shape[1] == 0:
                     out = None
             outputs.append(out)

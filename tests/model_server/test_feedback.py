@@ -421,3 +421,24 @@ def test_a_tenant_or_request_id_the_log_cannot_write_is_refused(server_factory, 
     s.stop()  # (SIGTERM: the log flushes what it holds)
     df = read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1))
     assert df.loc[df["role"] == "label", "request_id"].tolist() == ["good"]
+
+
+def test_a_model_that_does_not_batch_takes_labels(server_factory, repo_copy, tmp_path, digit_images):
+    """A classifier configured without batching (max_batch_size 0: full shapes) had its answers
+    never kept for labels: every label was "unknown request id", its live accuracy never seen."""
+    config_path = repo_copy / "digits" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["max_batch_size"] = 0
+    config["input"][0]["dims"] = [1]
+    config["output"][0]["dims"] = [1, 10]
+    config_path.write_text(json.dumps(config))
+    s = logging_server(server_factory, repo_copy, tmp_path)
+    image, label = digit_images[0]
+    answer = infer(s, image, {"X-Request-ID": "unbatched-1"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["shape"] == [1, 10]
+    r = feedback(s, {"request_id": "unbatched-1", "label": label}, signer(tmp_path))
+    assert r.status_code == 200, r.text
+    assert r.json()["matched_locally"] is True, r.json()
+    assert r.json()["correct"] == 1
+    assert s.metric("feedback_total", model="digits", version="1") == 1
