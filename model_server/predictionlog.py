@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -719,6 +720,39 @@ def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
 
 
+BLIND_HOURS = 48  # a range of more hours lists the days and hours that exist, not each of its hours
+
+
+def _hour_folders(
+    fs: pafs.FileSystem, base: str, start: datetime, end: datetime, pool: ThreadPoolExecutor
+) -> list[str]:
+    """The ``dt=``/``hour=`` folders under a model's folder ``base`` that may hold records of the
+    range: each of its hours, or for a long range (a year: 8,760 listings) the ones that exist."""
+    first_hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    count = math.ceil((end - first_hour) / timedelta(hours=1))
+    if count <= BLIND_HOURS:
+        return [f"{base}/dt={day}/hour={hour}" for day, hour in _hours(start, end)]
+    first, last = (
+        (t.strftime("%Y-%m-%d"), t.strftime("%H")) for t in (first_hour, first_hour + timedelta(hours=count - 1))
+    )
+
+    def subfolders(path: str, prefix: str) -> list[str]:
+        return [
+            info.base_name.removeprefix(prefix)
+            for info in _list(fs, path)
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix)
+        ]
+
+    days = sorted(day for day in subfolders(base, "dt=") if first[0] <= day <= last[0])
+    listed = pool.map(lambda day: subfolders(f"{base}/dt={day}", "hour="), days)
+    return [
+        f"{base}/dt={day}/hour={hour}"
+        for day, day_hours in zip(days, listed, strict=True)
+        for hour in sorted(day_hours)
+        if first <= (day, hour) <= last
+    ]
+
+
 # A file's write time in its name (UTC: the "Z"); names without it (older writers) are always read.
 WRITTEN = re.compile(r"-(\d{8}T\d{6})Z-[0-9a-f]{12}\.parquet$")
 CLOCK_STEP_S = 60  # how far a writer's clock may step back between receiving a record and writing it
@@ -797,7 +831,8 @@ def read(
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
-    Only the ``model=``/``dt=``/``hour=`` folders of the range are listed, only files that may
+    Only the ``model=``/``dt=``/``hour=`` folders of the range are listed (of a range over
+    ``BLIND_HOURS``, those that exist), only files that may
     hold records of the range are opened (a file written, by its name, more than ``CLOCK_STEP_S``
     before ``start`` holds none: its records were received before it was written), and only
     ``columns`` (plus ``time``) are read. Unreadable, truncated or wrongly typed files are skipped with a
@@ -825,8 +860,8 @@ def read(
             for info in _list(fs, root)
             if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
         )
-    folders = [f"{root}/model={m}/dt={day}/hour={hour}" for m in models for day, hour in _hours(start, end)]
     with ThreadPoolExecutor(max(1, threads)) as pool:
+        folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, end, pool)]
         listings = list(pool.map(lambda p: _list(fs, p), folders))
         paths = sorted(
             info.path

@@ -339,6 +339,38 @@ def test_records_land_in_their_model_and_hour_and_only_those_folders_are_read(tm
     assert read(tmp_path / "log", base - timedelta(hours=1), base).attrs["skipped_files"] == 1
 
 
+@pytest.mark.parametrize("log_uri", ["folder", "s3"], indirect=True)
+def test_a_long_range_lists_the_hours_that_exist_not_every_hour_of_it(log_uri, tmp_path, monkeypatch):
+    """Ten years are 87,840 hours: a listing each took minutes on a folder and a round trip each
+    on a store. Past BLIND_HOURS the reader lists the days, then the hours of the days in range."""
+    w = writer(tmp_path, log_uri)
+    old, recent = datetime(2019, 3, 1, 5, 30, tzinfo=UTC), datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
+    for rid, when in (("old", old), ("recent", recent), ("next-day", recent + timedelta(days=1))):
+        w.append(primary(rid, when=when.timestamp()))
+    w.flush()
+    # Garbage an hour outside each edge of the ranges below: never listed, so never opened.
+    for outside in (recent - timedelta(hours=30), recent + timedelta(days=1, hours=1)):
+        put_file(log_uri, f"model=digits/dt={outside:%Y-%m-%d}/hour={outside:%H}/part-x-1-garbage.parquet", b"junk")
+    listed: list[str] = []
+    real_list = predictionlog._list
+
+    def counting(fs, path, recursive=False):
+        listed.append(path)
+        return real_list(fs, path, recursive)
+
+    monkeypatch.setattr(predictionlog, "_list", counting)
+    everything = read(log_uri, datetime(2016, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert sorted(set(everything["request_id"])) == ["next-day", "old", "recent"]
+    assert everything.attrs["skipped_files"] == 2  # the garbage, inside this range
+    assert len(listed) <= 12, listed[:20]  # the models, the days, each existing day, each existing hour
+    listed.clear()
+    start = recent - timedelta(hours=29, minutes=30)  # 54 hours: past BLIND_HOURS
+    df = read(log_uri, start, start + timedelta(hours=54))
+    assert sorted(set(df["request_id"])) == ["next-day", "recent"]
+    assert df.attrs["skipped_files"] == 0
+    assert len(listed) <= 8, listed[:20]
+
+
 def test_columns_are_projected_and_time_always_comes_along(tmp_path):
     w = writer(tmp_path)
     w.append(primary())
