@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -433,12 +435,43 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
     return labels
 
 
+class _Lease:
+    """The model's lock under ``--lock-dir`` (local mode's DAG keeps it in ``<run folder>/locks``):
+    taken before the start checks, renewed at every look, released at the end; a lease taken
+    over from a run that did not end goes back to it as it was when this run touched nothing.
+    Without ``--lock-dir``, nothing is held."""
+
+    def __init__(self, folder: Path | None, model: str) -> None:
+        from vision_rollout.locks import FileLock
+
+        self.lock = FileLock(model, folder) if folder is not None else None
+        self.holder = f"rolloutctl on {socket.gethostname()} (pid {os.getpid()})"
+        self.before: Any = None
+        self.touched = False
+
+    def __enter__(self) -> _Lease:
+        from vision_rollout.locks import ModelBusy
+
+        if self.lock is not None:
+            self.before = self.lock.holding()
+            try:
+                self.lock.acquire(self.holder)
+            except ModelBusy as exc:
+                raise CommandError(f"nothing changed: {exc}") from None
+        return self
+
+    def renew(self) -> None:
+        if self.lock is not None:
+            self.lock.renew(self.holder)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.lock is not None:
+            self.lock.release(self.holder, to=None if self.touched else self.before)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import AuditConfig, audit
-    from vision_rollout.engine import Rollout, StageJudge, StageOutcome
     from vision_rollout.mesh import LocalRouter
     from vision_rollout.metrics import PrometheusSource
-    from vision_rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
     from vision_rollout.spec import RolloutSpec, SpecError
 
     raw = _json_file(args.spec)
@@ -459,10 +492,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     unguarded = "" if args.prometheus else " (without the P99 and shadow-error guards: --no-hard-guards)"
     router = LocalRouter(args.url, spec.model, token, args.state_file)
     source = PrometheusSource(args.prometheus) if args.prometheus else None
-    labels = _preflight(args, spec, router, source)
+    with _stopped_by_signals(), _Lease(args.lock_dir, spec.model) as lease:
+        try:
+            labels = _preflight(args, spec, router, source)
+        except Interrupted as exc:
+            print(f"INTERRUPTED by {exc} before any route changed", flush=True)
+            return 128 + exc.signum
+        lease.touched = True
+        return _run(args, spec, router, source, labels, lease, unguarded)
+
+
+def _run(
+    args: argparse.Namespace, spec: Any, router: Any, source: Any, labels: dict[str, int], lease: _Lease, unguarded: str
+) -> int:
+    """``cmd_run`` once its start checks passed, the model held and signals caught."""
+    from vision_rollout.audit import AuditConfig, audit
+    from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
+    from vision_rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
+
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
     judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels)
+
+    def look(window: StageWindow) -> StageState:
+        lease.renew()  # LockLost: another run took the model over; this one touches nothing more
+        return judge(window)
+
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
     def report(outcome: StageOutcome) -> None:
@@ -486,10 +541,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"shadow audit: {result.verdict.upper()}: " + "; ".join(result.reasons), flush=True)
         return result
 
-    rollout = Rollout(spec, router, judge, on_stage=report, audit=shadow_audit)
+    rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit)
     try:
-        with _stopped_by_signals():
-            result = rollout.run()
+        result = rollout.run()
     except Interrupted as exc:
         where = _where_routes_are(router, spec)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
@@ -586,6 +640,12 @@ def parser() -> argparse.ArgumentParser:
         "--state-file", type=Path, help="also record the routes found before the rollout in this file (none by default)"
     )
     r.add_argument("--outbox", type=_folder, help="write the Slack reports here (a folder or s3://...)")
+    r.add_argument(
+        "--lock-dir",
+        type=Path,
+        help="hold the model's lock in this folder while running, as the DAG does in local mode (its run folder's "
+        "locks/): a run of the model already holding it is refused",
+    )
     r.set_defaults(func=cmd_run)
     return p
 

@@ -44,6 +44,7 @@ from vision_rollout.gates import (
     guard_checks,
     nominal_alpha,
 )
+from vision_rollout.locks import LockLost
 from vision_rollout.mesh import Router
 from vision_rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
 from vision_rollout.spec import RolloutSpec
@@ -728,6 +729,9 @@ class Rollout:
             self.promote()
             return RolloutResult(True, outcomes, reason, audit)
         except BaseException as exc:
+            if isinstance(exc, LockLost):  # another run holds the model now: its routes are not ours
+                log.error("rollout stopped: %s", exc)
+                raise
             if isinstance(exc, Exception):
                 log.exception("rollout interrupted: restoring the stable version")
             else:  # a signal, Ctrl-C: where it landed is no news

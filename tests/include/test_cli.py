@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 from model_server.traffic import TrafficPolicy
 from tests.support import TOKEN, samples, shadow_log
 from vision_rollout.cli import main
+from vision_rollout.locks import FileLock
 from vision_rollout.mesh import validate_istio
 
 
@@ -381,6 +384,24 @@ def test_run_checks_where_it_starts_and_changes_nothing_when_it_cannot(
         assert words in err
         assert "nothing changed" in err
         assert routes() == policy
+    # The model's lock, as the DAG holds it in local mode: held by a live run, refused; taken over
+    # from a run that did not end and then refused by the checks, given back as it was.
+    locks = tmp_path / "locks"
+    dag = FileLock("digits", locks).acquire("manual__2026-12-02 (a DAG run)")
+    code, out, err = run(capsys, *run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--lock-dir", str(locks)))
+    assert (code, out) == (4, ""), err
+    assert "nothing changed: model 'digits' is being rolled out by run 'manual__2026-12-02 (a DAG run)'" in err
+    assert FileLock("digits", locks).holding() == dag
+    FileLock("digits", locks).release(dag.holder)
+    crashed = FileLock("digits", locks, clock=lambda: time.time() - 3600).acquire("a run that died")
+    halfway = {"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]}
+    assert put_policy(s, halfway).status_code == 200
+    code, out, err = run(capsys, *run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--lock-dir", str(locks)))
+    assert (code, out) == (4, ""), err
+    assert "not where a rollout starts" in err
+    assert FileLock("digits", locks).holding() == replace(crashed, transitions=crashed.transitions + 2)
+    assert routes() == halfway
+    assert put_policy(s, stable).status_code == 200
     code, out, err = run(capsys, *run_argv(s, tmp_path, models_dir, spec, "--prometheus", "http://127.0.0.1:9"))
     assert (code, out) == (4, "")
     assert "Prometheus cannot be read, nothing changed" in err

@@ -484,6 +484,25 @@ def test_an_exception_restores_stable():
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
 
 
+def test_a_lost_lease_stops_the_rollout_without_touching_the_routes():
+    """A run whose lease another run took over (it stalled past the lease) must not put its
+    stable version back: the routes are the other run's now."""
+    from vision_rollout.locks import LockLost
+
+    router = RecordingRouter()
+    looks = iter([StageState("waiting", 1, 5, None, "scripted")])
+
+    def look(window):
+        state = next(looks, None)
+        if state is None:
+            raise LockLost("run 'a' does not hold model 'digits': run 'b' holds it")
+        return state
+
+    with pytest.raises(LockLost):
+        Rollout(spec(stages=[10, 100]), router, look, sleep=lambda _: None).run()
+    assert router.history == [spec(stages=[10, 100]).policy_for_stage(10).to_dict()]  # stage 1's, nothing after
+
+
 def test_a_live_label_counts_once_the_earliest_before_the_look():
     """The gate took the last label of an id in the records' order (the replicas' files', not
     time's), whatever its time, on every record of the id. Replicas each take one label of an id,

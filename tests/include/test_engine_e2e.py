@@ -105,11 +105,15 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
             "--outbox",
             str(tmp_path / "outbox"),
             "--no-hard-guards",
+            "--lock-dir",
+            str(tmp_path / "locks"),
         ]
     )
     out, err = capsys.readouterr()
     assert code == 1
     assert "ROLLED BACK: stage 25%" in out
+    assert (tmp_path / "locks" / "digits.guard").exists()  # it held the model's lock ...
+    assert not (tmp_path / "locks" / "digits.lock").exists()  # ... and released it
     assert out.rstrip().endswith("(without the P99 and shadow-error guards: --no-hard-guards)")
     assert "warning: no Prometheus" in err
     reports = sorted((tmp_path / "outbox").glob("*.json"))
