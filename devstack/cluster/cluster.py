@@ -283,7 +283,9 @@ class Cluster:
         deployments.wait_ready("1", replicas, timeout_s=180, every_s=0.5)
         if overlay is None:  # the mesh's objects, as an overlay would apply them (the rollout creates none)
             stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
-            for obj in (render_virtual_service(target, stable), render_destination_rule(target, ["1"])):
+            # The subset before the route to it (Istio's make-before-break): a VirtualService
+            # naming a subset no DestinationRule declares is answered 503 meanwhile.
+            for obj in (render_destination_rule(target, ["1"]), render_virtual_service(target, stable)):
                 apply_object(api, obj)
         self.wait_until(lambda: self._serves(model, namespace), f"{model}'s Service answering through the data plane")
 

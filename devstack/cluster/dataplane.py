@@ -647,6 +647,28 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _listening_sockets(ports: Sequence[int]) -> set[str]:
+    """The ``socket:[inode]`` links of the loopback sockets listening on ``ports``."""
+    wanted, out = set(ports), set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) in wanted:
+                    out.add(f"socket:[{fields[9]}]")  # state 0A: LISTEN
+    return out
+
+
+def _holds_any(pid: int, sockets: set[str]) -> bool:
+    """Whether process ``pid`` has one of ``sockets`` open (False once it exited)."""
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in sockets:
+                    return True
+    return False
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -766,8 +788,11 @@ class NginxDataPlane:
 
     def apply(self, conf: str) -> bool:
         """Install ``conf`` and reload nginx gracefully; False when it is already installed.
-        Returns once new workers serve it. A configuration nginx refuses raises
-        DataPlaneError and leaves the running one installed and serving."""
+        Returns once new workers serve it and the old ones have closed their listening sockets
+        (until then an old worker may still accept a connection and route it by the old
+        configuration: a client that just saw the new one answer could be sent by the old one).
+        A configuration nginx refuses raises DataPlaneError and leaves the running one installed
+        and serving."""
         pid = self.pid
         if pid is None:
             raise DataPlaneError("nginx is not running: start() first")
@@ -789,6 +814,11 @@ class NginxDataPlane:
             time.sleep(0.05)
         self._conf = conf
         self._wait_listening(conf)
+        listening = _listening_sockets(_listen_ports(previous) + _listen_ports(conf))
+        while any(_holds_any(w, listening) for w in old_workers):  # each closes them as it takes the reload
+            if time.monotonic() > deadline:
+                raise DataPlaneError(f"old workers still accept connections {self.wait_s:g} s after the reload")
+            time.sleep(0.02)
         return True
 
     def _log_size(self) -> int:

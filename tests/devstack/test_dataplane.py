@@ -449,6 +449,42 @@ def test_changed_weights_are_applied_without_failing_a_request(nginx, pods):
 
 
 @pytest.mark.integration
+def test_a_reload_returns_once_no_old_worker_accepts_connections(nginx, pods):
+    """New workers serve the new configuration while the old ones, until they take the reload,
+    still accept connections by the old one: a model's first request right after its install
+    was answered 503 (no healthy upstream) by an old worker. An old worker held stopped keeps
+    the reload from returning; once it runs again it closes its listening sockets, and every
+    connection from then on is the new configuration's."""
+    import signal
+
+    from devstack.cluster.dataplane import _children
+
+    pods.add("v1", "1"), pods.add("v2", "2")
+    port, _ = serve(nginx, pods, *istio({"route": [{"version": "1"}]}, ["1", "2"]))
+    assert call(port).pod == "v1"
+    assert nginx.pid is not None
+    [old] = _children(nginx.pid)
+    flipped = render_nginx(
+        *([x] for x in istio({"route": [{"version": "2"}]}, ["1", "2"])),
+        pods.endpoints,
+        {("ml", TARGET.name): port},
+        nginx.workdir,
+    )
+    os.kill(old, signal.SIGSTOP)  # as an old worker the scheduler has not run yet
+    applied = threading.Thread(target=nginx.apply, args=(flipped,))
+    try:
+        applied.start()
+        wait_for(lambda: _children(nginx.pid) - {old}, "the new workers")
+        applied.join(1.0)
+        assert applied.is_alive()  # the stopped worker still listens: not returned
+    finally:
+        os.kill(old, signal.SIGCONT)
+    applied.join(DEADLINE_S)
+    assert not applied.is_alive()
+    assert [call(port).pod for _ in range(20)] == ["v2"] * 20
+
+
+@pytest.mark.integration
 def test_clients_that_keep_their_connection_lose_no_request_to_a_reload(nginx, pods):
     """tritonclient keeps its connections open; a reload's old workers close their idle ones.
     Four such clients through 30 reloads: every request answered (each response says
