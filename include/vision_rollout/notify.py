@@ -4,7 +4,7 @@ A rollback message names the failing check with its numbers and the reason, not 
 "canary failed". Messages go through slack-sdk (``chat.postMessage``, then the chart with
 ``files_upload_v2`` in the message's thread); without a token they are written to an outbox
 folder as JSON (and the chart as PNG), so the one-machine setup keeps every report.
-Slack's limits are enforced here: at most 50 blocks, 3000 characters per text field.
+Slack's limits are enforced here: at most 50 blocks, 3000 characters per text, 2000 per field.
 
 Every mrkdwn text is escaped as Slack asks (``&``, ``<``, ``>``): the reports carry strings
 others wrote (a server's error message, an approver's name), and in Slack ``<!channel>`` pings
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
+MAX_FIELD = 2000  # a section's field
 # Slack's rate limit (HTTP 429): the call is made again after its Retry-After, as slack-sdk
 # recommends, twice at most and only for a wait this long at most (a longer one: the outbox).
 RATE_LIMIT_RETRIES = 2
@@ -55,11 +56,11 @@ def _text(s: str) -> str:
 _CUT_ENTITY = re.compile(r"&[a-z]{0,3}$")
 
 
-def mrkdwn(s: str) -> str:
+def mrkdwn(s: str, limit: int = MAX_TEXT) -> str:
     """``s`` as Slack mrkdwn text: ``&``, ``<`` and ``>`` escaped (Slack's control characters:
-    mentions, links), cut to ``MAX_TEXT`` characters without splitting an escape."""
+    mentions, links), cut to ``limit`` characters without splitting an escape."""
     s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return s if len(s) <= MAX_TEXT else _CUT_ENTITY.sub("", s[: MAX_TEXT - 1]) + "…"
+    return s if len(s) <= limit else _CUT_ENTITY.sub("", s[: limit - 1]) + "…"
 
 
 def one_line(s: str) -> str:
@@ -74,7 +75,7 @@ def header(text: str) -> dict[str, Any]:
 def section(markdown: str, fields: list[str] | None = None) -> dict[str, Any]:
     block: dict[str, Any] = {"type": "section", "text": {"type": "mrkdwn", "text": mrkdwn(markdown)}}
     if fields:
-        block["fields"] = [{"type": "mrkdwn", "text": mrkdwn(f)} for f in fields[:10]]
+        block["fields"] = [{"type": "mrkdwn", "text": mrkdwn(f, MAX_FIELD)} for f in fields[:10]]
     return block
 
 

@@ -25,11 +25,10 @@ def check_blocks(blocks: Any) -> str | None:
     for i, b in enumerate(blocks):
         if b.get("type") not in BLOCK_TYPES:
             return f"invalid_blocks: block {i} type {b.get('type')!r}"
-        texts = [b.get("text"), *list(b.get("fields", [])), *list(b.get("elements", []))]
-        for t in texts:
+        texts = [(b.get("text"), 150 if b["type"] == "header" else 3000), *((f, 2000) for f in b.get("fields", []))]
+        for t, limit in texts + [(e, 3000) for e in b.get("elements", [])]:
             if t is None:
                 continue
-            limit = 150 if b["type"] == "header" else 3000
             if t.get("type") not in ("plain_text", "mrkdwn") or len(t.get("text", "")) > limit:
                 return f"invalid_blocks: block {i} text over {limit} characters or of a bad type"
         if len(b.get("fields", [])) > 10:

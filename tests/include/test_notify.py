@@ -85,6 +85,12 @@ def test_long_texts_and_many_checks_are_cut_to_the_limits(slack):
     assert check_blocks(msg.blocks) is None
     SlackNotifier("C123", token=slack.token, base_url=slack.base_url).send(msg)
     assert slack.calls[-1]["ok"] is True
+    # A field holds 2,000 characters (a section's text 3,000): the failing check's method, long.
+    long_method = type(verdict)("fail", (Check("odd", "fail", "x", "m" * 2500),), 1, 1, 0.05, 0.05, "obrien-fleming")
+    msg = rollback_message(SPEC, "a reason", long_method, 5)
+    assert check_blocks(msg.blocks) is None
+    SlackNotifier("C123", token=slack.token, base_url=slack.base_url).send(msg)
+    assert slack.calls[-1]["ok"] is True
 
 
 def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
