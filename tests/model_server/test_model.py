@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import struct
 
@@ -152,6 +153,27 @@ def test_an_input_the_graph_itself_refuses_is_a_400_and_the_version_s_failure(tm
         assert failure_reason(InvalidInput("a client's malformed request")) == "INVALID_INPUT"
     finally:
         lv.close()
+
+
+@pytest.mark.parametrize(
+    ("output_dims", "loads"),
+    [([-1, 10], True), ([4, 10], True), ([-1, -1], True), ([-1, 1000], False), ([10], False), ([-1, 10, 1], False)],
+)
+def test_a_config_shape_the_graph_contradicts_is_refused_at_load(models_dir, output_dims, loads):
+    """A config whose output has another rank or another fixed size than the graph's loaded and
+    answered metadata that lied (and label checks by its class count): refused at load, as Triton
+    refuses it; a symbolic dimension of the graph takes any size the config fixes."""
+    raw = json.loads((models_dir / "digits" / "config.json").read_text())
+    raw["output"][0]["dims"] = output_dims
+    cfg = parse_config("digits", raw)
+    model = models_dir / "digits" / "1" / "model.onnx"
+    if loads:
+        LoadedVersion(cfg, 1, model, ["CPUExecutionProvider"]).close()
+        return
+    with pytest.raises(
+        InvalidInput, match=r"output 'probabilities' has shape \[-1, 10\] in the graph, dims .* in config"
+    ):
+        LoadedVersion(cfg, 1, model, ["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize(
