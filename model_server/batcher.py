@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model_server.config import DynamicBatching
-from model_server.errors import ClientTimeout, InferenceFailed, InvalidInput, Rejected, ServerError
+from model_server.errors import ClientTimeout, InferenceFailed, InvalidInput, Rejected, ServerError, shown
 from model_server.protocol import InferInput
 
 if TYPE_CHECKING:
     from model_server.model import LoadedVersion
 
 Outcome = tuple[list[np.ndarray], int, dict[str, float]]
+MAX_TIMEOUT_US = 2**64 - 1  # parameters.timeout, a uint64 in Triton
 
 
 @dataclass(eq=False)
@@ -88,7 +89,7 @@ class DynamicBatcher:
     def priority_of(self, parameters: dict[str, Any]) -> int:
         raw = parameters.get("priority", 0)
         if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-            raise InvalidInput(f"parameters.priority must be a non-negative integer, got {raw!r}")
+            raise InvalidInput(f"parameters.priority must be a non-negative integer, got {shown(repr(raw))}")
         levels = self.config.priority_levels
         if not levels:
             return 0
@@ -100,8 +101,11 @@ class DynamicBatcher:
         """The request's queue timeout in seconds (0: none), and whether the client chose it."""
         raw = parameters.get("timeout")
         if raw is not None:
-            if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-                raise InvalidInput(f"parameters.timeout must be a non-negative integer (microseconds), got {raw!r}")
+            # Triton's uint64: a JSON integer past it is refused, not divided (an OverflowError, a 500).
+            if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= MAX_TIMEOUT_US:
+                raise InvalidInput(
+                    f"parameters.timeout must be an integer of microseconds in 0..{MAX_TIMEOUT_US}, got {shown(repr(raw))}"
+                )
             if self.config.allow_timeout_override:
                 return raw / 1e6, True
         return self.config.default_timeout_microseconds / 1e6, False

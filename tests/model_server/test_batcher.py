@@ -202,6 +202,25 @@ def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
     assert asyncio.run(scenario()) == [[0], [2]]
 
 
+def test_a_timeout_or_priority_out_of_range_is_a_400_naming_it():
+    """JSON integers have no bound: one past Triton's uint64 was divided into seconds (an
+    OverflowError: a 500), and a long string came back whole in the message."""
+
+    async def scenario():
+        b = batcher(HeldVersion(), allow_timeout_override=True, priority_levels=2, default_priority_level=1)
+        for parameters, message in [
+            ({"timeout": 10**400}, r"parameters.timeout must be an integer of microseconds in 0..18446744073709551615"),
+            ({"timeout": 2**64}, "parameters.timeout must be an integer"),
+            ({"timeout": "9" * 100_000}, r"got '9{63}\.\.\.$"),
+            ({"priority": "x" * 100_000}, r"priority must be a non-negative integer, got 'x{63}\.\.\.$"),
+        ]:
+            with pytest.raises(InvalidInput, match=message):
+                await b.submit(request(0), ["y"], parameters)
+        assert b.queued == 0
+
+    asyncio.run(scenario())
+
+
 def test_a_request_that_goes_away_frees_its_place_and_timeouts_expire_while_the_instance_is_busy():
     async def scenario():
         lv = HeldVersion(max_batch_size=1)
