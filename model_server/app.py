@@ -37,6 +37,7 @@ from model_server.config import ascii_uint
 from model_server.dataplane import DataPlane, InferResult, RequestContext, shadow_record
 from model_server.errors import (
     AdminOnly,
+    Cancelled,
     InvalidInput,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -164,6 +165,15 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+async def cancel_when_gone(receive: Receive, task: asyncio.Task[Any]) -> bool:
+    """Cancel ``task`` when its client disconnects, once its request body was read whole (the
+    next ASGI message is then the disconnect); True when it did."""
+    if (await receive())["type"] != "http.disconnect":
+        return False
+    task.cancel()
+    return True
 
 
 class InferFastPath:
@@ -436,6 +446,11 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 out.append((b"content-encoding", coding.encode()))
         except ServerError as exc:
             status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
+        except asyncio.CancelledError:  # its client disconnected (or the server stops): nothing is written
+            if result is not None:  # answered by the model: counted as an answer its client did not read
+                result.settle()
+            count_http(INFER_ROUTES[version is not None], Cancelled.status)
+            raise
         except Exception:  # a bug, not the client's fault: answer, log, keep serving
             log.exception("unhandled error on %s %s", method, path)
             status, out = 500, JSON_HEADERS
@@ -453,16 +468,31 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         return Answer(status, out, payload, then)
 
     async def infer(scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
-        """The ASGI way (InferFastPath): bodies the protocol does not buffer itself."""
-        answer = await answer_infer(
-            scope["method"],
-            scope["path"],
-            scope["headers"],
-            scope.get("client"),
-            model,
-            version,
-            lambda headers: read_body(receive, headers),
-        )
+        """The ASGI way (InferFastPath): bodies the protocol does not buffer itself. Once the body
+        is read, a client that disconnects cancels the request, as on the protocol's own way:
+        it leaves the batcher's queue instead of holding its place and running for no one."""
+        task = asyncio.current_task()
+        assert task is not None
+        watch: asyncio.Task[bool] | None = None
+
+        async def read(headers: Mapping[str, str]) -> bytes:
+            nonlocal watch
+            body = await read_body(receive, headers)
+            watch = asyncio.ensure_future(cancel_when_gone(receive, task))
+            return body
+
+        try:
+            answer = await answer_infer(
+                scope["method"], scope["path"], scope["headers"], scope.get("client"), model, version, read
+            )
+        except asyncio.CancelledError:
+            if watch is None or not watch.done() or watch.cancelled() or not watch.result():
+                raise  # (the server stops)
+            task.uncancel()
+            return  # nothing to write: the client is gone
+        finally:
+            if watch is not None and not watch.done():
+                watch.cancel()
         out = [*answer.headers, (b"content-length", str(len(answer.body)).encode())]
         await send({"type": "http.response.start", "status": answer.status, "headers": out})
         await send({"type": "http.response.body", "body": answer.body})

@@ -19,7 +19,7 @@ import numpy as np
 
 from model_server import __version__, metrics
 from model_server.config import ModelConfig, version_number
-from model_server.errors import InvalidInput, Preempted, ServerError, failure_reason, outcome_of
+from model_server.errors import Cancelled, InvalidInput, Preempted, ServerError, failure_reason, outcome_of
 from model_server.feedback import FeedbackStore, LabelRules
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
@@ -310,7 +310,10 @@ class DataPlane:
                 payload, json_len = encode_infer_response(
                     lv.name, lv.label, answered, req.id, None if token is None else {"feedback_token": token}
                 )
-            except ServerError as exc:
+            except (ServerError, asyncio.CancelledError) as caught:
+                # Cancelled: its client disconnected (the transport gives its request up) or the
+                # server stops; counted and logged as given up, and the cancellation goes on.
+                exc = caught if isinstance(caught, ServerError) else Cancelled("cancelled before its answer")
                 latency_ms = (time.perf_counter() - started) * 1000
                 dropped = shadow_copy and isinstance(exc, Preempted)
                 if shadow_copy:

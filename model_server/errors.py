@@ -100,6 +100,15 @@ class ClientTimeout(Rejected):
     CANCELED, so that a client cannot move a version's error rate by the timeouts it sends."""
 
 
+class Cancelled(ServerError):
+    """A request given up before its answer: its client disconnected (the transport cancels it,
+    and it leaves the batcher's queue) or the server stopped. Nothing is written to the client;
+    counted CANCELED, as a client's own queue timeout is, and 499 (nginx's "client closed
+    request") in the access log and the HTTP counter."""
+
+    status = 499
+
+
 class InferenceFailed(ServerError):
     """The model itself failed on input that passed validation."""
 
@@ -115,7 +124,7 @@ def failure_reason(exc: ServerError) -> str:
     client's request) or BACKEND (the version's: a model that refused an input counts here)."""
     if isinstance(exc, OutOfMemory):
         return "OOM"
-    if isinstance(exc, ClientTimeout):
+    if isinstance(exc, ClientTimeout | Cancelled):
         return "CANCELED"
     if isinstance(exc, Rejected):
         return "REJECTED"

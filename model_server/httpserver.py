@@ -22,7 +22,9 @@ when it never waits, as Python 3.12's eager tasks do; a task carries on where it
 the answer written in one piece. Anything else goes the ASGI way as before; the handler is the same
 code on both ways (app.py). A body not complete within the request timeout is answered 408 by
 the handler, as on the ASGI way, and the connection closed; one whose client disconnects first
-is the handler's too (a 400 counted, nothing written), as the ASGI way's handler counts it.
+is the handler's too (a 400 counted, nothing written), as the ASGI way's handler counts it. A
+client that disconnects while its handler waits (its request queued for a batch, say) cancels
+the handler's task, as the ASGI way's handler is cancelled: nothing is written.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class DirectCycle:
         self.disconnected = False
         self.message_event = self  # uvicorn sets it on each event: nothing waits on it here
         self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None  # carries the handler on once it waited
 
     def set(self) -> None:
         pass
@@ -391,7 +394,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if not isinstance(exc, Exception | asyncio.CancelledError):
                 raise  # KeyboardInterrupt, SystemExit
             return
-        task = self.loop.create_task(self._finish(cycle, Resume(coro, first)))
+        task = cycle.task = self.loop.create_task(self._finish(cycle, Resume(coro, first)))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -458,6 +461,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True  # (nothing is written)
             if not cycle.started:  # gone mid-body: the handler answers it, as the ASGI way's does
                 self._start_direct(cycle, NoBody.DISCONNECTED)
+            elif cycle.task is not None:  # gone while it waits (in the batcher's queue, say): given up
+                # Once the task took its first step (scheduled when it was made): cancelled before
+                # that, it would end without the handler, left waiting, ever hearing of it.
+                self.loop.call_soon(cycle.task.cancel)
         super().connection_lost(exc)
 
     def _end_header_phase(self) -> None:

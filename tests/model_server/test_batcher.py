@@ -4,14 +4,20 @@ and releases), and that merging and splitting are exact on real ONNX Runtime ses
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
+import struct
 import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import requests
 from onnx import TensorProto, helper
 
 from model_server.batcher import DynamicBatcher, Pending
@@ -19,6 +25,7 @@ from model_server.config import DynamicBatching, load_config, parse_config
 from model_server.errors import ClientTimeout, InvalidInput, Rejected, failure_reason
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
+from tests.conftest import ADMIN_TOKEN
 
 # -- how batches form --------------------------------------------------------------------------
 
@@ -514,3 +521,81 @@ def test_concurrent_clients_are_batched_and_a_bad_request_fails_alone(server_fac
             assert outcome.as_numpy("probabilities").argmax() == expected[i]
     assert server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") == 1
     client.close()
+
+
+def infer_request(port: int, body: bytes, json_length: int, coding: str | None) -> socket.socket:
+    """A raw inference request, sent and not read; its body deflated when ``coding`` (the
+    server reads such a body the ASGI way, an identity one in its HTTP protocol)."""
+    headers = f"Inference-Header-Content-Length: {json_length}\r\n"
+    if coding is not None:
+        body = zlib.compress(body)
+        headers += f"Content-Encoding: {coding}\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[int, str]:
+    with sock:
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read().decode()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("coding", [None, "deflate"])
+def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counted_canceled(
+    server_factory, repo_copy, digit_images, coding
+):
+    """Its request held its place in a full queue (the next client refused), then ran for no one
+    and was counted a success: nothing cancelled a request whose client had gone."""
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    batching = {"default_queue_policy": {"max_queue_size": 1}}  # one instance, one batch of 1
+    config.update(max_batch_size=1, dynamic_batching=batching)
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
+    )
+    assert fault.status_code == 200  # each execution holds the one instance 1.5 s
+    png = digit_images[0][0]
+    blob = struct.pack("<I", len(png)) + png
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+            ]
+        }
+    ).encode()
+    body = head + blob
+
+    running = infer_request(server.port, body, len(head), None)
+    time.sleep(0.3)  # (it runs before the next arrives)
+    gone = infer_request(server.port, body, len(head), coding)
+    time.sleep(0.3)
+    status, text = answer(infer_request(server.port, body, len(head), None))
+    assert (status, "exceeds maximum queue size (1)" in text) == (503, True), text  # one of the two queued
+    gone.close()  # its client gives up
+
+    # Its place is free: the next request queues (refused only while the first still queues).
+    for _ in range(100):
+        status, text = answer(infer_request(server.port, body, len(head), None))
+        if status != 503:
+            break
+        time.sleep(0.1)
+    assert status == 200, text
+    assert answer(running)[0] == 200
+
+    def canceled() -> float | None:
+        return server.metric("nv_inference_request_failure", model="digits", version="1", reason="CANCELED")
+
+    for _ in range(100):
+        if canceled():
+            break
+        time.sleep(0.1)
+    assert canceled() == 1
+    assert server.metric("model_server_http_requests_total", route="/v2/models/{model}/infer", code="499") == 1
+    (stats,) = requests.get(f"{server.http}/v2/models/digits/stats", timeout=30).json()["model_stats"]
+    assert stats["inference_stats"]["success"]["count"] == 2  # the two answered, not the one given up
+    assert stats["inference_count"] == 2

@@ -377,17 +377,21 @@ def test_a_trusted_proxys_forwarded_client_is_the_client_as_uvicorns_middleware_
     asyncio.run(scenario())
 
 
-def test_a_connection_lost_while_the_handler_waits_gets_no_write() -> None:
+def test_a_connection_lost_while_the_handler_waits_cancels_it_and_gets_no_write() -> None:
+    """What it waits on (its place in the batcher's queue) is given up, not kept for no one."""
+
     async def scenario() -> None:
         handler = Handler()
         handler.wait = asyncio.get_running_loop().create_future()
         protocol, transport = connect(handler)
         protocol.data_received(post("/m/x/infer", b"slow"))
         protocol.connection_lost(None)
-        handler.wait.set_result(None)
         await settle()
+        assert handler.wait.cancelled()
         assert transport.writes == []
-        assert handler.then == [0]  # still counted, its shadow copy still queued
+        assert handler.then == []  # no answer: the handler counts its cancellation itself
+        assert protocol.server_state.total_requests == 1
+        assert not protocol.tasks
 
     asyncio.run(scenario())
 
