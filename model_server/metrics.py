@@ -84,9 +84,10 @@ REQUEST_FAILURE = TritonCounter(
 OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path"))
 SHADOW_REQUESTS = Counter(
     "shadow_requests_total",
-    "Mirrored requests by shadow version and outcome (ok, error, dropped: queue full)",
+    "Mirrored requests by shadow version and outcome (ok, error, rejected: the client's request, dropped: queue full)",
     (*ML, "outcome"),
 )
+SHADOW_OUTCOMES = ("ok", "error", "rejected", "dropped")
 
 # Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
 LATENCY_BUCKETS = (
@@ -396,6 +397,12 @@ class VersionMetrics:
         self._routed: dict[str, Any] = {}  # how the version was chosen -> its counter child
         if self.primary:
             self.stats = InferenceStatistics.of(model, version)
+        else:
+            # Every outcome's series exists at 0 from the load on: a counter's first sample in
+            # Prometheus is its base, so the errors before a series' first scrape were never
+            # counted by increase() (a burst of shadow errors read as none).
+            for outcome in SHADOW_OUTCOMES:
+                SHADOW_REQUESTS.labels(model, version, outcome)
 
     def routed(self, decided_by: str) -> None:
         """One primary request routed here by ``decided_by`` (route, version, header, ...)."""

@@ -378,3 +378,44 @@ def test_a_huge_or_endless_answer_is_cut_short(monkeypatch):
         with pytest.raises(SourceOffline, match="the answer took more than 1 s"):
             PrometheusSource(url, timeout_s=1).query("up")
         assert time.monotonic() - started < 4
+
+
+@pytest.mark.integration
+def test_a_burst_of_shadow_errors_counts_in_the_shadow_guard(server_factory, repo_copy, tmp_path, digit_images):
+    """The shadow's error series appeared on its first error: Prometheus took its first sample
+    (all the burst's errors) as the counter's base, and increase() counted none of them. The
+    shadow guard read 0 errors of a candidate failing every copy for a while, and passed."""
+    from tests.support import infer
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.spec import RolloutSpec
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    mirror = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+    assert put_policy(s, mirror).status_code == 200
+    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    try:
+        source = PrometheusSource(prom.url)
+        wait_for_value(source, 'model_server_model_info{model="digits",version="2"}')  # scraped since the load
+        fault = f"{s.http}/v2/models/digits/versions/2/fault"
+        assert requests.put(fault, json={"abort": {"percent": 100}}, headers=s.admin, timeout=10).status_code == 200
+        burst = 20
+        for image, _ in digit_images[:burst]:
+            assert infer(s, image).status_code == 200  # the primary is untouched
+        errors = 'shadow_requests_total{model="digits",version="2",outcome="error"}'
+        # Prometheus holds the whole burst, and ten samples of the series besides (a condition).
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if source.query(errors) == burst and source.query(f"count_over_time({errors}[1m])") >= 10:
+                    break
+            except NoValuesFound:
+                pass
+            assert time.monotonic() < deadline, "Prometheus never held the burst's errors"
+            time.sleep(0.2)
+        guards = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "2"}))
+        assert guards.shadow_requests is not None
+        assert guards.shadow_errors is not None
+        assert guards.shadow_errors >= burst
+    finally:
+        prom.stop()
