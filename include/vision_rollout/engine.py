@@ -434,6 +434,7 @@ def _z(level: float) -> float:
 
 
 RATE_WINDOW_MIN_S = 30.0  # the P99 guard's rate window, at least; else 4 scrape intervals
+SHADOW_WINDOW_S = 600.0  # the shadow error guard's window, at most
 
 
 def rate_window_s(scrape_interval_s: float) -> float:
@@ -445,16 +446,17 @@ def guard_inputs(
     source: MetricsSource | None, spec: RolloutSpec, now: float | None = None, since: float | None = None
 ) -> GuardInputs:
     """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
-    summed over the version's pods; the P99 series from ``since`` on (the stage's start: a
-    breach the same version had before, in an earlier rollout of it, is not this stage's). No
-    data for the canary's P99 sets ``missing``, and Prometheus unreachable or failing sets
-    ``unavailable``: either way the stage holds, never passes."""
+    summed over the version's pods; the P99 series and the shadow's counts from ``since`` on
+    (the stage's start: a breach the same version had before, in an earlier rollout of it, is
+    not this stage's). No data for the canary's P99 sets ``missing``, and Prometheus unreachable
+    or failing sets ``unavailable``: either way the stage holds, never passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
     series = None
     down: list[str] = []
     missing = None
+    rate = RATE_WINDOW_MIN_S
     try:
         rate = rate_window_s(source.scrape_interval_s())
         window = max(spec.p99_breach_seconds, 10)
@@ -471,9 +473,13 @@ def guard_inputs(
         down.append(str(exc))
     errors = requests = None
     sel = f'model="{spec.model}",version="{spec.candidate_version}"'
+    # The shadow's copies of the last 10 minutes of this stage (from ``since``; at least the rate
+    # window): an earlier rollout's errors of the same version are not this stage's.
+    span = SHADOW_WINDOW_S if since is None else min(SHADOW_WINDOW_S, max(rate, now - since))
+    last = f"{math.ceil(span)}s"
     try:
-        requests = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[10m]))')
-        errors = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[10m])) or vector(0)')
+        requests = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[{last}]))')
+        errors = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[{last}])) or vector(0)')
     except NoValuesFound as exc:
         log.info("no shadow counts yet: %s", exc)
     except MetricsError as exc:

@@ -381,12 +381,17 @@ def test_a_huge_or_endless_answer_is_cut_short(monkeypatch):
 
 
 @pytest.mark.integration
-def test_a_burst_of_shadow_errors_counts_in_the_shadow_guard(server_factory, repo_copy, tmp_path, digit_images):
+def test_the_shadow_guard_counts_every_error_of_its_stage_and_none_before(
+    server_factory, repo_copy, tmp_path, digit_images
+):
     """The shadow's error series appeared on its first error: Prometheus took its first sample
     (all the burst's errors) as the counter's base, and increase() counted none of them. The
-    shadow guard read 0 errors of a candidate failing every copy for a while, and passed."""
+    shadow guard read 0 errors of a candidate failing every copy for a while, and passed.
+    And it read the last 10 minutes whatever the stage's start: a rollout of the same version
+    started again after a rollback failed at once on the errors of the one before."""
     from tests.support import infer
-    from vision_rollout.engine import guard_inputs
+    from vision_rollout.engine import guard_inputs, rate_window_s
+    from vision_rollout.gates import GateConfig, guard_checks
     from vision_rollout.spec import RolloutSpec
 
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
@@ -413,9 +418,31 @@ def test_a_burst_of_shadow_errors_counts_in_the_shadow_guard(server_factory, rep
                 pass
             assert time.monotonic() < deadline, "Prometheus never held the burst's errors"
             time.sleep(0.2)
-        guards = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "2"}))
+        spec = RolloutSpec.from_dict({"candidate_version": "2"})
+        guards = guard_inputs(source, spec)
         assert guards.shadow_requests is not None
         assert guards.shadow_errors is not None
         assert guards.shadow_errors >= burst
+        # A stage that starts after the burst, with the shadow healthy again: none of its errors.
+        assert requests.put(fault, json={"abort": {"percent": 0}}, headers=s.admin, timeout=10).status_code == 200
+        since = time.time()
+        window = rate_window_s(source.scrape_interval_s())
+        ok = 'sum(shadow_requests_total{model="digits",version="2",outcome="ok"})'
+        sent = 0
+        while True:  # copies served well until Prometheus has a sample a whole rate window in
+            assert infer(s, digit_images[sent % len(digit_images)][0]).status_code == 200
+            sent += 1
+            try:
+                if source.query(f"timestamp({ok})") > since + window + 1 and source.query(ok) > 0:
+                    break
+            except NoValuesFound:
+                pass
+            assert sent < 1000, "Prometheus has no sample of the healthy shadow"
+            time.sleep(0.1)
+        stage = guard_inputs(source, spec, since=since)
+        assert stage.shadow_errors == 0
+        assert stage.shadow_requests is not None
+        assert stage.shadow_requests > 0
+        assert not [c for c in guard_checks(stage, GateConfig.from_spec(spec)) if c.decision == "fail"]
     finally:
         prom.stop()
