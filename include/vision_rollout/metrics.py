@@ -114,8 +114,8 @@ class PrometheusSource:
 
     def _api(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         data = _get_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", self.timeout_s)
-        if data.get("status") != "success":
-            raise MetricsError(f"prometheus: {data.get('errorType')}: {data.get('error')}")
+        if data.get("status") != "success":  # its error, as long as an HTTP error's (the stage's reason)
+            raise MetricsError(f"prometheus: {str(data.get('errorType'))[:100]}: {str(data.get('error'))[:1000]}")
         return data["data"]
 
     @_shape_checked

@@ -373,6 +373,14 @@ def test_a_huge_or_endless_answer_is_cut_short(monkeypatch):
     with hostile_server(b'{"status": "success", "data": "' + b"A" * 2000 + b'"}') as url:
         with pytest.raises(MetricsError, match="an answer over 1000 bytes"):
             PrometheusSource(url, timeout_s=5).query("up")
+    # Under the limit, an error of Prometheus' shape: its text was the stage's reason, whole.
+    monkeypatch.setattr(metrics, "MAX_ANSWER", 10**6)
+    error = b'{"status": "error", "errorType": "' + b"T" * 5000 + b'", "error": "' + b"E" * 500_000 + b'"}'
+    with hostile_server(error) as url:
+        with pytest.raises(MetricsError) as raised:
+            PrometheusSource(url, timeout_s=5).query("up")
+        assert "prometheus: TTT" in str(raised.value)
+        assert len(str(raised.value)) < 1200
     with hostile_server(trickle_s=0.2, trickle_for_s=10) as url:
         started = time.monotonic()
         with pytest.raises(SourceOffline, match="the answer took more than 1 s"):
