@@ -19,7 +19,7 @@ from model_server.errors import MaskingUnavailable, ServerError
 from model_server.feedback import read_key
 from model_server.httpserver import limited_protocol
 from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
-from model_server.metrics import gpu_count
+from model_server.metrics import export_gpu_gauges, visible_gpus
 from model_server.model import select_providers
 from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
 from model_server.protocol import MAX_JSON_BYTES
@@ -318,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.access_log:
         logging.getLogger("model_server.access").setLevel(logging.INFO)
-    gpus = gpu_count()
-    if args.device == "cuda" and gpus == 0:
-        print("model-server: --device cuda, but NVML finds no GPU", file=sys.stderr)
+    gpus = visible_gpus()
+    if args.device == "cuda" and not gpus:
+        print("model-server: --device cuda, but NVML finds no GPU that CUDA_VISIBLE_DEVICES shows", file=sys.stderr)
         return 2
     if not args.repository.is_dir():  # before the default state folder is made inside it
         print(f"model-server: model repository {args.repository} is not a folder", file=sys.stderr)
@@ -328,10 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     state = state_dir(args)
     try:
         loads = state.parent / "loads" if state is not None else None
-        repo = ModelRepository(args.repository, select_providers(args.device, gpus), loads)
+        providers = select_providers(args.device, len(gpus))
+        repo = ModelRepository(args.repository, providers, loads)
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return 2
+    if "CUDAExecutionProvider" in providers:
+        export_gpu_gauges(gpus)
     mask = masker(args, state)
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogMasking(mask))

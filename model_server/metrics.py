@@ -2,12 +2,13 @@
 counters of Triton's statistics extension (``InferenceStatistics``), fed by the same calls.
 
 Labels stay small and fixed: ``model`` and ``version`` (Triton's), plus ``reason`` on
-failures. GPU gauges exist only when NVML finds a GPU: absent, not zero, without one.
+failures. GPU gauges exist only for the GPUs the server runs on: absent, not zero, on a CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -226,25 +227,57 @@ class NvmlCollector(Collector):
         yield from (used, total, util, power)
 
 
-def gpu_count() -> int:
-    """GPUs NVML can see (0 without a driver). Registers the GPU gauges once when any."""
+def cuda_visible(gpus: list[tuple[str, Any]], setting: str | None) -> list[tuple[str, Any]]:
+    """The GPUs of ``gpus`` (NVML's order: every GPU of the machine) that CUDA shows a process
+    under ``CUDA_VISIBLE_DEVICES`` = ``setting``: its entries in order, each an index or a UUID's
+    prefix, up to the first that names none or names one again (as CUDA reads it); all of them
+    when it is unset, none when it is empty."""
+    if setting is None:
+        return list(gpus)
+    shown: list[tuple[str, Any]] = []
+    for entry in setting.split(",")[:64]:
+        entry = entry.strip()
+        if entry.isascii() and entry.isdigit():
+            found = [gpus[int(entry)]] if int(entry) < len(gpus) else []
+        else:
+            found = [g for g in gpus if entry and g[0].startswith(entry)]
+        if len(found) != 1 or found[0][0] in {uuid for uuid, _ in shown}:
+            break
+        shown.append(found[0])
+    return shown
+
+
+def visible_gpus() -> list[tuple[str, Any]]:
+    """The GPUs this process's CUDA can run on, as (UUID, NVML handle): NVML sees every GPU of
+    the machine, ``CUDA_VISIBLE_DEVICES`` picks among them. None without a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        n = pynvml.nvmlDeviceGetCount()
-    except Exception as exc:  # no driver, no library: the normal case on a CPU machine
-        log.info("NVML unavailable (%s): no GPU metrics", exc)
-        return 0
-    if n and not getattr(gpu_count, "registered", False):
-        handles = []
-        for i in range(n):
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             uuid = pynvml.nvmlDeviceGetUUID(h)
-            handles.append((uuid.decode() if isinstance(uuid, bytes) else uuid, h))
-        REGISTRY.register(NvmlCollector(pynvml, handles))
-        gpu_count.registered = True  # type: ignore[attr-defined]
-    return n
+            gpus.append((uuid.decode() if isinstance(uuid, bytes) else str(uuid), h))
+    except Exception as exc:  # no driver, no library: the normal case on a CPU machine
+        log.info("NVML unavailable (%s): no GPU metrics", exc)
+        return []
+    return cuda_visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def gpu_count() -> int:
+    """GPUs this process's CUDA can run on (0 without a driver)."""
+    return len(visible_gpus())
+
+
+def export_gpu_gauges(gpus: list[tuple[str, Any]]) -> None:
+    """Register the GPU gauges of ``gpus`` (``visible_gpus``) once: a server that runs on them,
+    not one on the CPU of a machine that has some (their gauges are another's)."""
+    if gpus and not getattr(export_gpu_gauges, "registered", False):
+        import pynvml
+
+        REGISTRY.register(NvmlCollector(pynvml, gpus))
+        export_gpu_gauges.registered = True  # type: ignore[attr-defined]
 
 
 class InferenceStatistics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import time
 
@@ -292,6 +293,69 @@ def test_no_gpu_means_no_gpu_series(server):
     text = requests.get(f"{server.http}/metrics", timeout=5).text
     assert "nv_gpu_memory_used_bytes" not in text
     assert "nv_gpu_utilization" not in text
+
+
+# NVML as on a machine with two GPUs: a stand-in module, since this machine has none.
+FAKE_NVML = """
+from types import SimpleNamespace
+
+class NVMLError(Exception):
+    pass
+
+def nvmlInit():
+    pass
+
+def nvmlDeviceGetCount():
+    return 2
+
+def nvmlDeviceGetHandleByIndex(i):
+    return i
+
+def nvmlDeviceGetUUID(h):
+    return f"GPU-{h}{h}{h}-fake"
+
+def nvmlDeviceGetMemoryInfo(h):
+    return SimpleNamespace(used=2**30, total=2**34)
+
+def nvmlDeviceGetUtilizationRates(h):
+    return SimpleNamespace(gpu=97)
+
+def nvmlDeviceGetPowerUsage(h):
+    return 300_000
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "visible"), [(("--device", "cpu"), None), (("--device", "auto"), ""), (("--device", "auto"), "-1")]
+)
+def test_a_server_on_the_cpu_of_a_gpu_machine_has_no_gpu_series(
+    server_factory, repo_copy, tmp_path, monkeypatch, args, visible
+):
+    """A server forced onto the CPU, or shown no GPU by CUDA_VISIBLE_DEVICES, exported the gauges
+    of every GPU NVML saw (another workload's: 97% busy), and with no GPU shown chose CUDA."""
+    (tmp_path / "nvml").mkdir()
+    (tmp_path / "nvml" / "pynvml.py").write_text(FAKE_NVML)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'nvml'}:{os.environ.get('PYTHONPATH', '')}")
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    s = server_factory(repo_copy, *args)
+    text = requests.get(f"{s.http}/metrics", timeout=5).text
+    assert "nv_gpu_" not in text
+    assert 'execution_provider="CPUExecutionProvider"' in text
+
+
+def test_the_gpus_cuda_shows_are_those_cuda_visible_devices_names():
+    from model_server.metrics import cuda_visible
+
+    gpus = [("GPU-aaa1", 0), ("GPU-bbb2", 1), ("GPU-ccc3", 2)]
+    assert cuda_visible(gpus, None) == gpus
+    assert cuda_visible(gpus, "") == []
+    assert cuda_visible(gpus, "-1") == []
+    assert cuda_visible(gpus, "2,0") == [gpus[2], gpus[0]]
+    assert cuda_visible(gpus, "GPU-bbb") == [gpus[1]]
+    assert cuda_visible(gpus, "1,7,2") == [gpus[1]]  # CUDA stops at an entry that names none
+    assert cuda_visible(gpus, "1,GPU-bbb2,2") == [gpus[1]]  # or names one again
+    assert cuda_visible(gpus, "GPU-") == []  # a prefix of several names none
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
