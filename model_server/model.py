@@ -213,13 +213,13 @@ class LoadedVersion:
             )
         # As Triton: the config's shape (the whole shape here, batch dimension included) and the
         # graph's agree in rank and in every dimension both fix (a symbolic one takes any).
-        graph = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape] if node.shape is not None else None
-        if graph is not None and (
-            len(graph) != len(spec.dims)
-            or any(g != c and -1 not in (g, c) for g, c in zip(graph, spec.dims, strict=False))
+        shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape] if node.shape is not None else None
+        if shape is not None and (
+            len(shape) != len(spec.dims)
+            or any(g != c and -1 not in (g, c) for g, c in zip(shape, spec.dims, strict=False))
         ):
             raise InvalidInput(
-                f"{where}: {kind} {spec.name!r} has shape {graph} in the graph, dims {list(spec.dims)} in config.json"
+                f"{where}: {kind} {spec.name!r} has shape {shape} in the graph, dims {list(spec.dims)} in config.json"
             )
 
     # -- lifecycle --------------------------------------------------------------------------
