@@ -272,10 +272,16 @@ def render_service(target: IstioTarget) -> dict[str, Any]:
     }
 
 
-def render_hpa(target: IstioTarget, version: str, min_replicas: int, max_replicas: int) -> dict[str, Any]:
+def render_hpa(
+    target: IstioTarget,
+    version: str,
+    min_replicas: int,
+    max_replicas: int,
+    metrics: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The ``autoscaling/v2`` HorizontalPodAutoscaler of version ``version``'s Deployment: the
-    stage's size as its floor. Its metrics are left to whoever runs the HPA (Kubernetes' default
-    is 80% CPU): the rollout neither sets nor owns them, only the bounds."""
+    stage's size as its floor, and ``metrics`` (``build.autoscaling_metrics``, checked by
+    ``settings.metric_problem``) when given, else Kubernetes' default (80% CPU)."""
     if not 1 <= min_replicas <= max_replicas <= MAX_REPLICAS:
         raise ValueError(f"HPA bounds {min_replicas}..{max_replicas}: need 1 <= min <= max <= {MAX_REPLICAS}")
     name = deployment_name(target, version)
@@ -291,6 +297,7 @@ def render_hpa(target: IstioTarget, version: str, min_replicas: int, max_replica
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": min_replicas,
             "maxReplicas": max_replicas,
+            **({"metrics": metrics} if metrics else {}),
         },
     }
 
@@ -385,7 +392,7 @@ class VersionDeployments:
                 client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
                     name,
                     self.target.namespace,
-                    render_hpa(self.target, version, replicas, top),
+                    render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics),
                     field_manager=FIELD_MANAGER,
                     force=True,
                     _content_type="application/apply-patch+yaml",

@@ -14,7 +14,7 @@ wrong; every default is here and nowhere else. The extras:
   the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
   ``push_secret``, ``gpus``, ``cpu``, ``memory``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
-  ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
+  ``autoscaling_metrics``, ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
   (kubernetes mode: the image build, BuildKit rootless, and the version Deployments,
   ``BuildSettings``)
 - ``models``: ``{<model>: {"istio": {...}, "build": {...}}}``, a model's own sections, each
@@ -29,6 +29,7 @@ gives every model its own Service, VirtualService and Deployments with one line.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,19 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "min_replicas": {"type": "integer", "minimum": 1, "maximum": 1000},
                 "max_replicas": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "autoscaling": {"type": "boolean"},
+                # The HPAs' spec.metrics (autoscaling/v2 MetricSpecs; checked in full by
+                # metric_problem): Kubernetes' default, 80% CPU, says little of a GPU server's load.
+                "autoscaling_metrics": {
+                    "type": "array",
+                    "maxItems": 8,
+                    "items": {
+                        "type": "object",
+                        "required": ["type"],
+                        "properties": {
+                            "type": {"enum": ["Resource", "Pods", "Object", "External", "ContainerResource"]}
+                        },
+                    },
+                },
                 "drain_seconds": {"type": "number", "minimum": 0, "maximum": 600},
             },
         },
@@ -182,6 +196,7 @@ class BuildSettings:
     # An HPA per version owns spec.replicas; the rollout sets its minReplicas per stage.
     autoscaling: bool = False
     max_replicas: int | None = None  # the HPAs' maxReplicas (default: 10 x their minReplicas)
+    autoscaling_metrics: list[dict[str, Any]] | None = None  # the HPAs' spec.metrics (default: Kubernetes')
     # After the mesh stops routing to a version, before its pods go: Envoy's config
     # propagation and the requests in flight.
     drain_seconds: float = 10.0
@@ -232,6 +247,17 @@ class ServingSettings:
             models={name: dict(sections) for name, sections in (extra.get("models") or {}).items()},
         )
         settings._check_targets_distinct()
+        for where, build in [
+            ("build", extra.get("build")),
+            *(
+                (f"models.{m}.build", (sections or {}).get("build"))
+                for m, sections in (extra.get("models") or {}).items()
+            ),
+        ]:
+            for i, metric in enumerate((build or {}).get("autoscaling_metrics") or []):
+                problem = metric_problem(metric)
+                if problem:
+                    raise SettingsError(f"the {CONNECTION} extra {where}.autoscaling_metrics[{i}]: {problem}")
         return settings
 
     @property
@@ -348,12 +374,37 @@ def model_name(model: str) -> str:
 
 
 def _fill(value: Any, model: str) -> Any:
-    """``{model}`` in a string (or in a list's strings) replaced by the model's Kubernetes name."""
+    """``{model}`` in a string (or in a list's or an object's strings) replaced by the model's
+    Kubernetes name."""
     if isinstance(value, str):
         return value.replace(TEMPLATE, model_name(model))
     if isinstance(value, list):
         return [_fill(v, model) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, model) for k, v in value.items()}
     return value
+
+
+def metric_problem(metric: Mapping[str, Any]) -> str | None:
+    """What is wrong with an autoscaling/v2 MetricSpec, as the kubernetes client's model reads it:
+    a required field missing, or one it does not know (misspelt, misplaced: the API server would
+    drop or refuse it). None when it is whole."""
+    from kubernetes import client
+
+    class Response:  # what ApiClient.deserialize reads: a body of JSON
+        data = json.dumps(metric)
+
+    api = client.ApiClient()
+    try:
+        read = api.sanitize_for_serialization(api.deserialize(Response(), "V2MetricSpec"))
+    except (ValueError, TypeError, AttributeError) as exc:
+        return f"not an autoscaling/v2 MetricSpec: {str(exc)[:200]}"
+    if read != metric:
+        return (
+            f"not an autoscaling/v2 MetricSpec: read as {json.dumps(read, sort_keys=True)[:300]} "
+            "(a field misspelt, misplaced or of the wrong type)"
+        )
+    return None
 
 
 def _build_fields(raw: Mapping[str, Any]) -> dict[str, Any]:

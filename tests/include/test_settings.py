@@ -170,6 +170,45 @@ def test_the_sizing_settings_of_kubernetes_mode():
             ServingSettings.from_connection("http://h:8000", None, {"build": extra})
 
 
+QUEUE_TIME = {  # each pod's queue time, through a Prometheus adapter
+    "type": "Pods",
+    "pods": {
+        "metric": {"name": "nv_inference_queue_duration_us", "selector": {"matchLabels": {"model": "{model}"}}},
+        "target": {"type": "AverageValue", "averageValue": "50k"},
+    },
+}
+
+
+def test_the_hpas_metrics_are_the_users_and_checked_whole():
+    """Kubernetes' default metric, 80% CPU, says little of a GPU server's load: the HPAs take the
+    extra's autoscaling_metrics, {model} filled in; a MetricSpec Kubernetes would not read as
+    written (a field missing, misspelt or misplaced) is refused naming where it is."""
+    from vision_rollout.deploy import render_hpa
+    from vision_rollout.mesh import IstioTarget
+
+    s = ServingSettings.from_connection(
+        "http://h:8000", None, {"build": {"autoscaling": True, "autoscaling_metrics": [QUEUE_TIME]}}
+    )
+    metrics = s.build_for("digits").autoscaling_metrics
+    assert metrics is not None
+    assert metrics[0]["pods"]["metric"]["selector"] == {"matchLabels": {"model": "digits"}}
+    hpa = render_hpa(IstioTarget("ml", "digits", "digits"), "2", 2, 20, metrics)
+    assert hpa["spec"]["metrics"] == metrics
+    assert "metrics" not in render_hpa(IstioTarget("ml", "digits", "digits"), "2", 2, 20)["spec"]  # Kubernetes' default
+    no_target = {"type": "Pods", "pods": {"metric": {"name": "x"}}}
+    misspelt = {**QUEUE_TIME, "pods": {"metric": {"name": "x"}, "target": {"type": "AverageValue", "averageValu": "5"}}}
+    for where, extra, message in (
+        ("build", {"build": {"autoscaling_metrics": [no_target]}}, "Invalid value for `target`, must not be `None`"),
+        ("build", {"build": {"autoscaling_metrics": [QUEUE_TIME, misspelt]}}, "field misspelt, misplaced"),
+        ("build", {"build": {"autoscaling_metrics": [{"type": "Gpu"}]}}, "breaks enum"),
+        ("build", {"build": {"autoscaling_metrics": [QUEUE_TIME] * 9}}, "at most 8 items"),
+        ("models.digits.build", {"models": {"digits": {"build": {"autoscaling_metrics": [no_target]}}}}, "`target`"),
+    ):
+        with pytest.raises(SettingsError, match=re.escape(f"extra {where}.autoscaling_metrics")) as refused:
+            ServingSettings.from_connection("http://h:8000", None, extra)
+        assert message in str(refused.value)
+
+
 FLEET = {
     "istio": {"namespace": "models", "service": "{model}", "name": "{model}", "hosts": ["{model}.example.com"]},
     "build": {"registry": "registry.example.com/ml/{model}-server", "context": "s3://ml-builds/ctx.tar.gz", "gpus": 1},
