@@ -132,6 +132,10 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
         lock.release(run_id, to=before if left is None else None)
         raise
+    # The stable routes pinned first: without a policy the model server routes everything to the
+    # highest loaded version, the candidate (unjudged) from the moment it loads, and a retry of
+    # this task would find it serving and give the lease up, leaving it there.
+    settings.admin.set_traffic(spec.model, spec.stable_policy())
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     return report.to_dict()
 

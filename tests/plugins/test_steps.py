@@ -236,6 +236,28 @@ def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     assert (admin.ready("digits", "1"), admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True, False)
 
 
+@pytest.mark.integration
+def test_loading_the_candidate_leaves_the_traffic_on_the_baseline(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """A server as it starts, version 1 alone with no traffic policy (the default: the highest
+    loaded version serves). build_image loaded version 2 beside it, and version 2, unjudged,
+    took all of the traffic until the first stage; a retry of build_image (a load answered late)
+    then found it serving, gave the lease up and left it there."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    admin = steps.serving().settings.admin
+    stable = {"route": [{"version": "1", "weight": 100}]}
+    assert admin.traffic("digits").to_dict() == stable
+    for _ in range(2):  # the task, then its retry
+        steps.build_image(PARAMS, "run-a")
+        assert admin.traffic("digits").to_dict() == stable
+        assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, True)
+    assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
+
+
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     """The connection's outbox (no Slack connection: reports land there), read back."""
     monkeypatch.setenv(
