@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +166,12 @@ class RolloutSpec:
     require_approval: bool = _f(False, "A reviewer approves promotion in the Airflow UI", type="boolean")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # JSON schema's pattern is a search, where "$" also matches before a last newline:
+            # "2\n" passed as a version, "digits\n" as a model, and failed the run later.
+            pattern, value = f.metadata["schema"].get("pattern"), getattr(self, f.name)
+            if pattern and not (isinstance(value, str) and re.fullmatch(pattern, value)):
+                raise SpecError(f"{f.name}: {str(value)[:80]!r} does not match {pattern!r}")
         if self.candidate_version == self.baseline_version:
             raise SpecError("candidate_version and baseline_version must differ")
         stages = list(self.stages)

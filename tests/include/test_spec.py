@@ -72,6 +72,10 @@ def test_json_schema_is_valid_and_carries_descriptions():
         ({"model": "m" * 129}, "model: 'mmmm"),
         ({"candidate_version": "2" * 10}, "candidate_version: '2222222222' is too long"),
         ({"baseline_version": "1" * 5000}, "baseline_version: '1111"),
+        # The schema's pattern is searched, and "$" matches before a last newline: these passed,
+        # and failed the run later (a version no traffic policy takes, a model no lock takes).
+        ({"candidate_version": "2\n"}, r"candidate_version: '2\\n' does not match"),
+        ({"model": "digits\n"}, r"model: 'digits\\n' does not match"),
         # A 100% stage mirrors nothing: enable_shadow could never see the mirror and failed every run.
         ({"stages": [100]}, r"stages \[100\] mirror nothing: set mirror_percent to 0"),
     ],
