@@ -131,8 +131,8 @@ def model_rollout() -> None:
         return outcome
 
     @task
-    def promote(params: dict[str, Any], run_id: str) -> str:
-        return steps.promote(params, run_id)
+    def promote(params: dict[str, Any], run_id: str, ti: Any) -> str:
+        return steps.promote(params, run_id, ti.xcom_pull(task_ids="decide", key="outcome"))
 
     @task
     def rollback(params: dict[str, Any], run_id: str) -> str:

@@ -486,13 +486,20 @@ def decide(
     return "rollback", f"{reason}; rejected {by}"
 
 
-def promote(params: dict[str, Any], run_id: str) -> str:
+def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0).
+    Only when ``decided`` (decide's XCom ``outcome``) is promote: a ``decide`` marked success by
+    hand decided nothing, and its branch skipped neither promote nor rollback.
 
     Kubernetes mode, in an order that never routes to missing pods: the candidate scaled to the
     baseline's size and ready, then 100% to it, then the baseline drained (``retire``), then its
     pods gone."""
     spec = spec_from(params)
+    if decided != "promote":
+        raise AirflowFailException(
+            f"decide chose {decided or 'nothing (it did not run: marked success by hand?)'}, not promote: "
+            f"version {spec.candidate_version} is not promoted"
+        )
     hook = serving()
     hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)

@@ -298,7 +298,7 @@ def test_promotion_retires_the_baseline_and_rollback_the_candidate(kube):
     assert ("PATCH", "deployments/digits-v2") not in calls(kube, since)  # retired once, not drained again
     deployments.apply("2", "registry.example.com/ml/digits-server:v2")
     take("run-2")
-    steps.promote(PARAMS, "run-2")  # promotion: the baseline's pods go away
+    steps.promote(PARAMS, "run-2", "promote")  # promotion: the baseline's pods go away
     assert deployment(kube, "1")["spec"]["replicas"] == 0
     assert deployment(kube, "2")["spec"]["replicas"] == 1
     assert routes(kube) == [("v2", 100)]
@@ -335,7 +335,7 @@ def test_a_retired_version_loses_its_pinned_route(fleet):
     built = steps.build_image(PARAMS, "run-b")
     steps.deploy_candidate(PARAMS, pushed(built), "run-b")
     steps.apply_weights(PARAMS, 0, "run-b", built)
-    steps.promote(PARAMS, "run-b")
+    steps.promote(PARAMS, "run-b", "promote")
     assert pinned() == ["pinned-v2"]
     assert routes(fleet) == [("v2", 100)]
 
@@ -407,7 +407,7 @@ def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_b
     deployments.apply("1", image("1"), replicas=3)
     deployments.apply("2", image("2"), replicas=1)  # as the last canary stage left it
     since = len(kube.requests)
-    steps.promote(PARAMS, "run-1")
+    steps.promote(PARAMS, "run-1", "promote")
     assert deployment(kube, "2")["spec"]["replicas"] == 3  # the baseline's full size
     assert deployment(kube, "1")["spec"]["replicas"] == 0
     done = calls(kube, since)
@@ -696,7 +696,7 @@ def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.promote(PARAMS, "run-1")
+    steps.promote(PARAMS, "run-1", "promote")
     assert steps.ensure_stable(PARAMS, "run-1", None, None, SENT) == "version 2 was promoted: nothing to restore"
     assert routes(kube) == [("v2", 100)]
     assert steps.serving().model_lock("digits", "istio").holding() is None
@@ -726,7 +726,7 @@ def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.promote(PARAMS, "run-1")
+    steps.promote(PARAMS, "run-1", "promote")
     with pytest.raises(
         AirflowFailException, match="version 2 was promoted: nothing to restore; but its report was not sent"
     ):

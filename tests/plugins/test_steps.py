@@ -258,6 +258,37 @@ def test_loading_the_candidate_leaves_the_traffic_on_the_baseline(
     assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
 
 
+@pytest.mark.integration
+def test_promote_after_a_decide_marked_success_by_hand_touches_nothing(
+    server_factory, repo_copy, monkeypatch, tmp_path
+):
+    """decide marked success in the UI (failed, or to hurry the run) decided nothing and skipped
+    neither branch: promote put the candidate at 100% and unloaded the baseline, whatever the
+    stages said. It refuses now; the teardown puts the baseline back."""
+    from tests.dags.test_model_rollout_e2e import rollout_dag
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    s.load_versions("digits", 1, 2)
+    mid_stage = steps.spec_from(PARAMS).policy_for_stage(50)
+    assert put_policy(s, mid_stage.to_dict()).status_code == 200
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+
+    class DecideMarkedSuccess:
+        def xcom_pull(self, task_ids, key="return_value"):
+            return None  # (decide never ran: no outcome)
+
+    task = rollout_dag().get_task("promote")
+    kwargs = task.determine_kwargs({"params": PARAMS, "run_id": "run-a", "ti": DecideMarkedSuccess()})
+    with pytest.raises(AirflowFailException, match=r"decide chose nothing .*version 2 is not promoted"):
+        task.python_callable(**kwargs)
+    admin = steps.serving().settings.admin
+    assert admin.traffic("digits") == mid_stage
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, True)
+
+
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     """The connection's outbox (no Slack connection: reports land there), read back."""
     monkeypatch.setenv(
