@@ -115,8 +115,9 @@ def model_rollout() -> None:
         return steps.deploy_candidate(params, ti.xcom_pull(task_ids="buildkit_build", key="image"), run_id)
 
     @task
-    def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-        return steps.enable_shadow(params, run_id)
+    def enable_shadow(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
+        with steps.failure_kept(ti):
+            return steps.enable_shadow(params, run_id)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def shadow_consistency(params: dict[str, Any], dag_run: Any) -> dict[str, Any]:
@@ -153,9 +154,10 @@ def model_rollout() -> None:
         def group(previous: Any) -> Any:
             @task(trigger_rule=TriggerRule.ALL_SUCCESS if index == 0 else TriggerRule.NONE_FAILED)
             def apply_mesh_weights(
-                previous: dict[str, Any] | None, params: dict[str, Any], run_id: str
+                previous: dict[str, Any] | None, params: dict[str, Any], run_id: str, ti: Any
             ) -> dict[str, Any]:
-                return steps.apply_weights(params, index, run_id, previous)
+                with steps.failure_kept(ti):
+                    return steps.apply_weights(params, index, run_id, previous)
 
             @task
             def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:

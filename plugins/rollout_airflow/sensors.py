@@ -11,8 +11,6 @@ apache/airflow#72716).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
@@ -43,20 +41,8 @@ class StageMetricsSensor(BaseSensorOperator):
         return super().execute(context)
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from rollout_airflow.steps import look_at_stage
+        from rollout_airflow.steps import failure_kept, look_at_stage
 
-        with _reason_kept(context):
+        with failure_kept(context["ti"]):
             verdict = look_at_stage(context["params"], self.stage_index, self.applied, context["run_id"])
         return PokeReturnValue(is_done=verdict is not None, xcom_value=verdict)
-
-
-@contextmanager
-def _reason_kept(context: Any) -> Iterator[None]:
-    """A failing wait leaves its reason in XCom (key ``failure``): the rollback report names it."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    try:
-        yield
-    except AirflowFailException as exc:
-        context["ti"].xcom_push(key="failure", value=str(exc))
-        raise

@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -428,10 +430,32 @@ def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> 
     return result.to_dict()
 
 
+STAGE_STEPS = ("apply_mesh_weights", "enable_shadow", "wait_for_metrics")  # in order: the first failure is the cause
+
+
+@contextmanager
+def failure_kept(ti: Any) -> Iterator[None]:
+    """A stage's step that fails leaves its reason in XCom (key ``failure``): the rollback report
+    names it (``evidence``), not just "a step failed". A retried try starts with its XCom cleared."""
+    try:
+        yield
+    except AirflowSkipException:
+        raise
+    except Exception as exc:
+        ti.xcom_push(key="failure", value=str(exc)[:1000] or type(exc).__name__)
+        raise
+
+
 def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None, list[str | None]]:
-    """From XCom: each stage's verdict, the shadow audit, and why a stage's wait failed."""
+    """From XCom: each stage's verdict, the shadow audit, and why a stage's step failed."""
     verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(max_stages)]
-    failures = [ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="failure") for i in range(max_stages)]
+    failures = [
+        next(
+            (f for step in STAGE_STEPS if (f := ti.xcom_pull(task_ids=f"stage_{i + 1}.{step}", key="failure"))),
+            None,
+        )
+        for i in range(max_stages)
+    ]
     return verdicts, ti.xcom_pull(task_ids="shadow_consistency"), failures
 
 

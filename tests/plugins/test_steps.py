@@ -289,6 +289,47 @@ def test_promote_after_a_decide_marked_success_by_hand_touches_nothing(
     assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, True)
 
 
+class XComs:
+    """What the DAG's tasks use of their task instance: XCom pushes and pulls, one store per run."""
+
+    def __init__(self, task_id: str = "", store: dict | None = None) -> None:
+        self.task_id, self.store = task_id, {} if store is None else store
+
+    def of(self, task_id: str) -> XComs:
+        return XComs(task_id, self.store)
+
+    def xcom_push(self, key, value):
+        self.store[self.task_id, key] = value
+
+    def xcom_pull(self, task_ids, key="return_value"):
+        return self.store.get((task_ids, key))
+
+
+@pytest.mark.integration
+def test_the_rollback_report_names_why_a_stages_step_failed(server_factory, repo_copy, monkeypatch, tmp_path):
+    """enable_shadow failing (the mirror not in effect, the masking check) rolled back with
+    "the 50% stage produced no verdict: a step failed or was interrupted": only the metrics
+    wait kept its reason. Each step of a stage keeps it now, and the decision names it."""
+    from tests.dags.test_model_rollout_e2e import rollout_dag
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    s.load_versions("digits", 1, 2)
+    no_mirror = {"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]}
+    assert put_policy(s, no_mirror).status_code == 200
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+    run = XComs()
+    task = rollout_dag().get_task("stage_1.enable_shadow")
+    ti = run.of(task.task_id)
+    with pytest.raises(AirflowFailException, match="the mirror to version 2 is not in effect"):
+        task.python_callable(**task.determine_kwargs({"params": PARAMS, "run_id": "run-a", "ti": ti}))
+    outcome, reason = decide(PARAMS, *steps.evidence(run, 4))
+    assert outcome == "rollback"
+    assert reason.startswith("the 50% stage: the mirror to version 2 is not in effect")
+
+
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     """The connection's outbox (no Slack connection: reports land there), read back."""
     monkeypatch.setenv(
