@@ -147,7 +147,8 @@ def model_rollout() -> None:
     @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
         promoted, rolled_back, report = (ti.xcom_pull(task_ids=t) for t in ("promote", "rollback", "notify"))
-        return steps.ensure_stable(params, run_id, promoted, rolled_back, report)
+        decided = ti.xcom_pull(task_ids="decide", key="outcome")
+        return steps.ensure_stable(params, run_id, promoted, rolled_back, report, decided)
 
     def stage(index: int, previous: Any) -> Any:
         @task_group(group_id=f"stage_{index + 1}")

@@ -604,14 +604,16 @@ def ensure_stable(
     promoted: str | None,
     rolled_back: str | None,
     report: dict[str, Any] | None,
+    decided: str | None = None,
 ) -> str:
     """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
     the model's lease is released. A run that does not hold the lease (another run of the model
     held it, or took it over) touches nothing: the routes are that run's.
 
-    It fails, once that is done, a run that ended before promote or rollback (marked failed in the
-    UI, say) and a run whose report (``report``, notify's XCom) was not sent: Airflow would
-    otherwise count either a success (a teardown's upstream failing does not fail the run).
+    It fails, once that is done, a run that ended before promote or rollback finished (marked
+    failed in the UI, say, or one of them failed after ``decided``, decide's outcome) and a run
+    whose report (``report``, notify's XCom) was not sent: Airflow would otherwise count either a
+    success (a teardown's upstream failing does not fail the run).
     """
     spec = spec_from(params)
     try:
@@ -619,6 +621,8 @@ def ensure_stable(
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     if not kept and rolled_back is None:
+        if decided in ("promote", "rollback"):
+            raise AirflowFailException(f"decide chose {decided}, which did not finish (see its log); {done}")
         raise AirflowFailException(f"the run was stopped before it decided; {done}")
     if report is None:
         raise AirflowFailException(f"{done}; but its report was not sent (see notify's log)")

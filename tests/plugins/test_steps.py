@@ -330,6 +330,31 @@ def test_the_rollback_report_names_why_a_stages_step_failed(server_factory, repo
     assert reason.startswith("the 50% stage: the mirror to version 2 is not in effect")
 
 
+@pytest.mark.integration
+def test_a_teardown_after_a_failed_promotion_says_so(server_factory, repo_copy, monkeypatch, tmp_path):
+    """decide chose promote and promote failed (here: the baseline's unload refused, the routes
+    already promoted): the teardown put the baseline back and failed the run with "the run was
+    stopped before it decided", which it had."""
+    from tests.dags.test_model_rollout_e2e import rollout_dag
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, {"route": [{"version": "2", "weight": 100}]}).status_code == 200  # promote's first write
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+    run = XComs()
+    run.of("decide").xcom_push("outcome", "promote")
+    task = rollout_dag().get_task("ensure_stable")
+    kwargs = task.determine_kwargs({"params": PARAMS, "run_id": "run-a", "ti": run.of(task.task_id)})
+    with pytest.raises(
+        AirflowFailException, match=r"decide chose promote, which did not finish .*version 1 takes 100%"
+    ):
+        task.python_callable(**kwargs)
+    assert steps.serving().settings.admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     """The connection's outbox (no Slack connection: reports land there), read back."""
     monkeypatch.setenv(
