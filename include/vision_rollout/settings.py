@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,17 @@ HINTS = {  # what a pattern asks for, in words
 }
 
 
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[jsonschema.ValidationError]:
+    """JSON Schema's ``pattern``, and no newline: Python's ``$`` also matches before a last
+    newline, so "digits\n" passed ``^[A-Za-z0-9][A-Za-z0-9_.-]*$`` (a name, a URL, a quantity: a
+    value with a pattern never holds one)."""
+    if validator.is_type(instance, "string") and ("\n" in instance or re.search(pattern, instance) is None):
+        yield jsonschema.ValidationError(f"does not match {pattern!r}")
+
+
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+
+
 def _rule(exc: jsonschema.ValidationError) -> str:
     """The rule an extra broke, never its value: jsonschema's messages quote the value, and a
     value may hold credentials (``https://user:token@...``) that would reach task logs and Slack.
@@ -227,7 +238,9 @@ class ServingSettings:
     @classmethod
     def from_connection(cls, url: str, token: str | None, extra: Mapping[str, Any]) -> ServingSettings:
         try:
-            jsonschema.validate(dict(extra), EXTRA_SCHEMA)
+            error = jsonschema.exceptions.best_match(_VALIDATOR(EXTRA_SCHEMA).iter_errors(dict(extra)))
+            if error is not None:
+                raise error
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path)
             raise SettingsError(f"the {CONNECTION} extra {where or '(extras)'}: {_rule(exc)}") from None

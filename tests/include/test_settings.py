@@ -335,6 +335,8 @@ def test_the_same_names_in_two_namespaces_are_two_objects():
         ({"digits": {"build": {"gpus": -1}}}, "extra models.digits.build.gpus: must be at least 0"),
         ({"digits": {"istio": {"name": ""}}}, "extra models.digits.istio.name: must be non-empty"),
         ({"../etc": {}}, "extra models: each name must match"),
+        ({"digits\n": {}}, "extra models: each name must match"),  # "$" of a search matches before it
+        ({"digits": {"istio": {"url": "http://h:1\n"}}}, "extra models.digits.istio.url: must match"),
         ({"m" * 129: {}}, "extra models: each name must be at most 128 characters"),
         ({"digits": []}, "extra models.digits: must be of type 'object'"),
         ([], "extra models: must be of type 'object'"),
