@@ -729,7 +729,7 @@ def _hour_folders(
     """The ``dt=``/``hour=`` folders under a model's folder ``base`` that may hold records of the
     range: each of its hours, or for a long range (a year: 8,760 listings) the ones that exist."""
     first_hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    count = math.ceil((end - first_hour) / timedelta(hours=1))
+    count = math.ceil((end.timestamp() - first_hour.timestamp()) / 3600)  # (Airflow's dates divide by no timedelta)
     if count <= BLIND_HOURS:
         return [f"{base}/dt={day}/hour={hour}" for day, hour in _hours(start, end)]
     first, last = (

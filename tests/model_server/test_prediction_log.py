@@ -369,6 +369,14 @@ def test_a_long_range_lists_the_hours_that_exist_not_every_hour_of_it(log_uri, t
     assert sorted(set(df["request_id"])) == ["next-day", "recent"]
     assert df.attrs["skipped_files"] == 0
     assert len(listed) <= 8, listed[:20]
+    import pendulum  # Airflow's dates: one minus another divides by no timedelta
+
+    for since, until in (
+        (recent - timedelta(hours=1), recent + timedelta(hours=1)),
+        (start, start + timedelta(hours=54)),
+    ):
+        df = read(log_uri, pendulum.instance(since), pendulum.instance(until))
+        assert "recent" in set(df["request_id"])
 
 
 def test_columns_are_projected_and_time_always_comes_along(tmp_path):
