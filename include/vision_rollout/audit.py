@@ -349,6 +349,12 @@ def code_cell(text: str) -> str:
     return f"{fence} {text} {fence}"
 
 
+def short_digest(value: Any, n: int) -> str:
+    """The first ``n`` characters of an item's image sha256; ``-`` where it has none (no input
+    was decoded, or it could not be hashed item by item: such a pair is kept, unchecked)."""
+    return value[:n] if isinstance(value, str) else "-"
+
+
 def report_files(result: AuditResult) -> dict[str, bytes]:
     """The report's files by name: report.md, summary.json, and where the audit has them
     confusion.csv, anomalies.csv and the chart (``CHART``)."""
@@ -401,7 +407,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {r.image_sha256[:16]} | {r.primary_top1} | {r.shadow_top1} | "
+            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {short_digest(r.image_sha256, 16)} | {r.primary_top1} | {r.shadow_top1} | "
             f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
             for r in result.anomalies.itertuples()
         ]

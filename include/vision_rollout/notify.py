@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vision_rollout.audit import AuditResult, printable
+from vision_rollout.audit import AuditResult, printable, short_digest
 from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
@@ -237,7 +237,7 @@ def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
         )
     if result.anomalies is not None and len(result.anomalies):
         rows = [
-            f"`{r.image_sha256[:12]}` primary {r.primary_top1} / shadow {r.shadow_top1}, confidence "
+            f"`{short_digest(r.image_sha256, 12)}` primary {r.primary_top1} / shadow {r.shadow_top1}, confidence "
             f"{r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
             for r in result.anomalies.head(10).itertuples()
         ]

@@ -332,3 +332,22 @@ def test_a_request_id_cannot_shift_or_mark_up_the_reports_anomaly_table():
     ids = {row[0]: row[1:] for row in rows}
     assert ids["<code>x|y|z|&lt;img src=x</code>"][:4] == ["0", "0" * 16, "0", "1"]
     assert ids["<code>`|![a](http://e)</code>"][:4] == ["0", "0" * 16, "0", "1"]
+
+
+def test_anomalies_of_items_without_an_image_digest_are_reported(tmp_path):
+    """A pair whose records have no image sha256 (no input was decoded, or it could not be
+    hashed item by item) is kept, unchecked: its anomaly row cut the missing digest
+    (``NaN[:16]``), a TypeError that left the hour with neither a report nor a Slack message."""
+    from vision_rollout.notify import audit_message
+
+    log = shadow_log(tmp_path, 40, disagree=0.5, hashed=False)
+    result = audit(log, *around_now(), "digits")
+    assert result.verdict == "fail"
+    assert len(result.anomalies) > 0
+    assert result.anomalies["image_sha256"].isna().all()
+    report = report_files(result)[REPORT].decode()
+    rows = [line for line in report.splitlines() if line.endswith("| high divergence |")]
+    assert len(rows) == len(result.anomalies)
+    assert all(row.split(" | ")[2] == "-" for row in rows)
+    samples = next(b for b in audit_message(result).blocks if "Anomaly samples" in b["text"]["text"])
+    assert "`-` primary" in samples["text"]["text"]

@@ -132,6 +132,7 @@ def shadow_log(
     self_mirrored: int = 0,
     not_finite: int = 0,
     shadow_not_finite: int = 0,
+    hashed: bool = True,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -140,14 +141,15 @@ def shadow_log(
     itself, each with its copy on the candidate (Istio mirrors the whole weighted route): the
     same answer. Then ``not_finite`` requests whose input was NaN (both answers NaN, as a client
     sending NaN in a binary FP32 tensor gets) and ``shadow_not_finite`` whose shadow alone
-    answered NaN. The first ``n`` requests are the same whatever the other counts."""
+    answered NaN. The first ``n`` requests are the same whatever the other counts. Without
+    ``hashed`` no record has an input to hash (its ``image_sha256`` is null)."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
     rng = np.random.default_rng(seed)
 
     def record(rid: str, version: str, role: str, scores, outcome: str = "ok", name: str = "img") -> Inference:
-        image = np.array([f"{name}-{rid}".encode()], dtype=object)
+        image = np.array([f"{name}-{rid}".encode()], dtype=object) if hashed else None
         route = "route" if role == "primary" else "mirror"
         return Inference(
             time.time(),
