@@ -349,6 +349,22 @@ def code_cell(text: str) -> str:
     return f"{fence} {text} {fence}"
 
 
+def csv_cell(value: Any) -> Any:
+    """A text cell of a CSV on one line (``printable``), led by a ``'`` (which makes it text)
+    where a spreadsheet would run it as a formula: it starts, after spaces, with ``=``, ``+``,
+    ``-`` or ``@`` (a client's request id such as ``=HYPERLINK(...)``). Other values as they are."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    return "'" + value if value.lstrip().startswith(("=", "+", "-", "@")) else value
+
+
+def csv_frame(df: pd.DataFrame) -> bytes:
+    """``df`` as CSV, its text cells as ``csv_cell`` makes them."""
+    text = df.select_dtypes(include=["object", "string"]).columns
+    return df.assign(**{c: df[c].map(csv_cell) for c in text}).to_csv(index=False).encode()
+
+
 def short_digest(value: Any, n: int) -> str:
     """The first ``n`` characters of an item's image sha256; ``-`` where it has none (no input
     was decoded, or it could not be hashed item by item: such a pair is kept, unchecked)."""
@@ -398,7 +414,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
             result.confusion.to_markdown(),
         ]
     if result.anomalies is not None:
-        files["anomalies.csv"] = result.anomalies.to_csv(index=False).encode()
+        files["anomalies.csv"] = csv_frame(result.anomalies)
         lines += [
             "",
             f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)",

@@ -351,3 +351,26 @@ def test_anomalies_of_items_without_an_image_digest_are_reported(tmp_path):
     assert all(row.split(" | ")[2] == "-" for row in rows)
     samples = next(b for b in audit_message(result).blocks if "Anomaly samples" in b["text"]["text"])
     assert "`-` primary" in samples["text"]["text"]
+
+
+def test_a_request_id_is_never_a_formula_nor_a_line_break_in_the_anomalies_csv():
+    """Request ids are the client's and reach anomalies.csv as they are (unless a detector masks
+    them): one such as ``=HYPERLINK(...)`` was a live formula for whoever opened the CSV in a
+    spreadsheet. (The server takes printable ASCII ids only; a control character, from a log
+    some other writer wrote, is a space, so no cell ends its row.)"""
+    import csv
+    import io
+
+    df = pairs(20, 10)
+    hostile = ['=HYPERLINK("http://e","x")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\t=1", "\r=1", " =1"]
+    for i, rid in enumerate(hostile):
+        df.loc[10 + i, "request_id"] = rid
+    df.loc[17, "request_id"] = "plain-id"
+    text = report_files(audit_frame(df))["anomalies.csv"].decode()
+    assert "\r" not in text
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert len(rows) == 10
+    assert {row["reason"] for row in rows} == {"high divergence"}
+    ids = {row["request_id"] for row in rows}
+    assert {'\'=HYPERLINK("http://e","x")', "'+1+cmd|' /C calc'!A0", "'-2+3", "'@SUM(1)", "' =1", "plain-id"} <= ids
+    assert not [i for i in ids if i.lstrip()[:1] in ("=", "+", "-", "@")]
