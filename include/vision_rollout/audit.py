@@ -10,7 +10,8 @@ the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below
 divergence above 0.18: the defaults) with their image hashes, and the shadow error
 rate; a Markdown report, CSV tables and a PNG plot, and a verdict: fail when agreement is shown
 below the minimum (or the shadow fails or diverges too often), pass when shown above it,
-inconclusive while the interval still straddles it, skip when the range holds no records.
+inconclusive while the interval still straddles it (or while files of the range could not be
+read: their records are missing), skip when the range holds no records.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AuditResult:
     model: str | None
     start: str
     end: str
-    verdict: str  # pass | fail | inconclusive (agreement not resolved yet) | skip (no records)
+    verdict: str  # pass | fail | inconclusive (agreement not resolved yet, or unread files) | skip (no records)
     reasons: list[str]
     rows: int = 0
     shadow_errors: int = 0
@@ -91,6 +92,9 @@ class AuditResult:
     # the shadow's alone, where the primary's was finite, are the candidate's (anomalies).
     primary_not_finite: int = 0
     shadow_not_finite: int = 0
+    # Prediction log files of the range that could not be read (truncated, another schema):
+    # their records are not in the audit, which then shows nothing (inconclusive at best).
+    skipped_files: int = 0
     config: AuditConfig = field(default_factory=AuditConfig)  # the limits it was judged against
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,6 +280,19 @@ def audit(
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
+    skipped = records.attrs["skipped_file_reasons"]
+    result.skipped_files = len(skipped)
+    if skipped:
+        # A replica writing another schema, or a damaged file: its records are missing, so what
+        # remains may be too little or one-sided; an hour of such files alone is not an empty hour.
+        path, why = next(iter(skipped.items()))
+        result.reasons.insert(
+            0,
+            f"{len(skipped)} prediction log files in this range could not be read, their records are "
+            f"not in this audit: nothing is shown (first: {printable(str(path))[-120:]}: {printable(str(why))[:200]})",
+        )
+        if result.verdict in ("pass", "skip"):
+            result.verdict = "inconclusive"
     if result.self_pairs and not result.rows:
         result.reasons.append(
             f"{result.self_pairs} shadow copies in this range were of requests their own version served "
@@ -389,6 +406,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
+        f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
     ]
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci

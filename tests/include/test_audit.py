@@ -374,3 +374,25 @@ def test_a_request_id_is_never_a_formula_nor_a_line_break_in_the_anomalies_csv()
     ids = {row["request_id"] for row in rows}
     assert {'\'=HYPERLINK("http://e","x")', "'+1+cmd|' /C calc'!A0", "'-2+3", "'@SUM(1)", "' =1", "plain-id"} <= ids
     assert not [i for i in ids if i.lstrip()[:1] in ("=", "+", "-", "@")]
+
+
+@pytest.mark.parametrize("with_records", [True, False])
+def test_files_it_could_not_read_keep_an_hour_from_passing_or_being_skipped(tmp_path, with_records):
+    """A replica's file that cannot be read (truncated, or written with another schema) took its
+    records out of the audit without a word: the rest passed, or an hour of such files alone was
+    skipped as one without shadow records."""
+    log = shadow_log(tmp_path, 400, disagree=0.01)
+    [written] = log.rglob("part-*.parquet")
+    data = written.read_bytes()
+    other = written.with_name(written.name.replace("part-audit-test-", "part-replica-b-"))
+    other.write_bytes(data[: len(data) // 2])
+    if not with_records:
+        written.unlink()
+    result = audit(log, *around_now(), "digits")
+    assert result.verdict == "inconclusive"
+    assert result.skipped_files == 1
+    assert result.reasons[0].startswith("1 prediction log files in this range could not be read")
+    assert other.name in result.reasons[0]
+    assert result.rows == (400 if with_records else 0)
+    report = report_files(result)[REPORT].decode()
+    assert "could not be read (their records not audited): 1" in report
