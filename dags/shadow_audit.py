@@ -1,8 +1,9 @@
 """
 ### shadow_audit
 
-Every hour, for each model: how the shadow (candidate) answered the previous hour's mirrored
-requests compared with the primary: top-1 agreement with its interval, output divergence,
+Every hour, for each model: how the shadow (candidate) answered the previous clock hour's
+mirrored requests (a run triggered by hand: the last whole hour, its report replaced) compared
+with the primary: top-1 agreement with its interval, output divergence,
 the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
 PNG) is kept and sent to Slack. An hour without shadow data is skipped with a note, not failed;
 a report Slack did not take fails the task (kept in the outbox; the retry sends it again).

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +253,22 @@ def agreement_text(agreement: float, ci: tuple[float, float], minimum: float) ->
         f"top-1 agreement {percent_beside(agreement, minimum)}% "
         f"(interval {percent_beside(lo, minimum)}-{percent_beside(hi, minimum)}%)"
     )
+
+
+def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, float]:
+    """The clock hour (UTC) an hourly audit run ending its data interval at ``end`` reports: the
+    last one that ends at or before ``end`` (a run triggered by hand at 10:30 audits 09:00 to
+    10:00, the scheduled run's hour, not 09:30 to 10:30 under its name); and the seconds to wait
+    from ``now`` until its last records are written (a writer flushes every ``MAX_FLUSH_S`` at
+    most, its clock up to ``CLOCK_STEP_S`` behind): those written later were in no audit."""
+    from model_server.predictionlog import CLOCK_STEP_S, MAX_FLUSH_S
+
+    if end.tzinfo is None:
+        raise ValueError("end must be a timezone-aware datetime")
+    # (a plain datetime: Airflow's are pendulum's, whose arithmetic with plain ones fails)
+    hour_end = datetime.fromtimestamp(end.timestamp(), UTC).replace(minute=0, second=0, microsecond=0)
+    settled = hour_end + timedelta(seconds=MAX_FLUSH_S + CLOCK_STEP_S)
+    return hour_end - timedelta(hours=1), hour_end, max(0.0, (settled - now).total_seconds())
 
 
 def audit(

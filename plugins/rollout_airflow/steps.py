@@ -702,17 +702,22 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
-    """The hourly shadow audit of one model over the hour before ``end``: skipped when the hour
-    has no shadow record and no mirror was configured; a warning when a mirror was. A report
-    Slack did not take (kept in the run folder and the outbox) fails the task, which a retry
-    sends again: an audit nobody was told of is no audit."""
-    from vision_rollout.audit import CHART, REPORT, audit, report_files, with_coverage, write_report
+    """The hourly shadow audit of one model over the clock hour that ends at or before ``end``
+    (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
+    once its records are all written: skipped when the hour has no shadow record and no mirror
+    was configured; a warning when a mirror was. A report Slack did not take (kept in the run
+    folder and the outbox) fails the task, which a retry sends again: an audit nobody was told
+    of is no audit."""
+    from vision_rollout.audit import CHART, REPORT, audit, audited_hour, report_files, with_coverage, write_report
     from vision_rollout.notify import audit_message
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
     settings = serving().settings
-    start = end - timedelta(hours=1)
+    start, end, wait_s = audited_hour(end, datetime.now(UTC))
+    if wait_s:
+        log.info("waiting %.0f s for the last records of %s to %s", wait_s, start, end)
+        time.sleep(wait_s)
     result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
     if result.verdict == "skip":
         raise AirflowSkipException(

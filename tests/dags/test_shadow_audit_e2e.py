@@ -22,14 +22,14 @@ def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkey
     (Kubernetes mode: the task's pod takes its own disk with it)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    log = shadow_log(tmp_path, 120, disagree=0.02)  # records written just now
+    now = datetime.now(UTC)
+    log = shadow_log(tmp_path, 120, disagree=0.02, at=(now - timedelta(hours=2)).timestamp())
     run_dir = request.getfixturevalue("s3").uri() if store == "s3" else str(tmp_path / "run")
     extra = {"shadow_log": str(log), "run_dir": run_dir}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
     dag = DagBag(dag_folder=str(ROOT / "dags" / "shadow_audit.py")).dags["shadow_audit"]
-    now = datetime.now(UTC)
-    # a manual run audits the hour before it
-    run = dag.test(logical_date=now + timedelta(minutes=1), run_conf={"slack_channel": "#vision-audit"})
+    # a run audits the clock hour before it (that of the records)
+    run = dag.test(logical_date=now - timedelta(hours=1), run_conf={"slack_channel": "#vision-audit"})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["audit_previous_hour"] == "success"
     files = files_under(run_dir)

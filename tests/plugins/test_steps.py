@@ -454,7 +454,8 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
     from tests.fakes.slack_api import FakeSlack
     from tests.support import shadow_log
 
-    log = shadow_log(tmp_path, 120, disagree=0.3)
+    now = datetime.now(UTC)
+    log = shadow_log(tmp_path, 120, disagree=0.3, at=(now - timedelta(hours=2)).timestamp())
     extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
     slack = FakeSlack().start()
@@ -464,7 +465,7 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
             json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
         )
         slack.outage = 503
-        end = datetime.now(UTC) + timedelta(minutes=1)
+        end = now - timedelta(hours=1)  # (the hour before it holds the records)
         with pytest.raises(AirflowException, match=r"the fail audit of 'digits' is in .*report\.md, but") as failed:
             steps.audit_hour("digits", end)
         assert not isinstance(failed.value, AirflowFailException)  # (retried)
@@ -476,3 +477,48 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
         assert posted["text"] == "Shadow audit digits: FAIL"
     finally:
         slack.stop()
+
+
+def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
+    """A run triggered by hand at 10:30 (its data interval ends when it was triggered) audited
+    09:30 to 10:30 and wrote that report over the scheduled run's 09:00 to 10:00 one, in its
+    folder (named by the start's hour): the hour's report no longer covered the hour."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.support import shadow_log
+
+    hour_end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    log = shadow_log(tmp_path, 60, disagree=0.02, at=(hour_end - timedelta(minutes=15)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(log), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    range_line = f"- Range: {(hour_end - timedelta(hours=1)).isoformat()} to {hour_end.isoformat()}"
+    scheduled = steps.audit_hour("digits", hour_end)
+    by_hand = steps.audit_hour("digits", hour_end + timedelta(minutes=30, seconds=7))
+    assert by_hand["report"] == scheduled["report"]
+    assert (by_hand["start"], by_hand["end"]) == (scheduled["start"], scheduled["end"])
+    [report] = (run / "audits" / "digits").glob("*/report.md")
+    assert report.parent.name == (hour_end - timedelta(hours=1)).strftime("%Y%m%dT%H")
+    assert range_line in report.read_text().splitlines()
+
+
+def test_an_hour_is_audited_once_its_last_records_can_be_written():
+    """The scheduled run starts as its hour ends, while the replicas' writers still hold its last
+    records (one flushes every 60 s at most, its clock up to 60 s behind): they were in no audit."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    import pendulum
+
+    from vision_rollout.audit import audited_hour
+
+    ten = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    nine = ten - timedelta(hours=1)
+    assert audited_hour(ten, ten + timedelta(seconds=3)) == (nine, ten, 117.0)
+    assert audited_hour(ten, ten + timedelta(minutes=5)) == (nine, ten, 0.0)
+    assert audited_hour(ten + timedelta(minutes=30), ten + timedelta(minutes=30)) == (nine, ten, 0.0)
+    paris = datetime(2026, 3, 1, 11, 59, tzinfo=timezone(timedelta(hours=1)))  # 10:59 UTC
+    assert audited_hour(paris, ten + timedelta(hours=1))[:2] == (nine, ten)
+    # Airflow's data interval is pendulum's
+    assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 117.0)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        audited_hour(datetime(2026, 3, 1, 10), ten)

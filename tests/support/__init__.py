@@ -133,6 +133,7 @@ def shadow_log(
     not_finite: int = 0,
     shadow_not_finite: int = 0,
     hashed: bool = True,
+    at: float | None = None,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -142,7 +143,8 @@ def shadow_log(
     same answer. Then ``not_finite`` requests whose input was NaN (both answers NaN, as a client
     sending NaN in a binary FP32 tensor gets) and ``shadow_not_finite`` whose shadow alone
     answered NaN. The first ``n`` requests are the same whatever the other counts. Without
-    ``hashed`` no record has an input to hash (its ``image_sha256`` is null)."""
+    ``hashed`` no record has an input to hash (its ``image_sha256`` is null). Every record is
+    received at ``at`` (a ``time.time()``), or when it is made."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -152,7 +154,7 @@ def shadow_log(
         image = np.array([f"{name}-{rid}".encode()], dtype=object) if hashed else None
         route = "route" if role == "primary" else "mirror"
         return Inference(
-            time.time(),
+            time.time() if at is None else at,
             "digits",
             version,
             role,
