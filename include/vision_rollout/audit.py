@@ -123,6 +123,29 @@ def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+CHUNK_VALUES = 4_000_000  # probabilities a chunk of _divergences holds: 32 MB in float64
+
+
+def _divergences(primary: pd.Series, shadow: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair KL(primary || shadow) and the shadow's confidence (its top probability), and the
+    mean distribution of each side, from the vector columns, a chunk of rows at a time: an hour
+    of a thousand-class model's pairs, stacked whole in float64, took tens of GB."""
+    n = len(primary)
+    classes = len(primary.iloc[0])
+    step = max(1, CHUNK_VALUES // max(classes, 1))
+    div, confidence = np.empty(n), np.empty(n)
+    total_p, total_q = np.zeros(classes), np.zeros(classes)
+    p_rows, q_rows = primary.to_numpy(), shadow.to_numpy()
+    for i in range(0, n, step):
+        p = np.stack(p_rows[i : i + step]).astype(float)
+        q = np.stack(q_rows[i : i + step]).astype(float)
+        div[i : i + step] = kl(p, q)
+        confidence[i : i + step] = q.max(axis=1)
+        total_p += p.sum(axis=0)
+        total_q += q.sum(axis=0)
+    return div, confidence, total_p / n, total_q / n
+
+
 def audit_frame(
     df: pd.DataFrame,
     config: AuditConfig | None = None,
@@ -160,18 +183,18 @@ def audit_frame(
         result.verdict = "fail"
         result.reasons.append(f"none of the shadow's {len(ok)} answers was a finite distribution (NaN or Inf)")
         return result
-    primary = np.stack(compared["primary_probs"].to_numpy()).astype(float)
-    shadow = np.stack(compared["shadow_probs"].to_numpy()).astype(float)
+    div, shadow_confidence, mean_primary, mean_shadow = _divergences(
+        compared["primary_probs"], compared["shadow_probs"]
+    )
     agree = compared["primary_top1"].to_numpy() == compared["shadow_top1"].to_numpy()
     result.agreement = float(agree.mean())
     result.agreement_ci = wilson(int(agree.sum()), len(agree), cfg.confidence_level)
-    result.kl_of_means = float(kl(primary.mean(axis=0), shadow.mean(axis=0)))
-    div = kl(primary, shadow)
+    result.kl_of_means = float(kl(mean_primary, mean_shadow))
     result.divergences = div
     result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
     result.divergence_quantiles["max"] = float(div.max())
     confidence = np.full(len(ok), np.nan)
-    confidence[finite] = shadow.max(axis=1)
+    confidence[finite] = shadow_confidence
     divergence = np.full(len(ok), np.inf)
     divergence[finite] = div
     low_conf = finite & (confidence < cfg.confidence_threshold)

@@ -396,3 +396,34 @@ def test_files_it_could_not_read_keep_an_hour_from_passing_or_being_skipped(tmp_
     assert result.rows == (400 if with_records else 0)
     report = report_files(result)[REPORT].decode()
     assert "could not be read (their records not audited): 1" in report
+
+
+def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
+    """An hour of a thousand-class model's pairs was stacked whole and copied to float64 several
+    times over (64,000 pairs of the real log: 3.8 GB at the peak): a large hour's audit ran out of
+    memory on every try. Now a chunk of rows at a time, with the same numbers."""
+    import tracemalloc
+
+    from vision_rollout import audit as audit_module
+
+    n, classes = 2000, 5000
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(classes, 0.01), n).astype(np.float32)
+    q = np.roll(p, 1, axis=1)
+    q[: n // 2] = p[: n // 2]
+    df = pairs(n, n)
+    df["primary_probs"], df["shadow_probs"] = list(p), list(q)
+    monkeypatch.setattr(audit_module, "CHUNK_VALUES", 100_000)  # 20 rows a chunk
+    tracemalloc.start()
+    try:
+        result = audit_frame(df, AuditConfig(max_anomaly_rate=1.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * n * classes / 4  # a quarter of the pairs in float64 (it held several wholes)
+    p64, q64 = p.astype(float), q.astype(float)
+    assert np.allclose(result.divergences, kl(p64, q64))
+    assert result.kl_of_means == pytest.approx(float(kl(p64.mean(axis=0), q64.mean(axis=0))))
+    assert result.agreement == 1.0  # (the top-1 columns of pairs(): all agree)
+    flagged = (q64.max(axis=1) < 0.65) | (kl(p64, q64) > 0.18)
+    assert result.anomaly_rate == pytest.approx(flagged.mean())
