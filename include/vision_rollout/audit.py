@@ -371,11 +371,12 @@ def plot(result: AuditResult) -> bytes:
     if result.confusion is not None:
         m = result.confusion.to_numpy()
         ax2.imshow(np.log1p(m), cmap="Blues")
-        ax2.set_xticks(range(len(result.confusion.columns)), result.confusion.columns)
-        ax2.set_yticks(range(len(result.confusion.index)), result.confusion.index)
-        for (i, j), v in np.ndenumerate(m):
-            if v:
-                ax2.text(j, i, str(v), ha="center", va="center", fontsize=7)
+        if len(m) <= MAX_CONFUSION_SHOWN:  # (a thousand classes: the cells without their labels)
+            ax2.set_xticks(range(len(result.confusion.columns)), result.confusion.columns)
+            ax2.set_yticks(range(len(result.confusion.index)), result.confusion.index)
+            for (i, j), v in np.ndenumerate(m):
+                if v:
+                    ax2.text(j, i, str(v), ha="center", va="center", fontsize=7)
     ax2.set_xlabel("shadow top-1")
     ax2.set_ylabel("primary top-1")
     agreement = f"{100 * result.agreement:.2f}%" if result.agreement is not None else "n/a"
@@ -427,6 +428,27 @@ def short_digest(value: Any, n: int) -> str:
     return value[:n] if isinstance(value, str) else "-"
 
 
+MAX_CONFUSION_SHOWN = 30  # classes whose confusion matrix report.md and the chart show whole
+
+
+def disagreements(confusion: pd.DataFrame, top: int = 20) -> list[str]:
+    """report.md's lines for a confusion matrix too large to show: its most frequent
+    disagreements (primary, shadow, count)."""
+    m = confusion.to_numpy().copy()
+    np.fill_diagonal(m, 0)
+    cells = np.flatnonzero(m)
+    cells = cells[np.argsort(-m.ravel()[cells], kind="stable")][:top]
+    rows, cols = np.unravel_index(cells, m.shape)
+    return [
+        f"## Most frequent disagreements ({len(cells)} of {int((m > 0).sum())}; {len(confusion)} classes: "
+        "the whole matrix is in confusion.csv)",
+        "",
+        "| primary top-1 | shadow top-1 | requests |",
+        "| --- | --- | --- |",
+        *(f"| {confusion.index[i]} | {confusion.columns[j]} | {m[i, j]} |" for i, j in zip(rows, cols, strict=True)),
+    ]
+
+
 def report_files(result: AuditResult) -> dict[str, bytes]:
     """The report's files by name: report.md, summary.json, and where the audit has them
     confusion.csv, anomalies.csv and the chart (``CHART``)."""
@@ -464,12 +486,15 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         ]
     if result.confusion is not None:
         files["confusion.csv"] = result.confusion.to_csv().encode()
-        lines += [
-            "",
-            "## Confusion (rows: primary top-1, columns: shadow top-1)",
-            "",
-            result.confusion.to_markdown(),
-        ]
+        if len(result.confusion) <= MAX_CONFUSION_SHOWN:
+            lines += [
+                "",
+                "## Confusion (rows: primary top-1, columns: shadow top-1)",
+                "",
+                result.confusion.to_markdown(),
+            ]
+        else:  # (a thousand classes: a table of a million cells; the whole in confusion.csv)
+            lines += ["", *disagreements(result.confusion)]
     if result.anomalies is not None:
         files["anomalies.csv"] = csv_frame(result.anomalies)
         lines += [

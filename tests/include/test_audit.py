@@ -427,3 +427,33 @@ def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
     assert result.agreement == 1.0  # (the top-1 columns of pairs(): all agree)
     flagged = (q64.max(axis=1) < 0.65) | (kl(p64, q64) > 0.18)
     assert result.anomaly_rate == pytest.approx(flagged.mean())
+
+
+def test_a_thousand_class_confusion_is_summed_up_in_the_report_and_whole_in_its_csv():
+    """A 1,000-class model's (resnet_bench's) confusion matrix went whole into report.md: a
+    table of a million cells (7.9 MB for 20,000 pairs), and a tick label for every class on the
+    chart. report.md now lists the most frequent disagreements; confusion.csv keeps the whole."""
+    import io
+
+    n, classes = 3000, 1000
+    rng = np.random.default_rng(0)
+    primary = rng.integers(classes, size=n)
+    shadow = primary.copy()
+    shadow[:300] = rng.integers(classes, size=300)
+    shadow[300:340] = (primary[300:340] + 1) % classes  # the most frequent: 7 -> 8, 40 times
+    primary[300:340], shadow[300:340] = 7, 8
+    vectors = np.full((n, classes), 0.5 / classes, np.float32)
+    df = pairs(n, n)
+    df["primary_top1"], df["shadow_top1"] = primary, shadow
+    df["primary_probs"], df["shadow_probs"] = list(vectors), list(vectors)
+    result = audit_frame(df)
+    files = report_files(result)
+    report = files[REPORT].decode()
+    assert len(report) < 20_000
+    assert "## Confusion (rows" not in report
+    lines = report.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("## Most frequent disagreements (20 of "))
+    assert lines[at + 4] == "| 7 | 8 | 40 |"
+    assert len(files["confusion.csv"].decode().splitlines()) == len(result.confusion) + 1
+    assert int(result.confusion.to_numpy().sum()) == n
+    Image.open(io.BytesIO(files[CHART])).verify()
