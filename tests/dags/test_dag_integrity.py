@@ -42,6 +42,24 @@ def test_model_rollout_has_the_seven_steps(dagbag):
     assert set(dag.tags) >= {"rollout"}
 
 
+def test_the_hourly_audit_runs_once_its_hour_is_written(dagbag):
+    """@hourly ran at the hour's end, while the writers still held its last minute of records:
+    each run waited two minutes in a worker slot. Runs come two minutes past the hour, when the
+    previous clock hour's records are all written, and wait for nothing."""
+    from datetime import UTC, datetime
+
+    from vision_rollout.audit import audited_hour
+
+    dag = dagbag.dags["shadow_audit"]
+    assert dag.schedule == "2 * * * *"
+    run_at = datetime(2026, 12, 2, 10, 2, tzinfo=UTC)
+    assert audited_hour(run_at, run_at) == (
+        datetime(2026, 12, 2, 9, tzinfo=UTC),
+        datetime(2026, 12, 2, 10, tzinfo=UTC),
+        0.0,
+    )
+
+
 def test_the_wait_reschedules_and_promotion_can_ask_a_reviewer(dagbag):
     from airflow.providers.standard.operators.hitl import HITLOperator
 
