@@ -611,19 +611,29 @@ def ensure_stable(
     held it, or took it over) touches nothing: the routes are that run's.
 
     It fails, once that is done, a run that ended before promote or rollback finished (marked
-    failed in the UI, say, or one of them failed after ``decided``, decide's outcome) and a run
-    whose report (``report``, notify's XCom) was not sent: Airflow would otherwise count either a
-    success (a teardown's upstream failing does not fail the run).
+    failed in the UI, say, or one of them failed after ``decided``, decide's outcome), reporting
+    what it did to Slack (notify did not run), and a run whose report (``report``, notify's XCom)
+    was not sent: Airflow would otherwise count either a success (a teardown's upstream failing
+    does not fail the run).
     """
+    from vision_rollout.notify import rollback_message
+
     spec = spec_from(params)
     try:
         kept, done = finish(params, run_id, promoted == spec.candidate_version)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     if not kept and rolled_back is None:
-        if decided in ("promote", "rollback"):
-            raise AirflowFailException(f"decide chose {decided}, which did not finish (see its log); {done}")
-        raise AirflowFailException(f"the run was stopped before it decided; {done}")
+        unfinished = decided in ("promote", "rollback")
+        what = (
+            f"decide chose {decided}, which did not finish" if unfinished else "the run was stopped before it decided"
+        )
+        if report is None:  # notify did not run: the teardown reports what it did
+            report = slack_notifier(spec.slack_channel, serving().settings.outbox).send(
+                rollback_message(spec, f"{what}; {done}")
+            )
+        undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
+        raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:
         raise AirflowFailException(f"{done}; but its report was not sent (see notify's log)")
     if report.get("slack_error"):

@@ -353,6 +353,10 @@ def test_a_teardown_after_a_failed_promotion_says_so(server_factory, repo_copy, 
     ):
         task.python_callable(**kwargs)
     assert steps.serving().settings.admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    # notify never ran (promote failed): the teardown's report says what happened, in Slack (here its outbox)
+    [report] = [json.loads(p.read_text()) for p in (tmp_path / "run" / "outbox").glob("*.json")]
+    assert report["text"].startswith("Rolled back digits v2: decide chose promote, which did not finish")
+    assert "version 1 takes 100%" in report["text"]
 
 
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
