@@ -248,8 +248,9 @@ def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
 
 
 def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, promoted_run):
-    """What a user does to stop a rollout: mark the run failed in the UI (here: the same REST call)."""
-    _, state = up
+    """What a user does to stop a rollout: mark the run failed in the UI (here: the same REST call).
+    The teardown restores the stable version and says so in Slack (notify never runs)."""
+    run_dir, state = up
 
     def routes() -> dict:
         return stack.admin(state).traffic("digits").to_dict()
@@ -265,6 +266,8 @@ def test_a_run_marked_failed_mid_stage_leaves_stable_at_100_percent(up, api, pro
     assert teardown["state"] == "failed"  # restored, then failed on purpose: the run did not decide
     assert routes() == {"route": [{"version": "2", "weight": 100}]}  # stable back, mirror off
     assert api.wait("model_rollout", run_id, timeout_s=60)["state"] == "failed"
+    reports = [json.loads(p.read_text())["text"] for p in sorted((run_dir / "outbox").glob("*.json"))]
+    assert any(t.startswith("Rolled back digits v3: the run was stopped before it decided") for t in reports), reports
 
 
 def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, promoted_run, capsys):
