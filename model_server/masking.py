@@ -82,10 +82,11 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
-# phone), or ten digits at most two separators apart (IDs, phones, cards); "%", "\\" and "&"
-# start an escape that may decode to one of them. Text with none of these, all ASCII, comes
-# out of mask_text unchanged. The same pattern is RE2 (pyarrow's vectorised prefilter).
-SUSPECT = r"[@+%\\&]|[0-9](?:[ ./()\-]{0,2}[0-9]){9}"
+# phone), or ten digits at most three separators apart (IDs, phones, cards; three in a NANP
+# number's "(555)  123-4567"); "%", "\\" and "&" start an escape that may decode to one of
+# them. Text with none of these, all ASCII, comes out of mask_text unchanged. The same pattern
+# is RE2 (pyarrow's vectorised prefilter).
+SUSPECT = r"[@+%\\&]|[0-9](?:[ ./()\-]{0,3}[0-9]){9}"
 _SUSPECT_RE = re.compile(SUSPECT)
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),

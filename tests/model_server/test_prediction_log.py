@@ -792,6 +792,7 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     sent = [
         {"X-Request-ID": "order-13800138000"},
         {"X-Request-ID": "alice%40example.com"},
+        {"X-Request-ID": "call-(555)-.123-4567"},
         {"X-Meta-13911112222": "1", "X-Meta-Note": "bob&#64;example.com"},
         {"X-Meta-Contact": "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10".encode()},
     ]
@@ -811,7 +812,16 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
         json.dumps(pq.read_table(f).to_pylist(), default=str) if f.suffix == ".parquet" else f.read_text()
         for f in files
     ).encode()
-    for clear in [b"13800138000", b"13911112222", b"15900001111", b"example.com", b"%40", b"&#64;", "\uff11".encode()]:
+    for clear in [
+        b"13800138000",
+        b"13911112222",
+        b"15900001111",
+        b"123-4567",
+        b"example.com",
+        b"%40",
+        b"&#64;",
+        "\uff11".encode(),
+    ]:
         assert clear not in written, clear
     assert b'"request_id": "order-tok_' in written  # logged, and masked
     # The full-width number was read as a number and masked, not logged as Latin-1 mojibake
