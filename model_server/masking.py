@@ -83,20 +83,25 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
 # phone), or ten digits at most three separators apart (IDs, phones, cards; three in a NANP
-# number's "(555)  123-4567"); "%", "\\" and "&" start an escape that may decode to one of
-# them. Text with none of these, all ASCII, comes out of mask_text unchanged. The same pattern
-# is RE2 (pyarrow's vectorised prefilter).
-SUSPECT = r"[@+%\\&]|[0-9](?:[ ./()\-]{0,3}[0-9]){9}"
+# number's "(555)  123-4567"; a tab reads as a space); "%", "\\" and "&" start an escape that
+# may decode to one of them. Text with none of these, all ASCII, comes out of mask_text
+# unchanged. The same pattern is RE2 (pyarrow's vectorised prefilter).
+SUSPECT = r"[@+%\\&]|[0-9](?:[ \t./()\-]{0,3}[0-9]){9}"
 _SUSPECT_RE = re.compile(SUSPECT)
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
-# every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII.
-_FOLD: dict[int, str] = {}
+# every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
+# invisible format characters (zero-width space and joiners, soft hyphen, word joiner, BOM,
+# direction marks, tags) are dropped, as a reader never sees them, and a tab is a space: a
+# phone number with either between its digits is read as the number it shows.
+_FOLD: dict[int, str | None] = {0x09: " ", **dict.fromkeys(range(0xE0000, 0xE0080))}
 for _c in range(0x80, 0x20000):
     if unicodedata.decimal(chr(_c), None) is not None:
         _FOLD[_c] = str(unicodedata.decimal(chr(_c)))
     elif unicodedata.category(chr(_c)) == "Pd" or _c == 0x2212:  # dashes, the minus sign
         _FOLD[_c] = "-"
+    elif unicodedata.category(chr(_c)) == "Cf":
+        _FOLD[_c] = None
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 
 
@@ -107,8 +112,8 @@ def _unescape_json(m: re.Match[str]) -> str:
 
 def normalise(text: str) -> str:
     """The text as a reader would see it: percent-encoding, JSON \\u and HTML character escapes
-    decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII.
-    Linear in the text (NFKC expands a character 18-fold at most)."""
+    decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII,
+    invisible format characters dropped, tabs as spaces. Linear in the text (NFKC expands a character 18-fold at most)."""
     for _ in range(3):
         decoded = html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
         if decoded == text:

@@ -220,6 +220,14 @@ EVADING = {
     "alice\uff20example.com": "alice@example.com",  # the full-width at sign
     "110105 19491231 002X": "110105 19491231 002X",  # left its last 4 characters in clear
     "1101 0519 4912 3100 2X": "1101 0519 4912 3100 2X",
+    # invisible characters a reader never sees (zero-width space, soft hyphen, word joiner,
+    # direction marks) and tabs between the digits
+    "138\u200b0013\u200b8000": "13800138000",
+    "138\u00ad0013\u00ad8000": "13800138000",
+    "\u200e1380013\u20608000\u200f": "13800138000",
+    "alice\u200b@example.com": "alice@example.com",
+    "138\t0013\t8000": "138 0013 8000",
+    "4111\t1111\t1111\t1111": "4111 1111 1111 1111",
 }
 
 

@@ -795,6 +795,7 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
         {"X-Request-ID": "call-(555)-.123-4567"},
         {"X-Meta-13911112222": "1", "X-Meta-Note": "bob&#64;example.com"},
         {"X-Meta-Contact": "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10".encode()},
+        {"X-Meta-Phone": "138\u200b0013\u200b8800".encode(), "X-Meta-Card": "4111\t1111\t1111\t1111"},
     ]
     for headers in sent:
         assert infer(s, image, headers).status_code == 200
@@ -826,7 +827,12 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     assert b'"request_id": "order-tok_' in written  # logged, and masked
     # The full-width number was read as a number and masked, not logged as Latin-1 mojibake
     # (which no detector reads, and any reader decodes back).
-    values = [v for m in read(log_dir, *window())["meta"].dropna().astype(str) for v in json.loads(m).values()]
+    metas = [json.loads(m) for m in read(log_dir, *window())["meta"].dropna().astype(str)]
+    values = [v for m in metas for v in m.values()]
+    # digits apart by zero-width spaces or tabs were read as the numbers they show
+    hidden = [m[h] for m in metas for h in ("x-meta-phone", "x-meta-card") if h in m]
+    assert len(hidden) == 4, metas
+    assert all(re.fullmatch("tok_[A-Za-z_]+", v) for v in hidden), hidden
     assert any(v.startswith("tok_") for v in values)
     assert not any(re.search("[\u0080-\u00ff]", v) for v in values), values
     assert b'"status": 400' in written
