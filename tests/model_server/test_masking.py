@@ -174,6 +174,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "spaced digits": "1 " * 500_000,
     "at signs": "@" * 1_000_000,
     "long local parts": ("a" * 60 + "@") * 16_000,
+    "accented letters without @": "\u00e9" * 1_000_000,
+    "long accented local parts": ("\u00e9" * 60 + "@") * 16_000,
 }
 
 
@@ -228,6 +230,10 @@ EVADING = {
     "alice\u200b@example.com": "alice@example.com",
     "138\t0013\t8000": "138 0013 8000",
     "4111\t1111\t1111\t1111": "4111 1111 1111 1111",
+    # letters beyond ASCII in the address (RFC 6531): "josé@" passed whole, "müller@" left "mü"
+    "jos\u00e9@example.com": "jos\u00e9@example.com",
+    "m\u00fcller@example.de": "m\u00fcller@example.de",
+    "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444": "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
 }
 
 
