@@ -528,7 +528,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         model = request.path_params["model"]
         rules = dataplane.label_rules(model)  # before the body: an unknown model is a 404
         received_at = time.time()
-        tenant = request.headers.get("x-tenant")
+        tenant = header_dict(request.headers.raw).get("x-tenant")  # as an inference reads it: UTF-8
         body = await json_body(request, allow_list=True)
         if isinstance(body, list) and len(body) > settings.feedback_max_items:
             raise PayloadTooLarge(

@@ -1057,3 +1057,64 @@ def test_sampling_spares_mirrored_versions_and_named_versions(server_factory, re
     kept = df.groupby("role")["request_id"].apply(lambda x: sorted(set(x))).to_dict()
     assert kept["primary"] == ["mirrored-0", "mirrored-1", "mirrored-2", "mirrored-3", "named-0"]
     assert kept["shadow"] == ["mirrored-0", "mirrored-1", "mirrored-2", "mirrored-3"]
+
+
+@pytest.mark.integration
+def test_a_label_is_masked_under_the_key_of_its_tenant_as_the_client_wrote_it(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """A label this replica did not serve takes its tenant from the feedback request's X-Tenant,
+    read as UTF-8 as an inference's is: read as Latin-1, a tenant "阿里" named no key (its label's
+    request id was masked under the default key, so it joined no prediction of that tenant), and
+    a full-width number in X-Tenant reached the label's tenant column as mojibake no detector read."""
+    keys = tmp_path / "keys.json"
+    create_key_file(keys)
+    ring = json.loads(keys.read_text())
+    ring["tenants"] = {"\u963f\u91cc": base64.b64encode(os.urandom(32)).decode()}
+    keys.write_text(json.dumps(ring))
+    shared = tmp_path / "feedback-key"
+    shared.write_text("a-feedback-secret-shared-by-the-replicas")
+    log_dir = tmp_path / "predictions"
+    s = server_factory(
+        repo_copy,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--prediction-log",
+        str(log_dir),
+        "--mask-keys",
+        str(keys),
+        "--prediction-log-flush-s",
+        "0.2",
+        "--feedback-key-file",
+        str(shared),
+        token=TOKEN,
+    )
+    signer = FeedbackSigner(read_key(shared))
+    served = infer(s, digit_images[0][0], {"X-Request-ID": "order-13800138000", "X-Tenant": "\u963f\u91cc".encode()})
+    assert served.status_code == 200
+    sent = {
+        "elsewhere-13800138000": "\u963f\u91cc",
+        "elsewhere-13911112222": "\uff11\uff13\uff19\uff11\uff11\uff11\uff11\uff12\uff12\uff12\uff12",
+    }
+    for rid, tenant in sent.items():
+        r = requests.post(
+            f"{s.http}/v2/models/digits/feedback",
+            headers={"X-Tenant": tenant.encode()},
+            json={"request_id": rid, "label": 3, "token": signer.token("digits", rid)},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["matched_locally"] is False
+    s.stop()
+    df = read(log_dir, *window())
+    labels = df[df["role"] == "label"]
+    assert len(labels) == 2, df
+    masked = KeyRing(keys)
+    tenant_kid = masked.key_for("\u963f\u91cc").kid
+    primary_rid = df.loc[df["role"] == "primary", "request_id"].iloc[0]
+    assert primary_rid.startswith(f"order-tok_{tenant_kid}_")
+    by_tenant = {str(t): str(rid) for t, rid in zip(labels["tenant"], labels["request_id"], strict=True)}
+    assert by_tenant["\u963f\u91cc"].startswith(f"elsewhere-tok_{tenant_kid}_"), by_tenant
+    fullwidth = [t for t in by_tenant if t != "\u963f\u91cc"]
+    assert len(fullwidth) == 1, by_tenant
+    assert re.fullmatch("tok_[A-Za-z_]+", fullwidth[0]), by_tenant
