@@ -99,6 +99,11 @@ def stage_samples(
 
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
     label), pair_id (the image's sha256 for the replay), time (unix seconds).
+
+    A record of a batch request is a row per item, each with the request's latency and outcome:
+    the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
+    others), its items' correctness on each. One failed request of 64 images counted 64 errors
+    (and one slow one 64 latencies), so one client's batch decided the stage.
     """
     if records.empty:
         return _empty_samples()
@@ -125,13 +130,14 @@ def stage_samples(
     # timeout: a slow arm pays for them); a failure's is not an answer's (a client's garbage
     # pinned to one arm, answered 400 in microseconds, made it look faster).
     answered = chosen["outcome"].isin(["ok", "CANCELED"])
+    request = chosen["item"] == 0  # the row that stands for its request
     return pd.DataFrame(
         {
             "arm": chosen["version"].map(arms),
             "source": np.where(is_replay, "replay", "live"),
-            "latency_ms": chosen["latency_ms"].astype(float).where(answered),
-            "error": error.astype(int),
-            "oom": (chosen["outcome"] == "OOM").astype(int),
+            "latency_ms": chosen["latency_ms"].astype(float).where(answered & request),
+            "error": error.astype(float).where(request),
+            "oom": (chosen["outcome"] == "OOM").astype(float).where(request),
             "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
             "pair_id": chosen["image_sha256"].where(is_replay),
             "time": _unix(chosen["time"]),
@@ -179,8 +185,8 @@ def _empty_samples() -> pd.DataFrame:
             "arm": pd.Series(dtype=str),
             "source": pd.Series(dtype=str),
             "latency_ms": pd.Series(dtype=float),
-            "error": pd.Series(dtype=int),
-            "oom": pd.Series(dtype=int),
+            "error": pd.Series(dtype=float),
+            "oom": pd.Series(dtype=float),
             "correct": pd.Series(dtype=float),
             "pair_id": pd.Series(dtype=object),
             "time": pd.Series(dtype=float),
@@ -226,7 +232,8 @@ class StageState:
 
 
 def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
-    counts = samples.groupby(["arm", "source"]).size()
+    """Requests per arm and source (a batch request is one)."""
+    counts = samples.dropna(subset=["error"]).groupby(["arm", "source"]).size()
     return {arm: {src: int(n) for (a, src), n in counts.items() if a == arm} for arm in ("baseline", "canary")}
 
 
@@ -353,7 +360,7 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
     """What a look's verdict rests on, in one sentence for the reviewer."""
     live = samples[samples["source"] == "live"]
     replay = samples[samples["source"] == "replay"]
-    n = {arm: int((live["arm"] == arm).sum()) for arm in ("baseline", "canary")}
+    n = {arm: int(((live["arm"] == arm) & live["error"].notna()).sum()) for arm in ("baseline", "canary")}
     labelled = {arm: int(((live["arm"] == arm) & live["correct"].notna()).sum()) for arm in ("baseline", "canary")}
     images = int(replay["pair_id"].nunique())
     rounds = int((replay["arm"] == "canary").sum())
@@ -402,7 +409,7 @@ def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
 
 def arm_rate(samples: pd.DataFrame, window: StageWindow) -> float:
     """Requests per second into the slower arm of the latency evidence."""
-    rows = samples[samples["source"] == window.latency_from]
+    rows = samples[(samples["source"] == window.latency_from) & samples["error"].notna()]
     if rows.empty:
         return 0.0
     span = max(1.0, float(rows["time"].max() - window.started))

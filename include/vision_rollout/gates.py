@@ -678,7 +678,7 @@ def evaluate_gate(
     ``buckets`` ({"baseline": [(le, count)], "canary": [...]}, seconds) adds the p99 read from
     Prometheus histograms, with its error bound, to the report. ``latency_from`` names the
     ``source`` (``live`` or ``replay``) whose rows the latency checks and the sample minimum
-    read; errors count every row of each arm, whatever its source.
+    read; errors count every request of each arm (a row whose ``error`` is not NaN), whatever its source.
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
@@ -726,18 +726,20 @@ def evaluate_gate(
         ]
         where = SOURCES.get(latency_from or "")
         checks += [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
-    # Errors count every row, answered or not: a canary failing most of its requests has few
-    # latencies (a failure's is not an answer's) and must still fail here.
-    if min(len(base), len(canary)) >= max(cfg.min_samples, 3):
+    # Errors count every request, answered or not: a canary failing most of its requests has few
+    # latencies (a failure's is not an answer's) and must still fail here. A row whose error is
+    # NaN is no request of its own (a batch request's other items).
+    nb, nc = int(base["error"].count()), int(canary["error"].count())
+    if min(nb, nc) >= max(cfg.min_samples, 3):
         checks.append(
             proportion_check(
                 "errors",
                 "Error rate",
                 True,
                 int(base["error"].sum()),
-                len(base),
+                nb,
                 int(canary["error"].sum()),
-                len(canary),
+                nc,
                 cfg.error_margin,
                 cfg,
                 level,
@@ -750,9 +752,9 @@ def evaluate_gate(
                     "Out-of-memory rate",
                     True,
                     int(base["oom"].sum()),
-                    len(base),
+                    nb,
                     int(canary["oom"].sum()),
-                    len(canary),
+                    nc,
                     cfg.error_margin,
                     cfg,
                     level,

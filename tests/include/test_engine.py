@@ -526,3 +526,72 @@ def test_a_live_label_counts_once_the_earliest_before_the_look():
         assert samples["correct"].dropna().tolist() == [1.0]  # the first label, in either order
     judged_late = stage_samples(pd.concat([log, late]), spec(), WINDOW, until, IMAGES)
     assert judged_late["correct"].isna().all()  # received after the look: not its evidence
+
+
+def logged(tmp_path, records: list, start: float) -> pd.DataFrame:
+    """The records written by the real prediction-log writer (now: it names its files by the time
+    it writes them), read back as a stage reads them from ``start``."""
+    import base64
+    import json
+    import os
+    from datetime import UTC, datetime
+
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import GATE_COLUMNS, PredictionLog, read
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), []), replica="pod-a", compression=None)
+    for record in records:
+        writer.append(record)
+    writer.flush()
+    return read(
+        str(tmp_path / "log"),
+        datetime.fromtimestamp(start, UTC),
+        datetime.fromtimestamp(start + 3600, UTC),
+        model="digits",
+        columns=GATE_COLUMNS,
+    )
+
+
+def inference(t: float, version: str, rid: str, latency_ms: float, outcome: str = "ok", items: int = 1):
+    """A primary record of a routed request of ``items`` images, as the data plane hands it over."""
+    from model_server.predictionlog import Inference
+
+    scores = np.eye(10, dtype=np.float32)[[1] * items] if outcome == "ok" else None
+    images = np.array([b"image-%d" % i for i in range(items)], dtype=object)
+    return Inference(
+        t, "digits", version, "primary", "route", rid, "t", "s", latency_ms, outcome, scores, images, True, {}, items
+    )
+
+
+def test_a_batch_request_is_one_request_of_evidence_not_one_per_item(tmp_path):
+    """A record of a batch request is a row per item, each with the request's latency and
+    outcome: one failed request of 64 images counted 64 errors against the canary (64/458), and
+    failed a stage whose canary failed 1 request in 601; one slow batch, 64 latencies."""
+    import time
+
+    t0 = time.time() - 300
+    window = StageWindow(0, 50, t0)
+    rng = np.random.default_rng(0)
+    rows = [
+        inference(t0 + 1 + i * 0.15, v, f"{v}-{i}", float(np.exp(rng.normal(np.log(5), 0.3))))
+        for i in range(600)
+        for v in ("1", "2")
+    ]
+    rows += [
+        inference(t0 + 50, "2", "batch-1", 30.0, "BACKEND", items=64),
+        inference(t0 + 60, "2", "batch-2", 900.0, items=64),
+    ]
+    log = logged(tmp_path, rows, t0)
+    samples = stage_samples(log, spec(), window, t0 + 150, IMAGES)
+    canary = samples[samples["arm"] == "canary"]
+    assert len(canary) == 600 + 128  # every item is a row (its correctness, were it labelled)
+    assert canary["error"].sum() == 1
+    assert canary["error"].count() == 602
+    assert (canary["latency_ms"] == 900.0).sum() == 1
+    state = judge_stage(spec(), window, log, IMAGES, t0 + 199)
+    assert state.status != "fail", state.reason
+    assert state.served["canary"]["live"] == 602
+    errors = next(c for c in state.verdict.checks if c.name == "errors")
+    assert (errors.n_baseline, errors.n_canary) == (600, 602)
