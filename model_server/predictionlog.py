@@ -755,16 +755,20 @@ def _hour_folders(
 
 # A file's write time in its name (UTC: the "Z"); names without it (older writers) are always read.
 WRITTEN = re.compile(r"-(\d{8}T\d{6})Z-[0-9a-f]{12}\.parquet$")
+WRITTEN_TYPE = pa.timestamp("us", tz="UTC")
 CLOCK_STEP_S = 60  # how far a writer's clock may step back between receiving a record and writing it
+
+
+def _written_at(name: str) -> datetime | None:
+    """The UTC second a file of this name was written (by its writer's clock), None for a name without it."""
+    m = WRITTEN.search(name)
+    return None if m is None else datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
 
 
 def _written_before(name: str, start: datetime) -> bool:
     """Whether a file of this name was written (so all its records received) before ``start``."""
-    m = WRITTEN.search(name)
-    if m is None:
-        return False
-    written = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
-    return written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
+    written = _written_at(name)
+    return written is not None and written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
 
 
 def _read_one(
@@ -774,6 +778,7 @@ def _read_one(
     start: datetime,
     end: datetime,
     roles: Sequence[str] | None,
+    written: bool = False,
 ) -> _FileResult:
     try:
         with fs.open_input_file(path) as f:
@@ -808,7 +813,11 @@ def _read_one(
     )
     if roles is not None:
         keep = pc.and_(keep, pc.is_in(table["role"], value_set=pa.array(list(roles), pa.string())))
-    return _FileResult(path, table.filter(keep), malformed=malformed)
+    table = table.filter(keep)
+    if written:
+        stamp = pa.scalar(_written_at(path.rsplit("/", 1)[-1]), WRITTEN_TYPE)
+        table = table.append_column("written", pa.repeat(stamp, table.num_rows))
+    return _FileResult(path, table, malformed=malformed)
 
 
 def _read_field(name: str) -> pa.Field:
@@ -828,6 +837,7 @@ def read(
     columns: Sequence[str] | None = None,
     roles: Iterable[str] | None = None,
     threads: int = 8,
+    written: bool = False,
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
@@ -841,7 +851,9 @@ def read(
     ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list
     columns (``topk_index``, ``topk_prob``, ``probs``) are Arrow-backed (``pd.ArrowDtype``): an
     element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,
-    ``device_type``, ``tenant``, ``meta``) are categoricals.
+    ``device_type``, ``tenant``, ``meta``) are categoricals. With ``written``, a column
+    ``written`` holds the second each record's file was written, by its name (NaT for a name
+    without it): when the record could first be read.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware datetimes")
@@ -872,7 +884,7 @@ def read(
             and info.base_name.endswith(".parquet")
             and not _written_before(info.base_name, start)
         )
-        results = list(pool.map(lambda p: _read_one(fs, p, read_cols, start, end, role_list), paths))
+        results = list(pool.map(lambda p: _read_one(fs, p, read_cols, start, end, role_list, written), paths))
     tables, reasons, malformed = [], {}, 0
     for r in results:
         if r.table is None:
@@ -884,8 +896,10 @@ def read(
             tables.append(r.table)
     if malformed:
         log.warning("%d malformed prediction log records skipped under %s", malformed, uri)
-    schema = pa.schema([_read_field(n) for n in read_cols])
-    table = (pa.concat_tables(tables) if tables else schema.empty_table()).select(wanted)
+    schema = pa.schema([_read_field(n) for n in read_cols] + ([pa.field("written", WRITTEN_TYPE)] if written else []))
+    table = (pa.concat_tables(tables) if tables else schema.empty_table()).select(
+        wanted + (["written"] if written else [])
+    )
     del tables, results
     # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
     df = table.to_pandas(types_mapper=_arrow_lists, self_destruct=True, split_blocks=True)

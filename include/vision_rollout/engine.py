@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
 WRITE_S = 3.0  # and a flush's write (settle_time)
+CLOCK_SKEW_S = 5.0  # how far the model servers' clocks may be behind the workers'
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -92,13 +93,36 @@ def validation_labels(folder: Path) -> dict[str, int]:
     return {hashlib.sha256(image).hexdigest(): label for _, image, label in load_validation(folder)}
 
 
+def available(records: pd.DataFrame, settle_s: float = SETTLE_S) -> pd.Series:
+    """When each record is evidence (unix seconds): the first look time at which a poke, judging
+    ``settle_s`` later, surely finds its file in the log. That is its time, unless the log says
+    (``read(..., written=True)``) its file was written later than that allows: a file named at
+    second S is whole by S + ``WRITE_S`` on its writer's clock, by S + ``WRITE_S`` +
+    ``CLOCK_SKEW_S`` on the judge's. A replica that flushed late (a starved writer, a slow PUT, a
+    clock behind the workers') added records to a look already judged, which the next poke judged
+    again on more: a look the sequential test does not count, and a verdict a retried poke did not
+    reproduce. Such records are the evidence of the looks after them now."""
+    t = _unix(records["time"])
+    if "written" not in records.columns:
+        return t
+    written = records["written"]
+    whole = _unix(written.fillna(pd.Timestamp(0, tz="UTC"))).where(written.notna()) + WRITE_S + CLOCK_SKEW_S
+    return np.fmax(t, whole - settle_s)
+
+
 def stage_samples(
-    records: pd.DataFrame, spec: RolloutSpec, window: StageWindow, until: float, labels: dict[str, int]
+    records: pd.DataFrame,
+    spec: RolloutSpec,
+    window: StageWindow,
+    until: float,
+    labels: dict[str, int],
+    settle_s: float = SETTLE_S,
 ) -> pd.DataFrame:
-    """The gate's samples from prediction-log records with ``started <= time < until``.
+    """The gate's samples from prediction-log records with ``started <= time`` that are evidence
+    before ``until`` (``available``).
 
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
-    label), pair_id (the image's sha256 for the replay), time (unix seconds).
+    label), pair_id (the image's sha256 for the replay), time (unix seconds: when it is evidence).
 
     A record of a batch request is a row per item, each with the request's latency and outcome:
     the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
@@ -108,12 +132,13 @@ def stage_samples(
     if records.empty:
         return _empty_samples()
     t = _unix(records["time"])
+    records = records.assign(_at=available(records, settle_s))
     arms = {spec.baseline_version: "baseline", spec.candidate_version: "canary"}
     primary = records[
         (records["role"] == "primary")
         & records["version"].isin(list(arms))
         & (t >= window.started)
-        & (t < until)
+        & (records["_at"] < until)
         & (records["model"] == spec.model)
     ]
     if primary.empty:
@@ -140,7 +165,7 @@ def stage_samples(
             "oom": (chosen["outcome"] == "OOM").astype(float).where(request),
             "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
             "pair_id": chosen["image_sha256"].where(is_replay),
-            "time": _unix(chosen["time"]),
+            "time": chosen["_at"],
         }
     )
 
@@ -156,7 +181,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
     out = pd.Series(np.nan, index=live.index)
     if rows.empty or live.empty:
         return out
-    t = _unix(rows["time"])
+    t = rows["_at"]
     rows = rows[t < until].assign(_t=t[t < until])
     if rows.empty:
         return out
@@ -166,7 +191,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
         .set_index(["request_id", "item"])["label"]
     )
     answered = live[(live["outcome"] == "ok") & (live["route"] != "version")]
-    answered = answered.assign(_t=_unix(answered["time"])).sort_values("_t", kind="stable")
+    answered = answered.assign(_t=answered["_at"]).sort_values("_t", kind="stable")
     answered = answered.drop_duplicates(["request_id", "item"], keep="first")
     keys = pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]])
     out.loc[answered.index] = first.reindex(keys).to_numpy(dtype=float)
@@ -282,7 +307,7 @@ def judge_stage(
     nothing passes meanwhile."""
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
-    current = stage_samples(records, spec, window, now - settle_s, labels)
+    current = stage_samples(records, spec, window, now - settle_s, labels, settle_s)
     elapsed = now - window.started
 
     def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
@@ -303,7 +328,7 @@ def judge_stage(
         at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, len(labels))
         if at > now - settle_s:
             break
-        samples = stage_samples(records, spec, window, at, labels)
+        samples = stage_samples(records, spec, window, at, labels, settle_s)
         verdict = evaluate_gate(samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from)
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look
@@ -583,6 +608,7 @@ class StageJudge:
             datetime.fromtimestamp(now + 1, UTC),
             model=self.spec.model,
             columns=GATE_COLUMNS,
+            written=True,
         )
 
     def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:

@@ -595,3 +595,69 @@ def test_a_batch_request_is_one_request_of_evidence_not_one_per_item(tmp_path):
     assert state.served["canary"]["live"] == 602
     errors = next(c for c in state.verdict.checks if c.name == "errors")
     assert (errors.n_baseline, errors.n_canary) == (600, 602)
+
+
+def flush_at(writer, records: list, written: float) -> None:
+    """One flush of ``writer``, its files named as if written at ``written`` (unix seconds)."""
+    import time
+    from pathlib import Path
+
+    before = set(Path(writer.root).rglob("part-*.parquet"))
+    for record in records:
+        writer.append(record)
+    writer.flush()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(written))
+    for path in set(Path(writer.root).rglob("part-*.parquet")) - before:
+        path.rename(path.with_name(f"part-{writer.replica}-{stamp}-{path.name.rsplit('-', 1)[-1]}"))
+
+
+def test_a_replica_flushing_late_does_not_change_a_look_already_judged(tmp_path):
+    """A canary pod's writer flushed 30 s late (starved, a slow PUT, a clock behind): its records
+    of 30..40 s reached the log after the look at 40 s was judged, and the next poke judged that
+    look again on them (here: waiting, then failing on the same look). A record whose file was
+    written later than a look's settle time allows is the evidence of the looks after it now."""
+    import base64
+    import json
+    import os
+    import time
+    from datetime import UTC, datetime
+
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import GATE_COLUMNS, PredictionLog, read
+    from vision_rollout.engine import SETTLE_S
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    masker = Masker(KeyRing(keys), [])
+    pod_a, pod_b = (PredictionLog(tmp_path / "log", masker, replica=r, compression=None) for r in ("pod-a", "pod-b"))
+    rng = np.random.default_rng(1)
+    for second in range(0, 200, 2):  # pod a: both versions, flushed every 2 s
+        batch = [
+            inference(t0 + second + j * 0.05, v, f"{v}-{second}-{j}", float(np.exp(rng.normal(np.log(5), 0.3))))
+            for j in range(40)
+            for v in ("1", "2")
+        ]
+        flush_at(pod_a, batch, t0 + second + 2)
+
+    def log() -> pd.DataFrame:
+        start, end = (datetime.fromtimestamp(t, UTC) for t in (t0, t0 + 400))
+        return read(str(tmp_path / "log"), start, end, model="digits", columns=GATE_COLUMNS, written=True)
+
+    s = spec(min_samples=50)
+    look_2 = t0 + 40
+    then = log()
+    on_time = judge_stage(s, window, then, IMAGES, look_2 + SETTLE_S, replay_images=0)
+    late = [inference(t0 + 30 + j * 0.1, "2", f"b-{j}", 5.0, "BACKEND") for j in range(100)]
+    flush_at(pod_b, late, t0 + 70)
+    now = log()
+    again = judge_stage(s, window, now, IMAGES, look_2 + SETTLE_S, replay_images=0)  # a retried poke
+    assert again.look == on_time.look == 2
+    assert again.verdict.to_dict() == on_time.verdict.to_dict()
+    before, after = (stage_samples(df, s, window, look_2, IMAGES) for df in (then, now))
+    pd.testing.assert_frame_equal(before, after)
+    assert on_time.status == "waiting"
+    later = judge_stage(s, window, now, IMAGES, t0 + 100, replay_images=0)  # the late errors: a later look's
+    assert (later.status, later.look) == ("fail", 4), later.reason
+    assert "Error rate" in later.reason
