@@ -761,11 +761,10 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(server_factory
             assert b"li.wei" not in f.read_bytes()
 
 
-def mirroring_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2"):
+def logging_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2"):
     """A model server writing its prediction log to ``tmp_path / "predictions"`` every ``flush``
-    seconds (its state in ``tmp_path / "state"``), versions 1 and 2 loaded, every request of
-    version 1 mirrored to 2."""
-    s = server_factory(
+    seconds (its state in ``tmp_path / "state"``), its admin API behind ``TOKEN``."""
+    return server_factory(
         repo_copy,
         "--state-dir",
         str(tmp_path / "state"),
@@ -776,6 +775,11 @@ def mirroring_server(server_factory, repo_copy, tmp_path, *args: str, flush: str
         *args,
         token=TOKEN,
     )
+
+
+def mirroring_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2"):
+    """``logging_server`` with versions 1 and 2 loaded, every request of version 1 mirrored to 2."""
+    s = logging_server(server_factory, repo_copy, tmp_path, *args, flush=flush)
     s.load_versions("digits", 1, 2)
     assert put_policy(s, MIRROR_ALL).status_code == 200
     return s
@@ -965,16 +969,7 @@ def test_two_replicas_share_one_log_and_the_reader_joins_across_them(
 def test_a_request_for_a_shadow_host_is_a_shadow_copy(server_factory, repo_copy, tmp_path, digit_images):
     """What Istio's mirror sends (Host with -shadow) is logged and counted as shadow, never as primary."""
     log_dir = tmp_path / "predictions"
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.2",
-        token=TOKEN,
-    )
+    s = logging_server(server_factory, repo_copy, tmp_path)
     hosts = ["digits.ml.svc.cluster.local-shadow:8000", "digits-shadow", f"127.0.0.1:{s.port}-shadow"]
     for i, host in enumerate(hosts):
         r = infer(s, digit_images[i][0], {"Host": host, "X-Request-ID": f"mirrored-{i}"})
@@ -1075,19 +1070,8 @@ def test_a_label_is_masked_under_the_key_of_its_tenant_as_the_client_wrote_it(
     shared = tmp_path / "feedback-key"
     shared.write_text("a-feedback-secret-shared-by-the-replicas")
     log_dir = tmp_path / "predictions"
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(log_dir),
-        "--mask-keys",
-        str(keys),
-        "--prediction-log-flush-s",
-        "0.2",
-        "--feedback-key-file",
-        str(shared),
-        token=TOKEN,
+    s = logging_server(
+        server_factory, repo_copy, tmp_path, "--mask-keys", str(keys), "--feedback-key-file", str(shared)
     )
     signer = FeedbackSigner(read_key(shared))
     served = infer(s, digit_images[0][0], {"X-Request-ID": "order-13800138000", "X-Tenant": "\u963f\u91cc".encode()})
