@@ -162,7 +162,13 @@ class RolloutSpec:
     mesh: str = _f(
         "local", "Traffic backend: the model server's router or Istio", type="string", enum=["local", "istio"]
     )
-    slack_channel: str = _f("#model-rollouts", "Where reports go", type="string")
+    slack_channel: str = _f(
+        "#model-rollouts",
+        "Where reports go: a channel's name or ID",
+        type="string",
+        pattern=r"^#?[A-Za-z0-9][A-Za-z0-9._-]{0,79}$",  # Slack's names: at most 80 characters
+        maxLength=81,
+    )
     require_approval: bool = _f(False, "A reviewer approves promotion in the Airflow UI", type="boolean")
 
     def __post_init__(self) -> None:

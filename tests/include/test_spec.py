@@ -76,6 +76,10 @@ def test_json_schema_is_valid_and_carries_descriptions():
         # and failed the run later (a version no traffic policy takes, a model no lock takes).
         ({"candidate_version": "2\n"}, r"candidate_version: '2\\n' does not match"),
         ({"model": "digits\n"}, r"model: 'digits\\n' does not match"),
+        # A channel Slack cannot have failed the report after the decision (empty, 5,000 characters).
+        ({"slack_channel": ""}, "slack_channel: '' does not match"),
+        ({"slack_channel": "#" + "c" * 5000}, "slack_channel: '#ccc"),
+        ({"slack_channel": "#model rollouts"}, "slack_channel: '#model rollouts' does not match"),
         # A 100% stage mirrors nothing: enable_shadow could never see the mirror and failed every run.
         ({"stages": [100]}, r"stages \[100\] mirror nothing: set mirror_percent to 0"),
     ],
