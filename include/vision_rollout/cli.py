@@ -393,6 +393,8 @@ def _where_routes_are(router: Any, spec: Any) -> str:
         return f"the routes cannot be read back ({exc}): check that version {spec.baseline_version} takes 100%"
     if routes == spec.stable_policy():
         return f"version {spec.baseline_version} takes 100% again"
+    if routes == spec.promoted_policy():  # (a signal while promoting: the decision is carried out)
+        return f"version {spec.candidate_version} takes 100%: its promotion was decided"
     return f"the routes are NOT back to version {spec.baseline_version}: {json.dumps(routes.to_dict())}"
 
 
@@ -508,7 +510,7 @@ def _run(
     """``cmd_run`` once its start checks passed, the model held and signals caught."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
-    from vision_rollout.notify import SlackNotifier, promotion_message, rollback_message, stage_message
+    from vision_rollout.notify import SlackNotifier, plain_report, promotion_message, rollback_message, stage_message
 
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
@@ -548,7 +550,9 @@ def _run(
         where = _where_routes_are(router, spec)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
         if notifier is not None:
-            notifier.send(rollback_message(spec, f"rolloutctl run was stopped by {exc}; {where}"))
+            stopped = f"rolloutctl run was stopped by {exc}; {where}"
+            promoted = where.startswith(f"version {spec.candidate_version} takes 100%")
+            notifier.send(plain_report(spec, "promote", stopped) if promoted else rollback_message(spec, stopped))
         return 128 + exc.signum
     except Exception as exc:
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""

@@ -749,6 +749,7 @@ class Rollout:
     def run(self) -> RolloutResult:
         outcomes: list[StageOutcome] = []
         started = self.clock()
+        promoting = False
         self.router.reconcile()
         try:
             for index, weight in enumerate(self.spec.stages):
@@ -765,11 +766,16 @@ class Rollout:
             if decision != "promote":
                 self.restore_stable()
                 return RolloutResult(False, outcomes, reason, audit)
+            promoting = True
             self.promote()
             return RolloutResult(True, outcomes, reason, audit)
         except BaseException as exc:
             if isinstance(exc, LockLost):  # another run holds the model now: its routes are not ours
                 log.error("rollout stopped: %s", exc)
+                raise
+            if promoting and not isinstance(exc, Exception):  # a signal once promotion was decided
+                log.warning("rollout stopped (%s) while promoting: the promotion is carried out", exc)
+                self.promote()
                 raise
             if isinstance(exc, Exception):
                 log.exception("rollout interrupted: restoring the stable version")

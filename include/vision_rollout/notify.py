@@ -169,6 +169,17 @@ def promotion_message(
     return Message(text, _limit(blocks), chart)
 
 
+def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
+    """A run's decision (``promote`` or ``rollback``) and its reason, without the verdicts' details."""
+    done = (
+        f"promoted: version {spec.candidate_version} takes 100%"
+        if outcome == "promote"
+        else f"rolled back: version {spec.baseline_version} takes 100% again"
+    )
+    text = f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} {done}. Reason: {one_line(reason)}"
+    return Message(text, [section(text)])
+
+
 def rollback_message(
     spec: RolloutSpec,
     reason: str,

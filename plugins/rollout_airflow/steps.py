@@ -33,7 +33,6 @@ from vision_rollout.spec import RolloutSpec, SpecError
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import Router
-    from vision_rollout.notify import Message
 
 log = logging.getLogger(__name__)
 
@@ -682,7 +681,7 @@ def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -
 
 def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]) -> dict[str, Any]:
     from vision_rollout.gates import Verdict
-    from vision_rollout.notify import promotion_message, rollback_message
+    from vision_rollout.notify import plain_report, promotion_message, rollback_message
 
     spec = spec_from(params)
     try:
@@ -696,19 +695,6 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
     return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
-
-
-def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
-    """The run's decision and its reason, without the verdicts' details."""
-    from vision_rollout.notify import Message, one_line, section
-
-    done = (
-        f"promoted: version {spec.candidate_version} takes 100%"
-        if outcome == "promote"
-        else f"rolled back: version {spec.baseline_version} takes 100% again"
-    )
-    text = f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} {done}. Reason: {one_line(reason)}"
-    return Message(text, [section(text)])
 
 
 def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:

@@ -484,6 +484,26 @@ def test_an_exception_restores_stable():
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
 
 
+def test_a_signal_while_promoting_carries_the_promotion_out():
+    """Ctrl-C (or a CI job's SIGTERM) landing while the decided promotion was being applied put
+    the stable version back: a rollout that passed every stage and its audit ended rolled back.
+    The decision is carried out, then the signal goes on."""
+    s = spec(stages=[10, 100], mirror_percent=0)
+
+    class InterruptedRouter(RecordingRouter):
+        def set_routes(self, policy):
+            if len(self.history) == 2 and not getattr(self, "interrupted", False):  # after both stages
+                self.interrupted = True
+                raise KeyboardInterrupt  # the signal, as the promotion's routes are being set
+            return super().set_routes(policy)
+
+    router = InterruptedRouter()
+    with pytest.raises(KeyboardInterrupt):
+        Rollout(s, router, scripted(["pass", "pass"]), sleep=lambda _: None).run()
+    assert router.history[-1] == s.promoted_policy().to_dict()
+    assert s.stable_policy().to_dict() not in router.history
+
+
 def test_a_lost_lease_stops_the_rollout_without_touching_the_routes():
     """A run whose lease another run took over (it stalled past the lease) must not put its
     stable version back: the routes are the other run's now."""
