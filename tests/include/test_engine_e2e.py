@@ -65,10 +65,15 @@ def test_the_engine_promotes_2_and_rolls_back_3(served, tmp_path, candidate, pro
         assert [o.weight for o in result.stages] == [50, 100]
         assert "latency_geomean" in {c.name for c in last.verdict.checks}
     else:
-        # v3 is 5 pp less accurate on the replay: the guard or the paired check stops it at 50%.
-        assert "hard guard tripped: Accuracy drop" in last.reason or "accuracy_paired" in {
-            c.name for c in last.verdict.failed
-        }
+        # v3 is 5 pp less accurate on the replay: the guard or the paired check stops it at 50%;
+        # it is also far slower (3 x 2048 units against 256), which on a loaded machine the live
+        # latency check shows first (records count a few seconds after their time: this stage's
+        # 8 s may end before a replay round is evidence).
+        assert [o.weight for o in result.stages] == [50]
+        failed = {c.name for c in last.verdict.failed} if last.verdict else set()
+        assert "hard guard tripped: Accuracy drop" in last.reason or failed & {"accuracy_paired", "latency_geomean"}, (
+            last.reason
+        )
 
 
 def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
