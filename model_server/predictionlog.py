@@ -707,15 +707,6 @@ class _FileResult:
     malformed: int = 0
 
 
-def _hours(start: datetime, end: datetime) -> list[tuple[str, str]]:
-    t = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    out = []
-    while t < end:
-        out.append((t.strftime("%Y-%m-%d"), t.strftime("%H")))
-        t += timedelta(hours=1)
-    return out
-
-
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
 
@@ -731,7 +722,8 @@ def _hour_folders(
     first_hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     count = math.ceil((end.timestamp() - first_hour.timestamp()) / 3600)  # (Airflow's dates divide by no timedelta)
     if count <= BLIND_HOURS:
-        return [f"{base}/dt={day}/hour={hour}" for day, hour in _hours(start, end)]
+        hours = (first_hour + timedelta(hours=k) for k in range(count))
+        return [f"{base}/dt={t:%Y-%m-%d}/hour={t:%H}" for t in hours]
     first, last = (
         (t.strftime("%Y-%m-%d"), t.strftime("%H")) for t in (first_hour, first_hour + timedelta(hours=count - 1))
     )
