@@ -390,6 +390,10 @@ def plot(result: AuditResult) -> bytes:
 
 
 REPORT, CHART = "report.md", "divergence.png"
+# An hour's mark, written once its report reached Slack or it had nothing to audit: an hour
+# without it within a run's catch-up window is audited again.
+AUDITED = "audited.json"
+REPORT_NAMES = frozenset({REPORT, CHART, "summary.json", "confusion.csv", "anomalies.csv", AUDITED})
 
 
 def printable(text: str) -> str:
@@ -519,8 +523,24 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
 
 def write_report(files: dict[str, bytes], folder: Folder) -> dict[str, str]:
     """``report_files`` in ``folder``, the report itself last (the rest is there once it is);
-    where each is, by name."""
+    where each is, by name. An earlier report's files go first, its ``AUDITED`` mark before all:
+    a report written again is not audited until it is sent, and keeps no file of another run."""
+    folder.delete(AUDITED)
+    for stale in set(folder.names()) & REPORT_NAMES - files.keys():
+        folder.delete(stale)
     return {name: folder.write(name, files[name]) for name in sorted(files, key=lambda n: n == REPORT)}
+
+
+def hour_folder(audits: Folder, start: datetime) -> Folder:
+    """Where the audit of the clock hour from ``start`` is kept, below a model's audits."""
+    return audits / start.strftime("%Y%m%dT%H")
+
+
+def unaudited_hours(audits: Folder, start: datetime, hours: int) -> list[datetime]:
+    """The ``hours`` clock hours before ``start`` (oldest first) whose folder holds no ``AUDITED``
+    mark: missed while the scheduler was down, or reported where Slack did not take it."""
+    earlier = (start - timedelta(hours=k) for k in range(hours, 0, -1))
+    return [hour for hour in earlier if AUDITED not in hour_folder(audits, hour).names()]
 
 
 def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditResult:

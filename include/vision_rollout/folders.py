@@ -101,6 +101,18 @@ class Folder:
         with fs.open_input_stream(key) as f:
             return bytes(f.read())
 
+    def delete(self, name: str) -> None:
+        """``name`` in this folder is gone; nothing when it was not there."""
+        path = self.path
+        if path is not None:
+            (path / _check_name(name)).unlink(missing_ok=True)
+            return
+        import pyarrow.fs as pafs
+
+        fs, key = self._key(_check_name(name))
+        if fs.get_file_info(key).type == pafs.FileType.File:
+            fs.delete_file(key)
+
     def names(self) -> list[str]:
         """The files in this folder (not below it), sorted; [] when it does not exist."""
         path = self.path

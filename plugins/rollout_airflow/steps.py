@@ -32,10 +32,12 @@ from vision_rollout.spec import RolloutSpec, SpecError
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
 
 log = logging.getLogger(__name__)
 
+CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168  # the earlier hours a shadow audit run looks for unaudited ones
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
@@ -697,36 +699,72 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
     return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
 
 
-def audit_hour(model: str, end: datetime, channel: str = "#model-rollouts") -> dict[str, Any]:
-    """The hourly shadow audit of one model over the clock hour that ends at or before ``end``
+def audit_hours(
+    model: str, end: datetime, channel: str = "#model-rollouts", catch_up_hours: int = CATCH_UP_HOURS
+) -> list[dict[str, Any]]:
+    """The hourly shadow audit of one model: the clock hour that ends at or before ``end``
     (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
-    once its records are all written: skipped when the hour has no shadow record and no mirror
-    was configured; a warning when a mirror was. A report Slack did not take (kept in the run
-    folder and the outbox) fails the task, which a retry sends again: an audit nobody was told
-    of is no audit."""
-    from vision_rollout.audit import CHART, REPORT, audit, audited_hour, report_files, with_coverage, write_report
-    from vision_rollout.notify import audit_message
+    once its records are all written; before it, oldest first, each of the ``catch_up_hours``
+    earlier hours not yet audited (missed while the scheduler was down, or not sent). An hour
+    without shadow records is marked audited, unreported, when no mirror was configured; a
+    warning when one was. A report Slack did not take (kept in the hour's folder and the
+    outbox) fails the task once every hour was tried: the retry, or the next run, sends it
+    again: an audit nobody was told of is no audit. Skipped when no hour had anything."""
+    from vision_rollout.audit import audited_hour, hour_folder, unaudited_hours
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
-    settings = serving().settings
-    start, end, wait_s = audited_hour(end, datetime.now(UTC))
-    if wait_s:
-        log.info("waiting %.0f s for the last records of %s to %s", wait_s, start, end)
-        time.sleep(wait_s)
-    result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
-    if result.verdict == "skip":
-        raise AirflowSkipException(
-            f"no shadow records for '{model}' between {start:%Y-%m-%d %H:%M} and {end:%H:%M} UTC, and no mirror"
+    if not 0 <= catch_up_hours <= MAX_CATCH_UP_HOURS:
+        raise AirflowFailException(f"catch_up_hours must be 0 to {MAX_CATCH_UP_HOURS}, not {catch_up_hours}")
+    audits = serving().settings.run_folder / "audits" / model
+    start, end, _ = audited_hour(end, datetime.now(UTC))
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for hour in [*unaudited_hours(audits, start, catch_up_hours), start]:
+        if hour == start:  # (the hours before it took their time meanwhile)
+            wait_s = audited_hour(end, datetime.now(UTC))[2]
+            if wait_s:
+                log.info("waiting %.0f s for the last records of %s to %s", wait_s, start, end)
+                time.sleep(wait_s)
+        try:
+            results.append(_audit_one_hour(model, hour, hour_folder(audits, hour), channel))
+        except Exception as exc:  # (the other hours are audited all the same)
+            log.exception("the audit of '%s' from %s failed", model, hour)
+            failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
+    if failed:
+        raise AirflowException(
+            f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)
         )
+    if all(r["verdict"] == "skip" for r in results):
+        raise AirflowSkipException(
+            f"no shadow records for '{model}' in the {len(results)} hours to {end:%Y-%m-%d %H:%M} UTC "
+            "that were audited, and no mirror"
+        )
+    return results
+
+
+def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -> dict[str, Any]:
+    """The audit of the hour from ``start``, reported, then marked audited in ``folder``."""
+    from vision_rollout.audit import AUDITED, CHART, REPORT, audit, report_files, with_coverage, write_report
+    from vision_rollout.notify import audit_message
+
+    settings = serving().settings
+    end = start + timedelta(hours=1)
+    result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
+    summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
+    if result.verdict == "skip":
+        log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
+        folder.write(AUDITED, json.dumps(summary).encode())
+        return summary
     files = report_files(result)
-    where = write_report(files, settings.run_folder / "audits" / model / start.strftime("%Y%m%dT%H"))
+    where = write_report(files, folder)
     sent = slack_notifier(channel, settings.outbox).send(audit_message(result, files.get(CHART)))
-    if sent.get("slack_error"):  # (a retry sends it again; the report is kept either way)
+    if sent.get("slack_error"):
         raise AirflowException(
             f"the {result.verdict} audit of '{model}' is in {where[REPORT]}, but its report did not reach "
             f"Slack ({sent['slack_error']}): it is in the outbox, {sent.get('outbox')}"
         )
+    folder.write(AUDITED, json.dumps({**summary, "report": where[REPORT]}).encode())
     return {**result.to_dict(), "report": where[REPORT]}
 
 

@@ -31,7 +31,7 @@ def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkey
     # a run audits the clock hour before it (that of the records)
     run = dag.test(logical_date=now - timedelta(hours=1), run_conf={"slack_channel": "#vision-audit"})
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["audit_previous_hour"] == "success"
+    assert states["audit_hours"] == "success"
     files = files_under(run_dir)
     reports = [name for name in files if re.fullmatch(r"audits/digits/\d{8}T\d{2}/report\.md", name)]
     assert len(reports) == 1
@@ -42,4 +42,4 @@ def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkey
     assert sent["channel"] == "#vision-audit"  # the run's Param, not the default
     time.sleep(0.01)
     empty = dag.test(logical_date=now - timedelta(days=2))
-    assert {ti.task_id: ti.state for ti in empty.get_task_instances()}["audit_previous_hour"] == "skipped"
+    assert {ti.task_id: ti.state for ti in empty.get_task_instances()}["audit_hours"] == "skipped"

@@ -69,6 +69,29 @@ def test_disagreeing_and_unsure_shadow_fails_with_reasons_and_anomaly_hashes(tmp
     assert list(paths)[-1] == REPORT  # written last: the rest is there once it is
 
 
+@pytest.mark.parametrize("store", ["folder", "s3"])
+def test_a_report_written_again_keeps_no_file_of_the_earlier_one(tmp_path, request, store):
+    """An hour audited again (by hand, or caught up) wrote its new files beside the earlier
+    run's: an anomalies.csv of another verdict stayed beside the new report, and the hour's
+    audited mark said the new report was sent before it was."""
+    from vision_rollout.audit import AUDITED
+
+    folder = (Folder(request.getfixturevalue("s3").uri()) if store == "s3" else Folder(str(tmp_path / "run"))) / "h"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    failing = audit(shadow_log(tmp_path / "a", 300, disagree=0.2), *around_now())
+    write_report(report_files(failing), folder)
+    folder.write(AUDITED, b"{}")
+    folder.write("notes.txt", b"kept")  # (not a report's file)
+    assert {"anomalies.csv", AUDITED} <= set(folder.names())
+    passing = audit(shadow_log(tmp_path / "b", 300, disagree=0.0), *around_now())
+    assert passing.anomalies is None or passing.anomalies.empty
+    files = report_files(passing)
+    write_report(files, folder)
+    assert set(folder.names()) == set(files) | {"notes.txt"}
+    assert b"**PASS**" in folder.read(REPORT)
+
+
 def test_an_empty_range_is_skipped_not_failed(tmp_path):
     result = audit(tmp_path / "nothing", NOW - timedelta(hours=2), NOW - timedelta(hours=1))
     assert result.verdict == "skip"

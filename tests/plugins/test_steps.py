@@ -471,12 +471,12 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
         slack.outage = 503
         end = now - timedelta(hours=1)  # (the hour before it holds the records)
         with pytest.raises(AirflowException, match=r"the fail audit of 'digits' is in .*report\.md, but") as failed:
-            steps.audit_hour("digits", end)
+            steps.audit_hours("digits", end)
         assert not isinstance(failed.value, AirflowFailException)  # (retried)
         assert "upstream connect error" in str(failed.value)
         assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
         slack.outage = None
-        assert steps.audit_hour("digits", end)["verdict"] == "fail"  # the retry
+        assert [r["verdict"] for r in steps.audit_hours("digits", end)] == ["fail"]  # the retry: that hour alone
         (posted,) = slack.messages()
         assert posted["text"] == "Shadow audit digits: FAIL"
     finally:
@@ -497,13 +497,68 @@ def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(mo
     extra = {"shadow_log": str(log), "run_dir": str(run)}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
     range_line = f"- Range: {(hour_end - timedelta(hours=1)).isoformat()} to {hour_end.isoformat()}"
-    scheduled = steps.audit_hour("digits", hour_end)
-    by_hand = steps.audit_hour("digits", hour_end + timedelta(minutes=30, seconds=7))
+    scheduled = steps.audit_hours("digits", hour_end)[-1]
+    by_hand = steps.audit_hours("digits", hour_end + timedelta(minutes=30, seconds=7))[-1]
     assert by_hand["report"] == scheduled["report"]
     assert (by_hand["start"], by_hand["end"]) == (scheduled["start"], scheduled["end"])
     [report] = (run / "audits" / "digits").glob("*/report.md")
     assert report.parent.name == (hour_end - timedelta(hours=1)).strftime("%Y%m%dT%H")
     assert range_line in report.read_text().splitlines()
+
+
+def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_path):
+    """Hours the scheduler missed (``catchup`` off: down for a night) were never audited, and an
+    hour whose report Slack did not take was sent only by that task's retry. A run audits,
+    oldest first, each hour of its catch-up window not marked audited, and marks an hour once its
+    report reached Slack, or when it had nothing to report."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException
+
+    from tests.fakes.slack_api import FakeSlack
+    from tests.support import shadow_log
+    from vision_rollout.audit import AUDITED
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    hour = {k: this_hour - timedelta(hours=k) for k in range(7)}
+    for k in (5, 3, 1):  # records in three hours
+        shadow_log(tmp_path, 60, disagree=0.02, seed=k, at=(hour[k] + timedelta(minutes=30)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    slack = FakeSlack().start()
+    try:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_SLACK_API_DEFAULT",
+            json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
+        )
+        slack.outage = 503
+        with pytest.raises(AirflowException, match=r"1 of 1 hours not reported: .* did not reach Slack"):
+            steps.audit_hours("digits", hour[2], catch_up_hours=0)  # the hour from hour[3], its retries spent
+        slack.outage = None
+        # Hours 5 (missed), 4 and 2 (nothing in them), 3 (not sent) and this run's own, hour 1;
+        # hour 6 is outside the window.
+        results = steps.audit_hours("digits", hour[0], catch_up_hours=4)
+        assert [(r["start"], r["verdict"] == "skip") for r in results] == [
+            (hour[5].isoformat(), False),
+            (hour[4].isoformat(), True),
+            (hour[3].isoformat(), False),
+            (hour[2].isoformat(), True),
+            (hour[1].isoformat(), False),
+        ]
+        assert len(slack.messages()) == 3
+        audits = run / "audits" / "digits"
+        assert {p.parent.name for p in audits.glob(f"*/{AUDITED}")} == {
+            hour[k].strftime("%Y%m%dT%H") for k in range(1, 6)
+        }
+        assert not (audits / hour[4].strftime("%Y%m%dT%H") / "report.md").exists()  # (nothing to report)
+        # The next run finds every hour audited: its own hour alone (triggered by hand, again).
+        assert [r["start"] for r in steps.audit_hours("digits", hour[0], catch_up_hours=4)] == [hour[1].isoformat()]
+        assert len(slack.messages()) == 4
+        with pytest.raises(AirflowFailException, match="catch_up_hours must be 0 to 168, not 169"):
+            steps.audit_hours("digits", hour[0], catch_up_hours=169)
+    finally:
+        slack.stop()
 
 
 def test_an_hour_is_audited_once_its_last_records_can_be_written():
