@@ -467,6 +467,7 @@ def _z(level: float) -> float:
 
 RATE_WINDOW_MIN_S = 30.0  # the P99 guard's rate window, at least; else 4 scrape intervals
 SHADOW_WINDOW_S = 600.0  # the shadow error guard's window, at most
+MAX_P99_POINTS = 5000  # the P99 series' points a poke reads, at most (Prometheus answers 11,000)
 
 
 def rate_window_s(scrape_interval_s: float) -> float:
@@ -478,10 +479,11 @@ def guard_inputs(
     source: MetricsSource | None, spec: RolloutSpec, now: float | None = None, since: float | None = None
 ) -> GuardInputs:
     """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
-    summed over the version's pods; the P99 series and the shadow's counts from ``since`` on
-    (the stage's start: a breach the same version had before, in an earlier rollout of it, is
-    not this stage's). No data for the canary's P99 sets ``missing``, and Prometheus unreachable
-    or failing sets ``unavailable``: either way the stage holds, never passes."""
+    summed over the version's pods; the P99 series of the whole stage (from ``since``, its
+    start: a breach the same version had before, in an earlier rollout of it, is not this
+    stage's; without it the last ``p99_breach_seconds``), the shadow's counts from ``since`` on.
+    No data for the canary's P99 sets ``missing``, and Prometheus unreachable or failing sets
+    ``unavailable``: either way the stage holds, never passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
@@ -492,11 +494,14 @@ def guard_inputs(
     try:
         rate = rate_window_s(source.scrape_interval_s())
         window = max(spec.p99_breach_seconds, 10)
+        # The whole stage at each poke: a breach that ended between two pokes (Airflow's
+        # reschedules space them as its slots allow) is one all the same.
+        start = now - window - 5 if since is None else min(since, now)
         points = source.query_range(
             PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, f"{rate:g}s"),
-            max(now - window - 5, min(since or 0.0, now)),
+            start,
             now,
-            step_s=max(1.0, window / 60),
+            step_s=max(1.0, window / 60, (now - start) / MAX_P99_POINTS),
         )
         series = tuple(points)
     except NoValuesFound as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 import jsonschema
@@ -591,18 +592,28 @@ class GuardInputs:
             object.__setattr__(self, "missing", "the canary's P99 series has no point")
 
 
-def sustained_breach(series: tuple[tuple[float, float], ...], limit: float, seconds: float) -> tuple[bool, float]:
-    """Whether the series stayed above ``limit`` for its last ``seconds``; and for how long it has."""
-    if not series:
-        return False, 0.0
-    end = series[-1][0]
-    start = end
-    for t, v in reversed(series):
+def sustained_breach(
+    series: tuple[tuple[float, float], ...], limit: float, seconds: float
+) -> tuple[bool, float, float]:
+    """Whether the series stayed above ``limit`` for ``seconds`` at some time in it (a breach that
+    ended between two looks at it is one all the same); the longest run above it, and how long
+    the run at its end has lasted (0 when its last point is not above). A missing point (more
+    than twice the series' step between two: no traffic, or no scrape) ends a run."""
+    longest = current = 0.0
+    breach = False
+    run_start = prev = None
+    step = min((b[0] - a[0] for a, b in pairwise(series) if b[0] > a[0]), default=math.inf)
+    for t, v in series:
         if not v > limit:
-            break
-        start = t
-    duration = end - start
-    return duration >= seconds and series[-1][1] > limit, duration
+            run_start = None
+        elif run_start is None or prev is None or t - prev > 2 * step:
+            run_start = t
+        prev = t
+        current = 0.0 if run_start is None else t - run_start
+        if run_start is not None and current >= seconds:
+            breach = True
+        longest = max(longest, current)
+    return breach, longest, current
 
 
 def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
@@ -618,14 +629,15 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
             )
         )
     elif g.p99_series_ms is not None:
-        breach, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
+        breach, longest, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
         last = g.p99_series_ms[-1][1]
         out.append(
             Check(
                 "guard_p99",
                 "fail" if breach else "pass",
                 f"Canary P99 is {last:.1f} ms (limit {cfg.p99_ms_max:g} ms); above the limit for the last "
-                f"{lasted:.0f} s (rollback after {cfg.p99_breach_seconds:g} s).",
+                f"{lasted:.0f} s, for {longest:.0f} s at most at a time in this stage "
+                f"(rollback after {cfg.p99_breach_seconds:g} s).",
                 "hard guard on a Prometheus range query",
                 effect=last,
                 margin=cfg.p99_ms_max,

@@ -140,10 +140,12 @@ def test_live_feedback_accuracy_can_fail_but_not_block():
 
 def test_hard_guards():
     series = tuple((float(t), 75.0) for t in range(0, 130, 10))
-    assert sustained_breach(series, 60, 120) == (True, 120.0)
+    assert sustained_breach(series, 60, 120) == (True, 120.0, 120.0)
     assert sustained_breach(series[:-2], 60, 120)[0] is False
-    recovered = (*series[:-1], (130.0, 40.0))
-    assert sustained_breach(recovered, 60, 120)[0] is False
+    recovered = (*series, (130.0, 40.0))
+    assert sustained_breach(recovered, 60, 120) == (True, 120.0, 0.0)  # it ended: a breach all the same
+    assert sustained_breach((*series[:-2], (110.0, 40.0)), 60, 120)[0] is False
+    assert sustained_breach(((0.0, 75.0),), 60, 0) == (True, 0.0, 0.0)  # (no time above allowed)
     v = evaluate_gate(
         samples(3000),
         guards=GuardInputs(p99_series_ms=series, validation_drop=0.001, shadow_errors=0, shadow_requests=5000),
@@ -152,6 +154,23 @@ def test_hard_guards():
     assert [c.name for c in v.failed] == ["guard_p99"]
     v = evaluate_gate(samples(3000), guards=GuardInputs(validation_drop=0.02, shadow_errors=9, shadow_requests=5000))
     assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
+
+
+def test_a_p99_breach_that_ended_between_two_pokes_fails_the_stage():
+    """The guard looked at the last ``p99_breach_seconds + 5`` s at each poke and asked whether
+    the series ended above the limit for that long: a breach of 125 s that ended before the next
+    poke (10 s later, or minutes when Airflow's slots are busy) was never seen. It reads the
+    stage's series and fails on any run above the limit that long; a missing point (no traffic
+    or no scrape) ends a run."""
+    above = [(float(t), 90.0) for t in range(0, 130, 5)]
+    below = [(float(t), 20.0) for t in range(130, 300, 5)]
+    breach, longest, current = sustained_breach((*above, *below), 60, 120)
+    assert (breach, longest, current) == (True, 125.0, 0.0)
+    gapped = (*above[:13], *above[15:])  # no point at 65 and 70 s: runs of 60 and 50 s
+    assert sustained_breach(gapped, 60, 120) == (False, 60.0, 50.0)
+    (check,) = guard_checks(GuardInputs(p99_series_ms=(*above, *below)), GateConfig(p99_ms_max=60))[:1]
+    assert check.decision == "fail"
+    assert "for 125 s at most at a time in this stage (rollback after 120 s)" in check.sentence
 
 
 def test_bounds_beside_a_margin_are_never_shown_on_or_across_it():
