@@ -580,7 +580,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         if "config" in params:
             try:
                 override = json.loads(params["config"], parse_constant=refuse_constant)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
                 raise InvalidInput(f"parameters.config is not a JSON object: {exc}") from None
             if not isinstance(override, dict):
                 raise InvalidInput("parameters.config must be a JSON object")

@@ -115,6 +115,20 @@ def test_load_parameters_that_are_not_an_object_get_400(server, parameters):
     assert r.json()["error"] == "'parameters' must be an object"
 
 
+def test_a_load_config_nested_past_the_parser_gets_400(server):
+    """A parameters.config nested deeper than Python's JSON parser goes was a 500 and a
+    traceback in the log (the outer body parses: the nesting is inside a string)."""
+    r = requests.post(
+        f"{server.http}/v2/repository/models/digits/load",
+        json={"parameters": {"config": "[" * 100_000}},
+        headers=server.admin,
+        timeout=30,
+    )
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("parameters.config is not a JSON object")
+    assert server.client().get_model_metadata("digits")["versions"] == ["1"]
+
+
 def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     import subprocess
     import sys
