@@ -121,6 +121,18 @@ def test_the_admin_clients_keep_the_token_out_of_their_repr():
     assert "SECRET-TOKEN" not in repr(ModelServerAdmin("http://h:8000", "SECRET-TOKEN"))
 
 
+@pytest.mark.parametrize("token", ["SECRET-TOKEN\n", "SECRET\nTOKEN", "SECRET\rTOKEN"])
+def test_a_token_no_header_can_carry_is_refused_without_quoting_it(token):
+    """http.client refuses a header value with a line break and its ValueError quotes the value:
+    a connection password pasted with its newline put the token in the task log and the report."""
+    from vision_rollout.serving import AdminError, ModelServerAdmin
+
+    with pytest.raises(AdminError) as refused:
+        ModelServerAdmin("http://127.0.0.1:9", token).traffic("digits")
+    assert "control character" in str(refused.value)
+    assert "SECRET" not in str(refused.value)
+
+
 def test_kubernetes_settings_are_required_where_used():
     s = ServingSettings.from_connection("http://h:8000", None, {"istio": {"namespace": "models", "service": "digits"}})
     with pytest.raises(SettingsError, match=r"extra istio\.name \(or models\.digits\.istio\.name\)"):
