@@ -112,8 +112,10 @@ class Admin:
         log.info("traffic policy for %r: %s", model, json.dumps(policy.to_dict()))
 
     async def remove_policy(self, model: str) -> None:
-        """Back to the default: the highest loaded version."""
-        self.repo.model_dir(model)
+        """Back to the default: the highest loaded version. A model with a policy may have left
+        the repository (a policy restored for it kept the server not ready, and was a 404 here)."""
+        if self.policies.get(model) is None:
+            self.repo.model_dir(model)
         await self._changing([model], lambda: asyncio.to_thread(self.policies.remove, model))
         log.info("traffic policy for %r removed", model)
 

@@ -548,6 +548,8 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             await admin_api.set_policy(model, await json_body(request))
         elif request.method == "DELETE":
             await admin_api.remove_policy(model)
+            if not repo.loaded_versions(model):  # removed; no version loaded, so none in effect
+                return Response(status_code=204)
         return JSONResponse(admin_api.policy(model).to_dict())
 
     @endpoint("/v2/models/{model}/versions/{version}/fault", admin=True)

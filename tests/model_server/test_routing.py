@@ -192,6 +192,28 @@ def test_policy_and_loads_are_persisted_and_restored_on_restart(server_factory, 
     assert {r.status_code for r in replies} == {503}
 
 
+def test_a_restored_policy_of_a_model_not_served_can_be_removed(server_factory, repo_copy, tmp_path):
+    """A policy persisted for a model since taken out of the repository kept the restarted server
+    not ready, and its DELETE was a 404 (the folder was checked first): only a hand edit of the
+    state folder made it ready again. A model left unloaded had its policy removed, and the
+    DELETE answered 503 (the default that followed needs a loaded version)."""
+    state = tmp_path / "state"
+    (state / "traffic").mkdir(parents=True)
+    (state / "loads").mkdir()
+    for model in ("gone", "digits"):
+        (state / "traffic" / f"{model}.json").write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    (state / "loads" / "digits.json").write_text(json.dumps({"loaded": False, "config": None}))
+    s = server_factory(repo_copy, "--state-dir", str(state), token=TOKEN, until="live")
+    assert "model 'gone': the traffic policy routes to version(s) ['1']" in ready(s).json()["error"]
+    for model in ("gone", "digits"):
+        r = requests.delete(f"{s.http}/v2/models/{model}/traffic", headers=s.admin, timeout=5)
+        assert r.status_code == 204, r.text
+        assert not (state / "traffic" / f"{model}.json").exists()
+    assert ready(s).status_code == 200
+    r = requests.delete(f"{s.http}/v2/models/other/traffic", headers=s.admin, timeout=5)
+    assert r.status_code == 404  # a model with neither a policy nor a folder
+
+
 def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(server_factory, repo_copy, tmp_path, digit_images):
     traffic = tmp_path / "traffic.json"
     traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))
