@@ -94,9 +94,12 @@ class Admin:
             raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None
 
     def check_loaded(self, model: str, policy: TrafficPolicy) -> None:
-        """InvalidInput unless every version the policy names is loaded."""
+        """InvalidInput unless every version the policy names is loaded (ModelNotFound for a
+        model the repository lacks)."""
+        loaded = self.repo.loaded_versions(model)
+        if not loaded:
+            self.repo.model_dir(model)
         try:
-            _, loaded = self.repo.loaded(model)
             policy.check_loaded(loaded)
         except PolicyError as exc:
             raise InvalidInput(f"invalid traffic policy for model '{model}': {exc}") from None

@@ -402,3 +402,25 @@ def test_a_policy_is_parsed_once_and_off_the_event_loop(repo_copy, tmp_path, mon
     assert admin.policy("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert len(parsed_on) == 2
     assert loop_thread not in parsed_on
+
+
+def test_a_policy_for_a_model_not_loaded_is_a_400(repo_copy):
+    """The policy's versions are not loaded: a client's error like any other such policy, where
+    it was the 503 of an unavailable model (the server's fault, to be retried)."""
+    import asyncio
+
+    from model_server.admin import Admin
+    from model_server.errors import InvalidInput, ModelNotFound
+    from model_server.repository import ModelRepository
+    from model_server.traffic import PolicyStore
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    policies = PolicyStore(None, lambda *_: None)
+    admin = Admin(repo, policies)
+    with pytest.raises(InvalidInput) as refused:
+        asyncio.run(admin.set_policy("digits", {"route": [{"version": "1"}]}))
+    assert refused.value.status == 400
+    assert "version(s) ['1'] are not loaded (loaded: [])" in refused.value.message
+    with pytest.raises(ModelNotFound):
+        asyncio.run(admin.set_policy("nosuch", {"route": [{"version": "1"}]}))
+    assert policies.models() == []
