@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ MATCH_KINDS = ("exact", "prefix", "regex")
 RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envoy bootstrap
 MAX_REGEX_CHARS = 1024
 MAX_RULES = 256  # header rules a policy: each compiled once and tried in order on every routed request
+MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110's token)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
 
@@ -189,7 +192,13 @@ class TrafficPolicy:
                                 "required": ["headers"],
                                 "additionalProperties": False,
                                 "properties": {
-                                    "headers": {"type": "object", "minProperties": 1, "additionalProperties": match}
+                                    "headers": {
+                                        "type": "object",
+                                        "minProperties": 1,
+                                        "maxProperties": MAX_RULE_HEADERS,
+                                        "propertyNames": {"pattern": "^" + HEADER_NAME_RE.pattern + "$"},
+                                        "additionalProperties": match,
+                                    }
                                 },
                             },
                         },
@@ -292,8 +301,15 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         raise PolicyError(f"{where}.match must be {{'headers': {{name: {{exact|prefix|regex: value}}}}}}")
     if not match["headers"]:
         raise PolicyError(f"{where}.match.headers is empty: a rule must match something")
+    if len(match["headers"]) > MAX_RULE_HEADERS:
+        raise PolicyError(f"{where}.match.headers: {len(match['headers'])} headers; at most {MAX_RULE_HEADERS} a rule")
     headers = []
     for name, spec in match["headers"].items():
+        if not HEADER_NAME_RE.fullmatch(name):
+            raise PolicyError(
+                f"{where}.match.headers: {name[:40]!r} is not an HTTP header name (1 to 256 letters, digits "
+                "and !#$%&'*+-.^_`|~), which no request could carry"
+            )
         w = f"{where}.match.headers.{name}"
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in MATCH_KINDS:
             raise PolicyError(f"{w} must be one of {{exact|prefix|regex: value}}")

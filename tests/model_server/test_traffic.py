@@ -174,6 +174,25 @@ def test_mirror_samples_its_percent_and_never_the_primary():
             },
             "rules: 257 rules; at most 256 a policy",
         ),
+        *(
+            (  # a name no request carries: the rule could never match (nor Envoy take it)
+                {
+                    "route": [{"version": "1"}],
+                    "rules": [{"match": {"headers": {name: {"exact": "a"}}}, "route": [{"version": "2"}]}],
+                },
+                "is not an HTTP header name",
+            )
+            for name in ("", "x user", "x-user\n", "x:user", "é", "x" * 257)
+        ),
+        (
+            {
+                "route": [{"version": "1"}],
+                "rules": [
+                    {"match": {"headers": {f"x-{i}": {"exact": "a"} for i in range(65)}}, "route": [{"version": "2"}]}
+                ],
+            },
+            "65 headers; at most 64 a rule",
+        ),
         ({"route": [{"version": "1"}], "weights": {}}, "unknown policy field"),
         ([1, 2], "JSON object"),
     ],
