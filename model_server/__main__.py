@@ -215,12 +215,26 @@ def listeners(host: str, port: int, admin_port: int | None) -> list[socket.socke
 
 
 def admin_token(args: argparse.Namespace) -> str | None:
+    """The admin token, or None (admin calls open); ValueError naming its source, never quoting it."""
+    source = "--admin-token-file"
     if args.admin_token_file is not None:
-        token = args.admin_token_file.read_text().strip()
+        try:
+            token = args.admin_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"admin token file {args.admin_token_file}: cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         if not token:
-            raise SystemExit(f"model-server: admin token file {args.admin_token_file} is empty")
-        return token
-    return args.admin_token or os.environ.get("MODEL_SERVER_ADMIN_TOKEN") or None
+            raise ValueError(f"admin token file {args.admin_token_file} is empty")
+    else:
+        source = "--admin-token" if args.admin_token else "MODEL_SERVER_ADMIN_TOKEN"
+        token = args.admin_token or os.environ.get("MODEL_SERVER_ADMIN_TOKEN") or ""
+    if any(ord(c) < 32 or ord(c) == 127 for c in token):
+        raise ValueError(
+            f"the admin token ({source}) holds a line break or another control character: no "
+            "Authorization header can carry it, and every admin call would be refused"
+        )
+    return token or None
 
 
 def state_dir(args: argparse.Namespace) -> Path | None:
@@ -325,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.repository.is_dir():  # before the default state folder is made inside it
         print(f"model-server: model repository {args.repository} is not a folder", file=sys.stderr)
         return 2
+    try:  # before the models load: a bad token file ends the start at once
+        token = admin_token(args)
+    except ValueError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return 2
     state = state_dir(args)
     try:
         loads = state.parent / "loads" if state is not None else None
@@ -376,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         max_json_bytes=int(args.max_json_mb * 1024 * 1024),
         feedback_max_items=args.feedback_max_items,
         request_timeout_s=args.request_timeout,
-        admin_token=admin_token(args),
+        admin_token=token,
         state_dir=state,
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,

@@ -157,6 +157,39 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     assert not (tmp_path / "nope").exists()  # no state folder made where the repository is not
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (None, "cannot be read: No such file or directory"),
+        (b"\xffSECRET", "cannot be read"),
+        (b" \n", "is empty"),
+        (b"SECRET\nTOKEN\n", "holds a line break or another control character"),
+    ],
+)
+def test_an_admin_token_file_that_cannot_be_used_is_exit_2(tmp_path, content, words):
+    """A missing or non-UTF-8 file was a traceback, and only after every model had loaded; a
+    token with a line break started a server whose admin calls no client could make."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_bytes(content)
+    out = subprocess.run(
+        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), "--admin-token-file", str(token)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert words in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "SECRET" not in out.stderr
+
+
 @pytest.mark.integration
 def test_a_pod_serves_exactly_the_version_it_is_started_with(server_factory, repo_copy):
     """``--serve MODEL:VERSION`` (a pod of one version's Deployment): that version only, loaded at
