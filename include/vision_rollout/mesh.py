@@ -353,11 +353,31 @@ class IstioRouter:
             self._apply(body, "virtualservices")
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
+        """The policy as the VirtualService, once the DestinationRule has a subset for every
+        version it names (make before break: a route to a subset Envoy does not know is a 503)."""
         vs = render_virtual_service(self.target, policy, self.versions)
         live = self._get("virtualservices")
-        if live is not None and ORIGINAL_ANNOTATION in _annotations(live):
+        if live is None:
+            raise RouterError(self._missing("VirtualService"))
+        self._add_subsets(policy.versions() | set(self.versions))
+        if ORIGINAL_ANNOTATION in _annotations(live):
             vs["metadata"]["annotations"] = {ORIGINAL_ANNOTATION: _annotations(live)[ORIGINAL_ANNOTATION]}
         return self._apply(vs, "virtualservices")
+
+    def _add_subsets(self, versions: set[str]) -> None:
+        """The DestinationRule's subsets as they are, and one for each of ``versions`` it lacks.
+        None is removed here: only ``reconcile`` drops subsets, before a rollout routes to any."""
+        live = self._get("destinationrules")
+        if live is None:
+            raise RouterError(self._missing("DestinationRule"))
+        subsets = list((live.get("spec") or {}).get("subsets") or [])
+        have = {s.get("name") for s in subsets if isinstance(s, dict)}
+        missing = sorted((v for v in versions if subset(v) not in have), key=int)
+        if not missing:
+            return
+        body = render_destination_rule(self.target, missing)
+        body["spec"]["subsets"] = subsets + body["spec"]["subsets"]
+        self._apply(body, "destinationrules")
 
     def get_routes(self) -> TrafficPolicy:
         live = self._get("virtualservices")

@@ -234,3 +234,26 @@ def test_a_version_is_drained_only_once_the_mesh_routes_nothing_to_it(kube):
     gets = sum(r["method"] == "GET" for r in fake.requests)
     wait_unrouted(router, "1", drain_s=0)
     assert sum(r["method"] == "GET" for r in fake.requests) == gets + 1  # read back once, from the mesh
+
+
+def test_a_version_gets_its_subset_before_the_virtual_service_routes_to_it(kube):
+    """set_routes alone (``rolloutctl mesh apply --backend istio``, a step that did not reconcile)
+    wrote a VirtualService sending 10% to subset v2 of a DestinationRule that had only v1: Envoy
+    answers 503 for that share. The subset is added first; none is taken away."""
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    before = len(fake.writes())
+    router.set_routes(
+        TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    )
+    writes = [w["path"].rsplit("/", 2)[-2] for w in fake.writes()[before:]]
+    assert writes == ["destinationrules", "virtualservices"]  # the subset, then the route to it
+    subsets = fake.objects[("destinationrules", "models", "digits")]["spec"]["subsets"]
+    assert [s["name"] for s in subsets] == ["v1", "v2"]
+    router = IstioRouter(TARGET, ["2"], api_client=api)  # a promotion: v1's subset stays
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]}))
+    assert [s["name"] for s in fake.objects[("destinationrules", "models", "digits")]["spec"]["subsets"]] == [
+        "v1",
+        "v2",
+    ]
+    assert fake.writes()[-1]["path"].endswith("/virtualservices/digits")

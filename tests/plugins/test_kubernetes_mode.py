@@ -776,7 +776,7 @@ def test_the_failure_callback_calls_only_what_the_dag_processors_roles_allow(kub
     Roles deploy/ binds to that ServiceAccount allow."""
     from devstack import manifests, rbac
     from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_virtual_service
+    from vision_rollout.mesh import render_destination_rule, render_virtual_service
 
     def as_user(user: str) -> None:
         kubeconfig = json.dumps(kube.kubeconfig("ml", user=user))
@@ -793,7 +793,9 @@ def test_the_failure_callback_calls_only_what_the_dag_processors_roles_allow(kub
     target = steps.router(RolloutSpec.from_dict(PARAMS), "r", steps.serving()).target
     mid_stage = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
     vs = render_virtual_service(target, mid_stage, ["1", "2"])
+    dr = render_destination_rule(target, ["1", "2"])
     kube.objects[("virtualservices", "ml", "digits")] = {**vs, "metadata": {**vs["metadata"], "resourceVersion": "3"}}
+    kube.objects[("destinationrules", "ml", "digits")] = {**dr, "metadata": {**dr["metadata"], "resourceVersion": "3"}}
     take("run-1")
     processor = manifests.airflow_user("dagProcessor")
     as_user(processor)
