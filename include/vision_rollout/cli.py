@@ -269,9 +269,9 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     if args.backend == "istio":
         if not (args.namespace and args.service and args.name):
             raise UsageError("--backend istio needs --namespace, --service and --name")
-        target = IstioTarget(args.namespace, args.service, args.name)
         versions = _versions(args.versions, policy) if args.versions else sorted(policy.versions(), key=int)
         try:
+            target = IstioTarget(args.namespace, args.service, args.name)
             if args.action == "render":
                 objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
                 for o in objs:

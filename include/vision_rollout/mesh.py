@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -148,16 +149,36 @@ def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
     }
 
 
+_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+KUBERNETES_NAMES = {  # a target's names: what the API server takes (rule in words, pattern)
+    "namespace": ("a DNS label (a-z, 0-9, '-' inside, at most 63)", _LABEL),
+    # A Service's name starts with a letter; its Deployments are <service>-v<N>, its pods'
+    # label app=<service>: 63 at most.
+    "service": (
+        "a Service name (a-z first, then a-z, 0-9, '-' inside, at most 63)",
+        r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+    ),
+    "name": ("a DNS subdomain (labels joined by '.', at most 253)", rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*"),
+}
+
+
 @dataclass
 class IstioTarget:
     """The Istio objects one model's rollout drives: its Service, and the VirtualService and
-    DestinationRule named ``name`` in ``namespace``."""
+    DestinationRule named ``name`` in ``namespace``. RouterError for a name Kubernetes would
+    refuse (``KUBERNETES_NAMES``): nothing is rendered for it."""
 
     namespace: str
     service: str  # the Kubernetes Service in front of the model server pods
     name: str  # VirtualService and DestinationRule name
     gateways: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # default: the service's cluster name
+
+    def __post_init__(self) -> None:
+        for key, (rule, pattern) in KUBERNETES_NAMES.items():
+            value = getattr(self, key)
+            if not isinstance(value, str) or not re.fullmatch(pattern, value):
+                raise RouterError(f"istio {key} {str(value)[:80]!r}: not {rule}, which Kubernetes would refuse")
 
     @property
     def host(self) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 import jsonschema
 
 from vision_rollout.folders import Folder, folder_problem
-from vision_rollout.mesh import IstioTarget
+from vision_rollout.mesh import KUBERNETES_NAMES, IstioTarget
 from vision_rollout.serving import ModelServerAdmin
 
 CONNECTION = "model_server_default"
@@ -366,19 +366,6 @@ class ServingSettings:
                         f"the {CONNECTION} extra models: '{other}' and '{model}' share the {kind} "
                         f"{target.namespace}/{name}; give each its own istio.{key}"
                     )
-
-
-_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
-KUBERNETES_NAMES = {  # the target's names once {model} is filled in: what the API server takes
-    "namespace": ("a DNS label (a-z, 0-9, '-' inside, at most 63)", _LABEL),
-    # A Service's name starts with a letter; its Deployments are <service>-v<N>, its pods'
-    # label app=<service>: 63 at most.
-    "service": (
-        "a Service name (a-z first, then a-z, 0-9, '-' inside, at most 63)",
-        r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
-    ),
-    "name": ("a DNS subdomain (labels joined by '.', at most 253)", rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*"),
-}
 
 
 def model_name(model: str) -> str:

@@ -295,6 +295,29 @@ def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsy
     assert (code, err.strip()) == (2, f"rolloutctl mesh: {deep}: nested too deep to read")
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--namespace", "Models", "istio namespace 'Models': not a DNS label"),
+        ("--service", "my_svc", "istio service 'my_svc': not a Service name"),
+        ("--service", "d" * 64, "not a Service name (a-z first, then a-z, 0-9, '-' inside, at most 63)"),
+        ("--name", "Digits.V2", "istio name 'Digits.V2': not a DNS subdomain"),
+    ],
+)
+def test_mesh_refuses_names_kubernetes_would_refuse(tmp_path, capsys, flag, value, words):
+    """``--namespace Models --service my_svc`` rendered manifests (exit 0) that no API server
+    takes, and a host ``my_svc.Models.svc.cluster.local`` no Service has; ``apply`` sent them."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    names = {"--namespace": "models", "--service": "digits", "--name": "digits", flag: value}
+    for action in ("render", "apply"):
+        argv = ["mesh", action, "--backend", "istio", "--policy", str(policy), "--versions", "1"]
+        code, out, err = run(capsys, *argv, *(x for item in names.items() for x in item))
+        assert (code, out) == (2, "")
+        assert words in err
+        assert "Traceback" not in err
+
+
 def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, capsys):
     """A mistyped --baseline skipped the comparison and said OK (exit 0); a baseline that does
     not load was an onnxruntime traceback."""
