@@ -288,10 +288,14 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         if not (args.url and args.model):
             raise UsageError("--backend local needs --url and --model")
         router = LocalRouter(args.url, args.model, _token(args.token_file))
+    from urllib3.exceptions import HTTPError
+
     try:
         changed = router.set_routes(policy)
     except RouterError as exc:
         raise CommandError(str(exc)) from None
+    except HTTPError as exc:  # no answer from the API server (the model server's are AdminError)
+        raise CommandError(f"the Kubernetes API server did not answer: {exc}") from None
     print("applied" if changed else "unchanged: already in effect")
     return 0
 

@@ -297,7 +297,12 @@ class IstioRouter:
             try:
                 config.load_incluster_config()
             except config.ConfigException:
-                config.load_kube_config()
+                try:
+                    config.load_kube_config()
+                except (config.ConfigException, OSError) as exc:
+                    raise RouterError(
+                        f"no cluster to reach: no in-cluster service account, and no kubeconfig ({exc})"
+                    ) from None
             self.api_client = client.ApiClient()
         return client.CustomObjectsApi(self.api_client)
 

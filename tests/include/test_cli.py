@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devstack.processes import free_port
 from model_server.traffic import TrafficPolicy
 from tests.support import TOKEN, samples, shadow_log
 from vision_rollout.cli import main
@@ -316,6 +317,39 @@ def test_mesh_refuses_names_kubernetes_would_refuse(tmp_path, capsys, flag, valu
         assert (code, out) == (2, "")
         assert words in err
         assert "Traceback" not in err
+
+
+def test_mesh_apply_istio_without_a_cluster_says_so(tmp_path, capsys, monkeypatch):
+    """No kubeconfig, or an API server that does not answer: a traceback of the kubernetes
+    client's (ConfigException, MaxRetryError), not the command's error line."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1"]
+    argv += ["--namespace", "models", "--service", "digits", "--name", "digits"]
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "none"))  # $KUBECONFIG
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (4, "")
+    assert "no cluster to reach: no in-cluster service account, and no kubeconfig" in err
+    assert "Traceback" not in err
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],  # nothing listens
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (4, "")
+    assert "rolloutctl mesh: error: the Kubernetes API server did not answer" in err
+    assert "Traceback" not in err
 
 
 def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, capsys):
