@@ -406,10 +406,18 @@ class IstioRouter:
         self._apply(body, "destinationrules")
 
     def get_routes(self) -> TrafficPolicy:
+        """RouterError for a VirtualService that is not the rollout's rendering (edited by hand: a
+        route without a subset, a subset not named ``v<version>``): it names no policy to read."""
         live = self._get("virtualservices")
         if live is None:
             raise RouterError(self._missing("VirtualService"))
-        return policy_from_virtual_service(live)
+        try:
+            return policy_from_virtual_service(live)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # PolicyError is a ValueError
+            raise RouterError(
+                f"VirtualService {self.target.namespace}/{self.target.name} is not one the rollout reads (each route "
+                f"to a subset v<version>, as deploy/base/mesh.yaml): {type(exc).__name__} {str(exc)[:200]}"
+            ) from None
 
     def finalize(self) -> None:
         live = self._get("virtualservices")

@@ -257,3 +257,21 @@ def test_a_version_gets_its_subset_before_the_virtual_service_routes_to_it(kube)
         "v2",
     ]
     assert fake.writes()[-1]["path"].endswith("/virtualservices/digits")
+
+
+@pytest.mark.parametrize(
+    ("destination", "words"), [({"host": "h"}, "KeyError 'subset'"), ({"host": "h", "subset": "stable"}, "PolicyError")]
+)
+def test_a_virtual_service_edited_by_hand_is_named_not_a_traceback(kube, destination, words):
+    """A route without a subset was a KeyError out of get_routes (the first step, start_from_steady,
+    catches RouterError only: a traceback and retries), a subset named 'stable' a PolicyError."""
+    fake, api = kube
+    fake.touch(
+        "virtualservices",
+        "models",
+        "digits",
+        lambda o: o["spec"]["http"][-1].update(route=[{"destination": destination}]),
+    )
+    with pytest.raises(RouterError, match="VirtualService models/digits is not one the rollout reads") as exc:
+        IstioRouter(TARGET, ["1"], api_client=api).get_routes()
+    assert words in str(exc.value)
