@@ -1,17 +1,18 @@
 """Mesh routers: put a TrafficPolicy into effect, on the model server or on Istio.
 
-One protocol, as Flagger's ``pkg/router``: ``reconcile`` (remember the routes as they are
-before the rollout touches them), ``set_routes`` (diff, then write), ``get_routes`` and
-``finalize`` (restore what ``reconcile`` remembered). ``make_router`` raises on an unknown
-backend; nothing falls back silently.
+One protocol, after Flagger's ``pkg/router``: ``reconcile`` (make the routes ready for a
+rollout, before it touches them), ``set_routes`` (diff, then write) and ``get_routes``. A
+rollback or a promotion is a ``set_routes`` like any stage's. ``make_router`` raises on an
+unknown backend; nothing falls back silently.
 
 - ``LocalRouter``: the model server's ``/v2/models/{m}/traffic`` admin API.
 - ``IstioRouter``: renders a ``VirtualService`` and a ``DestinationRule``
   (networking.istio.io/v1; one subset per version, selected by the pod label ``version``),
   validates both against Istio's own CRD schema, and applies them with the official
   kubernetes client: server-side apply with a field manager, a diff before every write, and
-  a retry when the object changed underneath (409). The original VirtualService spec is kept
-  in an annotation so that ``finalize`` restores it, even from another process.
+  a retry when the object changed underneath (409). What the platform set on the
+  VirtualService beside the routes (a route's timeout, retries, fault or CORS policy; the
+  spec's other fields) is kept: the rollout moves destinations, weights and the mirror.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from vision_rollout.serving import AdminError, ModelServerAdmin
 log = logging.getLogger(__name__)
 
 SCHEMAS = Path(__file__).with_name("schemas") / "istio-networking-v1.json"
-ORIGINAL_ANNOTATION = "rollout.vision/original-spec"
 FIELD_MANAGER = "model-rollout"
 
 
@@ -46,13 +46,12 @@ class RouterError(Exception):
 class Router(Protocol):
     """Where a rollout's traffic policy is applied: the model server's router on one machine
     (``LocalRouter``), Istio's VirtualService and DestinationRule in a cluster (``IstioRouter``).
-    ``set_routes`` answers whether anything changed; ``finalize`` leaves the routes as promoted.
+    ``set_routes`` answers whether anything changed.
     """
 
     def reconcile(self) -> None: ...
     def set_routes(self, policy: TrafficPolicy) -> bool: ...
     def get_routes(self) -> TrafficPolicy: ...
-    def finalize(self) -> None: ...
 
 
 # -- the model server ------------------------------------------------------------------------
@@ -60,7 +59,8 @@ class Router(Protocol):
 
 @dataclass
 class LocalRouter:
-    """The model server as the mesh. The original policy is kept in ``state_file``."""
+    """The model server as the mesh; ``reconcile`` records the routes it found in ``state_file``
+    (once: a retried first stage keeps the first record)."""
 
     url: str  # http://host:port
     model: str
@@ -95,12 +95,6 @@ class LocalRouter:
         except AdminError as exc:
             raise RouterError(str(exc)) from None
         return True
-
-    def finalize(self) -> None:
-        if self.state_file is None or not self.state_file.exists():
-            raise RouterError("finalize: no original routes were recorded (reconcile was not called)")
-        self.set_routes(TrafficPolicy.from_dict(json.loads(self.state_file.read_text())))
-        self.state_file.unlink()
 
 
 # -- Istio -----------------------------------------------------------------------------------
@@ -234,6 +228,28 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
     }
 
 
+# An HTTP route's fields the traffic policy sets; the others (timeout, retries, fault,
+# corsPolicy, headers, rewrite...) are the platform's.
+POLICY_ROUTE_FIELDS = frozenset({"name", "match", "route", "mirror", "mirrorPercentage"})
+
+
+def with_platform_fields(rendered: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``rendered`` (a VirtualService spec) with what the platform set beside the policy's
+    routes in ``live``: the spec's other fields (``gateways``, ``exportTo``, ``tcp``...), and on
+    each HTTP route the fields the policy does not set, from the live route of its name, or
+    for a route new to the VirtualService (a rule's, a new version's pinned route) from the
+    live ``default`` route. A rollout, its rollback and its promotion then keep a route's
+    timeout and retries: the spec's ``http`` is one list, written whole."""
+    routes = {r.get("name"): r for r in live.get("http") or [] if isinstance(r, dict)}
+
+    def platform(entry: dict[str, Any]) -> dict[str, Any]:
+        source = routes.get(entry.get("name")) or routes.get("default") or {}
+        return {k: v for k, v in source.items() if k not in POLICY_ROUTE_FIELDS}
+
+    http = [{**platform(entry), **entry} for entry in rendered["http"]]
+    return {**{k: v for k, v in live.items() if k != "http"}, **rendered, "http": http}
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -360,34 +376,21 @@ class IstioRouter:
         )
 
     def reconcile(self) -> None:
-        """DestinationRule with every subset; the VirtualService's original spec remembered."""
-        live = self._get("virtualservices")
-        if live is None:
+        """The DestinationRule with a subset for every version, the VirtualService there."""
+        if self._get("virtualservices") is None:
             raise RouterError(self._missing("VirtualService"))
         self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
-        if ORIGINAL_ANNOTATION not in _annotations(live):
-            body = {
-                "apiVersion": "networking.istio.io/v1",
-                "kind": "VirtualService",
-                "metadata": {
-                    "name": self.target.name,
-                    "namespace": self.target.namespace,
-                    "annotations": {ORIGINAL_ANNOTATION: json.dumps(live["spec"], sort_keys=True)},
-                },
-                "spec": live["spec"],
-            }
-            self._apply(body, "virtualservices")
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
-        """The policy as the VirtualService, once the DestinationRule has a subset for every
-        version it names (make before break: a route to a subset Envoy does not know is a 503)."""
+        """The policy as the VirtualService, with what the platform set beside its routes
+        (``with_platform_fields``), once the DestinationRule has a subset for every version it
+        names (make before break: a route to a subset Envoy does not know is a 503)."""
         vs = render_virtual_service(self.target, policy, self.versions)
         live = self._get("virtualservices")
         if live is None:
             raise RouterError(self._missing("VirtualService"))
         self._add_subsets(policy.versions() | set(self.versions))
-        if ORIGINAL_ANNOTATION in _annotations(live):
-            vs["metadata"]["annotations"] = {ORIGINAL_ANNOTATION: _annotations(live)[ORIGINAL_ANNOTATION]}
+        vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
         return self._apply(vs, "virtualservices")
 
     def _add_subsets(self, versions: set[str]) -> None:
@@ -418,19 +421,6 @@ class IstioRouter:
                 f"VirtualService {self.target.namespace}/{self.target.name} is not one the rollout reads (each route "
                 f"to a subset v<version>, as deploy/base/mesh.yaml): {type(exc).__name__} {str(exc)[:200]}"
             ) from None
-
-    def finalize(self) -> None:
-        live = self._get("virtualservices")
-        if live is None or ORIGINAL_ANNOTATION not in _annotations(live):
-            raise RouterError("finalize: no original VirtualService spec was recorded (reconcile was not called)")
-        original = json.loads(_annotations(live)[ORIGINAL_ANNOTATION])
-        body = {
-            "apiVersion": "networking.istio.io/v1",
-            "kind": "VirtualService",
-            "metadata": {"name": self.target.name, "namespace": self.target.namespace, "annotations": {}},
-            "spec": original,
-        }
-        self._apply(body, "virtualservices")
 
 
 def routes_to(policy: TrafficPolicy, version: str) -> bool:

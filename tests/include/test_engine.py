@@ -390,9 +390,6 @@ class RecordingRouter:
     def get_routes(self) -> TrafficPolicy:
         return TrafficPolicy.from_dict(self.history[-1])
 
-    def finalize(self) -> None:
-        pass
-
 
 def scripted(statuses: list[str]):
     answers = iter(statuses)

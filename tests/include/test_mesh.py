@@ -129,8 +129,47 @@ def test_istio_router_applies_diffs_and_restores(kube):
     assert w["content_type"] == "application/apply-patch+yaml"
     assert w["query"]["fieldManager"] == ["model-rollout"]
     assert w["query"]["force"][0] in GO_TRUE  # the API server parses it with Go's strconv.ParseBool
-    router.finalize()
-    assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    assert router.set_routes(stable) is True  # a rollback
+    assert router.get_routes() == stable
+
+
+def test_the_platforms_route_settings_outlive_a_rollout_and_its_rollback(kube):
+    """The rollout wrote the VirtualService's routes whole: a timeout, retries or a fault the
+    platform set on the default route (and the spec's gateways) were gone from the first stage
+    on, also after the rollback. They are kept: on the routes of the same name, and a route new
+    to the VirtualService (a rule's, the candidate's pinned route) takes the default route's."""
+    fake, api = kube
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    original = render_virtual_service(TARGET, stable, ["1"])
+    platform = {"timeout": "7s", "retries": {"attempts": 2, "perTryTimeout": "3s", "retryOn": "5xx"}}
+    original["spec"]["http"][-1].update(platform)
+    original["spec"]["http"][0]["timeout"] = "30s"  # pinned-v1: the replay's long requests
+    original["spec"]["gateways"] = ["mesh", "ml/edge"]
+    original["spec"]["exportTo"] = ["."]
+    validate_istio(original)
+    fake.objects[("virtualservices", "models", "digits")] = {
+        **original,
+        "metadata": {**original["metadata"], "resourceVersion": "7"},
+    }
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    live = fake.objects[("virtualservices", "models", "digits")]["spec"]
+    routes = {r["name"]: r for r in live["http"]}
+    assert {k: routes["default"][k] for k in platform} == platform
+    assert {k: routes["acme"][k] for k in platform} == platform  # the rule's, new: the default's
+    assert routes["pinned-v1"]["timeout"] == "30s"
+    assert routes["pinned-v2"]["timeout"] == "7s"
+    assert routes["default"]["mirror"]["subset"] == "v2"  # the policy's fields are the policy's
+    assert (live["gateways"], live["exportTo"]) == (["mesh", "ml/edge"], ["."])
+    assert router.get_routes() == CANARY
+    assert router.set_routes(CANARY) is False  # kept fields are no change
+    assert router.set_routes(stable) is True
+    live = fake.objects[("virtualservices", "models", "digits")]["spec"]
+    assert {k: live["http"][-1][k] for k in platform} == platform
+    assert "mirror" not in live["http"][-1]
+    assert router.get_routes() == stable
 
 
 def test_istio_router_retries_when_the_object_changes_underneath(kube):
@@ -172,8 +211,8 @@ def test_local_router_drives_the_model_server(server_factory, repo_copy, tmp_pat
     assert router.set_routes(CANARY) is True
     assert router.set_routes(CANARY) is False
     assert router.get_routes() == CANARY
-    router.finalize()
-    assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]})
+    found = TrafficPolicy.from_dict(json.loads((tmp_path / "original.json").read_text()))
+    assert found == TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]})  # as reconcile found them
     with pytest.raises(RouterError, match="HTTP 401"):
         LocalRouter(s.http, "digits", token="wrong").get_routes()
     with pytest.raises(RouterError, match="not loaded"):
