@@ -752,9 +752,16 @@ CLOCK_STEP_S = 60  # how far a writer's clock may step back between receiving a 
 
 
 def _written_at(name: str) -> datetime | None:
-    """The UTC second a file of this name was written (by its writer's clock), None for a name without it."""
+    """The UTC second a file of this name was written (by its writer's clock), None for a name
+    without it or with no such second in it (a foreign file's ``-20261399T999999Z-``): read."""
     m = WRITTEN.search(name)
-    return None if m is None else datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    if m is None:
+        return None
+    try:
+        written = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return written if written.year < 9999 else None  # (the year 9999 leaves no room to add to it)
 
 
 def _written_before(name: str, start: datetime) -> bool:

@@ -474,6 +474,25 @@ def test_truncated_garbage_and_malformed_records_are_skipped_and_counted(log_uri
     assert "part-x-1-truncated.parquet skipped" in caplog.text
 
 
+def test_a_file_named_with_no_real_write_second_is_read_not_a_crash(log_uri, tmp_path):
+    """The write second in a name is parsed to prune files: a foreign name's impossible date,
+    year 0 or last second of the year 9999 raised out of read (ValueError, OverflowError)."""
+    w = writer(tmp_path, log_uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(log_uri)
+    fs, root = filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{good}") as f:
+        data = f.read()
+    folder = good.rsplit("/", 1)[0]
+    for i, stamp in enumerate(("20261399T999999", "00000101T000000", "99991231T235959")):
+        put_file(log_uri, f"{folder}/part-x-{stamp}Z-{i:012x}.parquet", data)
+    df = read(log_uri, *window(), written=True)
+    assert len(df) == 8  # the writer's file and the three copies, two items each
+    assert df.attrs["skipped_files"] == 0
+    assert df["written"].isna().sum() == 6  # no write second: read, none made up
+
+
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.append(primary())
