@@ -152,6 +152,10 @@ PAIR_COLUMNS = [
 
 _OUTPUT_COLUMNS = ("top1", "top1_prob", "topk_index", "topk_prob", "probs")
 MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one PUT per object
+# What one file's columns may take in a reader's memory: a larger one is skipped, unread (a
+# 500 KB file of repeated 1 KB ids held 7 GB). The writer's tables stay far below it.
+MAX_READ_BYTES = 1024 * 1024 * 1024
+MAX_TABLE_BYTES = 64 * 1024 * 1024  # a written file's table in memory (split by rows when larger)
 _MASK_CACHE_MAX = 100_000
 
 
@@ -638,12 +642,14 @@ class PredictionLog:
             return None
 
     def _encode(self, table: pa.Table) -> list[pa.Buffer]:
-        """Parquet files of the table, each under MAX_FILE_BYTES (split by rows when larger)."""
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=self.compression)
-        buf = sink.getvalue()
-        if buf.size <= MAX_FILE_BYTES or table.num_rows < 2:
-            return [buf]
+        """Parquet files of the table, each under MAX_FILE_BYTES and of a table under
+        MAX_TABLE_BYTES (split by rows when larger)."""
+        if table.nbytes <= MAX_TABLE_BYTES or table.num_rows < 2:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression=self.compression)
+            buf = sink.getvalue()
+            if buf.size <= MAX_FILE_BYTES or table.num_rows < 2:
+                return [buf]
         half = table.num_rows // 2
         return self._encode(table.slice(0, half)) + self._encode(table.slice(half))
 
@@ -770,6 +776,28 @@ def _written_before(name: str, start: datetime) -> bool:
     return written is not None and written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
 
 
+def _stored_bytes(meta: pq.FileMetaData, columns: Sequence[str]) -> int:
+    """An upper bound of what ``columns`` take once read, but for the strings' repeats: their
+    pages uncompressed, and 8 bytes a value (a value, offset, index or validity; a run-length
+    encoded page of a billion values is a few bytes)."""
+    wanted = set(columns)
+    total = 8 * meta.num_rows * len(wanted)
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".", 1)[0] in wanted:
+                total += chunk.total_uncompressed_size + 8 * chunk.num_values
+    return total
+
+
+def _string_bytes(column: pa.ChunkedArray) -> int:
+    """The characters a dictionary-encoded string column holds once decoded."""
+    return sum(
+        pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0 for chunk in column.chunks
+    )
+
+
 def _read_one(
     fs: pafs.FileSystem,
     path: str,
@@ -779,9 +807,12 @@ def _read_one(
     roles: Sequence[str] | None,
     written: bool = False,
 ) -> _FileResult:
+    # Every string column is read as a dictionary (each value once) and decoded only when what
+    # it decodes to fits: a file's repeats are not a reader's memory.
+    strings = [c for c in columns if SCHEMA.field(c).type == pa.string()]
     try:
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f, read_dictionary=[c for c in _CATEGORICAL if c in columns])
+            pf = pq.ParquetFile(f, read_dictionary=strings)
             schema = pf.schema_arrow
             for name in columns:
                 i = schema.get_field_index(name)
@@ -790,7 +821,15 @@ def _read_one(
                     got = got.value_type
                 if got is None or not got.equals(SCHEMA.field(name).type):
                     return _FileResult(path, None, f"wrong schema: column {name} is {got or 'missing'}")
+            size = _stored_bytes(pf.metadata, columns)
+            if size > MAX_READ_BYTES:
+                return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
             table = pf.read(columns=columns)
+        plain = [c for c in strings if c not in _CATEGORICAL and pa.types.is_dictionary(table[c].type)]
+        if size + sum(_string_bytes(table[c]) for c in plain) > MAX_READ_BYTES:
+            return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
+        for name in plain:
+            table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
     except (OSError, pa.ArrowException) as exc:
         return _FileResult(path, None, f"unreadable: {exc}")
     n = table.num_rows
@@ -844,9 +883,9 @@ def read(
     ``BLIND_HOURS``, those that exist), only files that may
     hold records of the range are opened (a file written, by its name, more than ``CLOCK_STEP_S``
     before ``start`` holds none: its records were received before it was written), and only
-    ``columns`` (plus ``time``) are read. Unreadable, truncated or wrongly typed files are skipped with a
-    warning, as are malformed records (no time, model, request id, item or a known role): the
-    counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
+    ``columns`` (plus ``time``) are read. Unreadable, truncated, wrongly typed files and files
+    whose columns would take over ``MAX_READ_BYTES`` once read are skipped with a warning, as
+    are malformed records (no time, model, request id, item or a known role): the counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
     ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list
     columns (``topk_index``, ``topk_prob``, ``probs``) are Arrow-backed (``pd.ArrowDtype``): an
     element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,

@@ -493,6 +493,48 @@ def test_a_file_named_with_no_real_write_second_is_read_not_a_crash(log_uri, tmp
     assert df["written"].isna().sum() == 6  # no write second: read, none made up
 
 
+def bomb(rows: int, request_id: str) -> bytes:
+    """A Parquet file of the log's schema, small on disk, whose rows repeat one record: its
+    strings stored once (dictionary), its other values as runs."""
+    now = datetime.now(UTC)
+    values = {"time": now, "model": "digits", "role": "primary", "request_id": request_id, "item": 0}
+    cols = [
+        pa.DictionaryArray.from_arrays(pa.repeat(pa.scalar(0, pa.int32()), rows), pa.array([values[f.name]]))
+        if f.type == pa.string() and f.name in values
+        else pa.repeat(pa.scalar(values.get(f.name), f.type), rows)
+        for f in SCHEMA
+    ]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols, names=SCHEMA.names), sink, compression="zstd", store_schema=False)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_file_that_would_take_more_memory_than_allowed_is_skipped_unread(log_uri, tmp_path, monkeypatch):
+    """A small file can hold what takes gigabytes once read: 490 KB of one 1 KB request id
+    repeated 3 million times took a reader 7 GB. It is skipped, counted, before it is decoded."""
+    monkeypatch.setattr(predictionlog, "MAX_READ_BYTES", 16 * 1024 * 1024)
+    w = writer(tmp_path, log_uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(log_uri)
+    folder = good.rsplit("/", 1)[0]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    long_ids = bomb(100_000, "r" * 1000)  # 100 MB of ids
+    many_rows = bomb(2_000_000, "r")  # 32 MB of times and ids
+    assert max(len(long_ids), len(many_rows)) < 200_000
+    put_file(log_uri, f"{folder}/part-x-{stamp}Z-{1:012x}.parquet", long_ids)
+    put_file(log_uri, f"{folder}/part-x-{stamp}Z-{2:012x}.parquet", many_rows)
+    df = read(log_uri, *window(), columns=["request_id"])
+    assert list(df["request_id"]) == ["good", "good"]
+    reasons = df.attrs["skipped_file_reasons"]
+    assert sorted(p.rsplit("-", 1)[1] for p in reasons) == ["000000000001.parquet", "000000000002.parquet"]
+    assert all(r.startswith("too large") for r in reasons.values())
+    # the metadata stays categorical; the other strings are plain strings, as before
+    full = read(log_uri, *window(), model="digits")
+    assert full["tenant"].dtype == "category"
+    assert full["request_id"].map(type).eq(str).all()
+
+
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.append(primary())
@@ -545,6 +587,18 @@ def test_large_flushes_are_split_into_files_under_the_put_limit(tmp_path, monkey
     assert len(written) > 1
     assert all(f.stat().st_size <= 16384 for f in written)
     assert len(read(tmp_path / "log", *window())) == 1000
+
+
+def test_a_flush_is_split_into_files_whose_tables_readers_can_hold(tmp_path, monkeypatch):
+    monkeypatch.setattr(predictionlog, "MAX_TABLE_BYTES", 65536)
+    w = writer(tmp_path)
+    for i in range(500):
+        w.append(primary(f"r{i}"))
+    assert w.flush() == 1000
+    written = [pq.read_table(f) for f in (tmp_path / "log").rglob("part-*.parquet")]
+    assert len(written) > 1
+    assert all(t.nbytes <= 65536 for t in written)
+    assert sum(t.num_rows for t in written) == 1000
 
 
 def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_path):
