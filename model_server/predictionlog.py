@@ -617,16 +617,7 @@ class PredictionLog:
                 ]
                 if not parts:
                     continue
-                table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-                rows = table.num_rows
-                try:
-                    self._write(folder, table)
-                except Exception as exc:  # a failed write loses this file's rows, counted; others go on
-                    metrics.PREDICTION_LOG_RECORDS.labels("error").inc(rows)
-                    log.error("prediction log write of %d records in %s failed: %s", len(recs), folder, exc)
-                    continue
-                metrics.PREDICTION_LOG_RECORDS.labels("written").inc(rows)
-                written += rows
+                written += self._write(folder, pa.concat_tables(parts) if len(parts) > 1 else parts[0])
             return written
 
     @staticmethod
@@ -641,7 +632,7 @@ class PredictionLog:
             log.error("prediction log: %d records for %s not written: %s", len(recs), folder, exc)
             return None
 
-    def _encode(self, table: pa.Table) -> list[pa.Buffer]:
+    def _encode(self, table: pa.Table) -> list[tuple[pa.Buffer, pa.Table]]:
         """Parquet files of the table, each under MAX_FILE_BYTES and of a table under
         MAX_TABLE_BYTES (split by rows when larger)."""
         if table.nbytes <= MAX_TABLE_BYTES or table.num_rows < 2:
@@ -649,22 +640,39 @@ class PredictionLog:
             pq.write_table(table, sink, compression=self.compression)
             buf = sink.getvalue()
             if buf.size <= MAX_FILE_BYTES or table.num_rows < 2:
-                return [buf]
+                return [(buf, table)]
         half = table.num_rows // 2
         return self._encode(table.slice(0, half)) + self._encode(table.slice(half))
 
-    def _write(self, folder: str, table: pa.Table) -> None:
-        for buf in self._encode(table):
+    def _write(self, folder: str, table: pa.Table) -> int:
+        """The table's files in ``folder``; the rows written. A file that cannot be written loses
+        its own rows, counted; the others are written (and counted written: readers see them)."""
+        try:
+            files = self._encode(table)
+        except Exception as exc:
+            metrics.PREDICTION_LOG_RECORDS.labels("error").inc(table.num_rows)
+            log.error("prediction log: %d rows for %s not encoded: %s", table.num_rows, folder, exc)
+            return 0
+        written = 0
+        for buf, part in files:
             # The UTC second of the write: every record in the file was received before it (read prunes by it).
             name = (
                 f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}.parquet"
             )
-            if self.local:
-                write_private(Path(folder) / name, memoryview(buf))
-            else:  # an object store: the object appears whole when its single PUT completes
-                with self.fs.open_output_stream(f"{folder}/{name}") as out:
-                    out.write(buf)
+            try:
+                if self.local:
+                    write_private(Path(folder) / name, memoryview(buf))
+                else:  # an object store: the object appears whole when its single PUT completes
+                    with self.fs.open_output_stream(f"{folder}/{name}") as out:
+                        out.write(buf)
+            except Exception as exc:
+                metrics.PREDICTION_LOG_RECORDS.labels("error").inc(part.num_rows)
+                log.error("prediction log write of %d rows in %s failed: %s", part.num_rows, folder, exc)
+                continue
             metrics.PREDICTION_LOG_FILES.inc()
+            metrics.PREDICTION_LOG_RECORDS.labels("written").inc(part.num_rows)
+            written += part.num_rows
+        return written
 
 
 def _rows_of(rec: Inference | Label) -> int:

@@ -535,6 +535,32 @@ def test_a_file_that_would_take_more_memory_than_allowed_is_skipped_unread(log_u
     assert full["request_id"].map(type).eq(str).all()
 
 
+def test_a_flush_whose_second_file_fails_counts_the_first_written(tmp_path, monkeypatch):
+    """The files of one flush are written one by one: a failure of the second counted the rows
+    of the first, readable in the log, as lost too."""
+    monkeypatch.setattr(predictionlog, "MAX_TABLE_BYTES", 65536)
+    w = writer(tmp_path)
+    for i in range(500):
+        w.append(primary(f"r{i}"))
+    calls = []
+    real = predictionlog.write_private
+
+    def second_fails(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(predictionlog, "write_private", second_fails)
+    before_written, before_error = records("written"), records("error")
+    written = w.flush()
+    on_disk = len(read(tmp_path / "log", *window()))
+    assert len(calls) > 2
+    assert 0 < written == on_disk < 1000
+    assert records("written") - before_written == on_disk
+    assert records("error") - before_error == 1000 - on_disk
+
+
 def test_a_crash_mid_write_leaves_no_file(tmp_path, monkeypatch):
     w = writer(tmp_path)
     w.append(primary())
