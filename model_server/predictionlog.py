@@ -655,10 +655,13 @@ class PredictionLog:
             return 0
         written = 0
         for buf, part in files:
-            # The UTC second of the write: every record in the file was received before it (read prunes by it).
-            name = (
-                f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}.parquet"
-            )
+            # The UTC second of the write: every record in the file was received before it (read
+            # prunes by it), by the clock that stamped them: never before the last of them, should
+            # the clock have stepped back since (a file named earlier would be pruned from a range
+            # that holds its records).
+            last = pc.max(part["time"]).value / 1_000_000
+            second = time.gmtime(max(time.time(), last))
+            name = f"part-{self.replica}-{time.strftime('%Y%m%dT%H%M%SZ', second)}-{uuid.uuid4().hex[:12]}.parquet"
             try:
                 if self.local:
                     write_private(Path(folder) / name, memoryview(buf))

@@ -535,6 +535,20 @@ def test_a_file_that_would_take_more_memory_than_allowed_is_skipped_unread(log_u
     assert full["request_id"].map(type).eq(str).all()
 
 
+def test_a_file_is_never_named_before_its_records_when_the_clock_stepped_back(log_uri, tmp_path):
+    """A record stamped 5 minutes after the writer's clock at the write (the clock stepped back
+    in between) was in a file named by the write's second, which read pruned from every range
+    starting over a minute after it: the record was never read."""
+    w = writer(tmp_path, log_uri)
+    ahead = time.time() + 300
+    w.append(primary("stepped", when=ahead))
+    assert w.flush() == 2
+    at = datetime.fromtimestamp(ahead, UTC)
+    df = read(log_uri, at - timedelta(seconds=10), at + timedelta(seconds=10), written=True)
+    assert list(df["request_id"]) == ["stepped", "stepped"]
+    assert (df["written"] >= df["time"].dt.floor("s")).all()
+
+
 def test_a_flush_whose_second_file_fails_counts_the_first_written(tmp_path, monkeypatch):
     """The files of one flush are written one by one: a failure of the second counted the rows
     of the first, readable in the log, as lost too."""
