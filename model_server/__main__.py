@@ -17,6 +17,7 @@ from model_server.app import Settings, create_app
 from model_server.config import NAME_RE, ascii_uint
 from model_server.errors import MaskingUnavailable, ServerError
 from model_server.feedback import read_key
+from model_server.files import folder_problem
 from model_server.httpserver import limited_protocol
 from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
 from model_server.metrics import export_gpu_gauges, visible_gpus
@@ -308,6 +309,9 @@ def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | 
     uri = args.prediction_log or args.shadow_log
     if uri is None:
         return None
+    problem = folder_problem(uri)
+    if problem:  # (the URI is not repeated: it may hold a secret)
+        raise SystemExit(f"model-server: --prediction-log is not a folder: {problem}")
     if args.shadow_log:
         log.warning("--shadow-log is deprecated: use --prediction-log %s", uri)
     replica = default_replica() if args.replica_id is None else args.replica_id

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from model_server.errors import StateNotSaved
 
@@ -37,6 +38,27 @@ def write_state(path: Path, record: Any) -> None:
         write_private(path, json.dumps(record, indent=2).encode() + b"\n")
     except OSError as exc:
         raise StateNotSaved.writing(path, exc) from None
+
+
+SCHEMES = ("file", "s3", "gs", "gcs")
+_SECRET_OPTIONS = ("key", "secret", "token", "password", "credential")
+
+
+def folder_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as a folder (a path, or a URI of ``SCHEMES`` with no
+    credentials in it); None when nothing is. Never repeats the value."""
+    if "://" not in text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in SCHEMES:
+        return f"a folder, or a URI of {', '.join(s + '://' for s in SCHEMES)}, not {parts.scheme[:16]!r}://"
+    if "@" in parts.netloc or any(
+        word in key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True) for word in _SECRET_OPTIONS
+    ):
+        return "credentials in the URI (they would be in logs and reports): they come from the environment"
+    if parts.fragment:
+        return "a URI with a fragment (#)"
+    return None
 
 
 def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:

@@ -16,32 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-from model_server.files import filesystem, write_private
+from model_server.files import filesystem, folder_problem, write_private
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-SCHEMES = ("file", "s3", "gs", "gcs")
-_SECRET_OPTIONS = ("key", "secret", "token", "password", "credential")
-
-
-def folder_problem(text: str) -> str | None:
-    """What is wrong with ``text`` as a folder (a path, or a URI of ``SCHEMES`` with no
-    credentials in it); None when nothing is. Never repeats the value."""
-    if "://" not in text:
-        return None
-    parts = urlsplit(text)
-    if parts.scheme not in SCHEMES:
-        return f"a folder, or a URI of {', '.join(s + '://' for s in SCHEMES)}, not {parts.scheme[:16]!r}://"
-    if "@" in parts.netloc or any(
-        word in key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True) for word in _SECRET_OPTIONS
-    ):
-        return "credentials in the URI (they would be in logs and reports): they come from the environment"
-    if parts.fragment:
-        return "a URI with a fragment (#)"
-    return None
+__all__ = ["Folder", "folder_problem"]
 
 
 def _check_name(name: str) -> str:

@@ -713,6 +713,28 @@ def test_replica_ids_and_settings_are_validated(tmp_path):
             PredictionLog(tmp_path / "log", masker, replica="ok", flush_s=flush)
 
 
+def test_a_prediction_log_uri_with_credentials_stops_the_start_without_showing_them(tmp_path):
+    """The server took any URI: one with a key in it started (the key then in every message
+    naming the log), and one pyarrow refused echoed it, key included, to the pod's log."""
+    from model_server.__main__ import parse_args
+    from model_server.__main__ import prediction_log as start_log
+
+    masker = Masker(KeyRing(keys_file(tmp_path)))
+    for uri in (
+        "s3://AKIAEXAMPLE:wJalrSECRETKEY@bucket/log?region=us-east-1&bogus=1",
+        "s3://bucket/log?secret_key=wJalrSECRETKEY",
+        "s3://bucket/log?session_token=wJalrSECRETKEY",
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            start_log(parse_args(["--repository", str(tmp_path), "--prediction-log", uri]), masker)
+        assert "credentials in the URI" in str(stopped.value)
+        assert "wJalrSECRETKEY" not in str(stopped.value)
+    with pytest.raises(SystemExit, match=r"--prediction-log is not a folder: a folder, or a URI of"):
+        start_log(parse_args(["--repository", str(tmp_path), "--prediction-log", "ftp://host/log"]), masker)
+    plog = start_log(parse_args(["--repository", str(tmp_path), "--prediction-log", str(tmp_path / "log")]), masker)
+    assert plog is not None
+
+
 def test_joined_pairs_primary_shadow_and_labels_and_reports_the_unmatched(tmp_path):
     w = writer(tmp_path)
     w.append(primary("p-1"))
