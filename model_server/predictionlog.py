@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -1132,13 +1132,16 @@ def _class_count(*frames: pd.DataFrame) -> int:
     return n
 
 
-def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
+def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     """Primary and shadow records paired by ``(model, request_id, item)``, in the columns the
     shadow audit consumes (``PAIR_COLUMNS``), one row per mirrored item whose primary succeeded
     on another version than its shadow's, in time order.
 
     ``primary_probs``/``shadow_probs`` are numpy vectors: ``probs`` when the log kept the whole
-    vector, else rebuilt from the top-k (see ``_probability_matrix``). ``shadow_error`` is the
+    vector, else rebuilt from the top-k (see ``_probability_matrix``). Without ``vectors``
+    they are not built (a pair's two, rebuilt, take 8 KB of a thousand-class model): the
+    records' rows are in ``primary_row``/``shadow_row`` instead, the class count in
+    ``attrs["classes"]``, for ``pair_probabilities``. ``shadow_error`` is the
     shadow's outcome when it was not ``ok``. ``attrs`` counts what did not pair:
     ``shadow_without_primary``, ``primary_without_shadow``, ``shadow_dropped`` (copies the
     in-process mirror dropped: queue full or no idle time), ``primary_failed`` (pairs whose
@@ -1233,24 +1236,19 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
     def col(name: str, pos: np.ndarray) -> pd.Series:
         return _take(df[name], pos)
 
-    outputs = [c for c in ("probs", "topk_index", "topk_prob") if c in df.columns]
-    p_side = pd.DataFrame({c: col(c, p_pos) for c in outputs})
-    s_side = pd.DataFrame({c: col(c, s_pos) for c in outputs})
+    p_side, s_side = _output_rows(df, p_pos), _output_rows(df, s_pos)
     classes = _class_count(p_side, s_side)
-    p_probs, p_have = _probability_matrix(p_side, classes)
-    s_probs, s_have = _probability_matrix(s_side, classes)
-    del p_side, s_side
+    attrs["classes"] = classes
     top1 = df["top1"].to_numpy(np.float64, na_value=np.nan)
     # An answer with no finite distribution (no top-1 and no vector, or, as older writers logged
     # it, a NaN vector and a top-1 of 0) is no prediction: its pair is no comparison when the
     # primary's is; a shadow's alone is the candidate's (kept: shadow_finite False).
-    p_finite = _finite(p_probs, p_have, top1[p_pos])
-    s_finite = _finite(s_probs, s_have, top1[s_pos])
+    p_finite = _finite_rows(p_side, classes, top1[p_pos])
+    s_finite = _finite_rows(s_side, classes, top1[s_pos])
     attrs["primary_not_finite"] = int((~p_finite).sum())
     if not p_finite.all():
-        p_pos, s_pos = p_pos[p_finite], s_pos[p_finite]
-        p_probs, p_have = p_probs[p_finite], p_have[p_finite]
-        s_probs, s_have, s_finite = s_probs[p_finite], s_have[p_finite], s_finite[p_finite]
+        p_pos, s_pos, s_finite = p_pos[p_finite], s_pos[p_finite], s_finite[p_finite]
+        p_side, s_side = p_side[p_finite].reset_index(drop=True), s_side[p_finite].reset_index(drop=True)
     shadow_top1 = top1[s_pos]
     shadow_ok = ok_rows[s_pos]
     attrs["shadow_not_finite"] = int((shadow_ok & ~s_finite).sum())
@@ -1275,8 +1273,14 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
             "shadow_top1": shadow_top1.astype(np.int32)
             if s_answered.all()
             else np.where(s_answered, shadow_top1, np.nan),
-            "primary_probs": _rows(p_probs, p_have),
-            "shadow_probs": _rows(s_probs, s_have & s_answered),
+            **(
+                {
+                    "primary_probs": _rows(_probability_matrix(p_side, classes)[0], np.ones(len(p_pos), bool)),
+                    "shadow_probs": _rows(_probability_matrix(s_side, classes)[0], s_answered),
+                }
+                if vectors
+                else {"primary_row": p_pos, "shadow_row": s_pos}
+            ),
             "primary_latency_ms": col("latency_ms", p_pos),
             "shadow_latency_ms": col("latency_ms", s_pos),
             "shadow_error": col("outcome", s_pos).where(~shadow_ok),
@@ -1294,6 +1298,41 @@ def shadow_pairs(df: pd.DataFrame) -> pd.DataFrame:
 def _finite(probs: np.ndarray, have: np.ndarray, top1: np.ndarray) -> np.ndarray:
     """Which rows are a prediction: a top-1 and a vector of finite values."""
     return have & ~np.isnan(top1) & np.isfinite(probs).all(axis=1)
+
+
+PROBS_CHUNK_VALUES = 4_000_000  # the probabilities a chunk of rebuilt vectors holds: 16 MB
+
+
+def _chunks(n: int, classes: int) -> Iterator[slice]:
+    step = max(1, PROBS_CHUNK_VALUES // max(classes, 1))
+    return (slice(i, i + step) for i in range(0, n, step))
+
+
+def _output_rows(df: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """The output columns (``probs``, ``topk_index``, ``topk_prob``, those ``df`` has) at ``rows``."""
+    return pd.DataFrame({c: _take(df[c], rows) for c in ("probs", "topk_index", "topk_prob") if c in df.columns})
+
+
+def _finite_rows(side: pd.DataFrame, classes: int, top1: np.ndarray) -> np.ndarray:
+    """``_finite`` of each row of ``side``, its vectors rebuilt a chunk at a time."""
+    out = np.empty(len(side), bool)
+    for part in _chunks(len(side), classes):
+        probs, have = _probability_matrix(side.iloc[part], classes)
+        out[part] = _finite(probs, have, top1[part])
+    return out
+
+
+def pair_probabilities(df: pd.DataFrame, pairs: pd.DataFrame, classes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The primary and shadow probability vectors of ``pairs`` (``shadow_pairs(df,
+    vectors=False)``, or rows of it whose shadow answered), as (rows x ``classes``) float32
+    matrices, a chunk of at most ``PROBS_CHUNK_VALUES`` at a time: a thousand-class model's
+    hour, rebuilt from its top-k whole, took gigabytes."""
+    p_rows, s_rows = pairs["primary_row"].to_numpy(), pairs["shadow_row"].to_numpy()
+    for part in _chunks(len(pairs), classes):
+        yield (
+            _probability_matrix(_output_rows(df, p_rows[part]), classes)[0],
+            _probability_matrix(_output_rows(df, s_rows[part]), classes)[0],
+        )
 
 
 def _same_version(rows: np.ndarray, of: np.ndarray, version: np.ndarray) -> np.ndarray:

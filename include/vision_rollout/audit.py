@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,27 +124,36 @@ def wilson(successes: int, n: int, level: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-CHUNK_VALUES = 4_000_000  # probabilities a chunk of _divergences holds: 32 MB in float64
+CHUNK_VALUES = 4_000_000  # probabilities a chunk of _stacked holds: 32 MB in float64
 
 
-def _divergences(primary: pd.Series, shadow: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _stacked(pairs: pd.DataFrame) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The vector columns of ``pairs`` (``primary_probs``, ``shadow_probs``) as matrices, a chunk
+    of rows at a time."""
+    p_rows, q_rows = pairs["primary_probs"].to_numpy(), pairs["shadow_probs"].to_numpy()
+    step = max(1, CHUNK_VALUES // max(len(p_rows[0]), 1))
+    for i in range(0, len(p_rows), step):
+        yield np.stack(p_rows[i : i + step]), np.stack(q_rows[i : i + step])
+
+
+def _divergences(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per pair KL(primary || shadow) and the shadow's confidence (its top probability), and the
-    mean distribution of each side, from the vector columns, a chunk of rows at a time: an hour
-    of a thousand-class model's pairs, stacked whole in float64, took tens of GB."""
-    n = len(primary)
-    classes = len(primary.iloc[0])
-    step = max(1, CHUNK_VALUES // max(classes, 1))
-    div, confidence = np.empty(n), np.empty(n)
-    total_p, total_q = np.zeros(classes), np.zeros(classes)
-    p_rows, q_rows = primary.to_numpy(), shadow.to_numpy()
-    for i in range(0, n, step):
-        p = np.stack(p_rows[i : i + step]).astype(float)
-        q = np.stack(q_rows[i : i + step]).astype(float)
-        div[i : i + step] = kl(p, q)
-        confidence[i : i + step] = q.max(axis=1)
-        total_p += p.sum(axis=0)
-        total_q += q.sum(axis=0)
-    return div, confidence, total_p / n, total_q / n
+    mean distribution of each side, from the pairs' vectors a chunk at a time: an hour of a
+    thousand-class model's pairs, stacked whole in float64, took tens of GB."""
+    div: list[np.ndarray] = []
+    confidence: list[np.ndarray] = []
+    total: np.ndarray | None = None  # (the sums of each side's vectors)
+    for p32, q32 in chunks:
+        p, q = p32.astype(float), q32.astype(float)
+        div.append(kl(p, q))
+        confidence.append(q.max(axis=1))
+        sums = np.stack([p.sum(axis=0), q.sum(axis=0)])
+        total = sums if total is None else total + sums
+    assert total is not None  # (audit_frame passes rows)
+    mean_p, mean_q = total / sum(len(d) for d in div)
+    return np.concatenate(div), np.concatenate(confidence), mean_p, mean_q
 
 
 def audit_frame(
@@ -152,7 +162,10 @@ def audit_frame(
     model: str | None = None,
     start: str = "",
     end: str = "",
+    vectors: Callable[[pd.DataFrame], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
 ) -> AuditResult:
+    """The audit of shadow pairs (``shadow_pairs``); ``vectors`` gives the probability vectors of
+    some of its rows in chunks, when ``df`` holds none (by default: its vector columns)."""
     cfg = config or AuditConfig()
     if df.empty:
         return AuditResult(model, start, end, "skip", ["no shadow records in this range: nothing to audit"])
@@ -183,9 +196,7 @@ def audit_frame(
         result.verdict = "fail"
         result.reasons.append(f"none of the shadow's {len(ok)} answers was a finite distribution (NaN or Inf)")
         return result
-    div, shadow_confidence, mean_primary, mean_shadow = _divergences(
-        compared["primary_probs"], compared["shadow_probs"]
-    )
+    div, shadow_confidence, mean_primary, mean_shadow = _divergences((vectors or _stacked)(compared))
     agree = compared["primary_top1"].to_numpy() == compared["shadow_top1"].to_numpy()
     result.agreement = float(agree.mean())
     result.agreement_ci = wilson(int(agree.sum()), len(agree), cfg.confidence_level)
@@ -308,11 +319,19 @@ def audit(
     them: the pairs that remain are the honest comparisons). Copies of requests the shadow's
     own version served (``self_pairs``) are left out and counted, named in the reasons only
     when nothing else was left to audit."""
-    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
+    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, pair_probabilities, read, shadow_pairs
 
     records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
-    pairs = shadow_pairs(records)
-    result = audit_frame(pairs, config, model, start.isoformat(), end.isoformat())
+    pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
+    classes = pairs.attrs.get("classes", 0)
+    result = audit_frame(
+        pairs,
+        config,
+        model,
+        start.isoformat(),
+        end.isoformat(),
+        vectors=lambda rows: pair_probabilities(records, rows, classes),
+    )
     result.shadow_without_primary = pairs.attrs["shadow_without_primary"]
     result.primary_without_shadow = pairs.attrs["primary_without_shadow"]
     result.shadow_dropped = pairs.attrs["shadow_dropped"]

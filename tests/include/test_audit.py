@@ -452,6 +452,36 @@ def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
     assert result.anomaly_rate == pytest.approx(flagged.mean())
 
 
+def test_an_hours_pairs_are_not_rebuilt_whole_from_their_top_k(monkeypatch, tmp_path):
+    """A thousand-class model's log keeps each answer's top-k; pairing rebuilt every pair's two
+    vectors whole (8 KB a pair: 8 GB for a million pairs an hour) before the audit read them by
+    the chunk. The audit now rebuilds them a chunk at a time, with the same numbers."""
+    import tracemalloc
+
+    from model_server import predictionlog
+    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, read, shadow_pairs
+
+    n, classes = 12_000, 1000
+    log = shadow_log(tmp_path, n, disagree=0.1, low_confidence=0.2, classes=classes)
+    audit(tmp_path / "nothing", *around_now())  # (what its first call imports is not its memory)
+    monkeypatch.setattr(predictionlog, "PROBS_CHUNK_VALUES", 100_000)  # 100 pairs a chunk
+    whole = 2 * 4 * n * classes  # a pair's two float32 vectors, every pair
+    tracemalloc.start()
+    try:
+        result = audit(log, *around_now(), "digits")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < whole / 4, (peak, whole)  # (it held several wholes: 3.4 of them)
+    records = read(log, *around_now(), "digits", columns=SHADOW_PAIR_COLUMNS)
+    at_once = audit_frame(shadow_pairs(records), None, "digits")
+    assert result.rows == at_once.rows == n
+    assert np.allclose(result.divergences, at_once.divergences)
+    assert result.kl_of_means == pytest.approx(at_once.kl_of_means)
+    assert (result.agreement, result.anomaly_rate) == (at_once.agreement, at_once.anomaly_rate)
+    assert result.anomaly_rate > 0.1
+
+
 def test_a_thousand_class_confusion_is_summed_up_in_the_report_and_whole_in_its_csv():
     """A 1,000-class model's (resnet_bench's) confusion matrix went whole into report.md: a
     table of a million cells (7.9 MB for 20,000 pairs), and a tick label for every class on the

@@ -134,6 +134,7 @@ def shadow_log(
     shadow_not_finite: int = 0,
     hashed: bool = True,
     at: float | None = None,
+    classes: int = 10,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -144,7 +145,7 @@ def shadow_log(
     sending NaN in a binary FP32 tensor gets) and ``shadow_not_finite`` whose shadow alone
     answered NaN. The first ``n`` requests are the same whatever the other counts. Without
     ``hashed`` no record has an input to hash (its ``image_sha256`` is null). Every record is
-    received at ``at`` (a ``time.time()``), or when it is made."""
+    received at ``at`` (a ``time.time()``), or when it is made. Answers are of ``classes`` classes."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -171,14 +172,14 @@ def shadow_log(
         )
 
     for i in range(n + dropped + orphans):
-        label = int(rng.integers(10))
-        p = np.full(10, 0.01, dtype=np.float32)
+        label = int(rng.integers(classes))
+        p = np.full(classes, 0.09 / (classes - 1), dtype=np.float32)
         p[label] = 0.91
         q = p.copy()
         if rng.random() < disagree:
             q = np.roll(p, 1)
         elif rng.random() < low_confidence:
-            q = np.full(10, 0.05, dtype=np.float32)
+            q = np.full(classes, 0.45 / (classes - 1), dtype=np.float32)
             q[label] = 0.55
         rid = f"r{i}"
         if i < n + dropped:
