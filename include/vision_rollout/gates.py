@@ -17,7 +17,7 @@ error rates hold over all K looks. Confidence intervals are the matching repeate
 Checks: latency (ratio of geometric means, Welch t on log latency; Mann-Whitney U as the rank
 check; p95/p99 ratio with distribution-free quantile intervals), errors and OOM (two proportions, Newcombe's
 hybrid score interval, Fisher's exact p-value at small counts), accuracy (exact McNemar on
-paired validation replays with an Agresti-Min interval, and two proportions on live feedback),
+paired validation replays with Tango's score test and interval, and two proportions on live feedback),
 and the hard guards.
 """
 
@@ -504,21 +504,51 @@ def proportion_check(
     )
 
 
+def tango_z(b: int, c: int, n: int, d: float) -> float:
+    """Tango's score statistic (1998) for d = p10 - p01 on n pairs, b of them only the baseline
+    right and c only the canary: (b - c - n d) over its standard error at the maximum-likelihood
+    cells under p10 - p01 = d. Negative: the drop is shown below d."""
+    if d < 0:  # the same test with the arms' roles swapped
+        return -tango_z(c, b, n, -d)
+    w = -b - c + (2 * n - b + c) * d
+    p01 = (-w + math.sqrt(w * w + 8 * n * c * d * (1 - d))) / (4 * n)
+    var = n * (2 * p01 + d - d * d)
+    num = b - c - n * d
+    if var <= 0:
+        return 0.0 if num == 0 else math.copysign(math.inf, num)
+    return num / math.sqrt(var)
+
+
+def tango_interval(b: int, c: int, n: int, z: float) -> tuple[float, float]:
+    """The paired difference's interval whose bounds solve tango_z = +z (lower) and -z (upper)."""
+    edge = 1 - 1e-12
+
+    def bound(target: float) -> float:
+        lo_z, hi_z = tango_z(b, c, n, -edge) - target, tango_z(b, c, n, edge) - target
+        if lo_z <= 0:
+            return -1.0
+        if hi_z >= 0:
+            return 1.0
+        return float(optimize.brentq(lambda d: tango_z(b, c, n, d) - target, -edge, edge, xtol=1e-12))
+
+    return bound(z), bound(-z)
+
+
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
-    """Exact McNemar on validation images sent to both arms; Agresti-Min interval for the drop."""
+    """Tango's score test of the paired accuracy drop against the margin, with its score interval;
+    the exact McNemar p-value beside it. (Agresti-Min's adjusted Wald interval, used before, passed
+    a canary exactly at the margin in 10% of 450-image sets at a 3.6% level when the canary only
+    loses images: no discordant pair at all, as likely as that, read as shown within 0.5 pp.)"""
     n = len(pairs)
     b = int(((pairs["baseline"] == 1) & (pairs["canary"] == 0)).sum())  # only the baseline right
     c = int(((pairs["baseline"] == 0) & (pairs["canary"] == 1)).sum())  # only the canary right
     drop = (b - c) / n
-    # Agresti-Min (2005): add 1/2 to each cell of the 2x2 table before the Wald interval.
-    n_adj = n + 2
-    b_adj, c_adj = b + 0.5, c + 0.5
-    d_adj = (b_adj - c_adj) / n_adj
-    se = math.sqrt(((b_adj + c_adj) - (b_adj - c_adj) ** 2 / n_adj) / n_adj**2)
     z = float(stats.norm.isf(level))
-    lower, upper = d_adj - z * se, d_adj + z * se
+    lower, upper = tango_interval(b, c, n, z)
     p_exact = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
-    decision = _decide(lower, upper, cfg.accuracy_margin)
+    score = tango_z(b, c, n, cfg.accuracy_margin)
+    # The test itself decides (its interval agrees, up to the root's tolerance).
+    decision = "pass" if score < -z else "fail" if score > z else "wait"
     acc_b, acc_c = float(pairs["baseline"].mean()), float(pairs["canary"].mean())
     m = cfg.accuracy_margin
     text = (
@@ -527,12 +557,12 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         f"{_signed(drop, m)} pp (interval {_signed(lower, m)} to {_signed(upper, m)} pp) against the "
         f"{limit_percent(m)} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
     )
-    mde = z * se * (1 + float(stats.norm.ppf(cfg.power)) / z)
+    mde = (upper - lower) / 2 * (1 + float(stats.norm.ppf(cfg.power)) / z)
     return Check(
         "accuracy_paired",
         decision,
         text,
-        "exact McNemar (binomial on discordant pairs); Agresti-Min interval for the paired difference",
+        "Tango's score test and interval for the paired difference; exact McNemar p (binomial on discordant pairs)",
         n_baseline=n,
         n_canary=n,
         statistic=float(b - c),

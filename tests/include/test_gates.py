@@ -17,6 +17,7 @@ from vision_rollout.gates import (
     guard_checks,
     latency_check,
     nominal_alpha,
+    paired_accuracy_check,
     proportion_check,
     spent,
     sustained_breach,
@@ -126,6 +127,35 @@ def test_paired_accuracy_uses_exact_mcnemar():
     assert "McNemar" in check.method
     better = next(c for c in evaluate_gate(paired(2000, 0.96, 0.99)).checks if c.name == "accuracy_paired")
     assert better.decision == "pass"
+
+
+@pytest.mark.parametrize("n", [450, 3000])
+def test_paired_accuracy_holds_its_level_for_a_canary_that_only_loses(n):
+    """A candidate exactly at the margin that loses images and gains none (a quantized model):
+    p10 = margin, p01 = 0. With 450 images no discordant pair at all happens 10% of the time,
+    which must not read as shown within the margin; nor may a few of them at 3000 images."""
+    cfg, level = GateConfig(), nominal_alpha(0.05, 10, 10)
+    rng = np.random.default_rng(11)
+    sims = 2000
+    passed = 0
+    for _ in range(sims):
+        lost = rng.random(n) < cfg.accuracy_margin
+        pairs = pd.DataFrame({"baseline": np.ones(n, dtype=int), "canary": (~lost).astype(int)})
+        passed += paired_accuracy_check(pairs, cfg, level).decision == "pass"
+    assert passed / sims <= level + 3 * math.sqrt(level * (1 - level) / sims)
+
+
+def test_paired_accuracy_needs_enough_images_to_show_the_margin():
+    """No discordant pair in 450 images cannot show a 0.5 pp margin at 5% (a Poisson count of
+    mean 2.25 is 0 with probability 0.105); in 2000 it can. The interval says the same."""
+    same = pd.DataFrame({"baseline": np.ones(450, dtype=int), "canary": np.ones(450, dtype=int)})
+    check = paired_accuracy_check(same, GateConfig(), 0.05)
+    assert check.decision == "wait"
+    assert check.ci[0] < 0 < GateConfig().accuracy_margin < check.ci[1]
+    more = pd.DataFrame({"baseline": np.ones(2000, dtype=int), "canary": np.ones(2000, dtype=int)})
+    check = paired_accuracy_check(more, GateConfig(), 0.05)
+    assert check.decision == "pass"
+    assert check.ci[1] < GateConfig().accuracy_margin
 
 
 def test_live_feedback_accuracy_can_fail_but_not_block():
