@@ -264,8 +264,9 @@ def served(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
 
 def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFrame, images: int = 0) -> float:
     """The last look: at the bake's end, or later once each arm has ``min_samples`` of its
-    latency evidence and, when the validation replay runs, ``min_samples`` of its ``images``
-    (all of them when fewer) are answered by both versions; never past ``max_stage_seconds``.
+    latency evidence and, when the validation replay runs, all of a round's ``images`` are
+    answered by both versions (the paired accuracy check judges whole rounds); never past
+    ``max_stage_seconds``.
     Each condition is the time a count was reached in the log, so a late poke finds the same
     time. Without the replay's, a last look on a loaded machine found a replay round sent but 8
     of its images logged by both versions, and judged accuracy on those."""
@@ -281,8 +282,7 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
         # replay it again: they move nothing).
         first = replay.groupby(["pair_id", "arm"])["time"].min().unstack()
         complete = np.sort(first.dropna().max(axis=1).to_numpy()) if first.shape[1] == 2 else np.array([])
-        need = min(spec.min_samples, images)
-        reached.append(complete[need - 1] + 1e-6 if len(complete) >= need else math.inf)
+        reached.append(complete[images - 1] + 1e-6 if len(complete) >= images else math.inf)
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
 
@@ -313,10 +313,11 @@ def judge_stage(
     def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
         return StageState(status, look, K, verdict, reason, served(current), elapsed)
 
+    images = len(labels) if replay_images is None else replay_images
     guard_in = GuardInputs(
         **{
             **(guards.__dict__ if guards else {}),
-            "validation_drop": replay_drop(current, len(labels) if replay_images is None else replay_images),
+            "validation_drop": replay_drop(current, images),
         }
     )
     tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
@@ -325,11 +326,13 @@ def judge_stage(
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
-        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, len(labels))
+        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
         if at > now - settle_s:
             break
         samples = stage_samples(records, spec, window, at, labels, settle_s)
-        verdict = evaluate_gate(samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from)
+        verdict = evaluate_gate(
+            samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from, replay_images=images
+        )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look
         if verdict.decision != "wait":
@@ -365,11 +368,12 @@ def judge_stage(
             f"passed at look {judged} of {K}; baking until {spec.bake_seconds} s under the hard guards",
         )
     n = need_n(verdict, spec)
-    need = (
-        "the estimate sits on the margin; no sample size resolves it."
-        if n is None
-        else f"about {n} samples per arm would resolve it."
-    )
+    if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
+        need = "the paired accuracy check waits for a whole validation round answered by both versions."
+    elif n is None:
+        need = "the estimate sits on the margin; no sample size resolves it."
+    else:
+        need = f"about {n} samples per arm would resolve it."
     if judged == K:
         return state(
             "undecided",

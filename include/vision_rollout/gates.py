@@ -534,6 +534,14 @@ def tango_interval(b: int, c: int, n: int, z: float) -> tuple[float, float]:
     return bound(z), bound(-z)
 
 
+def _answered_by_both(samples: pd.DataFrame) -> int:
+    """Validation images (``pair_id``) with a row of each arm, whatever the answer."""
+    if "pair_id" not in samples.columns:
+        return 0
+    replayed = samples.dropna(subset=["pair_id"])
+    return int((replayed.groupby("pair_id")["arm"].nunique() == 2).sum())
+
+
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
     """Tango's score test of the paired accuracy drop against the margin, with its score interval;
     the exact McNemar p-value beside it. (Agresti-Min's adjusted Wald interval, used before, passed
@@ -714,6 +722,7 @@ def evaluate_gate(
     guards: GuardInputs | None = None,
     buckets: dict[str, list[tuple[float, float]]] | None = None,
     latency_from: str | None = None,
+    replay_images: int = 0,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
@@ -721,6 +730,10 @@ def evaluate_gate(
     Prometheus histograms, with its error bound, to the report. ``latency_from`` names the
     ``source`` (``live`` or ``replay``) whose rows the latency checks and the sample minimum
     read; errors count every request of each arm (a row whose ``error`` is not NaN), whatever its source.
+    ``replay_images``: the images of a validation round; when given, the paired accuracy check
+    judges only a whole round (each image answered by both arms) and waits, holding the gate,
+    until one is in: a round's first images are no sample of the set (``labels.csv`` is often
+    ordered by class), and a look without the check would pass on latency and errors alone.
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
@@ -807,7 +820,9 @@ def evaluate_gate(
         if "pair_id" in samples.columns and labelled["pair_id"].notna().any():
             paired = labelled.dropna(subset=["pair_id"])
             pairs = paired.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
-            if {"baseline", "canary"} <= set(pairs.columns) and len(pairs) >= 1:
+            both = {"baseline", "canary"} <= set(pairs.columns)
+            answered = _answered_by_both(samples)
+            if both and len(pairs) >= 1 and answered >= replay_images:
                 checks.append(paired_accuracy_check(pairs, cfg, level))
             labelled = labelled[labelled["pair_id"].isna()]
         lb = labelled[labelled["arm"] == "baseline"]["correct"]
@@ -829,6 +844,20 @@ def evaluate_gate(
                 )
             )
 
+    if replay_images and not any(c.name == "accuracy_paired" for c in checks):
+        answered = _answered_by_both(samples)
+        checks.append(
+            Check(
+                "accuracy_paired",
+                "wait",
+                f"Validation replay: {min(answered, replay_images)} of {replay_images} images answered by both "
+                "versions; the paired accuracy check judges a whole round, and nothing passes before it.",
+                "whole validation round before the paired accuracy check",
+                n_baseline=answered,
+                n_canary=answered,
+                margin=cfg.accuracy_margin,
+            )
+        )
     if buckets is not None:
         checks.append(bucket_quantile_check(buckets["baseline"], buckets["canary"], 0.99))
     decisive = [c for c in checks if c.decision != "info"]

@@ -186,8 +186,8 @@ def test_the_last_look_waits_for_min_samples_but_not_past_max_stage_seconds():
 def test_the_last_look_waits_for_the_replay_to_be_answered_by_both_versions():
     """On a loaded machine a last look came when a replay round was sent but 8 of its images had
     been answered by the canary: accuracy judged on 8 pairs could not resolve, and the stage ended
-    undecided. The last look now waits until min_samples images are paired, then gives the same
-    time to every later poke."""
+    undecided. The last look now waits until the round's images are all paired (the paired check
+    judges whole rounds), then gives the same time to every later poke."""
     s = spec(min_samples=50)
     log = records(300, 20, 50, replay_every=None)
     replay = records(300, 0, 50, replay_every=1000)  # one round at 0.5 s, of all 500 images
@@ -195,7 +195,7 @@ def test_the_last_look_waits_for_the_replay_to_be_answered_by_both_versions():
     lagging = T0 + 150 + np.arange(int(late.sum())) * 0.1  # the canary's answers lag
     replay.loc[late, "time"] = pd.to_datetime(lagging, unit="s", utc=True)
     both = pd.concat([log, replay], ignore_index=True)
-    at = T0 + 150 + 49 * 0.1  # the canary's 50th answer: 50 images paired
+    at = T0 + 150 + 499 * 0.1  # the canary's 500th answer: the round paired
     current = stage_samples(both, s, WINDOW, T0 + 250, IMAGES)
     assert final_look_time(s, WINDOW, current, len(IMAGES)) == pytest.approx(at, abs=1e-3)
     later = stage_samples(both, s, WINDOW, T0 + 299, IMAGES)  # a late poke: the same last look
@@ -355,7 +355,12 @@ def test_no_look_passes_before_the_replay_guard_has_read_a_whole_round():
     every_round_but_one_image = log[log["image_sha256"] != next(iter(IMAGES))]
     held = judge_stage(s, WINDOW, every_round_but_one_image, IMAGES, T0 + 106)
     assert held.status == "waiting"
-    assert held.reason.endswith("holding until the replay's accuracy guard has read a whole round")
+    assert "waits for a whole validation round" in held.reason
+    paired = next(c for c in held.verdict.checks if c.name == "accuracy_paired")
+    assert (paired.decision, paired.n_baseline) == ("wait", len(IMAGES) - 1)
+    assert (
+        judge_stage(s, WINDOW, every_round_but_one_image, IMAGES, T0 + s.max_stage_seconds + 10).status == "undecided"
+    )
     assert (
         judge_stage(s, WINDOW, every_round_but_one_image, IMAGES, T0 + 106, replay_images=len(IMAGES) - 1).status
         == "pass"
@@ -680,3 +685,22 @@ def test_a_replica_flushing_late_does_not_change_a_look_already_judged(tmp_path)
     later = judge_stage(s, window, now, IMAGES, t0 + 100, replay_images=0)  # the late errors: a later look's
     assert (later.status, later.look) == ("fail", 4), later.reason
     assert "Error rate" in later.reason
+
+
+def test_the_paired_check_judges_a_whole_round_not_its_first_images():
+    """labels.csv ordered by class, a round slower than the bake (250 s: a large set, a slow
+    model): the canary loses the last class's images only, a 4 pp drop against a 2 pp margin
+    (the point guard set at 5 pp). Judged on the first 200 images, all right for both, the
+    paired check passed the stage, and the guard's whole round then let it through."""
+    s = spec(accuracy_drop_max=0.05, error_margin=0.05)
+    live = records(400, 20, 50, replay_every=None)
+    replay = records(400, 0, 50, accuracy=(1.0, 0.96), replay_every=1000)
+    order = replay["request_id"].str.rsplit("-", n=1).str[-1].astype(int)
+    replay["time"] = pd.to_datetime(T0 + 0.5 + 0.5 * order, unit="s", utc=True)  # image j at 0.5 + j/2 s
+    log = pd.concat([live, replay], ignore_index=True)
+    for now in (T0 + 120, T0 + 270, T0 + 410):
+        state = judge_stage(s, WINDOW, log, IMAGES, now)
+        assert state.status in ("waiting", "fail"), (now, state.reason)
+    assert state.status == "fail"
+    paired = next(c for c in state.verdict.checks if c.name == "accuracy_paired")
+    assert (paired.decision, paired.n_baseline) == ("fail", len(IMAGES))
