@@ -421,6 +421,8 @@ def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
         if c.name == "samples":
             needs.append(spec.min_samples)
             continue
+        if c.name == "accuracy_paired":  # the same validation images each round: more add nothing
+            continue
         if c.ci is None or c.effect is None or c.margin is None:
             continue
         n = min(c.n_baseline, c.n_canary)

@@ -544,9 +544,11 @@ def _answered_by_both(samples: pd.DataFrame) -> int:
 
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
     """Tango's score test of the paired accuracy drop against the margin, with its score interval;
-    the exact McNemar p-value beside it. (Agresti-Min's adjusted Wald interval, used before, passed
-    a canary exactly at the margin in 10% of 450-image sets at a 3.6% level when the canary only
-    loses images: no discordant pair at all, as likely as that, read as shown within 0.5 pp.)"""
+    the exact McNemar p-value beside it. The test holds its level where adjusted Wald intervals
+    (Agresti-Min's) do not: a canary at the margin that only loses images shows no discordant
+    pair in 10% of 450-image sets, which they read as shown within 0.5 pp. So a set too small
+    shows an equal canary within the margin at no level; the sentence says so, with the size
+    that would."""
     n = len(pairs)
     b = int(((pairs["baseline"] == 1) & (pairs["canary"] == 0)).sum())  # only the baseline right
     c = int(((pairs["baseline"] == 0) & (pairs["canary"] == 1)).sum())  # only the canary right
@@ -565,6 +567,13 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         f"{_signed(drop, m)} pp (interval {_signed(lower, m)} to {_signed(upper, m)} pp) against the "
         f"{limit_percent(m)} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
     )
+    # An equal canary (no discordant pair) shows the margin once n m / (1 - m) > z^2.
+    fewest = math.floor(z * z * (1 - m) / m) + 1 if m > 0 else None
+    if decision == "wait" and fewest is not None and n < fewest and c <= b:
+        text += (
+            f" {n} images cannot show the margin at this look's level unless the canary gets more of them right "
+            f"than the baseline: an equal canary needs at least {fewest} (a larger validation set, or a wider margin)."
+        )
     mde = (upper - lower) / 2 * (1 + float(stats.norm.ppf(cfg.power)) / z)
     return Check(
         "accuracy_paired",

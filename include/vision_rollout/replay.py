@@ -19,21 +19,24 @@ import pandas as pd
 
 def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
     """A model's validation set, the one reader: ``labels.csv`` (``file``, ``label``) and the
-    images it names, in its order, at most ``limit``: [(file name, image bytes, label)]. A row
-    naming a file outside the folder, or without an integer label, is refused with its line."""
-    out: list[tuple[str, bytes, int]] = []
+    images it names, in its order: [(file name, image bytes, label)]. With ``limit``, that many
+    rows drawn at random (always the same ones), not its first: a ``labels.csv`` ordered by
+    class would give the first classes alone. A row naming a file outside the folder, or
+    without an integer label, is refused with its line."""
+    rows: list[tuple[str, int]] = []
     with (folder / "labels.csv").open(newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
-            if limit is not None and len(out) >= limit:
-                break
             name, label = row.get("file") or "", row.get("label") or ""
             if Path(name).name != name or name in {"", ".", ".."} or not label.strip().isdigit():
                 raise ValueError(
                     f"{folder / 'labels.csv'} line {line}: expected a file name in this folder "
                     f"and an integer label, got {name[:80]!r}, {label[:20]!r}"
                 )
-            out.append((name, (folder / name).read_bytes(), int(label)))
-    return out
+            rows.append((name, int(label)))
+    if limit is not None and limit < len(rows):
+        drawn = np.sort(np.random.default_rng(0).choice(len(rows), size=max(limit, 0), replace=False))
+        rows = [rows[i] for i in drawn]
+    return [(name, (folder / name).read_bytes(), label) for name, label in rows]
 
 
 def replay(

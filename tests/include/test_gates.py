@@ -152,6 +152,12 @@ def test_paired_accuracy_needs_enough_images_to_show_the_margin():
     check = paired_accuracy_check(same, GateConfig(), 0.05)
     assert check.decision == "wait"
     assert check.ci[0] < 0 < GateConfig().accuracy_margin < check.ci[1]
+    # The sentence says why no wait resolves it, and what would (z = 1.645: 539 images).
+    assert "450 images cannot show the margin at this look's level" in check.sentence
+    assert "an equal canary needs at least 539" in check.sentence
+    equal_at_539 = pd.DataFrame({"baseline": np.ones(539, dtype=int), "canary": np.ones(539, dtype=int)})
+    assert paired_accuracy_check(equal_at_539, GateConfig(), 0.05).decision == "pass"
+    assert paired_accuracy_check(equal_at_539.iloc[:538], GateConfig(), 0.05).decision == "wait"
     more = pd.DataFrame({"baseline": np.ones(2000, dtype=int), "canary": np.ones(2000, dtype=int)})
     check = paired_accuracy_check(more, GateConfig(), 0.05)
     assert check.decision == "pass"

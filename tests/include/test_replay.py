@@ -39,7 +39,17 @@ def test_the_validation_set_is_read_in_its_order_and_bounded(tmp_path):
     (tmp_path / "b.png").write_bytes(b"B")
     (tmp_path / "labels.csv").write_text("file,label\nb.png,7\na.png,3\n")
     assert load_validation(tmp_path) == [("b.png", b"B", 7), ("a.png", b"A", 3)]
-    assert load_validation(tmp_path, limit=1) == [("b.png", b"B", 7)]
+    assert load_validation(tmp_path, limit=2) == load_validation(tmp_path)
+    # A limit draws its rows at random, the same each time, in the file's order: a labels.csv
+    # ordered by class gave its first classes alone.
+    names = [f"{k:03d}.png" for k in range(200)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{n},{k // 20}\n" for k, n in enumerate(names)))
+    drawn = load_validation(tmp_path, limit=50)
+    assert drawn == load_validation(tmp_path, limit=50)
+    assert [row[0] for row in drawn] == sorted(row[0] for row in drawn)
+    assert len({label for _, _, label in drawn}) >= 8  # (the first 50 rows hold classes 0 to 2)
     for row in ("../secret,1", "a.png,seven", "/etc/passwd,1", ",2"):
         (tmp_path / "labels.csv").write_text(f"file,label\na.png,3\n{row}\n")
         with pytest.raises(ValueError, match=r"labels\.csv line 3: expected a file name in this folder"):
