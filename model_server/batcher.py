@@ -93,12 +93,15 @@ class DynamicBatcher:
         levels = self.config.priority_levels
         if not levels:
             return 0
-        if raw > levels:
-            raise InvalidInput(f"parameters.priority {raw} is over the model's priority_levels {levels}")
-        return raw or self.config.default_priority_level
+        # As Triton's InferenceRequest::SetPriority: 0, or a level the model does not have, is
+        # the default level.
+        return raw if 0 < raw <= levels else self.config.default_priority_level
 
     def timeout_of(self, parameters: dict[str, Any]) -> tuple[float, bool]:
-        """The request's queue timeout in seconds (0: none), and whether the client chose it."""
+        """The request's queue timeout in seconds (0: none), and whether the client chose it. As
+        Triton's queue policy: with ``allow_timeout_override`` a request's ``timeout`` (0: not
+        set) may shorten the default, never lengthen it (a default of 0 has no timeout: any is
+        shorter)."""
         raw = parameters.get("timeout")
         if raw is not None:
             # Triton's uint64: a JSON integer past it is refused, not divided (an OverflowError, a 500).
@@ -106,7 +109,8 @@ class DynamicBatcher:
                 raise InvalidInput(
                     f"parameters.timeout must be an integer of microseconds in 0..{MAX_TIMEOUT_US}, got {shown(repr(raw))}"
                 )
-            if self.config.allow_timeout_override:
+            default = self.config.default_timeout_microseconds
+            if self.config.allow_timeout_override and raw and (not default or raw < default):
                 return raw / 1e6, True
         return self.config.default_timeout_microseconds / 1e6, False
 

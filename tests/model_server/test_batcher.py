@@ -157,10 +157,29 @@ def test_priority_levels_order_the_queue():
         for n in range(3):
             await release(lv, n)
         await asyncio.gather(first, low, high)
-        with pytest.raises(InvalidInput, match="priority 3 is over the model's priority_levels 2"):
-            await b.submit(request(3), ["y"], {"priority": 3})
         with pytest.raises(InvalidInput, match="priority must be a non-negative integer"):
             await b.submit(request(3), ["y"], {"priority": "high"})
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [2], [1]]
+
+
+def test_a_priority_the_model_does_not_have_is_its_default_as_in_triton():
+    """Triton's SetPriority takes 0, or a level over priority_levels, as the default level; it
+    was a 400 here, so a client written for another model's levels failed."""
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, priority_levels=2, default_priority_level=2)
+        assert [b.priority_of({"priority": p}) for p in (0, 1, 2, 3, 2**40)] == [2, 1, 2, 2, 2]
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        beyond = asyncio.ensure_future(b.submit(request(1, width=3), ["y"], {"priority": 9}))  # the default: 2
+        high = asyncio.ensure_future(b.submit(request(2, width=5), ["y"], {"priority": 1}))
+        await asyncio.sleep(0.02)
+        for n in range(3):
+            await release(lv, n)
+        await asyncio.gather(first, beyond, high)
         return lv.executions
 
     assert asyncio.run(scenario()) == [[0], [2], [1]]
@@ -192,21 +211,25 @@ def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
         running = asyncio.ensure_future(b.submit(request(0), ["y"], {"timeout": 0}))
         await until(lambda: lv.executions, "the first request runs")
         expires = asyncio.ensure_future(b.submit(request(1), ["y"], {}))  # 0.3 s: expires in the queue
-        kept = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 0}))  # override: no timeout
+        # As Triton: 0 is no override, and one longer than the default does not lengthen it.
+        longer = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 60_000_000}))
         await until(lambda: b.queued == 2, "both queued")
         with pytest.raises(Rejected, match="exceeds maximum queue size \\(2\\)"):
             await b.submit(request(3), ["y"], {})
-        await until(lambda: expires.done(), "the queue timeout")
+        await until(lambda: expires.done() and longer.done(), "the queue timeouts")
+        assert b.timeout_of({"timeout": 0}) == (0.3, False)
+        assert b.timeout_of({"timeout": 1000}) == (0.001, True)
+        unbounded = batcher(HeldVersion(max_batch_size=1), allow_timeout_override=True)  # default 0: none
+        assert unbounded.timeout_of({"timeout": 60_000_000}) == (60.0, True)
         await release(lv, 0)
-        await release(lv, 1)
         await running
-        with pytest.raises(Rejected, match="request timeout expired") as expired:
-            await expires
-        assert failure_reason(expired.value) == "REJECTED"  # the model's own timeout: the version's failure
-        await kept
+        for refused in (expires, longer):
+            with pytest.raises(Rejected, match="request timeout expired") as expired:
+                await refused
+            assert failure_reason(expired.value) == "REJECTED"  # the model's own timeout: the version's failure
         return lv.executions
 
-    assert asyncio.run(scenario()) == [[0], [2]]
+    assert asyncio.run(scenario()) == [[0]]
 
 
 def test_a_timeout_or_priority_out_of_range_is_a_400_naming_it():
