@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 _NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
-_SEP = r"[ .-]"  # one separator between digit groups: space, dot or hyphen
+_SEP = "[ ./_-]"  # a separator between digit groups: space, dot, slash, underscore or hyphen
 # Letters beyond ASCII: Latin with diacritics, Greek, Cyrillic
 _LETTERS = "\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0370-\u03ff\u0400-\u04ff"
 _LOCAL = f"[A-Za-z0-9._%+{_LETTERS}-]"  # an e-mail address's local part
@@ -72,7 +72,7 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
             + r"(?:[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[0-9Xx]"
             # spaced or hyphenated (6-8-4, 6-4-4-4, 4-4-4-4-2): the X check character marks it;
             # spaced ones of 18 digits are taken whole by the card detector
-            + r"|[1-9](?:[ .-]{0,2}\d){16}[ .-]{0,2}[Xx])"
+            + rf"|[1-9](?:{_SEP}{{0,2}}\d){{16}}{_SEP}{{0,2}}[Xx])"
             + _NOT_ALNUM_AFTER
         ),
     ),
@@ -80,15 +80,15 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
         "phone",
         re.compile(
             _NOT_ALNUM_BEFORE
-            + r"(?:(?:(?:\+|00)86[ .-]?)?1[3-9](?:[ .-]?\d){9}"  # PRC mobile, any grouping
-            + r"|\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d){6,14}"  # E.164, "+44 (0)20 ..." too
-            + r"|(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]{0,2}|\d{3}[ .-])\d{3}[ .-]\d{4}"  # NANP
+            + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:{_SEP}?\d){{9}}"  # PRC mobile, any grouping
+            + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
+            + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP
             + r"|[2-9]\d{9})"  # NANP without separators (an area code never starts with 0 or 1)
             + _NOT_ALNUM_AFTER
         ),
     ),
-    # 13 to 19 digits, groups apart by up to two of space, dot, slash or hyphen.
-    ("bank_card", re.compile(_NOT_ALNUM_BEFORE + r"\d(?:[ ./-]{0,2}\d){12,18}" + _NOT_ALNUM_AFTER)),
+    # 13 to 19 digits, groups apart by up to two separators.
+    ("bank_card", re.compile(_NOT_ALNUM_BEFORE + rf"\d(?:{_SEP}{{0,2}}\d){{12,18}}" + _NOT_ALNUM_AFTER)),
 )
 
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
@@ -96,7 +96,7 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 # number's "(555)  123-4567"; a tab reads as a space); "%", "\\" and "&" start an escape that
 # may decode to one of them. Text with none of these, all ASCII, comes out of mask_text
 # unchanged. The same pattern is RE2 (pyarrow's vectorised prefilter).
-SUSPECT = r"[@+%\\&]|[0-9](?:[ \t./()\-]{0,3}[0-9]){9}"
+SUSPECT = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}"
 _SUSPECT_RE = re.compile(SUSPECT)
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
