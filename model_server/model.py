@@ -92,6 +92,30 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Protobuf's bound on one message: no ONNX file holds more (a larger model keeps its weights in
+# external data, which a version's one model.onnx does not carry).
+MAX_MODEL_BYTES = 2**31 - 1
+
+
+def read_model(path: Path) -> bytes:
+    """A model file's bytes, read once: what is hashed is what is loaded (a file replaced between
+    a hash and a load by name served bytes no digest described). InvalidInput for a file over
+    ``MAX_MODEL_BYTES`` (refused before reading it) or one that cannot be read."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MODEL_BYTES:
+                raise InvalidInput(
+                    f"{path.name} is {size} bytes, over the {MAX_MODEL_BYTES} bytes one ONNX file can hold"
+                )
+            data = f.read(MAX_MODEL_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInput(f"{path.name} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_MODEL_BYTES:  # it grew while read
+        raise InvalidInput(f"{path.name} is over the {MAX_MODEL_BYTES} bytes one ONNX file can hold")
+    return data
+
+
 def select_providers(device: str, gpus: int) -> list[str]:
     """CUDA first where a GPU and the CUDA provider both exist, then CPU."""
     available = ort.get_available_providers()
@@ -145,21 +169,23 @@ def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
 
 
 class LoadedVersion:
-    def __init__(self, config: ModelConfig, version: int, path: Path, providers: list[str]):
+    def __init__(self, config: ModelConfig, version: int, path: Path, providers: list[str], data: bytes | None = None):
+        """``data``: the bytes of ``path`` already read (``read_model``); else read here, once."""
         self.config = config
         self.name = config.name
         self.version = version
         self.label = str(version)
         self.path = path
-        self.sha256 = file_sha256(path)
-        self.size_bytes = path.stat().st_size
+        data = read_model(path) if data is None else data
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.size_bytes = len(data)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Idle intra-op threads would spin on the cores the HTTP loop needs between requests.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         where = f"model '{self.name}' version {version}"
         try:
-            self.session: ort.InferenceSession | None = ort.InferenceSession(str(path), options, providers=providers)
+            self.session: ort.InferenceSession | None = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # ORT raises its own pybind exception types
             raise InvalidInput(f"failed to load {where} from {path.name}: {exc}") from None
         self.provider = self.session.get_providers()[0]

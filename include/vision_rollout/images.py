@@ -81,23 +81,30 @@ def verify_model(
     """Everything that must hold before a version takes traffic; problems are listed, not raised."""
     from model_server.config import load_config
     from model_server.errors import ServerError
-    from model_server.model import LoadedVersion, ort
+    from model_server.model import LoadedVersion, ort, read_model
     from model_server.preprocess import images_to_features
 
     report = ArtifactReport(str(candidate))
     if not candidate.is_file():
         report.problems.append(f"{candidate} does not exist")
         return report
-    data = candidate.read_bytes()
+    # Read once: the digest, the checks and the loads below are of these bytes, whatever the file
+    # holds later (the model server's load is checked against the digest: ``served_sha256``).
+    try:
+        data = read_model(candidate)
+    except ServerError as exc:
+        report.problems.append(exc.message)
+        return report
     report.sha256 = hashlib.sha256(data).hexdigest()
     report.size_bytes = len(data)
     try:
-        session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT's own exception types
         report.problems.append(f"does not load in ONNX Runtime: {exc}")
         return report
     report.provider = session.get_providers()[0]
     report.inputs, report.outputs = _signature(session)
+    base_session: Any = None
     if baseline is not None:
         # A baseline named but missing or unloadable is a problem, not a comparison skipped: a
         # mistyped path passed a candidate whose signature was never compared.
@@ -105,10 +112,14 @@ def verify_model(
             report.problems.append(f"the baseline {baseline} does not exist: nothing to compare the signature with")
             return report
         try:
-            base_in, base_out = _signature(ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"]))
+            base_session = ort.InferenceSession(read_model(baseline), providers=["CPUExecutionProvider"])
+        except ServerError as exc:
+            report.problems.append(f"the baseline {baseline}: {exc.message}")
+            return report
         except Exception as exc:  # ORT's own exception types
             report.problems.append(f"the baseline {baseline} does not load in ONNX Runtime: {exc}")
             return report
+        base_in, base_out = _signature(base_session)
         if base_in != report.inputs:
             report.problems.append(f"inputs differ from the baseline's: {report.inputs} vs {base_in}")
         candidate_outputs = {o["name"]: o for o in report.outputs}
@@ -121,7 +132,7 @@ def verify_model(
         return report
     try:
         cfg = load_config(config_dir)
-        version = LoadedVersion(cfg, 1, candidate, ["CPUExecutionProvider"])  # checks the signature vs config
+        version = LoadedVersion(cfg, 1, candidate, ["CPUExecutionProvider"], data)  # the signature vs config
         version.warmup()
     except ServerError as exc:
         report.problems.append(exc.message)
@@ -140,9 +151,8 @@ def verify_model(
             report.problems.append(f"golden inference gave shape {out.shape} or non-finite values")
         else:
             report.golden_accuracy = float((out.argmax(axis=1) == labels).mean())
-            if baseline is not None:
-                base = ort.InferenceSession(str(baseline), providers=["CPUExecutionProvider"])
-                base_out = base.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
+            if base_session is not None:
+                base_out = base_session.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
                 report.baseline_agreement = float((base_out.argmax(axis=1) == out.argmax(axis=1)).mean())
     version.close()
     return report

@@ -152,6 +152,18 @@ class ModelServerAdmin:
         path = f"/v2/repository/models/{self._model(model)}/load"
         self.call("POST", path, {"parameters": {"config": json.dumps(policy)}}, timeout_s=self.load_timeout_s)
 
+    def served_sha256(self, model: str, version: str) -> str:
+        """The sha256 of the bytes the server loaded for that version (its metadata's
+        ``parameters.versions``); AdminError for an answer without one."""
+        path = f"/v2/models/{self._model(model)}/versions/{urllib.parse.quote(version, safe='')}"
+        answer = self.call("GET", path)
+        versions = (answer.get("parameters") or {}).get("versions") if isinstance(answer, dict) else None
+        entry = versions.get(version) if isinstance(versions, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(digest, str):
+            raise AdminError(f"model server GET {path}: the answer names no sha256 of version {version[:16]}")
+        return digest
+
     def serve_only(self, model: str, version: str) -> None:
         """That version alone loaded and at 100%: loaded beside what is routed now, routed, then
         alone (a load never drops a routed version)."""

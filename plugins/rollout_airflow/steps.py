@@ -140,6 +140,15 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     # this task would find it serving and give the lease up, leaving it there.
     settings.admin.set_traffic(spec.model, spec.stable_policy())
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
+    # The server loads the file as it is now: replaced since it was verified, it is not the
+    # artifact this report describes (its teardown unloads it; nothing routes to it).
+    served = settings.admin.served_sha256(spec.model, spec.candidate_version)
+    if served != report.sha256:
+        raise AirflowFailException(
+            f"candidate artifact refused: version {spec.candidate_version} as the model server loaded it "
+            f"(sha256 {served[:16]}) is not the file verified (sha256 {report.sha256[:16]}): it changed "
+            "after its check; no traffic was moved to it"
+        )
     return report.to_dict()
 
 

@@ -202,3 +202,21 @@ def test_dockerfile_is_multi_stage_non_root_and_checks_the_baked_model():
     assert "USER 10001:10001" in text
     assert "sha256sum -c" in text
     assert "ARG MODEL_SHA256" in text
+
+
+def test_a_model_file_larger_than_one_onnx_file_holds_is_refused_unread(models_dir, tmp_path, monkeypatch):
+    """verify_model read the whole file into memory whatever its size (a 30 GB file stopped the
+    worker); the model server's load too. Over the bound, refused by its size alone."""
+    import model_server.model
+
+    monkeypatch.setattr(model_server.model, "MAX_MODEL_BYTES", 100_000)  # digits is 78 KB
+    huge = tmp_path / "model.onnx"
+    with huge.open("wb") as f:
+        f.truncate(100_001)
+    report = verify_model(huge, None, models_dir / "digits")
+    assert report.problems == ["model.onnx is 100001 bytes, over the 100000 bytes one ONNX file can hold"]
+    assert report.sha256 == ""
+    baseline = verify_model(models_dir / "digits" / "2" / "model.onnx", huge, models_dir / "digits")
+    assert baseline.problems == [
+        f"the baseline {huge}: model.onnx is 100001 bytes, over the 100000 bytes one ONNX file can hold"
+    ]

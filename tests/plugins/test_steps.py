@@ -581,3 +581,32 @@ def test_an_hour_is_audited_once_its_last_records_can_be_written():
     assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 117.0)
     with pytest.raises(ValueError, match="timezone-aware"):
         audited_hour(datetime(2026, 3, 1, 10), ten)
+
+
+@pytest.mark.integration
+def test_a_candidate_replaced_after_its_check_is_refused_at_its_load(server_factory, repo_copy, monkeypatch, tmp_path):
+    """build_image verified version 2's file, then the model server loaded the file as it was by
+    then: one written over it in between (here version 3's bytes, a valid model of the same
+    signature) loaded, took the stages, and the report named the digest of bytes never served."""
+    import vision_rollout.images
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    verify = vision_rollout.images.verify_model
+
+    def verify_then_replace(candidate, *args, **kwargs):
+        report = verify(candidate, *args, **kwargs)
+        candidate.write_bytes((repo_copy / "digits" / "3" / "model.onnx").read_bytes())
+        return report
+
+    monkeypatch.setattr(vision_rollout.images, "verify_model", verify_then_replace)
+    changed = r"version 2 as the model server loaded it .* is not the file verified .* it changed after its check"
+    with pytest.raises(AirflowFailException, match=changed):
+        steps.build_image(PARAMS, "run-a")
+    admin = steps.serving().settings.admin
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None)  # the teardown
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
