@@ -250,14 +250,17 @@ class LoadedVersion:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def warmup(self) -> None:
-        """Inferences on a synthetic input: a version that cannot run never takes traffic, and
-        the fastest timed run is its cost per item for the inline decision."""
+    def synthetic_feeds(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Inputs of zeros (the text "0" for strings, blank images through the preprocessing) for
+        ``batch`` items where the config batches (else as for one): the warm-up's input, and the
+        verification's at the largest batch."""
         assert self.session is not None
         pre = self.config.preprocess
         feeds = {}
         for node in self.session.get_inputs():
             shape = [d if isinstance(d, int) and d > 0 else 1 for d in node.shape]
+            if shape and self.config.max_batch_size and not (isinstance(node.shape[0], int) and node.shape[0] > 0):
+                shape[0] = batch
             datatype = ONNX_TYPES.get(node.type)
             if datatype is None:
                 raise InvalidInput(
@@ -269,20 +272,54 @@ class LoadedVersion:
                 feeds[node.name] = np.full(shape, "0", dtype=object)
             else:
                 feeds[node.name] = np.zeros(shape, dtype=np.dtype(DATATYPES[datatype]))
-        image = np.array([_blank_png(pre.width, pre.height)], dtype=object) if pre is not None else None
+        if pre is not None:
+            return {pre.onnx_input: images_to_features(self._blank_images(batch), pre, "warm-up")}
+        return feeds
+
+    def _blank_images(self, batch: int) -> np.ndarray:
+        pre = self.config.preprocess
+        assert pre is not None
+        count = batch if self.config.max_batch_size else 1
+        return np.array([_blank_png(pre.width, pre.height)] * count, dtype=object)
+
+    def check_outputs(self, results: list[np.ndarray], batch: int | None = None) -> None:
+        """InvalidInput unless each output came out with the dims config.json gives it, and, with
+        ``batch``, ``batch`` rows where the config batches. A dimension the graph leaves symbolic
+        passes its load whatever it holds: a class count other than the config's (and its labels
+        file's) reached clients."""
+        for spec, value in zip(self.config.outputs, results, strict=True):
+            dims = list(spec.dims)
+            if batch is not None and self.config.max_batch_size and dims and dims[0] == -1:
+                dims[0] = batch
+            if not _shape_matches(np.shape(value), tuple(dims)):
+                raise InvalidInput(
+                    f"model '{self.name}' version {self.version}: output {spec.name!r} came out with shape "
+                    f"{list(np.shape(value))}{f' for a batch of {batch}' if batch is not None else ''}, "
+                    f"dims {list(spec.dims)} in config.json"
+                )
+
+    def warmup(self) -> None:
+        """Inferences on a synthetic input: a version that cannot run, or whose outputs are not
+        the config's, never takes traffic, and the fastest timed run is its cost per item for the
+        inline decision."""
+        assert self.session is not None
+        pre = self.config.preprocess
         outputs = [o.name for o in self.config.outputs]
+        feeds = self.synthetic_feeds()
+        image = self._blank_images(1) if pre is not None else None
         times = []
         try:
             for _ in range(WARMUP_RUNS + 1):
                 started = time.perf_counter()
                 if pre is not None and image is not None:
                     feeds = {pre.onnx_input: images_to_features(image, pre, "warm-up")}
-                self.session.run(outputs, feeds)
+                results = self.session.run(outputs, feeds)
                 times.append(time.perf_counter() - started)
         except Exception as exc:
             raise InvalidInput(
                 f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}"
             ) from None
+        self.check_outputs(results)
         # The fastest run is the version's own cost: a median taken while other processes held the
         # cores (CI's shared machine) sent one version off the loop for good and not the other
         # (+184% in its live arm with two busy loops beside the server).

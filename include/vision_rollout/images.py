@@ -79,10 +79,9 @@ def verify_model(
     golden_n: int = 64,
 ) -> ArtifactReport:
     """Everything that must hold before a version takes traffic; problems are listed, not raised."""
-    from model_server.config import load_config
+    from model_server.config import ascii_uint, load_config
     from model_server.errors import ServerError
     from model_server.model import LoadedVersion, ort, read_model
-    from model_server.preprocess import images_to_features
 
     report = ArtifactReport(str(candidate))
     if not candidate.is_file():
@@ -105,6 +104,7 @@ def verify_model(
     report.provider = session.get_providers()[0]
     report.inputs, report.outputs = _signature(session)
     base_session: Any = None
+    base_in = report.inputs
     if baseline is not None:
         # A baseline named but missing or unloadable is a problem, not a comparison skipped: a
         # mistyped path passed a candidate whose signature was never compared.
@@ -132,30 +132,88 @@ def verify_model(
         return report
     try:
         cfg = load_config(config_dir)
-        version = LoadedVersion(cfg, 1, candidate, ["CPUExecutionProvider"], data)  # the signature vs config
-        version.warmup()
+        number = ascii_uint(candidate.parent.name) or 1  # (models/<m>/<version>/model.onnx: its messages name it)
+        version = LoadedVersion(cfg, number, candidate, ["CPUExecutionProvider"], data)  # the signature vs config
     except ServerError as exc:
         report.problems.append(exc.message)
         return report
-    if validation is not None and cfg.preprocess is not None and (validation / "labels.csv").is_file():
-        try:
-            images, labels = _golden(validation, golden_n)
-            feats = images_to_features(images, cfg.preprocess, cfg.inputs[0].name)
-        except (OSError, ValueError, ServerError) as exc:
-            report.problems.append(f"the validation set {validation} cannot be read: {getattr(exc, 'message', exc)}")
-            version.close()
-            return report
-        out = session.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
-        report.golden_images = len(labels)
-        if out.shape[0] != len(labels) or not np.isfinite(out).all():
-            report.problems.append(f"golden inference gave shape {out.shape} or non-finite values")
-        else:
-            report.golden_accuracy = float((out.argmax(axis=1) == labels).mean())
-            if base_session is not None:
-                base_out = base_session.run([cfg.outputs[0].name], {cfg.preprocess.onnx_input: feats})[0]
-                report.baseline_agreement = float((base_out.argmax(axis=1) == out.argmax(axis=1)).mean())
-    version.close()
+    try:
+        version.warmup()
+        report.problems += _at_the_largest_batch(version, base_session if base_in == report.inputs else None)
+        if validation is not None and cfg.preprocess is not None and (validation / "labels.csv").is_file():
+            _golden_inference(report, session, base_session, cfg, validation, golden_n)
+    except ServerError as exc:
+        report.problems.append(exc.message)
+    finally:
+        version.close()
     return report
+
+
+def _at_the_largest_batch(version: Any, base_session: Any) -> list[str]:
+    """The candidate run at the config's ``max_batch_size`` (the warm-up runs one item): it runs,
+    every output has the config's dims and one row an item, and every dimension after the first
+    is the baseline's on the same input (a class count the graphs leave symbolic). ServerError
+    for the candidate's own failures; the baseline's differences listed."""
+    from model_server.errors import InvalidInput
+
+    cfg = version.config
+    batch = max(cfg.max_batch_size, 1)
+    feeds = version.synthetic_feeds(batch)
+    names = [o.name for o in cfg.outputs]
+    try:
+        results = version.session.run(names, feeds)
+    except Exception as exc:  # ORT's own exception types
+        raise InvalidInput(f"fails at a batch of {batch} (the config's max_batch_size): {exc}") from None
+    version.check_outputs(results, batch)
+    if base_session is None:
+        return []
+    try:
+        base_results = base_session.run(names, feeds)
+    except Exception as exc:  # ORT's own exception types
+        return [f"the baseline fails on the input the candidate ran at a batch of {batch}: {exc}"]
+    return [
+        f"output {name!r} came out with shape {list(np.shape(got))} at a batch of {batch}, the baseline's "
+        f"{list(np.shape(base))}: clients of the baseline read another shape"
+        for name, got, base in zip(names, results, base_results, strict=True)
+        if np.shape(got)[1:] != np.shape(base)[1:]
+    ]
+
+
+def _golden_inference(
+    report: ArtifactReport, session: Any, base_session: Any, cfg: Any, validation: Path, golden_n: int
+) -> None:
+    """Top-1 accuracy over the validation images, through the server's preprocessing, and the
+    agreement with the baseline on them; what fails is listed in ``report.problems``."""
+    from model_server.errors import ServerError
+    from model_server.preprocess import images_to_features
+
+    try:
+        images, labels = _golden(validation, golden_n)
+        feats = images_to_features(images, cfg.preprocess, cfg.inputs[0].name)
+    except (OSError, ValueError, ServerError) as exc:
+        report.problems.append(f"the validation set {validation} cannot be read: {getattr(exc, 'message', exc)}")
+        return
+    feeds = {cfg.preprocess.onnx_input: feats}
+    try:
+        out = session.run([cfg.outputs[0].name], feeds)[0]
+    except Exception as exc:  # ORT's own exception types
+        report.problems.append(f"golden inference over {len(labels)} validation images failed: {exc}")
+        return
+    report.golden_images = len(labels)
+    if out.shape[0] != len(labels) or not np.isfinite(out).all():
+        report.problems.append(f"golden inference gave shape {out.shape} or non-finite values")
+        return
+    report.golden_accuracy = float((out.argmax(axis=1) == labels).mean())
+    if base_session is not None:
+        try:
+            base_out = base_session.run([cfg.outputs[0].name], feeds)[0]
+        except Exception as exc:  # ORT's own exception types
+            report.problems.append(f"the baseline's inference over the validation images failed: {exc}")
+            return
+        if base_out.shape != out.shape:
+            report.problems.append(f"golden inference gave shape {out.shape}, the baseline's {base_out.shape}")
+            return
+        report.baseline_agreement = float((base_out.argmax(axis=1) == out.argmax(axis=1)).mean())
 
 
 def image_tag(registry_repo: str, sha256: str) -> str:

@@ -220,3 +220,85 @@ def test_a_model_file_larger_than_one_onnx_file_holds_is_refused_unread(models_d
     assert baseline.problems == [
         f"the baseline {huge}: model.onnx is 100001 bytes, over the 100000 bytes one ONNX file can hold"
     ]
+
+
+def _digits_like(path, classes: int, batch_of_one: bool = False) -> None:
+    """A model taking digits' 64 features to ``classes`` probabilities, where no shape inference
+    can tell the class count (a Slice to a computed end: the graph's output is [N, ?]); with
+    ``batch_of_one``, a Reshape to a computed [1, -1] that only a batch of one survives."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = [
+        numpy_helper.from_array(np.full((64, 16), 0.01, dtype=np.float32), "w"),
+        numpy_helper.from_array(np.array(0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([classes], dtype=np.int64), "classes"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "start"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "rest"),
+    ]
+    nodes = [  # one: 1 for any image (features >= 0), computed from the input
+        helper.make_node("ReduceMin", ["input"], ["low"], keepdims=0),
+        helper.make_node("GreaterOrEqual", ["low", "zero"], ["ok"]),
+        helper.make_node("Cast", ["ok"], ["one0"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["one0", "start"], ["one"]),
+    ]
+    source = "input"
+    if batch_of_one:
+        nodes += [
+            helper.make_node("Concat", ["one", "rest"], ["flat"], axis=0),
+            helper.make_node("Reshape", ["input", "flat"], ["flattened"]),
+        ]
+        source = "flattened"
+    nodes += [
+        helper.make_node("MatMul", [source, "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["wide"], axis=1),
+        helper.make_node("Mul", ["classes", "one"], ["end"]),
+        helper.make_node("Slice", ["wide", "start", "end", "axis"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_like",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", "C"])],
+        const,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize(
+    ("classes", "batch_of_one", "config_classes", "refused"),
+    [
+        (11, False, 10, "version 2: output 'probabilities' came out with shape [1, 11], dims [-1, 10] in config.json"),
+        (
+            11,
+            False,
+            -1,
+            "output 'probabilities' came out with shape [64, 11] at a batch of 64, the baseline's [64, 10]: "
+            "clients of the baseline read another shape",
+        ),
+        (10, True, 10, "fails at a batch of 64 (the config's max_batch_size): "),
+    ],
+    ids=["class-count-vs-config", "class-count-vs-baseline", "fails-above-one-item"],
+)
+def test_a_candidate_whose_outputs_only_running_it_shows_is_refused(
+    models_dir, tmp_path, classes, batch_of_one, config_classes, refused
+):
+    """A class count the graph leaves symbolic passed the signature checks (the graph's [N, ?]
+    takes config.json's [-1, 10]), and the warm-up runs one item: a candidate answering 11
+    classes, or failing on any batch of more than one image, was verified, loaded and staged."""
+    model = tmp_path / "digits"
+    model.mkdir()
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    config["output"][0]["dims"] = [-1, config_classes]
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "labels.txt").write_bytes((models_dir / "digits" / "labels.txt").read_bytes())
+    _digits_like(model / "1" / "model.onnx", 10)
+    baseline = verify_model(model / "1" / "model.onnx", None, model)
+    assert baseline.ok, baseline.problems
+    _digits_like(model / "2" / "model.onnx", classes, batch_of_one)
+    report = verify_model(model / "2" / "model.onnx", model / "1" / "model.onnx", model)
+    assert [p for p in report.problems if refused in p], report.problems
