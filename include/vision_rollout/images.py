@@ -87,6 +87,15 @@ def verify_model(
     if not candidate.is_file():
         report.problems.append(f"{candidate} does not exist")
         return report
+    if (
+        config_dir is not None
+        and candidate.parent.parent == config_dir
+        and not candidate.resolve().is_relative_to(config_dir.resolve())
+    ):
+        # A version of the model's folder that links out of it: the model server does not load it
+        # (``ModelRepository.versions_on_disk``), and what it names can change outside the folder.
+        report.problems.append(f"{candidate} is a link out of the model's folder {config_dir}: not loaded from there")
+        return report
     # Read once: the digest, the checks and the loads below are of these bytes, whatever the file
     # holds later (the model server's load is checked against the digest: ``served_sha256``).
     try:

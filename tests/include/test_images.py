@@ -302,3 +302,28 @@ def test_a_candidate_whose_outputs_only_running_it_shows_is_refused(
     _digits_like(model / "2" / "model.onnx", classes, batch_of_one)
     report = verify_model(model / "2" / "model.onnx", model / "1" / "model.onnx", model)
     assert [p for p in report.problems if refused in p], report.problems
+
+
+def test_a_version_linked_out_of_the_model_folder_is_refused(models_dir, tmp_path):
+    """models/digits/2/model.onnx a link to a file elsewhere (or 2/ a link to a folder elsewhere)
+    passed verify_model; the model server does not load it, so the run failed at its load."""
+    model = tmp_path / "repo" / "digits"
+    model.mkdir(parents=True)
+    for name in ("config.json", "labels.txt"):
+        (model / name).write_bytes((models_dir / "digits" / name).read_bytes())
+    (model / "1").mkdir()
+    (model / "1" / "model.onnx").write_bytes((models_dir / "digits" / "1" / "model.onnx").read_bytes())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.onnx").write_bytes((models_dir / "digits" / "2" / "model.onnx").read_bytes())
+    (model / "2").mkdir()
+    (model / "2" / "model.onnx").symlink_to(elsewhere / "model.onnx")
+    (model / "3").symlink_to(elsewhere)
+    for version in ("2", "3"):
+        report = verify_model(model / version / "model.onnx", model / "1" / "model.onnx", model)
+        assert report.problems == [
+            f"{model / version / 'model.onnx'} is a link out of the model's folder {model}: not loaded from there"
+        ]
+    (model / "2" / "model.onnx").unlink()
+    (model / "2" / "model.onnx").symlink_to(model / "1" / "model.onnx")  # a link inside it is loaded
+    assert verify_model(model / "2" / "model.onnx", model / "1" / "model.onnx", model).ok
