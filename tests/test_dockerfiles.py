@@ -53,3 +53,23 @@ def test_the_airflow_image_is_the_tests_airflow_python_and_requirements():
     for folder in ("dags", "plugins", "include"):
         assert f"COPY --chown=airflow:0 {folder}/ /opt/airflow/{folder}/" in text
     assert re.search(r"^USER 50000$", text, re.M)  # the official image's airflow user, not root
+
+
+def test_the_model_server_image_installs_its_requirements_under_the_constraints():
+    """Its requirements pin its direct dependencies only: without the constraints, what they pull
+    in (uvicorn[standard]'s uvloop, httptools, websockets, watchfiles; protobuf, sympy...) was
+    whatever PyPI had that day, not the versions the tests ran with."""
+    text = (ROOT / "docker" / "Dockerfile.model-server").read_text()
+    assert "COPY model_server/requirements.txt constraints.txt /tmp/" in text
+    installs = re.findall(r"pip install [^\n]*(?:\\\n[^\n]*)*", text)
+    assert installs
+    assert all("-c /tmp/constraints.txt" in line for line in installs), installs
+
+    def pinned(path: Path) -> dict[str, str]:
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        pairs = [line.split("==") for line in lines if "==" in line]
+        return {re.sub(r"[-_.]+", "-", name.split("[")[0]).lower(): version for name, version in pairs}
+
+    constraints = pinned(ROOT / "constraints.txt")
+    for name, version in pinned(ROOT / "model_server" / "requirements.txt").items():
+        assert constraints.get(name) == version, name  # the versions the tests ran with
