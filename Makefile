@@ -40,7 +40,7 @@ chromium:
 	@command -v chromium >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-	  else echo "chromium is missing (the UI test skips): sudo apt-get install --no-install-recommends chromium" >&2; fi; }
+	  else echo "chromium is missing: sudo apt-get install --no-install-recommends chromium" >&2; exit 1; fi; }
 
 # npm's @kubernetes-models/prometheus-operator: the PodMonitor's schema (devstack/manifests.py).
 NODE_STAMP := devstack/node/node_modules/.installed

@@ -64,7 +64,7 @@ def two_models(models_dir: Path, repository: Path) -> Path:
 @pytest.fixture(scope="module")
 def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if find_nginx() is None:
-        pytest.skip("nginx is not installed (make test installs nginx-light)")
+        pytest.fail("nginx is not installed: `make nginx` installs nginx-light")
     work = tmp_path_factory.mktemp("cluster")
     # A 2 s drain (5 s in `make cluster-demo`): each version retired waits it; the data plane
     # reloads within 0.5 s of a change.

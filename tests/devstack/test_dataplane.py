@@ -123,7 +123,7 @@ def pods() -> Iterator[FakePods]:
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[NginxDataPlane]:
     if NGINX is None:
-        pytest.skip("nginx is not installed (on PATH or in /usr/sbin): apt-get install nginx-light, as CI does")
+        pytest.fail("nginx is not installed (on PATH or in /usr/sbin): `make nginx` installs nginx-light")
     plane = NginxDataPlane(tmp_path / "nginx")
     yield plane
     plane.stop()

@@ -203,9 +203,11 @@ def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run
     assert stack.admin(state).traffic("digits").to_dict()["route"] == [{"version": "2", "weight": 100}]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make chromium)")
 def test_the_ui_shows_the_run_with_its_tasks(up, promoted_run, tmp_path):
     from playwright.sync_api import sync_playwright
+
+    if shutil.which("chromium") is None:
+        pytest.fail("Debian's chromium is not installed: `make chromium` installs it")
 
     _, state = up
     run_id = promoted_run[0]
