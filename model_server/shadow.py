@@ -180,6 +180,9 @@ class ShadowMirror:
             self.queued_bytes -= job.nbytes
             try:
                 await self._finish(job)
+            except asyncio.CancelledError:  # the stop's drain ran out: its pair is still recorded
+                self._dropped(job, "server shutting down")
+                raise
             finally:
                 self.queue.task_done()
 

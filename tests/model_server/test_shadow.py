@@ -303,3 +303,17 @@ def test_copies_for_a_version_that_left_service_are_dropped_not_failed(repo_copy
     )
     assert results[1].error == "shadow version left service: model 'digits' is not loaded"
     assert {outcome: counted(outcome) - n for outcome, n in before.items()} == {"ok": 0, "error": 0, "dropped": 2}
+
+
+def test_copies_in_flight_at_shutdown_are_recorded_as_dropped(server_factory, repo_copy, tmp_path, digit_images):
+    """A stop finishes the queued copies for up to 5 s and then cancels the workers: the copy
+    that was running then was neither counted nor logged, and its primary had no pair."""
+    s = start(server_factory, repo_copy, tmp_path, "--shadow-workers", "1", "--prediction-log", str(tmp_path / "log"))
+    set_fault(s, "2", {"delay": {"ms": 8000, "percent": 100}})  # longer than the stop's drain
+    n = 3
+    for i in range(n):
+        assert infer(s, digit_images[i][0]).status_code == 200
+    df = logged(s, tmp_path / "log")
+    shadows = df[df["role"] == "shadow"]
+    assert sorted(shadows["request_id"]) == sorted(df[df["role"] == "primary"]["request_id"])
+    assert set(shadows["outcome"]) == {"DROPPED"}
