@@ -255,7 +255,8 @@ class ShadowMirror:
         than aborting and retrying them would cost the shadow.
         """
         for _ in range(self.max_preemptions + 1):
-            await self.gate.idle.wait()
+            while self.gate.inflight:  # woken by an idle moment, a primary may have started since
+                await self.gate.idle.wait()
             run = ort.RunOptions()
             if lv.predicted_seconds(inputs) >= PREEMPT_MIN_S:
                 self.gate.shadow_runs.add(run)

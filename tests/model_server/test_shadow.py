@@ -317,3 +317,54 @@ def test_copies_in_flight_at_shutdown_are_recorded_as_dropped(server_factory, re
     shadows = df[df["role"] == "shadow"]
     assert sorted(shadows["request_id"]) == sorted(df[df["role"] == "primary"]["request_id"])
     assert set(shadows["outcome"]) == {"DROPPED"}
+
+
+def test_a_copy_waits_while_the_next_primary_runs(models_dir, digit_images):
+    """Under load one primary ends and the next starts in the same turn of the event loop: the
+    worker woken by the first end started its copy beside the second primary, on its cores."""
+    import asyncio
+
+    import numpy as np
+
+    from model_server.protocol import InferInput
+    from model_server.repository import ModelRepository
+    from model_server.shadow import ShadowJob, ShadowMirror
+    from model_server.trace import TraceContext
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        repo = ModelRepository(models_dir, ["CPUExecutionProvider"])
+        repo.load("digits")
+        done: list[str] = []
+        mirror = ShadowMirror(repo, sink=lambda r: done.append(r.job.request_id))
+        mirror.start()
+        data = np.array([digit_images[0][0]], dtype=object)
+        job = ShadowJob(
+            "digits",
+            "1",
+            "1",
+            [InferInput("image", "BYTES", (1,), data)],
+            ["probabilities"],
+            "copy",
+            TraceContext.from_header(None),
+            time.time(),
+            {},
+            1.0,
+        )
+        with mirror.gate:
+            mirror.submit(job)
+            await asyncio.sleep(0.2)  # the worker has the copy and waits for idle time
+        with mirror.gate:  # the next primary, with no await between
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+            during = list(done)
+        for _ in range(200):
+            if done:
+                break
+            await asyncio.sleep(0.05)
+        await mirror.stop()
+        repo.close_all()
+        return during, done
+
+    during, after = asyncio.run(scenario())
+    assert during == []
+    assert after == ["copy"]
