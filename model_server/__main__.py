@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import secrets
 import socket
@@ -27,6 +28,24 @@ from model_server.protocol import MAX_JSON_BYTES
 from model_server.repository import ModelRepository
 
 log = logging.getLogger("model_server")
+
+
+def at_least_one(text: str) -> int:
+    """A count that must be 1 or more (a queue of 0 would hold any number: asyncio's unbounded)."""
+    value = ascii_uint(text.strip())
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text[:40]!r}")
+    return value
+
+
+def positive_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of MiB above 0, got {text[:40]!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,17 +94,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--shadow-queue",
-        type=int,
+        type=at_least_one,
         default=256,
         help="mirrored requests that may wait for the shadow; more are dropped and counted",
     )
     p.add_argument(
         "--shadow-queue-mb",
-        type=float,
+        type=positive_mb,
         default=256.0,
         help="the inputs of the waiting mirrored requests together; more are dropped and counted",
     )
-    p.add_argument("--shadow-workers", type=int, default=2, help="concurrent shadow executions")
+    p.add_argument("--shadow-workers", type=at_least_one, default=2, help="concurrent shadow executions")
     p.add_argument(
         "--prediction-log",
         metavar="URI",

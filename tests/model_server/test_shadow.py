@@ -368,3 +368,27 @@ def test_a_copy_waits_while_the_next_primary_runs(models_dir, digit_images):
     during, after = asyncio.run(scenario())
     assert during == []
     assert after == ["copy"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--shadow-queue", "0"), ("--shadow-queue", "-1"), ("--shadow-workers", "0"), ("--shadow-queue-mb", "0")],
+)
+def test_a_shadow_queue_or_workers_below_one_stop_the_start(tmp_path, option, value):
+    """--shadow-queue 0 made an asyncio queue of no bound: under a slow shadow the copies piled
+    up without limit instead of being dropped. The start stops (exit 2), naming the option."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), option, value],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert f"argument {option}: must be" in out.stderr
+    assert "Traceback" not in out.stderr
