@@ -70,8 +70,19 @@ class ShadowJob:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        """What the queued copy holds: its inputs (the primary's outputs are small beside them)."""
-        return sum(i.nbytes for i in self.inputs)
+        """What the queued copy holds: its inputs, and the whole request body of those that are
+        views of it (binary tensors: the JSON part too, up to its limit), once a body (the
+        primary's outputs are small beside them)."""
+        total, bodies = 0, {}
+        for i in self.inputs:
+            owner: Any = i.data
+            while isinstance(owner, np.ndarray) and owner.base is not None:
+                owner = owner.base
+            if isinstance(owner, memoryview):  # np.frombuffer of the body
+                bodies[id(owner.obj)] = memoryview(owner.obj).nbytes
+            else:
+                total += i.nbytes
+        return total + sum(bodies.values())
 
 
 @dataclass

@@ -392,3 +392,50 @@ def test_a_shadow_queue_or_workers_below_one_stop_the_start(tmp_path, option, va
     assert out.returncode == 2
     assert f"argument {option}: must be" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_queue_counts_the_body_a_binary_tensor_keeps(server_factory, tmp_path):
+    """A binary tensor is a view of its request's body: a copy of 128 bytes of tensors behind
+    900 kB of JSON held the 900 kB, and the queue counted 128 bytes (256 such copies held 230 MB
+    under a bound of 1 MiB). A copy counts the body it keeps."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from tests.support import write_simple_models
+
+    repository = tmp_path / "repository"
+    write_simple_models(repository, "simple")
+    shutil.copytree(repository / "simple" / "1", repository / "simple" / "2")
+    s = server_factory(repository, "--shadow-queue-mb", "1", "--shadow-workers", "1", token=TOKEN)
+    s.load_versions("simple", 1, 2)
+    mirror_all = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+    r = requests.put(f"{s.http}/v2/models/simple/traffic", json=mirror_all, headers=s.admin, timeout=30)
+    assert r.status_code == 200, r.text
+    r = requests.put(
+        f"{s.http}/v2/models/simple/versions/2/fault", json={"delay": {"ms": 3000}}, headers=s.admin, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    tensor = np.arange(16, dtype=np.int32).reshape(1, 16).tobytes()
+    inputs = [
+        {"name": name, "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": len(tensor)}}
+        for name in ("INPUT0", "INPUT1")
+    ]
+    header = (json.dumps({"inputs": inputs}) + " " * 900_000).encode()  # JSON takes any whitespace
+    n = 6
+    for _ in range(n):
+        r = requests.post(
+            f"{s.http}/v2/models/simple/infer",
+            data=header + tensor + tensor,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+
+    def counted(outcome: str) -> float:
+        return s.metric("shadow_requests_total", model="simple", version="2", outcome=outcome) or 0.0
+
+    # One copy runs (off the queue), one waits (900 kB of 1 MiB), the others are over the bytes.
+    assert counted("dropped") >= n - 2
+    assert wait_until(lambda: counted("ok") + counted("dropped") == n)
