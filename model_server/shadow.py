@@ -173,14 +173,22 @@ class ShadowMirror:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def stop(self, drain_s: float = 5.0) -> None:
-        """Finish the queued copies (up to ``drain_s``); what is left is recorded as dropped."""
+        """Finish the queued copies and the probes (up to ``drain_s``); what is left is recorded
+        as dropped."""
+
+        async def drained() -> None:
+            await self.queue.join()
+            while self._probes:
+                await asyncio.wait(set(self._probes))
+
         try:
-            await asyncio.wait_for(self.queue.join(), drain_s)
+            await asyncio.wait_for(drained(), drain_s)
         except TimeoutError:
-            log.warning("%d shadow copies left unprocessed at shutdown", self.queue.qsize())
-        for t in self._tasks:
+            log.warning("%d shadow copies left unprocessed at shutdown", self.queue.qsize() + len(self._probes))
+        running = [*self._tasks, *self._probes]
+        for t in running:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         while not self.queue.empty():
             self._dropped(self.queue.get_nowait(), "server shutting down")
         self.queued_bytes = 0
@@ -191,9 +199,6 @@ class ShadowMirror:
             self.queued_bytes -= job.nbytes
             try:
                 await self._finish(job)
-            except asyncio.CancelledError:  # the stop's drain ran out: its pair is still recorded
-                self._dropped(job, "server shutting down")
-                raise
             finally:
                 self.queue.task_done()
 
@@ -202,6 +207,9 @@ class ShadowMirror:
             result = await self.run(job)
             if result is not None and self.sink is not None:
                 self.sink(result)
+        except asyncio.CancelledError:  # the stop's drain ran out: its pair is still recorded
+            self._dropped(job, "server shutting down")
+            raise
         except Exception:  # a shadow must never take the worker down
             log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
 

@@ -439,3 +439,15 @@ def test_the_queue_counts_the_body_a_binary_tensor_keeps(server_factory, tmp_pat
     # One copy runs (off the queue), one waits (900 kB of 1 MiB), the others are over the bytes.
     assert counted("dropped") >= n - 2
     assert wait_until(lambda: counted("ok") + counted("dropped") == n)
+
+
+def test_a_probe_in_flight_at_shutdown_is_recorded(server_factory, repo_copy, tmp_path, digit_images):
+    """The stop waited for the queue's copies only: a masking probe's copy (run at once, off the
+    queue) still running was left behind, and the log closed without its record."""
+    s = start(server_factory, repo_copy, tmp_path, "--prediction-log", str(tmp_path / "log"))
+    set_fault(s, "2", {"delay": {"ms": 8000, "percent": 100}})  # longer than the stop's drain
+    assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1", **s.admin}).status_code == 200
+    df = logged(s, tmp_path / "log")
+    shadows = df[df["role"] == "shadow"]
+    assert list(shadows["request_id"]) == list(df[df["role"] == "primary"]["request_id"])
+    assert list(shadows["outcome"]) == ["DROPPED"]
