@@ -22,7 +22,9 @@ from model_server.errors import InvalidInput, PayloadTooLarge, shown
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has a few)
 MAX_DIMS = 32
-MAX_ELEMENTS = 2**63 - 1  # numpy's and ONNX's int64 sizes
+# numpy's largest array of 8-byte items (INT64, FP64, a BYTES tensor's objects): it refuses a
+# shape whose bytes would pass 2**63-1, even one with a dimension of 0 that holds none
+MAX_ELEMENTS = 2**60 - 1
 MAX_JSON_BYTES = 4 * 1024 * 1024  # about 0.1 s of parsing here; a JSON tensor of 400k numbers
 
 
@@ -232,7 +234,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         ):
             raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
         if len(shape_raw) > MAX_DIMS or math.prod(d for d in shape_raw if d) > MAX_ELEMENTS:
-            raise InvalidInput(f"{where}: a shape has at most {MAX_DIMS} dimensions and 2**63-1 elements")
+            raise InvalidInput(f"{where}: a shape has at most {MAX_DIMS} dimensions and 2**60-1 elements")
         shape = tuple(shape_raw)
         params = raw.get("parameters") or {}
         if not isinstance(params, dict):

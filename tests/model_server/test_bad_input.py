@@ -164,7 +164,9 @@ def test_out_of_bounds_shapes_counts_and_flags_are_400s_naming_them(server, digi
     image = digit_images[0][0]
     one = struct.pack("<I", len(image)) + image
     cases = [
-        (binary([0, 2**63], b""), "at most 32 dimensions and 2**63-1 elements"),
+        (binary([0, 2**63], b""), "at most 32 dimensions and 2**60-1 elements"),
+        (binary([0, 2**62], b""), "at most 32 dimensions"),  # 2**65 bytes of objects, none held
+        (as_json([2**61, 0], []), "at most 32 dimensions"),
         (binary([2**32, 2**32, 0], b""), "at most 32 dimensions"),
         (binary([1] * 70, one), "at most 32 dimensions"),
         (as_json([0, 2**62, 8], []), "at most 32 dimensions"),
