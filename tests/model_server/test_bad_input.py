@@ -147,6 +147,32 @@ def test_hostile_sizes_are_refused_before_allocating(server):
     assert server.client().is_server_live()
 
 
+def test_binary_bytes_elements_are_bounded_per_request_before_any_is_made(server):
+    """A 64 MiB body of 16 M empty BYTES elements held every endpoint 9 s while each was cut into
+    an object, before the model's batch limit refused it: a request carries at most 65536."""
+
+    def strings(*counts: int) -> tuple[bytes, dict[str, str]]:
+        tensors = [
+            {"name": f"s{i}", "datatype": "BYTES", "shape": [n], "parameters": {"binary_data_size": 4 * n}}
+            for i, n in enumerate(counts)
+        ]
+        header = json.dumps({"inputs": tensors}).encode()
+        return header + bytes(4 * sum(counts)), {"Inference-Header-Content-Length": str(len(header))}
+
+    r = post(server, "/v2/models/digits/infer", *strings(65537))
+    assert r.status_code == 400
+    assert r.json()["error"] == (
+        "input 's0': 65537 binary BYTES elements (65537 in the request with the inputs before it), "
+        "over the limit of 65536 per request"
+    )
+    r = post(server, "/v2/models/digits/infer", *strings(40000, 30000))
+    assert r.status_code == 400
+    assert "input 's1': 30000 binary BYTES elements (70000 in the request" in r.json()["error"]
+    r = post(server, "/v2/models/digits/infer", *strings(65536))  # at the limit: read, then the model's checks
+    assert r.status_code == 400
+    assert "unknown input" in r.json()["error"]
+
+
 def test_out_of_bounds_shapes_counts_and_flags_are_400s_naming_them(server, digit_images):
     """Shapes numpy cannot hold, text that is not Unicode, counts and flags out of their types:
     each a 400 with a short message (they were 500s, each with a traceback in the log)."""
