@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from model_server.config import ImagePreprocess
-from model_server.errors import InvalidInput
+from model_server.errors import InvalidInput, shown
 
 # Refuse decompression bombs: 4096 x 4096 is far more than any digit needs. Decoding costs
 # time in proportion to pixels, so a request's images together get twice that (64 images of
@@ -126,10 +126,12 @@ def decode_image(data: bytes, spec: ImagePreprocess, where: str) -> np.ndarray:
                 pixels = np.asarray(gray, dtype=np.float32)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(f"{where}: not a decodable PNG or JPEG image ({exc})") from None
+    except UnidentifiedImageError:  # (its message names the buffer's address)
+        raise InvalidInput(f"{where}: not a decodable PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"{where}: not a decodable PNG or JPEG image ({shown(str(exc))})") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt image data
-        raise InvalidInput(f"{where}: corrupt image data ({exc})") from None
+        raise InvalidInput(f"{where}: corrupt image data ({shown(str(exc))})") from None
     if spec.invert:
         pixels = 255.0 - pixels
     return pixels * np.float32(spec.scale / 255.0)

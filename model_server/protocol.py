@@ -141,7 +141,7 @@ def _json_tensor(raw: dict[str, Any], datatype: str, shape: tuple[int, ...], whe
             raise InvalidInput(f"{where}: BOOL data must be true/false")
     elif not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in flat):
         bad = next(x for x in flat if not isinstance(x, (int, float)) or isinstance(x, bool))
-        raise InvalidInput(f"{where}: {datatype} data must be numbers, found {bad!r}")
+        raise InvalidInput(f"{where}: {datatype} data must be numbers, found {shown(repr(bad))}")
     try:
         with np.errstate(over="raise", invalid="raise"):
             arr = np.asarray(flat, dtype=np.dtype(DATATYPES[datatype]).newbyteorder("="))

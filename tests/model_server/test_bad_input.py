@@ -101,6 +101,7 @@ def test_bad_json_requests_get_400_naming_the_problem(server, body, needle):
     r = post(server, "/v2/models/digits/infer", body)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]
+    assert " at 0x" not in r.json()["error"]  # (Pillow's message named its buffer's address)
 
 
 def test_bad_binary_framing(server, digit_images):

@@ -253,6 +253,14 @@ def test_json_tensor_errors_name_the_problem(raw, needle):
         decode_infer_request(json.dumps({"inputs": [raw]}).encode(), None)
 
 
+def test_a_value_an_error_quotes_is_cut():
+    """A 3 MB string in FP32 data came back whole in the 400 (and the access log)."""
+    raw = {"name": "x", "datatype": "FP32", "shape": [1], "data": ["9" * 3_000_000]}
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(json.dumps({"inputs": [raw]}).encode(), None)
+    assert str(refused.value).endswith("found '" + "9" * 63 + "...")
+
+
 def test_duplicate_inputs_and_nested_data():
     x = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3, 4]]}
     req = decode_infer_request(json.dumps({"inputs": [x]}).encode(), None)
