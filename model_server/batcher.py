@@ -241,7 +241,8 @@ class DynamicBatcher:
     async def _execute(self, batch: list[Pending]) -> None:
         try:
             lv = self.lv
-            if lv.runs_inline(merged_size(batch), sum(p.batch for p in batch)):
+            pixels = sum(i.pixels for p in batch for i in p.inputs)
+            if lv.runs_inline(merged_size(batch), sum(p.batch for p in batch), pixels):
                 outcomes = lv.run_batch(batch)
             else:
                 loop = asyncio.get_running_loop()

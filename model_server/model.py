@@ -61,6 +61,7 @@ ort.set_default_logger_severity(3)
 # thread and back costs 0.1-0.2 ms, more than a small model's whole inference.
 INLINE_BUDGET_S = 0.0005
 INLINE_MAX_BYTES = 16 * 1024  # decoding grows with the bytes: more goes to the executor
+INLINE_MAX_PIXELS = 65_536  # and with the pixels (about 5 ns each): 0.3 ms at most inline
 WARMUP_RUNS = 10  # timed warm-up runs after the first (which allocates)
 MAX_VALID_SIGNATURES = 64  # input signatures (names, datatypes, shapes) that passed, kept per version
 
@@ -325,13 +326,17 @@ class LoadedVersion:
         # (+184% in its live arm with two busy loops beside the server).
         self._warmup_seconds = min(times[1:])
 
-    def runs_inline(self, size: int, batch: int) -> bool:
-        """Whether an execution of ``batch`` items in ``size`` bytes runs on the event loop:
-        decided from the warm-up's cost, fixed per version, so that load never moves one
-        version's requests off the loop and not another's."""
+    def runs_inline(self, size: int, batch: int, pixels: int = 0) -> bool:
+        """Whether an execution of ``batch`` items in ``size`` bytes, its images declaring
+        ``pixels``, runs on the event loop: decided from the warm-up's cost, fixed per version,
+        so that load never moves one version's requests off the loop and not another's; and
+        from the input's bytes and pixels, which decoding grows with (a 16 KB PNG of 4096x4096
+        held every endpoint 75 ms)."""
         if self.fault is not None or self.config.instance_count != 1:
             return False
-        return self._warmup_seconds * batch <= INLINE_BUDGET_S and size <= INLINE_MAX_BYTES
+        return (
+            self._warmup_seconds * batch <= INLINE_BUDGET_S and size <= INLINE_MAX_BYTES and pixels <= INLINE_MAX_PIXELS
+        )
 
     def batch_of(self, inputs: list[InferInput]) -> int:
         return inputs[0].shape[0] if self.config.max_batch_size and inputs[0].shape else 1
@@ -359,7 +364,8 @@ class LoadedVersion:
             self._valid[key] = names
         elif self.config.preprocess is not None:
             name = self.config.inputs[0].name
-            check_pixels(next(i for i in inputs if i.name == name).data, name)
+            images = next(i for i in inputs if i.name == name)
+            images.pixels = check_pixels(images.data, name)
         return list(names)
 
     def _validate(self, inputs: list[InferInput], requested: dict[str, bool] | None) -> list[str]:
@@ -389,7 +395,8 @@ class LoadedVersion:
         if cfg.max_batch_size and len(batches) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {sorted(batches)}")
         if cfg.preprocess is not None:
-            check_pixels(given[cfg.inputs[0].name].data, cfg.inputs[0].name)
+            images = given[cfg.inputs[0].name]
+            images.pixels = check_pixels(images.data, images.name)
         names = [o.name for o in cfg.outputs]
         if requested is None:
             return names
@@ -505,7 +512,7 @@ class LoadedVersion:
             )
         elif self.batcher is not None:
             return await self.batcher.submit(inputs, outputs, parameters or {})
-        elif self.runs_inline(sum(i.nbytes for i in inputs), self.batch_of(inputs)):
+        elif self.runs_inline(sum(i.nbytes for i in inputs), self.batch_of(inputs), sum(i.pixels for i in inputs)):
             outcome = self._run(inputs, outputs, time.perf_counter())
         else:
             outcome = await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())

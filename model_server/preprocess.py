@@ -79,10 +79,11 @@ def structure_problem(data: bytes) -> str | None:
     return None
 
 
-def check_pixels(images: np.ndarray, input_name: str) -> None:
-    """Refuse (400) a request whose images hold more than MAX_REQUEST_PIXELS together, or one
-    whose structure costs far more than its pixels (``structure_problem``), from the images'
-    headers only: nothing is decoded and the model is never held."""
+def check_pixels(images: np.ndarray, input_name: str) -> int:
+    """The pixels the images declare together; refuse (400) a request whose images hold more
+    than MAX_REQUEST_PIXELS, or one whose structure costs far more than its pixels
+    (``structure_problem``), from the images' headers only: nothing is decoded and the model is
+    never held."""
     total = 0
     for i, item in enumerate(images.reshape(-1)):
         data = bytes(item)
@@ -103,6 +104,7 @@ def check_pixels(images: np.ndarray, input_name: str) -> None:
                 f"input '{input_name}': the images up to element {i} hold {total} pixels, over the "
                 f"limit of {MAX_REQUEST_PIXELS} pixels per request; send fewer or smaller images"
             )
+    return total
 
 
 def decode_image(data: bytes, spec: ImagePreprocess, where: str) -> np.ndarray:

@@ -38,6 +38,7 @@ class InferInput:
     datatype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    pixels: int = 0  # what its images declare, once the model has checked them (check_pixels)
 
     @property
     def nbytes(self) -> int:

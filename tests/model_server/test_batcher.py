@@ -43,7 +43,7 @@ class HeldVersion:
         self.gates: list[threading.Event] = []
         self.lock = threading.Lock()
 
-    def runs_inline(self, size: int, batch: int) -> bool:
+    def runs_inline(self, size: int, batch: int, pixels: int = 0) -> bool:
         return False
 
     def run_batch(self, batch: list[Pending]) -> list:

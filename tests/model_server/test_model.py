@@ -30,6 +30,27 @@ def one_image(digit_images) -> list[InferInput]:
     return [InferInput("image", "BYTES", (1,), data)]
 
 
+def test_a_small_file_of_many_pixels_is_decoded_off_the_event_loop(version, digit_images):
+    """Whether a request ran on the event loop went by its bytes: a 16 KB PNG of 4096x4096
+    decoded there, holding every endpoint about 75 ms a request. Its pixels count too."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG", optimize=True)
+    big = [InferInput("image", "BYTES", (1,), np.array([buf.getvalue()], dtype=object))]
+    assert big[0].nbytes <= 16 * 1024  # small enough by its bytes
+    version.validate(big, None)
+    assert big[0].pixels == 4096 * 4096
+    small = one_image(digit_images)
+    version.validate(small, None)
+    assert 0 < small[0].pixels <= 64 * 64
+    version._warmup_seconds = 0.0  # as cheap as a model gets
+    assert version.runs_inline(small[0].nbytes, 1, small[0].pixels)
+    assert not version.runs_inline(big[0].nbytes, 1, big[0].pixels)
+
+
 def test_the_warm_up_gives_a_first_estimate_and_the_first_real_run_replaces_it(version, digit_images):
     inputs = one_image(digit_images)
     assert version.predicted_seconds(inputs) == math.inf
