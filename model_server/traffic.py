@@ -31,6 +31,7 @@ from model_server.files import write_state
 log = logging.getLogger(__name__)
 
 BUCKETS = 10_000
+MIN_MIRROR_PERCENT = 100 / BUCKETS  # the mirror samples request ids one bucket at a time
 MATCH_KINDS = ("exact", "prefix", "regex")
 RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envoy bootstrap
 MAX_REGEX_CHARS = 1024
@@ -262,6 +263,14 @@ class TrafficPolicy:
         return None
 
 
+def mirror_percent_problem(percent: float) -> str:
+    """Why a mirror share under the sampling's step is refused (it would mirror a whole step)."""
+    return (
+        f"mirror percent {percent:g} is under {MIN_MIRROR_PERCENT:g}: the mirror samples request ids in steps "
+        f"of {MIN_MIRROR_PERCENT:g}% and would copy {MIN_MIRROR_PERCENT:g}%; give 0 or at least {MIN_MIRROR_PERCENT:g}"
+    )
+
+
 def _version(raw: Any, where: str) -> str:
     v = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
     n = ascii_uint(v) if isinstance(v, str) else None
@@ -332,6 +341,8 @@ def _parse_mirror(raw: Any) -> Mirror:
     percent = raw.get("percent", 100)
     if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent <= 100:
         raise PolicyError(f"mirror.percent must be a number 0..100, got {percent!r}")
+    if 0 < percent < MIN_MIRROR_PERCENT:
+        raise PolicyError(mirror_percent_problem(percent))
     return Mirror(_version(raw.get("version"), "mirror"), float(percent))
 
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import jsonschema
 
-from model_server.traffic import Destination, Mirror, PolicyError, TrafficPolicy
+from model_server.traffic import (
+    MIN_MIRROR_PERCENT,
+    Destination,
+    Mirror,
+    PolicyError,
+    TrafficPolicy,
+    mirror_percent_problem,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -187,6 +194,8 @@ class RolloutSpec:
             raise SpecError(f"the last stage must be 100 (full promotion), got {stages[-1]}")
         if self.max_stage_seconds < self.bake_seconds:
             raise SpecError("max_stage_seconds must be at least bake_seconds")
+        if 0 < self.mirror_percent < MIN_MIRROR_PERCENT:
+            raise SpecError(mirror_percent_problem(self.mirror_percent))
         if stages == [100] and self.mirror_percent > 0:
             # A stage at 100% mirrors nothing (the baseline takes no traffic to copy): the mirror
             # asked for could never be proven on, nor the shadow audit have a record.

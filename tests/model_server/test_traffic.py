@@ -105,6 +105,21 @@ def test_mirror_samples_its_percent_and_never_the_primary():
     assert all(full.mirror_for("1", f"r{i}") == "2" for i in range(100))
 
 
+def test_a_mirror_share_under_its_sampling_step_is_refused():
+    """0.0001% mirrored 0.01% (a hundred times the share asked): the mirror samples request ids
+    one bucket in 10,000 at a time. Under a step is refused, in the policy and in the spec."""
+    from vision_rollout.spec import RolloutSpec, SpecError
+
+    for percent in (0.0001, 0.005):
+        with pytest.raises(PolicyError, match=f"mirror percent {percent:g} is under 0.01: .* give 0 or at least 0.01"):
+            policy([("1", 95), ("2", 5)], mirror={"version": "2", "percent": percent})
+        with pytest.raises(SpecError, match=f"mirror percent {percent:g} is under 0.01"):
+            RolloutSpec.from_dict({"candidate_version": "2", "mirror_percent": percent})
+    smallest = policy([("1", 95), ("2", 5)], mirror={"version": "2", "percent": 0.01})
+    assert 5 <= sum(smallest.mirror_for("1", f"r{i}") is not None for i in range(100_000)) <= 20
+    assert RolloutSpec.from_dict({"candidate_version": "2", "mirror_percent": 0}).mirror_percent == 0
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [

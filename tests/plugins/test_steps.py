@@ -421,7 +421,7 @@ def test_a_promotion_report_says_who_approved_it_and_what_the_shadow_audit_showe
 
 
 def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_path, models_dir):
-    """A tiny mirror_percent (0.001: one id in 10,000) left the probe's search of 10,000 random ids
+    """A tiny mirror_percent (0.01: one id in 10,000) left the probe's search of 10,000 random ids
     empty about a third of the time, and enable_shadow failed with a bare StopIteration. Here the
     mirror samples no id at all: the search ends in a failure that says why."""
     from model_server import traffic
@@ -435,7 +435,7 @@ def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_
         "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
         json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9, "extra": extra}),
     )
-    params = {**PARAMS, "mirror_percent": 0.001}
+    params = {**PARAMS, "mirror_percent": 0.01}
     spec = steps.spec_from(params)
 
     class Routes:
@@ -444,7 +444,7 @@ def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_
 
     monkeypatch.setattr(steps, "router", lambda *args: Routes())
     steps.serving().model_lock("digits", "local").acquire("run-a")
-    with pytest.raises(AirflowFailException, match=r"sampled by the mirror \(0.001% to version 2\)"):
+    with pytest.raises(AirflowFailException, match=r"sampled by the mirror \(0.01% to version 2\)"):
         steps.enable_shadow(params, "run-a")
 
 
