@@ -448,39 +448,44 @@ def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_
         steps.enable_shadow(params, "run-a")
 
 
-def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_it(monkeypatch, tmp_path):
+@pytest.fixture
+def slack(monkeypatch):
+    """The fake Slack API, as the Slack connection."""
+    from tests.fakes.slack_api import FakeSlack
+
+    fake = FakeSlack().start()
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_API_DEFAULT",
+        json.dumps({"conn_type": "slack", "password": fake.token, "extra": {"base_url": fake.base_url}}),
+    )
+    yield fake
+    fake.stop()
+
+
+def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_it(monkeypatch, tmp_path, slack):
     """Slack answering 503: the hourly audit's report (a FAIL here) went to the outbox, and the
     task succeeded: nobody was told, and nothing in the task said so."""
     from datetime import UTC, datetime, timedelta
 
     from airflow.sdk.exceptions import AirflowException
 
-    from tests.fakes.slack_api import FakeSlack
     from tests.support import shadow_log
 
     now = datetime.now(UTC)
     log = shadow_log(tmp_path, 120, disagree=0.3, at=(now - timedelta(hours=2)).timestamp())
     extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
-    slack = FakeSlack().start()
-    try:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_SLACK_API_DEFAULT",
-            json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
-        )
-        slack.outage = 503
-        end = now - timedelta(hours=1)  # (the hour before it holds the records)
-        with pytest.raises(AirflowException, match=r"the fail audit of 'digits' is in .*report\.md, but") as failed:
-            steps.audit_hours("digits", end)
-        assert not isinstance(failed.value, AirflowFailException)  # (retried)
-        assert "upstream connect error" in str(failed.value)
-        assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
-        slack.outage = None
-        assert [r["verdict"] for r in steps.audit_hours("digits", end)] == ["fail"]  # the retry: that hour alone
-        (posted,) = slack.messages()
-        assert posted["text"] == "Shadow audit digits: FAIL"
-    finally:
-        slack.stop()
+    slack.outage = 503
+    end = now - timedelta(hours=1)  # (the hour before it holds the records)
+    with pytest.raises(AirflowException, match=r"the fail audit of 'digits' is in .*report\.md, but") as failed:
+        steps.audit_hours("digits", end)
+    assert not isinstance(failed.value, AirflowFailException)  # (retried)
+    assert "upstream connect error" in str(failed.value)
+    assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
+    slack.outage = None
+    assert [r["verdict"] for r in steps.audit_hours("digits", end)] == ["fail"]  # the retry: that hour alone
+    (posted,) = slack.messages()
+    assert posted["text"] == "Shadow audit digits: FAIL"
 
 
 def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
@@ -506,7 +511,7 @@ def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(mo
     assert range_line in report.read_text().splitlines()
 
 
-def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_path):
+def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_path, slack):
     """Hours the scheduler missed (``catchup`` off: down for a night) were never audited, and an
     hour whose report Slack did not take was sent only by that task's retry. A run audits,
     oldest first, each hour of its catch-up window not marked audited, and marks an hour once its
@@ -515,7 +520,6 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
 
     from airflow.sdk.exceptions import AirflowException
 
-    from tests.fakes.slack_api import FakeSlack
     from tests.support import shadow_log
     from vision_rollout.audit import AUDITED
 
@@ -526,39 +530,29 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
     run = tmp_path / "run"
     extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
-    slack = FakeSlack().start()
-    try:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_SLACK_API_DEFAULT",
-            json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
-        )
-        slack.outage = 503
-        with pytest.raises(AirflowException, match=r"1 of 1 hours not reported: .* did not reach Slack"):
-            steps.audit_hours("digits", hour[2], catch_up_hours=0)  # the hour from hour[3], its retries spent
-        slack.outage = None
-        # Hours 5 (missed), 4 and 2 (nothing in them), 3 (not sent) and this run's own, hour 1;
-        # hour 6 is outside the window.
-        results = steps.audit_hours("digits", hour[0], catch_up_hours=4)
-        assert [(r["start"], r["verdict"] == "skip") for r in results] == [
-            (hour[5].isoformat(), False),
-            (hour[4].isoformat(), True),
-            (hour[3].isoformat(), False),
-            (hour[2].isoformat(), True),
-            (hour[1].isoformat(), False),
-        ]
-        assert len(slack.messages()) == 3
-        audits = run / "audits" / "digits"
-        assert {p.parent.name for p in audits.glob(f"*/{AUDITED}")} == {
-            hour[k].strftime("%Y%m%dT%H") for k in range(1, 6)
-        }
-        assert not (audits / hour[4].strftime("%Y%m%dT%H") / "report.md").exists()  # (nothing to report)
-        # The next run finds every hour audited: its own hour alone (triggered by hand, again).
-        assert [r["start"] for r in steps.audit_hours("digits", hour[0], catch_up_hours=4)] == [hour[1].isoformat()]
-        assert len(slack.messages()) == 4
-        with pytest.raises(AirflowFailException, match="catch_up_hours must be 0 to 168, not 169"):
-            steps.audit_hours("digits", hour[0], catch_up_hours=169)
-    finally:
-        slack.stop()
+    slack.outage = 503
+    with pytest.raises(AirflowException, match=r"1 of 1 hours not reported: .* did not reach Slack"):
+        steps.audit_hours("digits", hour[2], catch_up_hours=0)  # the hour from hour[3], its retries spent
+    slack.outage = None
+    # Hours 5 (missed), 4 and 2 (nothing in them), 3 (not sent) and this run's own, hour 1;
+    # hour 6 is outside the window.
+    results = steps.audit_hours("digits", hour[0], catch_up_hours=4)
+    assert [(r["start"], r["verdict"] == "skip") for r in results] == [
+        (hour[5].isoformat(), False),
+        (hour[4].isoformat(), True),
+        (hour[3].isoformat(), False),
+        (hour[2].isoformat(), True),
+        (hour[1].isoformat(), False),
+    ]
+    assert len(slack.messages()) == 3
+    audits = run / "audits" / "digits"
+    assert {p.parent.name for p in audits.glob(f"*/{AUDITED}")} == {hour[k].strftime("%Y%m%dT%H") for k in range(1, 6)}
+    assert not (audits / hour[4].strftime("%Y%m%dT%H") / "report.md").exists()  # (nothing to report)
+    # The next run finds every hour audited: its own hour alone (triggered by hand, again).
+    assert [r["start"] for r in steps.audit_hours("digits", hour[0], catch_up_hours=4)] == [hour[1].isoformat()]
+    assert len(slack.messages()) == 4
+    with pytest.raises(AirflowFailException, match="catch_up_hours must be 0 to 168, not 169"):
+        steps.audit_hours("digits", hour[0], catch_up_hours=169)
 
 
 def test_an_hour_is_audited_once_its_last_records_can_be_written():
