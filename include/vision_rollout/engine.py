@@ -277,7 +277,7 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
         times = np.sort(samples.loc[answered, "time"].to_numpy())
         reached.append(times[spec.min_samples - 1] + 1e-6 if len(times) >= spec.min_samples else math.inf)
     replay = samples.dropna(subset=["pair_id"])
-    if images and len(replay):
+    if images:  # (none of the replay in the log yet: it waits for it as for the rest of a round)
         # An image is paired once both versions' first answers to it are logged (later rounds
         # replay it again: they move nothing).
         first = replay.groupby(["pair_id", "arm"])["time"].min().unstack()

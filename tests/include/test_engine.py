@@ -159,7 +159,7 @@ def test_a_slower_canary_fails_at_the_first_look_that_shows_it():
 
 def test_an_undecided_last_look_ends_the_stage_with_the_samples_it_needs():
     s = spec(latency_margin=0.01)  # finer than this traffic resolves
-    state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 300)
+    state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 300, replay_images=0)
     assert state.status == "undecided"
     assert state.look == 5
     assert "undecided at its last look (5 of 5" in state.reason
@@ -201,6 +201,11 @@ def test_the_last_look_waits_for_the_replay_to_be_answered_by_both_versions():
     later = stage_samples(both, s, WINDOW, T0 + 299, IMAGES)  # a late poke: the same last look
     assert final_look_time(s, WINDOW, later, len(IMAGES)) == pytest.approx(at, abs=1e-3)
     assert final_look_time(s, WINDOW, current, 0) < T0 + 110  # without the replay: the bake's end
+    # None of the replay logged yet (its first records still within the write lag): the last
+    # look waits as for a part of a round. It came at the bake's end, and the paired check,
+    # waiting for its round, left the stage undecided there.
+    live_only = stage_samples(log, s, WINDOW, T0 + 250, IMAGES)
+    assert final_look_time(s, WINDOW, live_only, len(IMAGES)) == WINDOW.started + s.max_stage_seconds
     waiting = judge_stage(s, WINDOW, both, IMAGES, T0 + 140)
     assert waiting.status == "waiting"  # past the bake, but no image answered by both versions yet
     assert waiting.look == s.looks_per_stage - 1
@@ -614,7 +619,7 @@ def test_a_batch_request_is_one_request_of_evidence_not_one_per_item(tmp_path):
     assert canary["error"].sum() == 1
     assert canary["error"].count() == 602
     assert (canary["latency_ms"] == 900.0).sum() == 1
-    state = judge_stage(spec(), window, log, IMAGES, t0 + 199)
+    state = judge_stage(spec(), window, log, IMAGES, t0 + 199, replay_images=0)  # (no replay here)
     assert state.status != "fail", state.reason
     assert state.served["canary"]["live"] == 602
     errors = next(c for c in state.verdict.checks if c.name == "errors")

@@ -496,9 +496,9 @@ def fleet(kube, monkeypatch, tmp_path, models_dir):
     repository.mkdir()
     (repository / "digits").symlink_to(models_dir / "digits", target_is_directory=True)
     (repository / "mnist").mkdir()
-    for part in ("1", "2", "3", "validation"):
-        (repository / "mnist" / part).symlink_to(models_dir / "digits" / part, target_is_directory=True)
-    shutil.copy(models_dir / "digits" / "labels.txt", repository / "mnist")  # (a link out would be refused)
+    for part in ("1", "2", "3", "validation"):  # (copies: a version linked out of its folder is refused)
+        shutil.copytree(models_dir / "digits" / part, repository / "mnist" / part)
+    shutil.copy(models_dir / "digits" / "labels.txt", repository / "mnist")
     config = json.loads((models_dir / "digits" / "config.json").read_text())
     (repository / "mnist" / "config.json").write_text(json.dumps({**config, "name": "mnist"}))
     extra = {
