@@ -93,6 +93,7 @@ class ImagePreprocess:
     scale: float  # a white pixel (255) maps to this value
     invert: bool = False
     flatten: bool = True
+    exif_orientation: bool = True  # turn an image upright as its EXIF Orientation says
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_PREPROCESS_KEYS = frozenset({"kind", "size", "scale", "onnx_input", "invert", "flatten", "exif_orientation"})
+
+
 def _fail(where: str, msg: str) -> InvalidInput:
     return InvalidInput(f"{where}: {msg}")
 
@@ -320,6 +324,11 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
             raise _fail(f"{where}: preprocess", "only {'kind': 'image', ...} is supported")
         if len(inputs) != 1 or inputs[0].datatype != "BYTES":
             raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
+        unknown = sorted(set(pre) - _PREPROCESS_KEYS)
+        if unknown:
+            raise _fail(
+                f"{where}: preprocess", f"unsupported field(s) {unknown}; supported: {sorted(_PREPROCESS_KEYS)}"
+            )
         size = pre.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")
@@ -329,13 +338,17 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         onnx_input = pre.get("onnx_input")
         if not isinstance(onnx_input, str) or not onnx_input:
             raise _fail(f"{where}: preprocess.onnx_input", "must name the graph's input")
+        for flag in ("invert", "flatten", "exif_orientation"):
+            if not isinstance(pre.get(flag, False), bool):
+                raise _fail(f"{where}: preprocess.{flag}", "must be true or false")
         preprocess = ImagePreprocess(
             onnx_input=onnx_input,
             width=size[0],
             height=size[1],
             scale=float(scale),
-            invert=bool(pre.get("invert", False)),
-            flatten=bool(pre.get("flatten", True)),
+            invert=pre.get("invert", False),
+            flatten=pre.get("flatten", True),
+            exif_orientation=pre.get("exif_orientation", True),
         )
     max_batch_size = _positive_int(f"{where}: max_batch_size", raw.get("max_batch_size", 0), 0)
     return ModelConfig(

@@ -30,6 +30,16 @@ MAX_JPEG_SCANS = 64  # about what decoding a large photograph costs, at the pixe
 MAX_PNG_CHUNKS = 16384
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # markers without a length
 _JPEG_TO_MARKER = re.compile(rb"[^\xff]*\xff+")  # stray bytes, then fill bytes, before a marker's code
+# EXIF's Orientation (tag 274) -> what turns the stored pixels upright, as a viewer shows them.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def structure_problem(data: bytes) -> str | None:
@@ -79,6 +89,26 @@ def structure_problem(data: bytes) -> str | None:
     return None
 
 
+def exif_orientation(exif: bytes) -> int:
+    """The Orientation an image's EXIF block (as Pillow keeps it in ``info["exif"]``) records in
+    its first directory: 1 (upright) when it records none or a value outside 1-8. Reads at most
+    that directory's entries, each where its count says, and never raises."""
+    data = exif[6:] if exif.startswith(b"Exif\0\0") else exif
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(data[:4])
+    if order is None or len(data) < 8:
+        return 1
+    (first,) = struct.unpack_from(order + "I", data, 4)
+    if first + 2 > len(data):
+        return 1
+    (count,) = struct.unpack_from(order + "H", data, first)
+    for entry in range(first + 2, min(first + 2 + 12 * count, len(data) - 11), 12):
+        tag, kind, n = struct.unpack_from(order + "HHI", data, entry)
+        if tag == 274:
+            value = struct.unpack_from(order + "H", data, entry + 8)[0] if kind == 3 and n == 1 else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 def check_pixels(images: np.ndarray, input_name: str) -> int:
     """The pixels the images declare together; refuse (400) a request whose images hold more
     than MAX_REQUEST_PIXELS, or one whose structure costs far more than its pixels
@@ -108,7 +138,8 @@ def check_pixels(images: np.ndarray, input_name: str) -> int:
 
 
 def decode_image(data: bytes, spec: ImagePreprocess, where: str) -> np.ndarray:
-    """One encoded image -> float32 array of shape (height, width), grayscale, scaled."""
+    """One encoded image -> float32 array of shape (height, width), grayscale, turned upright
+    as its EXIF orientation says (unless the config says not to), scaled."""
     if not data:
         raise InvalidInput(f"{where}: empty image bytes")
     problem = structure_problem(data)
@@ -122,7 +153,10 @@ def decode_image(data: bytes, spec: ImagePreprocess, where: str) -> np.ndarray:
                     raise InvalidInput(
                         f"{where}: image of {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS} pixels"
                     )
-                gray = img.convert("L")
+                gray = img.convert("L")  # (a PNG's EXIF may follow its pixels: read after them)
+                turn = _UPRIGHT.get(exif_orientation(img.info.get("exif", b""))) if spec.exif_orientation else None
+                if turn is not None:  # (FLIP_LEFT_RIGHT is 0)
+                    gray = gray.transpose(turn)
                 if gray.size != (spec.width, spec.height):
                     gray = gray.resize((spec.width, spec.height), Image.Resampling.BOX)
                 pixels = np.asarray(gray, dtype=np.float32)

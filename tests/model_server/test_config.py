@@ -54,6 +54,20 @@ def test_specific_policy_with_a_missing_version_names_it():
             },
             "preprocess.size",
         ),
+        (
+            {
+                "input": [{"name": "x", "datatype": "BYTES", "dims": [1]}],
+                "preprocess": {"kind": "image", "size": [28, 28], "onnx_input": "x", "invert": "false"},
+            },
+            "preprocess.invert: must be true or false",
+        ),
+        (
+            {
+                "input": [{"name": "x", "datatype": "BYTES", "dims": [1]}],
+                "preprocess": {"kind": "image", "size": [28, 28], "onnx_input": "x", "exif_orientaton": False},
+            },
+            r"unsupported field\(s\) \['exif_orientaton'\]",
+        ),
         ({"max_batch_size": -1}, "max_batch_size"),
         ({"instance_count": 0}, "instance_count"),
         ({"version_policy": {"latest": {"num_versions": 0}}}, "num_versions"),
