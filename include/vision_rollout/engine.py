@@ -545,18 +545,22 @@ def _count(source: MetricsSource, promql: str) -> int:
     return round(value)
 
 
-def gpu_gauges(source: MetricsSource | None, now: float | None = None) -> dict[str, float]:
-    """Max over GPUs: utilization, memory used/total bytes (empty without GPUs)."""
+def gpu_gauges(
+    source: MetricsSource | None, model: str, version: str, window_s: float, now: float | None = None
+) -> dict[str, float]:
+    """The peaks over the last ``window_s`` of the GPUs that serve the version: utilization,
+    memory used and total bytes (empty without GPUs)."""
     if not isinstance(source, PrometheusSource):
         return {}
+    window = f"{max(math.ceil(window_s), 1)}s"
     gpu = {}
-    for name, promql in (
-        ("utilization", PromQL.gpu_utilization()),
-        ("memory_used_bytes", PromQL.gpu_memory_used_bytes()),
-        ("memory_total_bytes", "max(nv_gpu_memory_total_bytes)"),
+    for name, gauge in (
+        ("utilization", "nv_gpu_utilization"),
+        ("memory_used_bytes", "nv_gpu_memory_used_bytes"),
+        ("memory_total_bytes", "nv_gpu_memory_total_bytes"),
     ):
         try:
-            gpu[name] = source.query(promql, at=now)
+            gpu[name] = source.query(PromQL.gpu_peak(gauge, model, version, window), at=now)
         except MetricsError:
             pass  # no GPU on this server: the gauges are absent, not zero
     return gpu

@@ -344,12 +344,10 @@ class PromQL:
         )
 
     @staticmethod
-    def gpu_memory_used_bytes() -> str:
-        return "max(nv_gpu_memory_used_bytes)"
-
-    @staticmethod
-    def gpu_utilization() -> str:
-        return "max(nv_gpu_utilization)"
+    def gpu_peak(gauge: str, model: str, version: str, window: str) -> str:
+        """A GPU gauge's peak over the window, over the GPUs of the servers that serve the version
+        (those exporting its inference count), not every GPU the Prometheus sees."""
+        return f"max(max_over_time({gauge}[{window}]) and on(instance) nv_inference_count{{{_sel(model, version)}}})"
 
 
 def wait_for_value(source: MetricsSource, promql: str, timeout_s: float = 30.0, every_s: float = 0.5) -> float:

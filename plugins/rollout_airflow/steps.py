@@ -418,7 +418,7 @@ def look_at_stage(
     bake = {
         "elapsed_s": round(state.elapsed_s, 1),
         "served": state.served,
-        "gpu": gpu_gauges(source),
+        "gpu": gpu_gauges(source, spec.model, spec.candidate_version, state.elapsed_s),
         "look": state.look,
         "looks": state.looks,
     }

@@ -454,3 +454,62 @@ def test_the_shadow_guard_counts_every_error_of_its_stage_and_none_before(
         assert not [c for c in guard_checks(stage, GateConfig.from_spec(spec)) if c.decision == "fail"]
     finally:
         prom.stop()
+
+
+@pytest.mark.integration
+def test_gpu_gauges_are_the_peaks_of_the_gpus_that_serve_the_version(tmp_path):
+    """Two servers beside each other in one Prometheus: the candidate's (one GPU, busier earlier in
+    the stage) and another model's (a fuller GPU). The stage reports the candidate's GPU at its
+    peak, not the busiest GPU the Prometheus sees."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vision_rollout.engine import gpu_gauges
+
+    pages = {
+        "candidate": 'nv_inference_count{model="digits",version="2"} 5\n'
+        'nv_gpu_utilization{gpu_uuid="GPU-a"} 0.6\n'
+        'nv_gpu_memory_used_bytes{gpu_uuid="GPU-a"} 3e9\n'
+        'nv_gpu_memory_total_bytes{gpu_uuid="GPU-a"} 8e10\n',
+        "other": 'nv_inference_count{model="other",version="1"} 9\n'
+        'nv_gpu_utilization{gpu_uuid="GPU-b"} 0.9\n'
+        'nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 7e10\n'
+        'nv_gpu_memory_total_bytes{gpu_uuid="GPU-b"} 9e10\n',
+    }
+
+    def exporter(name: str) -> ThreadingHTTPServer:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = pages[name].encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd
+
+    servers = [exporter("candidate"), exporter("other")]
+    prom = start_prometheus([f"127.0.0.1:{s.server_port}" for s in servers], tmp_path / "prometheus")
+    try:
+        source = PrometheusSource(prom.url)
+        assert wait_for_value(source, 'nv_gpu_utilization{gpu_uuid="GPU-a"}') == 0.6
+        pages["candidate"] = pages["candidate"].replace("} 0.6", "} 0.4")
+        wait_for_value(source, 'nv_gpu_utilization{gpu_uuid="GPU-a"} == 0.4')
+        assert source.query("max(nv_gpu_utilization)") == 0.9  # what was reported before
+        assert gpu_gauges(source, "digits", "2", 300) == {
+            "utilization": 0.6,
+            "memory_used_bytes": 3e9,
+            "memory_total_bytes": 8e10,
+        }
+        assert gpu_gauges(source, "digits", "3", 300) == {}  # no server serves it
+    finally:
+        prom.stop()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
