@@ -397,8 +397,12 @@ class DataPlane:
         batched: bool,
         size: int,
     ) -> None:
-        """Hand one inference to the prediction log: references only, no work on this path."""
+        """Hand one inference to the prediction log: references only, no work on this path. The
+        rollout's masking probe is logged as the route ``probe``: nobody's traffic, no evidence
+        of either version."""
         assert self.prediction_log is not None
+        if ctx.probe and role == "primary":
+            route = "probe"
         data = req.inputs[0].data if req is not None and req.inputs else None
         if scores is not None:
             items = scores.shape[0] if batched and scores.ndim > 1 else 1

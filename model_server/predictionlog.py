@@ -61,7 +61,7 @@ SCHEMA = pa.schema(
         ("model", pa.string()),
         ("version", pa.string()),
         ("role", pa.string()),  # primary | shadow | label
-        ("route", pa.string()),  # route | <rule name> | version | mirror
+        ("route", pa.string()),  # route | <rule name> | version | mirror | probe
         ("replica", pa.string()),
         ("request_id", pa.string()),  # masked
         ("trace_id", pa.string()),

@@ -140,6 +140,7 @@ def stage_samples(
         & (t >= window.started)
         & (records["_at"] < until)
         & (records["model"] == spec.model)
+        & (records["route"] != "probe")  # the rollout's masking probe: no client's request
     ]
     if primary.empty:
         return _empty_samples()

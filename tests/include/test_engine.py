@@ -247,6 +247,17 @@ def test_a_clients_malformed_requests_are_not_the_versions_errors():
     assert samples.loc[samples["arm"] == "baseline", "latency_ms"].notna().all()
 
 
+def test_the_masking_probe_is_no_evidence_of_the_baseline():
+    """The rollout's probe runs its shadow copy at once, in the primary's time: a slow request
+    the baseline's clients never sent."""
+    log = records(100, 20, 50, replay_every=None)
+    baseline = log.index[log["version"] == "1"]
+    log.loc[baseline[:3], ["route", "latency_ms"]] = ["probe", 900.0]
+    samples = stage_samples(log, spec(), WINDOW, T0 + 200, IMAGES)
+    assert (samples["arm"] == "baseline").sum() == len(baseline) - 3
+    assert samples["latency_ms"].max() < 900
+
+
 def test_the_replay_guard_reads_a_round_only_once_both_versions_answered_all_of_it():
     """An equally accurate candidate: 5 images only the baseline gets right and 5 only the
     candidate, among 500. A part of a round logged (a slow candidate, pods flushing at different

@@ -242,11 +242,19 @@ def test_the_rollout_probe_runs_at_once_and_needs_the_admin_token(models_dir, di
     assert after == ["probe", "queued"]
 
 
-def test_a_probe_without_the_admin_token_is_refused(server_factory, repo_copy, tmp_path, digit_images):
-    s = start(server_factory, repo_copy, tmp_path)
+def test_a_probe_without_the_admin_token_is_refused_and_one_with_it_is_logged_as_the_probe(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """The probe is nobody's traffic: its primary is logged as the route ``probe`` (the gate
+    leaves it out of the baseline's evidence), its copy as any shadow."""
+    s = start(server_factory, repo_copy, tmp_path, "--prediction-log", str(tmp_path / "log"))
     assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1"}).status_code == 401
     assert infer(s, digit_images[0][0], {"X-Shadow-Probe": "1", **s.admin}).status_code == 200
-    assert wait_until(lambda: shadow_count(s, "ok") == 1)
+    assert infer(s, digit_images[1][0]).status_code == 200
+    assert wait_until(lambda: shadow_count(s, "ok") == 2)
+    df = logged(s, tmp_path / "log").sort_values("time")
+    assert list(df.loc[df["role"] == "primary", "route"]) == ["probe", "route"]
+    assert list(df.loc[df["role"] == "shadow", "route"]) == ["mirror", "mirror"]
 
 
 def test_copies_for_a_version_that_left_service_are_dropped_not_failed(repo_copy, digit_images):
