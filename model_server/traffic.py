@@ -37,6 +37,9 @@ RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envo
 MAX_REGEX_CHARS = 1024
 MAX_RULES = 256  # header rules a policy: each compiled once and tried in order on every routed request
 MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
+# A rule's name labels its requests in the log and the metrics, beside these routes of the server's own.
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+RESERVED_ROUTES = frozenset({"route", "version", "mirror", "probe"})
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110's token)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
@@ -330,8 +333,12 @@ def _parse_rule(raw: Any, where: str) -> Rule:
             pattern = compile_rule_regex(value, f"{w}.regex")
         headers.append((name.lower(), HeaderMatch(kind, value, pattern)))
     name = raw.get("name")
-    if name is not None and not isinstance(name, str):
-        raise PolicyError(f"{where}.name must be a string")
+    if name is not None and not (isinstance(name, str) and RULE_NAME_RE.fullmatch(name)):
+        raise PolicyError(
+            f"{where}.name must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if name in RESERVED_ROUTES:
+        raise PolicyError(f"{where}.name {name!r} is reserved: the log and the metrics name a request's route by it")
     return Rule(tuple(headers), _parse_route(raw.get("route"), f"{where}.route"), name)
 
 

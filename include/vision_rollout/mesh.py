@@ -286,7 +286,7 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
         if entry.get("match"):
             headers = entry["match"][0].get("headers", {})
             rule = {"match": {"headers": headers}, "route": dests(entry["route"])}
-            if not entry.get("name", "").startswith("rule-"):
+            if entry.get("name") and not entry["name"].startswith("rule-"):
                 rule["name"] = entry["name"]
             raw["rules"].append(rule)
         else:

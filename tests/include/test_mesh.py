@@ -314,3 +314,25 @@ def test_a_virtual_service_edited_by_hand_is_named_not_a_traceback(kube, destina
     with pytest.raises(RouterError, match="VirtualService models/digits is not one the rollout reads") as exc:
         IstioRouter(TARGET, ["1"], api_client=api).get_routes()
     assert words in str(exc.value)
+
+
+def test_a_header_route_without_a_name_reads_back_as_an_unnamed_rule():
+    """Istio's route names are optional: a header route added by hand without one was a KeyError
+    (the rollout refused the VirtualService as one it does not read)."""
+    from vision_rollout.mesh import policy_from_virtual_service
+
+    vs = {
+        "spec": {
+            "http": [
+                {
+                    "match": [{"headers": {"x-tenant": {"exact": "acme"}}}],
+                    "route": [{"destination": {"host": "h", "subset": "v2"}}],
+                },
+                {"name": "default", "route": [{"destination": {"host": "h", "subset": "v1"}, "weight": 100}]},
+            ]
+        }
+    }
+    policy = policy_from_virtual_service(vs)
+    assert policy.to_dict()["rules"] == [
+        {"match": {"headers": {"x-tenant": {"exact": "acme"}}}, "route": [{"version": "2", "weight": 100}]}
+    ]

@@ -208,6 +208,23 @@ def test_a_mirror_share_under_its_sampling_step_is_refused():
             },
             "65 headers; at most 64 a rule",
         ),
+        *(
+            (  # a name the log and the metrics give a request of the server's own routes
+                {
+                    "route": [{"version": "1"}],
+                    "rules": [{"name": name, "match": {"headers": {"x": {"exact": "a"}}}, "route": [{"version": "2"}]}],
+                },
+                needle,
+            )
+            for name, needle in (
+                ("probe", "'probe' is reserved"),
+                ("version", "'version' is reserved"),
+                ("", "must be 1 to 63 letters"),
+                ("x" * 64, "must be 1 to 63 letters"),
+                ("a b", "must be 1 to 63 letters"),
+                (7, "must be 1 to 63 letters"),
+            )
+        ),
         ({"route": [{"version": "1"}], "weights": {}}, "unknown policy field"),
         ([1, 2], "JSON object"),
     ],
