@@ -73,7 +73,8 @@ class FeedbackSigner:
                 "feedback needs the 'token' its inference response carried (parameters.feedback_token, "
                 "or the X-Feedback-Token header)"
             )
-        if not hmac.compare_digest(token.encode(), self.token(model, request_id).encode()):
+        # (compare_digest takes ASCII text only: any other token, a lone surrogate too, matches none)
+        if not (token.isascii() and hmac.compare_digest(token, self.token(model, request_id))):
             raise Unauthorized(f"feedback token does not match request {shown(request_id)!r} of model '{model}'")
 
 

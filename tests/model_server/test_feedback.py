@@ -442,3 +442,28 @@ def test_a_model_that_does_not_batch_takes_labels(server_factory, repo_copy, tmp
     assert r.json()["matched_locally"] is True, r.json()
     assert r.json()["correct"] == 1
     assert s.metric("feedback_total", model="digits", version="1") == 1
+
+
+def test_a_token_that_is_not_ascii_is_refused_and_the_labels_beside_it_are_taken(server_factory, repo_copy, tmp_path):
+    """A ``token`` with a lone surrogate or other non-ASCII text raised in the comparison: a 500
+    with a traceback, and in a list the labels before it were taken (a retry of the list got
+    409 for them). Such a token matches no response's: 401, item by item."""
+    s = logging_server(server_factory, repo_copy, tmp_path)
+    sign = signer(tmp_path)
+    body = (
+        b'[{"request_id": "before", "label": 1, "token": "%s"}, {"request_id": "bad", "label": 1, "token": "\\ud800"}]'
+    )
+    r = requests.post(
+        f"{s.http}/v2/models/digits/feedback", data=body % sign.token("digits", "before").encode(), timeout=10
+    )
+    assert r.status_code == 200, r.text
+    assert [x["status"] for x in r.json()["results"]] == [200, 401]
+    for token in ("\\ud800", "\\u00e9" * 24):
+        r = requests.post(
+            f"{s.http}/v2/models/digits/feedback",
+            data=b'{"request_id": "bad", "label": 1, "token": "%s"}' % token.encode(),
+            timeout=10,
+        )
+        assert r.status_code == 401, r.text
+        assert "does not match" in r.json()["error"]
+    assert "Traceback" not in s.log.read_text()
