@@ -90,7 +90,7 @@ class LabelRules(NamedTuple):
     """What a label for one model may be: a class index below ``classes`` (as many as a row of
     its output has elements, as the prediction log ranks them, else as its names, else as the
     log's int32 allows), or one of its ``names``; at most ``max_items`` labels a request (its
-    largest batch)."""
+    largest batch; without batching, the rows of its output)."""
 
     names: dict[str, int] | None
     classes: int
@@ -99,13 +99,20 @@ class LabelRules(NamedTuple):
     @classmethod
     def of(cls, names: list[Any] | tuple[str, ...] | None, dims: tuple[int, ...], max_batch_size: int) -> LabelRules:
         """``dims``: the output's, the batch's -1 among them or not (``[-1, 1000, 1, 1]``,
-        ``[1000]``: 1000 classes; a dimension unknown beyond the first: not known)."""
+        ``[1000]``: 1000 classes; a dimension unknown beyond the first: not known). Without
+        batching (``max_batch_size`` 0) the shape is whole: as ``score_rows`` ranks it, its first
+        dimension is the rows and the rest a row's classes (``[1, 1000]``: one item of 1000)."""
         index = None if names is None else class_index(names)
+        items = max_batch_size
+        if max_batch_size <= 0:
+            rows = dims[0] if len(dims) > 1 else 1
+            items = min(rows, MAX_LABELS) if rows > 0 else MAX_LABELS
+            dims = (-1, *dims[1:]) if len(dims) > 1 else dims
         known = [d for d in dims if d > 0]
         classes = math.prod(known) if known and -1 not in dims[1:] else 0
         if classes <= 0:
             classes = len(names) if names else MAX_CLASS_INDEX
-        return cls(index, min(classes, MAX_CLASS_INDEX), max_batch_size if max_batch_size > 0 else MAX_LABELS)
+        return cls(index, min(classes, MAX_CLASS_INDEX), items)
 
 
 @dataclass(slots=True)

@@ -442,6 +442,29 @@ def test_a_model_that_does_not_batch_takes_labels(server_factory, repo_copy, tmp
     assert r.json()["matched_locally"] is True, r.json()
     assert r.json()["correct"] == 1
     assert s.metric("feedback_total", model="digits", version="1") == 1
+    # Its answer has one row (the output's first dimension): one label a request, also for an id
+    # this replica did not serve (it took 1,024, each a row of the log).
+    r = feedback(s, {"request_id": "elsewhere", "label": [label, label]}, signer(tmp_path))
+    assert r.status_code == 400, r.text
+    assert "answers at most 1 items a request" in r.json()["error"]
+
+
+def test_the_labels_of_a_model_that_does_not_batch_are_as_its_output_ranks_its_rows():
+    """Without batching, an output's first dimension is its rows (the prediction log's and the
+    store's items) and the rest a row's classes: ``[1, 1000]`` took 1,024 labels of 1,000
+    classes a request, ``[4, 10]`` labels of 40 classes for rows of 10."""
+    from model_server.feedback import LabelRules
+
+    shapes = [(1, 1000), (1000,), (4, 10), (1, 1000, 1, 1), (-1, 10), (2, -1)]
+    assert [LabelRules.of(None, dims, 0)[1:] for dims in shapes] == [
+        (1000, 1),
+        (1000, 1),
+        (10, 4),
+        (1000, 1),
+        (10, 1024),  # rows not known: the bound of any request
+        (2**31 - 1, 2),
+    ]
+    assert LabelRules.of(None, (-1, 10), 64)[1:] == (10, 64)  # batching: its largest batch
 
 
 def test_a_token_that_is_not_ascii_is_refused_and_the_labels_beside_it_are_taken(server_factory, repo_copy, tmp_path):
