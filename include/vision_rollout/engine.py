@@ -122,7 +122,7 @@ def stage_samples(
     before ``until`` (``available``).
 
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
-    label), pair_id (the image's sha256 for the replay), time (unix seconds: when it is evidence).
+    label or an answer), pair_id (the image's sha256 for the replay), time (unix seconds: when it is evidence).
 
     A record of a batch request is a row per item, each with the request's latency and outcome:
     the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
@@ -164,7 +164,9 @@ def stage_samples(
             "latency_ms": chosen["latency_ms"].astype(float).where(answered & request),
             "error": error.astype(float).where(request),
             "oom": (chosen["outcome"] == "OOM").astype(float).where(request),
-            "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & ~error),
+            # Only an answer is right or wrong: a request given up (CANCELED) or refused as the
+            # client's (INVALID_INPUT) has no top-1, and was read as a wrong answer.
+            "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & (chosen["outcome"] == "ok")),
             "pair_id": chosen["image_sha256"].where(is_replay),
             "time": chosen["_at"],
         }

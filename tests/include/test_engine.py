@@ -293,6 +293,24 @@ def test_the_replay_guard_reads_a_round_only_once_both_versions_answered_all_of_
     assert replay_drop(whole, len(IMAGES)) == pytest.approx(0.0)
 
 
+def test_a_replay_request_given_up_or_refused_is_no_answer_of_its_version():
+    """A replay request its client gave up (CANCELED: the replay's timeout, a worker stopped
+    mid-request) or refused as the client's (INVALID_INPUT) has no top-1: it was read as a wrong
+    answer, and three such among 500 images were a 0.6 pp drop: the hard guard tripped on an
+    equal candidate. It is no answer: the image's next answer in a later round is its evidence."""
+    log = records(100, 20, 50, replay_every=50)  # two rounds: 0.5 s and 50.5 s
+    first_round = log["request_id"].str.startswith("replay-0-1-")  # the candidate's, round 0
+    given_up = log.index[first_round][:3]
+    log.loc[given_up[:2], "outcome"] = "CANCELED"
+    log.loc[given_up[2:], "outcome"] = "INVALID_INPUT"
+    log.loc[given_up, "top1"] = None
+    samples = stage_samples(log, spec(), WINDOW, T0 + 90, IMAGES)
+    replayed = samples[samples["source"] == "replay"]
+    assert replayed["correct"].isna().sum() == 3
+    assert replay_drop(samples, len(IMAGES)) == pytest.approx(0.0)
+    assert judge_stage(spec(), WINDOW, log, IMAGES, T0 + 90).status != "breach"
+
+
 def test_an_accuracy_drop_in_the_replay_trips_the_guard():
     log = records(100, 20, 50, accuracy=(1.0, 0.95))
     assert replay_drop(stage_samples(log, spec(), WINDOW, T0 + 50, IMAGES)) == pytest.approx(0.05)
