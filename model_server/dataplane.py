@@ -297,7 +297,9 @@ class DataPlane:
                 encode_start = time.perf_counter()
                 specs = {s.name: s for s in lv.config.outputs}
                 # The credential for this prediction's label (a shadow copy's answer has no client).
-                token = None if shadow_copy else self.feedback_store.signer.token(model, rid)
+                token = (
+                    None if shadow_copy else self.feedback_store.signer.token(model, rid, ctx.headers.get("x-tenant"))
+                )
                 answered = []
                 for n, arr in zip(outputs, results, strict=True):
                     binary = req.outputs[n] if req.outputs else req.binary_output_default

@@ -14,11 +14,15 @@ feedback TTL and capacity), matched or not, and answers a second label 409, so t
 can flood the prediction log with labels of one id and crowd the gates' records out of it.
 
 A label needs the feedback token its inference response carried (``parameters.feedback_token``
-in the response, and the ``X-Feedback-Token`` header): an HMAC of the model and request id
-under a key every replica shares (``--feedback-key-file``, a Kubernetes Secret). Only a client
-that received the prediction can label it, and one request id takes one label: a re-sent
-inference with the same id keeps the first prediction and its label. Predictions are kept by
-(model, request id): a caller that forwards one X-Request-ID to two models labels each.
+in the response, and the ``X-Feedback-Token`` header): an HMAC of the model, request id and
+tenant (X-Tenant) under a key every replica shares (``--feedback-key-file``, a Kubernetes
+Secret). Only a client that received the prediction can label it, and one request id takes one
+label: a re-sent inference with the same id keeps the first prediction and its label (another
+tenant's re-send gets another token). A replica that did not serve the request takes the
+tenant from the label (its ``tenant``, else X-Tenant): the token holds it to the inference's,
+whose key masks the request id in the log (under another key the label would join nothing).
+Predictions are kept by (model, request id): a caller that forwards one X-Request-ID to two
+models labels each.
 """
 
 from __future__ import annotations
@@ -57,25 +61,31 @@ def read_key(path: Path, create: bool = False) -> bytes:
 
 
 class FeedbackSigner:
-    """Issues and checks feedback tokens: HMAC-SHA256 of (model, request id), 144 bits."""
+    """Issues and checks feedback tokens: HMAC-SHA256 of (model, request id, tenant), 144 bits.
+    The tenant (the inference's X-Tenant) is whose key masks the request id in the log: a label
+    under another tenant's key would join no prediction."""
 
     def __init__(self, key: bytes):
         self._keyed = hmac.new(key, digestmod="sha256")  # copied per token: the key is set up once
 
-    def token(self, model: str, request_id: str) -> str:
+    def token(self, model: str, request_id: str, tenant: str | None = None) -> str:
         mac = self._keyed.copy()
-        mac.update(f"{model}\n{request_id}".encode())
+        mac.update(f"{model}\n{request_id}".encode() + (f"\n{tenant}".encode() if tenant else b""))
         return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
 
-    def check(self, model: str, request_id: str, token: object) -> None:
+    def check(self, model: str, request_id: str, token: object, tenant: str | None = None) -> None:
         if not isinstance(token, str) or not token:
             raise Unauthorized(
                 "feedback needs the 'token' its inference response carried (parameters.feedback_token, "
                 "or the X-Feedback-Token header)"
             )
         # (compare_digest takes ASCII text only: any other token, a lone surrogate too, matches none)
-        if not (token.isascii() and hmac.compare_digest(token, self.token(model, request_id))):
-            raise Unauthorized(f"feedback token does not match request {shown(request_id)!r} of model '{model}'")
+        if not (token.isascii() and hmac.compare_digest(token, self.token(model, request_id, tenant))):
+            raise Unauthorized(
+                f"feedback token does not match request {shown(request_id)!r} of model '{model}' "
+                "(a label carries the tenant of its inference: its X-Tenant, as the label's 'tenant' "
+                "or the X-Tenant header)"
+            )
 
 
 MAX_CLASS_INDEX = 2**31 - 1  # the prediction log's label column is int32
@@ -235,7 +245,8 @@ class FeedbackStore:
 
         A request this replica did not serve (or no longer remembers) raises 404, unless
         ``accept_unmatched`` (a prediction log will keep the label for the reader's join); its
-        tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant). A
+        tenant is the item's ``tenant``, else ``tenant`` (the feedback request's X-Tenant), and
+        the token must be that tenant's (a served request's: its own tenant's), else 401. A
         request id already labelled here, matched or not, raises 409.
         """
         if not isinstance(item, dict) or not isinstance(item.get("request_id"), str):
@@ -245,7 +256,6 @@ class FeedbackStore:
             raise InvalidInput(
                 f"feedback 'request_id' {shown(repr(rid))} is not a request id: 1 to 128 printable ASCII"
             )
-        self.signer.check(model, rid, item.get("token"))
         if "tenant" in item and not (isinstance(item["tenant"], str) and TENANT_RE.fullmatch(item["tenant"])):
             raise InvalidInput(
                 f"feedback 'tenant' must be a string of at most {MAX_TENANT} characters, "
@@ -262,10 +272,13 @@ class FeedbackStore:
             )
         truth = [_label_index(v, rules) for v in values]
         key = (model, rid)
+        claimed = item.get("tenant", tenant)
         now = self.clock()
         with self._lock:
             self._evict(now)
             served = self._served.get(key)
+            # The token names the inference's tenant: the served one's here, else the label's word.
+            self.signer.check(model, rid, item.get("token"), claimed if served is None else served.tenant)
             if served is None and not accept_unmatched:
                 raise ModelNotFound(f"request {shown(rid)!r}: {self._why(key, now)[1]}")
             if served is not None and len(truth) != len(served.top1):
@@ -282,7 +295,7 @@ class FeedbackStore:
                 code, why = self._why(key, now)
         if served is None:
             metrics.FEEDBACK_UNMATCHED.labels(model, code).inc()
-            return Feedback(rid, truth, item.get("tenant", tenant), matched=False, reason=why)
+            return Feedback(rid, truth, claimed, matched=False, reason=why)
         correct = sum(int(t == p) for t, p in zip(truth, served.top1, strict=True))
         metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
         metrics.FEEDBACK_CORRECT.labels(model, served.version).inc(correct)

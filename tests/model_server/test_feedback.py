@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
 import threading
 from datetime import UTC, datetime, timedelta
@@ -490,3 +492,51 @@ def test_a_token_that_is_not_ascii_is_refused_and_the_labels_beside_it_are_taken
         assert r.status_code == 401, r.text
         assert "does not match" in r.json()["error"]
     assert "Traceback" not in s.log.read_text()
+
+
+def test_a_label_carries_the_tenant_of_its_inference(server_factory, repo_copy, tmp_path, digit_images):
+    """With request ids masked under each tenant's key, a label sent to a replica that did not
+    serve its request, without its tenant, was taken (200, logged) under the default key: it
+    joined no prediction, silently, for about (N-1)/N of a tenant's labels. And a client of
+    another tenant that re-sent a request id got the same token and labelled the first tenant's
+    prediction. A token is its inference's tenant's too now: another tenant's, or none, is 401."""
+    keys = tmp_path / "keys.json"
+    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
+    keys.write_text(json.dumps({"default": key(), "tenants": {"acme": key()}}))
+    shared = tmp_path / "feedback-key"
+    shared.write_text("a-feedback-secret-shared-by-the-replicas")
+    log = tmp_path / "predictions"
+    common = ("--prediction-log", str(log), "--mask-keys", str(keys), "--feedback-key-file", str(shared))
+    common += ("--mask-header", "request_id")
+    a = server_factory(repo_copy, "--state-dir", str(tmp_path / "a"), *common, token=TOKEN)
+    b = server_factory(repo_copy, "--state-dir", str(tmp_path / "b"), *common, token=TOKEN)
+    image, label = digit_images[0]
+    token = infer(a, image, {"X-Request-ID": "order-1", "X-Tenant": "acme"}).headers["X-Feedback-Token"]
+    item = {"request_id": "order-1", "label": label, "token": token}
+    for tenant in ({}, {"X-Tenant": "globex"}):  # b did not serve it: the tenant is the label's word
+        r = requests.post(f"{b.http}/v2/models/digits/feedback", json=item, headers=tenant, timeout=10)
+        assert r.status_code == 401, r.text
+        assert "does not match" in r.json()["error"]
+    r = requests.post(f"{b.http}/v2/models/digits/feedback", json={**item, "tenant": "acme"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["matched_locally"] is False
+
+    # globex re-sends acme's request id to a: its answer's token labels no answer of acme's.
+    token = infer(a, image, {"X-Request-ID": "order-2", "X-Tenant": "acme"}).headers["X-Feedback-Token"]
+    theirs = infer(a, image, {"X-Request-ID": "order-2", "X-Tenant": "globex"}).headers["X-Feedback-Token"]
+    wrong = {"request_id": "order-2", "label": (label + 1) % 10, "token": theirs, "tenant": "globex"}
+    r = requests.post(f"{a.http}/v2/models/digits/feedback", json=wrong, timeout=10)
+    assert r.status_code == 401, r.text
+    r = requests.post(
+        f"{a.http}/v2/models/digits/feedback",
+        json={"request_id": "order-2", "label": label, "token": token},
+        timeout=10,
+    )
+    assert r.json()["matched_locally"] is True  # the served request's tenant, whatever the label says
+    assert r.json()["correct"] == 1
+    a.stop()
+    b.stop()
+    j = joined(read(log, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)))
+    assert j.attrs["unmatched_labels"] == 0
+    assert len(j) == 3  # globex's answer under its own key, unlabelled
+    assert j["label"].dropna().tolist() == [label, label]

@@ -1219,7 +1219,7 @@ def test_a_label_is_masked_under_the_key_of_its_tenant_as_the_client_wrote_it(
         r = requests.post(
             f"{s.http}/v2/models/digits/feedback",
             headers={"X-Tenant": tenant.encode()},
-            json={"request_id": rid, "label": 3, "token": signer.token("digits", rid)},
+            json={"request_id": rid, "label": 3, "token": signer.token("digits", rid, tenant)},
             timeout=10,
         )
         assert r.status_code == 200, r.text
