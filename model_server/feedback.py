@@ -216,6 +216,11 @@ class FeedbackStore:
         return why, f"expired: evicted to keep the last {self.capacity} predicted items"
 
     def record(self, request_id: str, model: str, version: str, top1: list[int], tenant: str | None = None) -> None:
+        """Keep a prediction for its label, unless its tenant (its X-Tenant, up to the headers'
+        60 KiB) is longer than a label's ``tenant`` may be: kept an hour each, such tenants held
+        gigabytes. Its label still reaches the prediction log, under the label's X-Tenant."""
+        if tenant is not None and len(tenant) > MAX_TENANT:
+            return
         now = self.clock()
         key = (model, request_id)
         with self._lock:
