@@ -20,7 +20,7 @@ import numpy as np
 from model_server import __version__, metrics
 from model_server.config import ModelConfig, version_number
 from model_server.errors import Cancelled, InvalidInput, Preempted, ServerError, failure_reason, outcome_of
-from model_server.feedback import FeedbackStore, LabelRules
+from model_server.feedback import FeedbackStore, LabelRules, check_tenant
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
@@ -467,6 +467,8 @@ class DataPlane:
         """
         received_at = time.time() if received_at is None else received_at
         plog = self.prediction_log
+        if tenant is not None:  # (as long as the headers allow: bounded as a label's own)
+            check_tenant(tenant, "the feedback request's X-Tenant")
 
         def one(item: Any) -> dict[str, Any]:
             fb = self.feedback_store.label(model, item, rules, accept_unmatched=plog is not None, tenant=tenant)

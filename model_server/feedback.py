@@ -261,11 +261,8 @@ class FeedbackStore:
             raise InvalidInput(
                 f"feedback 'request_id' {shown(repr(rid))} is not a request id: 1 to 128 printable ASCII"
             )
-        if "tenant" in item and not (isinstance(item["tenant"], str) and TENANT_RE.fullmatch(item["tenant"])):
-            raise InvalidInput(
-                f"feedback 'tenant' must be a string of at most {MAX_TENANT} characters, "
-                "no control characters, valid Unicode"
-            )
+        if "tenant" in item:
+            check_tenant(item["tenant"], "feedback 'tenant'")
         raw = item.get("label")
         values = raw if isinstance(raw, list) else [raw]
         if not values:
@@ -305,6 +302,15 @@ class FeedbackStore:
         metrics.FEEDBACK.labels(model, served.version).inc(len(truth))
         metrics.FEEDBACK_CORRECT.labels(model, served.version).inc(correct)
         return Feedback(rid, truth, served.tenant, matched=True, version=served.version, correct=correct)
+
+
+def check_tenant(tenant: object, what: str) -> None:
+    """InvalidInput unless ``tenant`` is one a label may carry (``TENANT_RE``): a label's
+    ``tenant``, or the feedback request's X-Tenant for the labels without one."""
+    if not (isinstance(tenant, str) and TENANT_RE.fullmatch(tenant)):
+        raise InvalidInput(
+            f"{what} must be a string of at most {MAX_TENANT} characters, no control characters, valid Unicode"
+        )
 
 
 def class_index(names: list[Any] | tuple[str, ...]) -> dict[str, int]:
