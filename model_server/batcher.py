@@ -4,10 +4,13 @@ Requests join a batch only when it can hold them: the same input names, datatype
 dimensions after the batch dimension, and the same requested outputs. The queue is ordered by
 priority level (1 first), then by arrival. A batch is formed when an instance is free:
 
-- it runs at once when it reaches ``max_batch_size`` or the largest preferred size, or when the
-  next queued request cannot join it;
-- otherwise it waits for more until its oldest request has queued ``max_queue_delay``, then
-  runs the largest preferred size it holds (all of it when it holds none).
+- before its oldest request has queued ``max_queue_delay``, it runs at once when it holds a
+  preferred size (the largest it holds), or when it cannot grow: it reaches ``max_batch_size``
+  or the largest preferred size, or the next queued request cannot join it (it runs up to the
+  largest preferred size then); otherwise it waits for more;
+- after that delay (or with none), it runs whatever it holds, up to ``max_batch_size``.
+
+As Triton's ``DynamicBatchScheduler::GetDynamicBatch``: no preferred size is ``max_batch_size``.
 
 A merged run's outputs are split along the batch dimension, each request keeping its own rows.
 When a merged run fails, its requests run again one by one: a bad request fails alone. An
@@ -67,7 +70,8 @@ class DynamicBatcher:
         self.lv = lv
         self.config = config
         self.max_batch = lv.config.max_batch_size
-        self.largest_preferred = config.preferred_batch_size[-1] if config.preferred_batch_size else self.max_batch
+        self.preferred = set(config.preferred_batch_size) or {self.max_batch}  # as Triton normalizes it
+        self.largest_preferred = max(self.preferred)
         self.delay_s = config.max_queue_delay_microseconds / 1e6
         self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, seq)
         self._seq = itertools.count()
@@ -165,28 +169,25 @@ class DynamicBatcher:
 
     # -- forming batches -----------------------------------------------------------------------
 
-    def _candidates(self) -> tuple[list[Pending], bool]:
-        """The head's batch as it stands, and whether it is complete (cannot usefully grow)."""
+    def _candidates(self) -> tuple[list[Pending], int, bool]:
+        """Triton's walk of the queue from its head: the requests that can run together (up to
+        ``max_batch_size``, stopping at the first that cannot join), how many of them make its
+        best preferred batch (the last preferred size reached, else the most that stay within
+        the largest preferred size once more would pass it; 0: neither), and whether it is
+        complete (cannot usefully grow)."""
         head = self._queue[0][2]
         taken, size = [head], head.batch
-        for _, _, p in itertools.islice(self._queue, 1, None):  # stops at the first that cannot join
+        best = 1 if size in self.preferred else 0
+        for _, _, p in itertools.islice(self._queue, 1, None):
+            if not best and size + p.batch > self.largest_preferred:
+                best = len(taken)
             if p.key != head.key or size + p.batch > self.max_batch:
-                return taken, True  # the next request cannot join: run what we have
+                return taken, best, True  # the next request cannot join
             taken.append(p)
             size += p.batch
-        return taken, size >= self.largest_preferred
-
-    def _prefix(self, taken: list[Pending]) -> list[Pending]:
-        """What runs of the batch formed: up to its last preferred size, else up to the largest
-        preferred size (Triton's cursor mark); all of it when no preferred size is configured."""
-        sizes, preferred, fits, size = self.config.preferred_batch_size, 0, 1, 0
-        for i, p in enumerate(taken):
-            size += p.batch
-            if size in sizes:
-                preferred = i + 1
-            if size <= self.largest_preferred:
-                fits = i + 1
-        return taken[: preferred or fits]
+            if size in self.preferred:
+                best = len(taken)
+        return taken, best, size >= self.largest_preferred
 
     def _expire(self, now: float) -> None:
         """Refuse the queued requests whose timeout passed, as Triton's REJECT action does."""
@@ -208,13 +209,14 @@ class DynamicBatcher:
             if not self._queue or self._free == 0:
                 await self._sleep(wake, None, now)
                 continue
-            taken, complete = self._candidates()
-            if not complete and self.delay_s:
-                until = taken[0].enqueued + self.delay_s
-                if until > now:
-                    await self._sleep(wake, until, now)
-                    continue
-            taken = self._prefix(taken)
+            taken, best, complete = self._candidates()
+            until = min(p.enqueued for p in taken) + self.delay_s
+            exceeded = bool(self.delay_s) and until <= now  # its oldest request has queued the delay
+            if best and not exceeded:
+                taken = taken[:best]
+            elif self.delay_s and not (complete or exceeded):
+                await self._sleep(wake, until, now)
+                continue
             del self._queue[: len(taken)]  # a batch is always the head of the queue
             self._timeouts -= sum(p.deadline is not None for p in taken)
             self._free -= 1

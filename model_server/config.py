@@ -100,10 +100,11 @@ class ImagePreprocess:
 class DynamicBatching:
     """Triton's ``dynamic_batching``: requests of one version queue and run merged.
 
-    A batch runs at once when it reaches ``max_batch_size`` or the largest preferred size, or
-    when the next queued request cannot join it; otherwise it waits for more until its oldest
-    request has queued ``max_queue_delay_microseconds``, then runs the largest preferred size it
-    holds (all of it when it holds none). ``priority_levels`` (1 the highest) order the queue;
+    As in Triton, a batch runs at once when it makes a preferred size (any of them), reaches
+    ``max_batch_size`` or the largest preferred size, or when the next queued request cannot
+    join it; otherwise it waits for more until its oldest request has queued
+    ``max_queue_delay_microseconds``, then runs all it holds, up to ``max_batch_size``
+    (``model_server.batcher``). ``priority_levels`` (1 the highest) order the queue;
     ``max_queue_size`` and ``default_timeout_microseconds`` bound it (0: unbounded), a request
     over either refused as Triton does (503).
     """

@@ -145,6 +145,38 @@ def test_a_partial_batch_waits_for_the_queue_delay_then_runs():
     assert executions == [[0, 1, 2, 3], [4]]
 
 
+def test_any_preferred_size_runs_at_once_and_after_the_delay_everything_queued_runs():
+    """As Triton's GetDynamicBatch: a batch of any preferred size runs without waiting for the
+    delay (not only the largest), and once the oldest request has queued the delay the whole
+    batch runs, up to max_batch_size, not cut at a preferred size."""
+
+    async def at_once():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, preferred_batch_size=(2, 4), max_queue_delay_microseconds=5_000_000)
+        futures = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in range(2)]
+        await until(lambda: lv.executions, "two of a preferred two run")
+        await release(lv, 0)
+        await asyncio.gather(*futures)
+        return lv.executions
+
+    async def after_the_delay():
+        lv = HeldVersion(max_batch_size=8)
+        b = batcher(lv, preferred_batch_size=(2, 4), max_queue_delay_microseconds=50_000)
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        rest = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in range(1, 4)]
+        await asyncio.sleep(0.2)  # all three queued past the delay behind the busy instance
+        for n in range(2):
+            await release(lv, n)
+        await asyncio.gather(first, *rest)
+        return lv.executions
+
+    started = time.perf_counter()
+    assert asyncio.run(at_once()) == [[0, 1]]
+    assert time.perf_counter() - started < 2
+    assert asyncio.run(after_the_delay()) == [[0], [1, 2, 3]]
+
+
 def test_priority_levels_order_the_queue():
     async def scenario():
         lv = HeldVersion(max_batch_size=8)
