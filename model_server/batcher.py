@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Pending:
     own_timeout: bool  # the deadline is the client's (parameters.timeout), not the model's default
     future: asyncio.Future[Outcome] = field(repr=False)
     outcome: Outcome | BaseException | None = None
+    queued: bool = True  # still in the queue: not batched, withdrawn or expired
 
 
 def merge_key(inputs: list[InferInput], outputs: list[str]) -> tuple[Any, ...]:
@@ -83,6 +85,10 @@ class DynamicBatcher:
         self._order: dict[int, Pending] = {}  # preserve_ordering: answered requests not yet released
         self._next_release = 0
         self._timeouts = 0  # queued requests with a deadline
+        # A heap of (deadline, seq, request) of the requests queued with a deadline, and of some
+        # that left the queue since (dropped when they reach the top, or when they outnumber
+        # the rest): each arrival and wake-up costs O(log n), not a walk of the whole queue.
+        self._deadlines: list[tuple[float, int, Pending]] = []
 
     @property
     def queued(self) -> int:
@@ -144,8 +150,10 @@ class DynamicBatcher:
             own,
             loop.create_future(),
         )
-        self._timeouts += pending.deadline is not None
-        bisect.insort(self._queue, (priority, seq, pending), key=lambda item: item[:2])
+        if pending.deadline is not None:
+            self._timeouts += 1
+            heapq.heappush(self._deadlines, (pending.deadline, seq, pending))
+        bisect.insort(self._queue, (priority, seq, pending), key=_order)
         assert self._wake is not None
         self._wake.set()
         try:
@@ -155,12 +163,27 @@ class DynamicBatcher:
             raise
 
     def _withdraw(self, pending: Pending) -> None:
-        for i, item in enumerate(self._queue):
-            if item[2] is pending:
-                del self._queue[i]
-                self._timeouts -= pending.deadline is not None
-                self._answer(pending, asyncio.CancelledError())  # keeps preserve_ordering's count
-                return
+        if pending.queued:
+            self._take(pending)
+            self._answer(pending, asyncio.CancelledError())  # keeps preserve_ordering's count
+
+    def _take(self, pending: Pending) -> None:
+        """Take a queued request out of the queue, found by its place in the queue's order."""
+        del self._queue[bisect.bisect_left(self._queue, (pending.priority, pending.seq), key=_order)]
+        self._left(pending)
+
+    def _left(self, pending: Pending) -> None:
+        """A request left the queue: its deadline no longer counts."""
+        pending.queued = False
+        if pending.deadline is None:
+            return
+        self._timeouts -= 1
+        heap = self._deadlines
+        if not self._timeouts:
+            heap.clear()
+        elif len(heap) > 2 * self._timeouts + 64:  # mostly requests that left: keep those queued
+            heap[:] = [entry for entry in heap if entry[2].queued]
+            heapq.heapify(heap)
 
     def close(self) -> None:
         """Stop forming batches (the version is drained: nothing is queued)."""
@@ -191,13 +214,15 @@ class DynamicBatcher:
 
     def _expire(self, now: float) -> None:
         """Refuse the queued requests whose timeout passed, as Triton's REJECT action does."""
-        expired = [item for item in self._queue if item[2].deadline is not None and item[2].deadline <= now]
-        for item in expired:
-            self._queue.remove(item)
-            self._timeouts -= 1
+        heap = self._deadlines
+        while heap and (heap[0][0] <= now or not heap[0][2].queued):
+            pending = heapq.heappop(heap)[2]
+            if not pending.queued:
+                continue
+            self._take(pending)
             # A client that chose its own timeout gave up: not the version's failure (as a 400 is not).
-            error = ClientTimeout if item[2].own_timeout else Rejected
-            self._answer(item[2], error(f"model '{self.lv.name}': request timeout expired in the queue"))
+            error = ClientTimeout if pending.own_timeout else Rejected
+            self._answer(pending, error(f"model '{self.lv.name}': request timeout expired in the queue"))
 
     async def _form_batches(self) -> None:
         assert self._wake is not None
@@ -218,7 +243,8 @@ class DynamicBatcher:
                 await self._sleep(wake, until, now)
                 continue
             del self._queue[: len(taken)]  # a batch is always the head of the queue
-            self._timeouts -= sum(p.deadline is not None for p in taken)
+            for p in taken:
+                self._left(p)
             self._free -= 1
             task = asyncio.get_running_loop().create_task(self._execute(taken))
             self._running.add(task)
@@ -226,9 +252,11 @@ class DynamicBatcher:
 
     async def _sleep(self, wake: asyncio.Event, until: float | None, now: float) -> None:
         """Until woken (an arrival, a free instance), ``until``, or the next queue timeout."""
-        if self._timeouts:
-            first = min(p.deadline for _, _, p in self._queue if p.deadline is not None)
-            until = first if until is None else min(until, first)
+        heap = self._deadlines
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)
+        if heap:
+            until = heap[0][0] if until is None else min(until, heap[0][0])
         wake.clear()
         if until is None:
             await wake.wait()
@@ -269,6 +297,11 @@ class DynamicBatcher:
             self._next_release += 1
             assert released.outcome is not None
             _settle(released.future, released.outcome)
+
+
+def _order(item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A queue entry's place in the queue: (priority, seq)."""
+    return item[:2]
 
 
 def merged_size(batch: list[Pending]) -> int:

@@ -308,6 +308,35 @@ def test_a_request_that_goes_away_frees_its_place_and_timeouts_expire_while_the_
     assert asyncio.run(scenario()) == [[0], [3]]
 
 
+def test_a_long_queue_with_timeouts_costs_each_arrival_and_departure_little():
+    """The queue is unbounded by default and the batcher shares the server's one event loop: a
+    walk of the whole queue per arrival (for the next timeout) and per departing client (to find
+    it) held the loop 3 ms an arrival with 20,000 queued, and 10 s for their clients going away."""
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = batcher(lv, default_timeout_microseconds=600_000_000)
+        first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        queued = [asyncio.ensure_future(b.submit(request(1), ["y"], {})) for _ in range(20_000)]
+        await until(lambda: b.queued == 20_000, "all queued")
+        started = time.perf_counter()
+        for _ in range(1000):  # arrivals, each waking the batcher while the instance is busy
+            queued.append(asyncio.ensure_future(b.submit(request(1), ["y"], {})))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        for future in reversed(queued):  # and every client goes away, the latest first
+            future.cancel()
+        await until(lambda: b.queued == 0, "every place freed")
+        elapsed = time.perf_counter() - started
+        assert b._timeouts == 0
+        lv.gates[0].set()
+        await first
+        return elapsed
+
+    assert asyncio.run(scenario()) < 2.0
+
+
 def test_a_model_with_an_output_not_batched_cannot_use_the_batcher(tmp_path):
     """Its rows cannot be split back per request: a merged run would answer each request the
     reduction over everyone's inputs."""
