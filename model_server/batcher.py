@@ -12,8 +12,10 @@ priority level (1 first), then by arrival. A batch is formed when an instance is
 
 As Triton's ``DynamicBatchScheduler::GetDynamicBatch``: no preferred size is ``max_batch_size``.
 
-A merged run's outputs are split along the batch dimension, each request keeping its own rows.
-When a merged run fails, its requests run again one by one: a bad request fails alone. An
+The requests' inputs are prepared for the graph one request at a time (images decoded,
+strings as text), so one that cannot be fails alone, then merged along the batch dimension and
+run once; the outputs are split back, each request keeping its own rows. When a merged run
+fails, its requests run again one by one: a bad request fails alone. An
 injected abort is drawn per request, as Istio's fault injection is. With ``preserve_ordering``
 responses are released in the order the requests arrived, whatever order their batches end in.
 
@@ -317,25 +319,6 @@ def _settle(future: asyncio.Future[Outcome], outcome: Outcome | BaseException) -
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
-
-
-def merge(batch: list[Pending]) -> list[InferInput]:
-    """The batch's inputs concatenated along the batch dimension, in the head's input order."""
-    head = batch[0].inputs
-    if len(batch) == 1:
-        return head
-    merged = []
-    for idx, first in enumerate(head):
-        parts = [_same_input(p.inputs, first.name, idx).data for p in batch]
-        data = np.concatenate(parts, axis=0)
-        merged.append(InferInput(first.name, first.datatype, tuple(data.shape), data))
-    return merged
-
-
-def _same_input(inputs: list[InferInput], name: str, idx: int) -> InferInput:
-    if idx < len(inputs) and inputs[idx].name == name:
-        return inputs[idx]
-    return next(i for i in inputs if i.name == name)
 
 
 def split(results: list[np.ndarray], batch: list[Pending]) -> list[list[np.ndarray]] | None:

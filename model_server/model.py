@@ -36,7 +36,7 @@ import numpy as np
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
-from model_server.batcher import DynamicBatcher, Outcome, Pending, is_retryable, merge, split
+from model_server.batcher import DynamicBatcher, Outcome, Pending, is_retryable, split
 from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
 from model_server.errors import (
     InferenceFailed,
@@ -405,21 +405,35 @@ class LoadedVersion:
             raise InvalidInput(f"unknown output(s) {_few(unknown)} for model '{self.name}'; it has {names}")
         return [n for n in names if n in requested]
 
+    def _feeds(self, inputs: list[InferInput]) -> dict[str, np.ndarray]:
+        """A request's inputs as the graph takes them: images decoded and preprocessed, strings
+        as text. InvalidInput for an input that cannot be (an undecodable image, text not UTF-8)."""
+        pre = self.config.preprocess
+        if pre is not None:
+            return {pre.onnx_input: images_to_features(inputs[0].data, pre, inputs[0].name)}
+        return {i.name: ort_tensor(i) for i in inputs}
+
     def _run(
-        self, inputs: list[InferInput], outputs: list[str], submitted: float, run_options: Any = None
+        self,
+        inputs: list[InferInput],
+        outputs: list[str],
+        submitted: float,
+        run_options: Any = None,
+        prepared: tuple[dict[str, np.ndarray], float] | None = None,
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
-        """One execution; a shadow's (``run_options`` given) is not learnt from."""
+        """One execution; a shadow's (``run_options`` given) is not learnt from. ``prepared``:
+        the graph's inputs already made from ``inputs`` (``_feeds``), and the seconds that took."""
         started = time.perf_counter()
         session = self.session
         if session is None:  # cannot happen while in flight; guards against misuse
             raise ModelUnavailable(f"model '{self.name}' version {self.version} was unloaded")
-        pre = self.config.preprocess
-        if pre is not None:
-            feeds = {pre.onnx_input: images_to_features(inputs[0].data, pre, inputs[0].name)}
+        if prepared is None:
+            feeds = self._feeds(inputs)
+            input_s = time.perf_counter() - started
         else:
-            feeds = {i.name: ort_tensor(i) for i in inputs}
+            feeds, input_s = prepared
         batch = next(iter(feeds.values())).shape[0] if self.config.max_batch_size else 1
-        prepared = time.perf_counter()
+        ran = time.perf_counter()
         try:
             result = session.run(outputs, feeds, run_options)
         except Exception as exc:
@@ -442,11 +456,11 @@ class LoadedVersion:
             fault.delay()
         done = time.perf_counter()
         if run_options is None:
-            self.metrics.executed(batch, prepared - started, done - prepared, 0.0)  # one per execution, merged or not
-            per_item = (done - started) / max(batch, 1)
+            self.metrics.executed(batch, input_s, done - ran, 0.0)  # one per execution, merged or not
+            per_item = (input_s + done - ran) / max(batch, 1)
             previous = self._seconds_per_item
             self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
-        timing = {"queue": started - submitted, "input": prepared - started, "infer": done - prepared}
+        timing = {"queue": started - submitted, "input": input_s, "infer": done - ran}
         return result, batch, timing
 
     def _abort(self) -> None:
@@ -457,19 +471,38 @@ class LoadedVersion:
 
     def run_batch(self, batch: list[Pending]) -> list[Outcome | BaseException]:
         """One merged execution of the batcher's requests, split back per request; on the
-        version's thread (or the loop). A failed merged run is retried request by request."""
+        version's thread (or the loop). A request whose inputs cannot be prepared for the graph
+        fails alone before it; a failed merged run is retried request by request."""
         started = time.perf_counter()
+        failed: dict[int, ServerError] = {}
+        ready: list[tuple[Pending, dict[str, np.ndarray]]] = []
+        for pending in batch:
+            try:
+                ready.append((pending, self._feeds(pending.inputs)))
+            except ServerError as exc:
+                failed[pending.seq] = exc
+        if not ready:
+            return [failed[p.seq] for p in batch]
+        good = [p for p, _ in ready]
+        feeds = ready[0][1] if len(ready) == 1 else {n: np.concatenate([f[n] for _, f in ready]) for n in ready[0][1]}
+        input_s = time.perf_counter() - started
         try:
-            results, _, timing = self._run(merge(batch), batch[0].outputs, started)
-            parts = split(results, batch) if len(batch) > 1 else [results]
+            results, _, timing = self._run(good[0].inputs, good[0].outputs, started, prepared=(feeds, input_s))
+            parts = split(results, good) if len(good) > 1 else [results]
         except ServerError as exc:
-            if len(batch) == 1 or not is_retryable(exc):
-                return [exc] * len(batch)
+            if len(good) == 1 or not is_retryable(exc):
+                return [failed.get(p.seq, exc) for p in batch]
             parts = None
         if parts is None:  # one by one: a bad request fails alone
-            return [self._run_alone(p) for p in batch]
+            alone = {p.seq: self._run_alone(p, f) for p, f in ready}
+            return [failed[p.seq] if p.seq in failed else alone[p.seq] for p in batch]
         outcomes: list[Outcome | BaseException] = []
-        for pending, rows in zip(batch, parts, strict=True):
+        rows_of = {p.seq: rows for p, rows in zip(good, parts, strict=True)}
+        for pending in batch:
+            if pending.seq in failed:
+                outcomes.append(failed[pending.seq])
+                continue
+            rows = rows_of[pending.seq]
             try:
                 self._abort()
                 outcomes.append((rows, pending.batch, {**timing, "queue": started - pending.enqueued}))
@@ -477,9 +510,9 @@ class LoadedVersion:
                 outcomes.append(exc)
         return outcomes
 
-    def _run_alone(self, pending: Pending) -> Outcome | BaseException:
+    def _run_alone(self, pending: Pending, feeds: dict[str, np.ndarray]) -> Outcome | BaseException:
         try:
-            outcome = self._run(pending.inputs, pending.outputs, pending.enqueued)
+            outcome = self._run(pending.inputs, pending.outputs, pending.enqueued, prepared=(feeds, 0.0))
             self._abort()
             return outcome
         except ServerError as exc:

@@ -548,6 +548,73 @@ def test_merged_images_match_one_by_one_and_a_bad_one_fails_alone(models_dir, di
         lv.close()
 
 
+class CountingSession:
+    """An ONNX Runtime session that counts its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_a_request_whose_input_cannot_be_prepared_fails_alone_and_the_rest_still_run_merged(
+    models_dir, digit_images, tmp_path
+):
+    """Bytes that are no image (a client sending base64 text, say) or text that is not UTF-8 pass
+    the checks before the queue and fail when prepared for the graph: that failed the merged run
+    and every request of the batch ran again alone, so one such client took batching from
+    everyone else."""
+    raw = json.loads((models_dir / "digits" / "config.json").read_text())
+    cfg = parse_config("digits", {**raw, "dynamic_batching": {}})
+    lv = LoadedVersion(cfg, 1, models_dir / "digits" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    strings_cfg = load_config(every_datatype_model(tmp_path / "every_datatype"))
+    strings = LoadedVersion(strings_cfg, 1, tmp_path / "every_datatype" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        lv.warmup()
+        strings.warmup()
+
+        def images(*pngs: bytes) -> list[InferInput]:
+            return [InferInput("image", "BYTES", (len(pngs),), np.array(pngs, dtype=object))]
+
+        pngs = [png for png, _ in digit_images[:3]]
+        requests = [images(pngs[0]), images(b"iVBORw0KGgoAAAANSUhEUgAA"), images(pngs[1], pngs[2])]
+        lv.session = CountingSession(lv.session)  # type: ignore[assignment]
+        (first, third), _ = exact_runs(lv, [requests[0], requests[2]], ["probabilities"])
+
+        async def together(version, reqs, outputs):
+            return await asyncio.gather(*(version.infer(r, outputs) for r in reqs), return_exceptions=True)
+
+        lv.session.runs = 0
+        answers = asyncio.run(together(lv, requests, ["probabilities"]))
+        assert lv.session.runs == 1  # the two good requests, merged
+        assert isinstance(answers[1], InvalidInput)
+        assert "image" in answers[1].message
+        np.testing.assert_allclose(answers[0][0][0], first[0][0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(answers[2][0][0], third[0][0], rtol=1e-6, atol=1e-7)
+
+        rng = np.random.default_rng(3)
+        texts = [random_inputs(rng, 2) for _ in range(3)]
+        bad = next(i for i in texts[1] if i.datatype == "BYTES")
+        bad.data[1, 2] = b"\xff\xfe"
+        outputs = [o.name for o in strings_cfg.outputs]
+        strings.session = CountingSession(strings.session)  # type: ignore[assignment]
+        answers = asyncio.run(together(strings, texts, outputs))
+        assert strings.session.runs == 1
+        assert isinstance(answers[1], InvalidInput)
+        assert "not UTF-8" in answers[1].message
+        for i in (0, 2):
+            alone, _, _ = strings._run(texts[i], outputs, 0.0)
+            assert all(np.array_equal(got, want) for got, want in zip(answers[i][0], alone, strict=True))
+    finally:
+        lv.close()
+        strings.close()
+
+
 # -- through the HTTP API, with Triton's client ------------------------------------------------
 
 
