@@ -118,9 +118,12 @@ class ModelRepository:
 
     @staticmethod
     def versions_on_disk(model_dir: Path) -> dict[int, Path]:
+        """The model's versions: folders named by a positive integer without leading zeros (as
+        Triton, which ignores ``01``: it would be a second folder of version 1) that hold a
+        model.onnx in the model's folder."""
         found = {}
         for child in model_dir.iterdir():
-            if not (ascii_uint(child.name) or 0) > 0:
+            if not (ascii_uint(child.name) or 0) > 0 or child.name.startswith("0"):
                 continue
             onnx = (child / "model.onnx").resolve()
             if onnx.is_file() and onnx.is_relative_to(model_dir):

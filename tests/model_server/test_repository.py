@@ -56,6 +56,21 @@ def test_unchanged_versions_are_kept_and_changed_files_reloaded(repo_copy):
     repo.close_all()
 
 
+def test_a_version_folder_named_with_a_leading_zero_is_not_a_version_as_in_triton(repo_copy):
+    """Triton ignores ``01`` or ``007``: here they loaded as versions 1 and 7, and ``02`` beside ``2``
+    served whichever of the two the folder listed last."""
+    model = repo_copy / "digits"
+    shutil.copytree(model / "3", model / "02")
+    shutil.copytree(model / "1", model / "007")
+    shutil.copytree(model / "1", model / "0")
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    assert sorted(repo.versions_on_disk(model)) == [1, 2, 3]
+    assert repo.load("digits", {"version_policy": {"all": {}}}) == [1, 2, 3]
+    _, loaded = repo.loaded("digits")
+    assert loaded[2].path == (model / "2" / "model.onnx").resolve()
+    repo.close_all()
+
+
 def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
     repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
     repo.load("digits", policy(1, 2))
