@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model_server.errors import InvalidInput
+from model_server.errors import InvalidInput, shown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
@@ -152,9 +152,7 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
         return None
     if not isinstance(raw, dict):
         raise _fail(where, "must be an object (Triton's dynamic_batching)")
-    unknown = sorted(set(raw) - _BATCHING_KEYS)
-    if unknown:
-        raise _fail(where, f"unsupported field(s) {unknown}; supported: {sorted(_BATCHING_KEYS)}")
+    _known(where, raw, _BATCHING_KEYS)
     if max_batch_size < 1:
         raise _fail(where, "needs max_batch_size >= 1: requests are merged along the batch dimension")
     sizes_raw = raw.get("preferred_batch_size", [])
@@ -236,11 +234,35 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_PREPROCESS_KEYS = frozenset({"kind", "size", "scale", "onnx_input", "invert", "flatten", "exif_orientation"})
-
-
 def _fail(where: str, msg: str) -> InvalidInput:
     return InvalidInput(f"{where}: {msg}")
+
+
+_CONFIG_KEYS = {
+    "name",
+    "platform",
+    "input",
+    "output",
+    "preprocess",
+    "max_batch_size",
+    "instance_count",
+    "version_policy",
+    "dynamic_batching",
+    "metadata",
+}
+_TENSOR_KEYS = {"name", "datatype", "dims", "label_filename"}
+_PREPROCESS_KEYS = {"kind", "size", "scale", "invert", "flatten", "exif_orientation", "onnx_input"}
+
+
+def _known(where: str, raw: dict[str, Any], supported: set[str]) -> None:
+    """Refuse a field the server does not implement, as Triton refuses a field its config does
+    not have: ignored, a Triton ``instance_group`` or a misspelt ``invert`` would load and serve
+    otherwise than the config says."""
+    unknown = sorted(set(raw) - supported)
+    if unknown:
+        hint = " (the number of instances is instance_count)" if "instance_group" in unknown else ""
+        named = [shown(str(name)) for name in unknown[:10]]
+        raise _fail(where, f"unsupported field(s) {named}; supported: {sorted(supported)}{hint}")
 
 
 def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec, ...]:
@@ -250,6 +272,7 @@ def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec,
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise _fail(f"{where}[{i}]", "must be an object")
+        _known(f"{where}[{i}]", item, _TENSOR_KEYS)
         name, dt, dims = item.get("name"), item.get("datatype"), item.get("dims")
         if not isinstance(name, str) or not name:
             raise _fail(f"{where}[{i}].name", "must be a non-empty string")
@@ -277,6 +300,8 @@ def _version_policy(where: str, policy: Any) -> dict[str, Any]:
     kind, body = next(iter(policy.items()))
     if kind == "all" and body == {}:
         return policy
+    if kind in ("latest", "specific") and isinstance(body, dict):
+        _known(f"{where}.{kind}", body, {"latest": {"num_versions"}, "specific": {"versions"}}[kind])
     if kind == "latest" and isinstance(body, dict):
         n = proto_int(body.get("num_versions", 1))
         if n is not None and n >= 1:
@@ -311,6 +336,7 @@ def _positive_int(where: str, value: Any, minimum: int) -> int:
 def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if not isinstance(raw, dict):
         raise _fail(where, "must be a JSON object")
+    _known(where, raw, _CONFIG_KEYS)
     if raw.get("name", name) != name:
         raise _fail(f"{where}: name", f"{raw['name']!r} does not match the folder name {name!r}")
     platform = raw.get("platform", "onnxruntime_onnx")
@@ -323,13 +349,9 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
     if pre is not None:
         if not isinstance(pre, dict) or pre.get("kind") != "image":
             raise _fail(f"{where}: preprocess", "only {'kind': 'image', ...} is supported")
+        _known(f"{where}: preprocess", pre, _PREPROCESS_KEYS)
         if len(inputs) != 1 or inputs[0].datatype != "BYTES":
             raise _fail(f"{where}: preprocess", "image preprocessing needs exactly one BYTES input")
-        unknown = sorted(set(pre) - _PREPROCESS_KEYS)
-        if unknown:
-            raise _fail(
-                f"{where}: preprocess", f"unsupported field(s) {unknown}; supported: {sorted(_PREPROCESS_KEYS)}"
-            )
         size = pre.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")

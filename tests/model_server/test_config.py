@@ -86,6 +86,31 @@ def test_invalid_configs_name_the_field(change, needle):
 
 
 @pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"instance_group": [{"count": 4, "kind": "KIND_CPU"}]}, "instance_group"),
+        ({"sequence_batching": {}}, "sequence_batching"),
+        ({"input": [{"name": "x", "datatype": "FP32", "dims": [-1, 4], "reshape": {"shape": [4]}}]}, "reshape"),
+        ({"version_policy": {"latest": {"num_versions": 2, "num_version": 3}}}, "num_version"),
+        ({"version_policy": {"specific": {"versions": [1], "version": [2]}}}, "version"),
+        (
+            {
+                "input": [{"name": "x", "datatype": "BYTES", "dims": [-1]}],
+                "preprocess": {"kind": "image", "size": [8, 8], "onnx_input": "x", "invrt": True},
+            },
+            "invrt",
+        ),
+    ],
+)
+def test_a_field_the_server_does_not_implement_is_refused_by_name_not_ignored(change, field):
+    """As Triton refuses a field its config does not have: ignored, a Triton instance_group or
+    a misspelt invert loaded and served otherwise than the config said."""
+    with pytest.raises(InvalidInput, match=f"unsupported field\\(s\\) \\['{field}'\\]"):
+        parse_config("m", {**BASE, **change})
+    assert parse_config("m", {**BASE, "name": "m", "platform": "onnxruntime_onnx", "metadata": {"any": 1}})
+
+
+@pytest.mark.parametrize(
     ("message", "oom"),
     [
         ("CUDA failure 2: out of memory ; GPU=0 ; hostname=x ; file=cuda_allocator.cc", True),
