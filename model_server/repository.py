@@ -144,7 +144,12 @@ class ModelRepository:
         refused with 409 before anything changes."""
         with self._load_lock:
             try:
-                versions = self._load(name, override, {int(v) for v in keep}, persist)
+                try:
+                    versions = self._load(name, override, {int(v) for v in keep}, persist)
+                except OSError as exc:  # a file or folder gone or unreadable since it was listed
+                    raise InvalidInput(
+                        f"cannot read the model's files: {exc.strerror or exc}: {exc.filename}"
+                    ) from None
             except ServerError as exc:
                 known = self._has(name)
                 series = name if known else "_unknown" if NAME_RE.match(name) else "_invalid"

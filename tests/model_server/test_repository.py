@@ -85,6 +85,31 @@ def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
     repo.close_all()
 
 
+def test_a_version_that_vanishes_while_it_is_loaded_fails_the_load_by_name(repo_copy, monkeypatch):
+    """A version folder removed between the listing and the read of its file (a rollout's
+    cleanup during a reload) raised FileNotFoundError through the load: a bare 500, no error
+    counted or kept for the model."""
+    from model_server import repository
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("model_server_model_loads_total", {"model": "digits", "outcome": "error"}) or 0
+
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    repo.load("digits", policy(1, 2))
+    before = errors()
+
+    def vanished(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(repository, "file_sha256", vanished)
+    with pytest.raises(InvalidInput, match=r"failed to load 'digits': .*No such file or directory"):
+        repo.load("digits", policy(1, 2))
+    assert errors() == before + 1
+    assert "No such file or directory" in repo._errors["digits"]
+    assert repo.loaded_versions("digits") == [1, 2]
+    repo.close_all()
+
+
 def test_a_load_or_unload_whose_state_cannot_be_saved_changes_nothing(repo_copy, tmp_path):
     """The state was written after the swap: a full or read-only state volume answered a bare
     500 with the new versions already serving, and a restart brought back the old ones."""
