@@ -315,7 +315,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         raise PolicyError(f"{where}.match.headers is empty: a rule must match something")
     if len(match["headers"]) > MAX_RULE_HEADERS:
         raise PolicyError(f"{where}.match.headers: {len(match['headers'])} headers; at most {MAX_RULE_HEADERS} a rule")
-    headers = []
+    headers: list[tuple[str, HeaderMatch]] = []
+    named: dict[str, str] = {}  # lower case -> as written
     for name, spec in match["headers"].items():
         if not HEADER_NAME_RE.fullmatch(name):
             raise PolicyError(
@@ -323,6 +324,12 @@ def _parse_rule(raw: Any, where: str) -> Rule:
                 "and !#$%&'*+-.^_`|~), which no request could carry"
             )
         w = f"{where}.match.headers.{name}"
+        if name.lower() in named:  # Istio's VirtualService would keep one of the two conditions
+            raise PolicyError(
+                f"{w}: the header {named[name.lower()]!r} is named twice (header names compare without case); "
+                "give each header once"
+            )
+        named[name.lower()] = name
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in MATCH_KINDS:
             raise PolicyError(f"{w} must be one of {{exact|prefix|regex: value}}")
         kind, value = next(iter(spec.items()))

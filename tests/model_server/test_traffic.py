@@ -234,6 +234,30 @@ def test_invalid_policies_name_the_reason(raw, needle):
         TrafficPolicy.from_dict(raw)
 
 
+def test_a_header_named_twice_in_a_rule_is_refused():
+    """Header names compare without case: {"X-Tenant": ..., "x-tenant": ...} made the server
+    require both values (the rule never matched) while the VirtualService, a map by name, kept
+    one condition (the rule matched the second value): one policy, two routings."""
+    from vision_rollout.mesh import IstioTarget, render_virtual_service
+
+    raw = {
+        "route": [{"version": "1", "weight": 100}],
+        "rules": [
+            {
+                "match": {"headers": {"X-Tenant": {"exact": "acme"}, "x-tenant": {"prefix": "beta"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+    }
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.match\.headers\.x-tenant: the header 'X-Tenant' is named"):
+        TrafficPolicy.from_dict(raw)
+    raw["rules"][0]["match"]["headers"].pop("X-Tenant")
+    p = TrafficPolicy.from_dict(raw)
+    vs = render_virtual_service(IstioTarget("ns", "digits", "digits"), p)
+    assert vs["spec"]["http"][0]["match"] == [{"headers": {"x-tenant": {"prefix": "beta"}}}]
+    assert p.choose({"x-tenant": "beta-1"}, "u") == ("2", "rules[0]")
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
