@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 BUCKETS = 10_000
 MIN_MIRROR_PERCENT = 100 / BUCKETS  # the mirror samples request ids one bucket at a time
 MATCH_KINDS = ("exact", "prefix", "regex")
+NON_EMPTY_MATCH_KINDS = ("prefix", "regex")  # Istio's validation refuses them empty
 RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envoy bootstrap
 MAX_REGEX_CHARS = 1024
 MAX_RULES = 256  # header rules a policy: each compiled once and tried in order on every routed request
@@ -170,7 +171,9 @@ class TrafficPolicy:
             "type": "object",
             "minProperties": 1,
             "maxProperties": 1,
-            "properties": {k: {"type": "string"} for k in MATCH_KINDS},
+            "properties": {
+                k: {"type": "string", **({"minLength": 1} if k in NON_EMPTY_MATCH_KINDS else {})} for k in MATCH_KINDS
+            },
             "additionalProperties": False,
         }
         return {
@@ -335,6 +338,11 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         kind, value = next(iter(spec.items()))
         if not isinstance(value, str):
             raise PolicyError(f"{w}.{kind} must be a string")
+        if not value and kind in NON_EMPTY_MATCH_KINDS:
+            raise PolicyError(
+                f"{w}.{kind} is empty, which Istio refuses (and Envoy, for a prefix); to match any non-empty "
+                "value give regex '.+'"
+            )
         pattern = None
         if kind == "regex":
             pattern = compile_rule_regex(value, f"{w}.regex")

@@ -258,6 +258,29 @@ def test_a_header_named_twice_in_a_rule_is_refused():
     assert p.choose({"x-tenant": "beta-1"}, "u") == ("2", "rules[0]")
 
 
+@pytest.mark.parametrize("kind", ["prefix", "regex"])
+def test_an_empty_prefix_or_regex_is_refused_as_istio_refuses_it(kind):
+    """The server took {"prefix": ""} and {"regex": ""} (a header present; a header present and
+    empty) while Istio refuses both ("prefix string match should not be empty", "regex string
+    match should not be empty"; Envoy NACKs an empty prefix): a rule tried on one machine was
+    refused, or its whole route table rejected, in the cluster. Refused up front, naming the field;
+    the JSON schema says it too."""
+    import jsonschema
+
+    raw = {
+        "route": [{"version": "1", "weight": 100}],
+        "rules": [{"match": {"headers": {"x-tenant": {kind: ""}}}, "route": [{"version": "2", "weight": 100}]}],
+    }
+    with pytest.raises(
+        PolicyError, match=rf"rules\[0\]\.match\.headers\.x-tenant\.{kind} is empty, which Istio refuses"
+    ):
+        TrafficPolicy.from_dict(raw)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, TrafficPolicy.json_schema())
+    raw["rules"][0]["match"]["headers"]["x-tenant"] = {"exact": ""}  # Istio takes an empty exact value
+    assert TrafficPolicy.from_dict(raw).choose({"x-tenant": ""}, "u") == ("2", "rules[0]")
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
