@@ -333,6 +333,11 @@ def _parse_rule(raw: Any, where: str) -> Rule:
                 "give each header once"
             )
         named[name.lower()] = name
+        if name.lower() == "host":
+            raise PolicyError(
+                f"{w}: Envoy holds the Host header as :authority, so Istio's header match on it never "
+                "matches; route by another header"
+            )
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in MATCH_KINDS:
             raise PolicyError(f"{w} must be one of {{exact|prefix|regex: value}}")
         kind, value = next(iter(spec.items()))

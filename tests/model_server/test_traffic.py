@@ -281,6 +281,20 @@ def test_an_empty_prefix_or_regex_is_refused_as_istio_refuses_it(kind):
     assert TrafficPolicy.from_dict(raw).choose({"x-tenant": ""}, "u") == ("2", "rules[0]")
 
 
+def test_a_rule_on_the_host_header_is_refused():
+    """The server matched a rule on Host against the Host header; Envoy holds that header as the
+    :authority pseudo-header, so the same rule in a VirtualService never matches (istio#23083):
+    the canary of the rule on one machine was no canary in the cluster."""
+    raw = {
+        "route": [{"version": "1", "weight": 100}],
+        "rules": [{"match": {"headers": {"Host": {"prefix": "beta."}}}, "route": [{"version": "2", "weight": 100}]}],
+    }
+    with pytest.raises(
+        PolicyError, match=r"rules\[0\]\.match\.headers\.Host: Envoy holds the Host header as :authority"
+    ):
+        TrafficPolicy.from_dict(raw)
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
