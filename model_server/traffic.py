@@ -41,6 +41,7 @@ MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
 # A rule's name labels its requests in the log and the metrics, beside these routes of the server's own.
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RESERVED_ROUTES = frozenset({"route", "version", "mirror", "probe"})
+PINNED_PREFIX = "pinned-v"  # the VirtualService's routes of requests naming their version: no rule's name
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110's token)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
@@ -359,6 +360,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         )
     if name in RESERVED_ROUTES:
         raise PolicyError(f"{where}.name {name!r} is reserved: the log and the metrics name a request's route by it")
+    if name is not None and name.startswith(PINNED_PREFIX):
+        raise PolicyError(f"{where}.name {name!r}: names starting with {PINNED_PREFIX!r} are reserved")
     return Rule(tuple(headers), _parse_route(raw.get("route"), f"{where}.route"), name)
 
 

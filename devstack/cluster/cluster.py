@@ -50,7 +50,7 @@ from devstack.processes import (
     start_prometheus,
     start_s3,
 )
-from vision_rollout.mesh import PINNED_PREFIX
+from model_server.traffic import PINNED_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from model_server.traffic import Destination, TrafficPolicy
+from model_server.traffic import PINNED_PREFIX, Destination, TrafficPolicy
 from vision_rollout.serving import AdminError, ModelServerAdmin
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,10 @@ def subset(version: str) -> str:
     return f"v{version}"
 
 
-# Routes that send a request naming its version to that version's pods, ahead of the policy.
-PINNED_PREFIX = "pinned-v"
-
-
 def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
     """Requests that name version N (``X-Model-Version: N``, or a ``/versions/N/`` path, as the
-    replay, the probes and clients' overrides do) go to subset vN: the weighted route would
+    replay, the probes and clients' overrides do) go to subset vN, by a route named
+    ``PINNED_PREFIX`` + N (which no rule of a policy may be named): the weighted route would
     send most of them to another version's pods, which answer 404 or the wrong version. Never
     mirrored: a request that names its version is targeted, not traffic (as the server decides)."""
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from kubernetes import client
 
 from devstack.cluster.kube import FakeKubeAPI
-from model_server.traffic import TrafficPolicy
+from model_server.traffic import PolicyError, TrafficPolicy
 from tests.support import TOKEN
 from vision_rollout.mesh import (
     SCHEMAS,
@@ -239,12 +240,15 @@ def test_requests_that_name_their_version_reach_that_versions_pods():
         assert not pattern.fullmatch("/v2/models/digits/infer")
     assert rest == render_virtual_service(TARGET, CANARY)["spec"]["http"]  # then the policy, as before
     assert policy_from_virtual_service(vs) == CANARY  # read back: the policy only
-    reserved = TrafficPolicy.from_dict(
-        {
-            "rules": [{"name": "pinned-v9", "match": {"headers": {"x": {"exact": "1"}}}, "route": [{"version": "1"}]}],
-            "route": [{"version": "1", "weight": 100}],
-        }
-    )
+    raw = {
+        "rules": [{"name": "pinned-v9", "match": {"headers": {"x": {"exact": "1"}}}, "route": [{"version": "1"}]}],
+        "route": [{"version": "1", "weight": 100}],
+    }
+    # The server refuses the name too: a policy it served would else be one Istio cannot take.
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.name 'pinned-v9': names starting with 'pinned-v' are reserved"):
+        TrafficPolicy.from_dict(raw)
+    rule = TrafficPolicy.from_dict({**raw, "rules": [{**raw["rules"][0], "name": "x"}]}).rules[0]
+    reserved = TrafficPolicy(route=CANARY.route, rules=(dataclasses.replace(rule, name="pinned-v9"),))
     with pytest.raises(RouterError, match="'pinned-v9': names starting with 'pinned-v' are reserved"):
         render_virtual_service(TARGET, reserved, ["1"])
 
