@@ -125,7 +125,7 @@ def subset(version: str) -> str:
 
 
 def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
-    """Requests that name version N (``X-Model-Version: N``, or a ``/versions/N/`` path, as the
+    """Requests that name version N (``X-Model-Version: N``, or a ``/versions/N`` path, as the
     replay, the probes and clients' overrides do) go to subset vN, by a route named
     ``PINNED_PREFIX`` + N (which no rule of a policy may be named): the weighted route would
     send most of them to another version's pods, which answer 404 or the wrong version. Never
@@ -134,7 +134,8 @@ def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
         "name": f"{PINNED_PREFIX}{version}",
         "match": [
             {"headers": {"x-model-version": {"exact": version}}},
-            {"uri": {"regex": f"/v2/models/[^/]+/versions/{version}/.*"}},  # Envoy: the whole path
+            # Envoy matches the whole path: the version's metadata (nothing after it) and its endpoints.
+            {"uri": {"regex": f"/v2/models/[^/]+/versions/{version}(/.*)?"}},
         ],
         "route": [{"destination": {"host": target.host, "subset": subset(version)}}],
     }

@@ -273,6 +273,7 @@ def test_pinned_routes_send_a_request_naming_its_version_to_that_version(nginx, 
     assert call(port, "/v2/models/digits/versions/2/infer").pod == "v2"
     assert call(port, "/v2/models/digits/versions/2/infer?probe=1").pod == "v2"  # the query is not the path
     assert call(port, "/v2/models/digits/versions/22/infer").pod == "v1"
+    assert call(port, "/v2/models/digits/versions/2").pod == "v2"  # the version's metadata
     assert call(port, "/x/v2/models/digits/versions/2/infer").pod == "v1"  # the regex matches the whole path
     assert call(port, headers={"X-Model-Version": "2"}).pod == "v2"
     assert call(port, headers={"X-Model-Version": "3"}).pod == "v1"  # not deployed: no pinned route

@@ -253,6 +253,21 @@ def test_requests_that_name_their_version_reach_that_versions_pods():
         render_virtual_service(TARGET, reserved, ["1"])
 
 
+def test_a_versions_metadata_reaches_that_versions_pods():
+    """GET /v2/models/m/versions/2 (KServe v2 version metadata, tritonclient's
+    get_model_metadata(m, "2")) matched no pinned route, the path having nothing after the
+    version: the weighted route sent it to baseline pods, which answered that version 2 is not
+    available, while the model server on one machine answered version 2's metadata."""
+    import re
+
+    vs = render_virtual_service(TARGET, CANARY, ["1", "2"])
+    [uri] = [m["uri"]["regex"] for m in vs["spec"]["http"][1]["match"] if "uri" in m]
+    for path in ("/v2/models/digits/versions/2", "/v2/models/digits/versions/2/", "/v2/models/digits/versions/2/ready"):
+        assert re.fullmatch(uri, path), path  # Envoy's safe_regex matches the whole path
+    for path in ("/v2/models/digits/versions/20", "/v2/models/digits/versions/2x/infer", "/v2/models/digits"):
+        assert not re.fullmatch(uri, path), path
+
+
 def test_what_routes_to_a_version_weights_rules_and_the_mirror():
     assert routes_to(CANARY, "2")  # by its rule
     assert routes_to(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}), "1")
