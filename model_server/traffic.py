@@ -42,6 +42,13 @@ MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RESERVED_ROUTES = frozenset({"route", "version", "mirror", "probe"})
 PINNED_PREFIX = "pinned-v"  # the VirtualService's routes of requests naming their version: no rule's name
+UNRULED_HEADERS = {  # headers a rule may not match on: the server and Istio would route them apart
+    "host": "Envoy holds the Host header as :authority, so Istio's header match on it never matches",
+    "x-model-version": (
+        "it names the version a request wants, served ahead of every rule (a value that is no version is "
+        "refused), while Istio pins only the deployed versions' numbers and lets other values reach the rules"
+    ),
+}
 HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110's token)
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
@@ -334,11 +341,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
                 "give each header once"
             )
         named[name.lower()] = name
-        if name.lower() == "host":
-            raise PolicyError(
-                f"{w}: Envoy holds the Host header as :authority, so Istio's header match on it never "
-                "matches; route by another header"
-            )
+        if name.lower() in UNRULED_HEADERS:
+            raise PolicyError(f"{w}: {UNRULED_HEADERS[name.lower()]}; route by another header")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in MATCH_KINDS:
             raise PolicyError(f"{w} must be one of {{exact|prefix|regex: value}}")
         kind, value = next(iter(spec.items()))

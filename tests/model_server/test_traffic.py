@@ -295,6 +295,24 @@ def test_a_rule_on_the_host_header_is_refused():
         TrafficPolicy.from_dict(raw)
 
 
+def test_a_rule_on_x_model_version_is_refused():
+    """X-Model-Version names the version a request wants: the server serves it ahead of every rule
+    (a value that is no version is a 400), while Istio pins only the deployed versions' exact
+    numbers and lets any other value reach the rules. A rule on it routed {"prefix": "canary"} in
+    the cluster and answered 400 on one machine."""
+    raw = {
+        "route": [{"version": "1", "weight": 100}],
+        "rules": [
+            {
+                "match": {"headers": {"X-Model-Version": {"prefix": "canary"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+    }
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.match\.headers\.X-Model-Version: it names the version"):
+        TrafficPolicy.from_dict(raw)
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
