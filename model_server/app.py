@@ -154,6 +154,18 @@ def header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode("latin-1"): header_text(v) for k, v in reversed(headers)}
 
 
+def rule_headers(headers: list[tuple[bytes, bytes]], first: Mapping[str, str]) -> dict[str, str] | None:
+    """The headers as Envoy's header matching sees them when a name is sent more than once (its
+    values joined by ',', in order), for the traffic policy's rules; None when none repeats
+    (``first``, ``header_dict``'s, is what they see)."""
+    if len(first) == len(headers):
+        return None
+    joined: dict[str, list[str]] = {}
+    for k, v in headers:
+        joined.setdefault(k.decode("latin-1"), []).append(header_text(v))
+    return {k: ",".join(values) for k, values in joined.items()}
+
+
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
     """An ASGI request body as it arrives."""
     while True:
@@ -422,6 +434,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 started,
                 shadow_copy=is_shadow_host(headers.get("host")),
                 probe=probe,
+                rule_headers=rule_headers(raw_headers, headers),
             )
             body = await read(headers)
             result = await dataplane.infer(model, version, body, ctx, headers.get(HEADER_LENGTH.lower()))

@@ -52,6 +52,9 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)  # its latency counts from here
     shadow_copy: bool = False  # a copy made by Istio's mirror
     probe: bool = False  # the rollout's masking probe (the transport checked the admin token)
+    # What header rules match when a header came more than once: its values joined by ',', as
+    # Envoy matches them (None: ``headers``).
+    rule_headers: Mapping[str, str] | None = None
 
 
 class Route(NamedTuple):
@@ -237,8 +240,9 @@ class DataPlane:
 
     def route(self, model: str, version: str | None, ctx: RequestContext) -> Route:
         """The version a client named (``version``, else X-Model-Version), else the traffic
-        policy's choice: its header rules, then its weighted route by the sticky hash of
-        X-User-ID (else of the client's address). A shadow copy goes to the policy's mirror."""
+        policy's choice: its header rules (a header sent more than once matched as its values
+        joined by ',', as Envoy does), then its weighted route by the sticky hash of X-User-ID
+        (else of the client's address). A shadow copy goes to the policy's mirror."""
         headers = ctx.headers
         version = version or headers.get("x-model-version")
         decided = "version" if version else "route"
@@ -248,7 +252,7 @@ class DataPlane:
             if version is None and policy is not None and policy.mirror is not None:
                 version = policy.mirror.version
         elif version is None and policy is not None:
-            version, decided = policy.choose(headers, headers.get("x-user-id") or ctx.client)
+            version, decided = policy.choose(ctx.rule_headers or headers, headers.get("x-user-id") or ctx.client)
         return Route(version, decided, policy)
 
     async def infer(

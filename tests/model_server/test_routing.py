@@ -73,6 +73,42 @@ def test_header_rule_version_header_and_versioned_path_override(routed, digit_im
     assert routed.metric("model_server_routed_requests_total", model="digits", version="3", decided_by="acme") == 1
 
 
+def test_a_header_sent_twice_matches_rules_as_envoy_matches_it(routed, digit_images):
+    """Envoy matches a header sent more than once as one string, its values joined by ','. The
+    server matched the first alone: X-Tenant acme and X-Tenant beta took the acme rule's version
+    here and the default route in the cluster."""
+    import http.client
+
+    policy = {
+        **SPLIT,
+        "rules": [
+            {"name": "acme", "match": {"headers": {"x-tenant": {"exact": "acme"}}}, "route": [{"version": "3"}]},
+            {"name": "both", "match": {"headers": {"x-tenant": {"exact": "acme,beta"}}}, "route": [{"version": "1"}]},
+        ],
+    }
+    assert put_policy(routed, policy).status_code == 200
+    request = infer(routed, digit_images[0][0], {"X-Tenant": "acme"}).request
+    assert request.headers["X-Tenant"] == "acme"
+    host, port = routed.http.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("POST", "/v2/models/digits/infer")
+        for name, value in request.headers.items():
+            if name.lower() not in ("x-tenant", "content-length"):
+                conn.putheader(name, value)
+        conn.putheader("X-Tenant", "acme")
+        conn.putheader("X-Tenant", "beta")
+        conn.putheader("Content-Length", str(len(request.body)))
+        conn.endheaders(request.body)
+        r = conn.getresponse()
+        r.read()
+    finally:
+        conn.close()
+    assert r.status == 200
+    assert r.getheader("X-Model-Version") == "1"  # the rule on "acme,beta", as Envoy's
+    assert routed.metric("model_server_routed_requests_total", model="digits", version="1", decided_by="both") == 1
+
+
 def test_request_id_and_trace_context_are_kept(routed, digit_images):
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     r = infer(
