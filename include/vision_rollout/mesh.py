@@ -179,7 +179,8 @@ class IstioTarget:
 
 def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions: Iterable[str] = ()) -> dict[str, Any]:
     """The policy as a VirtualService, after one pinned route per deployed version (``versions``,
-    the DestinationRule's subsets)."""
+    the DestinationRule's subsets). Envoy picks among a route's weighted destinations per request:
+    the sticky assignment of the model server's router (a user's bucket) has no equivalent here."""
 
     def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
         return [
