@@ -9,7 +9,7 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   when any entry of its ``match`` list does (or it has none), an entry when all its
   conditions do. No ``if`` chains: each condition is a ``map`` to 1/0 (an anchored,
   case-sensitive regex, literal values escaped: nginx compares ``map`` strings without case,
-  and ``exact`` must stay exact); an entry's conditions are concatenated and mapped again
+  and ``exact`` must stay exact; a ``regex`` reads UTF-8 characters, as RE2); an entry's conditions are concatenated and mapped again
   (AND); a chain of maps, one per route, picks the first route with any entry matched (OR,
   first match).
 - A route's weighted destinations are a ``split_clients`` on the request id: random per
@@ -174,7 +174,9 @@ def _string_match(raw: Any, where: str, header: bool) -> str:
             raise ValueError(
                 f"{where}.regex {value!r} matches an empty value: nginx cannot tell it from a missing header"
             )
-        return f"^(?:{value})$"
+        # PCRE reads bytes; (*UTF) reads characters, as RE2 does (a value that is not UTF-8 then
+        # matches no regex, and nginx logs an alert for the request).
+        return f"(*UTF)^(?:{value})$"
     if header and value == "":
         raise ValueError(f"{where}.{kind} is empty: nginx cannot tell an empty header from a missing one")
     return f"^{re.escape(value)}" + ("$" if kind == "exact" else "")
@@ -804,7 +806,8 @@ class NginxDataPlane:
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + self.wait_s
         while not _children(pid) - old_workers:  # new workers: the new configuration serves
-            failed = re.search(r"\[(emerg|alert)\][^\n]*", self._log_tail(log_size))  # e.g. a port taken
+            # e.g. a port taken; not a request's alert (a header that is not UTF-8, for a regex)
+            failed = re.search(r"\[(emerg|alert)\](?![^\n]*, client: )[^\n]*", self._log_tail(log_size))
             why = failed.group(0) if failed else "nginx exited" if self.pid is None else None
             if why is None and time.monotonic() > deadline:
                 why = f"no new workers after {self.wait_s:g} s"

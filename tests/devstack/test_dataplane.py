@@ -266,6 +266,22 @@ def test_header_rules_match_exactly_by_prefix_or_by_full_regex(nginx, pods):
 
 
 @pytest.mark.integration
+def test_a_regex_rule_matches_characters_as_envoys_re2_does(nginx, pods):
+    """Envoy's RE2 reads a header as UTF-8, so "caf." matches "café" (as the model server's RE2);
+    nginx's PCRE read bytes, the "é" two of them, and sent the request to the default route."""
+    for name, version in (("v1", "1"), ("v2", "2")):
+        pods.add(name, version)
+    rules = [{"name": "dot", "match": {"headers": {"x-user": {"regex": "caf.[0-9]"}}}, "route": [{"version": "2"}]}]
+    raw = {"rules": rules, "route": [{"version": "1"}]}
+    port, _ = serve(nginx, pods, *istio(raw, ["1", "2"]))
+    for value in ("café7", "cafe7", "caf\u65e57"):
+        assert policy(raw).choose({"x-user": value}, "u")[0] == "2"
+        assert call(port, headers={"X-User": value.encode()}).pod == "v2", value
+    assert call(port, headers={"X-User": "café77".encode()}).pod == "v1"
+    assert call(port, headers={"X-User": b"caf\xe97"}).status == 200  # not UTF-8: still answered
+
+
+@pytest.mark.integration
 def test_pinned_routes_send_a_request_naming_its_version_to_that_version(nginx, pods):
     pods.add("v1", "1")
     pods.add("v2", "2")
