@@ -10,8 +10,8 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   conditions do. No ``if`` chains: each condition is a ``map`` to 1/0 (an anchored,
   case-sensitive regex, literal values escaped: nginx compares ``map`` strings without case,
   and ``exact`` must stay exact; a ``regex`` reads UTF-8 characters, as RE2); an entry's conditions are concatenated and mapped again
-  (AND); a chain of maps, one per route, picks the first route with any entry matched (OR,
-  first match).
+  (AND); a route's entries are mapped to its one flag (OR), and one map over every route's
+  flag, in order, picks the first route matched (first match).
 - A route's weighted destinations are a ``split_clients`` on the request id: random per
   request. A destination is an Envoy cluster: the Service's pods (``app=<service>``)
   narrowed to the DestinationRule subset's labels, an nginx ``upstream`` of the ready ones.
@@ -374,7 +374,8 @@ def _render_virtual_service(
     """One VirtualService's maps; the expression of its chosen route's index; and per route
     (index, name, primary cluster expression, mirror cluster expression)."""
     lines: list[str] = []
-    chain: list[tuple[int, str]] = []  # (route index, its entries' concatenation)
+    flags: list[tuple[int, str]] = []  # (route index, its variable: 1 when any entry matched)
+    fallback = _EMPTY  # the index of a route without conditions: it takes what none before matched
     chosen: list[tuple[int, str, str, str]] = []
     for j, route in enumerate(routes):
         prefix = f"vs{i}_r{j}"
@@ -401,20 +402,26 @@ def _render_virtual_service(
                 lines.append("}")
                 mirror = f"${prefix}_mirror"
         chosen.append((j, route.name, primary, mirror))
-        chain.append((j, "".join(entries)))
         if route.matches is None:
+            fallback = str(j)
             break  # matches everything: later routes are never reached
-    # First match: the chain's element j answers j when any entry of route j matched, else
-    # asks element j+1; a route without conditions ends the chain.
-    head, links = '""', []
-    for j, any_entry in reversed(chain):
-        if not any_entry:
-            head = str(j)
-            continue
-        links.append(f'map "{any_entry}" $vs{i}_from{j} {{ "~1" {j}; default {head}; }}')
-        head = f"$vs{i}_from{j}"
-    lines += ["# the first route that matches", *reversed(links)]
-    return lines, head, chosen
+        if len(entries) == 1:
+            flags.append((j, entries[0]))
+        else:  # any entry: one of them mapped to 1
+            lines.append(f'map "{"".join(entries)}" ${prefix}_any {{ "~1" 1; default 0; }}')
+            flags.append((j, f"${prefix}_any"))
+    if not flags:
+        return lines, fallback, chosen
+    # First match: one map over every route's flag, in order, answers the index of the first 1.
+    # (Not a chain of maps each asking the next: nginx evaluates variables at most 100 deep.)
+    lines += [
+        "# the first route that matches",
+        f'map "{"".join(flag for _, flag in flags)}" $vs{i}_route {{',
+        *(f'    "~^{f"0{{{k}}}" if k else ""}1" {j};' for k, (j, _) in enumerate(flags)),
+        f"    default {fallback};",
+        "}",
+    ]
+    return lines, f"$vs{i}_route", chosen
 
 
 def render_nginx(

@@ -583,6 +583,22 @@ def test_an_object_the_data_plane_cannot_reproduce_is_refused_while_the_old_one_
     assert call(port).pod == "v1"
 
 
+@pytest.mark.integration
+def test_a_request_no_rule_matches_takes_the_default_route_behind_many_rules(nginx, pods):
+    """The first matching route was a chain of maps, each asking the next: nginx evaluates
+    variables at most 100 deep ("cycle while evaluating variable"), so behind about 95 rules a
+    request that matched none of them got 404 (no route) instead of the default route's version."""
+    pods.add("v1", "1")
+    pods.add("v2", "2")
+    rules = [{"match": {"headers": {"x-tenant": {"exact": f"t{i}"}}}, "route": [{"version": "2"}]} for i in range(200)]
+    port, _ = serve(nginx, pods, *istio({"rules": rules, "route": [{"version": "1"}]}, ["1", "2"]))
+    assert call(port, headers={"X-Tenant": "t0"}).pod == "v2"
+    assert call(port, headers={"X-Tenant": "t199"}).pod == "v2"
+    assert call(port, headers={"X-Tenant": "other"}).pod == "v1"
+    assert call(port).pod == "v1"
+    assert "cycle while evaluating" not in nginx.error_log.read_text()
+
+
 # -- what is refused (no nginx needed) ---------------------------------------------------
 
 
