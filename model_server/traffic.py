@@ -35,7 +35,8 @@ MIN_MIRROR_PERCENT = 100 / BUCKETS  # the mirror samples request ids one bucket 
 MATCH_KINDS = ("exact", "prefix", "regex")
 NON_EMPTY_MATCH_KINDS = ("prefix", "regex")  # Istio's validation refuses them empty
 RE2_MAX_PROGRAM_SIZE = 32768  # re2.max_program_size.error_level in Istio's Envoy bootstrap
-MAX_REGEX_CHARS = 1024
+MAX_VALUE_CHARS = 1024  # a rule's value to match: exact, prefix or regex (Istio's bound on a regex)
+MAX_REGEX_CHARS = MAX_VALUE_CHARS
 MAX_RULES = 256  # header rules a policy: each compiled once and tried in order on every routed request
 MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
 # A rule's name labels its requests in the log and the metrics, beside these routes of the server's own.
@@ -348,6 +349,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         kind, value = next(iter(spec.items()))
         if not isinstance(value, str):
             raise PolicyError(f"{w}.{kind} must be a string")
+        if len(value) > MAX_VALUE_CHARS:
+            raise PolicyError(f"{w}.{kind} is {len(value)} characters long; at most {MAX_VALUE_CHARS}")
         if not value and kind in NON_EMPTY_MATCH_KINDS:
             raise PolicyError(
                 f"{w}.{kind} is empty, which Istio refuses (and Envoy, for a prefix); to match any non-empty "

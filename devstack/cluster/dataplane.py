@@ -55,16 +55,17 @@ from pathlib import Path
 from typing import Any
 
 from model_server.errors import PolicyError
-from model_server.traffic import compile_rule_regex
+from model_server.traffic import MAX_RULE_HEADERS, MAX_RULES, MAX_VALUE_CHARS, compile_rule_regex
 
+# At least what a traffic policy may hold, rendered: its rules, a pinned route per subset and the
+# default route; its headers a rule; a destination per subset.
 MAX_VIRTUAL_SERVICES = 64
-MAX_ROUTES = 256  # http routes per VirtualService
-MAX_MATCHES = 64  # match entries per route
-MAX_HEADERS = 16  # header conditions per match entry
-MAX_DESTINATIONS = 16  # weighted destinations per route
 MAX_SUBSETS = 64  # per DestinationRule
+MAX_ROUTES = MAX_RULES + MAX_SUBSETS + 1  # http routes per VirtualService
+MAX_MATCHES = 64  # match entries per route
+MAX_HEADERS = MAX_RULE_HEADERS  # header conditions per match entry
+MAX_DESTINATIONS = MAX_SUBSETS  # weighted destinations per route
 MAX_ENDPOINTS = 256  # ready pods per subset
-MAX_VALUE_CHARS = 1024  # an exact or prefix value (regexes: model_server.traffic.MAX_REGEX_CHARS)
 
 Endpoints = Callable[[str, dict[str, str]], list[str]]  # (namespace, labels) -> ready pods' host:port
 

@@ -21,10 +21,18 @@ from typing import Any
 
 import pytest
 
-from devstack.cluster.dataplane import DataPlaneError, NginxDataPlane, find_nginx, render_accepted, render_nginx
+from devstack.cluster.dataplane import (
+    MAX_HEADERS,
+    MAX_ROUTES,
+    DataPlaneError,
+    NginxDataPlane,
+    find_nginx,
+    render_accepted,
+    render_nginx,
+)
 from devstack.processes import free_port
 from model_server.app import is_shadow_host
-from model_server.traffic import TrafficPolicy
+from model_server.traffic import PolicyError, TrafficPolicy
 from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
 
 NGINX = find_nginx()
@@ -599,6 +607,35 @@ def test_a_request_no_rule_matches_takes_the_default_route_behind_many_rules(ngi
     assert "cycle while evaluating" not in nginx.error_log.read_text()
 
 
+@pytest.mark.integration
+def test_a_policy_at_the_policys_limits_is_served(nginx, pods):
+    """The model server and Istio take 256 rules, 64 headers a rule and a route over 20 versions;
+    nginx refused more than 256 routes (the pinned routes and the default come with the rules), 16
+    headers and 16 destinations: a policy that routed in both was refused on the one-machine
+    cluster. The policy now bounds an exact or prefix value as it bounds a regex (1,024)."""
+    from model_server.traffic import MAX_RULE_HEADERS, MAX_RULES, MAX_VALUE_CHARS
+
+    versions = [str(v) for v in range(1, 21)]
+    for v in versions:
+        pods.add(f"v{v}", v)
+    value = "v" * MAX_VALUE_CHARS
+    rules = [
+        {"match": {"headers": {"x-tenant": {"exact": f"t{i}"}}}, "route": [{"version": "2"}]}
+        for i in range(MAX_RULES - 1)
+    ]
+    many = {f"x-h{i}": {"prefix": "a"} for i in range(MAX_RULE_HEADERS - 1)}
+    rules.append({"match": {"headers": {"x-long": {"exact": value}, **many}}, "route": [{"version": "3"}]})
+    raw = {"rules": rules, "route": [{"version": v, "weight": 5} for v in versions]}
+    port, _ = serve(nginx, pods, *istio(raw, versions))
+    assert call(port, headers={"X-Tenant": "t254"}).pod == "v2"
+    headers = {"X-Long": value, **{f"X-H{i}": "ab" for i in range(MAX_RULE_HEADERS - 1)}}
+    assert call(port, headers=headers).pod == "v3"
+    assert {call(port).pod for _ in range(60)} <= {f"v{v}" for v in versions}
+    too_long = {**rules[-1], "match": {"headers": {"x-long": {"exact": value + "v"}}}}
+    with pytest.raises(PolicyError, match=r"x-long\.exact is 1025 characters long; at most 1024"):
+        policy({"rules": [too_long], "route": raw["route"]})
+
+
 # -- what is refused (no nginx needed) ---------------------------------------------------
 
 
@@ -633,17 +670,17 @@ def test_a_request_no_rule_matches_takes_the_default_route_behind_many_rules(ngi
         ),
         (
             lambda vs: vs["spec"]["http"][1]["match"][0]["headers"].update(
-                {f"h{i}": {"exact": "a"} for i in range(16)}
+                {f"h{i}": {"exact": "a"} for i in range(MAX_HEADERS)}
             ),
-            r"at most 16 headers",
+            rf"at most {MAX_HEADERS} headers",
         ),
         (
             lambda vs: vs["spec"]["http"][1]["match"].extend([{"uri": {"prefix": "/"}}] * 64),
             r"match must be a list of 1 to 64",
         ),
         (
-            lambda vs: vs["spec"]["http"].extend([vs["spec"]["http"][1]] * 256),
-            r"spec.http must be a list of 1 to 256 routes",
+            lambda vs: vs["spec"]["http"].extend([vs["spec"]["http"][1]] * MAX_ROUTES),
+            rf"spec.http must be a list of 1 to {MAX_ROUTES} routes",
         ),
         (lambda vs: vs["spec"]["http"][1].update(name="a$b"), r"route 'a\$b' .*name must be"),
         (
