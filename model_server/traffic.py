@@ -314,6 +314,16 @@ def _parse_route(raw: Any, where: str) -> tuple[Destination, ...]:
     return tuple(sorted(dests, key=lambda d: int(d.version)))
 
 
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a rule's value or name (no request carries it, and a lone
+    surrogate, which JSON can write, is no text RE2 or YAML can take), or None."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return "is not Unicode text (it holds a lone surrogate)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        return "holds a control character, which no request carries"
+    return None
+
+
 def _parse_rule(raw: Any, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where} must be an object with match and route")
@@ -351,6 +361,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
             raise PolicyError(f"{w}.{kind} must be a string")
         if len(value) > MAX_VALUE_CHARS:
             raise PolicyError(f"{w}.{kind} is {len(value)} characters long; at most {MAX_VALUE_CHARS}")
+        if (problem := _text_problem(value)) is not None:
+            raise PolicyError(f"{w}.{kind} {problem}")
         if not value and kind in NON_EMPTY_MATCH_KINDS:
             raise PolicyError(
                 f"{w}.{kind} is empty, which Istio refuses (and Envoy, for a prefix); to match any non-empty "

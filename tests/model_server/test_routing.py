@@ -148,6 +148,13 @@ def test_request_id_and_trace_context_are_kept(routed, digit_images):
         ),
         ({"route": [{"version": "\u00b2", "weight": 100}]}, "version must be a positive integer"),
         ({"route": [{"version": "\u0661", "weight": 100}]}, "version must be a positive integer"),
+        (  # a lone surrogate (JSON's "\\ud800"): a 500, RE2 cannot encode it
+            {
+                "route": [{"version": "1"}],
+                "rules": [{"match": {"headers": {"x": {"regex": "a\ud800"}}}, "route": [{"version": "2"}]}],
+            },
+            "rules[0].match.headers.x.regex is not Unicode text",
+        ),
     ],
 )
 def test_invalid_policies_get_400_and_change_nothing(routed, policy, needle):

@@ -313,6 +313,29 @@ def test_a_rule_on_x_model_version_is_refused():
         TrafficPolicy.from_dict(raw)
 
 
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [
+        ({"headers": {"x": {"exact": "a\x00b"}}}, r"headers\.x\.exact holds a control character"),
+        ({"headers": {"x": {"prefix": "a\nb"}}}, r"headers\.x\.prefix holds a control character"),
+        ({"headers": {"x": {"regex": "a\x7f"}}}, r"headers\.x\.regex holds a control character"),
+        ({"headers": {"x": {"regex": "a\ud800"}}}, r"headers\.x\.regex is not Unicode text"),
+        ({"headers": {"x": {"exact": "\udfff"}}}, r"headers\.x\.exact is not Unicode text"),
+    ],
+)
+def test_a_value_no_request_can_carry_is_refused(rule, needle):
+    """A lone surrogate (JSON's "\\ud800") in a regex was a UnicodeEncodeError out of the parser
+    (a 500 on the admin API); in an exact value, or a control character in any value, it made a
+    rule no request can match, which the one-machine cluster's nginx refuses and Istio takes."""
+    raw = {"route": [{"version": "1"}], "rules": [{"match": rule, "route": [{"version": "2"}]}]}
+    with pytest.raises(PolicyError, match=needle):
+        TrafficPolicy.from_dict(raw)
+    raw["rules"][0]["match"] = {"headers": {"x": {"exact": "a"}}}
+    raw["rules"][0]["name"] = "a\ud800"
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.name must be 1 to 63 letters"):
+        TrafficPolicy.from_dict(raw)
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
