@@ -301,6 +301,8 @@ def _parse_route(raw: Any, where: str) -> tuple[Destination, ...]:
     for i, d in enumerate(raw):
         if not isinstance(d, dict):
             raise PolicyError(f"{where}[{i}] must be an object with version and weight")
+        if unknown := sorted(set(d) - {"version", "weight"}):
+            raise PolicyError(f"{where}[{i}]: unknown field(s) {unknown}; allowed: version, weight")
         weight = d.get("weight", 100 if len(raw) == 1 else None)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
             raise PolicyError(f"{where}[{i}].weight must be an integer 0..100, got {weight!r}")
@@ -387,6 +389,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
 def _parse_mirror(raw: Any) -> Mirror:
     if not isinstance(raw, dict):
         raise PolicyError("mirror must be an object {version, percent}")
+    if unknown := sorted(set(raw) - {"version", "percent"}):
+        raise PolicyError(f"mirror: unknown field(s) {unknown}; allowed: version, percent")
     percent = raw.get("percent", 100)
     if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent <= 100:
         raise PolicyError(f"mirror.percent must be a number 0..100, got {percent!r}")

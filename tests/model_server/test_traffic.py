@@ -336,6 +336,23 @@ def test_a_value_no_request_can_carry_is_refused(rule, needle):
         TrafficPolicy.from_dict(raw)
 
 
+def test_a_misspelt_field_of_a_destination_or_the_mirror_is_refused():
+    """{"mirror": {"version": "2", "percnt": 5}} mirrored 100% (the percent's default) and a
+    destination's "wieght" was dropped without a word, though the policy's JSON schema refuses
+    both (additionalProperties false) and a rule's or the policy's unknown fields are refused."""
+    import jsonschema
+
+    route = [{"version": "1", "weight": 95}, {"version": "2", "weight": 5}]
+    for raw, needle in (
+        ({"route": route, "mirror": {"version": "2", "percnt": 5}}, r"mirror: unknown field\(s\) \['percnt'\]"),
+        ({"route": [{"version": "2", "wieght": 5}]}, r"route\[0\]: unknown field\(s\) \['wieght'\]"),
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(raw, TrafficPolicy.json_schema())
+        with pytest.raises(PolicyError, match=needle):
+            TrafficPolicy.from_dict(raw)
+
+
 def test_a_regex_rule_takes_time_linear_in_the_header():
     """Python's backtracking re takes exponential time on (a+)+$ against a run of a's ending in
     b (40 characters pinned a server at 100% CPU; on backtracking this test would not end within
