@@ -10,7 +10,8 @@ returns the objects. ``problems(objects)`` names every object that a cluster of 
   ``kubernetes-validate`` ships, generated from Kubernetes' published OpenAPI documents;
 - Istio's kinds against the ``openAPIV3Schema`` of their v1 version in Istio's own CRDs,
   vendored verbatim in ``deploy/istio/crds.yaml`` (the CEL rules of ``x-kubernetes-validations``
-  are not evaluated here);
+  are not evaluated here), and a VirtualService's matches as istiod's admission webhook checks
+  them besides (``vision_rollout.mesh.admission_problem``);
 - the prometheus-operator's ``PodMonitor`` with the validator that npm's
   ``@kubernetes-models/prometheus-operator`` generates from the operator's Go types
   (``devstack/node``, run with node; it allows unknown fields);
@@ -35,6 +36,7 @@ import jsonschema
 import yaml
 
 from devstack.processes import ROOT
+from vision_rollout.mesh import admission_problem
 
 __all__ = ["DEPLOY", "ROOT", "ManifestError", "airflow_user", "helm_values", "problems", "render", "scrape_job"]
 
@@ -132,7 +134,7 @@ def _istio(obj: dict[str, Any], schema: dict[str, Any]) -> str | None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path)
         return f"invalid at {where or '(root)'}: {exc.message}"
-    return None
+    return admission_problem(obj)
 
 
 def _operator(objects: list[dict[str, Any]]) -> list[str | None]:

@@ -106,7 +106,8 @@ def istio_schemas() -> dict[str, Any]:
 
 
 def validate_istio(obj: dict[str, Any]) -> None:
-    """Raise RouterError unless ``obj`` is valid against Istio's v1 CRD schema for its kind."""
+    """Raise RouterError unless ``obj`` is valid against Istio's v1 CRD schema for its kind, and
+    passes what istiod's admission webhook checks besides (``admission_problem``)."""
     kind = obj.get("kind")
     schemas = istio_schemas()
     if kind not in schemas or obj.get("apiVersion") != f"{schemas[kind]['group']}/v1":
@@ -118,6 +119,34 @@ def validate_istio(obj: dict[str, Any]) -> None:
         raise RouterError(
             f"{kind} {obj['metadata'].get('name')}: invalid at {where or '(root)'}: {exc.message}"
         ) from None
+    problem = admission_problem(obj)
+    if problem:
+        raise RouterError(f"{kind} {obj['metadata'].get('name')}: {problem}")
+
+
+# A header name in a VirtualService's match, as istiod's validating webhook takes it (its
+# validHeaderRegex): narrower than HTTP's token, which the traffic policy takes.
+ISTIO_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+")
+
+
+def admission_problem(obj: dict[str, Any]) -> str | None:
+    """What istiod's validating webhook refuses in a schema-valid VirtualService's HTTP matches
+    (``invalid at <path>: <why>``), None if nothing: a header name outside ``[-_A-Za-z0-9]+``,
+    an empty ``prefix`` or ``regex`` for its value (the model server's router takes
+    them all, Istio does not)."""
+    if obj.get("kind") != "VirtualService":
+        return None
+    for i, route in enumerate((obj.get("spec") or {}).get("http") or []):
+        for j, match in enumerate(route.get("match") or []):
+            for part in ("headers", "withoutHeaders"):
+                for name, value in (match.get(part) or {}).items():
+                    where = f"spec/http/{i}/match/{j}/{part}/{name}"
+                    if not ISTIO_HEADER_NAME.fullmatch(name):
+                        return f"invalid at {where}: Istio takes header names of letters, digits, '-' and '_' only"
+                    empty = [k for k in ("prefix", "regex") if (value or {}).get(k) == ""]
+                    if empty:
+                        return f"invalid at {where}: Istio refuses an empty {empty[0]}"
+    return None
 
 
 def subset(version: str) -> str:

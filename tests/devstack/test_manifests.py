@@ -95,6 +95,18 @@ def test_a_broken_object_of_each_kind_is_refused_by_name(rendered, kind):
     assert found[0].startswith(manifests.name(target) + ": ")
 
 
+def test_a_virtual_service_istios_webhook_refuses_is_refused_though_its_schema_takes_it(rendered):
+    """istiod's validating webhook checks more than the CRD's schema: a match on a header name
+    outside [-_A-Za-z0-9]+, or on an empty regex, is refused at apply time."""
+    for header, match in (("x.team", {"exact": "a"}), ("x-team", {"regex": ""})):
+        objects = copy.deepcopy(rendered["production"])
+        vs = one(objects, "VirtualService")
+        vs["spec"]["http"][0]["match"][0]["headers"] = {header: match}
+        found = manifests.problems(objects)
+        assert len(found) == 1, found
+        assert found[0].startswith(f"VirtualService ml/digits: invalid at spec/http/0/match/0/headers/{header}: Istio ")
+
+
 def test_an_unknown_kind_is_refused_not_skipped():
     found = manifests.problems([{"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}])
     assert found == ["Widget w: no schema for example.com/v1 Widget in Kubernetes " + manifests.K8S_VERSION]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,36 @@ def test_rendered_objects_validate_and_read_back():
     bad["spec"]["http"][0]["match"][0]["headers"]["x-tenant"] = {"exact": 3}
     with pytest.raises(RouterError, match="invalid at spec/http/0/match/0/headers/x-tenant"):
         validate_istio(bad)
+
+
+@pytest.mark.parametrize(
+    ("header", "match", "words"),
+    [
+        ("x.team", {"exact": "a"}, "x.team: Istio takes header names of letters, digits, '-' and '_' only"),
+        ("x~team", {"exact": "a"}, "x~team: Istio takes header names"),
+        ("x-team", {"prefix": ""}, "x-team: Istio refuses an empty prefix"),
+        ("x-team", {"regex": ""}, "x-team: Istio refuses an empty regex"),
+    ],
+)
+def test_a_rule_istios_admission_webhook_refuses_is_refused_before_the_apply(header, match, words):
+    """The traffic policy takes any HTTP header name and an empty prefix or regex (the model
+    server's router matches them), Istio's CRD schema too; istiod's validating webhook refuses
+    them, so the apply would fail at the API server. The rendering is refused first, naming
+    the match."""
+    policy = TrafficPolicy.from_dict(
+        {
+            "rules": [{"match": {"headers": {header: match}}, "route": [{"version": "2", "weight": 100}]}],
+            "route": [{"version": "1", "weight": 100}],
+        }
+    )
+    with pytest.raises(
+        RouterError, match=rf"VirtualService digits: invalid at spec/http/0/match/0/headers/{re.escape(words)}"
+    ):
+        validate_istio(render_virtual_service(TARGET, policy))
+    empty_exact = {"rules": [{"match": {"headers": {"x-team": {"exact": ""}}}, "route": [{"version": "2"}]}]}
+    validate_istio(
+        render_virtual_service(TARGET, TrafficPolicy.from_dict({**empty_exact, "route": [{"version": "1"}]}))
+    )
 
 
 def overlay(fake: FakeKubeAPI) -> None:
