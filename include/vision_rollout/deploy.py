@@ -5,9 +5,9 @@ the artifact's digest, ``docker/Dockerfile.model-server``), serving that version
 MODEL:VERSION``: ready once it is loaded and warmed up), pod labels ``app=<service>`` (the
 Service's selector) and ``version=<N>`` (the DestinationRule subset's), a GPU per pod and the
 server's readiness probe, the admin API on a port of its own (8001, ``--admin-port``) that
-``render_service``'s Service leaves out, its token from a Secret. ``VersionDeployments`` applies it server-side (field manager
-``model-rollout``), sizes it (``candidate_replicas`` per stage), waits for its pods to be ready,
-and scales a version to zero on rollback or retirement.
+``render_service``'s Service leaves out, its token a Secret's file. ``VersionDeployments``
+applies it server-side (field manager ``model-rollout``), sizes it (``candidate_replicas`` per
+stage), waits for its pods to be ready, and scales a version to zero on rollback or retirement.
 
 Who owns ``spec.replicas``: without autoscaling the rollout does (it re-applies its own
 Deployment with the new count, so one field manager keeps the whole object); with
@@ -94,11 +94,13 @@ def render_deployment(
 
     What a pod needs for the rollout's evidence: ``--prediction-log`` (the settings' URI, in
     production ``s3://...``, which the Airflow workers read too), the object store's
-    credentials as ``AWS_*`` variables from ``build.storage_secret`` (when set), and two keys
-    every replica must share, from Secrets mounted read-only: the feedback key (a label's token
-    issued by one pod is checked by another: ``build.feedback_secret``, key ``key``) and the
-    masking keys (the same value masks to the same token in every pod's records, and a log on
-    object storage needs them: ``build.mask_secret``, key ``mask-keys.json``).
+    credentials as ``AWS_*`` variables from ``build.storage_secret`` (when set), the admin token
+    (``build.admin_secret``, key ``token``: a file, as the keys, not a variable that every child
+    process and ``/proc/<pid>/environ`` would hold), and two keys every replica must share, from
+    Secrets mounted read-only: the feedback key (a label's token issued by one pod is checked by
+    another: ``build.feedback_secret``, key ``key``) and the masking keys (the same value masks
+    to the same token in every pod's records, and a log on object storage needs them:
+    ``build.mask_secret``, key ``mask-keys.json``).
 
     What a production pod needs besides (``deploy/base`` holds version 1's Deployment as this
     renders it): a non-root user with no privilege escalation, no capabilities, the runtime's
@@ -117,6 +119,7 @@ def render_deployment(
     drain = math.ceil(build.drain_seconds)
     labels = {"app": target.service, "version": version}
     secrets = [  # (volume, Secret, key, flag): read-only files the server is pointed at
+        ("admin-token", build.admin_secret, ADMIN_TOKEN_KEY, "--admin-token-file"),
         ("feedback-key", build.feedback_secret, FEEDBACK_KEY, "--feedback-key-file"),
         ("mask-keys", build.mask_secret, MASK_KEYS, "--mask-keys"),
     ]
@@ -130,13 +133,6 @@ def render_deployment(
             *("--admin-port", str(ADMIN_PORT)),
             *(("--prediction-log", prediction_log) if prediction_log else ()),
             *(arg for volume, _, key, flag in secrets for arg in (flag, f"{SECRETS_DIR}/{volume}/{key}")),
-        ],
-        # The server reads its admin token from this variable; a Secret, never the manifest.
-        "env": [
-            {
-                "name": "MODEL_SERVER_ADMIN_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": build.admin_secret, "key": ADMIN_TOKEN_KEY}},
-            }
         ],
         "volumeMounts": [
             {"name": "state", "mountPath": "/state"},

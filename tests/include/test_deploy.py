@@ -141,3 +141,27 @@ def test_wait_ready_counts_no_pod_of_an_older_template():
         versions.wait_ready("2", 1, timeout_s=0, every_s=0)
     finally:
         api.stop()
+
+
+def test_every_secret_reaches_the_server_as_a_read_only_file():
+    """The admin token, as the feedback and masking keys: a file of its Secret mounted read-only,
+    which the server is pointed at (--admin-token-file), never an environment variable, which
+    every child process, ``/proc/<pid>/environ`` and ``kubectl exec env`` would show."""
+    from model_server.__main__ import parse_args
+
+    pod = render_deployment(TARGET, "digits", "2", "img:1")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert not [e for e in container.get("env") or [] if "valueFrom" in e]
+    args = parse_args(container["args"])
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, secret, key in (
+        (args.admin_token_file, "model-server-admin", "token"),
+        (args.feedback_key_file, "model-server-feedback", "key"),
+        (args.mask_keys, "model-server-masking", "mask-keys.json"),
+    ):
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        source = volumes[mount["name"]]["secret"]
+        assert (source["secretName"], source["items"]) == (secret, [{"key": key, "path": path.name}])
+        assert source["defaultMode"] == 0o440

@@ -219,16 +219,17 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
 
     args = parse_args(container["args"])
     assert args.serve == ["digits:2"]  # the server's own parser takes them
-    # The admin API on a port of its own, which the Service leaves out; its token from a Secret.
+    # The admin API on a port of its own, which the Service leaves out; its token a Secret's file.
     assert args.admin_port == 8001
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "admin": 8001}
     assert container["readinessProbe"]["httpGet"]["port"] == 8000
-    assert container["env"] == [
-        {
-            "name": "MODEL_SERVER_ADMIN_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": "model-server-admin", "key": "token"}},
-        }
+    assert str(args.admin_token_file) == "/etc/model-server/admin-token/token"
+    assert {"name": "admin-token", "mountPath": "/etc/model-server/admin-token", "readOnly": True} in container[
+        "volumeMounts"
     ]
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in pod["spec"]["volumes"]}["admin-token"] == (
+        "model-server-admin"
+    )
     assert kube.writes()[-1]["content_type"] == "application/apply-patch+yaml"
     assert kube.writes()[-1]["query"]["fieldManager"] == ["model-rollout"]
 
@@ -244,7 +245,7 @@ def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_o
         pod["nodeSelector"] = {"gpu": "h100"}
         (container,) = pod["containers"]
         container["resources"]["requests"]["cpu"] = "6"
-        container["env"].append({"name": "OMP_NUM_THREADS", "value": "4"})
+        container.setdefault("env", []).append({"name": "OMP_NUM_THREADS", "value": "4"})
         container["args"] += ["--max-body-mb", "16"]
 
     kube.touch("deployments", "models", "digits-v1", customise)
