@@ -103,9 +103,9 @@ def render_deployment(
     ``build.mask_secret``, key ``mask-keys.json``).
 
     What a production pod needs besides (``deploy/base`` holds version 1's Deployment as this
-    renders it): a non-root user with no privilege escalation, no capabilities, the runtime's
-    seccomp profile and a read-only root filesystem (``/tmp`` and ``/state`` are emptyDirs: Pod
-    Security's "restricted"); requests for CPU and memory (``build.cpu``, ``build.memory``) and
+    renders it): no Kubernetes API token, a non-root user with no privilege escalation, no
+    capabilities, the runtime's seccomp profile and a read-only root filesystem (``/tmp`` and
+    ``/state`` are emptyDirs: Pod Security's "restricted"); requests for CPU and memory (``build.cpu``, ``build.memory``) and
     the GPU with its usual taint tolerated; a liveness probe (the process answers), held off by a
     startup probe while the version loads, beside the readiness one (the version is loaded and
     warmed up); and a ``preStop`` wait of ``build.drain_seconds`` before SIGTERM, so that the
@@ -184,6 +184,8 @@ def render_deployment(
         "spec": {
             "containers": [container],
             "volumes": volumes,
+            # The server never calls the Kubernetes API: no ServiceAccount token in its pods.
+            "automountServiceAccountToken": False,
             # fsGroup: the Secrets' files are the image's user's group (it runs as 10001, not root).
             "securityContext": {
                 "runAsNonRoot": True,

@@ -165,3 +165,12 @@ def test_every_secret_reaches_the_server_as_a_read_only_file():
         source = volumes[mount["name"]]["secret"]
         assert (source["secretName"], source["items"]) == (secret, [{"key": key, "path": path.name}])
         assert source["defaultMode"] == 0o440
+
+
+def test_a_model_server_pod_holds_no_kubernetes_api_token():
+    """The server never calls the Kubernetes API: its pods mount no ServiceAccount token, so code
+    run through the server (an image decoder's or a model's flaw) finds no credential to the API
+    server. Istio's proxy has a token of its own (the injected istio-token volume)."""
+    pod = render_deployment(TARGET, "digits", "2", "img:1")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert round_trips(render_deployment(TARGET, "digits", "2", "img:1"), "V1Deployment")
