@@ -114,20 +114,38 @@ def unused(rules: list[dict[str, Any]], calls: list[Attributes]) -> list[tuple[s
 
 
 def bound_rules(objects: list[dict[str, Any]], user: str) -> dict[str, list[dict[str, Any]]]:
-    """namespace -> the rules of the Roles that RoleBindings among ``objects`` give ``user`` (a
-    ServiceAccount's user name, ``system:serviceaccount:<namespace>:<name>``)."""
-    roles = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in objects if o["kind"] == "Role"}
+    """namespace -> the rules that the bindings among ``objects`` give ``user`` (a ServiceAccount's
+    user name, ``system:serviceaccount:<namespace>:<name>``), by name or through a group the API
+    server puts it in (``system:serviceaccounts``, ``system:serviceaccounts:<namespace>``,
+    ``system:authenticated``): a RoleBinding's Role or ClusterRole in its namespace, a
+    ClusterRoleBinding's ClusterRole under ``"*"`` (every namespace). ValueError for a binding of
+    the user whose role is not among ``objects``: what it grants cannot be known here."""
+    account_namespace = user.split(":")[2] if user.startswith("system:serviceaccount:") else ""
+    groups = {"system:authenticated", "system:serviceaccounts", f"system:serviceaccounts:{account_namespace}"}
+    roles = {
+        (o["kind"], o["metadata"].get("namespace", "") if o["kind"] == "Role" else "", o["metadata"]["name"]): o
+        for o in objects
+        if o["kind"] in ("Role", "ClusterRole")
+    }
     out: dict[str, list[dict[str, Any]]] = {}
-    for binding in (o for o in objects if o["kind"] == "RoleBinding"):
-        namespace = binding["metadata"]["namespace"]
-        subjects = {
-            f"system:serviceaccount:{s.get('namespace', namespace)}:{s['name']}"
-            for s in binding.get("subjects", [])
-            if s["kind"] == "ServiceAccount"
-        }
+    for binding in (o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        namespace = binding["metadata"].get("namespace", "") if binding["kind"] == "RoleBinding" else "*"
+
+        def names(subject: dict[str, Any], namespace: str = namespace) -> bool:
+            if subject["kind"] == "ServiceAccount":
+                return f"system:serviceaccount:{subject.get('namespace', namespace)}:{subject['name']}" == user
+            return subject["name"] == user if subject["kind"] == "User" else subject["name"] in groups
+
+        if not any(names(s) for s in binding.get("subjects") or []):
+            continue
         ref = binding["roleRef"]
-        if user in subjects and ref["kind"] == "Role":
-            out.setdefault(namespace, []).extend(roles[(namespace, ref["name"])]["rules"])
+        role = roles.get((ref["kind"], namespace if ref["kind"] == "Role" else "", ref["name"]))
+        if role is None:
+            raise ValueError(
+                f"{binding['kind']} {binding['metadata']['name']} binds {ref['kind']} {ref['name']}, which is "
+                "not among the objects: what it grants cannot be checked"
+            )
+        out.setdefault(namespace, []).extend(role.get("rules") or [])
     return out
 
 

@@ -90,6 +90,45 @@ def test_the_workers_roles_in_deploy():
     assert rbac.bound_rules(manifests.render("production"), "system:serviceaccount:airflow:someone-else") == {}
 
 
+def test_every_binding_of_the_workers_counts_however_it_names_them():
+    """A RoleBinding of a ClusterRole, a ClusterRoleBinding (every namespace) and a binding of a
+    group the API server puts the ServiceAccount in grant it as a Role's RoleBinding does: none
+    is left out of what the least-privilege checks see, and a binding whose role is not among the
+    objects is refused rather than read as granting nothing."""
+
+    def binding(kind: str, role: tuple[str, str], subject: dict[str, str], namespace: str = "") -> dict[str, Any]:
+        meta = {"name": f"b-{len(subject['name'])}-{role[1]}", **({"namespace": namespace} if namespace else {})}
+        ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": role[0], "name": role[1]}
+        return {"kind": kind, "metadata": meta, "roleRef": ref, "subjects": [subject]}
+
+    def role(kind: str, name: str, verb: str, namespace: str = "") -> dict[str, Any]:
+        meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+        return {
+            "kind": kind,
+            "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": [verb]}],
+        }
+
+    account = {"kind": "ServiceAccount", "name": "airflow-worker", "namespace": "airflow"}
+    group = {"kind": "Group", "name": "system:serviceaccounts:airflow"}
+    objects = [
+        role("ClusterRole", "edit", "get"),
+        role("ClusterRole", "lister", "list"),
+        role("Role", "deleter", "delete", "ml"),
+        binding("RoleBinding", ("ClusterRole", "edit"), account, "ml"),
+        binding("ClusterRoleBinding", ("ClusterRole", "lister"), account),
+        binding("RoleBinding", ("Role", "deleter"), group, "ml"),
+    ]
+    rules = rbac.bound_rules(objects, WORKER_USER)
+    assert set(rules) == {"ml", "*"}
+    assert rbac.allowed(rules["ml"], call("GET", "/api/v1/namespaces/ml/secrets/s"))
+    assert rbac.allowed(rules["ml"], call("DELETE", "/api/v1/namespaces/ml/secrets/s"))
+    assert rbac.allowed(rules["*"], call("GET", "/api/v1/namespaces/other/secrets"))
+    assert rbac.bound_rules(objects, "system:serviceaccount:ml:other") == {}
+    with pytest.raises(ValueError, match="RoleBinding b-14-admin binds ClusterRole admin, which is not among"):
+        rbac.bound_rules([binding("RoleBinding", ("ClusterRole", "admin"), account, "ml")], WORKER_USER)
+
+
 DEPLOYMENT = "/apis/apps/v1/namespaces/ml/deployments/digits-v2"
 
 
