@@ -383,6 +383,24 @@ def test_each_airflow_component_that_calls_the_api_is_bound_to_what_it_calls(tmp
         assert sorted({str(c) for c in needed if not rbac.allowed(rules.get(c.namespace, []), c)}) == []
 
 
+@pytest.mark.parametrize("section", sorted(NAMESPACES))
+def test_no_airflow_component_holds_a_grant_its_part_does_not_call(tmp_path, section):
+    """The other way round: every verb on every resource the Roles give a component is one its
+    calls need, with and without autoscaling (the DAG processor's failure callback creates
+    nothing, so it holds no create)."""
+    user = manifests.airflow_user(section)
+    for objects, calls in (
+        (manifests.render("production"), CALLS[section]),
+        (with_autoscaling(tmp_path), CALLS[section] + CALLS.get(f"{section}+autoscaling", [])),
+    ):
+        needed = [c for r in calls for c in rbac.checks(r)]
+        unused = {
+            namespace: rbac.unused(rules, [c for c in needed if c.namespace == namespace])
+            for namespace, rules in rbac.bound_rules(objects, user).items()
+        }
+        assert unused == {namespace: [] for namespace in NAMESPACES[section]}
+
+
 def test_the_components_service_accounts_are_their_own():
     """One ServiceAccount per component, the workers' the one the one-machine cluster's API server
     issues the workers' token for: the triggerer holds exactly its part (it creates no build pod
