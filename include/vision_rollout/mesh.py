@@ -12,7 +12,8 @@ unknown backend; nothing falls back silently.
   kubernetes client: server-side apply with a field manager, a diff before every write, and
   a retry when the object changed underneath (409). What the platform set on the
   VirtualService beside the routes (a route's timeout, retries, fault or CORS policy; the
-  spec's other fields) is kept: the rollout moves destinations, weights and the mirror.
+  spec's other fields) is kept: the rollout moves destinations, weights and the mirror; and on
+  the DestinationRule beside the subsets (its traffic policy, a subset's own).
 """
 
 from __future__ import annotations
@@ -278,6 +279,15 @@ def with_platform_fields(rendered: dict[str, Any], live: dict[str, Any]) -> dict
     return {**{k: v for k, v in live.items() if k != "http"}, **rendered, "http": http}
 
 
+def with_platform_subsets(rendered: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``rendered`` (a DestinationRule spec) with what the platform set beside the subsets in
+    ``live``: the spec's other fields (``trafficPolicy``, ``exportTo``...), and on each subset the
+    fields the rollout does not set (its own ``trafficPolicy``), from the live subset of its name."""
+    subsets = {s.get("name"): s for s in live.get("subsets") or [] if isinstance(s, dict)}
+    merged = [{**subsets.get(s.get("name"), {}), **s} if isinstance(s, dict) else s for s in rendered["subsets"]]
+    return {**{k: v for k, v in live.items() if k != "subsets"}, **rendered, "subsets": merged}
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -404,10 +414,16 @@ class IstioRouter:
         )
 
     def reconcile(self) -> None:
-        """The DestinationRule with a subset for every version, the VirtualService there."""
+        """The DestinationRule with a subset for every version (and what the platform set beside
+        them, ``with_platform_subsets``), the VirtualService there."""
         if self._get("virtualservices") is None:
             raise RouterError(self._missing("VirtualService"))
-        self._apply(render_destination_rule(self.target, self.versions), "destinationrules")
+        live = self._get("destinationrules")
+        if live is None:
+            raise RouterError(self._missing("DestinationRule"))
+        body = render_destination_rule(self.target, self.versions)
+        body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
+        self._apply(body, "destinationrules")
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """The policy as the VirtualService, with what the platform set beside its routes
@@ -434,6 +450,7 @@ class IstioRouter:
             return
         body = render_destination_rule(self.target, missing)
         body["spec"]["subsets"] = subsets + body["spec"]["subsets"]
+        body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
         self._apply(body, "destinationrules")
 
     def get_routes(self) -> TrafficPolicy:

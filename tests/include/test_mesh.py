@@ -204,6 +204,39 @@ def test_the_platforms_route_settings_outlive_a_rollout_and_its_rollback(kube):
     assert router.get_routes() == stable
 
 
+def test_the_platforms_destination_rule_settings_outlive_a_rollout(kube):
+    """The rollout wrote the DestinationRule's spec whole: the platform's traffic policy (its
+    connection pool, outlier detection, TLS mode), a subset's own policy and the spec's exportTo
+    were gone at the first reconcile, and again when a subset was added. They are kept; the
+    rollout sets the host and the subsets' names and labels only."""
+    fake, api = kube
+    original = render_destination_rule(TARGET, ["1"])
+    platform = {
+        "connectionPool": {"http": {"idleTimeout": "60s"}},
+        "outlierDetection": {"consecutive5xxErrors": 5, "interval": "10s"},
+        "tls": {"mode": "ISTIO_MUTUAL"},
+    }
+    original["spec"]["trafficPolicy"] = platform
+    original["spec"]["exportTo"] = ["."]
+    original["spec"]["subsets"][0]["trafficPolicy"] = {"loadBalancer": {"simple": "LEAST_REQUEST"}}
+    validate_istio(original)
+    fake.objects[("destinationrules", "models", "digits")] = {
+        **original,
+        "metadata": {**original["metadata"], "resourceVersion": "7"},
+    }
+    IstioRouter(TARGET, ["1", "2"], api_client=api).reconcile()
+    live = fake.objects[("destinationrules", "models", "digits")]["spec"]
+    assert [s["name"] for s in live["subsets"]] == ["v1", "v2"]
+    assert (live["trafficPolicy"], live["exportTo"]) == (platform, ["."])
+    assert live["subsets"][0]["trafficPolicy"] == {"loadBalancer": {"simple": "LEAST_REQUEST"}}
+    IstioRouter(TARGET, ["3"], api_client=api).set_routes(TrafficPolicy.from_dict({"route": [{"version": "3"}]}))
+    live = fake.objects[("destinationrules", "models", "digits")]["spec"]
+    assert [s["name"] for s in live["subsets"]] == ["v1", "v2", "v3"]  # a subset added
+    assert (live["trafficPolicy"], live["exportTo"]) == (platform, ["."])
+    assert live["subsets"][0]["trafficPolicy"] == {"loadBalancer": {"simple": "LEAST_REQUEST"}}
+    validate_istio(fake.objects[("destinationrules", "models", "digits")])
+
+
 def test_istio_router_retries_when_the_object_changes_underneath(kube):
     fake, api = kube
     router = IstioRouter(TARGET, ["1", "2"], api_client=api)
