@@ -216,6 +216,30 @@ def render_deployment(
     }
 
 
+# A Deployment's own settings beside its pod template, which the platform may set (a GPU
+# cluster's maxSurge 0, say) and the rollout carries from the live Deployment it applies.
+CARRIED_SPEC = ("strategy", "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds")
+
+
+def with_live_settings(body: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``body`` (``render_deployment``'s, made like ``live``'s pod template) with what ``live``
+    (the Deployment it is made like: its own, or the baseline's for a new candidate) holds beside
+    the template: ``CARRIED_SPEC``, its labels, and its selector's labels beside ``app`` and
+    ``version`` (kustomize's commonLabels adds some; a selector cannot change). Applied by the
+    field manager that installed them (deploy/'s overlay is applied with the rollout's), a field
+    left out of the body would be removed."""
+    live_spec, spec, meta = live.get("spec") or {}, body["spec"], body["metadata"]
+    carried = {k: live_spec[k] for k in CARRIED_SPEC if live_spec.get(k) is not None}
+    selector = ((live_spec.get("selector") or {}).get("matchLabels")) or {}
+    matched = {**selector, **spec["selector"]["matchLabels"]}
+    labels = {**((live.get("metadata") or {}).get("labels") or {}), **meta["labels"]}
+    return {
+        **body,
+        "metadata": {**meta, "labels": labels},
+        "spec": {**spec, **carried, "selector": {**spec["selector"], "matchLabels": matched}},
+    }
+
+
 def _as_version(like: dict[str, Any], model: str, version: str, image: str, labels: dict[str, str]) -> dict[str, Any]:
     """``like`` (a pod template) as version ``version``'s (``render_deployment``'s ``like``)."""
     template = copy.deepcopy(like)
@@ -344,12 +368,12 @@ class VersionDeployments:
         return self._apply(version, image, replicas, source)
 
     def _apply(self, version: str, image: str, replicas: int, source: Any) -> dict[str, Any]:
-        """``apply`` with its pod template from ``source`` (a V1Deployment already read; None:
-        ``render_deployment``'s)."""
+        """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
+        already read, ``with_live_settings``; None: ``render_deployment``'s)."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
-        template = None if source is None else self._apps().api_client.sanitize_for_serialization(source.spec.template)
+        live = None if source is None else self._apps().api_client.sanitize_for_serialization(source)
         body = render_deployment(
             self.target,
             self.model,
@@ -358,8 +382,10 @@ class VersionDeployments:
             None if autoscaled else replicas,
             self.build,
             self.prediction_log,
-            like=template,
+            like=None if live is None else live["spec"]["template"],
         )
+        if live is not None:
+            body = with_live_settings(body, live)
         try:
             out = self._apps().patch_namespaced_deployment(
                 self._name(version),

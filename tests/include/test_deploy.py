@@ -174,3 +174,47 @@ def test_a_model_server_pod_holds_no_kubernetes_api_token():
     pod = render_deployment(TARGET, "digits", "2", "img:1")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert round_trips(render_deployment(TARGET, "digits", "2", "img:1"), "V1Deployment")
+
+
+def test_a_deployments_own_settings_outlive_the_rollouts_applies():
+    """What the platform set on version 1's Deployment beside its pod template (its rollout
+    strategy, minReadySeconds, revisionHistoryLimit, progressDeadlineSeconds, labels, and a
+    selector label kustomize's commonLabels adds) was left out of the rollout's applies, which
+    the overlay's field manager makes a removal: the strategy back to Kubernetes' default (a GPU
+    cluster's maxSurge 0 lost), and a selector changed, which the API server refuses (immutable).
+    They are kept on the version scaled, and the candidate made like it takes them."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    own = {
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "minReadySeconds": 10,
+        "revisionHistoryLimit": 3,
+        "progressDeadlineSeconds": 900,
+    }
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 4, BuildSettings(gpus=0))
+    v1["metadata"]["labels"]["team"] = "vision"
+    v1["spec"]["selector"]["matchLabels"]["team"] = "vision"
+    v1["spec"]["template"]["metadata"]["labels"]["team"] = "vision"
+    v1["spec"].update(own)
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), v1)
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.apply("2", "img:2", 1, like="1")
+        versions.scale("1", 0)
+        for version, replicas in (("1", 0), ("2", 1)):
+            live = api.objects[("deployments", "models", f"digits-v{version}")]
+            assert {k: live["spec"].get(k) for k in own} == own
+            assert live["spec"]["replicas"] == replicas
+            assert live["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": version, "team": "vision"}
+            assert live["metadata"]["labels"]["team"] == "vision"
+            assert live["metadata"]["labels"]["version"] == version
+    finally:
+        api.stop()
