@@ -107,6 +107,26 @@ def test_a_virtual_service_istios_webhook_refuses_is_refused_though_its_schema_t
         assert found[0].startswith(f"VirtualService ml/digits: invalid at spec/http/0/match/0/headers/{header}: Istio ")
 
 
+def test_a_peer_authentication_an_overlay_adds_is_checked_as_istio_would():
+    """Under STRICT mTLS an overlay sets the model's pods' mTLS mode (a PeerAuthentication, as
+    deploy/prometheus/scrape-config.yaml says): deploy-check validates it against Istio's CRD
+    instead of refusing it as a kind it has no schema for."""
+    peer: dict[str, Any] = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "digits", "namespace": "ml"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "digits"}},
+            "mtls": {"mode": "STRICT"},
+            "portLevelMtls": {"8000": {"mode": "PERMISSIVE"}},
+        },
+    }
+    assert manifests.problems([peer]) == []
+    peer["spec"]["mtls"]["mode"] = "STRICTER"
+    (found,) = manifests.problems([peer])
+    assert found.startswith("PeerAuthentication ml/digits: invalid at spec/mtls/mode: 'STRICTER' is not one of")
+
+
 def test_an_unknown_kind_is_refused_not_skipped():
     found = manifests.problems([{"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}])
     assert found == ["Widget w: no schema for example.com/v1 Widget in Kubernetes " + manifests.K8S_VERSION]
