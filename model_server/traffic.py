@@ -50,7 +50,9 @@ UNRULED_HEADERS = {  # headers a rule may not match on: the server and Istio wou
         "refused), while Istio pins only the deployed versions' numbers and lets other values reach the rules"
     ),
 }
-HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP field name (RFC 9110's token)
+# A header name Istio's webhook takes (letters, digits, '-', '_'): of HTTP's field names, those a
+# rule may match in the mesh as on this server.
+HEADER_NAME_RE = re.compile(r"[-_0-9A-Za-z]{1,256}")
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # the error goes into the PolicyError, not to stderr
 
@@ -344,8 +346,8 @@ def _parse_rule(raw: Any, where: str) -> Rule:
     for name, spec in match["headers"].items():
         if not HEADER_NAME_RE.fullmatch(name):
             raise PolicyError(
-                f"{where}.match.headers: {name[:40]!r} is not an HTTP header name (1 to 256 letters, digits "
-                "and !#$%&'*+-.^_`|~), which no request could carry"
+                f"{where}.match.headers: {name[:40]!r} is not a header name a rule may match (1 to 256 "
+                "letters, digits, '-' and '_': Istio refuses the other characters HTTP allows)"
             )
         w = f"{where}.match.headers.{name}"
         if name.lower() in named:  # Istio's VirtualService would keep one of the two conditions

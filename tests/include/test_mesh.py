@@ -83,20 +83,23 @@ def test_rendered_objects_validate_and_read_back():
     ],
 )
 def test_a_rule_istios_admission_webhook_refuses_is_refused_before_the_apply(header, match, words):
-    """The traffic policy takes any HTTP header name and an empty prefix or regex (the model
-    server's router matches them), Istio's CRD schema too; istiod's validating webhook refuses
-    them, so the apply would fail at the API server. The rendering is refused first, naming
-    the match."""
-    policy = TrafficPolicy.from_dict(
-        {
-            "rules": [{"match": {"headers": {header: match}}, "route": [{"version": "2", "weight": 100}]}],
-            "route": [{"version": "1", "weight": 100}],
-        }
-    )
+    """Istio's CRD schema takes any header name and an empty prefix or regex; istiod's validating
+    webhook refuses them, so the apply would fail at the API server. The traffic policy refuses
+    them itself; a VirtualService that holds one anyway (an overlay's, by hand) is refused before
+    the apply, naming the match."""
+    with pytest.raises(PolicyError):
+        TrafficPolicy.from_dict(
+            {
+                "rules": [{"match": {"headers": {header: match}}, "route": [{"version": "2", "weight": 100}]}],
+                "route": [{"version": "1", "weight": 100}],
+            }
+        )
+    vs = render_virtual_service(TARGET, CANARY)
+    vs["spec"]["http"][0]["match"][0]["headers"] = {header: match}
     with pytest.raises(
         RouterError, match=rf"VirtualService digits: invalid at spec/http/0/match/0/headers/{re.escape(words)}"
     ):
-        validate_istio(render_virtual_service(TARGET, policy))
+        validate_istio(vs)
     empty_exact = {"rules": [{"match": {"headers": {"x-team": {"exact": ""}}}, "route": [{"version": "2"}]}]}
     validate_istio(
         render_virtual_service(TARGET, TrafficPolicy.from_dict({**empty_exact, "route": [{"version": "1"}]}))
