@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +36,17 @@ T = TypeVar("T")
 
 
 def _http_url(conn: Any, default_port: int) -> str:
-    return f"{conn.schema or 'http'}://{conn.host or '127.0.0.1'}:{conn.port or default_port}"
+    """The connection's base URL. A host given as a URL (``http://digits.ml.svc:8000``: Airflow's
+    HTTP connections take "the entire url or the base of the url") is the URL, the port field
+    added when it names none; else schema, host and port, each with its default."""
+    host = (conn.host or "127.0.0.1").rstrip("/")
+    if "://" not in host:
+        return f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
+    scheme, _, rest = host.partition("://")
+    netloc, sep, path = rest.partition("/")
+    if conn.port and not re.search(r":[0-9]+$", netloc):
+        netloc = f"{netloc}:{conn.port}"
+    return f"{scheme}://{netloc}{sep}{path}"
 
 
 class ModelServerHook(BaseHook):

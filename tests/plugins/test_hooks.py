@@ -40,6 +40,25 @@ def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, t
     assert PrometheusHook().source().url == "http://127.0.0.1:9191"
 
 
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("http://digits.ml.svc.cluster.local:8000", None, "http://digits.ml.svc.cluster.local:8000"),
+        ("https://prometheus.example.com/", None, "https://prometheus.example.com"),
+        ("https://prometheus.example.com/prom", 8443, "https://prometheus.example.com:8443/prom"),
+        ("http://127.0.0.1:9191", 9999, "http://127.0.0.1:9191"),
+        ("10.0.0.7", None, "http://10.0.0.7:9090"),
+    ],
+)
+def test_a_host_given_as_a_url_is_the_connections_url(monkeypatch, host, port, url):
+    """As Airflow's HTTP connections take it (and the README's connection for the cluster writes
+    it): the host may be the whole base URL, its scheme and port included."""
+    conn(monkeypatch, "prometheus_default", conn_type="http", host=host, **({"port": port} if port else {}))
+    assert PrometheusHook().source().url == url
+    conn(monkeypatch, "model_server_default", conn_type="http", host=host, **({"port": port} if port else {}))
+    assert ModelServerHook().settings.url == url.replace(":9090", ":8000")
+
+
 def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_path):
     from vision_rollout.gates import evaluate_gate
     from vision_rollout.notify import stage_message
