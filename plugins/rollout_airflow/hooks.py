@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from functools import cached_property
@@ -49,6 +50,23 @@ def _http_url(conn: Any, default_port: int) -> str:
     return f"{scheme}://{netloc}{sep}{path}"
 
 
+def _extras(conn: Any) -> dict[str, Any]:
+    """The connection's extras, a JSON object. Airflow's ``extra_dejson`` takes extras that are
+    not JSON for none at all (every setting its default: another folder, another log), and
+    JSON that is not an object would fail as a TypeError; either fails naming the connection
+    (not quoting it: an extra may hold what should stay out of logs)."""
+    from vision_rollout.settings import SettingsError
+
+    raw = conn.extra
+    try:
+        extra = json.loads(raw) if isinstance(raw, str) and raw.strip() else raw or {}
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
+        raise SettingsError(f"the {conn.conn_id} connection's extras are not a JSON object")
+    return extra
+
+
 class ModelServerHook(BaseHook):
     """The ``model_server_default`` connection as typed settings (read once per hook), and what
     is built from them: the mesh router, the admin client, the version Deployments."""
@@ -65,7 +83,7 @@ class ModelServerHook(BaseHook):
     @cached_property
     def settings(self) -> ServingSettings:
         conn = self.get_connection(self.model_server_conn_id)
-        return ServingSettings.from_connection(_http_url(conn, 8000), conn.password, conn.extra_dejson)
+        return ServingSettings.from_connection(_http_url(conn, 8000), conn.password, _extras(conn))
 
     @property
     def admin(self) -> ModelServerAdmin:

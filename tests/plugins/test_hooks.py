@@ -59,6 +59,21 @@ def test_a_host_given_as_a_url_is_the_connections_url(monkeypatch, host, port, u
     assert ModelServerHook().settings.url == url.replace(":9090", ":8000")
 
 
+@pytest.mark.parametrize("extra", ['{"repository": "/srv/models",}', "[1, 2]", '"models"', "{repository"])
+def test_extras_that_are_not_a_json_object_fail_the_task_naming_the_connection(monkeypatch, extra):
+    """Airflow reads extras that are not JSON as none: every setting would take its default
+    (another repository, another prediction log and run folder) without a word."""
+    from rollout_airflow.steps import serving
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "host": "127.0.0.1", "extra": extra})
+    )
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="model_server_default connection's extras are not a JSON object"):
+        serving()
+
+
 def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_path):
     from vision_rollout.gates import evaluate_gate
     from vision_rollout.notify import stage_message
