@@ -799,9 +799,18 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     unless promote ran: a later failure keeps the promotion. It runs where Airflow runs DAG
     callbacks, under a time limit: the routes only, no drain wait, so the candidate is left
     loaded (its pods running), which the warning it logs says. A run that does not hold the
-    lease touches nothing."""
-    params = dict(context.get("params") or {})
+    lease touches nothing, nor does a context without the run's Params (Airflow gives a DAG
+    callback only the DAG and the run id when it has no task instance of the run to build one
+    from): every field would take its default, another model's or another version's."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
+    if not context.get("params"):
+        log.warning(
+            "run %s failed; nothing restored: its failure callback was not given the run's parameters. "
+            "Should its teardown (ensure_stable) not have finished, clear it to put the stable version back",
+            run_id,
+        )
+        return
+    params = dict(context["params"])
     try:
         log.warning("run %s failed: %s", run_id, finish(params, run_id, promoted=False, unload_candidate=False)[1])
     except LockLost as exc:

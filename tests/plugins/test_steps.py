@@ -131,6 +131,26 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
 
 
+def test_a_failure_callback_without_the_runs_params_touches_nothing(monkeypatch, tmp_path, caplog):
+    """Airflow calls a DAG's failure callback with only the DAG and the run id when it has no
+    task instance to build the context from: the spec's defaults (digits, 2 against 1) are not
+    that run's, and routing its model to them could put a retired version at 100%."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps(
+            {"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": {"run_dir": str(tmp_path)}}
+        ),
+    )
+    lock = steps.serving().model_lock("digits", "local")
+    lock.acquire("run-a")  # a run of digits, 3 against 2, that failed mid-stage
+    steps.restore_stable_on_failure({"dag": None, "run_id": "run-a", "reason": "task_failure"})
+    assert lock.holding().holder == "run-a"  # its teardown, cleared, still can
+    assert "not given the run's parameters" in caplog.text
+
+
 def test_the_shadow_audit_keeps_the_model_this_runs(monkeypatch, tmp_path):
     """The audit of a long run's log takes a while, and the next task's start more: the lease is
     renewed around it (it ran out there, and another run could take the model over mid-decision);
