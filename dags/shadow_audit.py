@@ -18,6 +18,15 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from vision_rollout.spec import RolloutSpec
+
+
+def _rollout_schema(name: str) -> dict[str, Any]:
+    """A rollout's field's JSON schema (its type, pattern and length), without its default and description."""
+    return {
+        k: v for k, v in RolloutSpec.json_schema()["properties"][name].items() if k not in ("default", "description")
+    }
+
 
 @dag(
     dag_id="shadow_audit",
@@ -30,10 +39,20 @@ from airflow.sdk import Param, dag, task
     doc_md=__doc__,
     tags=["ml", "shadow", "audit"],
     params={
+        # A model once (twice, its two audits would race on its hours and report them twice),
+        # named as a rollout names it; at most as many as Airflow maps ([core] max_map_length).
         "models": Param(
-            ["digits"], type="array", items={"type": "string"}, description="Models to audit", section="Audit"
+            ["digits"],
+            type="array",
+            items=_rollout_schema("model"),
+            uniqueItems=True,
+            maxItems=1024,
+            description="Models to audit",
+            section="Audit",
         ),
-        "slack_channel": Param("#model-rollouts", type="string", description="Where reports go", section="Audit"),
+        "slack_channel": Param(
+            "#model-rollouts", **_rollout_schema("slack_channel"), description="Where reports go", section="Audit"
+        ),
         "catch_up_hours": Param(
             24,
             type="integer",

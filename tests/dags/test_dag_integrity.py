@@ -170,3 +170,27 @@ def test_shadow_audit_dag(dagbag):
     assert dag.max_active_runs == 1
     assert not dag.catchup
     assert dag.params["models"] == ["digits"]
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"models": ["digits", "digits"]},
+        {"models": ["../digits"]},
+        {"models": [f"m{i}" for i in range(1025)]},
+        {"slack_channel": "#" + "x" * 100_000},
+        {"slack_channel": "<!channel>"},
+    ],
+)
+def test_the_audit_form_takes_models_and_a_channel_as_a_rollout_does(dagbag, conf):
+    """Each model once (twice, its two mapped audits raced on the same hours and reported each
+    twice), named as a rollout names it, and a Slack channel's name."""
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags["shadow_audit"].params)  # (its Params take the values given)
+    assert params.validate()["models"] == ["digits"]
+    with pytest.raises(ParamValidationError):  # noqa: PT012 (a value is checked as it is set)
+        params.update(conf)
+        params.validate()
