@@ -21,7 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from vision_rollout.serving import read_body, redact
@@ -56,10 +56,11 @@ class MetricsSource(Protocol):
 MAX_ANSWER = 64 * 2**20  # a query's answer here is one series; a range of a day at 1 s is ~3 MiB
 
 
-def _get_json(url: str, timeout: float) -> dict[str, Any]:
+def _get_json(url: str, timeout: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
     where = redact(url.split("?")[0])
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (configured source URL)
+        request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (configured source URL)
+        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310
             raw = read_body(r, MAX_ANSWER, timeout)
     except urllib.error.HTTPError as exc:
         body = exc.read(64 * 1024).decode(errors="replace")
@@ -104,16 +105,23 @@ class PrometheusSource:
 
     url: str  # http://host:port
     timeout_s: float = 10.0
+    # The Authorization header's value where Prometheus sits behind one (basic or bearer): out of logs.
+    authorization: str | None = field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": self.authorization} if self.authorization else {}
 
     def is_online(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=self.timeout_s) as r:  # noqa: S310
+            ready = urllib.request.Request(f"{self.url}/-/ready", headers=self.headers)  # noqa: S310
+            with urllib.request.urlopen(ready, timeout=self.timeout_s) as r:  # noqa: S310
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
     def _api(self, path: str, params: dict[str, str]) -> dict[str, Any]:
-        data = _get_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", self.timeout_s)
+        data = _get_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", self.timeout_s, self.headers)
         if data.get("status") != "success":  # its error, as long as an HTTP error's (the stage's reason)
             raise MetricsError(f"prometheus: {str(data.get('errorType'))[:100]}: {str(data.get('error'))[:1000]}")
         return data["data"]

@@ -4,13 +4,15 @@
   extras as ``vision_rollout.settings`` describes them (repository, prediction log, run folder,
   and for kubernetes mode ``istio`` and ``build``, connection-wide and per model).
 - ``kubernetes_default`` (the cncf provider's): the cluster the IstioRouter and the build pods use.
-- ``prometheus_default`` (http): the Prometheus HTTP API.
+- ``prometheus_default`` (http): the Prometheus HTTP API; login and password for basic auth, or
+  a password alone for a bearer token.
 - ``slack_api_default`` (slack): the Slack provider's own hook and connection (token as the
   password, optional ``base_url`` extra); without a token, reports go to an outbox folder.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -194,7 +196,23 @@ class PrometheusHook(BaseHook):
         self.prometheus_conn_id = prometheus_conn_id
 
     def source(self) -> PrometheusSource:
-        return PrometheusSource(_http_url(self.get_connection(self.prometheus_conn_id), 9090))
+        """Its login and password as HTTP basic auth, as Airflow's HttpHook sends them; a
+        password alone as a bearer token (a managed Prometheus, an auth proxy)."""
+        conn = self.get_connection(self.prometheus_conn_id)
+        authorization = None
+        if conn.login:
+            authorization = "Basic " + base64.b64encode(f"{conn.login}:{conn.password or ''}".encode()).decode()
+        elif conn.password:
+            if any(ord(c) < 32 or ord(c) == 127 for c in conn.password):
+                # (http.client's refusal of such a header quotes it: the token, in logs and XCom)
+                from airflow.sdk.exceptions import AirflowFailException
+
+                raise AirflowFailException(
+                    f"the {self.prometheus_conn_id} connection's password holds a line break or another "
+                    "control character, which an HTTP header cannot carry"
+                )
+            authorization = f"Bearer {conn.password}"
+        return PrometheusSource(_http_url(conn, 9090), authorization=authorization)
 
 
 def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api_default") -> SlackNotifier:

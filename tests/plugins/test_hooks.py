@@ -74,6 +74,52 @@ def test_extras_that_are_not_a_json_object_fail_the_task_naming_the_connection(m
         serving()
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"login": "rollout", "password": "s3cret"}, "Basic cm9sbG91dDpzM2NyZXQ="),
+        ({"password": "s3cret"}, "Bearer s3cret"),
+    ],
+)
+def test_a_prometheus_behind_auth_gets_the_connections_login_and_password(monkeypatch, fields, expected):
+    """As Airflow's HttpHook sends an http connection's login and password; without them a
+    Prometheus behind auth answered every guard's query 401, and every stage held to its end."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Prometheus(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.headers.get("Authorization") == expected
+            body = json.dumps({"status": "success", "data": {"resultType": "scalar", "result": [0, "7"]}})
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(body.encode() if ok else b"Unauthorized")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", port=server.server_port, **fields)
+        source = PrometheusHook().source()
+        assert source.query("vector(7)") == 7.0
+        assert source.is_online()
+        assert "s3cret" not in repr(source)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_prometheus_token_that_no_header_can_carry_fails_without_quoting_it(monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", password="s3cret\n")
+    with pytest.raises(AirflowFailException, match="control character") as refused:
+        PrometheusHook().source()
+    assert "s3cret" not in str(refused.value)
+
+
 def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_path):
     from vision_rollout.gates import evaluate_gate
     from vision_rollout.notify import stage_message
