@@ -231,7 +231,8 @@ class RolloutSpec:
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path) or "spec"
             raise SpecError(f"{where}: {exc.message[:300]}") from None  # a long value quoted, cut
-        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        props = cls.json_schema()["properties"]
+        values: dict[str, Any] = {k: _typed(v, props[k]) for k, v in raw.items()}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,6 +263,17 @@ class RolloutSpec:
 
     def stable_policy(self) -> TrafficPolicy:
         return TrafficPolicy.from_dict({"route": [{"version": self.baseline_version, "weight": 100}]})
+
+
+def _typed(value: Any, schema: dict[str, Any]) -> Any:
+    """A valid value as its field holds it: 25.0 is an integer to JSON Schema (a conf written by
+    Python's json, a YAML file), and a stage of 25.0% made a traffic policy the router refused
+    mid-rollout; a list is a tuple."""
+    if schema.get("type") == "integer":
+        return int(value)
+    if isinstance(value, list):
+        return tuple(_typed(v, schema.get("items", {})) for v in value)
+    return value
 
 
 DEFAULTS = RolloutSpec()

@@ -110,6 +110,21 @@ def test_the_reviewer_reads_each_stage():
     assert "No answer in time rolls back" in body
 
 
+def test_integers_given_as_floats_are_the_runs_integers():
+    """JSON Schema takes 25.0 for an integer, and so did the trigger's Params (a conf written by
+    Python's json): the spec kept the floats, and the 25.0% stage's traffic policy was refused
+    by the router once the first stage had run."""
+    from airflow.sdk import Param
+
+    conf = {"stages": [5, 25.0, 100], "looks_per_stage": 4.0, "bake_seconds": 600.0, "min_samples": 200.0}
+    schema = {k: v for k, v in steps.RolloutSpec.json_schema()["properties"]["stages"].items() if k != "default"}
+    assert Param(conf["stages"], **schema).resolve() == [5, 25.0, 100]  # the form takes it
+    spec = steps.spec_from(conf)
+    assert (spec.stages, spec.looks_per_stage, spec.bake_seconds, spec.min_samples) == ((5, 25, 100), 4, 600, 200)
+    assert all(type(v) is int for v in (*spec.stages, spec.looks_per_stage, spec.bake_seconds, spec.min_samples))
+    assert spec.policy_for_stage(spec.stages[1]).to_dict()["route"][1] == {"version": "2", "weight": 25}
+
+
 def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_path):
     """The model server's address answers nothing: any call to it would fail these steps."""
     with socket.socket() as sock:
