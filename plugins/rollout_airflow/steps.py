@@ -723,8 +723,9 @@ def audit_hours(
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
-    if not 0 <= catch_up_hours <= MAX_CATCH_UP_HOURS:
+    if not 0 <= catch_up_hours <= MAX_CATCH_UP_HOURS or catch_up_hours != int(catch_up_hours):
         raise AirflowFailException(f"catch_up_hours must be 0 to {MAX_CATCH_UP_HOURS}, not {catch_up_hours}")
+    catch_up_hours = int(catch_up_hours)  # (24.0 is an integer to the form's JSON Schema)
     audits = serving().settings.run_folder / "audits" / model
     start, end, _ = audited_hour(end, datetime.now(UTC))
     results: list[dict[str, Any]] = []

@@ -571,7 +571,7 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
     slack.outage = None
     # Hours 5 (missed), 4 and 2 (nothing in them), 3 (not sent) and this run's own, hour 1;
     # hour 6 is outside the window.
-    results = steps.audit_hours("digits", hour[0], catch_up_hours=4)
+    results = steps.audit_hours("digits", hour[0], catch_up_hours=4.0)  # (as the form may give it)
     assert [(r["start"], r["verdict"] == "skip") for r in results] == [
         (hour[5].isoformat(), False),
         (hour[4].isoformat(), True),
