@@ -59,6 +59,23 @@ def test_a_host_given_as_a_url_is_the_connections_url(monkeypatch, host, port, u
     assert ModelServerHook().settings.url == url.replace(":9090", ":8000")
 
 
+@pytest.mark.parametrize(("host", "schema"), [("127.0.0.1", "models"), ("ftp://prometheus.example.com", None)])
+def test_a_connection_that_is_not_http_fails_the_task_naming_it(monkeypatch, host, schema):
+    """A schema field taken for a database's (or a host's other scheme): no request could go, and
+    a stage's guards, unreadable, held every stage to its end before it rolled back."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rollout_airflow.steps import serving
+
+    fields = {"conn_type": "http", "host": host, **({"schema": schema} if schema else {})}
+    conn(monkeypatch, "prometheus_default", **fields)
+    with pytest.raises(AirflowFailException, match=r"prometheus_default connection's schema .* must be http or https"):
+        PrometheusHook().source()
+    conn(monkeypatch, "model_server_default", **fields)
+    with pytest.raises(AirflowFailException, match="model_server_default connection's schema"):
+        serving()
+
+
 @pytest.mark.parametrize("extra", ['{"repository": "/srv/models",}', "[1, 2]", '"models"', "{repository"])
 def test_extras_that_are_not_a_json_object_fail_the_task_naming_the_connection(monkeypatch, extra):
     """Airflow reads extras that are not JSON as none: every setting would take its default
