@@ -42,7 +42,7 @@ def _http_url(conn: Any, default_port: int) -> str:
     """The connection's base URL. A host given as a URL (``http://digits.ml.svc:8000``: Airflow's
     HTTP connections take "the entire url or the base of the url") is the URL, the port field
     added when it names none; else schema, host and port, each with its default. A scheme but
-    http or https fails the task naming the connection."""
+    http or https, or credentials in the host, fail the task naming the connection."""
     host = (conn.host or "127.0.0.1").rstrip("/")
     if "://" not in host:
         host = f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
@@ -54,6 +54,13 @@ def _http_url(conn: Any, default_port: int) -> str:
             f"the {conn.conn_id} connection's schema (or its host's scheme) must be http or https, not {scheme[:40]!r}"
         )
     netloc, sep, path = rest.partition("/")
+    if "@" in netloc:  # (the URL is in logs, reports and the replay's errors; urllib sends no userinfo)
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"the {conn.conn_id} connection's host holds credentials (user:password@): put them in its login "
+            "and password"
+        )
     if conn.port and not re.search(r":[0-9]+$", netloc):
         netloc = f"{netloc}:{conn.port}"
     return f"{scheme}://{netloc}{sep}{path}"

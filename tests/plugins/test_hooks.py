@@ -76,6 +76,17 @@ def test_a_connection_that_is_not_http_fails_the_task_naming_it(monkeypatch, hos
         serving()
 
 
+def test_credentials_in_a_hosts_url_fail_the_task_without_quoting_them(monkeypatch):
+    """urllib sends no user:password@ of a URL (the request fails), and the URL is in logs,
+    reports and the replay's errors."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conn(monkeypatch, "prometheus_default", conn_type="http", host="https://rollout:s3cret@prometheus.example.com")
+    with pytest.raises(AirflowFailException, match="host holds credentials") as refused:
+        PrometheusHook().source()
+    assert "s3cret" not in str(refused.value)
+
+
 @pytest.mark.parametrize("extra", ['{"repository": "/srv/models",}', "[1, 2]", '"models"', "{repository"])
 def test_extras_that_are_not_a_json_object_fail_the_task_naming_the_connection(monkeypatch, extra):
     """Airflow reads extras that are not JSON as none: every setting would take its default
