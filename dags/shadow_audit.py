@@ -8,7 +8,7 @@ not take its report), compared with the primary: top-1 agreement with its interv
 the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
 PNG) is kept and sent to Slack. An hour without shadow data is marked audited with a note, not
 failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox;
-the retry, or the next run, sends it again).
+the retry, or the next run, sends it again, and no report Slack took).
 """
 
 from __future__ import annotations
@@ -72,8 +72,13 @@ def shadow_audit() -> None:
         return list(params["models"])
 
     @task
-    def audit_hours(model: str, data_interval_end: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return steps.audit_hours(model, data_interval_end, params["slack_channel"], params["catch_up_hours"])
+    def audit_hours(model: str, data_interval_end: Any, params: dict[str, Any], ti: Any) -> list[dict[str, Any]]:
+        # A retry of a failed try (not a first try, nor one cleared by hand: the first try after
+        # a clear is max_tries - retries + 1, as Airflow's sensors count it).
+        retry = ti.try_number > ti.max_tries - (ti.task.retries or 0) + 1
+        return steps.audit_hours(
+            model, data_interval_end, params["slack_channel"], params["catch_up_hours"], retry=retry
+        )
 
     audit_hours.expand(model=models())
 

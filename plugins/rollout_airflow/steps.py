@@ -709,7 +709,11 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
 
 
 def audit_hours(
-    model: str, end: datetime, channel: str = "#model-rollouts", catch_up_hours: int = CATCH_UP_HOURS
+    model: str,
+    end: datetime,
+    channel: str = "#model-rollouts",
+    catch_up_hours: int = CATCH_UP_HOURS,
+    retry: bool = False,
 ) -> list[dict[str, Any]]:
     """The hourly shadow audit of one model: the clock hour that ends at or before ``end``
     (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
@@ -718,8 +722,11 @@ def audit_hours(
     without shadow records is marked audited, unreported, when no mirror was configured; a
     warning when one was. A report Slack did not take (kept in the hour's folder and the
     outbox) fails the task once every hour was tried: the retry, or the next run, sends it
-    again: an audit nobody was told of is no audit. Skipped when no hour had anything."""
-    from vision_rollout.audit import audited_hour, hour_folder, unaudited_hours
+    again: an audit nobody was told of is no audit. Skipped when no hour had anything.
+
+    ``retry``: a retry of a failed try, which reports only the hours not marked audited (the
+    run's own hour too, when the failed try reported it: it is not sent to Slack twice)."""
+    from vision_rollout.audit import AUDITED, audited_hour, hour_folder, unaudited_hours
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
@@ -730,7 +737,10 @@ def audit_hours(
     start, end, _ = audited_hour(end, datetime.now(UTC))
     results: list[dict[str, Any]] = []
     failed: list[str] = []
-    for hour in [*unaudited_hours(audits, start, catch_up_hours), start]:
+    hours = unaudited_hours(audits, start, catch_up_hours)
+    if not (retry and AUDITED in hour_folder(audits, start).names()):
+        hours.append(start)
+    for hour in hours:
         if hour == start:  # (the hours before it took their time meanwhile)
             wait_s = audited_hour(end, datetime.now(UTC))[2]
             if wait_s:
@@ -745,7 +755,7 @@ def audit_hours(
         raise AirflowException(
             f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)
         )
-    if all(r["verdict"] == "skip" for r in results):
+    if results and all(r["verdict"] == "skip" for r in results):
         raise AirflowSkipException(
             f"no shadow records for '{model}' in the {len(results)} hours to {end:%Y-%m-%d %H:%M} UTC "
             "that were audited, and no mirror"

@@ -523,6 +523,32 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
     assert posted["text"] == "Shadow audit digits: FAIL"
 
 
+def test_a_retried_audit_sends_again_only_what_slack_did_not_take(monkeypatch, tmp_path, slack):
+    """A try that reported its own hour but not an earlier one failed; its retry audited and
+    posted its own hour again: Slack had the same report twice."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.support import shadow_log
+    from vision_rollout.audit import AUDITED
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    hour = {k: this_hour - timedelta(hours=k) for k in range(3)}
+    for k in (2, 1):
+        shadow_log(tmp_path, 60, disagree=0.02, seed=k, at=(hour[k] + timedelta(minutes=30)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    steps.audit_hours("digits", hour[0], catch_up_hours=0)  # the failed try: its own hour, hour 1, sent
+    assert len(slack.messages()) == 1
+    folders = run / "audits" / "digits"
+    assert (folders / hour[1].strftime("%Y%m%dT%H") / AUDITED).is_file()
+    (results,) = [steps.audit_hours("digits", hour[0], catch_up_hours=1, retry=True)]  # hour 2 was not sent
+    assert [r["start"] for r in results] == [hour[2].isoformat()]
+    assert len(slack.messages()) == 2  # hour 2's, and hour 1's once
+    by_hand = steps.audit_hours("digits", hour[0], catch_up_hours=1)  # a first try: its own hour again
+    assert [r["start"] for r in by_hand] == [hour[1].isoformat()]
+
+
 def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
     """A run triggered by hand at 10:30 (its data interval ends when it was triggered) audited
     09:30 to 10:30 and wrote that report over the scheduled run's 09:00 to 10:00 one, in its
