@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -119,6 +120,54 @@ def p_value(p: float) -> str:
     return "< 1e-300" if p == 0 else number(p, 3)
 
 
+def _unit(name: str) -> str:
+    """The unit of a check's numbers (``gates.Check``): ``relative`` for latency (0.05 = +5%),
+    ``pp`` for a difference of proportions, ``%`` for the shadow error rate, ``ms`` for the P99
+    guard; ``""`` for the rest (the rank check's probability)."""
+    if name == "guard_p99":
+        return "ms"
+    if name == "guard_shadow_errors":
+        return "%"
+    if name in ("errors", "oom", "guard_accuracy_drop") or name.startswith("accuracy_"):
+        return "pp"
+    if name.startswith("latency_") and name != "latency_rank":
+        return "relative"
+    return ""
+
+
+def figure(check: Check, x: float) -> str:
+    """One of ``check``'s numbers in its unit, as its sentence writes it: a latency change in
+    percent and a difference of proportions in pp, each signed and never rounded onto or across
+    the check's margin (``percent_beside``); ``n/a`` for NaN."""
+    if x != x:
+        return "n/a"
+    unit = _unit(check.name)
+    if unit == "ms":
+        return f"{number(x)} ms"
+    if unit not in ("relative", "pp", "%"):
+        return number(x)
+    x += 0.0  # (never -0)
+    decimals = 3 if unit == "%" else 2  # (as the sentences: a rate against a limit of 0.1%)
+    if check.margin is not None and math.isfinite(x):
+        text = percent_beside(x, check.margin, decimals)
+    else:
+        text = f"{100 * x:.{decimals}f}"
+    if unit == "%":
+        return text + "%"
+    return (text if text.startswith("-") else "+" + text) + ("%" if unit == "relative" else " pp")
+
+
+def margin_text(check: Check) -> str:
+    """``check``'s margin or limit in its unit."""
+    assert check.margin is not None
+    unit = _unit(check.name)
+    if unit == "relative":
+        return f"+{limit_percent(check.margin)}%"
+    if unit in ("pp", "%"):
+        return f"{limit_percent(check.margin)}{' pp' if unit == 'pp' else '%'}"
+    return f"{number(check.margin)}{' ms' if unit == 'ms' else ''}"
+
+
 def _who(spec: RolloutSpec) -> str:
     return f"`{spec.model}` version {spec.candidate_version} (baseline {spec.baseline_version})"
 
@@ -204,11 +253,11 @@ def rollback_message(
     if first is not None:
         fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
         if first.effect is not None:
-            fields.append(f"*Effect*\n{number(first.effect)}")
+            fields.append(f"*Effect*\n{figure(first, first.effect)}")
         if first.ci is not None:
-            fields.append(f"*Interval*\n{number(first.ci[0])} to {number(first.ci[1])}")
+            fields.append(f"*Interval*\n{figure(first, first.ci[0])} to {figure(first, first.ci[1])}")
         if first.margin is not None:
-            fields.append(f"*Margin / limit*\n{number(first.margin)}")
+            fields.append(f"*Margin / limit*\n{margin_text(first)}")
         if first.p_value is not None:
             fields.append(f"*p-value*\n{p_value(first.p_value)}")
         fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")

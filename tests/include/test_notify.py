@@ -231,8 +231,8 @@ def test_a_failing_checks_numbers_never_read_as_0_or_nan(slack):
     msg = rollback_message(SPEC, "r", Verdict("fail", (check,), 1, 1, 0.05, 0.05, "pocock"))
     SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(msg)
     fields = [f["text"] for f in slack.messages()[-1]["blocks"][2]["fields"]]
-    assert "*Effect*\n0" in fields
-    assert "*Interval*\nn/a to 0.5" in fields
+    assert "*Effect*\n+0.00%" in fields
+    assert "*Interval*\nn/a to +50.00%" in fields
     assert "*p-value*\n&lt; 1e-300" in fields  # (Slack shows "< 1e-300")
     for verdict in ("inconclusive", "warning"):
         assert (
@@ -240,3 +240,26 @@ def test_a_failing_checks_numbers_never_read_as_0_or_nan(slack):
             .blocks[1]["text"]["text"]
             .startswith(":large_yellow_circle: ")
         )
+
+
+def test_a_failing_checks_fields_are_in_its_unit_and_never_on_its_margin():
+    """The fields gave raw fractions beside a sentence in percent: "Effect 0.2747" and "Margin /
+    limit 0.05" for a canary 27.47% slower against a 5% margin, 0.05567 for an excess of 5.57 pp.
+    And four significant digits put a lower bound just over the margin on it: "Interval 0.05 to
+    0.07" beside "Margin / limit 0.05", for a check that failed because the bound is above it."""
+    from vision_rollout.gates import Verdict
+
+    def fields(check: Check) -> list[str]:
+        msg = rollback_message(SPEC, "r", Verdict("fail", (check,), 1, 1, 0.05, 0.05, "pocock"))
+        return [f["text"] for f in msg.blocks[2]["fields"]]
+
+    slower = Check("latency_geomean", "fail", "slower", "welch", effect=0.06, ci=(0.0500004, 0.07), margin=0.05)
+    assert {"*Effect*\n+6.00%", "*Interval*\n+5.00004% to +7.00%", "*Margin / limit*\n+5%"} <= set(fields(slower))
+    errors = Check("errors", "fail", "errors", "newcombe", effect=0.05567, ci=(0.04911, 0.06296), margin=0.001)
+    assert {"*Effect*\n+5.57 pp", "*Interval*\n+4.91 pp to +6.30 pp", "*Margin / limit*\n0.1 pp"} <= set(fields(errors))
+    p99 = Check("guard_p99", "fail", "P99 above", "guard", effect=75.25, margin=60.0)
+    assert {"*Effect*\n75.25 ms", "*Margin / limit*\n60 ms"} <= set(fields(p99))
+    shadow = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.0100001, margin=0.01)
+    assert {"*Effect*\n1.00001%", "*Margin / limit*\n1%"} <= set(fields(shadow))
+    rate = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.00123, margin=0.001)
+    assert "*Effect*\n0.123%" in fields(rate)  # (as its sentence: "Shadow error rate is 0.123%")
