@@ -335,7 +335,9 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
     crit = float(stats.t.isf(level, df))
     m = math.log1p(cfg.latency_margin)
     lower, upper = delta - crit * se, delta + crit * se
-    p_ni = float(stats.t.cdf((delta - m) / se, df)) if se > 0 else float(delta >= m)
+    # Toward harm, as the fail test (lower bound above the margin) reads it: below the look's level
+    # exactly when the canary is shown slower than the margin.
+    p_harm = float(stats.t.sf((delta - m) / se, df)) if se > 0 else float(delta <= m)
     mde = (crit + float(stats.norm.ppf(cfg.power))) * se
     decision = _decide(lower, upper, m)
     ratio, ci = math.expm1(delta), (math.expm1(lower), math.expm1(upper))
@@ -357,7 +359,7 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
         n_baseline=nb,
         n_canary=nc,
         statistic=(delta - m) / se if se else None,
-        p_value=p_ni,
+        p_value=p_harm,
         effect=ratio,
         ci=ci,
         margin=cfg.latency_margin,

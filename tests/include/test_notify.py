@@ -263,3 +263,17 @@ def test_a_failing_checks_fields_are_in_its_unit_and_never_on_its_margin():
     assert {"*Effect*\n1.00001%", "*Margin / limit*\n1%"} <= set(fields(shadow))
     rate = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.00123, margin=0.001)
     assert "*Effect*\n0.123%" in fields(rate)  # (as its sentence: "Shadow error rate is 0.123%")
+
+
+def test_a_failing_latency_checks_p_value_is_the_evidence_of_harm():
+    """The latency check's p-value was its non-inferiority test's (toward a pass): a canary 27%
+    slower against a 5% margin read "p-value 1" on the report's failing check. It is the fail
+    test's now, below the look's level exactly when the check fails."""
+    for ratio, decision in ((1.25, "fail"), (1.0, "pass")):
+        verdict = evaluate_gate(samples(3000, ratio=ratio))
+        check = next(c for c in verdict.checks if c.name == "latency_geomean")
+        assert check.decision == decision
+        assert (check.p_value < verdict.nominal_alpha) == (decision == "fail")
+    msg = rollback_message(SPEC, "r", evaluate_gate(samples(3000, ratio=1.25)))
+    [p] = [f["text"] for f in msg.blocks[2]["fields"] if f["text"].startswith("*p-value*")]
+    assert float(p.split("\n")[1].replace("&lt; ", "")) < 1e-6
