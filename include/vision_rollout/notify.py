@@ -236,20 +236,28 @@ def rollback_message(
     weight: int | None = None,
     audit: AuditResult | None = None,
     chart: bytes | None = None,
+    restored: bool = True,
 ) -> Message:
+    """``restored``: the baseline was read back at 100%; False where it was not (routes another
+    run or an operator set, a restore that failed or could not be read back): the report then
+    says the baseline is not shown to take the traffic, and ``reason`` says what serves."""
     reason = one_line(reason)
     failing = verdict.failed if verdict is not None else []
     first = failing[0] if failing else None
     headline = f"{first.name}: {first.sentence}" if first else reason
-    text = f"Rolled back {spec.model} v{spec.candidate_version}: {headline}"
     where = f" at the {weight}% stage" if weight is not None else ""
-    blocks = [
-        header(f"Rolled back: {spec.model} v{spec.candidate_version}"),
-        section(
-            f"{ICONS['fail']} {_who(spec)} was rolled back{where}. Version {spec.baseline_version} takes "
-            f"100% of traffic again; mirror off.\n*Reason:* {reason}"
-        ),
-    ]
+    if restored:
+        text = f"Rolled back {spec.model} v{spec.candidate_version}: {headline}"
+        title = f"Rolled back: {spec.model} v{spec.candidate_version}"
+        done = f"was rolled back{where}. Version {spec.baseline_version} takes 100% of traffic again; mirror off."
+    else:
+        text = f"Stopped {spec.model} v{spec.candidate_version}, routes not restored: {headline}"
+        title = f"Stopped, routes not restored: {spec.model} v{spec.candidate_version}"
+        done = (
+            f"was stopped{where}, but version {spec.baseline_version} is not shown to take 100% of traffic "
+            "again: check the routes."
+        )
+    blocks = [header(title), section(f"{ICONS['fail']} {_who(spec)} {done}\n*Reason:* {reason}")]
     if first is not None:
         fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
         if first.effect is not None:

@@ -624,23 +624,35 @@ def ensure_stable(
     failed in the UI, say, or one of them failed after ``decided``, decide's outcome), reporting
     what it did to Slack (notify did not run), and a run whose report (``report``, notify's XCom)
     was not sent: Airflow would otherwise count either a success (a teardown's upstream failing
-    does not fail the run).
+    does not fail the run). A teardown that cannot put the stable version back (neither rollback
+    nor notify ran) reports that to Slack, then fails; a report never says the stable version
+    takes the traffic where it was not read back so.
     """
     from vision_rollout.notify import rollback_message
 
     spec = spec_from(params)
+    unfinished = decided in ("promote", "rollback")
+    what = f"decide chose {decided}, which did not finish" if unfinished else "the run was stopped before it decided"
     try:
         kept, done = finish(params, run_id, promoted == spec.candidate_version)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
+    except Exception as exc:
+        if report is None and rolled_back is None and promoted != spec.candidate_version:
+            # Nobody was told, and the stable version may not be back.
+            failed = f"its teardown could not put version {spec.baseline_version} back: {str(exc)[:500]}"
+            try:
+                slack_notifier(spec.slack_channel, serving().settings.outbox).send(
+                    rollback_message(spec, f"{what}; {failed}", restored=False)
+                )
+            except Exception:
+                log.exception("the teardown's report was not sent")
+        raise
     if not kept and rolled_back is None:
-        unfinished = decided in ("promote", "rollback")
-        what = (
-            f"decide chose {decided}, which did not finish" if unfinished else "the run was stopped before it decided"
-        )
         if report is None:  # notify did not run: the teardown reports what it did
+            restored = done.startswith(f"version {spec.baseline_version} takes 100%")
             report = slack_notifier(spec.slack_channel, serving().settings.outbox).send(
-                rollback_message(spec, f"{what}; {done}")
+                rollback_message(spec, f"{what}; {done}", restored=restored)
             )
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")

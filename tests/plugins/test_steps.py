@@ -421,6 +421,39 @@ def test_a_stage_that_ended_undecided_without_a_look_is_reported(monkeypatch, tm
     assert "could not be read" in json.dumps(report["blocks"])
 
 
+def test_a_teardown_never_reports_the_stable_version_back_where_it_is_not(monkeypatch, tmp_path):
+    """A run stopped before it decided, whose routes an operator had changed meanwhile, reported
+    "Version 1 takes 100% of traffic again" beside a reason saying the routes were left as the
+    operator set them; and a teardown whose restore failed (rollback and notify never ran)
+    reported nothing at all: the run failed with traffic on the candidate and Slack was not told."""
+    outbox_reports(monkeypatch, tmp_path)
+    theirs = 'the routes were not this run\'s and are left as they are: {"route": [{"version": "4", "weight": 100}]}'
+    monkeypatch.setattr(steps, "finish", lambda *a, **k: (False, theirs))
+    with pytest.raises(AirflowFailException, match="left as they are"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None)
+
+    def unreachable(*args, **kwargs):
+        raise AirflowFailException("version 1 has no Deployment: the routes stay as they are")
+
+    monkeypatch.setattr(steps, "finish", unreachable)
+    with pytest.raises(AirflowFailException, match="no Deployment"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, decided="rollback")
+    operator, failed = outbox_reports(monkeypatch, tmp_path)
+    for report in (operator, failed):
+        assert report["text"].startswith("Stopped digits v2, routes not restored: ")
+        assert "takes 100% of traffic again" not in json.dumps(report["blocks"])
+        assert "is not shown to take 100% of traffic again" in report["blocks"][1]["text"]["text"]
+    assert "left as they are" in operator["text"]
+    assert failed["text"].endswith(
+        "decide chose rollback, which did not finish; its teardown could not put version 1 back: "
+        "version 1 has no Deployment: the routes stay as they are"
+    )
+    # A rollback carried out and reported: nothing more is sent.
+    with pytest.raises(AirflowFailException, match="no Deployment"):
+        steps.ensure_stable(PARAMS, "run-a", None, "1", {"channel": "C1", "ts": "1"}, decided="rollback")
+    assert len(outbox_reports(monkeypatch, tmp_path)) == 2
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
