@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+log = logging.getLogger(__name__)
+
 EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3, "inconclusive": 3}
 USAGE, ERROR = 2, 4
 
@@ -547,20 +549,32 @@ def _run(
         print(f"shadow audit: {result.verdict.upper()}: " + "; ".join(result.reasons), flush=True)
         return result
 
+    def cut_short(why: str) -> str:
+        """What serves now, read back; reported (``why`` and that) when there is an outbox."""
+        where = _where_routes_are(router, spec)
+        if notifier is not None:
+            stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
+            if where.startswith(f"version {spec.candidate_version} takes 100%"):
+                message = plain_report(spec, "promote", stopped)
+            else:
+                message = rollback_message(spec, stopped, restored=restored)
+            try:
+                notifier.send(message)
+            except Exception as exc:  # (what the run did and its exit code come first)
+                log.warning("the report of the rollout's end was not written: %s", _message(exc))
+        return where
+
     rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit)
     try:
         result = rollout.run()
     except Interrupted as exc:
-        where = _where_routes_are(router, spec)
+        where = cut_short(f"rolloutctl run was stopped by {exc}")
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
-        if notifier is not None:
-            stopped = f"rolloutctl run was stopped by {exc}; {where}"
-            promoted = where.startswith(f"version {spec.candidate_version} takes 100%")
-            notifier.send(plain_report(spec, "promote", stopped) if promoted else rollback_message(spec, stopped))
         return 128 + exc.signum
     except Exception as exc:
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
-        raise CommandError(f"the rollout failed{stopped}: {_message(exc)}; {_where_routes_are(router, spec)}") from None
+        ended = f"the rollout failed{stopped}: {_message(exc)}"
+        raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None
     last = result.stages[-1] if result.stages else None
     if notifier is not None:
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]

@@ -528,3 +528,51 @@ def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, re
     assert json.loads(report.read_text())["text"].startswith(
         f"Rolled back digits v2: rolloutctl run was stopped by {name}"
     )
+
+
+@pytest.mark.parametrize("restore_fails", [False, True])
+def test_run_cut_short_by_an_error_reports_what_serves(tmp_path, monkeypatch, restore_fails):
+    """A rollout that failed on an error (a route not written, a lost lease) wrote no report to
+    the outbox: its stage reports said the first stage passed, and then nothing. The outbox now
+    has the end, and where the stable version could not be put back, says so (a report never
+    says the stable version takes the traffic again unless it was read back so)."""
+    import argparse
+
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    first_stage = spec.policy_for_stage(10).to_dict()
+
+    class FailingRouter:
+        history = [spec.stable_policy().to_dict()]
+
+        def reconcile(self) -> None:
+            pass
+
+        def set_routes(self, policy: TrafficPolicy) -> bool:
+            if policy.to_dict() != first_stage and (restore_fails or policy != spec.stable_policy()):
+                raise RouterError("the model server answered 503")
+            self.history.append(policy.to_dict())
+            return True
+
+        def get_routes(self) -> TrafficPolicy:
+            return TrafficPolicy.from_dict(self.history[-1])
+
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "passed"))
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    with pytest.raises(cli.CommandError, match="the model server answered 503") as raised:
+        cli._run(args, spec, FailingRouter(), None, {}, cli._Lease(None, spec.model), "")
+    [report] = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert "rolloutctl run: the rollout failed: the model server answered 503" in report["text"]
+    if restore_fails:
+        assert "the routes are NOT back to version 1" in str(raised.value)
+        assert report["text"].startswith("Stopped digits v2, routes not restored: ")
+        assert "takes 100% of traffic again" not in json.dumps(report["blocks"])
+    else:
+        assert str(raised.value).endswith("version 1 takes 100% again")
+        assert report["text"].startswith("Rolled back digits v2: ")
