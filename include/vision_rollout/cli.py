@@ -516,7 +516,14 @@ def _run(
     """``cmd_run`` once its start checks passed, the model held and signals caught."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
-    from vision_rollout.notify import SlackNotifier, plain_report, promotion_message, rollback_message, stage_message
+    from vision_rollout.notify import (
+        Message,
+        SlackNotifier,
+        plain_report,
+        promotion_message,
+        rollback_message,
+        stage_message,
+    )
 
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
@@ -528,14 +535,24 @@ def _run(
 
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
+    def send(message: Message) -> None:
+        """To the outbox, when there is one. One that cannot be written is a warning: the rollout
+        and its exit code go by the evidence, not by the outbox's store."""
+        if notifier is None:
+            return
+        try:
+            notifier.send(message)
+        except Exception as exc:
+            log.warning("a report was not written to the outbox (%s): %s", message.text[:200], _message(exc))
+
     def report(outcome: StageOutcome) -> None:
         print(
             f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
             f"{outcome.reason}",
             flush=True,
         )
-        if notifier is not None and outcome.verdict is not None:
-            notifier.send(stage_message(spec, outcome.weight, outcome.verdict))
+        if outcome.verdict is not None:
+            send(stage_message(spec, outcome.weight, outcome.verdict))
 
     def shadow_audit(start: float, end: float) -> Any:
         """The DAG's shadow_consistency: the rollout's records, the spec's limits."""
@@ -552,16 +569,11 @@ def _run(
     def cut_short(why: str) -> str:
         """What serves now, read back; reported (``why`` and that) when there is an outbox."""
         where = _where_routes_are(router, spec)
-        if notifier is not None:
-            stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
-            if where.startswith(f"version {spec.candidate_version} takes 100%"):
-                message = plain_report(spec, "promote", stopped)
-            else:
-                message = rollback_message(spec, stopped, restored=restored)
-            try:
-                notifier.send(message)
-            except Exception as exc:  # (what the run did and its exit code come first)
-                log.warning("the report of the rollout's end was not written: %s", _message(exc))
+        stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
+        if where.startswith(f"version {spec.candidate_version} takes 100%"):
+            send(plain_report(spec, "promote", stopped))
+        else:
+            send(rollback_message(spec, stopped, restored=restored))
         return where
 
     rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit)
@@ -576,20 +588,19 @@ def _run(
         ended = f"the rollout failed{stopped}: {_message(exc)}"
         raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None
     last = result.stages[-1] if result.stages else None
-    if notifier is not None:
-        verdicts = [o.verdict for o in result.stages if o.verdict is not None]
-        failed = last if last is not None and last.decision != "pass" else None
-        notifier.send(
-            promotion_message(spec, verdicts, result.audit, reason=result.reason)
-            if result.promoted
-            else rollback_message(
-                spec,
-                result.reason,
-                failed.verdict if failed else None,
-                failed.weight if failed else None,
-                result.audit,
-            )
+    verdicts = [o.verdict for o in result.stages if o.verdict is not None]
+    failed = last if last is not None and last.decision != "pass" else None
+    send(
+        promotion_message(spec, verdicts, result.audit, reason=result.reason)
+        if result.promoted
+        else rollback_message(
+            spec,
+            result.reason,
+            failed.verdict if failed else None,
+            failed.weight if failed else None,
+            result.audit,
         )
+    )
     print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
     return 0 if result.promoted else 1
 

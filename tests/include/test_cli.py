@@ -576,3 +576,37 @@ def test_run_cut_short_by_an_error_reports_what_serves(tmp_path, monkeypatch, re
     else:
         assert str(raised.value).endswith("version 1 takes 100% again")
         assert report["text"].startswith("Rolled back digits v2: ")
+
+
+def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, monkeypatch, caplog):
+    """An outbox write failing (an object store's hiccup) raised out of the first stage's report:
+    the rollout put the stable version back and exited 4, "nothing was decided", for a canary
+    that passed; and after a promotion carried out, the final report's failure exited 4 too.
+    The rollout goes on, its exit code says what it did, and the lost report is a warning."""
+    import argparse
+    import logging
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.spec import RolloutSpec
+
+    def unwritable(self, name, data):
+        raise OSError("the object store answered 503")
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    verdict = evaluate_gate(samples(200))
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, verdict, "ok"))
+    monkeypatch.setattr(Folder, "write", unwritable)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    with caplog.at_level(logging.WARNING, logger="vision_rollout.cli"):
+        assert cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "") == 0
+    assert router.history[-1] == spec.promoted_policy().to_dict()
+    lost = [r.getMessage() for r in caplog.records if r.name == "vision_rollout.cli"]
+    assert len(lost) == 3  # two stages' reports and the promotion's
+    assert all("the object store answered 503" in m for m in lost)
+    assert "Promoted digits v2" in lost[-1]
