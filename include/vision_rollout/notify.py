@@ -305,8 +305,12 @@ def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
         )
     if result.anomalies is not None and len(result.anomalies):
         rows = [
-            f"`{short_digest(r.image_sha256, 12)}` primary {r.primary_top1} / shadow {r.shadow_top1}, confidence "
-            f"{r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
+            f"`{short_digest(r.image_sha256, 12)}` primary {r.primary_top1} / shadow {r.shadow_top1}, "
+            + (
+                f"confidence {r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
+                if math.isfinite(r.shadow_confidence)
+                else "no finite output (NaN or Inf)"  # (no confidence, no divergence)
+            )
             for r in result.anomalies.head(10).itertuples()
         ]
         blocks.append(section("*Anomaly samples* (image sha256)\n" + "\n".join(rows)))

@@ -277,3 +277,27 @@ def test_a_failing_latency_checks_p_value_is_the_evidence_of_harm():
     msg = rollback_message(SPEC, "r", evaluate_gate(samples(3000, ratio=1.25)))
     [p] = [f["text"] for f in msg.blocks[2]["fields"] if f["text"].startswith("*p-value*")]
     assert float(p.split("\n")[1].replace("&lt; ", "")) < 1e-6
+
+
+def test_an_anomaly_with_no_finite_output_reads_so_not_nan_and_inf():
+    import pandas as pd
+
+    from vision_rollout.audit import AuditResult
+    from vision_rollout.notify import audit_message
+
+    anomalies = pd.DataFrame(
+        {
+            "image_sha256": ["ab" * 32, "cd" * 32],
+            "primary_top1": [1, 2],
+            "shadow_top1": [3, 4],
+            "shadow_confidence": [float("nan"), 0.3],
+            "divergence": [float("inf"), 2.5],
+        }
+    )
+    result = AuditResult("digits", "s", "e", "fail", ["x"], 10, 0, 0.0, 0.9, (0.8, 0.95), 0.1, {}, 0.2)
+    result.anomalies = anomalies
+    text = audit_message(result).blocks[-1]["text"]["text"]
+    assert "`abababababab` primary 1 / shadow 3, no finite output (NaN or Inf)" in text
+    assert "`cdcdcdcdcdcd` primary 2 / shadow 4, confidence 0.30, divergence 2.50" in text
+    assert "nan" not in text
+    assert "inf" not in text.replace("Inf", "")
