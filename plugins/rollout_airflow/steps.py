@@ -711,9 +711,12 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
             message = promotion_message(spec, judged, reason=reason)
-        else:
-            failing = next((v for v in judged if v.decision != "pass"), None)
-            message = rollback_message(spec, reason, failing)
+        else:  # the stage that rolled it back, as judge_evidence finds it (none: every stage passed)
+            weight, failing = next(
+                ((w, v) for w, v in zip(spec.stages, verdicts, strict=False) if not v or v["decision"] != "pass"),
+                (None, None),
+            )
+            message = rollback_message(spec, reason, Verdict.from_dict(failing) if failing else None, weight)
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)

@@ -454,6 +454,18 @@ def test_a_teardown_never_reports_the_stable_version_back_where_it_is_not(monkey
     assert len(outbox_reports(monkeypatch, tmp_path)) == 2
 
 
+@pytest.mark.parametrize("second", [FAIL, None])
+def test_a_rollback_report_names_the_stage_that_rolled_it_back(monkeypatch, tmp_path, second):
+    """The DAG's rollback report said "was rolled back." where rolloutctl run's says at which
+    stage: one whose verdict failed, or one that ended on a tripped guard (no verdict)."""
+    outbox_reports(monkeypatch, tmp_path)
+    full = {"checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
+    verdicts = [{**PASS, **full}, second and {**second, **full}, None, None]
+    steps.notify(PARAMS, "rollback", "the 100% stage: hard guard tripped", verdicts)
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert "was rolled back at the 100% stage. Version 1 takes 100%" in report["blocks"][1]["text"]["text"]
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
