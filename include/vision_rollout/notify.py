@@ -206,16 +206,36 @@ def promotion_message(
             f"version {spec.baseline_version} retired, mirror off.{decision}"
         ),
     ]
-    for weight, v in zip(spec.stages, verdicts, strict=False):
-        blocks.append(
-            section(
-                f"{ICONS[v.decision]} *{weight}%*: {v.decision.upper()} at look {v.look} of "
-                f"{v.looks}. " + " ".join(c.sentence for c in v.checks if c.name in STAGE_EVIDENCE)
-            )
-        )
+    blocks += _stage_lines(spec, verdicts)
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)
+
+
+def _stage_lines(spec: RolloutSpec, verdicts: list[Verdict]) -> list[dict[str, Any]]:
+    return [
+        section(
+            f"{ICONS[v.decision]} *{weight}%*: {v.decision.upper()} at look {v.look} of "
+            f"{v.looks}. " + " ".join(c.sentence for c in v.checks if c.name in STAGE_EVIDENCE)
+        )
+        for weight, v in zip(spec.stages, verdicts, strict=False)
+    ]
+
+
+def approval_message(spec: RolloutSpec, verdicts: list[Verdict], reason: str, where: str, hours: float) -> Message:
+    """An approver's answer is asked for (``require_approval``): the evidence, where to answer
+    (``where``: the run), and what no answer within ``hours`` does."""
+    text = f"Approval needed: promote {spec.model} v{spec.candidate_version} to 100%?"
+    blocks = [
+        header(text),
+        section(
+            f"{ICONS['wait']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}). "
+            f"Promote or Roll back in Airflow's Required Actions ({one_line(where)}); no answer within "
+            f"{hours:g} h rolls back.\n*Evidence:* {one_line(reason)}"
+        ),
+        *_stage_lines(spec, verdicts),
+    ]
+    return Message(text, _limit(blocks))
 
 
 def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:

@@ -11,7 +11,8 @@ plan is empty (mesh ``local``).
 Asks only when the run was triggered with ``require_approval`` and the evidence says promote;
 otherwise it skips. The reviewer sees the stage verdicts and the shadow audit in the UI's
 "Required Actions" and answers Promote or Roll back; no answer within ``response_timeout``
-takes the default, Roll back. ``decide`` reads the answer.
+takes the default, Roll back. Slack is told an answer is awaited, with the evidence.
+``decide`` reads the answer.
 """
 
 from __future__ import annotations
@@ -125,4 +126,10 @@ class PromotionApproval(HITLOperator):
         self.body = steps.approval_body(params, reason, evidence[0])
         wait = int(self.response_timeout.total_seconds()) if self.response_timeout else MAX_LEASE_S
         steps.hold(steps.spec_from(params), context["run_id"], seconds=min(wait + LEASE_S, MAX_LEASE_S))
+        where = f"run {context['run_id']}, task {self.task_id}"
+
+        def ask(context: Any) -> None:  # (once the request is written: a notifier of the operator's)
+            steps.ask_approval(params, reason, evidence[0], where, wait / 3600)
+
+        self.notifiers = [*self.notifiers, ask]  # type: ignore[list-item]
         return super().execute(context)

@@ -487,6 +487,22 @@ def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, 
     return "\n".join(lines)
 
 
+def ask_approval(
+    params: dict[str, Any], reason: str, verdicts: list[dict[str, Any] | None], where: str, hours: float
+) -> None:
+    """Slack (or the outbox) is told an approver's answer is awaited, with the evidence: without
+    it nobody knew, and no answer rolled back once ``hours`` had passed. A report Slack did not
+    take is logged; the question stands in the UI all the same."""
+    from vision_rollout.gates import Verdict
+    from vision_rollout.notify import approval_message
+
+    spec = spec_from(params)
+    message = approval_message(spec, [Verdict.from_dict(v) for v in verdicts if v], reason, where, hours)
+    sent = slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+    if sent.get("slack_error"):
+        log.warning("the request for approval did not reach Slack (%s): it is in the outbox", sent["slack_error"])
+
+
 def judge_evidence(
     params: dict[str, Any],
     verdicts: list[dict[str, Any] | None],

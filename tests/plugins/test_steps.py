@@ -500,6 +500,38 @@ def test_a_promotion_report_says_who_approved_it_and_what_the_shadow_audit_showe
     )
 
 
+def test_a_promotion_awaiting_approval_is_announced_in_slack(monkeypatch, tmp_path):
+    """With require_approval the question waited in Airflow's Required Actions alone: nobody was
+    told in Slack, and 24 hours without an answer rolled the candidate back. Once the request is
+    written, Slack (here the outbox) is told, with the evidence and where to answer."""
+    import types
+
+    from airflow.providers.standard.operators import hitl
+
+    from rollout_airflow.operators import PromotionApproval
+
+    outbox_reports(monkeypatch, tmp_path)
+    monkeypatch.setattr(hitl, "upsert_hitl_detail", lambda **kwargs: None)
+    monkeypatch.setattr(steps, "hold", lambda *args, **kwargs: None)
+    params = {**PARAMS, "require_approval": True, "mirror_percent": 0}
+    verdict = {**PASS, "checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
+    run = XComs()
+    for i in (1, 2):
+        run.of(f"stage_{i}.statistical_gate").xcom_push("return_value", verdict)
+    task = PromotionApproval(task_id="approve_promotion", max_stages=4)
+    context = {"params": params, "ti": run, "run_id": "manual__1", "task_instance": types.SimpleNamespace(id="ti-1")}
+    from airflow.sdk.exceptions import TaskAwaitingInput
+
+    with pytest.raises(TaskAwaitingInput):  # (the task waits for the answer)
+        task.execute(context)
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["text"] == "Approval needed: promote digits v2 to 100%?"
+    text = report["blocks"][1]["text"]["text"]
+    assert "Required Actions (run manual__1, task approve_promotion); no answer within 24 h rolls back." in text
+    assert text.endswith("*Evidence:* every stage passed")
+    assert "*100%*: PASS at look 1 of 5." in json.dumps(report["blocks"])
+
+
 def test_a_mirror_that_samples_no_probe_id_fails_with_a_reason(monkeypatch, tmp_path, models_dir):
     """A tiny mirror_percent (0.01: one id in 10,000) left the probe's search of 10,000 random ids
     empty about a third of the time, and enable_shadow failed with a bare StopIteration. Here the
