@@ -288,7 +288,8 @@ def rollback_message(
             fields.append(f"*Margin / limit*\n{margin_text(first)}")
         if first.p_value is not None:
             fields.append(f"*p-value*\n{p_value(first.p_value)}")
-        fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
+        if first.n_baseline or first.n_canary:  # (a hard guard reads Prometheus, not samples)
+            fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))
         blocks += _check_lines([c for c in failing[1:]])
     if verdict is not None:

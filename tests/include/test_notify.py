@@ -259,6 +259,7 @@ def test_a_failing_checks_fields_are_in_its_unit_and_never_on_its_margin():
     assert {"*Effect*\n+5.57 pp", "*Interval*\n+4.91 pp to +6.30 pp", "*Margin / limit*\n0.1 pp"} <= set(fields(errors))
     p99 = Check("guard_p99", "fail", "P99 above", "guard", effect=75.25, margin=60.0)
     assert {"*Effect*\n75.25 ms", "*Margin / limit*\n60 ms"} <= set(fields(p99))
+    assert not [f for f in fields(p99) if f.startswith("*Samples*")]  # (not "baseline 0, canary 0")
     shadow = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.0100001, margin=0.01)
     assert {"*Effect*\n1.00001%", "*Margin / limit*\n1%"} <= set(fields(shadow))
     rate = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.00123, margin=0.001)
