@@ -656,7 +656,10 @@ def ensure_stable(
     except Exception as exc:
         if report is None and rolled_back is None and promoted != spec.candidate_version:
             # Nobody was told, and the stable version may not be back.
-            failed = f"its teardown could not put version {spec.baseline_version} back: {str(exc)[:500]}"
+            failed = (
+                f"its teardown could not put version {spec.baseline_version} back (the run's failure callback "
+                f"tries again, the routes only): {str(exc)[:500]}"
+            )
             try:
                 slack_notifier(spec.slack_channel, serving().settings.outbox).send(
                     rollback_message(spec, f"{what}; {failed}", restored=False)

@@ -445,7 +445,8 @@ def test_a_teardown_never_reports_the_stable_version_back_where_it_is_not(monkey
         assert "is not shown to take 100% of traffic again" in report["blocks"][1]["text"]["text"]
     assert "left as they are" in operator["text"]
     assert failed["text"].endswith(
-        "decide chose rollback, which did not finish; its teardown could not put version 1 back: "
+        "decide chose rollback, which did not finish; its teardown could not put version 1 back (the run's "
+        "failure callback tries again, the routes only): "
         "version 1 has no Deployment: the routes stay as they are"
     )
     # A rollback carried out and reported: nothing more is sent.
