@@ -638,13 +638,14 @@ def ensure_stable(
 
     It fails, once that is done, a run that ended before promote or rollback finished (marked
     failed in the UI, say, or one of them failed after ``decided``, decide's outcome), reporting
-    what it did to Slack (notify did not run), and a run whose report (``report``, notify's XCom)
+    what it did to Slack (notify did not run; a promotion found in effect is reported as one),
+    and a run whose report (``report``, notify's XCom)
     was not sent: Airflow would otherwise count either a success (a teardown's upstream failing
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
     nor notify ran) reports that to Slack, then fails; a report never says the stable version
     takes the traffic where it was not read back so.
     """
-    from vision_rollout.notify import rollback_message
+    from vision_rollout.notify import plain_report, rollback_message
 
     spec = spec_from(params)
     unfinished = decided in ("promote", "rollback")
@@ -667,6 +668,13 @@ def ensure_stable(
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise
+    if kept and promoted != spec.candidate_version:  # promote's routes in effect, promote not finished
+        if report is None:  # (a worker killed after its last write): nobody was told of the promotion
+            report = slack_notifier(spec.slack_channel, serving().settings.outbox).send(
+                plain_report(spec, "promote", f"{what}; {done}")
+            )
+        undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
+        raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if not kept and rolled_back is None:
         if report is None:  # notify did not run: the teardown reports what it did
             restored = done.startswith(f"version {spec.baseline_version} takes 100%")

@@ -467,6 +467,25 @@ def test_a_rollback_report_names_the_stage_that_rolled_it_back(monkeypatch, tmp_
     assert "was rolled back at the 100% stage. Version 1 takes 100%" in report["blocks"][1]["text"]["text"]
 
 
+def test_a_promotion_in_effect_whose_promote_did_not_finish_is_reported(monkeypatch, tmp_path):
+    """promote's routes and the baseline's retirement in effect, promote itself not finished (its
+    worker killed after its last write): the teardown kept the promotion, as it must, and failed
+    the run with "its report was not sent (see notify's log)"; notify had not run, and Slack
+    never heard the candidate took all of the traffic."""
+    outbox_reports(monkeypatch, tmp_path)
+    monkeypatch.setattr(steps, "finish", lambda *a, **k: (True, "version 2 was promoted: nothing to restore"))
+    with pytest.raises(AirflowFailException, match="decide chose promote, which did not finish"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, decided="promote")
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["text"] == (
+        "digits v2 against v1 promoted: version 2 takes 100%. Reason: decide chose promote, which did not "
+        "finish; version 2 was promoted: nothing to restore"
+    )
+    # promote finished and notify reported it: the teardown sends nothing more.
+    assert steps.ensure_stable(PARAMS, "run-a", "2", None, {"channel": "C1", "ts": "1"}, decided="promote")
+    assert len(outbox_reports(monkeypatch, tmp_path)) == 1
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
