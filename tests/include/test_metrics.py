@@ -305,7 +305,7 @@ def test_prometheus_answers_the_rollout_queries(stack):
     with pytest.raises(MultipleValues):
         source.query('nv_inference_request_success{model="digits"}')
     with pytest.raises(NoValuesFound):
-        source.query(PromQL.gpu_memory_used_bytes())
+        source.query(PromQL.gpu_peak("nv_gpu_memory_used_bytes", "digits", "1", "1m"))
     with pytest.raises(MetricsError, match=r"HTTP 400: .*parse error"):
         source.query("sum(")
     series = source.query_range(
