@@ -9,6 +9,8 @@ wrong; every default is here and nowhere else. The extras:
 - ``run_dir``: where the audits' reports and the outbox are kept (a folder, or an object store
   URI such as ``s3://bucket/run``: in Kubernetes mode a task's pod takes its disk with it), and
   in mesh ``local`` the rollouts' lock files and the routes before a rollout (a folder)
+- ``shared_folders``: true when ``run_dir`` and ``prediction_log``, folders, are on a volume every
+  worker mounts (``unshared``: with workers on several machines a folder is otherwise refused)
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode), and
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
@@ -64,6 +66,7 @@ EXTRA_SCHEMA: dict[str, Any] = {
         "prediction_log": _text(),
         "shadow_log": _text(),
         "run_dir": _text(),
+        "shared_folders": {"type": "boolean"},
         "istio": {
             "type": "object",
             "additionalProperties": False,
@@ -231,6 +234,7 @@ class ServingSettings:
     repository: Path = Path("models")
     prediction_log: str = "run/predictions"
     run_dir: str = "run"
+    shared_folders: bool = False  # the folders are on a volume every worker mounts
     istio_extra: Mapping[str, Any] = field(default_factory=dict)
     build: BuildSettings = field(default_factory=BuildSettings)  # connection-wide: see build_for
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # each model's own sections
@@ -255,6 +259,7 @@ class ServingSettings:
             repository=Path(extra.get("repository") or defaults.repository),
             prediction_log=extra.get("prediction_log") or extra.get("shadow_log") or defaults.prediction_log,
             run_dir=extra.get("run_dir") or defaults.run_dir,
+            shared_folders=bool(extra.get("shared_folders")),
             istio_extra=dict(extra.get("istio") or {}),
             build=BuildSettings(**_build_fields(extra.get("build") or {})),
             models={name: dict(sections) for name, sections in (extra.get("models") or {}).items()},
@@ -272,6 +277,24 @@ class ServingSettings:
                 if problem:
                     raise SettingsError(f"the {CONNECTION} extra {where}.autoscaling_metrics[{i}]: {problem}")
         return settings
+
+    def unshared(self, executor: str) -> str | None:
+        """Why these settings cannot serve workers on several machines (``executor`` runs tasks
+        there): ``run_dir`` or ``prediction_log`` is a folder on one machine's disk, where a task
+        on another worker would not find the outbox, the audits' marks, the locks or the model
+        servers' records. None when both are object store URIs, or ``shared_folders`` says the
+        folders are on a volume every worker mounts."""
+        if self.shared_folders:
+            return None
+        for name, uri in (("run_dir", self.run_dir), ("prediction_log", self.prediction_log)):
+            if Folder(uri).path is not None:
+                return (
+                    f"the {executor} runs tasks on several machines and the {CONNECTION} extra {name} "
+                    f"({uri[:200]!r}) is a folder on one machine's disk, which a task on another worker "
+                    "would not see: give an object store URI (s3://...), or a folder every worker mounts "
+                    'and say so with "shared_folders": true'
+                )
+        return None
 
     @property
     def address(self) -> str:

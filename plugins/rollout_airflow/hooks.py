@@ -83,6 +83,18 @@ def _extras(conn: Any) -> dict[str, Any]:
     return extra
 
 
+def distributed_executor() -> str | None:
+    """The first of Airflow's configured executors whose workers may run on several machines
+    (Celery, Kubernetes, ...), or None where all run on this one (LocalExecutor)."""
+    from airflow.configuration import conf
+
+    for entry in str(conf.get("core", "executor", fallback="LocalExecutor")).split(","):
+        name = entry.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1]  # an alias, a module path
+        if name and name not in ("LocalExecutor", "SequentialExecutor"):
+            return name
+    return None
+
+
 class ModelServerHook(BaseHook):
     """The ``model_server_default`` connection as typed settings (read once per hook), and what
     is built from them: the mesh router, the admin client, the version Deployments."""
@@ -98,8 +110,17 @@ class ModelServerHook(BaseHook):
 
     @cached_property
     def settings(self) -> ServingSettings:
+        """The connection's settings; folders on one machine's disk under an executor whose
+        workers run on several fail the task naming the extra (``ServingSettings.unshared``)."""
+        from vision_rollout.settings import SettingsError
+
         conn = self.get_connection(self.model_server_conn_id)
-        return ServingSettings.from_connection(_http_url(conn, 8000), conn.password, _extras(conn))
+        settings = ServingSettings.from_connection(_http_url(conn, 8000), conn.password, _extras(conn))
+        executor = distributed_executor()
+        problem = settings.unshared(executor) if executor else None
+        if problem:
+            raise SettingsError(problem)
+        return settings
 
     @property
     def admin(self) -> ModelServerAdmin:

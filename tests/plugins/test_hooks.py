@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,34 @@ def test_model_server_and_prometheus_hooks_read_their_connections(monkeypatch, t
     router = hook.router("digits", tmp_path / "original.json")
     assert (router.url, router.token) == ("http://127.0.0.1:8123", "s3cret-admin-token")
     assert PrometheusHook().source().url == "http://127.0.0.1:9191"
+
+
+@pytest.mark.parametrize(
+    ("executor", "extra", "refused"),
+    [
+        ("CeleryExecutor", {}, "run_dir ('run')"),
+        ("LocalExecutor,KubernetesExecutor", {"run_dir": "s3://b/run"}, "prediction_log ('run/predictions')"),
+        ("my_alias:my.module.CeleryExecutor", {"prediction_log": "s3://b/p"}, "run_dir"),
+        ("CeleryExecutor", {"run_dir": "s3://b/run", "prediction_log": "s3://b/p"}, None),
+        ("CeleryExecutor", {"shared_folders": True}, None),  # an NFS volume every worker mounts
+        ("LocalExecutor", {}, None),  # one machine
+    ],
+)
+def test_folders_on_one_disk_are_refused_where_workers_run_on_several_machines(monkeypatch, executor, extra, refused):
+    """The outbox, the shadow audit's marks, mesh local's locks and the model servers' records must
+    be where every worker finds them: a Celery worker on another machine re-audited and re-sent
+    every hour another had marked, and found no lock held."""
+    from vision_rollout.settings import SettingsError
+
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    conn(monkeypatch, "model_server_default", conn_type="http", host="127.0.0.1", extra=extra)
+    if refused is None:
+        assert ModelServerHook().settings.run_dir == extra.get("run_dir", "run")
+        return
+    with pytest.raises(SettingsError, match=re.escape(refused)) as exc:
+        _ = ModelServerHook().settings
+    assert "on one machine's disk" in str(exc.value)
+    assert '"shared_folders": true' in str(exc.value)
 
 
 @pytest.mark.parametrize(
