@@ -18,7 +18,9 @@ Roll a new version of a model out to production, or roll it back, with the evide
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
    candidate unloaded, mirror off); then **notify** sends the report to Slack. With
    `require_approval`, **approve_promotion** first asks a reviewer (Required Actions in the UI;
-   no answer in 24 h rolls back).
+   no answer in 24 h rolls back). While it waits, the last stage's hard guards are read every
+   look interval: a breach puts stable back at once, tells Slack and answers Roll back, and
+   decide rolls back whatever the answer.
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 

@@ -323,9 +323,8 @@ def judge_stage(
             "validation_drop": replay_drop(current, images),
         }
     )
-    tripped = [c.sentence for c in guard_checks(guard_in, cfg) if c.decision == "fail"]
-    if tripped:
-        return state("breach", 0, None, "hard guard tripped: " + " ".join(tripped))
+    if breach := tripped(guard_in, cfg):
+        return state("breach", 0, None, breach)
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -537,6 +536,20 @@ def guard_inputs(
         unavailable="; ".join(dict.fromkeys(down)) or None,
         missing=missing,
     )
+
+
+def tripped(guards: GuardInputs, cfg: GateConfig) -> str | None:
+    """The hard guards that tripped, in one sentence; None when none did."""
+    failed = [c.sentence for c in guard_checks(guards, cfg) if c.decision == "fail"]
+    return "hard guard tripped: " + " ".join(failed) if failed else None
+
+
+def guard_breach(source: MetricsSource | None, spec: RolloutSpec, since: float, now: float | None = None) -> str | None:
+    """The last stage's hard guards on Prometheus (the P99's sustained breach over the stage
+    from ``since``, its start; the shadow's error rate), as its pokes read them, while its
+    promotion awaits an approval: the sentence of those that tripped, None when none did. Guards
+    that cannot be read, or have no data, trip nothing: the stage passed under them already."""
+    return tripped(guard_inputs(source, spec, now, since), GateConfig.from_spec(spec))
 
 
 def _count(source: MetricsSource, promql: str) -> int:

@@ -12,7 +12,10 @@ Asks only when the run was triggered with ``require_approval`` and the evidence 
 otherwise it skips. The reviewer sees the stage verdicts and the shadow audit in the UI's
 "Required Actions" and answers Promote or Roll back; no answer within ``response_timeout``
 takes the default, Roll back. Slack is told an answer is awaited, with the evidence.
-``decide`` reads the answer.
+Meanwhile the last stage's hard guards are read every look interval (``triggers``): one that
+trips puts the stable version back at once, tells Slack, and answers Roll back in the
+approver's stead; a Promote reads them once more before it counts. ``decide`` reads the answer,
+and the breach (``guard_breach``) whatever the answer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk.exceptions import TaskAwaitingInput
 
 PROMOTE, ROLL_BACK = "Promote", "Roll back"
 BUILD_LEASE_S = 2 * 3600  # the model's lease while its image builds (a pod start and a build)
@@ -97,8 +101,9 @@ class ImageBuild(KubernetesPodOperator):
 
 class PromotionApproval(HITLOperator):
     """``approve_promotion``: with ``require_approval``, a reviewer answers Promote or Roll back
-    in Airflow's Required Actions (Roll back when no answer comes in ``response_timeout``);
-    skipped otherwise, and when the evidence says roll back."""
+    in Airflow's Required Actions (Roll back when no answer comes in ``response_timeout``), while
+    the last stage's hard guards are read on (``GuardedApprovalTrigger``); skipped otherwise, and
+    when the evidence says roll back."""
 
     def __init__(self, *, max_stages: int, response_timeout: timedelta = timedelta(hours=24), **kwargs: Any):
         super().__init__(
@@ -132,4 +137,41 @@ class PromotionApproval(HITLOperator):
             steps.ask_approval(params, reason, evidence[0], where, wait / 3600)
 
         self.notifiers = [*self.notifiers, ask]  # type: ignore[list-item]
-        return super().execute(context)
+        try:
+            return super().execute(context)  # the request written and announced; then it parks the task
+        except TaskAwaitingInput:  # parked, nothing would read the guards: the trigger waits instead
+            pass
+        from airflow.sdk.timezone import utcnow
+
+        from rollout_airflow.triggers import GuardedApprovalTrigger
+        from vision_rollout.engine import poke_interval
+
+        self.defer(
+            trigger=GuardedApprovalTrigger(
+                ti_id=context["task_instance"].id,
+                options=self.options,
+                defaults=self.defaults,
+                params=self.serialized_params,
+                multiple=self.multiple,
+                timeout_datetime=utcnow() + self.response_timeout if self.response_timeout else None,
+                rollout=dict(params),
+                since=steps.last_stage_start(params, context["ti"]),
+                look_s=poke_interval(steps.spec_from(params)),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """The answer, and the guards: a breach the trigger saw, or (for Promote) one read now,
+        puts the stable version back and is kept in the XCom's ``guard_breach`` for ``decide``."""
+        from rollout_airflow import steps
+
+        answer = super().execute_complete(context, event)
+        params = context["params"]
+        breach = event.get("guard_breach")
+        if breach is None and answer["chosen_options"] == [PROMOTE]:
+            breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))
+        if breach:
+            steps.breach_while_waiting(params, context["run_id"], breach)
+            return {**answer, "guard_breach": breach}
+        return answer

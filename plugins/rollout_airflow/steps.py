@@ -482,7 +482,8 @@ def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, 
     lines += [
         "",
         "Promote: the candidate takes 100%, the baseline is retired, the mirror is off. "
-        "Roll back: the baseline takes 100% again. No answer in time rolls back.",
+        "Roll back: the baseline takes 100% again. No answer in time rolls back; "
+        "a hard guard that trips meanwhile rolls back at once.",
     ]
     return "\n".join(lines)
 
@@ -501,6 +502,35 @@ def ask_approval(
     sent = slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
     if sent.get("slack_error"):
         log.warning("the request for approval did not reach Slack (%s): it is in the outbox", sent["slack_error"])
+
+
+def last_stage_start(params: dict[str, Any], ti: Any) -> float:
+    """When the last stage's weights took effect (``apply_mesh_weights``' XCom): where the guards
+    read while a promotion awaits its approval begin."""
+    applied = ti.xcom_pull(task_ids=f"stage_{len(spec_from(params).stages)}.apply_mesh_weights") or {}
+    return float(applied.get("started") or time.time())
+
+
+def guards_while_waiting(params: dict[str, Any], since: float) -> str | None:
+    """The last stage's hard guards, read again while its promotion awaits an approval
+    (``engine.guard_breach``): the sentence of those that tripped, None when none did."""
+    from vision_rollout.engine import guard_breach
+
+    return guard_breach(PrometheusHook().source(), spec_from(params), since)
+
+
+def breach_while_waiting(params: dict[str, Any], run_id: str, breach: str) -> None:
+    """A hard guard tripped while the promotion awaited its approval: the stable version takes
+    100% again at once (as a stage's breach puts it back), and Slack is told; ``decide`` rolls
+    back whatever the answer."""
+    from vision_rollout.notify import rollback_message
+
+    spec = spec_from(params)
+    restore_stable(params, run_id, unload_candidate=False)
+    message = rollback_message(spec, f"{breach} (while the promotion awaited approval)", None, spec.stages[-1])
+    sent = slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+    if sent.get("slack_error"):
+        log.warning("the guard breach did not reach Slack (%s): it is in the outbox", sent["slack_error"])
 
 
 def judge_evidence(
@@ -529,6 +559,8 @@ def decide(
         return outcome, reason
     if approval is None:
         return "rollback", f"{reason}; but promotion was not approved (no answer from a reviewer)"
+    if approval.get("guard_breach"):
+        return "rollback", f"{reason}; but while the promotion awaited approval, {approval['guard_breach']}"
     who = approval.get("responded_by_user") or {}
     by = f"by {who.get('name') or who.get('id')}" if who else "by default (no answer in time)"
     if approval.get("chosen_options") == ["Promote"]:

@@ -108,6 +108,7 @@ def test_the_reviewer_reads_each_stage():
     assert "**50%**: PASS at look 1" in body
     assert "**100%**: PASS at look 1" in body
     assert "No answer in time rolls back" in body
+    assert "a hard guard that trips meanwhile rolls back at once" in body
 
 
 def test_integers_given_as_floats_are_the_runs_integers():
@@ -540,10 +541,16 @@ def test_a_promotion_awaiting_approval_is_announced_in_slack(monkeypatch, tmp_pa
         run.of(f"stage_{i}.statistical_gate").xcom_push("return_value", verdict)
     task = PromotionApproval(task_id="approve_promotion", max_stages=4)
     context = {"params": params, "ti": run, "run_id": "manual__1", "task_instance": types.SimpleNamespace(id="ti-1")}
-    from airflow.sdk.exceptions import TaskAwaitingInput
+    from airflow.sdk.exceptions import TaskDeferred
 
-    with pytest.raises(TaskAwaitingInput):  # (the task waits for the answer)
+    from rollout_airflow.triggers import GuardedApprovalTrigger
+
+    run.of("stage_2.apply_mesh_weights").xcom_push("return_value", {"weight": 100, "started": 1000.0})
+    with pytest.raises(TaskDeferred) as deferred:  # (the task waits for the answer, the guards read on)
         task.execute(context)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, GuardedApprovalTrigger)
+    assert (trigger.since, trigger.rollout, trigger.defaults) == (1000.0, params, ["Roll back"])
     (report,) = outbox_reports(monkeypatch, tmp_path)
     assert report["text"] == "Approval needed: promote digits v2 to 100%?"
     text = report["blocks"][1]["text"]["text"]
@@ -762,3 +769,193 @@ def test_a_candidate_replaced_after_its_check_is_refused_at_its_load(server_fact
     with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
         steps.ensure_stable(PARAMS, "run-a", None, None, None)  # the teardown
     assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+
+
+# -- the hard guards while a promotion awaits its approval -------------------------------------
+
+GUARDED = {**PARAMS, "require_approval": True, "mirror_percent": 0, "p99_ms_max": 60, "p99_breach_seconds": 120}
+
+
+def p99_since(monkeypatch, since: float, ms: float):
+    """Prometheus as the guards see it: the canary's P99 at ``ms`` from ``since`` until now."""
+    import time
+
+    from rollout_airflow.hooks import PrometheusHook
+    from tests.include.test_metrics import History
+
+    source = History([(t, ms) for t in range(int(since), int(time.time()) + 60, 5)])
+    monkeypatch.setattr(PrometheusHook, "source", lambda self: source)
+    return source
+
+
+class Answers:
+    """Airflow's record of the question, as the trigger reads and writes it."""
+
+    def __init__(self, monkeypatch, answer_after: int | None = None):
+        from airflow.providers.standard.triggers import hitl as trigger_hitl
+        from airflow.sdk.execution_time import hitl
+
+        self.reads, self.written, self.answer_after = 0, [], answer_after
+        monkeypatch.setattr(trigger_hitl, "get_hitl_detail_content_detail", self.get)
+        monkeypatch.setattr(hitl, "update_hitl_detail_response", self.update)
+
+    def answered(self) -> bool:
+        return self.answer_after is not None and self.reads > self.answer_after
+
+    def get(self, ti_id):
+        import types
+        from datetime import UTC, datetime
+
+        self.reads += 1
+        if not self.answered():
+            return types.SimpleNamespace(response_received=False, chosen_options=None, responded_at=None)
+        return types.SimpleNamespace(
+            response_received=True,
+            chosen_options=["Promote"],
+            params_input={},
+            responded_at=datetime.now(UTC),
+            responded_by_user=types.SimpleNamespace(id="alice", name="Alice"),
+        )
+
+    def update(self, ti_id, chosen_options, params_input):
+        import types
+        from datetime import UTC, datetime
+
+        if self.answer_after is not None and self.reads >= self.answer_after:
+            raise RuntimeError("409: already answered")
+        self.written.append(chosen_options)
+        return types.SimpleNamespace(responded_at=datetime.now(UTC))
+
+
+def wait_for_answer(since: float) -> dict:
+    """The trigger as the triggerer runs it (from its serialized form), to its first event."""
+    import asyncio
+    import uuid
+
+    from airflow.sdk.module_loading import import_string
+
+    from rollout_airflow.triggers import GuardedApprovalTrigger
+
+    trigger = GuardedApprovalTrigger(
+        ti_id=uuid.uuid4(),
+        options=["Promote", "Roll back"],
+        defaults=["Roll back"],
+        params={},
+        timeout_datetime=None,
+        poke_interval=0.01,
+        rollout=GUARDED,
+        since=since,
+        look_s=0.01,
+    )
+    path, kwargs = trigger.serialize()
+    assert import_string(path)(**kwargs).serialize() == (path, kwargs)  # a triggerer restarted: the same
+
+    async def first() -> dict:
+        async for event in import_string(path)(**kwargs).run():
+            return event.payload
+        raise AssertionError("no event")
+
+    return asyncio.run(asyncio.wait_for(first(), 30))
+
+
+def test_a_p99_breach_while_the_approval_waits_answers_roll_back(monkeypatch):
+    """The candidate kept the last stage's 100% for up to 24 h while the approval waited, and no
+    hard guard was read: a P99 breach went unseen. The guards are read on; one that trips ends
+    the wait with Roll back recorded as the answer and the breach in the event."""
+    import time
+
+    since = time.time() - 300  # the last stage began 5 min ago; its P99 is 200 ms (limit 60) since
+    source = p99_since(monkeypatch, since, 200.0)
+    answers = Answers(monkeypatch)
+    event = wait_for_answer(since)
+    assert answers.written == [["Roll back"]]  # the question leaves Required Actions
+    assert event["chosen_options"] == ["Roll back"]
+    assert event["responded_by_user"] is None
+    assert event["guard_breach"].startswith("hard guard tripped: Canary P99 is 200.0 ms (limit 60 ms)")
+    assert source.ranges[-1][0] == since  # the whole stage, as its pokes read it
+
+
+def test_guards_within_their_limits_keep_the_approval_waiting_for_its_answer(monkeypatch):
+    import time
+
+    since = time.time() - 300
+    source = p99_since(monkeypatch, since, 20.0)
+    answers = Answers(monkeypatch, answer_after=3)
+    event = wait_for_answer(since)
+    assert event["chosen_options"] == ["Promote"]
+    assert "guard_breach" not in event
+    assert answers.written == []
+    assert len(source.ranges) >= 2  # read at each look (from one look in) while the answer was awaited
+
+
+def test_an_answer_given_before_the_breach_was_recorded_is_the_answer(monkeypatch):
+    """The approver answered between the last read of the answer and the breach: Airflow refuses
+    a second answer, and the trigger ends with the approver's (the task reads the guards again)."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 200.0)
+    answers = Answers(monkeypatch, answer_after=1)  # (answered once the trigger read no answer)
+    event = wait_for_answer(since)
+    assert event["chosen_options"] == ["Promote"]
+    assert event["responded_by_user"] == {"id": "alice", "name": "Alice"}
+    assert answers.written == []
+
+
+def approved(monkeypatch, tmp_path, option: str, since: float):
+    """``approve_promotion`` resumed with ``option`` as the answer; stable restores recorded."""
+    from datetime import UTC, datetime
+
+    from rollout_airflow.operators import PromotionApproval
+
+    outbox_reports(monkeypatch, tmp_path)
+    restored = []
+    monkeypatch.setattr(steps, "restore_stable", lambda *args, **kwargs: restored.append((args, kwargs)))
+    run = XComs()
+    run.of("stage_2.apply_mesh_weights").xcom_push("return_value", {"weight": 100, "started": since})
+    task = PromotionApproval(task_id="approve_promotion", max_stages=4)
+    event = {
+        "chosen_options": [option],
+        "params_input": {},
+        "responded_at": datetime.now(UTC),
+        "responded_by_user": {"id": "alice", "name": "Alice"},
+    }
+    context = {"params": GUARDED, "ti": run, "run_id": "manual__1"}
+    return task.execute_complete(context, event), restored
+
+
+def test_a_promote_answered_under_a_tripped_guard_restores_stable_and_rolls_back(monkeypatch, tmp_path):
+    """The answer came between two reads of the guards, after the P99 breached: Promote acted on
+    evidence the guards no longer backed. The guards are read once more before it counts."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 200.0)
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since)
+    assert restored == [((GUARDED, "manual__1"), {"unload_candidate": False})]  # as a stage's breach
+    assert answer["guard_breach"].startswith("hard guard tripped: Canary P99 is 200.0 ms")
+    outcome, reason = decide(GUARDED, [PASS, PASS], None, approval=answer)
+    assert outcome == "rollback"
+    assert "while the promotion awaited approval, hard guard tripped: Canary P99" in reason
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["text"].startswith("Rolled back digits v2: hard guard tripped: Canary P99 is 200.0 ms")
+    assert "(while the promotion awaited approval)" in json.dumps(report["blocks"])
+
+
+def test_a_promote_under_guards_within_their_limits_promotes(monkeypatch, tmp_path):
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since)
+    assert restored == []
+    assert "guard_breach" not in answer
+    assert decide(GUARDED, [PASS, PASS], None, approval=answer)[0] == "promote"
+
+
+def test_a_breach_the_trigger_saw_rolls_back_whatever_the_answer(monkeypatch, tmp_path):
+    """decide rolls back on the breach even where the record says Promote (the answer came first)."""
+    assert decide(GUARDED, [PASS, PASS], None, approval={**ALICE, "guard_breach": "hard guard tripped: X."}) == (
+        "rollback",
+        "every stage passed; but while the promotion awaited approval, hard guard tripped: X.",
+    )

@@ -87,7 +87,7 @@ def wait_until_the_scheduler_saw_the_pause(scheduler_log: Path, run_id: str) -> 
         "TaskInstance Finished" in line
         and "task_id=approve_promotion" in line
         and run_id in line
-        and "state=awaiting_input" in line
+        and "state=deferred" in line
         for line in scheduler_log.read_text().splitlines()
     ):
         time.sleep(0.5)
@@ -99,7 +99,7 @@ def promoted_run(up, api):
     scheduler_log = up[0] / "airflow" / "logs" / "scheduler.log"
     api.wait_for_dag("model_rollout")
     run_id = api.trigger("model_rollout", {**CONF, "require_approval": True})
-    waiting = api.wait_for_task("model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=240)
+    waiting = api.wait_for_task("model_rollout", run_id, "approve_promotion", {"deferred"}, timeout_s=240)
     wait_until_the_scheduler_saw_the_pause(scheduler_log, run_id)
     request = api.hitl("model_rollout", run_id, "approve_promotion")
     answer = api.respond("model_rollout", run_id, "approve_promotion", "Promote")
@@ -178,7 +178,7 @@ def test_the_rest_api_refuses_a_wrong_password(up):
 def test_a_rest_triggered_run_with_conf_promotes_version_2(up, api, promoted_run):
     run_dir, state = up
     run_id, run, waiting, request, answer = promoted_run
-    assert waiting["state"] == "awaiting_input"  # promotion waited for the reviewer
+    assert waiting["state"] == "deferred"  # promotion waited for an answer (the guards read meanwhile)
     assert request["subject"] == "Promote digits v2 to 100%?"
     assert request["options"] == ["Promote", "Roll back"]
     assert "**50%**" in request["body"]  # the reviewer reads each stage's verdict
@@ -345,7 +345,7 @@ def test_a_four_stage_rollout_of_ten_looks_survives_its_scheduler_and_triggerer_
     run_id = api.trigger("model_rollout", conf)
     api.wait_for_task("model_rollout", run_id, "stage_1.wait_for_metrics", {"up_for_reschedule"}, timeout_s=240)
     restart_component(run, state, "scheduler")
-    api.wait_for_task("model_rollout", run_id, "approve_promotion", {"awaiting_input"}, timeout_s=600)
+    api.wait_for_task("model_rollout", run_id, "approve_promotion", {"deferred"}, timeout_s=600)
     restart_component(run, state, "triggerer")
     wait_until_the_scheduler_saw_the_pause(run / "airflow" / "logs" / "scheduler.log", run_id)
     api.respond("model_rollout", run_id, "approve_promotion", "Promote")

@@ -1,0 +1,91 @@
+"""``approve_promotion``'s wait: Airflow's human-in-the-loop trigger, with the last stage's hard
+guards read again every look interval while the answer is awaited.
+
+The trigger keeps nothing but its arguments (the run's Params, when the last stage began, the
+look interval, the answer's deadline): a triggerer that restarts, or another triggerer that takes
+it over, reads the same guards over the same stage. An answer given in the UI resumes the task
+at once (the API moves the deferred task on); the trigger is then cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.providers.standard.triggers.hitl import HITLTrigger
+from airflow.triggers.base import TriggerEvent
+from asgiref.sync import sync_to_async
+
+ROLL_BACK = "Roll back"
+
+
+class GuardedApprovalTrigger(HITLTrigger):
+    """Waits for the answer as ``HITLTrigger`` does (the default, Roll back, once the deadline
+    passed), and every ``look_s`` reads the last stage's hard guards from ``since`` on
+    (``steps.guards_while_waiting``). A guard that trips answers Roll back in the approver's
+    stead (the question leaves Required Actions) and ends the wait with the breach in the
+    event's ``guard_breach``; an answer that came first is taken as it is."""
+
+    def __init__(self, *, rollout: dict[str, Any], since: float, look_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rollout, self.since, self.look_s = rollout, since, look_s
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        _, kwargs = super().serialize()
+        extra = {"rollout": self.rollout, "since": self.since, "look_s": self.look_s}
+        return f"{type(self).__module__}.{type(self).__qualname__}", {**kwargs, **extra}
+
+    async def read_guards(self) -> str | None:
+        from rollout_airflow import steps
+
+        try:
+            return await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since)
+        except Exception:  # read again at the next look; nothing trips meanwhile
+            self.log.exception("the hard guards could not be read")
+            return None
+
+    async def roll_back(self, breach: str) -> TriggerEvent:
+        """Roll back recorded as the answer, unless one came first (then that answer: the task
+        reads the guards again before it acts on it)."""
+        from airflow.sdk.execution_time import hitl
+
+        try:
+            resp = await sync_to_async(hitl.update_hitl_detail_response)(
+                ti_id=self.ti_id, chosen_options=[ROLL_BACK], params_input=self.params.dump()
+            )
+        except Exception:
+            answered = await self._handle_response()
+            if answered is None:
+                raise
+            return answered
+        self.log.warning("%s: Roll back, in the approver's stead", breach)
+        return TriggerEvent(
+            {
+                "chosen_options": [ROLL_BACK],
+                "params_input": self.params.dump(),
+                "responded_by_user": None,
+                "responded_at": resp.responded_at,
+                "timedout": False,
+                "guard_breach": breach,
+            }
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from airflow.sdk.timezone import utcnow
+
+        next_look = time.monotonic() + self.look_s  # (the stage read them last, as it passed)
+        while True:
+            if self.timeout_datetime and self.timeout_datetime < utcnow():
+                yield await self._handle_timeout()
+                return
+            if event := await self._handle_response():
+                yield event
+                return
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + self.look_s
+                if breach := await self.read_guards():
+                    yield await self.roll_back(breach)
+                    return
+            await asyncio.sleep(self.poke_interval)
