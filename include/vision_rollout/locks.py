@@ -220,8 +220,12 @@ class FileLock(CompareAndSwapLock):
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as out:
-                out.write(_record(holding))
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(_record(holding))
+            except BaseException:  # a full disk, a signal: no empty lock file refusing every later run
+                self.path.unlink()
+                raise
         return True
 
     def _replace(self, holding: Holding, version: str) -> bool:

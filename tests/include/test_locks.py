@@ -217,6 +217,24 @@ def test_an_unreadable_lock_file_is_named(tmp_path):
         FileLock("digits", tmp_path).acquire("run-a")
 
 
+def test_a_lock_file_that_could_not_be_written_whole_is_not_left_behind(tmp_path, monkeypatch):
+    """A full disk (or a kill) while the record is written: no empty lock file stays to refuse
+    every later run as unreadable; the model is free and the next run takes it."""
+    import vision_rollout.locks as locks
+
+    record = locks._record
+
+    def full_disk(holding):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(locks, "_record", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        FileLock("digits", tmp_path).acquire("run-a")
+    assert not (tmp_path / "digits.lock").exists()
+    monkeypatch.setattr(locks, "_record", record)
+    assert FileLock("digits", tmp_path).acquire("run-b").holder == "run-b"
+
+
 def test_the_lock_file_holds_the_run_and_its_expiry(tmp_path):
     FileLock("digits", tmp_path, clock=Clock()).acquire("run-a", seconds=120)
     record = json.loads((tmp_path / "digits.lock").read_text())
