@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import traceback
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -453,7 +454,9 @@ class _Lease:
         from vision_rollout.locks import FileLock
 
         self.lock = FileLock(model, folder) if folder is not None else None
-        self.holder = f"rolloutctl on {socket.gethostname()} (pid {os.getpid()})"
+        # A name of this run's own: containers sharing the host's network share its host name,
+        # and each may run rolloutctl as its pid 1 (the lease takes its holder's retry as its own).
+        self.holder = f"rolloutctl on {socket.gethostname()} (pid {os.getpid()}, {uuid.uuid4().hex[:12]})"
         self.before: Any = None
         self.touched = False
 

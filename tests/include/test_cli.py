@@ -610,3 +610,16 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert len(lost) == 3  # two stages' reports and the promotion's
     assert all("the object store answered 503" in m for m in lost)
     assert "Promoted digits v2" in lost[-1]
+
+
+def test_two_runs_on_one_host_with_one_pid_do_not_both_hold_the_model(tmp_path):
+    """rolloutctl's holder was its host name and pid: two containers sharing the host's network
+    (so its name), each rolloutctl their pid 1, named one holder, and the second run took the
+    lock as the first's own retry. Each run holds it under a name of its own."""
+    from vision_rollout import cli
+
+    with cli._Lease(tmp_path, "digits") as first:
+        with pytest.raises(cli.CommandError, match="nothing changed: model 'digits' is being rolled out by"):
+            cli._Lease(tmp_path, "digits").__enter__()
+        assert FileLock("digits", tmp_path).holding().holder == first.holder
+    assert FileLock("digits", tmp_path).holding() is None
