@@ -734,9 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"rolloutctl {args.command}: {exc}", file=sys.stderr)
         return USAGE
-    except KeyboardInterrupt:  # (run handles its own, the stable version back first)
+    except KeyboardInterrupt as exc:  # (run handles its own, the stable version back first)
         print(f"rolloutctl {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     except Exception as exc:
         from vision_rollout.locks import LockError
         from vision_rollout.mesh import RouterError

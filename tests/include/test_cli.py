@@ -623,3 +623,21 @@ def test_two_runs_on_one_host_with_one_pid_do_not_both_hold_the_model(tmp_path):
             cli._Lease(tmp_path, "digits").__enter__()
         assert FileLock("digits", tmp_path).holding().holder == first.holder
     assert FileLock("digits", tmp_path).holding() is None
+
+
+def test_run_stopped_by_sigterm_while_taking_the_lock_exits_143(tmp_path, capsys, monkeypatch):
+    """A SIGTERM that landed before the start checks (taking the model's lock on a slow shared
+    disk) exited 130, Ctrl-C's code; a run stopped by a signal exits 128 + its number."""
+    from vision_rollout import cli
+
+    def stopped(self):
+        raise cli.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(cli._Lease, "__enter__", stopped)
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    argv = ["run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--validation", str(tmp_path)]
+    argv += ["--prediction-log", str(tmp_path), "--no-hard-guards", "--lock-dir", str(tmp_path / "locks")]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (143, "")
+    assert "interrupted" in err
