@@ -649,7 +649,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--token-file", type=Path)
     m.set_defaults(func=cmd_mesh)
     v = sub.add_parser("verify-model", help="check a candidate artifact before any traffic")
-    v.add_argument("path", type=Path)
+    v.add_argument("path", type=_existing_file)
     v.add_argument("--baseline", type=_existing_file)
     v.add_argument("--model-dir", type=Path, help="the model's repository folder (config.json, validation/)")
     v.add_argument("--json", action="store_true")

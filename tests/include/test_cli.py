@@ -359,6 +359,11 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
     code, out, err = run(capsys, "verify-model", candidate, "--baseline", str(tmp_path / "typo.onnx"))
     assert (code, out) == (2, "")
     assert "no such file" in err
+    # A mistyped candidate, or a folder, likewise: it was "FAILED: ... sha256  (0 bytes) on ", exit 1.
+    for mistyped in (tmp_path / "typo.onnx", tmp_path):
+        code, out, err = run(capsys, "verify-model", str(mistyped))
+        assert (code, out) == (2, "")
+        assert f"no such file: {str(mistyped)!r}" in err
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not onnx")
     code, out, _ = run(capsys, "verify-model", candidate, "--baseline", str(broken))
