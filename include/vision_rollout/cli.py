@@ -131,13 +131,27 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+MAX_TOKEN_BYTES = 64 * 1024
+MAX_JSON_BYTES = 4 * 1024 * 1024  # a spec or a policy is a few hundred bytes
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """The file's text; ValueError when it holds more than ``limit`` bytes (a wrong file, a
+    device such as /dev/zero: read whole, it filled the memory)."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes: not the file meant")
+    return data.decode()
+
+
 def _token(path: Path | None) -> str | None:
     """The admin token from its file (never from the command line: ``ps`` shows that)."""
     if path is None:
         return None
     try:
-        token = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        token = _read_text(path, MAX_TOKEN_BYTES).strip()
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise UsageError(f"--token-file {path}: cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     if not token:
         raise UsageError(f"--token-file {path}: is empty")
@@ -166,7 +180,7 @@ def _read_samples(path: Path) -> Any:
 
 def _json_file(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(_read_text(path, MAX_JSON_BYTES))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     except RecursionError:

@@ -224,7 +224,12 @@ def test_server_urls_are_checked_and_their_credentials_never_printed(tmp_path, c
 
 @pytest.mark.parametrize(
     ("content", "words"),
-    [(None, "cannot be read: No such file"), (b"\xff\xfe", "cannot be read"), (b"  \n", "is empty")],
+    [
+        (None, "cannot be read: No such file"),
+        (b"\xff\xfe", "cannot be read"),
+        (b"  \n", "is empty"),
+        (b"t" * (64 * 1024 + 1), "cannot be read: larger than 65536 bytes"),  # was read whole: /dev/zero filled memory
+    ],
 )
 def test_a_token_file_that_cannot_be_used_is_a_usage_error(tmp_path, capsys, content, words):
     token = tmp_path / "token"
@@ -234,6 +239,14 @@ def test_a_token_file_that_cannot_be_used_is_a_usage_error(tmp_path, capsys, con
     code, _, err = run(capsys, *argv, "--token-file", str(token))
     assert code == 2
     assert words in err
+
+
+def test_a_policy_or_spec_file_too_large_to_be_one_is_a_usage_error(tmp_path, capsys):
+    big = tmp_path / "policy.json"
+    big.write_text("[" + " " * (4 * 1024 * 1024) + "]")
+    code, out, err = run(capsys, "mesh", "render", "--backend", "local", "--policy", str(big))
+    assert (code, out) == (2, "")
+    assert "larger than 4194304 bytes" in err
 
 
 @pytest.mark.parametrize(
