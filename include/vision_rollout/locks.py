@@ -44,6 +44,17 @@ MAX_LEASE_S = 7 * 24 * 3600
 MAX_HOLDER = 253
 
 
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last time a datetime holds
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class LockError(RuntimeError):
     """The lock's store failed or holds something unreadable (a transient failure may be retried)."""
 
@@ -65,6 +76,20 @@ class Holding:
     seconds: int
     acquired: float
     transitions: int = 0  # how many times the lease changed hands (the Lease's leaseTransitions)
+
+    def __post_init__(self) -> None:
+        """ValueError unless each field is of its type and range (a lock file edited, or written
+        by a clock off by centuries: its expiry could not even be shown)."""
+        times = (self.renewed, self.acquired)
+        if not (
+            isinstance(self.holder, str)
+            and all(_number(t) and 0 <= t <= MAX_EPOCH for t in times)
+            and _integer(self.seconds)
+            and 0 <= self.seconds <= MAX_LEASE_S
+            and _integer(self.transitions)
+            and self.transitions >= 0
+        ):
+            raise ValueError(f"not a lease: {str(self.__dict__)[:200]}")
 
     @property
     def expires(self) -> float:
@@ -299,13 +324,18 @@ class LeaseLock(CompareAndSwapLock):
             return None, None
         spec = lease.spec
         renewed = spec.renew_time or spec.acquire_time
-        holding = Holding(
-            holder=spec.holder_identity or "",  # "": released as leader election releases, free to take
-            renewed=renewed.timestamp() if renewed else 0.0,
-            seconds=int(spec.lease_duration_seconds or 0),
-            acquired=spec.acquire_time.timestamp() if spec.acquire_time else 0.0,
-            transitions=int(spec.lease_transitions or 0),
-        )
+        try:
+            holding = Holding(
+                holder=spec.holder_identity or "",  # "": released as leader election releases, free to take
+                renewed=renewed.timestamp() if renewed else 0.0,
+                seconds=int(spec.lease_duration_seconds or 0),
+                acquired=spec.acquire_time.timestamp() if spec.acquire_time else 0.0,
+                transitions=int(spec.lease_transitions or 0),
+            )
+        except ValueError as exc:
+            raise LockError(
+                f"{self.where} is not a lease this lock reads ({exc}); delete it if no rollout runs"
+            ) from None
         return holding, str(lease.metadata.resource_version)
 
     def _body(self, holding: Holding, version: str | None = None) -> dict[str, Any]:

@@ -211,8 +211,23 @@ def test_a_lock_is_only_for_a_model_name(tmp_path, model):
         FileLock(model, tmp_path)
 
 
-def test_an_unreadable_lock_file_is_named(tmp_path):
-    (tmp_path / "digits.lock").write_text("{not json")
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"holder": "x"}',
+        # Fields of another type, or a time no date holds (a clock off by centuries): a TypeError's
+        # or an OverflowError's traceback, and the model refused until the file was found.
+        '{"holder": "x", "renewed": "a", "seconds": 300, "acquired": 0}',
+        '{"holder": "x", "renewed": 1e20, "seconds": 300, "acquired": 0}',
+        '{"holder": "x", "renewed": NaN, "seconds": 300, "acquired": 0}',
+        '{"holder": 7, "renewed": 0, "seconds": 300, "acquired": 0}',
+        '{"holder": "x", "renewed": 0, "seconds": -1, "acquired": 0}',
+    ],
+)
+def test_an_unreadable_lock_file_is_named(tmp_path, content):
+    (tmp_path / "digits.lock").write_text(content)
     with pytest.raises(LockError, match=r"unreadable lock file .*digits\.lock .*remove it if no rollout runs"):
         FileLock("digits", tmp_path).acquire("run-a")
 
