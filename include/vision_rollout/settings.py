@@ -32,6 +32,7 @@ gives every model its own Service, VirtualService and Deployments with one line.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -161,7 +162,18 @@ def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterat
         yield jsonschema.ValidationError(f"does not match {pattern!r}")
 
 
-_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+FINITE = "must be a finite number"
+
+
+def _finite(validator: Any, wanted: Any, instance: Any, schema: Any) -> Iterator[jsonschema.ValidationError]:
+    """JSON Schema's ``type``, and a number is finite: Python's JSON reader takes NaN and
+    Infinity, which pass every bound (each comparison with NaN is false)."""
+    yield from jsonschema.Draft202012Validator.VALIDATORS["type"](validator, wanted, instance, schema)
+    if isinstance(instance, float) and not math.isfinite(instance):
+        yield jsonschema.ValidationError(FINITE)
+
+
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern, "type": _finite})
 
 
 def _rule(exc: jsonschema.ValidationError) -> str:
@@ -174,7 +186,7 @@ def _rule(exc: jsonschema.ValidationError) -> str:
         return f"unknown key(s) {unknown[:10]}"
     whose = "each name " if "propertyNames" in exc.absolute_schema_path else ""
     words = {
-        "type": f"must be of type {v!r}",
+        "type": exc.message if exc.message == FINITE else f"must be of type {v!r}",
         "pattern": f"must match {v!r}" + (f" ({HINTS[v]})" if isinstance(v, str) and v in HINTS else ""),
         "minLength": "must be non-empty" if v == 1 else f"must be at least {v} characters",
         "maxLength": f"must be at most {v} characters",

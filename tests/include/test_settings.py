@@ -87,6 +87,11 @@ def test_folders_in_object_stores_are_refused_with_credentials_in_them(name, val
         ({"build": {"context": "https://u:token@git.example.com/x.git"}}, "extra build.context: must match"),
         ({"models": {"d": {"build": {"context": "/srv/ctx"}}}}, "extra models.d.build.context: must match"),
         ({"build": {"builder_image": ""}}, "extra build.builder_image: must be non-empty"),
+        # JSON as Python reads it (a connection's extras) takes NaN and Infinity, which pass every
+        # bound: the Deployment's preStop wait was then math.ceil(NaN), a ValueError at deploy.
+        ({"build": {"drain_seconds": float("nan")}}, "extra build.drain_seconds: must be a finite number"),
+        ({"build": {"drain_seconds": float("inf")}}, "extra build.drain_seconds: must be"),
+        ({"models": {"d": {"build": {"drain_seconds": float("-inf")}}}}, "extra models.d.build.drain_seconds: must be"),
     ],
 )
 def test_wrong_extras_are_named(extra, needle):
