@@ -8,7 +8,7 @@
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
-                 (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR]
+                 (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR] [--lock-dir DIR]
                                                      (a whole rollout on the model server's router)
 
 Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait,
