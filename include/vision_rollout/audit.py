@@ -542,9 +542,11 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
 
 def write_report(files: dict[str, bytes], folder: Folder) -> dict[str, str]:
     """``report_files`` in ``folder``, the report itself last (the rest is there once it is);
-    where each is, by name. An earlier report's files go first, its ``AUDITED`` mark before all:
-    a report written again is not audited until it is sent, and keeps no file of another run."""
+    where each is, by name. An earlier report's files go first, its ``AUDITED`` mark and then its
+    report before all: a report written again is not audited until it is sent, keeps no file of
+    another run, and one cut short (a full disk, a kill) leaves no earlier report beside its files."""
     folder.delete(AUDITED)
+    folder.delete(REPORT)
     for stale in set(folder.names()) & REPORT_NAMES - files.keys():
         folder.delete(stale)
     return {name: folder.write(name, files[name]) for name in sorted(files, key=lambda n: n == REPORT)}

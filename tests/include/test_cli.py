@@ -109,6 +109,31 @@ def test_audit_command(tmp_path, capsys):
     assert "no such folder" in err
 
 
+def test_an_overwritten_report_cut_short_leaves_no_earlier_report_md_beside_it(tmp_path, capsys, monkeypatch):
+    """report.md is written last; with --overwrite the earlier one stayed until then, so a write
+    that failed (a full disk, a kill) left the earlier audit's report.md beside this one's
+    summary, read as this audit's. It goes first."""
+    from vision_rollout.folders import Folder
+
+    log = shadow_log(tmp_path, 200, disagree=0.0)
+    out = tmp_path / "report"
+    assert run(capsys, "audit", "--prediction-log", str(log), "--out", str(out))[0] == 0
+    (tmp_path / "empty").mkdir()
+    write = Folder.write
+
+    def full_disk(self, name, data):
+        if name == "report.md":
+            raise OSError(28, "No space left on device")
+        return write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", full_disk)
+    code, _, err = run(capsys, "audit", "--prediction-log", str(tmp_path / "empty"), "--out", str(out), "--overwrite")
+    assert code == 4
+    assert "No space left on device" in err
+    assert json.loads((out / "summary.json").read_text())["verdict"] == "skip"
+    assert not (out / "report.md").exists()
+
+
 def test_mesh_render_istio_is_valid_yaml(tmp_path, capsys):
     policy = tmp_path / "policy.json"
     policy.write_text(
