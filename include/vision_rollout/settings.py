@@ -254,7 +254,9 @@ class ServingSettings:
     @classmethod
     def from_connection(cls, url: str, token: str | None, extra: Mapping[str, Any]) -> ServingSettings:
         try:
-            error = jsonschema.exceptions.best_match(_VALIDATOR(EXTRA_SCHEMA).iter_errors(dict(extra)))
+            # (a Mapping as the JSON object it was read from; anything else refused as no object)
+            raw = dict(extra) if isinstance(extra, Mapping) else extra
+            error = jsonschema.exceptions.best_match(_VALIDATOR(EXTRA_SCHEMA).iter_errors(raw))
             if error is not None:
                 raise error
         except jsonschema.ValidationError as exc:

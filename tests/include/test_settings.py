@@ -69,6 +69,10 @@ def test_folders_in_object_stores_are_refused_with_credentials_in_them(name, val
     ("extra", "needle"),
     [
         ({"predictions_log": "x"}, "extra (extras): unknown key(s) ['predictions_log']"),
+        # Extras saved as JSON that is no object: a TypeError's or ValueError's traceback.
+        ([["repository", "models"]], "extra (extras): must be of type 'object'"),
+        ([1, 2], "extra (extras): must be of type 'object'"),
+        ("models", "extra (extras): must be of type 'object'"),
         ({"build": "registry"}, "extra build: must be of type 'object'"),
         ({"build": {"replica": 2}}, "extra build: unknown key(s) ['replica']"),
         ({"build": {"replicas": "two"}}, "extra build.replicas: must be of type 'integer'"),
