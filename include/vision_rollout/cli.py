@@ -231,14 +231,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # and anomalies, which a reviewer took for this one's. Refused, or with --overwrite replaced
     # whole (the earlier report's files this one does not have removed, on this machine's disk).
     names = {REPORT, CHART, "summary.json", "confusion.csv", "anomalies.csv"}
+    # pyarrow's ArrowInvalid (a ValueError): an object store URI it does not read, such as one
+    # without a bucket or with a misspelt option ("regoin=").
+    from pyarrow import ArrowInvalid
+
     try:
         present = names & set(args.out.names()) if args.out else set()
+    except ArrowInvalid as exc:
+        raise UsageError(f"--out {args.out}: not a folder: {exc}") from None
     except OSError as exc:
         raise CommandError(f"--out {args.out} cannot be listed: {exc}") from None
     if present and not args.overwrite:
         raise UsageError(f"--out {args.out} holds a report already: give a new folder, or --overwrite to replace it")
     try:
         result = audit(args.prediction_log, end - since, end, args.model)
+    except ArrowInvalid as exc:
+        raise UsageError(f"--prediction-log: not a prediction log: {exc}") from None
     except OSError as exc:  # (pyarrow's errors reading an object store are OSErrors)
         raise CommandError(f"the prediction log cannot be read: {exc}") from None
     if args.out:

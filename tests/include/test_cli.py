@@ -134,6 +134,24 @@ def test_an_overwritten_report_cut_short_leaves_no_earlier_report_md_beside_it(t
     assert not (out / "report.md").exists()
 
 
+@pytest.mark.parametrize(
+    ("flag", "uri"),
+    [
+        ("--out", "s3:///reports"),  # no bucket
+        ("--out", "s3://bucket/reports?regoin=eu-west-1"),  # a misspelt option
+        ("--prediction-log", "gs://bucket/predictions?regoin=eu"),
+    ],
+)
+def test_an_object_store_uri_pyarrow_does_not_read_is_a_usage_error(tmp_path, capsys, flag, uri):
+    """pyarrow's ArrowInvalid (a ValueError) was a traceback, exit 4."""
+    argv = {"--prediction-log": str(tmp_path), "--out": None, flag: uri}
+    code, out, err = run(capsys, "audit", *(a for k, v in argv.items() if v is not None for a in (k, v)))
+    assert (code, out) == (2, "")
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
+    assert f"rolloutctl audit: {flag}" in err
+
+
 def test_mesh_render_istio_is_valid_yaml(tmp_path, capsys):
     policy = tmp_path / "policy.json"
     policy.write_text(
