@@ -446,6 +446,7 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
         raise UsageError(f"--validation {args.validation}: {exc}") from None
     if not labels:
         raise UsageError(f"--validation {args.validation}: labels.csv names no image")
+    _stores_answer(args)
     try:
         problem = not_steady(router.get_routes(), spec.baseline_version)
         if problem:
@@ -464,6 +465,25 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
         except MetricsError as exc:
             raise CommandError(f"Prometheus cannot be read, nothing changed: {exc}") from None
     return labels
+
+
+def _stores_answer(args: argparse.Namespace) -> None:
+    """The object stores of ``--prediction-log`` and ``--outbox`` answer and hold their buckets:
+    a mistyped bucket was an empty prediction log, the first stage waiting for records, the
+    canary taking its share, until max_stage_seconds; for the outbox every report was lost."""
+    from pyarrow import ArrowInvalid
+
+    from vision_rollout.folders import Folder
+
+    for flag, folder in (("--prediction-log", Folder(args.prediction_log)), ("--outbox", args.outbox)):
+        if folder is None:
+            continue
+        try:
+            folder.check()
+        except ArrowInvalid as exc:
+            raise UsageError(f"{flag} {folder}: not a folder: {exc}") from None
+        except OSError as exc:
+            raise CommandError(f"{flag} {folder} cannot be read, nothing changed: {exc}") from None
 
 
 class _Lease:

@@ -107,6 +107,26 @@ class Folder:
         infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
+    def check(self) -> None:
+        """OSError unless its object store answers and holds its bucket (a prefix need not exist
+        before its first file; a folder on this disk is made when written). Listing a bucket
+        that does not exist answers nothing, as an empty folder does: an empty listing has the
+        bucket looked up, unless the credentials may not (rights on the prefix alone)."""
+        if self.path is not None:
+            return
+        import pyarrow.fs as pafs
+
+        fs, key = self._key()
+        if fs.get_file_info(pafs.FileSelector(key, allow_not_found=True)):
+            return
+        bucket = key.split("/", 1)[0]
+        try:
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        except OSError:
+            return
+        if missing:
+            raise FileNotFoundError(f"no bucket {bucket[:80]!r} there")
+
     def _key(self, *name: str) -> tuple[pafs.FileSystem, str]:
         fs, root = filesystem(self.uri)
         return fs, "/".join((root, *self.parts, *name))

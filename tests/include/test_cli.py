@@ -702,3 +702,25 @@ def test_run_stopped_by_sigterm_while_taking_the_lock_exits_143(tmp_path, capsys
     code, out, err = run(capsys, *argv)
     assert (code, out) == (143, "")
     assert "interrupted" in err
+
+
+@pytest.mark.parametrize("flag", ["--prediction-log", "--outbox"])
+def test_run_refuses_an_object_store_without_its_bucket_before_any_route_changes(
+    s3, tmp_path, models_dir, capsys, flag
+):
+    """A mistyped bucket for the prediction log was an empty log: the first stage waited for
+    records, the canary taking its share, until max_stage_seconds; for the outbox every report
+    was lost. Both are checked first."""
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    store = s3.uri("x").replace(f"s3://{s3.bucket}/", "s3://no-such-bucket/")
+    argv = {"--prediction-log": str(tmp_path), "--outbox": str(tmp_path / "outbox"), flag: store}
+    code, out, err = run(
+        capsys,
+        *("run", "--spec", str(spec), "--url", "http://127.0.0.1:9"),
+        *("--validation", str(models_dir / "digits" / "validation")),
+        *(a for kv in argv.items() for a in kv),
+        "--no-hard-guards",
+    )
+    assert (code, out) == (4, "")
+    assert f"{flag} s3://no-such-bucket/x cannot be read, nothing changed" in err

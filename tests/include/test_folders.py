@@ -83,3 +83,14 @@ def test_a_folder_uri_with_credentials_or_another_scheme_is_refused(uri, needle)
     with pytest.raises(ValueError, match=needle) as caught:
         Folder(uri)
     assert "SECRET" not in str(caught.value)
+
+
+def test_a_folder_is_checked_for_its_bucket_not_its_prefix(s3, tmp_path):
+    """A prefix is there once written; a bucket that does not exist is named (listing it answers
+    nothing, as an empty folder)."""
+    Folder(s3.uri("not-written-yet")).check()
+    Folder(str(tmp_path / "not-made-yet")).check()
+    missing = Folder(s3.uri("x").replace(f"s3://{s3.bucket}/", "s3://no-such-bucket/"))
+    assert missing.names() == []
+    with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket'"):
+        missing.check()
