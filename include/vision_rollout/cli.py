@@ -511,6 +511,9 @@ class _Lease:
                 self.lock.acquire(self.holder)
             except ModelBusy as exc:
                 raise CommandError(f"nothing changed: {exc}") from None
+            except Interrupted:  # perhaps once taken: given back (only this run's holding is)
+                self.lock.release(self.holder, to=self.before)
+                raise
         return self
 
     def renew(self) -> None:

@@ -724,3 +724,20 @@ def test_run_refuses_an_object_store_without_its_bucket_before_any_route_changes
     )
     assert (code, out) == (4, "")
     assert f"{flag} s3://no-such-bucket/x cannot be read, nothing changed" in err
+
+
+def test_a_run_stopped_while_taking_the_lock_gives_it_back(tmp_path):
+    """A signal landing as the lock was taken left it held for its whole lease: the next run was
+    refused as a rollout in progress by the run just stopped."""
+    from vision_rollout import cli
+
+    class StoppedOnceTaken(FileLock):
+        def acquire(self, holder, seconds=300):
+            super().acquire(holder, seconds)
+            raise cli.Interrupted(signal.SIGTERM)
+
+    lease = cli._Lease(tmp_path, "digits")
+    lease.lock = StoppedOnceTaken("digits", tmp_path)
+    with pytest.raises(cli.Interrupted):
+        lease.__enter__()
+    assert FileLock("digits", tmp_path).holding() is None
