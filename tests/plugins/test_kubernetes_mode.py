@@ -693,12 +693,14 @@ def test_a_rollback_to_a_version_without_a_deployment_leaves_the_routes(kube):
 
 def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
     """promote's worker killed after the routes moved (its XCom never written): the teardown reads
-    the VirtualService, sees the candidate at 100%, and does not route back to a retired baseline."""
+    the VirtualService, sees the candidate at 100%, and does not route back to a retired baseline;
+    it fails the run, whose promote did not finish."""
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     steps.promote(PARAMS, "run-1", "promote")
-    assert steps.ensure_stable(PARAMS, "run-1", None, None, SENT) == "version 2 was promoted: nothing to restore"
+    with pytest.raises(AirflowFailException, match="version 2 was promoted: nothing to restore"):
+        steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
     assert routes(kube) == [("v2", 100)]
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
