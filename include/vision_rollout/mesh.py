@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -527,6 +528,17 @@ def wait_unrouted(router: Router, version: str, drain_s: float, timeout_s: float
             raise RouterError(f"the mesh still routes to version {version} after {timeout_s:g} s: {policy.to_dict()}")
         time.sleep(every_s)
     time.sleep(drain_s)
+
+
+def mirror_probes(percent: float, miss: float = 1e-6) -> int:
+    """How many requests Envoy must route for one of them at least to be mirrored at ``percent``
+    but with probability ``miss``: Envoy samples its mirror per request at random (the request id
+    plays no part), so at 5% one request in 20 is copied, and 15 may all be missed."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"mirror percent {percent!r}: above 0, at most 100")
+    if percent == 100:
+        return 1
+    return math.ceil(math.log(miss) / math.log1p(-percent / 100))
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:

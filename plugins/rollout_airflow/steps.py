@@ -41,6 +41,8 @@ CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168  # the earlier hours a shadow audit
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
+PROBE_WINDOW_S, PROBE_EVERY_S = 30, 2  # mesh istio: a round of probes every 2 s, for 30 s
+MAX_PROBES_PER_ROUND = 100  # (50 requests a second at most, on the model's Service)
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -301,6 +303,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import string
 
     from model_server.predictionlog import read
+    from vision_rollout.mesh import mirror_probes
     from vision_rollout.replay import load_validation
     from vision_rollout.serving import AdminError, ModelServerAdmin, image_request
 
@@ -311,21 +314,31 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     policy = router(spec, run_id, hook).get_routes()
     if spec.mirror_percent == 0:
         return {"mirror": None}
-    if policy.mirror is None or policy.mirror.version != spec.candidate_version:
+    if policy.mirror is None or policy.mirror.version != spec.candidate_version or policy.mirror.percent <= 0:
         raise AirflowFailException(
             f"the mirror to version {spec.candidate_version} is not in effect: {policy.to_dict()}"
         )
     # A request the policy routes to the baseline and samples for the mirror. Its id is letters
     # only: no detector may take part of it for a phone or card number and mask it. Envoy (mesh
-    # istio) splits and samples on its own, per request: a probe goes every 2 s until a copy lands.
+    # istio) splits and samples on its own, per request and at random: a round of probes goes
+    # every 2 s until a copy lands, as many as make missing the mirror all along unlikely.
+    istio = spec.mesh == "istio"
+    per_round = (
+        min(MAX_PROBES_PER_ROUND, -(-mirror_probes(policy.mirror.percent) // (PROBE_WINDOW_S // PROBE_EVERY_S)))
+        if istio
+        else 1
+    )
     user = next(
         f"probe-user-{i}" for i in range(10_000) if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
     )
 
     def probe_id() -> str:
         # A random stem, then letters counted up: the mirror samples one id in 10,000 at its
-        # smallest share, and 400,000 tries all miss it with probability e^-40.
+        # smallest share, and 400,000 tries all miss it with probability e^-40. (Envoy's
+        # sampling does not look at the id: any will do.)
         stem = "probe-" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(16))
+        if istio:
+            return stem
         for i in range(PROBE_TRIES):
             rid = stem + "".join(string.ascii_lowercase[(i // 26**k) % 26] for k in range(4))
             if policy.mirror_for(spec.baseline_version, rid) is not None:
@@ -343,23 +356,24 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     through_mesh = ModelServerAdmin(settings.serving_url(spec.model, spec.mesh), settings.token)
     started = datetime.now(UTC)
     sent: list[str] = []
-    deadline, next_probe = time.monotonic() + 30, 0.0
+    deadline, next_probe = time.monotonic() + PROBE_WINDOW_S, 0.0
     while time.monotonic() < deadline:
-        if not sent or (spec.mesh == "istio" and time.monotonic() >= next_probe):
-            sent.append(probe_id())
-            next_probe = time.monotonic() + 2
-            # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's
-            # idle time, which a loaded or slow candidate may not have for minutes.
-            probe_headers = {
-                "X-Request-ID": sent[-1],
-                "X-User-ID": user,
-                "X-Meta-Probe": f"call {PROBE_VALUE}",
-                "X-Shadow-Probe": "1",
-            }
-            try:
-                through_mesh.infer(spec.model, body, probe_headers)
-            except AdminError as exc:
-                raise AirflowFailException(f"probe request failed: {exc}") from None
+        if not sent or (istio and time.monotonic() >= next_probe):
+            next_probe = time.monotonic() + PROBE_EVERY_S
+            for _ in range(per_round):
+                sent.append(probe_id())
+                # X-Shadow-Probe (with the admin token): the copy runs at once, not in the candidate's
+                # idle time, which a loaded or slow candidate may not have for minutes.
+                probe_headers = {
+                    "X-Request-ID": sent[-1],
+                    "X-User-ID": user,
+                    "X-Meta-Probe": f"call {PROBE_VALUE}",
+                    "X-Shadow-Probe": "1",
+                }
+                try:
+                    through_mesh.infer(spec.model, body, probe_headers)
+                except AdminError as exc:
+                    raise AirflowFailException(f"probe request failed: {exc}") from None
         df = read(
             settings.prediction_log,
             started - timedelta(minutes=1),
@@ -376,8 +390,10 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             rid = str(rows["request_id"].iloc[0])
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
+    named = ", ".join(sent[:5]) + (f" and {len(sent) - 5} more" if len(sent) > 5 else "")
     raise AirflowFailException(
-        f"no shadow copy of the probe ({', '.join(sent)}) reached the prediction log {settings.prediction_log} in 30 s"
+        f"no shadow copy of the {len(sent)} probe(s) ({named}, mirrored {policy.mirror.percent:g}%) reached the "
+        f"prediction log {settings.prediction_log} in {PROBE_WINDOW_S} s"
     )
 
 

@@ -816,3 +816,46 @@ def test_the_failure_callback_calls_only_what_the_dag_processors_roles_allow(kub
     rules = rbac.bound_rules(manifests.render("production"), processor)
     refused = {str(c) for r in made for c in rbac.checks(r) if not rbac.allowed(rules.get(c.namespace, []), c)}
     assert refused == set()
+
+
+def test_the_masking_probe_finds_a_copy_of_envoys_mirror_at_a_small_share(fleet, monkeypatch):
+    """Envoy samples its mirror per request at random, whatever the request id: at 5% one probe
+    in 20 is copied. One probe every 2 s for 30 s (15 in all) found none about half of the time,
+    and the stage failed over a masking that works. Here the 40th request is the first copied."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from model_server import predictionlog
+    from vision_rollout import serving
+
+    params = {**PARAMS, "mirror_percent": 5}
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    steps.apply_weights(params, 0, "run-a", built)
+    clock = [0.0]
+    monkeypatch.setattr(
+        steps,
+        "time",
+        SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)),
+    )
+    sent: list[str] = []
+    copied: list[str] = []
+
+    def infer(self, model, body, headers=None):  # the mesh: the 40th request is mirrored
+        clock[0] += 0.02
+        sent.append(headers["X-Request-ID"])
+        if len(sent) == 40:
+            copied.append(sent[-1])
+        return {}
+
+    def read(uri, start, end, model=None, columns=None, roles=None, **kwargs):
+        meta = json.dumps({"x-meta-probe": "call tok_0123456789ab"})
+        return pd.DataFrame({"request_id": copied, "role": ["shadow"] * len(copied), "meta": [meta] * len(copied)})
+
+    monkeypatch.setattr(serving.ModelServerAdmin, "infer", infer)
+    monkeypatch.setattr(predictionlog, "read", read)
+    result = steps.enable_shadow(params, "run-a")
+    assert result["probe"] == sent[39]
+    assert result["masked"] == "call tok_0123456789ab"
+    assert clock[0] < 30
