@@ -591,7 +591,8 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
 
     Kubernetes mode, in an order that never routes to missing pods: the candidate scaled to the
     baseline's size and ready, then 100% to it, then the baseline drained (``retire``), then its
-    pods gone."""
+    pods gone. Run again once that is done (cleared), it changes nothing: the baseline's size
+    is 0 by then, which would size the candidate serving all of the traffic."""
     spec = spec_from(params)
     if decided != "promote":
         raise AirflowFailException(
@@ -604,6 +605,8 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     if spec.mesh == "local":
         r.set_routes(spec.promoted_policy())
         hook.settings.admin.load(spec.model, [spec.candidate_version])
+        return spec.candidate_version
+    if promotion_in_effect(spec, run_id, hook):  # run again once it retired the baseline: sized by nothing now
         return spec.candidate_version
     deployments = hook.deployments(spec.model)
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))

@@ -420,6 +420,22 @@ def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_b
     assert scaled_up < routed < retired
 
 
+def test_promote_run_again_leaves_the_promoted_version_at_its_size(kube):
+    """promote cleared once it had retired the baseline: the baseline's size read as 0, so the
+    candidate, taking all of the traffic, was scaled down to build.replicas (1 of its 3 pods)."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=3)
+    deployments.apply("2", image("2"), replicas=1)
+    steps.promote(PARAMS, "run-1", "promote")
+    since = len(kube.requests)
+    assert steps.promote(PARAMS, "run-1", "promote") == "2"
+    assert deployment(kube, "2")["spec"]["replicas"] == 3
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+    assert [w["path"] for w in changes(kube, since) if "/leases/" not in w["path"]] == []
+
+
 def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
     """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
     rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
