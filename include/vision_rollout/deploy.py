@@ -252,7 +252,10 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
     serve = [i + 1 for i, a in enumerate(args[:-1]) if a == "--serve"]
     for i in serve:
         args[i] = f"{model}:{version}"
-    container["args"] = args + ([] if serve else ["--serve", f"{model}:{version}"])
+    joined = [i for i, a in enumerate(args) if a.startswith("--serve=")]  # (one argument, as argparse takes it)
+    for i in joined:
+        args[i] = f"--serve={model}:{version}"
+    container["args"] = args + ([] if serve or joined else ["--serve", f"{model}:{version}"])
     return template
 
 

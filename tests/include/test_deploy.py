@@ -218,3 +218,18 @@ def test_a_deployments_own_settings_outlive_the_rollouts_applies():
             assert live["metadata"]["labels"]["version"] == version
     finally:
         api.stop()
+
+
+def test_a_candidate_made_like_a_baseline_with_serve_equals_serves_only_itself():
+    """A baseline written by hand with ``--serve=digits:1`` (one argument, as argparse takes it):
+    the candidate made like it kept that and had ``--serve digits:2`` added, so its pods loaded
+    and served version 1 too, behind version 2's subset."""
+    from vision_rollout.settings import BuildSettings
+
+    like = render_deployment(TARGET, "digits", "1", "img:1", 1, BuildSettings(gpus=0))["spec"]["template"]
+    args = like["spec"]["containers"][0]["args"]
+    at = args.index("--serve")
+    args[at : at + 2] = ["--serve=digits:1"]
+    out = render_deployment(TARGET, "digits", "2", "img:2", 1, like=like)["spec"]["template"]
+    served = [a for a in out["spec"]["containers"][0]["args"] if "digits:" in a]
+    assert served == ["--serve=digits:2"]
