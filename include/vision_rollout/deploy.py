@@ -20,14 +20,13 @@ an HPA the rollout did not make) is a 409 the task reports, never silently taken
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError
+from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message
 from vision_rollout.settings import BuildSettings
 
 HTTP_PORT = 8000  # the data port: inference, metadata, health, metrics, feedback
@@ -330,17 +329,14 @@ def render_hpa(
 def refused(what: str, exc: Any) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
     apply is a field another manager owns (its ``message`` names the manager and the field)."""
-    try:
-        message = str(json.loads(exc.body).get("message") or exc.body)
-    except (TypeError, ValueError, AttributeError):
-        message = str(exc.body)
+    message = api_message(exc)
     if exc.status == 409:
         return RouterError(
-            f"{what}: 409 Conflict: {message[:1000]}. The rollout does not take over fields another "
+            f"{what}: 409 Conflict: {message}. The rollout does not take over fields another "
             "manager owns: give the field back (or, for spec.replicas under your own HPA, set the "
             "model_server_default extra build.autoscaling)"
         )
-    return RouterError(f"{what}: {exc.status} {exc.reason}: {message[:1000]}")
+    return RouterError(f"{what}: {exc.status} {exc.reason}: {message}")
 
 
 @dataclass

@@ -371,7 +371,9 @@ class IstioRouter:
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise RouterError(f"GET {plural}/{self.target.name}: {exc.status} {exc.reason}") from None
+            raise RouterError(
+                f"GET {plural}/{self.target.name}: {exc.status} {exc.reason}: {api_message(exc)}"
+            ) from None
 
     def _apply(self, obj: dict[str, Any], plural: str) -> bool:
         """Server-side apply when the spec differs; retried when the object changed meanwhile.
@@ -405,7 +407,9 @@ class IstioRouter:
                 if exc.status == 409:
                     log.info("%s/%s changed while applying; retrying", plural, self.target.name)
                     continue
-                raise RouterError(f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {exc.body}") from None
+                raise RouterError(
+                    f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {api_message(exc)}"
+                ) from None
         raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
 
     def _missing(self, kind: str) -> str:
@@ -539,6 +543,16 @@ def mirror_probes(percent: float, miss: float = 1e-6) -> int:
     if percent == 100:
         return 1
     return math.ceil(math.log(miss) / math.log1p(-percent / 100))
+
+
+def api_message(exc: Any) -> str:
+    """What the API server said of its refusal (an ApiException): its Status's ``message`` (an RBAC
+    denial names the user, the verb and the resource), else the body as it came; 1000 characters."""
+    try:
+        message = str(json.loads(exc.body).get("message") or exc.body)
+    except (TypeError, ValueError, AttributeError):
+        message = str(exc.body)
+    return message[:1000]
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:

@@ -875,3 +875,30 @@ def test_the_masking_probe_finds_a_copy_of_envoys_mirror_at_a_small_share(fleet,
     assert result["probe"] == sent[39]
     assert result["masked"] == "call tok_0123456789ab"
     assert clock[0] < 30
+
+
+def test_a_read_the_workers_roles_deny_says_who_was_denied_what(kube, monkeypatch):
+    """The API server's 403 names the user, the verb and the resource: a read of the routes that
+    RBAC refused said only "403 Forbidden", not whose Role lacks what."""
+    from kubernetes.client.exceptions import ApiException
+
+    from vision_rollout.mesh import IstioRouter
+
+    denied = (
+        'virtualservices.networking.istio.io "digits" is forbidden: User "system:serviceaccount:airflow:'
+        'airflow-worker" cannot get resource "virtualservices" in API group "networking.istio.io" in the '
+        'namespace "models"'
+    )
+
+    class Denying:
+        def get_namespaced_custom_object(self, *args, **kwargs):
+            exc = ApiException(status=403, reason="Forbidden")
+            exc.body = json.dumps({"kind": "Status", "message": denied, "reason": "Forbidden", "code": 403})
+            raise exc
+
+    stable_virtual_service(kube, PARAMS)
+    monkeypatch.setattr(IstioRouter, "_api", lambda self: Denying())
+    with pytest.raises(AirflowFailException) as failed:
+        steps.build_image(PARAMS, "run-1")
+    assert "403 Forbidden" in str(failed.value)
+    assert 'cannot get resource "virtualservices"' in str(failed.value)
