@@ -403,7 +403,8 @@ def look_at_stage(
     """One poke of ``wait_for_metrics``: a replay round, then the engine judges the looks due.
 
     None while the stage goes on; its verdict (XCom) once it passed, failed or ended undecided.
-    A tripped guard puts the stable version back at once, then fails the task (no retry).
+    A tripped guard puts the stable version back at once, then fails the task (no retry), as does,
+    in kubernetes mode, a candidate left with no ready pod (``candidate_serving``).
     """
     from vision_rollout.engine import StageJudge, StageWindow, gpu_gauges
     from vision_rollout.gates import Verdict
@@ -413,6 +414,8 @@ def look_at_stage(
         raise AirflowSkipException("stage not applied")
     hook = serving()
     hold(spec, run_id, hook)
+    if spec.mesh == "istio":
+        candidate_serving(params, spec, run_id, hook)
     settings = hook.settings
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
@@ -439,6 +442,28 @@ def look_at_stage(
         "looks": state.looks,
     }
     return {**verdict, "status": state.status, "bake": bake}
+
+
+NO_READY_POD_S = 60  # a candidate without a ready pod for this long in a stage is rolled back
+
+
+def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
+    """Kubernetes mode, each poke of a stage: the candidate has a ready pod, or gets one within
+    ``NO_READY_POD_S`` (a container restarting); else (crash-looping, evicted, its Deployment gone)
+    the stable version takes 100% again and the task fails. Envoy answers the candidate's share
+    503 then, and no guard sees it: the guards and the log are the model server's, which a
+    version without pods does not write, so the stage would hold on missing data to its end."""
+    from vision_rollout.mesh import RouterError
+
+    deployments = hook.deployments(spec.model)
+    try:
+        deployments.wait_ready(spec.candidate_version, 1, timeout_s=NO_READY_POD_S, every_s=2.0, strict=False)
+    except RouterError as exc:
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(
+            f"version {spec.candidate_version} has no ready pod, its share answered 503 by the mesh ({exc}). "
+            f"Version {spec.baseline_version} takes 100% again."
+        ) from None
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> dict[str, Any]:

@@ -902,3 +902,18 @@ def test_a_read_the_workers_roles_deny_says_who_was_denied_what(kube, monkeypatc
         steps.build_image(PARAMS, "run-1")
     assert "403 Forbidden" in str(failed.value)
     assert 'cannot get resource "virtualservices"' in str(failed.value)
+
+
+def test_a_candidate_left_without_a_ready_pod_mid_stage_is_rolled_back(kube, monkeypatch):
+    """Its pods crash-looping or evicted mid-stage: Envoy answered its 10% 503 while the stage held
+    on guards without data (the model server's metrics and log, which no pod wrote) to its end."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    kube.touch("deployments", "models", "digits-v2", lambda d: d["status"].update(readyReplicas=0))
+    monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
+    with pytest.raises(AirflowFailException, match=r"version 2 has no ready pod.*Version 1 takes 100% again"):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert routes(kube) == [("v1", 100)]
