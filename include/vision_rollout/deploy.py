@@ -494,5 +494,18 @@ class VersionDeployments:
                 raise RouterError(
                     f"Deployment {self._name(version)}: {ready} of {replicas} pods ready after {timeout_s:g} s "
                     f"({updated} on its current template, {total - updated} older ones left)"
+                    + "".join(f"; {c}" for c in _stuck(status))
                 )
             time.sleep(every_s)
+
+
+def _stuck(status: Any) -> list[str]:
+    """What a Deployment's conditions say keeps its pods from coming up (its ReplicaSet refused
+    pods: a quota, Pod Security admission; its progress deadline passed), as ``type reason:
+    message``; 3 at most, each of 300 characters."""
+    stuck = [
+        c
+        for c in (getattr(status, "conditions", None) or [])
+        if (c.type == "ReplicaFailure" and c.status == "True") or (c.type == "Progressing" and c.status == "False")
+    ]
+    return [f"{c.type} {c.reason}: {(c.message or '')[:300]}" for c in stuck[:3]]

@@ -233,3 +233,34 @@ def test_a_candidate_made_like_a_baseline_with_serve_equals_serves_only_itself()
     out = render_deployment(TARGET, "digits", "2", "img:2", 1, like=like)["spec"]["template"]
     served = [a for a in out["spec"]["containers"][0]["args"] if "digits:" in a]
     assert served == ["--serve=digits:2"]
+
+
+def test_pods_never_ready_are_reported_with_what_the_deployment_says_stops_them():
+    """A ReplicaSet refused its pods (Pod Security admission, a quota): wait_ready waited its 10
+    minutes and said only "0 of 1 pods ready", leaving the reason to be found by hand."""
+    from kubernetes import client
+
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.apply("2", "img:2", 1)
+        refusal = 'pods "digits-v2-7d4f8b9c6-abcde" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1'
+        failure = {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": refusal}
+        api.touch(
+            "deployments",
+            "models",
+            "digits-v2",
+            lambda d: d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[failure]),
+        )
+        with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
+            versions.wait_ready("2", 1, timeout_s=0)
+        assert f"ReplicaFailure FailedCreate: {refusal}" in str(failed.value)
+    finally:
+        api.stop()
