@@ -234,7 +234,8 @@ def deploy_candidate(params: dict[str, Any], image: str | None, run_id: str) -> 
                 f"{owner!r}, not {spec.model!r}: give each model its own target ({{model}} in the istio "
                 f"section, or models.{spec.model}.istio)"
             )
-    replicas = candidate_size(spec, spec.stages[0], deployments)
+    # Never fewer pods than it runs: run again mid-rollout (cleared), it serves a later stage's share.
+    replicas = max(candidate_size(spec, spec.stages[0], deployments), deployments.replicas(spec.candidate_version) or 0)
     deployments.apply(spec.candidate_version, image, replicas, like=spec.baseline_version)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"

@@ -436,6 +436,22 @@ def test_promote_run_again_leaves_the_promoted_version_at_its_size(kube):
     assert [w["path"] for w in changes(kube, since) if "/leases/" not in w["path"]] == []
 
 
+def test_deploy_candidate_run_again_mid_rollout_keeps_the_pods_serving_its_share(kube):
+    """deploy_candidate cleared at the 50% stage: it sized the candidate for the first stage
+    again (1 pod of 5) while the VirtualService still sent it half of the traffic."""
+    params = {**PARAMS, "mirror_percent": 0}
+    stable_virtual_service(kube, params)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=10)
+    steps.deploy_candidate(params, image("2"), "run-1")
+    assert deployment(kube, "2")["spec"]["replicas"] == 1
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
+    assert (routes(kube), deployment(kube, "2")["spec"]["replicas"]) == ([("v1", 50), ("v2", 50)], 5)
+    steps.deploy_candidate(params, image("2"), "run-1")
+    assert deployment(kube, "2")["spec"]["replicas"] == 5
+
+
 def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatch, tmp_path):
     """A run stopped after its baseline was scaled to 0 (its promotion failed halfway): the
     rollback starts the baseline's pods, waits for them, routes, drains, and only then retires
