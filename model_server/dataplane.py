@@ -19,7 +19,15 @@ import numpy as np
 
 from model_server import __version__, metrics
 from model_server.config import ModelConfig, version_number
-from model_server.errors import Cancelled, InvalidInput, Preempted, ServerError, failure_reason, outcome_of
+from model_server.errors import (
+    Cancelled,
+    InvalidInput,
+    ModelUnavailable,
+    Preempted,
+    ServerError,
+    failure_reason,
+    outcome_of,
+)
 from model_server.feedback import FeedbackStore, LabelRules, check_tenant
 from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
@@ -159,6 +167,7 @@ class DataPlane:
             if not self.repo.is_ready(m, str(v))
         ]
         reasons += [r for m in self.policies.models() if (r := self._unserved(m)) is not None]
+        reasons += [f"model '{m}': {why}" for m, why in sorted(self.policies.unreadable.items())]
         return "; ".join(reasons) if reasons else None
 
     def model_not_ready_reason(self, model: str, version: str | None = None) -> str | None:
@@ -253,6 +262,10 @@ class DataPlane:
                 version = policy.mirror.version
         elif version is None and policy is not None:
             version, decided = policy.choose(ctx.rule_headers or headers, headers.get("x-user-id") or ctx.client)
+        elif version is None and model in self.policies.unreadable:  # not the highest version: nobody chose it
+            raise ModelUnavailable(
+                f"model '{model}': {self.policies.unreadable[model]}; PUT a policy to /v2/models/{model}/traffic"
+            )
         return Route(version, decided, policy)
 
     async def infer(

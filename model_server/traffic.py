@@ -410,12 +410,16 @@ class PolicyStore:
     """Policies per model: applied atomically, persisted, restored, and fed by a watched file.
 
     ``apply(model, policy)`` persists first (write, fsync, rename) and swaps the in-memory
-    reference second: a policy that cannot be persisted is not applied.
+    reference second: a policy that cannot be persisted is not applied. A persisted policy that
+    cannot be read back at the start (a newer server refusing what an older one took, a file
+    edited by hand) leaves its model ``unreadable`` until a policy is applied or removed: its
+    routed requests are refused, never sent to whichever version would serve without a policy.
     """
 
     def __init__(self, state_dir: Path | None, on_change: Callable[[str, TrafficPolicy | None], None]):
         self.state_dir = state_dir
         self._policies: dict[str, TrafficPolicy] = {}
+        self.unreadable: dict[str, str] = {}  # model -> why its persisted policy was not restored
         self._lock = threading.Lock()
         self._on_change = on_change
 
@@ -433,6 +437,7 @@ class PolicyStore:
             if self.state_dir is not None:
                 write_state(self.state_dir / f"{model}.json", policy.to_dict())
             self._policies = {**self._policies, model: policy}
+            self.unreadable.pop(model, None)
         self._on_change(model, policy)
 
     def models(self) -> list[str]:
@@ -447,10 +452,11 @@ class PolicyStore:
                 except OSError as exc:
                     raise StateNotSaved.writing(path, exc) from None
             self._policies = {m: p for m, p in self._policies.items() if m != model}
+            self.unreadable.pop(model, None)
         self._on_change(model, None)
 
     def restore(self) -> list[str]:
-        """Load persisted policies (skipping and logging unreadable ones)."""
+        """Load persisted policies; an unreadable one is logged and its model ``unreadable``."""
         restored: list[str] = []
         if self.state_dir is None or not self.state_dir.is_dir():
             return restored
@@ -458,7 +464,9 @@ class PolicyStore:
             try:
                 policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, RecursionError) as exc:
-                log.error("ignoring persisted traffic policy %s: %s", path, exc)
+                reason = f"its traffic policy {path} could not be read back ({str(exc)[:300]})"
+                log.error("model '%s': %s; its routed requests are refused until a policy is put", path.stem, reason)
+                self.unreadable[path.stem] = reason
                 continue
             self._policies = {**self._policies, path.stem: policy}
             self._on_change(path.stem, policy)

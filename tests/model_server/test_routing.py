@@ -257,6 +257,33 @@ def test_a_restored_policy_of_a_model_not_served_can_be_removed(server_factory, 
     assert r.status_code == 404  # a model with neither a policy nor a folder
 
 
+def test_a_persisted_policy_the_server_cannot_read_back_refuses_routed_requests_until_one_is_put(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """A policy an older server took (here a rule on a header name Istio refuses) was skipped at
+    the restart, and the model served its highest loaded version: all traffic to the candidate of
+    a rollout at 10%. Its routed requests are refused now, the server is not ready, a request
+    naming its version is served, and a policy put takes over."""
+    state = tmp_path / "state"
+    (state / "traffic").mkdir(parents=True)
+    saved = {
+        "rules": [{"match": {"headers": {"x.team": {"exact": "a"}}}, "route": [{"version": "2", "weight": 100}]}],
+        "route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
+    }
+    (state / "traffic" / "digits.json").write_text(json.dumps(saved))
+    s = server_factory(repo_copy, "--state-dir", str(state), "--no-exit-on-error", token=TOKEN, until="live")
+    s.load_versions("digits", 1, 2)
+    r = infer(s, digit_images[0][0], {"X-User-ID": "u1"})
+    assert r.status_code == 503
+    assert "digits.json could not be read back" in r.json()["error"]
+    assert "PUT a policy to /v2/models/digits/traffic" in r.json()["error"]
+    assert "digits.json could not be read back" in ready(s).json()["error"]
+    assert infer(s, digit_images[0][0], path="/v2/models/digits/versions/1/infer").status_code == 200
+    assert put_policy(s, {"route": [{"version": "1", "weight": 100}]}).status_code == 200
+    assert ready(s).status_code == 200
+    assert infer(s, digit_images[0][0], {"X-User-ID": "u1"}).headers["X-Model-Version"] == "1"
+
+
 def test_traffic_file_is_hot_reloaded_and_bad_files_change_nothing(server_factory, repo_copy, tmp_path, digit_images):
     traffic = tmp_path / "traffic.json"
     traffic.write_text(json.dumps({"models": {"digits": {"route": [{"version": "1", "weight": 100}]}}}))

@@ -385,6 +385,9 @@ def test_a_persisted_policy_with_a_backtracking_regex_is_not_restored(tmp_path, 
     assert changed == ["other"]
     assert "digits.json" in caplog.text
     assert "RE2 syntax" in caplog.text
+    assert "RE2 syntax" in store.unreadable["digits"]  # its routed requests refused, not defaulted
+    store.apply("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    assert store.unreadable == {}
 
 
 def test_a_policy_whose_file_cannot_be_written_is_not_applied_and_the_file_is_named(tmp_path):
