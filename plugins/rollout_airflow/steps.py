@@ -541,9 +541,19 @@ def ask_approval(
 
     spec = spec_from(params)
     message = approval_message(spec, [Verdict.from_dict(v) for v in verdicts if v], reason, where, hours)
-    sent = slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+    tell(spec, message, "the request for approval")
+
+
+def send(spec: RolloutSpec, message: Any) -> dict[str, Any]:
+    """``message`` to the run's Slack channel, or the outbox where Slack does not take it."""
+    return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+
+
+def tell(spec: RolloutSpec, message: Any, what: str) -> None:
+    """``send``, logging ``what`` did not reach Slack where it did not: the run goes on."""
+    sent = send(spec, message)
     if sent.get("slack_error"):
-        log.warning("the request for approval did not reach Slack (%s): it is in the outbox", sent["slack_error"])
+        log.warning("%s did not reach Slack (%s): it is in the outbox", what, sent["slack_error"])
 
 
 def last_stage_start(params: dict[str, Any], ti: Any) -> float:
@@ -570,9 +580,7 @@ def breach_while_waiting(params: dict[str, Any], run_id: str, breach: str) -> No
     spec = spec_from(params)
     restore_stable(params, run_id, unload_candidate=False)
     message = rollback_message(spec, f"{breach} (while the promotion awaited approval)", None, spec.stages[-1])
-    sent = slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
-    if sent.get("slack_error"):
-        log.warning("the guard breach did not reach Slack (%s): it is in the outbox", sent["slack_error"])
+    tell(spec, message, "the guard breach")
 
 
 def judge_evidence(
@@ -739,24 +747,19 @@ def ensure_stable(
                 f"tries again, the routes only): {str(exc)[:500]}"
             )
             try:
-                slack_notifier(spec.slack_channel, serving().settings.outbox).send(
-                    rollback_message(spec, f"{what}; {failed}", restored=False)
-                )
+                send(spec, rollback_message(spec, f"{what}; {failed}", restored=False))
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise
-    if kept and promoted != spec.candidate_version:  # promote's routes in effect, promote not finished
-        if report is None:  # (a worker killed after its last write): nobody was told of the promotion
-            report = slack_notifier(spec.slack_channel, serving().settings.outbox).send(
-                plain_report(spec, "promote", f"{what}; {done}")
-            )
-        undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
-        raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
-    if not kept and rolled_back is None:
-        if report is None:  # notify did not run: the teardown reports what it did
+    # promote's routes in effect but promote not finished, or the stable version's back without rollback
+    if (kept and promoted != spec.candidate_version) or (not kept and rolled_back is None):
+        if report is None:  # notify did not run (a worker killed after its last write): the teardown reports
             restored = done.startswith(f"version {spec.baseline_version} takes 100%")
-            report = slack_notifier(spec.slack_channel, serving().settings.outbox).send(
-                rollback_message(spec, f"{what}; {done}", restored=restored)
+            report = send(
+                spec,
+                plain_report(spec, "promote", f"{what}; {done}")
+                if kept
+                else rollback_message(spec, f"{what}; {done}", restored=restored),
             )
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
@@ -824,7 +827,7 @@ def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dic
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
-    return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+    return send(spec, message)
 
 
 def audit_hours(
