@@ -74,6 +74,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_mark(pid: int) -> str | None:
+    """What tells this process from a later one given the same id (after a reboot, or once ids
+    wrap): the boot's id and the process's start time in clock ticks since boot; None where no
+    process has this id."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22; the name before ')' may hold spaces
+
+
 def alive(pid: int) -> bool:
     """Whether a process with this id exists (a zombie counts until reaped)."""
     try:

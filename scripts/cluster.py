@@ -36,7 +36,7 @@ STATE = "cluster.json"
 
 def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_interval_s: float) -> dict[str, Any]:
     state_file = run / STATE
-    if state_file.exists():
+    if stack.recorded_up(run, STATE, stop="make cluster-down") is not None:
         raise SystemExit(f"the cluster is already up ({state_file}); run `make cluster-down` first")
     run.mkdir(parents=True, exist_ok=True)
     workdir, cluster_state = run / "cluster", run / "cluster" / "state.json"
@@ -57,10 +57,12 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
             start_new_session=True,
         )
     state: dict[str, Any] = {
-        "pids": {"cluster": cluster.pid},
-        "groups": [cluster.pid],
+        "pids": {},
+        "marks": {},
+        "groups": [],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    stack.record(state, "cluster", cluster.pid, group=True)
     state_file.write_text(json.dumps(state, indent=2))  # a failed start leaves `down` what to stop
     deadline = time.monotonic() + 300
     while not cluster_state.exists():
@@ -71,7 +73,7 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
     connections = inside["connections"]
     service = f"127.0.0.1:{inside['services']['ml/digits']}"  # the Service's ClusterIP stand-in
     loadgen = stack.start_loadgen(service, repository, rate, run / "cluster-loadgen.log")
-    state["pids"]["loadgen"] = loadgen.pid
+    stack.record(state, "loadgen", loadgen.pid)
     state["urls"] = {"digits": f"http://{service}", "prometheus": inside["prometheus"], "kubernetes": inside["api"]}
     state["run_dir"] = connections["model_server_default"]["extra"]["run_dir"]
     state_file.write_text(json.dumps(state, indent=2))
@@ -119,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         stopped += [f"pod {name}" for name in kill_orphans(args.run / "cluster" / "pods")]
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
         return 0
-    state_file = args.run / STATE
-    if args.command == "demo" and state_file.exists():
-        state = json.loads(state_file.read_text())
+    recorded = stack.recorded_up(args.run, STATE, stop="make cluster-down") if args.command == "demo" else None
+    if recorded is not None:
+        state = recorded
     else:
         state = up(args.run, args.repository.resolve(), args.airflow_port, args.rate, args.scrape_interval)
     for name, url in state["urls"].items():

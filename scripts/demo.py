@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--bake-seconds", type=int, default=300)
     args = p.parse_args(argv)
-    state_file = args.run / stack.STATE
-    if state_file.exists() and "airflow" in json.loads(state_file.read_text()).get("urls", {}):
-        state = json.loads(state_file.read_text())
+    state = stack.recorded_up(args.run)
+    if state is not None and "airflow" in state["urls"]:
         print(f"the stack is up (started {state['started']})")
     else:
         print("make up: model server, Prometheus, load generator, Airflow ...", flush=True)

@@ -33,6 +33,7 @@ from devstack.processes import (  # noqa: E402
     alive,
     local_connections,
     start_airflow,
+    start_mark,
     start_model_server,
     start_prometheus,
 )
@@ -43,10 +44,8 @@ STATE = "stack.json"
 
 def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_port: int, rate: float) -> dict[str, Any]:
     state_file = run / STATE
-    if state_file.exists():
-        running = [p for p in json.loads(state_file.read_text())["pids"].values() if alive(p)]
-        if running:
-            raise SystemExit(f"the stack is already up (pids {running}); run `make down` first")
+    if recorded_up(run) is not None:
+        raise SystemExit("the stack is already up; run `make down` first")
     run.mkdir(parents=True, exist_ok=True)
     token_file = run / "admin-token"
     if not token_file.exists():
@@ -69,14 +68,16 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     server.wait_until("ready")
     prom = start_prometheus([server.url], run / "prometheus", port=prometheus_port)
     loadgen = start_loadgen(server.url, repository, rate, run / "loadgen.log")
-    pids = {"model_server": server.proc.pid, "prometheus": prom.proc.pid, "loadgen": loadgen.pid}
     state: dict[str, Any] = {
-        "pids": pids,
+        "pids": {},
+        "marks": {},
         "groups": [],
         "urls": {"model_server": server.http, "prometheus": prom.url},
         "admin_token_file": str(token_file),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    for name, pid in (("model_server", server.proc.pid), ("prometheus", prom.proc.pid), ("loadgen", loadgen.pid)):
+        record(state, name, pid)
     state_file.write_text(json.dumps(state, indent=2))  # a failed Airflow start leaves `down` what to stop
     airflow = start_airflow(
         run / "airflow", local_connections(server, prom.url, repository, run / "predictions", run), port=airflow_port
@@ -103,11 +104,42 @@ def start_loadgen(url: str, repository: Path, rate: float, log: Path) -> subproc
         )
 
 
+def record(state: dict[str, Any], name: str, pid: int, group: bool = False) -> None:
+    """A started process in the state ``down`` reads: its id, what tells it from a later process
+    given the same id, and whether it is stopped with its process group."""
+    state["pids"][name] = pid
+    state["marks"][name] = start_mark(pid)
+    if group:
+        state["groups"].append(pid)
+
+
+def running(state: dict[str, Any]) -> dict[str, int]:
+    """The recorded processes still running: each the very process started, not a later one
+    given its id (after a reboot, say)."""
+    marks = state.get("marks", {})
+    return {name: pid for name, pid in state["pids"].items() if (m := start_mark(pid)) and m == marks.get(name)}
+
+
+def recorded_up(run: Path, state_name: str = STATE, stop: str = "make down") -> dict[str, Any] | None:
+    """The recorded stack where every process it started still runs; None where none does (never
+    started, stopped, or the machine rebooted since). A stack partly up is refused, naming what runs."""
+    state_file = run / state_name
+    if not state_file.exists():
+        return None
+    state: dict[str, Any] = json.loads(state_file.read_text())
+    live = running(state)
+    if not live:
+        return None
+    if live.keys() != state["pids"].keys():
+        gone = ", ".join(sorted(state["pids"].keys() - live.keys()))
+        raise SystemExit(f"the stack is partly up ({', '.join(sorted(live))} running, {gone} not); run `{stop}` first")
+    return state
+
+
 def record_airflow(state: dict[str, Any], airflow: AirflowProcesses) -> None:
     """Airflow's components in the state ``down`` reads (stopped by process group), its URL and login."""
     for name, proc in airflow.components.items():
-        state["pids"][f"airflow_{name}"] = proc.proc.pid
-        state["groups"].append(proc.proc.pid)
+        record(state, f"airflow_{name}", proc.proc.pid, group=True)
     state["urls"]["airflow"] = airflow.url
     state["airflow_user"] = airflow.user
     state["airflow_password_file"] = str(airflow.home / "admin-password")
@@ -131,7 +163,7 @@ def down(run: Path, state_name: str = STATE, grace_s: float = 30) -> list[str]:
     if not state_file.exists():
         return []
     state = json.loads(state_file.read_text())
-    pids, groups = state["pids"], set(state.get("groups", []))
+    pids, groups = running(state), set(state.get("groups", []))
 
     def kill(pid: int, sig: int) -> None:
         try:
@@ -141,9 +173,8 @@ def down(run: Path, state_name: str = STATE, grace_s: float = 30) -> list[str]:
 
     stopped = []
     for name, pid in pids.items():  # exactly what `up` started, by process id
-        if alive(pid):
-            kill(pid, signal.SIGTERM)
-            stopped.append(name)
+        kill(pid, signal.SIGTERM)
+        stopped.append(name)
     deadline = time.monotonic() + grace_s
     for pid in pids.values():
         while alive(pid) and time.monotonic() < deadline:

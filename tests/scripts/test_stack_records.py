@@ -1,0 +1,77 @@
+"""What `make up` records of the processes it started, and what `make down` and `make demo` make
+of a record that outlived them (a reboot, a killed process): only the very processes started
+are stopped or trusted, never a later process given the same id."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.processes import alive, start_mark
+from scripts import stack
+
+
+@pytest.fixture
+def sleepers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) for _ in range(2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def recorded(run: Path, procs: dict[str, int], marks: dict[str, str | None]) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    state = {"pids": procs, "marks": marks, "groups": [], "urls": {}, "started": "then"}
+    (run / stack.STATE).write_text(json.dumps(state))
+    return run / stack.STATE
+
+
+def test_a_process_is_told_from_a_later_one_given_its_id(sleepers) -> None:
+    first = start_mark(sleepers[0].pid)
+    assert first is not None
+    assert first == start_mark(sleepers[0].pid)
+    assert first.split(":")[0] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    sleepers[0].kill()
+    sleepers[0].wait()
+    assert start_mark(sleepers[0].pid) is None
+
+
+def test_down_stops_only_the_processes_it_started_not_others_with_their_ids(sleepers, tmp_path) -> None:
+    ours, other = sleepers
+    state_file = recorded(
+        tmp_path / "run",
+        {"server": ours.pid, "prometheus": other.pid},
+        # `other` has the id a process recorded before a reboot had: another boot's mark.
+        {"server": start_mark(ours.pid), "prometheus": "another-boot:1234"},
+    )
+    assert stack.running(json.loads(state_file.read_text())) == {"server": ours.pid}
+    assert stack.down(tmp_path / "run", grace_s=10) == ["server"]
+    assert ours.wait(timeout=10) is not None
+    assert alive(other.pid)
+    assert other.poll() is None
+    assert not state_file.exists()
+
+
+def test_a_stale_record_is_started_over_and_a_stack_partly_up_is_refused(sleepers, tmp_path) -> None:
+    run = tmp_path / "run"
+    assert stack.recorded_up(run) is None
+    pids = {"server": sleepers[0].pid, "loadgen": sleepers[1].pid}
+    recorded(run, pids, {"server": "another-boot:1", "loadgen": "another-boot:2"})
+    assert stack.recorded_up(run) is None  # after a reboot: `make demo` starts the stack again
+    recorded(run, pids, {"server": start_mark(sleepers[0].pid), "loadgen": start_mark(sleepers[1].pid)})
+    state = stack.recorded_up(run)
+    assert state is not None
+    assert state["pids"] == pids
+    recorded(run, pids, {"server": start_mark(sleepers[0].pid), "loadgen": "another-boot:2"})
+    with pytest.raises(SystemExit, match=r"partly up \(server running, loadgen not\); run `make down` first"):
+        stack.recorded_up(run)
+    with pytest.raises(SystemExit, match="run `make down` first"):
+        stack.up(run, tmp_path / "models", 1, 2, 3, rate=1.0)
