@@ -30,6 +30,7 @@ from model_server.traffic import (
 __all__ = [
     "DEFAULTS",
     "MAX_LOOKS",
+    "MAX_STAGES",
     "Destination",
     "Mirror",
     "PolicyError",
@@ -43,6 +44,14 @@ __all__ = [
 # The most looks a stage may plan: their group-sequential boundaries take about 0.4 s to compute
 # (``gates.boundaries``, grid x grid per look), once per poke, and far more looks add little power.
 MAX_LOOKS = 12
+# Every number has a range, generous for real rollouts and refusing a typo that would hold traffic
+# on a candidate for weeks (bake_seconds 3000000) or switch a guard off (p99_ms_max 1e300).
+MAX_STAGES = 10  # canary weights of a rollout (the DAG runs at most its own MAX_STAGES of them)
+MAX_STAGE_SECONDS = 86_400  # a stage bakes and decides within a day
+MAX_SAMPLES = 1_000_000  # requests per arm before a stage can pass
+MIN_ALPHA = 1e-6  # below it the alpha spending boundaries are infinite or lose precision
+MAX_P99_MS = 60_000  # a P99 limit of a minute
+MAX_BREACH_SECONDS = 3_600  # a P99 breach lasting an hour
 
 
 class SpecError(ValueError):
@@ -89,12 +98,27 @@ class RolloutSpec:
         (5, 25, 50, 100),
         "Canary weight (percent) of each stage, ending at 100",
         type="array",
-        items={"type": "integer", "minimum": 1, "maximum": 100},
         minItems=1,
+        maxItems=MAX_STAGES,
+        items={"type": "integer", "minimum": 1, "maximum": 100},
     )
-    bake_seconds: int = _f(600, "Minimum time each stage takes traffic before it is judged", type="integer", minimum=0)
-    max_stage_seconds: int = _f(3600, "A stage still undecided after this long rolls back", type="integer", minimum=1)
-    min_samples: int = _f(200, "Minimum requests per arm before a stage can pass", type="integer", minimum=10)
+    bake_seconds: int = _f(
+        600,
+        "Minimum time each stage takes traffic before it is judged",
+        type="integer",
+        minimum=0,
+        maximum=MAX_STAGE_SECONDS,
+    )
+    max_stage_seconds: int = _f(
+        3600,
+        "A stage still undecided after this long rolls back",
+        type="integer",
+        minimum=1,
+        maximum=MAX_STAGE_SECONDS,
+    )
+    min_samples: int = _f(
+        200, "Minimum requests per arm before a stage can pass", type="integer", minimum=10, maximum=MAX_SAMPLES
+    )
     looks_per_stage: int = _f(
         10,
         "Planned gate evaluations per stage (sequential alpha spending)",
@@ -109,7 +133,7 @@ class RolloutSpec:
         0.05,
         "Error rate of each one-sided decision, over all looks",
         type="number",
-        exclusiveMinimum=0,
+        minimum=MIN_ALPHA,
         maximum=0.2,
     )
     spending: str = _f(
@@ -138,9 +162,15 @@ class RolloutSpec:
     accuracy_margin: float = _f(
         0.005, "Non-inferiority margin on top-1 accuracy (absolute)", type="number", minimum=0, maximum=0.1
     )
-    p99_ms_max: float = _f(60.0, "Hard guard: canary P99 latency limit (ms)", type="number", exclusiveMinimum=0)
+    p99_ms_max: float = _f(
+        60.0, "Hard guard: canary P99 latency limit (ms)", type="number", exclusiveMinimum=0, maximum=MAX_P99_MS
+    )
     p99_breach_seconds: int = _f(
-        120, "Hard guard: how long a P99 breach must last to roll back", type="integer", minimum=0
+        120,
+        "Hard guard: how long a P99 breach must last to roll back",
+        type="integer",
+        minimum=0,
+        maximum=MAX_BREACH_SECONDS,
     )
     accuracy_drop_max: float = _f(
         0.005,
@@ -226,12 +256,19 @@ class RolloutSpec:
     def from_dict(cls, raw: dict[str, Any]) -> RolloutSpec:
         if isinstance(raw, dict) and (key := non_finite(raw)) is not None:
             raise SpecError(f"{key[:64]}: {raw[key]} is not a finite number")
+        schema = cls.json_schema()
+        props = schema["properties"]
+        for key, value in raw.items() if isinstance(raw, dict) else ():
+            # (before the schema, which reads every item of a list of a million stages first)
+            if isinstance(value, list) and len(value) > props.get(key, {}).get("maxItems", math.inf):
+                raise SpecError(f"{key}: {len(value)} items, {_allowed(props[key])}")
         try:
-            jsonschema.validate(raw, cls.json_schema())
+            jsonschema.validate(raw, schema)
         except jsonschema.ValidationError as exc:
             where = ".".join(str(p) for p in exc.absolute_path) or "spec"
-            raise SpecError(f"{where}: {exc.message[:300]}") from None  # a long value quoted, cut
-        props = cls.json_schema()["properties"]
+            bound = exc.validator in ("minimum", "maximum", "exclusiveMinimum", "minItems", "maxItems")
+            allowed = f" ({_allowed(exc.schema)})" if bound else ""
+            raise SpecError(f"{where}: {exc.message[:300]}{allowed}") from None  # a long value quoted, cut
         values: dict[str, Any] = {k: _typed(v, props[k]) for k, v in raw.items()}
         return cls(**values)
 
@@ -263,6 +300,14 @@ class RolloutSpec:
 
     def stable_policy(self) -> TrafficPolicy:
         return TrafficPolicy.from_dict({"route": [{"version": self.baseline_version, "weight": 100}]})
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    """A field's range in words: "allowed 0 to 86400", "allowed 1 to 10 items"."""
+    if schema.get("type") == "array":
+        return f"allowed {schema.get('minItems', 0)} to {schema['maxItems']} items"
+    low = f"above {schema['exclusiveMinimum']}" if "exclusiveMinimum" in schema else str(schema["minimum"])
+    return f"allowed {low} to {schema['maximum']}"
 
 
 def _typed(value: Any, schema: dict[str, Any]) -> Any:

@@ -88,6 +88,49 @@ def test_params_come_from_the_spec_schema(dagbag):
     assert all(params.get_param(k).schema.get("section") for k in schema)
 
 
+def test_the_form_carries_every_range_of_the_spec(dagbag):
+    """The trigger form (and the REST API, which checks a conf against the same Params) refuses a
+    number out of its range before the run, as the spec does for rolloutctl; stages are the DAG's
+    stage groups at most."""
+    from vision_rollout.spec import RolloutSpec
+
+    dag = dagbag.dags["model_rollout"]
+    params, groups = dag.params, [t for t in dag.task_ids if t.endswith(".apply_mesh_weights")]
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "items", "minItems")
+    for name, prop in RolloutSpec.json_schema()["properties"].items():
+        schema = params.get_param(name).schema
+        assert {k: schema.get(k) for k in bounds} == {k: prop.get(k) for k in bounds}, name
+    assert params.get_param("stages").schema["maxItems"] == len(groups) == 4
+    assert len(groups) <= RolloutSpec.json_schema()["properties"]["stages"]["maxItems"]
+
+
+@pytest.mark.parametrize(
+    ("conf", "field"),
+    [
+        ({"bake_seconds": 3_000_000}, "bake_seconds"),
+        ({"max_stage_seconds": 10**9}, "max_stage_seconds"),
+        ({"looks_per_stage": 10**6}, "looks_per_stage"),
+        ({"min_samples": 10**12}, "min_samples"),
+        ({"p99_ms_max": 1e300}, "p99_ms_max"),
+        ({"p99_breach_seconds": 10**9}, "p99_breach_seconds"),
+        ({"alpha": 5e-324}, "alpha"),
+        ({"stages": [10, 20, 30, 50, 100]}, "stages"),
+        ({"bake_seconds": "600"}, "bake_seconds"),
+        ({"require_approval": "false"}, "require_approval"),
+        ({"bake_seconds": 600.5}, "bake_seconds"),
+    ],
+)
+def test_the_form_refuses_a_number_out_of_range_naming_it(dagbag, conf, field):
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags["model_rollout"].params)
+    with pytest.raises(ParamValidationError, match=f"param {field}:"):  # noqa: PT012 (checked as it is set)
+        params.update(conf)
+        params.validate()
+
+
 def test_every_dag_has_an_owner_tags_and_its_retries(dagbag):
     """Retries where a retry computes the same thing again (the image build, the stage waits, the
     hourly audit); none on the steps that change traffic or decide: a failure there is handled

@@ -89,6 +89,78 @@ def test_invalid_specs_name_the_field(raw, needle):
         RolloutSpec.from_dict(raw)
 
 
+# A typo in a number held traffic on a candidate for a month (bake_seconds 3000000), switched a
+# guard off (p99_ms_max 1e300, p99_breach_seconds 10**9: a Prometheus range query of 31 years)
+# or planned a rollout of 100 stages; each is refused naming the field, the value and its range.
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (
+            {"bake_seconds": 3_000_000},
+            r"bake_seconds: 3000000 is greater than the maximum of 86400 \(allowed 0 to 86400\)",
+        ),
+        ({"bake_seconds": -1}, r"bake_seconds: -1 is less than the minimum of 0 \(allowed 0 to 86400\)"),
+        (
+            {"max_stage_seconds": 10**30},
+            r"max_stage_seconds: 1000000000000000000000000000000 .* \(allowed 1 to 86400\)",
+        ),
+        ({"min_samples": 10**12}, r"min_samples: 1000000000000 .* \(allowed 10 to 1000000\)"),
+        ({"p99_ms_max": 1e300}, r"p99_ms_max: 1e\+300 .* \(allowed above 0 to 60000\)"),
+        ({"p99_ms_max": 0}, r"p99_ms_max: 0 is less than or equal to the minimum of 0 \(allowed above 0 to 60000\)"),
+        ({"p99_breach_seconds": 10**9}, r"p99_breach_seconds: 1000000000 .* \(allowed 0 to 3600\)"),
+        ({"alpha": 5e-324}, r"alpha: 5e-324 is less than the minimum of 1e-06 \(allowed 1e-06 to 0.2\)"),
+        ({"looks_per_stage": 10**6}, r"looks_per_stage: 1000000 .* \(allowed 1 to 12\)"),
+        ({"stages": list(range(1, 101))}, r"stages: 100 items, allowed 1 to 10 items"),
+        ({"stages": []}, r"stages: \[\] should be non-empty \(allowed 1 to 10 items\)"),
+        ({"stages": [0, 100]}, r"stages.0: 0 is less than the minimum of 1 \(allowed 1 to 100\)"),
+        ({"latency_margin": -0.1}, r"latency_margin: -0.1 is less than the minimum of 0 \(allowed 0 to 1\)"),
+        ({"accuracy_margin": 2}, r"accuracy_margin: 2 is greater than the maximum of 0.1 \(allowed 0 to 0.1\)"),
+        ({"mirror_percent": 101}, r"mirror_percent: 101 .* \(allowed 0 to 100\)"),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_naming_field_value_and_range(raw, needle):
+    with pytest.raises(SpecError, match=needle):
+        RolloutSpec.from_dict(raw)
+
+
+def test_every_number_and_list_of_the_spec_has_a_range():
+    schema = RolloutSpec.json_schema()["properties"]
+    for name, prop in schema.items():
+        if prop["type"] in ("integer", "number"):
+            assert "maximum" in prop, name
+            assert "minimum" in prop or "exclusiveMinimum" in prop, name
+        if prop["type"] == "array":
+            assert "maxItems" in prop, name
+            assert "maximum" in prop["items"], name
+
+
+def test_a_list_of_a_million_stages_is_refused_at_once():
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(SpecError) as refused:
+        RolloutSpec.from_dict({"stages": [50] * 1_000_000 + [100]})
+    assert time.monotonic() - started < 1
+    assert str(refused.value) == "stages: 1000001 items, allowed 1 to 10 items"
+
+
+def test_the_ranges_take_real_rollouts():
+    """A day's bake, ten stages, a million samples per arm, a P99 limit of a minute held for an hour."""
+    s = RolloutSpec.from_dict(
+        {
+            "stages": [1, 2, 5, 10, 20, 30, 50, 70, 90, 100],
+            "bake_seconds": 86_400,
+            "max_stage_seconds": 86_400,
+            "min_samples": 1_000_000,
+            "looks_per_stage": 12,
+            "alpha": 1e-6,
+            "p99_ms_max": 60_000,
+            "p99_breach_seconds": 3_600,
+        }
+    )
+    assert (len(s.stages), s.bake_seconds, s.min_samples, s.p99_breach_seconds) == (10, 86_400, 1_000_000, 3_600)
+
+
 @pytest.mark.parametrize("key", ["p99_ms_max", "accuracy_drop_max", "shadow_error_rate_max", "alpha", "latency_margin"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_numbers_that_are_not_finite_are_refused(key, value):
