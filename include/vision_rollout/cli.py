@@ -30,6 +30,7 @@ import sys
 import threading
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
@@ -178,9 +179,19 @@ def _read_samples(path: Path) -> Any:
     raise UsageError(f"{path}: samples must be .csv or .parquet")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: Python's reader keeps the last of a key given
+    twice, so a spec naming ``candidate_version`` twice rolled out whichever came last."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        twice = sorted(k[:64] for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"key(s) given more than once: {', '.join(repr(k) for k in twice[:10])}")
+    return out
+
+
 def _json_file(path: Path) -> Any:
     try:
-        return json.loads(_read_text(path, MAX_JSON_BYTES))
+        return json.loads(_read_text(path, MAX_JSON_BYTES), object_pairs_hook=_unique_keys)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     except RecursionError:

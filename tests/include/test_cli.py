@@ -292,6 +292,21 @@ def test_a_policy_or_spec_file_too_large_to_be_one_is_a_usage_error(tmp_path, ca
     assert "larger than 4194304 bytes" in err
 
 
+def test_a_spec_or_policy_giving_a_key_twice_is_a_usage_error(tmp_path, capsys):
+    """JSON as Python reads it keeps the last of a key given twice: this spec rolled out version 3."""
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"stages": [50, 100], "candidate_version": "2", "candidate_version": "3"}')
+    argv = ["run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--validation", str(tmp_path)]
+    code, out, err = run(capsys, *argv, "--prediction-log", str(tmp_path), "--no-hard-guards")
+    assert (code, out) == (2, "")
+    assert f"{spec}: key(s) given more than once: 'candidate_version'" in err
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"route": [{"version": "1", "weight": 100, "weight": 0}]}')
+    code, out, err = run(capsys, "mesh", "render", "--backend", "local", "--policy", str(policy))
+    assert (code, out) == (2, "")
+    assert "key(s) given more than once: 'weight'" in err
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
