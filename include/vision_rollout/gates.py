@@ -678,15 +678,20 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
             )
         )
     elif g.p99_series_ms is not None:
+        # A breach under way holds the stage: passing it (its bake time shorter than the breach
+        # allowed, or the breach starting just before the stage's last look) would carry the
+        # breach past the guard, into the next stage's series or the promotion.
         breach, longest, lasted = sustained_breach(g.p99_series_ms, cfg.p99_ms_max, cfg.p99_breach_seconds)
         last = g.p99_series_ms[-1][1]
+        decision = "fail" if breach else "wait" if last > cfg.p99_ms_max else "pass"
+        held = ": nothing passes while it is above" if decision == "wait" else ""
         out.append(
             Check(
                 "guard_p99",
-                "fail" if breach else "pass",
+                decision,
                 f"Canary P99 is {last:.1f} ms (limit {cfg.p99_ms_max:g} ms); above the limit for the last "
                 f"{lasted:.0f} s, for {longest:.0f} s at most at a time in this stage "
-                f"(rollback after {cfg.p99_breach_seconds:g} s).",
+                f"(rollback after {cfg.p99_breach_seconds:g} s){held}.",
                 "hard guard on a Prometheus range query",
                 effect=last,
                 margin=cfg.p99_ms_max,

@@ -310,3 +310,20 @@ def test_every_sentence_is_formatted(n, ratio):
     for text in [v.summary, *(c.sentence for c in v.checks), *(c.method for c in v.checks)]:
         assert "{" not in text, text
         assert "}" not in text, text
+
+
+def test_a_p99_breach_under_way_holds_the_stage():
+    """A stage whose bake time is shorter than the breach the guard allows passed with its P99
+    above the limit (40 s of a 120 s allowance): the breach went on into the next stage, whose
+    series starts afresh, or into the promotion. A breach under way holds the stage; one that
+    ended short of the allowance does not."""
+    cfg = GateConfig(p99_ms_max=60, p99_breach_seconds=120)
+    under_way = tuple((float(t), 20.0 if t < 60 else 90.0) for t in range(0, 105, 5))
+    (check,) = guard_checks(GuardInputs(p99_series_ms=under_way), cfg)
+    assert check.decision == "wait"
+    assert "above the limit for the last 40 s" in check.sentence
+    assert "nothing passes while it is above" in check.sentence
+    assert evaluate_gate(samples(3000), guards=GuardInputs(p99_series_ms=under_way), config=cfg).decision == "wait"
+    ended = (*under_way, (105.0, 30.0))
+    (check,) = guard_checks(GuardInputs(p99_series_ms=ended), cfg)
+    assert check.decision == "pass"

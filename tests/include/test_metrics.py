@@ -142,7 +142,8 @@ class History(PrometheusSource):
 def test_the_p99_guard_counts_no_breach_from_before_its_stage():
     """The same candidate breached in an earlier rollout of it, up to the moment this stage began
     (a rollout retried at once after a rollback): that breach is not this stage's, and 30 s of
-    this stage above the limit are not the 120 s the guard waits for; 120 s within it are."""
+    this stage above the limit are not the 120 s the guard waits for (the stage holds, as under
+    any breach under way); 120 s within it are."""
     from vision_rollout.engine import guard_inputs
     from vision_rollout.gates import GateConfig, guard_checks
     from vision_rollout.spec import RolloutSpec
@@ -159,7 +160,7 @@ def test_the_p99_guard_counts_no_breach_from_before_its_stage():
     assert p99_check(None).decision == "fail"  # no stage: the last 125 s, as before
     recent = p99_check(now - 30)
     assert source.ranges[-1] == (now - 30, now)
-    assert recent.decision == "pass"
+    assert recent.decision == "wait"
     assert "above the limit for the last 30 s" in recent.sentence
     assert p99_check(now - 200).decision == "fail"
     assert source.ranges[-1] == (now - 200, now)  # the whole stage
