@@ -20,8 +20,9 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 
@@ -82,6 +83,50 @@ def section(markdown: str, fields: list[str] | None = None) -> dict[str, Any]:
 
 def context(markdown: str) -> dict[str, Any]:
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": mrkdwn(markdown)}]}
+
+
+def run_url(base_url: str | None, dag_id: str, run_id: str) -> str | None:
+    """The Airflow UI's page of a DAG run (its grid, its tasks and their logs):
+    ``<base_url>/dags/<dag_id>/runs/<run_id>``, as Airflow 3's own task log links, each name
+    URL-quoted. None without a base URL (Airflow's ``[api] base_url``): a guessed localhost link
+    would lead nowhere. None too for one that is not ``http(s)://host[/path]``, or that holds a
+    character a Slack link cannot carry; a ``user:password@`` part is left out."""
+    if not base_url or not base_url.strip():
+        return None
+    try:
+        parts = urlsplit(base_url.strip())
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError on a port that is not one)
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host or re.search(r"[\s<>|&\"'`\\]", parts.path + host):
+        return None
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return (
+        f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+    )
+
+
+def with_run(message: Message, url: str | None = None, where: str = "") -> Message:
+    """``message`` with a link to its Airflow run (``url``, ``run_url``'s) and where the rollout
+    acted (``where``: its model, mesh, namespace), as fields of its first section: a click from
+    Slack to the run's grid and logs, no block more (Slack takes 50). The message as it was
+    where neither is known."""
+    fields = []
+    if url:
+        fields.append(f"*Airflow run*\n<{url}|{mrkdwn(one_line(unquote(url.rsplit('/runs/', 1)[-1])), 300)}>")
+    if where.strip():
+        fields.append(f"*Where*\n{mrkdwn(one_line(where), MAX_FIELD - 20)}")
+    first = next((i for i, b in enumerate(message.blocks) if b["type"] == "section"), None)
+    if not fields or first is None:
+        return message
+    block = message.blocks[first]
+    known = block.get("fields", [])
+    if len(known) + len(fields) > 10 or len(fields[0]) > MAX_FIELD:
+        return message
+    blocks = list(message.blocks)
+    blocks[first] = {**block, "fields": [*known, *({"type": "mrkdwn", "text": f} for f in fields)]}
+    return replace(message, blocks=blocks)
 
 
 def _limit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -545,8 +545,44 @@ def ask_approval(
 
 
 def send(spec: RolloutSpec, message: Any) -> dict[str, Any]:
-    """``message`` to the run's Slack channel, or the outbox where Slack does not take it."""
-    return slack_notifier(spec.slack_channel, serving().settings.outbox).send(message)
+    """``message`` to the run's Slack channel, or the outbox where Slack does not take it, with
+    a link to the run in Airflow's UI and where the rollout acted (``with_run``)."""
+    from vision_rollout.notify import with_run
+
+    settings = serving().settings
+    return slack_notifier(spec.slack_channel, settings.outbox).send(
+        with_run(message, this_run_url(), acted_on(spec, settings))
+    )
+
+
+def this_run_url() -> str | None:
+    """The running task's DAG run in Airflow's UI (``notify.run_url``); None outside a task, or
+    where Airflow's ``[api] base_url`` is not set."""
+    from airflow.sdk import get_current_context
+    from airflow.sdk.configuration import conf
+
+    from vision_rollout.notify import run_url
+
+    try:
+        dag_run = get_current_context()["dag_run"]
+    except (RuntimeError, KeyError):
+        return None
+    return run_url(conf.get("api", "base_url", fallback=None), dag_run.dag_id, dag_run.run_id)
+
+
+def acted_on(spec: RolloutSpec, settings: Any) -> str:
+    """Where a rollout of ``spec`` acts: its model and versions, and the mesh's objects (the
+    VirtualService and Service in their namespace, or the model server)."""
+    from vision_rollout.serving import redact
+
+    what = f"model {spec.model}, version {spec.candidate_version} against {spec.baseline_version}, mesh {spec.mesh}"
+    if spec.mesh != "istio":
+        return f"{what}, model server {redact(settings.url)}"
+    try:
+        target = settings.istio_for(spec.model)
+    except SettingsError:
+        return what
+    return f"{what}, namespace {target.namespace}: VirtualService {target.name}, Service {target.service}"
 
 
 def tell(spec: RolloutSpec, message: Any, what: str) -> None:
@@ -888,7 +924,7 @@ def audit_hours(
 def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -> dict[str, Any]:
     """The audit of the hour from ``start``, reported, then marked audited in ``folder``."""
     from vision_rollout.audit import AUDITED, CHART, REPORT, audit, report_files, with_coverage, write_report
-    from vision_rollout.notify import audit_message
+    from vision_rollout.notify import audit_message, with_run
 
     settings = serving().settings
     end = start + timedelta(hours=1)
@@ -900,7 +936,8 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
         return summary
     files = report_files(result)
     where = write_report(files, folder)
-    sent = slack_notifier(channel, settings.outbox).send(audit_message(result, files.get(CHART)))
+    message = with_run(audit_message(result, files.get(CHART)), this_run_url(), f"model {model}")
+    sent = slack_notifier(channel, settings.outbox).send(message)
     if sent.get("slack_error"):
         raise AirflowException(
             f"the {result.verdict} audit of '{model}' is in {where[REPORT]}, but its report did not reach "

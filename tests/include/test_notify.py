@@ -302,3 +302,39 @@ def test_an_anomaly_with_no_finite_output_reads_so_not_nan_and_inf():
     assert "`cdcdcdcdcdcd` primary 2 / shadow 4, confidence 0.30, divergence 2.50" in text
     assert "nan" not in text
     assert "inf" not in text.replace("Inf", "")
+
+
+def test_a_run_link_is_airflows_own_url_of_the_run_or_none():
+    """A reviewer in Slack had no way to the run but to search Airflow for it. The link is the
+    UI's page of the run under Airflow's base URL, each name quoted; none where no base URL is
+    set (a localhost guess leads nowhere), nor from one a link cannot carry, never with its
+    credentials."""
+    from vision_rollout.notify import run_url
+
+    run_id = "manual__2026-01-01T00:00:00+00:00"
+    assert run_url("https://airflow.example.com/prod/", "model_rollout", run_id) == (
+        "https://airflow.example.com/prod/dags/model_rollout/runs/manual__2026-01-01T00%3A00%3A00%2B00%3A00"
+    )
+    assert run_url("https://ops:s3cret@airflow.example.com", "d", "r/../x") == (
+        "https://airflow.example.com/dags/d/runs/r%2F..%2Fx"
+    )
+    for base in (None, "", "  ", "airflow.example.com", "ftp://airflow.example.com", "https://a.example.com/x|y>z"):
+        assert run_url(base, "model_rollout", run_id) is None, base
+
+
+def test_a_report_links_its_run_and_says_where_within_slacks_limits(slack):
+    from vision_rollout.notify import with_run
+
+    url = "https://airflow.example.com/dags/model_rollout/runs/manual__1%2B00%3A00"
+    where = "model digits, mesh istio, namespace ml: VirtualService digits <!channel>"
+    many = tuple(Check(f"check_{i}", "fail", "x" * 5000, "m") for i in range(80))
+    full = type(evaluate_gate(samples(200)))("fail", many, 1, 1, 0.05, 0.05, "obrien-fleming")
+    for message in (stage_message(SPEC, 5, full), rollback_message(SPEC, "r", full, 5)):
+        linked = with_run(message, url, where)
+        assert len(linked.blocks) == len(message.blocks) <= MAX_BLOCKS
+        fields = [f["text"] for b in linked.blocks for f in b.get("fields", [])]
+        assert f"*Airflow run*\n<{url}|manual__1+00:00>" in fields
+        assert "*Where*\nmodel digits, mesh istio, namespace ml: VirtualService digits &lt;!channel&gt;" in fields
+        SlackNotifier("C1", token=slack.token, base_url=slack.base_url).send(linked)
+        assert slack.calls[-1]["ok"] is True
+    assert with_run(message) == message

@@ -487,6 +487,32 @@ def test_a_promotion_in_effect_whose_promote_did_not_finish_is_reported(monkeypa
     assert len(outbox_reports(monkeypatch, tmp_path)) == 1
 
 
+def test_a_report_links_to_its_airflow_run_and_says_where_the_rollout_acted(monkeypatch, tmp_path):
+    """A report in Slack named neither the run nor what it changed: a reviewer searched Airflow
+    for the run to read its logs. With Airflow's base URL set it links the run's page; without
+    one it links nothing (no localhost guess)."""
+    import types
+
+    import airflow.sdk
+
+    outbox_reports(monkeypatch, tmp_path)
+    run = types.SimpleNamespace(dag_id="model_rollout", run_id="manual__2026-01-01T00:00:00+00:00")
+    monkeypatch.setattr(airflow.sdk, "get_current_context", lambda: {"dag_run": run})
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/ml/")
+    steps.notify(PARAMS, "rollback", "the 50% stage: hard guard tripped", [None])
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL")
+    steps.notify(PARAMS, "rollback", "the 50% stage: hard guard tripped", [None])
+    linked, unlinked = (
+        [f["text"] for b in r["blocks"] for f in b.get("fields", [])] for r in outbox_reports(monkeypatch, tmp_path)
+    )
+    assert linked == [
+        "*Airflow run*\n<https://airflow.example.com/ml/dags/model_rollout/runs/"
+        "manual__2026-01-01T00%3A00%3A00%2B00%3A00|manual__2026-01-01T00:00:00+00:00>",
+        "*Where*\nmodel digits, version 2 against 1, mesh local, model server http://127.0.0.1:9",
+    ]
+    assert unlinked == linked[1:]
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
