@@ -10,10 +10,13 @@
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
                  (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR] [--lock-dir DIR]
                                                      (a whole rollout on the model server's router)
+  rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
+  rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--json]
+                                   (each waiting report to Slack; removed once Slack took it)
 
 Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait,
 4 error (a server, a store or a file could not be used, or the model was not where a rollout
-starts: nothing was decided); run stopped by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM),
+starts: nothing was decided; outbox send: a report Slack did not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM),
 after the stable version is put back. Errors go to stderr in one line, results to stdout.
 """
 
@@ -664,6 +667,54 @@ def _run(
     return 0 if result.promoted else 1
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """The reports waiting in an outbox (the DAGs' ``<run_dir>/outbox``, ``run --outbox``): listed,
+    or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it."""
+    from vision_rollout.notify import send_waiting, waiting_reports
+
+    path = args.outbox.path
+    if path is not None and not path.is_dir():  # (a mistyped folder read as an empty outbox)
+        raise UsageError(f"--outbox: no such folder: {str(path)[:200]!r}")
+    args.outbox.check()  # (an object store's bucket that does not exist, likewise)
+    if args.action == "list":
+        found = [w.to_dict() for w in waiting_reports(args.outbox)]
+        if args.json:
+            print(json.dumps(found, indent=2))
+        for w in [] if args.json else found:
+            why = w.get("problem") or (f"Slack said: {w['slack_error']}" if "slack_error" in w else "no token then")
+            print(f"{w['name']}  {w.get('channel', '')}  {w.get('text', '')[:120]}  ({why})")
+        if not args.json:
+            print(f"{len(found)} report(s) waiting in {args.outbox}")
+        return 0
+    if args.token_file is None:
+        raise UsageError("send needs --token-file, a file holding the Slack bot token")
+    token = _token(args.token_file)
+    assert token is not None
+    if re.search(r"[\x00-\x20\x7f]", token):  # (http.client's refusal of such a header quotes it)
+        raise UsageError(f"--token-file {args.token_file}: the token holds a space or a control character")
+    from slack_sdk import WebClient
+
+    client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)
+    results = send_waiting(args.outbox, client)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            what = "sent" if r.get("sent") else f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
+            print(f"{r['name']}: {what}" + (f" (its chart was not: {r['chart_error']})" if "chart_error" in r else ""))
+        sent = sum(1 for r in results if r.get("sent"))
+        print(f"{sent} of {len(results)} report(s) sent from {args.outbox}")
+    return ERROR if any("error" in r for r in results) else 0
+
+
+def _slack_url(text: str) -> str:
+    """Slack's Web API base URL, https://host/api/ (default Slack's own)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s)://host/api/ URL without credentials: {text[:100]!r}")
+    return text if text.endswith("/") else text + "/"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -739,6 +790,13 @@ def parser() -> argparse.ArgumentParser:
         "locks/): a run of the model already holding it is refused",
     )
     r.set_defaults(func=cmd_run)
+    o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, or send them")
+    o.add_argument("action", choices=["list", "send"])
+    o.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
+    o.add_argument("--token-file", type=Path, help="a file holding the Slack bot token (send)")
+    o.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outbox)
     return p
 
 

@@ -3,7 +3,8 @@
 A rollback message names the failing check with its numbers and the reason, not just
 "canary failed". Messages go through slack-sdk (``chat.postMessage``, then the chart with
 ``files_upload_v2`` in the message's thread); without a token they are written to an outbox
-folder as JSON (and the chart as PNG), so the one-machine setup keeps every report.
+folder as JSON (and the chart as PNG), so the one-machine setup keeps every report, and so
+are those Slack did not take; ``send_waiting`` (``rolloutctl outbox send``) sends them later.
 Slack's limits are enforced here: at most 50 blocks, 3000 characters per text, 2000 per field.
 
 Every mrkdwn text is escaped as Slack asks (``&``, ``<``, ``>``): the reports carry strings
@@ -513,3 +514,118 @@ class SlackNotifier:
             self.outbox.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
         return {"outbox": self.outbox.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+
+
+# A sender's claim on a waiting report (``send_waiting``): ``<stem>.claim-<ns>-<id>``. One older
+# than this belongs to a sender that died (one report's post, its retries and its chart take a
+# few minutes at most), and no longer holds the report.
+CLAIM_S = 900
+_CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A report in the outbox: ``name`` (``<stem>.json``), its channel and fallback text, the
+    error Slack gave when it was written (None: there was no token), its chart's file name;
+    ``problem`` where the file cannot be read back as a report."""
+
+    name: str
+    channel: str = ""
+    text: str = ""
+    slack_error: str | None = None
+    chart: str | None = None
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
+    """The report ``name`` of the outbox, and its message (None where it cannot be sent)."""
+    stem = name.removesuffix(".json")
+    try:
+        record = json.loads(outbox.read(name))
+        channel, text, blocks = record["channel"], record["text"], record["blocks"]
+        if not (isinstance(channel, str) and channel and isinstance(text, str) and isinstance(blocks, list)):
+            raise ValueError("not a report")
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:  # (JSONDecodeError, UnicodeDecodeError are ValueErrors)
+        return Waiting(name, problem=f"not a report: {type(exc).__name__}: {one_line(str(exc))[:200]}"), None
+    chart = record.get("chart")
+    chart = chart if chart == f"{stem}.png" else None  # (another report's file is never touched)
+    error = record.get("slack_error")
+    found = Waiting(name, channel, text, one_line(str(error))[:500] if error else None, chart)
+    return found, Message(text, blocks)
+
+
+def waiting_reports(outbox: Folder) -> list[Waiting]:
+    """The reports waiting in the outbox, oldest first."""
+    found = []
+    for name in outbox.names():
+        if name.endswith(".json"):
+            try:
+                found.append(_waiting(outbox, name)[0])
+            except FileNotFoundError:  # (sent meanwhile)
+                continue
+    return found
+
+
+def send_waiting(outbox: Folder, client: Any, clock: Any = time.time) -> list[dict[str, Any]]:
+    """Send each report waiting in the outbox through ``client`` (a slack_sdk WebClient), as
+    ``SlackNotifier.send`` sends a new one, oldest first; each that Slack took is removed (its
+    chart with it), each it did not stays, as it was. One line of result per report: ``sent``
+    (with ``ts``), ``error`` (Slack's, or why the file is not a report), or ``skipped`` (another
+    sender has it, or sent it meanwhile).
+
+    Two senders at once (two operators, a cron job) send no report twice: before sending one, a
+    sender writes its claim beside it, then lists the folder, and sends only where its claim is
+    the only live one and the report is still there; else it withdraws. Of two senders racing
+    for a report, at most one sends it (the later claim sees the earlier), at worst neither
+    (sent by the next run). A report is removed before its claim is, so a later sender never
+    finds it unclaimed once sent. A claim older than ``CLAIM_S`` is a dead sender's and is
+    ignored. A sender killed between Slack's answer and the removal leaves the report to be
+    sent again: none is lost."""
+    results: list[dict[str, Any]] = []
+    for name in [n for n in outbox.names() if n.endswith(".json")]:
+        stem = name.removesuffix(".json")
+        claim = f"{stem}.claim-{time.time_ns()}-{uuid.uuid4().hex[:12]}"
+        outbox.write(claim, b"")
+        try:
+            results.append(_send_claimed(outbox, name, claim, client, clock()))
+        finally:
+            outbox.delete(claim)
+    return results
+
+
+def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float) -> dict[str, Any]:
+    stem = name.removesuffix(".json")
+    names = outbox.names()
+    if name not in names:
+        return {"name": name, "skipped": "sent meanwhile by another sender"}
+    for other in names:
+        m = _CLAIM.search(other)
+        if other != claim and m and other[: m.start()] == stem:
+            if now - int(m.group(1)) / 1e9 < CLAIM_S:
+                return {"name": name, "skipped": "another sender is sending it"}
+            outbox.delete(other)  # (a dead sender's)
+    try:
+        found, message = _waiting(outbox, name)
+    except FileNotFoundError:
+        return {"name": name, "skipped": "sent meanwhile by another sender"}
+    if message is None:
+        return {"name": name, "error": found.problem}
+    chart = None
+    if found.chart:
+        try:
+            chart = outbox.read(found.chart)
+        except FileNotFoundError:
+            pass
+    try:
+        sent = SlackNotifier(found.channel, client=client).send(replace(message, chart=chart))
+    except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
+        return {"name": name, "channel": found.channel, "error": one_line(f"{type(exc).__name__}: {exc}")[:500]}
+    if found.chart:
+        outbox.delete(found.chart)
+    outbox.delete(name)
+    return {"name": name, "sent": True, **sent}

@@ -756,3 +756,44 @@ def test_a_run_stopped_while_taking_the_lock_gives_it_back(tmp_path):
     with pytest.raises(cli.Interrupted):
         lease.__enter__()
     assert FileLock("digits", tmp_path).holding() is None
+
+
+def test_outbox_lists_the_waiting_reports_and_sends_them(tmp_path, capsys):
+    from tests.fakes.slack_api import FakeSlack
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    outbox = tmp_path / "outbox"
+    for reason in ("first", "second"):
+        SlackNotifier("#model-rollouts", outbox=Folder(str(outbox))).send(
+            rollback_message(RolloutSpec.from_dict({}), reason)
+        )
+    code, out, _ = run(capsys, "outbox", "list", "--outbox", str(outbox))
+    assert code == 0
+    assert out.count("#model-rollouts  Rolled back digits v2: ") == 2
+    assert out.endswith(f"2 report(s) waiting in {outbox}\n")
+    assert run(capsys, "outbox", "send", "--outbox", str(outbox))[0] == 2  # (no token)
+    code, _, err = run(capsys, "outbox", "list", "--outbox", str(tmp_path / "outbx"))
+    assert (code, err) == (2, f"rolloutctl outbox: --outbox: no such folder: {str(tmp_path / 'outbx')!r}\n")
+    slack = FakeSlack().start()
+    try:
+        token = tmp_path / "token"
+        token.write_text("xoxb-wrong\n")
+        args = ("outbox", "send", "--outbox", str(outbox), "--token-file", str(token), "--slack-url", slack.base_url)
+        code, out, _ = run(capsys, *args)
+        assert (code, out.count("error: SlackApiError"), out.count("invalid_auth")) == (4, 2, 2)
+        assert len(list(outbox.glob("*.json"))) == 2  # (kept)
+        token.write_text(slack.token + "\n")
+        code, out, _ = run(capsys, *args, "--json")
+        assert code == 0
+        assert [r["sent"] for r in json.loads(out)] == [True, True]
+        assert [m["text"] for m in slack.messages()] == [
+            "Rolled back digits v2: first",
+            "Rolled back digits v2: second",
+        ]
+        assert not list(outbox.iterdir())
+        code, out, _ = run(capsys, *args)
+        assert (code, out) == (0, f"0 of 0 report(s) sent from {outbox}\n")
+    finally:
+        slack.stop()

@@ -338,3 +338,84 @@ def test_a_report_links_its_run_and_says_where_within_slacks_limits(slack):
         SlackNotifier("C1", token=slack.token, base_url=slack.base_url).send(linked)
         assert slack.calls[-1]["ok"] is True
     assert with_run(message) == message
+
+
+def test_reports_waiting_in_the_outbox_are_sent_once_and_removed_only_when_slack_took_them(slack, tmp_path):
+    """Reports Slack did not take waited in the outbox with nothing to send them: the one-machine
+    setup's, and any a Slack outage left behind."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    chart = latency_accuracy_chart(samples(200), "v3")
+    slack.outage = 503
+    down = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    first = down.send(rollback_message(SPEC, "hard guard tripped", chart=chart))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(stage_message(SPEC, 5, evaluate_gate(samples(200))))
+    outbox.write("garbage.json", b"{not json")
+    waiting = waiting_reports(outbox)
+    assert [w.name for w in waiting] == sorted(n for n in outbox.names() if n.endswith(".json"))
+    assert waiting[0].slack_error
+    assert "upstream connect error" in waiting[0].slack_error
+    assert waiting[0].chart == first["outbox"].rsplit("/", 1)[1].replace(".json", ".png")
+    assert waiting[1].slack_error is None
+    assert waiting[1].channel == "#model-rollouts"
+    assert waiting[2].name == "garbage.json"
+    assert waiting[2].problem.startswith("not a report")
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    # Slack still down: nothing is removed.
+    assert [("error" in r) for r in send_waiting(outbox, client)] == [True, True, True]
+    assert len(outbox.names()) == 4  # (two reports, a chart, the garbage; no claim left)
+    slack.outage = None
+    results = send_waiting(outbox, client)
+    assert [r.get("sent", False) for r in results] == [True, True, False]
+    assert results[0]["chart"] is True
+    assert outbox.names() == ["garbage.json"]
+    assert [m["text"] for m in slack.messages()] == [
+        "Rolled back digits v3: hard guard tripped",
+        stage_message(SPEC, 5, evaluate_gate(samples(200))).text,
+    ]
+    assert send_waiting(outbox, client) == [{"name": "garbage.json", "error": waiting[2].problem}]
+    assert len(slack.messages()) == 2  # (nothing sent twice)
+
+
+@pytest.mark.parametrize("store", ["folder", "s3"])
+def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, request, store):
+    """In a folder or an object store (no rename there, no lock): a claim written beside the
+    report, then the listing read back."""
+    import threading
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import CLAIM_S, send_waiting
+
+    outbox = Folder(request.getfixturevalue("s3").uri() if store == "s3" else str(tmp_path)) / "outbox"
+    for i in range(20):
+        SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, f"reason {i}"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    rounds: list[list[dict]] = []
+    senders = [threading.Thread(target=lambda: rounds.append(send_waiting(outbox, client))) for _ in range(4)]
+    for s in senders:
+        s.start()
+    for s in senders:
+        s.join()
+    while outbox.names():  # (racing senders may both withdraw: the next run sends it)
+        rounds.append(send_waiting(outbox, client))
+    texts = [m["text"] for m in slack.messages()]
+    assert sorted(texts) == sorted(set(texts))  # (none twice)
+    assert len(texts) == 20
+    assert sum(1 for r in rounds for x in r if x.get("sent")) == 20
+    # A dead sender's claim (older than CLAIM_S) does not hold a report; a live one does.
+    import time
+
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "late"))
+    (name,) = outbox.names()
+    stem = name.removesuffix(".json")
+    outbox.write(f"{stem}.claim-{time.time_ns()}-abc", b"")
+    assert send_waiting(outbox, client) == [{"name": name, "skipped": "another sender is sending it"}]
+    outbox.delete(next(n for n in outbox.names() if ".claim-" in n))
+    outbox.write(f"{stem}.claim-{time.time_ns() - (CLAIM_S + 1) * 10**9}-abc", b"")
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert outbox.names() == []
