@@ -15,6 +15,7 @@ put on one line (``one_line``), so that none can add a line that reads like the 
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -476,15 +477,18 @@ class SlackNotifier:
             return self._to_outbox(message)
         from slack_sdk.errors import SlackClientError
 
+        # (an answer cut off mid-way, a status line that is not HTTP's: http.client's own errors)
+        failures = (SlackClientError, OSError, http.client.HTTPException)
         try:
             posted = self.client.chat_postMessage(
                 channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks
             )
-        except (SlackClientError, OSError) as exc:
+        except failures as exc:
             if self.outbox is None:
                 raise
-            log.warning("Slack did not take the report (%s); it is in the outbox", exc)
-            return {**self._to_outbox(message, error=str(exc)), "slack_error": str(exc)}
+            error = str(exc) if isinstance(exc, (SlackClientError, OSError)) else f"{type(exc).__name__}: {exc}"
+            log.warning("Slack did not take the report (%s); it is in the outbox", error)
+            return {**self._to_outbox(message, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         if message.chart:
             try:
@@ -496,9 +500,9 @@ class SlackNotifier:
                     title=message.text[:100],
                 )
                 result["chart"] = True
-            except (SlackClientError, OSError) as exc:  # the report is posted; its chart is not
+            except failures as exc:  # the report is posted; its chart is not
                 log.warning("the report's chart was not uploaded: %s", exc)
-                result["chart_error"] = str(exc)
+                result["chart_error"] = str(exc) or type(exc).__name__
         return result
 
     def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:

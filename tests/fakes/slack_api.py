@@ -42,6 +42,7 @@ class FakeSlack:
         self.calls: list[dict[str, Any]] = []
         self.uploads: dict[str, bytes] = {}
         self.outage: int | None = None  # an HTTP status every API call answers (an outage), or None
+        self.cut = False  # every API call's answer cut off mid-body (a proxy dropping the connection)
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -105,6 +106,14 @@ class FakeSlack:
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
+                    return None
+                if slack.cut:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b'{"ok": ')
+                    self.close_connection = True
                     return None
                 if slack.outage is not None:
                     data = b"upstream connect error"

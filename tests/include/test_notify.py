@@ -102,7 +102,7 @@ def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
         )
 
 
-@pytest.mark.parametrize("failure", ["outage", "down", "refused token"])
+@pytest.mark.parametrize("failure", ["outage", "down", "refused token", "cut off"])
 def test_when_slack_fails_the_report_lands_in_the_outbox(slack, tmp_path, failure):
     """A Slack outage failed the notify task after the decision was made (and, after a
     promotion, a failed task runs the failure callback). The report now lands in the outbox,
@@ -113,9 +113,16 @@ def test_when_slack_fails_the_report_lands_in_the_outbox(slack, tmp_path, failur
         slack.outage = 503
     elif failure == "down":
         slack.stop()
+    elif failure == "cut off":  # (http.client's IncompleteRead: not an OSError)
+        slack.cut = True
     notifier = SlackNotifier("C1", token=token, base_url=slack.base_url, outbox=Folder(str(tmp_path / "outbox")))
     result = notifier.send(message)
-    expected = {"outage": "upstream connect error", "down": "refused", "refused token": "invalid_auth"}[failure]
+    expected = {
+        "outage": "upstream connect error",
+        "down": "refused",
+        "refused token": "invalid_auth",
+        "cut off": "incompleteread",
+    }[failure]
     assert expected in result["slack_error"].lower(), result
     record = json.loads((tmp_path / "outbox" / result["outbox"].rsplit("/", 1)[1]).read_text())
     assert record["text"] == message.text
