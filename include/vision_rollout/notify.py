@@ -68,8 +68,31 @@ def mrkdwn(s: str, limit: int = MAX_TEXT) -> str:
 
 
 def one_line(s: str) -> str:
-    """Text from elsewhere on one line: line breaks and other control characters as spaces."""
-    return " ".join(printable(s).split())
+    """Text from elsewhere on one line (line breaks and other control characters as spaces),
+    without the credentials it may quote (``scrub``)."""
+    return scrub(" ".join(printable(s).split()))
+
+
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"'`]+")
+_USERINFO = re.compile(r"^([^:]+://)[^/?#]*@")
+_SECRET_PARAM = re.compile(
+    r"([?&;][^=&;#]*(?:key|secret|token|password|passwd|credential|signature|sig|auth)[^=&;#]*=)[^&;#]*", re.I
+)
+_TOKENS = re.compile(
+    r"\b(?:xox[a-z]-|xapp-)[A-Za-z0-9-]+|(?<=\bBearer )[A-Za-z0-9._~+/=-]{8,}|(?<=\bBasic )[A-Za-z0-9+/=]{8,}"
+)
+
+
+def scrub(text: str) -> str:
+    """``text`` without the credentials an error message may quote: in each URL a ``user:password@``
+    part and the value of each query parameter named like a secret (``token``, ``api_key``,
+    ``X-Amz-Signature``, ...), a Slack token, the credentials of an ``Authorization`` header's
+    ``Bearer`` or ``Basic``; each as ``***``."""
+
+    def url(m: re.Match[str]) -> str:
+        return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", m.group(0)))
+
+    return _TOKENS.sub("***", _URL.sub(url, text))
 
 
 def header(text: str) -> dict[str, Any]:

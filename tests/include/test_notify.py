@@ -426,3 +426,20 @@ def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, requ
     (result,) = send_waiting(outbox, client)
     assert result["sent"] is True
     assert outbox.names() == []
+
+
+def test_credentials_quoted_in_an_error_never_reach_slack(slack):
+    """A reason quotes the errors of servers and clients, and with them what they quote: a URL
+    with its user and password, a presigned URL's signature, a token in a query, an
+    Authorization header. Slack got them as they were."""
+    reason = (
+        "the 5% stage: GET https://ops:hunter2@prom.example.com/api/v1/query?query=up&access_token=tok123: 500; "
+        "fetch https://bucket.s3.amazonaws.com/k?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=f00d failed; "
+        "header Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig; slack xoxb-1234-5678-abcdEFGH"
+    )
+    SlackNotifier("#c", token=slack.token, base_url=slack.base_url).send(rollback_message(SPEC, reason))
+    posted = json.dumps(slack.messages()[-1])
+    for secret in ("hunter2", "tok123", "AKIAEXAMPLE", "f00d", "eyJhbGciOiJIUzI1NiJ9", "abcdEFGH"):
+        assert secret not in posted
+    assert "GET https://***@prom.example.com/api/v1/query?query=up&amp;access_token=***" in posted
+    assert "X-Amz-Signature=*** failed" in posted
