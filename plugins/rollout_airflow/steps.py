@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
+    from vision_rollout.notify import Message
 
 log = logging.getLogger(__name__)
 
@@ -547,12 +548,21 @@ def ask_approval(
 def send(spec: RolloutSpec, message: Any) -> dict[str, Any]:
     """``message`` to the run's Slack channel, or the outbox where Slack does not take it, with
     a link to the run in Airflow's UI and where the rollout acted (``with_run``)."""
+    settings = serving().settings
+    return slack_notifier(spec.slack_channel, settings.outbox).send(outgoing(message, acted_on(spec, settings)))
+
+
+def outgoing(message: Message, where: str) -> Message:
+    """``message`` as the run sends it: with a link to the run and ``where`` it acted
+    (``notify.with_run``), and every secret Airflow masks in task logs (the connections'
+    passwords and sensitive extras, sensitive Variables) as ``***``: a report quotes the errors
+    of servers and clients, and Slack is no task log."""
+    from airflow.sdk._shared.secrets_masker import redact
+
     from vision_rollout.notify import with_run
 
-    settings = serving().settings
-    return slack_notifier(spec.slack_channel, settings.outbox).send(
-        with_run(message, this_run_url(), acted_on(spec, settings))
-    )
+    linked = with_run(message, this_run_url(), where)
+    return replace(linked, text=str(redact(linked.text)), blocks=list(redact(linked.blocks)))  # type: ignore[arg-type]
 
 
 def this_run_url() -> str | None:
@@ -924,7 +934,7 @@ def audit_hours(
 def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -> dict[str, Any]:
     """The audit of the hour from ``start``, reported, then marked audited in ``folder``."""
     from vision_rollout.audit import AUDITED, CHART, REPORT, audit, report_files, with_coverage, write_report
-    from vision_rollout.notify import audit_message, with_run
+    from vision_rollout.notify import audit_message
 
     settings = serving().settings
     end = start + timedelta(hours=1)
@@ -936,8 +946,9 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
         return summary
     files = report_files(result)
     where = write_report(files, folder)
-    message = with_run(audit_message(result, files.get(CHART)), this_run_url(), f"model {model}")
-    sent = slack_notifier(channel, settings.outbox).send(message)
+    sent = slack_notifier(channel, settings.outbox).send(
+        outgoing(audit_message(result, files.get(CHART)), f"model {model}")
+    )
     if sent.get("slack_error"):
         raise AirflowException(
             f"the {result.verdict} audit of '{model}' is in {where[REPORT]}, but its report did not reach "

@@ -513,6 +513,20 @@ def test_a_report_links_to_its_airflow_run_and_says_where_the_rollout_acted(monk
     assert unlinked == linked[1:]
 
 
+def test_a_report_masks_what_airflow_masks_in_task_logs(monkeypatch, tmp_path):
+    """A report quoting an error that quotes a connection's password (a server echoing its
+    Authorization, a client's message) sent it to Slack: Airflow masks it in the task log only."""
+    from airflow.sdk.log import mask_secret
+
+    outbox_reports(monkeypatch, tmp_path)
+    mask_secret("admin-T0ken-from-the-connection")
+    reason = "the 50% stage: the server answered 401: token admin-T0ken-from-the-connection refused"
+    steps.notify(PARAMS, "rollback", reason, [None])
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert "admin-T0ken" not in json.dumps(report)
+    assert report["text"].endswith("the server answered 401: token *** refused")
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
