@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
 MAX_FIELD = 2000  # a section's field
+# All of a message's texts together: Slack refuses more (msg_blocks_too_long) at about 12,000
+# characters, its block containers counted in too; undocumented, hence the margin.
+MAX_TOTAL_TEXT = 10_000
 # Slack's rate limit (HTTP 429): the call is made again after its Retry-After, as slack-sdk
 # recommends, twice at most and only for a wait this long at most (a longer one: the outbox).
 RATE_LIMIT_RETRIES = 2
@@ -155,12 +158,40 @@ def with_run(message: Message, url: str | None = None, where: str = "") -> Messa
 
 
 def _limit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if len(blocks) <= MAX_BLOCKS:
+    if len(blocks) > MAX_BLOCKS:
+        blocks = [
+            *blocks[: MAX_BLOCKS - 1],
+            context(f"… {len(blocks) - MAX_BLOCKS + 1} more checks in the Airflow log"),
+        ]
+    return fit(blocks)
+
+
+def _text_objects(block: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in (block.get("text"), *block.get("fields", []), *block.get("elements", [])) if t]
+
+
+def fit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``blocks`` with their texts together within ``MAX_TOTAL_TEXT`` characters: the longest
+    mrkdwn texts cut to one length, as few as that takes, each ending in "…". A header, and a
+    text holding a link (``<url|text>``: only the report's own, the rest is escaped), is kept
+    whole. New blocks; ``blocks`` as they were."""
+    texts = [t for b in blocks for t in _text_objects(b)]
+    total = sum(len(t.get("text", "")) for t in texts)
+    if total <= MAX_TOTAL_TEXT:
         return blocks
-    return [
-        *blocks[: MAX_BLOCKS - 1],
-        context(f"… {len(blocks) - MAX_BLOCKS + 1} more checks in the Airflow log"),
-    ]
+    cuttable = sorted(len(t["text"]) for t in texts if t.get("type") == "mrkdwn" and "<" not in t["text"])
+    room = MAX_TOTAL_TEXT - (total - sum(cuttable))
+    cap = 0
+    for i, n in enumerate(cuttable):  # the largest cap whose cut texts fit the room left
+        if n * (len(cuttable) - i) > room:
+            cap = max(room // (len(cuttable) - i), 2)
+            break
+        room -= n
+    out = json.loads(json.dumps(blocks))
+    for t in (t for b in out for t in _text_objects(b)):
+        if t.get("type") == "mrkdwn" and "<" not in t["text"] and len(t["text"]) > cap:
+            t["text"] = _CUT_ENTITY.sub("", t["text"][: cap - 1]) + "…"
+    return out
 
 
 def _check_lines(checks: tuple[Check, ...] | list[Check]) -> list[dict[str, Any]]:
@@ -496,6 +527,7 @@ class SlackNotifier:
         one means (the rollout's teardown fails the run, its decision kept)."""
         if len(message.blocks) > MAX_BLOCKS:
             raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
+        message = replace(message, blocks=fit(message.blocks))
         if self.client is None:
             return self._to_outbox(message)
         from slack_sdk.errors import SlackClientError

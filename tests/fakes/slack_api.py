@@ -1,7 +1,7 @@
 """A local HTTP server speaking the Slack Web API methods the notifier uses, checking payloads.
 
 ``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
-field, 150 per header), ``files.getUploadURLExternal``, the upload URL it hands out, and
+field, 150 per header, 12,000 in all), ``files.getUploadURLExternal``, the upload URL it hands out, and
 ``files.completeUploadExternal``; answers ``{"ok": false, "error": ...}`` as Slack does, and
 429 with Retry-After (``rate_limited``) as Slack's rate limiter does.
 """
@@ -33,7 +33,14 @@ def check_blocks(blocks: Any) -> str | None:
                 return f"invalid_blocks: block {i} text over {limit} characters or of a bad type"
         if len(b.get("fields", [])) > 10:
             return f"invalid_blocks: block {i} has more than 10 fields"
+    total = sum(len(t.get("text", "")) for b in blocks for t in _texts(b))
+    if total > 12000:  # (Slack's cumulative limit: 12,000 text characters, containers aside)
+        return "msg_blocks_too_long"
     return None
+
+
+def _texts(block: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in (block.get("text"), *block.get("fields", []), *block.get("elements", [])) if t]
 
 
 class FakeSlack:
