@@ -5,7 +5,8 @@ A rollback message names the failing check with its numbers and the reason, not 
 ``files_upload_v2`` in the message's thread); without a token they are written to an outbox
 folder as JSON (and the chart as PNG), so the one-machine setup keeps every report, and so
 are those Slack did not take; ``send_waiting`` (``rolloutctl outbox send``) sends them later.
-Slack's limits are enforced here: at most 50 blocks, 3000 characters per text, 2000 per field.
+Slack's limits are enforced here: at most 50 blocks, 3000 characters per text, 2000 per field,
+10,000 in all (``fit``).
 
 Every mrkdwn text is escaped as Slack asks (``&``, ``<``, ``>``): the reports carry strings
 others wrote (a server's error message, an approver's name), and in Slack ``<!channel>`` pings
@@ -496,6 +497,18 @@ def _retry_rate_limited(client: Any) -> None:
         client.retry_handlers.append(BoundedRateLimitRetry(max_retry_count=RATE_LIMIT_RETRIES))
 
 
+def _failure(exc: BaseException) -> str:
+    """Why Slack did not take a report, in one line. http.client's refusal of a header quotes
+    the header: the token."""
+    from slack_sdk.errors import SlackClientError
+
+    if isinstance(exc, (SlackClientError, OSError)):
+        return str(exc)
+    if isinstance(exc, ValueError) and "header" in str(exc).lower():
+        return "the Slack client refused to send the token: it holds a line break or another control character"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class SlackNotifier:
     """Posts through slack-sdk with a bot token; without one, writes to an outbox folder."""
 
@@ -506,13 +519,17 @@ class SlackNotifier:
         base_url: str | None = None,
         outbox: Folder | None = None,
         client: Any = None,
+        unusable: str | None = None,
     ):
-        """``client``: a ready slack_sdk WebClient, e.g. the Slack provider's ``SlackHook().client``."""
+        """``client``: a ready slack_sdk WebClient, e.g. the Slack provider's ``SlackHook().client``.
+        ``unusable``: why Slack is configured but cannot be used (a connection the provider
+        refuses): each report goes to the outbox with it, as when Slack refuses one."""
         if token is None and outbox is None and client is None:
             raise ValueError("SlackNotifier needs a token, a client or an outbox folder")
         self.channel = channel
         self.outbox = outbox
         self.client = client
+        self.unusable = unusable
         if token and client is None:
             from slack_sdk import WebClient
 
@@ -529,11 +546,15 @@ class SlackNotifier:
             raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
         message = replace(message, blocks=fit(message.blocks))
         if self.client is None:
+            if self.unusable and self.outbox is not None:
+                log.warning("Slack cannot be used (%s); the report is in the outbox", self.unusable)
+                return {**self._to_outbox(message, error=self.unusable), "slack_error": self.unusable}
             return self._to_outbox(message)
         from slack_sdk.errors import SlackClientError
 
-        # (an answer cut off mid-way, a status line that is not HTTP's: http.client's own errors)
-        failures = (SlackClientError, OSError, http.client.HTTPException)
+        # (an answer cut off mid-way, a status line that is not HTTP's: http.client's own errors;
+        # a base URL urllib cannot use, a header it refuses: ValueError)
+        failures = (SlackClientError, OSError, http.client.HTTPException, ValueError)
         try:
             posted = self.client.chat_postMessage(
                 channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks
@@ -541,7 +562,7 @@ class SlackNotifier:
         except failures as exc:
             if self.outbox is None:
                 raise
-            error = str(exc) if isinstance(exc, (SlackClientError, OSError)) else f"{type(exc).__name__}: {exc}"
+            error = _failure(exc)
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
             return {**self._to_outbox(message, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
@@ -556,8 +577,8 @@ class SlackNotifier:
                 )
                 result["chart"] = True
             except failures as exc:  # the report is posted; its chart is not
-                log.warning("the report's chart was not uploaded: %s", exc)
-                result["chart_error"] = str(exc) or type(exc).__name__
+                log.warning("the report's chart was not uploaded: %s", _failure(exc))
+                result["chart_error"] = _failure(exc)
         return result
 
     def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:

@@ -264,4 +264,9 @@ def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api
         conn = None
     if conn is None or not conn.password:
         return SlackNotifier(channel, outbox=outbox)
-    return SlackNotifier(channel, client=SlackHook(slack_conn_id=slack_conn_id).client, outbox=outbox)
+    try:
+        client = SlackHook(slack_conn_id=slack_conn_id).client
+    except Exception as exc:  # (an extra the provider cannot read: a timeout that is not a number)
+        unusable = f"the {slack_conn_id} connection cannot be used: {type(exc).__name__}: {str(exc)[:300]}"
+        return SlackNotifier(channel, outbox=outbox, unusable=unusable)
+    return SlackNotifier(channel, client=client, outbox=outbox)

@@ -201,6 +201,33 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
         fake.stop()
 
 
+@pytest.mark.parametrize(
+    ("extra", "password", "error"),
+    [
+        ({"timeout": "ten"}, "xoxb-1", "the slack_api_default connection cannot be used: ValueError"),
+        ({"base_url": "slack.example.com/api/"}, "xoxb-1", "ValueError: unknown url type"),
+        ({}, "xoxb-s3cret\ntail", "the token: it holds a line break"),
+    ],
+)
+def test_a_slack_connection_that_cannot_be_used_leaves_the_report_in_the_outbox(
+    monkeypatch, tmp_path, extra, password, error
+):
+    """A Slack connection the provider could not use (a timeout that is not a number, a base URL
+    without its scheme, a token with a line break) raised out of notify: the report was in
+    neither Slack nor the outbox, and the token's error quoted the token."""
+    import json
+
+    from vision_rollout.notify import rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    conn(monkeypatch, "slack_api_default", conn_type="slack", password=password, extra=extra)
+    sent = slack_notifier("#rollouts", Folder(str(tmp_path / "outbox"))).send(rollback_message(RolloutSpec(), "r"))
+    assert error in sent["slack_error"]
+    assert "s3cret" not in sent["slack_error"]
+    record = json.loads((tmp_path / "outbox" / sent["outbox"].rsplit("/", 1)[1]).read_text())
+    assert record["slack_error"] == sent["slack_error"]
+
+
 @pytest.mark.integration
 def test_the_admin_client_uses_the_admin_token(monkeypatch, server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token="hook-token")
