@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 import pytest
 
@@ -169,8 +170,21 @@ def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stan
         "AIRFLOW_CONN_SLACK_API_DEFAULT",
         json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
     )
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com")
     try:
         dagrun = rollout_dag().test(run_conf={**CONF, "candidate_version": "3", "mirror_percent": 0})
+        # Slack back: what waits in the outbox is sent, and leaves it.
+        from slack_sdk import WebClient
+
+        from vision_rollout.folders import Folder
+        from vision_rollout.notify import send_waiting
+
+        slack.outage = None
+        report = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())
+        waiting = sorted(p.name for p in (tmp / "run" / "outbox").glob("*.json"))
+        sent = send_waiting(Folder(str(tmp / "run" / "outbox")), WebClient(token=slack.token, base_url=slack.base_url))
+        assert [r["name"] for r in sent if r.get("sent")] == waiting
+        assert not list((tmp / "run" / "outbox").glob("*.json"))
     finally:
         slack.stop()
     states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
@@ -182,6 +196,9 @@ def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stan
     assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == {
         "route": [{"version": "1", "weight": 100}]
     }
-    report = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())
     assert report["text"].startswith("Rolled back")
     assert "upstream connect error" in report["slack_error"]
+    assert slack.messages()[-1]["text"] == report["text"]
+    # The run's page in Airflow's UI, from the task's own context.
+    run = quote(dagrun.run_id, safe="")
+    assert f"<https://airflow.example.com/dags/model_rollout/runs/{run}|{dagrun.run_id}>" in json.dumps(report)
