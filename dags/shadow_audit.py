@@ -3,12 +3,11 @@
 
 Every hour, for each model: how the shadow (candidate) answered the previous clock hour's
 mirrored requests (a run triggered by hand: the last whole hour, its report replaced), and each
-earlier hour of the last `catch_up_hours` not yet audited (the scheduler was down, or Slack did
-not take its report), compared with the primary: top-1 agreement with its interval, output divergence,
+earlier hour of the last `catch_up_hours` not yet audited (the scheduler was down), compared with the primary: top-1 agreement with its interval, output divergence,
 the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
 PNG) is kept and sent to Slack. An hour without shadow data is marked audited with a note, not
-failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox;
-the retry, or the next run, sends it again, and no report Slack took).
+failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox,
+which each run, and its retry, sends first: each report once).
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def _rollout_schema(name: str) -> dict[str, Any]:
             type="integer",
             minimum=0,
             maximum=168,
-            description="Earlier hours audited when they were not (the scheduler down, a report not sent)",
+            description="Earlier hours audited when they were not (the scheduler down)",
             section="Audit",
         ),
     },

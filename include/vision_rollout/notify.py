@@ -651,12 +651,16 @@ def waiting_reports(outbox: Folder) -> list[Waiting]:
     return found
 
 
-def send_waiting(outbox: Folder, client: Any, clock: Any = time.time) -> list[dict[str, Any]]:
+def send_waiting(
+    outbox: Folder, client: Any, clock: Any = time.time, budget_s: float | None = None
+) -> list[dict[str, Any]]:
     """Send each report waiting in the outbox through ``client`` (a slack_sdk WebClient), as
     ``SlackNotifier.send`` sends a new one, oldest first; each that Slack took is removed (its
     chart with it), each it did not stays, as it was. One line of result per report: ``sent``
     (with ``ts``), ``error`` (Slack's, or why the file is not a report), or ``skipped`` (another
-    sender has it, or sent it meanwhile).
+    sender has it, or sent it meanwhile). ``budget_s``: no report is started once the round has
+    taken this long (Slack unreachable: each report would wait out its own timeout); the rest
+    wait for the next round.
 
     Two senders at once (two operators, a cron job) send no report twice: before sending one, a
     sender writes its claim beside it, then lists the folder, and sends only where its claim is
@@ -667,7 +671,10 @@ def send_waiting(outbox: Folder, client: Any, clock: Any = time.time) -> list[di
     ignored. A sender killed between Slack's answer and the removal leaves the report to be
     sent again: none is lost."""
     results: list[dict[str, Any]] = []
+    start = clock()
     for name in [n for n in outbox.names() if n.endswith(".json")]:
+        if budget_s is not None and clock() - start > budget_s:
+            break
         stem = name.removesuffix(".json")
         claim = f"{stem}.claim-{time.time_ns()}-{uuid.uuid4().hex[:12]}"
         outbox.write(claim, b"")

@@ -886,11 +886,13 @@ def audit_hours(
     """The hourly shadow audit of one model: the clock hour that ends at or before ``end``
     (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
     once its records are all written; before it, oldest first, each of the ``catch_up_hours``
-    earlier hours not yet audited (missed while the scheduler was down, or not sent). An hour
-    without shadow records is marked audited, unreported, when no mirror was configured; a
-    warning when one was. A report Slack did not take (kept in the hour's folder and the
-    outbox) fails the task once every hour was tried: the retry, or the next run, sends it
-    again: an audit nobody was told of is no audit. Skipped when no hour had anything.
+    earlier hours not yet audited (missed while the scheduler was down). First, the reports
+    waiting in the outbox are sent (``send_outbox``). An hour without shadow records is marked
+    audited, unreported, when no mirror was configured; a warning when one was. A report Slack
+    did not take (kept in the hour's folder and the outbox, the hour marked audited) fails the
+    task once every hour was tried: an audit nobody was told of is no audit; the retry, or the
+    next run, sends it from the outbox, and fails likewise while Slack does not take it.
+    Skipped when no hour had anything.
 
     ``retry``: a retry of a failed try, which reports only the hours not marked audited (the
     run's own hour too, when the failed try reported it: it is not sent to Slack twice)."""
@@ -905,6 +907,10 @@ def audit_hours(
     start, end, _ = audited_hour(end, datetime.now(UTC))
     results: list[dict[str, Any]] = []
     failed: list[str] = []
+    # (A report Slack did not take has its channel in the result; a file that is no report has none.)
+    unsent = [
+        f"{r['name']} waits in the outbox: {r['error']}" for r in send_outbox() if "error" in r and "channel" in r
+    ]
     hours = unaudited_hours(audits, start, catch_up_hours)
     if not (retry and AUDITED in hour_folder(audits, start).names()):
         hours.append(start)
@@ -919,15 +925,33 @@ def audit_hours(
         except Exception as exc:  # (the other hours are audited all the same)
             log.exception("the audit of '%s' from %s failed", model, hour)
             failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
-    if failed:
-        raise AirflowException(
-            f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)
-        )
+    if failed or unsent:
+        hours_failed = [f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)]
+        raise AirflowException("; ".join([*(hours_failed if failed else []), *unsent]))
     if results and all(r["verdict"] == "skip" for r in results):
         raise AirflowSkipException(
             f"no shadow records for '{model}' in the {len(results)} hours to {end:%Y-%m-%d %H:%M} UTC "
             "that were audited, and no mirror"
         )
+    return results
+
+
+def send_outbox(budget_s: float = 120) -> list[dict[str, Any]]:
+    """The reports waiting in the run folder's outbox (Slack did not take them: a rollout's, an
+    audit's), sent through the Slack connection as ``rolloutctl outbox send`` sends them (each
+    once, whoever else sends); nothing without a token. Starts none after ``budget_s``."""
+    from vision_rollout.notify import send_waiting
+
+    outbox = serving().settings.outbox
+    client = slack_notifier("#outbox", outbox).client
+    if client is None:
+        return []
+    results = send_waiting(outbox, client, budget_s=budget_s)
+    for r in results:
+        if "error" in r:
+            log.warning("outbox report %s still waits: %s", r["name"], r["error"])
+    if results:
+        log.info("outbox: %d of %d report(s) sent", sum(1 for r in results if r.get("sent")), len(results))
     return results
 
 
@@ -949,7 +973,8 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
     sent = slack_notifier(channel, settings.outbox).send(
         outgoing(audit_message(result, files.get(CHART)), f"model {model}")
     )
-    if sent.get("slack_error"):
+    if sent.get("slack_error"):  # audited: its report waits in the outbox, whose rounds send it once
+        folder.write(AUDITED, json.dumps({**summary, "report": where[REPORT], "outbox": sent["outbox"]}).encode())
         raise AirflowException(
             f"the {result.verdict} audit of '{model}' is in {where[REPORT]}, but its report did not reach "
             f"Slack ({sent['slack_error']}): it is in the outbox, {sent.get('outbox')}"

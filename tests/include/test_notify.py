@@ -371,8 +371,10 @@ def test_reports_waiting_in_the_outbox_are_sent_once_and_removed_only_when_slack
     assert waiting[2].name == "garbage.json"
     assert waiting[2].problem.startswith("not a report")
     client = WebClient(token=slack.token, base_url=slack.base_url)
-    # Slack still down: nothing is removed.
+    # Slack still down: nothing is removed; a round past its budget starts no other report.
     assert [("error" in r) for r in send_waiting(outbox, client)] == [True, True, True]
+    ticks = iter(range(0, 1000, 100))
+    assert len(send_waiting(outbox, client, clock=lambda: next(ticks), budget_s=350)) == 2
     assert len(outbox.names()) == 4  # (two reports, a chart, the garbage; no claim left)
     slack.outage = None
     results = send_waiting(outbox, client)

@@ -643,10 +643,11 @@ def slack(monkeypatch):
 
 def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_it(monkeypatch, tmp_path, slack):
     """Slack answering 503: the hourly audit's report (a FAIL here) went to the outbox, and the
-    task succeeded: nobody was told, and nothing in the task said so."""
+    task succeeded: nobody was told, and nothing in the task said so. The task fails; its retry
+    sends the report from the outbox, once: the hour is not audited again into a second copy."""
     from datetime import UTC, datetime, timedelta
 
-    from airflow.sdk.exceptions import AirflowException
+    from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
     from tests.support import shadow_log
 
@@ -661,10 +662,17 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
     assert not isinstance(failed.value, AirflowFailException)  # (retried)
     assert "upstream connect error" in str(failed.value)
     assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
+    with pytest.raises(AirflowException, match=r"\.json waits in the outbox: SlackApiError"):  # Slack still down
+        steps.audit_hours("digits", end, retry=True)
+    assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1  # (no second copy)
     slack.outage = None
-    assert [r["verdict"] for r in steps.audit_hours("digits", end)] == ["fail"]  # the retry: that hour alone
+    assert steps.audit_hours("digits", end, retry=True) == []  # its hour is audited: the outbox sends it
     (posted,) = slack.messages()
     assert posted["text"] == "Shadow audit digits: FAIL"
+    assert not list((tmp_path / "run" / "outbox").glob("*.json"))
+    with pytest.raises(AirflowSkipException):  # the next hour's run: nothing in its hour, nothing sent again
+        steps.audit_hours("digits", end + timedelta(hours=1), catch_up_hours=1)
+    assert len(slack.messages()) == 1
 
 
 def test_a_retried_audit_sends_again_only_what_slack_did_not_take(monkeypatch, tmp_path, slack):
@@ -718,9 +726,10 @@ def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(mo
 
 def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_path, slack):
     """Hours the scheduler missed (``catchup`` off: down for a night) were never audited, and an
-    hour whose report Slack did not take was sent only by that task's retry. A run audits,
-    oldest first, each hour of its catch-up window not marked audited, and marks an hour once its
-    report reached Slack, or when it had nothing to report."""
+    hour whose report Slack did not take was sent only by that task's retry. A run sends what
+    waits in the outbox, then audits, oldest first, each hour of its catch-up window not marked
+    audited, and marks an hour once its report reached Slack or the outbox, or when it had
+    nothing to report."""
     from datetime import UTC, datetime, timedelta
 
     from airflow.sdk.exceptions import AirflowException
@@ -739,13 +748,12 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
     with pytest.raises(AirflowException, match=r"1 of 1 hours not reported: .* did not reach Slack"):
         steps.audit_hours("digits", hour[2], catch_up_hours=0)  # the hour from hour[3], its retries spent
     slack.outage = None
-    # Hours 5 (missed), 4 and 2 (nothing in them), 3 (not sent) and this run's own, hour 1;
-    # hour 6 is outside the window.
+    # Hour 3's report from the outbox, then hours 5 (missed), 4 and 2 (nothing in them) and this
+    # run's own, hour 1; hour 6 is outside the window.
     results = steps.audit_hours("digits", hour[0], catch_up_hours=4.0)  # (as the form may give it)
     assert [(r["start"], r["verdict"] == "skip") for r in results] == [
         (hour[5].isoformat(), False),
         (hour[4].isoformat(), True),
-        (hour[3].isoformat(), False),
         (hour[2].isoformat(), True),
         (hour[1].isoformat(), False),
     ]
