@@ -544,12 +544,41 @@ def tripped(guards: GuardInputs, cfg: GateConfig) -> str | None:
     return "hard guard tripped: " + " ".join(failed) if failed else None
 
 
-def guard_breach(source: MetricsSource | None, spec: RolloutSpec, since: float, now: float | None = None) -> str | None:
+def guard_breach(
+    source: MetricsSource | None, spec: RolloutSpec, since: float, now: float | None = None
+) -> tuple[str | None, str | None]:
     """The last stage's hard guards on Prometheus (the P99's sustained breach over the stage
     from ``since``, its start; the shadow's error rate), as its pokes read them, while its
-    promotion awaits an approval: the sentence of those that tripped, None when none did. Guards
-    that cannot be read, or have no data, trip nothing: the stage passed under them already."""
-    return tripped(guard_inputs(source, spec, now, since), GateConfig.from_spec(spec))
+    promotion awaits an approval: (the sentence of those that tripped, why they could not be
+    read: Prometheus down, a query error, no data), each None when there is none. A read that
+    failed trips nothing by itself: ``FailedReads`` counts them."""
+    guards = guard_inputs(source, spec, now, since)
+    return tripped(guards, GateConfig.from_spec(spec)), guards.unavailable or guards.missing
+
+
+@dataclass
+class FailedReads:
+    """The hard guards read while a promotion awaits its approval, as Argo Rollouts' analysis
+    counts a measurement that errs (``consecutiveErrorLimit``) and Flagger a check without a
+    result: a read that failed is counted, one that succeeded sets the count back to 0, and the
+    ``limit``-th failed read in a row ends the wait as a tripped guard does (a candidate nobody
+    can measure does not keep its traffic until an answer comes)."""
+
+    limit: int
+    count: int = 0
+
+    def judge(self, breach: str | None, unread: str | None) -> str | None:
+        """What ends the wait after one read: its breach, or the sentence of the failed reads
+        once they reached ``limit`` in a row; None while the wait goes on."""
+        if breach:
+            return breach
+        if unread is None:
+            self.count = 0
+            return None
+        self.count += 1
+        if self.count < self.limit:
+            return None
+        return f"the hard guards could not be read {self.count} times in a row (the last time: {unread})"
 
 
 def _count(source: MetricsSource, promql: str) -> int:

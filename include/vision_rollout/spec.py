@@ -182,6 +182,14 @@ class RolloutSpec:
     shadow_error_rate_max: float = _f(
         0.001, "Hard guard: largest shadow error rate", type="number", minimum=0, maximum=1
     )
+    guard_error_limit: int = _f(
+        30,
+        "Hard guards: reads in a row that fail (Prometheus down, a query error, no data) before a promotion "
+        "awaiting approval rolls back",
+        type="integer",
+        minimum=1,
+        maximum=1000,
+    )
     shadow_agreement_min: float = _f(
         0.90,
         "Shadow audit: top-1 agreement of candidate and primary must be shown at least this",

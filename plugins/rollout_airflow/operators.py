@@ -170,7 +170,7 @@ class PromotionApproval(HITLOperator):
         params = context["params"]
         breach = event.get("guard_breach")
         if breach is None and answer["chosen_options"] == [PROMOTE]:
-            breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))
+            breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))[0]
         if breach:
             steps.breach_while_waiting(params, context["run_id"], breach)
             return {**answer, "guard_breach": breach}

@@ -609,9 +609,10 @@ def last_stage_start(params: dict[str, Any], ti: Any) -> float:
     return float(applied.get("started") or time.time())
 
 
-def guards_while_waiting(params: dict[str, Any], since: float) -> str | None:
+def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | None, str | None]:
     """The last stage's hard guards, read again while its promotion awaits an approval
-    (``engine.guard_breach``): the sentence of those that tripped, None when none did."""
+    (``engine.guard_breach``): the sentence of those that tripped, and why they could not be
+    read (each None when there is none)."""
     from vision_rollout.engine import guard_breach
 
     return guard_breach(PrometheusHook().source(), spec_from(params), since)

@@ -1,9 +1,10 @@
 """``approve_promotion``'s wait: Airflow's human-in-the-loop trigger, with the last stage's hard
 guards read again every look interval while the answer is awaited.
 
-The trigger keeps nothing but its arguments (the run's Params, when the last stage began, the
-look interval, the answer's deadline): a triggerer that restarts, or another triggerer that takes
-it over, reads the same guards over the same stage. An answer given in the UI resumes the task
+The trigger keeps its arguments (the run's Params, when the last stage began, the look interval,
+the answer's deadline), and in memory only the count of the reads in a row that failed: a
+triggerer that restarts, or another triggerer that takes it over, reads the same guards over the
+same stage, and counts failed reads from 0 again. An answer given in the UI resumes the task
 at once (the API moves the deferred task on); the trigger is then cancelled.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.triggers.hitl import HITLTrigger
 from airflow.triggers.base import TriggerEvent
 from asgiref.sync import sync_to_async
+
+if TYPE_CHECKING:
+    from vision_rollout.engine import FailedReads
 
 ROLL_BACK = "Roll back"
 
@@ -24,13 +28,15 @@ ROLL_BACK = "Roll back"
 class GuardedApprovalTrigger(HITLTrigger):
     """Waits for the answer as ``HITLTrigger`` does (the default, Roll back, once the deadline
     passed), and every ``look_s`` reads the last stage's hard guards from ``since`` on
-    (``steps.guards_while_waiting``). A guard that trips answers Roll back in the approver's
-    stead (the question leaves Required Actions) and ends the wait with the breach in the
-    event's ``guard_breach``; an answer that came first is taken as it is."""
+    (``steps.guards_while_waiting``). A guard that trips, or ``guard_error_limit`` reads in a
+    row that fail, answer Roll back in the approver's stead (the question leaves Required
+    Actions) and end the wait with the breach in the event's ``guard_breach``; an answer that
+    came first is taken as it is."""
 
     def __init__(self, *, rollout: dict[str, Any], since: float, look_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.rollout, self.since, self.look_s = rollout, since, look_s
+        self.failed_reads: FailedReads | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _, kwargs = super().serialize()
@@ -38,13 +44,23 @@ class GuardedApprovalTrigger(HITLTrigger):
         return f"{type(self).__module__}.{type(self).__qualname__}", {**kwargs, **extra}
 
     async def read_guards(self) -> str | None:
+        """What ends the wait after this read: a tripped guard, or the ``guard_error_limit``-th
+        read in a row that failed (``engine.FailedReads``); None while it goes on."""
         from rollout_airflow import steps
+        from vision_rollout.engine import FailedReads
 
+        if self.failed_reads is None:
+            self.failed_reads = FailedReads(steps.spec_from(self.rollout).guard_error_limit)
         try:
-            return await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since)
-        except Exception:  # read again at the next look; nothing trips meanwhile
+            breach, unread = await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since)
+        except Exception as exc:
             self.log.exception("the hard guards could not be read")
-            return None
+            breach, unread = None, f"{type(exc).__name__}: {exc}"[:500]
+        ended = self.failed_reads.judge(breach, unread)
+        if unread and not breach:  # (in the task's log, where the triggerer keeps a trigger's own)
+            count, limit = self.failed_reads.count, self.failed_reads.limit
+            self.log.warning("the hard guards could not be read (%d of %d in a row): %s", count, limit, unread)
+        return ended
 
     async def roll_back(self, breach: str) -> TriggerEvent:
         """Roll back recorded as the answer, unless one came first (then that answer: the task

@@ -875,7 +875,7 @@ class Answers:
         return types.SimpleNamespace(responded_at=datetime.now(UTC))
 
 
-def wait_for_answer(since: float) -> dict:
+def wait_for_answer(since: float, rollout: dict | None = None) -> dict:
     """The trigger as the triggerer runs it (from its serialized form), to its first event."""
     import asyncio
     import uuid
@@ -891,7 +891,7 @@ def wait_for_answer(since: float) -> dict:
         params={},
         timeout_datetime=None,
         poke_interval=0.01,
-        rollout=GUARDED,
+        rollout=rollout or GUARDED,
         since=since,
         look_s=0.01,
     )
@@ -948,6 +948,51 @@ def test_an_answer_given_before_the_breach_was_recorded_is_the_answer(monkeypatc
     assert event["chosen_options"] == ["Promote"]
     assert event["responded_by_user"] == {"id": "alice", "name": "Alice"}
     assert answers.written == []
+
+
+def test_guards_that_cannot_be_read_roll_back_after_guard_error_limit_reads_in_a_row(monkeypatch, capsys):
+    """Prometheus down while the approval waited: each read failed, was logged and tripped
+    nothing, and the candidate kept its 100% unmeasured until an answer came (24 h). Failed
+    reads are counted; ``guard_error_limit`` of them in a row answer Roll back, as a breach."""
+    import time
+
+    from rollout_airflow.hooks import PrometheusHook
+    from vision_rollout.metrics import PrometheusSource
+
+    reads = []
+
+    class Down(PrometheusSource):
+        def scrape_interval_s(self) -> float:
+            reads.append(time.time())
+            return super().scrape_interval_s()
+
+    monkeypatch.setattr(PrometheusHook, "source", lambda self: Down("http://127.0.0.1:9", timeout_s=1))
+    answers = Answers(monkeypatch)
+    event = wait_for_answer(time.time() - 300, {**GUARDED, "guard_error_limit": 3})
+    assert answers.written == [["Roll back"]]
+    assert event["chosen_options"] == ["Roll back"]
+    assert event["guard_breach"].startswith("the hard guards could not be read 3 times in a row (the last time: ")
+    assert len(reads) == 3
+    logged = "".join(capsys.readouterr())
+    assert "the hard guards could not be read (2 of 3 in a row): " in logged  # each, in the trigger's log
+
+
+def test_a_read_that_succeeds_starts_the_count_of_failed_reads_again():
+    from tests.include.test_metrics import History
+    from vision_rollout.engine import FailedReads, guard_breach
+    from vision_rollout.spec import RolloutSpec
+
+    breach, unread = guard_breach(History([]), RolloutSpec.from_dict(GUARDED), 1000.0, now=2000.0)
+    assert breach is None
+    assert unread.startswith("the canary's P99 has no data in Prometheus")  # a failed read too
+    reads = FailedReads(limit=2)
+    assert reads.judge(None, "prometheus: connection refused") is None
+    assert reads.judge(None, None) is None  # read: the count starts again
+    assert reads.judge(None, "the canary's P99 has no data") is None
+    assert reads.judge(None, "the canary's P99 has no data") == (
+        "the hard guards could not be read 2 times in a row (the last time: the canary's P99 has no data)"
+    )
+    assert FailedReads(limit=5).judge("hard guard tripped: X.", "prometheus down") == "hard guard tripped: X."
 
 
 def approved(monkeypatch, tmp_path, option: str, since: float):
