@@ -19,8 +19,10 @@ Roll a new version of a model out to production, or roll it back, with the evide
    candidate unloaded, mirror off); then **notify** sends the report to Slack. With
    `require_approval`, **approve_promotion** first asks a reviewer (Required Actions in the UI;
    no answer in 24 h rolls back). While it waits, the last stage's hard guards are read every
-   look interval: a breach puts stable back at once, tells Slack and answers Roll back, and
-   decide rolls back whatever the answer.
+   look interval: a breach (or that many reads in a row that fail, `guard_error_limit`) puts
+   stable back at once, tells Slack and answers Roll back, and decide rolls back whatever the
+   answer. The wait runs on Airflow's triggerer: with none running, it ends 2 minutes past its
+   deadline and rolls back the same way.
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 

@@ -15,7 +15,9 @@ takes the default, Roll back. Slack is told an answer is awaited, with the evide
 Meanwhile the last stage's hard guards are read every look interval (``triggers``): one that
 trips puts the stable version back at once, tells Slack, and answers Roll back in the
 approver's stead; a Promote reads them once more before it counts. ``decide`` reads the answer,
-and the breach (``guard_breach``) whatever the answer.
+and the breach (``guard_breach``) whatever the answer. Where no triggerer runs the trigger (or it
+fails), the scheduler ends the wait ``NO_TRIGGERER_GRACE_S`` past the deadline, and that is
+taken as a breach is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from airflow.sdk.exceptions import TaskAwaitingInput
 
 PROMOTE, ROLL_BACK = "Promote", "Roll back"
 BUILD_LEASE_S = 2 * 3600  # the model's lease while its image builds (a pod start and a build)
+# Past the answer's deadline, how long the approval's wait may go without an event from its
+# trigger before the scheduler ends it (no triggerer ran the trigger): within the lease's margin.
+NO_TRIGGERER_GRACE_S = 120
 
 
 class ImageBuild(KubernetesPodOperator):
@@ -159,7 +164,47 @@ class PromotionApproval(HITLOperator):
                 look_s=poke_interval(steps.spec_from(params)),
             ),
             method_name="execute_complete",
+            # No triggerer running: nothing reads the guards or applies the deadline, and the task
+            # would stay deferred for good. The scheduler ends the wait here (resume_execution).
+            timeout=timedelta(seconds=wait + NO_TRIGGERER_GRACE_S),
         )
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Any) -> Any:
+        """The wait ended without its trigger's event (the scheduler's timeout: no triggerer ran it;
+        or the trigger failed): Roll back is recorded as the answer and taken as a guard breach
+        is (``execute_complete``): the stable version back at once, Slack told, ``decide`` rolls
+        back saying why."""
+        from airflow.sdk.bases.operator import TRIGGER_FAIL_REPR, TriggerFailureReason
+
+        if next_method != TRIGGER_FAIL_REPR:
+            return super().resume_execution(next_method, next_kwargs, context)
+        from airflow.sdk.execution_time import hitl
+        from airflow.sdk.timezone import utcnow
+
+        error = (next_kwargs or {}).get("error")
+        if traceback := (next_kwargs or {}).get("traceback"):
+            self.log.error("the approval's trigger failed:\n%s", "\n".join(traceback))
+        if error == TriggerFailureReason.TRIGGER_TIMEOUT:
+            why = (
+                "its wait ended without an answer or an event from its trigger "
+                f"{NO_TRIGGERER_GRACE_S} s past the answer's deadline: no triggerer ran it (is one running?)"
+            )
+        else:
+            why = f"its trigger failed ({error})"
+        try:  # the question leaves Required Actions
+            hitl.update_hitl_detail_response(
+                ti_id=context["task_instance"].id, chosen_options=[ROLL_BACK], params_input={}
+            )
+        except Exception:
+            self.log.exception("Roll back could not be recorded as the answer")
+        event = {
+            "chosen_options": [ROLL_BACK],
+            "params_input": {},
+            "responded_at": utcnow(),
+            "responded_by_user": None,
+            "guard_breach": f"{why}, and no hard guard was read",
+        }
+        return self.execute_complete(context, event)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """The answer, and the guards: a breach the trigger saw, or (for Promote) one read now,

@@ -1046,6 +1046,52 @@ def test_a_promote_under_guards_within_their_limits_promotes(monkeypatch, tmp_pa
     assert decide(GUARDED, [PASS, PASS], None, approval=answer)[0] == "promote"
 
 
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        ("Trigger timeout", "its wait ended without an answer or an event from its trigger 120 s past the answer's"),
+        ("Trigger failure", "its trigger failed (Trigger failure)"),
+    ],
+)
+def test_an_approval_no_triggerer_runs_ends_at_its_deadline_and_rolls_back(monkeypatch, tmp_path, error, why):
+    """The approval's wait is a trigger: with no triggerer running, nothing read the guards or
+    applied the deadline, and the task stayed deferred for good, the candidate at 100%. The
+    deferral has the scheduler end it past the deadline; stable is put back, Roll back is
+    recorded as the answer, and decide rolls back saying why. A failed trigger ends it the same."""
+    import types
+
+    from airflow.providers.standard.operators import hitl as operator_hitl
+    from airflow.sdk.exceptions import TaskDeferred
+    from airflow.sdk.execution_time import hitl
+
+    from rollout_airflow.operators import PromotionApproval
+
+    outbox_reports(monkeypatch, tmp_path)
+    monkeypatch.setattr(operator_hitl, "upsert_hitl_detail", lambda **kwargs: None)
+    monkeypatch.setattr(steps, "hold", lambda *args, **kwargs: None)
+    restored, written = [], []
+    monkeypatch.setattr(steps, "restore_stable", lambda *args, **kwargs: restored.append((args, kwargs)))
+    monkeypatch.setattr(hitl, "update_hitl_detail_response", lambda **kwargs: written.append(kwargs))
+    run = XComs()
+    for i in (1, 2):
+        run.of(f"stage_{i}.statistical_gate").xcom_push("return_value", PASS)
+    run.of("stage_2.apply_mesh_weights").xcom_push("return_value", {"weight": 100, "started": 1000.0})
+    context = {"params": GUARDED, "ti": run, "run_id": "manual__1", "task_instance": types.SimpleNamespace(id="ti-1")}
+    task = PromotionApproval(task_id="approve_promotion", max_stages=4)
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    assert deferred.value.timeout.total_seconds() == 24 * 3600 + 120  # the answer's deadline, and 2 minutes
+
+    answer = task.resume_execution("__fail__", {"error": error}, context)  # as the scheduler resumes it
+    assert written == [{"ti_id": "ti-1", "chosen_options": ["Roll back"], "params_input": {}}]
+    assert restored == [((GUARDED, "manual__1"), {"unload_candidate": False})]
+    assert answer["chosen_options"] == ["Roll back"]
+    assert answer["guard_breach"].startswith(why)
+    outcome, reason = decide(GUARDED, [PASS, PASS], None, approval=answer)
+    assert outcome == "rollback"
+    assert why in reason
+
+
 def test_a_breach_the_trigger_saw_rolls_back_whatever_the_answer(monkeypatch, tmp_path):
     """decide rolls back on the breach even where the record says Promote (the answer came first)."""
     assert decide(GUARDED, [PASS, PASS], None, approval={**ALICE, "guard_breach": "hard guard tripped: X."}) == (
