@@ -556,6 +556,20 @@ def guard_breach(
     return tripped(guards, GateConfig.from_spec(spec)), guards.unavailable or guards.missing
 
 
+def replay_breach(spec: RolloutSpec, samples: pd.DataFrame, images: int) -> str | None:
+    """The accuracy-drop guard on one replay round's samples (``StageJudge.replay_round``) of
+    ``images`` images: the sentence of the trip, or of a round not answered whole by both
+    versions (nothing then shows the candidate as accurate as the baseline); None when it held."""
+    drop = replay_drop(samples, images)
+    if drop is None:
+        failed = int(samples["error"].sum()) if "error" in samples else 0
+        return (
+            f"the validation replay could not be judged: {failed} of {len(samples)} requests through "
+            f"versions {spec.baseline_version} and {spec.candidate_version} failed"
+        )
+    return tripped(GuardInputs(validation_drop=drop), GateConfig.from_spec(spec))
+
+
 @dataclass
 class FailedReads:
     """The hard guards read while a promotion awaits its approval, as Argo Rollouts' analysis
@@ -644,11 +658,12 @@ class StageJudge:
             self._labels = validation_labels(self.validation)
         return self._labels
 
-    def replay_round(self) -> None:
+    def replay_round(self) -> pd.DataFrame:
+        """A round of the validation replay through both versions: its paired samples."""
         from vision_rollout.replay import replay
 
         arms = {"baseline": self.spec.baseline_version, "canary": self.spec.candidate_version}
-        replay(
+        return replay(
             self.server_address,
             self.spec.model,
             arms,

@@ -14,7 +14,8 @@ otherwise it skips. The reviewer sees the stage verdicts and the shadow audit in
 takes the default, Roll back. Slack is told an answer is awaited, with the evidence.
 Meanwhile the last stage's hard guards are read every look interval (``triggers``): one that
 trips puts the stable version back at once, tells Slack, and answers Roll back in the
-approver's stead; a Promote reads them once more before it counts. ``decide`` reads the answer,
+approver's stead; a Promote reads them once more before it counts, with the accuracy-drop guard
+on a validation replay round sent then (``steps.replay_while_waiting``). ``decide`` reads the answer,
 and the breach (``guard_breach``) whatever the answer. Where no triggerer runs the trigger (or it
 fails), the scheduler ends the wait ``NO_TRIGGERER_GRACE_S`` past the deadline, and that is
 taken as a breach is.
@@ -207,8 +208,9 @@ class PromotionApproval(HITLOperator):
         return self.execute_complete(context, event)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        """The answer, and the guards: a breach the trigger saw, or (for Promote) one read now,
-        puts the stable version back and is kept in the XCom's ``guard_breach`` for ``decide``."""
+        """The answer, and the guards: a breach the trigger saw, or (for Promote) one read now
+        (Prometheus' guards, and the replay's accuracy on a round sent now), puts the stable
+        version back and is kept in the XCom's ``guard_breach`` for ``decide``."""
         from rollout_airflow import steps
 
         answer = super().execute_complete(context, event)
@@ -216,6 +218,7 @@ class PromotionApproval(HITLOperator):
         breach = event.get("guard_breach")
         if breach is None and answer["chosen_options"] == [PROMOTE]:
             breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))[0]
+            breach = breach or steps.replay_while_waiting(params)
         if breach:
             steps.breach_while_waiting(params, context["run_id"], breach)
             return {**answer, "guard_breach": breach}

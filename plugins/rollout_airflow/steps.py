@@ -32,8 +32,10 @@ from vision_rollout.spec import RolloutSpec, SpecError
 
 if TYPE_CHECKING:
     from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.engine import StageJudge
     from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
+    from vision_rollout.metrics import MetricsSource
     from vision_rollout.notify import Message
 
 log = logging.getLogger(__name__)
@@ -408,7 +410,7 @@ def look_at_stage(
     A tripped guard puts the stable version back at once, then fails the task (no retry), as does,
     in kubernetes mode, a candidate left with no ready pod (``candidate_serving``).
     """
-    from vision_rollout.engine import StageJudge, StageWindow, gpu_gauges
+    from vision_rollout.engine import StageWindow, gpu_gauges
     from vision_rollout.gates import Verdict
 
     spec = spec_from(params)
@@ -418,11 +420,9 @@ def look_at_stage(
     hold(spec, run_id, hook)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
-    settings = hook.settings
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], applied["started"])
-    address = settings.serving_url(spec.model, spec.mesh).split("://", 1)[-1]  # host:port, as tritonclient takes it
-    state = StageJudge(spec, address, settings.validation(spec.model), settings.prediction_log, source)(window)
+    state = stage_judge(spec, hook, source)(window)
     print(
         f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"
@@ -444,6 +444,15 @@ def look_at_stage(
         "looks": state.looks,
     }
     return {**verdict, "status": state.status, "bake": bake}
+
+
+def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None) -> StageJudge:
+    """The engine's judge of a stage, sending its replay through the serving path."""
+    from vision_rollout.engine import StageJudge
+
+    settings = hook.settings
+    address = settings.serving_url(spec.model, spec.mesh).split("://", 1)[-1]  # host:port, as tritonclient takes it
+    return StageJudge(spec, address, settings.validation(spec.model), settings.prediction_log, source)
 
 
 NO_READY_POD_S = 60  # a candidate without a ready pod for this long in a stage is rolled back
@@ -616,6 +625,18 @@ def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | No
     from vision_rollout.engine import guard_breach
 
     return guard_breach(PrometheusHook().source(), spec_from(params), since)
+
+
+def replay_while_waiting(params: dict[str, Any]) -> str | None:
+    """A validation replay round through both versions and the accuracy-drop guard on it
+    (``engine.replay_breach``), where a Promote is about to retire the baseline: the candidate
+    served the traffic meanwhile, and the stage's rounds are hours old. The sentence of the
+    breach, None when the guard held."""
+    from vision_rollout.engine import replay_breach
+
+    spec = spec_from(params)
+    judge = stage_judge(spec, serving())
+    return replay_breach(spec, judge.replay_round(), len(judge.labels))
 
 
 def breach_while_waiting(params: dict[str, Any], run_id: str, breach: str) -> None:

@@ -995,12 +995,46 @@ def test_a_read_that_succeeds_starts_the_count_of_failed_reads_again():
     assert FailedReads(limit=5).judge("hard guard tripped: X.", "prometheus down") == "hard guard tripped: X."
 
 
-def approved(monkeypatch, tmp_path, option: str, since: float):
-    """``approve_promotion`` resumed with ``option`` as the answer; stable restores recorded."""
+def replayed(monkeypatch, wrong: int = 0) -> list:
+    """The validation replay as a round through both versions answers it: the baseline right on
+    every image, the candidate wrong on its first ``wrong``; the rounds sent, recorded."""
+    import pandas as pd
+
+    from vision_rollout import replay
+
+    rounds = []
+
+    def one_round(url, model, versions, validation, limit=None, **kwargs):
+        rounds.append(versions)
+        names = [name for name, _, _ in replay.load_validation(validation, limit)]
+        return pd.DataFrame(
+            [
+                {
+                    "arm": arm,
+                    "version": v,
+                    "latency_ms": 5.0,
+                    "error": 0,
+                    "correct": float(arm == "baseline" or i >= wrong),
+                    "pair_id": n,
+                }
+                for i, n in enumerate(names)
+                for arm, v in versions.items()
+            ]
+        )
+
+    monkeypatch.setattr(replay, "replay", one_round)
+    return rounds
+
+
+def approved(monkeypatch, tmp_path, option: str, since: float, wrong: int | None = 0):
+    """``approve_promotion`` resumed with ``option`` as the answer (a replay round then has the
+    candidate wrong on ``wrong`` images; None: the replay as it is); stable restores recorded."""
     from datetime import UTC, datetime
 
     from rollout_airflow.operators import PromotionApproval
 
+    if wrong is not None:
+        replayed(monkeypatch, wrong)
     outbox_reports(monkeypatch, tmp_path)
     restored = []
     monkeypatch.setattr(steps, "restore_stable", lambda *args, **kwargs: restored.append((args, kwargs)))
@@ -1033,6 +1067,47 @@ def test_a_promote_answered_under_a_tripped_guard_restores_stable_and_rolls_back
     (report,) = outbox_reports(monkeypatch, tmp_path)
     assert report["text"].startswith("Rolled back digits v2: hard guard tripped: Canary P99 is 200.0 ms")
     assert "(while the promotion awaited approval)" in json.dumps(report["blocks"])
+
+
+def test_a_promote_whose_replay_shows_an_accuracy_drop_restores_stable_and_rolls_back(monkeypatch, tmp_path):
+    """The replay's accuracy guard was read in the stages only: a candidate whose answers
+    changed while it served all of the traffic awaiting approval (pods replaced, another node)
+    was promoted and its baseline retired. A Promote sends a replay round through both versions
+    first, and the guard on it counts as the Prometheus guards do."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since, wrong=45)  # 10% of 450 images
+    assert restored == [((GUARDED, "manual__1"), {"unload_candidate": False})]
+    assert answer["guard_breach"].startswith("hard guard tripped: Accuracy drop on the validation batch is +10.00 pp")
+    assert decide(GUARDED, [PASS, PASS], None, approval=answer)[0] == "rollback"
+
+
+def test_a_promote_whose_replay_the_candidate_does_not_answer_rolls_back(monkeypatch, tmp_path):
+    """A candidate failing every replay request has no accuracy to compare: nothing shows it as
+    accurate as the baseline it would retire."""
+    import time
+
+    from vision_rollout import replay
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)
+    replayed(monkeypatch)
+    answered = replay.replay
+
+    def failing(*args, **kwargs):
+        samples = answered(*args, **kwargs)
+        canary = samples["arm"] == "canary"
+        samples.loc[canary, "error"], samples.loc[canary, "correct"] = 1, float("nan")
+        return samples
+
+    monkeypatch.setattr(replay, "replay", failing)
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since, wrong=None)
+    assert restored
+    assert answer["guard_breach"] == (
+        "the validation replay could not be judged: 450 of 900 requests through versions 1 and 2 failed"
+    )
 
 
 def test_a_promote_under_guards_within_their_limits_promotes(monkeypatch, tmp_path):
