@@ -4,7 +4,8 @@ guards read again every look interval while the answer is awaited.
 The trigger keeps its arguments (the run's Params, when the last stage began, the look interval,
 the answer's deadline), and in memory only the count of the reads in a row that failed: a
 triggerer that restarts, or another triggerer that takes it over, reads the same guards over the
-same stage, and counts failed reads from 0 again. An answer given in the UI resumes the task
+same stage, and counts failed reads from 0 again. A Roll back it recorded for a breach before
+a restart lost its event is found again as its own (``own_answer``). An answer given in the UI resumes the task
 at once (the API moves the deferred task on); the trigger is then cancelled.
 """
 
@@ -61,6 +62,37 @@ class GuardedApprovalTrigger(HITLTrigger):
             count, limit = self.failed_reads.count, self.failed_reads.limit
             self.log.warning("the hard guards could not be read (%d of %d in a row): %s", count, limit, unread)
         return ended
+
+    async def _handle_response(self) -> TriggerEvent | None:
+        event = await super()._handle_response()
+        return None if event is None else await self.own_answer(event)
+
+    async def _handle_timeout(self) -> TriggerEvent:
+        return await self.own_answer(await super()._handle_timeout())
+
+    async def own_answer(self, event: TriggerEvent) -> TriggerEvent:
+        """An answer found recorded, as ``HITLTrigger`` reads it; Roll back by nobody before the
+        deadline is this wait's own for a breach, recorded by an earlier run of it whose event
+        was lost (the triggerer restarted): the event names the breach again, the guards read
+        anew (the P99 over the whole stage finds it again), and the task acts on it as on one."""
+        from rollout_airflow import steps
+
+        answer = event.payload
+        if "error" in answer or answer.get("responded_by_user") is not None or answer.get("guard_breach"):
+            return event
+        if self.timeout_datetime and answer["responded_at"] >= self.timeout_datetime:
+            return event  # the deadline's default
+        try:
+            breach = (await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since))[0]
+        except Exception:
+            self.log.exception("the hard guards could not be read")
+            breach = None
+        breach = breach or (
+            "a hard guard tripped, or the guards could not be read, before the triggerer restarted "
+            "(Roll back was recorded then in the approver's stead)"
+        )
+        self.log.warning("%s: Roll back, recorded in the approver's stead before a restart", breach)
+        return TriggerEvent({**answer, "timedout": False, "guard_breach": breach})
 
     async def roll_back(self, breach: str) -> TriggerEvent:
         """Roll back recorded as the answer, unless one came first (then that answer: the task

@@ -875,7 +875,7 @@ class Answers:
         return types.SimpleNamespace(responded_at=datetime.now(UTC))
 
 
-def wait_for_answer(since: float, rollout: dict | None = None) -> dict:
+def wait_for_answer(since: float, rollout: dict | None = None, deadline=None) -> dict:
     """The trigger as the triggerer runs it (from its serialized form), to its first event."""
     import asyncio
     import uuid
@@ -889,7 +889,7 @@ def wait_for_answer(since: float, rollout: dict | None = None) -> dict:
         options=["Promote", "Roll back"],
         defaults=["Roll back"],
         params={},
-        timeout_datetime=None,
+        timeout_datetime=deadline,
         poke_interval=0.01,
         rollout=rollout or GUARDED,
         since=since,
@@ -1024,6 +1024,42 @@ def replayed(monkeypatch, wrong: int = 0) -> list:
 
     monkeypatch.setattr(replay, "replay", one_round)
     return rounds
+
+
+@pytest.mark.parametrize("deadline_passed", [False, True])
+def test_a_breach_recorded_before_the_triggerer_restarted_is_still_the_breach(monkeypatch, deadline_passed):
+    """The trigger recorded Roll back for a P99 breach, then the triggerer restarted before its
+    event reached the task: the trigger run again found Roll back by nobody and took it for the
+    deadline's default; stable was not put back at once, Slack was not told, and the report said
+    "rejected by default (no answer in time)". An answer by nobody before the deadline is the
+    wait's own: the guards read anew name the breach again."""
+    import time
+    import types
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.providers.standard.triggers import hitl as trigger_hitl
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 200.0)
+    recorded = datetime.now(UTC) - timedelta(seconds=30)
+    answer = types.SimpleNamespace(
+        response_received=True,
+        chosen_options=["Roll back"],
+        params_input={},
+        responded_at=recorded,
+        responded_by_user=None,
+    )
+    monkeypatch.setattr(trigger_hitl, "get_hitl_detail_content_detail", lambda ti_id: answer)
+    deadline = recorded + (timedelta(seconds=-1) if deadline_passed else timedelta(hours=24))
+    event = wait_for_answer(since, deadline=deadline if deadline_passed else None)
+    if deadline_passed:  # recorded after the deadline: the deadline's default
+        assert "guard_breach" not in event
+        return
+    assert event["chosen_options"] == ["Roll back"]
+    assert event["guard_breach"].startswith("hard guard tripped: Canary P99 is 200.0 ms")
+    assert decide(GUARDED, [PASS, PASS], None, approval=event)[1].endswith(
+        "but while the promotion awaited approval, " + event["guard_breach"]
+    )
 
 
 def approved(monkeypatch, tmp_path, option: str, since: float, wrong: int | None = 0):
