@@ -550,10 +550,27 @@ def guard_breach(
     """The last stage's hard guards on Prometheus (the P99's sustained breach over the stage
     from ``since``, its start; the shadow's error rate), as its pokes read them, while its
     promotion awaits an approval: (the sentence of those that tripped, why they could not be
-    read: Prometheus down, a query error, no data), each None when there is none. A read that
-    failed trips nothing by itself: ``FailedReads`` counts them."""
+    read: Prometheus down, a query error, no data, no server seen serving the candidate), each
+    None when there is none. A read that failed trips nothing by itself: ``FailedReads`` counts
+    them."""
     guards = guard_inputs(source, spec, now, since)
-    return tripped(guards, GateConfig.from_spec(spec)), guards.unavailable or guards.missing
+    unread = guards.unavailable or guards.missing or unserved(source, spec)
+    return tripped(guards, GateConfig.from_spec(spec)), unread
+
+
+def unserved(source: MetricsSource | None, spec: RolloutSpec) -> str | None:
+    """Why no model server is seen serving the candidate (none scraped reports it loaded: its
+    pods crash-looping, evicted, gone), None when one is. The guards read over the whole stage
+    hold their last data then, while the mesh answers the candidate's share 503."""
+    if not isinstance(source, PrometheusSource):
+        return None
+    try:
+        source.query(PromQL.loaded(spec.model, spec.candidate_version))
+    except NoValuesFound:
+        return f"no model server scraped reports version {spec.candidate_version} of {spec.model} loaded"
+    except MetricsError as exc:
+        return str(exc)
+    return None
 
 
 def replay_breach(spec: RolloutSpec, samples: pd.DataFrame, images: int) -> str | None:

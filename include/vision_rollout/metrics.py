@@ -319,6 +319,11 @@ class PromQL:
         )
 
     @staticmethod
+    def loaded(model: str, version: str) -> str:
+        """How many scraped model servers report the version loaded (no data: none does)."""
+        return f"count(model_server_model_info{{{_sel(model, version)}}})"
+
+    @staticmethod
     def requests(model: str, version: str, window: str = "1m") -> str:
         return f"sum(increase(nv_inference_request_success{{{_sel(model, version)}}}[{window}]))"
 

@@ -824,14 +824,20 @@ def test_a_candidate_replaced_after_its_check_is_refused_at_its_load(server_fact
 GUARDED = {**PARAMS, "require_approval": True, "mirror_percent": 0, "p99_ms_max": 60, "p99_breach_seconds": 120}
 
 
-def p99_since(monkeypatch, since: float, ms: float):
-    """Prometheus as the guards see it: the canary's P99 at ``ms`` from ``since`` until now."""
+def p99_since(monkeypatch, since: float, ms: float, loaded: bool = True):
+    """Prometheus as the guards see it: the canary's P99 at ``ms`` from ``since`` until now, and
+    (``loaded``) a model server that reports the candidate loaded."""
     import time
 
     from rollout_airflow.hooks import PrometheusHook
     from tests.include.test_metrics import History
+    from vision_rollout.metrics import PromQL
 
-    source = History([(t, ms) for t in range(int(since), int(time.time()) + 60, 5)])
+    class Serving(History):
+        def query(self, promql: str) -> float:
+            return 1.0 if loaded and promql == PromQL.loaded("digits", "2") else super().query(promql)
+
+    source = Serving([(t, ms) for t in range(int(since), int(time.time()) + 60, 5)])
     monkeypatch.setattr(PrometheusHook, "source", lambda self: source)
     return source
 
@@ -975,6 +981,24 @@ def test_guards_that_cannot_be_read_roll_back_after_guard_error_limit_reads_in_a
     assert len(reads) == 3
     logged = "".join(capsys.readouterr())
     assert "the hard guards could not be read (2 of 3 in a row): " in logged  # each, in the trigger's log
+
+
+def test_a_candidate_no_server_reports_loaded_while_the_approval_waits_rolls_back(monkeypatch):
+    """The candidate's pods all gone while it awaited approval at 100% (crash-looping, evicted):
+    the mesh answered every request 503, and the guards, read over the whole stage, held the
+    data of before and tripped nothing until an answer came. No server seen serving the
+    candidate is a failed read; ``guard_error_limit`` of them in a row answer Roll back."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0, loaded=False)
+    answers = Answers(monkeypatch)
+    event = wait_for_answer(since, {**GUARDED, "guard_error_limit": 3})
+    assert answers.written == [["Roll back"]]
+    assert event["guard_breach"] == (
+        "the hard guards could not be read 3 times in a row "
+        "(the last time: no model server scraped reports version 2 of digits loaded)"
+    )
 
 
 def test_a_read_that_succeeds_starts_the_count_of_failed_reads_again():
