@@ -636,7 +636,12 @@ def replay_while_waiting(params: dict[str, Any]) -> str | None:
 
     spec = spec_from(params)
     judge = stage_judge(spec, serving())
-    return replay_breach(spec, judge.replay_round(), len(judge.labels))
+    try:
+        samples = judge.replay_round()
+    except Exception as exc:  # (the model server unreachable): nothing shows the candidate as accurate
+        log.exception("the validation replay could not be sent")
+        return f"the validation replay could not be sent: {type(exc).__name__}: {str(exc)[:500]}"
+    return replay_breach(spec, samples, len(judge.labels))
 
 
 def breach_while_waiting(params: dict[str, Any], run_id: str, breach: str) -> None:

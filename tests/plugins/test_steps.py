@@ -1144,6 +1144,46 @@ def test_a_promote_whose_replay_shows_an_accuracy_drop_restores_stable_and_rolls
     assert decide(GUARDED, [PASS, PASS], None, approval=answer)[0] == "rollback"
 
 
+@pytest.mark.integration
+def test_a_promote_of_a_less_accurate_candidate_is_caught_by_its_replay(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """Against a real model server: version 3 (less accurate) at 100% awaiting approval against
+    version 2; the Promote's replay round, pinned to each version, trips the accuracy guard and
+    version 2 takes 100% again, version 3 left loaded for the rollback to unload."""
+    import shutil
+    import time
+    from datetime import UTC, datetime
+
+    from rollout_airflow.operators import PromotionApproval
+
+    shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    s.load_versions("digits", 2, 3)
+    assert put_policy(s, {"route": [{"version": "3", "weight": 100}]}).status_code == 200  # the last stage
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+    params = {**GUARDED, "candidate_version": "3", "baseline_version": "2"}
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)
+    run = XComs()
+    run.of("stage_2.apply_mesh_weights").xcom_push("return_value", {"weight": 100, "started": since})
+    event = {
+        "chosen_options": ["Promote"],
+        "params_input": {},
+        "responded_at": datetime.now(UTC),
+        "responded_by_user": {"id": "alice", "name": "Alice"},
+    }
+    task = PromotionApproval(task_id="approve_promotion", max_stages=4)
+    answer = task.execute_complete({"params": params, "ti": run, "run_id": "run-a"}, event)
+    assert answer["guard_breach"].startswith("hard guard tripped: Accuracy drop on the validation batch is +")
+    admin = steps.serving().settings.admin
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
+    assert (admin.ready("digits", "2"), admin.ready("digits", "3")) == (True, True)
+
+
 def test_a_promote_whose_replay_the_candidate_does_not_answer_rolls_back(monkeypatch, tmp_path):
     """A candidate failing every replay request has no accuracy to compare: nothing shows it as
     accurate as the baseline it would retire."""
@@ -1168,6 +1208,18 @@ def test_a_promote_whose_replay_the_candidate_does_not_answer_rolls_back(monkeyp
     assert answer["guard_breach"] == (
         "the validation replay could not be judged: 450 of 900 requests through versions 1 and 2 failed"
     )
+
+
+def test_a_promote_whose_replay_cannot_be_sent_rolls_back(monkeypatch, tmp_path):
+    """The model server unreachable at the Promote: the replay's error failed the task with a
+    traceback; it rolls back saying why."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)  # (the connection's model server: port 9, nothing there)
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since, wrong=None)
+    assert restored
+    assert answer["guard_breach"].startswith("the validation replay could not be sent: ")
 
 
 def test_a_promote_under_guards_within_their_limits_promotes(monkeypatch, tmp_path):
