@@ -15,10 +15,10 @@ takes the default, Roll back. Slack is told an answer is awaited, with the evide
 Meanwhile the last stage's hard guards are read every look interval (``triggers``): one that
 trips puts the stable version back at once, tells Slack, and answers Roll back in the
 approver's stead; a Promote reads them once more before it counts, with the accuracy-drop guard
-on a validation replay round sent then (``steps.replay_while_waiting``). ``decide`` reads the answer,
-and the breach (``guard_breach``) whatever the answer. Where no triggerer runs the trigger (or it
-fails), the scheduler ends the wait ``NO_TRIGGERER_GRACE_S`` past the deadline, and that is
-taken as a breach is.
+on a validation replay round sent then (``steps.replay_while_waiting``). ``decide`` reads the
+answer, and the breach (``guard_breach``) whatever the answer. Where no triggerer runs the
+trigger (or it fails), the scheduler ends the wait ``NO_TRIGGERER_GRACE_S`` past the deadline,
+and that is taken as a breach is.
 """
 
 from __future__ import annotations

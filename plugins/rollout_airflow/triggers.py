@@ -4,9 +4,9 @@ guards read again every look interval while the answer is awaited.
 The trigger keeps its arguments (the run's Params, when the last stage began, the look interval,
 the answer's deadline), and in memory only the count of the reads in a row that failed: a
 triggerer that restarts, or another triggerer that takes it over, reads the same guards over the
-same stage, and counts failed reads from 0 again. A Roll back it recorded for a breach before
-a restart lost its event is found again as its own (``own_answer``). An answer given in the UI resumes the task
-at once (the API moves the deferred task on); the trigger is then cancelled.
+same stage, and counts failed reads from 0 again. A Roll back it recorded for a breach before a
+restart lost its event is found again as its own (``own_answer``). An answer given in the UI
+resumes the task at once (the API moves the deferred task on); the trigger is then cancelled.
 """
 
 from __future__ import annotations
