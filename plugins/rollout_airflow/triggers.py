@@ -44,6 +44,14 @@ class GuardedApprovalTrigger(HITLTrigger):
         extra = {"rollout": self.rollout, "since": self.since, "look_s": self.look_s}
         return f"{type(self).__module__}.{type(self).__qualname__}", {**kwargs, **extra}
 
+    async def guards(self) -> tuple[str | None, str | None]:
+        """``steps.guards_while_waiting`` in a thread of its own: Prometheus' queries (up to its
+        timeout each, where it does not answer) hold up no other trigger's calls, which the
+        triggerer's one shared thread runs (``sync_to_async``'s default)."""
+        from rollout_airflow import steps
+
+        return await sync_to_async(steps.guards_while_waiting, thread_sensitive=False)(self.rollout, self.since)
+
     async def read_guards(self) -> str | None:
         """What ends the wait after this read: a tripped guard, or the ``guard_error_limit``-th
         read in a row that failed (``engine.FailedReads``); None while it goes on."""
@@ -53,7 +61,7 @@ class GuardedApprovalTrigger(HITLTrigger):
         if self.failed_reads is None:
             self.failed_reads = FailedReads(steps.spec_from(self.rollout).guard_error_limit)
         try:
-            breach, unread = await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since)
+            breach, unread = await self.guards()
         except Exception as exc:
             self.log.exception("the hard guards could not be read")
             breach, unread = None, f"{type(exc).__name__}: {exc}"[:500]
@@ -75,15 +83,13 @@ class GuardedApprovalTrigger(HITLTrigger):
         deadline is this wait's own for a breach, recorded by an earlier run of it whose event
         was lost (the triggerer restarted): the event names the breach again, the guards read
         anew (the P99 over the whole stage finds it again), and the task acts on it as on one."""
-        from rollout_airflow import steps
-
         answer = event.payload
         if "error" in answer or answer.get("responded_by_user") is not None or answer.get("guard_breach"):
             return event
         if self.timeout_datetime and answer["responded_at"] >= self.timeout_datetime:
             return event  # the deadline's default
         try:
-            breach = (await sync_to_async(steps.guards_while_waiting)(self.rollout, self.since))[0]
+            breach = (await self.guards())[0]
         except Exception:
             self.log.exception("the hard guards could not be read")
             breach = None

@@ -1001,6 +1001,35 @@ def test_a_candidate_no_server_reports_loaded_while_the_approval_waits_rolls_bac
     )
 
 
+def test_a_slow_read_of_the_guards_holds_up_no_other_triggers_calls(monkeypatch):
+    """The guards were read in the triggerer's one shared thread (``sync_to_async``'s default),
+    where every trigger's sync calls run (the human-in-the-loop trigger's reads of its answer):
+    a Prometheus that did not answer held every other wait up for its timeouts, each read."""
+    import asyncio
+    import time
+    import uuid
+
+    from asgiref.sync import sync_to_async
+
+    from rollout_airflow.triggers import GuardedApprovalTrigger
+
+    monkeypatch.setattr(steps, "guards_while_waiting", lambda params, since: time.sleep(2) or (None, None))
+    trigger = GuardedApprovalTrigger(
+        ti_id=uuid.uuid4(), options=["Promote"], params={}, timeout_datetime=None, rollout=GUARDED, since=0, look_s=1
+    )
+
+    async def both() -> float:
+        reading = asyncio.ensure_future(trigger.read_guards())
+        await asyncio.sleep(0.2)
+        start = time.monotonic()
+        await sync_to_async(time.monotonic)()  # another trigger's call, in the shared thread
+        took = time.monotonic() - start
+        await reading
+        return took
+
+    assert asyncio.run(both()) < 1
+
+
 def test_a_read_that_succeeds_starts_the_count_of_failed_reads_again():
     from tests.include.test_metrics import History
     from vision_rollout.engine import FailedReads, guard_breach
