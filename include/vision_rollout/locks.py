@@ -8,7 +8,10 @@ belongs to a run that crashed, and another run may take it over. The rules, once
 backends (``CompareAndSwapLock``):
 
 - ``acquire``: taken when free, expired, or already this holder's; ``ModelBusy`` naming the
-  holder otherwise.
+  holder otherwise. Expired means not renewed for its duration plus ``CLOCK_SKEW_S``: the
+  renewal time is the holder's clock and the expiry is judged on the reader's, so a worker whose
+  clock runs ahead of the holder's by less than that does not take a live lease (Kubernetes'
+  leader election has no such window: it times a lease from when it saw it change).
 - ``renew``: only by the holder the lease names (even expired: nobody took it over);
   ``LockLost`` otherwise, so a run whose lease was taken over stops before touching anything.
 - ``release``: only by the holder; anyone else's call changes nothing. A run that took over an
@@ -17,8 +20,8 @@ backends (``CompareAndSwapLock``):
 
 Every write is a compare-and-swap on the version read, so of two runs racing for one model
 exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
-namespace (kubernetes mode); ``FileLock``, a JSON file under the run folder (local mode). Expiry
-is judged on the reader's clock: workers' clocks are assumed synchronised (NTP), as leases are.
+namespace (kubernetes mode); ``FileLock``, a JSON file under the run folder (local mode).
+Workers' clocks are assumed synchronised (NTP) to within ``CLOCK_SKEW_S``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from vision_rollout.settings import MODEL_PATTERN, model_name
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
 MAX_LEASE_S = 7 * 24 * 3600
 MAX_HOLDER = 253
+# How far two workers' clocks may be apart: a lease is taken for dead this long after its expiry.
+CLOCK_SKEW_S = 60
 
 
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last time a datetime holds
@@ -96,7 +101,8 @@ class Holding:
         return self.renewed + self.seconds
 
     def expired(self, now: float) -> bool:
-        return now >= self.expires
+        """Taken for dead: not renewed for its duration and ``CLOCK_SKEW_S`` on the clock of ``now``."""
+        return now >= self.expires + CLOCK_SKEW_S
 
     def describe(self) -> str:
         until = datetime.fromtimestamp(self.expires, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

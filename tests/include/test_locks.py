@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from devstack.cluster.kube import FakeKubeAPI
 from vision_rollout.locks import (
+    CLOCK_SKEW_S,
     LEASE_S,
     CompareAndSwapLock,
     FileLock,
@@ -98,16 +99,27 @@ def test_the_holder_renews_and_nobody_else_can(make):
 def test_an_expired_lease_is_taken_over_and_the_old_holder_stops(make):
     clock = Clock()
     make(clock=clock).acquire("crashed-run", seconds=30)
-    clock.now += 29
+    clock.now += 29 + CLOCK_SKEW_S
     with pytest.raises(ModelBusy):
         make(clock=clock).acquire("run-b")
-    clock.now += 1  # 30 s without a renewal: the run is taken for dead
+    clock.now += 1  # 30 s without a renewal, and the clocks' margin: the run is taken for dead
     taken = make(clock=clock).acquire("run-b")
     assert (taken.holder, taken.acquired, taken.transitions) == ("run-b", clock.now, 1)
     with pytest.raises(LockLost, match="run 'run-b'"):  # the old holder's next step stops, naming the new one
         make(clock=clock).renew("crashed-run")
     assert not make(clock=clock).release("crashed-run")
     assert make(clock=clock).holding().holder == "run-b"
+
+
+def test_a_worker_whose_clock_runs_ahead_does_not_take_a_live_lease(make):
+    """The holder renews on its clock, another worker judges the expiry on its own: one running
+    40 s ahead took a lease renewed a moment before that had 30 s to run."""
+    holder_clock, ahead = Clock(), Clock()
+    make(clock=holder_clock).acquire("run-a", seconds=30)
+    ahead.now = holder_clock.now + 40
+    with pytest.raises(ModelBusy, match="run 'run-a'"):
+        make(clock=ahead).acquire("run-b")
+    assert make().holding().holder == "run-a"
 
 
 def test_an_expired_lease_nobody_took_is_still_its_holders(make):
@@ -124,7 +136,7 @@ def test_a_lease_taken_over_and_released_untouched_goes_back_to_the_run_it_was_t
     clock = Clock()
     lock = make(clock=clock)
     lock.acquire("run-a", seconds=30)
-    clock.now += 60
+    clock.now += 30 + CLOCK_SKEW_S
     before = lock.holding()
     taken = make(clock=clock).acquire("run-b")
     assert lock.release("run-b", to=before)
@@ -153,7 +165,7 @@ def test_of_two_runs_taking_over_at_the_same_moment_one_wins(make):
     fails (409 Conflict, or the changed file) and b is refused naming c."""
     clock = Clock()
     make(clock=clock).acquire("crashed-run", seconds=30)
-    clock.now += 31
+    clock.now += 31 + CLOCK_SKEW_S
     b = make(clock=clock)
     read = b._read
 
