@@ -1001,7 +1001,10 @@ def lease_call(api: FakeKubeAPI, method: str, path: str, body: dict[str, Any]) -
             del api.objects[key]
             return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
         api.version += 1
-        meta = {**{k: v for k, v in body["metadata"].items() if k in ("name", "labels")}, "namespace": namespace}
+        meta = {
+            **{k: v for k, v in body["metadata"].items() if k in ("name", "labels", "annotations")},
+            "namespace": namespace,
+        }
         obj = {**body, "metadata": {**meta, "resourceVersion": str(api.version)}}
         api.objects[key] = obj
         return (201 if live is None else 200), copy.deepcopy(obj)

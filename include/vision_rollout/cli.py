@@ -13,11 +13,17 @@
   rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
   rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--json]
                                    (each waiting report to Slack; removed once Slack took it)
+  rolloutctl status --model M --lock-dir DIR [--url URL] [--token-file F] [--json]
+                                     (the rollout holding the model, its lease, last word and routes)
+  rolloutctl abort --spec FILE --url URL --lock-dir DIR [--token-file F] [--reason TEXT]
+                                     (the stable version back, the running rollout told to roll back)
 
-Exit codes: 0 pass (or done, or promoted), 1 fail (or rolled back), 2 usage error, 3 wait,
-4 error (a server, a store or a file could not be used, or the model was not where a rollout
-starts: nothing was decided; outbox send: a report Slack did not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM),
-after the stable version is put back. Errors go to stderr in one line, results to stdout.
+Exit codes: 0 pass (or done, or promoted; status: no rollout holds the model), 1 fail (or rolled
+back, or aborted; status: a lease that expired, its run not ended), 2 usage error, 3 wait (status:
+a rollout holds the model), 4 error (a server, a store or a file could not be used, or the model
+was not where a rollout starts, or no rollout to abort: nothing was decided; outbox send: a report
+Slack did not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
+SIGTERM), after the stable version is put back. Errors go to stderr in one line, results to stdout.
 """
 
 from __future__ import annotations
@@ -126,6 +132,14 @@ def _url(text: str) -> str:
     if parts.path.strip("/") or parts.query or parts.fragment:
         raise argparse.ArgumentTypeError(f"a server's address, http(s)://host:port, without a path: {text[:100]!r}")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _existing_dir(text: str) -> Path:
+    """A folder that exists (a mistyped lock folder read as "no rollout holds the model")."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text[:200]!r}")
+    return path
 
 
 def _existing_file(text: str) -> Path:
@@ -530,9 +544,13 @@ class _Lease:
                 raise
         return self
 
-    def renew(self) -> None:
-        if self.lock is not None:
-            self.lock.renew(self.holder)
+    def renew(self, note: str | None = None) -> None:
+        """Renewed, with ``note`` (``rolloutctl status`` shows it); Aborted when the rollout was
+        aborted (``rolloutctl abort``): it rolls back."""
+        from vision_rollout.locks import Aborted
+
+        if self.lock is not None and (held := self.lock.renew(self.holder, note=note)).aborted:
+            raise Aborted(f"aborted: {held.aborted}")
 
     def __exit__(self, *exc: Any) -> None:
         if self.lock is not None:
@@ -578,6 +596,7 @@ def _run(
     """``cmd_run`` once its start checks passed, the model held and signals caught."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
+    from vision_rollout.locks import Aborted
     from vision_rollout.notify import (
         Message,
         SlackNotifier,
@@ -591,9 +610,15 @@ def _run(
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
     judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels)
 
+    said: dict[int, str] = {}  # stage -> its last state, for the lease's note
+
     def look(window: StageWindow) -> StageState:
-        lease.renew()  # LockLost: another run took the model over; this one touches nothing more
-        return judge(window)
+        # LockLost: another run took the model over; this one touches nothing more. Aborted:
+        # the stable version goes back.
+        lease.renew(said.get(window.index, f"stage {window.weight}%: started"))
+        state = judge(window)
+        said[window.index] = f"stage {window.weight}%: look {state.look} of {state.looks}: {state.reason}"
+        return state
 
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None
 
@@ -608,11 +633,12 @@ def _run(
             log.warning("a report was not written to the outbox (%s): %s", message.text[:200], _message(exc))
 
     def report(outcome: StageOutcome) -> None:
-        print(
+        line = (
             f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
-            f"{outcome.reason}",
-            flush=True,
+            f"{outcome.reason}"
         )
+        print(line, flush=True)
+        lease.renew(line)
         if outcome.verdict is not None:
             send(stage_message(spec, outcome.weight, outcome.verdict))
 
@@ -645,10 +671,22 @@ def _run(
         where = cut_short(f"rolloutctl run was stopped by {exc}")
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
         return 128 + exc.signum
+    except Aborted as exc:
+        where = cut_short(f"rolloutctl run was {exc}")
+        print(f"ROLLED BACK: {exc}; {where}", flush=True)
+        return 1
     except Exception as exc:
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
         ended = f"the rollout failed{stopped}: {_message(exc)}"
         raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None
+    if result.promoted:
+        try:
+            lease.renew(f"promoted: {result.reason}")
+        except Aborted as exc:  # an abort while promoting put the stable version back: so does this run
+            rollout.restore_stable()
+            where = cut_short(f"rolloutctl run was {exc} while promoting")
+            print(f"ROLLED BACK: {exc} while promoting; {where}", flush=True)
+            return 1
     last = result.stages[-1] if result.stages else None
     verdicts = [o.verdict for o in result.stages if o.verdict is not None]
     failed = last if last is not None and last.decision != "pass" else None
@@ -713,6 +751,143 @@ def _slack_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
         raise argparse.ArgumentTypeError(f"not an http(s)://host/api/ URL without credentials: {text[:100]!r}")
     return text if text.endswith("/") else text + "/"
+
+
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _holding(lock: Any) -> Any:
+    from vision_rollout.locks import LockError
+
+    try:
+        return lock.holding()
+    except LockError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Who holds the model's lock, until when, its abort mark and last word; with ``--url`` the
+    routes in effect as the model server reads them. Exit 0: none; 3: a rollout holds it; 1: a
+    lease that expired (a run that did not end: look at the routes)."""
+    from vision_rollout.locks import CLOCK_SKEW_S, FileLock
+    from vision_rollout.mesh import LocalRouter, RouterError
+
+    lock = FileLock(args.model, args.lock_dir)
+    held = _holding(lock)
+    routes = None
+    if args.url:
+        try:
+            routes = LocalRouter(args.url, args.model, _token(args.token_file)).get_routes()
+        except RouterError as exc:
+            raise CommandError(str(exc)) from None
+    now = lock.clock()
+    state = "none" if held is None or not held.holder else "expired" if held.expired(now) else "running"
+    if args.json:
+        out: dict[str, Any] = {"model": args.model, "lock": lock.where, "state": state, "holding": None}
+        if held is not None and held.holder:
+            out["holding"] = {
+                **{k: v for k, v in held.__dict__.items() if k not in ("renewed", "acquired")},
+                **{k: _when(getattr(held, k)) for k in ("acquired", "renewed", "expires")},
+                "expires_in_s": round(held.expires - now, 1),
+            }
+        out["routes"] = routes.to_dict() if routes is not None else None
+        print(json.dumps(out, indent=2))
+    else:
+        if state == "none":
+            print(f"model {args.model!r}: no rollout holds it ({lock.where})")
+        else:
+            left = (
+                "EXPIRED: its run did not end; another run may take the model over"
+                if state == "expired"
+                else f"{held.expires - now:.0f} s left"
+                if held.expires > now
+                else f"overdue: taken for dead in {held.expires + CLOCK_SKEW_S - now:.0f} s"
+            )
+            print(f"model {args.model!r}: held by run {held.holder!r} ({lock.where})")
+            print(
+                f"  lease: taken {_when(held.acquired)}, renewed {_when(held.renewed)}, runs to "
+                f"{_when(held.expires)} ({left})"
+            )
+            if held.aborted:
+                print(f"  ABORTED: {held.aborted} (the run puts the stable version back and stops)")
+            if held.note:
+                print(f"  last: {held.note}")
+        if routes is not None:
+            print(f"  routes: {_weights(routes)}")
+    return {"none": 0, "running": 3, "expired": 1}[state]
+
+
+def _weights(policy: Any) -> str:
+    """A policy in one line: the default route's weights, the mirror, the rules' count."""
+    line = ", ".join(f"version {d.version} {d.weight}%" for d in policy.route) or "no route"
+    if policy.mirror is not None:
+        line += f"; mirror to version {policy.mirror.version} at {policy.mirror.percent:g}%"
+    if policy.rules:
+        line += f"; {len(policy.rules)} header rule(s)"
+    return line
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    """The running rollout of the spec's model marked aborted in its lock (its next look finds it
+    and rolls back: ``rolloutctl run``, or the DAG's next step, whose teardown restores), then the
+    stable version put back as a rollback does (``engine.restore_stable``). The lease is left to
+    its holder. Refused, nothing changed, when no rollout holds the model or the routes are not
+    what that spec's rollout sets (a wrong spec would put the wrong version back)."""
+    from vision_rollout.engine import restore_stable
+    from vision_rollout.locks import FileLock, LockError, LockLost
+    from vision_rollout.mesh import LocalRouter, RouterError
+    from vision_rollout.serving import AdminError
+    from vision_rollout.spec import RolloutSpec, SpecError
+
+    try:
+        spec = RolloutSpec.from_dict(_json_file(args.spec))
+    except SpecError as exc:
+        raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
+    if spec.mesh != "local":
+        raise UsageError("rolloutctl abort drives the model server's router (mesh: local)")
+    router = LocalRouter(args.url, spec.model, _token(args.token_file))
+    lock = FileLock(spec.model, args.lock_dir)
+    held = _holding(lock)
+    try:
+        routes = router.get_routes()
+        if held is None or not held.holder:
+            raise CommandError(
+                f"no rollout of {spec.model!r} holds {lock.where}: nothing to abort, nothing changed "
+                f"(routes: {_weights(routes)})"
+            )
+        ours = [spec.stable_policy(), *(spec.policy_for_stage(w) for w in spec.stages)]
+        if routes not in ours:
+            raise CommandError(
+                f"the routes are not what this spec's rollout sets ({_weights(routes)}): check --spec (its "
+                f"baseline would be put back); nothing changed"
+            )
+        if not router.admin.ready(spec.model, spec.baseline_version):  # (retired by a promotion)
+            raise CommandError(
+                f"version {spec.baseline_version} of {spec.model!r} is not loaded: it cannot take the traffic "
+                "back; nothing changed"
+            )
+        reason = " ".join((args.reason or "").split()) or f"rolloutctl abort by {_operator()}"
+        marked = lock.abort(reason)
+        restore_stable(spec, router)
+    except LockLost as exc:  # released between the read and the mark: that run has ended
+        raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
+    except (RouterError, LockError, AdminError) as exc:
+        raise CommandError(str(exc)) from None
+    where = _where_routes_are(router, spec)
+    told = f"run {marked.holder!r} rolls back at its next look"
+    if not where.startswith(f"version {spec.baseline_version} takes 100%"):  # (a write of the run's meanwhile)
+        raise CommandError(f"aborted ({marked.aborted}): {told}, but {where}")
+    print(f"ABORTED {'already ' if marked.aborted != reason else ''}({marked.aborted}): {told}; {where}")
+    return 0
+
+
+def _operator() -> str:
+    try:
+        user = os.getlogin()
+    except OSError:
+        user = os.environ.get("USER", "?")
+    return f"{user} on {socket.gethostname()}"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -797,6 +972,24 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_outbox)
+    st = sub.add_parser("status", help="the rollout holding a model: its lease, its last word, the routes")
+    st.add_argument("--model", type=_model, required=True)
+    st.add_argument(
+        "--lock-dir", type=_existing_dir, required=True, help="the folder of the model's lock (run's --lock-dir)"
+    )
+    st.add_argument("--url", type=_url, help="model server, http://host:port: also the routes in effect")
+    st.add_argument("--token-file", type=Path)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    ab = sub.add_parser("abort", help="put the stable version back and make the running rollout roll back")
+    ab.add_argument("--spec", type=Path, required=True, help="the running rollout's spec (its model and baseline)")
+    ab.add_argument("--url", type=_url, required=True, help="model server, http://host:port")
+    ab.add_argument(
+        "--lock-dir", type=_existing_dir, required=True, help="the folder of the model's lock (run's --lock-dir)"
+    )
+    ab.add_argument("--token-file", type=Path)
+    ab.add_argument("--reason", help="why, for the run's report (default: who aborted, from where)")
+    ab.set_defaults(func=cmd_abort)
     return p
 
 

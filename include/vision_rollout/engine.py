@@ -44,7 +44,7 @@ from vision_rollout.gates import (
     guard_checks,
     nominal_alpha,
 )
-from vision_rollout.locks import LockLost
+from vision_rollout.locks import Aborted, LockLost
 from vision_rollout.mesh import Router
 from vision_rollout.metrics import MetricsError, MetricsSource, NoValuesFound, PrometheusSource, PromQL
 from vision_rollout.spec import RolloutSpec
@@ -816,7 +816,7 @@ class Rollout:
         self.router.set_routes(self.spec.promoted_policy())
 
     def restore_stable(self) -> None:
-        self.router.set_routes(self.spec.stable_policy())
+        restore_stable(self.spec, self.router)
 
     def stage(self, index: int, weight: int) -> StageOutcome:
         self.router.set_routes(self.spec.policy_for_stage(weight))
@@ -869,12 +869,20 @@ class Rollout:
                 log.warning("rollout stopped (%s) while promoting: the promotion is carried out", exc)
                 self.promote()
                 raise
-            if isinstance(exc, Exception):
+            if isinstance(exc, Aborted):
+                log.warning("rollout stopped (%s): restoring the stable version", exc)
+            elif isinstance(exc, Exception):
                 log.exception("rollout interrupted: restoring the stable version")
             else:  # a signal, Ctrl-C: where it landed is no news
                 log.warning("rollout stopped (%s): restoring the stable version", exc or type(exc).__name__)
             self.restore_stable()
             raise
+
+
+def restore_stable(spec: RolloutSpec, router: Router) -> bool:
+    """The rollback: the baseline at 100%, no mirror (``rolloutctl abort`` calls it too); True
+    when it wrote."""
+    return router.set_routes(spec.stable_policy())
 
 
 def poke_interval(spec: RolloutSpec) -> float:

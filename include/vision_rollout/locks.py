@@ -17,11 +17,17 @@ backends (``CompareAndSwapLock``):
 - ``release``: only by the holder; anyone else's call changes nothing. A run that took over an
   expired lease and then touched nothing gives it back to the run it took it from, as it was
   (``to``): that run, if only late, may renew it and finish, rather than finding it gone.
+- ``abort``: anyone marks the holder's rollout aborted (``Holding.aborted``, the reason); the
+  lease stays the holder's, and its renewals keep the mark, so the holder finds it at its next
+  renewal and rolls back (``rolloutctl abort``). ``LockLost`` when nobody holds the model.
+- ``renew(..., note=...)``: the holder's last word on its progress (``Holding.note``: its stage
+  and last decision), for ``rolloutctl status``.
 
 Every write is a compare-and-swap on the version read, so of two runs racing for one model
 exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
-namespace (kubernetes mode); ``FileLock``, a JSON file under the run folder (local mode).
-Workers' clocks are assumed synchronised (NTP) to within ``CLOCK_SKEW_S``.
+namespace (kubernetes mode; the mark and the note are its annotations); ``FileLock``, a JSON
+file under the run folder (local mode). Workers' clocks are assumed synchronised (NTP) to within
+``CLOCK_SKEW_S``.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ from vision_rollout.settings import MODEL_PATTERN, model_name
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
 MAX_LEASE_S = 7 * 24 * 3600
 MAX_HOLDER = 253
+MAX_NOTE = 1000  # an abort's reason, a progress note: a sentence, not a log
 # How far two workers' clocks may be apart: a lease is taken for dead this long after its expiry.
 CLOCK_SKEW_S = 60
+ABORTED, NOTE = "model-rollout/aborted", "model-rollout/note"  # a Lease's annotations
 
 
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last time a datetime holds
@@ -72,6 +80,10 @@ class LockLost(LockError):
     """This run does not (or no longer) hold the model."""
 
 
+class Aborted(LockError):
+    """This run's rollout was aborted (``Holding.aborted``): it puts the stable version back and stops."""
+
+
 @dataclass(frozen=True)
 class Holding:
     """Who holds a model's lease, since when (epoch seconds) and for how long after its last renewal."""
@@ -81,6 +93,8 @@ class Holding:
     seconds: int
     acquired: float
     transitions: int = 0  # how many times the lease changed hands (the Lease's leaseTransitions)
+    aborted: str = ""  # why its rollout was aborted ("": it was not): the holder rolls back
+    note: str = ""  # what the holder last said of its progress
 
     def __post_init__(self) -> None:
         """ValueError unless each field is of its type and range (a lock file edited, or written
@@ -93,6 +107,7 @@ class Holding:
             and 0 <= self.seconds <= MAX_LEASE_S
             and _integer(self.transitions)
             and self.transitions >= 0
+            and all(isinstance(t, str) and len(t) <= MAX_NOTE for t in (self.aborted, self.note))
         ):
             raise ValueError(f"not a lease: {str(self.__dict__)[:200]}")
 
@@ -116,9 +131,11 @@ class ModelLock(Protocol):
 
     def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
 
-    def renew(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
+    def renew(self, holder: str, seconds: int = LEASE_S, note: str | None = None) -> Holding: ...
 
     def release(self, holder: str, to: Holding | None = None) -> bool: ...
+
+    def abort(self, reason: str) -> Holding: ...
 
     def holding(self) -> Holding | None: ...
 
@@ -177,12 +194,16 @@ class CompareAndSwapLock(ABC):
         by = winner.describe() if winner else "another run"
         raise ModelBusy(f"model {self.model!r} was taken by {by} at the same moment; {self.where}")
 
-    def renew(self, holder: str, seconds: int = LEASE_S) -> Holding:
+    def renew(self, holder: str, seconds: int = LEASE_S, note: str | None = None) -> Holding:
+        """The holding renewed (its ``aborted`` mark kept: the caller stops when it is set), with
+        ``note`` (cut to ``MAX_NOTE``) when given."""
         _check(holder, seconds)
         current, version = self._read()
         if current is None or version is None or current.holder != holder:
             raise LockLost(self._not_held(holder, current))
         renewed = replace(current, renewed=self.clock(), seconds=seconds)
+        if note is not None:
+            renewed = replace(renewed, note=note[:MAX_NOTE])
         if not self._replace(renewed, version):
             raise LockLost(self._not_held(holder, self.holding()))
         return renewed
@@ -195,6 +216,23 @@ class CompareAndSwapLock(ABC):
         if to is not None and to.holder and to.holder != holder:
             return self._replace(replace(to, transitions=current.transitions + 1), version)
         return self._delete(version)
+
+    def abort(self, reason: str) -> Holding:
+        """Mark the holder's rollout aborted for ``reason`` (cut to ``MAX_NOTE``); the holding as
+        marked. Marked already: as it is, its first reason kept. LockLost when nobody holds the
+        model; the lease is never released or taken here (it stays its holder's)."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("an abort needs a reason")
+        for _ in range(5):  # the holder renews meanwhile: read again
+            current, version = self._read()
+            if current is None or version is None or not current.holder:
+                raise LockLost(f"no rollout holds model {self.model!r} ({self.where})")
+            if current.aborted:
+                return current
+            marked = replace(current, aborted=reason[:MAX_NOTE])
+            if self._replace(marked, version):
+                return marked
+        raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
 
     def _not_held(self, holder: str, current: Holding | None) -> str:
         now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"
@@ -277,7 +315,8 @@ class FileLock(CompareAndSwapLock):
 
 
 def _record(holding: Holding) -> str:
-    return json.dumps(holding.__dict__, sort_keys=True)
+    """The lock file's JSON: the mark and the note only when set (a file as an earlier reader reads it)."""
+    return json.dumps({k: v for k, v in holding.__dict__.items() if v or k not in ("aborted", "note")}, sort_keys=True)
 
 
 def lease_name(model: str) -> str:
@@ -329,6 +368,7 @@ class LeaseLock(CompareAndSwapLock):
         if lease is None:
             return None, None
         spec = lease.spec
+        annotations = lease.metadata.annotations or {}
         renewed = spec.renew_time or spec.acquire_time
         try:
             holding = Holding(
@@ -337,6 +377,8 @@ class LeaseLock(CompareAndSwapLock):
                 seconds=int(spec.lease_duration_seconds or 0),
                 acquired=spec.acquire_time.timestamp() if spec.acquire_time else 0.0,
                 transitions=int(spec.lease_transitions or 0),
+                aborted=annotations.get(ABORTED, ""),
+                note=annotations.get(NOTE, ""),
             )
         except ValueError as exc:
             raise LockError(
@@ -348,6 +390,9 @@ class LeaseLock(CompareAndSwapLock):
         meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "labels": {"model-rollout/lock": "1"}}
         if version is not None:
             meta["resourceVersion"] = version
+        annotations = {k: v for k, v in ((ABORTED, holding.aborted), (NOTE, holding.note)) if v}
+        if annotations:
+            meta["annotations"] = annotations
         return {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",

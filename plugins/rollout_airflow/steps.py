@@ -91,14 +91,23 @@ def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook, only: str | No
 WAITING_STEP_S = LEASE_S + 600 + 120 + 600
 
 
-def hold(spec: RolloutSpec, run_id: str, hook: ModelServerHook | None = None, seconds: int = LEASE_S) -> None:
+def hold(
+    spec: RolloutSpec,
+    run_id: str,
+    hook: ModelServerHook | None = None,
+    seconds: int = LEASE_S,
+    rolling_back: bool = False,
+) -> None:
     """Renew this run's lease on its model for ``seconds`` (every step and poke that touches the
     model). A run that lost it (it expired and another run took it over) fails here, without
-    retrying and before touching anything."""
+    retrying and before touching anything; so does one aborted (``rolloutctl abort``) in a step
+    that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back."""
     try:
-        (hook or serving()).model_lock(spec.model, spec.mesh).renew(run_id, seconds)
+        held = (hook or serving()).model_lock(spec.model, spec.mesh).renew(run_id, seconds)
     except LockLost as exc:
         raise AirflowFailException(str(exc)) from None
+    if held.aborted and not rolling_back:
+        raise AirflowFailException(f"the rollout was aborted: {held.aborted}")
 
 
 def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -735,7 +744,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 
     spec = spec_from(params)
     hook = serving()
-    hold(spec, run_id, hook)
+    hold(spec, run_id, hook, rolling_back=True)
     r = router(spec, run_id, hook)
     rerouted = routes_to(r.get_routes(), spec.candidate_version)
     if spec.mesh == "local":
@@ -753,16 +762,16 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
                 f"version {spec.baseline_version} has no Deployment: the routes stay as they are rather than "
                 "sending traffic to no pods"
             )
-        hold(spec, run_id, hook, WAITING_STEP_S)  # for the waits
+        hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
             scale_ready(deployments, spec.baseline_version, size)
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
-        hold(spec, run_id, hook)  # still this run's, after the wait
+        hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
     if unload_candidate:
-        hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
+        hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
 

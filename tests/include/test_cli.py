@@ -797,3 +797,142 @@ def test_outbox_lists_the_waiting_reports_and_sends_them(tmp_path, capsys):
         assert (code, out) == (0, f"0 of 0 report(s) sent from {outbox}\n")
     finally:
         slack.stop()
+
+
+# -- rolloutctl status and abort --------------------------------------------------------------
+
+
+def rolloutctl(argv: list[str], **popen: object) -> object:
+    """``rolloutctl`` in a process of its own, as from a terminal."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "include", "plugins"))}
+    code = (
+        "import runpy, sys\nsys.argv[0] = 'rolloutctl'\nrunpy.run_module('vision_rollout.cli', run_name='__main__')\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code, *argv], text=True, env=env, **popen)
+
+
+@pytest.mark.integration
+def test_status_and_abort_of_a_running_rollout(server_factory, repo_copy, models_dir, tmp_path, capsys):
+    """``rolloutctl status`` names the run holding the model, its lease, its last word and the
+    routes in effect (exit 3 while it runs, 0 once none does); ``rolloutctl abort`` puts the
+    stable version back at once and marks the run's lease, so the ``run`` process rolls back at
+    its next look (exit 1, its last line and the outbox say so) and releases the lease itself;
+    a second abort while it is still marked is the same abort; once no rollout holds the model,
+    abort is refused (exit 4), nothing changed."""
+    import subprocess
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    locks, token = tmp_path / "locks", str(tmp_path / "token")
+    spec = {"stages": [25, 100], "bake_seconds": 60, "max_stage_seconds": 120, "looks_per_stage": 12}
+    argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--outbox", str(tmp_path / "outbox"))
+    proc = rolloutctl([*argv, "--lock-dir", str(locks)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    status = ["status", "--model", "digits", "--lock-dir", str(locks), "--url", s.http, "--token-file", token]
+    abort = ["abort", "--spec", str(tmp_path / "spec.json"), "--url", s.http, "--lock-dir", str(locks)]
+    abort += ["--token-file", token]
+    try:
+        deadline = time.monotonic() + 60
+        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 75:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        code, out, _ = run(capsys, *status)
+        assert code == 3
+        assert out.startswith("model 'digits': held by run 'rolloutctl on ")
+        assert "  routes: version 1 75%, version 2 25%; mirror to version 2 at 100%" in out
+        code, out, _ = run(capsys, *status, "--json")
+        held = json.loads(out)
+        assert (code, held["state"], held["holding"]["aborted"]) == (3, "running", "")
+        assert 0 < held["holding"]["expires_in_s"] <= 300
+        assert held["routes"]["route"] == [{"version": "1", "weight": 75}, {"version": "2", "weight": 25}]
+        code, out, err = run(capsys, *abort, "--reason", "dashboards look wrong")
+        assert code == 0, err
+        assert out.startswith("ABORTED (dashboards look wrong): run 'rolloutctl on ")
+        assert out.rstrip().endswith("version 1 takes 100% again")
+        assert s.api.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+        assert FileLock("digits", locks).holding().holder == held["holding"]["holder"]  # still the run's
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert out.strip().splitlines()[-1] == ("ROLLED BACK: aborted: dashboards look wrong; version 1 takes 100% again")
+    assert "Traceback" not in err
+    [report] = (tmp_path / "outbox").glob("*.json")
+    assert "rolloutctl run was aborted: dashboards look wrong" in json.loads(report.read_text())["text"]
+    assert FileLock("digits", locks).holding() is None  # released by the run, at its end
+    assert s.api.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    code, out, _ = run(capsys, *status)
+    assert (code, out.splitlines()[0]) == (0, f"model 'digits': no rollout holds it ({locks / 'digits.lock'})")
+    code, out, err = run(capsys, *abort)
+    assert (code, out) == (4, "")
+    assert "no rollout of 'digits' holds" in err
+    assert "nothing changed" in err
+
+
+def test_status_reads_the_lock_as_the_lease_rules_judge_it(tmp_path, capsys):
+    """Exit 3 while a run holds the model, 1 once its lease ran out (its run did not end), 0 when
+    none holds it; a lock folder that does not exist is a usage error, not "no rollout" (and
+    is not created)."""
+    from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S
+
+    locks = tmp_path / "locks"
+    code, _, err = run(capsys, "status", "--model", "digits", "--lock-dir", str(locks))
+    assert code == 2
+    assert "no such folder" in err
+    assert not locks.exists()
+    locks.mkdir()
+    status = ["status", "--model", "digits", "--lock-dir", str(locks)]
+    assert run(capsys, *status)[0] == 0
+    lock = FileLock("digits", locks, clock=lambda: time.time() - LEASE_S - 10)
+    lock.acquire("manual__2026-12-03 (a DAG run)")
+    code, out, _ = run(capsys, *status)
+    assert code == 3  # past its expiry, within the clocks' margin: not taken for dead yet
+    assert "overdue: taken for dead in" in out
+    FileLock("digits", locks).release("manual__2026-12-03 (a DAG run)")
+    FileLock("digits", locks, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S).acquire("a run that died")
+    code, out, _ = run(capsys, *status, "--json")
+    assert (code, json.loads(out)["state"], json.loads(out)["routes"]) == (1, "expired", None)
+    code, out, _ = run(capsys, *status)
+    assert "EXPIRED: its run did not end" in out
+
+
+def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
+    """The last stage's look is the run's last renewal: an abort marked while it promoted put the
+    stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
+    The run reads its lease once promoted: aborted, it rolls back and says so (exit 1)."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+
+    class AbortedWhilePromoting(RecordingRouter):
+        def set_routes(self, policy: TrafficPolicy) -> bool:
+            changed = super().set_routes(policy)
+            if policy == spec.promoted_policy() and self.history.count(policy.to_dict()) == 2:  # (1: the 100% stage)
+                FileLock("digits", tmp_path).abort("dashboards look wrong")
+                super().set_routes(spec.stable_policy())  # rolloutctl abort's rollback
+            return changed
+
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path), outbox=None)
+    router = AbortedWhilePromoting()
+    with cli._Lease(tmp_path, spec.model) as lease:
+        assert cli._run(args, spec, router, None, {}, lease, "") == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "ROLLED BACK: aborted: dashboards look wrong while promoting; version 1 takes 100% again"
+    )
+    assert router.history[-1] == spec.stable_policy().to_dict()
+    assert FileLock("digits", tmp_path).holding() is None

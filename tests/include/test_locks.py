@@ -122,6 +122,28 @@ def test_a_worker_whose_clock_runs_ahead_does_not_take_a_live_lease(make):
     assert make().holding().holder == "run-a"
 
 
+def test_an_abort_marks_the_holders_lease_which_its_renewals_keep(make):
+    """``rolloutctl abort``: the holder's rollout marked aborted, the lease still its holder's
+    (nothing released that a live run owns); the holder finds the mark at its next renewal, the
+    first reason kept; nobody holding the model: LockLost."""
+    clock = Clock()
+    lock = make(clock=clock)
+    with pytest.raises(LockLost, match="no rollout holds model 'digits'"):
+        lock.abort("an operator's abort")
+    lock.acquire("run-a")
+    lock.renew("run-a", note="stage 25%: pass")
+    marked = make(clock=clock).abort("an operator's abort")
+    assert (marked.holder, marked.aborted, marked.note) == ("run-a", "an operator's abort", "stage 25%: pass")
+    assert make(clock=clock).abort("again").aborted == "an operator's abort"  # idempotent
+    clock.now += 10
+    renewed = lock.renew("run-a")
+    assert (renewed.aborted, renewed.renewed, renewed.note) == ("an operator's abort", clock.now, "stage 25%: pass")
+    with pytest.raises(ModelBusy):
+        make(clock=clock).acquire("run-b")
+    assert lock.release("run-a")
+    assert make(clock=clock).acquire("run-b").aborted == ""  # a later rollout starts unmarked
+
+
 def test_an_expired_lease_nobody_took_is_still_its_holders(make):
     clock = Clock()
     lock = make(clock=clock)

@@ -1314,3 +1314,43 @@ def test_a_breach_the_trigger_saw_rolls_back_whatever_the_answer(monkeypatch, tm
         "rollback",
         "every stage passed; but while the promotion awaited approval, hard guard tripped: X.",
     )
+
+
+@pytest.mark.integration
+def test_an_aborted_run_stops_at_its_next_step_and_its_teardown_puts_the_stable_version_back(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path, capsys
+):
+    """``rolloutctl abort`` on a DAG run in local mode (its lock in the run folder's locks/):
+    the stable version back at once, the run's lease marked and left to it; the run's next step
+    fails on the mark rather than going on, and its teardown still puts the stable version back
+    and releases the lease. A spec whose rollout does not set the routes in effect is refused,
+    nothing marked."""
+    from vision_rollout.cli import main
+    from vision_rollout.spec import RolloutSpec
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    steps.build_image(PARAMS, "run-a")
+    spec = RolloutSpec.from_dict(PARAMS)
+    stage = spec.policy_for_stage(50)
+    assert put_policy(s, stage.to_dict()).status_code == 200
+    lock = steps.serving().model_lock("digits", "local")
+    (tmp_path / "token").write_text(TOKEN)
+    abort = ["abort", "--url", s.http, "--lock-dir", str(lock.path.parent), "--token-file", str(tmp_path / "token")]
+    (tmp_path / "wrong.json").write_text(json.dumps({"baseline_version": "2", "candidate_version": "3"}))
+    assert main([*abort, "--spec", str(tmp_path / "wrong.json")]) == 4
+    assert "the routes are not what this spec's rollout sets" in capsys.readouterr().err
+    assert (lock.holding().aborted, steps.serving().settings.admin.traffic("digits")) == ("", stage)
+    (tmp_path / "spec.json").write_text(json.dumps(PARAMS))
+    assert main([*abort, "--spec", str(tmp_path / "spec.json"), "--reason", "wrong dataset"]) == 0
+    assert steps.serving().settings.admin.traffic("digits") == spec.stable_policy()
+    assert (lock.holding().holder, lock.holding().aborted) == ("run-a", "wrong dataset")
+    with pytest.raises(AirflowFailException, match="the rollout was aborted: wrong dataset"):
+        steps.hold(spec, "run-a")
+    assert put_policy(s, stage.to_dict()).status_code == 200  # a write of the run's that came just before
+    kept, done = steps.finish(PARAMS, "run-a", promoted=False)
+    assert (kept, done) == (False, "version 1 takes 100%; version 2 is unloaded")
+    assert steps.serving().settings.admin.traffic("digits") == spec.stable_policy()
+    assert lock.holding() is None
