@@ -665,6 +665,12 @@ def _run(
         return where
 
     rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit)
+    state_file = getattr(args, "state_file", None)
+    try:  # an earlier run's record: the router records the routes this run finds (it keeps a record there)
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CommandError(f"--state-file {state_file}: {exc.strerror or exc}; nothing changed") from None
     try:
         result = rollout.run()
     except Interrupted as exc:
@@ -955,7 +961,9 @@ def parser() -> argparse.ArgumentParser:
         help="run without Prometheus: no P99 or shadow-error guard, only the replay's accuracy drop",
     )
     r.add_argument(
-        "--state-file", type=Path, help="also record the routes found before the rollout in this file (none by default)"
+        "--state-file",
+        type=Path,
+        help="also record the routes found before the rollout in this file, replacing an earlier run's (none by default)",
     )
     r.add_argument("--outbox", type=_folder, help="write the Slack reports here (a folder or s3://...)")
     r.add_argument(

@@ -936,3 +936,35 @@ def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_
     )
     assert router.history[-1] == spec.stable_policy().to_dict()
     assert FileLock("digits", tmp_path).holding() is None
+
+
+def test_run_records_the_routes_it_found_over_an_earlier_runs_record(tmp_path, monkeypatch):
+    """--state-file "also record the routes found before the rollout": the router records them
+    once (a retried DAG task keeps the first record), so a second run given the same file left
+    the first run's routes there, which a restore from it would put back."""
+    import argparse
+
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.mesh import LocalRouter
+    from vision_rollout.spec import RolloutSpec
+
+    class InMemory(LocalRouter):
+        history = [{"route": [{"version": "1", "weight": 100}]}]
+
+        def get_routes(self) -> TrafficPolicy:
+            return TrafficPolicy.from_dict(self.history[-1])
+
+        def set_routes(self, policy: TrafficPolicy) -> bool:
+            self.history.append(policy.to_dict())
+            return True
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("fail", 1, 1, None, "slow"))
+    state = tmp_path / "routes.json"
+    state.write_text(json.dumps({"route": [{"version": "7", "weight": 100}]}))  # an earlier run's
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox, args.state_file = None, state
+    router = InMemory("http://127.0.0.1:9", spec.model, None, state)
+    assert cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "") == 1
+    assert json.loads(state.read_text()) == {"route": [{"version": "1", "weight": 100}]}
