@@ -672,6 +672,7 @@ def _run(
     except OSError as exc:
         raise CommandError(f"--state-file {state_file}: {exc.strerror or exc}; nothing changed") from None
     try:
+        lease.renew("started")  # aborted during the start checks: no stage begins
         result = rollout.run()
     except Interrupted as exc:
         where = cut_short(f"rolloutctl run was stopped by {exc}")

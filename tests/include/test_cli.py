@@ -968,3 +968,27 @@ def test_run_records_the_routes_it_found_over_an_earlier_runs_record(tmp_path, m
     router = InMemory("http://127.0.0.1:9", spec.model, None, state)
     assert cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "") == 1
     assert json.loads(state.read_text()) == {"route": [{"version": "1", "weight": 100}]}
+
+
+def test_a_run_aborted_during_its_start_checks_begins_no_stage(tmp_path, monkeypatch, capsys):
+    """An abort while the start checks ran (the lease taken, the routes steady) was first seen
+    at the first look, once the first stage had given the candidate its share."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path), outbox=None)
+    router = RecordingRouter()
+    router.history.append(spec.stable_policy().to_dict())
+    with cli._Lease(tmp_path, spec.model) as lease:
+        FileLock("digits", tmp_path).abort("wrong candidate")
+        assert cli._run(args, spec, router, None, {}, lease, "") == 1
+    assert router.history == [spec.stable_policy().to_dict()]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "ROLLED BACK: aborted: wrong candidate; version 1 takes 100% again"
+    )
