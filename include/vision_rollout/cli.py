@@ -13,10 +13,10 @@
   rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
   rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--json]
                                    (each waiting report to Slack; removed once Slack took it)
-  rolloutctl status --model M --lock-dir DIR [--url URL] [--token-file F] [--json]
-                                     (the rollout holding the model, its lease, last word and routes)
-  rolloutctl abort --spec FILE --url URL --lock-dir DIR [--token-file F] [--reason TEXT]
-                                     (the stable version back, the running rollout told to roll back)
+  rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
+                    [--json]         (the rollout holding the model, its lease, last word and routes)
+  rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
+                   [--reason TEXT]   (the stable version back, the running rollout told to roll back)
 
 Exit codes: 0 pass (or done, or promoted; status: no rollout holds the model), 1 fail (or rolled
 back, or aborted; status: a lease that expired, its run not ended), 2 usage error, 3 wait (status:
@@ -764,23 +764,49 @@ def _when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _holding(lock: Any) -> Any:
+def _model_lock(args: argparse.Namespace, model: str) -> Any:
+    """The model's lock: the file under ``--lock-dir`` (``run``, and the DAG in local mode), or the
+    DAG's Lease in kubernetes mode, in ``--namespace``, of the VirtualService ``--name`` (default:
+    the model), through the in-cluster service account or the kubeconfig."""
+    from vision_rollout.locks import FileLock, LeaseLock
+    from vision_rollout.mesh import RouterError, kube_api_client
+
+    if args.lock_dir is not None:
+        return FileLock(model, args.lock_dir)
+    try:
+        return LeaseLock(model, args.namespace, kube_api_client(), key=args.name or model)
+    except RouterError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@contextmanager
+def _lock_errors(nothing_changed: str = "") -> Iterator[None]:
+    """The lock's store failing, as one line (exit 4)."""
+    from urllib3.exceptions import HTTPError
+
     from vision_rollout.locks import LockError
 
     try:
-        return lock.holding()
+        yield
     except LockError as exc:
-        raise CommandError(str(exc)) from None
+        raise CommandError(f"{exc}{nothing_changed}") from None
+    except HTTPError as exc:  # no answer from the API server (its refusals are LockErrors)
+        raise CommandError(f"the Kubernetes API server did not answer: {exc}{nothing_changed}") from None
+
+
+def _holding(lock: Any) -> Any:
+    with _lock_errors():
+        return lock.holding()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Who holds the model's lock, until when, its abort mark and last word; with ``--url`` the
     routes in effect as the model server reads them. Exit 0: none; 3: a rollout holds it; 1: a
     lease that expired (a run that did not end: look at the routes)."""
-    from vision_rollout.locks import CLOCK_SKEW_S, FileLock
+    from vision_rollout.locks import CLOCK_SKEW_S
     from vision_rollout.mesh import LocalRouter, RouterError
 
-    lock = FileLock(args.model, args.lock_dir)
+    lock = _model_lock(args, args.model)
     held = _holding(lock)
     routes = None
     if args.url:
@@ -837,12 +863,14 @@ def _weights(policy: Any) -> str:
 
 def cmd_abort(args: argparse.Namespace) -> int:
     """The running rollout of the spec's model marked aborted in its lock (its next look finds it
-    and rolls back: ``rolloutctl run``, or the DAG's next step, whose teardown restores), then the
-    stable version put back as a rollback does (``engine.restore_stable``). The lease is left to
-    its holder. Refused, nothing changed, when no rollout holds the model or the routes are not
-    what that spec's rollout sets (a wrong spec would put the wrong version back)."""
+    and rolls back: ``rolloutctl run``, or the DAG's next step, whose teardown restores), then, in
+    local mode, the stable version put back as a rollback does (``engine.restore_stable``). The
+    lease is left to its holder. Refused, nothing changed, when no rollout holds the model or the
+    routes are not what that spec's rollout sets (a wrong spec would put the wrong version back).
+    In kubernetes mode (``--namespace``) the mark alone: the DAG run's teardown puts the stable
+    version back (its pods first, then the routes), at the run's next step."""
     from vision_rollout.engine import restore_stable
-    from vision_rollout.locks import FileLock, LockError, LockLost
+    from vision_rollout.locks import LockError, LockLost
     from vision_rollout.mesh import LocalRouter, RouterError
     from vision_rollout.serving import AdminError
     from vision_rollout.spec import RolloutSpec, SpecError
@@ -851,10 +879,27 @@ def cmd_abort(args: argparse.Namespace) -> int:
         spec = RolloutSpec.from_dict(_json_file(args.spec))
     except SpecError as exc:
         raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
-    if spec.mesh != "local":
-        raise UsageError("rolloutctl abort drives the model server's router (mesh: local)")
+    if spec.mesh != ("istio" if args.namespace else "local"):
+        raise UsageError(
+            f"the spec's mesh is {spec.mesh}: its lock is "
+            + ("under --lock-dir (local mode)" if spec.mesh == "local" else "a Lease in --namespace (kubernetes mode)")
+        )
+    reason = " ".join((args.reason or "").split()) or f"rolloutctl abort by {_operator()}"
+    lock = _model_lock(args, spec.model)
+    if args.namespace:
+        with _lock_errors("; nothing changed"):
+            try:
+                marked = lock.abort(reason)
+            except LockLost as exc:
+                raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
+        print(
+            f"ABORTED {'already ' if marked.aborted != reason else ''}({marked.aborted}): run {marked.holder!r} "
+            f"rolls back at its next step: its teardown puts version {spec.baseline_version} back"
+        )
+        return 0
+    if not args.url:
+        raise UsageError("--lock-dir: give the model server's --url too (the routes go back there)")
     router = LocalRouter(args.url, spec.model, _token(args.token_file))
-    lock = FileLock(spec.model, args.lock_dir)
     held = _holding(lock)
     try:
         routes = router.get_routes()
@@ -874,12 +919,11 @@ def cmd_abort(args: argparse.Namespace) -> int:
                 f"version {spec.baseline_version} of {spec.model!r} is not loaded: it cannot take the traffic "
                 "back; nothing changed"
             )
-        reason = " ".join((args.reason or "").split()) or f"rolloutctl abort by {_operator()}"
         marked = lock.abort(reason)
         restore_stable(spec, router)
     except LockLost as exc:  # released between the read and the mark: that run has ended
         raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
-    except (RouterError, LockError, AdminError) as exc:
+    except (RouterError, AdminError, LockError) as exc:
         raise CommandError(str(exc)) from None
     where = _where_routes_are(router, spec)
     told = f"run {marked.holder!r} rolls back at its next look"
@@ -983,23 +1027,36 @@ def parser() -> argparse.ArgumentParser:
     o.set_defaults(func=cmd_outbox)
     st = sub.add_parser("status", help="the rollout holding a model: its lease, its last word, the routes")
     st.add_argument("--model", type=_model, required=True)
-    st.add_argument(
-        "--lock-dir", type=_existing_dir, required=True, help="the folder of the model's lock (run's --lock-dir)"
-    )
+    _lock_arguments(st)
     st.add_argument("--url", type=_url, help="model server, http://host:port: also the routes in effect")
     st.add_argument("--token-file", type=Path)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
     ab = sub.add_parser("abort", help="put the stable version back and make the running rollout roll back")
     ab.add_argument("--spec", type=Path, required=True, help="the running rollout's spec (its model and baseline)")
-    ab.add_argument("--url", type=_url, required=True, help="model server, http://host:port")
-    ab.add_argument(
-        "--lock-dir", type=_existing_dir, required=True, help="the folder of the model's lock (run's --lock-dir)"
-    )
+    _lock_arguments(ab)
+    ab.add_argument("--url", type=_url, help="model server, http://host:port (with --lock-dir)")
     ab.add_argument("--token-file", type=Path)
     ab.add_argument("--reason", help="why, for the run's report (default: who aborted, from where)")
     ab.set_defaults(func=cmd_abort)
     return p
+
+
+def _lock_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model's lock is: a folder (local mode), or a Lease (kubernetes mode)."""
+    from vision_rollout.mesh import KUBERNETES_NAMES
+
+    rule, pattern = KUBERNETES_NAMES["namespace"]
+
+    def namespace(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise argparse.ArgumentTypeError(f"not {rule}: {text[:80]!r}")
+        return text
+
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--lock-dir", type=_existing_dir, help="the folder of the model's lock (run's --lock-dir)")
+    where.add_argument("--namespace", type=namespace, help="kubernetes mode: the model's namespace, its Lease there")
+    p.add_argument("--name", type=_model, help="kubernetes mode: the model's VirtualService (default: the model)")
 
 
 def _message(exc: BaseException) -> str:

@@ -346,19 +346,10 @@ class IstioRouter:
     retries: int = 5
 
     def _api(self) -> Any:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if self.api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                try:
-                    config.load_kube_config()
-                except (config.ConfigException, OSError) as exc:
-                    raise RouterError(
-                        f"no cluster to reach: no in-cluster service account, and no kubeconfig ({exc})"
-                    ) from None
-            self.api_client = client.ApiClient()
+            self.api_client = kube_api_client()
         return client.CustomObjectsApi(self.api_client)
 
     def _get(self, plural: str) -> dict[str, Any] | None:
@@ -471,6 +462,23 @@ class IstioRouter:
                 f"VirtualService {self.target.namespace}/{self.target.name} is not one the rollout reads (each route "
                 f"to a subset v<version>, as deploy/base/mesh.yaml): {type(exc).__name__} {str(exc)[:200]}"
             ) from None
+
+
+def kube_api_client() -> Any:
+    """The cluster's API client: the in-cluster service account, else the kubeconfig
+    (``KUBECONFIG``, ``~/.kube/config``); RouterError with neither."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise RouterError(
+                f"no cluster to reach: no in-cluster service account, and no kubeconfig ({exc})"
+            ) from None
+    return client.ApiClient()
 
 
 def routes_to(policy: TrafficPolicy, version: str) -> bool:

@@ -992,3 +992,54 @@ def test_a_run_aborted_during_its_start_checks_begins_no_stage(tmp_path, monkeyp
     assert capsys.readouterr().out.splitlines()[-1] == (
         "ROLLED BACK: aborted: wrong candidate; version 1 takes 100% again"
     )
+
+
+def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monkeypatch):
+    """In kubernetes mode the DAG's lock is the Lease rollout-<VirtualService> in the model's
+    namespace: status reads it, abort marks it (its teardown restores the pods and the routes at
+    the run's next step), through the kubeconfig; an API server that does not answer is one line."""
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.locks import LeaseLock
+
+    api = FakeKubeAPI().start()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
+        cfg = client.Configuration()
+        cfg.host = api.url
+        lease = LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs")
+        status = ["status", "--model", "digits", "--namespace", "ml", "--name", "digits-vs"]
+        code, out, err = run(capsys, *status)
+        assert (code, out.splitlines()[0]) == (0, "model 'digits': no rollout holds it (Lease ml/rollout-digits-vs)")
+        lease.acquire("manual__2026-12-03 (a DAG run)")
+        code, out, _ = run(capsys, *status)
+        assert code == 3
+        assert out.startswith(
+            "model 'digits': held by run 'manual__2026-12-03 (a DAG run)' (Lease ml/rollout-digits-vs)"
+        )
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"mesh": "istio"}))
+        abort = ["abort", "--spec", str(spec), "--namespace", "ml", "--name", "digits-vs", "--reason", "bad labels"]
+        code, out, err = run(capsys, *abort)
+        assert code == 0, err
+        assert out.strip() == (
+            "ABORTED (bad labels): run 'manual__2026-12-03 (a DAG run)' rolls back at its next step: its teardown "
+            "puts version 1 back"
+        )
+        held = lease.holding()
+        assert (held.holder, held.aborted) == ("manual__2026-12-03 (a DAG run)", "bad labels")
+        assert "ABORTED: bad labels" in run(capsys, *status)[1]
+        assert run(capsys, *abort[:-1], "other")[1].startswith("ABORTED already (bad labels)")
+        assert run(capsys, "abort", "--spec", str(spec), "--lock-dir", str(tmp_path))[0] == 2  # mesh istio: a Lease
+    finally:
+        api.stop()
+    code, out, err = run(capsys, *status)
+    assert (code, out) == (4, "")
+    assert err.startswith("rolloutctl status: error: the Kubernetes API server did not answer")
+    assert "Traceback" not in err
