@@ -802,18 +802,19 @@ def _holding(lock: Any) -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     """Who holds the model's lock, until when, its abort mark and last word; with ``--url`` the
     routes in effect as the model server reads them. Exit 0: none; 3: a rollout holds it; 1: a
-    lease that expired (a run that did not end: look at the routes)."""
+    lease that expired (a run that did not end: look at the routes); 4 when the routes cannot be
+    read (the lock's part is shown all the same: a server down is when it is looked for)."""
     from vision_rollout.locks import CLOCK_SKEW_S
     from vision_rollout.mesh import LocalRouter, RouterError
 
     lock = _model_lock(args, args.model)
     held = _holding(lock)
-    routes = None
+    routes, unread = None, None
     if args.url:
         try:
             routes = LocalRouter(args.url, args.model, _token(args.token_file)).get_routes()
         except RouterError as exc:
-            raise CommandError(str(exc)) from None
+            unread = str(exc)
     now = lock.clock()
     state = "none" if held is None or not held.holder else "expired" if held.expired(now) else "running"
     if args.json:
@@ -825,6 +826,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "expires_in_s": round(held.expires - now, 1),
             }
         out["routes"] = routes.to_dict() if routes is not None else None
+        if unread:
+            out["routes_error"] = unread
         print(json.dumps(out, indent=2))
     else:
         if state == "none":
@@ -846,8 +849,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  ABORTED: {held.aborted} (the run puts the stable version back and stops)")
             if held.note:
                 print(f"  last: {held.note}")
-        if routes is not None:
-            print(f"  routes: {_weights(routes)}")
+        if routes is not None or unread:
+            print(f"  routes: {_weights(routes) if routes is not None else 'cannot be read'}")
+    if unread:
+        raise CommandError(unread)
     return {"none": 0, "running": 3, "expired": 1}[state]
 
 

@@ -897,6 +897,11 @@ def test_status_reads_the_lock_as_the_lease_rules_judge_it(tmp_path, capsys):
     code, out, _ = run(capsys, *status)
     assert code == 3  # past its expiry, within the clocks' margin: not taken for dead yet
     assert "overdue: taken for dead in" in out
+    code, out, err = run(capsys, *status, "--url", f"http://127.0.0.1:{free_port()}")  # the server down
+    assert code == 4
+    assert out.startswith("model 'digits': held by run 'manual__2026-12-03 (a DAG run)'")
+    assert out.splitlines()[-1] == "  routes: cannot be read"
+    assert err.startswith("rolloutctl status: error: model server at http://127.0.0.1:")
     FileLock("digits", locks).release("manual__2026-12-03 (a DAG run)")
     FileLock("digits", locks, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S).acquire("a run that died")
     code, out, _ = run(capsys, *status, "--json")
