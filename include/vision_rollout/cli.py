@@ -931,7 +931,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
     except (RouterError, AdminError, LockError) as exc:
         raise CommandError(str(exc)) from None
     where = _where_routes_are(router, spec)
-    told = f"run {marked.holder!r} rolls back at its next look"
+    told = f"run {marked.holder!r} rolls back at its next look (a DAG run: its next step)"
     if not where.startswith(f"version {spec.baseline_version} takes 100%"):  # (a write of the run's meanwhile)
         raise CommandError(f"aborted ({marked.aborted}): {told}, but {where}")
     print(f"ABORTED {'already ' if marked.aborted != reason else ''}({marked.aborted}): {told}; {where}")
