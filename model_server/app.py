@@ -413,6 +413,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         received_at = time.time()
         rid = None
         result: InferResult | None = None
+        shadow = None  # the copy for the shadow version, whatever the answer (dataplane.py)
         try:
             if method != "POST":
                 raise MethodNotAllowed(f"method {method} not allowed on {path}")
@@ -438,7 +439,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             )
             body = await read(headers)
             result = await dataplane.infer(model, version, body, ctx, headers.get(HEADER_LENGTH.lower()))
-            status, payload = 200, result.payload
+            status, payload, shadow = 200, result.payload, result.shadow
             out = [
                 (b"content-type", b"application/json" if result.json_length is None else b"application/octet-stream"),
                 (b"x-model-version", result.version.encode()),
@@ -459,6 +460,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 out.append((b"content-encoding", coding.encode()))
         except ServerError as exc:
             status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
+            shadow = exc.shadow
         except asyncio.CancelledError:  # its client disconnected (or the server stops): nothing is written
             if result is not None:  # answered by the model: counted as an answer its client did not read
                 result.settle()
@@ -475,8 +477,8 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             if result is not None:
                 result.settle()
             count_http(INFER_ROUTES[version is not None], status)
-            if result is not None and result.shadow is not None:
-                mirror.submit(result.shadow)
+            if shadow is not None:
+                mirror.submit(shadow)
 
         return Answer(status, out, payload, then)
 

@@ -89,8 +89,9 @@ def shadow_record(result: ShadowResult) -> Inference:
     """The prediction log record of an in-process shadow copy."""
     job = result.job
     scores = None if result.outputs is None else result.outputs[job.outputs[0]]
-    primary = job.primary_outputs[job.outputs[0]]
-    items = primary.shape[0] if job.batched and primary.ndim > 1 else 1
+    data = job.inputs[0].data if job.inputs else None
+    # Its primary's rows: the shadow record pairs with the primary's item by item.
+    primary = job.primary_outputs.get(job.outputs[0]) if job.outputs else None
     return Inference(
         job.received_at,
         job.model,
@@ -103,11 +104,19 @@ def shadow_record(result: ShadowResult) -> Inference:
         result.latency_ms,
         result.outcome,
         scores,
-        job.inputs[0].data,
+        data,
         job.batched,
         job.metadata,
-        items,
+        record_items(primary, data, job.batched),
     )
+
+
+def record_items(scores: np.ndarray | None, data: np.ndarray | None, batched: bool) -> int:
+    """The items a prediction log record stands for: its output's rows (a batched model's), else,
+    with no output, its input's."""
+    if scores is not None:
+        return scores.shape[0] if batched and scores.ndim > 1 else 1
+    return data.shape[0] if data is not None and batched and data.ndim else 1
 
 
 class DataPlane:
@@ -282,7 +291,7 @@ class DataPlane:
         Every outcome is counted on the version that was chosen and, when sampled (always for
         shadow copies, replays and every request while a mirror runs), logged. A primary of a
         classifier is remembered for its label, and a routed one may carry a copy for the
-        shadow. A shadow copy yields to primaries and is counted and logged as shadow, never
+        shadow: its result's, or its error's (``ServerError.shadow``) when it failed. A shadow copy yields to primaries and is counted and logged as shadow, never
         routed, mirrored or remembered for feedback.
         """
         route = self.route(model, version, ctx)
@@ -302,7 +311,8 @@ class DataPlane:
                 or (policy is not None and policy.mirror is not None and policy.mirror.version != lv.label)
                 or plog.sampled(rid)
             )
-            req = None
+            req: InferRequest | None = None
+            outputs: list[str] | None = None  # once the request passed the model's checks
             try:
                 req = decode_infer_request(body, json_length, self.max_json_bytes)
                 outputs = lv.validate(req.inputs, req.outputs)
@@ -357,6 +367,13 @@ class DataPlane:
                         batched,
                         len(body),
                     )
+                # A request given up by its client has no copy (Envoy resets a mirror's stream with
+                # its request's). An error may be shared by the requests of one batch: each sets its
+                # copy here and the transport reads it before any other task runs.
+                if isinstance(caught, ServerError):
+                    caught.shadow = self._copy(
+                        model, route, lv.label, ctx, req, outputs, {}, latency_ms, batched, caught
+                    )
                 raise
             done = time.perf_counter()
             served, decoded, ms = lv.label, req, (done - started) * 1000
@@ -379,28 +396,52 @@ class DataPlane:
                 if logged:
                     self._log(ctx, model, role, decided, served, ms, "ok", scores, decoded, batched, len(body))
 
-        shadow = None
-        # Requests that named their version (replays, tests) are targeted, not traffic: no mirror.
-        shadow_version = None
-        if policy is not None and decided not in ("version", "mirror"):
-            shadow_version = policy.mirror_for(lv.label, rid)
-        if shadow_version is not None:
-            shadow = ShadowJob(
-                model=model,
-                primary_version=lv.label,
-                shadow_version=shadow_version,
-                inputs=req.inputs,
-                outputs=outputs,
-                request_id=rid,
-                trace=trace.child(),
-                received_at=ctx.received_at,
-                primary_outputs=dict(zip(outputs, results, strict=True)),
-                primary_latency_ms=ms,
-                metadata=request_metadata(ctx.headers),
-                batched=batched,
-                probe=ctx.probe,
-            )
+        primary_outputs = dict(zip(outputs, results, strict=True))
+        shadow = self._copy(model, route, lv.label, ctx, req, outputs, primary_outputs, ms, batched)
         return InferResult(payload, json_len, lv.label, token, shadow, settle)
+
+    def _copy(
+        self,
+        model: str,
+        route: Route,
+        served: str,
+        ctx: RequestContext,
+        req: InferRequest | None,
+        outputs: list[str] | None,
+        primary_outputs: dict[str, np.ndarray],
+        latency_ms: float,
+        batched: bool,
+        failure: ServerError | None = None,
+    ) -> ShadowJob | None:
+        """The copy of a routed request for the policy's mirror, when it samples it, whatever the
+        primary's outcome (``failure``): Envoy copies every request of a mirrored route before
+        that is known. A request the primary refused before running it (``outputs`` None: its
+        decoding or checks) is refused by the shadow alike. Requests that named their version
+        (replays, tests) are targeted, not traffic, and Istio's copies are not copied again."""
+        policy = route.policy
+        if policy is None or route.decided_by in ("version", "mirror"):
+            return None
+        shadow_version = policy.mirror_for(served, ctx.request_id)
+        if shadow_version is None:
+            return None
+        refused = None if failure is None or outputs is not None else (outcome_of(failure), failure.message)
+        return ShadowJob(
+            model=model,
+            primary_version=served,
+            shadow_version=shadow_version,
+            inputs=[] if req is None or outputs is None else req.inputs,
+            outputs=[] if outputs is None else outputs,
+            request_id=ctx.request_id,
+            trace=ctx.trace.child(),
+            received_at=ctx.received_at,
+            primary_outputs=primary_outputs,
+            primary_latency_ms=latency_ms,
+            metadata=request_metadata(ctx.headers),
+            batched=batched,
+            probe=ctx.probe,
+            primary_status=200 if failure is None else failure.status,
+            refused=refused,
+        )
 
     def _log(
         self,
@@ -423,10 +464,6 @@ class DataPlane:
         if ctx.probe and role == "primary":
             route = "probe"
         data = req.inputs[0].data if req is not None and req.inputs else None
-        if scores is not None:
-            items = scores.shape[0] if batched and scores.ndim > 1 else 1
-        else:
-            items = data.shape[0] if data is not None and batched and data.ndim else 1
         record = Inference(
             ctx.received_at,
             model,
@@ -442,7 +479,7 @@ class DataPlane:
             data,
             batched,
             request_metadata(ctx.headers),
-            items,
+            record_items(scores, data, batched),
             size,
         )
         self.prediction_log.append(record)

@@ -8,6 +8,11 @@ a client as such: each is caught by the module that raised it, or by its one cal
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_server.shadow import ShadowJob
+
 
 def shown(name: str) -> str:
     """A client's name as an error message shows it: at most 64 characters (a request's names
@@ -17,6 +22,9 @@ def shown(name: str) -> str:
 
 class ServerError(Exception):
     status = 500
+    # A failed inference's copy for the shadow version, mirrored all the same once the answer is
+    # sent (Envoy copies a request before its primary's outcome is known); set by the data plane.
+    shadow: ShadowJob | None = None
 
     def __init__(self, message: str):
         super().__init__(message)

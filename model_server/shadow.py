@@ -1,6 +1,9 @@
 """Shadow mirroring: a copy of a sampled request runs on the shadow version, off the primary path.
 
-The primary response is sent first (the copy is queued by a background task that runs after
+Every sampled request is copied, whatever its primary's outcome, as Envoy's mirror copies it
+before that is known: a request the primary failed runs on the shadow all the same, and one it
+refused as the client's before running it (the model's decoding and checks, the same for every
+version) is refused alike and counted apart. The primary response is sent first (the copy is queued by a background task that runs after
 the response), the queue is bounded, and a full queue or a failing shadow only drops and
 counts the copy: the client never waits for, sees, or is hurt by the shadow. Every copy, run,
 failed or dropped, goes to the sink (the prediction log), so primary/shadow pairs are complete.
@@ -61,12 +64,16 @@ class ShadowJob:
     request_id: str
     trace: TraceContext
     received_at: float
-    primary_outputs: dict[str, np.ndarray]
+    primary_outputs: dict[str, np.ndarray]  # none when the primary failed
     primary_latency_ms: float
     metadata: dict[str, str] = field(default_factory=dict)
     batched: bool = True  # the model has a batch dimension
     queued_at: float = field(default_factory=time.perf_counter)
     probe: bool = False  # the rollout's masking probe: runs at once, not in idle time
+    primary_status: int = 200  # the primary's answer: a request it failed is mirrored too, as Envoy mirrors
+    # (outcome, message) of a request the primary refused before running it: its decoding and
+    # checks are the model's, the same for every version, so the copy is refused alike, not run.
+    refused: tuple[str, str] | None = None
 
     @functools.cached_property
     def nbytes(self) -> int:
@@ -216,6 +223,7 @@ class ShadowMirror:
     async def run(self, job: ShadowJob) -> ShadowResult | None:
         error = None
         outcome = "ok"
+        status = 200
         outputs = None
         started = job.queued_at
         with ExitStack() as held:
@@ -225,22 +233,28 @@ class ShadowMirror:
                 self._dropped(job, f"shadow version left service: {exc.message}")
                 return None
             try:
-                try:
-                    if job.probe:
-                        results, batch, timing = await lv.infer(job.inputs, job.outputs, shadow_run=ort.RunOptions())
-                    else:
-                        results, batch, timing = await self.yielding_run(lv, job.inputs, job.outputs, job.request_id)
-                except OutOfMemory:
-                    lv.shadow_metrics.failure("OOM")
-                    raise
-                lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
-                outputs = dict(zip(job.outputs, results, strict=True))
+                if job.refused is not None:
+                    (outcome, error), status = job.refused, job.primary_status
+                    started = time.perf_counter() - job.primary_latency_ms / 1000  # refused as fast
+                else:
+                    try:
+                        if job.probe:
+                            run = ort.RunOptions()
+                            results, batch, timing = await lv.infer(job.inputs, job.outputs, shadow_run=run)
+                        else:
+                            results, batch, timing = await self.yielding_run(
+                                lv, job.inputs, job.outputs, job.request_id
+                            )
+                    except OutOfMemory:
+                        lv.shadow_metrics.failure("OOM")
+                        raise
+                    lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
+                    outputs = dict(zip(job.outputs, results, strict=True))
             except Preempted:  # primary traffic never left it an idle moment: like a full queue
                 self._dropped(job, "preempted: no idle time")
                 return None
             except ServerError as exc:
-                error = exc.message
-                outcome = outcome_of(exc)
+                error, outcome, status = exc.message, outcome_of(exc), exc.status
         latency_ms = (time.perf_counter() - started) * 1000
         log_access(
             "shadow",
@@ -248,12 +262,15 @@ class ShadowMirror:
             job.shadow_version,
             job.request_id,
             job.trace,
-            200 if error is None else 500,
+            status,
             latency_ms,
-            job.inputs[0].data,
+            job.inputs[0].data if job.inputs else None,
             error=error,
         )
-        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "ok" if error is None else "error").inc()
+        # A request both versions refuse as the client's is counted apart, as an Istio copy is
+        # (dataplane.py): a client's garbage must not move the shadow guard.
+        counted = "ok" if error is None else "rejected" if status < 500 and 400 <= job.primary_status < 500 else "error"
+        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, counted).inc()
         if error is not None:
             log.info(
                 "shadow %s v%s for request %s (trace %s): %s",

@@ -82,6 +82,32 @@ def test_failing_shadow_leaves_the_primary_untouched(server_factory, repo_copy, 
     assert set(df[df["role"] == "primary"]["outcome"]) == {"ok"}
 
 
+def test_requests_the_primary_failed_are_mirrored_as_envoy_mirrors_them(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """Envoy copies every request of a mirrored route before its primary's outcome is known. A
+    request the primary failed reaches the shadow, whose outcome is its own; one the primary
+    refused as the client's (the model's decoding and checks, the same for every version) is
+    refused by the shadow alike, counted apart from its errors."""
+    s = start(server_factory, repo_copy, tmp_path, "--prediction-log", str(tmp_path / "log"))
+    set_fault(s, "1", {"abort": {"percent": 100}})
+    n = 6
+    for i in range(n):
+        assert infer(s, digit_images[i][0], {"X-Request-ID": f"failed-{i}"}).status_code == 500
+    assert wait_until(lambda: shadow_count(s, "ok") == n)
+    garbage = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    r = requests.post(f"{s.http}/v2/models/digits/infer", json=garbage, headers={"X-Request-ID": "garbage"}, timeout=10)
+    assert r.status_code == 400
+    assert wait_until(lambda: shadow_count(s, "rejected") == 1)
+    assert shadow_count(s, "error") == 0
+    df = logged(s, tmp_path / "log")
+    shadows = df[df["role"] == "shadow"].set_index("request_id")
+    assert sorted(shadows.index) == sorted(df[df["role"] == "primary"]["request_id"])
+    assert shadows.loc["garbage", "outcome"] == "INVALID_INPUT"
+    assert set(shadows.drop(index="garbage")["outcome"]) == {"ok"}
+    assert set(df[df["role"] == "primary"]["outcome"]) == {"FAULT", "INVALID_INPUT"}
+
+
 def test_slow_shadow_does_not_slow_the_primary_and_overflow_is_dropped(
     server_factory, repo_copy, tmp_path, digit_images
 ):
