@@ -18,6 +18,10 @@ from model_server.errors import InvalidInput, shown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
+# The widths of Triton's model_config.proto fields: a larger number is no config Triton reads
+# (a default_timeout_microseconds past a float's range failed every request with a 500).
+INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
+_WIDTHS = {INT32_MAX: "int32", UINT32_MAX: "uint32", UINT64_MAX: "uint64"}
 
 
 def ascii_uint(text: str) -> int | None:
@@ -161,11 +165,15 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     sizes = sorted({_positive_int(f"{where}.preferred_batch_size", s, 1) for s in sizes_raw})
     if sizes and sizes[-1] > max_batch_size:
         raise _fail(f"{where}.preferred_batch_size", f"{sizes[-1]} is over max_batch_size {max_batch_size}")
-    delay = _positive_int(f"{where}.max_queue_delay_microseconds", raw.get("max_queue_delay_microseconds", 0), 0)
+    delay = _positive_int(
+        f"{where}.max_queue_delay_microseconds", raw.get("max_queue_delay_microseconds", 0), 0, UINT64_MAX
+    )
     if delay > MAX_QUEUE_DELAY_US:
         raise _fail(f"{where}.max_queue_delay_microseconds", f"{delay} is over {MAX_QUEUE_DELAY_US}")
-    levels = _positive_int(f"{where}.priority_levels", raw.get("priority_levels", 0), 0)
-    default_level = _positive_int(f"{where}.default_priority_level", raw.get("default_priority_level", 0), 0)
+    levels = _positive_int(f"{where}.priority_levels", raw.get("priority_levels", 0), 0, UINT64_MAX)
+    default_level = _positive_int(
+        f"{where}.default_priority_level", raw.get("default_priority_level", 0), 0, UINT64_MAX
+    )
     if levels > 1000 or default_level > levels or (levels and not default_level):
         raise _fail(
             where,
@@ -187,9 +195,9 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
         preserve_ordering=ordering,
         priority_levels=levels,
         default_priority_level=default_level,
-        max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0),
+        max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0, UINT32_MAX),
         default_timeout_microseconds=_positive_int(
-            f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0
+            f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0, UINT64_MAX
         ),
         allow_timeout_override=override,
     )
@@ -326,10 +334,12 @@ def proto_int(value: Any) -> int | None:
     return ascii_uint(value) if isinstance(value, str) else None
 
 
-def _positive_int(where: str, value: Any, minimum: int) -> int:
+def _positive_int(where: str, value: Any, minimum: int, maximum: int = INT32_MAX) -> int:
     number = proto_int(value)
     if number is None or number < minimum:
         raise _fail(where, f"must be an integer >= {minimum}, got {str(value)[:40]!r}")
+    if number > maximum:
+        raise _fail(where, f"{str(value)[:40]} is over {maximum}, the largest Triton's {_WIDTHS[maximum]} field holds")
     return number
 
 

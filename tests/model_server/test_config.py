@@ -110,6 +110,27 @@ def test_a_field_the_server_does_not_implement_is_refused_by_name_not_ignored(ch
     assert parse_config("m", {**BASE, "name": "m", "platform": "onnxruntime_onnx", "metadata": {"any": 1}})
 
 
+def test_numbers_past_triton_s_field_widths_are_refused_at_load_not_failed_per_request():
+    """A default_timeout_microseconds past a float's range loaded, and then every request to the
+    model failed with a 500 (an OverflowError dividing it). Numbers wider than Triton's
+    model_config.proto fields are no config Triton reads: refused by field, at load."""
+    batched = {**BASE, "max_batch_size": 8}
+    for change, message in [
+        ({"dynamic_batching": {"default_queue_policy": {"default_timeout_microseconds": 10**400}}}, "uint64"),
+        ({"dynamic_batching": {"default_queue_policy": {"default_timeout_microseconds": 2**64}}}, "uint64"),
+        ({"dynamic_batching": {"default_queue_policy": {"max_queue_size": 2**32}}}, "max_queue_size: 4294967296 is"),
+        ({"dynamic_batching": {"priority_levels": 1e300, "default_priority_level": 1}}, "priority_levels: 1e"),
+        ({"max_batch_size": 2**31}, "max_batch_size: 2147483648 is over 2147483647, the largest Triton's int32"),
+        ({"instance_count": "99999999999"}, "instance_count: 99999999999 is over 2147483647"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_config("m", {**batched, **change})
+    widest = {"default_timeout_microseconds": 2**64 - 1, "max_queue_size": 2**32 - 1}
+    cfg = parse_config("m", {**batched, "dynamic_batching": {"default_queue_policy": widest}})
+    assert cfg.dynamic_batching is not None
+    assert cfg.dynamic_batching.default_timeout_microseconds / 1e6 > 0  # a float: no overflow
+
+
 @pytest.mark.parametrize(
     ("message", "oom"),
     [
