@@ -87,6 +87,11 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.dims)}
 
 
+# The most pixels an image has: one a request sends (4096 x 4096 is far more than any digit
+# needs), and the size the preprocessing makes of it, which its warm-up decodes.
+MAX_PIXELS = 4096 * 4096
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """Encoded PNG/JPEG images -> the float features the graph was trained on."""
@@ -365,6 +370,8 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         size = pre.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
             raise _fail(f"{where}: preprocess.size", "must be [width, height]")
+        if size[0] * size[1] > MAX_PIXELS:  # (its blank warm-up image alone took W x H bytes first)
+            raise _fail(f"{where}: preprocess.size", f"{size[0]}x{size[1]} is over the limit of {MAX_PIXELS} pixels")
         scale = pre.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or scale <= 0:
             raise _fail(f"{where}: preprocess.scale", "must be a positive number")

@@ -10,13 +10,12 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model_server.config import ImagePreprocess
+from model_server.config import MAX_PIXELS, ImagePreprocess
 from model_server.errors import InvalidInput, shown
 
-# Refuse decompression bombs: 4096 x 4096 is far more than any digit needs. Decoding costs
-# time in proportion to pixels, so a request's images together get twice that (64 images of
-# 16 Mpx held a model 4.2 s; now a request's decoding is bounded like one large image's).
-MAX_PIXELS = 4096 * 4096
+# Refuse decompression bombs: an image of MAX_PIXELS at most. Decoding costs time in proportion
+# to pixels, so a request's images together get twice that (64 images of 16 Mpx held a model
+# 4.2 s; now a request's decoding is bounded like one large image's).
 MAX_REQUEST_PIXELS = 2 * MAX_PIXELS
 FORMATS = ("PNG", "JPEG")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -131,6 +131,16 @@ def test_numbers_past_triton_s_field_widths_are_refused_at_load_not_failed_per_r
     assert cfg.dynamic_batching.default_timeout_microseconds / 1e6 > 0  # a float: no overflow
 
 
+def test_a_preprocess_size_no_image_may_have_is_refused_before_its_warm_up_allocates_it():
+    """A size over the pixels an image may have failed the load only once the warm-up had made a
+    blank image of it (W x H bytes: a typo of 100000 x 100000 took 10 GB, the whole server's)."""
+    image = {"input": [{"name": "x", "datatype": "BYTES", "dims": [-1]}], "max_batch_size": 8}
+    pre = {"kind": "image", "size": [4097, 4096], "onnx_input": "x"}
+    with pytest.raises(InvalidInput, match=r"preprocess\.size: 4097x4096 is over the limit of 16777216 pixels"):
+        parse_config("m", {**BASE, **image, "preprocess": pre})
+    assert parse_config("m", {**BASE, **image, "preprocess": {**pre, "size": [4096, 4096]}}).preprocess
+
+
 @pytest.mark.parametrize(
     ("message", "oom"),
     [
