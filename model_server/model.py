@@ -217,9 +217,9 @@ class LoadedVersion:
                 )
         else:
             for spec in self.config.inputs:
-                self._check_tensor(where, "input", spec, graph_in)
+                self._check_tensor(where, "input", spec, graph_in, self.config.max_batch_size > 0)
         for spec in self.config.outputs:
-            self._check_tensor(where, "output", spec, graph_out)
+            self._check_tensor(where, "output", spec, graph_out, self.config.max_batch_size > 0)
             shape = graph_out[spec.name].shape
             if self.config.dynamic_batching is not None and (not shape or isinstance(shape[0], int)):
                 # Its rows could not be split back per request (a reduction over the batch, say).
@@ -229,7 +229,7 @@ class LoadedVersion:
                 )
 
     @staticmethod
-    def _check_tensor(where: str, kind: str, spec: TensorSpec, graph: dict[str, Any]) -> None:
+    def _check_tensor(where: str, kind: str, spec: TensorSpec, graph: dict[str, Any], batched: bool) -> None:
         node = graph.get(spec.name)
         if node is None:
             raise InvalidInput(f"{where}: config {kind} {spec.name!r} is not in the graph ({sorted(graph)})")
@@ -241,12 +241,24 @@ class LoadedVersion:
         # As Triton: the config's shape (the whole shape here, batch dimension included) and the
         # graph's agree in rank and in every dimension both fix (a symbolic one takes any).
         shape = [d if isinstance(d, int) and d > 0 else -1 for d in node.shape] if node.shape is not None else None
-        if shape is not None and (
-            len(shape) != len(spec.dims)
-            or any(g != c and -1 not in (g, c) for g, c in zip(shape, spec.dims, strict=False))
-        ):
+
+        def fits(dims: tuple[int, ...]) -> bool:
+            assert shape is not None
+            return len(shape) == len(dims) and all(g == c or -1 in (g, c) for g, c in zip(shape, dims, strict=True))
+
+        if shape is not None and not fits(spec.dims):
+            # Triton's dims leave the batch dimension out where the model batches: a config
+            # written so is refused saying how to write it, never read otherwise.
+            whole = (-1, *spec.dims)
+            hint = (
+                f" (dims here are the whole shape, the batch dimension included, unlike Triton's "
+                f"config.pbtxt: write {list(whole)})"
+                if batched and fits(whole)
+                else ""
+            )
             raise InvalidInput(
-                f"{where}: {kind} {spec.name!r} has shape {shape} in the graph, dims {list(spec.dims)} in config.json"
+                f"{where}: {kind} {spec.name!r} has shape {shape} in the graph, dims {list(spec.dims)} in "
+                f"config.json{hint}"
             )
 
     # -- lifecycle --------------------------------------------------------------------------

@@ -197,6 +197,24 @@ def test_a_config_shape_the_graph_contradicts_is_refused_at_load(models_dir, out
         LoadedVersion(cfg, 1, model, ["CPUExecutionProvider"])
 
 
+def test_dims_written_as_triton_writes_them_are_refused_saying_what_dims_mean_here(models_dir):
+    """Triton's dims leave the batch dimension out when max_batch_size > 0; here they are the
+    whole shape. A config written for Triton ([10] for a [batch, 10] output) was refused naming
+    only the two shapes: the refusal says what dims mean here and how to write them."""
+    raw = json.loads((models_dir / "digits" / "config.json").read_text())
+    raw["output"][0]["dims"] = [10]
+    model = models_dir / "digits" / "1" / "model.onnx"
+    with pytest.raises(
+        InvalidInput,
+        match=r"dims \[10\] in config\.json \(dims here are the whole shape, the batch dimension included, "
+        r"unlike Triton's config\.pbtxt: write \[-1, 10\]\)",
+    ):
+        LoadedVersion(parse_config("digits", raw), 1, model, ["CPUExecutionProvider"])
+    raw["max_batch_size"] = 0  # without batching, Triton's dims are the whole shape too: no hint
+    with pytest.raises(InvalidInput, match=r"dims \[10\] in config\.json$"):
+        LoadedVersion(parse_config("digits", raw), 1, model, ["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize(
     ("fault", "field"),
     [
