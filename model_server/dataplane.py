@@ -108,6 +108,7 @@ def shadow_record(result: ShadowResult) -> Inference:
         job.batched,
         job.metadata,
         record_items(primary, data, job.batched),
+        job.nbytes,  # what it holds until written: within the log's byte budget, as a primary's body
     )
 
 

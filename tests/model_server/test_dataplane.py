@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from model_server import metrics
 from model_server.admin import Admin
-from model_server.dataplane import DataPlane, InferResult, RequestContext, Route
+from model_server.dataplane import DataPlane, InferResult, RequestContext, Route, shadow_record
 from model_server.errors import (
     Conflict,
     InjectedFault,
@@ -31,8 +31,10 @@ from model_server.errors import (
 from model_server.feedback import FeedbackSigner, FeedbackStore, LabelRules
 from model_server.masking import KeyRing, Masker
 from model_server.predictionlog import PredictionLog, read
+from model_server.protocol import InferInput
 from model_server.repository import ModelRepository
-from model_server.shadow import ShadowMirror
+from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult
+from model_server.trace import TraceContext
 from model_server.traffic import PolicyStore, TrafficPolicy
 from tests.conftest import ROOT
 
@@ -247,6 +249,32 @@ def test_every_request_while_a_mirror_runs_is_logged_with_its_route(repo, digit_
     assert rows["tenant"].iloc[0] == "acme"
     top1 = int(np.argmax(json.loads(served.payload)["outputs"][0]["data"]))
     assert rows["top1"].iloc[0] == top1
+
+
+def test_a_shadow_record_counts_the_bytes_its_copy_holds_against_the_log_s_budget(tmp_path):
+    """A shadow record (a dropped copy's too) keeps its copy's input until it is written, but
+    counted none of it against the prediction log's byte budget: under a burst of large requests
+    the copies' records held their inputs past the budget that refuses their primaries'."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), max_pending_bytes=1024 * 1024)
+    image = np.array([b"x" * (1024 * 1024)], dtype=object)
+    job = ShadowJob(
+        "digits",
+        "1",
+        "2",
+        [InferInput("image", "BYTES", (1,), image)],
+        ["probabilities"],
+        "big",
+        TraceContext.from_header(None),
+        0.0,
+        {},
+        1.0,
+    )
+    record = shadow_record(ShadowResult(job, None, None, "shadow queue full", "DROPPED"))
+    assert record.size == 1024 * 1024
+    assert plog.append(record)
+    assert not plog.append(record)  # the budget holds one such input
 
 
 # -- feedback -----------------------------------------------------------------------------------
