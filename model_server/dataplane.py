@@ -318,7 +318,7 @@ class DataPlane:
                 req = decode_infer_request(body, json_length, self.max_json_bytes)
                 outputs = lv.validate(req.inputs, req.outputs)
                 if shadow_copy:
-                    results, batch, timing = await self.mirror.yielding_run(lv, req.inputs, outputs, rid)
+                    results, batch, timing = await self.mirror.run_copy(lv, req.inputs, outputs, rid)
                 else:
                     with self.mirror.gate:
                         results, batch, timing = await lv.infer(req.inputs, outputs, parameters=req.parameters)

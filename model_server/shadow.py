@@ -77,19 +77,23 @@ class ShadowJob:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        """What the queued copy holds: its inputs, and the whole request body of those that are
-        views of it (binary tensors: the JSON part too, up to its limit), once a body (the
-        primary's outputs are small beside them)."""
-        total, bodies = 0, {}
-        for i in self.inputs:
-            owner: Any = i.data
-            while isinstance(owner, np.ndarray) and owner.base is not None:
-                owner = owner.base
-            if isinstance(owner, memoryview):  # np.frombuffer of the body
-                bodies[id(owner.obj)] = memoryview(owner.obj).nbytes
-            else:
-                total += i.nbytes
-        return total + sum(bodies.values())
+        """What the queued copy holds (``held_bytes``; the primary's outputs are small beside them)."""
+        return held_bytes(self.inputs)
+
+
+def held_bytes(inputs: list[InferInput]) -> int:
+    """What a request's decoded inputs hold: their bytes, and the whole request body of those
+    that are views of it (binary tensors: the JSON part too, up to its limit), once a body."""
+    total, bodies = 0, {}
+    for i in inputs:
+        owner: Any = i.data
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        if isinstance(owner, memoryview):  # np.frombuffer of the body
+            bodies[id(owner.obj)] = memoryview(owner.obj).nbytes
+        else:
+            total += i.nbytes
+    return total + sum(bodies.values())
 
 
 @dataclass
@@ -151,6 +155,8 @@ class ShadowMirror:
         self.sink = sink
         self._tasks: list[asyncio.Task[None]] = []
         self._probes: set[asyncio.Task[None]] = set()
+        self.waiting = 0  # copies Istio's mirror sent, waiting for idle time (run_copy)
+        self.waiting_bytes = 0
 
     def submit(self, job: ShadowJob) -> None:
         """Queue a copy; on the event loop's thread (asyncio's queue and the byte count are not
@@ -281,6 +287,27 @@ class ShadowMirror:
                 error,
             )
         return ShadowResult(job, outputs, latency_ms, error, outcome)
+
+    async def run_copy(
+        self, lv: LoadedVersion, inputs: list[InferInput], outputs: list[str], request_id: str
+    ) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        """A copy Istio's mirror sent, run as ``yielding_run`` runs one. At most the queue's count
+        and bytes of such copies wait for idle time (while primaries keep a candidate busy, each
+        held its body, without bound): past them it is dropped at once (Preempted), as a full
+        queue drops a copy of this server's own mirror."""
+        size = held_bytes(inputs)
+        if self.waiting >= self.queue.maxsize or self.waiting_bytes + size > self.queue_bytes:
+            raise Preempted(
+                f"shadow copies waiting for idle time: {self.waiting} holding {self.waiting_bytes} bytes; "
+                f"limits {self.queue.maxsize} and {self.queue_bytes} bytes"
+            )
+        self.waiting += 1
+        self.waiting_bytes += size
+        try:
+            return await self.yielding_run(lv, inputs, outputs, request_id)
+        finally:
+            self.waiting -= 1
+            self.waiting_bytes -= size
 
     async def yielding_run(
         self, lv: LoadedVersion, inputs: list[InferInput], outputs: list[str], request_id: str

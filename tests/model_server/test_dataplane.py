@@ -26,6 +26,7 @@ from model_server.errors import (
     InvalidInput,
     ModelNotFound,
     ModelUnavailable,
+    Preempted,
     Unauthorized,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore, LabelRules
@@ -249,6 +250,37 @@ def test_every_request_while_a_mirror_runs_is_logged_with_its_route(repo, digit_
     assert rows["tenant"].iloc[0] == "acme"
     top1 = int(np.argmax(json.loads(served.payload)["outputs"][0]["data"]))
     assert rows["top1"].iloc[0] == top1
+
+
+def test_copies_from_istios_mirror_wait_for_idle_time_within_the_shadow_queue_s_bounds(repo, digit_images):
+    """A copy Istio's mirror sends waits for an idle moment; while primaries kept the candidate
+    busy, every copy waited, holding its body, without bound. Past the shadow queue's count the
+    rest are dropped at once (503, counted and logged as dropped), as the in-process mirror's are."""
+    policies = PolicyStore(None, on_change=metrics.show_traffic_policy)
+    feedback = FeedbackStore(FeedbackSigner(b"data-plane-test-key"))
+    dp = DataPlane(repo, policies, feedback, ShadowMirror(repo, queue_size=2))
+    apply(dp, MIRROR)
+    body, json_length = request(digit_images[0][0])
+    dropped = sample("shadow_requests_total", model="digits", version="2", outcome="dropped")
+
+    async def scenario() -> list[InferResult]:
+        with dp.mirror.gate:  # a primary in flight all along
+            copies = [
+                asyncio.create_task(
+                    dp.infer("digits", None, body, RequestContext(f"copy-{i}", shadow_copy=True), json_length)
+                )
+                for i in range(5)
+            ]
+            await asyncio.sleep(0.5)
+            refused = [t for t in copies if t.done()]
+            assert len(refused) == 3
+            assert all(isinstance(t.exception(), Preempted) for t in refused)
+        waited = [t for t in copies if t not in refused]
+        return await asyncio.wait_for(asyncio.gather(*waited), 60)  # once idle, the two that waited run
+
+    assert [r.version for r in asyncio.run(scenario())] == ["2", "2"]
+    assert sample("shadow_requests_total", model="digits", version="2", outcome="dropped") == dropped + 3
+    assert (dp.mirror.waiting, dp.mirror.waiting_bytes) == (0, 0)
 
 
 def test_a_shadow_record_counts_the_bytes_its_copy_holds_against_the_log_s_budget(tmp_path):
