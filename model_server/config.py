@@ -9,6 +9,7 @@ accuracy per version) that the server reports but does not interpret.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,12 @@ def ascii_uint(text: str) -> int | None:
     """``text`` as a non-negative integer when it is 1 to 18 ASCII digits, else None. (str.isdigit
     takes superscripts, which int() refuses, and other scripts' digits; a path or header is not a number.)"""
     return int(text) if _UINT_RE.fullmatch(text) else None
+
+
+def refuse_constant(name: str) -> Any:
+    """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
+    and JSON has not, are refused (a NaN passes every range check after it)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def version_number(text: str) -> int:
@@ -373,7 +380,7 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         if size[0] * size[1] > MAX_PIXELS:  # (its blank warm-up image alone took W x H bytes first)
             raise _fail(f"{where}: preprocess.size", f"{size[0]}x{size[1]} is over the limit of {MAX_PIXELS} pixels")
         scale = pre.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or scale <= 0:
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:  # (1e400 reads as inf)
             raise _fail(f"{where}: preprocess.scale", "must be a positive number")
         onnx_input = pre.get("onnx_input")
         if not isinstance(onnx_input, str) or not onnx_input:
@@ -425,7 +432,7 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
     if len(data) > MAX_CONFIG_BYTES:
         raise InvalidInput(f"model '{model_dir.name}': {where} is over {MAX_CONFIG_BYTES >> 20} MiB")
     try:
-        raw = json.loads(data.decode())
+        raw = json.loads(data.decode(), parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
     if override:

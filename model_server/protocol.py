@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES, ascii_uint
+from model_server.config import DATATYPES, ascii_uint, refuse_constant
 from model_server.errors import InvalidInput, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -370,12 +370,6 @@ def _c_float(value: float) -> str:
     if value != value and math.copysign(1.0, value) < 0:
         return "-nan"
     return f"{value:f}"
-
-
-def refuse_constant(name: str) -> Any:
-    """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
-    and JSON has not, are refused (a NaN passes every range check after it)."""
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_json(body: bytes | bytearray | memoryview) -> Any:

@@ -202,6 +202,27 @@ def test_an_output_s_labels_are_read_from_its_folder_bounded_and_confined(tmp_pa
 DEEP = ("[" * 100_000, '{"a": ' * 100_000)  # JSON nested deeper than Python's parser goes
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ('"metadata": {"heldout_accuracy": NaN}', "NaN is not a JSON value"),
+        ('"metadata": {"heldout_accuracy": -Infinity}', "-Infinity is not a JSON value"),
+        ('"preprocess": {"kind": "image", "size": [8, 8], "onnx_input": "x", "scale": 1e400}', "preprocess.scale"),
+        ('"preprocess": {"kind": "image", "size": [8, 8], "onnx_input": "x", "scale": Infinity}', "Infinity is not"),
+    ],
+)
+def test_a_config_with_a_number_json_has_not_is_refused(tmp_path, change, needle):
+    """Python's json took NaN and Infinity in config.json, which JSON has not: a preprocess.scale
+    of Infinity (or 1e400, read as one) loaded and made every answer NaN, and a NaN in metadata
+    made the model's config and metadata answers 500s."""
+    (tmp_path / "m").mkdir()
+    image = '"input": [{"name": "x", "datatype": "BYTES", "dims": [-1]}], "max_batch_size": 8'
+    output = '"output": [{"name": "y", "datatype": "FP32", "dims": [-1, 2]}]'
+    (tmp_path / "m" / "config.json").write_text(f"{{{image}, {output}, {change}}}")
+    with pytest.raises(InvalidInput, match=needle):
+        load_config(tmp_path / "m")
+
+
 def test_a_config_nested_too_deep_or_too_large_is_the_model_s_load_error(tmp_path, monkeypatch):
     """config.json nested 100,000 deep raised RecursionError, which nothing caught: the server's
     start ended (with --no-exit-on-error too, and every other model with it), and a load or a
