@@ -21,8 +21,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
 # The widths of Triton's model_config.proto fields: a larger number is no config Triton reads
 # (a default_timeout_microseconds past a float's range failed every request with a 500).
-INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
+INT32_MAX, UINT32_MAX, INT64_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1
 _WIDTHS = {INT32_MAX: "int32", UINT32_MAX: "uint32", UINT64_MAX: "uint64"}
+MAX_DIMS = 32  # a tensor's dimensions, in a request's shape and in a config's dims
 
 
 def ascii_uint(text: str) -> int | None:
@@ -300,6 +301,8 @@ def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec,
             raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
         if not isinstance(dims, list) or not dims or not all(_is_int(d) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
+        if len(dims) > MAX_DIMS or max(dims) > INT64_MAX:  # (no request could match it)
+            raise _fail(f"{where}[{i}].dims", f"has at most {MAX_DIMS} dimensions, each at most {INT64_MAX} (int64)")
         labels = item.get("label_filename")
         if labels is not None and not outputs:  # Triton's ModelInput has no such field
             raise _fail(f"{where}[{i}].label_filename", "only an output has class labels")

@@ -16,12 +16,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES, ascii_uint, refuse_constant
+from model_server.config import DATATYPES, MAX_DIMS, ascii_uint, refuse_constant
 from model_server.errors import InvalidInput, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has a few)
-MAX_DIMS = 32
 # numpy's largest array of 8-byte items (INT64, FP64, a BYTES tensor's objects): it refuses a
 # shape whose bytes would pass 2**63-1, even one with a dimension of 0 that holds none
 MAX_ELEMENTS = 2**60 - 1

@@ -141,6 +141,16 @@ def test_a_preprocess_size_no_image_may_have_is_refused_before_its_warm_up_alloc
     assert parse_config("m", {**BASE, **image, "preprocess": {**pre, "size": [4096, 4096]}}).preprocess
 
 
+def test_dims_no_request_could_match_are_refused():
+    """A config's dims were any number of any size: past a request's 32 dimensions or Triton's
+    int64 no request can match them (a preprocessed input's dims meet no graph at load)."""
+    batched = {**BASE, "max_batch_size": 8}
+    for dims in ([-1] + [1] * 32, [-1, 2**63], [-1, 10**4000]):
+        with pytest.raises(InvalidInput, match=r"input\[0\]\.dims: has at most 32 dimensions"):
+            parse_config("m", {**batched, "input": [{"name": "x", "datatype": "FP32", "dims": dims}]})
+    assert parse_config("m", {**batched, "input": [{"name": "x", "datatype": "FP32", "dims": [-1] + [1] * 31}]})
+
+
 @pytest.mark.parametrize(
     ("message", "oom"),
     [
