@@ -823,8 +823,10 @@ def _read_one(
     strings = [c for c in columns if SCHEMA.field(c).type == pa.string()]
     try:
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f, read_dictionary=strings)
-            schema = pf.schema_arrow
+            # The schema is checked before the strings are asked for as dictionaries: asking for
+            # a column the file lacks (an older writer's, a foreign file) raised a KeyError.
+            metadata = pq.read_metadata(f)
+            schema = metadata.schema.to_arrow_schema()
             for name in columns:
                 i = schema.get_field_index(name)
                 got = None if i < 0 else schema.field(i).type
@@ -832,16 +834,16 @@ def _read_one(
                     got = got.value_type
                 if got is None or not got.equals(SCHEMA.field(name).type):
                     return _FileResult(path, None, f"wrong schema: column {name} is {got or 'missing'}")
-            size = _stored_bytes(pf.metadata, columns)
+            size = _stored_bytes(metadata, columns)
             if size > MAX_READ_BYTES:
                 return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
-            table = pf.read(columns=columns)
+            table = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings).read(columns=columns)
         plain = [c for c in strings if c not in _CATEGORICAL and pa.types.is_dictionary(table[c].type)]
         if size + sum(_string_bytes(table[c]) for c in plain) > MAX_READ_BYTES:
             return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
         for name in plain:
             table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:  # (a name in a damaged footer)
         return _FileResult(path, None, f"unreadable: {exc}")
     n = table.num_rows
     valid = pc.is_valid(table["time"])

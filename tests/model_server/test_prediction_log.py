@@ -474,6 +474,38 @@ def test_truncated_garbage_and_malformed_records_are_skipped_and_counted(log_uri
     assert "part-x-1-truncated.parquet skipped" in caplog.text
 
 
+def test_a_file_without_a_string_column_or_with_a_damaged_name_is_skipped_not_a_crash(log_uri, tmp_path):
+    """A file of another writer's schema (an older server's, without ``route`` or ``meta``) and
+    a file whose footer names a column in bytes that are no UTF-8 are skipped and named: either
+    raised out of read (KeyError, UnicodeDecodeError), every gate's poke and audit with it."""
+    w = writer(tmp_path, log_uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(log_uri)
+    folder = good.rsplit("/", 1)[0]
+    fs, root = filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{good}") as f:
+        data = f.read()
+    sink = pa.BufferOutputStream()
+    pq.write_table(pq.read_table(pa.BufferReader(data)).drop_columns(["route", "meta"]), sink)
+    put_file(log_uri, f"{folder}/part-old-1.parquet", sink.getvalue().to_pybytes())
+    damaged = bytearray(data)
+    damaged[damaged.rfind(b"tenant")] = 0xFF
+    put_file(log_uri, f"{folder}/part-x-1-damaged.parquet", bytes(damaged))
+    for columns in (None, GATE_COLUMNS, [c for c in SCHEMA.names if c != "route"]):
+        df = read(log_uri, *window(), columns=columns)
+        assert set(df["request_id"]) == {"good"}
+        reasons = {p.rsplit("/", 1)[1]: why for p, why in df.attrs["skipped_file_reasons"].items()}
+        assert reasons["part-x-1-damaged.parquet"].startswith("unreadable")
+        if columns is None or "route" in columns:
+            assert reasons["part-old-1.parquet"] == "wrong schema: column route is missing"
+        else:
+            assert reasons["part-old-1.parquet"] == "wrong schema: column meta is missing"
+    result = audit(log_uri, *window(), "digits")
+    assert result.skipped_files == 2
+    assert result.verdict == "inconclusive"
+
+
 def test_a_file_named_with_no_real_write_second_is_read_not_a_crash(log_uri, tmp_path):
     """The write second in a name is parsed to prune files: a foreign name's impossible date,
     year 0 or last second of the year 9999 raised out of read (ValueError, OverflowError)."""
