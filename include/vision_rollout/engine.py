@@ -305,9 +305,11 @@ def judge_stage(
     round sends (default all of ``labels``); the accuracy-drop guard reads whole rounds only,
     and no look passes before it has read one.
 
-    While a hard guard cannot be read or has no data, the looks are still judged, and one that
-    fails ends the stage (a failure needs no guard: a canary failing every request has no P99);
-    nothing passes meanwhile."""
+    While a hard guard cannot be read or has no data, or files of the prediction log that
+    ``read`` skipped (``skipped_file_reasons`` in ``records.attrs``: truncated, another writer's
+    schema, unreadable by this worker) leave their records out of the evidence, the looks are
+    still judged, and one that fails ends the stage (a failure needs no guard: a canary failing
+    every request has no P99); nothing passes meanwhile."""
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
     current = stage_samples(records, spec, window, now - settle_s, labels, settle_s)
@@ -341,10 +343,17 @@ def judge_stage(
             break
     if verdict is not None and verdict.decision == "fail":
         return state("fail", judged, verdict, verdict.summary)
-    if guard_in.unavailable or guard_in.missing:  # a stage passes only under its guards
+    unread = records.attrs.get("skipped_file_reasons") or {}
+    if guard_in.unavailable or guard_in.missing or unread:  # a stage passes only under its guards, on its records
         if guard_in.unavailable:
             now_, then = "the hard guards cannot be read", "its hard guards could not be read"
             why, until = f" ({guard_in.unavailable})", "Prometheus answers again"
+        elif unread:  # the missing records may be one arm's: its errors, its slow answers
+            path, reason = next(iter(unread.items()))
+            files = f"{len(unread)} prediction log file{'s' if len(unread) > 1 else ''} of the stage"
+            now_, then = f"{files} cannot be read", f"{files} could not be read"
+            why = " (first: " + " ".join(f"{str(path)[-120:]}: {str(reason)[:200]}".split()) + ")"
+            until = "the log's records of the stage can be read"
         else:
             now_, then = "a hard guard has no data", "a hard guard had no data"
             why, until = f": {guard_in.missing}", "it has"

@@ -382,6 +382,43 @@ def test_a_canary_failing_every_request_fails_at_its_first_look_with_no_p99():
             assert "Error rate" in state.reason
 
 
+def test_a_stage_whose_log_files_cannot_be_read_holds_and_never_passes(tmp_path):
+    """A prediction log file of the stage the reader skipped (truncated, another writer's schema,
+    not readable by the worker's user) had its records left out of the evidence silently: one
+    canary pod's errors unread, the stage passed on the others. It holds, names the file, and
+    is undecided at the end; a failure shown by the records read still fails it."""
+    from datetime import UTC, datetime
+
+    from model_server.predictionlog import GATE_COLUMNS, read
+
+    s = spec()
+    log = records(400, 40, 50)
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106).status == "pass"
+    part = tmp_path / "log" / "model=digits" / "dt=2027-01-15" / "hour=08" / "part-pod-b-1.parquet"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"PAR1 cut short\n")
+    read_back = read(
+        str(tmp_path / "log"),
+        datetime.fromtimestamp(T0, UTC),
+        datetime.fromtimestamp(T0 + 400, UTC),
+        "digits",
+        GATE_COLUMNS,
+        written=True,
+    )
+    log.attrs = read_back.attrs
+    held = judge_stage(s, WINDOW, log, IMAGES, T0 + 106)
+    assert (held.status, held.verdict) == ("waiting", None)
+    assert held.reason.startswith("holding: 1 prediction log file of the stage cannot be read (first: ")
+    assert "part-pod-b-1.parquet: unreadable" in held.reason
+    assert "\n" not in held.reason
+    ended = judge_stage(s, WINDOW, log, IMAGES, T0 + s.max_stage_seconds)
+    assert ended.status == "undecided"
+    assert "while 1 prediction log file of the stage could not be read" in ended.reason
+    failing = records(400, 40, 50, errors=(0.0, 1.0))
+    failing.attrs = read_back.attrs
+    assert judge_stage(s, WINDOW, failing, IMAGES, T0 + 30).status == "fail"
+
+
 def test_no_look_passes_before_the_replay_guard_has_read_a_whole_round():
     s = spec()
     log = records(400, 40, 50)
