@@ -723,6 +723,42 @@ def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
     assert w.flush() == 4
 
 
+def test_the_byte_budget_counts_a_records_output_and_a_shadow_copys_input(tmp_path):
+    """The buffer's byte budget counted the request body alone: a detector's output (8.5 MB
+    beside a 50 KB image) and every in-process shadow copy's input (counted 0 bytes) were held
+    up to 100,000 records, tens of gigabytes, with the budget never reached."""
+    from model_server.dataplane import shadow_record
+    from model_server.protocol import InferInput
+    from model_server.shadow import ShadowJob, ShadowResult
+    from model_server.trace import TraceContext
+
+    w = writer(tmp_path, max_pending_bytes=12 * 1024 * 1024)
+    before = records("dropped")
+    detector = np.zeros((1, 25200, 85), np.float32)
+    assert w.append(primary("small", scores=detector)._replace(size=50_000, items=1))
+    assert not w.append(primary("over", scores=detector)._replace(size=50_000, items=1))
+    assert records("dropped") == before + 1
+    w.flush()
+    image = np.array([b"\x89PNG" + bytes(7 * 1024 * 1024)], dtype=object)
+    job = ShadowJob(
+        "digits",
+        "1",
+        "2",
+        [InferInput("image", "BYTES", (1,), image)],
+        ["probabilities"],
+        "r-1",
+        TraceContext.from_header(None),
+        time.time(),
+        {"probabilities": np.eye(10, dtype=np.float32)[[3]]},
+        1.0,
+    )
+    copy = shadow_record(ShadowResult(job, {"probabilities": np.eye(10, dtype=np.float32)[[3]]}, 2.0, None))
+    assert copy.held >= 7 * 1024 * 1024
+    assert w.append(copy)
+    assert not w.append(copy._replace(request_id="r-2"))
+    assert w.flush() == 1
+
+
 def test_sampling_is_a_stable_share_of_request_ids(tmp_path):
     half = writer(tmp_path, sample=0.5)
     ids = [f"req-{i}" for i in range(10_000)]
