@@ -462,7 +462,9 @@ class PredictionLog:
         outputs: list[np.ndarray | None] = []
         for r in recs:
             out = None
-            if r.scores is not None:
+            # An output of strings (a BYTES tensor: labels, text) is no score: its record has no
+            # top-1 or top-k, as one without an output (its conversion failed the whole table).
+            if r.scores is not None and np.asarray(r.scores).dtype.kind in "biuf":
                 out = score_rows(r.scores)
                 if out.shape[1] == 0:
                     out = None

@@ -713,6 +713,25 @@ def test_records_a_table_cannot_hold_lose_their_own_rows_not_the_others(tmp_path
     assert labels["tenant"].notna().sum() == 2  # (masked)
 
 
+def test_an_output_of_strings_is_written_without_a_top1_and_takes_no_other_record_with_it(tmp_path):
+    """A version whose first output is a BYTES tensor (its labels as text) failed the
+    conversion of the whole flush of its model and hour: every inference of it lost, the other
+    version's too (both served by one replica). Its records are written as ones without an
+    output; the others as they are."""
+    w = writer(tmp_path)
+    before = records("error")
+    w.append(primary("numeric", version="1"))
+    w.append(primary("text", version="2", scores=np.array([[b"cat"], [b"dog"]], dtype=object)))
+    w.append(primary("flags", version="2", scores=np.array([[True, False], [False, True]])))
+    assert w.flush() == 6
+    assert records("error") == before
+    df = read(tmp_path / "log", *window()).sort_values(["request_id", "item"])
+    got = {(r, i): (t, p) for r, i, t, p in zip(df["request_id"], df["item"], df["top1"], df["top1_prob"], strict=True)}
+    assert got[("numeric", 0)] == (3, 1.0)
+    assert got[("flags", 1)] == (1, 1.0)
+    assert all(pd.isna(t) and pd.isna(p) for t, p in (got[("text", 0)], got[("text", 1)]))
+
+
 def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
     w = writer(tmp_path, max_pending=2)
     before = records("dropped")
