@@ -851,6 +851,9 @@ def _read_one(
             return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
         for name in plain:
             table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
+        # As every file's table is (a field another writer declared not null, its metadata):
+        # the tables of a read are concatenated, which refuses two schemas.
+        table = table.cast(pa.schema([_read_field(c) for c in columns]))
     except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:  # (a name in a damaged footer)
         return _FileResult(path, None, f"unreadable: {exc}")
     n = table.num_rows

@@ -506,6 +506,26 @@ def test_a_file_without_a_string_column_or_with_a_damaged_name_is_skipped_not_a_
     assert result.verdict == "inconclusive"
 
 
+def test_a_file_whose_fields_are_declared_not_null_is_read_beside_the_others(tmp_path):
+    """A file of the log's columns whose writer declared some not null (another tool's, a
+    compaction's) passed the schema check, and the concatenation of its table with the others'
+    raised ArrowInvalid out of read: every gate's poke and audit of the range failed."""
+    uri = str(tmp_path / "log")
+    w = writer(tmp_path, uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(uri)
+    table = pq.read_table(f"{uri}/{good}")
+    strict = pa.schema([f.with_nullable(False) if f.name in ("time", "model", "item") else f for f in table.schema])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.cast(strict).set_column(6, "request_id", pa.array(["other"] * 2)), sink)
+    put_file(uri, f"{good.rsplit('/', 1)[0]}/part-compacted-1.parquet", sink.getvalue().to_pybytes())
+    for columns in (None, GATE_COLUMNS):
+        df = read(uri, *window(), columns=columns, written=True)
+        assert sorted(df["request_id"]) == ["good", "good", "other", "other"]
+        assert df.attrs["skipped_files"] == 0
+
+
 def test_a_file_named_with_no_real_write_second_is_read_not_a_crash(log_uri, tmp_path):
     """The write second in a name is parsed to prune files: a foreign name's impossible date,
     year 0 or last second of the year 9999 raised out of read (ValueError, OverflowError)."""
