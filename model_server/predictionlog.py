@@ -795,18 +795,146 @@ def _written_before(name: str, start: datetime) -> bool:
     return written is not None and written + timedelta(seconds=1 + CLOCK_STEP_S) <= start
 
 
-def _stored_bytes(meta: pq.FileMetaData, columns: Sequence[str]) -> int:
+class _Footer:
+    """A Parquet footer's Thrift (compact protocol), read here for what a memory bound needs:
+    pyarrow's own accessor of a column chunk's metadata aborts the process (a C++ exception it
+    does not catch) on a footer whose size statistics it refuses, as a damaged file's or
+    another writer's (a level histogram left out) are. Anything malformed raises ValueError."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise ValueError("the footer ends early")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varint(self) -> int:
+        out = shift = 0
+        while True:
+            b = self.byte()
+            out |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return out
+            shift += 7
+            if shift > 63:
+                raise ValueError("a varint over 64 bits")
+
+    def signed(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def fields(self) -> Iterator[tuple[int, int]]:
+        """(field id, type) of each field of a struct, up to its stop; the caller reads or skips each."""
+        last = 0
+        while (head := self.byte()) & 0x0F:
+            last = last + (head >> 4) if head >> 4 else self.signed()
+            yield last, head & 0x0F
+
+    def items(self) -> tuple[int, int]:
+        """A list's (size, element type)."""
+        head = self.byte()
+        size = head >> 4 if head >> 4 != 15 else self.varint()
+        return size, head & 0x0F
+
+    def binary(self) -> bytes:
+        n = self.varint()
+        if self.pos + n > len(self.data):
+            raise ValueError("the footer ends early")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def skip(self, kind: int, depth: int = 0) -> None:
+        if depth > 64:
+            raise ValueError("nested too deep")
+        if kind in (1, 2):  # true, false (the type is the value)
+            return
+        if kind == 3:
+            self.byte()
+        elif kind in (4, 5, 6):
+            self.varint()
+        elif kind == 7:
+            self.pos += 8
+        elif kind == 8:
+            self.binary()
+        elif kind in (9, 10):
+            size, element = self.items()
+            for _ in range(size):
+                self.element(element, depth + 1)
+        elif kind == 11:
+            size = self.varint()
+            types = self.byte() if size else 0
+            for _ in range(size):
+                self.element(types >> 4, depth + 1)
+                self.element(types & 0x0F, depth + 1)
+        elif kind == 12:
+            for _, field in self.fields():
+                self.skip(field, depth + 1)
+        else:
+            raise ValueError(f"no Thrift type {kind}")
+
+    def element(self, kind: int, depth: int) -> None:
+        """Past a list's or map's element (a boolean there is a byte)."""
+        if kind in (1, 2):
+            self.byte()
+        else:
+            self.skip(kind, depth)
+
+    def structs(self) -> Iterator[None]:
+        """Each element of a list of structs, read by the caller (``fields``)."""
+        size, element = self.items()
+        if element != 12:
+            raise ValueError("a list of something else than structs")
+        for _ in range(size):
+            yield
+
+    def chunks(self) -> Iterator[tuple[str, int, int]]:
+        """(top-level column, values, uncompressed bytes) of every column chunk of every row group
+        of a FileMetaData."""
+        for fid, kind in self.fields():
+            if (fid, kind) != (4, 9):  # row_groups
+                self.skip(kind)
+                continue
+            for _ in self.structs():
+                for gid, gkind in self.fields():
+                    if (gid, gkind) != (1, 9):  # columns
+                        self.skip(gkind)
+                        continue
+                    for _ in self.structs():
+                        for cid, ckind in self.fields():
+                            if (cid, ckind) != (3, 12):  # meta_data
+                                self.skip(ckind)
+                                continue
+                            name, values, size = "", 0, 0
+                            for mid, mkind in self.fields():
+                                if (mid, mkind) == (3, 9):  # path_in_schema
+                                    n, element = self.items()
+                                    for i in range(n):
+                                        if element != 8:
+                                            self.skip(element)
+                                        elif i == 0:
+                                            name = self.binary().decode(errors="replace")
+                                        else:
+                                            self.binary()
+                                elif (mid, mkind) == (5, 6):
+                                    values = self.signed()
+                                elif (mid, mkind) == (6, 6):
+                                    size = self.signed()
+                                else:
+                                    self.skip(mkind)
+                            yield name, values, size
+
+
+def _stored_bytes(footer: bytes, rows: int, columns: Sequence[str]) -> int:
     """An upper bound of what ``columns`` take once read, but for the strings' repeats: their
     pages uncompressed, and 8 bytes a value (a value, offset, index or validity; a run-length
-    encoded page of a billion values is a few bytes)."""
+    encoded page of a billion values is a few bytes). ValueError for a malformed footer."""
     wanted = set(columns)
-    total = 8 * meta.num_rows * len(wanted)
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        for c in range(group.num_columns):
-            chunk = group.column(c)
-            if chunk.path_in_schema.split(".", 1)[0] in wanted:
-                total += chunk.total_uncompressed_size + 8 * chunk.num_values
+    total = 8 * rows * len(wanted)
+    for name, values, size in _Footer(footer).chunks():
+        if name in wanted:
+            total += max(size, 0) + 8 * max(values, 0)
     return total
 
 
@@ -815,6 +943,20 @@ def _string_bytes(column: pa.ChunkedArray) -> int:
     return sum(
         pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0 for chunk in column.chunks
     )
+
+
+def _footer(f: pa.NativeFile) -> bytes:
+    """The file's footer (its Thrift, length and magic), read in one request when under 64 KiB."""
+    size = f.size()
+    tail = f.read_at(min(size, 64 * 1024), max(size - 64 * 1024, 0))
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        raise ValueError("not a Parquet file: no footer")
+    length = int.from_bytes(tail[-8:-4], "little")
+    if length + 12 > size:
+        raise ValueError("not a Parquet file: its footer's length is longer than the file")
+    if length + 8 > len(tail):
+        tail = f.read_at(length + 8, size - length - 8)
+    return bytes(tail[-(length + 8) :])
 
 
 def _read_one(
@@ -831,9 +973,10 @@ def _read_one(
     strings = [c for c in columns if SCHEMA.field(c).type == pa.string()]
     try:
         with fs.open_input_file(path) as f:
+            footer = _footer(f)
             # The schema is checked before the strings are asked for as dictionaries: asking for
             # a column the file lacks (an older writer's, a foreign file) raised a KeyError.
-            metadata = pq.read_metadata(f)
+            metadata = pq.read_metadata(pa.BufferReader(footer))
             schema = metadata.schema.to_arrow_schema()
             for name in columns:
                 i = schema.get_field_index(name)
@@ -842,7 +985,7 @@ def _read_one(
                     got = got.value_type
                 if got is None or not got.equals(SCHEMA.field(name).type):
                     return _FileResult(path, None, f"wrong schema: column {name} is {got or 'missing'}")
-            size = _stored_bytes(metadata, columns)
+            size = _stored_bytes(footer[:-8], metadata.num_rows, columns)
             if size > MAX_READ_BYTES:
                 return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
             table = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings).read(columns=columns)
@@ -854,7 +997,7 @@ def _read_one(
         # As every file's table is (a field another writer declared not null, its metadata):
         # the tables of a read are concatenated, which refuses two schemas.
         table = table.cast(pa.schema([_read_field(c) for c in columns]))
-    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:  # (a name in a damaged footer)
+    except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
         return _FileResult(path, None, f"unreadable: {exc}")
     n = table.num_rows
     valid = pc.is_valid(table["time"])
