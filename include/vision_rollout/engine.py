@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from vision_rollout.folders import Folder
 from vision_rollout.gates import (
     Check,
     GateConfig,
@@ -726,9 +727,17 @@ class StageJudge:
         return not bool(((t >= window.started) & (t > now - look_interval(self.spec))).any())
 
     def __call__(self, window: StageWindow, now: float | None = None) -> StageState:
-        """Judge the looks due, then send a replay round if none went out in the last look interval."""
+        """Judge the looks due, then send a replay round if none went out in the last look
+        interval. A log that cannot be listed (its store down, refusing) holds the stage as a
+        file it cannot read does; no replay round goes out meanwhile."""
         now = now or time.time()
-        records = self.records(window, now)
+        listed = True
+        try:
+            records = self.records(window, now)
+        except OSError as exc:
+            listed = False
+            records = pd.DataFrame(columns=["time", "model", "version", "role", "route", "request_id", "item"])
+            records.attrs["skipped_file_reasons"] = {str(Folder(self.prediction_log)): f"not listed: {exc}"}
         state = judge_stage(
             self.spec,
             window,
@@ -739,7 +748,7 @@ class StageJudge:
             settle_s=settle_time(self.source, self.settle_s),
             replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
         )
-        if not state.done and self.replay_due(records, window, now):
+        if not state.done and listed and self.replay_due(records, window, now):
             self.replay_round()
         return state
 

@@ -775,3 +775,27 @@ def test_the_paired_check_judges_a_whole_round_not_its_first_images():
     assert state.status == "fail"
     paired = next(c for c in state.verdict.checks if c.name == "accuracy_paired")
     assert (paired.decision, paired.n_baseline) == ("fail", len(IMAGES))
+
+
+def test_a_log_that_cannot_be_listed_holds_the_stage_and_sends_no_replay(tmp_path, monkeypatch):
+    """The prediction log's store refusing a poke's listing (down, throttling) raised out of the
+    judge: rolloutctl run restored the stable version over one failed request. The stage holds,
+    as on a file it cannot read, and is undecided at its end; no replay round goes out."""
+    from model_server import predictionlog
+    from vision_rollout.engine import StageJudge
+
+    def refused(*args, **kwargs):
+        raise OSError("When listing objects under key 'predictions/model=digits': AWS Error SLOW_DOWN")
+
+    monkeypatch.setattr(predictionlog, "read", refused)
+    s = spec()
+    judge = StageJudge(s, "127.0.0.1:1", tmp_path, "s3://bucket/predictions?region=eu-west-1", _labels=IMAGES)
+    monkeypatch.setattr(judge, "replay_round", lambda: pytest.fail("a replay round was sent"))
+    held = judge(WINDOW, T0 + 106)
+    assert (held.status, held.verdict) == ("waiting", None)
+    assert held.reason.startswith(
+        "holding: 1 prediction log file of the stage cannot be read (first: s3://bucket/predictions: not listed: "
+    )
+    assert "SLOW_DOWN" in held.reason
+    assert "region" not in held.reason
+    assert judge(WINDOW, T0 + s.max_stage_seconds).status == "undecided"
