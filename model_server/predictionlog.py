@@ -434,6 +434,7 @@ class PredictionLog:
         if all(isinstance(keys[t], Key) for t in set(tenants)):
             return records, [keys[t] for t in tenants], tenants  # type: ignore[misc]
         kept, kept_keys, kept_tenants = [], [], []
+        dropped: dict[str | None, list[Any]] = {}
         for rec, t in zip(records, tenants, strict=True):
             key = keys[t]
             if isinstance(key, Key):
@@ -441,10 +442,13 @@ class PredictionLog:
                 kept_keys.append(key)
                 kept_tenants.append(t)
                 continue
+            dropped.setdefault(t, []).append(rec)
             metrics.PREDICTION_LOG_RECORDS.labels("mask_unavailable").inc(
                 len(rec.labels) if isinstance(rec, Label) else rec.items
             )
-            log.error("prediction log record of request %s dropped: %s", rec.request_id, key)
+        for t, recs in dropped.items():  # a line per tenant and flush, not per request: the error is the key's
+            more = f" and {len(recs) - 1} more" if len(recs) > 1 else ""
+            log.error("prediction log records of request %s%s dropped: %s", recs[0].request_id, more, keys[t])
         return kept, kept_keys, kept_tenants
 
     def _inference_table(

@@ -753,6 +753,22 @@ def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_p
         assert b"13800138000" not in f.read_bytes()
 
 
+def test_a_tenant_without_a_usable_key_logs_one_line_a_flush_not_one_a_request(tmp_path, caplog):
+    """Each record of a tenant whose key could not be loaded logged its own error line: a
+    thousand lines a second under a thousand requests a second, for one key's fault."""
+    w = writer(tmp_path, keys=keys_file(tmp_path, {"acme": "bad"}))
+    for i in range(500):
+        w.append(primary(f"acme-{i}", {"x-tenant": "acme"}))
+    w.append(Label(time.time(), "digits", None, "acme-label", [1], "acme"))
+    w.append(primary("globex-1", {"x-tenant": "globex"}))
+    with caplog.at_level("ERROR", logger="model_server.predictionlog"):
+        assert w.flush() == 2
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 2  # the inferences' and the label's
+    assert lines[0].startswith("prediction log records of request acme-0 and 499 more dropped: key file ")
+    assert lines[1].startswith("prediction log records of request acme-label dropped: key file ")
+
+
 def test_records_a_table_cannot_hold_lose_their_own_rows_not_the_others(tmp_path):
     """A label over the int32 column (the server refuses it; this is the writer's own guard)
     failed the whole flush of its model and hour, every inference with it."""
