@@ -8,10 +8,12 @@ required fields of Deployments, Pods, Secrets and Services (422 Invalid), optimi
 on ``metadata.resourceVersion`` (409 Conflict), label and field selectors on lists, bounded
 bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
 
-Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list),
-core/v1 Secret and Service (apply, get, list), Pod (create, get, list, patch of labels and
-annotations, delete, log with ``follow``), Event (list and watch: always empty, nothing records
-events).
+Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list;
+its ``scale`` subresource got and patched, whose writer owns ``spec.replicas`` as server-side
+apply records it: an apply that changes the field then is a 409 naming that manager unless
+forced), autoscaling/v2 HorizontalPodAutoscaler (apply, get, list), core/v1 Secret and Service
+(apply, get, list), Pod (create, get, list, patch of labels and annotations, delete, log with
+``follow``), Event (list and watch: always empty, nothing records events).
 
 Without a kubelet (``FakeKubeAPI(kubelet=False)``, the unit tests) a Deployment reports its
 pods ready as soon as it is applied and a deleted Pod is gone at once. With one
@@ -49,8 +51,8 @@ MAX_OBJECTS = 5000  # all kinds together: a runaway creator meets a quota, not a
 MAX_SELECTOR_TERMS = 64
 MAX_SECRET_BYTES = 1024 * 1024  # the real server's limit on a Secret's data
 PATH_RE = re.compile(
-    r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v1))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
-    r"(?:/([a-z0-9.-]{1,253}))?(?:/(log))?$"
+    r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v[1-9]))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
+    r"(?:/([a-z0-9.-]{1,253}))?(?:/(log|scale))?$"
 )
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -278,6 +280,25 @@ def invalid_service(body: dict[str, Any]) -> str | None:
     return None
 
 
+def invalid_hpa(body: dict[str, Any]) -> str | None:
+    """What the API server's validation says of an autoscaling/v2 HorizontalPodAutoscaler: its
+    schema (``invalid_manifest``), then the bounds and target it checks besides."""
+    problem = invalid_manifest(body)
+    if problem:
+        return problem
+    spec = body.get("spec") or {}
+    target = spec.get("scaleTargetRef") or {}
+    for field in ("kind", "name"):
+        if not target.get(field):
+            return f"spec.scaleTargetRef.{field}: Required value"
+    low, high = spec.get("minReplicas", 1), spec.get("maxReplicas")
+    if not isinstance(low, int) or low < 1:
+        return f"spec.minReplicas: Invalid value: {low!r}: must be greater than or equal to 1"
+    if not isinstance(high, int) or high < low:
+        return f"spec.maxReplicas: Invalid value: {high!r}: must be greater than or equal to `minReplicas`"
+    return None
+
+
 def invalid_manifest(body: dict[str, Any]) -> str | None:
     """What ``devstack.manifests`` finds wrong with an object (its kind's schema: Kubernetes', or
     the v1 ``openAPIV3Schema`` of Istio's own CRD), None if nothing."""
@@ -329,7 +350,10 @@ RESOURCES = {
     "rolebindings": Resource("rbac.authorization.k8s.io/v1", "RoleBinding", invalid_manifest, apply=True),
     "authorizationpolicies": Resource("security.istio.io/v1", "AuthorizationPolicy", invalid_manifest, apply=True),
     "podmonitors": Resource("monitoring.coreos.com/v1", "PodMonitor", invalid_manifest, apply=True),
+    # With build.autoscaling: an HPA per version (applied), and a Deployment's scale subresource.
+    "horizontalpodautoscalers": Resource("autoscaling/v2", "HorizontalPodAutoscaler", invalid_hpa, apply=True),
 }
+SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
 FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
 
@@ -521,11 +545,15 @@ class FakeKubeAPI:
         body: dict[str, Any],
         manager: str,
         record: dict[str, Any] | None = None,
+        force: bool = False,
     ) -> tuple[int, Any]:
         """Server-side apply of a whole object by one field manager: (201 or 200, the object).
         ``record`` (the call's entry in ``requests``) gets ``existed``: whether there was an
         object to patch, set where the real server asks its authorizer for ``create`` when there
-        was none (after the body's validation, before its quota: ``devstack.rbac.checks``)."""
+        was none (after the body's validation, before its quota: ``devstack.rbac.checks``).
+        A Deployment's ``spec.replicas`` is owned as the real server owns it (``_replicas``): a
+        409 Conflict for an apply that changes it, not ``force``d, while another manager owns it
+        (an HPA, ``kubectl scale``: a write of the scale subresource)."""
         resource = RESOURCES[plural]
         if not resource.apply:
             raise APIError(405, "MethodNotAllowed", f"apply is not supported for {plural} here")
@@ -553,23 +581,51 @@ class FakeKubeAPI:
             if live is None and len(self.objects) >= MAX_OBJECTS:
                 raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
             obj = _applied(live, body, name, namespace)
+            managed = [{"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}]
             if plural == "deployments":
+                managed = _replicas(live, obj, body, manager, force)
                 obj["metadata"]["generation"] = live["metadata"]["generation"] if live else 1
                 if live is not None and live.get("spec") != obj["spec"]:
                     obj["metadata"]["generation"] += 1
                 if not self.kubelet:  # what the controllers would report once the pods run
-                    replicas = obj["spec"].get("replicas", 1)
-                    obj["status"] = {
-                        "observedGeneration": obj["metadata"]["generation"],
-                        "replicas": replicas,
-                        "readyReplicas": replicas,
-                        "availableReplicas": replicas,
-                        "updatedReplicas": replicas,
-                    }
+                    obj["status"] = _ready_status(obj)
             self._bump(obj)
-            obj["metadata"]["managedFields"] = [{"manager": manager, "operation": "Apply"}]
+            obj["metadata"]["managedFields"] = managed
             self.objects[(plural, namespace, name)] = obj
             return (201 if live is None else 200), copy.deepcopy(obj)
+
+    def scale(self, namespace: str, name: str, replicas: int | None = None, manager: str = "") -> dict[str, Any]:
+        """A Deployment's ``autoscaling/v1`` Scale (GET ``.../deployments/<name>/scale``); with
+        ``replicas``, that count written first as a write of the subresource does (an HPA's, a
+        ``kubectl scale``): ``manager`` owns ``spec.replicas`` from then on, alone. APIError 404
+        when there is no such Deployment."""
+        with self.lock:
+            obj = self.objects.get(("deployments", namespace, name))
+            if obj is None:
+                raise APIError(404, "NotFound", f'deployments.apps "{name}" not found')
+            if replicas is not None and replicas != obj["spec"].get("replicas"):
+                obj["spec"]["replicas"] = replicas
+                obj["metadata"]["generation"] = obj["metadata"].get("generation", 1) + 1
+                if not self.kubelet:
+                    obj["status"] = _ready_status(obj)
+                self._bump(obj)
+            if replicas is not None:
+                entry = {"manager": manager, "operation": "Update", "apiVersion": "apps/v1", "subresource": "scale"}
+                kept = [_owning(e, False) for e in obj["metadata"].get("managedFields") or [] if _key(e) != _key(entry)]
+                obj["metadata"]["managedFields"] = [*kept, _owning(entry, True)]
+            labels = (obj["spec"].get("selector") or {}).get("matchLabels") or {}
+            return {
+                "kind": "Scale",
+                "apiVersion": "autoscaling/v1",
+                "metadata": {
+                    k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                },
+                "spec": {"replicas": obj["spec"].get("replicas", 1)},
+                "status": {
+                    "replicas": (obj.get("status") or {}).get("replicas", 0),
+                    "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+                },
+            }
 
     def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A merge patch of a pod: only its labels and annotations may change (as the real server:
@@ -696,7 +752,7 @@ class FakeKubeAPI:
                 if (
                     (scoped and namespace is None and name is not None)
                     or (not scoped and namespace is not None)
-                    or (sub is not None and plural != "pods")
+                    or (sub is not None and SUBRESOURCES[sub] != plural)
                 ):
                     raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
                 if not scoped:
@@ -758,6 +814,8 @@ class FakeKubeAPI:
                 if sub == "log":
                     self._log(namespace or "", name or "", query)
                     return None
+                if sub == "scale":
+                    return 200, api.scale(namespace or "", name or "")
                 if plural == "leases":
                     return self._lease("GET")
                 if name is None and plural == "events" and query.get("watch", ["false"])[0] in GO_TRUE:
@@ -856,6 +914,8 @@ class FakeKubeAPI:
                 if name is None or namespace is None:
                     raise APIError(405, "MethodNotAllowed", "PATCH names an object")
                 ctype = self.record["content_type"]
+                if sub == "scale":
+                    return 200, self._scale(namespace, name, ctype, query)
                 if plural == "pods" and ctype in (
                     "application/merge-patch+json",
                     "application/strategic-merge-patch+json",
@@ -873,7 +933,55 @@ class FakeKubeAPI:
                     raise APIError(400, "BadRequest", f"error decoding YAML: {exc}") from None
                 if not isinstance(body, dict):
                     raise APIError(400, "BadRequest", "the body must be an object")
-                return api.apply(plural, namespace, name, body, query["fieldManager"][0], record=self.record)
+                return api.apply(
+                    plural,
+                    namespace,
+                    name,
+                    body,
+                    query["fieldManager"][0],
+                    record=self.record,
+                    force=query.get("force", ["false"])[0] in GO_TRUE,
+                )
+
+            def _scale(self, namespace: str, name: str, ctype: str, query: dict[str, list[str]]) -> dict[str, Any]:
+                """A patch of a Deployment's Scale: a merge patch (an object) or a JSON patch (a
+                list of operations, as the real server decodes it: an object is a 400); only
+                ``spec.replicas`` is taken."""
+                try:
+                    patch = json.loads(self._body())
+                except ValueError as exc:
+                    raise APIError(400, "BadRequest", f"error decoding JSON: {exc}") from None
+                replicas: Any = None
+                if ctype == "application/json-patch+json":
+                    if not isinstance(patch, list):
+                        raise APIError(
+                            400,
+                            "BadRequest",
+                            f"json: cannot unmarshal {_json_type(patch)} into Go value of type jsonpatch.Patch",
+                        )
+                    for op in patch:
+                        if (
+                            isinstance(op, dict)
+                            and op.get("op") in ("add", "replace")
+                            and op.get("path") == "/spec/replicas"
+                        ):
+                            replicas = op.get("value")
+                elif ctype in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                    if not isinstance(patch, dict):
+                        raise APIError(400, "BadRequest", "the patch must be a JSON object")
+                    replicas = (patch.get("spec") or {}).get("replicas")
+                else:
+                    raise APIError(415, "UnsupportedMediaType", f"unsupported patch type {ctype!r} for a Scale here")
+                if replicas is None:
+                    return api.scale(namespace, name)
+                if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 2**31 - 1:
+                    raise APIError(
+                        422,
+                        "Invalid",
+                        f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: {replicas!r}',
+                    )
+                manager = query.get("fieldManager", [self.headers.get("User-Agent", "unknown").split("/")[0]])[0]
+                return api.scale(namespace, name, replicas, manager)
 
             def _delete(
                 self, plural: str, namespace: str | None, name: str | None, sub: str | None, query: dict[str, list[str]]
@@ -924,6 +1032,67 @@ def _applied(live: dict[str, Any] | None, body: dict[str, Any], name: str, names
     if live is not None and "status" in live:
         obj["status"] = live["status"]
     return obj
+
+
+def _ready_status(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A Deployment's status once all of its pods run (no kubelet: what the controllers report)."""
+    replicas = deployment["spec"].get("replicas", 1)
+    return {
+        "observedGeneration": deployment["metadata"]["generation"],
+        "replicas": replicas,
+        "readyReplicas": replicas,
+        "availableReplicas": replicas,
+        "updatedReplicas": replicas,
+    }
+
+
+def _json_type(value: Any) -> str:
+    """A decoded JSON value's type as Go's decoder names it in its errors."""
+    names = {dict: "object", str: "string", bool: "bool", int: "number", float: "number"}
+    return names.get(type(value), "null" if value is None else "array")
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, str, str]:
+    """A managedFields entry's identity: its manager, operation and subresource."""
+    return entry.get("manager", ""), entry.get("operation", ""), entry.get("subresource", "")
+
+
+def _owns(entry: dict[str, Any]) -> bool:
+    return "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+
+
+def _owning(entry: dict[str, Any], replicas: bool) -> dict[str, Any]:
+    """``entry`` owning ``spec.replicas`` or not (the one field whose ownership is kept here)."""
+    spec: dict[str, Any] = {"f:replicas": {}} if replicas else {}
+    return {**entry, "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": spec}}
+
+
+def _replicas(
+    live: dict[str, Any] | None, obj: dict[str, Any], body: dict[str, Any], manager: str, force: bool
+) -> list[dict[str, Any]]:
+    """A Deployment's ``spec.replicas`` after ``manager`` applied ``body`` (``obj``, set in place),
+    and its managedFields, as server-side apply decides them: applied, the field is the
+    applier's (shared with the other owners for the same value); changed while another manager
+    owns it, a conflict (APIError 409) unless ``force`` takes it over; left out, it keeps its
+    other owners' value, or with none left its default (1)."""
+    mine = {"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}
+    others = [e for e in (live or {}).get("metadata", {}).get("managedFields") or [] if _key(e) != _key(mine)]
+    owners = [e for e in others if _owns(e)]
+    was = (live or {}).get("spec", {}).get("replicas", 1)
+    if "replicas" in (body.get("spec") or {}):
+        if owners and obj["spec"]["replicas"] != was:
+            if not force:
+                named = ", ".join(
+                    f'conflict with "{e["manager"]}"'
+                    + (f' with subresource "{e["subresource"]}"' if e.get("subresource") else "")
+                    + f" using {e.get('apiVersion', 'apps/v1')}: .spec.replicas"
+                    for e in owners
+                )
+                raise APIError(409, "Conflict", f"Apply failed with {len(owners)} conflict: {named}")
+            others = [_owning(e, False) for e in others]
+        return [*others, _owning(mine, True)]
+    obj["spec"]["replicas"] = was if owners else 1
+    return [*others, _owning(mine, False)]
 
 
 def _container_state(pod: dict[str, Any], container: str) -> dict[str, Any] | None:

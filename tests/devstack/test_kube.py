@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 from kubernetes import client
@@ -148,8 +150,9 @@ def test_apply_object_names_resources_as_the_servers_table_does():
 
     assert plural("AuthorizationPolicy") == "authorizationpolicies"
     assert plural("Namespace") == "namespaces"
-    with pytest.raises(ValueError, match="'HorizontalPodAutoscaler'"):
-        plural("HorizontalPodAutoscaler")
+    assert plural("HorizontalPodAutoscaler") == "horizontalpodautoscalers"
+    with pytest.raises(ValueError, match="'StatefulSet'"):
+        plural("StatefulSet")
 
 
 def test_an_istio_object_its_crd_refuses_is_invalid_by_path(core):
@@ -172,3 +175,66 @@ def test_an_istio_object_its_crd_refuses_is_invalid_by_path(core):
     assert message.startswith('VirtualService.networking.istio.io "broken" is invalid: invalid at spec/hosts: ')
     assert ("virtualservices", "ml", "broken") not in fake.objects
     assert ("destinationrules", "ml", "digits") in fake.objects
+
+
+def test_hpas_and_a_deployments_scale_speak_the_real_wire_format(core):
+    """autoscaling/v2 HPAs are applied and read (bounds checked: 422), a Deployment's Scale read
+    and patched (merge patch; a JSON patch must be a list: an object is a 400, as the real
+    server's decoder says), and the scale writer owns spec.replicas from then on: an apply that
+    changes it is a 409 Conflict naming that manager, unless forced; one that leaves it out keeps
+    the writer's count."""
+    from vision_rollout.deploy import render_deployment, render_hpa
+    from vision_rollout.mesh import IstioTarget
+
+    fake, api = core
+    apps, autoscaling = client.AppsV1Api(api.api_client), client.AutoscalingV2Api(api.api_client)
+    target = IstioTarget("ml", "digits", "digits")
+    bad = render_hpa(target, "1", 1, 3)
+    bad["spec"]["minReplicas"] = 0
+    with pytest.raises(ApiException) as invalid:
+        autoscaling.patch_namespaced_horizontal_pod_autoscaler("digits-v1", "ml", bad, **APPLY)
+    assert invalid.value.status == 422
+    assert "spec.minReplicas" in json.loads(invalid.value.body)["message"]
+    autoscaling.patch_namespaced_horizontal_pod_autoscaler("digits-v1", "ml", render_hpa(target, "1", 2, 8), **APPLY)
+    read = autoscaling.read_namespaced_horizontal_pod_autoscaler("digits-v1", "ml")
+    assert (read.spec.min_replicas, read.spec.max_replicas, read.spec.scale_target_ref.name) == (2, 8, "digits-v1")
+
+    apps.patch_namespaced_deployment("digits-v1", "ml", render_deployment(target, "digits", "1", "img:1", 3), **APPLY)
+    scale = apps.read_namespaced_deployment_scale("digits-v1", "ml")
+    assert (scale.kind, scale.spec.replicas, scale.status.selector) == ("Scale", 3, "app=digits,version=1")
+    # (the client sends a dict as a strategic merge patch, whatever it is told: a raw request)
+    request = urllib.request.Request(
+        f"{fake.url}/apis/apps/v1/namespaces/ml/deployments/digits-v1/scale",
+        data=json.dumps({"spec": {"replicas": 5}}).encode(),
+        headers={"Content-Type": "application/json-patch+json"},
+        method="PATCH",
+    )
+    with pytest.raises(urllib.error.HTTPError) as not_a_list:
+        urllib.request.urlopen(request, timeout=10)
+    assert not_a_list.value.code == 400
+    assert json.loads(not_a_list.value.read())["message"] == (
+        "json: cannot unmarshal object into Go value of type jsonpatch.Patch"
+    )
+    apps.patch_namespaced_deployment_scale("digits-v1", "ml", {"spec": {"replicas": 5}}, field_manager="hpa")
+    assert apps.read_namespaced_deployment("digits-v1", "ml").spec.replicas == 5
+
+    with pytest.raises(ApiException) as conflict:
+        apps.patch_namespaced_deployment(
+            "digits-v1", "ml", render_deployment(target, "digits", "1", "img:1", 3), **APPLY
+        )
+    assert conflict.value.status == 409
+    assert json.loads(conflict.value.body)["message"] == (
+        'Apply failed with 1 conflict: conflict with "hpa" with subresource "scale" using apps/v1: .spec.replicas'
+    )
+    apps.patch_namespaced_deployment("digits-v1", "ml", render_deployment(target, "digits", "1", "img:2", 5), **APPLY)
+    apps.patch_namespaced_deployment(
+        "digits-v1", "ml", render_deployment(target, "digits", "1", "img:2", None), **APPLY
+    )
+    assert apps.read_namespaced_deployment("digits-v1", "ml").spec.replicas == 5  # the scale writer's, kept
+    apps.patch_namespaced_deployment(
+        "digits-v1", "ml", render_deployment(target, "digits", "1", "img:2", 2), force=True, **APPLY
+    )
+    assert apps.read_namespaced_deployment("digits-v1", "ml").spec.replicas == 2
+    with pytest.raises(ApiException) as missing:
+        apps.read_namespaced_deployment_scale("digits-v9", "ml")
+    assert missing.value.status == 404

@@ -384,21 +384,41 @@ def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube
             assert ("force" in write["query"]) == ("/deployments/" not in write["path"]), write
 
 
-def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube, monkeypatch, tmp_path):
-    """The fake API server has no autoscaling/v2: the HPA's apply is seen as a request and a 404."""
-    from vision_rollout.mesh import RouterError
+def hpa(kube: FakeKubeAPI, version: str) -> dict:
+    return kube.objects[("horizontalpodautoscalers", "models", f"digits-v{version}")]
 
+
+def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube, monkeypatch, tmp_path):
+    """Each version's HPA applied (force: the rollout's own object), its floor the stage's size;
+    the Deployment's replicas set through its scale subresource, never by the apply."""
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
     take("run-1")
-    with pytest.raises(RouterError, match="apply HorizontalPodAutoscaler digits-v2: 404"):
-        steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, image("2"), "run-1")
-    assert "replicas" not in deployment(kube, "2")["spec"]  # the HPA's field, never claimed
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=10)
+    steps.deploy_candidate({**PARAMS, "mirror_percent": 0}, image("2"), "run-1")
     assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
-    hpa = kube.writes()[-1]
-    assert hpa["path"] == "/apis/autoscaling/v2/namespaces/models/horizontalpodautoscalers/digits-v2"
-    assert hpa["content_type"] == "application/apply-patch+yaml"
-    assert hpa["query"]["fieldManager"] == ["model-rollout"]
-    assert hpa["query"]["force"] == ["True"]  # the rollout's own object, as the Istio ones
+    assert (hpa(kube, "2")["spec"]["minReplicas"], hpa(kube, "2")["spec"]["maxReplicas"]) == (1, 40)
+    assert hpa(kube, "2")["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "digits-v2",
+    }
+    applied = next(
+        w
+        for w in kube.writes()
+        if w["path"] == "/apis/autoscaling/v2/namespaces/models/horizontalpodautoscalers/digits-v2"
+    )
+    assert applied["content_type"] == "application/apply-patch+yaml"
+    assert applied["query"]["fieldManager"] == ["model-rollout"]
+    assert applied["query"]["force"] == ["True"]  # the rollout's own object, as the Istio ones
+    steps.apply_weights({**PARAMS, "mirror_percent": 0}, 1, "run-1", {"decision": "pass"})
+    assert (hpa(kube, "2")["spec"]["minReplicas"], deployment(kube, "2")["spec"]["replicas"]) == (5, 5)
+    owners = {
+        (e["manager"], e.get("subresource"))
+        for e in deployment(kube, "2")["metadata"]["managedFields"]
+        if "f:replicas" in e["fieldsV1"]["f:spec"]
+    }
+    assert owners == {("model-rollout", "scale")}  # the apply never claimed it
 
 
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
