@@ -326,6 +326,10 @@ def render_hpa(
     }
 
 
+# What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
+HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
+
+
 def refused(what: str, exc: Any) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
     apply is a field another manager owns (its ``message`` names the manager and the field)."""
@@ -366,9 +370,12 @@ class VersionDeployments:
         source = self._live(version) or (self._live(like) if like is not None else None)
         return self._apply(version, image, replicas, source)
 
-    def _apply(self, version: str, image: str, replicas: int, source: Any) -> dict[str, Any]:
+    def _apply(
+        self, version: str, image: str, replicas: int, source: Any, autoscaling: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
-        already read, ``with_live_settings``; None: ``render_deployment``'s)."""
+        already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
+        HPA spec to take (``_autoscale``)."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
@@ -396,26 +403,31 @@ class VersionDeployments:
         except ApiException as exc:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
-            self._autoscale(version, replicas, out.spec.replicas or 0)
+            self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
 
-    def _autoscale(self, version: str, replicas: int, live: int) -> None:
+    def _autoscale(self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None) -> None:
         """Under an HPA: its floor is the stage's size (``force``: the rollout made the HPA and
-        is its only writer, as for the Istio objects). An HPA does nothing for a Deployment at 0
+        is its only writer, as for the Istio objects); or, given ``like`` (an HPA's spec), that
+        HPA's bounds, metrics and behavior. An HPA does nothing for a Deployment at 0
         (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
         count is also set through the scale subresource, as ``kubectl scale`` does, when it has
-        to grow from below the floor or go to 0; the HPA owns it from there."""
+        to grow from below ``replicas`` or go to 0; the HPA owns it from there."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
         if replicas > 0:
             top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
+            hpa = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)
+            if like is not None:
+                taken = {k: like[k] for k in HPA_CARRIED if like.get(k) is not None}
+                hpa["spec"] = {**{k: v for k, v in hpa["spec"].items() if k != "metrics"}, **taken}
             try:
                 client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
                     name,
                     self.target.namespace,
-                    render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics),
+                    hpa,
                     field_manager=FIELD_MANAGER,
                     force=True,
                     _content_type="application/apply-patch+yaml",
@@ -429,6 +441,25 @@ class VersionDeployments:
                 )
             except ApiException as exc:
                 raise refused(f"scale Deployment {name}", exc) from None
+
+    def autoscaling(self, version: str) -> dict[str, Any] | None:
+        """The spec of the version's live HPA (``render_hpa``'s name) as the API server gives it;
+        None without autoscaling or without one."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        if not self.build.autoscaling:
+            return None
+        name = self._name(version)
+        try:
+            hpa = client.AutoscalingV2Api(self.api_client).read_namespaced_horizontal_pod_autoscaler(
+                name, self.target.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise refused(f"GET HorizontalPodAutoscaler {name}", exc) from None
+        return dict(self._apps().api_client.sanitize_for_serialization(hpa.spec))
 
     def _live(self, version: str) -> Any:
         """The live Deployment (a V1Deployment), None when there is none."""
@@ -455,13 +486,20 @@ class VersionDeployments:
         live = self._live(version)
         return None if live is None else int(live.spec.replicas or 0)
 
-    def scale(self, version: str, replicas: int) -> bool:
+    def scale(self, version: str, replicas: int, autoscaling_of: str | None = None) -> bool:
         """Re-apply the version's own Deployment (its live image) with ``replicas`` pods; False
-        when it has no Deployment (nothing to scale). One GET: the live Deployment gives both."""
+        when it has no Deployment (nothing to scale). One GET: the live Deployment gives both.
+        ``autoscaling_of``: under autoscaling, the version whose HPA (its bounds, metrics and
+        behavior) this version's HPA takes, as Flagger's primary HPA copies its target's: a
+        promoted candidate keeps the stable version's autoscaling, not a floor at the count
+        that version ran at that moment; ``replicas`` pods are set all the same, for the HPA to
+        scale from. Without that HPA, the stage's floor as ever."""
         live = self._live(version)
         if live is None:
             return False
-        self._apply(version, str(_server_container(live.spec.template.spec.containers).image), replicas, live)
+        like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
+        image = str(_server_container(live.spec.template.spec.containers).image)
+        self._apply(version, image, replicas, live, like)
         return True
 
     def scale_to_zero(self, version: str) -> bool:

@@ -266,9 +266,12 @@ def candidate_size(spec: RolloutSpec, weight: int, deployments: VersionDeploymen
     )
 
 
-def scale_ready(deployments: VersionDeployments, version: str, replicas: int) -> None:
-    """Version ``version`` at ``replicas`` pods, that many ready: before any traffic moves to it."""
-    if not deployments.scale(version, replicas):
+def scale_ready(
+    deployments: VersionDeployments, version: str, replicas: int, autoscaling_of: str | None = None
+) -> None:
+    """Version ``version`` at ``replicas`` pods, that many ready: before any traffic moves to it
+    (under autoscaling, its HPA that of ``autoscaling_of``, when given: ``VersionDeployments.scale``)."""
+    if not deployments.scale(version, replicas, autoscaling_of):
         raise AirflowFailException(f"version {version} has no Deployment {deployments.target.service}-v{version}")
     deployments.wait_ready(version, replicas)
 
@@ -725,7 +728,8 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     if promotion_in_effect(spec, run_id, hook):  # run again once it retired the baseline: sized by nothing now
         return spec.candidate_version
     deployments = hook.deployments(spec.model)
-    scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments))
+    # The stable version's size, and its autoscaling: the candidate takes it over with its traffic.
+    scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments), spec.baseline_version)
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
     router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
     retire(r, deployments, spec.baseline_version)
@@ -765,7 +769,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
-            scale_ready(deployments, spec.baseline_version, size)
+            scale_ready(deployments, spec.baseline_version, size, spec.baseline_version)  # its own HPA kept
         else:
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait

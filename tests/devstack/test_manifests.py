@@ -361,6 +361,7 @@ CALLS = {
         request("DELETE", BUILDS.format("pods/build-digits-2")),
     ],
     "workers+autoscaling": [
+        request("GET", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1")),  # promote: its settings
         request("PATCH", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v2"), APPLY, existed=False),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v2/scale"), "application/strategic-merge-patch+json"),
     ],
@@ -373,10 +374,11 @@ CALLS = {
         request("DELETE", BUILDS.format("pods/build-digits-2")),
     ],
     # The DAG's on_failure_callback (in the DAG processor): a teardown's routes and Lease, a
-    # retired baseline scaled back first; under autoscaling, the baseline's HPA applied (into
-    # being: a retired version has none) and its scale set.
+    # retired baseline scaled back first; under autoscaling, the baseline's HPA read (its settings
+    # kept) and applied (into being, where it has none) and its scale set.
     "dagProcessor": TEARDOWN,
     "dagProcessor+autoscaling": [
+        request("GET", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1")),  # its own, kept
         request("PATCH", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1"), APPLY, existed=False),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v1/scale"), "application/strategic-merge-patch+json"),
     ],

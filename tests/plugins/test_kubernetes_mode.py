@@ -421,6 +421,48 @@ def test_under_an_hpa_the_rollout_moves_its_floor_and_never_writes_replicas(kube
     assert owners == {("model-rollout", "scale")}  # the apply never claimed it
 
 
+def test_a_promoted_candidate_keeps_the_stable_versions_autoscaling(kube, monkeypatch, tmp_path):
+    """The stable version's HPA (its bounds, metrics, behavior: as it was left, edits included)
+    is the promoted candidate's, as Flagger's primary HPA copies its target's. The candidate's HPA
+    had the floor of the count the stable version ran at that moment (12 pods at a peak, for good),
+    and none of the stable one's settings."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40, replicas=2)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
+    behavior = {
+        "scaleDown": {
+            "stabilizationWindowSeconds": 600,
+            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+        }
+    }
+    metrics = [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+    ]
+    kube.touch(
+        "horizontalpodautoscalers",
+        "models",
+        "digits-v1",
+        lambda h: h["spec"].update(maxReplicas=60, behavior=behavior, metrics=metrics),  # tuned by hand
+    )
+    kube.scale("models", "digits-v1", 12, "kube-controller-manager")  # the HPA at a peak
+    steps.deploy_candidate(params, image("2"), "run-1")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    since = len(kube.requests)
+    steps.promote(params, "run-1", "promote")
+    assert routes(kube) == [("v2", 100)]
+    promoted = hpa(kube, "2")["spec"]
+    assert (promoted["minReplicas"], promoted["maxReplicas"]) == (4, 60)
+    assert (promoted["behavior"], promoted["metrics"]) == (behavior, metrics)
+    assert promoted["scaleTargetRef"]["name"] == "digits-v2"
+    assert deployment(kube, "2")["spec"]["replicas"] == 12  # the stable version's pods, before it took 100%
+    done = calls(kube, since)
+    assert done.index(("PATCH", "horizontalpodautoscalers/digits-v2")) < done.index(("PATCH", "virtualservices/digits"))
+    assert deployment(kube, "1")["spec"]["replicas"] == 0
+
+
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
     stable_virtual_service(kube, PARAMS)
     take("run-1")
