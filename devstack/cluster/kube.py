@@ -354,6 +354,12 @@ RESOURCES = {
     "horizontalpodautoscalers": Resource("autoscaling/v2", "HorizontalPodAutoscaler", invalid_hpa, apply=True),
 }
 SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
+# What the real server answers when it cannot serve a request: (reason, message) by status.
+REFUSALS = {
+    429: ("TooManyRequests", "Too many requests, please try again later."),
+    500: ("InternalError", "Internal error occurred: etcdserver: request timed out"),
+    503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+}
 FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
 
@@ -390,8 +396,10 @@ class FakeKubeAPI:
         self.users: dict[str, str] = {}  # bearer token -> user name (kubeconfig issues them)
         self.version = 100
         # The next ``throttle`` requests (of ``throttled_methods``) are refused as API Priority
-        # and Fairness refuses one it has no seat for (a server under load): 429, Retry-After 1.
+        # and Fairness refuses one it has no seat for (a server under load): 429, Retry-After 1;
+        # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a 503).
         self.throttle = 0
+        self.throttle_status = 429
         self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -742,7 +750,7 @@ class FakeKubeAPI:
                     api.throttle -= throttled
                 if throttled:
                     self._body()  # read, not served
-                    raise APIError(429, "TooManyRequests", "Too many requests, please try again later.")
+                    raise APIError(api.throttle_status, *REFUSALS[api.throttle_status])
                 m = PATH_RE.match(url.path)
                 plural = m.group(4) if m else ""
                 if m is None or plural not in RESOURCES or RESOURCES[plural].api_version != (m.group(1) or m.group(2)):

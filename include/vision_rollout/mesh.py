@@ -465,8 +465,8 @@ class IstioRouter:
 
 
 def kube_api_client() -> Any:
-    """The cluster's API client: the in-cluster service account, else the kubeconfig
-    (``KUBECONFIG``, ``~/.kube/config``); RouterError with neither."""
+    """The cluster's API client (``with_retries``): the in-cluster service account, else the
+    kubeconfig (``KUBECONFIG``, ``~/.kube/config``); RouterError with neither."""
     from kubernetes import client, config
 
     try:
@@ -478,7 +478,7 @@ def kube_api_client() -> Any:
             raise RouterError(
                 f"no cluster to reach: no in-cluster service account, and no kubeconfig ({exc})"
             ) from None
-    return client.ApiClient()
+    return with_retries(client.ApiClient())
 
 
 def routes_to(policy: TrafficPolicy, version: str) -> bool:
@@ -551,6 +551,53 @@ def mirror_probes(percent: float, miss: float = 1e-6) -> int:
     if percent == 100:
         return 1
     return math.ceil(math.log(miss) / math.log1p(-percent / 100))
+
+
+# The API server's answers to a request it did not serve (API Priority and Fairness' 429, a 503):
+# sent again whatever the method. Those to one it may have served (a 500 of etcd timing out, a
+# proxy's 502 or 504) are sent again for a read only: the writes here are compare-and-swaps (a
+# resourceVersion, a Lease's holder) or applies that a second send would take for another
+# writer's, and a failed rollback is tried again by the teardown, then the failure callback.
+UNSERVED = frozenset({429, 503})
+MAYBE_SERVED = frozenset({500, 502, 504})
+READS = frozenset({"GET", "HEAD"})
+
+
+def api_retries() -> Any:
+    """The kubernetes client's retry policy (urllib3's ``Retry``): up to 5 sends more, after the
+    Retry-After given, else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
+    ``MAYBE_SERVED`` a read, and any request that never reached the server (no connection).
+    One whose answer did not come (a read timeout) is not sent again."""
+    from urllib3.util.retry import Retry
+
+    class ApiRetry(Retry):
+        def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+            if status_code in MAYBE_SERVED and method.upper() not in READS:
+                return False
+            return super().is_retry(method, status_code, has_retry_after)
+
+    return ApiRetry(
+        total=5,
+        connect=5,
+        read=0,
+        status=5,
+        other=0,
+        allowed_methods=None,  # any method: is_retry decides by status
+        status_forcelist=UNSERVED | MAYBE_SERVED,
+        backoff_factor=0.5,
+        backoff_max=8,
+        raise_on_status=False,  # the last answer raises as the client's ApiException
+        redirect=0,
+    )
+
+
+def with_retries(api_client: Any) -> Any:
+    """``api_client`` (a kubernetes ``ApiClient``) sending its requests with ``api_retries``."""
+    from kubernetes.client.rest import RESTClientObject
+
+    api_client.configuration.retries = api_retries()
+    api_client.rest_client = RESTClientObject(api_client.configuration)  # its connection pools take it when made
+    return api_client
 
 
 def api_message(exc: Any) -> str:

@@ -188,33 +188,14 @@ def _or_fail(read: Callable[[Any], T], arg: Any) -> T:
 
 
 def _kubernetes(conn_id: str) -> Any:
-    """The cluster's API client through the cncf provider's hook. A request the API server did
-    not serve is sent again, up to 5 times, after the Retry-After it gave (else 0.5 s doubling up
-    to 8 s): one refused unread (429 from API Priority and Fairness, 503), whatever its method,
-    and one that never reached it (no connection). One that may have been served (a timeout, a
-    500) is not: the writes here are compare-and-swaps that a second send would take for
-    another writer's (a failed rollback is tried again by the teardown, then the failure
-    callback)."""
+    """The cluster's API client through the cncf provider's hook, sending its requests again
+    when the API server did not serve them, and its reads when it may not have
+    (``mesh.api_retries``)."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-    from kubernetes.client.rest import RESTClientObject
-    from urllib3.util.retry import Retry
 
-    api = KubernetesHook(conn_id=conn_id).api_client
-    api.configuration.retries = Retry(
-        total=5,
-        connect=5,
-        read=0,
-        status=5,
-        other=0,
-        allowed_methods=None,  # any method: what is retried was not served
-        status_forcelist=frozenset({429, 503}),
-        backoff_factor=0.5,
-        backoff_max=8,
-        raise_on_status=False,  # the last answer raises as the client's ApiException
-        redirect=0,
-    )
-    api.rest_client = RESTClientObject(api.configuration)  # its connection pools take it when made
-    return api
+    from vision_rollout.mesh import with_retries
+
+    return with_retries(KubernetesHook(conn_id=conn_id).api_client)
 
 
 class PrometheusHook(BaseHook):

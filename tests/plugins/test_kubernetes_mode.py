@@ -746,6 +746,31 @@ def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
     assert routes(fleet) == [("v1", 100)]
 
 
+def test_a_read_the_api_server_failed_is_sent_again_and_a_write_is_not(fleet):
+    """A 500 (etcd timing out under the API server) on a read failed the rollback at once; a read
+    is now sent again after a backoff. A write that may have been served is not sent again: it
+    fails, and the teardown tries the rollback again."""
+    from vision_rollout.mesh import RouterError
+
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    before = len(fleet.requests)
+    fleet.throttle, fleet.throttle_status, fleet.throttled_methods = 2, 500, frozenset({"GET"})
+    steps.restore_stable(PARAMS, "run-a")
+    failed = [r for r in fleet.requests[before:] if r.get("status") == 500]
+    assert len(failed) == 2
+    assert fleet.requests[before + 2]["path"] == failed[0]["path"]  # the same read, once more
+    assert routes(fleet) == [("v1", 100)]
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    before = len(fleet.requests)
+    fleet.throttle, fleet.throttled_methods = 1, frozenset({"PATCH"})
+    with pytest.raises(RouterError, match="500 Internal Server Error: Internal error occurred"):
+        steps.restore_stable(PARAMS, "run-a")
+    assert [r["status"] for r in fleet.requests[before:] if r["method"] == "PATCH"] == [500]
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+
+
 def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
     from rollout_airflow.operators import ImageBuild
 
