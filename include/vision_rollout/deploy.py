@@ -326,6 +326,8 @@ def render_hpa(
     }
 
 
+# The Deployment's annotation recording the image the rollout deployed (``VersionDeployments.changed``).
+IMAGE_ANNOTATION = "model-rollout/image"
 # What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
 HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
 
@@ -368,14 +370,21 @@ class VersionDeployments:
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
         is reported instead."""
         source = self._live(version) or (self._live(like) if like is not None else None)
-        return self._apply(version, image, replicas, source)
+        return self._apply(version, image, replicas, source, deployed=image)
 
     def _apply(
-        self, version: str, image: str, replicas: int, source: Any, autoscaling: dict[str, Any] | None = None
+        self,
+        version: str,
+        image: str,
+        replicas: int,
+        source: Any,
+        autoscaling: dict[str, Any] | None = None,
+        deployed: str | None = None,
     ) -> dict[str, Any]:
         """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
         already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
-        HPA spec to take (``_autoscale``)."""
+        HPA spec to take (``_autoscale``); ``deployed``: the image the rollout deployed for the
+        version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads)."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
@@ -392,6 +401,8 @@ class VersionDeployments:
         )
         if live is not None:
             body = with_live_settings(body, live)
+        if deployed is not None:
+            body["metadata"]["annotations"] = {IMAGE_ANNOTATION: deployed}
         try:
             out = self._apps().patch_namespaced_deployment(
                 self._name(version),
@@ -499,8 +510,26 @@ class VersionDeployments:
             return False
         like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
         image = str(_server_container(live.spec.template.spec.containers).image)
-        self._apply(version, image, replicas, live, like)
+        deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
+        self._apply(version, image, replicas, live, like, deployed)
         return True
+
+    def changed(self, version: str) -> str | None:
+        """Why the version's pods no longer run what the rollout deployed (its model server's
+        image is not the one ``apply`` recorded: a ``kubectl set image`` meanwhile), None when
+        they do, or when there is no record (a Deployment installed by other means) or no
+        Deployment. What the guards judged would not be what a promotion carries forward."""
+        live = self._live(version)
+        deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION) if live is not None else None
+        if deployed is None:
+            return None
+        running = str(_server_container(live.spec.template.spec.containers).image)
+        if running == deployed:
+            return None
+        return (
+            f"Deployment {self._name(version)} was changed outside the rollout: its model server's image is "
+            f"{running[:300]}, not {deployed[:300]}, the image the rollout built and deployed for version {version}"
+        )
 
     def scale_to_zero(self, version: str) -> bool:
         """False when the version has no Deployment (nothing to scale)."""

@@ -301,6 +301,9 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     r = router(spec, run_id, hook)
     if spec.mesh == "istio":  # both versions ready before any weight moves: no route to missing pods
         deployments = hook.deployments(spec.model)
+        changed = deployments.changed(spec.candidate_version)
+        if changed:
+            raise AirflowFailException(f"{changed}; no more weight moves to it")
         if index == 0:
             baseline_serving(spec, deployments)
             r.reconcile()  # the subsets, before anything (a rollback included) routes to one
@@ -471,7 +474,9 @@ NO_READY_POD_S = 60  # a candidate without a ready pod for this long in a stage 
 
 
 def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
-    """Kubernetes mode, each poke of a stage: the candidate has a ready pod, or gets one within
+    """Kubernetes mode, each poke of a stage: the candidate runs the image the rollout deployed
+    (``VersionDeployments.changed``: not one set by hand since, which no guard judged from the
+    start and a promotion would carry to 100%), and has a ready pod, or gets one within
     ``NO_READY_POD_S`` (a container restarting); else (crash-looping, evicted, its Deployment gone)
     the stable version takes 100% again and the task fails. Envoy answers the candidate's share
     503 then, and no guard sees it: the guards and the log are the model server's, which a
@@ -479,6 +484,10 @@ def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, ho
     from vision_rollout.mesh import RouterError
 
     deployments = hook.deployments(spec.model)
+    changed = deployments.changed(spec.candidate_version)
+    if changed:  # its share is served by what no guard of this run judged from the start
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(f"{changed}. Version {spec.baseline_version} takes 100% again.")
     try:
         deployments.wait_ready(spec.candidate_version, 1, timeout_s=NO_READY_POD_S, every_s=2.0, strict=False)
     except RouterError as exc:
@@ -728,6 +737,9 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     if promotion_in_effect(spec, run_id, hook):  # run again once it retired the baseline: sized by nothing now
         return spec.candidate_version
     deployments = hook.deployments(spec.model)
+    changed = deployments.changed(spec.candidate_version)
+    if changed:  # the evidence is of another image than the one that would take 100%
+        raise AirflowFailException(f"{changed}; version {spec.candidate_version} is not promoted")
     # The stable version's size, and its autoscaling: the candidate takes it over with its traffic.
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments), spec.baseline_version)
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain

@@ -1020,3 +1020,36 @@ def test_a_candidate_left_without_a_ready_pod_mid_stage_is_rolled_back(kube, mon
     with pytest.raises(AirflowFailException, match=r"version 2 has no ready pod.*Version 1 takes 100% again"):
         steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
     assert routes(kube) == [("v1", 100)]
+
+
+def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_promoted(kube):
+    """A ``kubectl set image`` on the candidate mid-rollout: its share went on to be served by an
+    image no guard judged from the start, and scaling re-applied it as the rollout's own, so a
+    promotion carried it to 100%. Each poke of a stage now finds the change and puts the stable
+    version back; no weight moves to it, and it is not promoted."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})  # (scaled: the record kept)
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    hotfix = "registry.example.com/ml/digits-server:hotfix"
+
+    def set_image(obj: dict) -> None:
+        obj["spec"]["template"]["spec"]["containers"][0]["image"] = hotfix
+
+    kube.touch("deployments", "models", "digits-v2", set_image)
+    with pytest.raises(AirflowFailException) as failed:
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert "digits-v2 was changed outside the rollout" in str(failed.value)
+    assert f"image is {hotfix}, not {image('2')}" in str(failed.value)
+    assert str(failed.value).endswith("Version 1 takes 100% again.")
+    assert routes(kube) == [("v1", 100)]
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match=r"changed outside the rollout.*no more weight moves to it"):
+        steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    with pytest.raises(AirflowFailException, match=r"changed outside the rollout.*version 2 is not promoted"):
+        steps.promote(PARAMS, "run-1", "promote")
+    assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
+    assert routes(kube) == [("v1", 100)]
+    steps.restore_stable(PARAMS, "run-1")  # the teardown's rollback retires it all the same
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
