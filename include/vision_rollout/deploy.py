@@ -514,6 +514,21 @@ class VersionDeployments:
         self._apply(version, image, replicas, live, like, deployed)
         return True
 
+    def replicas_owners(self, version: str) -> list[str]:
+        """The field managers besides the rollout's apply that own the version's ``spec.replicas``
+        (its live managedFields): an HPA (``kube-controller-manager``, through the scale
+        subresource), a ``kubectl scale``, a client-side ``kubectl apply``. Without autoscaling
+        the rollout's apply of another count is refused (409) while they do. [] without a
+        Deployment."""
+        live = self._live(version)
+        owners = []
+        for entry in (live.metadata.managed_fields or []) if live is not None else []:
+            if (entry.manager, entry.operation) == (FIELD_MANAGER, "Apply"):
+                continue
+            if "f:replicas" in ((entry.fields_v1 or {}).get("f:spec") or {}):
+                owners.append(f"{entry.manager}" + (f" ({entry.subresource})" if entry.subresource else ""))
+        return owners
+
     def changed(self, version: str) -> str | None:
         """Why the version's pods no longer run what the rollout deployed (its model server's
         image is not the one ``apply`` recorded: a ``kubectl set image`` meanwhile), None when

@@ -246,11 +246,32 @@ def deploy_candidate(params: dict[str, Any], image: str | None, run_id: str) -> 
                 f"{owner!r}, not {spec.model!r}: give each model its own target ({{model}} in the istio "
                 f"section, or models.{spec.model}.istio)"
             )
+    retirable(spec, deployments)
     # Never fewer pods than it runs: run again mid-rollout (cleared), it serves a later stage's share.
     replicas = max(candidate_size(spec, spec.stages[0], deployments), deployments.replicas(spec.candidate_version) or 0)
     deployments.apply(spec.candidate_version, image, replicas, like=spec.baseline_version)
     deployments.wait_ready(spec.candidate_version, replicas)
     return f"{deployments.target.service}-v{spec.candidate_version}"
+
+
+def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
+    """Without autoscaling, nobody but the rollout owns the baseline's ``spec.replicas``
+    (``VersionDeployments.replicas_owners``): else its promotion would route all of the
+    traffic to the candidate, then be refused scaling the baseline to 0 (409) and be rolled
+    back, after every stage; and an HPA of the platform's would be left on the retired version,
+    the promoted one not autoscaled. Checked before the candidate is deployed, and before a
+    promotion moves anything."""
+    if deployments.build.autoscaling:
+        return
+    owners = deployments.replicas_owners(spec.baseline_version)
+    if owners:
+        raise AirflowFailException(
+            f"spec.replicas of Deployment {deployments.target.namespace}/{deployments.target.service}-v"
+            f"{spec.baseline_version} is also managed by {', '.join(owners)[:300]} (an HPA, kubectl scale, a "
+            "client-side kubectl apply): the rollout could not retire it once promoted. Under an HPA of your own, "
+            "set the model_server_default extra build.autoscaling (the rollout then makes an HPA per version); "
+            "else give the field back (kubectl apply --server-side --field-manager=model-rollout --force-conflicts)"
+        )
 
 
 def baseline_size(spec: RolloutSpec, deployments: VersionDeployments) -> int:
@@ -740,6 +761,7 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     changed = deployments.changed(spec.candidate_version)
     if changed:  # the evidence is of another image than the one that would take 100%
         raise AirflowFailException(f"{changed}; version {spec.candidate_version} is not promoted")
+    retirable(spec, deployments)
     # The stable version's size, and its autoscaling: the candidate takes it over with its traffic.
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments), spec.baseline_version)
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain

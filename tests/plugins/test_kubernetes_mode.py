@@ -1053,3 +1053,33 @@ def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_prom
     assert routes(kube) == [("v1", 100)]
     steps.restore_stable(PARAMS, "run-1")  # the teardown's rollback retires it all the same
     assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_promoted_away(kube):
+    """Without build.autoscaling, an HPA of the platform's on the stable version (or a kubectl
+    scale): the rollout went through every stage, routed 100% to the candidate, was refused
+    scaling the baseline to 0 (409) and rolled back. It is now refused before the candidate is
+    deployed, and before a promotion moves anything, naming the owner and what to do."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=4)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the platform's HPA at work
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException) as refused:
+        steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    assert "digits-v1 is also managed by kube-controller-manager (scale)" in str(refused.value)
+    assert "build.autoscaling" in str(refused.value)
+    assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
+    live = deployment(kube, "1")  # the field given back, as the message says (a forced apply)
+    meta = {k: live["metadata"][k] for k in ("name", "namespace", "labels")}
+    body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {**live["spec"], "replicas": 4}}
+    kube.apply("deployments", "models", "digits-v1", body, "model-rollout", force=True)
+    # Scaled by hand while the rollout ran: its promotion moves nothing.
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.scale("models", "digits-v1", 8, "kubectl")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException, match=r"digits-v1 is also managed by kubectl \(scale\)"):
+        steps.promote(PARAMS, "run-1", "promote")
+    assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
