@@ -561,25 +561,30 @@ def mirror_probes(percent: float, miss: float = 1e-6) -> int:
 UNSERVED = frozenset({429, 503})
 MAYBE_SERVED = frozenset({500, 502, 504})
 READS = frozenset({"GET", "HEAD"})
+# Each call's time limit (connect, read) where the caller sets none: the kubernetes client sends
+# none of its own, and a connection the API server accepted and never answered (a hung server,
+# a half-open connection) blocked the task, its teardown too, for good.
+API_TIMEOUT_S = (10.0, 60.0)
 
 
 def api_retries() -> Any:
     """The kubernetes client's retry policy (urllib3's ``Retry``): up to 5 sends more, after the
     Retry-After given, else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
-    ``MAYBE_SERVED`` a read, and any request that never reached the server (no connection).
-    One whose answer did not come (a read timeout) is not sent again."""
+    ``MAYBE_SERVED`` or a read timeout (``API_TIMEOUT_S``) a read (twice at most for a
+    timeout), and any request that never reached the server (no connection)."""
     from urllib3.util.retry import Retry
 
     class ApiRetry(Retry):
+        def _is_method_retryable(self, method: str) -> bool:  # (urllib3 asks it of a read timeout)
+            return method.upper() in READS
+
         def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
-            if status_code in MAYBE_SERVED and method.upper() not in READS:
-                return False
-            return super().is_retry(method, status_code, has_retry_after)
+            return status_code in UNSERVED or (status_code in MAYBE_SERVED and method.upper() in READS)
 
     return ApiRetry(
         total=5,
         connect=5,
-        read=0,
+        read=2,
         status=5,
         other=0,
         allowed_methods=None,  # any method: is_retry decides by status
@@ -592,11 +597,16 @@ def api_retries() -> Any:
 
 
 def with_retries(api_client: Any) -> Any:
-    """``api_client`` (a kubernetes ``ApiClient``) sending its requests with ``api_retries``."""
+    """``api_client`` (a kubernetes ``ApiClient``) sending its requests with ``api_retries``, each
+    within ``API_TIMEOUT_S`` unless its call says otherwise."""
     from kubernetes.client.rest import RESTClientObject
 
+    class TimedRESTClient(RESTClientObject):
+        def request(self, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+            return super().request(*args, _request_timeout=_request_timeout or API_TIMEOUT_S, **kwargs)
+
     api_client.configuration.retries = api_retries()
-    api_client.rest_client = RESTClientObject(api_client.configuration)  # its connection pools take it when made
+    api_client.rest_client = TimedRESTClient(api_client.configuration)  # its connection pools take it when made
     return api_client
 
 

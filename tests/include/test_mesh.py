@@ -422,3 +422,47 @@ def test_a_header_route_without_a_name_reads_back_as_an_unnamed_rule():
     assert policy.to_dict()["rules"] == [
         {"match": {"headers": {"x-tenant": {"exact": "acme"}}}, "route": [{"version": "2", "weight": 100}]}
     ]
+
+
+def test_an_api_server_that_never_answers_fails_the_call_in_bounded_time(monkeypatch):
+    """A connection the API server accepted and never answered (a hung server, a half-open
+    connection) blocked the call for good: the kubernetes client sends no timeout of its own, so
+    the task, its teardown too, hung with the routes mid-rollout. Each call now has one; a read
+    that timed out is sent again (twice), a write is not: it may have been served."""
+    import socket
+    import threading
+    import time
+
+    from urllib3.exceptions import MaxRetryError, ReadTimeoutError
+
+    from vision_rollout import mesh
+
+    monkeypatch.setattr(mesh, "API_TIMEOUT_S", (1.0, 0.3))
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    config = client.Configuration()
+    config.host = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    apps = client.AppsV1Api(mesh.with_retries(client.ApiClient(config)))
+    try:
+        started = time.monotonic()
+        with pytest.raises(MaxRetryError) as timed_out:
+            apps.read_namespaced_deployment("digits-v1", "models")
+        assert isinstance(timed_out.value.reason, ReadTimeoutError)
+        assert len(accepted) == 3  # the read, and twice more
+        with pytest.raises(ReadTimeoutError):
+            apps.patch_namespaced_deployment("digits-v1", "models", {}, field_manager="model-rollout")
+        assert len(accepted) == 4  # the write once
+        assert time.monotonic() - started < 20
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
