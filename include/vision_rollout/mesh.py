@@ -155,6 +155,9 @@ def subset(version: str) -> str:
     return f"v{version}"
 
 
+VERSION_SUBSET = re.compile(r"v[1-9][0-9]*")  # a version's subset name (``subset``): the rollout's
+
+
 def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
     """Requests that name version N (``X-Model-Version: N``, or a ``/versions/N`` path, as the
     replay, the probes and clients' overrides do) go to subset vN, by a route named
@@ -411,13 +414,20 @@ class IstioRouter:
 
     def reconcile(self) -> None:
         """The DestinationRule with a subset for every version (and what the platform set beside
-        them, ``with_platform_subsets``), the VirtualService there."""
+        them, ``with_platform_subsets``), the VirtualService there. A version's subset
+        (``VERSION_SUBSET``) the run does not route to is dropped; the platform's own subsets
+        (another VirtualService may route to them) are kept after the versions'."""
         if self._get("virtualservices") is None:
             raise RouterError(self._missing("VirtualService"))
         live = self._get("destinationrules")
         if live is None:
             raise RouterError(self._missing("DestinationRule"))
         body = render_destination_rule(self.target, self.versions)
+        body["spec"]["subsets"] += [
+            s
+            for s in (live.get("spec") or {}).get("subsets") or []
+            if isinstance(s, dict) and not VERSION_SUBSET.fullmatch(str(s.get("name")))
+        ]
         body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
         self._apply(body, "destinationrules")
 

@@ -466,3 +466,25 @@ def test_an_api_server_that_never_answers_fails_the_call_in_bounded_time(monkeyp
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):
+    """A DestinationRule subset the platform defined beside the versions' (another VirtualService
+    routes to it: pods labelled track=debug, say) was dropped at every first stage, and what
+    routed to it was answered 503 by Envoy. Only a version's subset the run does not route to
+    is dropped."""
+    fake, api = kube
+    original = render_destination_rule(TARGET, ["1", "7"])
+    original["spec"]["subsets"].append({"name": "debug", "labels": {"track": "debug"}})
+    fake.objects[("destinationrules", "models", "digits")] = {
+        **original,
+        "metadata": {**original["metadata"], "resourceVersion": "7"},
+    }
+    IstioRouter(TARGET, ["1", "2"], api_client=api).reconcile()
+    live = fake.objects[("destinationrules", "models", "digits")]
+    assert [(s["name"], s["labels"]) for s in live["spec"]["subsets"]] == [
+        ("v1", {"version": "1"}),
+        ("v2", {"version": "2"}),
+        ("debug", {"track": "debug"}),
+    ]
+    validate_istio(live)
