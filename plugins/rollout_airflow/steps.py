@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
-from vision_rollout.deploy import candidate_replicas
+from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
 from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy
 from vision_rollout.settings import BuildSettings, SettingsError
 from vision_rollout.spec import RolloutSpec, SpecError
@@ -777,7 +777,10 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
     the baseline's pods first (scaled back and all ready when a cut-short promotion retired it;
     else one ready pod is enough: it serves already, and a rollback must not wait on a pod that
-    will not start), then 100% to it, then the candidate drained and scaled to 0 (``retire``)."""
+    will not start; under autoscaling, whose HPA shrank it while the candidate took a share, it
+    is also scaled to the pods serving now, both versions', for them to start while it takes
+    the traffic back, ahead of its HPA), then 100% to it, then the candidate drained and scaled
+    to 0 (``retire``)."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -805,6 +808,9 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
             scale_ready(deployments, spec.baseline_version, size, spec.baseline_version)  # its own HPA kept
         else:
+            if deployments.build.autoscaling:  # its HPA shrank it while the candidate took a share
+                size = min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
+                deployments.scale(spec.baseline_version, size, spec.baseline_version)  # (not waited for)
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())

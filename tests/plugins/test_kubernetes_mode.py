@@ -1083,3 +1083,30 @@ def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_
         steps.promote(PARAMS, "run-1", "promote")
     assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
     assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_takes_the_traffic(
+    kube, monkeypatch, tmp_path
+):
+    """The stable version's HPA shrank it as the candidate took half of the traffic (10 pods to
+    5); a rollback sent all of the traffic back to its 5 pods, until its HPA saw the load.
+    It is now scaled to the pods serving now (both versions') before the routes move back."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    steps.deploy_candidate(params, image("2"), "run-1")
+    for index in range(2):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    assert deployment(kube, "2")["spec"]["replicas"] == 5
+    kube.scale("models", "digits-v1", 5, "kube-controller-manager")  # half of the traffic, half of the pods
+    since = len(kube.requests)
+    steps.restore_stable(params, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 10
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2  # its own floor kept
+    done = calls(kube, since)
+    assert done.index(("PATCH", "digits-v1/scale")) < done.index(("PATCH", "virtualservices/digits"))
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
