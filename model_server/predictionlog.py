@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -729,7 +729,7 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class _FileResult:
+class FileRead:
     path: str
     table: pa.Table | None
     reason: str | None = None
@@ -971,7 +971,7 @@ def _read_one(
     end: datetime,
     roles: Sequence[str] | None,
     written: bool = False,
-) -> _FileResult:
+) -> FileRead:
     # Every string column is read as a dictionary (each value once) and decoded only when what
     # it decodes to fits: a file's repeats are not a reader's memory.
     strings = [c for c in columns if SCHEMA.field(c).type == pa.string()]
@@ -988,21 +988,21 @@ def _read_one(
                 if got is not None and pa.types.is_dictionary(got):
                     got = got.value_type
                 if got is None or not got.equals(SCHEMA.field(name).type):
-                    return _FileResult(path, None, f"wrong schema: column {name} is {got or 'missing'}")
+                    return FileRead(path, None, f"wrong schema: column {name} is {got or 'missing'}")
             size = _stored_bytes(footer[:-8], metadata.num_rows, columns)
             if size > MAX_READ_BYTES:
-                return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
+                return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
             table = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings).read(columns=columns)
         plain = [c for c in strings if c not in _CATEGORICAL and pa.types.is_dictionary(table[c].type)]
         if size + sum(_string_bytes(table[c]) for c in plain) > MAX_READ_BYTES:
-            return _FileResult(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
+            return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
         for name in plain:
             table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
         # As every file's table is (a field another writer declared not null, its metadata):
         # the tables of a read are concatenated, which refuses two schemas.
         table = table.cast(pa.schema([_read_field(c) for c in columns]))
     except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
-        return _FileResult(path, None, f"unreadable: {exc}")
+        return FileRead(path, None, f"unreadable: {exc}")
     n = table.num_rows
     valid = pc.is_valid(table["time"])
     for name in ("model", "request_id", "item", "role"):
@@ -1026,7 +1026,7 @@ def _read_one(
     if written:
         stamp = pa.scalar(_written_at(path.rsplit("/", 1)[-1]), WRITTEN_TYPE)
         table = table.append_column("written", pa.repeat(stamp, table.num_rows))
-    return _FileResult(path, table, malformed=malformed)
+    return FileRead(path, table, malformed=malformed)
 
 
 def _read_field(name: str) -> pa.Field:
@@ -1064,12 +1064,51 @@ def read(
     ``written`` holds the second each record's file was written, by its name (NaT for a name
     without it): when the record could first be read.
     """
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be timezone-aware datetimes")
+    schema, paths, results = read_files(uri, start, end, model, columns, roles, threads, written)
+    tables, reasons, malformed = [], {}, 0
+    for r in results:
+        if r.table is None:
+            reasons[r.path] = r.reason or ""
+            continue
+        malformed += r.malformed
+        if r.table.num_rows:
+            tables.append(r.table)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    del tables, results
+    return to_frame(table, reasons, malformed, len(paths) - len(reasons), str(uri))
+
+
+def read_schema(
+    columns: Sequence[str] | None = None, roles: Iterable[str] | None = None, written: bool = False
+) -> pa.Schema:
+    """The schema of the tables ``read_files`` returns for these arguments."""
     wanted = list(SCHEMA.names) if columns is None else list(dict.fromkeys(["time", *columns]))
     unknown = sorted(set(wanted) - set(SCHEMA.names))
     if unknown:
         raise ValueError(f"unknown prediction log column(s) {unknown}; the columns are {SCHEMA.names}")
+    return pa.schema([_read_field(n) for n in wanted] + ([pa.field("written", WRITTEN_TYPE)] if written else []))
+
+
+def read_files(
+    uri: str | Path,
+    start: datetime,
+    end: datetime,
+    model: str | None = None,
+    columns: Sequence[str] | None = None,
+    roles: Iterable[str] | None = None,
+    threads: int = 8,
+    written: bool = False,
+    done: Container[str] = (),
+    listed_until: datetime | None = None,
+) -> tuple[pa.Schema, list[str], list[FileRead]]:
+    """``read``'s files one by one: (the tables' schema, every file listed, sorted, and what each
+    file not in ``done`` gave, in that order: its records of the range as a table of that schema,
+    or why it was skipped). The hour folders are listed up to ``listed_until`` (``end`` when
+    None), the records kept up to ``end``."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware datetimes")
+    schema = read_schema(columns, roles, written)
+    wanted = [n for n in schema.names if n != "written"]
     role_list = None if roles is None else list(roles)
     read_cols = wanted + (["role"] if role_list is not None and "role" not in wanted else [])
     fs, root = filesystem(uri)
@@ -1081,8 +1120,9 @@ def read(
             for info in _list(fs, root)
             if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
         )
+    until = end if listed_until is None else listed_until
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, end, pool)]
+        folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]
         listings = list(pool.map(lambda p: _list(fs, p), folders))
         paths = sorted(
             info.path
@@ -1093,23 +1133,25 @@ def read(
             and info.base_name.endswith(".parquet")
             and not _written_before(info.base_name, start)
         )
-        results = list(pool.map(lambda p: _read_one(fs, p, read_cols, start, end, role_list, written), paths))
-    tables, reasons, malformed = [], {}, 0
+        results = list(
+            pool.map(
+                lambda p: _read_one(fs, p, read_cols, start, end, role_list, written),
+                [p for p in paths if p not in done],
+            )
+        )
     for r in results:
         if r.table is None:
-            reasons[r.path] = r.reason
             log.warning("prediction log file %s skipped: %s", r.path, r.reason)
-            continue
-        malformed += r.malformed
-        if r.table.num_rows:
-            tables.append(r.table)
+        else:
+            r.table = r.table.select(schema.names)
+    return schema, paths, results
+
+
+def to_frame(table: pa.Table, reasons: dict[str, str], malformed: int, files_read: int, uri: str) -> pd.DataFrame:
+    """``read``'s frame of a table of records (the tables ``read_files`` returns, concatenated)
+    and its counts (``df.attrs``)."""
     if malformed:
         log.warning("%d malformed prediction log records skipped under %s", malformed, uri)
-    schema = pa.schema([_read_field(n) for n in read_cols] + ([pa.field("written", WRITTEN_TYPE)] if written else []))
-    table = (pa.concat_tables(tables) if tables else schema.empty_table()).select(
-        wanted + (["written"] if written else [])
-    )
-    del tables, results
     # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
     df = table.to_pandas(types_mapper=_arrow_lists, self_destruct=True, split_blocks=True)
     del table
@@ -1117,7 +1159,7 @@ def read(
         skipped_files=len(reasons),
         skipped_file_reasons=reasons,
         skipped_records=malformed,
-        files_read=len(paths) - len(reasons),
+        files_read=files_read,
     )
     return df
 

@@ -29,13 +29,16 @@ SIGTERM), after the stable version is put back. Errors go to stderr in one line,
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import traceback
 import uuid
@@ -596,6 +599,7 @@ def _run(
     """``cmd_run`` once its start checks passed, the model held and signals caught."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
+    from vision_rollout.folders import Folder
     from vision_rollout.locks import Aborted
     from vision_rollout.notify import (
         Message,
@@ -608,7 +612,13 @@ def _run(
 
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
-    judge = StageJudge(spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels)
+    # The stages' reads kept between pokes on this machine's disk (one process pokes them all),
+    # gone with the process.
+    cache = Folder(tempfile.mkdtemp(prefix="rolloutctl-logcache-"))
+    atexit.register(shutil.rmtree, str(cache), True)
+    judge = StageJudge(
+        spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels, cache=cache
+    )
 
     said: dict[int, str] = {}  # stage -> its last state, for the lease's note
 

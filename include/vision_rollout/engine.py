@@ -678,6 +678,7 @@ class StageJudge:
     settle_s: float = SETTLE_S
     replay_limit: int | None = None  # images per round (None: the whole validation set)
     _labels: dict[str, int] | None = None
+    cache: Folder | None = None  # where the stage's reads are kept between pokes (logcache)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -703,15 +704,12 @@ class StageJudge:
         from datetime import UTC, datetime
 
         from model_server.predictionlog import GATE_COLUMNS, read
+        from vision_rollout.logcache import stage_records
 
-        return read(
-            self.prediction_log,
-            datetime.fromtimestamp(window.started, UTC),
-            datetime.fromtimestamp(now + 1, UTC),
-            model=self.spec.model,
-            columns=GATE_COLUMNS,
-            written=True,
-        )
+        start, end = datetime.fromtimestamp(window.started, UTC), datetime.fromtimestamp(now + 1, UTC)
+        if self.cache is not None:
+            return stage_records(self.cache, self.prediction_log, start, end, self.spec.model, GATE_COLUMNS)
+        return read(self.prediction_log, start, end, model=self.spec.model, columns=GATE_COLUMNS, written=True)
 
     def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:
         """No replay round of this stage in the last look interval (the log says so, not memory:
@@ -750,6 +748,14 @@ class StageJudge:
         )
         if not state.done and listed and self.replay_due(records, window, now):
             self.replay_round()
+        if state.done and self.cache is not None:
+            from datetime import UTC, datetime
+
+            from model_server.predictionlog import GATE_COLUMNS
+            from vision_rollout.logcache import forget
+
+            start = datetime.fromtimestamp(window.started, UTC)
+            forget(self.cache, self.prediction_log, start, self.spec.model, GATE_COLUMNS)
         return state
 
 

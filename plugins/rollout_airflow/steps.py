@@ -488,7 +488,14 @@ def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource 
 
     settings = hook.settings
     address = settings.serving_url(spec.model, spec.mesh).split("://", 1)[-1]  # host:port, as tritonclient takes it
-    return StageJudge(spec, address, settings.validation(spec.model), settings.prediction_log, source)
+    return StageJudge(
+        spec,
+        address,
+        settings.validation(spec.model),
+        settings.prediction_log,
+        source,
+        cache=settings.run_folder / ".logcache",  # the stages' reads, kept between pokes on any worker
+    )
 
 
 NO_READY_POD_S = 60  # a candidate without a ready pod for this long in a stage is rolled back

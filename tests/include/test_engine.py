@@ -799,3 +799,166 @@ def test_a_log_that_cannot_be_listed_holds_the_stage_and_sends_no_replay(tmp_pat
     assert "SLOW_DOWN" in held.reason
     assert "region" not in held.reason
     assert judge(WINDOW, T0 + s.max_stage_seconds).status == "undecided"
+
+
+def cached_judges(tmp_path, monkeypatch):
+    """Two judges of one log: one reading it whole each poke, one through a stage cache."""
+    from vision_rollout.engine import StageJudge
+    from vision_rollout.folders import Folder
+
+    s = spec(min_samples=50)
+    full = StageJudge(s, "127.0.0.1:1", tmp_path, str(tmp_path / "log"), _labels=IMAGES)
+    cached = StageJudge(
+        s, "127.0.0.1:1", tmp_path, str(tmp_path / "log"), _labels=IMAGES, cache=Folder(str(tmp_path / "run"))
+    )
+    for judge in (full, cached):
+        monkeypatch.setattr(judge, "replay_round", lambda: None)
+    return full, cached
+
+
+def writers(tmp_path, *replicas: str):
+    import base64
+    import json
+    import os
+
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import PredictionLog
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    masker = Masker(KeyRing(keys), [])
+    return [PredictionLog(tmp_path / "log", masker, replica=r, compression=None) for r in replicas]
+
+
+def traffic(t0: float, second: float, errors: str = "") -> list:
+    """2 s of both versions' requests from ``second``; the canary failing them with ``errors``."""
+    return [
+        inference(t0 + second + j * 0.1, v, f"{v}-{second}-{j}", 5.0 + j % 3, errors if v == "2" and errors else "ok")
+        for j in range(20)
+        for v in ("1", "2")
+    ]
+
+
+def same_poke(full, cached, window, now: float) -> pd.DataFrame:
+    """A poke through the cache reads the records a whole read does, and judges them alike."""
+    whole, through = full.records(window, now), cached.records(window, now)
+    pd.testing.assert_frame_equal(through, whole)
+    assert {k: through.attrs[k] for k in whole.attrs} == whole.attrs
+    a, b = full(window, now), cached(window, now)
+    assert (a.status, a.look, a.reason, a.served) == (b.status, b.look, b.reason, b.served)
+    assert (a.verdict and a.verdict.to_dict()) == (b.verdict and b.verdict.to_dict())
+    return through
+
+
+def test_a_stage_read_through_its_cache_judges_every_poke_as_a_whole_read(tmp_path, monkeypatch):
+    """Each poke of a stage read every log file since the stage began (an hour of 10 pods: 18,000
+    files a poke). Through the stage's cache in the run folder, a poke reads only the files
+    written since the last, with the same records and verdicts: late files, records after the
+    poke's end in a file already read, a file that cannot be read (held every poke)."""
+    import time
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    pod_a, pod_b = writers(tmp_path, "pod-m", "pod-b")  # (pod b's files listed first)
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    for second in range(0, 40, 2):
+        flush_at(pod_a, traffic(t0, second), t0 + second + 2)
+    first = same_poke(full, cached, window, t0 + 45)
+    assert first.attrs["files_opened"] == 20
+    flush_at(pod_a, traffic(t0, 40) + traffic(t0, 50), t0 + 52)
+    flush_at(pod_a, traffic(t0, 60), t0 + 48)  # a clock ahead: records after this poke's end
+    assert same_poke(full, cached, window, t0 + 55).attrs["files_opened"] == 2
+    flush_at(pod_b, traffic(t0, 30, "BACKEND"), t0 + 70)  # late: a later look's evidence
+    again = same_poke(full, cached, window, t0 + 75)
+    assert again.attrs["files_opened"] == 1  # only the file written since
+    assert len(list((tmp_path / "run").iterdir())) == 1
+    bad = next((tmp_path / "log").rglob("part-*.parquet")).with_name("part-pod-c-1.parquet")
+    bad.write_bytes(b"PAR1 cut short\n")
+    for now in (t0 + 78, t0 + 80):
+        held = same_poke(full, cached, window, now)
+        assert held.attrs["files_opened"] == 1  # tried again each poke, never covered
+        assert str(bad) in held.attrs["skipped_file_reasons"]
+    bad.unlink()
+    for second in range(70, 90, 2):
+        flush_at(pod_a, traffic(t0, second), t0 + second + 2)
+    ended = same_poke(full, cached, window, t0 + 95)
+    assert ended.attrs["files_opened"] == 10
+    state = cached(window, t0 + 95)
+    assert (state.status, state.look) == ("fail", 4), state.reason  # the late file's errors, at their look
+    assert not list((tmp_path / "run").iterdir())  # the stage's cache gone with its end
+
+
+def test_a_torn_or_foreign_cache_is_read_as_none(tmp_path, monkeypatch):
+    import time
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    (pod,) = writers(tmp_path, "pod-a")
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    for second in range(0, 20, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    same_poke(full, cached, window, t0 + 25)
+    (cache,) = (tmp_path / "run").iterdir()
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2])  # a write cut short
+    assert same_poke(full, cached, window, t0 + 25).attrs["files_opened"] == 10
+    assert same_poke(full, cached, window, t0 + 26).attrs["files_opened"] == 0  # written whole again
+    other = StageWindow(0, 50, t0 + 10)  # another stage's cache under this one's name
+    same_poke(full, cached, other, t0 + 25)
+    (cache, theirs) = sorted((tmp_path / "run").iterdir(), key=lambda p: p.name)
+    cache.write_bytes(theirs.read_bytes())
+    assert same_poke(full, cached, window, t0 + 27).attrs["files_opened"] == 10
+
+
+def test_two_pokes_at_once_lose_no_record_and_count_none_twice(tmp_path, monkeypatch):
+    """Two pokes of a stage at once (a retried task) each read the cache, then each write it: the
+    last write stays, the files only the other read are read again by the next poke."""
+    import time
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    (pod,) = writers(tmp_path, "pod-a")
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    for second in range(0, 20, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    same_poke(full, cached, window, t0 + 25)
+    (cache,) = (tmp_path / "run").iterdir()
+    both_read = cache.read_bytes()
+    for second in range(20, 30, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    assert same_poke(full, cached, window, t0 + 35).attrs["files_opened"] == 5  # poke A
+    a_wrote = cache.read_bytes()
+    for second in range(30, 40, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    cache.write_bytes(both_read)
+    assert same_poke(full, cached, window, t0 + 45).attrs["files_opened"] == 10  # poke B, from the cache A read
+    cache.write_bytes(a_wrote)  # A's write last
+    assert same_poke(full, cached, window, t0 + 46).attrs["files_opened"] == 5
+    assert same_poke(full, cached, window, t0 + 47).attrs["files_opened"] == 0
+
+
+def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
+    import time
+
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    now = int(time.time())
+    for k in range(40):
+        (caches / f"{now - k}-{k:024x}.parquet").write_bytes(b"x")
+    (caches / f"{now - logcache.MAX_AGE_S - 10}-old.parquet").write_bytes(b"x")
+    logcache._prune(Folder(str(caches)), f"{now}-{0:024x}.parquet")
+    left = sorted(p.name for p in caches.iterdir())
+    assert len(left) == logcache.MAX_CACHES
+    assert f"{now - 31}-{31:024x}.parquet" in left
+    assert f"{now - 32}-{32:024x}.parquet" not in left
+    monkeypatch.setattr(logcache, "MAX_BYTES", 100)
+    t0 = time.time() - 1000
+    (tmp_path / "small").mkdir()
+    (pod,) = writers(tmp_path / "small", "pod-a")
+    flush_at(pod, traffic(t0, 0), t0 + 2)
+    full, cached = cached_judges(tmp_path / "small", monkeypatch)
+    assert same_poke(full, cached, StageWindow(0, 50, t0), t0 + 5).attrs["files_opened"] == 1
+    assert not (tmp_path / "small" / "run").exists()  # over MAX_BYTES: not written
