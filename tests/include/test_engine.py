@@ -801,16 +801,15 @@ def test_a_log_that_cannot_be_listed_holds_the_stage_and_sends_no_replay(tmp_pat
     assert judge(WINDOW, T0 + s.max_stage_seconds).status == "undecided"
 
 
-def cached_judges(tmp_path, monkeypatch):
+def cached_judges(tmp_path, monkeypatch, run: str | None = None):
     """Two judges of one log: one reading it whole each poke, one through a stage cache."""
     from vision_rollout.engine import StageJudge
     from vision_rollout.folders import Folder
 
     s = spec(min_samples=50)
     full = StageJudge(s, "127.0.0.1:1", tmp_path, str(tmp_path / "log"), _labels=IMAGES)
-    cached = StageJudge(
-        s, "127.0.0.1:1", tmp_path, str(tmp_path / "log"), _labels=IMAGES, cache=Folder(str(tmp_path / "run"))
-    )
+    cache = Folder(run or str(tmp_path / "run"))
+    cached = StageJudge(s, "127.0.0.1:1", tmp_path, str(tmp_path / "log"), _labels=IMAGES, cache=cache)
     for judge in (full, cached):
         monkeypatch.setattr(judge, "replay_round", lambda: None)
     return full, cached
@@ -935,6 +934,27 @@ def test_two_pokes_at_once_lose_no_record_and_count_none_twice(tmp_path, monkeyp
     cache.write_bytes(a_wrote)  # A's write last
     assert same_poke(full, cached, window, t0 + 46).attrs["files_opened"] == 5
     assert same_poke(full, cached, window, t0 + 47).attrs["files_opened"] == 0
+
+
+def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, monkeypatch, s3):
+    """In kubernetes mode the run folder is an object store: each poke on another pod."""
+    import time
+
+    from vision_rollout.folders import Folder
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    (pod,) = writers(tmp_path, "pod-a")
+    run = s3.uri()
+    full, cached = cached_judges(tmp_path, monkeypatch, run)
+    for second in range(0, 20, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    assert same_poke(full, cached, window, t0 + 25).attrs["files_opened"] == 10
+    flush_at(pod, traffic(t0, 20, "BACKEND"), t0 + 22)
+    assert same_poke(full, cached, window, t0 + 26).attrs["files_opened"] == 1
+    assert len(Folder(run).names()) == 1
+    assert cached(window, t0 + 45).status == "fail"
+    assert Folder(run).names() == []
 
 
 def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
