@@ -123,7 +123,8 @@ def stage_samples(
     before ``until`` (``available``).
 
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
-    label or an answer), pair_id (the image's sha256 for the replay), time (unix seconds: when it is evidence).
+    label or an answer), pair_id (the image's sha256 for the replay), cluster (a live row's
+    request id: its items are one unit of evidence), time (unix seconds: when it is evidence).
 
     A record of a batch request is a row per item, each with the request's latency and outcome:
     the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
@@ -158,6 +159,7 @@ def stage_samples(
     # pinned to one arm, answered 400 in microseconds, made it look faster).
     answered = chosen["outcome"].isin(["ok", "CANCELED"])
     request = chosen["item"] == 0  # the row that stands for its request
+    request_id = chosen["request_id"].astype(object)
     return pd.DataFrame(
         {
             "arm": chosen["version"].map(arms),
@@ -169,6 +171,8 @@ def stage_samples(
             # client's (INVALID_INPUT) has no top-1, and was read as a wrong answer.
             "correct": (chosen["top1"] == truth).astype(float).where(truth.notna() & (chosen["outcome"] == "ok")),
             "pair_id": chosen["image_sha256"].where(is_replay),
+            # The live rows of one request are one unit of the live accuracy evidence.
+            "cluster": request_id.where(~is_replay & request_id.notna() & (request_id != "")),
             "time": chosen["_at"],
         }
     )
@@ -218,6 +222,7 @@ def _empty_samples() -> pd.DataFrame:
             "oom": pd.Series(dtype=float),
             "correct": pd.Series(dtype=float),
             "pair_id": pd.Series(dtype=object),
+            "cluster": pd.Series(dtype=object),
             "time": pd.Series(dtype=float),
         }
     )

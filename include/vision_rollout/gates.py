@@ -428,7 +428,7 @@ def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, 
     )
 
 
-def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
+def _wilson(x: float, n: float, z: float) -> tuple[float, float]:
     if n == 0:
         return 0.0, 1.0
     p = x / n
@@ -437,7 +437,7 @@ def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def newcombe(x1: float, n1: int, x2: float, n2: int, z: float) -> tuple[float, float]:
+def newcombe(x1: float, n1: float, x2: float, n2: float, z: float) -> tuple[float, float]:
     """Newcombe's hybrid score interval for p2 - p1 (method 10, 1998)."""
     p1, p2 = x1 / n1, x2 / n2
     l1, u1 = _wilson(x1, n1, z)
@@ -458,26 +458,35 @@ def proportion_check(
     cfg: GateConfig,
     level: float,
     blocks_pass: bool = True,
+    design: tuple[float, float] = (1.0, 1.0),
 ) -> Check:
-    """Two proportions: the canary's excess (errors) or shortfall (accuracy) against a margin."""
+    """Two proportions: the canary's excess (errors) or shortfall (accuracy) against a margin.
+
+    ``design``: the design effect of each arm's count (baseline, canary; ``design_effect``):
+    correlated items count as the independent ones they are worth (Rao and Scott 1992: each
+    count and its total divided by it), for the interval and the p-value alike."""
     z = float(stats.norm.isf(level))
-    lo, hi = newcombe(xb, nb, xc, nc, z)  # canary - baseline
-    excess, (lower, upper) = ((xc / nc - xb / nb), (lo, hi)) if worse_is_higher else ((xb / nb - xc / nc), (-hi, -lo))
-    table = [[xc, nc - xc], [xb, nb - xb]] if worse_is_higher else [[nc - xc, xc], [nb - xb, xb]]
-    if min(xb, xc, nb - xb, nc - xc) < 5:
+    rate_b, rate_c = xb / nb, xc / nc
+    eb, en_b, ec, en_c = xb / design[0], nb / design[0], xc / design[1], nc / design[1]
+    lo, hi = newcombe(eb, en_b, ec, en_c, z)  # canary - baseline
+    excess, (lower, upper) = ((rate_c - rate_b), (lo, hi)) if worse_is_higher else ((rate_b - rate_c), (-hi, -lo))
+    ib, ic, ibn, icn = (round(v) for v in (eb, ec, en_b, en_c))
+    table = [[ic, icn - ic], [ib, ibn - ib]] if worse_is_higher else [[icn - ic, ic], [ibn - ib, ib]]
+    if min(eb, ec, en_b - eb, en_c - ec) < 5:
         p_harm = float(stats.fisher_exact(table, alternative="greater")[1])
         method = "Newcombe hybrid score interval; Fisher's exact one-sided p (small counts)"
     else:
-        pooled = (xb + xc) / (nb + nc)
-        se0 = math.sqrt(pooled * (1 - pooled) * (1 / nb + 1 / nc)) or 1.0
+        pooled = (eb + ec) / (en_b + en_c)
+        se0 = math.sqrt(pooled * (1 - pooled) * (1 / en_b + 1 / en_c)) or 1.0
         p_harm = float(stats.norm.sf(excess / se0))
         method = "Newcombe hybrid score interval; pooled two-proportion z one-sided p"
+    if design != (1.0, 1.0):
+        method += "; counts divided by each arm's design effect (Rao-Scott, items of one request correlated)"
     decision = _decide(lower, upper, margin)
     if not blocks_pass and decision == "pass":
         decision = "info"
     half = (upper - lower) / 2
     mde = half * (1 + float(stats.norm.ppf(cfg.power)) / z)
-    rate_b, rate_c = xb / nb, xc / nc
     verdict = {
         "pass": f"shown within the {limit_percent(margin)} pp margin",
         "fail": f"worse than the {limit_percent(margin)} pp margin",
@@ -490,6 +499,11 @@ def proportion_check(
         f"{_signed(lower, margin)} to {_signed(upper, margin)} pp): {verdict}; one-sided p that the canary "
         f"is worse: {p_harm:.3g}."
     )
+    if design != (1.0, 1.0):
+        text += (
+            f" Items of one request are correlated: they count as {en_c:.0f} (canary) and {en_b:.0f} (baseline) "
+            f"independent ones (design effects {design[1]:.2f} and {design[0]:.2f})."
+        )
     return Check(
         name,
         decision,
@@ -503,6 +517,65 @@ def proportion_check(
         margin=margin,
         mde=mde,
         blocks_pass=blocks_pass,
+    )
+
+
+def design_effect(*arms: tuple[np.ndarray, np.ndarray]) -> float:
+    """How many times the variance of a difference of proportions exceeds the binomial one when
+    the items come in clusters: each arm is (``correct``, ``items``), its clusters' counts (a
+    request's images, labelled by one client). The ratio of the arms' cluster-robust variances
+    to their binomial ones, summed over the arms (Rao and Scott 1992, one design effect for the
+    difference: an arm's own estimate from a few dozen requests missed its rare bad ones), kept
+    between 1 (independent items) and the mean cluster size (a cluster's items all alike: the
+    cluster is the unit); the mean cluster size where the data cannot say (every item alike)."""
+    robust = binomial = 0.0
+    n = clusters = 0.0
+    for correct, items in arms:
+        total, count = float(items.sum()), len(items)
+        n, clusters = n + total, clusters + count
+        if count < 2 or total <= 0:
+            continue
+        p = float(correct.sum()) / total
+        robust += count / (count - 1) * float(np.sum((correct - p * items) ** 2)) / total**2
+        binomial += p * (1 - p) / total
+    largest = n / clusters if clusters else 1.0
+    if binomial <= 0:
+        return largest
+    return min(max(1.0, robust / binomial), largest)
+
+
+def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
+    """Two proportions on the live feedback labels, each arm's counts divided by its design effect
+    over its requests (``cluster``: the rows of one request; a row without one is a request of
+    its own): the items of one request (one client's images, of one kind, labelled by one
+    hand) are no independent samples, and counting them as such understated the variance (an
+    equal canary failed at 0.05 in 13 to 42% of rollouts with requests of 8 images)."""
+    rows = pd.Series(np.arange(len(labelled)), index=labelled.index).map("row {}".format)
+    unit = (
+        labelled["cluster"].map("request {}".format).where(labelled["cluster"].notna(), rows)
+        if "cluster" in labelled
+        else rows
+    )
+    units = labelled.assign(_unit=unit)
+    counts = units.groupby(["arm", "_unit"], observed=True, sort=False)["correct"].agg(["sum", "count"])
+    arms = [
+        (c["sum"].to_numpy(float), c["count"].to_numpy(float)) for c in (counts.loc["baseline"], counts.loc["canary"])
+    ]
+    (xb, nb), (xc, nc) = ((int(correct.sum()), int(items.sum())) for correct, items in arms)
+    effect = design_effect(*arms)
+    return proportion_check(
+        "accuracy_live",
+        "Live accuracy from feedback",
+        False,
+        xb,
+        nb,
+        xc,
+        nc,
+        cfg.accuracy_margin,
+        cfg,
+        level,
+        blocks_pass=False,
+        design=(effect, effect),
     )
 
 
@@ -841,24 +914,8 @@ def evaluate_gate(
             if both and len(pairs) >= 1 and answered >= replay_images:
                 checks.append(paired_accuracy_check(pairs, cfg, level))
             labelled = labelled[labelled["pair_id"].isna()]
-        lb = labelled[labelled["arm"] == "baseline"]["correct"]
-        lc = labelled[labelled["arm"] == "canary"]["correct"]
-        if len(lb) and len(lc):
-            checks.append(
-                proportion_check(
-                    "accuracy_live",
-                    "Live accuracy from feedback",
-                    False,
-                    int(lb.sum()),
-                    len(lb),
-                    int(lc.sum()),
-                    len(lc),
-                    cfg.accuracy_margin,
-                    cfg,
-                    level,
-                    blocks_pass=False,
-                )
-            )
+        if {"baseline", "canary"} <= set(labelled["arm"]):
+            checks.append(live_accuracy_check(labelled, cfg, level))
 
     if replay_images and not any(c.name == "accuracy_paired" for c in checks):
         answered = _answered_by_both(samples)

@@ -692,6 +692,25 @@ def test_a_batch_request_is_one_request_of_evidence_not_one_per_item(tmp_path):
     assert (errors.n_baseline, errors.n_canary) == (600, 602)
 
 
+def test_the_items_of_a_batch_request_are_one_unit_of_the_live_accuracy_evidence(tmp_path):
+    """The gate counted each item of a batch request as an independent label; the samples name
+    each live row's request (``cluster``), so the gate takes a request's items as one unit."""
+    import time
+
+    t0 = time.time() - 300
+    window = StageWindow(0, 50, t0)
+    rows = [inference(t0 + 1 + i, v, f"{v}-{i}", 5.0, items=8) for i in range(20) for v in ("1", "2")]
+    log = logged(tmp_path, rows, t0)
+    samples = stage_samples(log, spec(), window, t0 + 150, IMAGES)
+    live = samples[samples["source"] == "live"]
+    assert len(live) == 320
+    assert live["cluster"].nunique() == 40
+    assert (live.groupby("cluster")["arm"].nunique() == 1).all()
+    assert live.groupby("cluster").size().eq(8).all()
+    replayed = stage_samples(records(30, 0, 50), spec(), WINDOW, T0 + 30, IMAGES)
+    assert replayed["cluster"].isna().all()  # the replay is paired, by image
+
+
 def flush_at(writer, records: list, written: float) -> None:
     """One flush of ``writer``, its files named as if written at ``written`` (unix seconds)."""
     import time

@@ -327,3 +327,55 @@ def test_a_p99_breach_under_way_holds_the_stage():
     ended = (*under_way, (105.0, 30.0))
     (check,) = guard_checks(GuardInputs(p99_series_ms=ended), cfg)
     assert check.decision == "pass"
+
+
+def clustered_labels(requests: int, batch: int, wrong: tuple[int, int]) -> pd.DataFrame:
+    """Live labels of ``requests`` requests of ``batch`` images per arm, the items of a request
+    all right or all wrong (one client's images of one kind): ``wrong`` requests per arm."""
+    request = np.tile(np.repeat(np.arange(requests), batch), 2)
+    arm = np.repeat(["baseline", "canary"], requests * batch)
+    first = np.tile(np.arange(batch) == 0, 2 * requests)
+    return pd.DataFrame(
+        {
+            "arm": arm,
+            "latency_ms": np.where(first, 5.0, np.nan),
+            "error": np.where(first, 0.0, np.nan),
+            "correct": (request >= np.where(arm == "baseline", *wrong)).astype(float),
+            "cluster": np.char.add(arm.astype(str), request.astype(str)),
+        }
+    )
+
+
+def test_live_labels_of_one_request_are_one_unit_of_evidence():
+    """The items of a batch request were counted as independent labels: 40 against 55 wrong
+    requests of 1000 (one-sided p 0.057 of a difference at all) read as 320 against
+    440 wrong images of 8000, and failed the canary with a 1.5 pp drop shown above the 0.5 pp
+    margin. Each arm's counts are divided by the design effect of its requests now."""
+    v = evaluate_gate(clustered_labels(1000, 8, (40, 55)))
+    live = next(c for c in v.checks if c.name == "accuracy_live")
+    assert live.decision == "wait", live.sentence
+    assert live.ci[0] < GateConfig().accuracy_margin
+    assert "design effects 8.00 and 8.00" in live.sentence
+    assert (live.n_baseline, live.n_canary) == (8000, 8000)
+    # Independent items (a request each) keep the binomial test: the same counts fail.
+    independent = clustered_labels(8000, 1, (320, 440))
+    assert next(c for c in evaluate_gate(independent).checks if c.name == "accuracy_live").decision == "fail"
+
+
+def test_an_equal_canary_with_batch_labels_fails_at_most_alpha_over_the_looks():
+    """An equal canary, live labels from requests of 8 images whose items are alike (the same
+    image 8 times, or one client's): counted as independent, the live accuracy check failed it in
+    a third of the rollouts at the form's defaults (10 looks, alpha 0.05)."""
+    rng = np.random.default_rng(11)
+    cfg, looks, requests, sims = GateConfig(), 10, 50, 150
+    fails = 0
+    for _ in range(sims):
+        right = rng.random((2, requests)) < 0.96
+        for k in range(1, looks + 1):
+            r = requests * k // looks
+            df = clustered_labels(r, 8, (0, 0))
+            df["correct"] = np.repeat(np.r_[right[0, :r], right[1, :r]], 8).astype(float)
+            if evaluate_gate(df, cfg, k, looks).decision == "fail":
+                fails += 1
+                break
+    assert fails / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)
