@@ -111,7 +111,7 @@ SHADOW_PAIR_COLUMNS = [
     "meta",
 ]
 # What the rollout's gate reads: the arms (role, route, version), latency and outcome, top-1 and
-# the image hash (the replay's truth) or the label joined by request id.
+# the image hash (the replay's truth) or the label joined by request id, and the label's tenant.
 GATE_COLUMNS = [
     "time",
     "model",
@@ -125,6 +125,7 @@ GATE_COLUMNS = [
     "top1",
     "image_sha256",
     "label",
+    "tenant",
 ]
 PAIR_COLUMNS = [
     "time",

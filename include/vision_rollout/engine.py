@@ -124,7 +124,8 @@ def stage_samples(
 
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
     label or an answer), pair_id (the image's sha256 for the replay), cluster (a live row's
-    request id: its items are one unit of evidence), time (unix seconds: when it is evidence).
+    request id: its items are one unit of evidence), labelled_by (the tenant, masked, whose
+    label a live row has), time (unix seconds: when it is evidence).
 
     A record of a batch request is a row per item, each with the request's latency and outcome:
     the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
@@ -151,7 +152,8 @@ def stage_samples(
     keep = is_replay | ~by_version
     chosen = primary[keep].reset_index(drop=True)
     is_replay = is_replay[keep].reset_index(drop=True)
-    truth = chosen["image_sha256"].map(labels).where(is_replay, _live_labels(records, chosen, spec.model, until))
+    joined = _live_labels(records, chosen, spec.model, until)
+    truth = chosen["image_sha256"].map(labels).where(is_replay, joined["label"])
     # Server failures: a client's 400, or its own queue timeout (CANCELED), is not the version's.
     error = ~chosen["outcome"].isin(["ok", "INVALID_INPUT", "CANCELED"])
     # Latency of the answers and of the requests given up waiting (as long as the client's
@@ -173,36 +175,41 @@ def stage_samples(
             "pair_id": chosen["image_sha256"].where(is_replay),
             # The live rows of one request are one unit of the live accuracy evidence.
             "cluster": request_id.where(~is_replay & request_id.notna() & (request_id != "")),
+            "labelled_by": joined["tenant"].where(~is_replay),  # the tenant that sent a live label
             "time": chosen["_at"],
         }
     )
 
 
-def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: float) -> pd.Series:
-    """The label of each live record, joined by request id and item, as the log's ``joined``
-    joins them: the earliest label received before ``until`` (a look's evidence is what was
-    logged before its time), on the earliest answer of its request id and item (a re-sent id is
-    a second answer, not a second piece of evidence): a second label sent to another replica
-    (each takes one) cannot override the first, a late poke judges a look on what it would have
-    seen on time, and one label of an id re-sent 20 times counts once."""
+def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: float) -> pd.DataFrame:
+    """The label of each live record and the tenant that sent it (``label``, ``tenant``), joined
+    by request id and item, as the log's ``joined`` joins them: the earliest label received
+    before ``until`` (a look's evidence is what was logged before its time), on the earliest
+    answer of its request id and item (a re-sent id is a second answer, not a second piece of
+    evidence): a second label sent to another replica (each takes one) cannot override the
+    first, a late poke judges a look on what it would have seen on time, and one label of an id
+    re-sent 20 times counts once."""
     rows = records[(records["role"] == "label") & (records["model"] == model)]
-    out = pd.Series(np.nan, index=live.index)
+    out = pd.DataFrame({"label": np.nan, "tenant": None}, index=live.index)
     if rows.empty or live.empty:
         return out
     t = rows["_at"]
     rows = rows[t < until].assign(_t=t[t < until])
     if rows.empty:
         return out
+    if "tenant" not in rows.columns:
+        rows = rows.assign(tenant=None)
     first = (
         rows.sort_values("_t", kind="stable")
         .drop_duplicates(["request_id", "item"], keep="first")
-        .set_index(["request_id", "item"])["label"]
+        .set_index(["request_id", "item"])[["label", "tenant"]]
     )
     answered = live[(live["outcome"] == "ok") & (live["route"] != "version")]
     answered = answered.assign(_t=answered["_at"]).sort_values("_t", kind="stable")
     answered = answered.drop_duplicates(["request_id", "item"], keep="first")
-    keys = pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]])
-    out.loc[answered.index] = first.reindex(keys).to_numpy(dtype=float)
+    found = first.reindex(pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]]))
+    out.loc[answered.index, "label"] = found["label"].to_numpy(dtype=float)
+    out.loc[answered.index, "tenant"] = found["tenant"].astype(object).to_numpy()
     return out
 
 
@@ -223,6 +230,7 @@ def _empty_samples() -> pd.DataFrame:
             "correct": pd.Series(dtype=float),
             "pair_id": pd.Series(dtype=object),
             "cluster": pd.Series(dtype=object),
+            "labelled_by": pd.Series(dtype=object),
             "time": pd.Series(dtype=float),
         }
     )

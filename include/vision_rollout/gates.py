@@ -520,24 +520,32 @@ def proportion_check(
     )
 
 
-def design_effect(*arms: tuple[np.ndarray, np.ndarray]) -> float:
+def cluster_sums(correct: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """An arm's clusters (``correct`` of ``items`` in each: a request's images) as the sums the
+    design effect reads: clusters, correct, items, and the sums of correct^2, correct x items and
+    items^2 (sums of two parts add up: a part's are taken away by subtraction)."""
+    return np.array(
+        [len(items), correct.sum(), items.sum(), (correct**2).sum(), (correct * items).sum(), (items**2).sum()],
+        dtype=float,
+    )
+
+
+def design_effect(*arms: np.ndarray) -> float:
     """How many times the variance of a difference of proportions exceeds the binomial one when
-    the items come in clusters: each arm is (``correct``, ``items``), its clusters' counts (a
-    request's images, labelled by one client). The ratio of the arms' cluster-robust variances
-    to their binomial ones, summed over the arms (Rao and Scott 1992, one design effect for the
-    difference: an arm's own estimate from a few dozen requests missed its rare bad ones), kept
-    between 1 (independent items) and the mean cluster size (a cluster's items all alike: the
-    cluster is the unit); the mean cluster size where the data cannot say (every item alike)."""
-    robust = binomial = 0.0
-    n = clusters = 0.0
-    for correct, items in arms:
-        total, count = float(items.sum()), len(items)
-        n, clusters = n + total, clusters + count
-        if count < 2 or total <= 0:
+    the items come in clusters (each arm's ``cluster_sums``): the ratio of the arms' cluster-
+    robust variances to their binomial ones, summed over the arms (Rao and Scott 1992, one
+    design effect for the difference: an arm's own estimate from a few dozen requests missed its
+    rare bad ones), kept between 1 (independent items) and the mean cluster size (a cluster's
+    items all alike: the cluster is the unit); the mean cluster size where the data cannot say
+    (every item alike)."""
+    robust = binomial = n = clusters = 0.0
+    for count, correct, items, cc, ci, ii in arms:
+        n, clusters = n + items, clusters + count
+        if count < 2 or items <= 0:
             continue
-        p = float(correct.sum()) / total
-        robust += count / (count - 1) * float(np.sum((correct - p * items) ** 2)) / total**2
-        binomial += p * (1 - p) / total
+        p = correct / items
+        robust += count / (count - 1) * max(cc - 2 * p * ci + p * p * ii, 0.0) / items**2
+        binomial += p * (1 - p) / items
     largest = n / clusters if clusters else 1.0
     if binomial <= 0:
         return largest
@@ -545,25 +553,37 @@ def design_effect(*arms: tuple[np.ndarray, np.ndarray]) -> float:
 
 
 def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
-    """Two proportions on the live feedback labels, each arm's counts divided by its design effect
-    over its requests (``cluster``: the rows of one request; a row without one is a request of
-    its own): the items of one request (one client's images, of one kind, labelled by one
-    hand) are no independent samples, and counting them as such understated the variance (an
-    equal canary failed at 0.05 in 13 to 42% of rollouts with requests of 8 images)."""
+    """Two proportions on the live feedback labels, each arm's counts divided by the design effect
+    of its requests (``cluster``: the rows of one request; a row without one is a request of its
+    own): the items of one request (one client's images, of one kind, labelled by one hand) are
+    no independent samples, and counting them as such understated the variance (an equal canary
+    failed at 0.05 in 13 to 42% of rollouts with requests of 8 images).
+
+    No one tenant's labels fail the canary (``labelled_by``, the tenant that sent each label;
+    none named is one source): with labels from two sources or more, the check fails only if it
+    fails without the labels of each one in turn. A client holds the token of each answer it got,
+    so one client sending wrong labels for the canary's answers would otherwise roll it back
+    alone. Labels from a single source decide alone: the log cannot tell its senders apart."""
     rows = pd.Series(np.arange(len(labelled)), index=labelled.index).map("row {}".format)
     unit = (
         labelled["cluster"].map("request {}".format).where(labelled["cluster"].notna(), rows)
         if "cluster" in labelled
         else rows
     )
-    units = labelled.assign(_unit=unit)
-    counts = units.groupby(["arm", "_unit"], observed=True, sort=False)["correct"].agg(["sum", "count"])
-    arms = [
-        (c["sum"].to_numpy(float), c["count"].to_numpy(float)) for c in (counts.loc["baseline"], counts.loc["canary"])
-    ]
-    (xb, nb), (xc, nc) = ((int(correct.sum()), int(items.sum())) for correct, items in arms)
-    effect = design_effect(*arms)
-    return proportion_check(
+    source = labelled["labelled_by"].astype(object) if "labelled_by" in labelled else pd.Series(None, labelled.index)
+    units = (
+        labelled.assign(_unit=unit, _source=source.where(source.notna(), "(no tenant)"))
+        .groupby(["arm", "_unit"], observed=True, sort=False)
+        .agg(correct=("correct", "sum"), items=("correct", "count"), source=("_source", "first"))
+    )
+    units = units.assign(clusters=1.0, cc=units["correct"] ** 2, ci=units["correct"] * units["items"])
+    units = units.assign(ii=units["items"] ** 2).reset_index()
+    columns = ["clusters", "correct", "items", "cc", "ci", "ii"]  # as cluster_sums orders them
+    by_source = {arm: units[units["arm"] == arm].groupby("source")[columns].sum() for arm in ("baseline", "canary")}
+    total = {arm: sums.sum().to_numpy(float) for arm, sums in by_source.items()}
+    effect = design_effect(total["baseline"], total["canary"])
+    (xb, nb), (xc, nc) = ((int(total[arm][1]), int(total[arm][2])) for arm in ("baseline", "canary"))
+    check = proportion_check(
         "accuracy_live",
         "Live accuracy from feedback",
         False,
@@ -577,6 +597,28 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
         blocks_pass=False,
         design=(effect, effect),
     )
+    sources = units["source"].unique()
+    if check.decision != "fail" or len(sources) < 2:
+        return check
+    z = float(stats.norm.isf(level))
+    parts = {arm: sums.reindex(sources, fill_value=0.0).to_numpy(float) for arm, sums in by_source.items()}
+    wrong = parts["canary"][:, 2] - parts["canary"][:, 1]
+    for i in np.argsort(-wrong, kind="stable"):  # the tenant with the most wrong canary labels first
+        base, cand = total["baseline"] - parts["baseline"][i], total["canary"] - parts["canary"][i]
+        if base[2] > 0 and cand[2] > 0:
+            e = design_effect(base, cand)
+            _, hi = newcombe(base[1] / e, base[2] / e, cand[1] / e, cand[2] / e, z)  # canary - baseline
+            if -hi > cfg.accuracy_margin:  # the drop's lower bound above the margin: failed without it too
+                continue
+        share = parts["canary"][i, 2] / total["canary"][2]
+        return replace(
+            check,
+            decision="wait",
+            sentence=f"{check.sentence} Not failed: without the labels of tenant {str(sources[i])[:40]!r} "
+            f"({100 * share:.0f}% of the canary's) the canary is not shown worse, and one tenant's labels "
+            "alone do not roll back.",
+        )
+    return check
 
 
 def tango_z(b: int, c: int, n: int, d: float) -> float:

@@ -711,6 +711,27 @@ def test_the_items_of_a_batch_request_are_one_unit_of_the_live_accuracy_evidence
     assert replayed["cluster"].isna().all()  # the replay is paired, by image
 
 
+def test_a_live_label_names_the_tenant_that_sent_it(tmp_path):
+    """The gate bounds what one tenant's labels decide: each live row names its label's tenant,
+    as the log keeps it; none without a label."""
+    import time
+
+    from model_server.predictionlog import Label
+
+    t0 = time.time() - 300
+    window = StageWindow(0, 50, t0)
+    rows = [inference(t0 + 1 + i, v, f"{v}-{i}", 5.0) for i in range(20) for v in ("1", "2")]
+    rows = [r._replace(metadata={"x-tenant": "acme"}) if r.request_id.endswith(("-1", "-2")) else r for r in rows]
+    rows += [Label(t0 + 30, "digits", "2", "2-1", [1], "acme"), Label(t0 + 30, "digits", "1", "1-3", [1], None)]
+    samples = stage_samples(logged(tmp_path, rows, t0), spec(), window, t0 + 150, IMAGES)
+    labelled = samples.dropna(subset=["correct"])
+    assert len(labelled) == 2
+    by = dict(zip(labelled["arm"], labelled["labelled_by"], strict=True))
+    assert by["canary"] == "acme"  # (as the log keeps it: masked where the masker masks x-tenant)
+    assert by["baseline"] is None or pd.isna(by["baseline"])
+    assert samples.loc[samples["correct"].isna(), "labelled_by"].isna().all()
+
+
 def flush_at(writer, records: list, written: float) -> None:
     """One flush of ``writer``, its files named as if written at ``written`` (unix seconds)."""
     import time

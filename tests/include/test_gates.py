@@ -379,3 +379,33 @@ def test_an_equal_canary_with_batch_labels_fails_at_most_alpha_over_the_looks():
                 fails += 1
                 break
     assert fails / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)
+
+
+def test_one_tenant_sending_wrong_labels_does_not_roll_the_canary_back():
+    """A client holds the feedback token of each answer it got: one tenant labelling the canary's
+    answers wrong rolled back an equal canary alone. The check fails only if it fails without
+    each tenant's labels in turn; a drop every tenant sees still fails."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    honest = pd.DataFrame(
+        {
+            "arm": np.repeat(["baseline", "canary"], n),
+            "latency_ms": 5.0,
+            "error": 0.0,
+            "correct": (rng.random(2 * n) < 0.96).astype(float),
+            "labelled_by": np.tile(["tenant-a", "tenant-b"], n),
+        }
+    )
+    mallory = pd.DataFrame(
+        {"arm": "canary", "latency_ms": 5.0, "error": 0.0, "correct": 0.0, "labelled_by": ["mallory"] * 300}
+    )
+    v = evaluate_gate(pd.concat([honest, mallory], ignore_index=True))
+    live = next(c for c in v.checks if c.name == "accuracy_live")
+    assert live.decision == "wait", live.sentence
+    assert v.decision != "fail"
+    assert "without the labels of tenant 'mallory' (7% of the canary's)" in live.sentence
+    worse = honest.assign(correct=np.r_[honest["correct"][:n], (rng.random(n) < 0.90).astype(float)])
+    live = next(c for c in evaluate_gate(pd.concat([worse, mallory])).checks if c.name == "accuracy_live")
+    assert live.decision == "fail", live.sentence
+    alone = pd.concat([honest, mallory]).assign(labelled_by=None)  # one source: its labels decide
+    assert next(c for c in evaluate_gate(alone).checks if c.name == "accuracy_live").decision == "fail"
