@@ -160,13 +160,17 @@ def stage_samples(
     # timeout: a slow arm pays for them); a failure's is not an answer's (a client's garbage
     # pinned to one arm, answered 400 in microseconds, made it look faster).
     answered = chosen["outcome"].isin(["ok", "CANCELED"])
+    # A latency that is no duration (a foreign or damaged record: NaN, Inf, not above 0) is no
+    # latency evidence; the request still counts for errors. One such record stopped the stage.
+    latency = chosen["latency_ms"].astype(float)
+    answered &= np.isfinite(latency) & (latency > 0)
     request = chosen["item"] == 0  # the row that stands for its request
     request_id = chosen["request_id"].astype(object)
     return pd.DataFrame(
         {
             "arm": chosen["version"].map(arms),
             "source": np.where(is_replay, "replay", "live"),
-            "latency_ms": chosen["latency_ms"].astype(float).where(answered & request),
+            "latency_ms": latency.where(answered & request),
             "error": error.astype(float).where(request),
             "oom": (chosen["outcome"] == "OOM").astype(float).where(request),
             # Only an answer is right or wrong: a request given up (CANCELED) or refused as the

@@ -845,6 +845,26 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
 # -- the gate --------------------------------------------------------------------------------
 
 
+def unreadable(samples: pd.DataFrame) -> str | None:
+    """What no check can read in the samples, in a sentence (None when all is readable): a
+    latency that is not a positive, finite number of milliseconds; an error, OOM or correctness
+    that is not 0 or 1 (NaN is none: no answer, no request of its own, no label). An Inf latency
+    made every latency interval NaN (a wait no sample resolves), an error of 5 counted five."""
+    for name in ("latency_ms", "error", "oom", "correct"):
+        if name not in samples.columns:
+            continue
+        try:
+            x = samples[name].to_numpy(dtype=float, na_value=np.nan)
+        except (TypeError, ValueError):
+            return f"{name} must be numbers"
+        x = x[~np.isnan(x)]
+        bad = ~(np.isfinite(x) & (x > 0)) if name == "latency_ms" else ~np.isin(x, (0.0, 1.0))
+        if bad.any():
+            want = "positive and finite (milliseconds)" if name == "latency_ms" else "0 or 1 (or empty)"
+            return f"{name} must be {want}: {int(bad.sum())} row(s) are not, the first {x[bad][0]!r}"
+    return None
+
+
 def evaluate_gate(
     samples: pd.DataFrame,
     config: Any = None,
@@ -871,6 +891,8 @@ def evaluate_gate(
     missing = {"arm", "latency_ms", "error"} - set(samples.columns)
     if missing:
         raise ValueError(f"samples lack column(s) {sorted(missing)}")
+    if (problem := unreadable(samples)) is not None:
+        raise ValueError(problem)
     arms = set(samples["arm"].unique())
     if not arms <= {"baseline", "canary"}:
         raise ValueError(f"arm must be 'baseline' or 'canary', found {sorted(arms - {'baseline', 'canary'})}")
@@ -888,8 +910,6 @@ def evaluate_gate(
         timed_b, timed_c = base, canary
     lat_b = timed_b["latency_ms"].dropna().to_numpy(dtype=float)
     lat_c = timed_c["latency_ms"].dropna().to_numpy(dtype=float)
-    if (lat_b <= 0).any() or (lat_c <= 0).any():
-        raise ValueError("latency_ms must be positive")
     n_min = min(len(lat_b), len(lat_c))
     if n_min < max(cfg.min_samples, 3):
         what = f"{latency_from} " if latency_from else ""

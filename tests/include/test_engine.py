@@ -732,6 +732,23 @@ def test_a_live_label_names_the_tenant_that_sent_it(tmp_path):
     assert samples.loc[samples["correct"].isna(), "labelled_by"].isna().all()
 
 
+@pytest.mark.parametrize("latency", [np.inf, -np.inf, np.nan, -4.0, 0.0])
+def test_a_record_whose_latency_is_no_duration_is_no_latency_evidence(latency):
+    """One record of the log with an Inf latency (a foreign or damaged file) made the stage's
+    latency interval NaN, a wait until it ended undecided; a negative one raised at every poke.
+    Such a latency is no evidence now; its request still counts for errors."""
+    log = records(200, 20, 50, replay_every=20)
+    live = log.index[(log["route"] == "route") & (log["version"] == "2")]
+    log.loc[live[3], "latency_ms"] = latency
+    samples = stage_samples(log, spec(), WINDOW, T0 + 200, IMAGES)
+    canary = samples[(samples["arm"] == "canary") & (samples["source"] == "live")]
+    assert np.isfinite(canary["latency_ms"].dropna()).all()
+    assert canary["latency_ms"].notna().sum() == len(live) - 1
+    assert canary["error"].count() == len(live)
+    state = judge_stage(spec(), WINDOW, log, IMAGES, T0 + 400)
+    assert state.status == "pass", state.reason
+
+
 def flush_at(writer, records: list, written: float) -> None:
     """One flush of ``writer``, its files named as if written at ``written`` (unix seconds)."""
     import time

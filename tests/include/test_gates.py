@@ -409,3 +409,29 @@ def test_one_tenant_sending_wrong_labels_does_not_roll_the_canary_back():
     assert live.decision == "fail", live.sentence
     alone = pd.concat([honest, mallory]).assign(labelled_by=None)  # one source: its labels decide
     assert next(c for c in evaluate_gate(alone).checks if c.name == "accuracy_live").decision == "fail"
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "said"),
+    [
+        ("latency_ms", math.inf, "latency_ms must be positive and finite"),
+        ("latency_ms", -3.0, "latency_ms must be positive and finite"),
+        ("latency_ms", 0.0, "latency_ms must be positive and finite"),
+        ("error", math.inf, "error must be 0 or 1"),
+        ("error", 5.0, "error must be 0 or 1"),
+        ("error", -1.0, "error must be 0 or 1"),
+        ("oom", 2.0, "oom must be 0 or 1"),
+        ("correct", 3.0, "correct must be 0 or 1"),
+        ("correct", -math.inf, "correct must be 0 or 1"),
+    ],
+)
+def test_values_no_check_can_read_are_refused_with_their_column(column, value, said):
+    """An Inf latency made every latency interval NaN, a wait that no sample resolves; an error
+    of 5 counted five errors, an Inf one raised OverflowError, a negative one 'math domain
+    error'. Each is refused, naming the column (rolloutctl gate's usage error)."""
+    df = samples(3000).astype({"error": float}).assign(oom=0.0, correct=1.0)
+    df.loc[7, column] = value
+    with pytest.raises(ValueError, match=said):
+        evaluate_gate(df)
+    df.loc[7, column] = np.nan  # none: no answer, no request of its own, no label
+    assert evaluate_gate(df).decision == "pass"
