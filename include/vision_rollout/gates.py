@@ -564,12 +564,9 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     fails without the labels of each one in turn. A client holds the token of each answer it got,
     so one client sending wrong labels for the canary's answers would otherwise roll it back
     alone. Labels from a single source decide alone: the log cannot tell its senders apart."""
-    rows = pd.Series(np.arange(len(labelled)), index=labelled.index).map("row {}".format)
-    unit = (
-        labelled["cluster"].map("request {}".format).where(labelled["cluster"].notna(), rows)
-        if "cluster" in labelled
-        else rows
-    )
+    unit = pd.factorize(labelled["cluster"])[0] if "cluster" in labelled else np.full(len(labelled), -1)
+    alone = unit < 0  # no request named: a request of its own
+    unit[alone] = unit.max(initial=-1) + 1 + np.arange(int(alone.sum()))
     source = labelled["labelled_by"].astype(object) if "labelled_by" in labelled else pd.Series(None, labelled.index)
     units = (
         labelled.assign(_unit=unit, _source=source.where(source.notna(), "(no tenant)"))
