@@ -670,10 +670,19 @@ def last_stage_start(params: dict[str, Any], ti: Any) -> float:
 def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | None, str | None]:
     """The last stage's hard guards, read again while its promotion awaits an approval
     (``engine.guard_breach``): the sentence of those that tripped, and why they could not be
-    read (each None when there is none)."""
+    read (each None when there is none). A rollout aborted meanwhile (``rolloutctl abort`` marks
+    the model's lease) is a breach: the wait ends with Roll back."""
     from vision_rollout.engine import guard_breach
 
-    return guard_breach(PrometheusHook().source(), spec_from(params), since)
+    spec = spec_from(params)
+    try:
+        held = serving().model_lock(spec.model, spec.mesh).holding()
+    except Exception as exc:  # (the lease unreadable: the guards decide, as without it)
+        log.warning("the model's lease could not be read for an abort: %s", str(exc)[:300])
+        held = None
+    if held is not None and held.aborted:
+        return f"the rollout was aborted: {held.aborted}", None
+    return guard_breach(PrometheusHook().source(), spec, since)
 
 
 def replay_while_waiting(params: dict[str, Any]) -> str | None:

@@ -368,7 +368,9 @@ CALLS = {
     # KubernetesPodTrigger (the deferred build, in the triggerer): the pod read until it ends, its
     # events watched while it starts, the pod deleted when a user kills the task (test_pods.py
     # runs it so, with the triggerer's credentials).
+    # The approval's wait (GuardedApprovalTrigger): the Lease read for an abort's mark.
     "triggerer": [
+        request("GET", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
         request("GET", BUILDS.format("pods/build-digits-2")),
         request("GET", BUILDS.format("events"), watch=True),
         request("DELETE", BUILDS.format("pods/build-digits-2")),
@@ -383,7 +385,7 @@ CALLS = {
         request("PATCH", ML.format("apps/v1", "deployments/digits-v1/scale"), "application/strategic-merge-patch+json"),
     ],
 }
-NAMESPACES = {"workers": {"ml", "ml-builds"}, "triggerer": {"ml-builds"}, "dagProcessor": {"ml"}}
+NAMESPACES = {"workers": {"ml", "ml-builds"}, "triggerer": {"ml", "ml-builds"}, "dagProcessor": {"ml"}}
 
 
 @pytest.mark.parametrize("section", sorted(NAMESPACES))
@@ -426,7 +428,7 @@ def test_no_airflow_component_holds_a_grant_its_part_does_not_call(tmp_path, sec
 def test_the_components_service_accounts_are_their_own():
     """One ServiceAccount per component, the workers' the one the one-machine cluster's API server
     issues the workers' token for: the triggerer holds exactly its part (it creates no build pod
-    and has nothing in the models' namespace), the DAG processor nothing in the builds'."""
+    and only reads Leases in the models' namespace), the DAG processor nothing in the builds'."""
     users = {section: manifests.airflow_user(section) for section in NAMESPACES}
     assert len(set(users.values())) == len(users)
     assert users["workers"] == WORKER_USER
@@ -434,7 +436,9 @@ def test_the_components_service_accounts_are_their_own():
     triggerer = rbac.bound_rules(objects, users["triggerer"])["ml-builds"]
     assert not rbac.allowed(triggerer, rbac.attributes(request("POST", BUILDS.format("pods"))))
     assert rbac.unused(triggerer, [c for r in CALLS["triggerer"] for c in rbac.checks(r)]) == []
-    assert set(rbac.bound_rules(objects, users["triggerer"])) == {"ml-builds"}
+    assert set(rbac.bound_rules(objects, users["triggerer"])) == {"ml", "ml-builds"}
+    in_models = rbac.bound_rules(objects, users["triggerer"])["ml"]
+    assert not rbac.allowed(in_models, rbac.attributes(request("PUT", ML.format("coordination.k8s.io/v1", "leases/l"))))
     assert set(rbac.bound_rules(objects, users["dagProcessor"])) == {"ml"}
 
 

@@ -983,6 +983,25 @@ def test_guards_that_cannot_be_read_roll_back_after_guard_error_limit_reads_in_a
     assert "the hard guards could not be read (2 of 3 in a row): " in logged  # each, in the trigger's log
 
 
+def test_a_rollout_aborted_while_the_approval_waits_answers_roll_back(monkeypatch, tmp_path):
+    """``rolloutctl abort`` during the approval's wait marked the lease, and nothing read the mark
+    until the approver answered (up to 24 h later), the candidate at 100% meanwhile. The wait
+    reads it with the guards: an abort ends it with Roll back, the abort's reason as the breach."""
+    import time
+
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0)  # (guards within their limits)
+    lock = steps.serving().model_lock("digits", "local")
+    lock.acquire("run-a")
+    lock.abort("dashboards look wrong")
+    answers = Answers(monkeypatch)
+    event = wait_for_answer(since)
+    assert answers.written == [["Roll back"]]
+    assert event["guard_breach"] == "the rollout was aborted: dashboards look wrong"
+
+
 def test_a_candidate_no_server_reports_loaded_while_the_approval_waits_rolls_back(monkeypatch):
     """The candidate's pods all gone while it awaited approval at 100% (crash-looping, evicted):
     the mesh answered every request 503, and the guards, read over the whole stage, held the
