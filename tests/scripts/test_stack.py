@@ -316,8 +316,8 @@ def restart_component(run: Path, state: dict, name: str) -> None:
         time.sleep(0.2)
     with (run / "airflow" / "logs" / f"{name}.log").open("ab") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    state["pids"][f"airflow_{name}"] = proc.pid
-    state["groups"] = [proc.pid if g == pid else g for g in state["groups"]]
+    state["groups"].remove(pid)
+    stack.record(state, f"airflow_{name}", proc.pid, group=True)  # (its start mark too)
     (run / stack.STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "printed"}, indent=2))
 
 
