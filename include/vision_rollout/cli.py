@@ -394,6 +394,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                     else ""
                 )
             )
+        if report.batch_checked:
+            print(f"  ran at a batch of {report.batch_checked}")
         for p in report.problems:
             print(f"  problem: {p}")
     return 0 if report.ok else 1

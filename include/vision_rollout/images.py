@@ -30,6 +30,9 @@ METADATA_FILE = "/tmp/buildkit-metadata.json"  # noqa: S108 (a path in the build
 TERMINATION_LOG = "/dev/termination-log"
 BUILD_SCRIPT = f'buildctl-daemonless.sh "$@" && cat {METADATA_FILE} > {TERMINATION_LOG}'
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# The inputs of the run at the largest batch are built in the verifying worker's memory: above
+# this, the run is at the largest batch whose inputs fit (the report's ``batch_checked``).
+CHECK_BATCH_BYTES = 1 << 30
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ArtifactReport:
     provider: str = ""
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    batch_checked: int = 0  # the batch the candidate ran at: max_batch_size unless its inputs are too large
     golden_images: int = 0
     golden_accuracy: float | None = None
     baseline_agreement: float | None = None
@@ -148,7 +152,7 @@ def verify_model(
         return report
     try:
         version.warmup()
-        report.problems += _at_the_largest_batch(version, base_session if base_in == report.inputs else None)
+        report.problems += _at_the_largest_batch(report, version, base_session if base_in == report.inputs else None)
         if validation is not None and cfg.preprocess is not None and (validation / "labels.csv").is_file():
             _golden_inference(report, session, base_session, cfg, validation, golden_n)
     except ServerError as exc:
@@ -158,21 +162,26 @@ def verify_model(
     return report
 
 
-def _at_the_largest_batch(version: Any, base_session: Any) -> list[str]:
-    """The candidate run at the config's ``max_batch_size`` (the warm-up runs one item): it runs,
-    every output has the config's dims and one row an item, and every dimension after the first
-    is the baseline's on the same input (a class count the graphs leave symbolic). ServerError
-    for the candidate's own failures; the baseline's differences listed."""
+def _at_the_largest_batch(report: ArtifactReport, version: Any, base_session: Any) -> list[str]:
+    """The candidate run at the config's ``max_batch_size`` (the warm-up runs one item), or at the
+    largest batch whose inputs fit in ``CHECK_BATCH_BYTES`` (a max_batch_size of 2**31 is valid
+    Triton, and its zeros would not fit in any worker): it runs, every output has the config's
+    dims and one row an item, and every dimension after the first is the baseline's on the same
+    input (a class count the graphs leave symbolic). ServerError for the candidate's own failures;
+    the baseline's differences listed."""
     from model_server.errors import InvalidInput
 
     cfg = version.config
-    batch = max(cfg.max_batch_size, 1)
+    one = sum(a.nbytes for a in version.synthetic_feeds(1).values())
+    batch = max(1, min(cfg.max_batch_size, CHECK_BATCH_BYTES // max(one, 1)))
+    report.batch_checked = batch
     feeds = version.synthetic_feeds(batch)
     names = [o.name for o in cfg.outputs]
     try:
         results = version.session.run(names, feeds)
     except Exception as exc:  # ORT's own exception types
-        raise InvalidInput(f"fails at a batch of {batch} (the config's max_batch_size): {exc}") from None
+        which = "the config's max_batch_size" if batch == max(cfg.max_batch_size, 1) else "the largest checked"
+        raise InvalidInput(f"fails at a batch of {batch} ({which}): {exc}") from None
     version.check_outputs(results, batch)
     if base_session is None:
         return []

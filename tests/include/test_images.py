@@ -304,6 +304,26 @@ def test_a_candidate_whose_outputs_only_running_it_shows_is_refused(
     assert [p for p in report.problems if refused in p], report.problems
 
 
+def test_the_largest_batch_is_run_within_the_memory_bound(models_dir, tmp_path, monkeypatch):
+    """A max_batch_size is any int32 (Triton's field): its zeros were built whole, 2**31 items of
+    64 floats (512 GiB) in the verifying worker. The run is at the largest batch that fits."""
+    import vision_rollout.images as images
+
+    model = tmp_path / "digits"
+    model.mkdir()
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    (model / "labels.txt").write_bytes((models_dir / "digits" / "labels.txt").read_bytes())
+    _digits_like(model / "1" / "model.onnx", 10)
+    monkeypatch.setattr(images, "CHECK_BATCH_BYTES", 64 * 4 * 100)
+    for max_batch_size, ran in ((2**31 - 1, 100), (100, 100), (8, 8)):
+        config["max_batch_size"] = max_batch_size
+        (model / "config.json").write_text(json.dumps(config))
+        report = verify_model(model / "1" / "model.onnx", None, model)
+        assert report.ok, report.problems
+        assert report.batch_checked == ran
+        assert report.to_dict()["batch_checked"] == ran
+
+
 def test_a_version_linked_out_of_the_model_folder_is_refused(models_dir, tmp_path):
     """models/digits/2/model.onnx a link to a file elsewhere (or 2/ a link to a folder elsewhere)
     passed verify_model; the model server does not load it, so the run failed at its load."""
