@@ -509,6 +509,15 @@ def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _slack_failures() -> tuple[type[BaseException], ...]:
+    """What a Slack call raises when Slack did not take it: slack-sdk's errors; an answer cut
+    off mid-way, a status line that is not HTTP's (http.client's own); a base URL urllib cannot
+    use, a header it refuses (ValueError)."""
+    from slack_sdk.errors import SlackClientError
+
+    return (SlackClientError, OSError, http.client.HTTPException, ValueError)
+
+
 class SlackNotifier:
     """Posts through slack-sdk with a bot token; without one, writes to an outbox folder."""
 
@@ -550,36 +559,36 @@ class SlackNotifier:
                 log.warning("Slack cannot be used (%s); the report is in the outbox", self.unusable)
                 return {**self._to_outbox(message, error=self.unusable), "slack_error": self.unusable}
             return self._to_outbox(message)
-        from slack_sdk.errors import SlackClientError
-
-        # (an answer cut off mid-way, a status line that is not HTTP's: http.client's own errors;
-        # a base URL urllib cannot use, a header it refuses: ValueError)
-        failures = (SlackClientError, OSError, http.client.HTTPException, ValueError)
         try:
             posted = self.client.chat_postMessage(
                 channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks
             )
-        except failures as exc:
+        except _slack_failures() as exc:
             if self.outbox is None:
                 raise
             error = _failure(exc)
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
             return {**self._to_outbox(message, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
-        if message.chart:
-            try:
-                self.client.files_upload_v2(
-                    channel=posted["channel"],
-                    thread_ts=posted["ts"],
-                    content=message.chart,
-                    filename="rollout.png",
-                    title=message.text[:100],
-                )
-                result["chart"] = True
-            except failures as exc:  # the report is posted; its chart is not
-                log.warning("the report's chart was not uploaded: %s", _failure(exc))
-                result["chart_error"] = _failure(exc)
-        return result
+        return {**result, **self.upload_chart(result, message)}
+
+    def upload_chart(self, posted: dict[str, Any], message: Message) -> dict[str, Any]:
+        """The message's chart into the thread of its post (``posted``: its channel and ts):
+        ``chart`` True, or why not (``chart_error``: the report is posted, its chart is not)."""
+        if not message.chart:
+            return {}
+        try:
+            self.client.files_upload_v2(
+                channel=posted["channel"],
+                thread_ts=posted["ts"],
+                content=message.chart,
+                filename="rollout.png",
+                title=message.text[:100],
+            )
+        except _slack_failures() as exc:
+            log.warning("the report's chart was not uploaded: %s", _failure(exc))
+            return {"chart_error": _failure(exc)}
+        return {"chart": True}
 
     def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:
         assert self.outbox is not None
@@ -600,6 +609,7 @@ class SlackNotifier:
 # than this belongs to a sender that died (one report's post, its retries and its chart take a
 # few minutes at most), and no longer holds the report.
 CLAIM_S = 900
+POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 
 
@@ -668,11 +678,18 @@ def send_waiting(
     for a report, at most one sends it (the later claim sees the earlier), at worst neither
     (sent by the next run). A report is removed before its claim is, so a later sender never
     finds it unclaimed once sent. A claim older than ``CLAIM_S`` is a dead sender's and is
-    ignored. A sender killed between Slack's answer and the removal leaves the report to be
-    sent again: none is lost."""
+    ignored. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
+    and ts) before uploading the chart and removing the report: a sender killed there (a chart
+    upload takes a while) leaves a report the next sender does not post again, it only uploads
+    the chart into that thread. Only a sender killed between Slack's answer and that write
+    leaves the report to be sent twice: none is lost."""
     results: list[dict[str, Any]] = []
     start = clock()
-    for name in [n for n in outbox.names() if n.endswith(".json")]:
+    names = outbox.names()
+    for name in names:  # (a sender killed after removing its report, before its mark)
+        if name.endswith(POSTED) and name.removesuffix(POSTED) + ".json" not in names:
+            outbox.delete(name)
+    for name in [n for n in names if n.endswith(".json")]:
         if budget_s is not None and clock() - start > budget_s:
             break
         stem = name.removesuffix(".json")
@@ -708,11 +725,34 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
             chart = outbox.read(found.chart)
         except FileNotFoundError:
             pass
+    notifier = SlackNotifier(found.channel, client=client)
+    mark = stem + POSTED
     try:
-        sent = SlackNotifier(found.channel, client=client).send(replace(message, chart=chart))
-    except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
-        return {"name": name, "channel": found.channel, "error": one_line(f"{type(exc).__name__}: {exc}")[:500]}
+        sent = _posted(outbox.read(mark))
+    except FileNotFoundError:
+        sent = None
+    if sent is None:  # (no mark, or not one: the report is sent, the mark written)
+        try:
+            sent = notifier.send(message)
+        except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
+            return {"name": name, "channel": found.channel, "error": one_line(f"{type(exc).__name__}: {exc}")[:500]}
+        outbox.write(mark, json.dumps(sent).encode())
+    else:
+        sent["posted_before"] = True
+    sent.update(notifier.upload_chart(sent, replace(message, chart=chart)))
     if found.chart:
         outbox.delete(found.chart)
     outbox.delete(name)
+    outbox.delete(mark)
     return {"name": name, "sent": True, **sent}
+
+
+def _posted(raw: bytes) -> dict[str, Any] | None:
+    """A ``.posted`` mark's channel and ts, or None where it is not one."""
+    try:
+        mark = json.loads(raw)
+        if isinstance(mark.get("channel"), str) and isinstance(mark.get("ts"), str):
+            return {"channel": mark["channel"], "ts": mark["ts"]}
+    except (ValueError, AttributeError):
+        pass
+    return None

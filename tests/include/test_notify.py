@@ -389,6 +389,42 @@ def test_reports_waiting_in_the_outbox_are_sent_once_and_removed_only_when_slack
     assert len(slack.messages()) == 2  # (nothing sent twice)
 
 
+def test_a_sender_killed_during_the_chart_upload_leaves_a_report_not_posted_again(slack, tmp_path):
+    """A report's post and its chart's upload are two calls, the second the slow one: a sender
+    killed between them left the report, and the next round posted it a second time."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "late", chart=b"\x89PNG chart"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(**_: object) -> None:
+        raise Killed
+
+    dying = WebClient(token=slack.token, base_url=slack.base_url)
+    dying.files_upload_v2 = killed  # type: ignore[method-assign]
+    with pytest.raises(Killed):
+        send_waiting(outbox, dying)
+    assert len(slack.messages()) == 1
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert result["chart"] is True
+    (complete,) = [c for c in slack.calls if c["method"] == "files.completeUploadExternal"]
+    assert complete["body"]["thread_ts"] == result["ts"]
+    assert len(slack.messages()) == 1  # (posted once, its chart in its thread)
+    assert outbox.names() == []
+    # A mark left alone (its sender killed after removing the report) is swept.
+    outbox.write("20261203T000000-000000000-abcdef.posted", b"{}")
+    assert send_waiting(outbox, client) == []
+    assert outbox.names() == []
+
+
 @pytest.mark.parametrize("store", ["folder", "s3"])
 def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, request, store):
     """In a folder or an object store (no rename there, no lock): a claim written beside the
