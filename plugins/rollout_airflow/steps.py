@@ -671,10 +671,15 @@ def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | No
     """The last stage's hard guards, read again while its promotion awaits an approval
     (``engine.guard_breach``): the sentence of those that tripped, and why they could not be
     read (each None when there is none). A rollout aborted meanwhile (``rolloutctl abort`` marks
-    the model's lease) is a breach: the wait ends with Roll back."""
+    the model's lease) is a breach: the wait ends with Roll back. The guards are read first: a
+    lease read that hangs (an API server half-open, its retries) does not hold up a tripped
+    guard."""
     from vision_rollout.engine import guard_breach
 
     spec = spec_from(params)
+    breach, unread = guard_breach(PrometheusHook().source(), spec, since)
+    if breach:
+        return breach, unread
     try:
         held = serving().model_lock(spec.model, spec.mesh).holding()
     except Exception as exc:  # (the lease unreadable: the guards decide, as without it)
@@ -682,7 +687,7 @@ def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | No
         held = None
     if held is not None and held.aborted:
         return f"the rollout was aborted: {held.aborted}", None
-    return guard_breach(PrometheusHook().source(), spec, since)
+    return breach, unread
 
 
 def replay_while_waiting(params: dict[str, Any]) -> str | None:

@@ -1002,6 +1002,20 @@ def test_a_rollout_aborted_while_the_approval_waits_answers_roll_back(monkeypatc
     assert event["guard_breach"] == "the rollout was aborted: dashboards look wrong"
 
 
+def test_a_tripped_guard_is_not_held_up_by_a_lease_read_that_hangs(monkeypatch):
+    """The lease was read before the guards: an API server half-open (the read waiting out its
+    timeouts and retries) held up a tripped guard's Roll back by as long, the candidate at 100%."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 200.0)
+    leases = []
+    monkeypatch.setattr(steps, "serving", lambda: leases.append("read") or pytest.fail("the lease read first"))
+    breach, unread = steps.guards_while_waiting(GUARDED, since)
+    assert "P99" in breach
+    assert (unread, leases) == (None, [])
+
+
 def test_a_candidate_no_server_reports_loaded_while_the_approval_waits_rolls_back(monkeypatch):
     """The candidate's pods all gone while it awaited approval at 100% (crash-looping, evicted):
     the mesh answered every request 503, and the guards, read over the whole stage, held the
