@@ -20,6 +20,8 @@ an HPA the rollout did not make) is a 409 the task reports, never silently taken
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -326,8 +328,24 @@ def render_hpa(
     }
 
 
-# The Deployment's annotation recording the image the rollout deployed (``VersionDeployments.changed``).
+# The Deployment's annotations recording the image the rollout deployed and the digest of the pod
+# template it applied (``VersionDeployments.changed``).
 IMAGE_ANNOTATION = "model-rollout/image"
+TEMPLATE_ANNOTATION = "model-rollout/pod-template-sha256"
+# Set by ``kubectl rollout restart``: the same template run again, not another.
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+
+def template_digest(template: dict[str, Any]) -> str:
+    """sha256 of a pod template as the API server holds it (JSON, its defaults filled in), a
+    restart's mark left out: what ``changed`` compares, as Flagger hashes its target's template."""
+    meta = dict(template.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != RESTARTED_AT}
+    meta["annotations"] = annotations or None
+    canonical = {**template, "metadata": {k: v for k, v in meta.items() if v is not None}}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 # What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
 HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
 
@@ -384,11 +402,21 @@ class VersionDeployments:
         """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
         already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
         HPA spec to take (``_autoscale``); ``deployed``: the image the rollout deployed for the
-        version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads)."""
+        version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads), with
+        the digest of the pod template the API server holds after the apply
+        (``TEMPLATE_ANNOTATION``). A template changed by hand since the last record keeps that
+        record: re-applying it here (a scale) does not make the change the rollout's."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
         live = None if source is None else self._apps().api_client.sanitize_for_serialization(source)
+        meta = (live or {}).get("metadata") or {}
+        recorded = (
+            (meta.get("annotations") or {}).get(TEMPLATE_ANNOTATION)
+            if meta.get("name") == self._name(version)
+            else None
+        )
+        intact = recorded is None or live is None or recorded == template_digest(live["spec"]["template"])
         body = render_deployment(
             self.target,
             self.model,
@@ -403,6 +431,8 @@ class VersionDeployments:
             body = with_live_settings(body, live)
         if deployed is not None:
             body["metadata"]["annotations"] = {IMAGE_ANNOTATION: deployed}
+            if recorded is not None:
+                body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
         try:
             out = self._apps().patch_namespaced_deployment(
                 self._name(version),
@@ -411,6 +441,17 @@ class VersionDeployments:
                 field_manager=FIELD_MANAGER,
                 _content_type="application/apply-patch+yaml",
             )
+            if deployed is not None and intact:
+                digest = template_digest(self._apps().api_client.sanitize_for_serialization(out.spec.template))
+                if digest != recorded:  # (the template the rollout applied, with the server's defaults)
+                    body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = digest
+                    out = self._apps().patch_namespaced_deployment(
+                        self._name(version),
+                        self.target.namespace,
+                        body,
+                        field_manager=FIELD_MANAGER,
+                        _content_type="application/apply-patch+yaml",
+                    )
         except ApiException as exc:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
@@ -531,19 +572,29 @@ class VersionDeployments:
 
     def changed(self, version: str) -> str | None:
         """Why the version's pods no longer run what the rollout deployed (its model server's
-        image is not the one ``apply`` recorded: a ``kubectl set image`` meanwhile), None when
+        image is not the one ``apply`` recorded: a ``kubectl set image`` meanwhile; or its pod
+        template is not the one it applied: an edit of the env, resources, args...), None when
         they do, or when there is no record (a Deployment installed by other means) or no
         Deployment. What the guards judged would not be what a promotion carries forward."""
         live = self._live(version)
-        deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION) if live is not None else None
+        annotations = (live.metadata.annotations or {}) if live is not None else {}
+        deployed = annotations.get(IMAGE_ANNOTATION)
         if deployed is None:
             return None
         running = str(_server_container(live.spec.template.spec.containers).image)
-        if running == deployed:
+        if running != deployed:
+            return (
+                f"Deployment {self._name(version)} was changed outside the rollout: its model server's image is "
+                f"{running[:300]}, not {deployed[:300]}, the image the rollout built and deployed for version {version}"
+            )
+        recorded = annotations.get(TEMPLATE_ANNOTATION)
+        template = self._apps().api_client.sanitize_for_serialization(live.spec.template)
+        if recorded is None or template_digest(template) == recorded:
             return None
         return (
-            f"Deployment {self._name(version)} was changed outside the rollout: its model server's image is "
-            f"{running[:300]}, not {deployed[:300]}, the image the rollout built and deployed for version {version}"
+            f"Deployment {self._name(version)} was changed outside the rollout: its pod template is not the one "
+            f"the rollout applied for version {version} (an edit of its containers, env, resources or volumes; "
+            f"kubectl rollout history deployment/{self._name(version)} shows it)"
         )
 
     def scale_to_zero(self, version: str) -> bool:

@@ -1055,6 +1055,42 @@ def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_prom
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+def test_a_candidate_whose_pod_template_was_edited_by_hand_is_rolled_back_and_not_promoted(kube):
+    """A ``kubectl edit`` of the candidate's env or resources mid-rollout (its image unchanged):
+    its pods were replaced by ones no guard judged from the start, scaling re-applied the edit as
+    the rollout's own, and a promotion carried it to 100%. A restart runs the same template."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})  # (scaled: the record kept)
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+    def restart(obj: dict) -> None:
+        meta = obj["spec"]["template"].setdefault("metadata", {})
+        meta.setdefault("annotations", {})["kubectl.kubernetes.io/restartedAt"] = "2026-12-03T08:00:00Z"
+
+    deployments = steps.ModelServerHook().deployments("digits")
+    kube.touch("deployments", "models", "digits-v2", restart)
+    assert deployments.changed("2") is None
+
+    def edit(obj: dict) -> None:
+        container = obj["spec"]["template"]["spec"]["containers"][0]
+        container.setdefault("env", []).append({"name": "OMP_NUM_THREADS", "value": "1"})
+
+    kube.touch("deployments", "models", "digits-v2", edit)
+    with pytest.raises(AirflowFailException) as failed:
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert "digits-v2 was changed outside the rollout: its pod template is not the one" in str(failed.value)
+    assert str(failed.value).endswith("Version 1 takes 100% again.")
+    assert routes(kube) == [("v1", 100)]
+    deployments.scale("2", 2)  # (re-applied as it is: still not the rollout's)
+    with pytest.raises(AirflowFailException, match=r"its pod template is not the one.*no more weight moves to it"):
+        steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    with pytest.raises(AirflowFailException, match=r"its pod template is not the one.*version 2 is not promoted"):
+        steps.promote(PARAMS, "run-1", "promote")
+    assert routes(kube) == [("v1", 100)]
+
+
 def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_promoted_away(kube):
     """Without build.autoscaling, an HPA of the platform's on the stable version (or a kubectl
     scale): the rollout went through every stage, routed 100% to the candidate, was refused
