@@ -78,6 +78,7 @@ class DynamicBatcher:
         self.largest_preferred = max(self.preferred)
         self.delay_s = config.max_queue_delay_microseconds / 1e6
         self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, seq)
+        self._sizes: dict[int, int] = {}  # queued requests per priority level (Triton's queue per level)
         self._seq = itertools.count()
         self._free = lv.config.instance_count
         self._wake: asyncio.Event | None = None
@@ -131,7 +132,7 @@ class DynamicBatcher:
         priority = self.priority_of(parameters)
         timeout, own = self.timeout_of(parameters)
         limit = self.config.max_queue_size
-        if limit and len(self._queue) >= limit:
+        if limit and self._sizes.get(priority, 0) >= limit:  # as Triton: each level's own queue
             raise Rejected(f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size ({limit})")
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():  # first request, or a new loop
@@ -156,6 +157,7 @@ class DynamicBatcher:
             self._timeouts += 1
             heapq.heappush(self._deadlines, (pending.deadline, seq, pending))
         bisect.insort(self._queue, (priority, seq, pending), key=_order)
+        self._sizes[priority] = self._sizes.get(priority, 0) + 1
         assert self._wake is not None
         self._wake.set()
         try:
@@ -175,8 +177,9 @@ class DynamicBatcher:
         self._left(pending)
 
     def _left(self, pending: Pending) -> None:
-        """A request left the queue: its deadline no longer counts."""
+        """A request left the queue: its place at its level is free, its deadline no longer counts."""
         pending.queued = False
+        self._sizes[pending.priority] -= 1
         if pending.deadline is None:
             return
         self._timeouts -= 1

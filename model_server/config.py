@@ -122,8 +122,9 @@ class DynamicBatching:
     join it; otherwise it waits for more until its oldest request has queued
     ``max_queue_delay_microseconds``, then runs all it holds, up to ``max_batch_size``
     (``model_server.batcher``). ``priority_levels`` (1 the highest) order the queue;
-    ``max_queue_size`` and ``default_timeout_microseconds`` bound it (0: unbounded), a request
-    over either refused as Triton does (503).
+    ``max_queue_size`` (each priority level's queue, as Triton's) and
+    ``default_timeout_microseconds`` bound it (0: unbounded), a request over either refused as
+    Triton does (503).
     """
 
     preferred_batch_size: tuple[int, ...] = ()

@@ -264,6 +264,38 @@ def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
     assert asyncio.run(scenario()) == [[0]]
 
 
+def test_max_queue_size_bounds_each_priority_level_as_in_triton():
+    """Triton keeps one queue per priority level, each under the queue policy: low-priority
+    requests that fill theirs never refuse a high-priority one. One bound over the whole queue
+    answered the high-priority request 503 behind a flood of low-priority ones."""
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = batcher(lv, priority_levels=2, default_priority_level=2, max_queue_size=2)
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        low = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in (1, 2)]
+        await until(lambda: b.queued == 2, "level 2 full")
+        with pytest.raises(Rejected, match="exceeds maximum queue size \\(2\\)"):
+            await b.submit(request(3), ["y"], {"priority": 2})
+        high = [asyncio.ensure_future(b.submit(request(i), ["y"], {"priority": 1})) for i in (4, 5)]
+        await until(lambda: b.queued == 4, "level 1 queued beside it")
+        with pytest.raises(Rejected, match="exceeds maximum queue size"):
+            await b.submit(request(6), ["y"], {"priority": 1})
+        for n in range(5):
+            await release(lv, n)
+        await asyncio.gather(running, *low, *high)
+        # Each level's places are given back as its requests leave.
+        assert b.queued == 0
+        again = [asyncio.ensure_future(b.submit(request(i), ["y"], {"priority": 2})) for i in (7, 8)]
+        await release(lv, 5)
+        await release(lv, 6)
+        await asyncio.gather(*again)
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [4], [5], [1], [2], [7], [8]]
+
+
 def test_a_timeout_or_priority_out_of_range_is_a_400_naming_it():
     """JSON integers have no bound: one past Triton's uint64 was divided into seconds (an
     OverflowError: a 500), and a long string came back whole in the message."""
