@@ -333,10 +333,32 @@ class LoadedVersion:
                 f"model '{self.name}' version {self.version} failed its warm-up inference: {exc}"
             ) from None
         self.check_outputs(results)
+        if self.batcher is not None and self.config.max_batch_size > 1:
+            self._check_rows(outputs)
         # The fastest run is the version's own cost: a median taken while other processes held the
         # cores (CI's shared machine) sent one version off the loop for good and not the other
         # (+184% in its live arm with two busy loops beside the server).
         self._warmup_seconds = min(times[1:])
+
+    def _check_rows(self, outputs: list[str]) -> None:
+        """InvalidInput unless a run of two items gives every output one row an item: the batcher
+        splits a merged run's outputs by rows. The graph's check passes any symbolic first
+        dimension, one that counts something else (detections, nonzero elements) too, and such a
+        count equal to a merged batch answered requests each other's rows."""
+        assert self.session is not None
+        try:
+            results = self.session.run(outputs, self.synthetic_feeds(2))
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise InvalidInput(
+                f"model '{self.name}' version {self.version} failed its warm-up inference at a batch of 2: {exc}"
+            ) from None
+        for name, value in zip(outputs, results, strict=True):
+            if np.ndim(value) == 0 or np.shape(value)[0] != 2:
+                raise InvalidInput(
+                    f"model '{self.name}' version {self.version}: dynamic_batching needs every output batched "
+                    f"along its first dimension; output {name!r} came out with shape {list(np.shape(value))} "
+                    "for a batch of 2"
+                )
 
     def runs_inline(self, size: int, batch: int, pixels: int = 0) -> bool:
         """Whether an execution of ``batch`` items in ``size`` bytes, its images declaring

@@ -397,6 +397,41 @@ def test_a_model_with_an_output_not_batched_cannot_use_the_batcher(tmp_path):
         )
 
 
+def test_a_model_whose_output_rows_are_not_its_items_cannot_use_the_batcher(tmp_path):
+    """An output whose first dimension is symbolic but counts something else (the nonzero
+    elements here; detections after NMS alike) passes the graph's check; a merged run whose
+    count happened to equal the merged batch was split as if each row were an item: a request
+    was answered another request's row ([[1, 2]] for its own [[0, 2]])."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    found = helper.make_tensor_value_info("found", TensorProto.INT64, ["N", 2])
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Transpose", ["nz"], ["found"], perm=[1, 0])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "nonzero", [x], [found]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 3]}],
+        "output": [{"name": "found", "datatype": "INT64", "dims": [-1, 2]}],
+    }
+    alone = LoadedVersion(parse_config("nonzero", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    alone.warmup()  # without the batcher nothing splits its rows
+    alone.close()
+    batched = LoadedVersion(
+        parse_config("nonzero", {**raw, "dynamic_batching": {}}),
+        1,
+        tmp_path / "1" / "model.onnx",
+        ["CPUExecutionProvider"],
+    )
+    try:
+        with pytest.raises(InvalidInput, match="needs every output batched along its first dimension; output 'found'"):
+            batched.warmup()
+    finally:
+        batched.close()
+
+
 def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():
     base = {
         "max_batch_size": 8,
