@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 Outcome = tuple[list[np.ndarray], int, dict[str, float]]
 MAX_TIMEOUT_US = 2**64 - 1  # parameters.timeout, a uint64 in Triton
+DELAYED = 1 << 62  # added to a delayed request's place: behind every request of its level not delayed
 
 
 @dataclass(eq=False)
@@ -62,6 +63,10 @@ class Pending:
     future: asyncio.Future[Outcome] = field(repr=False)
     outcome: Outcome | BaseException | None = None
     queued: bool = True  # still in the queue: not batched, withdrawn or expired
+    place: int = -1  # its place within its priority level: seq, or DELAYED + seq once delayed
+
+    def __post_init__(self) -> None:
+        self.place = self.seq
 
 
 def merge_key(inputs: list[InferInput], outputs: list[str]) -> tuple[Any, ...]:
@@ -77,7 +82,7 @@ class DynamicBatcher:
         self.preferred = set(config.preferred_batch_size) or {self.max_batch}  # as Triton normalizes it
         self.largest_preferred = max(self.preferred)
         self.delay_s = config.max_queue_delay_microseconds / 1e6
-        self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, seq)
+        self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, place)
         self._sizes: dict[int, int] = {}  # queued requests per priority level (Triton's queue per level)
         self._seq = itertools.count()
         self._free = lv.config.instance_count
@@ -156,7 +161,7 @@ class DynamicBatcher:
         if pending.deadline is not None:
             self._timeouts += 1
             heapq.heappush(self._deadlines, (pending.deadline, seq, pending))
-        bisect.insort(self._queue, (priority, seq, pending), key=_order)
+        bisect.insort(self._queue, (priority, pending.place, pending), key=_order)
         self._sizes[priority] = self._sizes.get(priority, 0) + 1
         assert self._wake is not None
         self._wake.set()
@@ -173,7 +178,7 @@ class DynamicBatcher:
 
     def _take(self, pending: Pending) -> None:
         """Take a queued request out of the queue, found by its place in the queue's order."""
-        del self._queue[bisect.bisect_left(self._queue, (pending.priority, pending.seq), key=_order)]
+        del self._queue[bisect.bisect_left(self._queue, (pending.priority, pending.place), key=_order)]
         self._left(pending)
 
     def _left(self, pending: Pending) -> None:
@@ -218,11 +223,18 @@ class DynamicBatcher:
         return taken, best, size >= self.largest_preferred
 
     def _expire(self, now: float) -> None:
-        """Refuse the queued requests whose timeout passed, as Triton's REJECT action does."""
+        """The queued requests whose timeout passed: refused, as Triton's REJECT action does, or
+        with DELAY moved behind every request of their level not delayed, with no timeout."""
         heap = self._deadlines
         while heap and (heap[0][0] <= now or not heap[0][2].queued):
             pending = heapq.heappop(heap)[2]
             if not pending.queued:
+                continue
+            if self.config.timeout_action == "DELAY":
+                del self._queue[bisect.bisect_left(self._queue, (pending.priority, pending.place), key=_order)]
+                self._timeouts -= 1
+                pending.deadline, pending.place = None, DELAYED + pending.seq
+                bisect.insort(self._queue, (pending.priority, pending.place, pending), key=_order)
                 continue
             self._take(pending)
             # A client that chose its own timeout gave up: not the version's failure (as a 400 is not).
@@ -305,7 +317,7 @@ class DynamicBatcher:
 
 
 def _order(item: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A queue entry's place in the queue: (priority, seq)."""
+    """A queue entry's place in the queue: (priority, place)."""
     return item[:2]
 
 

@@ -124,7 +124,8 @@ class DynamicBatching:
     (``model_server.batcher``). ``priority_levels`` (1 the highest) order the queue;
     ``max_queue_size`` (each priority level's queue, as Triton's) and
     ``default_timeout_microseconds`` bound it (0: unbounded), a request over either refused as
-    Triton does (503).
+    Triton does (503), or, past its timeout with ``timeout_action`` DELAY, run after the
+    requests of its level that did not time out.
     """
 
     preferred_batch_size: tuple[int, ...] = ()
@@ -135,6 +136,7 @@ class DynamicBatching:
     max_queue_size: int = 0
     default_timeout_microseconds: int = 0
     allow_timeout_override: bool = False
+    timeout_action: str = "REJECT"  # or DELAY: an expired request runs after its level's others
 
     def as_config(self) -> dict[str, Any]:
         """Triton's JSON form, integers parsed."""
@@ -148,7 +150,7 @@ class DynamicBatching:
                 "max_queue_size": self.max_queue_size,
                 "default_timeout_microseconds": self.default_timeout_microseconds,
                 "allow_timeout_override": self.allow_timeout_override,
-                "timeout_action": "REJECT",
+                "timeout_action": self.timeout_action,
             },
         }
 
@@ -197,8 +199,11 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     policy = raw.get("default_queue_policy", {})
     if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
         raise _fail(f"{where}.default_queue_policy", f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
-    if policy.get("timeout_action", "REJECT") != "REJECT":
-        raise _fail(f"{where}.default_queue_policy.timeout_action", "only REJECT is supported")
+    action = policy.get("timeout_action", "REJECT")
+    if action not in ("REJECT", "DELAY"):
+        raise _fail(
+            f"{where}.default_queue_policy.timeout_action", f"must be REJECT or DELAY, got {shown(repr(action))}"
+        )
     ordering, override = raw.get("preserve_ordering", False), policy.get("allow_timeout_override", False)
     for key, value in (("preserve_ordering", ordering), ("default_queue_policy.allow_timeout_override", override)):
         if not isinstance(value, bool):
@@ -214,6 +219,7 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
             f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0, UINT64_MAX
         ),
         allow_timeout_override=override,
+        timeout_action=action,
     )
 
 

@@ -296,6 +296,46 @@ def test_max_queue_size_bounds_each_priority_level_as_in_triton():
     assert asyncio.run(scenario()) == [[0], [4], [5], [1], [2], [7], [8]]
 
 
+def test_the_delay_timeout_action_runs_an_expired_request_after_its_level_as_triton_does(tmp_path):
+    """Triton's timeout_action DELAY: a request past its queue timeout is not refused; it waits
+    behind the requests of its priority level that did not time out (still ahead of lower
+    levels) and runs. A config with it was refused."""
+    base = {
+        "max_batch_size": 1,
+        "input": [{"name": "x", "datatype": "INT32", "dims": [-1, 4]}],
+        "output": [{"name": "y", "datatype": "INT32", "dims": [-1, 4]}],
+    }
+    policy = {"default_timeout_microseconds": 60_000_000, "allow_timeout_override": True, "timeout_action": "DELAY"}
+    batching = {"priority_levels": 2, "default_priority_level": 1, "default_queue_policy": policy}
+    config = parse_config("m", {**base, "dynamic_batching": batching}).dynamic_batching
+    assert config is not None
+    assert config.as_config()["default_queue_policy"]["timeout_action"] == "DELAY"
+    for action in ("DROP", 1):
+        with pytest.raises(InvalidInput, match="timeout_action: must be REJECT or DELAY"):
+            parse_config("m", {**base, "dynamic_batching": {"default_queue_policy": {"timeout_action": action}}})
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = DynamicBatcher(lv, config)  # type: ignore[arg-type]
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        late = asyncio.ensure_future(b.submit(request(1), ["y"], {"timeout": 1000}))  # expires at once
+        await asyncio.sleep(0.05)
+        on_time = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in (2, 3)]
+        low = asyncio.ensure_future(b.submit(request(4), ["y"], {"priority": 2}))
+        await asyncio.sleep(0.05)
+        await until(lambda: b._timeouts == 3, "its deadline no longer counts (the three on time do)")
+        assert not late.done()  # delayed, not refused
+        for n in range(5):
+            await release(lv, n)
+        outcomes = await asyncio.gather(running, late, *on_time, low)
+        assert [outputs[0].tolist() for outputs, _, _ in outcomes] == [[[i * 2] * 4] for i in range(5)]
+        assert (b.queued, b._timeouts) == (0, 0)
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [2], [3], [1], [4]]
+
+
 def test_a_timeout_or_priority_out_of_range_is_a_400_naming_it():
     """JSON integers have no bound: one past Triton's uint64 was divided into seconds (an
     OverflowError: a 500), and a long string came back whole in the message."""
@@ -458,7 +498,6 @@ def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():
         ({"max_queue_delay_micro": 5}, "unsupported field\\(s\\) \\['max_queue_delay_micro'\\]"),
         ({"priority_levels": 2}, "needs a default_priority_level in 1..2"),
         ({"preserve_ordering": "yes"}, "preserve_ordering: must be true or false"),
-        ({"default_queue_policy": {"timeout_action": "DELAY"}}, "only REJECT is supported"),
         ([], "must be an object"),
     ]:
         with pytest.raises(InvalidInput, match=message):
