@@ -17,7 +17,8 @@ strings as text), so one that cannot be fails alone, then merged along the batch
 run once; the outputs are split back, each request keeping its own rows. When a merged run
 fails, its requests run again one by one: a bad request fails alone. An
 injected abort is drawn per request, as Istio's fault injection is. With ``preserve_ordering``
-responses are released in the order the requests arrived, whatever order their batches end in.
+responses are released in the order the requests arrived, whatever order their batches end in
+(a request refused for its queue timeout is answered at once, as Triton does).
 
 The batcher lives on the server's event loop; executions run on the version's thread pool
 (``instance_count`` at a time), or on the loop when the merged batch is cheap enough.
@@ -239,7 +240,7 @@ class DynamicBatcher:
             self._take(pending)
             # A client that chose its own timeout gave up: not the version's failure (as a 400 is not).
             error = ClientTimeout if pending.own_timeout else Rejected
-            self._answer(pending, error(f"model '{self.lv.name}': request timeout expired in the queue"))
+            self._answer(pending, error(f"model '{self.lv.name}': request timeout expired in the queue"), at_once=True)
 
     async def _form_batches(self) -> None:
         assert self._wake is not None
@@ -303,9 +304,12 @@ class DynamicBatcher:
         for pending, outcome in zip(batch, outcomes, strict=True):
             self._answer(pending, outcome)
 
-    def _answer(self, pending: Pending, outcome: Outcome | BaseException) -> None:
-        if not self.config.preserve_ordering:
+    def _answer(self, pending: Pending, outcome: Outcome | BaseException, at_once: bool = False) -> None:
+        """Settle a request's future; with ``preserve_ordering`` once every earlier request's is,
+        unless ``at_once`` (a request that never ran: Triton answers those outside the order)."""
+        if at_once or not self.config.preserve_ordering:
             _settle(pending.future, outcome)
+        if not self.config.preserve_ordering:
             return
         pending.outcome = outcome
         self._order[pending.seq] = pending

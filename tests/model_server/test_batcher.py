@@ -380,6 +380,33 @@ def test_a_request_that_goes_away_frees_its_place_and_timeouts_expire_while_the_
     assert asyncio.run(scenario()) == [[0], [3]]
 
 
+def test_with_preserve_ordering_a_request_past_its_timeout_is_refused_at_once():
+    """As Triton finishes rejected requests outside the response order: the refusal of a request
+    whose timeout passed waited for every earlier request's execution (a client that allowed
+    1 ms waited the whole run ahead of it); the responses that ran keep their order."""
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1, instance_count=2)
+        b = batcher(lv, preserve_ordering=True, default_timeout_microseconds=60_000_000, allow_timeout_override=True)
+        slow = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        fast = asyncio.ensure_future(b.submit(request(1), ["y"], {}))
+        await until(lambda: len(lv.executions) == 2, "both run, one per instance")
+        expires = asyncio.ensure_future(b.submit(request(2), ["y"], {"timeout": 1000}))
+        after = asyncio.ensure_future(b.submit(request(3), ["y"], {}))
+        with pytest.raises(ClientTimeout, match="request timeout expired"):
+            await asyncio.wait_for(expires, 10)  # while the request before it still runs
+        await release(lv, 1)
+        await until(lambda: lv.finished == [[1]], "the second request's execution ended")
+        await asyncio.sleep(0.05)
+        assert not fast.done()  # it still waits for the first, as preserve_ordering keeps it
+        await release(lv, 0)
+        await release(lv, 2)
+        await asyncio.gather(slow, fast, after)
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [1], [3]]
+
+
 def test_a_long_queue_with_timeouts_costs_each_arrival_and_departure_little():
     """The queue is unbounded by default and the batcher shares the server's one event loop: a
     walk of the whole queue per arrival (for the next timeout) and per departing client (to find
