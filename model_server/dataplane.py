@@ -45,7 +45,15 @@ from model_server.traffic import PolicyStore, TrafficPolicy
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
+# schedule_policy: a request's parameters.priority and parameters.timeout, read by the dynamic batcher.
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+]
 
 
 @dataclass(frozen=True)

@@ -761,6 +761,8 @@ def test_concurrent_clients_are_batched_and_a_bad_request_fails_alone(server_fac
     (repo_copy / "digits" / "config.json").write_text(json.dumps({**config, "dynamic_batching": batching}))
     server = server_factory(repo_copy)
     client = server.client(concurrency=6)
+    # As Triton: the priority and timeout parameters are its schedule_policy extension.
+    assert "schedule_policy" in client.get_server_metadata()["extensions"]
     answered = client.get_model_config("digits")["dynamic_batching"]
     assert answered["preferred_batch_size"] == [6]
     assert answered["max_queue_delay_microseconds"] == 5_000_000
