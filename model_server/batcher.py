@@ -1,7 +1,8 @@
 """Triton's dynamic batcher for one model version: requests queue, run merged, and are split back.
 
 Requests join a batch only when it can hold them: the same input names, datatypes and
-dimensions after the batch dimension, and the same requested outputs. The queue is ordered by
+dimensions after the batch dimension (whatever outputs each asks for: the merged run computes
+those any of them asked for, as Triton's). The queue is ordered by
 priority level (1 first), then by arrival. A batch is formed when an instance is free:
 
 - before its oldest request has queued ``max_queue_delay``, it runs at once when it holds a
@@ -70,9 +71,9 @@ class Pending:
         self.place = self.seq
 
 
-def merge_key(inputs: list[InferInput], outputs: list[str]) -> tuple[Any, ...]:
+def merge_key(inputs: list[InferInput]) -> tuple[Any, ...]:
     """Requests with equal keys can run as one: same tensors but for the batch dimension."""
-    return tuple(sorted((i.name, i.datatype, i.shape[1:]) for i in inputs)) + tuple(outputs)
+    return tuple(sorted((i.name, i.datatype, i.shape[1:]) for i in inputs))
 
 
 class DynamicBatcher:
@@ -151,7 +152,7 @@ class DynamicBatcher:
             inputs,
             outputs,
             inputs[0].shape[0],
-            merge_key(inputs, outputs),
+            merge_key(inputs),
             priority,
             seq,
             now,

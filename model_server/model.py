@@ -505,7 +505,8 @@ class LoadedVersion:
 
     def run_batch(self, batch: list[Pending]) -> list[Outcome | BaseException]:
         """One merged execution of the batcher's requests, split back per request; on the
-        version's thread (or the loop). A request whose inputs cannot be prepared for the graph
+        version's thread (or the loop). It computes the outputs any request asked for, each
+        request answered its own. A request whose inputs cannot be prepared for the graph
         fails alone before it; a failed merged run is retried request by request."""
         started = time.perf_counter()
         failed: dict[int, ServerError] = {}
@@ -519,9 +520,11 @@ class LoadedVersion:
             return [failed[p.seq] for p in batch]
         good = [p for p, _ in ready]
         feeds = ready[0][1] if len(ready) == 1 else {n: np.concatenate([f[n] for _, f in ready]) for n in ready[0][1]}
+        asked = {n for p in good for n in p.outputs}
+        names = [o.name for o in self.config.outputs if o.name in asked]  # any request's, in the config's order
         input_s = time.perf_counter() - started
         try:
-            results, _, timing = self._run(good[0].inputs, good[0].outputs, started, prepared=(feeds, input_s))
+            results, _, timing = self._run(good[0].inputs, names, started, prepared=(feeds, input_s))
             parts = split(results, good) if len(good) > 1 else [results]
         except ServerError as exc:
             if len(good) == 1 or not is_retryable(exc):
@@ -536,10 +539,12 @@ class LoadedVersion:
             if pending.seq in failed:
                 outcomes.append(failed[pending.seq])
                 continue
-            rows = rows_of[pending.seq]
+            rows = dict(zip(names, rows_of[pending.seq], strict=True))
             try:
                 self._abort()
-                outcomes.append((rows, pending.batch, {**timing, "queue": started - pending.enqueued}))
+                outcomes.append(
+                    ([rows[n] for n in pending.outputs], pending.batch, {**timing, "queue": started - pending.enqueued})
+                )
             except InjectedFault as exc:
                 outcomes.append(exc)
         return outcomes

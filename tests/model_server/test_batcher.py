@@ -643,6 +643,41 @@ def test_merge_and_split_are_exact_for_every_datatype(tmp_path):
         lv.close()
 
 
+def test_requests_asking_for_different_outputs_run_as_one_batch(tmp_path):
+    """As Triton: the requested outputs do not keep requests apart; the merged run computes
+    those any of them asked for and each gets its own. Requests of a multi-output model asking
+    for different outputs ran one execution each, and interleaved they ended every batch."""
+    cfg = load_config(every_datatype_model(tmp_path / "every_datatype"))
+    lv = LoadedVersion(cfg, 1, tmp_path / "every_datatype" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        lv.warmup()
+        rng = np.random.default_rng(11)
+        requests = [random_inputs(rng, batch) for batch in (1, 2, 1, 3)]
+        asked = [["SUM"], ["OUT_BYTES", "OUT_INT8"], ["SUM"], ["OUT_FP16", "SUM"]]
+        sizes: list[int] = []
+        run_batch = lv.run_batch
+
+        def counting(batch):
+            sizes.append(sum(p.batch for p in batch))
+            return run_batch(batch)
+
+        lv.run_batch = counting  # type: ignore[method-assign]
+
+        async def together():
+            return await asyncio.gather(*(lv.infer(r, o) for r, o in zip(requests, asked, strict=True)))
+
+        answers = asyncio.run(together())
+        assert sizes == [7]
+        for req, outputs, (results, _, _) in zip(requests, asked, answers, strict=True):
+            alone, _, _ = lv._run(req, outputs, 0.0)
+            assert len(results) == len(outputs)
+            for name, got, want in zip(outputs, results, alone, strict=True):
+                assert got.dtype == want.dtype, name
+                assert np.array_equal(got, want), name
+    finally:
+        lv.close()
+
+
 def test_merged_images_match_one_by_one_and_a_bad_one_fails_alone(models_dir, digit_images):
     raw = json.loads((models_dir / "digits" / "config.json").read_text())
     cfg = parse_config("digits", {**raw, "dynamic_batching": {}})
