@@ -98,12 +98,29 @@ class AuditResult:
     # their records are not in the audit, which then shows nothing (inconclusive at best).
     skipped_files: int = 0
     config: AuditConfig = field(default_factory=AuditConfig)  # the limits it was judged against
+    # A range holding the pairs of more than one pair of versions (two rollouts within it: a
+    # candidate rolled back or promoted, then the next one shadowed): each pair's audit apart,
+    # in the order of their first records; the range's own numbers are then only its counts.
+    by_versions: list[AuditResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("confusion", "anomalies", "divergences")}
+        apart = ("confusion", "anomalies", "divergences", "by_versions")
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in apart}
+        d["reasons"] = list(self.reasons)
+        d["config"] = asdict(self.config)
+        d["versions"] = {k: list(v) for k, v in self.versions.items()}
+        d["divergence_quantiles"] = dict(self.divergence_quantiles)
         d["agreement_ci"] = list(self.agreement_ci) if self.agreement_ci else None
         d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
+        if self.by_versions:
+            d["by_versions"] = [part.to_dict() for part in self.by_versions]
         return d
+
+    @property
+    def pair_name(self) -> str:
+        """The pair of versions audited: "primary 1, shadow 2" (versions joined by commas where
+        the result holds several)."""
+        return f"primary {', '.join(self.versions['primary'])}, shadow {', '.join(self.versions['shadow'])}"
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -295,6 +312,54 @@ def audit_frame(
     return result
 
 
+VERDICT_ORDER = ("fail", "inconclusive", "pass")  # the worst first
+
+
+def version_pairs(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """The rows of ``df`` (shadow pairs) by pair of versions (primary, shadow), in the order of
+    their first rows (``shadow_pairs`` gives them in time order)."""
+    if df.empty:
+        return []
+    keys = df["primary_version"].astype(str) + "\0" + df["shadow_version"].astype(str)
+    codes, _ = pd.factorize(keys, sort=False)
+    return [df[codes == code] for code in range(codes.max() + 1)]
+
+
+def audit_by_versions(
+    df: pd.DataFrame,
+    config: AuditConfig | None = None,
+    model: str | None = None,
+    start: str = "",
+    end: str = "",
+    vectors: Callable[[pd.DataFrame], Iterable[tuple[np.ndarray, np.ndarray]]] | None = None,
+) -> AuditResult:
+    """``audit_frame`` of each pair of versions in ``df`` apart: a range holding one pair (or
+    none) is that pair's audit; one holding several (two rollouts of the model within it) has
+    each pair's in ``by_versions``, the worst verdict, each pair's verdict and reasons as its
+    reasons, and its records' and shadow errors' counts; no agreement, divergence or anomaly
+    figure of the pairs together, nor their versions' answers compared across pairs."""
+    cfg = config or AuditConfig()
+    groups = version_pairs(df)
+    if len(groups) < 2:
+        return audit_frame(df, cfg, model, start, end, vectors)
+    parts = [audit_frame(rows, cfg, model, start, end, vectors) for rows in groups]
+    errors = sum(p.shadow_errors for p in parts)
+    return AuditResult(
+        model,
+        start,
+        end,
+        min((p.verdict for p in parts), key=VERDICT_ORDER.index),
+        [f"{p.pair_name}: {p.verdict.upper()}: " + "; ".join(p.reasons) for p in parts],
+        rows=len(df),
+        shadow_errors=errors,
+        shadow_error_rate=errors / len(df),
+        shadow_not_finite=sum(p.shadow_not_finite for p in parts),
+        versions={k: sorted({v for p in parts for v in p.versions[k]}) for k in ("primary", "shadow")},
+        config=cfg,
+        by_versions=parts,
+    )
+
+
 def agreement_text(agreement: float, ci: tuple[float, float], minimum: float) -> str:
     """The top-1 agreement and its interval, each shown beside the minimum without rounding onto
     or across it."""
@@ -340,7 +405,7 @@ def audit(
     records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
-    result = audit_frame(
+    result = audit_by_versions(
         pairs,
         config,
         model,
@@ -385,8 +450,12 @@ def audit(
     return result
 
 
+MAX_PAIRS_PLOTTED = 6  # pairs of versions the chart shows a row of (the worst first); all in report.md
+
+
 def plot(result: AuditResult) -> bytes:
-    """The divergence histogram and the confusion matrix, as PNG."""
+    """The divergence histogram and the confusion matrix, as PNG: a row for each pair of
+    versions (the worst ``MAX_PAIRS_PLOTTED``) where the range holds several."""
     import io
 
     import matplotlib
@@ -394,7 +463,24 @@ def plot(result: AuditResult) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    parts = sorted(result.by_versions, key=lambda p: VERDICT_ORDER.index(p.verdict))[:MAX_PAIRS_PLOTTED]
+    rows = parts or [result]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
+    for (ax1, ax2), part in zip(axes, rows, strict=True):
+        _plot_pair(part, ax1, ax2, f"{part.pair_name}: {part.verdict.upper()}; " if parts else "")
+    more = f" ({len(parts)} of {len(result.by_versions)} pairs of versions: the rest in the report)"
+    fig.suptitle(
+        f"Shadow audit{' of ' + result.model if result.model else ''}: {result.verdict.upper()}"
+        + (more if len(result.by_versions) > len(parts) else "")
+    )
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110)
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _plot_pair(result: AuditResult, ax1: Any, ax2: Any, title: str) -> None:
     if result.divergences is not None:
         ax1.hist(np.clip(result.divergences, 0, 2), bins=40, color="#4477aa")
         ax1.axvline(AuditConfig().divergence_threshold, color="#cc3311", linestyle="--", label="anomaly threshold")
@@ -402,7 +488,7 @@ def plot(result: AuditResult) -> bytes:
         ax1.legend()
     ax1.set_xlabel("KL(primary || shadow) per request")
     ax1.set_ylabel("requests")
-    ax1.set_title("Output divergence")
+    ax1.set_title(f"{title}output divergence" if title else "Output divergence")
     if result.confusion is not None:
         m = result.confusion.to_numpy()
         ax2.imshow(np.log1p(m), cmap="Blues")
@@ -416,12 +502,6 @@ def plot(result: AuditResult) -> bytes:
     ax2.set_ylabel("primary top-1")
     agreement = f"{100 * result.agreement:.2f}%" if result.agreement is not None else "n/a"
     ax2.set_title(f"Confusion (agreement {agreement})")
-    fig.suptitle(f"Shadow audit{' of ' + result.model if result.model else ''}: {result.verdict.upper()}")
-    fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=110)
-    plt.close(fig)
-    return out.getvalue()
 
 
 REPORT, CHART = "report.md", "divergence.png"
@@ -470,7 +550,7 @@ def short_digest(value: Any, n: int) -> str:
 MAX_CONFUSION_SHOWN = 30  # classes whose confusion matrix report.md and the chart show whole
 
 
-def disagreements(confusion: pd.DataFrame, top: int = 20) -> list[str]:
+def disagreements(confusion: pd.DataFrame, top: int = 20, level: str = "##") -> list[str]:
     """report.md's lines for a confusion matrix too large to show: its most frequent
     disagreements (primary, shadow, count)."""
     m = confusion.to_numpy().copy()
@@ -479,7 +559,7 @@ def disagreements(confusion: pd.DataFrame, top: int = 20) -> list[str]:
     cells = cells[np.argsort(-m.ravel()[cells], kind="stable")][:top]
     rows, cols = np.unravel_index(cells, m.shape)
     return [
-        f"## Most frequent disagreements ({len(cells)} of {int((m > 0).sum())}; {len(confusion)} classes: "
+        f"{level} Most frequent disagreements ({len(cells)} of {int((m > 0).sum())}; {len(confusion)} classes: "
         "the whole matrix is in confusion.csv)",
         "",
         "| primary top-1 | shadow top-1 | requests |",
@@ -488,9 +568,73 @@ def disagreements(confusion: pd.DataFrame, top: int = 20) -> list[str]:
     ]
 
 
+def _pair_lines(result: AuditResult, level: str) -> list[str]:
+    """report.md's lines of one pair of versions' numbers, confusion and anomaly samples, its
+    sections' headings at ``level`` (``##``)."""
+    cfg = result.config
+    lines: list[str] = []
+    if result.agreement is not None and result.agreement_ci is not None:
+        lo, hi = result.agreement_ci
+        lines += [
+            f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
+            f"{', '.join(result.versions['shadow'])}",
+            f"- Top-1 agreement: {percent_beside(result.agreement, cfg.min_agreement)}% "
+            f"({100 * cfg.confidence_level:g}% Wilson interval {percent_beside(lo, cfg.min_agreement)}% to "
+            f"{percent_beside(hi, cfg.min_agreement)}%; minimum {limit_percent(cfg.min_agreement)}%)",
+            f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
+            "- Per-request KL(primary || shadow): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
+            f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} or divergence > "
+            f"{cfg.divergence_threshold:g}): {percent_beside(result.anomaly_rate or 0, cfg.max_anomaly_rate)}% "
+            f"(limit {limit_percent(cfg.max_anomaly_rate)}%)",
+        ]
+    if result.confusion is not None:
+        if len(result.confusion) <= MAX_CONFUSION_SHOWN:
+            lines += [
+                "",
+                f"{level} Confusion (rows: primary top-1, columns: shadow top-1)",
+                "",
+                result.confusion.to_markdown(),
+            ]
+        else:  # (a thousand classes: a table of a million cells; the whole in confusion.csv)
+            lines += ["", *disagreements(result.confusion, level=level)]
+    if result.anomalies is not None:
+        lines += [
+            "",
+            f"{level} Anomaly samples ({len(result.anomalies)} shown, by divergence)",
+            "",
+            "| request | item | image sha256 | primary | shadow | confidence | divergence | reason |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {short_digest(r.image_sha256, 16)} | {r.primary_top1} | {r.shadow_top1} | "
+            f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
+            for r in result.anomalies.itertuples()
+        ]
+    return lines
+
+
+def _by_versions(frames: list[pd.DataFrame | None], parts: list[AuditResult]) -> pd.DataFrame | None:
+    """The pairs' tables (``frames``, one a pair of ``parts``) as one, each row led by its pair's
+    versions."""
+    led = [
+        frame.assign(
+            primary_version=", ".join(part.versions["primary"]), shadow_version=", ".join(part.versions["shadow"])
+        )
+        for frame, part in zip(frames, parts, strict=True)
+        if frame is not None
+    ]
+    if not led:
+        return None
+    table = pd.concat(led, ignore_index=True)
+    first = ["primary_version", "shadow_version"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
 def report_files(result: AuditResult) -> dict[str, bytes]:
     """The report's files by name: report.md, summary.json, and where the audit has them
-    confusion.csv, anomalies.csv and the chart (``CHART``)."""
+    confusion.csv, anomalies.csv and the chart (``CHART``). A range of several pairs of versions
+    has a section of report.md for each, and their tables in one CSV, each row led by its pair."""
     cfg = result.config
     files: dict[str, bytes] = {}
     lines = [
@@ -508,46 +652,32 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
     ]
-    if result.agreement is not None and result.agreement_ci is not None:
-        lo, hi = result.agreement_ci
-        lines += [
-            f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
-            f"{', '.join(result.versions['shadow'])}",
-            f"- Top-1 agreement: {percent_beside(result.agreement, cfg.min_agreement)}% "
-            f"({100 * cfg.confidence_level:g}% Wilson interval {percent_beside(lo, cfg.min_agreement)}% to "
-            f"{percent_beside(hi, cfg.min_agreement)}%; minimum {limit_percent(cfg.min_agreement)}%)",
-            f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
-            "- Per-request KL(primary || shadow): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
-            f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} or divergence > "
-            f"{cfg.divergence_threshold:g}): {percent_beside(result.anomaly_rate or 0, cfg.max_anomaly_rate)}% "
-            f"(limit {limit_percent(cfg.max_anomaly_rate)}%)",
-        ]
-    if result.confusion is not None:
-        files["confusion.csv"] = result.confusion.to_csv().encode()
-        if len(result.confusion) <= MAX_CONFUSION_SHOWN:
+    parts = result.by_versions
+    if parts:
+        for part in parts:
             lines += [
                 "",
-                "## Confusion (rows: primary top-1, columns: shadow top-1)",
+                f"## {part.pair_name.capitalize()}: {part.verdict.upper()}",
                 "",
-                result.confusion.to_markdown(),
+                f"- Verdict: **{part.verdict.upper()}**: " + "; ".join(part.reasons),
+                f"- Records: {part.rows} (shadow errors {part.shadow_errors}, "
+                f"{percent_beside(part.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%)",
+                *_pair_lines(part, "###"),
             ]
-        else:  # (a thousand classes: a table of a million cells; the whole in confusion.csv)
-            lines += ["", *disagreements(result.confusion)]
-    if result.anomalies is not None:
-        files["anomalies.csv"] = csv_frame(result.anomalies)
-        lines += [
-            "",
-            f"## Anomaly samples ({len(result.anomalies)} shown, by divergence)",
-            "",
-            "| request | item | image sha256 | primary | shadow | confidence | divergence | reason |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {short_digest(r.image_sha256, 16)} | {r.primary_top1} | {r.shadow_top1} | "
-            f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
-            for r in result.anomalies.itertuples()
-        ]
+        # (each pair's matrix its own rows, of the classes any pair's answers named: 0 elsewhere)
+        confusion = _by_versions([None if p.confusion is None else p.confusion.reset_index() for p in parts], parts)
+        if confusion is not None:
+            counts = [c for c in confusion.columns if c not in ("primary_version", "shadow_version", "primary")]
+            confusion[counts] = confusion[counts].fillna(0).astype(int)
+            files["confusion.csv"] = confusion.to_csv(index=False).encode()
+        anomalies = _by_versions([p.anomalies for p in parts], parts)
+    else:
+        lines += _pair_lines(result, "##")
+        if result.confusion is not None:
+            files["confusion.csv"] = result.confusion.to_csv().encode()
+        anomalies = result.anomalies
+    if anomalies is not None:
+        files["anomalies.csv"] = csv_frame(anomalies)
     if result.verdict != "skip":
         files[CHART] = plot(result)
         lines += ["", f"![divergence and confusion]({CHART})"]

@@ -402,18 +402,31 @@ def rollback_message(
 
 
 def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
+    """The audit's Slack report: its verdict and reasons, then each pair of versions' numbers and
+    anomaly samples (a range of several pairs: a pair's after the other's, each named)."""
     text = f"Shadow audit {result.model or ''}: {result.verdict.upper()}"
     blocks = [
         header(text),
         section(f"{ICONS.get(result.verdict, '')} {result.start} to {result.end}: " + "; ".join(result.reasons)),
     ]
+    parts = result.by_versions or [result]
+    for part in parts:
+        named = f" ({part.pair_name}: {part.verdict.upper()})" if result.by_versions else ""
+        blocks += _audit_numbers(part, named, samples=max(2, 10 // len(parts)))
+    return Message(text, _limit(blocks), chart)
+
+
+def _audit_numbers(result: AuditResult, named: str, samples: int) -> list[dict[str, Any]]:
+    """The numbers and the first ``samples`` anomaly samples of one pair of versions' audit,
+    ``named`` after their titles."""
+    blocks = []
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci
         cfg = result.config
         at = cfg.min_agreement
         blocks.append(
             section(
-                "Numbers",
+                f"Numbers{named}",
                 [
                     f"*Records*\n{result.rows}",
                     f"*Top-1 agreement* (minimum {limit_percent(at)}%)\n{percent_beside(result.agreement, at)}% "
@@ -434,10 +447,10 @@ def audit_message(result: AuditResult, chart: bytes | None = None) -> Message:
                 if math.isfinite(r.shadow_confidence)
                 else "no finite output (NaN or Inf)"  # (no confidence, no divergence)
             )
-            for r in result.anomalies.head(10).itertuples()
+            for r in result.anomalies.head(samples).itertuples()
         ]
-        blocks.append(section("*Anomaly samples* (image sha256)\n" + "\n".join(rows)))
-    return Message(text, _limit(blocks), chart)
+        blocks.append(section(f"*Anomaly samples*{named} (image sha256)\n" + "\n".join(rows)))
+    return blocks
 
 
 def latency_accuracy_chart(samples: Any, title: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -523,3 +524,47 @@ def test_the_items_of_a_batch_request_are_one_unit_of_the_agreement():
     assert result.agreement == pytest.approx(0.93)
     assert result.agreement_ci[0] < 0.9
     assert audit_frame(pairs(800, 744), AuditConfig()).verdict == "pass"
+
+
+@pytest.mark.parametrize("later", [("1", "3"), ("2", "3")])
+def test_each_pair_of_versions_in_a_range_is_audited_apart(tmp_path, later):
+    """Two rollouts of one model in one hour (version 2 shadowed, then 3 after 2 was rolled back
+    or promoted): their pairs made one agreement, one divergence and one verdict, 3's
+    disagreement shared with 2's agreement (86.7%: inconclusive, 2 blamed with 3). Each pair of
+    versions is audited apart now, with its own numbers, anomalies and verdict; the range's
+    verdict is the worst of them."""
+    from vision_rollout.notify import audit_message
+
+    shadow_log(tmp_path, 400, disagree=0.0)
+    shadow_log(tmp_path, 200, disagree=0.4, seed=1, versions=later)
+    result = audit(tmp_path / "log", *around_now(), "digits")
+    assert [(p.versions["primary"], p.versions["shadow"]) for p in result.by_versions] == [
+        (["1"], ["2"]),
+        ([later[0]], ["3"]),
+    ]
+    first, second = result.by_versions
+    assert (first.rows, first.agreement, first.verdict) == (400, 1.0, "pass")
+    assert (second.rows, second.verdict) == (200, "fail")
+    assert second.agreement < 0.7
+    assert first.anomalies.empty
+    assert set(second.anomalies["shadow_version"]) == {"3"}
+    assert (result.verdict, result.rows, result.agreement) == ("fail", 600, None)
+    assert result.reasons[0].startswith("primary 1, shadow 2: PASS: top-1 agreement 100")
+    assert result.reasons[1].startswith(f"primary {later[0]}, shadow 3: FAIL: top-1 agreement")
+    summary = result.to_dict()
+    assert [p["verdict"] for p in summary["by_versions"]] == ["pass", "fail"]
+    files = report_files(result)
+    report = files[REPORT].decode()
+    assert "## Primary 1, shadow 2: PASS" in report
+    assert f"## Primary {later[0]}, shadow 3: FAIL" in report
+    assert report.count("Top-1 agreement") == 2
+    assert json.loads(files["summary.json"])["by_versions"][1]["shadow_error_rate"] == 0.0
+    anomalies = pd.read_csv(io.BytesIO(files["anomalies.csv"]))
+    assert len(anomalies) == len(second.anomalies)
+    confusion = pd.read_csv(io.BytesIO(files["confusion.csv"]))
+    assert confusion.groupby("shadow_version").size().to_dict() == {2: 10, 3: 10}
+    Image.open(io.BytesIO(files[CHART])).verify()
+    slack = json.dumps(audit_message(result).blocks)
+    assert "primary 1, shadow 2" in slack
+    assert f"primary {later[0]}, shadow 3" in slack
+    assert slack.count("Top-1 agreement") == 2

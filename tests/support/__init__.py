@@ -135,6 +135,7 @@ def shadow_log(
     hashed: bool = True,
     at: float | None = None,
     classes: int = 10,
+    versions: tuple[str, str] = ("1", "2"),
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -145,11 +146,15 @@ def shadow_log(
     sending NaN in a binary FP32 tensor gets) and ``shadow_not_finite`` whose shadow alone
     answered NaN. The first ``n`` requests are the same whatever the other counts. Without
     ``hashed`` no record has an input to hash (its ``image_sha256`` is null). Every record is
-    received at ``at`` (a ``time.time()``), or when it is made. Answers are of ``classes`` classes."""
+    received at ``at`` (a ``time.time()``), or when it is made. Answers are of ``classes`` classes.
+    ``versions``: the primary's and the shadow's (other than the default ones, the request ids
+    are led by the shadow's, so that two logs written into one folder hold distinct requests)."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
     rng = np.random.default_rng(seed)
+    primary, shadow = versions
+    lead = "" if versions == ("1", "2") else f"v{shadow}-"
 
     def record(rid: str, version: str, role: str, scores, outcome: str = "ok", name: str = "img") -> Inference:
         image = np.array([f"{name}-{rid}".encode()], dtype=object) if hashed else None
@@ -181,16 +186,16 @@ def shadow_log(
         elif rng.random() < low_confidence:
             q = np.full(classes, 0.45 / (classes - 1), dtype=np.float32)
             q[label] = 0.55
-        rid = f"r{i}"
+        rid = f"{lead}r{i}"
         if i < n + dropped:
-            writer.append(record(rid, "1", "primary", p[None]))
+            writer.append(record(rid, primary, "primary", p[None]))
         if i < forged:
-            writer.append(record(rid, "2", "shadow", np.roll(p, 1)[None], name="forged"))
+            writer.append(record(rid, shadow, "shadow", np.roll(p, 1)[None], name="forged"))
         if i >= n + dropped or i < n:
             failed = i < errors
-            writer.append(record(rid, "2", "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
+            writer.append(record(rid, shadow, "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
         else:
-            writer.append(record(rid, "2", "shadow", None, "DROPPED"))
+            writer.append(record(rid, shadow, "shadow", None, "DROPPED"))
     for i in range(self_mirrored):
         p = np.full(10, 0.01, dtype=np.float32)
         p[i % 10] = 0.91
