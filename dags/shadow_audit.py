@@ -7,7 +7,8 @@ earlier hour of the last `catch_up_hours` not yet audited (the scheduler was dow
 the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
 PNG) is kept and sent to Slack. An hour without shadow data is marked audited with a note, not
 failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox,
-which each run, and its retry, sends first: each report once).
+which each run, and its retry, sends first: each report once). Hours older than
+`retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def _rollout_schema(name: str) -> dict[str, Any]:
             description="Earlier hours audited when they were not (the scheduler down)",
             section="Audit",
         ),
+        "retention_days": Param(
+            30,
+            type="integer",
+            minimum=8,  # (more than the longest catch-up window: an hour pruned in it is audited again)
+            maximum=3660,
+            description="Days an hour's audit report is kept (older ones are removed)",
+            section="Audit",
+        ),
     },
     default_args={"owner": "ml-platform", "retries": 1},
 )
@@ -76,7 +85,12 @@ def shadow_audit() -> None:
         # a clear is max_tries - retries + 1, as Airflow's sensors count it).
         retry = ti.try_number > ti.max_tries - (ti.task.retries or 0) + 1
         return steps.audit_hours(
-            model, data_interval_end, params["slack_channel"], params["catch_up_hours"], retry=retry
+            model,
+            data_interval_end,
+            params["slack_channel"],
+            params["catch_up_hours"],
+            retry=retry,
+            retention_days=params["retention_days"],
         )
 
     audit_hours.expand(model=models())

@@ -13,6 +13,8 @@ store as one PUT.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +108,56 @@ class Folder:
         fs, key = self._key()
         infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def folders(self) -> list[str]:
+        """The folders in this folder (not below them), sorted; [] when it does not exist."""
+        path = self.path
+        if path is not None:
+            names = [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+            return sorted(n for n in names if not n.startswith("."))
+        import pyarrow.fs as pafs
+
+        fs, key = self._key()
+        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def remove_temporaries(self, ours: Callable[[str], object], before: float) -> int:
+        """The temporary files (``.<name>.<pid>.tmp``) that writes killed mid-way left in this
+        folder on a disk, last changed before ``before`` (a ``time.time()``), removed: only those
+        of the names ``ours`` is true of; how many. An object store's PUT leaves none."""
+        path = self.path
+        if path is None or not path.is_dir():
+            return 0
+        removed = 0
+        for tmp in path.iterdir():
+            match = re.fullmatch(r"\.(.+)\.\d+\.tmp", tmp.name)
+            if not match or not ours(match[1]) or not tmp.is_file():
+                continue
+            if tmp.stat().st_mtime < before:
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def remove_if_empty(self) -> bool:
+        """This folder removed when it holds nothing (in an object store, the marker pyarrow
+        leaves for the folder of a file it deleted); whether it is gone."""
+        path = self.path
+        if path is None:
+            if self.names() or self.folders():
+                return False
+            import pyarrow.fs as pafs
+
+            fs, key = self._key()
+            if fs.get_file_info(key).type == pafs.FileType.Directory:
+                fs.delete_dir(key)
+            return True
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:  # (not empty)
+            return False
+        return True
 
     def check(self) -> None:
         """OSError unless its object store answers and holds its bucket (a prefix need not exist

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 256 * 1024 * 1024  # a cache larger than this is not written (the previous one stays)
 MAX_AGE_S = 2 * 86400  # caches of stages started longer ago are removed
 MAX_CACHES = 32  # and all but the newest this many
+CACHE_NAME = re.compile(r"\d+-.*\.parquet")  # (name's: the stage's start first)
 _META = b"vision_rollout.logcache"
 _NEVER = datetime(9999, 1, 1, tzinfo=UTC)  # a cached file's records are kept whatever their time
 
@@ -87,12 +89,25 @@ def _store(folder: Folder, cache: str, table: pa.Table, files: list[tuple[str, i
 
 
 def _prune(folder: Folder, keep: str) -> None:
-    names = [n for n in folder.names() if n.endswith(".parquet") and n.split("-", 1)[0].isdigit() and n != keep]
+    names = [n for n in folder.names() if CACHE_NAME.fullmatch(n) and n != keep]
     names.sort(key=lambda n: int(n.split("-", 1)[0]), reverse=True)
     old = time.time() - MAX_AGE_S
     for i, n in enumerate(names):
         if i >= MAX_CACHES - 1 or int(n.split("-", 1)[0]) < old:
             folder.delete(n)
+
+
+def prune(folder: Folder) -> int:
+    """The caches in ``folder`` of stages started over ``MAX_AGE_S`` ago removed (a stage is
+    decided within ``MAX_STAGE_SECONDS``: no running stage reads them), and the temporary files
+    of cache writes killed mid-way (on a disk, up to ``MAX_BYTES`` each, which no listing of the
+    caches sees) an hour old; how many files went. For a folder no stage writes to any more
+    (a killed run's caches wait for the next stage's write otherwise)."""
+    old = time.time() - MAX_AGE_S
+    stale = [n for n in folder.names() if CACHE_NAME.fullmatch(n) and int(n.split("-", 1)[0]) < old]
+    for n in stale:
+        folder.delete(n)
+    return len(stale) + folder.remove_temporaries(CACHE_NAME.fullmatch, time.time() - 3600)
 
 
 def stage_records(

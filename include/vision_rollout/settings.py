@@ -328,6 +328,11 @@ class ServingSettings:
         """Slack reports that could not be posted (no token, or Slack failing)."""
         return self.run_folder / "outbox"
 
+    @property
+    def stage_caches(self) -> Folder:
+        """The rollout stages' prediction-log reads, kept between pokes on any worker (``logcache``)."""
+        return self.run_folder / ".logcache"
+
     def validation(self, model: str) -> Path:
         """The model's validation set: ``labels.csv`` (``file``, ``label``) and the images it names."""
         return self.repository / model / "validation"

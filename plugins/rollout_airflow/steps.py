@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168  # the earlier hours a shadow audit run looks for unaudited ones
+# The days a shadow audit's hour folders are kept: at least those of the longest catch-up window
+# and a day (an hour pruned within it would be audited and reported again).
+RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, MAX_CATCH_UP_HOURS // 24 + 1, 3660
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
@@ -494,7 +497,7 @@ def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource 
         settings.validation(spec.model),
         settings.prediction_log,
         source,
-        cache=settings.run_folder / ".logcache",  # the stages' reads, kept between pokes on any worker
+        cache=settings.stage_caches,
     )
 
 
@@ -983,6 +986,7 @@ def audit_hours(
     channel: str = "#model-rollouts",
     catch_up_hours: int = CATCH_UP_HOURS,
     retry: bool = False,
+    retention_days: int = RETENTION_DAYS,
 ) -> list[dict[str, Any]]:
     """The hourly shadow audit of one model: the clock hour that ends at or before ``end``
     (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
@@ -996,13 +1000,21 @@ def audit_hours(
     Skipped when no hour had anything.
 
     ``retry``: a retry of a failed try, which reports only the hours not marked audited (the
-    run's own hour too, when the failed try reported it: it is not sent to Slack twice)."""
+    run's own hour too, when the failed try reported it: it is not sent to Slack twice).
+
+    Last, what the audits left that nobody reads any more is removed (``prune_audits``): the
+    model's hour folders older than ``retention_days``, and the stage caches of rollouts killed
+    mid-stage."""
     from vision_rollout.audit import AUDITED, audited_hour, hour_folder, unaudited_hours
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
     if not 0 <= catch_up_hours <= MAX_CATCH_UP_HOURS or catch_up_hours != int(catch_up_hours):
         raise AirflowFailException(f"catch_up_hours must be 0 to {MAX_CATCH_UP_HOURS}, not {catch_up_hours}")
+    if not MIN_RETENTION_DAYS <= retention_days <= MAX_RETENTION_DAYS or retention_days != int(retention_days):
+        raise AirflowFailException(
+            f"retention_days must be {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS}, not {retention_days}"
+        )
     catch_up_hours = int(catch_up_hours)  # (24.0 is an integer to the form's JSON Schema)
     audits = serving().settings.run_folder / "audits" / model
     start, end, _ = audited_hour(end, datetime.now(UTC))
@@ -1026,6 +1038,7 @@ def audit_hours(
         except Exception as exc:  # (the other hours are audited all the same)
             log.exception("the audit of '%s' from %s failed", model, hour)
             failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
+    prune_audits(audits, start - timedelta(days=int(retention_days)))
     if failed or unsent:
         hours_failed = [f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)]
         raise AirflowException("; ".join([*(hours_failed if failed else []), *unsent]))
@@ -1035,6 +1048,23 @@ def audit_hours(
             "that were audited, and no mirror"
         )
     return results
+
+
+def prune_audits(audits: Folder, before: datetime) -> None:
+    """A model's audit hour folders of the hours before ``before`` removed (``prune_hours``), and
+    the run folder's stage caches that no running stage reads (``logcache.prune``); a store
+    refusing is a warning (the next run prunes again)."""
+    from vision_rollout import logcache
+    from vision_rollout.audit import prune_hours
+
+    try:
+        hours = prune_hours(audits, before)
+        caches = logcache.prune(serving().settings.stage_caches)
+    except (OSError, ValueError) as exc:  # (ValueError: a name there no Folder takes)
+        log.warning("the audits before %s were not all pruned: %s", before.isoformat(), str(exc)[:300])
+        return
+    if hours or caches:
+        log.info("pruned %d audit hour folders before %s, %d stage cache files", hours, before.isoformat(), caches)
 
 
 def send_outbox(budget_s: float = 120) -> list[dict[str, Any]]:

@@ -568,3 +568,34 @@ def test_each_pair_of_versions_in_a_range_is_audited_apart(tmp_path, later):
     assert "primary 1, shadow 2" in slack
     assert f"primary {later[0]}, shadow 3" in slack
     assert slack.count("Top-1 agreement") == 2
+
+
+@pytest.mark.parametrize("store", ["folder", "s3"])
+def test_hour_folders_before_a_time_are_removed_and_nothing_else(tmp_path, request, store):
+    """Every audited hour keeps a folder (an hour without records its mark alone): 24 a day and
+    a model, never removed. The hours before a time lose what the audit wrote in them, and their
+    folder once empty; a file of someone else's, and a folder of another name, stay."""
+    import os
+    import time
+
+    from vision_rollout.audit import AUDITED, hour_folder, prune_hours
+
+    audits = (Folder(request.getfixturevalue("s3").uri()) if store == "s3" else Folder(str(tmp_path / "run"))) / "a"
+    hour = datetime(2026, 3, 10, 7, tzinfo=UTC)
+    old, kept_file, recent = (hour_folder(audits, hour - timedelta(hours=k)) for k in (50, 49, 1))
+    for folder in (old, kept_file, recent):
+        folder.write(AUDITED, b"{}")
+    write_report(report_files(audit_frame(pairs(20, 18))), old)
+    kept_file.write("notes.txt", b"someone else's")
+    (audits / "scratch").write("x", b"not an hour")
+    if store == "folder":  # (a write killed mid-way: on a disk alone)
+        tmp = Path(str(old)) / f".{REPORT}.123.tmp"
+        tmp.write_bytes(b"half")
+        os.utime(tmp, (time.time() - 7200, time.time() - 7200))
+    assert prune_hours(audits, hour - timedelta(hours=2), limit=1) == 1  # the oldest first
+    assert audits.folders() == sorted([kept_file.parts[-1], recent.parts[-1], "scratch"])
+    assert kept_file.names() == [AUDITED, "notes.txt"]
+    assert prune_hours(audits, hour - timedelta(hours=2)) == 0
+    assert audits.folders() == sorted([kept_file.parts[-1], recent.parts[-1], "scratch"])
+    assert kept_file.names() == ["notes.txt"]
+    assert recent.names() == [AUDITED]

@@ -1387,3 +1387,48 @@ def test_an_aborted_run_stops_at_its_next_step_and_its_teardown_puts_the_stable_
     assert (kept, done) == (False, "version 1 takes 100%; version 2 is unloaded")
     assert steps.serving().settings.admin.traffic("digits") == spec.stable_policy()
     assert lock.holding() is None
+
+
+def test_an_audit_run_removes_the_hours_past_their_retention_and_killed_stages_caches(monkeypatch, tmp_path):
+    """Each audited hour kept a folder and each stage killed mid-way its prediction-log cache (up
+    to 256 MB, and a killed write's temporary file as large), none ever removed once no stage
+    wrote a cache again. An audit run removes the model's hour folders older than its retention
+    (30 days by default) and the caches of stages no running stage can be (started over
+    MAX_AGE_S ago), with their temporary files an hour old; nothing else."""
+    import os
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from vision_rollout import logcache
+    from vision_rollout.audit import AUDITED
+
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    audits = run / "audits" / "digits"
+    names = {days: (this_hour - timedelta(days=days, hours=2)).strftime("%Y%m%dT%H") for days in (40, 29)}
+    for name in names.values():
+        (audits / name).mkdir(parents=True)
+        (audits / name / AUDITED).write_text("{}")
+        (audits / name / "report.md").write_text("# Shadow audit")
+    caches = run / ".logcache"
+    caches.mkdir()
+    now = int(time.time())
+    stale, live = f"{now - logcache.MAX_AGE_S - 60}-{0:024x}.parquet", f"{now - 600}-{1:024x}.parquet"
+    for name in (stale, live, f".{stale}.77.tmp", f".{live}.78.tmp", "notes.txt"):
+        (caches / name).write_bytes(b"x")
+    os.utime(caches / f".{stale}.77.tmp", (now - 7200, now - 7200))
+    with pytest.raises(AirflowSkipException):  # (no records in its hour)
+        steps.audit_hours("digits", this_hour, catch_up_hours=0)
+    assert sorted(p.name for p in audits.iterdir()) == sorted(
+        [names[29], (this_hour - timedelta(hours=1)).strftime("%Y%m%dT%H")]
+    )
+    assert sorted(p.name for p in caches.iterdir()) == sorted([live, f".{live}.78.tmp", "notes.txt"])
+    with pytest.raises(AirflowSkipException):
+        steps.audit_hours("digits", this_hour, catch_up_hours=0, retention_days=8)
+    assert names[29] not in [p.name for p in audits.iterdir()]
+    with pytest.raises(AirflowFailException, match="retention_days must be 8 to 3660, not 7"):
+        steps.audit_hours("digits", this_hour, catch_up_hours=0, retention_days=7)
