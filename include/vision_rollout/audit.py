@@ -12,7 +12,8 @@ divergence above 0.18: the defaults) with their image hashes, and the shadow err
 rate; a Markdown report, CSV tables and a PNG plot, and a verdict: fail when agreement is shown
 below the minimum (or the shadow fails or diverges too often), pass when shown above it,
 inconclusive while the interval still straddles it (or while files of the range could not be
-read: their records are missing), skip when the range holds no records.
+read: their records are missing, or no shadow record of it pairs with its primary), skip when
+the range holds no records.
 """
 
 from __future__ import annotations
@@ -420,6 +421,15 @@ def audit(
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
+    if result.verdict == "skip" and (result.shadow_without_primary or result.shadow_dropped):
+        # Shadow traffic, none of it compared: no empty range.
+        result.verdict = "inconclusive"
+        result.reasons = [
+            f"no shadow record in this range pairs with its primary, nothing is shown: "
+            f"{result.shadow_without_primary} shadow records without their primary (its replica's log "
+            f"files not read or not written, or stamped in another range), {result.shadow_dropped} "
+            "copies dropped (no idle time or a full queue)"
+        ]
     skipped = records.attrs["skipped_file_reasons"]
     result.skipped_files = len(skipped)
     if skipped:
@@ -646,6 +656,8 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Records: {result.rows} (shadow errors {result.shadow_errors}, "
         f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%; limit "
         f"{limit_percent(cfg.max_shadow_error_rate)}%)",
+        f"- Unpaired: shadow records without their primary {result.shadow_without_primary}, primaries "
+        f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped}",
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "

@@ -599,3 +599,24 @@ def test_hour_folders_before_a_time_are_removed_and_nothing_else(tmp_path, reque
     assert audits.folders() == sorted([kept_file.parts[-1], recent.parts[-1], "scratch"])
     assert kept_file.names() == ["notes.txt"]
     assert recent.names() == [AUDITED]
+
+
+@pytest.mark.parametrize("one_side", ["orphans", "dropped"])
+def test_a_range_of_shadow_records_none_of_which_pairs_is_not_an_empty_one(tmp_path, one_side):
+    """300 shadow records without their primary (its pod's files lost, or its clock in another
+    hour), or 300 copies all dropped: the audit said "no shadow records in this range" and
+    skipped it, and the hourly run marked the hour audited without a word where Prometheus
+    did not say a mirror was configured. The shadow traffic was there and nothing was shown."""
+    from vision_rollout.audit import with_coverage
+
+    result = audit(shadow_log(tmp_path, 0, disagree=0.0, **{one_side: 300}), *around_now(), "digits")
+    assert result.verdict == "inconclusive"
+    assert result.rows == 0
+    assert "no shadow records" not in result.reasons[0]
+    assert "300" in result.reasons[0]
+    assert with_coverage(result, None).verdict == "inconclusive"
+    report = report_files(result)[REPORT].decode()
+    assert "**INCONCLUSIVE**" in report
+    orphans, dropped = (300, 0) if one_side == "orphans" else (0, 300)
+    assert f"shadow records without their primary {orphans}, " in report
+    assert f"copies dropped {dropped}" in report
