@@ -388,6 +388,34 @@ def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, floa
     return hour_end - timedelta(hours=1), hour_end, max(0.0, (settled - now).total_seconds())
 
 
+# How far the clocks of two pods writing the log may differ: Istio's copy of a request is
+# answered, and stamped, by the candidate's pod, its primary by the baseline's. (Records stamped
+# up to this long after a range by a pod whose clock is right are written by the time
+# ``audited_hour`` waits for.)
+CLOCK_SKEW_S = 60
+
+
+def of_primaries_within(records: pd.DataFrame, start: datetime, end: datetime) -> pd.DataFrame:
+    """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), the primaries
+    stamped within the range, and the shadow records of their items (whenever stamped within
+    the margins), or stamped within the range and of no item of a primary outside it: a pair is
+    its primary's range's, once, whatever its shadow's pod's clock said."""
+    if records.empty:
+        return records
+    time = records["time"]
+    inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
+    primary = (records["role"] == "primary").to_numpy()
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    ours = key.isin(key[primary & inside])
+    theirs = key.isin(key[primary & ~inside])
+    keep = np.where(primary, inside, ours | (inside & ~theirs))
+    if keep.all():
+        return records
+    kept = records[keep].reset_index(drop=True)
+    kept.attrs = records.attrs
+    return kept
+
+
 def audit(
     prediction_log: str | Path,
     start: datetime,
@@ -404,7 +432,11 @@ def audit(
     when nothing else was left to audit."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, pair_probabilities, read, shadow_pairs
 
-    records = read(prediction_log, start, end, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow"))
+    margin = timedelta(seconds=CLOCK_SKEW_S)
+    records = read(
+        prediction_log, start - margin, end + margin, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
+    )
+    records = of_primaries_within(records, start, end)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
     result = audit_by_versions(

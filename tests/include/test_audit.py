@@ -620,3 +620,20 @@ def test_a_range_of_shadow_records_none_of_which_pairs_is_not_an_empty_one(tmp_p
     orphans, dropped = (300, 0) if one_side == "orphans" else (0, 300)
     assert f"shadow records without their primary {orphans}, " in report
     assert f"copies dropped {dropped}" in report
+
+
+def test_a_pair_whose_records_two_pods_stamped_either_side_of_the_hour_is_audited_once(tmp_path):
+    """Istio's copy runs on the candidate's pod, whose clock may differ from the baseline pod's
+    by seconds: a request answered at 10:59:50 whose copy was stamped 11:00:20 was a primary
+    without its shadow in one hour's audit and a shadow without its primary in the next, in
+    neither compared. It is the pair of the hour of its primary, once."""
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    log = shadow_log(tmp_path, 200, disagree=0.0, at=(hour - timedelta(seconds=10)).timestamp(), skew=30)
+    before = audit(log, hour - timedelta(hours=1), hour, "digits")
+    assert (before.verdict, before.rows, before.primary_without_shadow) == ("pass", 200, 0)
+    after = audit(log, hour, hour + timedelta(hours=1), "digits")
+    assert (after.verdict, after.rows, after.shadow_without_primary) == ("skip", 0, 0)
+    (tmp_path / "b").mkdir()
+    earlier = shadow_log(tmp_path / "b", 200, disagree=0.0, at=(hour + timedelta(seconds=10)).timestamp(), skew=-30)
+    assert audit(earlier, hour, hour + timedelta(hours=1), "digits").rows == 200
+    assert audit(earlier, hour - timedelta(hours=1), hour, "digits").verdict == "skip"

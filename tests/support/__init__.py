@@ -136,6 +136,7 @@ def shadow_log(
     at: float | None = None,
     classes: int = 10,
     versions: tuple[str, str] = ("1", "2"),
+    skew: float = 0.0,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -148,7 +149,8 @@ def shadow_log(
     ``hashed`` no record has an input to hash (its ``image_sha256`` is null). Every record is
     received at ``at`` (a ``time.time()``), or when it is made. Answers are of ``classes`` classes.
     ``versions``: the primary's and the shadow's (other than the default ones, the request ids
-    are led by the shadow's, so that two logs written into one folder hold distinct requests)."""
+    are led by the shadow's, so that two logs written into one folder hold distinct requests).
+    ``skew``: seconds the shadow records' clock is ahead of the primaries' (another pod's)."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -160,7 +162,7 @@ def shadow_log(
         image = np.array([f"{name}-{rid}".encode()], dtype=object) if hashed else None
         route = "route" if role == "primary" else "mirror"
         return Inference(
-            time.time() if at is None else at,
+            (time.time() if at is None else at) + (skew if role == "shadow" else 0.0),
             "digits",
             version,
             role,
