@@ -76,6 +76,7 @@ _NAMED_GROUP = re.compile(r"\(\?P?[<']")  # a named group would define an nginx 
 _CLUSTER_SUFFIX = ".svc.cluster.local"
 _MIRROR_URI = "/.rollout-mirror"
 _EMPTY = '""'  # an empty nginx string
+_FLAGS_PER_MAP = 128  # routes' match flags one map concatenates (their names: 4 KB at most)
 _TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # every one nginx creates at start
 
 
@@ -413,15 +414,19 @@ def _render_virtual_service(
             flags.append((j, f"${prefix}_any"))
     if not flags:
         return lines, fallback, chosen
-    # First match: one map over every route's flag, in order, answers the index of the first 1.
-    # (Not a chain of maps each asking the next: nginx evaluates variables at most 100 deep.)
-    lines += [
-        "# the first route that matches",
-        f'map "{"".join(flag for _, flag in flags)}" $vs{i}_route {{',
-        *(f'    "~^{f"0{{{k}}}" if k else ""}1" {j};' for k, (j, _) in enumerate(flags)),
-        f"    default {fallback};",
-        "}",
-    ]
+    # First match: a map over the flags of up to _FLAGS_PER_MAP routes, in order, answers the
+    # index of the first 1, else asks the next such map (nginx reads a parameter of at most 4 KB,
+    # and evaluates variables at most 100 deep: not a chain of one map per route).
+    chunks = [flags[k : k + _FLAGS_PER_MAP] for k in range(0, len(flags), _FLAGS_PER_MAP)]
+    lines.append("# the first route that matches")
+    for c, chunk in enumerate(chunks):
+        following = f"$vs{i}_route{c + 1}" if c + 1 < len(chunks) else fallback
+        lines += [
+            f'map "{"".join(flag for _, flag in chunk)}" $vs{i}_route{c or ""} {{',
+            *(f'    "~^{f"0{{{k}}}" if k else ""}1" {j};' for k, (j, _) in enumerate(chunk)),
+            f"    default {following};",
+            "}",
+        ]
     return lines, f"$vs{i}_route", chosen
 
 

@@ -233,6 +233,27 @@ def test_weights_split_requests_at_random_in_proportion(nginx, pods):
 
 
 @pytest.mark.integration
+def test_a_virtual_service_of_the_most_routes_it_takes_is_served(nginx, pods):
+    """nginx reads a parameter of at most 4 KB: the one map that concatenated every route's match
+    flag to find the first that matches was refused for a VirtualService of about 270 routes, under
+    the MAX_ROUTES the data plane takes (and a policy of 256 rules renders)."""
+    pods.add("v1-a", "1")
+    pods.add("v2-a", "2")
+    http = [
+        {"name": f"r{k}", "match": [{"headers": {"x-tenant": {"exact": f"t{k}"}}}], "route": [dest("1")]}
+        for k in range(MAX_ROUTES - 2)
+    ]
+    http.append({"name": "last", "match": [{"headers": {"x-tenant": {"exact": "last"}}}], "route": [dest("2")]})
+    http.append({"name": "default", "route": [dest("1")]})
+    port, _ = serve(nginx, pods, raw_vs(http), render_destination_rule(TARGET, ["1", "2"]))
+    assert call(port, headers={"X-Tenant": "last"}).pod == "v2-a"
+    assert call(port, headers={"X-Tenant": "t0"}).pod == "v1-a"
+    assert call(port).pod == "v1-a"
+    wait_for(lambda: len(log_lines(nginx)) == 3, "an access-log line per request")
+    assert [line["route"] for line in log_lines(nginx)] == ["last", "r0", "default"]
+
+
+@pytest.mark.integration
 def test_a_zero_weight_destination_gets_nothing(nginx, pods):
     pods.add("v1-a", "1")
     pods.add("v2-a", "2")
