@@ -103,15 +103,18 @@ def name(obj: dict[str, Any]) -> str:
 
 @functools.cache
 def istio_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> the openAPIV3Schema of each Istio CRD's v1 in deploy/istio/crds.yaml."""
+    """(apiVersion, kind) -> the openAPIV3Schema of each Istio CRD's v1 in deploy/istio/crds.yaml,
+    or of its only version for a kind without v1 (EnvoyFilter's v1alpha3)."""
     out = {}
     for crd in yaml.load_all(ISTIO_CRDS.read_bytes(), Loader=yaml.CSafeLoader):
         if not crd:
             continue
         spec = crd["spec"]
-        for version in spec["versions"]:
-            if version["name"] == "v1":
-                out[(f"{spec['group']}/v1", spec["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
+        versions = (
+            spec["versions"] if len(spec["versions"]) == 1 else [v for v in spec["versions"] if v["name"] == "v1"]
+        )
+        for version in versions:
+            out[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
     return out
 
 

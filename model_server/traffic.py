@@ -43,8 +43,10 @@ MAX_RULE_HEADERS = 64  # headers a rule matches, all of them
 RULE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 RESERVED_ROUTES = frozenset({"route", "version", "mirror", "probe"})
 PINNED_PREFIX = "pinned-v"  # the VirtualService's routes of requests naming their version: no rule's name
+BUCKET_HEADER = "x-rollout-bucket"  # the user's bucket, written by the mesh's proxies (vision_rollout.mesh)
 UNRULED_HEADERS = {  # headers a rule may not match on: the server and Istio would route them apart
     "host": "Envoy holds the Host header as :authority, so Istio's header match on it never matches",
+    BUCKET_HEADER: "the mesh's proxies write it (the user's bucket) over what the client sent",
     "x-model-version": (
         "it names the version a request wants, served ahead of every rule (a value that is no version is "
         "refused), while Istio pins only the deployed versions' numbers and lets other values reach the rules"

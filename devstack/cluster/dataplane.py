@@ -18,6 +18,11 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   A subset with no ready pod answers 503 ``no healthy upstream``; a subset the
   DestinationRule does not declare answers 503 with no body (Envoy: cluster not found); no
   route matched, 404 with no body (Envoy: route not found). Never another subset.
+- The mesh's EnvoyFilter (``vision_rollout.mesh.render_envoy_filter``), on every proxy: the
+  user's bucket, ``x-rollout-bucket``, is a ``split_clients`` over ``X-User-ID`` (the client
+  address when it is absent or empty) in 10,000 parts of 0.01%: MurmurHash2, as the filter's Lua
+  computes it (``vision_rollout.mesh.user_bucket``). A match on that header reads the bucket
+  (what the client sent is overwritten, as the filter replaces it), and the pods are sent it.
 - ``mirror`` with ``mirrorPercentage`` (100 when absent): a second ``split_clients`` decides
   per request whether nginx's ``mirror`` subrequest copies the request (method, headers,
   body) to the mirror subset, its Host suffixed ``-shadow`` before the port (Envoy's rule,
@@ -30,8 +35,9 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   headers, ``X-Request-ID`` added when the client sent none, a retry on another pod of the
   same subset when a connection fails (``proxy_next_upstream error``: never after a
   non-idempotent request was sent, never on a timeout), and one JSON access-log line per
-  request: the route, the subset, the pod that answered (``upstream_addr``) and whether it
-  was mirrored, so tests and the load generator can count which version served what.
+  request: the route, the subset, the pod that answered (``upstream_addr``), the user's
+  bucket and whether it was mirrored, so tests and the load generator can count which
+  version served what.
 
 Each VirtualService is served on its own loopback port, which stands for its Service's
 ClusterIP: Istio's ``hosts`` matching is not reproduced and the client's Host passes
@@ -55,13 +61,23 @@ from pathlib import Path
 from typing import Any
 
 from model_server.errors import PolicyError
-from model_server.traffic import MAX_RULE_HEADERS, MAX_RULES, MAX_VALUE_CHARS, compile_rule_regex
+from model_server.traffic import (
+    BUCKET_HEADER,
+    BUCKETS,
+    MAX_RULE_HEADERS,
+    MAX_RULES,
+    MAX_VALUE_CHARS,
+    compile_rule_regex,
+)
 
-# At least what a traffic policy may hold, rendered: its rules, a pinned route per subset and the
-# default route; its headers a rule; a destination per subset.
+# What a traffic policy may hold, rendered: its rules, a pinned route per subset and the default
+# route, each split between two versions at most (a version's route each: more is refused, naming
+# the limit); its headers a rule; a destination per subset.
 MAX_VIRTUAL_SERVICES = 64
 MAX_SUBSETS = 64  # per DestinationRule
-MAX_ROUTES = MAX_RULES + MAX_SUBSETS + 1  # http routes per VirtualService
+# http routes per VirtualService: a pinned route per subset, and every rule and the default
+# route split between two versions (a route each, and the weighted route).
+MAX_ROUTES = MAX_SUBSETS + (MAX_RULES + 1) * 3
 MAX_MATCHES = 64  # match entries per route
 MAX_HEADERS = MAX_RULE_HEADERS  # header conditions per match entry
 MAX_DESTINATIONS = MAX_SUBSETS  # weighted destinations per route
@@ -194,7 +210,8 @@ def _match(raw: Any, where: str) -> tuple[Condition, ...]:
     for name, string_match in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"{where}.headers: {name!r} is not a header name this data plane matches ([A-Za-z0-9-]+)")
-        variable = "$http_" + name.lower().replace("-", "_")  # header names compare without case
+        # Header names compare without case; the bucket is the mesh filter's, not the client's.
+        variable = "$rollout_bucket" if name.lower() == BUCKET_HEADER else "$http_" + name.lower().replace("-", "_")
         conditions.append(Condition(variable, _string_match(string_match, f"{where}.headers.{name}", header=True)))
     if "uri" in spec:  # the path, without the query
         conditions.append(Condition("$rollout_path", _string_match(spec["uri"], f"{where}.uri", header=False)))
@@ -544,7 +561,7 @@ def _settings(workdir: Path) -> list[str]:
         'log_format rollout escape=json \'{"time":"$time_iso8601","method":"$request_method","uri":"$request_uri",'
         '"status":$status,"upstream_addr":"$upstream_addr","virtual_service":"$rollout_virtual_service",'
         '"route":"$rollout_route_name","subset":"$rollout_subset","mirrored":"$rollout_mirrored",'
-        '"request_id":"$rollout_request_id","msec":$msec,"request_time":$request_time}\';',
+        '"request_id":"$rollout_request_id","bucket":"$rollout_bucket","msec":$msec,"request_time":$request_time}\';',
         f"access_log {_q(str(workdir / 'access.log'))} rollout;",
         # Envoy applies a route change to the connections it has; nginx reloads, and its old
         # workers close their idle client connections, which a request sent that instant finds
@@ -562,6 +579,13 @@ def _settings(workdir: Path) -> list[str]:
         'map $http_x_request_id $rollout_request_id { "" $request_id; default $http_x_request_id; }',
         'map $http_host $rollout_shadow_host { "~^(?<rollout_host>.*)(?<rollout_port>:[0-9]+)$" '
         '"${rollout_host}-shadow${rollout_port}"; default "${http_host}-shadow"; }',
+        "",
+        "# The mesh's EnvoyFilter: the user's bucket, MurmurHash2 of X-User-ID (else the client's address).",
+        'map $http_x_user_id $rollout_user_key { "" $remote_addr; default $http_x_user_id; }',
+        'split_clients "$rollout_user_key" $rollout_bucket {',
+        *(f"    0.01% {b};" for b in range(BUCKETS - 1)),
+        f"    * {BUCKETS - 1};",
+        "}",
     ]
 
 
@@ -635,6 +659,7 @@ def _proxy_headers(host: str) -> list[str]:
     return [
         f"        proxy_set_header Host {host};",
         "        proxy_set_header X-Request-ID $rollout_request_id;",
+        f"        proxy_set_header {BUCKET_HEADER} $rollout_bucket;",
         '        proxy_set_header Connection "";  # keepalive to the pods',
     ]
 

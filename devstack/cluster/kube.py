@@ -51,7 +51,7 @@ MAX_OBJECTS = 5000  # all kinds together: a runaway creator meets a quota, not a
 MAX_SELECTOR_TERMS = 64
 MAX_SECRET_BYTES = 1024 * 1024  # the real server's limit on a Secret's data
 PATH_RE = re.compile(
-    r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v[1-9]))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
+    r"^/(?:api/(v1)|apis/([a-z0-9.-]{1,253}/v[1-9](?:(?:alpha|beta)[1-9])?))(?:/namespaces/([a-z0-9-]{1,63}))?/([a-z]{1,63})"
     r"(?:/([a-z0-9.-]{1,253}))?(?:/(log|scale))?$"
 )
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -335,6 +335,7 @@ class Resource:
 RESOURCES = {
     "virtualservices": Resource("networking.istio.io/v1", "VirtualService", invalid_manifest, apply=True),
     "destinationrules": Resource("networking.istio.io/v1", "DestinationRule", invalid_manifest, apply=True),
+    "envoyfilters": Resource("networking.istio.io/v1alpha3", "EnvoyFilter", invalid_manifest, apply=True),
     "deployments": Resource("apps/v1", "Deployment", invalid_deployment, apply=True),
     "secrets": Resource("v1", "Secret", invalid_secret, apply=True),
     "services": Resource("v1", "Service", invalid_service, apply=True),

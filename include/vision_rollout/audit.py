@@ -478,7 +478,7 @@ def audit(
     if result.self_pairs and not result.rows:
         result.reasons.append(
             f"{result.self_pairs} shadow copies in this range were of requests their own version served "
-            "(Istio mirrors the whole route): no comparison, left out"
+            "(Istio's weighted route mirrors them all): no comparison, left out"
         )
     if result.input_mismatch:
         result.reasons.append(

@@ -54,9 +54,9 @@ def candidate_replicas(baseline: int, weight: float, mirror_percent: float, floo
 
     ``load`` is the candidate's share of the baseline's traffic: its weight, plus the mirrored
     copies (``weight/100 + mirror/100``), since a copy costs the candidate an inference as a
-    routed request does. Istio mirrors every request of the weighted route, those it sends to
-    the candidate too (``render_virtual_service``), so the candidate gets a copy of its own
-    share besides the baseline's: with a 100% mirror it needs more than the baseline's size from
+    routed request does. Istio's weighted route (requests without the user's bucket,
+    ``render_virtual_service``) mirrors every request, those it sends to the candidate too, so
+    the candidate may get a copy of its own share besides the baseline's: with a 100% mirror it needs more than the baseline's size from
     the first stage (1.05 times at 5%, 1.5 times at 50%). At 100% weight the stage has no mirror
     (``RolloutSpec.policy_for_stage``): the baseline's size. ``baseline``: the baseline's pods.
     Percentages are taken as written (``str``), so 7% of 100 pods is 7, not the 8 that binary

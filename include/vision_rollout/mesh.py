@@ -13,7 +13,9 @@ unknown backend; nothing falls back silently.
   a retry when the object changed underneath (409). What the platform set on the
   VirtualService beside the routes (a route's timeout, retries, fault or CORS policy; the
   spec's other fields) is kept: the rollout moves destinations, weights and the mirror; and on
-  the DestinationRule beside the subsets (its traffic policy, a subset's own).
+  the DestinationRule beside the subsets (its traffic policy, a subset's own). A route the
+  policy splits between versions is one route per version on the user's bucket, which the
+  mesh's EnvoyFilter writes (``render_envoy_filter``; "sticky assignment" below).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from model_server.traffic import PINNED_PREFIX, Destination, TrafficPolicy
+from model_server.traffic import BUCKET_HEADER, BUCKETS, PINNED_PREFIX, Destination, TrafficPolicy
 from vision_rollout.serving import AdminError, ModelServerAdmin
 
 log = logging.getLogger(__name__)
@@ -108,12 +110,15 @@ def istio_schemas() -> dict[str, Any]:
 
 
 def validate_istio(obj: dict[str, Any]) -> None:
-    """Raise RouterError unless ``obj`` is valid against Istio's v1 CRD schema for its kind, and
-    passes what istiod's admission webhook checks besides (``admission_problem``)."""
+    """Raise RouterError unless ``obj`` is valid against Istio's CRD schema for its kind (v1, an
+    EnvoyFilter's v1alpha3), and passes what istiod's admission webhook checks besides
+    (``admission_problem``)."""
     kind = obj.get("kind")
     schemas = istio_schemas()
-    if kind not in schemas or obj.get("apiVersion") != f"{schemas[kind]['group']}/v1":
-        raise RouterError(f"not a networking.istio.io/v1 VirtualService or DestinationRule: {kind}")
+    if kind not in schemas or obj.get("apiVersion") != f"{schemas[kind]['group']}/{schemas[kind].get('version', 'v1')}":
+        raise RouterError(
+            f"not a networking.istio.io/v1 VirtualService or DestinationRule, nor a v1alpha3 EnvoyFilter: {kind}"
+        )
     try:
         jsonschema.validate(obj, schemas[kind]["openAPIV3Schema"])
     except jsonschema.ValidationError as exc:
@@ -211,10 +216,198 @@ class IstioTarget:
         return f"{self.service}.{self.namespace}.svc.cluster.local"
 
 
+# -- sticky assignment in the mesh -----------------------------------------------------------
+#
+# Envoy picks among a route's weighted destinations per request, and a DestinationRule's
+# consistent hash picks a pod within one subset, never the subset. So the mesh assigns users
+# itself: an EnvoyFilter (``render_envoy_filter``) runs a Lua filter on every sidecar's outbound
+# requests and on gateways that writes the user's bucket into ``BUCKET_HEADER``, and a route
+# with two or more weighted versions is rendered as one route per version matching its bucket
+# range by regex (``bucket_range_regex``). The ranges are the model server router's (ascending
+# versions, ``weight * 100`` buckets each), so raising the candidate's weight only moves users
+# from the lower versions to it. The hash is nginx's MurmurHash2 (``murmur_hash2``) so that the
+# one-machine cluster's nginx (``split_clients``) assigns each user the same bucket.
+
+# nginx's split_clients at its resolution (0.01%): each of ``BUCKETS`` parts spans this many hash
+# values (0xffffffff * 1 / 10000, truncated), the last one the rest.
+BUCKET_SPAN = 0xFFFFFFFF // BUCKETS
+ARM_SEPARATOR = ":"  # a version's route of a weighted route: "<route>:v<N>" (no rule name holds ":")
+ENVOY_FILTER_NAME = "rollout-bucket"
+ISTIO_ROOT_NAMESPACE = "istio-system"  # an EnvoyFilter there applies to every proxy of the mesh
+
+
+def murmur_hash2(data: bytes) -> int:
+    """nginx's ``ngx_murmur_hash2`` (src/core/ngx_murmurhash.c): MurmurHash2, seed 0, on 32 bits."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    h = len(data) & mask
+    full = len(data) - len(data) % 4
+    for i in range(0, full, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & mask
+        k ^= k >> 24
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    tail = data[full:]
+    if tail:
+        for j in reversed(range(len(tail))):
+            h ^= tail[j] << (8 * j)
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    return h ^ (h >> 15)
+
+
+def user_bucket(key: str) -> int:
+    """The mesh's bucket in [0, 10000) of a user key (``X-User-ID``, else the client's address):
+    nginx's ``split_clients`` over 10,000 parts of 0.01%, as the EnvoyFilter's Lua computes it."""
+    return min(murmur_hash2(key.encode()) // BUCKET_SPAN, BUCKETS - 1)
+
+
+# The EnvoyFilter's Lua (LuaJIT: Lua 5.1 and its ``bit`` module). Numbers are doubles, so a
+# product modulo 2^32 is taken in two halves of 16 bits, each exact below 2^53.
+BUCKET_LUA = f"""\
+-- {BUCKET_HEADER}: the user's bucket in [0, {BUCKETS}) from X-User-ID, else the client's address
+-- (without its port): nginx's MurmurHash2 of the key, as its split_clients over {BUCKETS} parts.
+local bit = require("bit")
+local M = 0x5bd1e995
+local function u32(x) return x % 4294967296 end
+local function mul(a, b)
+  local lo = a % 65536
+  return (lo * b + ((a - lo) / 65536 * b % 65536) * 65536) % 4294967296
+end
+local function murmur2(s)
+  local n = #s
+  local h = n
+  local i = 1
+  while n >= 4 do
+    local b1, b2, b3, b4 = s:byte(i, i + 3)
+    local k = mul(b1 + b2 * 256 + b3 * 65536 + b4 * 16777216, M)
+    k = mul(u32(bit.bxor(k, bit.rshift(k, 24))), M)
+    h = u32(bit.bxor(mul(h, M), k))
+    i = i + 4
+    n = n - 4
+  end
+  if n == 3 then h = u32(bit.bxor(h, s:byte(i + 2) * 65536)) end
+  if n >= 2 then h = u32(bit.bxor(h, s:byte(i + 1) * 256)) end
+  if n >= 1 then h = mul(u32(bit.bxor(h, s:byte(i))), M) end
+  h = mul(u32(bit.bxor(h, bit.rshift(h, 13))), M)
+  return u32(bit.bxor(h, bit.rshift(h, 15)))
+end
+function envoy_on_request(handle)
+  local key = handle:headers():get("x-user-id")
+  if key == nil or key == "" then
+    local address = handle:streamInfo():downstreamRemoteAddress()
+    key = address:match("^%[(.*)%]:%d+$") or address:match("^(.*):%d+$") or address
+  end
+  local b = math.floor(murmur2(key) / {BUCKET_SPAN})
+  if b > {BUCKETS - 1} then b = {BUCKETS - 1} end
+  handle:headers():replace("{BUCKET_HEADER}", string.format("%d", b))
+end
+"""
+
+
+def render_envoy_filter(namespace: str = ISTIO_ROOT_NAMESPACE) -> dict[str, Any]:
+    """The EnvoyFilter that writes ``BUCKET_HEADER`` (``BUCKET_LUA``) on every request a sidecar
+    sends out and every request a gateway takes, first in the HTTP filter chain (the route, and
+    any filter that reads it, then sees the bucket; the Lua filter clears the route cache when it
+    changes a header). In the root namespace it applies to every proxy of the mesh: a
+    VirtualService routes on the client's side. One for the whole mesh, whatever the models."""
+    patch = {
+        "operation": "INSERT_FIRST",
+        "value": {
+            "name": ENVOY_FILTER_NAME,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": BUCKET_LUA},
+            },
+        },
+    }
+    hcm = {"filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}}
+    return {
+        "apiVersion": "networking.istio.io/v1alpha3",
+        "kind": "EnvoyFilter",
+        "metadata": {
+            "name": ENVOY_FILTER_NAME,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "configPatches": [
+                {
+                    "applyTo": "HTTP_FILTER",
+                    "match": {"context": context, "listener": copy.deepcopy(hcm)},
+                    "patch": copy.deepcopy(patch),
+                }
+                for context in ("SIDECAR_OUTBOUND", "GATEWAY")
+            ]
+        },
+    }
+
+
+def _any_digits(n: int) -> str:
+    return "[0-9]" if n == 1 else f"[0-9]{{{n}}}"
+
+
+def _digit_ranges(lo: str, hi: str) -> list[str]:
+    """Regexes for the digit strings of one width from ``lo`` to ``hi`` (inclusive, lo <= hi)."""
+    n = len(lo)
+    if lo == hi:
+        return [lo]
+    if lo == "0" * n and hi == "9" * n:
+        return [_any_digits(n)]
+    if lo[0] == hi[0]:
+        return [lo[0] + r for r in _digit_ranges(lo[1:], hi[1:])]
+    rest, first, last = n - 1, int(lo[0]), int(hi[0])
+    if rest == 0:
+        return [f"[{first}-{last}]"]
+    head: list[str] = []
+    tail: list[str] = []
+    if lo[1:] != "0" * rest:  # lo's first digit: from lo's rest up
+        head, first = [lo[0] + r for r in _digit_ranges(lo[1:], "9" * rest)], first + 1
+    if hi[1:] != "9" * rest:  # hi's first digit: up to hi's rest
+        tail, last = [hi[0] + r for r in _digit_ranges("0" * rest, hi[1:])], last - 1
+    middle = [] if first > last else [(str(first) if first == last else f"[{first}-{last}]") + _any_digits(rest)]
+    return head + middle + tail
+
+
+def bucket_range_regex(lo: int, hi: int) -> str:
+    """An RE2 regex whose full match is exactly the decimal numbers (no leading zero) in
+    [lo, hi), for 0 <= lo < hi <= BUCKETS: a bucket range of ``BUCKET_HEADER``."""
+    if not 0 <= lo < hi <= BUCKETS:
+        raise ValueError(f"bucket range [{lo}, {hi}): not within [0, {BUCKETS})")
+    parts = []
+    for width in range(len(str(lo)), len(str(hi - 1)) + 1):
+        first = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        last = min(hi - 1, 10**width - 1)
+        parts += _digit_ranges(str(first), str(last))
+    return "|".join(parts)
+
+
+def bucket_arms(dests: tuple[Destination, ...]) -> list[tuple[Destination, int, int]]:
+    """Each destination with weight and its bucket range [lo, hi), as the model server's router
+    assigns them (``traffic._pick``): ascending versions, ``weight * BUCKETS / 100`` each."""
+    out, edge = [], 0
+    for d in dests:
+        lo, edge = edge, edge + d.weight * (BUCKETS // 100)
+        if d.weight > 0:
+            out.append((d, lo, edge))
+    return out
+
+
+def mesh_route_version(policy: TrafficPolicy, key: str) -> str:
+    """The version the mesh's default route sends user ``key`` to (``TrafficPolicy.choose`` with
+    no rule matched, by the mesh's bucket, ``user_bucket``, instead of the model server's)."""
+    b = user_bucket(key)
+    return next(d.version for d, lo, hi in bucket_arms(policy.route) if lo <= b < hi)
+
+
 def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions: Iterable[str] = ()) -> dict[str, Any]:
     """The policy as a VirtualService, after one pinned route per deployed version (``versions``,
-    the DestinationRule's subsets). Envoy picks among a route's weighted destinations per request:
-    the sticky assignment of the model server's router (a user's bucket) has no equivalent here."""
+    the DestinationRule's subsets). A rule or the default route that splits between versions is
+    one route per version, ``<name>:v<N>``, matching its range of the user's bucket
+    (``BUCKET_HEADER``, written by ``render_envoy_filter``'s Lua): a user keeps its version while
+    the weights move, as on the model server's router. The route itself follows them, weighted,
+    for a request without the bucket (no EnvoyFilter on its proxy): split per request by Envoy."""
 
     def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
         return [
@@ -223,29 +416,52 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
             if d.weight > 0 or len(dests) == 1
         ]
 
-    def mirrored(entry: dict[str, Any], dests: tuple[Destination, ...]) -> dict[str, Any]:
-        # The mirror is the whole route's (Envoy's request_mirror_policies are a route's): the
-        # requests the route's weights send to the mirror's own subset are copied to it as well,
-        # unlike the model server's router, which skips them. Istio cannot confine it to the
-        # baseline's share: HTTPRouteDestination has no mirror, and no HTTPMatchRequest splits
-        # by weight (a second route needs a match: a header, a uri...), so splitting the route
-        # would change who is routed where. The shadow audit leaves those pairs out
-        # (shadow_pairs' self_pairs) and candidate_replicas sizes the candidate for them.
+    def mirrored(entry: dict[str, Any], only: str | None) -> dict[str, Any]:
+        # The mirror is a route's (Envoy's request_mirror_policies). A version's route (``only``)
+        # copies its users' requests unless it is the mirror's own version, as the model
+        # server's router skips those. A weighted route's copies include the share it sends to
+        # the mirror's own subset; the shadow audit leaves those pairs out (shadow_pairs'
+        # self_pairs) and candidate_replicas sizes the candidate for them.
         m = policy.mirror
-        if m is not None and not (len(dests) == 1 and dests[0].version == m.version):
+        if m is not None and only != m.version:
             entry["mirror"] = {"host": target.host, "subset": subset(m.version)}
             entry["mirrorPercentage"] = {"value": m.percent}
         return entry
+
+    def routes(name: str, headers: dict[str, Any] | None, dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
+        match = {"match": [{"headers": headers}]} if headers else {}
+        weighted = {"name": name, **match, "route": route(dests)}
+        arms = bucket_arms(dests)
+        if len(arms) < 2:
+            return [mirrored(weighted, dests[0].version if len(dests) == 1 else None)]
+        return [
+            *(
+                mirrored(
+                    {
+                        "name": f"{name}{ARM_SEPARATOR}{subset(d.version)}",
+                        "match": [
+                            {
+                                "headers": {
+                                    **copy.deepcopy(headers or {}),
+                                    BUCKET_HEADER: {"regex": bucket_range_regex(lo, hi)},
+                                }
+                            }
+                        ],
+                        "route": [{"destination": {"host": target.host, "subset": subset(d.version)}}],
+                    },
+                    d.version,
+                )
+                for d, lo, hi in arms
+            ),
+            mirrored(weighted, None),
+        ]
 
     http = [pinned_route(target, v) for v in sorted(set(versions), key=int)]
     for i, rule in enumerate(policy.rules):
         if (rule.name or "").startswith(PINNED_PREFIX):
             raise RouterError(f"traffic rule {rule.name!r}: names starting with {PINNED_PREFIX!r} are reserved")
-        match = {"headers": {h: {m.kind: m.value} for h, m in rule.headers}}
-        http.append(
-            mirrored({"name": rule.name or f"rule-{i}", "match": [match], "route": route(rule.route)}, rule.route)
-        )
-    http.append(mirrored({"name": "default", "route": route(policy.route)}, policy.route))
+        http += routes(rule.name or f"rule-{i}", {h: {m.kind: m.value} for h, m in rule.headers}, rule.route)
+    http += routes("default", None, policy.route)
     spec: dict[str, Any] = {"hosts": target.hosts or [target.host], "http": http}
     if target.gateways:
         spec["gateways"] = target.gateways
@@ -276,7 +492,8 @@ def with_platform_fields(rendered: dict[str, Any], live: dict[str, Any]) -> dict
     routes = {r.get("name"): r for r in live.get("http") or [] if isinstance(r, dict)}
 
     def platform(entry: dict[str, Any]) -> dict[str, Any]:
-        source = routes.get(entry.get("name")) or routes.get("default") or {}
+        name = str(entry.get("name"))
+        source = routes.get(name) or routes.get(name.partition(ARM_SEPARATOR)[0]) or routes.get("default") or {}
         return {k: v for k, v in source.items() if k not in POLICY_ROUTE_FIELDS}
 
     http = [{**platform(entry), **entry} for entry in rendered["http"]]
@@ -320,6 +537,8 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
     for entry in vs["spec"].get("http", []):
         if entry.get("name", "").startswith(PINNED_PREFIX):
             continue  # not the policy's: the routes of requests that name their version
+        if ARM_SEPARATOR in entry.get("name", ""):
+            continue  # a version's bucket range of the weighted route that follows it
         if "mirror" in entry:
             raw["mirror"] = {
                 "version": entry["mirror"]["subset"].removeprefix("v"),

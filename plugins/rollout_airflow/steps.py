@@ -346,7 +346,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import string
 
     from model_server.predictionlog import read
-    from vision_rollout.mesh import mirror_probes
+    from vision_rollout.mesh import mesh_route_version, mirror_probes
     from vision_rollout.replay import load_validation
     from vision_rollout.serving import AdminError, ModelServerAdmin, image_request
 
@@ -371,8 +371,13 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if istio
         else 1
     )
+    # The user's version by the mesh's assignment: under Istio its bucket from the EnvoyFilter's
+    # hash, and a request of the candidate's users is not mirrored.
     user = next(
-        f"probe-user-{i}" for i in range(10_000) if policy.choose({}, f"probe-user-{i}")[0] == spec.baseline_version
+        f"probe-user-{i}"
+        for i in range(10_000)
+        if (mesh_route_version(policy, f"probe-user-{i}") if istio else policy.choose({}, f"probe-user-{i}")[0])
+        == spec.baseline_version
     )
 
     def probe_id() -> str:

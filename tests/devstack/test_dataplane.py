@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -32,8 +33,15 @@ from devstack.cluster.dataplane import (
 )
 from devstack.processes import free_port
 from model_server.app import is_shadow_host
-from model_server.traffic import PolicyError, TrafficPolicy
-from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
+from model_server.traffic import BUCKETS, PolicyError, TrafficPolicy
+from vision_rollout.mesh import (
+    BUCKET_SPAN,
+    IstioTarget,
+    murmur_hash2,
+    render_destination_rule,
+    render_virtual_service,
+    user_bucket,
+)
 
 NGINX = find_nginx()
 TARGET = IstioTarget(namespace="ml", service="digits", name="digits")
@@ -73,6 +81,7 @@ class Pod:
                     "path": self.path,
                     "host": self.headers.get("Host"),
                     "request_id": self.headers.get("X-Request-ID"),
+                    "bucket": self.headers.get("X-Rollout-Bucket"),
                     "body_sha256": hashlib.sha256(body).hexdigest(),
                 }
                 pod.requests.append(seen)
@@ -218,11 +227,11 @@ def dest(version: str, weight: int | None = None) -> dict[str, Any]:
 
 @pytest.mark.integration
 def test_weights_split_requests_at_random_in_proportion(nginx, pods):
+    """A weighted route (what a split policy falls back to without the user's bucket)."""
     pods.add("v1-a", "1")
     pods.add("v2-a", "2")
-    port, _ = serve(
-        nginx, pods, *istio({"route": [{"version": "1", "weight": 80}, {"version": "2", "weight": 20}]}, ["1", "2"])
-    )
+    vs = raw_vs([{"name": "default", "route": [dest("1", 80), dest("2", 20)]}])
+    port, _ = serve(nginx, pods, vs, render_destination_rule(TARGET, ["1", "2"]))
     served = Counter(call(port).pod for _ in range(400))
     assert set(served) == {"v1-a", "v2-a"}
     assert 280 <= served["v1-a"] <= 360  # 320 expected; 5 binomial standard deviations (8) either side
@@ -230,6 +239,44 @@ def test_weights_split_requests_at_random_in_proportion(nginx, pods):
     wait_for(lambda: len(log_lines(nginx)) == 400, "an access-log line per request")
     logged = Counter(line["subset"] for line in log_lines(nginx))
     assert logged == {"v1": served["v1-a"], "v2": served["v2-a"]}  # the log counts which version served what
+
+
+@pytest.mark.integration
+def test_users_keep_their_version_by_the_meshs_bucket_as_the_envoy_filter_computes_it(nginx, pods):
+    """The stand-in split requests by weight at random, as Envoy's weighted route: a user's
+    requests went to both versions. It now writes the mesh filter's bucket (MurmurHash2 of
+    X-User-ID, else of the client's address: nginx's split_clients), so the rollout's routes of
+    a split send every user to the version of its bucket's range, the same one request after
+    request, and the pods are sent the bucket."""
+    pods.add("v1-a", "1")
+    pods.add("v2-a", "2")
+    port, _ = serve(
+        nginx, pods, *istio({"route": [{"version": "1", "weight": 80}, {"version": "2", "weight": 20}]}, ["1", "2"])
+    )
+    rng = random.Random(5)
+    keys = [f"user-{i}".encode() for i in range(1000)]
+    keys += [bytes(rng.randrange(0x21, 0x7F) for _ in range(rng.randrange(1, 60))) for _ in range(1000)]
+    keys += ["ünïcode-user".encode(), b"\xff\xfe"]
+    for i, key in enumerate(keys):
+        call(port, headers={"X-User-ID": key, "X-Request-ID": str(i), "X-Rollout-Bucket": "0"})  # type: ignore[dict-item]
+    call(port, headers={"X-Request-ID": "no-user"})
+    call(port, headers={"X-Request-ID": "empty-user", "X-User-ID": ""})
+    wait_for(lambda: len(log_lines(nginx)) == len(keys) + 2, "an access-log line per request")
+    logged = {line["request_id"]: line for line in log_lines(nginx)}
+    for i, key in enumerate(keys):
+        expected = min(murmur_hash2(key) // BUCKET_SPAN, BUCKETS - 1)
+        line = logged[str(i)]
+        assert int(line["bucket"]) == expected, key
+        assert (line["route"], line["subset"]) == (("default:v2", "v2") if expected >= 8000 else ("default:v1", "v1"))
+    for rid in ("no-user", "empty-user"):  # the client's address
+        assert int(logged[rid]["bucket"]) == user_bucket("127.0.0.1")
+    share = sum(logged[str(i)]["subset"] == "v2" for i in range(len(keys))) / len(keys)
+    assert 0.17 <= share <= 0.23  # 20% of the users
+    again = [call(port, headers={"X-User-ID": "user-7"}).pod for _ in range(20)]
+    assert again == [again[0]] * 20
+    seen = next(r for p in pods.pods for r in p.requests if r["request_id"] == "no-user")
+    assert seen["pod"] == f"v{1 if user_bucket('127.0.0.1') < 8000 else 2}-a"
+    assert seen["bucket"] == str(user_bucket("127.0.0.1"))
 
 
 @pytest.mark.integration

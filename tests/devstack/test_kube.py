@@ -129,6 +129,7 @@ def test_deploys_overlay_applies_as_kubectl_apply_server_side_would(core):
         ("authorizationpolicies", "ml", "digits-admin"),
         ("roles", "ml-builds", "model-rollout-builds"),
         ("poddisruptionbudgets", "ml", "digits"),
+        ("envoyfilters", "istio-system", "rollout-bucket"),  # networking.istio.io/v1alpha3
     }
     assert "namespace" not in fake.objects[("namespaces", "", "ml")]["metadata"]
     assert api.read_namespace("ml").metadata.labels["istio-injection"] == "enabled"

@@ -22,7 +22,7 @@ from devstack.cluster.kube import WORKER_USER
 from devstack.processes import start_prometheus
 from model_server.traffic import TrafficPolicy
 from vision_rollout.deploy import ADMIN_PORT, render_deployment, render_service
-from vision_rollout.mesh import IstioTarget, render_destination_rule, render_virtual_service
+from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
 from vision_rollout.settings import BuildSettings
 
 OVERLAYS = sorted(p.name for p in (manifests.DEPLOY / "overlays").iterdir())
@@ -34,6 +34,7 @@ KINDS = {
     "PodDisruptionBudget",
     "DestinationRule",
     "VirtualService",
+    "EnvoyFilter",
     "AuthorizationPolicy",
     "ServiceAccount",
     "Role",
@@ -72,6 +73,7 @@ MISTAKES = {
     "PodDisruptionBudget": ("spec.maxUnavailabel", 1),  # a misspelt field (strict)
     "DestinationRule": ("spec.subsets.0.labels", "version=1"),  # a map
     "VirtualService": ("spec.http.1.route.0.weight", "100%"),  # an integer
+    "EnvoyFilter": ("spec.configPatches.0.patch.operation", "INSERT_FRIST"),  # an enum
     "AuthorizationPolicy": ("spec.action", "REFUSE"),  # ALLOW, DENY, AUDIT or CUSTOM
     "ServiceAccount": ("automountServiceAccountToken", "no"),  # a boolean
     "Role": ("rules.0.verbs", "get"),  # a list
@@ -195,6 +197,8 @@ def test_the_service_and_the_mesh_are_the_rollouts_own_rendering(rendered):
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     assert one(objects, "VirtualService") == render_virtual_service(TARGET, stable, ["1"])
     assert one(objects, "DestinationRule") == render_destination_rule(TARGET, ["1"])
+    # The mesh's user buckets, which the routes of a split match on: on every proxy of the mesh.
+    assert one(objects, "EnvoyFilter") == render_envoy_filter()
     policy = one(objects, "AuthorizationPolicy")["spec"]
     assert policy["action"] == "DENY"
     assert policy["rules"] == [

@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
+import random
 import re
 from pathlib import Path
 
 import pytest
+import re2
 import yaml
 from kubernetes import client
 
 from devstack.cluster.kube import FakeKubeAPI
-from model_server.traffic import PolicyError, TrafficPolicy
+from model_server.traffic import BUCKETS, PolicyError, TrafficPolicy
 from tests.support import TOKEN
 from vision_rollout.mesh import (
+    BUCKET_LUA,
+    BUCKET_SPAN,
     SCHEMAS,
     IstioRouter,
     IstioTarget,
     LocalRouter,
     RouterError,
+    bucket_range_regex,
     make_router,
+    murmur_hash2,
     policy_from_virtual_service,
     render_destination_rule,
+    render_envoy_filter,
     render_virtual_service,
     routes_to,
+    user_bucket,
     validate_istio,
     wait_unrouted,
 )
@@ -53,9 +62,10 @@ def test_vendored_schemas_are_istios_own():
     raw = ISTIO_CRDS.read_bytes()
     assert f"bundle\n# sha256 {meta['sha256_of_bundle']}.".encode() in raw  # both from the same bundle
     docs = {d["spec"]["names"]["kind"]: d for d in yaml.load_all(raw, Loader=yaml.CSafeLoader) if d}
-    for kind in ("VirtualService", "DestinationRule"):
-        v1 = next(v for v in docs[kind]["spec"]["versions"] if v["name"] == "v1")
-        assert meta["schemas"][kind]["openAPIV3Schema"] == v1["schema"]["openAPIV3Schema"]
+    for kind, version in (("VirtualService", "v1"), ("DestinationRule", "v1"), ("EnvoyFilter", "v1alpha3")):
+        served = next(v for v in docs[kind]["spec"]["versions"] if v["name"] == version)
+        assert meta["schemas"][kind]["openAPIV3Schema"] == served["schema"]["openAPIV3Schema"]
+        assert meta["schemas"][kind].get("version", "v1") == version
 
 
 def test_rendered_objects_validate_and_read_back():
@@ -488,3 +498,231 @@ def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):
         ("debug", {"track": "debug"}),
     ]
     validate_istio(live)
+
+
+# -- sticky assignment in the mesh -------------------------------------------------------------
+
+
+compiled = functools.lru_cache(maxsize=None)(re2.compile)
+
+
+def envoy_route(vs: dict, headers: dict[str, str], path: str = "/v2/models/digits/infer") -> tuple[str, str]:
+    """(route name, subset) as Envoy picks them: the first route with a match entry whose every
+    condition holds (headers' exact, prefix or RE2 full-match regex; the uri's), or none; the
+    route's one destination (a weighted route raises: Envoy would pick per request)."""
+
+    def holds(cond: dict, value: str | None) -> bool:
+        if value is None:
+            return False
+        kind, want = next(iter(cond.items()))
+        if kind == "regex":
+            return compiled(want).fullmatch(value) is not None
+        return value == want if kind == "exact" else value.startswith(want)
+
+    lower = {k.lower(): v for k, v in headers.items()}
+    for route in vs["spec"]["http"]:
+        entries = route.get("match") or [{}]
+        if any(
+            all(holds(c, lower.get(h)) for h, c in e.get("headers", {}).items())
+            and ("uri" not in e or holds(e["uri"], path))
+            for e in entries
+        ):
+            (dest,) = route["route"]
+            return route["name"], dest["destination"]["subset"]
+    raise AssertionError("no route matched")
+
+
+def test_a_user_keeps_its_version_while_the_weight_grows_and_moves_once():
+    """Envoy picked a weighted destination per request, so a user flipped between versions
+    request by request. Each version of a split route is now its own route on the user's bucket
+    (the EnvoyFilter's header), as the model server's router ranges them: a user stays on the
+    baseline at every weight under its bucket's threshold and on the candidate from there on."""
+    keys = [f"user-{i}" for i in range(200)] + ["10.0.0.7", "", "ü-ser"]
+    chosen: dict[str, list[str]] = {key: [] for key in keys}
+    for weight in range(0, 101):
+        raw = [{"version": "1", "weight": 100 - weight}, {"version": "2", "weight": weight}]
+        vs = render_virtual_service(TARGET, TrafficPolicy.from_dict({"route": raw}), ["1", "2"])
+        for key in keys:
+            chosen[key].append(envoy_route(vs, {"x-user-id": key, "x-rollout-bucket": str(user_bucket(key))})[1])
+        # The version named by the client still wins, before any bucket.
+        assert envoy_route(vs, {"x-rollout-bucket": "0", "x-model-version": "2"})[1] == "v2"
+        assert envoy_route(vs, {"x-rollout-bucket": "9999", "x-model-version": "1"})[1] == "v1"
+    for key, versions in chosen.items():
+        threshold = -(-(BUCKETS - user_bucket(key)) // 100)  # the first weight whose candidate range holds it
+        assert versions == ["v1"] * threshold + ["v2"] * (101 - threshold), key
+
+
+def test_a_split_rule_keeps_its_match_and_only_the_others_users_are_mirrored():
+    policy = TrafficPolicy.from_dict(
+        {
+            "rules": [
+                {
+                    "name": "acme",
+                    "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+                    "route": [{"version": "1", "weight": 30}, {"version": "2", "weight": 70}],
+                }
+            ],
+            "route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}],
+            "mirror": {"version": "2", "percent": 50},
+        }
+    )
+    vs = render_virtual_service(TARGET, policy, ["1", "2"])
+    validate_istio(vs)
+    assert policy_from_virtual_service(vs) == policy
+    routes = {r["name"]: r for r in vs["spec"]["http"]}
+    assert [r["name"] for r in vs["spec"]["http"]] == [
+        "pinned-v1",
+        "pinned-v2",
+        "acme:v1",
+        "acme:v2",
+        "acme",
+        "default:v1",
+        "default:v2",
+        "default",
+    ]
+    assert envoy_route(vs, {"x-tenant": "acme", "x-rollout-bucket": "2999"}) == ("acme:v1", "v1")
+    assert envoy_route(vs, {"x-tenant": "acme", "x-rollout-bucket": "3000"}) == ("acme:v2", "v2")
+    assert envoy_route(vs, {"x-tenant": "other", "x-rollout-bucket": "8999"}) == ("default:v1", "v1")
+    assert envoy_route(vs, {"x-rollout-bucket": "9000"}) == ("default:v2", "v2")
+    # The candidate's own users are not copied to it; the baseline's are, at the policy's share.
+    assert "mirror" not in routes["acme:v2"]
+    assert "mirror" not in routes["default:v2"]
+    assert routes["default:v1"]["mirrorPercentage"] == {"value": 50.0}
+    assert routes["default:v1"]["mirror"]["subset"] == "v2"
+    # Without the header (a proxy without the EnvoyFilter): the weighted route, as before.
+    assert [d["weight"] for d in routes["default"]["route"]] == [90, 10]
+    assert routes["default"]["mirror"]["subset"] == "v2"
+    with pytest.raises(PolicyError, match="X-Rollout-Bucket: the mesh's proxies write it"):
+        TrafficPolicy.from_dict(
+            {
+                "rules": [{"match": {"headers": {"X-Rollout-Bucket": {"regex": "1.*"}}}, "route": [{"version": "2"}]}],
+                "route": [{"version": "1"}],
+            }
+        )
+
+
+def test_the_bucket_ranges_regexes_match_exactly_their_numbers():
+    """Exhaustive over every bucket: each range a weight can give (whole percents: multiples of
+    100), from either end, and arbitrary ranges besides; RE2 takes them well within Istio's
+    program size."""
+    text = "\n".join(str(b) for b in range(BUCKETS))
+    pairs = [(0, hi) for hi in range(100, BUCKETS + 1, 100)] + [(lo, BUCKETS) for lo in range(0, BUCKETS, 100)]
+    rng = random.Random(7)
+    pairs += [(lo, rng.randrange(lo + 1, BUCKETS + 1)) for lo in (rng.randrange(BUCKETS) for _ in range(300))]
+    pairs += [(0, 1), (9999, 10000), (10, 100), (99, 101), (1, 9999)]
+    for lo, hi in pairs:
+        rx = bucket_range_regex(lo, hi)
+        assert [int(x) for x in re.findall(f"^(?:{rx})$", text, re.M)] == list(range(lo, hi)), (lo, hi, rx)
+        assert re2.compile(rx).programsize < 1000
+        for outside in ("-1", "01", "00", "10000", " 1", "1 ", "", "1\n", "0" + str(lo)):  # Lua writes no 0 first
+            assert re2.fullmatch(rx, outside) is None, (rx, outside)
+    with pytest.raises(ValueError, match=r"bucket range \[5, 5\): not within"):
+        bucket_range_regex(5, 5)
+
+
+def lua_bucket(key: bytes) -> int:
+    """BUCKET_LUA's arithmetic transcribed line by line on doubles (LuaJIT's numbers) and its
+    ``bit`` module's 32-bit operations: no Lua runs on the test machines."""
+
+    def u32(x: float) -> float:
+        return x % 4294967296.0
+
+    def bxor(a: float, b: float) -> float:
+        r = (int(a) ^ int(b)) & 0xFFFFFFFF
+        return float(r - (1 << 32) if r >= 1 << 31 else r)  # bit.bxor answers a signed int32
+
+    def rshift(a: float, n: int) -> float:
+        return float((int(a) & 0xFFFFFFFF) >> n)
+
+    def mul(a: float, b: float) -> float:
+        lo = a % 65536.0
+        return (lo * b + ((a - lo) / 65536.0 * b % 65536.0) * 65536.0) % 4294967296.0
+
+    m = float(0x5BD1E995)
+    n = len(key)
+    h = float(n)
+    i = 0
+    while n >= 4:
+        b1, b2, b3, b4 = key[i : i + 4]
+        k = mul(b1 + b2 * 256.0 + b3 * 65536.0 + b4 * 16777216.0, m)
+        k = mul(u32(bxor(k, rshift(k, 24))), m)
+        h = u32(bxor(mul(h, m), k))
+        i, n = i + 4, n - 4
+    if n == 3:
+        h = u32(bxor(h, key[i + 2] * 65536.0))
+    if n >= 2:
+        h = u32(bxor(h, key[i + 1] * 256.0))
+    if n >= 1:
+        h = mul(u32(bxor(h, key[i])), m)
+    h = mul(u32(bxor(h, rshift(h, 13))), m)
+    h = u32(bxor(h, rshift(h, 15)))
+    return min(int(h // BUCKET_SPAN), BUCKETS - 1)
+
+
+def test_the_envoy_filters_lua_computes_nginxs_murmur_hash2_bucket():
+    for line in (
+        "return (lo * b + ((a - lo) / 65536 * b % 65536) * 65536) % 4294967296",
+        "local k = mul(b1 + b2 * 256 + b3 * 65536 + b4 * 16777216, M)",
+        "k = mul(u32(bit.bxor(k, bit.rshift(k, 24))), M)",
+        "h = u32(bit.bxor(mul(h, M), k))",
+        "if n == 3 then h = u32(bit.bxor(h, s:byte(i + 2) * 65536)) end",
+        "if n >= 2 then h = u32(bit.bxor(h, s:byte(i + 1) * 256)) end",
+        "if n >= 1 then h = mul(u32(bit.bxor(h, s:byte(i))), M) end",
+        "h = mul(u32(bit.bxor(h, bit.rshift(h, 13))), M)",
+        "return u32(bit.bxor(h, bit.rshift(h, 15)))",
+        f"local b = math.floor(murmur2(key) / {BUCKET_SPAN})",
+        'local key = handle:headers():get("x-user-id")',
+        'handle:headers():replace("x-rollout-bucket", string.format("%d", b))',
+    ):
+        assert line in BUCKET_LUA, line
+    rng = random.Random(3)
+    keys = [b"", b"a", b"ab", b"abc", b"abcd", b"\xff" * 7, "ü-ser".encode()]
+    keys += [rng.randbytes(rng.randrange(1, 80)) for _ in range(3000)]
+    for key in keys:
+        assert lua_bucket(key) == min(murmur_hash2(key) // BUCKET_SPAN, BUCKETS - 1), key
+    assert murmur_hash2(b"") == 0
+    assert user_bucket("user-1") == min(murmur_hash2(b"user-1") // BUCKET_SPAN, BUCKETS - 1)
+    counts = [0] * 10
+    for i in range(20000):
+        counts[user_bucket(f"user-{i}") * 10 // BUCKETS] += 1
+    assert all(1800 <= c <= 2200 for c in counts), counts  # even: 2000 a tenth
+
+
+def test_the_envoy_filter_validates_and_runs_first_on_every_outbound_and_gateway_proxy():
+    ef = render_envoy_filter()
+    validate_istio(ef)
+    assert ef["metadata"]["namespace"] == "istio-system"
+    assert "workloadSelector" not in ef["spec"]
+    patches = ef["spec"]["configPatches"]
+    assert [p["match"]["context"] for p in patches] == ["SIDECAR_OUTBOUND", "GATEWAY"]
+    for p in patches:
+        assert p["applyTo"] == "HTTP_FILTER"
+        assert p["patch"]["operation"] == "INSERT_FIRST"
+        lua = p["patch"]["value"]["typed_config"]
+        assert lua["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+        assert lua["default_source_code"]["inline_string"] == BUCKET_LUA
+    bad = copy.deepcopy(ef)
+    bad["spec"]["configPatches"][0]["applyTo"] = "HTTP_FILTERS"
+    with pytest.raises(RouterError, match="EnvoyFilter rollout-bucket: invalid at spec/configPatches/0/applyTo"):
+        validate_istio(bad)
+
+
+def test_a_versions_route_takes_the_platform_settings_of_the_route_it_splits(kube):
+    fake, api = kube
+    live = fake.objects[("virtualservices", "models", "digits")]
+    live["spec"]["http"][-1]["timeout"] = "7s"
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    router.set_routes(
+        TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    )
+    routes = {r["name"]: r for r in fake.objects[("virtualservices", "models", "digits")]["spec"]["http"]}
+    assert routes["default:v1"]["timeout"] == routes["default:v2"]["timeout"] == "7s"
+    routes["default"]["timeout"] = "9s"
+    routes["default:v2"]["timeout"] = "5s"
+    router.set_routes(
+        TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 80}, {"version": "2", "weight": 20}]})
+    )
+    routes = {r["name"]: r for r in fake.objects[("virtualservices", "models", "digits")]["spec"]["http"]}
+    assert (routes["default:v1"]["timeout"], routes["default:v2"]["timeout"]) == ("7s", "5s")
+    assert router.get_routes().to_dict()["route"] == [{"version": "1", "weight": 80}, {"version": "2", "weight": 20}]

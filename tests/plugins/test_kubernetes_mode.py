@@ -362,7 +362,7 @@ def test_a_deployment_the_api_server_would_refuse_is_refused_with_its_reason(kub
 @pytest.mark.parametrize(("mirror", "sizes"), [(0, [1, 2, 4]), (50, [3, 4, 4])], ids=["no-mirror", "mirror-50"])
 def test_the_candidate_is_sized_per_stage_and_ready_before_its_weight_moves(kube, mirror, sizes):
     """Four baseline pods; stages 10, 50 and 100%: the candidate takes its weight's share, plus
-    the mirrored copies (Istio mirrors the whole route: of its own share too), before the
+    the mirrored copies (Istio's weighted route mirrors its own share too), before the
     VirtualService sends it any."""
     params = {**PARAMS, "mirror_percent": mirror}
     stable_virtual_service(kube, PARAMS)
@@ -978,6 +978,38 @@ def test_the_masking_probe_finds_a_copy_of_envoys_mirror_at_a_small_share(fleet,
     assert result["probe"] == sent[39]
     assert result["masked"] == "call tok_0123456789ab"
     assert clock[0] < 30
+
+
+def test_the_masking_probe_is_sent_as_a_user_the_meshs_buckets_route_to_the_baseline(fleet, monkeypatch):
+    """Istio's routes of a split send a user by the mesh's bucket (the EnvoyFilter's MurmurHash2),
+    and only the baseline's users are mirrored: the probe's user, chosen by the model server's
+    hash, was the candidate's in the mesh at a 90% stage, and no probe was ever copied."""
+    import pandas as pd
+
+    from model_server import predictionlog
+    from vision_rollout import serving
+    from vision_rollout.mesh import user_bucket
+
+    params = {**PARAMS, "stages": [90, 100]}
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    steps.apply_weights(params, 0, "run-a", built)
+    sent: list[tuple[str, str]] = []  # (request id, user)
+
+    def infer(self, model, body, headers=None):
+        sent.append((headers["X-Request-ID"], headers["X-User-ID"]))
+        return {}
+
+    def read(uri, start, end, model=None, columns=None, roles=None, **kwargs):  # every probe copied
+        meta = json.dumps({"x-meta-probe": "call tok_0123456789ab"})
+        return pd.DataFrame({"request_id": [r for r, _ in sent], "role": "shadow", "meta": meta})
+
+    monkeypatch.setattr(serving.ModelServerAdmin, "infer", infer)
+    monkeypatch.setattr(predictionlog, "read", read)
+    steps.enable_shadow(params, "run-a")
+    users = {u for _, u in sent}
+    assert len(users) == 1
+    assert user_bucket(users.pop()) < 1000  # the baseline's range at 90% to the candidate
 
 
 def test_a_read_the_workers_roles_deny_says_who_was_denied_what(kube, monkeypatch):
