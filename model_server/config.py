@@ -83,6 +83,34 @@ ONNX_TYPES: dict[str, str] = {
 # Keys a load request may override (Triton's load API takes a whole config; we take these).
 OVERRIDABLE = ("version_policy", "instance_count", "max_batch_size", "dynamic_batching")
 
+# KServe v2 datatype -> Triton's model configuration DataType (a string tensor is TYPE_STRING).
+TRITON_TYPES: dict[str, str] = {dt: "TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}" for dt in DATATYPES}
+# Fields of Triton's model configuration (GET .../config) a load may send but not change: they
+# must be the model's own, as that endpoint answers them.
+TRITON_FIXED = (
+    "name",
+    "platform",
+    "backend",
+    "runtime",
+    "input",
+    "output",
+    "batch_input",
+    "batch_output",
+    "optimization",
+    "default_model_filename",
+    "cc_model_filenames",
+    "metric_tags",
+    "parameters",
+    "model_warmup",
+)
+_ENUM_KEYS = {"data_type", "format", "kind", "priority", "timeout_action"}  # protobuf reads enums in any case
+
+
+def instance_kind(provider: str) -> tuple[str, tuple[int, ...]]:
+    """Triton's instance_group ``kind`` and ``gpus`` of a version ONNX Runtime runs with
+    ``provider`` (a GPU provider runs on the first device it sees)."""
+    return ("KIND_CPU", ()) if provider == "CPUExecutionProvider" else ("KIND_GPU", (0,))
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -93,6 +121,30 @@ class TensorSpec:
 
     def as_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.dims)}
+
+    def as_triton(self, batched: bool, output: bool) -> dict[str, Any]:
+        """Triton's ModelInput or ModelOutput JSON: ``dims`` without the batch dimension where
+        the model batches (here the batch dimension is the first of ``dims``)."""
+        dims = list(self.dims[1:] if batched else self.dims)
+        if output:
+            return {
+                "name": self.name,
+                "data_type": TRITON_TYPES[self.datatype],
+                "dims": dims,
+                "label_filename": self.label_filename or "",
+                "is_shape_tensor": False,
+                "is_non_linear_format_io": False,
+            }
+        return {
+            "name": self.name,
+            "data_type": TRITON_TYPES[self.datatype],
+            "format": "FORMAT_NONE",
+            "dims": dims,
+            "is_shape_tensor": False,
+            "allow_ragged_batch": False,
+            "optional": False,
+            "is_non_linear_format_io": False,
+        }
 
 
 # The most pixels an image has: one a request sends (4096 x 4096 is far more than any digit
@@ -152,6 +204,7 @@ class DynamicBatching:
                 "allow_timeout_override": self.allow_timeout_override,
                 "timeout_action": self.timeout_action,
             },
+            "priority_queue_policy": {},
         }
 
 
@@ -162,6 +215,7 @@ _BATCHING_KEYS = {
     "priority_levels",
     "default_priority_level",
     "default_queue_policy",
+    "priority_queue_policy",
 }
 _QUEUE_POLICY_KEYS = {"max_queue_size", "default_timeout_microseconds", "allow_timeout_override", "timeout_action"}
 MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait is a misconfiguration, not batching
@@ -178,7 +232,8 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     sizes_raw = raw.get("preferred_batch_size", [])
     if not isinstance(sizes_raw, list) or len(sizes_raw) > 64:
         raise _fail(f"{where}.preferred_batch_size", "must be a list of at most 64 integers")
-    sizes = sorted({_positive_int(f"{where}.preferred_batch_size", s, 1) for s in sizes_raw})
+    # None is max_batch_size, as Triton normalizes it (and as the batcher runs either).
+    sizes = sorted({_positive_int(f"{where}.preferred_batch_size", s, 1) for s in sizes_raw}) or [max_batch_size]
     if sizes and sizes[-1] > max_batch_size:
         raise _fail(f"{where}.preferred_batch_size", f"{sizes[-1]} is over max_batch_size {max_batch_size}")
     delay = _positive_int(
@@ -196,6 +251,8 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
             f"priority_levels {levels} (at most 1000) needs a default_priority_level in 1..{levels}, "
             f"got {default_level}",
         )
+    if raw.get("priority_queue_policy", {}) != {}:
+        raise _fail(f"{where}.priority_queue_policy", "is not supported: every priority level has default_queue_policy")
     policy = raw.get("default_queue_policy", {})
     if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
         raise _fail(f"{where}.default_queue_policy", f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
@@ -255,6 +312,54 @@ class ModelConfig:
                 f"that are not in the repository (found {available})"
             )
         return sorted(wanted)
+
+    def as_triton(self, kind: str = "KIND_CPU", gpus: tuple[int, ...] = ()) -> dict[str, Any]:
+        """Triton's model configuration JSON (GET .../config), as Triton writes it for this
+        model: protobuf's JSON of ModelConfig with every field, 64-bit integers as numbers,
+        defaults filled in, ``dims`` without the batch dimension where the model batches. What
+        Triton's config has no field for (the image preprocessing, the free-form metadata) is in
+        ``parameters``, each a JSON text in a ``string_value``."""
+        batched = self.max_batch_size > 0
+        extras = {"preprocess": self.raw.get("preprocess"), "metadata": self.metadata or None}
+        config: dict[str, Any] = {
+            "name": self.name,
+            "platform": self.platform,
+            "backend": "onnxruntime",
+            "runtime": "",
+            "version_policy": self.version_policy,
+            "max_batch_size": self.max_batch_size,
+            "input": [spec.as_triton(batched, output=False) for spec in self.inputs],
+            "output": [spec.as_triton(batched, output=True) for spec in self.outputs],
+            "batch_input": [],
+            "batch_output": [],
+            "optimization": {
+                "priority": "PRIORITY_DEFAULT",
+                "input_pinned_memory": {"enable": True},
+                "output_pinned_memory": {"enable": True},
+                "gather_kernel_buffer_threshold": 0,
+                "eager_batching": False,
+            },
+        }
+        if self.dynamic_batching is not None:
+            config["dynamic_batching"] = self.dynamic_batching.as_config()
+        config["instance_group"] = [
+            {
+                "name": self.name,
+                "kind": kind,
+                "count": self.instance_count,
+                "gpus": list(gpus),
+                "secondary_devices": [],
+                "profile": [],
+                "passive": False,
+                "host_policy": "",
+            }
+        ]
+        config["default_model_filename"] = "model.onnx"
+        config["cc_model_filenames"] = {}
+        config["metric_tags"] = {}
+        config["parameters"] = {k: {"string_value": json.dumps(v)} for k, v in extras.items() if v is not None}
+        config["model_warmup"] = []
+        return config
 
 
 def _is_int(value: Any) -> bool:
@@ -428,7 +533,116 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> ModelConfig:
+def _triton_int(value: Any) -> int | None:
+    """An integer as protobuf's JSON reader takes one: a number, or its decimal text (a sign too)."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
+        return int(value)
+    return proto_int(value)
+
+
+def _same(given: Any, mine: Any, key: str = "") -> bool:
+    """Whether a field of a Triton model configuration a load sent says what the model's own
+    (``ModelConfig.as_triton``) says: the fields it gives, in any of protobuf's JSON spellings
+    (integers as text, enums in any case), equal; those it leaves out are the model's. Inputs
+    and outputs are matched by name, each one the model has given once."""
+    if isinstance(mine, dict):
+        return isinstance(given, dict) and all(k in mine and _same(v, mine[k], k) for k, v in given.items())
+    if isinstance(mine, list):
+        if not isinstance(given, list) or len(given) != len(mine):
+            return False
+        if key in ("input", "output"):
+            named = {m["name"]: m for m in mine}
+            names = [g.get("name") if isinstance(g, dict) and isinstance(g.get("name"), str) else None for g in given]
+            return set(names) == set(named) and all(_same(g, named[g["name"]]) for g in given)
+        return all(_same(g, m) for g, m in zip(given, mine, strict=True))
+    if isinstance(mine, bool) or mine is None:
+        return given is mine
+    if isinstance(mine, int):
+        return _triton_int(given) == mine
+    if key in _ENUM_KEYS:
+        return isinstance(given, str) and given.upper() == mine
+    return bool(given == mine)
+
+
+def _brief(value: Any) -> str:
+    """A value a load sent, as its JSON, shortened for a message."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):  # (nested past what the encoder goes)
+        text = f"a {type(value).__name__} nested too deep to show"
+    return shown(text[:200])
+
+
+_GROUP_KEYS = {"name", "kind", "count", "gpus", "secondary_devices", "profile", "passive", "host_policy"}
+
+
+def _instance_count(raw: Any, kind: str, gpus: tuple[int, ...]) -> int:
+    """The count of Triton's ``instance_group`` as a load sends it: one group, of the device the
+    server runs the model on (or KIND_AUTO), with a count."""
+    where = "load config override: instance_group"
+    if not isinstance(raw, list) or len(raw) != 1 or not isinstance(raw[0], dict):
+        raise _fail(where, "must be a list of one group: every instance of a version runs on the server's one device")
+    group = raw[0]
+    _known(f"{where}[0]", group, _GROUP_KEYS)
+    if "count" not in group:
+        raise _fail(f"{where}[0]", "needs a count")
+    count = _positive_int(f"{where}[0].count", group["count"], 1)
+    if not _same(group.get("kind", kind), kind, "kind") and not _same(group.get("kind"), "KIND_AUTO", "kind"):
+        raise _fail(f"{where}[0].kind", f"{_brief(group.get('kind'))} is not {kind}, where this server runs the model")
+    if not isinstance(group.get("name", ""), str):
+        raise _fail(f"{where}[0].name", "must be a string")
+    fixed = {"gpus": list(gpus), "secondary_devices": [], "profile": [], "passive": False, "host_policy": ""}
+    for key, value in fixed.items():
+        if key in group and group[key] != [] and not _same(group[key], value):
+            raise _fail(f"{where}[0].{key}", f"{_brief(group[key])} is not supported here (this model's: {value!r})")
+    return count
+
+
+def triton_override(override: dict[str, Any], kind: str, gpus: tuple[int, ...]) -> dict[str, Any]:
+    """A load's config override, in this server's form or in Triton's (what GET .../config
+    answers, whole or in part), as the fields of config.json it changes: Triton's
+    ``instance_group`` count is ``instance_count``. Its other Triton fields are checked by
+    ``check_fixed`` once the config is made."""
+    allowed = [*OVERRIDABLE, "instance_group"]
+    unknown = sorted(set(override) - set(allowed) - set(TRITON_FIXED))
+    if unknown:
+        raise InvalidInput(
+            f"load config override: unsupported key(s) {[shown(str(k)) for k in unknown[:10]]}; allowed: {allowed}, "
+            "and Triton's other model configuration fields as the model's own (GET .../config)"
+        )
+    own = {key: override[key] for key in OVERRIDABLE if key in override}
+    if "instance_group" in override:
+        if "instance_count" in override:
+            raise InvalidInput("load config override: give instance_group or instance_count, not both")
+        own["instance_count"] = _instance_count(override["instance_group"], kind, gpus)
+    return own
+
+
+def check_fixed(config: ModelConfig, override: dict[str, Any], kind: str, gpus: tuple[int, ...]) -> None:
+    """InvalidInput unless each field of Triton's model configuration a load sent and may not
+    change is the model's own, as the loaded config would answer it."""
+    mine = config.as_triton(kind, gpus)
+    differ = [key for key in TRITON_FIXED if key in override and not _same(override[key], mine[key], key)]
+    if differ:
+        sent = "; ".join(f"{key}: sent {_brief(override[key])}" for key in differ)
+        dims = (
+            " (dims leave out the batch dimension where max_batch_size > 0)"
+            if {"input", "output"} & set(differ)
+            else ""
+        )
+        raise InvalidInput(
+            f"load config override: unsupported key(s) {differ}: not the model's own ({sent}){dims}; a load changes "
+            f"{list(OVERRIDABLE)} and instance_group's count, and sends Triton's other fields as GET .../config answers them"
+        )
+
+
+def load_config(
+    model_dir: Path,
+    override: dict[str, Any] | None = None,
+    device: tuple[str, tuple[int, ...]] = ("KIND_CPU", ()),
+) -> ModelConfig:
+    """``model_dir``'s config.json, with a load's config override (``triton_override``; ``device``:
+    the instance kind and GPUs of the server's, ``instance_kind``)."""
     path = model_dir / "config.json"
     where = f"{model_dir.name}/config.json"
     _confined(model_dir, path, f"model '{model_dir.name}': {where}")
@@ -446,12 +660,11 @@ def load_config(model_dir: Path, override: dict[str, Any] | None = None) -> Mode
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
     if override:
-        unknown = sorted(set(override) - set(OVERRIDABLE))
-        if unknown:
-            raise InvalidInput(f"load config override: unsupported key(s) {unknown}; allowed: {list(OVERRIDABLE)}")
-        raw = {**raw, **override}
+        raw = {**raw, **triton_override(override, *device)}
         where = f"{where} with load override"
     config = parse_config(model_dir.name, raw, where)
+    if override:
+        check_fixed(config, override, *device)
     labels = {o.name: _labels(model_dir, o.label_filename) for o in config.outputs if o.label_filename}
     return replace(config, labels=labels) if labels else config
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server import __version__, metrics
-from model_server.config import ModelConfig, version_number
+from model_server.config import ModelConfig, instance_kind, version_number
 from model_server.errors import (
     Cancelled,
     InvalidInput,
@@ -228,11 +228,11 @@ class DataPlane:
         }
 
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
-        cfg, _ = self._versions(model, version)
-        parsed: dict[str, Any] = {"max_batch_size": cfg.max_batch_size, "instance_count": cfg.instance_count}
-        if cfg.dynamic_batching is not None:  # "16" -> 16, defaults filled in, as Triton answers
-            parsed["dynamic_batching"] = cfg.dynamic_batching.as_config()
-        return {**cfg.raw, "name": cfg.name, "version_policy": cfg.version_policy, **parsed}
+        """Triton's model configuration JSON (``ModelConfig.as_triton``), the instance kind the
+        version(s) run on."""
+        cfg, versions = self._versions(model, version)
+        providers = {lv.provider for lv in versions.values()} - {"CPUExecutionProvider"}
+        return cfg.as_triton(*instance_kind(min(providers, default="CPUExecutionProvider")))
 
     def statistics(self, model: str | None = None, version: str | None = None) -> dict[str, Any]:
         """Triton's statistics extension: every loaded version of every model (no ``model``),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server import metrics
-from model_server.config import NAME_RE, ModelConfig, ascii_uint, load_config, version_number
+from model_server.config import NAME_RE, ModelConfig, ascii_uint, instance_kind, load_config, version_number
 from model_server.errors import (
     Conflict,
     InvalidInput,
@@ -164,7 +164,7 @@ class ModelRepository:
 
     def _load(self, name: str, override: dict[str, Any] | None, keep: set[int], persist: bool) -> list[int]:
         model_dir = self.model_dir(name)
-        cfg = load_config(model_dir, override)
+        cfg = load_config(model_dir, override, instance_kind(self.providers[0]))
         on_disk = self.versions_on_disk(model_dir)
         if not on_disk:
             raise InvalidInput(f"model '{name}' has no <version>/model.onnx in the repository")

@@ -271,3 +271,30 @@ def test_state_and_key_files_nested_too_deep_are_refused_by_name(tmp_path, caplo
             read_traffic_file(tmp_path / "traffic" / "m.json")
         with pytest.raises(MaskingUnavailable, match="is not valid: maximum recursion depth"):
             KeyRing(tmp_path / "traffic" / "m.json").key_for(None)
+
+
+def test_a_load_override_in_triton_s_form_reads_as_protobuf_s_json_does(tmp_path):
+    """Triton's model configuration as a load sends it: 64-bit integers as text, enums in any
+    case, fields left out kept; the GPU kind where the server runs on one."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**BASE, "max_batch_size": 8}))
+    mine = load_config(tmp_path / "m").as_triton("KIND_GPU", (0,))
+    assert [t["dims"] for t in mine["input"] + mine["output"]] == [[4], [2]]
+    sent = {
+        "name": "m",
+        "input": [{"name": "x", "data_type": "type_fp32", "dims": ["4"]}],
+        "output": [{"name": "y", "dims": [2]}],
+        "instance_group": [{"kind": "kind_gpu", "count": "3", "gpus": [0]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": "100", "priority_queue_policy": {}},
+    }
+    cfg = load_config(tmp_path / "m", sent, ("KIND_GPU", (0,)))
+    assert cfg.instance_count == 3
+    assert cfg.dynamic_batching is not None
+    assert cfg.dynamic_batching.preferred_batch_size == (8,)
+    with pytest.raises(InvalidInput, match=r'instance_group\[0\]\.kind: "kind_gpu" is not KIND_CPU'):
+        load_config(tmp_path / "m", sent)
+    with pytest.raises(InvalidInput, match=r"unsupported key\(s\) \['input'\]: not the model's own .*batch dimension"):
+        load_config(tmp_path / "m", {**sent, "input": [{"name": "x", "dims": [-1, 4]}]}, ("KIND_GPU", (0,)))
+    for name in (["x"], {"x": 1}, None):  # (a name that is no string was a TypeError, a 500)
+        with pytest.raises(InvalidInput, match=r"unsupported key\(s\) \['input'\]"):
+            load_config(tmp_path / "m", {"input": [{"name": name}]})

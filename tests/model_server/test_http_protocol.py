@@ -51,9 +51,85 @@ def test_model_metadata_shows_signature_and_execution_provider(server):
 
 def test_model_config_carries_heldout_accuracy(server):
     cfg = server.client().get_model_config("digits")
-    accuracy = {v: m["heldout_accuracy"] for v, m in cfg["metadata"]["versions"].items()}
+    metadata = json.loads(cfg["parameters"]["metadata"]["string_value"])
+    accuracy = {v: m["heldout_accuracy"] for v, m in metadata["versions"].items()}
     assert accuracy["2"] > accuracy["1"] > accuracy["3"]
     assert cfg["version_policy"] == {"specific": {"versions": [1]}}
+
+
+def test_model_config_is_triton_s_model_configuration(server):
+    """GET .../config answers Triton's model configuration JSON (protobuf's JSON of ModelConfig,
+    64-bit integers as numbers): a Triton tool reads the per-item dims (the batch dimension left
+    out where the model batches), TYPE_ data types and the instance group from it."""
+    c = server.client()
+    cfg = c.get_model_config("digits")
+    assert (cfg["name"], cfg["platform"], cfg["backend"], cfg["max_batch_size"]) == (
+        "digits",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        64,
+    )
+    assert [(t["name"], t["data_type"], t["dims"]) for t in cfg["input"]] == [("image", "TYPE_STRING", [])]
+    assert [(t["name"], t["data_type"], t["dims"], t["label_filename"]) for t in cfg["output"]] == [
+        ("probabilities", "TYPE_FP32", [10], "labels.txt")
+    ]
+    assert [(g["kind"], g["count"]) for g in cfg["instance_group"]] == [("KIND_CPU", 1)]
+    assert json.loads(cfg["parameters"]["preprocess"]["string_value"])["size"] == [8, 8]
+    resnet = c.get_model_config("resnet_bench")
+    assert [(t["data_type"], t["dims"]) for t in resnet["input"] + resnet["output"]] == [
+        ("TYPE_FP32", [3, 224, 224]),
+        ("TYPE_FP32", [1000]),
+    ]
+    assert c.get_model_config("digits", model_version="1") == cfg
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import json_format
+
+    parsed = json_format.ParseDict(resnet, model_config_pb2.ModelConfig())  # every field is one Triton's has
+    assert list(parsed.input[0].dims) == [3, 224, 224]
+    assert parsed.input[0].data_type == model_config_pb2.TYPE_FP32
+
+
+def test_a_load_takes_the_config_get_model_config_answers(server):
+    """load_model(config=...) takes Triton's model configuration as tritonclient sends it: what
+    get_model_config answered, changed where a load may change it (max_batch_size,
+    version_policy, dynamic_batching, instance_group's count); a field it may not change is
+    refused in Triton's wording, and this server's own override form still works."""
+    c = server.client()
+    cfg = c.get_model_config("digits")
+    try:
+        c.load_model("digits", headers=server.admin, config=json.dumps(cfg))  # the round trip
+        assert c.get_model_config("digits") == cfg
+        changed = {
+            **cfg,
+            "max_batch_size": 32,
+            "version_policy": {"specific": {"versions": ["1", "2"]}},
+            "instance_group": [{**cfg["instance_group"][0], "count": 2}],
+            "dynamic_batching": {"preferred_batch_size": [8], "max_queue_delay_microseconds": "100"},
+        }
+        c.load_model("digits", headers=server.admin, config=json.dumps(changed))
+        now = c.get_model_config("digits")
+        assert (now["max_batch_size"], now["instance_group"][0]["count"]) == (32, 2)
+        assert now["dynamic_batching"]["preferred_batch_size"] == [8]
+        assert now["input"] == cfg["input"]
+        assert now["output"] == cfg["output"]
+        assert c.get_model_metadata("digits")["versions"] == ["1", "2"]
+        c.load_model("digits", headers=server.admin, config=json.dumps({"instance_count": 1, "max_batch_size": 64}))
+        assert c.get_model_config("digits")["instance_group"][0]["count"] == 1
+        output = {**cfg["output"][0], "dims": [12]}
+        for bad in (
+            {**cfg, "output": [output]},
+            {**cfg, "input": [{**cfg["input"][0], "data_type": "TYPE_FP32"}]},
+            {**cfg, "max_batch_size": 0},  # the same dims would be per request, not per item
+            {**cfg, "platform": "tensorrt_plan"},
+            {**cfg, "instance_group": [{"kind": "KIND_GPU", "count": 1}]},
+            {**cfg, "sequence_batching": {}},
+        ):
+            with pytest.raises(InferenceServerException, match="failed to load 'digits': ") as err:
+                c.load_model("digits", headers=server.admin, config=json.dumps(bad))
+            assert err.value.status() == "400"
+    finally:
+        c.load_model("digits", headers=server.admin)
+    assert c.get_model_config("digits") == cfg
 
 
 def test_model_readiness(server):
