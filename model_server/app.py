@@ -40,10 +40,13 @@ from model_server.errors import (
     Cancelled,
     InvalidInput,
     MethodNotAllowed,
+    ModelNotFound,
+    NotSupported,
     PayloadTooLarge,
     RequestTimeout,
     ServerError,
     Unauthorized,
+    shown,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore
 from model_server.httpserver import Answer, DirectRoute, NoBody
@@ -610,6 +613,35 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         await admin_api.unload(request.path_params["model"])
         return Response(status_code=200)
 
+    # -- Triton's shared memory, trace and logging extensions: not implemented ---------------
+
+    @endpoint("/v2/{memory}sharedmemory/status")
+    async def shared_memory_status(request: Request) -> Response:
+        """Triton's answer with no region registered: an empty list, and 404 for a region named
+        (no region can be: registering one is not supported)."""
+        region = request.path_params.get("region")
+        if region is not None:
+            memory = "cuda" if request.url.path.startswith("/v2/cuda") else "system"
+            raise ModelNotFound(f"Unable to find {memory} shared memory region: '{shown(region)}'")
+        return JSONResponse([])
+
+    @endpoint("/v2/{memory}sharedmemory/{action}")
+    async def shared_memory_change(request: Request) -> Response:
+        raise NotSupported(
+            "shared memory is not supported by this server: send tensors in the request body "
+            "(JSON, or binary with the binary tensor extension)"
+        )
+
+    @endpoint("/v2/trace/setting")
+    async def trace_setting(request: Request) -> Response:
+        raise NotSupported(
+            "the server does not support tracing: it passes W3C traceparent through (the response's traceparent)"
+        )
+
+    @endpoint("/v2/logging")
+    async def logging_setting(request: Request) -> Response:
+        raise NotSupported("the server does not support dynamic logging: the log level is set at start (--log-level)")
+
     @endpoint("/metrics")
     async def prometheus_metrics(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -634,6 +666,20 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
+        *(
+            route
+            for memory in ("system", "cuda")
+            for route in (
+                Route(f"/v2/{memory}sharedmemory/status", shared_memory_status, methods=["GET"]),
+                Route(f"/v2/{memory}sharedmemory/region/{{region}}/status", shared_memory_status, methods=["GET"]),
+                Route(f"/v2/{memory}sharedmemory/region/{{region}}/register", shared_memory_change, methods=["POST"]),
+                Route(f"/v2/{memory}sharedmemory/region/{{region}}/unregister", shared_memory_change, methods=["POST"]),
+                Route(f"/v2/{memory}sharedmemory/unregister", shared_memory_change, methods=["POST"]),
+            )
+        ),
+        Route("/v2/trace/setting", trace_setting, methods=["GET", "POST"]),
+        Route("/v2/models/{model}/trace/setting", trace_setting, methods=["GET", "POST"]),
+        Route("/v2/logging", logging_setting, methods=["GET", "POST"]),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:

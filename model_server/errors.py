@@ -56,6 +56,13 @@ class AdminOnly(ServerError):
     status = 404
 
 
+class NotSupported(ServerError):
+    """A part of Triton's protocol this server does not implement (shared memory, tracing,
+    dynamic logging): 501, as Triton answers a feature it lacks (UNSUPPORTED)."""
+
+    status = 501
+
+
 class RequestTimeout(ServerError):
     status = 408
 

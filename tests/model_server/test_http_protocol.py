@@ -595,3 +595,35 @@ def test_a_post_asking_for_h2c_as_java_s_httpclient_sends_it_is_served_over_http
         payload, header_length=int(fields[b"inference-header-content-length"])
     )
     np.testing.assert_array_equal(result.as_numpy("probabilities"), plain)
+
+
+def test_shared_memory_trace_and_logging_are_answered_as_triton_answers_a_feature_it_lacks(server):
+    """tritonclient's shared memory, trace and logging calls get Triton's answers where nothing
+    is registered (no regions; 404 for a named one) and a 501 naming what is not supported,
+    never a 404 "no such endpoint" a script reads as a wrong URL."""
+    c = server.client()
+    assert c.get_system_shared_memory_status() == []
+    assert c.get_cuda_shared_memory_status() == []
+    with pytest.raises(InferenceServerException, match="Unable to find system shared memory region: 'r'") as err:
+        c.get_system_shared_memory_status("r")
+    assert err.value.status() == "404"
+    for call in (
+        lambda: c.register_system_shared_memory("r", "/key", 64),
+        lambda: c.unregister_system_shared_memory(),
+        lambda: c.unregister_system_shared_memory("r"),
+        lambda: c.register_cuda_shared_memory("r", b"\0" * 64, 0, 64),
+        lambda: c.unregister_cuda_shared_memory(),
+    ):
+        with pytest.raises(InferenceServerException, match="shared memory is not supported") as err:
+            call()
+        assert err.value.status() == "501"
+    for call in (
+        lambda: c.get_trace_settings(),
+        lambda: c.get_trace_settings("digits"),
+        lambda: c.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+        lambda: c.get_log_settings(),
+        lambda: c.update_log_settings({"log_verbose_level": 1}),
+    ):
+        with pytest.raises(InferenceServerException, match="the server does not support") as err:
+            call()
+        assert err.value.status() == "501"
