@@ -189,6 +189,19 @@ def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
     )
 
 
+def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
+    """Refuse a tensor in a shared memory region (Triton's shared memory extension, which this
+    server does not implement: no region can be registered): an output asked there was answered
+    in the body, where its client does not read it."""
+    region = params.get("shared_memory_region")
+    if region is not None:
+        named = f"'{shown(region[:80])}'" if isinstance(region, str) else f"(a {type(region).__name__})"
+        raise InvalidInput(
+            f"{where}: Unable to find shared memory region: {named}: shared memory is not supported by this "
+            "server; send tensors in the request body"
+        )
+
+
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:
     """Parse a ``POST .../infer`` body (JSON, or JSON header + binary tensors). The JSON part is
     bounded (413 above ``max_json_bytes``): parsing it holds the interpreter, so every other
@@ -251,6 +264,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
         params = raw.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidInput(f"{where}: 'parameters' must be an object")
+        _no_shared_memory(where, params)
         size = params.get("binary_data_size")
         if size is not None:
             if "data" in raw:
@@ -311,6 +325,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             oparams = out.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise InvalidInput(f"outputs[{i}]: 'parameters' must be an object")
+            _no_shared_memory(f"output '{shown(out['name'])}'", oparams)
             count = oparams.get("classification", 0)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise InvalidInput(f"outputs[{i}]: 'classification' must be a non-negative integer, got {count!r}")
