@@ -257,6 +257,7 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
         raise _fail(f"{where}.default_queue_policy", f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
     action = policy.get("timeout_action", "REJECT")
+    action = action.upper() if isinstance(action, str) else action  # (Triton reads an enum's name in any case)
     if action not in ("REJECT", "DELAY"):
         raise _fail(
             f"{where}.default_queue_policy.timeout_action", f"must be REJECT or DELAY, got {shown(repr(action))}"

@@ -298,3 +298,18 @@ def test_a_load_override_in_triton_s_form_reads_as_protobuf_s_json_does(tmp_path
     for name in (["x"], {"x": 1}, None):  # (a name that is no string was a TypeError, a 500)
         with pytest.raises(InvalidInput, match=r"unsupported key\(s\) \['input'\]"):
             load_config(tmp_path / "m", {"input": [{"name": name}]})
+
+
+@pytest.mark.parametrize(
+    ("action", "read"),
+    [("REJECT", "REJECT"), ("reject", "REJECT"), ("Delay", "DELAY"), ("delay", "DELAY")],
+)
+def test_a_queue_policy_s_timeout_action_is_read_as_protobuf_reads_an_enum(action, read):
+    """Triton reads a config's enum names in any case."""
+    raw = {**BASE, "max_batch_size": 8, "dynamic_batching": {"default_queue_policy": {"timeout_action": action}}}
+    batching = parse_config("m", raw).dynamic_batching
+    assert batching is not None
+    assert batching.timeout_action == read
+    for bad in ("DROP", "REJECTS", True):
+        with pytest.raises(InvalidInput, match="must be REJECT or DELAY"):
+            parse_config("m", {**raw, "dynamic_batching": {"default_queue_policy": {"timeout_action": bad}}})
