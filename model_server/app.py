@@ -583,8 +583,11 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
     @endpoint("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
-        body = await json_body(request)
-        return JSONResponse(dataplane.index(ready_only=bool(body.get("ready", False))))
+        ready = (await json_body(request)).get("ready", False)
+        if not isinstance(ready, bool):  # ("false" is no false)
+            shown_ready = shown(repr(ready)[:40]) if isinstance(ready, str | int | float) else type(ready).__name__
+            raise InvalidInput(f"'ready' must be true or false, got {shown_ready}")
+        return JSONResponse(dataplane.index(ready_only=ready))
 
     @endpoint("/v2/repository/models/{model}/load", admin=True)
     async def load(request: Request) -> Response:

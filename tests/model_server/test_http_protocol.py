@@ -211,6 +211,17 @@ def test_repository_index_lists_loaded_and_idle_models(server):
     assert {"name": "resnet_bench", "version": "1", "state": "READY"} in index
 
 
+def test_repository_index_s_ready_is_a_boolean(server):
+    """A "ready" that is not a JSON boolean is a 400, as Triton reads it: the text "false" was
+    taken for true."""
+    r = requests.post(f"{server.http}/v2/repository/index", json={"ready": True}, timeout=5)
+    assert r.status_code == 200
+    for ready in ("false", 0, None):
+        r = requests.post(f"{server.http}/v2/repository/index", json={"ready": ready}, timeout=5)
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("'ready' must be true or false")
+
+
 def test_load_and_unload_through_tritonclient(server, digit_images):
     c = server.client()
     policy = json.dumps({"version_policy": {"specific": {"versions": [1, 2, 3]}}})
