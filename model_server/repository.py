@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from model_server import metrics
-from model_server.config import NAME_RE, ModelConfig, ascii_uint, instance_kind, load_config, version_number
+from model_server.config import (
+    NAME_RE,
+    ModelConfig,
+    ascii_uint,
+    instance_kind,
+    load_config,
+    triton_override,
+    version_number,
+)
 from model_server.errors import (
     Conflict,
     InvalidInput,
@@ -164,7 +172,8 @@ class ModelRepository:
 
     def _load(self, name: str, override: dict[str, Any] | None, keep: set[int], persist: bool) -> list[int]:
         model_dir = self.model_dir(name)
-        cfg = load_config(model_dir, override, instance_kind(self.providers[0]))
+        device = instance_kind(self.providers[0])
+        cfg = load_config(model_dir, override, device)
         on_disk = self.versions_on_disk(model_dir)
         if not on_disk:
             raise InvalidInput(f"model '{name}' has no <version>/model.onnx in the repository")
@@ -199,7 +208,8 @@ class ModelRepository:
                 lv.warmup()
                 new[v] = lv
             if persist:  # saved before it serves: a load that cannot be saved changes nothing
-                self._persist(name, True, override)
+                # (what it changes: the rest of a Triton config it sent was config.json's then)
+                self._persist(name, True, triton_override(override, *device) if override else override)
         except BaseException:
             for lv in created:
                 lv.close()

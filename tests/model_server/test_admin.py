@@ -457,3 +457,23 @@ def test_a_policy_for_a_model_not_loaded_is_a_400(repo_copy):
     with pytest.raises(ModelNotFound):
         asyncio.run(admin.set_policy("nosuch", {"route": [{"version": "1"}]}))
     assert policies.models() == []
+
+
+@pytest.mark.integration
+def test_a_load_of_triton_s_config_persists_what_it_changes_not_the_rest(server_factory, repo_copy, tmp_path):
+    """A load with the config get_model_config answered is kept across a restart as the fields
+    it changed: the fields it echoed were the model's then, and an edit of config.json since
+    (a new version's held-out accuracy in its metadata) left the model unloaded at start."""
+    state = tmp_path / "state"
+    server = server_factory(repo_copy, "--state-dir", str(state), token="t")
+    c = server.client()
+    cfg = c.get_model_config("digits")
+    c.load_model("digits", headers=server.admin, config=json.dumps({**cfg, "max_batch_size": 32}))
+    server.stop()
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    config["metadata"]["description"] = "retrained"
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    server = server_factory(repo_copy, "--state-dir", str(state), token="t")
+    c = server.client()
+    assert c.is_model_ready("digits")
+    assert c.get_model_config("digits")["max_batch_size"] == 32
