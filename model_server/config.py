@@ -602,8 +602,9 @@ def _instance_count(raw: Any, kind: str, gpus: tuple[int, ...]) -> int:
 def triton_override(override: dict[str, Any], kind: str, gpus: tuple[int, ...]) -> dict[str, Any]:
     """A load's config override, in this server's form or in Triton's (what GET .../config
     answers, whole or in part), as the fields of config.json it changes: Triton's
-    ``instance_group`` count is ``instance_count``. Its other Triton fields are checked by
-    ``check_fixed`` once the config is made."""
+    ``instance_group`` count is ``instance_count``; a whole configuration (one with the
+    model's inputs or outputs) without ``dynamic_batching`` turns it off. Its other Triton
+    fields are checked by ``check_fixed`` once the config is made."""
     allowed = [*OVERRIDABLE, "instance_group"]
     unknown = sorted(set(override) - set(allowed) - set(TRITON_FIXED))
     if unknown:
@@ -612,6 +613,10 @@ def triton_override(override: dict[str, Any], kind: str, gpus: tuple[int, ...]) 
             "and Triton's other model configuration fields as the model's own (GET .../config)"
         )
     own = {key: override[key] for key in OVERRIDABLE if key in override}
+    if "input" in override or "output" in override:
+        # A whole model configuration, as Triton's load takes one: without dynamic_batching, the
+        # model does not batch requests (config.json's batching left out is turned off).
+        own.setdefault("dynamic_batching", None)
     if "instance_group" in override:
         if "instance_count" in override:
             raise InvalidInput("load config override: give instance_group or instance_count, not both")

@@ -300,6 +300,21 @@ def test_a_load_override_in_triton_s_form_reads_as_protobuf_s_json_does(tmp_path
             load_config(tmp_path / "m", {"input": [{"name": name}]})
 
 
+def test_a_whole_triton_config_without_dynamic_batching_turns_it_off(tmp_path):
+    """Triton's load takes a whole model configuration: one without dynamic_batching (a model
+    analyzer's variant, get_model_config's answer with it deleted) does not batch; a partial
+    override leaves config.json's batching as it is."""
+    (tmp_path / "m").mkdir()
+    batching = {"preferred_batch_size": [4], "max_queue_delay_microseconds": 100}
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**BASE, "max_batch_size": 8, "dynamic_batching": batching}))
+    whole = load_config(tmp_path / "m").as_triton()
+    assert load_config(tmp_path / "m", whole).dynamic_batching is not None
+    del whole["dynamic_batching"]
+    assert load_config(tmp_path / "m", whole).dynamic_batching is None
+    assert load_config(tmp_path / "m", {"max_batch_size": 16}).dynamic_batching is not None
+    assert load_config(tmp_path / "m", {"instance_group": [{"count": 2}]}).dynamic_batching is not None
+
+
 @pytest.mark.parametrize(
     ("action", "read"),
     [("REJECT", "REJECT"), ("reject", "REJECT"), ("Delay", "DELAY"), ("delay", "DELAY")],
