@@ -100,6 +100,10 @@ class APIError(Exception):
         self.code, self.reason, self.message = code, reason, message
 
 
+class Dropped(Exception):
+    """A request the server reads and never answers (``FakeKubeAPI.drop``)."""
+
+
 def _split_terms(text: str) -> list[str]:
     """Terms of a selector: commas outside parentheses separate them (one pass)."""
     terms, depth, start = [], 0, 0
@@ -402,6 +406,9 @@ class FakeKubeAPI:
         self.throttle = 0
         self.throttle_status = 429
         self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+        # The next ``drop`` requests are read and their connection closed without an answer (a
+        # load balancer or proxy resetting it, the server restarting): no status at all.
+        self.drop = 0
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -747,8 +754,13 @@ class FakeKubeAPI:
                 }
                 with api.lock:
                     api.requests.append(self.record)
-                    throttled = api.throttle > 0 and method in api.throttled_methods
+                    dropped = api.drop > 0
+                    api.drop -= dropped
+                    throttled = not dropped and api.throttle > 0 and method in api.throttled_methods
                     api.throttle -= throttled
+                if dropped:
+                    self._body()  # read, never answered
+                    raise Dropped
                 if throttled:
                     self._body()  # read, not served
                     raise APIError(api.throttle_status, *REFUSALS[api.throttle_status])
@@ -786,6 +798,10 @@ class FakeKubeAPI:
             def _answer(self, method: str, handle: Callable[..., tuple[int, Any] | None]) -> None:
                 try:
                     answer = handle(*self._start(method))
+                except Dropped:
+                    self.record["status"] = None
+                    self.close_connection = True
+                    return
                 except APIError as exc:
                     self._send(exc.code, status(exc.code, exc.reason, exc.message))
                     return

@@ -344,14 +344,10 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         if not (args.url and args.model):
             raise UsageError("--backend local needs --url and --model")
         router = LocalRouter(args.url, args.model, _token(args.token_file))
-    from urllib3.exceptions import HTTPError
-
     try:
         changed = router.set_routes(policy)
-    except RouterError as exc:
+    except RouterError as exc:  # (no answer from the API server too: ApiUnreachable)
         raise CommandError(str(exc)) from None
-    except HTTPError as exc:  # no answer from the API server (the model server's are AdminError)
-        raise CommandError(f"the Kubernetes API server did not answer: {exc}") from None
     print("applied" if changed else "unchanged: already in effect")
     return 0
 
@@ -794,16 +790,13 @@ def _model_lock(args: argparse.Namespace, model: str) -> Any:
 @contextmanager
 def _lock_errors(nothing_changed: str = "") -> Iterator[None]:
     """The lock's store failing, as one line (exit 4)."""
-    from urllib3.exceptions import HTTPError
-
     from vision_rollout.locks import LockError
+    from vision_rollout.mesh import ApiUnreachable
 
     try:
         yield
-    except LockError as exc:
+    except (LockError, ApiUnreachable) as exc:  # refused; or no answer from the API server
         raise CommandError(f"{exc}{nothing_changed}") from None
-    except HTTPError as exc:  # no answer from the API server (its refusals are LockErrors)
-        raise CommandError(f"the Kubernetes API server did not answer: {exc}{nothing_changed}") from None
 
 
 def _holding(lock: Any) -> Any:

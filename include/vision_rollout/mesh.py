@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import jsonschema
 
@@ -45,6 +46,12 @@ FIELD_MANAGER = "model-rollout"
 
 class RouterError(Exception):
     """The routes could not be read or written; the message says where and why."""
+
+
+class ApiUnreachable(RouterError):
+    """The Kubernetes API server gave no answer to a call (no connection, a connection dropped, no
+    answer in time) once the client's retries were spent (``with_retries``): the message names
+    the call and what to check. Not a refusal: the call may be tried again."""
 
 
 class Router(Protocol):
@@ -827,16 +834,43 @@ def api_retries() -> Any:
 
 def with_retries(api_client: Any) -> Any:
     """``api_client`` (a kubernetes ``ApiClient``) sending its requests with ``api_retries``, each
-    within ``API_TIMEOUT_S`` unless its call says otherwise."""
+    within ``API_TIMEOUT_S`` unless its call says otherwise; a call left without an answer
+    raises ``ApiUnreachable`` (``unanswered``), not urllib3's own exception."""
     from kubernetes.client.rest import RESTClientObject
+    from urllib3.exceptions import HTTPError
 
     class TimedRESTClient(RESTClientObject):
-        def request(self, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
-            return super().request(*args, _request_timeout=_request_timeout or API_TIMEOUT_S, **kwargs)
+        def request(self, method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+            try:
+                return super().request(method, url, *args, _request_timeout=_request_timeout or API_TIMEOUT_S, **kwargs)
+            except HTTPError as exc:
+                raise unanswered(method, url, exc) from None
 
     api_client.configuration.retries = api_retries()
     api_client.rest_client = TimedRESTClient(api_client.configuration)  # its connection pools take it when made
     return api_client
+
+
+def unanswered(method: str, url: str, exc: Exception) -> ApiUnreachable:
+    """urllib3's exception for a call the API server left without an answer (``MaxRetryError``
+    once the retries are spent; a write's dropped connection or read timeout, which is not sent
+    again) as an ``ApiUnreachable`` naming the call, why, and what to check."""
+    from urllib3.exceptions import MaxRetryError
+
+    parts = urlsplit(url)
+    reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
+    if isinstance(exc, MaxRetryError):
+        tried = " after the client's retries"
+    elif method.upper() in READS:
+        tried = ""
+    else:
+        tried = " (a write is not sent again: the server may have served it)"
+    return ApiUnreachable(
+        f"the Kubernetes API server did not answer {method.upper()} {parts.path}{tried}: "
+        f"{type(reason).__name__}: {str(reason)[:300]}. Check that {parts.scheme}://{parts.netloc} is up and "
+        "reachable from here (the kubeconfig's server or the in-cluster address, a proxy or network policy "
+        "between); the call may be tried again"
+    )
 
 
 def api_message(exc: Any) -> str:

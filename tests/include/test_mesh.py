@@ -464,18 +464,66 @@ def test_an_api_server_that_never_answers_fails_the_call_in_bounded_time(monkeyp
     apps = client.AppsV1Api(mesh.with_retries(client.ApiClient(config)))
     try:
         started = time.monotonic()
-        with pytest.raises(MaxRetryError) as timed_out:
+        with pytest.raises(mesh.ApiUnreachable) as timed_out:
             apps.read_namespaced_deployment("digits-v1", "models")
-        assert isinstance(timed_out.value.reason, ReadTimeoutError)
+        assert isinstance(timed_out.value.__context__, MaxRetryError)
+        assert isinstance(timed_out.value.__context__.reason, ReadTimeoutError)
         assert len(accepted) == 3  # the read, and twice more
-        with pytest.raises(ReadTimeoutError):
+        with pytest.raises(mesh.ApiUnreachable) as write_timed_out:
             apps.patch_namespaced_deployment("digits-v1", "models", {}, field_manager="model-rollout")
+        assert isinstance(write_timed_out.value.__context__, ReadTimeoutError)
         assert len(accepted) == 4  # the write once
         assert time.monotonic() - started < 20
     finally:
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+def test_a_call_the_api_server_never_answers_is_named_with_what_to_check(kube):
+    """Connections the API server (or a proxy before it) closed without an answer reached the
+    caller, once the client's retries were spent, as urllib3's MaxRetryError or ProtocolError: a
+    task failed on a traceback naming neither the call nor the cluster. Each is now an
+    ApiUnreachable (a RouterError) naming the call, why, and what to check."""
+    from kubernetes.client.exceptions import ApiException
+
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.locks import LeaseLock
+    from vision_rollout.mesh import ApiUnreachable, with_retries
+    from vision_rollout.settings import BuildSettings
+
+    fake, api = kube
+    api = with_retries(api)
+    api.configuration.retries.backoff_factor = 0
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    reads = [
+        (router.get_routes, "GET /apis/networking.istio.io/v1/namespaces/models/virtualservices/digits"),
+        (
+            lambda: VersionDeployments(TARGET, "digits", api, BuildSettings(gpus=0)).replicas("1"),
+            "GET /apis/apps/v1/namespaces/models/deployments/digits-v1",
+        ),
+        (LeaseLock("digits", "models", api).holding, "GET /apis/coordination.k8s.io/v1/namespaces/models/leases/"),
+    ]
+    for call, named in reads:
+        before = len(fake.requests)
+        fake.drop = 3
+        with pytest.raises(ApiUnreachable) as failed:
+            call()
+        assert len(fake.requests) - before == 3  # the read, and twice more
+        message = str(failed.value)
+        assert message.startswith(f"the Kubernetes API server did not answer {named}")
+        assert "after the client's retries: ProtocolError" in message
+        assert f"Check that {fake.url} is up and reachable from here" in message
+    fake.drop = 1
+    with pytest.raises(
+        ApiUnreachable, match=r"PATCH /apis/apps/v1/namespaces/models/deployments/digits-v1 \(a write is not sent again"
+    ):
+        client.AppsV1Api(api).patch_namespaced_deployment("digits-v1", "models", {}, field_manager="model-rollout")
+    assert router.get_routes() == TrafficPolicy.from_dict(
+        {"route": [{"version": "1", "weight": 100}]}
+    )  # answered again
+    with pytest.raises(ApiException):  # an answer, a refusal: as it was
+        client.AppsV1Api(api).read_namespaced_deployment("digits-v9", "models")
 
 
 def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):

@@ -1178,3 +1178,35 @@ def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_t
     done = calls(kube, since)
     assert done.index(("PATCH", "digits-v1/scale")) < done.index(("PATCH", "virtualservices/digits"))
     assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call(kube, monkeypatch):
+    """Connections closed without an answer reached the task as urllib3's MaxRetryError (a
+    traceback naming neither the call nor what to check), and a stage's poke that could not read
+    the candidate's pods took that for pods gone and rolled back. The task fails naming the call;
+    the rollback that follows (the teardown's) goes through once the server answers again."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import ApiUnreachable, RouterError
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.drop = 100
+    with pytest.raises(RouterError) as failed:
+        steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    assert type(failed.value) is ApiUnreachable
+    assert str(failed.value).startswith("the Kubernetes API server did not answer GET /apis/")
+    assert f"Check that {kube.url} is up and reachable" in str(failed.value)
+    kube.drop = 0
+
+    def unanswered(self, *args, **kwargs):
+        raise ApiUnreachable("the Kubernetes API server did not answer GET /apis/apps/v1/...")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionDeployments, "wait_ready", unanswered)
+        with pytest.raises(ApiUnreachable):
+            steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert routes(kube) == [("v1", 90), ("v2", 10)]  # nothing read says the candidate's pods are gone
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")
+    assert routes(kube) == [("v1", 100)]
