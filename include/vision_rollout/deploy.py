@@ -318,6 +318,10 @@ def render_hpa(
             "name": name,
             "namespace": target.namespace,
             "labels": {"app": target.service, "version": version, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+            # Every annotation the rollout sets, none by default: an apply without one it set
+            # before (FLOOR_ANNOTATION) removes it, as server-side apply removes a field its
+            # manager no longer applies.
+            "annotations": {},
         },
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
@@ -348,6 +352,10 @@ def template_digest(template: dict[str, Any]) -> str:
 
 # What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
 HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
+# The stable version's HPA while a rollout holds its floor (``VersionDeployments.hold_floor``):
+# its own minReplicas, which ``release_floor`` puts back. On the object, so that a rollout whose
+# worker died is put back by its teardown or failure callback on another.
+FLOOR_ANNOTATION = "model-rollout/own-min-replicas"
 
 
 def refused(what: str, exc: Any) -> RouterError:
@@ -465,27 +473,16 @@ class VersionDeployments:
         (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
         count is also set through the scale subresource, as ``kubectl scale`` does, when it has
         to grow from below ``replicas`` or go to 0; the HPA owns it from there."""
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
         if replicas > 0:
             top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
-            hpa = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)
+            spec = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)["spec"]
             if like is not None:
                 taken = {k: like[k] for k in HPA_CARRIED if like.get(k) is not None}
-                hpa["spec"] = {**{k: v for k, v in hpa["spec"].items() if k != "metrics"}, **taken}
-            try:
-                client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
-                    name,
-                    self.target.namespace,
-                    hpa,
-                    field_manager=FIELD_MANAGER,
-                    force=True,
-                    _content_type="application/apply-patch+yaml",
-                )
-            except ApiException as exc:
-                raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
+                spec = {**{k: v for k, v in spec.items() if k != "metrics"}, **taken}
+            self._apply_hpa(version, spec)
         if replicas == 0 or live < replicas:
             try:
                 self._apps().patch_namespaced_deployment_scale(
@@ -495,8 +492,17 @@ class VersionDeployments:
                 raise refused(f"scale Deployment {name}", exc) from None
 
     def autoscaling(self, version: str) -> dict[str, Any] | None:
-        """The spec of the version's live HPA (``render_hpa``'s name) as the API server gives it;
-        None without autoscaling or without one."""
+        """The spec of the version's live HPA (``render_hpa``'s name) as the API server gives it,
+        its own ``minReplicas`` in place of a floor a rollout holds (``hold_floor``); None
+        without autoscaling or without one."""
+        hpa = self._hpa(version)
+        if hpa is None:
+            return None
+        own = _own_min(hpa)
+        return {**hpa["spec"], **({"minReplicas": own} if own is not None else {})}
+
+    def _hpa(self, version: str) -> dict[str, Any] | None:
+        """The version's live HPA as a dict; None without autoscaling or without one."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -511,7 +517,67 @@ class VersionDeployments:
             if exc.status == 404:
                 return None
             raise refused(f"GET HorizontalPodAutoscaler {name}", exc) from None
-        return dict(self._apps().api_client.sanitize_for_serialization(hpa.spec))
+        return dict(self._apps().api_client.sanitize_for_serialization(hpa))
+
+    def held_floor(self, version: str) -> int | None:
+        """The floor a rollout holds the version's HPA at (``hold_floor``: its pods when the run
+        began), None when none is held."""
+        hpa = self._hpa(version)
+        return None if hpa is None or _own_min(hpa) is None else int(hpa["spec"].get("minReplicas") or 1)
+
+    def hold_floor(self, version: str) -> int | None:
+        """Under autoscaling, the stable version's HPA kept from shrinking it while the candidate
+        takes a share of its traffic (Argo Rollouts keeps the stable at full scale for the whole
+        run): its ``minReplicas`` raised to the pods it runs now (within its ``maxReplicas``), its
+        own recorded on it (``FLOOR_ANNOTATION``) for ``release_floor``. A rollback then hands
+        all of the traffic back to as many pods as served it before, and each stage's candidate is
+        sized from them. Once held, held: a step run again keeps the first floor and the own
+        record. The floor held, None when there is nothing to hold (no autoscaling, no HPA, no
+        more pods than its own floor)."""
+        hpa = self._hpa(version)
+        if hpa is None:
+            return None
+        spec = hpa["spec"]
+        if _own_min(hpa) is not None:
+            return int(spec.get("minReplicas") or 1)
+        own = int(spec.get("minReplicas") or 1)
+        floor = min(max(self.replicas(version) or 0, own), int(spec["maxReplicas"]))
+        if floor <= own:
+            return None
+        self._apply_hpa(version, {**spec, "minReplicas": floor}, {FLOOR_ANNOTATION: str(own)})
+        return floor
+
+    def release_floor(self, version: str) -> bool:
+        """The version's HPA back at its own ``minReplicas`` when a rollout holds its floor
+        (``hold_floor``), the record removed; False when none is held (nothing written)."""
+        hpa = self._hpa(version)
+        own = None if hpa is None else _own_min(hpa)
+        if hpa is None or own is None:
+            return False
+        self._apply_hpa(version, {**hpa["spec"], "minReplicas": min(own, int(hpa["spec"]["maxReplicas"]))})
+        return True
+
+    def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
+        """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
+        (``force``: the rollout's own object)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = self._name(version)
+        hpa = render_hpa(self.target, version, int(spec.get("minReplicas") or 1), int(spec["maxReplicas"]))
+        hpa["spec"] = {**hpa["spec"], **{k: spec[k] for k in HPA_CARRIED if spec.get(k) is not None}}
+        hpa["metadata"]["annotations"] = dict(annotations or {})
+        try:
+            client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
+                name,
+                self.target.namespace,
+                hpa,
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
 
     def _live(self, version: str) -> Any:
         """The live Deployment (a V1Deployment), None when there is none."""
@@ -630,6 +696,13 @@ class VersionDeployments:
                     + "".join(f"; {c}" for c in _stuck(status))
                 )
             time.sleep(every_s)
+
+
+def _own_min(hpa: dict[str, Any]) -> int | None:
+    """The own ``minReplicas`` recorded on an HPA whose floor a rollout holds (``FLOOR_ANNOTATION``),
+    None when none is held (or the record is not a count)."""
+    own = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(FLOOR_ANNOTATION, ""))
+    return int(own) if own.isdigit() and 1 <= int(own) <= MAX_REPLICAS else None
 
 
 def _stuck(status: Any) -> list[str]:

@@ -332,6 +332,9 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
             raise AirflowFailException(f"{changed}; no more weight moves to it")
         if index == 0:
             baseline_serving(spec, deployments)
+            # Under autoscaling, the stable version kept at its size for the whole run: its HPA
+            # would shrink it as the candidate takes a share (put back by promote or restore_stable).
+            deployments.hold_floor(spec.baseline_version)
             r.reconcile()  # the subsets, before anything (a rollback included) routes to one
         scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     elif index == 0:
@@ -800,6 +803,7 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
     router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
     retire(r, deployments, spec.baseline_version)
+    deployments.release_floor(spec.baseline_version)  # its own HPA, should it serve again
     return spec.candidate_version
 
 
@@ -810,10 +814,11 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
     the baseline's pods first (scaled back and all ready when a cut-short promotion retired it;
     else one ready pod is enough: it serves already, and a rollback must not wait on a pod that
-    will not start; under autoscaling, whose HPA shrank it while the candidate took a share, it
-    is also scaled to the pods serving now, both versions', for them to start while it takes
-    the traffic back, ahead of its HPA), then 100% to it, then the candidate drained and scaled
-    to 0 (``retire``)."""
+    will not start; under autoscaling, should it run fewer pods than its floor held since the
+    first stage (``VersionDeployments.hold_floor``: those it ran before the run), or without
+    that floor than serve now, both versions', it is scaled back for them to start while it takes
+    the traffic back, ahead of its HPA), then 100% to it, its HPA's own floor back
+    (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -841,12 +846,15 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
             scale_ready(deployments, spec.baseline_version, size, spec.baseline_version)  # its own HPA kept
         else:
-            if deployments.build.autoscaling:  # its HPA shrank it while the candidate took a share
-                size = min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
-                deployments.scale(spec.baseline_version, size, spec.baseline_version)  # (not waited for)
+            if deployments.build.autoscaling:  # fewer pods than served before the run
+                held = deployments.held_floor(spec.baseline_version)
+                size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
+                if live < size:
+                    deployments.scale(spec.baseline_version, size, spec.baseline_version)  # (not waited for)
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
+    deployments.release_floor(spec.baseline_version)
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, deployments, spec.candidate_version)
@@ -950,6 +958,8 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
     routes = None if kept else router(spec, run_id, hook).get_routes()
     if not kept:
         restore_stable(params, run_id, unload_candidate)
+    elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
+        hook.deployments(spec.model).release_floor(spec.baseline_version)
     lock.release(run_id)
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"

@@ -1210,3 +1210,45 @@ def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call
     assert routes(kube) == [("v1", 90), ("v2", 10)]  # nothing read says the candidate's pods are gone
     assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")
     assert routes(kube) == [("v1", 100)]
+
+
+def test_under_autoscaling_the_stable_version_keeps_its_size_for_the_whole_run(kube, monkeypatch, tmp_path):
+    """The stable version's HPA shrank it as the candidate took a share (10 pods to 5 at 50%), the
+    later stages were sized from the 5, and a rollback handed all of the traffic back to them.
+    Its floor is now held at the pods it ran before the run (as Argo Rollouts keeps the stable at
+    full scale), recorded on its HPA: put back by the failure callback of a run whose worker
+    died, and by a promotion, whose candidate takes the stable version's own floor, not the
+    held one."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+
+    def hpa_follows_the_load(pods: int) -> None:
+        """What v1's HPA does with less of the traffic: fewer pods, never under its floor."""
+        kube.scale("models", "digits-v1", max(pods, hpa(kube, "1")["spec"]["minReplicas"]), "kube-controller-manager")
+
+    take("run-1")
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
+    hpa_follows_the_load(5)
+    assert deployment(kube, "1")["spec"]["replicas"] == 10
+    steps.apply_weights(params, 2, "run-1", {"decision": "pass"})
+    assert deployment(kube, "2")["spec"]["replicas"] == 10  # sized from the stable's 10, not 5
+    # The worker dies; the failure callback (the DAG processor) puts the stable version back.
+    steps.restore_stable_on_failure({"params": params, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 10
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
+    steps.serving().deployments("digits").scale_to_zero("2")
+
+    take("run-2")
+    steps.deploy_candidate(params, image("2"), "run-2")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-2", {"decision": "pass"})
+    steps.promote(params, "run-2", "promote")
+    assert (hpa(kube, "2")["spec"]["minReplicas"], deployment(kube, "2")["spec"]["replicas"]) == (2, 10)
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
