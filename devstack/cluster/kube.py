@@ -537,13 +537,33 @@ class FakeKubeAPI:
         with self.lock:
             self.objects.pop((plural, namespace, name), None)
 
-    def delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+    def delete(
+        self, plural: str, namespace: str, name: str, preconditions: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """DELETE: a pod run by a kubelet is marked (``deletionTimestamp``) for the kubelet to stop;
-        anything else is gone at once. The object as it was is returned; APIError 404 when absent."""
+        anything else is gone at once. The object as it was is returned; APIError 404 when absent,
+        409 Conflict when it is not the one DeleteOptions' ``preconditions`` name (its ``uid``, its
+        ``resourceVersion``: changed since it was read), as the real server answers."""
         with self.lock:
             obj = self.objects.get((plural, namespace, name))
             if obj is None:
                 raise APIError(404, "NotFound", f'{_qualified(plural)} "{name}" not found')
+            meta, wanted = obj["metadata"], preconditions or {}
+            failed = next(
+                (
+                    f"{label} in precondition: {wanted[field]}, {label} in object meta: {meta.get(field)}"
+                    for field, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion"))
+                    if wanted.get(field) is not None and wanted[field] != meta.get(field)
+                ),
+                None,
+            )
+            if failed:
+                raise APIError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {_qualified(plural)} "{name}": StorageError: invalid object, '
+                    f"Code: 4, Key: /registry/{plural}/{namespace}/{name}, AdditionalErrorMsg: Precondition failed: {failed}",
+                )
             if plural == "pods" and self.kubelet:
                 if "deletionTimestamp" not in obj["metadata"]:
                     obj["metadata"]["deletionTimestamp"] = now_rfc3339()
@@ -1020,8 +1040,13 @@ class FakeKubeAPI:
                     except ValueError as exc:
                         raise APIError(400, "BadRequest", f"error decoding JSON: {exc}") from None
                     return self._lease("DELETE", options if isinstance(options, dict) else {})
-                self._body()  # DeleteOptions: nothing else here reads them
-                return 200, api.delete(plural, namespace, name)
+                raw = self._body()
+                try:
+                    options = json.loads(raw) if raw else {}
+                except ValueError as exc:
+                    raise APIError(400, "BadRequest", f"error decoding JSON: {exc}") from None
+                preconditions = (options.get("preconditions") if isinstance(options, dict) else None) or {}
+                return 200, api.delete(plural, namespace, name, preconditions)
 
         return Handler
 

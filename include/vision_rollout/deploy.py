@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -217,6 +218,8 @@ def render_deployment(
     }
 
 
+VERSION = re.compile(r"[1-9][0-9]*")  # a version's number: its Deployment <service>-v<N>, its label version=<N>
+
 # A Deployment's own settings beside its pod template, which the platform may set (a GPU
 # cluster's maxSurge 0, say) and the rollout carries from the live Deployment it applies.
 CARRIED_SPEC = ("strategy", "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds")
@@ -330,6 +333,18 @@ def render_hpa(
             **({"metrics": metrics} if metrics else {}),
         },
     }
+
+
+def beyond_history(replicas: dict[str, int], in_use: set[str], limit: int) -> list[str]:
+    """The versions whose Deployment (and HPA) go once a run ends, as Argo Rollouts' revision
+    history limit: of ``replicas`` (each version the rollout deployed -> its Deployment's
+    ``spec.replicas``), those retired (at 0) beyond the ``limit`` newest retired ones (by version
+    number, the ``in_use`` ones counted), never one ``in_use`` (the run's two versions, those the
+    VirtualService or DestinationRule names) nor one running pods. Oldest first."""
+    if limit < 0:
+        raise ValueError(f"revision history limit {limit!r}: 0 or more")
+    retired = sorted((v for v, n in replicas.items() if n == 0), key=int, reverse=True)
+    return sorted((v for v in retired[limit:] if v not in in_use), key=int)
 
 
 # The Deployment's annotations recording the image the rollout deployed and the digest of the pod
@@ -662,6 +677,85 @@ class VersionDeployments:
             f"the rollout applied for version {version} (an edit of its containers, env, resources or volumes; "
             f"kubectl rollout history deployment/{self._name(version)} shows it)"
         )
+
+    def prune(self, in_use: set[str]) -> list[str]:
+        """Delete the Deployments of the versions ``beyond_history`` keeps (``build.revision_history_limit``
+        retired ones, never one ``in_use`` or running pods), and under autoscaling their HPAs
+        (and those left without a Deployment). Only what the rollout made for this model: listed by
+        its labels (``app=<service>``, ``app.kubernetes.io/managed-by=model-rollout``, a
+        ``version``), named as it names them, a Deployment serving this model (``model_of``'s
+        annotation). Each is deleted on condition that it is as listed (its uid and
+        resourceVersion: one scaled up meanwhile stays). The versions whose Deployment went,
+        oldest first."""
+        from kubernetes import client
+
+        selector = f"app={self.target.service},app.kubernetes.io/managed-by={FIELD_MANAGER},version"
+        namespace = self.target.namespace
+        listed = self._call(
+            f"list Deployments {selector}",
+            lambda: self._apps().list_namespaced_deployment(namespace, label_selector=selector),
+        )
+        ours: dict[str, Any] = {}
+        for item in listed.items:
+            version = str((item.metadata.labels or {}).get("version", ""))
+            template = item.spec.template.metadata
+            model = ((template.annotations or {}) if template is not None else {}).get("model-rollout/model")
+            if VERSION.fullmatch(version) and item.metadata.name == self._name(version) and model == self.model:
+                ours[version] = item
+        counts = {v: 1 if d.spec.replicas is None else int(d.spec.replicas) for v, d in ours.items()}
+        gone = [
+            v
+            for v in beyond_history(counts, in_use, self.build.revision_history_limit)
+            if self._delete("deployments", ours[v])
+        ]
+        if self.build.autoscaling:
+            autoscaling = client.AutoscalingV2Api(self.api_client)
+            hpas = self._call(
+                f"list HorizontalPodAutoscalers {selector}",
+                lambda: autoscaling.list_namespaced_horizontal_pod_autoscaler(namespace, label_selector=selector),
+            )
+            for hpa in hpas.items:
+                version = str((hpa.metadata.labels or {}).get("version", ""))
+                if hpa.metadata.name != self._name(version):
+                    continue
+                orphan = version not in ours and version not in in_use and self._live(version) is None
+                if version in gone or orphan:
+                    self._delete("horizontalpodautoscalers", hpa)
+        return gone
+
+    def _delete(self, plural: str, obj: Any) -> bool:
+        """Delete ``obj`` (a listed Deployment or HPA) unless it changed since it was listed or is
+        gone already (False)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        meta = obj.metadata
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
+        )
+        kind, delete = {
+            "deployments": ("Deployment", self._apps().delete_namespaced_deployment),
+            "horizontalpodautoscalers": (
+                "HorizontalPodAutoscaler",
+                client.AutoscalingV2Api(self.api_client).delete_namespaced_horizontal_pod_autoscaler,
+            ),
+        }[plural]
+        try:
+            delete(meta.name, self.target.namespace, body=options)
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone already, or changed since it was listed: left
+                return False
+            raise refused(f"delete {kind} {meta.name}", exc) from None
+        return True
+
+    def _call(self, what: str, call: Any) -> Any:
+        """``call()``, an API server's refusal as ``refused`` says it."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return call()
+        except ApiException as exc:
+            raise refused(what, exc) from None
 
     def scale_to_zero(self, version: str) -> bool:
         """False when the version has no Deployment (nothing to scale)."""

@@ -685,6 +685,28 @@ class IstioRouter:
         body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
         self._apply(body, "destinationrules")
 
+    def versions_in_use(self) -> set[str]:
+        """Every version the VirtualService sends anything to (a route's destination, a mirror, in
+        any of its HTTP routes: pinned, the platform's, the policy's) by its subset ``v<N>``, and
+        every version the DestinationRule's subsets select (their ``version`` label: a subset of
+        the platform's another VirtualService may route to). What no retired version's deletion
+        may take (``VersionDeployments.prune``)."""
+        vs, dr = self._get("virtualservices"), self._get("destinationrules")
+        if vs is None or dr is None:
+            raise RouterError(self._missing("VirtualService" if vs is None else "DestinationRule"))
+        used: set[str] = set()
+        for route in (vs.get("spec") or {}).get("http") or []:
+            targets = [r.get("destination") for r in route.get("route") or [] if isinstance(r, dict)]
+            for target in [*targets, route.get("mirror")] if isinstance(route, dict) else []:
+                name = str((target or {}).get("subset", "")) if isinstance(target, dict) else ""
+                if VERSION_SUBSET.fullmatch(name):
+                    used.add(name.removeprefix("v"))
+        for s in (dr.get("spec") or {}).get("subsets") or []:
+            version = (s.get("labels") or {}).get("version") if isinstance(s, dict) else None
+            if version is not None:
+                used.add(str(version))
+        return used
+
     def get_routes(self) -> TrafficPolicy:
         """RouterError for a VirtualService that is not the rollout's rendering (edited by hand: a
         route without a subset, a subset not named ``v<version>``): it names no policy to read."""

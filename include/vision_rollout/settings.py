@@ -16,7 +16,8 @@ wrong; every default is here and nowhere else. The extras:
   the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
   ``push_secret``, ``gpus``, ``cpu``, ``memory``, ``replicas``, ``min_replicas``, ``autoscaling``, ``max_replicas``,
-  ``autoscaling_metrics``, ``drain_seconds``, ``admin_secret``, ``storage_secret``, ``feedback_secret``, ``mask_secret``
+  ``autoscaling_metrics``, ``drain_seconds``, ``revision_history_limit``, ``admin_secret``, ``storage_secret``,
+  ``feedback_secret``, ``mask_secret``
   (kubernetes mode: the image build, BuildKit rootless, and the version Deployments,
   ``BuildSettings``)
 - ``models``: ``{<model>: {"istio": {...}, "build": {...}}}``, a model's own sections, each
@@ -127,13 +128,20 @@ EXTRA_SCHEMA: dict[str, Any] = {
                     },
                 },
                 "drain_seconds": {"type": "number", "minimum": 0, "maximum": 600},
+                "revision_history_limit": {"type": "integer", "minimum": 0, "maximum": 100},
             },
         },
     },
 }
 
 
-INTEGERS = ("gpus", "replicas", "min_replicas", "max_replicas")  # 3.0 is an integer to JSON Schema
+INTEGERS = (
+    "gpus",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
+    "revision_history_limit",
+)  # 3.0 is an integer to JSON Schema
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # as RolloutSpec.model
 # A model's own sections are checked as the connection-wide ones (whatever fields those gain).
 EXTRA_SCHEMA["properties"]["models"] = {
@@ -226,6 +234,10 @@ class BuildSettings:
     # After the mesh stops routing to a version, before its pods go: Envoy's config
     # propagation and the requests in flight.
     drain_seconds: float = 10.0
+    # Retired versions whose Deployment (scaled to 0, its HPA) a run's end keeps beside the
+    # stable and the candidate, the newest first, for a quick manual rollback; older ones the
+    # rollout made are deleted (VersionDeployments.prune), as Argo Rollouts' revisionHistoryLimit.
+    revision_history_limit: int = 3
     admin_secret: str = "model-server-admin"  # noqa: S105 (the Secret whose key "token" is the admin token)
     storage_secret: str | None = None  # a Secret of AWS_* variables: the prediction log's object store
     feedback_secret: str = "model-server-feedback"  # noqa: S105 (key "key": the replicas' feedback key)

@@ -905,7 +905,7 @@ def ensure_stable(
     unfinished = decided in ("promote", "rollback")
     what = f"decide chose {decided}, which did not finish" if unfinished else "the run was stopped before it decided"
     try:
-        kept, done = finish(params, run_id, promoted == spec.candidate_version)
+        kept, done = finish(params, run_id, promoted == spec.candidate_version, prune=True)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     except Exception as exc:
@@ -941,13 +941,16 @@ def ensure_stable(
     return done
 
 
-def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate: bool = True) -> tuple[bool, str]:
+def finish(
+    params: dict[str, Any], run_id: str, promoted: bool, unload_candidate: bool = True, prune: bool = False
+) -> tuple[bool, str]:
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
     effect with the baseline retired: its record lost with a killed worker; routing back to
-    retired pods would be an outage), else the stable version at 100%; then the lease released.
-    LockLost, touching nothing, for a run that does not hold it. Should the restore fail, the
-    lease stays: the failure callback tries again."""
+    retired pods would be an outage), else the stable version at 100%; with ``prune`` (the
+    teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
+    then the lease released. LockLost, touching nothing, for a run that does not hold it. Should
+    the restore fail, the lease stays: the failure callback tries again."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -960,6 +963,8 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
         restore_stable(params, run_id, unload_candidate)
     elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         hook.deployments(spec.model).release_floor(spec.baseline_version)
+    if prune and spec.mesh == "istio":
+        prune_history(spec, run_id, hook)
     lock.release(run_id)
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"
@@ -968,6 +973,26 @@ def finish(params: dict[str, Any], run_id: str, promoted: bool, unload_candidate
         return False, f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
     candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
     return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
+
+
+def prune_history(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
+    """The Deployments (and HPAs) the rollout made for retired versions beyond
+    ``build.revision_history_limit`` deleted (``VersionDeployments.prune``), never the run's two
+    versions nor one the VirtualService or DestinationRule names. Housekeeping once the run's
+    outcome stands: a failure is logged, not the run's."""
+    try:
+        in_use = router(spec, run_id, hook).versions_in_use() | {spec.baseline_version, spec.candidate_version}
+        deployments = hook.deployments(spec.model)
+        gone = deployments.prune(in_use)
+    except Exception as exc:
+        log.warning("the retired versions beyond the history limit were not deleted: %s", str(exc)[:500])
+        return
+    if gone:
+        log.info(
+            "deleted the Deployments of retired versions %s (beyond build.revision_history_limit %d)",
+            ", ".join(gone),
+            deployments.build.revision_history_limit,
+        )
 
 
 def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:

@@ -348,7 +348,12 @@ EXERCISED_ELSEWHERE = {
     "ml-builds": {
         ("", "pods", "patch"): "a failed build pod labelled already_checked: tests/devstack/test_pods.py, "
         "test_the_build_pod_fails_on_a_wrong_sha256_saying_why",
-    }
+    },
+    "ml": {
+        ("apps", "deployments", "delete"): "retired versions beyond build.revision_history_limit (these rollouts "
+        "retire fewer): tests/plugins/test_kubernetes_mode.py, "
+        "test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_only_those",
+    },
 }
 
 

@@ -239,3 +239,40 @@ def test_hpas_and_a_deployments_scale_speak_the_real_wire_format(core):
     with pytest.raises(ApiException) as missing:
         apps.read_namespaced_deployment_scale("digits-v9", "ml")
     assert missing.value.status == 404
+
+
+def test_a_delete_whose_preconditions_do_not_hold_is_a_conflict(core):
+    """DeleteOptions' preconditions, as the real server checks them: a uid or resourceVersion that
+    is not the object's (changed or replaced since it was read) is a 409 Conflict, the object
+    kept; a missing object a 404."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import IstioTarget
+    from vision_rollout.settings import BuildSettings
+
+    fake, core_api = core
+    api = core_api.api_client
+    versions = VersionDeployments(IstioTarget("models", "digits", "digits"), "digits", api, BuildSettings(gpus=0))
+    live = versions.apply("2", "img:1", 1)["metadata"]
+    apps = client.AppsV1Api(api)
+
+    def delete(uid=None, resource_version=None):
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=uid, resource_version=resource_version)
+        )
+        return apps.delete_namespaced_deployment("digits-v2", "models", body=options)
+
+    versions.scale("2", 2)  # changed since it was read
+    for stale in ({"resource_version": live["resourceVersion"]}, {"uid": "not-its-uid"}):
+        with pytest.raises(ApiException) as refused:
+            delete(**stale)
+        assert refused.value.status == 409
+        message = json.loads(refused.value.body)["message"]
+        assert message.startswith('Operation cannot be fulfilled on deployments.apps "digits-v2": ')
+        assert "Precondition failed" in message
+    assert ("deployments", "models", "digits-v2") in fake.objects
+    now = fake.objects[("deployments", "models", "digits-v2")]["metadata"]
+    delete(uid=now["uid"], resource_version=now["resourceVersion"])
+    assert ("deployments", "models", "digits-v2") not in fake.objects
+    with pytest.raises(ApiException) as missing:
+        delete()
+    assert missing.value.status == 404

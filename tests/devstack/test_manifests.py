@@ -350,12 +350,15 @@ TEARDOWN = [
 ]
 CALLS = {
     # The tasks: the Lease taken, the candidate's Deployment applied into being (patch and create),
-    # the build pod created, followed, labelled when it failed, deleted; under autoscaling each
-    # version's HPA applied into being and its scale set.
+    # the build pod created, followed, labelled when it failed, deleted; the teardown's retired
+    # versions beyond the history limit listed and deleted; under autoscaling each version's HPA
+    # applied into being and its scale set, and a deleted version's HPA listed and deleted.
     "workers": [
         *TEARDOWN,
         request("POST", ML.format("coordination.k8s.io/v1", "leases")),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v2"), APPLY, existed=False),
+        request("GET", ML.format("apps/v1", "deployments")),
+        request("DELETE", ML.format("apps/v1", "deployments/digits-v1")),
         request("POST", BUILDS.format("pods")),
         request("GET", BUILDS.format("pods")),  # found by its labels
         request("GET", BUILDS.format("pods/build-digits-2")),
@@ -368,6 +371,8 @@ CALLS = {
         request("GET", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1")),  # promote: its settings
         request("PATCH", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v2"), APPLY, existed=False),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v2/scale"), "application/strategic-merge-patch+json"),
+        request("GET", ML.format("autoscaling/v2", "horizontalpodautoscalers")),
+        request("DELETE", ML.format("autoscaling/v2", "horizontalpodautoscalers/digits-v1")),
     ],
     # KubernetesPodTrigger (the deferred build, in the triggerer): the pod read until it ends, its
     # events watched while it starts, the pod deleted when a user kills the task (test_pods.py

@@ -8,7 +8,14 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from vision_rollout.deploy import candidate_replicas, refused, render_deployment, render_hpa, render_service
+from vision_rollout.deploy import (
+    beyond_history,
+    candidate_replicas,
+    refused,
+    render_deployment,
+    render_hpa,
+    render_service,
+)
 from vision_rollout.mesh import IstioTarget
 
 TARGET = IstioTarget("models", "digits", "digits")
@@ -264,3 +271,23 @@ def test_pods_never_ready_are_reported_with_what_the_deployment_says_stops_them(
         assert f"ReplicaFailure FailedCreate: {refusal}" in str(failed.value)
     finally:
         api.stop()
+
+
+@pytest.mark.parametrize(
+    ("replicas", "in_use", "limit", "expected"),
+    [
+        ({"1": 0, "2": 0, "3": 0, "4": 3, "5": 1}, {"4", "5"}, 1, ["1", "2"]),  # the newest retired, 3, kept
+        ({"1": 0, "2": 0, "3": 0, "4": 3, "5": 1}, {"4", "5"}, 3, []),
+        ({"1": 0, "2": 0, "3": 0, "4": 3, "5": 1}, {"4", "5"}, 0, ["1", "2", "3"]),
+        ({"1": 0, "9": 0, "10": 0, "11": 2}, {"10", "11"}, 1, ["1", "9"]),  # by number, not by text: 10 > 9
+        ({"1": 0, "2": 0, "3": 0}, {"1", "3"}, 0, ["2"]),  # in use (routed, a subset): never deleted
+        ({"1": 2, "2": 1, "3": 0}, {"3"}, 0, []),  # running pods: never deleted
+    ],
+)
+def test_retired_versions_beyond_the_history_limit_are_the_oldest_unused_ones(replicas, in_use, limit, expected):
+    assert beyond_history(replicas, in_use, limit) == expected
+
+
+def test_a_negative_history_limit_is_refused():
+    with pytest.raises(ValueError, match="revision history limit -1"):
+        beyond_history({"1": 0}, set(), -1)

@@ -5,6 +5,7 @@ its own target, and one run at a time per model (its Lease)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -1252,3 +1253,62 @@ def test_under_autoscaling_the_stable_version_keeps_its_size_for_the_whole_run(k
     steps.promote(params, "run-2", "promote")
     assert (hpa(kube, "2")["spec"]["minReplicas"], deployment(kube, "2")["spec"]["replicas"]) == (2, 10)
     assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
+
+
+def test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_only_those(kube, monkeypatch, tmp_path):
+    """Every promotion and rollback left the retired version's Deployment (at 0) and HPA in the
+    namespace for good. The teardown now keeps the stable, the candidate and the
+    build.revision_history_limit newest retired versions, and deletes the older ones the rollout
+    made (by its labels: never a Deployment of another maker or another model), never one the
+    VirtualService or DestinationRule names nor one running pods; with calls the workers' Roles
+    (deploy/, with the autoscaling component) allow."""
+    from devstack import manifests, rbac
+    from tests.devstack.test_manifests import with_autoscaling
+
+    worker = manifests.airflow_user("workers")
+    kubeconfig = json.dumps(kube.kubeconfig("ml", user=worker))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": kubeconfig, "namespace": "ml"}}),
+    )
+    connect(monkeypatch, tmp_path, {"istio": {**ISTIO, "namespace": "ml"}}, autoscaling=True, revision_history_limit=1)
+    params = {**PARAMS, "baseline_version": "5", "candidate_version": "6"}
+    stable_virtual_service(kube, params, serving="5")
+    deployments = steps.serving().deployments("digits")
+    for version in ("1", "2", "3", "4", "5", "6"):
+        deployments.apply(version, image(version), replicas=2)
+    for version in ("1", "2", "3", "4"):
+        deployments.scale_to_zero(version)
+    deployments.scale("3", 1)  # brought back by hand: it runs pods
+    kube.touch(  # the platform's own subset, of version 2's pods
+        "destinationrules",
+        "ml",
+        "digits",
+        lambda d: d["spec"]["subsets"].append({"name": "debug", "labels": {"version": "2"}}),
+    )
+    rendered = kube.objects[("deployments", "ml", "digits-v1")]
+    for name, labels, model in (
+        ("digits-v7", {"app": "digits", "version": "7"}, "digits"),  # not the rollout's (no managed-by)
+        ("digits-v8", {**rendered["metadata"]["labels"], "version": "8"}, "mnist"),  # another model's
+    ):
+        body = {k: copy.deepcopy(rendered[k]) for k in ("apiVersion", "kind", "spec")}
+        body["metadata"] = {"name": name, "namespace": "ml", "labels": labels}
+        body["spec"]["replicas"] = 0
+        body["spec"]["selector"]["matchLabels"]["version"] = labels["version"]
+        body["spec"]["template"]["metadata"]["labels"]["version"] = labels["version"]
+        body["spec"]["template"]["metadata"]["annotations"]["model-rollout/model"] = model
+        kube.apply("deployments", "ml", name, body, "kubectl")
+    take("run-1")
+    steps.restore_stable(params, "run-1")  # v6 rolled back: at 0, as v1, v2 and v4
+    since = len(kube.requests)
+    assert steps.ensure_stable(params, "run-1", None, "5", SENT).startswith("version 5 takes 100%")
+    left = sorted(name for plural, ns, name in kube.objects if (plural, ns) == ("deployments", "ml"))
+    assert left == ["digits-v2", "digits-v3", "digits-v5", "digits-v6", "digits-v7", "digits-v8"]
+    hpas = sorted(name for plural, ns, name in kube.objects if (plural, ns) == ("horizontalpodautoscalers", "ml"))
+    assert hpas == ["digits-v2", "digits-v3", "digits-v5", "digits-v6"]
+    deletes = [r for r in kube.requests[since:] if r["method"] == "DELETE" and "/leases/" not in r["path"]]
+    assert len(deletes) == 4  # v1 and v4: each Deployment, then its HPA
+    rules = rbac.bound_rules(with_autoscaling(tmp_path), worker)
+    made = [c for r in kube.requests[since:] if r["user"] == worker for c in rbac.checks(r)]
+    assert [str(c) for c in made if not rbac.allowed(rules.get(c.namespace, []), c)] == []
+    assert routes(kube, namespace="ml") == [("v5", 100)]
