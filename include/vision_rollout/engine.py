@@ -77,6 +77,28 @@ class StageWindow:
         """The live arms while both take traffic; at 100% the baseline has only the replay."""
         return "live" if self.weight < 100 else "replay"
 
+    @property
+    def latency_unjudged(self) -> str | None:
+        """Why this stage's latency comparison decides nothing, or None when it decides.
+
+        At 100% the candidate takes all live traffic and the baseline only the replay: the
+        candidate's replay requests queue behind live ones (pods at working utilisation against
+        idle ones), so the replay compares a loaded candidate with an idle baseline, and an
+        equal candidate fails the tail margin at a rate set by the load, not by the model. After
+        a stage below 100% (which passed only once the live arms, at the same footing, showed
+        the latency within its margins) the comparison is reported and the P99 guard holds the
+        latency at full load. A rollout whose only stage is 100% has no other comparison: its
+        replay comparison decides, against the candidate under load (a false rollback more
+        likely the busier the service, a slower candidate still stopped).
+        """
+        if self.weight < 100 or self.index == 0:
+            return None
+        return (
+            "at 100% the candidate takes all live traffic and the baseline only the replay, so this "
+            "compares a loaded candidate with an idle baseline; the stages before judged latency on "
+            "live arms at equal footing, and the P99 guard holds it at full load."
+        )
+
 
 def look_interval(spec: RolloutSpec) -> float:
     return spec.bake_seconds / spec.looks_per_stage
@@ -353,7 +375,14 @@ def judge_stage(
             break
         samples = stage_samples(records, spec, window, at, labels, settle_s)
         verdict = evaluate_gate(
-            samples, cfg, look, K, guards=guard_in, latency_from=window.latency_from, replay_images=images
+            samples,
+            cfg,
+            look,
+            K,
+            guards=guard_in,
+            latency_from=window.latency_from,
+            replay_images=images,
+            latency_unjudged=window.latency_unjudged,
         )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look

@@ -871,6 +871,7 @@ def evaluate_gate(
     buckets: dict[str, list[tuple[float, float]]] | None = None,
     latency_from: str | None = None,
     replay_images: int = 0,
+    latency_unjudged: str | None = None,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
@@ -882,6 +883,9 @@ def evaluate_gate(
     judges only a whole round (each image answered by both arms) and waits, holding the gate,
     until one is in: a round's first images are no sample of the set (``labels.csv`` is often
     ordered by class), and a look without the check would pass on latency and errors alone.
+    ``latency_unjudged``: why the latency comparison of these samples decides nothing (its arms
+    were not under equal load); the latency checks are then reported, with that sentence, and
+    neither hold nor fail the gate.
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
@@ -928,7 +932,13 @@ def evaluate_gate(
             *(tail_check(lat_b, lat_c, q, cfg, level) for q in (0.95, 0.99)),
         ]
         where = SOURCES.get(latency_from or "")
-        checks += [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
+        timed = [replace(c, sentence=f"{where}: {c.sentence}") for c in timed] if where else timed
+        if latency_unjudged:
+            timed = [
+                replace(c, decision="info", blocks_pass=False, sentence=f"{c.sentence} Not judged: {latency_unjudged}")
+                for c in timed
+            ]
+        checks += timed
     # Errors count every request, answered or not: a canary failing most of its requests has few
     # latencies (a failure's is not an answer's) and must still fail here. A row whose error is
     # NaN is no request of its own (a batch request's other items).

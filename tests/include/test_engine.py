@@ -454,6 +454,36 @@ def test_the_full_stage_judges_latency_on_the_replay():
     assert state.served["baseline"].get("live", 0) == 0
 
 
+def queued(log: pd.DataFrame, utilisation: float = 0.7, seed: int = 1) -> pd.DataFrame:
+    """The candidate's replay requests queued behind its live ones (M/M/1 waits at
+    ``utilisation``, 5 ms service): a candidate as fast as the baseline, under load."""
+    rng = np.random.default_rng(seed)
+    mine = ((log["route"] == "version") & (log["version"] == "2")).to_numpy()
+    n = int(mine.sum())
+    wait = np.where(rng.random(n) < utilisation, rng.exponential(5 / (1 - utilisation), n), 0.0)
+    out = log.copy()
+    out.loc[mine, "latency_ms"] = out.loc[mine, "latency_ms"].to_numpy() + wait
+    return out
+
+
+def test_the_full_stage_does_not_judge_a_loaded_candidate_against_an_idle_baseline():
+    log = queued(records(400, 40, 100))
+    state = judge_stage(spec(), StageWindow(1, 100, T0), log, IMAGES, T0 + 106)
+    timed = {c.name: c for c in state.verdict.checks if c.name.startswith("latency")}
+    assert timed["latency_p95"].effect > 0.25  # beyond the tail margin, from load alone
+    assert {c.decision for c in timed.values()} == {"info"}
+    assert all("Not judged: at 100% the candidate takes all live traffic" in c.sentence for c in timed.values())
+    assert state.status == "pass"
+    # A slower candidate is stopped by the stage before, on live arms at equal footing.
+    slow = judge_stage(spec(), WINDOW, records(400, 40, 50, ratio=1.3), IMAGES, T0 + 106)
+    assert (slow.status, slow.verdict.failed[0].name) == ("fail", "latency_geomean")
+    # A rollout whose only stage is 100% has no other comparison: the replay's decides.
+    only = spec(stages=[100], mirror_percent=0)
+    alone = judge_stage(only, StageWindow(0, 100, T0), log, IMAGES, T0 + 106)
+    assert alone.status == "fail"
+    assert {c.name for c in alone.verdict.failed} >= {"latency_geomean", "latency_p95"}
+
+
 class RecordingRouter:
     def __init__(self) -> None:
         self.history: list[dict] = []

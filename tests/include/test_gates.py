@@ -81,6 +81,17 @@ def test_equal_canary_passes_slow_canary_fails_few_samples_wait():
     assert "Too few samples" in few.summary
 
 
+def test_a_latency_comparison_not_judged_is_reported_and_decides_nothing():
+    why = "its arms were not under equal load."
+    slow = evaluate_gate(samples(4000, ratio=1.5), latency_unjudged=why)
+    timed = [c for c in slow.checks if c.name.startswith("latency")]
+    assert {c.name for c in timed} == {"latency_geomean", "latency_rank", "latency_p95", "latency_p99"}
+    assert all(c.decision == "info" and not c.blocks_pass and c.sentence.endswith(f"Not judged: {why}") for c in timed)
+    assert slow.decision == "pass"  # errors and the rest decide
+    assert evaluate_gate(samples(40), latency_unjudged=why).decision == "wait"  # still too few samples
+    assert evaluate_gate(samples(4000, ratio=1.5)).failed[0].name == "latency_geomean"
+
+
 def test_too_few_samples_for_the_margin_waits_with_the_mde():
     df = samples(150)
     df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[::-1]
