@@ -10,7 +10,10 @@ Seeded; prints tables and writes ``bench/results/gates.json``.
     margin; power and mean time to a decision for a 10% latency regression, a 1 pp accuracy
     drop and an equal canary. Next to it, the procedure on main before this engine: a fresh
     replay of the validation set judged at look "stage of len(stages)" again after every
-    "wait" until max_stage_seconds.
+    "wait" until max_stage_seconds. ``--load``: the service's utilisation (queueing waits added
+    to every request of an arm under live load; at 100% the baseline takes only the replay, so
+    its requests wait for nothing), judged by the engine ("engine") and by the engine that judged
+    the 100% stage's latency on that replay comparison after earlier stages too ("engine_before").
 (a) Wrongly passing a canary exactly at the latency margin, and wrongly failing an equal
     canary, when the gate is looked at 1, 5, 10 and 20 times as samples accrue: ours
     (Lan-DeMets O'Brien-Fleming) against naive repeated tests at 0.05.
@@ -34,6 +37,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +285,7 @@ def live_labels(sims: int, seed: int, looks: int = 10, batch: int = 8) -> list[d
 STAGES = {1: [100], 2: [50, 100], 4: [5, 25, 50, 100]}
 IMAGES = 450  # the digits validation set
 RATE = 10.0  # live requests per second into the model (both arms)
+LOAD = 0.0  # utilisation of the pods under live load (M/M/1 waits added to their requests)
 BASE_ACCURACY = 0.96
 # canary latency ratio, and the shares of images only the baseline / only the canary gets right
 SCENARIOS = {
@@ -313,6 +318,14 @@ def stage_records(
     is_c = np.concatenate([canary, r_canary])
     m = len(is_c)
     lat = np.exp(rng.normal(math.log(5.0), SIGMA, m) + np.where(is_c, math.log(ratio), 0.0))
+    if LOAD > 0:
+        # Pods sized for their share of the live traffic all run at LOAD below 100%; at 100% the
+        # baseline's pods take only the replay. A request of a loaded pod waits behind others
+        # (M/M/1: with probability LOAD, an exponential wait of mean 5 ms / (1 - LOAD)), and a
+        # slower candidate's whole latency is ``ratio`` times: at equal load its geometric mean is.
+        loaded = is_c | (weight < 100)
+        wait = np.where(rng.random(m) < LOAD, rng.exponential(5.0 / (1 - LOAD), m), 0.0)
+        lat = lat + np.where(loaded, wait * np.where(is_c, ratio, 1.0), 0.0)
     top1 = np.concatenate([np.zeros(n, dtype=int), np.where(correct[r_canary.astype(int), r_image], 0, 1)])
     return pd.DataFrame(
         {
@@ -343,15 +356,27 @@ def correctness(rng: np.random.Generator, only_base: float, only_canary: float) 
     return np.stack([base, canary])
 
 
-def engine_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str) -> tuple[bool, float]:
-    """One rollout as the engine judges it: (promoted, seconds to the decision)."""
+@dataclass(frozen=True)
+class JudgedAt100(StageWindow):
+    """The engine before: the 100% stage's replay latency comparison decided after earlier stages too."""
+
+    @property
+    def latency_unjudged(self) -> str | None:
+        return None
+
+
+def engine_rollout(
+    rng: np.random.Generator, spec: RolloutSpec, scenario: str, before: bool = False
+) -> tuple[bool, float]:
+    """One rollout as the engine judges it: (promoted, seconds to the decision). ``before``: the
+    100% stage's latency judged on the replay whatever the stages before it."""
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
     labels = {str(i): 0 for i in range(IMAGES)}
     cfg = GateConfig.from_spec(spec)
     elapsed = 0.0
     for index, weight in enumerate(spec.stages):
-        window = StageWindow(index, weight, 0.0)
+        window = (JudgedAt100 if before else StageWindow)(index, weight, 0.0)
         records = stage_records(rng, spec, weight, ratio, correct)
         state = judge_stage(spec, window, records, labels, spec.max_stage_seconds + 10, config=cfg)
         if state.status == "pass":
@@ -400,22 +425,28 @@ def main_rollout(rng: np.random.Generator, spec: RolloutSpec, scenario: str, loo
 
 
 def procedure(
-    sims: int, seed: int, workers: int, procedures: tuple[str, ...] = ("engine", "main", "main_loose")
+    sims: int,
+    seed: int,
+    workers: int,
+    procedures: tuple[str, ...] = ("engine", "main", "main_loose"),
+    stage_sets: tuple[int, ...] = tuple(STAGES),
+    scenarios: tuple[str, ...] = tuple(SCENARIOS),
 ) -> list[dict[str, Any]]:
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [
         (n_stages, scenario, which, sims, seed + 1000 * n_stages + 17 * i)
-        for n_stages in STAGES
+        for n_stages in stage_sets
         for i, scenario in enumerate(SCENARIOS)
+        if scenario in scenarios
         for which in procedures
     ]
     with ProcessPoolExecutor(workers) as pool:
         cells = list(pool.map(_cell, jobs))
     rows = []
-    for n_stages in STAGES:
-        for scenario in SCENARIOS:
-            row: dict[str, Any] = {"stages": STAGES[n_stages], "scenario": scenario}
+    for n_stages in stage_sets:
+        for scenario in scenarios:
+            row: dict[str, Any] = {"stages": STAGES[n_stages], "scenario": scenario, "load": LOAD}
             for c in cells:
                 if c["n_stages"] == n_stages and c["scenario"] == scenario:
                     row[c["which"]] = {k: c[k] for k in ("promoted", "rolled_back", "mean_seconds", "sims")}
@@ -433,8 +464,8 @@ def _cell(job: tuple[int, str, str, int, int]) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     stages = STAGES[n_stages]
     spec = RolloutSpec.from_dict({"stages": stages, **({"mirror_percent": 0} if stages == [100] else {})})
-    if which == "engine":
-        results = [engine_rollout(rng, spec, scenario) for _ in range(sims)]
+    if which in ("engine", "engine_before"):
+        results = [engine_rollout(rng, spec, scenario, before=which == "engine_before") for _ in range(sims)]
     else:
         results = [main_rollout(rng, spec, scenario, loose=which == "main_loose") for _ in range(sims)]
     promoted = sum(p for p, _ in results) / sims
@@ -453,17 +484,20 @@ SECTIONS = ("procedure", "error_rates", "power_latency", "power_accuracy", "timi
 
 
 def main(argv: list[str] | None = None) -> int:
-    global IMAGES
+    global IMAGES, LOAD
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sims", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--procedure-sims", type=int, default=400)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--images", type=int, default=450, help="validation images the procedure replays")
+    p.add_argument("--load", type=float, default=0.0, help="utilisation of the pods under live load, 0 to 0.95")
+    p.add_argument("--stage-sets", nargs="+", type=int, choices=tuple(STAGES), default=list(STAGES))
+    p.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS))
     p.add_argument(
         "--procedures",
         nargs="+",
-        choices=("engine", "main", "main_loose"),
+        choices=("engine", "engine_before", "main", "main_loose"),
         default=["engine", "main", "main_loose"],
         help="the procedures simulated: the engine's, and main's before it",
     )
@@ -476,9 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gates.json")
     args = p.parse_args(argv)
-    IMAGES = args.images  # (the procedure's workers are forked: they see it)
+    IMAGES, LOAD = args.images, args.load  # (the procedure's workers are forked: they see them)
     runs = {
-        "procedure": lambda: procedure(args.procedure_sims, args.seed, args.workers, tuple(args.procedures)),
+        "procedure": lambda: procedure(
+            args.procedure_sims,
+            args.seed,
+            args.workers,
+            tuple(args.procedures),
+            tuple(args.stage_sets),
+            tuple(args.scenarios),
+        ),
         "error_rates": lambda: error_rates(args.sims, args.seed),
         "power_latency": lambda: power_latency(args.sims // 2, args.seed),
         "power_accuracy": lambda: power_accuracy(args.sims // 4, args.seed),
@@ -496,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "sigma_log_latency": SIGMA,
         "live_rate": RATE,
         "validation_images": IMAGES,
+        "load": LOAD,
         "procedure_spec": "RolloutSpec defaults (bake 600 s, "
         "max stage 3600 s, 10 looks a stage, min 200 samples), stages as named",
     }
