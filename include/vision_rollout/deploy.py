@@ -456,25 +456,23 @@ class VersionDeployments:
             body["metadata"]["annotations"] = {IMAGE_ANNOTATION: deployed}
             if recorded is not None:
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
-        try:
-            out = self._apps().patch_namespaced_deployment(
+
+        def applied() -> Any:
+            return self._apps().patch_namespaced_deployment(
                 self._name(version),
                 self.target.namespace,
                 body,
                 field_manager=FIELD_MANAGER,
                 _content_type="application/apply-patch+yaml",
             )
+
+        try:
+            out = applied()
             if deployed is not None and intact:
                 digest = template_digest(self._apps().api_client.sanitize_for_serialization(out.spec.template))
                 if digest != recorded:  # (the template the rollout applied, with the server's defaults)
                     body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = digest
-                    out = self._apps().patch_namespaced_deployment(
-                        self._name(version),
-                        self.target.namespace,
-                        body,
-                        field_manager=FIELD_MANAGER,
-                        _content_type="application/apply-patch+yaml",
-                    )
+                    out = applied()
         except ApiException as exc:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
