@@ -26,6 +26,10 @@ Roll a new version of a model out to production, or roll it back, with the evide
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 
+A stage's sequential test is kept in the run folder: a stage cleared here (or retried) resumes
+it at its next look, or reports the decision it took (a failed stage stays failed). A fresh test
+is asked for with `rolloutctl restart-stage`, and its report says so and what it costs.
+
 Runs of different models go on side by side; one model has one run at a time: **build_image**
 takes the model's lease (a Kubernetes Lease `rollout-<VirtualService>`, or a lock file in local mode),
 every step renews it, the teardown **ensure_stable** releases it (and fails the run when the
@@ -171,8 +175,9 @@ def model_rollout() -> None:
                 return verdict
 
             applied = apply_mesh_weights(previous)
-            # A retry judges the same looks to the same verdicts (the engine keeps no state); a
-            # tripped guard fails without retrying.
+            # A retry, or a re-run of the stage cleared in the UI, resumes its test (its window and
+            # its decision are kept in the run folder: vision_rollout.attempts); a tripped guard
+            # fails without retrying.
             waited = StageMetricsSensor(
                 task_id="wait_for_metrics",
                 stage_index=index,

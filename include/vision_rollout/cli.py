@@ -943,6 +943,34 @@ def cmd_abort(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart_stage(args: argparse.Namespace) -> int:
+    """A fresh test of a stage of a DAG run asked for, with its reason (``attempts``): the stage's
+    next run (its ``apply_mesh_weights`` cleared in Airflow) starts a new attempt, and its report
+    says it was restarted and what that costs. Without this, a cleared stage resumes its test, or
+    reports the decision its test took. Exit 4, nothing changed, for a stage that never started."""
+    from vision_rollout import attempts
+    from vision_rollout.settings import workdir
+
+    if not 1 <= args.stage <= 100:
+        raise UsageError(f"--stage: 1 for the first stage, not {args.stage}")
+    reason = " ".join((args.reason or "").split())
+    if not reason:
+        raise UsageError("--reason: why the stage's test starts afresh (it is in the stage's report)")
+    folder = workdir(args.run_dir, args.model, args.run_id)
+    try:
+        record = attempts.request_restart(folder, args.run_id, args.stage - 1, f"{reason} ({_operator()})")
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"{exc}; nothing changed") from None
+    n = len(record.attempts) + 1
+    print(
+        f"stage {args.stage} of run {args.run_id!r}: its next run (its apply_mesh_weights cleared; the whole run "
+        f"once the run has ended, to take the model's lease again) starts attempt {n}, "
+        f"a fresh test at the run's alpha. Reported as restarted: with {n} attempts, a candidate at the margin "
+        f"passes one with probability up to 1 - (1 - alpha)^{n} ({100 * attempts.chance(0.05, n):.3g}% at alpha 0.05)"
+    )
+    return 0
+
+
 def _operator() -> str:
     try:
         user = os.getlogin()
@@ -1049,6 +1077,13 @@ def parser() -> argparse.ArgumentParser:
     ab.add_argument("--token-file", type=Path)
     ab.add_argument("--reason", help="why, for the run's report (default: who aborted, from where)")
     ab.set_defaults(func=cmd_abort)
+    rs = sub.add_parser("restart-stage", help="start a DAG run's stage test afresh at its next run (reported)")
+    rs.add_argument("--run-dir", type=_folder, required=True, help="the run folder (the connection's run_dir)")
+    rs.add_argument("--model", type=_model, required=True)
+    rs.add_argument("--run-id", required=True, help="the DAG run's id")
+    rs.add_argument("--stage", type=int, required=True, help="the stage, 1 for the first")
+    rs.add_argument("--reason", required=True, help="why (in the stage's report)")
+    rs.set_defaults(func=cmd_restart_stage)
     return p
 
 

@@ -835,7 +835,17 @@ def judge_evidence(
     if spec.mirror_percent > 0 and (audit is None or audit.get("verdict") != "pass"):
         why = "; ".join(audit.get("reasons", [])) if audit else "the audit did not run"
         return "rollback", f"shadow audit did not show the candidate agrees with the primary: {why}"
-    return "promote", "every stage passed" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
+    restarted = [
+        f"{weight}% ({v['attempts']} attempts)"
+        for weight, v in zip(spec.stages, verdicts, strict=False)
+        if v and int(v.get("attempts") or 1) > 1
+    ]
+    again = (
+        f" (its test restarted on request: {', '.join(restarted)}; each attempt a fresh test at level {spec.alpha:g})"
+        if restarted
+        else ""
+    )
+    return "promote", f"every stage passed{again}" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
 
 
 # -- the whole rollout in one process (rolloutctl run) ---------------------------------------

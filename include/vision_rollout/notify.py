@@ -287,8 +287,9 @@ def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes
     return Message(text, _limit(blocks), chart)
 
 
-# What a promotion report says of each stage: what it rests on, then the live and replay results.
-STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired")
+# What a promotion report says of each stage: what it rests on, then the live and replay results,
+# then (a stage run more than once: a task cleared, retried, restarted) its runs.
+STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired", "runs")
 
 
 def promotion_message(
@@ -395,7 +396,7 @@ def rollback_message(
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))
         blocks += _check_lines([c for c in failing[1:]])
     if verdict is not None:
-        blocks += _check_lines([c for c in verdict.checks if c.name == "evidence"])
+        blocks += _check_lines([c for c in verdict.checks if c.name in ("evidence", "runs")])
     if audit is not None:
         blocks.append(_audit_line(audit))
     return Message(text, _limit(blocks), chart)

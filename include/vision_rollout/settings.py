@@ -350,10 +350,8 @@ class ServingSettings:
         return self.repository / model / "validation"
 
     def workdir(self, model: str, run_id: str) -> Folder:
-        """A rollout run's folder: its shadow audit's report (and in mesh ``local`` the routes
-        before it: ``on_disk``)."""
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id[:200]).lstrip(".") or "_"
-        return self.run_folder / "rollouts" / model / safe
+        """A rollout run's folder (``workdir``)."""
+        return workdir(self.run_folder, model, run_id)
 
     def on_disk(self, folder: Folder) -> Path:
         """``folder`` on this machine's disk (made), for what mesh ``local`` keeps there: its
@@ -464,3 +462,10 @@ def metric_problem(metric: Mapping[str, Any]) -> str | None:
 def _build_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A ``build`` section's values for ``BuildSettings``: 3.0 is an integer to JSON Schema, and a count here."""
     return {k: int(v) if k in INTEGERS and v is not None else v for k, v in raw.items()}
+
+
+def workdir(run_folder: Folder, model: str, run_id: str) -> Folder:
+    """A rollout run's folder in ``run_folder``: its shadow audit's report, its stages' records
+    (``attempts``), and in mesh ``local`` the routes before it (``Settings.on_disk``)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id[:200]).lstrip(".") or "_"
+    return run_folder / "rollouts" / model / safe

@@ -4,7 +4,9 @@ Each poke is one short task run in a worker (the slot is freed between pokes): a
 through both versions, the hard guards from Prometheus, then the engine judges, in order, the
 looks whose time has come, from the prediction log. The judgement is a pure function of the log
 and the clock, so a poke that comes late, or a retried try, judges the same looks to the same
-verdicts; no state lives in the task. Nothing is deferred: a stage of 10 looks does not resume
+verdicts. The stage's test lives in the run folder, not in the task (``vision_rollout.attempts``):
+its window's start, and its decision once taken, which a cleared or retried try reports again
+instead of judging anew. Nothing is deferred: a stage of 10 looks does not resume
 a deferred task 10 times (each resumption is exposed to Airflow 3.3's stale-event race,
 apache/airflow#72716).
 """
@@ -44,5 +46,11 @@ class StageMetricsSensor(BaseSensorOperator):
         from rollout_airflow.steps import failure_kept, look_at_stage
 
         with failure_kept(context["ti"]):
-            verdict = look_at_stage(context["params"], self.stage_index, self.applied, context["run_id"])
+            verdict = look_at_stage(
+                context["params"],
+                self.stage_index,
+                self.applied,
+                context["run_id"],
+                str(getattr(context["ti"], "id", None) or getattr(context["ti"], "try_number", "")) or None,
+            )
         return PokeReturnValue(is_done=verdict is not None, xcom_value=verdict)

@@ -322,8 +322,17 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
         raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
     if previous is None or previous.get("decision", "pass") != "pass":
         raise AirflowSkipException("the previous step did not pass")
+    from vision_rollout import attempts
+
     hook = serving()
     hold(spec, run_id, hook, WAITING_STEP_S)
+    record = hook.settings.workdir(spec.model, run_id)
+    resumed = attempts.resumed(record, run_id, index)
+    if resumed is not None and resumed.outcome is not None and resumed.outcome.get("status") != "pass":
+        # Its test decided against the candidate: no traffic goes to it again; the wait reports it.
+        started, outcome = attempts.applied(record, run_id, index, time.time())
+        print(f"stage {index + 1}: its test decided already ({outcome and outcome.get('status')}); weights not applied")
+        return {"weight": spec.stages[index], "started": started}
     r = router(spec, run_id, hook)
     if spec.mesh == "istio":  # both versions ready before any weight moves: no route to missing pods
         deployments = hook.deployments(spec.model)
@@ -341,7 +350,9 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
         r.reconcile()
     hold(spec, run_id, hook)  # still this run's, after the wait
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
-    return {"weight": spec.stages[index], "started": time.time()}
+    # A re-run resumes the stage's test (its window, its looks, its alpha spent): ``attempts``.
+    started, _ = attempts.applied(record, run_id, index, time.time())
+    return {"weight": spec.stages[index], "started": started}
 
 
 def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -451,14 +462,22 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 
 def look_at_stage(
-    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str
+    params: dict[str, Any], index: int, applied: dict[str, Any] | None, run_id: str, wait: str | None = None
 ) -> dict[str, Any] | None:
     """One poke of ``wait_for_metrics``: a replay round, then the engine judges the looks due.
 
     None while the stage goes on; its verdict (XCom) once it passed, failed or ended undecided.
     A tripped guard puts the stable version back at once, then fails the task (no retry), as does,
     in kubernetes mode, a candidate left with no ready pod (``candidate_serving``).
+
+    The stage's test is kept in the run folder (``attempts``): each decision is written there
+    before it is acted on, and a stage whose test decided already (a task cleared, a run
+    cleared) reports that decision again, judging nothing: a breach restores the stable version
+    and fails again. A run folder that cannot be read or written holds the stage (no decision is
+    given that is not kept), as a log that cannot be listed does; a breach acts all the same.
+    ``wait``: the id of the wait's try (its task instance's), counted in the report.
     """
+    from vision_rollout import attempts
     from vision_rollout.engine import StageWindow, gpu_gauges
     from vision_rollout.gates import Verdict
 
@@ -467,6 +486,23 @@ def look_at_stage(
         raise AirflowSkipException("stage not applied")
     hook = serving()
     hold(spec, run_id, hook)
+    folder = hook.settings.workdir(spec.model, run_id)
+    try:
+        record, attempt = attempts.judged(folder, run_id, index, float(applied["started"]), wait)
+    except OSError as exc:
+        print(f"stage {index + 1}: holding: its record in the run folder cannot be read ({str(exc)[:300]})")
+        return None
+    if attempt.outcome is not None:
+        print(
+            f"stage {index + 1} ({spec.stages[index]}%): its test decided at look {attempt.look} "
+            f"({attempt.outcome.get('status')}); reported again, nothing judged"
+        )
+        if attempt.outcome.get("status") == "breach":
+            restore_stable(params, run_id, unload_candidate=False)
+            raise AirflowFailException(
+                f"{attempt.outcome['summary']} Version {spec.baseline_version} takes 100% again."
+            )
+        return with_runs(spec, attempt.outcome, record)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
     source = PrometheusHook().source()
@@ -477,9 +513,17 @@ def look_at_stage(
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"
     )
     if state.status == "breach":
+        try:
+            attempts.decided(folder, record, attempt, state.look, {"status": "breach", "summary": state.reason})
+        except OSError as exc:  # (the stable version goes back all the same)
+            log.warning("the stage's breach is not kept in the run folder: %s", str(exc)[:300])
         restore_stable(params, run_id, unload_candidate=False)
         raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")
     if not state.done:
+        try:
+            attempts.looked(folder, record, attempt, state.look)
+        except OSError as exc:
+            log.warning("the stage's last look is not kept in the run folder: %s", str(exc)[:300])
         return None
     # Ended without a look judged (its guards never read): a verdict all the same, no look, level 0.
     verdict = (state.verdict or Verdict("wait", (), 0, state.looks, spec.alpha, 0.0, spec.spending)).to_dict()
@@ -492,7 +536,35 @@ def look_at_stage(
         "look": state.look,
         "looks": state.looks,
     }
-    return {**verdict, "status": state.status, "bake": bake}
+    outcome = {**verdict, "status": state.status, "bake": bake}
+    try:
+        attempts.decided(folder, record, attempt, state.look, outcome)
+    except OSError as exc:  # (the next poke judges the same looks to the same decision)
+        print(f"stage {index + 1}: holding: its decision cannot be kept in the run folder ({str(exc)[:300]})")
+        return None
+    return with_runs(spec, outcome, record)
+
+
+def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[str, Any]:
+    """The stage's verdict as its report shows it: with a check ``runs`` when the stage ran
+    more than once (``attempts.runs_sentence``), and, when its test was restarted, its summary
+    saying so and what that cost."""
+    from vision_rollout.attempts import chance, runs_sentence
+    from vision_rollout.gates import Check
+
+    sentence = runs_sentence(record, spec.alpha)
+    if sentence is None:
+        return outcome
+    runs = Check("runs", "info", sentence, "the stage's record in the run folder", blocks_pass=False)
+    out = {**outcome, "checks": [*(outcome.get("checks") or []), runs.to_dict()], "attempts": len(record.attempts)}
+    if len(record.attempts) > 1:
+        n = len(record.attempts)
+        out["summary"] = (
+            f"{outcome.get('summary', '')} (attempt {n}: the stage's test was restarted {n - 1} time(s) on "
+            f"request; a candidate at the margin passes one of {n} with probability up to "
+            f"{100 * chance(spec.alpha, n):.3g}%)"
+        )
+    return out
 
 
 def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None) -> StageJudge:

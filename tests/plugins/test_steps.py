@@ -1432,3 +1432,195 @@ def test_an_audit_run_removes_the_hours_past_their_retention_and_killed_stages_c
     assert names[29] not in [p.name for p in audits.iterdir()]
     with pytest.raises(AirflowFailException, match="retention_days must be 8 to 3660, not 7"):
         steps.audit_hours("digits", this_hour, catch_up_hours=0, retention_days=7)
+
+
+class StageWorld:
+    """A stage's steps as a run's tasks call them, on a run folder in ``tmp_path``: the routes
+    they write (``set``), and a judge whose stage states come from ``states`` (a window's start
+    -> the state its looks reach), each window it judged in ``judged``."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        from types import SimpleNamespace
+
+        outbox_reports(monkeypatch, tmp_path)
+        self.set: list[dict] = []
+        self.judged: list[float] = []
+        self.states: list = []
+        world = self
+
+        class Router:
+            def reconcile(self):
+                pass
+
+            def set_routes(self, policy):
+                world.set.append(policy.to_dict())
+                return True
+
+            def get_routes(self):
+                return TrafficPolicy.from_dict(
+                    world.set[-1] if world.set else {"route": [{"version": "1", "weight": 100}]}
+                )
+
+        def judge(window, now=None):
+            world.judged.append(window.started)
+            return world.states.pop(0)
+
+        monkeypatch.setattr(steps, "router", lambda *a, **k: Router())
+        monkeypatch.setattr(steps, "stage_judge", lambda *a, **k: judge)
+        monkeypatch.setattr(steps, "PrometheusHook", lambda: SimpleNamespace(source=lambda: None))
+        monkeypatch.setattr(steps, "restore_stable", lambda *a, **k: world.set.append({"stable": True}))
+        steps.serving().model_lock("digits", "local").acquire("run-a")
+
+    def apply(self, index: int = 0) -> dict:
+        return steps.apply_weights(PARAMS, index, "run-a", {"decision": "pass"})
+
+    def poke(self, applied: dict, index: int = 0, try_number: int = 1):
+        """A poke of the stage's wait, in its try ``try_number`` (each try a task instance id of
+        its own): its XCom, None while it waits."""
+        from types import SimpleNamespace
+
+        from rollout_airflow.sensors import StageMetricsSensor
+
+        sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied)
+        ti = SimpleNamespace(id=f"ti-{try_number}", try_number=try_number, xcom_push=lambda **kw: None)
+        return sensor.poke({"params": PARAMS, "run_id": "run-a", "ti": ti}).xcom_value
+
+
+def stage_state(status: str, look: int, summary: str):
+    from vision_rollout.engine import StageState
+    from vision_rollout.gates import Verdict
+
+    decision = {"waiting": "wait", "undecided": "wait"}.get(status, status)
+    verdict = Verdict(decision, (), look, 10, 0.05, 1e-3, "obrien-fleming", summary) if look else None
+    return StageState(status, look, 10, verdict, summary, {}, 100.0)
+
+
+def test_a_stage_cleared_after_its_test_failed_reports_the_failure_and_sends_the_candidate_nothing(
+    monkeypatch, tmp_path
+):
+    """Cleared in the UI (its task group, say) after its test failed, a stage started a fresh
+    test: its weights back on the candidate, looks 1..K again with alpha spent afresh, and a
+    pass by chance promoted a candidate whose test had failed. Its decision stands now."""
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("fail", 3, "FAIL: canary P99 regressed 40%")]
+    assert world.poke(applied)["decision"] == "fail"
+    routes = len(world.set)
+    again = world.apply()  # the stage cleared: its apply_mesh_weights runs again
+    assert again["started"] == applied["started"]
+    assert len(world.set) == routes  # no traffic back to a candidate whose test failed
+    world.states = [stage_state("pass", 1, "PASS at look 1")]  # what a fresh test could find
+    verdict = world.poke(again, try_number=2)
+    assert verdict["decision"] == "fail"
+    assert world.judged == [applied["started"]]  # judged once: the decision is reported again
+    assert "its wait ran twice" in verdict["checks"][-1]["sentence"]
+    assert decide(PARAMS, [verdict, None], AGREES)[0] == "rollback"
+
+
+def test_a_stage_re_run_mid_test_resumes_its_looks_and_its_alpha(monkeypatch, tmp_path):
+    """A worker lost mid-stage, the stage cleared: its window (its looks' times, the alpha each
+    spends) is the first run's, and the report counts the runs."""
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("waiting", 4, "WAIT at look 4 of 10")]
+    assert world.poke(applied) is None
+    again = world.apply()
+    assert again["started"] == applied["started"]
+    world.states = [stage_state("pass", 6, "PASS at look 6")]
+    verdict = world.poke(again, try_number=3)
+    assert verdict["decision"] == "pass"
+    assert world.judged == [applied["started"], applied["started"]]
+    sentence = verdict["checks"][-1]["sentence"]
+    assert "its weights were applied twice and its wait ran twice" in sentence
+    assert "resumed its test at the next look" in sentence
+    assert "RESTARTED" not in sentence
+    assert verdict["summary"] == "PASS at look 6"
+    promoted = steps.notify(PARAMS, "promote", "every stage passed", [verdict, verdict])
+    assert "outbox" in promoted
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert "its wait ran twice" in json.dumps(report["blocks"])
+
+
+def test_a_tripped_guard_stands_when_its_stage_is_cleared(monkeypatch, tmp_path):
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("breach", 0, "hard guard tripped: Canary P99 is 95 ms.")]
+    with pytest.raises(AirflowFailException, match="Canary P99 is 95 ms"):
+        world.poke(applied)
+    world.set.clear()
+    again = world.apply()
+    assert world.set == []  # the candidate gets no traffic again
+    with pytest.raises(AirflowFailException, match=r"Canary P99 is 95 ms\. Version 1 takes 100% again"):
+        world.poke(again, try_number=2)
+    assert world.set == [{"stable": True}]  # the stable version put back again
+    assert len(world.judged) == 1
+
+
+def test_a_restart_asked_for_starts_a_fresh_test_and_the_report_says_what_it_cost(monkeypatch, tmp_path, capsys):
+    """The one way to judge a stage afresh (Prometheus fixed after it ended undecided, say):
+    asked for with a reason, counted, and in the report with its cost."""
+    from vision_rollout.cli import main
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("undecided", 0, "undecided: the stage ended while its hard guards could not be read")]
+    assert world.poke(applied)["status"] == "undecided"
+    args = ["restart-stage", "--run-dir", str(tmp_path), "--model", "digits", "--run-id", "run-a", "--stage", "1"]
+    assert main([*args, "--reason", "Prometheus fixed"]) == 0
+    assert "starts attempt 2" in capsys.readouterr().out
+    again = world.apply()
+    assert again["started"] > applied["started"]  # a fresh window, its looks from 1
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    verdict = world.poke(again, try_number=2)
+    assert verdict["decision"] == "pass"
+    assert "restarted 1 time(s) on request" in verdict["summary"]
+    assert "up to 9.75%" in verdict["summary"]
+    assert "Prometheus fixed" in verdict["checks"][-1]["sentence"]
+    assert decide(PARAMS, [verdict, verdict], AGREES)[1].startswith(
+        "every stage passed (its test restarted on request: 50% (2 attempts), 100% (2 attempts); "
+        "each attempt a fresh test at level 0.05)"
+    )
+    assert "**50%**: PASS at look 2 (attempt 2: the stage's test was restarted" in approval_body(
+        PARAMS, "every stage passed", [verdict, verdict]
+    )
+    # Never without a reason, nor for a stage that never started.
+    assert main([*args, "--reason", " "]) == 2
+    assert main([*args[:-1], "2", "--reason", "x"]) == 4
+
+
+def test_a_stage_record_that_cannot_be_read_fails_the_step_instead_of_starting_afresh(monkeypatch, tmp_path):
+    from vision_rollout.attempts import RecordError, record_name
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    (folder.path / record_name("run-a", 0)).write_text('{"run_id": "run-a", "stage": 1, "attempts": [{}]}')
+    with pytest.raises(RecordError, match="is not the record of stage 1"):
+        world.apply()
+    with pytest.raises(RecordError):
+        world.poke(applied)
+    assert world.judged == []
+
+
+def test_a_run_folder_that_cannot_be_written_holds_the_stage_until_its_decision_is_kept(monkeypatch, tmp_path):
+    """A decision given but not kept would be judged afresh by a re-run: the stage holds (as on
+    a log it cannot list) while its record cannot be written, and decides once it can."""
+    from vision_rollout import attempts
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("waiting", 1, "WAIT at look 1 of 10")]
+    assert world.poke(applied) is None
+    save = attempts.save
+
+    def down(*args):
+        raise OSError("the store answers 503")
+
+    monkeypatch.setattr(attempts, "save", down)
+    world.states = [stage_state("fail", 2, "FAIL: errors")]
+    assert world.poke(applied) is None  # judged, not kept: held
+    assert len(world.judged) == 2
+    monkeypatch.setattr(attempts, "save", save)
+    world.states = [stage_state("fail", 2, "FAIL: errors")]
+    assert world.poke(applied)["decision"] == "fail"
+    assert attempts.load(steps.serving().settings.workdir("digits", "run-a"), "run-a", 0).attempts[0].outcome

@@ -1,0 +1,236 @@
+"""A stage's sequential test kept across the runs of its tasks, in the run folder.
+
+A stage is one group-sequential test: its looks are planned from when its weights took effect
+(``engine.StageWindow.started``), and its alpha is spent over them. The window's start was the
+XCom of the stage's ``apply_mesh_weights``, which a task cleared in Airflow's UI (or its stage's
+task group, or the whole run) loses: the stage started a fresh test, looks 1..K again with its
+alpha spent afresh, and a stage failed or left undecided could be run until a look passed, with
+nothing in the report to say so. Every re-run was another chance to promote a candidate at the
+margin (1 - (1 - alpha)^n after n runs).
+
+The stage's record (a JSON file in the run's folder: a disk every worker mounts, or an object
+store) keeps, per attempt of its test: when its window started, when its weights were applied
+and which runs of its wait judged it (each try of a task instance), the last look judged, and its outcome once decided
+(``wait_for_metrics``' XCom, or the tripped guard). A re-run of the stage resumes its test: the
+same window, its looks at their planned times (those judged already judged again, to the same
+verdicts, on the same records), the alpha already spent spent. A stage whose test decided
+reports that decision again and judges nothing (a failed stage is not re-run into a pass); its
+weights are not applied again unless it passed. A fresh test of a stage is an explicit choice
+(``request_restart``: ``rolloutctl restart-stage``), recorded with its reason: the next run of
+the stage starts a new attempt, and the stage's report says so, with what it costs: each
+attempt is a test at level alpha, so a candidate at the margin passes one of n with
+probability up to 1 - (1 - alpha)^n.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from vision_rollout.folders import Folder
+
+MAX_ATTEMPTS = 20  # restarts a stage may be given, at most (each one a fresh test)
+MAX_RUNS = 100  # applications and wait runs kept per attempt (the first ones and the last ones)
+
+
+def record_name(run_id: str, index: int) -> str:
+    """The file of stage ``index`` (0-based) of run ``run_id``: named by a hash of the run id,
+    as the run folder's names are cut and cleaned and two ids could meet there."""
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    return f"stage-{index + 1}-{digest}.json"
+
+
+@dataclass
+class Attempt:
+    """One test of the stage: from ``started`` (unix seconds: its window's start)."""
+
+    started: float
+    applied: list[float] = field(default_factory=list)  # when its weights were applied (a re-run adds one)
+    tries: list[str] = field(default_factory=list)  # the runs of wait_for_metrics that judged it (their ids)
+    look: int = 0  # the last look judged
+    outcome: dict[str, Any] | None = None  # once decided: the stage's verdict (its status) or breach
+    restart: str | None = None  # why it was started afresh (None: the stage's first)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Attempt:
+        return cls(
+            float(d["started"]),
+            [float(t) for t in d.get("applied") or []],
+            [str(t) for t in d.get("tries") or []],
+            int(d.get("look") or 0),
+            d.get("outcome"),
+            d.get("restart"),
+        )
+
+
+@dataclass
+class StageRecord:
+    run_id: str
+    index: int
+    attempts: list[Attempt] = field(default_factory=list)
+    restart: str | None = None  # a fresh test asked for, started by the stage's next application
+
+    def attempt(self, started: float) -> Attempt:
+        """The attempt whose window starts at ``started`` (added when the record has none: a
+        window it never saw, its file lost)."""
+        for a in self.attempts:
+            if a.started == started:
+                return a
+        self.attempts.append(Attempt(started))
+        return self.attempts[-1]
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "run_id": self.run_id,
+                "stage": self.index + 1,
+                "attempts": [a.to_dict() for a in self.attempts],
+                "restart": self.restart,
+            },
+            indent=1,
+        ).encode()
+
+
+class RecordError(ValueError):
+    """The stage's record is there but is not one (another run's, damaged): the stage does not
+    start a test afresh on a record it cannot read."""
+
+
+def load(folder: Folder, run_id: str, index: int) -> StageRecord:
+    """The stage's record; an empty one when it has none. OSError when the folder cannot be
+    read, RecordError for a file that is not this stage's record."""
+    name = record_name(run_id, index)
+    try:
+        raw = folder.read(name)
+    except FileNotFoundError:
+        return StageRecord(run_id, index)
+    try:
+        d = json.loads(raw)
+        if d["run_id"] != run_id or d["stage"] != index + 1:
+            raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {d['stage']}")
+        return StageRecord(run_id, index, [Attempt.from_dict(a) for a in d["attempts"]], d.get("restart"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: {str(exc)[:300]}") from None
+
+
+def save(folder: Folder, record: StageRecord) -> None:
+    for a in record.attempts:  # (a stage cleared without end: the first runs and the last ones)
+        a.applied = _bounded(a.applied)
+        a.tries = _bounded(a.tries)
+    folder.write(record_name(record.run_id, record.index), record.to_json())
+
+
+def _bounded(values: list[Any]) -> list[Any]:
+    return values if len(values) <= MAX_RUNS else values[: MAX_RUNS // 2] + values[-MAX_RUNS // 2 :]
+
+
+def resumed(folder: Folder, run_id: str, index: int) -> Attempt | None:
+    """The attempt the stage's next application resumes; None when it starts one (its first
+    run, or a restart asked for)."""
+    record = load(folder, run_id, index)
+    return record.attempts[-1] if record.attempts and record.restart is None else None
+
+
+def applied(folder: Folder, run_id: str, index: int, now: float) -> tuple[float, dict[str, Any] | None]:
+    """The stage's weights are applied (its first run, or a re-run): its window's start, and the
+    outcome its test decided already (None while undecided). The start is the current attempt's
+    (a re-run resumes its test), or ``now`` for the stage's first run and for a restart asked
+    for (``request_restart``), which begins a new attempt."""
+    record = load(folder, run_id, index)
+    if record.attempts and record.restart is None:
+        current = record.attempts[-1]
+    else:
+        current = Attempt(now, restart=record.restart if record.attempts else None)
+        record.attempts.append(current)
+        record.restart = None
+    current.applied.append(now)
+    save(folder, record)
+    return current.started, current.outcome
+
+
+def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | None) -> tuple[StageRecord, Attempt]:
+    """A run of the stage's wait (``wait``: its id, each try's own) judges the attempt from
+    ``started``: the run recorded; the record and the attempt, whose ``outcome`` is set when its
+    test decided already."""
+    record = load(folder, run_id, index)
+    known = any(a.started == started for a in record.attempts)
+    attempt = record.attempt(started)
+    new_run = wait is not None and wait not in attempt.tries
+    if wait is not None and new_run:
+        attempt.tries.append(wait)
+    if new_run or not known:
+        save(folder, record)
+    return record, attempt
+
+
+def looked(folder: Folder, record: StageRecord, attempt: Attempt, look: int) -> None:
+    """The attempt's test judged up to ``look`` (kept when it went further)."""
+    if look > attempt.look:
+        attempt.look = look
+        save(folder, record)
+
+
+def decided(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any]) -> None:
+    """The attempt's test decided ``outcome`` (at ``look``): kept before anyone acts on it."""
+    attempt.look = max(attempt.look, look)
+    attempt.outcome = outcome
+    save(folder, record)
+
+
+def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> StageRecord:
+    """A fresh test of the stage asked for, with ``reason``: the stage's next application starts
+    it. ValueError without a reason, for a stage never applied, or one restarted ``MAX_ATTEMPTS``
+    times already."""
+    reason = " ".join(reason.split())[:500]
+    if not reason:
+        raise ValueError("a restart needs a reason (it is in the stage's report)")
+    record = load(folder, run_id, index)
+    if not record.attempts:
+        raise ValueError(f"stage {index + 1} of run {run_id[:200]!r} has not started: nothing to restart")
+    if len(record.attempts) >= MAX_ATTEMPTS:
+        raise ValueError(f"stage {index + 1} was tested {len(record.attempts)} times already: trigger a new run")
+    record.restart = reason
+    save(folder, record)
+    return record
+
+
+def chance(alpha: float, attempts: int) -> float:
+    """The chance that a candidate at the margin passes one of ``attempts`` tests at level alpha."""
+    return 1 - (1 - alpha) ** attempts
+
+
+def runs_sentence(record: StageRecord, alpha: float) -> str | None:
+    """What the report says of the stage's runs: None for a stage run once; else how many times
+    its weights were applied and its wait judged it (each resumed its test: no extra chance),
+    and each restart asked for, with what the restarts cost."""
+    if not record.attempts:
+        return None
+    current = record.attempts[-1]
+    applications, tries = len(current.applied), len(current.tries)
+    restarts = [a.restart or "" for a in record.attempts[1:]]
+    if not restarts and applications <= 1 and tries <= 1:
+        return None
+    parts = []
+    if applications > 1 or tries > 1:
+        parts.append(
+            f"its weights were applied {_times(applications)} and its wait ran {_times(tries)}: each re-run "
+            f"resumed its test at the next look, with the alpha it had spent (no extra chance)"
+        )
+    if restarts:
+        n = len(record.attempts)
+        reasons = "; ".join(f"{i + 1}: {r}" for i, r in enumerate(restarts))
+        parts.append(
+            f"RESTARTED {_times(len(restarts))} on request ({reasons}): attempt {n} of {n} decided, each a "
+            f"fresh test at level {alpha:g}, so a candidate at the margin passes one of them with "
+            f"probability up to {100 * chance(alpha, n):.3g}% (not {100 * alpha:.3g}%)"
+        )
+    return "Stage runs: " + "; ".join(parts) + "."
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
