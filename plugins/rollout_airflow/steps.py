@@ -754,6 +754,30 @@ def last_stage_start(params: dict[str, Any], ti: Any) -> float:
     return float(applied.get("started") or time.time())
 
 
+def failed_reads_folder(params: dict[str, Any]) -> Folder:
+    """Where the approval waits of the run's model keep their failed reads of the guards."""
+    return serving().settings.run_folder / "approvals" / spec_from(params).model
+
+
+def failed_reads_kept(params: dict[str, Any], ti_id: str) -> int:
+    """The failed reads in a row of the approval wait of task instance ``ti_id`` (each try has
+    its own), as its trigger kept them (``keep_failed_reads``): a triggerer that restarts, or
+    another that takes the trigger over, counts on from there. 0 when none are kept."""
+    try:
+        return int(json.loads(failed_reads_folder(params).read(f"{ti_id}.json"))["count"])
+    except FileNotFoundError:
+        return 0
+
+
+def keep_failed_reads(params: dict[str, Any], ti_id: str, count: int) -> None:
+    """The wait's count of failed reads in a row kept in the run folder (none kept at 0)."""
+    folder = failed_reads_folder(params)
+    if count:
+        folder.write(f"{ti_id}.json", json.dumps({"count": count}).encode())
+    else:
+        folder.delete(f"{ti_id}.json")
+
+
 def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | None, str | None]:
     """The last stage's hard guards, read again while its promotion awaits an approval
     (``engine.guard_breach``): the sentence of those that tripped, and why they could not be

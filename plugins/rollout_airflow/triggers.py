@@ -2,9 +2,11 @@
 guards read again every look interval while the answer is awaited.
 
 The trigger keeps its arguments (the run's Params, when the last stage began, the look interval,
-the answer's deadline), and in memory only the count of the reads in a row that failed: a
-triggerer that restarts, or another triggerer that takes it over, reads the same guards over the
-same stage, and counts failed reads from 0 again. A Roll back it recorded for a breach before a
+the answer's deadline), and the count of the reads in a row that failed in the run folder
+(``steps.keep_failed_reads``, per task instance): a triggerer that restarts, or another
+triggerer that takes it over, reads the same guards over the same stage and counts on from
+there (counted in memory alone, a triggerer restarted more often than ``guard_error_limit``
+looks never rolled back a candidate nobody could measure). A Roll back it recorded for a breach before a
 restart lost its event is found again as its own (``own_answer``). An answer given in the UI
 resumes the task at once (the API moves the deferred task on); the trigger is then cancelled.
 """
@@ -59,17 +61,35 @@ class GuardedApprovalTrigger(HITLTrigger):
         from vision_rollout.engine import FailedReads
 
         if self.failed_reads is None:
-            self.failed_reads = FailedReads(steps.spec_from(self.rollout).guard_error_limit)
+            self.failed_reads = FailedReads(steps.spec_from(self.rollout).guard_error_limit, await self.kept(None))
         try:
             breach, unread = await self.guards()
         except Exception as exc:
             self.log.exception("the hard guards could not be read")
             breach, unread = None, f"{type(exc).__name__}: {exc}"[:500]
+        before = self.failed_reads.count
         ended = self.failed_reads.judge(breach, unread)
+        if self.failed_reads.count != before:
+            await self.kept(self.failed_reads.count)
         if unread and not breach:  # (in the task's log, where the triggerer keeps a trigger's own)
             count, limit = self.failed_reads.count, self.failed_reads.limit
             self.log.warning("the hard guards could not be read (%d of %d in a row): %s", count, limit, unread)
         return ended
+
+    async def kept(self, count: int | None) -> int:
+        """The count of failed reads kept in the run folder: read (``count`` None), or written;
+        a folder that cannot be used is a warning (the count in memory goes on)."""
+        from rollout_airflow import steps
+
+        try:
+            if count is None:
+                return await sync_to_async(steps.failed_reads_kept, thread_sensitive=False)(
+                    self.rollout, str(self.ti_id)
+                )
+            await sync_to_async(steps.keep_failed_reads, thread_sensitive=False)(self.rollout, str(self.ti_id), count)
+        except Exception as exc:
+            self.log.warning("the count of failed reads is not kept in the run folder: %s", str(exc)[:300])
+        return count or 0
 
     async def _handle_response(self) -> TriggerEvent | None:
         event = await super()._handle_response()

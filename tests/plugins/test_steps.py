@@ -983,6 +983,47 @@ def test_guards_that_cannot_be_read_roll_back_after_guard_error_limit_reads_in_a
     assert "the hard guards could not be read (2 of 3 in a row): " in logged  # each, in the trigger's log
 
 
+def test_failed_reads_are_counted_on_across_a_triggerer_restart(monkeypatch, tmp_path):
+    """The count of failed reads in a row lived in the trigger's memory: a triggerer restarted
+    (or another one taking the trigger over) counted from 0 again, and one restarted more often
+    than guard_error_limit looks kept a candidate nobody could measure at 100% until the answer
+    came. It is kept in the run folder, per task instance."""
+    import asyncio
+    import time
+    import uuid
+
+    from airflow.sdk.module_loading import import_string
+
+    from rollout_airflow.hooks import PrometheusHook
+    from rollout_airflow.triggers import GuardedApprovalTrigger
+    from vision_rollout.metrics import PrometheusSource
+
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.setattr(PrometheusHook, "source", lambda self: PrometheusSource("http://127.0.0.1:9", timeout_s=1))
+    trigger = GuardedApprovalTrigger(
+        ti_id=uuid.uuid4(),
+        options=["Promote", "Roll back"],
+        defaults=["Roll back"],
+        params={},
+        timeout_datetime=None,
+        rollout={**GUARDED, "guard_error_limit": 3},
+        since=time.time() - 300,
+        look_s=0.01,
+    )
+    path, kwargs = trigger.serialize()
+
+    def read(t: GuardedApprovalTrigger) -> str | None:
+        return asyncio.run(t.read_guards())
+
+    assert read(trigger) is None
+    assert read(trigger) is None  # 2 of 3; then the triggerer restarts
+    again = import_string(path)(**kwargs)
+    assert (read(again) or "").startswith("the hard guards could not be read 3 times in a row")
+    other = GuardedApprovalTrigger(**{**kwargs, "ti_id": uuid.uuid4()})  # another try's wait: its own count
+    assert read(other) is None
+
+
 def test_a_rollout_aborted_while_the_approval_waits_answers_roll_back(monkeypatch, tmp_path):
     """``rolloutctl abort`` during the approval's wait marked the lease, and nothing read the mark
     until the approver answered (up to 24 h later), the candidate at 100% meanwhile. The wait
