@@ -1,12 +1,12 @@
 """A stage's sequential test kept across the runs of its tasks, in the run folder.
 
 A stage is one group-sequential test: its looks are planned from when its weights took effect
-(``engine.StageWindow.started``), and its alpha is spent over them. The window's start was the
+(``engine.StageWindow.started``), and its alpha is spent over them. The window's start is the
 XCom of the stage's ``apply_mesh_weights``, which a task cleared in Airflow's UI (or its stage's
-task group, or the whole run) loses: the stage started a fresh test, looks 1..K again with its
-alpha spent afresh, and a stage failed or left undecided could be run until a look passed, with
-nothing in the report to say so. Every re-run was another chance to promote a candidate at the
-margin (1 - (1 - alpha)^n after n runs).
+task group, or the whole run) loses: from that alone the stage would start a fresh test, looks
+1..K again with its alpha spent afresh, and a stage failed or left undecided could be run until
+a look passed, each re-run another chance to promote a candidate at the margin (1 - (1 - alpha)^n
+after n runs).
 
 The stage's record (a JSON file in the run's folder: a disk every worker mounts, or an object
 store) keeps, per attempt of its test: when its window started, when its weights were applied
