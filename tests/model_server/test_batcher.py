@@ -600,10 +600,14 @@ def random_inputs(rng: np.random.Generator, batch: int) -> list[InferInput]:
     return inputs
 
 
-def exact_runs(lv: LoadedVersion, requests: list[list[InferInput]], outputs: list[str]) -> tuple[list, list[int]]:
-    """The requests submitted together through the batcher; the outputs and each execution's size."""
+def exact_runs(
+    lv: LoadedVersion, requests: list[list[InferInput]], outputs: list[str] | list[list[str]]
+) -> tuple[list, list[int]]:
+    """The requests submitted together through the batcher (``outputs``: the names all ask for,
+    or each request's own); the outputs and each execution's size."""
     sizes: list[int] = []
     run_batch = lv.run_batch
+    asked = outputs if outputs and isinstance(outputs[0], list) else [outputs] * len(requests)
 
     def counting(batch):
         sizes.append(sum(p.batch for p in batch))
@@ -612,7 +616,7 @@ def exact_runs(lv: LoadedVersion, requests: list[list[InferInput]], outputs: lis
     lv.run_batch = counting  # type: ignore[method-assign]
 
     async def together():
-        return await asyncio.gather(*(lv.infer(r, outputs) for r in requests))
+        return await asyncio.gather(*(lv.infer(r, o) for r, o in zip(requests, asked, strict=True)))
 
     return asyncio.run(together()), sizes
 
@@ -655,19 +659,7 @@ def test_requests_asking_for_different_outputs_run_as_one_batch(tmp_path):
         rng = np.random.default_rng(11)
         requests = [random_inputs(rng, batch) for batch in (1, 2, 1, 3)]
         asked = [["SUM"], ["OUT_BYTES", "OUT_INT8"], ["SUM"], ["OUT_FP16", "SUM"]]
-        sizes: list[int] = []
-        run_batch = lv.run_batch
-
-        def counting(batch):
-            sizes.append(sum(p.batch for p in batch))
-            return run_batch(batch)
-
-        lv.run_batch = counting  # type: ignore[method-assign]
-
-        async def together():
-            return await asyncio.gather(*(lv.infer(r, o) for r, o in zip(requests, asked, strict=True)))
-
-        answers = asyncio.run(together())
+        answers, sizes = exact_runs(lv, requests, asked)
         assert sizes == [7]
         for req, outputs, (results, _, _) in zip(requests, asked, answers, strict=True):
             alone, _, _ = lv._run(req, outputs, 0.0)
