@@ -219,6 +219,7 @@ def render_deployment(
 
 
 VERSION = re.compile(r"[1-9][0-9]*")  # a version's number: its Deployment <service>-v<N>, its label version=<N>
+COUNT = re.compile(r"[1-9][0-9]{0,4}")  # a count of pods, 1 to 99999, as an annotation records it
 
 # A Deployment's own settings beside its pod template, which the platform may set (a GPU
 # cluster's maxSurge 0, say) and the rollout carries from the live Deployment it applies.
@@ -794,7 +795,8 @@ def _own_min(hpa: dict[str, Any]) -> int | None:
     """The own ``minReplicas`` recorded on an HPA whose floor a rollout holds (``FLOOR_ANNOTATION``),
     None when none is held (or the record is not a count)."""
     own = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(FLOOR_ANNOTATION, ""))
-    return int(own) if own.isdigit() and 1 <= int(own) <= MAX_REPLICAS else None
+    # (ASCII digits only, few of them: int() refuses "²", and strings of more than 4300 digits)
+    return int(own) if COUNT.fullmatch(own) and int(own) <= MAX_REPLICAS else None
 
 
 def _stuck(status: Any) -> list[str]:

@@ -1312,3 +1312,27 @@ def test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_
     made = [c for r in kube.requests[since:] if r["user"] == worker for c in rbac.checks(r)]
     assert [str(c) for c in made if not rbac.allowed(rules.get(c.namespace, []), c)] == []
     assert routes(kube, namespace="ml") == [("v5", 100)]
+
+
+@pytest.mark.parametrize("record", ["²", "9" * 5000, "-3", "0", "abc"])
+def test_a_floor_record_that_is_not_a_count_is_taken_as_none_held(kube, monkeypatch, tmp_path, record):
+    """The stable version's HPA's own-floor annotation set by hand to what is not a count (a
+    digit Python's int() refuses, more digits than it converts, a negative): read as no floor
+    held, the rollout's steps go on; nothing is put back from it."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=2)
+    kube.touch(
+        "horizontalpodautoscalers",
+        "models",
+        "digits-v1",
+        lambda h: h["metadata"].setdefault("annotations", {}).update({"model-rollout/own-min-replicas": record}),
+    )
+    assert deployments.held_floor("1") is None
+    assert deployments.autoscaling("1")["minReplicas"] == 2
+    assert deployments.release_floor("1") is False
+    take("run-1")
+    steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2
