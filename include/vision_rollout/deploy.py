@@ -369,9 +369,10 @@ def template_digest(template: dict[str, Any]) -> str:
 # What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
 HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
 # The stable version's HPA while a rollout holds its floor (``VersionDeployments.hold_floor``):
-# its own minReplicas, which ``release_floor`` puts back. On the object, so that a rollout whose
-# worker died is put back by its teardown or failure callback on another.
+# its own minReplicas, which ``release_floor`` puts back, and the floor held. On the object, so that
+# a rollout whose worker died is put back by its teardown or failure callback on another.
 FLOOR_ANNOTATION = "model-rollout/own-min-replicas"
+HELD_ANNOTATION = "model-rollout/held-min-replicas"
 
 
 def refused(what: str, exc: Any) -> RouterError:
@@ -513,7 +514,7 @@ class VersionDeployments:
         if hpa is None:
             return None
         own = _own_min(hpa)
-        return {**hpa["spec"], **({"minReplicas": own} if own is not None else {})}
+        return {**hpa["spec"], **({"minReplicas": own} if own is not None and not _set_by_hand(hpa) else {})}
 
     def _hpa(self, version: str) -> dict[str, Any] | None:
         """The version's live HPA as a dict; None without autoscaling or without one."""
@@ -543,7 +544,8 @@ class VersionDeployments:
         """Under autoscaling, the stable version's HPA kept from shrinking it while the candidate
         takes a share of its traffic (Argo Rollouts keeps the stable at full scale for the whole
         run): its ``minReplicas`` raised to the pods it runs now (within its ``maxReplicas``), its
-        own recorded on it (``FLOOR_ANNOTATION``) for ``release_floor``. A rollback then hands
+        own recorded on it (``FLOOR_ANNOTATION``) for ``release_floor``, with the floor held
+        (``HELD_ANNOTATION``: a ``minReplicas`` set by hand since is not put back). A rollback then hands
         all of the traffic back to as many pods as served it before, and each stage's candidate is
         sized from them. Once held, held: a step run again keeps the first floor and the own
         record. The floor held, None when there is nothing to hold (no autoscaling, no HPA, no
@@ -558,17 +560,22 @@ class VersionDeployments:
         floor = min(max(self.replicas(version) or 0, own), int(spec["maxReplicas"]))
         if floor <= own:
             return None
-        self._apply_hpa(version, {**spec, "minReplicas": floor}, {FLOOR_ANNOTATION: str(own)})
+        self._apply_hpa(
+            version, {**spec, "minReplicas": floor}, {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)}
+        )
         return floor
 
     def release_floor(self, version: str) -> bool:
         """The version's HPA back at its own ``minReplicas`` when a rollout holds its floor
-        (``hold_floor``), the record removed; False when none is held (nothing written)."""
+        (``hold_floor``), the record removed; a ``minReplicas`` set by hand since the floor was held
+        stays as set. False when none is held (nothing written)."""
         hpa = self._hpa(version)
         own = None if hpa is None else _own_min(hpa)
         if hpa is None or own is None:
             return False
-        self._apply_hpa(version, {**hpa["spec"], "minReplicas": min(own, int(hpa["spec"]["maxReplicas"]))})
+        spec = hpa["spec"]
+        kept = int(spec.get("minReplicas") or 1) if _set_by_hand(hpa) else min(own, int(spec["maxReplicas"]))
+        self._apply_hpa(version, {**spec, "minReplicas": kept})
         return True
 
     def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
@@ -797,6 +804,14 @@ def _own_min(hpa: dict[str, Any]) -> int | None:
     own = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(FLOOR_ANNOTATION, ""))
     # (ASCII digits only, few of them: int() refuses "²", and strings of more than 4300 digits)
     return int(own) if COUNT.fullmatch(own) and int(own) <= MAX_REPLICAS else None
+
+
+def _set_by_hand(hpa: dict[str, Any]) -> bool:
+    """The HPA's ``minReplicas`` is not the floor a rollout held (``HELD_ANNOTATION``): set since
+    by another hand (``kubectl edit``, the platform's GitOps), whose value wins over the own one.
+    False without a record of the floor held, or one that is not a count."""
+    held = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(HELD_ANNOTATION, ""))
+    return COUNT.fullmatch(held) is not None and int(held) != int((hpa.get("spec") or {}).get("minReplicas") or 1)
 
 
 def _stuck(status: Any) -> list[str]:

@@ -1336,3 +1336,41 @@ def test_a_floor_record_that_is_not_a_count_is_taken_as_none_held(kube, monkeypa
     steps.restore_stable(PARAMS, "run-1")
     assert routes(kube) == [("v1", 100)]
     assert hpa(kube, "1")["spec"]["minReplicas"] == 2
+
+
+def test_a_stable_floor_set_by_hand_during_the_run_is_kept_when_the_run_ends(kube, monkeypatch, tmp_path):
+    """The stable version's HPA's minReplicas, held at its 10 pods, was set to 6 by hand during
+    the run (kubectl edit, the platform's GitOps); the rollback put the own 2 back over it. The
+    floor set by hand is kept, the rollout's records removed; a promotion's candidate takes it."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    params = {**PARAMS, "mirror_percent": 0}
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    take("run-1")
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10
+    kube.touch("horizontalpodautoscalers", "models", "digits-v1", lambda h: h["spec"].update(minReplicas=6))
+    assert deployments.autoscaling("1")["minReplicas"] == 6
+    steps.restore_stable(params, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (6, {})
+
+
+def test_a_held_floor_record_that_is_not_a_count_puts_the_own_floor_back(kube, monkeypatch, tmp_path):
+    """The record of the floor held, garbled by hand: the own floor is put back, as without it."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    deployments = steps.ModelServerHook().deployments("digits")
+    deployments.apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
+    assert deployments.hold_floor("1") == 10
+    kube.touch(
+        "horizontalpodautoscalers",
+        "models",
+        "digits-v1",
+        lambda h: h["metadata"]["annotations"].update({"model-rollout/held-min-replicas": "ten"}),
+    )
+    assert deployments.release_floor("1") is True
+    assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
