@@ -171,15 +171,25 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
 def looked(folder: Folder, record: StageRecord, attempt: Attempt, look: int) -> None:
     """The attempt's test judged up to ``look`` (kept when it went further)."""
     if look > attempt.look:
-        attempt.look = look
-        save(folder, record)
+        _kept(folder, record, attempt, look, attempt.outcome)
 
 
 def decided(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any]) -> None:
     """The attempt's test decided ``outcome`` (at ``look``): kept before anyone acts on it."""
-    attempt.look = max(attempt.look, look)
-    attempt.outcome = outcome
-    save(folder, record)
+    _kept(folder, record, attempt, look, outcome)
+
+
+def _kept(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any] | None) -> None:
+    """``look`` and ``outcome`` written into the record as it is now in the folder (read again:
+    a restart asked for, or a run counted, while the looks were judged stays), and ``record``
+    and ``attempt`` brought up to date with it."""
+    fresh = load(folder, record.run_id, record.index)
+    current = fresh.attempt(attempt.started)
+    current.look = max(current.look, attempt.look, look)
+    current.outcome = outcome
+    save(folder, fresh)
+    record.attempts, record.restart = fresh.attempts, fresh.restart
+    attempt.look, attempt.outcome = current.look, current.outcome
 
 
 def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> StageRecord:

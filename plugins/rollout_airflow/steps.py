@@ -515,7 +515,7 @@ def look_at_stage(
     if state.status == "breach":
         try:
             attempts.decided(folder, record, attempt, state.look, {"status": "breach", "summary": state.reason})
-        except OSError as exc:  # (the stable version goes back all the same)
+        except (OSError, attempts.RecordError) as exc:  # (the stable version goes back all the same)
             log.warning("the stage's breach is not kept in the run folder: %s", str(exc)[:300])
         restore_stable(params, run_id, unload_candidate=False)
         raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")

@@ -1665,3 +1665,26 @@ def test_a_run_folder_that_cannot_be_written_holds_the_stage_until_its_decision_
     world.states = [stage_state("fail", 2, "FAIL: errors")]
     assert world.poke(applied)["decision"] == "fail"
     assert attempts.load(steps.serving().settings.workdir("digits", "run-a"), "run-a", 0).attempts[0].outcome
+
+
+def test_a_restart_asked_for_while_a_poke_judges_the_stage_is_kept(monkeypatch, tmp_path):
+    """A poke reads the stage's record, judges its looks (a replay round: seconds), then keeps
+    its look: a restart asked for meanwhile (``rolloutctl restart-stage``) stays asked for."""
+    from vision_rollout import attempts
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    waiting = stage_state("waiting", 2, "WAIT at look 2 of 10")
+
+    class Restarting(list):
+        def pop(self, i=-1):
+            attempts.request_restart(folder, "run-a", 0, "Prometheus fixed")
+            return waiting
+
+    world.states = Restarting([waiting])
+    assert world.poke(applied) is None
+    record = attempts.load(folder, "run-a", 0)
+    assert record.restart == "Prometheus fixed"
+    assert record.attempts[0].look == 2
+    assert world.apply()["started"] > applied["started"]
