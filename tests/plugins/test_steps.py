@@ -1688,3 +1688,20 @@ def test_a_restart_asked_for_while_a_poke_judges_the_stage_is_kept(monkeypatch, 
     assert record.restart == "Prometheus fixed"
     assert record.attempts[0].look == 2
     assert world.apply()["started"] > applied["started"]
+
+
+def test_the_count_of_failed_reads_is_removed_when_the_approval_wait_ends(monkeypatch, tmp_path):
+    """Each try of the approval's wait kept its count of failed reads in the run folder, and a
+    wait that ended with reads failing (Roll back at the limit, an answer given meanwhile) left
+    its file there for good: one more for each such wait of every run."""
+    import time
+
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0, loaded=False)
+    answers = Answers(monkeypatch)
+    event = wait_for_answer(since, {**GUARDED, "guard_error_limit": 3})
+    assert answers.written == [["Roll back"]]
+    assert event["guard_breach"].startswith("the hard guards could not be read 3 times in a row")
+    assert steps.failed_reads_folder(GUARDED).names() == []
