@@ -196,7 +196,7 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
     """A fresh test of the stage asked for, with ``reason``: the stage's next application starts
     it. ValueError without a reason, for a stage never applied, or one restarted ``MAX_ATTEMPTS``
     times already."""
-    reason = " ".join(reason.split())[:500]
+    reason = printable(reason)[:500]
     if not reason:
         raise ValueError("a restart needs a reason (it is in the stage's report)")
     record = load(folder, run_id, index)
@@ -207,6 +207,12 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
     record.restart = reason
     save(folder, record)
     return record
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, its control and format characters (terminal escapes, bidi
+    overrides) spaces, its runs of spaces one: as it goes into a report and a chat message."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def chance(alpha: float, attempts: int) -> float:

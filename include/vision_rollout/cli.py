@@ -953,12 +953,12 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
 
     if not 1 <= args.stage <= 100:
         raise UsageError(f"--stage: 1 for the first stage, not {args.stage}")
-    reason = " ".join((args.reason or "").split())
+    reason = attempts.printable(args.reason or "")[:300]  # (who asked kept after it)
     if not reason:
         raise UsageError("--reason: why the stage's test starts afresh (it is in the stage's report)")
     folder = workdir(args.run_dir, args.model, args.run_id)
     try:
-        record = attempts.request_restart(folder, args.run_id, args.stage - 1, f"{reason} ({_operator()})")
+        record = attempts.request_restart(folder, args.run_id, args.stage - 1, f"{reason} ({_operator()[:150]})")
     except (ValueError, OSError) as exc:
         raise CommandError(f"{exc}; nothing changed") from None
     n = len(record.attempts) + 1

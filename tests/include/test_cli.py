@@ -1048,3 +1048,27 @@ def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monk
     assert (code, out) == (4, "")
     assert err.startswith("rolloutctl status: error: the Kubernetes API server did not answer")
     assert "Traceback" not in err
+
+
+def test_restart_stage_keeps_a_reason_printable_and_who_asked(tmp_path, capsys):
+    """The reason goes into the stage's report and its Slack message: terminal escapes and
+    other control characters are not carried there, and a reason of megabytes is cut before
+    who asked (it ended cut with them)."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+    from vision_rollout.settings import workdir
+
+    folder = workdir(Folder(str(tmp_path)), "digits", "run-a")
+    attempts.applied(folder, "run-a", 0, time.time())
+    args = ["restart-stage", "--run-dir", str(tmp_path), "--model", "digits", "--run-id", "run-a", "--stage", "1"]
+    code, _, _ = run(capsys, *args, "--reason", "Prometheus\x1b[2J fixed\x07\x00 now\u202e")
+    assert code == 0
+    reason = attempts.load(folder, "run-a", 0).restart
+    assert reason.startswith("Prometheus [2J fixed now (")
+    assert reason.isprintable()
+    code, _, _ = run(capsys, *args, "--reason", "y" * 3_000_000)
+    assert code == 0
+    reason = attempts.load(folder, "run-a", 0).restart
+    assert len(reason) <= 500
+    assert reason.endswith(")")
+    assert " on " in reason  # who asked, from where
