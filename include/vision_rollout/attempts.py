@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,14 +59,30 @@ class Attempt:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attempt:
+        """ValueError or TypeError for what is not one attempt's values."""
+        started, outcome = float(d["started"]), d.get("outcome")
+        if not math.isfinite(started) or not isinstance(outcome, dict | None):
+            raise ValueError(f"not an attempt: started {started}, outcome {type(outcome).__name__}")
         return cls(
-            float(d["started"]),
-            [float(t) for t in d.get("applied") or []],
-            [str(t) for t in d.get("tries") or []],
+            started,
+            [float(t) for t in _list(d.get("applied"))],
+            [str(t) for t in _list(d.get("tries"))],
             int(d.get("look") or 0),
-            d.get("outcome"),
-            d.get("restart"),
+            outcome,
+            _text(d.get("restart")),
         )
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list | None):
+        raise ValueError(f"not a list: {type(value).__name__}")
+    return value or []
+
+
+def _text(value: Any) -> str | None:
+    if not isinstance(value, str | None):
+        raise ValueError(f"not a reason: {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -113,8 +130,8 @@ def load(folder: Folder, run_id: str, index: int) -> StageRecord:
         d = json.loads(raw)
         if d["run_id"] != run_id or d["stage"] != index + 1:
             raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {d['stage']}")
-        return StageRecord(run_id, index, [Attempt.from_dict(a) for a in d["attempts"]], d.get("restart"))
-    except (ValueError, KeyError, TypeError) as exc:
+        return StageRecord(run_id, index, [Attempt.from_dict(a) for a in _list(d["attempts"])], _text(d.get("restart")))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: {str(exc)[:300]}") from None
 
 

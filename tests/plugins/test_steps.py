@@ -1705,3 +1705,30 @@ def test_the_count_of_failed_reads_is_removed_when_the_approval_wait_ends(monkey
     assert answers.written == [["Roll back"]]
     assert event["guard_breach"].startswith("the hard guards could not be read 3 times in a row")
     assert steps.failed_reads_folder(GUARDED).names() == []
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": "fail"}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1}], "restart": {"why": 1}}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": NaN}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "tries": "abc"}]}',
+        "[" * 100_000,
+    ],
+)
+def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, damaged):
+    """A record damaged in its values (not only its JSON) was taken as one, and the stage then
+    failed on it with an AttributeError, or looked for a window that never matched, or (nested
+    deep) failed with a RecursionError."""
+    from vision_rollout.attempts import RecordError, record_name
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    (folder.path / record_name("run-a", 0)).write_text(damaged)
+    with pytest.raises(RecordError, match=f"{record_name('run-a', 0)} is not the record of stage 1"):
+        world.apply()
+    with pytest.raises(RecordError):
+        world.poke(applied)
+    assert (folder.path / record_name("run-a", 0)).read_text() == damaged  # kept as it was
