@@ -3,7 +3,7 @@ guards read again every look interval while the answer is awaited.
 
 The trigger keeps its arguments (the run's Params, when the last stage began, the look interval,
 the answer's deadline), and the count of the reads in a row that failed in the run folder
-(``steps.keep_failed_reads``, per task instance, removed as the wait ends): a triggerer that restarts, or another
+(``steps.keep_failed_reads``, per task instance, removed as the task resumes): a triggerer that restarts, or another
 triggerer that takes it over, reads the same guards over the same stage and counts on from
 there (counted in memory alone, a triggerer restarted more often than ``guard_error_limit``
 looks never rolled back a candidate nobody could measure). A Roll back it recorded for a breach before a
@@ -151,17 +151,15 @@ class GuardedApprovalTrigger(HITLTrigger):
 
         next_look = time.monotonic() + self.look_s  # (the stage read them last, as it passed)
         while True:
-            event = None
             if self.timeout_datetime and self.timeout_datetime < utcnow():
-                event = await self._handle_timeout()
-            elif answered := await self._handle_response():
-                event = answered
-            elif time.monotonic() >= next_look:
-                next_look = time.monotonic() + self.look_s
-                if breach := await self.read_guards():
-                    event = await self.roll_back(breach)
-            if event is not None:
-                await self.kept(0)  # (the wait ended: its count of failed reads is not kept)
+                yield await self._handle_timeout()
+                return
+            if event := await self._handle_response():
                 yield event
                 return
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + self.look_s
+                if breach := await self.read_guards():
+                    yield await self.roll_back(breach)
+                    return
             await asyncio.sleep(self.poke_interval)

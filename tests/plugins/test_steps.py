@@ -1693,8 +1693,11 @@ def test_a_restart_asked_for_while_a_poke_judges_the_stage_is_kept(monkeypatch, 
 def test_the_count_of_failed_reads_is_removed_when_the_approval_wait_ends(monkeypatch, tmp_path):
     """Each try of the approval's wait kept its count of failed reads in the run folder, and a
     wait that ended with reads failing (Roll back at the limit, an answer given meanwhile) left
-    its file there for good: one more for each such wait of every run."""
+    its file there for good: one more for each such wait of every run (an answer given in the
+    UI cancels the trigger: the task, resumed, removes it)."""
     import time
+
+    from rollout_airflow.operators import PromotionApproval
 
     extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
@@ -1704,6 +1707,14 @@ def test_the_count_of_failed_reads_is_removed_when_the_approval_wait_ends(monkey
     event = wait_for_answer(since, {**GUARDED, "guard_error_limit": 3})
     assert answers.written == [["Roll back"]]
     assert event["guard_breach"].startswith("the hard guards could not be read 3 times in a row")
+    kept = steps.failed_reads_folder(GUARDED).names()
+    assert len(kept) == 1  # (the task resumes: its count removed then)
+    run = XComs()
+    run.id = kept[0].removesuffix(".json")
+    answer = {**event, "chosen_options": ["Roll back"], "guard_breach": None}
+    PromotionApproval(task_id="approve_promotion", max_stages=4).execute_complete(
+        {"params": GUARDED, "ti": run, "run_id": "run-a"}, answer
+    )
     assert steps.failed_reads_folder(GUARDED).names() == []
 
 
