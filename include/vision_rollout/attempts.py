@@ -53,6 +53,8 @@ class Attempt:
     look: int = 0  # the last look judged
     outcome: dict[str, Any] | None = None  # once decided: the stage's verdict (its status) or breach
     restart: str | None = None  # why it was started afresh (None: the stage's first)
+    applications: int = 0  # how many times its weights were applied (``applied`` keeps MAX_RUNS)
+    runs: int = 0  # how many runs of its wait judged it (``tries`` keeps MAX_RUNS)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,13 +65,17 @@ class Attempt:
         started, outcome = float(d["started"]), d.get("outcome")
         if not math.isfinite(started) or not isinstance(outcome, dict | None):
             raise ValueError(f"not an attempt: started {started}, outcome {type(outcome).__name__}")
+        applied = [float(t) for t in _list(d.get("applied"))]
+        tries = [str(t) for t in _list(d.get("tries"))]
         return cls(
             started,
-            [float(t) for t in _list(d.get("applied"))],
-            [str(t) for t in _list(d.get("tries"))],
+            applied,
+            tries,
             int(d.get("look") or 0),
             outcome,
             _text(d.get("restart")),
+            max(int(d.get("applications") or 0), len(applied)),
+            max(int(d.get("runs") or 0), len(tries)),
         )
 
 
@@ -166,6 +172,7 @@ def applied(folder: Folder, run_id: str, index: int, now: float) -> tuple[float,
         record.attempts.append(current)
         record.restart = None
     current.applied.append(now)
+    current.applications += 1
     save(folder, record)
     return current.started, current.outcome
 
@@ -180,6 +187,7 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
     new_run = wait is not None and wait not in attempt.tries
     if wait is not None and new_run:
         attempt.tries.append(wait)
+        attempt.runs += 1
     if new_run or not known:
         save(folder, record)
     return record, attempt
@@ -244,7 +252,7 @@ def runs_sentence(record: StageRecord, alpha: float) -> str | None:
     if not record.attempts:
         return None
     current = record.attempts[-1]
-    applications, tries = len(current.applied), len(current.tries)
+    applications, tries = current.applications, current.runs
     restarts = [a.restart or "" for a in record.attempts[1:]]
     if not restarts and applications <= 1 and tries <= 1:
         return None

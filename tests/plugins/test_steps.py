@@ -1743,3 +1743,22 @@ def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, dam
     with pytest.raises(RecordError):
         world.poke(applied)
     assert (folder.path / record_name("run-a", 0)).read_text() == damaged  # kept as it was
+
+
+def test_a_stage_run_more_times_than_its_record_keeps_is_counted_in_full(tmp_path):
+    """The record keeps the first and the last ``MAX_RUNS`` applications and runs of an attempt:
+    the report counted what was kept, 100 where the stage ran 150 times."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    folder = Folder(str(tmp_path))
+    started = 0.0
+    for n in range(150):
+        started, _ = attempts.applied(folder, "run-a", 0, 1000.0 + n)
+        attempts.judged(folder, "run-a", 0, started, f"ti-{n}")
+    record = attempts.load(folder, "run-a", 0)
+    (attempt,) = record.attempts
+    assert len(attempt.applied) == len(attempt.tries) == attempts.MAX_RUNS  # bounded
+    assert attempt.tries[-1] == "ti-149"
+    sentence = attempts.runs_sentence(record, 0.05)
+    assert "its weights were applied 150 times and its wait ran 150 times" in sentence
