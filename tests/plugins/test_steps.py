@@ -1762,3 +1762,24 @@ def test_a_stage_run_more_times_than_its_record_keeps_is_counted_in_full(tmp_pat
     assert attempt.tries[-1] == "ti-149"
     sentence = attempts.runs_sentence(record, 0.05)
     assert "its weights were applied 150 times and its wait ran 150 times" in sentence
+
+
+def test_a_breach_puts_the_stable_version_back_when_the_stage_record_is_damaged_meanwhile(monkeypatch, tmp_path):
+    """The breach is kept in the record as it is then (read again): a record that cannot be
+    read by then does not hold up the stable version's return."""
+    from vision_rollout.attempts import record_name
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    breach = stage_state("breach", 0, "hard guard tripped: Canary P99 is 95 ms.")
+
+    class Damaging(list):
+        def pop(self, i=-1):
+            (folder.path / record_name("run-a", 0)).write_text("{")
+            return breach
+
+    world.states = Damaging([breach])
+    with pytest.raises(AirflowFailException, match="Canary P99 is 95 ms"):
+        world.poke(applied)
+    assert world.set[-1] == {"stable": True}
