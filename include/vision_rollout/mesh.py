@@ -439,8 +439,8 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
         match = {"match": [{"headers": headers}]} if headers else {}
         weighted = {"name": name, **match, "route": route(dests)}
         arms = bucket_arms(dests)
-        if len(arms) < 2:
-            return [mirrored(weighted, dests[0].version if len(dests) == 1 else None)]
+        if len(arms) < 2:  # one version takes it all (the others at weight 0): its route only
+            return [mirrored(weighted, arms[0][0].version)]
         return [
             *(
                 mirrored(

@@ -774,3 +774,31 @@ def test_a_versions_route_takes_the_platform_settings_of_the_route_it_splits(kub
     routes = {r["name"]: r for r in fake.objects[("virtualservices", "models", "digits")]["spec"]["http"]}
     assert (routes["default:v1"]["timeout"], routes["default:v2"]["timeout"]) == ("7s", "5s")
     assert router.get_routes().to_dict()["route"] == [{"version": "1", "weight": 80}, {"version": "2", "weight": 20}]
+
+
+@pytest.mark.parametrize("weights", [(0, 100), (100, 0)])
+def test_a_route_one_version_takes_whole_is_mirrored_only_to_another(weights):
+    """A route whose versions but one are at weight 0 sends everything to that one: copying its
+    requests to the mirror is right when the mirror is another version, but when it is that same
+    version the model server's router copies nothing (the primary is the mirror's own), and so
+    must Istio: a route to v2 mirroring 50% to v2 would add half of v2's load again, as copies of itself."""
+    rule = {
+        "name": "acme",
+        "match": {"headers": {"x-tenant": {"exact": "acme"}}},
+        "route": [{"version": "1", "weight": weights[0]}, {"version": "2", "weight": weights[1]}],
+    }
+    raw = {"rules": [rule], "route": rule["route"], "mirror": {"version": "2", "percent": 50}}
+    policy = TrafficPolicy.from_dict(raw)
+    vs = render_virtual_service(TARGET, policy, ["1", "2"])
+    validate_istio(vs)
+    routes = {r["name"]: r for r in vs["spec"]["http"]}
+    assert set(routes) == {"pinned-v1", "pinned-v2", "acme", "default"}
+    serving = "2" if weights[1] else "1"
+    copied = serving != "2"
+    for name in ("acme", "default"):
+        assert [d["destination"]["subset"] for d in routes[name]["route"]] == [f"v{serving}"]
+        assert ("mirror" in routes[name]) == copied, name
+    if copied:
+        assert routes["default"]["mirrorPercentage"] == {"value": 50.0}
+    else:  # the model server's router: the mirror's own version is never copied to itself
+        assert all(policy.mirror_for("2", f"request-{i}") is None for i in range(100))
