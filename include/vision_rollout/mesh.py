@@ -116,11 +116,23 @@ def istio_schemas() -> dict[str, Any]:
     return json.loads(SCHEMAS.read_text())["schemas"]
 
 
+# etcd stores an object of at most 1.5 MiB (its --max-request-bytes), metadata and managed fields
+# included: the rendered object may take 1 MiB of it as JSON.
+MAX_OBJECT_BYTES = 1024 * 1024
+
+
 def validate_istio(obj: dict[str, Any]) -> None:
     """Raise RouterError unless ``obj`` is valid against Istio's CRD schema for its kind (v1, an
-    EnvoyFilter's v1alpha3), and passes what istiod's admission webhook checks besides
-    (``admission_problem``)."""
+    EnvoyFilter's v1alpha3), passes what istiod's admission webhook checks besides
+    (``admission_problem``), and is small enough for the API server to store
+    (``MAX_OBJECT_BYTES`` as JSON)."""
     kind = obj.get("kind")
+    size = len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(errors="replace"))
+    if size > MAX_OBJECT_BYTES:
+        raise RouterError(
+            f"{kind} {(obj.get('metadata') or {}).get('name')}: {size} bytes as JSON, over the {MAX_OBJECT_BYTES} the rollout writes (etcd stores an "
+            "object of at most 1.5 MiB with its metadata): fewer header rules or versions, or shorter match values"
+        )
     schemas = istio_schemas()
     if kind not in schemas or obj.get("apiVersion") != f"{schemas[kind]['group']}/{schemas[kind].get('version', 'v1')}":
         raise RouterError(
@@ -660,13 +672,15 @@ class IstioRouter:
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """The policy as the VirtualService, with what the platform set beside its routes
         (``with_platform_fields``), once the DestinationRule has a subset for every version it
-        names (make before break: a route to a subset Envoy does not know is a 503)."""
+        names (make before break: a route to a subset Envoy does not know is a 503). One that Istio
+        or the API server would refuse (``validate_istio``) is refused before anything is written."""
         vs = render_virtual_service(self.target, policy, self.versions)
         live = self._get("virtualservices")
         if live is None:
             raise RouterError(self._missing("VirtualService"))
-        self._add_subsets(policy.versions() | set(self.versions))
         vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
+        validate_istio(vs)  # refused before anything is written, the DestinationRule too
+        self._add_subsets(policy.versions() | set(self.versions))
         return self._apply(vs, "virtualservices")
 
     def _add_subsets(self, versions: set[str]) -> None:

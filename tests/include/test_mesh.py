@@ -802,3 +802,38 @@ def test_a_route_one_version_takes_whole_is_mirrored_only_to_another(weights):
         assert routes["default"]["mirrorPercentage"] == {"value": 50.0}
     else:  # the model server's router: the mirror's own version is never copied to itself
         assert all(policy.mirror_for("2", f"request-{i}") is None for i in range(100))
+
+
+def test_a_virtual_service_too_large_to_store_is_refused_before_anything_is_written(kube):
+    """A policy the model server takes (256 rules of 64 headers of 1,024 characters) renders a
+    VirtualService of up to 60 MB, each split rule three times over; etcd stores 1.5 MiB an
+    object. The apply failed at the API server (a 413 over 3 MiB, etcd's error under it) after
+    the DestinationRule was written; it is refused first, naming its size and what to cut."""
+    fake, api = kube
+    rules = [
+        {
+            "name": f"tenant-{i}",
+            "match": {"headers": {f"x-h{j}": {"exact": f"{i}-{j}-" + "v" * 1000} for j in range(10)}},
+            "route": [{"version": "1", "weight": 50}, {"version": "3", "weight": 50}],
+        }
+        for i in range(40)
+    ]
+    policy = TrafficPolicy.from_dict({"rules": rules, "route": [{"version": "1", "weight": 100}]})
+    vs = render_virtual_service(TARGET, policy, ["1", "3"])
+    assert 1024 * 1024 < len(json.dumps(vs)) < 3 * 1024 * 1024  # under the API server's own request limit
+    with pytest.raises(RouterError, match=r"VirtualService digits: [0-9]+ bytes as JSON, over the 1048576"):
+        validate_istio(vs)
+    router = IstioRouter(TARGET, ["1", "3"], api_client=api)
+    with pytest.raises(RouterError, match="fewer header rules or versions, or shorter match values"):
+        router.set_routes(policy)
+    assert fake.writes() == []
+    fits = TrafficPolicy.from_dict({"rules": rules[:10], "route": [{"version": "1"}]})
+    validate_istio(render_virtual_service(TARGET, fits))
+    # Counted as the API server stores it, UTF-8: 720 KB of "é" (2.2 MB written as \u00e9) fits.
+    accented = [
+        {**rule, "match": {"headers": {h: {"exact": "é" * 1000} for h in rule["match"]["headers"]}}}
+        for rule in rules[:12]
+    ]
+    validate_istio(
+        render_virtual_service(TARGET, TrafficPolicy.from_dict({"rules": accented, "route": [{"version": "1"}]}))
+    )
