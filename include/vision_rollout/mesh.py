@@ -187,13 +187,14 @@ def pinned_route(target: IstioTarget, version: str) -> dict[str, Any]:
     replay, the probes and clients' overrides do) go to subset vN, by a route named
     ``PINNED_PREFIX`` + N (which no rule of a policy may be named): the weighted route would
     send most of them to another version's pods, which answer 404 or the wrong version. Never
-    mirrored: a request that names its version is targeted, not traffic (as the server decides)."""
+    mirrored: a request that names its version is targeted, not traffic (as the server decides).
+    Leading zeros name the same version (``01`` is 1 to the server, as to Triton)."""
     return {
         "name": f"{PINNED_PREFIX}{version}",
         "match": [
-            {"headers": {"x-model-version": {"exact": version}}},
+            {"headers": {"x-model-version": {"regex": f"0*{version}"}}},
             # Envoy matches the whole path: the version's metadata (nothing after it) and its endpoints.
-            {"uri": {"regex": f"/v2/models/[^/]+/versions/{version}(/.*)?"}},
+            {"uri": {"regex": f"/v2/models/[^/]+/versions/0*{version}(/.*)?"}},
         ],
         "route": [{"destination": {"host": target.host, "subset": subset(version)}}],
     }

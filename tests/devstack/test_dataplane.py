@@ -369,6 +369,9 @@ def test_pinned_routes_send_a_request_naming_its_version_to_that_version(nginx, 
     assert call(port, "/x/v2/models/digits/versions/2/infer").pod == "v1"  # the regex matches the whole path
     assert call(port, headers={"X-Model-Version": "2"}).pod == "v2"
     assert call(port, headers={"X-Model-Version": "3"}).pod == "v1"  # not deployed: no pinned route
+    assert call(port, headers={"X-Model-Version": "02"}).pod == "v2"  # version 2 to the server too
+    assert call(port, "/v2/models/digits/versions/002/infer").pod == "v2"
+    assert call(port, headers={"X-Model-Version": "20"}).pod == "v1"
     assert call(port).pod == "v1"
     answer = call(port, "/v2/models/digits/versions/2/infer?probe=1")
     assert answer.seen["path"] == "/v2/models/digits/versions/2/infer?probe=1"  # passed on as sent

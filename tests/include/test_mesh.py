@@ -308,11 +308,13 @@ def test_requests_that_name_their_version_reach_that_versions_pods():
     assert [r["name"] for r in pinned] == ["pinned-v1", "pinned-v2"]
     for route, version in zip(pinned, ("1", "2"), strict=True):
         header, uri = route["match"]
-        assert header == {"headers": {"x-model-version": {"exact": version}}}
+        assert re.fullmatch(header["headers"]["x-model-version"]["regex"], f"00{version}")  # version N to the server
+        assert not re.fullmatch(header["headers"]["x-model-version"]["regex"], f"{version}0")
         assert route["route"] == [{"destination": {"host": TARGET.host, "subset": f"v{version}"}}]
         assert "mirror" not in route  # targeted requests are not traffic: never mirrored
         pattern = re.compile(uri["uri"]["regex"])  # Envoy matches the whole path (no query string)
         assert pattern.fullmatch(f"/v2/models/digits/versions/{version}/infer")
+        assert pattern.fullmatch(f"/v2/models/digits/versions/0{version}/infer")
         assert not pattern.fullmatch(f"/v2/models/digits/versions/{version}0/infer")
         assert not pattern.fullmatch("/v2/models/digits/infer")
     assert rest == render_virtual_service(TARGET, CANARY)["spec"]["http"]  # then the policy, as before
