@@ -84,6 +84,10 @@ class DynamicBatcher:
         self.preferred = set(config.preferred_batch_size) or {self.max_batch}  # as Triton normalizes it
         self.largest_preferred = max(self.preferred)
         self.delay_s = config.max_queue_delay_microseconds / 1e6
+        # Each priority level's queue policy (level 0: the model has none), its own or the default.
+        own = dict(config.priority_queue_policy) if config.priority_levels else {}
+        default = config.default_queue_policy
+        self.policies = {level: own.get(level, default) for level in range(config.priority_levels + 1)}
         self._queue: list[tuple[int, int, Pending]] = []  # sorted by (priority, place)
         self._sizes: dict[int, int] = {}  # queued requests per priority level (Triton's queue per level)
         self._seq = itertools.count()
@@ -117,11 +121,12 @@ class DynamicBatcher:
         # the default level.
         return raw if 0 < raw <= levels else self.config.default_priority_level
 
-    def timeout_of(self, parameters: dict[str, Any]) -> tuple[float, bool]:
+    def timeout_of(self, parameters: dict[str, Any], priority: int = 0) -> tuple[float, bool]:
         """The request's queue timeout in seconds (0: none), and whether the client chose it. As
-        Triton's queue policy: with ``allow_timeout_override`` a request's ``timeout`` (0: not
-        set) may shorten the default, never lengthen it (a default of 0 has no timeout: any is
-        shorter)."""
+        Triton's queue policy (its priority level's): with ``allow_timeout_override`` a
+        request's ``timeout`` (0: not set) may shorten the default, never lengthen it (a
+        default of 0 has no timeout: any is shorter)."""
+        policy = self.policies[priority]
         raw = parameters.get("timeout")
         if raw is not None:
             # Triton's uint64: a JSON integer past it is refused, not divided (an OverflowError, a 500).
@@ -129,16 +134,16 @@ class DynamicBatcher:
                 raise InvalidInput(
                     f"parameters.timeout must be an integer of microseconds in 0..{MAX_TIMEOUT_US}, got {shown(repr(raw))}"
                 )
-            default = self.config.default_timeout_microseconds
-            if self.config.allow_timeout_override and raw and (not default or raw < default):
+            default = policy.default_timeout_microseconds
+            if policy.allow_timeout_override and raw and (not default or raw < default):
                 return raw / 1e6, True
-        return self.config.default_timeout_microseconds / 1e6, False
+        return policy.default_timeout_microseconds / 1e6, False
 
     async def submit(self, inputs: list[InferInput], outputs: list[str], parameters: dict[str, Any]) -> Outcome:
         """Queue one validated request and wait for its share of a batch."""
         priority = self.priority_of(parameters)
-        timeout, own = self.timeout_of(parameters)
-        limit = self.config.max_queue_size
+        timeout, own = self.timeout_of(parameters, priority)
+        limit = self.policies[priority].max_queue_size
         if limit and self._sizes.get(priority, 0) >= limit:  # as Triton: each level's own queue
             raise Rejected(f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size ({limit})")
         loop = asyncio.get_running_loop()
@@ -232,7 +237,7 @@ class DynamicBatcher:
             pending = heapq.heappop(heap)[2]
             if not pending.queued:
                 continue
-            if self.config.timeout_action == "DELAY":
+            if self.policies[pending.priority].timeout_action == "DELAY":
                 del self._queue[bisect.bisect_left(self._queue, (pending.priority, pending.place), key=_order)]
                 self._timeouts -= 1
                 pending.deadline, pending.place = None, DELAYED + pending.seq

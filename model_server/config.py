@@ -166,6 +166,28 @@ class ImagePreprocess:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ``ModelQueuePolicy``: one priority level's queue. ``max_queue_size`` and
+    ``default_timeout_microseconds`` bound it (0: unbounded), a request over either refused as
+    Triton does (503), or, past its timeout with ``timeout_action`` DELAY, run after the
+    requests of its level that did not time out; with ``allow_timeout_override`` a request's
+    ``timeout`` parameter may shorten the default."""
+
+    max_queue_size: int = 0
+    default_timeout_microseconds: int = 0
+    allow_timeout_override: bool = False
+    timeout_action: str = "REJECT"  # or DELAY: an expired request runs after its level's others
+
+    def as_config(self) -> dict[str, Any]:
+        return {
+            "max_queue_size": self.max_queue_size,
+            "default_timeout_microseconds": self.default_timeout_microseconds,
+            "allow_timeout_override": self.allow_timeout_override,
+            "timeout_action": self.timeout_action,
+        }
+
+
+@dataclass(frozen=True)
 class DynamicBatching:
     """Triton's ``dynamic_batching``: requests of one version queue and run merged.
 
@@ -173,11 +195,9 @@ class DynamicBatching:
     ``max_batch_size`` or the largest preferred size, or when the next queued request cannot
     join it; otherwise it waits for more until its oldest request has queued
     ``max_queue_delay_microseconds``, then runs all it holds, up to ``max_batch_size``
-    (``model_server.batcher``). ``priority_levels`` (1 the highest) order the queue;
-    ``max_queue_size`` (each priority level's queue, as Triton's) and
-    ``default_timeout_microseconds`` bound it (0: unbounded), a request over either refused as
-    Triton does (503), or, past its timeout with ``timeout_action`` DELAY, run after the
-    requests of its level that did not time out.
+    (``model_server.batcher``). ``priority_levels`` (1 the highest) order the queue, one queue
+    per level: each level's policy is its ``priority_queue_policy`` entry, else the default
+    queue policy (the fields below, Triton's ``default_queue_policy``: ``QueuePolicy``).
     """
 
     preferred_batch_size: tuple[int, ...] = ()
@@ -188,7 +208,14 @@ class DynamicBatching:
     max_queue_size: int = 0
     default_timeout_microseconds: int = 0
     allow_timeout_override: bool = False
-    timeout_action: str = "REJECT"  # or DELAY: an expired request runs after its level's others
+    timeout_action: str = "REJECT"
+    priority_queue_policy: tuple[tuple[int, QueuePolicy], ...] = ()  # (level, its policy), by level
+
+    @property
+    def default_queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            self.max_queue_size, self.default_timeout_microseconds, self.allow_timeout_override, self.timeout_action
+        )
 
     def as_config(self) -> dict[str, Any]:
         """Triton's JSON form, integers parsed."""
@@ -198,13 +225,8 @@ class DynamicBatching:
             "preserve_ordering": self.preserve_ordering,
             "priority_levels": self.priority_levels,
             "default_priority_level": self.default_priority_level,
-            "default_queue_policy": {
-                "max_queue_size": self.max_queue_size,
-                "default_timeout_microseconds": self.default_timeout_microseconds,
-                "allow_timeout_override": self.allow_timeout_override,
-                "timeout_action": self.timeout_action,
-            },
-            "priority_queue_policy": {},
+            "default_queue_policy": self.default_queue_policy.as_config(),
+            "priority_queue_policy": {str(level): p.as_config() for level, p in self.priority_queue_policy},
         }
 
 
@@ -219,6 +241,27 @@ _BATCHING_KEYS = {
 }
 _QUEUE_POLICY_KEYS = {"max_queue_size", "default_timeout_microseconds", "allow_timeout_override", "timeout_action"}
 MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a longer wait is a misconfiguration, not batching
+
+
+def _queue_policy(where: str, policy: Any) -> QueuePolicy:
+    """Triton's ``ModelQueuePolicy`` in its JSON form."""
+    if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
+        raise _fail(where, f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
+    action = policy.get("timeout_action", "REJECT")
+    action = action.upper() if isinstance(action, str) else action  # (Triton reads an enum's name in any case)
+    if action not in ("REJECT", "DELAY"):
+        raise _fail(f"{where}.timeout_action", f"must be REJECT or DELAY, got {shown(repr(action))}")
+    override = policy.get("allow_timeout_override", False)
+    if not isinstance(override, bool):
+        raise _fail(f"{where}.allow_timeout_override", f"must be true or false, got {override!r}")
+    return QueuePolicy(
+        max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0, UINT32_MAX),
+        default_timeout_microseconds=_positive_int(
+            f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0, UINT64_MAX
+        ),
+        allow_timeout_override=override,
+        timeout_action=action,
+    )
 
 
 def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatching | None:
@@ -251,33 +294,38 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
             f"priority_levels {levels} (at most 1000) needs a default_priority_level in 1..{levels}, "
             f"got {default_level}",
         )
-    if raw.get("priority_queue_policy", {}) != {}:
-        raise _fail(f"{where}.priority_queue_policy", "is not supported: every priority level has default_queue_policy")
-    policy = raw.get("default_queue_policy", {})
-    if not isinstance(policy, dict) or set(policy) - _QUEUE_POLICY_KEYS:
-        raise _fail(f"{where}.default_queue_policy", f"must be an object with fields from {sorted(_QUEUE_POLICY_KEYS)}")
-    action = policy.get("timeout_action", "REJECT")
-    action = action.upper() if isinstance(action, str) else action  # (Triton reads an enum's name in any case)
-    if action not in ("REJECT", "DELAY"):
+    default = _queue_policy(f"{where}.default_queue_policy", raw.get("default_queue_policy", {}))
+    per_level = raw.get("priority_queue_policy", {})
+    if not isinstance(per_level, dict) or len(per_level) > 1000:
         raise _fail(
-            f"{where}.default_queue_policy.timeout_action", f"must be REJECT or DELAY, got {shown(repr(action))}"
+            f"{where}.priority_queue_policy", "must be an object: priority level -> queue policy, at most 1000 levels"
         )
-    ordering, override = raw.get("preserve_ordering", False), policy.get("allow_timeout_override", False)
-    for key, value in (("preserve_ordering", ordering), ("default_queue_policy.allow_timeout_override", override)):
-        if not isinstance(value, bool):
-            raise _fail(f"{where}.{key}", f"must be true or false, got {value!r}")
+    levels_policy: dict[int, QueuePolicy] = {}
+    for key, policy in per_level.items():
+        # Protobuf's JSON map keys are strings; as Triton, a level out of 1..priority_levels is refused
+        # (with no priority levels the map is not read).
+        level = ascii_uint(key) if isinstance(key, str) else None
+        if level is None or (levels and not 1 <= level <= levels):
+            raise _fail(
+                f"{where}.priority_queue_policy",
+                f"priority level {shown(repr(key)[:40])} must be "
+                + (f"in range [1, {levels}]" if levels else "an integer"),
+            )
+        levels_policy[level] = _queue_policy(f"{where}.priority_queue_policy[{level}]", policy)
+    ordering = raw.get("preserve_ordering", False)
+    if not isinstance(ordering, bool):
+        raise _fail(f"{where}.preserve_ordering", f"must be true or false, got {ordering!r}")
     return DynamicBatching(
         preferred_batch_size=tuple(sizes),
         max_queue_delay_microseconds=delay,
         preserve_ordering=ordering,
         priority_levels=levels,
         default_priority_level=default_level,
-        max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0, UINT32_MAX),
-        default_timeout_microseconds=_positive_int(
-            f"{where}.default_timeout_microseconds", policy.get("default_timeout_microseconds", 0), 0, UINT64_MAX
-        ),
-        allow_timeout_override=override,
-        timeout_action=action,
+        max_queue_size=default.max_queue_size,
+        default_timeout_microseconds=default.default_timeout_microseconds,
+        allow_timeout_override=default.allow_timeout_override,
+        timeout_action=default.timeout_action,
+        priority_queue_policy=tuple(sorted(levels_policy.items())),
     )
 
 

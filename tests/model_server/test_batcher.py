@@ -336,6 +336,80 @@ def test_the_delay_timeout_action_runs_an_expired_request_after_its_level_as_tri
     assert asyncio.run(scenario()) == [[0], [2], [3], [1], [4]]
 
 
+def test_each_priority_level_has_its_own_queue_policy_as_in_triton():
+    """Triton's ``priority_queue_policy``: a level's own max_queue_size, timeout, override and
+    timeout action; the levels it leaves out have ``default_queue_policy``. It was refused at load."""
+    base = {
+        "max_batch_size": 1,
+        "input": [{"name": "x", "datatype": "INT32", "dims": [-1, 4]}],
+        "output": [{"name": "y", "datatype": "INT32", "dims": [-1, 4]}],
+    }
+    urgent = {"max_queue_size": "1", "default_timeout_microseconds": "100000", "allow_timeout_override": True}
+    batching = {
+        "priority_levels": 3,
+        "default_priority_level": 3,
+        "default_queue_policy": {"max_queue_size": 2},
+        "priority_queue_policy": {"1": urgent, "2": {"default_timeout_microseconds": 1000, "timeout_action": "delay"}},
+    }
+    config = parse_config("m", {**base, "dynamic_batching": batching}).dynamic_batching
+    assert config is not None
+    shown = config.as_config()
+    assert shown["default_queue_policy"]["max_queue_size"] == 2
+    assert shown["priority_queue_policy"] == {
+        "1": {
+            "max_queue_size": 1,
+            "default_timeout_microseconds": 100000,
+            "allow_timeout_override": True,
+            "timeout_action": "REJECT",
+        },
+        "2": {
+            "max_queue_size": 0,
+            "default_timeout_microseconds": 1000,
+            "allow_timeout_override": False,
+            "timeout_action": "DELAY",
+        },
+    }
+    for per_level, message in [
+        ({"4": {}}, r"priority level '4' must be in range \[1, 3\]"),
+        ({"0": {}}, r"priority level '0' must be in range \[1, 3\]"),
+        ({"one": {}}, r"priority level 'one' must be in range"),
+        ({"1": {"max_queue_size": -1}}, r"priority_queue_policy\[1\]\.max_queue_size: must be an integer >= 0"),
+        ({"1": {"timeout_action": "DROP"}}, r"priority_queue_policy\[1\]\.timeout_action: must be REJECT or DELAY"),
+        ({"1": {"queue": 1}}, r"priority_queue_policy\[1\]: must be an object with fields from"),
+        ([], "priority_queue_policy: must be an object"),
+        ({str(level): {} for level in range(1, 1002)}, "at most 1000 levels"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_config("m", {**base, "dynamic_batching": {**batching, "priority_queue_policy": per_level}})
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = DynamicBatcher(lv, config)  # type: ignore[arg-type]
+        assert b.timeout_of({"timeout": 5000}, 1) == (0.005, True)  # level 1 lets a request shorten its timeout
+        assert b.timeout_of({"timeout": 5000}, 3) == (0.0, False)  # the default policy does not
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        expires = asyncio.ensure_future(b.submit(request(1), ["y"], {"priority": 1}))  # 0.1 s, then refused
+        await until(lambda: b.queued == 1, "level 1 queued")
+        with pytest.raises(Rejected, match="exceeds maximum queue size \\(1\\)"):  # level 1's own bound
+            await b.submit(request(2), ["y"], {"priority": 1})
+        delayed = asyncio.ensure_future(b.submit(request(3), ["y"], {"priority": 2}))  # 1 ms, then delayed
+        low = [asyncio.ensure_future(b.submit(request(i), ["y"], {})) for i in (4, 5)]  # the default: 2, no timeout
+        await until(lambda: b.queued == 4, "levels 2 and 3 queued")
+        with pytest.raises(Rejected, match="exceeds maximum queue size \\(2\\)"):
+            await b.submit(request(6), ["y"], {"priority": 3})
+        with pytest.raises(Rejected, match="request timeout expired"):
+            await asyncio.wait_for(expires, 10)
+        await asyncio.sleep(0.05)
+        assert not delayed.done()  # level 2 delays its expired requests: it still runs
+        for n in range(4):
+            await release(lv, n)
+        await asyncio.gather(running, delayed, *low)
+        return lv.executions
+
+    assert asyncio.run(scenario()) == [[0], [3], [4], [5]]
+
+
 def test_a_timeout_or_priority_out_of_range_is_a_400_naming_it():
     """JSON integers have no bound: one past Triton's uint64 was divided into seconds (an
     OverflowError: a 500), and a long string came back whole in the message."""
@@ -913,3 +987,46 @@ def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counte
     (stats,) = requests.get(f"{server.http}/v2/models/digits/stats", timeout=30).json()["model_stats"]
     assert stats["inference_stats"]["success"]["count"] == 2  # the two answered, not the one given up
     assert stats["inference_count"] == 2
+
+
+@pytest.mark.integration
+def test_a_priority_queue_policy_loads_through_tritonclient_and_bounds_its_level(
+    server_factory, repo_copy, digit_images
+):
+    """A load with Triton's ``priority_queue_policy`` (it was refused): its configuration answers
+    it, and a request of a level whose own queue is full is refused 503 while the default level queues."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    batching = {
+        "priority_levels": 2,
+        "default_priority_level": 2,
+        "priority_queue_policy": {"1": {"max_queue_size": 1}},
+    }
+    c.load_model("digits", headers=server.admin, config=json.dumps({"max_batch_size": 1, "dynamic_batching": batching}))
+    shown = c.get_model_config("digits")["dynamic_batching"]
+    assert shown["priority_queue_policy"]["1"]["max_queue_size"] == 1
+    assert shown["default_queue_policy"]["max_queue_size"] == 0
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
+    )
+    assert fault.status_code == 200  # each execution holds the one instance 1.5 s
+
+    def infer(priority: int) -> str:
+        inp = httpclient.InferInput("image", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([digit_images[0][0]], dtype=object))
+        try:
+            server.client().infer("digits", [inp], priority=priority)
+        except InferenceServerException as exc:
+            return f"{exc.status()} {exc.message()}"
+        return "200"
+
+    with ThreadPoolExecutor(4) as pool:
+        running = pool.submit(infer, 0)
+        time.sleep(0.4)
+        queued = [pool.submit(infer, p) for p in (1, 2, 2)]
+        time.sleep(0.4)
+        assert infer(1) == "503 model 'digits' version 1: exceeds maximum queue size (1)"
+        assert [f.result() for f in (running, *queued)] == ["200"] * 4
