@@ -315,6 +315,13 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     ordering = raw.get("preserve_ordering", False)
     if not isinstance(ordering, bool):
         raise _fail(f"{where}.preserve_ordering", f"must be true or false, got {ordering!r}")
+    if ordering:  # as Triton: ordered responses cannot pass one another by priority or by a delay
+        if levels > 1:
+            raise _fail(where, "only one priority level is allowed when 'preserve_ordering' is true")
+        if any(
+            p.default_timeout_microseconds and p.timeout_action == "DELAY" for p in (default, *levels_policy.values())
+        ):
+            raise _fail(where, "a queue policy can not have DELAY as timeout action when 'preserve_ordering' is true")
     return DynamicBatching(
         preferred_batch_size=tuple(sizes),
         max_queue_delay_microseconds=delay,

@@ -600,6 +600,27 @@ def test_a_dynamic_batching_config_is_checked_and_reported_with_its_numbers():
         ({"max_queue_delay_micro": 5}, "unsupported field\\(s\\) \\['max_queue_delay_micro'\\]"),
         ({"priority_levels": 2}, "needs a default_priority_level in 1..2"),
         ({"preserve_ordering": "yes"}, "preserve_ordering: must be true or false"),
+        # As Triton: ordered responses cannot pass one another by priority or by a delayed timeout.
+        (
+            {"preserve_ordering": True, "priority_levels": 2, "default_priority_level": 1},
+            "only one priority level is allowed when 'preserve_ordering' is true",
+        ),
+        (
+            {
+                "preserve_ordering": True,
+                "default_queue_policy": {"default_timeout_microseconds": 1, "timeout_action": "DELAY"},
+            },
+            "can not have DELAY as timeout action when 'preserve_ordering' is true",
+        ),
+        (
+            {
+                "preserve_ordering": True,
+                "priority_levels": 1,
+                "default_priority_level": 1,
+                "priority_queue_policy": {"1": {"default_timeout_microseconds": 1, "timeout_action": "DELAY"}},
+            },
+            "can not have DELAY as timeout action",
+        ),
         ([], "must be an object"),
     ]:
         with pytest.raises(InvalidInput, match=message):
