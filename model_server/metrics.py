@@ -145,6 +145,11 @@ OPEN_SESSIONS = Gauge(
     "ONNX Runtime sessions alive per model, serving or draining in-flight requests",
     ("model",),
 )
+PENDING_REQUESTS = Gauge(
+    "nv_inference_pending_request_count",
+    "Instantaneous number of pending requests awaiting execution per-model.",
+    ML,
+)
 MODEL_LOADS = Counter("model_server_model_loads_total", "Model load requests by outcome", ("model", "outcome"))
 ROUTED = Counter(
     "model_server_routed_requests_total",

@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -195,6 +196,8 @@ class LoadedVersion:
         self.shadow_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-v{version}-shadow")
         self.inflight = 0
         self.retired = False
+        self._waiting = 0  # requests handed to the executor that have not started running
+        self._waiting_lock = threading.Lock()
         self._seconds_per_item = math.inf  # moving average of preprocessing + execution
         self._warmup_seconds = math.inf  # the estimate until the first real run
         self.metrics = VersionMetrics(self.name, self.label)
@@ -359,6 +362,24 @@ class LoadedVersion:
                     f"along its first dimension; output {name!r} came out with shape {list(np.shape(value))} "
                     "for a batch of 2"
                 )
+
+    def pending_count(self) -> int:
+        """Requests accepted and not yet running (Triton's pending requests): those queued in
+        the batcher, and those waiting for a free instance."""
+        return (self.batcher.queued if self.batcher is not None else 0) + self._waiting
+
+    def _started(self, waiting: list[bool]) -> None:
+        """A request handed to the executor no longer waits (it runs, or it never will); once."""
+        with self._waiting_lock:
+            if waiting[0]:
+                waiting[0] = False
+                self._waiting -= 1
+
+    def _run_waited(
+        self, waiting: list[bool], inputs: list[InferInput], outputs: list[str], submitted: float
+    ) -> Outcome:
+        self._started(waiting)
+        return self._run(inputs, outputs, submitted)
 
     def runs_inline(self, size: int, batch: int, pixels: int = 0) -> bool:
         """Whether an execution of ``batch`` items in ``size`` bytes, its images declaring
@@ -587,7 +608,15 @@ class LoadedVersion:
         elif self.runs_inline(sum(i.nbytes for i in inputs), self.batch_of(inputs), sum(i.pixels for i in inputs)):
             outcome = self._run(inputs, outputs, time.perf_counter())
         else:
-            outcome = await loop.run_in_executor(self.executor, self._run, inputs, outputs, time.perf_counter())
+            waiting = [True]
+            with self._waiting_lock:
+                self._waiting += 1
+            try:
+                outcome = await loop.run_in_executor(
+                    self.executor, self._run_waited, waiting, inputs, outputs, time.perf_counter()
+                )
+            finally:  # (a request whose client went away before it ran never runs)
+                self._started(waiting)
         self._abort()
         return outcome
 

@@ -223,6 +223,7 @@ class ModelRepository:
         metrics.OPEN_SESSIONS.labels(name).inc(len(created))
         for lv in created:
             metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
+            metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(lv.pending_count)
             log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
         return sorted(new)
 
@@ -252,6 +253,7 @@ class ModelRepository:
         """Take a version out of service; with self._lock held."""
         lv.retired = True
         metrics.MODEL_INFO.remove(lv.name, lv.label, lv.provider)
+        metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
         if lv.inflight == 0:
             self._close(lv)
 

@@ -26,6 +26,7 @@ from model_server.errors import ClientTimeout, InvalidInput, Rejected, failure_r
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
 from tests.conftest import ADMIN_TOKEN
+from tests.support import write_simple_models
 
 # -- how batches form --------------------------------------------------------------------------
 
@@ -1051,3 +1052,53 @@ def test_a_priority_queue_policy_loads_through_tritonclient_and_bounds_its_level
         time.sleep(0.4)
         assert infer(1) == "503 model 'digits' version 1: exceeds maximum queue size (1)"
         assert [f.result() for f in (running, *queued)] == ["200"] * 4
+
+
+@pytest.mark.integration
+def test_pending_requests_are_exported_per_version_as_triton_s_gauge(server_factory, repo_copy, digit_images):
+    """Triton's ``nv_inference_pending_request_count{model,version}``: the requests accepted and
+    not yet running, queued in the batcher or waiting for a free instance; 0 from the load on,
+    gone once the version is unloaded. It was not exported."""
+    import tritonclient.http as httpclient
+
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    config.update(max_batch_size=1, dynamic_batching={})  # one batch of 1 at a time
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    write_simple_models(repo_copy, "simple")
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+
+    def pending(model: str) -> float | None:
+        return server.metric("nv_inference_pending_request_count", model=model, version="1")
+
+    assert (pending("digits"), pending("simple")) == (0, 0)
+    for model in ("digits", "simple"):  # batched; not batched (one instance)
+        fault = requests.put(
+            f"{server.http}/v2/models/{model}/versions/1/fault", json={"delay": {"ms": 1000}}, headers=server.admin
+        )
+        assert fault.status_code == 200
+
+    def infer(model: str) -> None:
+        if model == "digits":
+            inp = httpclient.InferInput("image", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([digit_images[0][0]], dtype=object))
+            server.client().infer(model, [inp])
+            return
+        inputs = [httpclient.InferInput(name, [1, 16], "INT32") for name in ("INPUT0", "INPUT1")]
+        for inp in inputs:
+            inp.set_data_from_numpy(np.ones((1, 16), np.int32))
+        server.client().infer(model, inputs)
+
+    with ThreadPoolExecutor(6) as pool:
+        done = [pool.submit(infer, model) for model in ("digits", "simple") for _ in range(3)]
+        seen = set()
+        for _ in range(50):  # one of each runs, the two others wait
+            seen.add((pending("digits"), pending("simple")))
+            if (2, 2) in seen:
+                break
+            time.sleep(0.05)
+        assert (2, 2) in seen, seen
+        for future in done:
+            future.result()
+    assert (pending("digits"), pending("simple")) == (0, 0)
+    server.client().unload_model("simple", headers=server.admin)
+    assert pending("simple") is None
