@@ -452,7 +452,10 @@ class VersionMetrics:
     def succeeded(self, batch: int, seconds: float, timing: dict[str, float], output_seconds: float) -> None:
         """One request answered: ``batch`` items in ``seconds``; ``timing`` holds the queue, input
         and infer seconds of the execution it was part of (Triton gives each request of a batched
-        execution that execution's compute durations)."""
+        execution that execution's compute durations) and its batch size (``executed``).
+        ``output_seconds``, the time its outputs took to encode, counts in the request's
+        compute_output and in its execution's batch size's: an execution's output time is the
+        encoding of all its requests' outputs."""
         self.latency.observe(seconds)
         if not self.primary:
             return
@@ -466,10 +469,14 @@ class VersionMetrics:
             compute[0] += _ns(timing["input"])
             compute[1] += _ns(timing["infer"])
             compute[2] += _ns(output_seconds)
+            entry = stats.batches.get(int(timing.get("executed", batch)))
+            if entry is not None:  # (counted by ``executed`` as the execution ended)
+                entry[3] += _ns(output_seconds)
 
-    def executed(self, batch_size: int, input_s: float, infer_s: float, output_s: float) -> None:
+    def executed(self, batch_size: int, input_s: float, infer_s: float) -> None:
         """One model execution of ``batch_size`` items (however many requests it served): the
-        execution count and the batch statistics of that size. The primary path only."""
+        execution count and the batch statistics of that size (its output time is added as its
+        requests' outputs are encoded: ``succeeded``). The primary path only."""
         if not self.primary:
             return
         now_ms = int(time.time() * 1000)
@@ -483,7 +490,6 @@ class VersionMetrics:
             entry[0] += 1
             entry[1] += _ns(input_s)
             entry[2] += _ns(infer_s)
-            entry[3] += _ns(output_s)
 
     def statistics(self) -> dict[str, Any]:
         """This version's ``$model_stat`` of Triton's statistics extension (the primary path's)."""

@@ -511,11 +511,11 @@ class LoadedVersion:
             fault.delay()
         done = time.perf_counter()
         if run_options is None:
-            self.metrics.executed(batch, input_s, done - ran, 0.0)  # one per execution, merged or not
+            self.metrics.executed(batch, input_s, done - ran)  # one per execution, merged or not
             per_item = (input_s + done - ran) / max(batch, 1)
             previous = self._seconds_per_item
             self._seconds_per_item = per_item if previous == math.inf else 0.9 * previous + 0.1 * per_item
-        timing = {"queue": started - submitted, "input": input_s, "infer": done - ran}
+        timing = {"queue": started - submitted, "input": input_s, "infer": done - ran, "executed": float(batch)}
         return result, batch, timing
 
     def _abort(self) -> None:

@@ -81,6 +81,9 @@ def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
         assert b["compute_input"]["count"] == b["compute_output"]["count"] == b["compute_infer"]["count"]
         assert b["compute_infer"]["ns"] > 0
     assert sum(b["compute_infer"]["ns"] for b in stat["batch_stats"]) == infer["compute_infer"]["ns"]
+    # An execution's output time is its responses' encoding (it was always 0).
+    assert all(b["compute_output"]["ns"] > 0 for b in stat["batch_stats"])
+    assert sum(b["compute_output"]["ns"] for b in stat["batch_stats"]) == infer["compute_output"]["ns"]
 
     # The same events as Triton's Prometheus counters.
     prom = metrics_of(server, "simple", "1")
