@@ -22,6 +22,7 @@ from model_server.config import ModelConfig, instance_kind, version_number
 from model_server.errors import (
     Cancelled,
     InvalidInput,
+    ModelNotFound,
     ModelUnavailable,
     Preempted,
     ServerError,
@@ -29,7 +30,6 @@ from model_server.errors import (
     outcome_of,
 )
 from model_server.feedback import FeedbackStore, LabelRules, check_tenant
-from model_server.model import LoadedVersion
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
     MAX_JSON_BYTES,
@@ -189,12 +189,18 @@ class DataPlane:
         return "; ".join(reasons) if reasons else None
 
     def model_not_ready_reason(self, model: str, version: str | None = None) -> str | None:
-        """Why a model (or one version) is not ready, or None; ModelNotFound for a model the
-        repository does not have."""
-        if self.repo.is_ready(model, version):
-            return None if version is not None else self._unserved(model)
-        self.repo.model_dir(model)
-        return f"model '{model}'" + (f" version {version}" if version else "") + " is not ready"
+        """Why the model cannot be served as its traffic policy stands (a 503), or None; else,
+        where no version (or not the one asked) is loaded, Triton's error
+        (``ModelRepository.serving``)."""
+        try:
+            self.repo.serving(model, version)
+        except ModelNotFound:
+            reason = None if version is not None else self._unserved(model)
+            if reason is None:
+                raise
+            self.repo.model_dir(model)  # a model the repository does not have: its 404
+            return reason
+        return None if version is not None else self._unserved(model)
 
     def _unserved(self, model: str) -> str | None:
         """Why the model's traffic policy cannot be served as it stands (a routed or mirrored
@@ -209,14 +215,8 @@ class DataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "model-server", "version": __version__, "extensions": EXTENSIONS}
 
-    def _versions(self, model: str, version: str | None) -> tuple[ModelConfig, dict[int, LoadedVersion]]:
-        if version is not None:
-            with self.repo.use(model, version) as lv:
-                return lv.config, {lv.version: lv}
-        return self.repo.loaded(model)
-
     def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        cfg, versions = self._versions(model, version)
+        cfg, versions = self.repo.serving(model, version)
         return {
             "name": cfg.name,
             "versions": [str(v) for v in sorted(versions)],
@@ -230,7 +230,7 @@ class DataPlane:
     def model_config(self, model: str, version: str | None = None) -> dict[str, Any]:
         """Triton's model configuration JSON (``ModelConfig.as_triton``), the instance kind the
         version(s) run on."""
-        cfg, versions = self._versions(model, version)
+        cfg, versions = self.repo.serving(model, version)
         providers = {lv.provider for lv in versions.values()} - {"CPUExecutionProvider"}
         return cfg.as_triton(*instance_kind(min(providers, default="CPUExecutionProvider")))
 

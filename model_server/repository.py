@@ -74,6 +74,8 @@ class ModelRepository:
         self._models: dict[str, dict[int, LoadedVersion]] = {}
         self._configs: dict[str, ModelConfig] = {}
         self._errors: dict[str, str] = {}
+        # Versions that were loaded and are not now (Triton keeps them in its index, UNAVAILABLE).
+        self._unloaded: dict[str, set[int]] = {}
         self._disk_configs: dict[str, tuple[tuple[Any, ...], ModelConfig]] = {}  # not loaded: (_stamp, config)
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.state_dir = state_dir
@@ -217,6 +219,7 @@ class ModelRepository:
         with self._lock:
             self._models[name] = new
             self._configs[name] = cfg
+            self._unloaded[name] = (self._unloaded.get(name, set()) | set(current)) - set(new)
             retired = [lv for v, lv in current.items() if new.get(v) is not lv]
             for lv in retired:
                 self._retire(lv)
@@ -245,6 +248,7 @@ class ModelRepository:
             self._persist(name, False, None)  # saved first: an unload that cannot be saved changes nothing
             with self._lock:
                 for lv in self._models.pop(name, {}).values():
+                    self._unloaded.setdefault(name, set()).add(lv.version)
                     self._retire(lv)
                 self._configs.pop(name, None)
             log.info("unloaded model %r", name)
@@ -305,6 +309,35 @@ class ModelRepository:
                 if lv.retired and lv.inflight == 0:
                     self._close(lv)
 
+    def serving(self, name: str, version: str | None = None) -> tuple[ModelConfig, dict[int, LoadedVersion]]:
+        """The config and the loaded versions (or the one ``version``) for the model's metadata,
+        configuration and readiness; where none is loaded, the error Triton answers there: a
+        model none of whose versions is loaded, a version never loaded, a 404; a version that
+        was loaded and is not now, a 503 (inference still answers 503 for the first: ``use``)."""
+        number = version_number(version) if version is not None else None
+        with self._lock:
+            versions, cfg = dict(self._models.get(name) or {}), self._configs.get(name)
+            known = set(versions) | self._unloaded.get(name, set())
+        if cfg is not None and versions and number is None:
+            return cfg, versions
+        if cfg is not None and number in versions:
+            return cfg, {number: versions[number]}
+        if not versions:
+            self.model_dir(name)  # 404 for a model the repository does not have
+        unknown = f"Request for unknown model: '{name}'"  # Triton's wording
+        if number in known:
+            error: ServerError = ModelUnavailable(f"{unknown} version {number} is not at ready state")
+        elif number is not None:
+            error = ModelNotFound(f"{unknown} version {number} is not found")
+        elif known or name in self._errors:
+            reason = self._errors.get(name)
+            error = ModelNotFound(
+                f"{unknown} has no available versions" + (f" (last load failed: {reason})" if reason else "")
+            )
+        else:
+            error = ModelNotFound(f"{unknown} is not found")
+        raise error
+
     def loaded(self, name: str) -> tuple[ModelConfig, dict[int, LoadedVersion]]:
         with self._lock:
             versions = self._models.get(name)
@@ -346,14 +379,24 @@ class ModelRepository:
         return ascii_uint(version) in versions
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        """Triton's repository index: one entry per loaded version, one per idle model."""
+        """Triton's repository index: one entry per version, READY when loaded, UNAVAILABLE
+        with its reason when it was and is not now ("unloaded", or the last load's failure
+        while none is loaded); a model none of whose versions was loaded, its name alone (its
+        last load's failure, if any, without a version)."""
         with self._lock:
-            loaded = {n: sorted(v) for n, v in self._models.items()}
+            loaded = {n: set(v) for n, v in self._models.items()}
+            unloaded = {n: set(v) for n, v in self._unloaded.items()}
+            errors = dict(self._errors)
         out: list[dict[str, Any]] = []
-        for name in sorted(set(self.names()) | set(loaded)):
-            if loaded.get(name):
-                out.extend({"name": name, "version": str(v), "state": "READY"} for v in loaded[name])
-            elif not ready_only:
-                reason = self._errors.get(name, "not loaded")
-                out.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+        for name in sorted(set(self.names()) | {n for n, v in loaded.items() if v}):
+            ready, gone = loaded.get(name, set()), unloaded.get(name, set())
+            reason = errors.get(name, "unloaded") if not ready else "unloaded"
+            for v in sorted(ready | gone):
+                if v in ready:
+                    out.append({"name": name, "version": str(v), "state": "READY"})
+                elif not ready_only:
+                    out.append({"name": name, "version": str(v), "state": "UNAVAILABLE", "reason": reason})
+            if not ready and not gone and not ready_only:
+                error = errors.get(name)
+                out.append({"name": name} if error is None else {"name": name, "state": "UNAVAILABLE", "reason": error})
         return out

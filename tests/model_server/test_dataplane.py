@@ -432,7 +432,8 @@ def test_readiness_names_the_routed_version_that_is_not_loaded(repo, tmp_path):
 def test_model_readiness_by_version(dp):
     assert dp.model_not_ready_reason("digits") is None
     assert dp.model_not_ready_reason("digits", "2") is None
-    assert dp.model_not_ready_reason("digits", "3") == "model 'digits' version 3 is not ready"
+    with pytest.raises(ModelNotFound, match="Request for unknown model: 'digits' version 3 is not found"):
+        dp.model_not_ready_reason("digits", "3")  # never loaded: a 404, as Triton answers
     with pytest.raises(ModelNotFound):
         dp.model_not_ready_reason("nope")
 
@@ -452,7 +453,10 @@ def test_admin_keeps_policies_and_loads_consistent(repo, dp):
     asyncio.run(admin.remove_policy("digits"))
     assert REGISTRY.get_sample_value("model_server_traffic_weight", {"model": "digits", "version": "1"}) is None
     asyncio.run(admin.unload("digits"))
-    assert dp.model_not_ready_reason("digits") == "model 'digits' is not ready"
+    with pytest.raises(ModelNotFound, match="Request for unknown model: 'digits' has no available versions"):
+        dp.model_not_ready_reason("digits")
+    with pytest.raises(ModelUnavailable, match="Request for unknown model: 'digits' version 2 is not at ready state"):
+        dp.model_not_ready_reason("digits", "2")
 
 
 def test_the_data_plane_and_admin_need_no_web_framework():

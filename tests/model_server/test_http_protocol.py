@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -15,6 +16,8 @@ import requests
 import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
+
+from tests.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
 
@@ -239,11 +242,10 @@ def test_load_and_unload_through_tritonclient(server, digit_images):
 
     c.unload_model("resnet_bench", headers=server.admin)
     assert not c.is_model_ready("resnet_bench")
-    assert {
-        "name": "resnet_bench",
-        "state": "UNAVAILABLE",
-        "reason": "not loaded",
-    } in c.get_model_repository_index()
+    # As Triton: one entry per version, UNAVAILABLE as "unloaded".
+    assert [e for e in c.get_model_repository_index() if e["name"] == "resnet_bench"] == [
+        {"name": "resnet_bench", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+    ]
     x = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")
     x.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
     with pytest.raises(InferenceServerException) as err:
@@ -252,6 +254,54 @@ def test_load_and_unload_through_tritonclient(server, digit_images):
     assert "not loaded" in err.value.message()
     c.load_model("resnet_bench", headers=server.admin)
     assert c.is_model_ready("resnet_bench")
+
+
+def test_what_is_not_loaded_answers_metadata_config_readiness_and_index_as_triton(server_factory, repo_copy):
+    """Triton answers a model none of whose versions is loaded, and a version never loaded, 404
+    ("Request for unknown model: ..."), a version that was loaded and is not now 503, and lists
+    each version in its index (a model never loaded by its name alone). Metadata and
+    configuration answered 503 "not loaded", and the index one entry per model. Inference
+    still answers 503, which the mesh retries on another pod."""
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    c.load_model(
+        "digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [1, 2]}}})
+    )
+    c.load_model("digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [2]}}}))
+
+    def status(path: str) -> tuple[int, str]:
+        r = requests.get(f"{server.http}{path}", timeout=10)
+        return r.status_code, r.json()["error"] if r.status_code != 200 else ""
+
+    unknown = "Request for unknown model: 'digits'"
+    for suffix in ("", "/config", "/ready"):
+        assert status(f"/v2/models/digits/versions/1{suffix}") == (503, f"{unknown} version 1 is not at ready state")
+        assert status(f"/v2/models/digits/versions/3{suffix}") == (404, f"{unknown} version 3 is not found")
+    assert c.get_model_repository_index() == [
+        {"name": "digits", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+        {"name": "digits", "version": "2", "state": "READY"},
+    ]
+    c.unload_model("digits", headers=server.admin)
+    for suffix in ("", "/config", "/ready"):
+        assert status(f"/v2/models/digits{suffix}") == (404, f"{unknown} has no available versions")
+    with pytest.raises(InferenceServerException) as err:
+        c.get_model_metadata("digits")
+    assert err.value.status() == "404"
+    with pytest.raises(InferenceServerException) as err:
+        c.get_model_config("digits")
+    assert err.value.status() == "404"
+    assert not c.is_model_ready("digits")
+    assert c.get_model_repository_index() == [
+        {"name": "digits", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+        {"name": "digits", "version": "2", "state": "UNAVAILABLE", "reason": "unloaded"},
+    ]
+    assert requests.post(f"{server.http}/v2/repository/index", json={"ready": True}, timeout=10).json() == []
+    r = requests.post(f"{server.http}/v2/models/digits/infer", json={"inputs": []}, timeout=10)
+    assert r.status_code == 503  # (the mesh retries it)
+    (repo_copy / "other").mkdir()
+    shutil.copy(repo_copy / "digits" / "config.json", repo_copy / "other" / "config.json")
+    assert {"name": "other"} in c.get_model_repository_index()  # never loaded: its name alone
+    assert status("/v2/models/other") == (404, "Request for unknown model: 'other' is not found")
 
 
 def test_load_configs_and_errors_as_triton_writes_them(server):
