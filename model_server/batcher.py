@@ -124,8 +124,9 @@ class DynamicBatcher:
     def timeout_of(self, parameters: dict[str, Any], priority: int = 0) -> tuple[float, bool]:
         """The request's queue timeout in seconds (0: none), and whether the client chose it. As
         Triton's queue policy (its priority level's): with ``allow_timeout_override`` a
-        request's ``timeout`` (0: not set) may shorten the default, never lengthen it (a
-        default of 0 has no timeout: any is shorter)."""
+        request's ``timeout`` (0: not set) may shorten the default, never lengthen it; a
+        default of 0 is no timeout, which no request's shortens (Triton's
+        ``PolicyQueue::Enqueue`` takes a timeout only below the default)."""
         policy = self.policies[priority]
         raw = parameters.get("timeout")
         if raw is not None:
@@ -135,7 +136,7 @@ class DynamicBatcher:
                     f"parameters.timeout must be an integer of microseconds in 0..{MAX_TIMEOUT_US}, got {shown(repr(raw))}"
                 )
             default = policy.default_timeout_microseconds
-            if policy.allow_timeout_override and raw and (not default or raw < default):
+            if policy.allow_timeout_override and 0 < raw < default:
                 return raw / 1e6, True
         return policy.default_timeout_microseconds / 1e6, False
 

@@ -252,8 +252,10 @@ def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
         await until(lambda: expires.done() and longer.done(), "the queue timeouts")
         assert b.timeout_of({"timeout": 0}) == (0.3, False)
         assert b.timeout_of({"timeout": 1000}) == (0.001, True)
-        unbounded = batcher(HeldVersion(max_batch_size=1), allow_timeout_override=True)  # default 0: none
-        assert unbounded.timeout_of({"timeout": 60_000_000}) == (60.0, True)
+        # As Triton's PolicyQueue::Enqueue: a default of 0 is no timeout, and no request's
+        # is below it (a request's timeout was taken).
+        unbounded = batcher(HeldVersion(max_batch_size=1), allow_timeout_override=True)
+        assert unbounded.timeout_of({"timeout": 60_000_000}) == (0.0, False)
         await release(lv, 0)
         await running
         for refused in (expires, longer):
