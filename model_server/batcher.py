@@ -38,14 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model_server.config import DynamicBatching
-from model_server.errors import ClientTimeout, InferenceFailed, InvalidInput, Rejected, ServerError, shown
-from model_server.protocol import InferInput
+from model_server.errors import ClientTimeout, InferenceFailed, Rejected, ServerError
+from model_server.protocol import InferInput, uint64_parameter
 
 if TYPE_CHECKING:
     from model_server.model import LoadedVersion
 
 Outcome = tuple[list[np.ndarray], int, dict[str, float]]
-MAX_TIMEOUT_US = 2**64 - 1  # parameters.timeout, a uint64 in Triton
 DELAYED = 1 << 62  # added to a delayed request's place: behind every request of its level not delayed
 
 
@@ -111,9 +110,7 @@ class DynamicBatcher:
     # -- the request's side --------------------------------------------------------------------
 
     def priority_of(self, parameters: dict[str, Any]) -> int:
-        raw = parameters.get("priority", 0)
-        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
-            raise InvalidInput(f"parameters.priority must be a non-negative integer, got {shown(repr(raw))}")
+        raw = uint64_parameter(parameters, "priority") or 0
         levels = self.config.priority_levels
         if not levels:
             return 0
@@ -128,13 +125,9 @@ class DynamicBatcher:
         default of 0 is no timeout, which no request's shortens (Triton's
         ``PolicyQueue::Enqueue`` takes a timeout only below the default)."""
         policy = self.policies[priority]
-        raw = parameters.get("timeout")
+        # Triton's uint64: a JSON integer past it is refused, not divided (an OverflowError, a 500).
+        raw = uint64_parameter(parameters, "timeout")
         if raw is not None:
-            # Triton's uint64: a JSON integer past it is refused, not divided (an OverflowError, a 500).
-            if not isinstance(raw, int) or isinstance(raw, bool) or not 0 <= raw <= MAX_TIMEOUT_US:
-                raise InvalidInput(
-                    f"parameters.timeout must be an integer of microseconds in 0..{MAX_TIMEOUT_US}, got {shown(repr(raw))}"
-                )
             default = policy.default_timeout_microseconds
             if policy.allow_timeout_override and 0 < raw < default:
                 return raw / 1e6, True

@@ -189,6 +189,47 @@ def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
     )
 
 
+UINT64_MAX = 2**64 - 1
+# Request parameters Triton reads as a uint64 (its HTTP frontend refuses any other value, for
+# every model): what each must be, as a message says it.
+UINT64_PARAMETERS = {"priority": "a non-negative integer", "timeout": f"an integer of microseconds in 0..{UINT64_MAX}"}
+
+
+def _is_uint64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX
+
+
+def uint64_parameter(parameters: dict[str, Any], name: str) -> int | None:
+    """The request's ``parameters[name]`` (``UINT64_PARAMETERS``) when given; InvalidInput
+    unless it is an integer in Triton's uint64 (a JSON integer has no bound)."""
+    raw = parameters.get(name)
+    if raw is None:
+        return None
+    if not _is_uint64(raw):
+        over = isinstance(raw, int) and not isinstance(raw, bool) and raw > UINT64_MAX
+        raise InvalidInput(
+            f"parameters.{name} must be {UINT64_PARAMETERS[name]}, got {shown(repr(raw))}"
+            + (f" (over {UINT64_MAX}, Triton's uint64)" if over else "")
+        )
+    return raw
+
+
+def _request_parameters(params: dict[str, Any]) -> None:
+    """Refuse the request parameters Triton's HTTP frontend refuses, whatever the model."""
+    for name in UINT64_PARAMETERS:
+        uint64_parameter(params, name)
+    sequence_id = params.get("sequence_id")  # (a model without sequence batching ignores these)
+    if sequence_id is not None and not isinstance(sequence_id, str) and not _is_uint64(sequence_id):
+        raise InvalidInput(f"Unable to parse 'sequence_id': a uint64 or a string, got {shown(repr(sequence_id))}")
+    for flag in ("sequence_start", "sequence_end"):
+        if not isinstance(params.get(flag, False), bool):
+            raise InvalidInput(f"Unable to parse '{flag}': must be true or false, got {shown(repr(params[flag]))}")
+    if any(isinstance(key, str) and key.startswith("triton_") for key in params):
+        raise InvalidInput(
+            "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified."
+        )
+
+
 def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
     """Refuse a tensor in a shared memory region (Triton's shared memory extension, which this
     server does not implement: no region can be registered): an output asked there was answered
@@ -307,6 +348,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
+    _request_parameters(params)
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInput("parameters.binary_data_output must be true or false")

@@ -304,6 +304,44 @@ def test_what_is_not_loaded_answers_metadata_config_readiness_and_index_as_trito
     assert status("/v2/models/other") == (404, "Request for unknown model: 'other' is not found")
 
 
+def test_request_parameters_triton_refuses_are_refused_for_every_model(server, digit_images):
+    """Triton's HTTP frontend reads priority and timeout as uint64 and refuses the "triton_"
+    keys, whatever the model; a model without dynamic batching answered them 200, and one with
+    it took a priority past uint64 as its default level."""
+    c = server.client()
+    image = image_input([digit_images[0][0]])
+    for asked in ({"priority": 2**64}, {"timeout": 2**64}):
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("digits", [image], **asked)
+        assert err.value.status() == "400"
+        assert f"parameters.{next(iter(asked))} must be" in err.value.message()
+    assert c.infer("digits", [image], priority=2**64 - 1, timeout=2**64 - 1).as_numpy("probabilities").shape == (1, 10)
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(digit_images[0][0]).decode()],
+                "parameters": {"content_type": "base64"},
+            }
+        ],
+    }
+    for parameters in (
+        {"priority": "1"},
+        {"timeout": -1},
+        {"sequence_id": 1.5},
+        {"sequence_start": 1},
+        {"sequence_end": "true"},
+        {"triton_x": 1},
+    ):
+        r = requests.post(f"{server.http}/v2/models/digits/infer", json={**body, "parameters": parameters}, timeout=30)
+        assert r.status_code == 400, parameters
+    assert "reserved for Triton usage" in r.json()["error"]
+    # What a model without sequence batching ignores, as Triton does once it parses.
+    assert c.infer("digits", [image], sequence_id="s-1", sequence_start=True, sequence_end=True).get_response()
+
+
 def test_load_configs_and_errors_as_triton_writes_them(server):
     """Protobuf's JSON mapping lets 64-bit integers be strings (Triton writes its configs so);
     scripts written for Triton match its wording for an unknown model and a refused load."""
