@@ -110,10 +110,11 @@ class Folder:
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
     def folders(self) -> list[str]:
-        """The folders in this folder (not below them), sorted; [] when it does not exist."""
+        """The folders in this folder (not below them), sorted; [] when it does not exist. On a
+        disk, a link to a folder is none: what is removed below a folder never lies elsewhere."""
         path = self.path
         if path is not None:
-            names = [p.name for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+            names = [p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink()] if path.is_dir() else []
             return sorted(n for n in names if not n.startswith("."))
         import pyarrow.fs as pafs
 

@@ -601,6 +601,23 @@ def test_hour_folders_before_a_time_are_removed_and_nothing_else(tmp_path, reque
     assert recent.names() == [AUDITED]
 
 
+def test_a_link_among_the_hour_folders_is_not_followed_out_of_the_store(tmp_path):
+    """An hour's name that is a link to a folder elsewhere (on a shared volume, anyone's) is no
+    hour folder of the audit's: what lies there is not removed."""
+    from vision_rollout.audit import AUDITED, prune_hours
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for name in (REPORT, "summary.json", AUDITED):
+        (outside / name).write_text("not the audit's")
+    audits = Folder(str(tmp_path / "run")) / "audits" / "a"
+    audits.write("x", b"")
+    (tmp_path / "run/audits/a/20200101T00").symlink_to(outside)
+    assert prune_hours(audits, datetime(2026, 1, 1, tzinfo=UTC)) == 0
+    assert sorted(p.name for p in outside.iterdir()) == sorted([REPORT, "summary.json", AUDITED])
+    assert audits.folders() == []
+
+
 @pytest.mark.parametrize("one_side", ["orphans", "dropped"])
 def test_a_range_of_shadow_records_none_of_which_pairs_is_not_an_empty_one(tmp_path, one_side):
     """300 shadow records without their primary (its pod's files lost, or its clock in another
