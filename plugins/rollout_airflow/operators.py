@@ -213,12 +213,14 @@ class PromotionApproval(HITLOperator):
         version back and is kept in the XCom's ``guard_breach`` for ``decide``."""
         from rollout_airflow import steps
 
-        answer = super().execute_complete(context, event)
         params = context["params"]
-        try:  # the wait ended (its trigger's event, an answer in the UI, resume_execution)
-            steps.keep_failed_reads(params, str(context["ti"].id), 0)
-        except Exception as exc:
-            self.log.warning("the wait's count of failed reads stays in the run folder: %s", str(exc)[:300])
+        try:
+            answer = super().execute_complete(context, event)
+        finally:  # the wait ended (its trigger's event, an answer in the UI, resume_execution; refused)
+            try:
+                steps.keep_failed_reads(params, str(context["ti"].id), 0)
+            except Exception as exc:
+                self.log.warning("the wait's count of failed reads stays in the run folder: %s", str(exc)[:300])
         breach = event.get("guard_breach")
         if breach is None and answer["chosen_options"] == [PROMOTE]:
             breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))[0]

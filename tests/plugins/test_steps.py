@@ -1719,6 +1719,31 @@ def test_the_count_of_failed_reads_is_removed_when_the_approval_wait_ends(monkey
 
 
 @pytest.mark.parametrize(
+    "event",
+    [
+        {"error": "params_input not valid", "error_type": "validation"},
+        {"chosen_options": ["Maybe"], "params_input": {}, "responded_at": None, "responded_by_user": None},
+    ],
+)
+def test_the_count_of_failed_reads_is_removed_when_the_answer_is_refused(monkeypatch, tmp_path, event):
+    """A wait whose event the task refuses (an error from the trigger, an option it does not
+    offer) fails the try; the next try keeps a count of its own: this one's is removed too."""
+    from rollout_airflow.operators import PromotionApproval
+
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    run = XComs()
+    run.id = "0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+    steps.keep_failed_reads(GUARDED, run.id, 3)
+    assert steps.failed_reads_folder(GUARDED).names() == [f"{run.id}.json"]
+    with pytest.raises(Exception):  # noqa: PT011 (HITL's own errors, ValueError)
+        PromotionApproval(task_id="approve_promotion", max_stages=4).execute_complete(
+            {"params": GUARDED, "ti": run, "run_id": "run-a"}, event
+        )
+    assert steps.failed_reads_folder(GUARDED).names() == []
+
+
+@pytest.mark.parametrize(
     "damaged",
     [
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": "fail"}]}',
