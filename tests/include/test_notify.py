@@ -425,6 +425,25 @@ def test_a_sender_killed_during_the_chart_upload_leaves_a_report_not_posted_agai
     assert outbox.names() == []
 
 
+def test_a_file_in_the_outbox_whose_name_no_folder_takes_is_reported_not_raised(slack, tmp_path):
+    """A file named with a backslash (copied in from elsewhere) stopped every round at its claim's
+    name, and with it every hourly audit, which sends the outbox first: it is an error line, the
+    other reports are sent."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "late"))
+    (tmp_path / "outbox" / "a\\b.json").write_text('{"channel": "#c", "text": "t", "blocks": []}')
+    results = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert [r.get("sent", False) for r in results] == [True, False]
+    assert results[1]["name"] == "a\\b.json"
+    assert "channel" not in results[1]
+    assert results[1]["error"].startswith("not a report: its name")
+    assert outbox.names() == ["a\\b.json"]
+
+
 @pytest.mark.parametrize("store", ["folder", "s3"])
 def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, request, store):
     """In a folder or an object store (no rename there, no lock): a claim written beside the
