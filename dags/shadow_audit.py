@@ -8,7 +8,9 @@ the confusion matrix and anomaly samples with their image hashes. The report (Ma
 PNG) is kept and sent to Slack. An hour without shadow data is marked audited with a note, not
 failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox,
 which each run, and its retry, sends first: each report once). Hours older than
-`retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go.
+`retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go; so do
+the model's rollout run folders and approval waits' counts unchanged for `retention_days`, and
+the outbox's leftovers of killed senders (never a report waiting).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _rollout_schema(name: str) -> dict[str, Any]:
             type="integer",
             minimum=8,  # (more than the longest catch-up window: an hour pruned in it is audited again)
             maximum=3660,
-            description="Days an hour's audit report is kept (older ones are removed)",
+            description="Days an hour's audit report, and a rollout run's folder unchanged, are kept",
             section="Audit",
         ),
     },

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ from vision_rollout.folders import Folder
 
 MAX_ATTEMPTS = 20  # restarts a stage may be given, at most (each one a fresh test)
 MAX_RUNS = 100  # applications and wait runs kept per attempt (the first ones and the last ones)
+
+
+RECORD_NAME = re.compile(r"stage-\d+-[0-9a-f]{16}\.json")  # (record_name's)
 
 
 def record_name(run_id: str, index: int) -> str:

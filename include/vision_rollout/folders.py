@@ -13,7 +13,10 @@ store as one PUT.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,9 +114,12 @@ class Folder:
 
     def folders(self) -> list[str]:
         """The folders in this folder (not below them), sorted; [] when it does not exist. On a
-        disk, a link to a folder is none: what is removed below a folder never lies elsewhere."""
+        disk, a link to a folder is none, nor is anything below a folder reached through one:
+        what is removed below a folder never lies elsewhere."""
         path = self.path
         if path is not None:
+            if self._through_link():
+                return []
             names = [p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink()] if path.is_dir() else []
             return sorted(n for n in names if not n.startswith("."))
         import pyarrow.fs as pafs
@@ -131,13 +137,119 @@ class Folder:
             return 0
         removed = 0
         for tmp in path.iterdir():
-            match = re.fullmatch(r"\.(.+)\.\d+\.tmp", tmp.name)
-            if not match or not ours(match[1]) or not tmp.is_file():
+            of = temporary_of(tmp.name)
+            if of is None or not ours(of) or not tmp.is_file():
                 continue
             if tmp.stat().st_mtime < before:
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def changed(self) -> dict[str, float]:
+        """The files in this folder (not below it) and when each last changed (unix seconds),
+        those being written included (on a disk, the hidden temporaries); on a disk a link is
+        none, nor is anything below a folder reached through one. {} when it does not exist."""
+        path = self.path
+        if path is not None:
+            if self._through_link():
+                return {}
+            found: dict[str, float] = {}
+            try:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
+                            if entry.is_file(follow_symlinks=False):
+                                found[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            return found
+        import pyarrow.fs as pafs
+
+        fs, key = self._key()
+        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        now = time.time()  # (a store that gives no time: taken for a file changed now, kept)
+        return {
+            i.base_name: i.mtime.timestamp() if i.mtime is not None else now
+            for i in infos
+            if i.type == pafs.FileType.File
+        }
+
+    def remove_older(
+        self, before: float, ours: Callable[[str], object], limit: int, dry_run: bool = False
+    ) -> list[str]:
+        """The files in this folder that ``ours`` is true of last changed before ``before`` (a
+        ``time.time()``) removed, the oldest ``limit`` at most; their names (``dry_run``: those
+        that would go, none removed). A name no folder takes is left alone."""
+        stale = sorted((t, n) for n, t in self.changed().items() if t < before and ours(n))
+        gone: list[str] = []
+        for _, name in stale:
+            if len(gone) >= limit:
+                break
+            try:
+                _check_name(name)
+            except ValueError:
+                continue
+            if not dry_run:
+                self.delete(name)
+            gone.append(name)
+        return gone
+
+    def prune(
+        self, before: float, ours: Callable[[str], object], limit: int, turn: int = 0, dry_run: bool = False
+    ) -> list[str]:
+        """The folders in this folder in which nothing changed since ``before`` (a
+        ``time.time()``: the last change of any file there, someone else's or a write in
+        progress included) emptied of the files ``ours`` is true of and of the temporaries
+        their writes killed mid-way left (``remove_older``), then removed once empty (one found
+        empty, once it is itself that old): a file of someone else's, or a folder below, keeps one. ``limit`` of its folders are looked into,
+        in turns: the ``turn``-th ``limit`` of them in name order (``turn`` the pass's number,
+        such as the hour's: a pass over a million folders looks into ``limit``, and each folder
+        has its turn). The names of those removed (``dry_run``: those that would be, nothing
+        removed)."""
+        ours = _or_temporary(ours)
+        names = self.folders()
+        if len(names) > limit:
+            first = turn * limit % len(names)
+            names = (names[first:] + names[:first])[:limit]
+        gone: list[str] = []
+        for name in names:
+            try:
+                folder = self / name
+            except ValueError:  # (a name no folder takes: not one this store wrote)
+                continue
+            files = folder.changed()
+            if not files:  # (on a disk, its own time: a write may have just made it)
+                if folder._made_before(before) and (not folder.folders() if dry_run else folder.remove_if_empty()):
+                    gone.append(name)
+                continue
+            if max(files.values()) >= before:
+                continue
+            if dry_run:
+                if all(ours(n) for n in files) and not folder.folders():
+                    gone.append(name)
+                continue
+            folder.remove_older(before, ours, len(files))
+            if folder.remove_if_empty():
+                gone.append(name)
+        return gone
+
+    def _made_before(self, before: float) -> bool:
+        """Whether, on a disk, this folder last changed before ``before`` (in an object store, a
+        folder is no more than its files' prefix: always)."""
+        path = self.path
+        try:
+            return path is None or path.lstat().st_mtime < before
+        except FileNotFoundError:
+            return False
+
+    def _through_link(self) -> bool:
+        """Whether, on a disk, one of its folders below its ``uri`` is a link."""
+        path = Folder(self.uri).path
+        for part in self.parts:
+            path = path / part  # type: ignore[operator]
+            if path.is_symlink():
+                return True
+        return False
 
     def remove_if_empty(self) -> bool:
         """This folder removed when it holds nothing (in an object store, the marker pyarrow
@@ -187,3 +299,15 @@ class Folder:
     def _location(self, *name: str) -> str:
         parts = urlsplit(self.uri)
         return "/".join((f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/"), *self.parts, *name))
+
+
+def temporary_of(name: str) -> str | None:
+    """The name of the file whose write left the temporary ``name`` (``.<name>.<pid>.tmp``);
+    None when it is no temporary."""
+    match = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    return match[1] if match else None
+
+
+def _or_temporary(ours: Callable[[str], object]) -> Callable[[str], bool]:
+    """True of the names ``ours`` is, and of the temporaries their writes left."""
+    return lambda name: bool(ours(temporary_of(name) or name))

@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlsplit
 import numpy as np
 
 from vision_rollout.audit import AuditResult, printable, short_digest
-from vision_rollout.folders import Folder
+from vision_rollout.folders import Folder, temporary_of
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
 
@@ -763,6 +763,32 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
     outbox.delete(name)
     outbox.delete(mark)
     return {"name": name, "sent": True, **sent}
+
+
+LEFTOVER_AGE_S = 3600  # a report is written a moment after its chart: a chart alone this old has none
+
+
+def prune_outbox(outbox: Folder, now: float, limit: int = 500, dry_run: bool = False) -> list[str]:
+    """What senders and writers killed mid-way left in the outbox, an hour old, removed: the
+    claims, ``.posted`` marks and charts of reports no longer there (a report is written a
+    moment after its chart), and the temporary files of writes; never a report, nor what one
+    still there has. The oldest ``limit`` at most, their names (``dry_run``: those that would
+    go, none removed)."""
+    names = set(outbox.changed())
+
+    def left(name: str) -> bool:
+        claim = _CLAIM.search(name)
+        if temporary_of(name) is not None:
+            return True
+        if claim:
+            stem = name[: claim.start()]
+        elif name.endswith((POSTED, ".png")):
+            stem = name.rsplit(".", 1)[0]
+        else:
+            return False
+        return f"{stem}.json" not in names
+
+    return outbox.remove_older(now - max(CLAIM_S, LEFTOVER_AGE_S), left, limit, dry_run)
 
 
 def _posted(raw: bytes) -> dict[str, Any] | None:

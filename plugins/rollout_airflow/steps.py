@@ -44,6 +44,10 @@ CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168  # the earlier hours a shadow audit
 # The days a shadow audit's hour folders are kept: at least those of the longest catch-up window
 # and a day (an hour pruned within it would be audited and reported again).
 RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, MAX_CATCH_UP_HOURS // 24 + 1, 3660
+MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in one audit run's pass
+ROUTES = "original-routes.json"  # (mesh local: the routes before the run, in its run folder)
+ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter writes them to, then renames)
+APPROVAL_NAME = re.compile(r"[0-9A-Za-z-]{1,64}\.json")  # (a wait's count of failed reads: its task instance's id)
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
@@ -86,7 +90,7 @@ def router(spec: RolloutSpec, run_id: str, hook: ModelServerHook, only: str | No
     if spec.mesh == "istio":
         versions = [only] if only else [spec.baseline_version, spec.candidate_version]
         return hook.istio_router(spec.model, versions)
-    return hook.router(spec.model, hook.on_disk(hook.settings.workdir(spec.model, run_id)) / "original-routes.json")
+    return hook.router(spec.model, hook.on_disk(hook.settings.workdir(spec.model, run_id)) / ROUTES)
 
 
 # A step that waits for pods and drains (wait_ready's 600 s, wait_unrouted's 120 s, a drain of up
@@ -756,7 +760,11 @@ def last_stage_start(params: dict[str, Any], ti: Any) -> float:
 
 def failed_reads_folder(params: dict[str, Any]) -> Folder:
     """Where the approval waits of the run's model keep their failed reads of the guards."""
-    return serving().settings.run_folder / "approvals" / spec_from(params).model
+    return approvals_folder(spec_from(params).model)
+
+
+def approvals_folder(model: str) -> Folder:
+    return serving().settings.run_folder / "approvals" / model
 
 
 def failed_reads_kept(params: dict[str, Any], ti_id: str) -> int:
@@ -1180,7 +1188,7 @@ def audit_hours(
         except Exception as exc:  # (the other hours are audited all the same)
             log.exception("the audit of '%s' from %s failed", model, hour)
             failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
-    prune_audits(audits, start - timedelta(days=int(retention_days)))
+    prune_audits(model, start - timedelta(days=int(retention_days)))
     if failed or unsent:
         hours_failed = [f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)]
         raise AirflowException("; ".join([*(hours_failed if failed else []), *unsent]))
@@ -1192,21 +1200,51 @@ def audit_hours(
     return results
 
 
-def prune_audits(audits: Folder, before: datetime) -> None:
-    """A model's audit hour folders of the hours before ``before`` removed (``prune_hours``), and
-    the run folder's stage caches that no running stage reads (``logcache.prune``); a store
+def prune_audits(model: str, before: datetime) -> dict[str, int]:
+    """What nobody reads any more removed from the run folder, how much of each kind (logged):
+    the model's audit hour folders of the hours before ``before`` (``prune_hours``); the run
+    folder's stage caches that no running stage reads (``logcache.prune``); the model's rollout
+    run folders (``rollouts/<model>/<run>``: stage records, routes, shadow reports) in which
+    nothing changed since ``before`` (``Folder.prune``: a running rollout writes its stage's
+    record at each look, and waits at most its lease's 7 days for an approval, under the 8 days
+    of the shortest retention), ``MAX_PRUNED`` of them looked into, in turns by the hour; the
+    counts of failed reads that approval waits ended without removing (their task killed)
+    unchanged since ``before`` (a wait still going is at most 7 days old); and in the outbox
+    what senders and writers killed mid-way left (``prune_outbox``), never a report. A store
     refusing is a warning (the next run prunes again)."""
-    from vision_rollout import logcache
-    from vision_rollout.audit import prune_hours
+    from vision_rollout import attempts, logcache
+    from vision_rollout.audit import REPORT_NAMES, prune_hours
+    from vision_rollout.folders import temporary_of
+    from vision_rollout.notify import prune_outbox
 
-    try:
-        hours = prune_hours(audits, before)
-        caches = logcache.prune(serving().settings.stage_caches)
-    except (OSError, ValueError) as exc:  # (ValueError: a name there no Folder takes)
-        log.warning("the audits before %s were not all pruned: %s", before.isoformat(), str(exc)[:300])
-        return
-    if hours or caches:
-        log.info("pruned %d audit hour folders before %s, %d stage cache files", hours, before.isoformat(), caches)
+    settings = serving().settings
+    cutoff, turn = before.timestamp(), int(time.time() // 3600)
+
+    def of_a_run(name: str) -> bool:
+        return bool(attempts.RECORD_NAME.fullmatch(name)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
+
+    kinds = {
+        "audit hour folders": lambda: prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED),
+        "stage cache files": lambda: logcache.prune(settings.stage_caches),
+        "run folders": lambda: len(
+            (settings.run_folder / "rollouts" / model).prune(cutoff, of_a_run, MAX_PRUNED, turn)
+        ),
+        "approval counts": lambda: len(
+            approvals_folder(model).remove_older(
+                cutoff, lambda n: APPROVAL_NAME.fullmatch(temporary_of(n) or n), MAX_PRUNED
+            )
+        ),
+        "outbox leftovers": lambda: len(prune_outbox(settings.outbox, time.time(), MAX_PRUNED)),
+    }
+    pruned: dict[str, int] = {}
+    for kind, prune in kinds.items():
+        try:
+            pruned[kind] = prune()
+        except (OSError, ValueError) as exc:  # (ValueError: a name there no Folder takes)
+            log.warning("the %s before %s were not all pruned: %s", kind, before.isoformat(), str(exc)[:300])
+    if any(pruned.values()):
+        log.info("pruned before %s: %s", before.isoformat(), ", ".join(f"{n} {k}" for k, n in pruned.items()))
+    return pruned
 
 
 def send_outbox(budget_s: float = 120) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 
 import pytest
@@ -94,3 +95,72 @@ def test_a_folder_is_checked_for_its_bucket_not_its_prefix(s3, tmp_path):
     assert missing.names() == []
     with pytest.raises(FileNotFoundError, match="no bucket 'no-such-bucket'"):
         missing.check()
+
+
+def test_folders_nothing_changed_in_since_a_time_are_pruned_in_turns(root, tmp_path):
+    """A run folder per rollout run and nothing removing one: in a disk's folder or an object
+    store, those idle since a time lose their files, then go; a file of someone else's keeps its
+    folder (its own files removed), a file changed since keeps all, and each pass looks into
+    ``limit`` folders at most, the next ones at the next turn."""
+    import time
+
+    runs = Folder(root) / "rollouts" / "digits"
+    for run in ("a", "b", "c", "d", "e"):
+        (runs / run).write("stage-1.json", b"{}")
+    (runs / "b").write("notes.txt", b"someone else's")
+    ((runs / "c") / "below").write("x", b"")
+    ours = {"stage-1.json", "report.md"}.__contains__
+    now = time.time()
+    if runs.path is None:  # (an object store's times are its own: every file is older than a time to come)
+        before = now + 60
+    else:
+        import os
+
+        before = now - 86400
+        for run in ("a", "b", "c", "d", "e"):
+            for f in (runs.path / run).iterdir():
+                os.utime(f, (now - 2 * 86400, now - 2 * 86400))
+        (runs.path / "e" / ".report.md.77.tmp").write_bytes(b"a write going on")
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "stage-1.json").write_bytes(b"not the store's")
+        os.utime(tmp_path / "elsewhere" / "stage-1.json", (now - 2 * 86400, now - 2 * 86400))
+        (runs.path / "f").symlink_to(tmp_path / "elsewhere")
+    assert runs.prune(before, ours, limit=10, dry_run=True) == ["a", "d"] + (["e"] if runs.path is None else [])
+    assert files_under(root)["rollouts/digits/a/stage-1.json"] == b"{}"
+    assert len(runs.folders()) == 5
+    assert runs.prune(before, ours, limit=2, turn=0) == ["a"]  # (a and b looked into)
+    assert (runs / "b").names() == ["notes.txt"]
+    in_store = runs.path is None
+    assert runs.prune(before, ours, limit=2, turn=1) == ["d"] + (["e"] if in_store else [])  # (of b, c, d, e)
+    assert runs.prune(before, ours, limit=2, turn=2) == []  # (b and c again: c holds a folder)
+    assert (runs / "c").names() == []
+    assert runs.prune(before - 3 * 86400, ours, limit=10) == []  # (nothing idle that long)
+    assert runs.folders() == ["b", "c"] + (["e"] if runs.path is not None else [])
+    if runs.path is not None:
+        assert (tmp_path / "elsewhere" / "stage-1.json").exists()
+        assert (runs / "e").names() == ["stage-1.json"]
+        (runs.path / "g").mkdir()  # (emptied by hand, or a pass killed before its last step)
+        os.utime(runs.path / "g", (now - 2 * 86400, now - 2 * 86400))
+        (runs.path / "h").mkdir()  # (a write about to fill it)
+        assert runs.prune(before, ours, limit=10, dry_run=True) == ["g"]
+        assert runs.prune(before, ours, limit=10) == ["g"]
+        assert runs.folders() == ["b", "c", "e", "h"]
+
+
+def test_files_of_a_kind_unchanged_since_a_time_are_removed_oldest_first(tmp_path):
+    import os
+    import time
+
+    folder = Folder(str(tmp_path / "approvals"))
+    now = time.time()
+    for age, name in ((5, "old.json"), (3, "older-not.json"), (9, "oldest.json"), (0, "new.json"), (9, "x.txt")):
+        folder.write(name, b"{}")
+        os.utime(tmp_path / "approvals" / name, (now - age * 86400, now - age * 86400))
+    (tmp_path / "approvals" / "a\\b.json").write_bytes(b"{}")
+    os.utime(tmp_path / "approvals" / "a\\b.json", (now - 9 * 86400, now - 9 * 86400))
+    (tmp_path / "approvals" / "link.json").symlink_to(tmp_path / "approvals" / "new.json")
+    kind = re.compile(r".+\.json").fullmatch
+    assert folder.remove_older(now - 4 * 86400, kind, limit=1, dry_run=True) == ["oldest.json"]
+    assert folder.remove_older(now - 4 * 86400, kind, limit=1) == ["oldest.json"]
+    assert folder.remove_older(now - 4 * 86400, kind, limit=10) == ["old.json"]
+    assert sorted(folder.names()) == sorted(["a\\b.json", "link.json", "new.json", "older-not.json", "x.txt"])

@@ -444,6 +444,40 @@ def test_a_file_in_the_outbox_whose_name_no_folder_takes_is_reported_not_raised(
     assert outbox.names() == ["a\\b.json"]
 
 
+def test_what_killed_senders_and_writers_left_in_the_outbox_goes_never_a_report(tmp_path):
+    """A sender killed after removing its report left its claim, a writer killed between a chart
+    and its report the chart, a write killed mid-way its temporary file: each stayed for good.
+    An hour on, they go; a report waiting, however old, and all it has, stay."""
+    import os
+    import time
+
+    from vision_rollout.notify import prune_outbox
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "waiting", chart=b"\x89PNG"))
+    stem = outbox.names()[0].rsplit(".", 1)[0]
+    left = [
+        "20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123",
+        "20260101T000000-000000002-bbbbbb.posted",
+        "20260101T000000-000000003-cccccc.png",
+        ".20260101T000000-000000004-dddddd.json.77.tmp",
+    ]
+    kept = [f"{stem}.claim-1767225600000000000-def456", f"{stem}.posted", "notes.txt", "garbage.json"]
+    for name in [*left, *kept]:
+        outbox.write(name, b"x")
+    now = time.time()
+    for p in (tmp_path / "outbox").iterdir():
+        os.utime(p, (now - 30 * 86400, now - 30 * 86400))
+    (tmp_path / "outbox" / "20260101T000000-000000005-eeeeee.png").write_bytes(b"a report's, being written")
+    assert prune_outbox(outbox, now, dry_run=True) == sorted(left)
+    assert len(outbox.names()) == 10
+    assert prune_outbox(outbox, now, limit=3) == sorted(left)[:3]
+    assert prune_outbox(outbox, now) == sorted(left)[3:]
+    assert outbox.names() == sorted(
+        [f"{stem}.json", f"{stem}.png", *kept[:2], "20260101T000000-000000005-eeeeee.png", *kept[2:]]
+    )
+
+
 @pytest.mark.parametrize("store", ["folder", "s3"])
 def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, request, store):
     """In a folder or an object store (no rename there, no lock): a claim written beside the

@@ -1475,6 +1475,64 @@ def test_an_audit_run_removes_the_hours_past_their_retention_and_killed_stages_c
         steps.audit_hours("digits", this_hour, catch_up_hours=0, retention_days=7)
 
 
+def test_an_audit_run_removes_the_rollout_runs_folders_and_waits_counts_past_their_retention(monkeypatch, tmp_path):
+    """Each rollout run kept a folder (its stages' records, its routes, its shadow report), each
+    approval wait whose task was killed its count of failed reads, none ever removed. An audit
+    run removes the model's run folders nothing changed in for its retention, and those counts;
+    a run folder written since (a run going on), another model's, and a file of someone
+    else's stay."""
+    import os
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from vision_rollout import attempts
+
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    settings = steps.serving().settings
+    now = time.time()
+    old = now - 40 * 86400
+    runs = {
+        name: settings.workdir(model, name)
+        for model, name in [
+            ("digits", "done"),
+            ("digits", "going"),
+            ("digits", "audit-20260101T000000"),
+            ("mnist", "other"),
+        ]
+    }
+    for name, folder in runs.items():
+        folder.write(attempts.record_name(name, 0), b"{}")
+        folder.write(steps.ROUTES, b"{}")
+    runs["audit-20260101T000000"].write("report.md", b"# Shadow audit")
+    runs["done"].write("summary.json", b"{}")
+    runs["done"].write("original-routes.tmp", b"{")  # (a routes write killed mid-way)
+    approvals = steps.approvals_folder("digits")
+    for name in ("0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json", "0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c.json"):
+        approvals.write(name, b'{"count": 3}')
+    for p in run.rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))
+    runs["going"].write(attempts.record_name("going", 1), b"{}")  # (its next stage, a look now)
+    approvals.write("0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c.json", b'{"count": 4}')  # (a wait going on)
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    with pytest.raises(AirflowSkipException):  # (no records in its hour)
+        steps.audit_hours("digits", this_hour, catch_up_hours=0)
+    assert sorted(p.name for p in (run / "rollouts" / "digits").iterdir()) == ["going"]
+    assert (run / "rollouts" / "mnist" / "other").is_dir()
+    assert approvals.names() == ["0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5c.json"]
+    assert steps.prune_audits("digits", this_hour - timedelta(days=30)) == {
+        "audit hour folders": 0,
+        "stage cache files": 0,
+        "run folders": 0,
+        "approval counts": 0,
+        "outbox leftovers": 0,
+    }
+
+
 class StageWorld:
     """A stage's steps as a run's tasks call them, on a run folder in ``tmp_path``: the routes
     they write (``set``), and a judge whose stage states come from ``states`` (a window's start
