@@ -15,6 +15,8 @@
                                    (each waiting report to Slack; removed once Slack took it)
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
+  rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
+                   (the run folders, approval counts and outbox leftovers nobody reads any more)
   rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
                    [--reason TEXT]   (the stable version back, the running rollout told to roll back)
 
@@ -971,6 +973,40 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """What nobody reads any more in a run folder (the DAGs' ``run_dir``) removed, or with
+    ``--dry-run`` listed (``settings.prune_runs``): each model's rollout run folders and approval
+    waits' counts unchanged for ``--retention-days``, ``--limit`` of each kind, and the outbox's
+    leftovers of killed senders (never a report waiting), as the hourly shadow audit does for
+    the models it audits; of the ``--model`` given, else of every model found there. The
+    shadow audits' hour folders are the shadow_audit DAG's own."""
+    import time
+
+    from vision_rollout.settings import MAX_RETENTION_DAYS, MIN_RETENTION_DAYS, MODEL_PATTERN, prune_runs
+
+    if not MIN_RETENTION_DAYS <= args.retention_days <= MAX_RETENTION_DAYS:
+        raise UsageError(f"--retention-days: {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS}, not {args.retention_days}")
+    if not 1 <= args.limit <= 100_000:
+        raise UsageError(f"--limit: 1 to 100000, not {args.limit}")
+    path = args.run_dir.path
+    if path is not None and not path.is_dir():  # (a mistyped folder read as an empty one)
+        raise UsageError(f"--run-dir: no such folder: {str(path)[:200]!r}")
+    args.run_dir.check()
+    found = {*(args.run_dir / "rollouts").folders(), *(args.run_dir / "approvals").folders()}
+    models = args.model or sorted(m for m in found if len(m) <= 128 and re.fullmatch(MODEL_PATTERN, m))
+    now = time.time()
+    pruned = prune_runs(args.run_dir, models, now - args.retention_days * 86400, now, args.limit, args.dry_run)
+    if args.json:
+        print(json.dumps(pruned, indent=2))
+        return 0
+    for kind, names in pruned.items():
+        for name in names:
+            print(f"{kind}: {ascii(name)[1:-1]}")
+    counts = ", ".join(f"{len(names)} {kind}" for kind, names in pruned.items())
+    print(f"{'would remove' if args.dry_run else 'removed'} {counts} from {args.run_dir}")
+    return 0
+
+
 def _operator() -> str:
     try:
         user = os.getlogin()
@@ -1077,6 +1113,20 @@ def parser() -> argparse.ArgumentParser:
     ab.add_argument("--token-file", type=Path)
     ab.add_argument("--reason", help="why, for the run's report (default: who aborted, from where)")
     ab.set_defaults(func=cmd_abort)
+    from vision_rollout.settings import MAX_PRUNED, RETENTION_DAYS
+
+    pr = sub.add_parser("prune", help="remove what a run folder keeps that nobody reads any more, or list it")
+    pr.add_argument("--run-dir", type=_folder, required=True, help="the run folder (the connection's run_dir)")
+    pr.add_argument("--model", type=_model, action="append", help="a model (again for more; default: every one)")
+    pr.add_argument(
+        "--retention-days", type=int, default=RETENTION_DAYS, help="days a run's folder is kept unchanged (8 to 3660)"
+    )
+    pr.add_argument(
+        "--limit", type=int, default=MAX_PRUNED, help="run folders looked into, files removed, of each kind"
+    )
+    pr.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
     rs = sub.add_parser("restart-stage", help="start a DAG run's stage test afresh at its next run (reported)")
     rs.add_argument("--run-dir", type=_folder, required=True, help="the run folder (the connection's run_dir)")
     rs.add_argument("--model", type=_model, required=True)

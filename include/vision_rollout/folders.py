@@ -201,11 +201,11 @@ class Folder:
         ``time.time()``: the last change of any file there, someone else's or a write in
         progress included) emptied of the files ``ours`` is true of and of the temporaries
         their writes killed mid-way left (``remove_older``), then removed once empty (one found
-        empty, once it is itself that old): a file of someone else's, or a folder below, keeps one. ``limit`` of its folders are looked into,
-        in turns: the ``turn``-th ``limit`` of them in name order (``turn`` the pass's number,
-        such as the hour's: a pass over a million folders looks into ``limit``, and each folder
-        has its turn). The names of those removed (``dry_run``: those that would be, nothing
-        removed)."""
+        empty, once it is itself that old): a file of someone else's, or a folder below, keeps
+        one. ``limit`` of its folders are looked into, in turns: the ``turn``-th ``limit`` of
+        them in name order (``turn`` the pass's number, such as the hour's: a pass over a
+        million folders looks into ``limit``, and each folder has its turn). The names of those
+        removed (``dry_run``: those that would be, nothing removed)."""
         ours = _or_temporary(ours)
         names = self.folders()
         if len(names) > limit:

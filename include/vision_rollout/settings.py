@@ -469,3 +469,57 @@ def workdir(run_folder: Folder, model: str, run_id: str) -> Folder:
     (``attempts``), and in mesh ``local`` the routes before it (``Settings.on_disk``)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id[:200]).lstrip(".") or "_"
     return run_folder / "rollouts" / model / safe
+
+
+ROUTES = "original-routes.json"  # (mesh local: the routes before a run, in its run folder)
+ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter writes them to, then renames)
+APPROVAL_NAME = re.compile(r"[0-9A-Za-z-]{1,64}\.json")  # (a wait's count of failed reads: its task instance's id)
+MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in one pass
+# The days what a run wrote is kept once unchanged: over the longest a running rollout leaves its
+# run folder unchanged (an approval wait, within its lease's 7 days) and the shadow audit's
+# longest catch-up window (7 days: an hour pruned within it would be audited and reported again).
+RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, 8, 3660
+
+
+def approvals(run_folder: Folder, model: str) -> Folder:
+    """Where the approval waits of ``model``'s runs keep their counts of failed reads, one file
+    per task instance."""
+    return run_folder / "approvals" / model
+
+
+def prune_runs(
+    run_folder: Folder,
+    models: list[str],
+    before: float,
+    now: float,
+    limit: int = MAX_PRUNED,
+    dry_run: bool = False,
+) -> dict[str, list[str]]:
+    """What nobody reads any more in ``run_folder`` removed, by kind, the names of what went
+    (``dry_run``: of what would go, nothing removed): the ``models``' rollout run folders
+    (``workdir``: stage records, routes, shadow reports) in which nothing changed since
+    ``before`` (unix seconds; ``Folder.prune``: a running rollout writes its stage's record at
+    each look, and waits at most its lease's 7 days for an approval), ``limit`` of a model's
+    looked into, in turns by the hour of ``now``; the counts of failed reads that approval
+    waits ended without removing (their task killed), unchanged since ``before`` (a wait going
+    on is at most 7 days old); and in the outbox what senders and writers killed mid-way left
+    (``prune_outbox``), never a report."""
+    from vision_rollout import attempts
+    from vision_rollout.audit import REPORT_NAMES
+    from vision_rollout.folders import temporary_of
+    from vision_rollout.notify import prune_outbox
+
+    def of_a_run(name: str) -> bool:
+        return bool(attempts.RECORD_NAME.fullmatch(name)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
+
+    def approval(name: str) -> bool:
+        return bool(APPROVAL_NAME.fullmatch(temporary_of(name) or name))
+
+    pruned: dict[str, list[str]] = {"run folders": [], "approval counts": []}
+    for model in models:
+        runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run)
+        pruned["run folders"] += [f"{model}/{name}" for name in runs]
+        counts = approvals(run_folder, model).remove_older(before, approval, limit, dry_run)
+        pruned["approval counts"] += [f"{model}/{name}" for name in counts]
+    pruned["outbox leftovers"] = prune_outbox(run_folder / "outbox", now, limit, dry_run)
+    return pruned

@@ -27,7 +27,15 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
 from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy
-from vision_rollout.settings import BuildSettings, SettingsError
+from vision_rollout.settings import (
+    MAX_PRUNED,
+    MAX_RETENTION_DAYS,
+    MIN_RETENTION_DAYS,
+    RETENTION_DAYS,
+    ROUTES,
+    BuildSettings,
+    SettingsError,
+)
 from vision_rollout.spec import RolloutSpec, SpecError
 
 if TYPE_CHECKING:
@@ -40,14 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168  # the earlier hours a shadow audit run looks for unaudited ones
-# The days a shadow audit's hour folders are kept: at least those of the longest catch-up window
-# and a day (an hour pruned within it would be audited and reported again).
-RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, MAX_CATCH_UP_HOURS // 24 + 1, 3660
-MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in one audit run's pass
-ROUTES = "original-routes.json"  # (mesh local: the routes before the run, in its run folder)
-ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter writes them to, then renames)
-APPROVAL_NAME = re.compile(r"[0-9A-Za-z-]{1,64}\.json")  # (a wait's count of failed reads: its task instance's id)
+# The earlier hours a shadow audit run looks for unaudited ones (their days under MIN_RETENTION_DAYS).
+CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
@@ -764,7 +766,10 @@ def failed_reads_folder(params: dict[str, Any]) -> Folder:
 
 
 def approvals_folder(model: str) -> Folder:
-    return serving().settings.run_folder / "approvals" / model
+    """Where the approval waits of ``model``'s runs keep their failed reads (``settings.approvals``)."""
+    from vision_rollout.settings import approvals
+
+    return approvals(serving().settings.run_folder, model)
 
 
 def failed_reads_kept(params: dict[str, Any], ti_id: str) -> int:
@@ -1203,43 +1208,28 @@ def audit_hours(
 def prune_audits(model: str, before: datetime) -> dict[str, int]:
     """What nobody reads any more removed from the run folder, how much of each kind (logged):
     the model's audit hour folders of the hours before ``before`` (``prune_hours``); the run
-    folder's stage caches that no running stage reads (``logcache.prune``); the model's rollout
-    run folders (``rollouts/<model>/<run>``: stage records, routes, shadow reports) in which
-    nothing changed since ``before`` (``Folder.prune``: a running rollout writes its stage's
-    record at each look, and waits at most its lease's 7 days for an approval, under the 8 days
-    of the shortest retention), ``MAX_PRUNED`` of them looked into, in turns by the hour; the
-    counts of failed reads that approval waits ended without removing (their task killed)
-    unchanged since ``before`` (a wait still going is at most 7 days old); and in the outbox
-    what senders and writers killed mid-way left (``prune_outbox``), never a report. A store
-    refusing is a warning (the next run prunes again)."""
-    from vision_rollout import attempts, logcache
-    from vision_rollout.audit import REPORT_NAMES, prune_hours
-    from vision_rollout.folders import temporary_of
-    from vision_rollout.notify import prune_outbox
+    folder's stage caches that no running stage reads (``logcache.prune``); and the model's
+    rollout run folders and approval waits' counts unchanged since ``before``, with the
+    outbox's leftovers of senders killed mid-way (``settings.prune_runs``). A store refusing
+    is a warning (the next run prunes again)."""
+    from vision_rollout import logcache
+    from vision_rollout.audit import prune_hours
+    from vision_rollout.settings import prune_runs
 
     settings = serving().settings
-    cutoff, turn = before.timestamp(), int(time.time() // 3600)
-
-    def of_a_run(name: str) -> bool:
-        return bool(attempts.RECORD_NAME.fullmatch(name)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
-
-    kinds = {
-        "audit hour folders": lambda: prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED),
-        "stage cache files": lambda: logcache.prune(settings.stage_caches),
-        "run folders": lambda: len(
-            (settings.run_folder / "rollouts" / model).prune(cutoff, of_a_run, MAX_PRUNED, turn)
-        ),
-        "approval counts": lambda: len(
-            approvals_folder(model).remove_older(
-                cutoff, lambda n: APPROVAL_NAME.fullmatch(temporary_of(n) or n), MAX_PRUNED
-            )
-        ),
-        "outbox leftovers": lambda: len(prune_outbox(settings.outbox, time.time(), MAX_PRUNED)),
-    }
     pruned: dict[str, int] = {}
+    kinds = {
+        "audit hour folders": lambda: {
+            "audit hour folders": prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED)
+        },
+        "stage cache files": lambda: {"stage cache files": logcache.prune(settings.stage_caches)},
+        "run folders, approval counts and outbox leftovers": lambda: {
+            k: len(v) for k, v in prune_runs(settings.run_folder, [model], before.timestamp(), time.time()).items()
+        },
+    }
     for kind, prune in kinds.items():
         try:
-            pruned[kind] = prune()
+            pruned.update(prune())
         except (OSError, ValueError) as exc:  # (ValueError: a name there no Folder takes)
             log.warning("the %s before %s were not all pruned: %s", kind, before.isoformat(), str(exc)[:300])
     if any(pruned.values()):

@@ -1072,3 +1072,55 @@ def test_restart_stage_keeps_a_reason_printable_and_who_asked(tmp_path, capsys):
     assert len(reason) <= 500
     assert reason.endswith(")")
     assert " on " in reason  # who asked, from where
+
+
+def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tmp_path, capsys):
+    """Every model's run folders (a model the hourly audit does not audit too), the approval
+    waits' counts killed tasks left, the outbox's leftovers: listed with --dry-run, then removed;
+    a run folder changed since its retention, a report waiting, stay."""
+    import os
+
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import Message, SlackNotifier
+    from vision_rollout.settings import approvals, workdir
+
+    store = Folder(str(tmp_path / "run"))
+    for model, run_id in (("digits", "done"), ("digits", "going"), ("mnist", "old")):
+        attempts.applied(workdir(store, model, run_id), run_id, 0, time.time())
+    approvals(store, "digits").write("0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json", b'{"count": 3}')
+    SlackNotifier("#c", outbox=store / "outbox").send(Message("waiting", []))
+    (store / "outbox").write("20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123", b"")
+    (store / "rollouts").write("not-a-model", b"")
+    old = time.time() - 40 * 86400
+    for p in (tmp_path / "run").rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))
+    attempts.applied(workdir(store, "digits", "going"), "going", 1, time.time())
+    before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert code == 0
+    assert out.splitlines() == [
+        "run folders: digits/done",
+        "run folders: mnist/old",
+        "approval counts: digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json",
+        "outbox leftovers: 20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123",
+        f"would remove 2 run folders, 1 approval counts, 1 outbox leftovers from {tmp_path / 'run'}",
+    ]
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json")
+    assert code == 0
+    assert json.loads(out) == {
+        "run folders": ["digits/done"],
+        "approval counts": ["digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json"],
+        "outbox leftovers": ["20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123"],
+    }
+    assert (store / "rollouts" / "digits").folders() == ["going"]
+    assert (store / "rollouts" / "mnist").folders() == ["old"]
+    assert len((store / "outbox").names()) == 1  # (the report waiting)
+    code, _, err = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--retention-days", "7")
+    assert code == 2
+    assert "--retention-days: 8 to 3660, not 7" in err
+    code, _, err = run(capsys, "prune", "--run-dir", str(tmp_path / "no-such"))
+    assert code == 2
+    assert "no such folder" in err
