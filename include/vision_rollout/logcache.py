@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 MAX_BYTES = 256 * 1024 * 1024  # a cache larger than this is not written (the previous one stays)
 MAX_AGE_S = 2 * 86400  # caches of stages started longer ago are removed
 MAX_CACHES = 32  # and all but the newest this many
-CACHE_NAME = re.compile(r"\d+-.*\.parquet")  # (name's: the stage's start first)
+CACHE_NAME = re.compile(r"\d+-[^\\]*\.parquet")  # (name's: the stage's start first; a folder takes no backslash)
 _META = b"vision_rollout.logcache"
 _NEVER = datetime(9999, 1, 1, tzinfo=UTC)  # a cached file's records are kept whatever their time
 

@@ -1044,6 +1044,26 @@ def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, mo
     assert Folder(run).names() == []
 
 
+def test_a_file_among_the_caches_no_folder_takes_does_not_stop_their_pruning(tmp_path):
+    """A name with a backslash (copied in from elsewhere) sorted first and raised at every pass:
+    no cache after it was removed again."""
+    import time
+
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    stale = f"{int(time.time()) - logcache.MAX_AGE_S - 10}-{0:024x}.parquet"
+    odd = ["1-a\\b.parquet"]
+    for name in [stale, *odd]:
+        (caches / name).write_bytes(b"x")
+    assert logcache.prune(Folder(str(caches))) == 1
+    assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
+    logcache._prune(Folder(str(caches)), "2-x.parquet")
+    assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
+
+
 def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
     import time
 
