@@ -17,7 +17,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -195,7 +195,13 @@ class Folder:
         return gone
 
     def prune(
-        self, before: float, ours: Callable[[str], object], limit: int, turn: int = 0, dry_run: bool = False
+        self,
+        before: float,
+        ours: Callable[[str], object],
+        limit: int,
+        turn: int = 0,
+        dry_run: bool = False,
+        keep: Collection[str] = (),
     ) -> list[str]:
         """The folders in this folder in which nothing changed since ``before`` (a
         ``time.time()``: the last change of any file there, someone else's or a write in
@@ -205,9 +211,10 @@ class Folder:
         one. ``limit`` of its folders are looked into, in turns: the ``turn``-th ``limit`` of
         them in name order (``turn`` the pass's number, such as the hour's: a pass over a
         million folders looks into ``limit``, and each folder has its turn). The names of those
-        removed (``dry_run``: those that would be, nothing removed)."""
+        removed (``dry_run``: those that would be, nothing removed). The folders ``keep`` names
+        are left as they are."""
         ours = _or_temporary(ours)
-        names = self.folders()
+        names = [n for n in self.folders() if n not in keep]
         if len(names) > limit:
             first = turn * limit % len(names)
             names = (names[first:] + names[:first])[:limit]

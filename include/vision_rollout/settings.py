@@ -500,7 +500,8 @@ def prune_runs(
     (``workdir``: stage records, routes, shadow reports) in which nothing changed since
     ``before`` (unix seconds; ``Folder.prune``: a running rollout writes its stage's record at
     each look, and waits at most its lease's 7 days for an approval), ``limit`` of a model's
-    looked into, in turns by the hour of ``now``; the counts of failed reads that approval
+    looked into, in turns by the hour of ``now``, never the folder of the run the model's lock
+    file names (mesh local's: a run going on, or stopped and not ended, however long ago); the counts of failed reads that approval
     waits ended without removing (their task killed), unchanged since ``before`` (a wait going
     on is at most 7 days old); and in the outbox what senders and writers killed mid-way left
     (``prune_outbox``), never a report."""
@@ -517,9 +518,21 @@ def prune_runs(
 
     pruned: dict[str, list[str]] = {"run folders": [], "approval counts": []}
     for model in models:
-        runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run)
+        holder = _lock_holder(run_folder, model)
+        going = {workdir(run_folder, model, holder).parts[-1]} if holder is not None else set()
+        runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run, going)
         pruned["run folders"] += [f"{model}/{name}" for name in runs]
         counts = approvals(run_folder, model).remove_older(before, approval, limit, dry_run)
         pruned["approval counts"] += [f"{model}/{name}" for name in counts]
     pruned["outbox leftovers"] = prune_outbox(run_folder / "outbox", now, limit, dry_run)
     return pruned
+
+
+def _lock_holder(run_folder: Folder, model: str) -> str | None:
+    """The run that mesh local's lock file of ``model`` (``locks/<model>.lock``) names; None
+    without one, or where it cannot be read."""
+    try:
+        holder = json.loads((run_folder / "locks").read(f"{model}.lock"))["holder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return holder if isinstance(holder, str) else None

@@ -1086,8 +1086,10 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
     from vision_rollout.settings import approvals, workdir
 
     store = Folder(str(tmp_path / "run"))
-    for model, run_id in (("digits", "done"), ("digits", "going"), ("mnist", "old")):
+    for model, run_id in (("digits", "done"), ("digits", "going"), ("digits", "stalled"), ("mnist", "old")):
         attempts.applied(workdir(store, model, run_id), run_id, 0, time.time())
+    # (mesh local: a run that holds the model, stopped for long while not ended, keeps its folder)
+    FileLock("digits", tmp_path / "run" / "locks").acquire("stalled", 60)
     approvals(store, "digits").write("0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json", b'{"count": 3}')
     SlackNotifier("#c", outbox=store / "outbox").send(Message("waiting", []))
     (store / "outbox").write("20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123", b"")
@@ -1115,7 +1117,7 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "approval counts": ["digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json"],
         "outbox leftovers": ["20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123"],
     }
-    assert (store / "rollouts" / "digits").folders() == ["going"]
+    assert (store / "rollouts" / "digits").folders() == ["going", "stalled"]
     assert (store / "rollouts" / "mnist").folders() == ["old"]
     assert len((store / "outbox").names()) == 1  # (the report waiting)
     code, _, err = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--retention-days", "7")
