@@ -725,7 +725,7 @@ def _run(
 def cmd_outbox(args: argparse.Namespace) -> int:
     """The reports waiting in an outbox (the DAGs' ``<run_dir>/outbox``, ``run --outbox``): listed,
     or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it."""
-    from vision_rollout.notify import send_waiting, waiting_reports
+    from vision_rollout.notify import one_line, send_waiting, waiting_reports
 
     path = args.outbox.path
     if path is not None and not path.is_dir():  # (a mistyped folder read as an empty outbox)
@@ -737,7 +737,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             print(json.dumps(found, indent=2))
         for w in [] if args.json else found:
             why = w.get("problem") or (f"Slack said: {w['slack_error']}" if "slack_error" in w else "no token then")
-            print(f"{w['name']}  {w.get('channel', '')}  {w.get('text', '')[:120]}  ({why})")
+            print(
+                f"{_shown(w['name'])}  {one_line(w.get('channel', ''))}  {one_line(w.get('text', ''))[:120]}  ({why})"
+            )
         if not args.json:
             print(f"{len(found)} report(s) waiting in {args.outbox}")
         return 0
@@ -756,10 +758,19 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     else:
         for r in results:
             what = "sent" if r.get("sent") else f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
-            print(f"{r['name']}: {what}" + (f" (its chart was not: {r['chart_error']})" if "chart_error" in r else ""))
+            print(
+                f"{_shown(r['name'])}: {what}"
+                + (f" (its chart was not: {r['chart_error']})" if "chart_error" in r else "")
+            )
         sent = sum(1 for r in results if r.get("sent"))
         print(f"{sent} of {len(results)} report(s) sent from {args.outbox}")
     return ERROR if any("error" in r for r in results) else 0
+
+
+def _shown(name: str) -> str:
+    """A file's name as a line of the terminal shows it: its control characters (a line break,
+    a terminal escape) and the bytes no encoding reads as ``\\x..`` escapes, as Python writes them."""
+    return ascii(name)[1:-1] if not name.isprintable() or not name.isascii() else name
 
 
 def _slack_url(text: str) -> str:
@@ -1001,7 +1012,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     for kind, names in pruned.items():
         for name in names:
-            print(f"{kind}: {ascii(name)[1:-1]}")
+            print(f"{kind}: {_shown(name)}")
     counts = ", ".join(f"{len(names)} {kind}" for kind, names in pruned.items())
     print(f"{'would remove' if args.dry_run else 'removed'} {counts} from {args.run_dir}")
     return 0

@@ -758,6 +758,19 @@ def test_a_run_stopped_while_taking_the_lock_gives_it_back(tmp_path):
     assert FileLock("digits", tmp_path).holding() is None
 
 
+def test_outbox_list_shows_names_and_texts_from_the_folder_without_their_escapes(tmp_path, capsys):
+    """A file's name and a report's text are the folder's, not the tool's: a terminal escape in
+    either reached the operator's terminal, and a line break split a report's line in two."""
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    report = {"channel": "#c", "text": "a\nb\x1b[2Jc", "blocks": []}
+    (outbox / "\x1b]0;title\x07x.json").write_text(json.dumps(report))
+    code, out, _ = run(capsys, "outbox", "list", "--outbox", str(outbox))
+    assert code == 0
+    assert "\x1b" not in out
+    assert out.splitlines()[0] == "\\x1b]0;title\\x07x.json  #c  a b [2Jc  (no token then)"
+
+
 def test_outbox_lists_the_waiting_reports_and_sends_them(tmp_path, capsys):
     from tests.fakes.slack_api import FakeSlack
     from vision_rollout.folders import Folder
