@@ -28,10 +28,13 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from vision_rollout.folders import Folder
+from vision_rollout.folders import Folder, WriteConflict
+
+T = TypeVar("T")
 
 MAX_ATTEMPTS = 20  # restarts a stage may be given, at most (each one a fresh test)
 MAX_RUNS = 100  # applications and wait runs kept per attempt (the first ones and the last ones)
@@ -101,6 +104,7 @@ class StageRecord:
     index: int
     attempts: list[Attempt] = field(default_factory=list)
     restart: str | None = None  # a fresh test asked for, started by the stage's next application
+    read: bytes | None = field(default=None, repr=False, compare=False)  # the file as read (None: absent)
 
     def attempt(self, started: float) -> Attempt:
         """The attempt whose window starts at ``started`` (added when the record has none: a
@@ -140,20 +144,52 @@ def load(folder: Folder, run_id: str, index: int) -> StageRecord:
         d = json.loads(raw)
         if d["run_id"] != run_id or d["stage"] != index + 1:
             raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {d['stage']}")
-        return StageRecord(run_id, index, [Attempt.from_dict(a) for a in _list(d["attempts"])], _text(d.get("restart")))
+        found = [Attempt.from_dict(a) for a in _list(d["attempts"])]
+        return StageRecord(run_id, index, found, _text(d.get("restart")), raw)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: {str(exc)[:300]}") from None
 
 
 def save(folder: Folder, record: StageRecord) -> None:
+    """``record`` written over the file it was read from; WriteConflict (an OSError), nothing
+    written, when another writer changed that file since (``Folder.write_if``)."""
     for a in record.attempts:  # (a stage cleared without end: the first runs and the last ones)
         a.applied = _bounded(a.applied)
         a.tries = _bounded(a.tries)
-    folder.write(record_name(record.run_id, record.index), record.to_json())
+    data = record.to_json()
+    folder.write_if(record_name(record.run_id, record.index), data, record.read)
+    record.read = data
 
 
 def _bounded(values: list[Any]) -> list[Any]:
     return values if len(values) <= MAX_RUNS else values[: MAX_RUNS // 2] + values[-MAX_RUNS // 2 :]
+
+
+CHANGE_TRIES = 5  # reads of the record a change is made on, when other writers keep changing it
+
+
+def _change(folder: Folder, run_id: str, index: int, change: Callable[[StageRecord], T]) -> tuple[StageRecord, T]:
+    """``change`` made to the stage's record as it is in the folder, written only when it
+    changed something: read, changed, written provided no other writer (a poke, a retry,
+    ``rolloutctl restart-stage``) wrote it meanwhile, else all of it again on what that writer
+    wrote. WriteConflict when other writers won ``CHANGE_TRIES`` times in a row (nothing lost:
+    nothing of this change written)."""
+    for _ in range(CHANGE_TRIES):
+        record = load(folder, run_id, index)
+        result = change(record)
+        for a in record.attempts:
+            a.applied, a.tries = _bounded(a.applied), _bounded(a.tries)
+        if record.to_json() == record.read or (record.read is None and not record.attempts and not record.restart):
+            return record, result
+        try:
+            save(folder, record)
+        except WriteConflict:
+            continue
+        return record, result
+    raise WriteConflict(
+        f"{folder}/{record_name(run_id, index)} was changed by other writers {CHANGE_TRIES} times while this "
+        "change was made to it: not written"
+    )
 
 
 def resumed(folder: Folder, run_id: str, index: int) -> Attempt | None:
@@ -168,33 +204,36 @@ def applied(folder: Folder, run_id: str, index: int, now: float) -> tuple[float,
     outcome its test decided already (None while undecided). The start is the current attempt's
     (a re-run resumes its test), or ``now`` for the stage's first run and for a restart asked
     for (``request_restart``), which begins a new attempt."""
-    record = load(folder, run_id, index)
-    if record.attempts and record.restart is None:
-        current = record.attempts[-1]
-    else:
-        current = Attempt(now, restart=record.restart if record.attempts else None)
-        record.attempts.append(current)
-        record.restart = None
-    current.applied.append(now)
-    current.applications += 1
-    save(folder, record)
+
+    def apply(record: StageRecord) -> Attempt:
+        if record.attempts and record.restart is None:
+            current = record.attempts[-1]
+        else:
+            current = Attempt(now, restart=record.restart if record.attempts else None)
+            record.attempts.append(current)
+            record.restart = None
+        current.applied.append(now)
+        current.applications += 1
+        return current
+
+    _, current = _change(folder, run_id, index, apply)
     return current.started, current.outcome
 
 
 def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | None) -> tuple[StageRecord, Attempt]:
     """A run of the stage's wait (``wait``: its id, each try's own) judges the attempt from
-    ``started``: the run recorded; the record and the attempt, whose ``outcome`` is set when its
+    ``started``: the run recorded (the record written only when it is a new run, or a window
+    the record did not have); the record and the attempt, whose ``outcome`` is set when its
     test decided already."""
-    record = load(folder, run_id, index)
-    known = any(a.started == started for a in record.attempts)
-    attempt = record.attempt(started)
-    new_run = wait is not None and wait not in attempt.tries
-    if wait is not None and new_run:
-        attempt.tries.append(wait)
-        attempt.runs += 1
-    if new_run or not known:
-        save(folder, record)
-    return record, attempt
+
+    def judge(record: StageRecord) -> Attempt:
+        attempt = record.attempt(started)
+        if wait is not None and wait not in attempt.tries:
+            attempt.tries.append(wait)
+            attempt.runs += 1
+        return attempt
+
+    return _change(folder, run_id, index, judge)
 
 
 def looked(folder: Folder, record: StageRecord, attempt: Attempt, look: int) -> None:
@@ -212,12 +251,15 @@ def _kept(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outc
     """``look`` and ``outcome`` written into the record as it is now in the folder (read again:
     a restart asked for, or a run counted, while the looks were judged stays), and ``record``
     and ``attempt`` brought up to date with it."""
-    fresh = load(folder, record.run_id, record.index)
-    current = fresh.attempt(attempt.started)
-    current.look = max(current.look, attempt.look, look)
-    current.outcome = outcome
-    save(folder, fresh)
-    record.attempts, record.restart = fresh.attempts, fresh.restart
+
+    def keep(fresh: StageRecord) -> Attempt:
+        current = fresh.attempt(attempt.started)
+        current.look = max(current.look, attempt.look, look)
+        current.outcome = outcome
+        return current
+
+    fresh, current = _change(folder, record.run_id, record.index, keep)
+    record.attempts, record.restart, record.read = fresh.attempts, fresh.restart, fresh.read
     attempt.look, attempt.outcome = current.look, current.outcome
 
 
@@ -228,14 +270,15 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
     reason = printable(reason)[:500]
     if not reason:
         raise ValueError("a restart needs a reason (it is in the stage's report)")
-    record = load(folder, run_id, index)
-    if not record.attempts:
-        raise ValueError(f"stage {index + 1} of run {run_id[:200]!r} has not started: nothing to restart")
-    if len(record.attempts) >= MAX_ATTEMPTS:
-        raise ValueError(f"stage {index + 1} was tested {len(record.attempts)} times already: trigger a new run")
-    record.restart = reason
-    save(folder, record)
-    return record
+
+    def ask(record: StageRecord) -> None:
+        if not record.attempts:
+            raise ValueError(f"stage {index + 1} of run {run_id[:200]!r} has not started: nothing to restart")
+        if len(record.attempts) >= MAX_ATTEMPTS:
+            raise ValueError(f"stage {index + 1} was tested {len(record.attempts)} times already: trigger a new run")
+        record.restart = reason
+
+    return _change(folder, run_id, index, ask)[0]
 
 
 def printable(text: str) -> str:

@@ -14,10 +14,11 @@ store as one PUT.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,14 @@ from model_server.files import filesystem, folder_problem, write_private
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-__all__ = ["Folder", "folder_problem"]
+__all__ = ["Folder", "WriteConflict", "folder_problem"]
+
+LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
+
+
+class WriteConflict(OSError):
+    """A conditional write (``Folder.write_if``) found the file changed since it was read:
+    nothing was written."""
 
 
 def _check_name(name: str) -> str:
@@ -79,6 +87,51 @@ class Folder:
         with fs.open_output_stream(key) as out:
             out.write(data)
         return self._location(name)
+
+    def write_if(self, name: str, data: bytes, read: bytes | None) -> str:
+        """``name`` holds ``data``, provided it still holds ``read`` (None: it is absent), as
+        ``write`` writes it; WriteConflict, nothing written, when another writer changed it since.
+
+        On a disk the comparison and the rename run under ``flock`` of a sibling guard file
+        (``.<name>.lock``, never deleted; a killed writer's lock goes with its process), so of
+        two writers of what they both read, one writes and the other gets WriteConflict. In an
+        object store the file is read again just before its PUT (pyarrow's filesystems have no
+        conditional PUT): a writer whose PUT lands between that read and this one is not seen."""
+        _check_name(name)
+        with self._guard(name):
+            try:
+                now: bytes | None = self.read(name)
+            except FileNotFoundError:
+                now = None
+            if now != read:
+                raise WriteConflict(
+                    f"{self._location(name) if self.path is None else self.path / name} changed since it was read"
+                )
+            return self.write(name, data)
+
+    @contextlib.contextmanager
+    def _guard(self, name: str) -> Iterator[None]:
+        path = self.path
+        if path is None:
+            yield
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / f".{name}.lock", "a") as guard:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WriteConflict(
+                            f"{path / name} is being written by another process for over {LOCK_WAIT_S:g} s"
+                        ) from None
+                    time.sleep(0.02)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
 
     def read(self, name: str) -> bytes:
         path = self.path

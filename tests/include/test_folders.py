@@ -164,3 +164,19 @@ def test_files_of_a_kind_unchanged_since_a_time_are_removed_oldest_first(tmp_pat
     assert folder.remove_older(now - 4 * 86400, kind, limit=1) == ["oldest.json"]
     assert folder.remove_older(now - 4 * 86400, kind, limit=10) == ["old.json"]
     assert sorted(folder.names()) == sorted(["a\\b.json", "link.json", "new.json", "older-not.json", "x.txt"])
+
+
+def test_a_conditional_write_refuses_a_file_changed_since_it_was_read(root):
+    from vision_rollout.folders import WriteConflict
+
+    folder = Folder(root) / "rollouts"
+    folder.write_if("stage.json", b"one", None)  # absent, as read
+    with pytest.raises(WriteConflict, match="changed since it was read"):
+        folder.write_if("stage.json", b"two", None)
+    folder.write("stage.json", b"another writer's")
+    with pytest.raises(WriteConflict):
+        folder.write_if("stage.json", b"two", b"one")
+    assert folder.read("stage.json") == b"another writer's"
+    folder.write_if("stage.json", b"two", b"another writer's")
+    assert folder.read("stage.json") == b"two"
+    assert folder.names() == ["stage.json"]  # (its guard file on a disk is hidden)

@@ -1866,3 +1866,58 @@ def test_a_breach_puts_the_stable_version_back_when_the_stage_record_is_damaged_
     with pytest.raises(AirflowFailException, match="Canary P99 is 95 ms"):
         world.poke(applied)
     assert world.set[-1] == {"stable": True}
+
+
+def test_a_restart_asked_for_between_a_pokes_read_and_its_write_is_kept(tmp_path, monkeypatch):
+    """Each writer of the stage's record (a poke, a retry, ``rolloutctl restart-stage``) read it
+    whole and wrote it whole: a restart written between a poke's read and its write was lost,
+    and restart-stage had said it was asked for."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    folder = Folder(str(tmp_path))
+    started, _ = attempts.applied(folder, "run-a", 0, 1000.0)
+    load = attempts.load
+    raced: list[str] = []
+
+    def racing(*args):
+        record = load(*args)
+        if not raced:  # another writer, once, after this read
+            raced.append("restart")
+            attempts.request_restart(folder, "run-a", 0, "Prometheus fixed")
+        return record
+
+    monkeypatch.setattr(attempts, "load", racing)
+    attempts.judged(folder, "run-a", 0, started, "ti-2")
+    record = load(folder, "run-a", 0)
+    assert record.restart == "Prometheus fixed"
+    assert record.attempts[0].tries == ["ti-2"]
+    assert record.attempts[0].runs == 1
+
+
+def _judge_many(root: str, prefix: str, n: int) -> None:
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    for i in range(n):
+        attempts.judged(Folder(root), "run-a", 0, 1000.0, f"{prefix}-{i}")
+
+
+def test_writers_in_several_processes_at_once_lose_no_run(tmp_path):
+    """Four workers counting their runs into one stage record at once: each run is counted."""
+    import multiprocessing
+
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    attempts.applied(Folder(str(tmp_path)), "run-a", 0, 1000.0)
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_judge_many, args=(str(tmp_path), f"w{w}", 12)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    (attempt,) = attempts.load(Folder(str(tmp_path)), "run-a", 0).attempts
+    assert attempt.runs == 48
+    assert sorted(attempt.tries) == sorted(f"w{w}-{i}" for w in range(4) for i in range(12))
