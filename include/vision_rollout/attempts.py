@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -78,12 +79,20 @@ class Attempt:
             started,
             applied,
             tries,
-            int(d.get("look") or 0),
+            _count(d.get("look")),
             outcome,
             _text(d.get("restart")),
-            max(int(d.get("applications") or 0), len(applied)),
-            max(int(d.get("runs") or 0), len(tries)),
+            max(_count(d.get("applications")), len(applied)),
+            max(_count(d.get("runs")), len(tries)),
         )
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise ValueError(f"not a count: {str(value)[:40]}")
+    return value
 
 
 def _list(value: Any) -> list[Any]:
@@ -115,6 +124,12 @@ class StageRecord:
         self.attempts.append(Attempt(started))
         return self.attempts[-1]
 
+    @property
+    def tests(self) -> int:
+        """How many tests of the stage there were: one per attempt, and one more before the first
+        when that was a restart (its record, damaged, set aside: ``request_restart``)."""
+        return len(self.attempts) + (1 if self.attempts and self.attempts[0].restart is not None else 0)
+
     def to_json(self) -> bytes:
         return json.dumps(
             {
@@ -142,12 +157,17 @@ def load(folder: Folder, run_id: str, index: int) -> StageRecord:
         return StageRecord(run_id, index)
     try:
         d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise ValueError(f"JSON {type(d).__name__}, not an object")
         if d["run_id"] != run_id or d["stage"] != index + 1:
-            raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {d['stage']}")
+            raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {str(d['stage'])[:20]}")
         found = [Attempt.from_dict(a) for a in _list(d["attempts"])]
         return StageRecord(run_id, index, found, _text(d.get("restart")), raw)
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: {str(exc)[:300]}") from None
+    except KeyError as exc:
+        raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: no {str(exc)[:60]}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        why = " ".join(str(exc).split())[:300]
+        raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: {why}") from None
 
 
 def save(folder: Folder, record: StageRecord) -> None:
@@ -209,7 +229,7 @@ def applied(folder: Folder, run_id: str, index: int, now: float) -> tuple[float,
         if record.attempts and record.restart is None:
             current = record.attempts[-1]
         else:
-            current = Attempt(now, restart=record.restart if record.attempts else None)
+            current = Attempt(now, restart=record.restart)
             record.attempts.append(current)
             record.restart = None
         current.applied.append(now)
@@ -266,7 +286,9 @@ def _kept(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outc
 def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> StageRecord:
     """A fresh test of the stage asked for, with ``reason``: the stage's next application starts
     it. ValueError without a reason, for a stage never applied, or one restarted ``MAX_ATTEMPTS``
-    times already."""
+    times already. A record that cannot be read (``RecordError``) is set aside, kept whole as
+    ``<its name>.damaged-<unix time>``, and the fresh test's reason says so: the attempts it
+    held are not counted."""
     reason = printable(reason)[:500]
     if not reason:
         raise ValueError("a restart needs a reason (it is in the stage's report)")
@@ -278,7 +300,21 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
             raise ValueError(f"stage {index + 1} was tested {len(record.attempts)} times already: trigger a new run")
         record.restart = reason
 
-    return _change(folder, run_id, index, ask)[0]
+    try:
+        return _change(folder, run_id, index, ask)[0]
+    except RecordError:
+        pass
+    name = record_name(run_id, index)
+    damaged = folder.read(name)
+    aside = folder.write(f"{name}.damaged-{int(time.time())}", damaged)
+    fresh = StageRecord(
+        run_id,
+        index,
+        restart=f"{reason} [its record could not be read: kept as {aside}; the attempts before are not counted]",
+    )
+    fresh.read = damaged
+    save(folder, fresh)  # (WriteConflict when another writer replaced it meanwhile: nothing lost)
+    return fresh
 
 
 def printable(text: str) -> str:
@@ -300,7 +336,7 @@ def runs_sentence(record: StageRecord, alpha: float) -> str | None:
         return None
     current = record.attempts[-1]
     applications, tries = current.applications, current.runs
-    restarts = [a.restart or "" for a in record.attempts[1:]]
+    restarts = [a.restart or "" for i, a in enumerate(record.attempts) if i or a.restart is not None]
     if not restarts and applications <= 1 and tries <= 1:
         return None
     parts = []
@@ -310,7 +346,7 @@ def runs_sentence(record: StageRecord, alpha: float) -> str | None:
             f"resumed its test at the next look, with the alpha it had spent (no extra chance)"
         )
     if restarts:
-        n = len(record.attempts)
+        n = record.tests
         reasons = "; ".join(f"{i + 1}: {r}" for i, r in enumerate(restarts))
         parts.append(
             f"RESTARTED {_times(len(restarts))} on request ({reasons}): attempt {n} of {n} decided, each a "

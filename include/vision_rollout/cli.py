@@ -960,7 +960,8 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
     """A fresh test of a stage of a DAG run asked for, with its reason (``attempts``): the stage's
     next run (its ``apply_mesh_weights`` cleared in Airflow) starts a new attempt, and its report
     says it was restarted and what that costs. Without this, a cleared stage resumes its test, or
-    reports the decision its test took. Exit 4, nothing changed, for a stage that never started."""
+    reports the decision its test took. A record that cannot be read is kept aside, whole, and
+    the stage tests afresh. Exit 4, nothing changed, for a stage that never started."""
     from vision_rollout import attempts
     from vision_rollout.settings import workdir
 
@@ -974,7 +975,7 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
         record = attempts.request_restart(folder, args.run_id, args.stage - 1, f"{reason} ({_operator()[:150]})")
     except (ValueError, OSError) as exc:
         raise CommandError(f"{exc}; nothing changed") from None
-    n = len(record.attempts) + 1
+    n = max(record.tests, 1) + 1
     print(
         f"stage {args.stage} of run {args.run_id!r}: its next run (its apply_mesh_weights cleared; the whole run "
         f"once the run has ended, to take the model's lease again) starts attempt {n}, "

@@ -319,6 +319,22 @@ def baseline_serving(spec: RolloutSpec, deployments: VersionDeployments) -> None
     deployments.wait_ready(spec.baseline_version, 1)
 
 
+@contextmanager
+def stage_record_readable(spec: RolloutSpec, run_id: str, index: int, hook: ModelServerHook) -> Iterator[None]:
+    """A stage record that cannot be read (``attempts.RecordError``) fails the step (no retry:
+    it reads the same file) in one line: the file, what is wrong with it, and what to do."""
+    from vision_rollout.attempts import RecordError
+
+    try:
+        yield
+    except RecordError as exc:
+        raise AirflowFailException(
+            f"{exc}. The file is left as it is, for inspection; to test stage {index + 1} afresh: rolloutctl "
+            f"restart-stage --run-dir {hook.settings.run_folder} --model {spec.model} --run-id {run_id!r} --stage "
+            f"{index + 1} --reason '...' (it keeps the file aside), then clear the stage's apply_mesh_weights"
+        ) from None
+
+
 def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
     """Stage ``index``'s weights (and mirror) into effect; in kubernetes mode the candidate first
     scaled to the stage's size, its pods ready. ``previous``: the build report (first stage) or
@@ -333,10 +349,12 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     hook = serving()
     hold(spec, run_id, hook, WAITING_STEP_S)
     record = hook.settings.workdir(spec.model, run_id)
-    resumed = attempts.resumed(record, run_id, index)
+    with stage_record_readable(spec, run_id, index, hook):
+        resumed = attempts.resumed(record, run_id, index)
     if resumed is not None and resumed.outcome is not None and resumed.outcome.get("status") != "pass":
         # Its test decided against the candidate: no traffic goes to it again; the wait reports it.
-        started, outcome = attempts.applied(record, run_id, index, time.time())
+        with stage_record_readable(spec, run_id, index, hook):
+            started, outcome = attempts.applied(record, run_id, index, time.time())
         print(f"stage {index + 1}: its test decided already ({outcome and outcome.get('status')}); weights not applied")
         return {"weight": spec.stages[index], "started": started}
     r = router(spec, run_id, hook)
@@ -357,7 +375,8 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     hold(spec, run_id, hook)  # still this run's, after the wait
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     # A re-run resumes the stage's test (its window, its looks, its alpha spent): ``attempts``.
-    started, _ = attempts.applied(record, run_id, index, time.time())
+    with stage_record_readable(spec, run_id, index, hook):
+        started, _ = attempts.applied(record, run_id, index, time.time())
     return {"weight": spec.stages[index], "started": started}
 
 
@@ -494,7 +513,8 @@ def look_at_stage(
     hold(spec, run_id, hook)
     folder = hook.settings.workdir(spec.model, run_id)
     try:
-        record, attempt = attempts.judged(folder, run_id, index, float(applied["started"]), wait)
+        with stage_record_readable(spec, run_id, index, hook):
+            record, attempt = attempts.judged(folder, run_id, index, float(applied["started"]), wait)
     except OSError as exc:
         print(f"stage {index + 1}: holding: its record in the run folder cannot be read ({str(exc)[:300]})")
         return None
@@ -527,7 +547,8 @@ def look_at_stage(
         raise AirflowFailException(f"{state.reason} Version {spec.baseline_version} takes 100% again.")
     if not state.done:
         try:
-            attempts.looked(folder, record, attempt, state.look)
+            with stage_record_readable(spec, run_id, index, hook):
+                attempts.looked(folder, record, attempt, state.look)
         except OSError as exc:
             log.warning("the stage's last look is not kept in the run folder: %s", str(exc)[:300])
         return None
@@ -544,7 +565,8 @@ def look_at_stage(
     }
     outcome = {**verdict, "status": state.status, "bake": bake}
     try:
-        attempts.decided(folder, record, attempt, state.look, outcome)
+        with stage_record_readable(spec, run_id, index, hook):
+            attempts.decided(folder, record, attempt, state.look, outcome)
     except OSError as exc:  # (the next poke judges the same looks to the same decision)
         print(f"stage {index + 1}: holding: its decision cannot be kept in the run folder ({str(exc)[:300]})")
         return None
@@ -562,9 +584,9 @@ def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[s
     if sentence is None:
         return outcome
     runs = Check("runs", "info", sentence, "the stage's record in the run folder", blocks_pass=False)
-    out = {**outcome, "checks": [*(outcome.get("checks") or []), runs.to_dict()], "attempts": len(record.attempts)}
-    if len(record.attempts) > 1:
-        n = len(record.attempts)
+    out = {**outcome, "checks": [*(outcome.get("checks") or []), runs.to_dict()], "attempts": record.tests}
+    if record.tests > 1:
+        n = record.tests
         out["summary"] = (
             f"{outcome.get('summary', '')} (attempt {n}: the stage's test was restarted {n - 1} time(s) on "
             f"request; a candidate at the margin passes one of {n} with probability up to "

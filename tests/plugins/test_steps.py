@@ -1688,17 +1688,51 @@ def test_a_restart_asked_for_starts_a_fresh_test_and_the_report_says_what_it_cos
 
 
 def test_a_stage_record_that_cannot_be_read_fails_the_step_instead_of_starting_afresh(monkeypatch, tmp_path):
-    from vision_rollout.attempts import RecordError, record_name
+    """It failed with a bare RecordError (a traceback, retried on the same file): now a task
+    failure in one line naming the file, what is wrong, and the command that tests afresh."""
+    from vision_rollout.attempts import record_name
 
     world = StageWorld(monkeypatch, tmp_path)
     applied = world.apply()
     folder = steps.serving().settings.workdir("digits", "run-a")
     (folder.path / record_name("run-a", 0)).write_text('{"run_id": "run-a", "stage": 1, "attempts": [{}]}')
-    with pytest.raises(RecordError, match="is not the record of stage 1"):
-        world.apply()
-    with pytest.raises(RecordError):
-        world.poke(applied)
+    for step in (world.apply, lambda: world.poke(applied)):
+        with pytest.raises(AirflowFailException) as failed:
+            step()
+        message = str(failed.value)
+        assert "\n" not in message
+        assert f"{folder.path / record_name('run-a', 0)} is not the record of stage 1: no 'started'" in message
+        assert "The file is left as it is, for inspection" in message
+        assert f"rolloutctl restart-stage --run-dir {tmp_path} --model digits --run-id 'run-a' --stage 1" in message
     assert world.judged == []
+
+
+def test_restart_stage_sets_a_damaged_record_aside_and_the_stage_tests_afresh(monkeypatch, tmp_path, capsys):
+    """restart-stage, the way out the failure names, refused a record it could not read ("nothing
+    changed"): the stage could not be run again at all. It keeps the file aside and asks for a
+    fresh test, reported as a restart whose earlier attempts are not counted."""
+    from vision_rollout import attempts
+    from vision_rollout.cli import main
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    name = attempts.record_name("run-a", 0)
+    (folder.path / name).write_text("{half a record")
+    args = ["restart-stage", "--run-dir", str(tmp_path), "--model", "digits", "--run-id", "run-a", "--stage", "1"]
+    assert main([*args, "--reason", "record damaged by a full disk"]) == 0
+    assert "starts attempt 2" in capsys.readouterr().out
+    [aside] = [n for n in folder.names() if n.startswith(f"{name}.damaged-")]
+    assert folder.read(aside) == b"{half a record"  # kept whole
+    again = world.apply()
+    assert again["started"] > applied["started"]
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    verdict = world.poke(again, try_number=2)
+    assert verdict["decision"] == "pass"
+    assert "restarted 1 time(s) on request" in verdict["summary"]
+    sentence = verdict["checks"][-1]["sentence"]
+    assert "record damaged by a full disk" in sentence
+    assert f"kept as {folder.path / aside}; the attempts before are not counted" in sentence
 
 
 def test_a_run_folder_that_cannot_be_written_holds_the_stage_until_its_decision_is_kept(monkeypatch, tmp_path):
@@ -1809,21 +1843,24 @@ def test_the_count_of_failed_reads_is_removed_when_the_answer_is_refused(monkeyp
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": NaN}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "tries": "abc"}]}',
         "[" * 100_000,
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "look": 1e400}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "runs": -3}]}',
+        "[]",
     ],
 )
 def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, damaged):
     """A record damaged in its values (not only its JSON) was taken as one, and the stage then
     failed on it with an AttributeError, or looked for a window that never matched, or (nested
     deep) failed with a RecursionError."""
-    from vision_rollout.attempts import RecordError, record_name
+    from vision_rollout.attempts import record_name
 
     world = StageWorld(monkeypatch, tmp_path)
     applied = world.apply()
     folder = steps.serving().settings.workdir("digits", "run-a")
     (folder.path / record_name("run-a", 0)).write_text(damaged)
-    with pytest.raises(RecordError, match=f"{record_name('run-a', 0)} is not the record of stage 1"):
+    with pytest.raises(AirflowFailException, match=f"{record_name('run-a', 0)} is not the record of stage 1"):
         world.apply()
-    with pytest.raises(RecordError):
+    with pytest.raises(AirflowFailException, match="rolloutctl restart-stage"):
         world.poke(applied)
     assert (folder.path / record_name("run-a", 0)).read_text() == damaged  # kept as it was
 
