@@ -39,6 +39,9 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 20  # restarts a stage may be given, at most (each one a fresh test)
 MAX_RUNS = 100  # applications and wait runs kept per attempt (the first ones and the last ones)
+MAX_RECORD_ATTEMPTS = 2 * MAX_ATTEMPTS  # with the windows a record never saw (its file lost), at most
+MAX_BYTES = 4 * 1024 * 1024  # a record larger is not one this module wrote
+MAX_ID = 200  # characters of a wait run's id kept
 
 
 RECORD_NAME = re.compile(r"stage-\d+-[0-9a-f]{16}\.json")  # (record_name's)
@@ -121,6 +124,11 @@ class StageRecord:
         for a in self.attempts:
             if a.started == started:
                 return a
+        if len(self.attempts) >= MAX_RECORD_ATTEMPTS:
+            raise RecordError(
+                f"the record of stage {self.index + 1} holds {len(self.attempts)} attempts already, none from "
+                f"{started}: not one more"
+            )
         self.attempts.append(Attempt(started))
         return self.attempts[-1]
 
@@ -156,12 +164,16 @@ def load(folder: Folder, run_id: str, index: int) -> StageRecord:
     except FileNotFoundError:
         return StageRecord(run_id, index)
     try:
+        if len(raw) > MAX_BYTES:
+            raise ValueError(f"{len(raw)} bytes, over {MAX_BYTES}")
         d = json.loads(raw)
         if not isinstance(d, dict):
             raise ValueError(f"JSON {type(d).__name__}, not an object")
         if d["run_id"] != run_id or d["stage"] != index + 1:
             raise ValueError(f"the record of run {str(d['run_id'])[:200]!r}, stage {str(d['stage'])[:20]}")
         found = [Attempt.from_dict(a) for a in _list(d["attempts"])]
+        if len(found) > MAX_RECORD_ATTEMPTS:
+            raise ValueError(f"{len(found)} attempts, over {MAX_RECORD_ATTEMPTS}")
         return StageRecord(run_id, index, found, _text(d.get("restart")), raw)
     except KeyError as exc:
         raise RecordError(f"{folder}/{name} is not the record of stage {index + 1}: no {str(exc)[:60]}") from None
@@ -248,8 +260,9 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
 
     def judge(record: StageRecord) -> Attempt:
         attempt = record.attempt(started)
-        if wait is not None and wait not in attempt.tries:
-            attempt.tries.append(wait)
+        run = None if wait is None else wait[:MAX_ID]
+        if run is not None and run not in attempt.tries:
+            attempt.tries.append(run)
             attempt.runs += 1
         return attempt
 

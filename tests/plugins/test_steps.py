@@ -1958,3 +1958,22 @@ def test_writers_in_several_processes_at_once_lose_no_run(tmp_path):
     (attempt,) = attempts.load(Folder(str(tmp_path)), "run-a", 0).attempts
     assert attempt.runs == 48
     assert sorted(attempt.tries) == sorted(f"w{w}-{i}" for w in range(4) for i in range(12))
+
+
+def test_a_stage_record_does_not_grow_without_bound(tmp_path):
+    """Windows the record never saw were each added as an attempt, and a run's id kept whole,
+    whatever their number and size, and a record of any size was read whole into JSON."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    folder = Folder(str(tmp_path))
+    name = attempts.record_name("run-a", 0)
+    for n in range(attempts.MAX_RECORD_ATTEMPTS):
+        attempts.judged(folder, "run-a", 0, 1000.0 + n, f"ti-{n}-" + "x" * 100_000)
+    with pytest.raises(attempts.RecordError, match=f"holds {attempts.MAX_RECORD_ATTEMPTS} attempts already"):
+        attempts.judged(folder, "run-a", 0, 5000.0, "ti")
+    assert len(folder.read(name)) < attempts.MAX_RECORD_ATTEMPTS * 1000
+    assert attempts.load(folder, "run-a", 0).attempts[-1].tries == [f"ti-39-{'x' * 194}"]
+    (folder.path / name).write_bytes(b" " * (attempts.MAX_BYTES + 1))
+    with pytest.raises(attempts.RecordError, match=f"{attempts.MAX_BYTES + 1} bytes, over"):
+        attempts.load(folder, "run-a", 0)
