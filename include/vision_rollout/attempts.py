@@ -31,9 +31,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vision_rollout.folders import Folder, WriteConflict
+
+if TYPE_CHECKING:
+    from vision_rollout.spec import RolloutSpec
 
 T = TypeVar("T")
 
@@ -66,9 +69,28 @@ class Attempt:
     restart: str | None = None  # why it was started afresh (None: the stage's first)
     applications: int = 0  # how many times its weights were applied (``applied`` keeps MAX_RUNS)
     runs: int = 0  # how many runs of its wait judged it (``tries`` keeps MAX_RUNS)
+    window: float | None = None  # where its looks are planned from when not ``started`` (``move_window``)
+    level: float = 1.0  # the share of alpha its looks there may spend: what its earlier windows left
+    moves: int = 0  # how many times its window was moved
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    @property
+    def window_start(self) -> float:
+        """Where its looks are planned from (unix seconds)."""
+        return self.started if self.window is None else self.window
+
+    def move_window(self, now: float, alpha: float, looks: int, spending: str) -> None:
+        """Its further looks planned on a new window from ``now`` (its weights applied again long
+        after its window started, its test undecided), at the level its looks so far left: they
+        spent at most ``gates.spent`` of the alpha they were judged at (the chance that any of
+        them decided when it should not), which stays spent, so that whatever the windows, the
+        chance that one decides when it should not is at most alpha."""
+        from vision_rollout.gates import spent
+
+        used = spent(alpha * self.level, min(self.look, looks) / looks, spending) / alpha
+        self.window, self.level, self.look, self.moves = now, max(0.0, self.level - used), 0, self.moves + 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Attempt:
@@ -87,7 +109,24 @@ class Attempt:
             _text(d.get("restart")),
             max(_count(d.get("applications")), len(applied)),
             max(_count(d.get("runs")), len(tries)),
+            None if d.get("window") is None else _time(d["window"]),
+            _share(d.get("level", 1.0)),
+            _count(d.get("moves")),
         )
+
+
+def _time(value: Any) -> float:
+    t = float(value)
+    if not math.isfinite(t):
+        raise ValueError(f"not a time: {t}")
+    return t
+
+
+def _share(value: Any) -> float:
+    share = float(value)
+    if not 0 <= share <= 1:
+        raise ValueError(f"not a share of alpha: {share}")
+    return share
 
 
 def _count(value: Any) -> int:
@@ -231,15 +270,22 @@ def resumed(folder: Folder, run_id: str, index: int) -> Attempt | None:
     return record.attempts[-1] if record.attempts and record.restart is None else None
 
 
-def applied(folder: Folder, run_id: str, index: int, now: float) -> tuple[float, dict[str, Any] | None]:
-    """The stage's weights are applied (its first run, or a re-run): its window's start, and the
-    outcome its test decided already (None while undecided). The start is the current attempt's
-    (a re-run resumes its test), or ``now`` for the stage's first run and for a restart asked
-    for (``request_restart``), which begins a new attempt."""
+def applied(
+    folder: Folder, run_id: str, index: int, now: float, spec: RolloutSpec | None = None
+) -> tuple[float, dict[str, Any] | None]:
+    """The stage's weights are applied (its first run, or a re-run): the start of its attempt,
+    and the outcome its test decided already (None while undecided). The attempt is the current
+    one (a re-run resumes its test), or one from ``now`` for the stage's first run and for a
+    restart asked for (``request_restart``). With ``spec``, an undecided attempt whose window
+    started over ``max_stage_seconds`` ago (a run cleared long after its stage began) moves its
+    window to ``now`` (``Attempt.move_window``): its looks judge traffic from now, not what it
+    served before, at the alpha its earlier looks left."""
 
     def apply(record: StageRecord) -> Attempt:
         if record.attempts and record.restart is None:
             current = record.attempts[-1]
+            if spec is not None and current.outcome is None and now - current.window_start > spec.max_stage_seconds:
+                current.move_window(now, spec.alpha, spec.looks_per_stage, spec.spending)
         else:
             current = Attempt(now, restart=record.restart)
             record.attempts.append(current)
@@ -357,6 +403,12 @@ def runs_sentence(record: StageRecord, alpha: float) -> str | None:
         parts.append(
             f"its weights were applied {_times(applications)} and its wait ran {_times(tries)}: each re-run "
             f"resumed its test at the next look, with the alpha it had spent (no extra chance)"
+        )
+    if current.moves:
+        parts.append(
+            f"its window had started over its max_stage_seconds before when its weights were applied again "
+            f"({_times(current.moves)}): its further looks judged the traffic from then on, at {100 * current.level:.3g}% "
+            f"of its alpha (what its earlier looks left unspent: no extra chance)"
         )
     if restarts:
         n = record.tests

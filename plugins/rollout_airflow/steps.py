@@ -376,7 +376,7 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     # A re-run resumes the stage's test (its window, its looks, its alpha spent): ``attempts``.
     with stage_record_readable(spec, run_id, index, hook):
-        started, _ = attempts.applied(record, run_id, index, time.time())
+        started, _ = attempts.applied(record, run_id, index, time.time(), spec)
     return {"weight": spec.stages[index], "started": started}
 
 
@@ -503,8 +503,9 @@ def look_at_stage(
     ``wait``: the id of the wait's try (its task instance's), counted in the report.
     """
     from vision_rollout import attempts
-    from vision_rollout.engine import StageWindow, gpu_gauges
+    from vision_rollout.engine import StageState, StageWindow, gpu_gauges
     from vision_rollout.gates import Verdict
+    from vision_rollout.spec import MIN_ALPHA
 
     spec = spec_from(params)
     if applied is None or index >= len(spec.stages):
@@ -532,8 +533,20 @@ def look_at_stage(
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
     source = PrometheusHook().source()
-    window = StageWindow(index, spec.stages[index], applied["started"])
-    state = stage_judge(spec, hook, source)(window)
+    window = StageWindow(index, spec.stages[index], attempt.window_start)  # (``attempts.applied`` may move it)
+    if spec.alpha * attempt.level < MIN_ALPHA:
+        state = StageState(
+            "undecided",
+            0,
+            spec.looks_per_stage,
+            None,
+            f"undecided: its looks before its window moved spent its alpha ({attempt.moves} move(s))",
+            {},
+            time.time() - window.started,
+        )
+    else:
+        judged_at = spec if attempt.level >= 1 else replace(spec, alpha=spec.alpha * attempt.level)
+        state = stage_judge(judged_at, hook, source)(window)
     print(
         f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"

@@ -1977,3 +1977,64 @@ def test_a_stage_record_does_not_grow_without_bound(tmp_path):
     (folder.path / name).write_bytes(b" " * (attempts.MAX_BYTES + 1))
     with pytest.raises(attempts.RecordError, match=f"{attempts.MAX_BYTES + 1} bytes, over"):
         attempts.load(folder, "run-a", 0)
+
+
+def test_a_stage_applied_again_long_after_its_window_started_judges_new_traffic_at_the_alpha_left(
+    monkeypatch, tmp_path
+):
+    """A run cleared two days after its stage began, its test undecided, resumed the old
+    window: every look already due, judged at once on what the candidate served then (or, its
+    traffic gone meanwhile, the same records again and again at ever lower bars), and passed on
+    it with no new traffic seen. Its further looks are on a window from the re-run now, at the
+    alpha its four looks left: whatever the windows, alpha in all."""
+    from vision_rollout import attempts
+    from vision_rollout.gates import spent
+
+    world = StageWorld(monkeypatch, tmp_path)
+    alphas: list[float] = []
+    judge = steps.stage_judge  # (the world's)
+    monkeypatch.setattr(steps, "stage_judge", lambda spec, *a: alphas.append(spec.alpha) or judge(spec, *a))
+    applied = world.apply()
+    world.states = [stage_state("waiting", 4, "WAIT at look 4 of 10")]
+    assert world.poke(applied) is None
+    # As if applied two days ago: the record and the XCom.
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    path = folder.path / attempts.record_name("run-a", 0)
+    record = json.loads(path.read_text())
+    record["attempts"][0]["started"] -= 2 * 86400
+    path.write_text(json.dumps(record))
+    old = {**applied, "started": applied["started"] - 2 * 86400}
+    again = world.apply()
+    assert again["started"] == old["started"]  # the same attempt, not a restart
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    verdict = world.poke(again, try_number=2)
+    assert world.judged[-1] >= applied["started"]  # a window from the re-run, not two days ago
+    left = 0.05 - spent(0.05, 0.4, "obrien-fleming")
+    assert alphas == [0.05, pytest.approx(left)]
+    assert verdict["decision"] == "pass"
+    sentence = verdict["checks"][-1]["sentence"]
+    assert "its window had started over its max_stage_seconds before" in sentence
+    assert f"at {100 * left / 0.05:.3g}% of its alpha" in sentence
+    (attempt,) = attempts.load(folder, "run-a", 0).attempts
+    assert attempt.moves == 1
+    assert attempt.window_start >= applied["started"]
+    assert "RESTARTED" not in sentence
+
+
+def test_a_stage_whose_looks_spent_its_alpha_before_its_window_moved_ends_undecided(monkeypatch, tmp_path):
+    from vision_rollout import attempts
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("waiting", 10, "passed at look 10 of 10; baking until 600 s")]
+    assert world.poke(applied) is None
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    path = folder.path / attempts.record_name("run-a", 0)
+    record = json.loads(path.read_text())
+    record["attempts"][0]["started"] -= 2 * 86400
+    path.write_text(json.dumps(record))
+    again = world.apply()
+    verdict = world.poke(again, try_number=2)
+    assert verdict["status"] == "undecided"
+    assert "its looks before its window moved spent its alpha" in verdict["summary"]
+    assert len(world.judged) == 1  # nothing judged on the new window
