@@ -98,6 +98,8 @@ class Attempt:
         started, outcome = float(d["started"]), d.get("outcome")
         if not math.isfinite(started) or not isinstance(outcome, dict | None):
             raise ValueError(f"not an attempt: started {started}, outcome {type(outcome).__name__}")
+        if outcome is not None and (problem := _outcome_problem(outcome)):
+            raise ValueError(f"not an outcome: {problem}")
         applied = [float(t) for t in _list(d.get("applied"))]
         tries = [str(t) for t in _list(d.get("tries"))]
         return cls(
@@ -127,6 +129,23 @@ def _share(value: Any) -> float:
     if not 0 <= share <= 1:
         raise ValueError(f"not a share of alpha: {share}")
     return share
+
+
+OUTCOMES = {"pass": ("pass",), "fail": ("fail",), "undecided": ("wait",), "breach": None}  # status: decisions
+
+
+def _outcome_problem(outcome: dict[str, Any]) -> str | None:
+    """What an outcome lacks that the stage's report and the decision read; None when nothing.
+    (A stage's verdict: its ``status``, a ``summary``, and the ``decision`` its status takes.)"""
+    status = outcome.get("status")
+    if not isinstance(status, str) or status not in OUTCOMES:
+        return f"status {str(status)[:40]!r}"
+    if not isinstance(outcome.get("summary"), str):
+        return f"{status} without a summary"
+    decisions = OUTCOMES[status]
+    if decisions is not None and outcome.get("decision") not in decisions:
+        return f"{status} with the decision {str(outcome.get('decision'))[:40]!r}"
+    return None
 
 
 def _count(value: Any) -> int:

@@ -1846,6 +1846,9 @@ def test_the_count_of_failed_reads_is_removed_when_the_answer_is_refused(monkeyp
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "look": 1e400}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "runs": -3}]}',
         "[]",
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "breach"}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "pass", "summary": ""}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "ok", "summary": ""}}]}',
     ],
 )
 def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, damaged):
