@@ -96,13 +96,16 @@ class Folder:
         (``.<name>.lock``, never deleted; a killed writer's lock goes with its process), so of
         two writers of what they both read, one writes and the other gets WriteConflict. In an
         object store the file is read again just before its PUT (pyarrow's filesystems have no
-        conditional PUT): a writer whose PUT lands between that read and this one is not seen."""
+        conditional PUT): a writer whose PUT lands between that read and this one is not seen.
+        On a disk the temporary files that writes of ``name`` killed mid-way left are removed
+        (every writer of a file written so goes through here: none is writing it meanwhile)."""
         _check_name(name)
         with self._guard(name):
             try:
                 now: bytes | None = self.read(name)
             except FileNotFoundError:
                 now = None
+            self.remove_temporaries(name.__eq__, time.time())  # (writes of it killed mid-way: none runs now)
             if now != read:
                 raise WriteConflict(
                     f"{self._location(name) if self.path is None else self.path / name} changed since it was read"

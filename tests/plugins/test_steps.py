@@ -2041,3 +2041,22 @@ def test_a_stage_whose_looks_spent_its_alpha_before_its_window_moved_ends_undeci
     assert verdict["status"] == "undecided"
     assert "its looks before its window moved spent its alpha" in verdict["summary"]
     assert len(world.judged) == 1  # nothing judged on the new window
+
+
+def test_a_write_of_a_stage_record_killed_mid_way_leaves_the_record_whole_and_no_file_for_good(tmp_path):
+    """A worker killed while writing the record leaves it as it was, and its temporary file in
+    the run folder, which nothing removed: one more for each such kill."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    folder = Folder(str(tmp_path))
+    started, _ = attempts.applied(folder, "run-a", 0, 1000.0)
+    name = attempts.record_name("run-a", 0)
+    killed = tmp_path / f".{name}.4242.tmp"
+    killed.write_bytes(b'{"run_id": "run-a", "sta')  # (its write cut short)
+    other = tmp_path / ".other.json.4242.tmp"
+    other.write_bytes(b"")
+    assert attempts.load(folder, "run-a", 0).attempts[0].started == started
+    attempts.judged(folder, "run-a", 0, started, "ti-1")
+    assert not killed.exists()
+    assert other.exists()  # (another file's)
