@@ -19,7 +19,13 @@ weights are not applied again unless it passed. A fresh test of a stage is an ex
 (``request_restart``: ``rolloutctl restart-stage``), recorded with its reason: the next run of
 the stage starts a new attempt, and the stage's report says so, with what it costs: each
 attempt is a test at level alpha, so a candidate at the margin passes one of n with
-probability up to 1 - (1 - alpha)^n.
+probability up to 1 - (1 - alpha)^n. A stage applied again long after its window started
+(``max_stage_seconds``), undecided, judges its further looks on a window from then, at the
+alpha its earlier looks left (``Attempt.move_window``).
+
+Each change is made to the record as it is in the folder and written only when it changed
+something, and only if no other writer wrote it since (``Folder.write_if``): read and made
+again otherwise.
 """
 
 from __future__ import annotations
