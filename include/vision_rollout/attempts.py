@@ -219,6 +219,10 @@ class RecordError(ValueError):
     start a test afresh on a record it cannot read."""
 
 
+class RestartPending(ValueError):
+    """The stage's wait was run on a window other than the fresh test asked for (``judged``)."""
+
+
 def load(folder: Folder, run_id: str, index: int) -> StageRecord:
     """The stage's record; an empty one when it has none. OSError when the folder cannot be
     read, RecordError for a file that is not this stage's record."""
@@ -327,9 +331,16 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
     """A run of the stage's wait (``wait``: its id, each try's own) judges the attempt from
     ``started``: the run recorded (the record written only when it is a new run, or a window
     the record did not have); the record and the attempt, whose ``outcome`` is set when its
-    test decided already."""
+    test decided already. RestartPending for a window the record never saw while a restart
+    asked for waits for the stage's next application: that window's test is not the one asked
+    for, and the record no longer holds what it spent."""
 
     def judge(record: StageRecord) -> Attempt:
+        if record.restart is not None and all(a.started != started for a in record.attempts):
+            raise RestartPending(
+                f"a fresh test of stage {index + 1} was asked for ({record.restart[:300]}) and its weights were not "
+                "applied since: its wait has no window to judge until its apply_mesh_weights runs again"
+            )
         attempt = record.attempt(started)
         run = None if wait is None else wait[:MAX_ID]
         if run is not None and run not in attempt.tries:

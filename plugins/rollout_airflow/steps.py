@@ -516,6 +516,8 @@ def look_at_stage(
     try:
         with stage_record_readable(spec, run_id, index, hook):
             record, attempt = attempts.judged(folder, run_id, index, float(applied["started"]), wait)
+    except attempts.RestartPending as exc:
+        raise AirflowFailException(str(exc)) from None
     except OSError as exc:
         print(f"stage {index + 1}: holding: its record in the run folder cannot be read ({str(exc)[:300]})")
         return None

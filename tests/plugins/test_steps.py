@@ -2060,3 +2060,26 @@ def test_a_write_of_a_stage_record_killed_mid_way_leaves_the_record_whole_and_no
     attempts.judged(folder, "run-a", 0, started, "ti-1")
     assert not killed.exists()
     assert other.exists()  # (another file's)
+
+
+def test_a_wait_cleared_alone_after_its_record_was_set_aside_judges_nothing(monkeypatch, tmp_path):
+    """After restart-stage set a damaged record aside, the stage's wait cleared on its own (not
+    its apply_mesh_weights) judged its old window as a first test, at the full alpha, never
+    reported as a restart, the fresh test asked for still waiting behind it."""
+    from vision_rollout import attempts
+    from vision_rollout.cli import main
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    (folder.path / attempts.record_name("run-a", 0)).write_text("{half a record")
+    args = ["restart-stage", "--run-dir", str(tmp_path), "--model", "digits", "--run-id", "run-a", "--stage", "1"]
+    assert main([*args, "--reason", "record damaged"]) == 0
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    with pytest.raises(AirflowFailException, match="until its apply_mesh_weights runs again"):
+        world.poke(applied, try_number=2)
+    assert world.judged == []
+    record = attempts.load(folder, "run-a", 0)
+    assert record.attempts == []
+    assert record.restart is not None
+    assert record.restart.startswith("record damaged")
