@@ -372,5 +372,11 @@ def temporary_of(name: str) -> str | None:
 
 
 def _or_temporary(ours: Callable[[str], object]) -> Callable[[str], bool]:
-    """True of the names ``ours`` is, and of the temporaries their writes left."""
-    return lambda name: bool(ours(temporary_of(name) or name))
+    """True of the names ``ours`` is, and of the temporaries and guard files (``write_if``'s
+    ``.<name>.lock``) their writes left."""
+
+    def of(name: str) -> str:
+        guard = re.fullmatch(r"\.(.+)\.lock", name)
+        return temporary_of(name) or (guard[1] if guard else name)
+
+    return lambda name: bool(ours(of(name)))

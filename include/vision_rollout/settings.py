@@ -511,7 +511,8 @@ def prune_runs(
     from vision_rollout.notify import prune_outbox
 
     def of_a_run(name: str) -> bool:
-        return bool(attempts.RECORD_NAME.fullmatch(name)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
+        record = re.sub(r"\.damaged-\d+$", "", name)  # (a damaged record set aside by restart-stage)
+        return bool(attempts.RECORD_NAME.fullmatch(record)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
 
     def approval(name: str) -> bool:
         return bool(APPROVAL_NAME.fullmatch(temporary_of(name) or name))

@@ -1107,6 +1107,10 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
     SlackNotifier("#c", outbox=store / "outbox").send(Message("waiting", []))
     (store / "outbox").write("20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123", b"")
     (store / "rollouts").write("not-a-model", b"")
+    done = workdir(store, "digits", "done")
+    (record,) = done.names()
+    done.write(f"{record}.damaged-1767225600", b"{")  # (set aside by restart-stage)
+    assert f".{record}.lock" in done.changed()  # (its writes' guard)
     old = time.time() - 40 * 86400
     for p in (tmp_path / "run").rglob("*"):
         if p.is_file():
