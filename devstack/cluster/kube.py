@@ -582,8 +582,10 @@ class FakeKubeAPI:
         manager: str,
         record: dict[str, Any] | None = None,
         force: bool = False,
+        dry_run: bool = False,
     ) -> tuple[int, Any]:
-        """Server-side apply of a whole object by one field manager: (201 or 200, the object).
+        """Server-side apply of a whole object by one field manager: (201 or 200, the object);
+        ``dry_run`` (``dryRun=All``): the object as it would be, checked the same, nothing stored.
         ``record`` (the call's entry in ``requests``) gets ``existed``: whether there was an
         object to patch, set where the real server asks its authorizer for ``create`` when there
         was none (after the body's validation, before its quota: ``devstack.rbac.checks``).
@@ -625,8 +627,10 @@ class FakeKubeAPI:
                     obj["metadata"]["generation"] += 1
                 if not self.kubelet:  # what the controllers would report once the pods run
                     obj["status"] = _ready_status(obj)
-            self._bump(obj)
             obj["metadata"]["managedFields"] = managed
+            if dry_run:
+                return (201 if live is None else 200), copy.deepcopy(obj)
+            self._bump(obj)
             self.objects[(plural, namespace, name)] = obj
             return (201 if live is None else 200), copy.deepcopy(obj)
 
@@ -972,6 +976,9 @@ class FakeKubeAPI:
                     raise APIError(400, "BadRequest", f"invalid force {query['force'][0]!r}")
                 if not query.get("fieldManager"):
                     raise APIError(422, "Invalid", "fieldManager is required for apply requests")
+                dry_run = query.get("dryRun", [])
+                if dry_run not in ([], ["All"]):
+                    raise APIError(400, "BadRequest", f"unsupported dryRun {dry_run!r}: only 'All'")
                 try:
                     body = yaml.safe_load(self._body())
                 except yaml.YAMLError as exc:
@@ -986,6 +993,7 @@ class FakeKubeAPI:
                     query["fieldManager"][0],
                     record=self.record,
                     force=query.get("force", ["false"])[0] in GO_TRUE,
+                    dry_run=bool(dry_run),
                 )
 
             def _scale(self, namespace: str, name: str, ctype: str, query: dict[str, list[str]]) -> dict[str, Any]:

@@ -430,7 +430,13 @@ class VersionDeployments:
         version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads), with
         the digest of the pod template the API server holds after the apply
         (``TEMPLATE_ANNOTATION``). A template changed by hand since the last record keeps that
-        record: re-applying it here (a scale) does not make the change the rollout's."""
+        record: re-applying it here (a scale) does not make the change the rollout's.
+
+        One write carries the template and its digest, so that a refused or unanswered apply
+        leaves the Deployment and its record as they were (two writes, the first applied and the
+        second refused, left a new template under the old digest: a hand edit to ``changed``).
+        The digest is of the live template when the apply leaves it as it is (a scale), else of
+        the template a dry run of the apply (``dryRun=All``) says the server would hold."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
@@ -459,27 +465,31 @@ class VersionDeployments:
             if recorded is not None:
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
 
-        def applied() -> Any:
+        def applied(**dry_run: str) -> Any:
             return self._apps().patch_namespaced_deployment(
                 self._name(version),
                 self.target.namespace,
                 body,
                 field_manager=FIELD_MANAGER,
                 _content_type="application/apply-patch+yaml",
+                **dry_run,
             )
 
         try:
+            if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
+                now = None if live is None else live["spec"]["template"]
+                template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
+                body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
             out = applied()
-            if deployed is not None and intact:
-                digest = template_digest(self._apps().api_client.sanitize_for_serialization(out.spec.template))
-                if digest != recorded:  # (the template the rollout applied, with the server's defaults)
-                    body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = digest
-                    out = applied()
         except ApiException as exc:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
             self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
+
+    def _template(self, deployment: Any) -> dict[str, Any]:
+        """A V1Deployment's pod template as JSON (what ``template_digest`` takes)."""
+        return dict(self._apps().api_client.sanitize_for_serialization(deployment.spec.template))
 
     def _autoscale(self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None) -> None:
         """Under an HPA: its floor is the stage's size (``force``: the rollout made the HPA and

@@ -5,6 +5,7 @@ its own target, and one run at a time per model (its Lease)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -1122,6 +1123,41 @@ def test_a_candidate_whose_pod_template_was_edited_by_hand_is_rolled_back_and_no
     with pytest.raises(AirflowFailException, match=r"its pod template is not the one.*version 2 is not promoted"):
         steps.promote(PARAMS, "run-1", "promote")
     assert routes(kube) == [("v1", 100)]
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_an_apply_refused_midway_leaves_the_deployment_and_its_record_consistent(kube, monkeypatch, refused):
+    """The candidate's Deployment re-applied with a new image (its build run again): the new
+    template was written under the old template's digest, and the digest in a second write; that
+    second write refused (a conflict, the API server unreachable), the next poke took the
+    rollout's own template for a hand edit and rolled a sound candidate back. Whichever write is
+    refused, the Deployment is as it was or as applied, its record with it."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    stable_virtual_service(kube, PARAMS)
+    deployments = steps.serving().deployments("digits")
+    deployments.apply("2", image("2"))
+    rebuilt = f"{image('2')}@sha256:{'7' * 64}"
+    real, writes = kube.apply, []
+
+    def refuse(plural, *args, dry_run=False, **kwargs):
+        if plural == "deployments" and not dry_run:
+            writes.append(plural)
+            if len(writes) == refused:
+                raise APIError(409, "Conflict", 'Apply failed with 1 conflict: conflict with "kubectl"')
+        return real(plural, *args, dry_run=dry_run, **kwargs)
+
+    monkeypatch.setattr(kube, "apply", refuse)
+    with contextlib.suppress(RouterError):  # (refused, or not: either way it is retried below)
+        deployments.apply("2", rebuilt)
+    assert deployments.changed("2") is None
+    image_now = deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image_now in (image("2"), rebuilt)
+    monkeypatch.setattr(kube, "apply", real)
+    deployments.apply("2", rebuilt)  # tried again
+    assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == rebuilt
+    assert deployments.changed("2") is None
 
 
 def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_promoted_away(kube):
