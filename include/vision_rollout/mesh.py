@@ -21,6 +21,7 @@ unknown backend; nothing falls back silently.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -364,6 +365,46 @@ def render_envoy_filter(namespace: str = ISTIO_ROOT_NAMESPACE) -> dict[str, Any]
     }
 
 
+def envoy_filter_problem(live: dict[str, Any] | None, namespace: str = ISTIO_ROOT_NAMESPACE) -> str | None:
+    """Why ``live`` (the mesh's EnvoyFilter as read, None when there is none) does not write the
+    bucket the split routes match (``render_envoy_filter``), None when it does: it is missing,
+    or it is not this rollout's (a Lua filter of another version, or none of ours on a sidecar's
+    outbound requests or a gateway's). Without it no proxy writes ``BUCKET_HEADER`` and every
+    request falls through to the weighted route: Istio splits per request, users switch versions."""
+    where = f"EnvoyFilter {namespace}/{ENVOY_FILTER_NAME}"
+    install = (
+        f"install it as deploy/base/mesh.yaml has it (kubectl apply --server-side --field-manager={FIELD_MANAGER} "
+        "-k deploy/overlays/<yours>; one for the whole mesh)"
+    )
+    if live is None:
+        return (
+            f"{where} does not exist: without it no proxy writes {BUCKET_HEADER}, and Istio would split the "
+            f"candidate's share per request, not per user; {install}"
+        )
+    wanted = hashlib.sha256(BUCKET_LUA.encode()).hexdigest()
+    found: dict[str, set[str]] = {}
+    for patch in _at(live, "spec", "configPatches") or []:
+        if _at(patch, "patch", "value", "name") != ENVOY_FILTER_NAME:
+            continue
+        lua = _at(patch, "patch", "value", "typed_config", "default_source_code", "inline_string")
+        found.setdefault(str(_at(patch, "match", "context")), set()).add(hashlib.sha256(str(lua).encode()).hexdigest())
+    wrong = [c for c in ("SIDECAR_OUTBOUND", "GATEWAY") if found.get(c) != {wanted}]
+    if wrong:
+        seen = ", ".join(f"{c}: {', '.join(sorted(d))[:80]}" for c, d in sorted(found.items())) or "none"
+        return (
+            f"{where} is not this rollout's: its Lua on {' and '.join(wrong)} is not the bucket filter this "
+            f"version renders (sha256 {wanted}; found {seen}); {install}"
+        )
+    return None
+
+
+def _at(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...``, None where a level is missing or not a mapping (an object as read)."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
 def _any_digits(n: int) -> str:
     return "[0-9]" if n == 1 else f"[0-9]{{{n}}}"
 
@@ -594,19 +635,20 @@ class IstioRouter:
             self.api_client = kube_api_client()
         return client.CustomObjectsApi(self.api_client)
 
-    def _get(self, plural: str) -> dict[str, Any] | None:
+    def _get(self, plural: str, namespace: str | None = None, name: str | None = None) -> dict[str, Any] | None:
+        """The target's object of ``plural`` (or ``name`` in ``namespace``), None when there is none."""
         from kubernetes.client.exceptions import ApiException
 
+        name = name or self.target.name
+        version = "v1alpha3" if plural == "envoyfilters" else "v1"
         try:
             return self._api().get_namespaced_custom_object(
-                "networking.istio.io", "v1", self.target.namespace, plural, self.target.name
+                "networking.istio.io", version, namespace or self.target.namespace, plural, name
             )
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise RouterError(
-                f"GET {plural}/{self.target.name}: {exc.status} {exc.reason}: {api_message(exc)}"
-            ) from None
+            raise RouterError(f"GET {plural}/{name}: {exc.status} {exc.reason}: {api_message(exc)}") from None
 
     def _apply(self, obj: dict[str, Any], plural: str) -> bool:
         """Server-side apply when the spec differs; retried when the object changed meanwhile.
@@ -679,6 +721,10 @@ class IstioRouter:
         live = self._get("virtualservices")
         if live is None:
             raise RouterError(self._missing("VirtualService"))
+        if any(ARM_SEPARATOR in str(route.get("name")) for route in vs["spec"]["http"]):
+            problem = envoy_filter_problem(self._get("envoyfilters", ISTIO_ROOT_NAMESPACE, ENVOY_FILTER_NAME))
+            if problem:
+                raise RouterError(f"{problem}. No traffic was moved")
         vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
         validate_istio(vs)  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))

@@ -300,7 +300,7 @@ def test_the_helm_values_name_the_roles_account_and_every_connection():
     assert values["triggerer"]["enabled"] is True
     account = values["workers"]["serviceAccount"]["name"]
     rules = rbac.bound_rules(manifests.render("production"), f"system:serviceaccount:airflow:{account}")
-    assert set(rules) == {"ml", "ml-builds"}
+    assert set(rules) == NAMESPACES["workers"]
     local = yaml.safe_load((manifests.ROOT / "airflow_settings.yaml").read_text())
     connections = {c["conn_id"] for c in local["airflow"]["connections"]}
     assert {s["envName"] for s in values["secret"]} == {f"AIRFLOW_CONN_{c.upper()}" for c in connections}
@@ -349,13 +349,15 @@ TEARDOWN = [
     request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
 ]
 CALLS = {
-    # The tasks: the Lease taken, the candidate's Deployment applied into being (patch and create),
+    # The tasks: the Lease taken, the mesh's EnvoyFilter read (a stage that splits a route), the
+    # candidate's Deployment applied into being (patch and create),
     # the build pod created, followed, labelled when it failed, deleted; the teardown's retired
     # versions beyond the history limit listed and deleted; under autoscaling each version's HPA
     # applied into being and its scale set, and a deleted version's HPA listed and deleted.
     "workers": [
         *TEARDOWN,
         request("POST", ML.format("coordination.k8s.io/v1", "leases")),
+        request("GET", "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/rollout-bucket"),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v2"), APPLY, existed=False),
         request("GET", ML.format("apps/v1", "deployments")),
         request("DELETE", ML.format("apps/v1", "deployments/digits-v1")),
@@ -394,7 +396,7 @@ CALLS = {
         request("PATCH", ML.format("apps/v1", "deployments/digits-v1/scale"), "application/strategic-merge-patch+json"),
     ],
 }
-NAMESPACES = {"workers": {"ml", "ml-builds"}, "triggerer": {"ml", "ml-builds"}, "dagProcessor": {"ml"}}
+NAMESPACES = {"workers": {"ml", "ml-builds", "istio-system"}, "triggerer": {"ml", "ml-builds"}, "dagProcessor": {"ml"}}
 
 
 @pytest.mark.parametrize("section", sorted(NAMESPACES))

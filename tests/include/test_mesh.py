@@ -124,6 +124,11 @@ def overlay(fake: FakeKubeAPI) -> None:
         ("destinationrules", render_destination_rule(TARGET, ["1"])),
     ):
         fake.objects[(plural, "models", "digits")] = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "1"}}
+    bucket = render_envoy_filter()  # the mesh's, in Istio's root namespace
+    fake.objects[("envoyfilters", "istio-system", "rollout-bucket")] = {
+        **bucket,
+        "metadata": {**bucket["metadata"], "resourceVersion": "1"},
+    }
 
 
 @pytest.fixture
@@ -134,6 +139,40 @@ def kube():
     cfg.host = fake.url
     yield fake, client.ApiClient(cfg)
     fake.stop()
+
+
+@pytest.mark.parametrize("broken", ["missing", "another lua", "gateways only"])
+def test_a_split_is_refused_without_the_meshs_bucket_filter_and_nothing_is_written(kube, broken):
+    """Without deploy/'s EnvoyFilter (or with one of another Lua) no proxy writes the user's
+    bucket, and Istio silently split the candidate's share per request: users switched versions
+    at every request. A policy that splits is now refused naming the object and how to install
+    it, before any write; one that sends each route to one version needs no bucket."""
+    fake, api = kube
+    key = ("envoyfilters", "istio-system", "rollout-bucket")
+    if broken == "missing":
+        del fake.objects[key]
+    elif broken == "another lua":
+        fake.touch(
+            *key,
+            lambda f: [
+                p["patch"]["value"]["typed_config"]["default_source_code"].update(inline_string="-- an older hash")
+                for p in f["spec"]["configPatches"]
+            ],
+        )
+    else:
+        fake.touch(*key, lambda f: f["spec"]["configPatches"].pop(0))
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    words = {"missing": "does not exist", "another lua": "is not this rollout's", "gateways only": "SIDECAR_OUTBOUND"}
+    with pytest.raises(RouterError) as refused:
+        router.set_routes(CANARY)
+    assert str(refused.value).startswith("EnvoyFilter istio-system/rollout-bucket ")
+    assert words[broken] in str(refused.value)
+    assert "-k deploy/overlays/<yours>" in str(refused.value)
+    assert str(refused.value).endswith("No traffic was moved")
+    assert fake.writes() == []
+    one_version = TrafficPolicy.from_dict({"route": [{"version": "2", "weight": 100}]})  # a promotion, a rollback
+    assert router.set_routes(one_version) is True
+    assert router.get_routes() == one_version
 
 
 @pytest.mark.parametrize("missing", ["virtualservices", "destinationrules"])
@@ -257,8 +296,8 @@ def test_istio_router_retries_when_the_object_changes_underneath(kube):
     original_get = router._get
     calls = {"n": 0}
 
-    def racing_get(plural):  # another writer bumps the object between the read and the write, once
-        live = original_get(plural)
+    def racing_get(plural, *where):  # another writer bumps the object between the read and the write, once
+        live = original_get(plural, *where)
         if plural == "virtualservices":
             calls["n"] += 1
             if calls["n"] == 2:  # the read inside the apply

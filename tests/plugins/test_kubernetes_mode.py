@@ -71,7 +71,7 @@ def stable_virtual_service(kube: FakeKubeAPI, params: dict, serving: str = "1") 
     """The model as it was before the rollout: version 1's Deployment, and its VirtualService
     sending version ``serving`` 100% and DestinationRule (the overlay's)."""
     from model_server.traffic import TrafficPolicy
-    from vision_rollout.mesh import render_destination_rule, render_virtual_service
+    from vision_rollout.mesh import render_destination_rule, render_envoy_filter, render_virtual_service
 
     spec = RolloutSpec.from_dict(params)
     steps.serving().deployments(spec.model).apply("1", image("1"))
@@ -82,6 +82,11 @@ def stable_virtual_service(kube: FakeKubeAPI, params: dict, serving: str = "1") 
             **obj,
             "metadata": {**obj["metadata"], "resourceVersion": "3"},
         }
+    bucket = render_envoy_filter()  # the mesh's (deploy/base/mesh.yaml), one for every model
+    kube.objects[("envoyfilters", "istio-system", "rollout-bucket")] = {
+        **bucket,
+        "metadata": {**bucket["metadata"], "resourceVersion": "3"},
+    }
 
 
 def routes(kube: FakeKubeAPI, name: str = "digits", namespace: str = "models") -> list[tuple[str, int]]:
