@@ -588,6 +588,33 @@ class VersionDeployments:
         self._apply_hpa(version, {**spec, "minReplicas": kept})
         return True
 
+    def release_floors(self, keep: str) -> list[str]:
+        """Every floor held (``hold_floor``) on a version of this target but ``keep`` released
+        (``release_floor``), oldest version first: left by a run that did not end (a worker killed
+        between a promotion's retirement of its baseline and the release, its lease then taken
+        over by another run, whose teardown is not that run's). A run starts holding the model
+        alone, so a floor held on any version but its baseline is nobody's. Under autoscaling
+        only: the versions released."""
+        from kubernetes import client
+
+        if not self.build.autoscaling:
+            return []
+        selector = f"app={self.target.service},app.kubernetes.io/managed-by={FIELD_MANAGER},version"
+        autoscaling = client.AutoscalingV2Api(self.api_client)
+        hpas = self._call(
+            f"list HorizontalPodAutoscalers {selector}",
+            lambda: autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                self.target.namespace, label_selector=selector
+            ),
+        )
+        held = []
+        for hpa in hpas.items:
+            version = str((hpa.metadata.labels or {}).get("version", ""))
+            if VERSION.fullmatch(version) and hpa.metadata.name == self._name(version) and version != keep:
+                if FLOOR_ANNOTATION in (hpa.metadata.annotations or {}):
+                    held.append(version)
+        return [v for v in sorted(held, key=int) if self.release_floor(v)]
+
     def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
         (``force``: the rollout's own object)."""

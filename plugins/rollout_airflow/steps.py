@@ -152,6 +152,7 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if not report.ok:
             raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
         if spec.mesh == "istio":
+            release_leftover_floors(spec, hook)
             return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
     except AirflowFailException:
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
@@ -173,6 +174,20 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             "after its check; no traffic was moved to it"
         )
     return report.to_dict()
+
+
+def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook) -> None:
+    """The HPA floors a run that did not end left held on versions other than this run's baseline
+    put back (``VersionDeployments.release_floors``). Housekeeping: a failure is logged."""
+    from vision_rollout.mesh import RouterError
+
+    try:
+        released = hook.deployments(spec.model).release_floors(keep=spec.baseline_version)
+    except RouterError as exc:
+        log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:500])
+        return
+    if released:
+        log.warning("released the HPA floor left held on version(s) %s by a run that did not end", ", ".join(released))
 
 
 def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 
 import pytest
@@ -726,6 +727,44 @@ def test_a_takeover_retires_the_candidate_of_the_run_it_took_over(fleet):
     assert deployment(fleet, "2")["spec"]["replicas"] == 0
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)  # run-a's teardown
+
+
+def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_takes_over(fleet, monkeypatch):
+    """Under autoscaling, run-a's promotion retired version 1 and its worker died before it put
+    version 1's HPA floor back; run-b took the lapsed lease over against version 2 and run-a's
+    teardown, no longer holding the model, touched nothing: version 1's HPA kept the floor held
+    (10 pods, not its own 2) for good, so a scale by hand brought back 10 GPU pods. The run that
+    takes the model puts back every floor held on a version other than its baseline."""
+    from vision_rollout.deploy import VersionDeployments
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
+    fleet.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    built = steps.build_image(params, "run-a")
+    steps.deploy_candidate(params, pushed(built), "run-a")
+    for index in range(3):
+        steps.apply_weights(params, index, "run-a", {"decision": "pass"})
+    assert hpa(fleet, "1")["spec"]["minReplicas"] == 10
+
+    def killed(self, version):
+        raise SystemExit("the worker is killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionDeployments, "release_floor", killed)
+        with pytest.raises(SystemExit):
+            steps.promote(params, "run-a", "promote")
+    assert routes(fleet) == [("v2", 100)]
+    assert deployment(fleet, "1")["spec"]["replicas"] == 0
+    expire(fleet)
+    b = {**params, "baseline_version": "2", "candidate_version": "3"}
+    steps.build_image(b, "run-b")
+    assert "nothing restored" in steps.ensure_stable(params, "run-a", "2", None, SENT)  # run-a's teardown
+    assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (2, {})
+    assert deployment(fleet, "1")["spec"]["replicas"] == 0
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
 
 
 def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
