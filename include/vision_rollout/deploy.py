@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -31,6 +32,8 @@ from typing import Any
 
 from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message
 from vision_rollout.settings import BuildSettings
+
+log = logging.getLogger(__name__)
 
 HTTP_PORT = 8000  # the data port: inference, metadata, health, metrics, feedback
 ADMIN_PORT = 8001  # the admin API (--admin-port), kept out of the Service
@@ -336,6 +339,31 @@ def render_hpa(
     }
 
 
+def render_pdb(target: IstioTarget, version: str, replicas: int) -> dict[str, Any]:
+    """Version ``version``'s PodDisruptionBudget at ``replicas`` pods: its pods only (``app`` and
+    ``version``: no two versions' budgets select the same pod, which the eviction API refuses to
+    evict), so a node drain takes one pod of a version at a time and never the only pod of a
+    version (``maxUnavailable`` 0 at one pod: a one-pod candidate evicted is a share answered 503
+    and a rollback; the drain waits until the stage grows it or the run ends). A budget over every
+    version let a drain evict a one-pod candidate whole while the stable's pods were all up. A pod
+    that is not ready may always go (it serves nothing)."""
+    labels = {"app": target.service, "version": version}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": deployment_name(target, version),
+            "namespace": target.namespace,
+            "labels": {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER},
+        },
+        "spec": {
+            "maxUnavailable": 1 if replicas > 1 else 0,
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+            "selector": {"matchLabels": labels},
+        },
+    }
+
+
 def beyond_history(replicas: dict[str, int], in_use: set[str], limit: int) -> list[str]:
     """The versions whose Deployment (and HPA) go once a run ends, as Argo Rollouts' revision
     history limit: of ``replicas`` (each version the rollout deployed -> its Deployment's
@@ -485,7 +513,29 @@ class VersionDeployments:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
             self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
+        if replicas > 0:
+            self._apply_pdb(version, replicas)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
+
+    def _apply_pdb(self, version: str, replicas: int) -> None:
+        """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (``force``: the
+        rollout's own object, as its HPAs). A refusal is logged, not raised: the pods are applied
+        already, and a budget (a guard against node drains) must not hold back a rollback."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = self._name(version)
+        try:
+            client.PolicyV1Api(self.api_client).patch_namespaced_pod_disruption_budget(
+                name,
+                self.target.namespace,
+                render_pdb(self.target, version, replicas),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+        except ApiException as exc:
+            log.warning("%s; a drain may take its pods", refused(f"apply PodDisruptionBudget {name}", exc))
 
     def _template(self, deployment: Any) -> dict[str, Any]:
         """A V1Deployment's pod template as JSON (what ``template_digest`` takes)."""
@@ -751,6 +801,8 @@ class VersionDeployments:
             for v in beyond_history(counts, in_use, self.build.revision_history_limit)
             if self._delete("deployments", ours[v])
         ]
+        for version in gone:
+            self._delete_pdb(version)
         if self.build.autoscaling:
             autoscaling = client.AutoscalingV2Api(self.api_client)
             hpas = self._call(
@@ -790,6 +842,18 @@ class VersionDeployments:
                 return False
             raise refused(f"delete {kind} {meta.name}", exc) from None
         return True
+
+    def _delete_pdb(self, version: str) -> None:
+        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        name = self._name(version)
+        try:
+            client.PolicyV1Api(self.api_client).delete_namespaced_pod_disruption_budget(name, self.target.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise refused(f"delete PodDisruptionBudget {name}", exc) from None
 
     def _call(self, what: str, call: Any) -> Any:
         """``call()``, an API server's refusal as ``refused`` says it."""

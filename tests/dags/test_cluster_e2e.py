@@ -353,6 +353,7 @@ EXERCISED_ELSEWHERE = {
         ("apps", "deployments", "delete"): "retired versions beyond build.revision_history_limit (these rollouts "
         "retire fewer): tests/plugins/test_kubernetes_mode.py, "
         "test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_only_those",
+        ("policy", "poddisruptionbudgets", "delete"): "the same: a deleted version's disruption budget",
     },
 }
 

@@ -128,7 +128,7 @@ def test_deploys_overlay_applies_as_kubectl_apply_server_side_would(core):
         ("podmonitors", "ml", "model-server"),
         ("authorizationpolicies", "ml", "digits-admin"),
         ("roles", "ml-builds", "model-rollout-builds"),
-        ("poddisruptionbudgets", "ml", "digits"),
+        ("poddisruptionbudgets", "ml", "digits-v1"),
         ("envoyfilters", "istio-system", "rollout-bucket"),  # networking.istio.io/v1alpha3
     }
     assert "namespace" not in fake.objects[("namespaces", "", "ml")]["metadata"]

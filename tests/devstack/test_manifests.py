@@ -21,7 +21,7 @@ from devstack.cluster.cluster import BOOTSTRAP_TAG
 from devstack.cluster.kube import WORKER_USER
 from devstack.processes import start_prometheus
 from model_server.traffic import TrafficPolicy
-from vision_rollout.deploy import ADMIN_PORT, render_deployment, render_service
+from vision_rollout.deploy import ADMIN_PORT, render_deployment, render_pdb, render_service
 from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
 from vision_rollout.settings import BuildSettings
 
@@ -146,6 +146,9 @@ def test_version_1_is_deployed_as_the_rollout_renders_a_version(rendered):
     build = BuildSettings(gpus=0, drain_seconds=5, storage_secret="model-server-storage")
     image = BOOTSTRAP_TAG.format(model="digits", version=1)
     assert local == render_deployment(TARGET, "digits", "1", image, 2, build, "s3://predictions/predictions")
+    # Its disruption budget as the rollout renders a version's: its own pods only, one at a time.
+    assert one(rendered["production"], "PodDisruptionBudget") == render_pdb(TARGET, "1", 3)
+    assert one(rendered["local-cluster"], "PodDisruptionBudget") == render_pdb(TARGET, "1", 2)
 
 
 def test_the_hardening_a_production_pod_needs(rendered):
@@ -347,6 +350,7 @@ TEARDOWN = [
     request("DELETE", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
     request("GET", ML.format("apps/v1", "deployments/digits-v1")),
     request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
+    request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v1"), APPLY, existed=True),
 ]
 CALLS = {
     # The tasks: the Lease taken, the mesh's EnvoyFilter read (a stage that splits a route), the
@@ -359,8 +363,10 @@ CALLS = {
         request("POST", ML.format("coordination.k8s.io/v1", "leases")),
         request("GET", "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/rollout-bucket"),
         request("PATCH", ML.format("apps/v1", "deployments/digits-v2"), APPLY, existed=False),
+        request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v2"), APPLY, existed=False),
         request("GET", ML.format("apps/v1", "deployments")),
         request("DELETE", ML.format("apps/v1", "deployments/digits-v1")),
+        request("DELETE", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),
         request("POST", BUILDS.format("pods")),
         request("GET", BUILDS.format("pods")),  # found by its labels
         request("GET", BUILDS.format("pods/build-digits-2")),

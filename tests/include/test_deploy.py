@@ -14,6 +14,7 @@ from vision_rollout.deploy import (
     refused,
     render_deployment,
     render_hpa,
+    render_pdb,
     render_service,
 )
 from vision_rollout.mesh import IstioTarget
@@ -85,6 +86,14 @@ def test_an_autoscaled_deployment_leaves_its_replicas_to_the_hpa():
     for low, high in ((0, 3), (4, 3)):
         with pytest.raises(ValueError, match=rf"HPA bounds {low}\.\.{high}"):
             render_hpa(TARGET, "2", low, high)
+
+
+def test_a_versions_disruption_budget_selects_its_pods_only_and_keeps_a_lone_pod():
+    lone, many = render_pdb(TARGET, "2", 1), render_pdb(TARGET, "2", 5)
+    assert lone["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": "2"}
+    assert (lone["spec"]["maxUnavailable"], many["spec"]["maxUnavailable"]) == (0, 1)
+    assert lone["metadata"]["name"] == "digits-v2"
+    assert round_trips(many, "V1PodDisruptionBudget")
 
 
 def test_a_field_owned_by_another_manager_is_reported_not_taken():

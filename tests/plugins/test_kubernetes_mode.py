@@ -490,6 +490,51 @@ def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_b
     assert scaled_up < routed < retired
 
 
+def test_a_drain_never_evicts_a_one_pod_version_and_no_pod_has_two_budgets(kube):
+    """One disruption budget over every version's pods (maxUnavailable 1) let a node drain evict
+    the candidate's only pod while the stable's were all up: its share answered 503 and the run
+    rolled back. A second budget over the candidate alone would select its pods twice, which the
+    eviction API refuses for good. Each version now has its own budget over its own pods: none
+    of a one-pod version may go, one at a time of a larger one."""
+    stable_virtual_service(kube, PARAMS)
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=4)
+    take("run-1")
+
+    def budgets_of(version: str) -> list[dict]:
+        pods = deployment(kube, version)["spec"]["template"]["metadata"]["labels"]
+        return [
+            b
+            for (plural, _, _), b in kube.objects.items()
+            if plural == "poddisruptionbudgets"
+            and all(pods.get(k) == v for k, v in b["spec"]["selector"]["matchLabels"].items())
+        ]
+
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert deployment(kube, "2")["spec"]["replicas"] == 1
+    (candidate,), (stable,) = budgets_of("2"), budgets_of("1")
+    assert candidate["spec"]["maxUnavailable"] == 0  # its only pod stays: the drain waits
+    assert stable["spec"]["maxUnavailable"] == 1
+    steps.apply_weights(params, 1, "run-1", {"decision": "pass"})
+    assert deployment(kube, "2")["spec"]["replicas"] == 2
+    (candidate,) = budgets_of("2")
+    assert candidate["spec"]["maxUnavailable"] == 1
+    # A budget the API server refuses (a Role without it) holds back no scaling, a rollback's included.
+    from devstack.cluster.kube import APIError
+
+    real = kube.apply
+
+    def forbidden(plural, *args, **kwargs):
+        if plural == "poddisruptionbudgets":
+            raise APIError(403, "Forbidden", "cannot patch resource poddisruptionbudgets")
+        return real(plural, *args, **kwargs)
+
+    kube.apply = forbidden
+    steps.serving().deployments("digits").scale("1", 5)
+    assert deployment(kube, "1")["spec"]["replicas"] == 5
+
+
 def test_promote_run_again_leaves_the_promoted_version_at_its_size(kube):
     """promote cleared once it had retired the baseline: the baseline's size read as 0, so the
     candidate, taking all of the traffic, was scaled down to build.replicas (1 of its 3 pods)."""
@@ -1387,7 +1432,9 @@ def test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_
     hpas = sorted(name for plural, ns, name in kube.objects if (plural, ns) == ("horizontalpodautoscalers", "ml"))
     assert hpas == ["digits-v2", "digits-v3", "digits-v5", "digits-v6"]
     deletes = [r for r in kube.requests[since:] if r["method"] == "DELETE" and "/leases/" not in r["path"]]
-    assert len(deletes) == 4  # v1 and v4: each Deployment, then its HPA
+    assert len(deletes) == 6  # v1 and v4: each Deployment, its disruption budget, then its HPA
+    budgets = sorted(name for plural, ns, name in kube.objects if (plural, ns) == ("poddisruptionbudgets", "ml"))
+    assert budgets == ["digits-v2", "digits-v3", "digits-v5", "digits-v6"]
     rules = rbac.bound_rules(with_autoscaling(tmp_path), worker)
     made = [c for r in kube.requests[since:] if r["user"] == worker for c in rbac.checks(r)]
     assert [str(c) for c in made if not rbac.allowed(rules.get(c.namespace, []), c)] == []
