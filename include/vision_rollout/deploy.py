@@ -638,13 +638,13 @@ class VersionDeployments:
         self._apply_hpa(version, {**spec, "minReplicas": kept})
         return True
 
-    def release_floors(self, keep: str) -> list[str]:
-        """Every floor held (``hold_floor``) on a version of this target but ``keep`` released
-        (``release_floor``), oldest version first: left by a run that did not end (a worker killed
-        between a promotion's retirement of its baseline and the release, its lease then taken
-        over by another run, whose teardown is not that run's). A run starts holding the model
-        alone, so a floor held on any version but its baseline is nobody's. Under autoscaling
-        only: the versions released."""
+    def release_floors(self, keep: str | None) -> list[str]:
+        """Every floor held (``hold_floor``) on a version of this target but ``keep`` (None: on
+        every version) released (``release_floor``), oldest version first: left by a run that did
+        not end (a worker killed between a promotion's retirement of its baseline and the release,
+        its lease then taken over by another run, whose teardown is not that run's). A run starts
+        holding the model alone, so a floor held on any version but its baseline is nobody's.
+        Under autoscaling only: the versions released."""
         from kubernetes import client
 
         if not self.build.autoscaling:

@@ -152,11 +152,14 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if not report.ok:
             raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
         if spec.mesh == "istio":
-            release_leftover_floors(spec, hook)
+            release_leftover_floors(spec, hook, keep=spec.baseline_version)
             return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
     except AirflowFailException:
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
+        # Once that run's routes were put back, its rollback is finished here: its floor too.
+        if left is not None and spec.mesh == "istio":
+            release_leftover_floors(spec, hook, keep=None)
         lock.release(run_id, to=before if left is None else None)
         raise
     # The stable routes pinned first: without a policy the model server routes everything to the
@@ -176,13 +179,14 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     return report.to_dict()
 
 
-def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook) -> None:
-    """The HPA floors a run that did not end left held on versions other than this run's baseline
-    put back (``VersionDeployments.release_floors``). Housekeeping: a failure is logged."""
+def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str | None) -> None:
+    """The HPA floors a run that did not end left held on versions other than ``keep`` (this run's
+    baseline; None: on any version) put back (``VersionDeployments.release_floors``).
+    Housekeeping: a failure is logged."""
     from vision_rollout.mesh import RouterError
 
     try:
-        released = hook.deployments(spec.model).release_floors(keep=spec.baseline_version)
+        released = hook.deployments(spec.model).release_floors(keep=keep)
     except RouterError as exc:
         log.warning("the HPA floors left held by runs that did not end were not released: %s", str(exc)[:500])
         return

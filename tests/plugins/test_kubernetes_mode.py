@@ -812,6 +812,30 @@ def test_a_floor_left_held_by_a_promotion_cut_short_is_released_by_the_run_that_
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
 
 
+def test_a_takeover_refused_after_it_put_the_routes_back_releases_the_floor_it_found_held(fleet, monkeypatch):
+    """Under autoscaling, run-a held version 1's HPA floor at 10% when its lease lapsed; run-b
+    took the model over, put the routes back to version 1 and retired run-a's candidate, then was
+    refused (its artifact missing) and let the model go: version 1's floor stayed held (10 pods,
+    not its own 2) with nobody's run to put it back. The rollback run-b finished ends as any
+    rollback: the floor released."""
+    conn = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    conn["extra"]["build"].update(autoscaling=True, max_replicas=40)
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    steps.serving().deployments("digits").apply("1", image("1"), replicas=2)
+    fleet.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert hpa(fleet, "1")["spec"]["minReplicas"] == 10
+    expire(fleet)
+    with pytest.raises(AirflowFailException, match="candidate artifact refused"):
+        steps.build_image({**PARAMS, "candidate_version": "9"}, "run-b")
+    assert routes(fleet) == [("v1", 100)]
+    assert deployment(fleet, "2")["spec"]["replicas"] == 0
+    assert lease(fleet, "digits") is None
+    assert (hpa(fleet, "1")["spec"]["minReplicas"], hpa(fleet, "1")["metadata"].get("annotations") or {}) == (2, {})
+
+
 def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
     """API Priority and Fairness refuses what it has no seat for (429, Retry-After): a rollback
     under that load is sent again after the wait, reads and writes alike (it failed at the
