@@ -7,7 +7,9 @@ earlier hour of the last `catch_up_hours` not yet audited (the scheduler was dow
 the confusion matrix and anomaly samples with their image hashes. The report (Markdown, CSV,
 PNG) is kept and sent to Slack. An hour without shadow data is marked audited with a note, not
 failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox,
-which each run, and its retry, sends first: each report once). Hours older than
+which each run, and its retry, sends first: each report once). Records written after their
+hour closed (a slow flush, a clock ahead) are left out of its audit and counted in it, and in
+the next hour's when they came after its audit. Hours older than
 `retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go; so do
 the model's rollout run folders and approval waits' counts unchanged for `retention_days`, and
 the outbox's leftovers of killed senders (never a report waiting).

@@ -1048,6 +1048,7 @@ def read(
     roles: Iterable[str] | None = None,
     threads: int = 8,
     written: bool = False,
+    written_after: datetime | None = None,
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
@@ -1063,9 +1064,12 @@ def read(
     element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,
     ``device_type``, ``tenant``, ``meta``) are categoricals. With ``written``, a column
     ``written`` holds the second each record's file was written, by its name (NaT for a name
-    without it): when the record could first be read.
+    without it): when the record could first be read. With ``written_after``, only the files
+    written (by their name) after it are opened: those that came late to a range read before.
     """
-    schema, paths, results = read_files(uri, start, end, model, columns, roles, threads, written)
+    schema, paths, results = read_files(
+        uri, start, end, model, columns, roles, threads, written, written_after=written_after
+    )
     tables, reasons, malformed = [], {}, 0
     for r in results:
         if r.table is None:
@@ -1101,11 +1105,13 @@ def read_files(
     written: bool = False,
     done: Container[str] = (),
     listed_until: datetime | None = None,
+    written_after: datetime | None = None,
 ) -> tuple[pa.Schema, list[str], list[FileRead]]:
     """``read``'s files one by one: (the tables' schema, every file listed, sorted, and what each
     file not in ``done`` gave, in that order: its records of the range as a table of that schema,
     or why it was skipped). The hour folders are listed up to ``listed_until`` (``end`` when
-    None), the records kept up to ``end``."""
+    None), the records kept up to ``end``; with ``written_after``, only the files whose name
+    says they were written after it are listed (a name without its second is not)."""
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware datetimes")
     schema = read_schema(columns, roles, written)
@@ -1133,6 +1139,7 @@ def read_files(
             and info.base_name.startswith("part-")
             and info.base_name.endswith(".parquet")
             and not _written_before(info.base_name, start)
+            and (written_after is None or (_written_at(info.base_name) or written_after) > written_after)
         )
         results = list(
             pool.map(

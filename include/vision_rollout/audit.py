@@ -99,6 +99,12 @@ class AuditResult:
     # Prediction log files of the range that could not be read (truncated, another schema):
     # their records are not in the audit, which then shows nothing (inconclusive at best).
     skipped_files: int = 0
+    # Records of the range in files written after it closed (``closes``: a flush slower than
+    # ``MAX_FLUSH_S``, a clock ahead by more than ``CLOCK_SKEW_S``): left out, whenever the audit
+    # runs, so a retry or a later run shows what the first one did; and (``earlier_hours``) those
+    # of the ranges before it whose files came after theirs closed, by this one's close.
+    late_records: int = 0
+    late_earlier: int | None = None
     config: AuditConfig = field(default_factory=AuditConfig)  # the limits it was judged against
     # A range holding the pairs of more than one pair of versions (two rollouts within it: a
     # candidate rolled back or promoted, then the next one shadowed): each pair's audit apart,
@@ -377,7 +383,8 @@ def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, floa
     last one that ends at or before ``end`` (a run triggered by hand at 10:30 audits 09:00 to
     10:00, the scheduled run's hour, not 09:30 to 10:30 under its name); and the seconds to wait
     from ``now`` until its last records are written (a writer flushes every ``MAX_FLUSH_S`` at
-    most, its clock up to ``CLOCK_STEP_S`` behind): those written later were in no audit."""
+    most, its clock up to ``CLOCK_STEP_S`` behind): the hour's close (``closes``) on a right
+    clock. Those written later are counted late, by its audit and the next hour's."""
     from model_server.predictionlog import CLOCK_STEP_S, MAX_FLUSH_S
 
     if end.tzinfo is None:
@@ -393,27 +400,48 @@ def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, floa
 # up to this long after a range by a pod whose clock is right are written by the time
 # ``audited_hour`` waits for.)
 CLOCK_SKEW_S = 60
+EARLIER_HOURS = 24  # how far back the hourly audit looks for records that came after their range closed
 
 
-def of_primaries_within(records: pd.DataFrame, start: datetime, end: datetime) -> pd.DataFrame:
-    """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), the primaries
-    stamped within the range, and the shadow records of their items (whenever stamped within
-    the margins), or stamped within the range and of no item of a primary outside it: a pair is
-    its primary's range's, once, whatever its shadow's pod's clock said."""
-    if records.empty:
-        return records
+def closes(end: datetime) -> datetime:
+    """When a range ending at ``end`` closes: the last second a file of its records may be
+    written (by its name, its pod's clock) by a pod that keeps the bounds, a shadow stamped
+    ``CLOCK_SKEW_S`` after the range flushed within ``MAX_FLUSH_S``; ``audited_hour`` waits
+    for it. A record in a file written later is late: not in the range's audit."""
+    from model_server.predictionlog import MAX_FLUSH_S
+
+    return end + timedelta(seconds=CLOCK_SKEW_S + MAX_FLUSH_S)
+
+
+def attribution(records: pd.DataFrame, start: datetime, end: datetime) -> tuple[np.ndarray, np.ndarray]:
+    """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), which are the
+    range's and which an earlier range's. The range's: the primaries stamped within it, the
+    shadow records of their items (whenever stamped within the margins), and those stamped
+    within it of no item of a primary outside it: a pair is its primary's range's, once,
+    whatever its shadow's pod's clock said. An earlier range's: the records stamped before it,
+    and the shadow records of the items of primaries stamped before it."""
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
+    before = (time < pd.Timestamp(start)).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     ours = key.isin(key[primary & inside])
     theirs = key.isin(key[primary & ~inside])
-    keep = np.where(primary, inside, ours | (inside & ~theirs))
+    mine = np.where(primary, inside, ours | (inside & ~theirs))
+    return mine, ~mine & (before | key.isin(key[primary & before]))
+
+
+def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
     if keep.all():
         return records
     kept = records[keep].reset_index(drop=True)
     kept.attrs = records.attrs
     return kept
+
+
+def _late(records: pd.DataFrame, after: datetime) -> np.ndarray:
+    """Which of ``records`` (read with ``written``) are in files written after ``after``."""
+    return (records["written"] > pd.Timestamp(after)).to_numpy(bool)
 
 
 def audit(
@@ -422,8 +450,18 @@ def audit(
     end: datetime,
     model: str | None = None,
     config: AuditConfig | None = None,
+    earlier_hours: int = 0,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
+
+    The range's records in files written after it closed (``closes``) are left out and counted
+    (``late_records``): an audit shows the same whenever it runs (once they came, a retry or a
+    catch-up would have shown more than the first audit), and says what it did not show; a range
+    of such records alone is inconclusive, not empty. With ``earlier_hours``, the records of
+    the ranges before it (stamped up to that many hours before it) in files written after the
+    range ending at ``start`` closed and by this one's close are counted too (``late_earlier``:
+    in no audit; each once, where each range is audited once, in order); a range holding nothing
+    else is a ``warning``, not a silent skip.
 
     Shadow records whose input differs from their primary's are named in the reasons and left
     out; they do not change the verdict by themselves (anyone who reaches the data port can send
@@ -434,9 +472,31 @@ def audit(
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
     records = read(
-        prediction_log, start - margin, end + margin, model, columns=SHADOW_PAIR_COLUMNS, roles=("primary", "shadow")
+        prediction_log,
+        start - margin,
+        end + margin,
+        model,
+        columns=SHADOW_PAIR_COLUMNS,
+        roles=("primary", "shadow"),
+        written=True,
     )
-    records = of_primaries_within(records, start, end)
+    mine, earlier = attribution(records, start, end)
+    late = _late(records, closes(end))
+    late_earlier = None
+    if earlier_hours:
+        came = earlier & _late(records, closes(start)) & ~late
+        before = read(
+            prediction_log,
+            start - timedelta(hours=earlier_hours),
+            start - margin,
+            model,
+            columns=["role"],
+            roles=("primary", "shadow"),
+            written=True,
+            written_after=closes(start),
+        )
+        late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
+    records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
     result = audit_by_versions(
@@ -453,6 +513,8 @@ def audit(
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
+    result.late_records = int((mine & late).sum())
+    result.late_earlier = late_earlier
     if result.verdict == "skip" and (result.shadow_without_primary or result.shadow_dropped):
         # Shadow traffic, none of it compared: no empty range.
         result.verdict = "inconclusive"
@@ -475,6 +537,23 @@ def audit(
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
+    if result.late_records:
+        late_reason = (
+            f"{result.late_records} records of this range were written after it closed "
+            f"({closes(end).isoformat()}: a flush slower than the writers' bound, or a pod's clock "
+            "ahead): not in this audit"
+        )
+        if result.verdict == "skip":  # (records there were, none in time: no empty range)
+            result.verdict, result.reasons = "inconclusive", [late_reason]
+        else:
+            result.reasons.append(late_reason)
+    if late_earlier:
+        result.reasons.append(
+            f"{late_earlier} records of the {earlier_hours} hours before this range came after their "
+            "audit closed: in none"
+        )
+        if result.verdict == "skip":
+            result.verdict = "warning"
     if result.self_pairs and not result.rows:
         result.reasons.append(
             f"{result.self_pairs} shadow copies in this range were of requests their own version served "
@@ -696,6 +775,12 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
+        f"- Records written after this range closed (not audited): {result.late_records}",
+        *(
+            [f"- Records of earlier ranges that came after theirs closed (in no audit): {result.late_earlier}"]
+            if result.late_earlier is not None
+            else []
+        ),
     ]
     parts = result.by_versions
     if parts:

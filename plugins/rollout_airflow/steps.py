@@ -1314,12 +1314,22 @@ def send_outbox(budget_s: float = 120) -> list[dict[str, Any]]:
 
 def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -> dict[str, Any]:
     """The audit of the hour from ``start``, reported, then marked audited in ``folder``."""
-    from vision_rollout.audit import AUDITED, CHART, REPORT, audit, report_files, with_coverage, write_report
+    from vision_rollout.audit import (
+        AUDITED,
+        CHART,
+        EARLIER_HOURS,
+        REPORT,
+        audit,
+        report_files,
+        with_coverage,
+        write_report,
+    )
     from vision_rollout.notify import audit_message
 
     settings = serving().settings
     end = start + timedelta(hours=1)
-    result = with_coverage(audit(settings.prediction_log, start, end, model), mirror_percent(model, end))
+    result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS)
+    result = with_coverage(result, mirror_percent(model, end))
     summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
     if result.verdict == "skip":
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)

@@ -9,12 +9,14 @@ import os
 import struct
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
 import requests
 from hypothesis import strategies as st
 
+from model_server import predictionlog
 from model_server.masking import KeyRing, Masker
 from model_server.predictionlog import Inference, PredictionLog
 
@@ -137,6 +139,7 @@ def shadow_log(
     classes: int = 10,
     versions: tuple[str, str] = ("1", "2"),
     skew: float = 0.0,
+    flushed: float = 1.0,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -150,7 +153,9 @@ def shadow_log(
     received at ``at`` (a ``time.time()``), or when it is made. Answers are of ``classes`` classes.
     ``versions``: the primary's and the shadow's (other than the default ones, the request ids
     are led by the shadow's, so that two logs written into one folder hold distinct requests).
-    ``skew``: seconds the shadow records' clock is ahead of the primaries' (another pod's)."""
+    ``skew``: seconds the shadow records' clock is ahead of the primaries' (another pod's).
+    Records received at ``at`` are written ``flushed`` seconds after the last of them (by its
+    files' names: a second, as a writer flushing on time would)."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
     writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
@@ -209,8 +214,25 @@ def shadow_log(
         p[i % 10] = 0.91
         writer.append(record(f"nan-{i}", "1", "primary", nan if i < not_finite else p[None]))
         writer.append(record(f"nan-{i}", "2", "shadow", nan))
-    writer.flush()
+    if at is None:
+        writer.flush()
+    else:
+        with mock.patch.object(predictionlog, "time", _Clock(at + max(skew, 0.0) + flushed)):
+            writer.flush()
     return tmp_path / "log"
+
+
+class _Clock:
+    """The ``time`` module, its ``time()`` stopped at ``now``."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
 
 
 # Values every detector must mask: PRC mobile, resident ID, e-mail, card.
