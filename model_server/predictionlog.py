@@ -1002,6 +1002,9 @@ def _read_one(
         # As every file's table is (a field another writer declared not null, its metadata):
         # the tables of a read are concatenated, which refuses two schemas.
         table = table.cast(pa.schema([_read_field(c) for c in columns]))
+        # A text column holding bytes that are no UTF-8 (a damaged or foreign file) is read
+        # unchecked; converted for a frame, it raised out of read, every audit's and gate's.
+        table.validate(full=True)
     except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
         return FileRead(path, None, f"unreadable: {exc}")
     n = table.num_rows

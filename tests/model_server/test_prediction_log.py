@@ -504,6 +504,31 @@ def test_a_file_without_a_string_column_or_with_a_damaged_name_is_skipped_not_a_
     assert result.verdict == "inconclusive"
 
 
+def test_a_file_whose_text_is_no_utf8_is_skipped_not_a_crash(log_uri, tmp_path):
+    """A file whose strings hold bytes that are no UTF-8 (a damaged or foreign file): pyarrow
+    reads them unchecked, and the frame's conversion raised ArrowException out of read, so
+    every gate's poke and the hour's audit failed on one file, each time they ran."""
+    w = writer(tmp_path, log_uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(log_uri)
+    folder = good.rsplit("/", 1)[0]
+    fs, root = filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{good}") as f:
+        table = pq.read_table(pa.BufferReader(f.read()))
+    for column in ("request_id", "tenant", "meta", "model"):
+        bad = pa.array([b"\xff\xfe" + column.encode()] * table.num_rows, pa.binary()).view(pa.string())
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, bad), sink)
+        put_file(log_uri, f"{folder}/part-x-1-{column}.parquet", sink.getvalue().to_pybytes())
+    df = read(log_uri, *window())
+    assert set(df["request_id"]) == {"good"}
+    reasons = df.attrs["skipped_file_reasons"]
+    assert len(reasons) == 4
+    assert all("UTF8" in why for why in reasons.values())
+    assert audit(log_uri, *window(), "digits").skipped_files == 4
+
+
 def refused_histogram(data: bytes) -> bytes:
     """The Parquet file ``data`` with its first column chunk's size statistics holding a
     definition level histogram of three counts, where the column's levels allow two."""
