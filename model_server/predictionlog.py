@@ -158,6 +158,10 @@ MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one P
 MAX_READ_BYTES = 1024 * 1024 * 1024
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # a written file's table in memory (split by rows when larger)
 _MASK_CACHE_MAX = 100_000
+# Classes an answer may have (a top-k index below it, a whole vector no longer): a record beyond
+# it is malformed (a damaged file's index of 2**31 made each rebuilt vector 8 GB; one of this
+# many classes takes 64 MB, a chunk of rebuilt vectors one row).
+MAX_CLASSES = 2**24
 
 
 class _MaskCache(dict[Any, Any]):
@@ -1016,6 +1020,7 @@ def _read_one(
         valid = pc.and_(valid, pc.is_in(table["role"], value_set=pa.array(ROLES)))
     if "item" in columns:
         valid = pc.and_(valid, pc.greater_equal(table["item"], 0))
+    valid = pc.and_(valid, _outputs_valid(table, columns))
     valid = pc.fill_null(valid, False)
     table = table.filter(valid)
     malformed = n - table.num_rows
@@ -1031,6 +1036,25 @@ def _read_one(
         stamp = pa.scalar(_written_at(path.rsplit("/", 1)[-1]), WRITTEN_TYPE)
         table = table.append_column("written", pa.repeat(stamp, table.num_rows))
     return FileRead(path, table, malformed=malformed)
+
+
+def _outputs_valid(table: pa.Table, columns: Sequence[str]) -> pa.Array:
+    """Which rows' outputs can be read as an answer of at most ``MAX_CLASSES`` classes: each
+    top-k index within it, as many top-k probabilities as indexes, a whole vector no longer."""
+    valid = pa.array(np.ones(table.num_rows, bool))
+    if "topk_index" in columns:
+        index = table["topk_index"].combine_chunks()
+        flat = pc.list_flatten(index)
+        out = pc.or_(pc.less(flat, 0), pc.greater_equal(flat, MAX_CLASSES)).to_numpy(zero_copy_only=False)
+        bad = np.zeros(table.num_rows, bool)
+        bad[pc.list_parent_indices(index).to_numpy()[out]] = True
+        if "topk_prob" in columns:
+            lengths = [pc.fill_null(pc.list_value_length(table[c]), 0) for c in ("topk_index", "topk_prob")]
+            bad |= pc.not_equal(*lengths).to_numpy()
+        valid = pa.array(~bad)
+    if "probs" in columns:
+        valid = pc.and_(valid, pc.fill_null(pc.less_equal(pc.list_value_length(table["probs"]), MAX_CLASSES), True))
+    return valid
 
 
 def _read_field(name: str) -> pa.Field:

@@ -529,6 +529,49 @@ def test_a_file_whose_text_is_no_utf8_is_skipped_not_a_crash(log_uri, tmp_path):
     assert audit(log_uri, *window(), "digits").skipped_files == 4
 
 
+def test_records_whose_top_k_no_answer_can_hold_are_malformed_not_a_vector_of_8_gb(log_uri, tmp_path, monkeypatch):
+    """A damaged or foreign file's top-k index of 2**31 - 1 made the audit rebuild each vector
+    of 2**31 classes (8 GB: a MemoryError, or the worker killed), a negative one wrote another
+    class's probability, and fewer probabilities than indexes read the next record's. Such
+    records are malformed: skipped and counted."""
+    monkeypatch.setattr(predictionlog, "MAX_CLASSES", 1000)  # (a vector longer than it, in a test's memory)
+    w = writer(tmp_path, log_uri)
+    for rid in ("good", "huge", "negative", "short", "long"):
+        w.append(primary(rid))
+        w.append(shadow(rid))
+    w.flush()
+    (name,) = files(log_uri)
+    fs, root = filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{name}") as f:
+        rows = pq.read_table(pa.BufferReader(f.read())).to_pylist()
+    for row in rows:
+        if row["request_id"] != "good":
+            row["probs"] = None
+        if row["request_id"] == "huge":
+            row["topk_index"] = [2**31 - 1, *row["topk_index"][1:]]
+        elif row["request_id"] == "negative":
+            row["topk_index"] = [-1, *row["topk_index"][1:]]
+        elif row["request_id"] == "short":
+            row["topk_prob"] = row["topk_prob"][:-1]
+        elif row["request_id"] == "long":
+            row["probs"] = [0.0] * (predictionlog.MAX_CLASSES + 1)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink)
+    fs.delete_file(f"{root}/{name}")
+    put_file(log_uri, name, sink.getvalue().to_pybytes())
+    df = read(log_uri, *window(), columns=predictionlog.SHADOW_PAIR_COLUMNS)
+    assert set(df["request_id"]) == {"good"}
+    assert df.attrs["skipped_records"] == 4 * 2 * 2  # (two items, two roles each)
+    assert shadow_pairs(df, vectors=False).attrs["classes"] == 10
+    assert set(read(log_uri, *window(), columns=GATE_COLUMNS)["request_id"]) == {
+        "good",
+        "huge",
+        "negative",
+        "short",
+        "long",
+    }
+
+
 def refused_histogram(data: bytes) -> bytes:
     """The Parquet file ``data`` with its first column chunk's size statistics holding a
     definition level histogram of three counts, where the column's levels allow two."""
