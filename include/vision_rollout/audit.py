@@ -99,6 +99,7 @@ class AuditResult:
     # Prediction log files of the range that could not be read (truncated, another schema):
     # their records are not in the audit, which then shows nothing (inconclusive at best).
     skipped_files: int = 0
+    malformed_records: int = 0  # (and records of the files read that could not be: read's skipped_records)
     # Records of the range in files written after it closed (``closes``: a flush slower than
     # ``MAX_FLUSH_S``, a clock ahead by more than ``CLOCK_SKEW_S``): left out, whenever the audit
     # runs, so a retry or a later run shows what the first one did; and (``earlier_hours``) those
@@ -537,6 +538,16 @@ def audit(
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
+    result.malformed_records = records.attrs["skipped_records"]
+    if result.malformed_records:
+        # (no writer of the log writes them: a damaged or foreign file's, missing as its files')
+        result.reasons.insert(
+            0,
+            f"{result.malformed_records} prediction log records in the files of this range were malformed "
+            "(no time, request id or known role, an output no answer can hold), not in this audit: nothing is shown",
+        )
+        if result.verdict in ("pass", "skip"):
+            result.verdict = "inconclusive"
     if result.late_records:
         late_reason = (
             f"{result.late_records} records of this range were written after it closed "
@@ -775,6 +786,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
+        f"- Malformed records in the files read (not audited): {result.malformed_records}",
         f"- Records written after this range closed (not audited): {result.late_records}",
         *(
             [f"- Records of earlier ranges that came after theirs closed (in no audit): {result.late_earlier}"]

@@ -691,3 +691,27 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
     alone = audit(only_late, hour, hour + timedelta(hours=1), "digits")
     assert (alone.verdict, alone.late_records) == ("inconclusive", 60)
     assert alone.reasons[0].startswith("60 records of this range were written after it closed")
+
+
+def test_an_hour_of_malformed_records_is_not_an_empty_one(tmp_path):
+    """Records read skips as malformed (a damaged or foreign file's: no request id, an output
+    no answer can hold) were dropped without a word: an hour of them alone was skipped and
+    marked audited unreported, one with pairs beside them passed on what was left."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log = shadow_log(tmp_path, 200, disagree=0.0)
+    assert audit(log, *around_now(), "digits").verdict == "pass"
+    (path,) = log.rglob("part-*.parquet")
+    table = pq.read_table(path)
+    damaged = table.set_column(
+        table.schema.get_field_index("request_id"), "request_id", pa.nulls(table.num_rows, pa.string())
+    )
+    pq.write_table(damaged, path.with_name(path.name.replace("audit-test", "other")))
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.rows, result.malformed_records) == ("inconclusive", 200, 400)
+    assert result.reasons[0].startswith("400 prediction log records in the files of this range were malformed")
+    assert "- Malformed records in the files read (not audited): 400" in report_files(result)[REPORT].decode()
+    path.unlink()
+    alone = audit(log, *around_now(), "digits")
+    assert (alone.verdict, alone.rows, alone.malformed_records) == ("inconclusive", 0, 400)
