@@ -460,9 +460,10 @@ def audit(
     catch-up would have shown more than the first audit), and says what it did not show; a range
     of such records alone is inconclusive, not empty. With ``earlier_hours``, the records of
     the ranges before it (stamped up to that many hours before it) in files written after the
-    range ending at ``start`` closed and by this one's close are counted too (``late_earlier``:
-    in no audit; each once, where each range is audited once, in order); a range holding nothing
-    else is a ``warning``, not a silent skip.
+    range ending at ``start`` closed and by this one's close, and the shadow records of earlier
+    primaries stamped ``CLOCK_SKEW_S`` or more into this range (beyond the earlier audit's read),
+    are counted too (``late_earlier``: in no audit; each once, where each range is audited once,
+    in order); a range holding nothing else is a ``warning``, not a silent skip.
 
     Shadow records whose input differs from their primary's are named in the reasons and left
     out; they do not change the verdict by themselves (anyone who reaches the data port can send
@@ -485,7 +486,9 @@ def audit(
     late = _late(records, closes(end))
     late_earlier = None
     if earlier_hours:
-        came = earlier & _late(records, closes(start)) & ~late
+        # (or stamped beyond the earlier range's margin, by a clock further ahead: never read by it)
+        beyond = (records["time"] >= pd.Timestamp(start + margin)).to_numpy()
+        came = earlier & (_late(records, closes(start)) | beyond) & ~late
         before = read(
             prediction_log,
             start - timedelta(hours=earlier_hours),
@@ -561,7 +564,7 @@ def audit(
     if late_earlier:
         result.reasons.append(
             f"{late_earlier} records of the {earlier_hours} hours before this range came after their "
-            "audit closed: in none"
+            "audit closed, or were stamped beyond its margin (a pod's clock ahead): in none"
         )
         if result.verdict == "skip":
             result.verdict = "warning"

@@ -659,9 +659,10 @@ def test_a_pair_whose_records_two_pods_stamped_either_side_of_the_hour_is_audite
 def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dropped(tmp_path):
     """A writer that flushed late (a starved thread, a slow PUT) put an hour's records in files
     that came after its audit had read it: the audit showed 100 pairs, a retry or a catch-up
-    once they came 125, and the next hour's audit dropped them without a word. They are left
-    out of their hour's audit whenever it runs, and counted in it; the next hour counts those
-    that came after its predecessor's audit, once."""
+    once they came 125, and the next hour's audit dropped them without a word, as it dropped the
+    copies a pod's clock 90 s ahead stamped past the hour's margin. They are left out of their
+    hour's audit whenever it runs, and counted in it; the next hour counts those that came after
+    its predecessor's audit, and those copies, once."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
 
     def audit_of(k: int, **kw):
@@ -673,17 +674,40 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
     assert (on_time.verdict, on_time.rows, on_time.late_records) == ("pass", 100, 0)
     # 20 pairs of the hour's last minute flushed 3 minutes later, 5 of its tenth minute 55 minutes later.
     shadow_log(
-        tmp_path, 20, disagree=0.0, seed=1, at=(hour + timedelta(minutes=59, seconds=30)).timestamp(), flushed=180
+        tmp_path,
+        20,
+        disagree=0.0,
+        seed=1,
+        versions=("1", "3"),
+        at=(hour + timedelta(minutes=59, seconds=30)).timestamp(),
+        flushed=180,
     )
-    shadow_log(tmp_path, 5, disagree=0.0, seed=2, at=(hour + timedelta(minutes=10)).timestamp(), flushed=55 * 60)
+    shadow_log(
+        tmp_path,
+        5,
+        disagree=0.0,
+        seed=2,
+        versions=("1", "4"),
+        at=(hour + timedelta(minutes=10)).timestamp(),
+        flushed=55 * 60,
+    )
+    shadow_log(
+        tmp_path,
+        10,
+        disagree=0.0,
+        seed=3,
+        versions=("1", "5"),
+        at=(hour + timedelta(minutes=59, seconds=50)).timestamp(),
+        skew=90,
+    )
     again = audit_of(0)
     assert (again.verdict, again.rows, again.late_records) == ("pass", 100, 50)
-    assert again.primary_without_shadow == 0
+    assert again.primary_without_shadow == 10
     assert any("50 records of this range were written after it closed" in r for r in again.reasons)
     assert "- Records written after this range closed (not audited): 50" in report_files(again)[REPORT].decode()
     nxt = audit_of(1, earlier_hours=24)
-    assert (nxt.verdict, nxt.rows, nxt.late_earlier) == ("warning", 0, 50)
-    assert any("50 records of the 24 hours before this range came after their audit closed" in r for r in nxt.reasons)
+    assert (nxt.verdict, nxt.rows, nxt.late_earlier, nxt.shadow_without_primary) == ("warning", 0, 60, 0)
+    assert any("60 records of the 24 hours before this range came after their audit closed" in r for r in nxt.reasons)
     assert audit_of(2, earlier_hours=24).late_earlier == 0  # (counted once)
     assert audit_of(1).late_earlier is None
     (tmp_path / "b").mkdir()
