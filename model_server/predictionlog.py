@@ -265,7 +265,8 @@ def score_rows(scores: np.ndarray) -> np.ndarray:
     flattened: [batch, 1000, 1, 1] is 1000 classes), a one-dimensional output one row (a model
     that does not batch)."""
     arr = np.asarray(scores)
-    return arr.reshape(arr.shape[0], -1) if arr.ndim >= 2 else arr.reshape(1, -1)
+    # (the count, not -1: an output of no rows, a detector's when it found nothing, has any)
+    return arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim >= 2 else arr.reshape(1, -1)
 
 
 def predicted_classes(scores: np.ndarray) -> np.ndarray:
@@ -475,7 +476,7 @@ class PredictionLog:
             # top-1 or top-k, as one without an output (its conversion failed the whole table).
             if r.scores is not None and np.asarray(r.scores).dtype.kind in "biuf":
                 out = score_rows(r.scores)
-                if out.shape[1] == 0:
+                if out.size == 0:  # (no class, or no row: a detector's output when it found nothing)
                     out = None
             outputs.append(out)
         counts = np.array(

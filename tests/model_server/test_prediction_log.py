@@ -881,6 +881,22 @@ def test_an_output_of_strings_is_written_without_a_top1_and_takes_no_other_recor
     assert all(pd.isna(t) and pd.isna(p) for t, p in (got[("text", 0)], got[("text", 1)]))
 
 
+def test_an_output_of_no_rows_is_written_without_a_top1_and_takes_no_other_record_with_it(tmp_path):
+    """A version whose first output counts detections, not batch items, answers an image with
+    nothing in it with no rows ([0, 6]): its reshape failed the whole flush of its model and
+    hour, every inference of it lost, the other version's too. Its record is written as one
+    without an output; the others as they are."""
+    w = writer(tmp_path)
+    before = records("error")
+    w.append(primary("numeric", version="1"))
+    w.append(primary("nothing", version="2", scores=np.zeros((0, 6), np.float32))._replace(items=1))
+    assert w.flush() == 3
+    assert records("error") == before
+    df = read(tmp_path / "log", *window()).set_index(["request_id", "item"])
+    assert df.loc[("numeric", 0), "top1"] == 3
+    assert pd.isna(df.loc[("nothing", 0), "top1"])
+
+
 def test_a_full_buffer_drops_and_counts_without_blocking(tmp_path):
     w = writer(tmp_path, max_pending=2)
     before = records("dropped")
