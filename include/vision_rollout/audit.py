@@ -814,7 +814,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         if confusion is not None:
             counts = [c for c in confusion.columns if c not in ("primary_version", "shadow_version", "primary")]
             confusion[counts] = confusion[counts].fillna(0).astype(int)
-            files["confusion.csv"] = confusion.to_csv(index=False).encode()
+            files["confusion.csv"] = csv_frame(confusion)
         anomalies = _by_versions([p.anomalies for p in parts], parts)
     else:
         lines += _pair_lines(result, "##")

@@ -400,6 +400,20 @@ def test_a_request_id_is_never_a_formula_nor_a_line_break_in_the_anomalies_csv()
     assert not [i for i in ids if i.lstrip()[:1] in ("=", "+", "-", "@")]
 
 
+def test_a_version_is_never_a_formula_in_the_confusion_csv():
+    """The versions lead each row of confusion.csv where a range holds several pairs; a log
+    some other writer wrote can name one ``=HYPERLINK(...)``: anomalies.csv led it by ``'``,
+    confusion.csv left it a live formula."""
+    import csv
+
+    from vision_rollout.audit import audit_by_versions
+
+    df = pd.concat([pairs(20, 20), pairs(20, 20).assign(shadow_version='=HYPERLINK("http://e","x")')])
+    confusion = report_files(audit_by_versions(df.reset_index(drop=True)))["confusion.csv"].decode()
+    versions = [row["shadow_version"] for row in csv.DictReader(io.StringIO(confusion))]
+    assert versions == ["2", '\'=HYPERLINK("http://e","x")']
+
+
 @pytest.mark.parametrize("with_records", [True, False])
 def test_files_it_could_not_read_keep_an_hour_from_passing_or_being_skipped(tmp_path, with_records):
     """A replica's file that cannot be read (truncated, or written with another schema) took its
