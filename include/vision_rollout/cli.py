@@ -1174,8 +1174,17 @@ def _message(exc: BaseException) -> str:
     from vision_rollout.serving import AdminError
 
     if isinstance(exc, (CommandError, RouterError, AdminError, MetricsError, LockError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return _one_line(str(exc))
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line of printable characters: an error quotes what a server, a proxy or a
+    file said, whose line breaks read as lines of the command's own and whose terminal escapes
+    the terminal runs."""
+    from vision_rollout.attempts import printable
+
+    return printable(text)
 
 
 class _OneLine(logging.Formatter):
@@ -1212,7 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UsageError as exc:
-        print(f"rolloutctl {args.command}: {exc}", file=sys.stderr)
+        print(f"rolloutctl {args.command}: {_one_line(str(exc))}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt as exc:  # (run handles its own, the stable version back first)
         print(f"rolloutctl {args.command}: interrupted", file=sys.stderr)

@@ -332,6 +332,40 @@ def test_a_server_answering_garbage_is_an_error_in_one_line(tmp_path, capsys, bo
             assert len(err.strip().splitlines()) == 1
 
 
+def test_a_server_error_with_line_breaks_and_terminal_escapes_is_printed_on_one_plain_line(tmp_path, capsys):
+    """The reason a server (or a proxy before it) gives in its error answer went to stderr as
+    sent: a line break started a second line that read as the command's own ("applied"), and
+    terminal escapes cleared the screen or retitled the window of whoever ran it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    reason = "bad gateway\nrolloutctl mesh: applied\x1b[2J\x1b]0;title\x07\u202e"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"error": reason}).encode()
+            self.send_response(502)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        code, out, err = run(capsys, "mesh", "get", "--backend", "local", "--url", url, "--model", "digits")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (code, out) == (4, "")
+    assert err.count("\n") == 1
+    assert err.startswith("rolloutctl mesh: error: model server GET /v2/models/digits/traffic: HTTP 502: bad gateway ")
+    assert all(c.isprintable() for c in err.rstrip("\n"))
+
+
 def test_a_server_answering_a_byte_at_a_time_times_out():
     """The socket's timeout is per read: a body sent a byte every 0.2 s held the admin client
     (mesh apply, every step of run) for as long as the server kept at it."""
