@@ -863,10 +863,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  lease: taken {_when(held.acquired)}, renewed {_when(held.renewed)}, runs to "
                 f"{_when(held.expires)} ({left})"
             )
+            # (as any writer of the lock left them: a Lease's annotations, a note quoting a server)
             if held.aborted:
-                print(f"  ABORTED: {held.aborted} (the run puts the stable version back and stops)")
+                print(f"  ABORTED: {_one_line(held.aborted)} (the run puts the stable version back and stops)")
             if held.note:
-                print(f"  last: {held.note}")
+                print(f"  last: {_one_line(held.note)}")
         if routes is not None or unread:
             print(f"  routes: {_weights(routes) if routes is not None else 'cannot be read'}")
     if unread:
@@ -907,7 +908,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
             f"the spec's mesh is {spec.mesh}: its lock is "
             + ("under --lock-dir (local mode)" if spec.mesh == "local" else "a Lease in --namespace (kubernetes mode)")
         )
-    reason = " ".join((args.reason or "").split()) or f"rolloutctl abort by {_operator()}"
+    reason = _one_line(args.reason or "") or f"rolloutctl abort by {_operator()}"
     lock = _model_lock(args, spec.model)
     if args.namespace:
         with _lock_errors("; nothing changed"):
@@ -916,7 +917,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
             except LockLost as exc:
                 raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
         print(
-            f"ABORTED {'already ' if marked.aborted != reason else ''}({marked.aborted}): run {marked.holder!r} "
+            f"ABORTED {'already ' if marked.aborted != reason else ''}({_one_line(marked.aborted)}): run {marked.holder!r} "
             f"rolls back at its next step: its teardown puts version {spec.baseline_version} back"
         )
         return 0
@@ -952,7 +953,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
     told = f"run {marked.holder!r} rolls back at its next look (a DAG run: its next step)"
     if not where.startswith(f"version {spec.baseline_version} takes 100%"):  # (a write of the run's meanwhile)
         raise CommandError(f"aborted ({marked.aborted}): {told}, but {where}")
-    print(f"ABORTED {'already ' if marked.aborted != reason else ''}({marked.aborted}): {told}; {where}")
+    print(f"ABORTED {'already ' if marked.aborted != reason else ''}({_one_line(marked.aborted)}): {told}; {where}")
     return 0
 
 

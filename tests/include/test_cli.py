@@ -957,6 +957,52 @@ def test_status_reads_the_lock_as_the_lease_rules_judge_it(tmp_path, capsys):
     assert "EXPIRED: its run did not end" in out
 
 
+class _ServerRoutes:
+    """The model server's routes as ``LocalRouter`` reads and writes them, without a server:
+    version 1 at 100% until written; ``fail`` makes each write fail as a server answering 503 does."""
+
+    def __init__(self, monkeypatch) -> None:
+        from vision_rollout.mesh import LocalRouter, RouterError
+        from vision_rollout.serving import ModelServerAdmin
+
+        self.routes = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+        self.fail = False
+
+        def set_routes(router, policy: TrafficPolicy) -> bool:
+            if self.fail:
+                raise RouterError("model server PUT /v2/models/digits/traffic: HTTP 503: unavailable")
+            changed, self.routes = policy != self.routes, policy
+            return changed
+
+        monkeypatch.setattr(LocalRouter, "get_routes", lambda router: self.routes)
+        monkeypatch.setattr(LocalRouter, "set_routes", set_routes)
+        monkeypatch.setattr(ModelServerAdmin, "ready", lambda admin, model, version: True)
+
+
+def test_an_abort_reason_and_a_runs_last_word_reach_the_terminal_as_plain_text(tmp_path, capsys, monkeypatch):
+    """An abort's --reason went into the lease as typed, and a run's note (a stage reason quoting
+    a server) as it came: ``status`` printed their line breaks and terminal escapes, for whoever
+    looked at the rollout next, to run."""
+    from vision_rollout.spec import RolloutSpec
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"stages": [50, 100]}))
+    routes = _ServerRoutes(monkeypatch)
+    routes.routes = RolloutSpec.from_dict({"stages": [50, 100]}).policy_for_stage(50)
+    lock = FileLock("digits", tmp_path)
+    lock.acquire("a run")
+    lock.renew("a run", note="stage 50%: look 1 of 12: HTTP 502: \x1b]0;title\x07waiting\nfor samples")
+    argv = ["--lock-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]
+    code, out, _ = run(capsys, "abort", "--spec", str(spec_file), *argv, "--reason", "dashboards\x1b[2J look\nwrong")
+    assert code == 0
+    assert FileLock("digits", tmp_path).holding().aborted == "dashboards [2J look wrong"
+    assert out.startswith("ABORTED (dashboards [2J look wrong): run 'a run' rolls back")
+    code, out, _ = run(capsys, "status", "--model", "digits", *argv)
+    assert code == 3
+    assert "  last: stage 50%: look 1 of 12: HTTP 502: ]0;title waiting for samples\n" in out
+    assert all(c.isprintable() for line in out.splitlines() for c in line)
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
