@@ -944,13 +944,18 @@ def cmd_abort(args: argparse.Namespace) -> int:
                 "back; nothing changed"
             )
         marked = lock.abort(reason)
-        restore_stable(spec, router)
     except LockLost as exc:  # released between the read and the mark: that run has ended
         raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
     except (RouterError, AdminError, LockError) as exc:
         raise CommandError(str(exc)) from None
-    where = _where_routes_are(router, spec)
     told = f"run {marked.holder!r} rolls back at its next look (a DAG run: its next step)"
+    try:
+        restore_stable(spec, router)
+    except RouterError as exc:  # the mark is set: the run rolls back all the same
+        raise CommandError(
+            f"aborted ({marked.aborted}): {told}, but version {spec.baseline_version} was not put back: {exc}"
+        ) from None
+    where = _where_routes_are(router, spec)
     if not where.startswith(f"version {spec.baseline_version} takes 100%"):  # (a write of the run's meanwhile)
         raise CommandError(f"aborted ({marked.aborted}): {told}, but {where}")
     print(f"ABORTED {'already ' if marked.aborted != reason else ''}({_one_line(marked.aborted)}): {told}; {where}")

@@ -1003,6 +1003,29 @@ def test_an_abort_reason_and_a_runs_last_word_reach_the_terminal_as_plain_text(t
     assert all(c.isprintable() for line in out.splitlines() for c in line)
 
 
+def test_an_abort_whose_rollback_fails_says_the_run_was_aborted_all_the_same(tmp_path, capsys, monkeypatch):
+    """The mark is set before the routes are written: a write that failed ended in the server's
+    error alone, exit 4 read as "nothing changed", while the run had been aborted and would roll
+    back at its next look. The error line says both."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"stages": [50, 100]}))
+    from vision_rollout.spec import RolloutSpec
+
+    routes = _ServerRoutes(monkeypatch)
+    routes.routes = RolloutSpec.from_dict({"stages": [50, 100]}).policy_for_stage(50)
+    FileLock("digits", tmp_path).acquire("a run")
+    routes.fail = True
+    argv = ["abort", "--spec", str(spec_file), "--lock-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]
+    code, out, err = run(capsys, *argv, "--reason", "dashboards look wrong")
+    assert (code, out) == (4, "")
+    assert FileLock("digits", tmp_path).holding().aborted == "dashboards look wrong"
+    assert err.startswith(
+        "rolloutctl abort: error: aborted (dashboards look wrong): run 'a run' rolls back at its next look "
+        "(a DAG run: its next step), but version 1 was not put back: model server PUT /v2/models/digits/traffic: "
+        "HTTP 503: unavailable"
+    )
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
