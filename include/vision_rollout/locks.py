@@ -268,8 +268,9 @@ class FileLock(CompareAndSwapLock):
                 fcntl.flock(guard, fcntl.LOCK_UN)
 
     def _raw(self) -> str | None:
+        """The file's text (bytes that are not UTF-8 replaced: read as the garbage they are)."""
         try:
-            return self.path.read_text()
+            return self.path.read_bytes().decode(errors="replace")
         except FileNotFoundError:
             return None
 

@@ -1026,6 +1026,19 @@ def test_an_abort_whose_rollback_fails_says_the_run_was_aborted_all_the_same(tmp
     )
 
 
+def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
+    """A lock file of bytes that are not UTF-8 (a disk error, another tool's file) was a
+    UnicodeDecodeError's traceback out of status, abort and run; it is the unreadable lock that
+    any other garbage there is, in one line."""
+    (tmp_path / "digits.lock").write_bytes(b"\xff\xfe{")
+    code, out, err = run(capsys, "status", "--model", "digits", "--lock-dir", str(tmp_path))
+    assert (code, out) == (4, "")
+    assert (
+        err
+        == f"rolloutctl status: error: unreadable lock file {tmp_path / 'digits.lock'} (Expecting value: line 1 column 1 (char 0)); remove it if no rollout runs\n"
+    )
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
