@@ -747,8 +747,11 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         raise UsageError("send needs --token-file, a file holding the Slack bot token")
     token = _token(args.token_file)
     assert token is not None
-    if re.search(r"[\x00-\x20\x7f]", token):  # (http.client's refusal of such a header quotes it)
-        raise UsageError(f"--token-file {args.token_file}: the token holds a space or a control character")
+    if re.search(r"[^\x21-\x7e]", token):  # (http.client's refusal of such a header quotes it)
+        raise UsageError(
+            f"--token-file {args.token_file}: the token holds a space, a control character or one beyond ASCII "
+            "(a byte-order mark, a typographic quote)"
+        )
     from slack_sdk import WebClient
 
     client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)

@@ -95,11 +95,13 @@ class ModelServerAdmin:
     ) -> Any:
         """One request; the decoded JSON answer (at most ``MAX_ANSWER`` bytes), or None for an empty one."""
         timeout_s = timeout_s or self.timeout_s
-        if self.token is not None and any(ord(c) < 32 or ord(c) == 127 for c in self.token):
-            # http.client's refusal of such a header quotes its value: the token, in logs and reports.
+        if self.token is not None and any(ord(c) < 32 or ord(c) == 127 or ord(c) > 255 for c in self.token):
+            # http.client's refusal of such a header quotes its value: the token, in logs and reports;
+            # one beyond Latin-1 it cannot encode, which read as a URL it cannot reach.
             raise AdminError(
-                "the admin token holds a line break or another control character, which an HTTP header "
-                "cannot carry: check its file or the connection's password"
+                "the admin token holds a line break or another control character, or one beyond Latin-1 (a "
+                "byte-order mark, a typographic quote), which an HTTP header cannot carry: check its file or "
+                "the connection's password"
             )
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 (the configured server)

@@ -284,6 +284,27 @@ def test_a_token_file_that_cannot_be_used_is_a_usage_error(tmp_path, capsys, con
     assert words in err
 
 
+@pytest.mark.parametrize("token", ["\ufeffs3cret", "s3cret\u2019"])
+def test_a_token_no_header_can_carry_is_not_blamed_on_the_url(tmp_path, capsys, token):
+    """A token file saved with a byte-order mark, or a token pasted with a typographic quote, was
+    "model server at http://...: not a URL it can reach": the operator looked at the URL. The
+    error names the token, without quoting it, before any request."""
+    path = tmp_path / "token"
+    path.write_text(token, encoding="utf-8")
+    argv = ["mesh", "get", "--backend", "local", "--url", f"http://127.0.0.1:{free_port()}", "--model", "digits"]
+    code, out, err = run(capsys, *argv, "--token-file", str(path))
+    assert (code, out) == (4, "")
+    assert "the admin token holds" in err
+    assert "not a URL" not in err
+    assert "s3cret" not in err
+    (tmp_path / "outbox").mkdir()
+    argv = ["outbox", "send", "--outbox", str(tmp_path / "outbox"), "--slack-url", f"http://127.0.0.1:{free_port()}/"]
+    code, out, err = run(capsys, *argv, "--token-file", str(path))
+    assert (code, out) == (2, "")
+    assert "the token holds" in err
+    assert "s3cret" not in err
+
+
 def test_a_policy_or_spec_file_too_large_to_be_one_is_a_usage_error(tmp_path, capsys):
     big = tmp_path / "policy.json"
     big.write_text("[" + " " * (4 * 1024 * 1024) + "]")
