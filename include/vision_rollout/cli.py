@@ -19,12 +19,15 @@
                    (the run folders, approval counts and outbox leftovers nobody reads any more)
   rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
                    [--reason TEXT]   (the stable version back, the running rollout told to roll back)
+  rolloutctl restart-stage --run-dir DIR --model M --run-id R --stage N --reason TEXT
+                             (a DAG run's stage tested afresh at its next run, reported as restarted)
 
 Exit codes: 0 pass (or done, or promoted; status: no rollout holds the model), 1 fail (or rolled
 back, or aborted; status: a lease that expired, its run not ended), 2 usage error, 3 wait (status:
 a rollout holds the model), 4 error (a server, a store or a file could not be used, or the model
-was not where a rollout starts, or no rollout to abort: nothing was decided; outbox send: a report
-Slack did not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
+was not where a rollout starts, or no rollout to abort: nothing was decided; abort: the run marked
+aborted but the stable version not written back, as its line says; outbox send: a report Slack did
+not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
 SIGTERM), after the stable version is put back. Errors go to stderr in one line, results to stdout.
 """
 

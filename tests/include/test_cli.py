@@ -65,6 +65,18 @@ def test_usage_errors_exit_2(tmp_path, capsys, argv):
     assert run(capsys, *argv)[0] == 2
 
 
+def test_help_shows_every_command(capsys):
+    """``rolloutctl --help`` showed the usage of each command but restart-stage."""
+    import argparse
+
+    from vision_rollout.cli import parser
+
+    code, text, _ = run(capsys, "--help")
+    assert code == 0
+    [commands] = [a.choices for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert [c for c in commands if f"rolloutctl {c} " not in text] == []
+
+
 def test_run_without_prometheus_must_say_it_runs_unguarded(tmp_path, capsys):
     """Without --prometheus a rollout ran with no P99 and no shadow-error guard, and nothing said
     so. It is refused now unless --no-hard-guards says it is meant; the model server (nothing
