@@ -122,8 +122,13 @@ class PrometheusSource:
 
     def _api(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         data = _get_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", self.timeout_s, self.headers)
-        if data.get("status") != "success":  # its error, as long as an HTTP error's (the stage's reason)
+        if data.get("status") == "error":  # its error, as long as an HTTP error's (the stage's reason)
             raise MetricsError(f"prometheus: {str(data.get('errorType'))[:100]}: {str(data.get('error'))[:1000]}")
+        if data.get("status") != "success":  # another API's JSON (the model server's port, a proxy's)
+            raise MetricsError(
+                f"prometheus: {path}: an answer not shaped as Prometheus' API (no status success or error): "
+                f"{json.dumps(data)[:80]}"
+            )
         return data["data"]
 
     @_shape_checked

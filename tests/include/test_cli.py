@@ -1072,6 +1072,26 @@ def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("body", [b'{"route": [{"version": "1", "weight": 100}]}', b"{}"])
+def test_run_names_a_prometheus_url_that_answers_another_api(tmp_path, capsys, monkeypatch, models_dir, body):
+    """--prometheus given the model server's port (or any JSON API's) was refused as
+    "Prometheus cannot be read, nothing changed: prometheus: None: None"."""
+    from tests.support.hostile import hostile_server
+
+    _ServerRoutes(monkeypatch)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"stages": [50, 100]}))
+    with hostile_server(body) as url:
+        code, out, err = run(
+            capsys,
+            *("run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--prometheus", url),
+            *("--validation", str(models_dir / "digits" / "validation"), "--prediction-log", str(tmp_path)),
+        )
+    assert (code, out) == (4, "")
+    assert "Prometheus cannot be read, nothing changed: prometheus: targets: an answer not shaped as" in err
+    assert "None" not in err
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
