@@ -699,30 +699,35 @@ def _run(
         stopped = " (while stopping for a signal)" if isinstance(exc.__context__, Interrupted) else ""
         ended = f"the rollout failed{stopped}: {_message(exc)}"
         raise CommandError(f"{ended}; {cut_short('rolloutctl run: ' + ended)}") from None
-    if result.promoted:
-        try:
-            lease.renew(f"promoted: {result.reason}")
-        except Aborted as exc:  # an abort while promoting put the stable version back: so does this run
-            rollout.restore_stable()
-            where = cut_short(f"rolloutctl run was {exc} while promoting")
-            print(f"ROLLED BACK: {exc} while promoting; {where}", flush=True)
-            return 1
-    last = result.stages[-1] if result.stages else None
-    verdicts = [o.verdict for o in result.stages if o.verdict is not None]
-    failed = last if last is not None and last.decision != "pass" else None
-    send(
-        promotion_message(spec, verdicts, result.audit, reason=result.reason)
-        if result.promoted
-        else rollback_message(
-            spec,
-            result.reason,
-            failed.verdict if failed else None,
-            failed.weight if failed else None,
-            result.audit,
+    try:  # (a signal now, once the routes are what the rollout decided: the last line says what serves)
+        if result.promoted:
+            try:
+                lease.renew(f"promoted: {result.reason}")
+            except Aborted as exc:  # an abort while promoting put the stable version back: so does this run
+                rollout.restore_stable()
+                where = cut_short(f"rolloutctl run was {exc} while promoting")
+                print(f"ROLLED BACK: {exc} while promoting; {where}", flush=True)
+                return 1
+        last = result.stages[-1] if result.stages else None
+        verdicts = [o.verdict for o in result.stages if o.verdict is not None]
+        failed = last if last is not None and last.decision != "pass" else None
+        send(
+            promotion_message(spec, verdicts, result.audit, reason=result.reason)
+            if result.promoted
+            else rollback_message(
+                spec,
+                result.reason,
+                failed.verdict if failed else None,
+                failed.weight if failed else None,
+                result.audit,
+            )
         )
-    )
-    print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
-    return 0 if result.promoted else 1
+        print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
+        return 0 if result.promoted else 1
+    except Interrupted as exc:
+        where = cut_short(f"rolloutctl run was stopped by {exc} once it had ended")
+        print(f"INTERRUPTED by {exc}: {where}", flush=True)
+        return 128 + exc.signum
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:

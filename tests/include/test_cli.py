@@ -1092,6 +1092,39 @@ def test_run_names_a_prometheus_url_that_answers_another_api(tmp_path, capsys, m
     assert "None" not in err
 
 
+def test_a_signal_once_the_rollout_ended_says_what_serves(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C landing once the candidate was promoted (its report being written to the outbox)
+    ended in "interrupted", exit 130, the code of a run whose stable version was put back, and
+    nothing said version 2 served. The last line says what serves."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "mirror_percent": 0})
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: lambda window: StageState("pass", 1, 1, None, "ok"))
+    write = Folder.write
+
+    def stopped_at_the_promotion(self, name, data):
+        if b"Promoted digits v2" in data:
+            raise cli.Interrupted(signal.SIGINT)
+        return write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", stopped_at_the_promotion)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    with cli._Lease(tmp_path, spec.model) as lease:
+        assert cli._run(args, spec, router, None, {}, lease, "") == 130
+    assert router.history[-1] == spec.promoted_policy().to_dict()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "INTERRUPTED by SIGINT: version 2 takes 100%: its promotion was decided"
+    )
+
+
 def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_path, monkeypatch, capsys):
     """The last stage's look is the run's last renewal: an abort marked while it promoted put the
     stable version back, and the run still said PROMOTED and exited 0 with version 1 serving.
