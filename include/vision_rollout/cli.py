@@ -512,6 +512,10 @@ def _stores_answer(args: argparse.Namespace) -> None:
     for flag, folder in (("--prediction-log", Folder(args.prediction_log)), ("--outbox", args.outbox)):
         if folder is None:
             continue
+        if flag == "--outbox" and folder.path is not None:  # (made at its first report: where it can be)
+            found = next(p for p in (folder.path.absolute(), *folder.path.absolute().parents) if p.exists())
+            if not found.is_dir():
+                raise UsageError(f"{flag} {folder}: {found} is not a folder")
         try:
             folder.check()
         except ArrowInvalid as exc:

@@ -808,6 +808,24 @@ def test_run_refuses_an_object_store_without_its_bucket_before_any_route_changes
     assert f"{flag} s3://no-such-bucket/x cannot be read, nothing changed" in err
 
 
+@pytest.mark.parametrize("where", ["a file", "a file/outbox"])
+def test_run_refuses_an_outbox_on_this_disk_that_cannot_be_a_folder(tmp_path, models_dir, capsys, where):
+    """--outbox naming a file (or a folder under one) ran the whole rollout, each report lost
+    with a warning; it is refused before any route changes (the model server, nothing listening
+    on port 9, is never reached)."""
+    (tmp_path / "a file").write_text("")
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    code, out, err = run(
+        capsys,
+        *("run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--no-hard-guards"),
+        *("--validation", str(models_dir / "digits" / "validation"), "--prediction-log", str(tmp_path)),
+        *("--outbox", str(tmp_path / where)),
+    )
+    assert (code, out) == (2, "")
+    assert err == f"rolloutctl run: --outbox {tmp_path / where}: {tmp_path / 'a file'} is not a folder\n"
+
+
 def test_a_run_stopped_while_taking_the_lock_gives_it_back(tmp_path):
     """A signal landing as the lock was taken left it held for its whole lease: the next run was
     refused as a rollout in progress by the run just stopped."""
