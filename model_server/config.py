@@ -22,7 +22,7 @@ _UINT_RE = re.compile(r"[0-9]{1,18}")
 # The widths of Triton's model_config.proto fields: a larger number is no config Triton reads
 # (a default_timeout_microseconds past a float's range failed every request with a 500).
 INT32_MAX, UINT32_MAX, INT64_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1
-_WIDTHS = {INT32_MAX: "int32", UINT32_MAX: "uint32", UINT64_MAX: "uint64"}
+_WIDTHS = {INT32_MAX: "int32", UINT32_MAX: "uint32", INT64_MAX: "int64", UINT64_MAX: "uint64"}
 MAX_DIMS = 32  # a tensor's dimensions, in a request's shape and in a config's dims
 
 
@@ -304,12 +304,12 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
     for key, policy in per_level.items():
         # Protobuf's JSON map keys are strings; as Triton, a level out of 1..priority_levels is refused
         # (with no priority levels the map is not read).
-        level = ascii_uint(key) if isinstance(key, str) else None
-        if level is None or (levels and not 1 <= level <= levels):
+        level = proto_int(key) if isinstance(key, str) else None
+        if level is None or not 0 <= level <= UINT64_MAX or (levels and not 1 <= level <= levels):
             raise _fail(
                 f"{where}.priority_queue_policy",
                 f"priority level {shown(repr(key)[:40])} must be "
-                + (f"in range [1, {levels}]" if levels else "an integer"),
+                + (f"in range [1, {levels}]" if levels else f"an integer in range [0, {UINT64_MAX}] (uint64)"),
             )
         levels_policy[level] = _queue_policy(f"{where}.priority_queue_policy[{level}]", policy)
     ordering = raw.get("preserve_ordering", False)
@@ -494,27 +494,34 @@ def _version_policy(where: str, policy: Any) -> dict[str, Any]:
     if kind in ("latest", "specific") and isinstance(body, dict):
         _known(f"{where}.{kind}", body, {"latest": {"num_versions"}, "specific": {"versions"}}[kind])
     if kind == "latest" and isinstance(body, dict):
-        n = proto_int(body.get("num_versions", 1))
-        if n is not None and n >= 1:
-            return {"latest": {"num_versions": n}}
-        raise _fail(where, "latest.num_versions must be an integer >= 1")
+        n = _positive_int(f"{where}.latest.num_versions", body.get("num_versions", 1), 1, UINT32_MAX)
+        return {"latest": {"num_versions": n}}
     if kind == "specific" and isinstance(body, dict):
         raw = body.get("versions")
         versions = [proto_int(v) for v in raw] if isinstance(raw, list) and len(raw) <= 10_000 else []
         if versions and all(v is not None and v >= 1 for v in versions):
+            if max(v for v in versions if v is not None) > INT64_MAX:
+                raise _fail(
+                    f"{where}.specific.versions",
+                    f"a version is over {INT64_MAX}, the largest Triton's int64 field holds",
+                )
             return {"specific": {"versions": sorted({v for v in versions if v is not None})}}
         raise _fail(where, "specific.versions must be a non-empty list of integers >= 1")
     raise _fail(where, f"unknown or malformed policy {policy!r}")
 
 
+_PROTO_INT_RE = re.compile(r"-?[0-9]{1,4000}")  # (int() takes at most 4300 digits)
+
+
 def proto_int(value: Any) -> int | None:
     """An integer as protobuf's JSON mapping writes it: a number, or (64-bit fields, which Triton
-    writes so) its decimal string; None for anything else (a bool, a fraction, other text)."""
+    writes so) its decimal string, a sign too, of any length (the field's range is checked by its
+    reader); None for anything else (a bool, a fraction, other text)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    return ascii_uint(value) if isinstance(value, str) else None
+    return int(value) if isinstance(value, str) and _PROTO_INT_RE.fullmatch(value) else None
 
 
 def _positive_int(where: str, value: Any, minimum: int, maximum: int = INT32_MAX) -> int:
@@ -589,13 +596,6 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _triton_int(value: Any) -> int | None:
-    """An integer as protobuf's JSON reader takes one: a number, or its decimal text (a sign too)."""
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,19}", value):
-        return int(value)
-    return proto_int(value)
-
-
 def _same(given: Any, mine: Any, key: str = "") -> bool:
     """Whether a field of a Triton model configuration a load sent says what the model's own
     (``ModelConfig.as_triton``) says: the fields it gives, in any of protobuf's JSON spellings
@@ -614,7 +614,7 @@ def _same(given: Any, mine: Any, key: str = "") -> bool:
     if isinstance(mine, bool) or mine is None:
         return given is mine
     if isinstance(mine, int):
-        return _triton_int(given) == mine
+        return proto_int(given) == mine
     if key in _ENUM_KEYS:
         return isinstance(given, str) and given.upper() == mine
     return bool(given == mine)

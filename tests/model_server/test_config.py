@@ -131,6 +131,40 @@ def test_numbers_past_triton_s_field_widths_are_refused_at_load_not_failed_per_r
     assert cfg.dynamic_batching.default_timeout_microseconds / 1e6 > 0  # a float: no overflow
 
 
+def test_64_bit_numbers_written_as_text_are_read_to_their_field_s_range():
+    """Protobuf's JSON writes 64-bit integers as text of up to 20 digits: such text of 19 or 20
+    digits was refused as "must be an integer >= 0"; each field takes its own range and names it
+    when a number is past it."""
+    batched = {**BASE, "max_batch_size": 8}
+    widest = {"default_timeout_microseconds": str(2**64 - 1), "max_queue_size": str(2**32 - 1)}
+    per_level = {str(2**64 - 1): {"max_queue_size": 1}}  # (not read without priority levels)
+    cfg = parse_config(
+        "m",
+        {
+            **batched,
+            "dynamic_batching": {"default_queue_policy": widest, "priority_queue_policy": per_level},
+            "version_policy": {"specific": {"versions": [str(2**63 - 1), "1"]}},
+        },
+    )
+    assert cfg.dynamic_batching is not None
+    assert cfg.dynamic_batching.default_timeout_microseconds == 2**64 - 1
+    assert cfg.version_policy == {"specific": {"versions": [1, 2**63 - 1]}}
+    for change, message in [
+        ({"dynamic_batching": {"default_queue_policy": {"default_timeout_microseconds": str(2**64)}}}, "uint64"),
+        ({"dynamic_batching": {"default_queue_policy": {"default_timeout_microseconds": "9" * 60}}}, "uint64"),
+        ({"dynamic_batching": {"default_queue_policy": {"default_timeout_microseconds": "-1"}}}, ">= 0, got '-1'"),
+        ({"dynamic_batching": {"priority_queue_policy": {str(2**64): {}}}}, r"in range \[0, 18446744073709551615\]"),
+        (
+            {"version_policy": {"specific": {"versions": [str(2**63)]}}},
+            "versions: a version is over 9223372036854775807",
+        ),
+        ({"version_policy": {"latest": {"num_versions": str(2**32)}}}, "num_versions: 4294967296 is over 4294967295"),
+        ({"instance_count": "99999999999999999999"}, "instance_count: 99999999999999999999 is over 2147483647"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_config("m", {**batched, **change})
+
+
 def test_a_preprocess_size_no_image_may_have_is_refused_before_its_warm_up_allocates_it():
     """A size over the pixels an image may have failed the load only once the warm-up had made a
     blank image of it (W x H bytes: a typo of 100000 x 100000 took 10 GB, the whole server's)."""

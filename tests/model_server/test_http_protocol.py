@@ -135,6 +135,34 @@ def test_a_load_takes_the_config_get_model_config_answers(server):
     assert c.get_model_config("digits") == cfg
 
 
+def test_a_load_reads_64_bit_numbers_written_as_text_to_their_field_s_range(server, digit_images):
+    """Protobuf's JSON writes a uint64 as text, up to 20 digits: one of 19 or 20 digits was
+    refused as "must be an integer >= 0"; past the field's range the load is refused naming the
+    field and the range."""
+    c = server.client()
+    widest = "18446744073709551615"
+    batching = {"default_queue_policy": {"default_timeout_microseconds": widest}, "priority_queue_policy": {}}
+    try:
+        c.load_model("digits", headers=server.admin, config=json.dumps({"dynamic_batching": batching}))
+        queue = c.get_model_config("digits")["dynamic_batching"]["default_queue_policy"]
+        assert int(queue["default_timeout_microseconds"]) == 2**64 - 1
+        assert c.infer("digits", [image_input([digit_images[0][0]])]).as_numpy("probabilities").shape == (1, 10)
+        past = {"default_queue_policy": {"default_timeout_microseconds": "18446744073709551616"}}
+        with pytest.raises(
+            InferenceServerException,
+            match=r"default_timeout_microseconds: 18446744073709551616 is over 18446744073709551615, the largest Triton's uint64",
+        ) as err:
+            c.load_model("digits", headers=server.admin, config=json.dumps({"dynamic_batching": past}))
+        assert err.value.status() == "400"
+        levels = {"priority_levels": "99999999999999999999", "default_priority_level": 1}
+        with pytest.raises(
+            InferenceServerException, match=r"priority_levels: 99999999999999999999 is over 18446744073709551615"
+        ):
+            c.load_model("digits", headers=server.admin, config=json.dumps({"dynamic_batching": levels}))
+    finally:
+        c.load_model("digits", headers=server.admin)
+
+
 def test_model_readiness(server):
     c = server.client()
     assert c.is_model_ready("digits")
