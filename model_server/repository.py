@@ -76,6 +76,8 @@ class ModelRepository:
         self._errors: dict[str, str] = {}
         # Versions that were loaded and are not now (Triton keeps them in its index, UNAVAILABLE).
         self._unloaded: dict[str, set[int]] = {}
+        # Versions not served whose last load failed, with its reason (UNAVAILABLE in Triton's index).
+        self._failed: dict[str, dict[int, str]] = {}
         self._disk_configs: dict[str, tuple[tuple[Any, ...], ModelConfig]] = {}  # not loaded: (_stamp, config)
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.state_dir = state_dir
@@ -205,9 +207,14 @@ class ModelRepository:
                 ):
                     new[v] = old
                     continue
-                lv = LoadedVersion(cfg, v, on_disk[v], self.providers)
-                created.append(lv)
-                lv.warmup()
+                try:
+                    lv = LoadedVersion(cfg, v, on_disk[v], self.providers)
+                    created.append(lv)
+                    lv.warmup()
+                except ServerError as exc:
+                    if v not in current:  # (a version served keeps serving: READY in the index)
+                        self._version_failed(name, v, exc.message, created)
+                    raise
                 new[v] = lv
             if persist:  # saved before it serves: a load that cannot be saved changes nothing
                 # (what it changes: the rest of a Triton config it sent was config.json's then)
@@ -220,6 +227,8 @@ class ModelRepository:
             self._models[name] = new
             self._configs[name] = cfg
             self._unloaded[name] = (self._unloaded.get(name, set()) | set(current)) - set(new)
+            failed = self._failed.get(name, {})
+            self._failed[name] = {v: reason for v, reason in failed.items() if v not in new}
             retired = [lv for v, lv in current.items() if new.get(v) is not lv]
             for lv in retired:
                 self._retire(lv)
@@ -229,6 +238,17 @@ class ModelRepository:
             metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(lv.pending_count)
             log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
         return sorted(new)
+
+    def _version_failed(self, name: str, version: int, reason: str, created: list[LoadedVersion]) -> None:
+        """Record, as Triton's index shows it, a load that failed on ``version`` (not served):
+        that version UNAVAILABLE with its reason, those it loaded first and drops "unloaded"."""
+        with self._lock:
+            self._failed.setdefault(name, {})[version] = reason
+            served = self._models.get(name, {})
+            dropped = {lv.version for lv in created if lv.version != version and lv.version not in served}
+            self._unloaded[name] = self._unloaded.get(name, set()) | dropped
+            for v in dropped:
+                self._failed[name].pop(v, None)
 
     def unload(self, name: str, keep: Iterable[str] = ()) -> None:
         """Unload every version; refused with 409 while the traffic policy routes to one."""
@@ -317,7 +337,7 @@ class ModelRepository:
         number = version_number(version) if version is not None else None
         with self._lock:
             versions, cfg = dict(self._models.get(name) or {}), self._configs.get(name)
-            known = set(versions) | self._unloaded.get(name, set())
+            known = set(versions) | self._unloaded.get(name, set()) | set(self._failed.get(name, {}))
         if cfg is not None and versions and number is None:
             return cfg, versions
         if cfg is not None and number in versions:
@@ -386,16 +406,19 @@ class ModelRepository:
         with self._lock:
             loaded = {n: set(v) for n, v in self._models.items()}
             unloaded = {n: set(v) for n, v in self._unloaded.items()}
+            failed = {n: dict(v) for n, v in self._failed.items()}
             errors = dict(self._errors)
         out: list[dict[str, Any]] = []
         for name in sorted(set(self.names()) | {n for n, v in loaded.items() if v}):
-            ready, gone = loaded.get(name, set()), unloaded.get(name, set())
+            ready, gone, reasons = loaded.get(name, set()), unloaded.get(name, set()), failed.get(name, {})
             reason = errors.get(name, "unloaded") if not ready else "unloaded"
+            gone |= set(reasons)
             for v in sorted(ready | gone):
                 if v in ready:
                     out.append({"name": name, "version": str(v), "state": "READY"})
                 elif not ready_only:
-                    out.append({"name": name, "version": str(v), "state": "UNAVAILABLE", "reason": reason})
+                    why = reasons.get(v, reason)
+                    out.append({"name": name, "version": str(v), "state": "UNAVAILABLE", "reason": why})
             if not ready and not gone and not ready_only:
                 error = errors.get(name)
                 out.append({"name": name} if error is None else {"name": name, "state": "UNAVAILABLE", "reason": error})

@@ -332,6 +332,39 @@ def test_what_is_not_loaded_answers_metadata_config_readiness_and_index_as_trito
     assert status("/v2/models/other") == (404, "Request for unknown model: 'other' is not found")
 
 
+def test_a_version_whose_load_failed_is_in_the_index_unavailable_with_its_reason(server_factory, repo_copy):
+    """As Triton: a load that fails on a version while others keep serving lists that version
+    UNAVAILABLE with the reason it failed (it was not in the index at all), answers it 503 "not
+    at ready state", and a later load of it that works makes it READY."""
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    onnx = repo_copy / "digits" / "3" / "model.onnx"
+    good = onnx.read_bytes()
+    onnx.write_bytes(b"this is not an onnx file")
+    policy = {"version_policy": {"specific": {"versions": [1, 3]}}}
+    with pytest.raises(InferenceServerException, match="failed to load 'digits'") as err:
+        c.load_model("digits", headers=server.admin, config=json.dumps(policy))
+    assert err.value.status() == "400"
+    index = c.get_model_repository_index()
+    assert [(e["version"], e["state"]) for e in index if e["name"] == "digits"] == [
+        ("1", "READY"),
+        ("3", "UNAVAILABLE"),
+    ]
+    assert "failed to load model 'digits' version 3" in index[1]["reason"]
+    assert c.is_model_ready("digits", "1")
+    r = requests.get(f"{server.http}/v2/models/digits/versions/3", timeout=10)
+    assert (r.status_code, r.json()["error"]) == (
+        503,
+        "Request for unknown model: 'digits' version 3 is not at ready state",
+    )
+    onnx.write_bytes(good)
+    c.load_model("digits", headers=server.admin, config=json.dumps(policy))
+    assert [(e["version"], e["state"]) for e in c.get_model_repository_index() if e["name"] == "digits"] == [
+        ("1", "READY"),
+        ("3", "READY"),
+    ]
+
+
 def test_request_parameters_triton_refuses_are_refused_for_every_model(server, digit_images):
     """Triton's HTTP frontend reads priority and timeout as uint64 and refuses the "triton_"
     keys, whatever the model; a model without dynamic batching answered them 200, and one with

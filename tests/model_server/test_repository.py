@@ -81,7 +81,8 @@ def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
     assert sorted(versions) == [1, 2]
     assert all(v.session is not None for v in versions.values())
     entry = [e for e in repo.index() if e["name"] == "digits"]
-    assert [e["version"] for e in entry] == ["1", "2"]
+    assert [(e["version"], e["state"]) for e in entry] == [("1", "READY"), ("2", "READY"), ("3", "UNAVAILABLE")]
+    assert entry[2]["reason"].startswith("failed to load model 'digits' version 3 from model.onnx")
     repo.close_all()
 
 
