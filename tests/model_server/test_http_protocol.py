@@ -365,6 +365,39 @@ def test_a_version_whose_load_failed_is_in_the_index_unavailable_with_its_reason
     ]
 
 
+def test_a_version_0_or_negative_in_a_path_is_answered_as_triton_answers_it(server, digit_images):
+    """Triton reads a path's version as int64: 0 (or any number within int64) is a version the
+    model does not have, a 404 (its statistics a 400); a negative one matches none of its
+    endpoints, a 404; past int64, a 400. Each was a 400 here, and a 19-digit one too."""
+    c = server.client()
+    unknown = "Request for unknown model: 'digits'"
+    for version in ("0", "9223372036854775807"):
+        for suffix in ("", "/config", "/ready"):
+            r = requests.get(f"{server.http}/v2/models/digits/versions/{version}{suffix}", timeout=10)
+            assert (r.status_code, r.json()["error"]) == (404, f"{unknown} version {version} is not found")
+    inputs = [image_input([digit_images[0][0]])]
+    for version in ("0", "-1", "9223372036854775807"):
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("digits", inputs, model_version=version)
+        assert err.value.status() == "404"
+        with pytest.raises(InferenceServerException) as err:
+            c.get_model_metadata("digits", model_version=version)
+        assert err.value.status() == "404"
+        assert not c.is_model_ready("digits", version)
+    with pytest.raises(InferenceServerException, match="requested model version is not available") as err:
+        c.get_inference_statistics("digits", model_version="0")
+    assert err.value.status() == "400"
+    with pytest.raises(InferenceServerException) as err:
+        c.get_inference_statistics("digits", model_version="-1")
+    assert err.value.status() == "404"
+    for version in ("9223372036854775808", "1" * 40):
+        with pytest.raises(InferenceServerException, match="invalid version") as err:
+            c.infer("digits", inputs, model_version=version)
+        assert err.value.status() == "400"
+    for version in ("1", "0" * 30 + "1"):
+        assert c.infer("digits", inputs, model_version=version).get_response()["model_version"] == "1"
+
+
 def test_request_parameters_triton_refuses_are_refused_for_every_model(server, digit_images):
     """Triton's HTTP frontend reads priority and timeout as uint64 and refuses the "triton_"
     keys, whatever the model; a model without dynamic batching answered them 200, and one with
