@@ -8,6 +8,7 @@ requests it holds and only then releases its session. A load that fails changes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -44,6 +45,11 @@ def _serving_key(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, version_policy={}, raw={})
 
 
+def _pending(copies: list[LoadedVersion]) -> int:
+    """The pending requests of a version's copies not closed (a list its repository changes)."""
+    return sum(c.pending_count() for c in list(copies))
+
+
 def _stamp(model_dir: Path, cfg: ModelConfig) -> tuple[Any, ...]:
     """What changes when a config on disk does: config.json's and its labels files' inode, size,
     mtime and ctime, of the name and of what it links to (a link swapped for another, or its
@@ -78,6 +84,9 @@ class ModelRepository:
         self._unloaded: dict[str, set[int]] = {}
         # Versions not served whose last load failed, with its reason (UNAVAILABLE in Triton's index).
         self._failed: dict[str, dict[int, str]] = {}
+        # (model, version) -> its copies not closed: the one serving and those retired still
+        # holding requests (a reload of the same version), whose pending requests all count.
+        self._copies: dict[tuple[str, str], list[LoadedVersion]] = {}
         self._disk_configs: dict[str, tuple[tuple[Any, ...], ModelConfig]] = {}  # not loaded: (_stamp, config)
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.state_dir = state_dir
@@ -232,10 +241,13 @@ class ModelRepository:
             retired = [lv for v, lv in current.items() if new.get(v) is not lv]
             for lv in retired:
                 self._retire(lv)
+            for lv in created:
+                copies = self._copies.setdefault((name, lv.label), [])
+                copies.append(lv)
+                metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(functools.partial(_pending, copies))
         metrics.OPEN_SESSIONS.labels(name).inc(len(created))
         for lv in created:
             metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
-            metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(lv.pending_count)
             log.info("loaded model %r version %s on %s (sha256 %s)", name, lv.version, lv.provider, lv.sha256[:12])
         return sorted(new)
 
@@ -277,14 +289,20 @@ class ModelRepository:
         """Take a version out of service; with self._lock held."""
         lv.retired = True
         metrics.MODEL_INFO.remove(lv.name, lv.label, lv.provider)
-        metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
         if lv.inflight == 0:
             self._close(lv)
 
-    @staticmethod
-    def _close(lv: LoadedVersion) -> None:
+    def _close(self, lv: LoadedVersion) -> None:
+        """Close a retired version after its last request; with self._lock held. Its pending
+        requests' series goes with the last copy of its version."""
         lv.close()
         metrics.OPEN_SESSIONS.labels(lv.name).dec()
+        copies = self._copies.get((lv.name, lv.label), [])
+        if lv in copies:
+            copies.remove(lv)
+        if not copies:
+            self._copies.pop((lv.name, lv.label), None)
+            metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
 
     def close_all(self) -> None:
         with self._lock:

@@ -1104,3 +1104,45 @@ def test_pending_requests_are_exported_per_version_as_triton_s_gauge(server_fact
     assert (pending("digits"), pending("simple")) == (0, 0)
     server.client().unload_model("simple", headers=server.admin)
     assert pending("simple") is None
+
+
+@pytest.mark.integration
+def test_requests_pending_on_a_version_reloaded_are_still_counted(server_factory, repo_copy, digit_images):
+    """A reload of the same version (a new instance count) serves new requests on a new copy
+    while those queued on the old one still wait: nv_inference_pending_request_count counts
+    both. It counted the new copy's alone (0 while requests still waited)."""
+    import tritonclient.http as httpclient
+
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    config.update(max_batch_size=1, dynamic_batching={})  # one batch of 1 at a time
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+
+    def pending() -> float | None:
+        return server.metric("nv_inference_pending_request_count", model="digits", version="1")
+
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
+    )
+    assert fault.status_code == 200
+
+    def infer() -> None:
+        inp = httpclient.InferInput("image", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([digit_images[0][0]], dtype=object))
+        server.client().infer("digits", [inp])
+
+    with ThreadPoolExecutor(3) as pool:
+        done = [pool.submit(infer) for _ in range(3)]
+        for _ in range(50):  # one runs, two wait
+            if pending() == 2:
+                break
+            time.sleep(0.02)
+        assert pending() == 2
+        server.client().load_model("digits", headers=server.admin, config=json.dumps({"instance_count": 2}))
+        assert server.client().get_model_config("digits")["instance_group"][0]["count"] == 2
+        assert pending() == 2  # still queued on the old copy
+        for future in done:
+            future.result()
+    assert pending() == 0
+    server.client().unload_model("digits", headers=server.admin)
+    assert pending() is None
