@@ -984,21 +984,27 @@ def test_a_torn_or_foreign_cache_is_read_as_none(tmp_path, monkeypatch):
     for second in range(0, 20, 2):
         flush_at(pod, traffic(t0, second), t0 + second + 2)
     same_poke(full, cached, window, t0 + 25)
-    (cache,) = (tmp_path / "run").iterdir()
+    (stage,) = (tmp_path / "run").iterdir()
+    (cache,) = stage.iterdir()
     data = cache.read_bytes()
     cache.write_bytes(data[: len(data) // 2])  # a write cut short
     assert same_poke(full, cached, window, t0 + 25).attrs["files_opened"] == 10
     assert same_poke(full, cached, window, t0 + 26).attrs["files_opened"] == 0  # written whole again
+    assert cache.name not in [p.name for p in stage.iterdir()]  # the torn part removed
     other = StageWindow(0, 50, t0 + 10)  # another stage's cache under this one's name
     same_poke(full, cached, other, t0 + 25)
-    (cache, theirs) = sorted((tmp_path / "run").iterdir(), key=lambda p: p.name)
-    cache.write_bytes(theirs.read_bytes())
+    (stage, theirs) = sorted((tmp_path / "run").iterdir(), key=lambda p: p.name)
+    for part in stage.iterdir():
+        part.unlink()
+    for part in theirs.iterdir():
+        (stage / part.name).write_bytes(part.read_bytes())
     assert same_poke(full, cached, window, t0 + 27).attrs["files_opened"] == 10
 
 
 def test_two_pokes_at_once_lose_no_record_and_count_none_twice(tmp_path, monkeypatch):
-    """Two pokes of a stage at once (a retried task) each read the cache, then each write it: the
-    last write stays, the files only the other read are read again by the next poke."""
+    """Two pokes of a stage at once (a retried task) each read the cache, then each write what
+    it read new: the last write replaced the other's, whose files the next poke read again. Each
+    writes a part of its own: both stay, a file both read is taken once."""
     import time
 
     t0 = time.time() - 1000
@@ -1008,19 +1014,58 @@ def test_two_pokes_at_once_lose_no_record_and_count_none_twice(tmp_path, monkeyp
     for second in range(0, 20, 2):
         flush_at(pod, traffic(t0, second), t0 + second + 2)
     same_poke(full, cached, window, t0 + 25)
-    (cache,) = (tmp_path / "run").iterdir()
-    both_read = cache.read_bytes()
+    (stage,) = (tmp_path / "run").iterdir()
+    both_read = {p.name for p in stage.iterdir()}
     for second in range(20, 30, 2):
         flush_at(pod, traffic(t0, second), t0 + second + 2)
     assert same_poke(full, cached, window, t0 + 35).attrs["files_opened"] == 5  # poke A
-    a_wrote = cache.read_bytes()
+    (a_wrote,) = [p for p in stage.iterdir() if p.name not in both_read]
+    aside = a_wrote.rename(tmp_path / a_wrote.name)  # (poke B lists the cache before A writes)
     for second in range(30, 40, 2):
         flush_at(pod, traffic(t0, second), t0 + second + 2)
-    cache.write_bytes(both_read)
     assert same_poke(full, cached, window, t0 + 45).attrs["files_opened"] == 10  # poke B, from the cache A read
-    cache.write_bytes(a_wrote)  # A's write last
-    assert same_poke(full, cached, window, t0 + 46).attrs["files_opened"] == 5
+    aside.rename(a_wrote)  # A's write lands
+    assert same_poke(full, cached, window, t0 + 46).attrs["files_opened"] == 0  # none lost, none twice
     assert same_poke(full, cached, window, t0 + 47).attrs["files_opened"] == 0
+
+
+def test_a_poke_writes_what_it_read_new_not_the_whole_cache(tmp_path, monkeypatch):
+    """Each poke that read new files wrote the stage's whole cache again (pods flush every 2 s:
+    nearly every poke; 31 MB for a million records, seconds a poke). A poke writes the records
+    of the files it read new, and the cache's parts are merged so that they stay few: each
+    poke's bytes are those of its new files, but at a merge of parts as large as they are."""
+    import time
+
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    (pod,) = writers(tmp_path, "pod-a")
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    for second in range(0, 80, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    same_poke(full, cached, window, t0 + 85)
+    files = lambda: [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # noqa: E731
+    whole = sum(p.stat().st_size for p in files())
+    written: list[int] = []
+    write = Folder.write
+    monkeypatch.setattr(Folder, "write", lambda self, name, data: written.append(len(data)) or write(self, name, data))
+    flush_at(pod, traffic(t0, 80), t0 + 86)
+    assert same_poke(full, cached, window, t0 + 87).attrs["files_opened"] == 1
+    assert 0 < sum(written) < whole / 5
+    merges, rewrites = 0, 0
+    for second in range(82, 160, 2):  # a poke each flush: the parts stay few
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+        written.clear()
+        assert cached.records(window, t0 + second + 3).attrs["files_opened"] == 1
+        assert len(written) in (1, 2)
+        assert written[0] < whole / 5
+        merges += sum(written[1:])
+        rewrites += sum(p.stat().st_size for p in files())
+        assert len(files()) <= 8 < logcache.MAX_PARTS
+    assert merges < rewrites / 4, (merges, rewrites)
+    assert same_poke(full, cached, window, t0 + 165).attrs["files_opened"] == 0
 
 
 def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, monkeypatch, s3):
@@ -1039,9 +1084,12 @@ def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, mo
     assert same_poke(full, cached, window, t0 + 25).attrs["files_opened"] == 10
     flush_at(pod, traffic(t0, 20, "BACKEND"), t0 + 22)
     assert same_poke(full, cached, window, t0 + 26).attrs["files_opened"] == 1
-    assert len(Folder(run).names()) == 1
+    (stage,) = Folder(run).folders()
+    assert Folder(run).names() == []
+    assert len((Folder(run) / stage).names()) == 2
     assert cached(window, t0 + 45).status == "fail"
     assert Folder(run).names() == []
+    assert Folder(run).folders() == []
 
 
 def test_a_file_among_the_caches_no_folder_takes_does_not_stop_their_pruning(tmp_path):
@@ -1062,6 +1110,38 @@ def test_a_file_among_the_caches_no_folder_takes_does_not_stop_their_pruning(tmp
     assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
     logcache._prune(Folder(str(caches)), "2-x.parquet")
     assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
+
+
+def test_a_stage_cache_folder_is_pruned_with_its_parts_and_killed_writes(tmp_path):
+    """A stage's cache is a folder of parts: pruned whole once its stage started over MAX_AGE_S
+    ago, or past MAX_CACHES; a live stage's part being written (a hidden temporary) is kept
+    until an hour old."""
+    import os
+    import time
+
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    caches = tmp_path / "caches"
+    now = int(time.time())
+    stale, live = caches / f"{now - logcache.MAX_AGE_S - 60}-{0:024x}", caches / f"{now - 600}-{1:024x}"
+    for stage in (stale, live):
+        stage.mkdir(parents=True)
+        for part in (f"{0:032x}.parquet", f".{1:032x}.parquet.77.tmp"):
+            (stage / part).write_bytes(b"x")
+    (live / f".{2:032x}.parquet.78.tmp").write_bytes(b"x")
+    os.utime(live / f".{2:032x}.parquet.78.tmp", (now - 7200, now - 7200))
+    assert logcache.prune(Folder(str(caches))) == 2
+    assert sorted(p.name for p in caches.iterdir()) == [live.name]
+    assert sorted(p.name for p in live.iterdir()) == [f".{1:032x}.parquet.77.tmp", f"{0:032x}.parquet"]
+    for k in range(2, 40):
+        (caches / f"{now - k}-{k:024x}").mkdir()
+        (caches / f"{now - k}-{k:024x}" / f"{0:032x}.parquet").write_bytes(b"x")
+    logcache._prune(Folder(str(caches)), f"{now - 2}-{2:024x}")
+    assert len(list(caches.iterdir())) == logcache.MAX_CACHES
+    assert (caches / f"{now - 33}-{33:024x}").exists()
+    assert not (caches / f"{now - 34}-{34:024x}").exists()
+    assert not live.exists()  # (the oldest)
 
 
 def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
