@@ -83,8 +83,12 @@ def test_the_grants_no_call_needed():
 
 def test_the_workers_roles_in_deploy():
     rules = rbac.bound_rules(manifests.render("production"), WORKER_USER)
-    assert set(rules) == {"ml", "ml-builds"}
+    assert set(rules) == {"ml", "ml-builds", "istio-system"}
     assert rbac.allowed(rules["ml"], call("PATCH", "/apis/networking.istio.io/v1/namespaces/ml/virtualservices/digits"))
+    filters = "/apis/networking.istio.io/v1alpha3/namespaces/istio-system/envoyfilters/"
+    assert rbac.allowed(rules["istio-system"], call("GET", filters + "rollout-bucket"))  # the bucket filter, read only
+    assert not rbac.allowed(rules["istio-system"], call("PATCH", filters + "rollout-bucket"))
+    assert not rbac.allowed(rules["istio-system"], call("GET", filters + "another"))
     assert not rbac.allowed(rules["ml"], call("GET", "/api/v1/namespaces/ml/secrets/model-server-admin"))
     assert not rbac.allowed(rules["ml-builds"], call("PATCH", "/apis/apps/v1/namespaces/ml-builds/deployments/x"))
     assert rbac.bound_rules(manifests.render("production"), "system:serviceaccount:airflow:someone-else") == {}
