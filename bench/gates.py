@@ -13,7 +13,9 @@ Seeded; prints tables and writes ``bench/results/gates.json``.
     "wait" until max_stage_seconds. ``--load``: the service's utilisation (queueing waits added
     to every request of an arm under live load; at 100% the baseline takes only the replay, so
     its requests wait for nothing), judged by the engine ("engine") and by the engine that judged
-    the 100% stage's latency on that replay comparison after earlier stages too ("engine_before").
+    the 100% stage's latency on that replay comparison after earlier stages too ("engine_before"),
+    or that rolled back a stage below the last whose latency alone was undecided at its last
+    look instead of carrying it to the next stage ("engine_uncarried").
 (a) Wrongly passing a canary exactly at the latency margin, and wrongly failing an equal
     canary, when the gate is looked at 1, 5, 10 and 20 times as samples accrue: ours
     (Lan-DeMets O'Brien-Fleming) against naive repeated tests at 0.05.
@@ -365,18 +367,29 @@ class JudgedAt100(StageWindow):
         return None
 
 
+@dataclass(frozen=True)
+class Uncarried(StageWindow):
+    """The engine before: a stage left undecided by its latency comparison alone rolled back."""
+
+    def latency_carried_to(self, spec: RolloutSpec) -> int | None:
+        return None
+
+
+WINDOWS = {"engine": StageWindow, "engine_before": JudgedAt100, "engine_uncarried": Uncarried}
+
+
 def engine_rollout(
-    rng: np.random.Generator, spec: RolloutSpec, scenario: str, before: bool = False
+    rng: np.random.Generator, spec: RolloutSpec, scenario: str, which: str = "engine"
 ) -> tuple[bool, float]:
-    """One rollout as the engine judges it: (promoted, seconds to the decision). ``before``: the
-    100% stage's latency judged on the replay whatever the stages before it."""
+    """One rollout as the engine judges it: (promoted, seconds to the decision). ``which``: the
+    engine's windows (``WINDOWS``), or one of the engine before a change."""
     ratio, only_base, only_canary = SCENARIOS[scenario]
     correct = correctness(rng, only_base, only_canary)
     labels = {str(i): 0 for i in range(IMAGES)}
     cfg = GateConfig.from_spec(spec)
     elapsed = 0.0
     for index, weight in enumerate(spec.stages):
-        window = (JudgedAt100 if before else StageWindow)(index, weight, 0.0)
+        window = WINDOWS[which](index, weight, 0.0)
         records = stage_records(rng, spec, weight, ratio, correct)
         state = judge_stage(spec, window, records, labels, spec.max_stage_seconds + 10, config=cfg)
         if state.status == "pass":
@@ -464,8 +477,8 @@ def _cell(job: tuple[int, str, str, int, int]) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     stages = STAGES[n_stages]
     spec = RolloutSpec.from_dict({"stages": stages, **({"mirror_percent": 0} if stages == [100] else {})})
-    if which in ("engine", "engine_before"):
-        results = [engine_rollout(rng, spec, scenario, before=which == "engine_before") for _ in range(sims)]
+    if which in WINDOWS:
+        results = [engine_rollout(rng, spec, scenario, which) for _ in range(sims)]
     else:
         results = [main_rollout(rng, spec, scenario, loose=which == "main_loose") for _ in range(sims)]
     promoted = sum(p for p, _ in results) / sims
@@ -497,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--procedures",
         nargs="+",
-        choices=("engine", "engine_before", "main", "main_loose"),
+        choices=(*WINDOWS, "main", "main_loose"),
         default=["engine", "main", "main_loose"],
         help="the procedures simulated: the engine's, and main's before it",
     )

@@ -16,9 +16,13 @@ comes late judges the looks it missed, in order, each on the records before its 
 retried task judges the same looks to the same verdicts. The first look that passes or fails
 decides the stage (a passed stage still bakes to ``bake_seconds`` under the guards). The last
 look waits, if need be, until each arm has ``min_samples``, but never past
-``max_stage_seconds``; still undecided there, the stage fails as undecided. Every stage is a
+``max_stage_seconds``; still undecided there, the stage fails as undecided, unless only its
+latency comparison is (no check failed, no guard tripped or held, the samples enough) and the
+next stage judges latency on live arms too: the comparison is then carried to that stage
+(``StageWindow.latency_carried_to``), and the stage passes on the rest. Every stage is a
 group-sequential test at level alpha over its own looks, and promotion needs every stage to
-pass: the chance of promoting a canary at the margin is at most alpha.
+pass, the last one below 100% (or a lone 100% stage) with its latency shown: the chance of
+promoting a canary at a margin is at most alpha.
 """
 
 from __future__ import annotations
@@ -98,6 +102,18 @@ class StageWindow:
             "compares a loaded candidate with an idle baseline; the stages before judged latency on "
             "live arms at equal footing, and the P99 guard holds it at full load."
         )
+
+    def latency_carried_to(self, spec: RolloutSpec) -> int | None:
+        """The weight of the stage that takes over this stage's latency comparison when its last
+        look leaves it undecided: the next stage, when it judges latency on live arms too (below
+        100%). None for the last stage that judges it, which must show it. A stage whose small
+        live arm cannot show the margin in its time (5% of a service under load) passes it on
+        rather than rolling an equal candidate back, as a canary analysis's intermediate interval
+        neither failed nor passed goes on to the next (Kayenta's marginal score)."""
+        following = self.index + 1
+        if self.weight >= 100 or following >= len(spec.stages) or spec.stages[following] >= 100:
+            return None
+        return spec.stages[following]
 
 
 def look_interval(spec: RolloutSpec) -> float:
@@ -383,6 +399,7 @@ def judge_stage(
             latency_from=window.latency_from,
             replay_images=images,
             latency_unjudged=window.latency_unjudged,
+            latency_carried_to=window.latency_carried_to(spec) if look == K else None,
         )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look
@@ -440,6 +457,9 @@ def judge_stage(
             f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into the stage): {need} {verdict.summary}",
         )
     ahead = projection(spec, n, arm_rate(current, window))
+    to = window.latency_carried_to(spec)
+    if to is not None and any(c.name == "latency_geomean" and c.decision == "wait" for c in verdict.checks):
+        ahead += f" Undecided at the last look, the latency comparison alone is carried to the {to}% stage."
     return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
 
 

@@ -872,6 +872,7 @@ def evaluate_gate(
     latency_from: str | None = None,
     replay_images: int = 0,
     latency_unjudged: str | None = None,
+    latency_carried_to: int | None = None,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
@@ -886,6 +887,9 @@ def evaluate_gate(
     ``latency_unjudged``: why the latency comparison of these samples decides nothing (its arms
     were not under equal load); the latency checks are then reported, with that sentence, and
     neither hold nor fail the gate.
+    ``latency_carried_to``: at a stage's last look, the weight of the next stage, which judges
+    latency on its own live arms and must show it: a look held by the geometric-mean latency
+    check alone (not failed, its samples enough) passes, the check reported as carried there.
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
@@ -1011,9 +1015,26 @@ def evaluate_gate(
         decision = "pass"
     else:
         decision = "wait"
+    holding = [c for c in decisive if c.decision == "wait" and c.blocks_pass]
+    carried: list[Check] = []
+    if decision == "wait" and latency_carried_to is not None and [c.name for c in holding] == ["latency_geomean"]:
+        # Not shown, not failed: the next stage's live arms judge it, and promotion needs that
+        # stage (or a later one below 100%) to show it, a level-alpha test of its own.
+        carried = [
+            replace(
+                holding[0],
+                decision="info",
+                blocks_pass=False,
+                sentence=f"{holding[0].sentence} Carried to the {latency_carried_to}% stage, whose live arms must "
+                "show it before anything is promoted.",
+            )
+        ]
+        checks = [carried[0] if c is holding[0] else c for c in checks]
+        decision = "pass"
     # A pass is the statistics' (the guards only could have failed it); a fail or wait names its cause.
     ranked = sorted(checks, key=lambda c: c.name.startswith("guard_")) if decision == "pass" else checks
-    reasons = [c.sentence for c in ranked if c.decision == decision] or [c.sentence for c in checks[:1]]
+    reasons = [c.sentence for c in carried] + [c.sentence for c in ranked if c.decision == decision]
+    reasons = reasons or [c.sentence for c in checks[:1]]
     summary = f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): " + " ".join(
         reasons[:3]
     )

@@ -166,6 +166,41 @@ def test_an_undecided_last_look_ends_the_stage_with_the_samples_it_needs():
     assert "samples per arm would resolve it" in state.reason
 
 
+def test_a_stage_left_undecided_by_latency_alone_carries_it_to_the_next_stage_below_100():
+    """The 5% stage's live arm is too small to show the latency margin in its time under load,
+    and an equal candidate was rolled back there as undecided in about half of the rollouts
+    (bench/gates.py --load 0.3). A stage held at its last look by the latency comparison alone,
+    the next stage judging latency on live arms too, passes and carries the comparison there;
+    the last stage below 100% must still show it (the promise: a candidate at the margin
+    promoted in at most alpha), and a slower candidate still fails where its arm shows it."""
+    # A latency margin finer than this traffic resolves; an error margin its replay resolves.
+    s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
+    log = records(310, 10, 25, replay_every=50)
+    first = judge_stage(s, StageWindow(0, 25, T0), log, IMAGES, T0 + 300)
+    assert first.status == "pass"
+    assert first.look == 5
+    latency = next(c for c in first.verdict.checks if c.name == "latency_geomean")
+    assert latency.decision == "info"
+    assert not latency.blocks_pass
+    assert "Carried to the 50% stage, whose live arms must show it" in latency.sentence
+    assert first.verdict.summary.startswith("PASS at look 5 of 5")
+    assert "Carried to the 50% stage" in first.verdict.summary
+    earlier = judge_stage(s, StageWindow(0, 25, T0), log, IMAGES, T0 + 75)
+    assert earlier.status == "waiting"  # only its last look carries it
+    assert "carried to the 50% stage" in earlier.reason
+    last = judge_stage(s, StageWindow(1, 50, T0), log, IMAGES, T0 + 300)
+    assert last.status == "undecided"  # the last stage below 100% must show it
+    assert (
+        judge_stage(spec(latency_margin=0.01, error_margin=0.005), WINDOW, log, IMAGES, T0 + 300).status == "undecided"
+    )
+    slow = judge_stage(s, StageWindow(0, 25, T0), records(310, 10, 25, ratio=1.3, replay_every=50), IMAGES, T0 + 300)
+    assert slow.status == "fail"
+    # Another check holding the stage too (a validation set too small for a finer accuracy
+    # margin): nothing is carried, the stage is undecided.
+    fine = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005, accuracy_margin=0.001)
+    assert judge_stage(fine, StageWindow(0, 25, T0), log, IMAGES, T0 + 300).status == "undecided"
+
+
 def test_a_wait_says_how_many_samples_and_how_long():
     s = spec(latency_margin=0.01)
     state = judge_stage(s, WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 50)

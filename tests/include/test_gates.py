@@ -92,6 +92,29 @@ def test_a_latency_comparison_not_judged_is_reported_and_decides_nothing():
     assert evaluate_gate(samples(4000, ratio=1.5)).failed[0].name == "latency_geomean"
 
 
+def test_a_latency_comparison_carried_passes_only_when_it_alone_holds_the_gate():
+    df = samples(150)
+    df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[::-1]
+    cfg = {"latency_margin": 0.01, "min_samples": 100, "error_margin": 0.05}  # a margin finer than 150 resolve
+    carried = evaluate_gate(df, cfg, latency_carried_to=25)
+    assert carried.decision == "pass"
+    check = next(c for c in carried.checks if c.name == "latency_geomean")
+    assert check.decision == "info"
+    assert not check.blocks_pass
+    assert check.sentence.endswith(
+        "Carried to the 25% stage, whose live arms must show it before anything is promoted."
+    )
+    assert "Carried to the 25% stage" in carried.summary
+    assert evaluate_gate(df, cfg).decision == "wait"
+    # The error rate not yet shown either, too few samples, a P99 breach under way, a slower
+    # canary: nothing is carried.
+    assert evaluate_gate(df, {**cfg, "error_margin": 0.001}, latency_carried_to=25).decision == "wait"
+    assert evaluate_gate(samples(40), latency_carried_to=25).decision == "wait"
+    under_way = GuardInputs(p99_series_ms=tuple((float(t), 20.0 if t < 60 else 90.0) for t in range(0, 105, 5)))
+    assert evaluate_gate(df, cfg, guards=under_way, latency_carried_to=25).decision == "wait"
+    assert evaluate_gate(samples(4000, ratio=1.2), latency_carried_to=25).decision == "fail"
+
+
 def test_too_few_samples_for_the_margin_waits_with_the_mde():
     df = samples(150)
     df.loc[df["arm"] == "canary", "latency_ms"] = df.loc[df["arm"] == "baseline", "latency_ms"].to_numpy()[::-1]
