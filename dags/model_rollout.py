@@ -3,7 +3,9 @@
 
 Roll a new version of a model out to production, or roll it back, with the evidence.
 
-1. **build_image**: verify the candidate artifact (loads, signature, golden inference); then load it
+1. **build_image**: verify the candidate artifact (loads, signature, golden inference), and warn
+   of what the plan cannot show (a validation set too small for the accuracy margin: the size
+   it needs, in the log and the final report); then load it
    beside the baseline (mesh `local`), or (mesh `istio`) **buildkit_build** builds its image in a
    BuildKit pod (skipped in local mode) and **deploy_candidate** runs it as its own Deployment.
 2. **apply_mesh_weights**: the stage's traffic split through the mesh router.
@@ -151,7 +153,9 @@ def model_rollout() -> None:
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
         outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
-        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0])
+        built = ti.xcom_pull(task_ids="build_image") or {}
+        preflight = built.get("preflight") if isinstance(built, dict) else None
+        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], preflight)
 
     @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:

@@ -605,7 +605,7 @@ def _run(
 ) -> int:
     """``cmd_run`` once its start checks passed, the model held and signals caught."""
     from vision_rollout.audit import AuditConfig, audit
-    from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow
+    from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow, preflight
     from vision_rollout.folders import Folder
     from vision_rollout.locks import Aborted
     from vision_rollout.notify import (
@@ -619,6 +619,9 @@ def _run(
 
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
+    notes = preflight(spec, len(labels))
+    for note in notes:
+        print(f"rolloutctl run: warning: pre-flight: {note}", file=sys.stderr, flush=True)
     # The stages' reads kept between pokes on this machine's disk (one process pokes them all),
     # gone with the process.
     cache = Folder(tempfile.mkdtemp(prefix="rolloutctl-logcache-"))
@@ -716,7 +719,7 @@ def _run(
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]
         failed = last if last is not None and last.decision != "pass" else None
         send(
-            promotion_message(spec, verdicts, result.audit, reason=result.reason)
+            promotion_message(spec, verdicts, result.audit, reason=result.reason, notes=notes)
             if result.promoted
             else rollback_message(
                 spec,
@@ -724,6 +727,7 @@ def _run(
                 failed.verdict if failed else None,
                 failed.weight if failed else None,
                 result.audit,
+                notes=notes,
             )
         )
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)

@@ -46,7 +46,9 @@ from vision_rollout.gates import (
     GuardInputs,
     Verdict,
     evaluate_gate,
+    fewest_pairs,
     guard_checks,
+    limit_percent,
     nominal_alpha,
 )
 from vision_rollout.locks import Aborted, LockLost
@@ -118,6 +120,35 @@ class StageWindow:
 
 def look_interval(spec: RolloutSpec) -> float:
     return spec.bake_seconds / spec.looks_per_stage
+
+
+def preflight(spec: RolloutSpec, images: int) -> list[str]:
+    """What the plan cannot show, said before any traffic moves (the DAG's first step and
+    ``rolloutctl run`` print it, the final report carries it): a validation replay of
+    ``images`` images too few for the paired accuracy check to show a candidate that answers
+    them as the baseline does within ``accuracy_margin``, at any look (the last one's level is
+    the most lenient). Every round replays the same images, so no wait adds evidence: such a
+    candidate ends the first stage undecided and is rolled back. One that gets more of them
+    right than the baseline can still pass, so this warns and refuses nothing."""
+    if images <= 0:
+        return []
+    level = nominal_alpha(spec.alpha, spec.looks_per_stage, spec.looks_per_stage, spec.spending)
+    fewest = fewest_pairs(spec.accuracy_margin, level)
+    if fewest is not None and images >= fewest:
+        return []
+    first = f"ends the {spec.stages[0]}% stage undecided and is rolled back"
+    if fewest is None:
+        return [
+            f"accuracy_margin is {limit_percent(spec.accuracy_margin)} pp: the paired accuracy check shows no "
+            f"candidate that answers the {images} validation images as the baseline does within it (such a "
+            f"candidate {first}); only one that gets more of them right than the baseline can pass."
+        ]
+    return [
+        f"the validation set has {images} images, too few to show a candidate that answers them as the baseline "
+        f"does within the {limit_percent(spec.accuracy_margin)} pp accuracy margin: that needs at least {fewest} "
+        f"(at the last look's one-sided level {level:.3g}). Such a candidate {first}; only one that gets more of "
+        "them right than the baseline can pass. Add images to the validation set, or widen accuracy_margin."
+    ]
 
 
 # -- evidence from the prediction log --------------------------------------------------------

@@ -656,6 +656,17 @@ def _answered_by_both(samples: pd.DataFrame) -> int:
     return int((replayed.groupby("pair_id")["arm"].nunique() == 2).sum())
 
 
+def fewest_pairs(margin: float, level: float) -> int | None:
+    """The fewest validation images on which a canary answering each one as the baseline does (no
+    discordant pair) shows the paired accuracy ``margin`` at one-sided ``level``: Tango's score
+    is then -sqrt(n m / (1 - m)), past -z once n m / (1 - m) > z^2. None for a margin of 0 (or a
+    level of 0): no such canary shows it, only one that gets more images right."""
+    if margin <= 0 or level <= 0:
+        return None
+    z = float(stats.norm.isf(level))
+    return math.floor(z * z * (1 - margin) / margin) + 1
+
+
 def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) -> Check:
     """Tango's score test of the paired accuracy drop against the margin, with its score interval;
     the exact McNemar p-value beside it. The test holds its level where adjusted Wald intervals
@@ -681,8 +692,7 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         f"{_signed(drop, m)} pp (interval {_signed(lower, m)} to {_signed(upper, m)} pp) against the "
         f"{limit_percent(m)} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
     )
-    # An equal canary (no discordant pair) shows the margin once n m / (1 - m) > z^2.
-    fewest = math.floor(z * z * (1 - m) / m) + 1 if m > 0 else None
+    fewest = fewest_pairs(m, level)
     if decision == "wait" and fewest is not None and n < fewest and c <= b:
         text += (
             f" {n} images cannot show the margin at this look's level unless the canary gets more of them right "

@@ -23,6 +23,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -292,14 +293,21 @@ def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes
 STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired", "runs")
 
 
+def _preflight_lines(notes: Sequence[str]) -> list[dict[str, Any]]:
+    """What the rollout's first step warned of (``engine.preflight``), under the headline."""
+    return [context(f"{ICONS['warning']} *Pre-flight:* {note}") for note in notes]
+
+
 def promotion_message(
     spec: RolloutSpec,
     verdicts: list[Verdict],
     audit: AuditResult | None = None,
     chart: bytes | None = None,
     reason: str = "",
+    notes: Sequence[str] = (),
 ) -> Message:
-    """``reason``: the decision's own words (the shadow audit's result, who approved)."""
+    """``reason``: the decision's own words (the shadow audit's result, who approved); ``notes``:
+    the pre-flight's warnings."""
     text = f"Promoted {spec.model} v{spec.candidate_version} to 100%"
     decision = f"\n*Decision:* {one_line(reason)}" if reason.strip() else ""
     blocks = [
@@ -308,6 +316,7 @@ def promotion_message(
             f"{ICONS['pass']} {_who(spec)} passed every stage ({', '.join(f'{w}%' for w in spec.stages)}); "
             f"version {spec.baseline_version} retired, mirror off.{decision}"
         ),
+        *_preflight_lines(notes),
     ]
     blocks += _stage_lines(spec, verdicts)
     if audit is not None:
@@ -360,10 +369,12 @@ def rollback_message(
     audit: AuditResult | None = None,
     chart: bytes | None = None,
     restored: bool = True,
+    notes: Sequence[str] = (),
 ) -> Message:
     """``restored``: the baseline was read back at 100%; False where it was not (routes another
     run or an operator set, a restore that failed or could not be read back): the report then
-    says the baseline is not shown to take the traffic, and ``reason`` says what serves."""
+    says the baseline is not shown to take the traffic, and ``reason`` says what serves.
+    ``notes``: the pre-flight's warnings."""
     reason = one_line(reason)
     failing = verdict.failed if verdict is not None else []
     first = failing[0] if failing else None
@@ -380,7 +391,11 @@ def rollback_message(
             f"was stopped{where}, but version {spec.baseline_version} is not shown to take 100% of traffic "
             "again: check the routes."
         )
-    blocks = [header(title), section(f"{ICONS['fail']} {_who(spec)} {done}\n*Reason:* {reason}")]
+    blocks = [
+        header(title),
+        section(f"{ICONS['fail']} {_who(spec)} {done}\n*Reason:* {reason}"),
+        *_preflight_lines(notes),
+    ]
     if first is not None:
         fields = [f"*Check*\n{first.name}", f"*Method*\n{first.method}"]
         if first.effect is not None:

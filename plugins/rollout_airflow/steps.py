@@ -39,6 +39,8 @@ from vision_rollout.settings import (
 from vision_rollout.spec import RolloutSpec, SpecError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.engine import StageJudge
     from vision_rollout.folders import Folder
@@ -151,9 +153,14 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         )
         if not report.ok:
             raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
+        warned = {"preflight": preflight(spec, settings.validation(spec.model))}
         if spec.mesh == "istio":
             release_leftover_floors(spec, hook, keep=spec.baseline_version)
-            return {**report.to_dict(), "build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
+            return {
+                **report.to_dict(),
+                **warned,
+                "build": build_plan(spec, report.sha256, settings.build_for(spec.model)),
+            }
     except AirflowFailException:
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
@@ -176,7 +183,23 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             f"(sha256 {served[:16]}) is not the file verified (sha256 {report.sha256[:16]}): it changed "
             "after its check; no traffic was moved to it"
         )
-    return report.to_dict()
+    return {**report.to_dict(), **warned}
+
+
+def preflight(spec: RolloutSpec, validation: Path) -> list[str]:
+    """What the plan cannot show (``engine.preflight``), printed in the task's log; the final
+    report carries it. Warnings: the rollout goes on."""
+    from vision_rollout.engine import preflight as plan_warnings
+    from vision_rollout.engine import validation_labels
+
+    try:
+        images = len(validation_labels(validation))
+    except (OSError, ValueError) as exc:
+        return [f"the validation set {validation} cannot be read: {str(exc)[:300]}"]
+    warnings = plan_warnings(spec, images)
+    for warning in warnings:
+        print(f"pre-flight warning: {warning}")
+    return warnings
 
 
 def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str | None) -> None:
@@ -1170,21 +1193,31 @@ def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -
     return not hook.settings.admin.ready(spec.model, spec.baseline_version)
 
 
-def notify(params: dict[str, Any], outcome: str, reason: str, verdicts: list[dict[str, Any] | None]) -> dict[str, Any]:
+def notify(
+    params: dict[str, Any],
+    outcome: str,
+    reason: str,
+    verdicts: list[dict[str, Any] | None],
+    preflight: list[str] | None = None,
+) -> dict[str, Any]:
+    """The run's report to Slack; ``preflight``: the first step's warnings (``build_image``'s)."""
     from vision_rollout.gates import Verdict
     from vision_rollout.notify import plain_report, promotion_message, rollback_message
 
     spec = spec_from(params)
+    notes = [str(note) for note in preflight or []]
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
-            message = promotion_message(spec, judged, reason=reason)
+            message = promotion_message(spec, judged, reason=reason, notes=notes)
         else:  # the stage that rolled it back, as judge_evidence finds it (none: every stage passed)
             weight, failing = next(
                 ((w, v) for w, v in zip(spec.stages, verdicts, strict=False) if not v or v["decision"] != "pass"),
                 (None, None),
             )
-            message = rollback_message(spec, reason, Verdict.from_dict(failing) if failing else None, weight)
+            message = rollback_message(
+                spec, reason, Verdict.from_dict(failing) if failing else None, weight, notes=notes
+            )
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)

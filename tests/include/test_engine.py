@@ -14,10 +14,11 @@ from vision_rollout.engine import (
     StageWindow,
     final_look_time,
     judge_stage,
+    preflight,
     replay_drop,
     stage_samples,
 )
-from vision_rollout.gates import GuardInputs
+from vision_rollout.gates import GateConfig, GuardInputs, nominal_alpha, paired_accuracy_check
 from vision_rollout.spec import RolloutSpec
 
 T0 = 1_800_000_000.0
@@ -199,6 +200,31 @@ def test_a_stage_left_undecided_by_latency_alone_carries_it_to_the_next_stage_be
     # margin): nothing is carried, the stage is undecided.
     fine = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005, accuracy_margin=0.001)
     assert judge_stage(fine, StageWindow(0, 25, T0), log, IMAGES, T0 + 300).status == "undecided"
+
+
+def test_a_validation_set_too_small_for_the_accuracy_margin_is_named_before_any_traffic():
+    """450 validation images cannot show a candidate that answers them as the baseline does
+    within the 0.5 pp margin (it takes about z^2 (1 - m) / m = 642 at the last look's level):
+    such a candidate was rolled back at the end of its first stage's bake, and only the check's
+    sentence there said why. The plan is judged before any traffic moves: a warning with the size
+    needed, no refusal (a candidate that gets more images right still passes with 450)."""
+    s = RolloutSpec()
+    (warning,) = preflight(s, 450)
+    assert warning.startswith("the validation set has 450 images, too few to show a candidate that answers")
+    assert "within the 0.5 pp accuracy margin: that needs at least 642" in warning
+    assert "ends the 5% stage undecided and is rolled back" in warning
+    assert preflight(s, 642) == []
+    assert preflight(s, 5000) == []
+    assert preflight(RolloutSpec.from_dict({"accuracy_margin": 0.02}), 450) == []
+    (zero,) = preflight(RolloutSpec.from_dict({"accuracy_margin": 0}), 450)
+    assert "only one that gets more of them right than the baseline can pass" in zero
+    # The size named is the check's own: an identical candidate on 641 images waits at the
+    # last look, on 642 it passes.
+    level = nominal_alpha(s.alpha, s.looks_per_stage, s.looks_per_stage, s.spending)
+    for n, decision in ((641, "wait"), (642, "pass")):
+        same = (np.arange(n) % 25 != 0).astype(float)
+        pairs = pd.DataFrame({"baseline": same, "canary": same})
+        assert paired_accuracy_check(pairs, GateConfig.from_spec(s), level).decision == decision
 
 
 def test_a_wait_says_how_many_samples_and_how_long():

@@ -404,6 +404,34 @@ def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
 
 
+def test_the_first_steps_warning_of_a_validation_set_too_small_reaches_the_report(
+    monkeypatch, tmp_path, models_dir, capsys
+):
+    """The demo's 450 validation images cannot show an equal candidate within the 0.5 pp margin:
+    build_image says so in its log and its XCom, with the size needed, and the final report to
+    Slack carries it; an unreadable set is said too. The rollout goes on (a warning)."""
+    spec = steps.spec_from(PARAMS)
+    (warning,) = steps.preflight(spec, models_dir / "digits" / "validation")
+    assert "the validation set has 450 images" in warning
+    assert "needs at least 642" in warning
+    assert f"pre-flight warning: {warning}" in capsys.readouterr().out
+    (unread,) = steps.preflight(spec, tmp_path / "nowhere")
+    assert unread.startswith(f"the validation set {tmp_path / 'nowhere'} cannot be read")
+    outbox_reports(monkeypatch, tmp_path)
+    full = {"checks": [], "look": 1, "looks": 5, "alpha": 0.05, "nominal_alpha": 1e-4, "spending": "pocock"}
+    steps.notify(PARAMS, "promote", "every stage passed", [{**PASS, **full}] * 2, [warning])
+    steps.notify(PARAMS, "rollback", "the 50% stage: undecided", [{**FAIL, **full}, None], [warning])
+    for report in outbox_reports(monkeypatch, tmp_path):
+        (note,) = [b for b in report["blocks"] if "Pre-flight" in json.dumps(b)]
+        assert note["elements"][0]["text"].endswith(
+            "*Pre-flight:* the validation set has 450 images, too few to show a candidate that answers them "
+            "as the baseline does within the 0.5 pp accuracy margin: that needs at least 642 (at the last "
+            "look's one-sided level 0.0363). Such a candidate ends the 50% stage undecided and is rolled "
+            "back; only one that gets more of them right than the baseline can pass. Add images to the "
+            "validation set, or widen accuracy_margin."
+        )
+
+
 def test_a_stage_that_ended_undecided_without_a_look_is_reported(monkeypatch, tmp_path):
     """Prometheus down until max_stage_seconds: the stage's XCom had no look, notify failed on
     Verdict.from_dict (KeyError 'look') and the rollback report was never sent nor kept."""
