@@ -91,6 +91,12 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     restore(context)
 
 
+def verified(ti: Any) -> str | None:
+    """The sha256 of the candidate's file as build_image verified it (its XCom)."""
+    report = ti.xcom_pull(task_ids="build_image")
+    return report.get("sha256") if isinstance(report, dict) else None
+
+
 def rollout_params() -> dict[str, Param]:
     """The trigger form from RolloutSpec's JSON schema: one source for types, limits and defaults."""
     out = {}
@@ -144,7 +150,7 @@ def model_rollout() -> None:
 
     @task
     def promote(params: dict[str, Any], run_id: str, ti: Any) -> str:
-        return steps.promote(params, run_id, ti.xcom_pull(task_ids="decide", key="outcome"))
+        return steps.promote(params, run_id, ti.xcom_pull(task_ids="decide", key="outcome"), verified(ti))
 
     @task
     def rollback(params: dict[str, Any], run_id: str) -> str:
@@ -171,7 +177,7 @@ def model_rollout() -> None:
                 previous: dict[str, Any] | None, params: dict[str, Any], run_id: str, ti: Any
             ) -> dict[str, Any]:
                 with steps.failure_kept(ti):
-                    return steps.apply_weights(params, index, run_id, previous)
+                    return steps.apply_weights(params, index, run_id, previous, verified(ti))
 
             @task
             def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:

@@ -176,13 +176,9 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
     # The server loads the file as it is now: replaced since it was verified, it is not the
     # artifact this report describes (its teardown unloads it; nothing routes to it).
-    served = settings.admin.served_sha256(spec.model, spec.candidate_version)
-    if served != report.sha256:
-        raise AirflowFailException(
-            f"candidate artifact refused: version {spec.candidate_version} as the model server loaded it "
-            f"(sha256 {served[:16]}) is not the file verified (sha256 {report.sha256[:16]}): it changed "
-            "after its check; no traffic was moved to it"
-        )
+    changed = unverified(spec, hook, report.sha256)
+    if changed:
+        raise AirflowFailException(f"candidate artifact refused: {changed}; no traffic was moved to it")
     return {**report.to_dict(), **warned}
 
 
@@ -215,6 +211,38 @@ def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str 
         return
     if released:
         log.warning("released the HPA floor left held on version(s) %s by a run that did not end", ", ".join(released))
+
+
+def unverified(spec: RolloutSpec, hook: ModelServerHook, verified: str | None, on_disk: bool = False) -> str | None:
+    """Local mode: why the candidate the model server serves is not the file ``build_image``
+    verified (``verified``, its sha256), None when it is (or nothing was verified: kubernetes
+    mode, whose image ``VersionDeployments.changed`` checks). Any load, and a restart of the
+    server, reads the version's file again: written over since, the stages judged, and a
+    promotion carried to 100%, bytes no check saw. ``on_disk``: the file in the repository too,
+    which the next load serves."""
+    if verified is None or spec.mesh != "local":
+        return None
+    what = f"version {spec.candidate_version}"
+    served = hook.settings.admin.served_sha256(spec.model, spec.candidate_version)
+    if served != verified:
+        return (
+            f"{what} as the model server loaded it (sha256 {served[:16]}) is not the file verified "
+            f"(sha256 {verified[:16]}): it changed after its check"
+        )
+    if on_disk:
+        from model_server.model import file_sha256
+
+        path = hook.settings.repository / spec.model / spec.candidate_version / "model.onnx"
+        try:
+            found = file_sha256(path)
+        except OSError as exc:
+            return f"{what}'s file {path} cannot be read ({exc}): the next load would not serve the file verified"
+        if found != verified:
+            return (
+                f"{what}'s file {path} (sha256 {found[:16]}) is not the file verified (sha256 {verified[:16]}): "
+                "it changed after its check, and the next load would serve it"
+            )
+    return None
 
 
 def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> str | None:
@@ -377,10 +405,14 @@ def stage_record_readable(spec: RolloutSpec, run_id: str, index: int, hook: Mode
         ) from None
 
 
-def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None) -> dict[str, Any]:
+def apply_weights(
+    params: dict[str, Any], index: int, run_id: str, previous: dict[str, Any] | None, verified: str | None = None
+) -> dict[str, Any]:
     """Stage ``index``'s weights (and mirror) into effect; in kubernetes mode the candidate first
     scaled to the stage's size, its pods ready. ``previous``: the build report (first stage) or
-    the previous stage's verdict."""
+    the previous stage's verdict. ``verified``: the sha256 of the candidate's file as
+    ``build_image`` verified it; in local mode no weight moves to a candidate served from other
+    bytes (``unverified``), and the stage's wait checks it at each poke."""
     spec = spec_from(params)
     if index >= len(spec.stages):
         raise AirflowSkipException(f"this rollout has {len(spec.stages)} stages")
@@ -414,12 +446,17 @@ def apply_weights(params: dict[str, Any], index: int, run_id: str, previous: dic
         scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     elif index == 0:
         r.reconcile()
+    changed = unverified(spec, hook, verified)
+    if changed:
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(f"{changed}; no more weight moves to it, version {spec.baseline_version} takes 100%")
     hold(spec, run_id, hook)  # still this run's, after the wait
     r.set_routes(spec.policy_for_stage(spec.stages[index]))
     # A re-run resumes the stage's test (its window, its looks, its alpha spent): ``attempts``.
     with stage_record_readable(spec, run_id, index, hook):
         started, _ = attempts.applied(record, run_id, index, time.time(), spec)
-    return {"weight": spec.stages[index], "started": started}
+    applied = {"weight": spec.stages[index], "started": started}
+    return applied if verified is None else {**applied, "sha256": verified}
 
 
 def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -576,6 +613,15 @@ def look_at_stage(
         return with_runs(spec, attempt.outcome, record)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
+    elif changed := unverified(spec, hook, applied.get("sha256")):
+        # Its share was served by bytes no check saw: what the looks judged is not the candidate's.
+        reason = f"{changed}; the stage's evidence is not of the file verified"
+        try:
+            attempts.decided(folder, record, attempt, 0, {"status": "breach", "summary": reason})
+        except (OSError, attempts.RecordError) as exc:  # (the stable version goes back all the same)
+            log.warning("the stage's breach is not kept in the run folder: %s", str(exc)[:300])
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(f"{reason}. Version {spec.baseline_version} takes 100% again.")
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], attempt.window_start)  # (``attempts.applied`` may move it)
     if spec.alpha * attempt.level < MIN_ALPHA:
@@ -957,7 +1003,7 @@ def decide(
     return "rollback", f"{reason}; rejected {by}"
 
 
-def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
+def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: str | None = None) -> str:
     """100% candidate, mirror off; the baseline retired (unloaded, or its Deployment scaled to 0).
     Only when ``decided`` (decide's XCom ``outcome``) is promote: a ``decide`` marked success by
     hand decided nothing, and its branch skipped neither promote nor rollback.
@@ -965,7 +1011,11 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     Kubernetes mode, in an order that never routes to missing pods: the candidate scaled to the
     baseline's size and ready, then 100% to it, then the baseline drained (``retire``), then its
     pods gone. Run again once that is done (cleared), it changes nothing: the baseline's size
-    is 0 by then, which would size the candidate serving all of the traffic."""
+    is 0 by then, which would size the candidate serving all of the traffic.
+
+    Local mode: ``verified``, the sha256 of the file ``build_image`` verified, is what the server
+    serves and what its repository holds (the load that unloads the baseline reads the file
+    again); else the stable version takes 100% again and nothing is promoted."""
     spec = spec_from(params)
     if decided != "promote":
         raise AirflowFailException(
@@ -976,6 +1026,13 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None) -> str:
     hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)
     if spec.mesh == "local":
+        changed = unverified(spec, hook, verified, on_disk=True)
+        if changed:
+            restore_stable(params, run_id, unload_candidate=False)
+            raise AirflowFailException(
+                f"{changed}; version {spec.candidate_version} is not promoted, version {spec.baseline_version} "
+                "takes 100% again"
+            )
         r.set_routes(spec.promoted_policy())
         hook.settings.admin.load(spec.model, [spec.candidate_version])
         return spec.candidate_version

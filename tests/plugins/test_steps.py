@@ -847,6 +847,51 @@ def test_a_candidate_replaced_after_its_check_is_refused_at_its_load(server_fact
     assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
 
 
+def built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path) -> tuple[dict, dict]:
+    """A local run past build_image and its first stage's weights: (its build report, the stage's
+    apply_mesh_weights XCom)."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    report = steps.build_image(PARAMS, "run-a")
+    applied = steps.apply_weights(PARAMS, 0, "run-a", report, report["sha256"])
+    assert steps.serving().settings.admin.traffic("digits") == steps.spec_from(PARAMS).policy_for_stage(50)
+    return report, applied
+
+
+@pytest.mark.integration
+def test_a_candidate_swapped_for_other_bytes_mid_stage_ends_the_stage(server_factory, repo_copy, monkeypatch, tmp_path):
+    """Someone wrote other bytes over version 2's file mid-stage and loaded the model (or its
+    server restarted): the server served the new file at the stage's weight, the looks judged
+    it as the candidate, and promote carried it to 100%, a file no check saw. The next poke
+    puts the stable version back and fails, naming the digests."""
+    report, applied = built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path)
+    admin = steps.serving().settings.admin
+    (repo_copy / "digits" / "2" / "model.onnx").write_bytes((repo_copy / "digits" / "3" / "model.onnx").read_bytes())
+    admin.load("digits", [1, 2])  # another's load: version 2 read again
+    assert admin.served_sha256("digits", "2") != report["sha256"]
+    changed = r"version 2 as the model server loaded it .* is not the file verified .*Version 1 takes 100% again"
+    with pytest.raises(AirflowFailException, match=changed):
+        steps.look_at_stage(PARAMS, 0, applied, "run-a")
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    with pytest.raises(AirflowFailException, match=changed):  # a cleared wait reports it again
+        steps.look_at_stage(PARAMS, 0, applied, "run-a")
+
+
+@pytest.mark.integration
+def test_a_candidate_file_written_over_before_promote_is_not_promoted(server_factory, repo_copy, monkeypatch, tmp_path):
+    """The candidate's file written over after its stages: promote's load (the baseline's unload)
+    read it again, and 100% of the traffic went to bytes no stage judged."""
+    report, _ = built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path)
+    admin = steps.serving().settings.admin
+    (repo_copy / "digits" / "2" / "model.onnx").write_bytes((repo_copy / "digits" / "3" / "model.onnx").read_bytes())
+    with pytest.raises(AirflowFailException, match=r"version 2's file .* is not the file verified .*not promoted"):
+        steps.promote(PARAMS, "run-a", "promote", report["sha256"])
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert admin.served_sha256("digits", "2") == report["sha256"]  # nothing loaded it again
+
+
 # -- the hard guards while a promotion awaits its approval -------------------------------------
 
 GUARDED = {**PARAMS, "require_approval": True, "mirror_percent": 0, "p99_ms_max": 60, "p99_breach_seconds": 120}
