@@ -784,18 +784,27 @@ class StageJudge:
         return self._labels
 
     def replay_round(self) -> pd.DataFrame:
-        """A round of the validation replay through both versions: its paired samples."""
+        """A round of the validation replay through both versions: its paired samples. A
+        serving path that refuses or drops the connection (a model server restarting) is an
+        OSError naming the path and the versions (the stage's failure and its rollback report
+        quote it)."""
         from vision_rollout.replay import replay
 
         arms = {"baseline": self.spec.baseline_version, "canary": self.spec.candidate_version}
-        return replay(
-            self.server_address,
-            self.spec.model,
-            arms,
-            self.validation,
-            self.replay_limit,
-            request_prefix=f"replay-{uuid.uuid4().hex[:12]}",
-        )
+        try:
+            return replay(
+                self.server_address,
+                self.spec.model,
+                arms,
+                self.validation,
+                self.replay_limit,
+                request_prefix=f"replay-{uuid.uuid4().hex[:12]}",
+            )
+        except OSError as exc:
+            raise OSError(
+                f"the validation replay of {self.spec.model} versions {self.spec.baseline_version} and "
+                f"{self.spec.candidate_version} through {self.server_address} could not be sent: {exc}"
+            ) from None
 
     def records(self, window: StageWindow, now: float) -> pd.DataFrame:
         from datetime import UTC, datetime

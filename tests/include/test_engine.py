@@ -949,6 +949,25 @@ def test_a_log_that_cannot_be_listed_holds_the_stage_and_sends_no_replay(tmp_pat
     assert judge(WINDOW, T0 + s.max_stage_seconds).status == "undecided"
 
 
+def test_a_replay_the_serving_path_refuses_fails_the_poke_naming_it(tmp_path):
+    """A model server restarting mid-stage refused the poke's replay round: the wait failed, and
+    the rollback report said "the 50% stage: [Errno 111] Connection refused", naming nothing."""
+    import socket
+
+    from vision_rollout.engine import StageJudge
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = tmp_path / "validation"
+    folder.mkdir()
+    (folder / "labels.csv").write_text("file,label\na.png,1\n")
+    (folder / "a.png").write_bytes(b"not an image: refused before any answer")
+    judge = StageJudge(spec(), f"127.0.0.1:{port}", folder, str(tmp_path / "log"))
+    with pytest.raises(OSError, match=rf"replay of digits versions 1 and 2 through 127.0.0.1:{port} could not be sent"):
+        judge(WINDOW, T0 + 1)
+
+
 def cached_judges(tmp_path, monkeypatch, run: str | None = None):
     """Two judges of one log: one reading it whole each poke, one through a stage cache."""
     from vision_rollout.engine import StageJudge
