@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
@@ -108,17 +108,38 @@ def hold(
     hook: ModelServerHook | None = None,
     seconds: int = LEASE_S,
     rolling_back: bool = False,
+    judging: bool = False,
 ) -> None:
     """Renew this run's lease on its model for ``seconds`` (every step and poke that touches the
     model). A run that lost it (it expired and another run took it over) fails here, without
     retrying and before touching anything; so does one aborted (``rolloutctl abort``) in a step
-    that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back."""
+    that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back.
+    ``rolling_back`` and a stage's poke (``judging``, which acts on a breach) go on where the lease
+    reads as this run's but cannot be written (``renewed``)."""
+    lock = (hook or serving()).model_lock(spec.model, spec.mesh)
     try:
-        held = (hook or serving()).model_lock(spec.model, spec.mesh).renew(run_id, seconds)
+        held = renewed(lock, run_id, seconds) if rolling_back or judging else lock.renew(run_id, seconds)
     except LockLost as exc:
         raise AirflowFailException(str(exc)) from None
     if held.aborted and not rolling_back:
         raise AirflowFailException(f"the rollout was aborted: {held.aborted}")
+
+
+def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
+    """The lease renewed for what puts the stable version back; as it reads, when it reads as this
+    run's but cannot be written (its run folder full or read-only: OSError), which stops no
+    rollback: the lease only keeps other runs off the model, and this run holds it. LockLost as
+    ``renew``."""
+    try:
+        return cast("Holding", lock.renew(run_id, seconds))
+    except OSError as exc:
+        current = lock.holding()
+        if current is None or current.holder != run_id:
+            raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None
+        log.warning(
+            "the lease of %r cannot be renewed (%s); the stable version goes back all the same", lock.model, exc
+        )
+        return cast("Holding", current)
 
 
 def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -590,7 +611,7 @@ def look_at_stage(
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
     hook = serving()
-    hold(spec, run_id, hook)
+    hold(spec, run_id, hook, judging=True)
     folder = hook.settings.workdir(spec.model, run_id)
     try:
         with stage_record_readable(spec, run_id, index, hook):
@@ -1201,7 +1222,7 @@ def finish(
     spec = spec_from(params)
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
-    lock.renew(run_id)
+    renewed(lock, run_id)
     kept = promoted or promotion_in_effect(spec, run_id, hook)
     routes = None if kept else router(spec, run_id, hook).get_routes()
     if not kept:

@@ -1760,6 +1760,48 @@ def test_a_restart_asked_for_starts_a_fresh_test_and_the_report_says_what_it_cos
     assert main([*args[:-1], "2", "--reason", "x"]) == 4
 
 
+def full_disk(monkeypatch):
+    """The run folder full from now on: no write of the lease goes through."""
+    import errno
+
+    from vision_rollout.locks import FileLock
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileLock, "_replace", full)
+
+
+def test_a_breach_puts_the_stable_version_back_when_the_run_folder_is_full(monkeypatch, tmp_path):
+    """The run folder (where the lease lives) full mid-stage: each poke failed renewing the lease,
+    before judging, so a tripped guard never put the stable version back."""
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    full_disk(monkeypatch)
+    world.states = [stage_state("breach", 0, "hard guard tripped: Canary P99 is 95 ms.")]
+    with pytest.raises(AirflowFailException, match=r"Canary P99 is 95 ms\. Version 1 takes 100% again"):
+        world.poke(applied)
+    assert world.set[-1] == {"stable": True}
+
+
+@pytest.mark.integration
+def test_the_teardown_puts_the_stable_version_back_when_the_run_folder_is_full(
+    server_factory, repo_copy, monkeypatch, tmp_path
+):
+    """The teardown and the failure callback renewed the lease first; the run folder full, both
+    failed there, and the candidate kept its share of the traffic."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    s.load_versions("digits", 1, 2)
+    assert put_policy(s, steps.spec_from(PARAMS).policy_for_stage(50).to_dict()).status_code == 200
+    steps.serving().model_lock("digits", "local").acquire("run-a")
+    full_disk(monkeypatch)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-a"})
+    assert steps.serving().settings.admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
 def test_a_stage_record_that_cannot_be_read_fails_the_step_instead_of_starting_afresh(monkeypatch, tmp_path):
     """It failed with a bare RecordError (a traceback, retried on the same file): now a task
     failure in one line naming the file, what is wrong, and the command that tests afresh."""
