@@ -487,7 +487,7 @@ def judge_stage(
             verdict,
             f"undecided at its last look ({K} of {K}, {elapsed:.0f} s into the stage): {need} {verdict.summary}",
         )
-    ahead = projection(spec, n, arm_rate(current, window))
+    ahead = projection(spec, n, arm_rate(current, window), window.latency_from)
     to = window.latency_carried_to(spec)
     if to is not None and any(c.name == "latency_geomean" and c.decision == "wait" for c in verdict.checks):
         ahead += f" Undecided at the last look, the latency comparison alone is carried to the {to}% stage."
@@ -556,11 +556,15 @@ def arm_rate(samples: pd.DataFrame, window: StageWindow) -> float:
     return min((rows["arm"] == arm).sum() for arm in ("baseline", "canary")) / span
 
 
-def projection(spec: RolloutSpec, n: int | None, rate: float) -> str:
+def projection(spec: RolloutSpec, n: int | None, rate: float, source: str = "live") -> str:
+    """When the samples still needed (``n`` per arm) come at ``rate`` a second of the ``source``
+    requests (live A/B traffic, or the replay at 100%)."""
     if n is None:
         return ""
     if rate <= 0:
-        return " No requests have reached one arm yet."
+        return f" No {source} requests have reached one arm yet" + (
+            " (the validation replay's are no live traffic)." if source == "live" else "."
+        )
     eta = n / rate
     budget = spec.max_stage_seconds
     if eta > budget:

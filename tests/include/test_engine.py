@@ -1249,3 +1249,15 @@ def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
     full, cached = cached_judges(tmp_path / "small", monkeypatch)
     assert same_poke(full, cached, StageWindow(0, 50, t0), t0 + 5).attrs["files_opened"] == 1
     assert not (tmp_path / "small" / "run").exists()  # over MAX_BYTES: not written
+
+
+def test_a_wait_with_no_live_request_in_one_arm_says_the_replay_is_no_live_traffic():
+    """The error-rate line counts the replay's requests per arm; the latency projection counts
+    live ones: its sentence names which."""
+    from vision_rollout.engine import projection
+
+    assert projection(spec(), 500, 0.0) == (
+        " No live requests have reached one arm yet (the validation replay's are no live traffic)."
+    )
+    assert projection(spec(), 500, 0.0, "replay") == " No replay requests have reached one arm yet."
+    assert "requests/s into the slower arm" in projection(spec(), 50_000, 1.0)
