@@ -414,6 +414,64 @@ def closes(end: datetime) -> datetime:
     return end + timedelta(seconds=CLOCK_SKEW_S + MAX_FLUSH_S)
 
 
+COPIES_POLL_S = 2.0  # how often a rollout's audit looks again for the copies still to be written
+
+
+def copies_pending(prediction_log: str | Path, end: datetime, model: str, version: str) -> datetime | None:
+    """When the newest record stamped in the last stretch before ``end`` that its pair's other
+    record may still come for (``closes``'s bound) was stamped, of those whose other record is
+    not in the log yet: a primary of ``version`` (the mirrored one) without a shadow record (a
+    copy, answered or dropped), or a shadow record without its primary (the pods flush apart);
+    None where none. Only that stretch is read, and only the records' keys."""
+    from model_server.predictionlog import read
+
+    start = end - (closes(end) - end)
+    margin = timedelta(seconds=CLOCK_SKEW_S)
+    records = read(
+        prediction_log,
+        start - margin,
+        end + margin,
+        model,
+        columns=["time", "model", "version", "role", "route", "request_id", "item", "outcome"],
+        roles=("primary", "shadow"),
+    )
+    stamp = records["time"]
+    recent = ((stamp >= pd.Timestamp(start)) & (stamp < pd.Timestamp(end))).to_numpy(bool)
+    primary = (records["role"] == "primary").to_numpy(bool)
+    mirrored = (
+        (records["version"] == version)
+        & (records["outcome"] == "ok")
+        & (records["route"] != "version")  # (a request to the version itself is never mirrored)
+    ).to_numpy(bool)
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    lonely = recent & np.where(primary, mirrored & ~key.isin(key[~primary]), ~key.isin(key[primary]))
+    return stamp[lonely].max().to_pydatetime() if lonely.any() else None
+
+
+def await_copies(
+    prediction_log: str | Path,
+    end: datetime,
+    model: str,
+    version: str,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Waits until the pairs of the records stamped shortly before ``end`` are whole in the log
+    (``copies_pending``: the shadow records of the primaries of ``version``, the primaries of
+    the shadow records), or until the newest record still without its other is past its close
+    (``closes``: a record written later is late, in no audit; a copy the mirror's sampling never
+    made is waited for that long), looking every ``COPIES_POLL_S``; the seconds it waited. A
+    range audited up to now, before its last flushes, showed those records unpaired and
+    compared only the copies answered and written first (a failing shadow's among them)."""
+    began = clock()
+    while (newest := copies_pending(prediction_log, end, model, version)) is not None:
+        left = closes(newest).timestamp() - clock()
+        if left <= 0:
+            break
+        sleep(min(COPIES_POLL_S, left))
+    return clock() - began
+
+
 def attribution(records: pd.DataFrame, start: datetime, end: datetime) -> tuple[np.ndarray, np.ndarray]:
     """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), which are the
     range's and which an earlier range's. The range's: the primaries stamped within it, the

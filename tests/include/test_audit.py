@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +16,20 @@ from PIL import Image
 
 from model_server import predictionlog
 from tests.support import shadow_log
-from vision_rollout.audit import CHART, REPORT, AuditConfig, audit, audit_frame, kl, report_files, write_report
+from vision_rollout.audit import (
+    CHART,
+    COPIES_POLL_S,
+    REPORT,
+    AuditConfig,
+    audit,
+    audit_frame,
+    await_copies,
+    closes,
+    copies_pending,
+    kl,
+    report_files,
+    write_report,
+)
 from vision_rollout.folders import Folder
 
 NOW = datetime.now(UTC)
@@ -753,3 +767,50 @@ def test_an_hour_of_malformed_records_is_not_an_empty_one(tmp_path):
     path.unlink()
     alone = audit(log, *around_now(), "digits")
     assert (alone.verdict, alone.rows, alone.malformed_records) == ("inconclusive", 0, 400)
+
+
+def test_a_range_audited_up_to_now_waits_for_its_last_copies_and_no_longer_than_they_can_come(tmp_path):
+    """Audited up to now, a range's last primaries had no shadow record yet (pods flush every
+    few seconds, a copy's after its primary's, or the other way round): a short range showed
+    nothing, a long one its last minute's records unpaired and only the copies written first
+    compared. ``await_copies`` looks again until the pairs are whole; a primary whose copy never
+    comes (a mirror sampling under 100%) is waited for until its close, no longer."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    log = shadow_log(tmp_path, 30, disagree=0.0, at=now - 5, roles=("primary",))
+    assert audit(log, end - timedelta(minutes=10), end, "digits").rows == 0
+    clock = [now]
+    naps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+        if len(naps) == 3:  # (the candidate's pod flushes)
+            shadow_log(tmp_path, 30, disagree=0.0, at=now - 5, roles=("shadow",), flushed=4)
+
+    assert await_copies(log, end, "digits", "1", lambda: clock[0], sleep) == pytest.approx(3 * COPIES_POLL_S)
+    result = audit(log, end - timedelta(minutes=10), end, "digits")
+    assert (result.rows, result.primary_without_shadow) == (30, 0)
+    assert copies_pending(log, end, "digits", "2") is None  # (the candidate's own primaries: none)
+
+    (tmp_path / "b").mkdir()
+    never = shadow_log(tmp_path / "b", 10, disagree=0.0, at=now - 5, roles=("primary",))
+    clock, naps = [now], []
+    waited = await_copies(never, end, "digits", "1", lambda: clock[0], sleep)
+    assert waited == pytest.approx((closes(end) - end).total_seconds() - 5)
+    assert max(naps) <= COPIES_POLL_S
+    assert await_copies(tmp_path / "none", end, "digits", "1", lambda: clock[0], sleep) == 0
+
+    (tmp_path / "c").mkdir()  # the candidate's pod flushed first: its copies wait for their primaries
+    first = shadow_log(tmp_path / "c", 30, disagree=0.0, at=now - 5, roles=("shadow",))
+    assert audit(first, end - timedelta(minutes=10), end, "digits").shadow_without_primary == 30
+    clock, naps = [now], []
+
+    def flush_primaries(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+        shadow_log(tmp_path / "c", 30, disagree=0.0, at=now - 5, roles=("primary",), flushed=3)
+
+    assert await_copies(first, end, "digits", "1", lambda: clock[0], flush_primaries) == COPIES_POLL_S
+    result = audit(first, end - timedelta(minutes=10), end, "digits")
+    assert (result.rows, result.shadow_without_primary) == (30, 0)

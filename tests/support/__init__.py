@@ -140,6 +140,7 @@ def shadow_log(
     versions: tuple[str, str] = ("1", "2"),
     skew: float = 0.0,
     flushed: float = 1.0,
+    roles: tuple[str, ...] = ("primary", "shadow"),
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -155,10 +156,21 @@ def shadow_log(
     are led by the shadow's, so that two logs written into one folder hold distinct requests).
     ``skew``: seconds the shadow records' clock is ahead of the primaries' (another pod's).
     Records received at ``at`` are written ``flushed`` seconds after the last of them (by its
-    files' names: a second, as a writer flushing on time would)."""
+    files' names: a second, as a writer flushing on time would). Only the records of ``roles``
+    are written (the shadow records alone: the copies of primaries written before)."""
     keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
-    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
+    if not keys.exists():  # (one key for a folder's logs: a request's records mask alike)
+        keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    log = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="audit-test")
+
+    class writer:  # (the records of ``roles``)
+        @staticmethod
+        def append(inference: Inference) -> None:
+            if inference.role in roles:
+                log.append(inference)
+
+        flush = log.flush
+
     rng = np.random.default_rng(seed)
     primary, shadow = versions
     lead = "" if versions == ("1", "2") else f"v{shadow}-"
