@@ -75,6 +75,7 @@ SECTIONS = {
     "p99_breach_seconds": "Hard guards",
     "accuracy_drop_max": "Hard guards",
     "shadow_error_rate_max": "Hard guards",
+    "restarts_max": "Hard guards",
     "guard_error_limit": "Hard guards",
     "shadow_agreement_min": "Shadow audit",
     "shadow_anomaly_rate_max": "Shadow audit",

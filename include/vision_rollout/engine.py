@@ -600,9 +600,11 @@ def guard_inputs(
     """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
     summed over the version's pods; the P99 series of the whole stage (from ``since``, its
     start: a breach the same version had before, in an earlier rollout of it, is not this
-    stage's; without it the last ``p99_breach_seconds``), the shadow's counts from ``since`` on.
-    No data for the canary's P99 sets ``missing``, and Prometheus unreachable or failing sets
-    ``unavailable``: either way the stage holds, never passes."""
+    stage's; without it the last ``p99_breach_seconds``), the shadow's counts and the restarts
+    of the candidate's serving processes from ``since`` on (without it the last 10 minutes).
+    No data for the canary's P99 or for its processes' start times sets ``missing``, and
+    Prometheus unreachable or failing sets ``unavailable``: either way the stage holds, never
+    passes."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
@@ -640,10 +642,22 @@ def guard_inputs(
         log.info("no shadow counts yet: %s", exc)
     except MetricsError as exc:
         down.append(str(exc))
+    restarts = None
+    # The whole stage (from ``since``): what a crash lost (its requests in flight, its counters,
+    # its log records not yet written) is in no other guard's numbers.
+    stage = SHADOW_WINDOW_S if since is None else max(1.0, now - since)
+    try:
+        restarts = _count(source, PromQL.restarts(spec.model, spec.candidate_version, f"{math.ceil(stage)}s"))
+    except NoValuesFound as exc:
+        no_start = f"the start times of the candidate's serving processes have no data in Prometheus ({exc})"
+        missing = f"{missing}; {no_start}" if missing else no_start
+    except MetricsError as exc:
+        down.append(str(exc))
     return GuardInputs(
         p99_series_ms=series,
         shadow_errors=errors,
         shadow_requests=requests,
+        restarts=restarts,
         unavailable="; ".join(dict.fromkeys(down)) or None,
         missing=missing,
     )
@@ -659,10 +673,10 @@ def guard_breach(
     source: MetricsSource | None, spec: RolloutSpec, since: float, now: float | None = None
 ) -> tuple[str | None, str | None]:
     """The last stage's hard guards on Prometheus (the P99's sustained breach over the stage
-    from ``since``, its start; the shadow's error rate), as its pokes read them, while its
-    promotion awaits an approval: (the sentence of those that tripped, why they could not be
-    read: Prometheus down, a query error, no data, no server seen serving the candidate), each
-    None when there is none. A read that failed trips nothing by itself: ``FailedReads`` counts
+    from ``since``, its start; the shadow's error rate; the candidate's restarts), as its pokes
+    read them, while its promotion awaits an approval: (the sentence of those that tripped, why
+    they could not be read: Prometheus down, a query error, no data, no server seen serving the
+    candidate), each None when there is none. A read that failed trips nothing by itself: ``FailedReads`` counts
     them."""
     guards = guard_inputs(source, spec, now, since)
     unread = guards.unavailable or guards.missing or unserved(source, spec)

@@ -151,6 +151,7 @@ class GateConfig:
     p99_breach_seconds: float = DEFAULTS.p99_breach_seconds
     accuracy_drop_max: float = DEFAULTS.accuracy_drop_max
     shadow_error_rate_max: float = DEFAULTS.shadow_error_rate_max
+    restarts_max: int = DEFAULTS.restarts_max
     power: float = 0.8  # for the minimum detectable effect (reported, never decides)
 
     @classmethod
@@ -191,7 +192,8 @@ class Check:
     or fail for one that can only fail it. The numbers are in the check's own unit, named by
     its ``sentence``: ``effect``, its interval ``ci``, ``margin`` and ``mde`` (the smallest effect
     these samples resolve) are a relative change for latency (0.05 = +5%), a difference of
-    proportions for errors and accuracy (0.001 = 0.1 pp), milliseconds for the P99 guard.
+    proportions for errors and accuracy (0.001 = 0.1 pp), milliseconds for the P99 guard, a count
+    for the restart guard.
     ``statistic`` is the test's (t, U, discordant pairs); ``p_value`` one-sided, toward harm.
     Everything after ``method`` is passed by keyword.
     """
@@ -754,6 +756,7 @@ class GuardInputs:
     validation_drop: float | None = None  # baseline - canary accuracy on the same validation batch
     shadow_errors: int | None = None
     shadow_requests: int | None = None
+    restarts: int | None = None  # restarts of the processes serving the candidate in the stage
     unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
     missing: str | None = None  # a guard Prometheus has no data for: it cannot judge, so nothing passes
 
@@ -844,6 +847,21 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
                 "hard guard, point estimate",
                 effect=rate,
                 margin=cfg.shadow_error_rate_max,
+            )
+        )
+    if g.restarts is not None:
+        # A restart loses the requests in flight (the mesh answers them 503, which no counter of
+        # the server sees), the process's counters and its prediction-log records not yet written:
+        # the other checks then judge what the crashes left.
+        out.append(
+            Check(
+                "guard_restarts",
+                "fail" if g.restarts > cfg.restarts_max else "pass",
+                f"The candidate's serving processes restarted {g.restarts} time{'s' if g.restarts != 1 else ''} "
+                f"in this stage (limit {cfg.restarts_max}).",
+                "hard guard on a Prometheus query",
+                effect=g.restarts,
+                margin=cfg.restarts_max,
             )
         )
     return out

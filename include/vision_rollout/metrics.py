@@ -362,6 +362,15 @@ class PromQL:
         )
 
     @staticmethod
+    def restarts(model: str, version: str, window: str) -> str:
+        """Restarts in the window of the processes that served the version in it: changes of their
+        start time (the client library's ``process_start_time_seconds``), summed over the servers
+        reporting the version loaded, pod by pod (a restarted container keeps its pod's address).
+        A new pod is a new series, no restart; no data where no such server reports a start time."""
+        loaded = f"max_over_time(model_server_model_info{{{_sel(model, version)}}}[{window}])"
+        return f"sum(changes(process_start_time_seconds[{window}]) and on(instance) {loaded})"
+
+    @staticmethod
     def gpu_peak(gauge: str, model: str, version: str, window: str) -> str:
         """A GPU gauge's peak over the window, over the GPUs of the servers that serve the version
         (those exporting its inference count), not every GPU the Prometheus sees."""

@@ -226,7 +226,7 @@ def p_value(p: float) -> str:
 def _unit(name: str) -> str:
     """The unit of a check's numbers (``gates.Check``): ``relative`` for latency (0.05 = +5%),
     ``pp`` for a difference of proportions, ``%`` for the shadow error rate, ``ms`` for the P99
-    guard; ``""`` for the rest (the rank check's probability)."""
+    guard; ``""`` for the rest (the rank check's probability, the restart guard's count)."""
     if name == "guard_p99":
         return "ms"
     if name == "guard_shadow_errors":

@@ -182,6 +182,13 @@ class RolloutSpec:
     shadow_error_rate_max: float = _f(
         0.001, "Hard guard: largest shadow error rate", type="number", minimum=0, maximum=1
     )
+    restarts_max: int = _f(
+        0,
+        "Hard guard: restarts of the candidate's serving processes a stage allows (one more rolls back)",
+        type="integer",
+        minimum=0,
+        maximum=1000,
+    )
     guard_error_limit: int = _f(
         30,
         "Hard guards: reads in a row that fail (Prometheus down, a query error, no data) before a promotion "

@@ -387,6 +387,19 @@ def test_a_p99_breach_from_prometheus_trips_the_guard():
     assert "P99" in state.reason
 
 
+def test_a_restart_of_the_candidates_process_trips_the_guard():
+    """The same stage passes with no restart, and one restart of the candidate's serving process
+    (its lost requests in no sample) ends it at once."""
+    s = spec()
+    log = records(400, 40, 50)
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106, GuardInputs(restarts=0)).status == "pass"
+    state = judge_stage(s, WINDOW, log, IMAGES, T0 + 106, GuardInputs(restarts=1))
+    assert state.status == "breach"
+    assert state.reason == (
+        "hard guard tripped: The candidate's serving processes restarted 1 time in this stage (limit 0)."
+    )
+
+
 def test_a_stage_whose_guards_cannot_be_read_holds_and_never_passes():
     """Prometheus down mid-stage left the P99 and shadow-error guards out, silently: the stage
     could pass unguarded. It now holds (no look judged) and, down to the end, is undecided."""

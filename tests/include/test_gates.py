@@ -226,6 +226,25 @@ def test_hard_guards():
     assert {c.name for c in v.failed} == {"guard_accuracy_drop", "guard_shadow_errors"}
 
 
+def test_a_restart_of_the_candidates_serving_processes_fails_the_stage():
+    """A candidate whose process crashed on some inputs and restarted lost those requests (the
+    mesh answered them 503), its counters and its unwritten log records: every other check read
+    what the crashes left, and the stage passed. Any restart beyond ``restarts_max`` (0 by
+    default) fails it now; none is a pass of the guard, and no data is no check (the stage holds)."""
+    healthy = evaluate_gate(samples(3000), guards=GuardInputs(restarts=0, validation_drop=0.0))
+    (check,) = [c for c in healthy.checks if c.name == "guard_restarts"]
+    assert (check.decision, check.effect, check.margin) == ("pass", 0, 0)
+    crashed = evaluate_gate(samples(3000), guards=GuardInputs(restarts=2, validation_drop=0.0))
+    assert crashed.decision == "fail"
+    assert [c.name for c in crashed.failed] == ["guard_restarts"]
+    assert "The candidate's serving processes restarted 2 times in this stage (limit 0)." in crashed.summary
+    (once,) = guard_checks(GuardInputs(restarts=1), GateConfig(restarts_max=1))
+    assert once.decision == "pass"
+    assert "restarted 1 time in this stage (limit 1)" in once.sentence
+    assert guard_checks(GuardInputs(restarts=2), GateConfig(restarts_max=1))[0].decision == "fail"
+    assert not [c for c in guard_checks(GuardInputs(), GateConfig()) if c.name == "guard_restarts"]
+
+
 def test_a_p99_breach_that_ended_between_two_pokes_fails_the_stage():
     """The guard looked at the last ``p99_breach_seconds + 5`` s at each poke and asked whether
     the series ended above the limit for that long: a breach of 125 s that ended before the next

@@ -300,6 +300,7 @@ def test_prometheus_answers_the_rollout_queries(stack):
     assert source.query(PromQL.shadow_error_rate("digits", "2", "1m")) == 0.0
     assert source.query(PromQL.error_rate("digits", "1", "1m")) == 0.0  # the 400s are not counted
     assert source.query('sum(nv_inference_request_failure{model="digits",version="1"})') == 20
+    assert source.query(PromQL.restarts("digits", "2", "1m")) == 0  # its process_start_time_seconds, by instance
     # Distinct failures: no such version, several series, no GPU, bad PromQL.
     with pytest.raises(NoValuesFound):
         source.query(PromQL.latency_quantile_ms("digits", "7", 0.99))
@@ -457,14 +458,33 @@ def test_the_shadow_guard_counts_every_error_of_its_stage_and_none_before(
         prom.stop()
 
 
+def exporter(pages: dict[str, str], name: str):
+    """A /metrics page on loopback answering ``pages[name]`` as it is at each scrape."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages[name].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 @pytest.mark.integration
 def test_gpu_gauges_are_the_peaks_of_the_gpus_that_serve_the_version(tmp_path):
     """Two servers beside each other in one Prometheus: the candidate's (one GPU, busier earlier in
     the stage) and another model's (a fuller GPU). The stage reports the candidate's GPU at its
     peak, not the busiest GPU the Prometheus sees."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from vision_rollout.engine import gpu_gauges
 
     pages = {
@@ -478,24 +498,7 @@ def test_gpu_gauges_are_the_peaks_of_the_gpus_that_serve_the_version(tmp_path):
         'nv_gpu_memory_total_bytes{gpu_uuid="GPU-b"} 9e10\n',
     }
 
-    def exporter(name: str) -> ThreadingHTTPServer:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = pages[name].encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        return httpd
-
-    servers = [exporter("candidate"), exporter("other")]
+    servers = [exporter(pages, "candidate"), exporter(pages, "other")]
     prom = start_prometheus([f"127.0.0.1:{s.server_port}" for s in servers], tmp_path / "prometheus")
     try:
         source = PrometheusSource(prom.url)
@@ -509,6 +512,64 @@ def test_gpu_gauges_are_the_peaks_of_the_gpus_that_serve_the_version(tmp_path):
             "memory_total_bytes": 8e10,
         }
         assert gpu_gauges(source, "digits", "3", 300) == {}  # no server serves it
+    finally:
+        prom.stop()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.mark.integration
+def test_the_restart_guard_counts_the_candidates_restarts_in_its_stage(tmp_path):
+    """A candidate's process that crashed and came back (its start time changed: kubelet restarts
+    a container in its pod, at the pod's address) lost its requests in flight, its counters and
+    its unwritten log records, and no guard read restarts: the stage passed. The guard counts
+    them over the stage: the candidate's, not another version's, none from before the stage;
+    and holds where the servers report no start time."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.gates import GateConfig, guard_checks
+    from vision_rollout.spec import RolloutSpec
+
+    def page(start: float | None, version: str) -> str:
+        info = f'model_server_model_info{{model="digits",version="{version}",execution_provider="CPU"}} 1\n'
+        return info + (f"process_start_time_seconds {start}\n" if start is not None else "")
+
+    pages = {"candidate": page(100.0, "2"), "baseline": page(200.0, "1"), "other": page(None, "3")}
+    servers = [exporter(pages, name) for name in pages]
+    prom = start_prometheus([f"127.0.0.1:{s.server_port}" for s in servers], tmp_path / "prometheus")
+    starts = "process_start_time_seconds"
+
+    def restart(name: str, start: float, version: str) -> str:
+        """The server's start time changed, and Prometheus holds it: its series."""
+        pages[name] = page(start, version)
+        series = f'{starts}{{instance="127.0.0.1:{servers[list(pages).index(name)].server_port}"}}'
+        wait_for_value(source, f"{series} == {start}")
+        return series
+
+    try:
+        source = PrometheusSource(prom.url)
+        wait_for_value(source, f"count({starts}) == 2")
+        candidate_starts = restart("candidate", 150.0, "2")  # before the stage
+        first = source.query(f"timestamp({candidate_starts})")
+        wait_for_value(source, f"timestamp({candidate_starts}) > {first + 2}")  # the stage starts 2 s after
+        since = time.time()
+        candidate = RolloutSpec.from_dict({"candidate_version": "2"})
+        assert guard_inputs(source, candidate, since=since).restarts == 0
+        restart("candidate", 300.0, "2")  # in the stage
+        restart("baseline", 310.0, "1")  # another version's server: not the candidate's
+        restart("baseline", 320.0, "1")
+        guards = guard_inputs(source, candidate, since=since)
+        assert guards.restarts == 1
+        assert guard_inputs(source, candidate, since=since - 600).restarts == 2  # with the one before
+        (check,) = [c for c in guard_checks(guards, GateConfig.from_spec(candidate)) if c.name == "guard_restarts"]
+        assert check.decision == "fail"
+        baseline = RolloutSpec.from_dict({"candidate_version": "1", "baseline_version": "2"})
+        assert guard_inputs(source, baseline, since=since).restarts == 2
+        # A server of the version that reports no start time: no data, the stage holds.
+        held = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "3"}), since=since)
+        assert held.restarts is None
+        assert held.missing is not None
+        assert "the start times of the candidate's serving processes have no data in Prometheus" in held.missing
     finally:
         prom.stop()
         for s in servers:

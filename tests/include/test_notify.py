@@ -254,7 +254,7 @@ def test_a_failing_checks_fields_are_in_its_unit_and_never_on_its_margin():
     limit 0.05" for a canary 27.47% slower against a 5% margin, 0.05567 for an excess of 5.57 pp.
     And four significant digits put a lower bound just over the margin on it: "Interval 0.05 to
     0.07" beside "Margin / limit 0.05", for a check that failed because the bound is above it."""
-    from vision_rollout.gates import Verdict
+    from vision_rollout.gates import GateConfig, Verdict, guard_checks
 
     def fields(check: Check) -> list[str]:
         msg = rollback_message(SPEC, "r", Verdict("fail", (check,), 1, 1, 0.05, 0.05, "pocock"))
@@ -271,6 +271,8 @@ def test_a_failing_checks_fields_are_in_its_unit_and_never_on_its_margin():
     assert {"*Effect*\n1.00001%", "*Margin / limit*\n1%"} <= set(fields(shadow))
     rate = Check("guard_shadow_errors", "fail", "shadow", "guard", effect=0.00123, margin=0.001)
     assert "*Effect*\n0.123%" in fields(rate)  # (as its sentence: "Shadow error rate is 0.123%")
+    (restarts,) = guard_checks(GuardInputs(restarts=2), GateConfig())
+    assert {"*Effect*\n2", "*Margin / limit*\n0"} <= set(fields(restarts))  # (a count, its limit)
 
 
 def test_a_failing_latency_checks_p_value_is_the_evidence_of_harm():

@@ -14,11 +14,12 @@ from vision_rollout.spec import RolloutSpec, SpecError
 def test_default_guards():
     s = RolloutSpec()
     assert s.stages == (5, 25, 50, 100)
-    assert (s.p99_ms_max, s.p99_breach_seconds, s.accuracy_drop_max, s.shadow_error_rate_max) == (
+    assert (s.p99_ms_max, s.p99_breach_seconds, s.accuracy_drop_max, s.shadow_error_rate_max, s.restarts_max) == (
         60.0,
         120,
         0.005,
         0.001,
+        0,
     )
 
 
@@ -36,6 +37,7 @@ def test_the_gate_and_the_audit_take_every_threshold_from_the_spec():
             "min_samples": 500,
             "tail_margin": 0.5,
             "shadow_error_rate_max": 0.02,
+            "restarts_max": 3,
             "shadow_agreement_min": 0.8,
             "shadow_anomaly_rate_max": 0.3,
         }
@@ -116,6 +118,7 @@ def test_invalid_specs_name_the_field(raw, needle):
         ({"latency_margin": -0.1}, r"latency_margin: -0.1 is less than the minimum of 0 \(allowed 0 to 1\)"),
         ({"accuracy_margin": 2}, r"accuracy_margin: 2 is greater than the maximum of 0.1 \(allowed 0 to 0.1\)"),
         ({"mirror_percent": 101}, r"mirror_percent: 101 .* \(allowed 0 to 100\)"),
+        ({"restarts_max": -1}, r"restarts_max: -1 is less than the minimum of 0 \(allowed 0 to 1000\)"),
     ],
 )
 def test_numbers_out_of_their_range_are_refused_naming_field_value_and_range(raw, needle):

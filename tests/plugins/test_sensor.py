@@ -165,13 +165,17 @@ def test_prometheus_down_to_the_end_of_a_stage_makes_it_undecided(stage):
 def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy, tmp_path):
     """Killed mid-stage (SIGKILL: no clean shutdown) and started again on its port with its state
     folder: it serves the same versions under the same policy (both persisted), the pokes in
-    between wait or fail to be retried, never pass, and the stage reaches its verdict."""
+    between wait or fail to be retried, never pass, and a stage allowing a restart reaches its
+    verdict. The restart guard counted the restart: by default one trips it."""
     import signal
 
     from devstack.processes import start_model_server
+    from vision_rollout.engine import guard_inputs, tripped
+    from vision_rollout.gates import GateConfig
+    from vision_rollout.metrics import PrometheusSource
 
-    server, log_dir, started, _ = stage
-    p = params(bake_seconds=12, max_stage_seconds=240, min_samples=100)
+    server, log_dir, started, holder = stage
+    p = params(bake_seconds=12, max_stage_seconds=240, min_samples=100, restarts_max=1)
     policy = requests.get(f"{server.http}/v2/models/digits/traffic", headers=server.admin, timeout=10).json()
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(timeout=10)
@@ -203,5 +207,10 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
             assert time.monotonic() < deadline, "the stage never decided"
             time.sleep(2)
         assert result.xcom_value["decision"] == "pass", result.xcom_value["summary"]
+        guards = guard_inputs(PrometheusSource(holder["prom"].url), RolloutSpec.from_dict(p), since=started)
+        assert guards.restarts == 1
+        assert tripped(guards, GateConfig()) == (
+            "hard guard tripped: The candidate's serving processes restarted 1 time in this stage (limit 0)."
+        )
     finally:
         again.stop()

@@ -940,9 +940,10 @@ def test_a_candidate_file_written_over_before_promote_is_not_promoted(server_fac
 GUARDED = {**PARAMS, "require_approval": True, "mirror_percent": 0, "p99_ms_max": 60, "p99_breach_seconds": 120}
 
 
-def p99_since(monkeypatch, since: float, ms: float, loaded: bool = True):
-    """Prometheus as the guards see it: the canary's P99 at ``ms`` from ``since`` until now, and
-    (``loaded``) a model server that reports the candidate loaded."""
+def p99_since(monkeypatch, since: float, ms: float, loaded: bool = True, restarts: int = 0):
+    """Prometheus as the guards see it: the canary's P99 at ``ms`` from ``since`` until now,
+    (``loaded``) a model server that reports the candidate loaded now, and its process (serving
+    the candidate since ``since``) restarted ``restarts`` times."""
     import time
 
     from rollout_airflow.hooks import PrometheusHook
@@ -951,6 +952,8 @@ def p99_since(monkeypatch, since: float, ms: float, loaded: bool = True):
 
     class Serving(History):
         def query(self, promql: str) -> float:
+            if "process_start_time_seconds" in promql:
+                return float(restarts)
             return 1.0 if loaded and promql == PromQL.loaded("digits", "2") else super().query(promql)
 
     source = Serving([(t, ms) for t in range(int(since), int(time.time()) + 60, 5)])
@@ -1043,6 +1046,21 @@ def test_a_p99_breach_while_the_approval_waits_answers_roll_back(monkeypatch):
     assert event["responded_by_user"] is None
     assert event["guard_breach"].startswith("hard guard tripped: Canary P99 is 200.0 ms (limit 60 ms)")
     assert source.ranges[-1][0] == since  # the whole stage, as its pokes read it
+
+
+def test_a_candidate_restarted_while_the_approval_waits_answers_roll_back(monkeypatch):
+    """Its P99 within the limit, the candidate's process crashed and came back: the requests it
+    lost were no sample of the P99. The restart guard is read with the others, and trips."""
+    import time
+
+    since = time.time() - 300
+    p99_since(monkeypatch, since, 20.0, restarts=1)
+    Answers(monkeypatch)
+    event = wait_for_answer(since)
+    assert event["chosen_options"] == ["Roll back"]
+    assert event["guard_breach"] == (
+        "hard guard tripped: The candidate's serving processes restarted 1 time in this stage (limit 0)."
+    )
 
 
 def test_guards_within_their_limits_keep_the_approval_waiting_for_its_answer(monkeypatch):
