@@ -32,6 +32,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
 WRITE_S = 3.0  # and a flush's write (settle_time)
 CLOCK_SKEW_S = 5.0  # how far the model servers' clocks may be behind the workers'
+MAX_FLUSH_S = 60.0  # the longest flush interval settle_time believes a model server reports
 
 
 # -- the stage's plan ------------------------------------------------------------------------
@@ -794,6 +796,7 @@ class StageJudge:
     replay_limit: int | None = None  # images per round (None: the whole validation set)
     _labels: dict[str, int] | None = None
     cache: Folder | None = None  # where the stage's reads are kept between pokes (logcache)
+    silent_after_s: float | None = None  # a log still without a record this long into the stage fails it (log_silent)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -848,6 +851,48 @@ class StageJudge:
         t = _unix(sent["time"])
         return not bool(((t >= window.started) & (t > now - look_interval(self.spec))).any())
 
+    def silent_after(self) -> float:
+        """How long into a stage a log without a record of it is taken for another's: the longest
+        flush (``MAX_FLUSH_S``, or longer where a model server reports it) and its write."""
+        if self.silent_after_s is not None:
+            return self.silent_after_s
+        flush = math.nan
+        if isinstance(self.source, PrometheusSource):
+            with suppress(MetricsError):
+                flush = self.source.query("max(prediction_log_flush_seconds)")
+        return max(MAX_FLUSH_S, flush if math.isfinite(flush) else 0.0) + WRITE_S
+
+    def log_silent(self, window: StageWindow, answered: pd.DataFrame) -> str | None:
+        """Why the stage cannot be judged when, its weights applied ``silent_after()`` ago (the
+        longest flush and its write: the earlier pokes' replay rounds had time to land) and this
+        poke's replay round answered, the prediction log still holds no record of the model since
+        the stage started once a flush and its write (``settle_time``) passed: the log read is not
+        the one the model server writes (or it writes none), and the stage would wait out
+        ``max_stage_seconds`` with the candidate holding its share. None once a record is there."""
+        from vision_rollout.folders import Folder
+
+        wait_s = settle_time(self.source, self.settle_s)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if not self.records(window, time.time()).empty:
+                    return None
+            except OSError:  # (a log that cannot be listed holds the stage, as in a poke)
+                return None
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        ok = int((answered["error"] == 0).sum())
+        return (
+            f"the prediction log {Folder(self.prediction_log)} holds no record of {self.spec.model} since the stage "
+            f"started ({time.time() - window.started:.0f} s), the last of its validation replay rounds answered by "
+            f"the model server {wait_s:.0f} s ago ({ok} of "
+            f"{len(answered)} requests to versions {self.spec.baseline_version} and {self.spec.candidate_version}): "
+            "it is not the log the model server writes (the model server does not report where it writes; check "
+            'its --prediction-log argument, and that prediction_log_records_total{outcome="written"} grows on '
+            "its /metrics), so no look could judge the stage."
+        )
+
     def __call__(self, window: StageWindow, now: float | None = None) -> StageState:
         """Judge the looks due, then send a replay round if none went out in the last look
         interval. A log that cannot be listed (its store down, refusing) holds the stage as a
@@ -871,7 +916,12 @@ class StageJudge:
             replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
         )
         if not state.done and listed and self.replay_due(records, window, now):
-            self.replay_round()
+            answered = self.replay_round()
+            # (requests a proxy refused before the server saw them leave no record either way)
+            answered_any = answered is not None and "error" in answered and bool((answered["error"] == 0).any())
+            if records.empty and answered_any and now - window.started >= self.silent_after():
+                if silent := self.log_silent(window, answered):
+                    state = StageState("breach", 0, self.spec.looks_per_stage, None, silent, {}, now - window.started)
         if state.done and self.cache is not None:
             from datetime import UTC, datetime
 

@@ -923,6 +923,56 @@ def test_a_candidate_swapped_for_other_bytes_mid_stage_ends_the_stage(server_fac
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("read", ["elsewhere", "written"])
+def test_a_stage_whose_log_is_not_the_servers_fails_after_its_first_replay(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path, read
+):
+    """The connection's prediction log existed but the model server wrote elsewhere: each poke
+    found no record, and the stage waited out max_stage_seconds with the candidate holding its
+    share, then ended undecided. Once the longest flush has passed since the weights moved and a
+    replay round the server answered leaves no record there, the stage fails naming the log, and
+    the stable version takes 100% again."""
+    import time
+
+    from vision_rollout import engine
+
+    validation = repo_copy / "digits" / "validation"
+    validation.mkdir()
+    rows = (models_dir / "digits" / "validation" / "labels.csv").read_text().splitlines()[:5]
+    (validation / "labels.csv").write_text("\n".join(rows) + "\n")
+    for row in rows[1:]:
+        name = row.split(",")[0]
+        (validation / name).write_bytes((models_dir / "digits" / "validation" / name).read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "written").mkdir()
+    s = server_factory(repo_copy, "--prediction-log", str(tmp_path / "written"), token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {
+        "run_dir": str(tmp_path / "run"),
+        "repository": str(repo_copy),
+        "prediction_log": str(tmp_path / read),
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": 9})
+    )
+    monkeypatch.setattr(engine, "MAX_FLUSH_S", 0.0)  # (the log is judged silent WRITE_S into the stage)
+    report = steps.build_image(PARAMS, "run-a")
+    applied = steps.apply_weights(PARAMS, 0, "run-a", report, report["sha256"])
+    if read == "elsewhere":  # no record yet, before a flush could have written one: the stage goes on
+        assert steps.look_at_stage(PARAMS, 0, applied, "run-a") is None
+    time.sleep(max(0.0, applied["started"] + engine.WRITE_S + 0.5 - time.time()))
+    if read == "written":  # the log the server writes: the stage goes on at its weight
+        assert steps.look_at_stage(PARAMS, 0, applied, "run-a") is None
+        assert steps.serving().settings.admin.traffic("digits") == steps.spec_from(PARAMS).policy_for_stage(50)
+        return
+    silent = rf"the prediction log {tmp_path / 'elsewhere'} holds no record of digits since the stage started"
+    with pytest.raises(AirflowFailException, match=silent + r".*--prediction-log.*Version 1 takes 100% again"):
+        steps.look_at_stage(PARAMS, 0, applied, "run-a")
+    assert steps.serving().settings.admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
+@pytest.mark.integration
 def test_a_candidate_file_written_over_before_promote_is_not_promoted(server_factory, repo_copy, monkeypatch, tmp_path):
     """The candidate's file written over after its stages: promote's load (the baseline's unload)
     read it again, and 100% of the traffic went to bytes no stage judged."""
