@@ -11,8 +11,9 @@
                  (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR] [--lock-dir DIR]
                                                      (a whole rollout on the model server's router)
   rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
-  rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--json]
-                                   (each waiting report to Slack; removed once Slack took it)
+  rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--budget-s 120] [--json]
+                                   (each waiting report to Slack; removed once Slack took it;
+                                    none started after --budget-s, those left named)
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
   rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
@@ -770,20 +771,35 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         )
     from slack_sdk import WebClient
 
+    if not 0 <= args.budget_s <= 3600:
+        raise UsageError(f"--budget-s: 0 to 3600, not {args.budget_s:g}")
     client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)
-    results = send_waiting(args.outbox, client)
+    found = [n for n in args.outbox.names() if n.endswith(".json")]
+    results = send_waiting(args.outbox, client, budget_s=args.budget_s)
+    # Slack unreachable: each report waits out its timeout; the round starts none after its budget.
+    tried = {r["name"] for r in results}
+    left = f"not started: the round's {args.budget_s:g} s were spent (send again)"
+    results += [{"name": n, "left": left} for n in found if n not in tried]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            what = "sent" if r.get("sent") else f"skipped: {r['skipped']}" if "skipped" in r else f"error: {r['error']}"
+            what = (
+                "sent"
+                if r.get("sent")
+                else f"skipped: {r['skipped']}"
+                if "skipped" in r
+                else f"left waiting: {r['left']}"
+                if "left" in r
+                else f"error: {r['error']}"
+            )
             print(
                 f"{_shown(r['name'])}: {what}"
                 + (f" (its chart was not: {r['chart_error']})" if "chart_error" in r else "")
             )
         sent = sum(1 for r in results if r.get("sent"))
         print(f"{sent} of {len(results)} report(s) sent from {args.outbox}")
-    return ERROR if any("error" in r for r in results) else 0
+    return ERROR if any("error" in r or "left" in r for r in results) else 0
 
 
 def _shown(name: str) -> str:
@@ -1129,11 +1145,19 @@ def parser() -> argparse.ArgumentParser:
         "locks/): a run of the model already holding it is refused",
     )
     r.set_defaults(func=cmd_run)
+    from vision_rollout.settings import SEND_BUDGET_S
+
     o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, or send them")
     o.add_argument("action", choices=["list", "send"])
     o.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
     o.add_argument("--token-file", type=Path, help="a file holding the Slack bot token (send)")
     o.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
+    o.add_argument(
+        "--budget-s",
+        type=float,
+        default=SEND_BUDGET_S,
+        help=f"start no report after this many seconds, the rest left waiting (send; default {SEND_BUDGET_S:g})",
+    )
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_outbox)
     st = sub.add_parser("status", help="the rollout holding a model: its lease, its last word, the routes")

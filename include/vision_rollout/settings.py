@@ -479,6 +479,7 @@ MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in 
 # run folder unchanged (an approval wait, within its lease's 7 days) and the shadow audit's
 # longest catch-up window (7 days: an hour pruned within it would be audited and reported again).
 RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, 8, 3660
+SEND_BUDGET_S = 120.0  # a round of sending the outbox starts no report after this long (the DAGs', rolloutctl's)
 
 
 def approvals(run_folder: Folder, model: str) -> Folder:

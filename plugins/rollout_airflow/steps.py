@@ -33,6 +33,7 @@ from vision_rollout.settings import (
     MIN_RETENTION_DAYS,
     RETENTION_DAYS,
     ROUTES,
+    SEND_BUDGET_S,
     BuildSettings,
     SettingsError,
 )
@@ -1423,7 +1424,7 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
     return pruned
 
 
-def send_outbox(budget_s: float = 120) -> list[dict[str, Any]]:
+def send_outbox(budget_s: float = SEND_BUDGET_S) -> list[dict[str, Any]]:
     """The reports waiting in the run folder's outbox (Slack did not take them: a rollout's, an
     audit's), sent through the Slack connection as ``rolloutctl outbox send`` sends them (each
     once, whoever else sends); nothing without a token. Starts none after ``budget_s``."""

@@ -897,6 +897,40 @@ def test_outbox_lists_the_waiting_reports_and_sends_them(tmp_path, capsys):
         slack.stop()
 
 
+def test_outbox_send_starts_no_report_past_its_budget_and_names_those_left(tmp_path, capsys, monkeypatch):
+    """Slack unreachable: each report waited out its own timeout, a full outbox for as long as
+    its reports took together. The round starts none after --budget-s (as the DAGs' sender
+    does); those it did not start are named, left waiting, exit 4."""
+    import time
+
+    from vision_rollout import notify
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    outbox = tmp_path / "outbox"
+    for reason in ("first", "second", "third", "fourth"):
+        SlackNotifier("#model-rollouts", outbox=Folder(str(outbox))).send(
+            rollback_message(RolloutSpec.from_dict({}), reason)
+        )
+
+    def timed_out(outbox, name, claim, client, now):
+        time.sleep(1.0)
+        return {"name": name, "error": "TimeoutError: The read operation timed out"}
+
+    monkeypatch.setattr(notify, "_send_claimed", timed_out)
+    token = tmp_path / "token"
+    token.write_text("xoxb-1\n")
+    args = ("outbox", "send", "--outbox", str(outbox), "--token-file", str(token), "--budget-s", "1.5")
+    code, out, _ = run(capsys, *args)
+    assert code == 4
+    assert out.count("error: TimeoutError") == 2
+    assert out.count("left waiting: not started: the round's 1.5 s were spent (send again)") == 2
+    assert out.endswith(f"0 of 4 report(s) sent from {outbox}\n")
+    assert len(list(outbox.glob("*.json"))) == 4
+    assert run(capsys, *args[:-2], "--budget-s", "-1")[0] == 2
+
+
 # -- rolloutctl status and abort --------------------------------------------------------------
 
 
