@@ -920,6 +920,9 @@ def _weights(policy: Any) -> str:
     return line
 
 
+_PERHAPS_MARKED = "the run perhaps marked aborted (rolloutctl status shows it), nothing else changed"
+
+
 def cmd_abort(args: argparse.Namespace) -> int:
     """The running rollout of the spec's model marked aborted in its lock (its next look finds it
     and rolls back: ``rolloutctl run``, or the DAG's next step, whose teardown restores), then, in
@@ -951,6 +954,9 @@ def cmd_abort(args: argparse.Namespace) -> int:
                 marked = lock.abort(reason)
             except LockLost as exc:
                 raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
+            except KeyboardInterrupt:  # (perhaps while the mark was written)
+                print(f"rolloutctl abort: interrupted: {_PERHAPS_MARKED}", file=sys.stderr)
+                return 128 + signal.SIGINT
         print(
             f"ABORTED {'already ' if marked.aborted != reason else ''}({_one_line(marked.aborted)}): run {marked.holder!r} "
             f"rolls back at its next step: its teardown puts version {spec.baseline_version} back"
@@ -983,14 +989,24 @@ def cmd_abort(args: argparse.Namespace) -> int:
         raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
     except (RouterError, AdminError, LockError) as exc:
         raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:  # (perhaps while the mark was written)
+        print(f"rolloutctl abort: interrupted before any route was written: {_PERHAPS_MARKED}", file=sys.stderr)
+        return 128 + signal.SIGINT
     told = f"run {marked.holder!r} rolls back at its next look (a DAG run: its next step)"
     try:
         restore_stable(spec, router)
+        where = _where_routes_are(router, spec)
     except RouterError as exc:  # the mark is set: the run rolls back all the same
         raise CommandError(
             f"aborted ({marked.aborted}): {told}, but version {spec.baseline_version} was not put back: {exc}"
         ) from None
-    where = _where_routes_are(router, spec)
+    except KeyboardInterrupt:  # Ctrl-C once marked: the run rolls back all the same
+        print(
+            f"rolloutctl abort: interrupted once the abort was marked ({_one_line(marked.aborted)}): {told}; "
+            f"version {spec.baseline_version} perhaps not put back yet (rolloutctl status --url shows the routes)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGINT
     if not where.startswith(f"version {spec.baseline_version} takes 100%"):  # (a write of the run's meanwhile)
         raise CommandError(f"aborted ({marked.aborted}): {told}, but {where}")
     print(f"ABORTED {'already ' if marked.aborted != reason else ''}({_one_line(marked.aborted)}): {told}; {where}")

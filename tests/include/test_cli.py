@@ -1111,6 +1111,34 @@ def test_an_abort_whose_rollback_fails_says_the_run_was_aborted_all_the_same(tmp
     )
 
 
+def test_an_abort_interrupted_once_marked_says_the_run_rolls_back_all_the_same(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the mark was set, before the routes were written: the line said only
+    "interrupted", read as nothing done, while the run had been aborted and would roll back at
+    its next look. It says so, and that the stable version is perhaps not back yet."""
+    from vision_rollout.mesh import LocalRouter
+    from vision_rollout.spec import RolloutSpec
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"stages": [50, 100]}))
+    routes = _ServerRoutes(monkeypatch)
+    routes.routes = RolloutSpec.from_dict({"stages": [50, 100]}).policy_for_stage(50)
+    FileLock("digits", tmp_path).acquire("a run")
+
+    def ctrl_c(router, policy):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalRouter, "set_routes", ctrl_c)
+    argv = ["abort", "--spec", str(spec_file), "--lock-dir", str(tmp_path), "--url", "http://127.0.0.1:9"]
+    code, out, err = run(capsys, *argv, "--reason", "dashboards look wrong")
+    assert (code, out) == (130, "")
+    assert FileLock("digits", tmp_path).holding().aborted == "dashboards look wrong"
+    assert err == (
+        "rolloutctl abort: interrupted once the abort was marked (dashboards look wrong): run 'a run' rolls back "
+        "at its next look (a DAG run: its next step); version 1 perhaps not put back yet (rolloutctl status --url "
+        "shows the routes)\n"
+    )
+
+
 def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
     """A lock file of bytes that are not UTF-8 (a disk error, another tool's file) was a
     UnicodeDecodeError's traceback out of status, abort and run; it is the unreadable lock that
