@@ -4,7 +4,8 @@
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--json]
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
   rolloutctl mesh get --backend local --url URL --model M [--token-file F]   (the policy in effect, JSON)
-  rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F]
+  rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F] [--lock-dir DIR]
+                        [--force]          (refused while a rollout holds the model, unless --force)
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
@@ -350,12 +351,46 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         if not (args.url and args.model):
             raise UsageError("--backend local needs --url and --model")
         router = LocalRouter(args.url, args.model, _token(args.token_file))
+        _not_held(args)
     try:
         changed = router.set_routes(policy)
     except RouterError as exc:  # (no answer from the API server too: ApiUnreachable)
         raise CommandError(str(exc)) from None
     print("applied" if changed else "unchanged: already in effect")
     return 0
+
+
+def _not_held(args: argparse.Namespace) -> None:
+    """``mesh apply --backend local`` refused while a rollout holds the model's lock (``--lock-dir``,
+    else the DAGs' default run folder's ``locks/`` where it exists): the run's next stage, or
+    its rollback, writes its own routes over these, as ``kubectl argo rollouts`` refuses edits
+    of a rollout in progress. ``--force`` applies them all the same, saying whose run holds it."""
+    from vision_rollout.locks import FileLock
+    from vision_rollout.settings import ServingSettings
+
+    folder = args.lock_dir or Path(ServingSettings().run_dir) / "locks"
+    if not folder.is_dir():
+        return
+    lock = FileLock(args.model, folder)
+    try:
+        held = _holding(lock)
+    except CommandError as exc:  # (an unreadable lock file: whose run is not known)
+        if not args.force:
+            raise CommandError(f"{exc}, or give --force; nothing changed") from None
+        print(f"rolloutctl mesh: warning: --force: {_one_line(str(exc))}", file=sys.stderr, flush=True)
+        return
+    if held is None or not held.holder or held.expired(lock.clock()):
+        return
+    then = (
+        f"it is marked aborted ({_one_line(held.aborted)}) and writes the stable version's routes at its next look: "
+        "wait until it has ended (rolloutctl status)"
+        if held.aborted
+        else "its next stage (or its rollback) writes its own routes over these: abort it first (rolloutctl abort)"
+    )
+    holding = f"{held.describe()} holds model {args.model!r} ({lock.where}): {then}"
+    if not args.force:
+        raise CommandError(f"{holding}, or give --force; nothing changed")
+    print(f"rolloutctl mesh: warning: --force: {_one_line(holding)}", file=sys.stderr, flush=True)
 
 
 def _versions(text: str, policy: Any) -> list[str]:
@@ -1123,6 +1158,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--url", type=_url, help="model server, http://host:port (local backend)")
     m.add_argument("--model", type=_model)
     m.add_argument("--token-file", type=Path)
+    m.add_argument(
+        "--lock-dir",
+        type=_existing_dir,
+        help="apply --backend local: the folder of the model's lock (run's --lock-dir; default: run/locks where it "
+        "exists): a rollout holding the model refuses the apply",
+    )
+    m.add_argument(
+        "--force", action="store_true", help="apply while a rollout holds the model (its next stage undoes it)"
+    )
     m.set_defaults(func=cmd_mesh)
     v = sub.add_parser("verify-model", help="check a candidate artifact before any traffic")
     v.add_argument("path", type=_existing_file)

@@ -1139,6 +1139,43 @@ def test_an_abort_interrupted_once_marked_says_the_run_rolls_back_all_the_same(t
     )
 
 
+def test_mesh_apply_local_is_refused_while_a_rollout_holds_the_model(tmp_path, capsys, monkeypatch):
+    """An operator's routes applied while a rollout ran were written over at its next stage,
+    silently. Refused while a run holds the model's lock (as kubectl argo rollouts refuses edits
+    of a rollout in progress), naming the run; --force applies them, saying so; a lease taken
+    for dead (its run gone) does not hold the model."""
+    from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S
+
+    routes = _ServerRoutes(monkeypatch)
+    before = routes.routes
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    FileLock("digits", locks).acquire("manual__2026-12-03 (a DAG run)")
+    argv = ["mesh", "apply", "--backend", "local", "--url", "http://127.0.0.1:9", "--model", "digits"]
+    argv += ["--policy", str(policy), "--lock-dir", str(locks)]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (4, "")
+    assert err.startswith("rolloutctl mesh: error: run 'manual__2026-12-03 (a DAG run)' (its lease runs to ")
+    assert f"holds model 'digits' ({locks / 'digits.lock'}): its next stage (or its rollback) writes" in err
+    assert err.endswith("abort it first (rolloutctl abort), or give --force; nothing changed\n")
+    assert routes.routes == before
+    code, out, err = run(capsys, *argv, "--force")
+    assert (code, out) == (0, "applied\n")
+    assert err.startswith("rolloutctl mesh: warning: --force: run 'manual__2026-12-03 (a DAG run)' ")
+    assert routes.routes.to_dict()["route"][1] == {"version": "2", "weight": 10}
+    FileLock("digits", locks).release("manual__2026-12-03 (a DAG run)")
+    FileLock("digits", locks, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S).acquire("a run that died")
+    routes.routes = before
+    assert run(capsys, *argv)[:2] == (0, "applied\n")
+    (locks / "digits.lock").write_bytes(b"\xff")  # whose run holds it is not known
+    code, _, err = run(capsys, *argv)
+    assert code == 4
+    assert err.endswith("remove it if no rollout runs, or give --force; nothing changed\n")
+    assert run(capsys, *argv, "--force")[0] == 0
+
+
 def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
     """A lock file of bytes that are not UTF-8 (a disk error, another tool's file) was a
     UnicodeDecodeError's traceback out of status, abort and run; it is the unreadable lock that
