@@ -543,6 +543,12 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
 POLICY_ROUTE_FIELDS = frozenset({"name", "match", "route", "mirror", "mirrorPercentage"})
 
 
+def splits(vs: dict[str, Any]) -> bool:
+    """Whether a rendered VirtualService splits a route by the bucket (``bucket_arms``): what the
+    mesh's EnvoyFilter must write for it (``envoy_filter_problem``)."""
+    return any(ARM_SEPARATOR in str(route.get("name")) for route in vs["spec"]["http"])
+
+
 def with_platform_fields(rendered: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """``rendered`` (a VirtualService spec) with what the platform set beside the policy's
     routes in ``live``: the spec's other fields (``gateways``, ``exportTo``, ``tcp``...), and on
@@ -721,7 +727,7 @@ class IstioRouter:
         live = self._get("virtualservices")
         if live is None:
             raise RouterError(self._missing("VirtualService"))
-        if any(ARM_SEPARATOR in str(route.get("name")) for route in vs["spec"]["http"]):
+        if splits(vs):
             problem = envoy_filter_problem(self._get("envoyfilters", ISTIO_ROOT_NAMESPACE, ENVOY_FILTER_NAME))
             if problem:
                 raise RouterError(f"{problem}. No traffic was moved")
@@ -729,6 +735,36 @@ class IstioRouter:
         validate_istio(vs)  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))
         return self._apply(vs, "virtualservices")
+
+    def serving_problem(self, policy: TrafficPolicy) -> str | None:
+        """Why the mesh does not serve ``policy`` as ``set_routes`` applied it, None when it does:
+        the VirtualService routes otherwise (edited by hand, or not one the rollout reads), the
+        DestinationRule lacks a subset it routes to (Envoy answers that share 503), or, with a
+        split, the bucket EnvoyFilter is gone or changed (``envoy_filter_problem``: Istio splits
+        per request, not per user). Two GETs, three with a split."""
+        where = f"VirtualService {self.target.namespace}/{self.target.name}"
+        try:
+            live = self.get_routes()
+        except RouterError as exc:
+            return str(exc)
+        if live != policy:
+            return (
+                f"{where} routes {json.dumps(live.to_dict(), sort_keys=True)[:300]}, not the stage's "
+                f"{json.dumps(policy.to_dict(), sort_keys=True)[:300]} (changed outside the rollout)"
+            )
+        dr = self._get("destinationrules")
+        if dr is None:
+            return self._missing("DestinationRule")
+        have = {s.get("name") for s in (dr.get("spec") or {}).get("subsets") or [] if isinstance(s, dict)}
+        lacking = sorted(subset(v) for v in policy.versions() if subset(v) not in have)
+        if lacking:
+            return (
+                f"DestinationRule {self.target.namespace}/{self.target.name} has no subset {', '.join(lacking)}, "
+                f"which {where} routes to: Envoy answers that share 503"
+            )
+        if splits(render_virtual_service(self.target, policy, self.versions)):
+            return envoy_filter_problem(self._get("envoyfilters", ISTIO_ROOT_NAMESPACE, ENVOY_FILTER_NAME))
+        return None
 
     def _add_subsets(self, versions: set[str]) -> None:
         """The DestinationRule's subsets as they are, and one for each of ``versions`` it lacks.

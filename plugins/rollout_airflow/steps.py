@@ -635,6 +635,7 @@ def look_at_stage(
         return with_runs(spec, attempt.outcome, record)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
+        mesh_serving(params, spec, run_id, hook, index)
     elif changed := unverified(spec, hook, applied.get("sha256")):
         # Its share was served by bytes no check saw: what the looks judged is not the candidate's.
         reason = f"{changed}; the stage's evidence is not of the file verified"
@@ -776,6 +777,28 @@ def mirroring(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:
         log.warning("the routes of '%s' could not be read (%s): taken as mirroring", spec.model, exc)
         return True
     return mirror is not None and mirror.version == spec.candidate_version
+
+
+def mesh_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, hook: ModelServerHook, index: int) -> None:
+    """Kubernetes mode, each poke of a stage, before its looks are judged: the mesh serves the
+    stage's policy as it was applied (``IstioRouter.serving_problem``: its VirtualService not
+    edited by hand, a DestinationRule subset for each version it routes to, and, with a split,
+    the bucket EnvoyFilter that makes it per user). Else what the looks would judge is not the
+    stage's split: the stable version takes 100% again (no weight moves forward) and the task
+    fails naming the object. The decision is not kept as the stage's breach: it is the mesh's,
+    not the candidate's."""
+    from vision_rollout.mesh import ApiUnreachable
+
+    try:
+        problem = router(spec, run_id, hook).serving_problem(spec.policy_for_stage(spec.stages[index]))
+    except ApiUnreachable:
+        raise  # nothing was read: nothing says the mesh changed
+    if problem:
+        restore_stable(params, run_id, unload_candidate=False)
+        raise AirflowFailException(
+            f"stage {index + 1} ({spec.stages[index]}%): {problem}; the stage's evidence is not of the split it "
+            f"applied. Version {spec.baseline_version} takes 100% again."
+        )
 
 
 def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> dict[str, Any]:

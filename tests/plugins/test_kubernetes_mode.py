@@ -1169,6 +1169,61 @@ def test_a_candidate_left_without_a_ready_pod_mid_stage_is_rolled_back(kube, mon
     assert routes(kube) == [("v1", 100)]
 
 
+def edit_lua(obj: dict) -> None:
+    obj["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["default_source_code"]["inline_string"] = "--"
+
+
+def drop_candidate_subset(obj: dict) -> None:
+    obj["spec"]["subsets"] = [s for s in obj["spec"]["subsets"] if s["name"] != "v2"]
+
+
+def hand_route(obj: dict) -> None:
+    for dest in obj["spec"]["http"][-1]["route"]:
+        dest["weight"] = 50
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            lambda kube: kube.remove("envoyfilters", "istio-system", "rollout-bucket"),
+            "EnvoyFilter istio-system/rollout-bucket does not exist",
+        ),
+        (
+            lambda kube: kube.touch("envoyfilters", "istio-system", "rollout-bucket", edit_lua),
+            "EnvoyFilter istio-system/rollout-bucket is not this rollout's",
+        ),
+        (
+            lambda kube: kube.touch("destinationrules", "models", "digits", drop_candidate_subset),
+            "DestinationRule models/digits has no subset v2",
+        ),
+        (
+            lambda kube: kube.touch("virtualservices", "models", "digits", hand_route),
+            "VirtualService models/digits routes",
+        ),
+    ],
+    ids=["filter-deleted", "filter-changed", "subset-removed", "routes-edited"],
+)
+def test_a_mesh_changed_mid_stage_fails_the_stage_naming_the_object_and_moves_no_traffic_forward(kube, change, named):
+    """The bucket EnvoyFilter was checked only before a split was written: deleted or changed
+    mid-stage, Istio split the candidate's share per request while the stage kept judging it as a
+    sticky split; a VirtualService edited by hand or a subset removed (its share answered 503 by
+    Envoy, which no guard of the model server sees) went on unjudged as well. Each poke now checks
+    the mesh serves the stage's split; else the stable version takes 100% again."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    spec = RolloutSpec.from_dict(PARAMS)
+    assert steps.router(spec, "run-1", steps.serving()).serving_problem(spec.policy_for_stage(10)) is None
+    change(kube)
+    with pytest.raises(AirflowFailException) as failed:
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert named in str(failed.value)
+    assert str(failed.value).endswith("Version 1 takes 100% again.")
+    assert routes(kube) == [("v1", 100)]
+
+
 def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_promoted(kube):
     """A ``kubectl set image`` on the candidate mid-rollout: its share went on to be served by an
     image no guard judged from the start, and scaling re-applied it as the rollout's own, so a
