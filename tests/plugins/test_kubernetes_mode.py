@@ -1224,6 +1224,26 @@ def test_a_mesh_changed_mid_stage_fails_the_stage_naming_the_object_and_moves_no
     assert routes(kube) == [("v1", 100)]
 
 
+def test_a_virtual_service_edited_by_hand_into_one_the_rollout_cannot_read_is_still_rolled_back(kube):
+    """Its candidate given 100% by hand mid-stage, the stage's mirror left to it: the rollout
+    could not read it (a mirror to the primary), and the rollback, reading the routes first to
+    see whether the candidate had a share, failed there, leaving the candidate all the traffic."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+
+    def all_to_candidate(obj: dict) -> None:
+        obj["spec"]["http"][-1]["route"] = [{"destination": {"host": "digits", "subset": "v2"}, "weight": 100}]
+
+    kube.touch("virtualservices", "models", "digits", all_to_candidate)
+    with pytest.raises(AirflowFailException, match=r"is not one the rollout reads.*Version 1 takes 100% again"):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    steps.restore_stable(PARAMS, "run-1")
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_promoted(kube):
     """A ``kubectl set image`` on the candidate mid-rollout: its share went on to be served by an
     image no guard judged from the start, and scaling re-applied it as the rollout's own, so a
