@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -364,6 +365,26 @@ def render_pdb(target: IstioTarget, version: str, replicas: int) -> dict[str, An
     }
 
 
+def selects(selector: Any, labels: dict[str, str]) -> bool:
+    """Whether a policy/v1 label selector (``matchLabels``, ``matchExpressions``) selects an object
+    labelled ``labels``: an empty one selects every pod of its namespace, none (null) no pod."""
+    if not isinstance(selector, dict):
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for term in selector.get("matchExpressions") or []:
+        key, op, values = term.get("key"), term.get("operator"), term.get("values") or []
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op, False)
+        if not ok:
+            return False
+    return True
+
+
 def beyond_history(replicas: dict[str, int], in_use: set[str], limit: int) -> list[str]:
     """The versions whose Deployment (and HPA) go once a run ends, as Argo Rollouts' revision
     history limit: of ``replicas`` (each version the rollout deployed -> its Deployment's
@@ -536,6 +557,35 @@ class VersionDeployments:
             )
         except ApiException as exc:
             log.warning("%s; a drain may take its pods", refused(f"apply PodDisruptionBudget {name}", exc))
+
+    def shared_budgets(self, versions: Iterable[str]) -> list[str]:
+        """The PodDisruptionBudgets of the namespace that select the pods of one of ``versions``
+        (its Deployment's pod template labels) beside the version's own (``render_pdb``): a pod
+        two budgets select is one the eviction API refuses to evict (a node drain blocks on it),
+        as with a budget over every version left from an earlier install. One sentence each."""
+        from kubernetes import client
+
+        namespace = self.target.namespace
+        listed = self._call(
+            "list PodDisruptionBudgets",
+            lambda: client.PolicyV1Api(self.api_client).list_namespaced_pod_disruption_budget(namespace),
+        )
+        budgets = [self._apps().api_client.sanitize_for_serialization(b) for b in listed.items]
+        found = []
+        for version in versions:
+            live = self._live(version)
+            if live is None:
+                continue
+            pods = dict(live.spec.template.metadata.labels or {})
+            for budget in budgets:
+                name = budget["metadata"]["name"]
+                if name != self._name(version) and selects((budget.get("spec") or {}).get("selector"), pods):
+                    found.append(
+                        f"PodDisruptionBudget {namespace}/{name} selects version {version}'s pods beside their own "
+                        f"budget {self._name(version)}: the eviction API refuses to evict a pod two budgets select, "
+                        f"so a node drain blocks on them (delete it: kubectl -n {namespace} delete pdb {name})"
+                    )
+        return found
 
     def _template(self, deployment: Any) -> dict[str, Any]:
         """A V1Deployment's pod template as JSON (what ``template_digest`` takes)."""

@@ -461,6 +461,9 @@ def apply_weights(
             raise AirflowFailException(f"{changed}; no more weight moves to it")
         if index == 0:
             baseline_serving(spec, deployments)
+            shared = deployments.shared_budgets([spec.baseline_version, spec.candidate_version])
+            if shared:
+                raise AirflowFailException(f"{'; '.join(shared)}. No weight moved")
             # Under autoscaling, the stable version kept at its size for the whole run: its HPA
             # would shrink it as the candidate takes a share (put back by promote or restore_stable).
             deployments.hold_floor(spec.baseline_version)

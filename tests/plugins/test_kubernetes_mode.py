@@ -535,6 +535,36 @@ def test_a_drain_never_evicts_a_one_pod_version_and_no_pod_has_two_budgets(kube)
     assert deployment(kube, "1")["spec"]["replicas"] == 5
 
 
+@pytest.mark.parametrize(
+    "selector",
+    [{"matchLabels": {"app": "digits"}}, {"matchExpressions": [{"key": "version", "operator": "In", "values": ["1"]}]}],
+)
+def test_a_budget_left_over_every_version_is_refused_at_the_first_stage_naming_it(kube, selector):
+    """An install upgraded with its old budget over every version kept beside the per-version
+    ones: each pod had two budgets, which the eviction API refuses for good, so a node drain
+    blocked on the model's pods. The first stage now finds such a budget and moves no weight,
+    naming the budget to delete."""
+    stable_virtual_service(kube, PARAMS)
+    kube.objects[("poddisruptionbudgets", "models", "digits")] = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "digits", "namespace": "models", "resourceVersion": "3"},
+        "spec": {"maxUnavailable": 1, "selector": selector},
+    }
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    with pytest.raises(AirflowFailException) as failed:
+        steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    assert "PodDisruptionBudget models/digits selects version 1's pods beside their own budget digits-v1" in str(
+        failed.value
+    )
+    assert "kubectl -n models delete pdb digits" in str(failed.value)
+    assert routes(kube) == [("v1", 100)]
+    kube.remove("poddisruptionbudgets", "models", "digits")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
 def test_promote_run_again_leaves_the_promoted_version_at_its_size(kube):
     """promote cleared once it had retired the baseline: the baseline's size read as 0, so the
     candidate, taking all of the traffic, was scaled down to build.replicas (1 of its 3 pods)."""
