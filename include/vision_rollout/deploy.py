@@ -340,15 +340,20 @@ def render_hpa(
     }
 
 
-def render_pdb(target: IstioTarget, version: str, replicas: int) -> dict[str, Any]:
+def render_pdb(target: IstioTarget, version: str, replicas: int, autoscaled: bool = False) -> dict[str, Any]:
     """Version ``version``'s PodDisruptionBudget at ``replicas`` pods: its pods only (``app`` and
     ``version``: no two versions' budgets select the same pod, which the eviction API refuses to
     evict), so a node drain takes one pod of a version at a time and never the only pod of a
     version (``maxUnavailable`` 0 at one pod: a one-pod candidate evicted is a share answered 503
     and a rollback; the drain waits until the stage grows it or the run ends). A budget over every
     version let a drain evict a one-pod candidate whole while the stable's pods were all up. A pod
-    that is not ready may always go (it serves nothing)."""
+    that is not ready may always go (it serves nothing). ``autoscaled``: ``replicas`` is the floor
+    of the version's HPA (the least it may scale the version to); at a floor of one pod the budget
+    is ``minAvailable`` 1, which keeps the last pod whatever count the HPA chose (a
+    ``maxUnavailable`` 1 set at a larger count let a drain evict the only pod once the HPA scaled
+    the version down) and lets a drain take the others."""
     labels = {"app": target.service, "version": version}
+    budget = {"maxUnavailable": 1} if replicas > 1 else {"minAvailable": 1} if autoscaled else {"maxUnavailable": 0}
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -358,7 +363,7 @@ def render_pdb(target: IstioTarget, version: str, replicas: int) -> dict[str, An
             "labels": {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER},
         },
         "spec": {
-            "maxUnavailable": 1 if replicas > 1 else 0,
+            **budget,
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
             "selector": {"matchLabels": labels},
         },
@@ -534,7 +539,7 @@ class VersionDeployments:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if autoscaled:
             self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
-        if replicas > 0:
+        if replicas > 0 and not autoscaled:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
             self._apply_pdb(version, replicas)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
 
@@ -550,7 +555,7 @@ class VersionDeployments:
             client.PolicyV1Api(self.api_client).patch_namespaced_pod_disruption_budget(
                 name,
                 self.target.namespace,
-                render_pdb(self.target, version, replicas),
+                render_pdb(self.target, version, replicas, bool(self.build.autoscaling)),
                 field_manager=FIELD_MANAGER,
                 force=True,
                 _content_type="application/apply-patch+yaml",
@@ -717,7 +722,8 @@ class VersionDeployments:
 
     def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
-        (``force``: the rollout's own object)."""
+        (``force``: the rollout's own object), then the version's budget at the HPA's floor (the
+        least it may scale the version to: ``render_pdb``), whenever the floor moves."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -736,6 +742,7 @@ class VersionDeployments:
             )
         except ApiException as exc:
             raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
+        self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))
 
     def _live(self, version: str) -> Any:
         """The live Deployment (a V1Deployment), None when there is none."""

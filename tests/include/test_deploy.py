@@ -93,6 +93,9 @@ def test_a_versions_disruption_budget_selects_its_pods_only_and_keeps_a_lone_pod
     assert lone["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": "2"}
     assert (lone["spec"]["maxUnavailable"], many["spec"]["maxUnavailable"]) == (0, 1)
     assert lone["metadata"]["name"] == "digits-v2"
+    autoscaled = render_pdb(TARGET, "2", 1, autoscaled=True)["spec"]  # a floor of 1: any count above it
+    assert (autoscaled["minAvailable"], "maxUnavailable" in autoscaled) == (1, False)
+    assert render_pdb(TARGET, "2", 5, autoscaled=True)["spec"]["maxUnavailable"] == 1
     assert round_trips(many, "V1PodDisruptionBudget")
 
 

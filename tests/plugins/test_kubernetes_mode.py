@@ -471,6 +471,34 @@ def test_a_promoted_candidate_keeps_the_stable_versions_autoscaling(kube, monkey
     assert deployment(kube, "1")["spec"]["replicas"] == 0
 
 
+def test_under_an_hpa_a_versions_budget_follows_its_floor_and_keeps_its_last_pod(kube, monkeypatch, tmp_path):
+    """A budget was sized once, at the count the rollout applied: a candidate promoted at the
+    stable version's 6 pods kept maxUnavailable 1 under the stable version's HPA (floor 1), so once
+    the HPA scaled it down to 1 pod a drain evicted that pod. The budget now follows the HPA's
+    floor each time the rollout moves it: one at a time above a floor of 1, the last pod kept at 1."""
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=1)
+    kube.scale("models", "digits-v1", 6, "kube-controller-manager")  # the HPA at a peak
+
+    def budget(version: str) -> dict:
+        spec = kube.objects[("poddisruptionbudgets", "models", f"digits-v{version}")]["spec"]
+        return {k: spec[k] for k in ("maxUnavailable", "minAvailable") if k in spec}
+
+    assert budget("1") == {"minAvailable": 1}
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 6  # held for the run
+    assert budget("1") == {"maxUnavailable": 1}
+    for index in (1, 2):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    steps.promote(params, "run-1", "promote")
+    assert (hpa(kube, "2")["spec"]["minReplicas"], deployment(kube, "2")["spec"]["replicas"]) == (1, 6)
+    assert budget("2") == {"minAvailable": 1}  # whatever count the HPA takes it to, its last pod stays
+
+
 def test_promotion_scales_the_candidate_up_routes_then_drains_then_retires_the_baseline(kube):
     stable_virtual_service(kube, PARAMS)
     take("run-1")
