@@ -317,12 +317,21 @@ class ModelRepository:
         reason = self._errors.get(name)
         return ModelUnavailable(f"model '{name}' is not loaded" + (f" (last load failed: {reason})" if reason else ""))
 
+    def _not_ready(self, name: str, version: int | None) -> ModelUnavailable | None:
+        """Triton's error for a version loaded before and not now, or whose load failed: Triton
+        keeps it in its model map, UNAVAILABLE (503 "not at ready state"); with self._lock held."""
+        if version in self._unloaded.get(name, ()) or version in self._failed.get(name, {}):
+            return ModelUnavailable(f"Request for unknown model: '{name}' version {version} is not at ready state")
+        return None
+
     @contextmanager
     def use(self, name: str, version: str | None = None, routed_by: str | None = None) -> Iterator[LoadedVersion]:
         """Hold a version for one request; a retired version is released after its last one.
 
-        A version the client asked for and that is not loaded is a 404; one the traffic
-        policy chose (``routed_by``) is a 503: the server's fault, never a silent fallback.
+        A version the client asked for and that is not loaded is a 404, or as in Triton a 503
+        where it was loaded before (or its load failed: ``_not_ready``); one the traffic policy
+        chose (``routed_by``) is a 503: the server's fault, never a silent fallback. A model
+        none of whose versions is loaded is a 503 (Triton's 404), which the mesh retries.
         """
         number = version_number(version) if version is not None else None
         with self._lock:
@@ -332,12 +341,13 @@ class ModelRepository:
                 lv = versions.get(number) if number is not None else versions[max(versions)]
                 if lv is not None:
                     lv.inflight += 1
+            not_ready = self._not_ready(name, number) if lv is None else None
         if lv is None:
             if versions:
                 message = f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
                 if routed_by is not None:
                     raise ModelUnavailable(f"model unavailable: {message}; chosen by the traffic policy's {routed_by}")
-                raise ModelNotFound(message)
+                raise not_ready or ModelNotFound(message)
             raise self._unavailable(name)
         try:
             yield lv
@@ -355,7 +365,8 @@ class ModelRepository:
         number = version_number(version) if version is not None else None
         with self._lock:
             versions, cfg = dict(self._models.get(name) or {}), self._configs.get(name)
-            known = set(versions) | self._unloaded.get(name, set()) | set(self._failed.get(name, {}))
+            not_ready = self._not_ready(name, number)
+            ever = bool(versions or self._unloaded.get(name) or self._failed.get(name))
         if cfg is not None and versions and number is None:
             return cfg, versions
         if cfg is not None and number in versions:
@@ -363,11 +374,11 @@ class ModelRepository:
         if not versions:
             self.model_dir(name)  # 404 for a model the repository does not have
         unknown = f"Request for unknown model: '{name}'"  # Triton's wording
-        if number in known:
-            error: ServerError = ModelUnavailable(f"{unknown} version {number} is not at ready state")
+        if not_ready is not None:
+            error: ServerError = not_ready
         elif number is not None:
             error = ModelNotFound(f"{unknown} version {number} is not found")
-        elif known or name in self._errors:
+        elif ever or name in self._errors:
             reason = self._errors.get(name)
             error = ModelNotFound(
                 f"{unknown} has no available versions" + (f" (last load failed: {reason})" if reason else "")

@@ -332,6 +332,38 @@ def test_what_is_not_loaded_answers_metadata_config_readiness_and_index_as_trito
     assert status("/v2/models/other") == (404, "Request for unknown model: 'other' is not found")
 
 
+def test_inference_on_a_version_loaded_before_and_not_now_is_a_503_as_triton(server_factory, repo_copy, digit_images):
+    """Triton's core answers a version it loaded before (or whose load failed) and that is not
+    ready now UNAVAILABLE, 503 "not at ready state", for inference as for metadata, and one never
+    loaded NOT_FOUND, 404. Inference here answered 404 for the first while another version
+    served; a 503 is also what the mesh retries on another pod."""
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    both = {"version_policy": {"specific": {"versions": [1, 2]}}}
+    c.load_model("digits", headers=server.admin, config=json.dumps(both))
+    c.load_model("digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [2]}}}))
+    inputs = [image_input([digit_images[0][0]])]
+    unknown = "Request for unknown model: 'digits'"
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("digits", inputs, model_version="1")
+    assert (err.value.status(), err.value.message()) == ("503", f"{unknown} version 1 is not at ready state")
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("digits", inputs, headers={"X-Model-Version": "1"})
+    assert err.value.status() == "503"
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("digits", inputs, model_version="3")  # never loaded
+    assert err.value.status() == "404"
+    (repo_copy / "digits" / "3" / "model.onnx").write_bytes(b"this is not an onnx file")
+    with pytest.raises(InferenceServerException, match="failed to load 'digits'"):
+        c.load_model(
+            "digits", headers=server.admin, config=json.dumps({"version_policy": {"specific": {"versions": [2, 3]}}})
+        )
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("digits", inputs, model_version="3")  # its load failed: UNAVAILABLE in Triton's index
+    assert (err.value.status(), err.value.message()) == ("503", f"{unknown} version 3 is not at ready state")
+    assert c.infer("digits", inputs, model_version="2").get_response()["model_version"] == "2"
+
+
 def test_a_version_whose_load_failed_is_in_the_index_unavailable_with_its_reason(server_factory, repo_copy):
     """As Triton: a load that fails on a version while others keep serving lists that version
     UNAVAILABLE with the reason it failed (it was not in the index at all), answers it 503 "not
