@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -138,7 +139,17 @@ def compress(body: bytes, coding: str) -> bytes:
 # The infer endpoints, served by InferFastPath without Starlette's router, request and response
 # objects: they are most of a small model's time on the server.
 INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
-INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer/?")
+
+
+class VersionConvertor(StringConvertor):
+    """A path's version as Triton's routes take it (``/versions/([0-9]+)`` in its
+    http_server.cc): other text matches no endpoint, a 404 as there, not a bad version."""
+
+    regex = "[0-9]+"
+
+
+register_url_convertor("version", VersionConvertor())
+INFER_PATH = re.compile(rf"/v2/models/([^/]+)(?:/versions/({VersionConvertor.regex}))?/infer/?")
 
 
 def client_gone() -> InvalidInput:
@@ -655,16 +666,16 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         Route("/v2", server_metadata, methods=["GET"]),
         Route("/v2/models/stats", model_stats, methods=["GET"]),  # before /v2/models/{model}, as in Triton
         Route("/v2/models/{model}", model_metadata, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version:version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{model}/config", model_config, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version:version}/config", model_config, methods=["GET"]),
         Route("/v2/models/{model}/ready", model_ready, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version:version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{model}/stats", model_stats, methods=["GET"]),
-        Route("/v2/models/{model}/versions/{version}/stats", model_stats, methods=["GET"]),
+        Route("/v2/models/{model}/versions/{version:version}/stats", model_stats, methods=["GET"]),
         Route("/v2/models/{model}/traffic", traffic, methods=["GET", "PUT", "DELETE"]),
         Route("/v2/models/{model}/feedback", post_feedback, methods=["POST"]),
-        Route("/v2/models/{model}/versions/{version}/fault", fault, methods=["GET", "PUT"]),
+        Route("/v2/models/{model}/versions/{version:version}/fault", fault, methods=["GET", "PUT"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{model}/load", load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", unload, methods=["POST"]),

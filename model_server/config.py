@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model_server.errors import InvalidInput, ModelNotFound, shown
+from model_server.errors import InvalidInput, shown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
@@ -40,10 +40,8 @@ def refuse_constant(name: str) -> Any:
 
 def version_number(text: str) -> int:
     """A version as a path or header gives it, read as Triton's HTTP frontend reads it: ASCII
-    digits within int64 (0 too, a version no model has: not found); a negative one is no
-    endpoint of Triton's (404); other text, or digits past int64, a 400."""
-    if re.fullmatch(r"-[0-9]+", text):
-        raise ModelNotFound(f"Not Found: version {text[:40]}: versions are positive integers")
+    digits within int64 (0 too, a version no model has: not found); digits past int64, or other
+    text (a header's: in a path it matches no endpoint, ``app.VersionConvertor``), a 400."""
     digits = re.fullmatch(r"0*([0-9]{1,19})", text)  # (leading zeros as the mesh's pinned routes take them)
     number = int(digits[1]) if digits else None
     if number is None or number > INT64_MAX:

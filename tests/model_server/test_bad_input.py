@@ -407,9 +407,9 @@ def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
     [
         ("/v2/models/no_such_model/infer", 404, "Request for unknown model: 'no_such_model' is not found"),
         ("/v2/models/digits/versions/7/infer", 404, "version 7 is not loaded"),
-        ("/v2/models/digits/versions/one/infer", 400, "invalid version"),
-        ("/v2/models/digits/versions/%C2%B2/infer", 400, "invalid version"),  # "²": was a 500
-        ("/v2/models/digits/versions/%D9%A1/infer", 400, "invalid version"),  # Arabic-Indic 1
+        ("/v2/models/digits/versions/one/infer", 404, "no such endpoint"),  # as Triton's routes: [0-9]+
+        ("/v2/models/digits/versions/%C2%B2/infer", 404, "no such endpoint"),  # "²": was a 500
+        ("/v2/models/digits/versions/%D9%A1/infer", 404, "no such endpoint"),  # Arabic-Indic 1
         ("/v2/models/digits/versions/" + "9" * 5000 + "/infer", 400, "invalid version"),
         ("/v2/models/..%2F..%2Fetc/infer", 404, "no such endpoint"),
         ("/v2/models/.../infer", 400, "invalid model name"),

@@ -430,6 +430,37 @@ def test_a_version_0_or_negative_in_a_path_is_answered_as_triton_answers_it(serv
         assert c.infer("digits", inputs, model_version=version).get_response()["model_version"] == "1"
 
 
+def test_a_version_in_a_path_that_is_not_digits_matches_no_endpoint_as_in_triton(server, digit_images):
+    """Triton's routes take a path's version as ``/versions/([0-9]+)``: any other text matches
+    none of its endpoints, a 404. Each was a 400 "invalid version" here."""
+    c = server.client()
+    inputs = [image_input([digit_images[0][0]])]
+    for version in ("abc", "1a", "+1", "1.0"):
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("digits", inputs, model_version=version)
+        assert err.value.status() == "404", version
+        for call in (c.get_model_metadata, c.get_model_config, c.get_inference_statistics):
+            with pytest.raises(InferenceServerException) as err:
+                call("digits", model_version=version)
+            assert err.value.status() == "404", (call, version)
+        r = requests.get(f"{server.http}/v2/models/digits/versions/{version}/ready", timeout=10)
+        assert (r.status_code, r.json()["error"]) == (
+            404,
+            f"no such endpoint: GET /v2/models/digits/versions/{version}/ready",
+        )
+    digit = "\u0661"  # an Arabic-Indic 1: a digit to str.isdigit and int(), not to [0-9]
+    r = requests.post(f"{server.http}/v2/models/digits/versions/{digit}/infer", json={"inputs": []}, timeout=10)
+    assert r.status_code == 404
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/abc/fault", json={}, headers=server.admin, timeout=10
+    )
+    assert fault.status_code == 404
+    # The version named by X-Model-Version is no path: text there is still a client's 400.
+    with pytest.raises(InferenceServerException, match="invalid version") as err:
+        c.infer("digits", inputs, headers={"X-Model-Version": "abc"})
+    assert err.value.status() == "400"
+
+
 def test_request_parameters_triton_refuses_are_refused_for_every_model(server, digit_images):
     """Triton's HTTP frontend reads priority and timeout as uint64 and refuses the "triton_"
     keys, whatever the model; a model without dynamic batching answered them 200, and one with
