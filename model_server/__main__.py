@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from model_server.app import Settings, create_app
-from model_server.config import NAME_RE, ascii_uint
+from model_server.config import NAME_RE, ascii_uint, int64_version
 from model_server.errors import MaskingUnavailable, ServerError
 from model_server.feedback import read_key
 from model_server.files import folder_problem
@@ -200,7 +200,7 @@ def pins(specs: list[str]) -> dict[str, int]:
     pinned: dict[str, int] = {}
     for spec in specs:
         name, _, version = spec.rpartition(":")
-        number = ascii_uint(version)
+        number = int64_version(version)
         if not NAME_RE.match(name) or not number:
             raise ValueError(f"--serve {spec!r}: give MODEL:VERSION, a model name and a version >= 1")
         if pinned.get(name, number) != number:

@@ -19,6 +19,7 @@ from model_server.errors import InvalidInput, shown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
+_VERSION_RE = re.compile(r"0*([0-9]{1,19})")
 # The widths of Triton's model_config.proto fields: a larger number is no config Triton reads
 # (a default_timeout_microseconds past a float's range failed every request with a 500).
 INT32_MAX, UINT32_MAX, INT64_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1
@@ -38,13 +39,20 @@ def refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def int64_version(text: str) -> int | None:
+    """``text`` as a version number, as Triton reads one (std::stol, std::stoll): ASCII digits
+    within int64, leading zeros too (as the mesh's pinned routes take them); else None."""
+    digits = _VERSION_RE.fullmatch(text)
+    number = int(digits[1]) if digits else None
+    return number if number is not None and number <= INT64_MAX else None
+
+
 def version_number(text: str) -> int:
     """A version as a path or header gives it, read as Triton's HTTP frontend reads it: ASCII
     digits within int64 (0 too, a version no model has: not found); digits past int64, or other
     text (a header's: in a path it matches no endpoint, ``app.VersionConvertor``), a 400."""
-    digits = re.fullmatch(r"0*([0-9]{1,19})", text)  # (leading zeros as the mesh's pinned routes take them)
-    number = int(digits[1]) if digits else None
-    if number is None or number > INT64_MAX:
+    number = int64_version(text)
+    if number is None:
         raise InvalidInput(f"invalid version {shown(repr(text)[:40])}: versions are positive integers")
     return number
 

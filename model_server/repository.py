@@ -19,10 +19,11 @@ from typing import Any
 
 from model_server import metrics
 from model_server.config import (
+    INT64_MAX,
     NAME_RE,
     ModelConfig,
-    ascii_uint,
     instance_kind,
+    int64_version,
     load_config,
     triton_override,
     version_number,
@@ -139,16 +140,29 @@ class ModelRepository:
 
     @staticmethod
     def versions_on_disk(model_dir: Path) -> dict[int, Path]:
-        """The model's versions: folders named by a positive integer without leading zeros (as
-        Triton, which ignores ``01``: it would be a second folder of version 1) that hold a
-        model.onnx in the model's folder."""
+        """The model's versions: folders named by a positive int64, as Triton reads them, without
+        leading zeros (Triton ignores ``01``: it would be a second folder of version 1), that hold
+        a model.onnx in the model's folder. A folder named like a version (its name starts with a
+        digit) and not taken is logged, saying why, as Triton logs those it ignores; the model's
+        other folders (validation/) are not."""
         found = {}
         for child in model_dir.iterdir():
-            if not (ascii_uint(child.name) or 0) > 0 or child.name.startswith("0"):
-                continue
-            onnx = (child / "model.onnx").resolve()
-            if onnx.is_file() and onnx.is_relative_to(model_dir):
-                found[int(child.name)] = onnx
+            name = child.name
+            number = int64_version(name)
+            if number and not name.startswith("0"):
+                onnx = (child / "model.onnx").resolve()
+                if onnx.is_file() and onnx.is_relative_to(model_dir):
+                    found[number] = onnx
+                    continue
+                why = "it holds no model.onnx"
+            elif number == 0:
+                why = "versions start at 1"
+            elif number is not None:
+                why = "a version's folder has no leading zeros"
+            else:
+                why = f"not a version number (ASCII digits, at most {INT64_MAX})"
+            if name[:1].isascii() and name[:1].isdigit() and child.is_dir():
+                log.warning("model %r: ignoring folder %r: %s", model_dir.name, name, why)
         return found
 
     # -- load / unload ----------------------------------------------------------------------
@@ -425,7 +439,7 @@ class ModelRepository:
             versions = self._models.get(name) or {}
         if version is None:
             return bool(versions)
-        return ascii_uint(version) in versions
+        return int64_version(version) in versions
 
     def index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Triton's repository index: one entry per version, READY when loaded, UNAVAILABLE

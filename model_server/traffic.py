@@ -24,7 +24,7 @@ from typing import Any
 
 import re2
 
-from model_server.config import ascii_uint
+from model_server.config import int64_version
 from model_server.errors import PolicyError, StateNotSaved
 from model_server.files import write_state
 
@@ -292,7 +292,7 @@ def mirror_percent_problem(percent: float) -> str:
 
 def _version(raw: Any, where: str) -> str:
     v = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
-    n = ascii_uint(v) if isinstance(v, str) else None
+    n = int64_version(v) if isinstance(v, str) else None
     if n is None or n < 1:
         raise PolicyError(f"{where}: version must be a positive integer (as a string), got {raw!r}")
     return str(n)

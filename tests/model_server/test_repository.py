@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -10,12 +11,14 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import requests
 import tritonclient.http as httpclient
 from prometheus_client import REGISTRY
 from tritonclient.utils import InferenceServerException
 
 from model_server.errors import InvalidInput, ModelNotFound, StateNotSaved
 from model_server.repository import ModelRepository
+from tests.conftest import ADMIN_TOKEN
 
 
 def policy(*versions: int) -> dict:
@@ -69,6 +72,59 @@ def test_a_version_folder_named_with_a_leading_zero_is_not_a_version_as_in_trito
     _, loaded = repo.loaded("digits")
     assert loaded[2].path == (model / "2" / "model.onnx").resolve()
     repo.close_all()
+
+
+def test_a_version_folder_of_19_digits_is_a_version_and_a_folder_skipped_is_logged(repo_copy, caplog):
+    """Triton reads a version folder's name as an int64 (std::stoll in model_lifecycle.cc's
+    VersionsToLoad): 19 digits within int64 are a version. Here such a folder was left out
+    without a word, as was every folder skipped; each folder named like a version and not
+    taken is logged now, saying why (the model's other folders, validation/ say, are not)."""
+    model = repo_copy / "digits"
+    top = str(2**63 - 1)
+    shutil.copytree(model / "3", model / top)
+    shutil.copytree(model / "3", model / "1000000000000000000")
+    for skipped in ("01", "0", str(2**63), "2-old"):
+        shutil.copytree(model / "1", model / skipped)
+    (model / "4").mkdir()
+    (model / "validation").mkdir()
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="model_server.repository"):
+        assert repo.load("digits", policy(2**63 - 1, 10**18)) == [10**18, 2**63 - 1]
+    warned = sorted(r.getMessage() for r in caplog.records)
+    assert warned == [
+        f"model 'digits': ignoring folder '{skipped}': {why}"
+        for skipped, why in sorted(
+            [
+                ("0", "versions start at 1"),
+                ("01", "a version's folder has no leading zeros"),
+                ("2-old", "not a version number (ASCII digits, at most 9223372036854775807)"),
+                ("4", "it holds no model.onnx"),
+                (str(2**63), "not a version number (ASCII digits, at most 9223372036854775807)"),
+            ]
+        )
+    ]
+    with repo.use("digits", top) as lv:
+        assert lv.version == 2**63 - 1
+    repo.close_all()
+
+
+def test_a_version_of_19_digits_serves_through_tritonclient(server_factory, repo_copy, digit_images):
+    """A version folder of 19 digits loads, answers its metadata and inference, and the traffic
+    policy routes to it (a version of 19 digits was refused there as not a positive integer)."""
+    top = str(2**63 - 1)
+    shutil.copytree(repo_copy / "digits" / "2", repo_copy / "digits" / top)
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    c.load_model("digits", headers=server.admin, config=json.dumps(policy(1, 2**63 - 1)))
+    assert c.get_model_metadata("digits")["versions"] == ["1", top]
+    assert c.is_model_ready("digits", top)
+    inp = httpclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([digit_images[0][0]], dtype=object))
+    assert c.infer("digits", [inp], model_version=top).get_response()["model_version"] == top
+    routes = {"route": [{"version": top, "weight": 100}]}
+    r = requests.put(f"{server.http}/v2/models/digits/traffic", json=routes, headers=server.admin, timeout=10)
+    assert r.status_code == 200, r.text
+    assert c.infer("digits", [inp]).get_response()["model_version"] == top
 
 
 def test_broken_model_file_fails_the_load_and_keeps_what_was_served(repo_copy):
