@@ -163,6 +163,42 @@ def test_a_load_reads_64_bit_numbers_written_as_text_to_their_field_s_range(serv
         c.load_model("digits", headers=server.admin)
 
 
+def test_the_config_writes_64_bit_fields_as_numbers_as_triton_s_config_json(server):
+    """Protobuf's JSON printer writes int64 and uint64 as text, but Triton's ModelConfigToJson
+    (core src/model_config_utils.cc) turns each 64-bit field of ModelConfig back into a number
+    ("the int64 fields fixes to be actual numbers instead of the string madness done by
+    protobuf"): dims, version_policy.specific.versions, dynamic_batching's delay, levels and
+    timeouts; priority_queue_policy's keys stay text (JSON's keys are). tritonclient's
+    get_model_config hands that JSON over as it is."""
+    c = server.client()
+    batching = {
+        "max_queue_delay_microseconds": "2000",
+        "priority_levels": "2",
+        "default_priority_level": "2",
+        "default_queue_policy": {"default_timeout_microseconds": "18446744073709551615"},
+        "priority_queue_policy": {"1": {"default_timeout_microseconds": "7"}},
+    }
+    override = {"version_policy": {"specific": {"versions": ["1"]}}, "dynamic_batching": batching}
+    try:
+        c.load_model("digits", headers=server.admin, config=json.dumps(override))
+        cfg = c.get_model_config("digits")
+        db = cfg["dynamic_batching"]
+        assert (db["max_queue_delay_microseconds"], db["priority_levels"], db["default_priority_level"]) == (2000, 2, 2)
+        assert db["default_queue_policy"]["default_timeout_microseconds"] == 2**64 - 1
+        assert db["priority_queue_policy"] == {
+            "1": {
+                "max_queue_size": 0,
+                "default_timeout_microseconds": 7,
+                "allow_timeout_override": False,
+                "timeout_action": "REJECT",
+            }
+        }
+        assert cfg["version_policy"] == {"specific": {"versions": [1]}}
+        assert cfg["output"][0]["dims"] == [10]
+    finally:
+        c.load_model("digits", headers=server.admin)
+
+
 def test_model_readiness(server):
     c = server.client()
     assert c.is_model_ready("digits")
