@@ -610,8 +610,13 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         files = sorted(k for k in params if k.startswith("file:"))
         if files:
             raise InvalidInput(f"file overrides {files} are not supported: put the model in the repository")
+        unknown = sorted(k for k in params if k != "config")  # (Triton refuses them too)
+        if unknown:
+            raise InvalidInput(f"unknown load parameter(s) {shown(repr(unknown)[:200])}: a load takes 'config'")
         override = None
         if "config" in params:
+            if not isinstance(params["config"], str):  # (Triton reads each parameter as a string)
+                raise InvalidInput("parameters.config must be a string: the configuration's JSON text")
             try:
                 override = json.loads(params["config"], parse_constant=refuse_constant)
             except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser

@@ -115,6 +115,29 @@ def test_load_parameters_that_are_not_an_object_get_400(server, parameters):
     assert r.json()["error"] == "'parameters' must be an object"
 
 
+@pytest.mark.parametrize(
+    ("parameters", "needle"),
+    [
+        ({"confg": '{"max_batch_size": 8}'}, "unknown load parameter(s) ['confg']: a load takes 'config'"),
+        ({"config": {"max_batch_size": 8}}, "parameters.config must be a string: the configuration's JSON text"),
+        ({"config": 8}, "parameters.config must be a string: the configuration's JSON text"),
+    ],
+)
+def test_load_parameters_triton_does_not_read_get_400_naming_them(server, parameters, needle):
+    """Triton's load reads each parameter as a string and only 'config' and 'file:...'
+    (http_server.cc: MemberAsString, then "unexpected error on creating Triton parameter" for
+    another name). A misspelt 'confg' here loaded config.json's own config with a 200, as if the
+    override had been taken, and a config sent as an object was "the JSON object must be str,
+    bytes or bytearray, not dict"."""
+    r = requests.post(
+        f"{server.http}/v2/repository/models/digits/load",
+        json={"parameters": parameters},
+        headers=server.admin,
+        timeout=30,
+    )
+    assert (r.status_code, r.json()["error"][: len(needle)]) == (400, needle)
+
+
 def test_a_load_config_nested_past_the_parser_gets_400(server):
     """A parameters.config nested deeper than Python's JSON parser goes was a 500 and a
     traceback in the log (the outer body parses: the nesting is inside a string)."""
