@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server.config import DATATYPES, MAX_DIMS, ascii_uint, refuse_constant
-from model_server.errors import InvalidInput, PayloadTooLarge, shown
+from model_server.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has a few)
@@ -233,14 +233,17 @@ def _request_parameters(params: dict[str, Any]) -> None:
 def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
     """Refuse a tensor in a shared memory region (Triton's shared memory extension, which this
     server does not implement: no region can be registered): an output asked there was answered
-    in the body, where its client does not read it."""
+    in the body, where its client does not read it. A region named is not found (404), as Triton
+    answers a region not registered."""
     region = params.get("shared_memory_region")
-    if region is not None:
-        named = f"'{shown(region[:80])}'" if isinstance(region, str) else f"(a {type(region).__name__})"
-        raise InvalidInput(
-            f"{where}: Unable to find shared memory region: {named}: shared memory is not supported by this "
-            "server; send tensors in the request body"
-        )
+    if region is None:
+        return
+    if not isinstance(region, str):
+        raise InvalidInput(f"{where}: Unable to parse 'shared_memory_region': a {type(region).__name__}, not a name")
+    raise ModelNotFound(
+        f"{where}: Unable to find shared memory region: '{shown(region[:80])}': shared memory is not supported by "
+        "this server; send tensors in the request body"
+    )
 
 
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:

@@ -924,14 +924,16 @@ def test_shared_memory_trace_and_logging_are_answered_as_triton_answers_a_featur
 def test_a_tensor_in_a_shared_memory_region_is_refused_not_answered_in_the_body(server, digit_images):
     """No region can be registered: an output asked into one was answered in the body, where
     tritonclient does not read it (as_numpy gave None), and an input in one was refused as
-    having no data."""
+    having no data. As Triton answers a region not registered (its SharedMemoryManager's
+    NOT_FOUND), a 404; it was a 400 here."""
     c = server.client()
     out = httpclient.InferRequestedOutput("probabilities")
     out.set_shared_memory("r", 40)
     with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'r'") as err:
         c.infer("digits", [image_input([digit_images[0][0]])], outputs=[out])
-    assert err.value.status() == "400"
+    assert err.value.status() == "404"
     x = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")
     x.set_shared_memory("r", 3 * 224 * 224 * 4)
-    with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'r'"):
+    with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'r'") as err:
         c.infer("resnet_bench", [x])
+    assert err.value.status() == "404"
