@@ -97,9 +97,9 @@ def test_a_version_folder_of_19_digits_is_a_version_and_a_folder_skipped_is_logg
             [
                 ("0", "versions start at 1"),
                 ("01", "a version's folder has no leading zeros"),
-                ("2-old", "not a version number (ASCII digits, at most 9223372036854775807)"),
+                ("2-old", "not a version number (ASCII digits within int64)"),
                 ("4", "it holds no model.onnx"),
-                (str(2**63), "not a version number (ASCII digits, at most 9223372036854775807)"),
+                (str(2**63), "not a version number (ASCII digits within int64)"),
             ]
         )
     ]
@@ -113,7 +113,10 @@ def test_a_version_of_19_digits_serves_through_tritonclient(server_factory, repo
     policy routes to it (a version of 19 digits was refused there as not a positive integer)."""
     top = str(2**63 - 1)
     shutil.copytree(repo_copy / "digits" / "2", repo_copy / "digits" / top)
+    shutil.copytree(repo_copy / "digits" / "2", repo_copy / "digits" / "2-old")
     server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    # (Through the server's log masking, which takes a long number for a card's and hides it.)
+    assert "ignoring folder '2-old': not a version number (ASCII digits within int64)" in server.log.read_text()
     c = server.client()
     c.load_model("digits", headers=server.admin, config=json.dumps(policy(1, 2**63 - 1)))
     assert c.get_model_metadata("digits")["versions"] == ["1", top]
