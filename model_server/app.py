@@ -136,11 +136,6 @@ def compress(body: bytes, coding: str) -> bytes:
     return packer.compress(body) + packer.flush()
 
 
-# The infer endpoints, served by InferFastPath without Starlette's router, request and response
-# objects: they are most of a small model's time on the server.
-INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
-
-
 class VersionConvertor(StringConvertor):
     """A path's version as Triton's routes take it (``/versions/([0-9]+)`` in its
     http_server.cc): other text matches no endpoint, a 404 as there, not a bad version."""
@@ -149,6 +144,10 @@ class VersionConvertor(StringConvertor):
 
 
 register_url_convertor("version", VersionConvertor())
+
+# The infer endpoints, served by InferFastPath without Starlette's router, request and response
+# objects: they are most of a small model's time on the server.
+INFER_ROUTES = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 INFER_PATH = re.compile(rf"/v2/models/([^/]+)(?:/versions/({VersionConvertor.regex}))?/infer/?")
 
 
