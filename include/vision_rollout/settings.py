@@ -33,9 +33,10 @@ gives every model its own Service, VirtualService and Deployments with one line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ import jsonschema
 from vision_rollout.folders import Folder, folder_problem
 from vision_rollout.mesh import KUBERNETES_NAMES, IstioTarget
 from vision_rollout.serving import ModelServerAdmin
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "model_server_default"
 # BuildKit's rootless image (moby/buildkit, release v0.32.2): the image build's default builder.
@@ -495,14 +498,18 @@ def prune_runs(
     now: float,
     limit: int = MAX_PRUNED,
     dry_run: bool = False,
+    lease_holder: Callable[[str], str | None] | None = None,
 ) -> dict[str, list[str]]:
     """What nobody reads any more in ``run_folder`` removed, by kind, the names of what went
     (``dry_run``: of what would go, nothing removed): the ``models``' rollout run folders
     (``workdir``: stage records, routes, shadow reports) in which nothing changed since
     ``before`` (unix seconds; ``Folder.prune``: a running rollout writes its stage's record at
     each look, and waits at most its lease's 7 days for an approval), ``limit`` of a model's
-    looked into, in turns by the hour of ``now``, never the folder of the run the model's lock
-    file names (mesh local's: a run going on, or stopped and not ended, however long ago); the counts of failed reads that approval
+    looked into, in turns by the hour of ``now``, never the folder of the run holding the
+    model's lock (a run going on, or stopped and not ended, however long ago): the run mesh
+    local's lock file names, and the run ``lease_holder`` gives (kubernetes mode: the model's
+    Lease's holder; None, nobody); where ``lease_holder`` raises (the API server refusing or
+    unreachable), none of the model's run folders, logged; the counts of failed reads that approval
     waits ended without removing (their task killed), unchanged since ``before`` (a wait going
     on is at most 7 days old); and in the outbox what senders and writers killed mid-way left
     (``prune_outbox``), never a report."""
@@ -520,10 +527,15 @@ def prune_runs(
 
     pruned: dict[str, list[str]] = {"run folders": [], "approval counts": []}
     for model in models:
-        holder = _lock_holder(run_folder, model)
-        going = {workdir(run_folder, model, holder).parts[-1]} if holder is not None else set()
-        runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run, going)
-        pruned["run folders"] += [f"{model}/{name}" for name in runs]
+        holders = [_lock_holder(run_folder, model)]
+        try:
+            holders.append(lease_holder(model) if lease_holder is not None else None)
+        except Exception as exc:  # (whatever failed, who holds the model is not known: keep all)
+            log.warning("no run folder of '%s' pruned: its lock's holder is not known: %s", model, str(exc)[:300])
+        else:
+            going = {workdir(run_folder, model, h).parts[-1] for h in holders if h}
+            runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run, going)
+            pruned["run folders"] += [f"{model}/{name}" for name in runs]
         counts = approvals(run_folder, model).remove_older(before, approval, limit, dry_run)
         pruned["approval counts"] += [f"{model}/{name}" for name in counts]
     pruned["outbox leftovers"] = prune_outbox(run_folder / "outbox", now, limit, dry_run)

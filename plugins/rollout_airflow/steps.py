@@ -1430,7 +1430,8 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
     """What nobody reads any more removed from the run folder, how much of each kind (logged):
     the model's audit hour folders of the hours before ``before`` (``prune_hours``); the run
     folder's stage caches that no running stage reads (``logcache.prune``); and the model's
-    rollout run folders and approval waits' counts unchanged since ``before``, with the
+    rollout run folders (never the one of the run its lock names: its lock file, or in
+    kubernetes mode its Lease) and approval waits' counts unchanged since ``before``, with the
     outbox's leftovers of senders killed mid-way (``settings.prune_runs``). A store refusing
     is a warning (the next run prunes again)."""
     from vision_rollout import logcache
@@ -1438,6 +1439,16 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
     from vision_rollout.settings import prune_runs
 
     settings = serving().settings
+
+    def lease_holder(model: str) -> str | None:
+        """Kubernetes mode's lock: the run its Lease names (a model without an Istio target has none)."""
+        try:
+            settings.istio_for(model)
+        except SettingsError:
+            return None
+        holding = serving().model_lock(model, "istio").holding()
+        return holding.holder if holding is not None else None
+
     pruned: dict[str, int] = {}
     kinds = {
         "audit hour folders": lambda: {
@@ -1445,7 +1456,10 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
         },
         "stage cache files": lambda: {"stage cache files": logcache.prune(settings.stage_caches)},
         "run folders, approval counts and outbox leftovers": lambda: {
-            k: len(v) for k, v in prune_runs(settings.run_folder, [model], before.timestamp(), time.time()).items()
+            k: len(v)
+            for k, v in prune_runs(
+                settings.run_folder, [model], before.timestamp(), time.time(), lease_holder=lease_holder
+            ).items()
         },
     }
     for kind, prune in kinds.items():

@@ -1658,3 +1658,33 @@ def test_a_held_floor_record_that_is_not_a_count_puts_the_own_floor_back(kube, m
     )
     assert deployments.release_floor("1") is True
     assert (hpa(kube, "1")["spec"]["minReplicas"], hpa(kube, "1")["metadata"].get("annotations") or {}) == (2, {})
+
+
+def test_the_audits_pruning_keeps_the_folder_of_the_run_holding_the_models_lease(kube, tmp_path, caplog):
+    """In kubernetes mode the model's lock is its Lease, not a lock file: a rollout stopped
+    (its worker gone, its approval never answered) longer than the retention kept its folder
+    by age only, so the hourly audit removed the stage records of the run still holding the
+    model. The Lease's holder's folder now stays, as mesh local's lock file's holder's does;
+    a Lease that cannot be read keeps every run folder of the model (none is known not live)."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from vision_rollout import attempts
+
+    settings = steps.serving().settings
+    for run_id in ("done", "stalled"):
+        attempts.applied(settings.workdir("digits", run_id), run_id, 0, time.time())
+    take("stalled")
+    old = time.time() - 40 * 86400
+    for p in (tmp_path / "rollouts").rglob("*"):
+        os.utime(p, (old, old))
+    before = datetime.now(UTC) - timedelta(days=30)
+    assert steps.prune_audits("digits", before)["run folders"] == 1
+    assert (settings.run_folder / "rollouts" / "digits").folders() == ["stalled"]
+    attempts.applied(settings.workdir("digits", "other"), "other", 0, time.time())
+    for p in (tmp_path / "rollouts").rglob("*"):
+        os.utime(p, (old, old))
+    kube.objects[("leases", "models", "rollout-digits")]["spec"]["leaseDurationSeconds"] = -1  # (unreadable)
+    assert steps.prune_audits("digits", before)["run folders"] == 0
+    assert "no run folder of 'digits' pruned: its lock's holder is not known" in caplog.text
+    assert (settings.run_folder / "rollouts" / "digits").folders() == ["other", "stalled"]
