@@ -910,22 +910,30 @@ HOUR_NAME = re.compile(r"\d{8}T\d{2}")  # (hour_folder's names)
 TEMPORARY_AGE_S = 3600  # a temporary file this old is no write in progress: one killed mid-way
 
 
-def prune_hours(audits: Folder, before: datetime, limit: int = 500) -> int:
+def prune_hours(audits: Folder, before: datetime, limit: int = 500, dry_run: bool = False) -> list[str]:
     """The folders of the hours that start before ``before`` below a model's audits removed,
     the oldest ``limit`` at most (a year of hours the first time takes its runs' turns): their
     report's files (``REPORT_NAMES``, and those a write killed mid-way left), then the folder
     once empty (a file the audit did not write keeps it, and a folder of another name is never
-    touched); how many went. ``before`` must be earlier than any hour a run may still audit (its
-    catch-up window): an hour without its ``AUDITED`` mark is audited again."""
-    removed = 0
+    touched); the names of those that went (``dry_run``: of those that would, nothing removed).
+    ``before`` must be earlier than any hour a run may still audit (its catch-up window): an
+    hour without its ``AUDITED`` mark is audited again."""
+    removed: list[str] = []
     cutoff = hour_folder(audits, before).parts[-1]  # (the names sort as their hours do)
     for name in [n for n in audits.folders() if HOUR_NAME.fullmatch(n) and n < cutoff][:limit]:
         folder = audits / name
-        folder.remove_temporaries(REPORT_NAMES.__contains__, time.time() - TEMPORARY_AGE_S)
+        old = time.time() - TEMPORARY_AGE_S
+        if dry_run:
+            killed = set(folder.remove_temporaries(REPORT_NAMES.__contains__, old, dry_run=True))
+            if set(folder.changed()) - killed <= REPORT_NAMES and not folder.folders():
+                removed.append(name)
+            continue
+        folder.remove_temporaries(REPORT_NAMES.__contains__, old)
         for stale in set(folder.names()) & REPORT_NAMES - {AUDITED}:
             folder.delete(stale)
         folder.delete(AUDITED)  # (last: a prune cut short leaves the hour audited, not audited again)
-        removed += folder.remove_if_empty()
+        if folder.remove_if_empty():
+            removed.append(name)
     return removed
 
 

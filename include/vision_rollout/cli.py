@@ -18,7 +18,8 @@
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
   rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
-                   (the run folders, approval counts and outbox leftovers nobody reads any more)
+                   (the audit hours, stage caches, run folders, approval counts and outbox
+                    leftovers nobody reads any more)
   rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
                    [--reason TEXT]   (the stable version back, the running rollout told to roll back)
   rolloutctl restart-stage --run-dir DIR --model M --run-id R --stage N --reason TEXT
@@ -1079,14 +1080,24 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """What nobody reads any more in a run folder (the DAGs' ``run_dir``) removed, or with
-    ``--dry-run`` listed (``settings.prune_runs``): each model's rollout run folders and approval
-    waits' counts unchanged for ``--retention-days``, ``--limit`` of each kind, and the outbox's
-    leftovers of killed senders (never a report waiting), as the hourly shadow audit does for
-    the models it audits; of the ``--model`` given, else of every model found there. The
-    shadow audits' hour folders are the shadow_audit DAG's own."""
+    ``--dry-run`` listed, as the hourly shadow audit does for the models it audits: each
+    model's audit hour folders older than ``--retention-days`` (``audit.prune_hours``), the
+    stage caches of stages started days ago (``logcache.prune``), and (``settings.prune_runs``)
+    each model's rollout run folders and approval waits' counts unchanged for
+    ``--retention-days``, and the outbox's leftovers of killed senders (never a report
+    waiting); ``--limit`` of each kind, of the ``--model`` given, else of every model found
+    there."""
     import time
 
-    from vision_rollout.settings import MAX_RETENTION_DAYS, MIN_RETENTION_DAYS, MODEL_PATTERN, prune_runs
+    from vision_rollout import logcache
+    from vision_rollout.audit import prune_hours
+    from vision_rollout.settings import (
+        MAX_RETENTION_DAYS,
+        MIN_RETENTION_DAYS,
+        MODEL_PATTERN,
+        prune_runs,
+        stage_caches,
+    )
 
     if not MIN_RETENTION_DAYS <= args.retention_days <= MAX_RETENTION_DAYS:
         raise UsageError(f"--retention-days: {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS}, not {args.retention_days}")
@@ -1096,10 +1107,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if path is not None and not path.is_dir():  # (a mistyped folder read as an empty one)
         raise UsageError(f"--run-dir: no such folder: {str(path)[:200]!r}")
     args.run_dir.check()
-    found = {*(args.run_dir / "rollouts").folders(), *(args.run_dir / "approvals").folders()}
+    found = {m for kind in ("audits", "rollouts", "approvals") for m in (args.run_dir / kind).folders()}
     models = args.model or sorted(m for m in found if len(m) <= 128 and re.fullmatch(MODEL_PATTERN, m))
     now = time.time()
-    pruned = prune_runs(args.run_dir, models, now - args.retention_days * 86400, now, args.limit, args.dry_run)
+    before = now - args.retention_days * 86400
+    hours = datetime.fromtimestamp(before, UTC)
+    pruned = {
+        "audit hour folders": [
+            f"{model}/{name}"
+            for model in models
+            for name in prune_hours(args.run_dir / "audits" / model, hours, args.limit, args.dry_run)
+        ],
+        "stage caches": logcache.prune(stage_caches(args.run_dir), args.dry_run),
+        **prune_runs(args.run_dir, models, before, now, args.limit, args.dry_run),
+    }
     if args.json:
         print(json.dumps(pruned, indent=2))
         return 0

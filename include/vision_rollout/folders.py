@@ -184,21 +184,23 @@ class Folder:
         infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    def remove_temporaries(self, ours: Callable[[str], object], before: float) -> int:
+    def remove_temporaries(self, ours: Callable[[str], object], before: float, dry_run: bool = False) -> list[str]:
         """The temporary files (``.<name>.<pid>.tmp``) that writes killed mid-way left in this
         folder on a disk, last changed before ``before`` (a ``time.time()``), removed: only those
-        of the names ``ours`` is true of; how many. An object store's PUT leaves none."""
+        of the names ``ours`` is true of; their names (``dry_run``: of those that would go, none
+        removed). An object store's PUT leaves none."""
         path = self.path
         if path is None or not path.is_dir():
-            return 0
-        removed = 0
+            return []
+        removed: list[str] = []
         for tmp in path.iterdir():
             of = temporary_of(tmp.name)
             if of is None or not ours(of) or not tmp.is_file():
                 continue
             if tmp.stat().st_mtime < before:
-                tmp.unlink(missing_ok=True)
-                removed += 1
+                if not dry_run:
+                    tmp.unlink(missing_ok=True)
+                removed.append(tmp.name)
         return removed
 
     def changed(self) -> dict[str, float]:

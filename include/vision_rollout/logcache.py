@@ -211,22 +211,24 @@ def _prune(folder: Folder, keep: str) -> None:
             _remove(folder, n)
 
 
-def prune(folder: Folder) -> int:
+def prune(folder: Folder, dry_run: bool = False) -> list[str]:
     """The caches in ``folder`` of stages started over ``MAX_AGE_S`` ago removed (a stage is
     decided within ``MAX_STAGE_SECONDS``: no running stage reads them), and the temporary files
     of cache writes killed mid-way (on a disk, up to ``MAX_BYTES`` each, which no listing of the
-    caches sees) an hour old; how many files and folders went. For a folder no stage writes to
-    any more (a killed run's caches wait for the next stage's write otherwise)."""
+    caches sees) an hour old; the names of what went, a stage's temporaries as
+    ``<stage>/<file>`` (``dry_run``: of what would go, nothing removed). For a folder no stage
+    writes to any more (a killed run's caches wait for the next stage's write otherwise)."""
     old = time.time() - MAX_AGE_S
     caches = _caches(folder)
     stale = [n for n in caches if int(n.split("-", 1)[0]) < old]
-    for n in stale:
-        _remove(folder, n)
+    if not dry_run:
+        for n in stale:
+            _remove(folder, n)
     hour_ago = time.time() - 3600
-    removed = len(stale) + folder.remove_temporaries(CACHE_NAME.fullmatch, hour_ago)
+    removed = stale + folder.remove_temporaries(CACHE_NAME.fullmatch, hour_ago, dry_run)
     for n in caches:
         if n not in stale and STAGE_NAME.fullmatch(n):
-            removed += (folder / n).remove_temporaries(PART_NAME.fullmatch, hour_ago)
+            removed += [f"{n}/{t}" for t in (folder / n).remove_temporaries(PART_NAME.fullmatch, hour_ago, dry_run)]
     return removed
 
 

@@ -346,7 +346,7 @@ class ServingSettings:
     @property
     def stage_caches(self) -> Folder:
         """The rollout stages' prediction-log reads, kept between pokes on any worker (``logcache``)."""
-        return self.run_folder / ".logcache"
+        return stage_caches(self.run_folder)
 
     def validation(self, model: str) -> Path:
         """The model's validation set: ``labels.csv`` (``file``, ``label``) and the images it names."""
@@ -483,6 +483,11 @@ MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in 
 # longest catch-up window (7 days: an hour pruned within it would be audited and reported again).
 RETENTION_DAYS, MIN_RETENTION_DAYS, MAX_RETENTION_DAYS = 30, 8, 3660
 SEND_BUDGET_S = 120.0  # a round of sending the outbox starts no report after this long (the DAGs', rolloutctl's)
+
+
+def stage_caches(run_folder: Folder) -> Folder:
+    """Where the rollout stages' prediction-log reads are kept in ``run_folder`` (``logcache``)."""
+    return run_folder / ".logcache"
 
 
 def approvals(run_folder: Folder, model: str) -> Folder:

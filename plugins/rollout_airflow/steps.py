@@ -1452,9 +1452,9 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
     pruned: dict[str, int] = {}
     kinds = {
         "audit hour folders": lambda: {
-            "audit hour folders": prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED)
+            "audit hour folders": len(prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED))
         },
-        "stage cache files": lambda: {"stage cache files": logcache.prune(settings.stage_caches)},
+        "stage cache files": lambda: {"stage cache files": len(logcache.prune(settings.stage_caches))},
         "run folders, approval counts and outbox leftovers": lambda: {
             k: len(v)
             for k, v in prune_runs(

@@ -620,10 +620,14 @@ def test_hour_folders_before_a_time_are_removed_and_nothing_else(tmp_path, reque
         tmp = Path(str(old)) / f".{REPORT}.123.tmp"
         tmp.write_bytes(b"half")
         os.utime(tmp, (time.time() - 7200, time.time() - 7200))
-    assert prune_hours(audits, hour - timedelta(hours=2), limit=1) == 1  # the oldest first
+    assert prune_hours(audits, hour - timedelta(hours=2), limit=1, dry_run=True) == [old.parts[-1]]
+    assert audits.folders() == sorted([old.parts[-1], kept_file.parts[-1], recent.parts[-1], "scratch"])
+    assert prune_hours(audits, hour - timedelta(hours=2), limit=1) == [old.parts[-1]]  # the oldest first
     assert audits.folders() == sorted([kept_file.parts[-1], recent.parts[-1], "scratch"])
     assert kept_file.names() == [AUDITED, "notes.txt"]
-    assert prune_hours(audits, hour - timedelta(hours=2)) == 0
+    assert prune_hours(audits, hour - timedelta(hours=2), dry_run=True) == []  # (someone else's file keeps it)
+    assert kept_file.names() == [AUDITED, "notes.txt"]
+    assert prune_hours(audits, hour - timedelta(hours=2)) == []
     assert audits.folders() == sorted([kept_file.parts[-1], recent.parts[-1], "scratch"])
     assert kept_file.names() == ["notes.txt"]
     assert recent.names() == [AUDITED]
@@ -641,7 +645,7 @@ def test_a_link_among_the_hour_folders_is_not_followed_out_of_the_store(tmp_path
     audits = Folder(str(tmp_path / "run")) / "audits" / "a"
     audits.write("x", b"")
     (tmp_path / "run/audits/a/20200101T00").symlink_to(outside)
-    assert prune_hours(audits, datetime(2026, 1, 1, tzinfo=UTC)) == 0
+    assert prune_hours(audits, datetime(2026, 1, 1, tzinfo=UTC)) == []
     assert sorted(p.name for p in outside.iterdir()) == sorted([REPORT, "summary.json", AUDITED])
     assert audits.folders() == []
 

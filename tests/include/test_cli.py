@@ -1443,12 +1443,15 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "run folders: mnist/old",
         "approval counts: digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json",
         "outbox leftovers: 20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123",
-        f"would remove 2 run folders, 1 approval counts, 1 outbox leftovers from {tmp_path / 'run'}",
+        f"would remove 0 audit hour folders, 0 stage caches, 2 run folders, 1 approval counts, 1 outbox leftovers "
+        f"from {tmp_path / 'run'}",
     ]
     assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
     code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json")
     assert code == 0
     assert json.loads(out) == {
+        "audit hour folders": [],
+        "stage caches": [],
         "run folders": ["digits/done"],
         "approval counts": ["digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json"],
         "outbox leftovers": ["20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123"],
@@ -1462,3 +1465,41 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
     code, _, err = run(capsys, "prune", "--run-dir", str(tmp_path / "no-such"))
     assert code == 2
     assert "no such folder" in err
+
+
+def test_prune_lists_then_removes_the_audit_hours_and_stage_caches_past_their_retention(tmp_path, capsys):
+    """The hourly audit also removes a model's audit hour folders past the retention and the
+    stage caches of stages started days ago; rolloutctl prune removed neither, nor could it
+    show them before. Both are listed with --dry-run, nothing removed, then removed; an hour
+    within the retention, a live stage's cache and a folder of another name stay."""
+    from datetime import UTC, datetime, timedelta
+
+    from vision_rollout import logcache
+    from vision_rollout.audit import AUDITED, REPORT, hour_folder
+    from vision_rollout.folders import Folder
+
+    store = Folder(str(tmp_path / "run"))
+    audits = store / "audits" / "digits"
+    now = datetime.now(UTC)
+    old, recent = (hour_folder(audits, now - timedelta(days=d)) for d in (40, 1))
+    for hour in (old, recent):
+        hour.write(REPORT, b"# Shadow audit")
+        hour.write(AUDITED, b"{}")
+    (audits / "scratch").write("x", b"not an hour")
+    stale = f"{int(time.time()) - logcache.MAX_AGE_S - 60}-{0:024x}"
+    live = f"{int(time.time()) - 600}-{1:024x}"
+    for stage in (stale, live):
+        (store / ".logcache" / stage).write(f"{0:032x}.parquet", b"x")
+    before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert code == 0
+    assert f"audit hour folders: digits/{old.parts[-1]}" in out.splitlines()
+    assert f"stage caches: {stale}" in out.splitlines()
+    assert "would remove 1 audit hour folders, 1 stage caches, 0 run folders" in out
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--json")
+    assert code == 0
+    pruned = json.loads(out)
+    assert (pruned["audit hour folders"], pruned["stage caches"]) == ([f"digits/{old.parts[-1]}"], [stale])
+    assert audits.folders() == sorted([recent.parts[-1], "scratch"])
+    assert (store / ".logcache").folders() == [live]

@@ -1199,7 +1199,7 @@ def test_a_file_among_the_caches_no_folder_takes_does_not_stop_their_pruning(tmp
     odd = ["1-a\\b.parquet"]
     for name in [stale, *odd]:
         (caches / name).write_bytes(b"x")
-    assert logcache.prune(Folder(str(caches))) == 1
+    assert logcache.prune(Folder(str(caches))) == [stale]
     assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
     logcache._prune(Folder(str(caches)), "2-x.parquet")
     assert sorted(p.name for p in caches.iterdir()) == sorted(odd)
@@ -1224,7 +1224,9 @@ def test_a_stage_cache_folder_is_pruned_with_its_parts_and_killed_writes(tmp_pat
             (stage / part).write_bytes(b"x")
     (live / f".{2:032x}.parquet.78.tmp").write_bytes(b"x")
     os.utime(live / f".{2:032x}.parquet.78.tmp", (now - 7200, now - 7200))
-    assert logcache.prune(Folder(str(caches))) == 2
+    assert logcache.prune(Folder(str(caches)), dry_run=True) == [stale.name, f"{live.name}/.{2:032x}.parquet.78.tmp"]
+    assert len(list(caches.iterdir())) == 2
+    assert logcache.prune(Folder(str(caches))) == [stale.name, f"{live.name}/.{2:032x}.parquet.78.tmp"]
     assert sorted(p.name for p in caches.iterdir()) == [live.name]
     assert sorted(p.name for p in live.iterdir()) == [f".{1:032x}.parquet.77.tmp", f"{0:032x}.parquet"]
     for k in range(2, 40):
