@@ -106,6 +106,10 @@ class AuditResult:
     # of the ranges before it whose files came after theirs closed, by this one's close.
     late_records: int = 0
     late_earlier: int | None = None
+    # Pairs of versions of the range beyond ``MAX_VERSION_PAIRS`` (the fewest records), and
+    # their records: not audited (``audit_by_versions``).
+    pairs_left_out: int = 0
+    records_left_out: int = 0
     config: AuditConfig = field(default_factory=AuditConfig)  # the limits it was judged against
     # A range holding the pairs of more than one pair of versions (two rollouts within it: a
     # candidate rolled back or promoted, then the next one shadowed): each pair's audit apart,
@@ -322,16 +326,28 @@ def audit_frame(
 
 
 VERDICT_ORDER = ("fail", "inconclusive", "pass")  # the worst first
+# Pairs of versions audited in one range, those with the most records (a rollout's range holds
+# one or two; a log naming thousands of versions made thousands of audits, sections and blocks).
+MAX_VERSION_PAIRS = 20
 
 
-def version_pairs(df: pd.DataFrame) -> list[pd.DataFrame]:
+def version_pairs(df: pd.DataFrame, limit: int | None = None) -> tuple[list[pd.DataFrame], int, int]:
     """The rows of ``df`` (shadow pairs) by pair of versions (primary, shadow), in the order of
-    their first rows (``shadow_pairs`` gives them in time order)."""
+    their first rows (``shadow_pairs`` gives them in time order): of more than ``limit`` pairs,
+    the ``limit`` with the most rows (the first of equals); and how many pairs were left out,
+    and their rows."""
     if df.empty:
-        return []
+        return [], 0, 0
     keys = df["primary_version"].astype(str) + "\0" + df["shadow_version"].astype(str)
     codes, _ = pd.factorize(keys, sort=False)
-    return [df[codes == code] for code in range(codes.max() + 1)]
+    counts = np.bincount(codes)
+    kept = np.arange(len(counts))
+    if limit is not None and len(counts) > limit:
+        kept = np.sort(np.argsort(-counts, kind="stable")[:limit])
+    order = np.argsort(codes, kind="stable")  # (each pair's rows together, in their order)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    groups = [df.iloc[np.sort(order[bounds[c] : bounds[c + 1]])] for c in kept]
+    return groups, len(counts) - len(kept), len(df) - int(counts[kept].sum())
 
 
 def audit_by_versions(
@@ -346,14 +362,17 @@ def audit_by_versions(
     none) is that pair's audit; one holding several (two rollouts of the model within it) has
     each pair's in ``by_versions``, the worst verdict, each pair's verdict and reasons as its
     reasons, and its records' and shadow errors' counts; no agreement, divergence or anomaly
-    figure of the pairs together, nor their versions' answers compared across pairs."""
+    figure of the pairs together, nor their versions' answers compared across pairs. Of more
+    than ``MAX_VERSION_PAIRS`` pairs, those with the most records are audited, the others
+    counted (``pairs_left_out``, ``records_left_out``) and named first in the reasons: such a
+    range is inconclusive at best."""
     cfg = config or AuditConfig()
-    groups = version_pairs(df)
-    if len(groups) < 2:
+    groups, pairs_left_out, records_left_out = version_pairs(df, MAX_VERSION_PAIRS)
+    if len(groups) < 2 and not pairs_left_out:
         return audit_frame(df, cfg, model, start, end, vectors)
     parts = [audit_frame(rows, cfg, model, start, end, vectors) for rows in groups]
-    errors = sum(p.shadow_errors for p in parts)
-    return AuditResult(
+    errors = int(df["shadow_error"].notna().sum())
+    result = AuditResult(
         model,
         start,
         end,
@@ -366,7 +385,18 @@ def audit_by_versions(
         versions={k: sorted({v for p in parts for v in p.versions[k]}) for k in ("primary", "shadow")},
         config=cfg,
         by_versions=parts,
+        pairs_left_out=pairs_left_out,
+        records_left_out=records_left_out,
     )
+    if pairs_left_out:
+        result.reasons.insert(
+            0,
+            f"{result.pairs_left_out} more pairs of versions ({result.records_left_out} records) were not "
+            f"audited: over {MAX_VERSION_PAIRS} in one range, the {MAX_VERSION_PAIRS} with the most records are",
+        )
+        if result.verdict == "pass":
+            result.verdict = "inconclusive"
+    return result
 
 
 def agreement_text(agreement: float, ci: tuple[float, float], minimum: float) -> str:
@@ -849,6 +879,14 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
         f"- Malformed records in the files read (not audited): {result.malformed_records}",
         f"- Records written after this range closed (not audited): {result.late_records}",
+        *(
+            [
+                f"- Pairs of versions not audited (over {MAX_VERSION_PAIRS}): {result.pairs_left_out} "
+                f"({result.records_left_out} records)"
+            ]
+            if result.pairs_left_out
+            else []
+        ),
         *(
             [f"- Records of earlier ranges that came after theirs closed (in no audit): {result.late_earlier}"]
             if result.late_earlier is not None

@@ -818,3 +818,25 @@ def test_a_range_audited_up_to_now_waits_for_its_last_copies_and_no_longer_than_
     assert await_copies(first, end, "digits", "1", lambda: clock[0], flush_primaries) == COPIES_POLL_S
     result = audit(first, end - timedelta(minutes=10), end, "digits")
     assert (result.rows, result.shadow_without_primary) == (30, 0)
+
+
+def test_the_pairs_of_versions_audited_in_a_range_are_bounded_and_those_left_out_named():
+    """A log naming thousands of versions (a foreign writer, forged records) made an audit, a
+    report section, a reason and a Slack block of each pair: thousands of each. The pairs with
+    the most records are audited, up to ``MAX_VERSION_PAIRS``; the rest are counted with their
+    records, named in the reasons, and keep a range from passing."""
+    from vision_rollout.audit import MAX_VERSION_PAIRS, audit_by_versions
+    from vision_rollout.notify import audit_message
+
+    many = [pairs(3, 3).assign(shadow_version=f"x{k}") for k in range(MAX_VERSION_PAIRS + 40)]
+    df = pd.concat([*many, pairs(400, 400)]).reset_index(drop=True)
+    result = audit_by_versions(df)
+    assert len(result.by_versions) == MAX_VERSION_PAIRS
+    assert ["2"] in [p.versions["shadow"] for p in result.by_versions]  # (the most records)
+    assert (result.pairs_left_out, result.records_left_out) == (41, 123)
+    assert result.verdict == "inconclusive"
+    assert result.reasons[0].startswith("41 more pairs of versions (123 records) were not audited")
+    assert len(result.reasons) == MAX_VERSION_PAIRS + 1
+    assert len(result.versions["shadow"]) == MAX_VERSION_PAIRS
+    assert json.loads(report_files(result)["summary.json"])["pairs_left_out"] == 41
+    assert len(json.dumps(audit_message(result).blocks)) < 40_000
