@@ -133,7 +133,7 @@ class AuditResult:
     def pair_name(self) -> str:
         """The pair of versions audited: "primary 1, shadow 2" (versions joined by commas where
         the result holds several)."""
-        return f"primary {', '.join(self.versions['primary'])}, shadow {', '.join(self.versions['shadow'])}"
+        return printable(f"primary {', '.join(self.versions['primary'])}, shadow {', '.join(self.versions['shadow'])}")
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -740,13 +740,40 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)
 
 
-def code_cell(text: str) -> str:
-    """Text someone else chose (a client's request id) as a Markdown table cell: a code span,
-    so nothing in it is markup (no link, image or HTML), its ``|`` escaped, so it cannot split
-    the row into other columns, on one line."""
-    text = printable(text).replace("|", "\\|")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~])")
+
+
+def markdown_text(text: str) -> str:
+    """Text holding what someone else chose (a reason naming a version the log names, a file's
+    path) in a line of report.md: on one line (``printable``), each character Markdown or HTML
+    would read as markup escaped, so it reads as the text it is (no heading, link, image,
+    emphasis or table cell of its own; a bare URL stays one, as it reads)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
+
+
+def code_span(text: str) -> str:
+    """Text someone else chose (a version the log names) in a line of report.md as a code span,
+    so nothing in it is markup (no link, image or HTML), on one line."""
+    text = printable(text)
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     return f"{fence} {text} {fence}"
+
+
+def code_cell(text: str) -> str:
+    """Text someone else chose (a client's request id) as a Markdown table cell: a code span
+    (``code_span``), its ``|`` escaped, so it cannot split the row into other columns."""
+    return code_span(printable(text).replace("|", "\\|"))
+
+
+def versions_text(result: AuditResult, between: str = ", ") -> str:
+    """report.md's name of a pair of versions (``pair_name``): a version a number (as the model
+    repository's are) as it is, any other the log names a ``code_span``."""
+
+    def version(v: str) -> str:
+        return v if re.fullmatch(r"[0-9]{1,20}", v) else code_span(v)
+
+    primary, shadow = (", ".join(map(version, result.versions[k])) for k in ("primary", "shadow"))
+    return f"primary {primary}{between}shadow {shadow}"
 
 
 def csv_cell(value: Any) -> Any:
@@ -763,6 +790,13 @@ def csv_frame(df: pd.DataFrame) -> bytes:
     """``df`` as CSV, its text cells as ``csv_cell`` makes them."""
     text = df.select_dtypes(include=["object", "string"]).columns
     return df.assign(**{c: df[c].map(csv_cell) for c in text}).to_csv(index=False).encode()
+
+
+def digest_cell(value: Any) -> str:
+    """An item's image sha256 (its first 16 characters) as a Markdown table cell: a hex digest
+    as it is, anything else a writer put there as ``code_cell`` makes it."""
+    digest = short_digest(value, 16)
+    return digest if re.fullmatch(r"[0-9a-f]+|-", digest) else code_cell(digest)
 
 
 def short_digest(value: Any, n: int) -> str:
@@ -800,8 +834,7 @@ def _pair_lines(result: AuditResult, level: str) -> list[str]:
     if result.agreement is not None and result.agreement_ci is not None:
         lo, hi = result.agreement_ci
         lines += [
-            f"- Versions: primary {', '.join(result.versions['primary'])}; shadow "
-            f"{', '.join(result.versions['shadow'])}",
+            f"- Versions: {versions_text(result, '; ')}",
             f"- Top-1 agreement: {percent_beside(result.agreement, cfg.min_agreement)}% "
             f"({100 * cfg.confidence_level:g}% Wilson interval {percent_beside(lo, cfg.min_agreement)}% to "
             f"{percent_beside(hi, cfg.min_agreement)}%; minimum {limit_percent(cfg.min_agreement)}%)",
@@ -831,7 +864,8 @@ def _pair_lines(result: AuditResult, level: str) -> list[str]:
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {short_digest(r.image_sha256, 16)} | {r.primary_top1} | {r.shadow_top1} | "
+            f"| {code_cell(str(r.request_id)[:16])} | {r.item} | {digest_cell(r.image_sha256)} | {r.primary_top1} | "
+            f"{r.shadow_top1} | "
             f"{r.shadow_confidence:.3f} | {r.divergence:.3f} | {r.reason} |"
             for r in result.anomalies.itertuples()
         ]
@@ -865,7 +899,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"# Shadow audit: {result.model or 'all models'}",
         "",
         f"- Range: {result.start} to {result.end}",
-        f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(result.reasons),
+        f"- Verdict: **{result.verdict.upper()}**: " + "; ".join(map(markdown_text, result.reasons)),
         f"- Records: {result.rows} (shadow errors {result.shadow_errors}, "
         f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%; limit "
         f"{limit_percent(cfg.max_shadow_error_rate)}%)",
@@ -898,9 +932,9 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         for part in parts:
             lines += [
                 "",
-                f"## {part.pair_name.capitalize()}: {part.verdict.upper()}",
+                f"## P{versions_text(part)[1:]}: {part.verdict.upper()}",
                 "",
-                f"- Verdict: **{part.verdict.upper()}**: " + "; ".join(part.reasons),
+                f"- Verdict: **{part.verdict.upper()}**: " + "; ".join(map(markdown_text, part.reasons)),
                 f"- Records: {part.rows} (shadow errors {part.shadow_errors}, "
                 f"{percent_beside(part.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%)",
                 *_pair_lines(part, "###"),

@@ -840,3 +840,39 @@ def test_the_pairs_of_versions_audited_in_a_range_are_bounded_and_those_left_out
     assert len(result.versions["shadow"]) == MAX_VERSION_PAIRS
     assert json.loads(report_files(result)["summary.json"])["pairs_left_out"] == 41
     assert len(json.dumps(audit_message(result).blocks)) < 40_000
+
+
+@pytest.mark.parametrize("pairs_of_versions", [1, 2])
+def test_versions_and_image_digests_of_another_writer_cannot_mark_up_or_forge_the_report(pairs_of_versions):
+    """The versions and the image digests are whatever wrote the log: a version with a line
+    break wrote a heading of its own into report.md (and a line into Slack), ``<img ...>`` or
+    ``[x](url)`` rendered an image fetched from anywhere or a link, and a digest with ``|``
+    split its anomaly row. Each is now text: escaped, on one line, in its cell."""
+    from urllib.parse import unquote
+
+    from markdown_it import MarkdownIt
+
+    from vision_rollout.audit import audit_by_versions
+    from vision_rollout.notify import audit_message
+
+    evil = "9\n## PASS <img src=http://e/x> [click](http://e) *b* `c` \x1b[31m"
+    df = pairs(20, 10).assign(shadow_version=evil, image_sha256="ab|cd|<img src=x")
+    if pairs_of_versions == 2:
+        df = pd.concat([pairs(20, 20), df]).reset_index(drop=True)
+    report = report_files(audit_by_versions(df))[REPORT].decode()
+    assert "\x1b" not in report
+    assert not [line for line in report.splitlines() if line.startswith("## PASS")]
+    html = MarkdownIt("gfm-like").render(report)
+    assert re.findall(r"<img[^>]*>", html) == ['<img src="divergence.png" alt="divergence and confusion" />']
+    links = re.findall(r'<a href="([^"]*)">(.*?)</a>', html)  # (a bare URL is one, reading as it leads)
+    assert "[click](" in html
+    assert all(unquote(href) == text for href, text in links)
+    assert "<strong>b</strong>" not in html
+    assert "<em>b</em>" not in html
+    rows = [
+        re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", html, re.S) if "divergence</td>" in r
+    ]
+    assert len(rows) == 10
+    assert {row[2] for row in rows} == {"<code>ab|cd|&lt;img src=x</code>"}
+    slack = json.dumps(audit_message(audit_by_versions(df)).blocks)
+    assert "\\n## PASS" not in slack
