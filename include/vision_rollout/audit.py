@@ -91,6 +91,9 @@ class AuditResult:
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
+    # Records repeating an earlier one's key (a client re-sending its request id, a copy made
+    # twice): the earliest is paired, the repeats are no second piece of evidence (left out).
+    duplicates: int = 0
     # Answers that were no finite distribution (NaN or Inf: a client's NaN or Inf input runs,
     # its output is NaN): pairs whose primary answered so are no comparison (left out, counted);
     # the shadow's alone, where the primary's was finite, are the candidate's (anomalies).
@@ -604,6 +607,7 @@ def audit(
     result.shadow_dropped = pairs.attrs["shadow_dropped"]
     result.input_mismatch = pairs.attrs["input_mismatch"]
     result.self_pairs = pairs.attrs["self_pairs"]
+    result.duplicates = pairs.attrs["duplicates"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
@@ -665,6 +669,11 @@ def audit(
         result.reasons.append(
             f"{result.input_mismatch} shadow records were not a mirror copy of their primary "
             "(another input under its request id): excluded"
+        )
+    if result.duplicates:
+        result.reasons.append(
+            f"{result.duplicates} records repeated the request id and item of an earlier one (a client "
+            "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     if result.primary_not_finite:
         result.reasons.append(
@@ -907,6 +916,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped}",
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
+        f"- Records repeating an earlier one's request id and item (not audited): {result.duplicates}",
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",

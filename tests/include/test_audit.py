@@ -876,3 +876,19 @@ def test_versions_and_image_digests_of_another_writer_cannot_mark_up_or_forge_th
     assert {row[2] for row in rows} == {"<code>ab|cd|&lt;img src=x</code>"}
     slack = json.dumps(audit_message(audit_by_versions(df)).blocks)
     assert "\\n## PASS" not in slack
+
+
+def test_records_repeating_a_request_id_are_counted_and_named_not_dropped_silently(tmp_path):
+    """A client re-sending its request ids (a retry, a replay) gives each key a second primary
+    and shadow record: the earliest pair is compared, the repeats are no second piece of
+    evidence. The audit left them out without a word (a range of half repeats read as whole);
+    they are now counted and named in the reasons and report.md, the verdict unchanged."""
+    log = shadow_log(tmp_path, 200, disagree=0.0)
+    shadow_log(tmp_path, 200, disagree=0.5, seed=1)  # (the same request ids and images again)
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.rows, result.duplicates) == ("pass", 200, 400)
+    assert any(r.startswith("400 records repeated the request id and item of an earlier one") for r in result.reasons)
+    assert "- Records repeating an earlier one's request id and item (not audited): 400" in (
+        report_files(result)[REPORT].decode()
+    )
+    assert json.loads(report_files(result)["summary.json"])["duplicates"] == 400
