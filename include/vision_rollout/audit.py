@@ -124,7 +124,7 @@ class AuditResult:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in apart}
         d["reasons"] = list(self.reasons)
         d["config"] = asdict(self.config)
-        d["versions"] = {k: list(v) for k, v in self.versions.items()}
+        d["versions"] = {k: [shown(x) for x in v] for k, v in self.versions.items()}
         d["divergence_quantiles"] = dict(self.divergence_quantiles)
         d["agreement_ci"] = list(self.agreement_ci) if self.agreement_ci else None
         d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
@@ -136,7 +136,8 @@ class AuditResult:
     def pair_name(self) -> str:
         """The pair of versions audited: "primary 1, shadow 2" (versions joined by commas where
         the result holds several)."""
-        return printable(f"primary {', '.join(self.versions['primary'])}, shadow {', '.join(self.versions['shadow'])}")
+        primary, shadow = (", ".join(map(shown, self.versions[k])) for k in ("primary", "shadow"))
+        return f"primary {primary}, shadow {shadow}"
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:
@@ -749,6 +750,18 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)
 
 
+# Characters of a value the log's writer chose (a version, a request id) that a report shows: the
+# model server's request ids are 128 at most, its versions numbers; another writer's may be a megabyte.
+MAX_SHOWN = 128
+
+
+def shown(text: str) -> str:
+    """A value the log's writer chose as a report shows it: on one line (``printable``), cut to
+    ``MAX_SHOWN`` characters, an ellipsis marking the cut."""
+    text = text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 1] + "…"
+    return printable(text)
+
+
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~])")
 
 
@@ -779,19 +792,20 @@ def versions_text(result: AuditResult, between: str = ", ") -> str:
     repository's are) as it is, any other the log names a ``code_span``."""
 
     def version(v: str) -> str:
-        return v if re.fullmatch(r"[0-9]{1,20}", v) else code_span(v)
+        return v if re.fullmatch(r"[0-9]{1,20}", v) else code_span(shown(v))
 
     primary, shadow = (", ".join(map(version, result.versions[k])) for k in ("primary", "shadow"))
     return f"primary {primary}{between}shadow {shadow}"
 
 
 def csv_cell(value: Any) -> Any:
-    """A text cell of a CSV on one line (``printable``), led by a ``'`` (which makes it text)
-    where a spreadsheet would run it as a formula: it starts, after spaces, with ``=``, ``+``,
-    ``-`` or ``@`` (a client's request id such as ``=HYPERLINK(...)``). Other values as they are."""
+    """A text cell of a CSV as a report shows it (``shown``: on one line, cut), led by a ``'``
+    (which makes it text) where a spreadsheet would run it as a formula: it starts, after
+    spaces, with ``=``, ``+``, ``-`` or ``@`` (a client's request id such as
+    ``=HYPERLINK(...)``). Other values as they are."""
     if not isinstance(value, str):
         return value
-    value = printable(value)
+    value = shown(value)
     return "'" + value if value.lstrip().startswith(("=", "+", "-", "@")) else value
 
 

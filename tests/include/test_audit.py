@@ -892,3 +892,25 @@ def test_records_repeating_a_request_id_are_counted_and_named_not_dropped_silent
         report_files(result)[REPORT].decode()
     )
     assert json.loads(report_files(result)["summary.json"])["duplicates"] == 400
+
+
+def test_huge_versions_and_request_ids_of_another_writer_are_cut_where_shown():
+    """The model server's request ids are 128 characters at most and its versions numbers,
+    but another writer's log may hold a version of 200,000 characters and request ids of a
+    megabyte: the chart laid out titles that long (minutes), anomalies.csv held each id whole
+    (megabytes), summary.json (the task's XCom too) and report.md each version whole. What is
+    shown of each is cut (``MAX_SHOWN``), marked by an ellipsis."""
+    from vision_rollout.audit import MAX_SHOWN, audit_by_versions
+
+    big = "9" * 200_000
+    rids = ["R" * 1_000_000 + str(i) for i in range(20)]
+    df = pd.concat([pairs(20, 20), pairs(20, 10).assign(shadow_version=big, request_id=rids)]).reset_index(drop=True)
+    result = audit_by_versions(df)
+    assert all(len(r) < 2_000 for r in result.reasons)
+    files = report_files(result)
+    assert {k: v for k, v in files.items() if len(v) > 100_000} == {}
+    summary = json.loads(files["summary.json"])
+    assert summary["versions"]["shadow"] == ["2", "9" * (MAX_SHOWN - 1) + "…"]
+    assert {row.split(",")[3] for row in files["anomalies.csv"].decode().splitlines()[1:]} == {
+        "R" * (MAX_SHOWN - 1) + "…"
+    }
