@@ -18,6 +18,7 @@
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
   rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
+                   [--namespace NS [--name VS]]     (kubernetes mode: the runs the Leases name kept)
                    (the audit hours, stage caches, run folders, approval counts and outbox
                     leftovers nobody reads any more)
   rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
@@ -1080,7 +1081,9 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """What nobody reads any more in a run folder (the DAGs' ``run_dir``) removed, or with
-    ``--dry-run`` listed, as the hourly shadow audit does for the models it audits: each
+    ``--dry-run`` listed, as the hourly shadow audit does for the models it audits (never the
+    folder of the run holding a model's lock: its lock file, or with ``--namespace`` in
+    kubernetes mode its Lease, of the VirtualService ``--name``, default the model): each
     model's audit hour folders older than ``--retention-days`` (``audit.prune_hours``), the
     stage caches of stages started days ago (``logcache.prune``), and (``settings.prune_runs``)
     each model's rollout run folders and approval waits' counts unchanged for
@@ -1106,7 +1109,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     path = args.run_dir.path
     if path is not None and not path.is_dir():  # (a mistyped folder read as an empty one)
         raise UsageError(f"--run-dir: no such folder: {str(path)[:200]!r}")
+    if args.name is not None and len(args.model or []) != 1:
+        raise UsageError("--name: the VirtualService of one --model (its Lease's name); without it, the model's")
+    if args.name is not None and args.namespace is None:
+        raise UsageError("--name: with --namespace")
     args.run_dir.check()
+
+    def lease_holder(model: str) -> str | None:
+        holding = _model_lock(args, model).holding()
+        return holding.holder if holding is not None else None
+
     found = {m for kind in ("audits", "rollouts", "approvals") for m in (args.run_dir / kind).folders()}
     models = args.model or sorted(m for m in found if len(m) <= 128 and re.fullmatch(MODEL_PATTERN, m))
     now = time.time()
@@ -1119,7 +1131,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             for name in prune_hours(args.run_dir / "audits" / model, hours, args.limit, args.dry_run)
         ],
         "stage caches": logcache.prune(stage_caches(args.run_dir), args.dry_run),
-        **prune_runs(args.run_dir, models, before, now, args.limit, args.dry_run),
+        **prune_runs(
+            args.run_dir, models, before, now, args.limit, args.dry_run, lease_holder if args.namespace else None
+        ),
     }
     if args.json:
         print(json.dumps(pruned, indent=2))
@@ -1266,6 +1280,13 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--limit", type=int, default=MAX_PRUNED, help="run folders looked into, files removed, of each kind"
     )
+    pr.add_argument(
+        "--namespace",
+        type=_namespace,
+        help="kubernetes mode: the models' namespace, whose Leases name the runs going on (kept)",
+    )
+    pr.add_argument("--name", type=_model, help="kubernetes mode: the model's VirtualService (default: the model)")
+    pr.set_defaults(lock_dir=None)
     pr.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune)
@@ -1279,20 +1300,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lock_arguments(p: argparse.ArgumentParser) -> None:
-    """Where the model's lock is: a folder (local mode), or a Lease (kubernetes mode)."""
+def _namespace(text: str) -> str:
     from vision_rollout.mesh import KUBERNETES_NAMES
 
     rule, pattern = KUBERNETES_NAMES["namespace"]
+    if not re.fullmatch(pattern, text):
+        raise argparse.ArgumentTypeError(f"not {rule}: {text[:80]!r}")
+    return text
 
-    def namespace(text: str) -> str:
-        if not re.fullmatch(pattern, text):
-            raise argparse.ArgumentTypeError(f"not {rule}: {text[:80]!r}")
-        return text
 
+def _lock_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model's lock is: a folder (local mode), or a Lease (kubernetes mode)."""
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--lock-dir", type=_existing_dir, help="the folder of the model's lock (run's --lock-dir)")
-    where.add_argument("--namespace", type=namespace, help="kubernetes mode: the model's namespace, its Lease there")
+    where.add_argument("--namespace", type=_namespace, help="kubernetes mode: the model's namespace, its Lease there")
     p.add_argument("--name", type=_model, help="kubernetes mode: the model's VirtualService (default: the model)")
 
 

@@ -1503,3 +1503,46 @@ def test_prune_lists_then_removes_the_audit_hours_and_stage_caches_past_their_re
     assert (pruned["audit hour folders"], pruned["stage caches"]) == ([f"digits/{old.parts[-1]}"], [stale])
     assert audits.folders() == sorted([recent.parts[-1], "scratch"])
     assert (store / ".logcache").folders() == [live]
+
+
+def test_prune_in_kubernetes_mode_keeps_the_folder_of_the_run_holding_the_models_lease(tmp_path, capsys, monkeypatch):
+    """In kubernetes mode the model's lock is its Lease: rolloutctl prune read only mesh local's
+    lock file, so a run stalled past the retention lost its folder while its Lease named it.
+    With --namespace (and --name, the VirtualService) the Lease's holder keeps its folder."""
+    import os
+
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+    from vision_rollout.locks import LeaseLock
+    from vision_rollout.settings import workdir
+
+    store = Folder(str(tmp_path / "run"))
+    for run_id in ("done", "stalled"):
+        attempts.applied(workdir(store, "digits", run_id), run_id, 0, time.time())
+    old = time.time() - 40 * 86400
+    for p in (tmp_path / "run").rglob("*"):
+        os.utime(p, (old, old))
+    api = FakeKubeAPI().start()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
+        cfg = client.Configuration()
+        cfg.host = api.url
+        LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs").acquire("stalled")
+        prune = ["prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json"]
+        code, out, err = run(capsys, *prune, "--namespace", "ml", "--name", "digits-vs")
+        assert code == 0, err
+        assert json.loads(out)["run folders"] == ["digits/done"]
+        assert (store / "rollouts" / "digits").folders() == ["stalled"]
+        code, _, err = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--namespace", "ml", "--name", "x")
+        assert code == 2
+        assert "--name: the VirtualService of one --model" in err
+    finally:
+        api.stop()
