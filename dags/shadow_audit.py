@@ -11,8 +11,9 @@ which each run, and its retry, sends first: each report once). Records written a
 hour closed (a slow flush, a clock ahead) are left out of its audit and counted in it, and in
 the next hour's when they came after its audit. Hours older than
 `retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go; so do
-the model's rollout run folders and approval waits' counts unchanged for `retention_days`, and
-the outbox's leftovers of killed senders (never a report waiting).
+the model's rollout run folders (never that of the run its lock, file or Lease, names) and
+approval waits' counts unchanged for `retention_days`, and the outbox's leftovers of killed
+senders (never a report waiting).
 """
 
 from __future__ import annotations
