@@ -476,7 +476,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             shadow = exc.shadow
         except asyncio.CancelledError:  # its client disconnected (or the server stops): nothing is written
             if result is not None:  # answered by the model: counted as an answer its client did not read
-                result.settle()
+                result.settle(False)
             count_http(INFER_ROUTES[version is not None], Cancelled.status)
             raise
         except Exception:  # a bug, not the client's fault: answer, log, keep serving
@@ -488,7 +488,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
         def then() -> None:  # after the response is sent
             if result is not None:
-                result.settle()
+                result.settle(True)
             count_http(INFER_ROUTES[version is not None], status)
             if shadow is not None:
                 mirror.submit(shadow)

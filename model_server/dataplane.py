@@ -90,7 +90,9 @@ class InferResult:
     version: str  # the version that served
     feedback_token: str | None  # the credential for this prediction's label (none for a shadow copy)
     shadow: ShadowJob | None  # the copy for the shadow version: submit it once the response is sent
-    settle: Callable[[], None]  # metrics, access log, feedback record, prediction log: call it then too
+    # Metrics, access log, feedback record, prediction log: call it then too, saying whether the
+    # copy was submitted (a request its client gave up has none, as Envoy resets a mirror's stream).
+    settle: Callable[[bool], None]
 
 
 def shadow_record(result: ShadowResult) -> Inference:
@@ -362,6 +364,13 @@ class DataPlane:
                 if not dropped:
                     vm.failure(failure_reason(exc), latency_ms / 1000)
                 log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
+                # A request given up by its client has no copy (Envoy resets a mirror's stream with
+                # its request's). An error may be shared by the requests of one batch: each sets its
+                # copy here and the transport reads it before any other task runs.
+                copy = None
+                if isinstance(caught, ServerError):
+                    copy = self._copy(model, route, lv.label, ctx, req, outputs, {}, latency_ms, batched, caught)
+                    caught.shadow = copy
                 if logged:
                     self._log(
                         ctx,
@@ -375,21 +384,16 @@ class DataPlane:
                         req,
                         batched,
                         len(body),
-                    )
-                # A request given up by its client has no copy (Envoy resets a mirror's stream with
-                # its request's). An error may be shared by the requests of one batch: each sets its
-                # copy here and the transport reads it before any other task runs.
-                if isinstance(caught, ServerError):
-                    caught.shadow = self._copy(
-                        model, route, lv.label, ctx, req, outputs, {}, latency_ms, batched, caught
+                        self._mirrored(route, lv.label, ctx, copy),
                     )
                 raise
             done = time.perf_counter()
             served, decoded, ms = lv.label, req, (done - started) * 1000
 
-            def settle() -> None:
+            def settle(copied: bool) -> None:
                 """The success's bookkeeping, once the answer is written (before the next event:
-                a scrape or a label for this prediction comes after it)."""
+                a scrape or a label for this prediction comes after it); ``copied``: its copy
+                for the shadow, if it has one, was submitted."""
                 log_access(role, model, served, rid, trace, 200, ms, decoded.inputs[0].data, batched)
                 scores = results[0]
                 if shadow_copy:
@@ -403,11 +407,26 @@ class DataPlane:
                             rid, model, served, predicted_classes(scores).tolist(), ctx.headers.get("x-tenant")
                         )
                 if logged:
-                    self._log(ctx, model, role, decided, served, ms, "ok", scores, decoded, batched, len(body))
+                    mirrored = self._mirrored(route, served, ctx, shadow if copied else None)
+                    self._log(
+                        ctx, model, role, decided, served, ms, "ok", scores, decoded, batched, len(body), mirrored
+                    )
 
         primary_outputs = dict(zip(outputs, results, strict=True))
         shadow = self._copy(model, route, lv.label, ctx, req, outputs, primary_outputs, ms, batched)
         return InferResult(payload, json_len, lv.label, token, shadow, settle)
+
+    @staticmethod
+    def _mirrored(route: Route, served: str, ctx: RequestContext, copy: ShadowJob | None) -> bool | None:
+        """What a request's record says of the mirror (``Inference.mirrored``): whether this
+        server copied it (``copy``) where it knows, None where it cannot: a shadow copy's, and a
+        routed request's without a policy of this server's (a router in front of it, Istio's,
+        decided it and may mirror it). A request that named its version is never mirrored."""
+        if ctx.shadow_copy:
+            return None
+        if route.decided_by == "version":
+            return False
+        return None if route.policy is None else copy is not None
 
     def _copy(
         self,
@@ -465,6 +484,7 @@ class DataPlane:
         req: InferRequest | None,
         batched: bool,
         size: int,
+        mirrored: bool | None,
     ) -> None:
         """Hand one inference to the prediction log: references only, no work on this path. The
         rollout's masking probe is logged as the route ``probe``: nobody's traffic, no evidence
@@ -490,6 +510,7 @@ class DataPlane:
             request_metadata(ctx.headers),
             record_items(scores, data, batched),
             size,
+            mirrored,
         )
         self.prediction_log.append(record)
 

@@ -82,8 +82,15 @@ SCHEMA = pa.schema(
         ("device_type", pa.string()),
         ("tenant", pa.string()),
         ("meta", pa.string()),  # masked JSON object of the X-Meta-* headers
+        # A primary the serving process sampled for its mirror (true: its copy's record will
+        # come) or not (false); null where it cannot know (a route Istio's mirror samples, a
+        # shadow or label record, an older writer's file).
+        ("mirrored", pa.bool_()),
     ]
 )
+# Columns added after the log's first files: a file without one is read with it null (as its
+# writer could not say), not skipped as of a wrong schema.
+LATER_COLUMNS = frozenset({"mirrored"})
 ROLES = ("primary", "shadow", "label")
 REPLICA_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY = ["model", "request_id", "item"]
@@ -202,6 +209,7 @@ class Inference(NamedTuple):
     metadata: Mapping[str, str]  # user, device, tenant and X-Meta-* headers, unmasked
     items: int = 1  # rows this record becomes
     size: int = 0  # bytes its input holds (the request body), for the buffer's byte budget
+    mirrored: bool | None = None  # a primary its process sampled for its mirror (None: unknown)
 
     @property
     def held(self) -> int:
@@ -515,6 +523,7 @@ class PredictionLog:
             "device_type": column([m[1] for m in meta], "device_type"),
             "tenant": column([m[2] for m in meta], "tenant"),
             "meta": column([m[3] for m in meta], "meta"),
+            "mirrored": column([r.mirrored for r in recs], "mirrored"),
         }
         cols.update(self._output_columns(outputs, counts, starts, rows))
         return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
@@ -988,6 +997,8 @@ def _read_one(
             # a column the file lacks (an older writer's, a foreign file) raised a KeyError.
             metadata = pq.read_metadata(pa.BufferReader(footer))
             schema = metadata.schema.to_arrow_schema()
+            later = [c for c in columns if c in LATER_COLUMNS and schema.get_field_index(c) < 0]
+            columns = [c for c in columns if c not in later]
             for name in columns:
                 i = schema.get_field_index(name)
                 got = None if i < 0 else schema.field(i).type
@@ -1004,6 +1015,10 @@ def _read_one(
             return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
         for name in plain:
             table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
+        for name in later:  # (an older writer's file: what it could not say)
+            table = table.append_column(name, pa.nulls(table.num_rows, SCHEMA.field(name).type))
+        columns = [*columns, *later]
+        table = table.select(columns)
         # As every file's table is (a field another writer declared not null, its metadata):
         # the tables of a read are concatenated, which refuses two schemas.
         table = table.cast(pa.schema([_read_field(c) for c in columns]))

@@ -456,7 +456,9 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
     record may still come for (``closes``'s bound) was stamped, of those whose other record is
     not in the log yet: a primary of ``version`` (the mirrored one) without a shadow record (a
     copy, answered or dropped), or a shadow record without its primary (the pods flush apart);
-    None where none. Only that stretch is read, and only the records' keys."""
+    None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
+    is waited for only when it did; one that cannot say (Istio's mirror samples, an older
+    writer) whenever it may have been. Only that stretch is read, and only the records' keys."""
     from model_server.predictionlog import read
 
     start = end - (closes(end) - end)
@@ -466,17 +468,17 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
         start - margin,
         end + margin,
         model,
-        columns=["time", "model", "version", "role", "route", "request_id", "item", "outcome"],
+        columns=["time", "model", "version", "role", "route", "request_id", "item", "outcome", "mirrored"],
         roles=("primary", "shadow"),
     )
     stamp = records["time"]
     recent = ((stamp >= pd.Timestamp(start)) & (stamp < pd.Timestamp(end))).to_numpy(bool)
     primary = (records["role"] == "primary").to_numpy(bool)
-    mirrored = (
-        (records["version"] == version)
-        & (records["outcome"] == "ok")
-        & (records["route"] != "version")  # (a request to the version itself is never mirrored)
-    ).to_numpy(bool)
+    said = records["mirrored"]
+    # (a request naming its version is never mirrored)
+    may_be = ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
+    sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
+    mirrored = (records["version"] == version).to_numpy(bool) & sampled
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     lonely = recent & np.where(primary, mirrored & ~key.isin(key[~primary]), ~key.isin(key[primary]))
     return stamp[lonely].max().to_pydatetime() if lonely.any() else None

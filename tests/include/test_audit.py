@@ -914,3 +914,27 @@ def test_huge_versions_and_request_ids_of_another_writer_are_cut_where_shown():
     assert {row.split(",")[3] for row in files["anomalies.csv"].decode().splitlines()[1:]} == {
         "R" * (MAX_SHOWN - 1) + "…"
     }
+
+
+def test_a_primary_its_mirror_did_not_sample_is_not_waited_for(tmp_path):
+    """With a mirror under 100%, the rollout's audit waited out the range's close (about two
+    minutes) for the copies of primaries the mirror never sampled: a record did not say so. A
+    primary that says it was not sampled (``mirrored`` false) is no longer waited for; one that
+    says it was still is, as is one of an older writer (no field, the test above)."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    clock, naps = [now], []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+
+    unsampled = shadow_log(tmp_path, 10, disagree=0.0, at=now - 5, roles=("primary",), mirrored=False)
+    assert copies_pending(unsampled, end, "digits", "1") is None
+    assert await_copies(unsampled, end, "digits", "1", lambda: clock[0], sleep) == 0
+    assert naps == []
+
+    (tmp_path / "b").mkdir()
+    sampled = shadow_log(tmp_path / "b", 10, disagree=0.0, at=now - 5, roles=("primary",), mirrored=True)
+    assert copies_pending(sampled, end, "digits", "1") is not None
+    assert await_copies(sampled, end, "digits", "1", lambda: clock[0], sleep) > 0

@@ -83,7 +83,7 @@ def request(image: bytes) -> tuple[bytes, str]:
 def infer(dp: DataPlane, image: bytes, ctx: RequestContext, version: str | None = None) -> InferResult:
     body, json_length = request(image)
     result = asyncio.run(dp.infer("digits", version, body, ctx, json_length))
-    result.settle()  # as the transport does once the answer is written
+    result.settle(True)  # as the transport does once the answer is written
     return result
 
 

@@ -1489,3 +1489,33 @@ def test_a_label_is_masked_under_the_key_of_its_tenant_as_the_client_wrote_it(
     fullwidth = [t for t in by_tenant if t != "\u963f\u91cc"]
     assert len(fullwidth) == 1, by_tenant
     assert re.fullmatch("tok_[A-Za-z_]+", fullwidth[0]), by_tenant
+
+
+def test_a_primary_says_whether_its_mirror_sampled_it_and_older_files_still_read(log_uri, tmp_path):
+    """A primary record says whether the serving process sampled it for its mirror (``mirrored``:
+    true, false, or null where it cannot know, as behind Istio's mirror), so a reader waits only
+    for the copies that will come. A file of an older writer, without the column, is read as it
+    was, its records' ``mirrored`` null, never skipped as of a wrong schema."""
+    w = writer(tmp_path, log_uri)
+    w.append(primary("sampled")._replace(mirrored=True))
+    w.append(primary("unsampled")._replace(mirrored=False))
+    w.append(shadow("sampled"))
+    w.flush()
+    (name,) = files(log_uri)
+    df = read(log_uri, *window())
+    said = {(r.request_id, r.role): None if pd.isna(r.mirrored) else bool(r.mirrored) for r in df.itertuples()}
+    assert said == {("sampled", "primary"): True, ("unsampled", "primary"): False, ("sampled", "shadow"): None}
+
+    fs, root = filesystem(log_uri)
+    with fs.open_input_stream(f"{root}/{name}") as f:
+        table = pq.read_table(pa.BufferReader(f.read()))
+    older = table.drop_columns(["mirrored"])
+    sink = pa.BufferOutputStream()
+    pq.write_table(older, sink)
+    put_file(log_uri, name.replace("part-test-1", "part-older"), sink.getvalue().to_pybytes())
+    for columns in (None, ["request_id", "role", "mirrored"], GATE_COLUMNS):
+        df = read(log_uri, *window(), columns=columns)
+        assert df.attrs["skipped_files"] == 0, df.attrs["skipped_file_reasons"]
+        assert len(df) == 2 * len(table)
+    both = read(log_uri, *window(), columns=["request_id", "role", "mirrored"], written=True)
+    assert both["mirrored"].isna().sum() == len(table) + 2  # the older file's rows, and the new file's shadow

@@ -485,3 +485,30 @@ def test_a_probe_in_flight_at_shutdown_is_recorded(server_factory, repo_copy, tm
     shadows = df[df["role"] == "shadow"]
     assert list(shadows["request_id"]) == list(df[df["role"] == "primary"]["request_id"])
     assert list(shadows["outcome"]) == ["DROPPED"]
+
+
+def test_each_primary_record_says_whether_its_copy_will_come(server_factory, repo_copy, tmp_path, digit_images):
+    """A primary record said nothing of the mirror's sampling: under 100%, a reader could not
+    tell a copy not yet written from one never made, and waited minutes for those. Each says it
+    now (``mirrored``): true exactly for those with a shadow record, false for the rest and for
+    requests that named their version; null without a policy of this server's (a router in
+    front of it, Istio's, may mirror them)."""
+    s = start(server_factory, repo_copy, tmp_path, "--prediction-log", str(tmp_path / "log"))
+    half = {**MIRROR_ALL, "mirror": {"version": "2", "percent": 50}}
+    assert put_policy(s, half).status_code == 200
+    for i in range(30):
+        assert infer(s, digit_images[i][0], {"X-Request-ID": f"routed-{i}"}).status_code == 200
+    assert infer(s, digit_images[0][0], {"X-Request-ID": "named", "X-Model-Version": "1"}).status_code == 200
+    assert infer(s, b"not an image", {"X-Request-ID": "refused"}).status_code == 400
+    df = logged(s, tmp_path / "log")
+    primaries = df[df["role"] == "primary"].set_index("request_id")["mirrored"]
+    copied = set(df[df["role"] == "shadow"]["request_id"])
+    assert 0 < len(copied) < 31
+    assert {rid for rid, said in primaries.items() if said is True} == copied
+    assert {rid for rid, said in primaries.items() if said is False} == set(primaries.index) - copied
+    assert primaries["named"] is False
+    assert df[df["role"] == "shadow"]["mirrored"].isna().all()
+
+    bare = server_factory(repo_copy, "--prediction-log", str(tmp_path / "bare"), token=TOKEN)
+    assert infer(bare, digit_images[0][0], {"X-Request-ID": "unrouted"}).status_code == 200
+    assert logged(bare, tmp_path / "bare")["mirrored"].isna().all()

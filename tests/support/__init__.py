@@ -141,6 +141,7 @@ def shadow_log(
     skew: float = 0.0,
     flushed: float = 1.0,
     roles: tuple[str, ...] = ("primary", "shadow"),
+    mirrored: bool | None = None,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -157,7 +158,8 @@ def shadow_log(
     ``skew``: seconds the shadow records' clock is ahead of the primaries' (another pod's).
     Records received at ``at`` are written ``flushed`` seconds after the last of them (by its
     files' names: a second, as a writer flushing on time would). Only the records of ``roles``
-    are written (the shadow records alone: the copies of primaries written before)."""
+    are written (the shadow records alone: the copies of primaries written before). ``mirrored``:
+    what the primaries say of their mirror's sampling (None: nothing, as an older writer's)."""
     keys = tmp_path / "keys.json"
     if not keys.exists():  # (one key for a folder's logs: a request's records mask alike)
         keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
@@ -193,6 +195,7 @@ def shadow_log(
             image,
             True,
             {},
+            mirrored=mirrored if role == "primary" else None,
         )
 
     for i in range(n + dropped + orphans):
