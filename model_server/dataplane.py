@@ -30,6 +30,7 @@ from model_server.errors import (
     outcome_of,
 )
 from model_server.feedback import FeedbackStore, LabelRules, check_tenant
+from model_server.files import location
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
     MAX_JSON_BYTES,
@@ -215,7 +216,16 @@ class DataPlane:
         return f"model '{model}': the traffic policy routes to version(s) {missing}, not loaded"
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": "model-server", "version": __version__, "extensions": EXTENSIONS}
+        """KServe v2's server metadata, and in ``parameters`` where this server writes its
+        prediction log (``files.location``: no credentials, options or endpoint; null without
+        one), so a reader can tell at once whether the log it reads is this one."""
+        plog = self.prediction_log
+        return {
+            "name": "model-server",
+            "version": __version__,
+            "extensions": EXTENSIONS,
+            "parameters": {"prediction_log": None if plog is None else location(plog.uri)},
+        }
 
     def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         cfg, versions = self.repo.serving(model, version)

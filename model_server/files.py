@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from model_server.errors import StateNotSaved
 
@@ -59,6 +59,21 @@ def folder_problem(text: str) -> str | None:
     if parts.fragment:
         return "a URI with a fragment (#)"
     return None
+
+
+def location(uri: str | Path) -> str:
+    """Where a folder path or URI points, as one string two are compared by: ``file://`` and
+    the absolute path, or the scheme (``gcs`` as ``gs``), bucket and prefix. Never its
+    credentials, options or endpoint: it is shown to anyone who asks the server."""
+    text = str(uri)
+    if "://" not in text:
+        return "file://" + Path(text).resolve().as_posix()
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        return "file://" + Path(unquote(parts.path)).resolve().as_posix()
+    scheme = "gs" if parts.scheme == "gcs" else parts.scheme
+    bucket = parts.netloc.rsplit("@", 1)[-1]
+    return f"{scheme}://{bucket}/{parts.path.strip('/')}".rstrip("/")
 
 
 def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:

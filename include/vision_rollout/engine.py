@@ -783,6 +783,55 @@ def settle_time(source: MetricsSource | None, settle_s: float = SETTLE_S) -> flo
     return max(settle_s, min(flush, 60.0) + WRITE_S) if math.isfinite(flush) else settle_s
 
 
+def other_log(read: str, written: str | None, same_machine: bool) -> str | None:
+    """Why the prediction log ``read`` is not the one a model server says it writes
+    (``written``, a ``files.location``; None: it writes none), or None where they may be one:
+    the same location, or where locations cannot tell: a folder of a server on another machine,
+    or in a container, whose path is not this machine's (a volume mounted at another path: only
+    a folder that exists here is compared), a folder beside an object store (a FUSE mount may
+    be either)."""
+    from model_server.files import location
+
+    if written is None:
+        return "it writes none (it was started without --prediction-log)"
+    mine = location(read)
+    if mine == written:
+        return None
+    local = mine.startswith("file://"), written.startswith("file://")
+    if local[0] != local[1]:
+        return None
+    if all(local) and not (same_machine and Path(written.removeprefix("file://")).is_dir()):
+        return None
+    return f"it writes {written}"
+
+
+def loopback(address: str) -> bool:
+    """Whether ``host:port`` is this machine's (its folders' paths are the model server's)."""
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def log_elsewhere(server_address: str, prediction_log: str) -> str | None:
+    """Why the log ``prediction_log`` is not the one the model server at ``server_address``
+    (``host:port``) writes, by where the server says it writes (``other_log``), at once rather
+    than once a record should have come; None where they agree or it cannot tell (a server that
+    does not say or does not answer: what asks it next says why)."""
+    from vision_rollout.serving import AdminError, ModelServerAdmin
+
+    try:
+        written = ModelServerAdmin(f"http://{server_address}", timeout_s=5.0).prediction_log()
+    except AdminError:
+        return None
+    why = other_log(prediction_log, written, loopback(server_address))
+    if why is None:
+        return None
+    return (
+        f"the prediction log {Folder(prediction_log)} is not the one the model server at {server_address} "
+        f"writes: {why}; set the connection's prediction_log to the log the model server writes (its "
+        "--prediction-log)"
+    )
+
+
 @dataclass
 class StageJudge:
     """One poke: the stage judged from the log and the guards, then a replay round when due."""
@@ -888,8 +937,8 @@ class StageJudge:
             f"started ({time.time() - window.started:.0f} s), the last of its validation replay rounds answered by "
             f"the model server {wait_s:.0f} s ago ({ok} of "
             f"{len(answered)} requests to versions {self.spec.baseline_version} and {self.spec.candidate_version}): "
-            "it is not the log the model server writes (the model server does not report where it writes; check "
-            'its --prediction-log argument, and that prediction_log_records_total{outcome="written"} grows on '
+            "it is not the log the model server writes (where its metadata could not tell: check its "
+            '--prediction-log argument, and that prediction_log_records_total{outcome="written"} grows on '
             "its /metrics), so no look could judge the stage."
         )
 
@@ -905,16 +954,22 @@ class StageJudge:
             listed = False
             records = pd.DataFrame(columns=["time", "model", "version", "role", "route", "request_id", "item"])
             records.attrs["skipped_file_reasons"] = {str(Folder(self.prediction_log)): f"not listed: {exc}"}
-        state = judge_stage(
-            self.spec,
-            window,
-            records,
-            self.labels,
-            now,
-            guard_inputs(self.source, self.spec, now, since=window.started),
-            settle_s=settle_time(self.source, self.settle_s),
-            replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
-        )
+        # (at once, not a flush and a replay round later as log_silent: where the server says)
+        elsewhere = log_elsewhere(self.server_address, self.prediction_log) if listed and records.empty else None
+        if elsewhere:
+            why = f"{elsewhere}, so no look could judge the stage."
+            state = StageState("breach", 0, self.spec.looks_per_stage, None, why, {}, now - window.started)
+        else:
+            state = judge_stage(
+                self.spec,
+                window,
+                records,
+                self.labels,
+                now,
+                guard_inputs(self.source, self.spec, now, since=window.started),
+                settle_s=settle_time(self.source, self.settle_s),
+                replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
+            )
         if not state.done and listed and self.replay_due(records, window, now):
             answered = self.replay_round()
             # (requests a proxy refused before the server saw them leave no record either way)

@@ -166,6 +166,19 @@ class ModelServerAdmin:
             raise AdminError(f"model server GET {path}: the answer names no sha256 of version {version[:16]}")
         return digest
 
+    def prediction_log(self) -> str | None:
+        """Where the server says it writes its prediction log (its metadata's
+        ``parameters.prediction_log``, a ``files.location``), None where it writes none;
+        AdminError where it does not say (Triton, an older model server) or does not answer."""
+        answer = self.call("GET", "/v2")
+        parameters = answer.get("parameters") if isinstance(answer, dict) else None
+        if not isinstance(parameters, dict) or "prediction_log" not in parameters:
+            raise AdminError("model server GET /v2: the answer does not say where it writes its prediction log")
+        where = parameters["prediction_log"]
+        if where is not None and not isinstance(where, str):
+            raise AdminError("model server GET /v2: its prediction_log is not a location")
+        return where
+
     def serve_only(self, model: str, version: str) -> None:
         """That version alone loaded and at 100%: loaded beside what is routed now, routed, then
         alone (a load never drops a routed version)."""

@@ -491,6 +491,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     import string
 
     from model_server.predictionlog import read
+    from vision_rollout.engine import log_elsewhere
     from vision_rollout.mesh import mesh_route_version, mirror_probes
     from vision_rollout.replay import load_validation
     from vision_rollout.serving import AdminError, ModelServerAdmin, image_request
@@ -546,7 +547,10 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # an empty set fails the unpacking
         raise AirflowFailException(f"no probe image in {settings.validation(spec.model)}: {exc}") from None
     body = image_request([image])
-    through_mesh = ModelServerAdmin(settings.serving_url(spec.model, spec.mesh), settings.token)
+    serving_url = settings.serving_url(spec.model, spec.mesh)
+    if elsewhere := log_elsewhere(serving_url.split("://", 1)[-1], settings.prediction_log):
+        raise AirflowFailException(f"{elsewhere}: the masking probe's shadow copy would never be found there")
+    through_mesh = ModelServerAdmin(serving_url, settings.token)
     started = datetime.now(UTC)
     sent: list[str] = []
     deadline, next_probe = time.monotonic() + PROBE_WINDOW_S, 0.0

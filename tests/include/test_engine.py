@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from model_server.traffic import TrafficPolicy
+from tests.support import TOKEN
 from vision_rollout.audit import AuditResult
 from vision_rollout.engine import (
     Rollout,
@@ -1276,3 +1277,51 @@ def test_a_wait_with_no_live_request_in_one_arm_says_the_replay_is_no_live_traff
     )
     assert projection(spec(), 500, 0.0, "replay") == " No replay requests have reached one arm yet."
     assert "requests/s into the slower arm" in projection(spec(), 50_000, 1.0)
+
+
+def test_whether_a_log_read_is_the_one_a_server_writes_is_told_where_it_can_be(tmp_path):
+    from vision_rollout.engine import loopback, other_log
+
+    assert other_log("s3://b/predictions?region=x", "s3://b/predictions", False) is None
+    assert other_log("s3://b/predictions", "s3://b/other", False) == "it writes s3://b/other"
+    assert other_log("s3://b/p", None, False) == "it writes none (it was started without --prediction-log)"
+    (tmp_path / "b").mkdir()
+    theirs = f"file://{(tmp_path / 'b').resolve()}"
+    assert other_log(str(tmp_path / "a"), theirs, True) == f"it writes {theirs}"
+    assert other_log(str(tmp_path / "b"), theirs, True) is None
+    assert other_log(str(tmp_path / "a"), theirs, False) is None  # (another machine: another mount)
+    # (a server in a container on this machine: its folder is the container's, not here)
+    assert other_log(str(tmp_path / "a"), f"file://{tmp_path / 'none'}", True) is None
+    assert other_log("/mnt/bucket/p", "s3://bucket/p", True) is None  # (a FUSE mount may be either)
+    assert [loopback(a) for a in ("127.0.0.1:8000", "localhost:1", "[::1]:80", "10.0.0.1:80", "svc:80")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+@pytest.mark.integration
+def test_a_stage_reading_another_log_than_the_servers_fails_at_its_first_poke(
+    server_factory, repo_copy, tmp_path, monkeypatch
+):
+    """A rollout reading another log than the model server writes found out only once a flush
+    and a replay round had passed with no record (over a minute into the stage, the candidate
+    holding its share meanwhile). The server says where it writes: the first poke fails, naming
+    both, and sends no replay round; reading the log it writes, the stage goes on."""
+    from vision_rollout.engine import StageJudge
+
+    s = server_factory(repo_copy, "--prediction-log", str(tmp_path / "written"), token=TOKEN)
+    address = f"127.0.0.1:{s.port}"
+    judge = StageJudge(spec(), address, tmp_path, str(tmp_path / "elsewhere"), _labels=IMAGES)
+    monkeypatch.setattr(judge, "replay_round", lambda: pytest.fail("a replay round was sent"))
+    state = judge(WINDOW, T0 + 1)
+    assert state.status == "breach"
+    assert state.reason.startswith(
+        f"the prediction log {tmp_path / 'elsewhere'} is not the one the model server at {address} writes: "
+        f"it writes file://{(tmp_path / 'written').resolve()}; "
+    )
+    right = StageJudge(spec(), address, tmp_path, str(tmp_path / "written"), _labels=IMAGES)
+    monkeypatch.setattr(right, "replay_round", lambda: None)
+    assert not right(WINDOW, T0 + 1).done

@@ -1519,3 +1519,23 @@ def test_a_primary_says_whether_its_mirror_sampled_it_and_older_files_still_read
         assert len(df) == 2 * len(table)
     both = read(log_uri, *window(), columns=["request_id", "role", "mirrored"], written=True)
     assert both["mirrored"].isna().sum() == len(table) + 2  # the older file's rows, and the new file's shadow
+
+
+@pytest.mark.integration
+def test_server_metadata_says_where_the_log_is_written_and_nothing_secret(server_factory, repo_copy, tmp_path):
+    """Nothing said where a model server writes its prediction log: a rollout reading another
+    one found out only a flush and a replay round into a stage (over a minute). Its metadata
+    says it now (``parameters.prediction_log``): the folder's absolute path, or the bucket and
+    prefix of an object store without credentials, options or endpoint; null without a log."""
+    from model_server.files import location
+
+    with_log = server_factory(repo_copy, "--prediction-log", str(tmp_path / "log"), token=TOKEN)
+    said = requests.get(f"{with_log.http}/v2", timeout=10).json()
+    assert said["parameters"] == {"prediction_log": f"file://{(tmp_path / 'log').resolve()}"}
+    without = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    assert requests.get(f"{without.http}/v2", timeout=10).json()["parameters"] == {"prediction_log": None}
+
+    secret = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/pre/fix/?endpoint_override=minio.internal:9000&secret_key=x"
+    assert location(secret) == "s3://bucket/pre/fix"
+    assert location("gcs://bucket/p") == location("gs://bucket/p/") == "gs://bucket/p"
+    assert location(f"file://{tmp_path}/a/../log") == location(tmp_path / "log") == f"file://{tmp_path.resolve()}/log"

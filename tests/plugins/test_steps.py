@@ -923,15 +923,17 @@ def test_a_candidate_swapped_for_other_bytes_mid_stage_ends_the_stage(server_fac
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("read", ["elsewhere", "written"])
-def test_a_stage_whose_log_is_not_the_servers_fails_after_its_first_replay(
+@pytest.mark.parametrize("read", ["elsewhere", "written", "unsaid"])
+def test_a_stage_whose_log_is_not_the_servers_fails_at_its_first_poke(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path, read
 ):
     """The connection's prediction log existed but the model server wrote elsewhere: each poke
     found no record, and the stage waited out max_stage_seconds with the candidate holding its
-    share, then ended undecided. Once the longest flush has passed since the weights moved and a
-    replay round the server answered leaves no record there, the stage fails naming the log, and
-    the stable version takes 100% again."""
+    share, then ended undecided; later it failed, but only once the longest flush had passed
+    since the weights moved. The model server says where it writes: the first poke fails naming
+    both logs, and the stable version takes 100% again. Where that cannot tell (``unsaid``: a
+    folder of a server on another machine), once the longest flush has passed since the
+    weights moved and a replay round the server answered left no record there."""
     import time
 
     from vision_rollout import engine
@@ -950,7 +952,7 @@ def test_a_stage_whose_log_is_not_the_servers_fails_after_its_first_replay(
     conn["extra"] = {
         "run_dir": str(tmp_path / "run"),
         "repository": str(repo_copy),
-        "prediction_log": str(tmp_path / read),
+        "prediction_log": str(tmp_path / ("written" if read == "written" else "elsewhere")),
     }
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
     monkeypatch.setenv(
@@ -959,15 +961,25 @@ def test_a_stage_whose_log_is_not_the_servers_fails_after_its_first_replay(
     monkeypatch.setattr(engine, "MAX_FLUSH_S", 0.0)  # (the log is judged silent WRITE_S into the stage)
     report = steps.build_image(PARAMS, "run-a")
     applied = steps.apply_weights(PARAMS, 0, "run-a", report, report["sha256"])
-    if read == "elsewhere":  # no record yet, before a flush could have written one: the stage goes on
-        assert steps.look_at_stage(PARAMS, 0, applied, "run-a") is None
-    time.sleep(max(0.0, applied["started"] + engine.WRITE_S + 0.5 - time.time()))
     if read == "written":  # the log the server writes: the stage goes on at its weight
+        time.sleep(max(0.0, applied["started"] + engine.WRITE_S + 0.5 - time.time()))
         assert steps.look_at_stage(PARAMS, 0, applied, "run-a") is None
         assert steps.serving().settings.admin.traffic("digits") == steps.spec_from(PARAMS).policy_for_stage(50)
         return
-    silent = rf"the prediction log {tmp_path / 'elsewhere'} holds no record of digits since the stage started"
-    with pytest.raises(AirflowFailException, match=silent + r".*--prediction-log.*Version 1 takes 100% again"):
+    if read == "unsaid":
+        monkeypatch.setattr(engine, "loopback", lambda address: False)
+        assert steps.look_at_stage(PARAMS, 0, applied, "run-a") is None  # (before a flush could have written)
+        time.sleep(max(0.0, applied["started"] + engine.WRITE_S + 0.5 - time.time()))
+        silent = rf"the prediction log {tmp_path / 'elsewhere'} holds no record of digits since the stage started"
+        with pytest.raises(AirflowFailException, match=silent + r".*--prediction-log.*Version 1 takes 100% again"):
+            steps.look_at_stage(PARAMS, 0, applied, "run-a")
+        return
+    elsewhere = rf"the prediction log {tmp_path / 'elsewhere'} is not the one the model server at 127.0.0.1:{s.port}"
+    written = f"writes: it writes file://{(tmp_path / 'written').resolve()};"
+    # (the masking probe's step too: it looked for the probe's copy there for 30 s)
+    with pytest.raises(AirflowFailException, match=elsewhere + ".*" + written + ".*masking probe"):
+        steps.enable_shadow(PARAMS, "run-a")
+    with pytest.raises(AirflowFailException, match=elsewhere + ".*" + written + r".*Version 1 takes 100% again"):
         steps.look_at_stage(PARAMS, 0, applied, "run-a")
     assert steps.serving().settings.admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
 
