@@ -48,8 +48,13 @@ log = logging.getLogger(__name__)
 _NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
 _SEP = "[ ./_-]"  # a separator between digit groups: space, dot, slash, underscore or hyphen
-# Letters beyond ASCII: Latin with diacritics, Greek, Cyrillic
-_LETTERS = "\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0370-\u03ff\u0400-\u04ff"
+# Letters beyond ASCII, of every script (RFC 6531 addresses: josé@, иван@, 张三@, たなか@, محمد@):
+# all but the blocks of spaces, punctuation and symbols, which end an address. A script written
+# without spaces between words has an address's neighbouring words masked with it, never left.
+_LETTERS = (
+    "\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u1fff\u2c00-\u2dff\u2e80-\u2fff\u3040-\ud7ff"
+    "\uf900-\ufdff\ufe70-\ufefe\uff10-\uffef\U00010000-\U0010ffff"
+)
 _LOCAL = f"[A-Za-z0-9._%+{_LETTERS}-]"  # an e-mail address's local part
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
@@ -57,8 +62,7 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
-    # domains may hold letters of the scripts written with spaces between words (RFC 6531:
-    # josé@example.com, иван@пример.рф).
+    # domains may hold letters of any script (RFC 6531: josé@example.com, иван@пример.рф).
     (
         "email",
         re.compile(

@@ -234,6 +234,15 @@ EVADING = {
     "jos\u00e9@example.com": "jos\u00e9@example.com",
     "m\u00fcller@example.de": "m\u00fcller@example.de",
     "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444": "\u0438\u0432\u0430\u043d@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",
+    # and of every other script (EAI): a Chinese, Japanese, Korean, Arabic, Hebrew, Hindi or Thai
+    # name before the @ left the whole address in the log, its domain too
+    "\u5f20\u4e09@example.com": "\u5f20\u4e09@example.com",
+    "\u305f\u306a\u304b@\u4f8b\u3048.jp": "\u305f\u306a\u304b@\u4f8b\u3048.jp",
+    "\uae40\ucca0\uc218@example.com": "\uae40\ucca0\uc218@example.com",
+    "\u0645\u062d\u0645\u062f@example.com": "\u0645\u062d\u0645\u062f@example.com",
+    "\u05d3\u05d5\u05d3@example.com": "\u05d3\u05d5\u05d3@example.com",
+    "\u0930\u093e\u092e@example.com": "\u0930\u093e\u092e@example.com",
+    "\u0e2a\u0e21\u0e0a\u0e32\u0e22@example.com": "\u0e2a\u0e21\u0e0a\u0e32\u0e22@example.com",
     # slashes and underscores between the digit groups
     "555/123/4567": "555/123/4567",
     "555_123_4567": "555_123_4567",
