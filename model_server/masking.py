@@ -308,12 +308,34 @@ class LogMasking(logging.Filter):
             key: Key | None = self.masker.keys.key_for(None)
         except MaskingUnavailable:
             key = None
-        message = self.masker.mask_text(record.getMessage(), key)
+        message = self._masked(record.getMessage(), key)
         record.msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", message)
         record.args = None
         if record.exc_info and not record.exc_text:  # a traceback quotes values too
             record.exc_text = self.masker.mask_text(logging.Formatter().formatException(record.exc_info), key)
         return True
+
+    def _masked(self, message: str, key: Key | None) -> str:
+        """The message masked. A JSON object (the access log's line) is masked value by value
+        and written again: masked as one text, a value decoded to be masked (``%22`` to ``"``)
+        would have ended its string, and the client's text would be fields of the line."""
+        if message.startswith("{") and message.endswith("}"):
+            try:
+                fields = json.loads(message)
+            except (ValueError, RecursionError):
+                fields = None
+            if isinstance(fields, dict):
+                return json.dumps(self._masked_json(fields, key))
+        return self.masker.mask_text(message, key)
+
+    def _masked_json(self, value: object, key: Key | None) -> object:
+        if isinstance(value, str):
+            return self.masker.mask_text(value, key)
+        if isinstance(value, dict):
+            return {self.masker.mask_text(str(k), key): self._masked_json(v, key) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._masked_json(v, key) for v in value]
+        return value
 
 
 def reveal(token: str, keys: KeyRing) -> str:

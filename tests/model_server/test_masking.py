@@ -347,3 +347,25 @@ def test_log_masking_masks_every_line_and_escapes_control_characters(keys):
     assert "ValueError: label 'tok_" in r.exc_text
     keys.write_text("{broken")  # no usable key: values are dropped, never written in clear
     assert emitted("id %s", "13800138000").getMessage() == "id <masked>"
+
+
+def test_a_json_log_line_keeps_its_fields_whatever_a_value_decodes_to(keys):
+    """A JSON line (the access log's) was masked as one text: a value holding a sensitive one
+    and percent-encoded quotes (an input name the error quotes) had the whole line decoded, and
+    the client wrote fields of its own after the server's, which a reader takes: status 200 and
+    another request's id on a refused request. Each value is masked in its own string now."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    name = "x%22, %22status%22: 200, %22request_id%22: %22someone-else%22, %22z%22: %22 13800138000"
+    line = json.dumps({"request_id": "mine", "status": 400, "error": f"unknown input(s) ['{name}']", "n": [1, None]})
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    fields = json.loads(record.getMessage())
+    assert (fields["request_id"], fields["status"], fields["n"]) == ("mine", 400, [1, None])
+    assert sorted(fields) == ["error", "n", "request_id", "status"]
+    assert "13800138000" not in record.getMessage()
+    assert fields["error"].startswith('unknown input(s) [\'x", "status": 200')  # (its own text, decoded)
+    assert "tok_" in fields["error"]
+    brace = logging.LogRecord("t", logging.INFO, __file__, 1, "{not json} 13800138000", None, None)
+    assert masking.filter(brace)
+    assert brace.getMessage().startswith("{not json} tok_")
