@@ -255,6 +255,7 @@ BUCKET_SPAN = 0xFFFFFFFF // BUCKETS
 ARM_SEPARATOR = ":"  # a version's route of a weighted route: "<route>:v<N>" (no rule name holds ":")
 ENVOY_FILTER_NAME = "rollout-bucket"
 ISTIO_ROOT_NAMESPACE = "istio-system"  # an EnvoyFilter there applies to every proxy of the mesh
+ROUTER_FILTER = "envoy.filters.http.router"  # the last HTTP filter of every chain Istio writes
 
 
 def murmur_hash2(data: bytes) -> int:
@@ -329,12 +330,16 @@ end
 
 def render_envoy_filter(namespace: str = ISTIO_ROOT_NAMESPACE) -> dict[str, Any]:
     """The EnvoyFilter that writes ``BUCKET_HEADER`` (``BUCKET_LUA``) on every request a sidecar
-    sends out and every request a gateway takes, first in the HTTP filter chain (the route, and
-    any filter that reads it, then sees the bucket; the Lua filter clears the route cache when it
-    changes a header). In the root namespace it applies to every proxy of the mesh: a
-    VirtualService routes on the client's side. One for the whole mesh, whatever the models."""
+    sends out and every request a gateway takes, last before the router (``ROUTER_FILTER``,
+    which ends every HTTP filter chain): after the authentication and authorization filters
+    (jwt_authn, RBAC), so a request they refuse is never bucketed and the ``X-User-ID`` read is
+    the one a RequestAuthentication's ``outputClaimToHeaders`` wrote from the verified token,
+    not the client's. The router matches the route with the bucket (the Lua filter clears the
+    route cache when it changes a header). In the root namespace it applies to every proxy of
+    the mesh: a VirtualService routes on the client's side. One for the whole mesh, whatever the
+    models."""
     patch = {
-        "operation": "INSERT_FIRST",
+        "operation": "INSERT_BEFORE",
         "value": {
             "name": ENVOY_FILTER_NAME,
             "typed_config": {
@@ -343,7 +348,11 @@ def render_envoy_filter(namespace: str = ISTIO_ROOT_NAMESPACE) -> dict[str, Any]
             },
         },
     }
-    hcm = {"filterChain": {"filter": {"name": "envoy.filters.network.http_connection_manager"}}}
+    hcm = {
+        "filterChain": {
+            "filter": {"name": "envoy.filters.network.http_connection_manager", "subFilter": {"name": ROUTER_FILTER}}
+        }
+    }
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
@@ -368,9 +377,11 @@ def render_envoy_filter(namespace: str = ISTIO_ROOT_NAMESPACE) -> dict[str, Any]
 def envoy_filter_problem(live: dict[str, Any] | None, namespace: str = ISTIO_ROOT_NAMESPACE) -> str | None:
     """Why ``live`` (the mesh's EnvoyFilter as read, None when there is none) does not write the
     bucket the split routes match (``render_envoy_filter``), None when it does: it is missing,
-    or it is not this rollout's (a Lua filter of another version, or none of ours on a sidecar's
-    outbound requests or a gateway's). Without it no proxy writes ``BUCKET_HEADER`` and every
-    request falls through to the weighted route: Istio splits per request, users switch versions."""
+    or it is not this rollout's (a Lua filter of another version or in another place of the
+    chain, such as an earlier version's first, before authentication, or none of ours on a
+    sidecar's outbound requests or a gateway's). Without it no proxy writes ``BUCKET_HEADER`` and
+    every request falls through to the weighted route: Istio splits per request, users switch
+    versions."""
     where = f"EnvoyFilter {namespace}/{ENVOY_FILTER_NAME}"
     install = (
         f"install it as deploy/base/mesh.yaml has it (kubectl apply --server-side --field-manager={FIELD_MANAGER} "
@@ -381,19 +392,22 @@ def envoy_filter_problem(live: dict[str, Any] | None, namespace: str = ISTIO_ROO
             f"{where} does not exist: without it no proxy writes {BUCKET_HEADER}, and Istio would split the "
             f"candidate's share per request, not per user; {install}"
         )
-    wanted = hashlib.sha256(BUCKET_LUA.encode()).hexdigest()
+
+    def digest(patch: Any) -> str:  # the patch whole: the Lua, where it goes in the chain, on what
+        return hashlib.sha256(json.dumps(patch, sort_keys=True).encode()).hexdigest()
+
+    wanted = {str(p["match"]["context"]): digest(p) for p in render_envoy_filter(namespace)["spec"]["configPatches"]}
     found: dict[str, set[str]] = {}
     for patch in _at(live, "spec", "configPatches") or []:
-        if _at(patch, "patch", "value", "name") != ENVOY_FILTER_NAME:
-            continue
-        lua = _at(patch, "patch", "value", "typed_config", "default_source_code", "inline_string")
-        found.setdefault(str(_at(patch, "match", "context")), set()).add(hashlib.sha256(str(lua).encode()).hexdigest())
-    wrong = [c for c in ("SIDECAR_OUTBOUND", "GATEWAY") if found.get(c) != {wanted}]
+        if _at(patch, "patch", "value", "name") == ENVOY_FILTER_NAME:
+            found.setdefault(str(_at(patch, "match", "context")), set()).add(digest(patch))
+    wrong = [c for c in wanted if found.get(c) != {wanted[c]}]
     if wrong:
         seen = ", ".join(f"{c}: {', '.join(sorted(d))[:80]}" for c, d in sorted(found.items())) or "none"
         return (
-            f"{where} is not this rollout's: its Lua on {' and '.join(wrong)} is not the bucket filter this "
-            f"version renders (sha256 {wanted}; found {seen}); {install}"
+            f"{where} is not this rollout's: its patch on {' and '.join(wrong)} is not the bucket filter this "
+            f"version renders (its Lua, last before {ROUTER_FILTER}; sha256 "
+            f"{', '.join(f'{c}: {d}' for c, d in wanted.items())}; found {seen}); {install}"
         )
     return None
 

@@ -141,7 +141,7 @@ def kube():
     fake.stop()
 
 
-@pytest.mark.parametrize("broken", ["missing", "another lua", "gateways only"])
+@pytest.mark.parametrize("broken", ["missing", "another lua", "gateways only", "before authentication"])
 def test_a_split_is_refused_without_the_meshs_bucket_filter_and_nothing_is_written(kube, broken):
     """Without deploy/'s EnvoyFilter (or with one of another Lua) no proxy writes the user's
     bucket, and Istio silently split the candidate's share per request: users switched versions
@@ -159,10 +159,17 @@ def test_a_split_is_refused_without_the_meshs_bucket_filter_and_nothing_is_writt
                 for p in f["spec"]["configPatches"]
             ],
         )
+    elif broken == "before authentication":  # the filter as an earlier version rendered it
+        fake.touch(*key, lambda f: f["spec"]["configPatches"][1]["patch"].update(operation="INSERT_FIRST"))
     else:
         fake.touch(*key, lambda f: f["spec"]["configPatches"].pop(0))
     router = IstioRouter(TARGET, ["1", "2"], api_client=api)
-    words = {"missing": "does not exist", "another lua": "is not this rollout's", "gateways only": "SIDECAR_OUTBOUND"}
+    words = {
+        "missing": "does not exist",
+        "another lua": "is not this rollout's",
+        "gateways only": "SIDECAR_OUTBOUND",
+        "before authentication": "GATEWAY",
+    }
     with pytest.raises(RouterError) as refused:
         router.set_routes(CANARY)
     assert str(refused.value).startswith("EnvoyFilter istio-system/rollout-bucket ")
@@ -777,7 +784,12 @@ def test_the_envoy_filters_lua_computes_nginxs_murmur_hash2_bucket():
     assert all(1800 <= c <= 2200 for c in counts), counts  # even: 2000 a tenth
 
 
-def test_the_envoy_filter_validates_and_runs_first_on_every_outbound_and_gateway_proxy():
+def test_the_envoy_filter_validates_and_runs_after_authentication_on_every_outbound_and_gateway_proxy():
+    """It ran first in the chain (INSERT_FIRST), before a gateway's jwt_authn and RBAC: a
+    request with an invalid token was bucketed, and the X-User-ID read was the client's, not
+    the one a RequestAuthentication's outputClaimToHeaders writes from the verified token. It
+    now runs last before the router, which every HTTP chain ends with (no match on a filter
+    that may be absent, such as jwt_authn, which would leave the patch unapplied)."""
     ef = render_envoy_filter()
     validate_istio(ef)
     assert ef["metadata"]["namespace"] == "istio-system"
@@ -786,7 +798,11 @@ def test_the_envoy_filter_validates_and_runs_first_on_every_outbound_and_gateway
     assert [p["match"]["context"] for p in patches] == ["SIDECAR_OUTBOUND", "GATEWAY"]
     for p in patches:
         assert p["applyTo"] == "HTTP_FILTER"
-        assert p["patch"]["operation"] == "INSERT_FIRST"
+        assert p["patch"]["operation"] == "INSERT_BEFORE"
+        assert p["match"]["listener"]["filterChain"]["filter"] == {
+            "name": "envoy.filters.network.http_connection_manager",
+            "subFilter": {"name": "envoy.filters.http.router"},
+        }
         lua = p["patch"]["value"]["typed_config"]
         assert lua["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
         assert lua["default_source_code"]["inline_string"] == BUCKET_LUA
