@@ -19,8 +19,9 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   DestinationRule does not declare answers 503 with no body (Envoy: cluster not found); no
   route matched, 404 with no body (Envoy: route not found). Never another subset.
 - The mesh's EnvoyFilter (``vision_rollout.mesh.render_envoy_filter``), on every proxy: the
-  user's bucket, ``x-rollout-bucket``, is a ``split_clients`` over ``X-User-ID`` (the client
-  address when it is absent or empty) in 10,000 parts of 0.01%: MurmurHash2, as the filter's Lua
+  user's bucket, ``x-rollout-bucket``, is a ``split_clients`` over ``X-User-ID`` (its first
+  element, trimmed, ``vision_rollout.mesh.user_key``: a repeated header as Envoy reads it; the
+  client address when that is absent or empty) in 10,000 parts of 0.01%: MurmurHash2, as the filter's Lua
   computes it (``vision_rollout.mesh.user_bucket``). A match on that header reads the bucket
   (what the client sent is overwritten, as the filter replaces it), and the pods are sent it.
 - ``mirror`` with ``mirrorPercentage`` (100 when absent): a second ``split_clients`` decides
@@ -580,8 +581,11 @@ def _settings(workdir: Path) -> list[str]:
         'map $http_host $rollout_shadow_host { "~^(?<rollout_host>.*)(?<rollout_port>:[0-9]+)$" '
         '"${rollout_host}-shadow${rollout_port}"; default "${http_host}-shadow"; }',
         "",
-        "# The mesh's EnvoyFilter: the user's bucket, MurmurHash2 of X-User-ID (else the client's address).",
-        'map $http_x_user_id $rollout_user_key { "" $remote_addr; default $http_x_user_id; }',
+        "# The mesh's EnvoyFilter: the user's bucket, MurmurHash2 of X-User-ID (else the client's address):",
+        "# its first element trimmed (vision_rollout.mesh.user_key), whether this nginx reads a repeated",
+        '# header\'s first value (1.22) or the values joined by ", " (1.23 on).',
+        'map $http_x_user_id $rollout_user_id { "~^[ \\t]*(?<rollout_user_first>[^,]*?)[ \\t]*(,|$)" $rollout_user_first; }',
+        'map $rollout_user_id $rollout_user_key { "" $remote_addr; default $rollout_user_id; }',
         'split_clients "$rollout_user_key" $rollout_bucket {',
         *(f"    0.01% {b};" for b in range(BUCKETS - 1)),
         f"    * {BUCKETS - 1};",

@@ -279,6 +279,14 @@ def murmur_hash2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def user_key(x_user_id: str | None) -> str:
+    """The user id the mesh hashes from ``X-User-ID`` as received (several headers joined by ",",
+    as Envoy's Lua ``get`` reads them): the list's first element, spaces and tabs around it
+    trimmed; "" for none (the client's address is hashed then). Envoy joins repeated headers,
+    nginx 1.22 reads the first one, later nginx joins them by ", ": each reads this element."""
+    return (x_user_id or "").split(",", 1)[0].strip(" \t")
+
+
 def user_bucket(key: str) -> int:
     """The mesh's bucket in [0, 10000) of a user key (``X-User-ID``, else the client's address):
     nginx's ``split_clients`` over 10,000 parts of 0.01%, as the EnvoyFilter's Lua computes it."""
@@ -288,8 +296,9 @@ def user_bucket(key: str) -> int:
 # The EnvoyFilter's Lua (LuaJIT: Lua 5.1 and its ``bit`` module). Numbers are doubles, so a
 # product modulo 2^32 is taken in two halves of 16 bits, each exact below 2^53.
 BUCKET_LUA = f"""\
--- {BUCKET_HEADER}: the user's bucket in [0, {BUCKETS}) from X-User-ID, else the client's address
--- (without its port): nginx's MurmurHash2 of the key, as its split_clients over {BUCKETS} parts.
+-- {BUCKET_HEADER}: the user's bucket in [0, {BUCKETS}) from X-User-ID (the first element of its
+-- values, joined by "," when repeated, trimmed), else the client's address (without its port):
+-- nginx's MurmurHash2 of the key, as its split_clients over {BUCKETS} parts.
 local bit = require("bit")
 local M = 0x5bd1e995
 local function u32(x) return x % 4294967296 end
@@ -316,8 +325,8 @@ local function murmur2(s)
   return u32(bit.bxor(h, bit.rshift(h, 15)))
 end
 function envoy_on_request(handle)
-  local key = handle:headers():get("x-user-id")
-  if key == nil or key == "" then
+  local key = (handle:headers():get("x-user-id") or ""):match("^[^,]*"):match("^[ \\t]*(.-)[ \\t]*$")
+  if key == "" then
     local address = handle:streamInfo():downstreamRemoteAddress()
     key = address:match("^%[(.*)%]:%d+$") or address:match("^(.*):%d+$") or address
   end

@@ -41,6 +41,7 @@ from vision_rollout.mesh import (
     render_destination_rule,
     render_virtual_service,
     user_bucket,
+    user_key,
 )
 
 NGINX = find_nginx()
@@ -264,7 +265,8 @@ def test_users_keep_their_version_by_the_meshs_bucket_as_the_envoy_filter_comput
     wait_for(lambda: len(log_lines(nginx)) == len(keys) + 2, "an access-log line per request")
     logged = {line["request_id"]: line for line in log_lines(nginx)}
     for i, key in enumerate(keys):
-        expected = min(murmur_hash2(key) // BUCKET_SPAN, BUCKETS - 1)
+        user = key.split(b",", 1)[0] or b"127.0.0.1"  # its first element (mesh.user_key; no blanks here)
+        expected = min(murmur_hash2(user) // BUCKET_SPAN, BUCKETS - 1)
         line = logged[str(i)]
         assert int(line["bucket"]) == expected, key
         assert (line["route"], line["subset"]) == (("default:v2", "v2") if expected >= 8000 else ("default:v1", "v1"))
@@ -277,6 +279,51 @@ def test_users_keep_their_version_by_the_meshs_bucket_as_the_envoy_filter_comput
     seen = next(r for p in pods.pods for r in p.requests if r["request_id"] == "no-user")
     assert seen["pod"] == f"v{1 if user_bucket('127.0.0.1') < 8000 else 2}-a"
     assert seen["bucket"] == str(user_bucket("127.0.0.1"))
+
+
+def call_raw(port: int, headers: list[tuple[str, str]]) -> None:
+    """A request with ``headers`` as given, a name repeated if it is (``call`` sends a dict)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+    try:
+        conn.putrequest("POST", INFER)
+        for name, value in [*headers, ("Content-Length", "2")]:
+            conn.putheader(name, value)
+        conn.endheaders(b"{}")
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+def test_a_repeated_or_listed_user_id_is_bucketed_by_its_first_value_as_envoy_is(nginx, pods):
+    """X-User-ID sent twice, or as a list in one header: nginx hashed the first header's value
+    whole ("a, b" as such), Envoy's Lua the values joined by "," ("a,b"), so the one-machine
+    cluster and production put the same request on different versions. Both now hash the
+    first element of the list (what an HTTP list of one header or of several reads first),
+    spaces and tabs around it trimmed; an empty one is no user id (the client's address)."""
+    pods.add("v1-a", "1")
+    pods.add("v2-a", "2")
+    port, _ = serve(
+        nginx, pods, *istio({"route": [{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]}, ["1", "2"])
+    )
+    sent = {
+        "twice": [("X-User-ID", "user-7"), ("X-User-ID", "user-9")],
+        "listed": [("X-User-ID", "user-7, user-9")],
+        "listed-tight": [("X-User-ID", "user-7,user-9")],
+        "spaced": [("X-User-ID", "user-7 \t, user-9")],
+        "empty-first": [("X-User-ID", ", user-9")],
+        "empty-then": [("X-User-ID", ""), ("X-User-ID", "user-9")],
+    }
+    for rid, headers in sent.items():
+        call_raw(port, [("X-Request-ID", rid), *headers])
+    wait_for(lambda: len(log_lines(nginx)) == len(sent), "an access-log line per request")
+    logged = {line["request_id"]: int(line["bucket"]) for line in log_lines(nginx)}
+    for rid in ("twice", "listed", "listed-tight", "spaced"):
+        assert logged[rid] == user_bucket("user-7"), rid
+    assert logged["empty-first"] == user_bucket("127.0.0.1")
+    assert logged["empty-then"] == user_bucket("127.0.0.1")  # the first header's value is empty
+    for rid, headers in sent.items():  # what the EnvoyFilter's Lua hashes (mesh.user_key)
+        assert user_bucket(user_key(",".join(v for _, v in headers)) or "127.0.0.1") == logged[rid], rid
 
 
 @pytest.mark.integration

@@ -35,6 +35,7 @@ from vision_rollout.mesh import (
     render_virtual_service,
     routes_to,
     user_bucket,
+    user_key,
     validate_istio,
     wait_unrouted,
 )
@@ -767,7 +768,7 @@ def test_the_envoy_filters_lua_computes_nginxs_murmur_hash2_bucket():
         "h = mul(u32(bit.bxor(h, bit.rshift(h, 13))), M)",
         "return u32(bit.bxor(h, bit.rshift(h, 15)))",
         f"local b = math.floor(murmur2(key) / {BUCKET_SPAN})",
-        'local key = handle:headers():get("x-user-id")',
+        'local key = (handle:headers():get("x-user-id") or ""):match("^[^,]*"):match("^[ \\t]*(.-)[ \\t]*$")',
         'handle:headers():replace("x-rollout-bucket", string.format("%d", b))',
     ):
         assert line in BUCKET_LUA, line
@@ -782,6 +783,29 @@ def test_the_envoy_filters_lua_computes_nginxs_murmur_hash2_bucket():
     for i in range(20000):
         counts[user_bucket(f"user-{i}") * 10 // BUCKETS] += 1
     assert all(1800 <= c <= 2200 for c in counts), counts  # even: 2000 a tenth
+
+
+def test_the_user_key_is_the_first_element_of_x_user_id_trimmed_as_the_lua_reads_it():
+    """Envoy's Lua reads a repeated X-User-ID joined by ","; it hashed that whole, nginx the
+    first header's value whole: a user's request landed on different versions in the
+    one-machine cluster and in production. Both now hash the list's first element, trimmed of
+    spaces and tabs (Lua: ``match("^[^,]*")``, then ``match("^[ \\t]*(.-)[ \\t]*$")``)."""
+    cases = {
+        "user-7": "user-7",
+        "user-7,user-9": "user-7",
+        "user-7, user-9": "user-7",
+        " \tuser 7 \t, user-9": "user 7",
+        ",user-9": "",
+        "": "",
+        None: "",
+    }
+    for value, key in cases.items():
+        assert user_key(value) == key, value
+    # Lua's patterns on these: "^[^,]*" is everything before the first comma; "(.-)" between the
+    # trimmed runs is the shortest, so trailing blanks go with "[ \t]*$".
+    for value, key in cases.items():
+        first = re.match(r"[^,]*", value or "").group(0)  # type: ignore[union-attr]
+        assert re.fullmatch(r"[ \t]*(.*?)[ \t]*", first).group(1) == key  # type: ignore[union-attr]
 
 
 def test_the_envoy_filter_validates_and_runs_after_authentication_on_every_outbound_and_gateway_proxy():
