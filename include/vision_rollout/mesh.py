@@ -485,13 +485,28 @@ def mesh_route_version(policy: TrafficPolicy, key: str) -> str:
     return next(d.version for d, lo, hi in bucket_arms(policy.route) if lo <= b < hi)
 
 
+DEFAULT_ROUTE = "default"  # the VirtualService's route of the policy's default route (no match)
+
+
+def rule_route_name(headers: dict[str, Any]) -> str:
+    """The route name of an unnamed rule matching ``headers`` (as rendered): ``rule-`` and 8 hex
+    digits of its match, the same whatever rules come before it (an index moved the name, and
+    the platform's settings kept by name, to another rule when one was added), and told from
+    a name given (``policy_from_virtual_service`` reads a route of this name as unnamed)."""
+    digest = hashlib.sha256(json.dumps(headers, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"rule-{digest[:8]}"
+
+
 def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions: Iterable[str] = ()) -> dict[str, Any]:
     """The policy as a VirtualService, after one pinned route per deployed version (``versions``,
     the DestinationRule's subsets). A rule or the default route that splits between versions is
     one route per version, ``<name>:v<N>``, matching its range of the user's bucket
     (``BUCKET_HEADER``, written by ``render_envoy_filter``'s Lua): a user keeps its version while
     the weights move, as on the model server's router. The route itself follows them, weighted,
-    for a request without the bucket (no EnvoyFilter on its proxy): split per request by Envoy."""
+    for a request without the bucket (no EnvoyFilter on its proxy): split per request by Envoy.
+    Routes are named ``pinned-v<N>``, the rule's name (an unnamed rule's: ``rule_route_name``)
+    and ``default``, each once: RouterError for a rule named ``default``, two rules of one name
+    or two unnamed rules of one match (the second never matches)."""
 
     def route(dests: tuple[Destination, ...]) -> list[dict[str, Any]]:
         return [
@@ -541,11 +556,29 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
         ]
 
     http = [pinned_route(target, v) for v in sorted(set(versions), key=int)]
+    named: dict[str, int] = {}
     for i, rule in enumerate(policy.rules):
         if (rule.name or "").startswith(PINNED_PREFIX):
             raise RouterError(f"traffic rule {rule.name!r}: names starting with {PINNED_PREFIX!r} are reserved")
-        http += routes(rule.name or f"rule-{i}", {h: {m.kind: m.value} for h, m in rule.headers}, rule.route)
-    http += routes("default", None, policy.route)
+        if rule.name == DEFAULT_ROUTE:
+            raise RouterError(
+                f"traffic rule {i} {rule.name!r}: {DEFAULT_ROUTE!r} is the name of the policy's default route in the "
+                "VirtualService; give the rule another name"
+            )
+        headers = {h: {m.kind: m.value} for h, m in rule.headers}
+        name = rule.name or rule_route_name(headers)
+        if name in named:
+            j = named[name]
+            raise RouterError(
+                f"traffic rules {j} and {i} match the same headers ({json.dumps(headers, sort_keys=True)[:200]}): the "
+                "second never matches; remove it"
+                if rule.name is None and policy.rules[j].name is None
+                else f"traffic rules {j} and {i} are both named {name!r} in the VirtualService (an unnamed rule's route "
+                "is named by its match): a route's name must be one route's; rename one"
+            )
+        named[name] = i
+        http += routes(name, headers, rule.route)
+    http += routes(DEFAULT_ROUTE, None, policy.route)
     spec: dict[str, Any] = {"hosts": target.hosts or [target.host], "http": http}
     if target.gateways:
         spec["gateways"] = target.gateways
@@ -583,7 +616,7 @@ def with_platform_fields(rendered: dict[str, Any], live: dict[str, Any]) -> dict
 
     def platform(entry: dict[str, Any]) -> dict[str, Any]:
         name = str(entry.get("name"))
-        source = routes.get(name) or routes.get(name.partition(ARM_SEPARATOR)[0]) or routes.get("default") or {}
+        source = routes.get(name) or routes.get(name.partition(ARM_SEPARATOR)[0]) or routes.get(DEFAULT_ROUTE) or {}
         return {k: v for k, v in source.items() if k not in POLICY_ROUTE_FIELDS}
 
     http = [{**platform(entry), **entry} for entry in rendered["http"]]
@@ -637,7 +670,7 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
         if entry.get("match"):
             headers = entry["match"][0].get("headers", {})
             rule = {"match": {"headers": headers}, "route": dests(entry["route"])}
-            if entry.get("name") and not entry["name"].startswith("rule-"):
+            if entry.get("name") and entry["name"] != rule_route_name(headers):
                 rule["name"] = entry["name"]
             raw["rules"].append(rule)
         else:

@@ -379,6 +379,42 @@ def test_requests_that_name_their_version_reach_that_versions_pods():
         render_virtual_service(TARGET, reserved, ["1"])
 
 
+def test_route_names_are_unique_stable_and_read_back_as_the_policys():
+    """An unnamed rule was rendered ``rule-<its index>``, and every name starting ``rule-`` was
+    read back as unnamed: a rule named ``rule-0`` came back nameless (the mesh "changed outside
+    the rollout" at every look), an unnamed rule's route changed name when a rule was added
+    before it (the platform's timeout and retries, kept by name, went to another rule), and a
+    rule named ``default`` or a name taken twice gave two routes one name. An unnamed rule's
+    route is now named by its match (``rule-`` and 8 hex digits of it): the same whatever the
+    rules around it; a name the VirtualService would hold twice is refused, naming it."""
+
+    def rule(headers: dict[str, str], name: str | None = None, version: str = "2") -> dict:
+        out = {"match": {"headers": {h: {"exact": v} for h, v in headers.items()}}, "route": [{"version": version}]}
+        return {**out, "name": name} if name else out
+
+    split = [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]
+    unnamed = rule({"x-tenant": "acme"})
+    before = TrafficPolicy.from_dict({"rules": [unnamed], "route": split})
+    after = TrafficPolicy.from_dict({"rules": [rule({"x-team": "a"}, "rule-0"), unnamed], "route": split})
+    names = [r["name"] for r in render_virtual_service(TARGET, after, ["1", "2"])["spec"]["http"]]
+    assert len(names) == len(set(names)), names
+    auto = [r["name"] for r in render_virtual_service(TARGET, before, ["1", "2"])["spec"]["http"]][2]
+    assert re.fullmatch(r"rule-[0-9a-f]{8}", auto), auto
+    assert names[2:] == ["rule-0", auto, "default:v1", "default:v2", "default"]  # the same name, one rule later
+    for policy in (before, after):
+        assert policy_from_virtual_service(render_virtual_service(TARGET, policy, ["1", "2"])) == policy
+
+    for rules, words in (
+        ([rule({"x-team": "a"}, "default")], "'default' is the name of the policy's default route"),
+        ([rule({"x-team": "a"}, "acme"), rule({"x-team": "b"}, "acme")], "rules 0 and 1 are both named 'acme'"),
+        ([unnamed, rule({"x-tenant": "acme"}, version="1")], "rules 0 and 1 match the same headers"),
+        ([rule({"x-team": "b"}, auto), unnamed], f"rules 0 and 1 are both named {auto!r}"),
+    ):
+        policy = TrafficPolicy.from_dict({"rules": rules, "route": split})
+        with pytest.raises(RouterError, match=re.escape(words)):
+            render_virtual_service(TARGET, policy, ["1", "2"])
+
+
 def test_a_versions_metadata_reaches_that_versions_pods():
     """GET /v2/models/m/versions/2 (KServe v2 version metadata, tritonclient's
     get_model_metadata(m, "2")) matched no pinned route, the path having nothing after the
