@@ -7,6 +7,7 @@
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F] [--lock-dir DIR]
                         [--force]          (refused while a rollout holds the model, unless --force)
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
+                        [--force]          (refused while a DAG run holds the Lease rollout-N, unless --force)
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
                  (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR] [--lock-dir DIR]
@@ -309,15 +310,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_mesh(args: argparse.Namespace) -> int:
     import yaml
 
+    from vision_rollout.locks import FileLock, LeaseLock
     from vision_rollout.mesh import (
         IstioRouter,
         IstioTarget,
         LocalRouter,
         RouterError,
+        kube_api_client,
         render_destination_rule,
         render_virtual_service,
         validate_istio,
     )
+    from vision_rollout.settings import ServingSettings
 
     if args.action == "get":
         if args.backend != "local" or not (args.url and args.model):
@@ -345,7 +349,13 @@ def cmd_mesh(args: argparse.Namespace) -> int:
                 return 0
         except RouterError as exc:  # what Istio's schema refuses: the arguments' fault
             raise UsageError(str(exc)) from None
-        router: Any = IstioRouter(target, versions)
+        try:
+            api_client = kube_api_client()
+        except RouterError as exc:
+            raise CommandError(str(exc)) from None
+        # The DAG's Lease in kubernetes mode: rollout-<VirtualService> in its namespace.
+        _not_held(args, LeaseLock(args.model or args.name, args.namespace, api_client, key=args.name))
+        router: Any = IstioRouter(target, versions, api_client=api_client)
     else:
         if args.action == "render":
             print(json.dumps(policy.to_dict(), indent=2))
@@ -353,7 +363,9 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         if not (args.url and args.model):
             raise UsageError("--backend local needs --url and --model")
         router = LocalRouter(args.url, args.model, _token(args.token_file))
-        _not_held(args)
+        folder = args.lock_dir or Path(ServingSettings().run_dir) / "locks"
+        if folder.is_dir():
+            _not_held(args, FileLock(args.model, folder))
     try:
         changed = router.set_routes(policy)
     except RouterError as exc:  # (no answer from the API server too: ApiUnreachable)
@@ -362,21 +374,23 @@ def cmd_mesh(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_held(args: argparse.Namespace) -> None:
-    """``mesh apply --backend local`` refused while a rollout holds the model's lock (``--lock-dir``,
-    else the DAGs' default run folder's ``locks/`` where it exists): the run's next stage, or
-    its rollback, writes its own routes over these, as ``kubectl argo rollouts`` refuses edits
-    of a rollout in progress. ``--force`` applies them all the same, saying whose run holds it."""
-    from vision_rollout.locks import FileLock
-    from vision_rollout.settings import ServingSettings
+def _not_held(args: argparse.Namespace, lock: Any) -> None:
+    """``mesh apply`` refused while a rollout holds the model's ``lock`` (``--backend local``: the
+    lock file under ``--lock-dir``, else the DAGs' default run folder's ``locks/`` where it
+    exists; ``--backend istio``: the DAG's Lease ``rollout-<--name>`` in ``--namespace``): the
+    run's next stage, or its rollback, writes its own routes over these (or, in kubernetes
+    mode, takes them for a mesh changed under it and rolls back), as ``kubectl argo rollouts``
+    refuses edits of a rollout in progress. ``--force`` applies them all the same, saying whose
+    run holds it."""
+    from vision_rollout.locks import LockError
+    from vision_rollout.mesh import ApiUnreachable
 
-    folder = args.lock_dir or Path(ServingSettings().run_dir) / "locks"
-    if not folder.is_dir():
-        return
-    lock = FileLock(args.model, folder)
+    model = args.model or args.name
     try:
-        held = _holding(lock)
-    except CommandError as exc:  # (an unreadable lock file: whose run is not known)
+        held = lock.holding()
+    except ApiUnreachable as exc:  # nothing known: --force would not reach the routes either
+        raise CommandError(f"{exc}; nothing changed") from None
+    except LockError as exc:  # (an unreadable lock file or Lease: whose run is not known)
         if not args.force:
             raise CommandError(f"{exc}, or give --force; nothing changed") from None
         print(f"rolloutctl mesh: warning: --force: {_one_line(str(exc))}", file=sys.stderr, flush=True)
@@ -389,7 +403,7 @@ def _not_held(args: argparse.Namespace) -> None:
         if held.aborted
         else "its next stage (or its rollback) writes its own routes over these: abort it first (rolloutctl abort)"
     )
-    holding = f"{held.describe()} holds model {args.model!r} ({lock.where}): {then}"
+    holding = f"{held.describe()} holds model {model!r} ({lock.where}): {then}"
     if not args.force:
         raise CommandError(f"{holding}, or give --force; nothing changed")
     print(f"rolloutctl mesh: warning: --force: {_one_line(holding)}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import time
@@ -1174,6 +1175,65 @@ def test_mesh_apply_local_is_refused_while_a_rollout_holds_the_model(tmp_path, c
     assert code == 4
     assert err.endswith("remove it if no rollout runs, or give --force; nothing changed\n")
     assert run(capsys, *argv, "--force")[0] == 0
+
+
+def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, capsys, monkeypatch):
+    """``mesh apply --backend istio`` wrote the VirtualService whatever the Lease said: a DAG run
+    in kubernetes mode wrote its own routes over the operator's at its next stage, or took the
+    operator's for a mesh changed under it and rolled back. Refused as the local backend is
+    while a run holds the Lease rollout-<VirtualService>, naming the run; --force applies them,
+    saying so; a lease taken for dead does not hold it."""
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S, LeaseLock
+    from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
+
+    target = IstioTarget("ml", "digits", "digits-vs")
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    api = FakeKubeAPI().start()
+    try:
+        for plural, ns, obj in (
+            ("virtualservices", "ml", render_virtual_service(target, stable, ["1"])),
+            ("destinationrules", "ml", render_destination_rule(target, ["1"])),
+            ("envoyfilters", "istio-system", render_envoy_filter()),
+        ):
+            api.objects[(plural, ns, obj["metadata"]["name"])] = {
+                **obj,
+                "metadata": {**obj["metadata"], "resourceVersion": "1"},
+            }
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
+        cfg = client.Configuration()
+        cfg.host = api.url
+        LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
+        argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1,2"]
+        argv += ["--namespace", "ml", "--service", "digits", "--name", "digits-vs"]
+        before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (4, "")
+        assert err.startswith("rolloutctl mesh: error: run 'manual__2026-12-03 (a DAG run)' (its lease runs to ")
+        assert "holds model 'digits-vs' (Lease ml/rollout-digits-vs): its next stage (or its rollback) writes" in err
+        assert err.endswith("abort it first (rolloutctl abort), or give --force; nothing changed\n")
+        assert api.objects[("virtualservices", "ml", "digits-vs")] == before
+        code, out, err = run(capsys, *argv, "--force")
+        assert (code, out) == (0, "applied\n")
+        assert err.startswith("rolloutctl mesh: warning: --force: run 'manual__2026-12-03 (a DAG run)' ")
+        api.objects[("virtualservices", "ml", "digits-vs")] = before
+        api.objects.pop(("leases", "ml", "rollout-digits-vs"))
+        dead = client.ApiClient(cfg)
+        LeaseLock("digits", "ml", dead, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S, key="digits-vs").acquire(
+            "a run that died"
+        )
+        assert run(capsys, *argv)[:2] == (0, "applied\n")
+    finally:
+        api.stop()
 
 
 def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
