@@ -7,6 +7,7 @@
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F] [--lock-dir DIR]
                         [--force]          (refused while a rollout holds the model, unless --force)
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
+                        [--root-namespace istio-system]
                         [--force]          (refused while a DAG run holds the Lease rollout-N, unless --force)
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
@@ -340,7 +341,7 @@ def cmd_mesh(args: argparse.Namespace) -> int:
             raise UsageError("--backend istio needs --namespace, --service and --name")
         versions = _versions(args.versions, policy) if args.versions else sorted(policy.versions(), key=int)
         try:
-            target = IstioTarget(args.namespace, args.service, args.name)
+            target = IstioTarget(args.namespace, args.service, args.name, root_namespace=args.root_namespace)
             if args.action == "render":
                 objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
                 for o in objs:
@@ -1204,6 +1205,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--service")
     m.add_argument("--name")
     m.add_argument("--versions", help="subsets to declare, e.g. 1,2 (default: the policy's versions)")
+    m.add_argument(
+        "--root-namespace",
+        default="istio-system",
+        help="apply --backend istio: the mesh's root namespace, where its bucket EnvoyFilter is (default istio-system)",
+    )
     m.add_argument("--url", type=_url, help="model server, http://host:port (local backend)")
     m.add_argument("--model", type=_model)
     m.add_argument("--token-file", type=Path)

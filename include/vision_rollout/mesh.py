@@ -214,20 +214,26 @@ KUBERNETES_NAMES = {  # a target's names: what the API server takes (rule in wor
 }
 
 
+ISTIO_ROOT_NAMESPACE = "istio-system"  # Istio's default: an EnvoyFilter there applies to every proxy
+
+
 @dataclass
 class IstioTarget:
     """The Istio objects one model's rollout drives: its Service, and the VirtualService and
-    DestinationRule named ``name`` in ``namespace``. RouterError for a name Kubernetes would
-    refuse (``KUBERNETES_NAMES``): nothing is rendered for it."""
+    DestinationRule named ``name`` in ``namespace``; and where the mesh's bucket EnvoyFilter is
+    (``root_namespace``: the mesh's rootNamespace, one filter for every proxy). RouterError for
+    a name Kubernetes would refuse (``KUBERNETES_NAMES``): nothing is rendered for it."""
 
     namespace: str
     service: str  # the Kubernetes Service in front of the model server pods
     name: str  # VirtualService and DestinationRule name
     gateways: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # default: the service's cluster name
+    root_namespace: str = ISTIO_ROOT_NAMESPACE
 
     def __post_init__(self) -> None:
-        for key, (rule, pattern) in KUBERNETES_NAMES.items():
+        names = {**KUBERNETES_NAMES, "root_namespace": KUBERNETES_NAMES["namespace"]}
+        for key, (rule, pattern) in names.items():
             value = getattr(self, key)
             if not isinstance(value, str) or not re.fullmatch(pattern, value):
                 raise RouterError(f"istio {key} {str(value)[:80]!r}: not {rule}, which Kubernetes would refuse")
@@ -254,7 +260,6 @@ class IstioTarget:
 BUCKET_SPAN = 0xFFFFFFFF // BUCKETS
 ARM_SEPARATOR = ":"  # a version's route of a weighted route: "<route>:v<N>" (no rule name holds ":")
 ENVOY_FILTER_NAME = "rollout-bucket"
-ISTIO_ROOT_NAMESPACE = "istio-system"  # an EnvoyFilter there applies to every proxy of the mesh
 ROUTER_FILTER = "envoy.filters.http.router"  # the last HTTP filter of every chain Istio writes
 
 
@@ -749,6 +754,11 @@ class IstioRouter:
                 ) from None
         raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
 
+    def _filter_problem(self) -> str | None:
+        """``envoy_filter_problem`` of the mesh's bucket filter, read in the target's root namespace."""
+        root = self.target.root_namespace
+        return envoy_filter_problem(self._get("envoyfilters", root, ENVOY_FILTER_NAME), root)
+
     def _missing(self, kind: str) -> str:
         return (
             f"{kind} {self.target.namespace}/{self.target.name} does not exist: the rollout changes its routes and "
@@ -784,7 +794,7 @@ class IstioRouter:
         if live is None:
             raise RouterError(self._missing("VirtualService"))
         if splits(vs):
-            problem = envoy_filter_problem(self._get("envoyfilters", ISTIO_ROOT_NAMESPACE, ENVOY_FILTER_NAME))
+            problem = self._filter_problem()
             if problem:
                 raise RouterError(f"{problem}. No traffic was moved")
         vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
@@ -819,7 +829,7 @@ class IstioRouter:
                 f"which {where} routes to: Envoy answers that share 503"
             )
         if splits(render_virtual_service(self.target, policy, self.versions)):
-            return envoy_filter_problem(self._get("envoyfilters", ISTIO_ROOT_NAMESPACE, ENVOY_FILTER_NAME))
+            return self._filter_problem()
         return None
 
     def _add_subsets(self, versions: set[str]) -> None:

@@ -11,7 +11,8 @@ wrong; every default is here and nowhere else. The extras:
   in mesh ``local`` the rollouts' lock files and the routes before a rollout (a folder)
 - ``shared_folders``: true when ``run_dir`` and ``prediction_log``, folders, are on a volume every
   worker mounts (``unshared``: with workers on several machines a folder is otherwise refused)
-- ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts`` (kubernetes mode), and
+- ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts``, ``root_namespace`` (the
+  mesh's, where its bucket EnvoyFilter is; default ``istio-system``) (kubernetes mode), and
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
@@ -44,7 +45,7 @@ from typing import Any
 import jsonschema
 
 from vision_rollout.folders import Folder, folder_problem
-from vision_rollout.mesh import KUBERNETES_NAMES, IstioTarget
+from vision_rollout.mesh import ISTIO_ROOT_NAMESPACE, KUBERNETES_NAMES, IstioTarget
 from vision_rollout.serving import ModelServerAdmin
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "name": _text(253),
                 "gateways": _NAMES,
                 "hosts": _NAMES,
+                # The mesh's rootNamespace, where deploy/'s bucket EnvoyFilter is (default istio-system).
+                "root_namespace": {**_text(63), "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
                 # In the mesh (the sidecar adds mTLS): a host and port, no path, no credentials.
                 "url": {**_text(), "pattern": r"^http://[^/@?#\s]+/?$"},
             },
@@ -389,7 +392,12 @@ class ServingSettings:
                     f"for model '{model}': not {rule}, which Kubernetes would refuse"
                 )
         return IstioTarget(
-            raw["namespace"], raw["service"], raw["name"], list(raw.get("gateways", [])), list(raw.get("hosts", []))
+            raw["namespace"],
+            raw["service"],
+            raw["name"],
+            list(raw.get("gateways", [])),
+            list(raw.get("hosts", [])),
+            raw.get("root_namespace") or ISTIO_ROOT_NAMESPACE,
         )
 
     def serving_url(self, model: str, mesh: str) -> str:

@@ -442,6 +442,7 @@ def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsy
         ("--service", "my_svc", "istio service 'my_svc': not a Service name"),
         ("--service", "d" * 64, "not a Service name (a-z first, then a-z, 0-9, '-' inside, at most 63)"),
         ("--name", "Digits.V2", "istio name 'Digits.V2': not a DNS subdomain"),
+        ("--root-namespace", "Mesh_Root", "istio root_namespace 'Mesh_Root': not a DNS label"),
     ],
 )
 def test_mesh_refuses_names_kubernetes_would_refuse(tmp_path, capsys, flag, value, words):

@@ -821,6 +821,28 @@ def test_the_envoy_filters_lua_computes_nginxs_murmur_hash2_bucket():
     assert all(1800 <= c <= 2200 for c in counts), counts  # even: 2000 a tenth
 
 
+def test_the_bucket_filter_is_read_in_the_meshs_root_namespace_as_configured(kube):
+    """The README told a mesh whose root namespace is not istio-system to move deploy/'s
+    EnvoyFilter there, but the rollout read it in istio-system only: every split was then
+    refused, the filter "does not exist". The target now names the root namespace
+    (``root_namespace``, the connection's istio.root_namespace), where the filter is read."""
+    fake, api = kube
+    moved = fake.objects.pop(("envoyfilters", "istio-system", "rollout-bucket"))
+    fake.objects[("envoyfilters", "mesh-root", "rollout-bucket")] = {
+        **moved,
+        "metadata": {**moved["metadata"], "namespace": "mesh-root"},
+    }
+    with pytest.raises(RouterError, match="EnvoyFilter istio-system/rollout-bucket does not exist"):
+        IstioRouter(TARGET, ["1", "2"], api_client=api).set_routes(CANARY)
+    router = IstioRouter(dataclasses.replace(TARGET, root_namespace="mesh-root"), ["1", "2"], api_client=api)
+    assert router.set_routes(CANARY)
+    assert router.serving_problem(CANARY) is None
+    fake.objects.pop(("envoyfilters", "mesh-root", "rollout-bucket"))
+    assert "EnvoyFilter mesh-root/rollout-bucket does not exist" in str(router.serving_problem(CANARY))
+    with pytest.raises(RouterError, match="istio root_namespace 'Mesh_Root': not a DNS label"):
+        dataclasses.replace(TARGET, root_namespace="Mesh_Root")
+
+
 def test_the_user_key_is_the_first_element_of_x_user_id_trimmed_as_the_lua_reads_it():
     """Envoy's Lua reads a repeated X-User-ID joined by ","; it hashed that whole, nginx the
     first header's value whole: a user's request landed on different versions in the

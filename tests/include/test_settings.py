@@ -158,6 +158,13 @@ def test_kubernetes_settings_are_required_where_used():
     )
     target = full.istio_for("digits")
     assert (target.host, target.gateways) == ("digits.models.svc.cluster.local", ["mesh"])
+    assert target.root_namespace == "istio-system"  # where the mesh's bucket EnvoyFilter is read
+    rooted = {"namespace": "models", "service": "digits", "name": "digits", "root_namespace": "mesh-root"}
+    assert ServingSettings.from_connection("http://h:8000", None, {"istio": rooted}).istio_for("d").root_namespace == (
+        "mesh-root"
+    )
+    with pytest.raises(SettingsError, match="root_namespace"):
+        ServingSettings.from_connection("http://h:8000", None, {"istio": {**rooted, "root_namespace": "Mesh_Root"}})
     assert full.build_for("digits").replicas == 3
     assert isinstance(full.build_for("digits").replicas, int)  # 3.0 is an integer to JSON Schema, and a count here
 
