@@ -786,7 +786,8 @@ class IstioRouter:
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """The policy as the VirtualService, with what the platform set beside its routes
-        (``with_platform_fields``), once the DestinationRule has a subset for every version it
+        (``with_platform_fields``; its hosts too, the Service's added where missing, unless the
+        target names its own), once the DestinationRule has a subset for every version it
         names (make before break: a route to a subset Envoy does not know is a 503). One that Istio
         or the API server would refuse (``validate_istio``) is refused before anything is written."""
         vs = render_virtual_service(self.target, policy, self.versions)
@@ -798,6 +799,9 @@ class IstioRouter:
             if problem:
                 raise RouterError(f"{problem}. No traffic was moved")
         vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
+        if not self.target.hosts:  # the platform's (a host its gateway serves), and the Service's
+            hosts = [h for h in (live.get("spec") or {}).get("hosts") or [] if isinstance(h, str)]
+            vs["spec"]["hosts"] = hosts if self.target.host in hosts else [*hosts, self.target.host]
         validate_istio(vs)  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))
         return self._apply(vs, "virtualservices")

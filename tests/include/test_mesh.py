@@ -264,6 +264,34 @@ def test_the_platforms_route_settings_outlive_a_rollout_and_its_rollback(kube):
     assert router.get_routes() == stable
 
 
+def test_the_platforms_hosts_outlive_a_rollout_and_its_rollback(kube):
+    """The rollout wrote the spec's hosts as the target's (the Service's cluster name, without
+    the connection's istio.hosts): a host the platform added for its ingress gateway
+    (``digits.example.com`` on ``ml/edge``) was gone from the first stage on, and the gateway
+    answered 404 to every outside request. The live hosts are kept, the Service's added where
+    missing; a target that names its hosts (istio.hosts) sets them."""
+    fake, api = kube
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    original = render_virtual_service(TARGET, stable, ["1"])
+    original["spec"]["hosts"] = ["digits.example.com", TARGET.host]
+    original["spec"]["gateways"] = ["ml/edge", "mesh"]
+    fake.objects[("virtualservices", "models", "digits")] = {
+        **original,
+        "metadata": {**original["metadata"], "resourceVersion": "7"},
+    }
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    assert router.set_routes(CANARY) is True
+    assert fake.objects[("virtualservices", "models", "digits")]["spec"]["hosts"] == ["digits.example.com", TARGET.host]
+    assert router.set_routes(stable) is True
+    assert fake.objects[("virtualservices", "models", "digits")]["spec"]["hosts"] == ["digits.example.com", TARGET.host]
+    fake.touch("virtualservices", "models", "digits", lambda vs: vs["spec"].update(hosts=["digits.example.com"]))
+    router.set_routes(CANARY)
+    assert fake.objects[("virtualservices", "models", "digits")]["spec"]["hosts"] == ["digits.example.com", TARGET.host]
+    named = IstioRouter(dataclasses.replace(TARGET, hosts=["digits.internal"]), ["1", "2"], api_client=api)
+    named.set_routes(stable)
+    assert fake.objects[("virtualservices", "models", "digits")]["spec"]["hosts"] == ["digits.internal"]
+
+
 def test_the_platforms_destination_rule_settings_outlive_a_rollout(kube):
     """The rollout wrote the DestinationRule's spec whole: the platform's traffic policy (its
     connection pool, outlier detection, TLS mode), a subset's own policy and the spec's exportTo
