@@ -215,6 +215,10 @@ KUBERNETES_NAMES = {  # a target's names: what the API server takes (rule in wor
 
 
 ISTIO_ROOT_NAMESPACE = "istio-system"  # Istio's default: an EnvoyFilter there applies to every proxy
+# A VirtualService's gateway as istiod's webhook takes it (validateGatewayNames): <namespace>/<name>,
+# each a DNS label, or a host name of such labels ("mesh", the sidecars, is one).
+_ISTIO_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+ISTIO_GATEWAY = re.compile(rf"{_ISTIO_LABEL}/{_ISTIO_LABEL}|(?=.{{1,255}}$){_ISTIO_LABEL}(\.{_ISTIO_LABEL})*")
 
 
 @dataclass
@@ -237,6 +241,12 @@ class IstioTarget:
             value = getattr(self, key)
             if not isinstance(value, str) or not re.fullmatch(pattern, value):
                 raise RouterError(f"istio {key} {str(value)[:80]!r}: not {rule}, which Kubernetes would refuse")
+        for gateway in self.gateways:
+            if not isinstance(gateway, str) or not ISTIO_GATEWAY.fullmatch(gateway):
+                raise RouterError(
+                    f"istio gateway {str(gateway)[:80]!r}: not <namespace>/<name> (each a DNS label) nor a host "
+                    "name ('mesh' for the sidecars), which Istio would refuse"
+                )
 
     @property
     def host(self) -> str:

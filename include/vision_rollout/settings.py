@@ -45,7 +45,7 @@ from typing import Any
 import jsonschema
 
 from vision_rollout.folders import Folder, folder_problem
-from vision_rollout.mesh import ISTIO_ROOT_NAMESPACE, KUBERNETES_NAMES, IstioTarget
+from vision_rollout.mesh import ISTIO_ROOT_NAMESPACE, KUBERNETES_NAMES, IstioTarget, RouterError
 from vision_rollout.serving import ModelServerAdmin
 
 log = logging.getLogger(__name__)
@@ -391,14 +391,19 @@ class ServingSettings:
                     f"the {CONNECTION} extra istio.{key} (or models.{model}.istio.{key}) gives {raw[key][:80]!r} "
                     f"for model '{model}': not {rule}, which Kubernetes would refuse"
                 )
-        return IstioTarget(
-            raw["namespace"],
-            raw["service"],
-            raw["name"],
-            list(raw.get("gateways", [])),
-            list(raw.get("hosts", [])),
-            raw.get("root_namespace") or ISTIO_ROOT_NAMESPACE,
-        )
+        try:
+            return IstioTarget(
+                raw["namespace"],
+                raw["service"],
+                raw["name"],
+                list(raw.get("gateways", [])),
+                list(raw.get("hosts", [])),
+                raw.get("root_namespace") or ISTIO_ROOT_NAMESPACE,
+            )
+        except RouterError as exc:
+            raise SettingsError(
+                f"the {CONNECTION} extra istio (or models.{model}.istio) for model '{model}': {exc}"
+            ) from None
 
     def serving_url(self, model: str, mesh: str) -> str:
         """Where the rollout's own requests (the validation replay, the masking probe) reach the

@@ -169,6 +169,24 @@ def test_kubernetes_settings_are_required_where_used():
     assert isinstance(full.build_for("digits").replicas, int)  # 3.0 is an integer to JSON Schema, and a count here
 
 
+@pytest.mark.parametrize("gateway", ["ml/edge gw", "ml/", "/edge", "ml/edge/x", "edge_gw", "-edge", "a" * 64])
+def test_a_gateway_istio_would_refuse_is_refused_when_the_target_is_read(gateway):
+    """A gateway name istiod's webhook refuses (not ``<namespace>/<name>`` of DNS labels, nor a
+    host name) passed the connection's checks and failed the first stage's write, after the
+    image build. It is refused where the target is read, naming it."""
+    istio = {"namespace": "models", "service": "digits", "name": "digits", "gateways": ["mesh", gateway]}
+    s = ServingSettings.from_connection("http://h:8000", None, {"istio": istio})
+    with pytest.raises(SettingsError, match=r"extra istio \(or models\.digits\.istio\).*istio gateway"):
+        s.istio_for("digits")
+    fine = ["mesh", "ml/edge", "istio-system/ingress-gw", "edge.ml.svc.cluster.local"]
+    assert (
+        ServingSettings.from_connection("http://h:8000", None, {"istio": {**istio, "gateways": fine}})
+        .istio_for("digits")
+        .gateways
+        == fine
+    )
+
+
 def test_the_sizing_settings_of_kubernetes_mode():
     build = ServingSettings.from_connection(
         "http://h:8000", None, {"build": {"min_replicas": 2.0, "autoscaling": True, "max_replicas": 30}}
