@@ -11,7 +11,9 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   case-sensitive regex, literal values escaped: nginx compares ``map`` strings without case,
   and ``exact`` must stay exact; a ``regex`` reads UTF-8 characters, as RE2); an entry's conditions are concatenated and mapped again
   (AND); a route's entries are mapped to its one flag (OR), and one map over every route's
-  flag, in order, picks the first route matched (first match).
+  flag, in order, picks the first route matched (first match). Not reproduced: a header sent
+  more than once is matched here by its first value (nginx 1.22 has no variable of them all),
+  by Envoy as its values joined by ",".
 - A route's weighted destinations are a ``split_clients`` on the request id: random per
   request. A destination is an Envoy cluster: the Service's pods (``app=<service>``)
   narrowed to the DestinationRule subset's labels, an nginx ``upstream`` of the ready ones.
