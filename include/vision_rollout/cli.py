@@ -861,10 +861,18 @@ def _shown(name: str) -> str:
 
 
 def _slack_url(text: str) -> str:
-    """Slack's Web API base URL, https://host/api/ (default Slack's own)."""
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-        raise argparse.ArgumentTypeError(f"not an http(s)://host/api/ URL without credentials: {text[:100]!r}")
+    """Slack's Web API base URL, https://host/api/ (default Slack's own). Credentials in it, or a
+    query or fragment (where a token goes), are refused without repeating the URL."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL (http(s)://host/api/)") from None
+    if "@" in parts.netloc:
+        raise argparse.ArgumentTypeError("credentials in the URL are refused (they would be printed): give none")
+    if parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError("Slack's API base URL, http(s)://host/api/, without a query or fragment")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http(s)://host/api/ URL: {text[:100]!r}")
     return text if text.endswith("/") else text + "/"
 
 

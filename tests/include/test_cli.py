@@ -279,6 +279,28 @@ def test_server_urls_are_checked_and_their_credentials_never_printed(tmp_path, c
 
 
 @pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("https://admin:hunter2@slack.example/api/", "credentials in the URL are refused"),
+        ("https://slack.example/api/?token=xoxb-hunter2", "without a query"),
+        ("https://slack.example/api/#hunter2", "without a query"),
+        ("ftp://slack.example/api/", "not an http(s)://host/api/ URL"),
+    ],
+)
+def test_a_slack_url_is_checked_and_its_credentials_never_printed(tmp_path, capsys, url, words):
+    """`outbox send --slack-url` with a password or a token in it was refused quoting the whole
+    URL: the secret on stderr, in a CI log."""
+    (tmp_path / "outbox").mkdir()
+    token = tmp_path / "token"
+    token.write_text("xoxb-1")
+    argv = ["outbox", "send", "--outbox", str(tmp_path / "outbox"), "--token-file", str(token)]
+    code, out, err = run(capsys, *argv, "--slack-url", url)
+    assert (code, out) == (2, "")
+    assert words in err
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
     ("content", "words"),
     [
         (None, "cannot be read: No such file"),
