@@ -143,7 +143,9 @@ def _url(text: str) -> str:
         raise argparse.ArgumentTypeError("credentials in the URL are refused (they would be printed): give none")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"not an http(s)://host:port URL: {text[:100]!r}")
-    if parts.path.strip("/") or parts.query or parts.fragment:
+    if parts.query or parts.fragment:  # where a token goes: not repeated
+        raise argparse.ArgumentTypeError("a server's address, http(s)://host:port, without a path, query or fragment")
+    if parts.path.strip("/"):
         raise argparse.ArgumentTypeError(f"a server's address, http(s)://host:port, without a path: {text[:100]!r}")
     return f"{parts.scheme}://{parts.netloc}"
 

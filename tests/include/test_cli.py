@@ -261,6 +261,8 @@ def test_verify_model_command(models_dir, tmp_path, capsys):
         ("ftp://127.0.0.1:9", "not an http(s)://host:port URL"),
         ("file:///etc/passwd", "not an http(s)://host:port URL"),
         ("http://127.0.0.1:9/v2/models", "without a path"),
+        ("http://127.0.0.1:9/?access_token=hunter2", "without a path"),
+        ("http://127.0.0.1:9#hunter2", "without a path"),
         ("http://127.0.0.1:99999", "not a URL"),
     ],
 )
