@@ -118,6 +118,12 @@ class ModelServerAdmin:
                 reason = str(json.loads(exc.read(MAX_ANSWER)).get("error", ""))[:1000]
             except (ValueError, AttributeError):
                 reason = ""
+            if exc.code == 401:  # the server's reason speaks of headers, not of where the token comes from
+                reason = (
+                    "the admin token given (--token-file, or the connection's password) was refused"
+                    if self.token
+                    else "no admin token was given: pass --token-file (in Airflow: the connection's password)"
+                )
             raise AdminError(f"model server {method} {path}: HTTP {exc.code}: {reason}", exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):

@@ -228,6 +228,13 @@ def test_mesh_apply_local(server_factory, repo_copy, tmp_path, capsys):
     code, _, err = run(capsys, *args)
     assert code == 4  # an error, not a verdict: 1 is "fail"
     assert "HTTP 401" in err
+    assert "the admin token given (--token-file" in err
+    assert "wrong" not in err
+    # Without a token the server's "send 'Authorization: Bearer <admin token>'" told a CLI user
+    # nothing of --token-file.
+    code, _, err = run(capsys, *args[:-2])
+    assert code == 4
+    assert "no admin token was given: pass --token-file" in err
 
 
 def test_verify_model_command(models_dir, tmp_path, capsys):
