@@ -64,17 +64,23 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# The ports of make serve, up and demo on 127.0.0.1 (up and demo refuse one another process has, naming it).
+SERVER_PORT ?= 8000
+PROMETHEUS_PORT ?= 9090
+AIRFLOW_PORT ?= 8080
+STACK_PORTS = --port $(SERVER_PORT) --prometheus-port $(PROMETHEUS_PORT) --airflow-port $(AIRFLOW_PORT)
+
 serve: models
-	$(BIN)/model-server --repository models --host 127.0.0.1 --port 8000
+	$(BIN)/model-server --repository models --host 127.0.0.1 --port $(SERVER_PORT)
 
 up: models prometheus
-	$(BIN)/python scripts/stack.py up
+	$(BIN)/python scripts/stack.py up $(STACK_PORTS)
 
 down:
 	@test -x $(BIN)/python && $(BIN)/python scripts/stack.py down || true
 
 demo: models prometheus
-	$(BIN)/python scripts/demo.py --repository models
+	$(BIN)/python scripts/demo.py --repository models $(STACK_PORTS)
 
 # Kubernetes mode on one machine: API server, pod runner, nginx data plane, Prometheus (15 s), S3.
 cluster-up: models prometheus nginx

@@ -89,13 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, default=ROOT / "run")
     p.add_argument("--repository", type=Path, default=ROOT / "models")
     p.add_argument("--bake-seconds", type=int, default=300)
+    p.add_argument("--port", type=int, default=8000, help="the model server's, when the stack is started")
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument("--airflow-port", type=int, default=8080)
     args = p.parse_args(argv)
     state = stack.recorded_up(args.run)
     if state is not None and "airflow" in state["urls"]:
         print(f"the stack is up (started {state['started']})")
     else:
         print("make up: model server, Prometheus, load generator, Airflow ...", flush=True)
-        state = stack.up(args.run, args.repository, 8000, 9090, 8080, rate=50)
+        state = stack.up(args.run, args.repository, args.port, args.prometheus_port, args.airflow_port, rate=50)
     password = Path(state["airflow_password_file"]).read_text().strip()
     api = AirflowAPI(state["urls"]["airflow"], state["airflow_user"], password)
     api.wait_for_dag("model_rollout")

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,13 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     state_file = run / STATE
     if recorded_up(run) is not None:
         raise SystemExit("the stack is already up; run `make down` first")
+    ports_free(
+        {
+            "model server": ("SERVER_PORT", port),
+            "Prometheus": ("PROMETHEUS_PORT", prometheus_port),
+            "Airflow": ("AIRFLOW_PORT", airflow_port),
+        }
+    )
     run.mkdir(parents=True, exist_ok=True)
     token_file = run / "admin-token"
     if not token_file.exists():
@@ -85,6 +93,22 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     record_airflow(state, airflow)
     state_file.write_text(json.dumps(state, indent=2))
     return state
+
+
+def ports_free(ports: dict[str, tuple[str, int]]) -> None:
+    """Refuse a port another process listens on, before anything starts: the readiness checks
+    would find that process's server (another user's model server or Airflow) and take it for
+    this stack's, whose own then fails to bind."""
+    for service, (variable, port) in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise SystemExit(
+                    f"127.0.0.1:{port} ({service}) is in use ({exc.strerror}): stop what listens there, or pick "
+                    f"another port: make up {variable}=<port> (make demo takes the same)"
+                ) from None
 
 
 def start_loadgen(url: str, repository: Path, rate: float, log: Path) -> subprocess.Popen[bytes]:

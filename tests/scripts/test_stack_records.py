@@ -75,3 +75,26 @@ def test_a_stale_record_is_started_over_and_a_stack_partly_up_is_refused(sleeper
         stack.recorded_up(run)
     with pytest.raises(SystemExit, match="run `make down` first"):
         stack.up(run, tmp_path / "models", 1, 2, 3, rate=1.0)
+
+
+@pytest.mark.parametrize("taken", ["model server", "Prometheus", "Airflow"])
+def test_up_refuses_a_port_another_process_listens_on_before_starting_anything(tmp_path, taken) -> None:
+    """Another user's model server on :8000 answered `make up`'s readiness check in place of its
+    own (which then failed to bind): `up` ended on a traceback blaming the admin token, and on
+    :8080 another user's Airflow would have passed for its own. The port is named, with the make
+    variable that picks another, and nothing is started."""
+    import socket
+
+    from devstack.processes import free_port
+
+    ports = {"model server": free_port(), "Prometheus": free_port(), "Airflow": free_port()}
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        held.bind(("127.0.0.1", ports[taken]))
+        held.listen()
+        variable = {"model server": "SERVER_PORT", "Prometheus": "PROMETHEUS_PORT", "Airflow": "AIRFLOW_PORT"}[taken]
+        with pytest.raises(
+            SystemExit, match=rf"127\.0\.0\.1:{ports[taken]} \({taken}\) is in use.*make up {variable}="
+        ):
+            stack.up(tmp_path / "run", tmp_path / "models", *ports.values(), rate=1.0)
+    assert not (tmp_path / "run").exists()
