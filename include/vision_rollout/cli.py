@@ -542,9 +542,12 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
             raise CommandError(f"not where a rollout starts, nothing changed: {problem}")
         for version in (spec.baseline_version, spec.candidate_version):
             if not router.admin.ready(spec.model, version):
+                versions = sorted({int(spec.baseline_version), int(spec.candidate_version)})
+                load = {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": versions}}})}}
                 raise CommandError(
                     f"version {version} of '{spec.model}' is not loaded on the model server, nothing changed: "
-                    f"load it beside version {spec.baseline_version} first"
+                    f"load it beside version {spec.baseline_version} first: POST /v2/repository/models/{spec.model}"
+                    f"/load with {json.dumps(load)} and the admin token (tritonclient's load_model)"
                 )
     except (RouterError, AdminError) as exc:
         raise CommandError(f"nothing changed: {exc}") from None

@@ -609,6 +609,13 @@ def test_run_checks_where_it_starts_and_changes_nothing_when_it_cannot(
         ),
         ({**stable, "mirror": {"version": "2", "percent": 100}}, spec, "mirrors to version 2"),
         (stable, {**spec, "candidate_version": "3"}, "version 3 of 'digits' is not loaded"),
+        # "load it beside version 1 first" named no way to: rolloutctl has no load command.
+        (
+            stable,
+            {**spec, "candidate_version": "3"},
+            'POST /v2/repository/models/digits/load with {"parameters": {"config": '
+            '"{\\"version_policy\\": {\\"specific\\": {\\"versions\\": [1, 3]}}}"}}',
+        ),
     ]
     for policy, this_spec, words in cases:
         assert put_policy(s, policy).status_code == 200
