@@ -473,3 +473,19 @@ def test_deploy_check_names_each_problem_of_a_users_overlay(tmp_path, capsys):
     assert manifests.main([str(overlay)]) == 1
     assert "Deployment ml/digits-v1: invalid at spec/replicas" in capsys.readouterr().out
     assert manifests.main(["local-cluster", "production"]) == 0
+
+
+def test_the_local_connections_name_what_deploy_applies(rendered):
+    """airflow_settings.yaml's Kubernetes-mode sections named namespace `models` while deploy/
+    puts digits in `ml`: a run with mesh = istio from those connections looked for a
+    VirtualService, Lease and Deployments where there are none."""
+    local = yaml.safe_load((manifests.ROOT / "airflow_settings.yaml").read_text())
+    connections = {c["conn_id"]: c for c in local["airflow"]["connections"]}
+    extra = connections["model_server_default"]["conn_extra"]
+    objects = rendered["production"]
+    virtual_service = one(objects, "VirtualService", extra["istio"]["name"])
+    service = one(objects, "Service", extra["istio"]["service"])
+    assert extra["istio"]["namespace"] == virtual_service["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert connections["kubernetes_default"]["conn_extra"]["namespace"] == extra["istio"]["namespace"]
+    builder = one(objects, "ServiceAccount", extra["build"]["service_account"])
+    assert extra["build"]["namespace"] == builder["metadata"]["namespace"]
