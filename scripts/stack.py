@@ -4,10 +4,11 @@ up: the model server on 127.0.0.1:8000 (digits version 1 stable, prediction log 
 admin token in run/admin-token, mode 0600), Prometheus on 127.0.0.1:9090 scraping it every
 second, the load generator replaying the validation images with feedback, and Airflow on
 127.0.0.1:8080 (the components ``airflow standalone`` runs: scheduler, DAG processor, triggerer,
-API server with the UI; LocalExecutor, SQLite, the simple auth manager with admin:admin) with
-this project's DAGs and the connections to the stack. What was started is recorded in
-run/stack.json; ``down`` stops exactly those process ids (Airflow's by process group, which
-takes its task workers with it).
+API server with the UI; LocalExecutor, SQLite, the simple auth manager: user admin, its password
+generated once into run/airflow/admin-password, mode 0600, never printed) with this project's DAGs
+and the connections to the stack. Other ports: --port, --prometheus-port, --airflow-port. What
+was started is recorded in run/stack.json; ``down`` stops exactly those process ids (Airflow's by
+process group, which takes its task workers with it).
 """
 
 from __future__ import annotations
