@@ -1189,9 +1189,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log each step (each poke of run), with tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gate", help="judge a canary from samples (CSV or Parquet)")
-    g.add_argument("--samples", type=Path, required=True)
-    g.add_argument("--look", type=int, default=1)
-    g.add_argument("--looks", type=int, default=1)
+    g.add_argument(
+        "--samples",
+        type=Path,
+        required=True,
+        help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional oom, "
+        "correct, pair_id",
+    )
+    g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
+    g.add_argument("--looks", type=int, default=1, help="looks planned, 1 to 12 (default 1)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="gate config, e.g. alpha=0.01")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)
@@ -1204,7 +1210,7 @@ def parser() -> argparse.ArgumentParser:
         type=_log_uri,
         help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)",
     )
-    a.add_argument("--since", default="1h")
+    a.add_argument("--since", default="1h", help="how far back: 30m, 1h, 2d (default 1h; at most 3660d)")
     a.add_argument("--model", type=_model)
     a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
     a.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
