@@ -104,14 +104,16 @@ class RolloutSpec:
     )
     bake_seconds: int = _f(
         600,
-        "Minimum time each stage takes traffic before it is judged",
+        "How long each stage takes traffic: its looks are spread over it, and a stage that passes early "
+        "still bakes to its end under the hard guards",
         type="integer",
         minimum=0,
         maximum=MAX_STAGE_SECONDS,
     )
     max_stage_seconds: int = _f(
         3600,
-        "A stage still undecided after this long rolls back",
+        "Longest a stage's last look waits for min_samples per arm and a whole validation round; a stage "
+        "undecided at its last look rolls back then, whatever this allows",
         type="integer",
         minimum=1,
         maximum=MAX_STAGE_SECONDS,
