@@ -150,11 +150,16 @@ def _url(text: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _existing_dir(text: str) -> Path:
-    """A folder that exists (a mistyped lock folder read as "no rollout holds the model")."""
+def _lock_dir(text: str) -> Path:
+    """A lock folder that exists (a mistyped one read as "no rollout holds the model"); the DAG's
+    (``<run_dir>/locks``) is made by the first rollout's lock, so a fresh stack has none yet: the
+    refusal says so."""
     path = Path(text)
     if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {text[:200]!r}")
+        raise argparse.ArgumentTypeError(
+            f"no such folder: {text[:200]!r} (a lock folder is made when a rollout first takes a lock in it: "
+            "none has yet, or the folder is mistyped)"
+        )
     return path
 
 
@@ -1234,7 +1239,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--token-file", type=Path)
     m.add_argument(
         "--lock-dir",
-        type=_existing_dir,
+        type=_lock_dir,
         help="apply --backend local: the folder of the model's lock (run's --lock-dir; default: run/locks where it "
         "exists): a rollout holding the model refuses the apply",
     )
@@ -1351,7 +1356,7 @@ def _namespace(text: str) -> str:
 def _lock_arguments(p: argparse.ArgumentParser) -> None:
     """Where the model's lock is: a folder (local mode), or a Lease (kubernetes mode)."""
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--lock-dir", type=_existing_dir, help="the folder of the model's lock (run's --lock-dir)")
+    where.add_argument("--lock-dir", type=_lock_dir, help="the folder of the model's lock (run's --lock-dir)")
     where.add_argument("--namespace", type=_namespace, help="kubernetes mode: the model's namespace, its Lease there")
     p.add_argument("--name", type=_model, help="kubernetes mode: the model's VirtualService (default: the model)")
 

@@ -66,6 +66,16 @@ def test_usage_errors_exit_2(tmp_path, capsys, argv):
     assert run(capsys, *argv)[0] == 2
 
 
+def test_status_on_a_lock_folder_not_made_yet_says_why_it_is_missing(tmp_path, capsys):
+    """On a fresh `make up` stack, `status --lock-dir run/locks` (the DAG's lock folder) said only
+    "no such folder": the folder is made by a rollout's first lock, which the message now says."""
+    argv = ["status", "--model", "digits", "--lock-dir", str(tmp_path / "locks")]
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert "no such folder" in err
+    assert "made when a rollout first takes a lock in it" in err
+
+
 def test_help_shows_every_command(capsys):
     """``rolloutctl --help`` showed the usage of each command but restart-stage."""
     import argparse
