@@ -1,4 +1,4 @@
-"""``python -m devstack.loadgen`` / ``loadgen``: replay the digits validation images as traffic.
+"""``python -m devstack.loadgen`` (from the checkout; no console script): replay the digits validation images as traffic.
 
 Open loop at a target rate (requests are scheduled, not sent back to back), from several
 users with device types, tenants and realistic sensitive-looking metadata (phone numbers,
@@ -226,7 +226,7 @@ def run(cfg: LoadConfig) -> LoadStats:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="loadgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m devstack.loadgen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--url", default="127.0.0.1:8000", help="model server host:port")
     p.add_argument("--model", default="digits")
