@@ -85,13 +85,14 @@ def shadow_audit() -> None:
         return list(params["models"])
 
     @task
-    def audit_hours(model: str, data_interval_end: Any, params: dict[str, Any], ti: Any) -> list[dict[str, Any]]:
+    def audit_hours(model: str, dag_run: Any, params: dict[str, Any], ti: Any) -> list[dict[str, Any]]:
         # A retry of a failed try (not a first try, nor one cleared by hand: the first try after
         # a clear is max_tries - retries + 1, as Airflow's sensors count it).
         retry = ti.try_number > ti.max_tries - (ti.task.retries or 0) + 1
         return steps.audit_hours(
             model,
-            data_interval_end,
+            # A run triggered without a logical date has no data interval: the hour before its trigger.
+            dag_run.data_interval_end or dag_run.run_after,
             params["slack_channel"],
             params["catch_up_hours"],
             retry=retry,

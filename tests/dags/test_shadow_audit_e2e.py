@@ -43,3 +43,21 @@ def test_hourly_audit_reports_and_skips_empty_hours(airflow_db, tmp_path, monkey
     time.sleep(0.01)
     empty = dag.test(logical_date=now - timedelta(days=2))
     assert {ti.task_id: ti.state for ti in empty.get_task_instances()}["audit_hours"] == "skipped"
+
+
+def test_a_run_triggered_without_a_logical_date_audits_the_last_whole_hour(airflow_db, tmp_path, monkeypatch):
+    """A run triggered through the REST API as Airflow 3 takes it (`"logical_date": null`), or
+    from the UI without a date, has no data interval: every audit_hours failed at once
+    ("missing 1 required positional argument: 'data_interval_end'"). It audits the last whole
+    hour before the run was triggered (`run_after`), the same hour on a retry."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    now = datetime.now(UTC)
+    log = shadow_log(tmp_path, 120, disagree=0.02, at=(now - timedelta(hours=2)).timestamp())
+    extra = {"prediction_log": str(log), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "shadow_audit.py")).dags["shadow_audit"]
+    run = dag.test(logical_date=None, run_after=now - timedelta(hours=1))
+    assert {ti.task_id: ti.state for ti in run.get_task_instances()}["audit_hours"] == "success"
+    hour = (now - timedelta(hours=2)).strftime("%Y%m%dT%H")
+    assert "Top-1 agreement" in files_under(str(tmp_path / "run"))[f"audits/digits/{hour}/report.md"].decode()
