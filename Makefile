@@ -83,14 +83,16 @@ demo: models prometheus
 	$(BIN)/python scripts/demo.py --repository models $(STACK_PORTS)
 
 # Kubernetes mode on one machine: API server, pod runner, nginx data plane, Prometheus (15 s), S3.
+CLUSTER_AIRFLOW_PORT ?= 8081
+
 cluster-up: models prometheus nginx
-	$(BIN)/python scripts/cluster.py up
+	$(BIN)/python scripts/cluster.py up --airflow-port $(CLUSTER_AIRFLOW_PORT)
 
 cluster-down:
 	@test -x $(BIN)/python && $(BIN)/python scripts/cluster.py down || true
 
 cluster-demo: models prometheus nginx
-	$(BIN)/python scripts/cluster.py demo
+	$(BIN)/python scripts/cluster.py demo --airflow-port $(CLUSTER_AIRFLOW_PORT)
 
 tour: models
 	$(BIN)/python scripts/tour.py --repository models

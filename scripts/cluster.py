@@ -38,6 +38,7 @@ def up(run: Path, repository: Path, airflow_port: int, rate: float, scrape_inter
     state_file = run / STATE
     if stack.recorded_up(run, STATE, stop="make cluster-down") is not None:
         raise SystemExit(f"the cluster is already up ({state_file}); run `make cluster-down` first")
+    stack.ports_free({"Airflow": ("CLUSTER_AIRFLOW_PORT", airflow_port)}, "make cluster-up (or make cluster-demo)")
     run.mkdir(parents=True, exist_ok=True)
     workdir, cluster_state = run / "cluster", run / "cluster" / "state.json"
     workdir.mkdir(exist_ok=True)

@@ -96,7 +96,7 @@ def up(run: Path, repository: Path, port: int, prometheus_port: int, airflow_por
     return state
 
 
-def ports_free(ports: dict[str, tuple[str, int]]) -> None:
+def ports_free(ports: dict[str, tuple[str, int]], make: str = "make up (or make demo)") -> None:
     """Refuse a port another process listens on, before anything starts: the readiness checks
     would find that process's server (another user's model server or Airflow) and take it for
     this stack's, whose own then fails to bind."""
@@ -108,7 +108,7 @@ def ports_free(ports: dict[str, tuple[str, int]]) -> None:
             except OSError as exc:
                 raise SystemExit(
                     f"127.0.0.1:{port} ({service}) is in use ({exc.strerror}): stop what listens there, or pick "
-                    f"another port: make up {variable}=<port> (make demo takes the same)"
+                    f"another port: {make} {variable}=<port>"
                 ) from None
 
 

@@ -94,7 +94,26 @@ def test_up_refuses_a_port_another_process_listens_on_before_starting_anything(t
         held.listen()
         variable = {"model server": "SERVER_PORT", "Prometheus": "PROMETHEUS_PORT", "Airflow": "AIRFLOW_PORT"}[taken]
         with pytest.raises(
-            SystemExit, match=rf"127\.0\.0\.1:{ports[taken]} \({taken}\) is in use.*make up {variable}="
+            SystemExit,
+            match=rf"127\.0\.0\.1:{ports[taken]} \({taken}\) is in use.*make up \(or make demo\) {variable}=",
         ):
             stack.up(tmp_path / "run", tmp_path / "models", *ports.values(), rate=1.0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cluster_up_refuses_an_airflow_port_another_process_listens_on(tmp_path) -> None:
+    """`make cluster-up` hard-coded Airflow on :8081: with that port taken, the cluster started
+    and Airflow's health check could find another process's Airflow. The port is named, with
+    the make variable that picks another, and nothing is started."""
+    import socket
+
+    from devstack.processes import free_port
+    from scripts import cluster
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", port := free_port()))
+        held.listen()
+        with pytest.raises(SystemExit, match=rf"127\.0\.0\.1:{port} \(Airflow\) is in use.*CLUSTER_AIRFLOW_PORT="):
+            cluster.up(tmp_path / "run", tmp_path / "models", port, rate=1.0, scrape_interval_s=15.0)
     assert not (tmp_path / "run").exists()
