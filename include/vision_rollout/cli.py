@@ -459,6 +459,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  ran at a batch of {report.batch_checked}")
         for p in report.problems:
             print(f"  problem: {p}")
+        skipped = [
+            flag
+            for flag, given in (
+                ("--model-dir (config, golden inference)", model_dir),
+                ("--baseline (signature)", args.baseline),
+            )
+            if given is None
+        ]
+        if skipped:
+            print(f"  not checked: no {' nor '.join(skipped)}")
     return 0 if report.ok else 1
 
 

@@ -264,6 +264,10 @@ def test_verify_model_command(models_dir, tmp_path, capsys):
     )
     assert code == 0
     assert json.loads(out)["ok"] is True
+    # A bare path said "OK" as if checked against the config and by a golden inference: neither ran.
+    code, out, _ = run(capsys, "verify-model", str(digits / "2" / "model.onnx"))
+    assert code == 0
+    assert "not checked: no --model-dir (config, golden inference) nor --baseline (signature)" in out
 
 
 # -- what a hostile or careless user gives it ---------------------------------------------------
