@@ -194,7 +194,8 @@ class RolloutSpec:
     guard_error_limit: int = _f(
         30,
         "Hard guards: reads in a row that fail (Prometheus down, a query error, no data) before a promotion "
-        "awaiting approval rolls back",
+        "awaiting approval rolls back; a stage's pokes in a row that fail (a replay refused, an API unreachable) "
+        "before it rolls back",
         type="integer",
         minimum=1,
         maximum=1000,

@@ -43,14 +43,17 @@ class StageMetricsSensor(BaseSensorOperator):
         return super().execute(context)
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from rollout_airflow.steps import failure_kept, look_at_stage
+        from rollout_airflow.steps import failure_kept, poke_stage
 
-        with failure_kept(context["ti"]):
-            verdict = look_at_stage(
+        ti = context["ti"]
+        ti_id = str(getattr(ti, "id", None) or "") or None
+        with failure_kept(ti):
+            verdict = poke_stage(
                 context["params"],
                 self.stage_index,
                 self.applied,
                 context["run_id"],
-                str(getattr(context["ti"], "id", None) or getattr(context["ti"], "try_number", "")) or None,
+                ti_id or str(getattr(ti, "try_number", "")) or None,
+                ti_id,
             )
         return PokeReturnValue(is_done=verdict is not None, xcom_value=verdict)

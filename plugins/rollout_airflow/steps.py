@@ -706,6 +706,57 @@ def look_at_stage(
     return with_runs(spec, outcome, record)
 
 
+def poke_stage(
+    params: dict[str, Any],
+    index: int,
+    applied: dict[str, Any] | None,
+    run_id: str,
+    wait: str | None = None,
+    ti_id: str | None = None,
+) -> dict[str, Any] | None:
+    """``look_at_stage`` with its errors counted, as the approval's wait counts its failed reads
+    (``engine.FailedReads``): a poke that raises other than Airflow's own exceptions (a breach,
+    a lost lease, a skip), say the serving path refusing while a model server restarts or the
+    Kubernetes API unreachable, holds the stage (None). Its count in a row is kept in the run
+    folder per try of the wait (``keep_failed_reads`` by ``ti_id``: the next poke may run on another worker)
+    and set back to 0 by a poke that succeeds; the ``guard_error_limit``-th in a row fails the
+    stage naming the error. Airflow's retries are not reset by the pokes that succeed between
+    errors: counted by them, three passing outages over a stage rolled it back. Where the count
+    cannot be kept (no try id, the run folder failing) the error fails the try as it is."""
+    from vision_rollout.engine import FailedReads
+
+    try:
+        verdict = look_at_stage(params, index, applied, run_id, wait)
+    except AirflowException:
+        raise
+    except Exception as exc:
+        if not ti_id:
+            raise
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        try:
+            reads = FailedReads(spec_from(params).guard_error_limit, failed_reads_kept(params, ti_id))
+            ended = reads.judge(None, error) is not None
+            keep_failed_reads(params, ti_id, 0 if ended else reads.count)
+        except OSError as kept:
+            log.warning("the poke's error is not counted in the run folder: %s", str(kept)[:300])
+            raise exc from None
+        if ended:
+            raise AirflowFailException(
+                f"stage {index + 1}: its pokes failed {reads.count} times in a row (guard_error_limit), "
+                f"the last time: {error}"
+            ) from exc
+        log.warning(
+            "stage %d: holding: the poke failed (%d of %d in a row): %s", index + 1, reads.count, reads.limit, error
+        )
+        return None
+    try:
+        if ti_id and failed_reads_kept(params, ti_id):
+            keep_failed_reads(params, ti_id, 0)
+    except OSError as exc:
+        log.warning("the count of the poke's errors stays in the run folder: %s", str(exc)[:300])
+    return verdict
+
+
 def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[str, Any]:
     """The stage's verdict as its report shows it: with a check ``runs`` when the stage ran
     more than once (``attempts.runs_sentence``), and, when its test was restarted, its summary
@@ -957,7 +1008,8 @@ def last_stage_start(params: dict[str, Any], ti: Any) -> float:
 
 
 def failed_reads_folder(params: dict[str, Any]) -> Folder:
-    """Where the approval waits of the run's model keep their failed reads of the guards."""
+    """Where the approval waits of the run's model keep their failed reads of the guards, and its
+    stages' waits the count of their pokes that raised (``poke_stage``)."""
     return approvals_folder(spec_from(params).model)
 
 

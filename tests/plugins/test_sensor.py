@@ -17,7 +17,9 @@ LOOSE = {"latency_margin": 1.0, "error_margin": 0.05, "accuracy_margin": 0.02}  
 
 
 class TaskInstance:
-    """What the sensor uses of its task instance: XCom pushes."""
+    """What the sensor uses of its task instance: XCom pushes (and its id, when a test sets it)."""
+
+    id: str | None = None
 
     def __init__(self) -> None:
         self.pushed: dict[str, object] = {}
@@ -214,3 +216,50 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
         )
     finally:
         again.stop()
+
+
+def test_pokes_that_raise_hold_the_stage_until_guard_error_limit_in_a_row(stage, repo_copy, tmp_path):
+    """A poke that raises (the serving path refusing: a model server restarting) holds the stage,
+    counted in the run folder (the next poke may run on another worker), not a failed try of
+    Airflow's: its retries, never reset by the pokes that succeed between, failed the stage and
+    rolled back on three passing outages over a whole stage. A poke that succeeds sets the
+    count back to 0; the ``guard_error_limit``-th in a row fails the stage naming the error."""
+    import signal
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from devstack.processes import start_model_server
+
+    server, log_dir, started, _ = stage
+    # A replay round due at each poke once 10 s passed since the last (look interval: bake / looks).
+    p = params(bake_seconds=20, max_stage_seconds=900, min_samples=100_000, guard_error_limit=3, restarts_max=5)
+    ti = TaskInstance()
+    ti.id = "0193c1a8-5f0e-7b7e-9a51-6f2d3c4b5a69"  # one try of the wait, as Airflow's task instance
+
+    def down() -> None:
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(timeout=10)
+
+    down()
+    assert [poke(p, started, ti).is_done for _ in range(2)] == [False, False]  # 2 of 3
+    server = start_model_server(
+        repo_copy,
+        tmp_path,
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.5",
+        "--state-dir",
+        str(tmp_path / f"state-{server.port}"),
+        token="t",
+        port=server.port,
+    )
+    try:
+        assert poke(p, started, ti).is_done is False  # served: the count back to 0
+    finally:
+        down()
+    time.sleep(10)
+    assert [poke(p, started, ti).is_done for _ in range(2)] == [False, False]
+    with pytest.raises(AirflowFailException, match="3 times in a row") as failed:
+        poke(p, started, ti)
+    assert ti.pushed["failure"] == str(failed.value)[:1000]
