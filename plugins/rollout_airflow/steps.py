@@ -147,8 +147,11 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Take the model's lease (one rollout of a model at a time); check where the run starts
     (``start_from_steady``); verify the candidate before any traffic; then, in local mode, load it
     beside the baseline; in kubernetes mode (mesh ``istio``), plan its image build (``build``: run
-    by ``buildkit_build``). A run refused before its load gives the lease back: it changed nothing
-    its teardown or failure callback should undo (they would take what serves for its own)."""
+    by ``buildkit_build``). It fails giving the model back, whatever failed it (a refusal, a bug, a
+    disk or the model server failing; a retry takes it again): in Airflow nothing else of the run
+    runs once its setup failed, the teardown neither. Refused before its load, it changed nothing
+    its teardown or failure callback should undo (they would take what serves for its own); after,
+    the candidate is unloaded first (``given_back``)."""
     from vision_rollout.images import verify_model
 
     spec = spec_from(params)
@@ -183,25 +186,42 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
                 **warned,
                 "build": build_plan(spec, report.sha256, settings.build_for(spec.model)),
             }
-    except AirflowFailException:
+    except Exception:
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
         # Once that run's routes were put back, its rollback is finished here: its floor too.
         if left is not None and spec.mesh == "istio":
             release_leftover_floors(spec, hook, keep=None)
-        lock.release(run_id, to=before if left is None else None)
+        given_back(params, run_id, lock, to=before if left is None else None)
         raise
-    # The stable routes pinned first: without a policy the model server routes everything to the
-    # highest loaded version, the candidate (unjudged) from the moment it loads, and a retry of
-    # this task would find it serving and give the lease up, leaving it there.
-    settings.admin.set_traffic(spec.model, spec.stable_policy())
-    settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
-    # The server loads the file as it is now: replaced since it was verified, it is not the
-    # artifact this report describes (its teardown unloads it; nothing routes to it).
-    changed = unverified(spec, hook, report.sha256)
-    if changed:
-        raise AirflowFailException(f"candidate artifact refused: {changed}; no traffic was moved to it")
+    try:
+        # The stable routes pinned first: without a policy the model server routes everything to
+        # the highest loaded version, the candidate (unjudged) from the moment it loads, and a
+        # retry of this task would find it serving and give the lease up, leaving it there.
+        settings.admin.set_traffic(spec.model, spec.stable_policy())
+        settings.admin.load(spec.model, [spec.baseline_version, spec.candidate_version])
+        # The server loads the file as it is now: replaced since it was verified, it is not the
+        # artifact this report describes (nothing routes to it).
+        changed = unverified(spec, hook, report.sha256)
+        if changed:
+            raise AirflowFailException(f"candidate artifact refused: {changed}; no traffic was moved to it")
+    except Exception:
+        given_back(params, run_id, lock, loaded=True)
+        raise
     return {**report.to_dict(), **warned}
+
+
+def given_back(params: dict[str, Any], run_id: str, lock: Any, to: Holding | None = None, loaded: bool = False) -> None:
+    """A failing ``build_image``'s model given back: ``loaded``, the candidate unloaded first
+    (``restore_stable``); then the lease released (to ``to``, the holding it took over). Should
+    that fail, it is logged and the lease stays: the run's failure callback (``finish``) tries
+    again, or it expires; the task fails on its own error."""
+    try:
+        if loaded:
+            restore_stable(params, run_id)
+        lock.release(run_id, to=to)
+    except Exception as exc:
+        log.warning("the model is not given back (the failure callback tries again): %s", str(exc)[:500])
 
 
 def preflight(spec: RolloutSpec, validation: Path) -> list[str]:

@@ -885,9 +885,55 @@ def test_a_candidate_replaced_after_its_check_is_refused_at_its_load(server_fact
         steps.build_image(PARAMS, "run-a")
     admin = steps.serving().settings.admin
     assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
-    with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
-        steps.ensure_stable(PARAMS, "run-a", None, None, None)  # the teardown
+    # The teardown does not run after its setup failed: build_image unloaded it and gave the model back.
     assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+    assert steps.serving().model_lock("digits", "local").holding() is None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["verify", "load"])
+def test_a_first_step_failing_on_an_error_of_no_kind_it_knows_gives_the_model_back(
+    server_factory, repo_copy, monkeypatch, tmp_path, where
+):
+    """build_image failing on an error that is not a refusal (a bug, a disk error while the
+    candidate is read, the model server failing its load): the lease stayed this run's, and in
+    Airflow nothing else runs after the setup failed (the teardown too is upstream_failed), so
+    the model stayed locked until the failure callback or the lease's expiry, the candidate
+    loaded. A retry takes it again."""
+    import vision_rollout.images
+    from vision_rollout.serving import AdminError, ModelServerAdmin
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    if where == "verify":
+
+        def unreadable(*args, **kwargs):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(vision_rollout.images, "verify_model", unreadable)
+        failed = OSError
+    else:
+        load = ModelServerAdmin.load
+
+        def load_then_fail(self, model, versions):
+            load(self, model, versions)
+            if len(versions) == 2:  # (answered late: the candidate loaded all the same)
+                raise AdminError("model server POST /v2/repository/models/digits/load: timed out")
+
+        monkeypatch.setattr(ModelServerAdmin, "load", load_then_fail)
+        failed = AdminError
+    with pytest.raises(failed):
+        steps.build_image(PARAMS, "run-a")
+    admin = steps.serving().settings.admin
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+    assert steps.serving().model_lock("digits", "local").holding() is None
+    monkeypatch.undo()
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    assert steps.build_image(PARAMS, "run-a")["sha256"]  # its retry
+    assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
 
 
 def built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path) -> tuple[dict, dict]:
