@@ -92,10 +92,11 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     restore(context)
 
 
-def verified(ti: Any) -> str | None:
-    """The sha256 of the candidate's file as build_image verified it (its XCom)."""
+def build_report(ti: Any, field: str) -> Any:
+    """A field of build_image's report (its XCom): ``sha256``, of the candidate's file as it
+    verified it; ``preflight``, its warnings. None when it has none."""
     report = ti.xcom_pull(task_ids="build_image")
-    return report.get("sha256") if isinstance(report, dict) else None
+    return report.get(field) if isinstance(report, dict) else None
 
 
 def rollout_params() -> dict[str, Param]:
@@ -151,7 +152,7 @@ def model_rollout() -> None:
 
     @task
     def promote(params: dict[str, Any], run_id: str, ti: Any) -> str:
-        return steps.promote(params, run_id, ti.xcom_pull(task_ids="decide", key="outcome"), verified(ti))
+        return steps.promote(params, run_id, ti.xcom_pull(task_ids="decide", key="outcome"), build_report(ti, "sha256"))
 
     @task
     def rollback(params: dict[str, Any], run_id: str) -> str:
@@ -160,9 +161,8 @@ def model_rollout() -> None:
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
         outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
-        built = ti.xcom_pull(task_ids="build_image") or {}
-        preflight = built.get("preflight") if isinstance(built, dict) else None
-        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], preflight)
+        warned = build_report(ti, "preflight")
+        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], warned)
 
     @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
@@ -178,7 +178,7 @@ def model_rollout() -> None:
                 previous: dict[str, Any] | None, params: dict[str, Any], run_id: str, ti: Any
             ) -> dict[str, Any]:
                 with steps.failure_kept(ti):
-                    return steps.apply_weights(params, index, run_id, previous, verified(ti))
+                    return steps.apply_weights(params, index, run_id, previous, build_report(ti, "sha256"))
 
             @task
             def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:
