@@ -11,7 +11,8 @@
                         [--force]          (refused while a DAG run holds the Lease rollout-N, unless --force)
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
-                 (--prometheus URL | --no-hard-guards) [--state-file F] [--outbox DIR] [--lock-dir DIR]
+                 (--prometheus URL | --no-hard-guards) [--sha256 HEX] [--state-file F] [--outbox DIR]
+                 [--lock-dir DIR]
                                                      (a whole rollout on the model server's router)
   rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
   rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--budget-s 120] [--json]
@@ -195,6 +196,12 @@ def _token(path: Path | None) -> str | None:
     if not token:
         raise UsageError(f"--token-file {path}: is empty")
     return token
+
+
+def _sha256(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"a sha256 is 64 hexadecimal digits, not {text[:80]!r}")
+    return text.lower()
 
 
 def _model(text: str) -> str:
@@ -531,16 +538,18 @@ def _where_routes_are(router: Any, spec: Any) -> str:
     return f"the routes are NOT back to version {spec.baseline_version}: {json.dumps(routes.to_dict())}"
 
 
-def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) -> dict[str, int]:
+def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) -> tuple[dict[str, int], str]:
     """What a rollout needs, checked before any route changes (the DAG's build_image checks the
     same before its first stage): the validation set, the model server with both versions
     loaded and the baseline alone serving (no rollout in progress: two runs at once each drove
-    the routes and both said PROMOTED), and Prometheus answering (a mistyped URL held the first
-    stage, the canary taking its share, until max_stage_seconds). The validation labels."""
+    the routes and both said PROMOTED), serving the candidate from the bytes ``--sha256`` names
+    (``rolloutctl verify-model``'s), and Prometheus answering (a mistyped URL held the first
+    stage, the canary taking its share, until max_stage_seconds). The validation labels, and
+    the sha256 of the candidate the rollout judges (``--sha256``, else the one served now)."""
     from vision_rollout.engine import validation_labels
     from vision_rollout.mesh import RouterError, not_steady
     from vision_rollout.metrics import MetricsError
-    from vision_rollout.serving import AdminError
+    from vision_rollout.serving import AdminError, not_as_verified
 
     try:
         labels = validation_labels(args.validation)
@@ -564,6 +573,9 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
                     f"load it beside version {spec.baseline_version} first: POST /v2/repository/models/{spec.model}"
                     f"/load with {json.dumps(load)} and the admin token (tritonclient's load_model)"
                 )
+        verified = args.sha256 or router.admin.served_sha256(spec.model, spec.candidate_version)
+        if changed := not_as_verified(router.admin, spec.model, spec.candidate_version, verified):
+            raise CommandError(f"not where a rollout starts, nothing changed: {changed} (--sha256)")
     except (RouterError, AdminError) as exc:
         raise CommandError(f"nothing changed: {exc}") from None
     if source is not None:
@@ -571,7 +583,7 @@ def _preflight(args: argparse.Namespace, spec: Any, router: Any, source: Any) ->
             source.scrape_interval_s()
         except MetricsError as exc:
             raise CommandError(f"Prometheus cannot be read, nothing changed: {exc}") from None
-    return labels
+    return labels, verified
 
 
 def _stores_answer(args: argparse.Namespace) -> None:
@@ -665,18 +677,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = PrometheusSource(args.prometheus) if args.prometheus else None
     with _stopped_by_signals(), _Lease(args.lock_dir, spec.model) as lease:
         try:
-            labels = _preflight(args, spec, router, source)
+            labels, verified = _preflight(args, spec, router, source)
         except Interrupted as exc:
             print(f"INTERRUPTED by {exc} before any route changed", flush=True)
             return 128 + exc.signum
         lease.touched = True
-        return _run(args, spec, router, source, labels, lease, unguarded)
+        return _run(args, spec, router, source, labels, lease, unguarded, verified)
 
 
 def _run(
-    args: argparse.Namespace, spec: Any, router: Any, source: Any, labels: dict[str, int], lease: _Lease, unguarded: str
+    args: argparse.Namespace,
+    spec: Any,
+    router: Any,
+    source: Any,
+    labels: dict[str, int],
+    lease: _Lease,
+    unguarded: str,
+    verified: str | None = None,
 ) -> int:
-    """``cmd_run`` once its start checks passed, the model held and signals caught."""
+    """``cmd_run`` once its start checks passed, the model held and signals caught. ``verified``:
+    the candidate's sha256, which the model server must serve before each stage, at each look
+    and before the promotion (``serving.not_as_verified``), as in the DAG."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow, preflight
     from vision_rollout.folders import Folder
@@ -689,6 +710,7 @@ def _run(
         rollback_message,
         stage_message,
     )
+    from vision_rollout.serving import not_as_verified
 
     if unguarded:
         print(f"rolloutctl run: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
@@ -757,7 +779,12 @@ def _run(
             send(rollback_message(spec, stopped, restored=restored))
         return where
 
-    rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit)
+    def changed() -> str | None:
+        if verified is None:
+            return None
+        return not_as_verified(router.admin, spec.model, spec.candidate_version, verified)
+
+    rollout = Rollout(spec, router, look, on_stage=report, audit=shadow_audit, changed=changed)
     state_file = getattr(args, "state_file", None)
     try:  # an earlier run's record: the router records the routes this run finds (it keeps a record there)
         if state_file is not None:
@@ -1285,6 +1312,12 @@ def parser() -> argparse.ArgumentParser:
         "--state-file",
         type=Path,
         help="also record the routes found before the rollout in this file, replacing an earlier run's (none by default)",
+    )
+    r.add_argument(
+        "--sha256",
+        type=_sha256,
+        help="the candidate's sha256 as verify-model reported it: the model server must serve those bytes "
+        "(default: those it serves at the start), checked before each stage, at each look and before promoting",
     )
     r.add_argument("--outbox", type=_folder, help="write the Slack reports here (a folder or s3://...)")
     r.add_argument(

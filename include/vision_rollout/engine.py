@@ -1056,7 +1056,10 @@ class Rollout:
     """Stages in order, each poked every look interval until it ends; once all passed, the shadow
     audit of the rollout's records (``audit(start, end)``), and the decision the DAG takes on the
     same evidence (``judge_evidence``): with a mirror, no audit (or one that did not pass) rolls
-    back. Every way out of a failed or interrupted rollout puts the stable version back at 100%."""
+    back. Every way out of a failed or interrupted rollout puts the stable version back at 100%.
+    ``changed``: why the candidate served is not the one verified (``serving.not_as_verified``),
+    None when it is; asked before each stage's weights, at each look and before promoting, as the
+    DAG's steps do: a stage fails on it, a promotion does not happen."""
 
     def __init__(
         self,
@@ -1068,11 +1071,13 @@ class Rollout:
         on_stage: Callable[[StageOutcome], None] | None = None,
         poke_s: float | None = None,
         audit: Callable[[float, float], AuditResult] | None = None,
+        changed: Callable[[], str | None] = lambda: None,
     ):
         self.spec, self.router, self.look = spec, router, look
         self.clock, self.sleep, self.on_stage = clock, sleep, on_stage
         self.poke_s = poke_s if poke_s is not None else poke_interval(spec)
         self.audit = audit
+        self.changed = changed
 
     def promote(self) -> None:
         """100% candidate, mirror off."""
@@ -1082,11 +1087,16 @@ class Rollout:
         restore_stable(self.spec, self.router)
 
     def stage(self, index: int, weight: int) -> StageOutcome:
+        if changed := self.changed():
+            return StageOutcome(weight, "fail", f"{changed}; no more weight moves to it", 0, 0.0, None)
         self.router.set_routes(self.spec.policy_for_stage(weight))
         window = StageWindow(index, weight, self.clock())
-        while not (state := self.look(window)).done:
+        while not (changed := self.changed()) and not (state := self.look(window)).done:
             log.info("stage %d%%: %s", weight, state.reason)
             self.sleep(self.poke_s)
+        if changed:  # (its share served by bytes no check saw)
+            reason = f"{changed}; the stage's evidence is not of the file verified"
+            return StageOutcome(weight, "fail", reason, 0, self.clock() - window.started, None)
         decision = "pass" if state.status == "pass" else "fail"
         return StageOutcome(weight, decision, state.reason, state.look, self.clock() - window.started, state.verdict)
 
@@ -1118,6 +1128,8 @@ class Rollout:
             audit = self.shadow_audit(started)
             verdicts = [{"decision": o.decision, "summary": o.reason} for o in outcomes]
             decision, reason = judge_evidence(self.spec, verdicts, None if audit is None else audit.to_dict())
+            if decision == "promote" and (changed := self.changed()):
+                decision, reason = "rollback", f"{changed}; version {self.spec.candidate_version} is not promoted"
             if decision != "promote":
                 self.restore_stable()
                 return RolloutResult(False, outcomes, reason, audit)

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model_server.traffic import TrafficPolicy
@@ -205,3 +206,33 @@ class ModelServerAdmin:
     def infer(self, model: str, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Any:
         """A KServe v2 JSON inference with the admin token (which ``X-Shadow-Probe`` needs)."""
         return self.call("POST", f"/v2/models/{self._model(model)}/infer", body, headers)
+
+
+def not_as_verified(
+    admin: ModelServerAdmin, model: str, version: str, verified: str, path: Path | None = None
+) -> str | None:
+    """Why version ``version`` of ``model`` as the model server serves it is not the file verified
+    (``verified``, its sha256); None when it is. Any load, and a restart of the server, reads the
+    version's file again: written over since, the stages judged, and a promotion carried to 100%,
+    bytes no check saw. ``path``: the version's file too, which the next load serves. The DAG's
+    steps and ``rolloutctl run`` check it before each stage, at each look and before promoting."""
+    what = f"version {version}"
+    served = admin.served_sha256(model, version)
+    if served != verified:
+        return (
+            f"{what} as the model server loaded it (sha256 {served[:16]}) is not the file verified "
+            f"(sha256 {verified[:16]}): it changed after its check"
+        )
+    if path is not None:
+        from model_server.model import file_sha256
+
+        try:
+            found = file_sha256(path)
+        except OSError as exc:
+            return f"{what}'s file {path} cannot be read ({exc}): the next load would not serve the file verified"
+        if found != verified:
+            return (
+                f"{what}'s file {path} (sha256 {found[:16]}) is not the file verified (sha256 {verified[:16]}): "
+                "it changed after its check, and the next load would serve it"
+            )
+    return None

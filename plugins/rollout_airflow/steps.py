@@ -257,34 +257,15 @@ def release_leftover_floors(spec: RolloutSpec, hook: ModelServerHook, keep: str 
 
 def unverified(spec: RolloutSpec, hook: ModelServerHook, verified: str | None, on_disk: bool = False) -> str | None:
     """Local mode: why the candidate the model server serves is not the file ``build_image``
-    verified (``verified``, its sha256), None when it is (or nothing was verified: kubernetes
-    mode, whose image ``VersionDeployments.changed`` checks). Any load, and a restart of the
-    server, reads the version's file again: written over since, the stages judged, and a
-    promotion carried to 100%, bytes no check saw. ``on_disk``: the file in the repository too,
-    which the next load serves."""
+    verified (``verified``, its sha256; ``serving.not_as_verified``), None when it is (or nothing
+    was verified: kubernetes mode, whose image ``VersionDeployments.changed`` checks).
+    ``on_disk``: the file in the repository too, which the next load serves."""
+    from vision_rollout.serving import not_as_verified
+
     if verified is None or spec.mesh != "local":
         return None
-    what = f"version {spec.candidate_version}"
-    served = hook.settings.admin.served_sha256(spec.model, spec.candidate_version)
-    if served != verified:
-        return (
-            f"{what} as the model server loaded it (sha256 {served[:16]}) is not the file verified "
-            f"(sha256 {verified[:16]}): it changed after its check"
-        )
-    if on_disk:
-        from model_server.model import file_sha256
-
-        path = hook.settings.repository / spec.model / spec.candidate_version / "model.onnx"
-        try:
-            found = file_sha256(path)
-        except OSError as exc:
-            return f"{what}'s file {path} cannot be read ({exc}): the next load would not serve the file verified"
-        if found != verified:
-            return (
-                f"{what}'s file {path} (sha256 {found[:16]}) is not the file verified (sha256 {verified[:16]}): "
-                "it changed after its check, and the next load would serve it"
-            )
-    return None
+    path = hook.settings.repository / spec.model / spec.candidate_version / "model.onnx"
+    return not_as_verified(hook.settings.admin, spec.model, spec.candidate_version, verified, path if on_disk else None)
 
 
 def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> str | None:

@@ -1004,6 +1004,61 @@ def rolloutctl(argv: list[str], **popen: object) -> object:
 
 
 @pytest.mark.integration
+def test_run_rolls_back_a_candidate_served_from_other_bytes_than_it_started_with(
+    server_factory, repo_copy, models_dir, tmp_path, capsys
+):
+    """The DAG checks at each stage, poke and promotion that the model server serves the bytes
+    verified; ``run`` did not: version 2's file written over mid-stage and loaded again (another's
+    load, a server restart), the looks judged bytes nobody verified, and a promotion carried them
+    to 100%. The next look rolls back, naming both digests (exit 1); ``--sha256`` (verify-model's)
+    that the server does not serve is refused at the start, nothing changed."""
+    import hashlib
+    import subprocess
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    stable = {"route": [{"version": "1", "weight": 100}]}
+    s.api.set_traffic("digits", TrafficPolicy.from_dict(stable))
+    v2, v3 = (repo_copy / "digits" / v / "model.onnx" for v in ("2", "3"))
+    spec = {"stages": [50, 100], "bake_seconds": 120, "max_stage_seconds": 120}
+    served_bytes = v2.read_bytes()
+    served = hashlib.sha256(served_bytes).hexdigest()
+    argv = run_argv(s, tmp_path, models_dir, spec, "--no-hard-guards", "--outbox", str(tmp_path / "outbox"))
+    proc = rolloutctl(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while s.api.traffic("digits").to_dict()["route"][0]["weight"] != 50:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        v2.write_bytes(v3.read_bytes())
+        s.api.load("digits", [1, 2])  # read again
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("ROLLED BACK: stage 50%: version 2 as the model server loaded it (sha256 "), out
+    assert f"is not the file verified (sha256 {served[:16]}" in last
+    assert "the stage's evidence is not of the file verified" in last
+    assert "Traceback" not in err
+    assert s.api.traffic("digits").to_dict() == stable
+    v2.write_bytes(served_bytes)
+    s.api.load("digits", [1, 2])
+    other = hashlib.sha256(v3.read_bytes()).hexdigest()
+    code, out, err = run(capsys, *argv, "--sha256", other)
+    assert (code, out) == (4, ""), err
+    assert f"is not the file verified (sha256 {other[:16]})" in err
+    assert "nothing changed" in err
+    assert s.api.traffic("digits").to_dict() == stable
+    code, _, err = run(capsys, *argv, "--sha256", "not-a-digest")
+    assert code == 2
+    assert "a sha256 is 64 hexadecimal digits" in err
+
+
+@pytest.mark.integration
 def test_status_and_abort_of_a_running_rollout(server_factory, repo_copy, models_dir, tmp_path, capsys):
     """``rolloutctl status`` names the run holding the model, its lease, its last word and the
     routes in effect (exit 3 while it runs, 0 once none does); ``rolloutctl abort`` puts the
@@ -1116,6 +1171,7 @@ class _ServerRoutes:
         monkeypatch.setattr(LocalRouter, "get_routes", lambda router: self.routes)
         monkeypatch.setattr(LocalRouter, "set_routes", set_routes)
         monkeypatch.setattr(ModelServerAdmin, "ready", lambda admin, model, version: True)
+        monkeypatch.setattr(ModelServerAdmin, "served_sha256", lambda admin, model, version: "0" * 64)
 
 
 def test_an_abort_reason_and_a_runs_last_word_reach_the_terminal_as_plain_text(tmp_path, capsys, monkeypatch):

@@ -653,6 +653,32 @@ def test_a_stage_that_does_not_pass_restores_stable(status):
     assert router.history[-1] == {"route": [{"version": "1", "weight": 100}]}
 
 
+@pytest.mark.parametrize(
+    ("changed_at", "reason"),
+    [
+        (1, "stage 50%: version 2 is not the file verified; no more weight moves to it"),
+        (2, "stage 50%: version 2 is not the file verified; the stage's evidence is not of the file verified"),
+        (5, "version 2 is not the file verified; version 2 is not promoted"),
+    ],
+)
+def test_a_candidate_served_from_other_bytes_moves_no_more_weight_and_is_not_promoted(changed_at, reason):
+    """``changed`` (the served candidate checked against the bytes verified) is asked before each
+    stage's weights, at each look and before the promotion: once it names a change, no more
+    weight moves to the candidate and it is not promoted; the stable version takes 100% again."""
+    asked = []
+
+    def changed():
+        asked.append(1)
+        return "version 2 is not the file verified" if len(asked) >= changed_at else None
+
+    router = RecordingRouter()
+    s = spec(mirror_percent=0)  # (no shadow audit needed)
+    result = Rollout(s, router, scripted(["pass", "pass"]), sleep=lambda _: None, changed=changed).run()
+    assert (result.promoted, result.reason) == (False, reason)
+    written = [s.policy_for_stage(w).to_dict() for w in s.stages][: {1: 0, 2: 1, 5: 2}[changed_at]]
+    assert router.history == [*written, s.stable_policy().to_dict()]  # (the 100% stage's: no mirror)
+
+
 def test_an_exception_restores_stable():
     router = RecordingRouter()
 
