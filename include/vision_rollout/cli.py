@@ -35,7 +35,8 @@ a rollout holds the model), 4 error (a server, a store or a file could not be us
 was not where a rollout starts, or no rollout to abort: nothing was decided; abort: the run marked
 aborted but the stable version not written back, as its line says; outbox send: a report Slack did
 not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
-SIGTERM), after the stable version is put back. Errors go to stderr in one line, results to stdout.
+SIGTERM), after the stable version is put back. Errors go to stderr in one line, results to stdout;
+with --json an error is also one JSON object on stdout: {"error": "...", "exit": N}.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,23 @@ class UsageError(Exception):
 
 
 class CommandError(Exception):
-    """What the command needs could not be used, or refused it: exit 4, nothing decided."""
+    """What the command needs could not be used, or refused it: exit 4, nothing decided.
+    ``result``: what the command could tell all the same, the object ``--json`` prints with the
+    error."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class _ArgumentsRefused(Exception):
+    """argparse's usage error, once its usage line is printed: exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise _ArgumentsRefused(self.prog, _one_line(message))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -986,8 +1003,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "expires_in_s": round(held.expires - now, 1),
             }
         out["routes"] = routes.to_dict() if routes is not None else None
-        if unread:
-            out["routes_error"] = unread
+        if unread:  # (printed with the error, by main)
+            raise CommandError(unread, {**out, "routes_error": unread})
         print(json.dumps(out, indent=2))
     else:
         if state == "none":
@@ -1225,9 +1242,7 @@ def _operator() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = _Parser(prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log each step (each poke of run), with tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gate", help="judge a canary from samples (CSV or Parquet)")
@@ -1449,21 +1464,37 @@ def _logging(verbose: bool) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _failed(wants_json: bool, said: str, error: str, code: int, result: dict[str, Any] | None = None) -> int:
+    """An error: ``said`` on stderr, the line the command ends on; with ``--json`` also one JSON
+    object on stdout, ``result`` (what the command could tell all the same) with ``error`` and
+    ``exit``, so that a script reading stdout gets an answer, as from ``kubectl -o json``."""
+    print(said, file=sys.stderr)
+    if wants_json:
+        print(json.dumps({**(result or {}), "error": error, "exit": code}, indent=2), flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = parser()
     try:
         args = p.parse_args(argv)
-    except SystemExit as exc:  # argparse's own usage errors
+    except SystemExit as exc:  # --help
         return USAGE if exc.code else 0
+    except _ArgumentsRefused as exc:  # argparse's own usage errors, after its usage line
+        prog, error = exc.args
+        return _failed("--json" in argv, f"{prog}: error: {error}", error, USAGE)
     _logging(args.verbose)
+    wants_json, command = bool(getattr(args, "json", False)), f"rolloutctl {args.command}"
     try:
         return int(args.func(args))
     except UsageError as exc:
-        print(f"rolloutctl {args.command}: {_one_line(str(exc))}", file=sys.stderr)
-        return USAGE
+        error = _one_line(str(exc))
+        return _failed(wants_json, f"{command}: {error}", error, USAGE)
     except KeyboardInterrupt as exc:  # (run handles its own, the stable version back first)
-        print(f"rolloutctl {args.command}: interrupted", file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)
+        return _failed(
+            wants_json, f"{command}: interrupted", "interrupted", 128 + getattr(exc, "signum", signal.SIGINT)
+        )
     except Exception as exc:
         from vision_rollout.locks import LockError
         from vision_rollout.mesh import RouterError
@@ -1472,8 +1503,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, (CommandError, RouterError, AdminError, MetricsError, LockError, OSError)):
             traceback.print_exc()  # not one the command knows: its trace, for a bug report
-        print(f"rolloutctl {args.command}: error: {_message(exc)}", file=sys.stderr)
-        return ERROR
+        error = _message(exc)
+        result = exc.result if isinstance(exc, CommandError) else None
+        return _failed(wants_json, f"{command}: error: {error}", error, ERROR, result)
 
 
 if __name__ == "__main__":

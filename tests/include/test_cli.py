@@ -558,13 +558,61 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
     assert "does not load in ONNX Runtime" in out
 
 
+@pytest.mark.parametrize(
+    ("argv", "code", "words"),
+    [
+        (["gate", "--samples", "{tmp}/none.csv"], 2, "no such file"),
+        (["gate", "--samples", "{tmp}/s.csv", "--set", "alpha=NaN"], 2, "is not a finite number"),
+        (["gate", "--samples", "{tmp}/s.csv", "--looks", "many"], 2, "argument --looks: invalid int value: 'many'"),
+        (["gate"], 2, "the following arguments are required: --samples"),
+        (["audit", "--prediction-log", "{tmp}/none"], 2, "no such folder"),
+        (["audit", "--prediction-log", "{tmp}", "--out", "{tmp}/report"], 2, "holds a report already"),
+        (["verify-model", "{tmp}/none.onnx"], 2, "no such file"),
+        (["outbox", "list", "--outbox", "{tmp}/none"], 2, "--outbox: no such folder"),
+        (["outbox", "send", "--outbox", "{tmp}"], 2, "send needs --token-file"),
+        (["status", "--model", "digits", "--lock-dir", "{tmp}/locks"], 4, "unreadable lock file"),
+        (["status", "--model", "no model!", "--lock-dir", "{tmp}"], 2, "not a model name"),
+        (["prune", "--run-dir", "{tmp}/none"], 2, "--run-dir: no such folder"),
+        (["prune", "--run-dir", "{tmp}", "--limit", "0"], 2, "--limit: 1 to 100000, not 0"),
+    ],
+)
+def test_every_command_with_json_answers_a_refusal_with_one_json_object(tmp_path, capsys, argv, code, words):
+    """A script reading ``--json`` from stdout got nothing on an error (the line was on stderr
+    alone), then failed parsing an empty string. stdout has one JSON object naming the error
+    and the exit code, as ``kubectl -o json`` answers; the error stays on stderr in one line."""
+    samples(300).to_csv(tmp_path / "s.csv", index=False)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("an earlier audit")
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "digits.lock").write_text("{not json")
+    code_, out, err = run(capsys, *(a.replace("{tmp}", str(tmp_path)) for a in argv), "--json")
+    answer = json.loads(out)
+    assert (code_, answer["exit"]) == (code, code), err
+    assert words in answer["error"]
+    assert err.strip().splitlines()[-1].startswith("rolloutctl ")
+    assert words in err.strip().splitlines()[-1]
+
+
+def test_status_with_json_whose_routes_cannot_be_read_prints_the_lease_with_the_error(tmp_path, capsys):
+    """``status --json`` with a model server that does not answer printed the lock's part, then
+    main's error: stdout held one object and stderr the error. Now one object holds both, exit 4."""
+    code, out, err = run(
+        capsys, "status", "--model", "digits", "--lock-dir", str(tmp_path), "--url", "http://127.0.0.1:9", "--json"
+    )
+    answer = json.loads(out)
+    assert (code, answer["exit"], answer["state"], answer["routes"]) == (4, 4, "none", None)
+    assert "unreachable" in answer["error"]
+    assert answer["routes_error"] == answer["error"]
+    assert "unreachable" in err
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_a_threshold_that_is_not_a_number_is_refused(tmp_path, capsys, value):
     """``--set p99_ms_max=NaN`` (or NaN in run's spec file) passed every bound and turned the guard off."""
     path = tmp_path / "s.csv"
     samples(3000).to_csv(path, index=False)
     code, out, err = run(capsys, "gate", "--samples", str(path), "--set", f"p99_ms_max={value}", "--json")
-    assert (code, out) == (2, "")
+    assert (code, json.loads(out)["exit"]) == (2, 2)
     assert "is not a finite number" in err
     spec = tmp_path / "spec.json"
     spec.write_text(f'{{"stages": [50, 100], "p99_ms_max": {value}}}')
