@@ -860,10 +860,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it."""
     from vision_rollout.notify import one_line, send_waiting, waiting_reports
 
-    path = args.outbox.path
-    if path is not None and not path.is_dir():  # (a mistyped folder read as an empty outbox)
-        raise UsageError(f"--outbox: no such folder: {str(path)[:200]!r}")
-    args.outbox.check()  # (an object store's bucket that does not exist, likewise)
+    _found("--outbox", args.outbox)
     if args.action == "list":
         found = [w.to_dict() for w in waiting_reports(args.outbox)]
         if args.json:
@@ -916,6 +913,15 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         sent = sum(1 for r in results if r.get("sent"))
         print(f"{sent} of {len(results)} report(s) sent from {args.outbox}")
     return ERROR if any("error" in r or "left" in r for r in results) else 0
+
+
+def _found(flag: str, folder: Any) -> None:
+    """A folder the command reads exists: on this disk, else a usage error naming it (a mistyped
+    folder read as an empty one); in an object store, its bucket answers (``Folder.check``)."""
+    path = folder.path
+    if path is not None and not path.is_dir():
+        raise UsageError(f"{flag}: no such folder: {str(path)[:200]!r}")
+    folder.check()
 
 
 def _shown(name: str) -> str:
@@ -1151,6 +1157,7 @@ def cmd_restart_stage(args: argparse.Namespace) -> int:
     reason = attempts.printable(args.reason or "")[:300]  # (who asked kept after it)
     if not reason:
         raise UsageError("--reason: why the stage's test starts afresh (it is in the stage's report)")
+    _found("--run-dir", args.run_dir)
     folder = workdir(args.run_dir, args.model, args.run_id)
     try:
         record = attempts.request_restart(folder, args.run_id, args.stage - 1, f"{reason} ({_operator()[:150]})")
@@ -1193,14 +1200,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError(f"--retention-days: {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS}, not {args.retention_days}")
     if not 1 <= args.limit <= 100_000:
         raise UsageError(f"--limit: 1 to 100000, not {args.limit}")
-    path = args.run_dir.path
-    if path is not None and not path.is_dir():  # (a mistyped folder read as an empty one)
-        raise UsageError(f"--run-dir: no such folder: {str(path)[:200]!r}")
     if args.name is not None and len(args.model or []) != 1:
         raise UsageError("--name: the VirtualService of one --model (its Lease's name); without it, the model's")
     if args.name is not None and args.namespace is None:
         raise UsageError("--name: with --namespace")
-    args.run_dir.check()
+    _found("--run-dir", args.run_dir)
 
     def lease_holder(model: str) -> str | None:
         holding = _model_lock(args, model).holding()

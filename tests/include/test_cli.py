@@ -1623,6 +1623,18 @@ def test_restart_stage_keeps_a_reason_printable_and_who_asked(tmp_path, capsys):
     assert " on " in reason  # who asked, from where
 
 
+def test_restart_stage_with_a_mistyped_run_folder_names_the_folder(tmp_path, capsys):
+    """A --run-dir that does not exist (a typo, the wrong machine) was read as an empty run
+    folder: "stage 1 of run 'run-a' has not started", exit 4, sending whoever asked to look for
+    a run that is there. It is a usage error naming the folder, as for prune and outbox."""
+    missing = tmp_path / "rnu"
+    args = ["restart-stage", "--run-dir", str(missing), "--model", "digits", "--run-id", "run-a", "--stage", "1"]
+    code, out, err = run(capsys, *args, "--reason", "fixed")
+    assert (code, out) == (2, "")
+    assert f"--run-dir: no such folder: {str(missing)!r}" in err
+    assert not missing.exists()
+
+
 def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tmp_path, capsys):
     """Every model's run folders (a model the hourly audit does not audit too), the approval
     waits' counts killed tasks left, the outbox's leftovers: listed with --dry-run, then removed;
