@@ -181,10 +181,15 @@ def _lock_dir(text: str) -> Path:
     return path
 
 
+def _no_file(path: Path) -> str:
+    """Why ``path`` is no file to read: it is not there, or is a folder or a device."""
+    return "not a file (a folder or a device)" if path.exists() else "no such file"
+
+
 def _existing_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text[:200]!r}")
+        raise argparse.ArgumentTypeError(f"{_no_file(path)}: {text[:200]!r}")
     return path
 
 
@@ -233,12 +238,13 @@ def _read_samples(path: Path) -> Any:
     import pandas as pd
 
     if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    raise UsageError(f"{path}: samples must be .csv or .parquet")
+        raise UsageError(f"{path}: {_no_file(path)}")
+    if path.suffix not in (".csv", ".parquet"):
+        raise UsageError(f"{path}: samples must be .csv or .parquet")
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as exc:  # (pandas' and pyarrow's parse errors are ValueErrors)
+        raise UsageError(f"{path}: cannot be read as samples: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -545,10 +545,10 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
     assert (code, out) == (2, "")
     assert "no such file" in err
     # A mistyped candidate, or a folder, likewise: it was "FAILED: ... sha256  (0 bytes) on ", exit 1.
-    for mistyped in (tmp_path / "typo.onnx", tmp_path):
+    for mistyped, why in ((tmp_path / "typo.onnx", "no such file"), (tmp_path, "not a file (a folder or a device)")):
         code, out, err = run(capsys, "verify-model", str(mistyped))
         assert (code, out) == (2, "")
-        assert f"no such file: {str(mistyped)!r}" in err
+        assert f"{why}: {str(mistyped)!r}" in err
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not onnx")
     code, out, _ = run(capsys, "verify-model", candidate, "--baseline", str(broken))
@@ -604,6 +604,25 @@ def test_status_with_json_whose_routes_cannot_be_read_prints_the_lease_with_the_
     assert "unreachable" in answer["error"]
     assert answer["routes_error"] == answer["error"]
     assert "unreachable" in err
+
+
+def test_a_samples_or_model_path_that_is_no_readable_file_is_named_as_such(tmp_path, capsys):
+    """gate and verify-model said "no such file" of a folder or a device that is there, and gate
+    quoted a CSV reader's error without the file (a decoding error, "No columns to parse")."""
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "empty.csv").write_text("")
+    for argv, words in (
+        (["gate", "--samples", str(tmp_path / "dir.csv")], f"{tmp_path / 'dir.csv'}: not a file (a folder"),
+        (["gate", "--samples", "/dev/zero"], "/dev/zero: not a file (a folder or a device)"),
+        (["gate", "--samples", str(tmp_path / "bin.csv")], f"{tmp_path / 'bin.csv'}: cannot be read as samples"),
+        (["gate", "--samples", str(tmp_path / "empty.csv")], f"{tmp_path / 'empty.csv'}: cannot be read as samples"),
+        (["verify-model", "/dev/null"], "not a file (a folder or a device): '/dev/null'"),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, out) == (2, ""), err
+        assert words in err
+        assert "no such file" not in err
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
