@@ -652,11 +652,16 @@ class _Lease:
         from vision_rollout.locks import ModelBusy
 
         if self.lock is not None:
-            self.before = self.lock.holding()
             try:
+                self.before = self.lock.holding()
                 self.lock.acquire(self.holder)
             except ModelBusy as exc:
                 raise CommandError(f"nothing changed: {exc}") from None
+            except OSError as exc:  # (a folder that cannot be made or written: nothing was taken)
+                raise CommandError(
+                    f"--lock-dir {self.lock.path.parent}: the model's lock cannot be taken: "
+                    f"{exc.strerror or exc}; nothing changed"
+                ) from None
             except Interrupted:  # perhaps once taken: given back (only this run's holding is)
                 self.lock.release(self.holder, to=self.before)
                 raise

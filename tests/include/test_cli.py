@@ -876,6 +876,25 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
+def test_run_with_a_lock_folder_it_cannot_use_names_it_and_changes_nothing(tmp_path, capsys, models_dir):
+    """--lock-dir under a file (or on a disk that refuses it) ended on "error: NotADirectoryError:
+    [Errno 20] Not a directory: ...", naming neither the flag nor that nothing changed."""
+    (tmp_path / "file").write_text("")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"stages": [50, 100]}))
+    (tmp_path / "log").mkdir()
+    code, out, err = run(
+        capsys,
+        *("run", "--spec", str(spec), "--url", "http://127.0.0.1:9", "--no-hard-guards"),
+        *("--validation", str(models_dir / "digits" / "validation"), "--prediction-log", str(tmp_path / "log")),
+        *("--lock-dir", str(tmp_path / "file" / "locks")),
+    )
+    assert (code, out) == (4, "")
+    assert f"--lock-dir {tmp_path / 'file' / 'locks'}: the model's lock cannot be taken" in err
+    assert err.rstrip().endswith("; nothing changed")
+    assert "NotADirectoryError" not in err
+
+
 def test_two_runs_on_one_host_with_one_pid_do_not_both_hold_the_model(tmp_path):
     """rolloutctl's holder was its host name and pid: two containers sharing the host's network
     (so its name), each rolloutctl their pid 1, named one holder, and the second run took the
