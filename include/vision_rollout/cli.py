@@ -669,10 +669,20 @@ class _Lease:
 
     def renew(self, note: str | None = None) -> None:
         """Renewed, with ``note`` (``rolloutctl status`` shows it); Aborted when the rollout was
-        aborted (``rolloutctl abort``): it rolls back."""
-        from vision_rollout.locks import Aborted
+        aborted (``rolloutctl abort``), or when nobody holds the lock any more (its file or
+        folder removed): it rolls back, no other run's routes being at stake (a run starting
+        meanwhile finds this one's routes and touches nothing). LockLost when another run holds it."""
+        from vision_rollout.locks import Aborted, LockLost
 
-        if self.lock is not None and (held := self.lock.renew(self.holder, note=note)).aborted:
+        if self.lock is None:
+            return
+        try:
+            held = self.lock.renew(self.holder, note=note)
+        except LockLost:
+            if self.lock.holding() is None:
+                raise Aborted(f"aborted: the model's lock {self.lock.where} is gone, nobody holds it") from None
+            raise
+        if held.aborted:
             raise Aborted(f"aborted: {held.aborted}")
 
     def __exit__(self, *exc: Any) -> None:

@@ -1530,6 +1530,38 @@ def test_an_abort_that_lands_while_promoting_is_not_reported_as_a_promotion(tmp_
     assert FileLock("digits", tmp_path).holding() is None
 
 
+def test_a_run_whose_lock_was_removed_mid_stage_puts_the_stable_version_back(tmp_path, monkeypatch, capsys):
+    """The lock's folder removed mid-stage (a cleanup of the run folder, a tmp cleaner): the
+    next renewal found nobody holding the model and the run stopped as if another run had taken
+    it over, leaving the candidate its share and the mirror on, with no run left to restore
+    them. Nobody else's routes are at stake: the run rolls back (exit 1), saying why."""
+    import argparse
+    import shutil
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [10, 100], "bake_seconds": 10, "max_stage_seconds": 60})
+    locks = tmp_path / "locks"
+
+    def judge(window):
+        shutil.rmtree(locks, ignore_errors=True)
+        return StageState("waiting", 0, 5, None, "waiting")
+
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: judge)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path), outbox=None)
+    router = RecordingRouter()
+    router.history.append(spec.stable_policy().to_dict())
+    with cli._Lease(locks, spec.model) as lease:
+        assert cli._run(args, spec, router, None, {}, lease, "") == 1
+    assert router.history[-1] == spec.stable_policy().to_dict()
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"ROLLED BACK: aborted: the model's lock {locks / 'digits.lock'} is gone, nobody holds it")
+    assert last.endswith("version 1 takes 100% again")
+
+
 def test_run_records_the_routes_it_found_over_an_earlier_runs_record(tmp_path, monkeypatch):
     """--state-file "also record the routes found before the rollout": the router records them
     once (a retried DAG task keeps the first record), so a second run given the same file left
