@@ -483,6 +483,8 @@ def judge_stage(
     else:
         need = f"about {n} samples per arm would resolve it."
     if judged == K:
+        if short := short_of_traffic(spec, window, verdict, elapsed, arm_rate(current, window)):
+            return state("undecided", K, verdict, f"{short} {verdict.summary}")
         return state(
             "undecided",
             K,
@@ -494,6 +496,30 @@ def judge_stage(
     if to is not None and any(c.name == "latency_geomean" and c.decision == "wait" for c in verdict.checks):
         ahead += f" Undecided at the last look, the latency comparison alone is carried to the {to}% stage."
     return state("waiting", judged, verdict, f"WAIT at look {judged} of {K}: {need}{ahead} {verdict.summary}")
+
+
+def short_of_traffic(
+    spec: RolloutSpec, window: StageWindow, verdict: Verdict, elapsed: float, rate: float
+) -> str | None:
+    """The cause of a last look held by ``min_samples`` (a low-traffic hour), first in its reason,
+    so that the rollback's report tells it from a candidate the statistics could not clear (as
+    Flagger's progress deadline names itself); None when the arms had their samples."""
+    short = next((c for c in verdict.checks if c.name == "samples" and c.decision == "wait"), None)
+    if short is None:
+        return None
+    what = "traffic" if window.latency_from == "live" else "validation replay requests"
+    need = spec.min_samples - min(short.n_baseline, short.n_canary)
+    pace = (
+        f"at {rate:.2g} requests/s into the slower arm the {need} more would take about {need / rate:.0f} s"
+        if rate > 0
+        else "one arm had none"
+    )
+    return (
+        f"not enough {what}: baseline {short.n_baseline}, canary {short.n_canary} of the {spec.min_samples} "
+        f"{window.latency_from} requests per arm the test needs before anything can pass, in {elapsed:.0f} s "
+        f"(max_stage_seconds {spec.max_stage_seconds}); {pace}. No check failed: the candidate was not shown worse, "
+        "only not shown within its margins (a busier hour, a longer max_stage_seconds or a smaller min_samples)."
+    )
 
 
 def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:

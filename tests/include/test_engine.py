@@ -245,6 +245,37 @@ def test_the_last_look_waits_for_min_samples_but_not_past_max_stage_seconds():
     assert judge_stage(s, WINDOW, log, IMAGES, T0 + 410).look == 5  # max_stage_seconds: judged anyway
 
 
+def test_a_stage_short_of_traffic_is_rolled_back_saying_so_not_as_a_failing_candidate():
+    """At a low-traffic hour the live arms did not reach ``min_samples`` by ``max_stage_seconds``:
+    the stage was rolled back with "undecided ... about 500 samples per arm would resolve it" and
+    the samples check's sentence behind it, which a reviewer read as a candidate the statistics
+    could not clear. Its reason now starts with the cause (not enough traffic, the counts against
+    the minimum, the rate and the time it would take), and the Slack report's headline carries it."""
+    from vision_rollout.engine import judge_evidence
+    from vision_rollout.notify import rollback_message
+
+    s = spec(min_samples=500)
+    log = records(400, 1, 50, replay_every=10)  # about 0.5 requests/s per arm: 200 each by 400 s
+    state = judge_stage(s, WINDOW, log, IMAGES, T0 + 410)
+    assert state.status == "undecided"
+    samples = next(c for c in state.verdict.checks if c.name == "samples")
+    counts = f"baseline {samples.n_baseline}, canary {samples.n_canary} of the 500 live requests per arm"
+    assert state.reason.startswith(f"not enough traffic: {counts} the test needs before anything can pass")
+    assert "in 410 s (max_stage_seconds 400)" in state.reason
+    assert "No check failed: the candidate was not shown worse" in state.reason
+    assert "requests/s into the slower arm" in state.reason
+    _, why = judge_evidence(s, [{"decision": "wait", "summary": state.reason}], None)
+    assert rollback_message(s, why, state.verdict, 50).text.startswith(
+        "Rolled back digits v2: the 50% stage: not enough traffic: "
+    )
+    # A candidate the traffic did judge, still undecided, is not said to lack traffic.
+    fine = judge_stage(
+        spec(latency_margin=0.01), WINDOW, records(400, 10, 50, replay_every=None), IMAGES, T0 + 300, replay_images=0
+    )
+    assert fine.status == "undecided"
+    assert "not enough traffic" not in fine.reason
+
+
 def test_the_last_look_waits_for_the_replay_to_be_answered_by_both_versions():
     """On a loaded machine a last look came when a replay round was sent but 8 of its images had
     been answered by the canary: accuracy judged on 8 pairs could not resolve, and the stage ended
