@@ -644,12 +644,14 @@ def guard_inputs(
         rate = rate_window_s(source.scrape_interval_s())
         window = max(spec.p99_breach_seconds, 10)
         # The whole stage at each poke: a breach that ended between two pokes (Airflow's
-        # reschedules space them as its slots allow) is one all the same.
+        # reschedules space them as its slots allow) is one all the same. On Prometheus' clock:
+        # the stage's times are this worker's, which may be ahead of it or behind.
         start = now - window - 5 if since is None else min(since, now)
+        offset = source.clock_offset_s()
         points = source.query_range(
             PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, f"{rate:g}s"),
-            start,
-            now,
+            start + offset,
+            now + offset,
             step_s=max(1.0, window / 60, (now - start) / MAX_P99_POINTS),
         )
         series = tuple(points)

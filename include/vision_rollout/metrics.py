@@ -107,6 +107,7 @@ class PrometheusSource:
     timeout_s: float = 10.0
     # The Authorization header's value where Prometheus sits behind one (basic or bearer): out of logs.
     authorization: str | None = field(default=None, repr=False)
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)  # this machine's
 
     @property
     def headers(self) -> dict[str, str]:
@@ -150,6 +151,18 @@ class PrometheusSource:
         if math.isnan(value):
             raise NoValuesFound(f"NaN for {promql} (no traffic in the window?)")
         return value
+
+    @_shape_checked
+    def clock_offset_s(self) -> float:
+        """Prometheus' clock less this machine's (``clock``), from its ``time()``: a range asked
+        for on a worker's clock ahead of Prometheus' lies in its future, where no sample is, and
+        one behind ends before its last samples. Off by half the query's round trip at most."""
+        before = self.clock()
+        data = self._api("query", {"query": "time()"})
+        after = self.clock()
+        if data["resultType"] != "scalar":
+            raise MetricsError(f"prometheus: time() answered a {str(data['resultType'])[:40]}, not a scalar")
+        return float(data["result"][1]) - (before + after) / 2
 
     @_shape_checked
     def scrape_interval_s(self) -> float:

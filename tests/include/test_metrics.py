@@ -128,6 +128,9 @@ class History(PrometheusSource):
     def scrape_interval_s(self) -> float:
         return 1.0
 
+    def clock_offset_s(self) -> float:
+        return 0.0
+
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[tuple[float, float]]:
         self.ranges.append((start, end))
         points = [(t, v) for t, v in self.points if start <= t <= end]
@@ -174,6 +177,8 @@ class Canned(PrometheusSource):
         self.answers = answers
 
     def _api(self, path: str, params: dict[str, str]) -> dict:
+        if params.get("query") == "time()":  # Prometheus' clock: this machine's
+            return {"resultType": "scalar", "result": [self.clock(), str(self.clock())]}
         return self.answers[path]
 
 
@@ -575,3 +580,56 @@ def test_the_restart_guard_counts_the_candidates_restarts_in_its_stage(tmp_path)
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+class SlowCandidate(dict):
+    """The /metrics page of a server serving version 2 of digits, every request since its start
+    answered in 50 to 100 ms (a P99 of about 99.5 ms), 50 requests a second: a breach throughout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = time.monotonic()
+
+    def __getitem__(self, name: str) -> str:
+        n = int((time.monotonic() - self.started) * 50)
+        sel = 'model="digits",version="2",path="primary"'
+        return (
+            'model_server_model_info{model="digits",version="2",execution_provider="CPU"} 1\n'
+            f'model_server_request_duration_seconds_bucket{{{sel},le="0.05"}} 0\n'
+            f'model_server_request_duration_seconds_bucket{{{sel},le="0.1"}} {n}\n'
+            f'model_server_request_duration_seconds_bucket{{{sel},le="+Inf"}} {n}\n'
+            f"model_server_request_duration_seconds_count{{{sel}}} {n}\n"
+            "process_start_time_seconds 100\n"
+        )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("skew_s", [-300.0, 300.0])
+def test_the_p99_guard_reads_the_stage_on_prometheus_clock_whatever_the_workers(tmp_path, skew_s):
+    """The stage's window is the worker's clock; Prometheus evaluates a range on its own. A worker
+    5 minutes ahead asked for a range in Prometheus' future (no samples there: no data, the stage
+    held), one behind for a range before the breach: the breach Prometheus held was not seen
+    either way. The guard reads Prometheus' clock (its ``time()``) and asks for the stage's range
+    on it."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.gates import GateConfig, guard_checks
+    from vision_rollout.spec import RolloutSpec
+
+    server = exporter(SlowCandidate(), "candidate")
+    prom = start_prometheus([f"127.0.0.1:{server.server_port}"], tmp_path / "prometheus")
+    try:
+        worker = PrometheusSource(prom.url, clock=lambda: time.time() + skew_s)
+        assert abs(worker.clock_offset_s() + skew_s) < 1  # (the query's round trip at most)
+        p99 = PromQL.latency_quantile_ms("digits", "2", 0.99, "30s")
+        wait_for_value(worker, f"count_over_time(({p99} > 60)[30s:1s]) >= 8")  # 8 s of breach held
+        since = worker.clock() - 20  # the stage began 20 s ago by the worker's clock
+        spec = RolloutSpec.from_dict({"candidate_version": "2", "p99_ms_max": 60, "p99_breach_seconds": 5})
+        guards = guard_inputs(worker, spec, worker.clock(), since=since)
+        assert guards.missing is None
+        assert guards.unavailable is None
+        (check,) = [c for c in guard_checks(guards, GateConfig.from_spec(spec)) if c.name == "guard_p99"]
+        assert check.decision == "fail"
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
