@@ -467,13 +467,27 @@ def judge_stage(
                 verdict,
                 f"passed at look {judged} of {K}; holding until the replay's accuracy guard has read a whole round",
             )
-        if elapsed >= spec.bake_seconds:
+        # Time the guards were blind (Prometheus restarted without its storage, down) is baked again.
+        bake, blind = spec.bake_seconds + guard_in.unwatched_s, guard_in.unwatched_s
+        if elapsed >= bake:
             return state("pass", judged, verdict, verdict.summary)
+        if elapsed >= spec.max_stage_seconds:
+            return state(
+                "undecided",
+                judged,
+                verdict,
+                f"undecided: the hard guards watched {elapsed - blind:.0f} s of the stage's {elapsed:.0f} s, not the "
+                f"{spec.bake_seconds} s bake, by max_stage_seconds ({spec.max_stage_seconds} s): Prometheus holds no "
+                f"sample of a server serving the candidate for {blind:.0f} s of it. {verdict.summary}",
+            )
+        longer = (
+            f" ({blind:.0f} s longer: Prometheus holds no sample of the candidate's servers for them)" if blind else ""
+        )
         return state(
             "waiting",
             judged,
             verdict,
-            f"passed at look {judged} of {K}; baking until {spec.bake_seconds} s under the hard guards",
+            f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
     n = need_n(verdict, spec)
     if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
@@ -640,19 +654,24 @@ def guard_inputs(
     down: list[str] = []
     missing = None
     rate = RATE_WINDOW_MIN_S
+    unwatched: tuple[tuple[float, float], ...] = ()
     try:
-        rate = rate_window_s(source.scrape_interval_s())
+        scrape = source.scrape_interval_s()
+        rate = rate_window_s(scrape)
         window = max(spec.p99_breach_seconds, 10)
         # The whole stage at each poke: a breach that ended between two pokes (Airflow's
         # reschedules space them as its slots allow) is one all the same. On Prometheus' clock:
         # the stage's times are this worker's, which may be ahead of it or behind.
         start = now - window - 5 if since is None else min(since, now)
         offset = source.clock_offset_s()
+        step = max(1.0, window / 60, (now - start) / MAX_P99_POINTS)
+        if since is not None:
+            unwatched = watched_gaps(source, spec, start + offset, now + offset, step, rate, scrape)
         points = source.query_range(
             PromQL.latency_quantile_ms(spec.model, spec.candidate_version, 0.99, f"{rate:g}s"),
             start + offset,
             now + offset,
-            step_s=max(1.0, window / 60, (now - start) / MAX_P99_POINTS),
+            step_s=step,
         )
         series = tuple(points)
     except NoValuesFound as exc:
@@ -690,7 +709,40 @@ def guard_inputs(
         restarts=restarts,
         unavailable="; ".join(dict.fromkeys(down)) or None,
         missing=missing,
+        unwatched=unwatched,
     )
+
+
+def watched_gaps(
+    source: PrometheusSource, spec: RolloutSpec, start: float, end: float, step: float, rate: float, scrape: float
+) -> tuple[tuple[float, float], ...]:
+    """The spans of [start, end] (Prometheus' clock) in which Prometheus holds no sample of a
+    server reporting the candidate loaded within the rate window: the P99's rate, the restarts'
+    and the shadow's counts are blind there, whatever they answer now. A Prometheus restarted
+    without its storage holds nothing before its start (a breach that ended between two pokes,
+    a restart of the candidate: gone); one down, or its scrapes failing, holds a hole. A gap of
+    two steps or scrape intervals at most (the candidate's first scrape after the stage began)
+    is none."""
+    sel = f'model="{spec.model}",version="{spec.candidate_version}"'
+    try:
+        points = source.query_range(
+            f"count(count_over_time(model_server_model_info{{{sel}}}[{rate:g}s]))", start, end, step
+        )
+    except NoValuesFound:
+        points = []
+    seen = {round((t - start) / step) for t, _ in points}
+    gaps: list[tuple[float, float]] = []
+    for k in range(int((end - start) // step) + 1):
+        if k in seen:
+            continue
+        a, b = start + k * step, min(start + (k + 1) * step, end)
+        if gaps and gaps[-1][1] >= a:
+            gaps[-1] = (gaps[-1][0], b)
+        else:
+            gaps.append((a, b))
+    if sum(b - a for a, b in gaps) <= 2 * max(step, scrape):
+        return ()
+    return tuple(gaps)
 
 
 def tripped(guards: GuardInputs, cfg: GateConfig) -> str | None:

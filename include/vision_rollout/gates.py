@@ -759,6 +759,13 @@ class GuardInputs:
     restarts: int | None = None  # restarts of the processes serving the candidate in the stage
     unavailable: str | None = None  # why the guards on Prometheus could not be read (it is down)
     missing: str | None = None  # a guard Prometheus has no data for: it cannot judge, so nothing passes
+    # Spans of the stage (unix times, Prometheus' clock) it holds no sample of a server serving the
+    # candidate for: restarted without its storage, down, or the servers unscraped.
+    unwatched: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def unwatched_s(self) -> float:
+        return sum(end - start for start, end in self.unwatched)
 
     def __post_init__(self) -> None:
         if self.p99_series_ms is not None and not self.p99_series_ms and self.missing is None:
@@ -820,6 +827,26 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
                 "hard guard on a Prometheus range query",
                 effect=last,
                 margin=cfg.p99_ms_max,
+            )
+        )
+    if g.unwatched:
+        from datetime import UTC, datetime
+
+        def hms(t: float) -> str:
+            return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S")
+
+        spans = ", ".join(f"{hms(a)} to {hms(b)}" for a, b in g.unwatched[:3])
+        more = f" and {len(g.unwatched) - 3} more" if len(g.unwatched) > 3 else ""
+        out.append(
+            Check(
+                "guard_history",
+                "info",
+                f"Prometheus holds no sample of a server serving the candidate for {g.unwatched_s:.0f} s of this "
+                f"stage ({spans}{more} UTC: restarted without its storage, down, or the servers unscraped): a breach, "
+                "a restart or shadow errors then are not seen, so the stage bakes that much longer under the guards.",
+                "coverage of the hard guards' Prometheus range queries",
+                effect=g.unwatched_s,
+                blocks_pass=False,
             )
         )
     if g.validation_drop is not None:

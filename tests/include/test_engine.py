@@ -475,6 +475,28 @@ def test_a_p99_series_without_a_point_holds_the_stage():
     assert held.reason.startswith("holding: a hard guard has no data: the canary's P99 series has no point")
 
 
+def test_a_stage_bakes_again_the_time_its_guards_were_blind():
+    """Prometheus lost 60 s of the stage (restarted without its storage): a breach or a restart
+    then is in no guard's numbers. The stage passed at its bake's end all the same; it now bakes
+    those 60 s longer under the guards, and one whose max_stage_seconds comes first ends
+    undecided, saying why."""
+    s = spec()
+    log = records(400, 40, 50)
+    blind = GuardInputs(unwatched=((T0 + 10, T0 + 70),))
+    baking = judge_stage(s, WINDOW, log, IMAGES, T0 + 106, guards=blind)
+    assert baking.status == "waiting"
+    assert baking.verdict.decision == "pass"
+    assert "baking until 160 s under the hard guards (60 s longer: Prometheus holds no sample" in baking.reason
+    history = next(c for c in baking.verdict.checks if c.name == "guard_history")
+    assert history.sentence.startswith("Prometheus holds no sample of a server serving the candidate for 60 s")
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 166, guards=blind).status == "pass"
+    short = spec(max_stage_seconds=120)
+    ended = judge_stage(short, WINDOW, log, IMAGES, T0 + 125, guards=blind)
+    assert ended.status == "undecided"
+    assert ended.reason.startswith("undecided: the hard guards watched 65 s of the stage's 125 s, not the 100 s bake")
+    assert judge_stage(s, WINDOW, log, IMAGES, T0 + 106).status == "pass"  # guards that saw it all
+
+
 def test_a_canary_failing_every_request_fails_at_its_first_look_with_no_p99():
     """A failure has no latency (it is not an answer) and no P99 (the server observes none): the
     errors check waited on too few latencies and the stage held on the missing P99 for its

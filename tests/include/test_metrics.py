@@ -633,3 +633,59 @@ def test_the_p99_guard_reads_the_stage_on_prometheus_clock_whatever_the_workers(
         prom.stop()
         server.shutdown()
         server.server_close()
+
+
+class FastCandidate(SlowCandidate):
+    """The same server answering every request within 10 ms: a P99 of about 9.9 ms."""
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name).replace('le="0.05"', 'le="0.005"').replace('le="0.1"', 'le="0.01"')
+
+
+@pytest.mark.integration
+def test_a_stage_whose_history_prometheus_lost_is_said_and_baked_again(tmp_path):
+    """Prometheus restarted without its storage mid-stage: the P99 guard's range from the stage's
+    start held only what came after, so a breach before the restart (one that ended between two
+    pokes) and a restart of the candidate then were gone, and the guards passed without a word.
+    The guard now finds the part of the stage Prometheus holds no sample of a server serving the
+    candidate for, says so, and the stage bakes that much longer under the guards."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.gates import GateConfig, guard_checks
+    from vision_rollout.spec import RolloutSpec
+
+    server = exporter(FastCandidate(), "candidate")
+    target = [f"127.0.0.1:{server.server_port}"]
+    prom = start_prometheus(target, tmp_path / "before")
+    spec = RolloutSpec.from_dict({"candidate_version": "2"})
+    cfg = GateConfig.from_spec(spec)
+    try:
+        source = PrometheusSource(prom.url)
+        info = 'model_server_model_info{model="digits",version="2"}'
+        since = time.time()
+        wait_for_value(source, f"timestamp({info}) > {since + 6}")  # 6 s of the stage held
+        whole = guard_inputs(source, spec, since=since)
+        assert whole.missing is None
+        assert whole.unwatched == ()
+        assert not [c for c in guard_checks(whole, cfg) if c.name == "guard_history"]
+        prom.stop()  # and started again on its port with an empty storage
+        prom = start_prometheus(target, tmp_path / "after", port=prom.port)
+        restarted = time.time()
+        wait_for_value(source, f"count_over_time({info}[1m]) >= 3")
+        guards = guard_inputs(source, spec, since=since)
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
+    assert guards.missing is None  # the P99 has its points since the restart
+    ((start, end),) = guards.unwatched
+    assert start == pytest.approx(since, abs=0.01)
+    assert since + 6 < end <= restarted + 3
+    assert guards.unwatched_s == pytest.approx(end - start)
+    (history,) = [c for c in guard_checks(guards, cfg) if c.name == "guard_history"]
+    assert history.decision == "info"
+    assert history.sentence.startswith(
+        f"Prometheus holds no sample of a server serving the candidate for {end - start:.0f} s of this stage"
+    )
+    assert "a breach, a restart or shadow errors then are not seen" in history.sentence
+    (p99,) = [c for c in guard_checks(guards, cfg) if c.name == "guard_p99"]
+    assert p99.decision == "pass"
