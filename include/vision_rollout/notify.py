@@ -289,8 +289,9 @@ def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes
 
 
 # What a promotion report says of each stage: what it rests on, then the live and replay results,
-# then (a stage run more than once: a task cleared, retried, restarted) its runs.
-STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired", "runs")
+# then (a stage run more than once: a task cleared, retried, restarted) its runs, and (Prometheus
+# restarted without its storage, down) the time its guards were blind.
+STAGE_EVIDENCE = ("evidence", "latency_geomean", "errors", "accuracy_live", "accuracy_paired", "runs", "guard_history")
 
 
 def _preflight_lines(notes: Sequence[str]) -> list[dict[str, Any]]:

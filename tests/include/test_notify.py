@@ -536,3 +536,21 @@ def test_credentials_quoted_in_an_error_never_reach_slack(slack):
         assert secret not in posted
     assert "GET https://***@prom.example.com/api/v1/query?query=up&amp;access_token=***" in posted
     assert "X-Amz-Signature=*** failed" in posted
+
+
+def test_a_stage_whose_guards_were_blind_for_a_while_says_so_in_the_promotion_and_approval_reports():
+    """A stage that baked again the time Prometheus held no sample of the candidate's servers
+    (restarted without its storage) passed, and the promotion and approval reports showed its
+    evidence lines only: nothing said a breach or a restart then could not be seen."""
+    from vision_rollout.notify import approval_message
+
+    blind = GuardInputs(p99_series_ms=((100.0, 20.0), (102.0, 21.0)), unwatched=((1.0, 61.0),))
+    verdict = evaluate_gate(samples(3000), guards=blind)
+    assert verdict.decision == "pass"
+    for msg in (promotion_message(SPEC, [verdict]), approval_message(SPEC, [verdict], "every stage passed", "run", 4)):
+        assert check_blocks(msg.blocks) is None
+        assert "Prometheus holds no sample of a server serving the candidate for 60 s of this stage" in json.dumps(
+            msg.blocks
+        )
+    plain = evaluate_gate(samples(3000), guards=GuardInputs(p99_series_ms=((100.0, 20.0),)))
+    assert "Prometheus holds no sample" not in json.dumps(promotion_message(SPEC, [plain]).blocks)
