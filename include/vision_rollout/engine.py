@@ -696,7 +696,9 @@ def guard_inputs(
     # its log records not yet written) is in no other guard's numbers.
     stage = SHADOW_WINDOW_S if since is None else max(1.0, now - since)
     try:
-        restarts = _count(source, PromQL.restarts(spec.model, spec.candidate_version, f"{math.ceil(stage)}s"))
+        restarts = _count(
+            source, PromQL.restarts(spec.model, spec.candidate_version, f"{math.ceil(stage)}s", f"{math.ceil(rate)}s")
+        )
     except NoValuesFound as exc:
         no_start = f"the start times of the candidate's serving processes have no data in Prometheus ({exc})"
         missing = f"{missing}; {no_start}" if missing else no_start

@@ -375,13 +375,21 @@ class PromQL:
         )
 
     @staticmethod
-    def restarts(model: str, version: str, window: str) -> str:
+    def restarts(model: str, version: str, window: str, lookback: str | None = None) -> str:
         """Restarts in the window of the processes that served the version in it: changes of their
         start time (the client library's ``process_start_time_seconds``), summed over the servers
         reporting the version loaded, pod by pod (a restarted container keeps its pod's address).
-        A new pod is a new series, no restart; no data where no such server reports a start time."""
+        A new pod is a new series, no restart; no data where no such server reports a start time.
+        ``lookback`` (a rate window: two scrapes at least): a change counts where its new value's
+        sample lies in the window, its old value's up to ``lookback`` before it (a restart in the
+        window's first scrape interval had its old value's sample before it, and changes() over
+        the window alone saw one value)."""
         loaded = f"max_over_time(model_server_model_info{{{_sel(model, version)}}}[{window}])"
-        return f"sum(changes(process_start_time_seconds[{window}]) and on(instance) {loaded})"
+        if lookback is None:
+            return f"sum(changes(process_start_time_seconds[{window}]) and on(instance) {loaded})"
+        longer = f"changes(process_start_time_seconds[{parse_duration(window) + parse_duration(lookback):g}s])"
+        before = f"changes(process_start_time_seconds[{lookback}] offset {window})"
+        return f"sum((({longer} - {before}) or {longer}) and on(instance) {loaded})"
 
     @staticmethod
     def gpu_peak(gauge: str, model: str, version: str, window: str) -> str:

@@ -689,3 +689,43 @@ def test_a_stage_whose_history_prometheus_lost_is_said_and_baked_again(tmp_path)
     assert "a breach, a restart or shadow errors then are not seen" in history.sentence
     (p99,) = [c for c in guard_checks(guards, cfg) if c.name == "guard_p99"]
     assert p99.decision == "pass"
+
+
+@pytest.mark.integration
+def test_a_restart_of_the_candidate_just_after_its_stage_began_is_counted(tmp_path):
+    """A candidate that crashed on its first live requests, within a scrape interval of its
+    stage's start: Prometheus' last sample of the old start time lay before the stage, the first of
+    the new one in it, and changes() over the stage saw one value only: no restart, the guard
+    passed. A change is counted where its new value's sample lies in the stage, its old one
+    before it or not."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.spec import RolloutSpec
+
+    def page(start: float) -> str:
+        info = 'model_server_model_info{model="digits",version="2",execution_provider="CPU"} 1\n'
+        return info + f"process_start_time_seconds {start}\n"
+
+    pages = {"candidate": page(100.0)}
+    server = exporter(pages, "candidate")
+    prom = start_prometheus([f"127.0.0.1:{server.server_port}"], tmp_path / "prometheus", scrape_interval_s=5)
+    starts = "process_start_time_seconds"
+    try:
+        source = PrometheusSource(prom.url)
+        wait_for_value(source, f"count_over_time({starts}[1m]) >= 2", timeout_s=30)
+        last = source.query(f"timestamp({starts})")
+        wait_for_value(source, f"timestamp({starts}) > {last}", every_s=0.05)  # a scrape just now
+        time.sleep(1.5)
+        since = time.time()  # the stage begins 1.5 s after it, 3.5 s before the next
+        pages["candidate"] = page(200.0)  # and the candidate restarts at once
+        wait_for_value(source, f"{starts} == 200")
+        first_new = source.query(f"timestamp({starts})")
+        old = source.query(f"timestamp({starts} offset 3s)")
+        assert first_new >= since > old or pytest.skip("a scrape fell between the stage's start and the restart")
+        spec = RolloutSpec.from_dict({"candidate_version": "2"})
+        assert guard_inputs(source, spec, since=since).restarts == 1
+        time.sleep(max(0.0, first_new + 8 - time.time()))  # (a scrape of the version loaded in the stage)
+        assert guard_inputs(source, spec, since=first_new + 2).restarts == 0  # a stage after it
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
