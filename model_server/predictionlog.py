@@ -815,10 +815,11 @@ def _written_before(name: str, start: datetime) -> bool:
 
 
 class _Footer:
-    """A Parquet footer's Thrift (compact protocol), read here for what a memory bound needs:
-    pyarrow's own accessor of a column chunk's metadata aborts the process (a C++ exception it
-    does not catch) on a footer whose size statistics it refuses, as a damaged file's or
-    another writer's (a level histogram left out) are. Anything malformed raises ValueError."""
+    """A Parquet footer's Thrift (compact protocol), read here for what a memory bound and the
+    pruning of row groups by time need: pyarrow's own accessor of a column chunk's metadata
+    aborts the process (a C++ exception it does not catch) on a footer whose size statistics it
+    refuses, as a damaged file's or another writer's (a level histogram left out) are. Anything
+    malformed raises ValueError."""
 
     def __init__(self, data: bytes):
         self.data, self.pos = data, 0
@@ -908,53 +909,143 @@ class _Footer:
         for _ in range(size):
             yield
 
-    def chunks(self) -> Iterator[tuple[str, int, int]]:
-        """(top-level column, values, uncompressed bytes) of every column chunk of every row group
-        of a FileMetaData."""
+    def row_groups(self) -> list[_RowGroup]:
+        """The row groups of a FileMetaData: each one's rows and column chunks."""
+        groups = []
         for fid, kind in self.fields():
             if (fid, kind) != (4, 9):  # row_groups
                 self.skip(kind)
                 continue
             for _ in self.structs():
+                rows, chunks = 0, []
                 for gid, gkind in self.fields():
-                    if (gid, gkind) != (1, 9):  # columns
+                    if (gid, gkind) == (3, 6):  # num_rows
+                        rows = self.signed()
+                    elif (gid, gkind) == (1, 9):  # columns
+                        chunks = [chunk for _ in self.structs() for chunk in self.column_chunk()]
+                    else:
                         self.skip(gkind)
-                        continue
-                    for _ in self.structs():
-                        for cid, ckind in self.fields():
-                            if (cid, ckind) != (3, 12):  # meta_data
-                                self.skip(ckind)
-                                continue
-                            name, values, size = "", 0, 0
-                            for mid, mkind in self.fields():
-                                if (mid, mkind) == (3, 9):  # path_in_schema
-                                    n, element = self.items()
-                                    for i in range(n):
-                                        if element != 8:
-                                            self.skip(element)
-                                        elif i == 0:
-                                            name = self.binary().decode(errors="replace")
-                                        else:
-                                            self.binary()
-                                elif (mid, mkind) == (5, 6):
-                                    values = self.signed()
-                                elif (mid, mkind) == (6, 6):
-                                    size = self.signed()
-                                else:
-                                    self.skip(mkind)
-                            yield name, values, size
+                groups.append(_RowGroup(rows, chunks))
+        return groups
+
+    def column_chunk(self) -> Iterator[_Chunk]:
+        """A ColumnChunk's metadata, where it has some."""
+        for cid, ckind in self.fields():
+            if (cid, ckind) != (3, 12):  # meta_data
+                self.skip(ckind)
+                continue
+            name, values, size = "", 0, 0
+            statistics: tuple[bytes | None, bytes | None, int | None] = (None, None, None)
+            for mid, mkind in self.fields():
+                if (mid, mkind) == (3, 9):  # path_in_schema
+                    n, element = self.items()
+                    for i in range(n):
+                        if element != 8:
+                            self.skip(element)
+                        elif i == 0:
+                            name = self.binary().decode(errors="replace")
+                        else:
+                            self.binary()
+                elif (mid, mkind) == (5, 6):
+                    values = self.signed()
+                elif (mid, mkind) == (6, 6):
+                    size = self.signed()
+                elif (mid, mkind) == (12, 12):
+                    statistics = self.statistics()
+                else:
+                    self.skip(mkind)
+            yield _Chunk(name, values, size, *statistics)
+
+    def statistics(self) -> tuple[bytes | None, bytes | None, int | None]:
+        """A Statistics struct's (min, max, null count): min_value and max_value, else the
+        deprecated min and max (of a signed type's order, as an INT64's)."""
+        found: dict[int, bytes | int] = {}
+        for sid, skind in self.fields():
+            if (sid, skind) in ((1, 8), (2, 8), (5, 8), (6, 8)):
+                found[sid] = self.binary()
+            elif (sid, skind) == (3, 6):
+                found[sid] = self.signed()
+            else:
+                self.skip(skind)
+        low, high, nulls = found.get(6, found.get(2)), found.get(5, found.get(1)), found.get(3)
+        return (
+            low if isinstance(low, bytes) else None,
+            high if isinstance(high, bytes) else None,
+            nulls if isinstance(nulls, int) else None,
+        )
 
 
-def _stored_bytes(footer: bytes, rows: int, columns: Sequence[str]) -> int:
-    """An upper bound of what ``columns`` take once read, but for the strings' repeats: their
-    pages uncompressed, and 8 bytes a value (a value, offset, index or validity; a run-length
-    encoded page of a billion values is a few bytes). ValueError for a malformed footer."""
+class _Chunk(NamedTuple):
+    name: str  # the top-level column
+    values: int
+    size: int  # uncompressed bytes
+    low: bytes | None  # its statistics' min and max (plain encoded), and null count, when written
+    high: bytes | None
+    nulls: int | None
+
+
+class _RowGroup(NamedTuple):
+    rows: int
+    chunks: list[_Chunk]
+
+
+def _stored_bytes(groups: Sequence[_RowGroup], columns: Sequence[str]) -> int:
+    """An upper bound of what ``columns`` of the row groups take once read, but for the strings'
+    repeats: their pages uncompressed, and 8 bytes a value (a value, offset, index or validity; a
+    run-length encoded page of a billion values is a few bytes)."""
     wanted = set(columns)
-    total = 8 * rows * len(wanted)
-    for name, values, size in _Footer(footer).chunks():
-        if name in wanted:
-            total += max(size, 0) + 8 * max(values, 0)
+    total = 8 * sum(max(g.rows, 0) for g in groups) * len(wanted)
+    for g in groups:
+        for c in g.chunks:
+            if c.name in wanted:
+                total += max(c.size, 0) + 8 * max(c.values, 0)
     return total
+
+
+def _times_known(metadata: pq.FileMetaData) -> bool:
+    """Whether the file's ``time`` is stored as the writer stores it (INT64 microseconds), so that
+    its row groups' statistics are microseconds too."""
+    for i in range(len(metadata.schema)):
+        column = metadata.schema.column(i)
+        if column.path == "time":
+            unit = json.loads(column.logical_type.to_json()).get("timeUnit")
+            return column.physical_type == "INT64" and unit == "microseconds"
+    return False
+
+
+def _may_hold(group: _RowGroup, start: int, end: int) -> bool:
+    """Whether a row group may hold a record received within ``start <= time < end`` (in
+    microseconds): all but those whose ``time`` statistics show every record has a time, outside
+    the range (a group of records without a time is read: they are counted malformed)."""
+    for c in group.chunks:
+        if c.name == "time":
+            if c.nulls != 0 or c.low is None or c.high is None or len(c.low) != 8 or len(c.high) != 8:
+                return True
+            low = int.from_bytes(c.low, "little", signed=True)
+            high = int.from_bytes(c.high, "little", signed=True)
+            return low > high or (low < end and high >= start)
+    return True
+
+
+class _Budget:
+    """What the tables of one read may hold together (bytes), shared by its threads: a file is
+    read while what it may take fits in what is left; once one did not, no other is."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.spent = limit, 0, False
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.spent or self.held + n > self.limit:
+                self.spent = True
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
 
 
 def _string_bytes(column: pa.ChunkedArray) -> int:
@@ -1006,10 +1097,24 @@ def _read_one(
                     got = got.value_type
                 if got is None or not got.equals(SCHEMA.field(name).type):
                     return FileRead(path, None, f"wrong schema: column {name} is {got or 'missing'}")
-            size = _stored_bytes(footer[:-8], metadata.num_rows, columns)
+            groups = _Footer(footer[:-8]).row_groups()
+            if len(groups) != metadata.num_row_groups:
+                raise ValueError(f"the footer's {len(groups)} row groups are {metadata.num_row_groups} to pyarrow")
+            # The row groups whose time statistics show no record of the range are not read: an
+            # hour's audit reads a minute of the next hour's folder, not its files whole.
+            if _times_known(metadata):
+                since, until = (pa.scalar(t, pa.timestamp("us", tz="UTC")).value for t in (start, end))
+                wanted = [i for i, g in enumerate(groups) if _may_hold(g, since, until)]
+            else:
+                wanted = list(range(len(groups)))
+            size = _stored_bytes([groups[i] for i in wanted], columns)
             if size > MAX_READ_BYTES:
                 return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
-            table = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings).read(columns=columns)
+            parquet = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings)
+            if len(wanted) == len(groups):
+                table = parquet.read(columns=columns)
+            else:
+                table = parquet.read_row_groups(wanted, columns=columns)
         plain = [c for c in strings if c not in _CATEGORICAL and pa.types.is_dictionary(table[c].type)]
         if size + sum(_string_bytes(table[c]) for c in plain) > MAX_READ_BYTES:
             return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
@@ -1098,8 +1203,9 @@ def read(
     Only the ``model=``/``dt=``/``hour=`` folders of the range are listed (of a range over
     ``BLIND_HOURS``, those that exist), only files that may
     hold records of the range are opened (a file written, by its name, more than ``CLOCK_STEP_S``
-    before ``start`` holds none: its records were received before it was written), and only
-    ``columns`` (plus ``time``) are read. Unreadable, truncated, wrongly typed files and files
+    before ``start`` holds none: its records were received before it was written), of those only
+    the row groups whose ``time`` statistics may hold one are read (the malformed records counted
+    are theirs), and only ``columns`` (plus ``time``). Unreadable, truncated, wrongly typed files and files
     whose columns would take over ``MAX_READ_BYTES`` once read are skipped with a warning, as
     are malformed records (no time, model, request id, item or a known role): the counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
     ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list

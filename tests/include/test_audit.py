@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from model_server import predictionlog
-from tests.support import shadow_log
+from tests.support import DataReads, shadow_log
 from vision_rollout.audit import (
     CHART,
     COPIES_POLL_S,
@@ -938,3 +938,42 @@ def test_a_primary_its_mirror_did_not_sample_is_not_waited_for(tmp_path):
     sampled = shadow_log(tmp_path / "b", 10, disagree=0.0, at=now - 5, roles=("primary",), mirrored=True)
     assert copies_pending(sampled, end, "digits", "1") is not None
     assert await_copies(sampled, end, "digits", "1", lambda: clock[0], sleep) > 0
+
+
+def test_an_hours_audit_reads_of_the_next_hours_folder_only_the_files_of_its_margin(tmp_path, monkeypatch):
+    """An hour's audit reads the records stamped up to a minute after it (a pod's clock behind,
+    a copy stamped late): it read every file of the next hour's folder, the probability vectors
+    too, only to find those (in a catch-up or a retry, every hour's folder read whole twice).
+    The files and row groups whose ``time`` statistics (in their footer) hold no record of the
+    range are left unread; those that hold some are read, their pairs audited."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    next_hour = hour + timedelta(hours=1)
+    shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp())
+    for k in range(5):  # the next hour's own pairs: five files of its folder
+        shadow_log(
+            tmp_path,
+            50,
+            disagree=0.0,
+            seed=k + 1,
+            versions=("1", str(k + 3)),
+            at=(next_hour + timedelta(minutes=10 + k)).timestamp(),
+        )
+    # Pairs of the hour's last seconds whose copies another pod's clock stamped after it: a
+    # file of the next hour's folder that holds records of the margin.
+    shadow_log(
+        tmp_path,
+        100,
+        disagree=0.0,
+        seed=9,
+        versions=("1", "9"),
+        at=(next_hour - timedelta(seconds=10)).timestamp(),
+        skew=30,
+    )
+    folder = tmp_path / "log" / "model=digits" / f"dt={next_hour:%Y-%m-%d}" / f"hour={next_hour:%H}"
+    assert len(list(folder.glob("part-*.parquet"))) == 6
+    reads = DataReads()
+    monkeypatch.setattr(predictionlog, "filesystem", reads.filesystem)
+    result = audit(tmp_path / "log", hour, next_hour, "digits")
+    assert (result.verdict, result.rows, result.skipped_files) == ("pass", 200, 0), result.reasons
+    opened = sorted(Path(p).parent.name for p in reads.reads)
+    assert opened == ["hour=10", "hour=10", "hour=11"], opened  # the hour's two files, the margin's one

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -41,7 +42,7 @@ from model_server.predictionlog import (
     shadow_pairs,
     unmatched_labels,
 )
-from tests.support import TOKEN, infer, put_policy, sensitive_values
+from tests.support import TOKEN, DataReads, infer, put_policy, sensitive_values
 from vision_rollout.audit import audit
 
 NOW = datetime.now(UTC)
@@ -434,6 +435,53 @@ def test_files_written_before_the_range_are_not_opened(log_uri, tmp_path, monkey
     assert len(recent) == 2 * 2  # two items each: the writer's file and the unnamed one
     wide = read(log_uri, datetime.now(UTC) - timedelta(minutes=15), datetime.now(UTC) + timedelta(minutes=1))
     assert wide.attrs["files_read"] == 3
+
+
+def test_row_groups_whose_time_statistics_hold_no_record_of_the_range_are_not_read(tmp_path, monkeypatch):
+    """A read opened every file of its hour folders with all its columns, the probability
+    vectors too, to keep the records of its range: a range ending a minute into an hour read
+    that hour's files whole. A row group whose ``time`` statistics (read from the footer by the
+    project's own parser) show no record of the range is not read, nor a file of such groups
+    alone; without statistics it is read, and a damaged footer is still skipped and named."""
+    uri = str(tmp_path / "log")
+    w = writer(tmp_path, uri)
+    w.append(primary("now"))
+    w.flush()
+    (good,) = files(uri)
+    folder = good.rsplit("/", 1)[0]
+    now = pq.read_table(f"{uri}/{good}")
+    then = now.set_column(0, "time", pc.subtract(now["time"], pa.scalar(timedelta(hours=2))))
+    then = then.set_column(6, "request_id", pa.array(["then"] * then.num_rows))
+
+    def parquet(table: pa.Table, **kw) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=now.num_rows, **kw)
+        return sink.getvalue().to_pybytes()
+
+    both = parquet(pa.concat_tables([then, now]))
+    put_file(uri, f"{folder}/part-x-1-both.parquet", both)  # (no write second in the name: always opened)
+    put_file(uri, f"{folder}/part-x-1-unstated.parquet", parquet(pa.concat_tables([then, now]), write_statistics=False))
+    put_file(uri, f"{folder}/part-x-1-then.parquet", parquet(then))
+    put_file(uri, f"{folder}/part-x-1-damaged.parquet", both[:-20] + both[-8:])
+    reads = DataReads()
+    monkeypatch.setattr(predictionlog, "filesystem", reads.filesystem)
+    df = read(uri, *window())
+    assert sorted(df["request_id"]) == ["now"] * 6  # the writer's file's, both's and unstated's
+    assert df.attrs["files_read"] == 4
+    assert [p.rsplit("/", 1)[1] for p in df.attrs["skipped_file_reasons"]] == ["part-x-1-damaged.parquet"]
+    by_name = {p.rsplit("/", 1)[1]: r for p, r in reads.reads.items()}
+    assert set(by_name) == {good.rsplit("/", 1)[1], "part-x-1-both.parquet", "part-x-1-unstated.parquet"}
+    first = pq.ParquetFile(pa.BufferReader(both)).metadata.row_group(0)
+    chunks = [first.column(j) for j in range(first.num_columns)]
+    group = (
+        min(c.dictionary_page_offset or c.data_page_offset for c in chunks),
+        max((c.dictionary_page_offset or c.data_page_offset) + c.total_compressed_size for c in chunks),
+    )
+    assert not [r for r in by_name["part-x-1-both.parquet"] if r[0] < group[1] and r[1] > group[0]]
+    assert [r for r in by_name["part-x-1-unstated.parquet"] if r[0] < group[1] and r[1] > group[0]]
+    since, until = window()
+    wide = read(uri, since - timedelta(hours=2), until)
+    assert sorted(wide["request_id"]) == ["now"] * 6 + ["then"] * 6  # (then's: both's, unstated's, then's)
 
 
 def test_naive_datetimes_are_refused(tmp_path):

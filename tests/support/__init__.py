@@ -273,3 +273,78 @@ def files_under(uri: str) -> dict[str, bytes]:
             with fs.open_input_stream(info.path) as f:
                 found[info.path.removeprefix(root + "/")] = bytes(f.read())
     return found
+
+
+class DataReads:
+    """A local filesystem (``fs``: a ``pyarrow.fs.PyFileSystem`` over ``LocalFileSystem``; its
+    ``filesystem`` stands in for ``model_server.files.filesystem``) that notes the reads of each
+    file's data (columns), as (first byte, end) by path in ``reads``: the reads that do not end
+    at the file's end, where its footer is (a footer alone is read in reads ending there)."""
+
+    def __init__(self) -> None:
+        import io
+
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+
+        local = pafs.LocalFileSystem()
+        self.reads: dict[str, list[tuple[int, int]]] = {}
+        noted = self.reads
+
+        class Reading(io.RawIOBase):
+            def __init__(self, path: str):
+                self.path, self.file = path, open(path, "rb")
+                self.size = local.get_file_info(path).size
+
+            def readable(self) -> bool:
+                return True
+
+            def seekable(self) -> bool:
+                return True
+
+            def seek(self, pos: int, whence: int = 0) -> int:
+                return self.file.seek(pos, whence)
+
+            def tell(self) -> int:
+                return self.file.tell()
+
+            def read(self, n: int = -1) -> bytes:
+                first = self.file.tell()
+                data = self.file.read(n)
+                if first + len(data) < self.size:
+                    noted.setdefault(self.path, []).append((first, first + len(data)))
+                return data
+
+            def close(self) -> None:
+                self.file.close()
+                super().close()
+
+        class Handler(pafs.FileSystemHandler):
+            def get_type_name(self):
+                return "data-reads"
+
+            def get_file_info(self, paths):
+                return local.get_file_info(paths)
+
+            def get_file_info_selector(self, selector):
+                return local.get_file_info(selector)
+
+            def normalize_path(self, path):
+                return local.normalize_path(path)
+
+            def open_input_file(self, path):
+                return pa.PythonFile(Reading(path), mode="r")
+
+            def open_input_stream(self, path):
+                return self.open_input_file(path)
+
+            def writes(self, *args):
+                raise OSError("a reader writes nothing")
+
+            copy_file = create_dir = delete_dir = delete_dir_contents = delete_file = writes
+            delete_root_dir_contents = move = open_append_stream = open_output_stream = writes
+
+        self.fs = pafs.PyFileSystem(Handler())
+
+    def filesystem(self, uri: str | Path):
+        return self.fs, Path(str(uri)).resolve().as_posix()
