@@ -749,6 +749,11 @@ class FileRead:
     table: pa.Table | None
     reason: str | None = None
     malformed: int = 0
+    unread: bool = False  # left unread: the read's budget (``max_bytes``) was spent (``UNREAD``)
+    stored: int = 0  # its bytes in storage, as listed
+
+
+UNREAD = "not read: the read's budget (max_bytes) was spent"
 
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -1029,7 +1034,7 @@ def _may_hold(group: _RowGroup, start: int, end: int) -> bool:
 
 class _Budget:
     """What the tables of one read may hold together (bytes), shared by its threads: a file is
-    read while what it may take fits in what is left; once one did not, no other is."""
+    read while what it may take fits in what is left; once one did not, no other is begun."""
 
     def __init__(self, limit: int):
         self.limit, self.held, self.spent = limit, 0, False
@@ -1037,7 +1042,7 @@ class _Budget:
 
     def take(self, n: int) -> bool:
         with self._lock:
-            if self.spent or self.held + n > self.limit:
+            if self.held + n > self.limit:
                 self.spent = True
                 return False
             self.held += n
@@ -1046,6 +1051,32 @@ class _Budget:
     def give(self, n: int) -> None:
         with self._lock:
             self.held -= n
+
+
+class _Hold:
+    """What one file's read reserved from a budget (none: no bound): given back when the read
+    ends, but for what its table keeps."""
+
+    def __init__(self, budget: _Budget | None):
+        self.budget, self.reserved = budget, 0
+
+    def take(self, n: int) -> bool:
+        if self.budget is None:
+            return True
+        if not self.budget.take(n):
+            return False
+        self.reserved += n
+        return True
+
+    def keep(self, n: int) -> None:
+        """Hold ``n`` bytes (a table's, filtered: within what was reserved) past the read."""
+        if self.budget is not None:
+            self.reserved -= n
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.give(self.reserved)
+            self.reserved = 0
 
 
 def _string_bytes(column: pa.ChunkedArray) -> int:
@@ -1077,6 +1108,29 @@ def _read_one(
     end: datetime,
     roles: Sequence[str] | None,
     written: bool = False,
+    budget: _Budget | None = None,
+) -> FileRead:
+    """One file's records of the range, or why not. With a ``budget``, what the file may take
+    is reserved from it before it is read (left unread when that does not fit), and what its
+    table holds once filtered is kept from it."""
+    if budget is not None and budget.spent:
+        return FileRead(path, None, UNREAD, unread=True)
+    hold = _Hold(budget)
+    try:
+        return _read_file(fs, path, columns, start, end, roles, written, hold)
+    finally:
+        hold.release()
+
+
+def _read_file(
+    fs: pafs.FileSystem,
+    path: str,
+    columns: list[str],
+    start: datetime,
+    end: datetime,
+    roles: Sequence[str] | None,
+    written: bool,
+    hold: _Hold,
 ) -> FileRead:
     # Every string column is read as a dictionary (each value once) and decoded only when what
     # it decodes to fits: a file's repeats are not a reader's memory.
@@ -1110,14 +1164,19 @@ def _read_one(
             size = _stored_bytes([groups[i] for i in wanted], columns)
             if size > MAX_READ_BYTES:
                 return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
+            if not hold.take(size):
+                return FileRead(path, None, UNREAD, unread=True)
             parquet = pq.ParquetFile(f, metadata=metadata, read_dictionary=strings)
             if len(wanted) == len(groups):
                 table = parquet.read(columns=columns)
             else:
                 table = parquet.read_row_groups(wanted, columns=columns)
         plain = [c for c in strings if c not in _CATEGORICAL and pa.types.is_dictionary(table[c].type)]
-        if size + sum(_string_bytes(table[c]) for c in plain) > MAX_READ_BYTES:
+        decoded = sum(_string_bytes(table[c]) for c in plain)
+        if size + decoded > MAX_READ_BYTES:
             return FileRead(path, None, f"too large: its columns take over {MAX_READ_BYTES} bytes read")
+        if not hold.take(decoded):
+            return FileRead(path, None, UNREAD, unread=True)
         for name in plain:
             table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.string()))
         for name in later:  # (an older writer's file: what it could not say)
@@ -1156,6 +1215,7 @@ def _read_one(
     if written:
         stamp = pa.scalar(_written_at(path.rsplit("/", 1)[-1]), WRITTEN_TYPE)
         table = table.append_column("written", pa.repeat(stamp, table.num_rows))
+    hold.keep(table.nbytes)
     return FileRead(path, table, malformed=malformed)
 
 
@@ -1197,6 +1257,7 @@ def read(
     threads: int = 8,
     written: bool = False,
     written_after: datetime | None = None,
+    max_bytes: int | None = None,
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
@@ -1215,12 +1276,20 @@ def read(
     ``written`` holds the second each record's file was written, by its name (NaT for a name
     without it): when the record could first be read. With ``written_after``, only the files
     written (by their name) after it are opened: those that came late to a range read before.
+    With ``max_bytes``, the records read are held to about that many bytes (of Arrow tables;
+    what a file may take is reserved while it is read): once a file did not fit, it and the
+    files not yet read are left unread, counted in ``df.attrs`` (``unread_files``, and their
+    bytes in storage ``unread_bytes``), the records read kept.
     """
     schema, paths, results = read_files(
-        uri, start, end, model, columns, roles, threads, written, written_after=written_after
+        uri, start, end, model, columns, roles, threads, written, written_after=written_after, max_bytes=max_bytes
     )
-    tables, reasons, malformed = [], {}, 0
+    tables, reasons, malformed, unread, unread_bytes = [], {}, 0, 0, 0
     for r in results:
+        if r.unread:
+            unread += 1
+            unread_bytes += r.stored
+            continue
         if r.table is None:
             reasons[r.path] = r.reason or ""
             continue
@@ -1229,7 +1298,17 @@ def read(
             tables.append(r.table)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     del tables, results
-    return to_frame(table, reasons, malformed, len(paths) - len(reasons), str(uri))
+    if unread:
+        log.warning(
+            "%d prediction log files under %s (%d bytes stored) not read: the read's budget of %d bytes was spent",
+            unread,
+            uri,
+            unread_bytes,
+            max_bytes,
+        )
+    df = to_frame(table, reasons, malformed, len(paths) - len(reasons) - unread, str(uri))
+    df.attrs.update(unread_files=unread, unread_bytes=unread_bytes)
+    return df
 
 
 def read_schema(
@@ -1255,12 +1334,14 @@ def read_files(
     done: Container[str] = (),
     listed_until: datetime | None = None,
     written_after: datetime | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[pa.Schema, list[str], list[FileRead]]:
     """``read``'s files one by one: (the tables' schema, every file listed, sorted, and what each
     file not in ``done`` gave, in that order: its records of the range as a table of that schema,
     or why it was skipped). The hour folders are listed up to ``listed_until`` (``end`` when
     None), the records kept up to ``end``; with ``written_after``, only the files whose name
-    says they were written after it are listed (a name without its second is not)."""
+    says they were written after it are listed (a name without its second is not). With
+    ``max_bytes``, the tables are held to that budget (``read``), the files beyond it ``unread``."""
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware datetimes")
     schema = read_schema(columns, roles, written)
@@ -1277,11 +1358,12 @@ def read_files(
             if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
         )
     until = end if listed_until is None else listed_until
+    budget = None if max_bytes is None else _Budget(max_bytes)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]
         listings = list(pool.map(lambda p: _list(fs, p), folders))
-        paths = sorted(
-            info.path
+        stored = {
+            info.path: info.size or 0
             for listing in listings
             for info in listing
             if info.type == pafs.FileType.File
@@ -1289,18 +1371,20 @@ def read_files(
             and info.base_name.endswith(".parquet")
             and not _written_before(info.base_name, start)
             and (written_after is None or (_written_at(info.base_name) or written_after) > written_after)
-        )
+        }
+        paths = sorted(stored)
         results = list(
             pool.map(
-                lambda p: _read_one(fs, p, read_cols, start, end, role_list, written),
+                lambda p: _read_one(fs, p, read_cols, start, end, role_list, written, budget),
                 [p for p in paths if p not in done],
             )
         )
     for r in results:
-        if r.table is None:
-            log.warning("prediction log file %s skipped: %s", r.path, r.reason)
-        else:
+        r.stored = stored[r.path]
+        if r.table is not None:
             r.table = r.table.select(schema.names)
+        elif not r.unread:  # (those read counts, once)
+            log.warning("prediction log file %s skipped: %s", r.path, r.reason)
     return schema, paths, results
 
 

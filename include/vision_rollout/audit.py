@@ -102,6 +102,10 @@ class AuditResult:
     # Prediction log files of the range that could not be read (truncated, another schema):
     # their records are not in the audit, which then shows nothing (inconclusive at best).
     skipped_files: int = 0
+    # Files of the range left unread once the records read reached the audit's bound
+    # (``MAX_AUDIT_BYTES``), and their bytes in storage: their records are not in the audit.
+    unread_files: int = 0
+    unread_bytes: int = 0
     malformed_records: int = 0  # (and records of the files read that could not be: read's skipped_records)
     # Records of the range in files written after it closed (``closes``: a flush slower than
     # ``MAX_FLUSH_S``, a clock ahead by more than ``CLOCK_SKEW_S``): left out, whenever the audit
@@ -436,6 +440,9 @@ def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, floa
 # ``audited_hour`` waits for.)
 CLOCK_SKEW_S = 60
 EARLIER_HOURS = 24  # how far back the hourly audit looks for records that came after their range closed
+# What one audit's records may take in memory (Arrow tables, as read): each file is bounded
+# (``MAX_READ_BYTES``), an hour of 10,000 files was not. The pairs, vectors and report come on top.
+MAX_AUDIT_BYTES = 4 * 1024**3
 
 
 def closes(end: datetime) -> datetime:
@@ -546,6 +553,7 @@ def audit(
     model: str | None = None,
     config: AuditConfig | None = None,
     earlier_hours: int = 0,
+    max_bytes: int = MAX_AUDIT_BYTES,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
@@ -563,7 +571,11 @@ def audit(
     out; they do not change the verdict by themselves (anyone who reaches the data port can send
     them: the pairs that remain are the honest comparisons). Copies of requests the shadow's
     own version served (``self_pairs``) are left out and counted, named in the reasons only
-    when nothing else was left to audit."""
+    when nothing else was left to audit.
+
+    The records read are held to ``max_bytes``: the files beyond it are left unread and counted
+    (``unread_files``, ``unread_bytes``), and the range is inconclusive at best, as when files
+    could not be read."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -575,6 +587,7 @@ def audit(
         columns=SHADOW_PAIR_COLUMNS,
         roles=("primary", "shadow"),
         written=True,
+        max_bytes=max_bytes,
     )
     mine, earlier = attribution(records, start, end)
     late = _late(records, closes(end))
@@ -633,6 +646,17 @@ def audit(
             0,
             f"{len(skipped)} prediction log files in this range could not be read, their records are "
             f"not in this audit: nothing is shown (first: {printable(str(path))[-120:]}: {printable(str(why))[:200]})",
+        )
+        if result.verdict in ("pass", "skip"):
+            result.verdict = "inconclusive"
+    result.unread_files, result.unread_bytes = records.attrs["unread_files"], records.attrs["unread_bytes"]
+    if result.unread_files:
+        listed = result.unread_files + len(skipped) + records.attrs["files_read"]
+        result.reasons.insert(
+            0,
+            f"{result.unread_files} of {listed} prediction log files of this range ({result.unread_bytes:,} bytes "
+            f"stored) were not read: this audit holds at most {max_bytes:,} bytes of records (MAX_AUDIT_BYTES), "
+            "theirs are not in it: nothing is shown",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
@@ -937,6 +961,8 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
+        f"- Prediction log files not read (over the audit's memory bound): {result.unread_files} "
+        f"({result.unread_bytes:,} bytes stored)",
         f"- Malformed records in the files read (not audited): {result.malformed_records}",
         f"- Records written after this range closed (not audited): {result.late_records}",
         *(

@@ -977,3 +977,40 @@ def test_an_hours_audit_reads_of_the_next_hours_folder_only_the_files_of_its_mar
     assert (result.verdict, result.rows, result.skipped_files) == ("pass", 200, 0), result.reasons
     opened = sorted(Path(p).parent.name for p in reads.reads)
     assert opened == ["hour=10", "hour=10", "hour=11"], opened  # the hour's two files, the margin's one
+
+
+def test_an_audit_holds_what_its_budget_allows_and_names_the_files_left_unread(tmp_path):
+    """Each file's read was bounded (``MAX_READ_BYTES``), the hour's none: an hour of 10,000
+    files was read whole into one audit's memory. What one audit holds is bounded
+    (``max_bytes``); the files beyond it are left unread, counted with their bytes, and the
+    range is inconclusive, never a pass on what fitted."""
+    from itertools import combinations
+
+    for k in range(4):
+        shadow_log(tmp_path, 200, disagree=0.0, seed=k, versions=("1", str(k + 3)))
+    log = tmp_path / "log"
+    sizes = [p.stat().st_size for p in log.rglob("part-*.parquet")]
+    assert len(sizes) == 4
+    whole = audit(log, *around_now(), "digits")
+    assert (whole.verdict, whole.rows, whole.unread_files) == ("pass", 800, 0)
+    records = predictionlog.read(log, *around_now(), "digits", columns=predictionlog.SHADOW_PAIR_COLUMNS)
+    one_file = int(records.memory_usage(deep=True).sum()) // 4
+    part = audit(log, *around_now(), "digits", max_bytes=one_file * 2)
+    assert part.verdict == "inconclusive"
+    assert 1 <= part.unread_files < 4
+    assert part.rows == 200 * (4 - part.unread_files)
+    assert part.unread_bytes in {sum(c) for c in combinations(sizes, part.unread_files)}
+    assert part.reasons[0].startswith(
+        f"{part.unread_files} of 4 prediction log files of this range ({part.unread_bytes:,} bytes stored) were "
+        f"not read: this audit holds at most {one_file * 2:,} bytes of records"
+    ), part.reasons[0]
+    assert f"- Prediction log files not read (over the audit's memory bound): {part.unread_files}" in (
+        report_files(part)[REPORT].decode()
+    )
+    nothing = audit(log, *around_now(), "digits", max_bytes=1)
+    assert (nothing.verdict, nothing.rows, nothing.unread_files, nothing.unread_bytes) == (
+        "inconclusive",
+        0,
+        4,
+        sum(sizes),
+    )
