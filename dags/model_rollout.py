@@ -126,8 +126,8 @@ def model_rollout() -> None:
     from rollout_airflow import steps
 
     @task(retries=1)
-    def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-        return steps.build_image(params, run_id)
+    def build_image(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
+        return steps.build_image(params, run_id, last_try=ti.try_number > ti.max_tries)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:

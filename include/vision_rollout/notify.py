@@ -362,6 +362,16 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
     return Message(text, [section(text)])
 
 
+def not_started_message(spec: RolloutSpec, reason: str) -> Message:
+    """A run that failed at its first step (the lease, the start checks, the candidate's
+    verification or load): it moved no traffic, so the report claims nothing of the routes."""
+    text = (
+        f"{spec.model} v{spec.candidate_version} against v{spec.baseline_version} was not rolled out: "
+        f"its first step failed before the run moved any traffic. Reason: {one_line(reason)}"
+    )
+    return Message(text, [section(text)])
+
+
 def rollback_message(
     spec: RolloutSpec,
     reason: str,

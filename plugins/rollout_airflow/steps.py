@@ -143,7 +143,25 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
         return cast("Holding", current)
 
 
-def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+def build_image(params: dict[str, Any], run_id: str, last_try: bool = True) -> dict[str, Any]:
+    """``first_step`` (below), and a run it fails for good (a refusal, or its last try: ``last_try``)
+    reported to Slack: in Airflow nothing else of the run runs once its setup failed, notify and
+    the teardown neither, so whoever triggered it would hear nothing."""
+    spec = spec_from(params)
+    try:
+        return first_step(spec, params, run_id)
+    except Exception as exc:
+        if last_try or isinstance(exc, AirflowFailException):
+            from vision_rollout.notify import not_started_message
+
+            try:
+                send(spec, not_started_message(spec, str(exc) or type(exc).__name__))
+            except Exception:
+                log.exception("the report of the refused run was not sent")
+        raise
+
+
+def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Take the model's lease (one rollout of a model at a time); check where the run starts
     (``start_from_steady``); verify the candidate before any traffic; then, in local mode, load it
     beside the baseline; in kubernetes mode (mesh ``istio``), plan its image build (``build``: run
@@ -154,7 +172,6 @@ def build_image(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     the candidate is unloaded first (``given_back``)."""
     from vision_rollout.images import verify_model
 
-    spec = spec_from(params)
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
     before = lock.holding()

@@ -924,16 +924,24 @@ def test_a_first_step_failing_on_an_error_of_no_kind_it_knows_gives_the_model_ba
 
         monkeypatch.setattr(ModelServerAdmin, "load", load_then_fail)
         failed = AdminError
-    with pytest.raises(failed):
+    outbox = tmp_path / "run" / "outbox"
+    with pytest.raises(failed):  # a try Airflow retries: no report yet
+        steps.build_image(PARAMS, "run-a", last_try=False)
+    assert not list(outbox.glob("*.json"))
+    with pytest.raises(failed):  # its last: nothing else of the run runs, so it reports
         steps.build_image(PARAMS, "run-a")
     admin = steps.serving().settings.admin
     assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
     assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
     assert steps.serving().model_lock("digits", "local").holding() is None
+    [report] = [json.loads(p.read_text()) for p in outbox.glob("*.json")]
+    assert report["text"].startswith("digits v2 against v1 was not rolled out: its first step failed before")
+    assert ("Input/output error" if where == "verify" else "timed out") in report["text"]
     monkeypatch.undo()
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
     assert steps.build_image(PARAMS, "run-a")["sha256"]  # its retry
     assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
+    assert len(list(outbox.glob("*.json"))) == 1
 
 
 def built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path) -> tuple[dict, dict]:
