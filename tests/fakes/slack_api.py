@@ -18,21 +18,33 @@ BLOCK_TYPES = {"header", "section", "context", "divider", "image", "actions"}
 
 
 def check_blocks(blocks: Any) -> str | None:
+    """Slack's checks of a message's blocks, as documented for Block Kit: 50 blocks; a text object
+    ``plain_text`` or ``mrkdwn`` of 1 to 3000 characters (a header's ``plain_text``, 150; a
+    field's 2000); a section with a text or fields (10 at most); a context with 1 to 10 elements."""
     if not isinstance(blocks, list):
         return "invalid_blocks_format"
     if len(blocks) > 50:
         return "invalid_blocks: more than 50 blocks"
     for i, b in enumerate(blocks):
-        if b.get("type") not in BLOCK_TYPES:
-            return f"invalid_blocks: block {i} type {b.get('type')!r}"
-        texts = [(b.get("text"), 150 if b["type"] == "header" else 3000), *((f, 2000) for f in b.get("fields", []))]
+        if not isinstance(b, dict) or b.get("type") not in BLOCK_TYPES:
+            return f"invalid_blocks: block {i} type {b.get('type') if isinstance(b, dict) else b!r}"
+        kind = b["type"]
+        if kind == "header" and (not isinstance(b.get("text"), dict) or b["text"].get("type") != "plain_text"):
+            return f"invalid_blocks: block {i} header text must be plain_text"
+        if kind == "section" and not b.get("text") and not b.get("fields"):
+            return f"invalid_blocks: block {i} section needs a text or fields"
+        if kind == "context" and not 1 <= len(b.get("elements", [])) <= 10:
+            return f"invalid_blocks: block {i} context needs 1 to 10 elements"
+        if len(b.get("fields", [])) > 10:
+            return f"invalid_blocks: block {i} has more than 10 fields"
+        texts = [(b.get("text"), 150 if kind == "header" else 3000), *((f, 2000) for f in b.get("fields", []))]
         for t, limit in texts + [(e, 3000) for e in b.get("elements", [])]:
             if t is None:
                 continue
-            if t.get("type") not in ("plain_text", "mrkdwn") or len(t.get("text", "")) > limit:
-                return f"invalid_blocks: block {i} text over {limit} characters or of a bad type"
-        if len(b.get("fields", [])) > 10:
-            return f"invalid_blocks: block {i} has more than 10 fields"
+            if not isinstance(t, dict) or t.get("type") not in ("plain_text", "mrkdwn"):
+                return f"invalid_blocks: block {i} text of a bad type"
+            if not isinstance(t.get("text"), str) or not 1 <= len(t["text"]) <= limit:
+                return f"invalid_blocks: block {i} text empty or over {limit} characters"
     total = sum(len(t.get("text", "")) for b in blocks for t in _texts(b))
     if total > 12000:  # (Slack's cumulative limit: 12,000 text characters, containers aside)
         return "msg_blocks_too_long"
@@ -164,6 +176,8 @@ class FakeSlack:
                     files = json.loads(body.get("files", "[]"))
                     if not files or any(f["id"] not in slack.uploads for f in files):
                         return self._reply({"ok": False, "error": "file_not_found"})
+                    if body.get("thread_ts") and body.get("channel_id") != "C0ROLLOUT":
+                        return self._reply({"ok": False, "error": "channel_not_found"})
                     call["ok"] = True
                     return self._reply({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]})
                 return self._reply({"ok": False, "error": "unknown_method"})
