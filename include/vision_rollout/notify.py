@@ -23,7 +23,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -70,6 +70,28 @@ def mrkdwn(s: str, limit: int = MAX_TEXT) -> str:
     mentions, links), cut to ``limit`` characters without splitting an escape."""
     s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return s if len(s) <= limit else _CUT_ENTITY.sub("", s[: limit - 1]) + "…"
+
+
+def unescape(s: str) -> str:
+    """``mrkdwn``'s escapes undone: the text as its reader sees it."""
+    return s.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def redacted(message: Message, redact: Callable[[str], str]) -> Message:
+    """``message`` with ``redact`` (a secrets masker's) applied to its fallback text and to each
+    text of its blocks as its reader sees it: a mrkdwn text unescaped first, the masker knowing
+    ``a&b`` and not ``a&amp;b``, then escaped again, never longer. A text holding a link (the
+    report's own ``<url|text>``, the rest being escaped) is redacted as it is."""
+    blocks = json.loads(json.dumps(message.blocks))
+    for t in (t for b in blocks for t in _text_objects(b)):
+        text = t.get("text", "")
+        if t.get("type") == "mrkdwn" and "<" not in text:
+            seen = unescape(text)
+            masked = redact(seen)
+            t["text"] = text if masked == seen else mrkdwn(masked, len(text))
+        else:
+            t["text"] = redact(text)
+    return replace(message, text=redact(message.text), blocks=blocks)
 
 
 def one_line(s: str) -> str:

@@ -975,10 +975,9 @@ def outgoing(message: Message, where: str) -> Message:
     of servers and clients, and Slack is no task log."""
     from airflow.sdk._shared.secrets_masker import redact
 
-    from vision_rollout.notify import with_run
+    from vision_rollout.notify import redacted, with_run
 
-    linked = with_run(message, this_run_url(), where)
-    return replace(linked, text=str(redact(linked.text)), blocks=list(redact(linked.blocks)))  # type: ignore[arg-type]
+    return redacted(with_run(message, this_run_url(), where), lambda text: str(redact(text)))
 
 
 def this_run_url() -> str | None:

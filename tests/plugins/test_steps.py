@@ -598,6 +598,21 @@ def test_a_report_masks_what_airflow_masks_in_task_logs(monkeypatch, tmp_path):
     assert report["text"].endswith("the server answered 401: token *** refused")
 
 
+def test_a_masked_secret_holding_amp_lt_or_gt_is_masked_in_the_reports_blocks(monkeypatch, tmp_path):
+    """A password with ``&``, ``<`` or ``>`` reached Slack in the report's blocks: they carry it
+    escaped for mrkdwn (``&amp;``), a form Airflow's masker does not know; only the fallback
+    text, escaped later, was masked."""
+    from airflow.sdk.log import mask_secret
+
+    outbox_reports(monkeypatch, tmp_path)
+    mask_secret("pa&ss<w0rd>from-the-connection")
+    reason = "the 50% stage: the server answered 401: password pa&ss<w0rd>from-the-connection refused"
+    steps.notify(PARAMS, "rollback", reason, [None])
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert "w0rd" not in json.dumps(report)
+    assert report["blocks"][1]["text"]["text"].endswith("password *** refused")
+
+
 def test_a_report_that_cannot_be_built_goes_out_in_plain_words(monkeypatch, tmp_path):
     def broken(*args, **kwargs):
         raise ValueError("a verdict this code cannot read")
