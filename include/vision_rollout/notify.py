@@ -560,15 +560,15 @@ def _retry_rate_limited(client: Any) -> None:
 
 
 def _failure(exc: BaseException) -> str:
-    """Why Slack did not take a report, in one line. http.client's refusal of a header quotes
-    the header: the token."""
+    """Why Slack did not take a report, in one line of 500 characters at most (slack-sdk's
+    errors quote the answer: an error page of many lines). http.client's refusal of a header
+    quotes the header: the token."""
     from slack_sdk.errors import SlackClientError
 
-    if isinstance(exc, (SlackClientError, OSError)):
-        return str(exc)
     if isinstance(exc, ValueError) and "header" in str(exc).lower():
         return "the Slack client refused to send the token: it holds a line break or another control character"
-    return f"{type(exc).__name__}: {exc}"
+    why = str(exc) if isinstance(exc, (SlackClientError, OSError)) else f"{type(exc).__name__}: {exc}"
+    return one_line(why)[:500]
 
 
 def _slack_failures() -> tuple[type[BaseException], ...]:

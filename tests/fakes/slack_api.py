@@ -61,6 +61,7 @@ class FakeSlack:
         self.calls: list[dict[str, Any]] = []
         self.uploads: dict[str, bytes] = {}
         self.outage: int | None = None  # an HTTP status every API call answers (an outage), or None
+        self.outage_body = b"upstream connect error"  # what it answers with
         self.cut = False  # every API call's answer cut off mid-body (a proxy dropping the connection)
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
@@ -135,7 +136,7 @@ class FakeSlack:
                     self.close_connection = True
                     return None
                 if slack.outage is not None:
-                    data = b"upstream connect error"
+                    data = slack.outage_body
                     self.send_response(slack.outage)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

@@ -130,6 +130,24 @@ def test_when_slack_fails_the_report_lands_in_the_outbox(slack, tmp_path, failur
     assert slack.messages() == []
 
 
+def test_why_slack_refused_a_report_is_one_short_line(slack, tmp_path):
+    """An outage's error page (a proxy's HTML, many lines) was kept whole as the report's
+    ``slack_error``: in the notify task's XCom, the outbox file, the log and the run's failure
+    message, line breaks and all. It is one line of 500 characters at most, naming the status."""
+    slack.outage = 502
+    slack.outage_body = b"<html>\n<head><title>502 Bad Gateway</title></head>\n" + b"<p>x</p>\n" * 2000 + b"</html>"
+    outbox = Folder(str(tmp_path / "outbox"))
+    result = SlackNotifier("C1", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x")
+    )
+    error = result["slack_error"]
+    assert "\n" not in error
+    assert len(error) <= 500
+    assert "502" in error
+    record = json.loads((tmp_path / "outbox" / result["outbox"].rsplit("/", 1)[1]).read_text())
+    assert record["slack_error"] == error
+
+
 def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
     """Readers take the newest report as the last file name: one clock reading names each."""
     import time
