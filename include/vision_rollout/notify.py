@@ -563,12 +563,9 @@ def _failure(exc: BaseException) -> str:
     """Why Slack did not take a report, in one line of 500 characters at most (slack-sdk's
     errors quote the answer: an error page of many lines). http.client's refusal of a header
     quotes the header: the token."""
-    from slack_sdk.errors import SlackClientError
-
     if isinstance(exc, ValueError) and "header" in str(exc).lower():
         return "the Slack client refused to send the token: it holds a line break or another control character"
-    why = str(exc) if isinstance(exc, (SlackClientError, OSError)) else f"{type(exc).__name__}: {exc}"
-    return one_line(why)[:500]
+    return one_line(f"{type(exc).__name__}: {exc}")[:500]
 
 
 def _slack_failures() -> tuple[type[BaseException], ...]:
@@ -801,7 +798,7 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
         try:
             sent = notifier.send(message)
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
-            return {"name": name, "channel": found.channel, "error": one_line(f"{type(exc).__name__}: {exc}")[:500]}
+            return {"name": name, "channel": found.channel, "error": _failure(exc)}
         outbox.write(mark, json.dumps(sent).encode())
     else:
         sent["posted_before"] = True

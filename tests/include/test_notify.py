@@ -445,6 +445,23 @@ def test_a_sender_killed_during_the_chart_upload_leaves_a_report_not_posted_agai
     assert outbox.names() == []
 
 
+def test_a_token_with_a_control_character_never_reaches_an_outbox_rounds_error(slack, tmp_path):
+    """A round of the outbox (``rolloutctl outbox send``, each shadow audit's, with the Slack
+    connection's token) whose token held a line break gave http.client's refusal as the report's
+    error: the header quoted, the token scrubbed only up to the line break, the rest in the log
+    and the audit's failure message. It says why, as a new report's error does."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "late"))
+    (result,) = send_waiting(outbox, WebClient(token="xoxb-1-abc\r\nX-Part: SECRETPART", base_url=slack.base_url))
+    assert "SECRETPART" not in json.dumps(result)
+    assert result["error"].startswith("the Slack client refused to send the token")
+    assert slack.messages() == []
+
+
 def test_a_file_in_the_outbox_whose_name_no_folder_takes_is_reported_not_raised(slack, tmp_path):
     """A file named with a backslash (copied in from elsewhere) stopped every round at its claim's
     name, and with it every hourly audit, which sends the outbox first: it is an error line, the
