@@ -245,6 +245,12 @@ def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api
         conn = None
     if conn is None or not conn.password:
         return SlackNotifier(channel, outbox=outbox)
+    if re.search(r"[^\x21-\x7e]", conn.password):  # (slack-sdk logs http.client's refusal: the header, the token)
+        unusable = (
+            f"the {slack_conn_id} connection cannot be used: the token: it holds a line break, a space or a "
+            "character beyond printable ASCII (a Slack token holds none)"
+        )
+        return SlackNotifier(channel, outbox=outbox, unusable=unusable)
     try:
         client = SlackHook(slack_conn_id=slack_conn_id).client
     except Exception as exc:  # (an extra the provider cannot read: a timeout that is not a number)

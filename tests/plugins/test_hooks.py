@@ -210,11 +210,13 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
     ],
 )
 def test_a_slack_connection_that_cannot_be_used_leaves_the_report_in_the_outbox(
-    monkeypatch, tmp_path, extra, password, error
+    monkeypatch, tmp_path, caplog, capfd, extra, password, error
 ):
     """A Slack connection the provider could not use (a timeout that is not a number, a base URL
     without its scheme, a token with a line break) raised out of notify: the report was in
-    neither Slack nor the outbox, and the token's error quoted the token."""
+    neither Slack nor the outbox, and the token's error quoted the token. A token with a line
+    break was given to slack-sdk all the same, which logged http.client's refusal (the header,
+    the token in it) as an error in the task log."""
     import json
 
     from vision_rollout.notify import rollback_message
@@ -224,6 +226,7 @@ def test_a_slack_connection_that_cannot_be_used_leaves_the_report_in_the_outbox(
     sent = slack_notifier("#rollouts", Folder(str(tmp_path / "outbox"))).send(rollback_message(RolloutSpec(), "r"))
     assert error in sent["slack_error"]
     assert "s3cret" not in sent["slack_error"]
+    assert "s3cret" not in caplog.text + capfd.readouterr().out  # (the provider's hook logs with structlog)
     record = json.loads((tmp_path / "outbox" / sent["outbox"].rsplit("/", 1)[1]).read_text())
     assert record["slack_error"] == sent["slack_error"]
 
