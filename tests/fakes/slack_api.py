@@ -63,6 +63,7 @@ class FakeSlack:
         self.outage: int | None = None  # an HTTP status every API call answers (an outage), or None
         self.outage_body = b"upstream connect error"  # what it answers with
         self.cut = False  # every API call's answer cut off mid-body (a proxy dropping the connection)
+        self.refuse: dict[str, str] = {}  # a method Slack refuses, with its error ("upload": the upload URL, 500)
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -101,6 +102,11 @@ class FakeSlack:
             def do_POST(self) -> None:
                 url = urlparse(self.path)
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if url.path.startswith("/upload/") and "upload" in slack.refuse:
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if url.path.startswith("/upload/"):
                     slack.uploads[url.path.rsplit("/", 1)[1]] = raw
                     self.send_response(200)
@@ -144,6 +150,8 @@ class FakeSlack:
                     return None
                 if self.headers.get("Authorization") != f"Bearer {slack.token}":
                     return self._reply({"ok": False, "error": "invalid_auth"})
+                if method in slack.refuse:
+                    return self._reply({"ok": False, "error": slack.refuse[method]})
                 if method == "chat.postMessage":
                     if not body.get("channel"):
                         return self._reply({"ok": False, "error": "channel_not_found"})

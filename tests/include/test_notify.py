@@ -148,6 +148,28 @@ def test_why_slack_refused_a_report_is_one_short_line(slack, tmp_path):
     assert record["slack_error"] == error
 
 
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        ("files.getUploadURLExternal", "missing_scope"),
+        ("upload", "HTTP Error 500"),
+        ("files.completeUploadExternal", "not_in_channel"),
+    ],
+)
+def test_each_step_of_the_charts_upload_failing_leaves_the_report_posted_and_says_why(slack, tmp_path, step, error):
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.refuse = {step: error}
+    result = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    assert result["ts"]
+    assert len(slack.messages()) == 1
+    assert error in result["chart_error"]
+    assert "\n" not in result["chart_error"]
+    assert "chart" not in result
+    assert outbox.names() == []  # (posted: nothing waits)
+
+
 def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
     """Readers take the newest report as the last file name: one clock reading names each."""
     import time
