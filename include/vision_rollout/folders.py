@@ -137,12 +137,26 @@ class Folder:
                 fcntl.flock(guard, fcntl.LOCK_UN)
 
     def read(self, name: str) -> bytes:
+        """``name`` in this folder, whole; in S3 as one version of it, read in one GET (a file
+        replaced meanwhile is read as it was, or as it is, never a mix). FileNotFoundError when
+        it is absent."""
+        return self._read(name)[0]
+
+    def _read(self, name: str) -> tuple[bytes, str | None]:
+        """``name``'s bytes and, in S3, its ETag."""
         path = self.path
         if path is not None:
-            return (path / _check_name(name)).read_bytes()
+            return (path / _check_name(name)).read_bytes(), None
         fs, key = self._key(_check_name(name))
+        if self._s3():
+            from vision_rollout import objects
+
+            return objects.get(objects.client(self.uri, fs.region), key)
         with fs.open_input_stream(key) as f:
-            return bytes(f.read())
+            return bytes(f.read()), None
+
+    def _s3(self) -> bool:
+        return urlsplit(self.uri).scheme == "s3"
 
     def delete(self, name: str) -> None:
         """``name`` in this folder is gone; nothing when it was not there."""

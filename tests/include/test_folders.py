@@ -180,3 +180,37 @@ def test_a_conditional_write_refuses_a_file_changed_since_it_was_read(root):
     folder.write_if("stage.json", b"two", b"another writer's")
     assert folder.read("stage.json") == b"two"
     assert folder.names() == ["stage.json"]  # (its guard file on a disk is hidden)
+
+
+def _write_if_elsewhere(folder: Folder, name: str, data: bytes, read: bytes | None) -> str:
+    """``folder.write_if`` run by another process (another worker's)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vision_rollout.folders import Folder; "
+        f"print((Folder({folder.uri!r}, {folder.parts!r})).write_if({name!r}, {data!r}, {read!r}))"
+    )
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_a_file_in_an_object_store_is_read_whole_as_one_version_while_it_is_replaced(s3):
+    """A read was a HEAD for the size, then a GET: a file replaced in between (another worker
+    writing the stage's record) was read as the first bytes of the new one, cut at the old
+    one's size (the stage then failed on "not the record of stage 1"). It is one GET now."""
+    from tests.support.s3proxy import s3_proxy
+
+    prefix = s3.uri().split("?")[0].rsplit("/", 1)[1]
+    direct = Folder(s3.uri(prefix))
+    direct.write("stage.json", b'{"v": 1}')
+    replaced: list[str] = []
+    with s3_proxy(s3.port) as proxy:
+
+        def replace_before_its_get(seen):
+            if seen.method == "GET" and not replaced:
+                replaced.append(_write_if_elsewhere(direct, "stage.json", b'{"v": 2, "longer": true}', b'{"v": 1}'))
+            return None
+
+        proxy.before = replace_before_its_get
+        got = Folder(proxy.uri(s3.bucket, prefix)).read("stage.json")
+    assert got in (b'{"v": 1}', b'{"v": 2, "longer": true}')
