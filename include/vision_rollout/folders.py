@@ -94,23 +94,31 @@ class Folder:
 
         On a disk the comparison and the rename run under ``flock`` of a sibling guard file
         (``.<name>.lock``, never deleted; a killed writer's lock goes with its process), so of
-        two writers of what they both read, one writes and the other gets WriteConflict. In an
-        object store the file is read again just before its PUT (pyarrow's filesystems have no
-        conditional PUT): a writer whose PUT lands between that read and this one is not seen.
-        On a disk the temporary files that writes of ``name`` killed mid-way left are removed
-        (every writer of a file written so goes through here: none is writing it meanwhile)."""
+        two writers of what they both read, one writes and the other gets WriteConflict. In S3
+        the file is read again with its ETag and put only if it is still that one (``If-Match``,
+        ``If-None-Match: *`` for one absent): the same, whatever the machines. In GCS it is read
+        again just before its PUT, which has no condition there (pyarrow's): a writer whose PUT
+        lands between that read and this one is not seen. On a disk the temporary files that
+        writes of ``name`` killed mid-way left are removed (every writer of a file written so
+        goes through here: none is writing it meanwhile)."""
         _check_name(name)
+        where = self._location(name) if self.path is None else self.path / name
         with self._guard(name):
             try:
-                now: bytes | None = self.read(name)
+                now, etag = self._read(name)
             except FileNotFoundError:
-                now = None
+                now, etag = None, None
             self.remove_temporaries(name.__eq__, time.time())  # (writes of it killed mid-way: none runs now)
             if now != read:
-                raise WriteConflict(
-                    f"{self._location(name) if self.path is None else self.path / name} changed since it was read"
-                )
-            return self.write(name, data)
+                raise WriteConflict(f"{where} changed since it was read")
+            if not self._s3():
+                return self.write(name, data)
+            from vision_rollout import objects
+
+            fs, key = self._key(name)
+            if not objects.put_if(objects.client(self.uri, fs.region), key, data, etag):
+                raise WriteConflict(f"{where} changed since it was read (by a write landing just before this one)")
+            return str(where)
 
     @contextlib.contextmanager
     def _guard(self, name: str) -> Iterator[None]:

@@ -17,6 +17,11 @@ import os
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+# A PUT's condition that did not hold: 412 (another writer's PUT landed since the read), 404
+# (the object read was deleted since), 409 (S3's ConditionalRequestConflict: a write of it
+# racing this one).
+CONFLICTS = ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
+
 
 @functools.cache
 def _client(pid: int, endpoint: str | None, region: str, verify: bool | str) -> Any:
@@ -52,8 +57,31 @@ def get(s3: Any, path: str) -> tuple[bytes, str]:
         got = s3.get_object(Bucket=bucket, Key=key)
         return got["Body"].read(), got["ETag"]
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        if _code(exc) in ("NoSuchKey", "404"):
             raise FileNotFoundError(f"no object {path!r}") from None
         raise OSError(f"reading {path!r}: {exc}") from None
     except BotoCoreError as exc:
         raise OSError(f"reading {path!r}: {exc}") from None
+
+
+def put_if(s3: Any, path: str, data: bytes, etag: str | None) -> bool:
+    """``data`` put at ``path`` provided the object there is still the one whose ETag is ``etag``
+    (None: provided there is none); False, nothing written, when it is not. OSError when it
+    cannot be written."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = path.split("/", 1)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+    except ClientError as exc:
+        if _code(exc) in CONFLICTS or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return False
+        raise OSError(f"writing {path!r}: {exc}") from None
+    except BotoCoreError as exc:
+        raise OSError(f"writing {path!r}: {exc}") from None
+    return True
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
