@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import time
 from collections.abc import Callable
@@ -265,16 +266,20 @@ def _bounded(values: list[Any]) -> list[Any]:
     return values if len(values) <= MAX_RUNS else values[: MAX_RUNS // 2] + values[-MAX_RUNS // 2 :]
 
 
-CHANGE_TRIES = 5  # reads of the record a change is made on, when other writers keep changing it
+CHANGE_TRIES = 10  # reads of the record a change is made on, when other writers keep changing it
+CHANGE_BACKOFF_S = 0.05  # the first pause before reading it again (doubled each time, at most 1 s; jittered)
 
 
 def _change(folder: Folder, run_id: str, index: int, change: Callable[[StageRecord], T]) -> tuple[StageRecord, T]:
     """``change`` made to the stage's record as it is in the folder, written only when it
     changed something: read, changed, written provided no other writer (a poke, a retry,
     ``rolloutctl restart-stage``) wrote it meanwhile, else all of it again on what that writer
-    wrote. WriteConflict when other writers won ``CHANGE_TRIES`` times in a row (nothing lost:
-    nothing of this change written)."""
-    for _ in range(CHANGE_TRIES):
+    wrote, after a pause of random length (writers that collided do not collide again in step).
+    WriteConflict when other writers won ``CHANGE_TRIES`` times in a row (nothing lost: nothing
+    of this change written)."""
+    for n in range(CHANGE_TRIES):
+        if n:
+            time.sleep(random.uniform(0, min(1.0, CHANGE_BACKOFF_S * 2 ** (n - 1))))  # noqa: S311 (a pause)
         record = load(folder, run_id, index)
         result = change(record)
         for a in record.attempts:

@@ -2250,22 +2250,26 @@ def _judge_many(root: str, prefix: str, n: int) -> None:
         attempts.judged(Folder(root), "run-a", 0, 1000.0, f"{prefix}-{i}")
 
 
-def test_writers_in_several_processes_at_once_lose_no_run(tmp_path):
-    """Four workers counting their runs into one stage record at once: each run is counted."""
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_writers_in_several_processes_at_once_lose_no_run(tmp_path, request, where):
+    """Four workers counting their runs into one stage record at once: each run is counted, on a
+    disk and in an object store (where a PUT landing between another's last read and its PUT
+    was overwritten, that run lost)."""
     import multiprocessing
 
     from vision_rollout import attempts
     from vision_rollout.folders import Folder
 
-    attempts.applied(Folder(str(tmp_path)), "run-a", 0, 1000.0)
+    root = request.getfixturevalue("s3").uri() if where == "s3" else str(tmp_path)
+    attempts.applied(Folder(root), "run-a", 0, 1000.0)
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_judge_many, args=(str(tmp_path), f"w{w}", 12)) for w in range(4)]
+    workers = [ctx.Process(target=_judge_many, args=(root, f"w{w}", 12)) for w in range(4)]
     for p in workers:
         p.start()
     for p in workers:
-        p.join(60)
+        p.join(120)
         assert p.exitcode == 0
-    (attempt,) = attempts.load(Folder(str(tmp_path)), "run-a", 0).attempts
+    (attempt,) = attempts.load(Folder(root), "run-a", 0).attempts
     assert attempt.runs == 48
     assert sorted(attempt.tries) == sorted(f"w{w}-{i}" for w in range(4) for i in range(12))
 
