@@ -273,3 +273,22 @@ def test_a_file_in_an_object_store_is_read_whole_as_one_version_while_it_is_repl
         proxy.before = replace_before_its_get
         got = Folder(proxy.uri(s3.bucket, prefix)).read("stage.json")
     assert got in (b'{"v": 1}', b'{"v": 2, "longer": true}')
+
+
+def test_the_s3_client_of_a_folder_takes_the_uris_options_as_pyarrow_does():
+    """The conditional writes go through boto3: the same endpoint, scheme, region and path-style
+    addressing under an endpoint override as pyarrow's S3 filesystem of the URI, AWS's own
+    endpoint without one."""
+    import pyarrow.fs as pafs
+
+    from vision_rollout import objects
+
+    uri = "s3://bucket/run?endpoint_override=minio.example:9000&scheme=http&region=eu-west-1"
+    fs, _ = pafs.FileSystem.from_uri(uri)
+    client = objects.client(uri, fs.region)
+    assert client.meta.endpoint_url == "http://minio.example:9000"
+    assert client.meta.region_name == "eu-west-1"
+    assert client.meta.config.s3 == {"addressing_style": "path"}
+    aws = objects.client("s3://bucket/run?region=us-east-2", "us-east-2")
+    assert aws.meta.endpoint_url == "https://s3.us-east-2.amazonaws.com"
+    assert not aws.meta.config.s3
