@@ -116,9 +116,21 @@ class Folder:
             from vision_rollout import objects
 
             fs, key = self._key(name)
-            if not objects.put_if(objects.client(self.uri, fs.region), key, data, etag):
+            s3 = objects.client(self.uri, fs.region)
+            if not objects.put_if(s3, key, data, etag) and not self._holds(s3, key, data):
                 raise WriteConflict(f"{where} changed since it was read (by a write landing just before this one)")
             return str(where)
+
+    @staticmethod
+    def _holds(s3: object, key: str, data: bytes) -> bool:
+        """Whether the object holds ``data``: a conditional PUT answered as a conflict that was
+        this one sent again by the client (its first answer lost), having landed."""
+        from vision_rollout import objects
+
+        try:
+            return objects.get(s3, key)[0] == data
+        except FileNotFoundError:
+            return False
 
     @contextlib.contextmanager
     def _guard(self, name: str) -> Iterator[None]:

@@ -292,3 +292,29 @@ def test_the_s3_client_of_a_folder_takes_the_uris_options_as_pyarrow_does():
     aws = objects.client("s3://bucket/run?region=us-east-2", "us-east-2")
     assert aws.meta.endpoint_url == "https://s3.us-east-2.amazonaws.com"
     assert not aws.meta.config.s3
+
+
+def test_a_conditional_put_that_landed_but_whose_answer_was_lost_is_written_not_a_conflict(s3):
+    """boto3 sends a PUT again when its answer is lost (a 500, a dropped connection); the PUT
+    had landed, so its condition no longer holds and the second one is answered 412: that was
+    a WriteConflict, and the caller made its change again on its own write (a stage's weights
+    counted as applied twice). A conflict whose file holds what was written is that write."""
+    from tests.support.s3proxy import s3_proxy
+
+    prefix = s3.uri().split("?")[0].rsplit("/", 1)[1]
+    direct = Folder(s3.uri(prefix))
+    direct.write("stage.json", b"one")
+    with s3_proxy(s3.port) as proxy:
+        lost: list[bool] = []
+
+        def lose_the_first_puts_answer(seen):
+            if seen.method == "PUT" and not lost:
+                lost.append(True)
+                direct.write("stage.json", seen.body)  # (landed: as the store would have it)
+                return 500, b"<Error><Code>InternalError</Code><Message>lost</Message></Error>"
+            return None
+
+        proxy.before = lose_the_first_puts_answer
+        Folder(proxy.uri(s3.bucket, prefix)).write_if("stage.json", b"two", b"one")
+        assert len(proxy.puts(f"/{prefix}/stage.json")) == 2  # sent again
+    assert direct.read("stage.json") == b"two"
