@@ -8,7 +8,8 @@ its own, whose disk goes with it: there ``run_dir`` is an object store URI
 pyarrow's filesystems with the same credentials (``AWS_*`` in the environment, or the pod's
 workload identity), never credentials in the URI: it is shown in logs and reports. Each file is
 written whole or not at all: on a disk under a hidden name renamed into place, in an object
-store as one PUT.
+store as one PUT; in S3 a file is read in one GET (one version of it, whole) and a conditional
+write's PUT carries its condition (``objects``: boto3, as pyarrow has neither).
 """
 
 from __future__ import annotations
