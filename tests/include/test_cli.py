@@ -649,6 +649,12 @@ def test_a_threshold_that_is_not_a_number_is_refused(tmp_path, capsys, value):
 # -- rolloutctl run against a real model server ---------------------------------------------------
 
 
+def logging_args(tmp_path) -> tuple[str, str]:
+    """A model server's arguments writing the prediction log ``run_argv`` reads (a run checks,
+    at its first look, that it reads the log the server writes)."""
+    return ("--prediction-log", str(tmp_path / "predictions"))
+
+
 def run_argv(s, tmp_path, models_dir, spec: dict, *more: str) -> list[str]:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
@@ -749,7 +755,7 @@ def test_run_stopped_by_a_signal_puts_the_stable_version_back(server_factory, re
 
     from tests.conftest import ROOT
 
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *logging_args(tmp_path), token=TOKEN)
     s.load_versions("digits", 1, 2)
     s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
     spec = {"stages": [50, 100], "bake_seconds": 120, "max_stage_seconds": 120}
@@ -1101,7 +1107,7 @@ def test_run_rolls_back_a_candidate_served_from_other_bytes_than_it_started_with
     import hashlib
     import subprocess
 
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *logging_args(tmp_path), token=TOKEN)
     s.load_versions("digits", 1, 2)
     stable = {"route": [{"version": "1", "weight": 100}]}
     s.api.set_traffic("digits", TrafficPolicy.from_dict(stable))
@@ -1154,7 +1160,7 @@ def test_status_and_abort_of_a_running_rollout(server_factory, repo_copy, models
     abort is refused (exit 4), nothing changed."""
     import subprocess
 
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), *logging_args(tmp_path), token=TOKEN)
     s.load_versions("digits", 1, 2)
     s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
     locks, token = tmp_path / "locks", str(tmp_path / "token")
