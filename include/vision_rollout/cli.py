@@ -14,10 +14,15 @@
                  (--prometheus URL | --no-hard-guards) [--sha256 HEX] [--state-file F] [--outbox DIR]
                  [--lock-dir DIR]
                                                      (a whole rollout on the model server's router)
-  rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there)
+  rolloutctl outbox list --outbox DIR [--json]            (the Slack reports waiting there, and
+                                                          those set aside, refused for good)
   rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--budget-s 120] [--json]
+                         [--retry-refused [NAME ...]]
                                    (each waiting report to Slack; removed once Slack took it;
-                                    none started after --budget-s, those left named)
+                                    none started after --budget-s, those left named; one Slack
+                                    refuses for good set aside in refused/; --retry-refused: those
+                                    set aside put back first, all or those named)
+  rolloutctl outbox drop --outbox DIR NAME ...            (a report removed for good)
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
   rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
@@ -34,7 +39,7 @@ back, or aborted; status: a lease that expired, its run not ended), 2 usage erro
 a rollout holds the model), 4 error (a server, a store or a file could not be used, or the model
 was not where a rollout starts, or no rollout to abort: nothing was decided; abort: the run marked
 aborted but the stable version not written back, as its line says; outbox send: a report Slack did
-not take, left waiting); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
+not take, left waiting or set aside); run stopped by a signal: 128 + its number (130 Ctrl-C, 143
 SIGTERM), after the stable version is put back. Errors go to stderr in one line, results to stdout;
 with --json an error is also one JSON object on stdout: {"error": "...", "exit": N}.
 """
@@ -878,21 +883,40 @@ def _run(
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     """The reports waiting in an outbox (the DAGs' ``<run_dir>/outbox``, ``run --outbox``): listed,
-    or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it."""
-    from vision_rollout.notify import one_line, send_waiting, waiting_reports
+    or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it. Those
+    Slack refused for good (a mistyped channel) are set aside in its ``refused/``: listed with
+    Slack's reason, sent again with ``--retry-refused`` (all, or those named), or dropped."""
+    from vision_rollout.notify import REFUSED, drop_report, one_line, restore_refused, send_waiting, waiting_reports
 
     _found("--outbox", args.outbox)
+    if args.names and not (args.action == "drop" or args.retry_refused):
+        raise UsageError("report names are drop's, or send --retry-refused's")
     if args.action == "list":
         found = [w.to_dict() for w in waiting_reports(args.outbox)]
         if args.json:
             print(json.dumps(found, indent=2))
         for w in [] if args.json else found:
             why = w.get("problem") or (f"Slack said: {w['slack_error']}" if "slack_error" in w else "no token then")
+            if "refused" in w:
+                why = f"set aside: Slack refused it: {w['refused']}"
             print(
                 f"{_shown(w['name'])}  {one_line(w.get('channel', ''))}  {one_line(w.get('text', ''))[:120]}  ({why})"
             )
+        aside = sum(1 for w in found if "refused" in w)
         if not args.json:
-            print(f"{len(found)} report(s) waiting in {args.outbox}")
+            print(
+                f"{len(found) - aside} report(s) waiting in {args.outbox}"
+                + (f", {aside} set aside ({REFUSED}/)" if aside else "")
+            )
+        return 0
+    if args.action == "drop":
+        if not args.names:
+            raise UsageError("drop needs the name of a report (as outbox list shows it)")
+        for name in args.names:
+            try:
+                print(f"dropped {_shown(drop_report(args.outbox, name))}")
+            except (ValueError, FileNotFoundError) as exc:
+                raise UsageError(str(exc)) from None
         return 0
     if args.token_file is None:
         raise UsageError("send needs --token-file, a file holding the Slack bot token")
@@ -908,6 +932,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if not 0 <= args.budget_s <= 3600:
         raise UsageError(f"--budget-s: 0 to 3600, not {args.budget_s:g}")
     client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)
+    retried: list[str] = []
+    if args.retry_refused:
+        try:
+            retried = restore_refused(args.outbox, args.names)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
     found = [n for n in args.outbox.names() if n.endswith(".json")]
     results = send_waiting(args.outbox, client, budget_s=args.budget_s)
     # Slack unreachable: each report waits out its timeout; the round starts none after its budget.
@@ -925,6 +955,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                 if "skipped" in r
                 else f"left waiting: {r['left']}"
                 if "left" in r
+                else f"refused for good, set aside{' again' if r['name'] in retried else ''} in {REFUSED}/: {r['error']}"
+                if r.get("refused")
                 else f"error: {r['error']}"
             )
             print(
@@ -1369,8 +1401,9 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     from vision_rollout.settings import SEND_BUDGET_S
 
-    o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, or send them")
-    o.add_argument("action", choices=["list", "send"])
+    o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, send them, or drop one")
+    o.add_argument("action", choices=["list", "send", "drop"])
+    o.add_argument("names", nargs="*", metavar="NAME", help="reports (as list shows them): drop's, --retry-refused's")
     o.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
     o.add_argument("--token-file", type=Path, help="a file holding the Slack bot token (send)")
     o.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
@@ -1379,6 +1412,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=SEND_BUDGET_S,
         help=f"start no report after this many seconds, the rest left waiting (send; default {SEND_BUDGET_S:g})",
+    )
+    o.add_argument(
+        "--retry-refused",
+        action="store_true",
+        help="send: first put back the reports set aside in refused/ (those named, else all): the channel fixed",
     )
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_outbox)
@@ -1503,7 +1541,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     try:
-        args = p.parse_args(argv)
+        args, extra = p.parse_known_args(argv)
+        # (argparse takes a command's positionals in one go: outbox's report names after its options)
+        if extra and isinstance(getattr(args, "names", None), list) and not any(e.startswith("-") for e in extra):
+            args.names += extra
+        elif extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help
         return USAGE if exc.code else 0
     except _ArgumentsRefused as exc:  # argparse's own usage errors, after its usage line

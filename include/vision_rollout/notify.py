@@ -16,6 +16,7 @@ put on one line (``one_line``), so that none can add a line that reads like the 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -568,6 +569,49 @@ def _failure(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {exc}")[:500]
 
 
+REFUSED = "refused"  # the outbox's folder of the reports Slack refused for good (``refusal``)
+# chat.postMessage's errors (Slack's method reference) that sending the same report again cannot
+# cure: its channel (mistyped, archived, the bot not in it, posting restricted) or its content.
+# A token Slack refuses (invalid_auth, token_revoked, missing_scope, ...) is no fault of the report:
+# it keeps it waiting, each round failing loudly until the connection is fixed; so do an outage,
+# a rate limit, a timeout.
+PERMANENT_ERRORS = frozenset(
+    {
+        "channel_not_found",
+        "is_archived",
+        "not_in_channel",
+        "restricted_action",
+        "restricted_action_read_only_channel",
+        "restricted_action_thread_only_channel",
+        "restricted_action_non_threadable_channel",
+        "team_access_not_granted",
+        "messages_tab_disabled",
+        "ekm_access_denied",
+        "msg_too_long",
+        "msg_blocks_too_long",
+        "no_text",
+        "invalid_blocks",
+        "invalid_blocks_format",
+        "too_many_attachments",
+        "attachment_payload_limit_exceeded",
+        "invalid_arguments",
+        "invalid_metadata_format",
+        "invalid_metadata_schema",
+        "metadata_too_large",
+    }
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Slack's error code where it refused a post for good (``PERMANENT_ERRORS``), else None."""
+    from slack_sdk.errors import SlackApiError
+
+    if not isinstance(exc, SlackApiError) or not hasattr(exc.response, "get"):
+        return None
+    code = str(exc.response.get("error") or "").split(":", 1)[0].strip()
+    return code if code in PERMANENT_ERRORS else None
+
+
 def _slack_failures() -> tuple[type[BaseException], ...]:
     """What a Slack call raises when Slack did not take it: slack-sdk's errors; an answer cut
     off mid-way, a status line that is not HTTP's (http.client's own); a base URL urllib cannot
@@ -626,6 +670,11 @@ class SlackNotifier:
             if self.outbox is None:
                 raise
             error = _failure(exc)
+            if refusal(exc):
+                log.warning(
+                    "Slack refused the report for good (%s); it is set aside in the outbox's %s/", error, REFUSED
+                )
+                return {**self._to_outbox(message, error=error, refused=True), "slack_error": error, "refused": True}
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
             return {**self._to_outbox(message, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
@@ -649,8 +698,9 @@ class SlackNotifier:
             return {"chart_error": _failure(exc)}
         return {"chart": True}
 
-    def _to_outbox(self, message: Message, error: str | None = None) -> dict[str, Any]:
+    def _to_outbox(self, message: Message, error: str | None = None, refused: bool = False) -> dict[str, Any]:
         assert self.outbox is not None
+        folder = self.outbox / REFUSED if refused else self.outbox
         now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
         stem = (
             f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
@@ -659,9 +709,9 @@ class SlackNotifier:
         if error is not None:
             record["slack_error"] = error
         if message.chart:
-            self.outbox.write(f"{stem}.png", message.chart)
+            folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
-        return {"outbox": self.outbox.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+        return {"outbox": folder.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
 
 
 # A sender's claim on a waiting report (``send_waiting``): ``<stem>.claim-<ns>-<id>``. One older
@@ -676,7 +726,8 @@ _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 class Waiting:
     """A report in the outbox: ``name`` (``<stem>.json``), its channel and fallback text, the
     error Slack gave when it was written (None: there was no token), its chart's file name;
-    ``problem`` where the file cannot be read back as a report."""
+    ``problem`` where the file cannot be read back as a report; ``refused``: why Slack refused it
+    for good, where it is set aside (the outbox's ``refused/``: no round sends it)."""
 
     name: str
     channel: str = ""
@@ -684,6 +735,7 @@ class Waiting:
     slack_error: str | None = None
     chart: str | None = None
     problem: str | None = None
+    refused: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -709,15 +761,72 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
 
 
 def waiting_reports(outbox: Folder) -> list[Waiting]:
-    """The reports waiting in the outbox, oldest first."""
+    """The reports waiting in the outbox, oldest first, then those set aside in its ``refused/``
+    (``refused``: Slack's reason), oldest first."""
     found = []
-    for name in outbox.names():
-        if name.endswith(".json"):
-            try:
-                found.append(_waiting(outbox, name)[0])
-            except FileNotFoundError:  # (sent meanwhile)
-                continue
+    for folder in (outbox, outbox / REFUSED):
+        for name in folder.names():
+            if name.endswith(".json"):
+                try:
+                    w = _waiting(folder, name)[0]
+                except FileNotFoundError:  # (sent meanwhile)
+                    continue
+                found.append(w if folder is outbox else replace(w, refused=w.slack_error or "refused"))
     return found
+
+
+def _move(source: Folder, target: Folder, name: str, chart: str | None, record: bytes) -> None:
+    """The report ``name`` (``record``: its file's new content) and its chart moved from ``source``
+    to ``target``: written there first, chart first, then removed here; a mover killed mid-way
+    leaves a copy, never a loss."""
+    if chart:
+        with contextlib.suppress(FileNotFoundError):
+            target.write(chart, source.read(chart))
+    target.write(name, record)
+    source.delete(name)
+    if chart:
+        source.delete(chart)
+
+
+def _set_aside(outbox: Folder, name: str, chart: str | None, error: str) -> None:
+    """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason."""
+    record = json.loads(outbox.read(name))
+    record["slack_error"] = error
+    _move(outbox, outbox / REFUSED, name, chart, json.dumps(record, indent=2).encode())
+
+
+def restore_refused(outbox: Folder, names: Sequence[str] | None = None) -> list[str]:
+    """The reports set aside in the outbox's ``refused/`` (those named, else all) put back to wait
+    in the outbox, for the next round to send (the channel fixed, the bot invited); their names.
+    A name not set aside there: FileNotFoundError."""
+    refused = outbox / REFUSED
+    there = [n for n in refused.names() if n.endswith(".json")]
+    for name in names or []:
+        if name not in there:
+            raise FileNotFoundError(f"{name}: no report of that name is set aside in {refused}")
+    moved = []
+    for name in names or there:
+        found, _ = _waiting(refused, name)
+        _move(refused, outbox, name, found.chart, refused.read(name))
+        moved.append(name)
+    return moved
+
+
+def drop_report(outbox: Folder, name: str) -> str:
+    """The report ``name`` (``<stem>.json``) removed for good from the outbox's ``refused/`` or,
+    where it is not set aside, from the outbox, with its chart (and a ``.posted`` mark); where it
+    was, ``refused/<name>`` or ``<name>``. A name that is not a report's: ValueError; none there:
+    FileNotFoundError."""
+    if not name.endswith(".json") or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"{name!r}: not a report's name (<stem>.json, as outbox list shows it)")
+    stem = name.removesuffix(".json")
+    for folder, where in ((outbox / REFUSED, f"{REFUSED}/{name}"), (outbox, name)):
+        if name in folder.names():
+            folder.delete(name)
+            folder.delete(f"{stem}.png")
+            folder.delete(stem + POSTED)
+            return where
+    raise FileNotFoundError(f"{name}: no such report in {outbox}")
 
 
 def send_waiting(
@@ -798,6 +907,9 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
         try:
             sent = notifier.send(message)
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
+            if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
+                _set_aside(outbox, name, found.chart, _failure(exc))
+                return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
             return {"name": name, "channel": found.channel, "error": _failure(exc)}
         outbox.write(mark, json.dumps(sent).encode())
     else:
@@ -817,8 +929,15 @@ def prune_outbox(outbox: Folder, now: float, limit: int = 500, dry_run: bool = F
     """What senders and writers killed mid-way left in the outbox, an hour old, removed: the
     claims, ``.posted`` marks and charts of reports no longer there (a report is written a
     moment after its chart), and the temporary files of writes; never a report, nor what one
-    still there has. The oldest ``limit`` at most, their names (``dry_run``: those that would
-    go, none removed)."""
+    still there has; likewise in its ``refused/`` (a chart whose report was dropped), named
+    ``refused/<name>``. The oldest ``limit`` at most of each, their names (``dry_run``: those that
+    would go, none removed)."""
+    aside = outbox / REFUSED
+    gone = _prune_leftovers(outbox, now, limit, dry_run)
+    return gone + [f"{REFUSED}/{n}" for n in _prune_leftovers(aside, now, limit, dry_run)]
+
+
+def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> list[str]:
     names = set(outbox.changed())
 
     def left(name: str) -> bool:

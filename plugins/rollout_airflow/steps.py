@@ -1470,8 +1470,12 @@ def audit_hours(
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     # (A report Slack did not take has its channel in the result; a file that is no report has none.)
+    # (One Slack refused for good is set aside, failing this run only: ``notify.send_waiting``.)
+    where = {True: "set aside in the outbox's refused/", False: "waits in the outbox"}
     unsent = [
-        f"{r['name']} waits in the outbox: {r['error']}" for r in send_outbox() if "error" in r and "channel" in r
+        f"{r['name']} {where[bool(r.get('refused'))]}: {r['error']}"
+        for r in send_outbox()
+        if "error" in r and "channel" in r
     ]
     hours = unaudited_hours(audits, start, catch_up_hours)
     if not (retry and AUDITED in hour_folder(audits, start).names()):
@@ -1558,7 +1562,8 @@ def send_outbox(budget_s: float = SEND_BUDGET_S) -> list[dict[str, Any]]:
     results = send_waiting(outbox, client, budget_s=budget_s)
     for r in results:
         if "error" in r:
-            log.warning("outbox report %s still waits: %s", r["name"], r["error"])
+            why = "is set aside in refused/, Slack refused it for good" if r.get("refused") else "still waits"
+            log.warning("outbox report %s %s: %s", r["name"], why, r["error"])
     if results:
         log.info("outbox: %d of %d report(s) sent", sum(1 for r in results if r.get("sent")), len(results))
     return results

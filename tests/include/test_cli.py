@@ -1851,3 +1851,46 @@ def test_prune_in_kubernetes_mode_keeps_the_folder_of_the_run_holding_the_models
         assert "--name: the VirtualService of one --model" in err
     finally:
         api.stop()
+
+
+def test_outbox_lists_reports_set_aside_sends_them_again_on_request_and_drops_one(tmp_path, capsys):
+    """A report Slack refused for good (a mistyped channel) could not be seen apart, sent again
+    once the channel was fixed, or removed, but by hand in the store."""
+    from tests.fakes.slack_api import FakeSlack
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import REFUSED, SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    outbox = tmp_path / "outbox"
+    slack = FakeSlack().start()
+    try:
+        slack.refuse = {"chat.postMessage": "channel_not_found"}
+        for reason in ("first", "second"):
+            SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=Folder(str(outbox))).send(
+                rollback_message(RolloutSpec.from_dict({}), reason)
+            )
+        first, second = sorted(p.name for p in (outbox / REFUSED).glob("*.json"))
+        code, out, _ = run(capsys, "outbox", "list", "--outbox", str(outbox))
+        assert code == 0
+        assert out.count("(set aside: Slack refused it: SlackApiError") == 2
+        assert out.endswith(f"0 report(s) waiting in {outbox}, 2 set aside ({REFUSED}/)\n")
+        token = tmp_path / "token"
+        token.write_text(slack.token + "\n")
+        args = ("outbox", "send", "--outbox", str(outbox), "--token-file", str(token), "--slack-url", slack.base_url)
+        assert run(capsys, *args) == (0, f"0 of 0 report(s) sent from {outbox}\n", "")  # (none tried)
+        code, out, _ = run(capsys, *args, "--retry-refused")  # (still refused: set aside again)
+        assert code == 4
+        assert out.count("set aside again") == 2
+        slack.refuse = {}
+        code, out, _ = run(capsys, *args, "--retry-refused", first)
+        assert (code, out) == (0, f"{first}: sent\n1 of 1 report(s) sent from {outbox}\n")
+        code, out, err = run(capsys, "outbox", "drop", "--outbox", str(outbox), "x.json")
+        assert code == 2
+        assert "x.json: no such report" in err
+        code, out, _ = run(capsys, "outbox", "drop", "--outbox", str(outbox), second)
+        assert (code, out) == (0, f"dropped {REFUSED}/{second}\n")
+        assert not list((outbox / REFUSED).iterdir())
+        assert not list(outbox.glob("*.json"))
+        assert run(capsys, "outbox", "list", "--outbox", str(outbox), "x.json")[0] == 2  # (a name: drop's)
+    finally:
+        slack.stop()

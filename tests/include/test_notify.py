@@ -611,3 +611,86 @@ def test_a_stage_whose_guards_were_blind_for_a_while_says_so_in_the_promotion_an
         )
     plain = evaluate_gate(samples(3000), guards=GuardInputs(p99_series_ms=((100.0, 20.0),)))
     assert "Prometheus holds no sample" not in json.dumps(promotion_message(SPEC, [plain]).blocks)
+
+
+def test_a_report_slack_refuses_for_good_is_set_aside_once_kept_and_sent_again_on_request(slack, tmp_path):
+    """A report for a mistyped channel (channel_not_found), an archived one, one the bot is not
+    in stayed in the outbox: every hourly round tried it again and failed its task, until someone
+    deleted the file by hand. It is now set aside in ``refused/`` with Slack's reason (one round
+    finds it), listed, sent again on request, or dropped deliberately; a refused token is not the
+    report's fault and keeps it waiting."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import REFUSED, drop_report, restore_refused, send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    fresh = SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    sent = fresh.send(rollback_message(SPEC, "new", chart=b"\x89PNG one"))
+    assert sent["refused"] is True
+    assert "channel_not_found" in sent["slack_error"]
+    assert f"/{REFUSED}/" in sent["outbox"]
+    assert outbox.names() == []  # (set aside at once: no round tries it)
+    slack.refuse = {}
+    slack.outage = 503
+    SlackNotifier("#archived", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "old", chart=b"\x89PNG two")
+    )
+    slack.outage = None
+    slack.refuse = {"chat.postMessage": "is_archived"}
+    (result,) = send_waiting(outbox, client)
+    assert result["refused"] is True
+    assert "is_archived" in result["error"]
+    assert result["channel"] == "#archived"
+    assert outbox.names() == []
+    assert send_waiting(outbox, client) == []  # (the next round: nothing to fail on)
+    aside = (outbox / REFUSED).names()
+    assert len(aside) == 4  # (two reports, two charts)
+    listed = waiting_reports(outbox)
+    assert [w.refused is not None for w in listed] == [True, True]
+    assert "channel_not_found" in listed[0].refused
+    assert "is_archived" in listed[1].refused
+    # A refused token: the operator's problem, the report keeps waiting (and failing loudly).
+    slack.refuse = {"chat.postMessage": "invalid_auth"}
+    SlackNotifier("#ok", outbox=outbox).send(rollback_message(SPEC, "auth"))
+    (result,) = send_waiting(outbox, client)
+    assert "invalid_auth" in result["error"]
+    assert "refused" not in result
+    assert len([n for n in outbox.names() if n.endswith(".json")]) == 1
+    # The channel fixed: sent again on request, charts and all.
+    slack.refuse = {}
+    assert restore_refused(outbox, [listed[1].name]) == [listed[1].name]
+    results = send_waiting(outbox, client)
+    assert [r.get("sent") for r in results] == [True, True]
+    assert any(r.get("chart") for r in results)
+    assert [w.name for w in waiting_reports(outbox)] == [listed[0].name]
+    with pytest.raises(FileNotFoundError):
+        drop_report(outbox, "20990101T000000-000000000-abcdef.json")
+    with pytest.raises(ValueError, match="not a report's name"):
+        drop_report(outbox, "../x.json")
+    assert drop_report(outbox, listed[0].name) == f"{REFUSED}/{listed[0].name}"
+    assert (outbox / REFUSED).names() == []
+    assert waiting_reports(outbox) == []
+
+
+def test_pruning_the_outbox_keeps_the_reports_set_aside_and_takes_their_leftovers(tmp_path, slack):
+    """The outbox's ``refused/`` is pruned as the outbox is: a report set aside, however old, and
+    its chart stay; a chart whose report was dropped by a killed ``outbox drop`` goes."""
+    import os
+    import time
+
+    from vision_rollout.notify import REFUSED, prune_outbox
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.refuse = {"chat.postMessage": "is_archived"}
+    SlackNotifier("#old", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "aside", chart=b"\x89PNG")
+    )
+    aside = outbox / REFUSED
+    aside.write("20260101T000000-000000003-cccccc.png", b"x")
+    now = time.time()
+    for p in (tmp_path / "outbox" / REFUSED).iterdir():
+        os.utime(p, (now - 30 * 86400, now - 30 * 86400))
+    assert prune_outbox(outbox, now) == [f"{REFUSED}/20260101T000000-000000003-cccccc.png"]
+    assert len(aside.names()) == 2  # (the report and its chart)

@@ -761,6 +761,33 @@ def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_i
     assert len(slack.messages()) == 1
 
 
+def test_an_outbox_report_slack_refuses_for_good_fails_one_audit_run_not_every_hour(monkeypatch, tmp_path, slack):
+    """A report for a mistyped channel (channel_not_found) stayed in the outbox: every hourly
+    shadow_audit of every model sent it again and failed, until someone deleted the file by hand.
+    The run that finds it fails once, saying it is set aside; the next hour's run does not."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+
+    from tests.support import shadow_log
+
+    now = datetime.now(UTC)
+    log = shadow_log(tmp_path, 120, disagree=0.3, at=(now - timedelta(hours=2)).timestamp())
+    extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    slack.outage = 503
+    end = now - timedelta(hours=1)
+    with pytest.raises(AirflowException):
+        steps.audit_hours("digits", end)
+    slack.outage = None
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    with pytest.raises(AirflowException, match=r"\.json set aside in the outbox's refused/.*channel_not_found"):
+        steps.audit_hours("digits", end, retry=True)
+    assert len(list((tmp_path / "run" / "outbox" / "refused").glob("*.json"))) == 1
+    with pytest.raises(AirflowSkipException):  # the next hour's run: nothing to fail on
+        steps.audit_hours("digits", end + timedelta(hours=1), catch_up_hours=1)
+
+
 def test_a_retried_audit_sends_again_only_what_slack_did_not_take(monkeypatch, tmp_path, slack):
     """A try that reported its own hour but not an earlier one failed; its retry audited and
     posted its own hour again: Slack had the same report twice."""
