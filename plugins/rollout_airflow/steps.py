@@ -1552,12 +1552,19 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
 def send_outbox(budget_s: float = SEND_BUDGET_S) -> list[dict[str, Any]]:
     """The reports waiting in the run folder's outbox (Slack did not take them: a rollout's, an
     audit's), sent through the Slack connection as ``rolloutctl outbox send`` sends them (each
-    once, whoever else sends); nothing without a token. Starts none after ``budget_s``."""
-    from vision_rollout.notify import send_waiting
+    once, whoever else sends); nothing without a token, or with a connection that cannot be used
+    (logged, with why). Starts none after ``budget_s``."""
+    from vision_rollout.notify import one_line, send_waiting
 
     outbox = serving().settings.outbox
-    client = slack_notifier("#outbox", outbox).client
+    notifier = slack_notifier("#outbox", outbox)
+    client = notifier.client
     if client is None:
+        waiting = sum(1 for n in outbox.names() if n.endswith(".json"))
+        if notifier.unusable:
+            log.warning("the outbox's %d report(s) are not sent: %s", waiting, one_line(notifier.unusable)[:500])
+        elif waiting:
+            log.info("the outbox's %d report(s) are not sent: the Slack connection has no token", waiting)
         return []
     results = send_waiting(outbox, client, budget_s=budget_s)
     for r in results:

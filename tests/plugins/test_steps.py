@@ -788,6 +788,28 @@ def test_an_outbox_report_slack_refuses_for_good_fails_one_audit_run_not_every_h
         steps.audit_hours("digits", end + timedelta(hours=1), catch_up_hours=1)
 
 
+def test_an_outbox_round_that_cannot_use_the_slack_connection_says_why(monkeypatch, tmp_path, caplog):
+    """The Slack connection unusable (a token with a space in it), the outbox's round returned
+    without a word: its reports waited, and nothing in the log said why."""
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    extra = {"run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_API_DEFAULT", json.dumps({"conn_type": "slack", "password": "xoxb-secret token"})
+    )
+    SlackNotifier("#c", outbox=Folder(str(tmp_path / "run" / "outbox"))).send(
+        rollback_message(RolloutSpec.from_dict({}), "waiting")
+    )
+    caplog.set_level("INFO")
+    assert steps.send_outbox() == []
+    (line,) = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert line.startswith("the outbox's 1 report(s) are not sent: the slack_api_default connection cannot be used")
+    assert "secret" not in caplog.text
+
+
 def test_a_retried_audit_sends_again_only_what_slack_did_not_take(monkeypatch, tmp_path, slack):
     """A try that reported its own hour but not an earlier one failed; its retry audited and
     posted its own hour again: Slack had the same report twice."""
