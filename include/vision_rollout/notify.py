@@ -612,6 +612,17 @@ def refusal(exc: BaseException) -> str | None:
     return code if code in PERMANENT_ERRORS else None
 
 
+def temporary(exc: BaseException) -> bool:
+    """Whether a later try may succeed where this Slack call failed: the network (a refused or
+    dropped connection, a timeout, an upload URL's 5xx), or Slack answering 5xx or 429."""
+    from slack_sdk.errors import SlackApiError
+
+    if isinstance(exc, SlackApiError):
+        status = getattr(exc.response, "status_code", 0) or 0
+        return status >= 500 or status == 429
+    return isinstance(exc, (OSError, http.client.HTTPException))
+
+
 def _slack_failures() -> tuple[type[BaseException], ...]:
     """What a Slack call raises when Slack did not take it: slack-sdk's errors; an answer cut
     off mid-way, a status line that is not HTTP's (http.client's own); a base URL urllib cannot
@@ -678,11 +689,17 @@ class SlackNotifier:
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
             return {**self._to_outbox(message, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
-        return {**result, **self.upload_chart(result, message)}
+        result.update(self.upload_chart(result, message))
+        if result.pop("chart_waits", False) and self.outbox is not None:  # (for a later round, into its thread)
+            log.warning("the report's chart waits in the outbox")
+            error = f"its chart was not uploaded: {result['chart_error']}"
+            result.update(self._to_outbox(message, error=error, posted=result))
+        return result
 
     def upload_chart(self, posted: dict[str, Any], message: Message) -> dict[str, Any]:
         """The message's chart into the thread of its post (``posted``: its channel and ts):
-        ``chart`` True, or why not (``chart_error``: the report is posted, its chart is not)."""
+        ``chart`` True, or why not (``chart_error``: the report is posted, its chart is not;
+        ``chart_waits`` where a later try may succeed, ``temporary``)."""
         if not message.chart:
             return {}
         try:
@@ -695,10 +712,14 @@ class SlackNotifier:
             )
         except _slack_failures() as exc:
             log.warning("the report's chart was not uploaded: %s", _failure(exc))
-            return {"chart_error": _failure(exc)}
+            return {"chart_error": _failure(exc), **({"chart_waits": True} if temporary(exc) else {})}
         return {"chart": True}
 
-    def _to_outbox(self, message: Message, error: str | None = None, refused: bool = False) -> dict[str, Any]:
+    def _to_outbox(
+        self, message: Message, error: str | None = None, refused: bool = False, posted: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``message`` into the outbox (``refused``: its ``refused/``); ``posted`` (the post's channel
+        and ts: only its chart waits), its ``.posted`` mark written first, as a sender's."""
         assert self.outbox is not None
         folder = self.outbox / REFUSED if refused else self.outbox
         now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
@@ -708,6 +729,8 @@ class SlackNotifier:
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
         if error is not None:
             record["slack_error"] = error
+        if posted is not None:
+            folder.write(stem + POSTED, json.dumps({"channel": posted["channel"], "ts": posted["ts"]}).encode())
         if message.chart:
             folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
@@ -915,6 +938,8 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
     else:
         sent["posted_before"] = True
     sent.update(notifier.upload_chart(sent, replace(message, chart=chart)))
+    if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
+        return {"name": name, "sent": True, **sent}
     if found.chart:
         outbox.delete(found.chart)
     outbox.delete(name)

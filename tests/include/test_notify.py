@@ -167,7 +167,42 @@ def test_each_step_of_the_charts_upload_failing_leaves_the_report_posted_and_say
     assert error in result["chart_error"]
     assert "\n" not in result["chart_error"]
     assert "chart" not in result
-    assert outbox.names() == []  # (posted: nothing waits)
+    if step != "upload":  # (refused by Slack: nothing waits; the upload's 500: the chart waits, below)
+        assert outbox.names() == []  # (posted: nothing waits)
+
+
+def test_a_chart_whose_upload_failed_for_a_while_waits_in_the_outbox_for_the_reports_thread(slack, tmp_path):
+    """The upload URL answering 500 (or timing out): the report was posted, its chart lost for
+    good. The chart now waits in the outbox with a mark of the post: a later round uploads it
+    into the report's thread, the report not posted again; a round meeting the failure again
+    keeps it waiting, and fails nothing (the report reached Slack)."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import POSTED, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.refuse = {"upload": "HTTP Error 500"}
+    result = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    assert result["ts"]
+    assert "HTTP Error 500" in result["chart_error"]
+    stem = result["outbox"].rsplit("/", 1)[1].removesuffix(".json")
+    assert outbox.names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    (again,) = send_waiting(outbox, client)  # (still failing: waits, fails nothing)
+    assert again["sent"] is True
+    assert "error" not in again
+    assert "chart_error" in again
+    assert len(outbox.names()) == 3
+    slack.refuse = {}
+    (done,) = send_waiting(outbox, client)
+    assert done["posted_before"] is True
+    assert done["chart"] is True
+    (complete,) = [c for c in slack.calls if c["method"] == "files.completeUploadExternal"]
+    assert complete["body"]["thread_ts"] == result["ts"]
+    assert len(slack.messages()) == 1  # (posted once, its chart in its thread)
+    assert outbox.names() == []
 
 
 def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
