@@ -58,6 +58,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import uuid
 from collections import Counter
@@ -695,6 +696,9 @@ class _Lease:
             self.lock.release(self.holder, to=None if self.touched else self.before)
 
 
+_PROGRESS_EVERY_S = 60.0  # run's progress line during a stage, at most this often
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from vision_rollout.mesh import LocalRouter
     from vision_rollout.metrics import PrometheusSource
@@ -769,13 +773,31 @@ def _run(
     )
 
     said: dict[int, str] = {}  # stage -> its last state, for the lease's note
+    shown: dict[int, float] = {}  # stage -> when a line last said how it goes (monotonic)
 
     def look(window: StageWindow) -> StageState:
         # LockLost: another run took the model over; this one touches nothing more. Aborted:
         # the stable version goes back.
         lease.renew(said.get(window.index, f"stage {window.weight}%: started"))
+        if window.index not in shown:
+            shown[window.index] = time.monotonic()
+            print(
+                f"stage {window.weight}%: started: bakes {spec.bake_seconds} s (at most {spec.max_stage_seconds} s), "
+                f"{spec.looks_per_stage} look(s)",
+                flush=True,
+            )
         state = judge(window)
         said[window.index] = f"stage {window.weight}%: look {state.look} of {state.looks}: {state.reason}"
+        if not state.done and time.monotonic() - shown[window.index] >= _PROGRESS_EVERY_S:
+            shown[window.index] = time.monotonic()
+            arms = ", ".join(
+                f"{'candidate' if arm == 'canary' else arm} {sum(state.served.get(arm, {}).values())}"
+                for arm in ("baseline", "canary")
+            )
+            print(
+                f"stage {window.weight}%: look {state.look} of {state.looks}, requests {arms}: {_one_line(state.reason)}",
+                flush=True,
+            )
         return state
 
     notifier = SlackNotifier(spec.slack_channel, outbox=args.outbox) if args.outbox else None

@@ -1894,3 +1894,44 @@ def test_outbox_lists_reports_set_aside_sends_them_again_on_request_and_drops_on
         assert run(capsys, "outbox", "list", "--outbox", str(outbox), "x.json")[0] == 2  # (a name: drop's)
     finally:
         slack.stop()
+
+
+def test_run_says_on_stdout_when_each_stage_starts_and_how_it_is_going(tmp_path, monkeypatch, capsys):
+    """A stage bakes for minutes and run printed nothing on stdout until it ended (without -v): a
+    user watching could not tell a working run from a hung one. Each stage's start is a line
+    (its weight, bake, longest wait, looks), then a progress line at most once a minute (look k
+    of n, requests per arm, the reason); the stage's last line keeps its format."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict(
+        {"stages": [10, 100], "mirror_percent": 0, "bake_seconds": 600, "max_stage_seconds": 1200, "looks_per_stage": 3}
+    )
+    looks: list[int] = []
+
+    def judge(window):
+        looks.append(window.index)
+        if looks.count(window.index) < 3:
+            served = {"baseline": {"live": 40, "replay": 2}, "canary": {"live": 5}}
+            return StageState("waiting", 1, 3, None, "waiting for\nsamples", served)
+        return StageState("pass", 3, 3, None, "ok")
+
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: judge)
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path), outbox=None)
+    started = "stage 10%: started: bakes 600 s (at most 1200 s), 3 look(s)"
+    progress = "stage 10%: look 1 of 3, requests baseline 42, candidate 5: waiting for samples"
+    for every_s, lines in ((60.0, [started]), (0.0, [started, progress, progress])):
+        looks.clear()
+        monkeypatch.setattr(cli, "_PROGRESS_EVERY_S", every_s, raising=False)
+        with cli._Lease(tmp_path, spec.model) as lease:
+            assert cli._run(args, spec, RecordingRouter(), None, {}, lease, "") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[: len(lines)] == lines  # (looks a moment apart: a minute has not passed)
+        assert out[len(lines)].startswith("stage 10%: pass after 3 look(s), ")
+        assert out[len(lines) + 1] == "stage 100%: started: bakes 600 s (at most 1200 s), 3 look(s)"
+        assert out[-1].startswith("PROMOTED: every stage passed")
