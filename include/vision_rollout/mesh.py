@@ -924,6 +924,12 @@ def routes_to(policy: TrafficPolicy, version: str) -> bool:
     return routed or (policy.mirror is not None and policy.mirror.version == version)
 
 
+_EDIT_POLICY = (
+    "apply the policy without it: `rolloutctl mesh apply --backend local|istio --policy FILE ...`; "
+    "`rolloutctl mesh get --backend local ...` prints the one in effect"
+)
+
+
 def not_steady(policy: TrafficPolicy, baseline: str) -> str | None:
     """Why ``policy`` is not where a rollout against ``baseline`` starts (all of the traffic on
     the baseline, no mirror, no header rules: each stage sets the whole policy, so anything else
@@ -932,19 +938,20 @@ def not_steady(policy: TrafficPolicy, baseline: str) -> str | None:
         names = ", ".join(rule.name or "unnamed" for rule in policy.rules[:5])
         return (
             f"the traffic policy has {len(policy.rules)} header rule(s) ({names}): a rollout sets the whole "
-            "policy and would drop them; remove them first"
+            f"policy and would drop them; remove them first ({_EDIT_POLICY})"
         )
     if policy.mirror is not None:
         return (
             f"the traffic policy mirrors to version {policy.mirror.version}: a rollout in progress? "
-            "A rollout sets its own mirror; remove that one first"
+            f"A rollout sets its own mirror; remove that one first ({_EDIT_POLICY})"
         )
     serving = [d for d in policy.route if d.weight > 0]
     if [d.version for d in serving] != [baseline]:
         now = ", ".join(f"version {d.version} {d.weight}%" for d in serving) or "no version"
         return (
             f"baseline version {baseline} is not what serves now ({now}): roll out against the version that "
-            "takes all of the traffic, or end the rollout in progress first"
+            "takes all of the traffic, or end the rollout in progress first (`rolloutctl status --model MODEL` "
+            "names it; `rolloutctl abort --spec ITS_SPEC ...` rolls it back)"
         )
     return None
 

@@ -1004,3 +1004,32 @@ def test_a_virtual_service_too_large_to_store_is_refused_before_anything_is_writ
     validate_istio(
         render_virtual_service(TARGET, TrafficPolicy.from_dict({"rules": accented, "route": [{"version": "1"}]}))
     )
+
+
+def test_a_rollout_refused_by_the_routes_it_finds_names_the_command_that_clears_them():
+    """A rollout refused because of header rules said "remove them first", and one refused because
+    another version served said "end the rollout in progress first", without saying how: the
+    user was left to find the command. Each names it."""
+    from vision_rollout.mesh import not_steady
+
+    ruled = TrafficPolicy.from_dict(
+        {
+            "route": [{"version": "1", "weight": 100}],
+            "rules": [
+                {
+                    "name": "beta",
+                    "match": {"headers": {"x-beta": {"exact": "1"}}},
+                    "route": [{"version": "2", "weight": 100}],
+                }
+            ],
+        }
+    )
+    said = not_steady(ruled, "1")
+    assert said is not None
+    assert "rolloutctl mesh apply" in said
+    assert "rolloutctl mesh get" in said
+    mid = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]})
+    said = not_steady(mid, "1")
+    assert said is not None
+    assert "rolloutctl status --model" in said
+    assert "rolloutctl abort --spec" in said
