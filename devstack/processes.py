@@ -192,7 +192,8 @@ def start_model_server(
 
     Traffic policies persist under ``log_dir`` unless ``--state-dir`` is among ``args``.
 
-    The admin token travels in a 0600 file, never on the command line (visible in ``ps``).
+    The admin token travels in a 0600 file, never on the command line (visible in ``ps``),
+    removed once the server has started (it reads the file once, at its start).
     """
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -211,10 +212,12 @@ def start_model_server(
         str(port),
         *args,
     ]
+    token_file = log_dir / f"admin-token-{port}"
     if token:
-        token_file = log_dir / f"admin-token-{port}"
-        token_file.touch(mode=0o600)
-        token_file.write_text(token)
+        token_file.unlink(missing_ok=True)  # (one left by a crash: its mode is not ours to trust)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
         cmd += ["--admin-token-file", str(token_file)]
     # Another copy runs its own code alone (this environment's PYTHONPATH points at this one).
     inherited = os.environ.get("PYTHONPATH", "") if source == ROOT else ""
@@ -228,6 +231,9 @@ def start_model_server(
     except RuntimeError:
         server.stop()
         raise
+    finally:  # read once at the server's start: no copy of the token left behind
+        if token:
+            token_file.unlink(missing_ok=True)
     return server
 
 

@@ -184,6 +184,8 @@ def serve_what_is_routed(server: ModelServerProcess, model: str = "digits") -> N
 
 
 def down(run: Path, state_name: str = STATE, grace_s: float = 30) -> list[str]:
+    for copy in run.glob("admin-token-*"):  # left by earlier versions' model server starts
+        copy.unlink(missing_ok=True)
     state_file = run / state_name
     if not state_file.exists():
         return []

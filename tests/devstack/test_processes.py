@@ -27,3 +27,18 @@ def test_ports_are_not_picked_twice_and_a_taken_one_is_passed_over() -> None:
         assert taken.getsockname()[1] not in picked
     assert len(set(picked)) == len(picked)
     assert all(p in processes._PORTS for p in [first, *picked])
+
+
+def test_a_model_server_started_with_a_token_leaves_no_copy_of_it_behind(models_dir: Path, tmp_path: Path) -> None:
+    """Each start wrote the admin token to ``admin-token-<port>`` in its folder and nothing removed
+    it: copies piled up in ``run/``, readable after the token was rotated. The server reads the
+    file once, at its start: the copy is gone once it answers, and the token still opens the
+    admin API."""
+    server = processes.start_model_server(models_dir, tmp_path, token="a-secret-token")
+    try:
+        assert list(tmp_path.glob("admin-token*")) == []
+        server.load_versions("digits", 1)  # an admin call: refused without the token
+        server.wait_until("ready")
+    finally:
+        server.stop()
+    assert list(tmp_path.glob("admin-token*")) == []

@@ -396,3 +396,14 @@ def test_a_restarted_stack_serves_the_version_its_restored_policy_routes_to(serv
     stack.serve_what_is_routed(old)
     old.wait_until("ready")
     assert old.client().get_model_metadata("digits")["versions"] == ["2"]
+
+
+def test_down_removes_the_copies_of_the_admin_token_earlier_starts_left(tmp_path):
+    """Each model server start left a copy of the admin token in ``run/admin-token-<port>``; they
+    piled up, readable after the token was rotated. ``make down`` removes them, the stack's own
+    token file (``run/admin-token``, reused by the next ``make up``) kept."""
+    for name in ("admin-token-8000", "admin-token-18123"):
+        (tmp_path / name).write_text("an old token")
+    (tmp_path / "admin-token").write_text("the stack's token")
+    assert stack.down(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin-token"]
