@@ -51,6 +51,7 @@ from vision_rollout.gates import (
     guard_checks,
     limit_percent,
     nominal_alpha,
+    utc_spans,
 )
 from vision_rollout.locks import Aborted, LockLost
 from vision_rollout.mesh import Router
@@ -765,6 +766,22 @@ def guard_breach(
     guards = guard_inputs(source, spec, now, since)
     unread = guards.unavailable or guards.missing or unserved(source, spec)
     return tripped(guards, GateConfig.from_spec(spec)), unread
+
+
+def blind_while_waiting(source: MetricsSource | None, spec: RolloutSpec, since: float) -> str | None:
+    """The spans of the last stage (from ``since``, its start) and of the wait for approval since
+    in which the hard guards were blind (``watched_gaps``: Prometheus restarted without its
+    storage, down), in one sentence for the decision's report; None when they watched it all.
+    Said, not acted on: the guards' own reads decide."""
+    guards = guard_inputs(source, spec, since=since)
+    if not guards.unwatched:
+        return None
+    return (
+        f"the hard guards were blind for {guards.unwatched_s:.0f} s of the last stage and the wait for approval "
+        f"({utc_spans(guards.unwatched)}: Prometheus holds no sample of a server serving the candidate then, "
+        "restarted without its storage, down, or the servers unscraped): a breach, a restart or shadow errors "
+        "then were not seen"
+    )
 
 
 def unserved(source: MetricsSource | None, spec: RolloutSpec) -> str | None:

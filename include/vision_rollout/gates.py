@@ -797,6 +797,18 @@ def sustained_breach(
     return breach, longest, current
 
 
+def utc_spans(spans: tuple[tuple[float, float], ...]) -> str:
+    """``spans`` (unix seconds) as "12:00:10 to 12:02:10, ... UTC", the first three named."""
+    from datetime import UTC, datetime
+
+    def hms(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S")
+
+    named = ", ".join(f"{hms(a)} to {hms(b)}" for a, b in spans[:3])
+    more = f" and {len(spans) - 3} more" if len(spans) > 3 else ""
+    return f"{named}{more} UTC"
+
+
 def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
     out = []
     if g.p99_series_ms is not None and not g.p99_series_ms:
@@ -830,19 +842,12 @@ def guard_checks(g: GuardInputs, cfg: GateConfig) -> list[Check]:
             )
         )
     if g.unwatched:
-        from datetime import UTC, datetime
-
-        def hms(t: float) -> str:
-            return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S")
-
-        spans = ", ".join(f"{hms(a)} to {hms(b)}" for a, b in g.unwatched[:3])
-        more = f" and {len(g.unwatched) - 3} more" if len(g.unwatched) > 3 else ""
         out.append(
             Check(
                 "guard_history",
                 "info",
                 f"Prometheus holds no sample of a server serving the candidate for {g.unwatched_s:.0f} s of this "
-                f"stage ({spans}{more} UTC: restarted without its storage, down, or the servers unscraped): a breach, "
+                f"stage ({utc_spans(g.unwatched)}: restarted without its storage, down, or the servers unscraped): a breach, "
                 "a restart or shadow errors then are not seen, so the stage bakes that much longer under the guards.",
                 "coverage of the hard guards' Prometheus range queries",
                 effect=g.unwatched_s,

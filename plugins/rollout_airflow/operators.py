@@ -223,8 +223,11 @@ class PromotionApproval(HITLOperator):
                 self.log.warning("the wait's count of failed reads stays in the run folder: %s", str(exc)[:300])
         breach = event.get("guard_breach")
         if breach is None and answer["chosen_options"] == [PROMOTE]:
-            breach = steps.guards_while_waiting(params, steps.last_stage_start(params, context["ti"]))[0]
+            since = steps.last_stage_start(params, context["ti"])
+            breach = steps.guards_while_waiting(params, since)[0]
             breach = breach or steps.replay_while_waiting(params)
+            if not breach and (blind := steps.blind_while_waiting(params, since)):
+                return {**answer, "guards_blind": blind}  # (said in the decision's report)
         if breach:
             steps.breach_while_waiting(params, context["run_id"], breach)
             return {**answer, "guard_breach": breach}

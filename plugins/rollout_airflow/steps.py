@@ -1079,6 +1079,19 @@ def guards_while_waiting(params: dict[str, Any], since: float) -> tuple[str | No
     return breach, unread
 
 
+def blind_while_waiting(params: dict[str, Any], since: float) -> str | None:
+    """When the hard guards were blind over the last stage and the wait for approval
+    (``engine.blind_while_waiting``), for the decision's report; None when they watched it all
+    or Prometheus could not say (a warning: the guards' own reads decide)."""
+    from vision_rollout.engine import blind_while_waiting as blind
+
+    try:
+        return blind(PrometheusHook().source(), spec_from(params), since)
+    except Exception as exc:
+        log.warning("the hard guards' coverage of the wait could not be read: %s", str(exc)[:300])
+        return None
+
+
 def replay_while_waiting(params: dict[str, Any]) -> str | None:
     """A validation replay round through both versions and the accuracy-drop guard on it
     (``engine.replay_breach``), where a Promote is about to retire the baseline: the candidate
@@ -1139,7 +1152,8 @@ def decide(
     who = approval.get("responded_by_user") or {}
     by = f"by {who.get('name') or who.get('id')}" if who else "by default (no answer in time)"
     if approval.get("chosen_options") == ["Promote"]:
-        return "promote", f"{reason}; approved {by}"
+        blind = f"; but {approval['guards_blind']}" if approval.get("guards_blind") else ""
+        return "promote", f"{reason}; approved {by}{blind}"
     return "rollback", f"{reason}; rejected {by}"
 
 

@@ -2443,3 +2443,30 @@ def test_a_wait_cleared_alone_after_its_record_was_set_aside_judges_nothing(monk
     assert record.attempts == []
     assert record.restart is not None
     assert record.restart.startswith("record damaged")
+
+
+def test_a_promote_after_a_wait_prometheus_lost_part_of_says_the_guards_were_blind(monkeypatch, tmp_path):
+    """Prometheus restarted without its storage while the promotion awaited approval: the guards'
+    reads over the last stage and the wait found no breach in what it still held, and the
+    promotion was reported as if they had watched all along. The decision (the final report's)
+    now says for how long and when they were blind; it still promotes."""
+    import re
+    import time
+
+    since = time.time() - 300
+    source = p99_since(monkeypatch, since, 20.0)
+    every_second = [(float(t), 20.0) for t in range(int(since), int(time.time()) + 60)]
+    source.points = [(t, v) for t, v in every_second if t >= since + 120]  # nothing before its restart
+    answer, restored = approved(monkeypatch, tmp_path, "Promote", since)
+    assert restored == []
+    assert "guard_breach" not in answer
+    outcome, reason = decide(GUARDED, [PASS, PASS], None, approval=answer)
+    assert outcome == "promote"
+    assert re.search(
+        r"approved by Alice; but the hard guards were blind for 1[12]\d s of the last stage and the wait "
+        r"for approval \(\d\d:\d\d:\d\d to \d\d:\d\d:\d\d UTC: ",
+        reason,
+    ), reason
+    source.points = every_second  # they watched it all
+    answer, _ = approved(monkeypatch, tmp_path, "Promote", since)
+    assert "blind" not in decide(GUARDED, [PASS, PASS], None, approval=answer)[1]
