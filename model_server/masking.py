@@ -103,6 +103,13 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 SUSPECT = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}"
 _SUSPECT_RE = re.compile(SUSPECT)
 
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` is ASCII without a SUSPECT match: nothing in it, or in any piece of it,
+    can be masked."""
+    return text.isascii() and not _SUSPECT_RE.search(text)
+
+
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
 # every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
 # invisible format characters (zero-width space and joiners, soft hyphen, word joiner, BOM,
@@ -267,7 +274,7 @@ class Masker:
         """Every detected value replaced by its token (``<masked>`` without a key). Text that holds a value only once
         normalised (``138\\u00300013 8000``, ``alice%40example.com``, full-width digits) is
         written normalised, its values masked; other text is left as it was."""
-        if text.isascii() and not _SUSPECT_RE.search(text):
+        if _plain(text):
             return text
         folded = normalise(text)
         if folded != text and any(p.search(folded) for _, p in DETECTORS):
@@ -318,7 +325,11 @@ class LogMasking(logging.Filter):
     def _masked(self, message: str, key: Key | None) -> str:
         """The message masked. A JSON object (the access log's line) is masked value by value
         and written again: masked as one text, a value decoded to be masked (``%22`` to ``"``)
-        would have ended its string, and the client's text would be fields of the line."""
+        would have ended its string, and the client's text would be fields of the line. A line
+        that is ``_plain`` as a whole is written as it came: it has no escape, so each of its
+        strings is a piece of it, plain too (most access-log lines: no parse on every request)."""
+        if _plain(message):
+            return message
         if message.startswith("{") and message.endswith("}"):
             try:
                 fields = json.loads(message)

@@ -369,3 +369,14 @@ def test_a_json_log_line_keeps_its_fields_whatever_a_value_decodes_to(keys):
     brace = logging.LogRecord("t", logging.INFO, __file__, 1, "{not json} 13800138000", None, None)
     assert masking.filter(brace)
     assert brace.getMessage().startswith("{not json} tok_")
+
+
+def test_a_json_log_line_with_nothing_to_mask_is_written_as_it_came(keys):
+    """A JSON line holding nothing a detector looks for (no "@", "+", escape or run of ten
+    digits) was decoded, every value masked and the line encoded again, on every request with
+    the access log on; it is written as it came now, untouched, as other text."""
+    masking = LogMasking(Masker(KeyRing(keys)))
+    line = '{"path":"primary","latency_ms":1e-05,"request_id":"3f2a9c","image_sha256":["5e07051d"]}'
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    assert record.getMessage() == line
