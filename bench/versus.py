@@ -10,7 +10,9 @@ the reference for the added latency; a fourth arm, ``floor``, a server that answ
 request at once with bytes the head server answered (httptools on uvloop, no model), shows
 what the client and the loopback alone add. Rows are measured in interleaved rounds, the four
 arms in a rotating order; throughput ratios are medians of per-round ratios. Prints a table,
-writes ``bench/results/versus.json``.
+writes ``bench/results/versus.json``. ``--logs``: both servers write the prediction log (a folder
+each) and the JSON access log, the request path with its logging and masking in it;
+``--rows tiny:1:1,tiny:1:4``: only these rows (model:batch:concurrency).
 
 Goals (BENCHMARKS.md, "The request path"): ``tiny`` at concurrency 1 adds at most 0.25 ms to
 raw ORT's p50; at concurrency 4 at least 1.5x the base's throughput.
@@ -109,6 +111,18 @@ def export(revision: str, into: Path) -> str:
     return commit.stdout.strip()
 
 
+def parse_rows(text: str) -> list[tuple[str, int, int]]:
+    """``model:batch:concurrency,...`` as rows; SystemExit naming a part that is not one."""
+    rows = []
+    for part in text.split(","):
+        model, _, rest = part.strip().partition(":")
+        batch, _, concurrency = rest.partition(":")
+        if model not in ("tiny", "resnet_bench") or not batch.isdigit() or not concurrency.isdigit():
+            raise SystemExit(f"versus: --rows: {part!r} is not tiny|resnet_bench:BATCH:CONCURRENCY")
+        rows.append((model, int(batch), int(concurrency)))
+    return rows
+
+
 def measure(
     case: Any, session: Any, servers: dict[str, ModelServerProcess], concurrency: int, seconds: float, rounds: int
 ) -> dict:
@@ -157,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="per measurement window")
     p.add_argument("--rounds", type=int, default=5, help="interleaved raw/base/head rounds (medians taken)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "versus.json")
+    p.add_argument("--rows", type=parse_rows, default=ROWS, help="model:batch:concurrency,... (default: all)")
+    p.add_argument("--logs", action="store_true", help="both servers with --prediction-log and --access-log")
     args = p.parse_args(argv)
     if not (args.repository / "resnet_bench" / "1" / "model.onnx").is_file():
         print(f"versus: no resnet_bench in {args.repository} (make models)", file=sys.stderr)
@@ -169,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         sessions = {m: raw_session(path, "cpu") for m, path in onnx_files.items()}
         servers: dict[str, ModelServerProcess] = {}
         try:
-            servers["base"] = start_model_server(Path(tmp) / "models", log_dir, source=Path(tmp) / "base")
-            servers["head"] = start_model_server(Path(tmp) / "models", log_dir)
-            for model, batch, concurrency in ROWS:
+            for arm in ("base", "head"):
+                logs = ("--prediction-log", str(Path(tmp) / f"log-{arm}"), "--access-log") if args.logs else ()
+                source = Path(tmp) / "base" if arm == "base" else ROOT
+                servers[arm] = start_model_server(Path(tmp) / "models", log_dir, *logs, source=source)
+            for model, batch, concurrency in args.rows:
                 case = make_case(model, batch)
                 check_answers(case, sessions[model], servers)
                 servers["floor"] = start_floor(case, servers["head"], Path(tmp))
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 "base": {"revision": args.base, "commit": base_commit},
                 "head": {"commit": head, "uncommitted_changes": dirty},
                 "seconds": args.seconds,
+                "logs": "prediction log (a folder) and access log on" if args.logs else "off",
                 "rounds": args.rounds,
                 "client": "tritonclient.http, binary data, one client per thread",
                 "added_p50": "median over rounds of (server p50 - raw ORT p50 in the same round)",
