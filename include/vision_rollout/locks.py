@@ -22,6 +22,12 @@ backends (``CompareAndSwapLock``):
   renewal and rolls back (``rolloutctl abort``). ``LockLost`` when nobody holds the model.
 - ``renew(..., note=...)``: the holder's last word on its progress (``Holding.note``: its stage
   and last decision), for ``rolloutctl status``.
+- ``retake``: a lease removed while its holder held it (an operator's cleanup, a wiped folder)
+  taken again by that holder, marked aborted, so that it puts the stable version back. Only
+  when nobody holds it, and the holder's own record of it (``held_record``, kept where all of
+  its workers read it) says it held it and had not released it, its last renewal not yet run
+  out: no other run could have taken it over meanwhile (and, ended, released it). A lease
+  another run holds is never touched.
 
 Every write is a compare-and-swap on the version read, so of two runs racing for one model
 exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
@@ -137,6 +143,8 @@ class ModelLock(Protocol):
 
     def abort(self, reason: str) -> Holding: ...
 
+    def retake(self, holder: str, record: bytes | None, reason: str) -> Holding | None: ...
+
     def holding(self) -> Holding | None: ...
 
 
@@ -217,6 +225,26 @@ class CompareAndSwapLock(ABC):
             return self._replace(replace(to, transitions=current.transitions + 1), version)
         return self._delete(version)
 
+    def retake(self, holder: str, record: bytes | None, reason: str) -> Holding | None:
+        """The lease taken again by ``holder``, marked aborted for ``reason``, when it was removed
+        while ``holder`` held it: nobody holds it, and ``record`` (``held_record``: the holder's
+        own, None when absent) names ``holder`` renewing it, not released, and its renewal not run
+        out on this clock. Other runs take a lease over only once it has run out (and
+        ``CLOCK_SKEW_S`` more on their clocks), so none can have taken this one over and released
+        it meanwhile. None, nothing written, otherwise (a record unreadable, a race lost)."""
+        try:
+            last = json.loads(record or b"")
+            renewed, seconds = float(last["renewed"]), int(last["seconds"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        now = self.clock()
+        if last.get("holder") != holder or last.get("released") or now >= renewed + seconds:
+            return None
+        if self.holding() is not None:
+            return None
+        taken = Holding(holder, now, LEASE_S, now, aborted=reason[:MAX_NOTE])
+        return taken if self._create(taken) else None
+
     def abort(self, reason: str) -> Holding:
         """Mark the holder's rollout aborted for ``reason`` (cut to ``MAX_NOTE``); the holding as
         marked. Marked already: as it is, its first reason kept. LockLost when nobody holds the
@@ -237,6 +265,14 @@ class CompareAndSwapLock(ABC):
     def _not_held(self, holder: str, current: Holding | None) -> str:
         now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"
         return f"run {holder!r} does not hold model {self.model!r}: {now} ({self.where})"
+
+
+def held_record(holder: str, holding: Holding | None) -> bytes:
+    """A run's own record of its lease, for ``retake``: as last renewed (``holding``), or
+    released (None). Written before the release, so that a release is never taken for a removal."""
+    if holding is None:
+        return json.dumps({"holder": holder, "released": True}).encode()
+    return json.dumps({"holder": holder, "renewed": holding.renewed, "seconds": holding.seconds}).encode()
 
 
 def _check(holder: str, seconds: int) -> None:

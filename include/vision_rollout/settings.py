@@ -487,6 +487,7 @@ def workdir(run_folder: Folder, model: str, run_id: str) -> Folder:
     return run_folder / "rollouts" / model / safe
 
 
+HELD = "lease.json"  # (a run's own record of the model's lease, in its run folder: locks.held_record)
 ROUTES = "original-routes.json"  # (mesh local: the routes before a run, in its run folder)
 ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter writes them to, then renames)
 APPROVAL_NAME = re.compile(r"[0-9A-Za-z-]{1,64}\.json")  # (a wait's count of failed reads: its task instance's id)
@@ -538,7 +539,11 @@ def prune_runs(
 
     def of_a_run(name: str) -> bool:
         record = re.sub(r"\.damaged-\d+$", "", name)  # (a damaged record set aside by restart-stage)
-        return bool(attempts.RECORD_NAME.fullmatch(record)) or name in (ROUTES, ROUTES_WRITTEN) or name in REPORT_NAMES
+        return (
+            bool(attempts.RECORD_NAME.fullmatch(record))
+            or name in (ROUTES, ROUTES_WRITTEN, HELD)
+            or name in REPORT_NAMES
+        )
 
     def approval(name: str) -> bool:
         return bool(APPROVAL_NAME.fullmatch(temporary_of(name) or name))

@@ -7,7 +7,8 @@ One run at a time per model (``vision_rollout.locks``): ``build_image`` takes th
 (a second run of the model fails there, touching nothing), every step that touches the model
 renews it (``hold``), and the teardown ``ensure_stable`` releases it. The teardown and the
 failure callback restore stable only while this run holds the lease: a run that never held it,
-or lost it, leaves another run's routes alone.
+or lost it, leaves another run's routes alone. A lease removed while this run held it (nobody
+holds it) is taken again when the run's record of it allows (``lease_kept``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
-from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy
+from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy, held_record
 from vision_rollout.settings import (
+    HELD,
     MAX_PRUNED,
     MAX_RETENTION_DAYS,
     MIN_RETENTION_DAYS,
@@ -117,13 +119,46 @@ def hold(
     that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back.
     ``rolling_back`` and a stage's poke (``judging``, which acts on a breach) go on where the lease
     reads as this run's but cannot be written (``renewed``)."""
-    lock = (hook or serving()).model_lock(spec.model, spec.mesh)
+    hook = hook or serving()
+    lock = hook.model_lock(spec.model, spec.mesh)
     try:
-        held = renewed(lock, run_id, seconds) if rolling_back or judging else lock.renew(run_id, seconds)
+        held = lease_kept(lock, run_id, hook.settings.workdir(spec.model, run_id), seconds, rolling_back or judging)
     except LockLost as exc:
         raise AirflowFailException(str(exc)) from None
     if held.aborted and not rolling_back:
         raise AirflowFailException(f"the rollout was aborted: {held.aborted}")
+
+
+def lease_kept(lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, lenient: bool = True) -> Holding:
+    """The lease renewed (``lenient``: as ``renewed``, else ``renew``), and this run's record of
+    it in its run folder (``HELD``) brought up to date. A lease removed while this run held it
+    (nobody holds it now: an operator's cleanup, a wiped folder) is taken again, marked aborted,
+    when the record allows it (``retake``): the stable version goes back, as after an abort.
+    LockLost otherwise (another run holds it, or this run released it or never held it)."""
+    try:
+        held = cast("Holding", renewed(lock, run_id, seconds) if lenient else lock.renew(run_id, seconds))
+    except LockLost:
+        try:
+            record: bytes | None = folder.read(HELD)
+        except OSError:  # (absent: this run never held it, or its folder was wiped too)
+            record = None
+        why = f"the model's lease ({lock.where}) was removed while this run held it: taken again to put the stable version back"
+        retaken = lock.retake(run_id, record, why)
+        if retaken is None:
+            raise
+        log.warning("%s", why)
+        held = cast("Holding", retaken)
+    recorded(folder, run_id, held)
+    return held
+
+
+def recorded(folder: Folder, run_id: str, holding: Holding | None) -> None:
+    """This run's record of its lease (``held_record``: None, released) written; one that cannot
+    be written is logged: the record left as it was only keeps ``retake`` from taking it again."""
+    try:
+        folder.write(HELD, held_record(run_id, holding))
+    except OSError as exc:
+        log.warning("this run's record of its lease was not written (%s): %s", folder, str(exc)[:300])
 
 
 def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
@@ -176,10 +211,11 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
     lock = hook.model_lock(spec.model, spec.mesh)
     before = lock.holding()
     try:
-        lock.acquire(run_id)
+        taken = lock.acquire(run_id)
     except ModelBusy as exc:
         raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
     settings = hook.settings
+    recorded(settings.workdir(spec.model, run_id), run_id, taken)
     left: str | None = None
     try:
         left = start_from_steady(spec, run_id, hook, before)
@@ -209,7 +245,7 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
         # Once that run's routes were put back, its rollback is finished here: its floor too.
         if left is not None and spec.mesh == "istio":
             release_leftover_floors(spec, hook, keep=None)
-        given_back(params, run_id, lock, to=before if left is None else None)
+        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), to=before if left is None else None)
         raise
     try:
         # The stable routes pinned first: without a policy the model server routes everything to
@@ -223,12 +259,14 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
         if changed:
             raise AirflowFailException(f"candidate artifact refused: {changed}; no traffic was moved to it")
     except Exception:
-        given_back(params, run_id, lock, loaded=True)
+        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True)
         raise
     return {**report.to_dict(), **warned}
 
 
-def given_back(params: dict[str, Any], run_id: str, lock: Any, to: Holding | None = None, loaded: bool = False) -> None:
+def given_back(
+    params: dict[str, Any], run_id: str, lock: Any, folder: Folder, to: Holding | None = None, loaded: bool = False
+) -> None:
     """A failing ``build_image``'s model given back: ``loaded``, the candidate unloaded first
     (``restore_stable``); then the lease released (to ``to``, the holding it took over). Should
     that fail, it is logged and the lease stays: the run's failure callback (``finish``) tries
@@ -236,6 +274,7 @@ def given_back(params: dict[str, Any], run_id: str, lock: Any, to: Holding | Non
     try:
         if loaded:
             restore_stable(params, run_id)
+        recorded(folder, run_id, None)
         lock.release(run_id, to=to)
     except Exception as exc:
         log.warning("the model is not given back (the failure callback tries again): %s", str(exc)[:500])
@@ -1363,7 +1402,8 @@ def finish(
     spec = spec_from(params)
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
-    renewed(lock, run_id)
+    folder = hook.settings.workdir(spec.model, run_id)
+    lease_kept(lock, run_id, folder)
     kept = promoted or promotion_in_effect(spec, run_id, hook)
     routes = None if kept else router(spec, run_id, hook).get_routes()
     if not kept:
@@ -1372,6 +1412,7 @@ def finish(
         hook.deployments(spec.model).release_floor(spec.baseline_version)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
+    recorded(folder, run_id, None)
     lock.release(run_id)
     if kept:
         return True, f"version {spec.candidate_version} was promoted: nothing to restore"

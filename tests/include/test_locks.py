@@ -24,6 +24,7 @@ from vision_rollout.locks import (
     LockError,
     LockLost,
     ModelBusy,
+    held_record,
     lease_name,
     micro_time,
 )
@@ -169,6 +170,32 @@ def test_a_lease_taken_over_and_released_untouched_goes_back_to_the_run_it_was_t
     assert not lock.release("run-b", to=before)  # not run-b's any more: nothing changes
     assert lock.release("run-a", to=before)  # its own holding: released
     assert lock.holding() is None
+
+
+def test_a_removed_lease_is_taken_again_only_by_the_run_whose_record_says_it_held_it(make):
+    """``retake``: nobody holds the lease, and the run's own record says it renewed it, had not
+    released it, and that renewal has not run out (no other run could have had it meanwhile)."""
+    clock = Clock()
+    lock = make(clock=clock)
+    held = lock.acquire("run-a", seconds=60)
+    record = held_record("run-a", held)
+    assert lock.retake("run-a", record, "removed") is None  # still held: nothing to take
+    lock.release("run-a")  # (as an operator's removal: the record not told)
+    assert lock.retake("run-b", record, "removed") is None  # another run's record
+    assert lock.retake("run-a", None, "removed") is None  # no record: it never held it
+    assert lock.retake("run-a", held_record("run-a", None), "removed") is None  # it released it
+    assert lock.retake("run-a", b"{not json", "removed") is None
+    clock.now += 60  # its renewal ran out: another run may have taken it over and ended
+    assert lock.retake("run-a", record, "removed") is None
+    clock.now -= 1
+    taken = lock.retake("run-a", record, "removed")
+    assert taken is not None
+    assert (taken.holder, taken.aborted) == ("run-a", "removed")
+    assert make(clock=clock).holding() == taken
+    make(clock=clock).release("run-a")
+    make(clock=clock).acquire("run-b")
+    assert lock.retake("run-a", record, "removed") is None  # another run holds it: never touched
+    assert make(clock=clock).holding().holder == "run-b"
 
 
 def test_only_the_holder_releases(make):

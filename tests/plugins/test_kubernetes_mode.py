@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from devstack.cluster.kube import FakeKubeAPI
 from rollout_airflow import steps
+from vision_rollout.settings import HELD
 from vision_rollout.spec import RolloutSpec
 
 SHA = "c0ffee" * 10 + "beef"
@@ -787,6 +788,60 @@ def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):
     assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)
     assert changes(fleet, before) == []
     assert routes(fleet) == [("v1", 90), ("v3", 10)]
+
+
+def test_a_run_whose_lease_was_deleted_mid_run_takes_it_again_and_puts_the_stable_version_back(fleet, caplog):
+    """The Lease deleted mid-run (an operator's cleanup): the next step failed with LockLost, and
+    the teardown and the failure callback restored nothing, the canary keeping its 10% with
+    nobody left to restore it. Now the run takes the lease again (nobody holds it, and its run
+    folder says it held it and had not released it), marked aborted: the step fails, the
+    teardown puts version 1 back and releases it; the failure callback after it touches nothing."""
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    del fleet.objects[("leases", "models", "rollout-digits")]
+    with pytest.raises(
+        AirflowFailException, match=r"aborted: the model's lease \(Lease models/rollout-digits\) was removed"
+    ):
+        steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
+    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-a"
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None)
+    assert routes(fleet) == [("v1", 100)]
+    assert lease(fleet, "digits") is None
+    before = len(fleet.requests)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-a"})  # released: not taken again
+    assert changes(fleet, before) == []
+    assert lease(fleet, "digits") is None
+
+
+def test_a_run_whose_lapsed_lease_another_run_took_over_and_ended_does_not_take_it_again(fleet):
+    """run-a stalls past its lease; run-b takes the model over, promotes and ends, its lease
+    released: run-a finds nobody holding it, but its own last renewal has run out (another run
+    may have had it meanwhile), so it touches nothing: run-b's promotion stays."""
+    from vision_rollout.locks import held_record
+
+    built = steps.build_image(PARAMS, "run-a")
+    steps.deploy_candidate(PARAMS, pushed(built), "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    expire(fleet)
+    lapsed = steps.serving().model_lock("digits", "istio").holding()
+    steps.serving().settings.workdir("digits", "run-a").write(HELD, held_record("run-a", lapsed))
+    b = {**PARAMS, "candidate_version": "3"}
+    steps.deploy_candidate(b, pushed(steps.build_image(b, "run-b")), "run-b")
+    fleet.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["route"] = [
+        {"destination": {"host": "digits", "subset": "v3"}, "weight": 100}
+    ]  # (run-b promoted)
+    steps.finish(b, "run-b", promoted=True)
+    assert lease(fleet, "digits") is None
+    before = len(fleet.requests)
+    with pytest.raises(AirflowFailException, match="run 'run-a' does not hold model 'digits': nobody holds it"):
+        steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"})
+    assert "nothing restored" in steps.ensure_stable(PARAMS, "run-a", None, None, None)
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-a"})
+    assert changes(fleet, before) == []
+    assert routes(fleet) == [("v3", 100)]
 
 
 def expire(kube: FakeKubeAPI, model: str = "digits") -> None:
@@ -1670,10 +1725,12 @@ def test_the_audits_pruning_keeps_the_folder_of_the_run_holding_the_models_lease
     from datetime import UTC, datetime, timedelta
 
     from vision_rollout import attempts
+    from vision_rollout.locks import held_record
 
     settings = steps.serving().settings
     for run_id in ("done", "stalled"):
         attempts.applied(settings.workdir("digits", run_id), run_id, 0, time.time())
+        settings.workdir("digits", run_id).write(HELD, held_record(run_id, None))  # (its record of its lease)
     take("stalled")
     old = time.time() - 40 * 86400
     for p in (tmp_path / "rollouts").rglob("*"):

@@ -338,6 +338,34 @@ def test_loading_the_candidate_leaves_the_traffic_on_the_baseline(
 
 
 @pytest.mark.integration
+def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """The lock file removed mid-run (a cleanup of the locks folder): the next step failed with
+    LockLost and the teardown restored nothing, version 2 keeping its 50% with nobody left to put
+    version 1 back. The run takes its lock again (nobody holds it; its run folder says it held
+    it and had not released it), the step fails as aborted and the teardown puts version 1 back."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    admin = steps.serving().settings.admin
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    assert routes_to(admin.traffic("digits"), "2")
+    (tmp_path / "run" / "locks" / "digits.lock").unlink()
+    with pytest.raises(AirflowFailException, match=r"aborted: the model's lease \(.*digits\.lock\) was removed"):
+        steps.apply_weights(PARAMS, 1, "run-a", PASS)
+    assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None)
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert steps.serving().model_lock("digits", "local").holding() is None
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-a"})  # released: not taken again
+    assert steps.serving().model_lock("digits", "local").holding() is None
+
+
+@pytest.mark.integration
 def test_promote_after_a_decide_marked_success_by_hand_touches_nothing(
     server_factory, repo_copy, monkeypatch, tmp_path
 ):
