@@ -1306,9 +1306,7 @@ def read(
             unread_bytes,
             max_bytes,
         )
-    df = to_frame(table, reasons, malformed, len(paths) - len(reasons) - unread, str(uri))
-    df.attrs.update(unread_files=unread, unread_bytes=unread_bytes)
-    return df
+    return to_frame(table, reasons, malformed, len(paths) - len(reasons) - unread, str(uri), unread, unread_bytes)
 
 
 def read_schema(
@@ -1388,9 +1386,18 @@ def read_files(
     return schema, paths, results
 
 
-def to_frame(table: pa.Table, reasons: dict[str, str], malformed: int, files_read: int, uri: str) -> pd.DataFrame:
+def to_frame(
+    table: pa.Table,
+    reasons: dict[str, str],
+    malformed: int,
+    files_read: int,
+    uri: str,
+    unread: int = 0,
+    unread_bytes: int = 0,
+) -> pd.DataFrame:
     """``read``'s frame of a table of records (the tables ``read_files`` returns, concatenated)
-    and its counts (``df.attrs``)."""
+    and its counts (``df.attrs``; ``unread``: the files a read's budget left unread, and their
+    bytes in storage)."""
     if malformed:
         log.warning("%d malformed prediction log records skipped under %s", malformed, uri)
     # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
@@ -1401,6 +1408,8 @@ def to_frame(table: pa.Table, reasons: dict[str, str], malformed: int, files_rea
         skipped_file_reasons=reasons,
         skipped_records=malformed,
         files_read=files_read,
+        unread_files=unread,
+        unread_bytes=unread_bytes,
     )
     return df
 
