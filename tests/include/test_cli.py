@@ -649,6 +649,22 @@ def test_a_threshold_that_is_not_a_number_is_refused(tmp_path, capsys, value):
 # -- rolloutctl run against a real model server ---------------------------------------------------
 
 
+def kubeconfig_of(api, tmp_path, monkeypatch):
+    """The CLI's kubeconfig ($KUBECONFIG's default place) pointed at the fake API server ``api``
+    (namespace ``ml``); a client of it for the test's own writes."""
+    from kubernetes import client
+    from kubernetes.config import kube_config
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    cfg = client.Configuration()
+    cfg.host = api.url
+    return client.ApiClient(cfg)
+
+
 def logging_args(tmp_path) -> tuple[str, str]:
     """A model server's arguments writing the prediction log ``run_argv`` reads (a run checks,
     at its first look, that it reads the log the server writes)."""
@@ -1384,8 +1400,6 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
     operator's for a mesh changed under it and rolled back. Refused as the local backend is
     while a run holds the Lease rollout-<VirtualService>, naming the run; --force applies them,
     saying so; a lease taken for dead does not hold it."""
-    from kubernetes import client
-    from kubernetes.config import kube_config
 
     from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S, LeaseLock
@@ -1404,14 +1418,8 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
                 **obj,
                 "metadata": {**obj["metadata"], "resourceVersion": "1"},
             }
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
-        cfg = client.Configuration()
-        cfg.host = api.url
-        LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
+        kube = kubeconfig_of(api, tmp_path, monkeypatch)
+        LeaseLock("digits", "ml", kube, key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
         policy = tmp_path / "policy.json"
         policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
         argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1,2"]
@@ -1428,7 +1436,7 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
         assert err.startswith("rolloutctl mesh: warning: --force: run 'manual__2026-12-03 (a DAG run)' ")
         api.objects[("virtualservices", "ml", "digits-vs")] = before
         api.objects.pop(("leases", "ml", "rollout-digits-vs"))
-        dead = client.ApiClient(cfg)
+        dead = kube
         LeaseLock("digits", "ml", dead, clock=lambda: time.time() - LEASE_S - CLOCK_SKEW_S, key="digits-vs").acquire(
             "a run that died"
         )
@@ -1628,22 +1636,14 @@ def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monk
     """In kubernetes mode the DAG's lock is the Lease rollout-<VirtualService> in the model's
     namespace: status reads it, abort marks it (its teardown restores the pods and the routes at
     the run's next step), through the kubeconfig; an API server that does not answer is one line."""
-    from kubernetes import client
-    from kubernetes.config import kube_config
 
     from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.locks import LeaseLock
 
     api = FakeKubeAPI().start()
     try:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
-        cfg = client.Configuration()
-        cfg.host = api.url
-        lease = LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs")
+        kube = kubeconfig_of(api, tmp_path, monkeypatch)
+        lease = LeaseLock("digits", "ml", kube, key="digits-vs")
         status = ["status", "--model", "digits", "--namespace", "ml", "--name", "digits-vs"]
         code, out, err = run(capsys, *status)
         assert (code, out.splitlines()[0]) == (0, "model 'digits': no rollout holds it (Lease ml/rollout-digits-vs)")
@@ -1816,9 +1816,6 @@ def test_prune_in_kubernetes_mode_keeps_the_folder_of_the_run_holding_the_models
     With --namespace (and --name, the VirtualService) the Lease's holder keeps its folder."""
     import os
 
-    from kubernetes import client
-    from kubernetes.config import kube_config
-
     from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout import attempts
     from vision_rollout.folders import Folder
@@ -1833,14 +1830,8 @@ def test_prune_in_kubernetes_mode_keeps_the_folder_of_the_run_holding_the_models
         os.utime(p, (old, old))
     api = FakeKubeAPI().start()
     try:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps(api.kubeconfig("ml")))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)  # loading sets it
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # $KUBECONFIG
-        cfg = client.Configuration()
-        cfg.host = api.url
-        LeaseLock("digits", "ml", client.ApiClient(cfg), key="digits-vs").acquire("stalled")
+        kube = kubeconfig_of(api, tmp_path, monkeypatch)
+        LeaseLock("digits", "ml", kube, key="digits-vs").acquire("stalled")
         prune = ["prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json"]
         code, out, err = run(capsys, *prune, "--namespace", "ml", "--name", "digits-vs")
         assert code == 0, err

@@ -164,6 +164,24 @@ def test_prometheus_down_to_the_end_of_a_stage_makes_it_undecided(stage):
     assert "could not be read" in result.xcom_value["summary"]
 
 
+def restarted(server, repo_copy, tmp_path, log_dir):
+    """``server`` (killed) started again on its port with its state folder and prediction log."""
+    from devstack.processes import start_model_server
+
+    return start_model_server(
+        repo_copy,
+        tmp_path,
+        "--prediction-log",
+        str(log_dir),
+        "--prediction-log-flush-s",
+        "0.5",
+        "--state-dir",
+        str(tmp_path / f"state-{server.port}"),
+        token="t",
+        port=server.port,
+    )
+
+
 def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy, tmp_path):
     """Killed mid-stage (SIGKILL: no clean shutdown) and started again on its port with its state
     folder: it serves the same versions under the same policy (both persisted), the pokes in
@@ -171,7 +189,6 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
     verdict. The restart guard counted the restart: by default one trips it."""
     import signal
 
-    from devstack.processes import start_model_server
     from vision_rollout.engine import guard_inputs, tripped
     from vision_rollout.gates import GateConfig
     from vision_rollout.metrics import PrometheusSource
@@ -189,18 +206,7 @@ def test_the_model_server_restarted_mid_stage_the_stage_goes_on(stage, repo_copy
             outcomes.append(type(exc).__name__)
         time.sleep(2)
     assert True not in outcomes, outcomes  # nothing passes while the server is down
-    again = start_model_server(
-        repo_copy,
-        tmp_path,
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.5",
-        "--state-dir",
-        str(tmp_path / f"state-{server.port}"),
-        token="t",
-        port=server.port,
-    )
+    again = restarted(server, repo_copy, tmp_path, log_dir)
     try:
         assert again.client().get_model_metadata("digits")["versions"] == ["1", "2"]
         assert requests.get(f"{again.http}/v2/models/digits/traffic", headers=again.admin, timeout=10).json() == policy
@@ -234,8 +240,6 @@ def test_pokes_that_raise_hold_the_stage_until_guard_error_limit_in_a_row(stage,
 
     from airflow.sdk.exceptions import AirflowFailException
 
-    from devstack.processes import start_model_server
-
     server, log_dir, started, _ = stage
     # A replay round due at each poke once 10 s passed since the last (look interval: bake / looks).
     p = params(bake_seconds=20, max_stage_seconds=900, min_samples=100_000, guard_error_limit=3, restarts_max=5)
@@ -248,18 +252,7 @@ def test_pokes_that_raise_hold_the_stage_until_guard_error_limit_in_a_row(stage,
 
     down()
     assert [poke(p, started, ti).is_done for _ in range(2)] == [False, False]  # 2 of 3
-    server = start_model_server(
-        repo_copy,
-        tmp_path,
-        "--prediction-log",
-        str(log_dir),
-        "--prediction-log-flush-s",
-        "0.5",
-        "--state-dir",
-        str(tmp_path / f"state-{server.port}"),
-        token="t",
-        port=server.port,
-    )
+    server = restarted(server, repo_copy, tmp_path, log_dir)
     try:
         assert poke(p, started, ti).is_done is False  # served: the count back to 0
     finally:
