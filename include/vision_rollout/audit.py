@@ -456,6 +456,44 @@ def closes(end: datetime) -> datetime:
 
 
 COPIES_POLL_S = 2.0  # how often a rollout's audit looks again for the copies still to be written
+# What a shadow pod's watermark (``shadow_watermark``) is held back by beyond what its records
+# show (its copies' longest time in flight, its clock's lead on the primaries'): a copy sent
+# at the same instant as its primary reaches the other pod within it.
+WATERMARK_MARGIN_S = 1.0
+
+
+def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
+    """The time before which every copy the shadow's pods were sent is in ``records`` (a
+    stretch of the log's primary and shadow records, with ``replica`` and ``latency_ms``), on
+    the primaries' clock; None where no shadow record says (no copy written: a shadow that is
+    down, or one never sent any, leaves nothing to tell those apart, so nothing is judged).
+
+    Each pod that wrote shadow records has written those of the copies that reached it up to
+    its newest record's stamp, less the longest time one of its copies took (a copy that
+    arrived earlier may still be waiting for idle time); its clock's lead on the primaries'
+    (the most a copy's stamp follows its primary's, of the pairs in ``records``) and
+    ``WATERMARK_MARGIN_S`` are taken off too. The earliest of the pods' is the shadow's: a copy
+    may have gone to any of them. A primary stamped before it without a copy was not mirrored
+    (Envoy's mirror sampled it out); a copy lost on its way there (a pod unreachable) looks the
+    same, and is counted as a primary without a shadow record, never as agreement."""
+    shadow = (records["role"] == "shadow").to_numpy(bool)
+    if not shadow.any():
+        return None
+    stamp = records["time"]
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    primary_at = pd.Series(stamp.to_numpy()[~shadow], index=key[~shadow], dtype=stamp.dtype)
+    primary_at = primary_at[~primary_at.index.duplicated()].reindex(key[shadow])
+    copies = records[shadow]
+    pods = pd.DataFrame(
+        {
+            "replica": copies["replica"].astype(object).fillna("").to_numpy(),
+            "time": copies["time"].to_numpy(),
+            "flight": copies["latency_ms"].astype(float).fillna(0.0).clip(lower=0.0).to_numpy() / 1000,
+            "lead": (copies["time"].to_numpy() - primary_at.to_numpy()) / np.timedelta64(1, "s"),
+        }
+    ).groupby("replica")
+    held = pods["flight"].max() + pods["lead"].max().fillna(0.0).clip(lower=0.0) + WATERMARK_MARGIN_S
+    return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
 
 
 def copies_pending(prediction_log: str | Path, end: datetime, model: str, version: str) -> datetime | None:
@@ -465,7 +503,8 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
     copy, answered or dropped), or a shadow record without its primary (the pods flush apart);
     None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
-    writer) whenever it may have been. Only that stretch is read, and only the records' keys."""
+    writer) while it may have been: until the shadow's pods have written their copies past it
+    (``shadow_watermark``). Only that stretch is read, and only the records' keys."""
     from model_server.predictionlog import read
 
     start = end - (closes(end) - end)
@@ -475,7 +514,19 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
         start - margin,
         end + margin,
         model,
-        columns=["time", "model", "version", "role", "route", "request_id", "item", "outcome", "mirrored"],
+        columns=[
+            "time",
+            "model",
+            "version",
+            "role",
+            "route",
+            "replica",
+            "request_id",
+            "item",
+            "latency_ms",
+            "outcome",
+            "mirrored",
+        ],
         roles=("primary", "shadow"),
     )
     stamp = records["time"]
@@ -484,6 +535,8 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
     said = records["mirrored"]
     # (a request naming its version is never mirrored)
     may_be = ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
+    if (watermark := shadow_watermark(records)) is not None:
+        may_be = may_be & (stamp >= watermark).to_numpy(bool)
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
     mirrored = (records["version"] == version).to_numpy(bool) & sampled
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))

@@ -1014,3 +1014,140 @@ def test_an_audit_holds_what_its_budget_allows_and_names_the_files_left_unread(t
         4,
         sum(sizes),
     )
+
+
+def istio_log(folder: Path, primaries: list[float], copies: dict[int, float], down_after: float | None = None) -> Path:
+    """A prediction log as two Istio pods leave it: the baseline's pod (replica ``primary-pod``)
+    a primary record at each of ``primaries`` saying nothing of the mirror (``mirrored`` null:
+    Envoy samples it), the candidate's (``shadow-pod``) a shadow record for the primaries
+    ``copies`` names (index -> the copy's stamp, its pod's clock). Each pod's records are written
+    by its own writer, flushed once."""
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, PredictionLog
+
+    keys = folder / "keys.json"
+    keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
+    p = np.full((1, 10), 0.01, dtype=np.float32)
+    p[0, 3] = 0.91
+    for replica, role, stamps in (
+        ("primary-pod", "primary", dict(enumerate(primaries))),
+        ("shadow-pod", "shadow", copies),
+    ):
+        log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
+        for i, at in stamps.items():
+            version = "1" if role == "primary" else "2"
+            image = np.array([f"img-{i}".encode()], dtype=object)
+            route = "route" if role == "primary" else "mirror"
+            rid = f"r{i}"
+            log.append(
+                Inference(at, "digits", version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {})
+            )
+        log.flush()
+    return folder / "log"
+
+
+def test_behind_istio_primaries_before_the_shadows_watermark_are_not_waited_for(tmp_path):
+    """Behind Istio a mirror under 100% samples at random in Envoy: the primaries' records say
+    nothing of it (``mirrored`` null), and the rollout's audit waited out the range's close (about
+    two minutes) for the copies of every one of them, most never made. The candidate's pod has
+    written its copies up to a time (its watermark: its newest record, less its copies' longest
+    time in flight and its clock's lead on the primaries' as the pairs show it): a primary stamped
+    before that without a copy was not mirrored, and is not waited for."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 60 + 0.5 * k for k in range(120)]  # up to the range's end, and on after it
+    primaries += [now + 0.5 * k for k in range(1, 11)]
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 10 == 3}  # Envoy's 10%
+    log = istio_log(tmp_path, primaries, copies)
+    clock, naps = [now + 6], []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+
+    assert copies_pending(log, end, "digits", "1") is None
+    assert await_copies(log, end, "digits", "1", lambda: clock[0], sleep) == 0
+    result = audit(log, end - timedelta(minutes=5), end, "digits")
+    assert result.rows == 12
+    assert result.primary_without_shadow == 108  # (an upper bound of copies lost: Envoy's sampling)
+
+
+def test_behind_istio_a_shadow_that_wrote_nothing_is_waited_for_and_not_agreement(tmp_path):
+    """A candidate's pod that is down writes no copy, and leaves no watermark: the primaries are
+    waited for until the range's close, as before, and the audit finds no shadow record (no pass
+    over zero copies). Its last primaries after the candidate stopped writing are waited for too,
+    not judged unmirrored by the copies written before it went down."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 60 + 0.5 * k for k in range(120)]
+    clock, naps = [now], []
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+
+    (tmp_path / "down").mkdir()
+    down = istio_log(tmp_path / "down", primaries, {})
+    newest = primaries[-1]
+    waited = await_copies(down, end, "digits", "1", lambda: clock[0], sleep)
+    assert waited == pytest.approx(closes(datetime.fromtimestamp(newest, UTC)).timestamp() - now)
+    result = audit(down, end - timedelta(minutes=5), end, "digits")
+    assert result.verdict != "pass"
+    assert result.rows == 0
+
+    (tmp_path / "died").mkdir()  # its copies stop 20 s before the range's end
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 10 == 3 and t < now - 20}
+    died = istio_log(tmp_path / "died", primaries, copies)
+    pending = copies_pending(died, end, "digits", "1")
+    assert pending is not None
+    assert pending.timestamp() == pytest.approx(newest, abs=1e-3)
+
+
+@pytest.mark.integration
+def test_the_copies_of_real_servers_are_waited_for_only_where_they_may_come(
+    server_factory, repo_copy, tmp_path, digit_images
+):
+    """Real model servers writing one log. The server's own mirror at 30%: its primaries say
+    which were copied, none is waited for once the copies are written. As Istio's pods: the
+    baseline's server serves without a policy of its own (its primaries say nothing of the
+    mirror), and a quarter of the requests reach the candidate's server again as Envoy's
+    copies (``Host: ...-shadow``, the same request id): once the candidate's server wrote
+    copies past them, the primaries of the range are not waited for (they were, for about two
+    minutes), and the audit pairs each copy with its primary."""
+    from tests.support import TOKEN, infer, put_policy
+
+    log = tmp_path / "log"
+    own = server_factory(repo_copy, "--state-dir", str(tmp_path / "own"), "--prediction-log", str(log), token=TOKEN)
+    own.load_versions("digits", 1, 2)
+    policy = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 30}}
+    assert put_policy(own, policy).status_code == 200
+    for i in range(40):
+        assert infer(own, digit_images[i][0], {"X-Request-ID": f"own-{i}"}).status_code == 200
+    end = datetime.now(UTC)
+    own.stop()
+    assert copies_pending(log, end, "digits", "1") is None
+    copied = audit(log, end - timedelta(minutes=5), end, "digits")
+    assert 0 < copied.rows < 40
+
+    istio = tmp_path / "istio"
+    args = ("--prediction-log", str(istio), "--prediction-log-flush-s", "0.05")
+    baseline = server_factory(repo_copy, "--state-dir", str(tmp_path / "b"), *args, token=TOKEN)
+    baseline.load_versions("digits", 1)
+    candidate = server_factory(repo_copy, "--state-dir", str(tmp_path / "c"), *args, token=TOKEN)
+    candidate.load_versions("digits", 2)
+    mirror = {"Host": "digits.ml.svc-shadow:8000"}
+    end = None
+    for i in range(60):
+        if i == 40:
+            time.sleep(1.5)  # (traffic goes on past the range's end, a little later)
+            end = datetime.now(UTC)
+        rid = {"X-Request-ID": f"istio-{i}"}
+        assert infer(baseline, digit_images[i][0], rid).status_code == 200
+        if i % 4 == 1:
+            assert infer(candidate, digit_images[i][0], {**rid, **mirror}).status_code == 200
+    baseline.stop()
+    candidate.stop()
+    assert end is not None
+    assert copies_pending(istio, end, "digits", "1") is None
+    result = audit(istio, end - timedelta(minutes=5), end, "digits")
+    assert (result.rows, result.versions) == (10, {"primary": ["1"], "shadow": ["2"]})
