@@ -14,7 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
-from model_server.app import Settings, create_app
+from model_server.app import SHOW_LOG, Settings, create_app
 from model_server.config import NAME_RE, ascii_uint, int64_version
 from model_server.errors import MaskingUnavailable, ServerError
 from model_server.feedback import read_key
@@ -113,6 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "credentials from the AWS_* variables)",
     )
     p.add_argument("--shadow-log", metavar="DIR", help="deprecated: the old name of --prediction-log (a folder)")
+    p.add_argument(
+        "--show-prediction-log",
+        choices=SHOW_LOG,
+        default="admin",
+        help="to whom GET /v2 says where the prediction log is written (parameters.prediction_log): "
+        "callers with the admin token (default; anyone without --admin-token), everyone, or nobody",
+    )
     p.add_argument(
         "--replica-id",
         default=None,
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         feedback_max_items=args.feedback_max_items,
         request_timeout_s=args.request_timeout,
         admin_token=token,
+        show_prediction_log=args.show_prediction_log,
         state_dir=state,
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,

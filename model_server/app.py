@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 DRAIN_FACTOR = 4
 JSON_HEADERS = [(b"content-type", b"application/json")]
+# To whom ``GET /v2`` says where the prediction log is written (``--show-prediction-log``).
+SHOW_LOG = ("admin", "everyone", "nobody")
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 30.0
     admin_token: str | None = None
+    # Where the prediction log is written is no client's business (a bucket, a folder's path):
+    # said to the admin token's holder, as the admin calls are (SHOW_LOG).
+    show_prediction_log: str = "admin"
     admin_port: int | None = None  # admin calls are answered on this port only (None: on any)
     state_dir: Path | None = None  # traffic policies persist here (restored on restart)
     traffic_file: Path | None = None  # watched policy file: {"models": {name: policy}}
@@ -298,11 +303,14 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 f"{settings.admin_port} only, not on this data port"
             )
 
-    def check_admin(headers: Mapping[str, str]) -> None:
+    def is_admin(headers: Mapping[str, str]) -> bool:
         if settings.admin_token is None:
-            return
+            return True
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.admin_token.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), settings.admin_token.encode())
+
+    def check_admin(headers: Mapping[str, str]) -> None:
+        if not is_admin(headers):
             raise Unauthorized("admin call: send 'Authorization: Bearer <admin token>'")
 
     def body_encoding(headers: Mapping[str, str]) -> str:
@@ -385,7 +393,10 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
     @endpoint("/v2")
     async def server_metadata(request: Request) -> Response:
-        return JSONResponse(dataplane.server_metadata())
+        show = settings.show_prediction_log
+        return JSONResponse(
+            dataplane.server_metadata(show == "everyone" or (show == "admin" and is_admin(request.headers)))
+        )
 
     @endpoint("/v2/models/{model}")
     async def model_metadata(request: Request) -> Response:

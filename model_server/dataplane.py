@@ -215,17 +215,14 @@ class DataPlane:
             return None
         return f"model '{model}': the traffic policy routes to version(s) {missing}, not loaded"
 
-    def server_metadata(self) -> dict[str, Any]:
+    def server_metadata(self, show_log: bool = True) -> dict[str, Any]:
         """KServe v2's server metadata, and in ``parameters`` where this server writes its
         prediction log (``files.location``: no credentials, options or endpoint; null without
-        one), so a reader can tell at once whether the log it reads is this one."""
+        one), so a reader can tell at once whether the log it reads is this one; without
+        ``show_log``, not a word of it (null would say there is none)."""
         plog = self.prediction_log
-        return {
-            "name": "model-server",
-            "version": __version__,
-            "extensions": EXTENSIONS,
-            "parameters": {"prediction_log": None if plog is None else location(plog.uri)},
-        }
+        shown = {"prediction_log": None if plog is None else location(plog.uri)} if show_log else {}
+        return {"name": "model-server", "version": __version__, "extensions": EXTENSIONS, "parameters": shown}
 
     def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
         cfg, versions = self.repo.serving(model, version)

@@ -769,7 +769,14 @@ def _run(
     cache = Folder(tempfile.mkdtemp(prefix="rolloutctl-logcache-"))
     atexit.register(shutil.rmtree, str(cache), True)
     judge = StageJudge(
-        spec, args.url.split("://", 1)[-1], args.validation, args.prediction_log, source, _labels=labels, cache=cache
+        spec,
+        args.url.split("://", 1)[-1],
+        args.validation,
+        args.prediction_log,
+        source,
+        _labels=labels,
+        cache=cache,
+        token=_token(args.token_file),
     )
 
     said: dict[int, str] = {}  # stage -> its last state, for the lease's note

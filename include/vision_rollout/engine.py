@@ -910,15 +910,16 @@ def loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def log_elsewhere(server_address: str, prediction_log: str) -> str | None:
+def log_elsewhere(server_address: str, prediction_log: str, token: str | None = None) -> str | None:
     """Why the log ``prediction_log`` is not the one the model server at ``server_address``
-    (``host:port``) writes, by where the server says it writes (``other_log``), at once rather
-    than once a record should have come; None where they agree or it cannot tell (a server that
-    does not say or does not answer: what asks it next says why)."""
+    (``host:port``) writes, by where the server says it writes (``other_log``; to the admin
+    ``token``'s holder by default), at once rather than once a record should have come; None
+    where they agree or it cannot tell (a server that does not say, to this caller or at all, or
+    does not answer: what asks it next says why)."""
     from vision_rollout.serving import AdminError, ModelServerAdmin
 
     try:
-        written = ModelServerAdmin(f"http://{server_address}", timeout_s=5.0).prediction_log()
+        written = ModelServerAdmin(f"http://{server_address}", token, timeout_s=5.0).prediction_log()
     except AdminError:
         return None
     why = other_log(prediction_log, written, loopback(server_address))
@@ -945,6 +946,7 @@ class StageJudge:
     _labels: dict[str, int] | None = None
     cache: Folder | None = None  # where the stage's reads are kept between pokes (logcache)
     silent_after_s: float | None = None  # a log still without a record this long into the stage fails it (log_silent)
+    token: str | None = field(default=None, repr=False)  # the model server's admin token (log_elsewhere)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -1054,7 +1056,9 @@ class StageJudge:
             records = pd.DataFrame(columns=["time", "model", "version", "role", "route", "request_id", "item"])
             records.attrs["skipped_file_reasons"] = {str(Folder(self.prediction_log)): f"not listed: {exc}"}
         # (at once, not a flush and a replay round later as log_silent: where the server says)
-        elsewhere = log_elsewhere(self.server_address, self.prediction_log) if listed and records.empty else None
+        elsewhere = (
+            log_elsewhere(self.server_address, self.prediction_log, self.token) if listed and records.empty else None
+        )
         if elsewhere:
             why = f"{elsewhere}, so no look could judge the stage."
             state = StageState("breach", 0, self.spec.looks_per_stage, None, why, {}, now - window.started)

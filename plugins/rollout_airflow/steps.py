@@ -605,7 +605,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         raise AirflowFailException(f"no probe image in {settings.validation(spec.model)}: {exc}") from None
     body = image_request([image])
     serving_url = settings.serving_url(spec.model, spec.mesh)
-    if elsewhere := log_elsewhere(serving_url.split("://", 1)[-1], settings.prediction_log):
+    if elsewhere := log_elsewhere(serving_url.split("://", 1)[-1], settings.prediction_log, settings.token):
         raise AirflowFailException(f"{elsewhere}: the masking probe's shadow copy would never be found there")
     through_mesh = ModelServerAdmin(serving_url, settings.token)
     started = datetime.now(UTC)
@@ -849,6 +849,7 @@ def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource 
         settings.prediction_log,
         source,
         cache=settings.stage_caches,
+        token=settings.token,
     )
 
 

@@ -1393,7 +1393,7 @@ def test_a_stage_reading_another_log_than_the_servers_fails_at_its_first_poke(
 
     s = server_factory(repo_copy, "--prediction-log", str(tmp_path / "written"), token=TOKEN)
     address = f"127.0.0.1:{s.port}"
-    judge = StageJudge(spec(), address, tmp_path, str(tmp_path / "elsewhere"), _labels=IMAGES)
+    judge = StageJudge(spec(), address, tmp_path, str(tmp_path / "elsewhere"), _labels=IMAGES, token=TOKEN)
     monkeypatch.setattr(judge, "replay_round", lambda: pytest.fail("a replay round was sent"))
     state = judge(WINDOW, T0 + 1)
     assert state.status == "breach"

@@ -1578,12 +1578,52 @@ def test_server_metadata_says_where_the_log_is_written_and_nothing_secret(server
     from model_server.files import location
 
     with_log = server_factory(repo_copy, "--prediction-log", str(tmp_path / "log"), token=TOKEN)
-    said = requests.get(f"{with_log.http}/v2", timeout=10).json()
+    said = requests.get(f"{with_log.http}/v2", headers=with_log.admin, timeout=10).json()
     assert said["parameters"] == {"prediction_log": f"file://{(tmp_path / 'log').resolve()}"}
     without = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    assert requests.get(f"{without.http}/v2", timeout=10).json()["parameters"] == {"prediction_log": None}
+    said = requests.get(f"{without.http}/v2", headers=without.admin, timeout=10).json()
+    assert said["parameters"] == {"prediction_log": None}
 
     secret = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/pre/fix/?endpoint_override=minio.internal:9000&secret_key=x"
     assert location(secret) == "s3://bucket/pre/fix"
     assert location("gcs://bucket/p") == location("gs://bucket/p/") == "gs://bucket/p"
     assert location(f"file://{tmp_path}/a/../log") == location(tmp_path / "log") == f"file://{tmp_path.resolve()}/log"
+
+
+@pytest.mark.integration
+def test_where_the_log_is_written_is_said_to_the_admin_token_alone_unless_told_otherwise(
+    server_factory, repo_copy, tmp_path
+):
+    """``GET /v2`` said where the prediction log is written (the bucket and prefix, or the
+    folder's absolute path) to anyone who reached the serving port. It is said by default only
+    to a caller with the admin token (the rollout, which checks it against its own log), as the
+    admin calls are; ``--show-prediction-log everyone`` says it to all, ``nobody`` to none (the
+    rollout then finds a wrong log the slower way). Withheld, ``parameters`` has no
+    ``prediction_log`` at all: null would say the server writes none."""
+    from vision_rollout.engine import log_elsewhere
+
+    log = str(tmp_path / "log")
+    where = f"file://{(tmp_path / 'log').resolve()}"
+
+    def opts(state: str) -> tuple[str, ...]:
+        return ("--prediction-log", log, "--state-dir", str(tmp_path / state))
+
+    default = server_factory(repo_copy, *opts("a"), token=TOKEN)
+    assert requests.get(f"{default.http}/v2", timeout=10).json()["parameters"] == {}
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert requests.get(f"{default.http}/v2", headers=wrong, timeout=10).json()["parameters"] == {}
+    said = requests.get(f"{default.http}/v2", headers=default.admin, timeout=10)
+    assert said.status_code == 200
+    assert said.json()["parameters"] == {"prediction_log": where}
+    # The rollout asks with its token; without it, it cannot tell (and finds out the slower way).
+    other = str(tmp_path / "other")
+    assert log_elsewhere(default.url, other) is None
+    assert f"it writes {where}" in (log_elsewhere(default.url, other, TOKEN) or "")
+
+    shown = server_factory(repo_copy, *opts("b"), "--show-prediction-log", "everyone", token=TOKEN)
+    assert requests.get(f"{shown.http}/v2", timeout=10).json()["parameters"] == {"prediction_log": where}
+
+    hidden = server_factory(repo_copy, *opts("c"), "--show-prediction-log", "nobody", token=TOKEN)
+    assert requests.get(f"{hidden.http}/v2", headers=hidden.admin, timeout=10).json()["parameters"] == {}
+    with pytest.raises(RuntimeError, match=r"--show-prediction-log.*'somebody'"):
+        server_factory(repo_copy, "--show-prediction-log", "somebody", token=TOKEN)
