@@ -1151,3 +1151,48 @@ def test_the_copies_of_real_servers_are_waited_for_only_where_they_may_come(
     assert copies_pending(istio, end, "digits", "1") is None
     result = audit(istio, end - timedelta(minutes=5), end, "digits")
     assert (result.rows, result.versions) == (10, {"primary": ["1"], "shadow": ["2"]})
+
+
+def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart(tmp_path):
+    """A shadow answering another output shape (``[1, 2, 5]`` beside the primary's ``[1, 10]``)
+    gave every pair the same divergence but for the last bit of the float: the chart's
+    histogram could not make its 40 bins of that range, and the report was never written (the
+    rollout's shadow_consistency failed on the error, the hourly audit on every run). The bins
+    are fixed over the range shown (0 to 2); the shadow fails the audit, with its report."""
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, PredictionLog
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
+    log = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="pod")
+    other = np.full((1, 2, 5), 0.1, np.float32)
+    for i in range(300):
+        p = np.full((1, 10), 0.01, np.float32)
+        p[0, i % 10] = 0.91
+        image = np.array([f"img-{i}".encode()], dtype=object)
+        for version, role, scores in (("1", "primary", p), ("2", "shadow", other)):
+            log.append(
+                Inference(
+                    time.time(),
+                    "digits",
+                    version,
+                    role,
+                    "route",
+                    f"r{i}",
+                    "0" * 32,
+                    "0" * 16,
+                    1.0,
+                    "ok",
+                    scores,
+                    image,
+                    True,
+                    {},
+                )
+            )
+    log.flush()
+    result = audit(tmp_path / "log", *around_now(), "digits")
+    assert (result.verdict, result.rows) == ("fail", 300)
+    assert np.ptp(result.divergences) < 1e-9
+    files = report_files(result)
+    assert files[CHART].startswith(b"\x89PNG")
+    assert b"**FAIL**" in files[REPORT]
