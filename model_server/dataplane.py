@@ -101,8 +101,6 @@ def shadow_record(result: ShadowResult) -> Inference:
     job = result.job
     scores = None if result.outputs is None else result.outputs[job.outputs[0]]
     data = job.inputs[0].data if job.inputs else None
-    # Its primary's rows: the shadow record pairs with the primary's item by item.
-    primary = job.primary_outputs.get(job.outputs[0]) if job.outputs else None
     return Inference(
         job.received_at,
         job.model,
@@ -118,7 +116,7 @@ def shadow_record(result: ShadowResult) -> Inference:
         data,
         job.batched,
         job.metadata,
-        record_items(primary, data, job.batched),
+        record_items(None, data, job.batched) if job.primary_rows is None else job.primary_rows,
         job.nbytes,  # what it holds until written: within the log's byte budget, as a primary's body
     )
 
@@ -460,6 +458,7 @@ class DataPlane:
         if shadow_version is None:
             return None
         refused = None if failure is None or outputs is not None else (outcome_of(failure), failure.message)
+        first = primary_outputs.get(outputs[0]) if outputs else None
         return ShadowJob(
             model=model,
             primary_version=served,
@@ -469,7 +468,7 @@ class DataPlane:
             request_id=ctx.request_id,
             trace=ctx.trace.child(),
             received_at=ctx.received_at,
-            primary_outputs=primary_outputs,
+            primary_rows=None if first is None else record_items(first, None, batched),
             primary_latency_ms=latency_ms,
             metadata=request_metadata(ctx.headers),
             batched=batched,

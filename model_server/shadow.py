@@ -64,7 +64,10 @@ class ShadowJob:
     request_id: str
     trace: TraceContext
     received_at: float
-    primary_outputs: dict[str, np.ndarray]  # none when the primary failed
+    # The items of the primary's answer (its first output's rows), None when it failed: its
+    # shadow record pairs with them item by item. Not the outputs: a detector's are megabytes
+    # beside its input, held while the copy waits, outside the queue's bound.
+    primary_rows: int | None
     primary_latency_ms: float
     metadata: dict[str, str] = field(default_factory=dict)
     batched: bool = True  # the model has a batch dimension

@@ -300,7 +300,7 @@ def test_a_shadow_record_counts_the_bytes_its_copy_holds_against_the_log_s_budge
         "big",
         TraceContext.from_header(None),
         0.0,
-        {},
+        None,
         1.0,
     )
     record = shadow_record(ShadowResult(job, None, None, "shadow queue full", "DROPPED"))

@@ -981,7 +981,7 @@ def test_the_byte_budget_counts_a_records_output_and_a_shadow_copys_input(tmp_pa
         "r-1",
         TraceContext.from_header(None),
         time.time(),
-        {"probabilities": np.eye(10, dtype=np.float32)[[3]]},
+        1,
         1.0,
     )
     copy = shadow_record(ShadowResult(job, {"probabilities": np.eye(10, dtype=np.float32)[[3]]}, 2.0, None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -242,7 +243,7 @@ def test_the_rollout_probe_runs_at_once_and_needs_the_admin_token(models_dir, di
                 rid,
                 TraceContext.from_header(None),
                 time.time(),
-                {},
+                None,
                 1.0,
                 probe=probe,
             )
@@ -318,7 +319,7 @@ def test_copies_for_a_version_that_left_service_are_dropped_not_failed(repo_copy
         "left-service",
         TraceContext.from_header(None),
         time.time(),
-        {},
+        None,
         1.0,
     )
     try:
@@ -381,7 +382,7 @@ def test_a_copy_waits_while_the_next_primary_runs(models_dir, digit_images):
             "copy",
             TraceContext.from_header(None),
             time.time(),
-            {},
+            None,
             1.0,
         )
         with mirror.gate:
@@ -512,3 +513,83 @@ def test_each_primary_record_says_whether_its_copy_will_come(server_factory, rep
     bare = server_factory(repo_copy, "--prediction-log", str(tmp_path / "bare"), token=TOKEN)
     assert infer(bare, digit_images[0][0], {"X-Request-ID": "unrouted"}).status_code == 200
     assert logged(bare, tmp_path / "bare")["mirrored"].isna().all()
+
+
+def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory, tmp_path):
+    """A queued copy kept its primary's outputs (only to count their rows) beside its inputs,
+    uncounted by the queue's bound: a detector's ``[1, 25200, 85]`` answer is 8.5 MB beside a
+    small input, and 256 copies waiting for a slow shadow held gigabytes under a bound of
+    256 MiB. A copy keeps the primary's row count alone. (A model whose output is 40 MB from
+    64 bytes of input; the shadow takes 20 s a copy: the server's memory does not grow by the
+    outputs of the copies that wait.)"""
+    import json
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scripts.build_models import IR_VERSION, OPSET
+
+    repository = tmp_path / "repository"
+    (repository / "wide" / "1").mkdir(parents=True)
+    repeats = helper.make_tensor("repeats", TensorProto.INT64, [2], [1, 625_000])
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["INPUT0", "repeats"], ["OUTPUT0"])],
+        "wide",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.INT32, ["batch", 16])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.INT32, ["batch", 10_000_000])],
+        [repeats],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tests")
+    model.ir_version = IR_VERSION
+    onnx.save(model, repository / "wide" / "1" / "model.onnx")
+    config = {
+        "name": "wide",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 1,
+        "input": [{"name": "INPUT0", "datatype": "INT32", "dims": [-1, 16]}],
+        "output": [{"name": "OUTPUT0", "datatype": "INT32", "dims": [-1, 10_000_000]}],
+    }
+    (repository / "wide" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(repository / "wide" / "1", repository / "wide" / "2")
+    s = server_factory(repository, "--shadow-workers", "1", token=TOKEN)
+    s.load_versions("wide", 1, 2)
+    mirror_all = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+    r = requests.put(f"{s.http}/v2/models/wide/traffic", json=mirror_all, headers=s.admin, timeout=30)
+    assert r.status_code == 200, r.text
+    r = requests.put(
+        f"{s.http}/v2/models/wide/versions/2/fault", json={"delay": {"ms": 20_000}}, headers=s.admin, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    tensor = np.arange(16, dtype=np.int32).reshape(1, 16).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "parameters": {"binary_data_size": 64}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+
+    def send() -> None:
+        r = requests.post(
+            f"{s.http}/v2/models/wide/infer",
+            data=header + tensor,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text[:200]
+        assert len(r.content) > 40_000_000
+
+    def rss() -> int:
+        status = Path(f"/proc/{s.proc.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+    for _ in range(3):  # (the first copy runs, for 20 s; the allocator and the caches settle)
+        send()
+    before = rss()
+    for _ in range(12):
+        send()
+    assert not s.metric("shadow_requests_total", model="wide", version="2", outcome="dropped")
+    assert rss() - before < 160_000_000  # 12 outputs held: 480 MB
