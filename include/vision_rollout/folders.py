@@ -97,12 +97,14 @@ class Folder:
         (``.<name>.lock``, never deleted; a killed writer's lock goes with its process), so of
         two writers of what they both read, one writes and the other gets WriteConflict. In S3
         the file is read again with its ETag and put only if it is still that one (``If-Match``,
-        ``If-None-Match: *`` for one absent): the same, whatever the machines. In GCS it is read
+        ``If-None-Match: *`` for one absent), once the store is known to refuse such a PUT
+        whose condition does not hold (``check_conditional``): the same, whatever the machines. In GCS it is read
         again just before its PUT, which has no condition there (pyarrow's): a writer whose PUT
         lands between that read and this one is not seen. On a disk the temporary files that
         writes of ``name`` killed mid-way left are removed (every writer of a file written so
         goes through here: none is writing it meanwhile)."""
         _check_name(name)
+        self.check_conditional()
         where = self._location(name) if self.path is None else self.path / name
         with self._guard(name):
             try:
@@ -121,6 +123,19 @@ class Folder:
             if not objects.put_if(s3, key, data, etag) and not self._holds(s3, key, data):
                 raise WriteConflict(f"{where} changed since it was read (by a write landing just before this one)")
             return str(where)
+
+    def check_conditional(self) -> None:
+        """In S3, ``objects.ConditionsIgnored`` (an OSError naming the store) unless the store
+        refuses a PUT whose ``If-Match`` or ``If-None-Match`` does not hold, as ``write_if``
+        needs: a store that ignores them (answering 200) lets two writers both win, unseen.
+        Probed once per process and store, under the folder's URI (``objects.require_conditions``).
+        Nothing on a disk (``flock``) or in GCS (best effort, as ``write_if`` says)."""
+        if not self._s3():
+            return
+        from vision_rollout import objects
+
+        fs, root = filesystem(self.uri)
+        objects.require_conditions(objects.client(self.uri, fs.region), root)
 
     @staticmethod
     def _holds(s3: object, key: str, data: bytes) -> bool:

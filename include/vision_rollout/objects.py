@@ -12,8 +12,11 @@ pod's web identity, the instance's role): none is in the URI (``folder_problem``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -21,6 +24,16 @@ from urllib.parse import parse_qsl, urlsplit
 # (the object read was deleted since), 409 (S3's ConditionalRequestConflict: a write of it
 # racing this one).
 CONFLICTS = ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
+NO_ETAG = '"00000000000000000000000000000000"'  # (an ETag no object the probe puts has)
+PROBED_MAX = 256  # stores (endpoint, bucket, prefix) a process remembers honouring conditions
+_probed: dict[tuple[str, str, str], None] = {}
+_probed_lock = threading.Lock()
+
+
+class ConditionsIgnored(OSError):
+    """The store wrote a PUT whose ``If-Match`` or ``If-None-Match`` did not hold: it does not
+    honour S3's conditional writes (an older MinIO or Ceph RGW, some gateways), so two writers
+    of one file would both win."""
 
 
 @functools.cache
@@ -81,6 +94,56 @@ def put_if(s3: Any, path: str, data: bytes, etag: str | None) -> bool:
     except BotoCoreError as exc:
         raise OSError(f"writing {path!r}: {exc}") from None
     return True
+
+
+def require_conditions(s3: Any, prefix: str) -> None:
+    """Nothing when the store behind ``s3`` refuses conditional PUTs whose condition does not
+    hold, under ``prefix`` (``bucket/key prefix``); ConditionsIgnored, naming the store and
+    what it lacks, when it writes them (answering 200, as a store ignoring the headers does);
+    OSError when it cannot be probed. Probed by an object of its own under ``prefix`` (put,
+    then put again with a wrong ``If-Match`` and with ``If-None-Match: *``, then deleted), once
+    per process and store: a verdict that it honours them is kept (``PROBED_MAX`` stores, the
+    oldest forgotten first), a refusal probed again at the next use."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, root = prefix.partition("/")
+    seen = (str(s3.meta.endpoint_url), bucket, root)
+    if seen in _probed:
+        return
+    where = f"the object store at {s3.meta.endpoint_url} (bucket {bucket[:80]!r})"
+    key = "/".join(p for p in (root.strip("/"), f".conditional-put-probe-{uuid.uuid4().hex}") if p)
+    lacks: list[str] = []
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"probe")
+        for header, condition in (
+            ("If-Match", {"IfMatch": NO_ETAG}),
+            ("If-None-Match: *", {"IfNoneMatch": "*"}),
+        ):
+            try:
+                s3.put_object(Bucket=bucket, Key=key, Body=b"probe written", **condition)
+                lacks.append(header)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status not in (409, 412):
+                    raise OSError(
+                        f"{where} answered a PUT whose {header} did not hold with {status} {_code(exc)}, not "
+                        "S3's 412: its conditional writes, which the stage records rely on, are not known to hold"
+                    ) from None
+    except (BotoCoreError, ClientError) as exc:
+        raise OSError(f"probing {where} for conditional writes: {exc}") from None
+    finally:
+        with contextlib.suppress(BotoCoreError, ClientError):
+            s3.delete_object(Bucket=bucket, Key=key)
+    if lacks:
+        raise ConditionsIgnored(
+            f"{where} wrote a PUT whose {' and one whose '.join(lacks)} did not hold: it ignores S3's "
+            "conditional writes, so two writers of a stage's record would both win. Use a store that "
+            "honours them (AWS S3, a current MinIO or Ceph RGW), or a run_dir on a disk every worker mounts"
+        )
+    with _probed_lock:
+        _probed[seen] = None
+        while len(_probed) > PROBED_MAX:
+            del _probed[next(iter(_probed))]
 
 
 def _code(exc: Any) -> str:

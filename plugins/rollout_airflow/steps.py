@@ -28,6 +28,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
 from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy, held_record
+from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
     HELD,
     MAX_PRUNED,
@@ -197,7 +198,9 @@ def build_image(params: dict[str, Any], run_id: str, last_try: bool = True) -> d
 
 
 def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Take the model's lease (one rollout of a model at a time); check where the run starts
+    """Check that the run folder's store keeps the stage records' conditional writes
+    (``Folder.check_conditional``: an S3 store that ignores them refused, nothing touched); take
+    the model's lease (one rollout of a model at a time); check where the run starts
     (``start_from_steady``); verify the candidate before any traffic; then, in local mode, load it
     beside the baseline; in kubernetes mode (mesh ``istio``), plan its image build (``build``: run
     by ``buildkit_build``). It fails giving the model back, whatever failed it (a refusal, a bug, a
@@ -209,6 +212,10 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
 
     hook = serving()
     lock = hook.model_lock(spec.model, spec.mesh)
+    try:
+        hook.settings.workdir(spec.model, run_id).check_conditional()
+    except ConditionsIgnored as exc:
+        raise AirflowFailException(f"run_dir: {exc}. This run touched nothing.") from None
     before = lock.holding()
     try:
         taken = lock.acquire(run_id)

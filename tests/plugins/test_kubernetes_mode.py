@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+import uuid
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -765,6 +766,29 @@ def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(flee
     assert routes(fleet, "mnist") == [("v1", 90), ("v2", 10)]  # the other model's rollout goes on
     steps.build_image(PARAMS, "run-b")
     assert lease(fleet, "digits")["spec"]["holderIdentity"] == "run-b"
+
+
+def test_a_run_whose_run_dir_ignores_conditional_writes_is_refused_before_touching_anything(fleet, s3, monkeypatch):
+    """A run_dir in an S3 store that ignores ``If-Match`` and ``If-None-Match`` (an older MinIO,
+    some gateways) let two writers of a stage's record both win, unseen, and the rollout ran on.
+    Its first task now refuses the run naming the store and what it ignores: no lease taken,
+    nothing written to the cluster."""
+    from tests.support.s3proxy import s3_proxy
+
+    connection = json.loads(os.environ["AIRFLOW_CONN_MODEL_SERVER_DEFAULT"])
+    with s3_proxy(s3.port) as proxy:
+        proxy.ignore_conditions = True
+        connection["extra"]["run_dir"] = proxy.uri(s3.bucket, uuid.uuid4().hex[:12])
+        monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(connection))
+        before = len(fleet.requests)
+        with pytest.raises(
+            AirflowFailException,
+            match=rf"run_dir: the object store at http://127.0.0.1:{proxy.port} .* ignores S3's conditional "
+            r"writes.*This run touched nothing",
+        ):
+            steps.build_image(PARAMS, "run-a")
+    assert changes(fleet, before) == []
+    assert lease(fleet, "digits") is None
 
 
 def test_a_run_whose_lease_was_taken_over_stops_before_touching_anything(fleet):

@@ -1,6 +1,7 @@
 """A pass-through HTTP proxy on loopback in front of the S3 API (moto's server): it records what
 each request carried and lets a test act before one is forwarded (another writer's PUT landing
-first) or answer it in the store's stead; stopped when the test ends."""
+first) or answer it in the store's stead, or stand in for a store that ignores conditional
+PUTs (``ignore_conditions``); stopped when the test ends."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class Seen:
     headers: dict[str, str]  # lower-cased names
     body: bytes
 
+    def put_of(self, key_end: str) -> bool:
+        """Whether it is a PUT of the key ending in ``key_end``."""
+        return self.method == "PUT" and self.path.split("?")[0].endswith(key_end)
+
 
 @dataclass
 class S3Proxy:
@@ -27,12 +32,15 @@ class S3Proxy:
     # Called with each request before it is forwarded: (status, body) to answer it in the
     # store's stead, None to forward it.
     before: Callable[[Seen], tuple[int, bytes] | None] = lambda _: None
+    # A store that ignores S3's conditional writes (older MinIO and Ceph RGW, some gateways):
+    # ``If-Match`` and ``If-None-Match`` are not forwarded, so a PUT they would refuse is written.
+    ignore_conditions: bool = False
 
     def uri(self, bucket: str, prefix: str) -> str:
         return f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
 
     def puts(self, key_end: str) -> list[Seen]:
-        return [s for s in self.seen if s.method == "PUT" and s.path.split("?")[0].endswith(key_end)]
+        return [s for s in self.seen if s.put_of(key_end)]
 
 
 @contextmanager
@@ -62,7 +70,8 @@ def s3_proxy(upstream_port: int) -> Iterator[S3Proxy]:
                 status, body, headers = answer[0], answer[1], {"Content-Type": "application/xml"}
             else:
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                forwarded = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                dropped = {"transfer-encoding"} | ({"if-match", "if-none-match"} if proxy.ignore_conditions else set())
+                forwarded = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 forwarded["Content-Length"] = str(len(seen.body))
                 conn.request(self.command, self.path, body=seen.body, headers=forwarded)
                 response = conn.getresponse()
