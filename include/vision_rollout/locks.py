@@ -39,10 +39,12 @@ file under the run folder (local mode). Workers' clocks are assumed synchronised
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -58,6 +60,7 @@ LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's leas
 MAX_LEASE_S = 7 * 24 * 3600
 MAX_HOLDER = 253
 MAX_NOTE = 1000  # an abort's reason, a progress note: a sentence, not a log
+MAX_LOCK_BYTES = 65536  # a lock file this lock writes is under 3 KiB: a larger one is read no further
 # How far two workers' clocks may be apart: a lease is taken for dead this long after its expiry.
 CLOCK_SKEW_S = 60
 ABORTED, NOTE = "model-rollout/aborted", "model-rollout/note"  # a Lease's annotations
@@ -304,11 +307,29 @@ class FileLock(CompareAndSwapLock):
                 fcntl.flock(guard, fcntl.LOCK_UN)
 
     def _raw(self) -> str | None:
-        """The file's text (bytes that are not UTF-8 replaced: read as the garbage they are)."""
+        """The file's text (bytes that are not UTF-8 replaced: read as the garbage they are).
+        LockError for what this lock never writes there, not read whole: a link (to /dev/zero),
+        a named pipe (whose read waits for a writer), a folder, a file over ``MAX_LOCK_BYTES``."""
         try:
-            return self.path.read_bytes().decode(errors="replace")
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._unreadable("a link, not a lock file this lock writes") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._unreadable("not a regular file")
+            data = os.read(fd, MAX_LOCK_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(data) > MAX_LOCK_BYTES:
+            raise self._unreadable(f"over {MAX_LOCK_BYTES} bytes")
+        return data.decode(errors="replace")
+
+    def _unreadable(self, why: str) -> LockError:
+        return LockError(f"unreadable lock file {self.path} ({why}); remove it if no rollout runs")
 
     def _read(self) -> tuple[Holding | None, str | None]:
         with self._guarded():
@@ -317,8 +338,10 @@ class FileLock(CompareAndSwapLock):
             return None, None
         try:
             return Holding(**json.loads(raw)), raw
+        except RecursionError:
+            raise self._unreadable("nested deeper than any JSON this lock writes") from None
         except (ValueError, TypeError) as exc:
-            raise LockError(f"unreadable lock file {self.path} ({exc}); remove it if no rollout runs") from None
+            raise self._unreadable(str(exc)) from None
 
     def _create(self, holding: Holding) -> bool:
         with self._guarded():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -291,6 +292,36 @@ def test_an_unreadable_lock_file_is_named(tmp_path, content):
     (tmp_path / "digits.lock").write_text(content)
     with pytest.raises(LockError, match=r"unreadable lock file .*digits\.lock .*remove it if no rollout runs"):
         FileLock("digits", tmp_path).acquire("run-a")
+
+
+@pytest.mark.parametrize(
+    ("make_file", "needle"),
+    [
+        # A JSON nesting deeper than Python's recursion: a RecursionError's traceback.
+        (lambda f: f.write_text("[" * 30_000 + "]" * 30_000), "nested deeper than any JSON this lock writes"),
+        # Read whole: a file of gigabytes, or a link to /dev/zero, read until memory ran out.
+        (lambda f: f.write_bytes(b" " * (1 << 20) + b"{}"), "over 65536 bytes"),
+        (lambda f: f.symlink_to("/dev/zero"), "a link, not a lock file this lock writes"),
+        # A named pipe nobody writes to: the worker hung on its read for good.
+        (lambda f: os.mkfifo(f), "not a regular file"),
+        (lambda f: f.mkdir(), "not a regular file"),
+    ],
+    ids=["deep-json", "huge", "link-to-dev-zero", "fifo", "folder"],
+)
+def test_a_lock_path_that_is_no_lock_file_is_named_without_reading_it_whole(tmp_path, make_file, needle):
+    """What sits at the lock's path is read at most ``MAX_LOCK_BYTES``, as the regular file it
+    must be: anything else is an unreadable lock file, named, whatever the caller (the model
+    refused until it is removed), never a hang, a crash or the worker's memory."""
+    make_file(tmp_path / "digits.lock")
+    for call in (
+        lambda lock: lock.acquire("run-a"),
+        lambda lock: lock.renew("run-a"),
+        lambda lock: lock.release("run-a"),
+    ):
+        with pytest.raises(
+            LockError, match=rf"unreadable lock file .*digits\.lock \(.*{needle}.*remove it if no rollout"
+        ):
+            call(FileLock("digits", tmp_path))
 
 
 def test_a_lock_file_that_could_not_be_written_whole_is_not_left_behind(tmp_path, monkeypatch):
