@@ -54,6 +54,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from vision_rollout.attempts import printable
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
@@ -107,10 +108,14 @@ class Holding:
 
     def __post_init__(self) -> None:
         """ValueError unless each field is of its type and range (a lock file edited, or written
-        by a clock off by centuries: its expiry could not even be shown)."""
+        by a clock off by centuries: its expiry could not even be shown; a holder no run id is,
+        which would go whole into a refusal's line). The mark and the note kept as one line of
+        printable characters: they go into the run's failure and ``rolloutctl status``."""
         times = (self.renewed, self.acquired)
         if not (
             isinstance(self.holder, str)
+            and len(self.holder) <= MAX_HOLDER
+            and self.holder.isprintable()
             and all(_number(t) and 0 <= t <= MAX_EPOCH for t in times)
             and _integer(self.seconds)
             and 0 <= self.seconds <= MAX_LEASE_S
@@ -119,6 +124,8 @@ class Holding:
             and all(isinstance(t, str) and len(t) <= MAX_NOTE for t in (self.aborted, self.note))
         ):
             raise ValueError(f"not a lease: {str(self.__dict__)[:200]}")
+        for name in ("aborted", "note"):
+            object.__setattr__(self, name, printable(getattr(self, name)))
 
     @property
     def expires(self) -> float:
@@ -279,8 +286,10 @@ def held_record(holder: str, holding: Holding | None) -> bytes:
 
 
 def _check(holder: str, seconds: int) -> None:
-    if not isinstance(holder, str) or not 0 < len(holder) <= MAX_HOLDER:
-        raise ValueError(f"a lock holder is a run id of 1 to {MAX_HOLDER} characters, not {str(holder)[:80]!r}")
+    if not isinstance(holder, str) or not 0 < len(holder) <= MAX_HOLDER or not holder.isprintable():
+        raise ValueError(
+            f"a lock holder is a run id of 1 to {MAX_HOLDER} printable characters, not {str(holder)[:80]!r}"
+        )
     if not isinstance(seconds, int) or not 0 < seconds <= MAX_LEASE_S:
         raise ValueError(f"a lease lasts 1 to {MAX_LEASE_S} s, not {seconds!r}")
 

@@ -256,8 +256,8 @@ def test_many_runs_racing_for_a_free_model_one_wins(make):
 @pytest.mark.parametrize(
     ("call", "needle"),
     [
-        (lambda lock: lock.acquire(""), "a lock holder is a run id of 1 to 253 characters"),
-        (lambda lock: lock.acquire("r" * 254), "a lock holder is a run id of 1 to 253 characters"),
+        (lambda lock: lock.acquire(""), "a lock holder is a run id of 1 to 253 printable characters"),
+        (lambda lock: lock.acquire("r" * 254), "a lock holder is a run id of 1 to 253 printable characters"),
         (lambda lock: lock.renew("run-a", seconds=0), "a lease lasts 1 to 604800 s, not 0"),
         (lambda lock: lock.acquire("run-a", seconds=10**9), "a lease lasts 1 to 604800 s"),
     ],
@@ -322,6 +322,61 @@ def test_a_lock_path_that_is_no_lock_file_is_named_without_reading_it_whole(tmp_
             LockError, match=rf"unreadable lock file .*digits\.lock \(.*{needle}.*remove it if no rollout"
         ):
             call(FileLock("digits", tmp_path))
+
+
+def _plant(make: Callable[..., CompareAndSwapLock], kube: Any, **spec: Any) -> CompareAndSwapLock:
+    """A lock whose store holds a lease written by hand (``spec``: holder, renewed, note)."""
+    lock = make()
+    renewed, note = spec.get("renewed", T0), spec.get("note", "")
+    if isinstance(lock, FileLock):
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"holder": spec["holder"], "renewed": renewed, "seconds": LEASE_S, "acquired": renewed}
+        lock.path.write_text(json.dumps({**record, **({"note": note} if note else {})}))
+        return lock
+    assert isinstance(lock, LeaseLock)
+    body = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": lock.name, "annotations": {"model-rollout/note": note} if note else {}},
+        "spec": {
+            "holderIdentity": spec["holder"],
+            "leaseDurationSeconds": LEASE_S,
+            "acquireTime": micro_time(renewed),
+            "renewTime": micro_time(renewed),
+        },
+    }
+    client.CoordinationV1Api(kube[1]).create_namespaced_lease(lock.namespace, body)
+    return lock
+
+
+@pytest.mark.parametrize("holder", ["r" * 20_000, "run-a\n[2026-12-03 17:00:00] INFO - Marking task as SUCCESS"])
+def test_a_lease_whose_holder_no_run_id_is_is_named_unreadable_in_a_bounded_line(make, kube, holder):
+    """A lease written by hand whose holder is 20,000 characters long went whole into the
+    refusal (the task's log, the refused run's Slack report), and one holding a line break
+    into the holder an operator reads; run ids are 1 to ``MAX_HOLDER`` printable characters,
+    so such a lease is unreadable, said in one bounded line."""
+    lock = _plant(make, kube, holder=holder)
+    with pytest.raises(LockError) as refused:
+        lock.acquire("run-b")
+    message = str(refused.value)
+    assert len(message) < 600
+    assert "\n" not in message
+    assert "delete it if no rollout runs" in message or "remove it if no rollout runs" in message
+    with pytest.raises(ValueError, match="a lock holder is a run id of 1 to 253 printable characters"):
+        make().acquire("run-a\x1b[2J")
+
+
+def test_a_leases_abort_reason_and_note_are_one_printable_line_whoever_wrote_them(make, kube):
+    """The abort's reason goes into the run's failure ("the rollout was aborted: <reason>", in
+    the task's log and its report) and the note into ``rolloutctl status``: a line break or a
+    terminal escape in them, from ``rolloutctl abort --reason`` or a lease edited by hand, made
+    lines of their own there. They are kept as one line of printable characters."""
+    lock = _plant(make, kube, holder="run-a", note="stage 2\n\x1b[31mlooks fine")
+    assert lock.holding().note == "stage 2 [31mlooks fine"
+    marked = lock.abort("the candidate\nis\u202ewrong")
+    assert marked.aborted == lock.holding().aborted == "the candidate is wrong"
+    renewed = lock.renew("run-a", note="look 3\r\nok")
+    assert renewed.note == lock.holding().note == "look 3 ok"
 
 
 def test_a_lock_file_that_could_not_be_written_whole_is_not_left_behind(tmp_path, monkeypatch):
