@@ -201,7 +201,14 @@ class CompareAndSwapLock(ABC):
         else:
             raise ModelBusy(f"model {self.model!r} keeps changing hands ({self.where}); try again")
         if current.holder and current.holder != holder and not current.expired(now):
-            raise ModelBusy(f"model {self.model!r} is being rolled out by {current.describe()}; {self.where}")
+            ahead = current.renewed - now
+            skew = (
+                f": its last renewal is stamped {ahead:.0f} s ahead of this worker's clock, and workers' clocks "
+                f"must agree within {CLOCK_SKEW_S} s (NTP); if that run is gone, remove the lease"
+                if ahead > CLOCK_SKEW_S
+                else ""
+            )
+            raise ModelBusy(f"model {self.model!r} is being rolled out by {current.describe()}{skew}; {self.where}")
         if current.holder == holder:
             taken = replace(current, renewed=now, seconds=seconds)
         else:

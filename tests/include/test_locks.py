@@ -253,6 +253,27 @@ def test_many_runs_racing_for_a_free_model_one_wins(make):
     assert make(clock=clock).holding().holder == won[0]
 
 
+def test_a_lease_renewed_on_a_clock_far_ahead_is_refused_naming_the_skew(make):
+    """A holder whose clock ran two hours ahead stamped its renewals two hours in the future: to
+    every other worker the lease ran two hours longer than it should, and the refusal only said
+    "its lease runs to <then>", as for a lease renewed a moment ago (a crashed run's model held
+    for hours, nobody knowing why). The refusal now names the skew, what the workers' clocks are
+    assumed to keep, and the lease to remove once that run is gone."""
+    holder_clock, behind = Clock(), Clock()
+    holder_clock.now = T0 + 7200
+    make(clock=holder_clock).acquire("run-a")
+    with pytest.raises(ModelBusy) as refused:
+        make(clock=behind).acquire("run-b")
+    message = str(refused.value)
+    assert "its last renewal is stamped 7200 s ahead of this worker's clock" in message
+    assert f"within {CLOCK_SKEW_S} s" in message
+    assert make().holding().holder == "run-a"
+    behind.now = holder_clock.now - 30  # within the skew allowed: refused as any live lease
+    with pytest.raises(ModelBusy) as refused:
+        make(clock=behind).acquire("run-b")
+    assert "ahead" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("call", "needle"),
     [
