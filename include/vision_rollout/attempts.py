@@ -229,12 +229,12 @@ def load(folder: Folder, run_id: str, index: int) -> StageRecord:
     read, RecordError for a file that is not this stage's record."""
     name = record_name(run_id, index)
     try:
-        raw = folder.read(name)
+        raw = folder.read(name, MAX_BYTES)
     except FileNotFoundError:
         return StageRecord(run_id, index)
     try:
         if len(raw) > MAX_BYTES:
-            raise ValueError(f"{len(raw)} bytes, over {MAX_BYTES}")
+            raise ValueError(f"over {MAX_BYTES} bytes")
         d = json.loads(raw)
         if not isinstance(d, dict):
             raise ValueError(f"JSON {type(d).__name__}, not an object")

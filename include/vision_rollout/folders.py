@@ -108,7 +108,7 @@ class Folder:
         where = self._location(name) if self.path is None else self.path / name
         with self._guard(name):
             try:
-                now, etag = self._read(name)
+                now, etag = self._read(name, 0 if read is None else len(read))  # (a larger one differs)
             except FileNotFoundError:
                 now, etag = None, None
             self.remove_temporaries(name.__eq__, time.time())  # (writes of it killed mid-way: none runs now)
@@ -144,7 +144,7 @@ class Folder:
         from vision_rollout import objects
 
         try:
-            return objects.get(s3, key)[0] == data
+            return objects.get(s3, key, len(data))[0] == data
         except FileNotFoundError:
             return False
 
@@ -172,24 +172,27 @@ class Folder:
             finally:
                 fcntl.flock(guard, fcntl.LOCK_UN)
 
-    def read(self, name: str) -> bytes:
-        """``name`` in this folder, whole; in S3 as one version of it, read in one GET (a file
-        replaced meanwhile is read as it was, or as it is, never a mix). FileNotFoundError when
-        it is absent."""
-        return self._read(name)[0]
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """``name`` in this folder, whole, or its first ``limit`` bytes and one more (a file
+        larger reads as longer than ``limit``: one of gigabytes dropped there is read no
+        further); in S3 as one version of it, read in one GET (a file replaced meanwhile is read
+        as it was, or as it is, never a mix). FileNotFoundError when it is absent."""
+        return self._read(name, limit)[0]
 
-    def _read(self, name: str) -> tuple[bytes, str | None]:
-        """``name``'s bytes and, in S3, its ETag."""
+    def _read(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
+        """``name``'s bytes (``limit`` and one more at most) and, in S3, its ETag."""
+        size = -1 if limit is None else limit + 1
         path = self.path
         if path is not None:
-            return (path / _check_name(name)).read_bytes(), None
+            with open(path / _check_name(name), "rb") as f:
+                return f.read(size), None
         fs, key = self._key(_check_name(name))
         if self._s3():
             from vision_rollout import objects
 
-            return objects.get(objects.client(self.uri, fs.region), key)
+            return objects.get(objects.client(self.uri, fs.region), key, limit)
         with fs.open_input_stream(key) as f:
-            return bytes(f.read()), None
+            return bytes(f.read(None if limit is None else size)), None
 
     def _s3(self) -> bool:
         return urlsplit(self.uri).scheme == "s3"

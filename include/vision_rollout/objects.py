@@ -60,15 +60,16 @@ def client(uri: str, region: str) -> Any:
     return _client(os.getpid(), endpoint, region, verify)
 
 
-def get(s3: Any, path: str) -> tuple[bytes, str]:
-    """The object at ``path`` (``bucket/key``), whole, and its ETag. FileNotFoundError when it
-    is absent, OSError when it cannot be read."""
+def get(s3: Any, path: str, limit: int | None = None) -> tuple[bytes, str]:
+    """The object at ``path`` (``bucket/key``), whole or its first ``limit`` bytes and one more,
+    and its ETag. FileNotFoundError when it is absent, OSError when it cannot be read."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = path.split("/", 1)
     try:
         got = s3.get_object(Bucket=bucket, Key=key)
-        return got["Body"].read(), got["ETag"]
+        with contextlib.closing(got["Body"]) as body:
+            return body.read() if limit is None else body.read(limit + 1), got["ETag"]
     except ClientError as exc:
         if _code(exc) in ("NoSuchKey", "404"):
             raise FileNotFoundError(f"no object {path!r}") from None

@@ -400,3 +400,45 @@ def test_a_store_answering_a_conditional_put_otherwise_than_412_is_refused_namin
             Folder(proxy.uri(s3.bucket, prefix)).write_if("stage.json", b"two", b"one")
     assert direct.read("stage.json") == b"one"
     assert direct.names() == ["stage.json"]
+
+
+def test_a_read_with_a_limit_reads_no_further_and_a_conditional_write_compares_no_further(root):
+    """A reader that takes no file over ``limit`` (a stage record: 4 MiB) read whatever sat at
+    its name whole, a file of gigabytes dropped there included; so did a conditional write's
+    comparison with what it had read. Both read ``limit`` bytes and one more at most."""
+    from vision_rollout.folders import WriteConflict
+
+    folder = Folder(root) / "rollouts"
+    folder.write("stage.json", b"x" * (1 << 20))
+    assert folder.read("stage.json", 10) == b"x" * 11
+    assert folder.read("stage.json", 1 << 21) == b"x" * (1 << 20)
+    with pytest.raises(WriteConflict, match="changed since it was read"):
+        folder.write_if("stage.json", b"two", b"x" * 10)
+    with pytest.raises(WriteConflict, match="changed since it was read"):
+        folder.write_if("stage.json", b"two", None)
+    folder.write_if("stage.json", b"two", b"x" * (1 << 20))
+    assert folder.read("stage.json") == b"two"
+
+
+def test_a_stage_record_of_gigabytes_is_refused_without_being_read(tmp_path):
+    """A file of 4 GiB at a stage record's name (sparse here) was read whole before its size was
+    judged: a worker limited to 1 GiB of memory died on it (MemoryError). It is refused as not
+    the stage's record, having read 4 MiB and a byte."""
+    import subprocess
+    import sys
+
+    from vision_rollout.attempts import record_name
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with open(folder / record_name("run-a", 0), "wb") as f:
+        f.truncate(4 << 30)
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+        "from vision_rollout import attempts; from vision_rollout.folders import Folder\n"
+        "try:\n    attempts.load(Folder(sys.argv[1]), 'run-a', 0)\n"
+        "except attempts.RecordError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "is not the record of stage 1: over 4194304 bytes" in done.stdout
