@@ -245,15 +245,18 @@ class CompareAndSwapLock(ABC):
     def retake(self, holder: str, record: bytes | None, reason: str) -> Holding | None:
         """The lease taken again by ``holder``, marked aborted for ``reason``, when it was removed
         while ``holder`` held it: nobody holds it, and ``record`` (``held_record``: the holder's
-        own, None when absent) names ``holder`` renewing it, not released, and its renewal not run
-        out on this clock. Other runs take a lease over only once it has run out (and
-        ``CLOCK_SKEW_S`` more on their clocks), so none can have taken this one over and released
-        it meanwhile. None, nothing written, otherwise (a record unreadable, a race lost)."""
+        own, None when absent) names ``holder`` renewing it, not released, and its renewal (a time
+        a ``Holding`` holds, for at most ``MAX_LEASE_S``) not run out on this clock. Other runs
+        take a lease over only once it has run out (and ``CLOCK_SKEW_S`` more on their clocks),
+        so none can have taken this one over and released it meanwhile. None, nothing written, otherwise (a record unreadable, a race lost)."""
         try:
             last = json.loads(record or b"")
-            renewed, seconds = float(last["renewed"]), int(last["seconds"])
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, RecursionError):
             return None
+        renewed: Any = last.get("renewed") if isinstance(last, dict) else None
+        seconds: Any = last.get("seconds") if isinstance(last, dict) else None
+        if not (_number(renewed) and 0 <= renewed <= MAX_EPOCH and _integer(seconds) and 0 < seconds <= MAX_LEASE_S):
+            return None  # (a time that never runs out: NaN, infinity, a lease of centuries)
         now = self.clock()
         if last.get("holder") != holder or last.get("released") or now >= renewed + seconds:
             return None

@@ -199,6 +199,31 @@ def test_a_removed_lease_is_taken_again_only_by_the_run_whose_record_says_it_hel
     assert make(clock=clock).holding().holder == "run-b"
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        b'{"holder": "run-a", "renewed": NaN, "seconds": 60}',
+        b'{"holder": "run-a", "renewed": Infinity, "seconds": 60}',
+        b'{"holder": "run-a", "renewed": 1e400, "seconds": 60}',
+        b'{"holder": "run-a", "renewed": 1790000000.0, "seconds": 1000000000000}',
+        b'{"holder": "run-a", "renewed": 1790000000.0, "seconds": "60"}',
+        b"[" * 30_000 + b"]" * 30_000,
+    ],
+    ids=["nan", "infinity", "overflow", "seconds-huge", "seconds-text", "deep-json"],
+)
+def test_a_record_that_no_renewal_wrote_takes_no_lease_again(make, record):
+    """``retake`` trusts the run's record only for a renewal that has not run out: one whose
+    time never runs out (NaN, infinity, a lease of 30,000 years) took the lease again however
+    long ago its last renewal was, when another run could have taken it over and ended; a JSON
+    nesting deeper than Python's recursion was a RecursionError in the step. Refused (None),
+    nothing written."""
+    clock = Clock()
+    lock = make(clock=clock)
+    clock.now += 10 * 365 * 86400
+    assert lock.retake("run-a", record, "removed") is None
+    assert lock.holding() is None
+
+
 def test_only_the_holder_releases(make):
     lock = make()
     lock.acquire("run-a")
