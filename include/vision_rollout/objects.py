@@ -62,13 +62,16 @@ def client(uri: str, region: str) -> Any:
 
 def get(s3: Any, path: str, limit: int | None = None) -> tuple[bytes, str]:
     """The object at ``path`` (``bucket/key``), whole or its first ``limit`` bytes and one more,
-    and its ETag. FileNotFoundError when it is absent, OSError when it cannot be read."""
+    and its ETag. FileNotFoundError when it is absent, OSError when it cannot be read or comes
+    without its ETag (a conditional write of it could not name what it read)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = path.split("/", 1)
     try:
         got = s3.get_object(Bucket=bucket, Key=key)
         with contextlib.closing(got["Body"]) as body:
+            if not got.get("ETag"):
+                raise OSError(f"reading {path!r}: the store at {s3.meta.endpoint_url} answered without an ETag")
             return body.read() if limit is None else body.read(limit + 1), got["ETag"]
     except ClientError as exc:
         if _code(exc) in ("NoSuchKey", "404"):

@@ -442,3 +442,22 @@ def test_a_stage_record_of_gigabytes_is_refused_without_being_read(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-500:]
     assert "is not the record of stage 1: over 4194304 bytes" in done.stdout
+
+
+def test_a_store_that_sends_no_etag_is_named_not_a_crash(s3):
+    """A conditional write needs the ETag of what it read: a store (or a proxy) that sends none
+    made every read of a stage record a KeyError: 'ETag' in the poke. It is an OSError naming
+    the object and what the store left out, nothing written."""
+    from tests.support.s3proxy import s3_proxy
+
+    prefix = s3.uri().split("?")[0].rsplit("/", 1)[1]
+    direct = Folder(s3.uri(prefix))
+    direct.write("stage.json", b"one")
+    with s3_proxy(s3.port) as proxy:
+        proxy.drop_response_headers = ("etag",)
+        ours = Folder(proxy.uri(s3.bucket, prefix))
+        with pytest.raises(OSError, match=r"stage\.json.*answered without an ETag"):
+            ours.read("stage.json")
+        with pytest.raises(OSError, match=r"stage\.json.*answered without an ETag"):
+            ours.write_if("stage.json", b"two", b"one")
+    assert direct.read("stage.json") == b"one"

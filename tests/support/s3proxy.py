@@ -35,6 +35,8 @@ class S3Proxy:
     # A store that ignores S3's conditional writes (older MinIO and Ceph RGW, some gateways):
     # ``If-Match`` and ``If-None-Match`` are not forwarded, so a PUT they would refuse is written.
     ignore_conditions: bool = False
+    # Response headers not passed back (lower-cased): a store that sends no ETag.
+    drop_response_headers: tuple[str, ...] = ()
 
     def uri(self, bucket: str, prefix: str) -> str:
         return f"s3://{bucket}/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
@@ -76,9 +78,8 @@ def s3_proxy(upstream_port: int) -> Iterator[S3Proxy]:
                 conn.request(self.command, self.path, body=seen.body, headers=forwarded)
                 response = conn.getresponse()
                 status, body = response.status, response.read()
-                headers = {
-                    k: v for k, v in response.getheaders() if k.lower() not in ("transfer-encoding", "connection")
-                }
+                dropped = ("transfer-encoding", "connection", *proxy.drop_response_headers)
+                headers = {k: v for k, v in response.getheaders() if k.lower() not in dropped}
                 conn.close()
             self.send_response(status)
             for k, v in headers.items():
