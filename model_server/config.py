@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_server.errors import InvalidInput, shown
+from model_server.files import open_regular
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
@@ -719,7 +720,7 @@ def load_config(
     where = f"{model_dir.name}/config.json"
     _confined(model_dir, path, f"model '{model_dir.name}': {where}")
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:  # (a FIFO held the load in its open)
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise InvalidInput(f"model '{model_dir.name}': {where} is missing") from None

@@ -2,16 +2,70 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from model_server.errors import StateNotSaved
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+
+
+class NotAFile(OSError):
+    """A path to read that is no regular file: a folder, a FIFO, a device or a socket."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` open for reading, when it is a regular file (through links); NotAFile naming what
+    it is otherwise. Opened without blocking and checked on the open file: a FIFO nobody writes
+    (a shell's ``<(...)``, a named pipe) or a terminal held its reader in ``open`` or ``read`` for
+    ever, and a device such as /dev/null read as an empty file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotAFile(errno.EINVAL, f"not a file ({_kind(mode)})", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path, limit: int) -> bytes:
+    """A regular file's bytes (``open_regular``); ValueError when it holds more than ``limit``."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes: not the file meant")
+    return data
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is no file to read ("no such file", "not a file (a FIFO)"), or None: the
+    check of an argument, before it is opened (``open_regular`` checks again)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if stat.S_ISREG(mode) else f"not a file ({_kind(mode)})"
 
 
 def write_private(path: Path, data: bytes | memoryview) -> None:

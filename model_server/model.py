@@ -50,6 +50,7 @@ from model_server.errors import (
     ServerError,
     shown,
 )
+from model_server.files import open_regular
 from model_server.metrics import VersionMetrics
 from model_server.preprocess import check_pixels, images_to_features
 from model_server.protocol import InferInput
@@ -104,7 +105,7 @@ def read_model(path: Path) -> bytes:
     a hash and a load by name served bytes no digest described). InvalidInput for a file over
     ``MAX_MODEL_BYTES`` (refused before reading it) or one that cannot be read."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:  # (a FIFO held the load, or verify-model, in its open)
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MODEL_BYTES:
                 raise InvalidInput(

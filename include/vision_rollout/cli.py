@@ -187,16 +187,12 @@ def _lock_dir(text: str) -> Path:
     return path
 
 
-def _no_file(path: Path) -> str:
-    """Why ``path`` is no file to read: it is not there, or is a folder or a device."""
-    return "not a file (a folder or a device)" if path.exists() else "no such file"
-
-
 def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{_no_file(path)}: {text[:200]!r}")
-    return path
+    from model_server.files import file_problem
+
+    if problem := file_problem(text):
+        raise argparse.ArgumentTypeError(f"{problem}: {text[:200]!r}")
+    return Path(text)
 
 
 MAX_TOKEN_BYTES = 64 * 1024
@@ -204,13 +200,12 @@ MAX_JSON_BYTES = 4 * 1024 * 1024  # a spec or a policy is a few hundred bytes
 
 
 def _read_text(path: Path, limit: int) -> str:
-    """The file's text; ValueError when it holds more than ``limit`` bytes (a wrong file, a
-    device such as /dev/zero: read whole, it filled the memory)."""
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit} bytes: not the file meant")
-    return data.decode()
+    """The file's text; ValueError when it holds more than ``limit`` bytes (a wrong file: read
+    whole, it filled the memory), NotAFile (an OSError) when it is no regular file (a FIFO held
+    the command in its open for ever)."""
+    from model_server.files import read_regular
+
+    return read_regular(path, limit).decode()
 
 
 def _token(path: Path | None) -> str | None:
@@ -243,14 +238,18 @@ def _model(text: str) -> str:
 def _read_samples(path: Path) -> Any:
     import pandas as pd
 
-    if not path.is_file():
-        raise UsageError(f"{path}: {_no_file(path)}")
+    from model_server.files import file_problem, open_regular
+
+    if problem := file_problem(path):
+        raise UsageError(f"--samples {path}: {problem}")
     if path.suffix not in (".csv", ".parquet"):
-        raise UsageError(f"{path}: samples must be .csv or .parquet")
+        raise UsageError(f"--samples {path}: samples must be .csv or .parquet")
     try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        with open_regular(path) as f:
+            return pd.read_parquet(f) if path.suffix == ".parquet" else pd.read_csv(f)
     except (OSError, ValueError) as exc:  # (pandas' and pyarrow's parse errors are ValueErrors)
-        raise UsageError(f"{path}: cannot be read as samples: {getattr(exc, 'strerror', None) or exc}") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"--samples {path}: cannot be read as samples: {why}") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -263,23 +262,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _json_file(path: Path) -> Any:
+def _json_file(flag: str, path: Path) -> Any:
+    """The JSON of the file argument ``flag``; a usage error naming it when it cannot be read."""
     try:
         return json.loads(_read_text(path, MAX_JSON_BYTES), object_pairs_hook=_unique_keys)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise UsageError(f"{flag} {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except RecursionError:
-        raise UsageError(f"{path}: nested too deep to read") from None
+        raise UsageError(f"{flag} {path}: nested too deep to read") from None
 
 
 def _policy(path: Path) -> Any:
     from model_server.traffic import PolicyError, TrafficPolicy
 
-    raw = _json_file(path)
+    raw = _json_file("--policy", path)
     try:
         return TrafficPolicy.from_dict(raw)
     except PolicyError as exc:
-        raise UsageError(f"{path}: invalid policy: {exc}") from None
+        raise UsageError(f"--policy {path}: invalid policy: {exc}") from None
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -704,11 +704,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vision_rollout.metrics import PrometheusSource
     from vision_rollout.spec import RolloutSpec, SpecError
 
-    raw = _json_file(args.spec)
+    raw = _json_file("--spec", args.spec)
     try:
         spec = RolloutSpec.from_dict(raw)
     except SpecError as exc:
-        raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
+        raise UsageError(f"--spec {args.spec}: invalid spec: {exc}") from None
     if spec.mesh != "local":
         raise UsageError("rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow")
     if not args.prometheus and not args.no_hard_guards:
@@ -1150,9 +1150,9 @@ def cmd_abort(args: argparse.Namespace) -> int:
     from vision_rollout.spec import RolloutSpec, SpecError
 
     try:
-        spec = RolloutSpec.from_dict(_json_file(args.spec))
+        spec = RolloutSpec.from_dict(_json_file("--spec", args.spec))
     except SpecError as exc:
-        raise UsageError(f"{args.spec}: invalid spec: {exc}") from None
+        raise UsageError(f"--spec {args.spec}: invalid spec: {exc}") from None
     if spec.mesh != ("istio" if args.namespace else "local"):
         raise UsageError(
             f"the spec's mesh is {spec.mesh}: its lock is "

@@ -9,12 +9,15 @@ the result is the gate's paired samples (``arm``, ``latency_ms``, ``error``, ``c
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from model_server.files import open_regular
 
 
 def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
@@ -24,7 +27,8 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
     class would give the first classes alone. A row naming a file outside the folder, or
     without an integer label, is refused with its line."""
     rows: list[tuple[str, int]] = []
-    with (folder / "labels.csv").open(newline="") as f:
+    # (each opened as a regular file: a FIFO among them held the rollout in its open for ever)
+    with io.TextIOWrapper(open_regular(folder / "labels.csv"), newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             name, label = row.get("file") or "", row.get("label") or ""
             if Path(name).name != name or name in {"", ".", ".."} or not label.strip().isdigit():
@@ -36,7 +40,12 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
     if limit is not None and limit < len(rows):
         drawn = np.sort(np.random.default_rng(0).choice(len(rows), size=max(limit, 0), replace=False))
         rows = [rows[i] for i in drawn]
-    return [(name, (folder / name).read_bytes(), label) for name, label in rows]
+    return [(name, _read(folder / name), label) for name, label in rows]
+
+
+def _read(path: Path) -> bytes:
+    with open_regular(path) as f:
+        return f.read()
 
 
 def replay(

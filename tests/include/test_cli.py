@@ -477,7 +477,7 @@ def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsy
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000)
     code, _, err = run(capsys, "mesh", "render", "--backend", "local", "--policy", str(deep))
-    assert (code, err.strip()) == (2, f"rolloutctl mesh: {deep}: nested too deep to read")
+    assert (code, err.strip()) == (2, f"rolloutctl mesh: --policy {deep}: nested too deep to read")
 
 
 @pytest.mark.parametrize(
@@ -545,7 +545,7 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
     assert (code, out) == (2, "")
     assert "no such file" in err
     # A mistyped candidate, or a folder, likewise: it was "FAILED: ... sha256  (0 bytes) on ", exit 1.
-    for mistyped, why in ((tmp_path / "typo.onnx", "no such file"), (tmp_path, "not a file (a folder or a device)")):
+    for mistyped, why in ((tmp_path / "typo.onnx", "no such file"), (tmp_path, "not a file (a folder)")):
         code, out, err = run(capsys, "verify-model", str(mistyped))
         assert (code, out) == (2, "")
         assert f"{why}: {str(mistyped)!r}" in err
@@ -614,15 +614,94 @@ def test_a_samples_or_model_path_that_is_no_readable_file_is_named_as_such(tmp_p
     (tmp_path / "empty.csv").write_text("")
     for argv, words in (
         (["gate", "--samples", str(tmp_path / "dir.csv")], f"{tmp_path / 'dir.csv'}: not a file (a folder"),
-        (["gate", "--samples", "/dev/zero"], "/dev/zero: not a file (a folder or a device)"),
+        (["gate", "--samples", "/dev/zero"], "/dev/zero: not a file (a device)"),
         (["gate", "--samples", str(tmp_path / "bin.csv")], f"{tmp_path / 'bin.csv'}: cannot be read as samples"),
         (["gate", "--samples", str(tmp_path / "empty.csv")], f"{tmp_path / 'empty.csv'}: cannot be read as samples"),
-        (["verify-model", "/dev/null"], "not a file (a folder or a device): '/dev/null'"),
+        (["verify-model", "/dev/null"], "not a file (a device): '/dev/null'"),
     ):
         code, out, err = run(capsys, *argv)
         assert (code, out) == (2, ""), err
         assert words in err
         assert "no such file" not in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_a_file_argument_that_is_a_fifo_a_folder_or_a_device_is_refused_naming_it(tmp_path, capsys, kind):
+    """A spec, a policy or a token file that was a FIFO (a shell's process substitution, a named
+    pipe nobody writes) hung the command in its open for ever; a folder or a device (/dev/null)
+    was read as an empty file, or said "Is a directory" without the argument. Each file argument
+    now refuses what is not a regular file at once, naming the argument and what the path is."""
+    import os
+    import threading
+
+    bad = tmp_path / "bad"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    elif kind == "folder":
+        bad.mkdir()
+    else:
+        bad.symlink_to("/dev/null")
+    valid = tmp_path / "valid"
+    (valid / "labels.csv").parent.mkdir()
+    (valid / "labels.csv").write_text("file,label\n")
+    no_labels = tmp_path / "validation"
+    no_labels.mkdir()
+    (no_labels / "labels.csv").symlink_to(bad)
+    (tmp_path / "log").mkdir()
+    (tmp_path / "locks").mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+    url = "http://127.0.0.1:9"
+    run_args = ["--url", url, "--prediction-log", str(tmp_path / "log"), "--no-hard-guards"]
+    cases = [
+        (["run", "--spec", "{bad}", "--validation", str(valid), *run_args], "--spec"),
+        (["run", "--spec", str(spec), "--validation", str(valid), *run_args, "--token-file", "{bad}"], "--token-file"),
+        (["run", "--spec", str(spec), "--validation", str(no_labels), *run_args], "--validation"),
+        (["abort", "--spec", "{bad}", "--lock-dir", str(tmp_path / "locks"), "--url", url], "--spec"),
+        (["mesh", "render", "--backend", "local", "--policy", "{bad}"], "--policy"),
+        (
+            ["mesh", "get", "--backend", "local", "--url", url, "--model", "digits", "--token-file", "{bad}"],
+            "--token-file",
+        ),
+        (
+            [
+                "status",
+                "--model",
+                "digits",
+                "--lock-dir",
+                str(tmp_path / "locks"),
+                "--url",
+                url,
+                "--token-file",
+                "{bad}",
+            ],
+            "--token-file",
+        ),
+        (["outbox", "send", "--outbox", str(tmp_path), "--token-file", "{bad}"], "--token-file"),
+        (["gate", "--samples", "{bad}"], "--samples"),
+        (["verify-model", "{bad}"], "argument path"),
+        (["verify-model", str(spec), "--baseline", "{bad}"], "--baseline"),
+    ]
+    for argv, flag in cases:
+        answer: dict = {}
+        argv = [a.replace("{bad}", str(bad)) for a in argv]
+        worker = threading.Thread(target=lambda a=argv, into=answer: into.update(code=main(a)), daemon=True)
+        worker.start()
+        worker.join(30)
+        hung = worker.is_alive()
+        if hung:  # blocked opening the FIFO: a writer lets it go, then the test fails
+            os.close(os.open(bad, os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(30)
+        out = capsys.readouterr()
+        assert not hung, argv
+        assert (answer["code"], out.out) == (2, ""), (argv, out.err)
+        last = out.err.strip().splitlines()[-1]
+        assert flag in last, (argv, last)
+        what = {"fifo": "a FIFO", "folder": "a folder", "device": "a device"}[kind]
+        assert f"not a file ({what})" in last, (argv, last)
+        assert "Traceback" not in out.err
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
