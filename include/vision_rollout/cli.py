@@ -918,8 +918,6 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     from vision_rollout.notify import REFUSED, drop_report, one_line, restore_refused, send_waiting, waiting_reports
 
     _found("--outbox", args.outbox)
-    if args.names and not (args.action == "drop" or args.retry_refused):
-        raise UsageError("report names are drop's, or send --retry-refused's")
     if args.action == "list":
         found = [w.to_dict() for w in waiting_reports(args.outbox)]
         if args.json:
@@ -939,16 +937,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             )
         return 0
     if args.action == "drop":
-        if not args.names:
-            raise UsageError("drop needs the name of a report (as outbox list shows it)")
         for name in args.names:
             try:
                 print(f"dropped {_shown(drop_report(args.outbox, name))}")
             except (ValueError, FileNotFoundError) as exc:
                 raise UsageError(str(exc)) from None
         return 0
-    if args.token_file is None:
-        raise UsageError("send needs --token-file, a file holding the Slack bot token")
     token = _token(args.token_file)
     assert token is not None
     if re.search(r"[^\x21-\x7e]", token):  # (http.client's refusal of such a header quotes it)
@@ -962,9 +956,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         raise UsageError(f"--budget-s: 0 to 3600, not {args.budget_s:g}")
     client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)
     retried: list[str] = []
-    if args.retry_refused:
+    if args.retry_refused is not None:  # (no name: every report set aside)
         try:
-            retried = restore_refused(args.outbox, args.names)
+            retried = restore_refused(args.outbox, args.retry_refused)
         except FileNotFoundError as exc:
             raise UsageError(str(exc)) from None
     found = [n for n in args.outbox.names() if n.endswith(".json")]
@@ -1431,23 +1425,30 @@ def parser() -> argparse.ArgumentParser:
     from vision_rollout.settings import SEND_BUDGET_S
 
     o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, send them, or drop one")
-    o.add_argument("action", choices=["list", "send", "drop"])
-    o.add_argument("names", nargs="*", metavar="NAME", help="reports (as list shows them): drop's, --retry-refused's")
-    o.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
-    o.add_argument("--token-file", type=Path, help="a file holding the Slack bot token (send)")
-    o.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
-    o.add_argument(
+    box = _Parser(add_help=False)
+    box.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
+    actions = o.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[box], help="the reports waiting, and those set aside").add_argument(
+        "--json", action="store_true"
+    )
+    send = actions.add_parser("send", parents=[box], help="each waiting report to Slack")
+    send.add_argument("--token-file", type=Path, required=True, help="a file holding the Slack bot token")
+    send.add_argument("--slack-url", type=_slack_url, help="Slack's Web API base URL (default https://slack.com/api/)")
+    send.add_argument(
         "--budget-s",
         type=float,
         default=SEND_BUDGET_S,
-        help=f"start no report after this many seconds, the rest left waiting (send; default {SEND_BUDGET_S:g})",
+        help=f"start no report after this many seconds, the rest left waiting (default {SEND_BUDGET_S:g})",
     )
-    o.add_argument(
+    send.add_argument(
         "--retry-refused",
-        action="store_true",
-        help="send: first put back the reports set aside in refused/ (those named, else all): the channel fixed",
+        nargs="*",
+        metavar="NAME",
+        help="first put back the reports set aside in refused/ (those named, else all): the channel fixed",
     )
-    o.add_argument("--json", action="store_true")
+    send.add_argument("--json", action="store_true")
+    drop = actions.add_parser("drop", parents=[box], help="reports removed for good")
+    drop.add_argument("names", nargs="+", metavar="NAME", help="reports, as list shows them")
     o.set_defaults(func=cmd_outbox)
     st = sub.add_parser("status", help="the rollout holding a model: its lease, its last word, the routes")
     st.add_argument("--model", type=_model, required=True)
@@ -1570,12 +1571,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     try:
-        args, extra = p.parse_known_args(argv)
-        # (argparse takes a command's positionals in one go: outbox's report names after its options)
-        if extra and isinstance(getattr(args, "names", None), list) and not any(e.startswith("-") for e in extra):
-            args.names += extra
-        elif extra:
-            p.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = p.parse_args(argv)
     except SystemExit as exc:  # --help
         return USAGE if exc.code else 0
     except _ArgumentsRefused as exc:  # argparse's own usage errors, after its usage line

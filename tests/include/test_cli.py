@@ -88,6 +88,67 @@ def test_help_shows_every_command(capsys):
     assert [c for c in commands if f"rolloutctl {c} " not in text] == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gate", "--samples", "s.csv"],
+        ["audit", "--prediction-log", "{tmp}"],
+        ["mesh", "render", "--backend", "local"],
+        ["verify-model", "{tmp}/m.onnx"],
+        ["run", "--spec", "s.json", "--url", "http://127.0.0.1:9", "--validation", "v", "--prediction-log", "{tmp}"],
+        ["outbox", "list", "--outbox", "{tmp}"],
+        ["outbox", "send", "--outbox", "{tmp}", "--token-file", "t"],
+        ["outbox", "drop", "--outbox", "{tmp}", "a.json"],
+        ["status", "--model", "digits", "--lock-dir", "{tmp}"],
+        ["abort", "--spec", "s.json", "--lock-dir", "{tmp}"],
+        ["prune", "--run-dir", "{tmp}"],
+        ["restart-stage", "--run-dir", "{tmp}", "--model", "m", "--run-id", "r", "--stage", "1", "--reason", "x"],
+    ],
+)
+def test_an_unknown_option_is_argparses_usage_error_naming_only_it(tmp_path, capsys, argv):
+    """Options were read with ``parse_known_args`` and what was left over taken for outbox's
+    report names: ``outbox drop --outbox D a.json --bogus`` said "unrecognized arguments: a.json
+    --bogus", blaming the report's name. Each command now refuses an unknown option as argparse
+    does, naming it alone, exit 2, and with --json as one JSON object."""
+    from vision_rollout.cli import parser
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if hasattr(parser().parse_args(argv), "json"):
+        code, out, err = run(capsys, *argv, "--bogus", "--json")
+        assert json.loads(out) == {"error": "unrecognized arguments: --bogus", "exit": 2}
+    else:
+        code, out, err = run(capsys, *argv, "--bogus")
+        assert out == ""
+    assert code == 2, err
+    assert err.startswith("usage: rolloutctl ")
+    assert err.strip().splitlines()[-1] == "rolloutctl: error: unrecognized arguments: --bogus"
+
+
+def test_outbox_report_names_are_taken_where_the_documented_command_lines_put_them(tmp_path, capsys):
+    """``outbox drop NAME ... --outbox DIR`` and ``--outbox DIR NAME ...``, a name that starts with
+    a dash after ``--``; ``send --retry-refused [NAME ...]``; a name given to list refused."""
+    from vision_rollout.notify import REFUSED
+
+    outbox = tmp_path / "outbox"
+    (outbox / REFUSED).mkdir(parents=True)
+    for name in ("a.json", "b.json", "-c.json"):
+        (outbox / REFUSED / name).write_text(json.dumps({"channel": "#c", "text": name}))
+    code, out, err = run(capsys, "outbox", "drop", "a.json", "--outbox", str(outbox))
+    assert (code, out) == (0, f"dropped {REFUSED}/a.json\n"), err
+    code, out, err = run(capsys, "outbox", "drop", "--outbox", str(outbox), "--", "b.json", "-c.json")
+    assert (code, out) == (0, f"dropped {REFUSED}/b.json\ndropped {REFUSED}/-c.json\n"), err
+    code, _, err = run(capsys, "outbox", "drop", "--outbox", str(outbox))
+    assert code == 2
+    assert "the following arguments are required: NAME" in err
+    code, _, err = run(capsys, "outbox", "list", "--outbox", str(outbox), "x.json")
+    assert code == 2
+    assert "unrecognized arguments: x.json" in err
+    code, _, err = run(capsys, "outbox", "send", "--outbox", str(outbox), "--retry-refused", "x.json", "y.json")
+    assert code == 2
+    assert "the following arguments are required: --token-file" in err
+
+
 def test_run_without_prometheus_must_say_it_runs_unguarded(tmp_path, capsys):
     """Without --prometheus a rollout ran with no P99 and no shadow-error guard, and nothing said
     so. It is refused now unless --no-hard-guards says it is meant; the model server (nothing
@@ -569,7 +630,7 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
         (["audit", "--prediction-log", "{tmp}", "--out", "{tmp}/report"], 2, "holds a report already"),
         (["verify-model", "{tmp}/none.onnx"], 2, "no such file"),
         (["outbox", "list", "--outbox", "{tmp}/none"], 2, "--outbox: no such folder"),
-        (["outbox", "send", "--outbox", "{tmp}"], 2, "send needs --token-file"),
+        (["outbox", "send", "--outbox", "{tmp}"], 2, "the following arguments are required: --token-file"),
         (["status", "--model", "digits", "--lock-dir", "{tmp}/locks"], 4, "unreadable lock file"),
         (["status", "--model", "no model!", "--lock-dir", "{tmp}"], 2, "not a model name"),
         (["prune", "--run-dir", "{tmp}/none"], 2, "--run-dir: no such folder"),
