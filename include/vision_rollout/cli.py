@@ -457,8 +457,10 @@ def _versions(text: str, policy: Any) -> list[str]:
     """``--versions``: the DestinationRule's subsets, each a version number, every version the
     policy routes or mirrors to among them (else its routes name a subset that does not exist:
     Envoy answers 503 for that share)."""
+    from model_server.config import INT64_MAX
+
     versions = [v.strip() for v in text.split(",")]
-    bad = [v for v in versions if not re.fullmatch(r"[1-9][0-9]{0,8}", v)]
+    bad = [v for v in versions if not re.fullmatch(r"[1-9][0-9]{0,18}", v) or int(v) > INT64_MAX]
     if bad:
         raise UsageError(f"--versions takes version numbers, e.g. 1,2, not {text[:80]!r}")
     missing = sorted(set(policy.versions()) - set(versions), key=int)

@@ -18,6 +18,7 @@ from typing import Any
 
 import jsonschema
 
+from model_server.config import INT64_MAX
 from model_server.traffic import (
     MIN_MIRROR_PERCENT,
     Destination,
@@ -54,6 +55,9 @@ MAX_P99_MS = 60_000  # a P99 limit of a minute
 MAX_BREACH_SECONDS = 3_600  # a P99 breach lasting an hour
 
 
+VERSION_PATTERN = r"^[1-9][0-9]*$"  # (and at most INT64_MAX: ``RolloutSpec`` checks)
+
+
 class SpecError(ValueError):
     """An invalid rollout spec; the message names the field."""
 
@@ -88,12 +92,16 @@ class RolloutSpec:
     Params are built from them); ``from_dict`` validates, naming the field that is wrong."""
 
     # A model's name is a lock's and a folder's (128 characters at most, as the lock takes); a
-    # version a folder's and an integer's (9 digits).
+    # version a folder's, as the model server (as Triton) loads it: up to int64's largest, 19 digits.
     model: str = _f(
         "digits", "Model name in the repository", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", maxLength=128
     )
-    candidate_version: str = _f("2", "Version to roll out", type="string", pattern=r"^[1-9][0-9]*$", maxLength=9)
-    baseline_version: str = _f("1", "Stable version now serving", type="string", pattern=r"^[1-9][0-9]*$", maxLength=9)
+    candidate_version: str = _f(
+        "2", "Version to roll out", type="string", pattern=VERSION_PATTERN, maxLength=len(str(INT64_MAX))
+    )
+    baseline_version: str = _f(
+        "1", "Stable version now serving", type="string", pattern=VERSION_PATTERN, maxLength=len(str(INT64_MAX))
+    )
     stages: tuple[int, ...] = _f(
         (5, 25, 50, 100),
         "Canary weight (percent) of each stage, ending at 100",
@@ -233,6 +241,11 @@ class RolloutSpec:
             pattern, value = f.metadata["schema"].get("pattern"), getattr(self, f.name)
             if pattern and not (isinstance(value, str) and re.fullmatch(pattern, value)):
                 raise SpecError(f"{f.name}: {str(value)[:80]!r} does not match {pattern!r}")
+        for name in ("candidate_version", "baseline_version"):
+            if int(getattr(self, name)) > INT64_MAX:
+                raise SpecError(
+                    f"{name}: {getattr(self, name)} is over {INT64_MAX}, the largest version the model server loads"
+                )
         if self.candidate_version == self.baseline_version:
             raise SpecError("candidate_version and baseline_version must differ")
         stages = list(self.stages)

@@ -541,6 +541,26 @@ def test_mesh_render_declares_every_version_the_policy_routes_to(tmp_path, capsy
     assert (code, err.strip()) == (2, f"rolloutctl mesh: --policy {deep}: nested too deep to read")
 
 
+def test_mesh_render_takes_versions_of_up_to_19_digits_as_the_model_server_does(tmp_path, capsys):
+    """``--versions`` took 9 digits at most, while the model server (as Triton) serves version
+    folders up to int64's largest: a 10-digit version's subsets could not be declared. Each
+    version up to 9223372036854775807 is a subset now, and one past int64 is refused."""
+    top = str(2**63 - 1)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"route": [{"version": "1234567890", "weight": 75}, {"version": top, "weight": 25}]}))
+    base = ["mesh", "render", "--backend", "istio", "--policy", str(policy)]
+    base += ["--namespace", "models", "--service", "digits", "--name", "digits"]
+    code, out, err = run(capsys, *base, "--versions", f"1234567890,{top}")
+    assert code == 0, err
+    rule, service = yaml.safe_load_all(out)
+    assert [s["name"] for s in rule["spec"]["subsets"]] == ["v1234567890", f"v{top}"]
+    pinned = [r for r in service["spec"]["http"] if r["name"].startswith("pinned-v")]
+    assert [r["match"][0]["headers"]["x-model-version"] for r in pinned][-1] == {"regex": f"0*{top}"}
+    code, out, err = run(capsys, *base, "--versions", f"1234567890,{top},{2**63}")
+    assert (code, out) == (2, "")
+    assert "--versions takes version numbers" in err
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [

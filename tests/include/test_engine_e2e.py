@@ -166,3 +166,49 @@ def test_rolloutctl_run_rolls_back_when_the_shadow_audit_does_not_show_agreement
     assert s.api.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
     reports = sorted((tmp_path / "outbox").glob("*.json"))
     assert json.loads(reports[-1].read_text())["text"].startswith("Rolled back digits v2: shadow audit")
+
+
+def test_rolloutctl_run_promotes_a_version_of_19_digits(served, repo_copy, tmp_path, capsys):
+    """The model server serves version folders up to int64's largest (as Triton), the spec took
+    9 digits: version 1234567890 could be served but not rolled out. A candidate numbered
+    9223372036854775807 goes through every stage, its mirror, the shadow audit and the
+    promotion, on a real model server writing its prediction log."""
+    import shutil
+
+    from vision_rollout.cli import main
+
+    s, log_dir, validation = served
+    top = str(2**63 - 1)
+    shutil.copytree(repo_copy / "digits" / "2", repo_copy / "digits" / top)
+    s.load_versions("digits", 1, top)
+    s.api.set_traffic("digits", TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "candidate_version": top,
+                "stages": [50, 100],
+                "bake_seconds": 8,
+                "max_stage_seconds": 60,
+                "looks_per_stage": 2,
+                "min_samples": 50,
+                **LOOSE,
+            }
+        )
+    )
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    code = main(
+        [
+            *("run", "--spec", str(spec), "--url", s.http, "--validation", str(validation)),
+            *("--prediction-log", str(log_dir), "--token-file", str(token), "--no-hard-guards"),
+            *("--outbox", str(tmp_path / "outbox"), "--lock-dir", str(tmp_path / "locks")),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "PROMOTED: every stage passed" in out
+    routes = make_router("local", url=s.http, model="digits", token=TOKEN).get_routes()
+    assert routes.to_dict() == {"route": [{"version": top, "weight": 100}]}
+    reports = sorted((tmp_path / "outbox").glob("*.json"))
+    assert f"digits v{top}" in json.loads(reports[-1].read_text())["text"]

@@ -72,7 +72,9 @@ def test_json_schema_is_valid_and_carries_descriptions():
         # Long names ended in a raw ValueError from the lock, long versions in OSError (file name
         # too long) or int()'s limit: refused here, naming the field.
         ({"model": "m" * 129}, "model: 'mmmm"),
-        ({"candidate_version": "2" * 10}, "candidate_version: '2222222222' is too long"),
+        ({"candidate_version": "2" * 20}, "candidate_version: '22222222222222222222' is too long"),
+        # Past int64, no version folder the model server (as Triton) loads.
+        ({"candidate_version": str(2**63)}, "candidate_version: 9223372036854775808 is over 9223372036854775807"),
         ({"baseline_version": "1" * 5000}, "baseline_version: '1111"),
         # The schema's pattern is searched, and "$" matches before a last newline: these passed,
         # and failed the run later (a version no traffic policy takes, a model no lock takes).
@@ -185,8 +187,13 @@ def test_a_long_value_is_quoted_cut():
 
 
 def test_the_longest_names_and_versions_are_taken():
-    s = RolloutSpec.from_dict({"model": "m" * 128, "candidate_version": "9" * 9, "baseline_version": "1"})
-    assert (len(s.model), s.candidate_version) == (128, "999999999")
+    """Versions of 10 to 19 digits (up to int64's largest, as the model server and Triton load
+    them) were refused: a model served as version 1234567890 could not be rolled out."""
+    top = str(2**63 - 1)
+    s = RolloutSpec.from_dict({"model": "m" * 128, "candidate_version": top, "baseline_version": "1234567890"})
+    assert (len(s.model), s.candidate_version, s.baseline_version) == (128, top, "1234567890")
+    assert s.policy_for_stage(10).versions() == {top, "1234567890"}
+    assert RolloutSpec.json_schema()["properties"]["candidate_version"]["maxLength"] == 19
 
 
 def test_a_single_full_stage_runs_without_a_mirror():
