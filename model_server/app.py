@@ -219,6 +219,11 @@ class InferFastPath:
         self.app, self.infer, self.direct = app, infer, direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and b"%" in (raw := scope.get("raw_path") or b""):
+            # Routed on the path as sent, as Triton's routes match evhtp's undecoded path: a
+            # version "%31" is no [0-9]+ (a 404), a model "digit%73" no model (it was served
+            # as version 1 and as digits).
+            scope = {**scope, "path": raw.decode("latin-1")}
         if scope["type"] == "http" and (match := INFER_PATH.fullmatch(scope["path"])):
             await self.infer(scope, receive, send, match.group(1), match.group(2))
         else:

@@ -411,7 +411,7 @@ def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
         ("/v2/models/digits/versions/%C2%B2/infer", 404, "no such endpoint"),  # "²": was a 500
         ("/v2/models/digits/versions/%D9%A1/infer", 404, "no such endpoint"),  # Arabic-Indic 1
         ("/v2/models/digits/versions/" + "9" * 5000 + "/infer", 400, "invalid version"),
-        ("/v2/models/..%2F..%2Fetc/infer", 404, "no such endpoint"),
+        ("/v2/models/..%2F..%2Fetc/infer", 400, "invalid model name"),  # (routed as sent, as Triton)
         ("/v2/models/.../infer", 400, "invalid model name"),
     ],
 )
@@ -420,6 +420,36 @@ def test_unknown_model_or_version(server, digit_images, path, status, needle):
     r = post(server, path, body, headers)
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/models/digits/versions/%31/infer"),
+        ("POST", "/v2/models/digits/versions/%31/infer/"),
+        ("GET", "/v2/models/digits/versions/%31/ready"),
+        ("GET", "/v2/models/digits/versions/%31"),
+        ("GET", "/v2/models/digit%73/versions/1/ready"),
+        ("GET", "/v2/models/%64igits"),
+    ],
+)
+def test_a_percent_encoded_path_is_routed_as_sent_as_triton_does(server, digit_images, method, path):
+    """``/v2/models/digits/versions/%31/infer`` was served as version 1: the routes matched the
+    percent-decoded path. Triton matches its routes (``/versions/([0-9]+)``, a model name
+    ``[^/]+``) on the path as sent (evhtp's ``uri->path->full``, never decoded): ``%31`` is no
+    version, a 404 there, and ``digit%73`` names no model. So here, over a raw connection."""
+    import http.client
+
+    body, headers = image_body([digit_images[0][0]])
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request(method, path, body=body if method == "POST" else None, headers=headers)
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
+    finally:
+        conn.close()
+    assert status in (400, 404), answer[:200]
+    assert json.loads(answer)["error"]
 
 
 def test_unknown_model_through_tritonclient(server):
