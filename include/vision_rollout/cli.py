@@ -1569,6 +1569,13 @@ def _failed(wants_json: bool, said: str, error: str, code: int, result: dict[str
     return code
 
 
+def _asks_json(argv: list[str]) -> bool:
+    """Whether ``argv`` gives ``--json`` as argparse takes it (spelled out or abbreviated, ``--js``)
+    among its options (before a ``--``): a usage error is then also a JSON object on stdout."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return any(len(a) > 2 and "--json".startswith(a) for a in options)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
@@ -1578,7 +1585,7 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE if exc.code else 0
     except _ArgumentsRefused as exc:  # argparse's own usage errors, after its usage line
         prog, error = exc.args
-        return _failed("--json" in argv, f"{prog}: error: {error}", error, USAGE)
+        return _failed(_asks_json(argv), f"{prog}: error: {error}", error, USAGE)
     _logging(args.verbose)
     wants_json, command = bool(getattr(args, "json", False)), f"rolloutctl {args.command}"
     try:

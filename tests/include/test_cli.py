@@ -125,6 +125,16 @@ def test_an_unknown_option_is_argparses_usage_error_naming_only_it(tmp_path, cap
     assert err.strip().splitlines()[-1] == "rolloutctl: error: unrecognized arguments: --bogus"
 
 
+@pytest.mark.parametrize("flag", ["--json", "--js", "--j"])
+def test_json_abbreviated_as_argparse_takes_it_answers_a_usage_error_in_json(capsys, flag):
+    """argparse takes ``--js`` for ``--json``, and the command printed JSON when it ran, but a
+    usage error looked for ``--json`` spelled out: a script got nothing on stdout."""
+    code, out, err = run(capsys, "gate", "--samples", "x.csv", "--looks", "many", flag)
+    assert (code, json.loads(out)) == (2, {"error": "argument --looks: invalid int value: 'many'", "exit": 2}), err
+    code, out, _ = run(capsys, "outbox", "drop", "--outbox", "x", "--", flag)  # (a report's name, not the flag)
+    assert (code, out) == (2, "")
+
+
 def test_outbox_report_names_are_taken_where_the_documented_command_lines_put_them(tmp_path, capsys):
     """``outbox drop NAME ... --outbox DIR`` and ``--outbox DIR NAME ...``, a name that starts with
     a dash after ``--``; ``send --retry-refused [NAME ...]``; a name given to list refused."""
