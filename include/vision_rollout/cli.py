@@ -110,11 +110,14 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _value(text: str) -> Any:
+def _value(key: str, text: str) -> Any:
+    """A ``--set`` value: JSON where it is (a number, a list), else the text."""
     try:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise UsageError(f"--set {key[:64]}: nested too deep to read") from None
 
 
 MAX_SINCE = timedelta(days=3660)  # ten years of prediction log: far more than any audit reads
@@ -293,7 +296,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set takes key=value, not {item!r}")
-        config[key] = _value(value)
+        config[key] = _value(key, value)
     try:
         verdict = evaluate_gate(_read_samples(args.samples), config, args.look, args.looks)
     except ValueError as exc:

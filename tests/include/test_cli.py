@@ -795,6 +795,17 @@ def test_a_file_argument_that_is_a_fifo_a_folder_or_a_device_is_refused_naming_i
         assert "Traceback" not in out.err
 
 
+def test_a_gate_setting_nested_too_deep_is_a_usage_error(tmp_path, capsys):
+    """``--set alpha=[[[...`` (a few thousand brackets) was a RecursionError's traceback and exit 4
+    (an error of a server or a store); it is the argument's fault: exit 2, naming it."""
+    path = tmp_path / "s.csv"
+    samples(200).to_csv(path, index=False)
+    for deep in ("[" * 100_000, "[" * 5000 + "]" * 5000):
+        code, out, err = run(capsys, "gate", "--samples", str(path), "--set", f"alpha={deep}", "--json")
+        assert (code, json.loads(out)) == (2, {"error": "--set alpha: nested too deep to read", "exit": 2}), err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
 def test_a_threshold_that_is_not_a_number_is_refused(tmp_path, capsys, value):
     """``--set p99_ms_max=NaN`` (or NaN in run's spec file) passed every bound and turned the guard off."""
