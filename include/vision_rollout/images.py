@@ -83,7 +83,7 @@ def verify_model(
     golden_n: int = 64,
 ) -> ArtifactReport:
     """Everything that must hold before a version takes traffic; problems are listed, not raised."""
-    from model_server.config import ascii_uint, load_config
+    from model_server.config import int64_version, load_config
     from model_server.errors import ServerError
     from model_server.model import LoadedVersion, ort, read_model
 
@@ -145,7 +145,7 @@ def verify_model(
         return report
     try:
         cfg = load_config(config_dir)
-        number = ascii_uint(candidate.parent.name) or 1  # (models/<m>/<version>/model.onnx: its messages name it)
+        number = int64_version(candidate.parent.name) or 1  # (models/<m>/<version>/model.onnx: its messages name it)
         version = LoadedVersion(cfg, number, candidate, ["CPUExecutionProvider"], data)  # the signature vs config
     except ServerError as exc:
         report.problems.append(exc.message)

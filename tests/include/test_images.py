@@ -347,3 +347,20 @@ def test_a_version_linked_out_of_the_model_folder_is_refused(models_dir, tmp_pat
     (model / "2" / "model.onnx").unlink()
     (model / "2" / "model.onnx").symlink_to(model / "1" / "model.onnx")  # a link inside it is loaded
     assert verify_model(model / "2" / "model.onnx", model / "1" / "model.onnx", model).ok
+
+
+def test_a_candidate_of_19_digits_is_named_by_its_version(models_dir, tmp_path):
+    """A version folder of 19 digits (the model server loads up to int64's largest) was read as no
+    number, and the candidate's problems named it version 1."""
+    top = str(2**63 - 1)
+    model = tmp_path / "digits"
+    model.mkdir()
+    config = json.loads((models_dir / "digits" / "config.json").read_text())
+    config["output"][0]["dims"] = [-1, 10]
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "labels.txt").write_bytes((models_dir / "digits" / "labels.txt").read_bytes())
+    _digits_like(model / top / "model.onnx", 11)
+    report = verify_model(model / top / "model.onnx", None, model)
+    assert [p for p in report.problems if f"version {top}: output 'probabilities' came out with shape" in p], (
+        report.problems
+    )
