@@ -170,11 +170,21 @@ def _url(text: str) -> str:
         raise argparse.ArgumentTypeError("credentials in the URL are refused (they would be printed): give none")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"not an http(s)://host:port URL: {text[:100]!r}")
+    _host_name(parts.hostname)
     if parts.query or parts.fragment:  # where a token goes: not repeated
         raise argparse.ArgumentTypeError("a server's address, http(s)://host:port, without a path, query or fragment")
     if parts.path.strip("/"):
         raise argparse.ArgumentTypeError(f"a server's address, http(s)://host:port, without a path: {text[:100]!r}")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _host_name(host: str) -> None:
+    """A URL's host is a name a resolver takes: an argument's bytes in no encoding (as a shell
+    hands them over) were "a server it cannot reach", exit 4."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise argparse.ArgumentTypeError(f"not a host name: {host[:100]!r}") from None
 
 
 def _lock_dir(text: str) -> Path:
@@ -1024,6 +1034,7 @@ def _slack_url(text: str) -> str:
         raise argparse.ArgumentTypeError("Slack's API base URL, http(s)://host/api/, without a query or fragment")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise argparse.ArgumentTypeError(f"not an http(s)://host/api/ URL: {text[:100]!r}")
+    _host_name(parts.hostname)
     return text if text.endswith("/") else text + "/"
 
 

@@ -356,6 +356,8 @@ def test_verify_model_command(models_dir, tmp_path, capsys):
         ("http://127.0.0.1:9/?access_token=hunter2", "without a path"),
         ("http://127.0.0.1:9#hunter2", "without a path"),
         ("http://127.0.0.1:99999", "not a URL"),
+        # (an argument in no encoding, as Python hands it over: exit 4, a server "it cannot reach")
+        ("http://\udcff\udcfe:9", "not a host name"),
     ],
 )
 def test_server_urls_are_checked_and_their_credentials_never_printed(tmp_path, capsys, url, words):
@@ -378,6 +380,7 @@ def test_server_urls_are_checked_and_their_credentials_never_printed(tmp_path, c
         ("https://admin:hunter2@slack.example/api/", "credentials in the URL are refused"),
         ("https://slack.example/api/?token=xoxb-hunter2", "without a query"),
         ("https://slack.example/api/#hunter2", "without a query"),
+        ("https://\udcff.example/api/", "not a host name"),
         ("ftp://slack.example/api/", "not an http(s)://host/api/ URL"),
     ],
 )
