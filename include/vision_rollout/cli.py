@@ -333,6 +333,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     # without a bucket or with a misspelt option ("regoin=").
     from pyarrow import ArrowInvalid
 
+    if args.out and args.out.path is not None and args.out.path.exists() and not args.out.path.is_dir():
+        raise UsageError(f"--out {args.out}: not a folder")  # (else found once the log was read whole)
     try:
         present = names & set(args.out.names()) if args.out else set()
     except ArrowInvalid as exc:

@@ -201,6 +201,10 @@ def test_audit_command(tmp_path, capsys):
     code, _, err = run(capsys, "audit", "--shadow-log", str(tmp_path / "emtpy"), "--since", "1h")
     assert code == 2
     assert "no such folder" in err
+    # --out naming a file or a device: the audit was read whole, then "cannot be written", exit 4.
+    for out_at in (str(tmp_path / "report" / "report.md"), "/dev/null"):
+        code, out, err = run(capsys, "audit", "--shadow-log", str(log), "--out", out_at, "--json")
+        assert (code, json.loads(out)) == (2, {"error": f"--out {out_at}: not a folder", "exit": 2}), err
 
 
 def test_an_overwritten_report_cut_short_leaves_no_earlier_report_md_beside_it(tmp_path, capsys, monkeypatch):
