@@ -746,7 +746,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"INTERRUPTED by {exc} before any route changed", flush=True)
             return 128 + exc.signum
         lease.touched = True
-        return _run(args, spec, router, source, labels, lease, unguarded, verified)
+        return _run(args, spec, router, source, labels, lease, unguarded, verified, token)
 
 
 def _run(
@@ -758,10 +758,12 @@ def _run(
     lease: _Lease,
     unguarded: str,
     verified: str | None = None,
+    token: str | None = None,
 ) -> int:
     """``cmd_run`` once its start checks passed, the model held and signals caught. ``verified``:
     the candidate's sha256, which the model server must serve before each stage, at each look
-    and before the promotion (``serving.not_as_verified``), as in the DAG."""
+    and before the promotion (``serving.not_as_verified``), as in the DAG; ``token``: the admin
+    token, which the stage's check of where the server writes its log asks with."""
     from vision_rollout.audit import AuditConfig, audit
     from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow, preflight
     from vision_rollout.folders import Folder
@@ -793,7 +795,7 @@ def _run(
         source,
         _labels=labels,
         cache=cache,
-        token=_token(args.token_file),
+        token=token,
     )
 
     said: dict[int, str] = {}  # stage -> its last state, for the lease's note
