@@ -876,10 +876,8 @@ def send_waiting(
     leaves the report to be sent twice: none is lost."""
     results: list[dict[str, Any]] = []
     start = clock()
+    _sweep_marks(outbox)
     names = outbox.names()
-    for name in names:  # (a sender killed after removing its report, before its mark)
-        if name.endswith(POSTED) and name.removesuffix(POSTED) + ".json" not in names:
-            outbox.delete(name)
     for name in [n for n in names if n.endswith(".json")]:
         if budget_s is not None and clock() - start > budget_s:
             break
@@ -895,6 +893,19 @@ def send_waiting(
         finally:
             outbox.delete(claim)
     return results
+
+
+def _sweep_marks(outbox: Folder) -> None:
+    """The ``.posted`` marks whose report is gone (a sender killed after removing it, before its
+    mark) removed, once older than ``CLAIM_S``: a mark is written before its report where the
+    report's chart waits (``SlackNotifier._to_outbox``), and one swept in between left that
+    report to be posted again; its writer writes the report within moments, or is dead."""
+    changed = outbox.changed()
+
+    def alone(name: str) -> bool:
+        return name.endswith(POSTED) and name.removesuffix(POSTED) + ".json" not in changed
+
+    outbox.remove_older(time.time() - CLAIM_S, alone, limit=len(changed))
 
 
 def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float) -> dict[str, Any]:

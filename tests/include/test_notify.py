@@ -496,10 +496,6 @@ def test_a_sender_killed_during_the_chart_upload_leaves_a_report_not_posted_agai
     assert complete["body"]["thread_ts"] == result["ts"]
     assert len(slack.messages()) == 1  # (posted once, its chart in its thread)
     assert outbox.names() == []
-    # A mark left alone (its sender killed after removing the report) is swept.
-    outbox.write("20261203T000000-000000000-abcdef.posted", b"{}")
-    assert send_waiting(outbox, client) == []
-    assert outbox.names() == []
 
 
 def test_a_token_with_a_control_character_never_reaches_an_outbox_rounds_error(slack, tmp_path):
@@ -729,3 +725,48 @@ def test_pruning_the_outbox_keeps_the_reports_set_aside_and_takes_their_leftover
         os.utime(p, (now - 30 * 86400, now - 30 * 86400))
     assert prune_outbox(outbox, now) == [f"{REFUSED}/20260101T000000-000000003-cccccc.png"]
     assert len(aside.names()) == 2  # (the report and its chart)
+
+
+def test_a_posts_mark_written_before_its_report_is_not_swept_by_a_round_meanwhile(slack, tmp_path, monkeypatch):
+    """A report posted whose chart must wait is written to the outbox mark first, then chart, then
+    report. A round listing the outbox between the mark and the report swept the mark as one
+    whose report was gone, and the next round posted the report a second time. A mark is swept
+    only once it is older than ``CLAIM_S`` (its writer long dead), its report still absent."""
+    import os
+    import time
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import CLAIM_S, POSTED, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    write = Folder.write
+    meanwhile: list[list[dict]] = []
+
+    def writing(self: Folder, name: str, data: bytes) -> str:
+        if name.endswith(".png") and not meanwhile:  # (the mark written, the report not yet)
+            meanwhile.append(send_waiting(outbox, client))
+        return write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", writing)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    assert meanwhile == [[]]
+    assert len([n for n in outbox.names() if n.endswith(POSTED)]) == 1
+    slack.refuse = {}
+    (done,) = send_waiting(outbox, client)
+    assert done["posted_before"] is True
+    assert len(slack.messages()) == 1  # (posted once, its chart in its thread)
+    assert outbox.names() == []
+    # A mark alone (its writer killed before the report, or its sender after removing it) is
+    # swept once older than CLAIM_S, not before.
+    outbox.write("20261203T000000-000000000-abcdef.posted", b"{}")
+    assert send_waiting(outbox, client) == []
+    assert outbox.names() == ["20261203T000000-000000000-abcdef.posted"]
+    old = time.time() - CLAIM_S - 60
+    os.utime(tmp_path / "outbox" / "20261203T000000-000000000-abcdef.posted", (old, old))
+    assert send_waiting(outbox, client) == []
+    assert outbox.names() == []
