@@ -22,7 +22,9 @@ import json
 import logging
 import math
 import re
+import socket
 import time
+import urllib.error
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -623,6 +625,21 @@ def temporary(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, http.client.HTTPException))
 
 
+def unsure(exc: BaseException) -> bool:
+    """Whether Slack may have taken a post that failed so: its answer lost (cut off, a timeout, a
+    dropped connection, a gateway's 5xx); not where Slack answered itself (its error, a 429), nor
+    where nothing reached it (a connection refused, a name not resolved, a header the client
+    refused)."""
+    from slack_sdk.errors import SlackApiError
+
+    if isinstance(exc, SlackApiError):
+        return (getattr(exc.response, "status_code", 0) or 0) >= 500
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+        return False
+    return isinstance(exc, (OSError, http.client.HTTPException))
+
+
 def _slack_failures() -> tuple[type[BaseException], ...]:
     """What a Slack call raises when Slack did not take it: slack-sdk's errors; an answer cut
     off mid-way, a status line that is not HTTP's (http.client's own); a base URL urllib cannot
@@ -660,22 +677,28 @@ class SlackNotifier:
         if self.client is not None:
             _retry_rate_limited(self.client)
 
-    def send(self, message: Message) -> dict[str, Any]:
-        """Post the message (its chart in the thread). When Slack fails (an outage, a refused
-        token) and an outbox is set, the message lands there with the error (``slack_error`` in
-        the answer), logged: a report is never lost, and the caller decides what an undelivered
-        one means (the rollout's teardown fails the run, its decision kept)."""
+    def send(self, message: Message, report_id: str | None = None) -> dict[str, Any]:
+        """Post the message (its chart in the thread), with metadata naming it (``report_id``, by
+        default a new outbox name: the name it has in the outbox where Slack does not take it),
+        by which a later round finds it in the channel's history (``find_post``). When Slack
+        fails (an outage, a refused token) and an outbox is set, the message lands there with the
+        error (``slack_error`` in the answer), logged, and (``maybe_posted``) when the post was
+        tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
+        decides what an undelivered one means (the rollout's teardown fails the run, its
+        decision kept)."""
         if len(message.blocks) > MAX_BLOCKS:
             raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
         message = replace(message, blocks=fit(message.blocks))
+        stem = report_id or _new_stem()
         if self.client is None:
             if self.unusable and self.outbox is not None:
                 log.warning("Slack cannot be used (%s); the report is in the outbox", self.unusable)
-                return {**self._to_outbox(message, error=self.unusable), "slack_error": self.unusable}
-            return self._to_outbox(message)
+                return {**self._to_outbox(message, stem, error=self.unusable), "slack_error": self.unusable}
+            return self._to_outbox(message, stem)
+        tried = time.time()
         try:
             posted = self.client.chat_postMessage(
-                channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks
+                channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks, metadata=report_metadata(stem)
             )
         except _slack_failures() as exc:
             if self.outbox is None:
@@ -685,15 +708,20 @@ class SlackNotifier:
                 log.warning(
                     "Slack refused the report for good (%s); it is set aside in the outbox's %s/", error, REFUSED
                 )
-                return {**self._to_outbox(message, error=error, refused=True), "slack_error": error, "refused": True}
+                return {
+                    **self._to_outbox(message, stem, error=error, refused=True),
+                    "slack_error": error,
+                    "refused": True,
+                }
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
-            return {**self._to_outbox(message, error=error), "slack_error": error}
+            maybe = tried if unsure(exc) else None
+            return {**self._to_outbox(message, stem, error=error, maybe_posted=maybe), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         result.update(self.upload_chart(result, message))
         if result.pop("chart_waits", False) and self.outbox is not None:  # (for a later round, into its thread)
             log.warning("the report's chart waits in the outbox")
             error = f"its chart was not uploaded: {result['chart_error']}"
-            result.update(self._to_outbox(message, error=error, posted=result))
+            result.update(self._to_outbox(message, stem, error=error, posted=result))
         return result
 
     def upload_chart(self, posted: dict[str, Any], message: Message) -> dict[str, Any]:
@@ -716,25 +744,142 @@ class SlackNotifier:
         return {"chart": True}
 
     def _to_outbox(
-        self, message: Message, error: str | None = None, refused: bool = False, posted: dict[str, Any] | None = None
+        self,
+        message: Message,
+        stem: str,
+        error: str | None = None,
+        refused: bool = False,
+        posted: dict[str, Any] | None = None,
+        maybe_posted: float | None = None,
     ) -> dict[str, Any]:
-        """``message`` into the outbox (``refused``: its ``refused/``); ``posted`` (the post's channel
-        and ts: only its chart waits), its ``.posted`` mark written first, as a sender's."""
+        """``message`` into the outbox as ``<stem>.json`` (``refused``: its ``refused/``);
+        ``posted`` (the post's channel and ts: only its chart waits), its ``.posted`` mark written
+        first, as a sender's; ``maybe_posted``: when a post Slack may have taken was tried."""
         assert self.outbox is not None
         folder = self.outbox / REFUSED if refused else self.outbox
-        now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
-        stem = (
-            f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
-        )
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
         if error is not None:
             record["slack_error"] = error
+        if maybe_posted is not None:
+            record["maybe_posted"] = maybe_posted
         if posted is not None:
             folder.write(stem + POSTED, json.dumps({"channel": posted["channel"], "ts": posted["ts"]}).encode())
         if message.chart:
             folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
         return {"outbox": folder.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+
+
+def _new_stem() -> str:
+    """A new report's outbox name (without ``.json``), sorting in the order made: its time to the
+    nanosecond, and 24 random bits."""
+    now = time.time_ns()  # one reading: seconds and nanoseconds of the same instant sort in order
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-{now % 10**9:09d}-{uuid.uuid4().hex[:6]}"
+
+
+# Every report is posted with metadata naming it (its outbox name), so that a sender unsure
+# whether an earlier post of it landed looks for it in the channel's history (``find_post``):
+# Slack's chat.postMessage has no idempotency key. The history is read since the earlier try
+# (less ``CLOCK_SKEW_S``: the senders' clocks, Slack's), ``LOOKUP_PAGES`` pages of ``LOOKUP_PAGE``
+# messages and ``LOOKUP_S`` seconds at most.
+REPORT_EVENT = "rollout_report_posted"
+LOOKUP_PAGES = 5
+LOOKUP_PAGE = 200
+LOOKUP_S = 30.0
+CLOCK_SKEW_S = 300
+_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")  # (a channel's name is lower case)
+
+
+def report_metadata(report_id: str) -> dict[str, Any]:
+    """chat.postMessage's ``metadata`` of the report ``report_id``."""
+    return {"event_type": REPORT_EVENT, "event_payload": {"report_id": report_id}}
+
+
+class LookupFailed(Exception):
+    """Slack could not be asked for a report's earlier post for a while (an outage, a timeout, a
+    429): posting it would fail likewise, or post it twice."""
+
+
+def find_post(
+    client: Any, channel: str, report_id: str, since: float, channels: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The post of the report ``report_id`` in ``channel`` (a name or an ID) since ``since`` (unix
+    seconds), found by its metadata in the channel's history (``conversations.history``; a
+    channel's name resolved by ``conversations.list``, ``channels``: those known, name to ID):
+    its channel ID and ts. None where none was found, or where Slack refused the look-up (a scope
+    the token lacks: ``channels:history``, ``groups:history``, ``channels:read``, ``groups:read``;
+    the bot not in the channel), logged: the report is then posted as before, perhaps twice.
+    LookupFailed where Slack did not answer for a while."""
+    known = channels if channels is not None else {}
+    deadline = time.monotonic() + LOOKUP_S
+    try:
+        cid = (
+            channel if _CHANNEL_ID.fullmatch(channel) else known.get(channel) or _channel_id(client, channel, deadline)
+        )
+        if cid is None:
+            log.warning(
+                "report %s may have been posted already, but channel %s was not found among the bot's "
+                "(conversations.list): it is posted, perhaps a second time",
+                report_id,
+                one_line(channel)[:100],
+            )
+            return None
+        known[channel] = cid
+        cursor = None
+        for page_number in range(1, LOOKUP_PAGES + 1):
+            page = client.conversations_history(
+                channel=cid, oldest=f"{since:.6f}", include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
+            )
+            for m in page.get("messages") or []:
+                meta = m.get("metadata") if isinstance(m, dict) else None
+                if not isinstance(meta, dict) or meta.get("event_type") != REPORT_EVENT:
+                    continue
+                payload = meta.get("event_payload")
+                if isinstance(payload, dict) and payload.get("report_id") == report_id and isinstance(m.get("ts"), str):
+                    log.info("report %s was posted already (%s, ts %s): not posted again", report_id, cid, m["ts"])
+                    return {"channel": cid, "ts": m["ts"]}
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return None
+            if time.monotonic() > deadline or page_number == LOOKUP_PAGES:
+                log.warning(
+                    "report %s may have been posted already; not found in %d page(s) of %s's history since "
+                    "then (more there): it is posted, perhaps a second time",
+                    report_id,
+                    page_number,
+                    cid,
+                )
+                return None
+    except _slack_failures() as exc:
+        if temporary(exc):
+            log.warning("report %s may have been posted already; Slack did not answer the look-up: it waits", report_id)
+            raise LookupFailed(_failure(exc)) from exc
+        log.warning(
+            "report %s may have been posted already, but Slack refused to show the channel's history (%s; "
+            "the bot needs channels:history and groups:history, channels:read and groups:read for a channel "
+            "named by name, and to be in the channel): it is posted, perhaps a second time",
+            report_id,
+            _failure(exc),
+        )
+    return None
+
+
+def _channel_id(client: Any, name: str, deadline: float) -> str | None:
+    """The ID of the channel ``name`` (``#`` or not) among those ``conversations.list`` shows,
+    ``LOOKUP_PAGES`` pages at most; None where it is not among them."""
+    name = name.removeprefix("#")
+    cursor = None
+    for _ in range(LOOKUP_PAGES):
+        page = client.conversations_list(
+            types="public_channel,private_channel", exclude_archived=True, limit=LOOKUP_PAGE, cursor=cursor
+        )
+        for c in page.get("channels") or []:
+            if isinstance(c, dict) and c.get("name") == name and isinstance(c.get("id"), str):
+                return str(c["id"])
+        cursor = (page.get("response_metadata") or {}).get("next_cursor")
+        if not cursor or time.monotonic() > deadline:
+            break
+    return None
 
 
 # A sender's claim on a waiting report (``send_waiting``): ``<stem>.claim-<ns>-<id>``. One older
@@ -759,6 +904,7 @@ class Waiting:
     chart: str | None = None
     problem: str | None = None
     refused: str | None = None
+    maybe_posted: float | None = None  # when a post of it was tried that Slack may have taken
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -779,7 +925,9 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
     chart = record.get("chart")
     chart = chart if chart == f"{stem}.png" else None  # (another report's file is never touched)
     error = record.get("slack_error")
-    found = Waiting(name, channel, text, one_line(str(error))[:500] if error else None, chart)
+    maybe = record.get("maybe_posted")
+    maybe = float(maybe) if isinstance(maybe, (int, float)) and math.isfinite(maybe) else None
+    found = Waiting(name, channel, text, one_line(str(error))[:500] if error else None, chart, maybe_posted=maybe)
     return found, Message(text, blocks)
 
 
@@ -809,6 +957,14 @@ def _move(source: Folder, target: Folder, name: str, chart: str | None, record: 
     source.delete(name)
     if chart:
         source.delete(chart)
+
+
+def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
+    """The report ``name`` notes that a post of it was tried at ``tried`` that Slack may have
+    taken (``unsure``)."""
+    record = json.loads(outbox.read(name))
+    record["maybe_posted"] = tried
+    outbox.write(name, json.dumps(record, indent=2).encode())
 
 
 def _set_aside(outbox: Folder, name: str, chart: str | None, error: str) -> None:
@@ -872,11 +1028,15 @@ def send_waiting(
     ignored. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
     and ts) before uploading the chart and removing the report: a sender killed there (a chart
     upload takes a while) leaves a report the next sender does not post again, it only uploads
-    the chart into that thread. Only a sender killed between Slack's answer and that write
-    leaves the report to be sent twice: none is lost."""
+    the chart into that thread. A sender killed between Slack's answer and that write leaves a
+    claim that lapses: the next sender first looks for the report's post in the channel's
+    history since that claim (``find_post``), as for a report whose post's answer was lost
+    (``maybe_posted``); only where Slack refuses that look-up is it posted a second time. None
+    is lost."""
     results: list[dict[str, Any]] = []
     start = clock()
     _sweep_marks(outbox)
+    channels: dict[str, str] = {}  # (the channels' IDs the round learnt, by name)
     names = outbox.names()
     for name in [n for n in names if n.endswith(".json")]:
         if budget_s is not None and clock() - start > budget_s:
@@ -889,7 +1049,7 @@ def send_waiting(
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
         try:
-            results.append(_send_claimed(outbox, name, claim, client, clock()))
+            results.append(_send_claimed(outbox, name, claim, client, clock(), channels))
         finally:
             outbox.delete(claim)
     return results
@@ -908,16 +1068,20 @@ def _sweep_marks(outbox: Folder) -> None:
     outbox.remove_older(time.time() - CLAIM_S, alone, limit=len(changed))
 
 
-def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float) -> dict[str, Any]:
+def _send_claimed(
+    outbox: Folder, name: str, claim: str, client: Any, now: float, channels: dict[str, str]
+) -> dict[str, Any]:
     stem = name.removesuffix(".json")
     names = outbox.names()
     if name not in names:
         return {"name": name, "skipped": "sent meanwhile by another sender"}
+    lapsed: list[float] = []  # (when dead senders claimed it: each may have posted it)
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
             if now - int(m.group(1)) / 1e9 < CLAIM_S:
                 return {"name": name, "skipped": "another sender is sending it"}
+            lapsed.append(int(m.group(1)) / 1e9)
             outbox.delete(other)  # (a dead sender's)
     try:
         found, message = _waiting(outbox, name)
@@ -937,14 +1101,27 @@ def _send_claimed(outbox: Folder, name: str, claim: str, client: Any, now: float
         sent = _posted(outbox.read(mark))
     except FileNotFoundError:
         sent = None
-    if sent is None:  # (no mark, or not one: the report is sent, the mark written)
+    tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
+    if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
-            sent = notifier.send(message)
+            sent = find_post(client, found.channel, stem, min(tries) - CLOCK_SKEW_S, channels)
+        except LookupFailed as exc:
+            return {"name": name, "channel": found.channel, "error": str(exc)}
+        if sent is not None:
+            outbox.write(mark, json.dumps(sent).encode())
+            sent = dict(sent)
+    if sent is None:  # (no mark, or not one: the report is sent, the mark written)
+        tried = time.time()
+        try:
+            sent = notifier.send(message, report_id=stem)
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
             if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
                 _set_aside(outbox, name, found.chart, _failure(exc))
                 return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
+            if unsure(exc) and found.maybe_posted is None:  # (the next round looks for it first)
+                _note_maybe_posted(outbox, name, tried)
             return {"name": name, "channel": found.channel, "error": _failure(exc)}
+        channels[found.channel] = sent["channel"]
         outbox.write(mark, json.dumps(sent).encode())
     else:
         sent["posted_before"] = True

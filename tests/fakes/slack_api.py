@@ -1,15 +1,23 @@
 """A local HTTP server speaking the Slack Web API methods the notifier uses, checking payloads.
 
 ``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
-field, 150 per header, 12,000 in all), ``files.getUploadURLExternal``, the upload URL it hands out, and
-``files.completeUploadExternal``; answers ``{"ok": false, "error": ...}`` as Slack does, and
-429 with Retry-After (``rate_limited``) as Slack's rate limiter does.
+field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
+``event_payload`` object), ``files.getUploadURLExternal``, the upload URL it hands out, and
+``files.completeUploadExternal``; ``conversations.history`` (a channel's ID only, as Slack:
+newest first, after ``oldest``, ``limit`` and ``cursor`` pages, the messages' metadata with
+``include_all_metadata``) and ``conversations.list``, by GET or POST; each method refused
+``missing_scope`` where the token lacks its scope (``scopes``). Answers ``{"ok": false, "error":
+...}`` as Slack does, and 429 with Retry-After (``rate_limited``) as Slack's rate limiter does.
+A channel posted to by name or ID exists (the first is ``C0ROLLOUT``), unless named in
+``missing``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -51,6 +59,38 @@ def check_blocks(blocks: Any) -> str | None:
     return None
 
 
+# Each method's scope (a bot token's; a private channel's ``groups:*`` are not told apart here).
+SCOPES = {
+    "chat.postMessage": "chat:write",
+    "files.getUploadURLExternal": "files:write",
+    "files.completeUploadExternal": "files:write",
+    "conversations.history": "channels:history",
+    "conversations.list": "channels:read",
+}
+CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")
+# Slack's guide to metadata: an event_type starts with a-z, then a-z, 0-9 and underscores.
+EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,254}")
+
+
+def check_metadata(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """chat.postMessage's ``metadata`` (an object, or its JSON in a form's field) and Slack's error
+    where it is not ``{"event_type": "<a_type>", "event_payload": {...}}``."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None, "invalid_metadata_format"
+    if not isinstance(raw, dict) or set(raw) != {"event_type", "event_payload"}:
+        return None, "invalid_metadata_format"
+    if not isinstance(raw["event_type"], str) or not EVENT_TYPE.fullmatch(raw["event_type"]):
+        return None, "invalid_metadata_schema"
+    if not isinstance(raw["event_payload"], dict):
+        return None, "invalid_metadata_schema"
+    if len(json.dumps(raw)) > 8000:
+        return None, "metadata_too_large"
+    return raw, None
+
+
 def _texts(block: dict[str, Any]) -> list[dict[str, Any]]:
     return [t for t in (block.get("text"), *block.get("fields", []), *block.get("elements", [])) if t]
 
@@ -66,6 +106,12 @@ class FakeSlack:
         self.refuse: dict[str, str] = {}  # a method Slack refuses, with its error ("upload": the upload URL, 500)
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
+        self.lose_answers = 0  # how many of the next API calls are carried out, their answers cut off
+        self.scopes = set(SCOPES.values())  # the token's
+        self.channels: dict[str, str] = {}  # ID -> name, of the channels posted to
+        self.missing: set[str] = set()  # channel names or IDs that do not exist
+        self.history: dict[str, list[dict[str, Any]]] = {}  # a channel's messages, oldest first
+        self._last_ts = 0.0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -82,7 +128,83 @@ class FakeSlack:
         self.server.server_close()
 
     def messages(self) -> list[dict[str, Any]]:
+        """The bodies of the posts Slack took (an answer cut off too)."""
         return [c["body"] for c in self.calls if c["method"] == "chat.postMessage" and c["ok"]]
+
+    def channel(self, ref: str) -> str | None:
+        """The ID of the channel ``ref`` (``#name``, ``name`` or an ID) names, made at its first
+        post; None where it is ``missing``."""
+        name = ref.removeprefix("#")
+        if not name or ref in self.missing or name in self.missing:
+            return None
+        if CHANNEL_ID.fullmatch(name):
+            self.channels.setdefault(name, name.lower())
+            return name
+        for cid, known in self.channels.items():
+            if known == name:
+                return cid
+        cid = "C0ROLLOUT" if not self.channels else f"C0ROLL{len(self.channels):04d}"
+        self.channels[cid] = name
+        return cid
+
+    def _ts(self) -> str:
+        now = max(time.time(), self._last_ts + 1e-6)
+        self._last_ts = now
+        return f"{now:.6f}"
+
+    def _history(self, body: dict[str, Any]) -> dict[str, Any]:
+        cid = str(body.get("channel", ""))
+        if not CHANNEL_ID.fullmatch(cid) or cid not in self.channels or cid in self.missing:
+            return {"ok": False, "error": "channel_not_found"}
+        try:
+            oldest = float(body.get("oldest") or 0)
+            latest = float(body.get("latest") or 1e12)
+        except ValueError:
+            return {"ok": False, "error": "invalid_ts_oldest"}
+        inclusive = str(body.get("inclusive", "")).lower() in ("1", "true")
+        metadata = str(body.get("include_all_metadata", "")).lower() in ("1", "true")
+        found = [
+            m
+            for m in reversed(self.history.get(cid, []))
+            if (oldest <= float(m["ts"]) if inclusive else oldest < float(m["ts"])) and float(m["ts"]) < latest
+        ]
+        page = self._page(body, found, 999)
+        if isinstance(page, str):
+            return {"ok": False, "error": page}
+        messages, more, cursor = page
+        shown = [m if metadata else {k: v for k, v in m.items() if k != "metadata"} for m in messages]
+        return {
+            "ok": True,
+            "messages": shown,
+            "has_more": more,
+            "pin_count": 0,
+            "response_metadata": {"next_cursor": cursor},
+        }
+
+    def _list(self, body: dict[str, Any]) -> dict[str, Any]:
+        found = [
+            {"id": cid, "name": name, "is_channel": True, "is_private": False, "is_archived": False}
+            for cid, name in self.channels.items()
+            if cid not in self.missing
+        ]
+        page = self._page(body, found, 1000)
+        if isinstance(page, str):
+            return {"ok": False, "error": page}
+        return {"ok": True, "channels": page[0], "response_metadata": {"next_cursor": page[2]}}
+
+    @staticmethod
+    def _page(body: dict[str, Any], items: list[Any], most: int) -> tuple[list[Any], bool, str] | str:
+        """``items`` from the ``cursor`` on, ``limit`` of them (default 100, ``most`` at most): the
+        page, whether more follow, the next cursor; or Slack's error."""
+        limit, cursor = str(body.get("limit") or "100"), str(body.get("cursor") or "")
+        if not limit.isdigit() or int(limit) < 1:
+            return "invalid_limit"
+        if cursor and not (cursor.startswith("next:") and cursor[5:].isdigit()):
+            return "invalid_cursor"
+        start = int(cursor[5:]) if cursor else 0
+        end = start + min(int(limit), most)
+        more = end < len(items)
+        return items[start:end], more, f"next:{end}" if more else ""
 
     def _handler(self):  # type: ignore[no-untyped-def]
         slack = self
@@ -92,12 +214,27 @@ class FakeSlack:
                 pass
 
             def _reply(self, body: dict[str, Any]) -> None:
+                if getattr(self, "losing", False):
+                    return self._cut()
                 data = json.dumps(body).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _cut(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "100")
+                self.end_headers()
+                self.wfile.write(b'{"ok": ')
+                self.close_connection = True
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                body = {k: v[0] for k, v in parse_qs(url.query).items()}
+                self._method(url.path.removeprefix("/api/"), body)
 
             def do_POST(self) -> None:
                 url = urlparse(self.path)
@@ -121,6 +258,13 @@ class FakeSlack:
                 else:
                     body = {k: v[0] for k, v in parse_qs(raw.decode() or url.query).items()}
                     body.update({k: v[0] for k, v in parse_qs(url.query).items()})
+                self._method(method, body)
+
+            def _method(self, method: str, body: dict[str, Any]) -> None:
+                self.losing = False
+                if slack.lose_answers and not slack.rate_limited and not slack.cut and slack.outage is None:
+                    slack.lose_answers -= 1
+                    self.losing = True  # (carried out, its answer cut off)
                 call = {"method": method, "body": body, "ok": False}
                 slack.calls.append(call)
                 if slack.rate_limited:
@@ -134,13 +278,7 @@ class FakeSlack:
                     self.wfile.write(data)
                     return None
                 if slack.cut:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", "100")
-                    self.end_headers()
-                    self.wfile.write(b'{"ok": ')
-                    self.close_connection = True
-                    return None
+                    return self._cut()
                 if slack.outage is not None:
                     data = slack.outage_body
                     self.send_response(slack.outage)
@@ -152,23 +290,37 @@ class FakeSlack:
                     return self._reply({"ok": False, "error": "invalid_auth"})
                 if method in slack.refuse:
                     return self._reply({"ok": False, "error": slack.refuse[method]})
+                scope = SCOPES.get(method)
+                if scope and scope not in slack.scopes:
+                    provided = ",".join(sorted(slack.scopes))
+                    return self._reply({"ok": False, "error": "missing_scope", "needed": scope, "provided": provided})
                 if method == "chat.postMessage":
-                    if not body.get("channel"):
+                    cid = slack.channel(str(body.get("channel") or ""))
+                    if cid is None:
                         return self._reply({"ok": False, "error": "channel_not_found"})
                     if not body.get("text") and not body.get("blocks"):
                         return self._reply({"ok": False, "error": "no_text"})
                     problem = check_blocks(body.get("blocks", []))
                     if problem:
                         return self._reply({"ok": False, "error": problem})
+                    message = {"type": "message", "text": body.get("text"), "user": "U0BOT", "bot_id": "B0BOT"}
+                    if "metadata" in body:
+                        metadata, problem = check_metadata(body["metadata"])
+                        if problem:
+                            return self._reply({"ok": False, "error": problem})
+                        message["metadata"] = metadata
                     call["ok"] = True
-                    return self._reply(
-                        {
-                            "ok": True,
-                            "channel": "C0ROLLOUT",
-                            "ts": f"1700000000.{len(slack.calls):06d}",
-                            "message": {"text": body.get("text")},
-                        }
-                    )
+                    message["ts"] = slack._ts()
+                    slack.history.setdefault(cid, []).append(message)
+                    return self._reply({"ok": True, "channel": cid, "ts": message["ts"], "message": message})
+                if method == "conversations.history":
+                    answer = slack._history(body)
+                    call["ok"] = answer["ok"]
+                    return self._reply(answer)
+                if method == "conversations.list":
+                    answer = slack._list(body)
+                    call["ok"] = answer["ok"]
+                    return self._reply(answer)
                 if method == "files.getUploadURLExternal":
                     if not body.get("filename") or not str(body.get("length", "")).isdigit():
                         return self._reply({"ok": False, "error": "invalid_arguments"})
@@ -185,7 +337,7 @@ class FakeSlack:
                     files = json.loads(body.get("files", "[]"))
                     if not files or any(f["id"] not in slack.uploads for f in files):
                         return self._reply({"ok": False, "error": "file_not_found"})
-                    if body.get("thread_ts") and body.get("channel_id") != "C0ROLLOUT":
+                    if body.get("thread_ts") and body.get("channel_id") not in slack.channels:
                         return self._reply({"ok": False, "error": "channel_not_found"})
                     call["ok"] = True
                     return self._reply({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]})

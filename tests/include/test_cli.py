@@ -1264,7 +1264,7 @@ def test_outbox_send_starts_no_report_past_its_budget_and_names_those_left(tmp_p
             rollback_message(RolloutSpec.from_dict({}), reason)
         )
 
-    def timed_out(outbox, name, claim, client, now):
+    def timed_out(outbox, name, claim, client, now, channels):
         time.sleep(1.0)
         return {"name": name, "error": "TimeoutError: The read operation timed out"}
 

@@ -770,3 +770,170 @@ def test_a_posts_mark_written_before_its_report_is_not_swept_by_a_round_meanwhil
     os.utime(tmp_path / "outbox" / "20261203T000000-000000000-abcdef.posted", (old, old))
     assert send_waiting(outbox, client) == []
     assert outbox.names() == []
+
+
+def _dying_after_post(slack):
+    """A client whose sender dies once Slack took its post, before it can write the mark."""
+    from slack_sdk import WebClient
+
+    class Killed(BaseException):
+        pass
+
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    post = client.chat_postMessage
+
+    def posted_then_killed(**kwargs: object) -> None:
+        post(**kwargs)
+        raise Killed
+
+    client.chat_postMessage = posted_then_killed  # type: ignore[method-assign]
+    return client, Killed
+
+
+@pytest.mark.parametrize("channel", ["#model-rollouts", "C0ROLLOUT"])
+def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(slack, tmp_path, channel, monkeypatch):
+    """A sender killed between Slack's answer to chat.postMessage and its ``.posted`` mark left
+    the report and its claim: once the claim lapsed (CLAIM_S), the next round posted the report a
+    second time. Each report is posted with metadata naming it (its outbox name), and a report
+    whose earlier claim lapsed is first looked for in the channel's history since that claim
+    (by name: the channel's ID from conversations.list): found, its post is marked from there."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import REPORT_EVENT, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier(channel, outbox=outbox).send(rollback_message(SPEC, "once", chart=b"\x89PNG chart"))
+    (name,) = [n for n in outbox.names() if n.endswith(".json")]
+    stem = name.removesuffix(".json")
+    dying, killed = _dying_after_post(slack)
+    real_delete = Folder.delete
+    monkeypatch.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
+    with pytest.raises(killed):  # (its claim stays, as a killed process leaves it)
+        send_waiting(outbox, dying)
+    monkeypatch.undo()
+    (claim,) = [n for n in outbox.names() if ".claim-" in n]
+    (first,) = slack.messages()
+    assert first["metadata"] == {"event_type": REPORT_EVENT, "event_payload": {"report_id": stem}}
+    # Its claim lapses: as though the post were CLAIM_S ago and more.
+    monkeypatch.setattr(notify, "CLAIM_S", -1)
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert result["chart"] is True
+    assert len(slack.messages()) == 1
+    (history,) = [c for c in slack.calls if c["method"] == "conversations.history"]
+    assert history["body"]["channel"] == "C0ROLLOUT"
+    assert history["body"]["include_all_metadata"] == "1"
+    lapsed_at = int(claim.rsplit("-", 2)[1]) / 1e9
+    assert lapsed_at - 600 <= float(history["body"]["oldest"]) < lapsed_at
+    assert [c["method"] == "conversations.list" for c in slack.calls].count(True) == (channel.startswith("#"))
+    (complete,) = [c for c in slack.calls if c["method"] == "files.completeUploadExternal"]
+    assert complete["body"]["thread_ts"] == result["ts"]
+    assert outbox.names() == []
+
+
+def test_a_report_whose_answer_was_lost_is_looked_for_before_it_is_posted_again(slack, tmp_path):
+    """Slack took a new report but its answer was cut off (a proxy, a timeout): the report went to
+    the outbox and the next round posted it a second time. The outbox keeps when that post was
+    tried without an answer, and the round finds it in the channel's history first; one that
+    failed where Slack surely did not take it (its own error, a 429) is not looked for."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import REPORT_EVENT, send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.lose_answers = 1
+    lost = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "lost answer")
+    )
+    assert "incompleteread" in lost["slack_error"].lower()
+    stem = lost["outbox"].rsplit("/", 1)[1].removesuffix(".json")
+    (first,) = slack.messages()
+    assert first["metadata"] == {"event_type": REPORT_EVENT, "event_payload": {"report_id": stem}}
+    (waiting,) = waiting_reports(outbox)
+    assert waiting.maybe_posted is not None
+    slack.refuse = {"chat.postMessage": "invalid_auth"}
+    SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "refused token")
+    )
+    slack.refuse = {}
+    assert [w.maybe_posted is None for w in waiting_reports(outbox)] == [False, True]
+    results = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert [(r["sent"], r.get("posted_before", False)) for r in results] == [(True, True), (True, False)]
+    assert [m["text"] for m in slack.messages()] == [
+        "Rolled back digits v3: lost answer",
+        "Rolled back digits v3: refused token",
+    ]
+    assert [c["method"] for c in slack.calls].count("conversations.history") == 1
+    assert outbox.names() == []
+
+
+def _lost_answer(slack, outbox, text="lost answer"):
+    """A report Slack took whose answer was cut off: in the outbox, noted as maybe posted."""
+    slack.lose_answers = 1
+    SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, text)
+    )
+    assert len(slack.messages()) == 1
+
+
+@pytest.mark.parametrize("refused", ["channels:history", "not_in_channel", "channels:read"])
+def test_a_report_maybe_posted_is_posted_as_before_where_slack_refuses_the_look_up(slack, tmp_path, refused, caplog):
+    """A token without the history's scopes, a bot not in the channel: the look-up is refused, the
+    report is posted as before (perhaps twice), never failed for it, and the log says why."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    _lost_answer(slack, outbox)
+    if refused.startswith("channels:"):
+        slack.scopes.discard(refused)
+    else:
+        slack.refuse = {"conversations.history": refused}
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result["sent"] is True
+    assert "posted_before" not in result
+    assert len(slack.messages()) == 2
+    assert outbox.names() == []
+    (line,) = [r.getMessage() for r in caplog.records if "may have been posted already" in r.getMessage()]
+    assert "perhaps a second time" in line
+    assert ("missing_scope" if refused.startswith("channels:") else refused) in line
+
+
+def test_a_look_up_is_bounded_and_one_slack_does_not_answer_keeps_the_report_waiting(slack, tmp_path, monkeypatch):
+    """The history is read a bounded number of pages back: a report's post further back is posted
+    again, saying so. Slack not answering the look-up (an outage): the report waits, not posted."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    _lost_answer(slack, outbox)
+    slack.outage = 503
+    (result,) = send_waiting(outbox, client)
+    assert "conversations.list" in result["error"]
+    assert "upstream connect error" in result["error"]
+    assert len(slack.messages()) == 1
+    assert len(outbox.names()) == 1
+    slack.outage = None
+    for i in range(5):
+        SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url).send(
+            rollback_message(SPEC, str(i))
+        )
+    monkeypatch.setattr(notify, "LOOKUP_PAGE", 2)
+    monkeypatch.setattr(notify, "LOOKUP_PAGES", 2)
+    before = len(slack.calls)
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert "posted_before" not in result
+    assert [c["method"] for c in slack.calls[before:]] == [
+        "conversations.list",
+        "conversations.history",
+        "conversations.history",
+        "chat.postMessage",
+    ]
+    assert [c["body"]["limit"] for c in slack.calls[before + 1 : before + 3]] == ["2", "2"]
