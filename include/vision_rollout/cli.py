@@ -21,7 +21,8 @@
                                    (each waiting report to Slack; removed once Slack took it;
                                     none started after --budget-s, those left named; one Slack
                                     refuses for good set aside in refused/; --retry-refused: those
-                                    set aside put back first, all or those named)
+                                    set aside sent again too, all or those named; one Slack does
+                                    not take now stays set aside)
   rolloutctl outbox drop --outbox DIR NAME ...            (a report removed for good)
   rolloutctl status --model M (--lock-dir DIR | --namespace NS [--name VS]) [--url URL] [--token-file F]
                     [--json]         (the rollout holding the model, its lease, last word and routes)
@@ -934,7 +935,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it. Those
     Slack refused for good (a mistyped channel) are set aside in its ``refused/``: listed with
     Slack's reason, sent again with ``--retry-refused`` (all, or those named), or dropped."""
-    from vision_rollout.notify import REFUSED, drop_report, one_line, restore_refused, send_waiting, waiting_reports
+    from vision_rollout.notify import REFUSED, drop_report, one_line, send_refused, send_waiting, waiting_reports
 
     _found("--outbox", args.outbox)
     if args.action == "list":
@@ -974,32 +975,42 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if not 0 <= args.budget_s <= 3600:
         raise UsageError(f"--budget-s: 0 to 3600, not {args.budget_s:g}")
     client = WebClient(token=token, base_url=args.slack_url or WebClient.BASE_URL)
-    retried: list[str] = []
-    if args.retry_refused is not None:  # (no name: every report set aside)
-        try:
-            retried = restore_refused(args.outbox, args.retry_refused)
-        except FileNotFoundError as exc:
-            raise UsageError(str(exc)) from None
+    held = [n for n in (args.outbox / REFUSED).names() if n.endswith(".json")] if args.retry_refused is not None else []
+    named = args.retry_refused or []  # (no name: every report set aside)
+    for name in named:
+        if name not in held:
+            raise UsageError(f"{name}: no report of that name is set aside in {args.outbox / REFUSED}")
+    # Slack unreachable: each report waits out its timeout; the round starts none after its budget.
+    start = time.monotonic()
+    left = f"not started: the round's {args.budget_s:g} s were spent (send again)"
     found = [n for n in args.outbox.names() if n.endswith(".json")]
     results = send_waiting(args.outbox, client, budget_s=args.budget_s)
-    # Slack unreachable: each report waits out its timeout; the round starts none after its budget.
     tried = {r["name"] for r in results}
-    left = f"not started: the round's {args.budget_s:g} s were spent (send again)"
     results += [{"name": n, "left": left} for n in found if n not in tried]
+    if args.retry_refused is not None:  # (sent where they lie: one Slack does not take now stays set aside)
+        wanted = named or held
+        rest = max(0.0, args.budget_s - (time.monotonic() - start))
+        try:
+            again = [{**r, "retried": True} for r in send_refused(args.outbox, client, named, budget_s=rest)]
+        except FileNotFoundError as exc:  # (dropped meanwhile)
+            raise UsageError(str(exc)) from None
+        tried = {r["name"] for r in again}
+        results += again + [{"name": n, "left": left, "retried": True} for n in wanted if n not in tried]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
+            kept = f"left set aside in {REFUSED}/ (send --retry-refused again): " if r.get("retried") else ""
             what = (
                 "sent"
                 if r.get("sent")
                 else f"skipped: {r['skipped']}"
                 if "skipped" in r
-                else f"left waiting: {r['left']}"
+                else f"{kept or 'left waiting: '}{r['left']}"
                 if "left" in r
-                else f"refused for good, set aside{' again' if r['name'] in retried else ''} in {REFUSED}/: {r['error']}"
+                else f"refused for good, set aside{' again' if r.get('retried') else ''} in {REFUSED}/: {r['error']}"
                 if r.get("refused")
-                else f"error: {r['error']}"
+                else f"{kept or 'error: '}{r['error']}"
             )
             print(
                 f"{_shown(r['name'])}: {what}"
@@ -1464,7 +1475,8 @@ def parser() -> argparse.ArgumentParser:
         "--retry-refused",
         nargs="*",
         metavar="NAME",
-        help="first put back the reports set aside in refused/ (those named, else all): the channel fixed",
+        help="also the reports set aside in refused/ (those named, else all), the channel fixed; one Slack "
+        "does not take now stays set aside",
     )
     send.add_argument("--json", action="store_true")
     drop = actions.add_parser("drop", parents=[box], help="reports removed for good")

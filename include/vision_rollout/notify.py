@@ -967,28 +967,35 @@ def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
     outbox.write(name, json.dumps(record, indent=2).encode())
 
 
-def _set_aside(outbox: Folder, name: str, chart: str | None, error: str) -> None:
-    """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason."""
+def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> None:
+    """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason
+    (``aside``: ``outbox`` is that folder, where it stays)."""
     record = json.loads(outbox.read(name))
     record["slack_error"] = error
+    if aside:
+        outbox.write(name, json.dumps(record, indent=2).encode())
+        return
     _move(outbox, outbox / REFUSED, name, chart, json.dumps(record, indent=2).encode())
 
 
-def restore_refused(outbox: Folder, names: Sequence[str] | None = None) -> list[str]:
-    """The reports set aside in the outbox's ``refused/`` (those named, else all) put back to wait
-    in the outbox, for the next round to send (the channel fixed, the bot invited); their names.
-    A name not set aside there: FileNotFoundError."""
+def send_refused(
+    outbox: Folder,
+    client: Any,
+    names: Sequence[str] | None = None,
+    clock: Any = time.time,
+    budget_s: float | None = None,
+) -> list[dict[str, Any]]:
+    """The reports set aside in the outbox's ``refused/`` (those named, else all) sent again where
+    they lie (the channel fixed, the bot invited), as ``send_waiting`` sends the outbox's: each
+    Slack took is removed; each it refuses for good again stays, with its new reason
+    (``refused``); each it did not take for a while (an outage, a timeout, a rate limit) stays as
+    it was, no round but this one sending it. A name not set aside there: FileNotFoundError."""
     refused = outbox / REFUSED
     there = [n for n in refused.names() if n.endswith(".json")]
     for name in names or []:
         if name not in there:
             raise FileNotFoundError(f"{name}: no report of that name is set aside in {refused}")
-    moved = []
-    for name in names or there:
-        found, _ = _waiting(refused, name)
-        _move(refused, outbox, name, found.chart, refused.read(name))
-        moved.append(name)
-    return moved
+    return _send_round(refused, client, clock, budget_s, set(names) if names else None, aside=True)
 
 
 def drop_report(outbox: Folder, name: str) -> str:
@@ -1033,12 +1040,20 @@ def send_waiting(
     history since that claim (``find_post``), as for a report whose post's answer was lost
     (``maybe_posted``); only where Slack refuses that look-up is it posted a second time. None
     is lost."""
+    return _send_round(outbox, client, clock, budget_s)
+
+
+def _send_round(
+    outbox: Folder, client: Any, clock: Any, budget_s: float | None, only: set[str] | None = None, aside: bool = False
+) -> list[dict[str, Any]]:
+    """``send_waiting``'s round in ``outbox`` (``only``: those reports; ``aside``: the outbox's
+    ``refused/``, where a report refused again stays)."""
     results: list[dict[str, Any]] = []
     start = clock()
     _sweep_marks(outbox)
     channels: dict[str, str] = {}  # (the channels' IDs the round learnt, by name)
     names = outbox.names()
-    for name in [n for n in names if n.endswith(".json")]:
+    for name in [n for n in names if n.endswith(".json") and (only is None or n in only)]:
         if budget_s is not None and clock() - start > budget_s:
             break
         stem = name.removesuffix(".json")
@@ -1049,7 +1064,7 @@ def send_waiting(
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
         try:
-            results.append(_send_claimed(outbox, name, claim, client, clock(), channels))
+            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside))
         finally:
             outbox.delete(claim)
     return results
@@ -1069,7 +1084,7 @@ def _sweep_marks(outbox: Folder) -> None:
 
 
 def _send_claimed(
-    outbox: Folder, name: str, claim: str, client: Any, now: float, channels: dict[str, str]
+    outbox: Folder, name: str, claim: str, client: Any, now: float, channels: dict[str, str], aside: bool = False
 ) -> dict[str, Any]:
     stem = name.removesuffix(".json")
     names = outbox.names()
@@ -1116,7 +1131,7 @@ def _send_claimed(
             sent = notifier.send(message, report_id=stem)
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
             if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
-                _set_aside(outbox, name, found.chart, _failure(exc))
+                _set_aside(outbox, name, found.chart, _failure(exc), aside)
                 return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
             if unsure(exc) and found.maybe_posted is None:  # (the next round looks for it first)
                 _note_maybe_posted(outbox, name, tried)

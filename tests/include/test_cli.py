@@ -1264,7 +1264,7 @@ def test_outbox_send_starts_no_report_past_its_budget_and_names_those_left(tmp_p
             rollback_message(RolloutSpec.from_dict({}), reason)
         )
 
-    def timed_out(outbox, name, claim, client, now, channels):
+    def timed_out(outbox, name, claim, client, *_):
         time.sleep(1.0)
         return {"name": name, "error": "TimeoutError: The read operation timed out"}
 
@@ -2114,3 +2114,68 @@ def test_run_says_on_stdout_when_each_stage_starts_and_how_it_is_going(tmp_path,
         assert out[len(lines)].startswith("stage 10%: pass after 3 look(s), ")
         assert out[len(lines) + 1] == "stage 100%: started: bakes 600 s (at most 1200 s), 3 look(s)"
         assert out[-1].startswith("PROMOTED: every stage passed")
+
+
+@pytest.mark.parametrize("down", ["connection refused", "503", "rate limited"])
+def test_outbox_send_retry_refused_while_slack_is_down_leaves_them_set_aside(tmp_path, capsys, down):
+    """`outbox send --retry-refused` with Slack unreachable (or answering 503, or rate limiting)
+    moved the reports set aside into the outbox, failed to send them, and left them there: listed
+    as waiting with their old refusal, sent (and refused again, failing that run) by the next
+    hourly audit's round. They now stay set aside in refused/ as they were, each line says so and
+    why, and the exit is 4; once Slack answers, the same command sends them."""
+    from tests.fakes.slack_api import FakeSlack
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import REFUSED, SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    outbox = tmp_path / "outbox"
+    slack = FakeSlack().start()
+    try:
+        slack.refuse = {"chat.postMessage": "channel_not_found"}
+        for reason in ("first", "second"):
+            SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=Folder(str(outbox))).send(
+                rollback_message(RolloutSpec.from_dict({}), reason, chart=b"\x89PNG")
+            )
+        slack.refuse = {}
+        aside = sorted(p.name for p in (outbox / REFUSED).iterdir())
+        records = {p.name: p.read_bytes() for p in (outbox / REFUSED).iterdir()}
+
+        def unsure(record: bytes) -> bytes:  # (a 503 may come after Slack took the post: noted)
+            return (
+                record
+                if not record.startswith(b"{")
+                else json.dumps({k: v for k, v in json.loads(record).items() if k != "maybe_posted"}, indent=2).encode()
+            )
+
+        token = tmp_path / "token"
+        token.write_text(slack.token + "\n")
+        url = slack.base_url
+        if down == "connection refused":
+            slack.stop()
+            url = f"http://127.0.0.1:{free_port()}/api/"
+        elif down == "503":
+            slack.outage = 503
+        else:
+            slack.rate_limited, slack.retry_after = 100, 120
+        args = ("outbox", "send", "--outbox", str(outbox), "--token-file", str(token), "--slack-url", url)
+        code, out, _ = run(capsys, *args, "--retry-refused")
+        assert code == 4
+        lines = out.splitlines()
+        assert len(lines) == 3
+        for line in lines[:2]:
+            assert f": left set aside in {REFUSED}/ (send --retry-refused again): " in line
+        assert lines[2] == f"0 of 2 report(s) sent from {outbox}"
+        assert sorted(p.name for p in (outbox / REFUSED).iterdir()) == aside
+        assert {p.name: unsure(p.read_bytes()) for p in (outbox / REFUSED).iterdir()} == records  # (as they were)
+        assert not list(outbox.glob("*.json"))
+        code, out, _ = run(capsys, "outbox", "list", "--outbox", str(outbox))
+        assert out.count("(set aside: Slack refused it: SlackApiError") == 2
+        if down == "connection refused":
+            return
+        slack.outage, slack.rate_limited = None, 0
+        code, out, _ = run(capsys, *args, "--retry-refused")
+        assert (code, out.splitlines()[-1]) == (0, f"2 of 2 report(s) sent from {outbox}")
+        assert not list((outbox / REFUSED).iterdir())
+        assert len(slack.messages()) == 2
+    finally:
+        slack.stop()

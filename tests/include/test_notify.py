@@ -652,7 +652,7 @@ def test_a_report_slack_refuses_for_good_is_set_aside_once_kept_and_sent_again_o
     report's fault and keeps it waiting."""
     from slack_sdk import WebClient
 
-    from vision_rollout.notify import REFUSED, drop_report, restore_refused, send_waiting, waiting_reports
+    from vision_rollout.notify import REFUSED, drop_report, send_refused, send_waiting, waiting_reports
 
     outbox = Folder(str(tmp_path / "outbox"))
     client = WebClient(token=slack.token, base_url=slack.base_url)
@@ -689,13 +689,21 @@ def test_a_report_slack_refuses_for_good_is_set_aside_once_kept_and_sent_again_o
     assert "invalid_auth" in result["error"]
     assert "refused" not in result
     assert len([n for n in outbox.names() if n.endswith(".json")]) == 1
-    # The channel fixed: sent again on request, charts and all.
+    # The channel fixed: sent again on request where it lies, charts and all; one refused again
+    # stays set aside with Slack's new reason.
     slack.refuse = {}
-    assert restore_refused(outbox, [listed[1].name]) == [listed[1].name]
-    results = send_waiting(outbox, client)
-    assert [r.get("sent") for r in results] == [True, True]
-    assert any(r.get("chart") for r in results)
+    with pytest.raises(FileNotFoundError):
+        send_refused(outbox, client, ["20990101T000000-000000000-abcdef.json"])
+    (result,) = send_refused(outbox, client, [listed[1].name])
+    assert result["sent"] is True
+    assert result["chart"] is True
+    assert [r.get("sent") for r in send_waiting(outbox, client)] == [True]
+    slack.refuse = {"chat.postMessage": "not_in_channel"}
+    (result,) = send_refused(outbox, client)
+    assert result["refused"] is True
     assert [w.name for w in waiting_reports(outbox)] == [listed[0].name]
+    assert "not_in_channel" in waiting_reports(outbox)[0].refused
+    assert len((outbox / REFUSED).names()) == 2  # (the report and its chart, where they were)
     with pytest.raises(FileNotFoundError):
         drop_report(outbox, "20990101T000000-000000000-abcdef.json")
     with pytest.raises(ValueError, match="not a report's name"):
