@@ -798,8 +798,10 @@ def _dying_after_post(slack):
     return client, Killed
 
 
-@pytest.mark.parametrize("channel", ["#model-rollouts", "C0ROLLOUT"])
-def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(slack, tmp_path, channel, monkeypatch):
+@pytest.mark.parametrize(("channel", "store"), [("#model-rollouts", "folder"), ("C0ROLLOUT", "folder"), ("#c", "s3")])
+def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(
+    slack, tmp_path, channel, store, monkeypatch, request
+):
     """A sender killed between Slack's answer to chat.postMessage and its ``.posted`` mark left
     the report and its claim: once the claim lapsed (CLAIM_S), the next round posted the report a
     second time. Each report is posted with metadata naming it (its outbox name), and a report
@@ -810,16 +812,15 @@ def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(slack
     from vision_rollout import notify
     from vision_rollout.notify import REPORT_EVENT, send_waiting
 
-    outbox = Folder(str(tmp_path / "outbox"))
+    outbox = Folder(request.getfixturevalue("s3").uri() if store == "s3" else str(tmp_path)) / "outbox"
     SlackNotifier(channel, outbox=outbox).send(rollback_message(SPEC, "once", chart=b"\x89PNG chart"))
     (name,) = [n for n in outbox.names() if n.endswith(".json")]
     stem = name.removesuffix(".json")
     dying, killed = _dying_after_post(slack)
     real_delete = Folder.delete
-    monkeypatch.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
-    with pytest.raises(killed):  # (its claim stays, as a killed process leaves it)
+    with monkeypatch.context() as m, pytest.raises(killed):  # (its claim stays, as a killed process leaves it)
+        m.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
         send_waiting(outbox, dying)
-    monkeypatch.undo()
     (claim,) = [n for n in outbox.names() if ".claim-" in n]
     (first,) = slack.messages()
     assert first["metadata"] == {"event_type": REPORT_EVENT, "event_payload": {"report_id": stem}}
