@@ -918,6 +918,9 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
         channel, text, blocks = record["channel"], record["text"], record["blocks"]
         if not (isinstance(channel, str) and channel and isinstance(text, str) and isinstance(blocks, list)):
             raise ValueError("not a report")
+        problem = _blocks_problem(blocks)
+        if problem:
+            raise ValueError(problem)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError) as exc:  # (JSONDecodeError, UnicodeDecodeError are ValueErrors)
@@ -929,6 +932,21 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
     maybe = float(maybe) if isinstance(maybe, (int, float)) and math.isfinite(maybe) else None
     found = Waiting(name, channel, text, one_line(str(error))[:500] if error else None, chart, maybe_posted=maybe)
     return found, Message(text, blocks)
+
+
+def _blocks_problem(blocks: list[Any]) -> str | None:
+    """Why a report file's blocks cannot be sent as a message's (more than Slack takes, not
+    Block Kit's shape: edited by hand, another writer's), else None."""
+    if len(blocks) > MAX_BLOCKS:
+        return f"{len(blocks)} blocks: Slack takes at most {MAX_BLOCKS}"
+    for i, b in enumerate(blocks):
+        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+            return f"block {i} is not a block"
+        if not isinstance(b.get("fields", []), list) or not isinstance(b.get("elements", []), list):
+            return f"block {i}'s fields or elements are not a list"
+        if any(not isinstance(t, dict) or not isinstance(t.get("text", ""), str) for t in _text_objects(b)):
+            return f"block {i} holds a text that is not a text object"
+    return None
 
 
 def waiting_reports(outbox: Folder) -> list[Waiting]:

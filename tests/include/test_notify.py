@@ -946,3 +946,33 @@ def test_a_look_up_is_bounded_and_one_slack_does_not_answer_keeps_the_report_wai
         "chat.postMessage",
     ]
     assert [c["body"]["limit"] for c in slack.calls[before + 1 : before + 3]] == ["2", "2"]
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        [1],
+        [{"type": "section", "text": "a text that is no text object"}],
+        [{"type": "section", "fields": [{"type": "mrkdwn", "text": 3}]}],
+        [{"type": "section", "text": {"type": "mrkdwn", "text": "x"}}] * 51,
+    ],
+)
+def test_a_waiting_report_whose_blocks_cannot_be_sent_is_not_a_report(slack, tmp_path, blocks):
+    """A report file whose blocks are not Block Kit's shape (edited by hand, another writer's)
+    failed inside the round (AttributeError, ValueError) as a report Slack did not take: kept
+    waiting with its channel, failing every hourly shadow audit (whose round sends the outbox
+    first) until someone removed it. It is not a report, as a file that is no JSON: listed and
+    answered so, Slack never called, no audit failed for it."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    name = "20261203T000000-000000000-abcdef.json"
+    outbox.write(name, json.dumps({"channel": "#c", "text": "t", "blocks": blocks}).encode())
+    (listed,) = waiting_reports(outbox)
+    assert listed.problem.startswith("not a report: ")
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result == {"name": name, "error": listed.problem}
+    assert slack.calls == []
+    assert outbox.names() == [name]
