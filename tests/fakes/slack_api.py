@@ -182,6 +182,9 @@ class FakeSlack:
         }
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
+        types = str(body.get("types") or "public_channel").split(",")
+        if not set(types) <= {"public_channel", "private_channel", "mpim", "im"}:
+            return {"ok": False, "error": "invalid_types"}
         found = [
             {"id": cid, "name": name, "is_channel": True, "is_private": False, "is_archived": False}
             for cid, name in self.channels.items()
