@@ -977,6 +977,17 @@ def _move(source: Folder, target: Folder, name: str, chart: str | None, record: 
         source.delete(chart)
 
 
+def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, error: str) -> None:
+    """A report of the outbox's ``refused/`` that Slack took, its chart waiting, moved back to
+    the outbox with its ``.posted`` mark (written there first, as a sender's) and ``error``."""
+    outbox = Folder(refused.uri, refused.parts[:-1])
+    record = json.loads(refused.read(name))
+    record["slack_error"] = error
+    outbox.write(mark, refused.read(mark))
+    _move(refused, outbox, name, chart, json.dumps(record, indent=2).encode())
+    refused.delete(mark)
+
+
 def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
     """The report ``name`` notes that a post of it was tried at ``tried`` that Slack may have
     taken (``unsure``)."""
@@ -1160,6 +1171,8 @@ def _send_claimed(
         sent["posted_before"] = True
     sent.update(notifier.upload_chart(sent, replace(message, chart=chart)))
     if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
+        if aside:  # (no longer refused: the outbox's rounds upload its chart)
+            _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")
         return {"name": name, "sent": True, **sent}
     if found.chart:
         outbox.delete(found.chart)

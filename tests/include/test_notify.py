@@ -977,3 +977,37 @@ def test_a_waiting_report_whose_blocks_cannot_be_sent_is_not_a_report(slack, tmp
     assert result == {"name": name, "error": listed.problem}
     assert slack.calls == []
     assert outbox.names() == [name]
+
+
+def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the_outbox(slack, tmp_path):
+    """A report sent again from refused/ (the channel fixed) that Slack took, its chart's upload
+    failing for a while, stayed in refused/: listed as refused (channel_not_found) though posted,
+    its chart uploaded by no round but another --retry-refused. It now waits in the outbox with
+    the mark of its post, as a new report's chart does: the next round uploads it into the thread."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import POSTED, REFUSED, send_refused, send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    SlackNotifier("#typo", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    slack.refuse = {"upload": "HTTP Error 500"}
+    (result,) = send_refused(outbox, client)
+    assert result["sent"] is True
+    assert "chart_error" in result
+    assert (outbox / REFUSED).names() == []
+    stem = result["name"].removesuffix(".json")
+    assert outbox.names() == sorted([f"{stem}.json", f"{stem}.png", stem + POSTED])
+    (waiting,) = waiting_reports(outbox)
+    assert waiting.refused is None
+    assert waiting.slack_error.startswith("its chart was not uploaded: ")
+    slack.refuse = {}
+    (done,) = send_waiting(outbox, client)
+    assert (done["posted_before"], done["chart"]) == (True, True)
+    (complete,) = [c for c in slack.calls if c["method"] == "files.completeUploadExternal"]
+    assert complete["body"]["thread_ts"] == result["ts"]
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
