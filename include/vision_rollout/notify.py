@@ -604,13 +604,24 @@ PERMANENT_ERRORS = frozenset(
 )
 
 
-def refusal(exc: BaseException) -> str | None:
-    """Slack's error code where it refused a post for good (``PERMANENT_ERRORS``), else None."""
+# chat.postMessage's errors of a post's metadata (``report_metadata``): the report is posted without it.
+METADATA_ERRORS = frozenset(
+    {"invalid_metadata_format", "invalid_metadata_schema", "metadata_too_large", "metadata_must_be_sent_from_app"}
+)
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """Slack's error code where it answered a call with one, else None."""
     from slack_sdk.errors import SlackApiError
 
     if not isinstance(exc, SlackApiError) or not hasattr(exc.response, "get"):
         return None
-    code = str(exc.response.get("error") or "").split(":", 1)[0].strip()
+    return str(exc.response.get("error") or "").split(":", 1)[0].strip()
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Slack's error code where it refused a post for good (``PERMANENT_ERRORS``), else None."""
+    code = _error_code(exc)
     return code if code in PERMANENT_ERRORS else None
 
 
@@ -697,9 +708,7 @@ class SlackNotifier:
             return self._to_outbox(message, stem)
         tried = time.time()
         try:
-            posted = self.client.chat_postMessage(
-                channel=self.channel, text=mrkdwn(message.text), blocks=message.blocks, metadata=report_metadata(stem)
-            )
+            posted = self._post(message, stem)
         except _slack_failures() as exc:
             if self.outbox is None:
                 raise
@@ -723,6 +732,20 @@ class SlackNotifier:
             error = f"its chart was not uploaded: {result['chart_error']}"
             result.update(self._to_outbox(message, stem, error=error, posted=result))
         return result
+
+    def _post(self, message: Message, stem: str) -> Any:
+        """chat.postMessage of ``message`` with its metadata; where Slack refuses the metadata (a
+        token that is no app's, a limit: ``METADATA_ERRORS``), posted again without it, logged: a
+        later round cannot find that post in the history, the report is not lost for it."""
+        post = {"channel": self.channel, "text": mrkdwn(message.text), "blocks": message.blocks}
+        try:
+            return self.client.chat_postMessage(**post, metadata=report_metadata(stem))
+        except _slack_failures() as exc:
+            code = _error_code(exc)
+            if code not in METADATA_ERRORS:
+                raise
+            log.warning("Slack refused report %s's metadata (%s): it is posted without its metadata", stem, code)
+        return self.client.chat_postMessage(**post)
 
     def upload_chart(self, posted: dict[str, Any], message: Message) -> dict[str, Any]:
         """The message's chart into the thread of its post (``posted``: its channel and ts):

@@ -2,7 +2,7 @@
 
 ``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
 field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
-``event_payload`` object), ``files.getUploadURLExternal``, the upload URL it hands out, and
+``event_payload`` object, an event_type of another shape ignored with a warning), ``files.getUploadURLExternal``, the upload URL it hands out, and
 ``files.completeUploadExternal``; ``conversations.history`` (a channel's ID only, as Slack:
 newest first, after ``oldest``, ``limit`` and ``cursor`` pages, the messages' metadata with
 ``include_all_metadata``) and ``conversations.list``, by GET or POST; each method refused
@@ -68,13 +68,15 @@ SCOPES = {
     "conversations.list": "channels:read",
 }
 CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")
-# Slack's guide to metadata: an event_type starts with a-z, then a-z, 0-9 and underscores.
-EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,254}")
+# Slack's metadata: an event_type of letters, digits, underscores and hyphens; another is ignored,
+# the message posted with a warning (invalid_metadata_schema).
+EVENT_TYPE = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def check_metadata(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """chat.postMessage's ``metadata`` (an object, or its JSON in a form's field) and Slack's error
-    where it is not ``{"event_type": "<a_type>", "event_payload": {...}}``."""
+    """chat.postMessage's ``metadata`` (an object, or its JSON in a form's field): the metadata
+    the message keeps (None: ignored, with the warning) and Slack's error or warning where it is
+    not ``{"event_type": "<a_type>", "event_payload": {...}}``."""
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -82,12 +84,12 @@ def check_metadata(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
             return None, "invalid_metadata_format"
     if not isinstance(raw, dict) or set(raw) != {"event_type", "event_payload"}:
         return None, "invalid_metadata_format"
-    if not isinstance(raw["event_type"], str) or not EVENT_TYPE.fullmatch(raw["event_type"]):
-        return None, "invalid_metadata_schema"
     if not isinstance(raw["event_payload"], dict):
-        return None, "invalid_metadata_schema"
+        return None, "invalid_metadata_format"
     if len(json.dumps(raw)) > 8000:
         return None, "metadata_too_large"
+    if not isinstance(raw["event_type"], str) or not EVENT_TYPE.fullmatch(raw["event_type"]):
+        return None, "warning:invalid_metadata_schema"
     return raw, None
 
 
@@ -107,6 +109,7 @@ class FakeSlack:
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.lose_answers = 0  # how many of the next API calls are carried out, their answers cut off
+        self.metadata_refused: str | None = None  # an error a post with metadata gets (a token no app's)
         self.scopes = set(SCOPES.values())  # the token's
         self.channels: dict[str, str] = {}  # ID -> name, of the channels posted to
         self.missing: set[str] = set()  # channel names or IDs that do not exist
@@ -307,15 +310,21 @@ class FakeSlack:
                     if problem:
                         return self._reply({"ok": False, "error": problem})
                     message = {"type": "message", "text": body.get("text"), "user": "U0BOT", "bot_id": "B0BOT"}
+                    warning = None
                     if "metadata" in body:
+                        if slack.metadata_refused:
+                            return self._reply({"ok": False, "error": slack.metadata_refused})
                         metadata, problem = check_metadata(body["metadata"])
-                        if problem:
+                        if problem and not problem.startswith("warning:"):
                             return self._reply({"ok": False, "error": problem})
-                        message["metadata"] = metadata
+                        warning = problem.removeprefix("warning:") if problem else None
+                        if metadata is not None:
+                            message["metadata"] = metadata
                     call["ok"] = True
                     message["ts"] = slack._ts()
                     slack.history.setdefault(cid, []).append(message)
-                    return self._reply({"ok": True, "channel": cid, "ts": message["ts"], "message": message})
+                    answer = {"ok": True, "channel": cid, "ts": message["ts"], "message": message}
+                    return self._reply({**answer, **({"warning": warning} if warning else {})})
                 if method == "conversations.history":
                     answer = slack._history(body)
                     call["ok"] = answer["ok"]

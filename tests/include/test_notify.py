@@ -1011,3 +1011,29 @@ def test_a_report_set_aside_then_posted_whose_chart_waits_leaves_refused_for_the
     assert complete["body"]["thread_ts"] == result["ts"]
     assert len(slack.messages()) == 1
     assert outbox.names() == []
+
+
+@pytest.mark.parametrize("error", ["metadata_must_be_sent_from_app", "invalid_metadata_format", "metadata_too_large"])
+def test_a_post_whose_metadata_slack_refuses_is_posted_without_it(slack, tmp_path, error, caplog):
+    """Slack refusing a report's metadata (a token that is no app's, a limit) must not cost the
+    report: those errors are set aside for good, and a user token was refused every report. It is
+    posted again without its metadata, the log saying a lost answer can no longer be found."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.metadata_refused = error
+    sent = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "direct")
+    )
+    assert sent["ts"]
+    SlackNotifier("#c", outbox=outbox).send(rollback_message(SPEC, "waiting"))
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result["sent"] is True
+    assert [m["text"] for m in slack.messages()] == ["Rolled back digits v3: direct", "Rolled back digits v3: waiting"]
+    assert all("metadata" not in m for m in slack.messages())
+    assert outbox.names() == []
+    lines = [r.getMessage() for r in caplog.records if "without its metadata" in r.getMessage()]
+    assert len(lines) == 2
+    assert error in lines[0]
