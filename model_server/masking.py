@@ -3,7 +3,8 @@
 Every detector costs time linear in the text (each starts only at a boundary and every
 repetition is bounded), so no header value can hold the server.
 
-Detectors find national ID numbers (18-digit PRC resident IDs), phone numbers, e-mail
+Detectors find national ID numbers (18-digit PRC resident IDs), phone numbers (international,
+NANP, PRC and India mobiles, national formats with a trunk 0), e-mail
 addresses and bank card numbers in free text, each as a whole (never digits cut out of a
 longer number or word, so hex ids stay intact); configured header names are masked whole.
 Each value becomes a token ``tok_<kid>_<payload>``: AES-GCM-SIV (RFC 8452, the
@@ -87,8 +88,16 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
             + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:{_SEP}?\d){{9}}"  # PRC mobile, any grouping
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
             + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP
-            + r"|[2-9]\d{9})"  # NANP without separators (an area code never starts with 0 or 1)
+            + r"|[2-9]\d{9}"  # NANP without separators (an area code never starts with 0 or 1)
+            + rf"|[6-9]\d{{4}}{_SEP}\d{{5}})"  # India's mobiles, 5 and 5
             + _NOT_ALNUM_AFTER
+            # National formats (UK, DE, FR, IN, CN, JP): a trunk 0, the area code in parentheses or
+            # not, then groups apart by one kind of separator; 10 to 12 digits in all, a run of its
+            # own (not the tail of a date, a version or a UUID's digit groups).
+            + rf"|{_NOT_ALNUM_BEFORE}(?<!\d{_SEP})(?<![0-9A-Fa-f]-)(?=\(?(?:[ ./_)-]{{0,2}}\d){{10,12}}(?![ ./_-]?\d))"
+            + r"(?:\(0\d{1,4}\) ?\d{2,8}(?:[ ./-]\d{2,8}){0,3}"
+            + rf"|0\d{{1,5}}(?P<sep>{_SEP})\d{{2,8}}(?:(?P=sep)\d{{2,8}}){{0,4}}|0[1-9]\d{{8,9}})"
+            + rf"(?![ ./_-]?\d)(?!-[0-9A-Fa-f]){_NOT_ALNUM_AFTER}"
         ),
     ),
     # 13 to 19 digits, groups apart by up to two separators.
