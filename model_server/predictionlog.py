@@ -394,7 +394,7 @@ class PredictionLog:
 
     def _mask(self, name: str, value: str, key: Key) -> str:
         """As ``Masker.mask_fields``: configured names whole, other values by the detectors."""
-        whole = name.lower() in self.masker.header_names
+        whole = self.masker.masks_whole(name)
         k = (key.kid, whole, value)
         out = self._mask_cache.get(k)
         if out is None:

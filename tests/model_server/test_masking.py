@@ -180,10 +180,15 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "area codes and short groups": "(0123) 12 " * 100_000,
     "hyphenated digit pairs": "01-" * 333_333,
     "hex then digit groups": "a-0123-" * 140_000,
+    "repeated keys": "passport:" * 110_000,
+    "key names glued": "PASSPORT_NO" * 90_000,
+    "SSN-shaped runs": "123-45-" * 140_000,
 }
 FOUND_IN_HOSTILE = {  # runs of 13 to 19 digits apart by separators read as card numbers, each masked
     "spaced digits": {"bank_card"},
     "hyphenated digit pairs": {"bank_card"},
+    "SSN-shaped runs": {"bank_card"},
+    "repeated keys": {"keyed"},  # each key's value is the next key's name
 }
 
 
@@ -449,3 +454,72 @@ def test_timestamps_ids_versions_sizes_and_floats_pass_unchanged(keys, text):
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+@pytest.mark.parametrize("ssn", ["123-45-6789", "078-05-1120", "899-99-9999"])
+def test_us_social_security_numbers_are_masked(keys, ssn):
+    ring = KeyRing(keys)
+    assert find_sensitive(f"ssn {ssn}.") == [("ssn", ssn)]
+    masked = Masker(ring).mask_text(f"holder {ssn}.", ring.key_for(None))
+    assert re.fullmatch(r"holder tok_\w+\.", masked), masked
+    assert reveal(TOKEN_RE.search(masked).group(0), ring) == ssn
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["000-12-3456", "666-12-3456", "901-23-4567", "123-00-4567", "123-45-0000", "7-123-45-6789", "123-45-6789-1"],
+)
+def test_numbers_no_ssn_can_be_are_left_alone(keys, text):
+    """Area 000, 666 and 900-999, group 00 and serial 0000 are never issued: such ids stay."""
+    assert find_sensitive(text) == []
+
+
+# A value a pattern cannot tell from an ordinary id (a passport or national id number), after a
+# key that names it: the value is masked, the key kept.
+KEYED = {
+    "passport: E12345678": "E12345678",
+    "passport_no=K1234567&lang=en": "K1234567",
+    "Passport No.: 123456789": "123456789",
+    '{"ssn": "123456789"}': "123456789",
+    "national_id=AB123456C;": "AB123456C",
+    "National-Insurance-Number: QQ123456C": "QQ123456C",
+    "id_card = 110105194912310": "110105194912310",
+    "aadhaar: 1234 5678 9012": "1234 5678 9012",
+    "driver_license: D1234-56789": "D1234-56789",
+}
+
+
+@pytest.mark.parametrize("text", sorted(KEYED))
+def test_a_value_after_a_key_that_names_it_is_masked(keys, text):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(f"note {text} end", ring.key_for(None))
+    assert KEYED[text] not in masked
+    assert masked.startswith("note " + text[: text.index(KEYED[text])])  # the key as it was
+    assert masked.endswith(text[text.index(KEYED[text]) + len(KEYED[text]) :] + " end")
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [KEYED[text]]
+    assert find_sensitive(masked) == []  # a token after the key is no value
+
+
+def test_words_near_a_key_name_are_not_values(keys):
+    ring = KeyRing(keys)
+    for text in ["passport expired", "the passport office", "ssn-check passed", "passports: 3 valid"]:
+        assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def test_fields_whose_name_says_what_they_hold_are_masked_whole(keys):
+    """Headers and JSON fields named for a passport, SSN or national id: the whole value,
+    whatever its shape, as ``--mask-header`` masks the headers it names."""
+    ring = KeyRing(keys)
+    m = Masker(ring)
+    out = m.mask_fields({"x-meta-passport": "E12345678", "X-Meta-SSN": "123456789", "x-meta-lang": "en"}, None)
+    assert out["x-meta-lang"] == "en"
+    assert reveal(out["x-meta-passport"], ring) == "E12345678"
+    assert reveal(out["X-Meta-SSN"], ring) == "123456789"
+    masking = LogMasking(m)
+    line = json.dumps({"path": "primary", "user": {"passport_no": "E12345678", "national_id": 110105194912310}})
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    fields = json.loads(record.getMessage())
+    assert reveal(fields["user"]["passport_no"], ring) == "E12345678"
+    assert reveal(fields["user"]["national_id"], ring) == "110105194912310"
+    assert fields["path"] == "primary"

@@ -29,7 +29,7 @@ from model_server import predictionlog
 from model_server.app import is_shadow_host
 from model_server.feedback import FeedbackSigner, read_key
 from model_server.files import filesystem
-from model_server.masking import DETECTORS, KeyRing, Masker, create_key_file, find_sensitive
+from model_server.masking import DETECTORS, KeyRing, Masker, create_key_file, find_sensitive, reveal
 from model_server.predictionlog import (
     GATE_COLUMNS,
     PAIR_COLUMNS,
@@ -1627,3 +1627,17 @@ def test_where_the_log_is_written_is_said_to_the_admin_token_alone_unless_told_o
     assert requests.get(f"{hidden.http}/v2", headers=hidden.admin, timeout=10).json()["parameters"] == {}
     with pytest.raises(RuntimeError, match=r"--show-prediction-log.*'somebody'"):
         server_factory(repo_copy, "--show-prediction-log", "somebody", token=TOKEN)
+
+
+def test_a_metadata_header_named_for_a_passport_is_written_only_masked(tmp_path):
+    """An X-Meta-Passport value looks like any id ("E12345678"): no detector took it, and it
+    reached the log in clear. A header whose name says it holds a passport, SSN or national id
+    number is masked whole."""
+    w = writer(tmp_path)
+    w.append(primary("r-1", {"x-meta-passport-no": "E12345678", "x-meta-lang": "en"}))
+    assert w.flush() == 2
+    for f in (tmp_path / "log").rglob("*.parquet"):
+        assert b"E12345678" not in f.read_bytes()
+    meta = json.loads(read(tmp_path / "log", *window())["meta"].iloc[0])
+    assert meta["x-meta-lang"] == "en"
+    assert reveal(meta["x-meta-passport-no"], KeyRing(tmp_path / "keys.json")) == "E12345678"
