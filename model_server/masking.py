@@ -4,10 +4,11 @@ Every detector costs time linear in the text (each starts only at a boundary and
 repetition is bounded), so no header value can hold the server.
 
 Detectors find national ID numbers (18-digit PRC resident IDs), phone numbers (international,
-NANP, PRC and India mobiles, national formats with a trunk 0), e-mail
-addresses, bank card numbers and US SSNs in free text, and values after a key that names them
-(``passport_no=E1234567``; a field of such a name is masked whole), each as a whole (never digits cut out of a
-longer number or word, so hex ids stay intact); configured header names are masked whole.
+NANP, PRC and India mobiles, national formats with a trunk 0), e-mail addresses (also with
+"at" and "dot" spelt out), bank card numbers and US SSNs in free text, each as a whole (never
+digits cut out of a longer number or word, so hex ids stay intact), and the value after a key
+that names it (``passport_no=E1234567``); configured header names, and fields named for an
+identity number (``X-Meta-Passport``), are masked whole.
 Each value becomes a token ``tok_<kid>_<payload>``: AES-GCM-SIV (RFC 8452, the
 nonce-misuse-resistant AES-GCM) under the tenant's key, deterministic so that equal values
 give equal tokens (joins and counts still work) without revealing the value. Tokens contain
@@ -70,18 +71,29 @@ _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
+# A key that names its value, ":" or "=", the value: letters and digits, joined by . / _ -
+# or by spaces before digits ("1234 5678 9012"); a token already there is no value.
+_KEYED = re.compile(
+    rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?"
+    r"(?!tok_[a-zBCDFGH]{8}_)(?P<v>[A-Za-z0-9](?:[./_-]?[A-Za-z0-9]|[ ][0-9]){0,63})"
+)
+# An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
+# or with both spelt as words ("li.wei at example dot com"), and then only before a common
+# top-level domain: "look at this dot product" is a sentence.
+_AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]?[(\[{<](?i:dot)[)\]}>][ ]?)"
+_TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
+_SPELT_EMAIL = re.compile(
+    rf"(?<!{_LOCAL}){_LOCAL}{{1,64}}"
+    rf"(?:[ ]?{_AT}[ ]?[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
+    rf"|[ ](?i:at)[ ][A-Za-z0-9-]{{1,63}}(?:[ ](?i:dot)[ ][A-Za-z0-9-]{{1,63}}){{0,7}}[ ](?i:dot)[ ](?i:{_TLDS}))"
+    r"(?![A-Za-z0-9-])"
+)
+
 # A detector with a group "v" masks that group only (the key before it stays). The keyed one
-# is first (``_detectors`` leaves it out of text without a key name).
+# and the spelt e-mail run only on text that holds their words (``_detectors``).
 DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    # A key that names its value, ":" or "=", the value: letters and digits, joined by . / _ -
-    # or by spaces before digits ("1234 5678 9012"); a token already there is no value.
-    (
-        "keyed",
-        re.compile(
-            rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?"
-            r"(?!tok_[a-zBCDFGH]{8}_)(?P<v>[A-Za-z0-9](?:[./_-]?[A-Za-z0-9]|[ ][0-9]){0,63})"
-        ),
-    ),
+    ("keyed", _KEYED),
+    ("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
     # local part 64, labels 63): linear in the text, where the unanchored [...]+@ scanned each
     # run once per start position (160 KB without an @ held the server 27 s). Addresses and
@@ -145,25 +157,25 @@ DETECTORS: tuple[tuple[str, re.Pattern[str]], ...] = (
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
 # phone), nine digits at most three separators apart (IDs, phones, cards, SSNs; three in a NANP
 # number's "(555)  123-4567"; a tab reads as a space) or a key that names its value; "%", "\\"
-# and "&" start an escape that may decode to one of them. Text with none of these, all ASCII,
+# and "&" start an escape that may decode to one of them; "at" spelt for an e-mail. Text with none of these, all ASCII,
 # comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
 _SHAPES = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"
-SUSPECT = rf"{_SHAPES}|(?i:{_KEY_NAMES})"
+SUSPECT = rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot )"
 _SHAPES_RE = re.compile(_SHAPES)
 
 
 def _plain(text: str) -> bool:
     """Whether ``text`` is ASCII without a SUSPECT match: nothing in it, or in any piece of it,
     can be masked."""
-    return text.isascii() and not _SHAPES_RE.search(text) and not _names_a_key(text)
+    return text.isascii() and not _SHAPES_RE.search(text) and _hints(text) == (False, False)
 
 
-def _names_a_key(text: str) -> bool:
-    """Whether ``text`` may hold a key of ``_KEY_NAMES``: a substring of each, in lower case.
-    Python's re tries a case-insensitive alternation at every position (in the prefilter it
-    made a clean line 7 times as slow), ``in`` runs in C."""
+def _hints(text: str) -> tuple[bool, bool]:
+    """Whether ``text`` may hold a key of ``_KEY_NAMES``, and an "at" ``_SPELT_EMAIL`` takes:
+    substrings, in lower case. Python's re tries a case-insensitive alternation at every
+    position (in the prefilter it made a clean line 7 times as slow), ``in`` runs in C."""
     low = text.lower()
-    return (
+    key = (
         "passport" in low
         or "ssn" in low
         or "security" in low
@@ -177,11 +189,21 @@ def _names_a_key(text: str) -> bool:
         or "tax" in low
         or "licen" in low
     )
+    spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
+    return key, spelt
+
+
+_BY_HINTS = {
+    (key, spelt): tuple(d for d in DETECTORS if (key or d[1] is not _KEYED) and (spelt or d[1] is not _SPELT_EMAIL))
+    for key in (False, True)
+    for spelt in (False, True)
+}
 
 
 def _detectors(text: str) -> tuple[tuple[str, re.Pattern[str]], ...]:
-    """The detectors that may match ``text``: the keyed one only where a key name is in it."""
-    return DETECTORS if _names_a_key(text) else DETECTORS[1:]
+    """The detectors that may match ``text``: the keyed one and the spelt e-mail only where
+    their words are in it."""
+    return _BY_HINTS[_hints(text)]
 
 
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),

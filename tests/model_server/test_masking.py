@@ -183,6 +183,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "repeated keys": "passport:" * 110_000,
     "key names glued": "PASSPORT_NO" * 90_000,
     "SSN-shaped runs": "123-45-" * 140_000,
+    "spelt at signs": "a (at) " * 140_000,
+    "spelt at without a domain end": "a(at)b(dot)" * 90_000,
+    "words at and dot": "a at b dot " * 90_000,
 }
 FOUND_IN_HOSTILE = {  # runs of 13 to 19 digits apart by separators read as card numbers, each masked
     "spaced digits": {"bank_card"},
@@ -523,3 +526,42 @@ def test_fields_whose_name_says_what_they_hold_are_masked_whole(keys):
     assert reveal(fields["user"]["passport_no"], ring) == "E12345678"
     assert reveal(fields["user"]["national_id"], ring) == "110105194912310"
     assert fields["path"] == "primary"
+
+
+# Addresses with "@" and "." spelt out: each reached the log whole.
+SPELT_EMAILS = [
+    "alice (at) example (dot) com",
+    "alice(at)example(dot)com",
+    "alice[at]example.com",
+    "alice [at] mail [dot] example [dot] co [dot] uk",
+    "alice{at}example.org",
+    "alice<at>example.de",
+    "li.wei at example dot com",
+    "bob AT mail DOT example DOT org",
+]
+
+
+@pytest.mark.parametrize("value", SPELT_EMAILS)
+def test_an_address_with_at_and_dot_spelt_out_is_masked(keys, value):
+    ring = KeyRing(keys)
+    assert [name for name, _ in find_sensitive(f"write to {value}, thanks")] == ["email"]
+    masked = Masker(ring).mask_text(f"write to {value}, thanks", ring.key_for(None))
+    assert re.fullmatch(r"write to tok_\w+, thanks", masked), masked
+    assert reveal(TOKEN_RE.search(masked).group(0), ring) == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "look at this dot product",
+        "meet at noon",
+        "look at example.com",  # "at" and a real dot: a sentence as often as an address
+        "started at step 3 dot 2",
+        "x at example dot community",
+        "path (at) the [dot]",
+    ],
+)
+def test_at_and_dot_in_a_sentence_are_not_an_address(keys, text):
+    ring = KeyRing(keys)
+    assert find_sensitive(text) == []
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
