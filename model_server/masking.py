@@ -239,6 +239,26 @@ def normalise(text: str) -> str:
     return unicodedata.normalize("NFKC", text).translate(_FOLD)
 
 
+# The charsets a header that is not UTF-8 may be in (it then reaches the masking read as Latin-1,
+# its full-width digits and "@" as mojibake no detector reads and any reader decodes back).
+_LEGACY_CHARSETS = ("utf-8", "gb18030", "shift_jis", "euc_kr", "big5")
+
+
+def _legacy_readings(text: str) -> list[str]:
+    """``text``'s bytes read in each of ``_LEGACY_CHARSETS`` that takes them, normalised, where
+    ``text`` is what Latin-1 makes of bytes beyond ASCII (none above U+00FF); else none."""
+    if text.isascii() or max(text) > "\xff":
+        return []
+    raw = text.encode("latin-1")
+    readings = []
+    for charset in _LEGACY_CHARSETS:
+        try:
+            readings.append(normalise(raw.decode(charset)))
+        except UnicodeDecodeError:
+            continue
+    return readings
+
+
 # 32 symbols, no digits: base32 with its six digits swapped for upper-case letters.
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzBCDFGH"
@@ -378,13 +398,18 @@ class Masker:
     def mask_text(self, text: str, key: Key | None) -> str:
         """Every detected value replaced by its token (``<masked>`` without a key). Text that holds a value only once
         normalised (``138\\u00300013 8000``, ``alice%40example.com``, full-width digits) is
-        written normalised, its values masked; other text is left as it was."""
+        written normalised, its values masked; text of Latin-1 characters whose bytes, read as
+        GBK, Shift-JIS, EUC-KR, Big5 or UTF-8, still hold a value once masked is masked whole
+        (no span of another charset's reading maps back); other text is left as it was."""
         if _plain(text):
             return text
         folded = normalise(text)
         if folded != text and any(p.search(folded) for _, p in _detectors(folded)):
             text = folded  # masked whole: a value half in escapes is one value
-        return self._mask_raw(text, key)
+        masked = self._mask_raw(text, key)
+        if any(p.search(r) for r in _legacy_readings(masked) for _, p in _detectors(r)):
+            return "<masked>" if key is None else self.token(text, key)
+        return masked
 
     def _mask_raw(self, text: str, key: Key | None) -> str:
         for _, pattern in _detectors(text):

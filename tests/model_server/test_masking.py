@@ -565,3 +565,50 @@ def test_at_and_dot_in_a_sentence_are_not_an_address(keys, text):
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+LEGACY_VALUES = [
+    "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10",  # full-width digits
+    "\u674e\u4f1f \uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10",  # a name before them
+    "\uff4c\uff49\uff0e\uff57\uff45\uff49\uff20\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45\uff0e\uff43\uff4f\uff4d",
+]
+
+
+@pytest.mark.parametrize("codec", ["gbk", "shift_jis", "euc_kr", "big5"])
+@pytest.mark.parametrize("value", LEGACY_VALUES)
+def test_a_header_in_a_legacy_charset_never_reaches_the_log_readable(keys, codec, value):
+    """A header sent in GBK, Shift-JIS, EUC-KR or Big5 is not UTF-8: read as Latin-1, its
+    full-width digits and "@" were mojibake no detector reads, written as they came, and a
+    reader decoding the log's text back from Latin-1 had the phone number or the address."""
+    from model_server.shadow import header_text
+
+    ring = KeyRing(keys)
+    try:
+        raw = value.encode(codec)
+    except UnicodeEncodeError:
+        pytest.skip(f"{codec} cannot write {value!r}")
+    text = header_text(raw)
+    masked = Masker(ring).mask_fields({"x-meta-note": text}, None)["x-meta-note"]
+    for charset in ("latin-1", "utf-8"):
+        try:
+            recovered = masked.encode(charset).decode(codec, "replace")
+        except UnicodeEncodeError:
+            continue
+        assert find_sensitive(recovered) == [], (charset, recovered)
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [text]  # masked whole
+
+
+def test_latin1_text_without_a_value_is_written_as_it_came(keys):
+    ring = KeyRing(keys)
+    for text in ["M\u00fcller, caf\u00e9", "na\u00efve r\u00e9sum\u00e9 \u00a92026"]:
+        assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def test_a_megabyte_of_legacy_charset_digits_is_masked_whole(keys):
+    """Each charset reads the text once (linear): 1 MB of GBK full-width phone numbers, as Latin-1."""
+    ring = KeyRing(keys)
+    text = (
+        ("\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10 " * 43_000).encode("gbk").decode("latin-1")
+    )
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.fullmatch(masked)
