@@ -612,3 +612,16 @@ def test_a_megabyte_of_legacy_charset_digits_is_masked_whole(keys):
     )
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert TOKEN_RE.fullmatch(masked)
+
+
+def test_an_encoded_value_is_not_decoded_and_its_header_is_masked_whole_when_named(keys):
+    """Base64 (or hex, compressed, encrypted) text is not decoded, as KServe's and Seldon's
+    payload loggers decode nothing: a detector would have to guess at every id-like run. The
+    README says so; such a header is masked whole with --mask-header (or a name that says it
+    holds an identity number)."""
+    ring = KeyRing(keys)
+    encoded = base64.b64encode(b"li.wei@example.com").decode()
+    assert find_sensitive(encoded) == []
+    masker = Masker(ring, ["x-meta-contact"])
+    out = masker.mask_fields({"x-meta-contact": encoded, "x-meta-passport": encoded}, None)
+    assert reveal(out["x-meta-contact"], ring) == reveal(out["x-meta-passport"], ring) == encoded
