@@ -869,6 +869,20 @@ def test_a_tenant_without_a_usable_key_is_dropped_not_written_in_plaintext(tmp_p
         assert b"13800138000" not in f.read_bytes()
 
 
+def test_a_metadata_header_named_for_a_passport_is_written_only_masked(tmp_path):
+    """An X-Meta-Passport value looks like any id ("E12345678"): no detector took it, and it
+    reached the log in clear. A header whose name says it holds a passport, SSN or national id
+    number is masked whole."""
+    w = writer(tmp_path)
+    w.append(primary("r-1", {"x-meta-passport-no": "E12345678", "x-meta-lang": "en"}))
+    assert w.flush() == 2
+    for f in (tmp_path / "log").rglob("*.parquet"):
+        assert b"E12345678" not in f.read_bytes()
+    meta = json.loads(read(tmp_path / "log", *window())["meta"].iloc[0])
+    assert meta["x-meta-lang"] == "en"
+    assert reveal(meta["x-meta-passport-no"], KeyRing(tmp_path / "keys.json")) == "E12345678"
+
+
 def test_a_tenant_without_a_usable_key_logs_one_line_a_flush_not_one_a_request(tmp_path, caplog):
     """Each record of a tenant whose key could not be loaded logged its own error line: a
     thousand lines a second under a thousand requests a second, for one key's fault."""
@@ -1627,17 +1641,3 @@ def test_where_the_log_is_written_is_said_to_the_admin_token_alone_unless_told_o
     assert requests.get(f"{hidden.http}/v2", headers=hidden.admin, timeout=10).json()["parameters"] == {}
     with pytest.raises(RuntimeError, match=r"--show-prediction-log.*'somebody'"):
         server_factory(repo_copy, "--show-prediction-log", "somebody", token=TOKEN)
-
-
-def test_a_metadata_header_named_for_a_passport_is_written_only_masked(tmp_path):
-    """An X-Meta-Passport value looks like any id ("E12345678"): no detector took it, and it
-    reached the log in clear. A header whose name says it holds a passport, SSN or national id
-    number is masked whole."""
-    w = writer(tmp_path)
-    w.append(primary("r-1", {"x-meta-passport-no": "E12345678", "x-meta-lang": "en"}))
-    assert w.flush() == 2
-    for f in (tmp_path / "log").rglob("*.parquet"):
-        assert b"E12345678" not in f.read_bytes()
-    meta = json.loads(read(tmp_path / "log", *window())["meta"].iloc[0])
-    assert meta["x-meta-lang"] == "en"
-    assert reveal(meta["x-meta-passport-no"], KeyRing(tmp_path / "keys.json")) == "E12345678"
