@@ -749,11 +749,14 @@ class FileRead:
     table: pa.Table | None
     reason: str | None = None
     malformed: int = 0
-    unread: bool = False  # left unread: the read's budget (``max_bytes``) was spent (``UNREAD``)
+    unread: bool = False  # left unread: the read's budget (``max_bytes``, ``deadline``) was spent (``UNREAD``)
     stored: int = 0  # its bytes in storage, as listed
+    unlisted: bool = False  # a folder (``path``) left unlisted: the read's time was spent (``UNLISTED``)
 
 
 UNREAD = "not read: the read's budget (max_bytes) was spent"
+OUT_OF_TIME = "not read: the read's time (deadline) was spent"
+UNLISTED = "not listed: the read's time (deadline) was spent"
 
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -1033,14 +1036,26 @@ def _may_hold(group: _RowGroup, start: int, end: int) -> bool:
 
 
 class _Budget:
-    """What the tables of one read may hold together (bytes), shared by its threads: a file is
-    read while what it may take fits in what is left; once one did not, no other is begun."""
+    """What the tables of one read may hold together (bytes; None: no bound), shared by its
+    threads: a file is read while what it may take fits in what is left; once one did not, no
+    other is begun. And until when (``deadline``, a ``clock()``) a listing or a file's read may
+    begin: once it passed, none is (``late``)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int | None, deadline: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.limit, self.held, self.spent = limit, 0, False
+        self.deadline, self.clock, self.late = deadline, clock, False
         self._lock = threading.Lock()
 
+    def expired(self) -> bool:
+        """Whether the deadline passed (once it did, for the rest of the read)."""
+        with self._lock:
+            if not self.late and self.deadline is not None and self.clock() >= self.deadline:
+                self.late = True
+            return self.late
+
     def take(self, n: int) -> bool:
+        if self.limit is None:
+            return True
         with self._lock:
             if self.held + n > self.limit:
                 self.spent = True
@@ -1049,6 +1064,8 @@ class _Budget:
             return True
 
     def give(self, n: int) -> None:
+        if self.limit is None:
+            return
         with self._lock:
             self.held -= n
 
@@ -1115,6 +1132,8 @@ def _read_one(
     table holds once filtered is kept from it."""
     if budget is not None and budget.spent:
         return FileRead(path, None, UNREAD, unread=True)
+    if budget is not None and budget.expired():
+        return FileRead(path, None, OUT_OF_TIME, unread=True)
     hold = _Hold(budget)
     try:
         return _read_file(fs, path, columns, start, end, roles, written, hold)
@@ -1258,6 +1277,8 @@ def read(
     written: bool = False,
     written_after: datetime | None = None,
     max_bytes: int | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> pd.DataFrame:
     """Every complete record with ``start <= time < end`` (timezone-aware datetimes).
 
@@ -1279,16 +1300,29 @@ def read(
     With ``max_bytes``, the records read are held to about that many bytes (of Arrow tables;
     what a file may take is reserved while it is read): once a file did not fit, it and the
     files not yet read are left unread, counted in ``df.attrs`` (``unread_files``, and their
-    bytes in storage ``unread_bytes``), the records read kept.
+    bytes in storage ``unread_bytes``), the records read kept. With ``deadline`` (a ``clock()``:
+    ``time.monotonic`` unless given), no hour folder is listed nor file begun once it passed: the
+    files left are unread as above, the folders counted (``unlisted_folders``), and
+    ``out_of_time`` is true.
     """
     schema, paths, results = read_files(
-        uri, start, end, model, columns, roles, threads, written, written_after=written_after, max_bytes=max_bytes
+        uri,
+        start,
+        end,
+        model,
+        columns,
+        roles,
+        threads,
+        written,
+        written_after=written_after,
+        max_bytes=max_bytes,
+        deadline=deadline,
+        clock=clock,
     )
-    tables, reasons, malformed, unread, unread_bytes = [], {}, 0, 0, 0
+    tables, reasons, malformed = [], {}, 0
+    left = Shortfall.of(results)
     for r in results:
         if r.unread:
-            unread += 1
-            unread_bytes += r.stored
             continue
         if r.table is None:
             reasons[r.path] = r.reason or ""
@@ -1298,15 +1332,7 @@ def read(
             tables.append(r.table)
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     del tables, results
-    if unread:
-        log.warning(
-            "%d prediction log files under %s (%d bytes stored) not read: the read's budget of %d bytes was spent",
-            unread,
-            uri,
-            unread_bytes,
-            max_bytes,
-        )
-    return to_frame(table, reasons, malformed, len(paths) - len(reasons) - unread, str(uri), unread, unread_bytes)
+    return to_frame(table, reasons, malformed, len(paths) - len(reasons) - left.files, str(uri), left)
 
 
 def read_schema(
@@ -1333,13 +1359,17 @@ def read_files(
     listed_until: datetime | None = None,
     written_after: datetime | None = None,
     max_bytes: int | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[pa.Schema, list[str], list[FileRead]]:
     """``read``'s files one by one: (the tables' schema, every file listed, sorted, and what each
     file not in ``done`` gave, in that order: its records of the range as a table of that schema,
     or why it was skipped). The hour folders are listed up to ``listed_until`` (``end`` when
     None), the records kept up to ``end``; with ``written_after``, only the files whose name
     says they were written after it are listed (a name without its second is not). With
-    ``max_bytes``, the tables are held to that budget (``read``), the files beyond it ``unread``."""
+    ``max_bytes``, the tables are held to that budget (``read``), the files beyond it ``unread``;
+    with ``deadline`` (a ``clock()``), the folders not listed by then are ``unlisted`` results
+    (their ``path`` the folder's) and the files not begun by then ``unread``."""
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware datetimes")
     schema = read_schema(columns, roles, written)
@@ -1356,14 +1386,19 @@ def read_files(
             if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
         )
     until = end if listed_until is None else listed_until
-    budget = None if max_bytes is None else _Budget(max_bytes)
+    budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]
-        listings = list(pool.map(lambda p: _list(fs, p), folders))
+        listings = list(pool.map(lambda p: None if budget is not None and budget.expired() else _list(fs, p), folders))
+        unlisted = [
+            FileRead(p, None, UNLISTED, unread=True, unlisted=True)
+            for p, got in zip(folders, listings, strict=True)
+            if got is None
+        ]
         stored = {
             info.path: info.size or 0
             for listing in listings
-            for info in listing
+            for info in listing or ()
             if info.type == pafs.FileType.File
             and info.base_name.startswith("part-")
             and info.base_name.endswith(".parquet")
@@ -1383,7 +1418,29 @@ def read_files(
             r.table = r.table.select(schema.names)
         elif not r.unread:  # (those read counts, once)
             log.warning("prediction log file %s skipped: %s", r.path, r.reason)
-    return schema, paths, results
+    return schema, paths, results + unlisted
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """What a read's budget left out: files unread and their bytes in storage, hour folders
+    unlisted, and whether its time (``deadline``) was spent."""
+
+    files: int = 0
+    stored: int = 0
+    folders: int = 0
+    out_of_time: bool = False
+
+    @classmethod
+    def of(cls, results: Iterable[FileRead]) -> Shortfall:
+        left = [r for r in results if r.unread]
+        files = [r for r in left if not r.unlisted]
+        return cls(
+            len(files),
+            sum(r.stored for r in files),
+            len(left) - len(files),
+            any(r.reason in (OUT_OF_TIME, UNLISTED) for r in left),
+        )
 
 
 def to_frame(
@@ -1392,14 +1449,22 @@ def to_frame(
     malformed: int,
     files_read: int,
     uri: str,
-    unread: int = 0,
-    unread_bytes: int = 0,
+    left: Shortfall = Shortfall(),
 ) -> pd.DataFrame:
     """``read``'s frame of a table of records (the tables ``read_files`` returns, concatenated)
-    and its counts (``df.attrs``; ``unread``: the files a read's budget left unread, and their
-    bytes in storage)."""
+    and its counts (``df.attrs``; ``left``: what a read's budget left out: ``unread_files`` and
+    their ``unread_bytes`` in storage, ``unlisted_folders``, ``out_of_time``)."""
     if malformed:
         log.warning("%d malformed prediction log records skipped under %s", malformed, uri)
+    if left.files or left.folders:
+        log.warning(
+            "%d prediction log files under %s (%d bytes stored) not read, %d hour folders not listed: the read's %s",
+            left.files,
+            uri,
+            left.stored,
+            left.folders,
+            "time was spent" if left.out_of_time else "budget of bytes was spent",
+        )
     # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
     df = table.to_pandas(types_mapper=_arrow_lists, self_destruct=True, split_blocks=True)
     del table
@@ -1408,8 +1473,10 @@ def to_frame(
         skipped_file_reasons=reasons,
         skipped_records=malformed,
         files_read=files_read,
-        unread_files=unread,
-        unread_bytes=unread_bytes,
+        unread_files=left.files,
+        unread_bytes=left.stored,
+        unlisted_folders=left.folders,
+        out_of_time=left.out_of_time,
     )
     return df
 

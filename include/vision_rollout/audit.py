@@ -106,6 +106,10 @@ class AuditResult:
     # (``MAX_AUDIT_BYTES``), and their bytes in storage: their records are not in the audit.
     unread_files: int = 0
     unread_bytes: int = 0
+    # Hour folders of the range left unlisted, and whether the files and folders left were left
+    # because the audit's time (``MAX_AUDIT_S``) was spent rather than its memory bound.
+    unlisted_folders: int = 0
+    out_of_time: bool = False
     malformed_records: int = 0  # (and records of the files read that could not be: read's skipped_records)
     # Records of the range in files written after it closed (``closes``: a flush slower than
     # ``MAX_FLUSH_S``, a clock ahead by more than ``CLOCK_SKEW_S``): left out, whenever the audit
@@ -443,6 +447,10 @@ EARLIER_HOURS = 24  # how far back the hourly audit looks for records that came 
 # What one audit's records may take in memory (Arrow tables, as read): each file is bounded
 # (``MAX_READ_BYTES``), an hour of 10,000 files was not. The pairs, vectors and report come on top.
 MAX_AUDIT_BYTES = 4 * 1024**3
+# How long one audit's reads of the log may take together (listings and files begun until then):
+# a slow store or an hour of many files ran the task past any bound (the rollout's audit holds
+# the model's lease for ``LEASE_S`` + 600 s). What is left is named; the range is inconclusive.
+MAX_AUDIT_S = 480.0
 
 
 def closes(end: datetime) -> datetime:
@@ -607,6 +615,8 @@ def audit(
     config: AuditConfig | None = None,
     earlier_hours: int = 0,
     max_bytes: int = MAX_AUDIT_BYTES,
+    max_seconds: float | None = MAX_AUDIT_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
@@ -628,10 +638,13 @@ def audit(
 
     The records read are held to ``max_bytes``: the files beyond it are left unread and counted
     (``unread_files``, ``unread_bytes``), and the range is inconclusive at best, as when files
-    could not be read."""
+    could not be read. Its reads (the earlier hours' too) begin no listing nor file after
+    ``max_seconds`` (by ``clock``): what was left is counted the same way (``unlisted_folders``,
+    ``out_of_time``), and named."""
     from model_server.predictionlog import SHADOW_PAIR_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
+    deadline = None if max_seconds is None else clock() + max_seconds
     records = read(
         prediction_log,
         start - margin,
@@ -641,10 +654,13 @@ def audit(
         roles=("primary", "shadow"),
         written=True,
         max_bytes=max_bytes,
+        deadline=deadline,
+        clock=clock,
     )
     mine, earlier = attribution(records, start, end)
     late = _late(records, closes(end))
     late_earlier = None
+    earlier_left = (0, 0)
     if earlier_hours:
         # (or stamped beyond the earlier range's margin, by a clock further ahead: never read by it)
         beyond = (records["time"] >= pd.Timestamp(start + margin)).to_numpy()
@@ -658,8 +674,11 @@ def audit(
             roles=("primary", "shadow"),
             written=True,
             written_after=closes(start),
+            deadline=deadline,
+            clock=clock,
         )
         late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
+        earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -703,13 +722,19 @@ def audit(
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
     result.unread_files, result.unread_bytes = records.attrs["unread_files"], records.attrs["unread_bytes"]
-    if result.unread_files:
+    result.unlisted_folders, result.out_of_time = records.attrs["unlisted_folders"], records.attrs["out_of_time"]
+    if result.unread_files or result.unlisted_folders:
         listed = result.unread_files + len(skipped) + records.attrs["files_read"]
+        unlisted = f", and {result.unlisted_folders} of its hour folders not listed" if result.unlisted_folders else ""
+        why = (
+            f"this audit's reads take at most {max_seconds:g} s (MAX_AUDIT_S: a slow store, or very many files)"
+            if result.out_of_time
+            else f"this audit holds at most {max_bytes:,} bytes of records (MAX_AUDIT_BYTES)"
+        )
         result.reasons.insert(
             0,
             f"{result.unread_files} of {listed} prediction log files of this range ({result.unread_bytes:,} bytes "
-            f"stored) were not read: this audit holds at most {max_bytes:,} bytes of records (MAX_AUDIT_BYTES), "
-            "theirs are not in it: nothing is shown",
+            f"stored) were not read{unlisted}: {why}, theirs are not in it: nothing is shown",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
@@ -733,7 +758,16 @@ def audit(
             result.verdict, result.reasons = "inconclusive", [late_reason]
         else:
             result.reasons.append(late_reason)
-    if late_earlier:
+    if any(earlier_left):
+        # (what came late to earlier ranges is a count beside this range's audit, not its evidence)
+        result.reasons.append(
+            f"the {earlier_hours} hours before this range were looked through in part ({earlier_left[0]} files "
+            f"not read, {earlier_left[1]} hour folders not listed within this audit's {max_seconds:g} s): "
+            f"at least {late_earlier} of their records came after their audit closed"
+        )
+        if result.verdict == "skip":
+            result.verdict = "warning"
+    elif late_earlier:
         result.reasons.append(
             f"{late_earlier} records of the {earlier_hours} hours before this range came after their "
             "audit closed, or were stamped beyond its margin (a pod's clock ahead): in none"
@@ -1015,8 +1049,10 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
-        f"- Prediction log files not read (over the audit's memory bound): {result.unread_files} "
-        f"({result.unread_bytes:,} bytes stored)",
+        f"- Prediction log files not read (over the audit's "
+        f"{'time' if result.out_of_time else 'memory bound'}): {result.unread_files} "
+        f"({result.unread_bytes:,} bytes stored)"
+        + (f", hour folders not listed: {result.unlisted_folders}" if result.unlisted_folders else ""),
         f"- Malformed records in the files read (not audited): {result.malformed_records}",
         f"- Records written after this range closed (not audited): {result.late_records}",
         *(

@@ -40,7 +40,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from model_server.predictionlog import read_files, read_schema, to_frame
+from model_server.predictionlog import Shortfall, read_files, read_schema, to_frame
 from vision_rollout.folders import Folder
 
 log = logging.getLogger(__name__)
@@ -233,32 +233,42 @@ def prune(folder: Folder, dry_run: bool = False) -> list[str]:
 
 
 def stage_records(
-    folder: Folder, uri: str, start: datetime, end: datetime, model: str, columns: Sequence[str]
+    folder: Folder,
+    uri: str,
+    start: datetime,
+    end: datetime,
+    model: str,
+    columns: Sequence[str],
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> pd.DataFrame:
-    """``read(uri, start, end, model, columns, written=True)``, reading only the files the
-    stage's cache in ``folder`` does not cover; ``attrs["files_opened"]``: the files read now.
-    OSError when the log cannot be listed; a cache that cannot be read or written costs a
-    full read, nothing more."""
+    """``read(uri, start, end, model, columns, written=True, deadline=deadline, clock=clock)``,
+    reading only the files the stage's cache in ``folder`` does not cover (those read before a
+    deadline cut a poke's read short are covered for the next poke); ``attrs["files_opened"]``:
+    the files read now. OSError when the log cannot be listed; a cache that cannot be read or
+    written costs a full read, nothing more."""
     cache = name(uri, model, start, columns)
     stage = folder / cache
     schema = read_schema(columns, written=True)
     parts, bad = _load(stage, cache, schema)
     covered = _covered(parts)
-    _, listed, results = read_files(uri, start, _NEVER, model, columns, written=True, done=covered, listed_until=end)
+    _, listed, results = read_files(
+        uri, start, _NEVER, model, columns, written=True, done=covered, listed_until=end, deadline=deadline, clock=clock
+    )
     new = [(r.path, r.table, r.malformed) for r in results if r.table is not None]
     if new:
         try:
             _write(folder, stage, cache, parts, bad, new)
         except Exception as exc:
             log.warning("log cache %s not written: %s", cache, str(exc)[:300])
-    reasons = {r.path: r.reason or "" for r in results if r.table is None}
+    reasons = {r.path: r.reason or "" for r in results if r.table is None and not r.unread}
     segments = sorted([(p, t, m) for p, (t, m) in covered.items()] + new, key=lambda s: s[0])
     still = set(listed)  # (a file gone from the log since, or in an hour not listed now: not read now)
     segments = [s for s in segments if s[0] in still]
     tables = [t for _, t, _ in segments if t.num_rows]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     table = table.filter(pc.less(table["time"], pa.scalar(end, table.schema.field("time").type)))
-    df = to_frame(table, reasons, sum(m for _, _, m in segments), len(segments), str(uri))
+    df = to_frame(table, reasons, sum(m for _, _, m in segments), len(segments), str(uri), Shortfall.of(results))
     df.attrs["files_opened"] = len(results)
     return df
 

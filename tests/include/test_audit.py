@@ -1196,3 +1196,49 @@ def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart
     files = report_files(result)
     assert files[CHART].startswith(b"\x89PNG")
     assert b"**FAIL**" in files[REPORT]
+
+
+def ticks(step: float = 1.0):
+    """A clock that moves ``step`` at each look: each listing or file a read begins is one look,
+    as a store taking ``step`` seconds an answer would make it."""
+    from itertools import count
+
+    seen = count()
+    return lambda: next(seen) * step
+
+
+def test_an_audit_of_a_slow_store_stops_at_its_time_and_names_what_it_left(tmp_path):
+    """Each file's read was bounded, the audit's reads together were not: on a slow store (or an
+    hour of 18,000 files) the hourly audit ran on past any bound, the rollout's past its lease.
+    Its reads begin no listing nor file once ``max_seconds`` passed; what was left is counted and
+    named, and the range is inconclusive, never a pass on the files read in time."""
+    for k in range(6):
+        shadow_log(tmp_path, 50, disagree=0.0, seed=k, versions=("1", str(k + 3)))
+    log = tmp_path / "log"
+    assert audit(log, *around_now(), "digits", max_seconds=1000, clock=ticks()).verdict == "pass"
+    part = audit(log, *around_now(), "digits", max_seconds=4, clock=ticks())
+    assert part.verdict == "inconclusive"
+    assert part.out_of_time
+    assert part.unread_files + part.unlisted_folders >= 1
+    assert part.rows < 300
+    assert "this audit's reads take at most 4 s (MAX_AUDIT_S" in part.reasons[0], part.reasons
+    assert "Prediction log files not read (over the audit's time)" in report_files(part)[REPORT].decode()
+
+
+def test_the_earlier_hours_read_in_part_are_named_not_counted_as_whole(tmp_path):
+    """``earlier_hours`` (24 hours of the log's folders, the hourly audit's look back for what
+    came late) had no bound of its own: a slow store made every hourly audit run for its whole
+    listing. It shares the audit's time; read in part, the count says "at least" and names what
+    was left, and an hour holding nothing else is a warning, not a silent skip."""
+    shadow_log(tmp_path, 20, disagree=0.0)
+    log = tmp_path / "log"
+    end = around_now()[1]
+    later = end + timedelta(hours=1)  # an empty hour after the records, its 24 hours before holding them
+    whole = audit(log, end, later, "digits", earlier_hours=24, max_seconds=1000, clock=ticks())
+    assert whole.verdict in ("skip", "warning")
+    assert not any("in part" in r for r in whole.reasons)
+    part = audit(log, end, later, "digits", earlier_hours=24, max_seconds=6, clock=ticks())
+    assert part.verdict == "warning", part.reasons
+    assert any("were looked through in part" in r and "hour folders not listed" in r for r in part.reasons), (
+        part.reasons
+    )
