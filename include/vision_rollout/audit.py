@@ -19,6 +19,7 @@ the range holds no records.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -35,6 +36,8 @@ from scipy import stats
 from vision_rollout.folders import Folder
 from vision_rollout.gates import cluster_sums, design_effect, limit_percent, percent_beside
 from vision_rollout.spec import DEFAULTS, RolloutSpec
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-6
 
@@ -504,7 +507,14 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
     return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
 
 
-def copies_pending(prediction_log: str | Path, end: datetime, model: str, version: str) -> datetime | None:
+def copies_pending(
+    prediction_log: str | Path,
+    end: datetime,
+    model: str,
+    version: str,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> datetime | None:
     """When the newest record stamped in the last stretch before ``end`` that its pair's other
     record may still come for (``closes``'s bound) was stamped, of those whose other record is
     not in the log yet: a primary of ``version`` (the mirrored one) without a shadow record (a
@@ -512,7 +522,9 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
     None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
     writer) while it may have been: until the shadow's pods have written their copies past it
-    (``shadow_watermark``). Only that stretch is read, and only the records' keys."""
+    (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
+    listing nor file after ``deadline`` (by ``clock``): ``end`` itself when it was not read whole
+    by then (what is pending is not known: the last record may be)."""
     from model_server.predictionlog import read
 
     start = end - (closes(end) - end)
@@ -536,7 +548,11 @@ def copies_pending(prediction_log: str | Path, end: datetime, model: str, versio
             "mirrored",
         ],
         roles=("primary", "shadow"),
+        deadline=deadline,
+        clock=clock,
     )
+    if records.attrs["out_of_time"]:
+        return end
     stamp = records["time"]
     recent = ((stamp >= pd.Timestamp(start)) & (stamp < pd.Timestamp(end))).to_numpy(bool)
     primary = (records["role"] == "primary").to_numpy(bool)
@@ -566,11 +582,17 @@ def await_copies(
     (``closes``: a record written later is late, in no audit; a copy the mirror's sampling never
     made is waited for that long), looking every ``COPIES_POLL_S``; the seconds it waited. A
     range audited up to now, before its last flushes, showed those records unpaired and
-    compared only the copies answered and written first (a failing shadow's among them)."""
-    began = clock()
-    while (newest := copies_pending(prediction_log, end, model, version)) is not None:
+    compared only the copies answered and written first (a failing shadow's among them). A
+    look begins no read of the log after the range's close (``clock`` is ``time.time``'s): one
+    that could not read the stretch whole by then (a slow store) waits to the close."""
+    began, close = clock(), closes(end).timestamp()
+    while (newest := copies_pending(prediction_log, end, model, version, close, clock)) is not None:
         left = closes(newest).timestamp() - clock()
         if left <= 0:
+            if newest == end:
+                log.warning(
+                    "the shadow copies of the records before %s could not be looked for in full by its close", end
+                )
             break
         sleep(min(COPIES_POLL_S, left))
     return clock() - began

@@ -1242,3 +1242,64 @@ def test_the_earlier_hours_read_in_part_are_named_not_counted_as_whole(tmp_path)
     assert any("were looked through in part" in r and "hour folders not listed" in r for r in part.reasons), (
         part.reasons
     )
+
+
+class SlowStore:
+    """The log's folder as a store whose every file takes ``per_file`` seconds of ``now`` to
+    open (``filesystem`` stands in for ``model_server.files.filesystem``)."""
+
+    def __init__(self, now: float, per_file: float):
+        import threading
+
+        import pyarrow.fs as pafs
+
+        self.now, self.per_file, self.opened = [now], per_file, 0
+        self.local, self.lock = pafs.LocalFileSystem(), threading.Lock()
+
+    def clock(self) -> float:
+        return self.now[0]
+
+    def sleep(self, seconds: float) -> None:
+        self.now[0] += seconds
+
+    def filesystem(self, uri):
+        root = Path(str(uri)).resolve().as_posix()
+        store = self
+
+        class Slow:
+            def get_file_info(self, what):
+                return store.local.get_file_info(what)
+
+            def open_input_file(self, path):
+                with store.lock:
+                    store.opened += 1
+                    store.now[0] += store.per_file
+                return store.local.open_input_file(path)
+
+        return Slow(), root
+
+
+def test_waiting_for_the_copies_on_a_slow_store_ends_at_the_ranges_close(tmp_path, monkeypatch):
+    """``await_copies`` looked again until the range's close, but each look read the last
+    stretch of the log whole, however long that took: on a slow store (here 30 s a file, 40
+    files) one look ran far past the close, the rollout's audit past its lease. Each look now
+    begins no file after the close; a look cut short says nothing is known, so the wait goes
+    on to the close and never ends early on the files it read."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    (tmp_path / "b").mkdir()
+    for k in range(40):
+        shadow_log(tmp_path, 2, disagree=0.0, seed=k, at=now - 5, roles=("primary",))
+        shadow_log(tmp_path / "b", 2, disagree=0.0, seed=k, at=now - 5)
+    store = SlowStore(now, per_file=30.0)
+    monkeypatch.setattr(predictionlog, "filesystem", store.filesystem)
+    waited = await_copies(tmp_path / "log", end, "digits", "1", store.clock, store.sleep)
+    close = (closes(end) - end).total_seconds()
+    assert waited <= close + 8 * 30  # (the files the read's 8 threads had begun by then)
+    assert store.opened < 40
+
+    # Its copies all written, but found in part before the close: waited for to the close, no less.
+    store = SlowStore(now, per_file=5.0)
+    monkeypatch.setattr(predictionlog, "filesystem", store.filesystem)
+    assert copies_pending(tmp_path / "b" / "log", end, "digits", "1", deadline=now + 50, clock=store.clock) == end
+    assert copies_pending(tmp_path / "b" / "log", end, "digits", "1") is None
