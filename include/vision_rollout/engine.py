@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 
 SETTLE_S = 5.0  # a record reaches the prediction log within its flush interval (2 s by default)
 WRITE_S = 3.0  # and a flush's write (settle_time)
+# How long a poke's read of the stage's records may take (listings and files begun until then):
+# a slow store or a stage of very many files ran a poke past its lease (``LEASE_S``, 300 s). What
+# it read is kept for the next poke (the stage's cache), and nothing is judged on part of it.
+POKE_READ_S = 120.0
 CLOCK_SKEW_S = 5.0  # how far the model servers' clocks may be behind the workers'
 MAX_FLUSH_S = 60.0  # the longest flush interval settle_time believes a model server reports
 
@@ -379,6 +383,22 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
 
+def unread_in_time(records: pd.DataFrame) -> str | None:
+    """What a read cut short by its time left of the stage's records (``read``'s
+    ``unread_files``, ``unlisted_folders``), as a sentence; None when nothing was left so."""
+    attrs = records.attrs
+    files, folders = attrs.get("unread_files", 0), attrs.get("unlisted_folders", 0)
+    if not files and not folders:
+        return None
+    listed = files + attrs.get("files_read", 0) + len(attrs.get("skipped_file_reasons") or {})
+    unlisted = f" and {folders} of its hour folders not listed" if folders else ""
+    return (
+        f"{files} of {listed} prediction log files of the stage not read{unlisted} within the poke's "
+        f"{POKE_READ_S:g} s (POKE_READ_S: a slow store, or very many files); those read are kept for the "
+        "next poke"
+    )
+
+
 def judge_stage(
     spec: RolloutSpec,
     window: StageWindow,
@@ -399,7 +419,10 @@ def judge_stage(
     ``read`` skipped (``skipped_file_reasons`` in ``records.attrs``: truncated, another writer's
     schema, unreadable by this worker) leave their records out of the evidence, the looks are
     still judged, and one that fails ends the stage (a failure needs no guard: a canary failing
-    every request has no P99); nothing passes meanwhile."""
+    every request has no P99); nothing passes meanwhile. While files of the stage were left
+    unread, or hour folders unlisted, by the read's time (``POKE_READ_S``: ``unread_in_time``),
+    no look is judged: the records read are a part chosen by the order of the files' names (by
+    pod), no sample of the stage's; a hard guard's breach still ends it."""
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
     current = stage_samples(records, spec, window, now - settle_s, labels, settle_s)
@@ -417,6 +440,10 @@ def judge_stage(
     )
     if breach := tripped(guard_in, cfg):
         return state("breach", 0, None, breach)
+    if (partial := unread_in_time(records)) is not None:  # no look judged on part of the records
+        if elapsed >= spec.max_stage_seconds:
+            return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {partial}")
+        return state("waiting", 0, None, f"holding: {partial}; nothing is judged on part of them")
     verdict: Verdict | None = None
     judged = 0
     for look in range(1, K + 1):
@@ -947,6 +974,8 @@ class StageJudge:
     cache: Folder | None = None  # where the stage's reads are kept between pokes (logcache)
     silent_after_s: float | None = None  # a log still without a record this long into the stage fails it (log_silent)
     token: str | None = field(default=None, repr=False)  # the model server's admin token (log_elsewhere)
+    read_s: float = POKE_READ_S  # a poke's read of the log begins no listing nor file after this (by read_clock)
+    read_clock: Callable[[], float] = time.monotonic
 
     @property
     def labels(self) -> dict[str, int]:
@@ -984,9 +1013,21 @@ class StageJudge:
         from vision_rollout.logcache import stage_records
 
         start, end = datetime.fromtimestamp(window.started, UTC), datetime.fromtimestamp(now + 1, UTC)
+        deadline, clock = self.read_clock() + self.read_s, self.read_clock
         if self.cache is not None:
-            return stage_records(self.cache, self.prediction_log, start, end, self.spec.model, GATE_COLUMNS)
-        return read(self.prediction_log, start, end, model=self.spec.model, columns=GATE_COLUMNS, written=True)
+            return stage_records(
+                self.cache, self.prediction_log, start, end, self.spec.model, GATE_COLUMNS, deadline, clock
+            )
+        return read(
+            self.prediction_log,
+            start,
+            end,
+            model=self.spec.model,
+            columns=GATE_COLUMNS,
+            written=True,
+            deadline=deadline,
+            clock=clock,
+        )
 
     def replay_due(self, records: pd.DataFrame, window: StageWindow, now: float) -> bool:
         """No replay round of this stage in the last look interval (the log says so, not memory:

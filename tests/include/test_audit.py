@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from model_server import predictionlog
-from tests.support import DataReads, shadow_log
+from tests.support import DataReads, SlowStore, shadow_log
 from vision_rollout.audit import (
     CHART,
     COPIES_POLL_S,
@@ -1242,41 +1242,6 @@ def test_the_earlier_hours_read_in_part_are_named_not_counted_as_whole(tmp_path)
     assert any("were looked through in part" in r and "hour folders not listed" in r for r in part.reasons), (
         part.reasons
     )
-
-
-class SlowStore:
-    """The log's folder as a store whose every file takes ``per_file`` seconds of ``now`` to
-    open (``filesystem`` stands in for ``model_server.files.filesystem``)."""
-
-    def __init__(self, now: float, per_file: float):
-        import threading
-
-        import pyarrow.fs as pafs
-
-        self.now, self.per_file, self.opened = [now], per_file, 0
-        self.local, self.lock = pafs.LocalFileSystem(), threading.Lock()
-
-    def clock(self) -> float:
-        return self.now[0]
-
-    def sleep(self, seconds: float) -> None:
-        self.now[0] += seconds
-
-    def filesystem(self, uri):
-        root = Path(str(uri)).resolve().as_posix()
-        store = self
-
-        class Slow:
-            def get_file_info(self, what):
-                return store.local.get_file_info(what)
-
-            def open_input_file(self, path):
-                with store.lock:
-                    store.opened += 1
-                    store.now[0] += store.per_file
-                return store.local.open_input_file(path)
-
-        return Slow(), root
 
 
 def test_waiting_for_the_copies_on_a_slow_store_ends_at_the_ranges_close(tmp_path, monkeypatch):

@@ -1404,3 +1404,39 @@ def test_a_stage_reading_another_log_than_the_servers_fails_at_its_first_poke(
     right = StageJudge(spec(), address, tmp_path, str(tmp_path / "written"), _labels=IMAGES)
     monkeypatch.setattr(right, "replay_round", lambda: None)
     assert not right(WINDOW, T0 + 1).done
+
+
+def test_a_poke_on_a_slow_store_reads_for_its_time_and_judges_nothing_on_a_part(tmp_path, monkeypatch):
+    """A poke read every file of the stage its cache did not cover, however long that took: on a
+    slow store (here 10 s a file) the first poke of a long stage ran past the model's lease (300
+    s). A poke begins no listing nor file after ``read_s``; it judges no look on the part it read
+    (which files that is follows their names, a pod's before another's), holds naming what it
+    left, and keeps what it read in the stage's cache: the next pokes go on from there, and
+    once the stage's files are all read the looks are judged as a whole read judges them."""
+    import time
+
+    from model_server import predictionlog
+    from tests.support import SlowStore
+
+    t0 = time.time() - 1000
+    window = StageWindow(0, 50, t0)
+    [pod] = writers(tmp_path, "pod-a")
+    for second in range(0, 80, 2):
+        flush_at(pod, traffic(t0, second, "BACKEND" if second >= 40 else ""), t0 + second + 2)
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    whole = full(window, t0 + 95)
+    assert whole.status == "fail", whole.reason
+    store = SlowStore(time.monotonic(), per_file=10.0)
+    monkeypatch.setattr(predictionlog, "filesystem", store.filesystem)
+    cached.read_s, cached.read_clock = 100.0, store.clock
+    held = cached(window, t0 + 95)
+    assert store.opened < 40
+    assert (held.status, held.look) == ("waiting", 0), held.reason
+    assert "prediction log files of the stage not read within the poke's" in held.reason
+    assert "nothing is judged on part of them" in held.reason
+    states = [held]
+    while states[-1].status == "waiting" and len(states) < 6:
+        states.append(cached(window, t0 + 95))
+    assert (states[-1].status, states[-1].look, states[-1].reason) == (whole.status, whole.look, whole.reason)
+    assert len(states) > 2  # (a poke's time each, not one read of the stage)
+    assert store.opened == 40

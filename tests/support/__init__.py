@@ -348,3 +348,38 @@ class DataReads:
 
     def filesystem(self, uri: str | Path):
         return self.fs, Path(str(uri)).resolve().as_posix()
+
+
+class SlowStore:
+    """The log's folder as a store whose every file takes ``per_file`` seconds of ``now`` to
+    open (``filesystem`` stands in for ``model_server.files.filesystem``)."""
+
+    def __init__(self, now: float, per_file: float):
+        import threading
+
+        import pyarrow.fs as pafs
+
+        self.now, self.per_file, self.opened = [now], per_file, 0
+        self.local, self.lock = pafs.LocalFileSystem(), threading.Lock()
+
+    def clock(self) -> float:
+        return self.now[0]
+
+    def sleep(self, seconds: float) -> None:
+        self.now[0] += seconds
+
+    def filesystem(self, uri):
+        root = Path(str(uri)).resolve().as_posix()  # (a folder's, as filesystem gives it)
+        store = self
+
+        class Slow:
+            def get_file_info(self, what):
+                return store.local.get_file_info(what)
+
+            def open_input_file(self, path):
+                with store.lock:
+                    store.opened += 1
+                    store.now[0] += store.per_file
+                return store.local.open_input_file(path)
+
+        return Slow(), root
