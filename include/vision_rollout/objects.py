@@ -24,6 +24,12 @@ from urllib.parse import parse_qsl, urlsplit
 # (the object read was deleted since), 409 (S3's ConditionalRequestConflict: a write of it
 # racing this one).
 CONFLICTS = ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
+# A store that accepts and never answers: boto3's defaults (60 s, 60 s, retried) held a call for
+# three minutes, a poke's lease (300 s) for several. A read's wait is for the next bytes, not the
+# whole object: a large one read at any speed is not cut.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+ATTEMPTS = 3  # (boto3's "standard" retries: throttling and 5xx answers too, with backoff)
 NO_ETAG = '"00000000000000000000000000000000"'  # (an ETag no object the probe puts has)
 PROBED_MAX = 256  # stores (endpoint, bucket, prefix) a process remembers honouring conditions
 _probed: dict[tuple[str, str, str], None] = {}
@@ -42,7 +48,12 @@ def _client(pid: int, endpoint: str | None, region: str, verify: bool | str) -> 
     import boto3
     from botocore.config import Config
 
-    config = Config(s3={"addressing_style": "path"} if endpoint else {})
+    config = Config(
+        s3={"addressing_style": "path"} if endpoint else {},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
+    )
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint, region_name=region or None, verify=verify, config=config
     )

@@ -461,3 +461,45 @@ def test_a_store_that_sends_no_etag_is_named_not_a_crash(s3):
         with pytest.raises(OSError, match=r"stage\.json.*answered without an ETag"):
             ours.write_if("stage.json", b"two", b"one")
     assert direct.read("stage.json") == b"one"
+
+
+def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short_tries(monkeypatch):
+    """boto3's defaults (60 s a read, 60 s a connection, retried) held a run folder's read or
+    conditional write on an S3 endpoint that accepts and never answers for three minutes: a
+    poke makes several (its lease, its stage's record), each past the lease it renews. The
+    client waits ``READ_TIMEOUT_S`` for an answer, ``ATTEMPTS`` times, then the call raises
+    OSError naming the object."""
+    import socket
+    import threading
+
+    from vision_rollout import objects
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # (closed: the test is over)
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setattr(objects, "READ_TIMEOUT_S", 0.2)
+    objects._client.cache_clear()
+    for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
+        monkeypatch.setenv(name, value)
+    folder = Folder(
+        f"s3://bucket/run?endpoint_override=127.0.0.1:{server.getsockname()[1]}&scheme=http&region=us-east-1"
+    )
+    try:
+        with pytest.raises(OSError, match=r"reading 'bucket/run/record\.json'"):
+            folder.read("record.json")
+        assert len(accepted) == objects.ATTEMPTS
+    finally:
+        objects._client.cache_clear()
+        server.close()
+        for conn in accepted:
+            conn.close()
