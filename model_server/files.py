@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -145,3 +146,44 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
     fs, path = pafs.FileSystem.from_uri(text)
     return fs, path.rstrip("/")
+
+
+# The S3 client of boto3 (conditional writes, one-GET reads, paged listings: what pyarrow's
+# filesystems do not do). A store that accepts and never answers: boto3's defaults (60 s, 60 s,
+# retried) held a call for three minutes, a poke's lease (300 s) for several. A read's wait is
+# for the next bytes, not the whole object: a large one read at any speed is not cut.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+ATTEMPTS = 3  # (boto3's "standard" retries: throttling and 5xx answers too, with backoff)
+
+
+@functools.cache
+def _s3_client(pid: int, endpoint: str | None, region: str, verify: bool | str) -> Any:
+    """One client per process (a forked worker does not share its parent's connections)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path"} if endpoint else {},
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=region or None, verify=verify, config=config
+    )
+
+
+def s3_client(uri: str, region: str) -> Any:
+    """The S3 client for the folder ``uri`` (its options as pyarrow's S3 filesystem takes them:
+    ``endpoint_override``, ``scheme``, ``tls_ca_file_path``, ``tls_verify_certificates``, with
+    path-style addressing under an endpoint override), in ``region`` (the one pyarrow resolved);
+    credentials from boto3's default chain, as pyarrow's from AWS's."""
+    options = dict(parse_qsl(urlsplit(uri).query))
+    endpoint = options.get("endpoint_override") or None
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options.get('scheme', 'https')}://{endpoint}"
+    verify: bool | str = options.get("tls_ca_file_path") or options.get(
+        "tls_verify_certificates", "true"
+    ).lower() not in ("false", "0", "no")
+    return _s3_client(os.getpid(), endpoint, region, verify)

@@ -21,6 +21,7 @@ records by ``(model, request_id, item)``; ``shadow_pairs`` gives the shadow audi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ import pyarrow.parquet as pq
 
 from model_server import metrics
 from model_server.errors import MaskingUnavailable
-from model_server.files import filesystem, write_private
+from model_server.files import filesystem, s3_client, write_private
 from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
 
@@ -763,6 +764,66 @@ def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
 
 
+# The files of one hour folder a read lists, at most (an hour of 10 pods flushing every 2 s is
+# 18,000; one flushing every 10 ms, 360,000): a folder holding more is listed in part (``CROWDED``),
+# never whole into memory. On a disk and in S3 the listing stops there (S3's by pages of
+# ``LIST_PAGE`` keys, the time checked between pages); elsewhere (GCS) pyarrow lists it whole first.
+MAX_LISTED_FILES = 100_000
+LIST_PAGE = 1000
+CROWDED = "listed in part: more than MAX_LISTED_FILES files"
+
+
+def _log_files(
+    fs: pafs.FileSystem, uri: str | Path, path: str, keep: Callable[[str], bool], budget: _Budget | None
+) -> tuple[dict[str, int], str | None]:
+    """The files of the folder ``path`` (not below it) whose names ``keep`` takes, and their
+    sizes, at most ``MAX_LISTED_FILES``; and why not all (``CROWDED``, or ``UNLISTED``: the
+    read's time spent between two pages), None when all."""
+    found: dict[str, int] = {}
+
+    def full() -> bool:
+        return len(found) >= MAX_LISTED_FILES
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if keep(entry.name) and entry.is_file():
+                        if full():
+                            return found, CROWDED
+                        with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
+                            found[f"{path}/{entry.name}"] = entry.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return found, None
+    if isinstance(fs, pafs.S3FileSystem):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = path.partition("/")
+        pages = s3_client(str(uri), fs.region).get_paginator("list_objects_v2")
+        try:
+            for page in pages.paginate(
+                Bucket=bucket, Prefix=f"{key}/", Delimiter="/", PaginationConfig={"PageSize": LIST_PAGE}
+            ):
+                for item in page.get("Contents", ()):
+                    name = item["Key"].rsplit("/", 1)[-1]
+                    if keep(name):
+                        if full():
+                            return found, CROWDED
+                        found[f"{bucket}/{item['Key']}"] = int(item.get("Size") or 0)
+                if page.get("IsTruncated") and budget is not None and budget.expired():
+                    return found, UNLISTED
+        except (BotoCoreError, ClientError) as exc:
+            raise OSError(f"listing s3://{path}: {exc}") from None
+        return found, None
+    for info in _list(fs, path):
+        if info.type == pafs.FileType.File and keep(info.base_name):
+            if full():
+                return found, CROWDED
+            found[info.path] = info.size or 0
+    return found, None
+
+
 BLIND_HOURS = 48  # a range of more hours lists the days and hours that exist, not each of its hours
 
 
@@ -1303,7 +1364,8 @@ def read(
     bytes in storage ``unread_bytes``), the records read kept. With ``deadline`` (a ``clock()``:
     ``time.monotonic`` unless given), no hour folder is listed nor file begun once it passed: the
     files left are unread as above, the folders counted (``unlisted_folders``), and
-    ``out_of_time`` is true.
+    ``out_of_time`` is true. An hour folder holding more than ``MAX_LISTED_FILES`` files is
+    listed in part, counted (``crowded_folders``): the files beyond are not read.
     """
     schema, paths, results = read_files(
         uri,
@@ -1387,24 +1449,29 @@ def read_files(
         )
     until = end if listed_until is None else listed_until
     budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
+
+    def keep(name: str) -> bool:
+        return (
+            name.startswith("part-")
+            and name.endswith(".parquet")
+            and not _written_before(name, start)
+            and (written_after is None or (_written_at(name) or written_after) > written_after)
+        )
+
+    def listed(folder: str) -> tuple[dict[str, int], str | None]:
+        if budget is not None and budget.expired():
+            return {}, UNLISTED
+        return _log_files(fs, uri, folder, keep, budget)
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]
-        listings = list(pool.map(lambda p: None if budget is not None and budget.expired() else _list(fs, p), folders))
+        listings = list(pool.map(listed, folders))
         unlisted = [
-            FileRead(p, None, UNLISTED, unread=True, unlisted=True)
-            for p, got in zip(folders, listings, strict=True)
-            if got is None
+            FileRead(p, None, why, unread=True, unlisted=True)
+            for p, (_, why) in zip(folders, listings, strict=True)
+            if why is not None
         ]
-        stored = {
-            info.path: info.size or 0
-            for listing in listings
-            for info in listing or ()
-            if info.type == pafs.FileType.File
-            and info.base_name.startswith("part-")
-            and info.base_name.endswith(".parquet")
-            and not _written_before(info.base_name, start)
-            and (written_after is None or (_written_at(info.base_name) or written_after) > written_after)
-        }
+        stored = {path: size for found, _ in listings for path, size in found.items()}
         paths = sorted(stored)
         results = list(
             pool.map(
@@ -1424,21 +1491,25 @@ def read_files(
 @dataclass(frozen=True)
 class Shortfall:
     """What a read's budget left out: files unread and their bytes in storage, hour folders
-    unlisted, and whether its time (``deadline``) was spent."""
+    unlisted (or listed in part) by its time, hour folders listed in part as holding more than
+    ``MAX_LISTED_FILES``, and whether its time (``deadline``) was spent."""
 
     files: int = 0
     stored: int = 0
     folders: int = 0
+    crowded: int = 0
     out_of_time: bool = False
 
     @classmethod
     def of(cls, results: Iterable[FileRead]) -> Shortfall:
         left = [r for r in results if r.unread]
         files = [r for r in left if not r.unlisted]
+        crowded = sum(r.reason == CROWDED for r in left)
         return cls(
             len(files),
             sum(r.stored for r in files),
-            len(left) - len(files),
+            len(left) - len(files) - crowded,
+            crowded,
             any(r.reason in (OUT_OF_TIME, UNLISTED) for r in left),
         )
 
@@ -1465,6 +1536,13 @@ def to_frame(
             left.folders,
             "time was spent" if left.out_of_time else "budget of bytes was spent",
         )
+    if left.crowded:
+        log.warning(
+            "%d hour folders under %s hold more than %d prediction log files: listed in part",
+            left.crowded,
+            uri,
+            MAX_LISTED_FILES,
+        )
     # List columns stay Arrow-backed (one buffer, not an array per row); memory freed as converted.
     df = table.to_pandas(types_mapper=_arrow_lists, self_destruct=True, split_blocks=True)
     del table
@@ -1476,6 +1554,7 @@ def to_frame(
         unread_files=left.files,
         unread_bytes=left.stored,
         unlisted_folders=left.folders,
+        crowded_folders=left.crowded,
         out_of_time=left.out_of_time,
     )
     return df

@@ -113,6 +113,8 @@ class AuditResult:
     # because the audit's time (``MAX_AUDIT_S``) was spent rather than its memory bound.
     unlisted_folders: int = 0
     out_of_time: bool = False
+    # Hour folders holding more files than a read lists (``MAX_LISTED_FILES``): listed in part.
+    crowded_folders: int = 0
     malformed_records: int = 0  # (and records of the files read that could not be: read's skipped_records)
     # Records of the range in files written after it closed (``closes``: a flush slower than
     # ``MAX_FLUSH_S``, a clock ahead by more than ``CLOCK_SKEW_S``): left out, whenever the audit
@@ -745,6 +747,18 @@ def audit(
             result.verdict = "inconclusive"
     result.unread_files, result.unread_bytes = records.attrs["unread_files"], records.attrs["unread_bytes"]
     result.unlisted_folders, result.out_of_time = records.attrs["unlisted_folders"], records.attrs["out_of_time"]
+    result.crowded_folders = records.attrs["crowded_folders"]
+    if result.crowded_folders:
+        from model_server.predictionlog import MAX_LISTED_FILES
+
+        result.reasons.insert(
+            0,
+            f"{result.crowded_folders} hour folders of this range hold more than {MAX_LISTED_FILES:,} prediction "
+            "log files (MAX_LISTED_FILES: a writer flushing far too often?): listed in part, the records of the "
+            "files beyond are not in this audit: nothing is shown",
+        )
+        if result.verdict in ("pass", "skip"):
+            result.verdict = "inconclusive"
     if result.unread_files or result.unlisted_folders:
         listed = result.unread_files + len(skipped) + records.attrs["files_read"]
         unlisted = f", and {result.unlisted_folders} of its hour folders not listed" if result.unlisted_folders else ""
@@ -1074,7 +1088,12 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Prediction log files not read (over the audit's "
         f"{'time' if result.out_of_time else 'memory bound'}): {result.unread_files} "
         f"({result.unread_bytes:,} bytes stored)"
-        + (f", hour folders not listed: {result.unlisted_folders}" if result.unlisted_folders else ""),
+        + (f", hour folders not listed: {result.unlisted_folders}" if result.unlisted_folders else "")
+        + (
+            f", hour folders listed in part (too many files): {result.crowded_folders}"
+            if result.crowded_folders
+            else ""
+        ),
         f"- Malformed records in the files read (not audited): {result.malformed_records}",
         f"- Records written after this range closed (not audited): {result.late_records}",
         *(

@@ -383,11 +383,19 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
 
-def unread_in_time(records: pd.DataFrame) -> str | None:
+def read_in_part(records: pd.DataFrame) -> str | None:
     """What a read cut short by its time left of the stage's records (``read``'s
-    ``unread_files``, ``unlisted_folders``), as a sentence; None when nothing was left so."""
+    ``unread_files``, ``unlisted_folders``), or the hour folders it listed in part as holding
+    more files than it lists (``crowded_folders``), as a sentence; None when nothing was left."""
+    from model_server.predictionlog import MAX_LISTED_FILES
+
     attrs = records.attrs
     files, folders = attrs.get("unread_files", 0), attrs.get("unlisted_folders", 0)
+    if crowded := attrs.get("crowded_folders", 0):
+        return (
+            f"{crowded} hour folders of the stage hold more than {MAX_LISTED_FILES:,} prediction log files "
+            "(MAX_LISTED_FILES: a writer flushing far too often?), listed in part"
+        )
     if not files and not folders:
         return None
     listed = files + attrs.get("files_read", 0) + len(attrs.get("skipped_file_reasons") or {})
@@ -420,7 +428,8 @@ def judge_stage(
     schema, unreadable by this worker) leave their records out of the evidence, the looks are
     still judged, and one that fails ends the stage (a failure needs no guard: a canary failing
     every request has no P99); nothing passes meanwhile. While files of the stage were left
-    unread, or hour folders unlisted, by the read's time (``POKE_READ_S``: ``unread_in_time``),
+    unread, or hour folders unlisted, by the read's time (``POKE_READ_S``), or hour folders
+    listed in part (``MAX_LISTED_FILES``: ``read_in_part``),
     no look is judged: the records read are a part chosen by the order of the files' names (by
     pod), no sample of the stage's; a hard guard's breach still ends it."""
     cfg = config or GateConfig.from_spec(spec)
@@ -440,7 +449,7 @@ def judge_stage(
     )
     if breach := tripped(guard_in, cfg):
         return state("breach", 0, None, breach)
-    if (partial := unread_in_time(records)) is not None:  # no look judged on part of the records
+    if (partial := read_in_part(records)) is not None:  # no look judged on part of the records
         if elapsed >= spec.max_stage_seconds:
             return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {partial}")
         return state("waiting", 0, None, f"holding: {partial}; nothing is judged on part of them")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from model_server.files import filesystem, folder_problem, write_private
+from model_server.files import filesystem, folder_problem, s3_client, write_private
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -119,7 +119,7 @@ class Folder:
             from vision_rollout import objects
 
             fs, key = self._key(name)
-            s3 = objects.client(self.uri, fs.region)
+            s3 = s3_client(self.uri, fs.region)
             if not objects.put_if(s3, key, data, etag) and not self._holds(s3, key, data):
                 raise WriteConflict(f"{where} changed since it was read (by a write landing just before this one)")
             return str(where)
@@ -135,7 +135,7 @@ class Folder:
         from vision_rollout import objects
 
         fs, root = filesystem(self.uri)
-        objects.require_conditions(objects.client(self.uri, fs.region), root)
+        objects.require_conditions(s3_client(self.uri, fs.region), root)
 
     @staticmethod
     def _holds(s3: object, key: str, data: bytes) -> bool:
@@ -190,7 +190,7 @@ class Folder:
         if self._s3():
             from vision_rollout import objects
 
-            return objects.get(objects.client(self.uri, fs.region), key, limit)
+            return objects.get(s3_client(self.uri, fs.region), key, limit)
         with fs.open_input_stream(key) as f:
             return bytes(f.read(None if limit is None else size)), None
 

@@ -3,33 +3,25 @@ read (``If-Match: <ETag>``, or ``If-None-Match: *`` for one read absent): what p
 filesystems do not do (a read there is a HEAD for the size and then GETs, which a PUT landing in
 between cuts; its PUTs have no condition).
 
-The client is boto3's, set up from the folder URI's options as pyarrow's S3 filesystem takes
-them (``endpoint_override``, ``scheme``, ``tls_ca_file_path``, ``tls_verify_certificates``; the
-region pyarrow resolved), with path-style addressing under an endpoint override as pyarrow's,
-and the credentials from the same default chain (``AWS_*`` in the environment, the profile, the
-pod's web identity, the instance's role): none is in the URI (``folder_problem``) or logged.
+The client is boto3's (``model_server.files.s3_client``, which the log's paged listings use too),
+set up from the folder URI's options as pyarrow's S3 filesystem takes them (``endpoint_override``,
+``scheme``, ``tls_ca_file_path``, ``tls_verify_certificates``; the region pyarrow resolved), with
+path-style addressing under an endpoint override as pyarrow's, and the credentials from the same
+default chain (``AWS_*`` in the environment, the profile, the pod's web identity, the instance's
+role): none is in the URI (``folder_problem``) or logged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import threading
 import uuid
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 # A PUT's condition that did not hold: 412 (another writer's PUT landed since the read), 404
 # (the object read was deleted since), 409 (S3's ConditionalRequestConflict: a write of it
 # racing this one).
 CONFLICTS = ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
-# A store that accepts and never answers: boto3's defaults (60 s, 60 s, retried) held a call for
-# three minutes, a poke's lease (300 s) for several. A read's wait is for the next bytes, not the
-# whole object: a large one read at any speed is not cut.
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 10.0
-ATTEMPTS = 3  # (boto3's "standard" retries: throttling and 5xx answers too, with backoff)
 NO_ETAG = '"00000000000000000000000000000000"'  # (an ETag no object the probe puts has)
 PROBED_MAX = 256  # stores (endpoint, bucket, prefix) a process remembers honouring conditions
 _probed: dict[tuple[str, str, str], None] = {}
@@ -40,35 +32,6 @@ class ConditionsIgnored(OSError):
     """The store wrote a PUT whose ``If-Match`` or ``If-None-Match`` did not hold: it does not
     honour S3's conditional writes (an older MinIO or Ceph RGW, some gateways), so two writers
     of one file would both win."""
-
-
-@functools.cache
-def _client(pid: int, endpoint: str | None, region: str, verify: bool | str) -> Any:
-    """One client per process (a forked worker does not share its parent's connections)."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        s3={"addressing_style": "path"} if endpoint else {},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        retries={"total_max_attempts": ATTEMPTS, "mode": "standard"},
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=region or None, verify=verify, config=config
-    )
-
-
-def client(uri: str, region: str) -> Any:
-    """The S3 client for the folder ``uri`` (its options as pyarrow's), in ``region``."""
-    options = dict(parse_qsl(urlsplit(uri).query))
-    endpoint = options.get("endpoint_override") or None
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{options.get('scheme', 'https')}://{endpoint}"
-    verify: bool | str = options.get("tls_ca_file_path") or options.get(
-        "tls_verify_certificates", "true"
-    ).lower() not in ("false", "0", "no")
-    return _client(os.getpid(), endpoint, region, verify)
 
 
 def get(s3: Any, path: str, limit: int | None = None) -> tuple[bytes, str]:

@@ -1268,3 +1268,19 @@ def test_waiting_for_the_copies_on_a_slow_store_ends_at_the_ranges_close(tmp_pat
     monkeypatch.setattr(predictionlog, "filesystem", store.filesystem)
     assert copies_pending(tmp_path / "b" / "log", end, "digits", "1", deadline=now + 50, clock=store.clock) == end
     assert copies_pending(tmp_path / "b" / "log", end, "digits", "1") is None
+
+
+def test_an_hour_folder_listed_in_part_keeps_the_audit_from_passing(tmp_path, monkeypatch):
+    """A folder holding more files than a read lists (``MAX_LISTED_FILES``) is read in part:
+    the audit says so and is inconclusive, never a pass on the files listed first."""
+    from vision_rollout.engine import read_in_part
+
+    for k in range(4):
+        shadow_log(tmp_path, 50, disagree=0.0, seed=k, versions=("1", str(k + 3)))
+    monkeypatch.setattr(predictionlog, "MAX_LISTED_FILES", 2)
+    result = audit(tmp_path / "log", *around_now(), "digits")
+    assert result.verdict == "inconclusive"
+    assert result.crowded_folders == 1
+    assert result.reasons[0].startswith("1 hour folders of this range hold more than 2 prediction log files")
+    records = predictionlog.read(tmp_path / "log", *around_now(), "digits", columns=["role"])
+    assert "hold more than 2 prediction log files" in (read_in_part(records) or "")

@@ -282,15 +282,15 @@ def test_the_s3_client_of_a_folder_takes_the_uris_options_as_pyarrow_does():
     endpoint without one."""
     import pyarrow.fs as pafs
 
-    from vision_rollout import objects
+    from model_server.files import s3_client
 
     uri = "s3://bucket/run?endpoint_override=minio.example:9000&scheme=http&region=eu-west-1"
     fs, _ = pafs.FileSystem.from_uri(uri)
-    client = objects.client(uri, fs.region)
+    client = s3_client(uri, fs.region)
     assert client.meta.endpoint_url == "http://minio.example:9000"
     assert client.meta.region_name == "eu-west-1"
     assert client.meta.config.s3 == {"addressing_style": "path"}
-    aws = objects.client("s3://bucket/run?region=us-east-2", "us-east-2")
+    aws = s3_client("s3://bucket/run?region=us-east-2", "us-east-2")
     assert aws.meta.endpoint_url == "https://s3.us-east-2.amazonaws.com"
     assert not aws.meta.config.s3
 
@@ -472,7 +472,7 @@ def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short
     import socket
     import threading
 
-    from vision_rollout import objects
+    from model_server import files
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -487,8 +487,8 @@ def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    monkeypatch.setattr(objects, "READ_TIMEOUT_S", 0.2)
-    objects._client.cache_clear()
+    monkeypatch.setattr(files, "READ_TIMEOUT_S", 0.2)
+    files._s3_client.cache_clear()
     for name, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}.items():
         monkeypatch.setenv(name, value)
     folder = Folder(
@@ -497,9 +497,9 @@ def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short
     try:
         with pytest.raises(OSError, match=r"reading 'bucket/run/record\.json'"):
             folder.read("record.json")
-        assert len(accepted) == objects.ATTEMPTS
+        assert len(accepted) == files.ATTEMPTS
     finally:
-        objects._client.cache_clear()
+        files._s3_client.cache_clear()
         server.close()
         for conn in accepted:
             conn.close()

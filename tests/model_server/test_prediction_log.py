@@ -1641,3 +1641,28 @@ def test_where_the_log_is_written_is_said_to_the_admin_token_alone_unless_told_o
     assert requests.get(f"{hidden.http}/v2", headers=hidden.admin, timeout=10).json()["parameters"] == {}
     with pytest.raises(RuntimeError, match=r"--show-prediction-log.*'somebody'"):
         server_factory(repo_copy, "--show-prediction-log", "somebody", token=TOKEN)
+
+
+def test_an_hour_folder_of_too_many_files_is_listed_in_part_and_named(log_uri, tmp_path, monkeypatch):
+    """Each hour folder was listed whole into memory (pyarrow's listing holds every entry): a
+    writer flushing every 10 ms, or a folder of 100,000 stray files, made each read hold a
+    million listing entries before it read one record. A read lists at most
+    ``MAX_LISTED_FILES`` files of a folder (in S3 by pages of ``LIST_PAGE`` keys, never more
+    pages than that takes), reads those, and counts the folder ``crowded_folders``; an empty
+    part-file is skipped and named like any file that is no Parquet file."""
+    monkeypatch.setattr(predictionlog, "MAX_LISTED_FILES", 5)
+    monkeypatch.setattr(predictionlog, "LIST_PAGE", 2)
+    w = writer(tmp_path, log_uri)
+    for k in range(4):
+        w.append(primary(f"r-{k}"))
+        w.flush()
+    whole = read(log_uri, *window(), columns=["request_id"])
+    assert (whole.attrs["files_read"], whole.attrs["crowded_folders"]) == (4, 0)
+    folder = files(log_uri)[0].rsplit("/", 1)[0]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for k in range(4):
+        put_file(log_uri, f"{folder}/part-x-{stamp}Z-{k:012x}.parquet", b"")
+    crowded = read(log_uri, *window(), columns=["request_id"])
+    assert crowded.attrs["crowded_folders"] == 1
+    assert crowded.attrs["files_read"] + crowded.attrs["skipped_files"] == 5
+    assert all(r.startswith("unreadable") for r in crowded.attrs["skipped_file_reasons"].values())
