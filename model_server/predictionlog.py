@@ -771,6 +771,7 @@ def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.
 MAX_LISTED_FILES = 100_000
 LIST_PAGE = 1000
 CROWDED = "listed in part: more than MAX_LISTED_FILES files"
+LOGGED_SKIPS = 10  # the files a read skipped that it names in its log (the others counted in one line)
 
 
 def _log_files(
@@ -1479,12 +1480,17 @@ def read_files(
                 [p for p in paths if p not in done],
             )
         )
+    skipped = 0
     for r in results:
         r.stored = stored[r.path]
         if r.table is not None:
             r.table = r.table.select(schema.names)
         elif not r.unread:  # (those read counts, once)
-            log.warning("prediction log file %s skipped: %s", r.path, r.reason)
+            skipped += 1
+            if skipped <= LOGGED_SKIPS:
+                log.warning("prediction log file %s skipped: %s", r.path, r.reason)
+    if skipped > LOGGED_SKIPS:
+        log.warning("and %d more prediction log files under %s skipped", skipped - LOGGED_SKIPS, uri)
     return schema, paths, results + unlisted
 
 

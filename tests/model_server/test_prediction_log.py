@@ -1666,3 +1666,26 @@ def test_an_hour_folder_of_too_many_files_is_listed_in_part_and_named(log_uri, t
     assert crowded.attrs["crowded_folders"] == 1
     assert crowded.attrs["files_read"] + crowded.attrs["skipped_files"] == 5
     assert all(r.startswith("unreadable") for r in crowded.attrs["skipped_file_reasons"].values())
+
+
+def test_a_folder_of_many_unreadable_files_logs_a_few_lines_not_one_a_file(tmp_path, caplog):
+    """Each file a read skipped was a warning of its own, again at every poke (a skipped file is
+    never cached): an hour folder of 100,000 empty part-files wrote 100,000 lines into each
+    poke's task log. The first ``LOGGED_SKIPS`` are named, the rest counted in one line; all are
+    still in ``skipped_file_reasons``."""
+    import logging
+
+    w = writer(tmp_path)
+    w.append(primary("good"))
+    w.flush()
+    uri = str(tmp_path / "log")
+    folder = files(uri)[0].rsplit("/", 1)[0]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for k in range(50):
+        put_file(uri, f"{folder}/part-x-{stamp}Z-{k:012x}.parquet", b"")
+    with caplog.at_level(logging.WARNING, logger="model_server.predictionlog"):
+        df = read(uri, *window(), columns=["request_id"])
+    assert len(df.attrs["skipped_file_reasons"]) == 50
+    lines = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == predictionlog.LOGGED_SKIPS + 1
+    assert f"and {50 - predictionlog.LOGGED_SKIPS} more prediction log files" in lines[-1].getMessage()
