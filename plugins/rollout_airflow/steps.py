@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # The earlier hours a shadow audit run looks for unaudited ones (their days under MIN_RETENTION_DAYS).
 CATCH_UP_HOURS, MAX_CATCH_UP_HOURS = 24, 168
+# An audit run begins no hour's audit after this long (the first always): each reads for up to
+# MAX_AUDIT_S, and 24 hours of catch-up on a slow store held the hourly runs (one at a time) for
+# hours. The hours left are audited by the next run.
+AUDIT_RUN_S = 2400.0
 MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.model
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
@@ -1509,7 +1513,8 @@ def audit_hours(
     did not take (kept in the hour's folder and the outbox, the hour marked audited) fails the
     task once every hour was tried: an audit nobody was told of is no audit; the retry, or the
     next run, sends it from the outbox, and fails likewise while Slack does not take it.
-    Skipped when no hour had anything.
+    Skipped when no hour had anything. No hour's audit is begun after ``AUDIT_RUN_S`` (the first
+    always): the hours left, not marked audited, are the next run's, and this one fails naming them.
 
     ``retry``: a retry of a failed try, which reports only the hours not marked audited (the
     run's own hour too, when the failed try reported it: it is not sent to Slack twice).
@@ -1543,7 +1548,11 @@ def audit_hours(
     hours = unaudited_hours(audits, start, catch_up_hours)
     if not (retry and AUDITED in hour_folder(audits, start).names()):
         hours.append(start)
-    for hour in hours:
+    began, left = time.monotonic(), []
+    for k, hour in enumerate(hours):
+        if k and time.monotonic() - began >= AUDIT_RUN_S:
+            left = hours[k:]
+            break
         if hour == start:  # (the hours before it took their time meanwhile)
             wait_s = audited_hour(end, datetime.now(UTC))[2]
             if wait_s:
@@ -1555,9 +1564,13 @@ def audit_hours(
             log.exception("the audit of '%s' from %s failed", model, hour)
             failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
     prune_audits(model, start - timedelta(days=int(retention_days)))
-    if failed or unsent:
+    later = [
+        f"{len(left)} hours not audited within the run's {AUDIT_RUN_S:g} s (AUDIT_RUN_S), left to the next run: "
+        + ", ".join(f"{h:%Y-%m-%d %H:00}" for h in left)
+    ]
+    if failed or unsent or left:
         hours_failed = [f"{len(failed)} of {len(results) + len(failed)} hours not reported: " + "; ".join(failed)]
-        raise AirflowException("; ".join([*(hours_failed if failed else []), *unsent]))
+        raise AirflowException("; ".join([*(hours_failed if failed else []), *unsent, *(later if left else [])]))
     if results and all(r["verdict"] == "skip" for r in results):
         raise AirflowSkipException(
             f"no shadow records for '{model}' in the {len(results)} hours to {end:%Y-%m-%d %H:%M} UTC "

@@ -2498,3 +2498,34 @@ def test_a_promote_after_a_wait_prometheus_lost_part_of_says_the_guards_were_bli
     source.points = every_second  # they watched it all
     answer, _ = approved(monkeypatch, tmp_path, "Promote", since)
     assert "blind" not in decide(GUARDED, [PASS, PASS], None, approval=answer)[1]
+
+
+def test_an_audit_run_leaves_the_hours_its_time_does_not_reach_to_the_next_run(monkeypatch, tmp_path, slack):
+    """A run caught up to 24 hours (168 by the form), each audit reading for up to
+    ``MAX_AUDIT_S``: on a slow store one run took hours, and the hourly runs (one at a time)
+    queued behind it. A run begins no hour's audit after ``AUDIT_RUN_S`` (the first always): the
+    hours left are not marked audited, the next run takes them up, and the run fails naming
+    them (they drop out of the catch-up window otherwise, unseen)."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException
+
+    from tests.support import shadow_log
+    from vision_rollout.audit import AUDITED
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    hour = {k: this_hour - timedelta(hours=k) for k in range(5)}
+    for k in (4, 2):
+        shadow_log(tmp_path, 60, disagree=0.02, seed=k, at=(hour[k] + timedelta(minutes=30)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.setattr(steps, "AUDIT_RUN_S", 0.0)
+    left = f"3 hours not audited within the run's 0 s \\(AUDIT_RUN_S\\), left to the next run: {hour[3]:%Y-%m-%d %H:00}"
+    with pytest.raises(AirflowException, match=left):
+        steps.audit_hours("digits", hour[0], catch_up_hours=3)
+    audits = run / "audits" / "digits"
+    assert {p.parent.name for p in audits.glob(f"*/{AUDITED}")} == {hour[4].strftime("%Y%m%dT%H")}
+    monkeypatch.setattr(steps, "AUDIT_RUN_S", 3600.0)
+    results = steps.audit_hours("digits", hour[0], catch_up_hours=3)
+    assert [r["start"] for r in results] == [hour[k].isoformat() for k in (3, 2, 1)]
