@@ -1109,14 +1109,22 @@ def same_poke(full, cached, window, now: float) -> pd.DataFrame:
     return through
 
 
+def one_hours_t0() -> float:
+    """A stage start about 1000 s ago whose next 300 s lie in one hour: a flush of records
+    straddling an hour writes a file to each hour's folder, and a test counting the files read
+    failed when run in the minutes after an hour began."""
+    import time
+
+    t0 = time.time() - 1000
+    return t0 - 400 if t0 % 3600 > 3600 - 300 else t0
+
+
 def test_a_stage_read_through_its_cache_judges_every_poke_as_a_whole_read(tmp_path, monkeypatch):
     """Each poke of a stage read every log file since the stage began (an hour of 10 pods: 18,000
     files a poke). Through the stage's cache in the run folder, a poke reads only the files
     written since the last, with the same records and verdicts: late files, records after the
     poke's end in a file already read, a file that cannot be read (held every poke)."""
-    import time
-
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     pod_a, pod_b = writers(tmp_path, "pod-m", "pod-b")  # (pod b's files listed first)
     full, cached = cached_judges(tmp_path, monkeypatch)
@@ -1418,7 +1426,7 @@ def test_a_poke_on_a_slow_store_reads_for_its_time_and_judges_nothing_on_a_part(
     from model_server import predictionlog
     from tests.support import SlowStore
 
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     [pod] = writers(tmp_path, "pod-a")
     for second in range(0, 80, 2):
