@@ -26,6 +26,7 @@ from model_server.model import select_providers
 from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
 from model_server.protocol import MAX_JSON_BYTES
 from model_server.repository import ModelRepository
+from model_server.shadow import MAX_COPY_AGE_S
 
 log = logging.getLogger("model_server")
 
@@ -38,14 +39,18 @@ def at_least_one(text: str) -> int:
     return value
 
 
-def positive_mb(text: str) -> float:
+def positive_mb(text: str, unit: str = "MiB") -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of MiB above 0, got {text[:40]!r}")
+        raise argparse.ArgumentTypeError(f"must be a number of {unit} above 0, got {text[:40]!r}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return positive_mb(text, "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_mb,
         default=256.0,
         help="the inputs of the waiting mirrored requests together; more are dropped and counted",
+    )
+    p.add_argument(
+        "--shadow-copy-max-age",
+        type=positive_seconds,
+        default=MAX_COPY_AGE_S,
+        metavar="S",
+        help="seconds a copy from Istio's mirror may wait for idle time after it arrived; then dropped",
     )
     p.add_argument("--shadow-workers", type=at_least_one, default=2, help="concurrent shadow executions")
     p.add_argument(
@@ -431,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic_file=args.traffic_file,
         shadow_queue=args.shadow_queue,
         shadow_queue_bytes=int(args.shadow_queue_mb * 1024 * 1024),
+        shadow_copy_max_age_s=args.shadow_copy_max_age,
         shadow_workers=args.shadow_workers,
         feedback_capacity=args.feedback_capacity,
         feedback_ttl_s=args.feedback_ttl_s,

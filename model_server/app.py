@@ -54,7 +54,7 @@ from model_server.httpserver import Answer, DirectRoute, NoBody
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES, parse_json, refuse_constant
 from model_server.repository import ModelRepository
-from model_server.shadow import ShadowMirror, ShadowResult, header_text
+from model_server.shadow import MAX_COPY_AGE_S, ShadowMirror, ShadowResult, header_text
 from model_server.trace import TraceContext, request_id
 from model_server.traffic import PolicyStore
 
@@ -80,6 +80,7 @@ class Settings:
     traffic_poll_s: float = 1.0
     shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
     shadow_queue_bytes: int = 256 * 1024 * 1024  # and the bytes of their inputs together
+    shadow_copy_max_age_s: float = MAX_COPY_AGE_S  # how long a copy from Istio's mirror may wait
     shadow_workers: int = 2
     feedback_capacity: int = 200_000  # served items (a batch of N is N) kept for delayed labels
     feedback_ttl_s: float = 3600.0
@@ -261,6 +262,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         settings.shadow_workers,
         sink=None if plog is None else log_shadow,
         queue_bytes=settings.shadow_queue_bytes,
+        max_copy_age_s=settings.shadow_copy_max_age_s,
     )
     dataplane = DataPlane(repo, policies, feedback, mirror, plog, settings.max_json_bytes)
     admin_api = Admin(repo, policies)

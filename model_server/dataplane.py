@@ -41,6 +41,7 @@ from model_server.protocol import (
 )
 from model_server.repository import ModelRepository
 from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult, request_metadata
+from model_server.shadow import dropped as shadow_dropped
 from model_server.trace import TraceContext, log_access
 from model_server.traffic import PolicyStore, TrafficPolicy
 
@@ -333,7 +334,7 @@ class DataPlane:
                 req = decode_infer_request(body, json_length, self.max_json_bytes)
                 outputs = lv.validate(req.inputs, req.outputs)
                 if shadow_copy:
-                    results, batch, timing = await self.mirror.run_copy(lv, req.inputs, outputs, rid)
+                    results, batch, timing = await self.mirror.run_copy(lv, req.inputs, outputs, rid, started)
                 else:
                     with self.mirror.gate:
                         results, batch, timing = await lv.infer(req.inputs, outputs, parameters=req.parameters)
@@ -364,8 +365,11 @@ class DataPlane:
                 if shadow_copy:
                     # A copy the candidate refuses as a client error (Istio mirrors every request,
                     # garbage included) is counted apart: a client must not move the shadow guard.
-                    outcome = "dropped" if dropped else "rejected" if exc.status < 500 else "error"
-                    metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
+                    if isinstance(exc, Preempted):  # (dropped)
+                        shadow_dropped(model, lv.label, exc.reason)
+                    else:
+                        outcome = "rejected" if exc.status < 500 else "error"
+                        metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()
                 if not dropped:
                     vm.failure(failure_reason(exc), latency_ms / 1000)
                 log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)

@@ -103,7 +103,12 @@ class OutOfMemory(ModelUnavailable):
 
 
 class Preempted(ModelUnavailable):
-    """A run aborted through its RunOptions (a shadow run giving way to primary traffic)."""
+    """A run aborted through its RunOptions (a shadow run giving way to primary traffic), or a
+    shadow copy dropped before it ran; ``reason``: why, as ``shadow_dropped_total`` counts it."""
+
+    def __init__(self, message: str, reason: str = "no_idle_time"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class Rejected(ModelUnavailable):

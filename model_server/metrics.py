@@ -89,6 +89,12 @@ SHADOW_REQUESTS = Counter(
     (*ML, "outcome"),
 )
 SHADOW_OUTCOMES = ("ok", "error", "rejected", "dropped")
+SHADOW_DROPPED = Counter(
+    "shadow_dropped",
+    "Mirrored requests dropped, by reason (queue_full, no_idle_time, too_old: a copy from Istio's mirror "
+    "that waited past its age bound, left_service, shutting_down)",
+    (*ML, "reason"),
+)
 
 # Fine around the 60 ms guard so that p95/p99 interpolate within a few ms below 100 ms.
 LATENCY_BUCKETS = (

@@ -33,6 +33,10 @@ from model_server.trace import TraceContext, log_access
 log = logging.getLogger(__name__)
 
 PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
+# How long after it arrived a copy from Istio's mirror may still wait for idle time: past it
+# the sender has given up (a stream's timeout), and its record would hold the shadow's
+# watermark (the audit's) back by as long; well inside the audit's flush bound.
+MAX_COPY_AGE_S = 30.0
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
 
 
@@ -99,6 +103,12 @@ def held_bytes(inputs: list[InferInput]) -> int:
     return total + sum(bodies.values())
 
 
+def dropped(model: str, version: str, reason: str) -> None:
+    """A copy dropped before it ran, counted (``shadow_requests_total``, ``shadow_dropped_total``)."""
+    metrics.SHADOW_REQUESTS.labels(model, version, "dropped").inc()
+    metrics.SHADOW_DROPPED.labels(model, version, reason).inc()
+
+
 @dataclass
 class ShadowResult:
     job: ShadowJob
@@ -147,6 +157,7 @@ class ShadowMirror:
         sink: ShadowSink | None = None,
         max_preemptions: int = 5,
         queue_bytes: int = 256 * 1024 * 1024,
+        max_copy_age_s: float = MAX_COPY_AGE_S,
     ):
         self.repo = repo
         self.gate = PrimaryGate()
@@ -159,6 +170,7 @@ class ShadowMirror:
         self._tasks: list[asyncio.Task[None]] = []
         self._probes: set[asyncio.Task[None]] = set()
         self.waiting = 0  # copies Istio's mirror sent, waiting for idle time (run_copy)
+        self.max_copy_age_s = max_copy_age_s  # how long from its arrival such a copy may wait
         self.waiting_bytes = 0
 
     def submit(self, job: ShadowJob) -> None:
@@ -171,17 +183,17 @@ class ShadowMirror:
             return
         size = job.nbytes
         if self.queued_bytes + size > self.queue_bytes:
-            self._dropped(job, f"shadow queue holds {self.queued_bytes} bytes; limit {self.queue_bytes}")
+            self._dropped(job, f"shadow queue holds {self.queued_bytes} bytes; limit {self.queue_bytes}", "queue_full")
             return
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
-            self._dropped(job, "shadow queue full")
+            self._dropped(job, "shadow queue full", "queue_full")
             return
         self.queued_bytes += size
 
-    def _dropped(self, job: ShadowJob, why: str) -> None:
-        metrics.SHADOW_REQUESTS.labels(job.model, job.shadow_version, "dropped").inc()
+    def _dropped(self, job: ShadowJob, why: str, reason: str) -> None:
+        dropped(job.model, job.shadow_version, reason)
         if self.sink is not None:
             self.sink(ShadowResult(job, None, None, why, "DROPPED"))
 
@@ -206,7 +218,7 @@ class ShadowMirror:
             t.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         while not self.queue.empty():
-            self._dropped(self.queue.get_nowait(), "server shutting down")
+            self._dropped(self.queue.get_nowait(), "server shutting down", "shutting_down")
         self.queued_bytes = 0
 
     async def _worker(self) -> None:
@@ -224,7 +236,7 @@ class ShadowMirror:
             if result is not None and self.sink is not None:
                 self.sink(result)
         except asyncio.CancelledError:  # the stop's drain ran out: its pair is still recorded
-            self._dropped(job, "server shutting down")
+            self._dropped(job, "server shutting down", "shutting_down")
             raise
         except Exception:  # a shadow must never take the worker down
             log.exception("shadow copy of request %s failed unexpectedly", job.request_id)
@@ -239,7 +251,7 @@ class ShadowMirror:
             try:
                 lv = held.enter_context(self.repo.use(job.model, job.shadow_version, routed_by="mirror"))
             except (ModelUnavailable, ModelNotFound) as exc:  # unloaded since it was queued: not its failure
-                self._dropped(job, f"shadow version left service: {exc.message}")
+                self._dropped(job, f"shadow version left service: {exc.message}", "left_service")
                 return None
             try:
                 if job.refused is not None:
@@ -259,8 +271,8 @@ class ShadowMirror:
                         raise
                     lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
                     outputs = dict(zip(job.outputs, results, strict=True))
-            except Preempted:  # primary traffic never left it an idle moment: like a full queue
-                self._dropped(job, "preempted: no idle time")
+            except Preempted as exc:  # primary traffic never left it an idle moment: like a full queue
+                self._dropped(job, "preempted: no idle time", exc.reason)
                 return None
             except ServerError as exc:
                 error, outcome, status = exc.message, outcome_of(exc), exc.status
@@ -292,37 +304,63 @@ class ShadowMirror:
         return ShadowResult(job, outputs, latency_ms, error, outcome)
 
     async def run_copy(
-        self, lv: LoadedVersion, inputs: list[InferInput], outputs: list[str], request_id: str
+        self,
+        lv: LoadedVersion,
+        inputs: list[InferInput],
+        outputs: list[str],
+        request_id: str,
+        received_at: float | None = None,
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
-        """A copy Istio's mirror sent, run as ``yielding_run`` runs one. At most the queue's count
-        and bytes of such copies wait for idle time (while primaries keep a candidate busy, each
-        held its body, without bound): past them it is dropped at once (Preempted), as a full
-        queue drops a copy of this server's own mirror."""
+        """A copy Istio's mirror sent (``received_at``: when it arrived, ``time.perf_counter``),
+        run as ``yielding_run`` runs one. At most the queue's count and bytes of such copies wait
+        for idle time (while primaries keep a candidate busy, each held its body, without bound):
+        past them it is dropped at once (Preempted), as a full queue drops a copy of this server's
+        own mirror; and one still waiting ``max_copy_age_s`` after it arrived is dropped then
+        (reason ``too_old``): Envoy has given up on it, and its slot goes to a newer one."""
         size = held_bytes(inputs)
         if self.waiting >= self.queue.maxsize or self.waiting_bytes + size > self.queue_bytes:
             raise Preempted(
                 f"shadow copies waiting for idle time: {self.waiting} holding {self.waiting_bytes} bytes; "
-                f"limits {self.queue.maxsize} and {self.queue_bytes} bytes"
+                f"limits {self.queue.maxsize} and {self.queue_bytes} bytes",
+                "queue_full",
             )
         self.waiting += 1
         self.waiting_bytes += size
+        deadline = (time.perf_counter() if received_at is None else received_at) + self.max_copy_age_s
         try:
-            return await self.yielding_run(lv, inputs, outputs, request_id)
+            return await self.yielding_run(lv, inputs, outputs, request_id, deadline)
         finally:
             self.waiting -= 1
             self.waiting_bytes -= size
 
     async def yielding_run(
-        self, lv: LoadedVersion, inputs: list[InferInput], outputs: list[str], request_id: str
+        self,
+        lv: LoadedVersion,
+        inputs: list[InferInput],
+        outputs: list[str],
+        request_id: str,
+        deadline: float | None = None,
     ) -> tuple[list[np.ndarray], int, dict[str, float]]:
         """Run when no primary is in flight; a long run starts over when one arrives mid-run.
+        With ``deadline`` (``time.perf_counter``), no idle moment by then drops it (Preempted,
+        reason ``too_old``).
 
         Runs predicted shorter than ``PREEMPT_MIN_S`` are not aborted: they cost a primary less
         than aborting and retrying them would cost the shadow.
         """
         for _ in range(self.max_preemptions + 1):
             while self.gate.inflight:  # woken by an idle moment, a primary may have started since
-                await self.gate.idle.wait()
+                if deadline is None:
+                    await self.gate.idle.wait()
+                    continue
+                try:
+                    await asyncio.wait_for(self.gate.idle.wait(), max(0.0, deadline - time.perf_counter()))
+                except TimeoutError:
+                    raise Preempted(
+                        f"shadow copy of {request_id} found no idle time within its age bound of "
+                        f"{self.max_copy_age_s:g} s (Envoy's mirror has given up on it)",
+                        "too_old",
+                    ) from None
             run = ort.RunOptions()
             if lv.predicted_seconds(inputs) >= PREEMPT_MIN_S:
                 self.gate.shadow_runs.add(run)

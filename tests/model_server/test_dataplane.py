@@ -283,6 +283,36 @@ def test_copies_from_istios_mirror_wait_for_idle_time_within_the_shadow_queue_s_
     assert (dp.mirror.waiting, dp.mirror.waiting_bytes) == (0, 0)
 
 
+def test_a_copy_from_istios_mirror_waits_for_idle_time_no_longer_than_its_age_bound(repo, digit_images):
+    """A copy waiting for idle time had no age bound: one Envoy had long given up on (its mirror's
+    stream timed out) still waited, took one of the queue's slots, and ran minutes later, its
+    record's latency holding the shadow's watermark back. Past ``max_copy_age_s`` it is dropped
+    (503), counted as dropped with its reason, and its slot freed."""
+    policies = PolicyStore(None, on_change=metrics.show_traffic_policy)
+    feedback = FeedbackStore(FeedbackSigner(b"data-plane-test-key"))
+    dp = DataPlane(repo, policies, feedback, ShadowMirror(repo, queue_size=2, max_copy_age_s=0.2))
+    apply(dp, MIRROR)
+    body, json_length = request(digit_images[0][0])
+    labels = {"model": "digits", "version": "2"}
+    dropped = sample("shadow_requests_total", **labels, outcome="dropped")
+    too_old = sample("shadow_dropped_total", **labels, reason="too_old")
+
+    async def scenario() -> None:
+        with dp.mirror.gate:  # a primary in flight all along
+            copy = asyncio.create_task(
+                dp.infer("digits", None, body, RequestContext("old-copy", shadow_copy=True), json_length)
+            )
+            await asyncio.wait([copy], timeout=30)
+            assert copy.done()  # given up on while the primary still runs
+            assert isinstance(copy.exception(), Preempted)
+            assert "0.2" in copy.exception().message
+            assert (dp.mirror.waiting, dp.mirror.waiting_bytes) == (0, 0)
+
+    asyncio.run(scenario())
+    assert sample("shadow_requests_total", **labels, outcome="dropped") == dropped + 1
+    assert sample("shadow_dropped_total", **labels, reason="too_old") == too_old + 1
+
+
 def test_a_shadow_record_counts_the_bytes_its_copy_holds_against_the_log_s_budget(tmp_path):
     """A shadow record (a dropped copy's too) keeps its copy's input until it is written, but
     counted none of it against the prediction log's byte budget: under a burst of large requests
