@@ -118,6 +118,9 @@ SHADOW_PAIR_COLUMNS = [
     "tenant",
     "meta",
 ]
+# What the shadow audit reads: the pairs', and what counts the copies against the mirror's
+# sampling (``vision_rollout.audit.copy_check``).
+AUDIT_COLUMNS = [*SHADOW_PAIR_COLUMNS, "replica", "mirrored"]
 # What the rollout's gate reads: the arms (role, route, version), latency and outcome, top-1 and
 # the image hash (the replay's truth) or the label joined by request id, and the label's tenant.
 GATE_COLUMNS = [

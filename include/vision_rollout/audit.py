@@ -91,6 +91,17 @@ class AuditResult:
     # candidate's own share too: no comparison, excluded; expected, not a warning).
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
+    # Copies against the mirror's sampling (``copy_check``): the primaries the server's own
+    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly); and
+    # behind a mirror that samples on its own (Istio's: ``mirrored`` null), the primaries of the
+    # stretch its copies show it on, those of them with a copy, the configured share, and the
+    # one-sided binomial p-value of so few copies (None where not tested: no share configured,
+    # or no copy to show the stretch). A shortfall is a warning, not the candidate's failure.
+    copies_lost: int = 0
+    copies_eligible: int = 0
+    copies_received: int = 0
+    copies_percent: float | None = None
+    copies_p: float | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
@@ -509,6 +520,71 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
     return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
 
 
+# The one-sided level of the test of a shadow's copies against the configured mirror share
+# (``copies_short``): a shadow sent every copy configured is warned of at most this often.
+COPIES_ALPHA = 0.001
+
+
+def copies_short(received: int, eligible: int, percent: float) -> float:
+    """The chance of ``received`` copies or fewer of ``eligible`` primaries each sampled at
+    ``percent`` (a binomial's lower tail, exact): below ``COPIES_ALPHA``, fewer copies came than
+    the mirror's sampling explains."""
+    return float(stats.binom.cdf(received, eligible, min(max(percent, 0.0), 100.0) / 100)) if eligible else 1.0
+
+
+def copy_check(
+    records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
+) -> tuple[int, int, int]:
+    """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
+    the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
+    run, failed or dropped (lost); and of the primaries of ``versions`` (those mirrored: the
+    pairs' primary versions) a mirror sampled on its own (``mirrored`` null, not naming their
+    version), those stamped after the first of them with a copy and before the shadow's
+    watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
+    ``records`` unless given, as of all the records read, past the range too), and how many of
+    them have a copy. Each request's first primary record counts, once."""
+    primary = (records["role"] == "primary").to_numpy(bool)
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    copied = key.isin(key[~primary])
+    first = primary.copy()
+    first[primary] = ~key[primary].duplicated()
+    said = records["mirrored"]
+    lost = int((first & said.eq(True).to_numpy(bool) & ~copied).sum())
+    unknown = (
+        first
+        & said.isna().to_numpy(bool)
+        & records["version"].isin(list(versions)).to_numpy(bool)
+        & (records["route"] != "version").to_numpy(bool)
+    )
+    watermark = shadow_watermark(records) if watermark is None else watermark
+    if watermark is None or not (unknown & copied).any():
+        return lost, 0, 0
+    stamp = records["time"]
+    began = stamp[unknown & copied].min()
+    eligible = unknown & (stamp > began).to_numpy(bool) & (stamp < watermark).to_numpy(bool)
+    return lost, int(eligible.sum()), int((eligible & copied).sum())
+
+
+def copies_text(result: AuditResult) -> list[str]:
+    """The reasons a shadow's copies give (warnings: thinner evidence, never the candidate's
+    failure): copies lost, and fewer copies than the configured share explains."""
+    lines = []
+    if result.copies_lost:
+        lines.append(
+            f"{result.copies_lost} requests the server's mirror sampled have no shadow record: copies lost "
+            "(a shadow pod restarting or unreachable, its records not written); the shadow evidence is thinner"
+        )
+    if result.copies_p is not None and result.copies_p < COPIES_ALPHA and result.copies_percent is not None:
+        expected = result.copies_eligible * result.copies_percent / 100
+        lines.append(
+            f"the shadow received {result.copies_received} copies of {result.copies_eligible} requests behind a "
+            f"mirror of {result.copies_percent:g}% ({expected:.0f} expected; p={result.copies_p:.2g}, "
+            f"below {COPIES_ALPHA:g}): copies are lost on their way (the mirror's cluster, the shadow's pods), "
+            "the shadow evidence is thinner"
+        )
+    return lines
+
+
 def copies_pending(
     prediction_log: str | Path,
     end: datetime,
@@ -641,6 +717,7 @@ def audit(
     max_bytes: int = MAX_AUDIT_BYTES,
     max_seconds: float | None = MAX_AUDIT_S,
     clock: Callable[[], float] = time.monotonic,
+    mirror_percent: float | None = None,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
@@ -664,8 +741,13 @@ def audit(
     (``unread_files``, ``unread_bytes``), and the range is inconclusive at best, as when files
     could not be read. Its reads (the earlier hours' too) begin no listing nor file after
     ``max_seconds`` (by ``clock``): what was left is counted the same way (``unlisted_folders``,
-    ``out_of_time``), and named."""
-    from model_server.predictionlog import SHADOW_PAIR_COLUMNS, pair_probabilities, read, shadow_pairs
+    ``out_of_time``), and named.
+
+    The copies are counted against the mirror's sampling (``copy_check``): those the server's
+    own mirror sampled and never wrote are lost; behind a mirror that samples on its own, fewer
+    copies than ``mirror_percent`` (the configured share) explains (``copies_short``) are named.
+    Both are warnings in the reasons: the verdict stands on the pairs compared."""
+    from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
     deadline = None if max_seconds is None else clock() + max_seconds
@@ -674,7 +756,7 @@ def audit(
         start - margin,
         end + margin,
         model,
-        columns=SHADOW_PAIR_COLUMNS,
+        columns=AUDIT_COLUMNS,
         roles=("primary", "shadow"),
         written=True,
         max_bytes=max_bytes,
@@ -703,6 +785,7 @@ def audit(
         )
         late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
         earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
+    watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -723,14 +806,19 @@ def audit(
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
-    if result.verdict == "skip" and (result.shadow_without_primary or result.shadow_dropped):
+    mirrored = pairs["primary_version"].unique() if len(pairs) else []
+    result.copies_lost, result.copies_eligible, result.copies_received = copy_check(records, mirrored, watermark)
+    if mirror_percent and result.copies_eligible:
+        result.copies_percent = mirror_percent
+        result.copies_p = copies_short(result.copies_received, result.copies_eligible, mirror_percent)
+    if result.verdict == "skip" and (result.shadow_without_primary or result.shadow_dropped or result.copies_lost):
         # Shadow traffic, none of it compared: no empty range.
         result.verdict = "inconclusive"
         result.reasons = [
             f"no shadow record in this range pairs with its primary, nothing is shown: "
             f"{result.shadow_without_primary} shadow records without their primary (its replica's log "
             f"files not read or not written, or stamped in another range), {result.shadow_dropped} "
-            "copies dropped (no idle time or a full queue)"
+            f"copies dropped (no idle time or a full queue), {result.copies_lost} copies lost"
         ]
     skipped = records.attrs["skipped_file_reasons"]
     result.skipped_files = len(skipped)
@@ -825,6 +913,7 @@ def audit(
             f"{result.duplicates} records repeated the request id and item of an earlier one (a client "
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
+    result.reasons += copies_text(result)
     if result.primary_not_finite:
         result.reasons.append(
             f"{result.primary_not_finite} primary answers were no finite distribution (NaN or Inf, as a "
@@ -1078,6 +1167,14 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{limit_percent(cfg.max_shadow_error_rate)}%)",
         f"- Unpaired: shadow records without their primary {result.shadow_without_primary}, primaries "
         f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped}",
+        f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}; behind a mirror "
+        f"sampling on its own, {result.copies_received} of {result.copies_eligible} requests copied"
+        + (
+            ""
+            if result.copies_p is None or result.copies_percent is None
+            else f" ({result.copies_eligible * result.copies_percent / 100:.0f} expected at "
+            f"{result.copies_percent:g}%, p={result.copies_p:.2g}; warned below {COPIES_ALPHA:g})"
+        ),
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",
         f"- Records repeating an earlier one's request id and item (not audited): {result.duplicates}",

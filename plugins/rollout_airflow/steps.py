@@ -944,7 +944,9 @@ def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> 
     if spec.mirror_percent and mirroring(spec, run_id, hook):
         waited = await_copies(settings.prediction_log, end, spec.model, spec.baseline_version)
         log.info("waited %.0f s for the shadow copies of the primaries before %s to be written", waited, end)
-    result = audit(settings.prediction_log, since, end, spec.model, AuditConfig.from_spec(spec))
+    result = audit(
+        settings.prediction_log, since, end, spec.model, AuditConfig.from_spec(spec), mirror_percent=spec.mirror_percent
+    )
     write_report(report_files(result), settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     hold(spec, run_id, hook)
     return result.to_dict()
@@ -1668,8 +1670,9 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
 
     settings = serving().settings
     end = start + timedelta(hours=1)
-    result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS)
-    result = with_coverage(result, mirror_percent(model, end))
+    percent = mirror_percent(model, end)
+    result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS, mirror_percent=percent)
+    result = with_coverage(result, percent)
     summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
     if result.verdict == "skip":
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)

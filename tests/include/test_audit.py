@@ -13,11 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.stats import binom
 
 from model_server import predictionlog
 from tests.support import DataReads, SlowStore, shadow_log
 from vision_rollout.audit import (
     CHART,
+    COPIES_ALPHA,
     COPIES_POLL_S,
     REPORT,
     AuditConfig,
@@ -26,6 +28,8 @@ from vision_rollout.audit import (
     await_copies,
     closes,
     copies_pending,
+    copies_short,
+    copy_check,
     kl,
     report_files,
     write_report,
@@ -993,7 +997,7 @@ def test_an_audit_holds_what_its_budget_allows_and_names_the_files_left_unread(t
     assert len(sizes) == 4
     whole = audit(log, *around_now(), "digits")
     assert (whole.verdict, whole.rows, whole.unread_files) == ("pass", 800, 0)
-    records = predictionlog.read(log, *around_now(), "digits", columns=predictionlog.SHADOW_PAIR_COLUMNS)
+    records = predictionlog.read(log, *around_now(), "digits", columns=predictionlog.AUDIT_COLUMNS)
     one_file = int(records.memory_usage(deep=True).sum()) // 4
     part = audit(log, *around_now(), "digits", max_bytes=one_file * 2)
     assert part.verdict == "inconclusive"
@@ -1016,12 +1020,19 @@ def test_an_audit_holds_what_its_budget_allows_and_names_the_files_left_unread(t
     )
 
 
-def istio_log(folder: Path, primaries: list[float], copies: dict[int, float], down_after: float | None = None) -> Path:
+def istio_log(
+    folder: Path,
+    primaries: list[float],
+    copies: dict[int, float],
+    down_after: float | None = None,
+    mirrored: bool | None = None,
+) -> Path:
     """A prediction log as two Istio pods leave it: the baseline's pod (replica ``primary-pod``)
     a primary record at each of ``primaries`` saying nothing of the mirror (``mirrored`` null:
     Envoy samples it), the candidate's (``shadow-pod``) a shadow record for the primaries
     ``copies`` names (index -> the copy's stamp, its pod's clock). Each pod's records are written
-    by its own writer, flushed once."""
+    by its own writer, flushed once. ``mirrored``: what the primaries say of the mirror (true:
+    the server's own mirror sampled each)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1040,7 +1051,9 @@ def istio_log(folder: Path, primaries: list[float], copies: dict[int, float], do
             route = "route" if role == "primary" else "mirror"
             rid = f"r{i}"
             log.append(
-                Inference(at, "digits", version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {})
+                Inference(
+                    at, "digits", version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {}
+                )._replace(mirrored=mirrored if role == "primary" else None)
             )
         log.flush()
     return folder / "log"
@@ -1151,6 +1164,21 @@ def test_the_copies_of_real_servers_are_waited_for_only_where_they_may_come(
     assert copies_pending(istio, end, "digits", "1") is None
     result = audit(istio, end - timedelta(minutes=5), end, "digits")
     assert (result.rows, result.versions) == (10, {"primary": ["1"], "shadow": ["2"]})
+    assert copied.copies_lost == 0  # (the own mirror's copies all written)
+    # The copies against the configured share: a quarter, as Envoy was told, is no warning; told
+    # 75%, so few copies are (a warning: the verdict stands on the pairs compared).
+    as_told = audit(istio, end - timedelta(minutes=5), end, "digits", mirror_percent=25)
+    assert as_told.copies_eligible >= 30
+    assert (as_told.copies_p or 0.0) > COPIES_ALPHA
+    assert not any("copies are lost" in r for r in as_told.reasons)
+    short = audit(istio, end - timedelta(minutes=5), end, "digits", mirror_percent=75)
+    assert short.copies_p is not None
+    assert short.copies_p < COPIES_ALPHA
+    assert short.verdict == as_told.verdict
+    assert any(
+        f"the shadow received {short.copies_received} copies of {short.copies_eligible}" in r for r in short.reasons
+    )
+    assert "expected at 75%" in report_files(short)[REPORT].decode()
 
 
 def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart(tmp_path):
@@ -1284,3 +1312,75 @@ def test_an_hour_folder_listed_in_part_keeps_the_audit_from_passing(tmp_path, mo
     assert result.reasons[0].startswith("1 hour folders of this range hold more than 2 prediction log files")
     records = predictionlog.read(tmp_path / "log", *around_now(), "digits", columns=["role"])
     assert "hold more than 2 prediction log files" in (read_in_part(records) or "")
+
+
+def test_copies_the_servers_own_mirror_sampled_and_never_wrote_are_counted_lost(tmp_path):
+    """The audit did not read the primaries' ``mirrored``: a copy the server's own mirror made
+    and never wrote (the shadow's records lost) was one of the primaries without a shadow
+    record, told from none never sampled. They are counted exactly as lost and named in the
+    reasons and the report, a warning: the verdict stands on the pairs compared."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 60 + 0.5 * k for k in range(100)]
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 4 != 1}  # a quarter lost
+    log = istio_log(tmp_path, primaries, copies, mirrored=True)
+    result = audit(log, end - timedelta(minutes=5), end, "digits")
+    assert (result.rows, result.copies_lost, result.verdict) == (75, 25, "pass")
+    assert any("25 requests the server's mirror sampled have no shadow record" in r for r in result.reasons)
+    assert "lost (sampled by the server's mirror, no shadow record) 25" in report_files(result)[REPORT].decode()
+
+    (tmp_path / "whole").mkdir()
+    whole = istio_log(tmp_path / "whole", primaries, {i: t + 0.003 for i, t in enumerate(primaries)}, mirrored=True)
+    kept = audit(whole, end - timedelta(minutes=5), end, "digits")
+    assert (kept.rows, kept.copies_lost) == (100, 0)
+    assert not any("lost" in r for r in kept.reasons)
+
+
+def sampled_records(rng: np.random.Generator, n: int, percent: float, loss: float = 0.0) -> pd.DataFrame:
+    """The records a prediction log holds behind Istio: ``n`` primaries of version 1 a second
+    apart saying nothing of the mirror, each copied with chance ``percent``, the copy then lost
+    with chance ``loss``; a copy stamped 3 ms after its primary on the shadow's pod."""
+    at = pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(np.arange(n), unit="s")
+    copied = rng.random(n) < percent / 100 * (1 - loss)
+    ids = np.array([f"r{i}" for i in range(n)], dtype=object)
+    primary = pd.DataFrame(
+        {"time": at, "request_id": ids, "role": "primary", "version": "1", "replica": "b", "mirrored": None}
+    )
+    shadow = pd.DataFrame(
+        {
+            "time": at[copied] + pd.Timedelta(milliseconds=3),
+            "request_id": ids[copied],
+            "role": "shadow",
+            "version": "2",
+            "replica": "c",
+            "mirrored": None,
+        }
+    )
+    return pd.concat([primary, shadow], ignore_index=True).assign(
+        model="digits", item=0, route="route", latency_ms=3.0, mirrored=lambda d: d["mirrored"].astype(object)
+    )
+
+
+def test_the_copies_test_warns_of_a_whole_mirror_at_most_at_its_level_by_simulation():
+    """The one-sided binomial test of the copies behind a sampling mirror, judged as it runs
+    (``copy_check`` over the records, then ``copies_short``): a shadow sent every copy the
+    configured share makes is warned of in at most ``COPIES_ALPHA`` of the audits (an exact
+    tail of a discrete test: fewer), the stretch it counts (from the first copy to the
+    watermark) no bias; one losing half of its copies nearly always."""
+    rng = np.random.default_rng(7)
+    warned = runs = 0
+    for percent in (10.0, 50.0):
+        for _ in range(150):
+            _, eligible, received = copy_check(sampled_records(rng, 300, percent), ["1"])
+            warned += copies_short(received, eligible, percent) < COPIES_ALPHA
+            runs += 1
+    assert warned <= 2  # (0.3 expected at the level; 3 or more: a chance under 4e-3)
+    for n, percent in ((40, 25.0), (300, 10.0), (5000, 50.0)):  # the test's level alone, exactly
+        counts = np.arange(n + 1)
+        flagged = np.array([copies_short(int(k), n, percent) < COPIES_ALPHA for k in counts])
+        assert 0 < binom.pmf(counts[flagged], n, percent / 100).sum() <= COPIES_ALPHA
+    caught = 0
+    for _ in range(100):
+        _, eligible, received = copy_check(sampled_records(rng, 300, 25.0, loss=0.5), ["1"])
+        caught += copies_short(received, eligible, 25.0) < COPIES_ALPHA
+    assert caught >= 90
