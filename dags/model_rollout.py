@@ -14,8 +14,11 @@ Roll a new version of a model out to production, or roll it back, with the evide
 4. **wait_for_metrics**: a sensor poking every look interval (reschedule mode: no worker slot
    between pokes): a replay of the validation images through both versions, the hard guards and
    GPU gauges from Prometheus (a breach fails at once), and the stage's looks judged from the
-   prediction log (live A/B arms, replay), each once, until one decides.
-5. **statistical_gate**: the stage's verdict (non-inferiority, sequential alpha spending).
+   prediction log (live A/B arms, replay), each once, until one decides. Green only when the
+   stage passed: a stage that failed its test or ended undecided (inconclusive) fails it, saying
+   which, and the run rolls back.
+5. **statistical_gate**: the verdict of a stage that passed (non-inferiority, sequential alpha
+   spending); upstream_failed after a wait that failed.
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
    candidate unloaded, mirror off); then **notify** sends the report to Slack. With

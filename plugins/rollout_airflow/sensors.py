@@ -22,8 +22,10 @@ GRACE_S = 300  # past max_stage_seconds, the sensor's own timeout (the engine de
 
 class StageMetricsSensor(BaseSensorOperator):
     """``wait_for_metrics`` of one stage: each poke sends a validation replay round and judges the
-    looks that are due (``steps.look_at_stage``); done with the stage's verdict as its XCom,
-    failed at once when a hard guard trips (after putting the stable version back)."""
+    looks that are due (``steps.look_at_stage``); done with the stage's verdict as its XCom when
+    the stage passed; failed (no retry) when its test failed or it ended undecided, its verdict
+    in XCom ``verdict`` (``steps.unpassed_fails``), and at once when a hard guard trips (after
+    putting the stable version back)."""
 
     template_fields = ("applied",)
     ui_color = "#e8f4fd"
@@ -43,7 +45,7 @@ class StageMetricsSensor(BaseSensorOperator):
         return super().execute(context)
 
     def poke(self, context: Any) -> PokeReturnValue:
-        from rollout_airflow.steps import failure_kept, poke_stage
+        from rollout_airflow.steps import failure_kept, poke_stage, unpassed_fails
 
         ti = context["ti"]
         ti_id = str(getattr(ti, "id", None) or "") or None
@@ -56,4 +58,6 @@ class StageMetricsSensor(BaseSensorOperator):
                 ti_id or str(getattr(ti, "try_number", "")) or None,
                 ti_id,
             )
+            if verdict is not None:
+                unpassed_fails(context["params"], self.stage_index, verdict, ti)
         return PokeReturnValue(is_done=verdict is not None, xcom_value=verdict)

@@ -825,6 +825,20 @@ def poke_stage(
     return verdict
 
 
+def unpassed_fails(params: dict[str, Any], index: int, verdict: dict[str, Any], ti: Any) -> None:
+    """A stage's verdict other than a pass fails its wait, saying which (a test failed, or
+    undecided: inconclusive): a wait shown green in the grid reads as "the metrics passed". The
+    verdict stays in XCom ``verdict`` for ``decide`` and the report (``evidence``); the failed
+    wait leaves ``statistical_gate`` and the later stages upstream-failed, and decide rolls back."""
+    status = verdict.get("status") or verdict.get("decision")
+    if status == "pass":
+        return
+    ti.xcom_push(key="verdict", value=verdict)
+    weight = spec_from(params).stages[index]
+    ended = "ended undecided (inconclusive)" if status == "undecided" else "failed its test"
+    raise AirflowFailException(f"stage {index + 1} ({weight}%) {ended}; the run rolls back: {verdict.get('summary')}")
+
+
 def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[str, Any]:
     """The stage's verdict as its report shows it: with a check ``runs`` when the stage ran
     more than once (``attempts.runs_sentence``), and, when its test was restarted, its summary
@@ -969,8 +983,13 @@ def failure_kept(ti: Any) -> Iterator[None]:
 
 
 def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None, list[str | None]]:
-    """From XCom: each stage's verdict, the shadow audit, and why a stage's step failed."""
-    verdicts = [ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate") for i in range(max_stages)]
+    """From XCom: each stage's verdict (``statistical_gate``'s, or that of a wait failed by its
+    test: ``unpassed_fails``), the shadow audit, and why a stage's step failed."""
+    verdicts = [
+        ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate")
+        or ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="verdict")
+        for i in range(max_stages)
+    ]
     failures = [
         next(
             (f for step in STAGE_STEPS if (f := ti.xcom_pull(task_ids=f"stage_{i + 1}.{step}", key="failure"))),

@@ -76,6 +76,9 @@ def test_rollout_promotes_or_rolls_back(stack, candidate, final):
     assert server.client().get_model_metadata("digits")["versions"] == [final]
     states = {ti.task_id: ti.state for ti in dagrun.get_task_instances()}
     assert states["stage_1.enable_shadow"] == "success"
+    # The grid tells a stage that passed from one that failed its test: green only when it passed.
+    assert states["stage_1.wait_for_metrics"] == ("success" if final == candidate else "failed")
+    assert states["stage_1.statistical_gate"] == ("success" if final == candidate else "upstream_failed")
     assert states["notify"] == "success"
     assert states["promote" if final == candidate else "rollback"] == "success"
     assert states["ensure_stable"] == "success"  # the teardown found the decision carried out
@@ -109,6 +112,37 @@ def test_a_hard_guard_breach_fails_fast_and_restores_stable(stack):
     }
     text = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())["text"]
     assert "stage: hard guard tripped: Canary P99" in text  # the report names the guard
+
+
+def test_a_stage_ended_undecided_shows_its_wait_failed_and_rolls_back(stack):
+    """A stage held to max_stage_seconds without the samples to decide rolls back as inconclusive:
+    its wait_for_metrics showed success (green in the grid: "the metrics passed"); it fails,
+    saying the stage ended undecided, and the rollback and the report go on with the verdict."""
+    server, tmp = stack
+    conf = {
+        **CONF,
+        "candidate_version": "2",
+        "mirror_percent": 0,
+        "bake_seconds": 6,
+        "max_stage_seconds": 12,
+        "min_samples": 1_000_000,  # more than the stage's traffic: its last look cannot decide
+    }
+    dagrun = rollout_dag().test(run_conf=conf)
+    tis = {ti.task_id: ti for ti in dagrun.get_task_instances()}
+    states = {task_id: ti.state for task_id, ti in tis.items()}
+    assert states["stage_1.wait_for_metrics"] == "failed"
+    assert states["stage_1.statistical_gate"] == "upstream_failed"
+    assert states["stage_2.apply_mesh_weights"] in ("upstream_failed", "skipped")  # no weight moved on
+    assert (states["rollback"], states["promote"], states["notify"]) == ("success", "skipped", "success")
+    assert states["ensure_stable"] == "success"
+    why = tis["stage_1.wait_for_metrics"].xcom_pull(task_ids="stage_1.wait_for_metrics", key="failure")
+    assert why.startswith("stage 1 (50%) ended undecided (inconclusive); the run rolls back: not enough traffic")
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == {
+        "route": [{"version": "1", "weight": 100}]
+    }
+    report = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())
+    assert report["text"].startswith("Rolled back")
+    assert "the 50% stage: not enough traffic" in json.dumps(report)  # the stage's own verdict, as before
 
 
 def test_the_failure_callback_restores_stable(stack):

@@ -153,15 +153,21 @@ def test_prometheus_down_mid_stage_holds_it_and_the_stage_resumes_when_it_return
 
 
 def test_prometheus_down_to_the_end_of_a_stage_makes_it_undecided(stage):
+    """Undecided, the wait fails (not green in the grid), its verdict kept for the report."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     _server, _, started, holder = stage
     holder["prom"].stop()
     p = params(bake_seconds=6, max_stage_seconds=14, min_samples=40)
+    ti = TaskInstance()
     deadline = time.monotonic() + 60
-    while not (result := poke(p, started)).is_done:
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    assert result.xcom_value["status"] == "undecided"
-    assert "could not be read" in result.xcom_value["summary"]
+    with pytest.raises(AirflowFailException, match=r"^stage 1 \(50%\) ended undecided \(inconclusive\)"):  # noqa: PT012
+        while not poke(p, started, ti).is_done:
+            assert time.monotonic() < deadline
+            time.sleep(2)
+    assert ti.pushed["verdict"]["status"] == "undecided"
+    assert "could not be read" in ti.pushed["verdict"]["summary"]
+    assert "could not be read" in str(ti.pushed["failure"])
 
 
 def restarted(server, repo_copy, tmp_path, log_dir):

@@ -1887,6 +1887,7 @@ class StageWorld:
         self.set: list[dict] = []
         self.judged: list[float] = []
         self.states: list = []
+        self.failed: list[str] = []
         world = self
 
         class Router:
@@ -1917,14 +1918,25 @@ class StageWorld:
 
     def poke(self, applied: dict, index: int = 0, try_number: int = 1):
         """A poke of the stage's wait, in its try ``try_number`` (each try a task instance id of
-        its own): its XCom, None while it waits."""
+        its own): its XCom, None while it waits; a verdict other than a pass fails the try, its
+        verdict in XCom ``verdict`` (returned), its reason in ``failure`` (in ``self.failed``)."""
         from types import SimpleNamespace
 
         from rollout_airflow.sensors import StageMetricsSensor
 
         sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=index, applied=applied)
-        ti = SimpleNamespace(id=f"ti-{try_number}", try_number=try_number, xcom_push=lambda **kw: None)
-        return sensor.poke({"params": PARAMS, "run_id": "run-a", "ti": ti}).xcom_value
+        pushed: dict = {}
+        ti = SimpleNamespace(
+            id=f"ti-{try_number}", try_number=try_number, xcom_push=lambda key, value: pushed.__setitem__(key, value)
+        )
+        try:
+            return sensor.poke({"params": PARAMS, "run_id": "run-a", "ti": ti}).xcom_value
+        except AirflowFailException as exc:
+            if "verdict" not in pushed:
+                raise
+            self.failed.append(str(exc))
+        assert pushed["failure"] == self.failed[-1]  # (the reason the report names)
+        return pushed["verdict"]
 
 
 def stage_state(status: str, look: int, summary: str):
@@ -1955,6 +1967,7 @@ def test_a_stage_cleared_after_its_test_failed_reports_the_failure_and_sends_the
     assert verdict["decision"] == "fail"
     assert world.judged == [applied["started"]]  # judged once: the decision is reported again
     assert "its wait ran twice" in verdict["checks"][-1]["sentence"]
+    assert world.failed == ["stage 1 (50%) failed its test; the run rolls back: FAIL: canary P99 regressed 40%"] * 2
     assert decide(PARAMS, [verdict, None], AGREES)[0] == "rollback"
 
 
