@@ -128,9 +128,11 @@ def rollout_params() -> dict[str, Param]:
 def model_rollout() -> None:
     from rollout_airflow import steps
 
-    @task(retries=1)
+    # Its retry keeps the model this run's in the delay: no other run of it takes it meanwhile.
+    @task(retries=1, retry_delay=timedelta(minutes=1))
     def build_image(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
-        return steps.build_image(params, run_id, last_try=ti.try_number > ti.max_tries)
+        retry_in = None if ti.try_number > ti.max_tries else int(ti.task.retry_delay.total_seconds())
+        return steps.build_image(params, run_id, retry_in_s=retry_in)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:

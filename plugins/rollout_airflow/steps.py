@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
-from vision_rollout.locks import LEASE_S, Holding, LockLost, ModelBusy, held_record
+from vision_rollout.locks import LEASE_S, MAX_LEASE_S, Holding, LockLost, ModelBusy, held_record
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
     HELD,
@@ -183,15 +183,16 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
         return cast("Holding", current)
 
 
-def build_image(params: dict[str, Any], run_id: str, last_try: bool = True) -> dict[str, Any]:
-    """``first_step`` (below), and a run it fails for good (a refusal, or its last try: ``last_try``)
-    reported to Slack: in Airflow nothing else of the run runs once its setup failed, notify and
-    the teardown neither, so whoever triggered it would hear nothing."""
+def build_image(params: dict[str, Any], run_id: str, retry_in_s: int | None = None) -> dict[str, Any]:
+    """``first_step`` (below), and a run it fails for good (a refusal, or its last try: no
+    ``retry_in_s``, the delay before Airflow's retry) reported to Slack: in Airflow nothing else
+    of the run runs once its setup failed, notify and the teardown neither, so whoever triggered
+    it would hear nothing."""
     spec = spec_from(params)
     try:
-        return first_step(spec, params, run_id)
+        return first_step(spec, params, run_id, retry_in_s)
     except Exception as exc:
-        if last_try or isinstance(exc, AirflowFailException):
+        if retry_in_s is None or isinstance(exc, AirflowFailException):
             from vision_rollout.notify import not_started_message
 
             try:
@@ -201,17 +202,19 @@ def build_image(params: dict[str, Any], run_id: str, last_try: bool = True) -> d
         raise
 
 
-def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[str, Any]:
+def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_s: int | None = None) -> dict[str, Any]:
     """Check that the run folder's store keeps the stage records' conditional writes
     (``Folder.check_conditional``: an S3 store that ignores them refused, nothing touched); take
     the model's lease (one rollout of a model at a time); check where the run starts
     (``start_from_steady``); verify the candidate before any traffic; then, in local mode, load it
     beside the baseline; in kubernetes mode (mesh ``istio``), plan its image build (``build``: run
     by ``buildkit_build``). It fails giving the model back, whatever failed it (a refusal, a bug, a
-    disk or the model server failing; a retry takes it again): in Airflow nothing else of the run
-    runs once its setup failed, the teardown neither. Refused before its load, it changed nothing
-    its teardown or failure callback should undo (they would take what serves for its own); after,
-    the candidate is unloaded first (``given_back``)."""
+    disk or the model server failing): in Airflow nothing else of the run runs once its setup
+    failed, the teardown neither. Refused before its load, it changed nothing its teardown or
+    failure callback should undo (they would take what serves for its own); after, the candidate
+    is unloaded first (``given_back``). An error Airflow retries in ``retry_in_s`` keeps the model
+    this run's until then (``kept_for_retry``): given back, another run of the model could take
+    it in the delay, and the retry would fail for good; the retry takes the lease again."""
     from vision_rollout.images import verify_model
 
     hook = serving()
@@ -250,13 +253,15 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
                 **warned,
                 "build": build_plan(spec, report.sha256, settings.build_for(spec.model)),
             }
-    except Exception:
+    except Exception as exc:
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
         # Once that run's routes were put back, its rollback is finished here: its floor too.
         if left is not None and spec.mesh == "istio":
             release_leftover_floors(spec, hook, keep=None)
-        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), to=before if left is None else None)
+        to = before if left is None else None
+        keep = kept_for_retry(exc, retry_in_s, run_id, to)
+        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), to=to, keep_s=keep)
         raise
     try:
         # The stable routes pinned first: without a policy the model server routes everything to
@@ -269,22 +274,46 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str) -> dict[s
         changed = unverified(spec, hook, report.sha256)
         if changed:
             raise AirflowFailException(f"candidate artifact refused: {changed}; no traffic was moved to it")
-    except Exception:
-        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True)
+    except Exception as exc:
+        keep = kept_for_retry(exc, retry_in_s, run_id, None)
+        given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True, keep_s=keep)
         raise
     return {**report.to_dict(), **warned}
 
 
+def kept_for_retry(exc: Exception, retry_in_s: int | None, run_id: str, to: Holding | None) -> int | None:
+    """How long a failing first step keeps the model's lease for its retry: the retry's delay and
+    a lease's time for the retry to start (``LEASE_S``; no retry then, it runs out, and the run's
+    failure callback releases it before). None, given back at once: no retry follows (the last
+    try, or a refusal: ``AirflowFailException`` is not retried), or the lease was taken over from
+    another run (``to``), which gets it back."""
+    if retry_in_s is None or isinstance(exc, AirflowFailException):
+        return None
+    if to is not None and to.holder not in ("", run_id):
+        return None
+    return min(int(retry_in_s) + LEASE_S, MAX_LEASE_S)
+
+
 def given_back(
-    params: dict[str, Any], run_id: str, lock: Any, folder: Folder, to: Holding | None = None, loaded: bool = False
+    params: dict[str, Any],
+    run_id: str,
+    lock: Any,
+    folder: Folder,
+    to: Holding | None = None,
+    loaded: bool = False,
+    keep_s: int | None = None,
 ) -> None:
     """A failing ``build_image``'s model given back: ``loaded``, the candidate unloaded first
-    (``restore_stable``); then the lease released (to ``to``, the holding it took over). Should
-    that fail, it is logged and the lease stays: the run's failure callback (``finish``) tries
-    again, or it expires; the task fails on its own error."""
+    (``restore_stable``); then the lease released (to ``to``, the holding it took over), or, with
+    ``keep_s``, kept this run's for that long (its retry takes it again). Should that fail, it is
+    logged and the lease stays: the run's failure callback (``finish``) tries again, or it
+    expires; the task fails on its own error."""
     try:
         if loaded:
             restore_stable(params, run_id)
+        if keep_s is not None:
+            recorded(folder, run_id, lock.renew(run_id, keep_s, note="build_image failed; its retry takes it again"))
+            return
         recorded(folder, run_id, None)
         lock.release(run_id, to=to)
     except Exception as exc:

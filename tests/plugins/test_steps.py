@@ -1018,7 +1018,7 @@ def test_a_first_step_failing_on_an_error_of_no_kind_it_knows_gives_the_model_ba
         failed = AdminError
     outbox = tmp_path / "run" / "outbox"
     with pytest.raises(failed):  # a try Airflow retries: no report yet
-        steps.build_image(PARAMS, "run-a", last_try=False)
+        steps.build_image(PARAMS, "run-a", retry_in_s=60)
     assert not list(outbox.glob("*.json"))
     with pytest.raises(failed):  # its last: nothing else of the run runs, so it reports
         steps.build_image(PARAMS, "run-a")
@@ -1034,6 +1034,50 @@ def test_a_first_step_failing_on_an_error_of_no_kind_it_knows_gives_the_model_ba
     assert steps.build_image(PARAMS, "run-a")["sha256"]  # its retry
     assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
     assert len(list(outbox.glob("*.json"))) == 1
+
+
+@pytest.mark.integration
+def test_a_first_step_awaiting_its_retry_keeps_the_model_from_another_run(
+    server_factory, repo_copy, monkeypatch, tmp_path
+):
+    """build_image failing on an error its retry may not meet (the model server timing out a
+    load) gave the model back, and in the retry's delay (5 minutes) a second run of the model
+    took it: the first run's retry then failed for good, "being rolled out by" the second. The
+    lease stays the run's until its retry (for the delay and a lease's time, after which it runs
+    out if no retry comes), the candidate unloaded meanwhile; the second run is refused touching
+    nothing, and the retry takes the model again. Its last try gives it back."""
+    from vision_rollout.serving import AdminError, ModelServerAdmin
+
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    load = ModelServerAdmin.load
+
+    def load_then_fail(self, model, versions):
+        load(self, model, versions)
+        if len(versions) == 2:
+            raise AdminError("model server POST /v2/repository/models/digits/load: timed out")
+
+    monkeypatch.setattr(ModelServerAdmin, "load", load_then_fail)
+    lock = steps.serving().model_lock("digits", "local")
+    admin = steps.serving().settings.admin
+    with pytest.raises(AdminError):
+        steps.build_image(PARAMS, "run-a", retry_in_s=60)
+    held = lock.holding()
+    assert held.holder == "run-a"
+    assert held.seconds >= 60 + 300  # the retry's delay, and a lease's time for it to start
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    with pytest.raises(AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'"):
+        steps.build_image(PARAMS, "run-b")
+    assert lock.holding().holder == "run-a"
+    with pytest.raises(AdminError):  # its last try: the model given back
+        steps.build_image(PARAMS, "run-a")
+    assert lock.holding() is None
+    monkeypatch.setattr(ModelServerAdmin, "load", load)
+    assert steps.build_image(PARAMS, "run-b")["sha256"]
+    assert lock.holding().holder == "run-b"
 
 
 def built_and_staged(server_factory, repo_copy, monkeypatch, tmp_path) -> tuple[dict, dict]:
