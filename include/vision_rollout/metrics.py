@@ -383,11 +383,15 @@ class PromQL:
         ``lookback`` (a rate window: two scrapes at least): a change counts where its new value's
         sample lies in the window, its old value's up to ``lookback`` before it (a restart in the
         window's first scrape interval had its old value's sample before it, and changes() over
-        the window alone saw one value)."""
-        loaded = f"max_over_time(model_server_model_info{{{_sel(model, version)}}}[{window}])"
+        the window alone saw one value). The servers counted are those reporting the version loaded
+        up to ``lookback`` before the window too: a window shorter than a scrape interval (a stage
+        just begun) holds no sample of them, and its start alone would read as no data."""
         if lookback is None:
+            loaded = f"max_over_time(model_server_model_info{{{_sel(model, version)}}}[{window}])"
             return f"sum(changes(process_start_time_seconds[{window}]) and on(instance) {loaded})"
-        longer = f"changes(process_start_time_seconds[{parse_duration(window) + parse_duration(lookback):g}s])"
+        span = f"{parse_duration(window) + parse_duration(lookback):g}s"
+        loaded = f"max_over_time(model_server_model_info{{{_sel(model, version)}}}[{span}])"
+        longer = f"changes(process_start_time_seconds[{span}])"
         before = f"changes(process_start_time_seconds[{lookback}] offset {window})"
         return f"sum((({longer} - {before}) or {longer}) and on(instance) {loaded})"
 

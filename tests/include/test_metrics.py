@@ -729,3 +729,39 @@ def test_a_restart_of_the_candidate_just_after_its_stage_began_is_counted(tmp_pa
         prom.stop()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.integration
+def test_a_stage_just_begun_reads_the_restart_guard_from_the_candidates_last_scrapes(tmp_path):
+    """At a stage's first pokes, before Prometheus scraped the candidate's servers within the
+    stage (seconds, at a 15-30 s scrape interval), the restart guard found no server serving the
+    version in the stage and had no data: the stage held ("a hard guard has no data: the start
+    times ...") though the candidate's process was scraped a moment before, its start time
+    unchanged. The servers seen serving the version up to a rate window before the stage count:
+    no restart, nothing missing; a server of the version never scraped still holds the stage."""
+    from vision_rollout.engine import guard_inputs
+    from vision_rollout.spec import RolloutSpec
+
+    server = exporter(
+        {"candidate": 'model_server_model_info{model="digits",version="2"} 1\nprocess_start_time_seconds 100\n'},
+        "candidate",
+    )
+    prom = start_prometheus([f"127.0.0.1:{server.server_port}"], tmp_path / "prometheus", scrape_interval_s=5)
+    starts = "process_start_time_seconds"
+    try:
+        source = PrometheusSource(prom.url)
+        wait_for_value(source, f"count_over_time({starts}[1m]) >= 2", timeout_s=30)
+        last = source.query(f"timestamp({starts})")
+        wait_for_value(source, f"timestamp({starts}) > {last}", every_s=0.05)  # a scrape just now
+        time.sleep(1.5)
+        since = time.time()  # the stage begins 1.5 s after it, 3.5 s before the next
+        guards = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "2"}), since=since)
+        assert "start times" not in (guards.missing or ""), guards.missing
+        assert guards.restarts == 0
+        unseen = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "3"}), since=since)
+        assert unseen.restarts is None
+        assert "the start times of the candidate's serving processes have no data" in (unseen.missing or "")
+    finally:
+        prom.stop()
+        server.shutdown()
+        server.server_close()
