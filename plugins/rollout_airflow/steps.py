@@ -550,6 +550,18 @@ def apply_weights(
             started, outcome = attempts.applied(record, run_id, index, time.time())
         print(f"stage {index + 1}: its test decided already ({outcome and outcome.get('status')}); weights not applied")
         return {"weight": spec.stages[index], "started": started}
+    if (
+        resumed is not None
+        and resumed.outcome is not None
+        and (later := later_stage_applied(spec, run_id, index, hook))
+    ):
+        # Cleared alone (its downstream unticked) after a later stage took effect: its weights
+        # again would move traffic back under that stage's wait. Its wait reports its decision.
+        with stage_record_readable(spec, run_id, index, hook):
+            started, _ = attempts.applied(record, run_id, index, time.time())
+        print(f"stage {index + 1}: its test passed and {later} took effect since; weights left as they are")
+        kept = {"weight": spec.stages[index], "started": started}
+        return kept if verified is None else {**kept, "sha256": verified}
     r = router(spec, run_id, hook)
     if spec.mesh == "istio":  # both versions ready before any weight moves: no route to missing pods
         deployments = hook.deployments(spec.model)
@@ -579,6 +591,19 @@ def apply_weights(
         started, _ = attempts.applied(record, run_id, index, time.time(), spec)
     applied = {"weight": spec.stages[index], "started": started}
     return applied if verified is None else {**applied, "sha256": verified}
+
+
+def later_stage_applied(spec: RolloutSpec, run_id: str, index: int, hook: ModelServerHook) -> str | None:
+    """The last stage after ``index`` whose weights this run applied (its record in the run
+    folder holds an attempt), as "stage N (W%)"; None when none was."""
+    from vision_rollout import attempts
+
+    folder = hook.settings.workdir(spec.model, run_id)
+    for later in range(len(spec.stages) - 1, index, -1):
+        with stage_record_readable(spec, run_id, later, hook):
+            if attempts.load(folder, run_id, later).attempts:
+                return f"stage {later + 1} ({spec.stages[later]}%)"
+    return None
 
 
 def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:

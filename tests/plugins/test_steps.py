@@ -2015,6 +2015,25 @@ def test_a_stage_cleared_after_its_test_failed_reports_the_failure_and_sends_the
     assert decide(PARAMS, [verdict, None], AGREES)[0] == "rollback"
 
 
+def test_an_earlier_stages_apply_cleared_alone_mid_run_moves_no_traffic_back(monkeypatch, tmp_path):
+    """Stage 1 (50%) passed and stage 2 (100%) took effect; a reviewer cleared stage 1's
+    apply_mesh_weights alone in the UI (its downstream unticked) and it ran again: the routes went
+    back to 50% while stage 2's wait judged on as if at 100%, and nothing put them forward again
+    before that wait decided. Now an earlier stage's apply after a later stage took effect leaves
+    the routes as they are, saying so; the later stage's wait goes on under its own split."""
+    world = StageWorld(monkeypatch, tmp_path)
+    first = world.apply(0)
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    assert world.poke(first)["decision"] == "pass"
+    world.apply(1)
+    at_100 = list(world.set)
+    assert at_100[-1] == {"route": [{"version": "2", "weight": 100}]}
+    again = world.apply(0)  # cleared alone, mid-stage 2
+    assert world.set == at_100  # no traffic moved back
+    assert again["started"] == first["started"]
+    assert world.poke(again, try_number=2)["decision"] == "pass"  # its decision reported again
+
+
 def test_a_stage_re_run_mid_test_resumes_its_looks_and_its_alpha(monkeypatch, tmp_path):
     """A worker lost mid-stage, the stage cleared: its window (its looks' times, the alpha each
     spends) is the first run's, and the report counts the runs."""
