@@ -38,7 +38,7 @@ is asked for with `rolloutctl restart-stage`, and its report says so and what it
 Runs of different models go on side by side; one model has one run at a time: **build_image**
 takes the model's lease (a Kubernetes Lease `rollout-<VirtualService>`, or a lock file in local mode),
 every step renews it, the teardown **ensure_stable** releases it (and fails the run when the
-report was not sent, the decision kept). A second run of the same
+report was not sent, the decision kept; where notify did not run, it sends the report itself). A second run of the same
 model fails its first task at once, naming the run that holds the model, and touches nothing.
 """
 

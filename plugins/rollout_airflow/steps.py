@@ -1426,8 +1426,8 @@ def ensure_stable(
     It fails, once that is done, a run that ended before promote or rollback finished (marked
     failed in the UI, say, or one of them failed after ``decided``, decide's outcome), reporting
     what it did to Slack (notify did not run; a promotion found in effect is reported as one),
-    and a run whose report (``report``, notify's XCom)
-    was not sent: Airflow would otherwise count either a success (a teardown's upstream failing
+    and a run whose report (``report``, notify's XCom) was not sent, sending it itself where
+    notify did not (decide marked success by hand: promote refused, notify upstream-failed): Airflow would otherwise count either a success (a teardown's upstream failing
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
     nor notify ran) reports that to Slack, then fails; a report never says the stable version
     takes the traffic where it was not read back so.
@@ -1465,8 +1465,20 @@ def ensure_stable(
             )
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
-    if report is None:
-        raise AirflowFailException(f"{done}; but its report was not sent (see notify's log)")
+    if report is None:  # notify did not run (downstream of a promote refused after decide was marked
+        # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
+        chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
+        restored = done.startswith(f"version {spec.baseline_version} takes 100%")
+        report = send(
+            spec,
+            plain_report(spec, "promote", f"{chose}; {done}")
+            if kept
+            else rollback_message(spec, f"{chose}; {done}", restored=restored),
+        )
+        undelivered = f" (in the outbox: {report['slack_error']})" if report.get("slack_error") else ""
+        raise AirflowFailException(
+            f"{done}; but notify did not send the run's report: the teardown sent it{undelivered}"
+        )
     if report.get("slack_error"):
         raise AirflowFailException(
             f"{done}; but its report did not reach Slack ({report['slack_error']}): it is in the outbox, {report.get('outbox')}"

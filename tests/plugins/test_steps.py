@@ -555,6 +555,22 @@ def test_a_teardown_never_reports_the_stable_version_back_where_it_is_not(monkey
     assert len(outbox_reports(monkeypatch, tmp_path)) == 2
 
 
+def test_a_rollback_after_decide_marked_success_by_hand_is_reported(monkeypatch, tmp_path):
+    """decide marked success in the UI: it chose nothing, so neither branch was skipped; promote
+    refused (failed), rollback put the stable version back, and notify, downstream of the failed
+    promote, never ran. The teardown failed the run "its report was not sent (see notify's log)",
+    a log that does not exist, and Slack was never told the candidate was rolled back. The
+    teardown now sends the report itself, then fails the run saying so."""
+    outbox_reports(monkeypatch, tmp_path)
+    done = "version 1 takes 100%; version 2 is unloaded"
+    monkeypatch.setattr(steps, "finish", lambda *a, **k: (False, done))
+    with pytest.raises(AirflowFailException, match="notify did not send the run's report: the teardown sent it"):
+        steps.ensure_stable(PARAMS, "run-a", None, done, None, decided=None)
+    (report,) = outbox_reports(monkeypatch, tmp_path)
+    assert report["text"].startswith("Rolled back digits v2: decide chose nothing (marked success by hand?)")
+    assert "version 1 takes 100%" in report["text"]
+
+
 @pytest.mark.parametrize("second", [FAIL, None])
 def test_a_rollback_report_names_the_stage_that_rolled_it_back(monkeypatch, tmp_path, second):
     """The DAG's rollback report said "was rolled back." where rolloutctl run's says at which
