@@ -62,9 +62,8 @@ def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: f
     reason = api.xcom("model_rollout", run_id, "decide", "reason")
     print(f"\nrun {run['state']}; decision: {str(outcome).upper()}: {reason}")
     for i in range(1, len(conf["stages"]) + 1):
-        try:
-            verdict = api.xcom("model_rollout", run_id, f"stage_{i}.statistical_gate")
-        except RuntimeError:
+        verdict = stage_verdict(api, run_id, i)
+        if verdict is None:
             continue
         print(f"  stage {i} ({conf['stages'][i - 1]}%): {verdict['summary']}")
         for check in verdict["checks"]:
@@ -82,6 +81,20 @@ def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: f
         "outcome": outcome,
         "reason": reason,
     }
+
+
+def stage_verdict(api: Any, run_id: str, stage: int) -> dict[str, Any] | None:
+    """A stage's verdict: statistical_gate's, or (a stage that failed its test or ended undecided
+    fails its wait) the wait's XCom ``verdict``; None for a stage that gave none."""
+    for task_id, key in (
+        (f"stage_{stage}.statistical_gate", "return_value"),
+        (f"stage_{stage}.wait_for_metrics", "verdict"),
+    ):
+        try:
+            return api.xcom("model_rollout", run_id, task_id, key)
+        except RuntimeError:
+            continue
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

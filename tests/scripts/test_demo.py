@@ -1,0 +1,33 @@
+"""scripts/demo.py's reading of a run: each stage's verdict, wherever the run left it."""
+
+from __future__ import annotations
+
+from devstack.airflow_api import AirflowAPIError
+
+
+class XComs:
+    """The REST API's XCom entries of one run: a missing one answers 404 (AirflowAPIError)."""
+
+    def __init__(self, entries: dict[tuple[str, str], object]) -> None:
+        self.entries = entries
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> object:
+        if (task_id, key) not in self.entries:
+            raise AirflowAPIError(f"404: no XCom {key} of {task_id}")
+        return self.entries[task_id, key]
+
+
+def test_the_demo_prints_the_verdict_of_a_stage_whose_wait_failed_its_test():
+    """A stage that failed its test fails its wait (its verdict in the wait's XCom ``verdict``,
+    statistical_gate upstream_failed): the demo printed no verdict for it, only the decision."""
+    from scripts.demo import stage_verdict
+
+    passed = {"decision": "pass", "summary": "PASS at look 3", "checks": []}
+    failed = {"decision": "fail", "summary": "FAIL: accuracy", "checks": []}
+    api = XComs(
+        {
+            ("stage_1.statistical_gate", "return_value"): passed,
+            ("stage_2.wait_for_metrics", "verdict"): failed,
+        }
+    )
+    assert [stage_verdict(api, "run", i) for i in (1, 2, 3)] == [passed, failed, None]
