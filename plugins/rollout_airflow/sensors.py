@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk.exceptions import AirflowSensorTimeout
 
 GRACE_S = 300  # past max_stage_seconds, the sensor's own timeout (the engine decides before)
 
@@ -42,7 +43,20 @@ class StageMetricsSensor(BaseSensorOperator):
         spec = spec_from(context["params"])
         self.poke_interval = poke_interval(spec)
         self.timeout = spec.max_stage_seconds + GRACE_S
-        return super().execute(context)
+        try:
+            return super().execute(context)
+        except AirflowSensorTimeout:  # its pokes held the stage to the end: why, kept for the report
+            from airflow.sdk.timezone import utcnow
+
+            first = context["ti"].get_first_reschedule_date(context)
+            held = f" after {(utcnow() - first).total_seconds():.0f} s" if first else ""
+            context["ti"].xcom_push(
+                key="failure",
+                value=f"stage {self.stage_index + 1} ({spec.stages[self.stage_index]}%): its wait timed out without a "
+                f"verdict{held} (max_stage_seconds {spec.max_stage_seconds} s and {GRACE_S} s more): its pokes held "
+                "the stage (their log lines say why)",
+            )
+            raise
 
     def poke(self, context: Any) -> PokeReturnValue:
         from rollout_airflow.steps import failure_kept, poke_stage, unpassed_fails

@@ -2031,6 +2031,37 @@ def test_a_stage_cleared_after_its_test_failed_reports_the_failure_and_sends_the
     assert decide(PARAMS, [verdict, None], AGREES)[0] == "rollback"
 
 
+def test_a_stage_wait_timed_out_without_a_verdict_names_why_in_the_report(monkeypatch, tmp_path):
+    """A stage whose pokes held it past max_stage_seconds and the sensor's grace (a run folder
+    that cannot be read, say) ended by Airflow's sensor timeout: no verdict and no reason kept,
+    so the rollback said only "the 50% stage produced no verdict: a step failed or was
+    interrupted". The timeout is kept as the stage's failure, and the report names it."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowSensorTimeout
+
+    from rollout_airflow.sensors import StageMetricsSensor
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    world.states = [stage_state("waiting", 0, "holding: the hard guards cannot be read")]
+    sensor = StageMetricsSensor(task_id="wait_for_metrics", stage_index=0, applied=applied)
+    pushed: dict = {}
+    ti = SimpleNamespace(
+        id="ti-1",
+        try_number=1,
+        xcom_push=lambda key, value: pushed.__setitem__(key, value),
+        get_first_reschedule_date=lambda context: datetime.now(UTC) - timedelta(hours=2),  # (its first poke)
+    )
+    with pytest.raises(AirflowSensorTimeout):
+        sensor.execute({"params": PARAMS, "run_id": "run-a", "ti": ti})
+    assert pushed["failure"].startswith("stage 1 (50%): its wait timed out without a verdict after 7200 s")
+    outcome, reason = decide(PARAMS, [None, None], AGREES, [pushed["failure"], None])
+    assert outcome == "rollback"
+    assert "its wait timed out without a verdict" in reason
+
+
 def test_an_earlier_stages_apply_cleared_alone_mid_run_moves_no_traffic_back(monkeypatch, tmp_path):
     """Stage 1 (50%) passed and stage 2 (100%) took effect; a reviewer cleared stage 1's
     apply_mesh_weights alone in the UI (its downstream unticked) and it ran again: the routes went
