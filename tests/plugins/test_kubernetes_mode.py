@@ -1096,13 +1096,15 @@ def test_a_model_sent_to_another_models_target_is_refused_before_any_write(kube)
 
 def test_a_promotion_whose_report_was_not_sent_is_kept_and_the_run_fails(kube):
     """notify failed after promote: the teardown keeps the promoted version and releases the
-    Lease, then fails, so the run ends failed (a teardown's upstream failing would not fail it)."""
+    Lease, sends the report notify did not, then fails, so the run ends failed (a teardown's
+    upstream failing would not fail it)."""
     stable_virtual_service(kube, PARAMS)
     take("run-1")
     steps.ModelServerHook().deployments("digits").apply("2", image("2"))
     steps.promote(PARAMS, "run-1", "promote")
     with pytest.raises(
-        AirflowFailException, match="version 2 was promoted: nothing to restore; but its report was not sent"
+        AirflowFailException,
+        match="version 2 was promoted: nothing to restore; but notify did not send the run's report: the teardown sent it",
     ):
         steps.ensure_stable(PARAMS, "run-1", "2", None, None)
     assert routes(kube) == [("v2", 100)]
