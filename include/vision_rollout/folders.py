@@ -15,9 +15,11 @@ write's PUT carries its condition (``objects``: boto3, as pyarrow has neither).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from model_server.files import filesystem, folder_problem, s3_client, write_priv
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-__all__ = ["Folder", "WriteConflict", "folder_problem"]
+__all__ = ["Folder", "NotAFile", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
 
@@ -38,6 +40,40 @@ LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the 
 class WriteConflict(OSError):
     """A conditional write (``Folder.write_if``) found the file changed since it was read:
     nothing was written."""
+
+
+class NotAFile(OSError):
+    """What sits at a file's path on a disk is no regular file (a link, a named pipe, a device,
+    a folder): not read. ``why`` says what it is."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} is {why}")
+        self.why = why
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular(path: Path, size: int = -1) -> bytes:
+    """The regular file at ``path``, whole or its first ``size`` bytes: opened without following
+    a link nor waiting for a named pipe's writer. NotAFile (an OSError naming it) for a link, a
+    named pipe, a device or a folder there, nothing read; FileNotFoundError when it is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile(path, "a link, not a regular file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "a device")
+            raise NotAFile(path, f"{kind}, not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read(size)
 
 
 def _check_name(name: str) -> str:
@@ -176,7 +212,9 @@ class Folder:
         """``name`` in this folder, whole, or its first ``limit`` bytes and one more (a file
         larger reads as longer than ``limit``: one of gigabytes dropped there is read no
         further); in S3 as one version of it, read in one GET (a file replaced meanwhile is read
-        as it was, or as it is, never a mix). FileNotFoundError when it is absent."""
+        as it was, or as it is, never a mix). FileNotFoundError when it is absent; on a disk,
+        NotAFile (an OSError naming it) for a link, a named pipe, a device or a folder there,
+        nothing read (``read_regular``)."""
         return self._read(name, limit)[0]
 
     def _read(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
@@ -184,8 +222,7 @@ class Folder:
         size = -1 if limit is None else limit + 1
         path = self.path
         if path is not None:
-            with open(path / _check_name(name), "rb") as f:
-                return f.read(size), None
+            return read_regular(path / _check_name(name), size), None
         fs, key = self._key(_check_name(name))
         if self._s3():
             from vision_rollout import objects

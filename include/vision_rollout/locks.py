@@ -39,12 +39,10 @@ file under the run folder (local mode). Workers' clocks are assumed synchronised
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import re
-import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -55,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vision_rollout.attempts import printable
+from vision_rollout.folders import NotAFile, read_regular
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
@@ -330,19 +329,11 @@ class FileLock(CompareAndSwapLock):
         LockError for what this lock never writes there, not read whole: a link (to /dev/zero),
         a named pipe (whose read waits for a writer), a folder, a file over ``MAX_LOCK_BYTES``."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            data = read_regular(self.path, MAX_LOCK_BYTES + 1)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise self._unreadable("a link, not a lock file this lock writes") from None
-            raise
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise self._unreadable("not a regular file")
-            data = os.read(fd, MAX_LOCK_BYTES + 1)
-        finally:
-            os.close(fd)
+        except NotAFile as exc:
+            raise self._unreadable(exc.why) from None
         if len(data) > MAX_LOCK_BYTES:
             raise self._unreadable(f"over {MAX_LOCK_BYTES} bytes")
         return data.decode(errors="replace")

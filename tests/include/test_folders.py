@@ -503,3 +503,34 @@ def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short
         server.close()
         for conn in accepted:
             conn.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        # A named pipe nobody writes to: the read waited for a writer for good (a hung worker).
+        (lambda f: __import__("os").mkfifo(f), "a named pipe"),
+        (lambda f: f.mkdir(), "a folder"),
+        # Followed: a link to /dev/zero read until memory ran out (without a limit).
+        (lambda f: f.symlink_to("/dev/zero"), "a link"),
+    ],
+    ids=["fifo", "folder", "link-to-dev-zero"],
+)
+@pytest.mark.timeout(60)
+def test_what_is_no_regular_file_at_a_files_name_is_refused_naming_it_without_reading_it(tmp_path, make, needle):
+    """A stage record's, the run's lease.json's or an outbox report's path on a disk holding a
+    named pipe hung its reader (the poke, ``rolloutctl prune``) waiting for a writer; a link was
+    followed. Each is an OSError naming the file and what it is, nothing read, whatever the
+    reader; a regular file is read as before."""
+    from vision_rollout import attempts
+
+    folder = Folder(str(tmp_path))
+    for name in ("lease.json", attempts.record_name("run-a", 0)):
+        make(tmp_path / name)
+        for limit in (10, None):  # (with a limit first: the link, followed, read no further)
+            with pytest.raises(OSError, match=rf"{re.escape(str(tmp_path / name))} is {needle}, not a regular file"):
+                folder.read(name, limit)
+    with pytest.raises(OSError, match=r"is .*, not a regular file"):
+        attempts.load(folder, "run-a", 0)
+    folder.write("report.json", b"{}")
+    assert folder.read("report.json") == b"{}"

@@ -347,7 +347,7 @@ def test_an_unreadable_lock_file_is_named(tmp_path, content):
         (lambda f: f.write_text("[" * 30_000 + "]" * 30_000), "nested deeper than any JSON this lock writes"),
         # Read whole: a file of gigabytes, or a link to /dev/zero, read until memory ran out.
         (lambda f: f.write_bytes(b" " * (1 << 20) + b"{}"), "over 65536 bytes"),
-        (lambda f: f.symlink_to("/dev/zero"), "a link, not a lock file this lock writes"),
+        (lambda f: f.symlink_to("/dev/zero"), "a link, not a regular file"),
         # A named pipe nobody writes to: the worker hung on its read for good.
         (lambda f: os.mkfifo(f), "not a regular file"),
         (lambda f: f.mkdir(), "not a regular file"),
