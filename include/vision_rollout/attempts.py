@@ -405,7 +405,7 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
     except RecordError:
         pass
     name = record_name(run_id, index)
-    damaged = folder.read(name)
+    damaged = folder.read_within(name, MAX_BYTES)
     aside = folder.write(f"{name}.damaged-{int(time.time())}", damaged)
     fresh = StageRecord(
         run_id,

@@ -32,7 +32,7 @@ from model_server.files import filesystem, folder_problem, s3_client, write_priv
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
-__all__ = ["Folder", "NotAFile", "WriteConflict", "folder_problem", "read_regular"]
+__all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
 
@@ -40,6 +40,10 @@ LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the 
 class WriteConflict(OSError):
     """A conditional write (``Folder.write_if``) found the file changed since it was read:
     nothing was written."""
+
+
+class TooLarge(OSError):
+    """A file holds more than its reader takes (``Folder.read_within``): read no further."""
 
 
 class NotAFile(OSError):
@@ -216,6 +220,15 @@ class Folder:
         NotAFile (an OSError naming it) for a link, a named pipe, a device or a folder there,
         nothing read (``read_regular``)."""
         return self._read(name, limit)[0]
+
+    def read_within(self, name: str, limit: int) -> bytes:
+        """``name`` in this folder, whole, as ``read`` reads it; TooLarge (an OSError naming it)
+        when it holds over ``limit`` bytes, having read ``limit`` and one more."""
+        data = self.read(name, limit)
+        if len(data) > limit:
+            where = self._location(name) if self.path is None else self.path / name
+            raise TooLarge(f"{where} holds over {limit} bytes: not a file this rollout wrote")
+        return data
 
     def _read(self, name: str, limit: int | None = None) -> tuple[bytes, str | None]:
         """``name``'s bytes (``limit`` and one more at most) and, in S3, its ETag."""

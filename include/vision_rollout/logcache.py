@@ -85,7 +85,7 @@ class _Part:
 def _read_part(stage: Folder, cache: str, part: str, schema: pa.Schema) -> _Part:
     """The part's records and files; FileNotFoundError when it is gone, ValueError (or pyarrow's)
     when it is torn or not this stage's."""
-    data = stage.read(part)
+    data = stage.read_within(part, MAX_BYTES)
     table = pq.read_table(io.BytesIO(data))
     meta = json.loads((table.schema.metadata or {})[_META])
     files = [(str(p), int(n), int(m)) for p, n, m in meta["files"]]

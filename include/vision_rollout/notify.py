@@ -34,7 +34,7 @@ from urllib.parse import quote, unquote, urlsplit
 import numpy as np
 
 from vision_rollout.audit import AuditResult, printable, short_digest
-from vision_rollout.folders import Folder, temporary_of
+from vision_rollout.folders import Folder, NotAFile, TooLarge, temporary_of
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
 
@@ -50,6 +50,9 @@ MAX_TOTAL_TEXT = 10_000
 # recommends, twice at most and only for a wait this long at most (a longer one: the outbox).
 RATE_LIMIT_RETRIES = 2
 MAX_RETRY_AFTER_S = 30
+MAX_REPORT_BYTES = 1 << 20  # an outbox report (its texts within MAX_TOTAL_TEXT) is a few KiB
+MAX_CHART_BYTES = 16 << 20  # a report's PNG chart is about 100 KiB
+MAX_MARK_BYTES = 64 << 10  # a report's sent mark: Slack's answer's ids
 ICONS = {
     "pass": ":large_green_circle:",
     "fail": ":red_circle:",
@@ -937,7 +940,7 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
     """The report ``name`` of the outbox, and its message (None where it cannot be sent)."""
     stem = name.removesuffix(".json")
     try:
-        record = json.loads(outbox.read(name))
+        record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
         channel, text, blocks = record["channel"], record["text"], record["blocks"]
         if not (isinstance(channel, str) and channel and isinstance(text, str) and isinstance(blocks, list)):
             raise ValueError("not a report")
@@ -946,8 +949,14 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
             raise ValueError(problem)
     except FileNotFoundError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:  # (JSONDecodeError, UnicodeDecodeError are ValueErrors)
-        return Waiting(name, problem=f"not a report: {type(exc).__name__}: {one_line(str(exc))[:200]}"), None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        TooLarge,
+        NotAFile,
+    ) as exc:  # (JSONDecodeError, UnicodeDecodeError are ValueErrors)
+        return Waiting(name, problem=f"not a report: {type(exc).__name__}: {one_line(str(exc))[:400]}"), None
     chart = record.get("chart")
     chart = chart if chart == f"{stem}.png" else None  # (another report's file is never touched)
     error = record.get("slack_error")
@@ -993,7 +1002,7 @@ def _move(source: Folder, target: Folder, name: str, chart: str | None, record: 
     leaves a copy, never a loss."""
     if chart:
         with contextlib.suppress(FileNotFoundError):
-            target.write(chart, source.read(chart))
+            target.write(chart, source.read_within(chart, MAX_CHART_BYTES))
     target.write(name, record)
     source.delete(name)
     if chart:
@@ -1004,9 +1013,9 @@ def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, er
     """A report of the outbox's ``refused/`` that Slack took, its chart waiting, moved back to
     the outbox with its ``.posted`` mark (written there first, as a sender's) and ``error``."""
     outbox = Folder(refused.uri, refused.parts[:-1])
-    record = json.loads(refused.read(name))
+    record = json.loads(refused.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
-    outbox.write(mark, refused.read(mark))
+    outbox.write(mark, refused.read_within(mark, MAX_MARK_BYTES))
     _move(refused, outbox, name, chart, json.dumps(record, indent=2).encode())
     refused.delete(mark)
 
@@ -1014,7 +1023,7 @@ def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, er
 def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
     """The report ``name`` notes that a post of it was tried at ``tried`` that Slack may have
     taken (``unsure``)."""
-    record = json.loads(outbox.read(name))
+    record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
     record["maybe_posted"] = tried
     outbox.write(name, json.dumps(record, indent=2).encode())
 
@@ -1022,7 +1031,7 @@ def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
 def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> None:
     """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason
     (``aside``: ``outbox`` is that folder, where it stays)."""
-    record = json.loads(outbox.read(name))
+    record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
     if aside:
         outbox.write(name, json.dumps(record, indent=2).encode())
@@ -1159,13 +1168,13 @@ def _send_claimed(
     chart = None
     if found.chart:
         try:
-            chart = outbox.read(found.chart)
+            chart = outbox.read_within(found.chart, MAX_CHART_BYTES)
         except FileNotFoundError:
             pass
     notifier = SlackNotifier(found.channel, client=client)
     mark = stem + POSTED
     try:
-        sent = _posted(outbox.read(mark))
+        sent = _posted(outbox.read_within(mark, MAX_MARK_BYTES))
     except FileNotFoundError:
         sent = None
     tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]

@@ -568,8 +568,10 @@ def prune_runs(
 def _lock_holder(run_folder: Folder, model: str) -> str | None:
     """The run that mesh local's lock file of ``model`` (``locks/<model>.lock``) names; None
     without one, or where it cannot be read."""
+    from vision_rollout.locks import MAX_LOCK_BYTES
+
     try:
-        holder = json.loads((run_folder / "locks").read(f"{model}.lock"))["holder"]
+        holder = json.loads((run_folder / "locks").read_within(f"{model}.lock", MAX_LOCK_BYTES))["holder"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return holder if isinstance(holder, str) else None

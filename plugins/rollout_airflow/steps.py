@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
-from vision_rollout.locks import LEASE_S, MAX_LEASE_S, Holding, LockLost, ModelBusy, held_record
+from vision_rollout.locks import LEASE_S, MAX_LEASE_S, MAX_LOCK_BYTES, Holding, LockLost, ModelBusy, held_record
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
     HELD,
@@ -64,6 +64,7 @@ MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # as RolloutSpec.mod
 PROBE_VALUE = "13800138000"  # a synthetic phone number: must reach the shadow log only masked
 PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26**4: each is distinct)
 PROBE_WINDOW_S, PROBE_EVERY_S = 30, 2  # mesh istio: a round of probes every 2 s, for 30 s
+MAX_COUNT_BYTES = 64 << 10  # an approval wait's kept count of failed reads: a few bytes of JSON
 MAX_PROBES_PER_ROUND = 100  # (50 requests a second at most, on the model's Service)
 
 
@@ -144,8 +145,11 @@ def lease_kept(lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, l
         held = cast("Holding", renewed(lock, run_id, seconds) if lenient else lock.renew(run_id, seconds))
     except LockLost:
         try:
-            record: bytes | None = folder.read(HELD)
-        except OSError:  # (absent: this run never held it, or its folder was wiped too)
+            record: bytes | None = folder.read_within(HELD, MAX_LOCK_BYTES)
+        except FileNotFoundError:  # (this run never held it, or its folder was wiped too)
+            record = None
+        except OSError as exc:  # (over MAX_LOCK_BYTES, not a file: not a record this run wrote)
+            log.warning("this run's record of its lease cannot be read: %s", str(exc)[:300])
             record = None
         why = f"the model's lease ({lock.where}) was removed while this run held it: taken again to put the stable version back"
         retaken = lock.retake(run_id, record, why)
@@ -1168,7 +1172,7 @@ def failed_reads_kept(params: dict[str, Any], ti_id: str) -> int:
     its own), as its trigger kept them (``keep_failed_reads``): a triggerer that restarts, or
     another that takes the trigger over, counts on from there. 0 when none are kept."""
     try:
-        return int(json.loads(failed_reads_folder(params).read(f"{ti_id}.json"))["count"])
+        return int(json.loads(failed_reads_folder(params).read_within(f"{ti_id}.json", MAX_COUNT_BYTES))["count"])
     except FileNotFoundError:
         return 0
 

@@ -1037,3 +1037,24 @@ def test_a_post_whose_metadata_slack_refuses_is_posted_without_it(slack, tmp_pat
     lines = [r.getMessage() for r in caplog.records if "without its metadata" in r.getMessage()]
     assert len(lines) == 2
     assert error in lines[0]
+
+
+def test_an_outbox_report_or_chart_over_its_size_is_named_not_read_whole(tmp_path):
+    """The outbox's reports, their charts and their sent marks were read whole, whatever their
+    size: a file of gigabytes dropped there (or a run folder's lease.json, a failed reads count)
+    was read into the sender's memory. A report over ``MAX_REPORT_BYTES`` is one that cannot be
+    sent, named with its size, read no further; one within it is sent as before."""
+    from vision_rollout import notify
+    from vision_rollout.folders import TooLarge
+
+    outbox = Folder(str(tmp_path))
+    padded = b'{"channel": "#c", "text": "t", "blocks": []' + b" " * (2 << 20) + b"}"  # (a valid report)
+    outbox.write("big.json", padded)
+    outbox.write("small.json", b'{"channel": "#c", "text": "t", "blocks": []}')
+    (big, small) = notify.waiting_reports(outbox)
+    assert big.problem is not None
+    assert "holds over 1048576 bytes" in big.problem
+    assert str(tmp_path / "big.json") in big.problem
+    assert small.problem is None
+    with pytest.raises(TooLarge, match=rf"{tmp_path}/big\.json holds over 10 bytes"):
+        outbox.read_within("big.json", 10)
