@@ -22,6 +22,8 @@ from typing import Any
 # (the object read was deleted since), 409 (S3's ConditionalRequestConflict: a write of it
 # racing this one).
 CONFLICTS = ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict")
+PROBE_PREFIX = ".conditional-put-probe-"  # the probe's object under the folder (a killed prober's: pruned)
+PROBE_AGE_S = 3600  # a probe object older than this was left by a prober killed mid-probe
 NO_ETAG = '"00000000000000000000000000000000"'  # (an ETag no object the probe puts has)
 PROBED_MAX = 256  # stores (endpoint, bucket, prefix) a process remembers honouring conditions
 _probed: dict[tuple[str, str, str], None] = {}
@@ -79,7 +81,8 @@ def require_conditions(s3: Any, prefix: str) -> None:
     hold, under ``prefix`` (``bucket/key prefix``); ConditionsIgnored, naming the store and
     what it lacks, when it writes them (answering 200, as a store ignoring the headers does);
     OSError when it cannot be probed. Probed by an object of its own under ``prefix`` (put,
-    then put again with a wrong ``If-Match`` and with ``If-None-Match: *``, then deleted), once
+    then put again with a wrong ``If-Match`` and with ``If-None-Match: *``, then deleted: one a
+    killed prober left is pruned after ``PROBE_AGE_S``, ``settings.prune_runs``), once
     per process and store: a verdict that it honours them is kept (``PROBED_MAX`` stores, the
     oldest forgotten first), a refusal probed again at the next use."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -89,7 +92,7 @@ def require_conditions(s3: Any, prefix: str) -> None:
     if seen in _probed:
         return
     where = f"the object store at {s3.meta.endpoint_url} (bucket {bucket[:80]!r})"
-    key = "/".join(p for p in (root.strip("/"), f".conditional-put-probe-{uuid.uuid4().hex}") if p)
+    key = "/".join(p for p in (root.strip("/"), f"{PROBE_PREFIX}{uuid.uuid4().hex}") if p)
     lacks: list[str] = []
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=b"probe")

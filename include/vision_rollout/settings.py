@@ -530,9 +530,10 @@ def prune_runs(
     Lease's holder; None, nobody); where ``lease_holder`` raises (the API server refusing or
     unreachable), none of the model's run folders, logged; the counts of failed reads that approval
     waits ended without removing (their task killed), unchanged since ``before`` (a wait going
-    on is at most 7 days old); and in the outbox what senders and writers killed mid-way left
-    (``prune_outbox``), never a report."""
-    from vision_rollout import attempts
+    on is at most 7 days old); in the outbox what senders and writers killed mid-way left
+    (``prune_outbox``), never a report; and at its root the conditional-PUT probe objects that
+    probers killed mid-probe left (``objects.require_conditions``), over ``PROBE_AGE_S`` old."""
+    from vision_rollout import attempts, objects
     from vision_rollout.audit import REPORT_NAMES
     from vision_rollout.folders import temporary_of
     from vision_rollout.notify import prune_outbox
@@ -562,6 +563,9 @@ def prune_runs(
         counts = approvals(run_folder, model).remove_older(before, approval, limit, dry_run)
         pruned["approval counts"] += [f"{model}/{name}" for name in counts]
     pruned["outbox leftovers"] = prune_outbox(run_folder / "outbox", now, limit, dry_run)
+    pruned["conditional-put probes"] = run_folder.remove_older(
+        now - objects.PROBE_AGE_S, lambda n: n.startswith(objects.PROBE_PREFIX), limit, dry_run
+    )
     return pruned
 
 

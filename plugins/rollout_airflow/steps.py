@@ -1699,7 +1699,7 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
             "audit hour folders": len(prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED))
         },
         "stage cache files": lambda: {"stage cache files": len(logcache.prune(settings.stage_caches))},
-        "run folders, approval counts and outbox leftovers": lambda: {
+        "run folders, approval counts, outbox leftovers and conditional-put probes": lambda: {
             k: len(v)
             for k, v in prune_runs(
                 settings.run_folder, [model], before.timestamp(), time.time(), lease_holder=lease_holder

@@ -1936,8 +1936,8 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "run folders: mnist/old",
         "approval counts: digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json",
         "outbox leftovers: 20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123",
-        f"would remove 0 audit hour folders, 0 stage caches, 2 run folders, 1 approval counts, 1 outbox leftovers "
-        f"from {tmp_path / 'run'}",
+        f"would remove 0 audit hour folders, 0 stage caches, 2 run folders, 1 approval counts, 1 outbox leftovers, "
+        f"0 conditional-put probes from {tmp_path / 'run'}",
     ]
     assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
     code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json")
@@ -1948,6 +1948,7 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "run folders": ["digits/done"],
         "approval counts": ["digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json"],
         "outbox leftovers": ["20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123"],
+        "conditional-put probes": [],
     }
     assert (store / "rollouts" / "digits").folders() == ["going", "stalled"]
     assert (store / "rollouts" / "mnist").folders() == ["old"]

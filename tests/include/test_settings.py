@@ -397,3 +397,26 @@ def test_the_number_of_models_is_bounded():
     models = {f"m{i}": {} for i in range(1001)}
     with pytest.raises(SettingsError, match="extra models: must have at most 1000 entries"):
         ServingSettings.from_connection("http://h:8000", None, {"models": models})
+
+
+def test_conditional_put_probes_a_killed_process_left_are_pruned_after_an_hour(s3):
+    """``objects.require_conditions`` puts a probe object at the run_dir's root and deletes it:
+    a process killed mid-probe left ``.conditional-put-probe-<hex>`` there for good, which no
+    prune removed. ``prune_runs`` (``rolloutctl prune``, the DAG's retention) lists those over
+    an hour old, then removes them; a younger one (a probe going on) and other files stay."""
+    import time
+
+    from vision_rollout.folders import Folder
+    from vision_rollout.settings import prune_runs
+
+    run_dir = Folder(s3.uri())
+    probe = ".conditional-put-probe-" + "a" * 32
+    run_dir.write(probe, b"probe")
+    run_dir.write("notes.txt", b"mine")
+    now = time.time()
+    assert prune_runs(run_dir, [], now - 86400, now)["conditional-put probes"] == []
+    later = now + 3601
+    assert prune_runs(run_dir, [], now - 86400, later, dry_run=True)["conditional-put probes"] == [probe]
+    assert probe in run_dir.changed()
+    assert prune_runs(run_dir, [], now - 86400, later)["conditional-put probes"] == [probe]
+    assert sorted(run_dir.changed()) == ["notes.txt"]

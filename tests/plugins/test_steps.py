@@ -1933,6 +1933,7 @@ def test_an_audit_run_removes_the_rollout_runs_folders_and_waits_counts_past_the
         "run folders": 0,
         "approval counts": 0,
         "outbox leftovers": 0,
+        "conditional-put probes": 0,
     }
 
 
