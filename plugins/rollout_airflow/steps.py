@@ -1398,6 +1398,17 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     return spec.baseline_version
 
 
+def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str) -> dict[str, Any]:
+    """The teardown's report of what it found where notify sent none: the promotion kept, or the
+    rollback (``done``: what the teardown did, the stable version restored or not)."""
+    from vision_rollout.notify import plain_report, rollback_message
+
+    if kept:
+        return send(spec, plain_report(spec, "promote", reason))
+    restored = done.startswith(f"version {spec.baseline_version} takes 100%")
+    return send(spec, rollback_message(spec, reason, restored=restored))
+
+
 def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
     """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
     back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``).
@@ -1436,7 +1447,7 @@ def ensure_stable(
     nor notify ran) reports that to Slack, then fails; a report never says the stable version
     takes the traffic where it was not read back so.
     """
-    from vision_rollout.notify import plain_report, rollback_message
+    from vision_rollout.notify import rollback_message
 
     spec = spec_from(params)
     unfinished = decided in ("promote", "rollback")
@@ -1460,25 +1471,13 @@ def ensure_stable(
     # promote's routes in effect but promote not finished, or the stable version's back without rollback
     if (kept and promoted != spec.candidate_version) or (not kept and rolled_back is None):
         if report is None:  # notify did not run (a worker killed after its last write): the teardown reports
-            restored = done.startswith(f"version {spec.baseline_version} takes 100%")
-            report = send(
-                spec,
-                plain_report(spec, "promote", f"{what}; {done}")
-                if kept
-                else rollback_message(spec, f"{what}; {done}", restored=restored),
-            )
+            report = _found_report(spec, kept, f"{what}; {done}", done)
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
         chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
-        restored = done.startswith(f"version {spec.baseline_version} takes 100%")
-        report = send(
-            spec,
-            plain_report(spec, "promote", f"{chose}; {done}")
-            if kept
-            else rollback_message(spec, f"{chose}; {done}", restored=restored),
-        )
+        report = _found_report(spec, kept, f"{chose}; {done}", done)
         undelivered = f" (in the outbox: {report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(
             f"{done}; but notify did not send the run's report: the teardown sent it{undelivered}"

@@ -691,6 +691,17 @@ def test_a_stage_whose_history_prometheus_lost_is_said_and_baked_again(tmp_path)
     assert p99.decision == "pass"
 
 
+def just_after_a_scrape(source: PrometheusSource) -> float:
+    """A stage's start 1.5 s after a scrape of the exporter's start time (3.5 s before the next,
+    at a 5 s interval), once Prometheus holds two of its samples."""
+    starts = "process_start_time_seconds"
+    wait_for_value(source, f"count_over_time({starts}[1m]) >= 2", timeout_s=30)
+    last = source.query(f"timestamp({starts})")
+    wait_for_value(source, f"timestamp({starts}) > {last}", every_s=0.05)  # a scrape just now
+    time.sleep(1.5)
+    return time.time()
+
+
 @pytest.mark.integration
 def test_a_restart_of_the_candidate_just_after_its_stage_began_is_counted(tmp_path):
     """A candidate that crashed on its first live requests, within a scrape interval of its
@@ -711,11 +722,7 @@ def test_a_restart_of_the_candidate_just_after_its_stage_began_is_counted(tmp_pa
     starts = "process_start_time_seconds"
     try:
         source = PrometheusSource(prom.url)
-        wait_for_value(source, f"count_over_time({starts}[1m]) >= 2", timeout_s=30)
-        last = source.query(f"timestamp({starts})")
-        wait_for_value(source, f"timestamp({starts}) > {last}", every_s=0.05)  # a scrape just now
-        time.sleep(1.5)
-        since = time.time()  # the stage begins 1.5 s after it, 3.5 s before the next
+        since = just_after_a_scrape(source)
         pages["candidate"] = page(200.0)  # and the candidate restarts at once
         wait_for_value(source, f"{starts} == 200")
         first_new = source.query(f"timestamp({starts})")
@@ -747,14 +754,9 @@ def test_a_stage_just_begun_reads_the_restart_guard_from_the_candidates_last_scr
         "candidate",
     )
     prom = start_prometheus([f"127.0.0.1:{server.server_port}"], tmp_path / "prometheus", scrape_interval_s=5)
-    starts = "process_start_time_seconds"
     try:
         source = PrometheusSource(prom.url)
-        wait_for_value(source, f"count_over_time({starts}[1m]) >= 2", timeout_s=30)
-        last = source.query(f"timestamp({starts})")
-        wait_for_value(source, f"timestamp({starts}) > {last}", every_s=0.05)  # a scrape just now
-        time.sleep(1.5)
-        since = time.time()  # the stage begins 1.5 s after it, 3.5 s before the next
+        since = just_after_a_scrape(source)
         guards = guard_inputs(source, RolloutSpec.from_dict({"candidate_version": "2"}), since=since)
         assert "start times" not in (guards.missing or ""), guards.missing
         assert guards.restarts == 0
