@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
 from model_server.files import filesystem, folder_problem, s3_client, write_private
@@ -58,15 +58,17 @@ class NotAFile(OSError):
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
 
 
-def read_regular(path: Path, size: int = -1) -> bytes:
-    """The regular file at ``path``, whole or its first ``size`` bytes: opened without following
-    a link nor waiting for a named pipe's writer. NotAFile (an OSError naming it) for a link, a
-    named pipe, a device or a folder there, nothing read; FileNotFoundError when it is absent."""
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at ``path`` (``flags``: ``os.O_RDONLY``, or to write,
+    with ``os.O_CREAT`` to create it), opened without following a link nor waiting for a named
+    pipe's other end. NotAFile (an OSError naming it) for a link, a named pipe, a device or a
+    folder there; FileNotFoundError when it is absent and not created."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotAFile(path, "a link, not a regular file") from None
+        why = {errno.ELOOP: "a link", errno.EISDIR: "a folder", errno.ENXIO: "a named pipe"}.get(exc.errno or 0)
+        if why:  # (ENXIO: a named pipe no process reads, or a socket, opened to write)
+            raise NotAFile(path, f"{why}, not a regular file") from None
         raise
     try:
         mode = os.fstat(fd).st_mode
@@ -76,8 +78,19 @@ def read_regular(path: Path, size: int = -1) -> bytes:
     except BaseException:
         os.close(fd)
         raise
-    with os.fdopen(fd, "rb") as f:
+    return fd
+
+
+def read_regular(path: Path, size: int = -1) -> bytes:
+    """The regular file at ``path``, whole or its first ``size`` bytes (``open_regular``)."""
+    with os.fdopen(open_regular(path), "rb") as f:
         return f.read(size)
+
+
+def guard_file(path: Path) -> BinaryIO:
+    """The guard file at ``path`` that writers ``flock`` (created, never deleted), opened to
+    append as ``open_regular`` opens a file: a named pipe there is refused, not waited on."""
+    return os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
 
 
 def _check_name(name: str) -> str:
@@ -195,7 +208,7 @@ class Folder:
             yield
             return
         path.mkdir(parents=True, exist_ok=True)
-        with open(path / f".{name}.lock", "a") as guard:
+        with guard_file(path / f".{name}.lock") as guard:
             deadline = time.monotonic() + LOCK_WAIT_S
             while True:
                 try:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vision_rollout.attempts import printable
-from vision_rollout.folders import NotAFile, read_regular
+from vision_rollout.folders import NotAFile, guard_file, read_regular
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
@@ -317,7 +317,7 @@ class FileLock(CompareAndSwapLock):
     @contextlib.contextmanager
     def _guarded(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".guard"), "a") as guard:
+        with guard_file(self.path.with_suffix(".guard")) as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
                 yield

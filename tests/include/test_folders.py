@@ -534,3 +534,36 @@ def test_what_is_no_regular_file_at_a_files_name_is_refused_naming_it_without_re
         attempts.load(folder, "run-a", 0)
     folder.write("report.json", b"{}")
     assert folder.read("report.json") == b"{}"
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        # A named pipe nobody reads: opening it to write waited for a reader for good.
+        (lambda f: __import__("os").mkfifo(f), "a named pipe"),
+        (lambda f: f.mkdir(), "a folder"),
+        (lambda f: f.symlink_to("/dev/null"), "a link"),
+    ],
+    ids=["fifo", "folder", "link"],
+)
+@pytest.mark.timeout(60)
+def test_what_is_no_regular_file_at_a_guard_files_name_is_refused_naming_it(tmp_path, make, needle):
+    """The guard files a conditional write (``.<name>.lock``) and the local lock
+    (``<model>.guard``) flock were opened with ``open(path, "a")``: a named pipe there hung the
+    write or the lock's acquire waiting for a reader, and a link was followed. Each is an OSError
+    naming the file and what it is, nothing written; a guard that is a regular file works."""
+    from vision_rollout.locks import FileLock
+
+    folder = Folder(str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    make(tmp_path / "run" / ".record.json.lock")
+    with pytest.raises(OSError, match=rf"\.record\.json\.lock is {needle}, not a regular file"):
+        folder.write_if("record.json", b"{}", None)
+    assert not (tmp_path / "run" / "record.json").exists()
+    make(tmp_path / "digits.guard")
+    with pytest.raises(OSError, match=rf"digits\.guard is {needle}, not a regular file"):
+        FileLock("digits", tmp_path).acquire("run-a")
+    assert not (tmp_path / "digits.lock").exists()
+    folder.write_if("other.json", b"{}", None)
+    assert folder.read("other.json") == b"{}"
+    FileLock("mnist", tmp_path).acquire("run-a")
