@@ -505,17 +505,21 @@ def test_a_store_that_accepts_and_never_answers_is_given_up_on_after_a_few_short
             conn.close()
 
 
-@pytest.mark.parametrize(
+# What sits at a file's name on a disk and is no regular file: a named pipe nobody writes to or
+# reads (opened, a reader waited for a writer for good, a writer for a reader), a folder, a link
+# (followed, one to /dev/zero read until memory ran out, without a limit).
+NOT_REGULAR = pytest.mark.parametrize(
     ("make", "needle"),
     [
-        # A named pipe nobody writes to: the read waited for a writer for good (a hung worker).
         (lambda f: __import__("os").mkfifo(f), "a named pipe"),
         (lambda f: f.mkdir(), "a folder"),
-        # Followed: a link to /dev/zero read until memory ran out (without a limit).
         (lambda f: f.symlink_to("/dev/zero"), "a link"),
     ],
     ids=["fifo", "folder", "link-to-dev-zero"],
 )
+
+
+@NOT_REGULAR
 @pytest.mark.timeout(60)
 def test_what_is_no_regular_file_at_a_files_name_is_refused_naming_it_without_reading_it(tmp_path, make, needle):
     """A stage record's, the run's lease.json's or an outbox report's path on a disk holding a
@@ -536,16 +540,7 @@ def test_what_is_no_regular_file_at_a_files_name_is_refused_naming_it_without_re
     assert folder.read("report.json") == b"{}"
 
 
-@pytest.mark.parametrize(
-    ("make", "needle"),
-    [
-        # A named pipe nobody reads: opening it to write waited for a reader for good.
-        (lambda f: __import__("os").mkfifo(f), "a named pipe"),
-        (lambda f: f.mkdir(), "a folder"),
-        (lambda f: f.symlink_to("/dev/null"), "a link"),
-    ],
-    ids=["fifo", "folder", "link"],
-)
+@NOT_REGULAR
 @pytest.mark.timeout(60)
 def test_what_is_no_regular_file_at_a_guard_files_name_is_refused_naming_it(tmp_path, make, needle):
     """The guard files a conditional write (``.<name>.lock``) and the local lock
