@@ -569,17 +569,23 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
     unit = pd.factorize(labelled["cluster"])[0] if "cluster" in labelled else np.full(len(labelled), -1)
     alone = unit < 0  # no request named: a request of its own
     unit[alone] = unit.max(initial=-1) + 1 + np.arange(int(alone.sum()))
-    source = labelled["labelled_by"].astype(object) if "labelled_by" in labelled else pd.Series(None, labelled.index)
-    units = (
-        labelled.assign(_unit=unit, _source=source.where(source.notna(), "(no tenant)"))
-        .groupby(["arm", "_unit"], observed=True, sort=False)
-        .agg(correct=("correct", "sum"), items=("correct", "count"), source=("_source", "first"))
-    )
-    units = units.assign(clusters=1.0, cc=units["correct"] ** 2, ci=units["correct"] * units["items"])
-    units = units.assign(ii=units["items"] ** 2).reset_index()
-    columns = ["clusters", "correct", "items", "cc", "ci", "ii"]  # as cluster_sums orders them
-    by_source = {arm: units[units["arm"] == arm].groupby("source")[columns].sum() for arm in ("baseline", "canary")}
-    total = {arm: sums.sum().to_numpy(float) for arm, sums in by_source.items()}
+    source = np.full(len(labelled), "(no tenant)", dtype=object)
+    if "labelled_by" in labelled:
+        named = labelled["labelled_by"].notna().to_numpy()
+        source[named] = labelled["labelled_by"].to_numpy(object)[named]
+    # A request's rows (arm and unit), in the order each first appears: its label sums, its source
+    # that of its first row. Arrays, not a groupby: a simulation calls this thousands of times.
+    canary = (labelled["arm"].to_numpy(object) == "canary").astype(np.intp)
+    group = pd.factorize(unit * 2 + canary)[0]
+    first = np.unique(group, return_index=True)[1]
+    correct = np.bincount(group, labelled["correct"].to_numpy(float))
+    items = np.bincount(group).astype(float)
+    in_source, sources = pd.factorize(source[first])
+    cell = canary[first] * len(sources) + in_source  # arm by source
+    columns = (np.ones_like(items), correct, items, correct**2, correct * items, items**2)  # as cluster_sums
+    sums = np.stack([np.bincount(cell, c, minlength=2 * len(sources)) for c in columns], axis=1)
+    parts = dict(zip(("baseline", "canary"), sums.reshape(2, len(sources), len(columns)), strict=True))
+    total = {arm: part.sum(axis=0) for arm, part in parts.items()}
     effect = design_effect(total["baseline"], total["canary"])
     (xb, nb), (xc, nc) = ((int(total[arm][1]), int(total[arm][2])) for arm in ("baseline", "canary"))
     check = proportion_check(
@@ -596,11 +602,9 @@ def live_accuracy_check(labelled: pd.DataFrame, cfg: GateConfig, level: float) -
         blocks_pass=False,
         design=(effect, effect),
     )
-    sources = units["source"].unique()
     if check.decision != "fail" or len(sources) < 2:
         return check
     z = float(stats.norm.isf(level))
-    parts = {arm: sums.reindex(sources, fill_value=0.0).to_numpy(float) for arm, sums in by_source.items()}
     wrong = parts["canary"][:, 2] - parts["canary"][:, 1]
     for i in np.argsort(-wrong, kind="stable"):  # the tenant with the most wrong canary labels first
         base, cand = total["baseline"] - parts["baseline"][i], total["canary"] - parts["canary"][i]
