@@ -1042,7 +1042,7 @@ def evaluate_gate(
                 )
             )
     if "correct" in samples.columns:
-        labelled = samples.dropna(subset=["correct"])
+        labelled = samples[samples["correct"].notna()]
         if "pair_id" in samples.columns and labelled["pair_id"].notna().any():
             paired = labelled.dropna(subset=["pair_id"])
             pairs = paired.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
