@@ -532,12 +532,26 @@ def copies_short(received: int, eligible: int, percent: float) -> float:
     return float(stats.binom.cdf(received, eligible, min(max(percent, 0.0), 100.0) / 100)) if eligible else 1.0
 
 
+def other_input(records: pd.DataFrame, key: pd.MultiIndex, primary: np.ndarray) -> np.ndarray:
+    """Which of ``records`` are shadow records of another input than their primary's (both
+    digests known and unequal: ``shadow_pairs``' ``input_mismatch``), no copy of it; none
+    without an ``image_sha256`` column."""
+    if "image_sha256" not in records.columns:
+        return np.zeros(len(records), bool)
+    digest = records["image_sha256"].astype(object)
+    of_primary = pd.Series(digest.to_numpy()[primary], index=key[primary])
+    theirs = of_primary[~of_primary.index.duplicated()].reindex(key).to_numpy()
+    mine = digest.to_numpy()
+    return ~primary & pd.notna(mine) & pd.notna(theirs) & (mine != theirs)
+
+
 def copy_check(
     records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
 ) -> tuple[int, int, int]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
-    run, failed or dropped (lost); and of the primaries of ``versions`` (those mirrored: the
+    run, failed or dropped, of their input (lost: one of another input, ``other_input``, is no
+    copy; nor is it below); and of the primaries of ``versions`` (those mirrored: the
     pairs' primary versions) a mirror sampled on its own (``mirrored`` null, not naming their
     version), those stamped after the first of them with a copy and before the shadow's
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
@@ -545,7 +559,7 @@ def copy_check(
     them have a copy. Each request's first primary record counts, once."""
     primary = (records["role"] == "primary").to_numpy(bool)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    copied = key.isin(key[~primary])
+    copied = key.isin(key[~primary & ~other_input(records, key, primary)])
     first = primary.copy()
     first[primary] = ~key[primary].duplicated()
     said = records["mirrored"]

@@ -1026,13 +1026,15 @@ def istio_log(
     copies: dict[int, float],
     down_after: float | None = None,
     mirrored: bool | None = None,
+    forged: dict[int, float] | None = None,
 ) -> Path:
     """A prediction log as two Istio pods leave it: the baseline's pod (replica ``primary-pod``)
     a primary record at each of ``primaries`` saying nothing of the mirror (``mirrored`` null:
     Envoy samples it), the candidate's (``shadow-pod``) a shadow record for the primaries
     ``copies`` names (index -> the copy's stamp, its pod's clock). Each pod's records are written
     by its own writer, flushed once. ``mirrored``: what the primaries say of the mirror (true:
-    the server's own mirror sampled each)."""
+    the server's own mirror sampled each). ``forged``: shadow records of another input under the
+    primaries' request ids (index -> stamp), as anyone reaching the data port can send."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1043,11 +1045,12 @@ def istio_log(
     for replica, role, stamps in (
         ("primary-pod", "primary", dict(enumerate(primaries))),
         ("shadow-pod", "shadow", copies),
+        ("forger", "shadow", forged or {}),
     ):
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
         for i, at in stamps.items():
             version = "1" if role == "primary" else "2"
-            image = np.array([f"img-{i}".encode()], dtype=object)
+            image = np.array([f"{'forged' if replica == 'forger' else 'img'}-{i}".encode()], dtype=object)
             route = "route" if role == "primary" else "mirror"
             rid = f"r{i}"
             log.append(
@@ -1334,6 +1337,34 @@ def test_copies_the_servers_own_mirror_sampled_and_never_wrote_are_counted_lost(
     kept = audit(whole, end - timedelta(minutes=5), end, "digits")
     assert (kept.rows, kept.copies_lost) == (100, 0)
     assert not any("lost" in r for r in kept.reasons)
+
+
+def test_shadow_records_of_another_input_hide_no_lost_copy(tmp_path):
+    """A shadow record of another input under a primary's request id is no copy of it (the
+    pairs leave it out, ``input_mismatch``), but the copy count took it for one: the quarter of
+    copies lost was hidden behind forged records, by the server's mirror (``copies_lost`` 0) and
+    behind Istio's (the copies received counted them, no shortfall named)."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 60 + 0.5 * k for k in range(100)]
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 4 != 1}
+    forged = {i: t + 0.002 for i, t in enumerate(primaries) if i % 4 == 1}
+    own = audit(istio_log(tmp_path, primaries, copies, mirrored=True, forged=forged), end - timedelta(minutes=5), end)
+    assert (own.rows, own.input_mismatch, own.copies_lost) == (75, 25, 25)
+    assert any("25 requests the server's mirror sampled have no shadow record" in r for r in own.reasons)
+    (tmp_path / "istio").mkdir()
+    behind = audit(
+        istio_log(tmp_path / "istio", primaries, copies, forged=forged),
+        end - timedelta(minutes=5),
+        end,
+        mirror_percent=100,
+    )
+    assert behind.input_mismatch == 25
+    assert behind.copies_received == behind.copies_eligible - sum(
+        1 for i in range(1, behind.copies_eligible + 1) if i % 4 == 1
+    )
+    assert behind.copies_p is not None
+    assert behind.copies_p < COPIES_ALPHA
 
 
 def sampled_records(rng: np.random.Generator, n: int, percent: float, loss: float = 0.0) -> pd.DataFrame:
