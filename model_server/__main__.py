@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=positive_seconds,
         default=MAX_COPY_AGE_S,
         metavar="S",
-        help="seconds a copy from Istio's mirror may wait for idle time after it arrived; then dropped",
+        help="seconds a shadow copy may wait for idle time (Istio's from its arrival, the server's own mirror's "
+        "from when it was queued); then dropped and counted too_old",
     )
     p.add_argument("--shadow-workers", type=at_least_one, default=2, help="concurrent shadow executions")
     p.add_argument(

@@ -80,7 +80,7 @@ class Settings:
     traffic_poll_s: float = 1.0
     shadow_queue: int = 256  # mirrored requests waiting for the shadow; more are dropped
     shadow_queue_bytes: int = 256 * 1024 * 1024  # and the bytes of their inputs together
-    shadow_copy_max_age_s: float = MAX_COPY_AGE_S  # how long a copy from Istio's mirror may wait
+    shadow_copy_max_age_s: float = MAX_COPY_AGE_S  # how long a shadow copy may wait for idle time
     shadow_workers: int = 2
     feedback_capacity: int = 200_000  # served items (a batch of N is N) kept for delayed labels
     feedback_ttl_s: float = 3600.0

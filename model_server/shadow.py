@@ -33,9 +33,10 @@ from model_server.trace import TraceContext, log_access
 log = logging.getLogger(__name__)
 
 PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
-# How long after it arrived a copy from Istio's mirror may still wait for idle time: past it
-# the sender has given up (a stream's timeout), and its record would hold the shadow's
-# watermark (the audit's) back by as long; well inside the audit's flush bound.
+# How long after it arrived a copy may still wait for idle time (one from Istio's mirror; one
+# of this server's own from when it was queued): past it Envoy has given up (a stream's
+# timeout), and its record would hold the shadow's watermark (the audit's) back by as long;
+# well inside the audit's flush bound, so its record is never late.
 MAX_COPY_AGE_S = 30.0
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
 
@@ -263,8 +264,11 @@ class ShadowMirror:
                             run = ort.RunOptions()
                             results, batch, timing = await lv.infer(job.inputs, job.outputs, shadow_run=run)
                         else:
+                            deadline = job.queued_at + self.max_copy_age_s
+                            if time.perf_counter() > deadline:  # its turn came too late, idle or not
+                                raise self.too_old(job.request_id)
                             results, batch, timing = await self.yielding_run(
-                                lv, job.inputs, job.outputs, job.request_id
+                                lv, job.inputs, job.outputs, job.request_id, deadline
                             )
                     except OutOfMemory:
                         lv.shadow_metrics.failure("OOM")
@@ -272,7 +276,9 @@ class ShadowMirror:
                     lv.shadow_metrics.succeeded(batch, time.perf_counter() - started, timing, 0.0)
                     outputs = dict(zip(job.outputs, results, strict=True))
             except Preempted as exc:  # primary traffic never left it an idle moment: like a full queue
-                self._dropped(job, "preempted: no idle time", exc.reason)
+                self._dropped(
+                    job, "preempted: no idle time" if exc.reason == "no_idle_time" else exc.message, exc.reason
+                )
                 return None
             except ServerError as exc:
                 error, outcome, status = exc.message, outcome_of(exc), exc.status
@@ -333,6 +339,14 @@ class ShadowMirror:
             self.waiting -= 1
             self.waiting_bytes -= size
 
+    def too_old(self, request_id: str) -> Preempted:
+        """A copy past its age bound: its record, stamped at its primary's arrival, would be
+        written after the audit's range closed (late), and Envoy has given up on one of its."""
+        return Preempted(
+            f"shadow copy of {request_id} found no idle time within its age bound of {self.max_copy_age_s:g} s",
+            "too_old",
+        )
+
     async def yielding_run(
         self,
         lv: LoadedVersion,
@@ -356,11 +370,7 @@ class ShadowMirror:
                 try:
                     await asyncio.wait_for(self.gate.idle.wait(), max(0.0, deadline - time.perf_counter()))
                 except TimeoutError:
-                    raise Preempted(
-                        f"shadow copy of {request_id} found no idle time within its age bound of "
-                        f"{self.max_copy_age_s:g} s (Envoy's mirror has given up on it)",
-                        "too_old",
-                    ) from None
+                    raise self.too_old(request_id) from None
             run = ort.RunOptions()
             if lv.predicted_seconds(inputs) >= PREEMPT_MIN_S:
                 self.gate.shadow_runs.add(run)

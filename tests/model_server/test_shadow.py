@@ -405,6 +405,63 @@ def test_a_copy_waits_while_the_next_primary_runs(models_dir, digit_images):
     assert after == ["copy"]
 
 
+def test_a_copy_of_the_servers_own_mirror_waits_no_longer_than_the_age_bound(models_dir, digit_images):
+    """The in-process mirror's copies had no age bound (Istio's are dropped past
+    ``--shadow-copy-max-age``): under primaries that left no idle time, a queued copy ran minutes
+    later, its record stamped at its primary's arrival written after the audit's range had closed
+    (late: its primary counted a lost copy) and its latency holding the shadow's watermark back.
+    Past the bound it is dropped, counted ``too_old`` and logged DROPPED; one still queued by then
+    too, though the shadow is idle when its turn comes; a copy made after runs."""
+    import asyncio
+
+    import numpy as np
+    from prometheus_client import REGISTRY
+
+    from model_server.protocol import InferInput
+    from model_server.repository import ModelRepository
+    from model_server.shadow import ShadowJob, ShadowMirror, ShadowResult
+    from model_server.trace import TraceContext
+
+    data = np.array([digit_images[0][0]], dtype=object)
+    labels = {"model": "digits", "version": "1", "reason": "too_old"}
+    before = REGISTRY.get_sample_value("shadow_dropped_total", labels) or 0.0
+
+    def job(rid: str) -> ShadowJob:
+        inputs = [InferInput("image", "BYTES", (1,), data)]
+        return ShadowJob(
+            "digits", "1", "1", inputs, ["probabilities"], rid, TraceContext.from_header(None), time.time(), 1, 1.0
+        )
+
+    async def scenario() -> list[ShadowResult]:
+        repo = ModelRepository(models_dir, ["CPUExecutionProvider"])
+        repo.load("digits")
+        done: list[ShadowResult] = []
+        mirror = ShadowMirror(repo, workers=1, sink=done.append, max_copy_age_s=0.3)
+        mirror.start()
+        with mirror.gate:  # primaries leave no idle time for a while
+            mirror.submit(job("waited"))
+            mirror.submit(job("queued"))
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+        mirror.submit(job("fresh"))
+        for _ in range(200):
+            if len(done) == 3:
+                break
+            await asyncio.sleep(0.05)
+        await mirror.stop()
+        repo.close_all()
+        return done
+
+    done = asyncio.run(scenario())
+    assert [(r.job.request_id, r.outcome) for r in done] == [
+        ("waited", "DROPPED"),
+        ("queued", "DROPPED"),
+        ("fresh", "ok"),
+    ]
+    assert "0.3 s" in (done[0].error or "")
+    assert (REGISTRY.get_sample_value("shadow_dropped_total", labels) or 0.0) == before + 2
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--shadow-queue", "0"), ("--shadow-queue", "-1"), ("--shadow-workers", "0"), ("--shadow-queue-mb", "0")],
@@ -553,7 +610,8 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
     }
     (repository / "wide" / "config.json").write_text(json.dumps(config))
     shutil.copytree(repository / "wide" / "1", repository / "wide" / "2")
-    s = server_factory(repository, "--shadow-workers", "1", token=TOKEN)
+    # (its copies wait behind a 20 s shadow by design: no age bound drops them)
+    s = server_factory(repository, "--shadow-workers", "1", "--shadow-copy-max-age", "3600", token=TOKEN)
     s.load_versions("wide", 1, 2)
     mirror_all = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
     r = requests.put(f"{s.http}/v2/models/wide/traffic", json=mirror_all, headers=s.admin, timeout=30)
