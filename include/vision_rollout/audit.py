@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import signal, stats
 
 from vision_rollout.folders import Folder
 from vision_rollout.gates import cluster_sums, design_effect, limit_percent, percent_beside
@@ -525,11 +525,46 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
 COPIES_ALPHA = 0.001
 
 
-def copies_short(received: int, eligible: int, percent: float) -> float:
+def copies_short(received: int, eligible: int, percent: float | np.ndarray) -> float:
     """The chance of ``received`` copies or fewer of ``eligible`` primaries each sampled at
-    ``percent`` (a binomial's lower tail, exact): below ``COPIES_ALPHA``, fewer copies came than
-    the mirror's sampling explains."""
-    return float(stats.binom.cdf(received, eligible, min(max(percent, 0.0), 100.0) / 100)) if eligible else 1.0
+    ``percent`` (one for all, or each its own: a sum of binomials' lower tail, exact but for
+    rounding): below ``COPIES_ALPHA``, fewer copies came than the mirror's sampling explains."""
+    if not eligible:
+        return 1.0
+    shares = np.clip(np.broadcast_to(np.asarray(percent, float), (eligible,)), 0.0, 100.0) / 100
+    values, counts = np.unique(shares, return_counts=True)
+    if len(values) == 1:
+        return float(stats.binom.cdf(received, eligible, values[0]))
+    pmf = np.ones(1)
+    for share, n in zip(values, counts, strict=True):
+        pmf = signal.fftconvolve(pmf, stats.binom.pmf(np.arange(n + 1), n, share))
+    return float(np.clip(np.clip(pmf[: received + 1], 0.0, None).sum(), 0.0, 1.0))
+
+
+# A mirror's share over time, as Prometheus' samples of it: (unix time, percent), a sample every
+# ``MIRROR_STEP_S``; a primary with none within a step of it (the mirror off) is not tested.
+MirrorShares = Sequence[tuple[float, float]]
+MIRROR_STEP_S = 60.0
+
+
+def share_at(times: pd.Series, shares: float | MirrorShares) -> np.ndarray:
+    """The mirror's percent at each of ``times``: the lower of the samples either side within a
+    step (a change between two samples is not placed in favour of a shortfall); NaN where none."""
+    if isinstance(shares, int | float):
+        return np.full(len(times), float(shares))
+    at = ((pd.to_datetime(times, utc=True) - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(float)
+    ordered = sorted((float(t), float(p)) for t, p in shares)
+    t = np.array([x for x, _ in ordered], float)
+    p = np.array([y for _, y in ordered], float)
+    i = np.searchsorted(t, at)
+    around = []
+    for j in (i - 1, i):
+        ok = (j >= 0) & (j < len(t))
+        near = np.full(len(at), np.nan)
+        near[ok] = np.where(np.abs(t[j[ok]] - at[ok]) <= MIRROR_STEP_S, p[j[ok]], np.nan)
+        around.append(near)
+    both = np.vstack(around)
+    return np.where(np.isnan(both).all(axis=0), np.nan, np.nanmin(np.where(np.isnan(both), np.inf, both), axis=0))
 
 
 def other_input(records: pd.DataFrame, key: pd.MultiIndex, primary: np.ndarray) -> np.ndarray:
@@ -548,6 +583,14 @@ def other_input(records: pd.DataFrame, key: pd.MultiIndex, primary: np.ndarray) 
 def copy_check(
     records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
 ) -> tuple[int, int, int]:
+    """``copy_masks``' counts: lost, eligible and received."""
+    lost, eligible, copied = copy_masks(records, versions, watermark)
+    return lost, int(eligible.sum()), int((eligible & copied).sum())
+
+
+def copy_masks(
+    records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
     run, failed or dropped, of their input (lost: one of another input, ``other_input``, is no
@@ -556,7 +599,8 @@ def copy_check(
     version), those stamped after the first of them with a copy and before the shadow's
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
-    them have a copy. Each request's first primary record counts, once."""
+    them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
+    first primary record counts, once."""
     primary = (records["role"] == "primary").to_numpy(bool)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     copied = key.isin(key[~primary & ~other_input(records, key, primary)])
@@ -572,11 +616,11 @@ def copy_check(
     )
     watermark = shadow_watermark(records) if watermark is None else watermark
     if watermark is None or not (unknown & copied).any():
-        return lost, 0, 0
+        return lost, np.zeros(len(records), bool), copied
     stamp = records["time"]
     began = stamp[unknown & copied].min()
     eligible = unknown & (stamp > began).to_numpy(bool) & (stamp < watermark).to_numpy(bool)
-    return lost, int(eligible.sum()), int((eligible & copied).sum())
+    return lost, eligible, copied
 
 
 def copies_text(result: AuditResult) -> list[str]:
@@ -592,7 +636,7 @@ def copies_text(result: AuditResult) -> list[str]:
         expected = result.copies_eligible * result.copies_percent / 100
         lines.append(
             f"the shadow received {result.copies_received} copies of {result.copies_eligible} requests behind a "
-            f"mirror of {result.copies_percent:g}% ({expected:.0f} expected; p={result.copies_p:.2g}, "
+            f"mirror of {result.copies_percent:.3g}% ({expected:.0f} expected; p={result.copies_p:.2g}, "
             f"below {COPIES_ALPHA:g}): copies are lost on their way (the mirror's cluster, the shadow's pods), "
             "the shadow evidence is thinner"
         )
@@ -731,7 +775,7 @@ def audit(
     max_bytes: int = MAX_AUDIT_BYTES,
     max_seconds: float | None = MAX_AUDIT_S,
     clock: Callable[[], float] = time.monotonic,
-    mirror_percent: float | None = None,
+    mirror_percent: float | MirrorShares | None = None,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
@@ -759,7 +803,8 @@ def audit(
 
     The copies are counted against the mirror's sampling (``copy_check``): those the server's
     own mirror sampled and never wrote are lost; behind a mirror that samples on its own, fewer
-    copies than ``mirror_percent`` (the configured share) explains (``copies_short``) are named.
+    copies than ``mirror_percent`` (the configured share, or its samples over time, ``share_at``:
+    each primary tested at its time's) explains (``copies_short``) are named.
     Both are warnings in the reasons: the verdict stands on the pairs compared."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
@@ -821,10 +866,17 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    result.copies_lost, result.copies_eligible, result.copies_received = copy_check(records, mirrored, watermark)
-    if mirror_percent and result.copies_eligible:
-        result.copies_percent = mirror_percent
-        result.copies_p = copies_short(result.copies_received, result.copies_eligible, mirror_percent)
+    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
+    share = np.zeros(0)
+    if mirror_percent is not None and eligible.any():
+        share = share_at(records["time"][eligible], mirror_percent)
+        known = ~np.isnan(share)
+        eligible[eligible] = known
+        share = share[known]
+    result.copies_eligible, result.copies_received = int(eligible.sum()), int((eligible & copied).sum())
+    if mirror_percent and result.copies_eligible and share.any():
+        result.copies_percent = float(share.mean())
+        result.copies_p = copies_short(result.copies_received, result.copies_eligible, share)
     if result.verdict == "skip" and (result.shadow_without_primary or result.shadow_dropped or result.copies_lost):
         # Shadow traffic, none of it compared: no empty range.
         result.verdict = "inconclusive"
@@ -1187,7 +1239,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
             ""
             if result.copies_p is None or result.copies_percent is None
             else f" ({result.copies_eligible * result.copies_percent / 100:.0f} expected at "
-            f"{result.copies_percent:g}%, p={result.copies_p:.2g}; warned below {COPIES_ALPHA:g})"
+            f"{result.copies_percent:.3g}%, p={result.copies_p:.2g}; warned below {COPIES_ALPHA:g})"
         ),
         f"- Shadow records not a mirror copy of their primary (another input, excluded): {result.input_mismatch}",
         f"- Items mirrored to the version that served them (no comparison, excluded): {result.self_pairs}",

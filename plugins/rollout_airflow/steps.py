@@ -1758,9 +1758,9 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
 
     settings = serving().settings
     end = start + timedelta(hours=1)
-    percent = mirror_percent(model, end)
-    result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS, mirror_percent=percent)
-    result = with_coverage(result, percent)
+    shares = mirror_shares(model, start, end)
+    result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS, mirror_percent=shares)
+    result = with_coverage(result, max(p for _, p in shares) if shares else None)
     summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
     if result.verdict == "skip":
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
@@ -1781,17 +1781,20 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
     return {**result.to_dict(), "report": where[REPORT]}
 
 
-def mirror_percent(model: str, end: datetime) -> float | None:
-    """The largest mirror share configured for ``model`` in the hour before ``end`` (Prometheus);
-    None when Prometheus is not configured or has no data."""
+def mirror_shares(model: str, start: datetime, end: datetime) -> list[tuple[float, float]] | None:
+    """The mirror share configured for ``model`` from ``start`` to ``end``, a sample every
+    ``MIRROR_STEP_S`` (Prometheus): the audit tests each primary's copies at its time's share
+    (the hour's largest warned of copies lost where the mirror was raised within it); None
+    when Prometheus is not configured or has no data."""
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from vision_rollout.audit import MIRROR_STEP_S
     from vision_rollout.metrics import MetricsError
 
     try:
         source = PrometheusHook().source()
-        return source.query(
-            f'max(max_over_time(model_server_mirror_percent{{model="{model}"}}[1h]))', at=end.timestamp()
+        return source.query_range(
+            f'max(model_server_mirror_percent{{model="{model}"}})', start.timestamp(), end.timestamp(), MIRROR_STEP_S
         )
     except (AirflowNotFoundException, MetricsError):
         return None

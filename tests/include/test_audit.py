@@ -1367,6 +1367,43 @@ def test_shadow_records_of_another_input_hide_no_lost_copy(tmp_path):
     assert behind.copies_p < COPIES_ALPHA
 
 
+def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
+    """The hourly audit tested the copies against the hour's largest mirror share: a mirror of 10%
+    raised to 100% within the hour was warned of as copies lost (110 copies of 200 primaries
+    "behind a mirror of 100%"). Given the share's samples over time, each primary is tested at
+    the share of its time (the lower of the samples either side of it); a shortfall of the 100%
+    half is still named, and primaries of no sample's time are not tested."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 250 + k for k in range(200)]
+    raised = now - 150  # the mirror goes from 10% to 100% here
+    shares = [(t, 10.0 if t < raised else 100.0) for t in np.arange(now - 300, now, 15.0)]
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if t >= raised or i % 10 == 3}
+    log = istio_log(tmp_path, primaries, copies)
+    by_max = audit(log, end - timedelta(minutes=5), end, "digits", mirror_percent=100)
+    assert by_max.copies_p is not None
+    assert by_max.copies_p < COPIES_ALPHA  # (what the largest share says)
+    result = audit(log, end - timedelta(minutes=5), end, "digits", mirror_percent=shares)
+    assert result.copies_eligible == by_max.copies_eligible
+    assert result.copies_received == by_max.copies_received
+    assert result.copies_p is not None
+    assert result.copies_p > COPIES_ALPHA
+    assert not any("copies of" in r for r in result.reasons)
+
+    (tmp_path / "short").mkdir()
+    half = {i: t for i, t in copies.items() if primaries[i] < raised or i % 2 == 0}
+    short = audit(
+        istio_log(tmp_path / "short", primaries, half), end - timedelta(minutes=5), end, mirror_percent=shares
+    )
+    assert short.copies_p is not None
+    assert short.copies_p < COPIES_ALPHA
+    assert any("copies of" in r for r in short.reasons)
+
+    unknown = audit(log, end - timedelta(minutes=5), end, "digits", mirror_percent=[(now - 400, 10.0)])
+    assert unknown.copies_eligible == 0  # (no sample within a step of any primary)
+    assert unknown.copies_p is None
+
+
 def sampled_records(rng: np.random.Generator, n: int, percent: float, loss: float = 0.0) -> pd.DataFrame:
     """The records a prediction log holds behind Istio: ``n`` primaries of version 1 a second
     apart saying nothing of the mirror, each copied with chance ``percent``, the copy then lost
