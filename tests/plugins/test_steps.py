@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -2672,3 +2673,35 @@ def test_an_audit_run_leaves_the_hours_its_time_does_not_reach_to_the_next_run(m
     monkeypatch.setattr(steps, "AUDIT_RUN_S", 3600.0)
     results = steps.audit_hours("digits", hour[0], catch_up_hours=3)
     assert [r["start"] for r in results] == [hour[k].isoformat() for k in (3, 2, 1)]
+
+
+@pytest.mark.integration
+def test_the_hourly_audit_reads_the_mirror_share_over_time_from_a_real_prometheus(
+    server_factory, repo_copy, tmp_path, monkeypatch
+):
+    """``mirror_shares`` asks the real Prometheus for the share a sample a minute: one series
+    (the replicas' largest), the server's 100% at the samples once scraped, none where the mirror
+    was not yet configured (the samples before the server started)."""
+    import time
+
+    from devstack.processes import start_prometheus
+
+    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    mirror = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+    assert put_policy(s, mirror).status_code == 200
+    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    try:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+            json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": prom.port}),
+        )
+        end = datetime.now(UTC) + timedelta(seconds=3)
+        time.sleep(max(0.0, end.timestamp() - time.time()) + 1.5)  # (scraped a second apart)
+        shares = steps.mirror_shares("digits", end - timedelta(hours=1), end)
+        assert shares is not None
+        assert [p for _, p in shares] == [100.0]
+        assert shares[0][0] == pytest.approx(end.timestamp(), abs=0.01)
+        assert steps.mirror_shares("mnist", end - timedelta(hours=1), end) is None  # (no such series)
+    finally:
+        prom.stop()
