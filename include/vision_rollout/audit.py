@@ -682,6 +682,7 @@ def copies_pending(
             "latency_ms",
             "outcome",
             "mirrored",
+            "image_sha256",
         ],
         roles=("primary", "shadow"),
         deadline=deadline,
@@ -700,7 +701,8 @@ def copies_pending(
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
     mirrored = (records["version"] == version).to_numpy(bool) & sampled
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    lonely = recent & np.where(primary, mirrored & ~key.isin(key[~primary]), ~key.isin(key[primary]))
+    copy = ~primary & ~other_input(records, key, primary)  # (one of another input is no copy)
+    lonely = recent & np.where(primary, mirrored & ~key.isin(key[copy]), ~key.isin(key[primary]))
     return stamp[lonely].max().to_pydatetime() if lonely.any() else None
 
 

@@ -1404,6 +1404,21 @@ def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
     assert unknown.copies_p is None
 
 
+def test_a_shadow_record_of_another_input_is_not_waited_for_as_the_copy(tmp_path):
+    """``copies_pending`` took any shadow record under a primary's request id for its copy: a
+    record of another input (anyone reaching the data port can send one) ended the rollout's wait
+    for the real copy, and the audit then ran without it. The primary is still waited for."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 30 + 0.5 * k for k in range(40)]
+    forged = {i: t + 0.002 for i, t in enumerate(primaries) if i >= 30}
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i < 30}
+    log = istio_log(tmp_path, primaries, copies, mirrored=True, forged=forged)
+    pending = copies_pending(log, end, "digits", "1")
+    assert pending is not None
+    assert pending.timestamp() == pytest.approx(primaries[-1], abs=1e-3)
+
+
 def sampled_records(rng: np.random.Generator, n: int, percent: float, loss: float = 0.0) -> pd.DataFrame:
     """The records a prediction log holds behind Istio: ``n`` primaries of version 1 a second
     apart saying nothing of the mirror, each copied with chance ``percent``, the copy then lost
