@@ -361,12 +361,14 @@ class DataPlane:
                 # server stops; counted and logged as given up, and the cancellation goes on.
                 exc = caught if isinstance(caught, ServerError) else Cancelled("cancelled before its answer")
                 latency_ms = (time.perf_counter() - started) * 1000
-                dropped = shadow_copy and isinstance(exc, Preempted)
+                # A copy given up before its answer (Envoy's mirror stream ended, the server
+                # stopping) is dropped, as one never run: not the shadow's error in the audit.
+                dropped = shadow_copy and isinstance(exc, Preempted | Cancelled)
                 if shadow_copy:
                     # A copy the candidate refuses as a client error (Istio mirrors every request,
                     # garbage included) is counted apart: a client must not move the shadow guard.
-                    if isinstance(exc, Preempted):  # (dropped)
-                        shadow_dropped(model, lv.label, exc.reason)
+                    if dropped:
+                        shadow_dropped(model, lv.label, exc.reason if isinstance(exc, Preempted) else "given_up")
                     else:
                         outcome = "rejected" if exc.status < 500 else "error"
                         metrics.SHADOW_REQUESTS.labels(model, lv.label, outcome).inc()

@@ -91,8 +91,8 @@ SHADOW_REQUESTS = Counter(
 SHADOW_OUTCOMES = ("ok", "error", "rejected", "dropped")
 SHADOW_DROPPED = Counter(
     "shadow_dropped",
-    "Mirrored requests dropped, by reason (queue_full, no_idle_time, too_old: a copy from Istio's mirror "
-    "that waited past its age bound, left_service, shutting_down)",
+    "Mirrored requests dropped, by reason (queue_full, no_idle_time, too_old: a copy that waited past its "
+    "age bound, left_service, shutting_down, given_up: a copy from Istio's mirror whose stream ended first)",
     (*ML, "reason"),
 )
 

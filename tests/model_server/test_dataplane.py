@@ -313,6 +313,48 @@ def test_a_copy_from_istios_mirror_waits_for_idle_time_no_longer_than_its_age_bo
     assert sample("shadow_dropped_total", **labels, reason="too_old") == too_old + 1
 
 
+def test_a_copy_from_istios_mirror_given_up_before_it_ran_is_dropped_not_the_shadows_error(
+    repo, digit_images, tmp_path
+):
+    """A copy waiting for idle time whose stream ended (Envoy's mirror gave up on it, the server
+    stopping) was logged CANCELED: the audit read it as the shadow's error beside an ``ok``
+    primary, and a candidate whose pod was stopped under load with copies waiting failed the
+    shadow error-rate check. It is dropped, not run: DROPPED in the log, counted as dropped."""
+    from model_server.predictionlog import shadow_pairs
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
+    plog = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="dp-1")
+    dp = data_plane(repo, plog)
+    apply(dp, MIRROR)
+    infer(dp, digit_images[0][0], RequestContext("given-up"))  # the primary, answered
+    body, json_length = request(digit_images[0][0])
+    labels = {"model": "digits", "version": "2"}
+    before = {o: sample("shadow_requests_total", **labels, outcome=o) for o in ("ok", "error", "rejected", "dropped")}
+    given_up = sample("shadow_dropped_total", **labels, reason="given_up")
+
+    async def scenario() -> None:
+        with dp.mirror.gate:  # a primary in flight: the copy waits
+            copy = asyncio.create_task(
+                dp.infer("digits", None, body, RequestContext("given-up", shadow_copy=True), json_length)
+            )
+            await asyncio.sleep(0.2)
+            copy.cancel()  # (as the transport cancels a request whose stream ended)
+            with pytest.raises(asyncio.CancelledError):
+                await copy
+
+    asyncio.run(scenario())
+    assert plog.flush() == 2
+    now = datetime.now(UTC)
+    rows = read(tmp_path / "log", now - timedelta(hours=1), now + timedelta(hours=1))
+    assert sorted(zip(rows["role"], rows["outcome"], strict=True)) == [("primary", "ok"), ("shadow", "DROPPED")]
+    pairs = shadow_pairs(rows)
+    assert (len(pairs), pairs.attrs["shadow_dropped"]) == (0, 1)
+    after = {o: sample("shadow_requests_total", **labels, outcome=o) - n for o, n in before.items()}
+    assert after == {"ok": 0, "error": 0, "rejected": 0, "dropped": 1}
+    assert sample("shadow_dropped_total", **labels, reason="given_up") == given_up + 1
+
+
 def test_a_shadow_record_counts_the_bytes_its_copy_holds_against_the_log_s_budget(tmp_path):
     """A shadow record (a dropped copy's too) keeps its copy's input until it is written, but
     counted none of it against the prediction log's byte budget: under a burst of large requests
