@@ -295,8 +295,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             raise InvalidInput(f"{where} is given more than once")
         seen.add(name)
         datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
-            raise InvalidInput(f"{where}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+        if not isinstance(datatype, str) or datatype not in DATATYPES:  # (a list or an object: no key)
+            raise InvalidInput(f"{where}: datatype {shown(repr(datatype))} is not one of {sorted(DATATYPES)}")
         shape_raw = raw.get("shape")
         if not isinstance(shape_raw, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_raw

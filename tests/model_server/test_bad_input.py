@@ -50,6 +50,14 @@ def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | 
             "datatype 'TEXT'",
         ),
         (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": ["BYTES"], "data": ["x"]}]}',
+            "datatype ['BYTES'] is not one of",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": {"a": 1}, "data": ["x"]}]}',
+            "datatype {'a': 1} is not one of",
+        ),
+        (
             b'{"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["x"]}]}',
             "needs 2 elements",
         ),
@@ -87,6 +95,8 @@ def image_body(images: list[bytes], datatype: str = "BYTES", shape: list[int] | 
         "not-object",
         "no-inputs",
         "bad-datatype",
+        "datatype-a-list",
+        "datatype-an-object",
         "count-mismatch",
         "negative-dim",
         "unknown-input",
