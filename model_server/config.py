@@ -477,8 +477,8 @@ def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec,
         name, dt, dims = item.get("name"), item.get("datatype"), item.get("dims")
         if not isinstance(name, str) or not name:
             raise _fail(f"{where}[{i}].name", "must be a non-empty string")
-        if dt not in DATATYPES:
-            raise _fail(f"{where}[{i}].datatype", f"{dt!r} is not one of {sorted(DATATYPES)}")
+        if not isinstance(dt, str) or dt not in DATATYPES:  # (a list or an object: no key)
+            raise _fail(f"{where}[{i}].datatype", f"{shown(repr(dt))} is not one of {sorted(DATATYPES)}")
         if not isinstance(dims, list) or not dims or not all(_is_int(d) and (d == -1 or d > 0) for d in dims):
             raise _fail(f"{where}[{i}].dims", "must be a non-empty list of positive ints or -1")
         if len(dims) > MAX_DIMS or max(dims) > INT64_MAX:  # (no request could match it)

@@ -45,6 +45,9 @@ def test_specific_policy_with_a_missing_version_names_it():
         ({"platform": "tensorflow_savedmodel"}, "not supported"),
         ({"input": []}, "non-empty list"),
         ({"input": [{"name": "x", "datatype": "FLOAT", "dims": [1]}]}, "datatype"),
+        # A list or an object raised TypeError (unhashable): a load, a start and a feedback call 500.
+        ({"input": [{"name": "x", "datatype": ["FP32"], "dims": [1]}]}, r"input\[0\]\.datatype: \['FP32'\] is not"),
+        ({"output": [{"name": "y", "datatype": {}, "dims": [1]}]}, r"output\[0\]\.datatype: \{\} is not"),
         ({"input": [{"name": "x", "datatype": "FP32", "dims": [0]}]}, "dims"),
         ({"input": [{"name": "x", "datatype": "FP32", "dims": [True]}]}, "dims"),  # was [1], shown as [true]
         (
