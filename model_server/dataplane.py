@@ -36,7 +36,9 @@ from model_server.protocol import (
     MAX_JSON_BYTES,
     InferRequest,
     decode_infer_request,
+    decode_raw_request,
     encode_infer_response,
+    is_raw_request,
     top_classes,
 )
 from model_server.repository import ModelRepository
@@ -331,7 +333,10 @@ class DataPlane:
             req: InferRequest | None = None
             outputs: list[str] | None = None  # once the request passed the model's checks
             try:
-                req = decode_infer_request(body, json_length, self.max_json_bytes)
+                if is_raw_request(json_length):  # Triton's raw binary request: the model's one input
+                    req = decode_raw_request(body, lv.config.inputs, batched)
+                else:
+                    req = decode_infer_request(body, json_length, self.max_json_bytes)
                 outputs = lv.validate(req.inputs, req.outputs)
                 if shadow_copy:
                     results, batch, timing = await self.mirror.run_copy(lv, req.inputs, outputs, rid, started)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES, MAX_DIMS, ascii_uint, refuse_constant
+from model_server.config import DATATYPES, MAX_DIMS, TensorSpec, ascii_uint, refuse_constant
 from model_server.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -244,6 +244,51 @@ def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
         f"{where}: Unable to find shared memory region: '{shown(region[:80])}': shared memory is not supported by "
         "this server; send tensors in the request body"
     )
+
+
+def is_raw_request(header_length: str | None) -> bool:
+    """Whether a request is Triton's raw binary request: ``Inference-Header-Content-Length: 0``."""
+    return header_length is not None and ascii_uint(header_length.strip()) == 0
+
+
+def decode_raw_request(body: bytes, inputs: tuple[TensorSpec, ...], batched: bool) -> InferRequest:
+    """Triton's raw binary request (its binary data extension): the body is the data of the
+    model's one input, without a JSON part; its shape is deduced from the config's dims (here
+    they hold the batch dimension: a batch of one where the model batches) as Triton's
+    InferenceRequest::Normalize deduces it: at most one variable dimension, a BYTES input one
+    element (the whole body). Every output is answered, in binary."""
+    if len(inputs) != 1:
+        raise InvalidInput(
+            f"Raw request must only have 1 input to be deduced but got {len(inputs)} inputs in the model configuration"
+        )
+    spec = inputs[0]
+    dims = spec.dims[1:] if batched else spec.dims
+    variable = [i for i, d in enumerate(dims) if d == -1]
+    if len(variable) > 1:
+        raise InvalidInput(
+            f"The shape of the raw input '{spec.name}' can not be deduced because there are more than one "
+            "variable-sized dimension"
+        )
+    known = math.prod(d for d in dims if d != -1)
+    if spec.datatype == "BYTES":
+        if variable or known != 1:
+            raise InvalidInput(f"For BYTE datatype raw input '{spec.name}', the model must have input shape [1]")
+        shape = (1, *dims) if batched else dims
+        data = np.empty(1, dtype=object)
+        data[0] = body
+        return InferRequest([InferInput(spec.name, spec.datatype, shape, data.reshape(shape))], None, None, True)
+    dtype = np.dtype(DATATYPES[spec.datatype])
+    sized = [len(body) // (known * dtype.itemsize) if d == -1 else d for d in dims]
+    shape = (1, *sized) if batched else tuple(sized)
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # (an empty body: a dimension 0 beside huge ones)
+        raise InvalidInput(f"raw input '{spec.name}': shape {list(shape)} has more than 2**60-1 elements")
+    if len(body) != math.prod(shape) * dtype.itemsize:
+        raise InvalidInput(
+            f"raw input '{spec.name}': {len(body)} bytes are not the {math.prod(shape) * dtype.itemsize} bytes of "
+            f"shape {list(shape)} of {spec.datatype}"
+        )
+    data = np.frombuffer(body, dtype=dtype).reshape(shape)
+    return InferRequest([InferInput(spec.name, spec.datatype, shape, data)], None, None, True)
 
 
 def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes: int = MAX_JSON_BYTES) -> InferRequest:

@@ -937,3 +937,33 @@ def test_a_tensor_in_a_shared_memory_region_is_refused_not_answered_in_the_body(
     with pytest.raises(InferenceServerException, match="Unable to find shared memory region: 'r'") as err:
         c.infer("resnet_bench", [x])
     assert err.value.status() == "404"
+
+
+def test_a_raw_binary_request_is_the_model_s_one_input_as_triton_reads_it(server, digit_images):
+    """Triton's raw binary request (Inference-Header-Content-Length: 0, the body the data of the
+    model's one input, its shape deduced from the configuration, every output answered binary):
+    a PNG posted as it is, as curl --data-binary sends it, was a 400."""
+    raw = {"Inference-Header-Content-Length": "0", "Content-Type": "application/octet-stream"}
+    c = server.client()
+    image = digit_images[0][0]
+    x = np.random.default_rng(1).standard_normal((3, 224, 224)).astype(np.float32)
+    for model, body, inp, output in [
+        ("digits", image, image_input([image]), "probabilities"),
+        ("resnet_bench", x.tobytes(), httpclient.InferInput("input", [1, 3, 224, 224], "FP32"), "logits"),
+    ]:
+        if model == "resnet_bench":
+            inp.set_data_from_numpy(x[None])
+        expected = c.infer(model, [inp]).as_numpy(output)
+        r = requests.post(f"{server.http}/v2/models/{model}/infer", data=body, headers=raw, timeout=60)
+        assert r.status_code == 200, r.text
+        length = int(r.headers[HEADER_LENGTH])
+        (out,) = json.loads(r.content[:length])["outputs"]
+        assert (out["name"], out["shape"]) == (output, list(expected.shape))
+        assert out["parameters"]["binary_data_size"] == expected.nbytes
+        assert np.array_equal(np.frombuffer(r.content[length:], dtype="<f4").reshape(expected.shape), expected)
+    r = requests.post(f"{server.http}/v2/models/resnet_bench/infer", data=x.tobytes()[:-2], headers=raw, timeout=30)
+    assert r.status_code == 400
+    assert (
+        "raw input 'input': 602110 bytes are not the 602112 bytes of shape [1, 3, 224, 224] of FP32"
+        in r.json()["error"]
+    )

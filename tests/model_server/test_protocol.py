@@ -326,3 +326,28 @@ def test_top_classes_rank_as_triton_does():
     for datatype in ("BYTES", "BOOL", "FP16"):
         with pytest.raises(InvalidInput, match=f"unsupported type '{datatype}'"):
             protocol.top_classes(np.zeros((1, 2)), datatype, 1, batched=True)
+
+
+def test_a_raw_binary_request_is_refused_where_triton_cannot_deduce_its_shape():
+    """Triton's raw binary request: one input only, at most one variable dimension, a BYTES input
+    of one element; its shape is the batch of one and the config's dims."""
+    from model_server.config import TensorSpec
+    from model_server.protocol import decode_raw_request
+
+    one = TensorSpec("x", "INT32", (-1, 2, -1))
+    req = decode_raw_request(np.arange(6, dtype="<i4").tobytes(), (one,), batched=True)
+    assert req.inputs[0].shape == (1, 2, 3)
+    assert req.binary_output_default
+    assert req.outputs is None
+    assert decode_raw_request(b"\x00" * 8, (TensorSpec("x", "FP32", (2,)),), batched=False).inputs[0].shape == (2,)
+    strings = decode_raw_request(b"text", (TensorSpec("s", "BYTES", (-1, 1)),), batched=True).inputs[0]
+    assert strings.shape == (1, 1)
+    assert strings.data.tolist() == [[b"text"]]
+    with pytest.raises(InvalidInput, match=r"Raw request must only have 1 input.* got 2 inputs"):
+        decode_raw_request(b"", (one, TensorSpec("y", "INT32", (-1,))), batched=True)
+    with pytest.raises(InvalidInput, match="more than one variable-sized dimension"):
+        decode_raw_request(b"", (TensorSpec("x", "INT32", (-1, -1)),), batched=False)
+    with pytest.raises(InvalidInput, match="For BYTE datatype raw input 's', the model must have input shape"):
+        decode_raw_request(b"", (TensorSpec("s", "BYTES", (-1, 2)),), batched=True)
+    with pytest.raises(InvalidInput, match=r"shape \[1, 0, 1099511627776, 1099511627776\] has more than"):
+        decode_raw_request(b"", (TensorSpec("x", "FP32", (-1, -1, 2**40, 2**40)),), batched=True)
