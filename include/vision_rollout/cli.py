@@ -937,6 +937,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     Slack's reason, sent again with ``--retry-refused`` (all, or those named), or dropped."""
     from vision_rollout.notify import REFUSED, drop_report, one_line, send_refused, send_waiting, waiting_reports
 
+    if not hasattr(args, "outbox"):
+        raise UsageError("the following arguments are required: --outbox")
     _found("--outbox", args.outbox)
     if args.action == "list":
         found = [w.to_dict() for w in waiting_reports(args.outbox)]
@@ -1456,8 +1458,10 @@ def parser() -> argparse.ArgumentParser:
     from vision_rollout.settings import SEND_BUDGET_S
 
     o = sub.add_parser("outbox", help="list the Slack reports waiting in an outbox, send them, or drop one")
+    # --outbox before the action or after it: neither sets a default that hides the other.
+    o.add_argument("--outbox", type=_folder, default=argparse.SUPPRESS, help="the outbox: a folder or s3://...")
     box = _Parser(add_help=False)
-    box.add_argument("--outbox", type=_folder, required=True, help="the outbox: a folder or s3://...")
+    box.add_argument("--outbox", type=_folder, default=argparse.SUPPRESS, help="the outbox: a folder or s3://...")
     actions = o.add_subparsers(dest="action", required=True)
     actions.add_parser("list", parents=[box], help="the reports waiting, and those set aside").add_argument(
         "--json", action="store_true"

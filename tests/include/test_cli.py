@@ -2180,3 +2180,23 @@ def test_outbox_send_retry_refused_while_slack_is_down_leaves_them_set_aside(tmp
         assert len(slack.messages()) == 2
     finally:
         slack.stop()
+
+
+@pytest.mark.parametrize("action", [["list"], ["drop", "a.json"]])
+def test_outbox_takes_its_folder_before_the_action_too(tmp_path, capsys, action):
+    """``outbox --outbox DIR list`` (the option before the action, as before the actions became
+    subcommands) was refused: "invalid choice: DIR". It is taken there as after the action; the
+    folder given nowhere is still a usage error naming --outbox."""
+    from vision_rollout.notify import REFUSED
+
+    outbox = tmp_path / "outbox"
+    (outbox / REFUSED).mkdir(parents=True)
+    (outbox / REFUSED / "a.json").write_text(json.dumps({"channel": "#c", "text": "a", "blocks": []}))
+    code, out, err = run(capsys, "outbox", "--outbox", str(outbox), *action)
+    assert code == 0, err
+    assert ("0 report(s) waiting" if action == ["list"] else f"dropped {REFUSED}/a.json") in out
+    code, out, err = run(capsys, "outbox", *action)
+    assert code == 2
+    assert err.strip().splitlines()[-1].endswith("the following arguments are required: --outbox")
+    code, out, err = run(capsys, "outbox", "list", "--json")
+    assert (code, json.loads(out)) == (2, {"error": "the following arguments are required: --outbox", "exit": 2})
