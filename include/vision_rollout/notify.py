@@ -17,6 +17,7 @@ put on one line (``one_line``), so that none can add a line that reads like the 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.client
 import json
 import logging
@@ -805,9 +806,9 @@ def _new_stem() -> str:
 
 # Every report is posted with metadata naming it (its outbox name), so that a sender unsure
 # whether an earlier post of it landed looks for it in the channel's history (``find_post``):
-# Slack's chat.postMessage has no idempotency key. The history is read since the earlier try
-# (less ``CLOCK_SKEW_S``: the senders' clocks, Slack's), ``LOOKUP_PAGES`` pages of ``LOOKUP_PAGE``
-# messages and ``LOOKUP_S`` seconds at most.
+# Slack's chat.postMessage has no idempotency key. The history is read from the newest back to
+# the earlier try (on Slack's clock, by its answers' ``Date``; less ``CLOCK_SKEW_S``: the senders'
+# clocks apart), ``LOOKUP_PAGES`` pages of ``LOOKUP_PAGE`` messages and ``LOOKUP_S`` seconds at most.
 REPORT_EVENT = "rollout_report_posted"
 LOOKUP_PAGES = 5
 LOOKUP_PAGE = 200
@@ -830,7 +831,9 @@ def find_post(
     client: Any, channel: str, report_id: str, since: float, channels: dict[str, str] | None = None
 ) -> dict[str, Any] | None:
     """The post of the report ``report_id`` in ``channel`` (a name or an ID) since ``since`` (unix
-    seconds), found by its metadata in the channel's history (``conversations.history``; a
+    seconds on this machine's clock, a sender's clock ``CLOCK_SKEW_S`` off it at most: the history
+    is read from the newest back to then on Slack's clock), found by its metadata in the channel's
+    history (``conversations.history``; a
     channel's name resolved by ``conversations.list``, ``channels``: those known, name to ID):
     its channel ID and ts. None where none was found, or where Slack refused the look-up (a scope
     the token lacks: ``channels:history``, ``groups:history``, ``channels:read``, ``groups:read``;
@@ -854,9 +857,11 @@ def find_post(
         cursor = None
         for page_number in range(1, LOOKUP_PAGES + 1):
             page = client.conversations_history(
-                channel=cid, oldest=f"{since:.6f}", include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
+                channel=cid, include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
             )
-            for m in page.get("messages") or []:
+            back_to = since - _ahead_of_slack(page)  # (the try's time on Slack's clock)
+            messages = page.get("messages") or []
+            for m in messages:
                 meta = m.get("metadata") if isinstance(m, dict) else None
                 if not isinstance(meta, dict) or meta.get("event_type") != REPORT_EVENT:
                     continue
@@ -865,7 +870,7 @@ def find_post(
                     log.info("report %s was posted already (%s, ts %s): not posted again", report_id, cid, m["ts"])
                     return {"channel": cid, "ts": m["ts"]}
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
-            if not page.get("has_more") or not cursor:
+            if not page.get("has_more") or not cursor or _older_than(messages, back_to):
                 return None
             if time.monotonic() > deadline or page_number == LOOKUP_PAGES:
                 log.warning(
@@ -888,6 +893,27 @@ def find_post(
             _failure(exc),
         )
     return None
+
+
+def _ahead_of_slack(answer: Any) -> float:
+    """How far this machine's clock is ahead of Slack's, by ``answer``'s ``Date`` (a second's
+    resolution, well within ``CLOCK_SKEW_S``); 0 without one."""
+    headers = getattr(answer, "headers", None) or {}
+    date = next((v for k, v in headers.items() if str(k).lower() == "date"), None)
+    date = date[0] if isinstance(date, list) and date else date
+    try:
+        return time.time() - email.utils.parsedate_to_datetime(str(date)).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+
+
+def _older_than(messages: list[Any], since: float) -> bool:
+    """Whether a page of the history (newest first) reaches back before ``since``, less
+    ``CLOCK_SKEW_S``: the pages after it hold older messages only."""
+    for m in reversed(messages):
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
+            return float(m.get("ts")) < since - CLOCK_SKEW_S
+    return False
 
 
 def _channel_id(client: Any, name: str, deadline: float) -> str | None:
@@ -1180,7 +1206,7 @@ def _send_claimed(
     tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
-            sent = find_post(client, found.channel, stem, min(tries) - CLOCK_SKEW_S, channels)
+            sent = find_post(client, found.channel, stem, min(tries), channels)
         except LookupFailed as exc:
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:
