@@ -272,6 +272,16 @@ class Folder:
         if fs.get_file_info(key).type == pafs.FileType.File:
             fs.delete_file(key)
 
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a file in this folder: one look, not a listing."""
+        path = self.path
+        if path is not None:
+            return (path / _check_name(name)).is_file()
+        import pyarrow.fs as pafs
+
+        fs, key = self._key(_check_name(name))
+        return bool(fs.get_file_info(key).type == pafs.FileType.File)
+
     def names(self) -> list[str]:
         """The files in this folder (not below it), sorted; [] when it does not exist."""
         path = self.path

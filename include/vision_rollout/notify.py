@@ -938,6 +938,7 @@ def _channel_id(client: Any, name: str, deadline: float) -> str | None:
 # than this belongs to a sender that died (one report's post, its retries and its chart take a
 # few minutes at most), and no longer holds the report.
 CLAIM_S = 900
+CLAIM_MARGIN_S = 60  # a claim this close to lapsing posts nothing more (the post's own time, the clocks)
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 
@@ -1119,7 +1120,8 @@ def send_waiting(
     for a report, at most one sends it (the later claim sees the earlier), at worst neither
     (sent by the next run). A report is removed before its claim is, so a later sender never
     finds it unclaimed once sent. A claim older than ``CLAIM_S`` is a dead sender's and is
-    ignored. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
+    ignored; a sender whose own claim came that close to lapsing (stalled), or was removed, or
+    whose report is gone, withdraws right before posting. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
     and ts) before uploading the chart and removing the report: a sender killed there (a chart
     upload takes a while) leaves a report the next sender does not post again, it only uploads
     the chart into that thread. A sender killed between Slack's answer and that write leaves a
@@ -1212,6 +1214,8 @@ def _send_claimed(
         if sent is not None:
             outbox.write(mark, json.dumps(sent).encode())
             sent = dict(sent)
+    if sent is None and not _holds(outbox, name, claim):
+        return {"name": name, "skipped": "another sender took it over: this one's claim lapsed before it posted"}
     if sent is None:  # (no mark, or not one: the report is sent, the mark written)
         tried = time.time()
         try:
@@ -1237,6 +1241,16 @@ def _send_claimed(
     outbox.delete(name)
     outbox.delete(mark)
     return {"name": name, "sent": True, **sent}
+
+
+def _holds(outbox: Folder, name: str, claim: str) -> bool:
+    """Whether a sender's ``claim`` on the report ``name`` still holds it, right before it posts:
+    younger than ``CLAIM_S`` (older, another sender takes it for a dead one's), still there (not
+    removed by one that did), and the report still waiting. A sender stalled that long withdraws."""
+    m = _CLAIM.search(claim)
+    if m is None or time.time() - int(m.group(1)) / 1e9 >= CLAIM_S - CLAIM_MARGIN_S:
+        return False
+    return outbox.exists(claim) and outbox.exists(name)
 
 
 LEFTOVER_AGE_S = 3600  # a report is written a moment after its chart: a chart alone this old has none

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -825,9 +826,9 @@ def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(
     assert [n for n in outbox.names() if ".claim-" in n]
     (first,) = slack.messages()
     assert first["metadata"] == {"event_type": REPORT_EVENT, "event_payload": {"report_id": stem}}
-    # Its claim lapses: as though the post were CLAIM_S ago and more.
-    monkeypatch.setattr(notify, "CLAIM_S", -1)
-    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    # Its claim lapses: the next round runs as though the post were CLAIM_S ago and more.
+    later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url), clock=later)
     assert result["sent"] is True
     assert result["posted_before"] is True
     assert result["chart"] is True
@@ -1099,4 +1100,38 @@ def test_a_sender_whose_clock_is_off_finds_its_own_post_and_posts_it_once(slack,
     assert result["sent"] is True
     assert result.get("posted_before") is True
     assert len(slack.messages()) == 4
+    assert outbox.names() == []
+
+
+def test_a_sender_stalled_past_its_claim_does_not_post_what_another_sender_took_over(slack, tmp_path, monkeypatch):
+    """A sender that stalled (a pause, a slow store) between its claim and its post for longer than
+    CLAIM_S: another sender took its lapsed claim as a dead sender's and posted the report, then
+    the stalled one posted it too. Right before posting, a sender checks that its claim is still
+    there and live and the report still waiting; else it withdraws."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    real = notify._waiting
+    stalled: list[list[dict]] = []
+
+    def stall(folder, name):  # (the first sender stalls once it read the report: the other runs)
+        found = real(folder, name)
+        if not stalled:
+            stalled.append([])
+            later = time.time() + notify.CLAIM_S + 1  # (the first's claim has lapsed)
+            stalled[0] = send_waiting(outbox, client, clock=lambda: later)
+        return found
+
+    monkeypatch.setattr(notify, "_waiting", stall)
+    (first,) = send_waiting(outbox, client)
+    (other,) = stalled[0]
+    assert other["sent"] is True
+    assert "sent" not in first
+    assert "skipped" in first
+    assert len(slack.messages()) == 1
     assert outbox.names() == []
