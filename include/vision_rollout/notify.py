@@ -917,16 +917,17 @@ def _older_than(messages: list[Any], since: float) -> bool:
 
 
 def _channel_id(client: Any, name: str, deadline: float) -> str | None:
-    """The ID of the channel ``name`` (``#`` or not) among those ``conversations.list`` shows,
-    ``LOOKUP_PAGES`` pages at most; None where it is not among them."""
-    name = name.removeprefix("#")
+    """The ID of the channel ``name`` (``#`` or not; in any case: Slack's names are lower case)
+    among those ``conversations.list`` shows, ``LOOKUP_PAGES`` pages at most; None where it is not
+    among them."""
+    name = name.removeprefix("#").lower()
     cursor = None
     for _ in range(LOOKUP_PAGES):
         page = client.conversations_list(
             types="public_channel,private_channel", exclude_archived=True, limit=LOOKUP_PAGE, cursor=cursor
         )
         for c in page.get("channels") or []:
-            if isinstance(c, dict) and c.get("name") == name and isinstance(c.get("id"), str):
+            if isinstance(c, dict) and str(c.get("name")).lower() == name and isinstance(c.get("id"), str):
                 return str(c["id"])
         cursor = (page.get("response_metadata") or {}).get("next_cursor")
         if not cursor or time.monotonic() > deadline:

@@ -136,13 +136,14 @@ class FakeSlack:
 
     def channel(self, ref: str) -> str | None:
         """The ID of the channel ``ref`` (``#name``, ``name`` or an ID) names, made at its first
-        post; None where it is ``missing``."""
+        post (a name in lower case, as Slack's are); None where it is ``missing``."""
         name = ref.removeprefix("#")
         if not name or ref in self.missing or name in self.missing:
             return None
         if CHANNEL_ID.fullmatch(name):
             self.channels.setdefault(name, name.lower())
             return name
+        name = name.lower()  # (Slack's channel names are lower case)
         for cid, known in self.channels.items():
             if known == name:
                 return cid

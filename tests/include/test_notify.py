@@ -1135,3 +1135,23 @@ def test_a_sender_stalled_past_its_claim_does_not_post_what_another_sender_took_
     assert "skipped" in first
     assert len(slack.messages()) == 1
     assert outbox.names() == []
+
+
+def test_a_report_for_a_channel_named_with_capitals_is_found_in_its_history(slack, tmp_path):
+    """Slack's channel names are lower case: a report for ``#Model-Rollouts`` whose answer was lost
+    was looked for among conversations.list's channels by its name as written, not found, and
+    posted a second time. The name is matched as Slack keeps it."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.lose_answers = 1
+    SlackNotifier("#Model-Rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "capitals")
+    )
+    assert slack.channels == {"C0ROLLOUT": "model-rollouts"}
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result["sent"] is True
+    assert result.get("posted_before") is True
+    assert len(slack.messages()) == 1
