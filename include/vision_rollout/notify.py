@@ -813,6 +813,7 @@ REPORT_EVENT = "rollout_report_posted"
 LOOKUP_PAGES = 5
 LOOKUP_PAGE = 200
 LOOKUP_S = 30.0
+LOOKUP_WAIT_S = 150  # and this long waiting out Slack's rate limit (a minute a call, for some apps)
 CLOCK_SKEW_S = 300
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")  # (a channel's name is lower case)
 
@@ -841,9 +842,12 @@ def find_post(
     LookupFailed where Slack did not answer for a while."""
     known = channels if channels is not None else {}
     deadline = time.monotonic() + LOOKUP_S
+    limited = _RateLimited(LOOKUP_WAIT_S)
     try:
         cid = (
-            channel if _CHANNEL_ID.fullmatch(channel) else known.get(channel) or _channel_id(client, channel, deadline)
+            channel
+            if _CHANNEL_ID.fullmatch(channel)
+            else known.get(channel) or _channel_id(client, channel, deadline, limited)
         )
         if cid is None:
             log.warning(
@@ -856,8 +860,8 @@ def find_post(
         known[channel] = cid
         cursor = None
         for page_number in range(1, LOOKUP_PAGES + 1):
-            page = client.conversations_history(
-                channel=cid, include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
+            page = limited(
+                client.conversations_history, channel=cid, include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
             )
             back_to = since - _ahead_of_slack(page)  # (the try's time on Slack's clock)
             messages = page.get("messages") or []
@@ -872,7 +876,7 @@ def find_post(
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor or _older_than(messages, back_to):
                 return None
-            if time.monotonic() > deadline or page_number == LOOKUP_PAGES:
+            if time.monotonic() - limited.waited > deadline or page_number == LOOKUP_PAGES:
                 log.warning(
                     "report %s may have been posted already; not found in %d page(s) of %s's history since "
                     "then (more there): it is posted, perhaps a second time",
@@ -916,21 +920,58 @@ def _older_than(messages: list[Any], since: float) -> bool:
     return False
 
 
-def _channel_id(client: Any, name: str, deadline: float) -> str | None:
+class _RateLimited:
+    """A look-up's Slack calls, each answered 429 (a Retry-After longer than the client's own
+    retries wait: ``conversations.history`` is one call a minute for a new non-Marketplace app)
+    made again after its Retry-After, ``most_s`` seconds of such waits at most; the time so waited
+    moves the look-up's own deadline on."""
+
+    def __init__(self, most_s: float) -> None:
+        self.most_s = most_s
+        self.waited = 0.0
+
+    def __call__(self, method: Callable[..., Any], **kwargs: Any) -> Any:
+        from slack_sdk.errors import SlackApiError
+
+        while True:
+            try:
+                return method(**kwargs)
+            except SlackApiError as exc:
+                after = _retry_after(exc.response) if getattr(exc.response, "status_code", 0) == 429 else None
+                if after is None or self.waited + after > self.most_s:
+                    raise
+                log.info("Slack rate-limited the look-up (%s): it waits %d s, as Slack asks", method.__name__, after)
+                time.sleep(after)
+                self.waited += after
+
+
+def _retry_after(response: Any) -> int | None:
+    """A 429's Retry-After in seconds, None where it names none."""
+    headers = getattr(response, "headers", None) or {}
+    after = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
+    after = after[0] if isinstance(after, list) and after else after
+    return int(after) if isinstance(after, str) and after.strip().isdigit() else None
+
+
+def _channel_id(client: Any, name: str, deadline: float, limited: _RateLimited) -> str | None:
     """The ID of the channel ``name`` (``#`` or not; in any case: Slack's names are lower case)
     among those ``conversations.list`` shows, ``LOOKUP_PAGES`` pages at most; None where it is not
     among them."""
     name = name.removeprefix("#").lower()
     cursor = None
     for _ in range(LOOKUP_PAGES):
-        page = client.conversations_list(
-            types="public_channel,private_channel", exclude_archived=True, limit=LOOKUP_PAGE, cursor=cursor
+        page = limited(
+            client.conversations_list,
+            types="public_channel,private_channel",
+            exclude_archived=True,
+            limit=LOOKUP_PAGE,
+            cursor=cursor,
         )
         for c in page.get("channels") or []:
             if isinstance(c, dict) and str(c.get("name")).lower() == name and isinstance(c.get("id"), str):
                 return str(c["id"])
         cursor = (page.get("response_metadata") or {}).get("next_cursor")
-        if not cursor or time.monotonic() > deadline:
+        if not cursor or time.monotonic() - limited.waited > deadline:
             break
     return None
 

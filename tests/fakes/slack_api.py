@@ -7,7 +7,9 @@ field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`
 newest first, after ``oldest``, ``limit`` and ``cursor`` pages, the messages' metadata with
 ``include_all_metadata``) and ``conversations.list``, by GET or POST; each method refused
 ``missing_scope`` where the token lacks its scope (``scopes``). Answers ``{"ok": false, "error":
-...}`` as Slack does, and 429 with Retry-After (``rate_limited``) as Slack's rate limiter does.
+...}`` as Slack does, and 429 with Retry-After (``rate_limited``) as Slack's rate limiter does;
+``conversations.history`` limited as for a new non-Marketplace app (``history_most``,
+``history_every_s``).
 A channel posted to by name or ID exists (the first is ``C0ROLLOUT``), unless named in
 ``missing``.
 """
@@ -15,6 +17,7 @@ A channel posted to by name or ID exists (the first is ``C0ROLLOUT``), unless na
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -114,6 +117,11 @@ class FakeSlack:
         self.channels: dict[str, str] = {}  # ID -> name, of the channels posted to
         self.missing: set[str] = set()  # channel names or IDs that do not exist
         self.history: dict[str, list[dict[str, Any]]] = {}  # a channel's messages, oldest first
+        # conversations.history as Slack limits a non-Marketplace app made after May 2025: this many
+        # messages a page at most, one call in this many seconds (else 429, Retry-After the rest).
+        self.history_most = 999
+        self.history_every_s = 0.0
+        self._history_at = -1e9
         self._last_ts = 0.0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -172,7 +180,7 @@ class FakeSlack:
             for m in reversed(self.history.get(cid, []))
             if (oldest <= float(m["ts"]) if inclusive else oldest < float(m["ts"])) and float(m["ts"]) < latest
         ]
-        page = self._page(body, found, 999)
+        page = self._page(body, found, self.history_most)
         if isinstance(page, str):
             return {"ok": False, "error": page}
         messages, more, cursor = page
@@ -230,6 +238,15 @@ class FakeSlack:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _limited(self, retry_after: int) -> None:
+                data = json.dumps({"ok": False, "error": "ratelimited"}).encode()
+                self.send_response(429)
+                self.send_header("Retry-After", str(retry_after))
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def _cut(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -276,14 +293,7 @@ class FakeSlack:
                 slack.calls.append(call)
                 if slack.rate_limited:
                     slack.rate_limited -= 1
-                    data = json.dumps({"ok": False, "error": "ratelimited"}).encode()
-                    self.send_response(429)
-                    self.send_header("Retry-After", str(slack.retry_after))
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return None
+                    return self._limited(slack.retry_after)
                 if slack.cut:
                     return self._cut()
                 if slack.outage is not None:
@@ -327,6 +337,10 @@ class FakeSlack:
                     answer = {"ok": True, "channel": cid, "ts": message["ts"], "message": message}
                     return self._reply({**answer, **({"warning": warning} if warning else {})})
                 if method == "conversations.history":
+                    wait = slack._history_at + slack.history_every_s - time.monotonic()
+                    if wait > 0:
+                        return self._limited(math.ceil(wait))
+                    slack._history_at = time.monotonic()
                     answer = slack._history(body)
                     call["ok"] = answer["ok"]
                     return self._reply(answer)

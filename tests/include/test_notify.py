@@ -1155,3 +1155,37 @@ def test_a_report_for_a_channel_named_with_capitals_is_found_in_its_history(slac
     assert result["sent"] is True
     assert result.get("posted_before") is True
     assert len(slack.messages()) == 1
+
+
+def test_a_look_up_slack_rate_limits_waits_its_retry_after_and_posts_once(slack, tmp_path, monkeypatch):
+    """conversations.history is limited for a new non-Marketplace app to one call a minute of 15
+    messages: a look-up needing a second page got a 429 whose Retry-After (60 s) was longer than
+    the client's retries wait (30 s), and the report stayed waiting, each round failing the same
+    way. The look-up waits out Retry-After (within its time) and finds the post; a wait longer
+    than that keeps the report waiting, never posted a second time."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    monkeypatch.setattr(notify, "MAX_RETRY_AFTER_S", 1)  # (Slack's 60 s past the client's retries, here 2 s)
+    outbox = Folder(str(tmp_path / "outbox"))
+    _lost_answer(slack, outbox)
+    for i in range(3):
+        SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url).send(
+            rollback_message(SPEC, str(i))
+        )
+    slack.history_most, slack.history_every_s = 2, 2.0
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    monkeypatch.setattr(notify, "LOOKUP_WAIT_S", 1, raising=False)  # (a wait past the look-up's time: the report waits)
+    (result,) = send_waiting(outbox, client)
+    assert "ratelimited" in result["error"]
+    assert len(slack.messages()) == 4
+    monkeypatch.setattr(notify, "LOOKUP_WAIT_S", 60, raising=False)
+    slack._history_at = -1e9
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert result.get("posted_before") is True
+    assert len(slack.messages()) == 4
+    assert [c["method"] for c in slack.calls].count("conversations.history") >= 3  # (a 429 among them)
+    assert outbox.names() == []
