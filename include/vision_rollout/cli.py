@@ -998,7 +998,17 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         tried = {r["name"] for r in again}
         results += again + [{"name": n, "left": left, "retried": True} for n in wanted if n not in tried]
+    unsent = [r for r in results if "error" in r or "left" in r]
+    if unsent:
+        aside = sum(1 for r in unsent if r.get("refused") or r.get("retried"))
+        why = [f"{len(unsent) - aside} wait in the outbox"] if len(unsent) > aside else []
+        why += [f"{aside} set aside in {REFUSED}/"] if aside else []
+        failed = CommandError(
+            f"{len(unsent)} of {len(results)} report(s) not sent: {', '.join(why)}", {"results": results}
+        )
     if args.json:
+        if unsent:  # (one object, as every command's error under --json: main prints it)
+            raise failed
         print(json.dumps(results, indent=2))
     else:
         for r in results:
@@ -1020,7 +1030,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             )
         sent = sum(1 for r in results if r.get("sent"))
         print(f"{sent} of {len(results)} report(s) sent from {args.outbox}")
-    return ERROR if any("error" in r or "left" in r for r in results) else 0
+    if unsent:
+        raise failed
+    return 0
 
 
 def _found(flag: str, folder: Any) -> None:

@@ -2200,3 +2200,34 @@ def test_outbox_takes_its_folder_before_the_action_too(tmp_path, capsys, action)
     assert err.strip().splitlines()[-1].endswith("the following arguments are required: --outbox")
     code, out, err = run(capsys, "outbox", "list", "--json")
     assert (code, json.loads(out)) == (2, {"error": "the following arguments are required: --outbox", "exit": 2})
+
+
+def test_outbox_send_that_leaves_reports_unsent_answers_one_json_error_object(tmp_path, capsys):
+    """``outbox send --json`` whose reports Slack did not take exited 4 printing the bare list of
+    results, where every other command's error under --json is one object with ``error`` and
+    ``exit``: a script reading ``.error`` got nothing. It is that object, the results in it, and
+    the error's line on stderr."""
+    from tests.fakes.slack_api import FakeSlack
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import SlackNotifier, rollback_message
+    from vision_rollout.spec import RolloutSpec
+
+    outbox = tmp_path / "outbox"
+    for reason in ("first", "second"):
+        SlackNotifier("#model-rollouts", outbox=Folder(str(outbox))).send(
+            rollback_message(RolloutSpec.from_dict({}), reason)
+        )
+    slack = FakeSlack().start()
+    try:
+        token = tmp_path / "token"
+        token.write_text("xoxb-wrong\n")
+        args = ("outbox", "send", "--outbox", str(outbox), "--token-file", str(token), "--slack-url", slack.base_url)
+        code, out, err = run(capsys, *args, "--json")
+    finally:
+        slack.stop()
+    answer = json.loads(out)
+    assert code == 4
+    assert (answer["exit"], answer["error"]) == (4, "2 of 2 report(s) not sent: 2 wait in the outbox")
+    assert [("invalid_auth" in r["error"]) for r in answer["results"]] == [True, True]
+    assert err == f"rolloutctl outbox: error: {answer['error']}\n"
+    assert len(list(outbox.glob("*.json"))) == 2
