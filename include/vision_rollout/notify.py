@@ -655,6 +655,22 @@ def unsure(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, http.client.HTTPException))
 
 
+class UnreadableAnswer(http.client.HTTPException):
+    """An answer to a Slack call that is not Slack's (JSON that is no object, a post's ``ok``
+    without its channel and ts: a base URL that is not Slack's, a proxy): what became of the
+    call is unknown (``unsure``)."""
+
+
+def _slack_call(method: Callable[..., Any], **kwargs: Any) -> Any:
+    """``method`` (a WebClient's) called; an answer slack-sdk cannot read as an object (its
+    AttributeError) is ``UnreadableAnswer``."""
+    try:
+        return method(**kwargs)
+    except AttributeError as exc:
+        name = getattr(method, "__name__", "a call").replace("_", ".", 1)
+        raise UnreadableAnswer(f"{name}: not a Slack answer: its JSON is not an object ({exc})") from exc
+
+
 def _slack_failures() -> tuple[type[BaseException], ...]:
     """What a Slack call raises when Slack did not take it: slack-sdk's errors; an answer cut
     off mid-way, a status line that is not HTTP's (http.client's own); a base URL urllib cannot
@@ -743,13 +759,13 @@ class SlackNotifier:
         later round cannot find that post in the history, the report is not lost for it."""
         post = {"channel": self.channel, "text": mrkdwn(message.text), "blocks": message.blocks}
         try:
-            return self.client.chat_postMessage(**post, metadata=report_metadata(stem))
+            return _posted_answer(_slack_call(self.client.chat_postMessage, **post, metadata=report_metadata(stem)))
         except _slack_failures() as exc:
             code = _error_code(exc)
             if code not in METADATA_ERRORS:
                 raise
             log.warning("Slack refused report %s's metadata (%s): it is posted without its metadata", stem, code)
-        return self.client.chat_postMessage(**post)
+        return _posted_answer(_slack_call(self.client.chat_postMessage, **post))
 
     def upload_chart(self, posted: dict[str, Any], message: Message) -> dict[str, Any]:
         """The message's chart into the thread of its post (``posted``: its channel and ts):
@@ -758,7 +774,8 @@ class SlackNotifier:
         if not message.chart:
             return {}
         try:
-            self.client.files_upload_v2(
+            _slack_call(
+                self.client.files_upload_v2,
                 channel=posted["channel"],
                 thread_ts=posted["ts"],
                 content=message.chart,
@@ -795,6 +812,14 @@ class SlackNotifier:
             folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
         return {"outbox": folder.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+
+
+def _posted_answer(answer: Any) -> Any:
+    """chat.postMessage's answer, where it names the post's channel and ts; else
+    ``UnreadableAnswer``."""
+    if not (isinstance(answer.get("channel"), str) and isinstance(answer.get("ts"), str)):
+        raise UnreadableAnswer("chat.postMessage: not a Slack answer: an ok without the post's channel and ts")
+    return answer
 
 
 def _new_stem() -> str:
@@ -935,7 +960,7 @@ class _RateLimited:
 
         while True:
             try:
-                return method(**kwargs)
+                return _slack_call(method, **kwargs)
             except SlackApiError as exc:
                 after = _retry_after(exc.response) if getattr(exc.response, "status_code", 0) == 429 else None
                 if after is None or self.waited + after > self.most_s:

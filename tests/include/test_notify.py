@@ -1189,3 +1189,30 @@ def test_a_look_up_slack_rate_limits_waits_its_retry_after_and_posts_once(slack,
     assert len(slack.messages()) == 4
     assert [c["method"] for c in slack.calls].count("conversations.history") >= 3  # (a 429 among them)
     assert outbox.names() == []
+
+
+@pytest.mark.parametrize("answer", [b"[1, 2]", b'"ok"', b'{"ok": true}', b'{"ok": true, "channel": 5}'])
+def test_an_answer_that_is_no_slack_object_keeps_the_report_and_fails_no_round(slack, tmp_path, answer):
+    """A base URL that is not Slack's, a proxy answering 200 with JSON that is no object (or an
+    ``ok`` without the post's channel and ts): slack-sdk's AttributeError escaped, the new report
+    was lost (not in the outbox) and a round sending the outbox stopped at it; an ``ok`` without
+    them was taken for a post. Each is an answer that could not be read, the report kept as
+    maybe posted (looked for first), the round going on."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.outage, slack.outage_body = 200, answer
+    result = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "unreadable", chart=b"\x89PNG chart")
+    )
+    assert "not a Slack answer" in result["slack_error"]
+    (waiting,) = waiting_reports(outbox)
+    assert waiting.maybe_posted is not None
+    results = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert [("not a Slack answer" in r.get("error", "")) for r in results] == [True]
+    assert len(waiting_reports(outbox)) == 1
+    slack.outage = None
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert (result["sent"], result["chart"]) == (True, True)
