@@ -1260,18 +1260,14 @@ def _send_claimed(
         return {"name": name, "skipped": "sent meanwhile by another sender"}
     if message is None:
         return {"name": name, "error": found.problem}
-    chart = None
-    if found.chart:
-        try:
-            chart = outbox.read_within(found.chart, MAX_CHART_BYTES)
-        except FileNotFoundError:
-            pass
-    notifier = SlackNotifier(found.channel, client=client)
     mark = stem + POSTED
     try:
-        sent = _posted(outbox.read_within(mark, MAX_MARK_BYTES))
-    except FileNotFoundError:
-        sent = None
+        chart = _read_if_there(outbox, found.chart, MAX_CHART_BYTES) if found.chart else None
+        raw = _read_if_there(outbox, mark, MAX_MARK_BYTES)
+    except (TooLarge, NotAFile) as exc:  # (this report's: the others are sent all the same)
+        return {"name": name, "error": f"not a report: {one_line(str(exc))[:400]}"}
+    sent = _posted(raw) if raw is not None else None
+    notifier = SlackNotifier(found.channel, client=client)
     tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
@@ -1308,6 +1304,14 @@ def _send_claimed(
     outbox.delete(name)
     outbox.delete(mark)
     return {"name": name, "sent": True, **sent}
+
+
+def _read_if_there(folder: Folder, name: str, limit: int) -> bytes | None:
+    """``name`` in ``folder``, ``limit`` bytes at most; None where it is not there."""
+    try:
+        return folder.read_within(name, limit)
+    except FileNotFoundError:
+        return None
 
 
 def _holds(outbox: Folder, name: str, claim: str) -> bool:

@@ -1216,3 +1216,36 @@ def test_an_answer_that_is_no_slack_object_keeps_the_report_and_fails_no_round(s
     slack.outage = None
     (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
     assert (result["sent"], result["chart"]) == (True, True)
+
+
+@pytest.mark.parametrize("what", ["chart too large", "chart a folder", "mark a folder"])
+def test_a_reports_chart_or_mark_that_cannot_be_read_fails_that_report_not_the_round(
+    slack, tmp_path, monkeypatch, what
+):
+    """A waiting report's chart or ``.posted`` mark over its size or not a regular file (a folder,
+    a pipe): its TooLarge or NotAFile escaped the round, so no report after it was sent, and the
+    hourly audit, which sends the outbox first, failed every run. That report's line names the
+    file; the others are sent."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "first", chart=b"\x89PNG chart"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "second"))
+    stem = outbox.names()[0].rsplit(".", 1)[0]
+    if what == "chart too large":
+        monkeypatch.setattr(notify, "MAX_CHART_BYTES", 4)
+    elif what == "chart a folder":
+        (tmp_path / "outbox" / f"{stem}.png").unlink()
+        (tmp_path / "outbox" / f"{stem}.png").mkdir()
+    else:
+        (tmp_path / "outbox" / f"{stem}.posted").mkdir()
+    first, second = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert first["error"].startswith("not a report: ")
+    assert str(tmp_path / "outbox" / stem) in first["error"]
+    assert "channel" not in first
+    assert second["sent"] is True
+    assert [m["text"] for m in slack.messages()] == ["Rolled back digits v3: second"]
+    assert f"{stem}.json" in outbox.names()
