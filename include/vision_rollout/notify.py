@@ -629,26 +629,33 @@ def refusal(exc: BaseException) -> str | None:
     return code if code in PERMANENT_ERRORS else None
 
 
+# Slack's own failures it answers with HTTP 200 and ok:false (its methods' common errors): a later
+# try may succeed; after the first two "it's possible some aspect of the operation succeeded".
+MAYBE_DONE_ERRORS = frozenset({"internal_error", "fatal_error"})
+TRANSIENT_ERRORS = MAYBE_DONE_ERRORS | {"service_unavailable", "ratelimited", "request_timeout"}
+
+
 def temporary(exc: BaseException) -> bool:
     """Whether a later try may succeed where this Slack call failed: the network (a refused or
-    dropped connection, a timeout, an upload URL's 5xx), or Slack answering 5xx or 429."""
+    dropped connection, a timeout, an upload URL's 5xx), or Slack answering 5xx or 429, or one of
+    its own transient errors (``TRANSIENT_ERRORS``)."""
     from slack_sdk.errors import SlackApiError
 
     if isinstance(exc, SlackApiError):
         status = getattr(exc.response, "status_code", 0) or 0
-        return status >= 500 or status == 429
+        return status >= 500 or status == 429 or _error_code(exc) in TRANSIENT_ERRORS
     return isinstance(exc, (OSError, http.client.HTTPException))
 
 
 def unsure(exc: BaseException) -> bool:
     """Whether Slack may have taken a post that failed so: its answer lost (cut off, a timeout, a
-    dropped connection, a gateway's 5xx); not where Slack answered itself (its error, a 429), nor
+    dropped connection, a gateway's 5xx), Slack's ``MAYBE_DONE_ERRORS``; not where Slack answered itself (its error, a 429), nor
     where nothing reached it (a connection refused, a name not resolved, a header the client
     refused)."""
     from slack_sdk.errors import SlackApiError
 
     if isinstance(exc, SlackApiError):
-        return (getattr(exc.response, "status_code", 0) or 0) >= 500
+        return (getattr(exc.response, "status_code", 0) or 0) >= 500 or _error_code(exc) in MAYBE_DONE_ERRORS
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
         return False

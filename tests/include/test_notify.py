@@ -1249,3 +1249,35 @@ def test_a_reports_chart_or_mark_that_cannot_be_read_fails_that_report_not_the_r
     assert second["sent"] is True
     assert [m["text"] for m in slack.messages()] == ["Rolled back digits v3: second"]
     assert f"{stem}.json" in outbox.names()
+
+
+@pytest.mark.parametrize(
+    ("error", "maybe"), [("internal_error", True), ("fatal_error", True), ("service_unavailable", False)]
+)
+def test_slacks_own_transient_errors_keep_the_report_and_its_chart_for_a_later_round(slack, tmp_path, error, maybe):
+    """Slack answers some failures of its own with HTTP 200 and ok:false: ``internal_error`` and
+    ``fatal_error`` ("it's possible some aspect of the operation succeeded"), ``service_unavailable``.
+    They were taken as Slack's refusal: a post so failed was sent again without looking for it
+    (twice in the channel where it had landed), and a chart so failed was dropped for good. A post
+    that may have landed is now looked for first; a chart so failed waits for a later round."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    notifier = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    slack.refuse = {"chat.postMessage": error}
+    notifier.send(rollback_message(SPEC, "post"))
+    (waiting,) = waiting_reports(outbox)
+    assert (waiting.maybe_posted is not None) == maybe
+    slack.refuse = {"files.completeUploadExternal": error}
+    result = notifier.send(rollback_message(SPEC, "chart", chart=b"\x89PNG chart"))
+    assert error in result["chart_error"]
+    assert len(waiting_reports(outbox)) == 2  # (the chart waits with its report's mark)
+    slack.refuse = {}
+    results = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert [r["sent"] for r in results] == [True, True]
+    assert results[1]["chart"] is True
+    assert [c["method"] for c in slack.calls].count("conversations.history") == (1 if maybe else 0)
+    assert [m["text"] for m in slack.messages()] == ["Rolled back digits v3: chart", "Rolled back digits v3: post"]
+    assert outbox.names() == []
