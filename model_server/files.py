@@ -135,7 +135,11 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and root path for a folder path, ``file://`` or ``s3://`` URI.
 
     On S3, ``allow_delayed_open`` unless the URI says otherwise: with it, pyarrow sends an object
-    smaller than its part size as one PUT (without it, always as a multipart upload).
+    smaller than its part size as one PUT (without it, always as a multipart upload). And its
+    requests wait ``CONNECT_TIMEOUT_S`` to connect and ``READ_TIMEOUT_S`` for the next bytes, as
+    boto3's do: pyarrow's own (about 30 s, tried three times) held a read of a store that accepts
+    and never answers for about 100 s a request. Not under ``tls_verify_certificates``, which
+    pyarrow takes from a URI only (its own waits then).
     """
     import pyarrow.fs as pafs  # (numpy with it: not at a DAG file's parse)
 
@@ -145,6 +149,9 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     if text.startswith("s3://") and "allow_delayed_open=" not in text:
         text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
     fs, path = pafs.FileSystem.from_uri(text)
+    if isinstance(fs, pafs.S3FileSystem) and "tls_verify_certificates" not in dict(parse_qsl(urlsplit(text).query)):
+        rebuild, (options,) = fs.__reduce__()  # (what the URI set, the region it resolved; pickle's way)
+        fs = rebuild({**options, "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S})
     return fs, path.rstrip("/")
 
 

@@ -1689,3 +1689,39 @@ def test_a_folder_of_many_unreadable_files_logs_a_few_lines_not_one_a_file(tmp_p
     lines = [r for r in caplog.records if "skipped" in r.getMessage()]
     assert len(lines) == predictionlog.LOGGED_SKIPS + 1
     assert f"and {50 - predictionlog.LOGGED_SKIPS} more prediction log files" in lines[-1].getMessage()
+
+
+@pytest.mark.timeout(90)
+def test_a_log_file_the_store_never_answers_for_is_skipped_after_a_few_short_tries(s3, tmp_path, monkeypatch):
+    """pyarrow's S3 client waited about 30 s for an answer, three times (about 100 s a request),
+    on a store that lists and then never answers a file's read: each file of a gate's or an
+    audit's read held it that long, past any deadline (one only keeps reads from beginning).
+    Its requests wait ``READ_TIMEOUT_S`` for bytes (``CONNECT_TIMEOUT_S`` to connect), as
+    boto3's do: the file is skipped, named unreadable, and the read goes on."""
+    import threading
+
+    from model_server import files as model_files
+    from tests.support.s3proxy import s3_proxy
+
+    prefix = f"log-{time.time_ns()}"
+    w = writer(tmp_path, s3.uri(prefix))
+    w.append(primary())
+    assert w.flush() == 2
+    monkeypatch.setattr(model_files, "READ_TIMEOUT_S", 0.5)
+    released = threading.Event()
+
+    def stall_reads(seen):
+        if seen.method in ("GET", "HEAD") and "part-" in seen.path:
+            released.wait(120)
+        return None
+
+    with s3_proxy(s3.port) as proxy:
+        proxy.before = stall_reads
+        try:
+            df = read(proxy.uri(BUCKET, prefix), *window())
+        finally:
+            released.set()
+    (reason,) = df.attrs["skipped_file_reasons"].values()
+    assert reason.startswith("unreadable")
+    assert "Timeout" in reason
+    assert len(df) == 0
