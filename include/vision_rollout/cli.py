@@ -1,7 +1,8 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
   rolloutctl gate --samples FILE [--look K --looks N] [--set key=value ...] [--json]
-  rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--json]
+  rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
+                   [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
   rolloutctl mesh get --backend local --url URL --model M [--token-file F]   (the policy in effect, JSON)
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F] [--lock-dir DIR]
@@ -121,6 +122,7 @@ def _value(key: str, text: str) -> Any:
         raise UsageError(f"--set {key[:64]}: nested too deep to read") from None
 
 
+MAX_AUDIT_BUDGET_S = 86400.0  # rolloutctl audit --budget-s at most: a day
 MAX_SINCE = timedelta(days=3660)  # ten years of prediction log: far more than any audit reads
 
 
@@ -322,10 +324,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import CHART, REPORT, audit, report_files, write_report
+    from vision_rollout.audit import CHART, MAX_AUDIT_S, REPORT, audit, report_files, write_report
 
     end = datetime.now(UTC)
     since = _since(args.since)
+    budget = MAX_AUDIT_S if args.budget_s is None else args.budget_s
+    if not 0 <= budget <= MAX_AUDIT_BUDGET_S:
+        raise UsageError(f"--budget-s: 0 to {MAX_AUDIT_BUDGET_S:g} seconds, not {budget:g}")
     # A report already in --out: a SKIP's report.md was written beside the earlier audit's chart
     # and anomalies, which a reviewer took for this one's. Refused, or with --overwrite replaced
     # whole (the earlier report's files this one does not have removed, on this machine's disk).
@@ -345,7 +350,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if present and not args.overwrite:
         raise UsageError(f"--out {args.out} holds a report already: give a new folder, or --overwrite to replace it")
     try:
-        result = audit(args.prediction_log, end - since, end, args.model)
+        result = audit(args.prediction_log, end - since, end, args.model, max_seconds=budget)
     except ArrowInvalid as exc:
         raise UsageError(f"--prediction-log: not a prediction log: {exc}") from None
     except OSError as exc:  # (pyarrow's errors reading an object store are OSErrors)
@@ -360,6 +365,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"the report cannot be written to {args.out}: {exc}") from None
         print(f"report: {where[REPORT]}", file=sys.stderr)
+    if result.out_of_time:
+        print(
+            f"the audit's reads ran out of their {budget:g} s (--budget-s) before the log's files of the range "
+            "were all read: give a larger --budget-s, or a shorter --since",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -1396,6 +1407,12 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--model", type=_model)
     a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
     a.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    a.add_argument(
+        "--budget-s",
+        type=float,
+        help="begin no read of the log after this many seconds: the range is then inconclusive, the files left "
+        "named (default 480, the hourly audit's: MAX_AUDIT_S)",
+    )
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)
     m = sub.add_parser("mesh", help="render, read or apply a traffic policy")

@@ -207,6 +207,26 @@ def test_audit_command(tmp_path, capsys):
         assert (code, json.loads(out)) == (2, {"error": f"--out {out_at}: not a folder", "exit": 2}), err
 
 
+def test_the_audits_reading_time_is_the_users_to_set_and_a_budget_spent_is_said(tmp_path, capsys):
+    """The audit's reads stop beginning after MAX_AUDIT_S (480 s), which a user could not change:
+    a week of a busy log ended inconclusive naming a constant. ``--budget-s`` sets it (default
+    480 s); one spent leaves the audit inconclusive (exit 3), its reason and a line on stderr
+    saying so and what to give. A budget that is no number of seconds is a usage error."""
+    log = shadow_log(tmp_path, 200, disagree=0.0)
+    code, out, err = run(capsys, "audit", "--prediction-log", str(log), "--budget-s", "0")
+    assert code == 3
+    assert out.startswith("INCONCLUSIVE")
+    assert "at most 0 s" in out
+    assert "--budget-s" in err
+    code, out, err = run(capsys, "audit", "--prediction-log", str(log), "--budget-s", "60")
+    assert (code, err) == (0, "")
+    assert out.startswith("PASS")
+    for bad in ("-1", "nan", "inf", "86401"):
+        code, out, err = run(capsys, "audit", "--prediction-log", str(log), "--budget-s", bad)
+        assert (code, out) == (2, ""), bad
+        assert "--budget-s" in err
+
+
 def test_an_overwritten_report_cut_short_leaves_no_earlier_report_md_beside_it(tmp_path, capsys, monkeypatch):
     """report.md is written last; with --overwrite the earlier one stayed until then, so a write
     that failed (a full disk, a kill) left the earlier audit's report.md beside this one's
