@@ -69,6 +69,10 @@ WRITE_S = 3.0  # and a flush's write (settle_time)
 # a slow store or a stage of very many files ran a poke past its lease (``LEASE_S``, 300 s). What
 # it read is kept for the next poke (the stage's cache), and nothing is judged on part of it.
 POKE_READ_S = 120.0
+# What a poke's read of the stage's records may hold in memory (Arrow tables, the stage cache's
+# parts counted in): a busy stage's hours of records ran the worker out of memory, poke after
+# poke. The files beyond are left unread, and nothing is judged on part of the records.
+MAX_POKE_BYTES = 2 * 1024**3
 CLOCK_SKEW_S = 5.0  # how far the model servers' clocks may be behind the workers'
 MAX_FLUSH_S = 60.0  # the longest flush interval settle_time believes a model server reports
 
@@ -384,7 +388,7 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
 
 
 def read_in_part(records: pd.DataFrame) -> str | None:
-    """What a read cut short by its time left of the stage's records (``read``'s
+    """What a read cut short by its time or its memory bound left of the stage's records (``read``'s
     ``unread_files``, ``unlisted_folders``), or the hour folders it listed in part as holding
     more files than it lists (``crowded_folders``), as a sentence; None when nothing was left."""
     from model_server.predictionlog import MAX_LISTED_FILES
@@ -400,6 +404,11 @@ def read_in_part(records: pd.DataFrame) -> str | None:
         return None
     listed = files + attrs.get("files_read", 0) + len(attrs.get("skipped_file_reasons") or {})
     unlisted = f" and {folders} of its hour folders not listed" if folders else ""
+    if not attrs.get("out_of_time"):
+        return (
+            f"{files} of {listed} prediction log files of the stage not read within the poke's memory bound "
+            f"(MAX_POKE_BYTES, {MAX_POKE_BYTES:,} bytes of records: a stage of very many records)"
+        )
     return (
         f"{files} of {listed} prediction log files of the stage not read{unlisted} within the poke's "
         f"{POKE_READ_S:g} s (POKE_READ_S: a slow store, or very many files); those read are kept for the "
@@ -428,7 +437,8 @@ def judge_stage(
     schema, unreadable by this worker) leave their records out of the evidence, the looks are
     still judged, and one that fails ends the stage (a failure needs no guard: a canary failing
     every request has no P99); nothing passes meanwhile. While files of the stage were left
-    unread, or hour folders unlisted, by the read's time (``POKE_READ_S``), or hour folders
+    unread, or hour folders unlisted, by the read's time (``POKE_READ_S``) or its memory bound
+    (``MAX_POKE_BYTES``), or hour folders
     listed in part (``MAX_LISTED_FILES``: ``read_in_part``),
     no look is judged: the records read are a part chosen by the order of the files' names (by
     pod), no sample of the stage's; a hard guard's breach still ends it."""
@@ -985,6 +995,7 @@ class StageJudge:
     token: str | None = field(default=None, repr=False)  # the model server's admin token (log_elsewhere)
     read_s: float = POKE_READ_S  # a poke's read of the log begins no listing nor file after this (by read_clock)
     read_clock: Callable[[], float] = time.monotonic
+    read_bytes: int = MAX_POKE_BYTES  # what a poke's read of the log may hold in memory (Arrow tables)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -1025,7 +1036,15 @@ class StageJudge:
         deadline, clock = self.read_clock() + self.read_s, self.read_clock
         if self.cache is not None:
             return stage_records(
-                self.cache, self.prediction_log, start, end, self.spec.model, GATE_COLUMNS, deadline, clock
+                self.cache,
+                self.prediction_log,
+                start,
+                end,
+                self.spec.model,
+                GATE_COLUMNS,
+                deadline,
+                clock,
+                max_bytes=self.read_bytes,
             )
         return read(
             self.prediction_log,
@@ -1034,6 +1053,7 @@ class StageJudge:
             model=self.spec.model,
             columns=GATE_COLUMNS,
             written=True,
+            max_bytes=self.read_bytes,
             deadline=deadline,
             clock=clock,
         )

@@ -82,10 +82,19 @@ class _Part:
     files: Files
 
 
-def _read_part(stage: Folder, cache: str, part: str, schema: pa.Schema) -> _Part:
+class _NoRoom(Exception):
+    """A part whose records would take more than what is left of the read's memory bound."""
+
+
+def _read_part(stage: Folder, cache: str, part: str, schema: pa.Schema, room: int | None = None) -> _Part:
     """The part's records and files; FileNotFoundError when it is gone, ValueError (or pyarrow's)
-    when it is torn or not this stage's."""
+    when it is torn or not this stage's, _NoRoom when its records (by its footer) take more than
+    ``room`` bytes (None: no bound)."""
     data = stage.read_within(part, MAX_BYTES)
+    if room is not None:
+        meta = pq.read_metadata(io.BytesIO(data))
+        if sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) > room:
+            raise _NoRoom(part)
     table = pq.read_table(io.BytesIO(data))
     meta = json.loads((table.schema.metadata or {})[_META])
     files = [(str(p), int(n), int(m)) for p, n, m in meta["files"]]
@@ -95,9 +104,10 @@ def _read_part(stage: Folder, cache: str, part: str, schema: pa.Schema) -> _Part
     return _Part(part, len(data), table, files)
 
 
-def _load(stage: Folder, cache: str, schema: pa.Schema) -> tuple[list[_Part], list[str]]:
+def _load(stage: Folder, cache: str, schema: pa.Schema, max_bytes: int | None = None) -> tuple[list[_Part], list[str]]:
     """The stage's parts that read as its own, and the names of those that do not; none of a
-    folder that cannot be listed."""
+    folder that cannot be listed. With ``max_bytes``, the parts whose records fit in it together
+    (those beyond are read as none, left alone: their files are the log's to read)."""
     parts: list[_Part] = []
     bad: list[str] = []
     try:
@@ -106,9 +116,10 @@ def _load(stage: Folder, cache: str, schema: pa.Schema) -> tuple[list[_Part], li
         log.warning("log cache %s not used: %s", cache, str(exc)[:300])
         return parts, bad
     for part in names:
+        room = None if max_bytes is None else max_bytes - sum(p.table.nbytes for p in parts)
         try:
-            parts.append(_read_part(stage, cache, part, schema))
-        except FileNotFoundError:  # (merged by another poke since the listing)
+            parts.append(_read_part(stage, cache, part, schema, room))
+        except (FileNotFoundError, _NoRoom):  # (merged by another poke since the listing; no room)
             continue
         except OSError as exc:  # (the store refusing now: read as none, left alone)
             log.warning("log cache part %s/%s not used: %s", cache, part, str(exc)[:300])
@@ -241,19 +252,33 @@ def stage_records(
     columns: Sequence[str],
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_bytes: int | None = None,
 ) -> pd.DataFrame:
-    """``read(uri, start, end, model, columns, written=True, deadline=deadline, clock=clock)``,
-    reading only the files the stage's cache in ``folder`` does not cover (those read before a
-    deadline cut a poke's read short are covered for the next poke); ``attrs["files_opened"]``:
-    the files read now. OSError when the log cannot be listed; a cache that cannot be read or
-    written costs a full read, nothing more."""
+    """``read(uri, start, end, model, columns, written=True, max_bytes=max_bytes,
+    deadline=deadline, clock=clock)``, reading only the files the stage's cache in ``folder``
+    does not cover (those read before a deadline or ``max_bytes`` cut a poke's read short are
+    covered for the next poke; the cache's parts are counted in ``max_bytes``: those beyond it
+    are not read, their files the log's to read); ``attrs["files_opened"]``: the files read
+    now. OSError when the log cannot be listed; a cache that cannot be read or written costs a
+    full read, nothing more."""
     cache = name(uri, model, start, columns)
     stage = folder / cache
     schema = read_schema(columns, written=True)
-    parts, bad = _load(stage, cache, schema)
+    parts, bad = _load(stage, cache, schema, max_bytes)
     covered = _covered(parts)
+    room = None if max_bytes is None else max(0, max_bytes - sum(p.table.nbytes for p in parts))
     _, listed, results = read_files(
-        uri, start, _NEVER, model, columns, written=True, done=covered, listed_until=end, deadline=deadline, clock=clock
+        uri,
+        start,
+        _NEVER,
+        model,
+        columns,
+        written=True,
+        done=covered,
+        listed_until=end,
+        max_bytes=room,
+        deadline=deadline,
+        clock=clock,
     )
     new = [(r.path, r.table, r.malformed) for r in results if r.table is not None]
     if new:

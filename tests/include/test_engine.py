@@ -1448,3 +1448,34 @@ def test_a_poke_on_a_slow_store_reads_for_its_time_and_judges_nothing_on_a_part(
     assert (states[-1].status, states[-1].look, states[-1].reason) == (whole.status, whole.look, whole.reason)
     assert len(states) > 2  # (a poke's time each, not one read of the stage)
     assert store.opened == 40
+
+
+@pytest.mark.parametrize("through", ["log", "cache"])
+def test_a_poke_holds_the_stage_records_it_reads_to_its_memory_bound(tmp_path, monkeypatch, through):
+    """A poke read every record of the stage into memory whatever their size (the log whole,
+    or the stage's cache parts all concatenated, then the files they did not cover): a busy
+    stage's hours of records ran the worker out of memory, killed and retried, poke after poke.
+    Its reads are held to ``read_bytes`` (``MAX_POKE_BYTES``), the cache's parts counted in:
+    the files beyond are left unread, counted, and no look is judged on the part read (the
+    stage holds, naming the bound), as under a poke's time."""
+    from vision_rollout import engine
+
+    t0 = one_hours_t0()
+    window = StageWindow(0, 50, t0)
+    [pod] = writers(tmp_path, "pod-a")
+    for second in range(0, 40, 2):
+        flush_at(pod, traffic(t0, second), t0 + second + 2)
+    full, cached = cached_judges(tmp_path, monkeypatch)
+    judge = cached if through == "cache" else full
+    whole = judge.records(window, t0 + 95)  # (through the cache: its parts written, the bound not yet in force)
+    assert whole.attrs["unread_files"] == 0
+    assert len(whole) > 700
+    monkeypatch.setattr(judge, "read_bytes", 4096, raising=False)  # (a file's records take more)
+    monkeypatch.setattr(engine, "MAX_POKE_BYTES", judge.read_bytes, raising=False)
+    part = judge.records(window, t0 + 95)
+    assert part.attrs["unread_files"] > 0
+    assert not part.attrs["out_of_time"]
+    assert len(part) < len(whole)
+    held = judge(window, t0 + 95)
+    assert (held.status, held.look) == ("waiting", 0), held.reason
+    assert "not read within the poke's memory bound" in held.reason
