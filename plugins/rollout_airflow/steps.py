@@ -679,7 +679,7 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     through_mesh = ModelServerAdmin(serving_url, settings.token)
     started = datetime.now(UTC)
     sent: list[str] = []
-    deadline, next_probe = time.monotonic() + PROBE_WINDOW_S, 0.0
+    deadline, next_probe, unread = time.monotonic() + PROBE_WINDOW_S, 0.0, 0
     while time.monotonic() < deadline:
         if not sent or (istio and time.monotonic() >= next_probe):
             next_probe = time.monotonic() + PROBE_EVERY_S
@@ -704,7 +704,10 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             model=spec.model,
             columns=["request_id", "role", "meta"],
             roles=["shadow"],
+            deadline=deadline,  # (a slow store: no file begun past the window, by the window's clock)
+            clock=time.monotonic,
         )
+        unread = df.attrs["unread_files"] + df.attrs["unlisted_folders"]
         rows = df[df["request_id"].isin(sent)]
         if len(rows):
             meta = rows["meta"].iloc[0] or ""
@@ -714,9 +717,15 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             return {"mirror": policy.mirror.version, "probe": rid, "masked": json.loads(meta)["x-meta-probe"]}
         time.sleep(0.5)
     named = ", ".join(sent[:5]) + (f" and {len(sent) - 5} more" if len(sent) > 5 else "")
+    in_part = (
+        f" (read in part: {unread} of its files or hour folders not read within the probe's {PROBE_WINDOW_S} s, "
+        "a slow store or very many files)"
+        if unread
+        else ""
+    )
     raise AirflowFailException(
         f"no shadow copy of the {len(sent)} probe(s) ({named}, mirrored {policy.mirror.percent:g}%) reached the "
-        f"prediction log {settings.prediction_log} in {PROBE_WINDOW_S} s"
+        f"prediction log {settings.prediction_log} in {PROBE_WINDOW_S} s{in_part}"
     )
 
 

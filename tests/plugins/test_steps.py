@@ -2705,3 +2705,46 @@ def test_the_hourly_audit_reads_the_mirror_share_over_time_from_a_real_prometheu
         assert steps.mirror_shares("mnist", end - timedelta(hours=1), end) is None  # (no such series)
     finally:
         prom.stop()
+
+
+@pytest.mark.integration
+def test_the_masking_probe_looks_for_its_copy_no_longer_than_its_window(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """enable_shadow read the prediction log for the probe's copy with no deadline: on a slow
+    store (here 10 s a file), each look read every file of the minutes around the probe, however
+    long that took, the window (30 s) checked only between reads, and the task ran on until
+    Airflow's execution timeout. Its reads begin no file once the window is spent, and the
+    failure says the log was read in part."""
+    import time
+    import types
+    from datetime import UTC, datetime
+
+    from model_server import predictionlog
+    from tests.support import SlowStore
+
+    validation = repo_copy / "digits" / "validation"
+    validation.mkdir()
+    rows = (models_dir / "digits" / "validation" / "labels.csv").read_text().splitlines()[:2]
+    (validation / "labels.csv").write_text("\n".join(rows) + "\n")
+    name = rows[1].split(",")[0]
+    (validation / name).write_bytes((models_dir / "digits" / "validation" / name).read_bytes())
+    log = tmp_path / "log"
+    log.mkdir()
+    s = server_factory(repo_copy, "--prediction-log", str(log), token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repo_copy), "prediction_log": str(log)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    report = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", report, report["sha256"])
+    now = datetime.now(UTC)
+    hour = log / "model=digits" / f"dt={now:%Y-%m-%d}" / f"hour={now:%H}"
+    hour.mkdir(parents=True)
+    for i in range(40):  # (other writers' files of the probe's minutes, read before the server's by name)
+        (hour / f"part-aaa-{now:%Y%m%dT%H%M%S}Z-{i:012x}.parquet").write_bytes(b"not parquet")
+    store = SlowStore(time.monotonic(), per_file=10.0)
+    monkeypatch.setattr(predictionlog, "filesystem", store.filesystem)
+    monkeypatch.setattr(steps, "time", types.SimpleNamespace(monotonic=store.clock, sleep=store.sleep, time=time.time))
+    with pytest.raises(AirflowFailException, match=r"no shadow copy .* not read within the probe's 30 s"):
+        steps.enable_shadow(PARAMS, "run-a")
+    assert store.opened < 40
