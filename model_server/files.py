@@ -139,7 +139,9 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     requests wait ``CONNECT_TIMEOUT_S`` to connect and ``READ_TIMEOUT_S`` for the next bytes, as
     boto3's do: pyarrow's own (about 30 s, tried three times) held a read of a store that accepts
     and never answers for about 100 s a request. Not under ``tls_verify_certificates``, which
-    pyarrow takes from a URI only (its own waits then).
+    pyarrow takes from a URI only (its own waits then). On GCS, ``retry_limit_seconds``
+    (``GCS_RETRY_LIMIT_S``) unless the URI says otherwise: pyarrow's client retried a call it
+    could not make (no credentials reachable, a store not answering) for 15 minutes.
     """
     import pyarrow.fs as pafs  # (numpy with it: not at a DAG file's parse)
 
@@ -148,6 +150,8 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), Path(text).resolve().as_posix()
     if text.startswith("s3://") and "allow_delayed_open=" not in text:
         text += ("&" if "?" in text else "?") + "allow_delayed_open=true"
+    if text.startswith(("gs://", "gcs://")) and "retry_limit_seconds=" not in text:
+        text += ("&" if "?" in text else "?") + f"retry_limit_seconds={GCS_RETRY_LIMIT_S:g}"
     fs, path = pafs.FileSystem.from_uri(text)
     if isinstance(fs, pafs.S3FileSystem) and "tls_verify_certificates" not in dict(parse_qsl(urlsplit(text).query)):
         rebuild, (options,) = fs.__reduce__()  # (what the URI set, the region it resolved; pickle's way)
@@ -162,6 +166,7 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
 ATTEMPTS = 3  # (boto3's "standard" retries: throttling and 5xx answers too, with backoff)
+GCS_RETRY_LIMIT_S = 30.0  # how long pyarrow's GCS client retries a call (a request that stalls waits on, 2 min)
 
 
 @functools.cache

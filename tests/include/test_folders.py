@@ -562,3 +562,23 @@ def test_what_is_no_regular_file_at_a_guard_files_name_is_refused_naming_it(tmp_
     folder.write_if("other.json", b"{}", None)
     assert folder.read("other.json") == b"{}"
     FileLock("mnist", tmp_path).acquire("run-a")
+
+
+@pytest.mark.timeout(120)
+def test_a_gcs_store_that_cannot_be_reached_is_given_up_on_within_its_retry_limit(monkeypatch, tmp_path):
+    """pyarrow's GCS client retries a call it cannot make (no credentials reachable, an endpoint
+    that never answers) for 15 minutes by default (google-cloud-cpp's retry policy): a gs://
+    run folder's or prediction log's read held its task that long. ``filesystem`` gives a gs://
+    URI ``retry_limit_seconds`` (``GCS_RETRY_LIMIT_S``) unless it sets its own: the call raises
+    OSError once it is spent."""
+    from model_server import files
+
+    monkeypatch.setattr(files, "GCS_RETRY_LIMIT_S", 2.0, raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # (the credentials' server: none answers)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no gcloud user credentials)
+    folder = Folder("gs://bucket/run?endpoint_override=127.0.0.1:9&scheme=http")
+    with pytest.raises(OSError, match="Retry policy exhausted"):
+        folder.read("record.json")
+    fs, _ = files.filesystem("gs://bucket/run?retry_limit_seconds=7")
+    assert fs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == 7
