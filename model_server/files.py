@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -157,6 +159,22 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
         rebuild, (options,) = fs.__reduce__()  # (what the URI set, the region it resolved; pickle's way)
         fs = rebuild({**options, "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S})
     return fs, path.rstrip("/")
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """pyarrow's error of an object store's call that is neither an OSError nor a ValueError
+    (``ArrowInvalid``: a URI it does not read) as an OSError: GCS's permanent failures of
+    google-cloud-cpp's UNKNOWN status (a credentials file it cannot load) come as a bare
+    ``ArrowException``, which every "the store cannot be read" missed."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except pa.ArrowException as exc:
+        if isinstance(exc, (OSError, ValueError)):
+            raise
+        raise OSError(str(exc).split(" error_info=", 1)[0][:800]) from None
 
 
 # The S3 client of boto3 (conditional writes, one-GET reads, paged listings: what pyarrow's

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from model_server import metrics
 from model_server.errors import MaskingUnavailable
-from model_server.files import filesystem, s3_client, write_private
+from model_server.files import filesystem, s3_client, store_errors, write_private
 from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
 
@@ -764,7 +764,8 @@ UNLISTED = "not listed: the read's time (deadline) was spent"
 
 
 def _list(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
-    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    with store_errors():
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
 
 
 # The files of one hour folder a read lists, at most (an hour of 10 pods flushing every 2 s is

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
-from model_server.files import filesystem, folder_problem, s3_client, write_private
+from model_server.files import filesystem, folder_problem, s3_client, store_errors, write_private
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -138,7 +138,7 @@ class Folder:
             write_private(path / name, data)
             return str(path / name)
         fs, key = self._key(name)
-        with fs.open_output_stream(key) as out:
+        with store_errors(), fs.open_output_stream(key) as out:
             out.write(data)
         return self._location(name)
 
@@ -254,7 +254,7 @@ class Folder:
             from vision_rollout import objects
 
             return objects.get(s3_client(self.uri, fs.region), key, limit)
-        with fs.open_input_stream(key) as f:
+        with store_errors(), fs.open_input_stream(key) as f:
             return bytes(f.read(None if limit is None else size)), None
 
     def _s3(self) -> bool:
@@ -269,8 +269,9 @@ class Folder:
         import pyarrow.fs as pafs
 
         fs, key = self._key(_check_name(name))
-        if fs.get_file_info(key).type == pafs.FileType.File:
-            fs.delete_file(key)
+        with store_errors():
+            if fs.get_file_info(key).type == pafs.FileType.File:
+                fs.delete_file(key)
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` is a file in this folder: one look, not a listing."""
@@ -290,8 +291,7 @@ class Folder:
             return sorted(n for n in names if not n.startswith("."))  # not one being written
         import pyarrow.fs as pafs
 
-        fs, key = self._key()
-        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        infos = self._listing()
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
     def folders(self) -> list[str]:
@@ -306,9 +306,16 @@ class Folder:
             return sorted(n for n in names if not n.startswith("."))
         import pyarrow.fs as pafs
 
-        fs, key = self._key()
-        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        infos = self._listing()
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def _listing(self) -> list[pafs.FileInfo]:
+        """What an object store holds in this folder (not below it)."""
+        import pyarrow.fs as pafs
+
+        fs, key = self._key()
+        with store_errors():
+            return fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
 
     def remove_temporaries(self, ours: Callable[[str], object], before: float, dry_run: bool = False) -> list[str]:
         """The temporary files (``.<name>.<pid>.tmp``) that writes killed mid-way left in this
@@ -349,8 +356,7 @@ class Folder:
             return found
         import pyarrow.fs as pafs
 
-        fs, key = self._key()
-        infos = fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        infos = self._listing()
         now = time.time()  # (a store that gives no time: taken for a file changed now, kept)
         return {
             i.base_name: i.mtime.timestamp() if i.mtime is not None else now
@@ -452,8 +458,9 @@ class Folder:
             import pyarrow.fs as pafs
 
             fs, key = self._key()
-            if fs.get_file_info(key).type == pafs.FileType.Directory:
-                fs.delete_dir(key)
+            with store_errors():
+                if fs.get_file_info(key).type == pafs.FileType.Directory:
+                    fs.delete_dir(key)
             return True
         try:
             path.rmdir()
@@ -472,9 +479,9 @@ class Folder:
             return
         import pyarrow.fs as pafs
 
-        fs, key = self._key()
-        if fs.get_file_info(pafs.FileSelector(key, allow_not_found=True)):
+        if self._listing():
             return
+        fs, key = self._key()
         bucket = key.split("/", 1)[0]
         try:
             missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound

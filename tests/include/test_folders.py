@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import stat
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -582,3 +583,27 @@ def test_a_gcs_store_that_cannot_be_reached_is_given_up_on_within_its_retry_limi
         folder.read("record.json")
     fs, _ = files.filesystem("gs://bucket/run?retry_limit_seconds=7")
     assert fs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == 7
+
+
+def test_a_gcs_store_whose_credentials_cannot_be_loaded_is_an_oserror_naming_it(monkeypatch, tmp_path, capsys):
+    """pyarrow raises a GCS call's permanent failure of google-cloud-cpp's UNKNOWN status (a
+    credentials file that cannot be loaded) as ArrowException, no OSError: every caller's
+    "the store cannot be read" missed it, a poke failed on a traceback and ``rolloutctl audit``
+    printed one. It is an OSError naming the store and the cause, as pyarrow's other store
+    errors are; the CLI says it in one line, exit 4."""
+    from model_server.predictionlog import read
+    from tests.include.test_cli import run
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "none.json"))
+    folder = Folder("gs://bucket/run")
+    for call in (lambda: folder.read("record.json"), folder.names, folder.folders, folder.changed):
+        with pytest.raises(OSError, match="Cannot open credentials file"):
+            call()
+    now = datetime.now(UTC)
+    with pytest.raises(OSError, match="Cannot open credentials file"):
+        read("gs://bucket/log", now - timedelta(hours=1), now)
+    code, out, err = run(capsys, "audit", "--prediction-log", "gs://bucket/log")
+    assert (code, out) == (4, "")
+    assert "Traceback" not in err
+    assert err.count("\n") == 1
+    assert "Cannot open credentials file" in err
