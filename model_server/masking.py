@@ -71,11 +71,18 @@ _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
-# A key that names its value, ":" or "=", the value: letters and digits, joined by . / _ -
-# or by spaces before digits ("1234 5678 9012"); a token already there is no value.
+# A key that names its value, ":" or "=" (or spaces, "#" or "-", before a value holding a digit,
+# as in "passport number E1234567"), then the value, a token already there being none: a quoted
+# one to its closing quote (64 characters at most), else its characters up to a delimiter (space,
+# quote, bracket, , ; & |), ending in a letter or digit of any script, and the pieces after it
+# one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C").
+_VALUE_CHAR = r"[^\s,;&|\"'`<>()\[\]{}\\]"
+_PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
+_UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
-    rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?"
-    r"(?!tok_[a-zBCDFGH]{8}_)(?P<v>[A-Za-z0-9](?:[./_-]?[A-Za-z0-9]|[ ][0-9]){0,63})"
+    rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?"
+    rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
+    rf"(?P<q>[\"'])?(?P<v>(?(q)(?!tok_[a-zBCDFGH]{{8}}_)(?:(?!(?P=q))[^\n\\]){{1,64}}(?=(?P=q))|{_UNQUOTED})|{_UNQUOTED})"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common

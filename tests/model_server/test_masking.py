@@ -493,6 +493,17 @@ KEYED = {
     "id_card = 110105194912310": "110105194912310",
     "aadhaar: 1234 5678 9012": "1234 5678 9012",
     "driver_license: D1234-56789": "D1234-56789",
+    # values with spaces, quoted ones, letters of another script, no ":" or "=": each was cut
+    # short (the rest in clear) or passed whole
+    "national insurance no: QQ 12 34 56 C": "QQ 12 34 56 C",
+    'passport: "AB CD 1234", x': "AB CD 1234",
+    "tax_id = 'DE 123 456 789'": "DE 123 456 789",
+    "passport:E  1234567": "E  1234567",
+    "passport: \u04151234567": "\u04151234567",  # a Cyrillic E
+    "passport: #E1234567": "#E1234567",
+    "passport number E1234567": "E1234567",
+    "passport # E1234567": "E1234567",
+    "ssn 123 45 6789": "123 45 6789",
 }
 
 
@@ -509,7 +520,13 @@ def test_a_value_after_a_key_that_names_it_is_masked(keys, text):
 
 def test_words_near_a_key_name_are_not_values(keys):
     ring = KeyRing(keys)
-    for text in ["passport expired", "the passport office", "ssn-check passed", "passports: 3 valid"]:
+    for text in [
+        "passport expired",
+        "the passport office",
+        "ssn-check passed",
+        "passports: 3 valid",
+        "passport 2 expired",  # (a value without ":" or "=" holds a digit, and 3 characters)
+    ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
 
