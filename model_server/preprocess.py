@@ -108,6 +108,38 @@ def exif_orientation(exif: bytes) -> int:
     return 1
 
 
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """An image's width and height as its header declares them, nothing decoded; None where no
+    PNG or JPEG header can be read. Pillow's DecompressionBombError (a header declaring far
+    more pixels than it takes) passes through."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])  # PNG's header, read as PIL would
+        return width, height
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+                return img.width, img.height
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why the server would refuse an encoded image before decoding it (a structure that costs
+    far more than its pixels, more than MAX_PIXELS declared); None when nothing does, bytes
+    that are no PNG or JPEG included (decoding them says so)."""
+    problem = structure_problem(data)
+    if problem is not None:
+        return problem
+    try:
+        size = declared_size(data)
+    except Image.DecompressionBombError as exc:
+        return f"not a decodable PNG or JPEG image ({shown(str(exc))})"
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        return f"image of {size[0]}x{size[1]} pixels is over the limit of {MAX_PIXELS} pixels"
+    return None
+
+
 def check_pixels(images: np.ndarray, input_name: str) -> int:
     """The pixels the images declare together; refuse (400) a request whose images hold more
     than MAX_REQUEST_PIXELS, or one whose structure costs far more than its pixels
@@ -119,15 +151,13 @@ def check_pixels(images: np.ndarray, input_name: str) -> int:
         problem = structure_problem(data)
         if problem is not None:
             raise InvalidInput(f"input '{input_name}' element {i}: {problem}")
-        if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
-            width, height = struct.unpack(">II", data[16:24])  # PNG's header, read as PIL would
-            total += width * height
-        else:
-            try:
-                with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-                    total += img.width * img.height
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                continue  # undecodable: decode_image names it, with its element
+        try:
+            size = declared_size(data)
+        except Image.DecompressionBombError:
+            size = None  # decode_image names it, with its element
+        if size is None:
+            continue  # undecodable: decode_image names it, with its element
+        total += size[0] * size[1]
         if total > MAX_REQUEST_PIXELS:
             raise InvalidInput(
                 f"input '{input_name}': the images up to element {i} hold {total} pixels, over the "

@@ -19,6 +19,8 @@ import pandas as pd
 
 from model_server.files import open_regular
 
+MAX_IMAGE_BYTES = 64 << 20  # the model server's request body limit (--max-body-mb 64)
+
 
 def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
     """A model's validation set, the one reader: ``labels.csv`` (``file``, ``label``) and the
@@ -44,8 +46,19 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
 
 
 def _read(path: Path) -> bytes:
+    """An image of the set, refused naming it (ValueError) when it holds more than
+    MAX_IMAGE_BYTES or the server would refuse it unopened (``image_problem``: a decompression
+    bomb's declared pixels): nothing more read, nothing decoded."""
+    from model_server.preprocess import image_problem
+
     with open_regular(path) as f:
-        return f.read()
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path}: over {MAX_IMAGE_BYTES} bytes, more than a validation image may hold")
+    problem = image_problem(data)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
+    return data
 
 
 def replay(

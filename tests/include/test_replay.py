@@ -54,3 +54,53 @@ def test_the_validation_set_is_read_in_its_order_and_bounded(tmp_path):
         (tmp_path / "labels.csv").write_text(f"file,label\na.png,3\n{row}\n")
         with pytest.raises(ValueError, match=r"labels\.csv line 3: expected a file name in this folder"):
             load_validation(tmp_path)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR chunk declaring ``width`` x ``height`` grayscale pixels: what
+    a decompression bomb shows before its (tiny, highly compressed) data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def test_an_image_of_the_set_too_large_to_serve_is_refused_naming_it(tmp_path, monkeypatch):
+    """A validation image declaring 40,000 x 40,000 pixels (a decompression bomb: a few bytes
+    that decode to 1.6 GB), or holding more bytes than the server takes in a request, was read
+    whole into the rollout's memory and sent on (to a replay, the masking probe, the golden
+    inference); it is refused now, naming the file, before anything decodes it."""
+    from model_server.config import MAX_PIXELS
+    from vision_rollout import replay as replay_module
+
+    (tmp_path / "ok.png").write_bytes(png_header(28, 28))
+    (tmp_path / "bomb.png").write_bytes(png_header(40_000, 40_000))
+    (tmp_path / "labels.csv").write_text("file,label\nok.png,1\nbomb.png,2\n")
+    with pytest.raises(ValueError, match=rf"bomb\.png: image of 40000x40000 pixels is over the limit of {MAX_PIXELS}"):
+        load_validation(tmp_path)
+    (tmp_path / "big.png").write_bytes(png_header(28, 28) + b"\0" * 2000)
+    (tmp_path / "labels.csv").write_text("file,label\nok.png,1\nbig.png,2\n")
+    monkeypatch.setattr(replay_module, "MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"big\.png: over 1000 bytes"):
+        load_validation(tmp_path)
+    (tmp_path / "labels.csv").write_text("file,label\nok.png,1\n")
+    assert [name for name, _, _ in load_validation(tmp_path)] == ["ok.png"]
+
+
+def test_verify_model_names_the_validation_image_too_large_to_serve(models_dir, tmp_path):
+    import shutil
+
+    from vision_rollout.images import verify_model
+
+    digits = models_dir / "digits"
+    validation = tmp_path / "validation"
+    shutil.copytree(digits / "validation", validation)
+    rows = (validation / "labels.csv").read_text().splitlines()[:11]  # (fewer than the 64 it draws)
+    (validation / "labels.csv").write_text("\n".join(rows) + "\n")
+    first = rows[1].split(",")[0]
+    (validation / first).write_bytes(png_header(40_000, 40_000))
+    report = verify_model(digits / "2" / "model.onnx", None, digits, validation)
+    assert not report.ok
+    assert f"{first}: image of 40000x40000 pixels is over the limit" in report.problems[0]
