@@ -561,9 +561,7 @@ class LogMasking(logging.Filter):
         if isinstance(value, dict):
             return {
                 self.masker.mask_text(str(k), key): (
-                    self._whole(v, key)
-                    if self.masker.masks_whole(str(k)) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                    else self._masked_json(v, key)
+                    self._whole(v, key) if self.masker.masks_whole(str(k)) else self._masked_json(v, key)
                 )
                 for k, v in value.items()
             }
@@ -571,8 +569,16 @@ class LogMasking(logging.Filter):
             return [self._masked_json(v, key) for v in value]
         return value
 
-    def _whole(self, value: str | float, key: Key | None) -> str:
-        return "<masked>" if key is None else self.masker.token(str(value), key)
+    def _whole(self, value: object, key: Key | None) -> object:
+        """Every string and number in ``value`` (a field named for an identity number: its
+        list or object too, its structure kept) masked whole; null, true and false as they are."""
+        if isinstance(value, dict):
+            return {self.masker.mask_text(str(k), key): self._whole(v, key) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._whole(v, key) for v in value]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return "<masked>" if key is None else self.masker.token(str(value), key)
+        return value
 
 
 def reveal(token: str, keys: KeyRing) -> str:

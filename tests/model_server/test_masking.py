@@ -702,3 +702,20 @@ def test_a_spaced_resident_id_without_an_x_is_masked_as_one(keys):
         assert ("national_id", value) in find_sensitive(f"id {value} ok")
         masked = Masker(ring).mask_text(f"id {value} ok", ring.key_for(None))
         assert re.fullmatch(r"id tok_\w+ ok", masked), masked
+
+
+def test_a_field_named_for_an_identity_number_is_masked_whole_whatever_it_holds(keys):
+    """A JSON field named for one ("ssn", "passport") holding a list or an object was masked
+    only by the detectors, which take no passport or SSN by its shape: {"ssn": ["123456789"]}
+    and {"passport": {"no": "E1234567"}} reached the log in clear. Every value under it is
+    masked whole now, its structure kept."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    line = json.dumps({"ssn": ["123456789", 7], "user": {"passport": {"no": "E1234567", "ok": True}}, "n": [1]})
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    fields = json.loads(record.getMessage())
+    assert [reveal(v, ring) for v in fields["ssn"]] == ["123456789", "7"]
+    assert reveal(fields["user"]["passport"]["no"], ring) == "E1234567"
+    assert fields["user"]["passport"]["ok"] is True  # (no number: a flag says nothing)
+    assert fields["n"] == [1]
