@@ -206,10 +206,12 @@ DETECTORS: tuple[Detector, ...] = (
             + _NOT_ALNUM_AFTER
         ),
     ),
+    # Never the tail of a number written with dots (an IP address, a version: "10.172.16.254 200").
     Detector(
         "phone",
         re.compile(
             _NOT_ALNUM_BEFORE
+            + r"(?<![0-9]\.)"
             + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:{_SEP}?\d){{9}}"  # PRC mobile, any grouping
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
             + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP

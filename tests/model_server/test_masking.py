@@ -720,3 +720,21 @@ def test_a_field_named_for_an_identity_number_is_masked_whole_whatever_it_holds(
     assert reveal(fields["user"]["passport"]["no"], ring) == "E1234567"
     assert fields["user"]["passport"]["ok"] is True  # (no number: a flag says nothing)
     assert fields["n"] == [1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "client 10.172.16.254 200 1234",  # an address, then a status and a size
+        "from 192.168.100.200 10.0.0.1",
+        "version 1.2.3.4567890123",
+    ],
+)
+def test_a_dotted_number_and_what_follows_it_are_no_phone(keys, text):
+    """A PRC mobile's digits in any grouping, or a NANP number, were read in the tail of an IP
+    address or a version and the numbers after it ("172.16.254 200 1234" as a phone): the
+    client's address and the status in a log line were a token. A phone never continues a
+    number written with dots now."""
+    ring = KeyRing(keys)
+    assert find_sensitive(text) == []
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
