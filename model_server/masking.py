@@ -554,7 +554,10 @@ class LogMasking(logging.Filter):
             except (ValueError, RecursionError):
                 fields = None
             if isinstance(fields, dict):
-                return json.dumps(self._masked_json(fields, key))
+                try:
+                    return json.dumps(self._masked_json(fields, key))
+                except RecursionError:  # (nested deeper than the stack takes: masked as text)
+                    pass
         return self.masker.mask_text(message, key)
 
     def _masked_json(self, value: object, key: Key | None) -> object:

@@ -738,3 +738,15 @@ def test_a_dotted_number_and_what_follows_it_are_no_phone(keys, text):
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def test_a_deeply_nested_json_log_line_is_masked_as_text(keys):
+    """A JSON line nested a few hundred levels deep parsed, then its masking value by value ran
+    out of Python's stack: the RecursionError left the log filter, and the call that logged it
+    raised. It is masked as one text now."""
+    masking = LogMasking(Masker(KeyRing(keys)))
+    line = '{"a": ' + "[" * 600 + '"13800138000"' + "]" * 600 + "}"
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    assert "13800138000" not in record.getMessage()
+    assert record.getMessage().startswith('{"a": [[[')
