@@ -212,7 +212,10 @@ DETECTORS: tuple[Detector, ...] = (
         re.compile(
             _NOT_ALNUM_BEFORE
             + r"(?<![0-9]\.)"
-            + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:{_SEP}?\d){{9}}"  # PRC mobile, any grouping
+            # PRC mobile: whole, 3-4-4, 4-3-4 or 3-8 (one kind of separator; 3-8 not with a dot,
+            # as a float is written), never in other groupings (an IP address: 176.110.216.14)
+            + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:\d{{9}}|\d(?P<m>{_SEP})\d{{4}}(?P=m)\d{{4}}"
+            + rf"|\d{{2}}(?P<n>{_SEP})\d{{3}}(?P=n)\d{{4}}|\d[ /_-]\d{{8}})"
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
             + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP
             + r"|[2-9]\d{9}"  # NANP without separators (an area code never starts with 0 or 1)

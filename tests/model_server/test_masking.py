@@ -750,3 +750,22 @@ def test_a_deeply_nested_json_log_line_is_masked_as_text(keys):
     assert masking.filter(record)
     assert "13800138000" not in record.getMessage()
     assert record.getMessage().startswith('{"a": [[[')
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "from 176.110.216.14:35602",  # an IP address of 11 digits, its first octet 13x to 19x
+        "client 138.169.234.14 ok",
+        "took 14930.305361 ms",  # a float of 11 digits
+        "x 142.12345678 y",
+    ],
+)
+def test_an_ip_address_or_a_float_is_no_mobile_number(keys, text):
+    """The PRC mobile form took its eleven digits in any grouping: every IP address of eleven
+    digits whose first octet is 130 to 199 and floats such as 14930.305361 were masked as
+    phones, about one client address in eight in a log. A mobile is written whole, 3-4-4, 3-8
+    or 4-3-4 (one kind of separator; 3-8 not with a dot) now."""
+    ring = KeyRing(keys)
+    assert find_sensitive(text) == []
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
