@@ -131,13 +131,15 @@ def _resident_id(m: re.Match[str]) -> bool:
 
 
 # A card number: 13 to 19 digits that pass the Luhn checksum (ISO/IEC 7812), written whole or in
-# groups of 3 to 7 digits apart by one separator (a space, dot, slash, underscore or hyphen, up to
-# two of them), the same between all its groups. None starts with 0, and one starting with 1 (an
-# airline's UATP card) has 15 digits: an epoch in milliseconds, microseconds or nanoseconds, float
-# digits and most ids are no card, and ten in a hundred of other numbers pass the checksum by chance.
+# groups apart by one separator (a space, dot, slash, underscore or hyphen, up to two of them),
+# the same between all its groups: four digits, then groups of 3 to 7. Its issuer's number (IIN)
+# starts it: none starts with 0, one starting with 1 (an airline's UATP card) has 15 digits, one
+# starting with 2 is Mastercard's or Mir's (2200 to 2720). Epoch milliseconds, microseconds and
+# nanoseconds, times written as digits, float digits (never after a number's point) and most ids
+# are no card; ten in a hundred of other numbers pass the checksum by chance.
 _CARD_SHAPE = re.compile(  # at each group's start, the groups from there: at most six
     _NOT_ALNUM_BEFORE
-    + r"(?=(?P<w>[0-9]{13,19}|[0-9]{3,7}(?P<s>[ ./_-]{1,2})[0-9]{3,7}(?:(?P=s)[0-9]{3,7}){0,4})"
+    + r"(?<![0-9]\.)(?=(?P<w>[0-9]{13,19}|[0-9]{4}(?P<s>[ ./_-]{1,2})[0-9]{3,7}(?:(?P=s)[0-9]{3,7}){0,4})"
     + _NOT_ALNUM_AFTER
     + ")"
 )
@@ -171,6 +173,8 @@ class _CardNumbers(Detector):
 
 def _is_card_number(digits: str) -> bool:
     if not 13 <= len(digits) <= 19 or digits[0] == "0" or (digits[0] == "1" and len(digits) != 15):
+        return False
+    if digits[0] == "2" and not "2200" <= digits[:4] <= "2720":
         return False
     raw = digits.encode()  # (bytes: their translate and sum run in C)
     return (sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_LUHN_DOUBLED)) - 48 * len(raw)) % 10 == 0
