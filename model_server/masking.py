@@ -223,7 +223,7 @@ DETECTORS: tuple[Detector, ...] = (
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
             + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP
             + r"|[2-9]\d{9}"  # NANP without separators (an area code never starts with 0 or 1)
-            + rf"|[6-9]\d{{4}}{_SEP}\d{{5}})"  # India's mobiles, 5 and 5
+            + r"|[6-9]\d{4}[ /_-]\d{5})"  # India's mobiles, 5 and 5 (not with a dot, as a float is written)
             + _NOT_ALNUM_AFTER
         ),
     ),

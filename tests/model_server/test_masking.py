@@ -758,6 +758,7 @@ def test_a_deeply_nested_json_log_line_is_masked_as_text(keys):
         "client 138.169.234.14 ok",
         "took 14930.305361 ms",  # a float of 11 digits
         "x 142.12345678 y",
+        "took 60752.29293 ms",  # and India's 5-5 in a float
     ],
 )
 def test_an_ip_address_or_a_float_is_no_mobile_number(keys, text):
