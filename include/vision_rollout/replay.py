@@ -31,14 +31,18 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
     rows: list[tuple[str, int]] = []
     # (each opened as a regular file: a FIFO among them held the rollout in its open for ever)
     with io.TextIOWrapper(open_regular(folder / "labels.csv"), newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            name, label = row.get("file") or "", row.get("label") or ""
-            if Path(name).name != name or name in {"", ".", ".."} or not label.strip().isdigit():
-                raise ValueError(
-                    f"{folder / 'labels.csv'} line {line}: expected a file name in this folder "
-                    f"and an integer label, got {name[:80]!r}, {label[:20]!r}"
-                )
-            rows.append((name, int(label)))
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                name, label = row.get("file") or "", row.get("label") or ""
+                if Path(name).name != name or name in {"", ".", ".."} or "\0" in name or not label.strip().isdigit():
+                    raise ValueError(
+                        f"{folder / 'labels.csv'} line {reader.line_num}: expected a file name in this folder "
+                        f"and an integer label, got {name[:80]!r}, {label[:20]!r}"
+                    )
+                rows.append((name, int(label)))
+        except csv.Error as exc:  # (a field over the csv module's limit)
+            raise ValueError(f"{folder / 'labels.csv'} line {reader.line_num + 1}: {exc}") from None
     if limit is not None and limit < len(rows):
         drawn = np.sort(np.random.default_rng(0).choice(len(rows), size=max(limit, 0), replace=False))
         rows = [rows[i] for i in drawn]

@@ -104,3 +104,21 @@ def test_verify_model_names_the_validation_image_too_large_to_serve(models_dir, 
     report = verify_model(digits / "2" / "model.onnx", None, digits, validation)
     assert not report.ok
     assert f"{first}: image of 40000x40000 pixels is over the limit" in report.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"file,label\na.png,1\n" + b"x" * 200_000 + b",2\n", "field larger than field limit"),
+        (b"file,label\na.png,1\nb\0.png,2\n", "expected a file name in this folder"),
+    ],
+)
+def test_a_labels_file_the_csv_reader_refuses_is_named_with_its_line(tmp_path, content, why):
+    """A labels.csv with a field over the csv module's limit (128 KiB) raised csv.Error, which
+    no caller takes (they take OSError and ValueError): verify-model and the DAG's tasks failed
+    with a traceback naming no file; a file name holding a NUL failed as 'embedded null byte'.
+    Each is a ValueError naming the file and its line now."""
+    (tmp_path / "a.png").write_bytes(b"A")
+    (tmp_path / "labels.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"labels\.csv line 3: .*{why}"):
+        load_validation(tmp_path)
