@@ -20,6 +20,7 @@ import pandas as pd
 from model_server.files import open_regular
 
 MAX_IMAGE_BYTES = 64 << 20  # the model server's request body limit (--max-body-mb 64)
+MAX_SET_BYTES = 1 << 30  # the images a set holds together: all of them are held in memory
 
 
 def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, bytes, int]]:
@@ -46,7 +47,17 @@ def load_validation(folder: Path, limit: int | None = None) -> list[tuple[str, b
     if limit is not None and limit < len(rows):
         drawn = np.sort(np.random.default_rng(0).choice(len(rows), size=max(limit, 0), replace=False))
         rows = [rows[i] for i in drawn]
-    return [(name, _read(folder / name), label) for name, label in rows]
+    images, held = [], 0
+    for name, label in rows:
+        image = _read(folder / name)
+        held += len(image)
+        if held > MAX_SET_BYTES:
+            raise ValueError(
+                f"{folder}: its images hold over {MAX_SET_BYTES} bytes, more than a validation set may "
+                "(the set is held in memory): name fewer in labels.csv"
+            )
+        images.append((name, image, label))
+    return images
 
 
 def _read(path: Path) -> bytes:

@@ -122,3 +122,18 @@ def test_a_labels_file_the_csv_reader_refuses_is_named_with_its_line(tmp_path, c
     (tmp_path / "labels.csv").write_bytes(content)
     with pytest.raises(ValueError, match=rf"labels\.csv line 3: .*{why}"):
         load_validation(tmp_path)
+
+
+def test_a_validation_set_too_large_to_hold_is_refused_naming_it(tmp_path, monkeypatch):
+    """The whole set is held in memory (the engine indexes every image by its hash): a folder
+    of gigabytes (a training set named as the validation set) took the worker's memory until it
+    was killed, saying nothing. It is refused at MAX_SET_BYTES now, naming the folder."""
+    from vision_rollout import replay as replay_module
+
+    for k in range(5):
+        (tmp_path / f"{k}.png").write_bytes(png_header(28, 28) + bytes(200))
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{k}.png,{k}\n" for k in range(5)))
+    monkeypatch.setattr(replay_module, "MAX_SET_BYTES", 800, raising=False)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: its images hold over 800 bytes"):
+        load_validation(tmp_path)
+    assert len(load_validation(tmp_path, limit=3)) == 3
