@@ -191,10 +191,16 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "groups of four digits": "4111 " * 200_000,
     "card numbers": "4111 1111 1111 1111 " * 50_000,
     "groups of four and three digits": "4111 411 " * 111_000,
+    "a key's quoted value never closed": 'passport: "' + "a" * 1_000_000,
+    "a key's value in spaced pieces": "ssn: 1" + " 1" * 500_000,
+    "keys without a colon": "passport 1234 " * 70_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
     "repeated keys": {"keyed"},  # each key's value is the next key's name
+    "a key's quoted value never closed": {"keyed"},  # its first 32 characters
+    "a key's value in spaced pieces": {"keyed"},  # its first eight pieces
+    "keys without a colon": {"keyed"},
 }
 
 
