@@ -18,7 +18,8 @@ Roll a new version of a model out to production, or roll it back, with the evide
    stage passed: a stage that failed its test or ended undecided (inconclusive) fails it, saying
    which, and the run rolls back.
 5. **statistical_gate**: the verdict of a stage that passed (non-inferiority, sequential alpha
-   spending); upstream_failed after a wait that failed.
+   spending); upstream_failed after a wait that failed; failed, saying so, after a wait marked
+   success by hand (no verdict: the run rolls back).
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
    candidate unloaded, mirror off); then **notify** sends the report to Slack. With
@@ -186,9 +187,9 @@ def model_rollout() -> None:
                     return steps.apply_weights(params, index, run_id, previous, build_report(ti, "sha256"))
 
             @task
-            def statistical_gate(verdict: dict[str, Any]) -> dict[str, Any]:
-                print(verdict["summary"])
-                return verdict
+            def statistical_gate(verdict: dict[str, Any] | None, params: dict[str, Any], ti: Any) -> dict[str, Any]:
+                with steps.failure_kept(ti):
+                    return steps.gate_verdict(params, index, verdict)
 
             applied = apply_mesh_weights(previous)
             # A retry, or a re-run of the stage cleared in the UI, resumes its test (its window and

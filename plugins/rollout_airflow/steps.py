@@ -906,6 +906,20 @@ def unpassed_fails(params: dict[str, Any], index: int, verdict: dict[str, Any], 
     raise AirflowFailException(f"stage {index + 1} ({weight}%) {ended}; the run rolls back: {verdict.get('summary')}")
 
 
+def gate_verdict(params: dict[str, Any], index: int, verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """``statistical_gate``: the verdict of the stage its wait passed. None when no poke judged
+    the stage (its wait marked success by hand in the UI): it fails saying so, and the run rolls
+    back, its report naming that instead of "a step failed"."""
+    if verdict is None:
+        weight = spec_from(params).stages[index]
+        raise AirflowFailException(
+            f"stage {index + 1} ({weight}%): its wait_for_metrics was marked success by hand before it reached a "
+            "verdict: the stage was not judged, the run rolls back"
+        )
+    log.info("%s", verdict["summary"])
+    return verdict
+
+
 def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[str, Any]:
     """The stage's verdict as its report shows it: with a check ``runs`` when the stage ran
     more than once (``attempts.runs_sentence``), and, when its test was restarted, its summary
@@ -1033,7 +1047,8 @@ def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> 
     return result.to_dict()
 
 
-STAGE_STEPS = ("apply_mesh_weights", "enable_shadow", "wait_for_metrics")  # in order: the first failure is the cause
+# In order: the first failure is the cause.
+STAGE_STEPS = ("apply_mesh_weights", "enable_shadow", "wait_for_metrics", "statistical_gate")
 
 
 @contextmanager
