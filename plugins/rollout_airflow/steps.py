@@ -234,9 +234,10 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
         raise AirflowFailException(f"{exc}. This run touched nothing; trigger it again once that one ends.") from None
     settings = hook.settings
     recorded(settings.workdir(spec.model, run_id), run_id, taken)
+    resuming = cleared_mid_run(spec, run_id, hook, before)
     left: str | None = None
     try:
-        left = start_from_steady(spec, run_id, hook, before)
+        left = None if resuming else start_from_steady(spec, run_id, hook, before)
         if left is not None and spec.mesh == "istio" and left != spec.candidate_version:
             hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
             retire(router(spec, run_id, hook), hook.deployments(spec.model), left)  # unrouted now
@@ -250,6 +251,14 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
         if not report.ok:
             raise AirflowFailException("candidate artifact refused: " + "; ".join(report.problems))
         warned = {"preflight": preflight(spec, settings.validation(spec.model))}
+        if resuming:
+            log.warning("the rollout is under way (this run's routes): the candidate verified again, nothing else done")
+            plan = (
+                {"build": build_plan(spec, report.sha256, settings.build_for(spec.model))}
+                if spec.mesh == "istio"
+                else {}
+            )
+            return {**report.to_dict(), **warned, **plan}
         if spec.mesh == "istio":
             release_leftover_floors(spec, hook, keep=spec.baseline_version)
             return {
@@ -258,6 +267,8 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
                 "build": build_plan(spec, report.sha256, settings.build_for(spec.model)),
             }
     except Exception as exc:
+        if resuming:  # the model stays this run's: its teardown or failure callback puts stable back
+            raise
         # A lease taken over from a run that did not end, and nothing touched: back to that run,
         # which may be late rather than dead (a scheduler restart) and would else find it gone.
         # Once that run's routes were put back, its rollback is finished here: its floor too.
@@ -283,6 +294,20 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
         given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True, keep_s=keep)
         raise
     return {**report.to_dict(), **warned}
+
+
+def cleared_mid_run(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> bool:
+    """Whether ``build_image`` runs again while its own run holds the model and the routes are not
+    where a rollout starts (a stage's weights, or the promotion): Airflow clears a run's setup with
+    any of its tasks cleared with their downstream (a stage's task group, say). Refused as a run
+    that finds a rollout in progress, it gave the model up and its teardown left the unjudged
+    candidate serving; the rollout goes on instead, its routes and loads untouched."""
+    from vision_rollout.mesh import not_steady
+
+    if before is None or before.holder != run_id:
+        return False
+    routes = router(spec, run_id, hook, only=spec.baseline_version).get_routes()
+    return not_steady(routes, spec.baseline_version) is not None
 
 
 def kept_for_retry(exc: Exception, retry_in_s: int | None, run_id: str, to: Holding | None) -> int | None:

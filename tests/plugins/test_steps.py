@@ -340,6 +340,34 @@ def test_loading_the_candidate_leaves_the_traffic_on_the_baseline(
 
 
 @pytest.mark.integration
+def test_a_stage_cleared_with_its_downstream_mid_run_goes_on_with_the_rollout(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """A stage's task group cleared with its downstream in the UI mid-run: Airflow clears the
+    run's setup, build_image, with it. Run again, it found the rollout's routes, refused the run
+    as "a rollout in progress? ... This run touched nothing" and gave the model up; the teardown
+    then left the unjudged candidate at 50% with its mirror, held by no run. Now it verifies the
+    candidate again and touches nothing: the stage re-runs from where the rollout is."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    admin = steps.serving().settings.admin
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    mid_stage = admin.traffic("digits").to_dict()
+    again = steps.build_image(PARAMS, "run-a")  # the setup, cleared with stage_2 and its downstream
+    assert again["sha256"] == built["sha256"]
+    assert admin.traffic("digits").to_dict() == mid_stage
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, True)
+    assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
+    steps.apply_weights(PARAMS, 1, "run-a", {"decision": "pass"}, again["sha256"])
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "2", "weight": 100}]}
+    steps.restore_stable(PARAMS, "run-a")  # and its rollback still puts the stable version back
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+
+
+@pytest.mark.integration
 def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
 ):
