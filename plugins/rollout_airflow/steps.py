@@ -654,6 +654,13 @@ def enable_shadow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     policy = router(spec, run_id, hook).get_routes()
     if spec.mirror_percent == 0:
         return {"mirror": None}
+    routed = [d.version for d in policy.route if d.weight > 0]
+    if policy.mirror is None and not policy.rules and routed == [spec.candidate_version]:
+        # Cleared alone once a stage at 100% (or the promotion) took effect: no baseline request
+        # is left to mirror, and the masking check was done when the mirror was on.
+        why = f"version {spec.candidate_version} takes all of the traffic now: there is nothing to mirror"
+        print(f"{why}; the masking check is not run again")
+        return {"mirror": None, "not_checked": why}
     if policy.mirror is None or policy.mirror.version != spec.candidate_version or policy.mirror.percent <= 0:
         raise AirflowFailException(
             f"the mirror to version {spec.candidate_version} is not in effect: {policy.to_dict()}"

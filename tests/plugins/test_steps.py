@@ -2112,6 +2112,27 @@ def test_an_earlier_stages_apply_cleared_alone_mid_run_moves_no_traffic_back(mon
     assert world.poke(again, try_number=2)["decision"] == "pass"  # its decision reported again
 
 
+def test_enable_shadow_cleared_alone_once_the_candidate_takes_all_the_traffic_says_there_is_nothing_to_mirror(
+    monkeypatch, tmp_path
+):
+    """Stage 2 (100%) took effect, its mirror off; stage 1's enable_shadow cleared alone in the UI
+    failed ("the mirror to version 2 is not in effect"), red in the grid and its reason kept as
+    the stage's failure. It succeeds now, saying the candidate takes all of the traffic, and
+    moves no traffic."""
+    world = StageWorld(monkeypatch, tmp_path)
+    first = world.apply(0)
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    assert world.poke(first)["decision"] == "pass"
+    world.apply(1)
+    at_100 = list(world.set)
+    shadow = steps.enable_shadow({**PARAMS, "mirror_percent": 100}, "run-a")
+    assert shadow == {
+        "mirror": None,
+        "not_checked": "version 2 takes all of the traffic now: there is nothing to mirror",
+    }
+    assert world.set == at_100
+
+
 def test_a_stage_re_run_mid_test_resumes_its_looks_and_its_alpha(monkeypatch, tmp_path):
     """A worker lost mid-stage, the stage cleared: its window (its looks' times, the alpha each
     spends) is the first run's, and the report counts the runs."""
