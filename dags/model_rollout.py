@@ -32,6 +32,9 @@ Roll a new version of a model out to production, or roll it back, with the evide
 
 Stages after the first repeat steps 2, 4 and 5. Whatever fails, decide rolls back.
 
+**outcome** ends the run as the list of runs shows it: success when promoted; failed, naming the
+reason, when rolled back (the stable version back and the report sent before it).
+
 A stage's sequential test is kept in the run folder: a stage cleared here (or retried) resumes
 it at its next look, or reports the decision it took (a failed stage stays failed). A fresh test
 is asked for with `rolloutctl restart-stage`, and its report says so and what it costs.
@@ -171,6 +174,11 @@ def model_rollout() -> None:
         return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], warned)
 
     @task
+    def outcome(params: dict[str, Any], ti: Any) -> str:
+        decided, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
+        return steps.outcome(params, decided, reason or "")
+
+    @task
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
         promoted, rolled_back, report = (ti.xcom_pull(task_ids=t) for t in ("promote", "rollback", "notify"))
         decided = ti.xcom_pull(task_ids="decide", key="outcome")
@@ -223,6 +231,7 @@ def model_rollout() -> None:
     # Whatever ends the run (a failed task, or a run marked failed in the UI), stable is restored
     # unless the candidate was promoted: Airflow runs teardowns in both cases.
     reported >> ensure_stable().as_teardown(setups=built, on_failure_fail_dagrun=True)
+    reported >> outcome()  # a rollback fails it: the run shows failed in the list of runs
 
 
 model_rollout()

@@ -103,7 +103,7 @@ def run_demo(run: Path, state: dict[str, Any], bake_seconds: int) -> int:
         if results[-1]["outcome"] != "promote" and candidate == "2":
             break
     print("summary: " + "; ".join(f"v{r['candidate']}: {r['outcome']}" for r in results))
-    return 0 if all(r["state"] == "success" for r in results) else 1
+    return 0 if all(r["carried_out"] for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,9 +48,8 @@ def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: f
     started, seen = time.monotonic(), set()
     while True:
         run = api.run("model_rollout", run_id)
-        for task_id, ti in sorted(
-            api.task_instances("model_rollout", run_id).items(), key=lambda kv: kv[1].get("start_date") or "~"
-        ):
+        tis = api.task_instances("model_rollout", run_id)
+        for task_id, ti in sorted(tis.items(), key=lambda kv: kv[1].get("start_date") or "~"):
             if ti["state"] in ("success", "failed", "skipped", "upstream_failed") and task_id not in seen:
                 seen.add(task_id)
                 if ti["state"] != "skipped" or not task_id.startswith("stage_"):
@@ -80,7 +79,17 @@ def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: f
         "state": run["state"],
         "outcome": outcome,
         "reason": reason,
+        "carried_out": carried_out(run["state"], outcome, tis),
     }
+
+
+def carried_out(state: str, outcome: Any, tis: dict[str, Any]) -> bool:
+    """Whether a run carried out its decision and nothing else failed: a promotion ends success;
+    a rollback ends failed by its ``outcome`` task alone (it fails a rolled-back run on purpose)."""
+    if state == "success":
+        return outcome == "promote"
+    failed = sorted(task_id for task_id, ti in tis.items() if ti["state"] == "failed")
+    return state == "failed" and outcome == "rollback" and failed == ["outcome"]
 
 
 def stage_verdict(api: Any, run_id: str, stage: int) -> dict[str, Any] | None:
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "stop everything with: make down"
     )
     print("summary: " + "; ".join(f"v{r['candidate']}: {r['outcome']}" for r in results))
-    return 0 if all(r["state"] == "success" for r in results) else 1
+    return 0 if all(r["carried_out"] for r in results) else 1
 
 
 if __name__ == "__main__":

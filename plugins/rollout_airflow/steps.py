@@ -1133,6 +1133,23 @@ def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, 
     return "\n".join(lines)
 
 
+def outcome(params: dict[str, Any], decided: str | None, reason: str) -> str:
+    """``outcome``: the run's result where the list of runs shows it. A promotion succeeds; a
+    rollback fails it, and so the run (as Flagger marks a rolled-back canary Failed), once the
+    stable version is back and the report went out: a run that rolled back and one that promoted
+    both ended "success", told apart only by opening each run's grid."""
+    spec = spec_from(params)
+    if decided == "promote":
+        return f"version {spec.candidate_version} promoted: {reason}"
+    if decided == "rollback":
+        raise AirflowFailException(
+            f"version {spec.candidate_version} was rolled back, version {spec.baseline_version} serves: {reason}"
+        )
+    raise AirflowFailException(
+        f"decide chose nothing (marked success by hand?): version {spec.candidate_version} was not promoted"
+    )
+
+
 def ask_approval(
     params: dict[str, Any], reason: str, verdicts: list[dict[str, Any] | None], where: str, hours: float
 ) -> None:

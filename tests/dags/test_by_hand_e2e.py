@@ -31,6 +31,7 @@ def test_a_wait_marked_success_by_hand_rolls_back_saying_so(stack):  # noqa: F81
     assert states["stage_1.statistical_gate"] == "failed"
     assert states["stage_2.apply_mesh_weights"] == "upstream_failed"  # no weight moved on
     assert (states["rollback"], states["promote"], states["ensure_stable"]) == ("success", "skipped", "success")
+    assert (states["outcome"], dagrun.state) == ("failed", "failed")  # rolled back
     reason = tis["decide"].xcom_pull(task_ids="decide", key="reason")
     assert reason.startswith("the 50% stage: stage 1 (50%): its wait_for_metrics was marked success by hand")
     assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == STABLE

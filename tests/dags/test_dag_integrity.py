@@ -38,6 +38,7 @@ def test_model_rollout_has_the_seven_steps(dagbag):
     assert {f"stage_{i}.statistical_gate" for i in (2, 3, 4)} <= ids
     assert dag.max_active_runs > 1  # one run at a time per model (its lease), not per DAG
     assert dag.get_task("ensure_stable").upstream_task_ids >= {"build_image"}  # the lease's taker is the setup
+    assert dag.get_task("outcome").upstream_task_ids == {"notify"}  # a rollback fails the run once reported
     assert dag.schedule is None
     assert set(dag.tags) >= {"rollout"}
 

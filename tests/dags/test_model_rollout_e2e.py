@@ -83,6 +83,8 @@ def test_rollout_promotes_or_rolls_back(stack, candidate, final):
     assert states["promote" if final == candidate else "rollback"] == "success"
     assert states["ensure_stable"] == "success"  # the teardown found the decision carried out
     assert not (tmp / "run" / "locks" / "digits.lock").exists()  # and released the model
+    # The list of runs tells a rollback from a promotion: a rolled-back run ends failed (outcome).
+    assert (states["outcome"], dagrun.state) == (("success",) * 2 if final == candidate else ("failed",) * 2)
     reports = sorted((tmp / "run" / "outbox").glob("*.json"))
     text = json.loads(reports[-1].read_text())["text"]
     assert text.startswith("Promoted" if final == candidate else "Rolled back")

@@ -31,3 +31,18 @@ def test_the_demo_prints_the_verdict_of_a_stage_whose_wait_failed_its_test():
         }
     )
     assert [stage_verdict(api, "run", i) for i in (1, 2, 3)] == [passed, failed, None]
+
+
+def test_the_demo_counts_a_rollback_that_failed_its_run_by_its_outcome_task_as_carried_out():
+    """A rolled-back run ends failed (its ``outcome`` task): the demo's exit status counts it as
+    carried out, and a run failed by anything else (its teardown, say) as not."""
+    from scripts.demo import carried_out
+
+    def tis(**states: str) -> dict:
+        return {task_id: {"state": state} for task_id, state in states.items()}
+
+    assert carried_out("success", "promote", tis(promote="success", outcome="success"))
+    assert carried_out("failed", "rollback", tis(rollback="success", outcome="failed"))
+    assert not carried_out("failed", "rollback", tis(rollback="success", outcome="failed", ensure_stable="failed"))
+    assert not carried_out("failed", "promote", tis(promote="success", notify="failed"))
+    assert not carried_out("success", None, tis(decide="success"))
