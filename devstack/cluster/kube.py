@@ -409,6 +409,9 @@ class FakeKubeAPI:
         # The next ``drop`` requests are read and their connection closed without an answer (a
         # load balancer or proxy resetting it, the server restarting): no status at all.
         self.drop = 0
+        # Run once, on the next write (PATCH, POST, PUT, DELETE) as it arrives, before it is served:
+        # another writer's change landing between a client's read and its write.
+        self.before_write: Callable[[], None] | None = None
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -778,6 +781,9 @@ class FakeKubeAPI:
                 }
                 with api.lock:
                     api.requests.append(self.record)
+                    if method in ("PATCH", "POST", "PUT", "DELETE") and api.before_write is not None:
+                        race, api.before_write = api.before_write, None
+                        race()
                     dropped = api.drop > 0
                     api.drop -= dropped
                     throttled = not dropped and api.throttle > 0 and method in api.throttled_methods

@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +42,7 @@ from vision_rollout.serving import AdminError, ModelServerAdmin
 log = logging.getLogger(__name__)
 
 SCHEMAS = Path(__file__).with_name("schemas") / "istio-networking-v1.json"
+ISTIO_KINDS = {"virtualservices": "VirtualService", "destinationrules": "DestinationRule"}  # what the router applies
 FIELD_MANAGER = "model-rollout"
 
 
@@ -727,18 +728,25 @@ class IstioRouter:
                 return None
             raise RouterError(f"GET {plural}/{name}: {exc.status} {exc.reason}: {api_message(exc)}") from None
 
-    def _apply(self, obj: dict[str, Any], plural: str) -> bool:
-        """Server-side apply when the spec differs; retried when the object changed meanwhile.
-        Never creates: the mesh's objects are the platform's (deploy/'s overlay), and an apply
-        that would create one is refused here rather than by the API server's RBAC (a 403)."""
+    def _apply(self, plural: str, render: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
+        """Server-side apply of ``render(live)`` (None: nothing to apply) when its spec differs
+        from ``live``'s, sent with ``live``'s resourceVersion. ``live`` is the object as read at
+        each try: one the object changed under (409) reads it again and renders again, so that
+        what another writer changed meanwhile (a route's timeout, a host) is kept, not
+        overwritten by a body rendered from the object before it. Never creates: the mesh's
+        objects are the platform's (deploy/'s overlay), and an apply that would create one is
+        refused here rather than by the API server's RBAC (a 403)."""
         from kubernetes.client.exceptions import ApiException
 
-        validate_istio(obj)
         for _ in range(self.retries):
             live = self._get(plural)
-            body = copy.deepcopy(obj)
             if live is None:
-                raise RouterError(self._missing(obj["kind"]))
+                raise RouterError(self._missing(ISTIO_KINDS[plural]))
+            obj = render(live)
+            if obj is None:
+                return False
+            validate_istio(obj)
+            body = copy.deepcopy(obj)
             if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
                 return False  # nothing to change: no write
             body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
@@ -782,17 +790,18 @@ class IstioRouter:
         (another VirtualService may route to them) are kept after the versions'."""
         if self._get("virtualservices") is None:
             raise RouterError(self._missing("VirtualService"))
-        live = self._get("destinationrules")
-        if live is None:
-            raise RouterError(self._missing("DestinationRule"))
-        body = render_destination_rule(self.target, self.versions)
-        body["spec"]["subsets"] += [
-            s
-            for s in (live.get("spec") or {}).get("subsets") or []
-            if isinstance(s, dict) and not VERSION_SUBSET.fullmatch(str(s.get("name")))
-        ]
-        body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
-        self._apply(body, "destinationrules")
+
+        def render(live: dict[str, Any]) -> dict[str, Any]:
+            body = render_destination_rule(self.target, self.versions)
+            body["spec"]["subsets"] += [
+                s
+                for s in (live.get("spec") or {}).get("subsets") or []
+                if isinstance(s, dict) and not VERSION_SUBSET.fullmatch(str(s.get("name")))
+            ]
+            body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
+            return body
+
+        self._apply("destinationrules", render)
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """The policy as the VirtualService, with what the platform set beside its routes
@@ -808,13 +817,17 @@ class IstioRouter:
             problem = self._filter_problem()
             if problem:
                 raise RouterError(f"{problem}. No traffic was moved")
-        vs["spec"] = with_platform_fields(vs["spec"], live.get("spec") or {})
-        if not self.target.hosts:  # the platform's (a host its gateway serves), and the Service's
-            hosts = [h for h in (live.get("spec") or {}).get("hosts") or [] if isinstance(h, str)]
-            vs["spec"]["hosts"] = hosts if self.target.host in hosts else [*hosts, self.target.host]
-        validate_istio(vs)  # refused before anything is written, the DestinationRule too
+
+        def render(live: dict[str, Any]) -> dict[str, Any]:
+            spec = with_platform_fields(vs["spec"], live.get("spec") or {})
+            if not self.target.hosts:  # the platform's (a host its gateway serves), and the Service's
+                hosts = [h for h in (live.get("spec") or {}).get("hosts") or [] if isinstance(h, str)]
+                spec["hosts"] = hosts if self.target.host in hosts else [*hosts, self.target.host]
+            return {**vs, "spec": spec}
+
+        validate_istio(render(live))  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))
-        return self._apply(vs, "virtualservices")
+        return self._apply("virtualservices", render)
 
     def serving_problem(self, policy: TrafficPolicy) -> str | None:
         """Why the mesh does not serve ``policy`` as ``set_routes`` applied it, None when it does:
@@ -849,18 +862,19 @@ class IstioRouter:
     def _add_subsets(self, versions: set[str]) -> None:
         """The DestinationRule's subsets as they are, and one for each of ``versions`` it lacks.
         None is removed here: only ``reconcile`` drops subsets, before a rollout routes to any."""
-        live = self._get("destinationrules")
-        if live is None:
-            raise RouterError(self._missing("DestinationRule"))
-        subsets = list((live.get("spec") or {}).get("subsets") or [])
-        have = {s.get("name") for s in subsets if isinstance(s, dict)}
-        missing = sorted((v for v in versions if subset(v) not in have), key=int)
-        if not missing:
-            return
-        body = render_destination_rule(self.target, missing)
-        body["spec"]["subsets"] = subsets + body["spec"]["subsets"]
-        body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
-        self._apply(body, "destinationrules")
+
+        def render(live: dict[str, Any]) -> dict[str, Any] | None:
+            subsets = list((live.get("spec") or {}).get("subsets") or [])
+            have = {s.get("name") for s in subsets if isinstance(s, dict)}
+            missing = sorted((v for v in versions if subset(v) not in have), key=int)
+            if not missing:
+                return None
+            body = render_destination_rule(self.target, missing)
+            body["spec"]["subsets"] = subsets + body["spec"]["subsets"]
+            body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
+            return body
+
+        self._apply("destinationrules", render)
 
     def versions_in_use(self) -> set[str]:
         """Every version the VirtualService sends anything to (a route's destination, a mirror, in

@@ -350,6 +350,43 @@ def test_istio_router_retries_when_the_object_changes_underneath(kube):
     assert router.get_routes() == CANARY
 
 
+@pytest.mark.parametrize("kind", ["VirtualService", "DestinationRule"])
+def test_what_the_platform_changes_while_the_rollout_writes_is_kept(kube, kind):
+    """A 409 on a stale resourceVersion was retried with the body rendered from the object as read
+    before it: the very change that made it conflict (a `kubectl edit` of a route's timeout, a
+    host the ingress team added, the DestinationRule's outlier detection) was overwritten by the
+    retry. Each try renders from the object whose resourceVersion it sends: the change is kept."""
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    plural = {"VirtualService": "virtualservices", "DestinationRule": "destinationrules"}[kind]
+    outlier = {"outlierDetection": {"consecutive5xxErrors": 3}}
+
+    def edit(obj):  # another writer's, between the rollout's read and its write
+        if kind == "VirtualService":
+            obj["spec"]["http"][-1]["timeout"] = "9s"
+            obj["spec"]["hosts"].insert(0, "digits.example.com")
+        else:
+            obj["spec"]["trafficPolicy"] = outlier
+
+    if kind == "VirtualService":
+        router.reconcile()
+    before = len(fake.writes())
+    fake.before_write = lambda: fake.touch(plural, "models", "digits", edit)
+    if kind == "VirtualService":
+        assert router.set_routes(CANARY) is True
+        assert router.get_routes() == CANARY
+    else:
+        router.reconcile()
+    assert [w["status"] for w in fake.writes()[before:]] == [409, 200]  # stale, then the retry
+    live = fake.objects[(plural, "models", "digits")]["spec"]
+    if kind == "VirtualService":
+        assert live["hosts"] == ["digits.example.com", TARGET.host]
+        assert {r["name"]: r.get("timeout") for r in live["http"]}["default"] == "9s"
+    else:
+        assert live["trafficPolicy"] == outlier
+        assert [s["name"] for s in live["subsets"]] == ["v1", "v2"]
+
+
 def test_make_router_rejects_unknown_backends():
     with pytest.raises(ValueError, match="unknown mesh backend 'linkerd'"):
         make_router("linkerd")
