@@ -648,6 +648,19 @@ def with_platform_subsets(rendered: dict[str, Any], live: dict[str, Any]) -> dic
     return {**{k: v for k, v in live.items() if k != "subsets"}, **rendered, "subsets": merged}
 
 
+def with_live_metadata(body: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with ``live``'s labels and annotations beside its own (its own win). deploy/'s
+    overlay is applied with the rollout's field manager, so what it set there (kustomize's
+    commonLabels and commonAnnotations: a team label an admission policy requires, a GitOps
+    tool's tracking label) is the rollout's to the API server: an apply that left it out removed it."""
+    meta = body["metadata"]
+    for key in ("labels", "annotations"):
+        merged = {**(((live.get("metadata") or {}).get(key)) or {}), **(meta.get(key) or {})}
+        if merged:
+            meta[key] = merged
+    return body
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -745,8 +758,8 @@ class IstioRouter:
             obj = render(live)
             if obj is None:
                 return False
-            validate_istio(obj)
-            body = copy.deepcopy(obj)
+            body = with_live_metadata(copy.deepcopy(obj), live)
+            validate_istio(body)
             if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
                 return False  # nothing to change: no write
             body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]

@@ -387,6 +387,25 @@ def test_what_the_platform_changes_while_the_rollout_writes_is_kept(kube, kind):
         assert [s["name"] for s in live["subsets"]] == ["v1", "v2"]
 
 
+def test_the_labels_and_annotations_the_overlay_applied_outlive_a_rollout(kube):
+    """deploy/'s overlay is applied with the rollout's field manager, so its commonLabels and
+    commonAnnotations on the VirtualService and the DestinationRule (a team or cost label that an
+    admission policy may require, a GitOps tool's tracking label) are the rollout's fields to the
+    API server: its applies, which sent only its own label, removed them at the first stage. They
+    are sent as they are, the rollout's own label beside them."""
+    fake, api = kube
+    labels = {"app.kubernetes.io/managed-by": "model-rollout", "team": "vision", "app.kubernetes.io/part-of": "ml"}
+    annotations = {"owner": "vision@example.com"}
+    for plural in ("virtualservices", "destinationrules"):
+        fake.touch(plural, "models", "digits", lambda o: o["metadata"].update(labels=labels, annotations=annotations))
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    for plural in ("virtualservices", "destinationrules"):
+        meta = fake.objects[(plural, "models", "digits")]["metadata"]
+        assert (meta["labels"], meta["annotations"]) == (labels, annotations), plural
+
+
 def test_make_router_rejects_unknown_backends():
     with pytest.raises(ValueError, match="unknown mesh backend 'linkerd'"):
         make_router("linkerd")
