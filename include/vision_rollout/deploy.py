@@ -228,23 +228,33 @@ COUNT = re.compile(r"[1-9][0-9]{0,4}")  # a count of pods, 1 to 99999, as an ann
 # A Deployment's own settings beside its pod template, which the platform may set (a GPU
 # cluster's maxSurge 0, say) and the rollout carries from the live Deployment it applies.
 CARRIED_SPEC = ("strategy", "minReadySeconds", "revisionHistoryLimit", "progressDeadlineSeconds")
+# A live Deployment's annotations that are not the platform's, so not carried: the rollout's own
+# record of a version (set per version), the Deployment controller's revision, kubectl's
+# last-applied configuration (of that Deployment, not another version's).
+NOT_CARRIED = ("model-rollout/", "deployment.kubernetes.io/", "kubectl.kubernetes.io/last-applied-configuration")
 
 
 def with_live_settings(body: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
     """``body`` (``render_deployment``'s, made like ``live``'s pod template) with what ``live``
     (the Deployment it is made like: its own, or the baseline's for a new candidate) holds beside
-    the template: ``CARRIED_SPEC``, its labels, and its selector's labels beside ``app`` and
-    ``version`` (kustomize's commonLabels adds some; a selector cannot change). Applied by the
-    field manager that installed them (deploy/'s overlay is applied with the rollout's), a field
-    left out of the body would be removed."""
+    the template: ``CARRIED_SPEC``, its labels, its annotations but ``NOT_CARRIED``'s (kustomize's
+    commonAnnotations, Reloader's), and its selector's labels beside ``app`` and ``version``
+    (kustomize's commonLabels adds some; a selector cannot change). Applied by the field manager
+    that installed them (deploy/'s overlay is applied with the rollout's), a field left out of
+    the body would be removed."""
     live_spec, spec, meta = live.get("spec") or {}, body["spec"], body["metadata"]
+    live_meta = live.get("metadata") or {}
     carried = {k: live_spec[k] for k in CARRIED_SPEC if live_spec.get(k) is not None}
     selector = ((live_spec.get("selector") or {}).get("matchLabels")) or {}
     matched = {**selector, **spec["selector"]["matchLabels"]}
-    labels = {**((live.get("metadata") or {}).get("labels") or {}), **meta["labels"]}
+    labels = {**(live_meta.get("labels") or {}), **meta["labels"]}
+    annotations = {
+        **{k: v for k, v in (live_meta.get("annotations") or {}).items() if not k.startswith(NOT_CARRIED)},
+        **(meta.get("annotations") or {}),
+    }
     return {
         **body,
-        "metadata": {**meta, "labels": labels},
+        "metadata": {**meta, "labels": labels, **({"annotations": annotations} if annotations else {})},
         "spec": {**spec, **carried, "selector": {**spec["selector"], "matchLabels": matched}},
     }
 
@@ -515,7 +525,10 @@ class VersionDeployments:
         if live is not None:
             body = with_live_settings(body, live)
         if deployed is not None:
-            body["metadata"]["annotations"] = {IMAGE_ANNOTATION: deployed}
+            body["metadata"]["annotations"] = {
+                **(body["metadata"].get("annotations") or {}),
+                IMAGE_ANNOTATION: deployed,
+            }
             if recorded is not None:
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
 

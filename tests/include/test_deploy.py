@@ -239,6 +239,49 @@ def test_a_deployments_own_settings_outlive_the_rollouts_applies():
         api.stop()
 
 
+def test_the_annotations_the_overlay_set_on_a_deployment_outlive_the_rollouts_applies():
+    """The annotations kustomize's commonAnnotations (or the overlay itself) put on version 1's
+    Deployment, applied with the rollout's field manager, were left out of its applies, which
+    that manager makes a removal: an owner annotation, or Reloader's, which restarts the pods
+    when their Secrets rotate, gone from the version scaled and never on the candidate made like
+    it. They are kept and carried over, as its labels are; the rollout's own record
+    (model-rollout/*), the controller's revision and kubectl's last-applied configuration of
+    the baseline are not the candidate's."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import IMAGE_ANNOTATION, VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    own = {"owner": "vision@example.com", "reloader.stakater.com/auto": "true"}
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    v1["metadata"]["annotations"] = {
+        **own,
+        IMAGE_ANNOTATION: "img:1",
+        "deployment.kubernetes.io/revision": "4",
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+    }
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), v1)
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.apply("2", "img:2", 1, like="1")
+        versions.scale("2", 2)
+        versions.scale("1", 0)
+        v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
+        assert {k: v1_live["annotations"].get(k) for k in own} == own
+        assert v1_live["annotations"][IMAGE_ANNOTATION] == "img:1"
+        assert {k: v2_live["annotations"].get(k) for k in own} == own
+        assert v2_live["annotations"][IMAGE_ANNOTATION] == "img:2"
+        assert "deployment.kubernetes.io/revision" not in v2_live["annotations"]
+        assert "kubectl.kubernetes.io/last-applied-configuration" not in v2_live["annotations"]
+    finally:
+        api.stop()
+
+
 def test_a_candidate_made_like_a_baseline_with_serve_equals_serves_only_itself():
     """A baseline written by hand with ``--serve=digits:1`` (one argument, as argparse takes it):
     the candidate made like it kept that and had ``--serve digits:2`` added, so its pods loaded
