@@ -4,6 +4,7 @@ with, installing the same pinned requirements under the same constraints."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -53,6 +54,56 @@ def test_the_airflow_image_is_the_tests_airflow_python_and_requirements():
     for folder in ("dags", "plugins", "include"):
         assert f"COPY --chown=airflow:0 {folder}/ /opt/airflow/{folder}/" in text
     assert re.search(r"^USER 50000$", text, re.M)  # the official image's airflow user, not root
+
+
+def image_layout(dockerfile: Path, root: Path) -> str:
+    """What ``dockerfile``'s COPY instructions (from the build context) put into the image, laid
+    out under ``root`` as it would be under /, and its ``PYTHONPATH`` with ``root`` in front of
+    each entry: the image's files, as far as Python sees them, without a Docker engine."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        args = [a for a in line.split() if not a.startswith("--")]
+        assert not line.startswith("--from"), line
+        *sources, dest = args
+        for source in sources:
+            src, target = ROOT / source, root / dest.lstrip("/")
+            if src.is_dir():  # a folder's contents into the destination folder
+                shutil.copytree(src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, target / src.name)
+    (path,) = re.findall(r"^ENV .*\bPYTHONPATH=(\S+)", text, re.M)
+    return ":".join(str(root / p.lstrip("/")) for p in path.split(":"))
+
+
+def test_the_airflow_images_dags_import_with_what_the_image_holds(tmp_path):
+    """The Airflow image held dags/, plugins/ and include/, but not model_server/, which the
+    library imports (the traffic policy, the prediction log's reader, the protocol's limits):
+    both DAGs failed to import in the image (ModuleNotFoundError: model_server), and a cluster
+    installed from deploy/helm/values.yaml had no rollout to run. The DAG files import with the
+    image's files and its PYTHONPATH only (the installed packages, not this checkout's)."""
+    import sysconfig
+
+    path = image_layout(ROOT / "docker" / "Dockerfile.airflow", tmp_path / "image")
+    dags = tmp_path / "image" / "opt" / "airflow" / "dags"  # Airflow puts its DAG folder on sys.path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = ":".join([path, str(dags), sysconfig.get_paths()["purelib"]])
+    done = subprocess.run(
+        # -S: no site, so no .pth file puts this checkout's editable install on the path
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "import model_rollout, shadow_audit; import model_server; print(model_server.__file__)",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(str(tmp_path / "image"))
 
 
 def test_the_model_server_image_installs_its_requirements_under_the_constraints():
