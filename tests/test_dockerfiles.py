@@ -106,6 +106,52 @@ def test_the_airflow_images_dags_import_with_what_the_image_holds(tmp_path):
     assert done.stdout.strip().startswith(str(tmp_path / "image"))
 
 
+def test_the_model_server_image_installs_every_package_the_server_imports():
+    """The model server's image installs model_server/requirements.txt alone, which lacked
+    google-re2 (the traffic policy's regexes), cryptography (masking), pandas and pyarrow (the
+    prediction log) and boto3 (its s3:// store): a pod of the image stopped at start with
+    ModuleNotFoundError. The tests never saw it: their venv has the Airflow side's packages too.
+    Every third-party module the server imports (at the top or inside a function) comes from a
+    distribution those requirements install, directly or as a dependency (as installed here)."""
+    import ast
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    imported: set[str] = set()
+    for path in (ROOT / "model_server").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(m for m in imported if m not in sys.stdlib_module_names and m != "model_server")
+
+    lines = [
+        line.split("#")[0].strip() for line in (ROOT / "model_server" / "requirements.txt").read_text().splitlines()
+    ]
+    todo = [Requirement(line) for line in lines if line]
+    installed: set[str] = set()
+    while todo:
+        req = todo.pop()
+        if norm(req.name) in installed:
+            continue
+        installed.add(norm(req.name))
+        try:
+            requires = md.distribution(req.name).requires or []
+        except md.PackageNotFoundError:  # (the CUDA libraries of onnxruntime-gpu's extras: no modules of ours)
+            continue
+        for dep in map(Requirement, requires):
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(dep)
+    providers = md.packages_distributions()
+    missing = {m: providers.get(m) for m in third_party if not {norm(d) for d in providers.get(m, [])} & installed}
+    assert not missing, f"imported by model_server/ but not installed by its requirements: {missing}"
+
+
 def test_the_model_server_image_installs_its_requirements_under_the_constraints():
     """Its requirements pin its direct dependencies only: without the constraints, what they pull
     in (uvicorn[standard]'s uvloop, httptools, websockets, watchfiles; protobuf, sympy...) was
