@@ -39,9 +39,8 @@ from devstack import manifests
 from devstack.cluster.dataplane import NginxDataPlane, render_accepted
 from devstack.cluster.install import apply_object, apply_secret, pod_secrets
 from devstack.cluster.kube import FakeKubeAPI
-from devstack.cluster.pods import PodRunner
+from devstack.cluster.pods import PodRunner, copy_build_sources
 from devstack.processes import (
-    ROOT,
     S3_CREDENTIALS,
     PrometheusProcess,
     S3Process,
@@ -254,10 +253,9 @@ class Cluster:
             apply_secret(api, namespace, name, data)
         # The build pods' registry credentials (this registry takes any).
         apply_secret(api, build.namespace, build.push_secret, {".dockerconfigjson": json.dumps({"auths": {}})})
-        # The build context the rollout's build pod reads: the Dockerfile and the model's folder.
+        # The build context the rollout's build pod reads: what the Dockerfile copies, the model's folder.
         shutil.copytree(self.repository / model, self.context / "models" / model, dirs_exist_ok=True)
-        (self.context / "docker").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / "docker" / "Dockerfile.model-server", self.context / "docker")
+        copy_build_sources(self.context)
         image = BOOTSTRAP_TAG.format(model=model, version=1)
         self.images[image] = self.repository
         deployments = VersionDeployments(target, model, api, build=build, prediction_log=self.prediction_log)

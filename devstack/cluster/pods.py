@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from devstack.cluster.kube import FakeKubeAPI, now_rfc3339
-from devstack.processes import PYTHONPATH, free_port
+from devstack.processes import PYTHONPATH, ROOT, free_port
 
 log = logging.getLogger(__name__)
 
@@ -906,6 +906,20 @@ SHA256_CHECK = (
 )
 
 
+def copy_build_sources(context: Path) -> None:
+    """What a build context of ``docker/Dockerfile.model-server`` holds beside the models (the
+    files its COPY instructions read): the Dockerfile, the model server and the constraints."""
+    (context / "docker").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "docker" / "Dockerfile.model-server", context / "docker")
+    shutil.copy2(ROOT / "constraints.txt", context)
+    shutil.copytree(
+        ROOT / "model_server",
+        context / "model_server",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+
+
 def build_model_image(
     command: list[str],
     args: list[str],
@@ -983,6 +997,14 @@ def build_model_image(
         raise BuildError(f"--opt filename={filename}: this stand-in builds only docker/Dockerfile.model-server")
     build_args = {k.removeprefix("build-arg:"): v for k, v in opts.items() if k.startswith("build-arg:")}
     model_dir = build_args.get("MODEL_DIR") or "models"
+    # Every COPY from the context needs its sources there, as BuildKit computes their cache keys.
+    for line in re.findall(r"^COPY (.+)$", re.sub(r"\\\n", " ", dockerfile.read_text()), re.M):
+        if "--from=" in line:
+            continue
+        for src in [a for a in line.split() if not a.startswith("--")][:-1]:
+            path = src.replace("${MODEL_DIR}", model_dir).strip("/")
+            if not (context / path).resolve().is_relative_to(context.resolve()) or not (context / path).exists():
+                raise BuildError(f'failed to solve: failed to compute cache key: "/{path}": not found')
     source = (context / model_dir).resolve()
     say(f"#2 [models 1/2] COPY {model_dir} /models")
     if not source.is_relative_to(context.resolve()) or not source.is_dir():

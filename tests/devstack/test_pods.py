@@ -25,7 +25,7 @@ from kubernetes import client
 from devstack import manifests, rbac
 from devstack.cluster.install import apply_secret, pod_secrets
 from devstack.cluster.kube import WORKER_USER, FakeKubeAPI
-from devstack.cluster.pods import PodRunner, kill_orphans
+from devstack.cluster.pods import PodRunner, copy_build_sources, kill_orphans
 from devstack.processes import alive
 from vision_rollout.deploy import VersionDeployments, render_deployment
 from vision_rollout.locks import FileLock
@@ -208,10 +208,9 @@ def test_replicas_beyond_the_limit_are_reported_in_the_deployment_status(tmp_pat
 
 @pytest.fixture
 def build_context(tmp_path: Path, models_dir: Path) -> Path:
-    """A build context like the production one: the Dockerfile and the candidate's model."""
+    """A build context like the production one: what the Dockerfile copies, the candidate's model."""
     context = tmp_path / "context"
-    (context / "docker").mkdir(parents=True)
-    shutil.copy(ROOT / "docker" / "Dockerfile.model-server", context / "docker")
+    copy_build_sources(context)
     (context / "models" / "digits" / "2").mkdir(parents=True)
     shutil.copy(models_dir / "digits" / "config.json", context / "models" / "digits")
     shutil.copy(models_dir / "digits" / "2" / "model.onnx", context / "models" / "digits" / "2")
@@ -542,6 +541,24 @@ def test_the_build_stand_in_refuses_what_it_does_not_understand(build_context, t
     assert pushed == [IMAGE, f"{IMAGE.rpartition(':')[0]}@{json.loads(message)['containerimage.digest']}"]  # it builds
     with pytest.raises(BuildError, match=re.escape(reason)):
         build_model_image(container["command"], change(container["args"]), {}, tmp_path / "images", lines.append)
+
+
+@pytest.mark.parametrize("missing", ["model_server", "constraints.txt"])
+def test_a_build_context_without_what_the_dockerfile_copies_fails_naming_it(build_context, tmp_path, missing):
+    """The README's build context was "a tarball of docker/ and models/", and the cluster's and
+    these tests' contexts the same: the stand-in built from them, but BuildKit fails the
+    Dockerfile's `COPY model_server/requirements.txt constraints.txt /tmp/` (and `COPY
+    model_server ...`) on such a context: the production build could not succeed. The stand-in
+    fails it as BuildKit does, naming the path; the contexts hold what the Dockerfile copies."""
+    from devstack.cluster.pods import BuildError, build_model_image
+
+    container = digits_build_pod("b", f"dir://{build_context}", sha256_of(build_context))["spec"]["containers"][0]
+    build_model_image(container["command"], container["args"], {}, tmp_path / "images", print)  # the whole one builds
+    path = build_context / missing
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    wanted = "model_server/requirements.txt" if missing == "model_server" else missing
+    with pytest.raises(BuildError, match=re.escape(f'failed to compute cache key: "/{wanted}": not found')):
+        build_model_image(container["command"], container["args"], {}, tmp_path / "images", print)
 
 
 @pytest.mark.parametrize(
