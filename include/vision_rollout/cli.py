@@ -411,7 +411,13 @@ def cmd_mesh(args: argparse.Namespace) -> int:
             raise UsageError("--backend istio needs --namespace, --service and --name")
         versions = _versions(args.versions, policy) if args.versions else sorted(policy.versions(), key=int)
         try:
-            target = IstioTarget(args.namespace, args.service, args.name, root_namespace=args.root_namespace)
+            target = IstioTarget(
+                args.namespace,
+                args.service,
+                args.name,
+                root_namespace=args.root_namespace,
+                cluster_domain=args.cluster_domain,
+            )
             if args.action == "render":
                 objs = [render_destination_rule(target, versions), render_virtual_service(target, policy, versions)]
                 for o in objs:
@@ -1427,6 +1433,11 @@ def parser() -> argparse.ArgumentParser:
         "--root-namespace",
         default="istio-system",
         help="apply --backend istio: the mesh's root namespace, where its bucket EnvoyFilter is (default istio-system)",
+    )
+    m.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        help="--backend istio: the cluster's DNS domain, which the Service's host name ends with (default cluster.local)",
     )
     m.add_argument("--url", type=_url, help="model server, http://host:port (local backend)")
     m.add_argument("--model", type=_model)

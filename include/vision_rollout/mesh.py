@@ -216,6 +216,7 @@ KUBERNETES_NAMES = {  # a target's names: what the API server takes (rule in wor
 
 
 ISTIO_ROOT_NAMESPACE = "istio-system"  # Istio's default: an EnvoyFilter there applies to every proxy
+CLUSTER_DOMAIN = "cluster.local"  # Kubernetes' default DNS domain (kubelet's clusterDomain, Istio's domainSuffix)
 # A VirtualService's gateway as istiod's webhook takes it (validateGatewayNames): <namespace>/<name>,
 # each a DNS label, or a host name of such labels ("mesh", the sidecars, is one).
 _ISTIO_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
@@ -226,8 +227,10 @@ ISTIO_GATEWAY = re.compile(rf"{_ISTIO_LABEL}/{_ISTIO_LABEL}|(?=.{{1,255}}$){_IST
 class IstioTarget:
     """The Istio objects one model's rollout drives: its Service, and the VirtualService and
     DestinationRule named ``name`` in ``namespace``; and where the mesh's bucket EnvoyFilter is
-    (``root_namespace``: the mesh's rootNamespace, one filter for every proxy). RouterError for
-    a name Kubernetes would refuse (``KUBERNETES_NAMES``): nothing is rendered for it."""
+    (``root_namespace``: the mesh's rootNamespace, one filter for every proxy). ``cluster_domain``:
+    the cluster's DNS domain, which the Service's host name ends with (Istio knows it by that
+    name only). RouterError for a name Kubernetes would refuse (``KUBERNETES_NAMES``): nothing
+    is rendered for it."""
 
     namespace: str
     service: str  # the Kubernetes Service in front of the model server pods
@@ -235,9 +238,14 @@ class IstioTarget:
     gateways: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)  # default: the service's cluster name
     root_namespace: str = ISTIO_ROOT_NAMESPACE
+    cluster_domain: str = CLUSTER_DOMAIN
 
     def __post_init__(self) -> None:
-        names = {**KUBERNETES_NAMES, "root_namespace": KUBERNETES_NAMES["namespace"]}
+        names = {
+            **KUBERNETES_NAMES,
+            "root_namespace": KUBERNETES_NAMES["namespace"],
+            "cluster_domain": KUBERNETES_NAMES["name"],
+        }
         for key, (rule, pattern) in names.items():
             value = getattr(self, key)
             if not isinstance(value, str) or not re.fullmatch(pattern, value):
@@ -251,7 +259,7 @@ class IstioTarget:
 
     @property
     def host(self) -> str:
-        return f"{self.service}.{self.namespace}.svc.cluster.local"
+        return f"{self.service}.{self.namespace}.svc.{self.cluster_domain}"
 
 
 # -- sticky assignment in the mesh -----------------------------------------------------------

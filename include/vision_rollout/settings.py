@@ -12,7 +12,8 @@ wrong; every default is here and nowhere else. The extras:
 - ``shared_folders``: true when ``run_dir`` and ``prediction_log``, folders, are on a volume every
   worker mounts (``unshared``: with workers on several machines a folder is otherwise refused)
 - ``istio``: ``namespace``, ``service``, ``name``, ``gateways``, ``hosts``, ``root_namespace`` (the
-  mesh's, where its bucket EnvoyFilter is; default ``istio-system``) (kubernetes mode), and
+  mesh's, where its bucket EnvoyFilter is; default ``istio-system``), ``cluster_domain`` (the
+  cluster's DNS domain; default ``cluster.local``) (kubernetes mode), and
   ``url``: where the workers reach the model's Service through the mesh (the validation replay,
   the masking probe; default the connection's own host and port)
 - ``build``: ``registry``, ``context``, ``builder_image``, ``namespace``, ``service_account``,
@@ -45,7 +46,7 @@ from typing import Any
 import jsonschema
 
 from vision_rollout.folders import Folder, folder_problem
-from vision_rollout.mesh import ISTIO_ROOT_NAMESPACE, KUBERNETES_NAMES, IstioTarget, RouterError
+from vision_rollout.mesh import CLUSTER_DOMAIN, ISTIO_ROOT_NAMESPACE, KUBERNETES_NAMES, IstioTarget, RouterError
 from vision_rollout.serving import ModelServerAdmin
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ EXTRA_SCHEMA: dict[str, Any] = {
                 "hosts": _NAMES,
                 # The mesh's rootNamespace, where deploy/'s bucket EnvoyFilter is (default istio-system).
                 "root_namespace": {**_text(63), "pattern": r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
+                # The cluster's DNS domain, which its Services' host names end with (default cluster.local).
+                "cluster_domain": {**_text(253), "pattern": f"^{KUBERNETES_NAMES['name'][1]}$"},
                 # In the mesh (the sidecar adds mTLS): a host and port, no path, no credentials.
                 "url": {**_text(), "pattern": r"^http://[^/@?#\s]+/?$"},
             },
@@ -399,6 +402,7 @@ class ServingSettings:
                 list(raw.get("gateways", [])),
                 list(raw.get("hosts", [])),
                 raw.get("root_namespace") or ISTIO_ROOT_NAMESPACE,
+                raw.get("cluster_domain") or CLUSTER_DOMAIN,
             )
         except RouterError as exc:
             raise SettingsError(

@@ -420,3 +420,30 @@ def test_conditional_put_probes_a_killed_process_left_are_pruned_after_an_hour(s
     assert probe in run_dir.changed()
     assert prune_runs(run_dir, [], now - 86400, later)["conditional-put probes"] == [probe]
     assert sorted(run_dir.changed()) == ["notes.txt"]
+
+
+def test_a_cluster_whose_dns_domain_is_not_cluster_local_is_named_by_its_own():
+    """The rollout wrote every host as <service>.<namespace>.svc.cluster.local, with no way to
+    say otherwise: on a cluster whose DNS domain is another (kubelet's clusterDomain, Istio's
+    domainSuffix), the VirtualService's and DestinationRule's host named no service Istio
+    knows, and its routes and subsets applied to nothing (Envoy spread the requests over every
+    version). The istio section's cluster_domain names it; a domain Kubernetes would refuse is
+    named."""
+    from model_server.traffic import TrafficPolicy
+    from vision_rollout.mesh import render_destination_rule, render_virtual_service
+
+    istio = {"namespace": "models", "service": "digits", "name": "digits", "cluster_domain": "k8s.example.internal"}
+    target = ServingSettings.from_connection("http://h:8000", None, {"istio": istio}).istio_for("digits")
+    host = "digits.models.svc.k8s.example.internal"
+    assert target.host == host
+    vs = render_virtual_service(target, TrafficPolicy.from_dict({"route": [{"version": "1"}]}), ["1"])
+    assert vs["spec"]["hosts"] == [host]
+    assert {d["destination"]["host"] for r in vs["spec"]["http"] for d in r["route"]} == {host}
+    assert render_destination_rule(target, ["1"])["spec"]["host"] == host
+    for wrong in ("Example_Domain", "-k8s.local", "a" * 254):
+        with pytest.raises(SettingsError, match="cluster_domain"):
+            ServingSettings.from_connection("http://h:8000", None, {"istio": {**istio, "cluster_domain": wrong}})
+    del istio["cluster_domain"]
+    assert ServingSettings.from_connection("http://h:8000", None, {"istio": istio}).istio_for("d").host == (
+        "digits.models.svc.cluster.local"
+    )
