@@ -85,11 +85,14 @@ def roll_out(api: AirflowAPI, outbox: Folder, conf: dict[str, Any], timeout_s: f
 
 def carried_out(state: str, outcome: Any, tis: dict[str, Any]) -> bool:
     """Whether a run carried out its decision and nothing else failed: a promotion ends success;
-    a rollback ends failed by its ``outcome`` task alone (it fails a rolled-back run on purpose)."""
+    a rollback ends failed by its ``outcome`` task (it fails a rolled-back run on purpose), beside
+    the stage's tasks that condemned the candidate (a stage that did not pass fails its wait)."""
     if state == "success":
         return outcome == "promote"
-    failed = sorted(task_id for task_id, ti in tis.items() if ti["state"] == "failed")
-    return state == "failed" and outcome == "rollback" and failed == ["outcome"]
+    failed = {task_id for task_id, ti in tis.items() if ti["state"] == "failed"}
+    others = {task_id for task_id in failed - {"outcome"} if not task_id.startswith("stage_")}
+    rolled_back = tis.get("rollback", {}).get("state") == "success"
+    return state == "failed" and outcome == "rollback" and rolled_back and "outcome" in failed and not others
 
 
 def stage_verdict(api: Any, run_id: str, stage: int) -> dict[str, Any] | None:

@@ -34,8 +34,9 @@ def test_the_demo_prints_the_verdict_of_a_stage_whose_wait_failed_its_test():
 
 
 def test_the_demo_counts_a_rollback_that_failed_its_run_by_its_outcome_task_as_carried_out():
-    """A rolled-back run ends failed (its ``outcome`` task): the demo's exit status counts it as
-    carried out, and a run failed by anything else (its teardown, say) as not."""
+    """A rolled-back run ends failed (its ``outcome`` task, beside the stage that condemned the
+    candidate): the demo's exit status counts it as carried out, and a run failed by anything else
+    (its teardown, say) as not."""
     from scripts.demo import carried_out
 
     def tis(**states: str) -> dict:
@@ -43,6 +44,10 @@ def test_the_demo_counts_a_rollback_that_failed_its_run_by_its_outcome_task_as_c
 
     assert carried_out("success", "promote", tis(promote="success", outcome="success"))
     assert carried_out("failed", "rollback", tis(rollback="success", outcome="failed"))
+    # (the stage that did not pass fails its wait, and its gate is upstream_failed)
+    condemned = {"stage_2.wait_for_metrics": "failed", "stage_2.statistical_gate": "upstream_failed"}
+    assert carried_out("failed", "rollback", tis(rollback="success", outcome="failed", **condemned))
+    assert not carried_out("failed", "rollback", tis(rollback="failed", outcome="failed", **condemned))
     assert not carried_out("failed", "rollback", tis(rollback="success", outcome="failed", ensure_stable="failed"))
     assert not carried_out("failed", "promote", tis(promote="success", notify="failed"))
     assert not carried_out("success", None, tis(decide="success"))
