@@ -284,7 +284,7 @@ def test_the_demo_rolls_version_3_back_and_starts_again_from_version_1(up, api, 
     )
     out = capsys.readouterr().out
     assert result["outcome"] == "rollback"
-    assert (result["state"], result["carried_out"]) == ("failed", True)  # failed by its outcome task alone
+    assert (result["state"], result["carried_out"]) == ("failed", True)  # (outcome failed it, beside v3's stage)
     assert "decision: ROLLBACK" in out
     # The accuracy that condemns v3, with its numbers: the replay's guard, or (when live labels
     # land before the replay, as on a loaded machine) the live accuracy check.
