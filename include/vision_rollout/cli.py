@@ -952,6 +952,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     or sent to Slack with the bot token of ``--token-file``, each removed once Slack took it. Those
     Slack refused for good (a mistyped channel) are set aside in its ``refused/``: listed with
     Slack's reason, sent again with ``--retry-refused`` (all, or those named), or dropped."""
+    from vision_rollout.folders import NotAFile
     from vision_rollout.notify import REFUSED, drop_report, one_line, send_refused, send_waiting, waiting_reports
 
     if not hasattr(args, "outbox"):
@@ -979,7 +980,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         for name in args.names:
             try:
                 print(f"dropped {_shown(drop_report(args.outbox, name))}")
-            except (ValueError, FileNotFoundError) as exc:
+            except (ValueError, FileNotFoundError, NotAFile) as exc:
                 raise UsageError(str(exc)) from None
         return 0
     token = _token(args.token_file)

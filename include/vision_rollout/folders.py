@@ -50,7 +50,7 @@ class NotAFile(OSError):
     """What sits at a file's path on a disk is no regular file (a link, a named pipe, a device,
     a folder): not read. ``why`` says what it is."""
 
-    def __init__(self, path: Path, why: str) -> None:
+    def __init__(self, path: Path | str, why: str) -> None:
         super().__init__(f"{path} is {why}")
         self.why = why
 
@@ -261,17 +261,46 @@ class Folder:
         return urlsplit(self.uri).scheme == "s3"
 
     def delete(self, name: str) -> None:
-        """``name`` in this folder is gone; nothing when it was not there."""
+        """``name`` in this folder is gone; nothing when it was not there. NotAFile (an OSError
+        naming it) when it is a folder (``check_files``), nothing removed."""
         path = self.path
         if path is not None:
-            (path / _check_name(name)).unlink(missing_ok=True)
+            self.check_files(name)
+            (path / name).unlink(missing_ok=True)
             return
         import pyarrow.fs as pafs
 
         fs, key = self._key(_check_name(name))
         with store_errors():
-            if fs.get_file_info(key).type == pafs.FileType.File:
+            kind = fs.get_file_info(key).type
+            if kind == pafs.FileType.File:
                 fs.delete_file(key)
+        if kind == pafs.FileType.Directory:
+            raise NotAFile(self._location(name), "a folder, not a file: not removed")
+
+    def check_files(self, *names: str) -> None:
+        """NotAFile (an OSError naming it) for the first of ``names`` that is a folder here (in
+        an object store, a prefix holding keys), ``delete`` refusing it; nothing otherwise (a
+        file, or nothing there). One look each, not a listing: a caller removing several files
+        checks them all before removing any."""
+        import pyarrow.fs as pafs
+
+        for name in names:
+            _check_name(name)
+            path = self.path
+            if path is not None:
+                try:
+                    folder = stat.S_ISDIR((path / name).lstat().st_mode)
+                except (FileNotFoundError, NotADirectoryError):
+                    folder = False
+                where: Path | str = path / name
+            else:
+                fs, key = self._key(name)
+                with store_errors():
+                    folder = fs.get_file_info(key).type == pafs.FileType.Directory
+                where = self._location(name)
+            if folder:
+                raise NotAFile(where, "a folder, not a file: not removed")
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` is a file in this folder: one look, not a listing."""

@@ -1164,15 +1164,16 @@ def drop_report(outbox: Folder, name: str) -> str:
     """The report ``name`` (``<stem>.json``) removed for good from the outbox's ``refused/`` or,
     where it is not set aside, from the outbox, with its chart (and a ``.posted`` mark); where it
     was, ``refused/<name>`` or ``<name>``. A name that is not a report's: ValueError; none there:
-    FileNotFoundError."""
+    FileNotFoundError; one of them a folder: NotAFile (an OSError naming it), nothing removed."""
     if not name.endswith(".json") or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"{name!r}: not a report's name (<stem>.json, as outbox list shows it)")
     stem = name.removesuffix(".json")
     for folder, where in ((outbox / REFUSED, f"{REFUSED}/{name}"), (outbox, name)):
         if name in folder.names():
-            folder.delete(name)
-            folder.delete(f"{stem}.png")
-            folder.delete(stem + POSTED)
+            files = (name, f"{stem}.png", stem + POSTED)
+            folder.check_files(*files)  # (all looked at before any is removed)
+            for file in files:
+                folder.delete(file)
             return where
     raise FileNotFoundError(f"{name}: no such report in {outbox}")
 

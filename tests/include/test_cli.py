@@ -2096,6 +2096,26 @@ def test_outbox_lists_reports_set_aside_sends_them_again_on_request_and_drops_on
         slack.stop()
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_outbox_drop_of_a_report_whose_chart_is_a_folder_is_refused_naming_it_nothing_removed(
+    where, tmp_path, request, capsys
+):
+    """``<stem>.png`` a folder (a key below it in S3): drop removed the report, then exited 4 on
+    IsADirectoryError (on a disk) or 0 (in S3), the folder left behind. Refused, naming it, with
+    nothing removed."""
+    from vision_rollout.folders import Folder
+
+    uri = request.getfixturevalue("s3").uri() if where == "s3" else str(tmp_path / "outbox")
+    outbox = Folder(uri)
+    outbox.write("a.json", json.dumps({"channel": "#c", "text": "a"}).encode())
+    (outbox / "a.png").write("x", b"not a chart")
+    code, out, err = run(capsys, "outbox", "drop", "--outbox", uri, "a.json")
+    assert (code, out) == (2, ""), err
+    assert "a.png is a folder, not a file" in err
+    assert outbox.names() == ["a.json"]
+    assert outbox.folders() == ["a.png"]
+
+
 def test_run_says_on_stdout_when_each_stage_starts_and_how_it_is_going(tmp_path, monkeypatch, capsys):
     """A stage bakes for minutes and run printed nothing on stdout until it ended (without -v): a
     user watching could not tell a working run from a hung one. Each stage's start is a line
