@@ -104,18 +104,36 @@ def _read_part(stage: Folder, cache: str, part: str, schema: pa.Schema, room: in
     return _Part(part, len(data), table, files)
 
 
-def _load(stage: Folder, cache: str, schema: pa.Schema, max_bytes: int | None = None) -> tuple[list[_Part], list[str]]:
+def _load(
+    stage: Folder,
+    cache: str,
+    schema: pa.Schema,
+    max_bytes: int | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[list[_Part], list[str]]:
     """The stage's parts that read as its own, and the names of those that do not; none of a
     folder that cannot be listed. With ``max_bytes``, the parts whose records fit in it together
-    (those beyond are read as none, left alone: their files are the log's to read)."""
+    (those beyond are read as none, left alone: their files are the log's to read). With
+    ``deadline`` (a ``clock()``), a part's read begins only before it (a stalled store: each
+    part's GET waits out its timeout); those not begun are read as none, left alone."""
     parts: list[_Part] = []
     bad: list[str] = []
+    late = lambda: deadline is not None and clock() >= deadline  # noqa: E731
     try:
-        names = [n for n in stage.names() if PART_NAME.fullmatch(n)]
+        names = [] if late() else [n for n in stage.names() if PART_NAME.fullmatch(n)]
     except OSError as exc:
         log.warning("log cache %s not used: %s", cache, str(exc)[:300])
         return parts, bad
-    for part in names:
+    for i, part in enumerate(names):
+        if late():
+            log.warning(
+                "log cache %s: %d of its %d parts not read: the poke's time was spent",
+                cache,
+                len(names) - i,
+                len(names),
+            )
+            break
         room = None if max_bytes is None else max_bytes - sum(p.table.nbytes for p in parts)
         try:
             parts.append(_read_part(stage, cache, part, schema, room))
@@ -264,7 +282,7 @@ def stage_records(
     cache = name(uri, model, start, columns)
     stage = folder / cache
     schema = read_schema(columns, written=True)
-    parts, bad = _load(stage, cache, schema, max_bytes)
+    parts, bad = _load(stage, cache, schema, max_bytes, deadline, clock)
     covered = _covered(parts)
     room = None if max_bytes is None else max(0, max_bytes - sum(p.table.nbytes for p in parts))
     _, listed, results = read_files(

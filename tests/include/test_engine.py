@@ -1249,6 +1249,39 @@ def test_a_poke_writes_what_it_read_new_not_the_whole_cache(tmp_path, monkeypatc
     assert same_poke(full, cached, window, t0 + 165).attrs["files_opened"] == 0
 
 
+def test_a_poke_reads_no_cache_part_once_its_deadline_passed(tmp_path, monkeypatch):
+    """A poke read every part of its stage's cache whatever its deadline (a stalled object store:
+    about 30 s a part, a poke of 16 parts taking minutes past its own). A part's read begins only
+    before the poke's deadline; those not read are read as none, left alone."""
+    from datetime import UTC, datetime
+
+    from model_server.predictionlog import read_schema
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    start, columns, log_uri = datetime.now(UTC), ["label"], str(tmp_path / "log")
+    cache = logcache.name(log_uri, "digits", start, columns)
+    stage = Folder(str(tmp_path / "run")) / cache
+    empty = read_schema(columns, written=True).empty_table()
+    for k in range(4):
+        stage.write(f"{k:032x}.parquet", logcache._encode(cache, [(f"{log_uri}/f{k}", empty, 0)]))
+    now = [0.0]
+    reads: list[str] = []
+    read_within = Folder.read_within
+
+    def stalled(self, name, limit):  # (each GET takes 30 s)
+        reads.append(name)
+        now[0] += 30
+        return read_within(self, name, limit)
+
+    monkeypatch.setattr(Folder, "read_within", stalled)
+    logcache.stage_records(
+        Folder(str(tmp_path / "run")), log_uri, start, start, "digits", columns, deadline=10.0, clock=lambda: now[0]
+    )
+    assert len(reads) == 1
+    assert len(stage.names()) == 4  # (those not read: left alone)
+
+
 def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, monkeypatch, s3):
     """In kubernetes mode the run folder is an object store: each poke on another pod."""
     import time
