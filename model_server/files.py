@@ -8,7 +8,8 @@ import functools
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -217,3 +218,74 @@ def s3_client(uri: str, region: str) -> Any:
         "tls_verify_certificates", "true"
     ).lower() not in ("false", "0", "no")
     return _s3_client(os.getpid(), endpoint, region, verify)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One entry of an object store's folder, as ``list_folder`` lists it."""
+
+    name: str
+    folder: bool
+    size: int
+    mtime: float | None  # (unix seconds; None where the store gives none)
+
+
+def list_folder(
+    fs: pafs.FileSystem,
+    uri: str,
+    path: str,
+    keep: Callable[[Listed], bool],
+    limit: int,
+    page: int,
+    expired: Callable[[], bool] | None = None,
+) -> tuple[list[Listed], str | None]:
+    """The entries of the object store's folder ``path`` (files and folders, not below them) that
+    ``keep`` takes, at most ``limit``; and why not all: "crowded" (more than ``limit``), or
+    "unlisted" (``expired()`` true between two pages), None when all. In S3 by pages of ``page``
+    keys (boto3's paged listing: never more than a page beyond ``limit`` in memory; an OSError when
+    it fails, FileNotFoundError when its bucket does not exist); elsewhere (GCS) pyarrow lists it
+    whole first."""
+    import pyarrow.fs as pafs
+
+    found: list[Listed] = []
+    if isinstance(fs, pafs.S3FileSystem):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = path.partition("/")
+        pages = s3_client(uri, fs.region).get_paginator("list_objects_v2")
+        try:
+            for answer in pages.paginate(
+                Bucket=bucket, Prefix=f"{key}/", Delimiter="/", PaginationConfig={"PageSize": page}
+            ):
+                entries = [
+                    Listed(p["Prefix"].rstrip("/").rsplit("/", 1)[-1], True, 0, None)
+                    for p in answer.get("CommonPrefixes", ())
+                ]
+                for item in answer.get("Contents", ()):
+                    modified = item.get("LastModified")
+                    name = item["Key"].rsplit("/", 1)[-1]
+                    mtime = modified.timestamp() if modified is not None else None
+                    entries.append(Listed(name, False, int(item.get("Size") or 0), mtime))
+                for entry in entries:
+                    if entry.name and keep(entry):  # (not the folder's own marker, key/)
+                        if len(found) >= limit:
+                            return found, "crowded"
+                        found.append(entry)
+                if answer.get("IsTruncated") and expired is not None and expired():
+                    return found, "unlisted"
+        except (BotoCoreError, ClientError) as exc:
+            missing = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchBucket"
+            raise (FileNotFoundError if missing else OSError)(f"listing s3://{path}: {exc}") from None
+        return found, None
+    with store_errors():
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for info in infos:
+        if info.type not in (pafs.FileType.File, pafs.FileType.Directory):
+            continue
+        mtime = info.mtime.timestamp() if info.mtime is not None else None
+        entry = Listed(info.base_name, info.type == pafs.FileType.Directory, info.size or 0, mtime)
+        if keep(entry):
+            if len(found) >= limit:
+                return found, "crowded"
+            found.append(entry)
+    return found, None

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from model_server import metrics
 from model_server.errors import MaskingUnavailable
-from model_server.files import filesystem, s3_client, store_errors, write_private
+from model_server.files import filesystem, list_folder, store_errors, write_private
 from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
 
@@ -801,32 +801,17 @@ def _log_files(
         except (FileNotFoundError, NotADirectoryError):
             pass
         return found, None
-    if isinstance(fs, pafs.S3FileSystem):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, _, key = path.partition("/")
-        pages = s3_client(str(uri), fs.region).get_paginator("list_objects_v2")
-        try:
-            for page in pages.paginate(
-                Bucket=bucket, Prefix=f"{key}/", Delimiter="/", PaginationConfig={"PageSize": LIST_PAGE}
-            ):
-                for item in page.get("Contents", ()):
-                    name = item["Key"].rsplit("/", 1)[-1]
-                    if keep(name):
-                        if full():
-                            return found, CROWDED
-                        found[f"{bucket}/{item['Key']}"] = int(item.get("Size") or 0)
-                if page.get("IsTruncated") and budget is not None and budget.expired():
-                    return found, UNLISTED
-        except (BotoCoreError, ClientError) as exc:
-            raise OSError(f"listing s3://{path}: {exc}") from None
-        return found, None
-    for info in _list(fs, path):
-        if info.type == pafs.FileType.File and keep(info.base_name):
-            if full():
-                return found, CROWDED
-            found[info.path] = info.size or 0
-    return found, None
+    listed, why = list_folder(
+        fs,
+        str(uri),
+        path,
+        lambda e: not e.folder and keep(e.name),
+        MAX_LISTED_FILES,
+        LIST_PAGE,
+        None if budget is None else budget.expired,
+    )
+    found = {f"{path}/{e.name}": e.size for e in listed}
+    return found, {"crowded": CROWDED, "unlisted": UNLISTED}.get(why or "")
 
 
 BLIND_HOURS = 48  # a range of more hours lists the days and hours that exist, not each of its hours

@@ -342,7 +342,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.out and args.out.path is not None and args.out.path.exists() and not args.out.path.is_dir():
         raise UsageError(f"--out {args.out}: not a folder")  # (else found once the log was read whole)
     try:
-        present = names & set(args.out.names()) if args.out else set()
+        present = {n for n in names if args.out.exists(n)} if args.out else set()  # (a look each: no listing)
     except ArrowInvalid as exc:
         raise UsageError(f"--out {args.out}: not a folder: {exc}") from None
     except OSError as exc:

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-from model_server.files import filesystem, folder_problem, s3_client, store_errors, write_private
+from model_server.files import Listed, filesystem, folder_problem, list_folder, s3_client, store_errors, write_private
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -35,6 +35,34 @@ if TYPE_CHECKING:
 __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
+# One listing of a folder (``names``, ``folders``, ``changed``) holds this many entries at most
+# and begins no page of an object store's listing (S3's: ``LIST_PAGE`` keys) after ``LIST_S``: a
+# folder of millions of files (or a hostile one) is listed in part (``complete`` false), never
+# whole into memory, as the prediction log's reader lists (``list_folder``).
+MAX_LISTED = 100_000
+LIST_PAGE = 1000
+LIST_S = 30.0
+
+
+class Names(list[str]):
+    """A listing's names; ``complete`` false when the folder was listed in part (``MAX_LISTED``,
+    ``LIST_S``): a name not there may still be in the folder."""
+
+    complete: bool = True
+
+
+class Changed(dict[str, float]):
+    """``changed``'s files and times; ``complete`` as ``Names``'."""
+
+    complete: bool = True
+
+
+_Found = TypeVar("_Found", Names, Changed)
+
+
+def _listed(found: _Found, complete: bool) -> _Found:
+    found.complete = complete
+    return found
 
 
 class WriteConflict(OSError):
@@ -312,39 +340,61 @@ class Folder:
         fs, key = self._key(_check_name(name))
         return bool(fs.get_file_info(key).type == pafs.FileType.File)
 
-    def names(self) -> list[str]:
-        """The files in this folder (not below it), sorted; [] when it does not exist."""
+    def names(self) -> Names:
+        """The files in this folder (not below it), sorted; [] when it does not exist. Listed in
+        part (``complete`` false) past ``MAX_LISTED`` entries or ``LIST_S``."""
         path = self.path
         if path is not None:
-            names = [p.name for p in path.iterdir() if p.is_file()] if path.is_dir() else []
-            return sorted(n for n in names if not n.startswith("."))  # not one being written
-        import pyarrow.fs as pafs
+            entries, complete = self._scan()
+            names = (
+                e.name for e in entries if not e.name.startswith(".") and _is(e.is_file)
+            )  # (not one being written)
+            return _listed(Names(sorted(names)), complete)
+        listed, complete = self._listing()
+        return _listed(Names(sorted(e.name for e in listed if not e.folder)), complete)
 
-        infos = self._listing()
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
-
-    def folders(self) -> list[str]:
-        """The folders in this folder (not below them), sorted; [] when it does not exist. On a
-        disk, a link to a folder is none, nor is anything below a folder reached through one:
-        what is removed below a folder never lies elsewhere."""
+    def folders(self) -> Names:
+        """The folders in this folder (not below them), sorted; [] when it does not exist; listed
+        in part as ``names`` says. On a disk, a link to a folder is none, nor is anything below a
+        folder reached through one: what is removed below a folder never lies elsewhere."""
         path = self.path
         if path is not None:
             if self._through_link():
-                return []
-            names = [p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink()] if path.is_dir() else []
-            return sorted(n for n in names if not n.startswith("."))
-        import pyarrow.fs as pafs
+                return Names()
+            entries, complete = self._scan()
+            names = (e.name for e in entries if not e.name.startswith(".") and _is(e.is_dir, follow_symlinks=False))
+            return _listed(Names(sorted(names)), complete)
+        listed, complete = self._listing()
+        return _listed(Names(sorted(e.name for e in listed if e.folder)), complete)
 
-        infos = self._listing()
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    def _scan(self) -> tuple[list[os.DirEntry[str]], bool]:
+        """What this folder on a disk holds, ``MAX_LISTED`` entries at most (its hidden ones
+        counted: a million of them listed in part too), and whether all; none when it is not a
+        folder."""
+        entries: list[os.DirEntry[str]] = []
+        deadline = time.monotonic() + LIST_S
+        try:
+            with os.scandir(self.path) as found:
+                for entry in found:
+                    if len(entries) >= MAX_LISTED or (len(entries) % LIST_PAGE == 0 and time.monotonic() > deadline):
+                        return entries, False
+                    entries.append(entry)
+        except (FileNotFoundError, NotADirectoryError):
+            return [], True
+        return entries, True
 
-    def _listing(self) -> list[pafs.FileInfo]:
-        """What an object store holds in this folder (not below it)."""
-        import pyarrow.fs as pafs
-
+    def _listing(self) -> tuple[list[Listed], bool]:
+        """What an object store holds in this folder (not below it), as ``names`` lists it, and
+        whether all."""
         fs, key = self._key()
-        with store_errors():
-            return fs.get_file_info(pafs.FileSelector(key, allow_not_found=True))
+        deadline = time.monotonic() + LIST_S
+        try:
+            listed, why = list_folder(
+                fs, self.uri, key, lambda _: True, MAX_LISTED, LIST_PAGE, lambda: time.monotonic() > deadline
+            )
+        except FileNotFoundError:  # (no such bucket: nothing there, as pyarrow lists it; ``check`` names it)
+            return [], True
+        return listed, why is None
 
     def remove_temporaries(self, ours: Callable[[str], object], before: float, dry_run: bool = False) -> list[str]:
         """The temporary files (``.<name>.<pid>.tmp``) that writes killed mid-way left in this
@@ -365,40 +415,34 @@ class Folder:
                 removed.append(tmp.name)
         return removed
 
-    def changed(self) -> dict[str, float]:
+    def changed(self) -> Changed:
         """The files in this folder (not below it) and when each last changed (unix seconds),
         those being written included (on a disk, the hidden temporaries); on a disk a link is
-        none, nor is anything below a folder reached through one. {} when it does not exist."""
+        none, nor is anything below a folder reached through one. {} when it does not exist.
+        Listed in part (``complete`` false) as ``names`` says."""
         path = self.path
         if path is not None:
             if self._through_link():
-                return {}
-            found: dict[str, float] = {}
-            try:
-                with os.scandir(path) as entries:
-                    for entry in entries:
-                        with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
-                            if entry.is_file(follow_symlinks=False):
-                                found[entry.name] = entry.stat(follow_symlinks=False).st_mtime
-            except (FileNotFoundError, NotADirectoryError):
-                return {}
-            return found
-        import pyarrow.fs as pafs
-
-        infos = self._listing()
+                return Changed()
+            entries, complete = self._scan()
+            found = Changed()
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
+                    if entry.is_file(follow_symlinks=False):
+                        found[entry.name] = entry.stat(follow_symlinks=False).st_mtime
+            return _listed(found, complete)
+        listed, complete = self._listing()
         now = time.time()  # (a store that gives no time: taken for a file changed now, kept)
-        return {
-            i.base_name: i.mtime.timestamp() if i.mtime is not None else now
-            for i in infos
-            if i.type == pafs.FileType.File
-        }
+        found = Changed({e.name: e.mtime if e.mtime is not None else now for e in listed if not e.folder})
+        return _listed(found, complete)
 
     def remove_older(
         self, before: float, ours: Callable[[str], object], limit: int, dry_run: bool = False
     ) -> list[str]:
         """The files in this folder that ``ours`` is true of last changed before ``before`` (a
         ``time.time()``) removed, the oldest ``limit`` at most; their names (``dry_run``: those
-        that would go, none removed). A name no folder takes is left alone."""
+        that would go, none removed). A name no folder takes is left alone. Of a folder listed
+        in part (``MAX_LISTED``, ``LIST_S``), of those listed (each of them that old)."""
         stale = sorted((t, n) for n, t in self.changed().items() if t < before and ours(n))
         gone: list[str] = []
         for _, name in stale:
@@ -431,7 +475,9 @@ class Folder:
         them in name order (``turn`` the pass's number, such as the hour's: a pass over a
         million folders looks into ``limit``, and each folder has its turn). The names of those
         removed (``dry_run``: those that would be, nothing removed). The folders ``keep`` names
-        are left as they are."""
+        are left as they are. A folder listed in part (``MAX_LISTED``, ``LIST_S``) is left as
+        it is, nothing in it removed: a file not listed may be one changed since ``before``; of
+        a folder whose folders are listed in part, those listed take their turns."""
         ours = _or_temporary(ours)
         names = [n for n in self.folders() if n not in keep]
         if len(names) > limit:
@@ -444,6 +490,8 @@ class Folder:
             except ValueError:  # (a name no folder takes: not one this store wrote)
                 continue
             files = folder.changed()
+            if not files.complete:  # (a file not listed may have changed since: left as it is)
+                continue
             if not files:  # (on a disk, its own time: a write may have just made it)
                 if folder._made_before(before) and (not folder.folders() if dry_run else folder.remove_if_empty()):
                     gone.append(name)
@@ -508,7 +556,7 @@ class Folder:
             return
         import pyarrow.fs as pafs
 
-        if self._listing():
+        if self._listing()[0]:
             return
         fs, key = self._key()
         bucket = key.split("/", 1)[0]
@@ -526,6 +574,14 @@ class Folder:
     def _location(self, *name: str) -> str:
         parts = urlsplit(self.uri)
         return "/".join((f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/"), *self.parts, *name))
+
+
+def _is(test: Callable[..., bool], **options: bool) -> bool:
+    """A directory entry's ``is_file``/``is_dir``: False for one removed meanwhile."""
+    try:
+        return test(**options)
+    except FileNotFoundError:
+        return False
 
 
 def temporary_of(name: str) -> str | None:

@@ -14,7 +14,9 @@ writes is the size of what it read new, not of the cache. A file two parts cover
 once, a merge killed before removing what it merged) is taken once: its records are the same
 in both. A poke killed while writing leaves no part, or a whole one; a part that cannot be
 read or is not this stage's is read as none (and removed by the next poke that writes), and
-a part removed between a poke's listing and its read is read as none.
+a part removed between a poke's listing and its read is read as none. A stage's folder holding
+more files than a listing takes (``folders.MAX_LISTED``: not one this module wrote) is neither
+read nor written: its pokes read the log whole.
 
 The parts are merged, so that a stage's cache keeps few of them while each record is written
 a few times only: after a poke's write, the smallest parts are merged into one while the
@@ -50,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model_server.predictionlog import Shortfall, read_files, read_schema, to_frame
-from vision_rollout.folders import Folder
+from vision_rollout.folders import Folder, Names
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,10 @@ class _Part:
     size: int
     table: pa.Table
     files: Files
+
+
+class _Crowded(Exception):
+    """A stage's cache folder listed in part: neither read nor written."""
 
 
 class _NoRoom(Exception):
@@ -121,10 +127,13 @@ def _load(
     bad: list[str] = []
     late = lambda: deadline is not None and clock() >= deadline  # noqa: E731
     try:
-        names = [] if late() else [n for n in stage.names() if PART_NAME.fullmatch(n)]
+        listed = Names() if late() else stage.names()
     except OSError as exc:
         log.warning("log cache %s not used: %s", cache, str(exc)[:300])
         return parts, bad
+    if not listed.complete:  # (a hostile folder: those not listed may be the newer parts)
+        raise _Crowded(f"log cache {cache} not used: it holds more files than a listing takes (MAX_LISTED)")
+    names = [n for n in listed if PART_NAME.fullmatch(n)]
     for i, part in enumerate(names):
         if late():
             log.warning(
@@ -282,7 +291,12 @@ def stage_records(
     cache = name(uri, model, start, columns)
     stage = folder / cache
     schema = read_schema(columns, written=True)
-    parts, bad = _load(stage, cache, schema, max_bytes, deadline, clock)
+    try:
+        parts, bad = _load(stage, cache, schema, max_bytes, deadline, clock)
+        usable = True
+    except _Crowded as exc:
+        log.warning("%s", exc)
+        parts, bad, usable = [], [], False
     covered = _covered(parts)
     room = None if max_bytes is None else max(0, max_bytes - sum(p.table.nbytes for p in parts))
     _, listed, results = read_files(
@@ -299,7 +313,7 @@ def stage_records(
         clock=clock,
     )
     new = [(r.path, r.table, r.malformed) for r in results if r.table is not None]
-    if new:
+    if new and usable:
         try:
             _write(folder, stage, cache, parts, bad, new)
         except Exception as exc:

@@ -1153,9 +1153,8 @@ def send_refused(
     (``refused``); each it did not take for a while (an outage, a timeout, a rate limit) stays as
     it was, no round but this one sending it. A name not set aside there: FileNotFoundError."""
     refused = outbox / REFUSED
-    there = [n for n in refused.names() if n.endswith(".json")]
     for name in names or []:
-        if name not in there:
+        if not name.endswith(".json") or re.search(r"[/\\\0]|^\.", name) or not refused.exists(name):
             raise FileNotFoundError(f"{name}: no report of that name is set aside in {refused}")
     return _send_round(refused, client, clock, budget_s, set(names) if names else None, aside=True)
 
@@ -1169,7 +1168,7 @@ def drop_report(outbox: Folder, name: str) -> str:
         raise ValueError(f"{name!r}: not a report's name (<stem>.json, as outbox list shows it)")
     stem = name.removesuffix(".json")
     for folder, where in ((outbox / REFUSED, f"{REFUSED}/{name}"), (outbox, name)):
-        if name in folder.names():
+        if folder.exists(name):  # (one look: a listing of a crowded outbox may hold it not)
             files = (name, f"{stem}.png", stem + POSTED)
             folder.check_files(*files)  # (all looked at before any is removed)
             for file in files:
@@ -1240,6 +1239,8 @@ def _sweep_marks(outbox: Folder) -> None:
     report's chart waits (``SlackNotifier._to_outbox``), and one swept in between left that
     report to be posted again; its writer writes the report within moments, or is dead."""
     changed = outbox.changed()
+    if not changed.complete:  # (a mark's report may be one not listed: none swept)
+        return
 
     def alone(name: str) -> bool:
         return name.endswith(POSTED) and name.removesuffix(POSTED) + ".json" not in changed
@@ -1252,6 +1253,8 @@ def _send_claimed(
 ) -> dict[str, Any]:
     stem = name.removesuffix(".json")
     names = outbox.names()
+    if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
+        return {"name": name, "skipped": f"{outbox} holds more files than a listing takes (MAX_LISTED): not sent"}
     if name not in names:
         return {"name": name, "skipped": "sent meanwhile by another sender"}
     lapsed: list[float] = []  # (when dead senders claimed it: each may have posted it)

@@ -1282,6 +1282,30 @@ def test_a_poke_reads_no_cache_part_once_its_deadline_passed(tmp_path, monkeypat
     assert len(stage.names()) == 4  # (those not read: left alone)
 
 
+def test_a_stage_cache_holding_more_files_than_a_listing_takes_is_not_used(tmp_path, monkeypatch):
+    """A stage's cache folder was listed whole, and what was listed taken for the whole cache. One
+    holding more than ``MAX_LISTED`` files (not one the cache wrote) is listed in part: not used,
+    none of its parts read, the log read instead."""
+    from datetime import UTC, datetime
+
+    from model_server.predictionlog import read_schema
+    from vision_rollout import folders, logcache
+    from vision_rollout.folders import Folder
+
+    start, columns, log_uri = datetime.now(UTC), ["label"], str(tmp_path / "log")
+    cache = logcache.name(log_uri, "digits", start, columns)
+    stage = Folder(str(tmp_path / "run")) / cache
+    empty = read_schema(columns, written=True).empty_table()
+    for k in range(4):
+        stage.write(f"{k:032x}.parquet", logcache._encode(cache, [(f"{log_uri}/f{k}", empty, 0)]))
+    reads: list[str] = []
+    read_within = Folder.read_within
+    monkeypatch.setattr(Folder, "read_within", lambda self, n, limit: reads.append(n) or read_within(self, n, limit))
+    monkeypatch.setattr(folders, "MAX_LISTED", 3, raising=False)
+    logcache.stage_records(Folder(str(tmp_path / "run")), log_uri, start, start, "digits", columns)
+    assert reads == []
+
+
 def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, monkeypatch, s3):
     """In kubernetes mode the run folder is an object store: each poke on another pod."""
     import time

@@ -607,3 +607,34 @@ def test_a_gcs_store_whose_credentials_cannot_be_loaded_is_an_oserror_naming_it(
     assert "Traceback" not in err
     assert err.count("\n") == 1
     assert "Cannot open credentials file" in err
+
+
+def test_a_folder_holding_more_than_a_listing_takes_is_listed_in_part_and_pruned_not(root, monkeypatch):
+    """``names``, ``folders`` and ``changed`` listed a folder whole (a run folder of millions of
+    files held them all in memory, for as long as its listing took), and prune took what it listed
+    for all that was there. A listing holds ``MAX_LISTED`` entries at most (in S3 by pages, the
+    log reader's ``list_folder``) and says it is partial; prune leaves such a folder as it is."""
+    import time
+
+    from vision_rollout import folders
+
+    monkeypatch.setattr(folders, "MAX_LISTED", 4, raising=False)
+    monkeypatch.setattr(folders, "LIST_PAGE", 2, raising=False)
+    runs = Folder(root) / "rollouts" / "digits"
+    for k in range(6):
+        (runs / "crowded").write(f"stage-{k}.json", b"{}")
+    (runs / "few").write("stage-1.json", b"{}")
+    crowded, few = runs / "crowded", runs / "few"
+    names, changed = crowded.names(), crowded.changed()
+    assert len(names) == len(changed) == 4
+    assert not names.complete
+    assert not changed.complete
+    assert few.names() == ["stage-1.json"]
+    assert few.names().complete
+    assert few.changed().complete
+    assert runs.folders() == ["crowded", "few"]
+    assert runs.folders().complete
+    before = time.time() + 60  # (every file older: on a disk too)
+    assert runs.prune(before, lambda n: n.startswith("stage-"), limit=10) == ["few"]
+    monkeypatch.setattr(folders, "MAX_LISTED", 10, raising=False)
+    assert len(crowded.names()) == 6  # (nothing in it removed)

@@ -1281,3 +1281,36 @@ def test_slacks_own_transient_errors_keep_the_report_and_its_chart_for_a_later_r
     assert [c["method"] for c in slack.calls].count("conversations.history") == (1 if maybe else 0)
     assert [m["text"] for m in slack.messages()] == ["Rolled back digits v3: chart", "Rolled back digits v3: post"]
     assert outbox.names() == []
+
+
+def test_a_crowded_outbox_is_sent_from_only_where_its_listing_is_whole_and_its_marks_are_kept(
+    slack, tmp_path, monkeypatch
+):
+    """A sender listed the outbox whole to see other senders' claims (an outbox of millions of
+    files held in memory). A listing holds ``MAX_LISTED`` entries at most: a sender whose listing
+    was partial (another's claim may be one not listed) sends nothing, saying why, and sweeps no
+    ``.posted`` mark (its report may be one not listed); drop looks the report up, no listing."""
+    import os
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import folders
+    from vision_rollout.notify import POSTED, drop_report, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
+    (name,) = outbox.names()
+    stem = name.removesuffix(".json")
+    outbox.write("z" + POSTED, b"{}")  # (a mark whose report is gone, old)
+    old = time.time() - 2 * 86400
+    os.utime(tmp_path / "outbox" / ("z" + POSTED), (old, old))
+    for k in range(4):
+        outbox.write(f"{stem}-{k}.txt", b"someone's")
+    monkeypatch.setattr(folders, "MAX_LISTED", 3, raising=False)
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    results = send_waiting(outbox, client)
+    assert not slack.messages()
+    assert all("MAX_LISTED" in r["skipped"] for r in results)
+    assert (tmp_path / "outbox" / ("z" + POSTED)).exists()
+    assert drop_report(outbox, name) == name
+    assert not (tmp_path / "outbox" / name).exists()
