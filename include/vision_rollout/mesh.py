@@ -31,13 +31,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import jsonschema
 
 from model_server.traffic import BUCKET_HEADER, BUCKETS, PINNED_PREFIX, Destination, TrafficPolicy
 from vision_rollout.serving import AdminError, ModelServerAdmin
+
+if TYPE_CHECKING:
+    from vision_rollout.mirrors import MirrorLog
 
 log = logging.getLogger(__name__)
 
@@ -726,6 +729,7 @@ class IstioRouter:
     versions: list[str]  # every version that may be routed to: one subset each
     api_client: Any = None  # kubernetes.client.ApiClient; from kubeconfig / in-cluster when None
     retries: int = 5
+    mirrors: MirrorLog | None = None  # where each mirror change applied is recorded (the shadow audit's)
 
     def _api(self) -> Any:
         from kubernetes import client
@@ -848,7 +852,40 @@ class IstioRouter:
 
         validate_istio(render(live))  # refused before anything is written, the DestinationRule too
         self._add_subsets(policy.versions() | set(self.versions))
-        return self._apply("virtualservices", render)
+        recorded = self._record_mirror(policy, applied=False)
+        changed = self._apply("virtualservices", render)
+        if not recorded:
+            self._record_mirror(policy, applied=True)
+        return changed
+
+    def _record_mirror(self, policy: TrafficPolicy, applied: bool) -> bool:
+        """``policy``'s mirror recorded in ``mirrors`` when it is not the last recorded: before the
+        VirtualService is written when it mirrors as much or more (a record that cannot be written
+        moves no traffic: RouterError), after when less (the routes moved: a warning). A record
+        never says less than Envoy mirrors, so the audit never takes a mirror for none. Whether
+        it is recorded."""
+        if self.mirrors is None:
+            return True
+        m = policy.mirror
+        version, percent = (m.version, m.percent) if m is not None else (None, 0.0)
+        try:
+            last = self.mirrors.last()
+            if last is not None and (last.version, last.percent) == (version if percent else None, percent):
+                return True
+            if not applied and (percent == 0 or (last is not None and percent < last.percent)):
+                return False
+            self.mirrors.record(version, percent)
+            return True
+        except OSError as exc:
+            if not applied and percent > 0:
+                raise RouterError(
+                    f"the mirror of {percent:g}% to version {version} could not be recorded in "
+                    f"{self.mirrors.folder} (the shadow audit reads it there): {str(exc)[:300]}. No traffic was moved"
+                ) from None
+            if applied:
+                log.warning("the mirror now %g%% was not recorded in %s: %s", percent, self.mirrors.folder, exc)
+                return True
+            return False
 
     def serving_problem(self, policy: TrafficPolicy) -> str | None:
         """Why the mesh does not serve ``policy`` as ``set_routes`` applied it, None when it does:

@@ -132,10 +132,17 @@ class ModelServerHook(BaseHook):
     def istio_router(
         self, model: str, versions: list[str], kubernetes_conn_id: str = "kubernetes_default"
     ) -> IstioRouter:
-        """The IstioRouter for this model's VirtualService and DestinationRule."""
+        """The IstioRouter for this model's VirtualService and DestinationRule, recording each
+        mirror change it applies in the run folder (``mirror_log``: the hourly audit's)."""
         from vision_rollout.mesh import IstioRouter
+        from vision_rollout.mirrors import mirror_log
 
-        return IstioRouter(self._istio(model), versions, api_client=_kubernetes(kubernetes_conn_id))
+        return IstioRouter(
+            self._istio(model),
+            versions,
+            api_client=_kubernetes(kubernetes_conn_id),
+            mirrors=mirror_log(self.settings.run_folder, model),
+        )
 
     def deployments(self, model: str, kubernetes_conn_id: str = "kubernetes_default") -> VersionDeployments:
         """One Deployment per version behind the model's subsets (the model's ``build`` extras)."""

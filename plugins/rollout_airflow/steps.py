@@ -1744,7 +1744,8 @@ def audit_hours(
 
 def prune_audits(model: str, before: datetime) -> dict[str, int]:
     """What nobody reads any more removed from the run folder, how much of each kind (logged):
-    the model's audit hour folders of the hours before ``before`` (``prune_hours``); the run
+    the model's audit hour folders of the hours before ``before`` (``prune_hours``) and its
+    mirror changes recorded before it but the one in force (``MirrorLog.prune``); the run
     folder's stage caches that no running stage reads (``logcache.prune``); and the model's
     rollout run folders (never the one of the run its lock names: its lock file, or in
     kubernetes mode its Lease) and approval waits' counts unchanged since ``before``, with the
@@ -1752,6 +1753,7 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
     is a warning (the next run prunes again)."""
     from vision_rollout import logcache
     from vision_rollout.audit import prune_hours
+    from vision_rollout.mirrors import mirror_log
     from vision_rollout.settings import prune_runs
 
     settings = serving().settings
@@ -1771,6 +1773,9 @@ def prune_audits(model: str, before: datetime) -> dict[str, int]:
             "audit hour folders": len(prune_hours(settings.run_folder / "audits" / model, before, MAX_PRUNED))
         },
         "stage cache files": lambda: {"stage cache files": len(logcache.prune(settings.stage_caches))},
+        "mirror changes": lambda: {
+            "mirror changes": len(mirror_log(settings.run_folder, model).prune(before.timestamp(), MAX_PRUNED))
+        },
         "run folders, approval counts, outbox leftovers and conditional-put probes": lambda: {
             k: len(v)
             for k, v in prune_runs(
@@ -1856,20 +1861,33 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
 
 def mirror_shares(model: str, start: datetime, end: datetime) -> list[tuple[float, float]] | None:
     """The mirror share configured for ``model`` from ``start`` to ``end``, a sample every
-    ``MIRROR_STEP_S`` (Prometheus): the audit tests each primary's copies at its time's share
-    (the hour's largest warned of copies lost where the mirror was raised within it); None
-    when Prometheus is not configured or has no data."""
+    ``MIRROR_STEP_S``: the audit tests each primary's copies at its time's share (the hour's
+    largest warned of copies lost where the mirror was raised within it). The model server's
+    own mirror's, from Prometheus; where it has none (kubernetes mode: Envoy mirrors, the pods
+    serve without a policy), the mirror changes the rollout recorded as it applied them in the
+    run folder (``mirror_log``). None when neither knows (a warning when the run folder could
+    not be read)."""
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     from vision_rollout.audit import MIRROR_STEP_S
     from vision_rollout.metrics import MetricsError
+    from vision_rollout.mirrors import mirror_log
 
     try:
         source = PrometheusHook().source()
-        return source.query_range(
+        shares = source.query_range(
             f'max(model_server_mirror_percent{{model="{model}"}})', start.timestamp(), end.timestamp(), MIRROR_STEP_S
         )
     except (AirflowNotFoundException, MetricsError):
+        shares = None
+    if shares:
+        return shares
+    try:
+        return mirror_log(serving().settings.run_folder, model).shares(
+            start.timestamp(), end.timestamp(), MIRROR_STEP_S
+        )
+    except OSError as exc:
+        log.warning("the mirror changes of '%s' could not be read: %s", model, str(exc)[:300])
         return None
 
 

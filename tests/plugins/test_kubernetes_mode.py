@@ -1778,3 +1778,88 @@ def test_the_audits_pruning_keeps_the_folder_of_the_run_holding_the_models_lease
     assert steps.prune_audits("digits", before)["run folders"] == 0
     assert "no run folder of 'digits' pruned: its lock's holder is not known" in caplog.text
     assert (settings.run_folder / "rollouts" / "digits").folders() == ["other", "stalled"]
+
+
+@pytest.fixture
+def mirrored(kube, monkeypatch, tmp_path):
+    """A rollout's first stage in kubernetes mode, its mirror (the default 100%) applied to the
+    VirtualService, Istio's to do: the time before it was applied."""
+    import time
+
+    connect(monkeypatch, tmp_path, extra={"prediction_log": str(tmp_path / "log")})
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    before = time.time()
+    steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
+    assert kube.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]["mirrorPercentage"] == {
+        "value": 100.0
+    }
+    return before
+
+
+def test_an_hour_mirrored_by_istio_without_shadow_records_is_a_warning_not_a_silent_skip(mirrored, tmp_path):
+    """In kubernetes mode the pods serve without a traffic policy: no ``model_server_mirror_percent``
+    gauge says Envoy mirrors. The hourly audit of an hour whose VirtualService mirrored 100% to
+    the candidate, and whose prediction log holds no shadow record, was a silent skip; the mirror
+    changes the rollout applied are in the run folder (shared by every worker), so it is a warning."""
+    from datetime import UTC, datetime, timedelta
+
+    from vision_rollout.folders import Folder
+
+    applied = mirrored
+    start = datetime.fromtimestamp(applied - 60, UTC)
+    shares = steps.mirror_shares("digits", start, start + timedelta(hours=1))
+    assert shares is not None
+    assert {p for t, p in shares if t > applied + 1} == {100.0}
+    assert all(t >= applied for t, _ in shares)  # (before the rollout applied it, nothing is known)
+    folder = Folder(str(tmp_path)) / "audits" / "digits" / "hour"
+    result = steps._audit_one_hour("digits", start, folder, "#model-rollouts")
+    assert result["verdict"] == "warning"
+    assert any("a mirror of 100% was configured" in r for r in result["reasons"])
+
+    steps.restore_stable({**PARAMS}, "run-1", unload_candidate=False)
+    shares = steps.mirror_shares("digits", start, start + timedelta(hours=1))
+    assert shares is not None
+    assert shares[-1][1] == 0.0  # the rollback took the mirror away
+
+
+def test_copies_short_of_istios_mirror_are_named_in_the_hourly_audit(mirrored, tmp_path):
+    """Behind Istio's mirror (the primaries say nothing of their sampling), a quarter of the
+    copies came where the VirtualService mirrored 100%: the hourly audit tests them against the
+    mirror the rollout recorded and names the shortfall (before, ``copies_short`` never ran)."""
+    from datetime import UTC, datetime
+
+    from tests.include.test_audit import istio_log
+    from vision_rollout.folders import Folder
+
+    applied = mirrored
+    primaries = [applied + 2 + k for k in range(200)]
+    istio_log(tmp_path, primaries, {i: t + 0.003 for i, t in enumerate(primaries) if i % 4 == 1})
+    start = datetime.fromtimestamp(applied - 60, UTC)
+    result = steps._audit_one_hour("digits", start, Folder(str(tmp_path)) / "audits" / "digits" / "h", "#x")
+    assert result["copies_p"] is not None
+    assert result["copies_p"] < 0.001
+    assert any("behind a mirror of 100%" in r for r in result["reasons"])
+
+
+def test_a_mirror_that_cannot_be_recorded_moves_no_traffic_and_a_rollback_still_goes_through(kube, tmp_path):
+    """A mirror the audit could not know of is refused before the VirtualService is written (the
+    step fails, its retry applies it again); a rollback, taking the mirror away, is never held
+    back by the run folder: it is recorded after the routes moved, or warned of."""
+    from rollout_airflow.hooks import ModelServerHook
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    ModelServerHook().deployments("digits").apply("2", image("2"))
+    (tmp_path / "mirrors").write_text("not a folder")
+    with pytest.raises(Exception, match=r"mirror of 100% to version 2 could not be recorded .*No traffic was moved"):
+        steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
+    assert routes(kube) == [("v1", 100)]
+    (tmp_path / "mirrors").unlink()
+    steps.apply_weights(PARAMS, 0, "run-1", {"ok": True})
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    shutil.rmtree(tmp_path / "mirrors")
+    (tmp_path / "mirrors").write_text("not a folder")
+    steps.restore_stable({**PARAMS}, "run-1", unload_candidate=False)
+    assert routes(kube) == [("v1", 100)]

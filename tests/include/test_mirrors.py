@@ -1,0 +1,43 @@
+"""The mirror changes a rollout records in the run folder, as the hourly audit reads them."""
+
+from __future__ import annotations
+
+import logging
+
+from vision_rollout.folders import Folder
+from vision_rollout.mirrors import MirrorLog, mirror_log
+
+
+def test_the_shares_are_the_change_in_force_at_each_sample_and_none_before_the_first(tmp_path):
+    t = 1_800_000_000.0
+    clock = iter([t + 90, t + 200, t + 5000])
+    mirrors = MirrorLog(Folder(str(tmp_path)) / "mirrors" / "digits", "digits", clock=lambda: next(clock))
+    assert mirrors.shares(t, t + 600, 60) is None  # (nothing recorded: not known)
+    mirrors.record("2", 10)
+    mirrors.record("2", 0)
+    mirrors.record("3", 50)  # (after the range)
+    assert mirrors.shares(t, t + 300, 60) == [(t + 120, 10.0), (t + 180, 10.0), (t + 240, 0.0), (t + 300, 0.0)]
+    last = mirrors.last()
+    assert last is not None
+    assert (last.version, last.percent) == ("3", 50.0)
+    later = mirrors.shares(t + 6000, t + 6120, 60)
+    assert later == [(t + 6000, 50.0), (t + 6060, 50.0), (t + 6120, 50.0)]  # (the change in force at its start)
+
+
+def test_prune_keeps_the_change_in_force_and_a_record_not_the_rollouts_is_a_warning(tmp_path, caplog):
+    t = 1_800_000_000.0
+    clock = iter([t, t + 10, t + 20, t + 100])
+    mirrors = MirrorLog(Folder(str(tmp_path)) / "mirrors" / "digits", "digits", clock=lambda: next(clock))
+    for percent in (5, 10, 0, 20):
+        mirrors.record("2", percent)
+    assert len(mirrors.prune(t + 50, limit=500)) == 2
+    assert mirrors.shares(t + 60, t + 120, 60) == [(t + 60, 0.0), (t + 120, 20.0)]  # (0% was in force)
+    folder = tmp_path / "mirrors" / "digits"
+    (folder / sorted(p.name for p in folder.iterdir())[-1]).write_text('{"percent": "lots"}')
+    with caplog.at_level(logging.WARNING):
+        assert mirrors.shares(t + 60, t + 120, 60) == [(t + 60, 0.0), (t + 120, 0.0)]
+    assert "is not one the rollout wrote" in caplog.text
+
+
+def test_a_models_mirror_log_is_its_own_below_the_run_folder(tmp_path):
+    assert mirror_log(Folder(str(tmp_path)), "digits").folder.path == tmp_path / "mirrors" / "digits"
