@@ -185,8 +185,10 @@ def render_deployment(
             for volume, name, key, _ in secrets
         ),
     ]
+    pod_labels = {**labels, "app.kubernetes.io/managed-by": FIELD_MANAGER}
     template = {
-        "metadata": {"labels": labels, "annotations": {"model-rollout/model": model, **NATIVE_SIDECAR}},
+        # (the Deployment's managed-by on its pods too: what the PodMonitor selects them by)
+        "metadata": {"labels": pod_labels, "annotations": {"model-rollout/model": model, **NATIVE_SIDECAR}},
         "spec": {
             "containers": [container],
             "volumes": volumes,
@@ -206,7 +208,7 @@ def render_deployment(
     }
     spec: dict[str, Any] = {
         "selector": {"matchLabels": dict(labels)},
-        "template": template if like is None else _as_version(like, model, version, image, labels),
+        "template": template if like is None else _as_version(like, model, version, image, pod_labels),
     }
     if replicas is not None:
         spec = {"replicas": replicas, **spec}

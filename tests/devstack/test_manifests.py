@@ -238,10 +238,15 @@ def test_a_broken_kustomization_is_reported_with_kustomizes_words(tmp_path):
         manifests.render(tmp_path)
 
 
+SERVER = {"app_kubernetes_io_managed_by": "model-rollout"}  # (the label's name as kubernetes_sd gives it)
+
+
 def test_the_scrape_job_keeps_each_versions_data_port_with_its_labels(tmp_path):
     """deploy/'s Prometheus job, run by a real Prometheus on targets labelled as kubernetes_sd
     labels pods: a model-server pod's data port is scraped as {app, version, pod, namespace};
-    its admin port and a pod without a version label are dropped."""
+    its admin port, a pod without a version label, and another app's pod with a version label
+    and a port named http (Istio's label conventions) are dropped: only the pods of the model
+    server's Deployments (``app.kubernetes.io/managed-by: model-rollout``) are scraped."""
 
     def target(port: int, port_name: str, **labels: str) -> dict[str, Any]:
         return {
@@ -259,9 +264,10 @@ def test_the_scrape_job_keeps_each_versions_data_port_with_its_labels(tmp_path):
     file_sd.write_text(
         json.dumps(
             [
-                target(9101, "http", app="digits", version="2", pod_template_hash="abc"),
-                target(9102, "admin", app="digits", version="2"),
-                target(9103, "http", app="other"),
+                target(9101, "http", app="digits", version="2", pod_template_hash="abc", **SERVER),
+                target(9102, "admin", app="digits", version="2", **SERVER),
+                target(9103, "http", app="other", **SERVER),
+                target(9104, "http", app="reviews", version="v1"),
             ]
         )
     )
@@ -271,7 +277,7 @@ def test_the_scrape_job_keeps_each_versions_data_port_with_its_labels(tmp_path):
         while True:
             with urllib.request.urlopen(f"{prom.url}/api/v1/targets", timeout=5) as answer:
                 data = json.load(answer)["data"]
-            if len(data["activeTargets"]) + len(data["droppedTargets"]) == 3 or time.monotonic() > deadline:
+            if len(data["activeTargets"]) + len(data["droppedTargets"]) == 4 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -291,7 +297,19 @@ def test_the_scrape_job_keeps_each_versions_data_port_with_its_labels(tmp_path):
     assert sorted(t["discoveredLabels"]["__address__"] for t in data["droppedTargets"]) == [
         "127.0.0.1:9102",
         "127.0.0.1:9103",
+        "127.0.0.1:9104",
     ]
+
+
+def test_the_pod_monitor_selects_the_model_servers_pods_only(rendered):
+    """The PodMonitor selected every pod of the namespace with a version label; it selects the
+    pods of the model server's Deployments, whose pod template carries the label, as the
+    rollout renders a candidate's."""
+    for overlay in ("production", "local-cluster"):
+        monitor = one(rendered[overlay], "PodMonitor")
+        assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "model-rollout"}
+        template = one(rendered[overlay], "Deployment")["spec"]["template"]
+        assert template["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "model-rollout"
 
 
 def test_the_helm_values_name_the_roles_account_and_every_connection():

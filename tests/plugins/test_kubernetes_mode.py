@@ -217,9 +217,10 @@ def test_the_candidate_runs_as_its_own_deployment_behind_its_subset(kube):
     pod = obj["spec"]["template"]
     assert pod["metadata"]["labels"] == {
         "app": "digits",
-        "version": "2",
-    }  # the DestinationRule subset's labels
-    assert obj["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+        "version": "2",  # the DestinationRule subset's labels
+        "app.kubernetes.io/managed-by": "model-rollout",  # what the PodMonitor selects
+    }
+    assert obj["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": "2"}
     (container,) = pod["spec"]["containers"]
     assert container["image"] == tag
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -270,7 +271,11 @@ def test_the_candidate_takes_the_baselines_pod_template_and_scaling_keeps_each_o
     assert c2["env"] == c1["env"]
     assert c2["image"] == tag
     assert c2["args"] == [a.replace("digits:1", "digits:2") for a in c1["args"]]
-    assert v2["metadata"]["labels"] == {"app": "digits", "version": "2"}
+    assert v2["metadata"]["labels"] == {
+        "app": "digits",
+        "version": "2",
+        "app.kubernetes.io/managed-by": "model-rollout",
+    }
     since = len(kube.requests)
     steps.serving().deployments("digits").scale_to_zero("1")
     assert calls(kube, since) == [("GET", "deployments/digits-v1"), ("PATCH", "deployments/digits-v1")]  # one read
