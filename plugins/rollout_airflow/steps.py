@@ -1883,9 +1883,11 @@ def mirror_shares(model: str, start: datetime, end: datetime) -> list[tuple[floa
     if shares:
         return shares
     try:
-        return mirror_log(serving().settings.run_folder, model).shares(
-            start.timestamp(), end.timestamp(), MIRROR_STEP_S
-        )
+        folder = serving().settings.run_folder
+    except AirflowNotFoundException:  # (no model server connection: no run folder, nothing recorded)
+        return None
+    try:
+        return mirror_log(folder, model).shares(start.timestamp(), end.timestamp(), MIRROR_STEP_S)
     except OSError as exc:
         log.warning("the mirror changes of '%s' could not be read: %s", model, str(exc)[:300])
         return None

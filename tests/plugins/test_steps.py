@@ -1959,6 +1959,7 @@ def test_an_audit_run_removes_the_rollout_runs_folders_and_waits_counts_past_the
     assert steps.prune_audits("digits", this_hour - timedelta(days=30)) == {
         "audit hour folders": 0,
         "stage cache files": 0,
+        "mirror changes": 0,
         "run folders": 0,
         "approval counts": 0,
         "outbox leftovers": 0,
