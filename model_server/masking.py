@@ -96,6 +96,67 @@ _SPELT_EMAIL = re.compile(
     r"(?![A-Za-z0-9-])"
 )
 
+# Secrets (the rule: secrets come from connections or key files, never reach a log), found as
+# gitleaks and detect-secrets find them, each pattern starting at a boundary or a literal, every
+# repetition bounded (linear in the text). A token already there is never a secret again.
+_NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
+# A key that names a secret: the name ends in one of these words, after up to three prefixes
+# ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
+# only starts with one ("token_count", "password_file", "secret_name") names no secret.
+_CRED_WORDS = (
+    r"password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey|credentials?|authorization"
+    r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[_-]?key"
+    r"|amz-signature"
+)
+_SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
+SECRET_KEY = re.compile(rf"{_SECRET_NAME}|(?i:(?:set-)?cookie)")  # a whole field name
+_SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
+_CRED_CHAR = r"[^\s\"'`,;&<>]"
+_NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+_SECRET_KEYED = re.compile(
+    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"(?P<v>(?(q)(?:\\.|(?!(?P=q))[^\n\\]){{1,256}}(?=(?P=q))|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
+)
+# A cookie header's value, all its pairs, to the end of the line (or of its quotes).
+_COOKIE = re.compile(
+    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?{_NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+)
+# "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
+# that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
+_BEARER = re.compile(
+    rf"(?<![A-Za-z0-9])(?i:bearer|basic)[ ]{{1,3}}{_NOT_MASKED}"
+    r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
+)
+# A URL's password: "scheme://user:password@host" (the user stays readable).
+_URL_PASSWORD = re.compile(rf"://[^\s/?#@:\"'<>]{{0,128}}:{_NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}})@")
+# Shapes their issuers give them (gitleaks' rules): AWS access key ids, Slack, GitHub, GitLab,
+# Google, Stripe, npm and PyPI tokens, Slack webhook paths, JWTs, private key blocks.
+_ISSUED = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|xox[abposre]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
+    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
+    r"|AIza[0-9A-Za-z_-]{35}|[sr]k_(?:live|test)_[0-9A-Za-z]{10,255}|npm_[A-Za-z0-9]{36}"
+    r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,1000}"
+    r"|eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}"
+    r")"
+)
+_SLACK_WEBHOOK = re.compile(
+    rf"hooks\.slack\.com/(?:services|workflows|triggers)/{_NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"
+)
+_PRIVATE_KEY = re.compile(  # its body, to its END line
+    rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,8}}{_NOT_MASKED}(?![\s\\])"
+    r"(?P<v>(?:(?!-----END)[A-Za-z0-9+/=\s\\:,.-]){1,16384})"
+)
+# Words one of these holds, in lower case (``_hints``): without them no secret detector runs.
+_SECRET_HINTS = (
+    "pass", "pwd", "secret", "token", "key", "credential", "authorization", "amz-signature", "cookie",
+    "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
+    "ghs_", "ghr_", "github_pat_", "glpat",
+    "aiza", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",
+)  # fmt: skip
+# (A URL's password comes with an "@", which ``_SHAPES`` takes.)
+
 Span = tuple[int, int]
 
 
@@ -182,6 +243,14 @@ def _is_card_number(digits: str) -> bool:
 
 # The keyed one and the spelt e-mail run only on text that holds their words (``_detectors``).
 DETECTORS: tuple[Detector, ...] = (
+    # Secrets first: a password or token that holds digits is masked whole, no phone cut out of it.
+    Detector("secret", _URL_PASSWORD),
+    Detector("secret", _PRIVATE_KEY),
+    Detector("secret", _ISSUED),
+    Detector("secret", _SLACK_WEBHOOK),
+    Detector("secret", _BEARER),
+    Detector("secret", _COOKIE),
+    Detector("secret", _SECRET_KEYED),
     Detector("keyed", _KEYED),
     Detector("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
@@ -191,7 +260,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(
-            rf"(?<!{_LOCAL}){_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"(?<!{_LOCAL}){_NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),
@@ -250,18 +319,19 @@ DETECTORS: tuple[Detector, ...] = (
 # and "&" start an escape that may decode to one of them; "at" spelt for an e-mail. Text with none of these, all ASCII,
 # comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
 _SHAPES = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"
-SUSPECT = rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot )"
+SUSPECT = rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in _SECRET_HINTS)})"
 _SHAPES_RE = re.compile(_SHAPES)
 
 
 def _plain(text: str) -> bool:
     """Whether ``text`` is ASCII without a SUSPECT match: nothing in it, or in any piece of it,
     can be masked."""
-    return text.isascii() and not _SHAPES_RE.search(text) and _hints(text) == (False, False)
+    return text.isascii() and not _SHAPES_RE.search(text) and _hints(text) == (False, False, False)
 
 
-def _hints(text: str) -> tuple[bool, bool]:
-    """Whether ``text`` may hold a key of ``_KEY_NAMES``, and an "at" ``_SPELT_EMAIL`` takes:
+def _hints(text: str) -> tuple[bool, bool, bool]:
+    """Whether ``text`` may hold a key of ``_KEY_NAMES``, an "at" ``_SPELT_EMAIL`` takes, and a
+    secret's word (``_SECRET_HINTS``):
     substrings, in lower case. Python's re tries a case-insensitive alternation at every
     position (in the prefilter it made a clean line 7 times as slow), ``in`` runs in C."""
     low = text.lower()
@@ -280,21 +350,27 @@ def _hints(text: str) -> tuple[bool, bool]:
         or "licen" in low
     )
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
-    return key, spelt
+    secret = "@" in low or any(h in low for h in _SECRET_HINTS)
+    return key, spelt, secret
 
 
 _BY_HINTS = {
-    (key, spelt): tuple(
-        d for d in DETECTORS if (key or d.pattern is not _KEYED) and (spelt or d.pattern is not _SPELT_EMAIL)
+    (key, spelt, secret): tuple(
+        d
+        for d in DETECTORS
+        if (key or d.pattern is not _KEYED)
+        and (spelt or d.pattern is not _SPELT_EMAIL)
+        and (secret or d.name != "secret")
     )
     for key in (False, True)
     for spelt in (False, True)
+    for secret in (False, True)
 }
 
 
 def _detectors(text: str) -> tuple[Detector, ...]:
-    """The detectors that may match ``text``: the keyed one and the spelt e-mail only where
-    their words are in it."""
+    """The detectors that may match ``text``: the keyed one, the spelt e-mail and the secrets
+    only where their words are in it."""
     return _BY_HINTS[_hints(text)]
 
 
@@ -478,8 +554,13 @@ class Masker:
 
     def masks_whole(self, name: str) -> bool:
         """Whether a field of this name is masked whole: a configured header, or a name that
-        says it holds an identity number (``SENSITIVE_KEY``: ``X-Meta-Passport``, ``ssn``)."""
-        return name.lower() in self.header_names or SENSITIVE_KEY.fullmatch(name) is not None
+        says it holds an identity number (``SENSITIVE_KEY``: ``X-Meta-Passport``, ``ssn``) or a
+        secret (``SECRET_KEY``: ``Authorization``, ``Cookie``, ``X-Api-Key``, ``db_password``)."""
+        return (
+            name.lower() in self.header_names
+            or SENSITIVE_KEY.fullmatch(name) is not None
+            or SECRET_KEY.fullmatch(name) is not None
+        )
 
     def token(self, value: str, key: Key) -> str:
         payload = key.aead.encrypt(_nonce(key.kid), value.encode(), key.kid.encode())

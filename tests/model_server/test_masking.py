@@ -795,3 +795,145 @@ def test_numbers_that_pass_the_checksum_but_are_no_card_are_left_as_they_are(key
     ring = KeyRing(keys)
     assert find_sensitive(text) == []
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+# Secrets in free text: a credential that a log line quotes (an exception's URL, a header echoed
+# in an error, a connection string) is masked as gitleaks / detect-secrets find them: by a key
+# that names it, by its scheme, or by the shape its issuer gives it.
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
+    ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
+SECRETS = {  # text: the secret in it
+    "Authorization: Bearer abcDEF123456ghiJKL": "abcDEF123456ghiJKL",
+    "headers={'Authorization': 'Basic dXNlcjpwYXNz'}": "dXNlcjpwYXNz",
+    "proxy-authorization: Token 9f8e7d6c5b4a": "9f8e7d6c5b4a",
+    f"token {JWT} rejected": JWT,
+    "GET https://alice:s3cr%21t@minio.internal:9000/bucket failed": "s3cr!t",
+    "connect postgresql://airflow:hunter2@db:5432/airflow": "hunter2",
+    "redis://:p4ss/w0rd@cache:6379/0 refused": "p4ss/w0rd",
+    "retrying with password=Tr0ub4dor&3": "Tr0ub4dor",
+    "db_password: 'correct horse battery'": "correct horse battery",
+    '{"client_secret": "abc\\"def"} x': 'abc\\"def',
+    "GET /cb?code=1&access_token=ya29.a0AfH6SMB&state=2": "ya29.a0AfH6SMB",
+    "api_key: sk_live_51H8abcdefghij": "sk_live_51H8abcdefghij",
+    "X-Api-Key=AbCdEf0123456789": "AbCdEf0123456789",
+    "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "key id AKIAIOSFODNN7EXAMPLE denied": "AKIAIOSFODNN7EXAMPLE",
+    "slack xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx failed": (
+        "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
+    ),
+    "socket mode xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789 closed": (
+        "xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789"
+    ),
+    "POST https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX: 404": (
+        "T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
+    ),
+    "clone with ghp_abcdefghijklmnopqrstuvwxyz0123456789 failed": "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+    "gitlab glpat-abcdefghij0123456789 expired": "glpat-abcdefghij0123456789",
+    "maps AIzaSyA1234567890abcdefghijklmnopqrstuv ok": "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+    # a cookie header's value: all its pairs, to the end of the line
+    "Cookie: session=abc123; theme=dark\nHost: x": "session=abc123; theme=dark",
+    "set-cookie: sid=Zx9y8W7v; Path=/; HttpOnly\r\n": "sid=Zx9y8W7v; Path=/; HttpOnly",
+}
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize("text", sorted(SECRETS))
+def test_a_secret_in_free_text_is_masked_and_the_rest_kept(keys, text):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(f"note {text} end", ring.key_for(None))
+    secret = SECRETS[text]
+    assert secret not in masked, masked
+    assert normalise(secret) not in normalise(masked), masked
+    assert "secret" in {name for name, _ in find_sensitive(text)}
+    assert find_sensitive(masked) == [], masked  # a token is never a secret again
+    assert masked.startswith("note " + normalise(text)[: normalise(text).index(normalise(secret))][:8])
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)][-1] == normalise(secret)
+
+
+def test_a_private_key_block_is_masked_in_a_log_line(keys):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(f"loaded {PEM} from file", ring.key_for(None))
+    assert "MIIEpAIBAAKCAQEA1b2c3d4" not in masked
+    assert "q+/zYx" not in masked
+    assert masked.startswith("loaded -----BEGIN RSA PRIVATE KEY-----")
+    assert find_sensitive(masked) == []
+
+
+def test_a_secret_logged_by_any_logger_is_masked(keys):
+    """The log filter masks a secret in an exception's message (a URL with credentials)."""
+    ring = KeyRing(keys)
+    url = "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI%2FK7@s3.local/b"
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "upload to %s failed", (url,), None)
+    LogMasking(Masker(ring)).filter(record)
+    assert "AKIAIOSFODNN7EXAMPLE" not in record.getMessage()
+    assert "wJalrXUtnFEMI" not in record.getMessage()
+    assert record.getMessage().startswith("upload to s3://")
+
+
+SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
+    "loaded resnet50 sha256 5e07051d8a0b2c4f9e6d7c8b1a2f3e4d5c6b7a8f9e0d1c2b3a4f5e6d7c8b9a0f",
+    "sha256:5e07051d8a0b",
+    "request 3fa85f64-5717-4562-b3fc-2c963f66afa6 at 2026-12-03T10:15:30.123Z",
+    "trace 4bf92f3577b34da6a3ce929d0e0e4736 span 00f067aa0ba902b7",
+    "version v2.14.0-rc.1 build 20261203",
+    "token expired, refreshing",
+    "the bearer token is missing",
+    "basic authentication is disabled",
+    "max_tokens=512 token_count=12 tokens: 3",
+    "password_file=/run/secrets/db secret_name: model-server-keys",
+    "passwords: 3 checked",
+    "admin call: send 'Authorization: Bearer <admin token>'",
+    "GET https://minio.internal:9000/bucket/models/resnet50/3/model.onnx 200",
+    "prometheus http://prometheus:9090/api/v1/query?query=up",
+    "mailto user@example.org",  # (an e-mail: masked as one, not as a secret)
+    "keys.json reloaded, key id abcdefgh",
+    "AKIA is a prefix, KEY1 a name",
+    "eyJ alone, eyJhbGciOiJIUzI1NiJ9 one part",
+]
+
+
+@pytest.mark.parametrize("text", SECRET_LOOKALIKES)
+def test_ids_hashes_and_words_about_secrets_are_no_secret(text):
+    assert "secret" not in {name for name, _ in find_sensitive(text)}
+
+
+SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, bounded
+    "bearer words": "Bearer " * 150_000,
+    "a bearer token without end": "Bearer A" + "a" * 1_000_000,
+    "scheme separators": "://" * 333_333,
+    "userinfo without @": "://a:" + "b" * 1_000_000,
+    "password keys": "password=" * 110_000,
+    "prefixed keys": "a_b_c_d_" * 125_000 + "token",
+    "a quoted secret never closed": 'password: "' + "a" * 1_000_000,
+    "jwt parts": "eyJ" * 333_333,
+    "jwt without a second part": "eyJ" + "a" * 1_000_000,
+    "private key headers": "-----BEGIN PRIVATE KEY-----" * 37_000,
+    "cookie values": "Cookie: " + "a=b; " * 200_000,
+    "slack prefixes": "xoxb-" * 200_000,
+}
+FOUND_IN_SECRET_HOSTILE = {
+    "a bearer token without end": {"secret"},
+    "userinfo without @": set(),
+    "password keys": {"secret"},  # each key's value is the next key
+    "a quoted secret never closed": {"secret"},
+    "private key headers": {"secret"},
+    "cookie values": {"secret"},
+    "slack prefixes": {"secret"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SECRET_HOSTILE))
+def test_the_secret_detectors_are_linear_on_hostile_text(shape):
+    found = find_sensitive(SECRET_HOSTILE[shape])
+    assert {name for name, _ in found} == FOUND_IN_SECRET_HOSTILE.get(shape, set())
+
+
+def test_fields_named_for_a_secret_are_masked_whole(keys):
+    ring = KeyRing(keys)
+    m = Masker(ring)
+    for name in ["Authorization", "proxy-authorization", "Cookie", "Set-Cookie", "X-Api-Key", "x-meta-token"]:
+        assert m.masks_whole(name), name
+    for name in ["x-meta-lang", "x-request-id", "token_count", "x-meta-session"]:
+        assert not m.masks_whole(name), name
