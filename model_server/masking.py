@@ -75,10 +75,12 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # as in "passport number E1234567"), then the value, a token already there being none: a quoted
 # one to its closing quote (64 characters at most), else its characters up to a delimiter (space,
 # quote, bracket, , ; & |), ending in a letter or digit of any script, and the pieces after it
-# one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C").
+# one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C"), a
+# date or a time never ("ssn: 123456789 2026-12-03": the date is the line's, not the value's).
 _VALUE_CHAR = r"[^\s,;&|\"'`<>()\[\]{}\\]"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
-_UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
+_DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
+_UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{_DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
     rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?"
     rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"

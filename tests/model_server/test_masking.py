@@ -937,3 +937,15 @@ def test_fields_named_for_a_secret_are_masked_whole(keys):
         assert m.masks_whole(name), name
     for name in ["x-meta-lang", "x-request-id", "token_count", "x-meta-session"]:
         assert not m.masks_whole(name), name
+
+
+def test_a_keyed_value_ends_before_a_date_or_time(keys):
+    """``ssn: 123456789 2026-12-03`` masked the date with the number."""
+    ring = KeyRing(keys)
+    for text, value in [
+        ("ssn: 123456789 2026-12-03", "123456789"),
+        ("passport: E1234567 12:30:05 ok", "E1234567"),
+    ]:
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+        assert masked.endswith(text[text.index(value) + len(value) :])
