@@ -102,6 +102,12 @@ SCHEMES = ("file", "s3", "gs", "gcs")
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "credential")
 
 
+def _host(value: str) -> str:
+    """The host part of an option's value read as a URL (``http://u:p@minio:9000``,
+    ``u:p@minio:9000``); a path has none."""
+    return urlsplit(value if "://" in value else "//" + value).netloc if not value.startswith("/") else ""
+
+
 def folder_problem(text: str) -> str | None:
     """What is wrong with ``text`` as a folder (a path, or a URI of ``SCHEMES`` with no
     credentials in it); None when nothing is. Never repeats the value."""
@@ -110,8 +116,11 @@ def folder_problem(text: str) -> str | None:
     parts = urlsplit(text)
     if parts.scheme not in SCHEMES:
         return f"a folder, or a URI of {', '.join(s + '://' for s in SCHEMES)}, not {parts.scheme[:16]!r}://"
-    if "@" in parts.netloc or any(
-        word in key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True) for word in _SECRET_OPTIONS
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    if (
+        "@" in parts.netloc
+        or any(word in key.lower() for key, _ in options for word in _SECRET_OPTIONS)
+        or any("@" in _host(value) for _, value in options)  # endpoint_override=http://user:password@host
     ):
         return "credentials in the URI (they would be in logs and reports): they come from the environment"
     if parts.fragment:

@@ -80,6 +80,9 @@ def test_a_name_is_one_file_or_folder(name, tmp_path):
         ("s3://KEY:SECRET@bucket/run", "credentials in the URI"),
         ("s3://bucket/run?secret_key=SECRET", "credentials in the URI"),
         ("gs://bucket/run?Access_Token=SECRET", "credentials in the URI"),
+        # an option's URL with user:password (the endpoint is shown in the store's errors)
+        ("s3://bucket/run?endpoint_override=http://minio:SECRET@minio:9000", "credentials in the URI"),
+        ("s3://bucket/run?endpoint_override=minio:SECRET@minio:9000", "credentials in the URI"),
     ],
 )
 def test_a_folder_uri_with_credentials_or_another_scheme_is_refused(uri, needle):
