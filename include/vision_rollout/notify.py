@@ -107,10 +107,14 @@ def one_line(s: str) -> str:
     return scrub(" ".join(printable(s).split()))
 
 
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>\"'`]+")
+# Linear in the text: a scheme of 32 characters at most (unbounded, each word start scanned the
+# rest of the text for "://"), a parameter's name within its own run and 64 characters either
+# side of the secret's word (each "?" scanned the rest of the query for "=").
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s<>\"'`]+")
 _USERINFO = re.compile(r"^([^:]+://)[^/?#]*@")
 _SECRET_PARAM = re.compile(
-    r"([?&;][^=&;#]*(?:key|secret|token|password|passwd|credential|signature|sig|auth)[^=&;#]*=)[^&;#]*", re.I
+    r"([?&;][^=&;#?]{0,64}(?:key|secret|token|password|passwd|credential|signature|sig|auth)[^=&;#?]{0,64}=)[^&;#]*",
+    re.I,
 )
 _TOKENS = re.compile(
     r"\b(?:xox[a-z]-|xapp-)[A-Za-z0-9-]+|(?<=\bBearer )[A-Za-z0-9._~+/=-]{8,}|(?<=\bBasic )[A-Za-z0-9+/=]{8,}"

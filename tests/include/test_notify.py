@@ -18,6 +18,7 @@ from vision_rollout.notify import (
     latency_accuracy_chart,
     promotion_message,
     rollback_message,
+    scrub,
     stage_message,
 )
 from vision_rollout.spec import RolloutSpec
@@ -1314,3 +1315,17 @@ def test_a_crowded_outbox_is_sent_from_only_where_its_listing_is_whole_and_its_m
     assert (tmp_path / "outbox" / ("z" + POSTED)).exists()
     assert drop_report(outbox, name) == name
     assert not (tmp_path / "outbox" / name).exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a." * 500_000,  # a word boundary at every letter, no "://"
+        "http://x/" + "?a" * 500_000,  # a query of parameters without "="
+        "http://x/?" + "key" * 333_333,  # a parameter name holding the secret words, no "="
+    ],
+)
+def test_scrubbing_a_megabyte_of_hostile_text_is_linear(text):
+    """A server's 1 MB error of "a.a.a..." held the report's scrub for hours: each word start
+    scanned the rest of the text for a URL's "://" (each "?" its query for "=")."""
+    assert scrub(text) == text
