@@ -136,7 +136,8 @@ def model_rollout() -> None:
     @task(retries=1, retry_delay=timedelta(minutes=1))
     def build_image(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
         retry_in = None if ti.try_number > ti.max_tries else int(ti.task.retry_delay.total_seconds())
-        return steps.build_image(params, run_id, retry_in_s=retry_in)
+        # (cleared once the run ended: starts nothing again, lets the report be sent again)
+        return steps.build_image(params, run_id, retry_in_s=retry_in, report_only=steps.decision_stands(ti))
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:
@@ -168,10 +169,10 @@ def model_rollout() -> None:
         return steps.restore_stable(params, run_id)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    def notify(params: dict[str, Any], ti: Any) -> dict[str, Any]:
+    def notify(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
         outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
         warned = build_report(ti, "preflight")
-        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], warned)
+        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], warned, run_id)
 
     @task
     def outcome(params: dict[str, Any], ti: Any) -> str:

@@ -395,6 +395,18 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
     return Message(text, [section(text)])
 
 
+def sent_again(message: Message) -> Message:
+    """``message``, a run's report sent once more after the run ended (notify cleared in the UI),
+    marked as such in its fallback text and first section: it says nothing new happened."""
+    note = "Sent again: notify was cleared after the run ended; nothing changed since the first report."
+    blocks = list(message.blocks)
+    first = next((i for i, b in enumerate(blocks) if b["type"] == "section" and "text" in b), None)
+    if first is not None:
+        text = blocks[first]["text"]
+        blocks[first] = {**blocks[first], "text": {**text, "text": mrkdwn(f"_{note}_\n{text['text']}")}}
+    return replace(message, text=f"{note} {message.text}", blocks=blocks)
+
+
 def not_started_message(spec: RolloutSpec, reason: str) -> Message:
     """A run that failed at its first step (the lease, the start checks, the candidate's
     verification or load): it moved no traffic, so the report claims nothing of the routes."""

@@ -30,6 +30,7 @@ from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
 from vision_rollout.locks import LEASE_S, MAX_LEASE_S, MAX_LOCK_BYTES, Holding, LockLost, ModelBusy, held_record
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
+    ENDED,
     HELD,
     MAX_PRUNED,
     MAX_RETENTION_DAYS,
@@ -187,12 +188,19 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
         return cast("Holding", current)
 
 
-def build_image(params: dict[str, Any], run_id: str, retry_in_s: int | None = None) -> dict[str, Any]:
+def build_image(
+    params: dict[str, Any], run_id: str, retry_in_s: int | None = None, report_only: bool = False
+) -> dict[str, Any]:
     """``first_step`` (below), and a run it fails for good (a refusal, or its last try: no
     ``retry_in_s``, the delay before Airflow's retry) reported to Slack: in Airflow nothing else
     of the run runs once its setup failed, notify and the teardown neither, so whoever triggered
-    it would hear nothing."""
+    it would hear nothing. A run that ended (``run_ended``) cleared with its decision standing
+    (``report_only``: notify, outcome or the teardown cleared) starts nothing again: see
+    ``after_the_end``."""
     spec = spec_from(params)
+    end = run_ended(spec, run_id) if report_only else None
+    if end is not None:
+        return after_the_end(spec, end)
     try:
         return first_step(spec, params, run_id, retry_in_s)
     except Exception as exc:
@@ -238,6 +246,8 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
     left: str | None = None
     try:
         left = None if resuming else start_from_steady(spec, run_id, hook, before)
+        if not resuming:  # (a run that ended, cleared whole or a stage: it starts again)
+            settings.workdir(spec.model, run_id).delete(ENDED)
         if left is not None and spec.mesh == "istio" and left != spec.candidate_version:
             hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain
             retire(router(spec, run_id, hook), hook.deployments(spec.model), left)  # unrouted now
@@ -294,6 +304,43 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
         given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True, keep_s=keep)
         raise
     return {**report.to_dict(), **warned}
+
+
+def run_ended(spec: RolloutSpec, run_id: str) -> dict[str, Any] | None:
+    """What this run's teardown found it decided and carried out (``ENDED`` in its run folder,
+    written before it released the model: ``finish``), None for a run that has not ended so."""
+    try:
+        raw = serving().settings.workdir(spec.model, run_id).read_within(ENDED, MAX_LOCK_BYTES)
+        record = json.loads(raw)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # (not a record this run wrote)
+        log.warning("this run's record of its end cannot be read: %s", str(exc)[:300])
+        return None
+    return record if isinstance(record, dict) and record.get("holder") == run_id else None
+
+
+def decision_stands(ti: Any) -> bool:
+    """Whether this run's decide and the branch it chose (promote or rollback) are done in
+    Airflow (not cleared): only what reports the run (notify, outcome, the teardown) runs again.
+    False where the states cannot be read."""
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=["decide", "promote", "rollback"], run_ids=[ti.run_id])
+    except Exception as exc:
+        log.warning("this run's task states cannot be read: %s", str(exc)[:300])
+        return False
+    mine = states.get(ti.run_id, {})
+    return mine.get("decide") == "success" and "success" in (mine.get("promote"), mine.get("rollback"))
+
+
+def after_the_end(spec: RolloutSpec, end: dict[str, Any]) -> dict[str, Any]:
+    """``build_image`` run again once its run ended, its decision standing (Airflow clears a
+    run's setup with any task cleared with its downstream: notify, to send the report again): it
+    touches nothing (lease, loads, routes: another run may hold the model now), and notify sends
+    the run's report once more, the outcome decide chose, marked as sent again. Its XCom holds
+    the end and the warnings the report carries (``preflight``)."""
+    log.warning("this run ended (%s): nothing is started again", str(end.get("done", ""))[:500])
+    return {"ended": end, "preflight": preflight(spec, serving().settings.validation(spec.model))}
 
 
 def cleared_mid_run(spec: RolloutSpec, run_id: str, hook: ModelServerHook, before: Holding | None) -> bool:
@@ -1525,8 +1572,11 @@ def ensure_stable(
     spec = spec_from(params)
     unfinished = decided in ("promote", "rollback")
     what = f"decide chose {decided}, which did not finish" if unfinished else "the run was stopped before it decided"
+    end = run_ended(spec, run_id)
+    if end is not None:  # run again after the run ended (notify cleared with its downstream): nothing to undo
+        return f"the run had ended: {end.get('done')}; nothing touched"
     try:
-        kept, done = finish(params, run_id, promoted == spec.candidate_version, prune=True)
+        kept, done = finish(params, run_id, promoted == spec.candidate_version, prune=True, decided=decided)
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     except Exception as exc:
@@ -1563,15 +1613,22 @@ def ensure_stable(
 
 
 def finish(
-    params: dict[str, Any], run_id: str, promoted: bool, unload_candidate: bool = True, prune: bool = False
+    params: dict[str, Any],
+    run_id: str,
+    promoted: bool,
+    unload_candidate: bool = True,
+    prune: bool = False,
+    decided: str | None = None,
 ) -> tuple[bool, str]:
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
     effect with the baseline retired: its record lost with a killed worker; routing back to
     retired pods would be an outage), else the stable version at 100%; with ``prune`` (the
     teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
-    then the lease released. LockLost, touching nothing, for a run that does not hold it. Should
-    the restore fail, the lease stays: the failure callback tries again."""
+    then, where the run ``decided`` (the teardown: decide's outcome), what it carried out kept in
+    its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again), and
+    the lease released. LockLost, touching nothing, for a run that does not hold it. Should the
+    restore fail, the lease stays: the failure callback tries again."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -1587,15 +1644,23 @@ def finish(
         hook.deployments(spec.model).release_floor(spec.baseline_version)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
+    if kept:
+        done = f"version {spec.candidate_version} was promoted: nothing to restore"
+    elif routes is not None and routes != spec.stable_policy() and not routes_to(routes, spec.candidate_version):
+        # (changed by someone else meanwhile, an operator say: not this run's to change back)
+        done = f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
+    else:
+        candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
+        done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
+    if kept == (decided == "promote") and decided in ("promote", "rollback"):  # the decision carried out
+        end = {"holder": run_id, "decided": decided, "promoted": kept, "done": done}
+        try:
+            folder.write(ENDED, json.dumps(end).encode())
+        except OSError as exc:  # (build_image cleared after the end then starts the rollout again, as before)
+            log.warning("this run's record of its end was not written (%s): %s", folder, str(exc)[:300])
     recorded(folder, run_id, None)
     lock.release(run_id)
-    if kept:
-        return True, f"version {spec.candidate_version} was promoted: nothing to restore"
-    if routes is not None and routes != spec.stable_policy() and not routes_to(routes, spec.candidate_version):
-        # (changed by someone else meanwhile, an operator say: not this run's to change back)
-        return False, f"the routes were not this run's and are left as they are: {json.dumps(routes.to_dict())}"
-    candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
-    return False, f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
+    return kept, done
 
 
 def prune_history(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
@@ -1634,10 +1699,12 @@ def notify(
     reason: str,
     verdicts: list[dict[str, Any] | None],
     preflight: list[str] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The run's report to Slack; ``preflight``: the first step's warnings (``build_image``'s)."""
+    """The run's report to Slack; ``preflight``: the first step's warnings (``build_image``'s).
+    Once the run ``run_id`` ended (``run_ended``: notify cleared afterwards), marked as sent again."""
     from vision_rollout.gates import Verdict
-    from vision_rollout.notify import plain_report, promotion_message, rollback_message
+    from vision_rollout.notify import plain_report, promotion_message, rollback_message, sent_again
 
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
@@ -1656,6 +1723,8 @@ def notify(
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
+    if run_id is not None and run_ended(spec, run_id) is not None:
+        message = sent_again(message)
     return send(spec, message)
 
 

@@ -368,6 +368,44 @@ def test_a_stage_cleared_with_its_downstream_mid_run_goes_on_with_the_rollout(
 
 
 @pytest.mark.integration
+def test_notify_cleared_after_a_promoted_run_ended_touches_nothing_and_says_it_is_sent_again(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """notify cleared with its downstream once a promoted run ended: build_image, cleared with it,
+    refused ("baseline version 1 is not what serves now ... touched nothing") and told Slack the
+    run was not started. It now takes no lease and touches nothing; notify's report says it is
+    sent again; the teardown finds nothing to undo."""
+    s = server_factory(repo_copy, token=TOKEN)
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    admin = steps.serving().settings.admin
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
+    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    promoted = admin.traffic("digits").to_dict()
+    assert promoted == {"route": [{"version": "2", "weight": 100}]}
+    again = steps.build_image(PARAMS, "run-a", report_only=True)  # decide and promote not cleared
+    assert again["ended"]["decided"] == "promote"
+    assert admin.traffic("digits").to_dict() == promoted
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (False, True)
+    assert steps.serving().model_lock("digits", "local").holding() is None
+    steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], again["preflight"], "run-a")
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    assert len(reports) == 2
+    assert not reports[0]["text"].startswith("Sent again")
+    assert (
+        reports[1]["text"]
+        == f"Sent again: notify was cleared after the run ended; nothing changed since the first report. {reports[0]['text']}"
+    )
+    assert steps.ensure_stable(PARAMS, "run-a", None, None, first, "promote").startswith("the run had ended")
+    assert admin.traffic("digits").to_dict() == promoted
+
+
+@pytest.mark.integration
 def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
 ):
