@@ -4,8 +4,14 @@ cleared, or failed."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from unittest.mock import patch
 
+import pendulum
 import pytest
+from airflow.models.dagrun import DagRun
+from airflow.utils.types import DagRunType
+from sqlalchemy import select
 
 from tests.dags.test_model_rollout_e2e import CONF, TOKEN, rollout_dag, stack  # noqa: F401
 from vision_rollout.mesh import LocalRouter
@@ -38,3 +44,63 @@ def test_a_wait_marked_success_by_hand_rolls_back_saying_so(stack):  # noqa: F81
     report = last_report(tmp)
     assert report["text"].startswith("Rolled back")
     assert "marked success by hand" in json.dumps(report)
+
+
+WHEN = pendulum.datetime(2026, 3, 1, tz="UTC")  # one run's logical date and run_after: its run_id
+
+
+@contextmanager
+def cleared_with_downstream(task_id: str):
+    """The next dag.test() of the same logical date runs that run again as the UI's "Clear" of
+    ``task_id`` with its downstream leaves it: those tasks cleared, with the setup build_image
+    (Airflow clears a teardown's setups with it), the run running; the rest as they ended.
+    (dag.test() would clear every task, then delete the run and create it afresh.)"""
+    import airflow.models.dagrun
+    from airflow.serialization.definitions.dag import SerializedDAG
+    from airflow.utils.state import DagRunState
+
+    run_id = DagRun.generate_run_id(run_type=DagRunType.MANUAL, logical_date=WHEN, run_after=WHEN)
+
+    def clear_dags(dags, **_):
+        (dag,) = dags
+        cleared = dag.partial_subset(task_ids=[task_id], include_downstream=True, include_upstream=False)
+        assert "build_image" in cleared.task_dict  # (as in the UI)
+        dag.clear(task_ids=list(cleared.task_dict), run_id=run_id, dag_run_state=DagRunState.RUNNING)
+
+    def the_run(dag, session, **_):
+        run = session.scalars(select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.run_id == run_id)).one()
+        run.dag = dag
+        return run
+
+    with (
+        patch.object(SerializedDAG, "clear_dags", clear_dags),
+        patch.object(airflow.models.dagrun, "get_or_create_dagrun", the_run),
+    ):
+        yield
+
+
+def test_notify_cleared_after_a_promotion_sends_the_report_again_touching_nothing(stack):  # noqa: F811
+    """notify cleared with its downstream once the run promoted: build_image ran again, refused
+    ("baseline version 1 is not what serves now ... touched nothing") and told Slack the run was
+    not started; the run turned failed, notify never ran. It now starts nothing (routes, loads,
+    lease untouched) and notify sends the promotion's report again, saying it is sent again."""
+    server, tmp = stack
+    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
+    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    assert first.state == "success"
+    promoted = {"route": [{"version": "2", "weight": 100}]}
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
+    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    with cleared_with_downstream("notify"):
+        again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    assert again.run_id == first.run_id
+    states = {ti.task_id: ti.state for ti in again.get_task_instances()}
+    assert (states["build_image"], states["notify"], states["outcome"], states["ensure_stable"]) == ("success",) * 4
+    assert again.state == "success"
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
+    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports + 1  # the report, once more
+    text = last_report(tmp)["text"]
+    assert text.startswith("Sent again: notify was cleared after the run ended")
+    assert "Promoted" in text
