@@ -7,6 +7,7 @@ import json
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -248,6 +249,15 @@ def test_a_local_run_with_its_run_folder_in_an_object_store_fails_naming_the_ext
         steps.router(steps.spec_from(PARAMS), "run-a", steps.serving())
 
 
+def connect(server: Any, monkeypatch: Any, tmp_path: Path, repository: Path) -> Any:
+    """The model server connection to ``server`` (the run folder under ``tmp_path``, the
+    ``repository``), set for the steps; its admin client."""
+    conn = {"conn_type": "http", "host": "127.0.0.1", "port": server.port, "password": TOKEN}
+    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(repository)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    return steps.serving().settings.admin
+
+
 @pytest.mark.integration
 def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
@@ -258,10 +268,7 @@ def test_a_local_run_starts_only_where_its_baseline_takes_all_of_the_traffic(
     left by a rollout that did not end, are named. Each refused run touches nothing."""
     s = server_factory(repo_copy, token=TOKEN)
     s.load_versions("digits", 1, 2)  # (the highest serves)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    admin = steps.serving().settings.admin
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
     serving = admin.traffic("digits").to_dict()
     assert serving == {"route": [{"version": "2", "weight": 100}]}
 
@@ -326,10 +333,7 @@ def test_loading_the_candidate_leaves_the_traffic_on_the_baseline(
     took all of the traffic until the first stage; a retry of build_image (a load answered late)
     then found it serving, gave the lease up and left it there."""
     s = server_factory(repo_copy, token=TOKEN)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    admin = steps.serving().settings.admin
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
     stable = {"route": [{"version": "1", "weight": 100}]}
     assert admin.traffic("digits").to_dict() == stable
     for _ in range(2):  # the task, then its retry
@@ -349,10 +353,7 @@ def test_a_stage_cleared_with_its_downstream_mid_run_goes_on_with_the_rollout(
     then left the unjudged candidate at 50% with its mirror, held by no run. Now it verifies the
     candidate again and touches nothing: the stage re-runs from where the rollout is."""
     s = server_factory(repo_copy, token=TOKEN)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    admin = steps.serving().settings.admin
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
     built = steps.build_image(PARAMS, "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     mid_stage = admin.traffic("digits").to_dict()
@@ -376,10 +377,7 @@ def test_notify_cleared_after_a_promoted_run_ended_touches_nothing_and_says_it_i
     run was not started. It now takes no lease and touches nothing; notify's report says it is
     sent again; the teardown finds nothing to undo."""
     s = server_factory(repo_copy, token=TOKEN)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    admin = steps.serving().settings.admin
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
     built = steps.build_image(PARAMS, "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
@@ -414,10 +412,7 @@ def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version
     version 1 back. The run takes its lock again (nobody holds it; its run folder says it held
     it and had not released it), the step fails as aborted and the teardown puts version 1 back."""
     s = server_factory(repo_copy, token=TOKEN)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
-    admin = steps.serving().settings.admin
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
     built = steps.build_image(PARAMS, "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
     assert routes_to(admin.traffic("digits"), "2")
@@ -1873,9 +1868,7 @@ def test_an_aborted_run_stops_at_its_next_step_and_its_teardown_puts_the_stable_
     from vision_rollout.spec import RolloutSpec
 
     s = server_factory(repo_copy, token=TOKEN)
-    conn = {"conn_type": "http", "host": "127.0.0.1", "port": s.port, "password": TOKEN}
-    conn["extra"] = {"run_dir": str(tmp_path / "run"), "repository": str(models_dir)}
-    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps(conn))
+    connect(s, monkeypatch, tmp_path, models_dir)
     steps.build_image(PARAMS, "run-a")
     spec = RolloutSpec.from_dict(PARAMS)
     stage = spec.policy_for_stage(50)
