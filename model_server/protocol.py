@@ -169,10 +169,6 @@ MAX_LAYOUTS = 256
 MAX_LAYOUT_KEY = 4096  # bytes of a JSON part worth keeping (tritonclient's are a few hundred)
 
 
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
-
-
 def _from_layout(layout: _Layout, binary: memoryview) -> InferRequest:
     inputs, offset = [], 0
     for name, datatype, shape, dtype, size in layout.inputs:
@@ -201,10 +197,10 @@ def _is_uint64(value: Any) -> bool:
 
 def uint64_parameter(parameters: dict[str, Any], name: str) -> int | None:
     """The request's ``parameters[name]`` (``UINT64_PARAMETERS``) when given; InvalidInput
-    unless it is an integer in Triton's uint64 (a JSON integer has no bound)."""
-    raw = parameters.get(name)
-    if raw is None:
+    unless it is an integer in Triton's uint64 (a JSON integer has no bound; null is none)."""
+    if name not in parameters:
         return None
+    raw = parameters[name]
     if not _is_uint64(raw):
         over = isinstance(raw, int) and not isinstance(raw, bool) and raw > UINT64_MAX
         raise InvalidInput(
@@ -214,12 +210,18 @@ def uint64_parameter(parameters: dict[str, Any], name: str) -> int | None:
     return raw
 
 
+# The request parameters Triton's HTTP frontend reads itself; any other goes to the model.
+TRITON_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+)
+
+
 def _request_parameters(params: dict[str, Any]) -> None:
     """Refuse the request parameters Triton's HTTP frontend refuses, whatever the model."""
     for name in UINT64_PARAMETERS:
         uint64_parameter(params, name)
-    sequence_id = params.get("sequence_id")  # (a model without sequence batching ignores these)
-    if sequence_id is not None and not isinstance(sequence_id, str) and not _is_uint64(sequence_id):
+    sequence_id = params.get("sequence_id", "")  # (a model without sequence batching ignores these)
+    if not isinstance(sequence_id, str) and not _is_uint64(sequence_id):
         raise InvalidInput(f"Unable to parse 'sequence_id': a uint64 or a string, got {shown(repr(sequence_id))}")
     for flag in ("sequence_start", "sequence_end"):
         if not isinstance(params.get(flag, False), bool):
@@ -228,6 +230,11 @@ def _request_parameters(params: dict[str, Any]) -> None:
         raise InvalidInput(
             "parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified."
         )
+    for key, value in params.items():  # the model's own: a string, an integer, a boolean or a double
+        if key not in TRITON_PARAMETERS and (value is None or isinstance(value, list | dict)):
+            raise InvalidInput(
+                f"parameter '{shown(key)}' has invalid type. It should be either 'int', 'bool', or 'string'."
+            )
 
 
 def _no_shared_memory(where: str, params: dict[str, Any]) -> None:
@@ -393,7 +400,7 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
             f"{len(binary) - offset} bytes of binary data are not claimed by any input's binary_data_size"
         )
 
-    params = header.get("parameters") or {}
+    params = header.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     _request_parameters(params)
@@ -432,8 +439,8 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
     # Kept: binary tensors only, no id (a client naming its requests repeats no JSON part), and
-    # parameters of plain values (copied per request; nothing of one request shared with another).
-    if cuts is not None and req_id is None and json_len <= MAX_LAYOUT_KEY and all(map(_plain, params.values())):
+    # its parameters, all plain values (copied per request; nothing of one request shared with another).
+    if cuts is not None and req_id is None and json_len <= MAX_LAYOUT_KEY:
         if len(LAYOUTS) >= MAX_LAYOUTS:
             LAYOUTS.clear()
         kept = None if outputs is None else dict(outputs)

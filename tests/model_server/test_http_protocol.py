@@ -967,3 +967,38 @@ def test_a_raw_binary_request_is_the_model_s_one_input_as_triton_reads_it(server
         "raw input 'input': 602110 bytes are not the 602112 bytes of shape [1, 3, 224, 224] of FP32"
         in r.json()["error"]
     )
+
+
+def test_a_custom_parameter_that_is_not_a_string_number_or_boolean_is_refused_as_triton(server, digit_images):
+    """Triton's HTTP frontend passes a request's own parameters to the model only as a string,
+    an integer, a boolean or a double, and refuses any other (its http_server.cc); null, a list
+    or an object were taken. An input's or output's own parameters Triton does not read: any
+    value passes there."""
+    c = server.client()
+    image = image_input([digit_images[0][0]])
+    for value in (None, [1], {"a": 1}):
+        with pytest.raises(InferenceServerException) as err:
+            c.infer("digits", [image], parameters={"tenant": "a", "custom": value})
+        assert err.value.status() == "400"
+        assert err.value.message() == (
+            "parameter 'custom' has invalid type. It should be either 'int', 'bool', or 'string'."
+        )
+    for value in ("a", 1, -1, 1.5, True):
+        assert c.infer("digits", [image], parameters={"custom": value}).as_numpy("probabilities").shape == (1, 10)
+    # Triton's own keys given as null are read as a number or a flag, and refused.
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}
+    for name in ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "binary_data_output"):
+        r = requests.post(
+            f"{server.http}/v2/models/digits/infer", json={**body, "parameters": {name: None}}, timeout=30
+        )
+        assert r.status_code == 400, name
+        assert f"'{name}'" in r.json()["error"] or f"parameters.{name}" in r.json()["error"], name
+    # parameters itself is an object (Triton: "failed to get request params."), whatever it is.
+    for parameters in (None, [], "", 0, False):
+        r = requests.post(f"{server.http}/v2/models/digits/infer", json={**body, "parameters": parameters}, timeout=30)
+        assert r.status_code == 400, parameters
+        assert r.json()["error"] == "'parameters' must be an object", parameters
+    inputs = [{**body["inputs"][0], "parameters": {"custom": None, "other": [1]}}]
+    r = requests.post(f"{server.http}/v2/models/digits/infer", json={"inputs": inputs}, timeout=30)
+    assert r.status_code == 400
+    assert "has invalid type" not in r.json()["error"]  # ("x" is no image: its own refusal)
