@@ -47,6 +47,12 @@ class TritonCounter:
             cell = self._values.setdefault(tuple(values), [0.0])
         return _CounterChild(cell, self._lock)
 
+    def remove_prefix(self, *values: str) -> None:
+        """Drop every series whose first labels are ``values``."""
+        with self._lock:
+            for key in [k for k in self._values if k[: len(values)] == values]:
+                del self._values[key]
+
     def value(self, *values: str) -> float:
         return self._values.get(tuple(values), [0.0])[0]
 
@@ -294,10 +300,11 @@ def export_gpu_gauges(gpus: list[tuple[str, Any]]) -> None:
 class InferenceStatistics:
     """Triton's statistics extension for one model version (``GET /v2/models/{m}/versions/{v}/stats``):
     the same events as Triton's counters above, kept as Triton keeps them (counts, durations in
-    nanoseconds, one entry per executed batch size), since the server started.
+    nanoseconds, one entry per executed batch size), from the version's load on.
 
-    One object per (model, version), shared by every load of it, as the Prometheus series are,
-    so the two always agree. Requests finish on the event loop and executions on worker
+    One object per (model, version), shared by the copies of it a reload keeps or replaces, as
+    Triton's reporter is shared by its models of one version, and dropped with its Prometheus
+    series when its last copy closes (``forget``), so the two always agree. Requests finish on the event loop and executions on worker
     threads: every update takes the one lock.
     """
 
@@ -327,6 +334,14 @@ class InferenceStatistics:
             if stats is None:
                 stats = cls._all[(model, version)] = cls()
             return stats
+
+    @classmethod
+    def forget(cls, model: str, version: str) -> None:
+        """A version out of service, its last copy closed: its statistics and Triton's series
+        of it go (as Triton's reporter goes with its last model); a later load starts at zero."""
+        with cls._all_lock:
+            cls._all.pop((model, version), None)
+        REQUEST_FAILURE.remove_prefix(model, version)
 
     def snapshot(self, model: str, version: str) -> dict[str, Any]:
         """Triton's ``$model_stat`` object."""
@@ -447,6 +462,12 @@ class VersionMetrics:
             # counted by increase() (a burst of shadow errors read as none).
             for outcome in SHADOW_OUTCOMES:
                 SHADOW_REQUESTS.labels(model, version, outcome)
+
+    def bind(self) -> None:
+        """Count into the version's statistics as they are now: those a version kept serving
+        has, or new ones when its last copy closed since this one was made."""
+        if self.primary:
+            self.stats = InferenceStatistics.of(self.model, self.version)
 
     def routed(self, decided_by: str) -> None:
         """One primary request routed here by ``decided_by`` (route, version, header, ...)."""

@@ -251,13 +251,14 @@ class ModelRepository:
             self._unloaded[name] = (self._unloaded.get(name, set()) | set(current)) - set(new)
             failed = self._failed.get(name, {})
             self._failed[name] = {v: reason for v, reason in failed.items() if v not in new}
+            for lv in created:  # (before the copies they replace close: a version kept serving keeps its statistics)
+                copies = self._copies.setdefault((name, lv.label), [])
+                copies.append(lv)
+                lv.metrics.bind()
+                metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(functools.partial(_pending, copies))
             retired = [lv for v, lv in current.items() if new.get(v) is not lv]
             for lv in retired:
                 self._retire(lv)
-            for lv in created:
-                copies = self._copies.setdefault((name, lv.label), [])
-                copies.append(lv)
-                metrics.PENDING_REQUESTS.labels(name, lv.label).set_function(functools.partial(_pending, copies))
         metrics.OPEN_SESSIONS.labels(name).inc(len(created))
         for lv in created:
             metrics.MODEL_INFO.labels(name, lv.label, lv.provider).set(1)
@@ -307,7 +308,7 @@ class ModelRepository:
 
     def _close(self, lv: LoadedVersion) -> None:
         """Close a retired version after its last request; with self._lock held. Its pending
-        requests' series goes with the last copy of its version."""
+        requests' series, statistics and Triton's counters go with the last copy of its version."""
         lv.close()
         metrics.OPEN_SESSIONS.labels(lv.name).dec()
         copies = self._copies.get((lv.name, lv.label), [])
@@ -316,6 +317,7 @@ class ModelRepository:
         if not copies:
             self._copies.pop((lv.name, lv.label), None)
             metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
+            metrics.InferenceStatistics.forget(lv.name, lv.label)
 
     def close_all(self) -> None:
         with self._lock:

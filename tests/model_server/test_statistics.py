@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -139,3 +140,35 @@ def test_statistics_of_what_is_not_loaded_answer_as_triton(server_factory, repo_
     assert err.value.status() == "400"
     assert err.value.message() == "requested model 'digits' is not available"
     assert [s["name"] for s in c.get_inference_statistics()["model_stats"]] == ["simple"]
+
+
+def test_an_unload_ends_a_version_s_statistics_and_series_as_in_triton(server_factory, repo_copy):
+    """Triton keeps a version's statistics and its nv_inference_* series with the model it
+    loaded: an unload removes the series, and a load after it starts from zero. They survived
+    here, so a reload read as the old version's traffic and an unloaded version kept its series."""
+    write_simple_models(repo_copy, "simple")
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    for _ in range(2):
+        c.infer("simple", simple_inputs(1))
+    assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 2
+
+    c.unload_model("simple", headers=server.admin)
+    assert metrics_of(server, "simple", "1") == {}
+    assert metrics_of(server, "digits", "1")  # (another model's are kept)
+
+    c.load_model("simple", headers=server.admin)
+    (stat,) = c.get_inference_statistics(model_name="simple")["model_stats"]
+    assert stat["last_inference"] == stat["inference_count"] == stat["execution_count"] == 0
+    assert stat["inference_stats"] == {d: {"count": 0, "ns": 0} for d in DURATIONS}
+    assert stat["batch_stats"] == []
+    assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 0
+    c.infer("simple", simple_inputs(1))
+    assert c.get_inference_statistics(model_name="simple")["model_stats"][0]["inference_count"] == 1
+    assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 1
+
+    # A reload that keeps the version serving (unchanged, or changed: Triton's new model shares
+    # its series with the one it replaces) keeps both.
+    c.load_model("simple", headers=server.admin, config=json.dumps({"max_batch_size": 4}))
+    assert c.get_inference_statistics(model_name="simple")["model_stats"][0]["inference_count"] == 1
+    assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 1
