@@ -140,8 +140,9 @@ class InjectedFault(InferenceFailed):
 
 
 def failure_reason(exc: ServerError) -> str:
-    """The reason the failure metrics count (Triton's): OOM, CANCELED, REJECTED, INVALID_INPUT (the
-    client's request) or BACKEND (the version's: a model that refused an input counts here)."""
+    """Why a request failed: Triton's reasons of nv_inference_request_failure (CANCELED, REJECTED,
+    BACKEND: the version's, a model that refused an input included), OOM, or INVALID_INPUT (the
+    client's request: the prediction log's outcome, no failure in the metrics, as in Triton)."""
     if isinstance(exc, OutOfMemory):
         return "OOM"
     if isinstance(exc, ClientTimeout | Cancelled):

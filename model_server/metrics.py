@@ -85,9 +85,13 @@ TRITON_COUNTERS: list[TritonCounter] = []
 
 REQUEST_FAILURE = TritonCounter(
     "nv_inference_request_failure",
-    "Number of failed inference requests (reason: INVALID_INPUT, OOM, CANCELED, REJECTED, BACKEND)",
+    "Number of failed inference requests, all batch sizes",
     (*ML, "reason"),
 )
+# Triton's reasons, each series at 0 from a version's load on (core's MetricModelReporter); OOM is
+# this server's own, on a CUDA out-of-memory error. A request refused as the client's (bad input)
+# is no failure of the model's: Triton's validation refuses it before the model's statistics.
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
 OOM_ERRORS = Counter("model_server_oom_errors_total", "CUDA out-of-memory errors during inference", (*ML, "path"))
 SHADOW_REQUESTS = Counter(
     "shadow_requests_total",
@@ -465,9 +469,12 @@ class VersionMetrics:
 
     def bind(self) -> None:
         """Count into the version's statistics as they are now: those a version kept serving
-        has, or new ones when its last copy closed since this one was made."""
+        has, or new ones when its last copy closed since this one was made; Triton's failure
+        series exist from here on."""
         if self.primary:
             self.stats = InferenceStatistics.of(self.model, self.version)
+            for reason in FAILURE_REASONS:
+                REQUEST_FAILURE.labels(self.model, self.version, reason)
 
     def routed(self, decided_by: str) -> None:
         """One primary request routed here by ``decided_by`` (route, version, header, ...)."""
@@ -523,8 +530,9 @@ class VersionMetrics:
         return self.stats.snapshot(self.model, self.version)
 
     def failure(self, reason: str, seconds: float = 0.0) -> None:
-        """One request failed after ``seconds`` (``reason``: OOM, INVALID_INPUT or BACKEND)."""
-        if self.primary:
+        """One request failed after ``seconds`` (``reason``: ``errors.failure_reason``); one the
+        server refused as the client's (INVALID_INPUT) counts in neither, as in Triton."""
+        if self.primary and reason != "INVALID_INPUT":
             REQUEST_FAILURE.labels(self.model, self.version, reason).inc()
             stats = self.stats
             with stats.lock:

@@ -486,11 +486,14 @@ def test_unknown_endpoint_and_method_are_json(server):
     assert "malformed JSON" in r.json()["error"]
 
 
-def test_failures_are_counted_per_model_version(server):
-    before = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") or 0
+def test_a_malformed_request_is_counted_a_400_and_no_failure_of_the_model(server):
+    route = "/v2/models/{model}/infer"
+    before = server.metric("model_server_http_requests_total", route=route, code="400") or 0
+    failures = server.metric("nv_inference_request_failure", model="digits", version="1", reason="BACKEND")
     post(server, "/v2/models/digits/infer", b"{broken")
-    after = server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT")
-    assert after == before + 1
+    assert server.metric("model_server_http_requests_total", route=route, code="400") == before + 1
+    assert server.metric("nv_inference_request_failure", model="digits", version="1", reason="BACKEND") == failures
+    assert server.metric("nv_inference_request_failure", model="digits", version="1", reason="INVALID_INPUT") is None
     assert server.proc.poll() is None
 
 

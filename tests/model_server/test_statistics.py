@@ -58,7 +58,7 @@ def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
     for batch in (1, 3, 1):  # as simple_http_infer_client sends them (query parameters included)
         result = c.infer("simple", simple_inputs(batch), query_params={"test_1": 1, "test_2": 2})
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(16 * batch).reshape(batch, 16) + 1)
-    with pytest.raises(InferenceServerException) as err:  # a shape the model refuses: one failure
+    with pytest.raises(InferenceServerException) as err:  # a shape refused: the client's, not counted
         c.infer("simple", [simple_inputs(1)[0], simple_inputs(3)[1]])
     assert err.value.status() == "400"
     finished_ms = time.time() * 1000
@@ -74,8 +74,7 @@ def test_statistics_extension_as_triton_reports_it(server_factory, repo_copy):
     for d in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
         assert infer[d]["count"] == 3, d
     assert infer["success"]["ns"] > infer["compute_infer"]["ns"] > 0
-    assert infer["fail"]["count"] == 1
-    assert infer["fail"]["ns"] > 0
+    assert infer["fail"] == {"count": 0, "ns": 0}  # (the model's failures: the test below)
     assert infer["cache_hit"] == infer["cache_miss"] == {"count": 0, "ns": 0}
     assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stat["batch_stats"]] == [(1, 2), (3, 1)]
     for b in stat["batch_stats"]:
@@ -172,3 +171,56 @@ def test_an_unload_ends_a_version_s_statistics_and_series_as_in_triton(server_fa
     c.load_model("simple", headers=server.admin, config=json.dumps({"max_batch_size": 4}))
     assert c.get_inference_statistics(model_name="simple")["model_stats"][0]["inference_count"] == 1
     assert metrics_of(server, "simple", "1")["nv_inference_request_success"] == 1
+
+
+def test_a_request_refused_as_bad_input_is_no_failure_of_the_model_as_in_triton(server_factory, repo_copy):
+    """Triton labels nv_inference_request_failure REJECTED, CANCELED, BACKEND or OTHER, each
+    series at 0 from the load on, and a request its validation refuses (a shape, a datatype, an
+    input the model lacks) fails before the model's statistics see it: no failure under any
+    reason, none in the statistics. Here it was counted under a reason of its own,
+    INVALID_INPUT, which no Triton dashboard or alert knows, and as the model's failure in its
+    statistics."""
+    write_simple_models(repo_copy, "simple")
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+
+    def failures() -> dict[str, float]:
+        text = requests.get(f"{server.http}/metrics", timeout=5).text
+        return {
+            labels["reason"]: value
+            for name, labels, value in parse_exposition(text)
+            if name == "nv_inference_request_failure" and labels["model"] == "simple" and labels["version"] == "1"
+        }
+
+    assert failures() == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 0, "OTHER": 0}
+    refused_before = (
+        server.metric("model_server_http_requests_total", route="/v2/models/{model}/infer", code="400") or 0
+    )
+    with pytest.raises(InferenceServerException) as err:  # batch sizes that disagree
+        c.infer("simple", [simple_inputs(1)[0], simple_inputs(3)[1]])
+    assert err.value.status() == "400"
+    bad = httpclient.InferInput("INPUT9", [1, 16], "INT32")
+    bad.set_data_from_numpy(np.zeros((1, 16), np.int32))
+    with pytest.raises(InferenceServerException) as err:  # an input the model lacks
+        c.infer("simple", [simple_inputs(1)[0], bad])
+    assert err.value.status() == "400"
+    assert failures() == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 0, "OTHER": 0}
+    (stat,) = c.get_inference_statistics(model_name="simple")["model_stats"]
+    assert stat["inference_stats"]["fail"] == {"count": 0, "ns": 0}
+    # Still seen: as the 400s they are.
+    assert (
+        server.metric("model_server_http_requests_total", route="/v2/models/{model}/infer", code="400")
+        == refused_before + 2
+    )
+
+    # The model's own failure is BACKEND, in both.
+    r = requests.put(
+        f"{server.http}/v2/models/simple/versions/1/fault", json={"abort": {"percent": 100}}, headers=server.admin
+    )
+    assert r.status_code == 200
+    with pytest.raises(InferenceServerException) as err:
+        c.infer("simple", simple_inputs(1))
+    assert err.value.status() == "500"
+    assert failures() == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 1, "OTHER": 0}
+    (stat,) = c.get_inference_statistics(model_name="simple")["model_stats"]
+    assert stat["inference_stats"]["fail"]["count"] == 1
