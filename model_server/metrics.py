@@ -459,7 +459,7 @@ class VersionMetrics:
         self.primary = path == "primary"
         self._routed: dict[str, Any] = {}  # how the version was chosen -> its counter child
         if self.primary:
-            self.stats = InferenceStatistics.of(model, version)
+            self.stats = InferenceStatistics()  # its own until the version serves (``bind``)
         else:
             # Every outcome's series exists at 0 from the load on: a counter's first sample in
             # Prometheus is its base, so the errors before a series' first scrape were never
@@ -468,9 +468,9 @@ class VersionMetrics:
                 SHADOW_REQUESTS.labels(model, version, outcome)
 
     def bind(self) -> None:
-        """Count into the version's statistics as they are now: those a version kept serving
-        has, or new ones when its last copy closed since this one was made; Triton's failure
-        series exist from here on."""
+        """The version serves from this copy: count into its statistics (those a copy it
+        replaces has, else new ones) and show them, Triton's failure series with them. Never
+        called for a copy a failed load made and dropped: it shows no series."""
         if self.primary:
             self.stats = InferenceStatistics.of(self.model, self.version)
             for reason in FAILURE_REASONS:

@@ -224,3 +224,18 @@ def test_a_request_refused_as_bad_input_is_no_failure_of_the_model_as_in_triton(
     assert failures() == {"REJECTED": 0, "CANCELED": 0, "BACKEND": 1, "OTHER": 0}
     (stat,) = c.get_inference_statistics(model_name="simple")["model_stats"]
     assert stat["inference_stats"]["fail"]["count"] == 1
+
+
+def test_a_version_a_failed_load_never_served_has_no_series(server_factory, repo_copy):
+    """A load that fails leaves no nv_inference_* series of the versions it made and dropped (in
+    Triton they go with the model objects of that load): a version loaded before the one that
+    failed, never served, kept its series at 0, as if it were loaded."""
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    c = server.client()
+    (repo_copy / "digits" / "3" / "model.onnx").write_bytes(b"this is not an onnx file")
+    policy = {"version_policy": {"specific": {"versions": [1, 2, 3]}}}
+    with pytest.raises(InferenceServerException, match="failed to load 'digits'"):
+        c.load_model("digits", headers=server.admin, config=json.dumps(policy))
+    assert metrics_of(server, "digits", "1")["nv_inference_request_success"] == 0
+    assert metrics_of(server, "digits", "2") == {}
+    assert metrics_of(server, "digits", "3") == {}
