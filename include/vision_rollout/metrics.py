@@ -348,8 +348,9 @@ class PromQL:
     @staticmethod
     def error_rate(model: str, version: str, window: str = "1m") -> str:
         sel = _sel(model, version)
-        # Server failures only: a client's malformed requests (INVALID_INPUT) and its own queue
-        # timeouts (CANCELED) say nothing of the version.
+        # Server failures only: a client's own queue timeouts (CANCELED) say nothing of the
+        # version. A malformed request is no failure (as in Triton); pods of this server before
+        # that change counted it as INVALID_INPUT, left out too while they still serve.
         failures = f'(sum(rate(nv_inference_request_failure{{{sel},reason!~"INVALID_INPUT|CANCELED"}}[{window}])) or vector(0))'
         return f"{failures} / (sum(rate(nv_inference_request_success{{{sel}}}[{window}])) + {failures})"
 
