@@ -802,8 +802,8 @@ class SlackNotifier:
                 channel=posted["channel"],
                 thread_ts=posted["ts"],
                 content=message.chart,
-                filename="rollout.png",
-                title=message.text[:100],
+                filename=CHART_FILE,
+                title=chart_title(message),
             )
         except _slack_failures() as exc:
             log.warning("the report's chart was not uploaded: %s", _failure(exc))
@@ -835,6 +835,14 @@ class SlackNotifier:
             folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
         return {"outbox": folder.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+
+
+CHART_FILE = "rollout.png"  # a report's chart's file name in Slack
+
+
+def chart_title(message: Message) -> str:
+    """The title of ``message``'s chart in Slack: by it and ``CHART_FILE`` ``find_chart`` knows it."""
+    return message.text[:100]
 
 
 def _posted_answer(answer: Any) -> Any:
@@ -945,6 +953,49 @@ def find_post(
             _failure(exc),
         )
     return None
+
+
+def find_chart(client: Any, posted: dict[str, Any], title: str) -> bool:
+    """Whether a report's chart is in the thread of its post (``posted``: its channel ID and ts)
+    already: a reply there holding a file named ``CHART_FILE`` titled ``title`` (the chart's
+    upload was carried out, its answer lost or its sender killed), read by
+    ``conversations.replies``, ``LOOKUP_PAGES`` pages at most. False where it is not there, or
+    where Slack refused the look-up (as ``find_post``'s: logged, the chart is uploaded, perhaps a
+    second time); LookupFailed where Slack did not answer for a while."""
+    limited = _RateLimited(LOOKUP_WAIT_S)
+    cursor = None
+    try:
+        for _ in range(LOOKUP_PAGES):
+            page = limited(
+                client.conversations_replies,
+                channel=posted["channel"],
+                ts=posted["ts"],
+                limit=LOOKUP_PAGE,
+                cursor=cursor,
+            )
+            for m in page.get("messages") or []:
+                files = m.get("files") if isinstance(m, dict) else None
+                if any(
+                    isinstance(f, dict) and f.get("name") == CHART_FILE and f.get("title") == title
+                    for f in (files if isinstance(files, list) else [])
+                ):
+                    log.info("the chart of the report at %s is in its thread already: not uploaded again", posted["ts"])
+                    return True
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return False
+    except _slack_failures() as exc:
+        if temporary(exc):
+            log.warning("a report's chart may be in its thread already; Slack did not answer the look-up: it waits")
+            raise LookupFailed(_failure(exc)) from exc
+        log.warning(
+            "a report's chart may be in its thread already, but Slack refused to show the thread (%s; the bot "
+            "needs channels:history and groups:history): it is uploaded, perhaps a second time",
+            _failure(exc),
+        )
+        return False
+    log.warning("a report's chart was not found in %d page(s) of its thread: it is uploaded", LOOKUP_PAGES)
+    return False
 
 
 def _ahead_of_slack(answer: Any) -> float:
@@ -1214,7 +1265,8 @@ def send_waiting(
     whose report is gone, withdraws right before posting. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
     and ts) before uploading the chart and removing the report: a sender killed there (a chart
     upload takes a while) leaves a report the next sender does not post again, it only uploads
-    the chart into that thread. A sender killed between Slack's answer and that write leaves a
+    the chart into that thread, where it is not there already (``find_chart``: an upload Slack
+    carried out, its answer lost). A sender killed between Slack's answer and that write leaves a
     claim that lapses: the next sender first looks for the report's post in the channel's
     history since that claim (``find_post``), as for a report whose post's answer was lost
     (``maybe_posted``); only where Slack refuses that look-up is it posted a second time. None
@@ -1321,7 +1373,12 @@ def _send_claimed(
         outbox.write(mark, json.dumps(sent).encode())
     else:
         sent["posted_before"] = True
-    sent.update(notifier.upload_chart(sent, replace(message, chart=chart)))
+    try:  # (marked before this round: a sender before it may have uploaded the chart)
+        there = bool(chart) and raw is not None and find_chart(client, sent, chart_title(message))
+    except LookupFailed as exc:
+        sent.update(chart_error=f"its chart may be in its thread already: {exc}", chart_waits=True)
+    else:
+        sent.update({"chart": True} if there else notifier.upload_chart(sent, replace(message, chart=chart)))
     if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
         if aside:  # (no longer refused: the outbox's rounds upload its chart)
             _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")

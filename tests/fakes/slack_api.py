@@ -3,7 +3,9 @@
 ``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
 field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
 ``event_payload`` object, an event_type of another shape ignored with a warning), ``files.getUploadURLExternal``, the upload URL it hands out, and
-``files.completeUploadExternal``; ``conversations.history`` (a channel's ID only, as Slack:
+``files.completeUploadExternal`` (a file completed into a thread becomes a reply there, its
+``files`` named as uploaded); ``conversations.replies`` (a thread: its parent, then its replies,
+oldest first, ``limit`` and ``cursor`` pages); ``conversations.history`` (a channel's ID only, as Slack:
 newest first, after ``oldest``, ``limit`` and ``cursor`` pages, the messages' metadata with
 ``include_all_metadata``) and ``conversations.list``, by GET or POST; each method refused
 ``missing_scope`` where the token lacks its scope (``scopes``). Answers ``{"ok": false, "error":
@@ -68,6 +70,7 @@ SCOPES = {
     "files.getUploadURLExternal": "files:write",
     "files.completeUploadExternal": "files:write",
     "conversations.history": "channels:history",
+    "conversations.replies": "channels:history",
     "conversations.list": "channels:read",
 }
 CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")
@@ -112,6 +115,9 @@ class FakeSlack:
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.lose_answers = 0  # how many of the next API calls are carried out, their answers cut off
+        self.lose: dict[str, int] = {}  # a method: how many of its next calls are carried out, answers cut off
+        self.files: dict[str, dict[str, Any]] = {}  # an upload's file ID -> its name and length
+        self.replies: dict[tuple[str, str], list[dict[str, Any]]] = {}  # a thread's replies, oldest first
         self.metadata_refused: str | None = None  # an error a post with metadata gets (a token no app's)
         self.scopes = set(SCOPES.values())  # the token's
         self.channels: dict[str, str] = {}  # ID -> name, of the channels posted to
@@ -192,6 +198,23 @@ class FakeSlack:
             "pin_count": 0,
             "response_metadata": {"next_cursor": cursor},
         }
+
+    def thread_replies(self, cid: str, ts: str) -> list[dict[str, Any]]:
+        """The replies in the thread of the post ``ts`` of channel ``cid``, oldest first."""
+        return self.replies.get((cid, ts), [])
+
+    def _replies(self, body: dict[str, Any]) -> dict[str, Any]:
+        cid, ts = str(body.get("channel", "")), str(body.get("ts", ""))
+        if not CHANNEL_ID.fullmatch(cid) or cid not in self.channels or cid in self.missing:
+            return {"ok": False, "error": "channel_not_found"}
+        parent = next((m for m in self.history.get(cid, []) if m["ts"] == ts), None)
+        if parent is None:
+            return {"ok": False, "error": "thread_not_found"}
+        page = self._page(body, [parent, *self.thread_replies(cid, ts)], self.history_most)
+        if isinstance(page, str):
+            return {"ok": False, "error": page}
+        messages, more, cursor = page
+        return {"ok": True, "messages": messages, "has_more": more, "response_metadata": {"next_cursor": cursor}}
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
         types = str(body.get("types") or "public_channel").split(",")
@@ -289,6 +312,9 @@ class FakeSlack:
                 if slack.lose_answers and not slack.rate_limited and not slack.cut and slack.outage is None:
                     slack.lose_answers -= 1
                     self.losing = True  # (carried out, its answer cut off)
+                if slack.lose.get(method) and not slack.rate_limited and not slack.cut and slack.outage is None:
+                    slack.lose[method] -= 1
+                    self.losing = True
                 call = {"method": method, "body": body, "ok": False}
                 slack.calls.append(call)
                 if slack.rate_limited:
@@ -344,6 +370,10 @@ class FakeSlack:
                     answer = slack._history(body)
                     call["ok"] = answer["ok"]
                     return self._reply(answer)
+                if method == "conversations.replies":
+                    answer = slack._replies(body)
+                    call["ok"] = answer["ok"]
+                    return self._reply(answer)
                 if method == "conversations.list":
                     answer = slack._list(body)
                     call["ok"] = answer["ok"]
@@ -352,6 +382,7 @@ class FakeSlack:
                     if not body.get("filename") or not str(body.get("length", "")).isdigit():
                         return self._reply({"ok": False, "error": "invalid_arguments"})
                     file_id = f"F{len(slack.calls):04d}"
+                    slack.files[file_id] = {"name": body["filename"], "length": int(body["length"])}
                     call["ok"] = True
                     return self._reply(
                         {
@@ -367,7 +398,12 @@ class FakeSlack:
                     if body.get("thread_ts") and body.get("channel_id") not in slack.channels:
                         return self._reply({"ok": False, "error": "channel_not_found"})
                     call["ok"] = True
-                    return self._reply({"ok": True, "files": [{"id": f["id"], "title": f.get("title")} for f in files]})
+                    shared = [{"id": f["id"], "title": f.get("title"), **slack.files.get(f["id"], {})} for f in files]
+                    if body.get("thread_ts"):  # (shared in the thread: a reply holding the files)
+                        reply = {"type": "message", "text": "", "user": "U0BOT", "bot_id": "B0BOT", "upload": True}
+                        reply.update(ts=slack._ts(), thread_ts=body["thread_ts"], files=shared)
+                        slack.replies.setdefault((body["channel_id"], body["thread_ts"]), []).append(reply)
+                    return self._reply({"ok": True, "files": shared})
                 return self._reply({"ok": False, "error": "unknown_method"})
 
         return Handler

@@ -207,6 +207,82 @@ def test_a_chart_whose_upload_failed_for_a_while_waits_in_the_outbox_for_the_rep
     assert outbox.names() == []
 
 
+def _charts(slack, posted):
+    """The charts in the thread of the report ``posted`` (its channel and ts)."""
+    return [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
+
+
+@pytest.mark.parametrize("how", ["answer lost", "sender killed"])
+def test_a_chart_slack_took_whose_answer_was_lost_is_not_uploaded_again(slack, tmp_path, how):
+    """files.completeUploadExternal carried out, its answer lost (the connection dropped), or the
+    sender killed right after it: the chart waited in the outbox with its report's mark and the
+    next round uploaded it into the thread again, a reviewer seeing it twice. The round looks in
+    the report's thread first (conversations.replies): found, the chart is not uploaded again."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    message = rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    if how == "answer lost":
+        slack.lose = {"files.completeUploadExternal": 1}
+        posted = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(message)
+        assert "chart_error" in posted
+    else:
+        SlackNotifier("#c", outbox=outbox).send(message)
+        dying = WebClient(token=slack.token, base_url=slack.base_url)
+        upload = dying.files_upload_v2
+
+        class Killed(BaseException):
+            pass
+
+        def uploaded_then_killed(**kwargs: object) -> None:
+            upload(**kwargs)
+            raise Killed
+
+        dying.files_upload_v2 = uploaded_then_killed  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            send_waiting(outbox, dying)
+        posted = {"channel": "C0ROLLOUT", "ts": slack.history["C0ROLLOUT"][0]["ts"]}
+    assert len(_charts(slack, posted)) == 1
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert result["chart"] is True
+    assert len(_charts(slack, posted)) == 1  # (the chart once in the report's thread)
+    assert [c["method"] for c in slack.calls].count("files.completeUploadExternal") == 1
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
+def test_a_chart_looked_for_where_slack_refuses_or_does_not_answer(slack, tmp_path, caplog):
+    """The thread's look-up refused (no channels:history): the chart is uploaded as before, the
+    log saying it may be there twice; not answered (an outage): the chart waits, the report too."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    slack.lose = {"files.completeUploadExternal": 1}
+    posted = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+        rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+    )
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.refuse = {"conversations.replies": "internal_error"}
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert "chart" not in result
+    assert "internal_error" in result["chart_error"]
+    assert len(outbox.names()) == 3  # (the report, its chart and its mark wait)
+    slack.refuse = {}
+    slack.scopes.discard("channels:history")
+    (result,) = send_waiting(outbox, client)
+    assert result["chart"] is True
+    assert len(_charts(slack, posted)) == 2
+    assert outbox.names() == []
+    assert any("perhaps a second time" in r.getMessage() and "missing_scope" in r.getMessage() for r in caplog.records)
+
+
 def test_outbox_files_sort_in_the_order_sent_across_a_second_boundary(tmp_path, monkeypatch):
     """Readers take the newest report as the last file name: one clock reading names each."""
     import time
