@@ -247,9 +247,11 @@ def list_folder(
     limit: int,
     page: int,
     expired: Callable[[], bool] | None = None,
+    starting: str = "",
 ) -> tuple[list[Listed], str | None]:
-    """The entries of the object store's folder ``path`` (files and folders, not below them) that
-    ``keep`` takes, at most ``limit``; and why not all: "crowded" (more than ``limit``), or
+    """The entries of the object store's folder ``path`` (files and folders, not below them) whose
+    names begin with ``starting`` that ``keep`` takes, at most ``limit`` (in S3 only those are
+    listed, by the keys' prefix); and why not all: "crowded" (more than ``limit``), or
     "unlisted" (``expired()`` true between two pages), None when all. In S3 by pages of ``page``
     keys (boto3's paged listing: never more than a page beyond ``limit`` in memory; an OSError when
     it fails, FileNotFoundError when its bucket does not exist); elsewhere (GCS) pyarrow lists it
@@ -264,7 +266,7 @@ def list_folder(
         pages = s3_client(uri, fs.region).get_paginator("list_objects_v2")
         try:
             for answer in pages.paginate(
-                Bucket=bucket, Prefix=f"{key}/", Delimiter="/", PaginationConfig={"PageSize": page}
+                Bucket=bucket, Prefix=f"{key}/{starting}", Delimiter="/", PaginationConfig={"PageSize": page}
             ):
                 entries = [
                     Listed(p["Prefix"].rstrip("/").rsplit("/", 1)[-1], True, 0, None)
@@ -293,7 +295,7 @@ def list_folder(
             continue
         mtime = info.mtime.timestamp() if info.mtime is not None else None
         entry = Listed(info.base_name, info.type == pafs.FileType.Directory, info.size or 0, mtime)
-        if keep(entry):
+        if entry.name.startswith(starting) and keep(entry):
             if len(found) >= limit:
                 return found, "crowded"
             found.append(entry)

@@ -340,17 +340,19 @@ class Folder:
         fs, key = self._key(_check_name(name))
         return bool(fs.get_file_info(key).type == pafs.FileType.File)
 
-    def names(self) -> Names:
-        """The files in this folder (not below it), sorted; [] when it does not exist. Listed in
-        part (``complete`` false) past ``MAX_LISTED`` entries or ``LIST_S``."""
+    def names(self, starting: str = "") -> Names:
+        """The files in this folder (not below it) whose names begin with ``starting``, sorted;
+        [] when it does not exist. Listed in part (``complete`` false) past ``MAX_LISTED`` entries
+        or ``LIST_S``. In S3 only those names are listed (a request for each 1,000 of them: the
+        keys' prefix); on a disk, and in GCS (pyarrow lists a folder whole), all are looked at."""
         path = self.path
         if path is not None:
             entries, complete = self._scan()
             names = (
-                e.name for e in entries if not e.name.startswith(".") and _is(e.is_file)
+                e.name for e in entries if e.name.startswith(starting) and not e.name.startswith(".") and _is(e.is_file)
             )  # (not one being written)
             return _listed(Names(sorted(names)), complete)
-        listed, complete = self._listing()
+        listed, complete = self._listing(starting)
         return _listed(Names(sorted(e.name for e in listed if not e.folder)), complete)
 
     def folders(self) -> Names:
@@ -383,14 +385,14 @@ class Folder:
             return [], True
         return entries, True
 
-    def _listing(self) -> tuple[list[Listed], bool]:
-        """What an object store holds in this folder (not below it), as ``names`` lists it, and
-        whether all."""
+    def _listing(self, starting: str = "") -> tuple[list[Listed], bool]:
+        """What an object store holds in this folder (not below it), its names beginning with
+        ``starting``, as ``names`` lists it, and whether all."""
         fs, key = self._key()
         deadline = time.monotonic() + LIST_S
         try:
             listed, why = list_folder(
-                fs, self.uri, key, lambda _: True, MAX_LISTED, LIST_PAGE, lambda: time.monotonic() > deadline
+                fs, self.uri, key, lambda _: True, MAX_LISTED, LIST_PAGE, lambda: time.monotonic() > deadline, starting
             )
         except FileNotFoundError:  # (no such bucket: nothing there, as pyarrow lists it; ``check`` names it)
             return [], True
@@ -437,13 +439,20 @@ class Folder:
         return _listed(found, complete)
 
     def remove_older(
-        self, before: float, ours: Callable[[str], object], limit: int, dry_run: bool = False
+        self,
+        before: float,
+        ours: Callable[[str], object],
+        limit: int,
+        dry_run: bool = False,
+        listed: Changed | None = None,
     ) -> list[str]:
         """The files in this folder that ``ours`` is true of last changed before ``before`` (a
         ``time.time()``) removed, the oldest ``limit`` at most; their names (``dry_run``: those
         that would go, none removed). A name no folder takes is left alone. Of a folder listed
-        in part (``MAX_LISTED``, ``LIST_S``), of those listed (each of them that old)."""
-        stale = sorted((t, n) for n, t in self.changed().items() if t < before and ours(n))
+        in part (``MAX_LISTED``, ``LIST_S``), of those listed (each of them that old). ``listed``:
+        its ``changed()`` as the caller read it a moment ago, not listed again."""
+        found = self.changed() if listed is None else listed
+        stale = sorted((t, n) for n, t in found.items() if t < before and ours(n))
         gone: list[str] = []
         for _, name in stale:
             if len(gone) >= limit:

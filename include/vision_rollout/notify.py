@@ -1313,14 +1313,14 @@ def _sweep_marks(outbox: Folder) -> None:
     def alone(name: str) -> bool:
         return name.endswith(POSTED) and name.removesuffix(POSTED) + ".json" not in changed
 
-    outbox.remove_older(time.time() - CLAIM_S, alone, limit=len(changed))
+    outbox.remove_older(time.time() - CLAIM_S, alone, limit=len(changed), listed=changed)
 
 
 def _send_claimed(
     outbox: Folder, name: str, claim: str, client: Any, now: float, channels: dict[str, str], aside: bool = False
 ) -> dict[str, Any]:
     stem = name.removesuffix(".json")
-    names = outbox.names()
+    names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
     if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
         return {"name": name, "skipped": f"{outbox} holds more files than a listing takes (MAX_LISTED): not sent"}
     if name not in names:
@@ -1424,7 +1424,8 @@ def prune_outbox(outbox: Folder, now: float, limit: int = 500, dry_run: bool = F
 
 
 def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> list[str]:
-    names = set(outbox.changed())
+    changed = outbox.changed()
+    names = set(changed)
 
     def left(name: str) -> bool:
         claim = _CLAIM.search(name)
@@ -1438,7 +1439,7 @@ def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> l
             return False
         return f"{stem}.json" not in names
 
-    return outbox.remove_older(now - max(CLAIM_S, LEFTOVER_AGE_S), left, limit, dry_run)
+    return outbox.remove_older(now - max(CLAIM_S, LEFTOVER_AGE_S), left, limit, dry_run, changed)
 
 
 def _posted(raw: bytes) -> dict[str, Any] | None:

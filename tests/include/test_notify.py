@@ -687,6 +687,38 @@ def test_two_senders_at_once_send_each_waiting_report_once(slack, tmp_path, requ
     assert outbox.names() == []
 
 
+def test_a_senders_claim_lists_its_own_reports_files_not_the_whole_outbox(slack, s3):
+    """Each claim listed the whole outbox to see other senders' claims: a round of N waiting
+    reports read N + 2 listings of N reports' files each, in an object store pages of 1,000
+    keys a request. A claim lists the files of its own report (S3's listing by the key's prefix:
+    ``<stem>.``, its claims' names as before, so that older senders and this one see each
+    other's); the round lists the folder whole twice (its reports, the marks to sweep)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from slack_sdk import WebClient
+
+    from tests.support.s3proxy import s3_proxy
+    from vision_rollout.notify import send_waiting
+
+    prefix = s3.uri().split("?")[0].rsplit("/", 1)[1]
+    direct = Folder(s3.uri(prefix)) / "outbox"
+    for i in range(6):
+        SlackNotifier("#c", outbox=direct).send(rollback_message(SPEC, f"report {i}"))
+    stems = sorted(n.removesuffix(".json") for n in direct.names())
+    with s3_proxy(s3.port) as proxy:
+        outbox = Folder(proxy.uri(s3.bucket, prefix)) / "outbox"
+        results = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+        listed = [
+            parse_qs(urlsplit(seen.path).query).get("prefix", [""])[0]
+            for seen in proxy.seen
+            if seen.method == "GET" and "list-type=2" in seen.path
+        ]
+    assert [r.get("sent") for r in results] == [True] * 6
+    assert listed.count(f"{prefix}/outbox/") == 2
+    assert sorted(p for p in listed if p != f"{prefix}/outbox/") == [f"{prefix}/outbox/{s}." for s in stems]
+    assert direct.names() == []
+
+
 def test_credentials_quoted_in_an_error_never_reach_slack(slack):
     """A reason quotes the errors of servers and clients, and with them what they quote: a URL
     with its user and password, a presigned URL's signature, a token in a query, an
