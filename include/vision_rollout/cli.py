@@ -20,7 +20,8 @@
   rolloutctl outbox send --outbox DIR --token-file F [--slack-url URL] [--budget-s 120] [--json]
                          [--retry-refused [NAME ...]]
                                    (each waiting report to Slack; removed once Slack took it;
-                                    none started after --budget-s, those left named; one Slack
+                                    none started after --budget-s, no Slack call past it,
+                                    those left named; one Slack
                                     refuses for good set aside in refused/; --retry-refused: those
                                     set aside sent again too, all or those named; one Slack does
                                     not take now stays set aside)
@@ -1514,7 +1515,8 @@ def parser() -> argparse.ArgumentParser:
         "--budget-s",
         type=float,
         default=SEND_BUDGET_S,
-        help=f"start no report after this many seconds, the rest left waiting (default {SEND_BUDGET_S:g})",
+        help=f"start no report after this many seconds, and end every Slack call by then, the rest left waiting "
+        f"(default {SEND_BUDGET_S:g})",
     )
     send.add_argument(
         "--retry-refused",

@@ -27,7 +27,7 @@ import socket
 import time
 import urllib.error
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -572,11 +572,15 @@ def _retry_rate_limited(client: Any) -> None:
     from slack_sdk.http_retry.builtin_handlers import RateLimitErrorRetryHandler
 
     class BoundedRateLimitRetry(RateLimitErrorRetryHandler):
+        deadline: float | None = None  # (``_within``'s: no wait past it)
+
         def _can_retry(self, *, state: Any, request: Any, response: Any = None, error: Any = None) -> bool:
             if response is None or response.status_code != 429:
                 return False
             after = next((v[0] for k, v in response.headers.items() if k.lower() == "retry-after"), "1")
-            return after.isdigit() and int(after) <= MAX_RETRY_AFTER_S
+            if not after.isdigit() or int(after) > MAX_RETRY_AFTER_S:
+                return False
+            return self.deadline is None or time.monotonic() + int(after) + MIN_CALL_S < self.deadline
 
     if not any(isinstance(h, RateLimitErrorRetryHandler) for h in client.retry_handlers):
         client.retry_handlers.append(BoundedRateLimitRetry(max_retry_count=RATE_LIMIT_RETRIES))
@@ -884,8 +888,49 @@ class LookupFailed(Exception):
     429): posting it would fail likewise, or post it twice."""
 
 
+class BudgetSpent(LookupFailed):
+    """A round's budget ran out before its Slack calls were done: what they were for waits."""
+
+
+MIN_CALL_S = 1.0  # a Slack call within a budget is not begun with less time left
+REPORT_MIN_S = 10.0  # a round does not begin a report with less of its budget left (nor a quarter of it)
+
+
+@contextlib.contextmanager
+def _within(client: Any, deadline: float | None, calls: int = 1) -> Iterator[None]:
+    """``client``'s calls meanwhile (``calls`` of them, one after another) end by ``deadline``
+    (a ``time.monotonic()``; None: no bound): each one's timeout the client's, or its share of
+    the time left where that is less, and the client's own waits for a 429's Retry-After
+    (``_retry_rate_limited``) ending before it. BudgetSpent, nothing called, with less than
+    ``MIN_CALL_S`` left."""
+    if deadline is None:
+        yield
+        return
+    left = deadline - time.monotonic()
+    if left < MIN_CALL_S:
+        raise BudgetSpent("the round's budget ran out before Slack was asked: it waits for the next round")
+    timeout = getattr(client, "timeout", None)
+    handlers = [h for h in getattr(client, "retry_handlers", None) or [] if hasattr(h, "deadline")]
+    if isinstance(timeout, (int, float)):
+        client.timeout = max(MIN_CALL_S, min(timeout, left / calls))
+    for h in handlers:
+        h.deadline = deadline
+    try:
+        yield
+    finally:
+        if isinstance(timeout, (int, float)):
+            client.timeout = timeout
+        for h in handlers:
+            h.deadline = None
+
+
 def find_post(
-    client: Any, channel: str, report_id: str, since: float, channels: dict[str, str] | None = None
+    client: Any,
+    channel: str,
+    report_id: str,
+    since: float,
+    channels: dict[str, str] | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any] | None:
     """The post of the report ``report_id`` in ``channel`` (a name or an ID) since ``since`` (unix
     seconds on this machine's clock, a sender's clock ``CLOCK_SKEW_S`` off it at most: the history
@@ -895,15 +940,17 @@ def find_post(
     its channel ID and ts. None where none was found, or where Slack refused the look-up (a scope
     the token lacks: ``channels:history``, ``groups:history``, ``channels:read``, ``groups:read``;
     the bot not in the channel), logged: the report is then posted as before, perhaps twice.
-    LookupFailed where Slack did not answer for a while."""
+    LookupFailed where Slack did not answer for a while, or (BudgetSpent) where the look-up could
+    not end by ``deadline`` (a ``time.monotonic()``: its caller's budget; its waits and calls end
+    by then): the report then waits, never posted twice for it."""
     known = channels if channels is not None else {}
-    deadline = time.monotonic() + LOOKUP_S
-    limited = _RateLimited(LOOKUP_WAIT_S)
+    limited = _RateLimited(LOOKUP_WAIT_S, deadline)
+    reading_until = time.monotonic() + LOOKUP_S
     try:
         cid = (
             channel
             if _CHANNEL_ID.fullmatch(channel)
-            else known.get(channel) or _channel_id(client, channel, deadline, limited)
+            else known.get(channel) or _channel_id(client, channel, reading_until, limited)
         )
         if cid is None:
             log.warning(
@@ -932,7 +979,7 @@ def find_post(
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor or _older_than(messages, back_to):
                 return None
-            if time.monotonic() - limited.waited > deadline or page_number == LOOKUP_PAGES:
+            if time.monotonic() - limited.waited > reading_until or page_number == LOOKUP_PAGES:
                 log.warning(
                     "report %s may have been posted already; not found in %d page(s) of %s's history since "
                     "then (more there): it is posted, perhaps a second time",
@@ -955,14 +1002,15 @@ def find_post(
     return None
 
 
-def find_chart(client: Any, posted: dict[str, Any], title: str) -> bool:
+def find_chart(client: Any, posted: dict[str, Any], title: str, deadline: float | None = None) -> bool:
     """Whether a report's chart is in the thread of its post (``posted``: its channel ID and ts)
     already: a reply there holding a file named ``CHART_FILE`` titled ``title`` (the chart's
     upload was carried out, its answer lost or its sender killed), read by
     ``conversations.replies``, ``LOOKUP_PAGES`` pages at most. False where it is not there, or
     where Slack refused the look-up (as ``find_post``'s: logged, the chart is uploaded, perhaps a
-    second time); LookupFailed where Slack did not answer for a while."""
-    limited = _RateLimited(LOOKUP_WAIT_S)
+    second time); LookupFailed where Slack did not answer for a while, or (BudgetSpent) where the
+    look-up could not end by ``deadline``, as ``find_post``'s."""
+    limited = _RateLimited(LOOKUP_WAIT_S, deadline)
     cursor = None
     try:
         for _ in range(LOOKUP_PAGES):
@@ -1023,10 +1071,12 @@ class _RateLimited:
     """A look-up's Slack calls, each answered 429 (a Retry-After longer than the client's own
     retries wait: ``conversations.history`` is one call a minute for a new non-Marketplace app)
     made again after its Retry-After, ``most_s`` seconds of such waits at most; the time so waited
-    moves the look-up's own deadline on."""
+    moves the look-up's own deadline on. Each call and wait ends by ``deadline`` (``_within``:
+    its caller's budget), else BudgetSpent."""
 
-    def __init__(self, most_s: float) -> None:
+    def __init__(self, most_s: float, deadline: float | None = None) -> None:
         self.most_s = most_s
+        self.deadline = deadline
         self.waited = 0.0
 
     def __call__(self, method: Callable[..., Any], **kwargs: Any) -> Any:
@@ -1034,11 +1084,20 @@ class _RateLimited:
 
         while True:
             try:
-                return _slack_call(method, **kwargs)
+                with _within(getattr(method, "__self__", None), self.deadline):
+                    return _slack_call(method, **kwargs)
+            except (OSError, http.client.HTTPException) as exc:  # (a timeout cut to the budget's end)
+                if self.deadline is None or time.monotonic() + MIN_CALL_S < self.deadline:
+                    raise
+                raise BudgetSpent(f"{_failure(exc)}: the round's budget ran out: it waits for the next round") from exc
             except SlackApiError as exc:
                 after = _retry_after(exc.response) if getattr(exc.response, "status_code", 0) == 429 else None
                 if after is None or self.waited + after > self.most_s:
                     raise
+                if self.deadline is not None and time.monotonic() + after + MIN_CALL_S > self.deadline:
+                    raise BudgetSpent(
+                        f"Slack rate-limited the look-up for {after} s, past the round's budget: it waits for the next round"
+                    ) from exc
                 log.info("Slack rate-limited the look-up (%s): it waits %d s, as Slack asks", method.__name__, after)
                 time.sleep(after)
                 self.waited += after
@@ -1252,7 +1311,10 @@ def send_waiting(
     chart with it), each it did not stays, as it was. One line of result per report: ``sent``
     (with ``ts``), ``error`` (Slack's, or why the file is not a report), or ``skipped`` (another
     sender has it, or sent it meanwhile). ``budget_s``: no report is started once the round has
-    taken this long (Slack unreachable: each report would wait out its own timeout); the rest
+    taken this long (Slack unreachable: each report would wait out its own timeout), nor with
+    less than a quarter of it (``REPORT_MIN_S`` at most) left, and no Slack call, timeout or wait
+    for a 429 of the round's runs past it (``_within``): a look-up that cannot end within it
+    leaves its report waiting (never posted twice for it), a chart's upload likewise; the rest
     wait for the next round.
 
     Two senders at once (two operators, a cron job) send no report twice: before sending one, a
@@ -1281,11 +1343,13 @@ def _send_round(
     ``refused/``, where a report refused again stays)."""
     results: list[dict[str, Any]] = []
     start = clock()
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    floor = min(REPORT_MIN_S, (budget_s or 0) / 4)  # (a report is not begun with less time left)
     _sweep_marks(outbox)
     channels: dict[str, str] = {}  # (the channels' IDs the round learnt, by name)
     names = outbox.names()
     for name in [n for n in names if n.endswith(".json") and (only is None or n in only)]:
-        if budget_s is not None and clock() - start > budget_s:
+        if deadline is not None and (clock() - start > budget_s or deadline - time.monotonic() < floor):
             break
         stem = name.removesuffix(".json")
         claim = f"{stem}.claim-{time.time_ns()}-{uuid.uuid4().hex[:12]}"
@@ -1295,7 +1359,7 @@ def _send_round(
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
         try:
-            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside))
+            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline))
         finally:
             outbox.delete(claim)
     return results
@@ -1317,8 +1381,17 @@ def _sweep_marks(outbox: Folder) -> None:
 
 
 def _send_claimed(
-    outbox: Folder, name: str, claim: str, client: Any, now: float, channels: dict[str, str], aside: bool = False
+    outbox: Folder,
+    name: str,
+    claim: str,
+    client: Any,
+    now: float,
+    channels: dict[str, str],
+    aside: bool = False,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
+    """The report ``name`` sent under its sender's ``claim``, its Slack calls and look-ups ending
+    by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting."""
     stem = name.removesuffix(".json")
     names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
     if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
@@ -1350,7 +1423,7 @@ def _send_claimed(
     tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
-            sent = find_post(client, found.channel, stem, min(tries), channels)
+            sent = find_post(client, found.channel, stem, min(tries), channels, deadline)
         except LookupFailed as exc:
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:
@@ -1361,7 +1434,10 @@ def _send_claimed(
     if sent is None:  # (no mark, or not one: the report is sent, the mark written)
         tried = time.time()
         try:
-            sent = notifier.send(message, report_id=stem)
+            with _within(client, deadline, calls=2):  # (a post refused for its metadata is made again)
+                sent = notifier.send(message, report_id=stem)
+        except BudgetSpent as exc:
+            return {"name": name, "channel": found.channel, "error": str(exc)}
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
             if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
                 _set_aside(outbox, name, found.chart, _failure(exc), aside)
@@ -1374,11 +1450,14 @@ def _send_claimed(
     else:
         sent["posted_before"] = True
     try:  # (marked before this round: a sender before it may have uploaded the chart)
-        there = bool(chart) and raw is not None and find_chart(client, sent, chart_title(message))
+        there = bool(chart) and raw is not None and find_chart(client, sent, chart_title(message), deadline)
+        if not there:
+            with _within(client, deadline, calls=3):  # (the upload URL, the upload, its completion)
+                sent.update(notifier.upload_chart(sent, replace(message, chart=chart)))
+        else:
+            sent["chart"] = True
     except LookupFailed as exc:
-        sent.update(chart_error=f"its chart may be in its thread already: {exc}", chart_waits=True)
-    else:
-        sent.update({"chart": True} if there else notifier.upload_chart(sent, replace(message, chart=chart)))
+        sent.update(chart_error=f"its chart's upload waits: {exc}", chart_waits=True)
     if sent.pop("chart_waits", False):  # (posted: the chart waits, with the mark, for a later round)
         if aside:  # (no longer refused: the outbox's rounds upload its chart)
             _back_to_outbox(outbox, name, found.chart, mark, f"its chart was not uploaded: {sent['chart_error']}")

@@ -115,6 +115,7 @@ class FakeSlack:
         self.rate_limited = 0  # how many of the next API calls Slack refuses with 429 and Retry-After
         self.retry_after = 1  # seconds, the Retry-After those refusals name
         self.lose_answers = 0  # how many of the next API calls are carried out, their answers cut off
+        self.stall: dict[str, float] = {}  # a method: seconds each call of it waits before it is carried out
         self.lose: dict[str, int] = {}  # a method: how many of its next calls are carried out, answers cut off
         self.files: dict[str, dict[str, Any]] = {}  # an upload's file ID -> its name and length
         self.replies: dict[tuple[str, str], list[dict[str, Any]]] = {}  # a thread's replies, oldest first
@@ -309,6 +310,7 @@ class FakeSlack:
 
             def _method(self, method: str, body: dict[str, Any]) -> None:
                 self.losing = False
+                time.sleep(slack.stall.get(method, 0.0))
                 if slack.lose_answers and not slack.rate_limited and not slack.cut and slack.outage is None:
                     slack.lose_answers -= 1
                     self.losing = True  # (carried out, its answer cut off)

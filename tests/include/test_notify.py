@@ -1300,6 +1300,40 @@ def test_a_look_up_slack_rate_limits_waits_its_retry_after_and_posts_once(slack,
     assert outbox.names() == []
 
 
+@pytest.mark.parametrize("slow", ["rate limit", "stalled answer"])
+def test_a_look_up_ends_within_the_rounds_budget_leaving_the_report_waiting(slack, tmp_path, monkeypatch, slow):
+    """A round's budget (``send_waiting``'s ``budget_s``: the shadow audit's 120 s) only kept it
+    from starting a report: a look-up begun within it waited out Slack's Retry-After (150 s at
+    most) and its calls' timeouts past it, the round ending minutes late. The look-up's waits
+    and calls end within the budget: one that cannot finish leaves the report waiting, never
+    posted a second time; a round with the time finds it."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    monkeypatch.setattr(notify, "MAX_RETRY_AFTER_S", 1)  # (the client's own retries: 2 s at most)
+    outbox = Folder(str(tmp_path / "outbox"))
+    _lost_answer(slack, outbox)
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    if slow == "rate limit":
+        slack.history_every_s = 30.0  # (one call in 30 s: the next one answered 429, Retry-After 30)
+        client.conversations_history(channel="C0ROLLOUT")
+    else:
+        slack.stall = {"conversations.list": 30.0}
+    (result,) = send_waiting(outbox, client, budget_s=3)
+    assert "the round's budget ran out" in result["error"] or "past the round's budget" in result["error"]
+    assert "sent" not in result
+    assert len(slack.messages()) == 1
+    assert len(outbox.names()) == 1  # (it waits)
+    slack.history_every_s, slack._history_at, slack.stall = 0.0, -1e9, {}
+    (result,) = send_waiting(outbox, client, budget_s=3)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
 @pytest.mark.parametrize("answer", [b"[1, 2]", b'"ok"', b'{"ok": true}', b'{"ok": true, "channel": 5}'])
 def test_an_answer_that_is_no_slack_object_keeps_the_report_and_fails_no_round(slack, tmp_path, answer):
     """A base URL that is not Slack's, a proxy answering 200 with JSON that is no object (or an
