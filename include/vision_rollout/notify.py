@@ -193,12 +193,21 @@ def with_run(message: Message, url: str | None = None, where: str = "") -> Messa
 
 
 def _limit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``blocks`` within Slack's 50 blocks (the last one a note of how many more there were:
+    truncated) and ``fit``."""
     if len(blocks) > MAX_BLOCKS:
         blocks = [
             *blocks[: MAX_BLOCKS - 1],
-            context(f"… {len(blocks) - MAX_BLOCKS + 1} more checks in the Airflow log"),
+            context(
+                f"… truncated to Slack's {MAX_BLOCKS} blocks: {len(blocks) - MAX_BLOCKS + 1} more in the Airflow log"
+            ),
         ]
     return fit(blocks)
+
+
+# The note ending a report whose texts ``fit`` cut (unless it has Slack's 50 blocks: its last is
+# ``_limit``'s note then).
+CUT_NOTE = "… truncated to Slack's limit on a message's length: texts ending in … are cut"
 
 
 def _text_objects(block: dict[str, Any]) -> list[dict[str, Any]]:
@@ -207,14 +216,24 @@ def _text_objects(block: dict[str, Any]) -> list[dict[str, Any]]:
 
 def fit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``blocks`` with their texts together within ``MAX_TOTAL_TEXT`` characters: the longest
-    mrkdwn texts cut to one length, as few as that takes, each ending in "…". A header, and a
-    text holding a link (``<url|text>``: only the report's own, the rest is escaped), is kept
-    whole. New blocks; ``blocks`` as they were."""
+    mrkdwn texts cut to one length, as few as that takes, each ending in "…", and a last block
+    saying so (``CUT_NOTE``, where there is room for a block). A header, and a text holding a
+    link (``<url|text>``: only the report's own, the rest is escaped), is kept whole. New
+    blocks; ``blocks`` as they were."""
     texts = [t for b in blocks for t in _text_objects(b)]
     total = sum(len(t.get("text", "")) for t in texts)
     if total <= MAX_TOTAL_TEXT:
         return blocks
-    cuttable = sorted(len(t["text"]) for t in texts if t.get("type") == "mrkdwn" and "<" not in t["text"])
+    noted = any(t.get("text") == mrkdwn(CUT_NOTE) for t in texts)
+    if len(blocks) < MAX_BLOCKS and not noted:  # (said, in a text of its own that is not cut)
+        blocks = [*blocks, context(CUT_NOTE)]
+        total += len(mrkdwn(CUT_NOTE))
+        texts = [t for b in blocks for t in _text_objects(b)]
+
+    def cuttable_text(t: dict[str, Any]) -> bool:
+        return t.get("type") == "mrkdwn" and "<" not in t["text"] and t["text"] != mrkdwn(CUT_NOTE)
+
+    cuttable = sorted(len(t["text"]) for t in texts if cuttable_text(t))
     room = MAX_TOTAL_TEXT - (total - sum(cuttable))
     cap = 0
     for i, n in enumerate(cuttable):  # the largest cap whose cut texts fit the room left
@@ -224,7 +243,7 @@ def fit(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         room -= n
     out = json.loads(json.dumps(blocks))
     for t in (t for b in out for t in _text_objects(b)):
-        if t.get("type") == "mrkdwn" and "<" not in t["text"] and len(t["text"]) > cap:
+        if cuttable_text(t) and len(t["text"]) > cap:
             t["text"] = _CUT_ENTITY.sub("", t["text"][: cap - 1]) + "…"
     return out
 
@@ -744,9 +763,7 @@ class SlackNotifier:
         tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
         decides what an undelivered one means (the rollout's teardown fails the run, its
         decision kept)."""
-        if len(message.blocks) > MAX_BLOCKS:
-            raise ValueError(f"{len(message.blocks)} blocks: Slack takes at most {MAX_BLOCKS}")
-        message = replace(message, blocks=fit(message.blocks))
+        message = replace(message, blocks=_limit(message.blocks))
         stem = report_id or _new_stem()
         if self.client is None:
             if self.unusable and self.outbox is not None:

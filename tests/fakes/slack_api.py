@@ -1,7 +1,7 @@
 """A local HTTP server speaking the Slack Web API methods the notifier uses, checking payloads.
 
-``chat.postMessage`` (JSON body, bot token, at most 50 blocks, 3000 characters per text
-field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
+``chat.postMessage`` (JSON body, bot token, a text of 40,000 characters at most, at most 50
+blocks, 3000 characters per text field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
 ``event_payload`` object, an event_type of another shape ignored with a warning), ``files.getUploadURLExternal``, the upload URL it hands out, and
 ``files.completeUploadExternal`` (a file completed into a thread becomes a reply there, its
 ``files`` named as uploaded); ``conversations.replies`` (a thread: its parent, then its replies,
@@ -345,6 +345,8 @@ class FakeSlack:
                         return self._reply({"ok": False, "error": "channel_not_found"})
                     if not body.get("text") and not body.get("blocks"):
                         return self._reply({"ok": False, "error": "no_text"})
+                    if len(str(body.get("text") or "")) > 40000:
+                        return self._reply({"ok": False, "error": "msg_too_long"})
                     problem = check_blocks(body.get("blocks", []))
                     if problem:
                         return self._reply({"ok": False, "error": problem})

@@ -95,6 +95,29 @@ def test_long_texts_and_many_checks_are_cut_to_the_limits(slack):
     assert slack.calls[-1]["ok"] is True
 
 
+def test_a_report_over_slacks_limits_is_cut_with_a_truncated_note_not_refused(slack, tmp_path):
+    """A message of more than 50 blocks raised ValueError out of send (the report in neither
+    Slack nor the outbox); texts cut to Slack's 12,000 characters ended in "…" with nothing
+    telling the reviewer the report was cut. Both are cut and say so in a last context block."""
+    from vision_rollout.notify import Message, section
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    result = notifier.send(Message("many", [section(f"block {i}") for i in range(60)]))
+    assert result["ts"]
+    (posted,) = slack.messages()
+    assert len(posted["blocks"]) == MAX_BLOCKS
+    assert "truncated" in posted["blocks"][-1]["elements"][0]["text"]
+    assert "11 more" in posted["blocks"][-1]["elements"][0]["text"]
+    notifier.send(Message("z" * 50_000, [section("y" * 2900) for _ in range(6)]))
+    assert len(slack.messages()[1]["text"]) <= 3000
+    cut = slack.messages()[1]["blocks"]
+    assert check_blocks(cut) is None
+    assert cut[-1]["type"] == "context"
+    assert "truncated" in cut[-1]["elements"][0]["text"]
+    assert outbox.names() == []
+
+
 def test_a_wrong_token_is_an_error_not_a_silent_loss(slack):
     from slack_sdk.errors import SlackApiError
 
