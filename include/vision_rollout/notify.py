@@ -1375,10 +1375,16 @@ def _send_round(
         except ValueError:  # (a name no folder takes, a backslash in it: not one this outbox wrote)
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
+        posting: list[bool] = []  # (true while a post of it Slack may have taken is not marked)
         try:
-            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline))
-        finally:
-            outbox.delete(claim)
+            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting))
+        except BaseException:
+            # (Stopped there, Ctrl-C, Airflow's SIGTERM, a store error: its claim stays, as a killed
+            # sender's, so that once lapsed the next sender looks for that post before posting.)
+            if not posting:
+                outbox.delete(claim)
+            raise
+        outbox.delete(claim)
     return results
 
 
@@ -1406,9 +1412,12 @@ def _send_claimed(
     channels: dict[str, str],
     aside: bool = False,
     deadline: float | None = None,
+    posting: list[bool] | None = None,
 ) -> dict[str, Any]:
     """The report ``name`` sent under its sender's ``claim``, its Slack calls and look-ups ending
-    by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting."""
+    by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting.
+    ``posting`` holds True from its post until its mark is written."""
+    posting = [] if posting is None else posting
     stem = name.removesuffix(".json")
     names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
     if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
@@ -1449,6 +1458,7 @@ def _send_claimed(
     if sent is None and not _holds(outbox, name, claim):
         return {"name": name, "skipped": "another sender took it over: this one's claim lapsed before it posted"}
     if sent is None:  # (no mark, or not one: the report is sent, the mark written)
+        posting.append(True)
         tried = time.time()
         try:
             with _within(client, deadline, calls=2):  # (a post refused for its metadata is made again)
@@ -1464,6 +1474,7 @@ def _send_claimed(
             return {"name": name, "channel": found.channel, "error": _failure(exc)}
         channels[found.channel] = sent["channel"]
         outbox.write(mark, json.dumps(sent).encode())
+        posting.clear()
     else:
         sent["posted_before"] = True
     try:  # (marked before this round: a sender before it may have uploaded the chart)

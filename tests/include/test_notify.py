@@ -974,6 +974,54 @@ def test_a_report_whose_sender_died_once_slack_took_it_is_not_posted_again(
     assert outbox.names() == []
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit, "mark refused"])
+def test_a_sender_stopped_once_slack_took_the_post_keeps_its_claim_and_it_is_posted_once(
+    slack, tmp_path, monkeypatch, stop
+):
+    """A sender stopped by an exception between Slack's answer and its ``.posted`` mark (Ctrl-C,
+    Airflow's SIGTERM or task timeout raised in the task, the store refusing the mark's write)
+    removed its claim on the way out, unlike a killed one: nothing told the next round that the
+    report may have been posted, and it posted it a second time. The claim stays, as a killed
+    sender's: once it lapsed, the next round finds the post in the history."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    post = client.chat_postMessage
+
+    def posted_then_stopped(**kwargs: object) -> None:
+        post(**kwargs)
+        raise stop("stopped")
+
+    if stop == "mark refused":  # (the store refusing the mark's write: an OSError out of the round)
+        real_write = Folder.write
+
+        def refused(self, name, data):
+            if name.endswith(".posted"):
+                raise OSError("the store refused the write")
+            return real_write(self, name, data)
+
+        with monkeypatch.context() as m:
+            m.setattr(Folder, "write", refused)
+            with pytest.raises(OSError, match="refused the write"):
+                send_waiting(outbox, client)
+    else:
+        client.chat_postMessage = posted_then_stopped  # type: ignore[method-assign]
+        with pytest.raises(stop):
+            send_waiting(outbox, client)
+    assert len(slack.messages()) == 1
+    later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url), clock=later)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
 def test_a_report_whose_answer_was_lost_is_looked_for_before_it_is_posted_again(slack, tmp_path):
     """Slack took a new report but its answer was cut off (a proxy, a timeout): the report went to
     the outbox and the next round posted it a second time. The outbox keeps when that post was
