@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,20 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture
+def kube_api() -> Iterator[tuple[Any, Any]]:
+    """The fake Kubernetes API server on loopback (devstack's FakeKubeAPI) and a kubernetes
+    client's ApiClient on it; stopped when the test ends."""
+    from kubernetes import client
+
+    from devstack.cluster.kube import FakeKubeAPI
+
+    fake = FakeKubeAPI().start()
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    try:
+        yield fake, client.ApiClient(cfg)
+    finally:
+        fake.stop()

@@ -10,18 +10,15 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from devstack.cluster.kube import FakeKubeAPI, parse_label_selector
+from devstack.cluster.kube import parse_label_selector
 
 APPLY = {"field_manager": "test", "_content_type": "application/apply-patch+yaml"}
 
 
 @pytest.fixture
-def core():
-    fake = FakeKubeAPI().start()
-    cfg = client.Configuration()
-    cfg.host = fake.url
-    yield fake, client.CoreV1Api(client.ApiClient(cfg))
-    fake.stop()
+def core(kube_api):
+    fake, api_client = kube_api
+    return fake, client.CoreV1Api(api_client)
 
 
 def pod(name: str, **labels: str) -> dict:

@@ -195,17 +195,14 @@ def test_a_model_server_pod_holds_no_kubernetes_api_token():
     assert round_trips(render_deployment(TARGET, "digits", "2", "img:1"), "V1Deployment")
 
 
-def test_a_deployments_own_settings_outlive_the_rollouts_applies():
+def test_a_deployments_own_settings_outlive_the_rollouts_applies(kube_api):
     """What the platform set on version 1's Deployment beside its pod template (its rollout
     strategy, minReadySeconds, revisionHistoryLimit, progressDeadlineSeconds, labels, and a
     selector label kustomize's commonLabels adds) was left out of the rollout's applies, which
     the overlay's field manager makes a removal: the strategy back to Kubernetes' default (a GPU
     cluster's maxSurge 0 lost), and a selector changed, which the API server refuses (immutable).
     They are kept on the version scaled, and the candidate made like it takes them."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
@@ -220,26 +217,21 @@ def test_a_deployments_own_settings_outlive_the_rollouts_applies():
     v1["spec"]["selector"]["matchLabels"]["team"] = "vision"
     v1["spec"]["template"]["metadata"]["labels"]["team"] = "vision"
     v1["spec"].update(own)
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        apply_object(client.ApiClient(cfg), v1)
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.apply("2", "img:2", 1, like="1")
-        versions.scale("1", 0)
-        for version, replicas in (("1", 0), ("2", 1)):
-            live = api.objects[("deployments", "models", f"digits-v{version}")]
-            assert {k: live["spec"].get(k) for k in own} == own
-            assert live["spec"]["replicas"] == replicas
-            assert live["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": version, "team": "vision"}
-            assert live["metadata"]["labels"]["team"] == "vision"
-            assert live["metadata"]["labels"]["version"] == version
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    apply_object(api_client, v1)
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1, like="1")
+    versions.scale("1", 0)
+    for version, replicas in (("1", 0), ("2", 1)):
+        live = api.objects[("deployments", "models", f"digits-v{version}")]
+        assert {k: live["spec"].get(k) for k in own} == own
+        assert live["spec"]["replicas"] == replicas
+        assert live["spec"]["selector"]["matchLabels"] == {"app": "digits", "version": version, "team": "vision"}
+        assert live["metadata"]["labels"]["team"] == "vision"
+        assert live["metadata"]["labels"]["version"] == version
 
 
-def test_the_annotations_the_overlay_set_on_a_deployment_outlive_the_rollouts_applies():
+def test_the_annotations_the_overlay_set_on_a_deployment_outlive_the_rollouts_applies(kube_api):
     """The annotations kustomize's commonAnnotations (or the overlay itself) put on version 1's
     Deployment, applied with the rollout's field manager, were left out of its applies, which
     that manager makes a removal: an owner annotation, or Reloader's, which restarts the pods
@@ -247,10 +239,7 @@ def test_the_annotations_the_overlay_set_on_a_deployment_outlive_the_rollouts_ap
     it. They are kept and carried over, as its labels are; the rollout's own record
     (model-rollout/*), the controller's revision and kubectl's last-applied configuration of
     the baseline are not the candidate's."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import IMAGE_ANNOTATION, VersionDeployments
     from vision_rollout.settings import BuildSettings
 
@@ -262,24 +251,19 @@ def test_the_annotations_the_overlay_set_on_a_deployment_outlive_the_rollouts_ap
         "deployment.kubernetes.io/revision": "4",
         "kubectl.kubernetes.io/last-applied-configuration": "{}",
     }
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        apply_object(client.ApiClient(cfg), v1)
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.apply("2", "img:2", 1, like="1")
-        versions.scale("2", 2)
-        versions.scale("1", 0)
-        v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
-        assert {k: v1_live["annotations"].get(k) for k in own} == own
-        assert v1_live["annotations"][IMAGE_ANNOTATION] == "img:1"
-        assert {k: v2_live["annotations"].get(k) for k in own} == own
-        assert v2_live["annotations"][IMAGE_ANNOTATION] == "img:2"
-        assert "deployment.kubernetes.io/revision" not in v2_live["annotations"]
-        assert "kubectl.kubernetes.io/last-applied-configuration" not in v2_live["annotations"]
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    apply_object(api_client, v1)
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1, like="1")
+    versions.scale("2", 2)
+    versions.scale("1", 0)
+    v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
+    assert {k: v1_live["annotations"].get(k) for k in own} == own
+    assert v1_live["annotations"][IMAGE_ANNOTATION] == "img:1"
+    assert {k: v2_live["annotations"].get(k) for k in own} == own
+    assert v2_live["annotations"][IMAGE_ANNOTATION] == "img:2"
+    assert "deployment.kubernetes.io/revision" not in v2_live["annotations"]
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in v2_live["annotations"]
 
 
 def test_a_candidate_made_like_a_baseline_with_serve_equals_serves_only_itself():
@@ -297,35 +281,27 @@ def test_a_candidate_made_like_a_baseline_with_serve_equals_serves_only_itself()
     assert served == ["--serve=digits:2"]
 
 
-def test_pods_never_ready_are_reported_with_what_the_deployment_says_stops_them():
+def test_pods_never_ready_are_reported_with_what_the_deployment_says_stops_them(kube_api):
     """A ReplicaSet refused its pods (Pod Security admission, a quota): wait_ready waited its 10
     minutes and said only "0 of 1 pods ready", leaving the reason to be found by hand."""
-    from kubernetes import client
-
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import RouterError
     from vision_rollout.settings import BuildSettings
 
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.apply("2", "img:2", 1)
-        refusal = 'pods "digits-v2-7d4f8b9c6-abcde" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1'
-        failure = {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": refusal}
-        api.touch(
-            "deployments",
-            "models",
-            "digits-v2",
-            lambda d: d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[failure]),
-        )
-        with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
-            versions.wait_ready("2", 1, timeout_s=0)
-        assert f"ReplicaFailure FailedCreate: {refusal}" in str(failed.value)
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    refusal = 'pods "digits-v2-7d4f8b9c6-abcde" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1'
+    failure = {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": refusal}
+    api.touch(
+        "deployments",
+        "models",
+        "digits-v2",
+        lambda d: d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[failure]),
+    )
+    with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
+        versions.wait_ready("2", 1, timeout_s=0)
+    assert f"ReplicaFailure FailedCreate: {refusal}" in str(failed.value)
 
 
 @pytest.mark.parametrize(

@@ -133,13 +133,9 @@ def overlay(fake: FakeKubeAPI) -> None:
 
 
 @pytest.fixture
-def kube():
-    fake = FakeKubeAPI().start()
-    overlay(fake)
-    cfg = client.Configuration()
-    cfg.host = fake.url
-    yield fake, client.ApiClient(cfg)
-    fake.stop()
+def kube(kube_api):
+    overlay(kube_api[0])
+    return kube_api
 
 
 @pytest.mark.parametrize("broken", ["missing", "another lua", "gateways only", "before authentication"])
