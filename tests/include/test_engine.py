@@ -1249,10 +1249,9 @@ def test_a_poke_writes_what_it_read_new_not_the_whole_cache(tmp_path, monkeypatc
     assert same_poke(full, cached, window, t0 + 165).attrs["files_opened"] == 0
 
 
-def test_a_poke_reads_no_cache_part_once_its_deadline_passed(tmp_path, monkeypatch):
-    """A poke read every part of its stage's cache whatever its deadline (a stalled object store:
-    about 30 s a part, a poke of 16 parts taking minutes past its own). A part's read begins only
-    before the poke's deadline; those not read are read as none, left alone."""
+def four_part_stage_cache(tmp_path):
+    """A stage's cache under ``tmp_path/run`` of four parts, each of an empty log file: (its
+    stage's start, its columns, the log's URI, the cache's folder)."""
     from datetime import UTC, datetime
 
     from model_server.predictionlog import read_schema
@@ -1265,6 +1264,17 @@ def test_a_poke_reads_no_cache_part_once_its_deadline_passed(tmp_path, monkeypat
     empty = read_schema(columns, written=True).empty_table()
     for k in range(4):
         stage.write(f"{k:032x}.parquet", logcache._encode(cache, [(f"{log_uri}/f{k}", empty, 0)]))
+    return start, columns, log_uri, stage
+
+
+def test_a_poke_reads_no_cache_part_once_its_deadline_passed(tmp_path, monkeypatch):
+    """A poke read every part of its stage's cache whatever its deadline (a stalled object store:
+    about 30 s a part, a poke of 16 parts taking minutes past its own). A part's read begins only
+    before the poke's deadline; those not read are read as none, left alone."""
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    start, columns, log_uri, stage = four_part_stage_cache(tmp_path)
     now = [0.0]
     reads: list[str] = []
     read_within = Folder.read_within
@@ -1286,18 +1296,10 @@ def test_a_stage_cache_holding_more_files_than_a_listing_takes_is_not_used(tmp_p
     """A stage's cache folder was listed whole, and what was listed taken for the whole cache. One
     holding more than ``MAX_LISTED`` files (not one the cache wrote) is listed in part: not used,
     none of its parts read, the log read instead."""
-    from datetime import UTC, datetime
-
-    from model_server.predictionlog import read_schema
     from vision_rollout import folders, logcache
     from vision_rollout.folders import Folder
 
-    start, columns, log_uri = datetime.now(UTC), ["label"], str(tmp_path / "log")
-    cache = logcache.name(log_uri, "digits", start, columns)
-    stage = Folder(str(tmp_path / "run")) / cache
-    empty = read_schema(columns, written=True).empty_table()
-    for k in range(4):
-        stage.write(f"{k:032x}.parquet", logcache._encode(cache, [(f"{log_uri}/f{k}", empty, 0)]))
+    start, columns, log_uri, _ = four_part_stage_cache(tmp_path)
     reads: list[str] = []
     read_within = Folder.read_within
     monkeypatch.setattr(Folder, "read_within", lambda self, n, limit: reads.append(n) or read_within(self, n, limit))
