@@ -2039,6 +2039,15 @@ class StageWorld:
     def apply(self, index: int = 0) -> dict:
         return steps.apply_weights(PARAMS, index, "run-a", {"decision": "pass"})
 
+    def stage_2_in_effect(self) -> tuple[dict, list[dict]]:
+        """Stage 1 (50%) applied and passed, stage 2 (100%) applied: stage 1's apply_weights XCom
+        and the routes written so far."""
+        first = self.apply(0)
+        self.states = [stage_state("pass", 2, "PASS at look 2")]
+        assert self.poke(first)["decision"] == "pass"
+        self.apply(1)
+        return first, list(self.set)
+
     def poke(self, applied: dict, index: int = 0, try_number: int = 1):
         """A poke of the stage's wait, in its try ``try_number`` (each try a task instance id of
         its own): its XCom, None while it waits; a verdict other than a pass fails the try, its
@@ -2132,11 +2141,7 @@ def test_an_earlier_stages_apply_cleared_alone_mid_run_moves_no_traffic_back(mon
     before that wait decided. Now an earlier stage's apply after a later stage took effect leaves
     the routes as they are, saying so; the later stage's wait goes on under its own split."""
     world = StageWorld(monkeypatch, tmp_path)
-    first = world.apply(0)
-    world.states = [stage_state("pass", 2, "PASS at look 2")]
-    assert world.poke(first)["decision"] == "pass"
-    world.apply(1)
-    at_100 = list(world.set)
+    first, at_100 = world.stage_2_in_effect()
     assert at_100[-1] == {"route": [{"version": "2", "weight": 100}]}
     again = world.apply(0)  # cleared alone, mid-stage 2
     assert world.set == at_100  # no traffic moved back
@@ -2152,11 +2157,7 @@ def test_enable_shadow_cleared_alone_once_the_candidate_takes_all_the_traffic_sa
     the stage's failure. It succeeds now, saying the candidate takes all of the traffic, and
     moves no traffic."""
     world = StageWorld(monkeypatch, tmp_path)
-    first = world.apply(0)
-    world.states = [stage_state("pass", 2, "PASS at look 2")]
-    assert world.poke(first)["decision"] == "pass"
-    world.apply(1)
-    at_100 = list(world.set)
+    _, at_100 = world.stage_2_in_effect()
     shadow = steps.enable_shadow({**PARAMS, "mirror_percent": 100}, "run-a")
     assert shadow == {
         "mirror": None,
