@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from devstack.processes import start_model_server
+from devstack.processes import ModelServerProcess, start_model_server
 from model_server.predictionlog import GATE_COLUMNS, SHADOW_PAIR_COLUMNS, read, shadow_pairs
 from vision_rollout.audit import audit
 from vision_rollout.engine import StageWindow, stage_samples
@@ -137,6 +138,16 @@ def test_binary_nan_and_inf_are_answered_and_kept_out_of_every_statistic(tmp_pat
     assert (labelled["correct"] == 0).all()
 
 
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServerProcess]:
+    """One server on ``tiny`` for the tests that send it requests it refuses (they change nothing)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    write_classifier(folder / "repo")
+    s = start_model_server(folder / "repo", folder, token=TOKEN)
+    yield s
+    s.stop()
+
+
 @pytest.mark.parametrize(
     "encode",
     [
@@ -148,22 +159,17 @@ def test_binary_nan_and_inf_are_answered_and_kept_out_of_every_statistic(tmp_pat
         pytest.param(lambda b: b.replace("0.5", "-Infinity").encode(), id="Infinity constant"),
     ],
 )
-def test_json_bodies_are_utf8_without_bom_or_nan(tmp_path, encode):
+def test_json_bodies_are_utf8_without_bom_or_nan(tiny_server, encode):
     """Python's json.loads takes a UTF-8 BOM, UTF-16 and UTF-32 bodies and NaN; RapidJSON
     (Triton) and RFC 8259 do not: each is a 400 naming what is wrong, on the infer path and the
     other JSON endpoints; the same body in UTF-8 is answered."""
-    repo = tmp_path / "repo"
-    write_classifier(repo)
-    s = start_model_server(repo, tmp_path, token=TOKEN)
-    try:
-        body = '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.5,1,2,3]}]}'
-        assert requests.post(f"{s.http}/v2/models/tiny/infer", data=body.encode(), timeout=10).status_code == 200
-        r = requests.post(f"{s.http}/v2/models/tiny/infer", data=encode(body), timeout=10)
-        assert r.status_code == 400, r.text
-        assert "malformed JSON" in r.json()["error"]
-        feedback = '{"request_id":"x","label":0.5,"token":"t"}'
-        r = requests.post(f"{s.http}/v2/models/tiny/feedback", data=encode(feedback), timeout=10)
-        assert r.status_code == 400, r.text
-        assert "malformed JSON" in r.json()["error"]
-    finally:
-        s.stop()
+    s = tiny_server
+    body = '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[0.5,1,2,3]}]}'
+    assert requests.post(f"{s.http}/v2/models/tiny/infer", data=body.encode(), timeout=10).status_code == 200
+    r = requests.post(f"{s.http}/v2/models/tiny/infer", data=encode(body), timeout=10)
+    assert r.status_code == 400, r.text
+    assert "malformed JSON" in r.json()["error"]
+    feedback = '{"request_id":"x","label":0.5,"token":"t"}'
+    r = requests.post(f"{s.http}/v2/models/tiny/feedback", data=encode(feedback), timeout=10)
+    assert r.status_code == 400, r.text
+    assert "malformed JSON" in r.json()["error"]
