@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import requests
 
+from devstack.processes import start_model_server
 from tests.support import TOKEN, infer, put_policy
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,20 @@ def routed(server_factory, repo_copy, tmp_path):
     s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
     s.load_versions("digits", 1, 2, 3)
     return s
+
+
+@pytest.fixture(scope="module")
+def one_server(models_dir, tmp_path_factory):
+    """digits versions 1, 2 and 3 loaded, one server for the tests that change its policy alone,
+    each putting the one it starts from (its policy is the last test's)."""
+    folder = tmp_path_factory.mktemp("routed")
+    shutil.copytree(models_dir / "digits", folder / "models" / "digits", ignore=shutil.ignore_patterns("validation"))
+    s = start_model_server(folder / "models", folder, "--state-dir", str(folder / "state"), token=TOKEN)
+    try:
+        s.load_versions("digits", 1, 2, 3)
+        yield s
+    finally:
+        s.stop()
 
 
 def test_without_a_policy_the_highest_version_serves(routed, digit_images):
@@ -157,21 +172,21 @@ def test_request_id_and_trace_context_are_kept(routed, digit_images):
         ),
     ],
 )
-def test_invalid_policies_get_400_and_change_nothing(routed, policy, needle):
-    assert put_policy(routed, SPLIT).status_code == 200
-    r = put_policy(routed, policy)
+def test_invalid_policies_get_400_and_change_nothing(one_server, policy, needle):
+    assert put_policy(one_server, SPLIT).status_code == 200
+    r = put_policy(one_server, policy)
     assert r.status_code == 400
     assert needle in r.json()["error"]
-    current = requests.get(f"{routed.http}/v2/models/digits/traffic", headers=routed.admin, timeout=5).json()
+    current = requests.get(f"{one_server.http}/v2/models/digits/traffic", headers=one_server.admin, timeout=5).json()
     assert current == SPLIT
 
 
-def test_policy_calls_need_the_admin_token(routed):
-    assert put_policy(routed, SPLIT, token=None).status_code == 401
-    assert put_policy(routed, SPLIT, token="wrong").status_code == 401
-    assert requests.get(f"{routed.http}/v2/models/digits/traffic", timeout=5).status_code == 401
-    assert put_policy(routed, SPLIT).status_code == 200
-    r = requests.put(f"{routed.http}/v2/models/nope/traffic", json=SPLIT, headers=routed.admin, timeout=5)
+def test_policy_calls_need_the_admin_token(one_server):
+    assert put_policy(one_server, SPLIT, token=None).status_code == 401
+    assert put_policy(one_server, SPLIT, token="wrong").status_code == 401
+    assert requests.get(f"{one_server.http}/v2/models/digits/traffic", timeout=5).status_code == 401
+    assert put_policy(one_server, SPLIT).status_code == 200
+    r = requests.put(f"{one_server.http}/v2/models/nope/traffic", json=SPLIT, headers=one_server.admin, timeout=5)
     assert r.status_code == 404
 
 
