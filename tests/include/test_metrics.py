@@ -11,7 +11,7 @@ import requests
 
 from devstack.loadgen import LoadConfig, run
 from devstack.processes import start_prometheus
-from tests.support import TOKEN, put_policy
+from tests.support import TOKEN, mirroring, put_policy
 from vision_rollout.metrics import (
     MetricsError,
     MultipleValues,
@@ -409,10 +409,7 @@ def test_the_shadow_guard_counts_every_error_of_its_stage_and_none_before(
     from vision_rollout.gates import GateConfig, guard_checks
     from vision_rollout.spec import RolloutSpec
 
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.load_versions("digits", 1, 2)
-    mirror = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
-    assert put_policy(s, mirror).status_code == 200
+    s = mirroring(server_factory, repo_copy, tmp_path)
     prom = start_prometheus([s.url], tmp_path / "prometheus")
     try:
         source = PrometheusSource(prom.url)

@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from model_server.traffic import TrafficPolicy
 from rollout_airflow import steps
 from rollout_airflow.steps import approval_body, decide
-from tests.support import TOKEN, put_policy
+from tests.support import TOKEN, mirroring, put_policy
 from vision_rollout.mesh import routes_to
 
 PASS = {"decision": "pass", "summary": "PASS at look 1"}
@@ -2768,10 +2768,7 @@ def test_the_hourly_audit_reads_the_mirror_share_over_time_from_a_real_prometheu
 
     from devstack.processes import start_prometheus
 
-    s = server_factory(repo_copy, "--state-dir", str(tmp_path / "state"), token=TOKEN)
-    s.load_versions("digits", 1, 2)
-    mirror = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
-    assert put_policy(s, mirror).status_code == 200
+    s = mirroring(server_factory, repo_copy, tmp_path)
     prom = start_prometheus([s.url], tmp_path / "prometheus")
     try:
         monkeypatch.setenv(

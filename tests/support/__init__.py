@@ -53,6 +53,16 @@ def put_policy(server, policy, token: str | None = TOKEN) -> requests.Response:
     return requests.put(f"{server.http}/v2/models/digits/traffic", json=policy, headers=headers, timeout=30)
 
 
+def mirroring(server_factory, repository: Path, tmp_path: Path):
+    """A server on ``repository`` (its state in ``tmp_path``) serving digits 1 and mirroring all
+    of its traffic to version 2."""
+    s = server_factory(repository, "--state-dir", str(tmp_path / "state"), token=TOKEN)
+    s.load_versions("digits", 1, 2)
+    mirror = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
+    assert put_policy(s, mirror).status_code == 200
+    return s
+
+
 # -- Triton's example models -------------------------------------------------------------------
 
 SIMPLE_MODELS = ("simple", "simple_string")
