@@ -16,9 +16,10 @@ error rates hold over all K looks. Confidence intervals are the matching repeate
 
 Checks: latency (ratio of geometric means, Welch t on log latency; Mann-Whitney U as the rank
 check; p95/p99 ratio with distribution-free quantile intervals), errors and OOM (two proportions, Newcombe's
-hybrid score interval, Fisher's exact p-value at small counts), accuracy (exact McNemar on
-paired validation replays with Tango's score test and interval, and two proportions on live feedback),
-and the hard guards.
+hybrid score interval), accuracy (Tango's score test and interval on paired validation replays,
+the exact McNemar p of any drop beside it, and two proportions on live feedback), and the hard
+guards. Each decisive check's p-value is its fail test's against the margin (the interval's own
+for proportions), below the look's nominal level exactly when the check fails.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ class Check:
     these samples resolve) are a relative change for latency (0.05 = +5%), a difference of
     proportions for errors and accuracy (0.001 = 0.1 pp), milliseconds for the P99 guard, a count
     for the restart guard.
-    ``statistic`` is the test's (t, U, discordant pairs); ``p_value`` one-sided, toward harm.
+    ``statistic`` is the test's (t, U, Tango's score); ``p_value`` one-sided, toward harm: the fail
+    test's against the margin, below the look's level exactly when the check fails (a decisive check).
     Everything after ``method`` is passed by keyword.
     """
 
@@ -448,6 +450,37 @@ def newcombe(x1: float, n1: float, x2: float, n2: float, z: float) -> tuple[floa
     return d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
 
 
+def newcombe_p(x1: float, n1: float, x2: float, n2: float, margin: float, higher: bool) -> float:
+    """The one-sided p-value of "p2 - p1 exceeds ``margin``" (``higher``; else "falls below it")
+    that inverts Newcombe's interval: the level at which its bound on that side reaches the
+    margin, so that the bound is beyond the margin exactly when p is below the level. Above
+    0.5 when the estimate is on the other side of the margin (1 - the opposite test's p)."""
+    d = x2 / n2 - x1 / n1
+    sign = 1.0 if higher else -1.0
+
+    def beyond(z: float) -> float:  # how far the interval's bound on that side lies past the margin
+        lo, hi = newcombe(x1, n1, x2, n2, z)
+        return sign * ((lo if higher else hi) - margin)
+
+    def root(f: Any) -> float:
+        if f(0.0) <= 0:
+            return 0.0
+        if f(40.0) > 0:
+            return 40.0
+        return float(optimize.brentq(f, 0.0, 40.0, xtol=1e-10))
+
+    if sign * (d - margin) > 0:
+        return float(stats.norm.sf(root(beyond)))
+    if d == margin:
+        return 0.5
+
+    def short(z: float) -> float:  # how far the other bound lies short of the margin
+        lo, hi = newcombe(x1, n1, x2, n2, z)
+        return sign * (margin - (hi if higher else lo))
+
+    return float(stats.norm.cdf(root(short)))
+
+
 def proportion_check(
     name: str,
     what: str,
@@ -472,16 +505,8 @@ def proportion_check(
     eb, en_b, ec, en_c = xb / design[0], nb / design[0], xc / design[1], nc / design[1]
     lo, hi = newcombe(eb, en_b, ec, en_c, z)  # canary - baseline
     excess, (lower, upper) = ((rate_c - rate_b), (lo, hi)) if worse_is_higher else ((rate_b - rate_c), (-hi, -lo))
-    ib, ic, ibn, icn = (round(v) for v in (eb, ec, en_b, en_c))
-    table = [[ic, icn - ic], [ib, ibn - ib]] if worse_is_higher else [[icn - ic, ic], [ibn - ib, ib]]
-    if min(eb, ec, en_b - eb, en_c - ec) < 5:
-        p_harm = float(stats.fisher_exact(table, alternative="greater")[1])
-        method = "Newcombe hybrid score interval; Fisher's exact one-sided p (small counts)"
-    else:
-        pooled = (eb + ec) / (en_b + en_c)
-        se0 = math.sqrt(pooled * (1 - pooled) * (1 / en_b + 1 / en_c)) or 1.0
-        p_harm = float(stats.norm.sf(excess / se0))
-        method = "Newcombe hybrid score interval; pooled two-proportion z one-sided p"
+    p_harm = newcombe_p(eb, en_b, ec, en_c, margin if worse_is_higher else -margin, worse_is_higher)
+    method = "Newcombe hybrid score interval; one-sided p of the margin's test, from the same interval"
     if design != (1.0, 1.0):
         method += "; counts divided by each arm's design effect (Rao-Scott, items of one request correlated)"
     decision = _decide(lower, upper, margin)
@@ -498,8 +523,8 @@ def proportion_check(
     text = (
         f"{what}: canary {100 * rate_c:.2f}% ({xc}/{nc}) vs baseline {100 * rate_b:.2f}% ({xb}/{nb}), "
         f"{'excess' if worse_is_higher else 'drop'} {_signed(excess, margin)} pp (interval "
-        f"{_signed(lower, margin)} to {_signed(upper, margin)} pp): {verdict}; one-sided p that the canary "
-        f"is worse: {p_harm:.3g}."
+        f"{_signed(lower, margin)} to {_signed(upper, margin)} pp): {verdict}; one-sided p that the canary is worse "
+        f"than the {limit_percent(margin)} pp margin: {p_harm:.3g} (this look's level {level:.3g})."
     )
     if design != (1.0, 1.0):
         text += (
@@ -688,6 +713,7 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
     lower, upper = tango_interval(b, c, n, z)
     p_exact = float(stats.binomtest(b, b + c, 0.5, alternative="greater").pvalue) if b + c else 1.0
     score = tango_z(b, c, n, cfg.accuracy_margin)
+    p_harm = float(stats.norm.sf(score))  # the fail test's: below the level exactly when it fails
     # The test itself decides (its interval agrees, up to the root's tolerance).
     decision = "pass" if score < -z else "fail" if score > z else "wait"
     acc_b, acc_c = float(pairs["baseline"].mean()), float(pairs["canary"].mean())
@@ -696,7 +722,8 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         f"Validation replay on the same {n} images: baseline accuracy {100 * acc_b:.2f}%, canary "
         f"{100 * acc_c:.2f}%; {b} images only the baseline got right, {c} only the canary; drop "
         f"{_signed(drop, m)} pp (interval {_signed(lower, m)} to {_signed(upper, m)} pp) against the "
-        f"{limit_percent(m)} pp margin: {decision}; exact McNemar one-sided p={p_exact:.3g}."
+        f"{limit_percent(m)} pp margin: {decision}; one-sided p that the drop exceeds the margin: "
+        f"{p_harm:.3g} (this look's level {level:.3g}; exact McNemar one-sided p of any drop: {p_exact:.3g})."
     )
     fewest = fewest_pairs(m, level)
     if decision == "wait" and fewest is not None and n < fewest and c <= b:
@@ -709,11 +736,12 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         "accuracy_paired",
         decision,
         text,
-        "Tango's score test and interval for the paired difference; exact McNemar p (binomial on discordant pairs)",
+        "Tango's score test against the margin (its p) and interval for the paired difference; "
+        "exact McNemar p of any drop (binomial on discordant pairs) beside it",
         n_baseline=n,
         n_canary=n,
-        statistic=float(b - c),
-        p_value=p_exact,
+        statistic=score,
+        p_value=p_harm,
         effect=drop,
         ci=(lower, upper),
         margin=cfg.accuracy_margin,
