@@ -426,11 +426,19 @@ def judge_stage(
     config: GateConfig | None = None,
     settle_s: float = SETTLE_S,
     replay_images: int | None = None,
+    evidence_s: float = SETTLE_S,
 ) -> StageState:
     """Judge, in order, every look whose time (plus ``settle_s``) has come, each on the records
     before its time; stop at the first that decides. ``replay_images``: the images a replay
     round sends (default all of ``labels``); the accuracy-drop guard reads whole rounds only,
     and no look passes before it has read one.
+
+    ``evidence_s``: the settle time each record's evidence time is reckoned with (``available``),
+    the lesser of it and ``settle_s``: the smallest any poke of the stage waits (a stage judge's
+    own ``settle_s``, which ``settle_time`` only lengthens where a model server reports a longer
+    flush), so that a poke that read the flush interval and one that could not (Prometheus down)
+    judge a look on the same records. Reckoned with each poke's own settle time, a look at 40 s
+    held records flushed at 40 s for a poke waiting 13 s and not for one waiting 5 s.
 
     While a hard guard cannot be read or has no data, or files of the prediction log that
     ``read`` skipped (``skipped_file_reasons`` in ``records.attrs``: truncated, another writer's
@@ -444,7 +452,8 @@ def judge_stage(
     pod), no sample of the stage's; a hard guard's breach still ends it."""
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
-    current = stage_samples(records, spec, window, now - settle_s, labels, settle_s)
+    base = min(settle_s, evidence_s)
+    current = stage_samples(records, spec, window, now - settle_s, labels, base)
     elapsed = now - window.started
 
     def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
@@ -469,7 +478,7 @@ def judge_stage(
         at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
         if at > now - settle_s:
             break
-        samples = stage_samples(records, spec, window, at, labels, settle_s)
+        samples = stage_samples(records, spec, window, at, labels, base)
         verdict = evaluate_gate(
             samples,
             cfg,
@@ -1142,6 +1151,7 @@ class StageJudge:
                 guard_inputs(self.source, self.spec, now, since=window.started),
                 settle_s=settle_time(self.source, self.settle_s),
                 replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
+                evidence_s=self.settle_s,
             )
         if not state.done and listed and self.replay_due(records, window, now):
             answered = self.replay_round()

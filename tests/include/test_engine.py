@@ -999,6 +999,56 @@ def test_a_replica_flushing_late_does_not_change_a_look_already_judged(tmp_path)
     assert "Error rate" in later.reason
 
 
+def test_a_look_is_judged_on_the_same_records_whatever_a_pokes_settle_time(tmp_path):
+    """Model servers flushing every 10 s: a poke reading that from Prometheus waits 13 s after a
+    look (``settle_time``), one that cannot read it (Prometheus down or restarting, the flush gauge
+    not yet scraped) 5 s. The records' evidence time was reckoned with each poke's own settle
+    time, so the look at 40 s held the canary's failed requests of 30..40 s (flushed at 40 s) for
+    the first and not for the second: the same look judged on two sets of records, failed by one
+    poke and waiting for the other. A record's evidence time no longer depends on the poke."""
+    import base64
+    import json
+    import os
+    import time
+    from datetime import UTC, datetime
+
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import GATE_COLUMNS, PredictionLog, read
+    from vision_rollout.engine import SETTLE_S, WRITE_S
+
+    t0 = float(int(time.time()) - 1000)
+    window = StageWindow(0, 50, t0)
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    pod = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), []), replica="pod-a", compression=None)
+    rng = np.random.default_rng(2)
+    for second in range(0, 100, 10):  # both versions, flushed every 10 s; the canary fails from 30 s on
+        batch = [
+            inference(
+                t0 + second + j * 0.05,
+                v,
+                f"{v}-{second}-{j}",
+                float(np.exp(rng.normal(np.log(5), 0.3))),
+                "BACKEND" if v == "2" and second >= 30 else "ok",
+            )
+            for j in range(200)
+            for v in ("1", "2")
+        ]
+        flush_at(pod, batch, t0 + second + 10)
+    start, end = (datetime.fromtimestamp(t, UTC) for t in (t0, t0 + 400))
+    log = read(str(tmp_path / "log"), start, end, model="digits", columns=GATE_COLUMNS, written=True)
+    s = spec(min_samples=50)
+    look_2 = t0 + 40
+    now = look_2 + 10 + WRITE_S + 1  # both pokes judge looks 1 and 2, not 3
+    read_flush, default = (
+        judge_stage(s, window, log, IMAGES, now, settle_s=settle, replay_images=0)
+        for settle in (10 + WRITE_S, SETTLE_S)
+    )
+    assert read_flush.look == default.look == 2
+    assert read_flush.status == default.status
+    assert read_flush.verdict.to_dict() == default.verdict.to_dict()
+
+
 def test_the_paired_check_judges_a_whole_round_not_its_first_images():
     """labels.csv ordered by class, a round slower than the bake (250 s: a large set, a slow
     model): the canary loses the last class's images only, a 4 pp drop against a 2 pp margin
