@@ -527,3 +527,44 @@ def test_the_paired_accuracy_checks_p_value_is_the_test_it_decided_on(b, c):
         check = paired_accuracy_check(pairs, GateConfig(), level)
         assert (check.p_value < level) == (check.decision == "fail"), (look, check.p_value, check.sentence)
         assert "exact McNemar one-sided p of any drop" in check.sentence
+
+
+def crossings(rng: np.random.Generator, c: np.ndarray, looks: int, sims: int) -> np.ndarray:
+    """Per simulated window, whether the score process of a canary at the margin (Brownian motion
+    under H0, at information fractions k/K) crossed the first ``looks`` of the boundaries ``c``."""
+    z = np.cumsum(rng.standard_normal((sims, len(c))), axis=1) / np.sqrt(np.arange(1, len(c) + 1))
+    return (z[:, :looks] >= c[:looks]).any(axis=1)
+
+
+@pytest.mark.parametrize("spending", ["obrien-fleming", "pocock"])
+def test_windows_moved_and_restarts_keep_the_wrong_pass_rate_where_the_report_says(spending):
+    """A stage applied again long after its window started (its run cleared), its test undecided,
+    judges further looks on a window from then at the alpha its earlier looks left
+    (``Attempt.move_window``): the chance that any window passes a candidate at the margin stays
+    within alpha, here with windows moved after 9 of 10 looks, twice. Judged at the full alpha
+    again, it would not (the simulation can tell: 0.087). A restart asked for
+    (``rolloutctl restart-stage``) is a fresh test: n attempts pass it with at most
+    ``attempts.chance(alpha, n)``, the probability the stage's report names."""
+    from vision_rollout.attempts import Attempt, chance
+
+    rng = np.random.default_rng(23)
+    sims, alpha, K, j = 40_000, 0.05, 10, 9
+    mc = 3 * math.sqrt(alpha * (1 - alpha) / sims)
+    attempt = Attempt(0.0)
+    passed = np.zeros(sims, dtype=bool)
+    for window in range(3):
+        c = np.array(boundaries(alpha * attempt.level, K, spending))
+        passed |= crossings(rng, c, K if window == 2 else j, sims)
+        attempt.look = j
+        attempt.move_window(float(window + 1), alpha, K, spending)
+    assert passed.mean() <= alpha + mc
+    assert 0 < attempt.level < 1
+    full = np.array(boundaries(alpha, K, spending))
+    unspent = crossings(rng, full, j, sims) | crossings(rng, full, K, sims)
+    assert unspent.mean() > alpha + 2 * mc  # what moving at the full alpha again would do
+    for n in (2, 3):
+        fresh = np.zeros(sims, dtype=bool)
+        for _ in range(n):
+            fresh |= crossings(rng, full, K, sims)
+        bound = chance(alpha, n)
+        assert fresh.mean() <= bound + 3 * math.sqrt(bound * (1 - bound) / sims)
