@@ -515,6 +515,15 @@ def judge_stage(
         return state("waiting", 0, None, f"holding: {now_}{why}; nothing passes until {until}")
     if verdict is None:
         return state("waiting", 0, None, f"first look at {look_interval(spec):.0f} s into the stage")
+    held = [c for c in verdict.checks if c.name.startswith("guard_") and c.decision == "wait" and c.blocks_pass]
+    if verdict.decision == "wait" and judged == K and held:
+        # A guard holding the last look (a P99 excursion under way, short of a breach) holds the
+        # stage, as one without data does: its last look read "wait" for the guard alone, and the
+        # stage ended undecided on a spike the guard allows.
+        why = " ".join(c.sentence for c in held)
+        if elapsed >= spec.max_stage_seconds:
+            return state("undecided", K, verdict, f"undecided: the stage ended ({elapsed:.0f} s) while {why}")
+        return state("waiting", K, verdict, f"holding at look {K} of {K}: {why}")
     if verdict.decision == "pass":
         if labels and guard_in.validation_drop is None:
             return state(

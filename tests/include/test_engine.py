@@ -1588,3 +1588,27 @@ def test_a_poke_holds_the_stage_records_it_reads_to_its_memory_bound(tmp_path, m
     held = judge(window, t0 + 95)
     assert (held.status, held.look) == ("waiting", 0), held.reason
     assert "not read within the poke's memory bound" in held.reason
+
+
+def test_a_p99_excursion_under_way_at_the_last_look_holds_the_stage_not_rolls_it_back():
+    """The canary's P99 above its limit for the last 20 s (a breach under way, far from the 120 s
+    that roll back) at the poke that found the last look due: the guard held every look, so the
+    last one read "wait", and the stage ended undecided ("the estimate sits on the margin; no
+    sample size resolves it"), an equal canary rolled back by a spike the guard allows. A guard
+    holding the last look holds the stage, as a guard without data does: the stage passes once
+    the excursion ends, fails if it lasts the breach's time, and is undecided at max_stage_seconds."""
+    s = spec()
+    log = records(400, 40, 50)
+    now = T0 + 120
+    quiet = tuple((T0 + t, 20.0) for t in range(0, 120, 5))
+    under_way = tuple((t, 90.0 if t >= now - 20 else v) for t, v in quiet)
+    assert judge_stage(s, WINDOW, log, IMAGES, now, GuardInputs(p99_series_ms=quiet)).status == "pass"
+    held = judge_stage(s, WINDOW, log, IMAGES, now, GuardInputs(p99_series_ms=under_way))
+    assert held.status == "waiting", held.reason
+    assert "Canary P99 is 90.0 ms" in held.reason
+    ended = (*under_way, (now + 5, 20.0))
+    assert judge_stage(s, WINDOW, log, IMAGES, now + 5, GuardInputs(p99_series_ms=ended)).status == "pass"
+    late = tuple((t + s.max_stage_seconds, v) for t, v in under_way)
+    over = judge_stage(s, WINDOW, log, IMAGES, now + s.max_stage_seconds, GuardInputs(p99_series_ms=late))
+    assert over.status == "undecided"
+    assert "Canary P99 is 90.0 ms" in over.reason
