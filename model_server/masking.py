@@ -106,7 +106,7 @@ _NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
 # ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
 # only starts with one ("token_count", "password_file", "secret_name") names no secret.
 _CRED_WORDS = (
-    r"password|passwd|passphrase|pwd|secret|token|api[_-]?key|apikey|credentials?|authorization"
+    r"password|passwd|passphrase|pwd|secret|token|api[ _-]?key|apikey|credentials?|authorization"
     r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[_-]?key"
     r"|amz-signature"
 )
@@ -118,6 +118,16 @@ _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <
 _SECRET_KEYED = re.compile(
     rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q)(?:\\.|(?!(?P=q))[^\n\\]){{1,256}}(?=(?P=q))|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
+)
+# The same key, then spaces (and "is") and no ":" or "=" ("password hunter2", "the api key is
+# AbC123..."): a value of 6 characters or more that is no word of prose, that is one holding a
+# digit, a symbol other than . _ / - : ! ? or a capital after its first character, and no date or
+# time, nor a word in capitals ("password reset", "secret model-server-keys", "Secret Manager",
+# "token 512", "api key INVALID." stay).
+_SECRET_SPACED = re.compile(
+    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})(?!{_DATE_OR_TIME})"
+    rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
 )
 # A cookie header's value, all its pairs, to the end of the line (or of its quotes).
 _COOKIE = re.compile(
@@ -253,6 +263,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("secret", _BEARER),
     Detector("secret", _COOKIE),
     Detector("secret", _SECRET_KEYED),
+    Detector("secret", _SECRET_SPACED),
     Detector("keyed", _KEYED),
     Detector("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:

@@ -835,6 +835,12 @@ SECRETS = {  # text: the secret in it
     # a cookie header's value: all its pairs, to the end of the line
     "Cookie: session=abc123; theme=dark\nHost: x": "session=abc123; theme=dark",
     "set-cookie: sid=Zx9y8W7v; Path=/; HttpOnly\r\n": "sid=Zx9y8W7v; Path=/; HttpOnly",
+    # a key then its value after spaces, no ":" or "=" (a value that is no lower-case word)
+    "login with password hunter2 refused": "hunter2",
+    "the password is Tr0ub4dor&3": "Tr0ub4dor",
+    "using api key AbCdEf0123456789 from env": "AbCdEf0123456789",
+    "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
+    "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
@@ -891,6 +897,16 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "keys.json reloaded, key id abcdefgh",
     "AKIA is a prefix, KEY1 a name",
     "eyJ alone, eyJhbGciOiJIUzI1NiJ9 one part",
+    # a key's word then prose: a lower-case word, a short or a date or time is no value
+    "password reset requested for the admin",
+    "password policy: 12 characters",
+    "the password is required",
+    "secret model-server-masking not found",
+    "api key rotation is due",
+    "password changed 2026-12-03 10:15",
+    "token 512 of 4096",
+    "Secret Manager denied access",
+    "api key INVALID. token EXPIRED",
 ]
 
 
@@ -912,6 +928,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "private key headers": "-----BEGIN PRIVATE KEY-----" * 37_000,
     "cookie values": "Cookie: " + "a=b; " * 200_000,
     "slack prefixes": "xoxb-" * 200_000,
+    "spaced keys": "token " * 170_000,
+    "a spaced value of prose without end": "password Ab" + "c" * 1_000_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
