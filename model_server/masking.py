@@ -169,6 +169,10 @@ _SECRET_HINTS = (
 )  # fmt: skip
 # (A URL's password comes with an "@", which ``_SHAPES`` takes.)
 
+# A NANP number's area code and exchange: 2 to 9, then two digits not "11" (N11 are service
+# codes), so an id or epoch seconds (2000000000, 123-456-7890) is no US phone number.
+_NXX = r"[2-9](?!11)\d{2}"
+
 Span = tuple[int, int]
 
 
@@ -303,8 +307,8 @@ DETECTORS: tuple[Detector, ...] = (
             + rf"(?:(?:(?:\+|00)86{_SEP}?)?1[3-9](?:\d{{9}}|\d(?P<m>{_SEP})\d{{4}}(?P=m)\d{{4}}"
             + rf"|\d{{2}}(?P<n>{_SEP})\d{{3}}(?P=n)\d{{4}}|\d[ /_-]\d{{8}})"
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
-            + rf"|(?:\+?1{_SEP}?)?(?:\(\d{{3}}\){_SEP}{{0,2}}|\d{{3}}{_SEP})\d{{3}}{_SEP}\d{{4}}"  # NANP
-            + r"|[2-9]\d{9}"  # NANP without separators (an area code never starts with 0 or 1)
+            + rf"|(?:\+?1{_SEP}?)?(?:\({_NXX}\){_SEP}{{0,2}}|{_NXX}{_SEP}){_NXX}{_SEP}\d{{4}}"  # NANP
+            + rf"|{_NXX}{_NXX}\d{{4}}"  # NANP without separators
             + r"|[6-9]\d{4}[ /_-]\d{5})"  # India's mobiles, 5 and 5 (not with a dot, as a float is written)
             + _NOT_ALNUM_AFTER
         ),

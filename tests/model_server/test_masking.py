@@ -222,11 +222,11 @@ def test_the_email_detector_keeps_what_it_caught_before():
 
 # Each passed the detectors before (found by hand against a running server): the value, and
 # what the token reveals (the value as normalised: digits and "@" in ASCII, escapes decoded).
-EVADING = {
-    "(555)123-4567": "(555)123-4567",
-    "(555)  123-4567": "(555)  123-4567",  # three characters between two digits: the ASCII prefilter let it by
-    "1 (555) -123-4567": "1 (555) -123-4567",
-    "5551234567": "5551234567",
+EVADING = {  # (NANP numbers with an exchange one could dial: 555-123-4567 is none, see _NXX)
+    "(555)234-4567": "(555)234-4567",
+    "(555)  234-4567": "(555)  234-4567",  # three characters between two digits: the ASCII prefilter let it by
+    "1 (555) -234-4567": "1 (555) -234-4567",
+    "5552344567": "5552344567",
     "138.0013.8000": "138.0013.8000",
     "1380 013 8000": "1380 013 8000",
     "+44 (0)20 7946 0958": "+44 (0)20 7946 0958",
@@ -266,9 +266,9 @@ EVADING = {
     "\u0930\u093e\u092e@example.com": "\u0930\u093e\u092e@example.com",
     "\u0e2a\u0e21\u0e0a\u0e32\u0e22@example.com": "\u0e2a\u0e21\u0e0a\u0e32\u0e22@example.com",
     # slashes and underscores between the digit groups
-    "555/123/4567": "555/123/4567",
-    "555_123_4567": "555_123_4567",
-    "(555)/123_4567": "(555)/123_4567",
+    "555/234/4567": "555/234/4567",
+    "555_234_4567": "555_234_4567",
+    "(555)/234_4567": "(555)/234_4567",
     "138/0013/8000": "138/0013/8000",
     "4111_1111_1111_1111": "4111_1111_1111_1111",
 }
@@ -725,6 +725,33 @@ def test_a_field_named_for_an_identity_number_is_masked_whole_whatever_it_holds(
     assert reveal(fields["user"]["passport"]["no"], ring) == "E1234567"
     assert fields["user"]["passport"]["ok"] is True  # (no number: a flag says nothing)
     assert fields["n"] == [1]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 2000000000 shipped",  # an exchange starting with 0 or 1 is no NANP number
+        "orders 3000000001, 3000000002",
+        "ts=2100000000",  # epoch seconds of 2036
+        "id 1234567890 and 123-456-7890",  # an area code starting with 1
+        "(170) 000-0000",
+        "1 700 000 0000",
+        "ref 415-055-1234",
+        "code 911-555-1234",  # N11 is no area code, nor an exchange
+        "code 213-411-1234",
+    ],
+)
+def test_ten_digit_ids_that_no_nanp_number_can_be_are_kept(text):
+    """A NANP number's area code and exchange start with 2 to 9 and are not N11: order numbers
+    and epoch seconds (2000000000) were masked as US phone numbers."""
+    assert find_sensitive(text) == []
+
+
+@pytest.mark.parametrize(
+    "value", ["(415) 555-2671", "415-555-2671", "415.555.2671", "4155552671", "+1 415 555 2671", "1-800-555-0199"]
+)
+def test_nanp_numbers_are_still_masked(value):
+    assert {name for name, _ in find_sensitive(f"call {value} now")} == {"phone"}
 
 
 @pytest.mark.parametrize(

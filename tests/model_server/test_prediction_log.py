@@ -1245,7 +1245,7 @@ def test_nothing_a_client_sends_reaches_any_file_in_clear(server_factory, repo_c
     sent = [
         {"X-Request-ID": "order-13800138000"},
         {"X-Request-ID": "alice%40example.com"},
-        {"X-Request-ID": "call-(555)-.123-4567"},
+        {"X-Request-ID": "call-(555)-.234-4567"},
         {"X-Meta-13911112222": "1", "X-Meta-Note": "bob&#64;example.com"},
         {"X-Meta-Contact": "\uff11\uff13\uff18\uff10\uff10\uff11\uff13\uff18\uff10\uff10\uff10".encode()},
         {"X-Meta-Phone": "138\u200b0013\u200b8800".encode(), "X-Meta-Card": "4111\t1111\t1111\t1111"},
