@@ -8,7 +8,8 @@ NANP, PRC and India mobiles, national formats with a trunk 0), e-mail addresses 
 "at" and "dot" spelt out), bank card numbers and US SSNs in free text, each as a whole (never
 digits cut out of a longer number or word, so hex ids stay intact), and the value after a key
 that names it (``passport_no=E1234567``); configured header names, and fields named for an
-identity number (``X-Meta-Passport``), are masked whole.
+identity number (``X-Meta-Passport``), are masked whole. Credentials (a URL's password, tokens,
+keyed secrets) are found by ``model_server.credentials``, as the Slack reports find them.
 Each value becomes a token ``tok_<kid>_<payload>``: AES-GCM-SIV (RFC 8452, the
 nonce-misuse-resistant AES-GCM) under the tenant's key, deterministic so that equal values
 give equal tokens (joins and counts still work) without revealing the value. Tokens contain
@@ -44,6 +45,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
+from model_server import credentials
+from model_server.credentials import DATE_OR_TIME, NOT_MASKED, SECRET_KEY
 from model_server.errors import MaskingUnavailable
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,7 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # date or a time never ("ssn: 123456789 2026-12-03": the date is the line's, not the value's).
 _VALUE_CHAR = r"[^\s,;&|\"'`<>()\[\]{}\\]"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
-_DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
-_UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{_DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
+_UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
     rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX})[\"']?"
     rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
@@ -98,76 +100,7 @@ _SPELT_EMAIL = re.compile(
     r"(?![A-Za-z0-9-])"
 )
 
-# Secrets (the rule: secrets come from connections or key files, never reach a log), found as
-# gitleaks and detect-secrets find them, each pattern starting at a boundary or a literal, every
-# repetition bounded (linear in the text). A token already there is never a secret again.
-_NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
-# A key that names a secret: the name ends in one of these words, after up to three prefixes
-# ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
-# only starts with one ("token_count", "password_file", "secret_name") names no secret.
-_CRED_WORDS = (
-    r"password|passwd|passphrase|pwd|secret|token|api[ _-]?key|apikey|credentials?|authorization"
-    r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[_-]?key"
-    r"|amz-signature"
-)
-_SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
-SECRET_KEY = re.compile(rf"{_SECRET_NAME}|(?i:(?:set-)?cookie)")  # a whole field name
-_SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
-_CRED_CHAR = r"[^\s\"'`,;&<>]"
-_NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
-_SECRET_KEYED = re.compile(
-    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q)(?:\\.|(?!(?P=q))[^\n\\]){{1,256}}(?=(?P=q))|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
-)
-# The same key, then spaces (and "is") and no ":" or "=" ("password hunter2", "the api key is
-# AbC123..."): a value of 6 characters or more that is no word of prose, that is one holding a
-# digit, a symbol other than . _ / - : ! ? or a capital after its first character, and no date or
-# time, nor a word in capitals ("password reset", "secret model-server-keys", "Secret Manager",
-# "token 512", "api key INVALID." stay).
-_SECRET_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})(?!{_DATE_OR_TIME})"
-    rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
-    rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
-)
-# A cookie header's value, all its pairs, to the end of the line (or of its quotes).
-_COOKIE = re.compile(
-    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?{_NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
-)
-# "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
-# that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
-_BEARER = re.compile(
-    rf"(?<![A-Za-z0-9])(?i:bearer|basic)[ ]{{1,3}}{_NOT_MASKED}"
-    r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
-)
-# A URL's password: "scheme://user:password@host" (the user stays readable).
-_URL_PASSWORD = re.compile(rf"://[^\s/?#@:\"'<>]{{0,128}}:{_NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}})@")
-# Shapes their issuers give them (gitleaks' rules): AWS access key ids, Slack, GitHub, GitLab,
-# Google, Stripe, npm and PyPI tokens, Slack webhook paths, JWTs, private key blocks.
-_ISSUED = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:"
-    r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
-    r"|xox[abposre]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
-    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
-    r"|AIza[0-9A-Za-z_-]{35}|[sr]k_(?:live|test)_[0-9A-Za-z]{10,255}|npm_[A-Za-z0-9]{36}"
-    r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,1000}"
-    r"|eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}"
-    r")"
-)
-_SLACK_WEBHOOK = re.compile(
-    rf"hooks\.slack\.com/(?:services|workflows|triggers)/{_NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"
-)
-_PRIVATE_KEY = re.compile(  # its body, to its END line
-    rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,8}}{_NOT_MASKED}(?![\s\\])"
-    r"(?P<v>(?:(?!-----END)[A-Za-z0-9+/=\s\\:,.-]){1,16384})"
-)
-# Words one of these holds, in lower case (``_hints``): without them no secret detector runs.
-_SECRET_HINTS = (
-    "pass", "pwd", "secret", "token", "key", "credential", "authorization", "amz-signature", "cookie",
-    "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
-    "ghs_", "ghr_", "github_pat_", "glpat",
-    "aiza", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",
-)  # fmt: skip
-# (A URL's password comes with an "@", which ``_SHAPES`` takes.)
+# Secrets: ``model_server.credentials`` finds them, for the Slack reports too.
 
 # A NANP number's area code and exchange: 2 to 9, then two digits not "11" (N11 are service
 # codes), so an id or epoch seconds (2000000000, 123-456-7890) is no US phone number.
@@ -190,7 +123,9 @@ class Detector:
         """Where the values are in ``text``, in order, none overlapping."""
         for m in self.pattern.finditer(text):
             if self.accept is None or self.accept(m):
-                yield m.span("v") if "v" in self.pattern.groupindex else m.span()
+                span = m.span("v") if "v" in self.pattern.groupindex else m.span()
+                if span[0] >= 0:  # (a URL's user information without a password has none)
+                    yield span
 
     def search(self, text: str) -> bool:
         return next(self.spans(text), None) is not None
@@ -260,14 +195,7 @@ def _is_card_number(digits: str) -> bool:
 # The keyed one and the spelt e-mail run only on text that holds their words (``_detectors``).
 DETECTORS: tuple[Detector, ...] = (
     # Secrets first: a password or token that holds digits is masked whole, no phone cut out of it.
-    Detector("secret", _URL_PASSWORD),
-    Detector("secret", _PRIVATE_KEY),
-    Detector("secret", _ISSUED),
-    Detector("secret", _SLACK_WEBHOOK),
-    Detector("secret", _BEARER),
-    Detector("secret", _COOKIE),
-    Detector("secret", _SECRET_KEYED),
-    Detector("secret", _SECRET_SPACED),
+    *(Detector("secret", pattern) for pattern in credentials.PATTERNS),
     Detector("keyed", _KEYED),
     Detector("email", _SPELT_EMAIL),
     # Starts only where a run of local-part characters starts, every part bounded (RFC 5321:
@@ -277,7 +205,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(
-            rf"(?<!{_LOCAL}){_NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"(?<!{_LOCAL}){NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),
@@ -336,7 +264,9 @@ DETECTORS: tuple[Detector, ...] = (
 # and "&" start an escape that may decode to one of them; "at" spelt for an e-mail. Text with none of these, all ASCII,
 # comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
 _SHAPES = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"
-SUSPECT = rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in _SECRET_HINTS)})"
+SUSPECT = (
+    rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
+)
 _SHAPES_RE = re.compile(_SHAPES)
 
 
@@ -348,7 +278,7 @@ def _plain(text: str) -> bool:
 
 def _hints(text: str) -> tuple[bool, bool, bool]:
     """Whether ``text`` may hold a key of ``_KEY_NAMES``, an "at" ``_SPELT_EMAIL`` takes, and a
-    secret's word (``_SECRET_HINTS``):
+    secret's word (``credentials.HINTS``):
     substrings, in lower case. Python's re tries a case-insensitive alternation at every
     position (in the prefilter it made a clean line 7 times as slow), ``in`` runs in C."""
     low = text.lower()
@@ -367,7 +297,7 @@ def _hints(text: str) -> tuple[bool, bool, bool]:
         or "licen" in low
     )
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
-    secret = "@" in low or any(h in low for h in _SECRET_HINTS)
+    secret = credentials.may_hold(low)
     return key, spelt, secret
 
 

@@ -34,6 +34,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 
+from model_server.credentials import scrub
 from vision_rollout.audit import AuditResult, printable, short_digest
 from vision_rollout.folders import Folder, NotAFile, TooLarge, temporary_of
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
@@ -103,34 +104,9 @@ def redacted(message: Message, redact: Callable[[str], str]) -> Message:
 
 def one_line(s: str) -> str:
     """Text from elsewhere on one line (line breaks and other control characters as spaces),
-    without the credentials it may quote (``scrub``)."""
+    without the credentials it may quote, each as ``***`` (``scrub``: found as the model server's
+    masking finds them, a URL's ``user:password@`` whole)."""
     return scrub(" ".join(printable(s).split()))
-
-
-# Linear in the text: a scheme of 32 characters at most (unbounded, each word start scanned the
-# rest of the text for "://"), a parameter's name within its own run and 64 characters either
-# side of the secret's word (each "?" scanned the rest of the query for "=").
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s<>\"'`]+")
-_USERINFO = re.compile(r"^([^:]+://)[^/?#]*@")
-_SECRET_PARAM = re.compile(
-    r"([?&;][^=&;#?]{0,64}(?:key|secret|token|password|passwd|credential|signature|sig|auth)[^=&;#?]{0,64}=)[^&;#]*",
-    re.I,
-)
-_TOKENS = re.compile(
-    r"\b(?:xox[a-z]-|xapp-)[A-Za-z0-9-]+|(?<=\bBearer )[A-Za-z0-9._~+/=-]{8,}|(?<=\bBasic )[A-Za-z0-9+/=]{8,}"
-)
-
-
-def scrub(text: str) -> str:
-    """``text`` without the credentials an error message may quote: in each URL a ``user:password@``
-    part and the value of each query parameter named like a secret (``token``, ``api_key``,
-    ``X-Amz-Signature``, ...), a Slack token, the credentials of an ``Authorization`` header's
-    ``Bearer`` or ``Basic``; each as ``***``."""
-
-    def url(m: re.Match[str]) -> str:
-        return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", m.group(0)))
-
-    return _TOKENS.sub("***", _URL.sub(url, text))
 
 
 def header(text: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.fakes.slack_api import FakeSlack, check_blocks
-from tests.support import samples
+from tests.support import CREDENTIALS_IN_TEXT, PEM, samples
 from vision_rollout.folders import Folder
 from vision_rollout.gates import Check, GuardInputs, evaluate_gate
 from vision_rollout.notify import (
@@ -1536,9 +1536,30 @@ def test_a_crowded_outbox_is_sent_from_only_where_its_listing_is_whole_and_its_m
         "a." * 500_000,  # a word boundary at every letter, no "://"
         "http://x/" + "?a" * 500_000,  # a query of parameters without "="
         "http://x/?" + "key" * 333_333,  # a parameter name holding the secret words, no "="
+        "token " * 170_000,  # a key's word, then prose
+        "://" * 333_333,  # user information never closed by "@"
+        "http://x/?" + "a_sig" * 200_000,  # a parameter name ending in a secret's word, no "="
     ],
 )
 def test_scrubbing_a_megabyte_of_hostile_text_is_linear(text):
     """A server's 1 MB error of "a.a.a..." held the report's scrub for hours: each word start
     scanned the rest of the text for a URL's "://" (each "?" its query for "=")."""
     assert scrub(text) == text
+
+
+@pytest.mark.parametrize("text", sorted(CREDENTIALS_IN_TEXT))
+def test_a_report_scrubs_every_credential_the_masking_finds(text):
+    """The reports' scrub was a second redactor, narrower than the model server's masking: a
+    cookie, a JWT after "token", an AWS key id, a GitHub token, a private key's body,
+    ``db_password: '...'`` and ``password hunter2`` reached Slack. Both find them alike now."""
+    scrubbed = scrub(f"note {text} end")
+    assert CREDENTIALS_IN_TEXT[text] not in scrubbed
+    assert "***" in scrubbed
+    assert scrubbed.startswith("note ")
+
+
+def test_a_report_scrubs_a_private_key_block():
+    scrubbed = scrub(f"loaded {PEM} from file")
+    assert "MIIEpAIBAAKCAQEA1b2c3d4" not in scrubbed
+    assert "q+/zYx" not in scrubbed
+    assert scrubbed.startswith("loaded -----BEGIN RSA PRIVATE KEY-----")

@@ -25,7 +25,7 @@ from model_server.masking import (
     normalise,
     reveal,
 )
-from tests.support import sensitive_values
+from tests.support import CREDENTIALS_IN_TEXT, PEM, sensitive_values
 
 SAMPLES = {
     "national_id": ["11010519491231002X", "440524188001010014"],
@@ -824,52 +824,7 @@ def test_numbers_that_pass_the_checksum_but_are_no_card_are_left_as_they_are(key
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
 
-# Secrets in free text: a credential that a log line quotes (an exception's URL, a header echoed
-# in an error, a connection string) is masked as gitleaks / detect-secrets find them: by a key
-# that names it, by its scheme, or by the shape its issuer gives it.
-JWT = (
-    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
-    ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
-)
-SECRETS = {  # text: the secret in it
-    "Authorization: Bearer abcDEF123456ghiJKL": "abcDEF123456ghiJKL",
-    "headers={'Authorization': 'Basic dXNlcjpwYXNz'}": "dXNlcjpwYXNz",
-    "proxy-authorization: Token 9f8e7d6c5b4a": "9f8e7d6c5b4a",
-    f"token {JWT} rejected": JWT,
-    "GET https://alice:s3cr%21t@minio.internal:9000/bucket failed": "s3cr!t",
-    "connect postgresql://airflow:hunter2@db:5432/airflow": "hunter2",
-    "redis://:p4ss/w0rd@cache:6379/0 refused": "p4ss/w0rd",
-    "retrying with password=Tr0ub4dor&3": "Tr0ub4dor",
-    "db_password: 'correct horse battery'": "correct horse battery",
-    '{"client_secret": "abc\\"def"} x': 'abc\\"def',
-    "GET /cb?code=1&access_token=ya29.a0AfH6SMB&state=2": "ya29.a0AfH6SMB",
-    "api_key: sk_live_51H8abcdefghij": "sk_live_51H8abcdefghij",
-    "X-Api-Key=AbCdEf0123456789": "AbCdEf0123456789",
-    "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
-    "key id AKIAIOSFODNN7EXAMPLE denied": "AKIAIOSFODNN7EXAMPLE",
-    "slack xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx failed": (
-        "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
-    ),
-    "socket mode xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789 closed": (
-        "xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789"
-    ),
-    "POST https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX: 404": (
-        "T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
-    ),
-    "clone with ghp_abcdefghijklmnopqrstuvwxyz0123456789 failed": "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
-    "gitlab glpat-abcdefghij0123456789 expired": "glpat-abcdefghij0123456789",
-    "maps AIzaSyA1234567890abcdefghijklmnopqrstuv ok": "AIzaSyA1234567890abcdefghijklmnopqrstuv",
-    # a cookie header's value: all its pairs, to the end of the line
-    "Cookie: session=abc123; theme=dark\nHost: x": "session=abc123; theme=dark",
-    "set-cookie: sid=Zx9y8W7v; Path=/; HttpOnly\r\n": "sid=Zx9y8W7v; Path=/; HttpOnly",
-    # a key then its value after spaces, no ":" or "=" (a value that is no lower-case word)
-    "login with password hunter2 refused": "hunter2",
-    "the password is Tr0ub4dor&3": "Tr0ub4dor",
-    "using api key AbCdEf0123456789 from env": "AbCdEf0123456789",
-    "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
-    "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
-}
-PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
+SECRETS = CREDENTIALS_IN_TEXT  # text: the secret in it
 
 
 @pytest.mark.parametrize("text", sorted(SECRETS))
@@ -934,6 +889,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "token 512 of 4096",
     "Secret Manager denied access",
     "api key INVALID. token EXPIRED",
+    "GET /search?keyword=cats&design=flat&monkey=1 200",
 ]
 
 

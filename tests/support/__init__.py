@@ -268,6 +268,61 @@ def luhn_check_digit(body: str) -> str:
 
 
 # Values every detector must mask: PRC mobile, resident ID, e-mail, card.
+# Secrets in free text: a credential that a log line or an error quotes (an exception's URL, a
+# header echoed in an error, a connection string), found by a key that names it, by its scheme,
+# or by the shape its issuer gives it; neither the masking nor a Slack report's scrub lets one by.
+JWT = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
+    ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
+CREDENTIALS_IN_TEXT = {  # text: the secret in it
+    "Authorization: Bearer abcDEF123456ghiJKL": "abcDEF123456ghiJKL",
+    "headers={'Authorization': 'Basic dXNlcjpwYXNz'}": "dXNlcjpwYXNz",
+    "proxy-authorization: Token 9f8e7d6c5b4a": "9f8e7d6c5b4a",
+    f"token {JWT} rejected": JWT,
+    "GET https://alice:s3cr%21t@minio.internal:9000/bucket failed": "s3cr!t",
+    "connect postgresql://airflow:hunter2@db:5432/airflow": "hunter2",
+    "redis://:p4ss/w0rd@cache:6379/0 refused": "p4ss/w0rd",
+    "retrying with password=Tr0ub4dor&3": "Tr0ub4dor",
+    "db_password: 'correct horse battery'": "correct horse battery",
+    '{"client_secret": "abc\\"def"} x': 'abc\\"def',
+    "GET /cb?code=1&access_token=ya29.a0AfH6SMB&state=2": "ya29.a0AfH6SMB",
+    "api_key: sk_live_51H8abcdefghij": "sk_live_51H8abcdefghij",
+    "X-Api-Key=AbCdEf0123456789": "AbCdEf0123456789",
+    "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "key id AKIAIOSFODNN7EXAMPLE denied": "AKIAIOSFODNN7EXAMPLE",
+    "slack xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx failed": (
+        "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
+    ),
+    "socket mode xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789 closed": (
+        "xapp-1-A0123BCDEFG-1234567890123-abcdef0123456789"
+    ),
+    "POST https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX: 404": (
+        "T0000/B0000/XXXXXXXXXXXXXXXXXXXXXXXX"
+    ),
+    "clone with ghp_abcdefghijklmnopqrstuvwxyz0123456789 failed": "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+    "gitlab glpat-abcdefghij0123456789 expired": "glpat-abcdefghij0123456789",
+    "maps AIzaSyA1234567890abcdefghijklmnopqrstuv ok": "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+    # a cookie header's value: all its pairs, to the end of the line
+    "Cookie: session=abc123; theme=dark\nHost: x": "session=abc123; theme=dark",
+    "set-cookie: sid=Zx9y8W7v; Path=/; HttpOnly\r\n": "sid=Zx9y8W7v; Path=/; HttpOnly",
+    # a key then its value after spaces, no ":" or "=" (a value that is no lower-case word)
+    "login with password hunter2 refused": "hunter2",
+    "the password is Tr0ub4dor&3": "Tr0ub4dor",
+    "using api key AbCdEf0123456789 from env": "AbCdEf0123456789",
+    "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
+    "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
+    # a URL query's parameter named for a key, a signature or auth (what the Slack reports' scrub
+    # found and the masking did not), and a Slack token of another letter
+    "GET https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig=AbC%2Bdef123%3D failed": "AbC%2Bdef123%3D",
+    "fetch https://storage.googleapis.com/b/o?X-Goog-Signature=0a1b2c3d4e&X-Goog-Date=20261203": "0a1b2c3d4e",
+    "GET https://maps.example.com/api?key=abc123def456&q=x": "abc123def456",
+    "GET http://cb.example/hook?auth=Zm9vYmFy9 sent": "Zm9vYmFy9",
+    "refresh xoxe-1-My0xLTEyMzQ1Njc4OTAxMi0xMjM0 failed": "xoxe-1-My0xLTEyMzQ1Njc4OTAxMi0xMjM0",
+}
+PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
+
+
 sensitive_values = st.one_of(
     st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True),
     st.from_regex(r"[1-9][0-9]{5}(19|20)[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9])[0-9]{3}[0-9X]", fullmatch=True),

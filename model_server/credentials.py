@@ -1,0 +1,139 @@
+"""Credentials in free text, found once for every reader: the model server's masking (the
+prediction log, every log line) and the rollout's Slack reports (``vision_rollout.notify.scrub``).
+
+Secrets come from connections and key files and never reach a log or a report; the text that
+quotes one (an exception's URL, a header an error echoes, a connection string) is read as
+gitleaks and detect-secrets read it: by a key that names it, by its scheme, or by the shape its
+issuer gives it. Each pattern starts at a boundary or a literal and every repetition is bounded,
+so each runs in time linear in the text. A masking token already there (``tok_<kid>_...``) is
+never a secret again.
+"""
+
+from __future__ import annotations
+
+import re
+
+Span = tuple[int, int]
+
+DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
+NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
+# A key that names a secret: the name ends in one of these words, after up to three prefixes
+# ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
+# only starts with one ("token_count", "password_file", "secret_name") names no secret.
+_CRED_WORDS = (
+    r"password|passwd|passphrase|pwd|secret|token|api[ _-]?key|apikey|credentials?|authorization"
+    r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[_-]?key"
+    r"|amz-signature"
+)
+_SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
+SECRET_KEY = re.compile(rf"{_SECRET_NAME}|(?i:(?:set-)?cookie)")  # a whole field name
+_SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
+_CRED_CHAR = r"[^\s\"'`,;&<>]"
+_NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+_SECRET_KEYED = re.compile(
+    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"(?P<v>(?(q)(?:\\.|(?!(?P=q))[^\n\\]){{1,256}}(?=(?P=q))|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
+)
+# The same key, then spaces (and "is") and no ":" or "=" ("password hunter2", "the api key is
+# AbC123..."): a value of 6 characters or more that is no word of prose, that is one holding a
+# digit, a symbol other than . _ / - : ! ? or a capital after its first character, and no date or
+# time, nor a word in capitals ("password reset", "secret model-server-keys", "Secret Manager",
+# "token 512", "api key INVALID." stay).
+_SECRET_SPACED = re.compile(
+    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})(?!{DATE_OR_TIME})"
+    rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
+)
+# A URL query's parameter named for a secret, and also, there only, for a key, a signature or
+# auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
+_QUERY_SECRET = re.compile(
+    rf"(?<=[?&;])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
+    r"(?P<v>[^\s&;#\"'`<>]{1,256})"
+)
+# A cookie header's value, all its pairs, to the end of the line (or of its quotes).
+_COOKIE = re.compile(
+    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?{NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+)
+# "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
+# that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
+_BEARER = re.compile(
+    rf"(?<![A-Za-z0-9])(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
+    r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
+)
+# A URL's password: "scheme://user:password@host" (``v``: the user stays readable); ``u``, its
+# whole user information, the user alone too ("https://<token>@host"), for a reader who shows none.
+_URL_USERINFO = re.compile(rf"://(?P<u>[^\s/?#@:\"'<>]{{0,128}}(?::{NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}}))?)@")
+# Shapes their issuers give them (gitleaks' rules): AWS access key ids, Slack, GitHub, GitLab,
+# Google, Stripe, npm and PyPI tokens, Slack webhook paths, JWTs, private key blocks.
+_ISSUED = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|xox[a-z]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
+    r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
+    r"|AIza[0-9A-Za-z_-]{35}|[sr]k_(?:live|test)_[0-9A-Za-z]{10,255}|npm_[A-Za-z0-9]{36}"
+    r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,1000}"
+    r"|eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}"
+    r")"
+)
+_SLACK_WEBHOOK = re.compile(
+    rf"hooks\.slack\.com/(?:services|workflows|triggers)/{NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"
+)
+_PRIVATE_KEY = re.compile(  # its body, to its END line
+    rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,8}}{NOT_MASKED}(?![\s\\])"
+    r"(?P<v>(?:(?!-----END)[A-Za-z0-9+/=\s\\:,.-]){1,16384})"
+)
+# In the order the masking runs them: a password or token that holds digits is masked whole, no
+# phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.
+PATTERNS: tuple[re.Pattern[str], ...] = (
+    _URL_USERINFO,
+    _PRIVATE_KEY,
+    _ISSUED,
+    _SLACK_WEBHOOK,
+    _BEARER,
+    _COOKIE,
+    _SECRET_KEYED,
+    _SECRET_SPACED,
+    _QUERY_SECRET,
+)
+# Words one of these holds, in lower case (``may_hold``): without them no pattern matches.
+HINTS = (
+    "pass", "pwd", "secret", "token", "key", "credential", "auth", "sig", "cookie",
+    "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
+    "ghs_", "ghr_", "github_pat_", "glpat",
+    "aiza", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",
+)  # fmt: skip
+
+
+def may_hold(low: str) -> bool:
+    """Whether text (``low``: in lower case) may hold a credential: an "@" (a URL's user
+    information) or a word of ``HINTS``. ``in`` runs in C, a case-insensitive alternation in
+    Python's re at every position."""
+    return "@" in low or any(h in low for h in HINTS)
+
+
+def spans(text: str, userinfo: bool = False) -> list[Span]:
+    """Where the credentials in ``text`` are, in order, overlapping ones merged; with
+    ``userinfo``, a URL's whole user information (its user too) rather than its password."""
+    if not may_hold(text.lower()):
+        return []
+    found = []
+    for pattern in PATTERNS:
+        group: str | int = "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
+        found += [(a, b) for a, b in (m.span(group) for m in pattern.finditer(text)) if a < b]
+    merged: list[Span] = []
+    for a, b in sorted(found):  # (runs already in order: Timsort merges them in linear time)
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def scrub(text: str, mark: str = "***") -> str:
+    """``text`` with each credential as ``mark``, a URL's user information whole
+    (``https://***@host``): for a reader who needs none of it (a Slack report)."""
+    pieces, end = [], 0
+    for a, b in spans(text, userinfo=True):
+        pieces += [text[end:a], mark]
+        end = b
+    return "".join(pieces) + text[end:] if pieces else text
