@@ -44,10 +44,10 @@ _SECRET_SPACED = re.compile(
     rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
 )
-# A URL query's parameter named for a secret, and also, there only, for a key, a signature or
+# A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
 _QUERY_SECRET = re.compile(
-    rf"(?<=[?&;])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
+    rf"(?<=[?&])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
     r"(?P<v>[^\s&;#\"'`<>]{1,256})"
 )
 # A cookie header's value, all its pairs, to the end of the line (or of its quotes).

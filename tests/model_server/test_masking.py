@@ -890,6 +890,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "Secret Manager denied access",
     "api key INVALID. token EXPIRED",
     "GET /search?keyword=cats&design=flat&monkey=1 200",
+    "alpha=0.05;sig=0.01;key=latency",  # ("sig" and "key" are a secret's names in a URL's query only)
 ]
 
 
