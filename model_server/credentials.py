@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from model_server.reading import normalise
+
 Span = tuple[int, int]
 
 DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
@@ -131,7 +133,12 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
 
 def scrub(text: str, mark: str = "***") -> str:
     """``text`` with each credential as ``mark``, a URL's user information whole
-    (``https://***@host``): for a reader who needs none of it (a Slack report)."""
+    (``https://***@host``): for a reader who needs none of it (a Slack report). Text that holds
+    one once read as a person reads it (``password%3Dhunter2``, ``api\u00a0key ...``) is
+    written so (``normalise``), as the masking writes it."""
+    folded = normalise(text)
+    if folded != text and spans(folded, userinfo=True):
+        text = folded
     pieces, end = [], 0
     for a, b in spans(text, userinfo=True):
         pieces += [text[end:a], mark]

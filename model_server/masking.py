@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import html
 import json
 import logging
 import os
@@ -36,8 +35,6 @@ import re
 import secrets
 import sys
 import threading
-import unicodedata
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 from model_server import credentials
 from model_server.credentials import DATE_OR_TIME, NOT_MASKED, SECRET_KEY
 from model_server.errors import MaskingUnavailable
+from model_server.reading import normalise
 
 log = logging.getLogger(__name__)
 
@@ -319,39 +317,6 @@ def _detectors(text: str) -> tuple[Detector, ...]:
     """The detectors that may match ``text``: the keyed one, the spelt e-mail and the secrets
     only where their words are in it."""
     return _BY_HINTS[_hints(text)]
-
-
-# Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
-# every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
-# invisible format characters (zero-width space and joiners, soft hyphen, word joiner, BOM,
-# direction marks, tags) are dropped, as a reader never sees them, and a tab is a space: a
-# phone number with either between its digits is read as the number it shows.
-_FOLD: dict[int, str | None] = {0x09: " ", **dict.fromkeys(range(0xE0000, 0xE0080))}
-for _c in range(0x80, 0x20000):
-    if unicodedata.decimal(chr(_c), None) is not None:
-        _FOLD[_c] = str(unicodedata.decimal(chr(_c)))
-    elif unicodedata.category(chr(_c)) == "Pd" or _c == 0x2212:  # dashes, the minus sign
-        _FOLD[_c] = "-"
-    elif unicodedata.category(chr(_c)) == "Cf":
-        _FOLD[_c] = None
-_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
-
-
-def _unescape_json(m: re.Match[str]) -> str:
-    code = int(m.group(1), 16)
-    return m.group(0) if 0xD800 <= code <= 0xDFFF else chr(code)  # a lone surrogate stays escaped
-
-
-def normalise(text: str) -> str:
-    """The text as a reader would see it: percent-encoding, JSON \\u and HTML character escapes
-    decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII,
-    invisible format characters dropped, tabs as spaces. Linear in the text (NFKC expands a character 18-fold at most)."""
-    for _ in range(3):
-        decoded = html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
-        if decoded == text:
-            break
-        text = decoded
-    return unicodedata.normalize("NFKC", text).translate(_FOLD)
 
 
 # The charsets a header that is not UTF-8 may be in (it then reaches the masking read as Latin-1,

@@ -1563,3 +1563,23 @@ def test_a_report_scrubs_a_private_key_block():
     assert "MIIEpAIBAAKCAQEA1b2c3d4" not in scrubbed
     assert "q+/zYx" not in scrubbed
     assert scrubbed.startswith("loaded -----BEGIN RSA PRIVATE KEY-----")
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("GET /login?next=password%3Dhunter2 failed", "hunter2"),
+        ("GET https://x.example/cb?access%5Ftoken=abc123 401", "abc123"),
+        ("api\u00a0key AbC123xyz refused", "AbC123xyz"),  # a no-break space
+        ("pass\u200bword: hunter2", "hunter2"),  # a zero-width space in the key
+        ("token\uff1a hunter2", "hunter2"),  # a full-width colon
+        ("password=h\\u0075nter2", "h\\u0075nter2"),  # a JSON escape
+    ],
+)
+def test_a_report_scrubs_a_credential_written_in_escapes_or_other_forms(text, secret):
+    """The masking reads text as a person does (percent-encoding, escapes, NFKC, invisible
+    characters); the reports' scrub read it raw, so ``password%3Dhunter2`` reached Slack."""
+    scrubbed = scrub(text)
+    assert secret not in scrubbed
+    assert "hunter2" not in scrubbed
+    assert "***" in scrubbed
