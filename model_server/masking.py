@@ -516,6 +516,9 @@ class Masker:
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# Fields that name their object's "value" field (Kubernetes' env, header lists, tags):
+# {"name": "DB_PASSWORD", "value": "..."} is a field DB_PASSWORD.
+_NAME_FIELDS = frozenset({"name", "key", "header"})
 
 
 class LogMasking(logging.Filter):
@@ -564,9 +567,15 @@ class LogMasking(logging.Filter):
         if isinstance(value, str):
             return self.masker.mask_text(value, key)
         if isinstance(value, dict):
+            named = any(
+                str(k).lower() in _NAME_FIELDS and isinstance(v, str) and self.masker.masks_whole(v)
+                for k, v in value.items()
+            )
             return {
                 self.masker.mask_text(str(k), key): (
-                    self._whole(v, key) if self.masker.masks_whole(str(k)) else self._masked_json(v, key)
+                    self._whole(v, key)
+                    if self.masker.masks_whole(str(k)) or (named and str(k).lower() == "value")
+                    else self._masked_json(v, key)
                 )
                 for k, v in value.items()
             }

@@ -710,6 +710,28 @@ def test_a_spaced_resident_id_without_an_x_is_masked_as_one(keys):
         assert re.fullmatch(r"id tok_\w+ ok", masked), masked
 
 
+def test_a_value_whose_name_is_in_a_sibling_field_is_masked_whole(keys):
+    """A name and its value in two fields of one object (Kubernetes' env, a header list:
+    ``{"name": "DB_PASSWORD", "value": "hunter2"}``) reached the log in clear: only a field's
+    own name was read. Its ``value`` is masked whole now where ``name``, ``key`` or ``header``
+    names a secret or an identity number; other pairs stay as they are."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    line = json.dumps(
+        {
+            "env": [{"name": "DB_PASSWORD", "value": "hunter2"}, {"name": "LANG", "value": "en_US"}],
+            "headers": [{"key": "X-Api-Key", "value": "AbCdEf"}, {"header": "X-Meta-Passport", "Value": "E1234567"}],
+        }
+    )
+    record = logging.LogRecord("model_server.access", logging.INFO, __file__, 1, line, None, None)
+    assert masking.filter(record)
+    fields = json.loads(record.getMessage())
+    assert reveal(fields["env"][0]["value"], ring) == "hunter2"
+    assert fields["env"][1] == {"name": "LANG", "value": "en_US"}
+    assert reveal(fields["headers"][0]["value"], ring) == "AbCdEf"
+    assert reveal(fields["headers"][1]["Value"], ring) == "E1234567"
+
+
 def test_a_field_named_for_an_identity_number_is_masked_whole_whatever_it_holds(keys):
     """A JSON field named for one ("ssn", "passport") holding a list or an object was masked
     only by the detectors, which take no passport or SSN by its shape: {"ssn": ["123456789"]}
