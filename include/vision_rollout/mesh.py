@@ -688,33 +688,92 @@ def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[st
     }
 
 
-def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
-    """Read back what ``render_virtual_service`` wrote (routes by subset name ``v<version>``)."""
+# A match's fields that select nothing (a name for stats, a flag for a uri match it lacks): every
+# other field of Istio's HTTPMatchRequest but ``headers`` is a condition no traffic policy holds.
+MATCH_LABELS = frozenset({"name", "statPrefix", "ignoreUriCase"})
 
-    def dests(route: list[dict[str, Any]]) -> list[dict[str, Any]]:
+
+def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
+    """Read back what ``render_virtual_service`` wrote (routes by subset name ``v<version>``), or a
+    VirtualService edited by hand, as Envoy evaluates its HTTP routes: in order, the first that
+    matches wins, so the first route without a match is the default route and the routes after
+    it are never reached (not read). The pinned routes and a split's version routes are the
+    rendering's own. ValueError, naming the route, for what a traffic policy cannot hold: a
+    route matching on more than headers (a uri, a method, query parameters, ``withoutHeaders``)
+    or on one of several alternatives, no route without a match (Istio answers 404 to what no
+    rule matches), a route that sends nowhere (a redirect), or routes that mirror differently
+    (the policy's mirror is every route's but that to the mirror's own version)."""
+
+    def label(entry: dict[str, Any], i: int) -> str:
+        return f"route {entry['name']!r}" if entry.get("name") else f"route {i}"
+
+    def dests(entry: dict[str, Any], i: int) -> list[dict[str, Any]]:
+        if not entry.get("route"):
+            raise ValueError(f"{label(entry, i)} sends to no version (no route destinations)")
         return [
-            {"version": r["destination"]["subset"].removeprefix("v"), "weight": r.get("weight", 100)} for r in route
+            {"version": r["destination"]["subset"].removeprefix("v"), "weight": r.get("weight", 100)}
+            for r in entry["route"]
         ]
 
+    def headers_of(entry: dict[str, Any], i: int) -> dict[str, Any] | None:
+        """The headers the route matches, None for a route that matches every request."""
+        matches = entry.get("match") or []
+        if len(matches) > 1:
+            raise ValueError(
+                f"{label(entry, i)} has {len(matches)} alternative matches: a traffic rule matches one set of "
+                "headers; make it one route a match"
+            )
+        match = matches[0] if matches else {}
+        others = sorted(k for k in match if k not in MATCH_LABELS | {"headers"})
+        if others:
+            raise ValueError(
+                f"{label(entry, i)} matches on {', '.join(others)}: a traffic rule matches headers only "
+                "(exact, prefix or regex)"
+            )
+        return match.get("headers") or None
+
     raw: dict[str, Any] = {"rules": []}
-    for entry in vs["spec"].get("http", []):
-        if entry.get("name", "").startswith(PINNED_PREFIX):
+    mirrors: dict[str, tuple[str, float] | None] = {}  # each route's mirror (version, percent)
+    routed: dict[str, set[str]] = {}  # each route's versions
+    for i, entry in enumerate(vs["spec"].get("http", [])):
+        name = str(entry.get("name") or "")
+        if name.startswith(PINNED_PREFIX):
             continue  # not the policy's: the routes of requests that name their version
-        if ARM_SEPARATOR in entry.get("name", ""):
+        if ARM_SEPARATOR in name:
             continue  # a version's bucket range of the weighted route that follows it
-        if "mirror" in entry:
-            raw["mirror"] = {
-                "version": entry["mirror"]["subset"].removeprefix("v"),
-                "percent": entry.get("mirrorPercentage", {}).get("value", 100.0),
-            }
-        if entry.get("match"):
-            headers = entry["match"][0].get("headers", {})
-            rule = {"match": {"headers": headers}, "route": dests(entry["route"])}
-            if entry.get("name") and entry["name"] != rule_route_name(headers):
-                rule["name"] = entry["name"]
-            raw["rules"].append(rule)
-        else:
-            raw["route"] = dests(entry["route"])
+        where = label(entry, i)
+        route = dests(entry, i)
+        routed[where] = {d["version"] for d in route if d["weight"]}
+        mirror = entry.get("mirror")
+        mirrors[where] = (
+            (str(mirror["subset"]).removeprefix("v"), float((entry.get("mirrorPercentage") or {}).get("value", 100.0)))
+            if mirror
+            else None
+        )
+        headers = headers_of(entry, i)
+        if headers is None:
+            raw["route"] = route
+            break  # every request stops here: the routes after it are never reached
+        rule = {"match": {"headers": headers}, "route": route}
+        if name and name != rule_route_name(headers):
+            rule["name"] = name
+        raw["rules"].append(rule)
+    if "route" not in raw:
+        raise ValueError(
+            "no route without a match (the default route): Istio answers 404 to a request no route matches, "
+            "which a traffic policy does not say"
+        )
+    kinds = {m for m in mirrors.values() if m is not None}
+    unmirrored = [w for w, m in mirrors.items() if m is None and routed[w] - {v for v, _ in kinds}]
+    if len(kinds) > 1 or (kinds and unmirrored):  # (a route to the mirror's version only is not mirrored)
+        said = ", ".join(
+            f"{where} " + (f"{m[1]:g}% to version {m[0]}" if m else "mirrors nothing")
+            for where, m in sorted(mirrors.items())
+        )
+        raise ValueError(f"the routes mirror differently ({said}): a traffic policy mirrors every route alike")
+    if kinds:
+        version, percent = kinds.pop()
+        raw["mirror"] = {"version": version, "percent": percent}
     if not raw["rules"]:
         del raw["rules"]
     return TrafficPolicy.from_dict(raw)

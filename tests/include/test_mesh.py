@@ -1085,3 +1085,95 @@ def test_a_rollout_refused_by_the_routes_it_finds_names_the_command_that_clears_
     assert said is not None
     assert "rolloutctl status --model" in said
     assert "rolloutctl abort --spec" in said
+
+
+def _route(name: str | None, version: str, **more: object) -> dict:
+    entry: dict = {"route": [{"destination": {"host": "h", "subset": f"v{version}"}}], **more}
+    return {"name": name, **entry} if name else entry
+
+
+def test_routes_are_read_as_istio_evaluates_them_first_match_wins():
+    """Only a route's first match was read, and the last route without one was taken for the
+    default: a header route a user put after the catch-all (never reached by Istio) was read as
+    a rule, which the next stage then wrote before the default, and a second catch-all added for
+    a test replaced the one Envoy takes. Routes are now read in order, as Envoy matches them; a
+    route after the first catch-all is never reached and is not read."""
+    vs = {
+        "spec": {
+            "http": [
+                _route("testers", "2", match=[{"headers": {"x-tester": {"exact": "yes"}}}]),
+                {"name": "default", "route": [{"destination": {"host": "h", "subset": "v1"}, "weight": 100}]},
+                _route("late", "3", match=[{"headers": {"x-late": {"exact": "1"}}}]),  # never reached
+                _route("other", "3"),  # never reached
+            ]
+        }
+    }
+    assert policy_from_virtual_service(vs).to_dict() == {
+        "rules": [
+            {
+                "name": "testers",
+                "match": {"headers": {"x-tester": {"exact": "yes"}}},
+                "route": [{"version": "2", "weight": 100}],
+            }
+        ],
+        "route": [{"version": "1", "weight": 100}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("match", "words"),
+    [
+        (
+            [{"headers": {"x-tester": {"exact": "yes"}}}, {"headers": {"x-qa": {"exact": "yes"}}}],
+            "route 'testers' has 2 alternative matches",
+        ),
+        ([{"headers": {"x-tester": {"exact": "yes"}}, "uri": {"prefix": "/v2"}}], "route 'testers' matches on uri"),
+        ([{"withoutHeaders": {"x-tester": {"exact": "no"}}}], "route 'testers' matches on withoutHeaders"),
+        ([{"queryParams": {"tester": {"exact": "yes"}}}], "route 'testers' matches on queryParams"),
+    ],
+)
+def test_a_route_the_traffic_policy_cannot_represent_is_refused_naming_it(match, words):
+    """A route's second match was dropped and a uri or query match beside (or instead of) its
+    headers ignored: the rule read matched more than Istio's, or nothing at all."""
+    vs = {
+        "spec": {
+            "http": [
+                _route("testers", "2", match=match),
+                {"name": "default", "route": [{"destination": {"host": "h", "subset": "v1"}, "weight": 100}]},
+            ]
+        }
+    }
+    with pytest.raises(ValueError, match=words):
+        policy_from_virtual_service(vs)
+
+
+def test_routes_without_a_catch_all_or_mirroring_differently_are_refused():
+    """Without a route that matches everything Istio answers 404 to what no rule matches, which
+    no traffic policy says; a mirror on one route only was read as the policy's (every route's)."""
+    header = [{"headers": {"x-tester": {"exact": "yes"}}}]
+    with pytest.raises(ValueError, match="no route without a match"):
+        policy_from_virtual_service({"spec": {"http": [_route("testers", "2", match=header)]}})
+    mirror = {"mirror": {"host": "h", "subset": "v2"}, "mirrorPercentage": {"value": 10.0}}
+    one_mirrors = {"spec": {"http": [_route("testers", "3", match=header, **mirror), _route("default", "1")]}}
+    with pytest.raises(ValueError, match="route 'default' mirrors nothing, route 'testers' 10% to version 2"):
+        policy_from_virtual_service(one_mirrors)
+    both = copy.deepcopy(one_mirrors)
+    both["spec"]["http"][1].update(copy.deepcopy(mirror))
+    assert policy_from_virtual_service(both).to_dict()["mirror"] == {"version": "2", "percent": 10.0}
+    own = copy.deepcopy(both)  # a route to the mirror's own version is not mirrored (as rendered)
+    own["spec"]["http"][0] = _route("testers", "2", match=header)
+    assert policy_from_virtual_service(own).to_dict()["mirror"] == {"version": "2", "percent": 10.0}
+
+
+def test_a_route_after_the_catch_all_neither_blocks_a_rollout_nor_comes_alive(kube):
+    """A header route a user appended after the default route (Envoy never reaches it) was read
+    as a rule: the rollout refused to start ("the traffic policy has 1 header rule(s)"), and a
+    policy read back wrote it before the default, where it took its users' requests."""
+    from vision_rollout.mesh import not_steady
+
+    fake, api = kube
+    late = _route("testers", "2", match=[{"headers": {"x-tester": {"exact": "yes"}}}])
+    fake.touch("virtualservices", "models", "digits", lambda o: o["spec"]["http"].append(late))
+    router = IstioRouter(TARGET, ["1"], api_client=api)
+    assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    assert not_steady(router.get_routes(), "1") is None
