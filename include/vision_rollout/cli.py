@@ -8,8 +8,10 @@
   rolloutctl mesh apply --backend local --url URL --model M --policy FILE [--token-file F] [--lock-dir DIR]
                         [--force]          (refused while a rollout holds the model, unless --force)
   rolloutctl mesh apply --backend istio --policy FILE --namespace NS --service S --name N --versions 1,2
-                        [--root-namespace istio-system]
-                        [--force]          (refused while a DAG run holds the Lease rollout-N, unless --force)
+                        [--root-namespace istio-system] [--run-dir DIR [--model M]]
+                        [--force]          (refused while a DAG run holds the Lease rollout-N, unless --force;
+                                            a mirror change recorded in DIR's mirrors/<M>/ for the hourly
+                                            audit, refused without --run-dir)
   rolloutctl verify-model PATH [--baseline PATH] [--model-dir DIR] [--json]
   rolloutctl run --spec FILE --url URL --validation DIR --prediction-log URI [--token-file F]
                  (--prometheus URL | --no-hard-guards) [--sha256 HEX] [--state-file F] [--outbox DIR]
@@ -30,8 +32,8 @@
                     [--json]         (the rollout holding the model, its lease, last word and routes)
   rolloutctl prune --run-dir DIR [--model M ...] [--retention-days 30] [--limit 500] [--dry-run] [--json]
                    [--namespace NS [--name VS]]     (kubernetes mode: the runs the Leases name kept)
-                   (the audit hours, stage caches, run folders, approval counts and outbox
-                    leftovers nobody reads any more)
+                   (the audit hours, mirror changes, stage caches, run folders, approval counts
+                    and outbox leftovers nobody reads any more)
   rolloutctl abort --spec FILE (--lock-dir DIR --url URL | --namespace NS [--name VS]) [--token-file F]
                    [--reason TEXT]   (the stable version back, the running rollout told to roll back)
   rolloutctl restart-stage --run-dir DIR --model M --run-id R --stage N --reason TEXT
@@ -433,7 +435,9 @@ def cmd_mesh(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from None
         # The DAG's Lease in kubernetes mode: rollout-<VirtualService> in its namespace.
         _not_held(args, LeaseLock(args.model or args.name, args.namespace, api_client, key=args.name))
-        router: Any = IstioRouter(target, versions, api_client=api_client)
+        router: Any = IstioRouter(target, versions, api_client=api_client, mirrors=_mirror_log(args))
+        if router.mirrors is None:
+            _unrecorded_mirror(router, policy)
     else:
         if args.action == "render":
             print(json.dumps(policy.to_dict(), indent=2))
@@ -450,6 +454,43 @@ def cmd_mesh(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     print("applied" if changed else "unchanged: already in effect")
     return 0
+
+
+def _mirror_log(args: argparse.Namespace) -> Any:
+    """Where ``mesh apply --backend istio`` records a mirror change: ``--run-dir``'s
+    ``mirrors/<--model, else --name>/``, as the DAG's router does (the hourly audit judges the
+    copies of each hour at the share recorded there); None without ``--run-dir``."""
+    from vision_rollout.mirrors import mirror_log
+
+    if args.run_dir is None:
+        return None
+    _found("--run-dir", args.run_dir)
+    try:
+        model = _model(args.model or args.name)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--model (the model the mirror is recorded for; default --name): {exc}") from None
+    return mirror_log(args.run_dir, model)
+
+
+def _unrecorded_mirror(router: Any, policy: Any) -> None:
+    """UsageError when ``policy`` changes the mirror of the VirtualService (or its mirror cannot
+    be read) and no ``--run-dir`` says where to record it: the hourly audit would judge the
+    copies at the share recorded before, not the one applied."""
+    from vision_rollout.mesh import RouterError
+
+    def said(mirror: Any) -> str:
+        return "none" if mirror is None else f"{mirror.percent:g}% to version {mirror.version}"
+
+    try:
+        live = said(router.get_routes().mirror)
+    except RouterError as exc:
+        live = f"not known: {_one_line(str(exc))[:200]}"
+    if live != said(policy.mirror):
+        raise UsageError(
+            f"the policy changes the mirror ({live}, now {said(policy.mirror)}): give --run-dir, the connection's "
+            "run_dir, where the change is recorded (mirrors/<model>/) for the hourly shadow audit, which judges the "
+            "copies at the share recorded there; nothing changed"
+        )
 
 
 def _not_held(args: argparse.Namespace, lock: Any) -> None:
@@ -1318,7 +1359,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ``--dry-run`` listed, as the hourly shadow audit does for the models it audits (never the
     folder of the run holding a model's lock: its lock file, or with ``--namespace`` in
     kubernetes mode its Lease, of the VirtualService ``--name``, default the model): each
-    model's audit hour folders older than ``--retention-days`` (``audit.prune_hours``), the
+    model's audit hour folders older than ``--retention-days`` (``audit.prune_hours``) and its
+    mirror changes recorded before then but the one in force (``MirrorLog.prune``), the
     stage caches of stages started days ago (``logcache.prune``), and (``settings.prune_runs``)
     each model's rollout run folders and approval waits' counts unchanged for
     ``--retention-days``, and the outbox's leftovers of killed senders (never a report
@@ -1328,6 +1370,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from vision_rollout import logcache
     from vision_rollout.audit import prune_hours
+    from vision_rollout.mirrors import mirror_log
     from vision_rollout.settings import (
         MAX_RETENTION_DAYS,
         MIN_RETENTION_DAYS,
@@ -1350,7 +1393,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         holding = _model_lock(args, model).holding()
         return holding.holder if holding is not None else None
 
-    found = {m for kind in ("audits", "rollouts", "approvals") for m in (args.run_dir / kind).folders()}
+    found = {m for kind in ("audits", "rollouts", "approvals", "mirrors") for m in (args.run_dir / kind).folders()}
     models = args.model or sorted(m for m in found if len(m) <= 128 and re.fullmatch(MODEL_PATTERN, m))
     now = time.time()
     before = now - args.retention_days * 86400
@@ -1365,6 +1408,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         **prune_runs(
             args.run_dir, models, before, now, args.limit, args.dry_run, lease_holder if args.namespace else None
         ),
+        "mirror changes": [
+            f"{model}/{name}"
+            for model in models
+            for name in mirror_log(args.run_dir, model).prune(before, args.limit, args.dry_run)
+        ],
     }
     if args.json:
         print(json.dumps(pruned, indent=2))
@@ -1440,6 +1488,12 @@ def parser() -> argparse.ArgumentParser:
         "--cluster-domain",
         default="cluster.local",
         help="--backend istio: the cluster's DNS domain, which the Service's host name ends with (default cluster.local)",
+    )
+    m.add_argument(
+        "--run-dir",
+        type=_folder,
+        help="apply --backend istio: the run folder (the connection's run_dir), where a mirror change is recorded "
+        "for the hourly shadow audit (needed for one)",
     )
     m.add_argument("--url", type=_url, help="model server, http://host:port (local backend)")
     m.add_argument("--model", type=_model)

@@ -106,11 +106,12 @@ class MirrorLog:
             k += 1
         return samples or None
 
-    def prune(self, before: float, limit: int) -> list[str]:
+    def prune(self, before: float, limit: int, dry_run: bool = False) -> list[str]:
         """The changes older than ``before`` removed, the oldest ``limit`` at most, but the newest
-        of them: the mirror in force at ``before``. Their names."""
+        of them: the mirror in force at ``before``. Their names (``dry_run``: of those that
+        would go, nothing removed)."""
         old = [n for n in self._names() if _at(n) < before][:-1][:limit]
-        for name in old:
+        for name in [] if dry_run else old:
             self.folder.delete(name)
         return old
 

@@ -1957,7 +1957,7 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "approval counts: digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json",
         "outbox leftovers: 20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123",
         f"would remove 0 audit hour folders, 0 stage caches, 2 run folders, 1 approval counts, 1 outbox leftovers, "
-        f"0 conditional-put probes from {tmp_path / 'run'}",
+        f"0 conditional-put probes, 0 mirror changes from {tmp_path / 'run'}",
     ]
     assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
     code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--json")
@@ -1969,6 +1969,7 @@ def test_prune_lists_then_removes_what_the_run_folder_keeps_that_nobody_reads(tm
         "approval counts": ["digits/0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json"],
         "outbox leftovers": ["20260101T000000-000000001-aaaaaa.claim-1767225600000000000-abc123"],
         "conditional-put probes": [],
+        "mirror changes": [],
     }
     assert (store / "rollouts" / "digits").folders() == ["going", "stalled"]
     assert (store / "rollouts" / "mnist").folders() == ["old"]
@@ -2271,3 +2272,89 @@ def test_outbox_send_that_leaves_reports_unsent_answers_one_json_error_object(tm
     assert [("invalid_auth" in r["error"]) for r in answer["results"]] == [True, True]
     assert err == f"rolloutctl outbox: error: {answer['error']}\n"
     assert len(list(outbox.glob("*.json"))) == 2
+
+
+def test_mesh_apply_istio_records_each_mirror_change_where_the_audit_reads_it(tmp_path, capsys, monkeypatch):
+    """In kubernetes mode the hourly audit judges each primary's copies at the mirror share
+    recorded in the run folder (mirrors/<model>/): a mirror set by ``mesh apply --backend istio``
+    was not recorded, so the audit judged the copies against the share before it (no mirror:
+    every copy taken for a stray; a lowered one: copies counted lost). It is now recorded as the
+    DAG's router records it; a mirror change without --run-dir is refused, nothing changed."""
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.folders import Folder
+    from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
+    from vision_rollout.mirrors import mirror_log
+
+    target = IstioTarget("ml", "digits", "digits")
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    api = FakeKubeAPI().start()
+    try:
+        for plural, ns, obj in (
+            ("virtualservices", "ml", render_virtual_service(target, stable, ["1"])),
+            ("destinationrules", "ml", render_destination_rule(target, ["1"])),
+            ("envoyfilters", "istio-system", render_envoy_filter()),
+        ):
+            api.objects[(plural, ns, obj["metadata"]["name"])] = {
+                **obj,
+                "metadata": {**obj["metadata"], "resourceVersion": "1"},
+            }
+        kubeconfig_of(api, tmp_path, monkeypatch)
+        mirrored = tmp_path / "mirrored.json"
+        mirrored.write_text(
+            json.dumps({"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 10}})
+        )
+        plain = tmp_path / "plain.json"
+        plain.write_text(json.dumps({"route": [{"version": "1", "weight": 100}]}))
+        argv = ["mesh", "apply", "--backend", "istio", "--versions", "1,2", "--namespace", "ml"]
+        argv += ["--service", "digits", "--name", "digits"]
+        before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits")])
+        code, out, err = run(capsys, *argv, "--policy", str(mirrored))
+        assert (code, out) == (2, "")
+        assert "the policy changes the mirror (none, now 10% to version 2)" in err
+        assert "--run-dir" in err
+        assert api.objects[("virtualservices", "ml", "digits")] == before
+        runs = tmp_path / "run"
+        runs.mkdir()
+        assert run(capsys, *argv, "--policy", str(mirrored), "--run-dir", str(runs))[:2] == (0, "applied\n")
+        mirrors = mirror_log(Folder(str(runs)), "digits")
+        last = mirrors.last()
+        assert last is not None
+        assert (last.version, last.percent) == ("2", 10.0)
+        assert run(capsys, *argv, "--policy", str(plain), "--run-dir", str(runs), "--model", "digits")[:2] == (
+            0,
+            "applied\n",
+        )
+        last = mirrors.last()
+        assert last is not None
+        assert (last.version, last.percent) == (None, 0.0)
+        assert len(mirrors.folder.names()) == 2
+        assert run(capsys, *argv, "--policy", str(plain))[:2] == (0, "unchanged: already in effect\n")  # no change
+    finally:
+        api.stop()
+
+
+def test_prune_lists_then_removes_the_mirror_changes_but_the_one_in_force(tmp_path, capsys):
+    """The hourly audit prunes a model's mirror changes past the retention; rolloutctl prune
+    never did, so a run folder the DAG's audit does not prune (a model no longer audited, an
+    audit turned off) kept every record. Listed with --dry-run, then removed, bounded by
+    --limit, the change in force at the retention's start kept."""
+    from vision_rollout.folders import Folder
+    from vision_rollout.mirrors import MirrorLog
+
+    store = Folder(str(tmp_path / "run"))
+    t = time.time() - 60 * 86400
+    clock = iter([t, t + 10, t + 20, time.time() - 60])
+    mirrors = MirrorLog(store / "mirrors" / "digits", "digits", clock=lambda: next(clock))
+    for percent in (5, 10, 0, 20):
+        mirrors.record("2", percent)
+    names = sorted(mirrors.folder.names())
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert code == 0
+    assert f"mirror changes: digits/{names[0]}" in out.splitlines()
+    assert "2 mirror changes" in out
+    assert sorted(mirrors.folder.names()) == names
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--json", "--limit", "1")
+    assert json.loads(out)["mirror changes"] == [f"digits/{names[0]}"]
+    code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--json")
+    assert json.loads(out)["mirror changes"] == [f"digits/{names[1]}"]
+    assert sorted(mirrors.folder.names()) == names[2:]  # (0% was in force at the retention's start)
