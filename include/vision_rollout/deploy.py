@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message
+from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message, with_live_metadata
 from vision_rollout.settings import BuildSettings
 
 log = logging.getLogger(__name__)
@@ -560,17 +560,32 @@ class VersionDeployments:
 
     def _apply_pdb(self, version: str, replicas: int) -> None:
         """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (``force``: the
-        rollout's own object, as its HPAs). A refusal is logged, not raised: the pods are applied
-        already, and a budget (a guard against node drains) must not hold back a rollback."""
+        rollout's own object, as its HPAs), with the labels and annotations the live one holds
+        beside the rollout's (``with_live_metadata``: deploy/'s overlay installs version 1's with
+        the rollout's field manager). A refusal is logged, not raised: the pods are applied
+        already, and a budget (a guard against node drains) must not hold back a rollback; a
+        budget that cannot be read is applied as rendered (its size matters more than its labels)."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
+        policy = client.PolicyV1Api(self.api_client)
+        body = render_pdb(self.target, version, replicas, bool(self.build.autoscaling))
         try:
-            client.PolicyV1Api(self.api_client).patch_namespaced_pod_disruption_budget(
+            live = policy.api_client.sanitize_for_serialization(
+                policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
+            )
+            body = with_live_metadata(body, live)
+        except ApiException as exc:
+            if exc.status != 404:
+                log.warning(
+                    "%s; applied without its labels and annotations", refused(f"GET PodDisruptionBudget {name}", exc)
+                )
+        try:
+            policy.patch_namespaced_pod_disruption_budget(
                 name,
                 self.target.namespace,
-                render_pdb(self.target, version, replicas, bool(self.build.autoscaling)),
+                body,
                 field_manager=FIELD_MANAGER,
                 force=True,
                 _content_type="application/apply-patch+yaml",

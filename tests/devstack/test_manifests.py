@@ -368,6 +368,7 @@ TEARDOWN = [
     request("DELETE", ML.format("coordination.k8s.io/v1", "leases/rollout-digits")),
     request("GET", ML.format("apps/v1", "deployments/digits-v1")),
     request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
+    request("GET", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),  # its labels, kept
     request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v1"), APPLY, existed=True),
 ]
 CALLS = {

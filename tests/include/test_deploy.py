@@ -322,3 +322,40 @@ def test_retired_versions_beyond_the_history_limit_are_the_oldest_unused_ones(re
 def test_a_negative_history_limit_is_refused():
     with pytest.raises(ValueError, match="revision history limit -1"):
         beyond_history({"1": 0}, set(), -1)
+
+
+def test_the_labels_and_annotations_the_overlay_set_on_a_budget_outlive_the_rollouts_applies():
+    """deploy/'s overlay applies version 1's PodDisruptionBudget with the rollout's field manager,
+    so the labels and annotations it set there (kustomize's commonLabels and commonAnnotations:
+    a team label an admission policy requires, a GitOps tool's tracking label) were removed by
+    the rollout's next apply of the budget, which left them out. They are kept, as on the
+    VirtualService, the DestinationRule and the Deployments; the rollout's own labels win."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    pdb = render_pdb(TARGET, "1", 2)
+    pdb["metadata"]["labels"].update({"team": "vision", "version": "not-1"})
+    pdb["metadata"]["annotations"] = {
+        "argocd.argoproj.io/tracking-id": "digits:policy/PodDisruptionBudget:ml/digits-v1"
+    }
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        for obj in (v1, pdb):
+            apply_object(client.ApiClient(cfg), obj)
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.scale("1", 3)
+        versions.apply("2", "img:2", 1, like="1")
+        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+        assert live["labels"]["team"] == "vision"
+        assert live["labels"]["version"] == "1"
+        assert live["annotations"] == pdb["metadata"]["annotations"]
+        assert "team" not in api.objects[("poddisruptionbudgets", "models", "digits-v2")]["metadata"]["labels"]
+    finally:
+        api.stop()
