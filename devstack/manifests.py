@@ -15,7 +15,9 @@ returns the objects. ``problems(objects)`` names every object that a cluster of 
 - the prometheus-operator's ``PodMonitor`` with the validator that npm's
   ``@kubernetes-models/prometheus-operator`` generates from the operator's Go types
   (``devstack/node``, run with node; it allows unknown fields);
-- any other kind is refused: nothing in ``deploy/`` goes unchecked.
+- any other kind is refused: nothing in ``deploy/`` goes unchecked;
+- and what a cluster admits but never works: an AuthorizationPolicy principal Istio never
+  matches (``principal_problem``).
 
 ``python -m devstack.manifests OVERLAY...`` (``make deploy-check``) checks overlays of your own
 the same way: each problem on a line, exit status 1 if there is any.
@@ -140,6 +142,33 @@ def _istio(obj: dict[str, Any], schema: dict[str, Any]) -> str | None:
     return admission_problem(obj)
 
 
+def principal_problem(obj: dict[str, Any]) -> str | None:
+    """A principal of an AuthorizationPolicy's sources that Istio never matches (``invalid at
+    <path>: <why>``), None if none: Istio takes ``<trust domain>/ns/<namespace>/sa/<account>``
+    (``cluster.local`` stands for the mesh's own trust domain and its aliases, whatever it is
+    called; a ``*`` prefix or suffix matches any part) and keeps one of another form as written,
+    which no workload's identity equals: a DENY's ``notPrincipals`` then refuses everyone, an
+    ALLOW's ``principals`` no one. istiod's webhook admits it."""
+    if obj.get("kind") != "AuthorizationPolicy":
+        return None
+    for i, rule in enumerate((obj.get("spec") or {}).get("rules") or []):
+        for j, source in enumerate(rule.get("from") or []):
+            for key in ("principals", "notPrincipals"):
+                for k, principal in enumerate((source.get("source") or {}).get(key) or []):
+                    where = f"spec/rules/{i}/from/{j}/source/{key}/{k}"
+                    if principal.startswith("spiffe://"):
+                        return (
+                            f"invalid at {where}: {principal!r}: Istio takes a principal without the spiffe:// prefix"
+                        )
+                    parts = principal.split("/")
+                    if "*" not in principal and (len(parts) != 5 or parts[1::2] != ["ns", "sa"] or not all(parts)):
+                        return (
+                            f"invalid at {where}: {principal!r} is not <trust domain>/ns/<namespace>/sa/<service account>"
+                            " (cluster.local: the mesh's own trust domain), which Istio never matches"
+                        )
+    return None
+
+
 def _operator(objects: list[dict[str, Any]]) -> list[str | None]:
     if not objects:
         return []
@@ -157,8 +186,9 @@ def _operator(objects: list[dict[str, Any]]) -> list[str | None]:
     return list(json.loads(done.stdout))
 
 
-def problems(objects: list[dict[str, Any]]) -> list[str]:
-    """``"<Kind> <namespace>/<name>: <why>"`` for every object a cluster would refuse; [] when none."""
+def problems(objects: list[dict[str, Any]], admitted: bool = True) -> list[str]:
+    """``"<Kind> <namespace>/<name>: <why>"`` for every object a cluster would refuse, and with
+    ``admitted`` every one it admits that never works (``principal_problem``); [] when none."""
     out: list[str] = []
     operator: list[dict[str, Any]] = []
     for obj in objects:
@@ -168,6 +198,7 @@ def problems(objects: list[dict[str, Any]]) -> list[str]:
             continue
         schema = istio_schemas().get(key)
         why = _istio(obj, schema) if schema is not None else _kubernetes(obj)
+        why = why or (principal_problem(obj) if admitted else None)
         if why:
             out.append(f"{name(obj)}: {why}")
     for obj, why in zip(operator, _operator(operator), strict=True):

@@ -508,3 +508,29 @@ def test_the_local_connections_name_what_deploy_applies(rendered):
     assert connections["kubernetes_default"]["conn_extra"]["namespace"] == extra["istio"]["namespace"]
     builder = one(objects, "ServiceAccount", extra["build"]["service_account"])
     assert extra["build"]["namespace"] == builder["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize(
+    ("principal", "words"),
+    [
+        ("spiffe://cluster.local/ns/airflow/sa/airflow-worker", "without the spiffe:// prefix"),
+        ("airflow/airflow-worker", "not <trust domain>/ns/<namespace>/sa/<service account>"),
+        ("cluster.local/ns/airflow/sa/", "not <trust domain>/ns/<namespace>/sa/<service account>"),
+    ],
+)
+def test_an_authorization_policy_principal_istio_never_matches_is_named(rendered, principal, words):
+    """Istio matches a principal only as ``<trust domain>/ns/<namespace>/sa/<service account>``
+    (``cluster.local`` standing for the mesh's own trust domain and its aliases, whatever it is);
+    one of another form (a SPIFFE id with its ``spiffe://``, a namespace/account pair) is kept as
+    written and never matches, so the admin API's DENY refused the Airflow workers as well, and
+    ``make deploy-check`` passed the overlay. It is named, with the form Istio takes."""
+    objects = copy.deepcopy(rendered["production"])
+    assert manifests.problems(objects) == []
+    policy = one(objects, "AuthorizationPolicy")
+    policy["spec"]["rules"][0]["from"][0]["source"]["notPrincipals"] = [principal]
+    found = manifests.problems(objects)
+    assert len(found) == 1
+    assert found[0].startswith(
+        "AuthorizationPolicy ml/digits-admin: invalid at spec/rules/0/from/0/source/notPrincipals/0"
+    )
+    assert words in found[0]
