@@ -9,9 +9,10 @@ on ``metadata.resourceVersion`` (409 Conflict), label and field selectors on lis
 bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
 
 Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list;
-its ``scale`` subresource got and patched, whose writer owns ``spec.replicas`` as server-side
-apply records it: an apply that changes the field then is a 409 naming that manager unless
-forced), autoscaling/v2 HorizontalPodAutoscaler (apply, get, list), core/v1 Secret and Service
+its ``scale`` subresource got and patched, whose writer owns ``spec.replicas``; each field's
+managers recorded as server-side apply records them: an apply that changes a field another
+manager applied or scaled is a 409 naming that manager and the field unless forced, and a field
+another manager owns outlives an apply that leaves it out), autoscaling/v2 HorizontalPodAutoscaler (apply, get, list), core/v1 Secret and Service
 (apply, get, list), Pod (create, get, list, patch of labels and annotations, delete, log with
 ``follow``), Event (list and watch: always empty, nothing records events).
 
@@ -592,9 +593,9 @@ class FakeKubeAPI:
         ``record`` (the call's entry in ``requests``) gets ``existed``: whether there was an
         object to patch, set where the real server asks its authorizer for ``create`` when there
         was none (after the body's validation, before its quota: ``devstack.rbac.checks``).
-        A Deployment's ``spec.replicas`` is owned as the real server owns it (``_replicas``): a
-        409 Conflict for an apply that changes it, not ``force``d, while another manager owns it
-        (an HPA, ``kubectl scale``: a write of the scale subresource)."""
+        A Deployment's fields are owned as the real server owns them (``_fields``): a 409
+        Conflict for an apply that changes one, not ``force``d, while another manager owns it
+        (another applier, an HPA or ``kubectl scale``: a write of the scale subresource)."""
         resource = RESOURCES[plural]
         if not resource.apply:
             raise APIError(405, "MethodNotAllowed", f"apply is not supported for {plural} here")
@@ -624,7 +625,7 @@ class FakeKubeAPI:
             obj = _applied(live, body, name, namespace)
             managed = [{"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}]
             if plural == "deployments":
-                managed = _replicas(live, obj, body, manager, force)
+                managed = _fields(live, obj, body, manager, force)
                 obj["metadata"]["generation"] = live["metadata"]["generation"] if live else 1
                 if live is not None and live.get("spec") != obj["spec"]:
                     obj["metadata"]["generation"] += 1
@@ -654,8 +655,12 @@ class FakeKubeAPI:
                 self._bump(obj)
             if replicas is not None:
                 entry = {"manager": manager, "operation": "Update", "apiVersion": "apps/v1", "subresource": "scale"}
-                kept = [_owning(e, False) for e in obj["metadata"].get("managedFields") or [] if _key(e) != _key(entry)]
-                obj["metadata"]["managedFields"] = [*kept, _owning(entry, True)]
+                kept = [
+                    _owning(e, _owned(e) - {REPLICAS})
+                    for e in obj["metadata"].get("managedFields") or []
+                    if _key(e) != _key(entry)
+                ]
+                obj["metadata"]["managedFields"] = [*kept, _owning(entry, {REPLICAS})]
             labels = (obj["spec"].get("selector") or {}).get("matchLabels") or {}
             return {
                 "kind": "Scale",
@@ -1121,42 +1126,137 @@ def _key(entry: dict[str, Any]) -> tuple[str, str, str]:
     return entry.get("manager", ""), entry.get("operation", ""), entry.get("subresource", "")
 
 
+FieldPath = tuple[str, ...]  # a field as FieldsV1 names it: ("f:spec", "f:template", ..., 'k:{"name":"x"}', "f:image")
+REPLICAS: FieldPath = ("f:spec", "f:replicas")
+
+
 def _owns(entry: dict[str, Any]) -> bool:
-    return "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {})
+    return REPLICAS in _owned(entry)
 
 
-def _owning(entry: dict[str, Any], replicas: bool) -> dict[str, Any]:
-    """``entry`` owning ``spec.replicas`` or not (the one field whose ownership is kept here)."""
-    spec: dict[str, Any] = {"f:replicas": {}} if replicas else {}
-    return {**entry, "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": spec}}
+def _leaves(obj: dict[str, Any]) -> dict[FieldPath, Any]:
+    """The fields an apply of ``obj`` (a Deployment) sets, with their values, as server-side apply
+    tracks them: its labels and annotations, and under ``spec`` each key of a map, each item of
+    a list of maps with a ``name`` by that name (a keyed list: containers, env, ports, volumes),
+    any other list whole (atomic)."""
+    out: dict[FieldPath, Any] = {}
+
+    def walk(value: Any, path: FieldPath) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(v, (*path, f"f:{k}"))
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in value)
+        ):
+            for item in value:
+                walk(item, (*path, "k:" + json.dumps({"name": item["name"]}, separators=(",", ":"))))
+        else:
+            out[path] = value
+
+    meta = obj.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        for k, v in (meta.get(key) or {}).items():
+            out[("f:metadata", f"f:{key}", f"f:{k}")] = v
+    walk(obj.get("spec") or {}, ("f:spec",))
+    return out
 
 
-def _replicas(
+def _owned(entry: dict[str, Any]) -> set[FieldPath]:
+    """The fields a managedFields entry owns (its ``fieldsV1``)."""
+    out: set[FieldPath] = set()
+
+    def walk(node: dict[str, Any], path: FieldPath) -> None:
+        for key, child in node.items():
+            if child:
+                walk(child, (*path, key))
+            elif path or key not in ("f:spec", "f:metadata"):  # (an entry owning nothing has {"f:spec": {}})
+                out.add((*path, key))
+
+    walk(entry.get("fieldsV1") or {}, ())
+    return out
+
+
+def _owning(entry: dict[str, Any], fields: set[FieldPath]) -> dict[str, Any]:
+    """``entry`` owning ``fields``, as FieldsV1."""
+    root: dict[str, Any] = {"f:spec": {}}
+    for path in sorted(fields):
+        node = root
+        for key in path:
+            node = node.setdefault(key, {})
+    return {**entry, "fieldsType": "FieldsV1", "fieldsV1": root}
+
+
+def _path_text(path: FieldPath) -> str:
+    """A field's path as the API server writes it in a conflict: ``.spec.template.spec.containers[name="x"].image``."""
+    return "".join(f".{k[2:]}" if k.startswith("f:") else f'[name="{json.loads(k[2:])["name"]}"]' for k in path)
+
+
+def _put(obj: dict[str, Any], path: FieldPath, value: Any) -> None:
+    """``value`` at ``path`` in ``obj`` (a keyed list's item found by its name, or added)."""
+    node: Any = obj
+    for i, key in enumerate(path):
+        last = i == len(path) - 1
+        if key.startswith("f:"):
+            if last:
+                node[key[2:]] = copy.deepcopy(value)
+                return
+            nxt = path[i + 1]
+            node = node.setdefault(key[2:], [] if nxt.startswith("k:") else {})
+        else:
+            name = json.loads(key[2:])["name"]
+            item = next((x for x in node if isinstance(x, dict) and x.get("name") == name), None)
+            if item is None:
+                item = {"name": name}
+                node.append(item)
+            node = item
+
+
+def _manager(entry: dict[str, Any]) -> str:
+    """A field manager as a conflict names it."""
+    sub = f' with subresource "{entry["subresource"]}"' if entry.get("subresource") else ""
+    return f'"{entry["manager"]}"{sub} using {entry.get("apiVersion", "apps/v1")}'
+
+
+def _fields(
     live: dict[str, Any] | None, obj: dict[str, Any], body: dict[str, Any], manager: str, force: bool
 ) -> list[dict[str, Any]]:
-    """A Deployment's ``spec.replicas`` after ``manager`` applied ``body`` (``obj``, set in place),
-    and its managedFields, as server-side apply decides them: applied, the field is the
-    applier's (shared with the other owners for the same value); changed while another manager
-    owns it, a conflict (APIError 409) unless ``force`` takes it over; left out, it keeps its
-    other owners' value, or with none left its default (1)."""
+    """A Deployment after ``manager`` applied ``body`` (``obj``, set in place) and its
+    managedFields, as server-side apply decides them: the applier owns every field it applied
+    (shared with the other owners of the same value); a field it changes while another manager
+    owns it is a conflict (APIError 409 naming each manager and field) unless ``force`` takes it
+    over; a field another manager owns that the body leaves out keeps that manager's value
+    (``spec.replicas`` with no other owner: its default, 1)."""
     mine = {"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}
     others = [e for e in (live or {}).get("metadata", {}).get("managedFields") or [] if _key(e) != _key(mine)]
-    owners = [e for e in others if _owns(e)]
-    was = (live or {}).get("spec", {}).get("replicas", 1)
-    if "replicas" in (body.get("spec") or {}):
-        if owners and obj["spec"]["replicas"] != was:
-            if not force:
-                named = ", ".join(
-                    f'conflict with "{e["manager"]}"'
-                    + (f' with subresource "{e["subresource"]}"' if e.get("subresource") else "")
-                    + f" using {e.get('apiVersion', 'apps/v1')}: .spec.replicas"
-                    for e in owners
-                )
-                raise APIError(409, "Conflict", f"Apply failed with {len(owners)} conflict: {named}")
-            others = [_owning(e, False) for e in others]
-        return [*others, _owning(mine, True)]
-    obj["spec"]["replicas"] = was if owners else 1
-    return [*others, _owning(mine, False)]
+    applied, was = _leaves(body), _leaves(live or {})
+    was.setdefault(REPLICAS, 1)
+    conflicts = [
+        (e, path)
+        for e in others
+        for path in sorted(_owned(e) & applied.keys())
+        if was.get(path, applied[path]) != applied[path]
+    ]
+    if conflicts and not force:
+        if len(conflicts) == 1:
+            said = f"conflict with {_manager(conflicts[0][0])}: {_path_text(conflicts[0][1])}"
+        else:
+            said = "\n".join(
+                f"conflicts with {_manager(e)}:\n" + "\n".join(f"- {_path_text(p)}" for x, p in conflicts if x is e)
+                for e in others
+                if any(x is e for x, _ in conflicts)
+            )
+        s = "s" if len(conflicts) > 1 else ""
+        raise APIError(409, "Conflict", f"Apply failed with {len(conflicts)} conflict{s}: {said}")
+    others = [_owning(e, _owned(e) - {p for x, p in conflicts if x is e}) for e in others]
+    for e in others:
+        for path in sorted(_owned(e) - applied.keys()):
+            if path in was and path != REPLICAS:
+                _put(obj, path, was[path])
+    if REPLICAS not in applied:
+        obj["spec"]["replicas"] = was[REPLICAS] if any(_owns(e) for e in others) else 1
+    return [*others, _owning(mine, set(applied))]
 
 
 def _container_state(pod: dict[str, Any], container: str) -> dict[str, Any] | None:

@@ -273,3 +273,44 @@ def test_a_delete_whose_preconditions_do_not_hold_is_a_conflict(core):
     with pytest.raises(ApiException) as missing:
         delete()
     assert missing.value.status == 404
+
+
+def test_an_apply_changing_a_field_another_manager_applied_is_a_conflict(core):
+    """Server-side apply tracks each field's managers: an apply (not forced) that changes a field
+    another manager applied is a 409 naming the manager and the field's path, as the real server
+    answers; the same value is shared without a conflict; force takes the field over; the other
+    manager keeps the fields it alone set. Only spec.replicas was tracked: the rollout's apply
+    of an image someone else had applied went through here, and failed on a real cluster."""
+    from vision_rollout.deploy import render_deployment
+    from vision_rollout.mesh import IstioTarget
+
+    fake, api = core
+    apps = client.AppsV1Api(api.api_client)
+    target = IstioTarget("ml", "digits", "digits")
+    theirs = render_deployment(target, "digits", "2", "img:theirs", 1)
+    theirs["metadata"]["labels"]["team"] = "vision"
+    apps.patch_namespaced_deployment(
+        "digits-v2", "ml", theirs, field_manager="argocd-controller", _content_type=APPLY["_content_type"]
+    )
+    same = render_deployment(target, "digits", "2", "img:theirs", 1)
+    apps.patch_namespaced_deployment("digits-v2", "ml", same, **APPLY)  # the same values: shared
+    mine = render_deployment(target, "digits", "2", "img:mine", 1)
+    with pytest.raises(ApiException) as conflict:
+        apps.patch_namespaced_deployment("digits-v2", "ml", mine, **APPLY)
+    assert conflict.value.status == 409
+    assert json.loads(conflict.value.body)["message"] == (
+        'Apply failed with 1 conflict: conflict with "argocd-controller" using apps/v1: '
+        '.spec.template.spec.containers[name="model-server"].image'
+    )
+    live = fake.objects[("deployments", "ml", "digits-v2")]
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
+    apps.patch_namespaced_deployment("digits-v2", "ml", mine, force=True, **APPLY)
+    live = fake.objects[("deployments", "ml", "digits-v2")]
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:mine"
+    owners = {e["manager"]: e["fieldsV1"] for e in live["metadata"]["managedFields"]}
+    image = owners["test"]["f:spec"]["f:template"]["f:spec"]["f:containers"]['k:{"name":"model-server"}']
+    assert "f:image" in image
+    theirs_now = owners["argocd-controller"]["f:spec"]["f:template"]["f:spec"]["f:containers"]
+    assert "f:image" not in theirs_now['k:{"name":"model-server"}']  # taken over
+    assert "f:team" in owners["argocd-controller"]["f:metadata"]["f:labels"]
+    assert live["metadata"]["labels"]["team"] == "vision"  # (argocd-controller's alone: kept)

@@ -359,3 +359,37 @@ def test_the_labels_and_annotations_the_overlay_set_on_a_budget_outlive_the_roll
         assert "team" not in api.objects[("poddisruptionbudgets", "models", "digits-v2")]["metadata"]["labels"]
     finally:
         api.stop()
+
+
+def test_a_candidate_image_another_manager_applied_is_refused_naming_the_field():
+    """A candidate's Deployment whose image another manager applied (a platform's GitOps tool
+    server-side, a colleague's ``kubectl apply --server-side``) is not taken over: the rollout's
+    apply of its own image is refused naming that manager and the field, and the pods keep the
+    other's image, as on a real cluster (the one-machine API server took the apply over)."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0)))
+        theirs = render_deployment(TARGET, "digits", "2", "img:theirs", 1, BuildSettings(gpus=0))
+        apply_object(client.ApiClient(cfg), theirs, manager="argocd-controller")
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        with pytest.raises(RouterError) as refused_apply:
+            versions.apply("2", "img:2", 1, like="1")
+        assert (
+            'conflict with "argocd-controller" using apps/v1: .spec.template.spec.containers[name="model-server"].image'
+            in str(refused_apply.value)
+        )
+        assert "The rollout does not take over fields another manager owns" in str(refused_apply.value)
+        live = api.objects[("deployments", "models", "digits-v2")]
+        assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
+    finally:
+        api.stop()
