@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHANGES = 240  # the records of one range read at most (an hour holds a rollout's few)
 MAX_RECORD_BYTES = 4096
+SETTLE_S = 300.0  # a record this young may be a rollout's, its routes not yet written (``observe``)
 NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z\.json")  # (the change's time: the names sort as the changes)
 
 
@@ -84,6 +85,20 @@ class MirrorLog:
         change = MirrorChange(self.clock(), self.model, version if percent else None, float(percent))
         self.folder.write(_name(change.at), json.dumps(asdict(change)).encode())
         return change
+
+    def observe(self, version: str | None, percent: float, settle_s: float = SETTLE_S) -> MirrorChange | None:
+        """The mirror read from the routes now (``percent`` to ``version``), recorded when it is
+        not the last recorded: a change no rollout recorded (made by hand). Not when the last
+        record is younger than ``settle_s`` (a rollout records a raised mirror just before it
+        writes the routes), nor a mirror of 0 with none recorded. The change recorded, or None.
+        OSError when the records cannot be read or written."""
+        last = self.last()
+        now = (version if percent else None, float(percent))
+        if last is None and not percent:
+            return None
+        if last is not None and ((last.version, last.percent) == now or self.clock() - last.at < settle_s):
+            return None
+        return self.record(version, percent)
 
     def shares(self, start: float, end: float, step: float) -> list[tuple[float, float]] | None:
         """The mirror's percent from ``start`` to ``end`` (``time.time()``s) a sample every

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
     from vision_rollout.metrics import MetricsSource
+    from vision_rollout.mirrors import MirrorLog
     from vision_rollout.notify import Message
 
 log = logging.getLogger(__name__)
@@ -1955,11 +1956,44 @@ def mirror_shares(model: str, start: datetime, end: datetime) -> list[tuple[floa
         folder = serving().settings.run_folder
     except AirflowNotFoundException:  # (no model server connection: no run folder, nothing recorded)
         return None
+    mirrors = mirror_log(folder, model)
+    observe_mirror(model, mirrors)
     try:
-        return mirror_log(folder, model).shares(start.timestamp(), end.timestamp(), MIRROR_STEP_S)
+        return mirrors.shares(start.timestamp(), end.timestamp(), MIRROR_STEP_S)
     except OSError as exc:
         log.warning("the mirror changes of '%s' could not be read: %s", model, str(exc)[:300])
         return None
+
+
+def observe_mirror(model: str, mirrors: MirrorLog) -> None:
+    """Kubernetes mode: the mirror ``model``'s VirtualService carries now recorded in ``mirrors``
+    when it is not the last recorded (``MirrorLog.observe``: set by hand, which no rollout
+    recorded), with a warning: the audit judges copies at it from now on, and those since the
+    change at the share recorded before. Nothing for a model without an Istio target; a
+    VirtualService or a run folder that cannot be read is a warning."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from vision_rollout.mesh import RouterError
+
+    hook = serving()
+    try:
+        hook.settings.istio_for(model)
+    except SettingsError:
+        return
+    try:
+        live = hook.istio_router(model, []).get_routes().mirror
+        version, percent = (live.version, live.percent) if live is not None else (None, 0.0)
+        observed = mirrors.observe(version, percent)
+    except (RouterError, OSError, AirflowNotFoundException) as exc:
+        log.warning("the mirror of '%s' in its VirtualService could not be checked: %s", model, str(exc)[:300])
+        return
+    if observed is not None:
+        log.warning(
+            "the mirror of '%s' is %s in its VirtualService, not what was last recorded: changed outside the "
+            "rollout (by hand); recorded now, and copies since the change are judged at the share recorded before",
+            model,
+            f"{percent:g}% to version {version}" if percent else "off",
+        )
 
 
 def restore_stable_on_failure(context: dict[str, Any]) -> None:

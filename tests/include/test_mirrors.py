@@ -41,3 +41,18 @@ def test_prune_keeps_the_change_in_force_and_a_record_not_the_rollouts_is_a_warn
 
 def test_a_models_mirror_log_is_its_own_below_the_run_folder(tmp_path):
     assert mirror_log(Folder(str(tmp_path)), "digits").folder.path == tmp_path / "mirrors" / "digits"
+
+
+def test_a_mirror_observed_in_the_routes_is_recorded_only_when_it_is_new_and_no_rollout_just_wrote(tmp_path):
+    t = 1_800_000_000.0
+    now = [t]
+    mirrors = MirrorLog(Folder(str(tmp_path)) / "mirrors" / "digits", "digits", clock=lambda: now[0])
+    assert mirrors.observe(None, 0) is None  # (nothing mirrored, nothing recorded)
+    mirrors.record("2", 10)
+    now[0] += 60
+    assert mirrors.observe("2", 50) is None  # (a rollout's record a minute old: its routes may not be written yet)
+    now[0] += 600
+    assert mirrors.observe("2", 10) is None  # (as recorded)
+    changed = mirrors.observe("2", 50)
+    assert changed is not None
+    assert (changed.at, changed.version, changed.percent) == (t + 660, "2", 50.0)

@@ -1868,3 +1868,41 @@ def test_a_mirror_that_cannot_be_recorded_moves_no_traffic_and_a_rollback_still_
     (tmp_path / "mirrors").write_text("not a folder")
     steps.restore_stable({**PARAMS}, "run-1", unload_candidate=False)
     assert routes(kube) == [("v1", 100)]
+
+
+def test_a_mirror_set_by_hand_is_recorded_by_the_hourly_audit_with_a_warning(kube, monkeypatch, tmp_path, caplog):
+    """A mirror an operator set on the VirtualService by hand (kubectl edit) was never recorded:
+    every later hour was judged at the share recorded before it (none: each copy a stray). The
+    audit reads the VirtualService's mirror in kubernetes mode and records it when it is not the
+    last recorded, saying so; a record a rollout wrote moments ago is left alone (a raised mirror
+    is recorded just before the VirtualService is written)."""
+    import logging
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from vision_rollout.mirrors import MirrorLog, mirror_log
+
+    connect(monkeypatch, tmp_path, extra={"prediction_log": str(tmp_path / "log")})
+    stable_virtual_service(kube, PARAMS)
+    settings = steps.serving().settings
+    old = mirror_log(settings.run_folder, "digits")
+    MirrorLog(old.folder, "digits", clock=lambda: time.time() - 7200).record(None, 0)
+    by_hand = {
+        "mirror": {"host": "digits.models.svc.cluster.local", "subset": "v2"},
+        "mirrorPercentage": {"value": 20.0},
+    }
+    kube.touch("virtualservices", "models", "digits", lambda o: o["spec"]["http"][-1].update(by_hand))
+    end = datetime.now(UTC)
+    with caplog.at_level(logging.WARNING):
+        steps.mirror_shares("digits", end - timedelta(hours=1), end)
+    last = old.last()
+    assert last is not None
+    assert (last.version, last.percent) == ("2", 20.0)
+    assert "changed outside the rollout" in caplog.text
+    kube.touch(
+        "virtualservices", "models", "digits", lambda o: o["spec"]["http"][-1].update(mirrorPercentage={"value": 50.0})
+    )
+    steps.mirror_shares("digits", end - timedelta(hours=1), end)
+    last = old.last()
+    assert last is not None
+    assert last.percent == 20.0  # (recorded moments ago: a rollout's own, mid-write, is left alone)
