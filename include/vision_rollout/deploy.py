@@ -234,24 +234,38 @@ CARRIED_SPEC = ("strategy", "minReadySeconds", "revisionHistoryLimit", "progress
 # record of a version (set per version), the Deployment controller's revision, kubectl's
 # last-applied configuration (of that Deployment, not another version's).
 NOT_CARRIED = ("model-rollout/", "deployment.kubernetes.io/", "kubectl.kubernetes.io/last-applied-configuration")
+# A GitOps tool's tracking of the Deployment it applied (Argo CD's label, its default before 3.0,
+# and its annotation): not another version's, which Argo CD would take for an extra resource of
+# its application and prune.
+TRACKING_LABELS = ("app.kubernetes.io/instance",)
+TRACKING_ANNOTATIONS = ("argocd.argoproj.io/tracking-id",)
 
 
-def with_live_settings(body: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+def with_live_settings(body: dict[str, Any], live: dict[str, Any], own: bool = True) -> dict[str, Any]:
     """``body`` (``render_deployment``'s, made like ``live``'s pod template) with what ``live``
     (the Deployment it is made like: its own, or the baseline's for a new candidate) holds beside
     the template: ``CARRIED_SPEC``, its labels, its annotations but ``NOT_CARRIED``'s (kustomize's
     commonAnnotations, Reloader's), and its selector's labels beside ``app`` and ``version``
     (kustomize's commonLabels adds some; a selector cannot change). Applied by the field manager
     that installed them (deploy/'s overlay is applied with the rollout's), a field left out of
-    the body would be removed."""
+    the body would be removed. Not ``own`` (another version's Deployment): without a GitOps
+    tool's tracking of it (``TRACKING_LABELS``, ``TRACKING_ANNOTATIONS``)."""
     live_spec, spec, meta = live.get("spec") or {}, body["spec"], body["metadata"]
     live_meta = live.get("metadata") or {}
     carried = {k: live_spec[k] for k in CARRIED_SPEC if live_spec.get(k) is not None}
     selector = ((live_spec.get("selector") or {}).get("matchLabels")) or {}
     matched = {**selector, **spec["selector"]["matchLabels"]}
-    labels = {**(live_meta.get("labels") or {}), **meta["labels"]}
+    not_labels, not_annotations = ((), ()) if own else (TRACKING_LABELS, TRACKING_ANNOTATIONS)
+    labels = {
+        **{k: v for k, v in (live_meta.get("labels") or {}).items() if k not in not_labels},
+        **meta["labels"],
+    }
     annotations = {
-        **{k: v for k, v in (live_meta.get("annotations") or {}).items() if not k.startswith(NOT_CARRIED)},
+        **{
+            k: v
+            for k, v in (live_meta.get("annotations") or {}).items()
+            if not k.startswith(NOT_CARRIED) and k not in not_annotations
+        },
         **(meta.get("annotations") or {}),
     }
     return {
@@ -525,7 +539,7 @@ class VersionDeployments:
             like=None if live is None else live["spec"]["template"],
         )
         if live is not None:
-            body = with_live_settings(body, live)
+            body = with_live_settings(body, live, own=meta.get("name") == self._name(version))
         if deployed is not None:
             body["metadata"]["annotations"] = {
                 **(body["metadata"].get("annotations") or {}),

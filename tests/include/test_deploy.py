@@ -393,3 +393,40 @@ def test_a_candidate_image_another_manager_applied_is_refused_naming_the_field()
         assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
     finally:
         api.stop()
+
+
+def test_a_candidate_made_like_the_baseline_does_not_take_a_gitops_tools_tracking_of_it():
+    """Argo CD finds an application's resources by its tracking label (app.kubernetes.io/instance,
+    its default before 3.0) and prunes those not in Git: the candidate's Deployment, made like
+    version 1's, took that label (and the tracking-id annotation), so an auto-syncing Argo CD
+    took it for an extra resource of the application and deleted it mid-rollout. The candidate
+    no longer carries the baseline's tracking; the baseline scaled keeps its own."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    v1["metadata"]["labels"].update({"app.kubernetes.io/instance": "digits", "team": "vision"})
+    v1["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits:apps/Deployment:models/digits-v1"}
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), v1)
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.apply("2", "img:2", 1, like="1")
+        versions.scale("1", 1)
+        v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
+        assert "app.kubernetes.io/instance" not in v2_live["labels"]
+        assert "argocd.argoproj.io/tracking-id" not in (v2_live.get("annotations") or {})
+        assert v2_live["labels"]["team"] == "vision"
+        assert v1_live["labels"]["app.kubernetes.io/instance"] == "digits"
+        assert (
+            v1_live["annotations"]["argocd.argoproj.io/tracking-id"]
+            == v1["metadata"]["annotations"]["argocd.argoproj.io/tracking-id"]
+        )
+    finally:
+        api.stop()
