@@ -473,9 +473,10 @@ def _mirror_log(args: argparse.Namespace) -> Any:
 
 
 def _unrecorded_mirror(router: Any, policy: Any) -> None:
-    """UsageError when ``policy`` changes the mirror of the VirtualService (or its mirror cannot
-    be read) and no ``--run-dir`` says where to record it: the hourly audit would judge the
-    copies at the share recorded before, not the one applied."""
+    """UsageError when ``policy`` changes the mirror of the VirtualService (or mirrors, and the
+    VirtualService's mirror cannot be read: the apply then says why) and no ``--run-dir`` says
+    where to record it: the hourly audit would judge the copies at the share recorded before,
+    not the one applied."""
     from vision_rollout.mesh import RouterError
 
     def said(mirror: Any) -> str:
@@ -484,6 +485,8 @@ def _unrecorded_mirror(router: Any, policy: Any) -> None:
     try:
         live = said(router.get_routes().mirror)
     except RouterError as exc:
+        if policy.mirror is None:
+            return
         live = f"not known: {_one_line(str(exc))[:200]}"
     if live != said(policy.mirror):
         raise UsageError(

@@ -2329,6 +2329,10 @@ def test_mesh_apply_istio_records_each_mirror_change_where_the_audit_reads_it(tm
         assert (last.version, last.percent) == (None, 0.0)
         assert len(mirrors.folder.names()) == 2
         assert run(capsys, *argv, "--policy", str(plain))[:2] == (0, "unchanged: already in effect\n")  # no change
+        del api.objects[("virtualservices", "ml", "digits")]  # (no mirror to tell: the apply says why it fails)
+        code, out, err = run(capsys, *argv, "--policy", str(plain))
+        assert (code, out) == (4, "")
+        assert "VirtualService ml/digits does not exist" in err
     finally:
         api.stop()
 
