@@ -26,7 +26,7 @@ from model_server.model import select_providers
 from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
 from model_server.protocol import MAX_JSON_BYTES
 from model_server.repository import ModelRepository
-from model_server.shadow import MAX_COPY_AGE_S
+from model_server.shadow import MAX_COPY_AGE_LIMIT_S, MAX_COPY_AGE_S
 
 log = logging.getLogger("model_server")
 
@@ -49,8 +49,18 @@ def positive_mb(text: str, unit: str = "MiB") -> float:
     return value
 
 
-def positive_seconds(text: str) -> float:
-    return positive_mb(text, "seconds")
+def copy_age(text: str) -> float:
+    """--shadow-copy-max-age: seconds above 0 and at most ``MAX_COPY_AGE_LIMIT_S``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_COPY_AGE_LIMIT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds above 0 and at most {MAX_COPY_AGE_LIMIT_S:g} (a copy waiting longer is "
+            f"written after the audit's range closed), got {text[:40]!r}"
+        )
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,11 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--shadow-copy-max-age",
-        type=positive_seconds,
+        type=copy_age,
         default=MAX_COPY_AGE_S,
         metavar="S",
         help="seconds a shadow copy may wait for idle time (Istio's from its arrival, the server's own mirror's "
-        "from when it was queued); then dropped and counted too_old",
+        "from when it was queued; at most 60: the audit's margin); then dropped and counted too_old",
     )
     p.add_argument("--shadow-workers", type=at_least_one, default=2, help="concurrent shadow executions")
     p.add_argument(

@@ -38,6 +38,11 @@ PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arri
 # timeout), and its record would hold the shadow's watermark (the audit's) back by as long;
 # well inside the audit's flush bound, so its record is never late.
 MAX_COPY_AGE_S = 30.0
+# The longest bound a server may be given (``--shadow-copy-max-age``): the audit's margin for a
+# record stamped in its range and written after it (``vision_rollout.audit.CLOCK_SKEW_S``, on top
+# of the flush bound). A copy waiting longer is written after its range closed (late, in no audit),
+# and an hour's bound held the shadow's watermark back an hour.
+MAX_COPY_AGE_LIMIT_S = 60.0
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
 
 

@@ -486,6 +486,32 @@ def test_a_shadow_queue_or_workers_below_one_stop_the_start(tmp_path, option, va
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("value", ["61", "3600", "1e9", "inf"])
+def test_a_shadow_copy_age_past_the_audits_margin_stops_the_start(tmp_path, value):
+    """--shadow-copy-max-age had no upper bound: a copy waiting an hour for idle time held the
+    shadow's watermark (the audit's) back that long and was written after its range closed,
+    late, in no audit. The start stops (exit 2), naming the option and its limit."""
+    import subprocess
+    import sys
+
+    from model_server.shadow import MAX_COPY_AGE_LIMIT_S
+    from tests.conftest import ROOT
+    from vision_rollout.audit import CLOCK_SKEW_S
+
+    assert MAX_COPY_AGE_LIMIT_S <= CLOCK_SKEW_S  # (a copy within it is written before its range closes)
+    out = subprocess.run(
+        [sys.executable, "-m", "model_server", "--repository", str(tmp_path), "--shadow-copy-max-age", value],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    limit = f"at most {MAX_COPY_AGE_LIMIT_S:g}"
+    assert f"argument --shadow-copy-max-age: must be a number of seconds above 0 and {limit}" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_the_queue_counts_the_body_a_binary_tensor_keeps(server_factory, tmp_path):
     """A binary tensor is a view of its request's body: a copy of 128 bytes of tensors behind
     900 kB of JSON held the 900 kB, and the queue counted 128 bytes (256 such copies held 230 MB
@@ -610,8 +636,8 @@ def test_a_queued_copy_holds_its_inputs_not_the_primarys_outputs(server_factory,
     }
     (repository / "wide" / "config.json").write_text(json.dumps(config))
     shutil.copytree(repository / "wide" / "1", repository / "wide" / "2")
-    # (its copies wait behind a 20 s shadow by design: no age bound drops them)
-    s = server_factory(repository, "--shadow-workers", "1", "--shadow-copy-max-age", "3600", token=TOKEN)
+    # (its copies wait behind a 20 s shadow by design: the longest age bound keeps them while measured)
+    s = server_factory(repository, "--shadow-workers", "1", "--shadow-copy-max-age", "60", token=TOKEN)
     s.load_versions("wide", 1, 2)
     mirror_all = {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 100}}
     r = requests.put(f"{s.http}/v2/models/wide/traffic", json=mirror_all, headers=s.admin, timeout=30)
