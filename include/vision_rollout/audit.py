@@ -623,6 +623,15 @@ def copy_masks(
     return lost, eligible, copied
 
 
+# Why a copy is dropped before it ran (the log's DROPPED records say none): the reasons of the
+# model server's ``shadow_dropped_total``, which counts them.
+DROPPED_WHY = (
+    "queue_full: a full queue, no_idle_time: primaries left none, too_old: past its age bound, "
+    "left_service: its version unloaded, shutting_down: the server stopping, given_up: Istio's stream "
+    "ended first; counted by reason in shadow_dropped_total"
+)
+
+
 def copies_text(result: AuditResult) -> list[str]:
     """The reasons a shadow's copies give (warnings: thinner evidence, never the candidate's
     failure): copies lost, and fewer copies than the configured share explains."""
@@ -886,7 +895,7 @@ def audit(
             f"no shadow record in this range pairs with its primary, nothing is shown: "
             f"{result.shadow_without_primary} shadow records without their primary (its replica's log "
             f"files not read or not written, or stamped in another range), {result.shadow_dropped} "
-            f"copies dropped (no idle time or a full queue), {result.copies_lost} copies lost"
+            f"copies dropped ({DROPPED_WHY}), {result.copies_lost} copies lost"
         ]
     skipped = records.attrs["skipped_file_reasons"]
     result.skipped_files = len(skipped)
@@ -1234,7 +1243,8 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%; limit "
         f"{limit_percent(cfg.max_shadow_error_rate)}%)",
         f"- Unpaired: shadow records without their primary {result.shadow_without_primary}, primaries "
-        f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped}",
+        f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped} "
+        f"({DROPPED_WHY})",
         f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}; behind a mirror "
         f"sampling on its own, {result.copies_received} of {result.copies_eligible} requests copied"
         + (
@@ -1371,8 +1381,7 @@ def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditRes
     ran, dropped = result.rows, result.shadow_dropped
     if ran + dropped:
         result.reasons.append(
-            f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, "
-            f"{dropped} dropped (no idle time or a full queue)"
+            f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, {dropped} dropped ({DROPPED_WHY})"
         )
     if result.verdict == "skip" and mirror_percent:
         result.verdict = "warning"

@@ -241,6 +241,24 @@ def test_coverage_counts_the_dropped_copies():
     assert "coverage 90.0%: 90 shadow copies ran, 10 dropped" in result.reasons[-1]
 
 
+def test_the_coverage_and_the_report_name_every_reason_a_copy_is_dropped(tmp_path):
+    """The coverage said the copies were dropped for "no idle time or a full queue": a copy that
+    waited past its age bound (too_old) or whose Istio stream ended first (given_up) read as one
+    of those, and a reader could not tell why copies were missing."""
+    from vision_rollout.audit import AuditResult, with_coverage
+
+    result = with_coverage(AuditResult("digits", "s", "e", "pass", [], rows=90, shadow_dropped=10), 100.0)
+    report = report_files(result)[REPORT].decode()
+    for reason in ("queue_full", "no_idle_time", "too_old", "left_service", "shutting_down", "given_up"):
+        assert reason in result.reasons[-1]
+        assert reason in report.split("- Unpaired:")[1].splitlines()[0]
+    assert "shadow_dropped_total" in result.reasons[-1]
+    lonely = audit(shadow_log(tmp_path, 0, disagree=0.0, dropped=3), *around_now(), "digits")
+    assert lonely.verdict == "inconclusive"
+    assert "too_old" in lonely.reasons[0]
+    assert "given_up" in lonely.reasons[0]
+
+
 def test_nan_answers_neither_count_as_agreement_nor_turn_the_statistics_to_nan(tmp_path):
     """A client may send NaN in a binary FP32 tensor: both versions answer NaN. Such pairs were
     compared as if the NaN were class 0 (agreeing) and no anomaly: 2 of them turned an hour of
