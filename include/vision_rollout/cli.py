@@ -827,8 +827,16 @@ def _run(
     the candidate's sha256, which the model server must serve before each stage, at each look
     and before the promotion (``serving.not_as_verified``), as in the DAG; ``token``: the admin
     token, which the stage's check of where the server writes its log asks with."""
-    from vision_rollout.audit import AuditConfig, audit
-    from vision_rollout.engine import Rollout, StageJudge, StageOutcome, StageState, StageWindow, preflight
+    from vision_rollout.engine import (
+        Rollout,
+        StageJudge,
+        StageOutcome,
+        StageState,
+        StageWindow,
+        mirrors_candidate,
+        preflight,
+        rollout_audit,
+    )
     from vision_rollout.folders import Folder
     from vision_rollout.locks import Aborted
     from vision_rollout.notify import (
@@ -912,13 +920,13 @@ def _run(
             send(stage_message(spec, outcome.weight, outcome.verdict))
 
     def shadow_audit(start: float, end: float) -> Any:
-        """The DAG's shadow_consistency: the rollout's records, the spec's limits."""
-        result = audit(
+        """The DAG's shadow_consistency: the rollout's records, the spec's limits and mirror share."""
+        result = rollout_audit(
             args.prediction_log,
             datetime.fromtimestamp(start, UTC),
             datetime.fromtimestamp(end, UTC),
-            spec.model,
-            AuditConfig.from_spec(spec),
+            spec,
+            mirrors_candidate(spec, router),
         )
         print(f"shadow audit: {result.verdict.upper()}: " + "; ".join(result.reasons), flush=True)
         return result

@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1221,6 +1222,35 @@ def judge_evidence(
         else ""
     )
     return "promote", f"every stage passed{again}" + (f"; shadow audit: {'; '.join(audit['reasons'])}" if audit else "")
+
+
+def mirrors_candidate(spec: RolloutSpec, router: Router) -> bool:
+    """Whether ``router``'s routes mirror to the candidate now (True where they cannot be read)."""
+    from vision_rollout.mesh import RouterError
+
+    try:
+        mirror = router.get_routes().mirror
+    except RouterError as exc:
+        log.warning("the routes of '%s' could not be read (%s): taken as mirroring", spec.model, exc)
+        return True
+    return mirror is not None and mirror.version == spec.candidate_version
+
+
+def rollout_audit(
+    prediction_log: str | Path, start: datetime, end: datetime, spec: RolloutSpec, mirroring: bool
+) -> AuditResult:
+    """A rollout's shadow audit of its records from ``start`` to ``end``, the DAG's
+    shadow_consistency's and ``rolloutctl run``'s: where the routes still mirror to the candidate
+    (``mirroring``), once the copies of the last primaries are written (``await_copies``: until
+    the range closes at most); the spec's limits, the copies judged against its mirror share."""
+    from vision_rollout.audit import AuditConfig, audit, await_copies
+
+    if spec.mirror_percent and mirroring:
+        waited = await_copies(prediction_log, end, spec.model, spec.baseline_version)
+        log.info("waited %.0f s for the shadow copies of the primaries before %s to be written", waited, end)
+    return audit(
+        prediction_log, start, end, spec.model, AuditConfig.from_spec(spec), mirror_percent=spec.mirror_percent
+    )
 
 
 # -- the whole rollout in one process (rolloutctl run) ---------------------------------------

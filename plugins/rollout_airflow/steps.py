@@ -1071,14 +1071,9 @@ def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, ho
 
 def mirroring(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:
     """Whether the routes mirror to the candidate now (True where they cannot be read)."""
-    from vision_rollout.mesh import RouterError
+    from vision_rollout.engine import mirrors_candidate
 
-    try:
-        mirror = router(spec, run_id, hook).get_routes().mirror
-    except RouterError as exc:
-        log.warning("the routes of '%s' could not be read (%s): taken as mirroring", spec.model, exc)
-        return True
-    return mirror is not None and mirror.version == spec.candidate_version
+    return mirrors_candidate(spec, router(spec, run_id, hook))
 
 
 def mesh_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, hook: ModelServerHook, index: int) -> None:
@@ -1109,18 +1104,16 @@ def shadow_consistency(params: dict[str, Any], since: datetime, run_id: str) -> 
     mirror is still on (a run whose stable version took 100% back makes no more copies). The model
     stays this run's meanwhile, and for the time the next task takes to start (the lease runs
     out 300 s after its last renewal)."""
-    from vision_rollout.audit import AuditConfig, audit, await_copies, report_files, write_report
+    from vision_rollout.audit import report_files, write_report
+    from vision_rollout.engine import rollout_audit
 
     spec = spec_from(params)
     hook = serving()
     hold(spec, run_id, hook, LEASE_S + 600)  # reading a long run's log takes a while
     settings = hook.settings
     end = datetime.now(UTC)
-    if spec.mirror_percent and mirroring(spec, run_id, hook):
-        waited = await_copies(settings.prediction_log, end, spec.model, spec.baseline_version)
-        log.info("waited %.0f s for the shadow copies of the primaries before %s to be written", waited, end)
-    result = audit(
-        settings.prediction_log, since, end, spec.model, AuditConfig.from_spec(spec), mirror_percent=spec.mirror_percent
+    result = rollout_audit(
+        settings.prediction_log, since, end, spec, bool(spec.mirror_percent) and mirroring(spec, run_id, hook)
     )
     write_report(report_files(result), settings.workdir(spec.model, "audit-" + since.strftime("%Y%m%dT%H%M%S")))
     hold(spec, run_id, hook)

@@ -1106,6 +1106,39 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
+def test_runs_shadow_audit_judges_the_copies_against_the_mirror_share_as_the_dag_does(tmp_path, monkeypatch, capsys):
+    """rolloutctl run's audit passed no mirror share (the DAG's shadow_consistency passes the
+    spec's): behind a mirror that samples on its own (Istio's), a shadow sent none of 200 copies
+    at 100% was no warning from the CLI. Its audit is the DAG's now (``rollout_audit``)."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 100})
+
+    def look(window):
+        """The stage's traffic, written as the pods would: pairs, then 200 primaries whose copies
+        never came, then pairs again (the shadow's pods wrote copies past them)."""
+        if window.index:
+            return StageState("pass", 1, 1, None, "passed")
+        t = time.time()
+        time.sleep(2.0)  # (every record stamped before the audit's end)
+        shadow_log(tmp_path, 50, disagree=0.0, at=t + 0.1)
+        shadow_log(tmp_path, 200, disagree=0.0, at=t + 0.3, versions=("1", "4"), roles=("primary",))
+        shadow_log(tmp_path, 5, disagree=0.0, at=t + 1.6, versions=("1", "3"))
+        return StageState("pass", 1, 1, None, "passed")
+
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = None
+    cli._run(args, spec, RecordingRouter(), None, {}, cli._Lease(None, spec.model), "")
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("shadow audit: ")]
+    assert "the shadow received 0 copies of 200 requests behind a mirror of 100%" in line
+
+
 def test_run_with_a_lock_folder_it_cannot_use_names_it_and_changes_nothing(tmp_path, capsys, models_dir):
     """--lock-dir under a file (or on a disk that refuses it) ended on "error: NotADirectoryError:
     [Errno 20] Not a directory: ...", naming neither the flag nor that nothing changed."""
