@@ -87,11 +87,14 @@ SCHEMA = pa.schema(
         # come) or not (false); null where it cannot know (a route Istio's mirror samples, a
         # shadow or label record, an older writer's file).
         ("mirrored", pa.bool_()),
+        # The first output as the model answered it: its datatype and the shape of an item
+        # (``output_kind``: FP32[10]); the audit's pairs of another dtype or shape compare nothing.
+        ("output", pa.string()),
     ]
 )
 # Columns added after the log's first files: a file without one is read with it null (as its
 # writer could not say), not skipped as of a wrong schema.
-LATER_COLUMNS = frozenset({"mirrored"})
+LATER_COLUMNS = frozenset({"mirrored", "output"})
 ROLES = ("primary", "shadow", "label")
 REPLICA_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY = ["model", "request_id", "item"]
@@ -117,8 +120,9 @@ SHADOW_PAIR_COLUMNS = [
     "device_type",
     "tenant",
     "meta",
+    "output",
 ]
-# What the shadow audit reads: the pairs', and what counts the copies against the mirror's
+# What the shadow audit reads: the pairs and what counts the copies against the mirror's
 # sampling (``vision_rollout.audit.copy_check``).
 AUDIT_COLUMNS = [*SHADOW_PAIR_COLUMNS, "replica", "mirrored"]
 # What the rollout's gate reads: the arms (role, route, version), latency and outcome, top-1 and
@@ -156,6 +160,9 @@ PAIR_COLUMNS = [
     "shadow_latency_ms",
     "shadow_error",
     "shadow_finite",
+    "output_differs",
+    "primary_output",
+    "shadow_output",
     "user_id",
     "device_type",
     "tenant",
@@ -279,6 +286,36 @@ def score_rows(scores: np.ndarray) -> np.ndarray:
     arr = np.asarray(scores)
     # (the count, not -1: an output of no rows, a detector's when it found nothing, has any)
     return arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if arr.ndim >= 2 else arr.reshape(1, -1)
+
+
+_DATATYPES = {
+    np.dtype(t): name
+    for name, t in (
+        ("BOOL", "?"),
+        ("UINT8", "u1"),
+        ("UINT16", "u2"),
+        ("UINT32", "u4"),
+        ("UINT64", "u8"),
+        ("INT8", "i1"),
+        ("INT16", "i2"),
+        ("INT32", "i4"),
+        ("INT64", "i8"),
+        ("FP16", "f2"),
+        ("FP32", "f4"),
+        ("FP64", "f8"),
+    )
+}
+
+
+def output_kind(scores: np.ndarray | None) -> str | None:
+    """A first output's datatype (KServe v2's name; BYTES for strings) and the shape of one of
+    its rows (``score_rows``' items: the dimensions after the first), as ``FP32[10]``; None
+    without an output."""
+    if scores is None:
+        return None
+    arr = np.asarray(scores)
+    name = "BYTES" if arr.dtype.kind in "OSU" else _DATATYPES.get(arr.dtype.newbyteorder("="), arr.dtype.str)
+    return f"{name}[{','.join(map(str, arr.shape[1:] if arr.ndim >= 2 else arr.shape))}]"
 
 
 def predicted_classes(scores: np.ndarray) -> np.ndarray:
@@ -528,6 +565,7 @@ class PredictionLog:
             "tenant": column([m[2] for m in meta], "tenant"),
             "meta": column([m[3] for m in meta], "meta"),
             "mirrored": column([r.mirrored for r in recs], "mirrored"),
+            "output": column([output_kind(r.scores) for r in recs], "output"),
         }
         cols.update(self._output_columns(outputs, counts, starts, rows))
         return pa.table([cols[name] for name in SCHEMA.names], schema=SCHEMA)
@@ -1747,6 +1785,11 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     the candidate gave no answer where the primary gave one), counted in ``shadow_not_finite``.
     ``shadow_finite`` is True otherwise (a failed shadow's too: ``shadow_error`` tells it).
 
+    A shadow that answered another dtype or shape of output than its primary (``output``, as
+    both records say: ``primary_output``, ``shadow_output``) gave another answer: such a pair has
+    ``output_differs`` True, its shadow top-1 as logged but no shadow vector (none compares), and
+    ``attrs["classes"]`` counts the classes of the others.
+
     A copy of a request that the mirror's own version served is no comparison: Istio mirrors
     every request of a route, whichever weighted subset served it, so at a canary weight the
     candidate also gets copies of its own primaries, and such a pair agrees by construction
@@ -1773,7 +1816,7 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     not be hashed item by item: such a record pairs by key alone, unchecked); the rest are
     ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
     """
-    _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route")])
+    _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route", "output")])
     code, t = _key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
     dropped_rows = (df["outcome"] == "DROPPED").to_numpy()
@@ -1844,12 +1887,25 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
         p_side, s_side = p_side[p_finite].reset_index(drop=True), s_side[p_finite].reset_index(drop=True)
     shadow_top1 = top1[s_pos]
     shadow_ok = ok_rows[s_pos]
-    attrs["shadow_not_finite"] = int((shadow_ok & ~s_finite).sum())
     if len(p_pos) == 0:
+        attrs["shadow_not_finite"] = int((shadow_ok & ~s_finite).sum())
         empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PAIR_COLUMNS})
         empty.attrs = attrs
         return empty
-    s_answered = shadow_ok & s_finite
+    # A shadow answering another dtype or shape than its primary (both said) gave another
+    # answer: no vector of it compares with the primary's (a disagreement, the audit's).
+    p_output, s_output = (
+        (col("output", p_pos).astype(object), col("output", s_pos).astype(object))
+        if "output" in df.columns
+        else (pd.Series([None] * len(p_pos), dtype=object),) * 2
+    )
+    differs = shadow_ok & (p_output.notna() & s_output.notna() & (p_output != s_output)).to_numpy(bool)
+    attrs["shadow_not_finite"] = int((shadow_ok & ~s_finite & ~differs).sum())
+    s_answered = shadow_ok & s_finite & ~differs
+    s_top1 = s_answered | (differs & ~np.isnan(shadow_top1))
+    if differs.any():  # (the classes of the vectors that compare)
+        classes = _class_count(p_side, s_side[~differs])
+        attrs["classes"] = classes
     image = col("image_sha256", p_pos)
     out = pd.DataFrame(
         {
@@ -1863,13 +1919,11 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
             "shadow_version": col("version", s_pos),
             "image_sha256": image.fillna(col("image_sha256", s_pos)) if image.isna().any() else image,
             "primary_top1": top1[p_pos].astype(np.int32),
-            "shadow_top1": shadow_top1.astype(np.int32)
-            if s_answered.all()
-            else np.where(s_answered, shadow_top1, np.nan),
+            "shadow_top1": shadow_top1.astype(np.int32) if s_top1.all() else np.where(s_top1, shadow_top1, np.nan),
             **(
                 {
                     "primary_probs": _rows(_probability_matrix(p_side, classes)[0], np.ones(len(p_pos), bool)),
-                    "shadow_probs": _rows(_probability_matrix(s_side, classes)[0], s_answered),
+                    "shadow_probs": _rows(_shadow_matrix(s_side, classes, differs), s_answered),
                 }
                 if vectors
                 else {"primary_row": p_pos, "shadow_row": s_pos}
@@ -1877,7 +1931,10 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
             "primary_latency_ms": col("latency_ms", p_pos),
             "shadow_latency_ms": col("latency_ms", s_pos),
             "shadow_error": col("outcome", s_pos).where(~shadow_ok),
-            "shadow_finite": s_finite | ~shadow_ok,
+            "shadow_finite": s_finite | ~shadow_ok | differs,
+            "output_differs": differs,
+            "primary_output": p_output,
+            "shadow_output": s_output,
             "user_id": col("user_id", p_pos),
             "device_type": col("device_type", p_pos),
             "tenant": col("tenant", p_pos),
@@ -1885,6 +1942,16 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
         }
     )
     out.attrs = attrs
+    return out
+
+
+def _shadow_matrix(side: pd.DataFrame, classes: int, differs: np.ndarray) -> np.ndarray:
+    """``_probability_matrix`` of the shadow's rows but those whose output ``differs`` (of
+    another shape: zeros, their top-k perhaps past ``classes``)."""
+    if not differs.any():
+        return _probability_matrix(side, classes)[0]
+    out = np.zeros((len(side), classes), np.float32)
+    out[~differs] = _probability_matrix(side[~differs], classes)[0]
     return out
 
 

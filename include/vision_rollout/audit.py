@@ -3,7 +3,8 @@
 From the prediction log's primary and shadow records over a time range, paired by request id
 and input (a shadow record of another input than its primary's is no copy of it: left out;
 nor is a copy of a request its own version served, which Istio's mirror makes: counted apart;
-nor a pair whose primary's answer is no finite distribution, a NaN or Inf input's: counted apart):
+nor a pair whose primary's answer is no finite distribution, a NaN or Inf input's: counted apart;
+a shadow answering another output dtype or shape than its primary disagrees, and is an anomaly):
 top-1 agreement with a Wilson interval (the items of a batch request one unit: its counts
 divided by the requests' design effect), the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
@@ -40,6 +41,7 @@ from vision_rollout.spec import DEFAULTS, RolloutSpec
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
+OUTPUT_DIFFERS = "output dtype or shape differs"  # (an anomaly's reason)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class AuditResult:
     # Records repeating an earlier one's key (a client re-sending its request id, a copy made
     # twice): the earliest is paired, the repeats are no second piece of evidence (left out).
     duplicates: int = 0
+    # Pairs whose shadow answered another dtype or shape of output than its primary (FP16 for
+    # FP32, 12 classes for 10): disagreements and anomalies, no divergence computed on them.
+    output_differs: int = 0
     # Answers that were no finite distribution (NaN or Inf: a client's NaN or Inf input runs,
     # its output is NaN): pairs whose primary answered so are no comparison (left out, counted);
     # the shadow's alone, where the primary's was finite, are the candidate's (anomalies).
@@ -262,41 +267,52 @@ def audit_frame(
         result.reasons.append(f"every one of {len(df)} shadow requests failed")
         return result
     # A shadow answer that is no finite distribution where the primary's is (the candidate's
-    # NaN or Inf) is no comparison: out of the agreement and the divergences, an anomaly.
+    # NaN or Inf) is no comparison: out of the agreement and the divergences, an anomaly. One of
+    # another dtype or shape than the primary's is another answer: a disagreement, an anomaly,
+    # out of the divergences (its vector compares with nothing).
     finite = ok["shadow_finite"].to_numpy(bool) if "shadow_finite" in ok.columns else np.ones(len(ok), bool)
+    differs = ok["output_differs"].to_numpy(bool) if "output_differs" in ok.columns else np.zeros(len(ok), bool)
     result.shadow_not_finite = int((~finite).sum())
-    compared = ok[finite]
-    if compared.empty:
+    result.output_differs = int(differs.sum())
+    answered = ok[finite]
+    if answered.empty:
         result.verdict = "fail"
         result.reasons.append(f"none of the shadow's {len(ok)} answers was a finite distribution (NaN or Inf)")
         return result
-    div, shadow_confidence, mean_primary, mean_shadow = _divergences((vectors or _stacked)(compared))
-    agree = compared["primary_top1"].to_numpy() == compared["shadow_top1"].to_numpy()
+    same = finite & ~differs
+    compared = ok[same]
+    agree = (answered["primary_top1"].to_numpy() == answered["shadow_top1"].to_numpy()) & ~differs[finite]
     result.agreement = float(agree.mean())
-    result.agreement_ci = by_request(compared, agree, cfg.confidence_level)
-    result.kl_of_means = float(kl(mean_primary, mean_shadow))
-    result.divergences = div
-    result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
-    result.divergence_quantiles["max"] = float(div.max())
+    result.agreement_ci = by_request(answered, agree, cfg.confidence_level)
     confidence = np.full(len(ok), np.nan)
-    confidence[finite] = shadow_confidence
     divergence = np.full(len(ok), np.inf)
-    divergence[finite] = div
-    low_conf = finite & (confidence < cfg.confidence_threshold)
-    high_div = finite & (divergence > cfg.divergence_threshold)
-    flagged = low_conf | high_div | ~finite
+    if not compared.empty:
+        div, shadow_confidence, mean_primary, mean_shadow = _divergences((vectors or _stacked)(compared))
+        result.kl_of_means = float(kl(mean_primary, mean_shadow))
+        result.divergences = div
+        result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
+        result.divergence_quantiles["max"] = float(div.max())
+        confidence[same] = shadow_confidence
+        divergence[same] = div
+        labels = sorted(set(compared["primary_top1"]) | set(compared["shadow_top1"]))
+        result.confusion = pd.crosstab(
+            compared["primary_top1"], compared["shadow_top1"], rownames=["primary"], colnames=["shadow"]
+        ).reindex(index=labels, columns=labels, fill_value=0)
+    low_conf = same & (confidence < cfg.confidence_threshold)
+    high_div = same & (divergence > cfg.divergence_threshold)
+    flagged = low_conf | high_div | ~same
     result.anomaly_rate = float(flagged.mean())
-    labels = sorted(set(compared["primary_top1"]) | set(compared["shadow_top1"]))
-    result.confusion = pd.crosstab(
-        compared["primary_top1"], compared["shadow_top1"], rownames=["primary"], colnames=["shadow"]
-    ).reindex(index=labels, columns=labels, fill_value=0)
     reason = np.where(
         ~finite,
         "no finite output",
         np.where(
-            low_conf & high_div,
-            "low confidence and high divergence",
-            np.where(low_conf, "low confidence", "high divergence"),
+            differs,
+            OUTPUT_DIFFERS,
+            np.where(
+                low_conf & high_div,
+                "low confidence and high divergence",
+                np.where(low_conf, "low confidence", "high divergence"),
+            ),
         ),
     )
     anomalies = ok.assign(shadow_confidence=confidence, divergence=divergence, reason=reason)[flagged]
@@ -337,11 +353,11 @@ def audit_frame(
     if result.anomaly_rate > cfg.max_anomaly_rate:
         # Failed only once the rate is shown above the limit: one odd probe is not a trend.
         low = by_request(ok, flagged, cfg.confidence_level)[0]
-        shown = low > cfg.max_anomaly_rate
-        result.verdict = "fail" if shown else ("inconclusive" if result.verdict == "pass" else result.verdict)
+        over = low > cfg.max_anomaly_rate
+        result.verdict = "fail" if over else ("inconclusive" if result.verdict == "pass" else result.verdict)
         result.reasons.append(
             f"{anomaly_rate}% of requests are anomalies (limit "
-            f"{limit_percent(cfg.max_anomaly_rate)}%{'' if shown else f', not yet shown over {len(flagged)} records'})"
+            f"{limit_percent(cfg.max_anomaly_rate)}%{'' if over else f', not yet shown over {len(flagged)} records'})"
         )
     if result.verdict == "pass":
         result.reasons.append(f"{agreement}, shadow error rate {error_rate}%, anomalies {anomaly_rate}%")
@@ -349,6 +365,14 @@ def audit_frame(
         result.reasons.append(
             f"{result.shadow_not_finite} shadow answers were no finite distribution (NaN or Inf) where the "
             "primary's was: anomalies, out of the agreement and the divergences"
+        )
+    if result.output_differs:
+        kinds = (ok["primary_output"].astype(str) + "\0" + ok["shadow_output"].astype(str))[differs].value_counts()
+        primary, shadow = (shown(k) for k in kinds.index[0].split("\0"))
+        result.reasons.append(
+            f"{result.output_differs} pairs' outputs differ in dtype or shape (primary {primary}, shadow {shadow}"
+            f"{f'; {len(kinds) - 1} other kinds' if len(kinds) > 1 else ''}): the shadow answers otherwise, "
+            "counted as disagreements and anomalies, no divergence computed on them"
         )
     return result
 
@@ -410,6 +434,7 @@ def audit_by_versions(
         shadow_errors=errors,
         shadow_error_rate=errors / len(df),
         shadow_not_finite=sum(p.shadow_not_finite for p in parts),
+        output_differs=sum(p.output_differs for p in parts),
         versions={k: sorted({v for p in parts for v in p.versions[k]}) for k in ("primary", "shadow")},
         config=cfg,
         by_versions=parts,
@@ -1177,7 +1202,8 @@ def _pair_lines(result: AuditResult, level: str) -> list[str]:
             f"- Top-1 agreement: {percent_beside(result.agreement, cfg.min_agreement)}% "
             f"({100 * cfg.confidence_level:g}% Wilson interval {percent_beside(lo, cfg.min_agreement)}% to "
             f"{percent_beside(hi, cfg.min_agreement)}%; minimum {limit_percent(cfg.min_agreement)}%)",
-            f"- KL divergence of the mean output distributions: {result.kl_of_means:.5f}",
+            "- KL divergence of the mean output distributions: "
+            + ("n/a (no pair's outputs compare)" if result.kl_of_means is None else f"{result.kl_of_means:.5f}"),
             "- Per-request KL(primary || shadow): "
             + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
             f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} or divergence > "
@@ -1259,6 +1285,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Primary answers that were no finite distribution (NaN or Inf; no comparison, excluded): "
         f"{result.primary_not_finite}",
         f"- Shadow answers alone no finite distribution (anomalies, out of the agreement): {result.shadow_not_finite}",
+        f"- Pairs whose outputs differ in dtype or shape (disagreements, no divergence): {result.output_differs}",
         f"- Prediction log files that could not be read (their records not audited): {result.skipped_files}",
         f"- Prediction log files not read (over the audit's "
         f"{'time' if result.out_of_time else 'memory bound'}): {result.unread_files} "

@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote, urlsplit
 import numpy as np
 
 from model_server.credentials import scrub
-from vision_rollout.audit import AuditResult, printable, short_digest
+from vision_rollout.audit import OUTPUT_DIFFERS, AuditResult, printable, short_digest
 from vision_rollout.folders import Folder, NotAFile, TooLarge, temporary_of
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
@@ -498,7 +498,7 @@ def _audit_numbers(result: AuditResult, named: str, samples: int) -> list[dict[s
                     f"*Records*\n{result.rows}",
                     f"*Top-1 agreement* (minimum {limit_percent(at)}%)\n{percent_beside(result.agreement, at)}% "
                     f"({percent_beside(lo, at)}-{percent_beside(hi, at)}%)",
-                    f"*KL of means*\n{result.kl_of_means:.5f}",
+                    "*KL of means*\n" + ("n/a" if result.kl_of_means is None else f"{result.kl_of_means:.5f}"),
                     f"*Shadow errors* (limit {limit_percent(cfg.max_shadow_error_rate)}%)\n"
                     f"{percent_beside(result.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%",
                     f"*Anomalies* (limit {limit_percent(cfg.max_anomaly_rate)}%)\n"
@@ -512,6 +512,8 @@ def _audit_numbers(result: AuditResult, named: str, samples: int) -> list[dict[s
             + (
                 f"confidence {r.shadow_confidence:.2f}, divergence {r.divergence:.2f}"
                 if math.isfinite(r.shadow_confidence)
+                else OUTPUT_DIFFERS
+                if getattr(r, "reason", None) == OUTPUT_DIFFERS
                 else "no finite output (NaN or Inf)"  # (no confidence, no divergence)
             )
             for r in result.anomalies.head(samples).itertuples()

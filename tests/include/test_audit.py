@@ -259,6 +259,50 @@ def test_the_coverage_and_the_report_name_every_reason_a_copy_is_dropped(tmp_pat
     assert "given_up" in lonely.reasons[0]
 
 
+def test_a_shadow_answering_in_another_dtype_or_shape_disagrees_with_its_reason_in_the_report(tmp_path):
+    """The log kept no output's dtype or shape: a candidate answering FP16 where the primary
+    answered FP32 (its clients' parsing broken), or 12 classes where it had 10 (the vectors
+    compared as whatever fitted, the top-k spread over the classes of the longer one), agreed
+    and passed. Such pairs are disagreements and anomalies, no divergence is computed on them,
+    and the reasons and report.md say how many and what each side answered."""
+    half = audit(
+        shadow_log(tmp_path, 400, disagree=0.0, shadow_output=lambda i, q: q.astype(np.float16)), *around_now()
+    )
+    assert (half.verdict, half.output_differs, half.agreement) == ("fail", 400, 0.0)
+    assert any(
+        "400 pairs' outputs differ in dtype or shape (primary FP32[10], shadow FP16[10]" in r for r in half.reasons
+    )
+    assert set(half.anomalies["reason"]) == {"output dtype or shape differs"}
+    assert half.kl_of_means is None
+    report = report_files(half)[REPORT].decode()
+    assert "- Pairs whose outputs differ in dtype or shape (disagreements, no divergence): 400" in report
+    assert "FP16\\[10\\]" in report  # (as report.md escapes the text the log holds)
+    from vision_rollout.notify import audit_message
+
+    slack = json.dumps(audit_message(half, None).blocks)
+    assert "KL of means*\\nn/a" in slack
+    assert "/ shadow 0, output dtype or shape differs" in slack or "output dtype or shape differs\\n" in slack
+
+    (tmp_path / "wide").mkdir()
+    wider = np.zeros((1, 2), np.float32)
+    some = audit(
+        shadow_log(
+            tmp_path / "wide",
+            400,
+            disagree=0.0,
+            shadow_output=lambda i, q: np.concatenate([q, wider], axis=1) if i < 60 else q,
+        ),
+        *around_now(),
+    )
+    assert (some.output_differs, some.agreement) == (60, 340 / 400)
+    assert some.verdict == "fail"
+    assert any("primary FP32[10], shadow FP32[12]" in r for r in some.reasons)
+    assert some.kl_of_means == pytest.approx(0.0, abs=1e-6)  # (of the 340 whose outputs compare)
+    assert some.divergence_quantiles["max"] == pytest.approx(0.0, abs=1e-6)
+    assert some.confusion.to_numpy().sum() == 340
+    assert (some.anomalies["reason"] == "output dtype or shape differs").sum() == 50  # (max_anomalies)
+
+
 def test_nan_answers_neither_count_as_agreement_nor_turn_the_statistics_to_nan(tmp_path):
     """A client may send NaN in a binary FP32 tensor: both versions answer NaN. Such pairs were
     compared as if the NaN were class 0 (agreeing) and no anomaly: 2 of them turned an hour of
@@ -1207,7 +1251,8 @@ def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart
     gave every pair the same divergence but for the last bit of the float: the chart's
     histogram could not make its 40 bins of that range, and the report was never written (the
     rollout's shadow_consistency failed on the error, the hourly audit on every run). The bins
-    are fixed over the range shown (0 to 2); the shadow fails the audit, with its report."""
+    are fixed over the range shown (0 to 2); the shadow fails the audit, with its report (its
+    pairs' outputs differ in shape now: disagreements, no divergence computed on them)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1240,8 +1285,9 @@ def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart
             )
     log.flush()
     result = audit(tmp_path / "log", *around_now(), "digits")
-    assert (result.verdict, result.rows) == ("fail", 300)
-    assert np.ptp(result.divergences) < 1e-9
+    assert (result.verdict, result.rows, result.output_differs) == ("fail", 300, 300)
+    assert result.divergences is None  # (no pair's outputs compare: none computed on them)
+    assert any("primary FP32[10], shadow FP32[2,5]" in r for r in result.reasons)
     files = report_files(result)
     assert files[CHART].startswith(b"\x89PNG")
     assert b"**FAIL**" in files[REPORT]

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -152,6 +153,7 @@ def shadow_log(
     flushed: float = 1.0,
     roles: tuple[str, ...] = ("primary", "shadow"),
     mirrored: bool | None = None,
+    shadow_output: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ):
     """A prediction log written by the real writer: ``n`` primary records with their shadow
     records, then ``dropped`` primaries whose copies were dropped and ``orphans`` shadow records
@@ -169,7 +171,9 @@ def shadow_log(
     Records received at ``at`` are written ``flushed`` seconds after the last of them (by its
     files' names: a second, as a writer flushing on time would). Only the records of ``roles``
     are written (the shadow records alone: the copies of primaries written before). ``mirrored``:
-    what the primaries say of their mirror's sampling (None: nothing, as an older writer's)."""
+    what the primaries say of their mirror's sampling (None: nothing, as an older writer's).
+    ``shadow_output``: the shadow's output of the ``i``-th request made of the one it would give
+    (``[1, classes]`` float32): another dtype or shape than the primary's."""
     keys = tmp_path / "keys.json"
     if not keys.exists():  # (one key for a folder's logs: a request's records mask alike)
         keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode()}))
@@ -225,7 +229,8 @@ def shadow_log(
             writer.append(record(rid, shadow, "shadow", np.roll(p, 1)[None], name="forged"))
         if i >= n + dropped or i < n:
             failed = i < errors
-            writer.append(record(rid, shadow, "shadow", None if failed else q[None], "BACKEND" if failed else "ok"))
+            answer = q[None] if shadow_output is None else shadow_output(i, q[None])
+            writer.append(record(rid, shadow, "shadow", None if failed else answer, "BACKEND" if failed else "ok"))
         else:
             writer.append(record(rid, shadow, "shadow", None, "DROPPED"))
     for i in range(self_mirrored):
