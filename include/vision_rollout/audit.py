@@ -9,7 +9,7 @@ top-1 agreement with a Wilson interval (the items of a batch request one unit: i
 divided by the requests' design effect), the KL divergence of the mean output distributions and
 the distribution of per-request divergences,
 the primary-vs-shadow confusion matrix, anomaly samples (shadow confidence below 0.65, or
-divergence above 0.18: the defaults) with their image hashes, and the shadow error
+divergence above 0.18: the defaults; low confidence only where the primary's was not) with their image hashes, and the shadow error
 rate; a Markdown report, CSV tables and a PNG plot, and a verdict: fail when agreement is shown
 below the minimum (or the shadow fails or diverges too often), pass when shown above it,
 inconclusive while the interval still straddles it (or while files of the range could not be
@@ -217,22 +217,23 @@ def _stacked(pairs: pd.DataFrame) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 def _divergences(
     chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per pair KL(primary || shadow) and the shadow's confidence (its top probability), and the
-    mean distribution of each side, from the pairs' vectors a chunk at a time: an hour of a
-    thousand-class model's pairs, stacked whole in float64, took tens of GB."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair KL(primary || shadow), the primary's and the shadow's confidence (each one's top
+    probability), and the mean distribution of each side, from the pairs' vectors a chunk at a
+    time: an hour of a thousand-class model's pairs, stacked whole in float64, took tens of GB."""
     div: list[np.ndarray] = []
-    confidence: list[np.ndarray] = []
+    confidence: list[np.ndarray] = []  # (primary, shadow) a row
     total: np.ndarray | None = None  # (the sums of each side's vectors)
     for p32, q32 in chunks:
         p, q = p32.astype(float), q32.astype(float)
         div.append(kl(p, q))
-        confidence.append(q.max(axis=1))
+        confidence.append(np.stack([p.max(axis=1), q.max(axis=1)], axis=1))
         sums = np.stack([p.sum(axis=0), q.sum(axis=0)])
         total = sums if total is None else total + sums
     assert total is not None  # (audit_frame passes rows)
     mean_p, mean_q = total / sum(len(d) for d in div)
-    return np.concatenate(div), np.concatenate(confidence), mean_p, mean_q
+    both = np.concatenate(confidence)
+    return np.concatenate(div), both[:, 0], both[:, 1], mean_p, mean_q
 
 
 def audit_frame(
@@ -286,19 +287,24 @@ def audit_frame(
     result.agreement_ci = by_request(answered, agree, cfg.confidence_level)
     confidence = np.full(len(ok), np.nan)
     divergence = np.full(len(ok), np.inf)
+    # (a shadow as unsure as its primary answers the input as the baseline does: no anomaly)
+    primary_sure = np.zeros(len(ok), bool)
     if not compared.empty:
-        div, shadow_confidence, mean_primary, mean_shadow = _divergences((vectors or _stacked)(compared))
+        div, primary_confidence, shadow_confidence, mean_primary, mean_shadow = _divergences(
+            (vectors or _stacked)(compared)
+        )
         result.kl_of_means = float(kl(mean_primary, mean_shadow))
         result.divergences = div
         result.divergence_quantiles = {f"p{q}": float(np.quantile(div, q / 100)) for q in (50, 90, 95, 99)}
         result.divergence_quantiles["max"] = float(div.max())
         confidence[same] = shadow_confidence
+        primary_sure[same] = primary_confidence >= cfg.confidence_threshold
         divergence[same] = div
         labels = sorted(set(compared["primary_top1"]) | set(compared["shadow_top1"]))
         result.confusion = pd.crosstab(
             compared["primary_top1"], compared["shadow_top1"], rownames=["primary"], colnames=["shadow"]
         ).reindex(index=labels, columns=labels, fill_value=0)
-    low_conf = same & (confidence < cfg.confidence_threshold)
+    low_conf = same & primary_sure & (confidence < cfg.confidence_threshold)
     high_div = same & (divergence > cfg.divergence_threshold)
     flagged = low_conf | high_div | ~same
     result.anomaly_rate = float(flagged.mean())
@@ -1206,7 +1212,7 @@ def _pair_lines(result: AuditResult, level: str) -> list[str]:
             + ("n/a (no pair's outputs compare)" if result.kl_of_means is None else f"{result.kl_of_means:.5f}"),
             "- Per-request KL(primary || shadow): "
             + ", ".join(f"{k} {v:.4f}" for k, v in result.divergence_quantiles.items()),
-            f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} or divergence > "
+            f"- Anomalies (shadow confidence < {cfg.confidence_threshold:g} where the primary's was not, or divergence > "
             f"{cfg.divergence_threshold:g}): {percent_beside(result.anomaly_rate or 0, cfg.max_anomaly_rate)}% "
             f"(limit {limit_percent(cfg.max_anomaly_rate)}%)",
         ]

@@ -303,6 +303,58 @@ def test_a_shadow_answering_in_another_dtype_or_shape_disagrees_with_its_reason_
     assert (some.anomalies["reason"] == "output dtype or shape differs").sum() == 50  # (max_anomalies)
 
 
+def test_a_shadow_as_unsure_as_its_primary_is_no_anomaly(tmp_path):
+    """A shadow's answer below the confidence threshold was an anomaly whatever its primary
+    answered: a candidate identical to the baseline, on inputs where both are unsure (a third
+    of them at 0.55), had a third of its answers anomalies and failed (limit 10%). Low
+    confidence is the shadow's anomaly where its primary was sure; a shadow unsure where its
+    primary was sure still is one."""
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, PredictionLog
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
+
+    def written(folder: str, shadow_unsure_alone: bool) -> Path:
+        log = PredictionLog(tmp_path / folder, Masker(KeyRing(keys)), replica="pod")
+        for i in range(600):
+            unsure = i % 3 == 0
+            p = np.full((1, 10), (0.45 if unsure else 0.09) / 9, np.float32)
+            p[0, i % 10] = 0.55 if unsure else 0.91
+            q = p.copy()
+            if shadow_unsure_alone:
+                p = np.full((1, 10), 0.01, np.float32)
+                p[0, i % 10] = 0.91
+            image = np.array([f"img-{i}".encode()], dtype=object)
+            for version, role, scores in (("1", "primary", p), ("2", "shadow", q)):
+                log.append(
+                    Inference(
+                        time.time(),
+                        "digits",
+                        version,
+                        role,
+                        "route",
+                        f"r{i}",
+                        "0" * 32,
+                        "0" * 16,
+                        1.0,
+                        "ok",
+                        scores,
+                        image,
+                        True,
+                        {},
+                    )
+                )
+        log.flush()
+        return tmp_path / folder
+
+    alike = audit(written("alike", False), *around_now(), "digits")
+    assert (alike.verdict, alike.agreement, alike.anomaly_rate) == ("pass", 1.0, 0.0)
+    unsure = audit(written("unsure", True), *around_now(), "digits")
+    assert unsure.verdict == "fail"
+    assert unsure.anomaly_rate == pytest.approx(200 / 600)
+
+
 def test_nan_answers_neither_count_as_agreement_nor_turn_the_statistics_to_nan(tmp_path):
     """A client may send NaN in a binary FP32 tensor: both versions answer NaN. Such pairs were
     compared as if the NaN were class 0 (agreeing) and no anomaly: 2 of them turned an hour of
@@ -543,7 +595,7 @@ def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
     assert np.allclose(result.divergences, kl(p64, q64))
     assert result.kl_of_means == pytest.approx(float(kl(p64.mean(axis=0), q64.mean(axis=0))))
     assert result.agreement == 1.0  # (the top-1 columns of pairs(): all agree)
-    flagged = (q64.max(axis=1) < 0.65) | (kl(p64, q64) > 0.18)
+    flagged = ((q64.max(axis=1) < 0.65) & (p64.max(axis=1) >= 0.65)) | (kl(p64, q64) > 0.18)
     assert result.anomaly_rate == pytest.approx(flagged.mean())
 
 
