@@ -76,7 +76,7 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
-EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3, "inconclusive": 3}
+EXIT = {"pass": 0, "skip": 0, "fail": 1, "wait": 3, "inconclusive": 3, "warning": 3}
 USAGE, ERROR = 2, 4
 
 
@@ -327,13 +327,15 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import CHART, MAX_AUDIT_S, REPORT, audit, report_files, write_report
+    from vision_rollout.audit import CHART, MAX_AUDIT_S, REPORT, audit, report_files, with_coverage, write_report
 
     end = datetime.now(UTC)
     since = _since(args.since)
     budget = MAX_AUDIT_S if args.budget_s is None else args.budget_s
     if not 0 <= budget <= MAX_AUDIT_BUDGET_S:
         raise UsageError(f"--budget-s: 0 to {MAX_AUDIT_BUDGET_S:g} seconds, not {budget:g}")
+    if args.mirror_percent is not None and not 0 <= args.mirror_percent <= 100:
+        raise UsageError(f"--mirror-percent: 0 to 100, not {args.mirror_percent:g}")
     # A report already in --out: a SKIP's report.md was written beside the earlier audit's chart
     # and anomalies, which a reviewer took for this one's. Refused, or with --overwrite replaced
     # whole (the earlier report's files this one does not have removed, on this machine's disk).
@@ -353,11 +355,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if present and not args.overwrite:
         raise UsageError(f"--out {args.out} holds a report already: give a new folder, or --overwrite to replace it")
     try:
-        result = audit(args.prediction_log, end - since, end, args.model, max_seconds=budget)
+        result = audit(
+            args.prediction_log, end - since, end, args.model, max_seconds=budget, mirror_percent=args.mirror_percent
+        )
     except ArrowInvalid as exc:
         raise UsageError(f"--prediction-log: not a prediction log: {exc}") from None
     except OSError as exc:  # (pyarrow's errors reading an object store are OSErrors)
         raise CommandError(f"the prediction log cannot be read: {exc}") from None
+    result = with_coverage(result, args.mirror_percent)
     if args.out:
         files = report_files(result)
         try:
@@ -1479,6 +1484,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="begin no read of the log after this many seconds: the range is then inconclusive, the files left "
         "named (default 480, the hourly audit's: MAX_AUDIT_S)",
+    )
+    a.add_argument(
+        "--mirror-percent",
+        type=float,
+        help="the share the mirror copied in the range (0 to 100), as the hourly audit reads it: the copies are "
+        "tested against it, the coverage said, and a range without shadow records a WARNING (exit 3), not a SKIP",
     )
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)

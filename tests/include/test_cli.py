@@ -207,6 +207,24 @@ def test_audit_command(tmp_path, capsys):
         assert (code, json.loads(out)) == (2, {"error": f"--out {out_at}: not a folder", "exit": 2}), err
 
 
+def test_the_audit_command_judges_coverage_against_the_mirror_share_it_is_given(tmp_path, capsys):
+    """rolloutctl audit judged no coverage: an hour the mirror copied at 100% without a shadow
+    record written said SKIP and exited 0, as an hour without a mirror, where the hourly DAG
+    warns; and the copies dropped were in no line of it. With --mirror-percent (the share the
+    mirror was configured at) it judges them as the DAG does: a WARNING (exit 3), the coverage."""
+    (tmp_path / "empty").mkdir()
+    code, out, _ = run(capsys, "audit", "--prediction-log", str(tmp_path / "empty"), "--mirror-percent", "100")
+    assert code == 3
+    assert out.startswith("WARNING: a mirror of 100% was configured during this range")
+    log = shadow_log(tmp_path, 200, disagree=0.0, dropped=20)
+    code, out, _ = run(capsys, "audit", "--prediction-log", str(log), "--mirror-percent", "100")
+    assert "coverage 90.9%: 200 shadow copies ran, 20 dropped" in out
+    for bad in ("-1", "101", "nan"):
+        code, out, err = run(capsys, "audit", "--prediction-log", str(log), "--mirror-percent", bad)
+        assert (code, out) == (2, ""), bad
+        assert "--mirror-percent" in err
+
+
 def test_the_audits_reading_time_is_the_users_to_set_and_a_budget_spent_is_said(tmp_path, capsys):
     """The audit's reads stop beginning after MAX_AUDIT_S (480 s), which a user could not change:
     a week of a busy log ended inconclusive naming a constant. ``--budget-s`` sets it (default
