@@ -424,8 +424,11 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
                 raise InvalidInput(f"outputs[{i}]: 'parameters' must be an object")
             _no_shared_memory(f"output '{shown(out['name'])}'", oparams)
             count = oparams.get("classification", 0)
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-                raise InvalidInput(f"outputs[{i}]: 'classification' must be a non-negative integer, got {count!r}")
+            if not _is_uint64(count):  # Triton's words; 2**70 or -1 would otherwise rank every class
+                raise InvalidInput(
+                    f"outputs[{i}]: Unable to set 'classification': attempt to access JSON non-unsigned-integer "
+                    f"as unsigned-integer, got {shown(repr(count)[:40])}"
+                )
             binary_data = oparams.get("binary_data", binary_default)
             if not isinstance(binary_data, bool):
                 raise InvalidInput(f"outputs[{i}]: 'binary_data' must be true or false")

@@ -629,11 +629,12 @@ def test_the_classification_extension_as_triton_s_image_client_asks_it(server, d
     top = c.infer("resnet_bench", [inp], outputs=[httpclient.InferRequestedOutput("logits", class_count=5)])
     assert top.as_numpy("logits").shape == (2, 5)
     assert top.as_numpy("logits")[0, 0].count(b":") == 1  # no labels: "value:index"
-    bad = {"name": "probabilities", "parameters": {"classification": "3"}}
-    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [bad]}
-    r = requests.post(f"{server.http}/v2/models/digits/infer", json=body, timeout=10)
-    assert r.status_code == 400
-    assert "'classification' must be a non-negative integer" in r.json()["error"]
+    for count in ("3", 2**70, -1, 2.5, 3.0):  # a uint64 or Triton's 400, never "every class"
+        bad = {"name": "probabilities", "parameters": {"classification": count}}
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [bad]}
+        r = requests.post(f"{server.http}/v2/models/digits/infer", json=body, timeout=10)
+        assert r.status_code == 400, count
+        assert "Unable to set 'classification': attempt to access JSON non-unsigned-integer" in r.json()["error"]
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

@@ -297,11 +297,13 @@ def test_classification_is_asked_per_output_and_kept_with_a_layout():
     for _ in range(2):  # an output named twice: its first entry's parameters, as Triton keeps them
         request = decode_infer_request(*tritonclient_body([x], twice))
         assert (request.outputs, request.classification) == ({"y": True, "z": False}, {"y": 3})
-    for bad in (-1, "3", True, 2.5, None):
+    for bad in (-1, "3", True, 2.5, None, 2**64, 2**70):
         head = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [0]}]}
         head["outputs"] = [{"name": "y", "parameters": {"classification": bad}}]
-        with pytest.raises(InvalidInput, match="'classification' must be a non-negative integer"):
+        with pytest.raises(InvalidInput, match=r"Unable to set 'classification': attempt to access JSON non-unsigned-"):
             decode_infer_request(json.dumps(head).encode(), None)
+    head["outputs"] = [{"name": "y", "parameters": {"classification": 2**64 - 1}}]  # uint64's largest: every class
+    assert decode_infer_request(json.dumps(head).encode(), None).classification == {"y": 2**64 - 1}
 
 
 def test_top_classes_rank_as_triton_does():
