@@ -26,6 +26,10 @@ _VERSION_RE = re.compile(r"0*([0-9]{1,19})")
 INT32_MAX, UINT32_MAX, INT64_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1
 _WIDTHS = {INT32_MAX: "int32", UINT32_MAX: "uint32", INT64_MAX: "int64", UINT64_MAX: "uint64"}
 MAX_DIMS = 32  # a tensor's dimensions, in a request's shape and in a config's dims
+# Each instance is a thread running the version's one session at once with the others, its own
+# activations held per run: past two a core of a 16-core host they only contend for the cores
+# (and the one GPU) and hold memory; a count of 10**9 took a thread per request in flight.
+MAX_INSTANCE_COUNT = 32
 
 
 def ascii_uint(text: str) -> int | None:
@@ -545,6 +549,13 @@ def _positive_int(where: str, value: Any, minimum: int, maximum: int = INT32_MAX
     return number
 
 
+def _instances(where: str, value: Any) -> int:
+    count = _positive_int(where, value, 1)
+    if count > MAX_INSTANCE_COUNT:
+        raise _fail(where, f"{count} is over {MAX_INSTANCE_COUNT}, the most instances this server runs a version with")
+    return count
+
+
 def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     if not isinstance(raw, dict):
         raise _fail(where, "must be a JSON object")
@@ -593,7 +604,7 @@ def parse_config(name: str, raw: dict[str, Any], where: str = "config.json") -> 
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch_size,
-        instance_count=_positive_int(f"{where}: instance_count", raw.get("instance_count", 1), 1),
+        instance_count=_instances(f"{where}: instance_count", raw.get("instance_count", 1)),
         version_policy=_version_policy(
             f"{where}: version_policy", raw.get("version_policy", {"latest": {"num_versions": 1}})
         ),
@@ -654,7 +665,7 @@ def _instance_count(raw: Any, kind: str, gpus: tuple[int, ...]) -> int:
     _known(f"{where}[0]", group, _GROUP_KEYS)
     if "count" not in group:
         raise _fail(f"{where}[0]", "needs a count")
-    count = _positive_int(f"{where}[0].count", group["count"], 1)
+    count = _instances(f"{where}[0].count", group["count"])
     if not _same(group.get("kind", kind), kind, "kind") and not _same(group.get("kind"), "KIND_AUTO", "kind"):
         raise _fail(f"{where}[0].kind", f"{_brief(group.get('kind'))} is not {kind}, where this server runs the model")
     if not isinstance(group.get("name", ""), str):

@@ -125,6 +125,7 @@ def test_numbers_past_triton_s_field_widths_are_refused_at_load_not_failed_per_r
         ({"dynamic_batching": {"priority_levels": 1e300, "default_priority_level": 1}}, "priority_levels: 1e"),
         ({"max_batch_size": 2**31}, "max_batch_size: 2147483648 is over 2147483647, the largest Triton's int32"),
         ({"instance_count": "99999999999"}, "instance_count: 99999999999 is over 2147483647"),
+        ({"instance_count": 1_000_000_000}, "instance_count: 1000000000 is over 32, the most instances"),
     ]:
         with pytest.raises(InvalidInput, match=message):
             parse_config("m", {**batched, **change})

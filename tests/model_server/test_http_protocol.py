@@ -130,6 +130,11 @@ def test_a_load_takes_the_config_get_model_config_answers(server):
             with pytest.raises(InferenceServerException, match="failed to load 'digits': ") as err:
                 c.load_model("digits", headers=server.admin, config=json.dumps(bad))
             assert err.value.status() == "400"
+        huge = {**cfg, "instance_group": [{**cfg["instance_group"][0], "count": 1_000_000_000}]}
+        with pytest.raises(InferenceServerException, match=r"instance_group\[0\]\.count: 1000000000 is over 32") as err:
+            c.load_model("digits", headers=server.admin, config=json.dumps(huge))
+        assert err.value.status() == "400"
+        assert c.get_model_config("digits")["instance_group"][0]["count"] == 1  # the loaded version serves on
     finally:
         c.load_model("digits", headers=server.admin)
     assert c.get_model_config("digits") == cfg
