@@ -37,7 +37,9 @@ reason, when rolled back (the stable version back and the report sent before it)
 
 A stage's sequential test is kept in the run folder: a stage cleared here (or retried) resumes
 it at its next look, or reports the decision it took (a failed stage stays failed). A fresh test
-is asked for with `rolloutctl restart-stage`, and its report says so and what it costs.
+is asked for with `rolloutctl restart-stage`, and its report says so and what it costs. A run
+that ended is not rolled out again by a clear (trigger a new run): cleared above **decide**,
+**build_image** refuses it, touching nothing; **notify** cleared sends its report again.
 
 Runs of different models go on side by side; one model has one run at a time: **build_image**
 takes the model's lease (a Kubernetes Lease `rollout-<VirtualService>`, or a lock file in local mode),

@@ -417,6 +417,20 @@ def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> Sta
     return fresh
 
 
+def restart_asked(folder: Folder, run_id: str, stages: int) -> str | None:
+    """The reason of a fresh test asked for (``request_restart``) and not started yet, of the
+    first of the run's ``stages`` that has one; None when none has (a record that cannot be read
+    counts as none)."""
+    for index in range(stages):
+        try:
+            restart = load(folder, run_id, index).restart
+        except (RecordError, FileNotFoundError):
+            continue
+        if restart is not None:
+            return f"stage {index + 1}: {restart}"
+    return None
+
+
 def printable(text: str) -> str:
     """``text`` on one line, its control and format characters (terminal escapes, bidi
     overrides) spaces, its runs of spaces one: as it goes into a report and a chat message."""

@@ -196,12 +196,15 @@ def build_image(
     ``retry_in_s``, the delay before Airflow's retry) reported to Slack: in Airflow nothing else
     of the run runs once its setup failed, notify and the teardown neither, so whoever triggered
     it would hear nothing. A run that ended (``run_ended``) cleared with its decision standing
-    (``report_only``: notify, outcome or the teardown cleared) starts nothing again: see
-    ``after_the_end``."""
+    (``report_only``: decide not cleared) starts nothing again: see ``after_the_end``; cleared
+    further up (a stage, decide, the whole run) it is refused (``ended_refusal``), unless a
+    stage's fresh test was asked for (``rolloutctl restart-stage``)."""
     spec = spec_from(params)
-    end = run_ended(spec, run_id) if report_only else None
-    if end is not None:
+    end = run_ended(spec, run_id)
+    if end is not None and report_only:
         return after_the_end(spec, end)
+    if end is not None:
+        ended_refusal(spec, run_id, end)
     try:
         return first_step(spec, params, run_id, retry_in_s)
     except Exception as exc:
@@ -319,6 +322,34 @@ def run_ended(spec: RolloutSpec, run_id: str) -> dict[str, Any] | None:
         log.warning("this run's record of its end cannot be read: %s", str(exc)[:300])
         return None
     return record if isinstance(record, dict) and record.get("holder") == run_id else None
+
+
+def ended_refusal(spec: RolloutSpec, run_id: str, end: dict[str, Any]) -> None:
+    """A run that ended, cleared above its decision, is not started again: its stages would load
+    the candidate and (a stage that passed) put it back on traffic, the version a rollback took
+    off, or one a promotion made stable taken for a candidate. As Flagger and Argo Rollouts, which
+    never roll a failed revision out again by themselves (Argo's ``retry``, Flagger's new
+    revision): a new run is triggered. AirflowFailException, touching nothing (no lease, no
+    load), unless a stage's fresh test was asked for (``rolloutctl restart-stage``): then the run
+    starts again from the steady state, as documented."""
+    from vision_rollout import attempts
+
+    folder = serving().settings.workdir(spec.model, run_id)
+    try:
+        asked = attempts.restart_asked(folder, run_id, len(spec.stages))
+    except OSError as exc:
+        raise AirflowFailException(f"this run ended, and its stages' records cannot be read: {exc}") from None
+    if asked is not None:
+        log.warning("this run ended; a fresh test was asked for (%s): it starts again", asked[:300])
+        return
+    what = "promoted" if end.get("promoted") else "rolled back"
+    raise AirflowFailException(
+        f"this run ended ({what}: {str(end.get('done', ''))[:300]}); cleared tasks do not roll version "
+        f"{spec.candidate_version} out again. This run touched nothing. To roll it out again, trigger a new run; "
+        "to send the report again, clear notify alone (with its downstream); to test a stage afresh in this run, "
+        f"rolloutctl restart-stage --run-dir {serving().settings.run_folder} --model {spec.model} --run-id "
+        f"{run_id!r} --stage N --reason '...', then clear the run again"
+    )
 
 
 def decision_stands(ti: Any) -> bool:

@@ -240,11 +240,12 @@ def test_with_slack_failing_the_report_lands_in_the_outbox_and_the_decision_stan
     assert f"<https://airflow.example.com/dags/model_rollout/runs/{run}|{dagrun.run_id}>" in json.dumps(report)
 
 
-def test_a_run_cleared_after_its_stage_failed_rolls_back_again(stack):
+def test_a_run_cleared_after_it_rolled_back_is_refused_touching_nothing(stack):
     """Version 2 failing a third of its requests failed its first stage and rolled back; the run
     cleared and run again (the same run id, its XComs gone) once the fault was gone started a
-    fresh test of the stage, which passed, and version 2 was promoted. The stage's decision is
-    kept in the run folder: the run rolls back again, and its report counts the stage's runs."""
+    fresh test of the stage, which passed, and version 2 was promoted; later, it reloaded the
+    candidate and ran it again. The run ended: cleared, it is refused at build_image, naming what
+    to do instead (a new run), and touches nothing."""
     import pendulum
     import requests
 
@@ -254,8 +255,6 @@ def test_a_run_cleared_after_its_stage_failed_rolls_back_again(stack):
     conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
 
     def fault(percent: int) -> None:
-        server.load_versions("digits", 1, 2)
-        router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
         r = requests.put(
             f"{server.http}/v2/models/digits/versions/2/fault",
             json={"abort": {"percent": percent}},
@@ -264,19 +263,20 @@ def test_a_run_cleared_after_its_stage_failed_rolls_back_again(stack):
         )
         assert r.status_code == 200
 
+    server.load_versions("digits", 1, 2)
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
     fault(33)
     first = rollout_dag().test(run_conf=conf, logical_date=when, run_after=when)
     assert {ti.task_id: ti.state for ti in first.get_task_instances()}["rollback"] == "success"
     (failed,) = (tmp / "run" / "outbox").glob("*.json")
     assert "was rolled back at the 50% stage" in json.dumps(json.loads(failed.read_text())["blocks"])
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
-    fault(0)
+    assert server.client().get_model_metadata("digits")["versions"] == ["1"]
     again = rollout_dag().test(run_conf=conf, logical_date=when, run_after=when)
     assert again.run_id == first.run_id
     assert router.get_routes().to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert server.client().get_model_metadata("digits")["versions"] == ["1"]  # not loaded again
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()
     states = {ti.task_id: ti.state for ti in again.get_task_instances()}
-    assert states["rollback"] == "success"
-    assert states["promote"] == "skipped"
-    report = json.loads(sorted((tmp / "run" / "outbox").glob("*.json"))[-1].read_text())
-    assert report["text"].startswith("Rolled back")
-    assert "its weights were applied twice and its wait ran twice" in json.dumps(report["blocks"])
+    assert (states["build_image"], again.state) == ("failed", "failed")  # the error names what to do
+    assert states["rollback"] == states["promote"] == states["ensure_stable"] == "upstream_failed"

@@ -403,6 +403,49 @@ def test_notify_cleared_after_a_promoted_run_ended_touches_nothing_and_says_it_i
     assert admin.traffic("digits").to_dict() == promoted
 
 
+def rolled_back_and_ended(admin: Any, run_id: str = "run-a") -> dict:
+    """A run of PARAMS whose every stage passed, rolled back all the same (the shadow audit, a
+    reviewer), its report sent and its teardown done: its ``ended.json`` written. Its report."""
+    built = steps.build_image(PARAMS, run_id)
+    steps.apply_weights(PARAMS, 0, run_id, built)
+    steps.apply_weights(PARAMS, 1, run_id, PASS, built["sha256"])
+    steps.restore_stable(PARAMS, run_id)  # (rollback)
+    first = steps.notify(PARAMS, "rollback", "rejected by Alice", [PASS, PASS], None, run_id)
+    steps.ensure_stable(PARAMS, run_id, None, "1", first, "rollback")
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+    return first
+
+
+@pytest.mark.integration
+def test_a_stage_cleared_after_a_run_rolled_back_is_refused_unless_a_restart_was_asked_for(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """A rolled-back run's stage cleared with its downstream once the run ended (a reviewer
+    "looking again"): build_image, cleared with it, took the model's lease and loaded version 2
+    again, and the stage, its test passed, put it back on 50% of the traffic. The run ended:
+    build_image refuses it now, naming what to do instead, and touches nothing. A fresh test asked
+    for with rolloutctl restart-stage (the documented retry) still starts the run again."""
+    from vision_rollout.cli import main
+
+    s = server_factory(repo_copy, token=TOKEN)
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
+    rolled_back_and_ended(admin)
+    stable = admin.traffic("digits").to_dict()
+    with pytest.raises(AirflowFailException, match=r"this run ended .*rolled back.*trigger a new run.*restart-stage"):
+        steps.build_image(PARAMS, "run-a")  # decide cleared: the decision does not stand
+    assert admin.traffic("digits").to_dict() == stable
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, False)
+    assert steps.serving().model_lock("digits", "local").holding() is None
+    assert steps.ensure_stable(PARAMS, "run-a", None, None, None).startswith("the run had ended")  # (its teardown)
+    args = ["restart-stage", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--run-id", "run-a"]
+    assert main([*args, "--stage", "1", "--reason", "look again"]) == 0
+    steps.build_image(PARAMS, "run-a")  # asked for: it starts again
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2")) == (True, True)
+    assert steps.serving().model_lock("digits", "local").holding().holder == "run-a"
+    assert steps.run_ended(steps.spec_from(PARAMS), "run-a") is None
+
+
 @pytest.mark.integration
 def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
