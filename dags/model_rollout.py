@@ -168,7 +168,7 @@ def model_rollout() -> None:
 
     @task
     def rollback(params: dict[str, Any], run_id: str) -> str:
-        return steps.restore_stable(params, run_id)
+        return steps.rollback(params, run_id)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     def notify(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:

@@ -353,22 +353,21 @@ def ended_refusal(spec: RolloutSpec, run_id: str, end: dict[str, Any]) -> None:
 
 
 def decision_stands(ti: Any) -> bool:
-    """Whether this run's decide and the branch it chose (promote or rollback) are done in
-    Airflow (not cleared): only what reports the run (notify, outcome, the teardown) runs again.
-    False where the states cannot be read."""
+    """Whether this run's decide is done in Airflow (not cleared): only what carries the decision
+    out (promote or rollback, which then re-verify it: ``carried_out``) and reports the run
+    (notify, outcome, the teardown) runs again. False where the states cannot be read."""
     try:
-        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=["decide", "promote", "rollback"], run_ids=[ti.run_id])
+        states = ti.get_task_states(dag_id=ti.dag_id, task_ids=["decide"], run_ids=[ti.run_id])
     except Exception as exc:
         log.warning("this run's task states cannot be read: %s", str(exc)[:300])
         return False
-    mine = states.get(ti.run_id, {})
-    return mine.get("decide") == "success" and "success" in (mine.get("promote"), mine.get("rollback"))
+    return bool(states.get(ti.run_id, {}).get("decide") == "success")
 
 
 def after_the_end(spec: RolloutSpec, end: dict[str, Any]) -> dict[str, Any]:
     """``build_image`` run again once its run ended, its decision standing (Airflow clears a
-    run's setup with any task cleared with its downstream: notify, to send the report again): it
-    touches nothing (lease, loads, routes: another run may hold the model now), and notify sends
+    run's setup with any task cleared with its downstream: notify, to send the report again;
+    promote or rollback, which re-verify, ``carried_out``): it touches nothing (lease, loads, routes: another run may hold the model now), and notify sends
     the run's report once more, the outcome decide chose, marked as sent again. Its XCom holds
     the end and the warnings the report carries (``preflight``)."""
     log.warning("this run ended (%s): nothing is started again", str(end.get("done", ""))[:500])
@@ -1451,6 +1450,8 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
             f"decide chose {decided or 'nothing (it did not run: marked success by hand?)'}, not promote: "
             f"version {spec.candidate_version} is not promoted"
         )
+    if (end := run_ended(spec, run_id)) is not None:  # cleared after the run ended
+        return carried_out(spec, run_id, end, "promote")
     hook = serving()
     hold(spec, run_id, hook, WAITING_STEP_S)
     r = router(spec, run_id, hook)
@@ -1479,6 +1480,42 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
     retire(r, deployments, spec.baseline_version)
     deployments.release_floor(spec.baseline_version)  # its own HPA, should it serve again
     return spec.candidate_version
+
+
+def rollback(params: dict[str, Any], run_id: str) -> str:
+    """``rollback``: the stable version back (``restore_stable``); cleared after the run ended,
+    what the run carried out re-verified, nothing touched (``carried_out``)."""
+    spec = spec_from(params)
+    if (end := run_ended(spec, run_id)) is not None:
+        return carried_out(spec, run_id, end, "rollback")
+    return restore_stable(params, run_id)
+
+
+def carried_out(spec: RolloutSpec, run_id: str, end: dict[str, Any], decided: str) -> str:
+    """promote or rollback run again once their run ended (cleared in the UI, with notify say):
+    what the run carried out is neither undone nor done again (its lease is released: another
+    run may hold the model now). What serves is read: the version the run left serving (the
+    promotion in effect; or the candidate sent nothing), logged and returned as the step's own
+    result; else AirflowFailException naming what serves now, nothing touched."""
+    from vision_rollout.mesh import routes_to
+
+    hook = serving()
+    if decided == "promote":
+        version, holds = spec.candidate_version, promotion_in_effect(spec, run_id, hook)
+    else:
+        version = spec.baseline_version
+        holds = not routes_to(router(spec, run_id, hook, only=version).get_routes(), spec.candidate_version)
+    ended = f"this run ended {'promoted' if end.get('promoted') else 'rolled back'} ({str(end.get('done'))[:300]})"
+    if not holds:
+        routes = router(spec, run_id, hook, only=version).get_routes()
+        raise AirflowFailException(
+            f"{ended}, but it is not what serves now: {json.dumps(routes.to_dict())[:500]} (version "
+            f"{spec.candidate_version} {'not promoted' if decided == 'promote' else 'routed'}): changed since "
+            f"(another run, or by hand); {decided} cleared after the end re-verifies, nothing touched (to change "
+            "what serves, trigger a new run)"
+        )
+    print(f"{ended}; {decided} cleared after the end re-verified it, version {version} serves: nothing touched")
+    return version
 
 
 def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool = True) -> str:

@@ -104,3 +104,26 @@ def test_notify_cleared_after_a_promotion_sends_the_report_again_touching_nothin
     text = last_report(tmp)["text"]
     assert text.startswith("Sent again: notify was cleared after the run ended")
     assert "Promoted" in text
+
+
+def test_promote_cleared_after_a_promotion_re_verifies_it_touching_nothing(stack):  # noqa: F811
+    """promote cleared with its downstream once the run promoted: build_image ran again, refused
+    ("baseline version 1 is not what serves now") and told Slack the run was not rolled out; the
+    run turned failed. Now promote re-verifies the promotion, touching nothing, notify sends the
+    report again, and the run stays a success."""
+    server, tmp = stack
+    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
+    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    assert first.state == "success"
+    promoted = {"route": [{"version": "2", "weight": 100}]}
+    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    with cleared_with_downstream("promote"):
+        again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    states = {ti.task_id: ti.state for ti in again.get_task_instances()}
+    assert (states["build_image"], states["promote"], states["notify"], states["ensure_stable"]) == ("success",) * 4
+    assert (states["outcome"], again.state) == ("success", "success")
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
+    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports + 1
+    assert last_report(tmp)["text"].startswith("Sent again")

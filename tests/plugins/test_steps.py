@@ -446,6 +446,72 @@ def test_a_stage_cleared_after_a_run_rolled_back_is_refused_unless_a_restart_was
     assert steps.run_ended(steps.spec_from(PARAMS), "run-a") is None
 
 
+class EndedRunTask:
+    """A task instance of run ``run_id`` cleared (with its downstream) after the run ended: the
+    states of the run's tasks as Airflow keeps them (``cleared``: none), its XComs those of
+    ``xcoms`` (task id to its return value; decide's outcome under ``decide.outcome``)."""
+
+    dag_id, try_number, max_tries = "model_rollout", 2, 1  # (its last try)
+
+    def __init__(self, run_id: str, decided: str, cleared: list[str], xcoms: dict | None = None) -> None:
+        self.run_id, self.cleared, self.xcoms = run_id, cleared, {"decide.outcome": decided, **(xcoms or {})}
+        ended = {"decide": "success", "promote": "skipped", "rollback": "skipped", decided: "success"}
+        self.states = {t: s for t, s in ended.items() if t not in cleared}
+
+    def get_task_states(self, dag_id, task_ids, run_ids):
+        return {self.run_id: {t: self.states.get(t) for t in task_ids}}
+
+    def xcom_pull(self, task_ids, key="return_value"):
+        return self.xcoms.get(task_ids if key == "return_value" else f"{task_ids}.{key}")
+
+
+@pytest.mark.integration
+def test_promote_or_rollback_cleared_after_the_run_ended_re_verify_and_touch_nothing(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """rollback cleared (with its downstream) after a rolled-back run ended: build_image, cleared
+    with it, took the model's lease and loaded version 2 again, and rollback unloaded it; promote
+    cleared after a promotion: build_image refused ("baseline version 1 is not what serves now")
+    and told Slack the run was not rolled out. Neither undoes nor redoes what the run carried
+    out now: build_image starts nothing, each re-verifies what serves and says so, touching
+    nothing; one that finds it changed since (another run) fails saying what serves."""
+    from tests.dags.test_model_rollout_e2e import rollout_dag
+
+    s = server_factory(repo_copy, token=TOKEN)
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
+    dag = rollout_dag()
+    lease = steps.serving().model_lock("digits", "local")
+
+    def cleared(run_id: str, decided: str, xcoms: dict | None = None) -> str:
+        ti = EndedRunTask(run_id, decided, [decided, "notify", "outcome", "ensure_stable", "build_image"], xcoms)
+        built = dag.get_task("build_image").python_callable(params=PARAMS, run_id=run_id, ti=ti)
+        assert built["ended"]["decided"] == decided
+        task = dag.get_task(decided)
+        return task.python_callable(**task.determine_kwargs({"params": PARAMS, "run_id": run_id, "ti": ti}))
+
+    rolled_back_and_ended(admin)
+    stable = admin.traffic("digits").to_dict()
+    assert cleared("run-a", "rollback") == "1"
+    assert admin.traffic("digits").to_dict() == stable
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2"), lease.holding()) == (True, False, None)
+
+    built = steps.build_image(PARAMS, "run-b")  # version 2 again, promoted this time
+    steps.apply_weights(PARAMS, 0, "run-b", built)
+    steps.apply_weights(PARAMS, 1, "run-b", PASS, built["sha256"])
+    steps.promote(PARAMS, "run-b", "promote", built["sha256"])
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-b")
+    steps.ensure_stable(PARAMS, "run-b", "2", None, first, "promote")
+    promoted = admin.traffic("digits").to_dict()
+    assert cleared("run-b", "promote", {"build_image": built}) == "2"
+    assert admin.traffic("digits").to_dict() == promoted
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2"), lease.holding()) == (False, True, None)
+    # run-a's rollback cleared again: version 2 serves now (run-b promoted it), which it says.
+    with pytest.raises(AirflowFailException, match=r"ended rolled back .* version 2 .* nothing touched"):
+        cleared("run-a", "rollback")
+    assert admin.traffic("digits").to_dict() == promoted
+    assert (admin.ready("digits", "1"), admin.ready("digits", "2"), lease.holding()) == (False, True, None)
+
+
 @pytest.mark.integration
 def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
