@@ -237,6 +237,7 @@ class Message:
     text: str  # the notification fallback
     blocks: list[dict[str, Any]]
     chart: bytes | None = None  # PNG
+    thread_ts: str | None = None  # posted as a reply in the thread of this post of its channel
 
 
 def number(x: float, digits: int = 4) -> str:
@@ -390,16 +391,17 @@ def plain_report(spec: RolloutSpec, outcome: str, reason: str) -> Message:
     return Message(text, [section(text)])
 
 
-def sent_again(message: Message) -> Message:
+def sent_again(message: Message, thread_ts: str | None = None) -> Message:
     """``message``, a run's report sent once more after the run ended (notify cleared in the UI),
-    marked as such in its fallback text and first section: it says nothing new happened."""
+    marked as such in its fallback text and first section: it says nothing new happened. With
+    ``thread_ts`` (the first report's post), a reply in that report's thread."""
     note = "Sent again: notify was cleared after the run ended; nothing changed since the first report."
     blocks = list(message.blocks)
     first = next((i for i, b in enumerate(blocks) if b["type"] == "section" and "text" in b), None)
     if first is not None:
         text = blocks[first]["text"]
         blocks[first] = {**blocks[first], "text": {**text, "text": mrkdwn(f"_{note}_\n{text['text']}")}}
-    return replace(message, text=f"{note} {message.text}", blocks=blocks)
+    return replace(message, text=f"{note} {message.text}", blocks=blocks, thread_ts=thread_ts)
 
 
 def not_started_message(spec: RolloutSpec, reason: str) -> Message:
@@ -780,6 +782,8 @@ class SlackNotifier:
         token that is no app's, a limit: ``METADATA_ERRORS``), posted again without it, logged: a
         later round cannot find that post in the history, the report is not lost for it."""
         post = {"channel": self.channel, "text": mrkdwn(message.text), "blocks": message.blocks}
+        if message.thread_ts:
+            post["thread_ts"] = message.thread_ts
         try:
             return _posted_answer(_slack_call(self.client.chat_postMessage, **post, metadata=report_metadata(stem)))
         except _slack_failures() as exc:
@@ -824,6 +828,8 @@ class SlackNotifier:
         assert self.outbox is not None
         folder = self.outbox / REFUSED if refused else self.outbox
         record: dict[str, Any] = {"channel": self.channel, "text": message.text, "blocks": message.blocks}
+        if message.thread_ts:
+            record["thread_ts"] = message.thread_ts
         if error is not None:
             record["slack_error"] = error
         if maybe_posted is not None:
@@ -871,6 +877,7 @@ LOOKUP_S = 30.0
 LOOKUP_WAIT_S = 150  # and this long waiting out Slack's rate limit (a minute a call, for some apps)
 CLOCK_SKEW_S = 300
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]+")  # (a channel's name is lower case)
+TS = re.compile(r"\d{1,12}\.\d{1,9}")  # a post's ts, as Slack answers it (a thread's, in a report file)
 
 
 def report_metadata(report_id: str) -> dict[str, Any]:
@@ -1185,7 +1192,8 @@ def _waiting(outbox: Folder, name: str) -> tuple[Waiting, Message | None]:
     maybe = record.get("maybe_posted")
     maybe = float(maybe) if isinstance(maybe, (int, float)) and math.isfinite(maybe) else None
     found = Waiting(name, channel, text, one_line(str(error))[:500] if error else None, chart, maybe_posted=maybe)
-    return found, Message(text, blocks)
+    thread = record.get("thread_ts")
+    return found, Message(text, blocks, thread_ts=thread if isinstance(thread, str) and TS.fullmatch(thread) else None)
 
 
 def _blocks_problem(blocks: list[Any]) -> str | None:

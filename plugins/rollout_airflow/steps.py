@@ -1638,7 +1638,9 @@ def ensure_stable(
     if end is not None:  # run again after the run ended (notify cleared with its downstream): nothing to undo
         return f"the run had ended: {end.get('done')}; nothing touched"
     try:
-        kept, done = finish(params, run_id, promoted == spec.candidate_version, prune=True, decided=decided)
+        kept, done = finish(
+            params, run_id, promoted == spec.candidate_version, prune=True, decided=decided, report=report
+        )
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     except Exception as exc:
@@ -1681,6 +1683,7 @@ def finish(
     unload_candidate: bool = True,
     prune: bool = False,
     decided: str | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[bool, str]:
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
@@ -1688,7 +1691,8 @@ def finish(
     retired pods would be an outage), else the stable version at 100%; with ``prune`` (the
     teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
     then, where the run ``decided`` (the teardown: decide's outcome), what it carried out kept in
-    its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again), and
+    its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again; with
+    the post of its ``report``, notify's XCom, whose thread a report sent again replies in), and
     the lease released. LockLost, touching nothing, for a run that does not hold it. Should the
     restore fail, the lease stays: the failure callback tries again."""
     from vision_rollout.mesh import routes_to
@@ -1715,7 +1719,9 @@ def finish(
         candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
     if kept == (decided == "promote") and decided in ("promote", "rollback"):  # the decision carried out
-        end = {"holder": run_id, "decided": decided, "promoted": kept, "done": done}
+        end: dict[str, Any] = {"holder": run_id, "decided": decided, "promoted": kept, "done": done}
+        if report and isinstance(report.get("ts"), str):  # (posted: not one waiting in the outbox)
+            end["report"] = {"channel": report.get("channel"), "ts": report["ts"]}
         try:
             folder.write(ENDED, json.dumps(end).encode())
         except OSError as exc:  # (build_image cleared after the end then starts the rollout again, as before)
@@ -1785,8 +1791,10 @@ def notify(
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
-    if run_id is not None and run_ended(spec, run_id) is not None:
-        message = sent_again(message)
+    if run_id is not None and (end := run_ended(spec, run_id)) is not None:
+        first = end.get("report")
+        ts = first.get("ts") if isinstance(first, dict) else None
+        message = sent_again(message, ts if isinstance(ts, str) else None)  # (in the first report's thread)
     return send(spec, message)
 
 

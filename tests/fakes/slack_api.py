@@ -2,7 +2,8 @@
 
 ``chat.postMessage`` (JSON body, bot token, a text of 40,000 characters at most, at most 50
 blocks, 3000 characters per text field, 150 per header, 12,000 in all; ``metadata`` an object of an ``event_type`` and an
-``event_payload`` object, an event_type of another shape ignored with a warning), ``files.getUploadURLExternal``, the upload URL it hands out, and
+``event_payload`` object, an event_type of another shape ignored with a warning; a reply with
+``thread_ts``, kept out of the history), ``files.getUploadURLExternal``, the upload URL it hands out, and
 ``files.completeUploadExternal`` (a file completed into a thread becomes a reply there, its
 ``files`` named as uploaded); ``conversations.replies`` (a thread: its parent, then its replies,
 oldest first, ``limit`` and ``cursor`` pages); ``conversations.history`` (a channel's ID only, as Slack:
@@ -361,9 +362,14 @@ class FakeSlack:
                         warning = problem.removeprefix("warning:") if problem else None
                         if metadata is not None:
                             message["metadata"] = metadata
+                    if "thread_ts" in body:  # (a reply: not in conversations.history, which lists parents)
+                        message["thread_ts"] = str(body["thread_ts"])
                     call["ok"] = True
                     message["ts"] = slack._ts()
-                    slack.history.setdefault(cid, []).append(message)
+                    if "thread_ts" in message:
+                        slack.replies.setdefault((cid, message["thread_ts"]), []).append(message)
+                    else:
+                        slack.history.setdefault(cid, []).append(message)
                     answer = {"ok": True, "channel": cid, "ts": message["ts"], "message": message}
                     return self._reply({**answer, **({"warning": warning} if warning else {})})
                 if method == "conversations.history":

@@ -513,6 +513,38 @@ def test_promote_or_rollback_cleared_after_the_run_ended_re_verify_and_touch_not
 
 
 @pytest.mark.integration
+def test_a_report_sent_again_after_the_run_ended_is_threaded_under_the_first(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path, slack
+):
+    """notify cleared after a promoted run ended: the report sent again ("Sent again: ...") was a
+    new message in the channel, apart from the run's first report. It is a reply in that
+    report's thread now (its channel and ts kept in ended.json by the teardown), and waits in the
+    outbox with its thread where Slack does not take it."""
+    s = server_factory(repo_copy, token=TOKEN)
+    connect(s, monkeypatch, tmp_path, models_dir)
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
+    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    again = steps.build_image(PARAMS, "run-a", report_only=True)
+    resent = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], again["preflight"], "run-a")
+    original, reply = slack.messages()
+    assert "thread_ts" not in original
+    assert reply["text"].startswith("Sent again")
+    assert reply["thread_ts"] == first["ts"]
+    assert resent["channel"] == first["channel"]
+    slack.outage = 503
+    waiting = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], again["preflight"], "run-a")
+    slack.outage = None
+    assert json.loads(Path(waiting["outbox"]).read_text())["thread_ts"] == first["ts"]
+    (sent,) = steps.send_outbox()
+    assert sent["sent"]
+    assert slack.messages()[-1]["thread_ts"] == first["ts"]
+
+
+@pytest.mark.integration
 def test_a_local_run_whose_lock_file_was_removed_mid_run_puts_the_stable_version_back(
     server_factory, repo_copy, models_dir, monkeypatch, tmp_path
 ):
