@@ -329,9 +329,11 @@ def ended_refusal(spec: RolloutSpec, run_id: str, end: dict[str, Any]) -> None:
     the candidate and (a stage that passed) put it back on traffic, the version a rollback took
     off, or one a promotion made stable taken for a candidate. As Flagger and Argo Rollouts, which
     never roll a failed revision out again by themselves (Argo's ``retry``, Flagger's new
-    revision): a new run is triggered. AirflowFailException, touching nothing (no lease, no
-    load), unless a stage's fresh test was asked for (``rolloutctl restart-stage``): then the run
-    starts again from the steady state, as documented."""
+    revision): a new run is triggered. Refused touching nothing (no lease, no load), the run
+    keeping the state its end gave it: a rolled-back run fails (AirflowFailException), a promoted
+    one skips (AirflowSkipException: every task after skips, the run stays a success, as its
+    promotion stands). Unless a stage's fresh test was asked for (``rolloutctl restart-stage``):
+    then the run starts again from the steady state, as documented."""
     from vision_rollout import attempts
 
     folder = serving().settings.workdir(spec.model, run_id)
@@ -343,7 +345,8 @@ def ended_refusal(spec: RolloutSpec, run_id: str, end: dict[str, Any]) -> None:
         log.warning("this run ended; a fresh test was asked for (%s): it starts again", asked[:300])
         return
     what = "promoted" if end.get("promoted") else "rolled back"
-    raise AirflowFailException(
+    refused = AirflowSkipException if end.get("promoted") else AirflowFailException
+    raise refused(
         f"this run ended ({what}: {str(end.get('done', ''))[:300]}); cleared tasks do not roll version "
         f"{spec.candidate_version} out again. This run touched nothing. To roll it out again, trigger a new run; "
         "to send the report again, clear notify alone (with its downstream); to test a stage afresh in this run, "

@@ -127,3 +127,23 @@ def test_promote_cleared_after_a_promotion_re_verifies_it_touching_nothing(stack
     assert not (tmp / "run" / "locks" / "digits.lock").exists()
     assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports + 1
     assert last_report(tmp)["text"].startswith("Sent again")
+
+
+def test_a_promoted_run_cleared_whole_is_refused_and_stays_a_success(stack):  # noqa: F811
+    """The whole run cleared once it promoted: build_image refused it (the run ended) and failed,
+    and the run, whose promotion stands, turned failed in the list of runs. It skips now, saying
+    why, every task after it skips, nothing is touched, and the run stays a success."""
+    server, tmp = stack
+    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
+    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    assert first.state == "success"
+    promoted = {"route": [{"version": "2", "weight": 100}]}
+    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)  # (every task cleared)
+    states = {ti.task_id: ti.state for ti in again.get_task_instances()}
+    assert (states["build_image"], states["promote"], states["outcome"]) == ("skipped",) * 3
+    assert again.state == "success"
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
+    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports
