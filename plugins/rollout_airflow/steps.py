@@ -1660,7 +1660,9 @@ def ensure_stable(
         raise
     # promote's routes in effect but promote not finished, or the stable version's back without rollback
     if (kept and promoted != spec.candidate_version) or (not kept and rolled_back is None):
-        if report is None:  # notify did not run (a worker killed after its last write): the teardown reports
+        # notify did not run (a worker killed after its last write), or reported the decision that the
+        # teardown found not carried out and undid (promote marked success by hand): the teardown reports
+        if report is None or (unfinished and kept != (decided == "promote")):
             report = _found_report(spec, kept, f"{what}; {done}", done)
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")

@@ -670,6 +670,30 @@ def test_a_teardown_after_a_failed_promotion_says_so(server_factory, repo_copy, 
     assert "version 1 takes 100%" in report["text"]
 
 
+@pytest.mark.integration
+def test_promote_marked_success_by_hand_is_not_left_reported_as_a_promotion(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """promote marked success in the UI (to hurry the run) before it ran: notify reported
+    "Promoted", the teardown found no promotion in effect and put version 1 back, failing the
+    run, and Slack was never told: its last word on the run was a promotion that did not happen.
+    The teardown now reports what it did after notify's report."""
+    s = server_factory(repo_copy, token=TOKEN)
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
+    report = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    with pytest.raises(
+        AirflowFailException, match=r"decide chose promote, which did not finish .*version 1 takes 100%"
+    ):
+        steps.ensure_stable(PARAMS, "run-a", None, None, report, "promote")
+    assert admin.traffic("digits").to_dict() == {"route": [{"version": "1", "weight": 100}]}
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "run" / "outbox").glob("*.json"))]
+    assert [r["text"][:11] for r in reports] == ["Promoted di", "Rolled back"]
+    assert reports[-1]["text"].startswith("Rolled back digits v2: decide chose promote, which did not finish")
+
+
 def outbox_reports(monkeypatch, tmp_path) -> list[dict]:
     """The connection's outbox (no Slack connection: reports land there), read back."""
     monkeypatch.setenv(
