@@ -126,12 +126,20 @@ def hold(
     retrying and before touching anything; so does one aborted (``rolloutctl abort``) in a step
     that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back.
     ``rolling_back`` and a stage's poke (``judging``, which acts on a breach) go on where the lease
-    reads as this run's but cannot be written (``renewed``)."""
+    reads as this run's but cannot be written (``renewed``). A step of a run that ended
+    (``run_ended``: cleared alone in the UI afterwards) skips, saying so, touching nothing: the
+    run keeps the state its end gave it."""
     hook = hook or serving()
     lock = hook.model_lock(spec.model, spec.mesh)
     try:
         held = lease_kept(lock, run_id, hook.settings.workdir(spec.model, run_id), seconds, rolling_back or judging)
     except LockLost as exc:
+        if (end := run_ended(spec, run_id)) is not None:
+            what = "promoted" if end.get("promoted") else "rolled back"
+            raise AirflowSkipException(
+                f"this run ended ({what}: {str(end.get('done', ''))[:300]}): its steps are not run again, nothing "
+                "touched; trigger a new run"
+            ) from None
         raise AirflowFailException(str(exc)) from None
     if held.aborted and not rolling_back:
         raise AirflowFailException(f"the rollout was aborted: {held.aborted}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from model_server.traffic import TrafficPolicy
 from rollout_airflow import steps
@@ -542,6 +542,31 @@ def test_a_report_sent_again_after_the_run_ended_is_threaded_under_the_first(
     (sent,) = steps.send_outbox()
     assert sent["sent"]
     assert slack.messages()[-1]["thread_ts"] == first["ts"]
+
+
+@pytest.mark.integration
+def test_a_step_cleared_alone_after_the_run_ended_skips_saying_so(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path
+):
+    """A stage's step cleared alone (its downstream unticked) after the run promoted: it failed on
+    the model's lease ("run 'run-a' does not hold model 'digits': nobody holds it"), and the run,
+    whose promotion stands, turned failed. It skips now, saying the run ended, touching nothing."""
+    s = server_factory(repo_copy, token=TOKEN)
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
+    built = steps.build_image(PARAMS, "run-a")
+    steps.apply_weights(PARAMS, 0, "run-a", built)
+    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
+    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    promoted = admin.traffic("digits").to_dict()
+    ended = r"this run ended \(promoted: .*\): its steps are not run again, nothing touched; trigger a new run"
+    with pytest.raises(AirflowSkipException, match=ended):
+        steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
+    with pytest.raises(AirflowSkipException, match=ended):
+        steps.look_at_stage(PARAMS, 1, {"weight": 100, "started": 0.0}, "run-a")
+    assert admin.traffic("digits").to_dict() == promoted
+    assert steps.serving().model_lock("digits", "local").holding() is None
 
 
 @pytest.mark.integration
