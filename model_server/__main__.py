@@ -11,22 +11,25 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-
-from model_server.app import SHOW_LOG, Settings, create_app
-from model_server.config import NAME_RE, ascii_uint, int64_version
+# Only light modules here: the arguments are parsed and checked before the inference stack
+# (onnxruntime, numpy, pandas, pyarrow: seconds) is imported, so a bad one ends the start at once.
+from model_server.config import (
+    MAX_COPY_AGE_LIMIT_S,
+    MAX_COPY_AGE_S,
+    MAX_JSON_BYTES,
+    NAME_RE,
+    SHOW_LOG,
+    ascii_uint,
+    int64_version,
+)
 from model_server.errors import MaskingUnavailable, ServerError
-from model_server.feedback import read_key
 from model_server.files import folder_problem
-from model_server.httpserver import limited_protocol
-from model_server.masking import KeyRing, LogMasking, Masker, create_key_file
-from model_server.metrics import export_gpu_gauges, visible_gpus
-from model_server.model import select_providers
-from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
-from model_server.protocol import MAX_JSON_BYTES
-from model_server.repository import ModelRepository
-from model_server.shadow import MAX_COPY_AGE_LIMIT_S, MAX_COPY_AGE_S
+
+if TYPE_CHECKING:
+    from model_server.masking import Masker
+    from model_server.predictionlog import PredictionLog
 
 log = logging.getLogger("model_server")
 
@@ -316,6 +319,8 @@ def feedback_key(args: argparse.Namespace, state: Path | None) -> bytes:
             "labels for another replica's answers, or for answers from before a restart, get 401"
         )
         return secrets.token_bytes(32)
+    from model_server.feedback import read_key
+
     try:
         return read_key(path, create=create)
     except (OSError, ValueError) as exc:
@@ -327,6 +332,8 @@ def masker(args: argparse.Namespace, state: Path | None) -> Masker:
     one made (mode 0600) beside a folder prediction log, else in the state folder, else in a
     private temporary folder (tokens in the logs then mask without a way back). With a
     prediction log, a key file without a usable default key stops the start."""
+    from model_server.masking import KeyRing, Masker, create_key_file
+
     keys = args.mask_keys
     uri = args.prediction_log or args.shadow_log
     if keys is None:
@@ -353,6 +360,8 @@ def masker(args: argparse.Namespace, state: Path | None) -> Masker:
 
 def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | None:
     """The writer, or None without --prediction-log (or its old name --shadow-log)."""
+    from model_server.predictionlog import REPLICA_RE, PredictionLog, default_replica
+
     if args.prediction_log and args.shadow_log:
         raise SystemExit("model-server: give --prediction-log or its old name --shadow-log, not both")
     uri = args.prediction_log or args.shadow_log
@@ -383,8 +392,8 @@ def prediction_log(args: argparse.Namespace, masker: Masker) -> PredictionLog | 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.access_log:
-        logging.getLogger("model_server.access").setLevel(logging.INFO)
+    from model_server.metrics import export_gpu_gauges, visible_gpus
+
     gpus = visible_gpus()
     if args.device == "cuda" and not gpus:
         print("model-server: --device cuda, but NVML finds no GPU that CUDA_VISIBLE_DEVICES shows", file=sys.stderr)
@@ -397,6 +406,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"model-server: {exc}", file=sys.stderr)
         return 2
+    try:
+        pinned = pins(args.serve)
+    except ValueError as exc:
+        print(f"model-server: {exc}", file=sys.stderr)
+        return 2
+    # The arguments are checked: now the inference stack.
+    import uvicorn
+
+    from model_server.app import Settings, create_app
+    from model_server.httpserver import limited_protocol
+    from model_server.masking import LogMasking
+    from model_server.model import select_providers
+    from model_server.repository import ModelRepository
+
+    if args.access_log:  # after the imports: model_server.trace's sets it off
+        logging.getLogger("model_server.access").setLevel(logging.INFO)
     state = state_dir(args)
     try:
         loads = state.parent / "loads" if state is not None else None
@@ -411,11 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(LogMasking(mask))
     plog = prediction_log(args, mask)
-    try:
-        repo.pinned = pins(args.serve)
-    except ValueError as exc:
-        print(f"model-server: {exc}", file=sys.stderr)
-        return 2
+    repo.pinned = pinned
     for name, version in repo.pinned.items():
         try:
             repo.load(name, {"version_policy": {"specific": {"versions": [version]}}}, persist=False)

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_server import metrics
 from model_server.admin import Admin
-from model_server.config import ascii_uint
+from model_server.config import MAX_COPY_AGE_S, MAX_JSON_BYTES, ascii_uint
 from model_server.dataplane import DataPlane, InferResult, RequestContext, shadow_record
 from model_server.errors import (
     AdminOnly,
@@ -52,9 +52,9 @@ from model_server.errors import (
 from model_server.feedback import FeedbackSigner, FeedbackStore
 from model_server.httpserver import Answer, DirectRoute, NoBody
 from model_server.predictionlog import PredictionLog
-from model_server.protocol import HEADER_LENGTH, MAX_JSON_BYTES, parse_json, refuse_constant
+from model_server.protocol import HEADER_LENGTH, parse_json, refuse_constant
 from model_server.repository import ModelRepository
-from model_server.shadow import MAX_COPY_AGE_S, ShadowMirror, ShadowResult, header_text
+from model_server.shadow import ShadowMirror, ShadowResult, header_text
 from model_server.trace import TraceContext, request_id
 from model_server.traffic import PolicyStore
 
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 
 DRAIN_FACTOR = 4
 JSON_HEADERS = [(b"content-type", b"application/json")]
-# To whom ``GET /v2`` says where the prediction log is written (``--show-prediction-log``).
-SHOW_LOG = ("admin", "everyone", "nobody")
 
 
 @dataclass

@@ -30,6 +30,21 @@ MAX_DIMS = 32  # a tensor's dimensions, in a request's shape and in a config's d
 # activations held per run: past two a core of a 16-core host they only contend for the cores
 # (and the one GPU) and hold memory; a count of 10**9 took a thread per request in flight.
 MAX_INSTANCE_COUNT = 32
+# The server's limits and choices that its command line offers too: here, where parsing the
+# arguments reaches them without the inference stack's imports.
+MAX_JSON_BYTES = 4 * 1024 * 1024  # about 0.1 s of parsing here; a JSON tensor of 400k numbers
+# How long after it arrived a copy may still wait for idle time (one from Istio's mirror; one
+# of this server's own from when it was queued): past it Envoy has given up (a stream's
+# timeout), and its record would hold the shadow's watermark (the audit's) back by as long;
+# well inside the audit's flush bound, so its record is never late.
+MAX_COPY_AGE_S = 30.0
+# The longest bound a server may be given (``--shadow-copy-max-age``): the audit's margin for a
+# record stamped in its range and written after it (``vision_rollout.audit.CLOCK_SKEW_S``, on top
+# of the flush bound). A copy waiting longer is written after its range closed (late, in no audit),
+# and an hour's bound held the shadow's watermark back an hour.
+MAX_COPY_AGE_LIMIT_S = 60.0
+# To whom ``GET /v2`` says where the prediction log is written (``--show-prediction-log``).
+SHOW_LOG = ("admin", "everyone", "nobody")
 
 
 def ascii_uint(text: str) -> int | None:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from model_server import __version__, metrics
-from model_server.config import ModelConfig, instance_kind, version_number
+from model_server.config import MAX_JSON_BYTES, ModelConfig, instance_kind, version_number
 from model_server.errors import (
     Cancelled,
     InvalidInput,
@@ -33,7 +33,6 @@ from model_server.feedback import FeedbackStore, LabelRules, check_tenant
 from model_server.files import location
 from model_server.predictionlog import Inference, Label, PredictionLog, predicted_classes
 from model_server.protocol import (
-    MAX_JSON_BYTES,
     InferRequest,
     decode_infer_request,
     decode_raw_request,

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES, MAX_DIMS, TensorSpec, ascii_uint, refuse_constant
+from model_server.config import DATATYPES, MAX_DIMS, MAX_JSON_BYTES, TensorSpec, ascii_uint, refuse_constant
 from model_server.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -24,7 +24,6 @@ MAX_TENSORS = 1024  # inputs, or outputs asked for, in one request (a model has 
 # numpy's largest array of 8-byte items (INT64, FP64, a BYTES tensor's objects): it refuses a
 # shape whose bytes would pass 2**63-1, even one with a dimension of 0 that holds none
 MAX_ELEMENTS = 2**60 - 1
-MAX_JSON_BYTES = 4 * 1024 * 1024  # about 0.1 s of parsing here; a JSON tensor of 400k numbers
 # Binary BYTES elements in one request, every input's together: each is cut into a Python object
 # on the event loop, about 0.6 us (a 64 MiB body of empty ones, 16 M, held every endpoint 9 s).
 # (JSON ones are bounded by the JSON part: 4 MiB holds 1.3 M, parsed and made in 0.15 s.)

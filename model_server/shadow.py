@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_server import metrics
+from model_server.config import MAX_COPY_AGE_S
 from model_server.errors import ModelNotFound, ModelUnavailable, OutOfMemory, Preempted, ServerError, outcome_of
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
@@ -33,16 +34,6 @@ from model_server.trace import TraceContext, log_access
 log = logging.getLogger(__name__)
 
 PREEMPT_MIN_S = 0.002  # shadow runs predicted longer than this give way to arriving primaries
-# How long after it arrived a copy may still wait for idle time (one from Istio's mirror; one
-# of this server's own from when it was queued): past it Envoy has given up (a stream's
-# timeout), and its record would hold the shadow's watermark (the audit's) back by as long;
-# well inside the audit's flush bound, so its record is never late.
-MAX_COPY_AGE_S = 30.0
-# The longest bound a server may be given (``--shadow-copy-max-age``): the audit's margin for a
-# record stamped in its range and written after it (``vision_rollout.audit.CLOCK_SKEW_S``, on top
-# of the flush bound). A copy waiting longer is written after its range closed (late, in no audit),
-# and an hour's bound held the shadow's watermark back an hour.
-MAX_COPY_AGE_LIMIT_S = 60.0
 METADATA_HEADERS = ("x-user-id", "x-device-type", "x-tenant")
 
 

@@ -494,7 +494,7 @@ def test_a_shadow_copy_age_past_the_audits_margin_stops_the_start(tmp_path, valu
     import subprocess
     import sys
 
-    from model_server.shadow import MAX_COPY_AGE_LIMIT_S
+    from model_server.config import MAX_COPY_AGE_LIMIT_S
     from tests.conftest import ROOT
     from vision_rollout.audit import CLOCK_SKEW_S
 
