@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -53,6 +52,9 @@ from model_server.errors import MaskingUnavailable
 from model_server.files import filesystem, list_folder, store_errors, write_private
 from model_server.masking import SUSPECT, Key, Masker
 from model_server.trace import item_hashes
+
+if TYPE_CHECKING:  # imported where a frame is made: the server's start does without it (about 1 s)
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -1352,6 +1354,8 @@ def _read_field(name: str) -> pa.Field:
 
 
 def _arrow_lists(t: pa.DataType) -> pd.ArrowDtype | None:
+    import pandas as pd
+
     return pd.ArrowDtype(t) if pa.types.is_list(t) else None
 
 
@@ -1605,6 +1609,8 @@ def _need(df: pd.DataFrame, columns: Iterable[str]) -> None:
 def _key_codes(df: pd.DataFrame) -> np.ndarray:
     """An exact int64 code per (model, request_id, item): equal codes, equal keys. Joins run on
     these (integer arrays), not on the string columns, to keep a million records' joins small."""
+    import pandas as pd
+
     rid, _ = pd.factorize(df["request_id"], use_na_sentinel=False)
     model, _ = pd.factorize(df["model"], use_na_sentinel=False)
     item = df["item"].to_numpy(np.int64)
@@ -1816,6 +1822,8 @@ def shadow_pairs(df: pd.DataFrame, vectors: bool = True) -> pd.DataFrame:
     not be hashed item by item: such a record pairs by key alone, unchecked); the rest are
     ``duplicates``. Pairing works on row positions: each output column is taken from ``df`` once.
     """
+    import pandas as pd
+
     _need(df, [c for c in SHADOW_PAIR_COLUMNS if c not in ("probs", "topk_index", "topk_prob", "route", "output")])
     code, t = _key_codes(df), _times(df)
     ok_rows = (df["outcome"] == "ok").to_numpy()
@@ -1970,6 +1978,8 @@ def _chunks(n: int, classes: int) -> Iterator[slice]:
 
 def _output_rows(df: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
     """The output columns (``probs``, ``topk_index``, ``topk_prob``, those ``df`` has) at ``rows``."""
+    import pandas as pd
+
     return pd.DataFrame({c: _take(df[c], rows) for c in ("probs", "topk_index", "topk_prob") if c in df.columns})
 
 
