@@ -9,7 +9,8 @@ on ``metadata.resourceVersion`` (409 Conflict), label and field selectors on lis
 bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
 
 Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list;
-its ``scale`` subresource got and patched, whose writer owns ``spec.replicas``; each field's
+a Deployment's ``scale`` subresource got and patched, whose writer owns ``spec.replicas``; each
+field's of these and of a PodDisruptionBudget
 managers recorded as server-side apply records them: an apply that changes a field another
 manager applied or scaled is a 409 naming that manager and the field unless forced, and a field
 another manager owns outlives an apply that leaves it out), autoscaling/v2 HorizontalPodAutoscaler (apply, get, list), core/v1 Secret and Service
@@ -359,6 +360,9 @@ RESOURCES = {
     # With build.autoscaling: an HPA per version (applied), and a Deployment's scale subresource.
     "horizontalpodautoscalers": Resource("autoscaling/v2", "HorizontalPodAutoscaler", invalid_hpa, apply=True),
 }
+# The kinds whose fields' managers are recorded (``_fields``): the Deployments and what the rollout
+# applies beside them with ``force`` (the mesh's objects, a version's PodDisruptionBudget).
+TRACKED = frozenset({"deployments", "virtualservices", "destinationrules", "poddisruptionbudgets"})
 SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
 # What the real server answers when it cannot serve a request: (reason, message) by status.
 REFUSALS = {
@@ -624,8 +628,9 @@ class FakeKubeAPI:
                 raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
             obj = _applied(live, body, name, namespace)
             managed = [{"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}]
-            if plural == "deployments":
+            if plural in TRACKED:
                 managed = _fields(live, obj, body, manager, force)
+            if plural == "deployments":
                 obj["metadata"]["generation"] = live["metadata"]["generation"] if live else 1
                 if live is not None and live.get("spec") != obj["spec"]:
                     obj["metadata"]["generation"] += 1
@@ -1135,10 +1140,11 @@ def _owns(entry: dict[str, Any]) -> bool:
 
 
 def _leaves(obj: dict[str, Any]) -> dict[FieldPath, Any]:
-    """The fields an apply of ``obj`` (a Deployment) sets, with their values, as server-side apply
-    tracks them: its labels and annotations, and under ``spec`` each key of a map, each item of
+    """The fields an apply of ``obj`` sets, with their values, as server-side apply tracks them:
+    its labels and annotations, and under ``spec`` each key of a map, in a Deployment each item of
     a list of maps with a ``name`` by that name (a keyed list: containers, env, ports, volumes),
-    any other list whole (atomic)."""
+    any other list whole (atomic: every list of Istio's CRDs, which mark none a map)."""
+    keyed = obj.get("kind") == "Deployment"
     out: dict[FieldPath, Any] = {}
 
     def walk(value: Any, path: FieldPath) -> None:
@@ -1146,7 +1152,8 @@ def _leaves(obj: dict[str, Any]) -> dict[FieldPath, Any]:
             for k, v in value.items():
                 walk(v, (*path, f"f:{k}"))
         elif (
-            isinstance(value, list)
+            keyed
+            and isinstance(value, list)
             and value
             and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in value)
         ):
@@ -1222,16 +1229,21 @@ def _manager(entry: dict[str, Any]) -> str:
 def _fields(
     live: dict[str, Any] | None, obj: dict[str, Any], body: dict[str, Any], manager: str, force: bool
 ) -> list[dict[str, Any]]:
-    """A Deployment after ``manager`` applied ``body`` (``obj``, set in place) and its
-    managedFields, as server-side apply decides them: the applier owns every field it applied
+    """An object (of ``TRACKED``) after ``manager`` applied ``body`` (``obj``, set in place) and
+    its managedFields, as server-side apply decides them: the applier owns every field it applied
     (shared with the other owners of the same value); a field it changes while another manager
     owns it is a conflict (APIError 409 naming each manager and field) unless ``force`` takes it
-    over; a field another manager owns that the body leaves out keeps that manager's value
-    (``spec.replicas`` with no other owner: its default, 1)."""
+    over; a field another manager owns that the body leaves out keeps that manager's value, a
+    label or annotation no manager owns stays, one the applier alone owned and leaves out is
+    removed (a Deployment's ``spec.replicas`` with no other owner: its default, 1)."""
     mine = {"manager": manager, "operation": "Apply", "apiVersion": body["apiVersion"]}
-    others = [e for e in (live or {}).get("metadata", {}).get("managedFields") or [] if _key(e) != _key(mine)]
+    entries = (live or {}).get("metadata", {}).get("managedFields") or []
+    before = next((_owned(e) for e in entries if _key(e) == _key(mine)), set())
+    others = [e for e in entries if _key(e) != _key(mine)]
     applied, was = _leaves(body), _leaves(live or {})
-    was.setdefault(REPLICAS, 1)
+    deployment = body["kind"] == "Deployment"
+    if deployment:
+        was.setdefault(REPLICAS, 1)
     conflicts = [
         (e, path)
         for e in others
@@ -1250,11 +1262,22 @@ def _fields(
         s = "s" if len(conflicts) > 1 else ""
         raise APIError(409, "Conflict", f"Apply failed with {len(conflicts)} conflict{s}: {said}")
     others = [_owning(e, _owned(e) - {p for x, p in conflicts if x is e}) for e in others]
+    theirs = set().union(*(_owned(e) for e in others))
+    for key in ("labels", "annotations"):  # a map of its keys: the ones no one else owns or applies go
+        kept = {
+            k: v
+            for k, v in (((live or {}).get("metadata") or {}).get(key) or {}).items()
+            if ("f:metadata", f"f:{key}", f"f:{k}") not in before - theirs
+        }
+        kept.update((body["metadata"].get(key)) or {})
+        obj["metadata"].pop(key, None)
+        if kept:
+            obj["metadata"][key] = kept
     for e in others:
         for path in sorted(_owned(e) - applied.keys()):
             if path in was and path != REPLICAS:
                 _put(obj, path, was[path])
-    if REPLICAS not in applied:
+    if deployment and REPLICAS not in applied:
         obj["spec"]["replicas"] = was[REPLICAS] if any(_owns(e) for e in others) else 1
     return [*others, _owning(mine, set(applied))]
 

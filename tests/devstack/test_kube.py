@@ -314,3 +314,78 @@ def test_an_apply_changing_a_field_another_manager_applied_is_a_conflict(core):
     assert "f:image" not in theirs_now['k:{"name":"model-server"}']  # taken over
     assert "f:team" in owners["argocd-controller"]["f:metadata"]["f:labels"]
     assert live["metadata"]["labels"]["team"] == "vision"  # (argocd-controller's alone: kept)
+
+
+def test_the_managers_of_an_istio_objects_and_a_budgets_fields_are_recorded_as_a_real_server_does(core):
+    """Only a Deployment's fields had managers here: a VirtualService's, DestinationRule's or
+    PodDisruptionBudget's apply took every field, so what the rollout did to another manager's
+    label or setting could not be seen. Their managers are recorded (FieldsV1, in GET answers):
+    a change of another's field is a 409 naming it unless forced, force takes it over, a label
+    a manager alone owns goes when its apply leaves it out, another's stays, a list is atomic."""
+    fake, api = core
+    crd = client.CustomObjectsApi(api.api_client)
+    vs = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "digits", "namespace": "ml", "labels": {"team": "vision"}, "annotations": {"a": "1"}},
+        "spec": {
+            "hosts": ["digits"],
+            "exportTo": ["."],
+            "http": [{"name": "default", "timeout": "7s", "route": [{"destination": {"host": "digits"}}]}],
+        },
+    }
+
+    def apply(body, manager, **kw):
+        return crd.patch_namespaced_custom_object(
+            "networking.istio.io",
+            "v1",
+            "ml",
+            "virtualservices",
+            "digits",
+            body,
+            field_manager=manager,
+            _content_type=APPLY["_content_type"],
+            **kw,
+        )
+
+    apply(vs, "argocd-controller")
+    mine = json.loads(json.dumps(vs))
+    mine["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "model-rollout"}
+    del mine["metadata"]["annotations"]
+    mine["spec"]["exportTo"] = ["*"]
+    with pytest.raises(ApiException) as conflict:
+        apply(mine, "model-rollout")
+    assert conflict.value.status == 409
+    assert json.loads(conflict.value.body)["message"] == (
+        'Apply failed with 1 conflict: conflict with "argocd-controller" using networking.istio.io/v1: .spec.exportTo'
+    )
+    apply(mine, "model-rollout", force=True)
+    got = crd.get_namespaced_custom_object("networking.istio.io", "v1", "ml", "virtualservices", "digits")
+    owners = {e["manager"]: e["fieldsV1"] for e in got["metadata"]["managedFields"]}
+    assert "f:exportTo" in owners["model-rollout"]["f:spec"]
+    assert "f:exportTo" not in owners["argocd-controller"]["f:spec"]
+    assert owners["model-rollout"]["f:spec"]["f:http"] == {}  # atomic: owned whole
+    assert "f:http" in owners["argocd-controller"]["f:spec"]  # the same value: shared
+    assert got["metadata"]["labels"] == {"team": "vision", "app.kubernetes.io/managed-by": "model-rollout"}
+    assert got["metadata"]["annotations"] == {"a": "1"}  # argocd-controller's: kept
+    platform = {"apiVersion": vs["apiVersion"], "kind": vs["kind"], "metadata": {"name": "digits", "namespace": "ml"}}
+    apply({**platform, "spec": {"hosts": ["digits"]}}, "argocd-controller")  # its label and annotation left out
+    meta = fake.objects[("virtualservices", "ml", "digits")]["metadata"]
+    assert meta["labels"] == {"app.kubernetes.io/managed-by": "model-rollout"}
+    assert "annotations" not in meta
+    assert fake.objects[("virtualservices", "ml", "digits")]["spec"]["exportTo"] == ["*"]  # model-rollout's
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "digits-v1", "namespace": "ml", "labels": {"team": "vision"}},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "digits"}}},
+    }
+    policy = client.PolicyV1Api(api.api_client)
+    policy.patch_namespaced_pod_disruption_budget(
+        "digits-v1", "ml", pdb, field_manager="argocd-controller", _content_type=APPLY["_content_type"]
+    )
+    with pytest.raises(ApiException) as conflict:
+        policy.patch_namespaced_pod_disruption_budget(
+            "digits-v1", "ml", {**pdb, "spec": {**pdb["spec"], "maxUnavailable": 0}}, **APPLY
+        )
+    assert json.loads(conflict.value.body)["message"].endswith(": .spec.maxUnavailable")
