@@ -672,6 +672,66 @@ def with_live_metadata(body: dict[str, Any], live: dict[str, Any]) -> dict[str, 
     return body
 
 
+# The fields of the mesh's objects the rollout writes whole, whoever else owns them: Istio's CRDs
+# mark no list a map, so a list is one field to server-side apply (atomic), and a route's or a
+# subset's own settings go with it (``with_platform_fields``, ``with_platform_subsets``).
+WRITTEN_WHOLE = frozenset({("f:spec", "f:http"), ("f:spec", "f:hosts"), ("f:spec", "f:subsets")})
+
+
+def others_fields(live: dict[str, Any]) -> set[tuple[str, ...]]:
+    """The labels, annotations and spec fields of ``live`` that a field manager other than the
+    rollout's apply owns (its ``metadata.managedFields``, FieldsV1 paths down to a field that is
+    not a map: ``("f:spec", "f:trafficPolicy", "f:tls", "f:mode")``, a list's path whole); none
+    where the server records no managers."""
+    out: set[tuple[str, ...]] = set()
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        children = {k: v for k, v in node.items() if k != "."} if isinstance(node, dict) else {}
+        if not children or any(not k.startswith("f:") for k in children):  # a leaf, or a list's items
+            out.add(path)
+            return
+        for key, child in children.items():
+            walk(child, (*path, key))
+
+    for entry in (live.get("metadata") or {}).get("managedFields") or []:
+        if not isinstance(entry, dict) or (entry.get("manager"), entry.get("operation")) == (FIELD_MANAGER, "Apply"):
+            continue
+        fields: dict[str, Any] = entry["fieldsV1"] if isinstance(entry.get("fieldsV1"), dict) else {}
+        meta: dict[str, Any] = fields["f:metadata"] if isinstance(fields.get("f:metadata"), dict) else {}
+        for key in ("f:labels", "f:annotations"):
+            if isinstance(meta.get(key), dict):
+                for name in meta[key]:
+                    if name.startswith("f:"):
+                        out.add(("f:metadata", key, name))
+        if isinstance(fields.get("f:spec"), dict):
+            walk(fields["f:spec"], ("f:spec",))
+    return {p for p in out if len(p) > 1 and p[:2] not in WRITTEN_WHOLE}
+
+
+def rollouts_view(live: dict[str, Any]) -> dict[str, Any]:
+    """``live`` without what another field manager owns (``others_fields``): what the rollout
+    carries over from the live object into its forced applies (labels and annotations, the
+    spec's settings beside its routes and subsets). A field it sent along became its own too
+    (a co-owner's), and the platform that set it (``kubectl``, Argo CD) could then never remove
+    it and got a 409 changing it; left out, server-side apply keeps it as its owner has it. A
+    server that records no managers: ``live`` whole, as the rollout copied it before."""
+    view = copy.deepcopy(live)
+    for path in sorted(others_fields(live), key=len, reverse=True):
+        parents = [view]
+        for key in path[:-1]:
+            node = parents[-1].get(key[2:])
+            if not isinstance(node, dict):
+                break
+            parents.append(node)
+        else:
+            parents[-1].pop(path[-1][2:], None)
+            for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1]), strict=False):
+                child = parent.get(key[2:])
+                if isinstance(child, dict) and not child and key != "f:spec":
+                    parent.pop(key[2:])
+    return view
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -826,12 +886,13 @@ class IstioRouter:
             live = self._get(plural)
             if live is None:
                 raise RouterError(self._missing(ISTIO_KINDS[plural]))
-            obj = render(live)
+            view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
+            obj = render(view)
             if obj is None:
                 return False
-            body = with_live_metadata(copy.deepcopy(obj), live)
+            body = with_live_metadata(copy.deepcopy(obj), view)
             validate_istio(body)
-            if live.get("spec") == body["spec"] and _annotations(live) | _annotations(body) == _annotations(live):
+            if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
                 return False  # nothing to change: no write
             body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
             try:

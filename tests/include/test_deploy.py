@@ -430,3 +430,40 @@ def test_a_candidate_made_like_the_baseline_does_not_take_a_gitops_tools_trackin
         )
     finally:
         api.stop()
+
+
+def test_a_label_another_manager_set_on_a_budget_stays_its_own_after_the_rollouts_applies():
+    """The rollout copied the live budget's labels and annotations into its forced apply: those
+    the platform applied with its own field manager (Argo CD's) became the rollout's too, and
+    the platform's next apply, which left one out, could not remove it. What another manager
+    owns stays out of the rollout's apply: the platform removes it with its own."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    pdb = render_pdb(TARGET, "1", 2)
+    pdb["metadata"]["labels"]["team"] = "vision"
+    pdb["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits"}
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), v1)
+        apply_object(client.ApiClient(cfg), pdb, manager="argocd-controller")
+        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
+        versions.scale("1", 3)
+        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+        assert live["labels"]["team"] == "vision"
+        del pdb["metadata"]["labels"]["team"]
+        del pdb["metadata"]["annotations"]
+        apply_object(client.ApiClient(cfg), pdb, manager="argocd-controller")
+        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+        assert "team" not in live["labels"]
+        assert "annotations" not in live
+        assert live["labels"]["app.kubernetes.io/managed-by"] == "model-rollout"
+    finally:
+        api.stop()

@@ -1177,3 +1177,48 @@ def test_a_route_after_the_catch_all_neither_blocks_a_rollout_nor_comes_alive(ku
     router = IstioRouter(TARGET, ["1"], api_client=api)
     assert router.get_routes() == TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     assert not_steady(router.get_routes(), "1") is None
+
+
+def test_what_another_manager_set_on_the_mesh_objects_stays_its_own_after_a_rollout(kube):
+    """The rollout copied the live labels, annotations and the spec's other settings (exportTo,
+    gateways, the DestinationRule's traffic policy) into its forced applies: whatever the platform
+    had applied with its own field manager (Argo CD's) became the rollout's too, so the platform
+    could never remove it (its next apply left it out, and it stayed) and got a 409 changing it.
+    What another manager owns (managedFields) is left out of the rollout's applies: it stays the
+    platform's, which removes it or changes it with its own apply."""
+    fake, api = kube
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    vs = render_virtual_service(TARGET, stable, ["1"])
+    vs["metadata"]["labels"]["team"] = "vision"
+    vs["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits"}
+    vs["spec"].update(exportTo=["."], gateways=["mesh", "ml/edge"])
+    dr = render_destination_rule(TARGET, ["1"])
+    dr["metadata"]["labels"]["team"] = "vision"
+    dr["spec"]["trafficPolicy"] = {"outlierDetection": {"consecutive5xxErrors": 5}}
+    for plural, obj in (("virtualservices", vs), ("destinationrules", dr)):
+        fake.objects.pop((plural, "models", "digits"))
+        fake.apply(plural, "models", "digits", obj, "argocd-controller")
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    live = fake.objects[("virtualservices", "models", "digits")]
+    assert live["metadata"]["labels"]["team"] == "vision"  # kept, the platform's
+    assert (live["spec"]["exportTo"], live["spec"]["gateways"]) == (["."], ["mesh", "ml/edge"])
+    assert (
+        fake.objects[("destinationrules", "models", "digits")]["spec"]["trafficPolicy"] == dr["spec"]["trafficPolicy"]
+    )
+    assert router.set_routes(CANARY) is False  # what the platform owns is no change to apply
+    for plural, obj in (("virtualservices", vs), ("destinationrules", dr)):  # the platform drops its settings
+        head = {"apiVersion": obj["apiVersion"], "kind": obj["kind"]}
+        spec = {"hosts": obj["spec"]["hosts"]} if plural == "virtualservices" else {"host": obj["spec"]["host"]}
+        meta = {"name": "digits", "namespace": "models", "labels": {"team": "ml"}}
+        fake.apply(plural, "models", "digits", {**head, "metadata": meta, "spec": spec}, "argocd-controller")
+    live = fake.objects[("virtualservices", "models", "digits")]
+    assert live["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "model-rollout", "team": "ml"}
+    assert "annotations" not in live["metadata"]
+    assert "exportTo" not in live["spec"]
+    assert "gateways" not in live["spec"]
+    assert "trafficPolicy" not in fake.objects[("destinationrules", "models", "digits")]["spec"]
+    assert router.set_routes(stable) is True
+    assert router.get_routes() == stable
+    assert "exportTo" not in fake.objects[("virtualservices", "models", "digits")]["spec"]
