@@ -154,7 +154,8 @@ class RolloutSpec:
     )
     latency_margin: float = _f(
         0.05,
-        "Non-inferiority margin: canary geometric-mean latency at most this much above baseline (relative)",
+        "Non-inferiority margin: canary trimmed geometric-mean latency (20% off each end of log latency) "
+        "at most this much above baseline (relative)",
         type="number",
         minimum=0,
         maximum=1,

@@ -333,6 +333,47 @@ def test_margin_canary_is_rarely_passed_over_looks():
     assert wrong / sims < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims)
 
 
+def _tailed_log_latency(rng: np.random.Generator, n: int) -> np.ndarray:
+    # Log latency with a heavy right tail: 5% of requests slowed by 1 + Exp(1.5) in log space
+    # (GC pauses, cold caches), as real services show.
+    slow = rng.random(n) < 0.05
+    return rng.normal(0, 0.3, n) + np.where(slow, rng.exponential(1.5, n) + 1.0, 0.0)
+
+
+def _latency_rates(nb: int, nc: int, shift: float, sims: int, seed: int) -> dict[str, float]:
+    """Share of runs of the whole 10-look procedure ending in each decision (samples accrue look by look)."""
+    cfg, looks = GateConfig(), 10
+    rng = np.random.default_rng(seed)
+    ends = {"pass": 0, "fail": 0, "wait": 0}
+    for _ in range(sims):
+        b = np.exp(_tailed_log_latency(rng, nb))
+        c = np.exp(_tailed_log_latency(rng, nc) + shift)
+        decision = "wait"
+        for k in range(1, looks + 1):
+            decision = latency_check(
+                b[: nb * k // looks], c[: nc * k // looks], cfg, nominal_alpha(cfg.alpha, k, looks)
+            ).decision
+            if decision != "wait":
+                break
+        ends[decision] += 1
+    return {k: v / sims for k, v in ends.items()}
+
+
+def test_a_margin_canary_on_the_small_arm_with_skewed_latency_is_rarely_passed():
+    # Welch t on log latency passed a canary exactly at the margin 13-14% of the time (alpha 5%)
+    # when the canary arm was the small one and log latency had a heavy right tail: the small
+    # arm's mean is skewed, so its t is too, and the lower tail the pass test reads is too heavy.
+    cfg, sims = GateConfig(), 400
+    rate = _latency_rates(2000, 100, math.log1p(cfg.latency_margin), sims, seed=5)["pass"]
+    assert rate < cfg.alpha + 3 * math.sqrt(cfg.alpha * (1 - cfg.alpha) / sims), rate
+
+
+def test_an_equal_canary_with_skewed_latency_passes():
+    # The same tails, no slowdown, a quarter of the traffic: shown within the margin by the last look.
+    rates = _latency_rates(3000, 1000, 0.0, 200, seed=6)
+    assert rates["pass"] > 0.9, rates
+
+
 def test_histogram_bucket_quantiles_are_reported_with_their_error_bound():
     base = [(0.005, 50.0), (0.01, 95.0), (0.02, 100.0), (math.inf, 100.0)]
     canary = [(0.005, 10.0), (0.01, 60.0), (0.02, 98.0), (0.05, 100.0), (math.inf, 100.0)]
