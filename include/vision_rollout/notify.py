@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import http.client
 import json
 import logging
@@ -1250,11 +1251,11 @@ def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, er
     refused.delete(mark)
 
 
-def _note_maybe_posted(outbox: Folder, name: str, tried: float) -> None:
-    """The report ``name`` notes that a post of it was tried at ``tried`` that Slack may have
-    taken (``unsure``)."""
+def _note(outbox: Folder, name: str, **fields: Any) -> None:
+    """The report ``name`` notes ``fields``: ``maybe_posted``, when a post of it was tried that
+    Slack may have taken (``unsure``); ``slack_error``, why Slack did not take it."""
     record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
-    record["maybe_posted"] = tried
+    record.update(fields)
     outbox.write(name, json.dumps(record, indent=2).encode())
 
 
@@ -1340,10 +1341,18 @@ def send_waiting(
 
 
 def _send_round(
-    outbox: Folder, client: Any, clock: Any, budget_s: float | None, only: set[str] | None = None, aside: bool = False
+    outbox: Folder,
+    client: Any,
+    clock: Any,
+    budget_s: float | None,
+    only: set[str] | None = None,
+    aside: bool = False,
+    sender: str | None = None,
 ) -> list[dict[str, Any]]:
     """``send_waiting``'s round in ``outbox`` (``only``: those reports; ``aside``: the outbox's
-    ``refused/``, where a report refused again stays)."""
+    ``refused/``, where a report refused again stays; ``sender``: this sender's name in its
+    claims, hex: a claim of the same name is an earlier try's of the same task, dead, as a
+    lapsed one: ``send_report``)."""
     results: list[dict[str, Any]] = []
     start = clock()
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -1355,7 +1364,7 @@ def _send_round(
         if deadline is not None and (clock() - start > budget_s or deadline - time.monotonic() < floor):
             break
         stem = name.removesuffix(".json")
-        claim = f"{stem}.claim-{time.time_ns()}-{uuid.uuid4().hex[:12]}"
+        claim = f"{stem}.claim-{time.time_ns()}-{sender or uuid.uuid4().hex[:12]}"
         try:
             outbox.write(claim, b"")
         except ValueError:  # (a name no folder takes, a backslash in it: not one this outbox wrote)
@@ -1363,7 +1372,9 @@ def _send_round(
             continue
         posting: list[bool] = []  # (true while a post of it Slack may have taken is not marked)
         try:
-            results.append(_send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting))
+            results.append(
+                _send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender)
+            )
         except BaseException:
             # (Stopped there, Ctrl-C, Airflow's SIGTERM, a store error: its claim stays, as a killed
             # sender's, so that once lapsed the next sender looks for that post before posting.)
@@ -1372,6 +1383,69 @@ def _send_round(
             raise
         outbox.delete(claim)
     return results
+
+
+def is_report_name(name: Any) -> bool:
+    """Whether ``name`` is one ``report_name`` makes."""
+    return isinstance(name, str) and _REPORT_NAME.fullmatch(name) is not None
+
+
+_REPORT_NAME = re.compile(r"\d{8}T\d{6}-\d{9}-[0-9a-f]{6}")
+
+
+def report_name() -> str:
+    """A new report's outbox name (without ``.json``), for ``send_report``: its caller keeps it
+    for the task's later tries."""
+    return _new_stem()
+
+
+def send_report(
+    notifier: SlackNotifier,
+    message: Message,
+    stem: str,
+    queued: float | None = None,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    """``message`` sent once by the tries of one task, as the outbox sends its reports: written to
+    ``notifier``'s outbox first as ``<stem>.json`` (``report_name``: the same for every try), then sent by a round of it
+    alone (its claim, the look-up of a post an earlier try may have made, its ``.posted`` mark, its
+    chart looked for in the thread), within ``budget_s``; an earlier try's report still there is
+    sent as it is, its claim taken for a dead sender's. ``queued``: when an earlier try wrote it
+    (its caller keeps that, before writing it): one gone from the outbox since was sent (by that try
+    or another round), found in the channel's history and not posted again; not found there (or
+    dropped by hand), written and sent again. Without a Slack client (no token, a connection
+    that cannot be used) it is written to the outbox, as ``SlackNotifier.send`` writes it.
+    The answer is ``SlackNotifier.send``'s: the post's channel and ts (``posted_before``: an
+    earlier try's), or ``slack_error`` and ``outbox`` where the report waits there (``refused``:
+    set aside in its ``refused/``)."""
+    outbox, client = notifier.outbox, notifier.client
+    if outbox is None:
+        raise ValueError("send_report needs an outbox")
+    if client is None:
+        return notifier.send(message, report_id=stem)
+    name = f"{stem}.json"
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    if not outbox.exists(name) and queued is not None:  # (sent by an earlier try, or another round)
+        try:
+            found = find_post(client, notifier.channel, stem, queued, deadline=deadline)
+        except LookupFailed as exc:  # (written again, to be looked for by a later round first)
+            error = f"an earlier try may have posted it: {exc}"
+            return {**notifier._to_outbox(message, stem, error=error, maybe_posted=queued), "slack_error": error}
+        if found is not None:
+            return {**found, "posted_before": True}
+    if not outbox.exists(name):
+        notifier._to_outbox(message, stem)
+    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims: others' are 12 hex)
+    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+    results = _send_round(outbox, client, time.time, left, only={name}, sender=sender)
+    result = results[0] if results else {"name": name, "error": f"not sent within its {budget_s:g} s"}
+    if result.get("sent"):
+        return {k: v for k, v in result.items() if k not in ("name", "sent")}
+    error = result.get("error") or result.get("skipped") or "not sent"
+    if "error" in result and not result.get("refused") and outbox.exists(name):  # (as ``send`` keeps it)
+        _note(outbox, name, slack_error=one_line(error)[:500])
+    where = outbox / REFUSED if result.get("refused") else outbox
+    return {"outbox": str(where / name), "slack_error": error, **({"refused": True} if result.get("refused") else {})}
 
 
 def _sweep_marks(outbox: Folder) -> None:
@@ -1399,10 +1473,12 @@ def _send_claimed(
     aside: bool = False,
     deadline: float | None = None,
     posting: list[bool] | None = None,
+    sender: str | None = None,
 ) -> dict[str, Any]:
     """The report ``name`` sent under its sender's ``claim``, its Slack calls and look-ups ending
     by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting.
-    ``posting`` holds True from its post until its mark is written."""
+    ``posting`` holds True from its post until its mark is written; a claim named ``sender`` is
+    an earlier try's of this sender, dead: taken as lapsed."""
     posting = [] if posting is None else posting
     stem = name.removesuffix(".json")
     names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
@@ -1414,7 +1490,8 @@ def _send_claimed(
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
-            if now - int(m.group(1)) / 1e9 < CLAIM_S:
+            earlier_try = sender is not None and other.endswith(f"-{sender}")
+            if now - int(m.group(1)) / 1e9 < CLAIM_S and not earlier_try:
                 return {"name": name, "skipped": "another sender is sending it"}
             lapsed.append(int(m.group(1)) / 1e9)
             outbox.delete(other)  # (a dead sender's)
@@ -1456,7 +1533,7 @@ def _send_claimed(
                 _set_aside(outbox, name, found.chart, _failure(exc), aside)
                 return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
             if unsure(exc) and found.maybe_posted is None:  # (the next round looks for it first)
-                _note_maybe_posted(outbox, name, tried)
+                _note(outbox, name, maybe_posted=tried)
             return {"name": name, "channel": found.channel, "error": _failure(exc)}
         channels[found.channel] = sent["channel"]
         outbox.write(mark, json.dumps(sent).encode())

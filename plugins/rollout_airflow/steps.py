@@ -1804,11 +1804,48 @@ def notify(
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
-    if run_id is not None and (end := run_ended(spec, run_id)) is not None:
+    if run_id is None:
+        return send(spec, message)
+    if (end := run_ended(spec, run_id)) is not None:
         first = end.get("report")
         ts = first.get("ts") if isinstance(first, dict) else None
-        message = sent_again(message, ts if isinstance(ts, str) else None)  # (in the first report's thread)
-    return send(spec, message)
+        return send(spec, sent_again(message, ts if isinstance(ts, str) else None))  # (in the first report's thread)
+    return send_run_report(spec, message, run_id)
+
+
+RUN_REPORT = "report.json"  # (in a run's folder: its report's outbox name, when first written; its post)
+
+
+def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, Any]:
+    """The run's report (``send``'s message), sent once by every try of notify: written to the
+    outbox, then sent by the outbox's own sender within ``SEND_BUDGET_S`` (``notify.send_report``);
+    when it was first written and, once Slack took it, its post kept in the run folder
+    (``RUN_REPORT``): a try that finds that post, or finds the report posted in the channel's
+    history, posts nothing more."""
+    from vision_rollout.notify import is_report_name, report_name, send_report
+
+    settings = serving().settings
+    folder = settings.workdir(spec.model, run_id)
+    record: dict[str, Any] = {}
+    try:
+        read = json.loads(folder.read_within(RUN_REPORT, MAX_LOCK_BYTES))
+        record = read if isinstance(read, dict) and is_report_name(read.get("report")) else {}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:  # (not a record this run wrote: sent as a first try's)
+        log.warning("this run's record of its report cannot be read: %s", str(exc)[:300])
+    if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
+        return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}
+    queued = record.get("queued")
+    queued = float(queued) if isinstance(queued, (int, float)) else None
+    stem = record["report"] if queued is not None else report_name()
+    if queued is None:  # (before the outbox's copy: a retry knows an earlier try may have sent it)
+        folder.write(RUN_REPORT, json.dumps({"report": stem, "queued": time.time()}).encode())
+    notifier = slack_notifier(spec.slack_channel, settings.outbox)
+    sent = send_report(notifier, outgoing(message, acted_on(spec, settings)), stem, queued, SEND_BUDGET_S)
+    if "ts" in sent:
+        folder.write(RUN_REPORT, json.dumps({"report": stem, "channel": sent["channel"], "ts": sent["ts"]}).encode())
+    return sent
 
 
 def audit_hours(

@@ -1583,3 +1583,55 @@ def test_a_report_scrubs_a_credential_written_in_escapes_or_other_forms(text, se
     assert secret not in scrubbed
     assert "hunter2" not in scrubbed
     assert "***" in scrubbed
+
+
+@pytest.mark.parametrize("when", ["after its post", "during its chart's upload"])
+def test_a_report_whose_task_died_once_slack_took_it_is_posted_once_with_one_chart_by_its_retry(
+    slack, tmp_path, monkeypatch, when
+):
+    """A task's report (``send_report``: the model_rollout DAG's notify) whose try was killed once
+    Slack took its post, or while its chart was uploading: nothing was in the outbox, and the retry
+    posted it a second time (and a chart cut off mid-upload was lost). Written to the outbox first,
+    sent by its round: the retry, within its claim's life, posts it once and its chart once."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import report_name, send_report
+
+    class Killed(BaseException):
+        pass
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    message = rollback_message(SPEC, "once", chart=b"\x89PNG chart")
+    stem = report_name()
+    dying = WebClient(token=slack.token, base_url=slack.base_url)
+    post, upload = dying.chat_postMessage, dying.files_upload_v2
+
+    def posted_then_killed(**kwargs: object) -> None:
+        post(**kwargs)
+        raise Killed
+
+    def uploaded_then_killed(**kwargs: object) -> None:
+        upload(**kwargs)
+        raise Killed
+
+    if when == "after its post":
+        dying.chat_postMessage = posted_then_killed  # type: ignore[method-assign]
+    else:
+        dying.files_upload_v2 = uploaded_then_killed  # type: ignore[method-assign]
+    real_delete = Folder.delete
+    queued = time.time()
+    with monkeypatch.context() as m:  # (killed: its claim stays)
+        m.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
+        with pytest.raises(Killed):
+            send_report(SlackNotifier("#model-rollouts", outbox=outbox, client=dying), message, stem, None, 120)
+    assert len(slack.messages()) == 1
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    again = send_report(SlackNotifier("#model-rollouts", outbox=outbox, client=client), message, stem, queued, 120)
+    assert again["chart"] is True
+    assert again["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert [c["method"] for c in slack.calls].count("files.completeUploadExternal") == 1
+    assert outbox.names() == []
+    third = send_report(SlackNotifier("#model-rollouts", outbox=outbox, client=client), message, stem, queued, 120)
+    assert (third["ts"], third["posted_before"]) == (again["ts"], True)
+    assert len(slack.messages()) == 1

@@ -1024,6 +1024,56 @@ def slack(monkeypatch):
     fake.stop()
 
 
+@pytest.mark.parametrize("stop", ["killed", "stopped"])
+def test_notify_stopped_once_slack_took_its_post_and_retried_posts_the_report_once(monkeypatch, tmp_path, slack, stop):
+    """notify killed (a worker lost) or stopped (Airflow's SIGTERM, its timeout) right after Slack
+    answered its post: nothing was in the outbox, and its retry posted the report a second time.
+    The report goes to the outbox first and is sent by the outbox's own sender: the retry finds
+    the post (its mark, or the channel's history) and posts nothing more; a third try neither."""
+    from slack_sdk import WebClient
+
+    class Killed(BaseException):
+        pass
+
+    extra = {"run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    real_post = WebClient.chat_postMessage
+
+    def posted_then_stopped(self, **kwargs):
+        real_post(self, **kwargs)
+        raise Killed if stop == "killed" else KeyboardInterrupt
+
+    from vision_rollout.folders import Folder
+
+    real_delete = Folder.delete
+    with monkeypatch.context() as m:
+        m.setattr(WebClient, "chat_postMessage", posted_then_stopped)
+        if stop == "killed":  # (a killed process removes nothing: its claim stays)
+            m.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
+        with pytest.raises((Killed, KeyboardInterrupt)):
+            steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    assert len(slack.messages()) == 1
+    again = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    assert "slack_error" not in again
+    assert again["posted_before"] is True
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Promoted digits v2 to 100%")
+    assert steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")["ts"] == again["ts"]
+    assert len(slack.messages()) == 1
+    assert not list((tmp_path / "run" / "outbox").glob("*.json"))
+
+
+def test_notify_without_a_slack_token_writes_its_report_to_the_outbox_once(monkeypatch, tmp_path):
+    """No Slack token: notify's report lands in the outbox, and a retry of notify leaves one copy."""
+    extra = {"run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    again = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    assert first["outbox"] == again["outbox"]
+    assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
+
+
 def test_an_audit_report_slack_did_not_take_fails_the_task_and_its_retry_sends_it(monkeypatch, tmp_path, slack):
     """Slack answering 503: the hourly audit's report (a FAIL here) went to the outbox, and the
     task succeeded: nobody was told, and nothing in the task said so. The task fails; its retry
