@@ -934,11 +934,14 @@ def find_post(
     since: float,
     channels: dict[str, str] | None = None,
     deadline: float | None = None,
+    thread_ts: str | None = None,
 ) -> dict[str, Any] | None:
     """The post of the report ``report_id`` in ``channel`` (a name or an ID) since ``since`` (unix
     seconds on this machine's clock, a sender's clock ``CLOCK_SKEW_S`` off it at most: the history
     is read from the newest back to then on Slack's clock), found by its metadata in the channel's
-    history (``conversations.history``; a
+    history (``conversations.history``; a report posted as a reply, ``thread_ts`` its thread's
+    post, in that thread's ``conversations.replies``, ``LOOKUP_PAGES`` pages at most: Slack lists
+    no reply in the history; a
     channel's name resolved by ``conversations.list``, ``channels``: those known, name to ID):
     its channel ID and ts. None where none was found, or where Slack refused the look-up (a scope
     the token lacks: ``channels:history``, ``groups:history``, ``channels:read``, ``groups:read``;
@@ -965,10 +968,25 @@ def find_post(
             return None
         known[channel] = cid
         cursor = None
+        where = f"the thread {thread_ts} of {cid}" if thread_ts else f"{cid}'s history"
         for page_number in range(1, LOOKUP_PAGES + 1):
-            page = limited(
-                client.conversations_history, channel=cid, include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor
-            )
+            if thread_ts:  # (oldest first: read to its end)
+                page = limited(
+                    client.conversations_replies,
+                    channel=cid,
+                    ts=thread_ts,
+                    include_all_metadata=True,
+                    limit=LOOKUP_PAGE,
+                    cursor=cursor,
+                )
+            else:
+                page = limited(
+                    client.conversations_history,
+                    channel=cid,
+                    include_all_metadata=True,
+                    limit=LOOKUP_PAGE,
+                    cursor=cursor,
+                )
             back_to = since - _ahead_of_slack(page)  # (the try's time on Slack's clock)
             messages = page.get("messages") or []
             for m in messages:
@@ -980,15 +998,15 @@ def find_post(
                     log.info("report %s was posted already (%s, ts %s): not posted again", report_id, cid, m["ts"])
                     return {"channel": cid, "ts": m["ts"]}
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
-            if not page.get("has_more") or not cursor or _older_than(messages, back_to):
+            if not page.get("has_more") or not cursor or (not thread_ts and _older_than(messages, back_to)):
                 return None
             if time.monotonic() - limited.waited > reading_until or page_number == LOOKUP_PAGES:
                 log.warning(
-                    "report %s may have been posted already; not found in %d page(s) of %s's history since "
+                    "report %s may have been posted already; not found in %d page(s) of %s since "
                     "then (more there): it is posted, perhaps a second time",
                     report_id,
                     page_number,
-                    cid,
+                    where,
                 )
                 return None
     except _slack_failures() as exc:
@@ -1427,7 +1445,7 @@ def send_report(
     deadline = None if budget_s is None else time.monotonic() + budget_s
     if not outbox.exists(name) and queued is not None:  # (sent by an earlier try, or another round)
         try:
-            found = find_post(client, notifier.channel, stem, queued, deadline=deadline)
+            found = find_post(client, notifier.channel, stem, queued, deadline=deadline, thread_ts=message.thread_ts)
         except LookupFailed as exc:  # (written again, to be looked for by a later round first)
             error = f"an earlier try may have posted it: {exc}"
             return {**notifier._to_outbox(message, stem, error=error, maybe_posted=queued), "slack_error": error}
@@ -1512,7 +1530,7 @@ def _send_claimed(
     tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
-            sent = find_post(client, found.channel, stem, min(tries), channels, deadline)
+            sent = find_post(client, found.channel, stem, min(tries), channels, deadline, message.thread_ts)
         except LookupFailed as exc:
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:

@@ -6,7 +6,7 @@ blocks, 3000 characters per text field, 150 per header, 12,000 in all; ``metadat
 ``thread_ts``, kept out of the history), ``files.getUploadURLExternal``, the upload URL it hands out, and
 ``files.completeUploadExternal`` (a file completed into a thread becomes a reply there, its
 ``files`` named as uploaded); ``conversations.replies`` (a thread: its parent, then its replies,
-oldest first, ``limit`` and ``cursor`` pages); ``conversations.history`` (a channel's ID only, as Slack:
+oldest first, ``limit`` and ``cursor`` pages, metadata with ``include_all_metadata``); ``conversations.history`` (a channel's ID only, as Slack:
 newest first, after ``oldest``, ``limit`` and ``cursor`` pages, the messages' metadata with
 ``include_all_metadata``) and ``conversations.list``, by GET or POST; each method refused
 ``missing_scope`` where the token lacks its scope (``scopes``). Answers ``{"ok": false, "error":
@@ -216,7 +216,9 @@ class FakeSlack:
         if isinstance(page, str):
             return {"ok": False, "error": page}
         messages, more, cursor = page
-        return {"ok": True, "messages": messages, "has_more": more, "response_metadata": {"next_cursor": cursor}}
+        metadata = str(body.get("include_all_metadata", "")).lower() in ("1", "true")
+        shown = [m if metadata else {k: v for k, v in m.items() if k != "metadata"} for m in messages]
+        return {"ok": True, "messages": shown, "has_more": more, "response_metadata": {"next_cursor": cursor}}
 
     def _list(self, body: dict[str, Any]) -> dict[str, Any]:
         types = str(body.get("types") or "public_channel").split(",")

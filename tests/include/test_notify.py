@@ -1635,3 +1635,41 @@ def test_a_report_whose_task_died_once_slack_took_it_is_posted_once_with_one_cha
     third = send_report(SlackNotifier("#model-rollouts", outbox=outbox, client=client), message, stem, queued, 120)
     assert (third["ts"], third["posted_before"]) == (again["ts"], True)
     assert len(slack.messages()) == 1
+
+
+def test_a_threaded_report_whose_answer_was_lost_is_looked_for_in_its_thread(slack, tmp_path):
+    """A report "Sent again" as a reply in the thread of the run's first report, Slack took it but
+    its answer was cut off: the next round looked for it in conversations.history only, where Slack
+    never lists a thread's replies, and posted it a second time. It is looked for in its thread."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import send_waiting, sent_again
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    notifier = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    first = notifier.send(rollback_message(SPEC, "first"))
+    slack.lose = {"chat.postMessage": 1}
+    lost = notifier.send(sent_again(rollback_message(SPEC, "again"), first["ts"]))
+    assert "slack_error" in lost
+    assert len(slack.thread_replies(first["channel"], first["ts"])) == 1
+    (result,) = send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+    assert (result["sent"], result.get("posted_before")) == (True, True)
+    assert len(slack.thread_replies(first["channel"], first["ts"])) == 1
+    assert [c["method"] for c in slack.calls].count("conversations.replies") == 1
+    assert outbox.names() == []
+
+
+def test_a_threaded_report_a_task_sent_before_its_retry_is_found_in_its_thread(slack, tmp_path):
+    """A task's try posted its report as a reply and was killed once it was out of the outbox: the
+    retry looked for it in the channel's history only and posted it again; it finds it in the thread."""
+    from vision_rollout.notify import report_name, send_report, sent_again
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    notifier = SlackNotifier("#model-rollouts", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    first = notifier.send(rollback_message(SPEC, "first"))
+    message, stem, queued = sent_again(rollback_message(SPEC, "again"), first["ts"]), report_name(), time.time()
+    sent = send_report(notifier, message, stem, queued)
+    again = send_report(notifier, message, stem, queued)
+    assert (again["ts"], again.get("posted_before")) == (sent["ts"], True)
+    assert len(slack.thread_replies(first["channel"], first["ts"])) == 1
+    assert outbox.names() == []
