@@ -46,6 +46,43 @@ def around_now() -> tuple[datetime, datetime]:
     return now - timedelta(minutes=5), now + timedelta(minutes=5)
 
 
+def paired_log(tmp_path: Path, folder: str, answers: list[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A prediction log in ``tmp_path / folder`` written by the real writer (a fixed key in
+    ``tmp_path / "keys.json"``, one for the folder's logs): for each ``(primary, shadow)`` output
+    of ``answers`` a request ``r<i>`` (image ``img-<i>``) of version 1's primary record and
+    version 2's shadow record. The log's folder."""
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, PredictionLog
+
+    keys = tmp_path / "keys.json"
+    if not keys.exists():
+        keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
+    log = PredictionLog(tmp_path / folder, Masker(KeyRing(keys)), replica="pod")
+    for i, (p, q) in enumerate(answers):
+        image = np.array([f"img-{i}".encode()], dtype=object)
+        for version, role, scores in (("1", "primary", p), ("2", "shadow", q)):
+            log.append(
+                Inference(
+                    time.time(),
+                    "digits",
+                    version,
+                    role,
+                    "route",
+                    f"r{i}",
+                    "0" * 32,
+                    "0" * 16,
+                    1.0,
+                    "ok",
+                    scores,
+                    image,
+                    True,
+                    {},
+                )
+            )
+    log.flush()
+    return tmp_path / folder
+
+
 def test_kl_is_zero_for_equal_and_positive_otherwise():
     p = np.array([0.7, 0.2, 0.1])
     assert kl(p, p) == pytest.approx(0.0, abs=1e-9)
@@ -309,14 +346,9 @@ def test_a_shadow_as_unsure_as_its_primary_is_no_anomaly(tmp_path):
     of them at 0.55), had a third of its answers anomalies and failed (limit 10%). Low
     confidence is the shadow's anomaly where its primary was sure; a shadow unsure where its
     primary was sure still is one."""
-    from model_server.masking import KeyRing, Masker
-    from model_server.predictionlog import Inference, PredictionLog
-
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
 
     def written(folder: str, shadow_unsure_alone: bool) -> Path:
-        log = PredictionLog(tmp_path / folder, Masker(KeyRing(keys)), replica="pod")
+        answers = []
         for i in range(600):
             unsure = i % 3 == 0
             p = np.full((1, 10), (0.45 if unsure else 0.09) / 9, np.float32)
@@ -325,28 +357,8 @@ def test_a_shadow_as_unsure_as_its_primary_is_no_anomaly(tmp_path):
             if shadow_unsure_alone:
                 p = np.full((1, 10), 0.01, np.float32)
                 p[0, i % 10] = 0.91
-            image = np.array([f"img-{i}".encode()], dtype=object)
-            for version, role, scores in (("1", "primary", p), ("2", "shadow", q)):
-                log.append(
-                    Inference(
-                        time.time(),
-                        "digits",
-                        version,
-                        role,
-                        "route",
-                        f"r{i}",
-                        "0" * 32,
-                        "0" * 16,
-                        1.0,
-                        "ok",
-                        scores,
-                        image,
-                        True,
-                        {},
-                    )
-                )
-        log.flush()
-        return tmp_path / folder
+            answers.append((p, q))
+        return paired_log(tmp_path, folder, answers)
 
     alike = audit(written("alike", False), *around_now(), "digits")
     assert (alike.verdict, alike.agreement, alike.anomaly_rate) == ("pass", 1.0, 0.0)
@@ -1305,38 +1317,13 @@ def test_a_shadow_answering_another_output_shape_fails_with_its_report_and_chart
     rollout's shadow_consistency failed on the error, the hourly audit on every run). The bins
     are fixed over the range shown (0 to 2); the shadow fails the audit, with its report (its
     pairs' outputs differ in shape now: disagreements, no divergence computed on them)."""
-    from model_server.masking import KeyRing, Masker
-    from model_server.predictionlog import Inference, PredictionLog
-
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
-    log = PredictionLog(tmp_path / "log", Masker(KeyRing(keys)), replica="pod")
     other = np.full((1, 2, 5), 0.1, np.float32)
+    answers = []
     for i in range(300):
         p = np.full((1, 10), 0.01, np.float32)
         p[0, i % 10] = 0.91
-        image = np.array([f"img-{i}".encode()], dtype=object)
-        for version, role, scores in (("1", "primary", p), ("2", "shadow", other)):
-            log.append(
-                Inference(
-                    time.time(),
-                    "digits",
-                    version,
-                    role,
-                    "route",
-                    f"r{i}",
-                    "0" * 32,
-                    "0" * 16,
-                    1.0,
-                    "ok",
-                    scores,
-                    image,
-                    True,
-                    {},
-                )
-            )
-    log.flush()
-    result = audit(tmp_path / "log", *around_now(), "digits")
+        answers.append((p, other))
+    result = audit(paired_log(tmp_path, "log", answers), *around_now(), "digits")
     assert (result.verdict, result.rows, result.output_differs) == ("fail", 300, 300)
     assert result.divergences is None  # (no pair's outputs compare: none computed on them)
     assert any("primary FP32[10], shadow FP32[2,5]" in r for r in result.reasons)
