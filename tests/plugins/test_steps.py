@@ -378,12 +378,7 @@ def test_notify_cleared_after_a_promoted_run_ended_touches_nothing_and_says_it_i
     sent again; the teardown finds nothing to undo."""
     s = server_factory(repo_copy, token=TOKEN)
     admin = connect(s, monkeypatch, tmp_path, models_dir)
-    built = steps.build_image(PARAMS, "run-a")
-    steps.apply_weights(PARAMS, 0, "run-a", built)
-    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
-    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
-    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
-    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    _, first = promoted_and_ended()
     promoted = admin.traffic("digits").to_dict()
     assert promoted == {"route": [{"version": "2", "weight": 100}]}
     again = steps.build_image(PARAMS, "run-a", report_only=True)  # decide and promote not cleared
@@ -401,6 +396,18 @@ def test_notify_cleared_after_a_promoted_run_ended_touches_nothing_and_says_it_i
     )
     assert steps.ensure_stable(PARAMS, "run-a", None, None, first, "promote").startswith("the run had ended")
     assert admin.traffic("digits").to_dict() == promoted
+
+
+def promoted_and_ended(run_id: str = "run-a") -> tuple[dict, dict]:
+    """A run of PARAMS whose every stage passed, promoted, its report sent and its teardown done:
+    its ``ended.json`` written. Its build_image's answer and its report."""
+    built = steps.build_image(PARAMS, run_id)
+    steps.apply_weights(PARAMS, 0, run_id, built)
+    steps.apply_weights(PARAMS, 1, run_id, PASS, built["sha256"])
+    steps.promote(PARAMS, run_id, "promote", built["sha256"])
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, run_id)
+    steps.ensure_stable(PARAMS, run_id, "2", None, first, "promote")
+    return built, first
 
 
 def rolled_back_and_ended(admin: Any, run_id: str = "run-a") -> dict:
@@ -495,12 +502,7 @@ def test_promote_or_rollback_cleared_after_the_run_ended_re_verify_and_touch_not
     assert admin.traffic("digits").to_dict() == stable
     assert (admin.ready("digits", "1"), admin.ready("digits", "2"), lease.holding()) == (True, False, None)
 
-    built = steps.build_image(PARAMS, "run-b")  # version 2 again, promoted this time
-    steps.apply_weights(PARAMS, 0, "run-b", built)
-    steps.apply_weights(PARAMS, 1, "run-b", PASS, built["sha256"])
-    steps.promote(PARAMS, "run-b", "promote", built["sha256"])
-    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-b")
-    steps.ensure_stable(PARAMS, "run-b", "2", None, first, "promote")
+    built, _ = promoted_and_ended("run-b")  # version 2 again, promoted this time
     promoted = admin.traffic("digits").to_dict()
     assert cleared("run-b", "promote", {"build_image": built}) == "2"
     assert admin.traffic("digits").to_dict() == promoted
@@ -522,12 +524,7 @@ def test_a_report_sent_again_after_the_run_ended_is_threaded_under_the_first(
     outbox with its thread where Slack does not take it."""
     s = server_factory(repo_copy, token=TOKEN)
     connect(s, monkeypatch, tmp_path, models_dir)
-    built = steps.build_image(PARAMS, "run-a")
-    steps.apply_weights(PARAMS, 0, "run-a", built)
-    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
-    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
-    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
-    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    _, first = promoted_and_ended()
     again = steps.build_image(PARAMS, "run-a", report_only=True)
     resent = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], again["preflight"], "run-a")
     original, reply = slack.messages()
@@ -553,12 +550,7 @@ def test_a_step_cleared_alone_after_the_run_ended_skips_saying_so(
     whose promotion stands, turned failed. It skips now, saying the run ended, touching nothing."""
     s = server_factory(repo_copy, token=TOKEN)
     admin = connect(s, monkeypatch, tmp_path, models_dir)
-    built = steps.build_image(PARAMS, "run-a")
-    steps.apply_weights(PARAMS, 0, "run-a", built)
-    steps.apply_weights(PARAMS, 1, "run-a", PASS, built["sha256"])
-    steps.promote(PARAMS, "run-a", "promote", built["sha256"])
-    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
-    steps.ensure_stable(PARAMS, "run-a", "2", None, first, "promote")
+    built, _ = promoted_and_ended()
     promoted = admin.traffic("digits").to_dict()
     ended = r"this run ended \(promoted: .*\): its steps are not run again, nothing touched; trigger a new run"
     with pytest.raises(AirflowSkipException, match=ended):
