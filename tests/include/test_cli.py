@@ -891,6 +891,23 @@ def kubeconfig_of(api, tmp_path, monkeypatch):
     return client.ApiClient(cfg)
 
 
+def istio_objects_of(api, target) -> None:
+    """``target``'s VirtualService (version 1 taking all of the traffic) and DestinationRule and
+    the mesh's EnvoyFilter, as deploy/ leaves them, in the fake API server ``api``."""
+    from vision_rollout.mesh import render_destination_rule, render_envoy_filter, render_virtual_service
+
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    for plural, ns, obj in (
+        ("virtualservices", "ml", render_virtual_service(target, stable, ["1"])),
+        ("destinationrules", "ml", render_destination_rule(target, ["1"])),
+        ("envoyfilters", "istio-system", render_envoy_filter()),
+    ):
+        api.objects[(plural, ns, obj["metadata"]["name"])] = {
+            **obj,
+            "metadata": {**obj["metadata"], "resourceVersion": "1"},
+        }
+
+
 def logging_args(tmp_path) -> tuple[str, str]:
     """A model server's arguments writing the prediction log ``run_argv`` reads (a run checks,
     at its first look, that it reads the log the server writes)."""
@@ -1662,21 +1679,12 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
 
     from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.locks import CLOCK_SKEW_S, LEASE_S, LeaseLock
-    from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
+    from vision_rollout.mesh import IstioTarget
 
     target = IstioTarget("ml", "digits", "digits-vs")
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     api = FakeKubeAPI().start()
     try:
-        for plural, ns, obj in (
-            ("virtualservices", "ml", render_virtual_service(target, stable, ["1"])),
-            ("destinationrules", "ml", render_destination_rule(target, ["1"])),
-            ("envoyfilters", "istio-system", render_envoy_filter()),
-        ):
-            api.objects[(plural, ns, obj["metadata"]["name"])] = {
-                **obj,
-                "metadata": {**obj["metadata"], "resourceVersion": "1"},
-            }
+        istio_objects_of(api, target)
         kube = kubeconfig_of(api, tmp_path, monkeypatch)
         LeaseLock("digits", "ml", kube, key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
         policy = tmp_path / "policy.json"
@@ -2333,22 +2341,13 @@ def test_mesh_apply_istio_records_each_mirror_change_where_the_audit_reads_it(tm
     DAG's router records it; a mirror change without --run-dir is refused, nothing changed."""
     from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.folders import Folder
-    from vision_rollout.mesh import IstioTarget, render_destination_rule, render_envoy_filter, render_virtual_service
+    from vision_rollout.mesh import IstioTarget
     from vision_rollout.mirrors import mirror_log
 
     target = IstioTarget("ml", "digits", "digits")
-    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     api = FakeKubeAPI().start()
     try:
-        for plural, ns, obj in (
-            ("virtualservices", "ml", render_virtual_service(target, stable, ["1"])),
-            ("destinationrules", "ml", render_destination_rule(target, ["1"])),
-            ("envoyfilters", "istio-system", render_envoy_filter()),
-        ):
-            api.objects[(plural, ns, obj["metadata"]["name"])] = {
-                **obj,
-                "metadata": {**obj["metadata"], "resourceVersion": "1"},
-            }
+        istio_objects_of(api, target)
         kubeconfig_of(api, tmp_path, monkeypatch)
         mirrored = tmp_path / "mirrored.json"
         mirrored.write_text(
