@@ -324,16 +324,13 @@ def test_a_negative_history_limit_is_refused():
         beyond_history({"1": 0}, set(), -1)
 
 
-def test_the_labels_and_annotations_the_overlay_set_on_a_budget_outlive_the_rollouts_applies():
+def test_the_labels_and_annotations_the_overlay_set_on_a_budget_outlive_the_rollouts_applies(kube_api):
     """deploy/'s overlay applies version 1's PodDisruptionBudget with the rollout's field manager,
     so the labels and annotations it set there (kustomize's commonLabels and commonAnnotations:
     a team label an admission policy requires, a GitOps tool's tracking label) were removed by
     the rollout's next apply of the budget, which left them out. They are kept, as on the
     VirtualService, the DestinationRule and the Deployments; the rollout's own labels win."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
@@ -343,104 +340,80 @@ def test_the_labels_and_annotations_the_overlay_set_on_a_budget_outlive_the_roll
     pdb["metadata"]["annotations"] = {
         "argocd.argoproj.io/tracking-id": "digits:policy/PodDisruptionBudget:ml/digits-v1"
     }
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        for obj in (v1, pdb):
-            apply_object(client.ApiClient(cfg), obj)
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.scale("1", 3)
-        versions.apply("2", "img:2", 1, like="1")
-        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
-        assert live["labels"]["team"] == "vision"
-        assert live["labels"]["version"] == "1"
-        assert live["annotations"] == pdb["metadata"]["annotations"]
-        assert "team" not in api.objects[("poddisruptionbudgets", "models", "digits-v2")]["metadata"]["labels"]
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    for obj in (v1, pdb):
+        apply_object(api_client, obj)
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.scale("1", 3)
+    versions.apply("2", "img:2", 1, like="1")
+    live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+    assert live["labels"]["team"] == "vision"
+    assert live["labels"]["version"] == "1"
+    assert live["annotations"] == pdb["metadata"]["annotations"]
+    assert "team" not in api.objects[("poddisruptionbudgets", "models", "digits-v2")]["metadata"]["labels"]
 
 
-def test_a_candidate_image_another_manager_applied_is_refused_naming_the_field():
+def test_a_candidate_image_another_manager_applied_is_refused_naming_the_field(kube_api):
     """A candidate's Deployment whose image another manager applied (a platform's GitOps tool
     server-side, a colleague's ``kubectl apply --server-side``) is not taken over: the rollout's
     apply of its own image is refused naming that manager and the field, and the pods keep the
     other's image, as on a real cluster (the one-machine API server took the apply over)."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import RouterError
     from vision_rollout.settings import BuildSettings
 
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        apply_object(client.ApiClient(cfg), render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0)))
-        theirs = render_deployment(TARGET, "digits", "2", "img:theirs", 1, BuildSettings(gpus=0))
-        apply_object(client.ApiClient(cfg), theirs, manager="argocd-controller")
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        with pytest.raises(RouterError) as refused_apply:
-            versions.apply("2", "img:2", 1, like="1")
-        assert (
-            'conflict with "argocd-controller" using apps/v1: .spec.template.spec.containers[name="model-server"].image'
-            in str(refused_apply.value)
-        )
-        assert "The rollout does not take over fields another manager owns" in str(refused_apply.value)
-        live = api.objects[("deployments", "models", "digits-v2")]
-        assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    apply_object(api_client, render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0)))
+    theirs = render_deployment(TARGET, "digits", "2", "img:theirs", 1, BuildSettings(gpus=0))
+    apply_object(api_client, theirs, manager="argocd-controller")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    with pytest.raises(RouterError) as refused_apply:
+        versions.apply("2", "img:2", 1, like="1")
+    assert (
+        'conflict with "argocd-controller" using apps/v1: .spec.template.spec.containers[name="model-server"].image'
+        in str(refused_apply.value)
+    )
+    assert "The rollout does not take over fields another manager owns" in str(refused_apply.value)
+    live = api.objects[("deployments", "models", "digits-v2")]
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
 
 
-def test_a_candidate_made_like_the_baseline_does_not_take_a_gitops_tools_tracking_of_it():
+def test_a_candidate_made_like_the_baseline_does_not_take_a_gitops_tools_tracking_of_it(kube_api):
     """Argo CD finds an application's resources by its tracking label (app.kubernetes.io/instance,
     its default before 3.0) and prunes those not in Git: the candidate's Deployment, made like
     version 1's, took that label (and the tracking-id annotation), so an auto-syncing Argo CD
     took it for an extra resource of the application and deleted it mid-rollout. The candidate
     no longer carries the baseline's tracking; the baseline scaled keeps its own."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
     v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
     v1["metadata"]["labels"].update({"app.kubernetes.io/instance": "digits", "team": "vision"})
     v1["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits:apps/Deployment:models/digits-v1"}
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        apply_object(client.ApiClient(cfg), v1)
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.apply("2", "img:2", 1, like="1")
-        versions.scale("1", 1)
-        v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
-        assert "app.kubernetes.io/instance" not in v2_live["labels"]
-        assert "argocd.argoproj.io/tracking-id" not in (v2_live.get("annotations") or {})
-        assert v2_live["labels"]["team"] == "vision"
-        assert v1_live["labels"]["app.kubernetes.io/instance"] == "digits"
-        assert (
-            v1_live["annotations"]["argocd.argoproj.io/tracking-id"]
-            == v1["metadata"]["annotations"]["argocd.argoproj.io/tracking-id"]
-        )
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    apply_object(api_client, v1)
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1, like="1")
+    versions.scale("1", 1)
+    v1_live, v2_live = (api.objects[("deployments", "models", f"digits-v{v}")]["metadata"] for v in "12")
+    assert "app.kubernetes.io/instance" not in v2_live["labels"]
+    assert "argocd.argoproj.io/tracking-id" not in (v2_live.get("annotations") or {})
+    assert v2_live["labels"]["team"] == "vision"
+    assert v1_live["labels"]["app.kubernetes.io/instance"] == "digits"
+    assert (
+        v1_live["annotations"]["argocd.argoproj.io/tracking-id"]
+        == v1["metadata"]["annotations"]["argocd.argoproj.io/tracking-id"]
+    )
 
 
-def test_a_label_another_manager_set_on_a_budget_stays_its_own_after_the_rollouts_applies():
+def test_a_label_another_manager_set_on_a_budget_stays_its_own_after_the_rollouts_applies(kube_api):
     """The rollout copied the live budget's labels and annotations into its forced apply: those
     the platform applied with its own field manager (Argo CD's) became the rollout's too, and
     the platform's next apply, which left one out, could not remove it. What another manager
     owns stays out of the rollout's apply: the platform removes it with its own."""
-    from kubernetes import client
-
     from devstack.cluster.install import apply_object
-    from devstack.cluster.kube import FakeKubeAPI
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.settings import BuildSettings
 
@@ -448,22 +421,17 @@ def test_a_label_another_manager_set_on_a_budget_stays_its_own_after_the_rollout
     pdb = render_pdb(TARGET, "1", 2)
     pdb["metadata"]["labels"]["team"] = "vision"
     pdb["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits"}
-    api = FakeKubeAPI().start()
-    try:
-        cfg = client.Configuration()
-        cfg.host = api.url
-        apply_object(client.ApiClient(cfg), v1)
-        apply_object(client.ApiClient(cfg), pdb, manager="argocd-controller")
-        versions = VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0))
-        versions.scale("1", 3)
-        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
-        assert live["labels"]["team"] == "vision"
-        del pdb["metadata"]["labels"]["team"]
-        del pdb["metadata"]["annotations"]
-        apply_object(client.ApiClient(cfg), pdb, manager="argocd-controller")
-        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
-        assert "team" not in live["labels"]
-        assert "annotations" not in live
-        assert live["labels"]["app.kubernetes.io/managed-by"] == "model-rollout"
-    finally:
-        api.stop()
+    api, api_client = kube_api
+    apply_object(api_client, v1)
+    apply_object(api_client, pdb, manager="argocd-controller")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.scale("1", 3)
+    live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+    assert live["labels"]["team"] == "vision"
+    del pdb["metadata"]["labels"]["team"]
+    del pdb["metadata"]["annotations"]
+    apply_object(api_client, pdb, manager="argocd-controller")
+    live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]["metadata"]
+    assert "team" not in live["labels"]
+    assert "annotations" not in live
+    assert live["labels"]["app.kubernetes.io/managed-by"] == "model-rollout"
