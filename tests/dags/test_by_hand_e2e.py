@@ -49,6 +49,25 @@ def test_a_wait_marked_success_by_hand_rolls_back_saying_so(stack):  # noqa: F81
 WHEN = pendulum.datetime(2026, 3, 1, tz="UTC")  # one run's logical date and run_after: its run_id
 
 
+PROMOTED = {"route": [{"version": "2", "weight": 100}]}
+
+
+def promoted_run(tmp) -> tuple[dict, DagRun, int]:
+    """The run of WHEN rolling version 2 out (no mirror), promoted: its conf, the run, and how
+    many reports the outbox holds after it."""
+    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
+    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
+    assert first.state == "success"
+    return conf, first, len(list((tmp / "run" / "outbox").glob("*.json")))
+
+
+def promotion_stands(server, tmp) -> None:
+    """Version 2 takes all of the traffic and alone is loaded; no run holds the model's lease."""
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == PROMOTED
+    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
+    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+
+
 @contextmanager
 def cleared_with_downstream(task_id: str):
     """The next dag.test() of the same logical date runs that run again as the UI's "Clear" of
@@ -85,21 +104,15 @@ def test_notify_cleared_after_a_promotion_sends_the_report_again_touching_nothin
     not started; the run turned failed, notify never ran. It now starts nothing (routes, loads,
     lease untouched) and notify sends the promotion's report again, saying it is sent again."""
     server, tmp = stack
-    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
-    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
-    assert first.state == "success"
-    promoted = {"route": [{"version": "2", "weight": 100}]}
-    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
-    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    conf, first, reports = promoted_run(tmp)
+    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == PROMOTED
     with cleared_with_downstream("notify"):
         again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
     assert again.run_id == first.run_id
     states = {ti.task_id: ti.state for ti in again.get_task_instances()}
     assert (states["build_image"], states["notify"], states["outcome"], states["ensure_stable"]) == ("success",) * 4
     assert again.state == "success"
-    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
-    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
-    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    promotion_stands(server, tmp)
     assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports + 1  # the report, once more
     text = last_report(tmp)["text"]
     assert text.startswith("Sent again: notify was cleared after the run ended")
@@ -112,19 +125,13 @@ def test_promote_cleared_after_a_promotion_re_verifies_it_touching_nothing(stack
     run turned failed. Now promote re-verifies the promotion, touching nothing, notify sends the
     report again, and the run stays a success."""
     server, tmp = stack
-    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
-    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
-    assert first.state == "success"
-    promoted = {"route": [{"version": "2", "weight": 100}]}
-    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    conf, _, reports = promoted_run(tmp)
     with cleared_with_downstream("promote"):
         again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
     states = {ti.task_id: ti.state for ti in again.get_task_instances()}
     assert (states["build_image"], states["promote"], states["notify"], states["ensure_stable"]) == ("success",) * 4
     assert (states["outcome"], again.state) == ("success", "success")
-    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
-    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
-    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    promotion_stands(server, tmp)
     assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports + 1
     assert last_report(tmp)["text"].startswith("Sent again")
 
@@ -134,16 +141,10 @@ def test_a_promoted_run_cleared_whole_is_refused_and_stays_a_success(stack):  # 
     and the run, whose promotion stands, turned failed in the list of runs. It skips now, saying
     why, every task after it skips, nothing is touched, and the run stays a success."""
     server, tmp = stack
-    conf = {**CONF, "candidate_version": "2", "mirror_percent": 0}
-    first = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)
-    assert first.state == "success"
-    promoted = {"route": [{"version": "2", "weight": 100}]}
-    reports = len(list((tmp / "run" / "outbox").glob("*.json")))
+    conf, _, reports = promoted_run(tmp)
     again = rollout_dag().test(run_conf=conf, logical_date=WHEN, run_after=WHEN)  # (every task cleared)
     states = {ti.task_id: ti.state for ti in again.get_task_instances()}
     assert (states["build_image"], states["promote"], states["outcome"]) == ("skipped",) * 3
     assert again.state == "success"
-    assert LocalRouter(server.http, "digits", TOKEN).get_routes().to_dict() == promoted
-    assert server.client().get_model_metadata("digits")["versions"] == ["2"]
-    assert not (tmp / "run" / "locks" / "digits.lock").exists()
+    promotion_stands(server, tmp)
     assert len(list((tmp / "run" / "outbox").glob("*.json"))) == reports
