@@ -1531,7 +1531,9 @@ def _send_claimed(
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
             sent = find_post(client, found.channel, stem, min(tries), channels, deadline, message.thread_ts)
-        except LookupFailed as exc:
+        except LookupFailed as exc:  # (the dead senders' claims removed: the report keeps their time)
+            if found.maybe_posted is None:
+                _note(outbox, name, maybe_posted=min(tries))
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:
             outbox.write(mark, json.dumps(sent).encode())

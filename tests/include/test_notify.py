@@ -1405,6 +1405,46 @@ def test_a_look_up_ends_within_the_rounds_budget_leaving_the_report_waiting(slac
     assert outbox.names() == []
 
 
+def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_report_maybe_posted(
+    slack, tmp_path, monkeypatch
+):
+    """A sender stopped once Slack took its post leaves its claim (the report may be posted); the
+    next round removed that lapsed claim, then its look-up ran out of the round's budget: the
+    report waited with nothing saying it may be posted, and the round after posted it a second
+    time. The report keeps when that dead sender claimed it, and the next round looks first."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import send_waiting
+
+    monkeypatch.setattr(notify, "MAX_RETRY_AFTER_S", 1)
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
+    dying = WebClient(token=slack.token, base_url=slack.base_url)
+    post = dying.chat_postMessage
+
+    def posted_then_stopped(**kwargs: object) -> None:
+        post(**kwargs)
+        raise KeyboardInterrupt
+
+    dying.chat_postMessage = posted_then_stopped  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        send_waiting(outbox, dying)
+    later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.history_every_s = 30.0  # (one call in 30 s: the look-up's next one answered 429)
+    client.conversations_history(channel="C0ROLLOUT")
+    (result,) = send_waiting(outbox, client, budget_s=3, clock=later)
+    assert "budget" in result["error"]
+    assert len(slack.messages()) == 1
+    slack.history_every_s, slack._history_at = 0.0, -1e9
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
 @pytest.mark.parametrize("answer", [b"[1, 2]", b'"ok"', b'{"ok": true}', b'{"ok": true, "channel": 5}'])
 def test_an_answer_that_is_no_slack_object_keeps_the_report_and_fails_no_round(slack, tmp_path, answer):
     """A base URL that is not Slack's, a proxy answering 200 with JSON that is no object (or an
