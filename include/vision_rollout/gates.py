@@ -343,7 +343,10 @@ def trimmed_mean(x: np.ndarray, trim: float = TRIM) -> tuple[float, float, int]:
     kept = s[g : n - g]
     winsorized = np.clip(s, s[g], s[n - g - 1])
     h = len(kept)
-    return float(kept.mean()), float((n - 1) * winsorized.var(ddof=1) / (h * (h - 1))), h
+    spread = float(winsorized.var(ddof=1))
+    if spread <= 1e-12 * float(s.var(ddof=1)):  # (its middle tied, its values not: the plain mean's spread)
+        return float(kept.mean()), float(s.var(ddof=1)) / n, h
+    return float(kept.mean()), (n - 1) * spread / (h * (h - 1)), h
 
 
 def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: float) -> Check:

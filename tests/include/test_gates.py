@@ -609,3 +609,18 @@ def test_windows_moved_and_restarts_keep_the_wrong_pass_rate_where_the_report_sa
             fresh |= crossings(rng, full, K, sims)
         bound = chance(alpha, n)
         assert fresh.mean() <= bound + 3 * math.sqrt(bound * (1 - bound) / sims)
+
+
+def test_latencies_tied_in_their_middle_still_have_a_spread():
+    """Yuen's winsorized variance is 0 when the middle 60% of an arm's latencies tie (a coarse
+    clock, a constant-time path), not only when all do: the check then decided at once on a
+    zero-width interval, a canary 3% slower on its slow fifth passed with "resolve differences of
+    about +0%". An arm whose winsorized variance is 0 but whose values differ keeps the spread of
+    its plain mean, so the interval has a width and such a check waits for evidence."""
+    rng = np.random.default_rng(7)
+    base = np.where(rng.random(400) < 0.7, 2.0, rng.uniform(1.0, 3.0, 400))
+    canary = np.where(rng.random(400) < 0.7, 2.0, rng.uniform(1.0, 3.6, 400))
+    check = latency_check(base, canary, GateConfig(), nominal_alpha(0.05, 1, 10))
+    assert check.ci[1] > check.ci[0]
+    assert check.statistic is not None
+    assert check.decision == "wait"
