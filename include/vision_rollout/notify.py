@@ -970,23 +970,11 @@ def find_post(
         cursor = None
         where = f"the thread {thread_ts} of {cid}" if thread_ts else f"{cid}'s history"
         for page_number in range(1, LOOKUP_PAGES + 1):
-            if thread_ts:  # (oldest first: read to its end)
-                page = limited(
-                    client.conversations_replies,
-                    channel=cid,
-                    ts=thread_ts,
-                    include_all_metadata=True,
-                    limit=LOOKUP_PAGE,
-                    cursor=cursor,
-                )
-            else:
-                page = limited(
-                    client.conversations_history,
-                    channel=cid,
-                    include_all_metadata=True,
-                    limit=LOOKUP_PAGE,
-                    cursor=cursor,
-                )
+            # (a thread oldest first, read to its end; the history newest first)
+            method, thread = (
+                (client.conversations_replies, {"ts": thread_ts}) if thread_ts else (client.conversations_history, {})
+            )
+            page = limited(method, channel=cid, include_all_metadata=True, limit=LOOKUP_PAGE, cursor=cursor, **thread)
             back_to = since - _ahead_of_slack(page)  # (the try's time on Slack's clock)
             messages = page.get("messages") or []
             for m in messages:

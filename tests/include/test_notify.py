@@ -1420,15 +1420,8 @@ def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_rep
     monkeypatch.setattr(notify, "MAX_RETRY_AFTER_S", 1)
     outbox = Folder(str(tmp_path / "outbox"))
     SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
-    dying = WebClient(token=slack.token, base_url=slack.base_url)
-    post = dying.chat_postMessage
-
-    def posted_then_stopped(**kwargs: object) -> None:
-        post(**kwargs)
-        raise KeyboardInterrupt
-
-    dying.chat_postMessage = posted_then_stopped  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):
+    dying, killed = _dying_after_post(slack)
+    with pytest.raises(killed):
         send_waiting(outbox, dying)
     later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
     client = WebClient(token=slack.token, base_url=slack.base_url)
