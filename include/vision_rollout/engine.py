@@ -50,6 +50,7 @@ from vision_rollout.gates import (
     evaluate_gate,
     fewest_pairs,
     guard_checks,
+    information,
     limit_percent,
     nominal_alpha,
     utc_spans,
@@ -475,11 +476,13 @@ def judge_stage(
         return state("waiting", 0, None, f"holding: {partial}; nothing is judged on part of them")
     verdict: Verdict | None = None
     judged = 0
+    seen: list[int] = []  # the information of each look so far (its boundary reads them all)
     for look in range(1, K + 1):
         at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
         if at > now - settle_s:
             break
         samples = stage_samples(records, spec, window, at, labels, base)
+        seen.append(information(samples, window.latency_from))
         verdict = evaluate_gate(
             samples,
             cfg,
@@ -490,6 +493,7 @@ def judge_stage(
             replay_images=images,
             latency_unjudged=window.latency_unjudged,
             latency_carried_to=window.latency_carried_to(spec) if look == K else None,
+            information=tuple(seen),
         )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look

@@ -9,10 +9,12 @@ Each decisive check runs two one-sided tests against its margin m (non-inferiori
 
 Repeated looks: the gate is evaluated at every sensor poke and every stage, ``look`` k of
 ``looks`` K planned. Each one-sided test spends its alpha over the looks with a Lan-DeMets
-spending function (O'Brien-Fleming by default, or Pocock); the critical values are the exact
-group-sequential boundaries for information fractions k/K (recursive numerical integration,
-as in Armitage, McPherson and Rowe 1969 and Jennison and Turnbull 2000, ch. 19), so the
-error rates hold over all K looks. Confidence intervals are the matching repeated intervals.
+spending function (O'Brien-Fleming by default, or Pocock), alpha(k/K) by look k of the stage's
+plan; the critical values are the exact group-sequential boundaries for the information each
+look saw (``information``: traffic rising through a stage gives its early looks less than k/K
+of it), by recursive numerical integration as in Armitage, McPherson and Rowe 1969 and
+Jennison and Turnbull 2000, ch. 19, so the error rates hold over all K looks whatever the
+traffic does. Confidence intervals are the matching repeated intervals.
 
 Checks: latency (ratio of trimmed geometric means, Yuen's t on 20%-trimmed log latency; Mann-Whitney U as the rank
 check; p95/p99 ratio with distribution-free quantile intervals), errors and OOM (two proportions, Newcombe's
@@ -63,23 +65,62 @@ def _trapezoid(grid: np.ndarray) -> np.ndarray:
     return w
 
 
-@lru_cache(maxsize=256)
-def boundaries(alpha: float, looks: int, spending: str = "obrien-fleming", grid: int = 1201) -> tuple[float, ...]:
-    """Z critical values c_1..c_K of a one-sided test whose alpha is spent over K equal looks.
+NO_GAIN = 0.01  # a look that adds less than this share of a look's mean information counts as adding it
 
-    The score process S(t) is Brownian motion under H0; at look k the test rejects when
-    S(t_k) >= c_k sqrt(t_k). The density of S on the continuation region is carried from look
-    to look on a grid and each c_k solves P(first crossing at k) = alpha(t_k) - alpha(t_{k-1}).
+
+def information_times(looks: int, information: tuple[float, ...] | None) -> tuple[float, ...]:
+    """The score process's times at looks 1..k: the information seen at each, scaled so that the
+    k-th lies at k/K (scale is immaterial: the boundaries are in sqrt-time units). ``None``, or no
+    information at the k-th look: equal increments, k/K. A look that added (next to) nothing, a
+    look interval without traffic, counts as adding ``NO_GAIN`` of a look's mean: the same
+    statistic again would need a boundary the recursion's grid cannot carry."""
+    if information is None or not information or information[-1] <= 0:
+        return tuple(j / looks for j in range(1, (len(information) if information else looks) + 1))
+    k = len(information)
+    unit = information[-1] / k  # a look's mean information, at the k-th look
+    times, last = [], 0.0
+    for seen in information:
+        last = max(float(seen), last + NO_GAIN * unit)
+        times.append(last)
+    return tuple(t / times[-1] * k / looks for t in times)
+
+
+@lru_cache(maxsize=256)
+def boundaries(
+    alpha: float,
+    looks: int,
+    spending: str = "obrien-fleming",
+    information: tuple[float, ...] | None = None,
+    grid: int = 1201,
+) -> tuple[float, ...]:
+    """Z critical values c_1..c_k of a one-sided test whose alpha is spent over K planned looks.
+
+    The score process S(t) is Brownian motion under H0, in the time of the information seen:
+    at look k the test rejects when S(t_k) >= c_k sqrt(t_k). The density of S on the continuation
+    region is carried from look to look on a grid and each c_k solves P(first crossing at k) =
+    alpha(k/K) - alpha((k-1)/K).
+
+    ``information``: what looks 1..k saw (any unit, e.g. samples per arm: ``information``), c_1..c_k
+    returned; ``None`` (all K) for equal increments. The alpha is spent by the plan's fraction k/K
+    and the boundaries are computed at the information seen (Lan and DeMets 1989, "Group
+    sequential procedures: calendar versus information time"): a stage's plan is seconds, not samples (no
+    traffic forecast says what its last look will hold), and the error rate is exact whatever the
+    traffic does, because each c_k is solved under the process's true correlations, sqrt(n_j /
+    n_k). Boundaries computed at k/K for looks whose information was not k/K of the last's (traffic
+    rising from 1x at the first look to 3x at the last) passed a canary at the margin with 0.056
+    at alpha 0.05. A look that spent nothing (its c infinite) leaves its share to the next.
     """
     if looks < 1:
         raise ValueError("looks must be >= 1")
-    times = [k / looks for k in range(1, looks + 1)]
+    if information is not None and not 1 <= len(information) <= looks:
+        raise ValueError(f"information of 1..{looks} looks, got {len(information)}")
+    times = information_times(looks, information)
     out: list[float] = []
-    prev_t = 0.0
+    prev_t = used = 0.0
     s_grid: np.ndarray | None = None
     dens: np.ndarray | None = None
     for k, t in enumerate(times):
-        increment = spent(alpha, t, spending) - spent(alpha, prev_t, spending)
+        increment = spent(alpha, (k + 1) / looks, spending) - used
         dt = t - prev_t
         if k == 0:
             c = float(stats.norm.isf(increment)) if increment > 0 else math.inf
@@ -103,6 +144,7 @@ def boundaries(alpha: float, looks: int, spending: str = "obrien-fleming", grid:
                 b = optimize.brentq(excess, -8.0 * math.sqrt(t), hi, xtol=1e-10)
                 c = b / math.sqrt(t)
         out.append(c)
+        used += increment if math.isfinite(c) else 0.0
         upper = c * math.sqrt(t) if math.isfinite(c) else 8.0 * math.sqrt(t)
         new_grid = np.linspace(-8.0 * math.sqrt(t), upper, grid)
         if k == 0:
@@ -123,11 +165,20 @@ def boundaries(alpha: float, looks: int, spending: str = "obrien-fleming", grid:
     return tuple(out)
 
 
-def nominal_alpha(alpha: float, look: int, looks: int, spending: str = "obrien-fleming") -> float:
-    """The one-sided level at which look k of K is judged."""
+def nominal_alpha(
+    alpha: float,
+    look: int,
+    looks: int,
+    spending: str = "obrien-fleming",
+    information: tuple[float, ...] | None = None,
+) -> float:
+    """The one-sided level at which look k of K is judged; ``information``: what looks 1..k saw
+    (``boundaries``), None for equal increments."""
     if not 1 <= look <= looks:
         raise ValueError(f"look must be in 1..looks, got look={look}, looks={looks}")
-    c = boundaries(alpha, looks, spending)[look - 1]
+    if information is not None and len(information) != look:
+        raise ValueError(f"information of looks 1..{look}, got {len(information)}")
+    c = boundaries(alpha, looks, spending, information)[look - 1]
     return float(stats.norm.sf(c)) if math.isfinite(c) else 0.0
 
 
@@ -981,6 +1032,29 @@ def unreadable(samples: pd.DataFrame) -> str | None:
     return None
 
 
+def arm_latencies(samples: pd.DataFrame, latency_from: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The latencies the latency checks read, baseline's and canary's: the rows of source
+    ``latency_from`` (all rows when None) with a latency."""
+    if latency_from is not None and "source" not in samples.columns:
+        raise ValueError("latency_from needs a 'source' column")
+    rows = samples if latency_from is None else samples[samples["source"] == latency_from]
+    base, canary = (
+        rows.loc[rows["arm"] == arm, "latency_ms"].dropna().to_numpy(dtype=float) for arm in ("baseline", "canary")
+    )
+    return base, canary
+
+
+def information(samples: pd.DataFrame, latency_from: str | None = None) -> int:
+    """A look's information, as ``boundaries`` reads it: the latencies of the smaller arm
+    (``arm_latencies``). One measure serves every check of the look: it is the latency checks' own (their
+    variance is that of the smaller arm's mean, the arms' shares fixed within a stage), and it is
+    the one that follows the traffic most closely. The proportions count the same requests, plus
+    the validation replay's steady rounds, and live labels come with the live requests; the
+    paired accuracy check reads the same validation images at every look (the same statistic,
+    judged at most at the level of its most lenient look, never above alpha)."""
+    return min(len(arm) for arm in arm_latencies(samples, latency_from))
+
+
 def evaluate_gate(
     samples: pd.DataFrame,
     config: Any = None,
@@ -992,6 +1066,7 @@ def evaluate_gate(
     replay_images: int = 0,
     latency_unjudged: str | None = None,
     latency_carried_to: int | None = None,
+    information: tuple[float, ...] | None = None,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
@@ -1009,9 +1084,11 @@ def evaluate_gate(
     ``latency_carried_to``: at a stage's last look, the weight of the next stage, which judges
     latency on its own live arms and must show it: a look held by the geometric-mean latency
     check alone (not failed, its samples enough) passes, the check reported as carried there.
+    ``information``: what looks 1..``look`` saw (``information`` of each look's samples), for the
+    boundary of this look (``boundaries``); None for looks of equal information.
     """
     cfg = GateConfig.from_any(config)
-    level = nominal_alpha(cfg.alpha, look, looks, cfg.spending)
+    level = nominal_alpha(cfg.alpha, look, looks, cfg.spending, information)
     missing = {"arm", "latency_ms", "error"} - set(samples.columns)
     if missing:
         raise ValueError(f"samples lack column(s) {sorted(missing)}")
@@ -1026,14 +1103,7 @@ def evaluate_gate(
     if guards is not None:
         checks += guard_checks(guards, cfg)
 
-    if latency_from is not None:
-        if "source" not in samples.columns:
-            raise ValueError("latency_from needs a 'source' column")
-        timed_b, timed_c = (arm[arm["source"] == latency_from] for arm in (base, canary))
-    else:
-        timed_b, timed_c = base, canary
-    lat_b = timed_b["latency_ms"].dropna().to_numpy(dtype=float)
-    lat_c = timed_c["latency_ms"].dropna().to_numpy(dtype=float)
+    lat_b, lat_c = arm_latencies(samples, latency_from)
     n_min = min(len(lat_b), len(lat_c))
     if n_min < max(cfg.min_samples, 3):
         what = f"{latency_from} " if latency_from else ""

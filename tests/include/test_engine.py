@@ -19,7 +19,7 @@ from vision_rollout.engine import (
     replay_drop,
     stage_samples,
 )
-from vision_rollout.gates import GateConfig, GuardInputs, nominal_alpha, paired_accuracy_check
+from vision_rollout.gates import GateConfig, GuardInputs, information, nominal_alpha, paired_accuracy_check
 from vision_rollout.spec import RolloutSpec
 
 T0 = 1_800_000_000.0
@@ -136,6 +136,28 @@ def test_a_late_poke_judges_the_same_looks_to_the_same_verdicts():
     later = judge_stage(s, WINDOW, log, IMAGES, T0 + 66)  # records after the poke's time are ignored too
     assert at_look_3.look == later.look == 3
     assert at_look_3.verdict.to_dict() == later.verdict.to_dict()
+
+
+def test_each_look_is_judged_at_the_information_its_looks_saw():
+    """A stage whose traffic rose (a quarter of it in its first 60 s): its looks were judged at the
+    levels of looks holding k/K of the information each, which passed a canary at the margin more
+    often than alpha. Each look's level is the boundary of the information looks 1..k saw now,
+    the samples of the smaller arm of its latency evidence (``information``)."""
+    s = spec()
+    log = records(100, 40, 50, seed=3)
+    early = (log["route"] == "route") & (log["time"] < pd.Timestamp(T0 + 60, unit="s", tz="UTC"))
+    log = log[~(early & (np.random.default_rng(0).random(len(log)) < 0.7))]
+    state = judge_stage(s, WINDOW, log, IMAGES, T0 + 200)
+    assert state.status == "pass"
+    assert 1 < state.look < s.looks_per_stage
+    seen = tuple(
+        information(stage_samples(log, s, WINDOW, WINDOW.look_time(s, k), IMAGES), "live")
+        for k in range(1, state.look + 1)
+    )
+    assert seen[0] * state.look < 0.75 * seen[-1]  # (the first look far short of its share)
+    level = nominal_alpha(s.alpha, state.look, s.looks_per_stage, s.spending, seen)
+    assert state.verdict.nominal_alpha == level
+    assert level < nominal_alpha(s.alpha, state.look, s.looks_per_stage, s.spending)
 
 
 def test_an_equal_canary_passes_and_bakes_before_the_stage_passes():
