@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model_server.errors import InvalidInput, shown
+from model_server.errors import InvalidInput, shown, shown_names, shown_value
 from model_server.files import open_regular
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -284,7 +284,7 @@ def _queue_policy(where: str, policy: Any) -> QueuePolicy:
         raise _fail(f"{where}.timeout_action", f"must be REJECT or DELAY, got {shown(repr(action))}")
     override = policy.get("allow_timeout_override", False)
     if not isinstance(override, bool):
-        raise _fail(f"{where}.allow_timeout_override", f"must be true or false, got {override!r}")
+        raise _fail(f"{where}.allow_timeout_override", f"must be true or false, got {shown_value(override)}")
     return QueuePolicy(
         max_queue_size=_positive_int(f"{where}.max_queue_size", policy.get("max_queue_size", 0), 0, UINT32_MAX),
         default_timeout_microseconds=_positive_int(
@@ -345,7 +345,7 @@ def _dynamic_batching(where: str, raw: Any, max_batch_size: int) -> DynamicBatch
         levels_policy[level] = _queue_policy(f"{where}.priority_queue_policy[{level}]", policy)
     ordering = raw.get("preserve_ordering", False)
     if not isinstance(ordering, bool):
-        raise _fail(f"{where}.preserve_ordering", f"must be true or false, got {ordering!r}")
+        raise _fail(f"{where}.preserve_ordering", f"must be true or false, got {shown_value(ordering)}")
     if ordering:  # as Triton: ordered responses cannot pass one another by priority or by a delay
         if levels > 1:
             raise _fail(where, "only one priority level is allowed when 'preserve_ordering' is true")
@@ -481,8 +481,7 @@ def _known(where: str, raw: dict[str, Any], supported: set[str]) -> None:
     unknown = sorted(set(raw) - supported)
     if unknown:
         hint = " (the number of instances is instance_count)" if "instance_group" in unknown else ""
-        named = [shown(str(name)) for name in unknown[:10]]
-        raise _fail(where, f"unsupported field(s) {named}; supported: {sorted(supported)}{hint}")
+        raise _fail(where, f"unsupported field(s) {shown_names(unknown)}; supported: {sorted(supported)}{hint}")
 
 
 def _tensor_specs(where: str, items: Any, *, outputs: bool) -> tuple[TensorSpec, ...]:
@@ -538,7 +537,7 @@ def _version_policy(where: str, policy: Any) -> dict[str, Any]:
                 )
             return {"specific": {"versions": sorted({v for v in versions if v is not None})}}
         raise _fail(where, "specific.versions must be a non-empty list of integers >= 1")
-    raise _fail(where, f"unknown or malformed policy {policy!r}")
+    raise _fail(where, f"unknown or malformed policy {shown_value(policy)}")
 
 
 _PROTO_INT_RE = re.compile(r"-?[0-9]{1,4000}")  # (int() takes at most 4300 digits)

@@ -8,7 +8,8 @@ a client as such: each is caught by the module that raised it, or by its one cal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from model_server.shadow import ShadowJob
@@ -18,6 +19,17 @@ def shown(name: str) -> str:
     """A client's name as an error message shows it: at most 64 characters (a request's names
     are as long as its JSON part allows, and messages reach the log)."""
     return name if len(name) <= 64 else name[:64] + "..."
+
+
+def shown_value(value: Any) -> str:
+    """A value a client sent, as its repr, shortened as ``shown`` shortens a name."""
+    return shown(repr(value)[:80])
+
+
+def shown_names(names: Iterable[Any]) -> list[str]:
+    """The fields a client named that are not known, for a message: the first ten in order,
+    each shortened (a JSON object may hold as many names, as long, as its body allows)."""
+    return [shown(str(name)) for name in sorted(names)[:10]]
 
 
 class ServerError(Exception):

@@ -49,6 +49,8 @@ from model_server.errors import (
     Preempted,
     ServerError,
     shown,
+    shown_names,
+    shown_value,
 )
 from model_server.files import open_regular
 from model_server.metrics import VersionMetrics
@@ -657,14 +659,14 @@ class Fault:
             raise InvalidInput("fault must be an object {delay: {ms, percent}, abort: {percent}}")
         unknown = sorted(set(raw) - {"delay", "abort"})
         if unknown:
-            raise InvalidInput(f"fault: unknown field(s) {unknown}; allowed: delay, abort")
+            raise InvalidInput(f"fault: unknown field(s) {shown_names(unknown)}; allowed: delay, abort")
         delay, abort = raw.get("delay") or {}, raw.get("abort") or {}
         if not isinstance(delay, dict) or not isinstance(abort, dict):
             raise InvalidInput("fault.delay and fault.abort must be objects")
         for name, given, allowed in (("delay", delay, {"ms", "percent"}), ("abort", abort, {"percent"})):
             if set(given) - allowed:
                 raise InvalidInput(
-                    f"fault.{name}: unknown field(s) {sorted(set(given) - allowed)}; "
+                    f"fault.{name}: unknown field(s) {shown_names(set(given) - allowed)}; "
                     f"allowed: {', '.join(sorted(allowed))}"
                 )
         values = {
@@ -679,7 +681,7 @@ class Fault:
                 or (isinstance(value, float) and not math.isfinite(value))  # NaN passes every comparison
                 or value < 0
             ):
-                raise InvalidInput(f"fault.{key} must be a non-negative number, got {value!r}")
+                raise InvalidInput(f"fault.{key} must be a non-negative number, got {shown_value(value)}")
         if values["delay.percent"] > 100 or values["abort.percent"] > 100 or values["delay.ms"] > 60_000:
             raise InvalidInput("fault: percents are 0..100 and delay.ms at most 60000")
         fault = cls(float(values["delay.ms"]), float(values["delay.percent"]), float(values["abort.percent"]))

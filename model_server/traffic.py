@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import re2
 
 from model_server.config import int64_version
-from model_server.errors import PolicyError, StateNotSaved
+from model_server.errors import PolicyError, StateNotSaved, shown_names, shown_value
 from model_server.files import write_state
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class TrafficPolicy:
             raise PolicyError("policy must be a JSON object with a 'route' list")
         unknown = sorted(set(raw) - {"rules", "route", "mirror"})
         if unknown:
-            raise PolicyError(f"unknown policy field(s) {unknown}; allowed: rules, route, mirror")
+            raise PolicyError(f"unknown policy field(s) {shown_names(unknown)}; allowed: rules, route, mirror")
         route = _parse_route(raw.get("route"), "route")
         rules_raw = raw.get("rules", [])
         if not isinstance(rules_raw, list):
@@ -294,7 +295,7 @@ def _version(raw: Any, where: str) -> str:
     v = str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else raw
     n = int64_version(v) if isinstance(v, str) else None
     if n is None or n < 1:
-        raise PolicyError(f"{where}: version must be a positive integer (as a string), got {raw!r}")
+        raise PolicyError(f"{where}: version must be a positive integer (as a string), got {shown_value(raw)}")
     return str(n)
 
 
@@ -306,14 +307,15 @@ def _parse_route(raw: Any, where: str) -> tuple[Destination, ...]:
         if not isinstance(d, dict):
             raise PolicyError(f"{where}[{i}] must be an object with version and weight")
         if unknown := sorted(set(d) - {"version", "weight"}):
-            raise PolicyError(f"{where}[{i}]: unknown field(s) {unknown}; allowed: version, weight")
+            raise PolicyError(f"{where}[{i}]: unknown field(s) {shown_names(unknown)}; allowed: version, weight")
         weight = d.get("weight", 100 if len(raw) == 1 else None)
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
-            raise PolicyError(f"{where}[{i}].weight must be an integer 0..100, got {weight!r}")
+            raise PolicyError(f"{where}[{i}].weight must be an integer 0..100, got {shown_value(weight)}")
         dests.append(Destination(_version(d.get("version"), f"{where}[{i}]"), weight))
     versions = [d.version for d in dests]
     if len(set(versions)) != len(versions):
-        raise PolicyError(f"{where}: a version appears more than once ({versions})")
+        repeated = [v for v, n in Counter(versions).items() if n > 1]
+        raise PolicyError(f"{where}: a version appears more than once ({shown_names(repeated)})")
     total = sum(d.weight for d in dests)
     if total != 100:
         raise PolicyError(f"{where}: weights sum to {total}, not 100")
@@ -335,7 +337,7 @@ def _parse_rule(raw: Any, where: str) -> Rule:
         raise PolicyError(f"{where} must be an object with match and route")
     unknown = sorted(set(raw) - {"name", "match", "route"})
     if unknown:
-        raise PolicyError(f"{where}: unknown field(s) {unknown}")
+        raise PolicyError(f"{where}: unknown field(s) {shown_names(unknown)}")
     match = raw.get("match")
     if not isinstance(match, dict) or set(match) != {"headers"} or not isinstance(match["headers"], dict):
         raise PolicyError(f"{where}.match must be {{'headers': {{name: {{exact|prefix|regex: value}}}}}}")
@@ -394,10 +396,10 @@ def _parse_mirror(raw: Any) -> Mirror:
     if not isinstance(raw, dict):
         raise PolicyError("mirror must be an object {version, percent}")
     if unknown := sorted(set(raw) - {"version", "percent"}):
-        raise PolicyError(f"mirror: unknown field(s) {unknown}; allowed: version, percent")
+        raise PolicyError(f"mirror: unknown field(s) {shown_names(unknown)}; allowed: version, percent")
     percent = raw.get("percent", 100)
     if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent <= 100:
-        raise PolicyError(f"mirror.percent must be a number 0..100, got {percent!r}")
+        raise PolicyError(f"mirror.percent must be a number 0..100, got {shown_value(percent)}")
     if 0 < percent < MIN_MIRROR_PERCENT:
         raise PolicyError(mirror_percent_problem(percent))
     return Mirror(_version(raw.get("version"), "mirror"), float(percent))

@@ -152,6 +152,60 @@ def test_a_load_config_nested_past_the_parser_gets_400(server):
     assert server.client().get_model_metadata("digits")["versions"] == ["1"]
 
 
+BIG = "S" * 200_000
+
+
+def _load(config: dict) -> tuple[str, dict]:
+    return "POST /v2/repository/models/digits/load", {"parameters": {"config": json.dumps(config)}}
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (_load({"version_policy": {"bogus": BIG}}), "version_policy: unknown or malformed policy"),
+        (_load({"dynamic_batching": {"preserve_ordering": BIG}}), "preserve_ordering: must be true or false"),
+        (
+            _load({"dynamic_batching": {"default_queue_policy": {"allow_timeout_override": BIG}}}),
+            "allow_timeout_override: must be true or false",
+        ),
+        (("PUT /v2/models/digits/traffic", {"route": [{"version": BIG}]}), "version must be a positive integer"),
+        (("PUT /v2/models/digits/traffic", {"route": [{"version": "1", "weight": BIG}]}), "weight must be an integer"),
+        (("PUT /v2/models/digits/traffic", {"route": [{"version": "1", BIG: 1}]}), "route[0]: unknown field(s)"),
+        (
+            ("PUT /v2/models/digits/traffic", {"route": [{"version": "1", "weight": 0}] * 20_000}),
+            "a version appears more than once",
+        ),
+        (("PUT /v2/models/digits/traffic", {"route": [{"version": "1"}], BIG: 1}), "unknown policy field(s)"),
+        (
+            ("PUT /v2/models/digits/traffic", {"route": [{"version": "1"}], "rules": [{"route": [], BIG: 1}]}),
+            "rules[0]: unknown field(s)",
+        ),
+        (("PUT /v2/models/digits/traffic", {"route": [{"version": "1"}], "mirror": {BIG: 1}}), "mirror: unknown"),
+        (
+            (
+                "PUT /v2/models/digits/traffic",
+                {"route": [{"version": "1"}], "mirror": {"version": "1", "percent": BIG}},
+            ),
+            "mirror.percent must be a number",
+        ),
+        (("PUT /v2/models/digits/versions/1/fault", {BIG: 1}), "fault: unknown field(s)"),
+        (("PUT /v2/models/digits/versions/1/fault", {"delay": {BIG: 1}}), "fault.delay: unknown field(s)"),
+        (("PUT /v2/models/digits/versions/1/fault", {"delay": {"ms": BIG}}), "fault.delay.ms must be"),
+    ],
+)
+def test_an_admin_call_s_error_quotes_what_it_was_sent_shortened(server, call, needle):
+    """A load's config, a traffic policy or a fault is refused naming its field and the value
+    sent, shortened as every other message shortens a client's text: a value or field name of
+    any length (up to the JSON limit, 4 MiB) was quoted whole, in the answer and, for a load,
+    in a line of the log of as many bytes."""
+    (method, path), body = call[0].split(" "), call[1]
+    r = requests.request(method, f"{server.http}{path}", json=body, headers=server.admin, timeout=30)
+    assert r.status_code == 400
+    assert needle in r.json()["error"]
+    assert len(r.content) < 2000
+    assert server.client().get_model_metadata("digits")["versions"] == ["1"]
+
+
 def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     import subprocess
     import sys
