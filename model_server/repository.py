@@ -359,7 +359,7 @@ class ModelRepository:
             not_ready = self._not_ready(name, number) if lv is None else None
         if lv is None:
             if versions:
-                message = f"model '{name}' version {version} is not loaded (loaded: {sorted(versions)})"
+                message = f"model '{name}' version {number} is not loaded (loaded: {sorted(versions)})"
                 if routed_by is not None:
                     raise ModelUnavailable(f"model unavailable: {message}; chosen by the traffic policy's {routed_by}")
                 raise not_ready or ModelNotFound(message)

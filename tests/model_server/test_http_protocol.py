@@ -471,6 +471,24 @@ def test_a_version_0_or_negative_in_a_path_is_answered_as_triton_answers_it(serv
         assert c.infer("digits", inputs, model_version=version).get_response()["model_version"] == "1"
 
 
+def test_a_version_not_loaded_is_named_by_its_number_not_echoed_as_sent(server, digit_images):
+    """A version with leading zeros is the number they lead (Triton's std::stoll), so any
+    number of them was a version: the 404 for one not loaded quoted it as sent, a 50 kB path or
+    X-Model-Version header answered with a 50 kB error. It names the number, as the metadata's
+    404 does."""
+    c = server.client()
+    inputs = [image_input([digit_images[0][0]])]
+    padded = "0" * 50_000 + "7"
+    for call in (
+        lambda: c.infer("digits", inputs, model_version=padded),
+        lambda: c.infer("digits", inputs, headers={"X-Model-Version": padded}),
+    ):
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert err.value.status() == "404"
+        assert err.value.message() == "model 'digits' version 7 is not loaded (loaded: [1])"
+
+
 def test_a_version_in_a_path_that_is_not_digits_matches_no_endpoint_as_in_triton(server, digit_images):
     """Triton's routes take a path's version as ``/versions/([0-9]+)``: any other text matches
     none of its endpoints, a 404. Each was a 400 "invalid version" here."""
