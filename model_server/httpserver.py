@@ -10,6 +10,8 @@ the shadow path. Here the request line and headers together are limited to
 connection forever: the keep-alive timer stops at the first byte). Over a limit the client gets
 431 or 408 with the reason, as JSON like every other error, once the answers to the requests
 pipelined before it are written, and the connection is closed; nothing reaches the application.
+A chunked body's framing (chunk sizes, extensions, line ends) is bounded alike (400): llhttp
+parses any amount of it, for no body or for a callback a byte.
 
 A small inference request is most of its time on the server in the layers around the model:
 uvicorn's request cycle (the ASGI scope, an event, a task, two writes) cost about 100 us a
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 60 * 1024
 MAX_HEADERS = 100
 HEADER_TIMEOUT_S = 30.0
+# A chunked body's framing (chunk sizes, extensions, line ends): at most this beyond 1/16 of
+# its bytes (chunks of 100 bytes and up pass whatever the length).
+MAX_CHUNK_FRAMING = 64 * 1024
 
 
 class Answer(NamedTuple):
@@ -171,6 +176,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # and the request whose body broke, which is never run.
         self._refusal: bytes | None = None
         self._broken: RequestResponseCycle | None = None
+        # A chunked body being read: the bytes read for it and its own bytes (None: none is).
+        self._chunked: list[int] | None = None
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -214,6 +221,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _parse(self, data: bytes) -> None:
         was_in_headers = self._in_headers
         self._ended_in_read = False
+        if self._chunked is not None:  # (reset by the next message's first byte, if in this read)
+            self._chunked[0] += len(data)
         try:
             self._unset_keepalive_if_required()
             self.parser.feed_data(data)
@@ -241,6 +250,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._received = (self._received if was_in_headers else 0) + len(data)
             if self._received > self.max_header_bytes:
                 self._refuse(431, f"request headers exceed {self.max_header_bytes} bytes")
+        elif (
+            self._chunked is not None
+            and self._chunked[0] - self._chunked[1] > MAX_CHUNK_FRAMING + self._chunked[1] // 16
+        ):
+            # llhttp reads chunk extensions and chunks of a byte at the speed they arrive, for no
+            # body (or one callback a byte): a client held the event loop for the whole request
+            # timeout, and every other request waited 0.15 to 0.5 s.
+            self._refuse(
+                400,
+                f"chunked body framing (chunk sizes, extensions) over {MAX_CHUNK_FRAMING} bytes beyond 1/16 of "
+                "the body: send fewer, larger chunks",
+            )
 
     def on_url(self, url: bytes) -> None:
         self._header_bytes += len(url)  # the request line counts with the headers, as in Envoy
@@ -250,6 +271,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._chunked = None
         self._in_headers = True
         self._received = 0
         self._header_bytes = 0
@@ -277,6 +299,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._end_header_phase()
+        if any(name == b"transfer-encoding" for name, _ in self.headers):
+            self._chunked = [0, 0]
         # RFC 9112 3.2, as Envoy: an HTTP/1.1 request without Host, any with two, is a 400 (a
         # proxy in front and this server could each take a different one).
         if self._hosts > 1 or (not self._hosts and self.parser.get_http_version() == "1.1"):
@@ -348,6 +372,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         return DirectCycle(match, self.headers, keep_alive)
 
     def on_body(self, body: bytes) -> None:
+        if self._chunked is not None:
+            self._chunked[1] += len(body)
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):  # kept whole (no pause: nothing else would read it)
             if not cycle.started:
@@ -357,6 +383,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._ended_in_read = True
+        self._chunked = None
         if self._upgrade_body:  # the parser ends the message at its headers: its body follows
             return
         cycle = self.cycle

@@ -682,3 +682,41 @@ def test_a_transfer_coding_other_than_chunked_is_a_501(coding: bytes) -> None:
         assert bodies(transport) == [b"asgi:z"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("start", "flood"),
+    [(b"", b"1\r\nz\r\n" * 10_000), (b"1;", b"e" * 60_000)],
+    ids=["chunks-of-a-byte", "a-chunk-extension"],
+)
+def test_a_chunked_body_that_is_mostly_framing_is_refused_once_the_framing_is_past_its_bound(
+    start: bytes, flood: bytes
+) -> None:
+    """llhttp reads chunk extensions, and chunks of a byte, as fast as they arrive: a body that
+    never grows (or grows a callback a byte) held the event loop for the whole request timeout,
+    every other request waiting 0.15 s (an extension) to 0.5 s (chunks of a byte) the while. Its
+    framing is bounded; chunks of 128 bytes are served however many."""
+
+    async def scenario() -> None:
+        protocol, transport = connect(Handler())
+        protocol.data_received(b"POST /o HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + start)
+        sent = 0
+        while not transport.closed and sent < 4 * 1024 * 1024:
+            protocol.data_received(flood)
+            sent += len(flood)
+            await settle()
+        assert transport.closed
+        assert transport.writes[-1].startswith(b"HTTP/1.1 400 ")
+        assert b"chunked body framing" in transport.writes[-1]
+        assert sent < 256 * 1024
+        protocol, transport = connect(Handler())
+        chunk = b"80\r\n" + b"z" * 128 + b"\r\n"
+        protocol.data_received(b"POST /o HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(64):
+            protocol.data_received(chunk * 64)
+            await settle()
+        protocol.data_received(b"0\r\n\r\n")
+        await settle()
+        assert bodies(transport) == [b"asgi:" + b"z" * 128 * 64 * 64]
+
+    asyncio.run(scenario())
