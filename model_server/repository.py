@@ -33,6 +33,8 @@ from model_server.errors import (
     ModelNotFound,
     ModelUnavailable,
     ServerError,
+    shown,
+    shown_value,
 )
 from model_server.files import write_state
 from model_server.model import LoadedVersion, file_sha256
@@ -116,7 +118,7 @@ class ModelRepository:
     def model_dir(self, name: str) -> Path:
         """The model's folder, confined to the repository (no traversal, no symlink escape)."""
         if not NAME_RE.match(name) or set(name) == {"."}:
-            raise InvalidInput(f"invalid model name {name!r}: use letters, digits, '_', '.', '-'")
+            raise InvalidInput(f"invalid model name {shown_value(name)}: use letters, digits, '_', '.', '-'")
         path = (self.root / name).resolve()
         if path.parent != self.root or not path.is_dir():
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")  # Triton's wording
@@ -190,7 +192,7 @@ class ModelRepository:
                 metrics.MODEL_LOADS.labels(series, "error").inc()
                 if known:  # a name the repository lacks keeps no series and no entry (any name may be asked)
                     self._errors[name] = exc.message
-                log.error("load of model %r failed: %s", name, exc.message)
+                log.error("load of model %r failed: %s", shown(name), exc.message)
                 raise type(exc)(f"failed to load '{name[:200]}': {exc.message}") from None  # Triton's wording
             metrics.MODEL_LOADS.labels(name, "ok").inc()
             self._errors.pop(name, None)

@@ -206,6 +206,23 @@ def test_an_admin_call_s_error_quotes_what_it_was_sent_shortened(server, call, n
     assert server.client().get_model_metadata("digits")["versions"] == ["1"]
 
 
+def test_a_model_name_that_is_no_name_is_refused_shortened(server):
+    """A model's name is at most 128 characters: one of any length (up to the 60 KiB of a
+    request's head) was quoted whole in the 400, on every endpoint that names a model, and twice
+    in the log's line for a load."""
+    name = "a" * 50_000
+    for method, path in (
+        ("GET", f"/v2/models/{name}"),
+        ("POST", f"/v2/models/{name}/infer"),
+        ("POST", f"/v2/repository/models/{name}/load"),
+    ):
+        r = requests.request(method, f"{server.http}{path}", headers=server.admin, timeout=30)
+        assert r.status_code == 400
+        assert "invalid model name 'aaaa" in r.json()["error"]
+        assert len(r.content) < 1000
+    assert "a" * 1000 not in server.log.read_text()
+
+
 def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
     import subprocess
     import sys
