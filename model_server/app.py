@@ -445,7 +445,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         shadow = None  # the copy for the shadow version, whatever the answer (dataplane.py)
         try:
             if method != "POST":
-                raise MethodNotAllowed(f"method {method} not allowed on {path}")
+                raise MethodNotAllowed(f"method {method} not allowed on {shown(path)}")
             headers = header_dict(raw_headers)
             rid = request_id(headers.get("x-request-id"))
             trace = TraceContext.from_header(headers.get("traceparent"))
@@ -719,9 +719,9 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            return error(404, f"no such endpoint: {request.method} {request.url.path}")
+            return error(404, f"no such endpoint: {request.method} {shown(request.url.path)}")
         if exc.status_code == 405:
-            return error(405, f"method {request.method} not allowed on {request.url.path}")
+            return error(405, f"method {request.method} not allowed on {shown(request.url.path)}")
         return error(exc.status_code, str(exc.detail))
 
     @asynccontextmanager

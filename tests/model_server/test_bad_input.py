@@ -478,6 +478,12 @@ def test_unknown_endpoint_and_method_are_json(server):
     r = requests.get(f"{server.http}/v2/models/digits/infer", timeout=5)
     assert r.status_code == 405
     assert "not allowed" in r.json()["error"]
+    # The path is quoted shortened: one of 50 kB (a request's head holds 60 KiB) was quoted whole.
+    long = "/v2/models/" + "a" * 50_000
+    for method, path, status in (("GET", "/v3/" + "a" * 50_000, 404), ("GET", f"{long}/infer", 405)):
+        r = requests.request(method, f"{server.http}{path}", timeout=5)
+        assert r.status_code == status
+        assert len(r.content) < 1000
     # A refused inference still names its request, as an answered one does (a trailing slash too).
     r = requests.post(f"{server.http}/v2/models/digits/versions/1/infer/", data=b"{", headers={"X-Request-ID": "bad-1"})
     assert r.status_code == 400
