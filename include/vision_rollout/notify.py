@@ -1150,6 +1150,7 @@ CLAIM_S = 900
 CLAIM_MARGIN_S = 60  # a claim this close to lapsing posts nothing more (the post's own time, the clocks)
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
+ANOTHER_SENDER = "another sender"  # (in a round's skip of a report another sender has, or sent)
 
 
 @dataclass(frozen=True)
@@ -1421,15 +1422,21 @@ def send_report(
     or another round), found in the channel's history and not posted again; not found there (or
     dropped by hand), written and sent again. Without a Slack client (no token, a connection
     that cannot be used) it is written to the outbox, as ``SlackNotifier.send`` writes it.
+    A report another sender's round took first (the shadow audit's, listing the outbox between
+    its write and its claim) is waited for within ``budget_s`` (``SEND_BUDGET_S`` without one)
+    and its post looked for once it left the outbox (``_sent_by_another``).
     The answer is ``SlackNotifier.send``'s: the post's channel and ts (``posted_before``: an
-    earlier try's), or ``slack_error`` and ``outbox`` where the report waits there (``refused``:
-    set aside in its ``refused/``)."""
+    earlier try's, or another sender's), or ``slack_error`` and ``outbox`` where the report waits
+    there (``refused``: set aside in its ``refused/``; ``maybe_posted``: another sender has it,
+    not done within the budget), or ``maybe_posted`` alone where another sender removed it from
+    the outbox and its post was not found."""
     outbox, client = notifier.outbox, notifier.client
     if outbox is None:
         raise ValueError("send_report needs an outbox")
     if client is None:
         return notifier.send(message, report_id=stem)
     name = f"{stem}.json"
+    since = queued if queued is not None else time.time()  # (before it is written: any post of it is later)
     deadline = None if budget_s is None else time.monotonic() + budget_s
     if not outbox.exists(name) and queued is not None:  # (sent by an earlier try, or another round)
         try:
@@ -1444,14 +1451,66 @@ def send_report(
     sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims: others' are 12 hex)
     left = None if deadline is None else max(0.0, deadline - time.monotonic())
     results = _send_round(outbox, client, time.time, left, only={name}, sender=sender)
-    result = results[0] if results else {"name": name, "error": f"not sent within its {budget_s:g} s"}
+    if results:
+        result = results[0]
+    elif not outbox.exists(name):  # (not listed: another round sent it meanwhile)
+        result = {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
+    else:
+        result = {"name": name, "error": f"not sent within its {budget_s:g} s"}
+    by_another = ANOTHER_SENDER in result.get("skipped", "")
+    if by_another:  # (its post, once that round is done with it)
+        result = _sent_by_another(outbox, client, notifier.channel, name, since, deadline, message.thread_ts)
     if result.get("sent"):
         return {k: v for k, v in result.items() if k not in ("name", "sent")}
+    if result.get("maybe_posted") and "error" not in result:  # (gone from the outbox: no error to tell)
+        return {"channel": notifier.channel, "maybe_posted": True}
     error = result.get("error") or result.get("skipped") or "not sent"
-    if "error" in result and not result.get("refused") and outbox.exists(name):  # (as ``send`` keeps it)
+    if "error" in result and not by_another and not result.get("refused") and outbox.exists(name):  # (as ``send``)
         _note(outbox, name, slack_error=one_line(error)[:500])
     where = outbox / REFUSED if result.get("refused") else outbox
-    return {"outbox": str(where / name), "slack_error": error, **({"refused": True} if result.get("refused") else {})}
+    return {
+        "outbox": str(where / name),
+        "slack_error": error,
+        **{k: True for k in ("refused", "maybe_posted") if result.get(k)},
+    }
+
+
+def _sent_by_another(
+    outbox: Folder,
+    client: Any,
+    channel: str,
+    name: str,
+    since: float,
+    deadline: float | None,
+    thread_ts: str | None,
+) -> dict[str, Any]:
+    """``send_report``'s result for its report ``name`` that another sender's round has, or sent,
+    since ``since``: once it left the outbox (waited for until ``deadline``, a ``time.monotonic()``,
+    by default ``SEND_BUDGET_S`` from now, less the look-up's time), its post there (``find_post``):
+    ``sent``, ``posted_before``. Else what is known: still there, ``maybe_posted``, the error saying
+    another sender has it; set aside in ``refused/``, ``refused``; gone, its post not found (a
+    look-up Slack refused, a report dropped by hand), ``maybe_posted`` alone."""
+    if deadline is None:
+        from vision_rollout.settings import SEND_BUDGET_S
+
+        deadline = time.monotonic() + SEND_BUDGET_S
+    floor = min(REPORT_MIN_S, (deadline - time.monotonic()) / 4)  # (left for the look-up)
+    while outbox.exists(name) and deadline - time.monotonic() > floor:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - floor)))
+    if outbox.exists(name):
+        error = f"{ANOTHER_SENDER} is sending it: not known within the budget whether Slack took it"
+        return {"name": name, "error": error, "maybe_posted": True}
+    if (outbox / REFUSED).exists(name):
+        return {"name": name, "error": f"{ANOTHER_SENDER} set it aside: Slack refused it for good", "refused": True}
+    stem = name.removesuffix(".json")
+    try:
+        found = find_post(client, channel, stem, since, deadline=deadline, thread_ts=thread_ts)
+    except LookupFailed:
+        found = None
+    if found is None:
+        log.warning("report %s was sent by %s, its post not found: its ts is not known", stem, ANOTHER_SENDER)
+        return {"name": name, "maybe_posted": True}
+    return {"name": name, "sent": True, **found, "posted_before": True}
 
 
 def _sweep_marks(outbox: Folder) -> None:
@@ -1491,20 +1550,20 @@ def _send_claimed(
     if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
         return {"name": name, "skipped": f"{outbox} holds more files than a listing takes (MAX_LISTED): not sent"}
     if name not in names:
-        return {"name": name, "skipped": "sent meanwhile by another sender"}
+        return {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
     lapsed: list[float] = []  # (when dead senders claimed it: each may have posted it)
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
             earlier_try = sender is not None and other.endswith(f"-{sender}")
             if now - int(m.group(1)) / 1e9 < CLAIM_S and not earlier_try:
-                return {"name": name, "skipped": "another sender is sending it"}
+                return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it"}
             lapsed.append(int(m.group(1)) / 1e9)
             outbox.delete(other)  # (a dead sender's)
     try:
         found, message = _waiting(outbox, name)
     except FileNotFoundError:
-        return {"name": name, "skipped": "sent meanwhile by another sender"}
+        return {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
     if message is None:
         return {"name": name, "error": found.problem}
     mark = stem + POSTED
@@ -1527,7 +1586,7 @@ def _send_claimed(
             outbox.write(mark, json.dumps(sent).encode())
             sent = dict(sent)
     if sent is None and not _holds(outbox, name, claim):
-        return {"name": name, "skipped": "another sender took it over: this one's claim lapsed before it posted"}
+        return {"name": name, "skipped": f"{ANOTHER_SENDER} took it over: this one's claim lapsed before it posted"}
     if sent is None:  # (no mark, or not one: the report is sent, the mark written)
         posting.append(True)
         tried = time.time()

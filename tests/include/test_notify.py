@@ -1706,3 +1706,59 @@ def test_a_threaded_report_a_task_sent_before_its_retry_is_found_in_its_thread(s
     assert (again["ts"], again.get("posted_before")) == (sent["ts"], True)
     assert len(slack.thread_replies(first["channel"], first["ts"])) == 1
     assert outbox.names() == []
+
+
+@pytest.mark.parametrize("other", ["sent it meanwhile", "is sending it", "keeps it"])
+def test_a_task_report_another_round_took_first_is_its_post_not_a_slack_error(slack, tmp_path, monkeypatch, other):
+    """The shadow audit's outbox round listed the outbox between notify's write of its report and
+    notify's claim, and posted it: notify's round skipped it ("sent meanwhile", "another sender is
+    sending it") and send_report answered slack_error, the teardown failing a run promoted and
+    reported. It waits (within its budget) for the report to leave the outbox, then answers that
+    post; one still held past its budget is in the outbox, maybe posted, never posted twice."""
+    import threading
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import report_name, send_report, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    notifier = SlackNotifier("#model-rollouts", outbox=outbox, client=client)
+    stem = report_name()
+    real_round = notify._send_round
+    timers: list[threading.Timer] = []
+
+    def audit_round_first(*args, **kwargs):  # (the shadow audit's round, between write and claim)
+        if kwargs.get("sender") is None:  # (the audit's round itself)
+            return real_round(*args, **kwargs)
+        if other == "sent it meanwhile":
+            send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+        else:  # (its claim written, its post a moment later)
+            claim = f"{stem}.claim-{time.time_ns()}-{'a' * 12}"
+            outbox.write(claim, b"")
+
+            def post() -> None:
+                notify._send_claimed(outbox, f"{stem}.json", claim, client, time.time(), {})
+                outbox.delete(claim)
+
+            if other == "is sending it":
+                timers.append(threading.Timer(1.0, post))
+                timers[-1].start()
+        return real_round(*args, **kwargs)
+
+    monkeypatch.setattr(notify, "_send_round", audit_round_first)
+    sent = send_report(notifier, rollback_message(SPEC, "once"), stem, None, 4 if other == "keeps it" else 60)
+    for t in timers:
+        t.join()
+    if other == "keeps it":  # (held past the budget: where it is, not a failure Slack gave)
+        assert sent["outbox"] == str(outbox / f"{stem}.json")
+        assert sent["maybe_posted"] is True
+        assert "another sender" in sent["slack_error"]
+        assert slack.messages() == []
+        return
+    assert "slack_error" not in sent
+    assert len(slack.messages()) == 1
+    assert sent["ts"] == slack.history[sent["channel"]][0]["ts"]
+    assert sent["posted_before"] is True
+    assert outbox.names() == []
