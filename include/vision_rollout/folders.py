@@ -600,12 +600,18 @@ def temporary_of(name: str) -> str | None:
     return match[1] if match else None
 
 
+def guarded_by(name: str) -> str | None:
+    """The name of the file whose ``write_if`` left the guard file ``name`` (``.<name>.lock``);
+    None when it is no guard file."""
+    match = re.fullmatch(r"\.(.+)\.lock", name)
+    return match[1] if match else None
+
+
 def _or_temporary(ours: Callable[[str], object]) -> Callable[[str], bool]:
     """True of the names ``ours`` is, and of the temporaries and guard files (``write_if``'s
     ``.<name>.lock``) their writes left."""
 
     def of(name: str) -> str:
-        guard = re.fullmatch(r"\.(.+)\.lock", name)
-        return temporary_of(name) or (guard[1] if guard else name)
+        return temporary_of(name) or guarded_by(name) or name
 
     return lambda name: bool(ours(of(name)))

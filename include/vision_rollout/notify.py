@@ -37,7 +37,7 @@ import numpy as np
 
 from model_server.credentials import scrub
 from vision_rollout.audit import OUTPUT_DIFFERS, AuditResult, printable, short_digest
-from vision_rollout.folders import Folder, NotAFile, TooLarge, temporary_of
+from vision_rollout.folders import Folder, NotAFile, TooLarge, WriteConflict, guarded_by, temporary_of
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
 
@@ -1260,10 +1260,16 @@ def _back_to_outbox(refused: Folder, name: str, chart: str | None, mark: str, er
 
 def _note(outbox: Folder, name: str, **fields: Any) -> None:
     """The report ``name`` notes ``fields``: ``maybe_posted``, when a post of it was tried that
-    Slack may have taken (``unsure``); ``slack_error``, why Slack did not take it."""
-    record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
-    record.update(fields)
-    outbox.write(name, json.dumps(record, indent=2).encode())
+    Slack may have taken (``unsure``); ``slack_error``, why Slack did not take it. Written only
+    over the report as it was read (``write_if``): one another sender removed meanwhile (posted)
+    is not written back, one it changed is left as it is."""
+    try:
+        raw = outbox.read_within(name, MAX_REPORT_BYTES)
+        record = json.loads(raw)
+        record.update(fields)
+        outbox.write_if(name, json.dumps(record, indent=2).encode(), raw)
+    except (FileNotFoundError, WriteConflict) as exc:
+        log.info("report %s was not noted: another sender removed or changed it (%s)", name, type(exc).__name__)
 
 
 def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> None:
@@ -1355,11 +1361,13 @@ def _send_round(
     only: set[str] | None = None,
     aside: bool = False,
     sender: str | None = None,
+    note_errors: bool = False,
 ) -> list[dict[str, Any]]:
     """``send_waiting``'s round in ``outbox`` (``only``: those reports; ``aside``: the outbox's
     ``refused/``, where a report refused again stays; ``sender``: this sender's name in its
     claims, hex: a claim of the same name is an earlier try's of the same task, dead, as a
-    lapsed one: ``send_report``)."""
+    lapsed one: ``send_report``; ``note_errors``: a report Slack did not take notes why, under
+    its claim, as ``SlackNotifier.send`` keeps it: ``send_report``)."""
     results: list[dict[str, Any]] = []
     start = clock()
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -1379,9 +1387,10 @@ def _send_round(
             continue
         posting: list[bool] = []  # (true while a post of it Slack may have taken is not marked)
         try:
-            results.append(
-                _send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender)
-            )
+            result = _send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender)
+            if note_errors and "error" in result and "channel" in result and not result.get("refused"):
+                _note(outbox, name, slack_error=one_line(result["error"])[:500])
+            results.append(result)
         except BaseException:
             # (Stopped there, Ctrl-C, Airflow's SIGTERM, a store error: its claim stays, as a killed
             # sender's, so that once lapsed the next sender looks for that post before posting.)
@@ -1450,23 +1459,20 @@ def send_report(
         notifier._to_outbox(message, stem)
     sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims: others' are 12 hex)
     left = None if deadline is None else max(0.0, deadline - time.monotonic())
-    results = _send_round(outbox, client, time.time, left, only={name}, sender=sender)
+    results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
     if results:
         result = results[0]
     elif not outbox.exists(name):  # (not listed: another round sent it meanwhile)
         result = {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
     else:
         result = {"name": name, "error": f"not sent within its {budget_s:g} s"}
-    by_another = ANOTHER_SENDER in result.get("skipped", "")
-    if by_another:  # (its post, once that round is done with it)
+    if ANOTHER_SENDER in result.get("skipped", ""):  # (its post, once that round is done with it)
         result = _sent_by_another(outbox, client, notifier.channel, name, since, deadline, message.thread_ts)
     if result.get("sent"):
         return {k: v for k, v in result.items() if k not in ("name", "sent")}
     if result.get("maybe_posted") and "error" not in result:  # (gone from the outbox: no error to tell)
         return {"channel": notifier.channel, "maybe_posted": True}
     error = result.get("error") or result.get("skipped") or "not sent"
-    if "error" in result and not by_another and not result.get("refused") and outbox.exists(name):  # (as ``send``)
-        _note(outbox, name, slack_error=one_line(error)[:500])
     where = outbox / REFUSED if result.get("refused") else outbox
     return {
         "outbox": str(where / name),
@@ -1651,7 +1657,8 @@ LEFTOVER_AGE_S = 3600  # a report is written a moment after its chart: a chart a
 def prune_outbox(outbox: Folder, now: float, limit: int = 500, dry_run: bool = False) -> list[str]:
     """What senders and writers killed mid-way left in the outbox, an hour old, removed: the
     claims, ``.posted`` marks and charts of reports no longer there (a report is written a
-    moment after its chart), and the temporary files of writes; never a report, nor what one
+    moment after its chart), and the temporary files of writes and guard files of notes
+    (``_note``'s ``write_if``: ``.<name>.lock``); never a report, nor what one
     still there has; likewise in its ``refused/`` (a chart whose report was dropped), named
     ``refused/<name>``. The oldest ``limit`` at most of each, their names (``dry_run``: those that
     would go, none removed)."""
@@ -1668,6 +1675,8 @@ def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> l
         claim = _CLAIM.search(name)
         if temporary_of(name) is not None:
             return True
+        if guarded_by(name) is not None:  # (a note's ``write_if``: its report's guard file)
+            return guarded_by(name) not in names
         if claim:
             stem = name[: claim.start()]
         elif name.endswith((POSTED, ".png")):

@@ -1762,3 +1762,54 @@ def test_a_task_report_another_round_took_first_is_its_post_not_a_slack_error(sl
     assert sent["ts"] == slack.history[sent["channel"]][0]["ts"]
     assert sent["posted_before"] is True
     assert outbox.names() == []
+
+
+def test_a_task_reports_error_note_never_writes_back_a_report_another_round_posted(slack, tmp_path, monkeypatch):
+    """send_report noted Slack's error in its report after its round had released its claim: an
+    outbox round (the shadow audit's) could claim the report in between, post it and remove it,
+    and the note wrote it back, to be posted a second time. The note is written under the claim,
+    and only over the report as it was read (``write_if``); its guard file is no report."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import prune_outbox, report_name, send_report, send_waiting, waiting_reports
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    stem = report_name()
+    name = f"{stem}.json"
+    slack.refuse = {"chat.postMessage": "invalid_auth"}  # (a token refused: the report waits)
+    real_note, real_read = notify._note, Folder.read_within
+    noting: list[bool] = []
+
+    def note(*args, **kwargs):
+        noting.append(True)
+        return real_note(*args, **kwargs)
+
+    def read_within(self, file, limit):  # (the audit's round, between the note's read and its write)
+        data = real_read(self, file, limit)
+        if noting and len(noting) == 1 and file == name:
+            noting.append(True)
+            slack.refuse = {}
+            send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+        return data
+
+    monkeypatch.setattr(notify, "_note", note)
+    monkeypatch.setattr(Folder, "read_within", read_within)
+    sent = send_report(
+        SlackNotifier("#model-rollouts", outbox=outbox, client=client), rollback_message(SPEC, "x"), stem
+    )
+    assert "invalid_auth" in sent["slack_error"]
+    monkeypatch.undo()
+    assert slack.messages() == []  # (the audit's round found it claimed: the note, then the report waits)
+    assert (tmp_path / "outbox" / f".{name}.lock").is_file()
+    assert [(w.name, w.slack_error) for w in waiting_reports(outbox)] == [(name, sent["slack_error"])]
+    (result,) = send_waiting(outbox, client)  # (the next round)
+    assert result["sent"] is True
+    assert len(slack.messages()) == 1  # (posted once, never written back after its post)
+    assert outbox.names() == []
+    notify._note(outbox, name, slack_error="late")  # (a note after its post: nothing written back)
+    assert outbox.names() == []
+    assert prune_outbox(outbox, time.time()) == []  # (a guard file the note left goes with its leftovers)
+    assert prune_outbox(outbox, time.time() + 2 * 3600) == [f".{name}.lock"]
+    assert list((tmp_path / "outbox").iterdir()) == []
