@@ -23,6 +23,7 @@ import http.client
 import json
 import logging
 import math
+import os
 import re
 import socket
 import time
@@ -1151,6 +1152,39 @@ CLAIM_MARGIN_S = 60  # a claim this close to lapsing posts nothing more (the pos
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 ANOTHER_SENDER = "another sender"  # (in a round's skip of a report another sender has, or sent)
+_held: set[str] = set()  # (the claims this process's rounds hold now)
+
+
+def _process() -> str:
+    """This process in a task's claims (``send_report``'s), 16 hex: its machine (its host name
+    and pid namespace: the processes it sees), then its pid."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    machine = hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
+    return f"{machine}{os.getpid():08x}"
+
+
+def _dead_try(claim: str, sender: str) -> bool:
+    """Whether ``claim`` is a dead try's of the task ``sender`` (its claims name the task, then
+    the process, ``_process``): made on this machine by a process that is gone, or by this one
+    and held by none of its rounds (one stopped mid-way). Any other claim, another machine's, or
+    a process's still running (a try Airflow lost track of and retried meanwhile), lapses by its
+    time alone (``CLAIM_S``)."""
+    made = claim.rsplit("-", 1)[-1]
+    if made[:-16] != sender or made[-16:-8] != _process()[:8]:
+        return False
+    pid = int(made[-8:], 16)
+    if pid == os.getpid():
+        return claim not in _held
+    try:
+        os.kill(pid, 0)  # (no signal: whether it is there)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (there, another user's)
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -1364,10 +1398,11 @@ def _send_round(
     note_errors: bool = False,
 ) -> list[dict[str, Any]]:
     """``send_waiting``'s round in ``outbox`` (``only``: those reports; ``aside``: the outbox's
-    ``refused/``, where a report refused again stays; ``sender``: this sender's name in its
-    claims, hex: a claim of the same name is an earlier try's of the same task, dead, as a
-    lapsed one: ``send_report``; ``note_errors``: a report Slack did not take notes why, under
-    its claim, as ``SlackNotifier.send`` keeps it: ``send_report``)."""
+    ``refused/``, where a report refused again stays; ``sender``: this task's name in its
+    claims, hex, with this process's (``_process``): a claim of the task's whose process is
+    gone is an earlier try's, dead, as a lapsed one (``_dead_try``): ``send_report``;
+    ``note_errors``: a report Slack did not take notes why, under its claim, as
+    ``SlackNotifier.send`` keeps it: ``send_report``)."""
     results: list[dict[str, Any]] = []
     start = clock()
     deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -1379,13 +1414,14 @@ def _send_round(
         if deadline is not None and (clock() - start > budget_s or deadline - time.monotonic() < floor):
             break
         stem = name.removesuffix(".json")
-        claim = f"{stem}.claim-{time.time_ns()}-{sender or uuid.uuid4().hex[:12]}"
+        claim = f"{stem}.claim-{time.time_ns()}-{sender + _process() if sender else uuid.uuid4().hex[:12]}"
         try:
             outbox.write(claim, b"")
         except ValueError:  # (a name no folder takes, a backslash in it: not one this outbox wrote)
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
         posting: list[bool] = []  # (true while a post of it Slack may have taken is not marked)
+        _held.add(claim)
         try:
             result = _send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender)
             if note_errors and "error" in result and "channel" in result and not result.get("refused"):
@@ -1397,6 +1433,8 @@ def _send_round(
             if not posting:
                 outbox.delete(claim)
             raise
+        finally:
+            _held.discard(claim)
         outbox.delete(claim)
     return results
 
@@ -1426,8 +1464,9 @@ def send_report(
     ``notifier``'s outbox first as ``<stem>.json`` (``report_name``: the same for every try), then sent by a round of it
     alone (its claim, the look-up of a post an earlier try may have made, its ``.posted`` mark, its
     chart looked for in the thread), within ``budget_s``; an earlier try's report still there is
-    sent as it is, its claim taken for a dead sender's. ``queued``: when an earlier try wrote it
-    (its caller keeps that, before writing it): one gone from the outbox since was sent (by that try
+    sent as it is, its claim taken for a dead sender's where its process is gone (``_dead_try``:
+    on this machine; another's, or one still running, lapses by its time, ``CLAIM_S``).
+    ``queued``: when an earlier try wrote it (its caller keeps that, before writing it): one gone from the outbox since was sent (by that try
     or another round), found in the channel's history and not posted again; not found there (or
     dropped by hand), written and sent again. Without a Slack client (no token, a connection
     that cannot be used) it is written to the outbox, as ``SlackNotifier.send`` writes it.
@@ -1457,7 +1496,7 @@ def send_report(
             return {**found, "posted_before": True}
     if not outbox.exists(name):
         notifier._to_outbox(message, stem)
-    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims: others' are 12 hex)
+    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims, with their process: 32 hex)
     left = None if deadline is None else max(0.0, deadline - time.monotonic())
     results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
     if results:
@@ -1548,8 +1587,8 @@ def _send_claimed(
 ) -> dict[str, Any]:
     """The report ``name`` sent under its sender's ``claim``, its Slack calls and look-ups ending
     by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting.
-    ``posting`` holds True from its post until its mark is written; a claim named ``sender`` is
-    an earlier try's of this sender, dead: taken as lapsed."""
+    ``posting`` holds True from its post until its mark is written; a claim of ``sender``'s whose
+    process is gone (``_dead_try``) is an earlier try's, dead: taken as lapsed."""
     posting = [] if posting is None else posting
     stem = name.removesuffix(".json")
     names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
@@ -1561,8 +1600,7 @@ def _send_claimed(
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
-            earlier_try = sender is not None and other.endswith(f"-{sender}")
-            if now - int(m.group(1)) / 1e9 < CLAIM_S and not earlier_try:
+            if now - int(m.group(1)) / 1e9 < CLAIM_S and not (sender is not None and _dead_try(other, sender)):
                 return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it"}
             lapsed.append(int(m.group(1)) / 1e9)
             outbox.delete(other)  # (a dead sender's)

@@ -1813,3 +1813,48 @@ def test_a_task_reports_error_note_never_writes_back_a_report_another_round_post
     assert prune_outbox(outbox, time.time()) == []  # (a guard file the note left goes with its leftovers)
     assert prune_outbox(outbox, time.time() + 2 * 3600) == [f".{name}.lock"]
     assert list((tmp_path / "outbox").iterdir()) == []
+
+
+def test_a_task_reports_claim_held_by_a_try_still_running_is_not_taken_for_a_dead_ones(slack, tmp_path):
+    """An earlier try's claim (the same task's sender) was taken for a dead sender's at once: a
+    zombie try still posting (Airflow retrying a task whose process it lost track of) and its
+    retry both posted the report. A try's claim is dead at once only where its process is gone
+    (on this machine), or is this process and none of its rounds holds it; else it lapses by its
+    time, and the retry waits for the running try's post."""
+    import hashlib
+    import subprocess
+    import threading
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import report_name, send_report
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    message = rollback_message(SPEC, "once")
+    stem, queued = report_name(), time.time()
+    slack.stall = {"chat.postMessage": 2.0}  # (the first try's post, under way)
+
+    def notifier() -> SlackNotifier:
+        return SlackNotifier(
+            "#model-rollouts", outbox=outbox, client=WebClient(token=slack.token, base_url=slack.base_url)
+        )
+
+    tries: list[dict] = []
+    zombie = threading.Thread(target=lambda: tries.append(send_report(notifier(), message, stem, None, 60)))
+    zombie.start()
+    while not [n for n in outbox.names() if ".claim-" in n]:
+        time.sleep(0.01)
+    retry = send_report(notifier(), message, stem, queued, 60)
+    zombie.join()
+    assert len(slack.messages()) == 1
+    assert (retry["ts"], retry["posted_before"]) == (tries[0]["ts"], True)
+    assert outbox.names() == []
+    # A claim of a process gone on this machine is dead at once; another machine's lapses by its time.
+    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = notify._process()[:8]
+    assert notify._dead_try(f"{stem}.claim-1-{sender}{here}{dead.pid:08x}", sender)
+    assert not notify._dead_try(f"{stem}.claim-1-{sender}{'0' * 8}{dead.pid:08x}", sender)
+    assert not notify._dead_try(f"{stem}.claim-1-{sender}{here}{1:08x}", sender)  # (init: alive)
