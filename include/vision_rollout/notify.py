@@ -1531,25 +1531,34 @@ def _sent_by_another(
 ) -> dict[str, Any]:
     """``send_report``'s result for its report ``name`` that another sender's round has, or sent,
     since ``since``: once it left the outbox (waited for until ``deadline``, a ``time.monotonic()``,
-    by default ``SEND_BUDGET_S`` from now, less the look-up's time), its post there (``find_post``):
-    ``sent``, ``posted_before``. Else what is known: still there, ``maybe_posted``, the error saying
-    another sender has it; set aside in ``refused/``, ``refused``; gone, its post not found (a
-    look-up Slack refused, a report dropped by hand), ``maybe_posted`` alone."""
+    by default ``SEND_BUDGET_S`` from now, less the look-up's time), its post there (``find_post``),
+    or as soon as that sender marked its post (``.posted``, before its chart's upload): ``sent``,
+    ``posted_before``. Else what is known: still there, ``maybe_posted``, the error saying another
+    sender has it; set aside in ``refused/``, ``refused``; gone, its post not found (a look-up
+    Slack refused, a report dropped by hand), ``maybe_posted`` alone."""
     if deadline is None:
         from vision_rollout.settings import SEND_BUDGET_S
 
         deadline = time.monotonic() + SEND_BUDGET_S
     floor = min(REPORT_MIN_S, (deadline - time.monotonic()) / 4)  # (left for the look-up)
-    while outbox.exists(name) and deadline - time.monotonic() > floor:
+    stem = name.removesuffix(".json")
+
+    def marked() -> dict[str, Any] | None:
+        try:
+            raw = _read_if_there(outbox, stem + POSTED, MAX_MARK_BYTES)
+        except (TooLarge, NotAFile):  # (not a mark a sender wrote)
+            return None
+        return _posted(raw) if raw is not None else None
+
+    while (found := marked()) is None and outbox.exists(name) and deadline - time.monotonic() > floor:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - floor)))
-    if outbox.exists(name):
+    if found is None and outbox.exists(name):
         error = f"{ANOTHER_SENDER} is sending it: not known within the budget whether Slack took it"
         return {"name": name, "error": error, "maybe_posted": True}
-    if (outbox / REFUSED).exists(name):
+    if found is None and (outbox / REFUSED).exists(name):
         return {"name": name, "error": f"{ANOTHER_SENDER} set it aside: Slack refused it for good", "refused": True}
-    stem = name.removesuffix(".json")
     try:
-        found = find_post(client, channel, stem, since, deadline=deadline, thread_ts=thread_ts)
+        found = found or find_post(client, channel, stem, since, deadline=deadline, thread_ts=thread_ts)
     except LookupFailed:
         found = None
     if found is None:
