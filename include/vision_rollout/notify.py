@@ -1567,6 +1567,32 @@ def _sent_by_another(
     return {"name": name, "sent": True, **found, "posted_before": True}
 
 
+def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
+    """Where the report ``<stem>.json`` a sender wrote stands in ``outbox``, as ``send_report``
+    answers it, for one whose sender's answer was lost (killed once it wrote it): its post
+    (``channel``, ``ts``, ``posted_before``) where its ``.posted`` mark holds one (its chart
+    waits); ``outbox`` and ``slack_error`` where it waits there (``refused``: set aside in its
+    ``refused/``), the outbox's rounds sending it (a post of it Slack may have taken is looked
+    for first); None where it is in neither (sent since, dropped by hand, or never written)."""
+    name = f"{stem}.json"
+    for folder in (outbox, outbox / REFUSED):
+        try:
+            found = _waiting(folder, name)[0]
+        except FileNotFoundError:
+            continue
+        raw = _read_if_there(folder, stem + POSTED, MAX_MARK_BYTES)
+        posted = _posted(raw) if raw is not None else None
+        if posted is not None:
+            return {**posted, "posted_before": True}
+        error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
+        return {
+            "outbox": str(folder / name),
+            "slack_error": error,
+            **({"refused": True} if folder is not outbox else {}),
+        }
+    return None
+
+
 def _sweep_marks(outbox: Folder) -> None:
     """The ``.posted`` marks whose report is gone (a sender killed after removing it, before its
     mark) removed, once older than ``CLAIM_S``: a mark is written before its report where the

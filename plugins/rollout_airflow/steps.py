@@ -1591,15 +1591,29 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     return spec.baseline_version
 
 
-def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str) -> dict[str, Any]:
+def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id: str | None = None) -> dict[str, Any]:
     """The teardown's report of what it found where notify sent none: the promotion kept, or the
-    rollback (``done``: what the teardown did, the stable version restored or not)."""
+    rollback (``done``: what the teardown did, the stable version restored or not). ``run_id``:
+    in place of the report notify wrote, gone from the outbox (``send_run_report``: where Slack
+    took notify's, that post is the answer, ``posted_before``, and nothing more is posted)."""
     from vision_rollout.notify import plain_report, rollback_message
 
     if kept:
-        return send(spec, plain_report(spec, "promote", reason))
-    restored = done.startswith(f"version {spec.baseline_version} takes 100%")
-    return send(spec, rollback_message(spec, reason, restored=restored))
+        message = plain_report(spec, "promote", reason)
+    else:
+        restored = done.startswith(f"version {spec.baseline_version} takes 100%")
+        message = rollback_message(spec, reason, restored=restored)
+    if not run_id:
+        return send(spec, message)
+    try:
+        return send_run_report(spec, message, run_id)
+    except OSError as exc:  # (a full disk, say): sent straight, unless it waits in the outbox, perhaps posted
+        settings = serving().settings
+        stem = run_report(settings.workdir(spec.model, run_id)).get("report")
+        if stem is None or settings.outbox.exists(f"{stem}.json"):
+            raise
+        log.warning("the teardown's report cannot be written to the outbox, it is posted: %s", str(exc)[:300])
+        return send(spec, message)
 
 
 def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
@@ -1638,7 +1652,11 @@ def ensure_stable(
     notify did not (decide marked success by hand: promote refused, notify upstream-failed): Airflow would otherwise count either a success (a teardown's upstream failing
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
     nor notify ran) reports that to Slack, then fails; a report never says the stable version
-    takes the traffic where it was not read back so.
+    takes the traffic where it was not read back so. Where notify's XCom is lost (its worker
+    killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
+    posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
+    run fails as for a report that did not reach Slack); one gone from the outbox, looked for in
+    Slack before the teardown's own is posted under its name.
     """
     from vision_rollout.notify import rollback_message
 
@@ -1648,6 +1666,12 @@ def ensure_stable(
     end = run_ended(spec, run_id)
     if end is not None:  # run again after the run ended (notify cleared with its downstream): nothing to undo
         return f"the run had ended: {end.get('done')}; nothing touched"
+    wrote = False
+    if report is None:  # (notify's worker killed once it wrote its report: Slack may have taken it)
+        try:
+            report, wrote = notify_left(spec, run_id)
+        except Exception:  # (the stable version comes first: the teardown reports what it found)
+            log.exception("what notify left of its report cannot be read")
     try:
         kept, done = finish(
             params, run_id, promoted == spec.candidate_version, prune=True, decided=decided, report=report
@@ -1670,14 +1694,17 @@ def ensure_stable(
     if (kept and promoted != spec.candidate_version) or (not kept and rolled_back is None):
         # notify did not run (a worker killed after its last write), or reported the decision that the
         # teardown found not carried out and undid (promote marked success by hand): the teardown reports
-        if report is None or (unfinished and kept != (decided == "promote")):
-            report = _found_report(spec, kept, f"{what}; {done}", done)
+        contrary = unfinished and kept != (decided == "promote")  # (what notify reports is not what serves)
+        if report is None or contrary:
+            report = _found_report(spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None)
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
         chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
-        report = _found_report(spec, kept, f"{chose}; {done}", done)
+        report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None)
+        if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
+            return done
         undelivered = f" (in the outbox: {report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(
             f"{done}; but notify did not send the run's report: the teardown sent it{undelivered}"
@@ -1822,18 +1849,11 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     when it was first written and, once Slack took it, its post kept in the run folder
     (``RUN_REPORT``): a try that finds that post, or finds the report posted in the channel's
     history, posts nothing more."""
-    from vision_rollout.notify import is_report_name, report_name, send_report
+    from vision_rollout.notify import report_name, send_report
 
     settings = serving().settings
     folder = settings.workdir(spec.model, run_id)
-    record: dict[str, Any] = {}
-    try:
-        read = json.loads(folder.read_within(RUN_REPORT, MAX_LOCK_BYTES))
-        record = read if isinstance(read, dict) and is_report_name(read.get("report")) else {}
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as exc:  # (not a record this run wrote: sent as a first try's)
-        log.warning("this run's record of its report cannot be read: %s", str(exc)[:300])
+    record = run_report(folder)
     if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
         return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}
     queued = record.get("queued")
@@ -1846,6 +1866,42 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     if "ts" in sent:
         folder.write(RUN_REPORT, json.dumps({"report": stem, "channel": sent["channel"], "ts": sent["ts"]}).encode())
     return sent
+
+
+def run_report(folder: Folder) -> dict[str, Any]:
+    """The run's record of its report in its run folder (``RUN_REPORT``: its outbox name, when
+    first written, and its post once Slack took it); {} where there is none, or none this run
+    wrote (unreadable: logged)."""
+    from vision_rollout.notify import is_report_name
+
+    try:
+        read = json.loads(folder.read_within(RUN_REPORT, MAX_LOCK_BYTES))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # (not a record this run wrote: sent as a first try's)
+        log.warning("this run's record of its report cannot be read: %s", str(exc)[:300])
+        return {}
+    return read if isinstance(read, dict) and is_report_name(read.get("report")) else {}
+
+
+def notify_left(spec: RolloutSpec, run_id: str) -> tuple[dict[str, Any] | None, bool]:
+    """What notify left of the run's report where its XCom is lost (its worker killed once it
+    wrote the report: after Slack took its post, say), as its XCom would have said it: the post
+    (``channel``, ``ts``, ``posted_before``) its run folder keeps (``RUN_REPORT``), or the
+    report's ``.posted`` mark in the outbox; where it waits in the outbox, ``outbox`` and
+    ``slack_error`` (``notify.report_left``: the outbox's rounds send it, looking first for a
+    post Slack may have taken); else None. And whether notify wrote a report at all: one gone
+    from the outbox since may have been posted (``send_run_report`` looks for it before posting
+    another under its name)."""
+    from vision_rollout.notify import report_left
+
+    settings = serving().settings
+    record = run_report(settings.workdir(spec.model, run_id))
+    if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
+        return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}, True
+    if not isinstance(record.get("queued"), (int, float)):
+        return None, False
+    return report_left(settings.outbox, record["report"]), True
 
 
 def audit_hours(

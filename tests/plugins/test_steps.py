@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1053,6 +1054,123 @@ def test_notify_stopped_once_slack_took_its_post_and_retried_posts_the_report_on
     assert steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")["ts"] == again["ts"]
     assert len(slack.messages()) == 1
     assert not list((tmp_path / "run" / "outbox").glob("*.json"))
+
+
+def run_folder_conn(monkeypatch, tmp_path) -> None:
+    """The model server's connection: its run folder in ``tmp_path``, no server behind it."""
+    extra = {"run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+
+
+def finished_with(monkeypatch, kept: bool, done: str) -> dict:
+    """``steps.finish`` replaced by one that found ``kept`` and did ``done``: what it was given."""
+    given: dict = {}
+
+    def finish(*args, **kwargs):
+        given.update(kwargs)
+        return kept, done
+
+    monkeypatch.setattr(steps, "finish", finish)
+    return given
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_teardown_whose_notify_was_lost_once_slack_took_its_report_posts_nothing_more(
+    monkeypatch, tmp_path, slack, recorded
+):
+    """notify's worker killed once Slack took its post (after it kept the post in the run
+    folder, or before: ``recorded``): no XCom, so the teardown sent a second report, unthreaded,
+    saying notify sent none. It takes notify's post now (kept, or found in the channel's
+    history), for the run's end as well, and posts nothing more."""
+    run_folder_conn(monkeypatch, tmp_path)
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")  # (its XCom lost)
+    record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
+    if not recorded:
+        record.write_text(json.dumps({"report": json.loads(record.read_text())["report"], "queued": time.time() - 5}))
+    done = "version 2 was promoted: nothing to restore"
+    given = finished_with(monkeypatch, True, done)
+    assert steps.ensure_stable(PARAMS, "run-a", "2", None, None, "promote") == done
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Promoted digits v2 to 100%")
+    if recorded:  # (the run's end keeps it: notify cleared afterwards replies in its thread)
+        assert (given["report"]["channel"], given["report"]["ts"]) == (first["channel"], first["ts"])
+
+
+def test_a_teardown_whose_notify_was_killed_mid_send_leaves_its_report_to_the_outbox(monkeypatch, tmp_path, slack):
+    """notify's worker killed right after Slack answered its post, before its mark: the report
+    and the sender's claim stay in the outbox, and the teardown posted a second report. It posts
+    nothing now and fails the run as for a report that did not reach Slack: the outbox's round
+    looks for the post before sending it."""
+    from slack_sdk import WebClient
+
+    from vision_rollout.folders import Folder
+
+    class Killed(BaseException):
+        pass
+
+    run_folder_conn(monkeypatch, tmp_path)
+    real_post, real_delete = WebClient.chat_postMessage, Folder.delete
+
+    def posted_then_killed(self, **kwargs):
+        real_post(self, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(WebClient, "chat_postMessage", posted_then_killed)
+        m.setattr(Folder, "delete", lambda self, n: None if ".claim-" in n else real_delete(self, n))
+        with pytest.raises(Killed):
+            steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    with pytest.raises(AirflowFailException, match=r"did not reach Slack \(its sender stopped .*it is in the outbox"):
+        steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback")
+    assert len(slack.messages()) == 1
+    assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_teardown_that_undid_the_decision_notify_posted_reports_it_though_notify_was_lost(
+    monkeypatch, tmp_path, slack, recorded
+):
+    """notify posted "Promoted", its XCom lost with its worker, and the teardown found no
+    promotion in effect (promote marked success by hand) and put version 1 back: Slack is told,
+    in a report of its own, whether or not the run folder kept notify's post."""
+    run_folder_conn(monkeypatch, tmp_path)
+    steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
+    if not recorded:
+        record.write_text(json.dumps({"report": json.loads(record.read_text())["report"], "queued": time.time() - 5}))
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    with pytest.raises(AirflowFailException, match="decide chose promote, which did not finish"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, "promote")
+    assert [m["text"][:11] for m in slack.messages()] == ["Promoted di", "Rolled back"]
+
+
+def test_a_teardown_whose_notify_could_not_write_its_report_sends_one(monkeypatch, tmp_path, slack):
+    """notify's outbox write failing (a full disk) after it named its report in the run folder:
+    nothing reached Slack. The teardown looks for that report in the channel, finds none, and
+    posts its own (straight, the outbox taking nothing still), failing the run saying so."""
+    import errno
+
+    from vision_rollout.folders import Folder
+
+    run_folder_conn(monkeypatch, tmp_path)
+    real_write = Folder.write
+
+    def full(self, name, data):
+        if str(self).endswith("outbox"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Folder, "write", full)
+        with pytest.raises(OSError, match="No space left"):
+            steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
+        assert slack.messages() == []
+        finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+        with pytest.raises(AirflowFailException, match="notify did not send the run's report: the teardown sent it"):
+            steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback")
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Rolled back digits v2: decide chose rollback; version 1 takes 100%")
 
 
 def test_notify_without_a_slack_token_writes_its_report_to_the_outbox_once(monkeypatch, tmp_path):
