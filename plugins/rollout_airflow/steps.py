@@ -1511,14 +1511,17 @@ def carried_out(spec: RolloutSpec, run_id: str, end: dict[str, Any], decided: st
     from vision_rollout.mesh import routes_to
 
     hook = serving()
+    routes = None
     if decided == "promote":
         version, holds = spec.candidate_version, promotion_in_effect(spec, run_id, hook)
     else:
         version = spec.baseline_version
-        holds = not routes_to(router(spec, run_id, hook, only=version).get_routes(), spec.candidate_version)
+        routes = router(spec, run_id, hook, only=version).get_routes()
+        holds = not routes_to(routes, spec.candidate_version)
     ended = f"this run ended {'promoted' if end.get('promoted') else 'rolled back'} ({str(end.get('done'))[:300]})"
     if not holds:
-        routes = router(spec, run_id, hook, only=version).get_routes()
+        if routes is None:  # (what serves, as read after promotion_in_effect's look)
+            routes = router(spec, run_id, hook, only=version).get_routes()
         raise AirflowFailException(
             f"{ended}, but it is not what serves now: {json.dumps(routes.to_dict())[:500]} (version "
             f"{spec.candidate_version} {'not promoted' if decided == 'promote' else 'routed'}): changed since "

@@ -1173,6 +1173,26 @@ def test_a_teardown_whose_notify_could_not_write_its_report_sends_one(monkeypatc
     assert posted["text"].startswith("Rolled back digits v2: decide chose rollback; version 1 takes 100%")
 
 
+def test_rollback_cleared_after_the_end_reads_what_serves_once(monkeypatch, tmp_path):
+    """rollback cleared once its run ended, the candidate routed again since: it read the routes
+    twice, once to find them changed and again for its message (which could then name routes
+    other than those it judged). One read now, named in the refusal."""
+    run_folder_conn(monkeypatch, tmp_path)
+    spec = steps.spec_from(PARAMS)
+    reads = []
+
+    class Routes:
+        def get_routes(self):
+            reads.append(1)
+            return spec.policy_for_stage(50)
+
+    monkeypatch.setattr(steps, "router", lambda *args, **kwargs: Routes())
+    end = {"holder": "run-a", "decided": "rollback", "promoted": False, "done": "version 1 takes 100%"}
+    with pytest.raises(AirflowFailException, match=r'it is not what serves now: \{"route".*"weight": 50'):
+        steps.carried_out(spec, "run-a", end, "rollback")
+    assert len(reads) == 1
+
+
 def test_notify_without_a_slack_token_writes_its_report_to_the_outbox_once(monkeypatch, tmp_path):
     """No Slack token: notify's report lands in the outbox, and a retry of notify leaves one copy."""
     extra = {"run_dir": str(tmp_path / "run")}
