@@ -37,6 +37,7 @@ from vision_rollout.settings import (
     MIN_RETENTION_DAYS,
     RETENTION_DAYS,
     ROUTES,
+    RUN_REPORT,
     SEND_BUDGET_S,
     BuildSettings,
     SettingsError,
@@ -1841,9 +1842,6 @@ def notify(
         ts = first.get("ts") if isinstance(first, dict) else None
         return send(spec, sent_again(message, ts if isinstance(ts, str) else None))  # (in the first report's thread)
     return send_run_report(spec, message, run_id)
-
-
-RUN_REPORT = "report.json"  # (in a run's folder: its report's outbox name, when first written; its post)
 
 
 def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, Any]:

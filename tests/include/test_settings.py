@@ -447,3 +447,32 @@ def test_a_cluster_whose_dns_domain_is_not_cluster_local_is_named_by_its_own():
     assert ServingSettings.from_connection("http://h:8000", None, {"istio": istio}).istio_for("d").host == (
         "digits.models.svc.cluster.local"
     )
+
+
+def test_a_run_folder_holding_the_record_of_its_report_is_pruned(tmp_path):
+    """notify keeps the run's Slack post in its run folder (``RUN_REPORT``): ``prune_runs`` took
+    that file for someone else's and kept it, so every run that sent its report left its folder
+    behind for good, the file alone in it, and prune counted no run folder removed. Now it goes
+    with the run's other files, and a file that is not the run's still keeps its folder."""
+    import os
+    import time
+
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+    from vision_rollout.settings import ENDED, RUN_REPORT, prune_runs, workdir
+
+    store = Folder(str(tmp_path))
+    for run_id in ("sent", "annotated"):
+        folder = workdir(store, "digits", run_id)
+        attempts.applied(folder, run_id, 0, time.time())
+        folder.write(RUN_REPORT, b'{"report": "20260101T000000-000000001-aaaaaa", "channel": "C1", "ts": "1.2"}')
+        folder.write(ENDED, b'{"holder": "%s", "decided": "promote"}' % run_id.encode())
+    workdir(store, "digits", "annotated").write("notes.txt", b"mine")
+    old = time.time() - 40 * 86400
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            os.utime(p, (old, old))
+    now = time.time()
+    assert prune_runs(store, ["digits"], now - 30 * 86400, now)["run folders"] == ["digits/sent"]
+    assert (store / "rollouts" / "digits").folders() == ["annotated"]
+    assert workdir(store, "digits", "annotated").names() == ["notes.txt"]
