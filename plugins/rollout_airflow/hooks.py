@@ -226,13 +226,15 @@ class PrometheusHook(BaseHook):
         if conn.login:
             authorization = "Basic " + base64.b64encode(f"{conn.login}:{conn.password or ''}".encode()).decode()
         elif conn.password:
-            if any(ord(c) < 32 or ord(c) == 127 for c in conn.password):
-                # (http.client's refusal of such a header quotes it: the token, in logs and XCom)
+            if any(ord(c) < 32 or ord(c) == 127 or ord(c) > 255 for c in conn.password):
+                # (http.client's refusal of such a header quotes it: the token, in logs and XCom; one
+                # beyond Latin-1 it cannot encode, which read as Prometheus offline at every guard read)
                 from airflow.sdk.exceptions import AirflowFailException
 
                 raise AirflowFailException(
                     f"the {self.prometheus_conn_id} connection's password holds a line break or another "
-                    "control character, which an HTTP header cannot carry"
+                    "control character, or one beyond Latin-1 (a byte-order mark, a typographic quote), which "
+                    "an HTTP header cannot carry"
                 )
             authorization = f"Bearer {conn.password}"
         return PrometheusSource(_http_url(conn, 9090), authorization=authorization)

@@ -168,11 +168,16 @@ def test_a_prometheus_behind_auth_gets_the_connections_login_and_password(monkey
         server.server_close()
 
 
-def test_a_prometheus_token_that_no_header_can_carry_fails_without_quoting_it(monkeypatch):
+@pytest.mark.parametrize("password", ["s3cret\n", "\ufeffs3cret", "s3cret\u201d"])
+def test_a_prometheus_token_that_no_header_can_carry_fails_without_quoting_it(monkeypatch, password):
+    """A line break, or a character beyond Latin-1 (a byte-order mark, a typographic quote: a
+    token pasted from a document), which http.client cannot put in a header. The latter went
+    out as the source: each guard read failed as "Prometheus offline: 'latin-1' codec can't
+    encode character", the stage held until guard_error_limit reads in a row and rolled back."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", password="s3cret\n")
-    with pytest.raises(AirflowFailException, match="control character") as refused:
+    conn(monkeypatch, "prometheus_default", conn_type="http", host="127.0.0.1", password=password)
+    with pytest.raises(AirflowFailException, match="an HTTP header cannot carry") as refused:
         PrometheusHook().source()
     assert "s3cret" not in str(refused.value)
 
