@@ -39,7 +39,9 @@ A stage's sequential test is kept in the run folder: a stage cleared here (or re
 it at its next look, or reports the decision it took (a failed stage stays failed). A fresh test
 is asked for with `rolloutctl restart-stage`, and its report says so and what it costs. A run
 that ended is not rolled out again by a clear (trigger a new run): cleared above **decide**,
-**build_image** refuses it, touching nothing; **notify** cleared sends its report again.
+**build_image** refuses it, touching nothing; **notify** cleared sends its report again. A run
+whose id names another run's folder (a run deleted and triggered again with its id) is refused
+by **build_image** the same way, naming both.
 
 Runs of different models go on side by side; one model has one run at a time: **build_image**
 takes the model's lease (a Kubernetes Lease `rollout-<VirtualService>`, or a lock file in local mode),
@@ -136,10 +138,12 @@ def model_rollout() -> None:
 
     # Its retry keeps the model this run's in the delay: no other run of it takes it meanwhile.
     @task(retries=1, retry_delay=timedelta(minutes=1))
-    def build_image(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
+    def build_image(params: dict[str, Any], run_id: str, ti: Any, dag_run: Any) -> dict[str, Any]:
         retry_in = None if ti.try_number > ti.max_tries else int(ti.task.retry_delay.total_seconds())
         # (cleared once the run ended: starts nothing again, lets the report be sent again)
-        return steps.build_image(params, run_id, retry_in_s=retry_in, report_only=steps.decision_stands(ti))
+        report_only = steps.decision_stands(ti)
+        run_after = dag_run.run_after.isoformat()  # (with its id, which DAG run this is: a clear keeps it)
+        return steps.build_image(params, run_id, retry_in_s=retry_in, report_only=report_only, run_after=run_after)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED, retries=1)  # after the image build, or its skip in local mode
     def deploy_candidate(params: dict[str, Any], run_id: str, ti: Any) -> str:

@@ -37,6 +37,7 @@ from vision_rollout.settings import (
     MIN_RETENTION_DAYS,
     RETENTION_DAYS,
     ROUTES,
+    RUN_MARK,
     RUN_REPORT,
     SEND_BUDGET_S,
     BuildSettings,
@@ -199,7 +200,11 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
 
 
 def build_image(
-    params: dict[str, Any], run_id: str, retry_in_s: int | None = None, report_only: bool = False
+    params: dict[str, Any],
+    run_id: str,
+    retry_in_s: int | None = None,
+    report_only: bool = False,
+    run_after: str | None = None,
 ) -> dict[str, Any]:
     """``first_step`` (below), and a run it fails for good (a refusal, or its last try: no
     ``retry_in_s``, the delay before Airflow's retry) reported to Slack: in Airflow nothing else
@@ -207,8 +212,11 @@ def build_image(
     it would hear nothing. A run that ended (``run_ended``) cleared with its decision standing
     (``report_only``: decide not cleared) starts nothing again: see ``after_the_end``; cleared
     further up (a stage, decide, the whole run) it is refused (``ended_refusal``), unless a
-    stage's fresh test was asked for (``rolloutctl restart-stage``)."""
+    stage's fresh test was asked for (``rolloutctl restart-stage``). With ``run_after`` (the
+    DAG run's), a run folder of another DAG run is refused first (``own_folder``)."""
     spec = spec_from(params)
+    if run_after is not None:
+        own_folder(spec, run_id, run_after)
     end = run_ended(spec, run_id)
     if end is not None and report_only:
         return after_the_end(spec, end)
@@ -317,6 +325,41 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
         given_back(params, run_id, lock, settings.workdir(spec.model, run_id), loaded=True, keep_s=keep)
         raise
     return {**report.to_dict(), **warned}
+
+
+def own_folder(spec: RolloutSpec, run_id: str, run_after: str) -> None:
+    """The run folder (``workdir``) this DAG run's: ``RUN_MARK`` names the DAG run whose it is,
+    by its id and ``run_after`` (when it was triggered, which a clear keeps), written by its first
+    step. Another DAG run's (one deleted and triggered again with its id, or an id that names the
+    same folder once cleaned) is refused touching nothing: its records (its end, its stages'
+    tests, its report's post) would be taken for this run's. A folder without it (a run's from
+    before it was kept) is taken as this run's, as it was; one that cannot be read or written
+    (full, read-only, unreachable) too, with a warning: the first step then meets the same folder
+    and fails saying so, the run reported."""
+    folder = serving().settings.workdir(spec.model, run_id)
+    mark = {"run_id": run_id, "run_after": run_after}
+    try:
+        found = json.loads(folder.read_within(RUN_MARK, MAX_LOCK_BYTES))
+    except FileNotFoundError:
+        try:
+            folder.write(RUN_MARK, json.dumps(mark).encode())
+        except OSError as exc:
+            log.warning("this run's mark was not written (%s): %s", folder, str(exc)[:300])
+        return
+    except OSError as exc:
+        log.warning("the run folder's mark cannot be read (%s): %s", folder, str(exc)[:300])
+        return
+    except ValueError:  # (not a mark this step wrote)
+        found = None
+    if found == mark:
+        return
+    theirs = found if isinstance(found, dict) else {}
+    raise AirflowFailException(
+        f"the run folder {folder} holds the records of another DAG run (run id {str(theirs.get('run_id'))[:250]!r}, "
+        f"triggered {str(theirs.get('run_after'))[:40]}), not this one's (run id {run_id!r}, triggered {run_after}): "
+        "a run deleted and triggered again with its id, or a run id that names the same folder. This run touched "
+        "nothing; trigger it with another run id, or move that folder away"
+    )
 
 
 def run_ended(spec: RolloutSpec, run_id: str) -> dict[str, Any] | None:

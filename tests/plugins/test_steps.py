@@ -151,6 +151,55 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
     assert steps.serving().model_lock("mnist", "local").acquire("run-c").holder == "run-c"  # another model
 
 
+def test_a_run_whose_id_names_another_runs_folder_is_refused_touching_nothing(monkeypatch, tmp_path, caplog):
+    """A DAG run deleted in the UI, then triggered again with its run id (the trigger form's Run
+    ID, a script's id of its own), or an id that names the same folder once cleaned: the new run
+    found the old one's records in its run folder and took them for its own. The old run promoted
+    a version: the new one, whatever its candidate, skipped every task and showed a success
+    having rolled nothing out; rolled back, it failed as "this run ended"; stopped mid-run, its
+    stages would take the old tests' decisions for the new candidate's. Now the run folder keeps
+    the DAG run it is (its id and when it was triggered, which a clear keeps): another's is
+    refused at the first step, naming both, touching nothing (the model server's address
+    answers nothing here: any call to it would fail). The same run, cleared, goes on as before."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
+        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": extra}),
+    )
+    first, second = "2026-03-01T00:00:00+00:00", "2026-03-02T09:30:00.123456+00:00"
+    folder = steps.serving().settings.workdir("digits", "nightly")
+    with pytest.raises(AirflowFailException, match="unreachable"):  # (its first run: no model server here)
+        steps.build_image(PARAMS, "nightly", run_after=first)
+    end = {"holder": "nightly", "decided": "promote", "promoted": True, "done": "version 2 was promoted"}
+    folder.write("ended.json", json.dumps(end).encode())  # (as its teardown writes it)
+    with pytest.raises(
+        AirflowFailException, match=r"holds the records of another DAG run .*'nightly'.*2026-03-01"
+    ) as e:
+        steps.build_image({**PARAMS, "candidate_version": "3"}, "nightly", run_after=second)
+    assert "2026-03-02T09:30:00.123456" in str(e.value)
+    assert "touched nothing" in str(e.value)
+    assert steps.serving().model_lock("digits", "local").holding() is None
+    with pytest.raises(AirflowSkipException, match="this run ended"):  # (the run itself, cleared)
+        steps.build_image(PARAMS, "nightly", run_after=first)
+    # A folder the mark cannot be written to (full, read-only) is the first step's to report.
+    from vision_rollout.folders import Folder
+
+    write = Folder.write
+
+    def full(folder: Folder, name: str, data: bytes) -> str:
+        if name == "run.json":
+            raise OSError(28, "No space left on device")
+        return write(folder, name, data)
+
+    monkeypatch.setattr(Folder, "write", full)
+    with pytest.raises(AirflowFailException, match="unreachable"):
+        steps.build_image(PARAMS, "another", run_after=second)
+    assert "this run's mark was not written" in caplog.text
+
+
 def test_a_failure_callback_without_the_runs_params_touches_nothing(monkeypatch, tmp_path, caplog):
     """Airflow calls a DAG's failure callback with only the DAG and the run id when it has no
     task instance to build the context from: the spec's defaults (digits, 2 against 1) are not
