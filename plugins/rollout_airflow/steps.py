@@ -1369,11 +1369,21 @@ def approvals_folder(model: str) -> Folder:
 def failed_reads_kept(params: dict[str, Any], ti_id: str) -> int:
     """The failed reads in a row of the approval wait of task instance ``ti_id`` (each try has
     its own), as its trigger kept them (``keep_failed_reads``): a triggerer that restarts, or
-    another that takes the trigger over, counts on from there. 0 when none are kept."""
+    another that takes the trigger over, counts on from there. 0 when none are kept, or what is
+    kept is no count (not one ``keep_failed_reads`` wrote: counted afresh, saying so)."""
+    folder = failed_reads_folder(params)
     try:
-        return int(json.loads(failed_reads_folder(params).read_within(f"{ti_id}.json", MAX_COUNT_BYTES))["count"])
+        count = json.loads(folder.read_within(f"{ti_id}.json", MAX_COUNT_BYTES))["count"]
     except FileNotFoundError:
         return 0
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        count = f"{type(exc).__name__}: {exc}"
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    log.warning(
+        "the count of failed reads %s/%s.json cannot be read (%s): counted from 0", folder, ti_id, str(count)[:200]
+    )
+    return 0
 
 
 def keep_failed_reads(params: dict[str, Any], ti_id: str, count: int) -> None:

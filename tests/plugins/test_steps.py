@@ -1908,6 +1908,34 @@ def test_failed_reads_are_counted_on_across_a_triggerer_restart(monkeypatch, tmp
     assert read(other) is None
 
 
+@pytest.mark.parametrize("kept", [b"{", b"[]", b'{"count": "three"}', b'{"count": Infinity}', b'{"count": -40}'])
+def test_a_count_of_failed_pokes_that_is_no_count_is_counted_afresh(monkeypatch, tmp_path, caplog, kept):
+    """A stage's wait keeps the count of its pokes that raised in the run folder; one there that is
+    not a count (written by hand, by another program, a disk's damage) raised out of every poke,
+    as JSONDecodeError, KeyError or OverflowError: a poke that judged the stage lost its verdict,
+    a poke that failed failed the try on it instead of holding, the file not named; a negative
+    count held the stage for that many more failures. Now it is counted from 0, saying so, and
+    written over by the next failure."""
+    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    params = {**PARAMS, "guard_error_limit": 2}
+    steps.failed_reads_folder(params).write("ti-1.json", kept)
+    monkeypatch.setattr(steps, "look_at_stage", lambda *a: PASS)
+    assert steps.poke_stage(params, 0, {}, "run-a", "1", "ti-1") == PASS
+    assert "cannot be read" in caplog.text
+    assert "ti-1.json" in caplog.text
+
+    def unreachable(*a: Any) -> None:
+        raise ConnectionError("the model server is restarting")
+
+    steps.failed_reads_folder(params).write("ti-1.json", kept)
+    monkeypatch.setattr(steps, "look_at_stage", unreachable)
+    assert steps.poke_stage(params, 0, {}, "run-a", "1", "ti-1") is None  # (1 of 2: held)
+    assert steps.failed_reads_kept(params, "ti-1") == 1
+    with pytest.raises(AirflowFailException, match="failed 2 times in a row"):
+        steps.poke_stage(params, 0, {}, "run-a", "1", "ti-1")
+
+
 def test_a_rollout_aborted_while_the_approval_waits_answers_roll_back(monkeypatch, tmp_path):
     """``rolloutctl abort`` during the approval's wait marked the lease, and nothing read the mark
     until the approver answered (up to 24 h later), the candidate at 100% meanwhile. The wait
