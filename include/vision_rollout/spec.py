@@ -264,6 +264,14 @@ class RolloutSpec:
             raise SpecError(
                 "stages [100] mirror nothing: set mirror_percent to 0, or add a stage below 100 for the shadow"
             )
+        if self.mirror_percent > 0 and self.shadow_agreement_min >= 1:
+            # The audit's agreement must be shown at least this: an interval's lower end is below 1
+            # on any sample, so the audit would stay inconclusive and the run roll back at its end.
+            raise SpecError(
+                f"shadow_agreement_min: {self.shadow_agreement_min:g} can never be shown (on any number of records "
+                "the agreement's interval starts below 1), so every such rollout would roll back at its end: give "
+                "a minimum below 1, or set mirror_percent to 0"
+            )
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:

@@ -86,6 +86,10 @@ def test_json_schema_is_valid_and_carries_descriptions():
         ({"slack_channel": "#model rollouts"}, "slack_channel: '#model rollouts' does not match"),
         # A 100% stage mirrors nothing: enable_shadow could never see the mirror and failed every run.
         ({"stages": [100]}, r"stages \[100\] mirror nothing: set mirror_percent to 0"),
+        # An agreement of 100% is never shown (a Wilson interval's lower end is below 1 on any
+        # sample): the shadow audit stayed inconclusive and every such rollout rolled back at its
+        # end, its stages baked on the candidate for nothing.
+        ({"shadow_agreement_min": 1}, r"shadow_agreement_min: 1 can never be shown .* mirror_percent to 0"),
     ],
 )
 def test_invalid_specs_name_the_field(raw, needle):
