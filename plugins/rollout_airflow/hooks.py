@@ -197,12 +197,23 @@ def _or_fail(read: Callable[[Any], T], arg: Any) -> T:
 def _kubernetes(conn_id: str) -> Any:
     """The cluster's API client through the cncf provider's hook, sending its requests again
     when the API server did not serve them, and its reads when it may not have
-    (``mesh.api_retries``)."""
+    (``mesh.api_retries``). A connection the provider cannot make a client of (no kube config
+    there, one that is no YAML, none in the cluster) fails the task naming it (no retry); one not
+    defined raises AirflowNotFoundException, which names it."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
     from vision_rollout.mesh import with_retries
 
-    return with_retries(KubernetesHook(conn_id=conn_id).api_client)
+    try:
+        client = KubernetesHook(conn_id=conn_id).api_client
+    except AirflowNotFoundException:  # (it names the connection; the shadow audit goes on without one)
+        raise
+    except Exception as exc:
+        raise AirflowFailException(
+            f"the {conn_id} connection cannot be used: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    return with_retries(client)
 
 
 class PrometheusHook(BaseHook):

@@ -255,3 +255,25 @@ def test_the_admin_client_uses_the_admin_token(monkeypatch, server_factory, repo
         ModelServerAdmin(s.http, "wrong").load("digits", ["2"])
     assert refused.value.status == 401
     assert s.client().get_model_metadata("digits")["versions"] == ["1", "2"]  # nothing changed
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"kube_config_path": "/no/such/kubeconfig"}, "ConfigException"),
+        ({"kube_config": "clusters: [unclosed"}, "ParserError"),
+    ],
+)
+def test_a_kubernetes_connection_that_cannot_be_used_fails_naming_it(monkeypatch, tmp_path, extra, error):
+    """kubernetes_default whose kube config is not there or is no YAML: the provider's error
+    (\"Invalid kube-config file. No configuration found.\", a YAML parser's) failed the first step
+    and was retried, and reached the report without naming the connection. Now it fails at once
+    naming it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    istio = {"namespace": "ml", "service": "digits", "name": "digits"}
+    conn(monkeypatch, "model_server_default", conn_type="http", extra={"run_dir": str(tmp_path), "istio": istio})
+    conn(monkeypatch, "kubernetes_default", conn_type="kubernetes", extra=extra)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # (no kube config of the machine's)
+    with pytest.raises(AirflowFailException, match=f"the kubernetes_default connection cannot be used: {error}"):
+        ModelServerHook().model_lock("digits", "istio")
