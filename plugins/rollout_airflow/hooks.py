@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
@@ -42,7 +43,8 @@ def _http_url(conn: Any, default_port: int) -> str:
     """The connection's base URL. A host given as a URL (``http://digits.ml.svc:8000``: Airflow's
     HTTP connections take "the entire url or the base of the url") is the URL, the port field
     added when it names none; else schema, host and port, each with its default. A scheme but
-    http or https, or credentials in the host, fail the task naming the connection."""
+    http or https, credentials in the host, or a host and port that make no URL (a space, a port
+    that is no number), fail the task naming the connection."""
     host = (conn.host or "127.0.0.1").rstrip("/")
     if "://" not in host:
         host = f"{conn.schema or 'http'}://{host}:{conn.port or default_port}"
@@ -63,7 +65,21 @@ def _http_url(conn: Any, default_port: int) -> str:
         )
     if conn.port and not re.search(r":[0-9]+$", netloc):
         netloc = f"{netloc}:{conn.port}"
-    return f"{scheme}://{netloc}{sep}{path}"
+    url = f"{scheme}://{netloc}{sep}{path}"
+    try:  # (else every request fails on it: a guard read as Prometheus offline, poke after poke)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not one)
+        if re.search(r"[\x00-\x20\x7f]", netloc):
+            raise ValueError("a space or a control character in the host")
+        if not parts.hostname:
+            raise ValueError("no host")
+    except ValueError as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"the {conn.conn_id} connection's host and port make no URL: {str(exc)[:200]}"
+        ) from None
+    return url
 
 
 def _extras(conn: Any) -> dict[str, Any]:

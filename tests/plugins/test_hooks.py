@@ -277,3 +277,25 @@ def test_a_kubernetes_connection_that_cannot_be_used_fails_naming_it(monkeypatch
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))  # (no kube config of the machine's)
     with pytest.raises(AirflowFailException, match=f"the kubernetes_default connection cannot be used: {error}"):
         ModelServerHook().model_lock("digits", "istio")
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"host": "http://[::1"}, "Invalid IPv6 URL"),
+        ({"host": "prom ex.com"}, "a space or a control character"),
+        ({"host": "http://prom:abc"}, "Port could not be cast"),
+        ({"host": "prom", "port": 99999}, "Port out of range"),
+        ({"host": "http://:9090"}, "no host"),
+    ],
+)
+def test_a_prometheus_connection_whose_host_and_port_make_no_url_fails_naming_it(monkeypatch, fields, error):
+    """A host with a space, a port that is no number or out of range, an IPv6 address unclosed:
+    the source was made all the same, and every guard read failed on the URL (as Prometheus
+    offline, or a ValueError out of the poke): the stage held for guard_error_limit pokes and
+    rolled back, the connection never named. Now it fails the task at once, naming it."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    conn(monkeypatch, "prometheus_default", conn_type="http", **fields)
+    with pytest.raises(AirflowFailException, match=f"the prometheus_default connection's host and port .*{error}"):
+        PrometheusHook().source()
