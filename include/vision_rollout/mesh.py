@@ -732,6 +732,12 @@ def rollouts_view(live: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
+def selects_version(subset_: dict[str, Any], version: str) -> bool:
+    """Whether a DestinationRule subset selects version ``version``'s pods (its label ``version``,
+    as ``render_destination_rule`` writes it), whatever else it narrows them by."""
+    return (subset_.get("labels") or {}).get("version") == version
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -1026,27 +1032,41 @@ class IstioRouter:
         dr = self._get("destinationrules")
         if dr is None:
             return self._missing("DestinationRule")
-        have = {s.get("name") for s in (dr.get("spec") or {}).get("subsets") or [] if isinstance(s, dict)}
-        lacking = sorted(subset(v) for v in policy.versions() if subset(v) not in have)
+        subsets = {s.get("name"): s for s in (dr.get("spec") or {}).get("subsets") or [] if isinstance(s, dict)}
+        lacking = sorted(subset(v) for v in policy.versions() if subset(v) not in subsets)
         if lacking:
             return (
                 f"DestinationRule {self.target.namespace}/{self.target.name} has no subset {', '.join(lacking)}, "
                 f"which {where} routes to: Envoy answers that share 503"
             )
+        for v in sorted(policy.versions(), key=int):
+            if not selects_version(subsets[subset(v)], v):
+                return (
+                    f"DestinationRule {self.target.namespace}/{self.target.name}'s subset {subset(v)} selects "
+                    f"{json.dumps(subsets[subset(v)].get('labels'), sort_keys=True)[:200]}, not version {v}'s pods "
+                    f'(version: "{v}"), which {where} routes to (edited outside the rollout)'
+                )
         if splits(render_virtual_service(self.target, policy, self.versions)):
             return self._filter_problem()
         return None
 
     def _add_subsets(self, versions: set[str]) -> None:
-        """The DestinationRule's subsets as they are, and one for each of ``versions`` it lacks.
-        None is removed here: only ``reconcile`` drops subsets, before a rollout routes to any."""
+        """The DestinationRule's subsets as they are, and one for each of ``versions`` it lacks; a
+        version's subset that selects other pods (``selects_version``: relabelled by hand) takes
+        its version's labels back. None is removed here: only ``reconcile`` drops subsets, before
+        a rollout routes to any."""
 
         def render(live: dict[str, Any]) -> dict[str, Any] | None:
             subsets = list((live.get("spec") or {}).get("subsets") or [])
-            have = {s.get("name") for s in subsets if isinstance(s, dict)}
+            have = {s.get("name"): s for s in subsets if isinstance(s, dict)}
             missing = sorted((v for v in versions if subset(v) not in have), key=int)
-            if not missing:
+            wrong = {subset(v): v for v in versions if subset(v) in have and not selects_version(have[subset(v)], v)}
+            if not missing and not wrong:
                 return None
+            subsets = [
+                {**s, "labels": {"version": wrong[s["name"]]}} if isinstance(s, dict) and s.get("name") in wrong else s
+                for s in subsets
+            ]
             body = render_destination_rule(self.target, missing)
             body["spec"]["subsets"] = subsets + body["spec"]["subsets"]
             body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})

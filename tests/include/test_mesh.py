@@ -1222,3 +1222,27 @@ def test_what_another_manager_set_on_the_mesh_objects_stays_its_own_after_a_roll
     assert router.set_routes(stable) is True
     assert router.get_routes() == stable
     assert "exportTo" not in fake.objects[("virtualservices", "models", "digits")]["spec"]
+
+
+@pytest.mark.parametrize("labels", [{"version": "v1"}, {"version": "2"}, {"track": "stable"}])
+def test_a_subset_relabelled_by_hand_is_put_back_and_named(kube, labels):
+    """A DestinationRule subset v1 edited by hand to select other pods (``version: v1``, which no
+    pod carries, or version 2's) kept its name, so set_routes (a rollback, ``mesh apply``) took it
+    for version 1's and wrote nothing to it, and serving_problem found nothing wrong: the share
+    routed to v1 went to no pod (503) or to version 2. A version's subset that does not select
+    its version is now named, and set_routes puts its labels back before routing to it."""
+    fake, api = kube
+    key = ("destinationrules", "models", "digits")
+    fake.touch(
+        *key, lambda o: o["spec"]["subsets"][0].update(labels=labels, trafficPolicy={"tls": {"mode": "DISABLE"}})
+    )
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    router = IstioRouter(TARGET, ["1"], api_client=api)
+    problem = router.serving_problem(stable)
+    assert problem is not None
+    assert "DestinationRule models/digits's subset v1 selects " in problem
+    assert "not version 1's pods" in problem
+    router.set_routes(stable)
+    (v1,) = fake.objects[key]["spec"]["subsets"]
+    assert v1 == {"name": "v1", "labels": {"version": "1"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}
+    assert router.serving_problem(stable) is None
