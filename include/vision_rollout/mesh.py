@@ -161,13 +161,20 @@ ISTIO_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+")
 
 
 def admission_problem(obj: dict[str, Any]) -> str | None:
-    """What istiod's validating webhook refuses in a schema-valid VirtualService's HTTP matches
+    """What istiod's validating webhook refuses in a schema-valid VirtualService's HTTP routes
     (``invalid at <path>: <why>``), None if nothing: a header name outside ``[-_A-Za-z0-9]+``,
     an empty ``prefix`` or ``regex`` for its value (the model server's router takes
-    them all, Istio does not)."""
+    them all, Istio does not); a route with both ``mirror`` and ``mirrors`` (the stage's mirror
+    beside the platform's list of them)."""
     if obj.get("kind") != "VirtualService":
         return None
     for i, route in enumerate((obj.get("spec") or {}).get("http") or []):
+        if route.get("mirror") and route.get("mirrors"):
+            return (
+                f"invalid at spec/http/{i}: Istio refuses a route with both mirror and mirrors (the rollout's mirror "
+                f"and the platform's mirrors on route {route.get('name')!r}); move the platform's mirrors off the "
+                "route, or roll out with mirror_percent 0"
+            )
         for j, match in enumerate(route.get("match") or []):
             for part in ("headers", "withoutHeaders"):
                 for name, value in (match.get(part) or {}).items():

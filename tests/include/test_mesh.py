@@ -1246,3 +1246,28 @@ def test_a_subset_relabelled_by_hand_is_put_back_and_named(kube, labels):
     (v1,) = fake.objects[key]["spec"]["subsets"]
     assert v1 == {"name": "v1", "labels": {"version": "1"}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}
     assert router.serving_problem(stable) is None
+
+
+def test_a_route_the_platform_mirrors_with_mirrors_is_refused_a_mirror_before_any_write(kube):
+    """A route's ``mirrors`` (Istio's list of mirrors) set by the platform on the default route
+    was carried onto every rendered route, beside the stage's ``mirror``: the schema takes both,
+    istiod's webhook refuses them ("HTTP route cannot contain both mirror and mirrors"), so the
+    mirror stage failed at the API server after the DestinationRule was written. It is refused
+    before any write, naming the route."""
+    fake, api = kube
+    key = ("virtualservices", "models", "digits")
+    fake.touch(
+        *key,
+        lambda o: o["spec"]["http"][-1].update(mirrors=[{"destination": {"host": "audit.models.svc.cluster.local"}}]),
+    )
+    before = len(fake.writes())
+    with pytest.raises(
+        RouterError, match=r"invalid at spec/http/\d+: Istio refuses a route with both mirror and mirrors"
+    ):
+        IstioRouter(TARGET, ["1", "2"], api_client=api).set_routes(CANARY)
+    assert fake.writes()[before:] == []
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    IstioRouter(TARGET, ["1"], api_client=api).set_routes(stable)  # no mirror of its own: the platform's kept
+    assert fake.objects[key]["spec"]["http"][-1]["mirrors"] == [
+        {"destination": {"host": "audit.models.svc.cluster.local"}}
+    ]
