@@ -410,6 +410,7 @@ class FakeKubeAPI:
         # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a 503).
         self.throttle = 0
         self.throttle_status = 429
+        self.retry_after = "1"  # what a 429 says to wait (a proxy before the API server may say more)
         self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
         # The next ``drop`` requests are read and their connection closed without an answer (a
         # load balancer or proxy resetting it, the server restarting): no status at all.
@@ -772,7 +773,7 @@ class FakeKubeAPI:
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 if code == 429:
-                    self.send_header("Retry-After", "1")
+                    self.send_header("Retry-After", api.retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

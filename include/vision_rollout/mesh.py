@@ -1226,11 +1226,15 @@ READS = frozenset({"GET", "HEAD"})
 # none of its own, and a connection the API server accepted and never answered (a hung server,
 # a half-open connection) blocked the task, its teardown too, for good.
 API_TIMEOUT_S = (10.0, 60.0)
+# The longest a 429's or a 503's Retry-After is waited before the call is sent again: API Priority
+# and Fairness asks for 1 s; an hour asked by a proxy before the API server (urllib3 waits up to 6
+# hours) held the task, its rollback too, with the routes mid-rollout.
+MAX_RETRY_AFTER_S = 10
 
 
 def api_retries() -> Any:
     """The kubernetes client's retry policy (urllib3's ``Retry``): up to 5 sends more, after the
-    Retry-After given, else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
+    Retry-After given (``MAX_RETRY_AFTER_S`` at most), else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
     ``MAYBE_SERVED`` or a read timeout (``API_TIMEOUT_S``) a read (twice at most for a
     timeout), and any request that never reached the server (no connection)."""
     from urllib3.util.retry import Retry
@@ -1252,6 +1256,7 @@ def api_retries() -> Any:
         status_forcelist=UNSERVED | MAYBE_SERVED,
         backoff_factor=0.5,
         backoff_max=8,
+        retry_after_max=MAX_RETRY_AFTER_S,
         raise_on_status=False,  # the last answer raises as the client's ApiException
         redirect=0,
     )

@@ -1271,3 +1271,28 @@ def test_a_route_the_platform_mirrors_with_mirrors_is_refused_a_mirror_before_an
     assert fake.objects[key]["spec"]["http"][-1]["mirrors"] == [
         {"destination": {"host": "audit.models.svc.cluster.local"}}
     ]
+
+
+def test_a_long_retry_after_is_waited_at_most_max_retry_after_s(kube, monkeypatch):
+    """A 429 whose Retry-After asks for an hour (a proxy or gateway before the API server; API
+    Priority and Fairness itself asks for 1 s) was waited out in full: urllib3 takes up to 6 hours,
+    5 times, and the task, its rollback too, hung meanwhile with the routes mid-rollout. The
+    client waits ``MAX_RETRY_AFTER_S`` at most before it asks again."""
+    import threading
+    import time
+
+    from vision_rollout import mesh
+
+    fake, api = kube
+    monkeypatch.setattr(mesh, "MAX_RETRY_AFTER_S", 1)
+    fake.throttle, fake.retry_after = 1, "3600"
+    router = IstioRouter(TARGET, ["1"], api_client=mesh.with_retries(api))
+    read: list[TrafficPolicy] = []
+    started = time.monotonic()
+    reader = threading.Thread(target=lambda: read.append(router.get_routes()), daemon=True)
+    reader.start()
+    reader.join(timeout=15)
+    assert read == [TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})]
+    assert time.monotonic() - started < 15
+    assert [r["status"] for r in fake.requests[-2:]] == [429, 200]
+    assert mesh.api_retries().parse_retry_after("3600") == 1
