@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message, rollouts_view, with_live_metadata
+from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message, with_live_metadata
 from vision_rollout.settings import BuildSettings
 
 log = logging.getLogger(__name__)
@@ -589,7 +589,7 @@ class VersionDeployments:
             live = policy.api_client.sanitize_for_serialization(
                 policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
             )
-            body = with_live_metadata(body, rollouts_view(live))  # another manager's labels stay its own
+            body = with_live_metadata(body, live)  # another manager's labels stay its own
         except ApiException as exc:
             if exc.status != 404:
                 log.warning(

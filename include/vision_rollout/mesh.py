@@ -667,15 +667,22 @@ def with_platform_subsets(rendered: dict[str, Any], live: dict[str, Any]) -> dic
 
 
 def with_live_metadata(body: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
-    """``body`` with ``live``'s labels and annotations beside its own (its own win). deploy/'s
-    overlay is applied with the rollout's field manager, so what it set there (kustomize's
-    commonLabels and commonAnnotations: a team label an admission policy requires, a GitOps
-    tool's tracking label) is the rollout's to the API server: an apply that left it out removed it."""
-    meta = body["metadata"]
+    """``body`` with the labels and annotations of ``live`` (the object as read) that the rollout
+    owns (``rollouts_view``) beside its own (its own win), and without those another field
+    manager owns (``others_fields``), whatever the rollout would set: a forced apply of another
+    value took the field and its value over (Helm's ``app.kubernetes.io/managed-by: Helm``, by
+    which Helm knows its release's objects). deploy/'s overlay is applied with the rollout's field
+    manager, so what it set there (kustomize's commonLabels and commonAnnotations: a team label
+    an admission policy requires, a GitOps tool's tracking label) is the rollout's to the API
+    server: an apply that left it out removed it."""
+    meta, view, others = body["metadata"], rollouts_view(live), others_fields(live)
     for key in ("labels", "annotations"):
-        merged = {**(((live.get("metadata") or {}).get(key)) or {}), **(meta.get(key) or {})}
+        merged = {**(((view.get("metadata") or {}).get(key)) or {}), **(meta.get(key) or {})}
+        merged = {k: v for k, v in merged.items() if ("f:metadata", f"f:{key}", f"f:{k}") not in others}
         if merged:
             meta[key] = merged
+        else:
+            meta.pop(key, None)
     return body
 
 
@@ -903,7 +910,7 @@ class IstioRouter:
             obj = render(view)
             if obj is None:
                 return False
-            body = with_live_metadata(copy.deepcopy(obj), view)
+            body = with_live_metadata(copy.deepcopy(obj), live)
             validate_istio(body)
             if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
                 return False  # nothing to change: no write

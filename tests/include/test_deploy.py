@@ -435,3 +435,32 @@ def test_a_label_another_manager_set_on_a_budget_stays_its_own_after_the_rollout
     assert "team" not in live["labels"]
     assert "annotations" not in live
     assert live["labels"]["app.kubernetes.io/managed-by"] == "model-rollout"
+
+
+def test_a_label_value_another_manager_owns_on_a_budget_is_not_overwritten():
+    """A budget Helm installed carries ``app.kubernetes.io/managed-by: Helm``, Helm's: the
+    rollout's forced apply of its own value took the label over (Helm then refused to upgrade
+    its release). A label another manager owns is left out of the rollout's apply."""
+    from kubernetes import client
+
+    from devstack.cluster.install import apply_object
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    pdb = render_pdb(TARGET, "1", 2)
+    pdb["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    api = FakeKubeAPI().start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        apply_object(client.ApiClient(cfg), v1)
+        apply_object(client.ApiClient(cfg), pdb, manager="helm")
+        VersionDeployments(TARGET, "digits", client.ApiClient(cfg), BuildSettings(gpus=0)).scale("1", 3)
+        live = api.objects[("poddisruptionbudgets", "models", "digits-v1")]
+        assert live["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert live["spec"]["maxUnavailable"] == 1
+        assert live["metadata"]["labels"]["version"] == "1"
+    finally:
+        api.stop()

@@ -1214,7 +1214,8 @@ def test_what_another_manager_set_on_the_mesh_objects_stays_its_own_after_a_roll
         meta = {"name": "digits", "namespace": "models", "labels": {"team": "ml"}}
         fake.apply(plural, "models", "digits", {**head, "metadata": meta, "spec": spec}, "argocd-controller")
     live = fake.objects[("virtualservices", "models", "digits")]
-    assert live["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "model-rollout", "team": "ml"}
+    # (the platform applied the rollout's label too, so it was the platform's alone: gone with its apply)
+    assert live["metadata"]["labels"] == {"team": "ml"}
     assert "annotations" not in live["metadata"]
     assert "exportTo" not in live["spec"]
     assert "gateways" not in live["spec"]
@@ -1222,6 +1223,8 @@ def test_what_another_manager_set_on_the_mesh_objects_stays_its_own_after_a_roll
     assert router.set_routes(stable) is True
     assert router.get_routes() == stable
     assert "exportTo" not in fake.objects[("virtualservices", "models", "digits")]["spec"]
+    labels = fake.objects[("virtualservices", "models", "digits")]["metadata"]["labels"]
+    assert labels == {"app.kubernetes.io/managed-by": "model-rollout", "team": "ml"}  # the rollout's again
 
 
 @pytest.mark.parametrize("labels", [{"version": "v1"}, {"version": "2"}, {"track": "stable"}])
@@ -1296,3 +1299,29 @@ def test_a_long_retry_after_is_waited_at_most_max_retry_after_s(kube, monkeypatc
     assert time.monotonic() - started < 15
     assert [r["status"] for r in fake.requests[-2:]] == [429, 200]
     assert mesh.api_retries().parse_retry_after("3600") == 1
+
+
+def test_a_label_value_another_manager_owns_is_not_overwritten_by_the_rollout(kube):
+    """The mesh objects installed by Helm (or Argo CD) carry ``app.kubernetes.io/managed-by: Helm``,
+    that manager's. The rollout's forced apply sent its own value for that label
+    (``model-rollout``), so server-side apply gave it the label and its value: Helm then refused
+    to upgrade its release ("invalid ownership metadata"). A label or annotation another
+    manager owns is left out of the rollout's applies, whatever the rollout would set."""
+    fake, api = kube
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    for plural, obj in (
+        ("virtualservices", render_virtual_service(TARGET, stable, ["1"])),
+        ("destinationrules", render_destination_rule(TARGET, ["1"])),
+    ):
+        obj["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "Helm"}
+        obj["metadata"]["annotations"] = {"meta.helm.sh/release-name": "digits"}
+        fake.objects.pop((plural, "models", "digits"))
+        fake.apply(plural, "models", "digits", obj, "helm")
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    for plural in ("virtualservices", "destinationrules"):
+        meta = fake.objects[(plural, "models", "digits")]["metadata"]
+        assert meta["labels"] == {"app.kubernetes.io/managed-by": "Helm"}
+        assert meta["annotations"] == {"meta.helm.sh/release-name": "digits"}
+    assert router.get_routes() == CANARY
