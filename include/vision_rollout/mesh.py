@@ -971,7 +971,7 @@ class IstioRouter:
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """The policy as the VirtualService, with what the platform set beside its routes
         (``with_platform_fields``; its hosts too, the Service's added where missing, unless the
-        target names its own), once the DestinationRule has a subset for every version it
+        target names its own; none on a delegate, a VirtualService without hosts), once the DestinationRule has a subset for every version it
         names (make before break: a route to a subset Envoy does not know is a 503). One that Istio
         or the API server would refuse (``validate_istio``) is refused before anything is written."""
         vs = render_virtual_service(self.target, policy, self.versions)
@@ -987,7 +987,12 @@ class IstioRouter:
             spec = with_platform_fields(vs["spec"], live.get("spec") or {})
             if not self.target.hosts:  # the platform's (a host its gateway serves), and the Service's
                 hosts = [h for h in (live.get("spec") or {}).get("hosts") or [] if isinstance(h, str)]
-                spec["hosts"] = hosts if self.target.host in hosts else [*hosts, self.target.host]
+                if not hosts:  # a delegate (a root VirtualService hands it requests): with hosts, a root itself
+                    del spec["hosts"]
+                elif self.target.host not in hosts:
+                    spec["hosts"] = [*hosts, self.target.host]
+                else:
+                    spec["hosts"] = hosts
             return {**vs, "spec": spec}
 
         validate_istio(render(live))  # refused before anything is written, the DestinationRule too

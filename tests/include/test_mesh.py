@@ -1325,3 +1325,22 @@ def test_a_label_value_another_manager_owns_is_not_overwritten_by_the_rollout(ku
         assert meta["labels"] == {"app.kubernetes.io/managed-by": "Helm"}
         assert meta["annotations"] == {"meta.helm.sh/release-name": "digits"}
     assert router.get_routes() == CANARY
+
+
+def test_a_delegate_virtual_service_stays_a_delegate_through_a_rollout(kube):
+    """A VirtualService without hosts is a delegate: a root VirtualService (the platform's, on its
+    ingress gateway) hands it the requests of its path (``delegate``), and Istio takes one with
+    hosts for a root of its own. The rollout added the Service's host to it at its first stage,
+    so the root's delegation found no delegate and every request through the gateway went
+    unrouted (404). A delegate is kept without hosts through the rollout and its rollback."""
+    fake, api = kube
+    key = ("virtualservices", "models", "digits")
+    fake.touch(*key, lambda vs: vs["spec"].pop("hosts"))
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert router.set_routes(CANARY) is True
+    assert "hosts" not in fake.objects[key]["spec"]
+    assert router.get_routes() == CANARY
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    assert IstioRouter(TARGET, ["1"], api_client=api).set_routes(stable) is True
+    assert "hosts" not in fake.objects[key]["spec"]
