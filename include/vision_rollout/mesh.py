@@ -752,6 +752,25 @@ def selects_version(subset_: dict[str, Any], version: str) -> bool:
     return (subset_.get("labels") or {}).get("version") == version
 
 
+def routed_versions(vs: dict[str, Any]) -> set[str]:
+    """Every version a VirtualService (as read) sends anything to, by its subset ``v<N>``: a
+    route's destination or a mirror (``mirror``, ``mirrors``) in any of its HTTP routes (pinned,
+    the platform's, the policy's), and a destination of its TCP and TLS routes."""
+    spec = vs.get("spec") or {}
+    used: set[str] = set()
+    for kind in ("http", "tcp", "tls"):
+        for route in spec.get(kind) or []:
+            if not isinstance(route, dict):
+                continue
+            entries = [*(route.get("route") or []), *(route.get("mirrors") or [])]
+            targets = [e.get("destination") for e in entries if isinstance(e, dict)] + [route.get("mirror")]
+            for target in targets:
+                name = str(target.get("subset", "")) if isinstance(target, dict) else ""
+                if VERSION_SUBSET.fullmatch(name):
+                    used.add(name.removeprefix("v"))
+    return used
+
+
 def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
@@ -952,16 +971,23 @@ class IstioRouter:
         """The DestinationRule with a subset for every version (and what the platform set beside
         them, ``with_platform_subsets``), the VirtualService there. A version's subset
         (``VERSION_SUBSET``) the run does not route to is dropped; the platform's own subsets
-        (another VirtualService may route to them) are kept after the versions'."""
-        if self._get("virtualservices") is None:
+        (another VirtualService may route to them), and those of versions a route of the
+        VirtualService sends to (``routed_versions``: the platform's TCP route, its ``mirrors``),
+        are kept after the versions'."""
+        vs = self._get("virtualservices")
+        if vs is None:
             raise RouterError(self._missing("VirtualService"))
+        routed = {subset(v) for v in routed_versions(vs)}
 
         def render(live: dict[str, Any]) -> dict[str, Any]:
             body = render_destination_rule(self.target, self.versions)
+            ours = {s["name"] for s in body["spec"]["subsets"]}
             body["spec"]["subsets"] += [
                 s
                 for s in (live.get("spec") or {}).get("subsets") or []
-                if isinstance(s, dict) and not VERSION_SUBSET.fullmatch(str(s.get("name")))
+                if isinstance(s, dict)
+                and s.get("name") not in ours
+                and (s.get("name") in routed or not VERSION_SUBSET.fullmatch(str(s.get("name"))))
             ]
             body["spec"] = with_platform_subsets(body["spec"], live.get("spec") or {})
             return body
@@ -1094,21 +1120,13 @@ class IstioRouter:
         self._apply("destinationrules", render)
 
     def versions_in_use(self) -> set[str]:
-        """Every version the VirtualService sends anything to (a route's destination, a mirror, in
-        any of its HTTP routes: pinned, the platform's, the policy's) by its subset ``v<N>``, and
-        every version the DestinationRule's subsets select (their ``version`` label: a subset of
+        """Every version the VirtualService sends anything to (``routed_versions``), and every version the DestinationRule's subsets select (their ``version`` label: a subset of
         the platform's another VirtualService may route to). What no retired version's deletion
         may take (``VersionDeployments.prune``)."""
         vs, dr = self._get("virtualservices"), self._get("destinationrules")
         if vs is None or dr is None:
             raise RouterError(self._missing("VirtualService" if vs is None else "DestinationRule"))
-        used: set[str] = set()
-        for route in (vs.get("spec") or {}).get("http") or []:
-            targets = [r.get("destination") for r in route.get("route") or [] if isinstance(r, dict)]
-            for target in [*targets, route.get("mirror")] if isinstance(route, dict) else []:
-                name = str((target or {}).get("subset", "")) if isinstance(target, dict) else ""
-                if VERSION_SUBSET.fullmatch(name):
-                    used.add(name.removeprefix("v"))
+        used = routed_versions(vs)
         for s in (dr.get("spec") or {}).get("subsets") or []:
             version = (s.get("labels") or {}).get("version") if isinstance(s, dict) else None
             if version is not None:

@@ -1344,3 +1344,30 @@ def test_a_delegate_virtual_service_stays_a_delegate_through_a_rollout(kube):
     stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
     assert IstioRouter(TARGET, ["1"], api_client=api).set_routes(stable) is True
     assert "hosts" not in fake.objects[key]["spec"]
+
+
+def test_a_version_the_platforms_tcp_route_or_mirrors_send_to_keeps_its_subset(kube):
+    """The first stage's reconcile dropped every version's subset the run does not route to,
+    though the VirtualService's TCP or TLS routes, or an HTTP route's ``mirrors``, sent to it:
+    Envoy had no such subset from then on (the TCP connections to it refused), and the version
+    no longer counted as in use, so the teardown's prune could delete its Deployment. What any
+    of the VirtualService's routes sends to keeps its subset and counts as in use."""
+    fake, api = kube
+    vs_key, dr_key = ("virtualservices", "models", "digits"), ("destinationrules", "models", "digits")
+
+    def platform(vs: dict) -> None:
+        vs["spec"]["tcp"] = [
+            {"route": [{"destination": {"host": TARGET.host, "subset": "v3", "port": {"number": 9000}}}]}
+        ]
+        vs["spec"]["http"][-1]["mirrors"] = [{"destination": {"host": TARGET.host, "subset": "v4"}}]
+
+    fake.touch(*vs_key, platform)
+    fake.touch(
+        *dr_key,
+        lambda dr: dr["spec"].update(subsets=render_destination_rule(TARGET, ["1", "3", "4", "5"])["spec"]["subsets"]),
+    )
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    assert [s["name"] for s in fake.objects[dr_key]["spec"]["subsets"]] == ["v1", "v2", "v3", "v4"]  # v5: nobody's
+    fake.touch(*dr_key, lambda dr: dr["spec"].update(subsets=dr["spec"]["subsets"][:2]))
+    assert router.versions_in_use() == {"1", "2", "3", "4"}
