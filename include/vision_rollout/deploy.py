@@ -975,7 +975,8 @@ class VersionDeployments:
         """Until at least ``replicas`` of the version's pods run its current template and are ready
         (the controller has seen the last spec, ``observedGeneration``, counts them in
         ``updatedReplicas``, and no pod of an older template is left: while a new image rolls out,
-        the old pods' readiness does not count); RouterError after ``timeout_s``. Not ``strict``:
+        the old pods' readiness does not count); RouterError after ``timeout_s``, or at once when
+        the controller says the current spec is past its progress deadline. Not ``strict``:
         ready pods of any template count (the mesh routes to them all: what a rollback needs of a
         version that serves already, whose own update may be stuck)."""
         deadline = time.monotonic() + timeout_s
@@ -991,9 +992,16 @@ class VersionDeployments:
             # As `kubectl rollout status`: no pod of an older template left, so every ready pod is a new one.
             if ready >= replicas and (not strict or (current and updated >= replicas and total <= updated)):
                 return
-            if time.monotonic() > deadline:
+            # As `kubectl rollout status` too: the controller gave up on the current spec's pods.
+            gave_up = strict and current and _past_deadline(status)
+            if gave_up or time.monotonic() > deadline:
+                when = (
+                    "past its progress deadline (the Deployment controller gave up)"
+                    if gave_up
+                    else f"after {timeout_s:g} s"
+                )
                 raise RouterError(
-                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready after {timeout_s:g} s "
+                    f"Deployment {self._name(version)}: {ready} of {replicas} pods ready {when} "
                     f"({updated} on its current template, {total - updated} older ones left)"
                     + "".join(f"; {c}" for c in _stuck(status))
                 )
@@ -1014,6 +1022,15 @@ def _set_by_hand(hpa: dict[str, Any]) -> bool:
     False without a record of the floor held, or one that is not a count."""
     held = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(HELD_ANNOTATION, ""))
     return COUNT.fullmatch(held) is not None and int(held) != int((hpa.get("spec") or {}).get("minReplicas") or 1)
+
+
+def _past_deadline(status: Any) -> bool:
+    """Whether a Deployment's conditions say it is past its ``progressDeadlineSeconds``
+    (Progressing False, ProgressDeadlineExceeded): the controller no longer waits for its pods."""
+    return any(
+        c.type == "Progressing" and c.status == "False" and c.reason == "ProgressDeadlineExceeded"
+        for c in (getattr(status, "conditions", None) or [])
+    )
 
 
 def _stuck(status: Any) -> list[str]:

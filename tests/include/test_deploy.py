@@ -464,3 +464,39 @@ def test_a_label_value_another_manager_owns_on_a_budget_is_not_overwritten():
         assert live["metadata"]["labels"]["version"] == "1"
     finally:
         api.stop()
+
+
+def test_a_deployment_past_its_progress_deadline_fails_the_wait_at_once(kube_api):
+    """The Deployment controller gave up on the version's pods (Progressing False,
+    ProgressDeadlineExceeded: an image that cannot be pulled, a crash loop, past the platform's
+    progressDeadlineSeconds): wait_ready polled on for its whole 10 minutes, the candidate's
+    share unserved meanwhile or the stage held, where ``kubectl rollout status`` fails at once. It
+    now fails as soon as the controller says so of the current spec, naming the condition; not
+    for a condition of an earlier spec (a new apply restarts the deadline)."""
+    import time
+
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    message = 'ReplicaSet "digits-v2-7d4f8b9c6" has timed out progressing.'
+    stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": message}
+
+    def exceeded(d: dict) -> None:
+        d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[stuck])
+
+    api.touch("deployments", "models", "digits-v2", exceeded)
+    started = time.monotonic()
+    with pytest.raises(RouterError, match="0 of 1 pods ready") as failed:
+        versions.wait_ready("2", 1, timeout_s=60, every_s=0.05)
+    assert time.monotonic() - started < 10
+    assert f"Progressing ProgressDeadlineExceeded: {message}" in str(failed.value)
+    assert "past its progress deadline" in str(failed.value)
+    api.touch(
+        "deployments", "models", "digits-v2", lambda d: d["metadata"].update(generation=d["metadata"]["generation"] + 1)
+    )
+    with pytest.raises(RouterError, match=r"after 0\.2 s"):  # (the controller has not seen the new spec)
+        versions.wait_ready("2", 1, timeout_s=0.2, every_s=0.05)
