@@ -40,10 +40,16 @@ _SECRET_KEYED = re.compile(
 # AbC123..."): a value of 6 characters or more that is no word of prose, that is one holding a
 # digit, a symbol other than . _ / - : ! ? or a capital after its first character, and no date or
 # time, nor a word in capitals ("password reset", "secret model-server-keys", "Secret Manager",
-# "token 512", "api key INVALID." stay).
+# "token 512", "api key INVALID." stay). The word "secret" alone names an object there, not its
+# value, as Kubernetes writes it: its kind "Secret" ("in Secret models/admin-2"), or before a name
+# that is "not found", "is invalid", "is forbidden" or "already exists" ("secret my-app-2 not found").
+_OBJECT_NAMED = (
+    rf"(?!Secret[ \t]{{1,3}}(?!is[ \t])|(?i:secret)[ \t]{{1,3}}{_CRED_CHAR}{{1,256}}+"
+    r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9]))"
+)
 _SECRET_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})(?!{DATE_OR_TIME})"
-    rf"(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?<![A-Za-z0-9]){_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})"
+    rf"(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or

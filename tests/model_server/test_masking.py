@@ -913,6 +913,12 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "api key INVALID. token EXPIRED",
     "GET /search?keyword=cats&design=flat&monkey=1 200",
     "alpha=0.05;sig=0.01;key=latency",  # ("sig" and "key" are a secret's names in a URL's query only)
+    # a Secret object's name (Kubernetes' kind, or a name not found) is no value of a secret
+    "Secret my-model-v2 not found",
+    "secret my-model-v2 not found",
+    "couldn't find key token in Secret models/model-admin-2",
+    "The Secret my-app-v2 is invalid: data[token]: Invalid value",
+    "secrets my-app-v2 already exists",
 ]
 
 

@@ -316,6 +316,8 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "the password is Tr0ub4dor&3": "Tr0ub4dor",
     "using api key AbCdEf0123456789 from env": "AbCdEf0123456789",
     "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
+    "the secret hunter2 leaked": "hunter2",
+    "secret is Hunter2 not found": "Hunter2",
     "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
     # a URL query's parameter named for a key, a signature or auth (what the Slack reports' scrub
     # found and the masking did not), and a Slack token of another letter
