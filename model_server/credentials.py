@@ -32,25 +32,28 @@ SECRET_KEY = re.compile(rf"{_SECRET_NAME}|(?i:(?:set-)?cookie)")  # a whole fiel
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+_QUOTED = r"(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q))"  # to the quote ``q`` that closes it, on its line
 _SECRET_KEYED = re.compile(
     rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q)(?:\\.|(?!(?P=q))[^\n\\]){{1,256}}(?=(?P=q))|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
+    rf"(?P<v>(?(q){_QUOTED}|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
 )
-# The same key, then spaces (and "is") and no ":" or "=" ("password hunter2", "the api key is
-# AbC123..."): a value of 6 characters or more that is no word of prose, that is one holding a
-# digit, a symbol other than . _ / - : ! ? or a capital after its first character, and no date or
-# time, nor a word in capitals ("password reset", "secret model-server-keys", "Secret Manager",
-# "token 512", "api key INVALID." stay). The word "secret" alone names an object there, not its
-# value, as Kubernetes writes it: its kind "Secret" ("in Secret models/admin-2"), or before a name
-# that is "not found", "is invalid", "is forbidden" or "already exists" ("secret my-app-2 not found").
+# The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
+# (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"); else
+# ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
+# of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
+# first character, and no date or time, nor a word in capitals ("password reset", "secret
+# model-server-keys", "Secret Manager", "token 512", "api key INVALID." stay). The word "secret"
+# alone names an object there, not its value, as Kubernetes writes it: its kind "Secret" ("in
+# Secret models/admin-2", 'Secret "x" is invalid'), or before a name, quoted or not, that is "not
+# found", "is invalid", "is forbidden" or "already exists" ('secret "my-app-2" not found').
 _OBJECT_NAMED = (
-    rf"(?!Secret[ \t]{{1,3}}(?!is[ \t])|(?i:secret)[ \t]{{1,3}}{_CRED_CHAR}{{1,256}}+"
+    rf"(?!Secret[ \t]{{1,3}}(?!is[ \t])|(?i:secret)[ \t]{{1,3}}(?P<n>[\"']?){_CRED_CHAR}{{1,256}}+(?P=n)"
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9]))"
 )
 _SECRET_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9]){_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?{_NO_MASKED_AFTER}(?!{_SCHEME})"
-    rf"(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
-    rf"(?P<v>(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})"
+    rf"(?<![A-Za-z0-9]){_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?P<q>[\"'])?{_NO_MASKED_AFTER}"
+    rf"(?P<v>(?(q){_QUOTED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}}))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).

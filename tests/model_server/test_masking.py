@@ -919,6 +919,10 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "couldn't find key token in Secret models/model-admin-2",
     "The Secret my-app-v2 is invalid: data[token]: Invalid value",
     "secrets my-app-v2 already exists",
+    'Error: secret "model-admin" not found',
+    'MountVolume.SetUp failed for volume "keys" : secret "model-server-masking-2" not found',
+    'Secret "model-admin-2" is invalid: data[token]: Invalid value',
+    "feedback needs the 'token' its inference response carried",
 ]
 
 
@@ -942,6 +946,8 @@ SECRET_HOSTILE = {  # 1 MB each: the secret detectors start only at a boundary, 
     "slack prefixes": "xoxb-" * 200_000,
     "spaced keys": "token " * 170_000,
     "a spaced value of prose without end": "password Ab" + "c" * 1_000_000,
+    "a spaced quote never closed": 'password "' + "a" * 1_000_000,
+    "spaced quoted names": 'secret "a" ' * 90_000,
 }
 FOUND_IN_SECRET_HOSTILE = {
     "a bearer token without end": {"secret"},
@@ -951,6 +957,7 @@ FOUND_IN_SECRET_HOSTILE = {
     "private key headers": {"secret"},
     "cookie values": {"secret"},
     "slack prefixes": {"secret"},
+    "spaced quoted names": {"secret"},  # each a value in quotes
 }
 
 

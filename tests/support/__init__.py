@@ -318,6 +318,12 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
     "the secret hunter2 leaked": "hunter2",
     "secret is Hunter2 not found": "Hunter2",
+    # a key, spaces and a value in quotes: a literal, whatever its shape
+    'login with password "hunter2" refused': "hunter2",
+    "the api key is 'AbC 12 xyz' from env": "AbC 12 xyz",
+    'my password is "correct horse battery staple"': "correct horse battery staple",
+    "passwd 'Zq9' set": "Zq9",
+    'Secret is "Hunter2"': "Hunter2",
     "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
     # a URL query's parameter named for a key, a signature or auth (what the Slack reports' scrub
     # found and the masking did not), and a Slack token of another letter
