@@ -33,8 +33,11 @@ _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authori
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
 _QUOTED = r"(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q))"  # to the quote ``q`` that closes it, on its line
+# A string's opening quote, or a Python bytes' repr's (botocore's headers: b'...'), not given back
+# (its "b" no value of its own).
+_OPEN_QUOTE = r"(?>(?:b?(?P<q>[\"']))?)"
 _SECRET_KEYED = re.compile(
-    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}(?P<q>[\"'])?{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
@@ -63,7 +66,7 @@ _QUERY_SECRET = re.compile(
 )
 # A cookie header's value, all its pairs, to the end of the line (or of its quotes).
 _COOKIE = re.compile(
-    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}[\"']?{NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).

@@ -324,6 +324,12 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'my password is "correct horse battery staple"': "correct horse battery staple",
     "passwd 'Zq9' set": "Zq9",
     'Secret is "Hunter2"': "Hunter2",
+    # a header's value as Python writes bytes (botocore's debug log of a request's headers)
+    "headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEHUa'}": "IQoJb3JpZ2luX2VjEHUa",
+    "{'Authorization': b'AWS4-HMAC-SHA256 SignedHeaders=host, Signature=fe5f80f77d5fa3be'}": (
+        "AWS4-HMAC-SHA256 SignedHeaders=host, Signature=fe5f80f77d5fa3be"
+    ),
+    "{'Cookie': b'session=Zx9y8W7v'}": "session=Zx9y8W7v",
     "token 9f8e7d6c5b4a expired": "9f8e7d6c5b4a",
     # a URL query's parameter named for a key, a signature or auth (what the Slack reports' scrub
     # found and the masking did not), and a Slack token of another letter
