@@ -64,9 +64,13 @@ _QUERY_SECRET = re.compile(
     rf"(?<=[?&])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
     r"(?P<v>[^\s&;#\"'`<>]{1,256})"
 )
-# A cookie header's value, all its pairs, to the end of the line (or of its quotes).
-_COOKIE = re.compile(
-    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{NOT_MASKED}(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+# A cookie header's value, all its pairs, to the end of the line (or of its quotes); and so an
+# Authorization header's in a scheme of parameters ("AWS4-HMAC-SHA256 Credential=...,
+# SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
+# (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``).
+_WHOLE_HEADER = re.compile(
+    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie|(?:proxy-)?authorization)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}"
+    rf"{_NO_MASKED_AFTER}(?!{_SCHEME})(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
@@ -104,7 +108,7 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     _ISSUED,
     _SLACK_WEBHOOK,
     _BEARER,
-    _COOKIE,
+    _WHOLE_HEADER,
     _SECRET_KEYED,
     _SECRET_SPACED,
     _QUERY_SECRET,

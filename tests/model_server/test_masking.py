@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_server.credentials import scrub
 from model_server.masking import (
     TOKEN_RE,
     KeyRing,
@@ -986,3 +987,25 @@ def test_a_keyed_value_ends_before_a_date_or_time(keys):
         masked = Masker(ring).mask_text(text, ring.key_for(None))
         assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
         assert masked.endswith(text[text.index(value) + len(value) :])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20261203/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;x-amz-date, Signature=fe5f80f77d5fa3beca038a248ff027d0",
+        "Authorization: AWS AKIAIOSFODNN7EXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg=",
+    ],
+)
+def test_an_authorization_header_of_parameters_is_masked_whole(keys, header):
+    """A request's signature (AWS SigV4's ``Signature=``, SigV2's after the key id), which replays
+    the request, reached the log and the Slack reports: only the first word after the header's
+    name, or the key id, was masked."""
+    ring = KeyRing(keys)
+    text = f"PUT /b/k HTTP/1.1\r\n{header}\r\nHost: s3.local"
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    for part in ("fe5f80f77d5fa3be", "frJIUN8DYpKD", "SignedHeaders", "AKIA"):
+        assert part not in masked
+        assert part not in scrub(text)
+    assert masked.startswith("PUT /b/k HTTP/1.1\r\nAuthorization: ")
+    assert masked.endswith("\r\nHost: s3.local")
