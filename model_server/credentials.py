@@ -24,7 +24,7 @@ NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
 # only starts with one ("token_count", "password_file", "secret_name") names no secret.
 _CRED_WORDS = (
     r"password|passwd|passphrase|pwd|secret|token|api[ _-]?key|apikey|credentials?|authorization"
-    r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[_-]?key"
+    r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[ _-]?key"
     r"|amz-signature"
 )
 _SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"

@@ -924,6 +924,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     'MountVolume.SetUp failed for volume "keys" : secret "model-server-masking-2" not found',
     'Secret "model-admin-2" is invalid: data[token]: Invalid value',
     "feedback needs the 'token' its inference response carried",
+    "secret key rotation is due, the private key is missing",
 ]
 
 

@@ -323,6 +323,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "the api key is 'AbC 12 xyz' from env": "AbC 12 xyz",
     'my password is "correct horse battery staple"': "correct horse battery staple",
     "passwd 'Zq9' set": "Zq9",
+    # a key's name of two words ("secret key", as "api key")
+    "boto3 secret key wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ignored": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    "the client key is AbCdEf0123456789": "AbCdEf0123456789",
     'Secret is "Hunter2"': "Hunter2",
     # a header's value as Python writes bytes (botocore's debug log of a request's headers)
     "headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEHUa'}": "IQoJb3JpZ2luX2VjEHUa",
