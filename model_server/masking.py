@@ -475,7 +475,9 @@ class Masker:
         )
 
     def token(self, value: str, key: Key) -> str:
-        payload = key.aead.encrypt(_nonce(key.kid), value.encode(), key.kid.encode())
+        """``value``'s token. A lone surrogate (a file name's undecodable byte, as Python reads it;
+        JSON's "\\ud800") is encoded as itself: UTF-8 refused it, and the log call raised."""
+        payload = key.aead.encrypt(_nonce(key.kid), value.encode("utf-8", "surrogatepass"), key.kid.encode())
         return f"tok_{key.kid}_{_encode(payload)}"
 
     def mask_text(self, text: str, key: Key | None) -> str:
@@ -603,7 +605,7 @@ def reveal(token: str, keys: KeyRing) -> str:
     if key is None:
         raise ValueError(f"no key with id {m.group(1)} in {keys.path}")
     try:
-        return key.aead.decrypt(_nonce(key.kid), _decode(m.group(2)), key.kid.encode()).decode()
+        return key.aead.decrypt(_nonce(key.kid), _decode(m.group(2)), key.kid.encode()).decode("utf-8", "surrogatepass")
     except (InvalidTag, ValueError) as exc:
         raise ValueError(f"token {token[:24]}... does not decrypt with key {key.kid}: {exc}") from None
 

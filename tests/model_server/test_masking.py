@@ -1010,3 +1010,16 @@ def test_an_authorization_header_of_parameters_is_masked_whole(keys, header):
         assert part not in scrub(text)
     assert masked.startswith("PUT /b/k HTTP/1.1\r\nAuthorization: ")
     assert masked.endswith("\r\nHost: s3.local")
+
+
+def test_a_log_line_holding_a_lone_surrogate_is_masked_not_raised(keys):
+    """A value with a lone surrogate (JSON's "\\ud800" in a client's body, an undecodable byte of
+    a file name as ``os.listdir`` reads it) raised UnicodeEncodeError in its token's encryption:
+    the log filter's exception reached the code that logged, and the line was lost."""
+    ring = KeyRing(keys)
+    value = json.loads('"\\ud800hunter2"')
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "refused password=%s", (value,), None)
+    LogMasking(Masker(ring)).filter(record)
+    assert "hunter2" not in record.getMessage()
+    assert record.getMessage().startswith("refused password=tok_")
+    assert reveal(TOKEN_RE.search(record.getMessage()).group(0), ring) == "\ud800hunter2"
