@@ -80,7 +80,12 @@ _BEARER = re.compile(
 )
 # A URL's password: "scheme://user:password@host" (``v``: the user stays readable); ``u``, its
 # whole user information, the user alone too ("https://<token>@host"), for a reader who shows none.
-_URL_USERINFO = re.compile(rf"://(?P<u>[^\s/?#@:\"'<>]{{0,128}}(?::{NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}}))?)@")
+# Its end is the last "@" before the host's end, as clients split it (urllib, urllib3): a password
+# or user with an "@" not encoded ("u:p@ss@host", "bob@example.com:pw@host") is one whole.
+_AT_PIECES = r"(?:@[^\s/?#@:\"'<>]{1,128}){0,3}"
+_URL_USERINFO = re.compile(
+    rf"://(?P<u>[^\s/?#@:\"'<>]{{0,128}}{_AT_PIECES}(?::{NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}}{_AT_PIECES}))?)@"
+)
 # Shapes their issuers give them (gitleaks' rules): AWS access key ids, Slack, GitHub, GitLab,
 # Google, Stripe, npm and PyPI tokens, Slack webhook paths, JWTs, private key blocks.
 _ISSUED = re.compile(

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_server.credentials import scrub
+from model_server.credentials import scrub, spans
 from model_server.masking import (
     TOKEN_RE,
     KeyRing,
@@ -967,6 +967,42 @@ FOUND_IN_SECRET_HOSTILE = {
 def test_the_secret_detectors_are_linear_on_hostile_text(shape):
     found = find_sensitive(SECRET_HOSTILE[shape])
     assert {name for name, _ in found} == FOUND_IN_SECRET_HOSTILE.get(shape, set())
+
+
+# A text's head, then a piece repeated: hostile to the secret detectors (a quote, a key, a scheme
+# without its end), as the runs above, and to the rules of quoted and object-named values.
+SECRET_GROWING = {
+    "a spaced quote never closed": ('password "', "a"),
+    "backslashes in a quote": ('password: "', "\\"),
+    "spaced keys": ("", "token "),
+    "kinds": ("", "Secret "),
+    "names almost not found": ("", 'secret "a1" not '),
+    "bytes quotes": ("", "token: b'"),
+    "an authorization's parameters": ("Authorization: AWS4 ", "a=b, "),
+    "a spaced value of prose": ("password Ab", "c"),
+    "userinfo without @": ("://a:", "b"),
+    "userinfo of @ pieces": ("://a:", "b@"),
+    "users of @ pieces": ("", "://a@"),
+    "jwt parts": ("", "eyJ"),
+    "a private key's body without end": ("-----BEGIN PRIVATE KEY-----\n", "QUJD\n"),
+    "prefixed keys": ("", "a_b_c_d_"),
+    "a bearer token without end": ("Bearer A", "a"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SECRET_GROWING))
+def test_the_secret_detectors_finish_on_growing_hostile_text(shape):
+    """240,000 characters of each shape: a scan that backtracks over the text from each start
+    (quadratic: about 3e10 steps) runs past pytest's timeout; a linear one takes a second or two.
+    What it finds are spans inside the text, in order, none overlapping."""
+    head, piece = SECRET_GROWING[shape]
+    text = head + piece * (240_000 // len(piece))
+    found = spans(text)
+    ends = [0]
+    for span in found:
+        start, end = span[0], span[1]
+        assert ends[-1] <= start < end <= len(text), (shape, span)
+        ends.append(end)
 
 
 def test_fields_named_for_a_secret_are_masked_whole(keys):

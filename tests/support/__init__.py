@@ -288,6 +288,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "GET https://alice:s3cr%21t@minio.internal:9000/bucket failed": "s3cr!t",
     "connect postgresql://airflow:hunter2@db:5432/airflow": "hunter2",
     "redis://:p4ss/w0rd@cache:6379/0 refused": "p4ss/w0rd",
+    # an "@" not encoded in the password or the user: the user information ends at the last one
+    "GET https://user:p@ss@minio.internal/b failed": "p@ss",
+    "connect ftp://bob@example.com:s3cret@files.internal/ refused": "s3cret",
     "retrying with password=Tr0ub4dor&3": "Tr0ub4dor",
     "db_password: 'correct horse battery'": "correct horse battery",
     '{"client_secret": "abc\\"def"} x': 'abc\\"def',
