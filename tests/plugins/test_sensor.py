@@ -247,8 +247,8 @@ def test_pokes_that_raise_hold_the_stage_until_guard_error_limit_in_a_row(stage,
     from airflow.sdk.exceptions import AirflowFailException
 
     server, log_dir, started, _ = stage
-    # A replay round due at each poke once 10 s passed since the last (look interval: bake / looks).
-    p = params(bake_seconds=20, max_stage_seconds=900, min_samples=100_000, guard_error_limit=3, restarts_max=5)
+    # A replay round due at each poke once 4 s passed since the last (look interval: bake / looks).
+    p = params(bake_seconds=8, max_stage_seconds=900, min_samples=100_000, guard_error_limit=3, restarts_max=5)
     ti = TaskInstance()
     ti.id = "0193c1a8-5f0e-7b7e-9a51-6f2d3c4b5a69"  # one try of the wait, as Airflow's task instance
 
@@ -263,7 +263,7 @@ def test_pokes_that_raise_hold_the_stage_until_guard_error_limit_in_a_row(stage,
         assert poke(p, started, ti).is_done is False  # served: the count back to 0
     finally:
         down()
-    time.sleep(10)
+    time.sleep(4)  # (a look interval: the next poke's replay round is due, to the server down)
     assert [poke(p, started, ti).is_done for _ in range(2)] == [False, False]
     with pytest.raises(AirflowFailException, match="3 times in a row") as failed:
         poke(p, started, ti)
