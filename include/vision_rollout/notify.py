@@ -592,7 +592,7 @@ def _failure(exc: BaseException) -> str:
     errors quote the answer: an error page of many lines). http.client's refusal of a header
     quotes the header: the token."""
     if isinstance(exc, ValueError) and "header" in str(exc).lower():
-        return "the Slack client refused to send the token: it holds a line break or another control character"
+        return "the Slack client refused to send the token, which holds a line break or another control character"
     return one_line(f"{type(exc).__name__}: {exc}")[:500]
 
 

@@ -283,7 +283,7 @@ def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api
         return SlackNotifier(channel, outbox=outbox)
     if re.search(r"[^\x21-\x7e]", conn.password):  # (slack-sdk logs http.client's refusal: the header, the token)
         unusable = (
-            f"the {slack_conn_id} connection cannot be used: the token: it holds a line break, a space or a "
+            f"the {slack_conn_id} connection cannot be used: its token holds a line break, a space or a "
             "character beyond printable ASCII (a Slack token holds none)"
         )
         return SlackNotifier(channel, outbox=outbox, unusable=unusable)

@@ -613,6 +613,7 @@ def test_a_token_with_a_control_character_never_reaches_an_outbox_rounds_error(s
     (result,) = send_waiting(outbox, WebClient(token="xoxb-1-abc\r\nX-Part: SECRETPART", base_url=slack.base_url))
     assert "SECRETPART" not in json.dumps(result)
     assert result["error"].startswith("the Slack client refused to send the token")
+    assert scrub(result["error"]) == result["error"]  # (no word of it taken for the token)
     assert slack.messages() == []
 
 
