@@ -46,11 +46,13 @@ _SECRET_KEYED = re.compile(
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
 # first character, and no date or time, nor a word in capitals ("password reset", "secret
 # model-server-keys", "Secret Manager", "token 512", "api key INVALID." stay). The word "secret"
-# alone names an object there, not its value, as Kubernetes writes it: its kind "Secret" ("in
-# Secret models/admin-2", 'Secret "x" is invalid'), or before a name, quoted or not, that is "not
-# found", "is invalid", "is forbidden" or "already exists" ('secret "my-app-2" not found').
+# alone names an object there, not its value, as Kubernetes writes it: its kind "Secret" before a
+# name as Kubernetes takes one, lower-case ("in Secret models/admin-2", 'Secret "x" is invalid';
+# "Client Secret AbC123..." is a value), or before a name, quoted or not, that is "not found", "is
+# invalid", "is forbidden" or "already exists" ('secret "my-app-2" not found').
 _OBJECT_NAMED = (
-    rf"(?!Secret[ \t]{{1,3}}(?!is[ \t])|(?i:secret)[ \t]{{1,3}}(?P<n>[\"']?){_CRED_CHAR}{{1,256}}+(?P=n)"
+    r"(?!Secret[ \t]{1,3}(?!is[ \t])(?P<k>[\"']?)[a-z0-9][a-z0-9./-]{0,252}+(?P=k)(?![^\s,;:)\]])"
+    rf"|(?i:secret)[ \t]{{1,3}}(?P<n>[\"']?){_CRED_CHAR}{{1,256}}+(?P=n)"
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9]))"
 )
 _SECRET_SPACED = re.compile(

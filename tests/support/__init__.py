@@ -321,6 +321,7 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "client secret P@ssw0rd-Xyz rejected": "P@ssw0rd-Xyz",
     "the secret hunter2 leaked": "hunter2",
     "secret is Hunter2 not found": "Hunter2",
+    "Client Secret AbC123xyz456 rejected": "AbC123xyz456",
     # a key, spaces and a value in quotes: a literal, whatever its shape
     'login with password "hunter2" refused': "hunter2",
     "the api key is 'AbC 12 xyz' from env": "AbC 12 xyz",
