@@ -239,9 +239,31 @@ def start_model_server(
 
 @dataclass
 class PrometheusProcess(ManagedProcess):
+    targets: int = 0  # its static targets (the model-server job's)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_scraped(self, wait_s: float = 30.0) -> PrometheusProcess:
+        """Once every static target has been scraped successfully; stopped if not within ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                # Ready is not enough: target discovery starts scraping up to 5 s later.
+                status, body = _get(f"{self.url}/api/v1/targets?state=active", timeout=1)
+                if status == 200:
+                    active = json.loads(body)["data"]["activeTargets"]
+                    static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
+                    if len(static) == self.targets and all(t["health"] == "up" for t in static):
+                        return self
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{self.log.read_text()[-3000:]}")
 
 
 def start_prometheus(
@@ -251,11 +273,14 @@ def start_prometheus(
     port: int | None = None,
     wait_s: float = 30.0,
     jobs: tuple[dict[str, Any], ...] = (),
+    wait: bool = True,
 ) -> PrometheusProcess:
     """Debian's ``prometheus`` on 127.0.0.1 with its own config and data folder, scraping ``targets``.
 
-    Returns once every target has been scraped successfully. ``jobs``: more scrape jobs, as
-    Prometheus' configuration has them (the one-machine cluster's: its pods found through a file,
+    Returns once every target has been scraped successfully (``wait_scraped``); at once without
+    ``wait``, for a caller that starts the targets meanwhile (the 5 s before Prometheus' first
+    scrape run beside their start) and then waits. ``jobs``: more scrape jobs, as Prometheus'
+    configuration has them (the one-machine cluster's: its pods found through a file,
     ``manifests.scrape_job``); their targets are not waited for.
     """
     import shutil
@@ -291,24 +316,8 @@ def start_prometheus(
             stdout=f,
             stderr=subprocess.STDOUT,
         )
-    prom = PrometheusProcess(proc, port, log)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            # Ready is not enough: target discovery starts scraping up to 5 s later.
-            status, body = _get(f"{prom.url}/api/v1/targets?state=active", timeout=1)
-            if status == 200:
-                active = json.loads(body)["data"]["activeTargets"]
-                static = [t for t in active if t["discoveredLabels"].get("__meta_filepath") is None]
-                if len(static) == len(targets) and all(t["health"] == "up" for t in static):
-                    return prom
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    prom.stop()
-    raise RuntimeError(f"prometheus not ready within {wait_s:g} s:\n{log.read_text()[-3000:]}")
+    prom = PrometheusProcess(proc, port, log, len(targets))
+    return prom.wait_scraped(wait_s) if wait else prom
 
 
 S3_BUCKET = "predictions"

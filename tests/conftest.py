@@ -77,8 +77,10 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ModelServerProcess]
     """Start servers with custom options; each is stopped by pid when the test ends."""
     started: list[ModelServerProcess] = []
 
-    def factory(repository: Path, *args: str, token: str | None = None, until: str = "ready") -> ModelServerProcess:
-        s = start_model_server(repository, tmp_path, *args, token=token, until=until)
+    def factory(
+        repository: Path, *args: str, token: str | None = None, until: str = "ready", port: int | None = None
+    ) -> ModelServerProcess:
+        s = start_model_server(repository, tmp_path, *args, token=token, until=until, port=port)
         started.append(s)
         return s
 

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from devstack.processes import local_connections, start_prometheus
+from devstack.processes import free_port, local_connections, start_prometheus
 from model_server.traffic import TrafficPolicy
 from tests.conftest import ROOT
 from vision_rollout.mesh import LocalRouter
@@ -21,17 +21,25 @@ def stack(airflow_db, server_factory, live_traffic, repo_copy, models_dir, tmp_p
     import shutil
 
     shutil.copytree(models_dir / "digits" / "validation", repo_copy / "digits" / "validation")
-    s = server_factory(
-        repo_copy,
-        "--state-dir",
-        str(tmp_path / "state"),
-        "--prediction-log",
-        str(tmp_path / "predictions"),
-        "--prediction-log-flush-s",
-        "0.2",
-        token=TOKEN,
-    )
-    prom = start_prometheus([s.url], tmp_path / "prometheus")
+    port = free_port()
+    # Prometheus first: the 5 s before its first scrape run beside the server's start.
+    prom = start_prometheus([f"127.0.0.1:{port}"], tmp_path / "prometheus", wait=False)
+    try:
+        s = server_factory(
+            repo_copy,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--prediction-log",
+            str(tmp_path / "predictions"),
+            "--prediction-log-flush-s",
+            "0.2",
+            token=TOKEN,
+            port=port,
+        )
+        prom.wait_scraped()
+    except BaseException:
+        prom.stop()
+        raise
     conns = local_connections(s, prom.url, repo_copy, tmp_path / "predictions", tmp_path / "run")
     for conn_id, fields in conns.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields))
