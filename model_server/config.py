@@ -18,7 +18,7 @@ from typing import Any
 from model_server.errors import InvalidInput, shown, shown_names, shown_value
 from model_server.files import open_regular
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # (\Z: "$" matches before a last "\n")
 _UINT_RE = re.compile(r"[0-9]{1,18}")
 _VERSION_RE = re.compile(r"0*([0-9]{1,19})")
 # The widths of Triton's model_config.proto fields: a larger number is no config Triton reads

@@ -300,3 +300,17 @@ def test_hot_swap_under_concurrent_load_loses_no_request(server_factory, repo_co
     if batching is not None:  # four clients: requests were merged (fewer executions than requests)
         executions = server.metric("nv_inference_exec_count", model="digits", version="1")
         assert executions < server.metric("nv_inference_request_success", model="digits", version="1")
+
+
+def test_a_model_name_ending_in_a_line_break_is_no_name(repo_copy):
+    """'$' also matched before a last line break: 'digits\\n' passed as a model name (a folder's,
+    an operator's --serve, a load's). A name ends at its last character now."""
+    from model_server.__main__ import pins
+
+    name = "digits\n"
+    repo = ModelRepository(repo_copy, ["CPUExecutionProvider"])
+    with pytest.raises(InvalidInput, match="invalid model name"):
+        repo.model_dir(name)
+    with pytest.raises(ValueError, match="give MODEL:VERSION"):
+        pins([f"{name}:1"])
+    assert repo.model_dir("digits").name == "digits"
