@@ -1988,6 +1988,9 @@ def audit_hours(
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
+    if not re.fullmatch(RolloutSpec.json_schema()["properties"]["slack_channel"]["pattern"], channel):
+        # (the form's pattern is a search, where "$" also matches before a last newline)
+        raise AirflowFailException(f"slack_channel: {channel[:82]!r} is not a Slack channel's name or ID")
     if not 0 <= catch_up_hours <= MAX_CATCH_UP_HOURS or catch_up_hours != int(catch_up_hours):
         raise AirflowFailException(f"catch_up_hours must be 0 to {MAX_CATCH_UP_HOURS}, not {catch_up_hours}")
     if not MIN_RETENTION_DAYS <= retention_days <= MAX_RETENTION_DAYS or retention_days != int(retention_days):

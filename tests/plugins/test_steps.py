@@ -1427,6 +1427,10 @@ def test_an_audit_run_catches_up_the_hours_nobody_was_told_of(monkeypatch, tmp_p
     assert len(slack.messages()) == 4
     with pytest.raises(AirflowFailException, match="catch_up_hours must be 0 to 168, not 169"):
         steps.audit_hours("digits", hour[0], catch_up_hours=169)
+    # A channel through the API's conf, past the form's pattern (a search: '$' before a last '\n').
+    with pytest.raises(AirflowFailException, match="slack_channel: '#model-rollouts\\\\n' is not a Slack channel"):
+        steps.audit_hours("digits", hour[0], "#model-rollouts\n")
+    assert len(slack.messages()) == 4
 
 
 def test_an_hour_is_audited_once_its_last_records_can_be_written():
