@@ -159,7 +159,9 @@ def _log_uri(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).replace("not a folder", "not a prediction log")) from None
     if path is not None and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {str(path)[:200]!r}")
+        raise argparse.ArgumentTypeError(
+            f"{'not a folder' if path.exists() else 'no such folder'}: {str(path)[:200]!r}"
+        )
     return text
 
 
@@ -1116,7 +1118,7 @@ def _found(flag: str, folder: Any) -> None:
     folder read as an empty one); in an object store, its bucket answers (``Folder.check``)."""
     path = folder.path
     if path is not None and not path.is_dir():
-        raise UsageError(f"{flag}: no such folder: {str(path)[:200]!r}")
+        raise UsageError(f"{flag}: {'not a folder' if path.exists() else 'no such folder'}: {str(path)[:200]!r}")
     folder.check()
 
 

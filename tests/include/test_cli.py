@@ -705,6 +705,8 @@ def test_verify_model_with_a_mistyped_or_broken_baseline(models_dir, tmp_path, c
         (["audit", "--prediction-log", "{tmp}", "--out", "{tmp}/report"], 2, "holds a report already"),
         (["verify-model", "{tmp}/none.onnx"], 2, "no such file"),
         (["outbox", "list", "--outbox", "{tmp}/none"], 2, "--outbox: no such folder"),
+        (["outbox", "list", "--outbox", "{tmp}/s.csv"], 2, "--outbox: not a folder"),  # (was "no such folder")
+        (["audit", "--prediction-log", "{tmp}/s.csv"], 2, "not a folder"),
         (["outbox", "send", "--outbox", "{tmp}"], 2, "the following arguments are required: --token-file"),
         (["status", "--model", "digits", "--lock-dir", "{tmp}/locks"], 4, "unreadable lock file"),
         (["status", "--model", "no model!", "--lock-dir", "{tmp}"], 2, "not a model name"),
