@@ -71,7 +71,7 @@ class MirrorLog:
         """The change ``name`` holds; None (a warning) for a record that is not one."""
         try:
             return MirrorChange.from_json(self.folder.read_within(name, MAX_RECORD_BYTES))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # (JSON nested past Python's limit)
             log.warning("mirror record %s/%s is not one the rollout wrote: %s", self.folder, name, str(exc)[:200])
             return None
 

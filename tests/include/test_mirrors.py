@@ -37,6 +37,13 @@ def test_prune_keeps_the_change_in_force_and_a_record_not_the_rollouts_is_a_warn
     with caplog.at_level(logging.WARNING):
         assert mirrors.shares(t + 60, t + 120, 60) == [(t + 60, 0.0), (t + 120, 0.0)]
     assert "is not one the rollout wrote" in caplog.text
+    # Nested past the parser's recursion limit (within the record's 4096 bytes): a warning too,
+    # not a RecursionError out of every read of the mirror's history.
+    (folder / sorted(p.name for p in folder.iterdir())[-1]).write_text("[" * 4000)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert mirrors.last() is None
+    assert "is not one the rollout wrote" in caplog.text
 
 
 def test_a_models_mirror_log_is_its_own_below_the_run_folder(tmp_path):
