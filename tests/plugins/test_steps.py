@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import types
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -541,7 +542,8 @@ def test_promote_or_rollback_cleared_after_the_run_ended_re_verify_and_touch_not
 
     def cleared(run_id: str, decided: str, xcoms: dict | None = None) -> str:
         ti = EndedRunTask(run_id, decided, [decided, "notify", "outcome", "ensure_stable", "build_image"], xcoms)
-        built = dag.get_task("build_image").python_callable(params=PARAMS, run_id=run_id, ti=ti)
+        run = types.SimpleNamespace(run_after=datetime(2026, 1, 1, tzinfo=UTC))  # (the same DAG run: a clear keeps it)
+        built = dag.get_task("build_image").python_callable(params=PARAMS, run_id=run_id, ti=ti, dag_run=run)
         assert built["ended"]["decided"] == decided
         task = dag.get_task(decided)
         return task.python_callable(**task.determine_kwargs({"params": PARAMS, "run_id": run_id, "ti": ti}))
