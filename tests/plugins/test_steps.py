@@ -1224,6 +1224,33 @@ def test_a_teardown_whose_notify_could_not_write_its_report_sends_one(monkeypatc
     assert posted["text"].startswith("Rolled back digits v2: decide chose rollback; version 1 takes 100%")
 
 
+def test_a_report_slack_took_is_posted_once_though_its_post_cannot_be_kept(monkeypatch, tmp_path, slack):
+    """A full disk once Slack took notify's post: the run folder's record of that post could not
+    be written, notify failed, and the teardown, meeting the same full disk when it found the post,
+    posted a report of its own (a second, unthreaded) and failed the run. Slack has the post: it
+    is the answer (a later try finds it in the channel), nothing more is posted."""
+    import errno
+
+    from vision_rollout.folders import Folder
+
+    run_folder_conn(monkeypatch, tmp_path)
+    real_write = Folder.write
+
+    def full(self, name, data):
+        if name == steps.RUN_REPORT and b'"ts"' in data:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(Folder, "write", full)
+        sent = steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
+        assert "ts" in sent
+        finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+        # (notify's answer lost with its worker: the teardown finds its post in the channel)
+        assert steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback").startswith("version 1 takes 100%")
+    assert len(slack.messages()) == 1
+
+
 def test_rollback_cleared_after_the_end_reads_what_serves_once(monkeypatch, tmp_path):
     """rollback cleared once its run ended, the candidate routed again since: it read the routes
     twice, once to find them changed and again for its message (which could then name routes
