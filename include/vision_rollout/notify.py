@@ -1545,10 +1545,9 @@ def _sent_by_another(
 
     def marked() -> dict[str, Any] | None:
         try:
-            raw = _read_if_there(outbox, stem + POSTED, MAX_MARK_BYTES)
+            return _marked(outbox, stem)
         except (TooLarge, NotAFile):  # (not a mark a sender wrote)
             return None
-        return _posted(raw) if raw is not None else None
 
     while (found := marked()) is None and outbox.exists(name) and deadline - time.monotonic() > floor:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - floor)))
@@ -1580,9 +1579,7 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
             found = _waiting(folder, name)[0]
         except FileNotFoundError:
             continue
-        raw = _read_if_there(folder, stem + POSTED, MAX_MARK_BYTES)
-        posted = _posted(raw) if raw is not None else None
-        if posted is not None:
+        if (posted := _marked(folder, stem)) is not None:
             return {**posted, "posted_before": True}
         error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
         return {
@@ -1759,6 +1756,12 @@ def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> l
         return f"{stem}.json" not in names
 
     return outbox.remove_older(now - max(CLAIM_S, LEFTOVER_AGE_S), left, limit, dry_run, changed)
+
+
+def _marked(folder: Folder, stem: str) -> dict[str, Any] | None:
+    """The post the report ``stem``'s ``.posted`` mark in ``folder`` holds; None without one."""
+    raw = _read_if_there(folder, stem + POSTED, MAX_MARK_BYTES)
+    return _posted(raw) if raw is not None else None
 
 
 def _posted(raw: bytes) -> dict[str, Any] | None:

@@ -1908,8 +1908,8 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     settings = serving().settings
     folder = settings.workdir(spec.model, run_id)
     record = run_report(folder)
-    if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
-        return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}
+    if (post := _post_of(record)) is not None:
+        return post
     queued = record.get("queued")
     queued = float(queued) if isinstance(queued, (int, float)) else None
     stem = record["report"] if queued is not None else report_name()
@@ -1943,6 +1943,13 @@ def run_report(folder: Folder) -> dict[str, Any]:
     return read if isinstance(read, dict) and is_report_name(read.get("report")) else {}
 
 
+def _post_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The post a run's record of its report (``run_report``) keeps, as an earlier try's; None before Slack took it."""
+    if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
+        return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}
+    return None
+
+
 def notify_left(spec: RolloutSpec, run_id: str) -> tuple[dict[str, Any] | None, bool]:
     """What notify left of the run's report where its XCom is lost (its worker killed once it
     wrote the report: after Slack took its post, say), as its XCom would have said it: the post
@@ -1956,8 +1963,8 @@ def notify_left(spec: RolloutSpec, run_id: str) -> tuple[dict[str, Any] | None, 
 
     settings = serving().settings
     record = run_report(settings.workdir(spec.model, run_id))
-    if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
-        return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}, True
+    if (post := _post_of(record)) is not None:
+        return post, True
     if not isinstance(record.get("queued"), (int, float)):
         return None, False
     return report_left(settings.outbox, record["report"]), True

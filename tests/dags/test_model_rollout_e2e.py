@@ -10,6 +10,7 @@ import pytest
 from devstack.processes import free_port, local_connections, start_prometheus
 from model_server.traffic import TrafficPolicy
 from tests.conftest import ROOT
+from tests.model_server.test_prediction_log import logging_server
 from vision_rollout.mesh import LocalRouter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,17 +26,7 @@ def stack(airflow_db, server_factory, live_traffic, repo_copy, models_dir, tmp_p
     # Prometheus first: the 5 s before its first scrape run beside the server's start.
     prom = start_prometheus([f"127.0.0.1:{port}"], tmp_path / "prometheus", wait=False)
     try:
-        s = server_factory(
-            repo_copy,
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--prediction-log",
-            str(tmp_path / "predictions"),
-            "--prediction-log-flush-s",
-            "0.2",
-            token=TOKEN,
-            port=port,
-        )
+        s = logging_server(server_factory, repo_copy, tmp_path, token=TOKEN, port=port)
         prom.wait_scraped()
     except BaseException:
         prom.stop()

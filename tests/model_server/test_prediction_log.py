@@ -1210,9 +1210,10 @@ def test_server_logs_masked_records_with_the_trace_of_the_primary(server_factory
             assert b"li.wei" not in f.read_bytes()
 
 
-def logging_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2"):
+def logging_server(server_factory, repo_copy, tmp_path, *args: str, flush: str = "0.2", token: str = TOKEN, **kw):
     """A model server writing its prediction log to ``tmp_path / "predictions"`` every ``flush``
-    seconds (its state in ``tmp_path / "state"``), its admin API behind ``TOKEN``."""
+    seconds (its state in ``tmp_path / "state"``), its admin API behind ``token``; ``kw``:
+    ``server_factory``'s (its ``port``)."""
     return server_factory(
         repo_copy,
         "--state-dir",
@@ -1222,7 +1223,8 @@ def logging_server(server_factory, repo_copy, tmp_path, *args: str, flush: str =
         "--prediction-log-flush-s",
         flush,
         *args,
-        token=TOKEN,
+        token=token,
+        **kw,
     )
 
 

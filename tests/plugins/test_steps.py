@@ -131,8 +131,9 @@ def test_integers_given_as_floats_are_the_runs_integers():
     assert spec.policy_for_stage(spec.stages[1]).to_dict()["route"][1] == {"version": "2", "weight": 25}
 
 
-def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_path):
-    """The model server's address answers nothing: any call to it would fail these steps."""
+def no_model_server(monkeypatch, tmp_path) -> None:
+    """The model server's connection names a port nothing listens on (any call to it fails), its
+    run folder ``tmp_path``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
@@ -141,6 +142,11 @@ def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_
         "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
         json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": extra}),
     )
+
+
+def test_in_local_mode_a_second_run_of_a_model_touches_nothing(monkeypatch, tmp_path):
+    """The model server's address answers nothing: any call to it would fail these steps."""
+    no_model_server(monkeypatch, tmp_path)
     lock = steps.serving().model_lock("digits", "local")
     lock.acquire("run-a")
     with pytest.raises(AirflowFailException, match=r"model 'digits' is being rolled out by run 'run-a'"):
@@ -162,14 +168,7 @@ def test_a_run_whose_id_names_another_runs_folder_is_refused_touching_nothing(mo
     the DAG run it is (its id and when it was triggered, which a clear keeps): another's is
     refused at the first step, naming both, touching nothing (the model server's address
     answers nothing here: any call to it would fail). The same run, cleared, goes on as before."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    extra = {"run_dir": str(tmp_path), "repository": str(tmp_path / "no-models")}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_MODEL_SERVER_DEFAULT",
-        json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": closed_port, "extra": extra}),
-    )
+    no_model_server(monkeypatch, tmp_path)
     first, second = "2026-03-01T00:00:00+00:00", "2026-03-02T09:30:00.123456+00:00"
     folder = steps.serving().settings.workdir("digits", "nightly")
     with pytest.raises(AirflowFailException, match="unreachable"):  # (its first run: no model server here)
