@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
+from vision_rollout.folders import WriteConflict
 from vision_rollout.locks import LEASE_S, MAX_LEASE_S, MAX_LOCK_BYTES, Holding, LockLost, ModelBusy, held_record
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
@@ -335,22 +336,29 @@ def own_folder(spec: RolloutSpec, run_id: str, run_after: str) -> None:
     tests, its report's post) would be taken for this run's. A folder without it (a run's from
     before it was kept) is taken as this run's, as it was; one that cannot be read or written
     (full, read-only, unreachable) too, with a warning: the first step then meets the same folder
-    and fails saying so, the run reported."""
+    and fails saying so, the run reported. The mark is written only where none is (``write_if``):
+    of two DAG runs starting together on one folder, the second finds the first's and is refused."""
     folder = serving().settings.workdir(spec.model, run_id)
     mark = {"run_id": run_id, "run_after": run_after}
-    try:
-        found = json.loads(folder.read_within(RUN_MARK, MAX_LOCK_BYTES))
-    except FileNotFoundError:
+    found: Any = None
+    for _ in range(2):  # (a second read where another DAG run wrote its mark first)
         try:
-            folder.write(RUN_MARK, json.dumps(mark).encode())
+            found = json.loads(folder.read_within(RUN_MARK, MAX_LOCK_BYTES))
+        except FileNotFoundError:
+            try:
+                folder.write_if(RUN_MARK, json.dumps(mark).encode(), None)
+                return
+            except WriteConflict:
+                continue
+            except OSError as exc:
+                log.warning("this run's mark was not written (%s): %s", folder, str(exc)[:300])
+                return
         except OSError as exc:
-            log.warning("this run's mark was not written (%s): %s", folder, str(exc)[:300])
-        return
-    except OSError as exc:
-        log.warning("the run folder's mark cannot be read (%s): %s", folder, str(exc)[:300])
-        return
-    except ValueError:  # (not a mark this step wrote)
-        found = None
+            log.warning("the run folder's mark cannot be read (%s): %s", folder, str(exc)[:300])
+            return
+        except ValueError:  # (not a mark this step wrote)
+            found = None
+        break
     if found == mark:
         return
     theirs = found if isinstance(found, dict) else {}

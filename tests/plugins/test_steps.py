@@ -195,9 +195,36 @@ def test_a_run_whose_id_names_another_runs_folder_is_refused_touching_nothing(mo
         return write(folder, name, data)
 
     monkeypatch.setattr(Folder, "write", full)
+    monkeypatch.setattr(Folder, "write_if", lambda folder, name, data, read: full(folder, name, data))
     with pytest.raises(AirflowFailException, match="unreachable"):
         steps.build_image(PARAMS, "another", run_after=second)
     assert "this run's mark was not written" in caplog.text
+
+
+def test_of_two_dag_runs_starting_together_on_one_folder_the_second_is_refused(monkeypatch, tmp_path):
+    """Two DAG runs whose ids name one folder, their first steps at once: both read no mark, and
+    both wrote theirs, the last one winning: the loser then failed at the lease, and the
+    winner's retries were refused as "another DAG run". Now the mark is written only where none
+    is: the second finds the first's, written between its read and its write, and is refused."""
+    no_model_server(monkeypatch, tmp_path)
+    first, second = "2026-03-01T00:00:00+00:00", "2026-03-01T00:00:00.5+00:00"
+    folder = steps.serving().settings.workdir("digits", "nightly")
+    from vision_rollout.folders import Folder
+
+    read = Folder.read_within
+
+    def raced(self: Folder, name: str, limit: int) -> bytes:
+        if name == "run.json" and not (tmp_path / "raced").exists():  # (its read, before the other's write)
+            (tmp_path / "raced").touch()
+            folder.write("run.json", json.dumps({"run_id": "nightly", "run_after": first}).encode())
+            raise FileNotFoundError(name)
+        return read(self, name, limit)
+
+    monkeypatch.setattr(Folder, "read_within", raced)
+    with pytest.raises(AirflowFailException, match=r"holds the records of another DAG run .*2026-03-01T00:00:00\+"):
+        steps.build_image(PARAMS, "nightly", run_after=second)
+    assert json.loads(folder.read_within("run.json", 4096)) == {"run_id": "nightly", "run_after": first}
+    assert steps.serving().model_lock("digits", "local").holding() is None
 
 
 def test_a_failure_callback_without_the_runs_params_touches_nothing(monkeypatch, tmp_path, caplog):
