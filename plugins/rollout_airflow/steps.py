@@ -268,7 +268,8 @@ def first_step(spec: RolloutSpec, params: dict[str, Any], run_id: str, retry_in_
     left: str | None = None
     try:
         left = None if resuming else start_from_steady(spec, run_id, hook, before)
-        if not resuming:  # (a run that ended, cleared whole or a stage: it starts again)
+        if not resuming:  # (a run that ended, cleared whole or a stage: it starts again, to report anew)
+            settings.workdir(spec.model, run_id).delete(RUN_REPORT)
             settings.workdir(spec.model, run_id).delete(ENDED)
         if left is not None and spec.mesh == "istio" and left != spec.candidate_version:
             hold(spec, run_id, hook, WAITING_STEP_S)  # for the drain

@@ -530,6 +530,32 @@ def test_a_stage_cleared_after_a_run_rolled_back_is_refused_unless_a_restart_was
     assert steps.run_ended(steps.spec_from(PARAMS), "run-a") is None
 
 
+@pytest.mark.integration
+def test_a_run_started_again_after_it_ended_reports_its_new_outcome(
+    server_factory, repo_copy, models_dir, monkeypatch, tmp_path, slack
+):
+    """A run that ended (rolled back, reported), started again with rolloutctl restart-stage:
+    its run folder kept the first pass's post (report.json), so the second pass's notify took it
+    for its own and posted nothing, and its teardown, notify lost, took it for notify's: Slack
+    kept saying "Rolled back" whatever the second pass did. Starting again forgets the first
+    pass's report with its end: the second pass posts its own."""
+    from vision_rollout.cli import main
+
+    s = server_factory(repo_copy, token=TOKEN)
+    admin = connect(s, monkeypatch, tmp_path, models_dir)
+    first = rolled_back_and_ended(admin)
+    assert "ts" in first
+    assert [m["text"][:11] for m in slack.messages()] == ["Rolled back"]
+    args = ["restart-stage", "--run-dir", str(tmp_path / "run"), "--model", "digits", "--run-id", "run-a"]
+    assert main([*args, "--stage", "1", "--reason", "look again"]) == 0
+    steps.build_image(PARAMS, "run-a")
+    assert steps.run_report(steps.serving().settings.workdir("digits", "run-a")) == {}
+    second = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    assert "posted_before" not in second
+    assert second["ts"] != first["ts"]
+    assert [m["text"][:8] for m in slack.messages()] == ["Rolled b", "Promoted"]
+
+
 class EndedRunTask:
     """A task instance of run ``run_id`` cleared (with its downstream) after the run ended: the
     states of the run's tasks as Airflow keeps them (``cleared``: none), its XComs those of
