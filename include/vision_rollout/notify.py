@@ -31,6 +31,7 @@ import urllib.error
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -38,7 +39,15 @@ import numpy as np
 
 from model_server.credentials import scrub
 from vision_rollout.audit import OUTPUT_DIFFERS, AuditResult, printable, short_digest
-from vision_rollout.folders import Folder, NotAFile, TooLarge, WriteConflict, guarded_by, temporary_of
+from vision_rollout.folders import (
+    Folder,
+    NotAFile,
+    TooLarge,
+    WriteConflict,
+    guarded_by,
+    read_regular,
+    temporary_of,
+)
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
 
@@ -1155,15 +1164,27 @@ ANOTHER_SENDER = "another sender"  # (in a round's skip of a report another send
 _held: set[str] = set()  # (the claims this process's rounds hold now)
 
 
+# What tells this machine, and this boot of it, from another (``_process``): two hosts, or
+# containers on them, may share a host name and a pid namespace's inode number.
+MACHINE_FILES = ("/etc/machine-id", "/proc/sys/kernel/random/boot_id")
+
+
 def _process() -> str:
-    """This process in a task's claims (``send_report``'s), 16 hex: its machine (its host name
-    and pid namespace: the processes it sees), then its pid."""
+    """This process in a task's claims (``send_report``'s), 16 hex: its machine (its host name,
+    pid namespace: the processes it sees, machine ID and boot ID, ``MACHINE_FILES``, those it has),
+    then its pid."""
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         namespace = 0
-    machine = hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
-    return f"{machine}{os.getpid():08x}"
+    ids = []
+    for file in MACHINE_FILES:
+        try:
+            ids.append(read_regular(Path(file), 64).strip())
+        except OSError:  # (not there, or not a file: this machine's others tell it)
+            ids.append(b"")
+    machine = hashlib.sha256(b"\0".join([socket.gethostname().encode(), str(namespace).encode(), *ids]))
+    return f"{machine.hexdigest()[:8]}{os.getpid():08x}"
 
 
 def _dead_try(claim: str, sender: str) -> bool:

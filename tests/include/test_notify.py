@@ -1865,3 +1865,32 @@ def test_a_task_reports_claim_held_by_a_try_still_running_is_not_taken_for_a_dea
     assert notify._dead_try(f"{stem}.claim-1-{sender}{here}{dead.pid:08x}", sender)
     assert not notify._dead_try(f"{stem}.claim-1-{sender}{'0' * 8}{dead.pid:08x}", sender)
     assert not notify._dead_try(f"{stem}.claim-1-{sender}{here}{1:08x}", sender)  # (init: alive)
+
+
+def test_a_claim_of_another_host_sharing_its_host_name_and_pid_namespace_is_not_taken_for_a_dead_ones(
+    tmp_path, monkeypatch
+):
+    """A claim's machine was its host name and pid namespace's inode alone: two hosts (or
+    containers on them) sharing both looked like one, and a sender on one took a live sender's
+    claim on the other for a dead one's (its pid not there) and posted the report a second time.
+    The machine ID and boot ID tell them apart: only the same machine, booted once, judges a pid."""
+    import hashlib
+    import subprocess
+
+    from vision_rollout import notify
+
+    machine_id, boot_id = tmp_path / "machine-id", tmp_path / "boot_id"
+    machine_id.write_text("5f1c0e0e9d2b4c6f8a1d3e5b7c9f0a12\n")
+    boot_id.write_text("host-a-boot\n")
+    monkeypatch.setattr(notify, "MACHINE_FILES", (str(machine_id), str(boot_id)))
+    stem = notify.report_name()
+    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    claim = f"{stem}.claim-1-{sender}{notify._process()[:8]}{gone.pid:08x}"  # (made on host A)
+    assert notify._dead_try(claim, sender)  # (host A: its pid is gone)
+    boot_id.write_text("host-b-boot\n")  # (host B: the same host name, pid namespace and machine ID)
+    assert not notify._dead_try(claim, sender)
+    boot_id.unlink()  # (no boot ID: the machine ID alone tells them)
+    machine_id.write_text("0b8e6d4c2a0f4e1d9c7b5a3f1e0d2c4b\n")
+    assert not notify._dead_try(claim, sender)
