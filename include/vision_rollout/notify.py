@@ -1155,8 +1155,10 @@ def _channel_id(client: Any, name: str, deadline: float, limited: _RateLimited) 
 
 # A sender's claim on a waiting report (``send_waiting``): ``<stem>.claim-<ns>-<id>``. One older
 # than this belongs to a sender that died (one report's post, its retries and its chart take a
-# few minutes at most), and no longer holds the report.
+# few minutes at most), and no longer holds the report; one whose sender had a budget holds it
+# until that budget's end and ``CLAIM_MARGIN_S`` more at most, the time it holds (``_until``).
 CLAIM_S = 900
+MAX_CLAIM_BYTES = 256  # a claim holds its ``until``: a few bytes
 CLAIM_MARGIN_S = 60  # a claim this close to lapsing posts nothing more (the post's own time, the clocks)
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
@@ -1192,7 +1194,7 @@ def _dead_try(claim: str, sender: str) -> bool:
     the process, ``_process``): made on this machine by a process that is gone, or by this one
     and held by none of its rounds (one stopped mid-way). Any other claim, another machine's, or
     a process's still running (a try Airflow lost track of and retried meanwhile), lapses by its
-    time alone (``CLAIM_S``)."""
+    time alone (``_until``)."""
     made = claim.rsplit("-", 1)[-1]
     if made[:-16] != sender or made[-16:-8] != _process()[:8]:
         return False
@@ -1394,7 +1396,8 @@ def send_waiting(
     the only live one and the report is still there; else it withdraws. Of two senders racing
     for a report, at most one sends it (the later claim sees the earlier), at worst neither
     (sent by the next run). A report is removed before its claim is, so a later sender never
-    finds it unclaimed once sent. A claim older than ``CLAIM_S`` is a dead sender's and is
+    finds it unclaimed once sent. A claim older than ``CLAIM_S``, or past its own ``until`` (its
+    sender's budget's end and ``CLAIM_MARGIN_S``: ``_until``), is a dead sender's and is
     ignored; a sender whose own claim came that close to lapsing (stalled), or was removed, or
     whose report is gone, withdraws right before posting. Once Slack took a report, its sender writes ``<stem>.posted`` (the post's channel
     and ts) before uploading the chart and removing the report: a sender killed there (a chart
@@ -1436,8 +1439,9 @@ def _send_round(
             break
         stem = name.removesuffix(".json")
         claim = f"{stem}.claim-{time.time_ns()}-{sender + _process() if sender else uuid.uuid4().hex[:12]}"
+        until = None if deadline is None else time.time() + deadline - time.monotonic() + CLAIM_MARGIN_S
         try:
-            outbox.write(claim, b"")
+            outbox.write(claim, b"" if until is None else json.dumps({"until": until}).encode())
         except ValueError:  # (a name no folder takes, a backslash in it: not one this outbox wrote)
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
@@ -1486,7 +1490,8 @@ def send_report(
     alone (its claim, the look-up of a post an earlier try may have made, its ``.posted`` mark, its
     chart looked for in the thread), within ``budget_s``; an earlier try's report still there is
     sent as it is, its claim taken for a dead sender's where its process is gone (``_dead_try``:
-    on this machine; another's, or one still running, lapses by its time, ``CLAIM_S``).
+    on this machine; another's, or one still running, lapses by its time, ``_until``: once it
+    lapsed, a try waiting for it takes the report over).
     ``queued``: when an earlier try wrote it (its caller keeps that, before writing it): one gone from the outbox since was sent (by that try
     or another round), found in the channel's history and not posted again; not found there (or
     dropped by hand), written and sent again. Without a Slack client (no token, a connection
@@ -1518,16 +1523,21 @@ def send_report(
     if not outbox.exists(name):
         notifier._to_outbox(message, stem)
     sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims, with their process: 32 hex)
-    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-    results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
-    if results:
-        result = results[0]
-    elif not outbox.exists(name):  # (not listed: another round sent it meanwhile)
-        result = {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
-    else:
-        result = {"name": name, "error": f"not sent within its {budget_s:g} s"}
-    if ANOTHER_SENDER in result.get("skipped", ""):  # (its post, once that round is done with it)
-        result = _sent_by_another(outbox, client, notifier.channel, name, since, deadline, message.thread_ts)
+    while True:  # (again where the claim of another sender that held it lapsed meanwhile)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
+        if results:
+            result = results[0]
+        elif not outbox.exists(name):  # (not listed: another round sent it meanwhile)
+            result = {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
+        else:
+            result = {"name": name, "error": f"not sent within its {budget_s:g} s"}
+        if ANOTHER_SENDER not in result.get("skipped", ""):
+            break
+        until = result.get("held_until")  # (its post, once that round is done with it, or its claim lapsed)
+        result = _sent_by_another(outbox, client, notifier.channel, name, since, deadline, message.thread_ts, until)
+        if not result.get("lapsed"):
+            break
     if result.get("sent"):
         return {k: v for k, v in result.items() if k not in ("name", "sent")}
     if result.get("maybe_posted") and "error" not in result:  # (gone from the outbox: no error to tell)
@@ -1549,14 +1559,17 @@ def _sent_by_another(
     since: float,
     deadline: float | None,
     thread_ts: str | None,
+    until: float | None = None,
 ) -> dict[str, Any]:
     """``send_report``'s result for its report ``name`` that another sender's round has, or sent,
     since ``since``: once it left the outbox (waited for until ``deadline``, a ``time.monotonic()``,
     by default ``SEND_BUDGET_S`` from now, less the look-up's time), its post there (``find_post``),
     or as soon as that sender marked its post (``.posted``, before its chart's upload): ``sent``,
-    ``posted_before``. Else what is known: still there, ``maybe_posted``, the error saying another
-    sender has it; set aside in ``refused/``, ``refused``; gone, its post not found (a look-up
-    Slack refused, a report dropped by hand), ``maybe_posted`` alone."""
+    ``posted_before``; ``lapsed`` alone where it is still there, unmarked, once that sender's claim
+    lapsed (``until``, a ``time.time()``: ``_until``), for a round to take it over. Else what is
+    known: still there, ``maybe_posted``, the error saying another sender has it; set aside in
+    ``refused/``, ``refused``; gone, its post not found (a look-up Slack refused, a report dropped
+    by hand), ``maybe_posted`` alone."""
     if deadline is None:
         from vision_rollout.settings import SEND_BUDGET_S
 
@@ -1570,8 +1583,13 @@ def _sent_by_another(
         except (TooLarge, NotAFile):  # (not a mark a sender wrote)
             return None
 
-    while (found := marked()) is None and outbox.exists(name) and deadline - time.monotonic() > floor:
+    def held() -> bool:
+        return until is None or time.time() < until
+
+    while (found := marked()) is None and outbox.exists(name) and held() and deadline - time.monotonic() > floor:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic() - floor)))
+    if found is None and not held() and outbox.exists(name):
+        return {"name": name, "lapsed": True}
     if found is None and outbox.exists(name):
         error = f"{ANOTHER_SENDER} is sending it: not known within the budget whether Slack took it"
         return {"name": name, "error": error, "maybe_posted": True}
@@ -1653,8 +1671,10 @@ def _send_claimed(
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
-            if now - int(m.group(1)) / 1e9 < CLAIM_S and not (sender is not None and _dead_try(other, sender)):
-                return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it"}
+            until = _until(outbox, other, int(m.group(1)) / 1e9)
+            if now < until and not (sender is not None and _dead_try(other, sender)):
+                held = {"held_until": until} if sender is not None else {}  # (for ``send_report``'s wait)
+                return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it", **held}
             lapsed.append(int(m.group(1)) / 1e9)
             outbox.delete(other)  # (a dead sender's)
     try:
@@ -1722,6 +1742,21 @@ def _send_claimed(
     outbox.delete(name)
     outbox.delete(mark)
     return {"name": name, "sent": True, **sent}
+
+
+def _until(outbox: Folder, claim: str, made: float) -> float:
+    """When ``claim``, made at ``made``, no longer holds its report (unix seconds, its sender's
+    clock): ``CLAIM_S`` after it was made, or sooner where it holds its sender's ``until`` (its
+    round's budget's end, ``CLAIM_MARGIN_S`` after: no Slack call of the round runs past it,
+    ``_within``). A claim without one (a sender without a budget, or an earlier version's), or
+    that cannot be read (gone meanwhile), holds for ``CLAIM_S``."""
+    try:
+        until = json.loads(outbox.read_within(claim, MAX_CLAIM_BYTES))["until"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return made + CLAIM_S
+    if not isinstance(until, (int, float)) or isinstance(until, bool) or not math.isfinite(until):
+        return made + CLAIM_S
+    return min(made + CLAIM_S, float(until))
 
 
 def _read_if_there(folder: Folder, name: str, limit: int) -> bytes | None:

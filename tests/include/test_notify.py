@@ -1894,3 +1894,72 @@ def test_a_claim_of_another_host_sharing_its_host_name_and_pid_namespace_is_not_
     boot_id.unlink()  # (no boot ID: the machine ID alone tells them)
     machine_id.write_text("0b8e6d4c2a0f4e1d9c7b5a3f1e0d2c4b\n")
     assert not notify._dead_try(claim, sender)
+
+
+class _Stepping(_Clock):
+    """``_Clock``, whose ``sleep`` moves its clocks on at once (no test waits for it)."""
+
+    def __init__(self, ahead_s: float) -> None:
+        super().__init__(ahead_s)
+        self.slept = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.slept
+
+    def time_ns(self) -> int:
+        return super().time_ns() + int(self.slept * 1e9)
+
+    def monotonic(self) -> float:
+        return self._time.monotonic() + self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += seconds
+
+
+@pytest.mark.parametrize("later_s", [200, 30])
+def test_a_claim_of_a_try_killed_on_another_machine_holds_the_report_until_its_budgets_end_not_claim_s(
+    slack, tmp_path, monkeypatch, later_s
+):
+    """A try killed on another machine once Slack took its post left its claim, which this
+    machine cannot judge dead (its pid is another machine's): the retry waited for it out its
+    whole budget and failed, until the claim was CLAIM_S (15 minutes) old. A sender with a budget
+    makes no Slack call past it (``_within``): its claim says so (``until``: the budget's end and
+    CLAIM_MARGIN_S), and holds the report no longer; the retry (``later_s`` after the try) takes
+    it over as soon as it lapsed, finds the killed try's post and posts nothing more."""
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import CLAIM_MARGIN_S, CLAIM_S, report_name, send_report
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    message = rollback_message(SPEC, "once")
+    stem, queued, budget_s = report_name(), time.time(), 60
+
+    def notifier() -> SlackNotifier:
+        return SlackNotifier(
+            "#model-rollouts", outbox=outbox, client=WebClient(token=slack.token, base_url=slack.base_url)
+        )
+
+    real = SlackNotifier.send
+
+    def killed(self, *args, **kwargs):  # (the try is killed once Slack took its post)
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SlackNotifier, "send", killed)
+    with pytest.raises(KeyboardInterrupt):
+        send_report(notifier(), message, stem, None, budget_s)
+    monkeypatch.setattr(SlackNotifier, "send", real)
+    (claim,) = [n for n in outbox.names() if ".claim-" in n]
+    other = claim[:-16] + "0" * 8 + claim[-8:]  # (made on another machine)
+    outbox.write(other, outbox.read(claim))
+    outbox.delete(claim)
+    assert budget_s + CLAIM_MARGIN_S < later_s + 2 * budget_s  # (it lapses within the retry's budget)
+    assert later_s < CLAIM_S  # (long before CLAIM_S)
+    clock = _Stepping(later_s)
+    monkeypatch.setattr(notify, "time", clock)
+    retry = send_report(notifier(), message, stem, queued, 2 * budget_s)
+    assert clock.slept <= max(0, budget_s + CLAIM_MARGIN_S - later_s) + 1  # (until it lapsed, no longer)
+    assert (retry["channel"], retry.get("posted_before")) == ("C0ROLLOUT", True), retry
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
