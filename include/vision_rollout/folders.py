@@ -115,10 +115,11 @@ def read_regular(path: Path, size: int = -1) -> bytes:
         return f.read(size)
 
 
-def guard_file(path: Path) -> BinaryIO:
-    """The guard file at ``path`` that writers ``flock`` (created, never deleted), opened to
-    append as ``open_regular`` opens a file: a named pipe there is refused, not waited on."""
-    return os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+def guard_file(path: Path, create: bool = True) -> BinaryIO:
+    """The guard file at ``path`` that writers ``flock`` (created, never deleted; ``create``
+    false: FileNotFoundError where there is none), opened to append as ``open_regular`` opens a
+    file: a named pipe there is refused, not waited on."""
+    return os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)), "ab")
 
 
 def _check_name(name: str) -> str:
@@ -230,13 +231,21 @@ class Folder:
             return False
 
     @contextlib.contextmanager
-    def _guard(self, name: str) -> Iterator[None]:
+    def _guard(self, name: str, create: bool = True) -> Iterator[None]:
+        """On a disk, ``write_if``'s lock of ``name`` held meanwhile (``create`` false: only where
+        its guard file is there, a file ``write_if`` never wrote has none)."""
         path = self.path
         if path is None:
             yield
             return
-        path.mkdir(parents=True, exist_ok=True)
-        with guard_file(path / f".{name}.lock") as guard:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            opened = guard_file(path / f".{name}.lock", create)
+        except FileNotFoundError:  # (not ``create``: no conditional write of it, ever)
+            yield
+            return
+        with opened as guard:
             deadline = time.monotonic() + LOCK_WAIT_S
             while True:
                 try:
@@ -290,11 +299,15 @@ class Folder:
 
     def delete(self, name: str) -> None:
         """``name`` in this folder is gone; nothing when it was not there. NotAFile (an OSError
-        naming it) when it is a folder (``check_files``), nothing removed."""
+        naming it) when it is a folder (``check_files``), nothing removed. On a disk, a file
+        ``write_if`` wrote is removed under its lock, never between its read and its write (the
+        write would bring it back: WriteConflict, nothing removed, where one holds it past
+        ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone."""
         path = self.path
         if path is not None:
             self.check_files(name)
-            (path / name).unlink(missing_ok=True)
+            with self._guard(name, create=False):
+                (path / name).unlink(missing_ok=True)
             return
         import pyarrow.fs as pafs
 

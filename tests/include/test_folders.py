@@ -641,3 +641,44 @@ def test_a_folder_holding_more_than_a_listing_takes_is_listed_in_part_and_pruned
     assert runs.prune(before, lambda n: n.startswith("stage-"), limit=10) == ["few"]
     monkeypatch.setattr(folders, "MAX_LISTED", 10, raising=False)
     assert len(crowded.names()) == 6  # (nothing in it removed)
+
+
+def test_a_file_removed_while_a_conditional_write_of_it_runs_is_not_brought_back(tmp_path, monkeypatch):
+    """On a disk, ``delete`` took no lock: a report another sender removed (posted) between a
+    note's read and its write (``write_if``'s) was brought back by that write, and posted a second
+    time. A file ``write_if`` wrote is removed under its lock: after the write, never within."""
+    import threading
+    import types
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path)) / "outbox"
+    folder.write_if("report.json", b"one", None)
+    waited = threading.Event()  # (the removal done, or waiting for the lock)
+    real_flock = folders.fcntl.flock
+
+    def flock(fd, op):
+        try:
+            return real_flock(fd, op)
+        except BlockingIOError:
+            if threading.current_thread() is not threading.main_thread():
+                waited.set()
+            raise
+
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    real_remove = Folder.remove_temporaries
+    removal: list[threading.Thread] = []
+
+    def remove_temporaries(self, *args, **kwargs):  # (under the lock, its read done, its write not)
+        if not removal:
+            removal.append(threading.Thread(target=lambda: (folder.delete("report.json"), waited.set())))
+            removal[0].start()
+            waited.wait(60)  # (a bound: a removal that hung fails the test below, never hangs it)
+        return real_remove(self, *args, **kwargs)
+
+    monkeypatch.setattr(Folder, "remove_temporaries", remove_temporaries)
+    folder.write_if("report.json", b"two", b"one")
+    removal[0].join()
+    assert folder.names() == []
+    folder.delete("never-written-so.json")  # (no guard file: none made)
+    assert not (tmp_path / "outbox" / ".never-written-so.json.lock").exists()
