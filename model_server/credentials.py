@@ -46,14 +46,30 @@ _SECRET_KEYED = re.compile(
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
 # first character, and no date or time, nor a word in capitals ("password reset", "secret
 # model-server-keys", "Secret Manager", "token 512", "api key INVALID." stay). The word "secret"
-# alone names an object there, not its value, as Kubernetes writes it: its kind "Secret" before a
-# name as Kubernetes takes one, lower-case ("in Secret models/admin-2", 'Secret "x" is invalid';
-# "Client Secret AbC123..." is a value), or before a name, quoted or not, that is "not found", "is
-# invalid", "is forbidden" or "already exists" ('secret "my-app-2" not found').
+# alone names an object there, not its value, only as Kubernetes writes it: its kind "Secret"
+# before a name that holds a "-", "." or a namespace's "/" ("in Secret models/admin-2",
+# 'Secret "my-app-2"'), or "secret" before a name in quotes, or one holding such a sign, that is
+# "not found", "is invalid", "is forbidden" or "already exists" ('secret "db2" not found'). Such
+# a name is one as Kubernetes takes it (DNS-1123: lower-case letters, digits, "-" and "."), none
+# that looks random (a run of 16 letters and digits holding a digit, a UUID, a hex string), and
+# never after a word that makes "secret" a credential's name ("client secret", "webhook secret").
+_K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)
+_SIGNED_NAME = (  # "my-app-2", "ns/db", "kube-system/db"
+    rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){{0,62}}+/)?{_K8S_NAME}"
+)
+_NOT_RANDOM = (
+    r"(?![a-z0-9./-]{0,240}(?<![a-z0-9])(?=[a-z]{0,15}[0-9])[a-z0-9]{16})"
+    r"(?!(?=[a-f./-]{0,252}[0-9])[0-9a-f./-]{16,253}(?![a-z0-9./-]))"
+)
+_OWNERS = (
+    "client", "webhook", "api", "app", "application", "shared", "signing", "jwt", "oauth", "consumer",
+    "hmac", "session", "cookie", "bot", "otp", "totp", "encryption", "master", "private", "aws",
+)  # fmt: skip
+_NOT_OWNED = "".join(rf"(?<!(?i:{w})[ \t]{{{n}}})" for w in _OWNERS for n in (1, 2, 3))
 _OBJECT_NAMED = (
-    r"(?!Secret[ \t]{1,3}(?!is[ \t])(?P<k>[\"']?)[a-z0-9][a-z0-9./-]{0,252}+(?P=k)(?![^\s,;:)\]])"
-    rf"|(?i:secret)[ \t]{{1,3}}(?P<n>[\"']?){_CRED_CHAR}{{1,256}}+(?P=n)"
-    r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9]))"
+    rf"(?!(?=(?i:secret)[ \t]){_NOT_OWNED}(?:Secret[ \t]{{1,3}}(?P<k>[\"']?){_NOT_RANDOM}{_SIGNED_NAME}(?P=k)"
+    rf"(?![^\s,;:.)\]])|(?i:secret)[ \t]{{1,3}}(?:(?P<n>[\"']){_NOT_RANDOM}{_K8S_NAME}(?P=n)|{_NOT_RANDOM}{_SIGNED_NAME})"
+    r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
     rf"(?<![A-Za-z0-9]){_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?P<q>[\"'])?{_NO_MASKED_AFTER}"

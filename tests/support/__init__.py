@@ -322,6 +322,17 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "the secret hunter2 leaked": "hunter2",
     "secret is Hunter2 not found": "Hunter2",
     "Client Secret AbC123xyz456 rejected": "AbC123xyz456",
+    # the word after "secret" is a Kubernetes Secret's name only as Kubernetes writes one: a value
+    # after a credential's owner ("client secret"), of another shape, or that looks random is none
+    "client secret AbCdEf123456 is invalid": "AbCdEf123456",
+    "The provided client secret Xk9#pQ2!zR is invalid": "Xk9#pQ2!zR",
+    "webhook secret whsec_4f8a9b2c1d3e is invalid": "whsec_4f8a9b2c1d3e",
+    "Client Secret 8f14e45fceea167a5a36dedd4bea2543 rejected": "8f14e45fceea167a5a36dedd4bea2543",
+    "the Secret 3f8e5a1c9b7d2e4f6a8c0b1d3e5f7a9c2b4d6e8f": "3f8e5a1c9b7d2e4f6a8c0b1d3e5f7a9c2b4d6e8f",
+    'secret "3f8e5a1c9b7d2e4f6a8c0b1d" not found': "3f8e5a1c9b7d2e4f6a8c0b1d",
+    "secret 9b2c4d6e-1a3f-4b5c-8d7e-0f1a2b3c4d5e not found": "9b2c4d6e-1a3f-4b5c-8d7e-0f1a2b3c4d5e",
+    "shared secret k8s-p4ss-w0rd is invalid": "k8s-p4ss-w0rd",
+    "Secret xk29fm4q7zr81pw3tn5v-2 rejected": "xk29fm4q7zr81pw3tn5v-2",
     # a key, spaces and a value in quotes: a literal, whatever its shape
     'login with password "hunter2" refused': "hunter2",
     "the api key is 'AbC 12 xyz' from env": "AbC 12 xyz",
