@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 # Only light modules here: the arguments are parsed and checked before the inference stack
 # (onnxruntime, numpy, pandas, pyarrow: seconds) is imported, so a bad one ends the start at once.
 from model_server.config import (
-    MAX_COPY_AGE_LIMIT_S,
     MAX_COPY_AGE_S,
     MAX_JSON_BYTES,
     NAME_RE,
     SHOW_LOG,
     ascii_uint,
+    copy_age_problem,
     int64_version,
 )
 from model_server.errors import MaskingUnavailable, ServerError
@@ -58,11 +58,9 @@ def copy_age(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value <= MAX_COPY_AGE_LIMIT_S:
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds above 0 and at most {MAX_COPY_AGE_LIMIT_S:g} (a copy waiting longer is "
-            f"written after the audit's range closed), got {text[:40]!r}"
-        )
+    problem = copy_age_problem(value, text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 

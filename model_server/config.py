@@ -47,6 +47,18 @@ MAX_COPY_AGE_LIMIT_S = 60.0
 SHOW_LOG = ("admin", "everyone", "nobody")
 
 
+def copy_age_problem(value: float, given: str | None = None) -> str | None:
+    """Why ``value`` is no bound of a shadow copy's age (seconds above 0, at most
+    ``MAX_COPY_AGE_LIMIT_S``), naming it as ``given`` (the text it was read from) or itself;
+    None when it is one."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= MAX_COPY_AGE_LIMIT_S:
+        return None
+    return (
+        f"must be a number of seconds above 0 and at most {MAX_COPY_AGE_LIMIT_S:g} (a copy waiting longer is "
+        f"written after the audit's range closed), got {(str(value) if given is None else given)[:40]!r}"
+    )
+
+
 def ascii_uint(text: str) -> int | None:
     """``text`` as a non-negative integer when it is 1 to 18 ASCII digits, else None. (str.isdigit
     takes superscripts, which int() refuses, and other scripts' digits; a path or header is not a number.)"""

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model_server import metrics
-from model_server.config import MAX_COPY_AGE_S
+from model_server.config import MAX_COPY_AGE_S, copy_age_problem
 from model_server.errors import ModelNotFound, ModelUnavailable, OutOfMemory, Preempted, ServerError, outcome_of
 from model_server.model import LoadedVersion
 from model_server.protocol import InferInput
@@ -156,6 +156,8 @@ class ShadowMirror:
         queue_bytes: int = 256 * 1024 * 1024,
         max_copy_age_s: float = MAX_COPY_AGE_S,
     ):
+        if problem := copy_age_problem(max_copy_age_s):  # (its bound, whoever builds the server)
+            raise ValueError(f"the shadow copy max age (shadow_copy_max_age_s) {problem}")
         self.repo = repo
         self.gate = PrimaryGate()
         self.max_preemptions = max_preemptions

@@ -512,6 +512,23 @@ def test_a_shadow_copy_age_past_the_audits_margin_stops_the_start(tmp_path, valu
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("value", [3600.0, 0.0, -1.0, float("nan"), float("inf")])
+def test_a_shadow_copy_age_past_the_audits_margin_is_refused_where_the_server_reads_it(tmp_path, value):
+    """Only --shadow-copy-max-age was bounded: a server built from its Settings (an embedding, a
+    test harness, another launcher) took shadow_copy_max_age_s=3600, its copies held the
+    shadow's watermark back an hour and were written after the audit's range closed. The
+    mirror that reads it refuses it, naming the setting and the value."""
+    from model_server.app import Settings, create_app
+    from model_server.repository import ModelRepository
+
+    repo = ModelRepository(tmp_path, ["CPUExecutionProvider"])
+    with pytest.raises(
+        ValueError, match=r"shadow_copy_max_age_s\) must be a number of seconds above 0 and at most 60"
+    ) as exc:
+        create_app(repo, Settings(shadow_copy_max_age_s=value))
+    assert f"got {str(value)!r}" in str(exc.value)
+
+
 def test_the_queue_counts_the_body_a_binary_tensor_keeps(server_factory, tmp_path):
     """A binary tensor is a view of its request's body: a copy of 128 bytes of tensors behind
     900 kB of JSON held the 900 kB, and the queue counted 128 bytes (256 such copies held 230 MB
