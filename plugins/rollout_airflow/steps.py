@@ -756,10 +756,12 @@ def apply_weights(
         restore_stable(params, run_id, unload_candidate=False)
         raise AirflowFailException(f"{changed}; no more weight moves to it, version {spec.baseline_version} takes 100%")
     hold(spec, run_id, hook)  # still this run's, after the wait
-    r.set_routes(spec.policy_for_stage(spec.stages[index]))
-    # A re-run resumes the stage's test (its window, its looks, its alpha spent): ``attempts``.
+    # Recorded before the traffic moves (a re-run resumes the stage's test, its window, its looks,
+    # its alpha spent: ``attempts``): a worker killed between the two leaves a record of a move
+    # that may not have happened, never a move no record names (``later_stage_applied``).
     with stage_record_readable(spec, run_id, index, hook):
         started, _ = attempts.applied(record, run_id, index, time.time(), spec)
+    r.set_routes(spec.policy_for_stage(spec.stages[index]))
     applied = {"weight": spec.stages[index], "started": started}
     return applied if verified is None else {**applied, "sha256": verified}
 

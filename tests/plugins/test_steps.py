@@ -2681,6 +2681,50 @@ def test_an_earlier_stages_apply_cleared_alone_mid_run_moves_no_traffic_back(mon
     assert world.poke(again, try_number=2)["decision"] == "pass"  # its decision reported again
 
 
+def test_a_stages_traffic_move_is_recorded_before_it_happens(monkeypatch, tmp_path):
+    """apply_weights moved the traffic, then wrote the stage's record: a worker killed between
+    the two left stage 2 (100%) serving with no record of it, and stage 1's apply cleared after
+    took the routes back to 50% under stage 2's split. Every move is recorded before it happens:
+    the routes are written only once the stage's record names its application."""
+    from vision_rollout import attempts
+
+    class Killed(BaseException):
+        """The worker gone (SIGKILL) just as the routes were written."""
+
+    world = StageWorld(monkeypatch, tmp_path)
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    router = steps.router
+    recorded_first: list[bool] = []
+
+    class DiesAfterTheMove:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def reconcile(self):
+            self.inner.reconcile()
+
+        def get_routes(self):
+            return self.inner.get_routes()
+
+        def set_routes(self, policy):
+            recorded_first.append(bool(attempts.load(folder, "run-a", 1).attempts))
+            self.inner.set_routes(policy)
+            raise Killed
+
+    first = world.apply(0)
+    world.states = [stage_state("pass", 2, "PASS at look 2")]
+    assert world.poke(first)["decision"] == "pass"
+    monkeypatch.setattr(steps, "router", lambda *a, **k: DiesAfterTheMove(router(*a, **k)))
+    with pytest.raises(Killed):
+        world.apply(1)
+    assert recorded_first == [True]  # the record named stage 2's application before its routes moved
+    at_100 = list(world.set)
+    assert at_100[-1] == {"route": [{"version": "2", "weight": 100}]}
+    monkeypatch.setattr(steps, "router", router)
+    world.apply(0)  # stage 1's apply cleared alone afterwards
+    assert world.set == at_100  # stage 2's move is known: no traffic moved back
+
+
 def test_enable_shadow_cleared_alone_once_the_candidate_takes_all_the_traffic_says_there_is_nothing_to_mirror(
     monkeypatch, tmp_path
 ):
