@@ -72,13 +72,38 @@ def file_problem(path: str | Path) -> str | None:
     return None if stat.S_ISREG(mode) else f"not a file ({_kind(mode)})"
 
 
-def write_private(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` atomically (a hidden temporary name, fsync, rename), mode 0600: records
-    and policies hold masked values and routing that no other local user needs to read."""
+# What fsync of a folder answers on a filesystem that has nothing to sync there (some FUSE and
+# network mounts): its entries are as durable as it makes them.
+NO_FOLDER_SYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def sync_folder(path: Path) -> None:
+    """``path``'s entries on disk: a file created, renamed or removed in it stays so after a
+    crash (the file's own bytes need its fsync)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in NO_FOLDER_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:
+    """Write ``path`` atomically (a hidden temporary name, fsync, rename, the folder's fsync: a
+    crash leaves the file as it was or whole, never half-written or lost once this returned),
+    ``mode`` 0600 unless given: records and policies hold masked values and routing that no
+    other local user needs to read. The folders it makes are synced in their own."""
+    made = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -87,6 +112,8 @@ def write_private(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for synced in (path.parent, *(m.parent for m in made)):
+        sync_folder(synced)
 
 
 def write_state(path: Path, record: Any) -> None:

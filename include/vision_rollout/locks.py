@@ -52,6 +52,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from model_server.files import sync_folder, write_private
 from vision_rollout.attempts import printable
 from vision_rollout.folders import NotAFile, guard_file, read_regular
 from vision_rollout.settings import MODEL_PATTERN, model_name
@@ -304,10 +305,11 @@ def _check(holder: str, seconds: int) -> None:
 
 
 class FileLock(CompareAndSwapLock):
-    """Local mode: ``<folder>/<model>.lock``, created with O_EXCL, holding the run id and expiry.
+    """Local mode: ``<folder>/<model>.lock``, holding the run id and expiry, written whole and
+    synced with its folder (``_write``).
 
     Each primitive runs under ``flock`` of a sibling guard file (never deleted), so a compare
-    and its write are one step for every process on this machine."""
+    and its write (a create: where no file is) are one step for every process on this machine."""
 
     def __init__(self, model: str, folder: Path, clock: Callable[[], float] = time.time) -> None:
         super().__init__(model, clock)
@@ -353,27 +355,23 @@ class FileLock(CompareAndSwapLock):
         except (ValueError, TypeError) as exc:
             raise self._unreadable(str(exc)) from None
 
+    def _write(self, holding: Holding) -> None:
+        """The lock file holding ``holding``, whole (``write_private``: synced with its folder,
+        a crash leaves no empty or half-written lock file, nor loses one taken or renewed)."""
+        write_private(self.path, _record(holding).encode(), mode=0o644)
+
     def _create(self, holding: Holding) -> bool:
         with self._guarded():
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
+            if os.path.lexists(self.path):  # (its guard held: nobody on this machine creates it meanwhile)
                 return False
-            try:
-                with os.fdopen(fd, "w") as out:
-                    out.write(_record(holding))
-            except BaseException:  # a full disk, a signal: no empty lock file refusing every later run
-                self.path.unlink()
-                raise
+            self._write(holding)
         return True
 
     def _replace(self, holding: Holding, version: str) -> bool:
         with self._guarded():
             if self._raw() != version:
                 return False
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(_record(holding))
-            os.replace(tmp, self.path)
+            self._write(holding)
         return True
 
     def _delete(self, version: str) -> bool:
@@ -381,6 +379,7 @@ class FileLock(CompareAndSwapLock):
             if self._raw() != version:
                 return False
             self.path.unlink()
+            sync_folder(self.path.parent)
         return True
 
 

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import jsonschema
 
+from model_server.files import write_private
 from model_server.traffic import BUCKET_HEADER, BUCKETS, PINNED_PREFIX, Destination, TrafficPolicy
 from vision_rollout.serving import AdminError, ModelServerAdmin
 
@@ -97,10 +98,7 @@ class LocalRouter:
     def reconcile(self) -> None:
         current = self.get_routes()
         if self.state_file is not None and not self.state_file.exists():
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(current.to_dict()))
-            tmp.replace(self.state_file)
+            write_private(self.state_file, json.dumps(current.to_dict()).encode())
 
     def set_routes(self, policy: TrafficPolicy) -> bool:
         """Write the policy unless it is already in effect; True when it wrote."""

@@ -496,7 +496,7 @@ ENDED = "ended.json"  # (what a run's teardown found it decided and carried out,
 RUN_REPORT = "report.json"  # (in a run's folder: its report's outbox name, when first written; its post)
 RUN_MARK = "run.json"  # (in a run's folder: the DAG run whose folder it is, its id and when it was triggered)
 ROUTES = "original-routes.json"  # (mesh local: the routes before a run, in its run folder)
-ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter writes them to, then renames)
+ROUTES_WRITTEN = "original-routes.tmp"  # (the file LocalRouter wrote them to, then renamed: older run folders)
 APPROVAL_NAME = re.compile(r"[0-9A-Za-z-]{1,64}\.json")  # (a wait's count of failed reads: its task instance's id)
 MAX_PRUNED = 500  # run folders looked into, and files removed, of each kind in one pass
 # The days what a run wrote is kept once unchanged: over the longest a running rollout leaves its

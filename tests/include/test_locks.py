@@ -443,6 +443,45 @@ def test_a_lock_file_that_could_not_be_written_whole_is_not_left_behind(tmp_path
     assert FileLock("digits", tmp_path).acquire("run-b").holder == "run-b"
 
 
+def test_a_lock_file_and_a_run_folders_records_are_synced_with_their_folder(tmp_path, monkeypatch):
+    """The lock file was written with no fsync (its create, its renewal's temporary renamed over
+    it) and a run folder's records were renamed into place with no fsync of their folder: a
+    crash could leave an empty or half-written lock file (every later run refused: unreadable),
+    or lose a record written just before (a stage's application, the lease's record). Each is
+    now synced, its bytes and then its folder, before the write returns."""
+    import os
+
+    from vision_rollout.folders import Folder
+
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recorded(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    locks = tmp_path / "run" / "locks"
+    lock = FileLock("digits", locks)
+    for step in (lambda: lock.acquire("run-a"), lambda: lock.renew("run-a", 60), lambda: lock.release("run-a")):
+        synced.clear()
+        step()
+        assert str(locks) in synced  # the folder, after the file's create, rename or removal
+        assert synced[-1] == str(locks)
+    for synced_file in (lambda: lock.acquire("run-b"), lambda: lock.renew("run-b", 60)):
+        synced.clear()
+        synced_file()
+        assert any(p.startswith(str(locks / ".digits.lock.")) for p in synced)  # its bytes, before the rename
+    folder = Folder(str(tmp_path / "run" / "rollouts" / "digits" / "run-a"))
+    synced.clear()
+    folder.write("held.json", b"{}")
+    made = [tmp_path / "run" / "rollouts" / "digits", tmp_path / "run" / "rollouts", tmp_path / "run"]
+    assert synced[-4:] == [str(folder.path), *map(str, made)]  # (the folders it made, each in its own)
+    synced.clear()
+    folder.write_if("stage-1.json", b"{}", None)
+    assert synced[-1] == str(folder.path)
+
+
 def test_the_lock_file_holds_the_run_and_its_expiry(tmp_path):
     FileLock("digits", tmp_path, clock=Clock()).acquire("run-a", seconds=120)
     record = json.loads((tmp_path / "digits.lock").read_text())
