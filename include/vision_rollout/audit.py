@@ -104,6 +104,9 @@ class AuditResult:
     copies_received: int = 0
     copies_percent: float | None = None
     copies_p: float | None = None
+    # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
+    # primaries after it, at the share configured then, would have sent copies beyond chance.
+    mirror_stopped: str | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
@@ -632,19 +635,9 @@ def copy_masks(
     ``records`` unless given, as of all the records read, past the range too), and how many of
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
     first primary record counts, once."""
-    primary = (records["role"] == "primary").to_numpy(bool)
-    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    copied = key.isin(key[~primary & ~other_input(records, key, primary)])
-    first = primary.copy()
-    first[primary] = ~key[primary].duplicated()
-    said = records["mirrored"]
-    lost = int((first & said.eq(True).to_numpy(bool) & ~copied).sum())
-    unknown = (
-        first
-        & said.isna().to_numpy(bool)
-        & records["version"].isin(list(versions)).to_numpy(bool)
-        & (records["route"] != "version").to_numpy(bool)
-    )
+    first, _, copied = copy_keys(records)
+    lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
+    unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
     if watermark is None or not (unknown & copied).any():
         return lost, np.zeros(len(records), bool), copied
@@ -652,6 +645,58 @@ def copy_masks(
     began = stamp[unknown & copied].min()
     eligible = unknown & (stamp > began).to_numpy(bool) & (stamp < watermark).to_numpy(bool)
     return lost, eligible, copied
+
+
+def copy_keys(records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which of ``records`` (primary and shadow) are each request's first primary record,
+    which are copies (shadow records of their primary's input: one of another input,
+    ``other_input``, is none), and which have a copy."""
+    primary = (records["role"] == "primary").to_numpy(bool)
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    copies = ~primary & ~other_input(records, key, primary)
+    first = primary.copy()
+    first[primary] = ~key[primary].duplicated()
+    return first, copies, key.isin(key[copies])
+
+
+def sampled_apart(records: pd.DataFrame, versions: Iterable[str], first: np.ndarray) -> np.ndarray:
+    """Of ``records``' ``first`` (each request's first primary record), those of ``versions`` a
+    mirror may have sampled on its own (Istio's: ``mirrored`` null, not naming their version)."""
+    return (
+        first
+        & records["mirrored"].isna().to_numpy(bool)
+        & records["version"].isin(list(versions)).to_numpy(bool)
+        & (records["route"] != "version").to_numpy(bool)
+    )
+
+
+def last_copy(records: pd.DataFrame) -> pd.Timestamp | None:
+    """When the newest copy in ``records`` (``copy_keys``) was stamped; None where none is."""
+    copies = copy_keys(records)[1]
+    return records["time"][copies].max() if copies.any() else None
+
+
+def mirror_stopped(
+    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares
+) -> tuple[int, float, float] | None:
+    """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
+    quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
+    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
+    many, the share on average, and the chance of so few copies of them by the mirror's
+    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
+    primaries after it: a quiet mirror; or too few for its silence to say anything). The
+    mirror's copies came and were written up to then; its primaries went on, unmirrored past
+    what its sampling explains."""
+    if since is None:
+        return None
+    first, _, copied = copy_keys(records)
+    after = sampled_apart(records, versions, first) & (records["time"] > since).to_numpy(bool)
+    share = share_at(records["time"][after], shares)
+    known = ~np.isnan(share)
+    if not share[known].any():
+        return None
+    p = copies_short(int(copied[after][known].sum()), int(known.sum()), share[known])
+    return (int(known.sum()), float(share[known].mean()), p) if p < COPIES_ALPHA else None
 
 
 # Why a copy is dropped before it ran (the log's DROPPED records say none): the reasons of the
@@ -818,6 +863,7 @@ def audit(
     max_seconds: float | None = MAX_AUDIT_S,
     clock: Callable[[], float] = time.monotonic,
     mirror_percent: float | MirrorShares | None = None,
+    mirror_on_to_end: bool = True,
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
@@ -847,7 +893,12 @@ def audit(
     own mirror sampled and never wrote are lost; behind a mirror that samples on its own, fewer
     copies than ``mirror_percent`` (the configured share, or its samples over time, ``share_at``:
     each primary tested at its time's) explains (``copies_short``) are named.
-    Both are warnings in the reasons: the verdict stands on the pairs compared."""
+    Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
+    copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
+    after its last copy) is told from one gone quiet: its stretch after the last copy is not
+    compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
+    ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
+    stretch is not tested."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -887,6 +938,7 @@ def audit(
         late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
         earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
+    since = last_copy(records) if mirror_percent else None  # (likewise)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1022,6 +1074,21 @@ def audit(
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     result.reasons += copies_text(result)
+    stopped = None
+    if mirror_percent and (mirror_on_to_end or not isinstance(mirror_percent, int | float)):
+        stopped = mirror_stopped(records, mirrored, since, mirror_percent)
+    if stopped is not None and since is not None:
+        after, percent, p = stopped
+        result.mirror_stopped = since.isoformat()
+        result.reasons.insert(
+            0,
+            f"the mirror stopped sending: its last copy was stamped {since.isoformat()}, and the {after} requests "
+            f"after it, behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies expected), brought "
+            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or Envoy stopped "
+            "mirroring to them; the requests since are not compared, nothing is shown of them",
+        )
+        if result.verdict in ("pass", "skip"):
+            result.verdict = "inconclusive"
     if result.primary_not_finite:
         result.reasons.append(
             f"{result.primary_not_finite} primary answers were no finite distribution (NaN or Inf, as a "

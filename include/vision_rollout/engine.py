@@ -1246,14 +1246,22 @@ def rollout_audit(
     """A rollout's shadow audit of its records from ``start`` to ``end``, the DAG's
     shadow_consistency's and ``rolloutctl run``'s: where the routes still mirror to the candidate
     (``mirroring``), once the copies of the last primaries are written (``await_copies``: until
-    the range closes at most); the spec's limits, the copies judged against its mirror share."""
+    the range closes at most); the spec's limits, the copies judged against its mirror share
+    (and a mirror that stopped sending told from a quiet one only where it is still on: taken
+    off, when is not known)."""
     from vision_rollout.audit import AuditConfig, audit, await_copies
 
     if spec.mirror_percent and mirroring:
         waited = await_copies(prediction_log, end, spec.model, spec.baseline_version)
         log.info("waited %.0f s for the shadow copies of the primaries before %s to be written", waited, end)
     return audit(
-        prediction_log, start, end, spec.model, AuditConfig.from_spec(spec), mirror_percent=spec.mirror_percent
+        prediction_log,
+        start,
+        end,
+        spec.model,
+        AuditConfig.from_spec(spec),
+        mirror_percent=spec.mirror_percent,
+        mirror_on_to_end=mirroring,  # (taken off since: when, it does not say)
     )
 
 

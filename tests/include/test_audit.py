@@ -1470,6 +1470,41 @@ def test_shadow_records_of_another_input_hide_no_lost_copy(tmp_path):
     assert behind.copies_p < COPIES_ALPHA
 
 
+def test_behind_istio_a_mirror_that_stopped_sending_is_told_from_one_gone_quiet(tmp_path):
+    """Behind Istio's mirror (the primaries cannot say whether they were copied) the copies
+    stopped halfway while the primaries went on: the shadow's watermark stopped at its last
+    copy, the primaries after it were never tested, and the audit passed on the first half as
+    if the mirror had gone quiet. A stop is told from quiet by the primaries after the last
+    copy, at the configured share: the audit is inconclusive, naming when the copies stopped;
+    a mirror whose traffic stopped with it (quiet) passes as before, and so does a rollout's
+    range whose mirror was taken off at a time not known (``mirror_on_to_end`` false)."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 240 + 0.2 * k for k in range(1200)]
+    halfway = now - 120
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 2 == 0 and t < halfway}
+    log = istio_log(tmp_path, primaries, copies)
+    stopped = audit(log, end - timedelta(minutes=5), end, mirror_percent=50)
+    last = datetime.fromtimestamp(max(copies.values()), UTC)
+    assert stopped.verdict == "inconclusive"
+    assert stopped.mirror_stopped == last.isoformat()
+    assert stopped.reasons[0].startswith(f"the mirror stopped sending: its last copy was stamped {last.isoformat()}")
+    assert "nothing is shown of them" in report_files(stopped)[REPORT].decode()
+    shares = [(t, 50.0) for t in np.arange(now - 300, now + 60, 60.0)]
+    by_time = audit(log, end - timedelta(minutes=5), end, mirror_percent=shares)
+    assert by_time.mirror_stopped == stopped.mirror_stopped  # (the hourly audit's shares over time)
+
+    (tmp_path / "quiet").mkdir()
+    quiet_log = istio_log(tmp_path / "quiet", [t for t in primaries if t < halfway], copies)
+    quiet = audit(quiet_log, end - timedelta(minutes=5), end, mirror_percent=50)
+    assert (quiet.verdict, quiet.mirror_stopped) == ("pass", None)
+    assert not any("stopped" in r for r in quiet.reasons)
+    (tmp_path / "off").mkdir()
+    off_log = istio_log(tmp_path / "off", primaries, copies)
+    taken_off = audit(off_log, end - timedelta(minutes=5), end, mirror_percent=50, mirror_on_to_end=False)
+    assert (taken_off.verdict, taken_off.mirror_stopped) == ("pass", None)
+
+
 def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
     """The hourly audit tested the copies against the hour's largest mirror share: a mirror of 10%
     raised to 100% within the hour was warned of as copies lost (110 copies of 200 primaries
