@@ -626,9 +626,10 @@ def render_virtual_service(target: IstioTarget, policy: TrafficPolicy, versions:
     }
 
 
-# An HTTP route's fields the traffic policy sets; the others (timeout, retries, fault,
+# An HTTP route's fields the traffic policy sets (Istio's deprecated ``mirrorPercent`` read as its
+# mirror's share, ``mirror_share``, and never written); the others (timeout, retries, fault,
 # corsPolicy, headers, rewrite...) are the platform's.
-POLICY_ROUTE_FIELDS = frozenset({"name", "match", "route", "mirror", "mirrorPercentage"})
+POLICY_ROUTE_FIELDS = frozenset({"name", "match", "route", "mirror", "mirrorPercentage", "mirrorPercent"})
 
 
 def splits(vs: dict[str, Any]) -> bool:
@@ -785,6 +786,16 @@ def render_destination_rule(target: IstioTarget, versions: list[str]) -> dict[st
     }
 
 
+def mirror_share(route: dict[str, Any]) -> float:
+    """The percent of its requests a mirrored HTTP route copies, as Envoy gets it from istiod: its
+    ``mirrorPercentage``, else Istio's deprecated integer ``mirrorPercent`` (a VirtualService
+    written before Istio 1.9), else all of them. The rollout writes ``mirrorPercentage`` only
+    (``POLICY_ROUTE_FIELDS``: a live ``mirrorPercent`` is not carried into its writes)."""
+    if route.get("mirrorPercentage") is not None:
+        return float(route["mirrorPercentage"].get("value", 100.0))
+    return float(route["mirrorPercent"]) if route.get("mirrorPercent") is not None else 100.0
+
+
 # A match's fields that select nothing (a name for stats, a flag for a uri match it lacks): every
 # other field of Istio's HTTPMatchRequest but ``headers`` is a condition no traffic policy holds.
 MATCH_LABELS = frozenset({"name", "statPrefix", "ignoreUriCase"})
@@ -842,11 +853,7 @@ def policy_from_virtual_service(vs: dict[str, Any]) -> TrafficPolicy:
         route = dests(entry, i)
         routed[where] = {d["version"] for d in route if d["weight"]}
         mirror = entry.get("mirror")
-        mirrors[where] = (
-            (str(mirror["subset"]).removeprefix("v"), float((entry.get("mirrorPercentage") or {}).get("value", 100.0)))
-            if mirror
-            else None
-        )
+        mirrors[where] = (str(mirror["subset"]).removeprefix("v"), mirror_share(entry)) if mirror else None
         headers = headers_of(entry, i)
         if headers is None:
             raw["route"] = route

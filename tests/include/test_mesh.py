@@ -1371,3 +1371,39 @@ def test_a_version_the_platforms_tcp_route_or_mirrors_send_to_keeps_its_subset(k
     assert [s["name"] for s in fake.objects[dr_key]["spec"]["subsets"]] == ["v1", "v2", "v3", "v4"]  # v5: nobody's
     fake.touch(*dr_key, lambda dr: dr["spec"].update(subsets=dr["spec"]["subsets"][:2]))
     assert router.versions_in_use() == {"1", "2", "3", "4"}
+
+
+def test_a_mirror_given_by_istios_deprecated_mirror_percent_is_read_at_its_share_and_written_as_mirror_percentage(
+    kube,
+):
+    """A route mirrored with Istio's deprecated ``mirrorPercent`` (an integer, as VirtualServices
+    written before Istio 1.9 hold it) was read as a mirror of 100%: a 5% mirror taken for a full
+    one, and the field carried into the rollout's writes beside its ``mirrorPercentage``. It is
+    read (``mirrorPercentage`` wins where a route has both, as in Istio) and never written back."""
+    mirror = {"mirror": {"host": "h", "subset": "v2"}, "mirrorPercent": 5}
+    vs = {"spec": {"http": [_route("default", "1", **mirror)]}}
+    assert policy_from_virtual_service(vs).to_dict()["mirror"] == {"version": "2", "percent": 5.0}
+    vs["spec"]["http"][0]["mirrorPercentage"] = {"value": 20.0}
+    assert policy_from_virtual_service(vs).to_dict()["mirror"] == {"version": "2", "percent": 20.0}
+
+    fake, api = kube
+    fake.touch(
+        "virtualservices",
+        "models",
+        "digits",
+        lambda o: o["spec"]["http"][-1].update(mirror={"host": TARGET.host, "subset": "v2"}, mirrorPercent=5),
+    )
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    assert router.get_routes().to_dict()["mirror"] == {"version": "2", "percent": 5.0}
+    half = TrafficPolicy.from_dict(
+        {"route": [{"version": "1", "weight": 100}], "mirror": {"version": "2", "percent": 50}}
+    )
+    assert router.set_routes(half) is True
+    default = fake.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]
+    assert (default["mirrorPercentage"], "mirrorPercent" in default) == ({"value": 50.0}, False)
+    assert router.get_routes() == half
+    stable = TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]})
+    fake.touch("virtualservices", "models", "digits", lambda o: o["spec"]["http"][-1].update(mirrorPercent=5))
+    assert router.set_routes(stable) is True
+    default = fake.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]
+    assert not {"mirror", "mirrorPercentage", "mirrorPercent"} & set(default)
