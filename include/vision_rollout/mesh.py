@@ -20,8 +20,10 @@ unknown backend; nothing falls back silently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -229,6 +231,31 @@ CLUSTER_DOMAIN = "cluster.local"  # Kubernetes' default DNS domain (kubelet's cl
 # each a DNS label, or a host name of such labels ("mesh", the sidecars, is one).
 _ISTIO_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
 ISTIO_GATEWAY = re.compile(rf"{_ISTIO_LABEL}/{_ISTIO_LABEL}|(?=.{{1,255}}$){_ISTIO_LABEL}(\.{_ISTIO_LABEL})*")
+# A VirtualService's host as istiod's webhook takes it (ValidateWildcardDomain): a DNS name of at
+# most 255 characters, a short one too (``digits``), an absolute one (a trailing '.'), whose first
+# label alone may be a wildcard ('*', '*.example.com', '*-api.example.com'); or an IP address.
+ISTIO_HOST = re.compile(rf"(?=.{{1,255}}$)(?=[^.]{{1,63}}(\.|$))(\*|(\*-?)?{_ISTIO_LABEL})(\.{_ISTIO_LABEL})*\.?")
+MAX_HOSTS = 64  # a target's hosts (istio.hosts): more is a mistake, not a plan
+
+
+def istio_host_problem(host: Any, gateways: list[str]) -> str | None:
+    """Why istiod's webhook would refuse ``host`` among a VirtualService's hosts bound to
+    ``gateways`` (``ISTIO_HOST``; nor a top-level domain of digits only, nor ``*`` on the mesh's
+    sidecars: no gateways, or ``mesh``), None if it takes it."""
+    if not isinstance(host, str):
+        return "not a host name"
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    rest = host.partition(".")[2]
+    if not ISTIO_HOST.fullmatch(host) or rest.rpartition(".")[2].isdigit():
+        return (
+            "not a DNS name (labels of letters, digits and '-' inside, 63 at most each, 255 in all; a short name "
+            "too), whose first label alone may be a wildcard ('*.example.com'), nor an IP address"
+        )
+    if host == "*" and (not gateways or "mesh" in gateways):
+        return "every host, on the mesh's sidecars (no gateways, or 'mesh')"
+    return None
 
 
 @dataclass
@@ -264,6 +291,12 @@ class IstioTarget:
                     f"istio gateway {str(gateway)[:80]!r}: not <namespace>/<name> (each a DNS label) nor a host "
                     "name ('mesh' for the sidecars), which Istio would refuse"
                 )
+        if len(self.hosts) > MAX_HOSTS:
+            raise RouterError(f"istio hosts: {len(self.hosts)} of them, more than the {MAX_HOSTS} the rollout takes")
+        for host in self.hosts:
+            problem = istio_host_problem(host, self.gateways)
+            if problem:
+                raise RouterError(f"istio host {str(host)[:80]!r}: {problem}, which Istio would refuse")
 
     @property
     def host(self) -> str:

@@ -1407,3 +1407,54 @@ def test_a_mirror_given_by_istios_deprecated_mirror_percent_is_read_at_its_share
     assert router.set_routes(stable) is True
     default = fake.objects[("virtualservices", "models", "digits")]["spec"]["http"][-1]
     assert not {"mirror", "mirrorPercentage", "mirrorPercent"} & set(default)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "digits example.com",
+        "https://digits.example.com",
+        "digits.example.com/v2",
+        "foo.*.example.com",
+        "a..example.com",
+        "-digits.example.com",
+        "digits_1.example.com",
+        "digits.example.123",
+        "a" * 64 + ".example.com",
+        ".".join(["a" * 63] * 4 + ["com"]),  # 260 characters
+        "",
+        "*",  # every host, on the mesh's sidecars (no gateways): Istio refuses it there
+    ],
+)
+def test_a_host_istio_would_refuse_is_refused_naming_it(host):
+    """The VirtualService's hosts (the connection's istio.hosts, models.<m>.istio.hosts) were taken
+    as any text: a URL, a host with a space or a wildcard inside failed the first stage's write
+    (istiod's webhook), after the image build. They are refused where the target is made, naming
+    the host, as istiod's validation takes them: DNS names (a short one too), a wildcard first
+    label only, an IP address, 64 of them at most."""
+    from vision_rollout.settings import ServingSettings, SettingsError
+
+    with pytest.raises(RouterError, match=re.escape(f"istio host {host[:80]!r}: ")):
+        IstioTarget("models", "digits", "digits", hosts=["digits.example.com", host])
+    istio = {"namespace": "models", "service": "digits", "name": "digits", "hosts": [host]}
+    with pytest.raises(SettingsError, match=r"extra istio.*host"):  # (the connection's schema, or the target's)
+        ServingSettings.from_connection("http://h:8000", None, {"istio": istio}).istio_for("digits")
+
+
+def test_the_hosts_istio_takes_are_taken_and_bounded():
+    fine = [
+        "digits",
+        "digits.models",
+        "Digits.Example.COM",
+        "digits.example.com.",
+        "*.example.com",
+        "*-api.example.com",
+        "10.0.0.7",
+        "fd00::7",
+        ".".join(["a" * 63] * 3 + ["a" * 61]),  # 253 characters
+    ]
+    assert IstioTarget("models", "digits", "digits", hosts=fine).hosts == fine
+    assert IstioTarget("models", "digits", "digits", gateways=["ml/edge"], hosts=["*"]).hosts == ["*"]
+    with pytest.raises(RouterError, match="istio hosts: 65 of them, more than the 64"):
+        IstioTarget("models", "digits", "digits", hosts=[f"h{i}.example.com" for i in range(65)])
+    validate_istio(render_virtual_service(IstioTarget("models", "digits", "digits", hosts=fine), CANARY))
