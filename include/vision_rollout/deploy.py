@@ -448,6 +448,10 @@ def template_digest(template: dict[str, Any]) -> str:
 
 # What a version's HPA takes from another's (``VersionDeployments.scale``'s ``autoscaling_of``).
 HPA_CARRIED = ("minReplicas", "maxReplicas", "metrics", "behavior")
+# What the API server sets as an HPA's metrics where it is given none (80% CPU).
+DEFAULT_HPA_METRICS = [
+    {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}
+]
 # The stable version's HPA while a rollout holds its floor (``VersionDeployments.hold_floor``):
 # its own minReplicas, which ``release_floor`` puts back, and the floor held. On the object, so that
 # a rollout whose worker died is put back by its teardown or failure callback on another.
@@ -766,8 +770,9 @@ class VersionDeployments:
 
     def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
-        (``force``: the rollout's own object), then the version's budget at the HPA's floor (the
-        least it may scale the version to: ``render_pdb``), whenever the floor moves."""
+        (``force``: the rollout's own object) unless the live one holds them already (``_hpa_holds``:
+        a stage at the same size, a step run again), then the version's budget at the HPA's floor
+        (the least it may scale the version to: ``render_pdb``)."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -775,18 +780,20 @@ class VersionDeployments:
         hpa = render_hpa(self.target, version, int(spec.get("minReplicas") or 1), int(spec["maxReplicas"]))
         hpa["spec"] = {**hpa["spec"], **{k: spec[k] for k in HPA_CARRIED if spec.get(k) is not None}}
         hpa["metadata"]["annotations"] = dict(annotations or {})
+        live = self._hpa(version)
         try:
-            client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
-                name,
-                self.target.namespace,
-                hpa,
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
-            )
+            if live is None or not _hpa_holds(live, hpa):
+                client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
+                    name,
+                    self.target.namespace,
+                    hpa,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type="application/apply-patch+yaml",
+                )
         except ApiException as exc:
             raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
-        self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))
+        self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))  # (also where a try stopped before it)
 
     def _live(self, version: str) -> Any:
         """The live Deployment (a V1Deployment), None when there is none."""
@@ -1014,6 +1021,28 @@ def _own_min(hpa: dict[str, Any]) -> int | None:
     own = str(((hpa.get("metadata") or {}).get("annotations") or {}).get(FLOOR_ANNOTATION, ""))
     # (ASCII digits only, few of them: int() refuses "²", and strings of more than 4300 digits)
     return int(own) if COUNT.fullmatch(own) and int(own) <= MAX_REPLICAS else None
+
+
+def _hpa_holds(live: dict[str, Any], hpa: dict[str, Any]) -> bool:
+    """Whether the live HPA is ``hpa`` as ``_apply_hpa`` renders it, so that applying it would
+    change nothing: its spec's target, bounds, metrics (``DEFAULT_HPA_METRICS`` as none) and
+    behavior, its labels, and the rollout's record of a floor held (none where ``hpa`` has none)."""
+
+    def view(obj: dict[str, Any]) -> tuple[Any, ...]:
+        spec = obj.get("spec") or {}
+        metrics = spec.get("metrics") or None
+        return (
+            *(spec.get(k) for k in ("scaleTargetRef", "minReplicas", "maxReplicas", "behavior")),
+            None if metrics == DEFAULT_HPA_METRICS else metrics,
+            {k: v for k, v in _metadata(obj, "annotations").items() if k in (FLOOR_ANNOTATION, HELD_ANNOTATION)},
+        )
+
+    labels = _metadata(live, "labels")
+    return view(live) == view(hpa) and all(labels.get(k) == v for k, v in _metadata(hpa, "labels").items())
+
+
+def _metadata(obj: dict[str, Any], key: str) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get(key) or {})
 
 
 def _set_by_hand(hpa: dict[str, Any]) -> bool:

@@ -500,3 +500,45 @@ def test_a_deployment_past_its_progress_deadline_fails_the_wait_at_once(kube_api
     )
     with pytest.raises(RouterError, match=r"after 0\.2 s"):  # (the controller has not seen the new spec)
         versions.wait_ready("2", 1, timeout_s=0.2, every_s=0.05)
+
+
+def test_an_hpa_is_applied_only_when_it_would_change(kube_api):
+    """The candidate's HPA was applied (forced) at every stage and every retry, its floor the same
+    or not: a write, and an edit of another hand taken back, each time. It is applied when the live
+    HPA differs from the rollout's (its floor, bounds, metrics, behavior, its record of a floor held;
+    Kubernetes' default metrics are none), so also when it changed since, as on a step run again."""
+    from vision_rollout.deploy import DEFAULT_HPA_METRICS, VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    key = ("horizontalpodautoscalers", "models", "digits-v2")
+    versions = VersionDeployments(
+        TARGET, "digits", api_client, BuildSettings(gpus=0, autoscaling=True, max_replicas=40)
+    )
+
+    def applies() -> int:
+        return sum(1 for w in api.writes() if w["path"].endswith("/horizontalpodautoscalers/digits-v2"))
+
+    versions.apply("2", "img:2", 1)
+    assert (applies(), api.objects[key]["spec"]["minReplicas"]) == (1, 1)
+    api.touch(*key, lambda h: h["spec"].update(metrics=DEFAULT_HPA_METRICS))  # as a real API server defaults it
+    versions.apply("2", "img:2", 1)  # the next stage at the same size, or the stage run again
+    versions.scale("2", 1)
+    assert applies() == 1
+    versions.apply("2", "img:2", 3)
+    assert (applies(), api.objects[key]["spec"]["minReplicas"]) == (2, 3)
+    api.touch(*key, lambda h: h["spec"].update(minReplicas=7))  # changed since
+    versions.apply("2", "img:2", 3)
+    assert (applies(), api.objects[key]["spec"]["minReplicas"]) == (3, 3)
+    metrics = [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 60}}}
+    ]
+    tuned = VersionDeployments(
+        TARGET,
+        "digits",
+        api_client,
+        BuildSettings(gpus=0, autoscaling=True, max_replicas=40, autoscaling_metrics=metrics),
+    )
+    tuned.apply("2", "img:2", 3)
+    tuned.apply("2", "img:2", 3)
+    assert (applies(), api.objects[key]["spec"]["metrics"]) == (4, metrics)
