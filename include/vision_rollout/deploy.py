@@ -459,10 +459,47 @@ FLOOR_ANNOTATION = "model-rollout/own-min-replicas"
 HELD_ANNOTATION = "model-rollout/held-min-replicas"
 
 
+# A server-side apply's conflicts as the API server words them (one: 'conflict with M: PATH';
+# several: 'conflicts with M:', then '- PATH' a line, for each manager M): M a quoted field manager,
+# then maybe 'with subresource "S"', 'using VERSION' and 'at TIME' (an Update's).
+APPLY_CONFLICT = re.compile(
+    r'conflicts? with "(?P<manager>[^"]*)"(?P<sub> with subresource "[^"]*")?(?: using \S+(?: at \S+)?)?:'
+    r"(?P<paths>[^\n]*(?:\n- [^\n]*)*)"
+)
+HELM_MANAGER = "helm"  # Helm's field manager (its objects' label app.kubernetes.io/managed-by: Helm)
+
+
+def apply_conflicts(message: str) -> dict[str, list[str]]:
+    """The fields each other field manager owns that a refused apply would have changed, from the
+    API server's 409 ``message`` (``APPLY_CONFLICT``): ``{'"helm"': ['.spec.replicas']}``."""
+    owned: dict[str, list[str]] = {}
+    for m in APPLY_CONFLICT.finditer(message):
+        paths = [p.strip().removeprefix("- ") for p in m["paths"].split("\n")]
+        owned.setdefault(f'"{m["manager"]}"{m["sub"] or ""}', []).extend(p for p in paths if p)
+    return {k: v for k, v in owned.items() if v}
+
+
 def refused(what: str, exc: Any) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
-    apply is a field another manager owns (its ``message`` names the manager and the field)."""
+    apply is a field another manager owns, said in one sentence, each manager with the fields it
+    owns (``apply_conflicts``), and a Helm release's object named as such."""
     message = api_message(exc)
+    owned = apply_conflicts(message) if exc.status == 409 else {}
+    if owned:
+        said = "; ".join(f"{manager} owns {', '.join(paths)}" for manager, paths in owned.items())
+        helm = any(manager.startswith(f'"{HELM_MANAGER}"') for manager in owned)
+        return RouterError(
+            f"{what}: fields another field manager owns, which the rollout does not take over: {said[:1000]}. "
+            + (
+                "It is a Helm release's object, which Helm takes back at its next upgrade: take it out of the "
+                "release (or install the model's versions with deploy/'s overlay), then "
+                if helm
+                else ""
+            )
+            + "give the fields to the rollout (kubectl apply --server-side --field-manager=model-rollout "
+            "--force-conflicts) or, for spec.replicas under your own HPA, set the model_server_default extra "
+            "build.autoscaling"
+        )
     if exc.status == 409:
         return RouterError(
             f"{what}: 409 Conflict: {message}. The rollout does not take over fields another "

@@ -110,9 +110,25 @@ def test_a_field_owned_by_another_manager_is_reported_not_taken():
         }
     )
     message = str(refused("apply Deployment digits-v2", exc))
-    assert message.startswith("apply Deployment digits-v2: 409 Conflict: Apply failed with 1 conflict")
-    assert 'conflict with "kubectl" using apps/v1: .spec.replicas' in message
+    assert message.startswith("apply Deployment digits-v2: fields another field manager owns")
+    assert '"kubectl" owns .spec.replicas.' in message
     assert "build.autoscaling" in message
+    assert "Helm" not in message
+    exc.body = json.dumps(  # as a real API server words an Update's manager: its time too
+        {
+            "message": 'Apply failed with 3 conflicts: conflicts with "helm" using apps/v1 at 2026-12-04T10:00:00Z:\n'
+            "- .metadata.labels.app.kubernetes.io/managed-by\n- .spec.replicas\n"
+            'conflicts with "kube-controller-manager" with subresource "scale" using autoscaling/v1 at '
+            "2026-12-04T10:05:00Z:\n- .spec.replicas"
+        }
+    )
+    message = str(refused("apply Deployment digits-v1", exc))
+    assert (
+        '"helm" owns .metadata.labels.app.kubernetes.io/managed-by, .spec.replicas; "kube-controller-manager" with '
+        'subresource "scale" owns .spec.replicas. It is a Helm release\'s object'
+    ) in message
+    exc.body = json.dumps({"message": "the object has been modified"})  # (not an apply's conflict: as said)
+    assert str(refused("x", exc)).startswith("x: 409 Conflict: the object has been modified.")
     other = ApiException(status=422, reason="Invalid")
     other.body = "not json"
     assert str(refused("apply Deployment digits-v2", other)) == "apply Deployment digits-v2: 422 Invalid: not json"
@@ -370,11 +386,10 @@ def test_a_candidate_image_another_manager_applied_is_refused_naming_the_field(k
     versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
     with pytest.raises(RouterError) as refused_apply:
         versions.apply("2", "img:2", 1, like="1")
-    assert (
-        'conflict with "argocd-controller" using apps/v1: .spec.template.spec.containers[name="model-server"].image'
-        in str(refused_apply.value)
+    assert '"argocd-controller" owns .spec.template.spec.containers[name="model-server"].image' in str(
+        refused_apply.value
     )
-    assert "The rollout does not take over fields another manager owns" in str(refused_apply.value)
+    assert "which the rollout does not take over" in str(refused_apply.value)
     live = api.objects[("deployments", "models", "digits-v2")]
     assert live["spec"]["template"]["spec"]["containers"][0]["image"] == "img:theirs"
 
@@ -542,3 +557,34 @@ def test_an_hpa_is_applied_only_when_it_would_change(kube_api):
     tuned.apply("2", "img:2", 3)
     tuned.apply("2", "img:2", 3)
     assert (applies(), api.objects[key]["spec"]["metrics"]) == (4, metrics)
+
+
+def test_a_helm_releases_deployment_is_refused_naming_each_field_and_its_manager(kube_api):
+    """A baseline Helm installed (its field manager ``helm``, its label app.kubernetes.io/managed-by:
+    Helm): the rollout's apply over it (its retirement, a scale) was refused by the API server (409)
+    and reported as the server worded it, the fields of several managers on lines of their own. It
+    is said in one sentence, each manager with the fields it owns, that it is a Helm release's
+    object and what to do; nothing is forced: the Deployment keeps Helm's values."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    helm = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    helm["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    apply_object(api_client, helm, manager="helm")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    with pytest.raises(RouterError) as refused_apply:
+        versions.scale("1", 0)
+    said = str(refused_apply.value)
+    assert said.startswith(
+        "apply Deployment digits-v1: fields another field manager owns, which the rollout does not take over: "
+        '"helm" owns .metadata.labels.app.kubernetes.io/managed-by, .spec.replicas.'
+    )
+    assert "a Helm release's object" in said
+    assert "\n" not in said
+    live = api.objects[("deployments", "models", "digits-v1")]
+    assert (live["metadata"]["labels"]["app.kubernetes.io/managed-by"], live["spec"]["replicas"]) == ("Helm", 2)
+    w = [w for w in api.writes() if w["path"].endswith("/deployments/digits-v1")][-1]
+    assert "force" not in w["query"]
