@@ -544,6 +544,7 @@ class VersionDeployments:
         source: Any,
         autoscaling: dict[str, Any] | None = None,
         deployed: str | None = None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
         already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
@@ -551,7 +552,9 @@ class VersionDeployments:
         version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads), with
         the digest of the pod template the API server holds after the apply
         (``TEMPLATE_ANNOTATION``). A template changed by hand since the last record keeps that
-        record: re-applying it here (a scale) does not make the change the rollout's.
+        record: re-applying it here (a scale) does not make the change the rollout's. ``dry_run``:
+        the Deployment's apply sent as a dry run (``dryRun=All``: refused as it would be, nothing
+        stored), nothing else.
 
         One write carries the template and its digest, so that a refused or unanswered apply
         leaves the Deployment and its record as they were (two writes, the first applied and the
@@ -604,9 +607,11 @@ class VersionDeployments:
                 now = None if live is None else live["spec"]["template"]
                 template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
-            out = applied()
+            out = applied(**({"dry_run": "All"} if dry_run else {}))
         except ApiException as exc:
             raise refused(f"apply Deployment {self._name(version)}", exc) from None
+        if dry_run:
+            return dict(self._apps().api_client.sanitize_for_serialization(out))
         if autoscaled:
             self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
         if replicas > 0 and not autoscaled:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
@@ -857,21 +862,22 @@ class VersionDeployments:
         live = self._live(version)
         return None if live is None else int(live.spec.replicas or 0)
 
-    def scale(self, version: str, replicas: int, autoscaling_of: str | None = None) -> bool:
+    def scale(self, version: str, replicas: int, autoscaling_of: str | None = None, dry_run: bool = False) -> bool:
         """Re-apply the version's own Deployment (its live image) with ``replicas`` pods; False
         when it has no Deployment (nothing to scale). One GET: the live Deployment gives both.
         ``autoscaling_of``: under autoscaling, the version whose HPA (its bounds, metrics and
         behavior) this version's HPA takes, as Flagger's primary HPA copies its target's: a
         promoted candidate keeps the stable version's autoscaling, not a floor at the count
         that version ran at that moment; ``replicas`` pods are set all the same, for the HPA to
-        scale from. Without that HPA, the stage's floor as ever."""
+        scale from. Without that HPA, the stage's floor as ever. ``dry_run``: only whether the API
+        server would take the Deployment's apply (RouterError naming what it refuses), nothing written."""
         live = self._live(version)
         if live is None:
             return False
         like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
         image = str(_server_container(live.spec.template.spec.containers).image)
         deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
-        self._apply(version, image, replicas, live, like, deployed)
+        self._apply(version, image, replicas, live, like, deployed, dry_run)
         return True
 
     def replicas_owners(self, version: str) -> list[str]:

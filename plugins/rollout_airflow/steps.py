@@ -630,11 +630,14 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
     (``VersionDeployments.replicas_owners``): else its promotion would route all of the
     traffic to the candidate, then be refused scaling the baseline to 0 (409) and be rolled
     back, after every stage; and an HPA of the platform's would be left on the retired version,
-    the promoted one not autoscaled. Checked before the candidate is deployed, and before a
-    promotion moves anything."""
-    if deployments.build.autoscaling:
-        return
-    owners = deployments.replicas_owners(spec.baseline_version)
+    the promoted one not autoscaled. Nor does another manager own a field of the baseline's
+    Deployment that its retirement would change (a Helm release's label
+    ``app.kubernetes.io/managed-by: Helm``): the retirement's apply is sent as a dry run, which
+    the API server refuses as it would the apply. Checked before the candidate is deployed, and
+    before a promotion moves anything."""
+    from vision_rollout.mesh import RouterError
+
+    owners = [] if deployments.build.autoscaling else deployments.replicas_owners(spec.baseline_version)
     if owners:
         raise AirflowFailException(
             f"spec.replicas of Deployment {deployments.target.namespace}/{deployments.target.service}-v"
@@ -643,6 +646,12 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
             "set the model_server_default extra build.autoscaling (the rollout then makes an HPA per version); "
             "else give the field back (kubectl apply --server-side --field-manager=model-rollout --force-conflicts)"
         )
+    try:
+        deployments.scale(spec.baseline_version, 0, dry_run=True)
+    except RouterError as exc:
+        raise AirflowFailException(
+            f"{exc}. The rollout could not retire version {spec.baseline_version} once promoted"
+        ) from None
 
 
 def baseline_size(spec: RolloutSpec, deployments: VersionDeployments) -> int:

@@ -174,8 +174,12 @@ def pushed(built: dict) -> str:
 
 
 def calls(kube: FakeKubeAPI, since: int = 0) -> list[tuple[str, str]]:
-    """The API calls since request ``since``: (verb, "<plural>/<name>")."""
-    return [(r["method"], "/".join(r["path"].split("/")[-2:])) for r in kube.requests[since:]]
+    """The API calls since request ``since``: (verb, "<plural>/<name>"); not a dry run (it writes nothing)."""
+    return [(r["method"], "/".join(r["path"].split("/")[-2:])) for r in kube.requests[since:] if not dry_run(r)]
+
+
+def dry_run(request: dict) -> bool:
+    return "dryRun" in (request.get("query") or {})
 
 
 def test_stage_weights_and_rollback_go_to_the_virtual_service(kube):
@@ -731,8 +735,8 @@ def lease(kube: FakeKubeAPI, model: str) -> dict | None:
 
 
 def changes(kube: FakeKubeAPI, since: int) -> list[dict]:
-    """Every call after ``since`` that is not a read or a refused attempt to take a lease."""
-    return [r for r in kube.requests[since:] if r["method"] != "GET" and r.get("status") != 409]
+    """Every call after ``since`` that is not a read, a dry run or a refused attempt to take a lease."""
+    return [r for r in kube.requests[since:] if r["method"] != "GET" and r.get("status") != 409 and not dry_run(r)]
 
 
 def test_a_second_run_of_a_model_is_refused_and_another_models_run_proceeds(fleet):
@@ -1527,6 +1531,35 @@ def test_a_baseline_whose_replicas_another_manager_owns_is_refused_before_it_is_
         steps.promote(PARAMS, "run-1", "promote")
     assert [w for w in changes(kube, before) if "/leases/" not in w["path"]] == []
     assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+def test_a_helm_releases_baseline_is_refused_before_anything_moves_not_at_its_retirement(kube, monkeypatch, tmp_path):
+    """Under autoscaling (spec.replicas the HPA's), a baseline Helm installed (its label
+    app.kubernetes.io/managed-by: Helm, Helm's field): the rollout went through every stage, routed
+    100% to the candidate, and its apply retiring the baseline was refused (409 on that label), the
+    promotion rolled back. The retirement's apply is now sent as a dry run before the candidate is
+    deployed (and before a promotion moves anything): refused there, naming the field and Helm."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import render_deployment
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    versions = steps.ModelServerHook().deployments("digits")
+    helm = render_deployment(versions.target, "digits", "1", image("1"), None, versions.build)
+    helm["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.objects.pop(("deployments", "models", "digits-v1"), None)  # (Helm's, not the overlay's)
+    apply_object(versions.api_client, helm, manager="helm")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException) as refused:
+        steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    said = str(refused.value)
+    assert '"helm" owns .metadata.labels.app.kubernetes.io/managed-by' in said
+    assert "a Helm release's object" in said
+    assert said.endswith("The rollout could not retire version 1 once promoted")
+    assert [w["path"] for w in changes(kube, before) if "/leases/" not in w["path"]] == []
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    assert deployment(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
 
 def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_takes_the_traffic(
