@@ -1053,9 +1053,27 @@ class VersionDeployments:
                 raise RouterError(
                     f"Deployment {self._name(version)}: {ready} of {replicas} pods ready {when} "
                     f"({updated} on its current template, {total - updated} older ones left)"
-                    + "".join(f"; {c}" for c in _stuck(status))
+                    + "".join(f"; {c}" for c in self._not_ready(version, status))
                 )
             time.sleep(every_s)
+
+    def _not_ready(self, version: str, status: Any) -> list[str]:
+        """Why the version's pods are not ready: what the Deployment's conditions say stops them
+        (``_stuck``), then what its pods' status says (``_pod_problems``: a container waiting in
+        ImagePullBackOff or CrashLoopBackOff, a pod the scheduler cannot place). Where the pods
+        cannot be read (the rollout's Role grants no pods: a 403) or say nothing, every condition
+        of the Deployment that is not met (``Available`` False too), and why the pods are not named."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        selector = f"app={self.target.service},version={version}"
+        try:
+            pods = client.CoreV1Api(self.api_client).list_namespaced_pod(self.target.namespace, label_selector=selector)
+        except (ApiException, RouterError) as exc:  # (a refusal, or no answer: ApiUnreachable)
+            why = refused(f"list pods {selector}", exc) if isinstance(exc, ApiException) else exc
+            return [*_stuck(status, every=True), f"its pods not read ({why})"]
+        problems = [p for pod in pods.items for p in _pod_problems(pod)]
+        return [*_stuck(status), *problems[:3]] if problems else _stuck(status, every=True)
 
 
 def _own_min(hpa: dict[str, Any]) -> int | None:
@@ -1105,13 +1123,40 @@ def _past_deadline(status: Any) -> bool:
     )
 
 
-def _stuck(status: Any) -> list[str]:
+def _stuck(status: Any, every: bool = False) -> list[str]:
     """What a Deployment's conditions say keeps its pods from coming up (its ReplicaSet refused
     pods: a quota, Pod Security admission; its progress deadline passed), as ``type reason:
-    message``; 3 at most, each of 300 characters."""
+    message``; 3 at most, each of 300 characters. ``every``: each condition not met besides
+    (``Available`` False: fewer pods available than it needs)."""
+    unmet = ("Progressing", "Available") if every else ("Progressing",)
     stuck = [
         c
         for c in (getattr(status, "conditions", None) or [])
-        if (c.type == "ReplicaFailure" and c.status == "True") or (c.type == "Progressing" and c.status == "False")
+        if (c.type == "ReplicaFailure" and c.status == "True") or (c.type in unmet and c.status == "False")
     ]
     return [f"{c.type} {c.reason}: {(c.message or '')[:300]}" for c in stuck[:3]]
+
+
+def _pod_problems(pod: Any) -> list[str]:
+    """What a pod's status says keeps it from being ready: the scheduler's refusal to place it
+    (PodScheduled False: Unschedulable), a container waiting for other than its start
+    (ImagePullBackOff, CrashLoopBackOff, CreateContainerConfigError), with its last exit when it
+    crashed; each ``pod NAME: ...`` of 300 characters at most."""
+    status, name = pod.status, pod.metadata.name
+    found = [
+        f"pod {name}: {c.reason}: {(c.message or '')[:300]}"
+        for c in (getattr(status, "conditions", None) or [])
+        if c.type == "PodScheduled" and c.status == "False"
+    ]
+    containers = [
+        *(getattr(status, "init_container_statuses", None) or []),
+        *(getattr(status, "container_statuses", None) or []),
+    ]
+    for c in containers:
+        waiting = c.state.waiting if c.state is not None else None
+        if waiting is None or waiting.reason in (None, "ContainerCreating", "PodInitializing"):
+            continue
+        last = c.last_state.terminated if c.last_state is not None else None
+        exited = f" (last exit {last.exit_code}: {last.reason})" if last is not None else ""
+        found.append(f"pod {name}: container {c.name} {waiting.reason}: {(waiting.message or '')[:300]}{exited}")
+    return found

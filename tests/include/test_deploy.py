@@ -588,3 +588,81 @@ def test_a_helm_releases_deployment_is_refused_naming_each_field_and_its_manager
     assert (live["metadata"]["labels"]["app.kubernetes.io/managed-by"], live["spec"]["replicas"]) == ("Helm", 2)
     w = [w for w in api.writes() if w["path"].endswith("/deployments/digits-v1")][-1]
     assert "force" not in w["query"]
+
+
+def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_read(kube_api):
+    """A candidate whose pods never became ready (an image that cannot be pulled) within the wait,
+    before the progress deadline: wait_ready said "0 of 1 pods ready after 600 s" and no more, the
+    Deployment's conditions it read (Available False) left out and the pods never looked at. It
+    names what the pods say where it may list them, and where the rollout's Role grants no pods
+    (a 403) every condition of the Deployment not met, and that its pods could not be read."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+    unavailable = {
+        "type": "Available",
+        "status": "False",
+        "reason": "MinimumReplicasUnavailable",
+        "message": "Deployment does not have minimum availability.",
+    }
+    progressing = {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "message": "progressing"}
+    api.touch(
+        "deployments",
+        "models",
+        "digits-v2",
+        lambda d: d["status"].update(readyReplicas=0, availableReplicas=0, conditions=[progressing, unavailable]),
+    )
+    pulling = 'Back-off pulling image "img:2": not found'
+    api.objects[("pods", "models", "digits-v2-7d4f8b9c6-abcde")] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "digits-v2-7d4f8b9c6-abcde",
+            "namespace": "models",
+            "labels": {"app": "digits", "version": "2"},
+            "resourceVersion": "1",
+        },
+        "spec": {"containers": [{"name": "model-server", "image": "img:2"}]},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "model-server",
+                    "image": "img:2",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": pulling}},
+                }
+            ],
+        },
+    }
+    with pytest.raises(RouterError) as failed:
+        versions.wait_ready("2", 1, timeout_s=0)
+    assert str(failed.value).endswith(
+        f"; pod digits-v2-7d4f8b9c6-abcde: container model-server ImagePullBackOff: {pulling}"
+    )
+    listed = api.list
+
+    def forbidden(plural, *args, **kwargs):
+        if plural == "pods":
+            raise APIError(
+                403,
+                "Forbidden",
+                'pods is forbidden: User "system:serviceaccount:airflow:airflow-worker" '
+                'cannot list resource "pods" in API group "" in the namespace "models"',
+            )
+        return listed(plural, *args, **kwargs)
+
+    api.list = forbidden
+    with pytest.raises(RouterError) as failed:
+        versions.wait_ready("2", 1, timeout_s=0)
+    said = str(failed.value)
+    assert "0 of 1 pods ready after 0 s" in said
+    assert "; Available MinimumReplicasUnavailable: Deployment does not have minimum availability.; " in said
+    assert "its pods not read (list pods app=digits,version=2: 403 Forbidden: pods is forbidden" in said
