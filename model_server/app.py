@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -655,8 +656,11 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         (no region can be: registering one is not supported)."""
         region = request.path_params.get("region")
         if region is not None:
+            # Routed on the path as sent (InferFastPath): decoded, the name is the one the client
+            # registered (tritonclient quotes it); as long as the request line's limit allows.
+            name = unquote(region)
             memory = "cuda" if request.url.path.startswith("/v2/cuda") else "system"
-            raise ModelNotFound(f"Unable to find {memory} shared memory region: '{shown(region)}'")
+            raise ModelNotFound(f"Unable to find {memory} shared memory region: '{shown(name)}'")
         return JSONResponse([])
 
     @endpoint("/v2/{memory}sharedmemory/{action}")

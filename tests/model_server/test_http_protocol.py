@@ -945,6 +945,27 @@ def test_shared_memory_trace_and_logging_are_answered_as_triton_answers_a_featur
         assert err.value.status() == "501"
 
 
+def test_a_shared_memory_region_s_percent_encoded_name_is_named_as_the_client_registered_it(server):
+    """tritonclient quotes a region's name into the path: the 404 named 'my%20region', not the
+    region the client asked about; a '/' sent as %2F is a region's name too, not a path."""
+    c = server.client()
+    for memory, status in (("system", c.get_system_shared_memory_status), ("cuda", c.get_cuda_shared_memory_status)):
+        with pytest.raises(InferenceServerException) as err:
+            status("my region ü")
+        assert err.value.status() == "404"
+        assert err.value.message() == f"Unable to find {memory} shared memory region: 'my region ü'"
+        answer = requests.get(f"{server.http}/v2/{memory}sharedmemory/region/a%2Fb%25c/status", timeout=30)
+        assert (answer.status_code, answer.json()) == (
+            404,
+            {"error": f"Unable to find {memory} shared memory region: 'a/b%c'"},
+        )
+        long = requests.get(f"{server.http}/v2/{memory}sharedmemory/region/{'%41' * 5000}/status", timeout=30)
+        assert long.json()["error"].endswith(f"'{'A' * 64}...'")  # (as any name a message shows)
+    with pytest.raises(InferenceServerException, match="shared memory is not supported") as err:
+        c.unregister_system_shared_memory("my region ü")
+    assert err.value.status() == "501"
+
+
 def test_a_tensor_in_a_shared_memory_region_is_refused_not_answered_in_the_body(server, digit_images):
     """No region can be registered: an output asked into one was answered in the body, where
     tritonclient does not read it (as_numpy gave None), and an input in one was refused as
