@@ -26,7 +26,9 @@ code on both ways (app.py). A body not complete within the request timeout is an
 the handler, as on the ASGI way, and the connection closed; one whose client disconnects first
 is the handler's too (a 400 counted, nothing written), as the ASGI way's handler counts it. A
 client that disconnects while its handler waits (its request queued for a batch, say) cancels
-the handler's task, as the ASGI way's handler is cancelled: nothing is written.
+the handler's task, as the ASGI way's handler is cancelled: nothing is written; so does one that
+pipelined requests behind it (a pause holds what arrives, up to ``MAX_HELD_BYTES``, rather than
+stop reading, which would not hear the client go).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any, NamedTuple
 
 import httptools
 from uvicorn.middleware.proxy_headers import _TrustedHosts
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from model_server.config import ascii_uint
@@ -54,6 +57,9 @@ HEADER_TIMEOUT_S = 30.0
 # A chunked body's framing (chunk sizes, extensions, line ends): at most this beyond 1/16 of
 # its bytes (chunks of 100 bytes and up pass whatever the length).
 MAX_CHUNK_FRAMING = 64 * 1024
+# Bytes read and held unparsed while parsing is paused (a request pipelined behind one in
+# flight, a body its handler has not taken yet); past them the connection is not read.
+MAX_HELD_BYTES = 64 * 1024
 
 
 class Answer(NamedTuple):
@@ -137,6 +143,26 @@ class Resume:
                     return stop.value
 
 
+class HoldingFlow(FlowControl):
+    """uvicorn's flow control, but a pause stops the parsing, not the reading: the protocol
+    holds what arrives unparsed (``MAX_HELD_BYTES``, then the transport is paused too), so a
+    client that disconnects while its request waits is still heard (a paused transport reads
+    nothing, its end of file neither), and a request in flight is cancelled as it is without
+    one pipelined behind it."""
+
+    def __init__(self, transport: asyncio.Transport, resume: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._resume = resume
+
+    def pause_reading(self) -> None:
+        self.read_paused = True
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self._resume()
+
+
 class EarlyAnswerCycle(RequestResponseCycle):
     """uvicorn's request cycle, but an answer that starts before the request's body was read
     whole (a 400, 408 or 413 from its headers or its first bytes) closes the connection: uvicorn
@@ -178,12 +204,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._broken: RequestResponseCycle | None = None
         # A chunked body being read: the bytes read for it and its own bytes (None: none is).
         self._chunked: list[int] | None = None
+        # The request whose handler runs: uvicorn's ``cycle`` is the last request parsed, which
+        # may be one pipelined behind it.
+        self._running: RequestResponseCycle | DirectCycle | None = None
+        # What arrived while parsing was paused (HoldingFlow), in order (None: nothing held).
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+        self._release_pending = False
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = HoldingFlow(transport, self._release_soon)
         # uvicorn arms its keep-alive timer after an answer: one that never sends a byte is held too.
         self._idle()
 
@@ -195,6 +229,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
+            return
+        if self._held is not None or self.flow.read_paused:
+            self._hold(data)
             return
         if self._upgrade_body is not None:  # (set in the read the parser stopped in)
             self._upgrade_body_received(data)
@@ -217,6 +254,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # the keep-alive timer it stopped runs again.
         if not self._in_headers and not self.pipeline and (current is None or current.response_complete):
             self._idle()
+
+    def _hold(self, data: bytes) -> None:
+        """Keep what arrived while parsing is paused, for when it resumes."""
+        if self._held is None:
+            self._held = []
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > MAX_HELD_BYTES:
+            self.transport.pause_reading()
+
+    def _release_soon(self) -> None:
+        """Parsing resumed: what was held is parsed on the loop's next turn (not inside the
+        callback that resumed it, which may be the parser's own)."""
+        if self._held is not None and not self._release_pending:
+            self._release_pending = True
+            self.loop.call_soon(self._release)
+
+    def _release(self) -> None:
+        self._release_pending = False
+        if self._held is None or self.flow.read_paused or self.transport.is_closing():
+            return  # (paused again before this turn: the next resume releases it)
+        data, self._held, self._held_bytes = b"".join(self._held), None, 0
+        self.transport.resume_reading()
+        self.data_received(data)
 
     def _parse(self, data: bytes) -> None:
         was_in_headers = self._in_headers
@@ -328,6 +389,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         cycle.__class__ = EarlyAnswerCycle  # (before its task runs: its send is the one it calls)
+        self._running = cycle
         super()._start_asgi_task(cycle, app)
 
     def _upgrade_body_received(self, data: bytes) -> None:
@@ -406,6 +468,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _start_direct(self, cycle: DirectCycle, body: bytes | NoBody) -> None:
         """Run the handler here until it waits; then a task carries it on."""
         cycle.started = True
+        self._running = cycle
         if cycle.timer is not None:
             cycle.timer.cancel()
             cycle.timer = None
@@ -481,18 +544,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_header_phase()
         self._unset_keepalive_if_required()  # (uvicorn's only when the client closed cleanly)
-        cycle = self.cycle
+        self._held = None
+        running, cycle = self._running, self.cycle
+        if running is not None and running is not cycle and not running.response_complete:
+            # In flight with a request parsed behind it, which uvicorn's cycle names (and tells
+            # alone): told as it would be without one; those behind it never start.
+            self._gone(running)
         if isinstance(cycle, DirectCycle) and not cycle.response_complete:
-            if cycle.timer is not None:
-                cycle.timer.cancel()
-            cycle.disconnected = True  # (nothing is written)
-            if not cycle.started:  # gone mid-body: the handler answers it, as the ASGI way's does
-                self._start_direct(cycle, NoBody.DISCONNECTED)
-            elif cycle.task is not None:  # gone while it waits (in the batcher's queue, say): given up
-                # Once the task took its first step (scheduled when it was made): cancelled before
-                # that, it would end without the handler, left waiting, ever hearing of it.
-                self.loop.call_soon(cycle.task.cancel)
+            self._gone(cycle)
         super().connection_lost(exc)
+
+    def _gone(self, cycle: RequestResponseCycle | DirectCycle) -> None:
+        """Its client disconnected before its answer."""
+        if not isinstance(cycle, DirectCycle):  # as uvicorn tells its cycle (its watch cancels it: app.py)
+            cycle.disconnected = True
+            cycle.message_event.set()
+            return
+        if cycle.timer is not None:
+            cycle.timer.cancel()
+        cycle.disconnected = True  # (nothing is written)
+        if not cycle.started:  # gone mid-body: the handler answers it, as the ASGI way's does
+            self._start_direct(cycle, NoBody.DISCONNECTED)
+        elif cycle.task is not None:  # gone while it waits (in the batcher's queue, say): given up
+            # Once the task took its first step (scheduled when it was made): cancelled before
+            # that, it would end without the handler, left waiting, ever hearing of it.
+            self.loop.call_soon(cycle.task.cancel)
 
     def _end_header_phase(self) -> None:
         self._in_headers = False

@@ -937,17 +937,26 @@ def test_concurrent_clients_are_batched_and_a_bad_request_fails_alone(server_fac
     client.close()
 
 
-def infer_request(port: int, body: bytes, json_length: int, coding: str | None) -> socket.socket:
+def infer_request(port: int, body: bytes, json_length: int, coding: str | None, pipelined: int = 0) -> socket.socket:
     """A raw inference request, sent and not read; its body deflated when ``coding`` (the
-    server reads such a body the ASGI way, an identity one in its HTTP protocol)."""
+    server reads such a body the ASGI way, an identity one in its HTTP protocol); with
+    ``pipelined`` that many more requests behind it on the connection, in the same write."""
     headers = f"Inference-Header-Content-Length: {json_length}\r\n"
     if coding is not None:
         body = zlib.compress(body)
         headers += f"Content-Encoding: {coding}\r\n"
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
-    sock.sendall(head.encode() + body)
+    sock.sendall((head.encode() + body) * (1 + pipelined))
     return sock
+
+
+def one_digit(png: bytes) -> tuple[bytes, int]:
+    """An inference request's body for one image (binary), and the length of its JSON part."""
+    blob = struct.pack("<I", len(png)) + png
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}]
+    head = json.dumps({"inputs": inputs}).encode()
+    return head + blob, len(head)
 
 
 def answer(sock: socket.socket) -> tuple[int, str]:
@@ -973,28 +982,19 @@ def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counte
         f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
     )
     assert fault.status_code == 200  # each execution holds the one instance 1.5 s
-    png = digit_images[0][0]
-    blob = struct.pack("<I", len(png)) + png
-    head = json.dumps(
-        {
-            "inputs": [
-                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
-            ]
-        }
-    ).encode()
-    body = head + blob
+    body, json_length = one_digit(digit_images[0][0])
 
-    running = infer_request(server.port, body, len(head), None)
+    running = infer_request(server.port, body, json_length, None)
     time.sleep(0.3)  # (it runs before the next arrives)
-    gone = infer_request(server.port, body, len(head), coding)
+    gone = infer_request(server.port, body, json_length, coding)
     time.sleep(0.3)
-    status, text = answer(infer_request(server.port, body, len(head), None))
+    status, text = answer(infer_request(server.port, body, json_length, None))
     assert (status, "exceeds maximum queue size (1)" in text) == (503, True), text  # one of the two queued
     gone.close()  # its client gives up
 
     # Its place is free: the next request queues (refused only while the first still queues).
     for _ in range(100):
-        status, text = answer(infer_request(server.port, body, len(head), None))
+        status, text = answer(infer_request(server.port, body, json_length, None))
         if status != 503:
             break
         time.sleep(0.1)
@@ -1013,6 +1013,49 @@ def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counte
     (stats,) = requests.get(f"{server.http}/v2/models/digits/stats", timeout=30).json()["model_stats"]
     assert stats["inference_stats"]["success"]["count"] == 2  # the two answered, not the one given up
     assert stats["inference_count"] == 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("coding", [None, "deflate"])
+def test_a_client_that_pipelined_and_disconnects_while_queued_is_taken_out_of_the_queue(
+    server_factory, repo_copy, digit_images, coding
+):
+    """A request with another pipelined behind it on its connection: the server stopped reading
+    the connection at the second (uvicorn pauses it), so it never saw the client go, and the
+    second took the first's place as the request the disconnect would cancel: the first ran
+    for no one and was counted a success. It leaves the queue now (CANCELED, 499), the one
+    behind it never runs, and the requests of other clients are served as before."""
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    config.update(max_batch_size=1, dynamic_batching={})  # one instance, one request at a time
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
+    )
+    assert fault.status_code == 200  # each execution holds the one instance 1.5 s
+    body, json_length = one_digit(digit_images[0][0])
+
+    running = infer_request(server.port, body, json_length, None)
+    time.sleep(0.3)  # (it runs before the next arrives)
+    gone = infer_request(server.port, body, json_length, coding, pipelined=1)
+    time.sleep(0.3)  # (queued behind the one running, the second read and waiting behind it)
+    gone.close()
+
+    def canceled() -> float | None:
+        return server.metric("nv_inference_request_failure", model="digits", version="1", reason="CANCELED")
+
+    for _ in range(100):
+        if canceled():
+            break
+        time.sleep(0.1)
+    assert canceled() == 1
+    assert answer(running)[0] == 200
+    # Queued behind where the one given up was: had it run, it would have ended first.
+    assert answer(infer_request(server.port, body, json_length, None))[0] == 200
+    (stats,) = requests.get(f"{server.http}/v2/models/digits/stats", timeout=30).json()["model_stats"]
+    assert stats["inference_stats"]["success"]["count"] == 2  # the two answered, neither pipelined one
+    assert stats["execution_count"] == 2
+    assert server.metric("model_server_http_requests_total", route="/v2/models/{model}/infer", code="499") == 1
 
 
 @pytest.mark.integration
