@@ -209,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--request-timeout",
         type=float,
         default=30.0,
-        help="seconds to receive the headers, and then the body",
+        help="seconds to receive the headers, and then the body; and for a client to read 64 KiB of its answers",
     )
     p.add_argument(
         "--exit-on-error",

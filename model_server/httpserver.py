@@ -7,7 +7,9 @@ the shadow path. Here the request line and headers together are limited to
 ``MAX_HEADER_BYTES`` (Envoy's ``max_request_headers_kb`` default, 60 KiB), their number to
 ``MAX_HEADERS`` (Envoy's ``max_headers_count``, 100), and the time to send them to
 ``HEADER_TIMEOUT_S`` (a client trickling one header byte a minute would otherwise hold its
-connection forever: the keep-alive timer stops at the first byte). Over a limit the client gets
+connection forever: the keep-alive timer stops at the first byte); a client that leaves its
+answers unread must read 64 KiB of them within that time, again and again, once more than
+64 KiB wait to be sent, or the connection is closed. Over a limit the client gets
 431 or 408 with the reason, as JSON like every other error, once the answers to the requests
 pipelined before it are written, and the connection is closed; nothing reaches the application.
 A chunked body's framing (chunk sizes, extensions, line ends) is bounded alike (400): llhttp
@@ -211,6 +213,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._held: list[bytes] | None = None
         self._held_bytes = 0
         self._release_pending = False
+        # While the answers written wait over the transport's high-water mark: the timer, and
+        # the bytes waiting when it was armed.
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -525,6 +531,35 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             log.exception("after the answer to POST %s", cycle.match.string)
         self.on_response_complete()
 
+    def pause_writing(self) -> None:
+        """The client leaves answers unread: it must read 64 KiB of them (or all) within the
+        request timeout, again and again, or the connection is closed. A client that never
+        read held the connection, the answer's bytes and (on the ASGI way) its task forever."""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(self.header_timeout_s, self._written_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _written_too_slow(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent <= self._unsent - MAX_HELD_BYTES:  # read on, if slowly: another round
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(self.header_timeout_s, self._written_too_slow)
+            return
+        self.logger.warning(
+            "closed a connection: its client did not read its answer within %g s (%d bytes unsent)",
+            self.header_timeout_s,
+            unsent,
+        )
+        self.transport.abort()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()  # (reading resumes)
         if self._refusal is not None and not self._answers_pending() and not self.transport.is_closing():
@@ -545,6 +580,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._end_header_phase()
         self._unset_keepalive_if_required()  # (uvicorn's only when the client closed cleanly)
         self._held = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         running, cycle = self._running, self.cycle
         if running is not None and running is not cycle and not running.response_complete:
             # In flight with a request parsed behind it, which uvicorn's cycle names (and tells

@@ -8,6 +8,7 @@ import re
 import socket
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -550,6 +551,73 @@ def test_headers_trickled_in_time_out_with_408(server_factory, repo_copy):
         status, body = response.status, response.read().decode()
     assert status == 408
     assert "request headers not complete within 1 s" in json.loads(body)["error"]
+
+
+def write_tile_model(repository: Path, repeats: int) -> None:
+    """A model ``tile``: INT32 ``x`` [batch, 16] to ``y`` [batch, 16 * repeats], its rows repeated."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from scripts.build_models import IR_VERSION, OPSET
+
+    times = helper.make_tensor("times", TensorProto.INT64, [2], [1, repeats])
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "times"], ["y"])],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.INT32, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 16 * repeats])],
+        [times],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tests")
+    model.ir_version = IR_VERSION
+    (repository / "tile" / "1").mkdir(parents=True)
+    onnx.save(model, repository / "tile" / "1" / "model.onnx")
+    config = {
+        "name": "tile",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "INT32", "dims": [-1, 16]}],
+        "output": [{"name": "y", "datatype": "INT32", "dims": [-1, 16 * repeats]}],
+    }
+    (repository / "tile" / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("coding", [None, "identity"])  # the protocol's own way, the ASGI way
+def test_an_answer_its_client_does_not_read_closes_the_connection_after_the_request_timeout(
+    server_factory, repo_copy, coding
+):
+    """A client that sent a request and never read its answer held the connection, the answer's
+    bytes, and on the ASGI way the request's task, forever: nothing bounded writing. An answer
+    that does not drain within --request-timeout (64 KiB of it at least each time) is given up
+    and the connection closed."""
+    write_tile_model(repo_copy, 2**18)  # an answer of 16 MiB: more than the kernel's buffers take
+    s = server_factory(repo_copy, "--request-timeout", "1")
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    extra = "" if coding is None else f"Content-Encoding: {coding}\r\n"
+    head = f"POST /v2/models/tile/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(head.encode() + body)
+        for _ in range(300):  # (not read meanwhile)
+            if "did not read its answer within 1 s" in s.log.read_text():
+                break
+            time.sleep(0.1)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert received < 16 * 2**20  # cut off: the rest was not sent
+    assert "did not read its answer within 1 s" in s.log.read_text()
+    assert requests.get(f"{s.http}/v2/health/ready", timeout=30).status_code == 200
 
 
 def test_headers_under_the_limit_sent_in_three_writes_are_served(server, digit_images):
