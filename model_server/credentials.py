@@ -116,6 +116,13 @@ _ISSUED = re.compile(
     r"|eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}"
     r")"
 )
+# An HTTP Digest authorization's response (RFC 7616: the hash of the password, the nonce and the
+# request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
+# written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest).
+_DIGEST_PARAM = re.compile(
+    rf"(?<![A-Za-z0-9_-])(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
+    r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
+)
 _SLACK_WEBHOOK = re.compile(
     rf"hooks\.slack\.com/(?:services|workflows|triggers)/{NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"
 )
@@ -131,6 +138,7 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     _ISSUED,
     _SLACK_WEBHOOK,
     _BEARER,
+    _DIGEST_PARAM,
     _WHOLE_HEADER,
     _SECRET_KEYED,
     _SECRET_SPACED,
@@ -138,7 +146,7 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 # Words one of these holds, in lower case (``may_hold``): without them no pattern matches.
 HINTS = (
-    "pass", "pwd", "secret", "token", "key", "credential", "auth", "sig", "cookie",
+    "pass", "pwd", "secret", "token", "key", "credential", "auth", "sig", "cookie", "cnonce", "response",
     "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
     "ghs_", "ghr_", "github_pat_", "glpat",
     "aiza", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",

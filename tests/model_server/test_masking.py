@@ -929,6 +929,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "Secret sh.helm.release.v1.resnet50.v3 not found",
     "feedback needs the 'token' its inference response carried",
     "secret key rotation is due, the private key is missing",
+    "response=200 in 12 ms, response time 3.2 ms, nonce reused",  # (a digest's response is its hash)
 ]
 
 
@@ -994,6 +995,7 @@ SECRET_GROWING = {
     "a private key's body without end": ("-----BEGIN PRIVATE KEY-----\n", "QUJD\n"),
     "prefixed keys": ("", "a_b_c_d_"),
     "a bearer token without end": ("Bearer A", "a"),
+    "digest parameters": ("", 'response="0123456789abcdef cnonce='),
 }
 
 
@@ -1066,3 +1068,27 @@ def test_a_log_line_holding_a_lone_surrogate_is_masked_not_raised(keys):
     assert "hunter2" not in record.getMessage()
     assert record.getMessage().startswith("refused password=tok_")
     assert reveal(TOKEN_RE.search(record.getMessage()).group(0), ring) == "\ud800hunter2"
+
+
+DIGEST_RESPONSE, DIGEST_CNONCE = "6629fae49393a05397450978507c4ef1", "0a4f113b9c2d"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Authorization: Digest username="bob", realm="models", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", '
+        f'uri="/v2", qop=auth, nc=00000001, cnonce="{DIGEST_CNONCE}", response="{DIGEST_RESPONSE}"',
+        f"digest auth refused: Digest username=bob, response={DIGEST_RESPONSE}, cnonce={DIGEST_CNONCE}",
+    ],
+)
+def test_a_digest_authorizations_response_and_cnonce_are_masked(keys, text):
+    """An HTTP Digest authorization's response (the hash of the password, which a dictionary
+    attack reverses) and its cnonce reached the log and the Slack reports: only the word after
+    "Digest" was masked in a header, nothing in free text."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    for value in (DIGEST_RESPONSE, DIGEST_CNONCE):
+        assert value not in masked
+        assert value not in scrub(text)
+    assert {reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)} >= {DIGEST_RESPONSE, DIGEST_CNONCE}
+    assert "username=bob" in masked or "nc=00000001" in masked  # the other parameters stay
