@@ -105,14 +105,18 @@ _URL_USERINFO = re.compile(
     rf"://(?P<u>[^\s/?#@:\"'<>]{{0,128}}{_AT_PIECES}(?::{NOT_MASKED}(?P<v>[^\s?#@\"'<>]{{1,256}}{_AT_PIECES}))?)@"
 )
 # Shapes their issuers give them (gitleaks' rules): AWS access key ids, Slack, GitHub, GitLab,
-# Google, Stripe, npm and PyPI tokens, Slack webhook paths, JWTs, private key blocks.
+# Google (API keys, OAuth access tokens "ya29.", Cloud Storage HMAC access ids "GOOG1"), Stripe,
+# npm and PyPI tokens, Slack webhook paths, JWEs (RFC 7516's compact form: five parts, its
+# encrypted key empty under "dir") and JWTs, private key blocks.
 _ISSUED = re.compile(
     r"(?<![A-Za-z0-9_-])(?:"
     r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
     r"|xox[a-z]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
     r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
-    r"|AIza[0-9A-Za-z_-]{35}|[sr]k_(?:live|test)_[0-9A-Za-z]{10,255}|npm_[A-Za-z0-9]{36}"
+    r"|AIza[0-9A-Za-z_-]{35}|ya29\.[0-9A-Za-z_-][0-9A-Za-z._-]{19,2047}|GOOG1[A-Z0-9]{20,100}(?![A-Za-z0-9])"
+    r"|[sr]k_(?:live|test)_[0-9A-Za-z]{10,255}|npm_[A-Za-z0-9]{36}"
     r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,1000}"
+    r"|eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}\.[A-Za-z0-9_-]{1,4096}\.[A-Za-z0-9_-]{1,65536}\.[A-Za-z0-9_-]{1,4096}"
     r"|eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,4096}\.[A-Za-z0-9_-]{0,4096}"
     r")"
 )
@@ -149,7 +153,7 @@ HINTS = (
     "pass", "pwd", "secret", "token", "key", "credential", "auth", "sig", "cookie", "cnonce", "response",
     "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
     "ghs_", "ghr_", "github_pat_", "glpat",
-    "aiza", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",
+    "aiza", "ya29.", "goog1", "k_live_", "k_test_", "npm_", "pypi-", "eyj", "hooks.slack.com", "private key",
 )  # fmt: skip
 
 

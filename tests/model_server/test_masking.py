@@ -930,6 +930,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "feedback needs the 'token' its inference response carried",
     "secret key rotation is due, the private key is missing",
     "response=200 in 12 ms, response time 3.2 ms, nonce reused",  # (a digest's response is its hash)
+    "ya29. alone, GOOG1 a prefix, ya29.short",
 ]
 
 
@@ -996,6 +997,8 @@ SECRET_GROWING = {
     "prefixed keys": ("", "a_b_c_d_"),
     "a bearer token without end": ("Bearer A", "a"),
     "digest parameters": ("", 'response="0123456789abcdef cnonce='),
+    "jwe parts": ("", "eyJaaaaa."),
+    "google token prefixes": ("", "ya29.GOOG1"),
 }
 
 

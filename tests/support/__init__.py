@@ -280,6 +280,12 @@ JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
     ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
+JWE = (  # RFC 7516's compact form: header, encrypted key, IV, ciphertext, tag
+    "eyJhbGciOiJSU0EtT0FFUCIsImVuYyI6IkEyNTZHQ00ifQ.OKOawDo13gRp2ojaHV7LFpZcgV7T6DVZKTyKOMTYUmKoTCVJRgckCL9kiMT03JGe"
+    ".48V1_ALb6US04U3b.5eym8TW_c8SuK0ltJ3rpYIzOeDQz7TALvtu6UG9oMo4vpzs9tX_EFShS8iB7j6jiSdiwkIr3ajwQzaBtQD_A"
+    ".XFBoMYUZodetZdvTiFvSkQ"
+)
+JWE_DIR = "eyJhbGciOiJkaXIiLCJlbmMiOiJBMTI4R0NNIn0..GdYbHs7EbSQaGw1p.vbF3BHCl5g0DRz0q.Jtb_ScAwmGwq9zEDXa3UnA"
 CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "Authorization: Bearer abcDEF123456ghiJKL": "abcDEF123456ghiJKL",
     "headers={'Authorization': 'Basic dXNlcjpwYXNz'}": "dXNlcjpwYXNz",
@@ -356,6 +362,16 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "GET https://maps.example.com/api?key=abc123def456&q=x": "abc123def456",
     "GET http://cb.example/hook?auth=Zm9vYmFy9 sent": "Zm9vYmFy9",
     "refresh xoxe-1-My0xLTEyMzQ1Njc4OTAxMi0xMjM0 failed": "xoxe-1-My0xLTEyMzQ1Njc4OTAxMi0xMjM0",
+    # a JWE (five parts; its encrypted key empty under "dir"), a Google OAuth access token and a
+    # Cloud Storage HMAC access id, in free text
+    f"decrypt {JWE} failed": JWE,
+    f"claims {JWE_DIR} rejected": JWE_DIR,
+    "gcs call with ya29.a0AfB_byC3x9Lq-T2vWm8KpZr4sNdE7hJ1uYiOg6fQ expired": (
+        "ya29.a0AfB_byC3x9Lq-T2vWm8KpZr4sNdE7hJ1uYiOg6fQ"
+    ),
+    "hmac id GOOG1EJRUINPZ2TFDDJJ5HCVS5RM4DSY5C2W6JP6ZXTBJJJPH4UAIDCCJAUBO denied": (
+        "GOOG1EJRUINPZ2TFDDJJ5HCVS5RM4DSY5C2W6JP6ZXTBJJJPH4UAIDCCJAUBO"
+    ),
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
