@@ -28,7 +28,8 @@ _CRED_WORDS = (
     r"|amz-signature"
 )
 _SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
-SECRET_KEY = re.compile(rf"{_SECRET_NAME}|(?i:(?:set-)?cookie)")  # a whole field name
+_COOKIE = r"(?i:(?:set-)?cookie)"
+SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
@@ -87,8 +88,14 @@ _QUERY_SECRET = re.compile(
 # SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
 # (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``).
 _WHOLE_HEADER = re.compile(
-    rf"(?<![A-Za-z0-9-])(?i:(?:set-)?cookie|(?:proxy-)?authorization)[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}"
+    rf"(?<![A-Za-z0-9-])(?:{_COOKIE}|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}"
     rf"{_NO_MASKED_AFTER}(?!{_SCHEME})(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+)
+# "cookie" then spaces and a pair ("cookie session=abc123", as free text writes it, no ":"): its
+# pairs apart by ";", to the first space after them (the prose after it stays).
+_COOKIE_SPACED = re.compile(
+    rf"(?<![A-Za-z0-9-]){_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?=[!#$%&*+.^_`|~0-9A-Za-z-]{{1,64}}=)"
+    r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
@@ -144,6 +151,7 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     _BEARER,
     _DIGEST_PARAM,
     _WHOLE_HEADER,
+    _COOKIE_SPACED,
     _SECRET_KEYED,
     _SECRET_SPACED,
     _QUERY_SECRET,

@@ -931,6 +931,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "secret key rotation is due, the private key is missing",
     "response=200 in 12 ms, response time 3.2 ms, nonce reused",  # (a digest's response is its hash)
     "ya29. alone, GOOG1 a prefix, ya29.short",
+    "cookie consent banner shown, cookies: 3, cookie jar empty",
 ]
 
 
@@ -999,6 +1000,8 @@ SECRET_GROWING = {
     "digest parameters": ("", 'response="0123456789abcdef cnonce='),
     "jwe parts": ("", "eyJaaaaa."),
     "google token prefixes": ("", "ya29.GOOG1"),
+    "spaced cookie pairs": ("cookie ", "a=b;"),
+    "spaced cookie words": ("", "cookie a="),
 }
 
 

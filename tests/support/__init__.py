@@ -320,6 +320,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     # a cookie header's value: all its pairs, to the end of the line
     "Cookie: session=abc123; theme=dark\nHost: x": "session=abc123; theme=dark",
     "set-cookie: sid=Zx9y8W7v; Path=/; HttpOnly\r\n": "sid=Zx9y8W7v; Path=/; HttpOnly",
+    # and written without a colon, as free text does
+    "rejected cookie session=abc123 for user 7": "session=abc123",
+    "Cookie session=Zx9y8W7v; theme=dark expired": "session=Zx9y8W7v; theme=dark",
     # a key then its value after spaces, no ":" or "=" (a value that is no lower-case word)
     "login with password hunter2 refused": "hunter2",
     "the password is Tr0ub4dor&3": "Tr0ub4dor",
