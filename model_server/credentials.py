@@ -141,11 +141,22 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
     rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,8}}{NOT_MASKED}(?![\s\\])"
     r"(?P<v>(?:(?!-----END)[A-Za-z0-9+/=\s\\:,.-]){1,16384})"
 )
+# A private key's body line logged alone (a key logged one line per record: its BEGIN line in one
+# record, each body line in its own, which ``_PRIVATE_KEY`` never sees together): RFC 7468's full
+# line, exactly 64 base64 characters, holding a capital, a small letter and a digit (a hex digest,
+# an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
+# hyphenated name, a base64url id). Its last, shorter line is not told from other short text.
+B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
+_PEM_BODY_LINE = re.compile(
+    r"(?<![A-Za-z0-9+/=_.-])(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
+    rf"{B64_LINE}(?![A-Za-z0-9+/=_.-])"
+)
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.
 PATTERNS: tuple[re.Pattern[str], ...] = (
     _URL_USERINFO,
     _PRIVATE_KEY,
+    _PEM_BODY_LINE,
     _ISSUED,
     _SLACK_WEBHOOK,
     _BEARER,
@@ -156,7 +167,8 @@ PATTERNS: tuple[re.Pattern[str], ...] = (
     _SECRET_SPACED,
     _QUERY_SECRET,
 )
-# Words one of these holds, in lower case (``may_hold``): without them no pattern matches.
+# Words one of these holds, in lower case (``may_hold``): without them (or a private key's body
+# line) no pattern matches.
 HINTS = (
     "pass", "pwd", "secret", "token", "key", "credential", "auth", "sig", "cookie", "cnonce", "response",
     "bearer", "basic", "akia", "asia", "abia", "acca", "a3t", "xox", "xapp", "ghp_", "gho_", "ghu_",
@@ -165,17 +177,17 @@ HINTS = (
 )  # fmt: skip
 
 
-def may_hold(low: str) -> bool:
-    """Whether text (``low``: in lower case) may hold a credential: an "@" (a URL's user
-    information) or a word of ``HINTS``. ``in`` runs in C, a case-insensitive alternation in
-    Python's re at every position."""
-    return "@" in low or any(h in low for h in HINTS)
+def may_hold(text: str, low: str) -> bool:
+    """Whether ``text`` (``low``: it in lower case) may hold a credential: an "@" (a URL's user
+    information), a word of ``HINTS`` or a private key's body line. ``in`` runs in C, a
+    case-insensitive alternation in Python's re at every position."""
+    return "@" in low or any(h in low for h in HINTS) or _PEM_BODY_LINE.search(text) is not None
 
 
 def spans(text: str, userinfo: bool = False) -> list[Span]:
     """Where the credentials in ``text`` are, in order, overlapping ones merged; with
     ``userinfo``, a URL's whole user information (its user too) rather than its password."""
-    if not may_hold(text.lower()):
+    if not may_hold(text, text.lower()):
         return []
     found = []
     for pattern in PATTERNS:

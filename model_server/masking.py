@@ -259,12 +259,11 @@ DETECTORS: tuple[Detector, ...] = (
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
 # phone), nine digits at most three separators apart (IDs, phones, cards, SSNs; three in a NANP
 # number's "(555)  123-4567"; a tab reads as a space) or a key that names its value; "%", "\\"
-# and "&" start an escape that may decode to one of them; "at" spelt for an e-mail. Text with none of these, all ASCII,
+# and "&" start an escape that may decode to one of them; "at" spelt for an e-mail; a run of 64
+# base64 characters (a private key's body line). Text with none of these, all ASCII,
 # comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
 _SHAPES = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"
-SUSPECT = (
-    rf"{_SHAPES}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
-)
+SUSPECT = rf"{_SHAPES}|{credentials.B64_LINE}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
 _SHAPES_RE = re.compile(_SHAPES)
 
 
@@ -295,7 +294,7 @@ def _hints(text: str) -> tuple[bool, bool, bool]:
         or "licen" in low
     )
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
-    secret = credentials.may_hold(low)
+    secret = credentials.may_hold(text, low)
     return key, spelt, secret
 
 

@@ -1002,6 +1002,9 @@ SECRET_GROWING = {
     "google token prefixes": ("", "ya29.GOOG1"),
     "spaced cookie pairs": ("cookie ", "a=b;"),
     "spaced cookie words": ("", "cookie a="),
+    "base64 runs": ("", "Ab1+"),
+    "base64 lines": ("", "Ab1/" * 16 + " "),
+    "base64 lines glued by dots": ("", "Ab1/" * 16 + "."),
 }
 
 
@@ -1098,3 +1101,50 @@ def test_a_digest_authorizations_response_and_cnonce_are_masked(keys, text):
         assert value not in scrub(text)
     assert {reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)} >= {DIGEST_RESPONSE, DIGEST_CNONCE}
     assert "username=bob" in masked or "nc=00000001" in masked  # the other parameters stay
+
+
+def test_a_private_key_logged_one_line_per_record_has_no_body_line_in_the_log(keys):
+    """A key logged line by line (its BEGIN line in one record, each body line in its own) left
+    every body line in the log: the private key block is only read whole, in one text. Each full
+    body line (64 base64 characters, RFC 7468) is masked alone now."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    for private in (rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())):
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        lines = pem.splitlines()
+        body = [line for line in lines[1:-2] if len(line) == 64]
+        assert len(body) == len(lines) - 3  # every line but BEGIN, END and the last, shorter one
+        logged = []
+        for line in lines:
+            record = logging.LogRecord("x", logging.INFO, __file__, 1, "key line: %s", (line,), None)
+            masking.filter(record)
+            logged.append(record.getMessage())
+        assert logged[0] == f"key line: {lines[0]}"
+        assert logged[-1] == f"key line: {lines[-1]}"
+        for line, out in zip(body, logged[1:], strict=False):
+            assert line not in out
+            assert reveal(TOKEN_RE.search(out).group(0), ring) == line
+            assert line not in scrub(line)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "image_sha256 5e07051d8a0b2c4f9e6d7c8b1a2f3e4d5c6b7a8f9e0d1c2b3a4f5e6d7c8b9a0f",
+        "digest 5E07051D8A0B2C4F9E6D7C8B1A2F3E4D5C6B7A8F9E0D1C2B3A4F5E6D7C8B9A0F",
+        "class n02099601 golden_retriever, Labrador_retriever 0.93, ResNet50v2 top-5",
+        "request 3fa85f64-5717-4562-b3fc-2c963f66afa6 trace 4bf92f3577b34da6a3ce929d0e0e4736",
+        "id run_Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4",  # a base64url id's piece
+        "file ModelServerPredictionLogWriterForResNet50AndEfficientNetB0Models.onnx",
+        "GET /v2/models/resnet50/versions/3/infer 200",
+    ],
+)
+def test_ids_hashes_and_class_names_are_no_private_key_line(keys, text):
+    ring = KeyRing(keys)
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+    assert scrub(text) == text
