@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -262,22 +263,30 @@ DETECTORS: tuple[Detector, ...] = (
 # and "&" start an escape that may decode to one of them; "at" spelt for an e-mail; a run of 64
 # base64 characters (a private key's body line). Text with none of these, all ASCII,
 # comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
-_SHAPES = r"[@+%\\&]|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"
+_NUMBER = r"\+|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"  # (every ID's, phone's, card's and SSN's)
+_SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT = rf"{_SHAPES}|{credentials.B64_LINE}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
-_SHAPES_RE = re.compile(_SHAPES)
+_SHAPES_RE, _NUMBER_RE = re.compile(_SHAPES), re.compile(_NUMBER)
 
 
 def _plain(text: str) -> bool:
     """Whether ``text`` is ASCII without a SUSPECT match: nothing in it, or in any piece of it,
     can be masked."""
-    return text.isascii() and not _SHAPES_RE.search(text) and _hints(text) == (False, False, False)
+    return _hints(text) == _NOTHING
 
 
-def _hints(text: str) -> tuple[bool, bool, bool]:
-    """Whether ``text`` may hold a key of ``_KEY_NAMES``, an "at" ``_SPELT_EMAIL`` takes, and a
-    secret's word (``credentials.HINTS``):
-    substrings, in lower case. Python's re tries a case-insensitive alternation at every
-    position (in the prefilter it made a clean line 7 times as slow), ``in`` runs in C."""
+# Whether a text may hold a key of ``_KEY_NAMES``, an "at" ``_SPELT_EMAIL`` takes, the secrets'
+# patterns whose words it holds (``credentials.patterns_for``), a shape of ``_SHAPES``, an "@"
+# and a number's shape (``_NUMBER``), the last three true of a text beyond ASCII: what each
+# detector needs to match it, or its normalised form (an escape) to be read.
+_Hints = tuple[bool, bool, tuple[re.Pattern[str], ...], bool, bool, bool]
+_NOTHING: _Hints = (False, False, (), False, False, False)
+
+
+def _hints(text: str) -> _Hints:
+    """``text``'s ``_Hints``: words as substrings, in lower case. Python's re tries a
+    case-insensitive alternation at every position (in the prefilter it made a clean line 7
+    times as slow), ``in`` runs in C."""
     low = text.lower()
     key = (
         "passport" in low
@@ -294,28 +303,38 @@ def _hints(text: str) -> tuple[bool, bool, bool]:
         or "licen" in low
     )
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
-    secret = credentials.may_hold(text, low)
-    return key, spelt, secret
+    beyond = not text.isascii()
+    shaped = beyond or _SHAPES_RE.search(text) is not None
+    at, number = shaped and (beyond or "@" in text), shaped and (beyond or _NUMBER_RE.search(text) is not None)
+    return key, spelt, credentials.patterns_for(text, low), shaped, at, number
 
 
-_BY_HINTS = {
-    (key, spelt, secret): tuple(
+@functools.cache  # (32 x 2**12 kinds of text at most: each secret's pattern in or out)
+def _by_hints(hints: _Hints) -> tuple[Detector, ...]:
+    """The detectors that may match a text of these hints: the keyed one, the spelt e-mail and
+    each secret's pattern only where their words are in it, the e-mail where an "@" is, the
+    others where a number's shape is."""
+    key, spelt, secrets, _, at, number = hints
+    return tuple(
         d
         for d in DETECTORS
-        if (key or d.pattern is not _KEYED)
-        and (spelt or d.pattern is not _SPELT_EMAIL)
-        and (secret or d.name != "secret")
+        if (
+            d.pattern in secrets
+            if d.name == "secret"
+            else key
+            if d.pattern is _KEYED
+            else spelt
+            if d.pattern is _SPELT_EMAIL
+            else at
+            if d.name == "email"
+            else number
+        )
     )
-    for key in (False, True)
-    for spelt in (False, True)
-    for secret in (False, True)
-}
 
 
 def _detectors(text: str) -> tuple[Detector, ...]:
-    """The detectors that may match ``text``: the keyed one, the spelt e-mail and the secrets
-    only where their words are in it."""
-    return _BY_HINTS[_hints(text)]
+    """The detectors that may match ``text``."""
+    return _by_hints(_hints(text))
 
 
 # The charsets a header that is not UTF-8 may be in (it then reaches the masking read as Latin-1,
@@ -485,18 +504,23 @@ class Masker:
         written normalised, its values masked; text of Latin-1 characters whose bytes, read as
         GBK, Shift-JIS, EUC-KR, Big5 or UTF-8, still hold a value once masked is masked whole
         (no span of another charset's reading maps back); other text is left as it was."""
-        if _plain(text):
+        hints = _hints(text)
+        if hints == _NOTHING:
             return text
+        detectors = _by_hints(hints)
         folded = normalise(text)
-        if folded != text and any(d.search(folded) for d in _detectors(folded)):
-            text = folded  # masked whole: a value half in escapes is one value
-        masked = self._mask_raw(text, key)
+        if folded != text:
+            folded_detectors = _detectors(folded)
+            if any(d.search(folded) for d in folded_detectors):
+                text, detectors = folded, folded_detectors  # masked whole: a value half in escapes is one value
+        masked = self._mask_raw(text, key, detectors)
         if any(d.search(r) for r in _legacy_readings(masked) for d in _detectors(r)):
             return "<masked>" if key is None else self.token(text, key)
         return masked
 
-    def _mask_raw(self, text: str, key: Key | None) -> str:
-        for detector in _detectors(text):
+    def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...]) -> str:
+        """``text``'s values (those of ``detectors``, the ones that may match it) as tokens."""
+        for detector in detectors:
             pieces, end = [], 0
             for a, b in detector.spans(text):
                 pieces += [text[end:a], "<masked>" if key is None else self.token(text[a:b], key)]

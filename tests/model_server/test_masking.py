@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import cProfile
 import json
 import logging
 import os
+import pstats
 import re
 import sys
 
@@ -1148,3 +1150,30 @@ def test_ids_hashes_and_class_names_are_no_private_key_line(keys, text):
     ring = KeyRing(keys)
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
     assert scrub(text) == text
+
+
+def _pattern_scans(call) -> int:
+    """How many times ``call`` ran a compiled pattern (finditer, search, match, sub...): its work,
+    counted, not timed (a shared machine's clock says nothing)."""
+    profile = cProfile.Profile()
+    profile.runcall(call)
+    return sum(calls[1] for (_, _, name), calls in pstats.Stats(profile).stats.items() if "'re.Pattern'" in name)
+
+
+def test_a_json_record_of_many_fields_is_masked_in_work_linear_and_small_per_field(keys):
+    """A JSON log record of 40,000 fields, each name holding a secret's word and each value an
+    e-mail address, took about 6 s to mask (44 pattern scans a field): every secret pattern ran
+    where any one secret's word (or an "@") was, every number's detector where an "@" was, and
+    each text's hints were found twice. A secret pattern runs only where its own words are now (a
+    URL's user information needs "://"), the e-mail where an "@" is, the numbers' where a
+    number's shape is: a few scans a field, and twice the fields take twice the work."""
+    masking = LogMasking(Masker(KeyRing(keys)))
+
+    def scans(n: int) -> int:
+        line = json.dumps({f"token_count_{i}": f"user{i}@example.com" for i in range(n)})
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, line, None, None)
+        return _pattern_scans(lambda: masking.filter(record))
+
+    small, large = scans(500), scans(1000)
+    assert large <= 2 * small + 50
+    assert large <= 14 * 1000, large / 1000  # per field: its name's and its value's detectors
