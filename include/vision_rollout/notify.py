@@ -1609,17 +1609,18 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
     """Where the report ``<stem>.json`` a sender wrote stands in ``outbox``, as ``send_report``
     answers it, for one whose sender's answer was lost (killed once it wrote it): its post
     (``channel``, ``ts``, ``posted_before``) where its ``.posted`` mark holds one (its chart
-    waits); ``outbox`` and ``slack_error`` where it waits there (``refused``: set aside in its
+    waits, or its sender was killed once it removed the report, before the mark: read first);
+    ``outbox`` and ``slack_error`` where it waits there (``refused``: set aside in its
     ``refused/``), the outbox's rounds sending it (a post of it Slack may have taken is looked
     for first); None where it is in neither (sent since, dropped by hand, or never written)."""
     name = f"{stem}.json"
     for folder in (outbox, outbox / REFUSED):
+        if (posted := _marked(folder, stem)) is not None:
+            return {**posted, "posted_before": True}
         try:
             found = _waiting(folder, name)[0]
         except FileNotFoundError:
             continue
-        if (posted := _marked(folder, stem)) is not None:
-            return {**posted, "posted_before": True}
         error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
         return {
             "outbox": str(folder / name),

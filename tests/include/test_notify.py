@@ -1963,3 +1963,15 @@ def test_a_claim_of_a_try_killed_on_another_machine_holds_the_report_until_its_b
     assert (retry["channel"], retry.get("posted_before")) == ("C0ROLLOUT", True), retry
     assert len(slack.messages()) == 1
     assert outbox.names() == []
+
+
+def test_a_report_removed_before_its_mark_is_found_posted(tmp_path):
+    """A sender killed once Slack took its report, after it removed the report and before its
+    ``.posted`` mark: report_left read the mark only while the report was there, and answered
+    None (as for a report never posted). The mark alone says it was posted."""
+    from vision_rollout.notify import POSTED, report_left, report_name
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    stem = report_name()
+    outbox.write(stem + POSTED, json.dumps({"channel": "C1", "ts": "1.5"}).encode())
+    assert report_left(outbox, stem) == {"channel": "C1", "ts": "1.5", "posted_before": True}
