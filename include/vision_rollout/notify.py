@@ -1210,6 +1210,19 @@ def _dead_try(claim: str, sender: str) -> bool:
     return False
 
 
+def _live(outbox: Folder, claim: str, now: float, sender: str) -> bool:
+    """Whether ``claim`` (``<stem>.claim-<ns>-<id>``) holds its report in ``outbox`` at ``now``, as
+    ``_send_claimed`` takes it: not lapsed (``_until``), nor a dead try of the task ``sender``
+    (``_dead_try``)."""
+    m = _CLAIM.search(claim)
+    return m is not None and now < _until(outbox, claim, int(m.group(1)) / 1e9) and not _dead_try(claim, sender)
+
+
+def _sender(stem: str) -> str:
+    """The task sending the report ``stem`` in its claims (``send_report``'s tries), 16 hex."""
+    return hashlib.sha256(stem.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Waiting:
     """A report in the outbox: ``name`` (``<stem>.json``), its channel and fallback text, the
@@ -1522,7 +1535,7 @@ def send_report(
             return {**found, "posted_before": True}
     if not outbox.exists(name):
         notifier._to_outbox(message, stem)
-    sender = hashlib.sha256(stem.encode()).hexdigest()[:16]  # (the tries' claims, with their process: 32 hex)
+    sender = _sender(stem)  # (the tries' claims, with their process: 32 hex)
     while True:  # (again where the claim of another sender that held it lapsed meanwhile)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
@@ -1612,7 +1625,10 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
     waits, or its sender was killed once it removed the report, before the mark: read first);
     ``outbox`` and ``slack_error`` where it waits there (``refused``: set aside in its
     ``refused/``), the outbox's rounds sending it (a post of it Slack may have taken is looked
-    for first); None where it is in neither (sent since, dropped by hand, or never written)."""
+    for first); None where it is in neither (sent since, dropped by hand, or never written), or
+    where another sender is sending it from the outbox now (a live claim, ``_live``: the shadow
+    audit's round, a try on another worker), as for one sent since: ``send_report`` waits for
+    that sender's post (``_sent_by_another``)."""
     name = f"{stem}.json"
     for folder in (outbox, outbox / REFUSED):
         if (posted := _marked(folder, stem)) is not None:
@@ -1621,6 +1637,9 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
             found = _waiting(folder, name)[0]
         except FileNotFoundError:
             continue
+        claims = folder.names(starting=f"{stem}.claim-") if folder is outbox else []
+        if any(_live(folder, claim, time.time(), _sender(stem)) for claim in claims):
+            return None
         error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
         return {
             "outbox": str(folder / name),

@@ -1733,7 +1733,8 @@ def ensure_stable(
     killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
     run fails as for a report that did not reach Slack); one gone from the outbox, looked for in
-    Slack before the teardown's own is posted under its name.
+    Slack before the teardown's own is posted under its name; one another sender is posting now,
+    its post waited for once the stable version is back (``send_run_report``).
     """
     from vision_rollout.notify import rollback_message
 
@@ -1976,7 +1977,8 @@ def notify_left(spec: RolloutSpec, run_id: str) -> tuple[dict[str, Any] | None, 
     (``channel``, ``ts``, ``posted_before``) its run folder keeps (``RUN_REPORT``), or the
     report's ``.posted`` mark in the outbox; where it waits in the outbox, ``outbox`` and
     ``slack_error`` (``notify.report_left``: the outbox's rounds send it, looking first for a
-    post Slack may have taken); else None. And whether notify wrote a report at all: one gone
+    post Slack may have taken); else None (another sender is sending it now: ``send_run_report``
+    waits for that sender's post). And whether notify wrote a report at all: one gone
     from the outbox since may have been posted (``send_run_report`` looks for it before posting
     another under its name)."""
     from vision_rollout.notify import report_left

@@ -1230,6 +1230,50 @@ def test_a_teardown_whose_notify_was_killed_mid_send_leaves_its_report_to_the_ou
     assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
 
 
+def test_a_teardown_waits_for_the_report_another_sender_is_posting(monkeypatch, tmp_path, slack):
+    """notify's worker killed once it wrote its report, while another sender (the shadow audit's
+    round, a try on another worker) held a live claim on it, posting it: the teardown took the
+    report for one its sender left, and failed the run saying it did not reach Slack. It waits
+    for that sender now (once the stable version is back), and takes its post."""
+    import uuid
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.folders import Folder
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    run_folder_conn(monkeypatch, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(notify, "_send_round", killed)  # (killed once it wrote its report, before its round)
+        with pytest.raises(Killed):
+            steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
+    outbox = Folder(str(tmp_path / "run" / "outbox"))
+    (name,) = outbox.names()
+    theirs = f"{name.removesuffix('.json')}.claim-{time.time_ns()}-{uuid.uuid4().hex[:12]}"
+    outbox.write(theirs, b"")  # (another sender's, posting it now)
+    real_sleep = time.sleep
+
+    def their_post(seconds):  # (the other sender done while the teardown waits for it)
+        if outbox.exists(theirs):
+            outbox.delete(theirs)
+            notify.send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", their_post)
+    done = "version 1 takes 100%; version 2 is unloaded"
+    finished_with(monkeypatch, False, done)
+    assert steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback") == done
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Rolled back digits v2")
+    assert outbox.names() == []
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_teardown_that_undid_the_decision_notify_posted_reports_it_though_notify_was_lost(
     monkeypatch, tmp_path, slack, recorded
