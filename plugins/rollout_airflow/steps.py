@@ -1693,6 +1693,14 @@ def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id:
         return send(spec, message)
 
 
+def _end_keeps_post(spec: RolloutSpec, run_id: str, report: dict[str, Any]) -> None:
+    """The post of the run's report the teardown found in the channel or made (``_found_report``)
+    kept in the run's end, written without one (``finish``: notify's answer lost)."""
+    end = run_ended(spec, run_id)
+    if end is not None and "report" not in end and isinstance(report.get("ts"), str):
+        _write_end(serving().settings.workdir(spec.model, run_id), end, report)
+
+
 def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
     """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
     back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``).
@@ -1734,7 +1742,8 @@ def ensure_stable(
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
     run fails as for a report that did not reach Slack); one gone from the outbox, looked for in
     Slack before the teardown's own is posted under its name; one another sender is posting now,
-    its post waited for once the stable version is back (``send_run_report``).
+    its post waited for once the stable version is back (``send_run_report``). The post of the
+    report the teardown found or made is kept in the run's end (``ENDED``), as notify's.
     """
     from vision_rollout.notify import rollback_message
 
@@ -1775,12 +1784,14 @@ def ensure_stable(
         contrary = unfinished and kept != (decided == "promote")  # (what notify reports is not what serves)
         if report is None or contrary:
             report = _found_report(spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None)
+            _end_keeps_post(spec, run_id, report)
         undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
         chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
         report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None)
+        _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
             return done
         undelivered = f" (in the outbox: {report['slack_error']})" if report.get("slack_error") else ""
@@ -1837,16 +1848,21 @@ def finish(
         candidate = "is unloaded" if unload_candidate else "is left loaded: unload it (kubernetes: scale it to 0)"
         done = f"version {spec.baseline_version} takes 100%; version {spec.candidate_version} {candidate}"
     if kept == (decided == "promote") and decided in ("promote", "rollback"):  # the decision carried out
-        end: dict[str, Any] = {"holder": run_id, "decided": decided, "promoted": kept, "done": done}
-        if report and isinstance(report.get("ts"), str):  # (posted: not one waiting in the outbox)
-            end["report"] = {"channel": report.get("channel"), "ts": report["ts"]}
-        try:
-            folder.write(ENDED, json.dumps(end).encode())
-        except OSError as exc:  # (build_image cleared after the end then starts the rollout again, as before)
-            log.warning("this run's record of its end was not written (%s): %s", folder, str(exc)[:300])
+        _write_end(folder, {"holder": run_id, "decided": decided, "promoted": kept, "done": done}, report)
     recorded(folder, run_id, None)
     lock.release(run_id)
     return kept, done
+
+
+def _write_end(folder: Folder, end: dict[str, Any], report: dict[str, Any] | None) -> None:
+    """The run's ``end`` kept in its run folder (``ENDED``), with the post of its ``report`` where
+    Slack took it (its thread is where a report sent again replies)."""
+    if report and isinstance(report.get("ts"), str):  # (posted: not one waiting in the outbox)
+        end = {**end, "report": {"channel": report.get("channel"), "ts": report["ts"]}}
+    try:
+        folder.write(ENDED, json.dumps(end).encode())
+    except OSError as exc:  # (build_image cleared after the end then starts the rollout again, as before)
+        log.warning("this run's record of its end was not written (%s): %s", folder, str(exc)[:300])
 
 
 def prune_history(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:

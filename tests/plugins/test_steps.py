@@ -1199,6 +1199,32 @@ def test_a_teardown_whose_notify_was_lost_once_slack_took_its_report_posts_nothi
         assert (given["report"]["channel"], given["report"]["ts"]) == (first["channel"], first["ts"])
 
 
+def test_the_run_s_end_keeps_the_post_of_notify_s_report_the_teardown_found_in_the_channel(
+    monkeypatch, tmp_path, slack
+):
+    """notify's worker killed once Slack took its post, before the run folder kept it: the
+    teardown found that post in the channel only after it wrote the run's end (``ENDED``), which
+    kept no post, so notify cleared afterwards sent its report again outside that post's thread.
+    The end keeps the post the teardown found."""
+    run_folder_conn(monkeypatch, tmp_path)
+    first = steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")  # (its XCom lost)
+    record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
+    record.write_text(json.dumps({"report": json.loads(record.read_text())["report"], "queued": time.time() - 5}))
+    done = "version 2 was promoted: nothing to restore"
+
+    def finish(params, run_id, promoted, **kwargs):  # (as finish writes the end: notify's post not known)
+        assert kwargs["report"] is None
+        end = {"holder": run_id, "decided": "promote", "promoted": True, "done": done}
+        (record.parent / steps.ENDED).write_text(json.dumps(end))
+        return True, done
+
+    monkeypatch.setattr(steps, "finish", finish)
+    assert steps.ensure_stable(PARAMS, "run-a", "2", None, None, "promote") == done
+    end = steps.run_ended(steps.spec_from(PARAMS), "run-a")
+    assert end["report"] == {"channel": first["channel"], "ts": first["ts"]}
+    assert len(slack.messages()) == 1
+
+
 def test_a_teardown_whose_notify_was_killed_mid_send_leaves_its_report_to_the_outbox(monkeypatch, tmp_path, slack):
     """notify's worker killed right after Slack answered its post, before its mark: the report
     and the sender's claim stay in the outbox, and the teardown posted a second report. It posts
