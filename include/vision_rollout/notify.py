@@ -1649,6 +1649,13 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
     return None
 
 
+def in_outbox(outbox: Folder, stem: str) -> bool:
+    """Whether the report ``<stem>.json``, a sender's claim on it or its ``.posted`` mark is in
+    ``outbox`` (a sender stopped there may have posted it), or the listing is too long to tell."""
+    names = outbox.names(starting=f"{stem}.")
+    return not names.complete or any(n in (f"{stem}.json", stem + POSTED) or _CLAIM.search(n) for n in names)
+
+
 def _sweep_marks(outbox: Folder) -> None:
     """The ``.posted`` marks whose report is gone (a sender killed after removing it, before its
     mark) removed, once older than ``CLAIM_S``: a mark is written before its report where the

@@ -1673,7 +1673,7 @@ def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id:
     rollback (``done``: what the teardown did, the stable version restored or not). ``run_id``:
     in place of the report notify wrote, gone from the outbox (``send_run_report``: where Slack
     took notify's, that post is the answer, ``posted_before``, and nothing more is posted)."""
-    from vision_rollout.notify import plain_report, rollback_message
+    from vision_rollout.notify import in_outbox, plain_report, rollback_message
 
     if kept:
         message = plain_report(spec, "promote", reason)
@@ -1684,10 +1684,10 @@ def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id:
         return send(spec, message)
     try:
         return send_run_report(spec, message, run_id)
-    except OSError as exc:  # (a full disk, say): sent straight, unless it waits in the outbox, perhaps posted
+    except OSError as exc:  # (a full disk, say): sent straight, unless a sender took it up, perhaps posting it
         settings = serving().settings
         stem = run_report(settings.workdir(spec.model, run_id)).get("report")
-        if stem is None or settings.outbox.exists(f"{stem}.json"):
+        if stem is None or in_outbox(settings.outbox, stem):  # (its claim, or mark, stays once Slack took it)
             raise
         log.warning("the teardown's report cannot be written to the outbox, it is posted: %s", str(exc)[:300])
         return send(spec, message)

@@ -1346,6 +1346,38 @@ def test_a_teardown_whose_notify_could_not_write_its_report_sends_one(monkeypatc
     assert posted["text"].startswith("Rolled back digits v2: decide chose rollback; version 1 takes 100%")
 
 
+@pytest.mark.parametrize("failing", [".posted", ".claim-"])
+def test_a_teardown_whose_report_slack_took_posts_no_second_one_when_the_outbox_fails_after(
+    monkeypatch, tmp_path, slack, failing
+):
+    """The teardown posting the run's report under notify's name (notify's outbox write failed),
+    the outbox failing once Slack took it (the removal of its mark or its claim): the report gone
+    from the outbox, the teardown took the error for the outbox refusing its write and posted the
+    report a second time, straight. It posts once, the error raised."""
+    import errno
+
+    from vision_rollout.folders import Folder
+    from vision_rollout.notify import report_name
+
+    run_folder_conn(monkeypatch, tmp_path)
+    record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"report": report_name(), "queued": time.time() - 5}))  # (its outbox write failed)
+    real_delete = Folder.delete
+
+    def failing_delete(self, name):
+        if failing in name:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_delete(self, name)
+
+    monkeypatch.setattr(Folder, "delete", failing_delete)
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    with pytest.raises(OSError, match="Input/output error"):
+        steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback")
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Rolled back digits v2")
+
+
 def test_a_report_slack_took_is_posted_once_though_its_post_cannot_be_kept(monkeypatch, tmp_path, slack):
     """A full disk once Slack took notify's post: the run folder's record of that post could not
     be written, notify failed, and the teardown, meeting the same full disk when it found the post,
