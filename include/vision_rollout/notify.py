@@ -1624,11 +1624,12 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
     (``channel``, ``ts``, ``posted_before``) where its ``.posted`` mark holds one (its chart
     waits, or its sender was killed once it removed the report, before the mark: read first);
     ``outbox`` and ``slack_error`` where it waits there (``refused``: set aside in its
-    ``refused/``), the outbox's rounds sending it (a post of it Slack may have taken is looked
-    for first); None where it is in neither (sent since, dropped by hand, or never written), or
-    where another sender is sending it from the outbox now (a live claim, ``_live``: the shadow
-    audit's round, a try on another worker), as for one sent since: ``send_report`` waits for
-    that sender's post (``_sent_by_another``)."""
+    ``refused/``; ``maybe_posted``: a claim of a sender stopped mid-way is on it, or it notes a
+    post Slack may have taken), the outbox's rounds sending it (a post of it Slack may have
+    taken is looked for first); None where it is in neither (sent since, dropped by hand, or
+    never written), or where another sender is sending it from the outbox now (a live claim,
+    ``_live``: the shadow audit's round, a try on another worker), as for one sent since:
+    ``send_report`` waits for that sender's post (``_sent_by_another``)."""
     name = f"{stem}.json"
     for folder in (outbox, outbox / REFUSED):
         if (posted := _marked(folder, stem)) is not None:
@@ -1641,10 +1642,12 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
         if any(_live(folder, claim, time.time(), _sender(stem)) for claim in claims):
             return None
         error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
+        maybe = bool(claims) or found.maybe_posted is not None  # (a sender stopped mid-way may have posted it)
         return {
             "outbox": str(folder / name),
             "slack_error": error,
             **({"refused": True} if folder is not outbox else {}),
+            **({"maybe_posted": True} if maybe else {}),
         }
     return None
 

@@ -1785,7 +1785,7 @@ def ensure_stable(
         if report is None or contrary:
             report = _found_report(spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None)
             _end_keeps_post(spec, run_id, report)
-        undelivered = f"; its report is in the outbox ({report['slack_error']})" if report.get("slack_error") else ""
+        undelivered = f"; {_undelivered(report)}" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
@@ -1794,15 +1794,24 @@ def ensure_stable(
         _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
             return done
-        undelivered = f" (in the outbox: {report['slack_error']})" if report.get("slack_error") else ""
-        raise AirflowFailException(
-            f"{done}; but notify did not send the run's report: the teardown sent it{undelivered}"
-        )
+        if report.get("slack_error"):
+            raise AirflowFailException(f"{done}; but notify did not send the run's report, and {_undelivered(report)}")
+        raise AirflowFailException(f"{done}; but notify did not send the run's report: the teardown sent it")
     if report.get("slack_error"):
-        raise AirflowFailException(
-            f"{done}; but its report did not reach Slack ({report['slack_error']}): it is in the outbox, {report.get('outbox')}"
-        )
+        raise AirflowFailException(f"{done}; but {_undelivered(report)}")
     return done
+
+
+def _undelivered(report: dict[str, Any]) -> str:
+    """What the teardown says of the run's report Slack did not take for sure (``slack_error``):
+    not known to have reached Slack where another sender has it or a post of it Slack may have
+    taken is looked for first (``maybe_posted``); else that it did not."""
+    where = f"it is in the outbox, {report.get('outbox')}"
+    if report.get("maybe_posted"):
+        reached = f"is not known to have reached Slack ({report['slack_error']}): {where}, whose rounds look for its post first"
+    else:
+        reached = f"did not reach Slack ({report['slack_error']}): {where}"
+    return f"its report {reached}"
 
 
 def finish(

@@ -1199,6 +1199,20 @@ def test_a_teardown_whose_notify_was_lost_once_slack_took_its_report_posts_nothi
         assert (given["report"]["channel"], given["report"]["ts"]) == (first["channel"], first["ts"])
 
 
+def test_a_teardown_does_not_say_a_report_another_sender_holds_did_not_reach_slack(monkeypatch, tmp_path):
+    """notify's report held by another sender past notify's budget (the shadow audit's round
+    posting it): the teardown failed the run saying the report did not reach Slack, which that
+    sender may have made it do. It says what is known: not known to have reached Slack."""
+    run_folder_conn(monkeypatch, tmp_path)
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    held = "another sender is sending it: not known within the budget whether Slack took it"
+    report = {"outbox": str(tmp_path / "r.json"), "slack_error": held, "maybe_posted": True}  # (notify's answer)
+    with pytest.raises(AirflowFailException) as failed:
+        steps.ensure_stable(PARAMS, "run-a", None, "1", report, "rollback")
+    assert "did not reach Slack" not in str(failed.value)
+    assert f"its report is not known to have reached Slack ({held}): it is in the outbox" in str(failed.value)
+
+
 def test_the_run_s_end_keeps_the_post_of_notify_s_report_the_teardown_found_in_the_channel(
     monkeypatch, tmp_path, slack
 ):
@@ -1228,8 +1242,8 @@ def test_the_run_s_end_keeps_the_post_of_notify_s_report_the_teardown_found_in_t
 def test_a_teardown_whose_notify_was_killed_mid_send_leaves_its_report_to_the_outbox(monkeypatch, tmp_path, slack):
     """notify's worker killed right after Slack answered its post, before its mark: the report
     and the sender's claim stay in the outbox, and the teardown posted a second report. It posts
-    nothing now and fails the run as for a report that did not reach Slack: the outbox's round
-    looks for the post before sending it."""
+    nothing now and fails the run as for a report not known to have reached Slack (not saying it
+    did not: Slack took it): the outbox's round looks for the post before sending it."""
     from slack_sdk import WebClient
 
     from vision_rollout.folders import Folder
@@ -1250,7 +1264,9 @@ def test_a_teardown_whose_notify_was_killed_mid_send_leaves_its_report_to_the_ou
         with pytest.raises(Killed):
             steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
     finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
-    with pytest.raises(AirflowFailException, match=r"did not reach Slack \(its sender stopped .*it is in the outbox"):
+    with pytest.raises(
+        AirflowFailException, match=r"is not known to have reached Slack \(its sender stopped .*it is in the outbox"
+    ):
         steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback")
     assert len(slack.messages()) == 1
     assert len(list((tmp_path / "run" / "outbox").glob("*.json"))) == 1
