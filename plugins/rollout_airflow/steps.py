@@ -1947,8 +1947,8 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     """The run's report (``send``'s message), sent once by every try of notify: written to the
     outbox, then sent by the outbox's own sender within ``SEND_BUDGET_S`` (``notify.send_report``);
     when it was first written and, once Slack took it, its post kept in the run folder
-    (``RUN_REPORT``): a try that finds that post, or finds the report posted in the channel's
-    history, posts nothing more."""
+    (``RUN_REPORT``; ``maybe_posted`` where another sender posted it, its post not found): a try
+    that finds that post, or finds the report posted in the channel's history, posts nothing more."""
     from vision_rollout.notify import report_name, send_report
 
     settings = serving().settings
@@ -1963,11 +1963,10 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
         folder.write(RUN_REPORT, json.dumps({"report": stem, "queued": time.time()}).encode())
     notifier = slack_notifier(spec.slack_channel, settings.outbox)
     sent = send_report(notifier, outgoing(message, acted_on(spec, settings)), stem, queued, SEND_BUDGET_S)
-    if "ts" in sent:
+    if "outbox" not in sent and (post := _post_of(sent)) is not None:  # (Slack has it, or another sender posted it)
+        post.pop("posted_before", None)  # (added as it is read back: _post_of)
         try:
-            folder.write(
-                RUN_REPORT, json.dumps({"report": stem, "channel": sent["channel"], "ts": sent["ts"]}).encode()
-            )
+            folder.write(RUN_REPORT, json.dumps({"report": stem, **post}).encode())
         except OSError as exc:  # (Slack has it: a later try finds it in the channel, posting nothing more)
             log.warning("the report's post is not kept in the run folder: %s", str(exc)[:300])
     return sent
@@ -1990,9 +1989,12 @@ def run_report(folder: Folder) -> dict[str, Any]:
 
 
 def _post_of(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The post a run's record of its report (``run_report``) keeps, as an earlier try's; None before Slack took it."""
+    """The post a run's record of its report (``run_report``) keeps, as an earlier try's
+    (``maybe_posted``: another sender's, its ts not known); None before Slack took it."""
     if isinstance(record.get("channel"), str) and isinstance(record.get("ts"), str):
         return {"channel": record["channel"], "ts": record["ts"], "posted_before": True}
+    if isinstance(record.get("channel"), str) and record.get("maybe_posted") is True:
+        return {"channel": record["channel"], "maybe_posted": True}
     return None
 
 

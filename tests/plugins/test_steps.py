@@ -1213,6 +1213,26 @@ def test_a_teardown_does_not_say_a_report_another_sender_holds_did_not_reach_sla
     assert f"its report is not known to have reached Slack ({held}): it is in the outbox" in str(failed.value)
 
 
+def test_a_report_another_sender_posted_its_post_not_found_is_not_posted_again(monkeypatch, tmp_path, slack):
+    """notify's report posted by another sender (the shadow audit's round), its post not found in
+    the channel (made without its metadata, say): notify answered maybe_posted, and the run folder
+    kept nothing of it, so the teardown, notify's answer lost, posted the report a second time.
+    The run folder keeps that answer, which stands for notify's."""
+    from vision_rollout import notify
+
+    run_folder_conn(monkeypatch, tmp_path)
+    with monkeypatch.context() as m:  # (as send_report answers it)
+        m.setattr(notify, "send_report", lambda notifier, *args: {"channel": notifier.channel, "maybe_posted": True})
+        sent = steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a")
+    assert sent["maybe_posted"] is True
+    done = "version 1 takes 100%; version 2 is unloaded"
+    finished_with(monkeypatch, False, done)
+    assert steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback") == done  # (notify's answer lost)
+    assert slack.messages() == []
+    assert steps.notify(PARAMS, "rollback", "the 50% stage: FAIL", [FAIL, None], None, "run-a") == sent
+    assert slack.messages() == []
+
+
 def test_the_run_s_end_keeps_the_post_of_notify_s_report_the_teardown_found_in_the_channel(
     monkeypatch, tmp_path, slack
 ):
