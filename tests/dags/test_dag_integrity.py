@@ -147,6 +147,15 @@ def test_every_dag_has_an_owner_tags_and_its_retries(dagbag):
     assert {t.retries for t in dagbag.dags["shadow_audit"].tasks} == {1}
 
 
+def test_the_readme_tells_notify_s_retries_as_the_dag_sets_them(dagbag):
+    """The README said a notify killed once Slack took its post "is run again", its retry finding
+    the post: notify has no retries (a failure there is the teardown's to handle)."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert dagbag.dags["model_rollout"].get_task("notify").retries == 0
+    assert "is run again without posting it twice" not in readme
+    assert "It is not retried (the DAG's `retries` is 0): a `notify` killed or stopped" in readme
+
+
 def test_the_image_build_is_its_own_pod_task_between_verification_and_the_first_stage(dagbag):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import conf
