@@ -1530,7 +1530,12 @@ def send_report(
             found = find_post(client, notifier.channel, stem, queued, deadline=deadline, thread_ts=message.thread_ts)
         except LookupFailed as exc:  # (written again, to be looked for by a later round first)
             error = f"an earlier try may have posted it: {exc}"
-            return {**notifier._to_outbox(message, stem, error=error, maybe_posted=queued), "slack_error": error}
+            try:
+                kept = notifier._to_outbox(message, stem, error=error, maybe_posted=queued)
+            except OSError as full:  # (a full disk, say: never posted in its place, it may be in the channel)
+                error = f"{error}; it cannot be kept in the outbox to be looked for again: {str(full)[:300]}"
+                return {"channel": notifier.channel, "maybe_posted": True, "slack_error": error}
+            return {**kept, "slack_error": error}
         if found is not None:
             return {**found, "posted_before": True}
     if not outbox.exists(name):

@@ -1414,6 +1414,35 @@ def test_a_teardown_whose_report_slack_took_posts_no_second_one_when_the_outbox_
     assert posted["text"].startswith("Rolled back digits v2")
 
 
+def test_a_teardown_that_cannot_look_for_notifys_post_nor_keep_its_report_posts_nothing(monkeypatch, tmp_path, slack):
+    """Notify posted, its answer lost before its post was kept (the run folder names its report
+    only); at the teardown Slack does not answer the look-up for that post and the outbox is full:
+    the report, which may have been posted, could not be kept to be looked for again, and the
+    teardown took that for an outbox refusing a report never sent and posted a second one. It
+    posts nothing, the run failed saying the report is not known to have reached Slack."""
+    import errno
+
+    from vision_rollout.folders import Folder
+
+    run_folder_conn(monkeypatch, tmp_path)
+    steps.notify(PARAMS, "promote", "every stage passed", [PASS, PASS], None, "run-a")
+    record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
+    record.write_text(json.dumps({"report": json.loads(record.read_text())["report"], "queued": time.time() - 5}))
+    slack.lose = {"conversations.history": 50}  # (no answer to the look-up for a while)
+    real_write = Folder.write
+
+    def full(self, name, data):
+        if str(self).endswith("outbox"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", full)
+    finished_with(monkeypatch, True, "version 2 was promoted: nothing to restore")
+    with pytest.raises(AirflowFailException, match=r"not known to have reached Slack .*cannot be kept in the outbox"):
+        steps.ensure_stable(PARAMS, "run-a", "2", None, None, "promote")
+    assert [m["text"] for m in slack.messages()] == ["Promoted digits v2 to 100%"]
+
+
 def test_a_report_slack_took_is_posted_once_though_its_post_cannot_be_kept(monkeypatch, tmp_path, slack):
     """A full disk once Slack took notify's post: the run folder's record of that post could not
     be written, notify failed, and the teardown, meeting the same full disk when it found the post,
