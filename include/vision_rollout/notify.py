@@ -1210,12 +1210,15 @@ def _dead_try(claim: str, sender: str) -> bool:
     return False
 
 
-def _live(outbox: Folder, claim: str, now: float, sender: str) -> bool:
-    """Whether ``claim`` (``<stem>.claim-<ns>-<id>``) holds its report in ``outbox`` at ``now``, as
-    ``_send_claimed`` takes it: not lapsed (``_until``), nor a dead try of the task ``sender``
-    (``_dead_try``)."""
+def _held_until(outbox: Folder, claim: str, now: float, sender: str | None) -> float | None:
+    """Until when ``claim`` (``<stem>.claim-<ns>-<id>``) holds its report in ``outbox``, seen at
+    ``now`` (``_until``); None where it lapsed, or is a dead try of the task ``sender``
+    (``_dead_try``; None: not judged so), or is no claim."""
     m = _CLAIM.search(claim)
-    return m is not None and now < _until(outbox, claim, int(m.group(1)) / 1e9) and not _dead_try(claim, sender)
+    if m is None:
+        return None
+    until = _until(outbox, claim, int(m.group(1)) / 1e9)
+    return until if now < until and not (sender is not None and _dead_try(claim, sender)) else None
 
 
 def _sender(stem: str) -> str:
@@ -1644,7 +1647,7 @@ def report_left(outbox: Folder, stem: str) -> dict[str, Any] | None:
         except FileNotFoundError:
             continue
         claims = folder.names(starting=f"{stem}.claim-") if folder is outbox else []
-        if any(_live(folder, claim, time.time(), _sender(stem)) for claim in claims):
+        if any(_held_until(folder, claim, time.time(), _sender(stem)) is not None for claim in claims):
             return None
         error = found.slack_error or found.problem or "its sender stopped before it marked it sent"
         maybe = bool(claims) or found.maybe_posted is not None  # (a sender stopped mid-way may have posted it)
@@ -1706,8 +1709,8 @@ def _send_claimed(
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
-            until = _until(outbox, other, int(m.group(1)) / 1e9)
-            if now < until and not (sender is not None and _dead_try(other, sender)):
+            until = _held_until(outbox, other, now, sender)
+            if until is not None:
                 held = {"held_until": until} if sender is not None else {}  # (for ``send_report``'s wait)
                 return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it", **held}
             lapsed.append(int(m.group(1)) / 1e9)
