@@ -73,13 +73,24 @@ def information_times(looks: int, information: tuple[float, ...] | None) -> tupl
     k-th lies at k/K (scale is immaterial: the boundaries are in sqrt-time units). ``None``, or no
     information at the k-th look: equal increments, k/K. A look that added (next to) nothing, a
     look interval without traffic, counts as adding ``NO_GAIN`` of a look's mean: the same
-    statistic again would need a boundary the recursion's grid cannot carry."""
+    statistic again would need a boundary the recursion's grid cannot carry.
+
+    A look's mean is the largest of looks 1..j's (the information seen at j over j), so that the
+    time of look j depends on looks 1..j alone: each look's boundary, solved at its own look, is
+    the one the later looks' recursions assume. The mean at the k-th look (the last's over k)
+    moved the earlier looks' times as traffic came (a stall of looks 2 to 5 at 100 samples, then
+    5,000 a look: look 2's Pocock boundary 0.26 apart as judged and as the later looks took it),
+    so the looks judged were not the procedure whose error rate the recursion holds. Looks
+    before the first with any information take the first's mean (their times in the ratios of
+    equal increments, as they were judged)."""
     if information is None or not information or information[-1] <= 0:
         return tuple(j / looks for j in range(1, (len(information) if information else looks) + 1))
     k = len(information)
-    unit = information[-1] / k  # a look's mean information, at the k-th look
+    first = next(j for j, seen in enumerate(information, 1) if seen > 0)
+    unit = float(information[first - 1]) / first
     times, last = [], 0.0
-    for seen in information:
+    for j, seen in enumerate(information, 1):
+        unit = max(unit, float(seen) / j)  # never shrinks: the floor of each look is fixed at its own
         last = max(float(seen), last + NO_GAIN * unit)
         times.append(last)
     return tuple(t / times[-1] * k / looks for t in times)

@@ -643,6 +643,27 @@ def test_looks_judged_at_the_information_seen_keep_the_wrong_pass_rate_whatever_
     assert wrong_passes(rising, calendar) > alpha + 2 * mc  # what the looks at k/K did under rising traffic
 
 
+@pytest.mark.parametrize("spending", ["obrien-fleming", "pocock"])
+def test_each_looks_boundary_is_the_one_the_later_looks_assume(spending):
+    """A look's boundary is solved at that look, on the information of looks 1..k; the later looks'
+    recursions take it as given. A look without new traffic counted as adding ``NO_GAIN`` of the
+    k-th look's mean, which moved with k: the stalled looks' times, so their boundaries, were not
+    the ones judged (Pocock, looks 2 to 5 stalled at 100 then 5,000 a look: 0.26 apart), and
+    the procedure the recursion held within alpha was not the one run. Now each look's time
+    rests on its own looks alone, looks without any information before the first with some too."""
+    K = 10
+    for seen in (
+        (100, 100, 100, 100, 100, 5000, 10000, 15000, 20000, 25000),
+        (50, 50, 50, 50, 1000, 2000, 3000, 4000, 5000, 6000),
+        (1, 1, 1, 1, 1, 1, 1, 1, 1, 10000),
+        (0, 0, 300, 300, 900, 1200, 1200, 1500, 1800, 2100),
+    ):
+        whole = boundaries(0.05, K, spending, seen)
+        for k in range(1, K + 1):
+            judged = boundaries(0.05, K, spending, seen[:k])[-1]
+            assert judged == pytest.approx(whole[k - 1], abs=1e-6), (seen, k)
+
+
 def test_latencies_tied_in_their_middle_still_have_a_spread():
     """Yuen's winsorized variance is 0 when the middle 60% of an arm's latencies tie (a coarse
     clock, a constant-time path), not only when all do: the check then decided at once on a
