@@ -1,6 +1,6 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--look K --looks N] [--set key=value ...] [--json]
+  rolloutctl gate --samples FILE [--look K --looks N [--information N1,...]] [--set key=value ...] [--json]
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -70,6 +70,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -303,20 +304,51 @@ def _policy(path: Path) -> Any:
         raise UsageError(f"--policy {path}: invalid policy: {exc}") from None
 
 
+def _information(text: str, look: int, samples: Any) -> tuple[int, ...]:
+    """``--information``: the information of each look before ``look`` (the smaller arm's
+    latency samples at it: ``gates.information``, the n of a DAG verdict's latency check), and
+    this look's counted in the samples, as the DAG's boundaries read them all."""
+    from vision_rollout.gates import information
+
+    values = [v.strip() for v in text.split(",")] if text.strip() else []
+    if len(values) != look - 1:
+        raise UsageError(
+            f"--information takes the information of the looks before --look {look}: {look - 1} value(s) "
+            f"(this look's is counted in --samples), not {len(values)}"
+        )
+    bad = [v for v in values if not re.fullmatch(r"[0-9]{1,18}", v)]
+    if bad:
+        raise UsageError(f"--information takes whole numbers of samples per arm, e.g. 120,250, not {bad[0][:40]!r}")
+    seen = (*(int(v) for v in values), information(samples))
+    for j, (before, after) in enumerate(pairwise(seen), 1):
+        if after < before:
+            at = f"look {j + 1}" if j + 1 < look else "this look's samples (--samples)"
+            raise UsageError(
+                f"--information must not decrease from look to look (each look's samples hold the earlier "
+                f"ones'): look {j} saw {before}, {at} {after}"
+            )
+    return seen
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
-    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.gates import check_samples, evaluate_gate
     from vision_rollout.spec import MAX_LOOKS
 
     if not 1 <= args.looks <= MAX_LOOKS:
         raise UsageError(f"--looks takes 1 to {MAX_LOOKS}, not {args.looks}")
+    if not 1 <= args.look <= args.looks:
+        raise UsageError(f"--look takes 1 to --looks ({args.looks}), not {args.look}")
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set takes key=value, not {item!r}")
         config[key] = _value(key, value)
+    samples = _read_samples(args.samples)
     try:
-        verdict = evaluate_gate(_read_samples(args.samples), config, args.look, args.looks)
+        check_samples(samples)  # (before --information counts this look's)
+        seen = None if args.information is None else _information(args.information, args.look, samples)
+        verdict = evaluate_gate(samples, config, args.look, args.looks, information=seen)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -1465,6 +1497,13 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, default=1, help="looks planned, 1 to 12 (default 1)")
+    g.add_argument(
+        "--information",
+        metavar="N1,...",
+        help="the information of each earlier look, 1 to --look minus 1 (the smaller arm's latency samples at "
+        "it, the n of its latency check): this look's boundary as the DAG computes it, at the information seen "
+        "(this look's counted in --samples); without it, looks of equal information",
+    )
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="gate config, e.g. alpha=0.01")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_gate)

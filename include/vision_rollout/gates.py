@@ -1043,6 +1043,19 @@ def unreadable(samples: pd.DataFrame) -> str | None:
     return None
 
 
+def check_samples(samples: pd.DataFrame) -> None:
+    """ValueError, in a sentence, for samples the gate cannot judge: a column missing, a value
+    no check can read (``unreadable``), an arm neither baseline nor canary."""
+    missing = {"arm", "latency_ms", "error"} - set(samples.columns)
+    if missing:
+        raise ValueError(f"samples lack column(s) {sorted(missing)}")
+    if (problem := unreadable(samples)) is not None:
+        raise ValueError(problem)
+    arms = set(samples["arm"].unique())
+    if not arms <= {"baseline", "canary"}:
+        raise ValueError(f"arm must be 'baseline' or 'canary', found {sorted(arms - {'baseline', 'canary'})}")
+
+
 def arm_latencies(samples: pd.DataFrame, latency_from: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The latencies the latency checks read, baseline's and canary's: the rows of source
     ``latency_from`` (all rows when None) with a latency."""
@@ -1100,14 +1113,7 @@ def evaluate_gate(
     """
     cfg = GateConfig.from_any(config)
     level = nominal_alpha(cfg.alpha, look, looks, cfg.spending, information)
-    missing = {"arm", "latency_ms", "error"} - set(samples.columns)
-    if missing:
-        raise ValueError(f"samples lack column(s) {sorted(missing)}")
-    if (problem := unreadable(samples)) is not None:
-        raise ValueError(problem)
-    arms = set(samples["arm"].unique())
-    if not arms <= {"baseline", "canary"}:
-        raise ValueError(f"arm must be 'baseline' or 'canary', found {sorted(arms - {'baseline', 'canary'})}")
+    check_samples(samples)
     base = samples[samples["arm"] == "baseline"]
     canary = samples[samples["arm"] == "canary"]
     checks: list[Check] = []

@@ -44,6 +44,53 @@ def test_gate_reads_parquet_takes_config_and_prints_json(tmp_path, capsys):
     assert code == {"pass": 0, "fail": 1, "wait": 3}[verdict["decision"]]
 
 
+def test_gate_judges_a_look_at_the_information_of_the_looks_before_it_as_the_dag_does(tmp_path, capsys):
+    """The DAG computes look k's boundary at the information looks 1..k saw (``judge_stage``);
+    ``gate --look --looks`` could only judge at k/K, equal increments, and answered another level
+    than the DAG's for the same samples under rising traffic. ``--information`` takes the earlier
+    looks' (the smaller arm's latency samples at each); this look's is counted in the samples."""
+    from vision_rollout.gates import nominal_alpha
+
+    path = tmp_path / "samples.csv"
+    samples(3000).to_csv(path, index=False)
+    argv = ("gate", "--samples", str(path), "--look", "3", "--looks", "10", "--set", "spending=pocock", "--json")
+    code, out, err = run(capsys, *argv, "--information", "100, 1000")
+    assert code in (0, 1, 3), err
+    level = json.loads(out)["nominal_alpha"]
+    assert level == pytest.approx(nominal_alpha(0.05, 3, 10, "pocock", (100, 1000, 3000)), rel=1e-9)
+    _, out, _ = run(capsys, *argv)
+    assert json.loads(out)["nominal_alpha"] == pytest.approx(nominal_alpha(0.05, 3, 10, "pocock"), rel=1e-9)
+    assert json.loads(out)["nominal_alpha"] != pytest.approx(level, rel=1e-3)  # what the DAG's look 3 is not
+    code, out, err = run(capsys, "gate", "--samples", str(path), "--information", "", "--json")
+    assert (code, json.loads(out)["nominal_alpha"]) == (0, pytest.approx(0.05)), err  # look 1: none before it
+
+
+@pytest.mark.parametrize(
+    ("information", "said"),
+    [
+        ("100", "2 value(s) (this look's is counted in --samples), not 1"),
+        ("100,200,300", "not 3"),
+        ("100,many", "whole numbers of samples per arm, e.g. 120,250, not 'many'"),
+        ("100,2.5e3", "not '2.5e3'"),
+        ("-1,100", "not '-1'"),
+        ("100,", "not ''"),
+        (
+            "300,200",
+            "must not decrease from look to look (each look's samples hold the earlier ones'): look 1 saw 300, "
+            "look 2 200",
+        ),
+        ("100,5000", "look 2 saw 5000, this look's samples (--samples) 3000"),
+    ],
+)
+def test_gate_information_refused_with_what_is_wrong(tmp_path, capsys, information, said):
+    path = tmp_path / "samples.csv"
+    samples(3000).to_csv(path, index=False)
+    argv = ("gate", "--samples", str(path), "--look", "3", "--looks", "5", f"--information={information}")
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert said in err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
