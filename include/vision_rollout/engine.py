@@ -140,7 +140,10 @@ def preflight(spec: RolloutSpec, images: int) -> list[str]:
     ``rolloutctl run`` print it, the final report carries it): a validation replay of
     ``images`` images too few for the paired accuracy check to show a candidate that answers
     them as the baseline does within ``accuracy_margin``, at any look (the last one's level is
-    the most lenient). Every round replays the same images, so no wait adds evidence: such a
+    the most lenient). That level is the procedure's at the stage's plan, traffic at a steady
+    pace: the boundary at the information seen (``boundaries``) is then the one of equal
+    increments; traffic rising through the stage lowers it (642 images for the defaults, 687
+    where it rises from 1x to 3x). Every round replays the same images, so no wait adds evidence: such a
     candidate ends the first stage undecided and is rolled back. One that gets more of them
     right than the baseline can still pass, so this warns and refuses nothing."""
     if images <= 0:
@@ -559,7 +562,7 @@ def judge_stage(
             verdict,
             f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
-    n = need_n(verdict, spec)
+    n = need_n(verdict, spec, tuple(seen))
     if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
         need = "the paired accuracy check waits for a whole validation round answered by both versions."
     elif n is None:
@@ -630,17 +633,32 @@ def evidence_check(samples: pd.DataFrame, seconds: float) -> Check:
     )
 
 
-def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
+def steady_information(seen: tuple[float, ...], looks: int, final: float) -> tuple[float, ...]:
+    """The information of looks 1..``looks``: ``seen`` at the looks judged, then rising in equal
+    steps to ``final`` at the last (traffic at a steady pace from here), as ``boundaries`` reads it."""
+    last = seen[-1] if seen else 0.0
+    ahead = looks - len(seen)
+    return (*seen, *(last + (final - last) * i / ahead for i in range(1, ahead + 1)))
+
+
+def need_n(verdict: Verdict, spec: RolloutSpec, information: tuple[float, ...]) -> int | None:
     """Samples per arm the waiting checks need to resolve their current estimate at the last
-    look's level (None when none of them can say)."""
-    final_z = _z(nominal_alpha(spec.alpha, spec.looks_per_stage, spec.looks_per_stage, spec.spending))
+    look's level (None when none of them can say). ``information``: what the looks judged saw
+    (``judge_stage``'s, the last the verdict's look). The last look's level is the procedure's:
+    its boundary at the information of every look (``boundaries``), the looks ahead taken to
+    reach the need in equal steps, so the need and the level are solved together; at the last
+    look, that look's own level. The level of equal increments (k/K) was more lenient than the
+    last look's when the stage's traffic rose, and the need it named did not resolve the
+    estimate there."""
+    K = spec.looks_per_stage
     look_z = _z(verdict.nominal_alpha)
-    needs = []
+    fixed: list[int] = []  # needs of their own: min_samples
+    scaled: list[tuple[int, float]] = []  # each check's samples now, and its need over them per final z^2
     for c in verdict.checks:
         if c.decision != "wait" or not c.blocks_pass:
             continue
         if c.name == "samples":
-            needs.append(spec.min_samples)
+            fixed.append(spec.min_samples)
             continue
         if c.name == "accuracy_paired":  # the same validation images each round: more add nothing
             continue
@@ -651,12 +669,30 @@ def need_n(verdict: Verdict, spec: RolloutSpec) -> int | None:
             lo, hi, eff, m = (math.log1p(x) for x in (*c.ci, c.effect, c.margin))
         else:
             lo, hi, eff, m = c.ci[0], c.ci[1], c.effect, c.margin
-        half = (hi - lo) / 2 * final_z / look_z
         gap = abs(m - eff)
         if gap <= 0 or n <= 0:
             return None
-        needs.append(math.ceil(n * (half / gap) ** 2))
-    return max(needs) if needs else None
+        scaled.append((n, ((hi - lo) / 2 / look_z / gap) ** 2))
+    if not fixed and not scaled:
+        return None
+
+    def need(final_z: float) -> int:
+        return max([*fixed, *(math.ceil(n * g * final_z**2) for n, g in scaled)])
+
+    if not scaled or len(information) >= K:
+        return need(look_z)
+    # The level given the need, the need given the level, from the level of steady traffic
+    # throughout (equal increments): a round or two settle it to a sample in a thousand.
+    final_z, now = _z(nominal_alpha(spec.alpha, K, K, spec.spending)), information[-1]
+    for _ in range(6):
+        grown = max(g * final_z**2 for _, g in scaled)  # the samples' multiple the checks need
+        final = max(now * grown, now, *fixed)  # (the information is the samples check's count)
+        z = _z(nominal_alpha(spec.alpha, K, K, spec.spending, steady_information(information, K, final)))
+        settled = abs(need(z) - need(final_z)) <= need(z) / 1000
+        final_z = z
+        if settled:
+            break
+    return need(final_z)
 
 
 def arm_rate(samples: pd.DataFrame, window: StageWindow) -> float:
