@@ -885,7 +885,8 @@ def audit(
 
     The records read are held to ``max_bytes``: the files beyond it are left unread and counted
     (``unread_files``, ``unread_bytes``), and the range is inconclusive at best, as when files
-    could not be read. Its reads (the earlier hours' too) begin no listing nor file after
+    could not be read. The earlier hours' read is held to it too (apart): the files beyond it
+    are left uncounted, and the count of what came late says "at least". Its reads (the earlier hours' too) begin no listing nor file after
     ``max_seconds`` (by ``clock``): what was left is counted the same way (``unlisted_folders``,
     ``out_of_time``), and named.
 
@@ -932,11 +933,17 @@ def audit(
             roles=("primary", "shadow"),
             written=True,
             written_after=closes(start),
+            max_bytes=max_bytes,  # (apart from the range's: what came late to 24 hours is no bound)
             deadline=deadline,
             clock=clock,
         )
         late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
         earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
+        earlier_why = (
+            f"within this audit's {max_seconds:g} s"
+            if before.attrs["out_of_time"]
+            else f"over this audit's {max_bytes:,} bytes of records"
+        )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
     records = _kept(records, mine & ~late)
@@ -1046,7 +1053,7 @@ def audit(
         # (what came late to earlier ranges is a count beside this range's audit, not its evidence)
         result.reasons.append(
             f"the {earlier_hours} hours before this range were looked through in part ({earlier_left[0]} files "
-            f"not read, {earlier_left[1]} hour folders not listed within this audit's {max_seconds:g} s): "
+            f"not read, {earlier_left[1]} hour folders not listed {earlier_why}): "
             f"at least {late_earlier} of their records came after their audit closed"
         )
         if result.verdict == "skip":

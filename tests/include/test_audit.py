@@ -1608,3 +1608,37 @@ def test_the_copies_test_warns_of_a_whole_mirror_at_most_at_its_level_by_simulat
         _, eligible, received = copy_check(sampled_records(rng, 300, 25.0, loss=0.5), ["1"])
         caught += copies_short(received, eligible, 25.0) < COPIES_ALPHA
     assert caught >= 90
+
+
+def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
+    """The hourly audit counts the records of the 24 hours before its range that came after
+    their audit (``late_earlier``); that read held every file it listed whatever ``max_bytes``
+    said (only its time was bounded): a store holding gigabytes of files whose names say they
+    were written late (a writer flushing a long backlog, or anyone who can write the log) took
+    them all into the worker's memory beside the range's own 4 GiB. It is held to the bound:
+    what does not fit is left unread, and the count says "at least"."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    for k in range(3):  # (three hours before the range, written within it: late to their audits)
+        shadow_log(
+            tmp_path,
+            200,
+            disagree=0.0,
+            seed=k,
+            versions=("1", str(k + 3)),
+            at=(hour - timedelta(hours=3)).timestamp(),
+            flushed=3 * 3600 + 600,
+        )
+    whole = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (whole.verdict, whole.late_earlier) == ("warning", 1200)
+    part = audit(
+        tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24, max_bytes=1, max_seconds=None
+    )
+    assert part.verdict == "warning"
+    assert part.late_earlier == 0
+    assert any(
+        r.startswith(
+            "the 24 hours before this range were looked through in part (3 files not read, 0 hour folders not listed over this audit's 1 bytes of records)"
+        )
+        and r.endswith("at least 0 of their records came after their audit closed")
+        for r in part.reasons
+    ), part.reasons
