@@ -177,6 +177,10 @@ MAX_FILE_BYTES = 8 * 1024 * 1024  # below pyarrow's S3 part size (10 MiB): one P
 # 500 KB file of repeated 1 KB ids held 7 GB). The writer's tables stay far below it.
 MAX_READ_BYTES = 1024 * 1024 * 1024
 MAX_TABLE_BYTES = 64 * 1024 * 1024  # a written file's table in memory (split by rows when larger)
+# A file's footer a read takes (a writer's file, a row group or two, has a few KB of it): each
+# is parsed in Python (``_Footer``, about 1 s a MB), so a file of a row group a record held a
+# read's thread past its deadline for minutes.
+MAX_FOOTER_BYTES = 1024 * 1024
 _MASK_CACHE_MAX = 100_000
 # Classes an answer may have (a top-k index below it, a whole vector no longer): a record beyond
 # it is malformed (a damaged file's index of 2**31 made each rebuilt vector 8 GB; one of this
@@ -1203,6 +1207,8 @@ def _footer(f: pa.NativeFile) -> bytes:
     length = int.from_bytes(tail[-8:-4], "little")
     if length + 12 > size:
         raise ValueError("not a Parquet file: its footer's length is longer than the file")
+    if length > MAX_FOOTER_BYTES:
+        raise ValueError(f"its footer takes over {MAX_FOOTER_BYTES} bytes ({length}): no writer of the log's")
     if length + 8 > len(tail):
         tail = f.read_at(length + 8, size - length - 8)
     return bytes(tail[-(length + 8) :])

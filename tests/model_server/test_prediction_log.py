@@ -1727,3 +1727,29 @@ def test_a_log_file_the_store_never_answers_for_is_skipped_after_a_few_short_tri
     assert reason.startswith("unreadable")
     assert "Timeout" in reason
     assert len(df) == 0
+
+
+def test_a_footer_no_writer_of_the_log_makes_is_skipped_unparsed(tmp_path):
+    """A file's footer was read whole and parsed byte by byte by the project's own parser,
+    whatever its size: a file of one row group a record (2,000 took a footer of 3.8 MB and 3 s of
+    a worker's CPU; pyarrow takes footers up to 100 MB, over a minute each) ran a read past its
+    deadline, in each of its threads, and held the footers in memory. A writer's file (8 MiB at
+    most) holds a row group or two: a footer over ``MAX_FOOTER_BYTES`` is skipped, named, never
+    parsed, and the other files read."""
+    uri = str(tmp_path / "log")
+    w = writer(tmp_path, uri)
+    w.append(primary("good"))
+    w.flush()
+    (good,) = files(uri)
+    folder = good.rsplit("/", 1)[0]
+    table = pq.read_table(f"{uri}/{good}").slice(0, 1)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.concat_tables([table] * 700), sink, row_group_size=1)
+    data = sink.getvalue().to_pybytes()
+    assert int.from_bytes(data[-8:-4], "little") > predictionlog.MAX_FOOTER_BYTES
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    put_file(uri, f"{folder}/part-x-{stamp}Z-{1:012x}.parquet", data)
+    df = read(uri, *window(), columns=["request_id"])
+    assert list(df["request_id"]) == ["good", "good"]
+    (reason,) = df.attrs["skipped_file_reasons"].values()
+    assert reason.startswith("unreadable: its footer takes over"), reason
