@@ -1309,7 +1309,7 @@ def _read_file(
         return FileRead(path, None, f"unreadable: {exc}")
     n = table.num_rows
     valid = pc.is_valid(table["time"])
-    for name in ("model", "request_id", "item", "role"):
+    for name in ("model", "request_id", "item", "role", "outcome"):  # (every writer's record has each)
         if name in columns:
             valid = pc.and_(valid, pc.is_valid(table[name]))
     if "role" in columns:
@@ -1388,7 +1388,7 @@ def read(
     the row groups whose ``time`` statistics may hold one are read (the malformed records counted
     are theirs), and only ``columns`` (plus ``time``). Unreadable, truncated, wrongly typed files and files
     whose columns would take over ``MAX_READ_BYTES`` once read are skipped with a warning, as
-    are malformed records (no time, model, request id, item or a known role): the counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
+    are malformed records (no time, model, request id, item, outcome or a known role): the counts are in ``df.attrs`` (``skipped_files``, ``skipped_file_reasons`` by path,
     ``skipped_records``, ``files_read``). Hidden and temporary files are never read. The list
     columns (``topk_index``, ``topk_prob``, ``probs``) are Arrow-backed (``pd.ArrowDtype``): an
     element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,

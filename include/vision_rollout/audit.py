@@ -1035,7 +1035,7 @@ def audit(
         result.reasons.insert(
             0,
             f"{result.malformed_records} prediction log records in the files of this range were malformed "
-            "(no time, request id or known role, an output no answer can hold), not in this audit: nothing is shown",
+            "(no time, request id, outcome or known role, an output no answer can hold), not in this audit: nothing is shown",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"

@@ -1642,3 +1642,24 @@ def test_the_earlier_hours_read_is_held_to_the_audits_memory_bound(tmp_path):
         and r.endswith("at least 0 of their records came after their audit closed")
         for r in part.reasons
     ), part.reasons
+
+
+def test_records_without_an_outcome_are_malformed_not_disagreements(tmp_path):
+    """No writer of the log writes a record without an ``outcome`` (an inference's, a label's
+    "ok"); a foreign or damaged file's shadow records without one were read as answers of no
+    top-1: an hour of agreeing pairs failed at 0% agreement, and a primary without one was a
+    failed request. They are malformed, as records without a request id are: counted, and the
+    range inconclusive."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    log = shadow_log(tmp_path, 200, disagree=0.0)
+    (path,) = log.rglob("part-*.parquet")
+    table = pq.read_table(path)
+    shadow = pc.equal(table["role"], "shadow")
+    outcome = pc.if_else(shadow, pa.scalar(None, pa.string()), table["outcome"])
+    pq.write_table(table.set_column(table.schema.get_field_index("outcome"), "outcome", outcome), path)
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.rows, result.malformed_records) == ("inconclusive", 0, 200), result.reasons
+    assert result.reasons[0].startswith("200 prediction log records in the files of this range were malformed")
