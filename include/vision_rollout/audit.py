@@ -36,6 +36,7 @@ from scipy import signal, stats
 
 from vision_rollout.folders import Folder
 from vision_rollout.gates import cluster_sums, design_effect, limit_percent, percent_beside
+from vision_rollout.settings import RUN_REPORT
 from vision_rollout.spec import DEFAULTS, RolloutSpec
 
 log = logging.getLogger(__name__)
@@ -1163,7 +1164,8 @@ REPORT, CHART = "report.md", "divergence.png"
 # An hour's mark, written once its report reached Slack or it had nothing to audit: an hour
 # without it within a run's catch-up window is audited again.
 AUDITED = "audited.json"
-REPORT_NAMES = frozenset({REPORT, CHART, "summary.json", "confusion.csv", "anomalies.csv", AUDITED})
+# (RUN_REPORT: the hour's report's outbox name and post, ``steps.send_once``'s: kept by write_report)
+REPORT_NAMES = frozenset({REPORT, CHART, "summary.json", "confusion.csv", "anomalies.csv", AUDITED, RUN_REPORT})
 
 
 def printable(text: str) -> str:
@@ -1433,7 +1435,7 @@ def write_report(files: dict[str, bytes], folder: Folder) -> dict[str, str]:
     another run, and one cut short (a full disk, a kill) leaves no earlier report beside its files."""
     folder.delete(AUDITED)
     folder.delete(REPORT)
-    for stale in set(folder.names()) & REPORT_NAMES - files.keys():
+    for stale in set(folder.names()) & REPORT_NAMES - files.keys() - {RUN_REPORT}:
         folder.delete(stale)
     return {name: folder.write(name, files[name]) for name in sorted(files, key=lambda n: n == REPORT)}
 

@@ -1949,10 +1949,19 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     when it was first written and, once Slack took it, its post kept in the run folder
     (``RUN_REPORT``; ``maybe_posted`` where another sender posted it, its post not found): a try
     that finds that post, or finds the report posted in the channel's history, posts nothing more."""
+    settings = serving().settings
+    notifier = slack_notifier(spec.slack_channel, settings.outbox)
+    return send_once(settings.workdir(spec.model, run_id), notifier, outgoing(message, acted_on(spec, settings)))
+
+
+def send_once(folder: Folder, notifier: Any, message: Any) -> dict[str, Any]:
+    """``message`` sent once by whoever sends it with ``folder`` (a run's, an audit hour's): its
+    record there (``RUN_REPORT``: its outbox name, when first written, its post once Slack took
+    it, or another sender posted it) written before it is, then sent by the outbox's own sender
+    (``notify.send_report``): a later sender that finds the post, in the record or the channel's
+    history, posts nothing."""
     from vision_rollout.notify import report_name, send_report
 
-    settings = serving().settings
-    folder = settings.workdir(spec.model, run_id)
     record = run_report(folder)
     if (post := _post_of(record)) is not None:
         return post
@@ -1961,8 +1970,7 @@ def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, A
     stem = record["report"] if queued is not None else report_name()
     if queued is None:  # (before the outbox's copy: a retry knows an earlier try may have sent it)
         folder.write(RUN_REPORT, json.dumps({"report": stem, "queued": time.time()}).encode())
-    notifier = slack_notifier(spec.slack_channel, settings.outbox)
-    sent = send_report(notifier, outgoing(message, acted_on(spec, settings)), stem, queued, SEND_BUDGET_S)
+    sent = send_report(notifier, message, stem, queued, SEND_BUDGET_S)
     if "outbox" not in sent and (post := _post_of(sent)) is not None:  # (Slack has it, or another sender posted it)
         post.pop("posted_before", None)  # (added as it is read back: _post_of)
         try:
@@ -2207,11 +2215,13 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
         folder.write(AUDITED, json.dumps(summary).encode())
         return summary
+    if AUDITED in folder.names():  # (audited again, by hand: a report of its own, posted anew)
+        folder.delete(RUN_REPORT)
     files = report_files(result)
     where = write_report(files, folder)
-    sent = slack_notifier(channel, settings.outbox).send(
-        outgoing(audit_message(result, files.get(CHART)), f"model {model}")
-    )
+    # (sent once: an audit of the hour stopped after its post, before its mark, posted it)
+    message = outgoing(audit_message(result, files.get(CHART)), f"model {model}")
+    sent = send_once(folder, slack_notifier(channel, settings.outbox), message)
     if sent.get("slack_error"):  # audited: its report waits in the outbox, whose rounds send it once
         folder.write(AUDITED, json.dumps({**summary, "report": where[REPORT], "outbox": sent["outbox"]}).encode())
         raise AirflowException(

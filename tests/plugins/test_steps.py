@@ -1610,6 +1610,53 @@ def test_a_retried_audit_sends_again_only_what_slack_did_not_take(monkeypatch, t
     assert [r["start"] for r in by_hand] == [hour[1].isoformat()]
 
 
+@pytest.mark.parametrize("stop", ["refused", "killed"])
+def test_an_audit_stopped_between_its_post_and_its_mark_is_not_posted_again(monkeypatch, tmp_path, slack, stop):
+    """The hourly audit posted its report, then marked the hour audited: a store refusing that
+    mark (the task failed) or a worker lost in between left the hour unmarked, and the retry, or
+    the next run's catch-up, audited it again and posted the report a second time. The report
+    is sent once whoever tries: its record in the hour's folder (``RUN_REPORT``) names it, and a
+    later audit of the hour finds its post and posts nothing more; one triggered by hand, of an
+    hour marked audited, posts its report anew."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException
+
+    from tests.support import shadow_log
+    from vision_rollout.audit import AUDITED
+    from vision_rollout.folders import Folder
+
+    class Killed(BaseException):
+        pass
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    shadow_log(tmp_path, 60, disagree=0.02, at=(this_hour - timedelta(minutes=30)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    write = Folder.write
+
+    def refused(self, name, data, *args, **kwargs):
+        if name == AUDITED:
+            raise OSError("the store refused") if stop == "refused" else Killed()
+        return write(self, name, data, *args, **kwargs)
+
+    monkeypatch.setattr(Folder, "write", refused)
+    with pytest.raises(AirflowException if stop == "refused" else Killed):
+        steps.audit_hours("digits", this_hour, catch_up_hours=0)
+    assert len(slack.messages()) == 1
+    monkeypatch.setattr(Folder, "write", write)
+    hour = run / "audits" / "digits" / (this_hour - timedelta(hours=1)).strftime("%Y%m%dT%H")
+    assert not (hour / AUDITED).exists()
+    (again,) = steps.audit_hours("digits", this_hour, catch_up_hours=0, retry=True)
+    assert (hour / AUDITED).is_file()
+    assert len(slack.messages()) == 1  # (found, not posted again)
+    assert steps.audit_hours("digits", this_hour, catch_up_hours=0, retry=True) == []
+    by_hand = steps.audit_hours("digits", this_hour + timedelta(minutes=30), catch_up_hours=0)
+    assert [r["start"] for r in by_hand] == [again["start"]]
+    assert len(slack.messages()) == 2  # (audited again by hand: its report posted anew)
+
+
 def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
     """A run triggered by hand at 10:30 (its data interval ends when it was triggered) audited
     09:30 to 10:30 and wrote that report over the scheduled run's 09:00 to 10:00 one, in its
