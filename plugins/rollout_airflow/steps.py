@@ -2213,6 +2213,8 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
     summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
     if result.verdict == "skip":
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
+        write_report({}, folder)  # (audited again: no file of an earlier report beside this mark)
+        folder.delete(RUN_REPORT)
         folder.write(AUDITED, json.dumps(summary).encode())
         return summary
     if AUDITED in folder.names():  # (audited again, by hand: a report of its own, posted anew)

@@ -1657,6 +1657,32 @@ def test_an_audit_stopped_between_its_post_and_its_mark_is_not_posted_again(monk
     assert len(slack.messages()) == 2  # (audited again by hand: its report posted anew)
 
 
+def test_an_hour_audited_again_into_a_skip_keeps_no_file_of_its_earlier_report(monkeypatch, tmp_path, slack):
+    """An hour audited again by hand once its records were gone (the log's own retention) or no
+    mirror was known any more was marked audited as a skip beside the earlier audit's report,
+    chart and anomalies, which a reader took for this audit's. Its earlier report's files go."""
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    from tests.support import shadow_log
+    from vision_rollout.audit import AUDITED, REPORT
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    log = shadow_log(tmp_path, 60, disagree=0.3, at=(this_hour - timedelta(minutes=30)).timestamp())
+    run = tmp_path / "run"
+    extra = {"shadow_log": str(log), "run_dir": str(run)}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    (first,) = steps.audit_hours("digits", this_hour, catch_up_hours=0)
+    assert first["verdict"] == "fail"
+    hour = run / "audits" / "digits" / (this_hour - timedelta(hours=1)).strftime("%Y%m%dT%H")
+    assert (hour / REPORT).is_file()
+    shutil.rmtree(log)
+    with pytest.raises(AirflowSkipException):
+        steps.audit_hours("digits", this_hour + timedelta(minutes=30), catch_up_hours=0)
+    assert sorted(p.name for p in hour.iterdir()) == [AUDITED]
+    assert json.loads((hour / AUDITED).read_text())["verdict"] == "skip"
+
+
 def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
     """A run triggered by hand at 10:30 (its data interval ends when it was triggered) audited
     09:30 to 10:30 and wrote that report over the scheduled run's 09:00 to 10:00 one, in its
