@@ -97,6 +97,7 @@ def shadow_audit() -> None:
             params["catch_up_hours"],
             retry=retry,
             retention_days=params["retention_days"],
+            run_id=dag_run.run_id,
         )
 
     audit_hours.expand(model=models())

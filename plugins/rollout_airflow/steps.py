@@ -2034,6 +2034,7 @@ def audit_hours(
     catch_up_hours: int = CATCH_UP_HOURS,
     retry: bool = False,
     retention_days: int = RETENTION_DAYS,
+    run_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The hourly shadow audit of one model: the clock hour that ends at or before ``end``
     (``audited_hour``: a run triggered by hand re-audits the last whole hour, in its folder),
@@ -2048,12 +2049,15 @@ def audit_hours(
     always): the hours left, not marked audited, are the next run's, and this one fails naming them.
 
     ``retry``: a retry of a failed try, which reports only the hours not marked audited (the
-    run's own hour too, when the failed try reported it: it is not sent to Slack twice).
+    run's own hour too, when the failed try reported it: it is not sent to Slack twice). With
+    ``run_id`` (the DAG run's), the own hour's mark names the run, and a retry skips that hour
+    only where this run marked it: a run triggered by hand audits an hour the scheduled run had
+    marked, and its retry, after a first try that did not, audits it still.
 
     Last, what the audits left that nobody reads any more is removed (``prune_audits``): the
     model's hour folders older than ``retention_days``, and the stage caches of rollouts killed
     mid-stage."""
-    from vision_rollout.audit import AUDITED, audited_hour, hour_folder, unaudited_hours
+    from vision_rollout.audit import audited_hour, hour_folder, unaudited_hours
 
     if not MODEL_RE.fullmatch(model):
         raise AirflowFailException(f"not a model name: {model[:80]!r}")
@@ -2080,7 +2084,7 @@ def audit_hours(
         if "error" in r and "channel" in r
     ]
     hours = unaudited_hours(audits, start, catch_up_hours)
-    if not (retry and AUDITED in hour_folder(audits, start).names()):
+    if not (retry and _audited_by(hour_folder(audits, start), run_id)):
         hours.append(start)
     began, left = time.monotonic(), []
     for k, hour in enumerate(hours):
@@ -2093,7 +2097,7 @@ def audit_hours(
                 log.info("waiting %.0f s for the last records of %s to %s", wait_s, start, end)
                 time.sleep(wait_s)
         try:
-            results.append(_audit_one_hour(model, hour, hour_folder(audits, hour), channel))
+            results.append(_audit_one_hour(model, hour, hour_folder(audits, hour), channel, run_id))
         except Exception as exc:  # (the other hours are audited all the same)
             log.exception("the audit of '%s' from %s failed", model, hour)
             failed.append(f"{hour:%Y-%m-%d %H:00}: {str(exc)[:500]}")
@@ -2191,8 +2195,25 @@ def send_outbox(budget_s: float = SEND_BUDGET_S) -> list[dict[str, Any]]:
     return results
 
 
-def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -> dict[str, Any]:
-    """The audit of the hour from ``start``, reported, then marked audited in ``folder``."""
+def _audited_by(folder: Folder, run_id: str | None) -> bool:
+    """Whether the hour of ``folder`` is marked audited (``AUDITED``) by the run ``run_id``: by
+    any run where None, or where its mark names none (an earlier version's) or cannot be read."""
+    from vision_rollout.audit import AUDITED
+
+    try:
+        mark = json.loads(folder.read_within(AUDITED, MAX_LOCK_BYTES))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    return run_id is None or not isinstance(mark, dict) or mark.get("run", run_id) == run_id
+
+
+def _audit_one_hour(
+    model: str, start: datetime, folder: Folder, channel: str, run_id: str | None = None
+) -> dict[str, Any]:
+    """The audit of the hour from ``start``, reported, then marked audited in ``folder`` (by
+    ``run_id``, where given)."""
     from vision_rollout.audit import (
         AUDITED,
         CHART,
@@ -2211,6 +2232,8 @@ def _audit_one_hour(model: str, start: datetime, folder: Folder, channel: str) -
     result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS, mirror_percent=shares)
     result = with_coverage(result, max(p for _, p in shares) if shares else None)
     summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
+    if run_id is not None:
+        summary["run"] = run_id
     if result.verdict == "skip":
         log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
         write_report({}, folder)  # (audited again: no file of an earlier report beside this mark)

@@ -1683,6 +1683,40 @@ def test_an_hour_audited_again_into_a_skip_keeps_no_file_of_its_earlier_report(m
     assert json.loads((hour / AUDITED).read_text())["verdict"] == "skip"
 
 
+def test_the_retry_of_an_audit_triggered_by_hand_audits_its_hour_again(monkeypatch, tmp_path, slack):
+    """A run triggered by hand audits the last whole hour again, which the scheduled run had
+    marked audited; its first try failed before reporting (the log's store refusing), and its
+    retry took that mark for its own try's: it reported nothing, and succeeded. A retry skips
+    the hour only where this run marked it (its id in the mark)."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.sdk.exceptions import AirflowException
+
+    from tests.support import shadow_log
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    log = shadow_log(tmp_path, 60, disagree=0.3, at=(this_hour - timedelta(minutes=30)).timestamp())
+    extra = {"shadow_log": str(log), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    steps.audit_hours("digits", this_hour, catch_up_hours=0, run_id="scheduled")
+    assert len(slack.messages()) == 1
+    by_hand = this_hour + timedelta(minutes=30)
+    monkeypatch.setattr("vision_rollout.audit.audit", lambda *a, **kw: (_ for _ in ()).throw(OSError("refused")))
+    with pytest.raises(AirflowException, match="refused"):
+        steps.audit_hours("digits", by_hand, catch_up_hours=0, run_id="manual")
+    monkeypatch.undo()
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SLACK_API_DEFAULT",
+        json.dumps({"conn_type": "slack", "password": slack.token, "extra": {"base_url": slack.base_url}}),
+    )
+    (again,) = steps.audit_hours("digits", by_hand, catch_up_hours=0, retry=True, run_id="manual")
+    assert again["verdict"] == "fail"
+    assert len(slack.messages()) == 2
+    assert steps.audit_hours("digits", by_hand, catch_up_hours=0, retry=True, run_id="manual") == []
+    assert len(slack.messages()) == 2
+
+
 def test_an_audit_triggered_by_hand_reports_the_last_whole_hour_in_its_folder(monkeypatch, tmp_path):
     """A run triggered by hand at 10:30 (its data interval ends when it was triggered) audited
     09:30 to 10:30 and wrote that report over the scheduled run's 09:00 to 10:00 one, in its
