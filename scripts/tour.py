@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devstack.processes import start_model_server  # noqa: E402
+from vision_rollout.engine import replay_drop  # noqa: E402
 from vision_rollout.gates import GuardInputs, evaluate_gate  # noqa: E402
-from vision_rollout.replay import accuracy_drop, replay  # noqa: E402
+from vision_rollout.replay import replay  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             for candidate in ("2", "3"):
                 pairs = df[df["arm"].isin(["1", candidate])].replace({"arm": {"1": "baseline", candidate: "canary"}})
                 verdict = evaluate_gate(
-                    pairs, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(pairs))
+                    pairs, {"min_samples": 100}, guards=GuardInputs(validation_drop=replay_drop(pairs))
                 )
                 print(f"  version {candidate}: {verdict.decision.upper()}")
                 for c in verdict.checks:

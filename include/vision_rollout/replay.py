@@ -125,9 +125,3 @@ def replay(
             )
     client.close()
     return pd.DataFrame(rows)
-
-
-def accuracy_drop(samples: pd.DataFrame) -> float:
-    """Baseline minus canary accuracy on the pairs both answered: the hard guard's input."""
-    pairs = samples.pivot_table(index="pair_id", columns="arm", values="correct", aggfunc="first").dropna()
-    return float(pairs["baseline"].mean() - pairs["canary"].mean())

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from tests.support import TOKEN
+from vision_rollout.engine import replay_drop
 from vision_rollout.gates import GuardInputs, evaluate_gate
-from vision_rollout.replay import accuracy_drop, load_validation, replay
+from vision_rollout.replay import load_validation, replay
 
 pytestmark = pytest.mark.integration
 
@@ -24,13 +25,16 @@ def test_replay_pairs_versions_and_the_gate_judges_them(server_factory, repo_cop
     assert better["error"].sum() == 0
     # The same images through the server reproduce the build-time held-out accuracies.
     assert better[better["arm"] == "canary"]["correct"].mean() == pytest.approx(cfg["2"]["heldout_accuracy"], abs=1e-4)
-    assert accuracy_drop(worse) == pytest.approx(cfg["1"]["heldout_accuracy"] - cfg["3"]["heldout_accuracy"], abs=1e-4)
-    v_better = evaluate_gate(better, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(better)))
-    v_worse = evaluate_gate(worse, {"min_samples": 100}, guards=GuardInputs(validation_drop=accuracy_drop(worse)))
+    assert replay_drop(worse) == pytest.approx(cfg["1"]["heldout_accuracy"] - cfg["3"]["heldout_accuracy"], abs=1e-4)
+    v_better = evaluate_gate(better, {"min_samples": 100}, guards=GuardInputs(validation_drop=replay_drop(better)))
+    v_worse = evaluate_gate(worse, {"min_samples": 100}, guards=GuardInputs(validation_drop=replay_drop(worse)))
     assert next(c for c in v_better.checks if c.name == "accuracy_paired").decision == "pass"
     assert next(c for c in v_worse.checks if c.name == "accuracy_paired").decision == "fail"
     assert v_worse.decision == "fail"
     assert {"accuracy_paired", "guard_accuracy_drop"} <= {c.name for c in v_worse.failed}
+    # A candidate that answers no image (every request an error) has no pair to compare: no drop yet.
+    failing = worse.assign(correct=worse["correct"].where(worse["arm"] == "baseline"))
+    assert replay_drop(failing) is None
 
 
 def test_the_validation_set_is_read_in_its_order_and_bounded(tmp_path):
