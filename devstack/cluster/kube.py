@@ -10,11 +10,11 @@ bodies (413). Answers are Kubernetes ``Status`` objects, as the real server's.
 
 Resources: Istio VirtualService and DestinationRule and apps/v1 Deployment (apply, get, list;
 a Deployment's ``scale`` subresource got and patched, whose writer owns ``spec.replicas``; each
-field's of these and of a PodDisruptionBudget
-managers recorded as server-side apply records them: an apply that changes a field another
-manager applied or scaled is a 409 naming that manager and the field unless forced, and a field
-another manager owns outlives an apply that leaves it out), autoscaling/v2 HorizontalPodAutoscaler (apply, get, list), core/v1 Secret and Service
-(apply, get, list), Pod (create, get, list, patch of labels and annotations, delete, log with
+field's of these and of a PodDisruptionBudget and an autoscaling/v2 HorizontalPodAutoscaler
+(apply, get, list) managers recorded as server-side apply records them: an apply that changes a
+field another manager applied or scaled is a 409 naming that manager and the field unless
+forced, and a field another manager owns outlives an apply that leaves it out), core/v1 Secret
+and Service (apply, get, list), Pod (create, get, list, patch of labels and annotations, delete, log with
 ``follow``), Event (list and watch: always empty, nothing records events).
 
 Without a kubelet (``FakeKubeAPI(kubelet=False)``, the unit tests) a Deployment reports its
@@ -362,7 +362,9 @@ RESOURCES = {
 }
 # The kinds whose fields' managers are recorded (``_fields``): the Deployments and what the rollout
 # applies beside them with ``force`` (the mesh's objects, a version's PodDisruptionBudget).
-TRACKED = frozenset({"deployments", "virtualservices", "destinationrules", "poddisruptionbudgets"})
+TRACKED = frozenset(
+    {"deployments", "virtualservices", "destinationrules", "poddisruptionbudgets", "horizontalpodautoscalers"}
+)
 SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
 # What the real server answers when it cannot serve a request: (reason, message) by status.
 REFUSALS = {

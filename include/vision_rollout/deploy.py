@@ -13,8 +13,9 @@ Who owns ``spec.replicas``: without autoscaling the rollout does (it re-applies 
 Deployment with the new count, so one field manager keeps the whole object); with
 ``build.autoscaling`` an HPA per version does (``render_hpa``), as with Flagger: the applied
 Deployment leaves ``spec.replicas`` out and the rollout moves the HPA's ``minReplicas`` instead.
-Deployments are applied without ``force``: a field another manager owns (a ``kubectl scale``,
-an HPA the rollout did not make) is a 409 the task reports, never silently taken over.
+Deployments, HPAs and PodDisruptionBudgets are applied without ``force``: a field another manager
+owns (a ``kubectl scale``, an HPA the rollout did not make, a same-named HPA or budget of a Helm
+release) is a 409 the task reports (``refused``), never silently taken over.
 """
 
 from __future__ import annotations
@@ -619,10 +620,11 @@ class VersionDeployments:
         return dict(self._apps().api_client.sanitize_for_serialization(out))
 
     def _apply_pdb(self, version: str, replicas: int) -> None:
-        """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (``force``: the
-        rollout's own object, as its HPAs), with the labels and annotations the live one holds
-        beside the rollout's (``with_live_metadata``: deploy/'s overlay installs version 1's with
-        the rollout's field manager). A refusal is logged, not raised: the pods are applied
+        """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (no ``force``: a
+        field another manager owns, a Helm release's budget of that name, is refused), with the
+        labels and annotations the live one holds beside the rollout's (``with_live_metadata``:
+        deploy/'s overlay installs version 1's with the rollout's field manager). A refusal is
+        logged (``refused``: each field and its manager), not raised: the pods are applied
         already, and a budget (a guard against node drains) must not hold back a rollback; a
         budget that cannot be read is applied as rendered (its size matters more than its labels)."""
         from kubernetes import client
@@ -647,7 +649,6 @@ class VersionDeployments:
                 self.target.namespace,
                 body,
                 field_manager=FIELD_MANAGER,
-                force=True,
                 _content_type="application/apply-patch+yaml",
             )
         except ApiException as exc:
@@ -687,9 +688,8 @@ class VersionDeployments:
         return dict(self._apps().api_client.sanitize_for_serialization(deployment.spec.template))
 
     def _autoscale(self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None) -> None:
-        """Under an HPA: its floor is the stage's size (``force``: the rollout made the HPA and
-        is its only writer, as for the Istio objects); or, given ``like`` (an HPA's spec), that
-        HPA's bounds, metrics and behavior. An HPA does nothing for a Deployment at 0
+        """Under an HPA: its floor is the stage's size (``_apply_hpa``); or, given ``like`` (an
+        HPA's spec), that HPA's bounds, metrics and behavior. An HPA does nothing for a Deployment at 0
         (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
         count is also set through the scale subresource, as ``kubectl scale`` does, when it has
         to grow from below ``replicas`` or go to 0; the HPA owns it from there."""
@@ -812,7 +812,8 @@ class VersionDeployments:
 
     def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
-        (``force``: the rollout's own object) unless the live one holds them already (``_hpa_holds``:
+        (no ``force``: a field another manager owns, a Helm release's HPA of that name, is refused,
+        ``refused``) unless the live one holds them already (``_hpa_holds``:
         a stage at the same size, a step run again), then the version's budget at the HPA's floor
         (the least it may scale the version to: ``render_pdb``)."""
         from kubernetes import client
@@ -830,7 +831,6 @@ class VersionDeployments:
                     self.target.namespace,
                     hpa,
                     field_manager=FIELD_MANAGER,
-                    force=True,
                     _content_type="application/apply-patch+yaml",
                 )
         except ApiException as exc:

@@ -666,3 +666,48 @@ def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_re
     assert "0 of 1 pods ready after 0 s" in said
     assert "; Available MinimumReplicasUnavailable: Deployment does not have minimum availability.; " in said
     assert "its pods not read (list pods app=digits,version=2: 403 Forbidden: pods is forbidden" in said
+
+
+def test_a_helm_releases_hpa_and_budget_are_refused_not_taken_over(kube_api, caplog):
+    """An HPA and a PodDisruptionBudget of the version's name that a Helm release installed
+    (field manager ``helm``): the rollout force-applied its own over them, taking Helm's floor,
+    bounds and budget over silently. Applied without ``force``, the HPA's apply is refused naming
+    each field and Helm (the task fails), the budget's is logged so (a budget never holds back a
+    rollback); both keep Helm's values. The rollout's own re-applies (its field manager) go on."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    hpa = render_hpa(TARGET, "2", 2, 5)
+    hpa["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    apply_object(api_client, hpa, manager="helm")
+    pdb = render_pdb(TARGET, "3", 4)
+    pdb["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    apply_object(api_client, pdb, manager="helm")
+    autoscaled = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0, autoscaling=True))
+    with pytest.raises(RouterError) as refused_apply:
+        autoscaled.apply("2", "img:2", 3)
+    said = str(refused_apply.value)
+    assert said.startswith(
+        "apply HorizontalPodAutoscaler digits-v2: fields another field manager owns, which the rollout does not "
+        'take over: "helm" owns .metadata.labels.app.kubernetes.io/managed-by, .spec.maxReplicas, .spec.minReplicas.'
+    )
+    assert "a Helm release's object" in said
+    live = api.objects[("horizontalpodautoscalers", "models", "digits-v2")]
+    assert (live["spec"]["minReplicas"], live["spec"]["maxReplicas"]) == (2, 5)
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("3", "img:3", 1)  # a budget of maxUnavailable 0, not Helm's 1
+    assert "apply PodDisruptionBudget digits-v3: fields another field manager owns" in caplog.text
+    assert '"helm" owns .spec.maxUnavailable' in caplog.text
+    assert api.objects[("poddisruptionbudgets", "models", "digits-v3")]["spec"]["maxUnavailable"] == 1
+    writes = [
+        w for w in api.writes() if "/horizontalpodautoscalers/" in w["path"] or "/poddisruptionbudgets/" in w["path"]
+    ]
+    assert not any("force" in (w["query"] or {}) for w in writes)
+    autoscaled.apply("4", "img:4", 2)  # the rollout's own, applied again at another size and run again
+    autoscaled.apply("4", "img:4", 3)
+    autoscaled.apply("4", "img:4", 3)
+    assert api.objects[("horizontalpodautoscalers", "models", "digits-v4")]["spec"]["minReplicas"] == 3
+    assert api.objects[("poddisruptionbudgets", "models", "digits-v4")]["spec"]["maxUnavailable"] == 1
