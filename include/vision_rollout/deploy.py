@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from vision_rollout.mesh import FIELD_MANAGER, IstioTarget, RouterError, api_message, with_live_metadata
+from vision_rollout.mesh import (
+    FIELD_MANAGER,
+    IstioTarget,
+    RouterError,
+    api_message,
+    rollouts_view,
+    with_live_metadata,
+)
 from vision_rollout.settings import BuildSettings
 
 log = logging.getLogger(__name__)
@@ -249,12 +256,16 @@ def with_live_settings(body: dict[str, Any], live: dict[str, Any], own: bool = T
     commonAnnotations, Reloader's), and its selector's labels beside ``app`` and ``version``
     (kustomize's commonLabels adds some; a selector cannot change). Applied by the field manager
     that installed them (deploy/'s overlay is applied with the rollout's), a field left out of
-    the body would be removed. Not ``own`` (another version's Deployment): without a GitOps
-    tool's tracking of it (``TRACKING_LABELS``, ``TRACKING_ANNOTATIONS``)."""
-    live_spec, spec, meta = live.get("spec") or {}, body["spec"], body["metadata"]
-    live_meta = live.get("metadata") or {}
+    the body would be removed. ``own`` (the Deployment applied): only what the rollout owns there
+    (``rollouts_view``): a field another manager owns (a GitOps tool's label) sent along became
+    the rollout's too, which that manager could then never remove; left out, it stays as its
+    owner has it. Not ``own`` (another version's Deployment): without a GitOps tool's tracking of
+    it (``TRACKING_LABELS``, ``TRACKING_ANNOTATIONS``)."""
+    spec, meta = body["spec"], body["metadata"]
+    selector = (((live.get("spec") or {}).get("selector") or {}).get("matchLabels")) or {}
+    live = rollouts_view(live) if own else live
+    live_spec, live_meta = live.get("spec") or {}, live.get("metadata") or {}
     carried = {k: live_spec[k] for k in CARRIED_SPEC if live_spec.get(k) is not None}
-    selector = ((live_spec.get("selector") or {}).get("matchLabels")) or {}
     matched = {**selector, **spec["selector"]["matchLabels"]}
     not_labels, not_annotations = ((), ()) if own else (TRACKING_LABELS, TRACKING_ANNOTATIONS)
     labels = {

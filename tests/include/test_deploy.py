@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -711,3 +712,43 @@ def test_a_helm_releases_hpa_and_budget_are_refused_not_taken_over(kube_api, cap
     autoscaled.apply("4", "img:4", 3)
     assert api.objects[("horizontalpodautoscalers", "models", "digits-v4")]["spec"]["minReplicas"] == 3
     assert api.objects[("poddisruptionbudgets", "models", "digits-v4")]["spec"]["maxUnavailable"] == 1
+
+
+def test_a_label_another_manager_owns_on_a_deployment_stays_its_own_after_the_rollouts_applies(kube_api):
+    """A label and an annotation another manager set on a version's Deployment (a GitOps tool's
+    apply: a team label, its tracking of the Deployment) were copied into the rollout's every
+    apply of it, which made the rollout their co-owner: that manager could no longer remove them
+    (server-side apply keeps a field another manager still applies), nor change them without a
+    409. What another manager owns stays out of the rollout's apply of that Deployment (its own
+    is carried, as the overlay's labels); the candidate made like it still takes them."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    v1["metadata"]["labels"]["tier"] = "gold"  # the overlay's (the rollout's field manager)
+    apply_object(api_client, v1)
+    theirs = copy.deepcopy(v1)
+    theirs["metadata"]["labels"].update({"team": "vision", "app.kubernetes.io/instance": "digits"})
+    theirs["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "digits:apps/Deployment:models/digits-v1"}
+    apply_object(api_client, theirs, manager="argocd-controller")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.scale("1", 2)
+    versions.apply("2", "img:2", 1, like="1")
+    key = ("deployments", "models", "digits-v1")
+    mine = next(e for e in api.objects[key]["metadata"]["managedFields"] if e["manager"] == "model-rollout")
+    assert "f:team" not in mine["fieldsV1"]["f:metadata"]["f:labels"]
+    assert (
+        "f:annotations" not in mine["fieldsV1"]["f:metadata"]
+        or "f:argocd.argoproj.io/tracking-id" not in (mine["fieldsV1"]["f:metadata"]["f:annotations"])
+    )
+    theirs["metadata"]["labels"].pop("team")
+    theirs["metadata"]["annotations"] = {}
+    apply_object(api_client, theirs, manager="argocd-controller")
+    live = api.objects[key]["metadata"]
+    assert "team" not in live["labels"]
+    assert "argocd.argoproj.io/tracking-id" not in (live.get("annotations") or {})
+    assert (live["labels"]["tier"], live["labels"]["app.kubernetes.io/instance"]) == ("gold", "digits")
+    candidate = api.objects[("deployments", "models", "digits-v2")]["metadata"]["labels"]
+    assert (candidate["team"], candidate["tier"]) == ("vision", "gold")
