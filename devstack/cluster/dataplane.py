@@ -26,7 +26,8 @@ they change, as Istio pushes xDS to Envoy. What Envoy does, and how nginx is mad
   client address when that is absent or empty) in 10,000 parts of 0.01%: MurmurHash2, as the filter's Lua
   computes it (``vision_rollout.mesh.user_bucket``). A match on that header reads the bucket
   (what the client sent is overwritten, as the filter replaces it), and the pods are sent it.
-- ``mirror`` with ``mirrorPercentage`` (100 when absent): a second ``split_clients`` decides
+- ``mirror`` with ``mirrorPercentage`` (else Istio's deprecated integer ``mirrorPercent``, else
+  100, as istiod reads them): a second ``split_clients`` decides
   per request whether nginx's ``mirror`` subrequest copies the request (method, headers,
   body) to the mirror subset, its Host suffixed ``-shadow`` before the port (Envoy's rule,
   which ``model_server.app.is_shadow_host`` recognises). The client's response does not
@@ -247,7 +248,7 @@ def _weighted(raw: Any, where: str, namespace: str) -> tuple[tuple[Cluster, int]
 
 
 def _route(raw: Any, where: str, namespace: str, index: int) -> Route:
-    spec = _fields(raw, ("name", "match", "route", "mirror", "mirrorPercentage"), where)
+    spec = _fields(raw, ("name", "match", "route", "mirror", "mirrorPercentage", "mirrorPercent"), where)
     name = spec.get("name", f"http[{index}]")
     if not isinstance(name, str) or len(name) > 253 or "$" in name or not _printable(name):
         raise ValueError(f"{where}.name must be a string of at most 253 characters without '$' or control characters")
@@ -263,7 +264,14 @@ def _route(raw: Any, where: str, namespace: str, index: int) -> Route:
     mirror, percent = None, 100.0
     if "mirror" in spec:
         mirror = _destination(spec["mirror"], f"{where}.mirror", namespace)
-    if "mirrorPercentage" in spec:
+    if spec.get("mirrorPercent") is not None:  # Istio's deprecated integer share (before 1.9)
+        value = spec["mirrorPercent"]
+        if mirror is None:
+            raise ValueError(f"{where}.mirrorPercent without mirror")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+            raise ValueError(f"{where}.mirrorPercent must be an integer from 0 to 100, got {value!r}")
+        percent = float(value)
+    if "mirrorPercentage" in spec:  # (where both are set, this one, as istiod takes it)
         if mirror is None:
             raise ValueError(f"{where}.mirrorPercentage without mirror")
         value = _fields(spec["mirrorPercentage"], ("value",), f"{where}.mirrorPercentage").get("value")

@@ -894,3 +894,29 @@ def test_short_and_full_service_hosts_name_the_same_pods():
     assert "50.00% v1.digits.ml;" in conf
     assert "* v2.digits.ml;" in conf
     assert "listen 127.0.0.1:8000;" in conf
+
+
+def test_a_deprecated_mirror_percent_is_taken_as_istio_takes_it():
+    """Istio's deprecated integer ``mirrorPercent`` (a VirtualService written before Istio 1.9),
+    which the rollout reads as the route's mirror share (``mesh.mirror_share``), was refused by
+    the data plane as a field it does not support. It is the mirror's share, ``mirrorPercentage``
+    winning where both are set (as in istiod); istiod's refusals are the data plane's: over 100,
+    and (as for ``mirrorPercentage``) without a mirror."""
+    vs, dr = istio({"route": [{"version": "1"}]}, ["1", "2"])
+    route = vs["spec"]["http"][-1]
+
+    def conf(**fields: Any) -> str:
+        route.pop("mirrorPercentage", None)
+        route.update(mirror={"host": TARGET.host, "subset": "v2"}, **fields)
+        return render_nginx([vs], [dr], lambda ns, labels: ["127.0.0.1:9"], {("ml", "digits"): 8000}, Path("/tmp/w"))
+
+    assert "25.00% v2" in conf(mirrorPercent=25)
+    said = conf(mirrorPercent=25, mirrorPercentage={"value": 5})
+    assert "5.00% v2" in said
+    assert "25.00%" not in said
+    with pytest.raises(ValueError, match=r"mirrorPercent must be an integer from 0 to 100, got 150"):
+        conf(mirrorPercent=150)
+    del route["mirror"]
+    route["mirrorPercent"] = 25
+    with pytest.raises(ValueError, match=r"mirrorPercent without mirror"):
+        render_nginx([vs], [dr], lambda ns, labels: ["127.0.0.1:9"], {("ml", "digits"): 8000}, Path("/tmp/w"))
