@@ -64,7 +64,9 @@ def _text(max_length: int = 4096) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": max_length}
 
 
-_NAMES = {"type": "array", "items": _text(253), "maxItems": 64}
+# A VirtualService's hosts and gateways: at most 255 characters each, as istiod's webhook takes them
+# (``ISTIO_HOST``, ``ISTIO_GATEWAY``), not a Kubernetes name's 253.
+_NAMES = {"type": "array", "items": _text(255), "maxItems": 64}
 EXTRA_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,  # a mistyped name is refused, not silently defaulted

@@ -476,3 +476,22 @@ def test_a_run_folder_holding_the_record_of_its_report_is_pruned(tmp_path):
     assert prune_runs(store, ["digits"], now - 30 * 86400, now)["run folders"] == ["digits/sent"]
     assert (store / "rollouts" / "digits").folders() == ["annotated"]
     assert workdir(store, "digits", "annotated").names() == ["notes.txt"]
+
+
+def test_a_host_or_gateway_istio_takes_is_taken_up_to_255_characters():
+    """istiod's webhook takes a VirtualService's host and gateway of up to 255 characters
+    (checkDNS1123Preconditions: 'domain name too long (max 255)'; ``mesh.ISTIO_HOST``,
+    ``ISTIO_GATEWAY``); the settings' schema refused 254 and 255 (a Kubernetes name's 253). It
+    takes what Istio takes and refuses 256, naming the setting."""
+    istio = {"namespace": "models", "service": "digits", "name": "digits"}
+    host = ".".join(["a" * 63] * 3 + ["b" * 62]) + "."  # 255, an absolute name
+    gateway = ".".join(["g" * 63] * 4)  # 255
+    too_long = ".".join(["c" * 63] * 3 + ["d" * 62, "e"])  # 256, each label Istio's
+    assert (len(host), len(gateway), len(too_long)) == (255, 255, 256)
+    target = ServingSettings.from_connection(
+        "http://h:8000", None, {"istio": {**istio, "hosts": [host], "gateways": [gateway]}}
+    ).istio_for("digits")
+    assert (target.hosts, target.gateways) == ([host], [gateway])
+    for key in ("hosts", "gateways"):
+        with pytest.raises(SettingsError, match=key):
+            ServingSettings.from_connection("http://h:8000", None, {"istio": {**istio, key: [too_long]}})
