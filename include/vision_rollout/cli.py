@@ -1,6 +1,6 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--look K --looks N [--information N1,...]] [--set key=value ...] [--json]
+  rolloutctl gate --samples FILE [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...] [--json]
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -72,8 +72,11 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from vision_rollout.gates import Information
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +307,12 @@ def _policy(path: Path) -> Any:
         raise UsageError(f"--policy {path}: invalid policy: {exc}") from None
 
 
-def _information(text: str, look: int, samples: Any) -> tuple[int, ...]:
-    """``--information``: the information of each look before ``look`` (the smaller arm's
-    latency samples at it: ``gates.information``, the n of a DAG verdict's latency check), and
-    this look's counted in the samples, as the DAG's boundaries read them all."""
-    from vision_rollout.gates import information
+def _information(text: str, look: int, samples: Any) -> tuple[Information, ...]:
+    """``--information``: the information of each look before ``look``, per check (the smaller
+    arm's latency samples, requests and live labels at it: ``gates.Information``, the n of a DAG
+    verdict's latency, errors and live accuracy checks), and this look's counted in the samples,
+    as the DAG's boundaries read them all."""
+    from vision_rollout.gates import Information, look_information
 
     values = [v.strip() for v in text.split(",")] if text.strip() else []
     if len(values) != look - 1:
@@ -316,17 +320,21 @@ def _information(text: str, look: int, samples: Any) -> tuple[int, ...]:
             f"--information takes the information of the looks before --look {look}: {look - 1} value(s) "
             f"(this look's is counted in --samples), not {len(values)}"
         )
-    bad = [v for v in values if not re.fullmatch(r"[0-9]{1,18}", v)]
+    bad = [v for v in values if not re.fullmatch(r"[0-9]{1,18}/[0-9]{1,18}/[0-9]{1,18}", v)]
     if bad:
-        raise UsageError(f"--information takes whole numbers of samples per arm, e.g. 120,250, not {bad[0][:40]!r}")
-    seen = (*(int(v) for v in values), information(samples))
-    for j, (before, after) in enumerate(pairwise(seen), 1):
-        if after < before:
-            at = f"look {j + 1}" if j + 1 < look else "this look's samples (--samples)"
-            raise UsageError(
-                f"--information must not decrease from look to look (each look's samples hold the earlier "
-                f"ones'): look {j} saw {before}, {at} {after}"
-            )
+        raise UsageError(
+            "--information takes whole numbers per arm, latency samples/requests/live labels of each look, "
+            f"e.g. 120/150/0,250/300/0, not {bad[0][:40]!r}"
+        )
+    seen = (*(Information(*(int(n) for n in v.split("/"))) for v in values), look_information(samples))
+    for measure in Information._fields:
+        for j, (before, after) in enumerate(pairwise(getattr(s, measure) for s in seen), 1):
+            if after < before:
+                at = f"look {j + 1}" if j + 1 < look else "this look's samples (--samples)"
+                raise UsageError(
+                    f"--information must not decrease from look to look (each look's samples hold the earlier "
+                    f"ones'): look {j} saw {before:.0f} {measure}, {at} {after:.0f}"
+                )
     return seen
 
 
@@ -1499,10 +1507,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--looks", type=int, default=1, help="looks planned, 1 to 12 (default 1)")
     g.add_argument(
         "--information",
-        metavar="N1,...",
-        help="the information of each earlier look, 1 to --look minus 1 (the smaller arm's latency samples at "
-        "it, the n of its latency check): this look's boundary as the DAG computes it, at the information seen "
-        "(this look's counted in --samples); without it, looks of equal information",
+        metavar="L1/R1/A1,...",
+        help="the information of each earlier look, 1 to --look minus 1, per check (the smaller arm's latency "
+        "samples/requests/live labels at it, the n of its latency, errors and live accuracy checks): this "
+        "look's boundaries as the DAG computes them, at the information seen (this look's counted in "
+        "--samples); without it, looks of equal information",
     )
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="gate config, e.g. alpha=0.01")
     g.add_argument("--json", action="store_true")

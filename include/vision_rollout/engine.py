@@ -43,15 +43,18 @@ import pandas as pd
 
 from vision_rollout.folders import Folder
 from vision_rollout.gates import (
+    INFORMATION_OF,
     Check,
     GateConfig,
     GuardInputs,
+    Information,
     Verdict,
+    check_information,
     evaluate_gate,
     fewest_pairs,
     guard_checks,
-    information,
     limit_percent,
+    look_information,
     nominal_alpha,
     utc_spans,
 )
@@ -479,13 +482,13 @@ def judge_stage(
         return state("waiting", 0, None, f"holding: {partial}; nothing is judged on part of them")
     verdict: Verdict | None = None
     judged = 0
-    seen: list[int] = []  # the information of each look so far (its boundary reads them all)
+    seen: list[Information] = []  # the information of each look so far (its boundaries read them all)
     for look in range(1, K + 1):
         at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
         if at > now - settle_s:
             break
         samples = stage_samples(records, spec, window, at, labels, base)
-        seen.append(information(samples, window.latency_from))
+        seen.append(look_information(samples, window.latency_from))
         verdict = evaluate_gate(
             samples,
             cfg,
@@ -641,19 +644,20 @@ def steady_information(seen: tuple[float, ...], looks: int, final: float) -> tup
     return (*seen, *(last + (final - last) * i / ahead for i in range(1, ahead + 1)))
 
 
-def need_n(verdict: Verdict, spec: RolloutSpec, information: tuple[float, ...]) -> int | None:
+def need_n(verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...]) -> int | None:
     """Samples per arm the waiting checks need to resolve their current estimate at the last
     look's level (None when none of them can say). ``information``: what the looks judged saw
     (``judge_stage``'s, the last the verdict's look). The last look's level is the procedure's:
-    its boundary at the information of every look (``boundaries``), the looks ahead taken to
-    reach the need in equal steps, so the need and the level are solved together; at the last
-    look, that look's own level. The level of equal increments (k/K) was more lenient than the
-    last look's when the stage's traffic rose, and the need it named did not resolve the
-    estimate there."""
+    each check's boundary at its own information of every look (``check_information``), the
+    looks ahead taken to reach its need in equal steps, so the need and the level are solved
+    together; at the last look, that look's own level. The level of equal increments (k/K) was
+    more lenient than the last look's when the stage's traffic rose, and the need it named did
+    not resolve the estimate there."""
     K = spec.looks_per_stage
-    look_z = _z(verdict.nominal_alpha)
     fixed: list[int] = []  # needs of their own: min_samples
-    scaled: list[tuple[int, float]] = []  # each check's samples now, and its need over them per final z^2
+    # Per information measure: its looks' information, their level's z and the waiting checks'
+    # largest need per final z^2.
+    scaled: dict[str, tuple[tuple[float, ...], float, float]] = {}
     for c in verdict.checks:
         if c.decision != "wait" or not c.blocks_pass:
             continue
@@ -672,27 +676,30 @@ def need_n(verdict: Verdict, spec: RolloutSpec, information: tuple[float, ...]) 
         gap = abs(m - eff)
         if gap <= 0 or n <= 0:
             return None
-        scaled.append((n, ((hi - lo) / 2 / look_z / gap) ** 2))
+        seen = check_information(c.name, information)
+        look_z = _z(nominal_alpha(verdict.alpha, len(seen), K, verdict.spending, seen))  # the check's own level
+        measure = INFORMATION_OF.get(c.name, "latency")
+        per_z2 = n * ((hi - lo) / 2 / look_z / gap) ** 2
+        scaled[measure] = (seen, look_z, max(per_z2, scaled.get(measure, (seen, look_z, 0.0))[2]))
     if not fixed and not scaled:
         return None
-
-    def need(final_z: float) -> int:
-        return max([*fixed, *(math.ceil(n * g * final_z**2) for n, g in scaled)])
-
-    if not scaled or len(information) >= K:
-        return need(look_z)
-    # The level given the need, the need given the level, from the level of steady traffic
-    # throughout (equal increments): a round or two settle it to a sample in a thousand.
-    final_z, now = _z(nominal_alpha(spec.alpha, K, K, spec.spending)), information[-1]
-    for _ in range(6):
-        grown = max(g * final_z**2 for _, g in scaled)  # the samples' multiple the checks need
-        final = max(now * grown, now, *fixed)  # (the information is the samples check's count)
-        z = _z(nominal_alpha(spec.alpha, K, K, spec.spending, steady_information(information, K, final)))
-        settled = abs(need(z) - need(final_z)) <= need(z) / 1000
-        final_z = z
-        if settled:
-            break
-    return need(final_z)
+    needs = list(fixed)
+    for seen, look_z, per_z2 in scaled.values():
+        if len(seen) >= K:
+            needs.append(math.ceil(per_z2 * look_z**2))
+            continue
+        # The level given the need, the need given the level, from the level of steady traffic
+        # throughout (equal increments): a round or two settle it to a sample in a thousand.
+        final_z = _z(nominal_alpha(spec.alpha, K, K, spec.spending))
+        for _ in range(6):
+            final = max(per_z2 * final_z**2, seen[-1])  # (the information is the check's count)
+            z = _z(nominal_alpha(spec.alpha, K, K, spec.spending, steady_information(seen, K, final)))
+            settled = abs(math.ceil(per_z2 * z**2) - math.ceil(per_z2 * final_z**2)) <= per_z2 * z**2 / 1000
+            final_z = z
+            if settled:
+                break
+        needs.append(math.ceil(per_z2 * final_z**2))
+    return max(needs)
 
 
 def arm_rate(samples: pd.DataFrame, window: StageWindow) -> float:

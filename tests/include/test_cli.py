@@ -48,13 +48,14 @@ def test_gate_judges_a_look_at_the_information_of_the_looks_before_it_as_the_dag
     """The DAG computes look k's boundary at the information looks 1..k saw (``judge_stage``);
     ``gate --look --looks`` could only judge at k/K, equal increments, and answered another level
     than the DAG's for the same samples under rising traffic. ``--information`` takes the earlier
-    looks' (the smaller arm's latency samples at each); this look's is counted in the samples."""
+    looks' per check (the smaller arm's latency samples, requests and live labels at each); this
+    look's is counted in the samples."""
     from vision_rollout.gates import nominal_alpha
 
     path = tmp_path / "samples.csv"
     samples(3000).to_csv(path, index=False)
     argv = ("gate", "--samples", str(path), "--look", "3", "--looks", "10", "--set", "spending=pocock", "--json")
-    code, out, err = run(capsys, *argv, "--information", "100, 1000")
+    code, out, err = run(capsys, *argv, "--information", "100/100/0, 1000/1000/0")
     assert code in (0, 1, 3), err
     level = json.loads(out)["nominal_alpha"]
     assert level == pytest.approx(nominal_alpha(0.05, 3, 10, "pocock", (100, 1000, 3000)), rel=1e-9)
@@ -68,18 +69,19 @@ def test_gate_judges_a_look_at_the_information_of_the_looks_before_it_as_the_dag
 @pytest.mark.parametrize(
     ("information", "said"),
     [
-        ("100", "2 value(s) (this look's is counted in --samples), not 1"),
-        ("100,200,300", "not 3"),
-        ("100,many", "whole numbers of samples per arm, e.g. 120,250, not 'many'"),
-        ("100,2.5e3", "not '2.5e3'"),
-        ("-1,100", "not '-1'"),
-        ("100,", "not ''"),
+        ("100/100/0", "2 value(s) (this look's is counted in --samples), not 1"),
+        ("1/1/0,2/2/0,3/3/0", "not 3"),
+        ("100/100/0,many", "latency samples/requests/live labels of each look, e.g. 120/150/0,250/300/0, not 'many'"),
+        ("100/100/0,2.5e3/2500/0", "not '2.5e3/2500/0'"),
+        ("-1/1/0,100/100/0", "not '-1/1/0'"),
+        ("100/100/0,", "not ''"),
+        ("100/100/0,200", "not '200'"),
         (
-            "300,200",
-            "must not decrease from look to look (each look's samples hold the earlier ones'): look 1 saw 300, "
-            "look 2 200",
+            "100/300/0,200/200/0",
+            "must not decrease from look to look (each look's samples hold the earlier ones'): look 1 saw 300 "
+            "requests, look 2 200",
         ),
-        ("100,5000", "look 2 saw 5000, this look's samples (--samples) 3000"),
+        ("100/100/0,5000/100/0", "look 2 saw 5000 latency, this look's samples (--samples) 3000"),
     ],
 )
 def test_gate_information_refused_with_what_is_wrong(tmp_path, capsys, information, said):

@@ -19,7 +19,15 @@ from vision_rollout.engine import (
     replay_drop,
     stage_samples,
 )
-from vision_rollout.gates import GateConfig, GuardInputs, information, nominal_alpha, paired_accuracy_check
+from vision_rollout.gates import (
+    GateConfig,
+    GuardInputs,
+    Information,
+    information,
+    look_information,
+    nominal_alpha,
+    paired_accuracy_check,
+)
 from vision_rollout.spec import RolloutSpec
 
 T0 = 1_800_000_000.0
@@ -142,7 +150,8 @@ def test_each_look_is_judged_at_the_information_its_looks_saw():
     """A stage whose traffic rose (a quarter of it in its first 60 s): its looks were judged at the
     levels of looks holding k/K of the information each, which passed a canary at the margin more
     often than alpha. Each look's level is the boundary of the information looks 1..k saw now,
-    the samples of the smaller arm of its latency evidence (``information``)."""
+    the samples of the smaller arm of its latency evidence (``information``); the error check's,
+    at every request the validation replay's included, not at the latencies."""
     s = spec()
     log = records(100, 40, 50, seed=3)
     early = (log["route"] == "route") & (log["time"] < pd.Timestamp(T0 + 60, unit="s", tz="UTC"))
@@ -158,6 +167,16 @@ def test_each_look_is_judged_at_the_information_its_looks_saw():
     level = nominal_alpha(s.alpha, state.look, s.looks_per_stage, s.spending, seen)
     assert state.verdict.nominal_alpha == level
     assert level < nominal_alpha(s.alpha, state.look, s.looks_per_stage, s.spending)
+    # The error check's at its own information: every request, the validation replay's included.
+    requests = tuple(
+        look_information(stage_samples(log, s, WINDOW, WINDOW.look_time(s, k), IMAGES), "live").requests
+        for k in range(1, state.look + 1)
+    )
+    assert requests[-1] > seen[-1]
+    errors = next(c for c in state.verdict.checks if c.name == "errors")
+    errors_level = nominal_alpha(s.alpha, state.look, s.looks_per_stage, s.spending, requests)
+    assert f"(this look's level {errors_level:.3g})" in errors.sentence
+    assert f"{errors_level:.3g}" != f"{level:.3g}"
 
 
 def test_an_equal_canary_passes_and_bakes_before_the_stage_passes():
@@ -210,14 +229,18 @@ def test_the_samples_a_wait_names_resolve_it_at_the_last_looks_level_as_the_proc
         return pd.DataFrame({"arm": ["baseline"] * n + ["canary"] * n, "latency_ms": latency, "error": 0})
 
     s = RolloutSpec.from_dict({"looks_per_stage": 10, "error_margin": 0.05, "min_samples": 10, "spending": spending})
+
+    def info(seen: tuple[float, ...]) -> tuple[Information, ...]:  # (each request a latency, no labels)
+        return tuple(Information(n, n, 0) for n in seen)
+
     seen = tuple(range(30, 271, 30))
-    waiting = evaluate_gate(arms(seen[-1]), GateConfig.from_spec(s), 9, 10, information=seen)
+    waiting = evaluate_gate(arms(seen[-1]), GateConfig.from_spec(s), 9, 10, information=info(seen))
     assert [c.name for c in waiting.checks if c.decision == "wait"] == ["latency_geomean"]
-    n = need_n(waiting, s, seen)
+    n = need_n(waiting, s, info(seen))
 
     def last_look(m: int) -> str:
         return evaluate_gate(
-            arms(m), GateConfig.from_spec(s), 10, 10, information=steady_information(seen, 10, m)
+            arms(m), GateConfig.from_spec(s), 10, 10, information=info(steady_information(seen, 10, m))
         ).decision
 
     assert last_look(n) == "pass", n

@@ -14,9 +14,11 @@ from vision_rollout.gates import (
     GateConfig,
     GuardInputs,
     boundaries,
+    check_information,
     evaluate_gate,
     guard_checks,
     latency_check,
+    look_information,
     nominal_alpha,
     paired_accuracy_check,
     proportion_check,
@@ -641,6 +643,45 @@ def test_looks_judged_at_the_information_seen_keep_the_wrong_pass_rate_whatever_
             assert passed >= alpha - mc, (rate, passed)
     calendar = [nominal_alpha(alpha, k, K, spending) for k in range(1, K + 1)]
     assert wrong_passes(rising, calendar) > alpha + 2 * mc  # what the looks at k/K did under rising traffic
+
+
+def test_each_check_is_judged_at_its_own_information_and_keeps_the_wrong_pass_rate():
+    """Every check's boundary was computed at the latency checks' information (the smaller arm's
+    live latencies), while the error and OOM checks also count the validation replay's rows,
+    whose rounds come at a steady pace: with live traffic falling from 3x to 1x through the
+    stage beside them, the error check passed a canary at the margin in 0.054 of the stages at
+    alpha 0.05. Each check's level is now computed at the information it counts
+    (``look_information``, ``check_information``), as ``evaluate_gate`` judges it."""
+    rng = np.random.default_rng(11)
+    sims, alpha, K = 200_000, 0.05, 10
+    mc = 3 * math.sqrt(alpha * (1 - alpha) / sims)
+    live = np.round(100 * np.linspace(3, 1, K)).astype(int)  # per look and arm; the replay 400 a look
+
+    def look(k: int) -> pd.DataFrame:
+        n, r = int(live[:k].sum()), 400 * k
+        rows = {"source": ["live"] * n + ["replay"] * r, "latency_ms": 5.0, "error": 0.0}
+        return pd.concat([pd.DataFrame({**rows, "arm": arm}) for arm in ("baseline", "canary")])
+
+    seen = tuple(look_information(look(k), "live") for k in range(1, K + 1))
+    requests = np.array(check_information("errors", seen), dtype=float)
+    assert requests.tolist() == (np.cumsum(live) + 400 * np.arange(1, K + 1)).tolist()
+    verdict = evaluate_gate(look(4), {"error_margin": 0.01}, 4, K, latency_from="live", information=seen[:4])
+    errors = next(c for c in verdict.checks if c.name == "errors")
+    level = nominal_alpha(alpha, 4, K, "obrien-fleming", check_information("errors", seen[:4]))
+    assert f"(this look's level {level:.3g})" in errors.sentence
+    assert verdict.nominal_alpha == nominal_alpha(alpha, 4, K, "obrien-fleming", tuple(s.latency for s in seen[:4]))
+
+    gained = np.diff(requests, prepend=0)  # the error check's score: Brownian motion in its requests
+    z = np.cumsum(rng.standard_normal((sims, K)) * np.sqrt(gained), axis=1) / np.sqrt(requests)
+
+    def wrong_passes(measure: str) -> float:
+        levels = [
+            nominal_alpha(alpha, k, K, "obrien-fleming", check_information(measure, seen[:k])) for k in range(1, K + 1)
+        ]
+        return float((z >= stats.norm.isf(levels)).any(axis=1).mean())
+
+    assert abs(wrong_passes("errors") - alpha) <= mc
+    assert wrong_passes("latency_geomean") > alpha + 2 * mc  # the latency checks' information: 0.054
 
 
 @pytest.mark.parametrize("spending", ["obrien-fleming", "pocock"])
