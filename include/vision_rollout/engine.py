@@ -165,7 +165,8 @@ def preflight(spec: RolloutSpec, images: int) -> list[str]:
     return [
         f"the validation set has {images} images, too few to show a candidate that answers them as the baseline "
         f"does within the {limit_percent(spec.accuracy_margin)} pp accuracy margin: that needs at least {fewest} "
-        f"(at the last look's one-sided level {level:.3g}). Such a candidate {first}; only one that gets more of "
+        f"(at the last look's one-sided level {level:.3g}, traffic at a steady pace through the stage; rising "
+        f"traffic lowers it). Such a candidate {first}; only one that gets more of "
         "them right than the baseline can pass. Add images to the validation set, or widen accuracy_margin."
     ]
 

@@ -308,6 +308,7 @@ def test_a_validation_set_too_small_for_the_accuracy_margin_is_named_before_any_
     assert warning.startswith("the validation set has 450 images, too few to show a candidate that answers")
     assert "within the 0.5 pp accuracy margin: that needs at least 642" in warning
     assert "ends the 5% stage undecided and is rolled back" in warning
+    assert "traffic at a steady pace through the stage; rising traffic lowers it" in warning  # (what 642 assumes)
     assert preflight(s, 642) == []
     assert preflight(s, 5000) == []
     assert preflight(RolloutSpec.from_dict({"accuracy_margin": 0.02}), 450) == []

@@ -846,7 +846,8 @@ def test_the_first_steps_warning_of_a_validation_set_too_small_reaches_the_repor
         assert note["elements"][0]["text"].endswith(
             "*Pre-flight:* the validation set has 450 images, too few to show a candidate that answers them "
             "as the baseline does within the 0.5 pp accuracy margin: that needs at least 642 (at the last "
-            "look's one-sided level 0.0363). Such a candidate ends the 50% stage undecided and is rolled "
+            "look's one-sided level 0.0363, traffic at a steady pace through the stage; rising traffic lowers "
+            "it). Such a candidate ends the 50% stage undecided and is rolled "
             "back; only one that gets more of them right than the baseline can pass. Add images to the "
             "validation set, or widen accuracy_margin."
         )
