@@ -1807,7 +1807,12 @@ def _undelivered(report: dict[str, Any]) -> str:
     not known to have reached Slack where another sender has it or a post of it Slack may have
     taken is looked for first (``maybe_posted``); else that it did not."""
     where = f"it is in the outbox, {report.get('outbox')}"
-    if report.get("maybe_posted"):
+    if report.get("maybe_posted") and not report.get("outbox"):  # (kept nowhere: nothing sends it or looks for it)
+        reached = (
+            f"is not known to have reached Slack ({report['slack_error']}), and nothing will send it or look for it: "
+            f"look for it in {report.get('channel')} and post it by hand where it is not there"
+        )
+    elif report.get("maybe_posted"):
         reached = f"is not known to have reached Slack ({report['slack_error']}): {where}, whose rounds look for its post first"
     else:
         reached = f"did not reach Slack ({report['slack_error']}): {where}"

@@ -1439,8 +1439,12 @@ def test_a_teardown_that_cannot_look_for_notifys_post_nor_keep_its_report_posts_
 
     monkeypatch.setattr(Folder, "write", full)
     finished_with(monkeypatch, True, "version 2 was promoted: nothing to restore")
-    with pytest.raises(AirflowFailException, match=r"not known to have reached Slack .*cannot be kept in the outbox"):
+    with pytest.raises(
+        AirflowFailException, match=r"not known to have reached Slack .*cannot be kept in the outbox"
+    ) as e:
         steps.ensure_stable(PARAMS, "run-a", "2", None, None, "promote")
+    assert "nothing will send it or look for it: look for it in #model-rollouts and post it by hand" in str(e.value)
+    assert "in the outbox, None" not in str(e.value)
     assert [m["text"] for m in slack.messages()] == ["Promoted digits v2 to 100%"]
 
 
