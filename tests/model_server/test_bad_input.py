@@ -582,6 +582,22 @@ def write_tile_model(repository: Path, repeats: int) -> None:
     (repository / "tile" / "config.json").write_text(json.dumps(config))
 
 
+def test_a_load_error_naming_int32_limits_is_logged_unmasked(server_factory, repo_copy):
+    """The phone detector took 2147483647 and 4294967295 (bare NANP numbers by their digits)
+    for phone numbers: the load error that named them was logged masked."""
+    write_tile_model(repo_copy, 2)
+    config = json.loads((repo_copy / "tile" / "config.json").read_text())
+    config["output"][0]["dims"] = [-1, 4294967295]
+    config["input"][0]["dims"] = [-1, 2147483647]
+    (repo_copy / "tile" / "config.json").write_text(json.dumps(config))
+    s = server_factory(repo_copy, "--no-exit-on-error", until="live")
+    for _ in range(300):
+        if "load of model 'tile' failed" in s.log.read_text():
+            break
+        time.sleep(0.1)
+    assert "dims [-1, 2147483647]" in s.log.read_text()
+
+
 @pytest.mark.parametrize("coding", [None, "identity"])  # the protocol's own way, the ASGI way
 def test_an_answer_its_client_does_not_read_closes_the_connection_after_the_request_timeout(
     server_factory, repo_copy, coding

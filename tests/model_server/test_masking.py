@@ -301,6 +301,21 @@ def test_text_without_a_value_is_written_as_it_came(keys):
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
 
+def test_int32_limits_and_shapes_in_load_errors_are_not_taken_for_phone_numbers(keys):
+    """2147483647 and 4294967295 have a bare NANP number's shape: the server's load errors
+    ("dims [-1, 4294967295]") came out masked, the one thing that said what was wrong. A bare
+    ten-digit number elsewhere is still a phone number."""
+    ring = KeyRing(keys)
+    for text in [
+        "input 'x' has shape [1, 2147483647] in the graph, dims [-1, 4294967295] in config.json",
+        "dims [5552344567] too large",
+        "shape=5552344567",
+        "max 2147483647, limit 4294967295",
+    ]:
+        assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+    assert find_sensitive("call 5552344567 now") == [("phone", "5552344567")]
+
+
 def _obfuscate(draw, value: str) -> str:
     """One of the ways a client's value reaches a header: digits in another script, characters
     percent-encoded or JSON-escaped, "@" full-width."""
