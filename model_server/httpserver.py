@@ -368,9 +368,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._end_header_phase()
         if any(name == b"transfer-encoding" for name, _ in self.headers):
             self._chunked = [0, 0]
+        # llhttp parses an HTTP/0.9 request line (no version) and an HTTP/2.0 one (other versions
+        # are a 400): they are refused, as nginx does, rather than answered over HTTP/1.1.
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise RequestRefused(505, f"HTTP version {version} is not supported: only 1.0 and 1.1")
         # RFC 9112 3.2, as Envoy: an HTTP/1.1 request without Host, any with two, is a 400 (a
         # proxy in front and this server could each take a different one).
-        if self._hosts > 1 or (not self._hosts and self.parser.get_http_version() == "1.1"):
+        if self._hosts > 1 or (not self._hosts and version == "1.1"):
             raise RequestRefused(400, "a request needs exactly one Host header")
         # An Upgrade (h2c, as Java's HttpClient and curl --http2 ask it; websocket: none is
         # served here) stops the parser at these headers: the body would be parsed as the next

@@ -533,6 +533,25 @@ def test_headers_over_envoys_limits_get_431_and_the_server_keeps_serving(server,
     assert requests.get(f"{server.http}/v2/health/ready", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("version", "request_line"),
+    [("0.9", b"GET /v2/health/ready\r\n\r\n"), ("2.0", b"GET /v2/health/ready HTTP/2.0\r\nHost: x\r\n\r\n")],
+)
+def test_http_versions_other_than_1_0_and_1_1_get_505_and_the_connection_closed(server, version, request_line):
+    """llhttp parses an HTTP/0.9 request (no version) and an HTTP/2.0 request line, and they
+    were answered over HTTP/1.1 as if they were one; nginx refuses them, and so does the server."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request_line + b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):  # to the end: the connection is closed after the refusal
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 "), received
+    assert b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": f"HTTP version {version} is not supported: only 1.0 and 1.1"}
+    assert requests.get(f"{server.http}/v2/health/ready", timeout=10).status_code == 200
+
+
 def test_headers_just_under_the_limits_are_served(server, digit_images):
     body, headers = image_body([digit_images[0][0]])
     meta = {f"X-Meta-K{i}": "v" * 500 for i in range(90)}  # 90 headers, about 46 KiB
