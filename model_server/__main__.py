@@ -64,6 +64,20 @@ def copy_age(text: str) -> float:
     return value
 
 
+MAX_KEEP_ALIVE_S = 3600.0
+
+
+def keep_alive_s(text: str) -> float:
+    """--keep-alive-timeout: seconds above 0 and at most ``MAX_KEEP_ALIVE_S``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_KEEP_ALIVE_S:
+        raise argparse.ArgumentTypeError(f"must be seconds above 0 and at most {MAX_KEEP_ALIVE_S:g}, got {text[:40]!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="model-server", description=__doc__)
     p.add_argument("--repository", type=Path, required=True, help="model repository folder")
@@ -210,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=30.0,
         help="seconds to receive the headers, and then the body; and for a client to read 64 KiB of its answers",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=keep_alive_s,
+        default=75.0,
+        help=f"seconds an idle connection is kept open (at most {MAX_KEEP_ALIVE_S:g})",
     )
     p.add_argument(
         "--exit-on-error",
@@ -485,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         access_log=False,
         log_config=None,  # uvicorn's records reach the root handlers, and their masking
-        timeout_keep_alive=75,
+        timeout_keep_alive=args.keep_alive_timeout,
         http=limited_protocol(args.request_timeout, app.direct),
     )
     server = uvicorn.Server(config)

@@ -9,7 +9,8 @@ the shadow path. Here the request line and headers together are limited to
 ``HEADER_TIMEOUT_S`` (a client trickling one header byte a minute would otherwise hold its
 connection forever: the keep-alive timer stops at the first byte); a client that leaves its
 answers unread must read 64 KiB of them within that time, again and again, once more than
-64 KiB wait to be sent, or the connection is closed. Over a limit the client gets
+64 KiB wait to be sent (or all of them, once the connection is closing), or the connection is
+aborted. Over a limit the client gets
 431 or 408 with the reason, as JSON like every other error, once the answers to the requests
 pipelined before it are written, and the connection is closed; nothing reaches the application.
 A chunked body's framing (chunk sizes, extensions, line ends) is bounded alike (400): llhttp
@@ -541,19 +542,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         request timeout, again and again, or the connection is closed. A client that never
         read held the connection, the answer's bytes and (on the ASGI way) its task forever."""
         super().pause_writing()
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
         if self._write_timer is None:
             self._unsent = self.transport.get_write_buffer_size()
             self._write_timer = self.loop.call_later(self.header_timeout_s, self._written_too_slow)
 
+    def _closing(self) -> None:
+        """The transport was closed: with answers unsent, it waits for the client to read them,
+        forever for one that never does (under the high-water mark no pause_writing came), one
+        file descriptor each. The client must read them as it must while writing is paused."""
+        if self.transport.get_write_buffer_size():
+            self._watch_writes()
+
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._write_timer is not None:
+        if self._write_timer is not None and not self.transport.is_closing():  # (closing: until all is sent)
             self._write_timer.cancel()
             self._write_timer = None
 
     def _written_too_slow(self) -> None:
         self._write_timer = None
         unsent = self.transport.get_write_buffer_size()
+        if not unsent:
+            return
         if unsent <= self._unsent - MAX_HELD_BYTES:  # read on, if slowly: another round
             self._unsent = unsent
             self._write_timer = self.loop.call_later(self.header_timeout_s, self._written_too_slow)
@@ -567,7 +580,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # (reading resumes)
-        if self._refusal is not None and not self._answers_pending() and not self.transport.is_closing():
+        if self.transport.is_closing():  # (an answer with connection: close)
+            self._closing()
+            return
+        if self._refusal is not None and not self._answers_pending():
             self._write_refusal(self._refusal)
             return
         if self._in_headers and self._header_timer is None and not self.flow.read_paused:
@@ -667,6 +683,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _write_refusal(self, refusal: bytes) -> None:
         self.transport.write(refusal)
         self.transport.close()
+        self._closing()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._closing()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.transport.is_closing():
+            self._closing()
 
 
 def limited_protocol(

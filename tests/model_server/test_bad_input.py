@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import re
 import socket
 import struct
+import termios
 import time
 from pathlib import Path
 
@@ -651,6 +653,86 @@ def test_an_answer_its_client_does_not_read_closes_the_connection_after_the_requ
         except ConnectionResetError:
             pass
     assert received < 16 * 2**20  # cut off: the rest was not sent
+    assert "did not read its answer within 1 s" in s.log.read_text()
+    assert requests.get(f"{s.http}/v2/health/ready", timeout=30).status_code == 200
+
+
+def _queued(server_port: int, sock: socket.socket) -> int:
+    """Bytes the kernel holds between the server and ``sock``: unread by it, and in the
+    server's socket unacknowledged (its tx_queue in /proc/net/tcp)."""
+    unread = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+    local = f":{server_port:04X}"
+    remote = f":{sock.getsockname()[1]:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(local) and fields[2].endswith(remote):
+            return unread + int(fields[4].split(":")[0], 16)
+    return unread
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "3601", "x"])
+def test_the_keep_alive_timeout_is_bounded(value, capsys):
+    from model_server.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--repository", ".", "--keep-alive-timeout", value])
+    assert "--keep-alive-timeout: must be seconds above 0 and at most 3600" in capsys.readouterr().err
+    assert parse_args(["--repository", ".", "--keep-alive-timeout", "3600"]).keep_alive_timeout == 3600
+
+
+@pytest.mark.parametrize("closed_by", ["keep-alive timeout", "connection: close"])
+def test_a_connection_closed_with_a_little_left_unread_is_closed_after_the_request_timeout(
+    server_factory, repo_copy, closed_by
+):
+    """A connection closed (its keep-alive timeout, an answer with connection: close) with under
+    64 KiB of answers left to send, to a client whose kernel buffers are full, waited forever
+    for the client to read them: no pause_writing came, so nothing bounded it, a file descriptor
+    each. The client must read them within --request-timeout, or the connection is aborted."""
+    write_tile_model(repo_copy, 256)  # answers of 16 KiB and their headers
+    args = ["--request-timeout", "1"] + (["--keep-alive-timeout", "10"] if closed_by == "keep-alive timeout" else [])
+    s = server_factory(repo_copy, *args)
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 16], "data": list(range(16))}],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    request = f"POST /v2/models/tile/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    close = b"Connection: close\r\n"
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:  # one answer's length, read
+        sock.sendall(request.replace(b"\r\n\r\n", b"\r\n" + close + b"\r\n", 1))
+        size = -len(close.lower())
+        while chunk := sock.recv(1 << 20):
+            size += len(chunk)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", s.port))
+        sent = 0
+        while True:  # answers until the kernel's buffers take no more (and answers wait in the server's)
+            sock.sendall(request)
+            sent += size
+            queued, still = -1, time.monotonic() + 1
+            while (now := _queued(s.port, sock)) < sent and time.monotonic() < still:  # (not read meanwhile)
+                if now != queued:
+                    queued, still = now, time.monotonic() + 1
+                time.sleep(0.01)
+            if now < sent:
+                break
+        assert 0 < sent - queued < 64 * 1024  # the server holds a little of the answers
+        if closed_by == "connection: close":
+            sock.sendall(request.replace(b"\r\n\r\n", b"\r\n" + close + b"\r\n", 1))
+        for _ in range(300):
+            if "did not read its answer within 1 s" in s.log.read_text():
+                break
+            time.sleep(0.1)
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert received < sent  # cut off: the rest was not sent
     assert "did not read its answer within 1 s" in s.log.read_text()
     assert requests.get(f"{s.http}/v2/health/ready", timeout=30).status_code == 200
 
