@@ -147,9 +147,11 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # line, exactly 64 base64 characters, holding a capital, a small letter and a digit (a hex digest,
 # an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
 # hyphenated name, a base64url id). Its last, shorter line is not told from other short text.
+# A line end written escaped (``\n``, ``\r``, as repr() and json.dumps write a key's lines
+# joined) ends a run too: its "n" or "r" is no base64 of the line after it.
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
 _PEM_BODY_LINE = re.compile(
-    r"(?<![A-Za-z0-9+/=_.-])(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
+    r"(?:(?<![A-Za-z0-9+/=_.-])|(?<=\\[nr]))(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
     rf"{B64_LINE}(?![A-Za-z0-9+/=_.-])"
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no

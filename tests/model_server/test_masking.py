@@ -1022,6 +1022,8 @@ SECRET_GROWING = {
     "base64 runs": ("", "Ab1+"),
     "base64 lines": ("", "Ab1/" * 16 + " "),
     "base64 lines glued by dots": ("", "Ab1/" * 16 + "."),
+    "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
+    "escaped line ends": ("", "\\n"),
 }
 
 
@@ -1147,6 +1149,21 @@ def test_a_private_key_logged_one_line_per_record_has_no_body_line_in_the_log(ke
             assert line not in out
             assert reveal(TOKEN_RE.search(out).group(0), ring) == line
             assert line not in scrub(line)
+
+
+def test_a_private_keys_body_lines_joined_by_escaped_line_ends_are_masked_every_one(keys):
+    """Body lines logged joined by escaped line ends (repr(), json.dumps: a backslash and "n")
+    kept every line but the first: the line's start took the "n" of "\\n" for more base64."""
+    lines = [
+        "eUK98iEG8IR3YvDzy012TccHIFEVmg+J8sbayuNEuzESRf1vhN+a18Wz0HasDo9T",
+        "pzVsiJE/IPb3LbAi0k0KltrUPBYXwamOeBKeAyc3EGXQlYZPFa2guEbBwOvFNIrc",
+        "eZrfhJutBdShCsBEHqrutLSO+gsfCr2A6ZijWrpeoL2HmcE1DUOecYl6p1/eMTSk",
+    ]
+    ring = KeyRing(keys)
+    for text in ("key material: " + repr("\n".join(lines)), json.dumps("\r\n".join(lines))):
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == lines, masked
+        assert not [line for line in lines if line in scrub(text)]
 
 
 @pytest.mark.parametrize(
