@@ -54,7 +54,8 @@ _SECRET_KEYED = re.compile(
 # "not found", "is invalid", "is forbidden" or "already exists" ('secret "db2" not found'). Such
 # a name is one as Kubernetes takes it (DNS-1123: lower-case letters, digits, "-" and "."), none
 # that looks random (a run of 16 letters and digits holding a digit, a UUID, a hex string), and
-# never after a word that makes "secret" a credential's name ("client secret", "webhook secret").
+# never after a word that makes "secret" a credential's name ("client secret", "webhook secret"),
+# nor after its possessive ("the client's secret", its apostrophe typographic too: U+2019).
 _K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)
 _SIGNED_NAME = (  # "my-app-2", "ns/db", "kube-system/db"
     rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){{0,62}}+/)?{_K8S_NAME}"
@@ -67,7 +68,9 @@ _OWNERS = (
     "client", "webhook", "api", "app", "application", "shared", "signing", "jwt", "oauth", "consumer",
     "hmac", "session", "cookie", "bot", "otp", "totp", "encryption", "master", "private", "aws",
 )  # fmt: skip
-_NOT_OWNED = "".join(rf"(?<!(?i:{w})[ \t]{{{n}}})" for w in _OWNERS for n in (1, 2, 3))
+_NOT_OWNED = "".join(  # "client secret", "the client's secret"
+    rf"(?<!(?i:{w}){s}[ \t]{{{n}}})" for w in _OWNERS for s in ("", "['\u2019]s") for n in (1, 2, 3)
+)
 _OBJECT_NAMED = (
     rf"(?!(?=(?i:secret)[ \t]){_NOT_OWNED}(?:Secret[ \t]{{1,3}}(?P<k>[\"']?){_NOT_RANDOM}{_SIGNED_NAME}(?P=k)"
     rf"(?![^\s,;:.)\]])|(?i:secret)[ \t]{{1,3}}(?:(?P<n>[\"']){_NOT_RANDOM}{_K8S_NAME}(?P=n)|{_NOT_RANDOM}{_SIGNED_NAME})"

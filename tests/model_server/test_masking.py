@@ -1004,6 +1004,7 @@ SECRET_GROWING = {
     "kinds of signed names": ("", "Secret a1-b "),
     "a signed name without end": ("Secret ", "a1-"),
     "owners of secrets": ("", "client secret "),
+    "possessive owners of secrets": ("", "client's secret "),
     "bytes quotes": ("", "token: b'"),
     "an authorization's parameters": ("Authorization: AWS4 ", "a=b, "),
     "a spaced value of prose": ("password Ab", "c"),

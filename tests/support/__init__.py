@@ -341,6 +341,10 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'secret "3f8e5a1c9b7d2e4f6a8c0b1d" not found': "3f8e5a1c9b7d2e4f6a8c0b1d",
     "secret 9b2c4d6e-1a3f-4b5c-8d7e-0f1a2b3c4d5e not found": "9b2c4d6e-1a3f-4b5c-8d7e-0f1a2b3c4d5e",
     "shared secret k8s-p4ss-w0rd is invalid": "k8s-p4ss-w0rd",
+    # and after the owner's possessive (its apostrophe typographic too: \u2019)
+    "the client's secret abcdef-123456 is invalid": "abcdef-123456",
+    "the webhook's secret whsec-4f8a9b2c1d3e is invalid": "whsec-4f8a9b2c1d3e",
+    "the app\u2019s secret ab12-cd34-ef56 is invalid": "ab12-cd34-ef56",
     "Secret xk29fm4q7zr81pw3tn5v-2 rejected": "xk29fm4q7zr81pw3tn5v-2",
     # a key, spaces and a value in quotes: a literal, whatever its shape
     'login with password "hunter2" refused': "hunter2",
