@@ -29,7 +29,9 @@ _CRED_WORDS = (
     r"|amz-signature"
 )
 _SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
-_COOKIE = r"(?i:(?:set-)?cookie)"
+_COOKIE_ONE = r"(?i:(?:set-)?cookie)"
+_COOKIE = rf"{_COOKIE_ONE}(?i:s)?"  # (a log line's "cookies" too: a request's)
+_COOKIE_PAIR = r"[!#$%&*+.^_`|~0-9A-Za-z-]{1,64}="  # a cookie's name (RFC 6265's token) and "="
 SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
@@ -90,15 +92,19 @@ _QUERY_SECRET = re.compile(
 # A cookie header's value, all its pairs, to the end of the line (or of its quotes); and so an
 # Authorization header's in a scheme of parameters ("AWS4-HMAC-SHA256 Credential=...,
 # SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
-# (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``).
+# (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``). A
+# value that is a dict's repr ("cookies: {'session': 'abc123'}", as a log line writes a
+# request's) is masked whole, to its "}" on the line. "cookies" (plural, a log line's word) is
+# a header only before a pair or a dict ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
-    rf"(?<![A-Za-z0-9-])(?:{_COOKIE}|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}"
-    rf"{_NO_MASKED_AFTER}(?!{_SCHEME})(?P<v>[^\s\"'<>][^\r\n\"'<>]{{0,4095}})"
+    rf"(?<![A-Za-z0-9-])(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=\{{|{_COOKIE_PAIR}))"
+    r"(?P<v>\{[^\r\n{}]{1,4094}\}|[^\s\"'<>][^\r\n\"'<>]{0,4095})"
 )
-# "cookie" then spaces and a pair ("cookie session=abc123", as free text writes it, no ":"): its
-# pairs apart by ";", to the first space after them (the prose after it stays).
+# "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
+# no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).
 _COOKIE_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9-]){_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?=[!#$%&*+.^_`|~0-9A-Za-z-]{{1,64}}=)"
+    rf"(?<![A-Za-z0-9-]){_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
     r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more

@@ -949,6 +949,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "response=200 in 12 ms, response time 3.2 ms, nonce reused",  # (a digest's response is its hash)
     "ya29. alone, GOOG1 a prefix, ya29.short",
     "cookie consent banner shown, cookies: 3, cookie jar empty",
+    "cookies: none, cookies=0, cookies sent: 2",  # ("cookies" names a header before a pair or a dict)
 ]
 
 
@@ -1020,6 +1021,9 @@ SECRET_GROWING = {
     "google token prefixes": ("", "ya29.GOOG1"),
     "spaced cookie pairs": ("cookie ", "a=b;"),
     "spaced cookie words": ("", "cookie a="),
+    "plural cookie headers": ("", "cookies: a="),
+    "a cookie dict never closed": ("cookies: {", "a"),
+    "cookie dicts": ("", "cookies: {a"),
     "base64 runs": ("", "Ab1+"),
     "base64 lines": ("", "Ab1/" * 16 + " "),
     "base64 lines glued by dots": ("", "Ab1/" * 16 + "."),
@@ -1046,7 +1050,15 @@ def test_the_secret_detectors_finish_on_growing_hostile_text(shape):
 def test_fields_named_for_a_secret_are_masked_whole(keys):
     ring = KeyRing(keys)
     m = Masker(ring)
-    for name in ["Authorization", "proxy-authorization", "Cookie", "Set-Cookie", "X-Api-Key", "x-meta-token"]:
+    for name in [
+        "Authorization",
+        "proxy-authorization",
+        "Cookie",
+        "Set-Cookie",
+        "cookies",
+        "X-Api-Key",
+        "x-meta-token",
+    ]:
         assert m.masks_whole(name), name
     for name in ["x-meta-lang", "x-request-id", "token_count", "x-meta-session"]:
         assert not m.masks_whole(name), name

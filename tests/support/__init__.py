@@ -323,6 +323,11 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     # and written without a colon, as free text does
     "rejected cookie session=abc123 for user 7": "session=abc123",
     "Cookie session=Zx9y8W7v; theme=dark expired": "session=Zx9y8W7v; theme=dark",
+    # "cookies", as a log line names a request's, and a dict's repr of them, masked whole
+    "Cookies: session=abc123XYZ; theme=dark\nHost: x": "session=abc123XYZ; theme=dark",
+    "cookies session=abc123XYZ for user 7": "session=abc123XYZ",
+    "request cookies: {'session': 'abc123XYZ'} sent": "{'session': 'abc123XYZ'}",
+    "Cookie: {'session': 'Zx9y8W7v', 'theme': 'dark'}": "{'session': 'Zx9y8W7v', 'theme': 'dark'}",
     # a key then its value after spaces, no ":" or "=" (a value that is no lower-case word)
     "login with password hunter2 refused": "hunter2",
     "the password is Tr0ub4dor&3": "Tr0ub4dor",
