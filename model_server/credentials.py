@@ -20,6 +20,15 @@ Span = tuple[int, int]
 
 DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  # "2026-12-03", "12:30"
 NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
+
+
+def _after_boundary(word: str) -> str:
+    """A pattern's start: after no character of ``word`` (a character class's body), or after a
+    line end or tab written escaped (``\\n``, ``\\r``, ``\\t``, as repr() and json.dumps write
+    lines joined), whose letter is no part of the word after it."""
+    return rf"(?:(?<![{word}])|(?<=\\[nrt]))"
+
+
 # A key that names a secret: the name ends in one of these words, after up to three prefixes
 # ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
 # only starts with one ("token_count", "password_file", "secret_name") names no secret.
@@ -41,7 +50,7 @@ _QUOTED = r"(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q))"  # to the quote ``q`` th
 # (its "b" no value of its own).
 _OPEN_QUOTE = r"(?>(?:b?(?P<q>[\"']))?)"
 _SECRET_KEYED = re.compile(
-    rf"(?<![A-Za-z0-9]){_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
@@ -79,7 +88,7 @@ _OBJECT_NAMED = (
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9]){_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?P<q>[\"'])?{_NO_MASKED_AFTER}"
+    rf"{_after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?P<q>[\"'])?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}}))"
 )
@@ -97,20 +106,20 @@ _QUERY_SECRET = re.compile(
 # request's) is masked whole, to its "}" on the line. "cookies" (plural, a log line's word) is
 # a header only before a pair or a dict ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
-    rf"(?<![A-Za-z0-9-])(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=\{{|{_COOKIE_PAIR}))"
     r"(?P<v>\{[^\r\n{}]{1,4094}\}|[^\s\"'<>][^\r\n\"'<>]{0,4095})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).
 _COOKIE_SPACED = re.compile(
-    rf"(?<![A-Za-z0-9-]){_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
+    rf"{_after_boundary('A-Za-z0-9-')}{_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
     r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
 _BEARER = re.compile(
-    rf"(?<![A-Za-z0-9])(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
+    rf"{_after_boundary('A-Za-z0-9')}(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
     r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
 )
 # A URL's password: "scheme://user:password@host" (``v``: the user stays readable); ``u``, its
@@ -126,7 +135,7 @@ _URL_USERINFO = re.compile(
 # npm and PyPI tokens, Slack webhook paths, JWEs (RFC 7516's compact form: five parts, its
 # encrypted key empty under "dir") and JWTs, private key blocks.
 _ISSUED = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:"
+    rf"{_after_boundary('A-Za-z0-9_-')}(?:"
     r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
     r"|xox[a-z]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
     r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
@@ -141,7 +150,7 @@ _ISSUED = re.compile(
 # request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
 # written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest).
 _DIGEST_PARAM = re.compile(
-    rf"(?<![A-Za-z0-9_-])(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
+    rf"{_after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
     r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
 )
 _SLACK_WEBHOOK = re.compile(
@@ -156,12 +165,12 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # line, exactly 64 base64 characters, holding a capital, a small letter and a digit (a hex digest,
 # an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
 # hyphenated name, a base64url id). Its last, shorter line is not told from other short text.
-# A line end written escaped (``\n``, ``\r``, as repr() and json.dumps write a key's lines
-# joined) ends a run too: its "n" or "r" is no base64 of the line after it.
+# A line end written escaped (``\n``, as repr() and json.dumps write a key's lines joined) ends a
+# run too (``_after_boundary``).
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
 _PEM_BODY_LINE = re.compile(
-    r"(?:(?<![A-Za-z0-9+/=_.-])|(?<=\\[nr]))(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
-    rf"{B64_LINE}(?![A-Za-z0-9+/=_.-])"
+    rf"{_after_boundary('A-Za-z0-9+/=_.-')}(?=[A-Za-z0-9+/]{{0,63}}[A-Z])(?=[A-Za-z0-9+/]{{0,63}}[a-z])"
+    rf"(?=[A-Za-z0-9+/]{{0,63}}[0-9]){B64_LINE}(?![A-Za-z0-9+/=_.-])"
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.

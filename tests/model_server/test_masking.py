@@ -1029,6 +1029,7 @@ SECRET_GROWING = {
     "base64 lines glued by dots": ("", "Ab1/" * 16 + "."),
     "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
     "escaped line ends": ("", "\\n"),
+    "keys after escaped line ends": ("", "\\npassword \\tCookie: a=\\rAKIA"),
 }
 
 

@@ -384,6 +384,13 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "hmac id GOOG1EJRUINPZ2TFDDJJ5HCVS5RM4DSY5C2W6JP6ZXTBJJJPH4UAIDCCJAUBO denied": (
         "GOOG1EJRUINPZ2TFDDJJ5HCVS5RM4DSY5C2W6JP6ZXTBJJJPH4UAIDCCJAUBO"
     ),
+    # after a line end or tab written escaped (repr(), json.dumps of lines joined): its letter
+    # is no part of the key or the credential after it
+    "lines: 'retry\\npassword=Tr0ub4dor&3'": "Tr0ub4dor",
+    '{"msg": "sent\\ntoken: Zx9y8W7vQ2"}': "Zx9y8W7vQ2",
+    "keys: 'a\\nAKIAIOSFODNN7EXAMPLE'": "AKIAIOSFODNN7EXAMPLE",
+    "headers: 'Host: x\\r\\nCookie: session=abc123'": "session=abc123",
+    "fields: 'user\\tsecret hunter2'": "hunter2",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
