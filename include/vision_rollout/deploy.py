@@ -756,7 +756,7 @@ class VersionDeployments:
         hpa = self._hpa(version)
         return None if hpa is None or _own_min(hpa) is None else int(hpa["spec"].get("minReplicas") or 1)
 
-    def hold_floor(self, version: str) -> int | None:
+    def hold_floor(self, version: str, dry_run: bool = False) -> int | None:
         """Under autoscaling, the stable version's HPA kept from shrinking it while the candidate
         takes a share of its traffic (Argo Rollouts keeps the stable at full scale for the whole
         run): its ``minReplicas`` raised to the pods it runs now (within its ``maxReplicas``), its
@@ -765,7 +765,8 @@ class VersionDeployments:
         all of the traffic back to as many pods as served it before, and each stage's candidate is
         sized from them. Once held, held: a step run again keeps the first floor and the own
         record. The floor held, None when there is nothing to hold (no autoscaling, no HPA, no
-        more pods than its own floor)."""
+        more pods than its own floor). ``dry_run``: only whether the API server would take the
+        HPA's apply (RouterError naming what it refuses), nothing written."""
         hpa = self._hpa(version)
         if hpa is None:
             return None
@@ -777,7 +778,10 @@ class VersionDeployments:
         if floor <= own:
             return None
         self._apply_hpa(
-            version, {**spec, "minReplicas": floor}, {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)}
+            version,
+            {**spec, "minReplicas": floor},
+            {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)},
+            dry_run,
         )
         return floor
 
@@ -821,12 +825,15 @@ class VersionDeployments:
                     held.append(version)
         return [v for v in sorted(held, key=int) if self.release_floor(v)]
 
-    def _apply_hpa(self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
+    def _apply_hpa(
+        self, version: str, spec: dict[str, Any], annotations: dict[str, str] | None = None, dry_run: bool = False
+    ) -> None:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
         (no ``force``: a field another manager owns, a Helm release's HPA of that name, is refused,
         ``refused``) unless the live one holds them already (``_hpa_holds``:
         a stage at the same size, a step run again), then the version's budget at the HPA's floor
-        (the least it may scale the version to: ``render_pdb``)."""
+        (the least it may scale the version to: ``render_pdb``). ``dry_run``: the HPA's apply sent
+        as a dry run (``dryRun=All``), nothing else."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -843,9 +850,12 @@ class VersionDeployments:
                     hpa,
                     field_manager=FIELD_MANAGER,
                     _content_type="application/apply-patch+yaml",
+                    **({"dry_run": "All"} if dry_run else {}),
                 )
         except ApiException as exc:
             raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
+        if dry_run:
+            return
         self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))  # (also where a try stopped before it)
 
     def _live(self, version: str) -> Any:

@@ -618,6 +618,7 @@ def deploy_candidate(params: dict[str, Any], image: str | None, run_id: str) -> 
                 f"section, or models.{spec.model}.istio)"
             )
     retirable(spec, deployments)
+    floor_holdable(spec, deployments)
     # Never fewer pods than it runs: run again mid-rollout (cleared), it serves a later stage's share.
     replicas = max(candidate_size(spec, spec.stages[0], deployments), deployments.replicas(spec.candidate_version) or 0)
     deployments.apply(spec.candidate_version, image, replicas, like=spec.baseline_version)
@@ -651,6 +652,22 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
     except RouterError as exc:
         raise AirflowFailException(
             f"{exc}. The rollout could not retire version {spec.baseline_version} once promoted"
+        ) from None
+
+
+def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
+    """Under autoscaling, no other manager owns a field of the baseline's HPA that stage 1's
+    ``hold_floor`` would change (a Helm release's HPA, a ``minReplicas`` set by ``kubectl edit``):
+    that apply is sent as a dry run before the candidate is deployed, else it was refused (409)
+    at stage 1, the candidate's pods already up."""
+    from vision_rollout.mesh import RouterError
+
+    try:
+        deployments.hold_floor(spec.baseline_version, dry_run=True)
+    except RouterError as exc:
+        raise AirflowFailException(
+            f"{exc}. The rollout could not hold version {spec.baseline_version}'s floor while the candidate "
+            "takes a share of its traffic"
         ) from None
 
 

@@ -1563,6 +1563,40 @@ def test_a_helm_releases_baseline_is_refused_before_anything_moves_not_at_its_re
     assert deployment(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
 
+@pytest.mark.parametrize("manager", ["helm", "kubectl-edit"])
+def test_a_baseline_floor_another_manager_owns_is_refused_before_the_candidate_is_deployed(
+    kube, monkeypatch, tmp_path, manager
+):
+    """Under autoscaling, the baseline's HPA a Helm release installed, or its minReplicas set by
+    ``kubectl edit``: stage 1's hold_floor (its minReplicas raised to the pods it runs) was
+    refused (409) after the candidate was deployed. The floor's apply is now sent as a dry run
+    before the candidate is deployed: refused there, naming the field and its manager, no
+    candidate made."""
+    from vision_rollout.deploy import render_hpa
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    versions = steps.ModelServerHook().deployments("digits")
+    theirs = render_hpa(versions.target, "1", 3, 40)
+    if manager == "helm":
+        theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+        kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"))  # (Helm's, not the rollout's)
+    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, manager, force=True)  # (an edit's Update)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load
+    take("run-1")
+    before = len(kube.requests)
+    with pytest.raises(AirflowFailException) as refused:
+        steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    said = str(refused.value)
+    assert said.startswith("apply HorizontalPodAutoscaler digits-v1: fields another field manager owns")
+    assert f'"{manager}" owns ' in said
+    assert ".spec.minReplicas" in said
+    assert said.endswith("could not hold version 1's floor while the candidate takes a share of its traffic")
+    assert [w["path"] for w in changes(kube, before) if "/leases/" not in w["path"]] == []
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 3
+
+
 def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_takes_the_traffic(
     kube, monkeypatch, tmp_path
 ):
