@@ -540,7 +540,8 @@ class VersionDeployments:
     def apply(self, version: str, image: str, replicas: int = 1, like: str | None = None) -> dict[str, Any]:
         """Apply version ``version``'s Deployment with ``replicas`` pods (under autoscaling: its
         HPA's floor). Its pod template: its own live one when it has a Deployment (scaling changes
-        nothing else), else version ``like``'s (the baseline's: what the user set on its pods
+        nothing else; without the pod labels and annotations another manager owns, ``rollouts_view``,
+        which sent along would become the rollout's too), else version ``like``'s (the baseline's: what the user set on its pods
         carries over), else ``render_deployment``'s. No ``force``: unlike the Istio objects,
         which only the rollout writes, a Deployment's fields may have other owners (an HPA,
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
@@ -584,6 +585,11 @@ class VersionDeployments:
             else None
         )
         intact = recorded is None or live is None or recorded == template_digest(live["spec"]["template"])
+        own = meta.get("name") == self._name(version)
+        like = None if live is None else live["spec"]["template"]
+        if live is not None and own:  # (its pods' labels and annotations another manager owns stay its own)
+            pods = (rollouts_view(live)["spec"].get("template") or {}).get("metadata") or {}
+            like = {**live["spec"]["template"], "metadata": pods}
         body = render_deployment(
             self.target,
             self.model,
@@ -592,10 +598,10 @@ class VersionDeployments:
             None if autoscaled else replicas,
             self.build,
             self.prediction_log,
-            like=None if live is None else live["spec"]["template"],
+            like=like,
         )
         if live is not None:
-            body = with_live_settings(body, live, own=meta.get("name") == self._name(version))
+            body = with_live_settings(body, live, own=own)
         if deployed is not None:
             body["metadata"]["annotations"] = {
                 **(body["metadata"].get("annotations") or {}),

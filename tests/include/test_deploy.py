@@ -752,3 +752,40 @@ def test_a_label_another_manager_owns_on_a_deployment_stays_its_own_after_the_ro
     assert (live["labels"]["tier"], live["labels"]["app.kubernetes.io/instance"]) == ("gold", "digits")
     candidate = api.objects[("deployments", "models", "digits-v2")]["metadata"]["labels"]
     assert (candidate["team"], candidate["tier"]) == ("vision", "gold")
+
+
+def test_a_pod_label_another_manager_owns_stays_its_own_after_the_rollouts_applies(kube_api):
+    """A pod template label and annotation another manager set on a version's Deployment (a
+    GitOps tool's apply: a team label, a scrape annotation) were copied into the rollout's every
+    re-apply of it with the live pod template, which made the rollout their co-owner: that
+    manager could no longer remove them. Another manager's pod labels and annotations stay out of
+    the rollout's re-apply of that Deployment; the candidate made like it still takes them."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    v1 = render_deployment(TARGET, "digits", "1", "img:1", 2, BuildSettings(gpus=0))
+    apply_object(api_client, v1)
+    theirs = copy.deepcopy(v1)
+    theirs["spec"]["template"]["metadata"]["labels"]["team"] = "vision"
+    theirs["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] = "true"
+    apply_object(api_client, theirs, manager="argocd-controller")
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.scale("1", 2)
+    versions.apply("2", "img:2", 1, like="1")
+    key = ("deployments", "models", "digits-v1")
+    mine = next(e for e in api.objects[key]["metadata"]["managedFields"] if e["manager"] == "model-rollout")
+    pods = mine["fieldsV1"]["f:spec"]["f:template"]["f:metadata"]
+    assert "f:team" not in pods.get("f:labels", {})
+    assert "f:prometheus.io/scrape" not in pods.get("f:annotations", {})
+    theirs["spec"]["template"]["metadata"]["labels"].pop("team")
+    theirs["spec"]["template"]["metadata"]["annotations"].pop("prometheus.io/scrape")
+    apply_object(api_client, theirs, manager="argocd-controller")
+    live = api.objects[key]["spec"]["template"]["metadata"]
+    assert "team" not in live["labels"]
+    assert "prometheus.io/scrape" not in live["annotations"]
+    assert (live["labels"]["version"], live["annotations"]["model-rollout/model"]) == ("1", "digits")
+    candidate = api.objects[("deployments", "models", "digits-v2")]["spec"]["template"]["metadata"]
+    assert (candidate["labels"]["team"], candidate["annotations"]["prometheus.io/scrape"]) == ("vision", "true")
+    assert versions.changed("2") is None
