@@ -642,19 +642,26 @@ def test_an_answer_its_client_does_not_read_closes_the_connection_after_the_requ
         sock.settimeout(30)
         sock.connect(("127.0.0.1", s.port))
         sock.sendall(head.encode() + body)
-        for _ in range(300):  # (not read meanwhile)
-            if "did not read its answer within 1 s" in s.log.read_text():
-                break
-            time.sleep(0.1)
-        received = 0
-        try:
-            while chunk := sock.recv(1 << 20):
-                received += len(chunk)
-        except ConnectionResetError:
-            pass
+        received = read_once_cut_off(s, sock)  # (not read meanwhile)
     assert received < 16 * 2**20  # cut off: the rest was not sent
     assert "did not read its answer within 1 s" in s.log.read_text()
     assert requests.get(f"{s.http}/v2/health/ready", timeout=30).status_code == 200
+
+
+def read_once_cut_off(s, sock: socket.socket) -> int:
+    """The bytes ``sock`` receives once the server ``s`` logged that its client did not read its
+    answer within the request timeout (cut off, the connection closed), waited for up to 30 s."""
+    for _ in range(300):
+        if "did not read its answer within 1 s" in s.log.read_text():
+            break
+        time.sleep(0.1)
+    received = 0
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    return received
 
 
 def _queued(server_port: int, sock: socket.socket) -> int:
@@ -722,16 +729,7 @@ def test_a_connection_closed_with_a_little_left_unread_is_closed_after_the_reque
         assert 0 < sent - queued < 64 * 1024  # the server holds a little of the answers
         if closed_by == "connection: close":
             sock.sendall(request.replace(b"\r\n\r\n", b"\r\n" + close + b"\r\n", 1))
-        for _ in range(300):
-            if "did not read its answer within 1 s" in s.log.read_text():
-                break
-            time.sleep(0.1)
-        received = 0
-        try:
-            while chunk := sock.recv(1 << 20):
-                received += len(chunk)
-        except ConnectionResetError:
-            pass
+        received = read_once_cut_off(s, sock)
     assert received < sent  # cut off: the rest was not sent
     assert "did not read its answer within 1 s" in s.log.read_text()
     assert requests.get(f"{s.http}/v2/health/ready", timeout=30).status_code == 200
