@@ -1624,6 +1624,37 @@ def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_t
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_another_managers(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """Under autoscaling, the stable version's HPA a Helm release's, the stable version at its
+    floor (nothing held: no dry run before the candidate): the rollback's scale of it ahead of
+    the traffic re-applies its HPA, refused (409, Helm owns its fields), and the rollback stopped
+    there, every retry the same: the candidate kept its share. The scale is logged, not waited
+    for, and the traffic goes back."""
+    from vision_rollout.deploy import render_hpa
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    versions = steps.ModelServerHook().deployments("digits")
+    theirs = render_hpa(versions.target, "1", 3, 40)
+    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
+    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    kube.scale("models", "digits-v1", 3, "kube-controller-manager")  # at its HPA's floor: a quiet hour
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.deploy_candidate(params, image("2"), "run-1")
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    steps.restore_stable(params, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert "version 1 was not scaled ahead of the traffic" in caplog.text
+    assert '"helm" owns' in caplog.text
+    assert hpa(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # (left Helm's)
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call(kube, monkeypatch):
     """Connections closed without an answer reached the task as urllib3's MaxRetryError (a
     traceback naming neither the call nor what to check), and a stage's poke that could not read
