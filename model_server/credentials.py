@@ -45,13 +45,21 @@ SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
-_QUOTED = r"(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q))"  # to the quote ``q`` that closes it, on its line
-# A string's opening quote, or a Python bytes' repr's (botocore's headers: b'...'), not given back
-# (its "b" no value of its own).
-_OPEN_QUOTE = r"(?>(?:b?(?P<q>[\"']))?)"
+# A string in quotes, to the quote ``q`` that closes it, on its line; in quotes written escaped
+# (``e``: a JSON document held as a string, '{"body": "{\\"password\\": \\"...\\"}"}'), to the
+# escaped quote that closes it, its own escapes (``\\\\``, then a character or an escape) in it.
+_QUOTED = (
+    r"(?(e)(?:\\\\(?:\\.|[^\n\\])|\\(?![\\\n]|(?P=q)).|(?!(?P=q))[^\n\\]){1,256}(?=\\(?P=q))"
+    r"|(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q)))"
+)
+# A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
+# (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
+_KEY_QUOTE = r"(?:\\?[\"'])?"
+_CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
+_OPEN_QUOTE = r"(?>(?:b?(?P<e>\\)?(?P<q>[\"']))?)"
 _SECRET_KEYED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q){_QUOTED}|{_CRED_CHAR}{{1,256}})|{_CRED_CHAR}{{1,256}})"
+    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}{_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"(?P<v>(?(q){_QUOTED}|{_CRED_RUN})|{_CRED_RUN})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"); else
@@ -88,7 +96,7 @@ _OBJECT_NAMED = (
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?P<q>[\"'])?{_NO_MASKED_AFTER}"
+    rf"{_after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>\\)?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}}))"
 )
@@ -106,9 +114,9 @@ _QUERY_SECRET = re.compile(
 # request's) is masked whole, to its "}" on the line. "cookies" (plural, a log line's word) is
 # a header only before a pair or a dict ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
-    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization))[\"']?[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=\{{|{_COOKIE_PAIR}))"
-    r"(?P<v>\{[^\r\n{}]{1,4094}\}|[^\s\"'<>][^\r\n\"'<>]{0,4095})"
+    r"(?P<v>\{[^\r\n{}]{1,4094}\}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){0,4095})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).

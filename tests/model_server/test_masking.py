@@ -950,6 +950,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "ya29. alone, GOOG1 a prefix, ya29.short",
     "cookie consent banner shown, cookies: 3, cookie jar empty",
     "cookies: none, cookies=0, cookies sent: 2",  # ("cookies" names a header before a pair or a dict)
+    '{"msg": "{\\"token_count\\": 12, \\"secrets\\": \\"none\\", \\"password_file\\": \\"/run/db\\"}"}',
 ]
 
 
@@ -1030,6 +1031,10 @@ SECRET_GROWING = {
     "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
     "escaped line ends": ("", "\\n"),
     "keys after escaped line ends": ("", "\\npassword \\tCookie: a=\\rAKIA"),
+    "escaped quotes never closed": ("", '\\"password\\": \\"'),
+    "backslashes in an escaped quote": ('password: \\"', "\\"),
+    "escaped quotes in an escaped quote": ('password: \\"', '\\\\\\"'),
+    "escaped cookie headers": ("", '\\"Cookie\\": \\"a=\\'),
 }
 
 

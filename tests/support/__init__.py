@@ -391,6 +391,10 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "keys: 'a\\nAKIAIOSFODNN7EXAMPLE'": "AKIAIOSFODNN7EXAMPLE",
     "headers: 'Host: x\\r\\nCookie: session=abc123'": "session=abc123",
     "fields: 'user\\tsecret hunter2'": "hunter2",
+    # a JSON document held as a string (a log message, a request's body): its quotes escaped
+    '{"body": "{\\"password\\": \\"hunter2\\"}"}': "hunter2",
+    '{"body": "{\\"db_password\\":\\"x\\\\\\"Tr0ub4dor\\"}"}': 'x\\\\\\"Tr0ub4dor',
+    '{"req": "{\\"Cookie\\": \\"session=abc123XYZ\\"}"}': "session=abc123XYZ",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
