@@ -55,11 +55,24 @@ _QUOTED = (
 # A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
 _KEY_QUOTE = r"(?:\\?[\"'])?"
-_CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
 _OPEN_QUOTE = r"(?>(?:b?(?P<e>\\)?(?P<q>[\"']))?)"
+_CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
+
+
+# A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
+# to the bracket that closes it on its line, four deep at most, each repetition possessive (no
+# backtracking into a bracket: one scan); one not closed there (a line cut short, nested deeper),
+# to the line's end.
+def _bracketed(depth: int) -> str:
+    """A bracket's repr, to the bracket that closes it on its line, ``depth`` deep at most."""
+    inner = r"[^\r\n{}\[\]]" if depth == 1 else rf"(?:[^\r\n{{}}\[\]]|{_bracketed(depth - 1)})"
+    return rf"[{{\[]{inner}{{0,4094}}+[}}\]]"
+
+
+_BRACKETED = rf"(?:{_bracketed(4)}|[{{\[][^\r\n]{{0,4095}})"
 _SECRET_KEYED = re.compile(
     rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}{_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q){_QUOTED}|{_CRED_RUN})|{_CRED_RUN})"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{_BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"); else
@@ -110,13 +123,13 @@ _QUERY_SECRET = re.compile(
 # Authorization header's in a scheme of parameters ("AWS4-HMAC-SHA256 Credential=...,
 # SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
 # (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``). A
-# value that is a dict's repr ("cookies: {'session': 'abc123'}", as a log line writes a
-# request's) is masked whole, to its "}" on the line. "cookies" (plural, a log line's word) is
-# a header only before a pair or a dict ("cookies: 3" is a count).
+# value that is a dict's or a list's repr ("cookies: {'session': 'abc123'}", as a log line
+# writes a request's; a dict in it too) is masked whole (``_BRACKETED``). "cookies" (plural, a
+# log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
     rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
-    rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=\{{|{_COOKIE_PAIR}))"
-    r"(?P<v>\{[^\r\n{}]{1,4094}\}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){0,4095})"
+    rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
+    rf"(?P<v>{_BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).

@@ -951,6 +951,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "cookie consent banner shown, cookies: 3, cookie jar empty",
     "cookies: none, cookies=0, cookies sent: 2",  # ("cookies" names a header before a pair or a dict)
     '{"msg": "{\\"token_count\\": 12, \\"secrets\\": \\"none\\", \\"password_file\\": \\"/run/db\\"}"}',
+    "usage tokens: {'prompt': 12}, secret_name: {'ns': 'models'}, cookies: 3",
 ]
 
 
@@ -1035,6 +1036,12 @@ SECRET_GROWING = {
     "backslashes in an escaped quote": ('password: \\"', "\\"),
     "escaped quotes in an escaped quote": ('password: \\"', '\\\\\\"'),
     "escaped cookie headers": ("", '\\"Cookie\\": \\"a=\\'),
+    "dicts after keys": ("", "token: {a "),
+    "closed dicts after keys": ("", "token: {a} "),
+    "dicts nested never closed": ("password: ", "{a: "),
+    "nested cookie dicts": ("", "cookies: {'s': ["),
+    "a list never closed": ("token: [", "a"),
+    "closes without opens": ("token: {a", "}]"),
 }
 
 
@@ -1051,6 +1058,18 @@ def test_the_secret_detectors_finish_on_growing_hostile_text(shape):
         start, end = span[0], span[1]
         assert ends[-1] <= start < end <= len(text), (shape, span)
         ends.append(end)
+
+
+def test_a_dict_after_a_secret_key_not_closed_on_its_line_is_masked_to_its_end():
+    """A dict's repr cut short (a log line truncated) or nested deeper than four: its "{" was all
+    the keyed rule masked, its values stayed readable."""
+    for text in [
+        "token: {'a': 'b3cret9",
+        "cookies: {'s': {'x': 'abc123XYZ'",
+        "secret: {a: {b: {c: {d: {e: 'b3cret9'}}}}}",
+    ]:
+        a, b = spans(f"{text}\nnext line")[-1]
+        assert (a, b) == (text.index(": ") + 2, len(text)), text
 
 
 def test_fields_named_for_a_secret_are_masked_whole(keys):

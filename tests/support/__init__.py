@@ -395,6 +395,11 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     '{"body": "{\\"password\\": \\"hunter2\\"}"}': "hunter2",
     '{"body": "{\\"db_password\\":\\"x\\\\\\"Tr0ub4dor\\"}"}': 'x\\\\\\"Tr0ub4dor',
     '{"req": "{\\"Cookie\\": \\"session=abc123XYZ\\"}"}': "session=abc123XYZ",
+    # a dict's or a list's repr after a secret's key, masked whole to the bracket that closes it
+    "password: {'a': 'b3cret9'} sent": "{'a': 'b3cret9'}",
+    "api_key: ['k1Xz9Q', 'k2Yq8W'] set": "['k1Xz9Q', 'k2Yq8W']",
+    "cookies: {'s': {'x': 'abc123XYZ'}} sent": "{'s': {'x': 'abc123XYZ'}}",
+    "browser cookies: [{'name': 'sid', 'value': 'Zx9y8W7v'}] ok": "[{'name': 'sid', 'value': 'Zx9y8W7v'}]",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
