@@ -235,9 +235,11 @@ DETECTORS: tuple[Detector, ...] = (
             + rf"|\d{{2}}(?P<n>{_SEP})\d{{3}}(?P=n)\d{{4}}|\d[ /_-]\d{{8}})"
             + rf"|\+\d{{1,3}}(?:{_SEP}?\(\d{{1,4}}\))?(?:{_SEP}?\d){{6,14}}"  # E.164, "+44 (0)20 ..." too
             + rf"|(?:\+?1{_SEP}?)?(?:\({_NXX}\){_SEP}{{0,2}}|{_NXX}{_SEP}){_NXX}{_SEP}\d{{4}}"  # NANP
-            # NANP without separators; not int32's and uint32's limits, nor a number in a list
-            # ("shape [1, 2147483647]") or named dims or shape, as the server's load errors print them
-            + rf"|(?<!\[)(?<!\d, )(?<!dims[ =:])(?<!shape[ =:])(?!2147483647|4294967295){_NXX}{_NXX}\d{{4}}"
+            # NANP without separators; not int32's and uint32's limits, nor right after named dims
+            # or shape ("dims [5000000000]"), as the server's load errors print them (a phone number
+            # in any other list is one)
+            + r"|(?<!dims[ =:])(?<!shape[ =:])(?<!dims[ =:]\[)(?<!shape[ =:]\[)(?!2147483647|4294967295)"
+            + rf"{_NXX}{_NXX}\d{{4}}"
             + r"|[6-9]\d{4}[ /_-]\d{5})"  # India's mobiles, 5 and 5 (not with a dot, as a float is written)
             + _NOT_ALNUM_AFTER
         ),

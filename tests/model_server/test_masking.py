@@ -314,6 +314,10 @@ def test_int32_limits_and_shapes_in_load_errors_are_not_taken_for_phone_numbers(
     ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
     assert find_sensitive("call 5552344567 now") == [("phone", "5552344567")]
+    # Phone numbers in a list are phone numbers.
+    for text in ['{"phones": [5552344567, 5552344568]}', "user phones 5552344567, 5552344568"]:
+        assert find_sensitive(text) == [("phone", "5552344567"), ("phone", "5552344568")], text
+    assert find_sensitive("phone=[5552344567]") == [("phone", "5552344567")]
 
 
 def _obfuscate(draw, value: str) -> str:
