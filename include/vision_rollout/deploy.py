@@ -34,6 +34,7 @@ from typing import Any
 
 from vision_rollout.mesh import (
     FIELD_MANAGER,
+    ApiUnreachable,
     IstioTarget,
     RouterError,
     api_message,
@@ -558,6 +559,7 @@ class VersionDeployments:
         autoscaling: dict[str, Any] | None = None,
         deployed: str | None = None,
         dry_run: bool = False,
+        rolling_back: bool = False,
     ) -> dict[str, Any]:
         """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
         already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
@@ -573,7 +575,8 @@ class VersionDeployments:
         leaves the Deployment and its record as they were (two writes, the first applied and the
         second refused, left a new template under the old digest: a hand edit to ``changed``).
         The digest is of the live template when the apply leaves it as it is (a scale), else of
-        the template a dry run of the apply (``dryRun=All``) says the server would hold."""
+        the template a dry run of the apply (``dryRun=All``) says the server would hold.
+        ``rolling_back``: an HPA apply refused is logged (``_autoscale``)."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
@@ -631,7 +634,7 @@ class VersionDeployments:
         if dry_run:
             return dict(self._apps().api_client.sanitize_for_serialization(out))
         if autoscaled:
-            self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling)
+            self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling, rolling_back)
         if replicas > 0 and not autoscaled:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
             self._apply_pdb(version, replicas)
         return dict(self._apps().api_client.sanitize_for_serialization(out))
@@ -704,12 +707,17 @@ class VersionDeployments:
         """A V1Deployment's pod template as JSON (what ``template_digest`` takes)."""
         return dict(self._apps().api_client.sanitize_for_serialization(deployment.spec.template))
 
-    def _autoscale(self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None) -> None:
+    def _autoscale(
+        self, version: str, replicas: int, live: int, like: dict[str, Any] | None = None, rolling_back: bool = False
+    ) -> None:
         """Under an HPA: its floor is the stage's size (``_apply_hpa``); or, given ``like`` (an
         HPA's spec), that HPA's bounds, metrics and behavior. An HPA does nothing for a Deployment at 0
         (Kubernetes disables it there), and needs a sync period to reach a new floor, so the
         count is also set through the scale subresource, as ``kubectl scale`` does, when it has
-        to grow from below ``replicas`` or go to 0; the HPA owns it from there."""
+        to grow from below ``replicas`` or go to 0; the HPA owns it from there. ``rolling_back``:
+        the HPA's apply refused (another manager's HPA, a Helm release's: its fields stay its
+        own) is logged and the pods are scaled all the same, which that HPA does not block: a
+        rollback's traffic waits on them, not on the floor."""
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
@@ -719,7 +727,14 @@ class VersionDeployments:
             if like is not None:
                 taken = {k: like[k] for k in HPA_CARRIED if like.get(k) is not None}
                 spec = {**{k: v for k, v in spec.items() if k != "metrics"}, **taken}
-            self._apply_hpa(version, spec)
+            try:
+                self._apply_hpa(version, spec)
+            except ApiUnreachable:
+                raise
+            except RouterError as exc:
+                if not rolling_back:
+                    raise
+                log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
         if replicas == 0 or live < replicas:
             try:
                 self._apps().patch_namespaced_deployment_scale(
@@ -889,7 +904,14 @@ class VersionDeployments:
         live = self._live(version)
         return None if live is None else int(live.spec.replicas or 0)
 
-    def scale(self, version: str, replicas: int, autoscaling_of: str | None = None, dry_run: bool = False) -> bool:
+    def scale(
+        self,
+        version: str,
+        replicas: int,
+        autoscaling_of: str | None = None,
+        dry_run: bool = False,
+        rolling_back: bool = False,
+    ) -> bool:
         """Re-apply the version's own Deployment (its live image) with ``replicas`` pods; False
         when it has no Deployment (nothing to scale). One GET: the live Deployment gives both.
         ``autoscaling_of``: under autoscaling, the version whose HPA (its bounds, metrics and
@@ -897,14 +919,15 @@ class VersionDeployments:
         promoted candidate keeps the stable version's autoscaling, not a floor at the count
         that version ran at that moment; ``replicas`` pods are set all the same, for the HPA to
         scale from. Without that HPA, the stage's floor as ever. ``dry_run``: only whether the API
-        server would take the Deployment's apply (RouterError naming what it refuses), nothing written."""
+        server would take the Deployment's apply (RouterError naming what it refuses), nothing written.
+        ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``)."""
         live = self._live(version)
         if live is None:
             return False
         like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
         image = str(_server_container(live.spec.template.spec.containers).image)
         deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
-        self._apply(version, image, replicas, live, like, deployed, dry_run)
+        self._apply(version, image, replicas, live, like, deployed, dry_run, rolling_back)
         return True
 
     def replicas_owners(self, version: str) -> list[str]:

@@ -685,11 +685,16 @@ def candidate_size(spec: RolloutSpec, weight: int, deployments: VersionDeploymen
 
 
 def scale_ready(
-    deployments: VersionDeployments, version: str, replicas: int, autoscaling_of: str | None = None
+    deployments: VersionDeployments,
+    version: str,
+    replicas: int,
+    autoscaling_of: str | None = None,
+    rolling_back: bool = False,
 ) -> None:
     """Version ``version`` at ``replicas`` pods, that many ready: before any traffic moves to it
-    (under autoscaling, its HPA that of ``autoscaling_of``, when given: ``VersionDeployments.scale``)."""
-    if not deployments.scale(version, replicas, autoscaling_of):
+    (under autoscaling, its HPA that of ``autoscaling_of``, when given: ``VersionDeployments.scale``;
+    ``rolling_back``: that HPA's apply refused is logged, the pods scaled all the same)."""
+    if not deployments.scale(version, replicas, autoscaling_of, rolling_back=rolling_back):
         raise AirflowFailException(f"version {version} has no Deployment {deployments.target.service}-v{version}")
     deployments.wait_ready(version, replicas)
 
@@ -1628,7 +1633,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 
     Routes that send the candidate nothing are left as they are (a run refused before its first
     stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
-    the baseline's pods first (scaled back and all ready when a cut-short promotion retired it;
+    the baseline's pods first (scaled back and all ready when a cut-short promotion retired it,
+    its HPA's re-apply refused, another manager's, logged;
     else one ready pod is enough: it serves already, and a rollback must not wait on a pod that
     will not start; under autoscaling, should it run fewer pods than its floor held since the
     first stage (``VersionDeployments.hold_floor``: those it ran before the run), or without
@@ -1669,7 +1675,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
             size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
-            scale_ready(deployments, spec.baseline_version, size, spec.baseline_version)  # its own HPA kept
+            # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same)
+            scale_ready(deployments, spec.baseline_version, size, spec.baseline_version, rolling_back=True)
         else:
             if deployments.build.autoscaling:  # fewer pods than served before the run
                 held = deployments.held_floor(spec.baseline_version)

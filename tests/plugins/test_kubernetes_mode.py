@@ -1655,6 +1655,37 @@ def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_ano
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+def test_a_rollback_brings_a_retired_stable_version_back_though_its_hpa_is_another_managers(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """Under autoscaling, the stable version retired (at 0: a promotion cut short) and its HPA a
+    Helm release's: the rollback's scale of it re-applied its HPA first, refused (409, Helm owns
+    its fields), and the rollback stopped there with no pod started, every retry the same: the
+    candidate kept all of the traffic. Its pods are scaled back through the scale subresource,
+    the HPA's refusal logged (Helm's fields left Helm's), and the traffic goes back once they are
+    ready."""
+    from vision_rollout.deploy import render_hpa
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40, replicas=2)
+    stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
+    take("run-1")
+    versions = steps.ModelServerHook().deployments("digits")
+    versions.apply("1", image("1"), replicas=0)
+    versions.apply("2", image("2"), replicas=3)
+    theirs = render_hpa(versions.target, "1", 2, 40)
+    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
+    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 3  # the candidate's pods, that served the traffic
+    assert "apply HorizontalPodAutoscaler digits-v1: fields another field manager owns" in caplog.text
+    assert '"helm" owns' in caplog.text
+    assert hpa(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # (left Helm's)
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 2
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call(kube, monkeypatch):
     """Connections closed without an answer reached the task as urllib3's MaxRetryError (a
     traceback naming neither the call nor what to check), and a stage's poke that could not read
