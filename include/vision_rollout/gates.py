@@ -259,7 +259,10 @@ class Check:
     proportions for errors and accuracy (0.001 = 0.1 pp), milliseconds for the P99 guard, a count
     for the restart guard.
     ``statistic`` is the test's (t, U, Tango's score); ``p_value`` one-sided, toward harm: the fail
-    test's against the margin, below the look's level exactly when the check fails (a decisive check).
+    test's against the margin, below ``level`` exactly when the check fails (a decisive check).
+    ``level``: the one-sided level this look judged the check at, its boundary at its own
+    information (``check_information``): the verdict's ``nominal_alpha`` is the latency checks';
+    None where the check has none (a guard) or its record predates it.
     Everything after ``method`` is passed by keyword.
     """
 
@@ -272,6 +275,7 @@ class Check:
     n_canary: int = 0
     statistic: float | None = None
     p_value: float | None = None
+    level: float | None = None
     effect: float | None = None
     ci: tuple[float, float] | None = None
     margin: float | None = None
@@ -295,7 +299,8 @@ def _interval(raw: list[float | None] | None) -> tuple[float, float] | None:
 class Verdict:
     """A look's decision: pass, fail or wait, with every check behind it and the look's place in
     the stage's group-sequential plan (``look`` of ``looks``, the overall ``alpha`` and this
-    look's ``nominal_alpha`` from the ``spending`` function). ``summary`` leads the report.
+    look's ``nominal_alpha`` from the ``spending`` function: the latency checks' level, each
+    check's own its ``level``). ``summary`` leads the report.
     """
 
     decision: str
@@ -454,6 +459,7 @@ def latency_check(base: np.ndarray, canary: np.ndarray, cfg: GateConfig, level: 
         n_canary=nc,
         statistic=(delta - m) / se if se else None,
         p_value=p_harm,
+        level=level,
         effect=ratio,
         ci=ci,
         margin=cfg.latency_margin,
@@ -469,12 +475,13 @@ def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
         "latency_rank",
         "info",
         f"Mann-Whitney U: a canary request is slower than a baseline one with "
-        f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}).",
+        f"probability {prob:.3f}; the canary is {verb} (one-sided p={res.pvalue:.3g}, level {level:.3g}).",
         "Mann-Whitney U, one-sided (canary stochastically slower)",
         n_baseline=len(base),
         n_canary=len(canary),
         statistic=float(res.statistic),
         p_value=float(res.pvalue),
+        level=level,
         effect=prob,
         blocks_pass=False,
     )
@@ -629,6 +636,7 @@ def proportion_check(
         n_baseline=nb,
         n_canary=nc,
         p_value=p_harm,
+        level=level,
         effect=excess,
         ci=(lower, upper),
         margin=margin,
@@ -832,6 +840,7 @@ def paired_accuracy_check(pairs: pd.DataFrame, cfg: GateConfig, level: float) ->
         n_canary=n,
         statistic=score,
         p_value=p_harm,
+        level=level,
         effect=drop,
         ci=(lower, upper),
         margin=cfg.accuracy_margin,
@@ -1281,7 +1290,7 @@ def evaluate_gate(
     ranked = sorted(checks, key=lambda c: c.name.startswith("guard_")) if decision == "pass" else checks
     reasons = [c.sentence for c in carried] + [c.sentence for c in ranked if c.decision == decision]
     reasons = reasons or [c.sentence for c in checks[:1]]
-    summary = f"{decision.upper()} at look {look} of {looks} (nominal one-sided level {level:.4g}): " + " ".join(
+    summary = f"{decision.upper()} at look {look} of {looks} (latency's one-sided level {level:.4g}): " + " ".join(
         reasons[:3]
     )
     return Verdict(decision, tuple(checks), look, looks, cfg.alpha, level, cfg.spending, summary)

@@ -320,7 +320,7 @@ def stage_message(spec: RolloutSpec, weight: int, verdict: Verdict, chart: bytes
     blocks = [
         header(f"Stage {weight}%: {verdict.decision.upper()}"),
         section(
-            f"{_who(spec)}, look {verdict.look} of {verdict.looks}, one-sided level "
+            f"{_who(spec)}, look {verdict.look} of {verdict.looks}, latency's one-sided level "
             f"{verdict.nominal_alpha:.4g} ({verdict.spending} spending of alpha {verdict.alpha:g})."
         ),
         *_check_lines(verdict.checks),
@@ -469,7 +469,8 @@ def rollback_message(
         if first.margin is not None:
             fields.append(f"*Margin / limit*\n{margin_text(first)}")
         if first.p_value is not None:
-            fields.append(f"*p-value*\n{p_value(first.p_value)}")
+            at = f" (level {number(first.level, 3)})" if first.level is not None else ""
+            fields.append(f"*p-value*\n{p_value(first.p_value)}{at}")
         if first.n_baseline or first.n_canary:  # (a hard guard reads Prometheus, not samples)
             fields.append(f"*Samples*\nbaseline {first.n_baseline}, canary {first.n_canary}")
         blocks.append(section(f"*Failing check:* {first.sentence}", fields))

@@ -462,7 +462,33 @@ def test_a_failing_latency_checks_p_value_is_the_evidence_of_harm():
         assert (check.p_value < verdict.nominal_alpha) == (decision == "fail")
     msg = rollback_message(SPEC, "r", evaluate_gate(samples(3000, ratio=1.25)))
     [p] = [f["text"] for f in msg.blocks[2]["fields"] if f["text"].startswith("*p-value*")]
-    assert float(p.split("\n")[1].replace("&lt; ", "")) < 1e-6
+    assert float(p.split("\n")[1].split(" (")[0].replace("&lt; ", "")) < 1e-6
+
+
+def test_a_failing_checks_p_value_is_shown_at_the_level_it_was_judged_at():
+    """Each check's boundary is at its own information, but a check carried no level: the
+    report's failing errors check showed its p-value beside nothing but the verdict's level
+    (the latency checks'), so under uneven traffic it failed at a p above the level printed.
+    ``Check.level`` is the check's own, shown beside its p-value, and a record without it reads."""
+    from vision_rollout.gates import Information, Verdict, check_information, nominal_alpha
+
+    # Live traffic rising beside the replay's steady rounds: 0.0324 for latency, 0.0344 for errors.
+    seen = tuple(Information(*n, 0) for n in ((300, 1000), (600, 1100), (900, 1200), (3000, 3000)))
+    verdict = evaluate_gate(samples(3000, errors=(0.0, 0.05)), None, 4, 4, information=seen)
+    errors = next(c for c in verdict.checks if c.name == "errors")
+    level = nominal_alpha(0.05, 4, 4, "obrien-fleming", check_information("errors", seen))
+    assert errors.decision == "fail"
+    assert errors.level == level
+    assert f"{level:.3g}" != f"{verdict.nominal_alpha:.3g}"  # (the information makes them differ)
+    msg = rollback_message(SPEC, "r", verdict)
+    [p] = [f["text"] for f in msg.blocks[2]["fields"] if f["text"].startswith("*p-value*")]
+    assert p.endswith(f" (level {level:.3g})"), p
+    again = Verdict.from_dict(json.loads(json.dumps(verdict.to_dict())))
+    assert next(c for c in again.checks if c.name == "errors").level == level
+    old = verdict.to_dict()
+    for c in old["checks"]:
+        del c["level"]
+    assert all(c.level is None for c in Verdict.from_dict(old).checks)  # (records before the level)
 
 
 def test_an_anomaly_with_no_finite_output_reads_so_not_nan_and_inf():
