@@ -1639,8 +1639,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     will not start; under autoscaling, should it run fewer pods than its floor held since the
     first stage (``VersionDeployments.hold_floor``: those it ran before the run), or without
     that floor than serve now, both versions', it is scaled back for them to start while it takes
-    the traffic back, ahead of its HPA: a scale refused, its HPA another manager's, is logged, the
-    traffic moved back all the same), then 100% to it, its HPA's own floor back
+    the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
+    pods scaled all the same), then 100% to it, its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
     from vision_rollout.mesh import ApiUnreachable, RouterError, routes_to
 
@@ -1681,13 +1681,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             if deployments.build.autoscaling:  # fewer pods than served before the run
                 held = deployments.held_floor(spec.baseline_version)
                 size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
-                if live < size:
-                    try:
-                        deployments.scale(spec.baseline_version, size, spec.baseline_version)  # (not waited for)
-                    except ApiUnreachable:
-                        raise
-                    except RouterError as exc:  # (its HPA another manager's, say): its pods take the traffic back
-                        log.warning("version %s was not scaled ahead of the traffic: %s", spec.baseline_version, exc)
+                if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
+                    deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())

@@ -1630,8 +1630,8 @@ def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_ano
     """Under autoscaling, the stable version's HPA a Helm release's, the stable version at its
     floor (nothing held: no dry run before the candidate): the rollback's scale of it ahead of
     the traffic re-applies its HPA, refused (409, Helm owns its fields), and the rollback stopped
-    there, every retry the same: the candidate kept its share. The scale is logged, not waited
-    for, and the traffic goes back."""
+    there, every retry the same: the candidate kept its share. The HPA's refusal is logged, the
+    pods scaled all the same, and the traffic goes back."""
     from vision_rollout.deploy import render_hpa
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
@@ -1649,7 +1649,8 @@ def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_ano
     assert routes(kube) == [("v1", 90), ("v2", 10)]
     steps.restore_stable(params, "run-1")
     assert routes(kube) == [("v1", 100)]
-    assert "version 1 was not scaled ahead of the traffic" in caplog.text
+    assert "its pods are scaled to 4 all the same, for the rollback" in caplog.text
+    assert deployment(kube, "1")["spec"]["replicas"] == 4  # (ahead of the traffic: its 3 and the candidate's 1)
     assert '"helm" owns' in caplog.text
     assert hpa(kube, "1")["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # (left Helm's)
     assert deployment(kube, "2")["spec"]["replicas"] == 0
