@@ -54,8 +54,9 @@ _QUOTED = (
 )
 # A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
-_KEY_QUOTE = r"(?:\\?[\"'])?"
-_OPEN_QUOTE = r"(?>(?:b?(?P<e>\\)?(?P<q>[\"']))?)"
+# (The masking's keyed rule takes its key's and value's quotes so too.)
+KEY_QUOTE = r"(?:\\?[\"'])?"
+OPEN_QUOTE = r"(?>(?:b?(?P<e>\\)?(?P<q>[\"']))?)"
 _CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
 
 
@@ -71,7 +72,7 @@ def _bracketed(depth: int) -> str:
 
 _BRACKETED = rf"(?:{_bracketed(4)}|[{{\[][^\r\n]{{0,4095}})"
 _SECRET_KEYED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}{_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|(?:{_BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
@@ -127,8 +128,8 @@ _QUERY_SECRET = re.compile(
 # writes a request's; a dict in it too) is masked whole (``_BRACKETED``). "cookies" (plural, a
 # log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
-    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){_KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
-    rf"{_OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
+    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
     rf"(?P<v>{_BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,

@@ -197,6 +197,10 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "a key's quoted value never closed": 'passport: "' + "a" * 1_000_000,
     "a key's value in spaced pieces": "ssn: 1" + " 1" * 500_000,
     "keys without a colon": "passport 1234 " * 70_000,
+    "escaped quotes never closed": '\\"passport\\": \\"' * 60_000,
+    "a key's escaped quoted value never closed": 'passport: \\"' + "a" * 1_000_000,
+    "backslashes after a key's escaped quote": 'passport: \\"' + "\\" * 1_000_000,
+    "escaped quotes after a key's escaped quote": 'passport: \\"' + '\\\\\\"' * 250_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -204,6 +208,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a key's quoted value never closed": {"keyed"},  # its first 32 characters
     "a key's value in spaced pieces": {"keyed"},  # its first eight pieces
     "keys without a colon": {"keyed"},
+    "a key's escaped quoted value never closed": {"keyed"},  # its first 32 characters
 }
 
 
@@ -532,6 +537,11 @@ KEYED = {
     "passport number E1234567": "E1234567",
     "passport # E1234567": "E1234567",
     "ssn 123 45 6789": "123 45 6789",
+    # a JSON document held as a string (a log message, a request's body): its quotes escaped
+    '{"body": "{\\"passport\\": \\"X1234567\\"}"}': "X1234567",
+    '{"body": "{\\"tax_id\\":\\"DE 123 456 789\\", \\"n\\": 1}"}': "DE 123 456 789",
+    "{\\'ssn\\': \\'123456789\\'}": "123456789",
+    "passport: b'X1234567'": "X1234567",  # (a Python bytes' repr: its "b" was the value)
 }
 
 
@@ -554,6 +564,7 @@ def test_words_near_a_key_name_are_not_values(keys):
         "ssn-check passed",
         "passports: 3 valid",
         "passport 2 expired",  # (a value without ":" or "=" holds a digit, and 3 characters)
+        '{"msg": "{\\"passport_count\\": \\"none\\", \\"passports\\": \\"E1\\"}"}',  # (escaped quotes)
     ]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
