@@ -22,7 +22,7 @@ DATE_OR_TIME = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{1,2}:[0-9]{2})(?![0-9])"  #
 NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
 
 
-def _after_boundary(word: str) -> str:
+def after_boundary(word: str) -> str:
     """A pattern's start: after no character of ``word`` (a character class's body), or after a
     line end or tab written escaped (``\\n``, ``\\r``, ``\\t``, as repr() and json.dumps write
     lines joined), whose letter is no part of the word after it."""
@@ -72,7 +72,7 @@ def _bracketed(depth: int) -> str:
 
 _BRACKETED = rf"(?:{_bracketed(4)}|[{{\[][^\r\n]{{0,4095}})"
 _SECRET_KEYED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"{after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|(?:{_BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
@@ -110,7 +110,7 @@ _OBJECT_NAMED = (
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>\\)?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>\\)?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}}))"
 )
@@ -128,20 +128,20 @@ _QUERY_SECRET = re.compile(
 # writes a request's; a dict in it too) is masked whole (``_BRACKETED``). "cookies" (plural, a
 # log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
-    rf"{_after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
+    rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
     rf"(?P<v>{_BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).
 _COOKIE_SPACED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9-')}{_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
+    rf"{after_boundary('A-Za-z0-9-')}{_COOKIE}[ \t]{{1,3}}{NOT_MASKED}(?={_COOKIE_PAIR})"
     r"(?P<v>[^\s\"'<>;]{1,4096}(?:;[ \t]{0,2}[^\s\"'<>;]{1,4096}){0,63})"
 )
 # "Bearer <credential>" or "Basic <credential>" anywhere: a credential of 8 characters or more
 # that holds a capital, a digit or one of + / = (a lower-case word after "bearer" is prose).
 _BEARER = re.compile(
-    rf"{_after_boundary('A-Za-z0-9')}(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
+    rf"{after_boundary('A-Za-z0-9')}(?i:bearer|basic)[ ]{{1,3}}{NOT_MASKED}"
     r"(?P<v>(?=[a-z._~-]{0,2048}[A-Z0-9+/=])[A-Za-z0-9._~+/-]{8,2048}={0,2})"
 )
 # A URL's password: "scheme://user:password@host" (``v``: the user stays readable); ``u``, its
@@ -157,7 +157,7 @@ _URL_USERINFO = re.compile(
 # npm and PyPI tokens, Slack webhook paths, JWEs (RFC 7516's compact form: five parts, its
 # encrypted key empty under "dir") and JWTs, private key blocks.
 _ISSUED = re.compile(
-    rf"{_after_boundary('A-Za-z0-9_-')}(?:"
+    rf"{after_boundary('A-Za-z0-9_-')}(?:"
     r"(?:AKIA|ASIA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{16}(?![A-Za-z0-9])"
     r"|xox[a-z]-[0-9A-Za-z-]{10,250}|xapp-[0-9A-Za-z-]{10,250}"
     r"|gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255}|glpat-[A-Za-z0-9_-]{20,255}"
@@ -172,7 +172,7 @@ _ISSUED = re.compile(
 # request, which a dictionary attack reverses) and its cnonce, wherever its parameters are
 # written: "response" names it only before 32 to 128 hex digits (an MD5 or SHA-256 digest).
 _DIGEST_PARAM = re.compile(
-    rf"{_after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
+    rf"{after_boundary('A-Za-z0-9_-')}(?i:(?P<c>cnonce)|response)[ \t]{{0,3}}=[ \t]{{0,3}}\"?{NOT_MASKED}"
     r"(?P<v>(?(c)[^\s\"',;<>]{1,256}|[0-9A-Fa-f]{32,128}(?![A-Za-z0-9])))"
 )
 _SLACK_WEBHOOK = re.compile(
@@ -188,10 +188,10 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
 # hyphenated name, a base64url id). Its last, shorter line is not told from other short text.
 # A line end written escaped (``\n``, as repr() and json.dumps write a key's lines joined) ends a
-# run too (``_after_boundary``).
+# run too (``after_boundary``).
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
 _PEM_BODY_LINE = re.compile(
-    rf"{_after_boundary('A-Za-z0-9+/=_.-')}(?=[A-Za-z0-9+/]{{0,63}}[A-Z])(?=[A-Za-z0-9+/]{{0,63}}[a-z])"
+    rf"{after_boundary('A-Za-z0-9+/=_.-')}(?=[A-Za-z0-9+/]{{0,63}}[A-Z])(?=[A-Za-z0-9+/]{{0,63}}[a-z])"
     rf"(?=[A-Za-z0-9+/]{{0,63}}[0-9]){B64_LINE}(?![A-Za-z0-9+/=_.-])"
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no

@@ -44,13 +44,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from model_server import credentials
-from model_server.credentials import DATE_OR_TIME, KEY_QUOTE, NOT_MASKED, OPEN_QUOTE, SECRET_KEY
+from model_server.credentials import DATE_OR_TIME, KEY_QUOTE, NOT_MASKED, OPEN_QUOTE, SECRET_KEY, after_boundary
 from model_server.errors import MaskingUnavailable
 from model_server.reading import normalise
 
 log = logging.getLogger(__name__)
 
-_NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
+_NOT_ALNUM_BEFORE = after_boundary("0-9A-Za-z")  # (or after an escaped line end: "\\n5552344567")
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
 _SEP = "[ ./_-]"  # a separator between digit groups: space, dot, slash, underscore or hyphen
 # Letters beyond ASCII, of every script (RFC 6531 addresses: josé@, иван@, 张三@, たなか@, محمد@):
@@ -85,7 +85,7 @@ _VALUE_CHAR = r"[^\s,;&|\"'`<>()\[\]{}\\]"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
-    rf"(?<![0-9A-Za-z])(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
+    rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
     rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
     rf"{OPEN_QUOTE}(?P<v>(?(q)(?!tok_[a-zBCDFGH]{{8}}_)(?:(?!(?P=q))[^\n\\]){{1,64}}(?=(?(e)\\)(?P=q))|{_UNQUOTED})|{_UNQUOTED})"
 )

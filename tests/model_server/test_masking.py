@@ -201,6 +201,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "a key's escaped quoted value never closed": 'passport: \\"' + "a" * 1_000_000,
     "backslashes after a key's escaped quote": 'passport: \\"' + "\\" * 1_000_000,
     "escaped quotes after a key's escaped quote": 'passport: \\"' + '\\\\\\"' * 250_000,
+    "digits after escaped line ends": "\\n5" * 333_333,
+    "keys after escaped line ends": "\\tpassport:" * 90_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -1202,6 +1204,28 @@ def test_a_private_key_logged_one_line_per_record_has_no_body_line_in_the_log(ke
             assert line not in out
             assert reveal(TOKEN_RE.search(out).group(0), ring) == line
             assert line not in scrub(line)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["555-234-4567", "5552344567", "138 0013 8000", "4111 1111 1111 1111", "123-45-6789", "11010519491231002X"],
+)
+def test_a_value_after_an_escaped_line_end_is_masked(keys, value):
+    """Lines logged joined by escaped line ends (repr(), json.dumps: a backslash and "n", "r" or
+    "t"): a value that starts a line but the first was left readable, the letter of the escape
+    taken for a word the value was part of. It is masked, the escape kept."""
+    ring = KeyRing(keys)
+    for text in (repr(f"caller\n{value}\r\n{value}\t{value}"), f"ids:\\n{value}"):
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+        assert find_sensitive(masked) == []
+
+
+def test_a_key_after_an_escaped_line_end_names_its_value(keys):
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(json.dumps("id\npassport: E1234567\tssn 123 45 6789"), ring.key_for(None))
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["E1234567", "123 45 6789"]
+    assert TOKEN_RE.sub("", masked) == '"id\\npassport: \\tssn "'
 
 
 def test_a_private_keys_body_lines_joined_by_escaped_line_ends_are_masked_every_one(keys):
