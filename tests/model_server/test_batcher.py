@@ -14,6 +14,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -959,6 +960,30 @@ def one_digit(png: bytes) -> tuple[bytes, int]:
     return head + blob, len(head)
 
 
+def slow_server(server_factory, repo_copy: Path, batching: dict[str, Any]) -> Any:
+    """A server of digits with one instance running batches of 1 (queued with ``batching``),
+    each execution holding it 1.5 s."""
+    config = json.loads((repo_copy / "digits" / "config.json").read_text())
+    config.update(max_batch_size=1, dynamic_batching=batching)
+    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
+    server = server_factory(repo_copy, token=ADMIN_TOKEN)
+    fault = requests.put(
+        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
+    )
+    assert fault.status_code == 200
+    return server
+
+
+def canceled(server: Any) -> float | None:
+    """The requests of digits counted CANCELED, once the first is (waiting up to 10 s)."""
+    for _ in range(100):
+        count = server.metric("nv_inference_request_failure", model="digits", version="1", reason="CANCELED")
+        if count:
+            return count
+        time.sleep(0.1)
+    return count
+
+
 def answer(sock: socket.socket) -> tuple[int, str]:
     with sock:
         response = http.client.HTTPResponse(sock)
@@ -973,15 +998,7 @@ def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counte
 ):
     """Its request held its place in a full queue (the next client refused), then ran for no one
     and was counted a success: nothing cancelled a request whose client had gone."""
-    config = json.loads((repo_copy / "digits" / "config.json").read_text())
-    batching = {"default_queue_policy": {"max_queue_size": 1}}  # one instance, one batch of 1
-    config.update(max_batch_size=1, dynamic_batching=batching)
-    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
-    server = server_factory(repo_copy, token=ADMIN_TOKEN)
-    fault = requests.put(
-        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
-    )
-    assert fault.status_code == 200  # each execution holds the one instance 1.5 s
+    server = slow_server(server_factory, repo_copy, {"default_queue_policy": {"max_queue_size": 1}})
     body, json_length = one_digit(digit_images[0][0])
 
     running = infer_request(server.port, body, json_length, None)
@@ -1000,15 +1017,7 @@ def test_a_client_that_disconnects_while_queued_gives_its_place_up_and_is_counte
         time.sleep(0.1)
     assert status == 200, text
     assert answer(running)[0] == 200
-
-    def canceled() -> float | None:
-        return server.metric("nv_inference_request_failure", model="digits", version="1", reason="CANCELED")
-
-    for _ in range(100):
-        if canceled():
-            break
-        time.sleep(0.1)
-    assert canceled() == 1
+    assert canceled(server) == 1
     assert server.metric("model_server_http_requests_total", route="/v2/models/{model}/infer", code="499") == 1
     (stats,) = requests.get(f"{server.http}/v2/models/digits/stats", timeout=30).json()["model_stats"]
     assert stats["inference_stats"]["success"]["count"] == 2  # the two answered, not the one given up
@@ -1025,14 +1034,7 @@ def test_a_client_that_pipelined_and_disconnects_while_queued_is_taken_out_of_th
     second took the first's place as the request the disconnect would cancel: the first ran
     for no one and was counted a success. It leaves the queue now (CANCELED, 499), the one
     behind it never runs, and the requests of other clients are served as before."""
-    config = json.loads((repo_copy / "digits" / "config.json").read_text())
-    config.update(max_batch_size=1, dynamic_batching={})  # one instance, one request at a time
-    (repo_copy / "digits" / "config.json").write_text(json.dumps(config))
-    server = server_factory(repo_copy, token=ADMIN_TOKEN)
-    fault = requests.put(
-        f"{server.http}/v2/models/digits/versions/1/fault", json={"delay": {"ms": 1500}}, headers=server.admin
-    )
-    assert fault.status_code == 200  # each execution holds the one instance 1.5 s
+    server = slow_server(server_factory, repo_copy, {})  # one request at a time
     body, json_length = one_digit(digit_images[0][0])
 
     running = infer_request(server.port, body, json_length, None)
@@ -1040,15 +1042,7 @@ def test_a_client_that_pipelined_and_disconnects_while_queued_is_taken_out_of_th
     gone = infer_request(server.port, body, json_length, coding, pipelined=1)
     time.sleep(0.3)  # (queued behind the one running, the second read and waiting behind it)
     gone.close()
-
-    def canceled() -> float | None:
-        return server.metric("nv_inference_request_failure", model="digits", version="1", reason="CANCELED")
-
-    for _ in range(100):
-        if canceled():
-            break
-        time.sleep(0.1)
-    assert canceled() == 1
+    assert canceled(server) == 1
     assert answer(running)[0] == 200
     # Queued behind where the one given up was: had it run, it would have ended first.
     assert answer(infer_request(server.port, body, json_length, None))[0] == 200
