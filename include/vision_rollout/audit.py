@@ -531,10 +531,18 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
     its newest record's stamp, less the longest time one of its copies took (a copy that
     arrived earlier may still be waiting for idle time); its clock's lead on the primaries'
     (the most a copy's stamp follows its primary's, of the pairs in ``records``) and
-    ``WATERMARK_MARGIN_S`` are taken off too. The earliest of the pods' is the shadow's: a copy
-    may have gone to any of them. A primary stamped before it without a copy was not mirrored
-    (Envoy's mirror sampled it out); a copy lost on its way there (a pod unreachable) looks the
-    same, and is counted as a primary without a shadow record, never as agreement."""
+    ``WATERMARK_MARGIN_S`` are taken off too. A pod flushes every ``MAX_FLUSH_S`` at most, so
+    what it received up to that long before the newest primary (the log's now: its file was
+    written before this read) is written, or never will be (the pod gone: rescheduled, scaled
+    down): a pod whose newest record is older than that is taken as written up to then (its
+    last copy held the watermark back, and a rollout's wait ran to the range's close, its
+    copies test stopped there, once one of several pods was gone). The earliest of the pods'
+    is the shadow's: a copy may have gone to any of them. A primary stamped before it without
+    a copy was not mirrored (Envoy's mirror sampled it out); a copy lost on its way there (a
+    pod unreachable, or gone) looks the same, and is counted as a primary without a shadow
+    record, never as agreement."""
+    from model_server.predictionlog import MAX_FLUSH_S
+
     shadow = (records["role"] == "shadow").to_numpy(bool)
     if not shadow.any():
         return None
@@ -552,7 +560,10 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
         }
     ).groupby("replica")
     held = pods["flight"].max() + pods["lead"].max().fillna(0.0).clip(lower=0.0) + WATERMARK_MARGIN_S
-    return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
+    newest = pods["time"].max()
+    if (~shadow).any():  # (a pod gone writes nothing more: written up to the flush bound before now)
+        newest = newest.clip(lower=stamp[~shadow].max() - pd.Timedelta(seconds=MAX_FLUSH_S))
+    return (newest - pd.to_timedelta(held, unit="s")).min()
 
 
 # The one-sided level of the test of a shadow's copies against the configured mirror share
@@ -744,7 +755,8 @@ def copies_pending(
     None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
     writer) while it may have been: until the shadow's pods have written their copies past it
-    (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
+    (``shadow_watermark``). Only that stretch is read (and the records up to its close, which
+    show how far the shadow's pods have written), and only the records' keys, beginning no
     listing nor file after ``deadline`` (by ``clock``): ``end`` itself when it was not read whole
     by then (what is pending is not known: the last record may be)."""
     from model_server.predictionlog import read
@@ -754,7 +766,7 @@ def copies_pending(
     records = read(
         prediction_log,
         start - margin,
-        end + margin,
+        closes(end),  # (past the pairs' margin: the primaries since show the log's now, shadow_watermark)
         model,
         columns=[
             "time",

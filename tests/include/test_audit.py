@@ -1153,6 +1153,7 @@ def istio_log(
     down_after: float | None = None,
     mirrored: bool | None = None,
     forged: dict[int, float] | None = None,
+    shadow_pods: int = 1,
 ) -> Path:
     """A prediction log as two Istio pods leave it: the baseline's pod (replica ``primary-pod``)
     a primary record at each of ``primaries`` saying nothing of the mirror (``mirrored`` null:
@@ -1160,7 +1161,9 @@ def istio_log(
     ``copies`` names (index -> the copy's stamp, its pod's clock). Each pod's records are written
     by its own writer, flushed once. ``mirrored``: what the primaries say of the mirror (true:
     the server's own mirror sampled each). ``forged``: shadow records of another input under the
-    primaries' request ids (index -> stamp), as anyone reaching the data port can send."""
+    primaries' request ids (index -> stamp), as anyone reaching the data port can send.
+    ``shadow_pods``: the candidate's pods, the copy of primary ``i`` on ``shadow-pod-<i % n>``
+    (one: ``shadow-pod``)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1170,7 +1173,14 @@ def istio_log(
     p[0, 3] = 0.91
     for replica, role, stamps in (
         ("primary-pod", "primary", dict(enumerate(primaries))),
-        ("shadow-pod", "shadow", copies),
+        *(
+            (
+                f"shadow-pod-{k}" if shadow_pods > 1 else "shadow-pod",
+                "shadow",
+                {i: t for i, t in copies.items() if i % shadow_pods == k},
+            )
+            for k in range(shadow_pods)
+        ),
         ("forger", "shadow", forged or {}),
     ):
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
@@ -1243,6 +1253,33 @@ def test_behind_istio_a_shadow_that_wrote_nothing_is_waited_for_and_not_agreemen
     pending = copies_pending(died, end, "digits", "1")
     assert pending is not None
     assert pending.timestamp() == pytest.approx(newest, abs=1e-3)
+
+
+def test_a_shadow_pod_gone_holds_the_watermark_back_no_further_than_the_flush_bound(tmp_path):
+    """Behind Istio the candidate has several pods, which come and go (rescheduled, scaled
+    down). The watermark was the earliest pod's, and a pod gone stays the earliest: its last copy
+    held it back, the rollout's wait ran to the range's close for the copies Envoy sent elsewhere
+    or never, and the copies test stopped at that pod's end. A pod flushes every ``MAX_FLUSH_S``:
+    one with nothing written for longer than that before the newest primary has written what it
+    got by then, or never will. A live pod that is slow to flush (its last copies within that
+    bound) is still waited for."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 240 + 0.5 * k for k in range(621)]  # on to 70 s past the range's end
+    gone = {i: t + 0.003 for i, t in enumerate(primaries) if i % 3 != 2 or t < now - 150}
+    log = istio_log(tmp_path, primaries, gone, shadow_pods=3)
+    assert copies_pending(log, end, "digits", "1") is None
+    result = audit(log, end - timedelta(minutes=5), end, "digits", mirror_percent=100)
+    assert result.copies_eligible >= 470  # (the range's 480 primaries, not those to the pod's end)
+    assert result.copies_p is not None
+    assert result.copies_p < COPIES_ALPHA  # (the third of the copies lost since the pod went: named)
+
+    (tmp_path / "slow").mkdir()  # the third pod alive, its last copies not flushed yet
+    up_to = [t for t in primaries if t <= now + 10]
+    slow = {i: t + 0.003 for i, t in enumerate(up_to) if i % 3 != 2 or t < now - 30}
+    pending = copies_pending(istio_log(tmp_path / "slow", up_to, slow, shadow_pods=3), end, "digits", "1")
+    assert pending is not None
+    assert pending.timestamp() > now - 2
 
 
 @pytest.mark.integration
