@@ -95,7 +95,8 @@ class AuditResult:
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     # Copies against the mirror's sampling (``copy_check``): the primaries the server's own
-    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly); and
+    # mirror sampled (``mirrored`` true) without any shadow record, in time or late (copies lost,
+    # exactly: one in a file written after the range closed is late, ``late_records``); and
     # behind a mirror that samples on its own (Istio's: ``mirrored`` null), the primaries of the
     # stretch its copies show it on, those of them with a copy, the configured share, and the
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
@@ -635,7 +636,10 @@ def copy_check(
 
 
 def copy_masks(
-    records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
+    records: pd.DataFrame,
+    versions: Iterable[str],
+    watermark: pd.Timestamp | None = None,
+    counted: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
@@ -646,8 +650,12 @@ def copy_masks(
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
-    first primary record counts, once."""
+    first primary record counts, once. ``counted``: which of ``records`` are (the audit's: those
+    of files written in time); the copies of the others (a late file's) are copies all the same:
+    a primary whose copy came late is not lost."""
     first, _, copied = copy_keys(records)
+    if counted is not None:
+        first = first & counted
     lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
@@ -959,7 +967,9 @@ def audit(
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
-    records = _kept(records, mine & ~late)
+    ranged = _kept(records, mine)
+    on_time = ~_late(ranged, closes(end))
+    records = _kept(ranged, on_time)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
     result = audit_by_versions(
@@ -980,7 +990,9 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
+    # (a copy in a late file is late, counted so, not lost too)
+    result.copies_lost, eligible, copied = copy_masks(ranged, mirrored, watermark, on_time)
+    eligible, copied = eligible[on_time], copied[on_time]
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)

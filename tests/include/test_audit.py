@@ -879,6 +879,33 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
     assert alone.reasons[0].startswith("60 records of this range were written after it closed")
 
 
+def test_copies_written_after_their_hour_closed_are_late_not_lost(tmp_path):
+    """The copies the server's own mirror sampled, written by the candidate's pod after the
+    hour closed (a slow flush), are late: left out of the hour's audit and counted so. They were
+    counted lost as well (their primaries without a shadow record in the records kept): once in
+    the late count, once in the lost, and named a lost copy where the log holds it. A copy that
+    came late is late, not lost; one never written is lost."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp(), mirrored=True)
+    last_minute = (hour + timedelta(minutes=59, seconds=30)).timestamp()
+    shadow_log(
+        tmp_path, 20, disagree=0.0, seed=1, versions=("1", "3"), at=last_minute, mirrored=True, roles=("primary",)
+    )
+    shadow_log(tmp_path, 20, disagree=0.0, seed=1, versions=("1", "3"), at=last_minute, roles=("shadow",), flushed=180)
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (result.verdict, result.rows, result.late_records, result.copies_lost) == ("pass", 100, 20, 0)
+    assert not any("lost" in r for r in result.reasons)
+    assert any("20 records of this range were written after it closed" in r for r in result.reasons)
+
+    (tmp_path / "b").mkdir()  # (the copies never written: lost)
+    shadow_log(tmp_path / "b", 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp(), mirrored=True)
+    shadow_log(
+        tmp_path / "b", 20, disagree=0.0, seed=1, versions=("1", "3"), at=last_minute, mirrored=True, roles=("primary",)
+    )
+    lost = audit(tmp_path / "b" / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (lost.verdict, lost.rows, lost.late_records, lost.copies_lost) == ("pass", 100, 0, 20)
+
+
 def test_an_hour_of_malformed_records_is_not_an_empty_one(tmp_path):
     """Records read skips as malformed (a damaged or foreign file's: no request id, an output
     no answer can hold) were dropped without a word: an hour of them alone was skipped and
