@@ -35,8 +35,9 @@ def _rollout_schema(name: str) -> dict[str, Any]:
 
 @dag(
     dag_id="shadow_audit",
-    # Two minutes past each hour: the hour's last records are written by then (audited_hour), so
-    # a scheduled run waits for nothing; a run triggered by hand audits the last whole hour.
+    # Two minutes past each hour: the hour's last records are written by then but for the last
+    # file's write (audited_hour), so a scheduled run waits seconds at most; a run triggered by
+    # hand audits the last whole hour.
     schedule="2 * * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,

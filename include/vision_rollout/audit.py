@@ -479,14 +479,16 @@ def audited_hour(end: datetime, now: datetime) -> tuple[datetime, datetime, floa
     10:00, the scheduled run's hour, not 09:30 to 10:30 under its name); and the seconds to wait
     from ``now`` until its last records are written (a writer flushes every ``MAX_FLUSH_S`` at
     most, its clock up to ``CLOCK_STEP_S`` behind): the hour's close (``closes``) on a right
-    clock. Those written later are counted late, by its audit and the next hour's."""
-    from model_server.predictionlog import CLOCK_STEP_S, MAX_FLUSH_S
+    clock, and the time a file named then takes to be whole (``WRITE_S``: its second begun, its
+    write or PUT under way; read at the close itself, it was in a retry and in no first audit,
+    nor counted late). Those written later are counted late, by its audit and the next hour's."""
+    from vision_rollout.engine import WRITE_S
 
     if end.tzinfo is None:
         raise ValueError("end must be a timezone-aware datetime")
     # (a plain datetime: Airflow's are pendulum's, whose arithmetic with plain ones fails)
     hour_end = datetime.fromtimestamp(end.timestamp(), UTC).replace(minute=0, second=0, microsecond=0)
-    settled = hour_end + timedelta(seconds=MAX_FLUSH_S + CLOCK_STEP_S)
+    settled = closes(hour_end) + timedelta(seconds=WRITE_S)
     return hour_end - timedelta(hours=1), hour_end, max(0.0, (settled - now).total_seconds())
 
 

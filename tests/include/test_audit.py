@@ -906,6 +906,26 @@ def test_copies_written_after_their_hour_closed_are_late_not_lost(tmp_path):
     assert (lost.verdict, lost.rows, lost.late_records, lost.copies_lost) == ("pass", 100, 0, 20)
 
 
+def test_the_hours_first_audit_waits_for_a_file_named_at_its_close_to_be_whole(tmp_path):
+    """A file named by its writer up to the hour's close (``closes``) is in time: in the hour's
+    audit, not late. The first audit read the log at that very second, while a file named then
+    (its second begun, its write or PUT under way) was not there yet: that audit showed fewer
+    records than a retry, and the next hour's count of late records never counted them. It now
+    waits until such a file is whole (``WRITE_S`` after its second, as the stage gate takes it)."""
+    from vision_rollout.audit import audited_hour
+    from vision_rollout.engine import WRITE_S
+
+    ten = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    close = closes(ten)
+    start, end, wait = audited_hour(ten + timedelta(minutes=2), close)
+    assert (start, end, wait) == (ten - timedelta(hours=1), ten, WRITE_S)
+    assert audited_hour(ten, ten)[2] == (close - ten).total_seconds() + WRITE_S
+    # (what the wait is for: the hour's records in a file named at its close are the hour's own)
+    shadow_log(tmp_path, 10, disagree=0.0, at=(ten - timedelta(seconds=1)).timestamp(), flushed=121)
+    named = audit(tmp_path / "log", start, end, "digits")
+    assert (named.rows, named.late_records) == (10, 0)
+
+
 def test_an_hour_of_malformed_records_is_not_an_empty_one(tmp_path):
     """Records read skips as malformed (a damaged or foreign file's: no request id, an output
     no answer can hold) were dropped without a word: an hour of them alone was skipped and

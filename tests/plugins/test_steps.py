@@ -1804,13 +1804,13 @@ def test_an_hour_is_audited_once_its_last_records_can_be_written():
 
     ten = datetime(2026, 3, 1, 10, tzinfo=UTC)
     nine = ten - timedelta(hours=1)
-    assert audited_hour(ten, ten + timedelta(seconds=3)) == (nine, ten, 117.0)
+    assert audited_hour(ten, ten + timedelta(seconds=3)) == (nine, ten, 120.0)
     assert audited_hour(ten, ten + timedelta(minutes=5)) == (nine, ten, 0.0)
     assert audited_hour(ten + timedelta(minutes=30), ten + timedelta(minutes=30)) == (nine, ten, 0.0)
     paris = datetime(2026, 3, 1, 11, 59, tzinfo=timezone(timedelta(hours=1)))  # 10:59 UTC
     assert audited_hour(paris, ten + timedelta(hours=1))[:2] == (nine, ten)
     # Airflow's data interval is pendulum's
-    assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 117.0)
+    assert audited_hour(pendulum.datetime(2026, 3, 1, 10, tz="UTC"), ten + timedelta(seconds=3)) == (nine, ten, 120.0)
     with pytest.raises(ValueError, match="timezone-aware"):
         audited_hour(datetime(2026, 3, 1, 10), ten)
 
