@@ -107,7 +107,8 @@ class AuditResult:
     copies_percent: float | None = None
     copies_p: float | None = None
     # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
-    # primaries after it, at the share configured then, would have sent copies beyond chance.
+    # primaries after it, at the share configured then (the server's own mirror: each it sampled),
+    # would have sent copies beyond chance.
     mirror_stopped: str | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
@@ -699,25 +700,30 @@ def last_copy(records: pd.DataFrame) -> pd.Timestamp | None:
 
 
 def mirror_stopped(
-    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares
+    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares | None
 ) -> tuple[int, float, float] | None:
-    """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
-    quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
-    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
-    many, the share on average, and the chance of so few copies of them by the mirror's
-    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
-    primaries after it: a quiet mirror; or too few for its silence to say anything). The
-    mirror's copies came and were written up to then; its primaries went on, unmirrored past
-    what its sampling explains."""
+    """Whether a mirror stopped sending rather than went quiet: of the primaries stamped after
+    ``since`` (the last copy the log holds, ``last_copy``), those the server's own mirror
+    sampled (``mirrored`` true: each a copy due, at 100%) and, with ``shares``, those of
+    ``versions`` a mirror that samples on its own (Istio's, ``sampled_apart``) may have sampled
+    at a share known for their time (``share_at``): how many, the share on average, and the
+    chance of so few copies of them by the mirror's sampling alone (``copies_short``), when it
+    is below ``COPIES_ALPHA``; None otherwise (no primaries after it: a quiet mirror; or too few
+    for its silence to say anything). The mirror's copies came and were written up to then; its
+    primaries went on, unmirrored past what its sampling explains."""
     if since is None:
         return None
     first, _, copied = copy_keys(records)
-    after = sampled_apart(records, versions, first) & (records["time"] > since).to_numpy(bool)
-    share = share_at(records["time"][after], shares)
+    later = (records["time"] > since).to_numpy(bool)
+    share = np.full(len(records), np.nan)
+    if shares is not None:
+        apart = sampled_apart(records, versions, first) & later
+        share[apart] = share_at(records["time"][apart], shares)
+    share[first & later & records["mirrored"].eq(True).to_numpy(bool)] = 100.0
     known = ~np.isnan(share)
     if not share[known].any():
         return None
-    p = copies_short(int(copied[after][known].sum()), int(known.sum()), share[known])
+    p = copies_short(int(copied[known].sum()), int(known.sum()), share[known])
     return (int(known.sum()), float(share[known].mean()), p) if p < COPIES_ALPHA else None
 
 
@@ -920,9 +926,10 @@ def audit(
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
     copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
     after its last copy) is told from one gone quiet: its stretch after the last copy is not
-    compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
-    ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
-    stretch is not tested."""
+    compared, and a pass is inconclusive, saying so: behind the server's own mirror too, whose
+    primaries say which it sampled (each a copy due), with or without ``mirror_percent``.
+    ``mirror_on_to_end`` false: a constant ``mirror_percent`` held only up to a time not known
+    (the mirror taken off since), and that stretch is not tested behind Istio."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -968,7 +975,7 @@ def audit(
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    since = last_copy(records) if mirror_percent else None  # (likewise)
+    since = last_copy(records)  # (likewise)
     ranged = _kept(records, mine)
     on_time = ~_late(ranged, closes(end))
     records = _kept(ranged, on_time)
@@ -1108,9 +1115,9 @@ def audit(
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     result.reasons += copies_text(result)
-    stopped = None
-    if mirror_percent and (mirror_on_to_end or not isinstance(mirror_percent, int | float)):
-        stopped = mirror_stopped(records, mirrored, since, mirror_percent)
+    # (Istio's share held to the end, or over time; the own mirror's primaries say it themselves)
+    held = bool(mirror_percent) and (mirror_on_to_end or not isinstance(mirror_percent, int | float))
+    stopped = mirror_stopped(records, mirrored, since, mirror_percent if held else None)
     if stopped is not None and since is not None:
         after, percent, p = stopped
         result.mirror_stopped = since.isoformat()
@@ -1118,8 +1125,8 @@ def audit(
             0,
             f"the mirror stopped sending: its last copy was stamped {since.isoformat()}, and the {after} requests "
             f"after it, behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies expected), brought "
-            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or Envoy stopped "
-            "mirroring to them; the requests since are not compared, nothing is shown of them",
+            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or the mirror "
+            "stopped sending to them; the requests since are not compared, nothing is shown of them",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"

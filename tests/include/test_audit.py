@@ -903,7 +903,8 @@ def test_copies_written_after_their_hour_closed_are_late_not_lost(tmp_path):
         tmp_path / "b", 20, disagree=0.0, seed=1, versions=("1", "3"), at=last_minute, mirrored=True, roles=("primary",)
     )
     lost = audit(tmp_path / "b" / "log", hour, hour + timedelta(hours=1), "digits")
-    assert (lost.verdict, lost.rows, lost.late_records, lost.copies_lost) == ("pass", 100, 0, 20)
+    assert (lost.rows, lost.late_records, lost.copies_lost) == (100, 0, 20)
+    assert lost.verdict == "inconclusive"  # (the range's last copies: the shadow stopped writing)
 
 
 def test_the_hours_first_audit_waits_for_a_file_named_at_its_close_to_be_whole(tmp_path):
@@ -1590,6 +1591,37 @@ def test_behind_istio_a_mirror_that_stopped_sending_is_told_from_one_gone_quiet(
     off_log = istio_log(tmp_path / "off", primaries, copies)
     taken_off = audit(off_log, end - timedelta(minutes=5), end, mirror_percent=50, mirror_on_to_end=False)
     assert (taken_off.verdict, taken_off.mirror_stopped) == ("pass", None)
+
+
+@pytest.mark.parametrize("share", [None, 50])
+def test_the_servers_own_mirror_that_stopped_is_judged_as_istios(tmp_path, share):
+    """The server's own mirror (local mode: its primaries say which it sampled) whose shadow
+    stopped writing halfway while the sampled primaries went on: the audit passed on the first
+    half, the second's copies only a warning (counted lost), where behind Istio the same stop
+    is inconclusive (``mirror_stopped``: the requests since are not compared). Both modes judge
+    it alike now: the own mirror's sampled primaries after the last copy are each a copy due
+    (sampled at 100%), told apart from a quiet mirror as behind Istio. Copies lost here and
+    there, the range compared throughout, stay a warning in both."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 240 + 0.2 * k for k in range(1200)]
+    halfway = now - 120
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if t < halfway}
+    log = istio_log(tmp_path, primaries, copies, mirrored=True)
+    stopped = audit(log, end - timedelta(minutes=5), end, mirror_percent=share)
+    last = datetime.fromtimestamp(max(copies.values()), UTC)
+    assert stopped.copies_lost == 600
+    assert (stopped.verdict, stopped.rows) == ("inconclusive", 600)
+    assert stopped.mirror_stopped is not None
+    assert abs(datetime.fromisoformat(stopped.mirror_stopped) - last) < timedelta(milliseconds=1)
+    assert stopped.reasons[0].startswith(
+        f"the mirror stopped sending: its last copy was stamped {stopped.mirror_stopped}, and the 600 requests"
+    )
+
+    (tmp_path / "quiet").mkdir()
+    quiet_log = istio_log(tmp_path / "quiet", [t for t in primaries if t < halfway], copies, mirrored=True)
+    quiet = audit(quiet_log, end - timedelta(minutes=5), end, mirror_percent=share)
+    assert (quiet.verdict, quiet.mirror_stopped, quiet.copies_lost) == ("pass", None, 0)
 
 
 def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
