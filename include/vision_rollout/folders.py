@@ -116,7 +116,7 @@ def read_regular(path: Path, size: int = -1) -> bytes:
 
 
 def guard_file(path: Path, create: bool = True) -> BinaryIO:
-    """The guard file at ``path`` that writers ``flock`` (created, never deleted; ``create``
+    """The guard file at ``path`` that writers ``flock`` (created where absent; ``create``
     false: FileNotFoundError where there is none), opened to append as ``open_regular`` opens a
     file: a named pipe there is refused, not waited on."""
     return os.fdopen(open_regular(path, os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)), "ab")
@@ -175,8 +175,8 @@ class Folder:
         """``name`` holds ``data``, provided it still holds ``read`` (None: it is absent), as
         ``write`` writes it; WriteConflict, nothing written, when another writer changed it since.
 
-        On a disk the comparison and the rename run under ``flock`` of a sibling guard file
-        (``.<name>.lock``, never deleted; a killed writer's lock goes with its process), so of
+        On a disk the comparison and the rename run under the lock of ``name`` (``_guard``: a
+        killed writer's goes with its process), as a removal of it does (``delete``), so of
         two writers of what they both read, one writes and the other gets WriteConflict. In S3
         the file is read again with its ETag and put only if it is still that one (``If-Match``,
         ``If-None-Match: *`` for one absent), once the store is known to refuse such a PUT
@@ -231,36 +231,54 @@ class Folder:
             return False
 
     @contextlib.contextmanager
-    def _guard(self, name: str, create: bool = True) -> Iterator[None]:
-        """On a disk, ``write_if``'s lock of ``name`` held meanwhile (``create`` false: only where
-        its guard file is there, a file ``write_if`` never wrote has none)."""
+    def _guard(self, name: str, make: bool = True) -> Iterator[bool]:
+        """On a disk, the lock of ``name`` held meanwhile (``write_if``'s, ``delete``'s): ``flock``
+        of its guard file (``.<name>.lock``), made for the while and removed under the lock once
+        done, so that none stays beside a file, nor keeps an emptied folder from being removed
+        (``remove_if_empty``); a killed holder's, left, is pruned as a temporary is
+        (``guarded_by``). A waiter that locks a guard file its holder removed meanwhile locks
+        the one there now. True once held; ``make`` false: False, nothing locked, where this
+        folder is not there (nor ``name`` in it). In an object store, nothing (True)."""
         path = self.path
         if path is None:
-            yield
+            yield True
             return
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
-        try:
-            opened = guard_file(path / f".{name}.lock", create)
-        except FileNotFoundError:  # (not ``create``: no conditional write of it, ever)
-            yield
-            return
-        with opened as guard:
-            deadline = time.monotonic() + LOCK_WAIT_S
-            while True:
-                try:
-                    fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WriteConflict(
-                            f"{path / name} is being written by another process for over {LOCK_WAIT_S:g} s"
-                        ) from None
-                    time.sleep(0.02)
+        guard_path = path / f".{name}.lock"
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            if make:
+                path.mkdir(parents=True, exist_ok=True)
             try:
-                yield
-            finally:
-                fcntl.flock(guard, fcntl.LOCK_UN)
+                opened = guard_file(guard_path)
+            except FileNotFoundError:  # (no folder: made again, or, not ``make``, nothing there)
+                if not make:
+                    yield False
+                    return
+                if time.monotonic() > deadline:  # (removed as often as it was made: a pruner's)
+                    raise
+                continue
+            with opened as guard:
+                while True:
+                    try:
+                        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise WriteConflict(
+                                f"{path / name} is being written by another process for over {LOCK_WAIT_S:g} s"
+                            ) from None
+                        time.sleep(0.02)
+                try:
+                    if not _same_file(guard, guard_path):  # (removed by its holder meanwhile)
+                        continue
+                    try:
+                        yield True
+                    finally:
+                        if _same_file(guard, guard_path):
+                            guard_path.unlink()
+                    return
+                finally:
+                    fcntl.flock(guard, fcntl.LOCK_UN)
 
     def read(self, name: str, limit: int | None = None) -> bytes:
         """``name`` in this folder, whole, or its first ``limit`` bytes and one more (a file
@@ -299,15 +317,19 @@ class Folder:
 
     def delete(self, name: str) -> None:
         """``name`` in this folder is gone; nothing when it was not there. NotAFile (an OSError
-        naming it) when it is a folder (``check_files``), nothing removed. On a disk, a file
-        ``write_if`` wrote is removed under its lock, never between its read and its write (the
+        naming it) when it is a folder (``check_files``), nothing removed. On a disk, removed
+        under its lock (``_guard``), never between a ``write_if``'s read and its write (the
         write would bring it back: WriteConflict, nothing removed, where one holds it past
         ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone."""
         path = self.path
         if path is not None:
             self.check_files(name)
-            with self._guard(name, create=False):
-                (path / name).unlink(missing_ok=True)
+            if not os.path.lexists(path / name):  # (gone already: no lock made for nothing)
+                return
+            guarded = guarded_by(name)  # (a guard file a killed writer left: removed under its lock)
+            with self._guard(guarded or name, make=False) as there:
+                if there and not guarded:
+                    (path / name).unlink(missing_ok=True)
             return
         import pyarrow.fs as pafs
 
@@ -614,15 +636,25 @@ def temporary_of(name: str) -> str | None:
 
 
 def guarded_by(name: str) -> str | None:
-    """The name of the file whose ``write_if`` left the guard file ``name`` (``.<name>.lock``);
-    None when it is no guard file."""
+    """The name of the file whose lock's guard file ``name`` is (``.<name>.lock``, ``_guard``'s:
+    one a killed holder left); None when it is no guard file."""
     match = re.fullmatch(r"\.(.+)\.lock", name)
     return match[1] if match else None
 
 
+def _same_file(opened: BinaryIO, path: Path) -> bool:
+    """Whether ``opened`` is the file at ``path`` still (not one removed, nor another made since)."""
+    try:
+        now = path.lstat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(opened.fileno())
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
 def _or_temporary(ours: Callable[[str], object]) -> Callable[[str], bool]:
-    """True of the names ``ours`` is, and of the temporaries and guard files (``write_if``'s
-    ``.<name>.lock``) their writes left."""
+    """True of the names ``ours`` is, and of the temporaries and guard files (``_guard``'s
+    ``.<name>.lock``) their writes and removals killed mid-way left."""
 
     def of(name: str) -> str:
         return temporary_of(name) or guarded_by(name) or name

@@ -1822,8 +1822,8 @@ LEFTOVER_AGE_S = 3600  # a report is written a moment after its chart: a chart a
 def prune_outbox(outbox: Folder, now: float, limit: int = 500, dry_run: bool = False) -> list[str]:
     """What senders and writers killed mid-way left in the outbox, an hour old, removed: the
     claims, ``.posted`` marks and charts of reports no longer there (a report is written a
-    moment after its chart), and the temporary files of writes and guard files of notes
-    (``_note``'s ``write_if``: ``.<name>.lock``); never a report, nor what one
+    moment after its chart), and the temporary files of writes and guard files of locks
+    (``.<name>.lock``: a note or a removal killed under its lock); never a report, nor what one
     still there has; likewise in its ``refused/`` (a chart whose report was dropped), named
     ``refused/<name>``. The oldest ``limit`` at most of each, their names (``dry_run``: those that
     would go, none removed)."""
@@ -1840,7 +1840,7 @@ def _prune_leftovers(outbox: Folder, now: float, limit: int, dry_run: bool) -> l
         claim = _CLAIM.search(name)
         if temporary_of(name) is not None:
             return True
-        if guarded_by(name) is not None:  # (a note's ``write_if``: its report's guard file)
+        if guarded_by(name) is not None:  # (a killed note's or removal's lock: its file's guard file)
             return guarded_by(name) not in names
         if claim:
             stem = name[: claim.start()]

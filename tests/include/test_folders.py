@@ -646,7 +646,8 @@ def test_a_folder_holding_more_than_a_listing_takes_is_listed_in_part_and_pruned
 def test_a_file_removed_while_a_conditional_write_of_it_runs_is_not_brought_back(tmp_path, monkeypatch):
     """On a disk, ``delete`` took no lock: a report another sender removed (posted) between a
     note's read and its write (``write_if``'s) was brought back by that write, and posted a second
-    time. A file ``write_if`` wrote is removed under its lock: after the write, never within."""
+    time. A file ``write_if`` wrote is removed under its lock: after the write, never within; and
+    no guard file stays (it did: the emptied folder could not be removed)."""
     import threading
     import types
 
@@ -681,4 +682,108 @@ def test_a_file_removed_while_a_conditional_write_of_it_runs_is_not_brought_back
     removal[0].join()
     assert folder.names() == []
     folder.delete("never-written-so.json")  # (no guard file: none made)
-    assert not (tmp_path / "outbox" / ".never-written-so.json.lock").exists()
+    assert list((tmp_path / "outbox").iterdir()) == []  # (nor one left)
+    assert folder.remove_if_empty()
+
+
+def test_a_removal_that_looked_for_the_lock_before_a_conditional_write_made_it_waits_for_it(tmp_path, monkeypatch):
+    """``delete`` took the lock only where its guard file was there: a report a plain ``write``
+    wrote (``_to_outbox``'s) had none until its first ``write_if`` (a note's) made it, and a
+    removal that looked for it just before went on unlocked, between that write's read and its
+    rename, which brought the removed report back (to be posted a second time). Every removal on
+    a disk takes the lock, made for the while: it waits for the write, then removes the file;
+    and neither leaves a guard file behind."""
+    import threading
+    import types
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path)) / "outbox"
+    folder.write("report.json", b"one")
+    looked, read, waited = threading.Event(), threading.Event(), threading.Event()
+    real_guard_file, real_flock = folders.guard_file, folders.fcntl.flock
+
+    def guard_file(path, create=True):  # (the removal, once it looked for the guard file)
+        try:
+            return real_guard_file(path, create)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                looked.set()
+                read.wait(60)  # (a bound: the write's read done, it goes on)
+
+    def flock(fd, op):
+        try:
+            return real_flock(fd, op)
+        except BlockingIOError:
+            if threading.current_thread() is not threading.main_thread():
+                waited.set()
+            raise
+
+    monkeypatch.setattr(folders, "guard_file", guard_file)
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    real_remove = Folder.remove_temporaries
+
+    def remove_temporaries(self, *args, **kwargs):  # (under the lock, its read done, its write not)
+        read.set()
+        waited.wait(60)  # (the removal done, or waiting for the lock)
+        return real_remove(self, *args, **kwargs)
+
+    monkeypatch.setattr(Folder, "remove_temporaries", remove_temporaries)
+    removal = threading.Thread(target=lambda: (folder.delete("report.json"), waited.set()))
+    removal.start()
+    assert looked.wait(60)
+    folder.write_if("report.json", b"two", b"one")
+    removal.join()
+    assert folder.names() == []
+    assert list((tmp_path / "outbox").iterdir()) == []
+
+
+def test_a_removal_that_waited_on_a_guard_file_its_holder_removed_locks_the_one_there_now(tmp_path, monkeypatch):
+    """A lock's guard file is removed by its holder once done (``_guard``): a removal waiting on
+    it then locks a file no longer there, while the next conditional write makes a new one and
+    locks that. The removal locks the guard file there now, and waits for that write: it never
+    removes the file between the write's read and its rename (which would bring it back)."""
+    import fcntl
+    import threading
+    import types
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path)) / "outbox"
+    folder.write("report.json", b"one")
+    blocked, locked, moved = threading.Event(), threading.Event(), threading.Event()
+    real_flock, real_remove = folders.fcntl.flock, Folder.remove_temporaries
+
+    def removal() -> bool:
+        return threading.current_thread().name == "removal"
+
+    def flock(fd, op):
+        if removal() and op & fcntl.LOCK_EX and blocked.is_set():
+            locked.wait(60)  # (its next try once the next write holds its own guard file)
+        try:
+            return real_flock(fd, op)
+        except BlockingIOError:
+            if removal():
+                (moved if locked.is_set() else blocked).set()
+            raise
+
+    remover = threading.Thread(target=lambda: (folder.delete("report.json"), moved.set()), name="removal")
+
+    def remove_temporaries(self, *args, **kwargs):  # (under the lock, its read done, its write not)
+        if threading.current_thread().name == "next":
+            locked.set()
+            moved.wait(60)  # (the removal done, or waiting for this write)
+        elif not remover.is_alive():
+            remover.start()
+            blocked.wait(60)  # (the removal waiting on this write's guard file)
+        return real_remove(self, *args, **kwargs)
+
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    monkeypatch.setattr(Folder, "remove_temporaries", remove_temporaries)
+    folder.write_if("report.json", b"two", b"one")
+    following = threading.Thread(target=lambda: folder.write_if("report.json", b"three", b"two"), name="next")
+    following.start()
+    following.join()
+    remover.join()
+    assert folder.names() == []
+    assert list((tmp_path / "outbox").iterdir()) == []
