@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-from model_server.files import Listed, filesystem, folder_problem, list_folder, s3_client, store_errors, write_private
+from model_server.files import (
+    Listed,
+    filesystem,
+    folder_problem,
+    list_folder,
+    s3_client,
+    store_errors,
+    sync_folder,
+    write_private,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -320,7 +329,9 @@ class Folder:
         naming it) when it is a folder (``check_files``), nothing removed. On a disk, removed
         under its lock (``_guard``), never between a ``write_if``'s read and its write (the
         write would bring it back: WriteConflict, nothing removed, where one holds it past
-        ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone."""
+        ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone. On a disk the
+        folder is synced once it is removed: a crash does not bring it back (a posted report,
+        to be posted again)."""
         path = self.path
         if path is not None:
             self.check_files(name)
@@ -330,6 +341,8 @@ class Folder:
             with self._guard(guarded or name, make=False) as there:
                 if there and not guarded:
                     (path / name).unlink(missing_ok=True)
+            if there:  # (gone for good, as a write is there for good: write_private)
+                sync_folder(path)
             return
         import pyarrow.fs as pafs
 

@@ -787,3 +787,21 @@ def test_a_removal_that_waited_on_a_guard_file_its_holder_removed_locks_the_one_
     remover.join()
     assert folder.names() == []
     assert list((tmp_path / "outbox").iterdir()) == []
+
+
+def test_a_file_removed_on_a_disk_stays_removed_after_a_crash(tmp_path, monkeypatch):
+    """A write syncs its folder (``write_private``), a removal did not: after a crash a report
+    removed once posted could be back in the outbox, and posted again. Its folder is synced once
+    it is gone; nothing to sync where nothing was there."""
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path)) / "outbox"
+    folder.write("report.json", b"{}")
+    synced: list[object] = []
+    monkeypatch.setattr(folders, "sync_folder", synced.append, raising=False)
+    folder.delete("report.json")
+    assert synced == [tmp_path / "outbox"]
+    assert folder.names() == []
+    folder.delete("report.json")
+    (folder / "nowhere").delete("report.json")
+    assert synced == [tmp_path / "outbox"]
