@@ -1160,7 +1160,10 @@ def _channel_id(client: Any, name: str, deadline: float, limited: _RateLimited) 
 # until that budget's end and ``CLAIM_MARGIN_S`` more at most, the time it holds (``_until``).
 CLAIM_S = 900
 MAX_CLAIM_BYTES = 256  # a claim holds its ``until``: a few bytes
-CLAIM_MARGIN_S = 60  # a claim this close to lapsing posts nothing more (the post's own time, the clocks)
+# A claim this close to lapsing posts nothing more: the post's own time (a minute), and the senders'
+# clocks apart (``CLOCK_SKEW_S``, as ``find_post`` allows): a claim's times are its sender's clock, judged
+# on another's, which may run that far ahead and take a claim whose sender is still posting for lapsed.
+CLAIM_MARGIN_S = 60 + CLOCK_SKEW_S
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 ANOTHER_SENDER = "another sender"  # (in a round's skip of a report another sender has, or sent)
