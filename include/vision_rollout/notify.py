@@ -906,6 +906,19 @@ class BudgetSpent(LookupFailed):
     """A round's budget ran out before its Slack calls were done: what they were for waits."""
 
 
+class PostedNotKept(OSError):
+    """The outbox failed (a full disk, an I/O error) once Slack took a report, or its post was
+    found: ``post``, its channel and ts (``posted_before``: an earlier one's). What the sender
+    left (its claim, where the mark is not written) has a later round look for that post first."""
+
+    def __init__(self, name: str, post: dict[str, Any], error: OSError) -> None:
+        super().__init__(
+            f"Slack took report {name} ({post.get('channel')} {post.get('ts')}), "
+            f"but the outbox failed after: {str(error)[:300]}"
+        )
+        self.post = post
+
+
 MIN_CALL_S = 1.0  # a Slack call within a budget is not begun with less time left
 REPORT_MIN_S = 10.0  # a round does not begin a report with less of its budget left (nor a quarter of it)
 
@@ -1466,21 +1479,29 @@ def _send_round(
             results.append({"name": name, "error": "not a report: its name is not one a folder takes"})
             continue
         posting: list[bool] = []  # (true while a post of it Slack may have taken is not marked)
+        posted: dict[str, Any] = {}  # (its post, once Slack took it or it was found)
         _held.add(claim)
         try:
-            result = _send_claimed(outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender)
-            if note_errors and "error" in result and "channel" in result and not result.get("refused"):
-                _note(outbox, name, slack_error=one_line(result["error"])[:500])
-            results.append(result)
-        except BaseException:
-            # (Stopped there, Ctrl-C, Airflow's SIGTERM, a store error: its claim stays, as a killed
-            # sender's, so that once lapsed the next sender looks for that post before posting.)
-            if not posting:
-                outbox.delete(claim)
-            raise
-        finally:
-            _held.discard(claim)
-        outbox.delete(claim)
+            try:
+                result = _send_claimed(
+                    outbox, name, claim, client, clock(), channels, aside, deadline, posting, sender, posted
+                )
+                if note_errors and "error" in result and "channel" in result and not result.get("refused"):
+                    _note(outbox, name, slack_error=one_line(result["error"])[:500])
+                results.append(result)
+            except BaseException:
+                # (Stopped there, Ctrl-C, Airflow's SIGTERM, a store error: its claim stays, as a killed
+                # sender's, so that once lapsed the next sender looks for that post before posting.)
+                if not posting:
+                    outbox.delete(claim)
+                raise
+            finally:
+                _held.discard(claim)
+            outbox.delete(claim)
+        except OSError as exc:  # (once Slack took it: its post with the error, for ``send_report``)
+            if not posted:
+                raise
+            raise PostedNotKept(name, posted, exc) from exc
     return results
 
 
@@ -1523,7 +1544,8 @@ def send_report(
     earlier try's, or another sender's), or ``slack_error`` and ``outbox`` where the report waits
     there (``refused``: set aside in its ``refused/``; ``maybe_posted``: another sender has it,
     not done within the budget), or ``maybe_posted`` alone where another sender removed it from
-    the outbox and its post was not found."""
+    the outbox and its post was not found. Where the outbox fails once Slack took the report (its
+    mark, its removal: ``PostedNotKept``), logged: the post is the answer, never lost."""
     outbox, client = notifier.outbox, notifier.client
     if outbox is None:
         raise ValueError("send_report needs an outbox")
@@ -1550,7 +1572,11 @@ def send_report(
     sender = _sender(stem)  # (the tries' claims, with their process: 32 hex)
     while True:  # (again where the claim of another sender that held it lapsed meanwhile)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
+        try:
+            results = _send_round(outbox, client, time.time, left, only={name}, sender=sender, note_errors=True)
+        except PostedNotKept as exc:  # (Slack has it: the outbox's rounds tidy what is left, its post looked for)
+            log.warning("%s; the outbox's next rounds tidy what is left of it, looking for its post first", exc)
+            return exc.post
         if results:
             result = results[0]
         elif not outbox.exists(name):  # (not listed: another round sent it meanwhile)
@@ -1697,12 +1723,15 @@ def _send_claimed(
     deadline: float | None = None,
     posting: list[bool] | None = None,
     sender: str | None = None,
+    posted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report ``name`` sent under its sender's ``claim``, its Slack calls and look-ups ending
     by ``deadline`` (``_within``: the round's budget): one that cannot leaves it waiting.
-    ``posting`` holds True from its post until its mark is written; a claim of ``sender``'s whose
-    process is gone (``_dead_try``) is an earlier try's, dead: taken as lapsed."""
+    ``posting`` holds True from its post until its mark is written; ``posted`` the post once
+    Slack took it, or it was found (``PostedNotKept``); a claim of ``sender``'s whose process is
+    gone (``_dead_try``) is an earlier try's, dead: taken as lapsed."""
     posting = [] if posting is None else posting
+    posted = {} if posted is None else posted
     stem = name.removesuffix(".json")
     names = outbox.names(starting=f"{stem}.")  # (its own files: its claims, ``<stem>.claim-...``)
     if not names.complete:  # (another sender's claim may be one not listed: not sent, never twice)
@@ -1742,6 +1771,7 @@ def _send_claimed(
                 _note(outbox, name, maybe_posted=min(tries))
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:
+            posted.update(sent, posted_before=True)
             outbox.write(mark, json.dumps(sent).encode())
             sent = dict(sent)
     if sent is None and not _holds(outbox, name, claim):
@@ -1762,10 +1792,12 @@ def _send_claimed(
                 _note(outbox, name, maybe_posted=tried)
             return {"name": name, "channel": found.channel, "error": _failure(exc)}
         channels[found.channel] = sent["channel"]
+        posted.update(channel=sent["channel"], ts=sent["ts"])
         outbox.write(mark, json.dumps(sent).encode())
         posting.clear()
     else:
         sent["posted_before"] = True
+        posted.update(sent)
     try:  # (marked before this round: a sender before it may have uploaded the chart)
         there = bool(chart) and raw is not None and find_chart(client, sent, chart_title(message), deadline)
         if not there:

@@ -1383,15 +1383,20 @@ def test_a_teardown_whose_notify_could_not_write_its_report_sends_one(monkeypatc
     assert posted["text"].startswith("Rolled back digits v2: decide chose rollback; version 1 takes 100%")
 
 
-@pytest.mark.parametrize("failing", [".posted", ".claim-"])
+@pytest.mark.parametrize(("step", "failing"), [("delete", ".posted"), ("delete", ".claim-"), ("write", ".posted")])
 def test_a_teardown_whose_report_slack_took_posts_no_second_one_when_the_outbox_fails_after(
-    monkeypatch, tmp_path, slack, failing
+    monkeypatch, tmp_path, slack, caplog, step, failing
 ):
     """The teardown posting the run's report under notify's name (notify's outbox write failed),
-    the outbox failing once Slack took it (the removal of its mark or its claim): the report gone
-    from the outbox, the teardown took the error for the outbox refusing its write and posted the
-    report a second time, straight. It posts once, the error raised."""
+    the outbox failing once Slack took it (the write of its mark, the removal of its mark or its
+    claim): the report gone from the outbox, the teardown took the error for the outbox refusing
+    its write and posted the report a second time, straight; then it raised the error, and the
+    run's end (``ENDED``) kept no post: a reviewer could not find it, nor notify cleared
+    afterwards reply in its thread. It posts once, the run's end keeps the post, the outbox's
+    error is logged, and the run fails as for a report notify did not send; a report whose mark
+    was not written waits with its sender's claim, for a later round to look for its post."""
     import errno
+    import logging
 
     from vision_rollout.folders import Folder
     from vision_rollout.notify import report_name
@@ -1400,19 +1405,35 @@ def test_a_teardown_whose_report_slack_took_posts_no_second_one_when_the_outbox_
     record = tmp_path / "run" / "rollouts" / "digits" / "run-a" / steps.RUN_REPORT
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"report": report_name(), "queued": time.time() - 5}))  # (its outbox write failed)
-    real_delete = Folder.delete
+    real = getattr(Folder, step)
 
-    def failing_delete(self, name):
+    def failing_step(self, name, *args):
         if failing in name:
             raise OSError(errno.EIO, "Input/output error")
-        return real_delete(self, name)
+        return real(self, name, *args)
 
-    monkeypatch.setattr(Folder, "delete", failing_delete)
-    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
-    with pytest.raises(OSError, match="Input/output error"):
+    monkeypatch.setattr(Folder, step, failing_step)
+    done = "version 1 takes 100%; version 2 is unloaded"
+
+    def finish(params, run_id, promoted, **kwargs):  # (as finish writes the end: no report known yet)
+        end = {"holder": run_id, "decided": "rollback", "promoted": False, "done": done}
+        (record.parent / steps.ENDED).write_text(json.dumps(end))
+        return False, done
+
+    monkeypatch.setattr(steps, "finish", finish)
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(AirflowFailException, match="notify did not send the run's report: the teardown sent it"),
+    ):
         steps.ensure_stable(PARAMS, "run-a", None, "1", None, "rollback")
     (posted,) = slack.messages()
     assert posted["text"].startswith("Rolled back digits v2")
+    end = steps.run_ended(steps.spec_from(PARAMS), "run-a")
+    assert end["report"] == {"channel": "C0ROLLOUT", "ts": slack.history["C0ROLLOUT"][0]["ts"]}
+    assert "but the outbox failed after: [Errno 5] Input/output error" in caplog.text
+    if step == "write":  # (left for a later round, which looks for its post first)
+        left = sorted(p.name.split(".", 1)[1][:5] for p in (tmp_path / "run" / "outbox").iterdir())
+        assert left == ["claim", "json"]
 
 
 def test_a_teardown_that_cannot_look_for_notifys_post_nor_keep_its_report_posts_nothing(monkeypatch, tmp_path, slack):
