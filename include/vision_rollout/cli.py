@@ -1,6 +1,7 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...] [--json]
+  rolloutctl gate --samples FILE [--latency-from live|replay] [--look K --looks N [--information L1/R1/A1,...]]
+                  [--set key=value ...] [--json]
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -307,11 +308,34 @@ def _policy(path: Path) -> Any:
         raise UsageError(f"--policy {path}: invalid policy: {exc}") from None
 
 
-def _information(text: str, look: int, samples: Any) -> tuple[Information, ...]:
+def _latency_source(source: str | None, samples: Any) -> None:
+    """``--latency-from``: a source of ``gates.SOURCES`` (live or replay), of samples whose
+    ``source`` column names each row's, as the DAG's stage samples do (``engine.stage_samples``);
+    a usage error naming the flag else."""
+    from vision_rollout.gates import SOURCES
+
+    if source is None:
+        return
+    if source not in SOURCES:
+        raise UsageError(f"--latency-from takes {' or '.join(SOURCES)}, not {source[:40]!r}")
+    if "source" not in samples.columns:
+        raise UsageError(
+            f"--latency-from {source}: the samples have no source column ({' or '.join(SOURCES)} on each row, as "
+            "the DAG's stage samples)"
+        )
+    other = sorted({str(v) for v in samples["source"].dropna()} - set(SOURCES))
+    if other:
+        raise UsageError(
+            f"--latency-from {source}: a sample's source must be {' or '.join(SOURCES)} (or empty), found "
+            f"{', '.join(repr(v[:40]) for v in other[:5])}"
+        )
+
+
+def _information(text: str, look: int, samples: Any, latency_from: str | None) -> tuple[Information, ...]:
     """``--information``: the information of each look before ``look``, per check (the smaller
-    arm's latency samples, requests and live labels at it: ``gates.Information``, the n of a DAG
-    verdict's latency, errors and live accuracy checks), and this look's counted in the samples,
-    as the DAG's boundaries read them all."""
+    arm's latency samples, of the source ``latency_from``, requests and live labels at it:
+    ``gates.Information``, the n of a DAG verdict's latency, errors and live accuracy checks),
+    and this look's counted in the samples, as the DAG's boundaries read them all."""
     from vision_rollout.gates import Information, look_information
 
     values = [v.strip() for v in text.split(",")] if text.strip() else []
@@ -326,7 +350,10 @@ def _information(text: str, look: int, samples: Any) -> tuple[Information, ...]:
             "--information takes whole numbers per arm, latency samples/requests/live labels of each look, "
             f"e.g. 120/150/0,250/300/0, not {bad[0][:40]!r}"
         )
-    seen = (*(Information(*(int(n) for n in v.split("/"))) for v in values), look_information(samples))
+    seen = (
+        *(Information(*(int(n) for n in v.split("/"))) for v in values),
+        look_information(samples, latency_from),
+    )
     for measure in Information._fields:
         for j, (before, after) in enumerate(pairwise(getattr(s, measure) for s in seen), 1):
             if after < before:
@@ -355,8 +382,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
     samples = _read_samples(args.samples)
     try:
         check_samples(samples)  # (before --information counts this look's)
-        seen = None if args.information is None else _information(args.information, args.look, samples)
-        verdict = evaluate_gate(samples, config, args.look, args.looks, information=seen)
+        _latency_source(args.latency_from, samples)
+        seen = (
+            None if args.information is None else _information(args.information, args.look, samples, args.latency_from)
+        )
+        verdict = evaluate_gate(
+            samples, config, args.look, args.looks, latency_from=args.latency_from, information=seen
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -1500,8 +1532,15 @@ def parser() -> argparse.ArgumentParser:
         "--samples",
         type=Path,
         required=True,
-        help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional oom, "
-        "correct, pair_id",
+        help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional source "
+        "(live or replay), oom, correct, pair_id",
+    )
+    g.add_argument(
+        "--latency-from",
+        metavar="live|replay",
+        help="the source whose rows the latency checks and the sample minimum read, as the DAG's stage does "
+        "(live below 100%%, replay at 100%%: its verdict's latency sentences say which); errors count every "
+        "request; default every row",
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, default=1, help="looks planned, 1 to 12 (default 1)")

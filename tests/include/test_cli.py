@@ -66,6 +66,66 @@ def test_gate_judges_a_look_at_the_information_of_the_looks_before_it_as_the_dag
     assert (code, json.loads(out)["nominal_alpha"]) == (0, pytest.approx(0.05)), err  # look 1: none before it
 
 
+def test_gate_reads_the_latencies_of_the_source_the_dags_stage_judged(tmp_path, capsys):
+    """The DAG's stage judges latency on one source of its samples (``StageWindow.latency_from``:
+    the live arms below 100%, the validation replay at 100%), and its verdict's latency
+    sentences name it; ``gate`` had no way to say which and read every row, so a reviewer
+    re-running a 25% stage's look from its samples (live arms alike, the loaded candidate's
+    replay 30% slower) got a failure where the DAG passed, and ``--information`` counted this
+    look's latency information over every row. ``--latency-from`` reads the rows the DAG read,
+    for the latency checks, the sample minimum and ``--information``."""
+    import pandas as pd
+
+    from vision_rollout.gates import evaluate_gate, look_information, nominal_alpha
+
+    live = samples(3000).assign(source="live")
+    replay = samples(1000, ratio=1.3, seed=1).assign(source="replay")
+    both = pd.concat([live, replay], ignore_index=True)
+    path = tmp_path / "samples.csv"
+    both.to_csv(path, index=False)
+    argv = ("gate", "--samples", str(path), "--json")
+    code, out, err = run(capsys, *argv, "--latency-from", "live")
+    verdict = json.loads(out)
+    assert verdict == json.loads(json.dumps(evaluate_gate(both, latency_from="live").to_dict())), err
+    assert (code, verdict["decision"]) == (0, "pass")
+    latency = next(c for c in verdict["checks"] if c["name"] == "latency_geomean")
+    assert latency["sentence"].startswith("Live A/B arms: ")
+    assert (latency["n_baseline"], latency["n_canary"]) == (3000, 3000)
+    code, out, _ = run(capsys, *argv, "--latency-from", "replay")
+    assert (code, json.loads(out)["decision"]) == (1, "fail")
+    # The boundaries at the information the DAG counts: this look's live latencies, not every row's.
+    code, out, err = run(
+        capsys, *argv, "--latency-from", "live", "--look", "2", "--looks", "5", "--information", "500/900/0"
+    )
+    assert code in (0, 1, 3), err
+    seen = (500, look_information(both, "live").latency)
+    assert seen[1] == 3000
+    assert json.loads(out)["nominal_alpha"] == pytest.approx(nominal_alpha(0.05, 2, 5, information=seen), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("source", "rows", "said"),
+    [
+        ("Live", ["live"], "--latency-from takes live or replay, not 'Live'"),
+        ("live", None, "--latency-from live: the samples have no source column (live or replay on each row"),
+        (
+            "replay",
+            ["live", "Replay"],
+            "--latency-from replay: a sample's source must be live or replay (or empty), found 'Replay'",
+        ),
+    ],
+)
+def test_gate_latency_from_refused_with_what_is_wrong(tmp_path, capsys, source, rows, said):
+    data = samples(300)
+    if rows is not None:
+        data["source"] = [rows[i % len(rows)] for i in range(len(data))]
+    path = tmp_path / "samples.csv"
+    data.to_csv(path, index=False)
+    code, out, err = run(capsys, "gate", "--samples", str(path), "--latency-from", source)
+    assert (code, out) == (2, "")
+    assert said in err
+
+
 @pytest.mark.parametrize(
     ("information", "said"),
     [
