@@ -79,6 +79,9 @@ class Attempt:
     window: float | None = None  # where its looks are planned from when not ``started`` (``move_window``)
     level: float = 1.0  # the share of alpha its looks there may spend: what its earlier windows left
     moves: int = 0  # how many times its window was moved
+    # The samples per arm its last waiting look needs, by the digest of what they were reckoned
+    # from (``engine.need_n``: a second of CPU, the same for each poke of a look): one entry.
+    need: dict[str, int | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -121,6 +124,7 @@ class Attempt:
             None if d.get("window") is None else _time(d["window"]),
             _share(d.get("level", 1.0)),
             _count(d.get("moves")),
+            _need(d.get("need")),
         )
 
 
@@ -161,6 +165,12 @@ def _count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
         raise ValueError(f"not a count: {str(value)[:40]}")
     return value
+
+
+def _need(value: Any) -> dict[str, int | None]:
+    if not isinstance(value, dict | None) or len(value or {}) > 1:
+        raise ValueError(f"not a need: {str(value)[:80]}")
+    return {str(k): None if n is None else _count(n) for k, n in (value or {}).items()}
 
 
 def _list(value: Any) -> list[Any]:
@@ -356,10 +366,13 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
     return _change(folder, run_id, index, judge)
 
 
-def looked(folder: Folder, record: StageRecord, attempt: Attempt, look: int) -> None:
-    """The attempt's test judged up to ``look`` (kept when it went further)."""
-    if look > attempt.look:
-        _kept(folder, record, attempt, look, attempt.outcome)
+def looked(
+    folder: Folder, record: StageRecord, attempt: Attempt, look: int, need: dict[str, int | None] | None = None
+) -> None:
+    """The attempt's test judged up to ``look`` (kept when it went further), its waiting look
+    needing ``need`` (``Attempt.need``; kept when it changed, None: as it is)."""
+    if look > attempt.look or (need is not None and need != attempt.need):
+        _kept(folder, record, attempt, look, attempt.outcome, need)
 
 
 def decided(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any]) -> None:
@@ -367,20 +380,29 @@ def decided(folder: Folder, record: StageRecord, attempt: Attempt, look: int, ou
     _kept(folder, record, attempt, look, outcome)
 
 
-def _kept(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any] | None) -> None:
-    """``look`` and ``outcome`` written into the record as it is now in the folder (read again:
-    a restart asked for, or a run counted, while the looks were judged stays), and ``record``
-    and ``attempt`` brought up to date with it."""
+def _kept(
+    folder: Folder,
+    record: StageRecord,
+    attempt: Attempt,
+    look: int,
+    outcome: dict[str, Any] | None,
+    need: dict[str, int | None] | None = None,
+) -> None:
+    """``look``, ``outcome`` and ``need`` (None: as it is) written into the record as it is now
+    in the folder (read again: a restart asked for, or a run counted, while the looks were
+    judged stays), and ``record`` and ``attempt`` brought up to date with it."""
 
     def keep(fresh: StageRecord) -> Attempt:
         current = fresh.attempt(attempt.started)
         current.look = max(current.look, attempt.look, look)
         current.outcome = outcome
+        if need is not None:
+            current.need = dict(need)
         return current
 
     fresh, current = _change(folder, record.run_id, record.index, keep)
     record.attempts, record.restart, record.read = fresh.attempts, fresh.restart, fresh.read
-    attempt.look, attempt.outcome = current.look, current.outcome
+    attempt.look, attempt.outcome, attempt.need = current.look, current.outcome, current.need
 
 
 def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> StageRecord:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.engine import StageJudge
+    from vision_rollout.engine import Needs, StageJudge
     from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
     from vision_rollout.metrics import MetricsSource
@@ -996,6 +996,7 @@ def look_at_stage(
         raise AirflowFailException(f"{reason}. Version {spec.baseline_version} takes 100% again.")
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], attempt.window_start)  # (``attempts.applied`` may move it)
+    needs = dict(attempt.need)  # (a waiting look's need, reckoned by an earlier poke of it on any worker)
     if spec.alpha * attempt.level < MIN_ALPHA:
         state = StageState(
             "undecided",
@@ -1008,7 +1009,7 @@ def look_at_stage(
         )
     else:
         judged_at = spec if attempt.level >= 1 else replace(spec, alpha=spec.alpha * attempt.level)
-        state = stage_judge(judged_at, hook, source)(window)
+        state = stage_judge(judged_at, hook, source, needs)(window)
     print(
         f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"
@@ -1023,7 +1024,7 @@ def look_at_stage(
     if not state.done:
         try:
             with stage_record_readable(spec, run_id, index, hook):
-                attempts.looked(folder, record, attempt, state.look)
+                attempts.looked(folder, record, attempt, state.look, needs)
         except OSError as exc:
             log.warning("the stage's last look is not kept in the run folder: %s", str(exc)[:300])
         return None
@@ -1149,8 +1150,11 @@ def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[s
     return out
 
 
-def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None) -> StageJudge:
-    """The engine's judge of a stage, sending its replay through the serving path."""
+def stage_judge(
+    spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None, needs: Needs | None = None
+) -> StageJudge:
+    """The engine's judge of a stage, sending its replay through the serving path; ``needs``: the
+    stage's needs reckoned (``engine.need_n``), kept in its record, where this judge puts its own."""
     from vision_rollout.engine import StageJudge
 
     settings = hook.settings
@@ -1163,6 +1167,7 @@ def stage_judge(spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource 
         source,
         cache=settings.stage_caches,
         token=settings.token,
+        needs={} if needs is None else needs,
     )
 
 

@@ -262,6 +262,60 @@ def test_the_samples_a_wait_names_resolve_it_at_the_last_looks_level_as_the_proc
     assert abs(passed - 0.5) <= 3 * np.sqrt(0.25 / sims), passed
 
 
+def test_a_waiting_looks_need_is_reckoned_once_and_kept_for_its_other_pokes(monkeypatch, tmp_path):
+    """``need_n`` took about a second of CPU per waiting poke (the boundaries of every look ahead,
+    a few rounds, per information measure), reckoned again at every poke of a look from the same
+    inputs: the DAG's pokes each run in a process of their own, on any worker, so nothing in a
+    process's memory keeps it. The stage's needs are kept with its record in the run folder
+    (``Attempt.need``) and given to the judge: a need of the same inputs is taken from there,
+    not reckoned; one of other inputs (the next look's) is reckoned and replaces it. Kept or
+    reckoned, the same need."""
+    import json
+
+    from vision_rollout import attempts, engine
+    from vision_rollout.folders import Folder
+
+    def need(state: StageState) -> str:  # (the rest of the reason moves with the poke's time: the rate)
+        return state.reason.split(" would resolve it")[0]
+
+    reckoned = []
+    reckon = engine._reckoned_need
+    monkeypatch.setattr(engine, "_reckoned_need", lambda *a: reckoned.append(a[2]) or reckon(*a))
+    s = spec(latency_margin=0.01)  # finer than this traffic resolves: every look waits
+    log = records(400, 10, 50, replay_every=None)
+    at = T0 + 45  # look 2 of 5 judged
+    fresh = judge_stage(s, WINDOW, log, IMAGES, at, replay_images=0)
+    assert (fresh.status, fresh.look) == ("waiting", 2)
+    assert "samples per arm would resolve it" in fresh.reason
+    assert len(reckoned) == 1
+    # The first poke of the look reckons it and the stage's record keeps it (the run folder).
+    folder = Folder(str(tmp_path))
+    record, attempt = attempts.judged(folder, "run", 0, WINDOW.started, "try-1")
+    needs = dict(attempt.need)
+    first = judge_stage(s, WINDOW, log, IMAGES, at + 1, replay_images=0, needs=needs)
+    assert len(reckoned) == 2
+    attempts.looked(folder, record, attempt, first.look, needs)
+    kept = attempts.load(folder, "run", 0).attempt(WINDOW.started).need
+    assert kept == needs
+    assert len(kept) == 1
+    assert json.loads(json.dumps(kept)) == kept
+    # Its other pokes, on any worker: taken from the record, not reckoned.
+    for poke in (at + 2, at + 8):
+        again = judge_stage(s, WINDOW, log, IMAGES, poke, replay_images=0, needs=dict(kept))
+        assert need(again) == need(first) == need(fresh)
+    assert len(reckoned) == 2
+    # The next look: reckoned on its own information, and its need takes the earlier one's place.
+    later = dict(kept)
+    nxt = judge_stage(s, WINDOW, log, IMAGES, at + 20, replay_images=0, needs=later)
+    assert nxt.look == 3
+    assert len(reckoned) == 3
+    assert len(reckoned[-1]) == 3
+    assert len(later) == 1
+    assert later.keys() != kept.keys()
+    assert nxt.reason == judge_stage(s, WINDOW, log, IMAGES, at + 20, replay_images=0).reason
+    assert need(nxt) != need(first)
+
+
 def test_a_stage_left_undecided_by_latency_alone_carries_it_to_the_next_stage_below_100():
     """The 5% stage's live arm is too small to show the latency margin in its time under load,
     and an equal candidate was rolled back there as undecided in about half of the rollouts

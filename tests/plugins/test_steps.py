@@ -3317,6 +3317,9 @@ def test_the_count_of_failed_reads_is_removed_when_the_answer_is_refused(monkeyp
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "breach"}}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "pass", "summary": ""}}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "ok", "summary": ""}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": {"a": 1, "b": 2}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": {"a": -1}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": [1]}]}',
     ],
 )
 def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, damaged):
@@ -3334,6 +3337,36 @@ def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, dam
     with pytest.raises(AirflowFailException, match="rolloutctl restart-stage"):
         world.poke(applied)
     assert (folder.path / record_name("run-a", 0)).read_text() == damaged  # kept as it was
+
+
+def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(monkeypatch, tmp_path):
+    """Each poke of the wait runs in a process of its own, on any worker: the need its judge
+    reckoned for a waiting look (``engine.need_n``, about a second of CPU) is kept with the
+    stage's record in the run folder (``Attempt.need``), and the next poke's judge is given it,
+    so the look's other pokes do not reckon it again."""
+    from vision_rollout import attempts
+
+    world = StageWorld(monkeypatch, tmp_path)
+    given: list[dict] = []
+
+    def stage_judge(spec, hook, source=None, needs=None):
+        given.append(dict(needs))
+
+        def judge(window, now=None):
+            needs.clear()
+            needs["the inputs of look 4"] = 1234  # (as need_n puts what it reckoned)
+            return world.states.pop(0)
+
+        return judge
+
+    monkeypatch.setattr(steps, "stage_judge", stage_judge)
+    applied = world.apply()
+    world.states = [stage_state("waiting", 4, "WAIT at look 4 of 10")] * 2
+    assert world.poke(applied) is None
+    folder = steps.serving().settings.workdir("digits", "run-a")
+    assert attempts.load(folder, "run-a", 0).attempts[0].need == {"the inputs of look 4": 1234}
+    assert world.poke(applied) is None
+    assert given == [{}, {"the inputs of look 4": 1234}]
 
 
 def test_a_stage_run_more_times_than_its_record_keeps_is_counted_in_full(tmp_path):
