@@ -22,7 +22,11 @@ check; p95/p99 ratio with distribution-free quantile intervals), errors and OOM 
 hybrid score interval), accuracy (Tango's score test and interval on paired validation replays,
 the exact McNemar p of any drop beside it, and two proportions on live feedback), and the hard
 guards. Each decisive check's p-value is its fail test's against the margin (the interval's own
-for proportions), below the look's nominal level exactly when the check fails.
+for proportions and for the p95/p99 ratios), below the level it was judged at exactly when the
+check fails. The p95/p99 checks can only fail the gate: each fails when its ratio's lower bound
+(each arm's quantile bound at half the look's level) is above the tail margin, so a canary whose
+quantile lies at the margin fails one at a look with probability at most that look's level, the
+latency checks'.
 """
 
 from __future__ import annotations
@@ -487,19 +491,64 @@ def rank_check(base: np.ndarray, canary: np.ndarray, level: float) -> Check:
     )
 
 
-def quantile_interval(x: np.ndarray, q: float, level: float) -> tuple[float, float]:
-    """Distribution-free interval of the q-quantile: order statistics at binomial ranks, each
-    side missing with probability at most ``level``."""
-    xs = np.sort(x)
+def _order_bounds(xs: np.ndarray, q: float, level: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``quantile_interval`` of sorted ``xs`` at each of ``level`` (a number or an array)."""
     n = len(xs)
-    lo = int(stats.binom.ppf(level, n, q))  # P(Bin(n, q) < lo) <= level: x(lo) is below the quantile
-    hi = int(stats.binom.isf(level, n, q)) + 1
-    lower = float(xs[lo - 1]) if lo >= 1 else 0.0  # too few samples for a bound: the widest one
-    upper = float(xs[hi - 1]) if hi <= n else math.inf
+    lo = stats.binom.ppf(level, n, q).astype(int)  # P(Bin(n, q) < lo) <= level: x(lo) is below the quantile
+    hi = stats.binom.isf(level, n, q).astype(int) + 1
+    # Too few samples for a bound: the widest one.
+    lower = np.where(lo >= 1, xs[np.clip(lo - 1, 0, n - 1)], 0.0)
+    upper = np.where(hi <= n, xs[np.clip(hi - 1, 0, n - 1)], math.inf)
     return lower, upper
 
 
+def quantile_interval(x: np.ndarray, q: float, level: float) -> tuple[float, float]:
+    """Distribution-free interval of the q-quantile: order statistics at binomial ranks, each
+    side missing with probability at most ``level``."""
+    lower, upper = _order_bounds(np.sort(x), q, level)
+    return float(lower), float(upper)
+
+
+def _tail_lower(base: np.ndarray, canary: np.ndarray, q: float, level: Any) -> np.ndarray:
+    """The lower bound of the ratio of the canary's q-quantile to the baseline's, minus 1, at each
+    of ``level`` (arms sorted): the canary's lower bound over the baseline's upper one, each at
+    half the level (Bonferroni: both hold with probability at least 1 - level)."""
+    lc, _ = _order_bounds(canary, q, np.asarray(level) / 2)
+    _, hb = _order_bounds(base, q, np.asarray(level) / 2)
+    return lc / hb - 1
+
+
+TAIL_P_FLOOR = 1e-100  # the least p-value ``tail_p`` tells: "at most this"
+
+
+def tail_p(base: np.ndarray, canary: np.ndarray, q: float, margin: float) -> float:
+    """The one-sided p-value of "the canary's q-quantile exceeds the baseline's by more than
+    ``margin``" that inverts ``tail_check``'s rule as it runs: the least level at which the
+    ratio's lower bound (``_tail_lower``) is above the margin (it rises with the level), found
+    on a log grid to 1e-10 of itself and rounded up, so that the check fails exactly when p is
+    below its level (a level above ``TAIL_P_FLOOR``); 1 where no level shows it, the floor where
+    that level shows it already. (The rule's own ranks, not the binomial's exact ones: scipy's isf saturates below
+    about 1e-17, where the baseline then has no upper bound; its ppf warns below about 1e-295.)"""
+    xb, xc = np.sort(base), np.sort(canary)
+    if not _tail_lower(xb, xc, q, 1.0) > margin:
+        return 1.0
+    lo, hi = math.log10(TAIL_P_FLOOR), 0.0  # log10 of levels at which it does not fail, and does
+    if _tail_lower(xb, xc, q, TAIL_P_FLOOR) > margin:
+        return TAIL_P_FLOOR
+    for _ in range(7):  # each round 64 times finer: 100 decades to under 1e-10 of one
+        grid = np.linspace(lo, hi, 65)
+        first = int(np.argmax(_tail_lower(xb, xc, q, 10.0**grid) > margin))  # (the last fails, the first not)
+        lo, hi = grid[first - 1], grid[first]
+    return float(10.0**hi)
+
+
 def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, level: float) -> Check:
+    """The canary's q-quantile against the baseline's, failing beyond ``tail_margin``: the
+    ratio's interval is each arm's distribution-free quantile interval at half the look's level
+    (Bonferroni), so a canary whose quantile lies at the margin fails with probability at most
+    that level (each look judged at the latency checks', its boundary at their information).
+    Can only fail the gate; its p-value is the fail test's (``tail_p``), below ``level`` exactly
+    when it fails."""
     qb, qc = float(np.quantile(base, q)), float(np.quantile(canary, q))
     lb, hb = quantile_interval(base, q, level / 2)
     lc, hc = quantile_interval(canary, q, level / 2)
@@ -507,21 +556,31 @@ def tail_check(base: np.ndarray, canary: np.ndarray, q: float, cfg: GateConfig, 
     # bound for the ratio.
     lower, upper = lc / hb - 1, (hc / lb - 1 if lb > 0 else math.inf)
     effect = qc / qb - 1
-    name = f"latency_p{round(q * 100)}"
+    p_harm = tail_p(base, canary, q, cfg.tail_margin)
+    pq = f"p{round(q * 100)}"
     fail = lower > cfg.tail_margin
     text = (
-        f"p{round(q * 100)}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, interval "
+        f"{pq}: canary {qc:.2f} ms vs baseline {qb:.2f} ms ({_pct(effect)}, interval "
         f"{_pct(lower, cfg.tail_margin)} to {_pct(upper, cfg.tail_margin)})"
-        + (f": worse than the {_margin(cfg.tail_margin)} tail margin." if fail else ".")
+        + (
+            f": worse than the {_margin(cfg.tail_margin)} tail margin"
+            if fail
+            else f"; the check fails only beyond the {_margin(cfg.tail_margin)} tail margin"
+        )
+        + f"; one-sided p that the canary's {pq} is worse than the margin: {p_harm:.3g} (this look's level "
+        f"{level:.3g}, each quantile's bound at half of it)."
     )
     return Check(
-        name,
+        f"latency_{pq}",
         "fail" if fail else "info",
         text,
-        "distribution-free intervals of each quantile "
-        "(order statistics at binomial ranks), combined into a conservative interval of the ratio",
+        "distribution-free intervals of each quantile (order statistics at binomial ranks, each at half the "
+        "look's level), combined into a conservative interval of the ratio; fails when its lower bound is "
+        "above the tail margin; one-sided p of that test, from the same intervals",
         n_baseline=len(base),
         n_canary=len(canary),
+        p_value=p_harm,
+        level=level,
         effect=effect,
         ci=(lower, upper),
         margin=cfg.tail_margin,

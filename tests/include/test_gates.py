@@ -73,6 +73,40 @@ def test_a_tail_check_without_a_lower_bound_has_no_upper_one():
     assert check.decision == "info"
 
 
+def test_a_tail_check_carries_its_level_and_the_p_value_of_its_rule():
+    """A p95/p99 check fails when its ratio's lower bound (each arm's quantile bound at half the
+    look's level) is above the tail margin, so a canary whose quantile lies at the margin fails
+    it at most at that level; but it carried neither level nor p-value, and its sentence named
+    neither: a reviewer saw an interval, not what the check promised. Each now carries the
+    look's level (the latency checks': it reads their samples) and the p-value that inverts its
+    rule as it runs, the same at every level and below it exactly when the check fails."""
+    rng = np.random.default_rng(11)
+    cases = [(1.5, 400, 120, 0.95), (1.3, 3000, 3000, 0.99), (1.25, 800, 800, 0.95), (2.0, 60, 60, 0.99)]
+    for ratio, nb, nc, q in [*cases, (1.0, 2000, 500, 0.95)]:
+        base, canary = np.exp(rng.normal(1, 0.5, nb)), ratio * np.exp(rng.normal(1, 0.5, nc))
+        check = tail_check(base, canary, q, GateConfig(), 0.05)
+        assert check.level == 0.05
+        p = check.p_value
+        assert p is not None
+        assert 0 < p <= 1
+        # (down to 1e-99: below about 1e-17 scipy's isf leaves the baseline without an upper bound)
+        for level in [*np.geomspace(1e-99, 0.5, 60), p * (1 - 1e-9), p * (1 + 1e-9)]:
+            if not 0 < level < 1:
+                continue
+            check = tail_check(base, canary, q, GateConfig(), float(level))
+            assert (check.p_value, check.level) == (p, level)
+            assert (check.decision == "fail") == (p < level), (ratio, nb, nc, q, level, p, check.ci)
+    verdict = evaluate_gate(samples(3000, ratio=1.4))
+    for name in ("latency_p95", "latency_p99"):
+        check = next(c for c in verdict.checks if c.name == name)
+        assert check.decision == "fail"
+        assert check.level == verdict.nominal_alpha
+        assert (
+            f"worse than the +25% tail margin; one-sided p that the canary's {name[8:]} is worse than the margin: "
+            f"{check.p_value:.3g} (this look's level {check.level:.3g}, each quantile's bound at half of it)."
+        ) in check.sentence
+
+
 def test_equal_canary_passes_slow_canary_fails_few_samples_wait():
     assert evaluate_gate(samples(4000)).decision == "pass"
     slow = evaluate_gate(samples(4000, ratio=1.2))

@@ -465,6 +465,21 @@ def test_a_failing_latency_checks_p_value_is_the_evidence_of_harm():
     assert float(p.split("\n")[1].split(" (")[0].replace("&lt; ", "")) < 1e-6
 
 
+def test_a_failing_tail_checks_report_shows_its_p_value_at_its_level():
+    """A rollback on a p95/p99 check showed its interval and margin but no p-value nor level, where
+    every other failing check reads "p (level L)": the tail check's p-value is its rule's
+    (``gates.tail_p``), beside the look's level it was judged at."""
+    from vision_rollout.gates import GateConfig, Verdict, tail_check
+
+    rng = np.random.default_rng(3)
+    base, canary = np.exp(rng.normal(1, 0.3, 2000)), 1.6 * np.exp(rng.normal(1, 0.3, 2000))
+    check = tail_check(base, canary, 0.99, GateConfig(), 0.0123)
+    assert check.decision == "fail"
+    msg = rollback_message(SPEC, "r", Verdict("fail", (check,), 3, 10, 0.05, 0.0123, "obrien-fleming"))
+    [p] = [f["text"] for f in msg.blocks[2]["fields"] if f["text"].startswith("*p-value*")]
+    assert p == f"*p-value*\n{check.p_value:.3g} (level 0.0123)"
+
+
 def test_a_failing_checks_p_value_is_shown_at_the_level_it_was_judged_at():
     """Each check's boundary is at its own information, but a check carried no level: the
     report's failing errors check showed its p-value beside nothing but the verdict's level
