@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,6 +45,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import yaml
+
+from devstack import rbac
 
 # The Airflow workers' ServiceAccount (deploy/base/rbac.yaml binds the rollout's Roles to it).
 WORKER_USER = "system:serviceaccount:airflow:airflow-worker"
@@ -395,13 +397,16 @@ class FakeKubeAPI:
     every call (method, path, query, content type, status, ``user``: whose bearer token it
     carried, as ``kubeconfig`` issues them, None without one; and for an apply that reached the
     store, ``existed``: whether it patched an object or created one), for tests to assert on
-    writes and on what each user did (``devstack.rbac``). The
+    writes and on what each user did (``devstack.rbac``); with ``enforce_rbac`` each call with a
+    user is also refused (403) where the Roles stored here do not allow it (``authorize``). The
     pod runner uses the Python side (``get``, ``list``, ``create``, ``set_status``, ``remove``)
     under the same lock as the HTTP handlers.
     """
 
-    def __init__(self, kubelet: bool = False) -> None:
+    def __init__(self, kubelet: bool = False, enforce_rbac: bool = False) -> None:
         self.kubelet = kubelet
+        # Each call with a user authorized by the Roles and RoleBindings stored (``authorize``).
+        self.enforce_rbac = enforce_rbac
         self.log_source: LogSource | None = None  # set by the pod runner: (ns, pod, container, previous) -> file
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.requests: list[dict[str, Any]] = []
@@ -453,6 +458,31 @@ class FakeKubeAPI:
             ],
             "users": [{"name": "dev", "user": {"token": token}}],
         }
+
+    def authorize(self, record: dict[str, Any], verb: str | None = None) -> None:
+        """With ``enforce_rbac``: APIError 403, worded as the API server's, unless the Roles and
+        RoleBindings stored here allow the recorded call to its user (``devstack.rbac``; ``verb``:
+        the same call asked for another verb, the ``create`` of an apply that finds no object).
+        A call with no user (no token: a test's own client, as the cluster's admin) is not checked."""
+        user = record.get("user")
+        if not self.enforce_rbac or user is None:
+            return
+        attrs = rbac.attributes(record)
+        attrs = replace(attrs, verb=verb) if verb else attrs
+        with self.lock:
+            objects = [o for (p, _, _), o in self.objects.items() if p in ("roles", "rolebindings")]
+        rules = rbac.bound_rules(objects, user)
+        if rbac.allowed([*rules.get(attrs.namespace, []), *rules.get("*", [])], attrs):
+            return
+        plural, _, _ = attrs.resource.partition("/")
+        named = f' "{attrs.name}"' if attrs.name else ""
+        where = f' in the namespace "{attrs.namespace}"' if attrs.namespace else " at the cluster scope"
+        raise APIError(
+            403,
+            "Forbidden",
+            f'{plural}{named} is forbidden: User "{user}" cannot {attrs.verb} resource "{attrs.resource}" '
+            f'in API group "{attrs.group}"{where}',
+        )
 
     def _bump(self, obj: dict[str, Any]) -> None:
         self.version += 1
@@ -627,6 +657,8 @@ class FakeKubeAPI:
                 )
             if record is not None:
                 record["existed"] = live is not None
+                if live is None:
+                    self.authorize(record, "create")
             if live is None and len(self.objects) >= MAX_OBJECTS:
                 raise APIError(403, "Forbidden", f"exceeded quota: at most {MAX_OBJECTS} objects in this cluster")
             obj = _applied(live, body, name, namespace)
@@ -821,6 +853,7 @@ class FakeKubeAPI:
                     raise APIError(404, "NotFound", f"the server could not find the requested resource {url.path}")
                 if not scoped:
                     namespace = ""  # how cluster-scoped objects are stored
+                api.authorize(self.record)
                 return plural, namespace, name, sub, query
 
             def _body(self) -> bytes:

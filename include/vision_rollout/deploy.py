@@ -1111,7 +1111,7 @@ class VersionDeployments:
         """Why the version's pods are not ready: what the Deployment's conditions say stops them
         (``_stuck``), then what its pods' status says (``_pod_problems``: a container waiting in
         ImagePullBackOff or CrashLoopBackOff, a pod the scheduler cannot place). Where the pods
-        cannot be read (the rollout's Role grants no pods: a 403) or say nothing, every condition
+        cannot be read (a Role without deploy/base/rbac.yaml's list on pods: a 403) or say nothing, every condition
         of the Deployment that is not met (``Available`` False too), and why the pods are not named."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException

@@ -354,6 +354,8 @@ EXERCISED_ELSEWHERE = {
         "retire fewer): tests/plugins/test_kubernetes_mode.py, "
         "test_the_teardown_deletes_the_retired_versions_beyond_the_history_limit_and_only_those",
         ("policy", "poddisruptionbudgets", "delete"): "the same: a deleted version's disruption budget",
+        ("", "pods", "list"): "a version's pods that never become ready, listed for why: tests/devstack/"
+        "test_rbac.py, test_the_workers_read_why_a_candidates_pods_never_became_ready",
     },
 }
 

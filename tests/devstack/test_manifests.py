@@ -374,7 +374,8 @@ TEARDOWN = [
 CALLS = {
     # The tasks: the Lease taken, the mesh's EnvoyFilter read (a stage that splits a route), the
     # candidate's Deployment applied into being (patch and create), the budgets listed (the first stage),
-    # the build pod created, followed, labelled when it failed, deleted; the teardown's retired
+    # the build pod created, followed, labelled when it failed, deleted; a version's pods listed
+    # where they do not become ready; the teardown's retired
     # versions beyond the history limit listed and deleted; under autoscaling each version's HPA
     # applied into being and its scale set, and a deleted version's HPA listed and deleted.
     "workers": [
@@ -385,6 +386,7 @@ CALLS = {
         request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v2"), APPLY, existed=False),
         request("GET", ML.format("policy/v1", "poddisruptionbudgets")),  # one selecting a version's pods twice
         request("GET", ML.format("apps/v1", "deployments")),
+        request("GET", "/api/v1/namespaces/ml/pods"),  # a version's pods not ready: why (wait_ready)
         request("DELETE", ML.format("apps/v1", "deployments/digits-v1")),
         request("DELETE", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),
         request("POST", BUILDS.format("pods")),

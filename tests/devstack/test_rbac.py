@@ -227,3 +227,77 @@ def test_the_workers_roles_allow_a_rollouts_calls_creating_the_candidates_deploy
     assert rbac.Attributes("create", "apps", "deployments", "ml", "digits-v1") not in calls  # patched
     rules = rbac.bound_rules(objects, WORKER_USER)
     assert sorted({str(c) for c in calls if not rbac.allowed(rules.get(c.namespace, []), c)}) == []
+
+
+def test_the_workers_read_why_a_candidates_pods_never_became_ready(tmp_path):
+    """Through a fake API server that authorizes each call by the Roles deploy/ installs (as the
+    API server's RBAC authorizer): a candidate whose pod cannot pull its image. The workers' Role
+    granted no pods, so wait_ready's list of the version's pods was refused (403) and the task
+    said only what the Deployment's conditions say; it may list them, read only, in the models'
+    namespace, and the error names the pod's ImagePullBackOff. What the Role does not grant is
+    still refused (a Secret read, a pod deleted), and an apply that would create its object is
+    asked for create as well (the failure callback's Role patches Deployments, creates none)."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import IstioTarget, RouterError
+
+    api = FakeKubeAPI(enforce_rbac=True).start()
+    try:
+        cfg = client.Configuration()
+        cfg.host = api.url
+        for obj in manifests.render("production"):
+            apply_object(client.ApiClient(cfg), obj)
+        worker = config.new_client_from_config_dict(api.kubeconfig("ml"))
+        deployments = VersionDeployments(IstioTarget("ml", "digits", "digits"), "digits", worker)
+        deployments.apply("2", "img:2", 1)
+        unavailable = {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable", "message": ""}
+        api.touch(
+            "deployments", "ml", "digits-v2", lambda d: d["status"].update(readyReplicas=0, conditions=[unavailable])
+        )
+        waiting = {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "img:2"'}}
+        api.objects[("pods", "ml", "digits-v2-abc")] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "digits-v2-abc", "namespace": "ml", "labels": {"app": "digits", "version": "2"}},
+            "spec": {"containers": [{"name": "model-server", "image": "img:2"}]},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": "model-server",
+                        "image": "img:2",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": waiting,
+                    }
+                ]
+            },
+        }
+        with pytest.raises(RouterError) as failed:
+            deployments.wait_ready("2", 1, timeout_s=0)
+        core = client.CoreV1Api(worker)
+        for refused in (
+            lambda: core.read_namespaced_secret("model-server-admin", "ml"),
+            lambda: core.delete_namespaced_pod("digits-v2-abc", "ml"),
+        ):
+            with pytest.raises(ApiException) as forbidden:
+                refused()
+            assert forbidden.value.status == 403
+        as_callback = config.new_client_from_config_dict(api.kubeconfig("ml", manifests.airflow_user("dagProcessor")))
+        callback = VersionDeployments(IstioTarget("ml", "digits", "digits"), "digits", as_callback)
+        callback.scale("2", 2)  # an existing Deployment: patch
+        with pytest.raises(RouterError, match="403"):
+            callback.apply("3", "img:3", 1)  # a new one: patch, then create, refused
+        assert ("deployments", "ml", "digits-v3") not in api.objects
+    finally:
+        api.stop()
+    assert str(failed.value).endswith(
+        '; pod digits-v2-abc: container model-server ImagePullBackOff: Back-off pulling image "img:2"'
+    )
+    assert "not read" not in str(failed.value)
+    statuses = {(r["method"], r["path"]): r["status"] for r in api.requests if r["user"] == WORKER_USER}
+    assert statuses[("GET", "/api/v1/namespaces/ml/pods")] == 200
+    assert statuses[("DELETE", "/api/v1/namespaces/ml/pods/digits-v2-abc")] == 403

@@ -595,7 +595,7 @@ def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_re
     """A candidate whose pods never became ready (an image that cannot be pulled) within the wait,
     before the progress deadline: wait_ready said "0 of 1 pods ready after 600 s" and no more, the
     Deployment's conditions it read (Available False) left out and the pods never looked at. It
-    names what the pods say where it may list them, and where the rollout's Role grants no pods
+    names what the pods say where it may list them, and where a Role grants no list of pods
     (a 403) every condition of the Deployment not met, and that its pods could not be read."""
     from devstack.cluster.kube import APIError
     from vision_rollout.deploy import VersionDeployments
