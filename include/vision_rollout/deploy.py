@@ -787,7 +787,8 @@ class VersionDeployments:
         sized from them. Once held, held: a step run again keeps the first floor and the own
         record. The floor held, None when there is nothing to hold (no autoscaling, no HPA, no
         more pods than its own floor). ``dry_run``: only whether the API server would take the
-        HPA's apply (RouterError naming what it refuses), nothing written."""
+        HPA's apply, nothing written. A refused apply's RouterError names, besides what the server
+        refuses, the HPA, its own floor and the pods it runs now."""
         hpa = self._hpa(version)
         if hpa is None:
             return None
@@ -795,15 +796,24 @@ class VersionDeployments:
         if _own_min(hpa) is not None:
             return int(spec.get("minReplicas") or 1)
         own = int(spec.get("minReplicas") or 1)
-        floor = min(max(self.replicas(version) or 0, own), int(spec["maxReplicas"]))
+        pods = self.replicas(version) or 0
+        floor = min(max(pods, own), int(spec["maxReplicas"]))
         if floor <= own:
             return None
-        self._apply_hpa(
-            version,
-            {**spec, "minReplicas": floor},
-            {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)},
-            dry_run,
-        )
+        try:
+            self._apply_hpa(
+                version,
+                {**spec, "minReplicas": floor},
+                {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)},
+                dry_run,
+            )
+        except ApiUnreachable:
+            raise
+        except RouterError as exc:
+            raise RouterError(
+                f"{exc}. HorizontalPodAutoscaler {self.target.namespace}/{self._name(version)} scaled version "
+                f"{version} above its floor (minReplicas {own}) to {pods} pods"
+            ) from None
         return floor
 
     def release_floor(self, version: str) -> bool:

@@ -655,19 +655,28 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
         ) from None
 
 
-def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
+def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments, dry_run: bool = True) -> None:
     """Under autoscaling, no other manager owns a field of the baseline's HPA that stage 1's
     ``hold_floor`` would change (a Helm release's HPA, a ``minReplicas`` set by ``kubectl edit``):
     that apply is sent as a dry run before the candidate is deployed, else it was refused (409)
-    at stage 1, the candidate's pods already up."""
-    from vision_rollout.mesh import RouterError
+    at stage 1, the candidate's pods already up. Not ``dry_run``: stage 1's hold itself, which
+    the dry run cannot promise: at its HPA's floor then, the baseline had no floor to hold, and
+    its HPA may scale it up before stage 1. Refused, the step fails before any weight moves,
+    naming the HPA, its floor and the pods it runs (``hold_floor``)."""
+    from vision_rollout.mesh import ApiUnreachable, RouterError
 
     try:
-        deployments.hold_floor(spec.baseline_version, dry_run=True)
+        deployments.hold_floor(spec.baseline_version, dry_run=dry_run)
+    except ApiUnreachable:
+        raise  # (nothing refused: the step's retry asks again)
     except RouterError as exc:
+        could_not = f"The rollout could not hold version {spec.baseline_version}'s floor"
+        if dry_run:
+            raise AirflowFailException(f"{exc}. {could_not} while the candidate takes a share of its traffic") from None
         raise AirflowFailException(
-            f"{exc}. The rollout could not hold version {spec.baseline_version}'s floor while the candidate "
-            "takes a share of its traffic"
+            f"{exc}, since the check made before the candidate was deployed. {could_not} while the candidate "
+            "takes a share of its traffic: clear this task once its HPA is back at its floor, or once the rollout "
+            "owns its minReplicas. No weight moved"
         ) from None
 
 
@@ -777,7 +786,7 @@ def apply_weights(
                 raise AirflowFailException(f"{'; '.join(shared)}. No weight moved")
             # Under autoscaling, the stable version kept at its size for the whole run: its HPA
             # would shrink it as the candidate takes a share (put back by promote or restore_stable).
-            deployments.hold_floor(spec.baseline_version)
+            floor_holdable(spec, deployments, dry_run=False)
             r.reconcile()  # the subsets, before anything (a rollback included) routes to one
         scale_ready(deployments, spec.candidate_version, candidate_size(spec, spec.stages[index], deployments))
     elif index == 0:

@@ -1597,6 +1597,42 @@ def test_a_baseline_floor_another_manager_owns_is_refused_before_the_candidate_i
     assert hpa(kube, "1")["spec"]["minReplicas"] == 3
 
 
+def test_a_baseline_floor_another_manager_owns_refused_at_stage_1_after_its_hpa_scaled_it_up(
+    kube, monkeypatch, tmp_path
+):
+    """Under autoscaling, the baseline's HPA a Helm release's, the baseline at that HPA's floor
+    when the candidate was deployed (nothing to hold then: the dry run had nothing to send), its
+    HPA scaling it up (3 pods to 10) before stage 1: stage 1's hold_floor was refused (409) with
+    the API server's words alone, as if the check before the candidate had not been made. It
+    fails before any weight moves, naming the HPA, its own floor and the pods it runs now, and
+    that it scaled since that check; the HPA stays Helm's."""
+    from vision_rollout.deploy import render_hpa
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    versions = steps.ModelServerHook().deployments("digits")
+    theirs = render_hpa(versions.target, "1", 3, 40)
+    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
+    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    kube.scale("models", "digits-v1", 3, "kube-controller-manager")  # at its floor: a quiet hour
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.deploy_candidate(params, image("2"), "run-1")
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # then its HPA, under load
+    with pytest.raises(AirflowFailException) as refused:
+        steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    said = str(refused.value)
+    assert said.startswith("apply HorizontalPodAutoscaler digits-v1: fields another field manager owns")
+    assert '"helm" owns ' in said
+    assert (
+        "HorizontalPodAutoscaler models/digits-v1 scaled version 1 above its floor (minReplicas 3) to 10 pods" in said
+    )
+    assert said.endswith("No weight moved")
+    assert routes(kube) == [("v1", 100)]
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 3
+
+
 def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_takes_the_traffic(
     kube, monkeypatch, tmp_path
 ):
