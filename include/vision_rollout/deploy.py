@@ -307,6 +307,22 @@ def _as_version(like: dict[str, Any], model: str, version: str, image: str, labe
     return template
 
 
+def _rollouts_template(live: dict[str, Any]) -> dict[str, Any]:
+    """A live Deployment's pod template without what another field manager owns there
+    (``rollouts_view``: its pods' labels and annotations, a field of a container, a sidecar it
+    added), to re-apply as the version's own; its model server (``_server_container``) kept, with
+    the image and arguments ``_as_version`` sets from it."""
+    template = copy.deepcopy(rollouts_view(live)["spec"].get("template") or {})
+    server = _server_container(live["spec"]["template"]["spec"]["containers"])
+    containers = template.setdefault("spec", {}).setdefault("containers", [])
+    mine = next((c for c in containers if c.get("name") == server["name"]), None)
+    if mine is None:
+        mine = {"name": server["name"]}
+        containers.insert(0, mine)
+    mine.update({k: server[k] for k in ("image", "args") if k in server})
+    return template
+
+
 def _server_container(containers: list[Any]) -> Any:
     """A pod template's model server: its container named ``model-server``, else its first (as
     dicts, or the Kubernetes client's objects)."""
@@ -541,8 +557,9 @@ class VersionDeployments:
     def apply(self, version: str, image: str, replicas: int = 1, like: str | None = None) -> dict[str, Any]:
         """Apply version ``version``'s Deployment with ``replicas`` pods (under autoscaling: its
         HPA's floor). Its pod template: its own live one when it has a Deployment (scaling changes
-        nothing else; without the pod labels and annotations another manager owns, ``rollouts_view``,
-        which sent along would become the rollout's too), else version ``like``'s (the baseline's: what the user set on its pods
+        nothing else; without what another manager owns in it, ``_rollouts_template``: pod labels
+        and annotations, a container's field, a sidecar it added, which sent along would become the
+        rollout's too), else version ``like``'s (the baseline's: what the user set on its pods
         carries over), else ``render_deployment``'s. No ``force``: unlike the Istio objects,
         which only the rollout writes, a Deployment's fields may have other owners (an HPA,
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
@@ -590,9 +607,8 @@ class VersionDeployments:
         intact = recorded is None or live is None or recorded == template_digest(live["spec"]["template"])
         own = meta.get("name") == self._name(version)
         like = None if live is None else live["spec"]["template"]
-        if live is not None and own:  # (its pods' labels and annotations another manager owns stay its own)
-            pods = (rollouts_view(live)["spec"].get("template") or {}).get("metadata") or {}
-            like = {**live["spec"]["template"], "metadata": pods}
+        if live is not None and own:  # (what another manager owns in its pod template stays its own)
+            like = _rollouts_template(live)
         body = render_deployment(
             self.target,
             self.model,

@@ -727,13 +727,15 @@ WRITTEN_WHOLE = frozenset({("f:spec", "f:http"), ("f:spec", "f:hosts"), ("f:spec
 def others_fields(live: dict[str, Any]) -> set[tuple[str, ...]]:
     """The labels, annotations and spec fields of ``live`` that a field manager other than the
     rollout's apply owns (its ``metadata.managedFields``, FieldsV1 paths down to a field that is
-    not a map: ``("f:spec", "f:trafficPolicy", "f:tls", "f:mode")``, a list's path whole); none
-    where the server records no managers."""
+    not a map: ``("f:spec", "f:trafficPolicy", "f:tls", "f:mode")``); into a keyed list's items
+    (a Deployment's containers, env, ports, volumes: ``'k:{"name":"log-shipper"}'``, as server-side
+    apply keys them), an atomic list or a set (``v:``) whole; none where the server records no
+    managers."""
     out: set[tuple[str, ...]] = set()
 
     def walk(node: Any, path: tuple[str, ...]) -> None:
         children = {k: v for k, v in node.items() if k != "."} if isinstance(node, dict) else {}
-        if not children or any(not k.startswith("f:") for k in children):  # a leaf, or a list's items
+        if not children or any(not k.startswith(("f:", "k:")) for k in children):  # a leaf, a set's items
             out.add(path)
             return
         for key, child in children.items():
@@ -759,23 +761,44 @@ def rollouts_view(live: dict[str, Any]) -> dict[str, Any]:
     carries over from the live object into its forced applies (labels and annotations, the
     spec's settings beside its routes and subsets). A field it sent along became its own too
     (a co-owner's), and the platform that set it (``kubectl``, Argo CD) could then never remove
-    it and got a 409 changing it; left out, server-side apply keeps it as its owner has it. A
-    server that records no managers: ``live`` whole, as the rollout copied it before."""
+    it and got a 409 changing it; left out, server-side apply keeps it as its owner has it. In a
+    keyed list (``k:``) an item keeps its key; one left with its key alone (another manager's
+    sidecar) goes. A server that records no managers: ``live`` whole, as the rollout copied it
+    before."""
     view = copy.deepcopy(live)
     for path in sorted(others_fields(live), key=len, reverse=True):
-        parents = [view]
-        for key in path[:-1]:
-            node = parents[-1].get(key[2:])
-            if not isinstance(node, dict):
-                break
-            parents.append(node)
-        else:
-            parents[-1].pop(path[-1][2:], None)
-            for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1]), strict=False):
-                child = parent.get(key[2:])
-                if isinstance(child, dict) and not child and key != "f:spec":
-                    parent.pop(key[2:])
+        _drop(view, path)
     return view
+
+
+def _drop(node: Any, path: tuple[str, ...]) -> bool:
+    """The field at ``path`` (FieldsV1 keys) removed from ``node``; a map or list it leaves empty
+    removed with it (never a ``spec``), as a keyed list's item it leaves with its key alone.
+    Whether anything was removed."""
+    key, rest = path[0], path[1:]
+    if key.startswith("k:"):
+        try:
+            keys = json.loads(key[2:])
+        except ValueError:
+            return False
+        items = node if isinstance(node, list) and isinstance(keys, dict) else []
+        at = next((i for i, x in enumerate(items) if isinstance(x, dict) and keys.items() <= x.items()), None)
+        if at is None or not rest or (len(rest) == 1 and rest[0][2:] in keys):  # (its key stays)
+            return False
+        dropped = _drop(items[at], rest)
+        if dropped and set(items[at]) <= set(keys):
+            items.pop(at)
+        return dropped
+    name = key[2:]
+    if not key.startswith("f:") or not isinstance(node, dict) or name not in node:
+        return False
+    if not rest:
+        node.pop(name)
+        return True
+    dropped = _drop(node[name], rest)
+    if dropped and node[name] in ({}, []) and key != "f:spec":
+        node.pop(name)
+    return dropped
 
 
 def selects_version(subset_: dict[str, Any], version: str) -> bool:

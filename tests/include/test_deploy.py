@@ -591,6 +591,112 @@ def test_a_helm_releases_deployment_is_refused_naming_each_field_and_its_manager
     assert "force" not in w["query"]
 
 
+def test_container_fields_another_manager_owns_stay_its_own_when_the_rollout_reapplies_a_version(kube_api):
+    """A platform's controller (its own field manager) added a log-shipping sidecar to a
+    version's Deployment and set a CPU limit on its model server. The rollout's re-apply of that
+    Deployment (a stage's scale) sent the pod template's containers whole, so it owned the
+    sidecar and the limit too: the platform's later apply changing the limit was refused (409, a
+    conflict with model-rollout), and its apply without the sidecar left it running. Now the
+    rollout leaves out, inside the containers too (keyed by name, as managedFields key them),
+    what another manager owns: the platform changes and removes its own fields, the rollout's
+    image, ``--serve`` and replicas are the rollout's."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(TARGET, "digits", api_client, BuildSettings(gpus=0))
+    versions.apply("2", "img:2", 1)
+
+    def platform(cpu: str, sidecar: bool) -> dict:
+        labels = {"app": "digits", "version": "2"}
+        server = {"name": "model-server", "image": "img:2", "resources": {"limits": {"cpu": cpu}}}
+        shipper = {"name": "log-shipper", "image": "fluent-bit:3"}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "digits-v2", "namespace": "models"},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [server, *([shipper] if sidecar else [])]},
+                },
+            },
+        }
+
+    apply_object(api_client, platform("2", sidecar=True), manager="platform")
+    versions.scale("2", 3)
+    mine = next(
+        e
+        for e in api.objects[("deployments", "models", "digits-v2")]["metadata"]["managedFields"]
+        if e["manager"] == "model-rollout"
+    )
+    containers = mine["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]
+    assert set(containers) == {'k:{"name":"model-server"}'}  # not the sidecar
+    assert containers['k:{"name":"model-server"}']["f:resources"]["f:limits"] == {"f:memory": {}}  # not the CPU's
+    apply_object(api_client, platform("4", sidecar=False), manager="platform")  # no conflict: the platform's own
+    live = api.objects[("deployments", "models", "digits-v2")]
+    containers = {c["name"]: c for c in live["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == {"model-server"}  # the sidecar removed by its manager
+    assert containers["model-server"]["resources"]["limits"]["cpu"] == "4"
+    assert containers["model-server"]["image"] == "img:2"
+    assert "--serve" in containers["model-server"]["args"]
+    assert live["spec"]["replicas"] == 3
+
+
+def test_what_the_rollout_owns_of_a_pod_template_follows_keyed_lists_as_the_api_server_records_them():
+    """The API server's FieldsV1 (an item's own ``.``, a port keyed by its number and protocol):
+    another manager's field inside a container goes, the container and its key stay; an item left
+    with its key alone (a port whose one other field is another's) goes, as another manager's
+    container does; a map or list emptied goes; the rollout's own fields stay."""
+    from vision_rollout.mesh import rollouts_view
+
+    port = 'k:{"containerPort":8000,"protocol":"TCP"}'
+    theirs = {
+        ".": {},
+        "f:name": {},
+        "f:resources": {".": {}, "f:limits": {".": {}, "f:cpu": {}}},
+        "f:ports": {port: {".": {}, "f:containerPort": {}, "f:protocol": {}, "f:name": {}}},
+        "f:env": {'k:{"name":"TRACE"}': {".": {}, "f:name": {}, "f:value": {}}},
+    }
+    server = {
+        "name": "model-server",
+        "image": "img:2",
+        "resources": {"limits": {"cpu": "2", "memory": "4Gi"}},
+        "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
+        "env": [{"name": "TRACE", "value": "1"}],
+    }
+    live = {
+        "metadata": {
+            "managedFields": [
+                {
+                    "manager": "platform",
+                    "operation": "Apply",
+                    "fieldsV1": {
+                        "f:spec": {
+                            "f:template": {
+                                "f:spec": {
+                                    "f:containers": {
+                                        'k:{"name":"model-server"}': theirs,
+                                        'k:{"name":"log-shipper"}': {".": {}, "f:name": {}, "f:image": {}},
+                                    }
+                                }
+                            }
+                        }
+                    },
+                }
+            ]
+        },
+        "spec": {"template": {"spec": {"containers": [server, {"name": "log-shipper", "image": "fluent-bit:3"}]}}},
+    }
+    view = rollouts_view(live)["spec"]["template"]["spec"]
+    assert view == {
+        "containers": [{"name": "model-server", "image": "img:2", "resources": {"limits": {"memory": "4Gi"}}}]
+    }
+    assert live["spec"]["template"]["spec"]["containers"][0] == server  # (a copy: live as read)
+
+
 def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_read(kube_api):
     """A candidate whose pods never became ready (an image that cannot be pulled) within the wait,
     before the progress deadline: wait_ready said "0 of 1 pods ready after 600 s" and no more, the
