@@ -357,7 +357,8 @@ def request(method: str, path: str, content_type: str = "", **seen: Any) -> dict
 # The calls each Airflow component's part of a rollout makes, in the namespaces it makes them in
 # (the workers' are also checked, both ways, against every call of the cluster end-to-end tests).
 # What a teardown calls, the tasks too: the mesh's objects read and applied (they exist: deploy/
-# installs them), the Lease renewed and released, a version's Deployment read and scaled.
+# installs them), the Lease renewed and released, a version's Deployment read and scaled, and its
+# pods listed where they do not become ready (restore_stable's wait).
 TEARDOWN = [
     request("GET", ML.format("networking.istio.io/v1", "virtualservices/digits")),
     request("PATCH", ML.format("networking.istio.io/v1", "virtualservices/digits"), APPLY, existed=True),
@@ -370,12 +371,12 @@ TEARDOWN = [
     request("PATCH", ML.format("apps/v1", "deployments/digits-v1"), APPLY, existed=True),  # scaled
     request("GET", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),  # its labels, kept
     request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v1"), APPLY, existed=True),
+    request("GET", "/api/v1/namespaces/ml/pods"),  # the stable version's pods not ready: why (wait_ready)
 ]
 CALLS = {
     # The tasks: the Lease taken, the mesh's EnvoyFilter read (a stage that splits a route), the
     # candidate's Deployment applied into being (patch and create), the budgets listed (the first stage),
-    # the build pod created, followed, labelled when it failed, deleted; a version's pods listed
-    # where they do not become ready; the teardown's retired
+    # the build pod created, followed, labelled when it failed, deleted; the teardown's retired
     # versions beyond the history limit listed and deleted; under autoscaling each version's HPA
     # applied into being and its scale set, and a deleted version's HPA listed and deleted.
     "workers": [
@@ -386,7 +387,6 @@ CALLS = {
         request("PATCH", ML.format("policy/v1", "poddisruptionbudgets/digits-v2"), APPLY, existed=False),
         request("GET", ML.format("policy/v1", "poddisruptionbudgets")),  # one selecting a version's pods twice
         request("GET", ML.format("apps/v1", "deployments")),
-        request("GET", "/api/v1/namespaces/ml/pods"),  # a version's pods not ready: why (wait_ready)
         request("DELETE", ML.format("apps/v1", "deployments/digits-v1")),
         request("DELETE", ML.format("policy/v1", "poddisruptionbudgets/digits-v1")),
         request("POST", BUILDS.format("pods")),
