@@ -754,7 +754,9 @@ class SlackNotifier:
         error (``slack_error`` in the answer), logged, and (``maybe_posted``) when the post was
         tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
         decides what an undelivered one means (the rollout's teardown fails the run, its
-        decision kept)."""
+        decision kept). A chart whose upload waits goes to the outbox with the post's mark; where
+        the outbox fails then (``PostedNotKept``, logged), the post is the answer all the same,
+        its ``chart_error`` saying so: never posted again."""
         message = replace(message, blocks=_limit(message.blocks))
         stem = report_id or _new_stem()
         if self.client is None:
@@ -784,9 +786,14 @@ class SlackNotifier:
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         result.update(self.upload_chart(result, message))
         if result.pop("chart_waits", False) and self.outbox is not None:  # (for a later round, into its thread)
-            log.warning("the report's chart waits in the outbox")
             error = f"its chart was not uploaded: {result['chart_error']}"
-            result.update(self._to_outbox(message, stem, error=error, posted=result))
+            try:
+                result.update(self._to_outbox(message, stem, error=error, posted=result))
+            except OSError as exc:  # (Slack has the post: the answer; what was written of it, pruned)
+                log.warning("%s; its chart does not wait there", PostedNotKept(stem, result, exc))
+                result["chart_error"] += f"; it cannot wait in the outbox: {str(exc)[:300]}"
+            else:
+                log.warning("the report's chart waits in the outbox")
         return result
 
     def _post(self, message: Message, stem: str) -> Any:

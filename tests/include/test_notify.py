@@ -230,6 +230,50 @@ def test_a_chart_whose_upload_failed_for_a_while_waits_in_the_outbox_for_the_rep
     assert outbox.names() == []
 
 
+@pytest.mark.parametrize("failing", [".posted", ".png", ".json"])
+def test_a_chart_that_cannot_wait_in_the_outbox_leaves_the_post_slack_took_the_answer(
+    slack, tmp_path, caplog, monkeypatch, failing
+):
+    """The report posted, its chart's upload failing for a while, and the outbox failing as its
+    chart was to wait there (a full disk, an I/O error: the write of its mark, its chart or its
+    report): the OSError went up from ``send`` with the post dropped, the caller (the run's task)
+    failing, its retry posting the report again. The post is the answer, the outbox's error in
+    its ``chart_error`` and logged as a warning; no round posts it again."""
+    import errno
+    import logging
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import CLAIM_S, LEFTOVER_AGE_S, prune_outbox, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    real_write = Folder.write
+
+    def failing_write(self, name, data):
+        if name.endswith(failing):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, data)
+
+    monkeypatch.setattr(Folder, "write", failing_write)
+    slack.refuse = {"upload": "HTTP Error 500"}
+    with caplog.at_level(logging.WARNING):
+        result = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+            rollback_message(SPEC, "x", chart=b"\x89PNG chart")
+        )
+    assert len(slack.messages()) == 1
+    (posted,) = slack.history[result["channel"]]
+    assert result["ts"] == posted["ts"]
+    assert "HTTP Error 500" in result["chart_error"]
+    assert "No space left on device" in result["chart_error"]
+    assert "outbox" not in result
+    assert "but the outbox failed after: [Errno 28] No space left on device" in caplog.text
+    slack.refuse = {}
+    assert send_waiting(outbox, WebClient(token=slack.token, base_url=slack.base_url)) == []
+    assert len(slack.messages()) == 1
+    prune_outbox(outbox, time.time() + max(CLAIM_S, LEFTOVER_AGE_S) + 1)  # (what was written of it)
+    assert outbox.names() == []
+
+
 def _charts(slack, posted):
     """The charts in the thread of the report ``posted`` (its channel and ts)."""
     return [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
