@@ -29,6 +29,11 @@ def after_boundary(word: str) -> str:
     return rf"(?:(?<![{word}])|(?<=\\[nrt]))"
 
 
+# Not at the letter of a line end or tab written escaped: a pattern whose first characters may be
+# letters starts after the escape (``after_boundary``), never with its letter.
+NOT_ESCAPE_LETTER = r"(?!(?<=\\)[nrt])"
+
+
 # A key that names a secret: the name ends in one of these words, after up to three prefixes
 # ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
 # only starts with one ("token_count", "password_file", "secret_name") names no secret.

@@ -44,7 +44,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from model_server import credentials
-from model_server.credentials import DATE_OR_TIME, KEY_QUOTE, NOT_MASKED, OPEN_QUOTE, SECRET_KEY, after_boundary
+from model_server.credentials import (
+    DATE_OR_TIME,
+    KEY_QUOTE,
+    NOT_ESCAPE_LETTER,
+    NOT_MASKED,
+    OPEN_QUOTE,
+    SECRET_KEY,
+    after_boundary,
+)
 from model_server.errors import MaskingUnavailable
 from model_server.reading import normalise
 
@@ -61,6 +69,10 @@ _LETTERS = (
     "\uf900-\ufdff\ufe70-\ufefe\uff10-\uffef\U00010000-\U0010ffff"
 )
 _LOCAL = f"[A-Za-z0-9._%+{_LETTERS}-]"  # an e-mail address's local part
+# Where an address starts: after no character of its local part, or after a line end or tab
+# written escaped ("\\nli.wei@example.com"), never at the escape's letter (the token took the
+# "n" of "\\n" with the address, and the line end was gone from the log).
+_LOCAL_START = NOT_ESCAPE_LETTER + after_boundary(_LOCAL[1:-1])
 # Names that say what their value is: a passport, SSN, national id or licence number looks like
 # any other id, so it is masked where a key or field names it ("passport_no=E1234567", a JSON
 # field "ssn", a header X-Meta-Passport), never by its shape.
@@ -95,7 +107,7 @@ _KEYED = re.compile(
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]?[(\[{<](?i:dot)[)\]}>][ ]?)"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
-    rf"(?<!{_LOCAL}){_LOCAL}{{1,64}}"
+    rf"{_LOCAL_START}{_LOCAL}{{1,64}}"
     rf"(?:[ ]?{_AT}[ ]?[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
     rf"|[ ](?i:at)[ ][A-Za-z0-9-]{{1,63}}(?:[ ](?i:dot)[ ][A-Za-z0-9-]{{1,63}}){{0,7}}[ ](?i:dot)[ ](?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
@@ -206,7 +218,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(
-            rf"(?<!{_LOCAL}){NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"{_LOCAL_START}{NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),

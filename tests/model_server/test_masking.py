@@ -203,6 +203,7 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "escaped quotes after a key's escaped quote": 'passport: \\"' + '\\\\\\"' * 250_000,
     "digits after escaped line ends": "\\n5" * 333_333,
     "keys after escaped line ends": "\\tpassport:" * 90_000,
+    "local parts after escaped line ends": "\\na@" * 250_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -1219,6 +1220,18 @@ def test_a_value_after_an_escaped_line_end_is_masked(keys, value):
         masked = Masker(ring).mask_text(text, ring.key_for(None))
         assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
         assert find_sensitive(masked) == []
+
+
+@pytest.mark.parametrize("address", ["li.wei@example.com", "li.wei (at) example (dot) com"])
+def test_an_address_after_an_escaped_line_end_leaves_the_escape_whole(keys, address):
+    """An address right after an escaped line end or tab (repr(), json.dumps: "\\nli.wei@...")
+    was masked with the escape's letter: its token swallowed the "n", and the log line read
+    "\\<token>", its line end gone. The escape stays, the address alone is masked."""
+    ring = KeyRing(keys)
+    for text in (repr(f"caller\n{address}\r\n{address}\t{address}"), json.dumps(f"to:\n{address}")):
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert TOKEN_RE.sub("", masked) == text.replace(address, ""), masked
+        assert {reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)} == {address}
 
 
 def test_a_key_after_an_escaped_line_end_names_its_value(keys):
