@@ -191,13 +191,20 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # record, each body line in its own, which ``_PRIVATE_KEY`` never sees together): RFC 7468's full
 # line, exactly 64 base64 characters, holding a capital, a small letter and a digit (a hex digest,
 # an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
-# hyphenated name, a base64url id). Its last, shorter line is not told from other short text.
-# A line end written escaped (``\n``, as repr() and json.dumps write a key's lines joined) ends a
-# run too (``after_boundary``).
+# hyphenated name, a base64url id). Its last, shorter line (its padding "=" too), which alone is
+# not told from other short text, is one where a full body line and a line end come before it, or
+# a line end and a private key's END line after it (a key logged without its BEGIN line); logged
+# in a record of its own, it stays readable. A line end written escaped (``\n``, as repr() and
+# json.dumps write a key's lines joined) ends a run too (``after_boundary``).
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
-_PEM_BODY_LINE = re.compile(
-    rf"{after_boundary('A-Za-z0-9+/=_.-')}(?=[A-Za-z0-9+/]{{0,63}}[A-Z])(?=[A-Za-z0-9+/]{{0,63}}[a-z])"
-    rf"(?=[A-Za-z0-9+/]{{0,63}}[0-9]){B64_LINE}(?![A-Za-z0-9+/=_.-])"
+_B64_START = after_boundary("A-Za-z0-9+/=_.-")
+_MIXED = r"(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
+_PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-])")
+_AFTER_BODY_LINE = "|".join(rf"(?<={_B64_START}{_MIXED}{B64_LINE}{end})" for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n"))
+_PEM_LAST_LINE = re.compile(  # (a line end's last character first: one step where there is none)
+    rf"{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/])(?:(?<=[\nn])(?:{_AFTER_BODY_LINE})"
+    r"|(?=[A-Za-z0-9+/]{1,64}={0,2}(?:\r?\n|\\r\\n|\\n)-----END[ A-Z0-9]{0,40}PRIVATE KEY))"
+    r"[A-Za-z0-9+/]{1,64}={0,2}(?![A-Za-z0-9+/=_.-])"
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.
@@ -212,6 +219,7 @@ _ISSUERS = (
 _HINTED: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
     (_URL_USERINFO, ("://",)),
     (_PRIVATE_KEY, ("private key",)),
+    (_PEM_LAST_LINE, ("private key",)),  # (before the body lines: the masking reads them before it masks them)
     (_PEM_BODY_LINE, ()),
     (_ISSUED, _ISSUERS),
     (_SLACK_WEBHOOK, ("hooks.slack.com",)),
@@ -225,22 +233,22 @@ _HINTED: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
 )
 PATTERNS: tuple[re.Pattern[str], ...] = tuple(pattern for pattern, _ in _HINTED)
 HINTS = tuple(dict.fromkeys(word for _, words in _HINTED for word in words))  # every pattern's words
-# Each word, and the patterns it is a word of (bit i: ``PATTERNS[i]``); the body line's bit.
+# Each word, and the patterns it is a word of (bit i: ``PATTERNS[i]``); the body lines' bits.
 _WORD_BITS = tuple((w, sum(1 << i for i, (_, words) in enumerate(_HINTED) if w in words)) for w in HINTS)
-_BODY_LINE_BIT = 1 << PATTERNS.index(_PEM_BODY_LINE)
+_BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM_LAST_LINE)
 
 
-@functools.cache  # (2**12 kinds of text at most)
+@functools.cache  # (2**13 kinds of text at most)
 def _patterns(bits: int) -> tuple[re.Pattern[str], ...]:
     return tuple(pattern for i, pattern in enumerate(PATTERNS) if bits >> i & 1)
 
 
 def patterns_for(text: str, low: str) -> tuple[re.Pattern[str], ...]:
     """The patterns that may match ``text`` (``low``: it in lower case): those whose words it
-    holds, and the private key's body line where it holds one. ``in`` runs in C, a
+    holds, and the private key's body line patterns where it holds one. ``in`` runs in C, a
     case-insensitive alternation in Python's re at every position; one loop over the words (a
     nested one per pattern was a third of a JSON record's masking)."""
-    bits = _BODY_LINE_BIT if _PEM_BODY_LINE.search(text) else 0
+    bits = _BODY_LINE_BITS if _PEM_BODY_LINE.search(text) else 0
     for word, word_bits in _WORD_BITS:
         if word in low:
             bits |= word_bits

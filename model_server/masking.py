@@ -327,7 +327,7 @@ def _hints(text: str) -> _Hints:
     return key, spelt, credentials.patterns_for(text, low), shaped, at, number
 
 
-@functools.cache  # (32 x 2**12 kinds of text at most: each secret's pattern in or out)
+@functools.cache  # (32 x 2**13 kinds of text at most: each secret's pattern in or out)
 def _by_hints(hints: _Hints) -> tuple[Detector, ...]:
     """The detectors that may match a text of these hints: the keyed one, the spelt e-mail and
     each secret's pattern only where their words are in it, the e-mail where an "@" is, the

@@ -1048,6 +1048,8 @@ SECRET_GROWING = {
     "base64 lines": ("", "Ab1/" * 16 + " "),
     "base64 lines glued by dots": ("", "Ab1/" * 16 + "."),
     "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
+    "base64 lines and short lines": ("", "Ab1/" * 16 + "\nAb1\n"),
+    "short lines before END lines": ("", "Ab1/\n-----END RSA "),
     "escaped line ends": ("", "\\n"),
     "keys after escaped line ends": ("", "\\npassword \\tCookie: a=\\rAKIA"),
     "escaped quotes never closed": ("", '\\"password\\": \\"'),
@@ -1256,6 +1258,38 @@ def test_a_private_keys_body_lines_joined_by_escaped_line_ends_are_masked_every_
         assert not [line for line in lines if line in scrub(text)]
 
 
+def test_a_private_keys_last_shorter_line_is_masked_with_its_body(keys):
+    """A key's body logged without its BEGIN line (a PEM cut at its first line, lines joined by
+    real or escaped line ends) had every full line masked and its last, shorter one (an Ed448
+    key's second) left readable before "-----END PRIVATE KEY-----": its line end and the END
+    line after it, or the full line before it, now say it is one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
+
+    ring = KeyRing(keys)
+    for private in (
+        rsa.generate_private_key(65537, 2048),
+        ec.generate_private_key(ec.SECP384R1()),
+        ed448.Ed448PrivateKey.generate(),
+    ):
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        lines = pem.splitlines()[1:]
+        body = lines[:-1]
+        assert len(body[-1]) < 64
+        for text in (
+            "\n".join(lines),
+            "key: " + repr("\n".join(lines)),
+            json.dumps("\r\n".join(lines)),
+            "\n".join(body),  # (its END line not logged: the full line before it)
+            json.dumps("\n".join(body)),
+        ):
+            masked = Masker(ring).mask_text(text, ring.key_for(None))
+            assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == body, masked
+            assert not [line for line in body if line in scrub(text)], scrub(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -1266,6 +1300,8 @@ def test_a_private_keys_body_lines_joined_by_escaped_line_ends_are_masked_every_
         "id run_Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4",  # a base64url id's piece
         "file ModelServerPredictionLogWriterForResNet50AndEfficientNetB0Models.onnx",
         "GET /v2/models/resnet50/versions/3/infer 200",
+        "issuer's last line\nc2hvcnQgbGluZQ==\n-----END CERTIFICATE-----",  # (a certificate is public)
+        "digest 5e07051d8a0b2c4f9e6d7c8b1a2f3e4d5c6b7a8f9e0d1c2b3a4f5e6d7c8b9a0f\nDone 2 of 3",
     ],
 )
 def test_ids_hashes_and_class_names_are_no_private_key_line(keys, text):
