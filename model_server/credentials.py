@@ -50,13 +50,21 @@ SECRET_KEY = re.compile(rf"{_SECRET_NAME}|{_COOKIE}")  # a whole field name
 _SCHEME = r"(?i:bearer|basic|token|digest|negotiate|ntlm)[ ]{1,3}"  # an Authorization header's
 _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
+
+
 # A string in quotes, to the quote ``q`` that closes it, on its line; in quotes written escaped
 # (``e``: a JSON document held as a string, '{"body": "{\\"password\\": \\"...\\"}"}'), to the
-# escaped quote that closes it, its own escapes (``\\\\``, then a character or an escape) in it.
-_QUOTED = (
-    r"(?(e)(?:\\\\(?:\\.|[^\n\\])|\\(?![\\\n]|(?P=q)).|(?!(?P=q))[^\n\\]){1,256}(?=\\(?P=q))"
-    r"|(?:\\.|(?!(?P=q))[^\n\\]){1,256}(?=(?P=q)))"
-)
+# escaped quote that closes it, its own escapes (``\\\\``, then a character or an escape) in it;
+# ``limit`` characters or escapes at most.
+def quoted(limit: int) -> str:
+    """A string's value in quotes (after ``OPEN_QUOTE``), to its closing quote."""
+    return (
+        rf"(?(e)(?:\\\\(?:\\.|[^\n\\])|\\(?![\\\n]|(?P=q)).|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=\\(?P=q))"
+        rf"|(?:\\.|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=(?P=q)))"
+    )
+
+
+_QUOTED = quoted(256)
 # A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
 # (The masking's keyed rule takes its key's and value's quotes so too.)

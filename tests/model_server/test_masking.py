@@ -204,6 +204,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "digits after escaped line ends": "\\n5" * 333_333,
     "keys after escaped line ends": "\\tpassport:" * 90_000,
     "local parts after escaped line ends": "\\na@" * 250_000,
+    "backslashes in a key's value": "passport=a" + "\\" * 1_000_000,
+    "keys and backslashed values": "ssn=\\\\1\\ " * 125_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -212,6 +214,8 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a key's value in spaced pieces": {"keyed"},  # its first eight pieces
     "keys without a colon": {"keyed"},
     "a key's escaped quoted value never closed": {"keyed"},  # its first 32 characters
+    "backslashes in a key's value": {"keyed"},  # its "a"
+    "keys and backslashed values": {"keyed"},
 }
 
 
@@ -545,6 +549,11 @@ KEYED = {
     '{"body": "{\\"tax_id\\":\\"DE 123 456 789\\", \\"n\\": 1}"}': "DE 123 456 789",
     "{\\'ssn\\': \\'123456789\\'}": "123456789",
     "passport: b'X1234567'": "X1234567",  # (a Python bytes' repr: its "b" was the value)
+    # a backslash in the value (its JSON escape "\\\\" too, escaped again): masked only up to it
+    '{"passport": "X12\\\\34567"}': "X12\\\\34567",
+    '{"body": "{\\"passport\\": \\"X12\\\\\\\\34567\\"}"}': "X12\\\\\\\\34567",
+    "passport=E12\\34567 x": "E12\\34567",
+    "{'ssn': 'AB\\\\12 34'}": "AB\\\\12 34",
 }
 
 
