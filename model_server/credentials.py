@@ -74,22 +74,24 @@ _CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, t
 
 
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
-# to the bracket that closes it on its line, four deep at most, each repetition possessive (no
-# backtracking into a bracket: one scan); one not closed there (a line cut short, nested deeper),
-# to the line's end.
+# to the bracket that closes it, on its line or a later one (a dict printed over lines: pprint,
+# json.dumps(indent=2)), four deep at most, each repetition possessive (no backtracking into a
+# bracket: one scan); one not closed (a line cut short, nested deeper), to its line's end.
 def _bracketed(depth: int) -> str:
-    """A bracket's repr, to the bracket that closes it on its line, ``depth`` deep at most."""
-    inner = r"[^\r\n{}\[\]]" if depth == 1 else rf"(?:[^\r\n{{}}\[\]]|{_bracketed(depth - 1)})"
+    """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
+    inner = r"[^{}\[\]]" if depth == 1 else rf"(?:[^{{}}\[\]]|{_bracketed(depth - 1)})"
     return rf"[{{\[]{inner}{{0,4094}}+[}}\]]"
 
 
-_BRACKETED = rf"(?:{_bracketed(4)}|[{{\[][^\r\n]{{0,4095}})"
+CLOSED_BRACKETED = _bracketed(4)
+BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[][^\r\n]{{0,4095}})"
 _SECRET_KEYED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{_BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
-# (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"); else
+# (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
+# dict's or a list's repr closed ("password {'db': 'b3cret9'}", over lines too); else
 # ("password hunter2", "the api key is AbC123...") a value of 6 characters or more that is no word
 # of prose, that is one holding a digit, a symbol other than . _ / - : ! ? or a capital after its
 # first character, and no date or time, nor a word in capitals ("password reset", "secret
@@ -124,8 +126,8 @@ _OBJECT_NAMED = (
 )
 _SECRET_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>\\)?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
-    rf"(?P<v>(?(q){_QUOTED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
-    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}}))"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
+    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
@@ -138,12 +140,12 @@ _QUERY_SECRET = re.compile(
 # SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
 # (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``). A
 # value that is a dict's or a list's repr ("cookies: {'session': 'abc123'}", as a log line
-# writes a request's; a dict in it too) is masked whole (``_BRACKETED``). "cookies" (plural, a
+# writes a request's; a dict in it too) is masked whole (``BRACKETED``). "cookies" (plural, a
 # log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
-    rf"(?P<v>{_BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
+    rf"(?P<v>{BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).

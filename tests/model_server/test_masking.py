@@ -1071,6 +1071,9 @@ SECRET_GROWING = {
     "nested cookie dicts": ("", "cookies: {'s': ["),
     "a list never closed": ("token: [", "a"),
     "closes without opens": ("token: {a", "}]"),
+    "dicts over lines never closed": ("", "token: {\n"),
+    "spaced keys before dicts never closed": ("", "password {a "),
+    "a spaced key's list over lines never closed": ("password [", "a\n"),
 }
 
 

@@ -400,6 +400,12 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "api_key: ['k1Xz9Q', 'k2Yq8W'] set": "['k1Xz9Q', 'k2Yq8W']",
     "cookies: {'s': {'x': 'abc123XYZ'}} sent": "{'s': {'x': 'abc123XYZ'}}",
     "browser cookies: [{'name': 'sid', 'value': 'Zx9y8W7v'}] ok": "[{'name': 'sid', 'value': 'Zx9y8W7v'}]",
+    # printed over lines (pprint, json.dumps(indent=2)), and after a key and a space: the first
+    # line's bracket, or nothing, was masked
+    'credentials = {\n  "token": "x9Kq",\n  "key": "y8Wz"\n}': '{\n  "token": "x9Kq",\n  "key": "y8Wz"\n}',
+    '{\n  "api_key": [\n    "k1Xz9Q",\n    "k2Yq8W"\n  ]\n} sent': '[\n    "k1Xz9Q",\n    "k2Yq8W"\n  ]',
+    "password {'db': 'b3cret9'} sent": "{'db': 'b3cret9'}",
+    "login with token [\n 'k1Xz9Q',\n 'k2Yq8W'] refused": "[\n 'k1Xz9Q',\n 'k2Yq8W']",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
