@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from model_server import credentials
 from model_server.credentials import (
+    BRACKETED,
+    CLOSED_BRACKETED,
     DATE_OR_TIME,
     KEY_QUOTE,
     NOT_ESCAPE_LETTER,
@@ -87,7 +89,9 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
 # A key that names its value, ":" or "=" (or spaces, "#" or "-", before a value holding a digit,
-# as in "passport number E1234567"), then the value, a token already there being none: a quoted
+# as in "passport number E1234567"; or spaces before a dict or a list closed), then the value, a
+# token already there being none: a dict's or a list's repr, whole, over lines too, as the
+# secrets' keyed rule takes one ("passport: {'number': 'E1234567', 'country': 'DE'}"); a quoted
 # one to its closing quote, its escapes in it (64 characters at most; the key's and the value's
 # quotes may be written escaped, '{"body": "{\\"passport\\": \\"X1234567\\"}"}', its value then
 # to the escaped quote, which stays: ``credentials.quoted``), else its characters up to a
@@ -100,8 +104,9 @@ _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
-    rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
-    rf"{OPEN_QUOTE}(?P<v>(?(q){NOT_MASKED}{quoted(64)}|{_UNQUOTED})|{_UNQUOTED})"
+    rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
+    rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
+    rf"{OPEN_QUOTE}(?P<v>(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})"
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common

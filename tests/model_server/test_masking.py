@@ -206,6 +206,8 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "local parts after escaped line ends": "\\na@" * 250_000,
     "backslashes in a key's value": "passport=a" + "\\" * 1_000_000,
     "keys and backslashed values": "ssn=\\\\1\\ " * 125_000,
+    "keys before dicts never closed": "passport: {a " * 80_000,
+    "spaced keys before dicts over lines never closed": "ssn {\n" * 170_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -216,6 +218,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "a key's escaped quoted value never closed": {"keyed"},  # its first 32 characters
     "backslashes in a key's value": {"keyed"},  # its "a"
     "keys and backslashed values": {"keyed"},
+    "keys before dicts never closed": {"keyed"},  # to the line's end
 }
 
 
@@ -554,6 +557,11 @@ KEYED = {
     '{"body": "{\\"passport\\": \\"X12\\\\\\\\34567\\"}"}': "X12\\\\\\\\34567",
     "passport=E12\\34567 x": "E12\\34567",
     "{'ssn': 'AB\\\\12 34'}": "AB\\\\12 34",
+    # a dict or a list after the key (over lines too, after a space too): left whole
+    "passport: {'number': 'E1234567', 'country': 'DE'}": "{'number': 'E1234567', 'country': 'DE'}",
+    'national_id = {\n  "number": "AB123456C",\n  "issued": "2020"\n}': '{\n  "number": "AB123456C",\n  "issued": "2020"\n}',
+    "passport {'no': 'E1234567'}": "{'no': 'E1234567'}",
+    "ssn ['123456789', '987654321']": "['123456789', '987654321']",
 }
 
 
