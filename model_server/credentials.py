@@ -52,14 +52,27 @@ _CRED_CHAR = r"[^\s\"'`,;&<>]"
 _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <token>")
 
 
+# A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
+# that string has them escaped again ('\\\\\\"'), three deep at most: 1, 3 or 7 backslashes.
+_ESCAPE = r"\\(?:\\\\){0,3}"
+# One of a value's backslashes in quotes written escaped (``e``), escaped as deep as they are:
+# two and two more for each backslash of their escape ('\\\\\\\\' in '\\"...\\"', 8 in '\\\\\\"...').
+_ESCAPED_BACKSLASH = r"(?:(?P=e)(?P=e)\\\\)"
+
+
 # A string in quotes, to the quote ``q`` that closes it, on its line; in quotes written escaped
-# (``e``: a JSON document held as a string, '{"body": "{\\"password\\": \\"...\\"}"}'), to the
-# escaped quote that closes it, its own escapes (``\\\\``, then a character or an escape) in it;
-# ``limit`` characters or escapes at most.
+# (``e``: a JSON document held as a string, '{"body": "{\\"password\\": \\"...\\"}"}', or in one
+# held in a string again, its quotes escaped again), to the quote escaped as its opening one is
+# that closes it: a run of backslashes before a quote closes the string where it is the quote's
+# escape after the value's own backslashes (``_ESCAPED_BACKSLASH``: the run's length, less the
+# escape's, a multiple of theirs), else it is one of the value's characters, an escape of its
+# own ("\\n", a quote of a string held in it); ``limit`` characters or escapes at most, each
+# repetition bounded and possessive.
 def quoted(limit: int) -> str:
     """A string's value in quotes (after ``OPEN_QUOTE``), to its closing quote."""
+    own = rf"{_ESCAPED_BACKSLASH}{{0,16}}+(?:(?!(?P=e)(?P=q))\\{{1,15}}+[^\n\\]|(?!(?P=q))[^\n\\])"
     return (
-        rf"(?(e)(?:\\\\(?:\\.|[^\n\\])|\\(?![\\\n]|(?P=q)).|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=\\(?P=q))"
+        rf"(?(e)(?:{own}|{_ESCAPED_BACKSLASH}{{1,16}}+(?=(?P=e)(?P=q))){{1,{limit}}}(?=(?P=e)(?P=q))"
         rf"|(?:\\.|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=(?P=q)))"
     )
 
@@ -68,9 +81,10 @@ _QUOTED = quoted(256)
 # A key's closing quote, escaped too; a string's opening quote, or a Python bytes' repr's
 # (botocore's headers: b'...'), not given back (its "b" no value of its own), escaped too (``e``).
 # (The masking's keyed rule takes its key's and value's quotes so too.)
-KEY_QUOTE = r"(?:\\?[\"'])?"
-OPEN_QUOTE = r"(?>(?:b?(?P<e>\\)?(?P<q>[\"']))?)"
-_CRED_RUN = rf"(?:(?!\\[\"']){_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
+KEY_QUOTE = rf"(?:(?:{_ESCAPE})?[\"'])?"
+OPEN_QUOTE = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"']))?)"
+_NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslashes: '\\\\\\"' stays whole)
+_CRED_RUN = rf"(?:{_NOT_ESCAPED_QUOTE}{_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
 
 
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
@@ -125,7 +139,7 @@ _OBJECT_NAMED = (
     r"[ \t]{1,3}(?:not found|is invalid|is forbidden|already exists)(?![A-Za-z0-9])))"
 )
 _SECRET_SPACED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>\\)?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
+    rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
     rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})))"
 )
@@ -145,7 +159,7 @@ _QUERY_SECRET = re.compile(
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
-    rf"(?P<v>{BRACKETED}|(?!\\[\"'])[^\s\"'<>](?:[^\r\n\"'<>\\]|\\(?![\"'])){{0,4095}})"
+    rf"(?P<v>{BRACKETED}|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).

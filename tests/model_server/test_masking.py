@@ -207,6 +207,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "backslashes in a key's value": "passport=a" + "\\" * 1_000_000,
     "keys and backslashed values": "ssn=\\\\1\\ " * 125_000,
     "keys before dicts never closed": "passport: {a " * 80_000,
+    "twice-escaped quotes never closed": '\\\\\\"passport\\\\\\": \\\\\\"' * 40_000,
+    "backslashes after a key's twice-escaped quote": 'passport: \\\\\\"' + "\\" * 1_000_000,
+    "escaped backslashes after a key's twice-escaped quote": 'passport: \\\\\\"' + "\\" * 8 + "a" * 1_000_000,
     "spaced keys before dicts over lines never closed": "ssn {\n" * 170_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
@@ -219,6 +222,7 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "backslashes in a key's value": {"keyed"},  # its "a"
     "keys and backslashed values": {"keyed"},
     "keys before dicts never closed": {"keyed"},  # to the line's end
+    "escaped backslashes after a key's twice-escaped quote": {"keyed"},  # its first 32 characters
 }
 
 
@@ -551,6 +555,7 @@ KEYED = {
     '{"body": "{\\"passport\\": \\"X1234567\\"}"}': "X1234567",
     '{"body": "{\\"tax_id\\":\\"DE 123 456 789\\", \\"n\\": 1}"}': "DE 123 456 789",
     "{\\'ssn\\': \\'123456789\\'}": "123456789",
+    '{"body": "{\\"body\\": \\"{\\\\\\"passport\\\\\\": \\\\\\"X1234567\\\\\\"}\\"}"}': "X1234567",  # escaped twice
     "passport: b'X1234567'": "X1234567",  # (a Python bytes' repr: its "b" was the value)
     # a backslash in the value (its JSON escape "\\\\" too, escaped again): masked only up to it
     '{"passport": "X12\\\\34567"}': "X12\\\\34567",
@@ -987,6 +992,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "cookies: none, cookies=0, cookies sent: 2",  # ("cookies" names a header before a pair or a dict)
     '{"msg": "{\\"token_count\\": 12, \\"secrets\\": \\"none\\", \\"password_file\\": \\"/run/db\\"}"}',
     "usage tokens: {'prompt': 12}, secret_name: {'ns': 'models'}, cookies: 3",
+    '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
 ]
 
 
@@ -1080,6 +1086,10 @@ SECRET_GROWING = {
     "a list never closed": ("token: [", "a"),
     "closes without opens": ("token: {a", "}]"),
     "dicts over lines never closed": ("", "token: {\n"),
+    "twice-escaped quotes never closed": ("", '\\\\\\"password\\\\\\": \\\\\\"'),
+    "backslashes in a twice-escaped quote": ('password: \\\\\\"', "\\"),
+    "escaped backslashes in a twice-escaped quote": ('password: \\\\\\"', "\\" * 8 + "a"),
+    "thrice-escaped quotes in a thrice-escaped quote": ('token: \\\\\\\\\\\\\\"', '\\\\\\\\\\\\\\\\\\\\\\\\\\\\\\"'),
     "spaced keys before dicts never closed": ("", "password {a "),
     "a spaced key's list over lines never closed": ("password [", "a\n"),
 }
@@ -1098,6 +1108,30 @@ def test_the_secret_detectors_finish_on_growing_hostile_text(shape):
         start, end = span[0], span[1]
         assert ends[-1] <= start < end <= len(text), (shape, span)
         ends.append(end)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_secret_in_json_held_in_json_is_masked_and_its_escapes_kept(keys, depth):
+    """A JSON document held in a JSON string held in another (json.dumps twice: a log record's
+    message quoting a request's body) had its secrets left readable: a key's and its value's
+    quotes escaped twice ('\\\\\\"password\\\\\\": \\\\\\"hunter2\\\\\\"') were taken for none, and a
+    header's value took the first backslashes of the escape that closes it. Each value is masked
+    now, to the quote that closes it, the escapes around it as they were."""
+    ring = KeyRing(keys)
+    for field, value, secret in [
+        ("password", "hunter2", "hunter2"),
+        ("db_password", 'x"Tr0\\9', 'x"Tr0\\9'),
+        ("Cookie", "session=abc123XYZ", "session=abc123XYZ"),
+        ("msg", "Authorization: Bearer abcDEF123456ghiJKL", "abcDEF123456ghiJKL"),
+        ("msg", "token: ab\\cd9", "ab\\cd9"),
+    ]:
+        text, escaped = json.dumps({field: value, "n": 1}), json.dumps(secret)[1:-1]
+        for _ in range(depth):
+            text, escaped = json.dumps({"body": text}), json.dumps(escaped)[1:-1]
+        assert escaped in text
+        assert scrub(text) == text.replace(escaped, "***")
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert TOKEN_RE.sub("", masked) == text.replace(escaped, ""), masked
 
 
 def test_a_dict_after_a_secret_key_not_closed_on_its_line_is_masked_to_its_end():

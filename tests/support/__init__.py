@@ -395,6 +395,14 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     '{"body": "{\\"password\\": \\"hunter2\\"}"}': "hunter2",
     '{"body": "{\\"db_password\\":\\"x\\\\\\"Tr0ub4dor\\"}"}': 'x\\\\\\"Tr0ub4dor',
     '{"req": "{\\"Cookie\\": \\"session=abc123XYZ\\"}"}': "session=abc123XYZ",
+    # and in a string held in it, its quotes escaped again (a log record's message of a request's
+    # JSON body, json.dumps twice or three times): its value was left readable
+    '{"body": "{\\"body\\": \\"{\\\\\\"password\\\\\\": \\\\\\"hunter2\\\\\\"}\\"}"}': "hunter2",
+    '{"body": "{\\"body\\": \\"{\\\\\\"db_password\\\\\\": \\\\\\"x\\\\\\\\\\\\\\"Tr0ub4dor\\\\\\\\\\\\\\\\9\\\\\\"}\\"}"}': (
+        'x\\\\\\\\\\\\\\"Tr0ub4dor\\\\\\\\\\\\\\\\9'
+    ),
+    '{"body": "{\\"body\\": \\"{\\\\\\"body\\\\\\": \\\\\\"{\\\\\\\\\\\\\\"api_key\\\\\\\\\\\\\\": '
+    '\\\\\\\\\\\\\\"k1Xz9Q\\\\\\\\\\\\\\"}\\\\\\"}\\"}"}': "k1Xz9Q",
     # a dict's or a list's repr after a secret's key, masked whole to the bracket that closes it
     "password: {'a': 'b3cret9'} sent": "{'a': 'b3cret9'}",
     "api_key: ['k1Xz9Q', 'k2Yq8W'] set": "['k1Xz9Q', 'k2Yq8W']",
