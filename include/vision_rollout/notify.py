@@ -1180,10 +1180,10 @@ def _channel_id(client: Any, name: str, deadline: float, limited: _RateLimited) 
 # until that budget's end and ``CLAIM_MARGIN_S`` more at most, the time it holds (``_until``).
 CLAIM_S = 900
 MAX_CLAIM_BYTES = 256  # a claim holds its ``until``: a few bytes
-# A claim this close to lapsing posts nothing more: the post's own time (a minute), and the senders'
-# clocks apart (``CLOCK_SKEW_S``, as ``find_post`` allows): a claim's times are its sender's clock, judged
-# on another's, which may run that far ahead and take a claim whose sender is still posting for lapsed.
-CLAIM_MARGIN_S = 60 + CLOCK_SKEW_S
+# A claim this close to lapsing posts nothing more: the post's own time, and the workers' clocks
+# apart (a claim is judged on another's clock: NTP keeps them within it, README). Not find_post's
+# CLOCK_SKEW_S: a margin that wide holds a killed try's report past its retry's and the teardown's 120 s.
+CLAIM_MARGIN_S = 60
 POSTED = ".posted"  # ``<stem>.posted``: Slack took the report (``send_waiting``)
 _CLAIM = re.compile(r"\.claim-(\d{1,20})-[0-9a-f]{1,32}$")
 ANOTHER_SENDER = "another sender"  # (in a round's skip of a report another sender has, or sent)
