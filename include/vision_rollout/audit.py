@@ -95,8 +95,7 @@ class AuditResult:
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     # Copies against the mirror's sampling (``copy_check``): the primaries the server's own
-    # mirror sampled (``mirrored`` true) without any shadow record, in time or late (copies lost,
-    # exactly: one in a file written after the range closed is late, ``late_records``); and
+    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly); and
     # behind a mirror that samples on its own (Istio's: ``mirrored`` null), the primaries of the
     # stretch its copies show it on, those of them with a copy, the configured share, and the
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
@@ -107,8 +106,7 @@ class AuditResult:
     copies_percent: float | None = None
     copies_p: float | None = None
     # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
-    # primaries after it, at the share configured then (the server's own mirror: each it sampled),
-    # would have sent copies beyond chance.
+    # primaries after it, at the share configured then, would have sent copies beyond chance.
     mirror_stopped: str | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
@@ -535,18 +533,10 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
     its newest record's stamp, less the longest time one of its copies took (a copy that
     arrived earlier may still be waiting for idle time); its clock's lead on the primaries'
     (the most a copy's stamp follows its primary's, of the pairs in ``records``) and
-    ``WATERMARK_MARGIN_S`` are taken off too. A pod flushes every ``MAX_FLUSH_S`` at most, so
-    what it received up to that long before the newest primary (the log's now: its file was
-    written before this read) is written, or never will be (the pod gone: rescheduled, scaled
-    down): a pod whose newest record is older than that is taken as written up to then (its
-    last copy held the watermark back, and a rollout's wait ran to the range's close, its
-    copies test stopped there, once one of several pods was gone). The earliest of the pods'
-    is the shadow's: a copy may have gone to any of them. A primary stamped before it without
-    a copy was not mirrored (Envoy's mirror sampled it out); a copy lost on its way there (a
-    pod unreachable, or gone) looks the same, and is counted as a primary without a shadow
-    record, never as agreement."""
-    from model_server.predictionlog import MAX_FLUSH_S
-
+    ``WATERMARK_MARGIN_S`` are taken off too. The earliest of the pods' is the shadow's: a copy
+    may have gone to any of them. A primary stamped before it without a copy was not mirrored
+    (Envoy's mirror sampled it out); a copy lost on its way there (a pod unreachable) looks the
+    same, and is counted as a primary without a shadow record, never as agreement."""
     shadow = (records["role"] == "shadow").to_numpy(bool)
     if not shadow.any():
         return None
@@ -564,10 +554,7 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
         }
     ).groupby("replica")
     held = pods["flight"].max() + pods["lead"].max().fillna(0.0).clip(lower=0.0) + WATERMARK_MARGIN_S
-    newest = pods["time"].max()
-    if (~shadow).any():  # (a pod gone writes nothing more: written up to the flush bound before now)
-        newest = newest.clip(lower=stamp[~shadow].max() - pd.Timedelta(seconds=MAX_FLUSH_S))
-    return (newest - pd.to_timedelta(held, unit="s")).min()
+    return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
 
 
 # The one-sided level of the test of a shadow's copies against the configured mirror share
@@ -639,10 +626,7 @@ def copy_check(
 
 
 def copy_masks(
-    records: pd.DataFrame,
-    versions: Iterable[str],
-    watermark: pd.Timestamp | None = None,
-    counted: np.ndarray | None = None,
+    records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
@@ -653,12 +637,8 @@ def copy_masks(
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
-    first primary record counts, once. ``counted``: which of ``records`` are (the audit's: those
-    of files written in time); the copies of the others (a late file's) are copies all the same:
-    a primary whose copy came late is not lost."""
+    first primary record counts, once."""
     first, _, copied = copy_keys(records)
-    if counted is not None:
-        first = first & counted
     lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
@@ -700,30 +680,25 @@ def last_copy(records: pd.DataFrame) -> pd.Timestamp | None:
 
 
 def mirror_stopped(
-    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares | None
+    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares
 ) -> tuple[int, float, float] | None:
-    """Whether a mirror stopped sending rather than went quiet: of the primaries stamped after
-    ``since`` (the last copy the log holds, ``last_copy``), those the server's own mirror
-    sampled (``mirrored`` true: each a copy due, at 100%) and, with ``shares``, those of
-    ``versions`` a mirror that samples on its own (Istio's, ``sampled_apart``) may have sampled
-    at a share known for their time (``share_at``): how many, the share on average, and the
-    chance of so few copies of them by the mirror's sampling alone (``copies_short``), when it
-    is below ``COPIES_ALPHA``; None otherwise (no primaries after it: a quiet mirror; or too few
-    for its silence to say anything). The mirror's copies came and were written up to then; its
-    primaries went on, unmirrored past what its sampling explains."""
+    """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
+    quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
+    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
+    many, the share on average, and the chance of so few copies of them by the mirror's
+    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
+    primaries after it: a quiet mirror; or too few for its silence to say anything). The
+    mirror's copies came and were written up to then; its primaries went on, unmirrored past
+    what its sampling explains."""
     if since is None:
         return None
     first, _, copied = copy_keys(records)
-    later = (records["time"] > since).to_numpy(bool)
-    share = np.full(len(records), np.nan)
-    if shares is not None:
-        apart = sampled_apart(records, versions, first) & later
-        share[apart] = share_at(records["time"][apart], shares)
-    share[first & later & records["mirrored"].eq(True).to_numpy(bool)] = 100.0
+    after = sampled_apart(records, versions, first) & (records["time"] > since).to_numpy(bool)
+    share = share_at(records["time"][after], shares)
     known = ~np.isnan(share)
     if not share[known].any():
         return None
-    p = copies_short(int(copied[known].sum()), int(known.sum()), share[known])
+    p = copies_short(int(copied[after][known].sum()), int(known.sum()), share[known])
     return (int(known.sum()), float(share[known].mean()), p) if p < COPIES_ALPHA else None
 
 
@@ -771,8 +746,7 @@ def copies_pending(
     None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
     writer) while it may have been: until the shadow's pods have written their copies past it
-    (``shadow_watermark``). Only that stretch is read (and the records up to its close, which
-    show how far the shadow's pods have written), and only the records' keys, beginning no
+    (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
     listing nor file after ``deadline`` (by ``clock``): ``end`` itself when it was not read whole
     by then (what is pending is not known: the last record may be)."""
     from model_server.predictionlog import read
@@ -782,7 +756,7 @@ def copies_pending(
     records = read(
         prediction_log,
         start - margin,
-        closes(end),  # (past the pairs' margin: the primaries since show the log's now, shadow_watermark)
+        end + margin,
         model,
         columns=[
             "time",
@@ -926,10 +900,9 @@ def audit(
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
     copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
     after its last copy) is told from one gone quiet: its stretch after the last copy is not
-    compared, and a pass is inconclusive, saying so: behind the server's own mirror too, whose
-    primaries say which it sampled (each a copy due), with or without ``mirror_percent``.
-    ``mirror_on_to_end`` false: a constant ``mirror_percent`` held only up to a time not known
-    (the mirror taken off since), and that stretch is not tested behind Istio."""
+    compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
+    ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
+    stretch is not tested."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -975,10 +948,8 @@ def audit(
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    since = last_copy(records)  # (likewise)
-    ranged = _kept(records, mine)
-    on_time = ~_late(ranged, closes(end))
-    records = _kept(ranged, on_time)
+    since = last_copy(records) if mirror_percent else None  # (likewise)
+    records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
     result = audit_by_versions(
@@ -999,9 +970,7 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    # (a copy in a late file is late, counted so, not lost too)
-    result.copies_lost, eligible, copied = copy_masks(ranged, mirrored, watermark, on_time)
-    eligible, copied = eligible[on_time], copied[on_time]
+    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)
@@ -1115,9 +1084,9 @@ def audit(
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     result.reasons += copies_text(result)
-    # (Istio's share held to the end, or over time; the own mirror's primaries say it themselves)
-    held = bool(mirror_percent) and (mirror_on_to_end or not isinstance(mirror_percent, int | float))
-    stopped = mirror_stopped(records, mirrored, since, mirror_percent if held else None)
+    stopped = None
+    if mirror_percent and (mirror_on_to_end or not isinstance(mirror_percent, int | float)):
+        stopped = mirror_stopped(records, mirrored, since, mirror_percent)
     if stopped is not None and since is not None:
         after, percent, p = stopped
         result.mirror_stopped = since.isoformat()
@@ -1125,8 +1094,8 @@ def audit(
             0,
             f"the mirror stopped sending: its last copy was stamped {since.isoformat()}, and the {after} requests "
             f"after it, behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies expected), brought "
-            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or the mirror "
-            "stopped sending to them; the requests since are not compared, nothing is shown of them",
+            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or Envoy stopped "
+            "mirroring to them; the requests since are not compared, nothing is shown of them",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
