@@ -79,9 +79,9 @@ class Attempt:
     window: float | None = None  # where its looks are planned from when not ``started`` (``move_window``)
     level: float = 1.0  # the share of alpha its looks there may spend: what its earlier windows left
     moves: int = 0  # how many times its window was moved
-    # The samples per arm its last waiting look needs, by the digest of what they were reckoned
-    # from (``engine.need_n``: a second of CPU, the same for each poke of a look): one entry.
-    need: dict[str, int | None] = field(default_factory=dict)
+    # What its last judgement reckoned, by the digest of what each was reckoned from: its looks'
+    # levels and a waiting look's need (``gates.Reckoning``: the same for each poke of a look).
+    reckoned: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -124,7 +124,7 @@ class Attempt:
             None if d.get("window") is None else _time(d["window"]),
             _share(d.get("level", 1.0)),
             _count(d.get("moves")),
-            _need(d.get("need")),
+            _reckoned(d.get("reckoned")),
         )
 
 
@@ -167,10 +167,16 @@ def _count(value: Any) -> int:
     return value
 
 
-def _need(value: Any) -> dict[str, int | None]:
-    if not isinstance(value, dict | None) or len(value or {}) > 1:
-        raise ValueError(f"not a need: {str(value)[:80]}")
-    return {str(k): None if n is None else _count(n) for k, n in (value or {}).items()}
+def _reckoned(value: Any) -> dict[str, Any]:
+    """``Attempt.reckoned``: levels (floats in 0..1) and a need (a count or None)."""
+    from vision_rollout.gates import MAX_RECKONED
+
+    if not isinstance(value, dict | None) or len(value or {}) > MAX_RECKONED:
+        raise ValueError(f"not what a judgement reckoned: {str(value)[:80]}")
+    return {
+        str(k): v if v is None or (isinstance(v, float) and 0 <= v <= 1) else _count(v)
+        for k, v in (value or {}).items()
+    }
 
 
 def _list(value: Any) -> list[Any]:
@@ -367,12 +373,12 @@ def judged(folder: Folder, run_id: str, index: int, started: float, wait: str | 
 
 
 def looked(
-    folder: Folder, record: StageRecord, attempt: Attempt, look: int, need: dict[str, int | None] | None = None
+    folder: Folder, record: StageRecord, attempt: Attempt, look: int, reckoned: dict[str, Any] | None = None
 ) -> None:
-    """The attempt's test judged up to ``look`` (kept when it went further), its waiting look
-    needing ``need`` (``Attempt.need``; kept when it changed, None: as it is)."""
-    if look > attempt.look or (need is not None and need != attempt.need):
-        _kept(folder, record, attempt, look, attempt.outcome, need)
+    """The attempt's test judged up to ``look`` (kept when it went further), its judgement having
+    reckoned ``reckoned`` (``Attempt.reckoned``; kept when it changed, None: as it is)."""
+    if look > attempt.look or (reckoned is not None and reckoned != attempt.reckoned):
+        _kept(folder, record, attempt, look, attempt.outcome, reckoned)
 
 
 def decided(folder: Folder, record: StageRecord, attempt: Attempt, look: int, outcome: dict[str, Any]) -> None:
@@ -386,9 +392,9 @@ def _kept(
     attempt: Attempt,
     look: int,
     outcome: dict[str, Any] | None,
-    need: dict[str, int | None] | None = None,
+    reckoned: dict[str, Any] | None = None,
 ) -> None:
-    """``look``, ``outcome`` and ``need`` (None: as it is) written into the record as it is now
+    """``look``, ``outcome`` and ``reckoned`` (None: as it is) written into the record as it is now
     in the folder (read again: a restart asked for, or a run counted, while the looks were
     judged stays), and ``record`` and ``attempt`` brought up to date with it."""
 
@@ -396,13 +402,13 @@ def _kept(
         current = fresh.attempt(attempt.started)
         current.look = max(current.look, attempt.look, look)
         current.outcome = outcome
-        if need is not None:
-            current.need = dict(need)
+        if reckoned is not None:
+            current.reckoned = dict(reckoned)
         return current
 
     fresh, current = _change(folder, record.run_id, record.index, keep)
     record.attempts, record.restart, record.read = fresh.attempts, fresh.restart, fresh.read
-    attempt.look, attempt.outcome, attempt.need = current.look, current.outcome, current.need
+    attempt.look, attempt.outcome, attempt.reckoned = current.look, current.outcome, current.reckoned
 
 
 def request_restart(folder: Folder, run_id: str, index: int, reason: str) -> StageRecord:

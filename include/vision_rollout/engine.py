@@ -48,6 +48,7 @@ from vision_rollout.gates import (
     GateConfig,
     GuardInputs,
     Information,
+    Reckoning,
     Verdict,
     check_information,
     evaluate_gate,
@@ -436,13 +437,14 @@ def judge_stage(
     settle_s: float = SETTLE_S,
     replay_images: int | None = None,
     evidence_s: float = SETTLE_S,
-    needs: Needs | None = None,
+    reckoned: Reckoned | None = None,
 ) -> StageState:
     """Judge, in order, every look whose time (plus ``settle_s``) has come, each on the records
     before its time; stop at the first that decides. ``replay_images``: the images a replay
     round sends (default all of ``labels``); the accuracy-drop guard reads whole rounds only,
-    and no look passes before it has read one. ``needs``: the stage's needs reckoned before, a
-    waiting look's taken from there or put there (``need_n``'s ``known``).
+    and no look passes before it has read one. ``reckoned``: what the stage's judgements
+    reckoned before, its looks' levels and a waiting look's need taken from there, and what
+    this one took or reckoned put there in place of the rest (``gates.Reckoning``).
 
     ``evidence_s``: the settle time each record's evidence time is reckoned with (``available``),
     the lesser of it and ``settle_s``: the smallest any poke of the stage waits (a stage judge's
@@ -464,6 +466,7 @@ def judge_stage(
     cfg = config or GateConfig.from_spec(spec)
     K = spec.looks_per_stage
     base = min(settle_s, evidence_s)
+    reckoning = None if reckoned is None else Reckoning(reckoned)
     current = stage_samples(records, spec, window, now - settle_s, labels, base)
     elapsed = now - window.started
 
@@ -503,6 +506,7 @@ def judge_stage(
             latency_unjudged=window.latency_unjudged,
             latency_carried_to=window.latency_carried_to(spec) if look == K else None,
             information=tuple(seen),
+            reckoning=reckoning,
         )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
         judged = look
@@ -568,7 +572,7 @@ def judge_stage(
             verdict,
             f"passed at look {judged} of {K}; baking until {bake:.0f} s under the hard guards{longer}",
         )
-    n = need_n(verdict, spec, tuple(seen), needs)
+    n = need_n(verdict, spec, tuple(seen), reckoning)
     if n is None and any(c.name == "accuracy_paired" and c.decision == "wait" and c.ci is None for c in verdict.checks):
         need = "the paired accuracy check waits for a whole validation round answered by both versions."
     elif n is None:
@@ -647,29 +651,14 @@ def steady_information(seen: tuple[float, ...], looks: int, final: float) -> tup
     return (*seen, *(last + (final - last) * i / ahead for i in range(1, ahead + 1)))
 
 
-Needs = dict[str, int | None]  # needs reckoned (``need_n``), by the digest of what each was reckoned from
-
-
-def need_key(verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...]) -> str:
-    """A digest of all that ``need_n`` reads: the plan, the verdict's level and its waiting
-    checks' numbers, the information of the looks."""
-    import hashlib
-    import json
-
-    read = [
-        [spec.alpha, spec.spending, spec.looks_per_stage, spec.min_samples, verdict.alpha, verdict.spending],
-        [
-            [c.name, c.n_baseline, c.n_canary, c.ci, c.effect, c.margin]
-            for c in verdict.checks
-            if c.decision == "wait" and c.blocks_pass
-        ],
-        [list(seen) for seen in information],
-    ]
-    return hashlib.sha256(json.dumps(read).encode()).hexdigest()[:32]
+Reckoned = dict[str, Any]  # what a stage's judgements reckoned, by a digest of its inputs (``gates.Reckoning``)
 
 
 def need_n(
-    verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...], known: Needs | None = None
+    verdict: Verdict,
+    spec: RolloutSpec,
+    information: tuple[Information, ...],
+    reckoning: Reckoning | None = None,
 ) -> int | None:
     """Samples per arm the waiting checks need to resolve their current estimate at the last
     look's level (None when none of them can say). ``information``: what the looks judged saw
@@ -680,20 +669,24 @@ def need_n(
     more lenient than the last look's when the stage's traffic rose, and the need it named did
     not resolve the estimate there.
 
-    ``known``: the needs reckoned before (``Needs``): one of the same inputs (``need_key``) is
-    taken from there, else reckoned and put there in place of the others. Reckoning takes the
-    boundaries of every look ahead a few times over per information measure, about a second
-    of CPU, and every poke of a look reads the same inputs: the DAG keeps them with the stage's
-    record in the run folder (``attempts.Attempt.need``: each poke runs in a process of its own,
-    on any worker), ``rolloutctl run`` in its stage judge."""
-    if known is None:
+    ``reckoning``: where a need of the same inputs (all it reads: the plan, the verdict's level
+    and its waiting checks' numbers, the looks' information), reckoned before, is taken from
+    (``gates.Reckoning``). Reckoning takes the boundaries of every look ahead a few times over
+    per information measure, about a second of CPU, and every poke of a look reads the same
+    inputs."""
+    if reckoning is None:
         return _reckoned_need(verdict, spec, information)
-    key = need_key(verdict, spec, information)
-    if key not in known:
-        n = _reckoned_need(verdict, spec, information)
-        known.clear()
-        known[key] = n
-    return known[key]
+    read = [
+        "need_n",
+        [spec.alpha, spec.spending, spec.looks_per_stage, spec.min_samples, verdict.alpha, verdict.spending],
+        [
+            [c.name, c.n_baseline, c.n_canary, c.ci, c.effect, c.margin]
+            for c in verdict.checks
+            if c.decision == "wait" and c.blocks_pass
+        ],
+        [list(seen) for seen in information],
+    ]
+    return reckoning(read, lambda: _reckoned_need(verdict, spec, information))
 
 
 def _reckoned_need(verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...]) -> int | None:
@@ -1107,9 +1100,9 @@ class StageJudge:
     read_s: float = POKE_READ_S  # a poke's read of the log begins no listing nor file after this (by read_clock)
     read_clock: Callable[[], float] = time.monotonic
     read_bytes: int = MAX_POKE_BYTES  # what a poke's read of the log may hold in memory (Arrow tables)
-    # The stage's needs reckoned (``need_n``): this judge's across its calls (rolloutctl run), or
-    # those the stage's record keeps, given to each poke's judge (the DAG: a process per poke).
-    needs: Needs = field(default_factory=dict)
+    # What the stage's judgements reckoned (``judge_stage``): this judge's across its calls (rolloutctl
+    # run), or what the stage's record keeps, given to each poke's judge (the DAG: a process per poke).
+    reckoned: Reckoned = field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -1257,7 +1250,7 @@ class StageJudge:
                 settle_s=settle_time(self.source, self.settle_s),
                 replay_images=min(self.replay_limit or len(self.labels), len(self.labels)),
                 evidence_s=self.settle_s,
-                needs=self.needs,
+                reckoned=self.reckoned,
             )
         if not state.done and listed and self.replay_due(records, window, now):
             answered = self.replay_round()

@@ -31,18 +31,21 @@ latency checks'.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Callable
 from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from itertools import pairwise
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jsonschema
 import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-from vision_rollout.spec import DEFAULTS, RolloutSpec, non_finite
+from vision_rollout.spec import DEFAULTS, MAX_LOOKS, RolloutSpec, non_finite
 
 DECISIONS = ("pass", "fail", "wait")
 SOURCES = {"live": "Live A/B arms", "replay": "Validation replay"}  # the ``source`` of a sample
@@ -181,21 +184,59 @@ def boundaries(
     return tuple(out)
 
 
+T = TypeVar("T")
+
+
+class Reckoning:
+    """What a stage's judgement reckoned at some cost (a look's level, ``nominal_alpha``: the
+    boundaries of its looks, up to a few tenths of a second of CPU each; a waiting look's need,
+    ``engine.need_n``: about a second), by a digest of all each was reckoned from, kept for the
+    stage's next judgement in ``known``: the DAG's pokes each run in a process of their own, on
+    any worker, so the stage's record in the run folder keeps it (``attempts.Attempt.reckoned``),
+    and each poke judges the same looks again. A value of the same inputs is taken from
+    ``known``, else reckoned; once the judgement takes or reckons one, ``known`` holds those it
+    took or reckoned, no others (at most ``MAX_RECKONED``)."""
+
+    def __init__(self, known: dict[str, Any]) -> None:
+        self.known = known
+        self.before: dict[str, Any] | None = None  # ``known`` as the judgement found it
+
+    def __call__(self, read: list[Any], reckon: Callable[[], T]) -> T:
+        """The value of ``reckon()``, whose inputs are all in ``read`` (JSON), taken or reckoned."""
+        if self.before is None:
+            self.before = dict(self.known)
+            self.known.clear()
+        key = hashlib.sha256(json.dumps(read).encode()).hexdigest()[:32]
+        if key not in self.known:
+            self.known[key] = self.before[key] if key in self.before else reckon()
+        value: T = self.known[key]
+        return value
+
+
 def nominal_alpha(
     alpha: float,
     look: int,
     looks: int,
     spending: str = "obrien-fleming",
     information: tuple[float, ...] | None = None,
+    reckoning: Reckoning | None = None,
 ) -> float:
     """The one-sided level at which look k of K is judged; ``information``: what looks 1..k saw
-    (``boundaries``), None for equal increments."""
+    (``boundaries``), None for equal increments. ``reckoning``: where a level of the same
+    inputs, reckoned before, is taken from (``Reckoning``: the same float)."""
     if not 1 <= look <= looks:
         raise ValueError(f"look must be in 1..looks, got look={look}, looks={looks}")
     if information is not None and len(information) != look:
         raise ValueError(f"information of looks 1..{look}, got {len(information)}")
-    c = boundaries(alpha, looks, spending, information)[look - 1]
-    return float(stats.norm.sf(c)) if math.isfinite(c) else 0.0
+
+    def level() -> float:
+        c = boundaries(alpha, looks, spending, information)[look - 1]
+        return float(stats.norm.sf(c)) if math.isfinite(c) else 0.0
+
+    if reckoning is None:
+        return level()
+    seen = None if information is None else [float(i) for i in information]
+    return reckoning(["nominal_alpha", alpha, look, looks, spending, seen], level)
 
 
 # -- configuration and results ---------------------------------------------------------------
@@ -1160,6 +1201,10 @@ class Information(NamedTuple):
     labels: float
 
 
+# What a stage's judgement reckons (``Reckoning``): a level per look and information measure, one need.
+MAX_RECKONED = len(Information._fields) * MAX_LOOKS + 1
+
+
 INFORMATION_OF = {"errors": "requests", "oom": "requests", "accuracy_live": "labels"}  # else latency
 
 
@@ -1193,6 +1238,7 @@ def evaluate_gate(
     latency_unjudged: str | None = None,
     latency_carried_to: int | None = None,
     information: tuple[Information, ...] | None = None,
+    reckoning: Reckoning | None = None,
 ) -> Verdict:
     """Judge a canary against its baseline at look ``look`` of ``looks`` planned.
 
@@ -1213,12 +1259,13 @@ def evaluate_gate(
     ``information``: what looks 1..``look`` saw (``look_information`` of each look's samples),
     for the boundary of this look, each check's at its own information (``check_information``);
     None for looks of equal information. The verdict's level is the latency checks'.
+    ``reckoning``: the levels reckoned before (``nominal_alpha``'s).
     """
     cfg = GateConfig.from_any(config)
 
     def level_of(name: str) -> float:
         seen = None if information is None else check_information(name, information)
-        return nominal_alpha(cfg.alpha, look, looks, cfg.spending, seen)
+        return nominal_alpha(cfg.alpha, look, looks, cfg.spending, seen, reckoning)
 
     level = level_of("latency")
     check_samples(samples)

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from vision_rollout.deploy import VersionDeployments
-    from vision_rollout.engine import Needs, StageJudge
+    from vision_rollout.engine import Reckoned, StageJudge
     from vision_rollout.folders import Folder
     from vision_rollout.mesh import Router
     from vision_rollout.metrics import MetricsSource
@@ -1005,7 +1005,7 @@ def look_at_stage(
         raise AirflowFailException(f"{reason}. Version {spec.baseline_version} takes 100% again.")
     source = PrometheusHook().source()
     window = StageWindow(index, spec.stages[index], attempt.window_start)  # (``attempts.applied`` may move it)
-    needs = dict(attempt.need)  # (a waiting look's need, reckoned by an earlier poke of it on any worker)
+    reckoned = dict(attempt.reckoned)  # (its looks' levels and need, reckoned by an earlier poke on any worker)
     if spec.alpha * attempt.level < MIN_ALPHA:
         state = StageState(
             "undecided",
@@ -1018,7 +1018,7 @@ def look_at_stage(
         )
     else:
         judged_at = spec if attempt.level >= 1 else replace(spec, alpha=spec.alpha * attempt.level)
-        state = stage_judge(judged_at, hook, source, needs)(window)
+        state = stage_judge(judged_at, hook, source, reckoned)(window)
     print(
         f"stage {index + 1} ({window.weight}%): {state.status}, look {state.look} of {state.looks}, "
         f"{state.elapsed_s:.0f} s in, served {state.served}: {state.reason}"
@@ -1033,7 +1033,7 @@ def look_at_stage(
     if not state.done:
         try:
             with stage_record_readable(spec, run_id, index, hook):
-                attempts.looked(folder, record, attempt, state.look, needs)
+                attempts.looked(folder, record, attempt, state.look, reckoned)
         except OSError as exc:
             log.warning("the stage's last look is not kept in the run folder: %s", str(exc)[:300])
         return None
@@ -1160,10 +1160,11 @@ def with_runs(spec: RolloutSpec, outcome: dict[str, Any], record: Any) -> dict[s
 
 
 def stage_judge(
-    spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None, needs: Needs | None = None
+    spec: RolloutSpec, hook: ModelServerHook, source: MetricsSource | None = None, reckoned: Reckoned | None = None
 ) -> StageJudge:
-    """The engine's judge of a stage, sending its replay through the serving path; ``needs``: the
-    stage's needs reckoned (``engine.need_n``), kept in its record, where this judge puts its own."""
+    """The engine's judge of a stage, sending its replay through the serving path; ``reckoned``:
+    what the stage's judgements reckoned (``engine.judge_stage``), kept in its record, where this
+    judge puts its own."""
     from vision_rollout.engine import StageJudge
 
     settings = hook.settings
@@ -1176,7 +1177,7 @@ def stage_judge(
         source,
         cache=settings.stage_caches,
         token=settings.token,
-        needs={} if needs is None else needs,
+        reckoned={} if reckoned is None else reckoned,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -267,7 +269,7 @@ def test_a_waiting_looks_need_is_reckoned_once_and_kept_for_its_other_pokes(monk
     a few rounds, per information measure), reckoned again at every poke of a look from the same
     inputs: the DAG's pokes each run in a process of their own, on any worker, so nothing in a
     process's memory keeps it. The stage's needs are kept with its record in the run folder
-    (``Attempt.need``) and given to the judge: a need of the same inputs is taken from there,
+    (``Attempt.reckoned``) and given to the judge: a need of the same inputs is taken from there,
     not reckoned; one of other inputs (the next look's) is reckoned and replaces it. Kept or
     reckoned, the same need."""
     import json
@@ -277,6 +279,9 @@ def test_a_waiting_looks_need_is_reckoned_once_and_kept_for_its_other_pokes(monk
 
     def need(state: StageState) -> str:  # (the rest of the reason moves with the poke's time: the rate)
         return state.reason.split(" would resolve it")[0]
+
+    def need_of(reckoned: dict) -> dict:  # (the looks' levels are floats)
+        return {k: v for k, v in reckoned.items() if not isinstance(v, float)}
 
     reckoned = []
     reckon = engine._reckoned_need
@@ -291,29 +296,81 @@ def test_a_waiting_looks_need_is_reckoned_once_and_kept_for_its_other_pokes(monk
     # The first poke of the look reckons it and the stage's record keeps it (the run folder).
     folder = Folder(str(tmp_path))
     record, attempt = attempts.judged(folder, "run", 0, WINDOW.started, "try-1")
-    needs = dict(attempt.need)
-    first = judge_stage(s, WINDOW, log, IMAGES, at + 1, replay_images=0, needs=needs)
+    needs = dict(attempt.reckoned)
+    first = judge_stage(s, WINDOW, log, IMAGES, at + 1, replay_images=0, reckoned=needs)
     assert len(reckoned) == 2
     attempts.looked(folder, record, attempt, first.look, needs)
-    kept = attempts.load(folder, "run", 0).attempt(WINDOW.started).need
+    kept = attempts.load(folder, "run", 0).attempt(WINDOW.started).reckoned
     assert kept == needs
-    assert len(kept) == 1
+    assert len(need_of(kept)) == 1  # (beside the looks' levels)
     assert json.loads(json.dumps(kept)) == kept
     # Its other pokes, on any worker: taken from the record, not reckoned.
     for poke in (at + 2, at + 8):
-        again = judge_stage(s, WINDOW, log, IMAGES, poke, replay_images=0, needs=dict(kept))
+        again = judge_stage(s, WINDOW, log, IMAGES, poke, replay_images=0, reckoned=dict(kept))
         assert need(again) == need(first) == need(fresh)
     assert len(reckoned) == 2
     # The next look: reckoned on its own information, and its need takes the earlier one's place.
     later = dict(kept)
-    nxt = judge_stage(s, WINDOW, log, IMAGES, at + 20, replay_images=0, needs=later)
+    nxt = judge_stage(s, WINDOW, log, IMAGES, at + 20, replay_images=0, reckoned=later)
     assert nxt.look == 3
     assert len(reckoned) == 3
     assert len(reckoned[-1]) == 3
-    assert len(later) == 1
-    assert later.keys() != kept.keys()
+    assert len(need_of(later)) == 1
+    assert need_of(later).keys() != need_of(kept).keys()
     assert nxt.reason == judge_stage(s, WINDOW, log, IMAGES, at + 20, replay_images=0).reason
     assert need(nxt) != need(first)
+
+
+def test_a_looks_levels_are_reckoned_once_and_kept_for_the_stages_next_pokes(monkeypatch, tmp_path):
+    """Each poke judges every look so far again, each at the level of its boundary, for each
+    information measure (``nominal_alpha``: the group-sequential recursion over looks 1..k, a
+    grid x grid step per look): about 1 s of CPU a poke at look 10 of 12 beside a stored need,
+    reckoned again at every poke (each a process of its own, on any worker: ``boundaries``'
+    lru_cache never holds it). The stage's record keeps the levels (``Attempt.reckoned``, by a
+    digest of their inputs): each is reckoned once, at its look's first poke, and the verdicts
+    are the same, kept or reckoned afresh."""
+    from vision_rollout import attempts, gates
+    from vision_rollout.folders import Folder
+
+    reckoned: list[tuple] = []
+    uncached = gates.boundaries.__wrapped__
+    monkeypatch.setattr(gates, "boundaries", lru_cache(maxsize=256)(lambda *a: reckoned.append(a) or uncached(*a)))
+    s = spec(latency_margin=0.01)  # finer than this traffic resolves: every look waits
+    log = records(400, 10, 50, errors=(0.01, 0.01), replay_every=None)
+    log = pd.concat([log, labels_for(log, 1).iloc[::3]], ignore_index=True)  # (three measures apart)
+    folder = Folder(str(tmp_path))
+    record, attempt = attempts.judged(folder, "run", 0, WINDOW.started, "try-1")
+
+    def poke(now: float) -> StageState:  # (as the DAG's: the stage's record read, judged, written)
+        gates.boundaries.cache_clear()  # (a process of its own)
+        kept = dict(attempts.load(folder, "run", 0).attempt(WINDOW.started).reckoned)
+        state = judge_stage(s, WINDOW, log, IMAGES, now, replay_images=0, reckoned=kept)
+        attempts.looked(folder, record, attempt, state.look, kept)
+        return state
+
+    def levels(calls: list[tuple]) -> list[tuple]:  # (the need's are of all K looks)
+        return [a[3] for a in calls if a[3] is not None and len(a[3]) < s.looks_per_stage]
+
+    poked: list[tuple] = []
+    for at, look in ((T0 + 45, 2), (T0 + 50, 2), (T0 + 58, 2), (T0 + 65, 3), (T0 + 70, 3)):
+        before = len(reckoned)
+        state = poke(at)
+        calls = reckoned[before:]
+        poked += calls
+        assert (state.status, state.look) == ("waiting", look)
+        if at == T0 + 45:  # the first poke: every look's, each measure's own
+            assert {len(seen) for seen in levels(calls)} == {1, 2}
+            assert len({seen[-1] for seen in levels(calls) if len(seen) == 2}) == 3
+        elif at == T0 + 65:  # a new look's first poke: its own levels only
+            assert {len(seen) for seen in levels(calls)} == {3}
+        else:  # the look's other pokes: none
+            assert calls == []
+        fresh_state = judge_stage(s, WINDOW, log, IMAGES, at, replay_images=0)  # (nothing kept)
+        assert state.verdict.to_dict() == fresh_state.verdict.to_dict()
+        assert state.reason == fresh_state.reason
+    assert len(set(levels(poked))) == len(levels(poked))  # each reckoned once
+    kept = attempts.load(folder, "run", 0).attempt(WINDOW.started).reckoned
+    assert len(kept) <= 3 * 3 + 1  # the levels of the looks judged and one need
 
 
 def test_a_stage_left_undecided_by_latency_alone_carries_it_to_the_next_stage_below_100():

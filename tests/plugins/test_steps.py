@@ -3317,9 +3317,13 @@ def test_the_count_of_failed_reads_is_removed_when_the_answer_is_refused(monkeyp
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "breach"}}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "pass", "summary": ""}}]}',
         '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "outcome": {"status": "ok", "summary": ""}}]}',
-        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": {"a": 1, "b": 2}}]}',
-        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": {"a": -1}}]}',
-        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "need": [1]}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "reckoned": {"a": -1}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "reckoned": {"a": 1.5}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "reckoned": {"a": "0.1"}}]}',
+        '{"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "reckoned": [1]}]}',
+        json.dumps(
+            {"run_id": "run-a", "stage": 1, "attempts": [{"started": 1, "reckoned": {str(i): 0.5 for i in range(99)}}]}
+        ),
     ],
 )
 def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, damaged):
@@ -3340,21 +3344,21 @@ def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, dam
 
 
 def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(monkeypatch, tmp_path):
-    """Each poke of the wait runs in a process of its own, on any worker: the need its judge
-    reckoned for a waiting look (``engine.need_n``, about a second of CPU) is kept with the
-    stage's record in the run folder (``Attempt.need``), and the next poke's judge is given it,
-    so the look's other pokes do not reckon it again."""
+    """Each poke of the wait runs in a process of its own, on any worker: what its judge reckoned
+    (``engine.judge_stage``: its looks' levels, a waiting look's need, about a second of CPU
+    each) is kept with the stage's record in the run folder (``Attempt.reckoned``), and the next
+    poke's judge is given it, so the look's other pokes do not reckon it again."""
     from vision_rollout import attempts
 
     world = StageWorld(monkeypatch, tmp_path)
     given: list[dict] = []
 
-    def stage_judge(spec, hook, source=None, needs=None):
-        given.append(dict(needs))
+    def stage_judge(spec, hook, source=None, reckoned=None):
+        given.append(dict(reckoned))
 
         def judge(window, now=None):
-            needs.clear()
-            needs["the inputs of look 4"] = 1234  # (as need_n puts what it reckoned)
+            reckoned.clear()
+            reckoned.update({"the inputs of look 4": 1234, "of its level": 0.0123})  # (as judge_stage puts them)
             return world.states.pop(0)
 
         return judge
@@ -3364,9 +3368,12 @@ def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(mon
     world.states = [stage_state("waiting", 4, "WAIT at look 4 of 10")] * 2
     assert world.poke(applied) is None
     folder = steps.serving().settings.workdir("digits", "run-a")
-    assert attempts.load(folder, "run-a", 0).attempts[0].need == {"the inputs of look 4": 1234}
+    assert attempts.load(folder, "run-a", 0).attempts[0].reckoned == {
+        "the inputs of look 4": 1234,
+        "of its level": 0.0123,
+    }
     assert world.poke(applied) is None
-    assert given == [{}, {"the inputs of look 4": 1234}]
+    assert given == [{}, {"the inputs of look 4": 1234, "of its level": 0.0123}]
 
 
 def test_a_stage_run_more_times_than_its_record_keeps_is_counted_in_full(tmp_path):
