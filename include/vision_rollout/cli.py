@@ -1,7 +1,7 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--latency-from live|replay] [--look K --looks N [--information L1/R1/A1,...]]
-                  [--set key=value ...] [--json]
+  rolloutctl gate --samples FILE [--spec FILE [--stage N]] [--latency-from live|replay]
+                  [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...] [--json]
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -77,7 +77,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    from vision_rollout.engine import StageWindow
     from vision_rollout.gates import Information
+    from vision_rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +300,16 @@ def _json_file(flag: str, path: Path) -> Any:
         raise UsageError(f"{flag} {path}: nested too deep to read") from None
 
 
+def _spec(path: Path) -> RolloutSpec:
+    """The ``RolloutSpec`` of ``--spec``; a usage error naming it when it is none."""
+    from vision_rollout.spec import RolloutSpec, SpecError
+
+    try:
+        return RolloutSpec.from_dict(_json_file("--spec", path))
+    except SpecError as exc:
+        raise UsageError(f"--spec {path}: invalid spec: {exc}") from None
+
+
 def _policy(path: Path) -> Any:
     from model_server.traffic import PolicyError, TrafficPolicy
 
@@ -365,14 +377,45 @@ def _information(text: str, look: int, samples: Any, latency_from: str | None) -
     return seen
 
 
+def _stage_window(spec: RolloutSpec | None, stage: int | None, latency_from: str | None) -> StageWindow | None:
+    """``--stage``: stage ``stage`` (1 for the first) of ``--spec``'s stages, as the DAG judges it
+    (``engine.StageWindow``), None without it; a usage error when it is none of them, or when
+    ``--latency-from`` names another source than the stage's."""
+    from vision_rollout.engine import StageWindow
+
+    if stage is None:
+        return None
+    if spec is None:
+        raise UsageError(f"--stage {stage}: give the rollout's --spec, whose stages it counts")
+    if not 1 <= stage <= len(spec.stages):
+        stages = ", ".join(f"{w}%" for w in spec.stages)
+        raise UsageError(f"--stage takes 1 to {len(spec.stages)} (the spec's stages {stages}), not {stage}")
+    window = StageWindow(stage - 1, spec.stages[stage - 1], 0.0)
+    if latency_from is not None and latency_from != window.latency_from:
+        raise UsageError(
+            f"--latency-from {latency_from[:40]}: stage {stage} ({window.weight}%) judges latency on "
+            f"{window.latency_from} samples, as the DAG does (leave --latency-from out, or give {window.latency_from})"
+        )
+    return window
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
-    from vision_rollout.gates import check_samples, evaluate_gate
+    from vision_rollout.gates import GateConfig, check_samples, evaluate_gate
     from vision_rollout.spec import MAX_LOOKS
 
-    if not 1 <= args.looks <= MAX_LOOKS:
-        raise UsageError(f"--looks takes 1 to {MAX_LOOKS}, not {args.looks}")
-    if not 1 <= args.look <= args.looks:
-        raise UsageError(f"--look takes 1 to --looks ({args.looks}), not {args.look}")
+    spec = None if args.spec is None else _spec(args.spec)
+    if spec is not None and args.looks not in (None, spec.looks_per_stage):
+        raise UsageError(
+            f"--looks {args.looks}: the spec's stages plan {spec.looks_per_stage} looks (its looks_per_stage); "
+            "leave --looks out"
+        )
+    looks = args.looks if args.looks is not None else 1 if spec is None else spec.looks_per_stage
+    if not 1 <= looks <= MAX_LOOKS:
+        raise UsageError(f"--looks takes 1 to {MAX_LOOKS}, not {looks}")
+    if not 1 <= args.look <= looks:
+        raise UsageError(f"--look takes 1 to --looks ({looks}), not {args.look}")
+    window = _stage_window(spec, args.stage, args.latency_from)
+    latency_from = args.latency_from if window is None else window.latency_from
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -382,12 +425,21 @@ def cmd_gate(args: argparse.Namespace) -> int:
     samples = _read_samples(args.samples)
     try:
         check_samples(samples)  # (before --information counts this look's)
-        _latency_source(args.latency_from, samples)
-        seen = (
-            None if args.information is None else _information(args.information, args.look, samples, args.latency_from)
-        )
+        _latency_source(latency_from, samples)
+        seen = None if args.information is None else _information(args.information, args.look, samples, latency_from)
+        # As the DAG's stage (``engine.judge_stage``): at 100% after an earlier stage, latency is
+        # reported, not judged; at its last look, latency left undecided alone carried to the next.
         verdict = evaluate_gate(
-            samples, config, args.look, args.looks, latency_from=args.latency_from, information=seen
+            samples,
+            config if spec is None else GateConfig.from_spec(spec, **config),
+            args.look,
+            looks,
+            latency_from=latency_from,
+            information=seen,
+            latency_unjudged=None if window is None else window.latency_unjudged,
+            latency_carried_to=None
+            if window is None or spec is None or args.look < looks
+            else window.latency_carried_to(spec),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -861,13 +913,8 @@ _PROGRESS_EVERY_S = 60.0  # run's progress line during a stage, at most this oft
 def cmd_run(args: argparse.Namespace) -> int:
     from vision_rollout.mesh import LocalRouter
     from vision_rollout.metrics import PrometheusSource
-    from vision_rollout.spec import RolloutSpec, SpecError
 
-    raw = _json_file("--spec", args.spec)
-    try:
-        spec = RolloutSpec.from_dict(raw)
-    except SpecError as exc:
-        raise UsageError(f"--spec {args.spec}: invalid spec: {exc}") from None
+    spec = _spec(args.spec)
     if spec.mesh != "local":
         raise UsageError("rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow")
     if not args.prometheus and not args.no_hard_guards:
@@ -911,7 +958,6 @@ def _run(
         StageJudge,
         StageOutcome,
         StageState,
-        StageWindow,
         mirrors_candidate,
         preflight,
         rollout_audit,
@@ -1336,12 +1382,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
     from vision_rollout.locks import LockError, LockLost
     from vision_rollout.mesh import LocalRouter, RouterError
     from vision_rollout.serving import AdminError
-    from vision_rollout.spec import RolloutSpec, SpecError
 
-    try:
-        spec = RolloutSpec.from_dict(_json_file("--spec", args.spec))
-    except SpecError as exc:
-        raise UsageError(f"--spec {args.spec}: invalid spec: {exc}") from None
+    spec = _spec(args.spec)
     if spec.mesh != ("istio" if args.namespace else "local"):
         raise UsageError(
             f"the spec's mesh is {spec.mesh}: its lock is "
@@ -1542,8 +1584,22 @@ def parser() -> argparse.ArgumentParser:
         "(live below 100%%, replay at 100%%: its verdict's latency sentences say which); errors count every "
         "request; default every row",
     )
+    g.add_argument(
+        "--spec",
+        type=Path,
+        help="the rollout's RolloutSpec as JSON (as run's): the gate's config from it (--set overrides a key), "
+        "--looks its looks_per_stage",
+    )
+    g.add_argument(
+        "--stage",
+        type=int,
+        help="judge as the DAG judges this stage of --spec's stages, 1 for the first: latency from its source "
+        "(live below 100%%, replay at 100%%); at 100%% after an earlier stage latency reported, not judged; at "
+        "its last look (--look = --looks) below 100%%, the next stage below 100%% too, latency left undecided "
+        "alone carried there",
+    )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
-    g.add_argument("--looks", type=int, default=1, help="looks planned, 1 to 12 (default 1)")
+    g.add_argument("--looks", type=int, help="looks planned, 1 to 12 (default 1, or --spec's looks_per_stage)")
     g.add_argument(
         "--information",
         metavar="L1/R1/A1,...",

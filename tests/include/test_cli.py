@@ -126,6 +126,81 @@ def test_gate_latency_from_refused_with_what_is_wrong(tmp_path, capsys, source, 
     assert said in err
 
 
+@pytest.mark.parametrize("stage", ["100% after 50%", "25% before 50%"])
+def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkeypatch, stage):
+    """Two settings of the DAG's stages ``gate`` could not give: at 100% after an earlier stage the
+    latency comparison (the loaded candidate's replay against an idle baseline's) is reported, not
+    judged, and a stage's last look left undecided by latency alone carries it to the next stage
+    below 100% (``StageWindow``). Re-run offline on the look's samples with --latency-from replay,
+    the 100% stage failed where the DAG passed it, and the 25% stage waited where the DAG passed.
+    ``--spec FILE --stage N`` judges the look as the DAG judged that stage of the spec (its config,
+    looks and latency source from there too): the same verdict on the same samples."""
+    from tests.include.test_engine import IMAGES, T0, queued, records, spec
+    from vision_rollout import engine
+    from vision_rollout.engine import StageWindow, judge_stage
+
+    if stage == "100% after 50%":  # the candidate as fast as the baseline, its replay queued under load
+        s, window, log, now, alone = spec(), StageWindow(1, 100, T0), queued(records(400, 40, 100)), T0 + 106, "fail"
+    else:  # a latency margin finer than the 25% arm resolves by the last look
+        s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
+        window, log, now, alone = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300, "wait"
+    judged = engine.evaluate_gate
+    looks: list = []
+
+    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
+        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
+        return looks[-1][2]
+
+    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
+    assert judge_stage(s, window, log, IMAGES, now).status == "pass"
+    samples, seen, verdict = looks[-1]
+    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
+    samples.to_parquet(path)
+    spec_file.write_text(json.dumps(s.to_dict()))
+    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
+    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look))
+    argv += (f"--information={earlier}", "--json")
+
+    def statistics(v: dict) -> dict:  # (the DAG's verdict holds its hard guards' checks too)
+        return {**v, "checks": [c for c in v["checks"] if not c["name"].startswith("guard_")]}
+
+    code, out, err = run(capsys, *argv, "--stage", str(window.index + 1))
+    assert (code, err) == (0, "")
+    assert statistics(json.loads(out)) == statistics(json.loads(json.dumps(verdict.to_dict())))
+    code, out, _ = run(capsys, *argv, "--latency-from", window.latency_from)  # (no stage: latency judged)
+    assert json.loads(out)["decision"] == alone
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--stage", "2"], "--stage 2: give the rollout's --spec, whose stages it counts"),
+        (["--spec", "{spec}", "--stage", "3"], "--stage takes 1 to 2 (the spec's stages 50%, 100%), not 3"),
+        (["--spec", "{spec}", "--stage", "0"], "--stage takes 1 to 2"),
+        (
+            ["--spec", "{spec}", "--stage", "2", "--latency-from", "live"],
+            "--latency-from live: stage 2 (100%) judges latency on replay samples, as the DAG does",
+        ),
+        (["--spec", "{spec}", "--looks", "3"], "--looks 3: the spec's stages plan 5 looks (its looks_per_stage)"),
+        (["--spec", "{spec}", "--look", "6"], "--look takes 1 to --looks (5), not 6"),
+        (["--spec", "{spec}", "--set", "alfa=1"], "unknown gate config key(s) ['alfa']"),
+        (["--spec", "{csv}"], "--spec {csv}: "),
+        (["--spec", "{bad}"], "--spec {bad}: invalid spec: the last stage must be 100"),
+    ],
+)
+def test_gate_stage_refused_with_what_is_wrong(tmp_path, capsys, argv, said):
+    files = {"{csv}": tmp_path / "s.csv", "{spec}": tmp_path / "spec.json", "{bad}": tmp_path / "bad.json"}
+    samples(300).assign(source="live").to_csv(files["{csv}"], index=False)
+    files["{spec}"].write_text(json.dumps({"stages": [50, 100], "looks_per_stage": 5}))
+    files["{bad}"].write_text(json.dumps({"stages": [50, 90]}))
+    argv = [str(files.get(a, a)) for a in argv]
+    code, out, err = run(capsys, "gate", "--samples", str(files["{csv}"]), *argv)
+    assert (code, out) == (2, "")
+    for name, f in files.items():
+        said = said.replace(name, str(f))
+    assert said in err
+
+
 @pytest.mark.parametrize(
     ("information", "said"),
     [
