@@ -168,15 +168,17 @@ def _count(value: Any) -> int:
 
 
 def _reckoned(value: Any) -> dict[str, Any]:
-    """``Attempt.reckoned``: levels (floats in 0..1) and a need (a count or None)."""
+    """``Attempt.reckoned``: levels (floats in 0..1) and a need (a whole number, None: none),
+    which has no bound (an estimate next to its margin needs billions of samples)."""
     from vision_rollout.gates import MAX_RECKONED
 
     if not isinstance(value, dict | None) or len(value or {}) > MAX_RECKONED:
         raise ValueError(f"not what a judgement reckoned: {str(value)[:80]}")
-    return {
-        str(k): v if v is None or (isinstance(v, float) and 0 <= v <= 1) else _count(v)
-        for k, v in (value or {}).items()
-    }
+    for v in (value or {}).values():
+        level = isinstance(v, float) and 0 <= v <= 1
+        if not (v is None or level or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
+            raise ValueError(f"not a level nor a need: {str(v)[:40]}")
+    return {str(k): v for k, v in (value or {}).items()}
 
 
 def _list(value: Any) -> list[Any]:

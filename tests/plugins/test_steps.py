@@ -3343,11 +3343,14 @@ def test_a_damaged_stage_record_is_an_error_naming_it(monkeypatch, tmp_path, dam
     assert (folder.path / record_name("run-a", 0)).read_text() == damaged  # kept as it was
 
 
-def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(monkeypatch, tmp_path):
+@pytest.mark.parametrize("need", [1234, 10**12])
+def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(monkeypatch, tmp_path, need):
     """Each poke of the wait runs in a process of its own, on any worker: what its judge reckoned
     (``engine.judge_stage``: its looks' levels, a waiting look's need, about a second of CPU
     each) is kept with the stage's record in the run folder (``Attempt.reckoned``), and the next
-    poke's judge is given it, so the look's other pokes do not reckon it again."""
+    poke's judge is given it, so the look's other pokes do not reckon it again. A need has no
+    bound (an estimate next to its margin: ``engine.need_n``); one of 2**31 or more was written,
+    then read back as a damaged record, which failed the stage at its next poke."""
     from vision_rollout import attempts
 
     world = StageWorld(monkeypatch, tmp_path)
@@ -3358,7 +3361,7 @@ def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(mon
 
         def judge(window, now=None):
             reckoned.clear()
-            reckoned.update({"the inputs of look 4": 1234, "of its level": 0.0123})  # (as judge_stage puts them)
+            reckoned.update({"the inputs of look 4": need, "of its level": 0.0123})  # (as judge_stage puts them)
             return world.states.pop(0)
 
         return judge
@@ -3369,11 +3372,11 @@ def test_a_waiting_looks_need_is_kept_in_the_stages_record_for_its_next_poke(mon
     assert world.poke(applied) is None
     folder = steps.serving().settings.workdir("digits", "run-a")
     assert attempts.load(folder, "run-a", 0).attempts[0].reckoned == {
-        "the inputs of look 4": 1234,
+        "the inputs of look 4": need,
         "of its level": 0.0123,
     }
     assert world.poke(applied) is None
-    assert given == [{}, {"the inputs of look 4": 1234, "of its level": 0.0123}]
+    assert given == [{}, {"the inputs of look 4": need, "of its level": 0.0123}]
 
 
 def test_a_stage_run_more_times_than_its_record_keeps_is_counted_in_full(tmp_path):
