@@ -508,6 +508,19 @@ def apply_conflicts(message: str) -> dict[str, list[str]]:
     return {k: v for k, v in owned.items() if v}
 
 
+class FieldsOwned(RouterError):
+    """An apply refused (409) for fields other field managers own (``refused``): ``owned``, the
+    fields each of them owns (``apply_conflicts``)."""
+
+    def __init__(self, message: str, owned: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.owned = owned
+
+
+class FloorOwned(FieldsOwned):
+    """``hold_floor``'s apply refused for an HPA's ``minReplicas`` another field manager owns."""
+
+
 def refused(what: str, exc: Any) -> RouterError:
     """The API server's refusal (an ApiException) as a RouterError saying what to do; a 409 on
     apply is a field another manager owns, said in one sentence, each manager with the fields it
@@ -517,7 +530,7 @@ def refused(what: str, exc: Any) -> RouterError:
     if owned:
         said = "; ".join(f"{manager} owns {', '.join(paths)}" for manager, paths in owned.items())
         helm = any(manager.startswith(f'"{HELM_MANAGER}"') for manager in owned)
-        return RouterError(
+        return FieldsOwned(
             f"{what}: fields another field manager owns, which the rollout does not take over: {said[:1000]}. "
             + (
                 "It is a Helm release's object, which Helm takes back at its next upgrade: take it out of the "
@@ -527,7 +540,8 @@ def refused(what: str, exc: Any) -> RouterError:
             )
             + "give the fields to the rollout (kubectl apply --server-side --field-manager=model-rollout "
             "--force-conflicts) or, for spec.replicas under your own HPA, set the model_server_default extra "
-            "build.autoscaling"
+            "build.autoscaling",
+            owned,
         )
     if exc.status == 409:
         return RouterError(
@@ -803,8 +817,9 @@ class VersionDeployments:
         sized from them. Once held, held: a step run again keeps the first floor and the own
         record. The floor held, None when there is nothing to hold (no autoscaling, no HPA, no
         more pods than its own floor). ``dry_run``: only whether the API server would take the
-        HPA's apply, nothing written. A refused apply's RouterError names, besides what the server
-        refuses, the HPA, its own floor and the pods it runs now."""
+        HPA's apply, nothing written. Refused for its ``minReplicas``, another manager's (a 409,
+        ``FieldsOwned`` naming that field): FloorOwned, naming besides what the server refuses the
+        HPA, its own floor and the pods it runs now; any other error as it came."""
         hpa = self._hpa(version)
         if hpa is None:
             return None
@@ -823,12 +838,13 @@ class VersionDeployments:
                 {FLOOR_ANNOTATION: str(own), HELD_ANNOTATION: str(floor)},
                 dry_run,
             )
-        except ApiUnreachable:
-            raise
-        except RouterError as exc:
-            raise RouterError(
+        except FieldsOwned as exc:
+            if not any(".spec.minReplicas" in paths for paths in exc.owned.values()):
+                raise
+            raise FloorOwned(
                 f"{exc}. HorizontalPodAutoscaler {self.target.namespace}/{self._name(version)} scaled version "
-                f"{version} above its floor (minReplicas {own}) to {pods} pods"
+                f"{version} above its floor (minReplicas {own}) to {pods} pods",
+                exc.owned,
             ) from None
         return floor
 

@@ -661,8 +661,12 @@ def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments, dry_run: 
     that apply is sent as a dry run before the candidate is deployed, else it was refused (409)
     at stage 1, the candidate's pods already up. Not ``dry_run``: stage 1's hold itself, which
     the dry run cannot promise: at its HPA's floor then, the baseline had no floor to hold, and
-    its HPA may scale it up before stage 1. Refused, the step fails before any weight moves,
-    naming the HPA, its floor and the pods it runs (``hold_floor``)."""
+    its HPA may scale it up before stage 1. Its ``minReplicas`` another manager's (``FloorOwned``),
+    the step fails before any weight moves, naming the HPA, its floor and the pods it runs
+    (``hold_floor``); the dry run refused otherwise too. Stage 1's hold refused otherwise (a 500 of
+    etcd timing out, RBAC), its error is raised as it came, as the step's other writes: Airflow's
+    retry tries again, no weight moved."""
+    from vision_rollout.deploy import FloorOwned
     from vision_rollout.mesh import ApiUnreachable, RouterError
 
     try:
@@ -673,6 +677,8 @@ def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments, dry_run: 
         could_not = f"The rollout could not hold version {spec.baseline_version}'s floor"
         if dry_run:
             raise AirflowFailException(f"{exc}. {could_not} while the candidate takes a share of its traffic") from None
+        if not isinstance(exc, FloorOwned):
+            raise
         raise AirflowFailException(
             f"{exc}, since the check made before the candidate was deployed. {could_not} while the candidate "
             "takes a share of its traffic: clear this task once its HPA is back at its floor, or once the rollout "

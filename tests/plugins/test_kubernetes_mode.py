@@ -1633,6 +1633,34 @@ def test_a_baseline_floor_another_manager_owns_refused_at_stage_1_after_its_hpa_
     assert hpa(kube, "1")["spec"]["minReplicas"] == 3
 
 
+def test_a_transient_refusal_of_stage_1_floor_is_retried_not_blamed_on_the_hpa(kube, monkeypatch, tmp_path):
+    """Under autoscaling, the baseline's HPA the rollout's own, scaled up past its floor after the
+    candidate was deployed: stage 1's hold of that floor answered 500 (etcd timing out; a write
+    is not sent again by the client) failed the step for good, saying the HPA had scaled the
+    baseline above its floor and to clear the task once it was back at it. The API server's
+    refusal is raised as it came (a RouterError: Airflow's retry tries again), naming the HPA
+    apply refused, no weight moved; the step run again holds the floor and moves the weights."""
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.deploy_candidate(params, image("2"), "run-1")
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load: a floor to hold
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
+    with pytest.raises(RouterError) as refused:
+        steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
+    said = str(refused.value)
+    assert said.startswith("apply HorizontalPodAutoscaler digits-v1: 500 Internal Server Error: ")
+    assert "above its floor" not in said
+    assert "clear this task" not in said
+    assert routes(kube) == [("v1", 100)]
+    steps.apply_weights(params, 0, "run-1", {"decision": "pass"})  # Airflow's retry
+    assert hpa(kube, "1")["spec"]["minReplicas"] == 10
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
 def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_takes_the_traffic(
     kube, monkeypatch, tmp_path
 ):
