@@ -729,17 +729,24 @@ def others_fields(live: dict[str, Any]) -> set[tuple[str, ...]]:
     rollout's apply owns (its ``metadata.managedFields``, FieldsV1 paths down to a field that is
     not a map: ``("f:spec", "f:trafficPolicy", "f:tls", "f:mode")``); into a keyed list's items
     (a Deployment's containers, env, ports, volumes: ``'k:{"name":"log-shipper"}'``, as server-side
-    apply keys them), an atomic list or a set (``v:``) whole; none where the server records no
-    managers."""
+    apply keys them), an atomic list or a set (``v:`` items alone) whole; none where the server
+    records no managers. What cannot be read (a key server-side apply does not write there, a
+    child that is not a map) is taken for nobody's: left in the rollout's applies as it is, never
+    the field above it whole (a pod template's containers); a warning names the manager and path."""
     out: set[tuple[str, ...]] = set()
 
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        children = {k: v for k, v in node.items() if k != "."} if isinstance(node, dict) else {}
-        if not children or any(not k.startswith(("f:", "k:")) for k in children):  # a leaf, a set's items
+    def walk(node: dict[str, Any], path: tuple[str, ...], manager: Any) -> None:
+        children = {k: v for k, v in node.items() if k != "."}
+        if not children or all(k.startswith("v:") for k in children):  # a leaf, a set's items
             out.add(path)
             return
         for key, child in children.items():
-            walk(child, (*path, key))
+            if key.startswith(("f:", "k:")) and isinstance(child, dict):
+                walk(child, (*path, key), manager)
+            else:
+                log.warning(
+                    "managedFields of %r: %s cannot be read, taken for nobody's", manager, ".".join((*path, key))[:300]
+                )
 
     for entry in (live.get("metadata") or {}).get("managedFields") or []:
         if not isinstance(entry, dict) or (entry.get("manager"), entry.get("operation")) == (FIELD_MANAGER, "Apply"):
@@ -752,7 +759,7 @@ def others_fields(live: dict[str, Any]) -> set[tuple[str, ...]]:
                     if name.startswith("f:"):
                         out.add(("f:metadata", key, name))
         if isinstance(fields.get("f:spec"), dict):
-            walk(fields["f:spec"], ("f:spec",))
+            walk(fields["f:spec"], ("f:spec",), entry.get("manager"))
     return {p for p in out if len(p) > 1 and p[:2] not in WRITTEN_WHOLE}
 
 
@@ -779,7 +786,7 @@ def _drop(node: Any, path: tuple[str, ...]) -> bool:
     if key.startswith("k:"):
         try:
             keys = json.loads(key[2:])
-        except ValueError:
+        except (ValueError, RecursionError):  # (a key nested past the recursion limit)
             return False
         items = node if isinstance(node, list) and isinstance(keys, dict) else []
         at = next((i for i, x in enumerate(items) if isinstance(x, dict) and keys.items() <= x.items()), None)

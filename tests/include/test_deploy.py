@@ -697,6 +697,40 @@ def test_what_the_rollout_owns_of_a_pod_template_follows_keyed_lists_as_the_api_
     assert live["spec"]["template"]["spec"]["containers"][0] == server  # (a copy: live as read)
 
 
+@pytest.mark.parametrize(
+    "containers",
+    [
+        {"i:0": {"f:image": {}}},  # a key server-side apply does not write
+        {'k:{"name":"model-server"}': ["f:image"]},  # a child that is not a map
+        {'k:{"name":"model-server"}': {"f:env": {'v:"x"': {}, "i:1": {}}}},  # a set's items beside another key
+        {"k:" + "[" * 100_000: {"f:image": {}}},  # a key nested past Python's recursion limit
+        None,
+    ],
+)
+def test_a_damaged_managed_fields_entry_takes_nothing_from_the_rollouts_own_reapply(containers):
+    """A managedFields entry of another manager the rollout cannot read (an ``i:0`` key, a child
+    that is not a map, ``"f:template": null``) was taken as a field that manager owns whole: the
+    whole containers list or pod template was left out of the rollout's re-apply of a version, and
+    server-side apply removed every field of the model server only the rollout owned (its ports,
+    resources, probes); a ``k:`` key nested deep raised RecursionError. Nothing is taken for what
+    cannot be read (the rollout sends it on as it is); what can be read beside it still is (a
+    sidecar the entry owns); a set (``v:`` items alone) is still that manager's whole."""
+    from vision_rollout.mesh import others_fields, rollouts_view
+
+    server = {"name": "model-server", "image": "img:2", "ports": [{"containerPort": 8000}], "env": [{"name": "A"}]}
+    template = {"spec": {"containers": [server, {"name": "log-shipper", "image": "fluent-bit:3"}]}}
+    sidecar = {'k:{"name":"log-shipper"}': {".": {}, "f:name": {}, "f:image": {}}}
+    fields = {"f:spec": {"f:template": {"f:spec": {"f:containers": containers}} if containers else None}}
+    entry = {"manager": "x", "operation": "Update", "fieldsV1": fields}
+    live = {"metadata": {"managedFields": [entry]}, "spec": {"template": template}}
+    assert rollouts_view(live)["spec"] == {"template": template}
+    if containers is not None:
+        containers.update(sidecar)
+        assert rollouts_view(live)["spec"] == {"template": {"spec": {"containers": [server]}}}
+    finalizers = {"fieldsV1": {"f:spec": {"f:finalizers": {'v:"a"': {}, 'v:"b"': {}}}}, "manager": "y"}
+    assert others_fields({"metadata": {"managedFields": [finalizers]}}) == {("f:spec", "f:finalizers")}
+
+
 def test_pods_never_ready_are_reported_with_why_even_where_the_pods_cannot_be_read(kube_api):
     """A candidate whose pods never became ready (an image that cannot be pulled) within the wait,
     before the progress deadline: wait_ready said "0 of 1 pods ready after 600 s" and no more, the
