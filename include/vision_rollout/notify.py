@@ -563,7 +563,9 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
             c = samples[samples["arm"] == arm]["correct"].dropna()
             if len(c):
                 lo, hi = wilson(int(c.sum()), len(c), 0.95)
-                ax2.errorbar([i], [c.mean()], yerr=[[c.mean() - lo], [hi - c.mean()]], fmt="o", color=colour, capsize=6)
+                # (an arm right, or wrong, every time: a bound rounds a hair inside 1 or 0, a negative error)
+                below, above = max(c.mean() - lo, 0.0), max(hi - c.mean(), 0.0)
+                ax2.errorbar([i], [c.mean()], yerr=[[below], [above]], fmt="o", color=colour, capsize=6)
         ax2.set_xticks([0, 1], list(colours))
         ax2.set_xlim(-0.5, 1.5)
         ax2.set_ylabel("top-1 accuracy (95% interval)")

@@ -2061,3 +2061,11 @@ def test_a_report_removed_before_its_mark_is_found_posted(tmp_path):
     stem = report_name()
     outbox.write(stem + POSTED, json.dumps({"channel": "C1", "ts": "1.5"}).encode())
     assert report_left(outbox, stem) == {"channel": "C1", "ts": "1.5", "posted_before": True}
+
+
+@pytest.mark.parametrize(("n", "correct"), [(10, 1.0), (3, 0.0)])
+def test_a_chart_of_an_arm_right_or_wrong_every_time_is_drawn(n, correct):
+    """Every answer of an arm right (or wrong): its Wilson bound computed a hair under 1 (over 0)
+    for some counts, a negative error bar matplotlib refuses (ValueError), and no chart."""
+    df = samples(n).assign(correct=correct)
+    assert latency_accuracy_chart(df, "v3")[:8] == b"\x89PNG\r\n\x1a\n"
