@@ -361,6 +361,7 @@ class StageState:
     reason: str
     served: dict[str, dict[str, int]] = field(default_factory=dict)  # arm -> source -> requests
     elapsed_s: float = 0.0
+    until: float | None = None  # the evidence time of the look ``verdict`` is of (unix seconds)
 
     @property
     def done(self) -> bool:
@@ -469,9 +470,11 @@ def judge_stage(
     reckoning = None if reckoned is None else Reckoning(reckoned)
     current = stage_samples(records, spec, window, now - settle_s, labels, base)
     elapsed = now - window.started
+    judged, judged_at = 0, math.nan  # (the last look judged, and its time)
 
     def state(status: str, look: int, verdict: Verdict | None, reason: str) -> StageState:
-        return StageState(status, look, K, verdict, reason, served(current), elapsed)
+        until = judged_at if verdict is not None and look == judged else None
+        return StageState(status, look, K, verdict, reason, served(current), elapsed, until)
 
     images = len(labels) if replay_images is None else replay_images
     guard_in = GuardInputs(
@@ -487,7 +490,6 @@ def judge_stage(
             return state("undecided", 0, None, f"undecided: the stage ended ({elapsed:.0f} s) while {partial}")
         return state("waiting", 0, None, f"holding: {partial}; nothing is judged on part of them")
     verdict: Verdict | None = None
-    judged = 0
     seen: list[Information] = []  # the information of each look so far (its boundaries read them all)
     for look in range(1, K + 1):
         at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
@@ -509,7 +511,7 @@ def judge_stage(
             reckoning=reckoning,
         )
         verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
-        judged = look
+        judged, judged_at = look, at
         if verdict.decision != "wait":
             break
     if verdict is not None and verdict.decision == "fail":
@@ -1268,6 +1270,75 @@ class StageJudge:
             start = datetime.fromtimestamp(window.started, UTC)
             forget(self.cache, self.prediction_log, start, self.spec.model, GATE_COLUMNS)
         return state
+
+
+# -- the final report's chart: the deciding stage's evidence ----------------------------------
+
+
+def deciding_look(
+    spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | None]
+) -> tuple[StageWindow, float, Mapping[str, Any]] | None:
+    """The last stage judged of ``verdicts`` (per stage, its verdict as a dict, or None): its
+    window, the evidence time of the look its verdict is of (its ``bake``'s ``window`` and
+    ``until``, as its wait kept them), and the verdict. None where no stage had a look judged (a
+    hard guard at its first poke, a run not started), or where the last that had does not say
+    when (a verdict of an earlier version)."""
+    for index in reversed(range(min(len(spec.stages), len(verdicts)))):
+        verdict = verdicts[index]
+        if not isinstance(verdict, Mapping) or not verdict.get("look"):
+            continue
+        bake = verdict.get("bake")
+        times = [bake.get("window"), bake.get("until")] if isinstance(bake, Mapping) else []
+        found = [float(t) for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
+        if len(found) < 2:
+            return None
+        return StageWindow(index, spec.stages[index], found[0]), found[1], verdict
+    return None
+
+
+def judged_samples(
+    spec: RolloutSpec,
+    prediction_log: str,
+    validation: Path,
+    window: StageWindow,
+    until: float,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    max_bytes: int = MAX_POKE_BYTES,
+) -> pd.DataFrame:
+    """The samples the stage's look at ``until`` judged its latency on, read from the log as a poke
+    reads them (bounded by ``max_bytes`` and ``deadline``, a ``clock()``): the live A/B arms below
+    100%, the validation replay at 100% (``StageWindow.latency_from``), a replayed image's first
+    answer per version its accuracy evidence (as the paired check counts it). Their ``arm``,
+    ``latency_ms`` and ``correct`` only: nothing else of a request (no id, tenant, image).
+    OSError where the stage's records cannot be read whole (the log not listed, files skipped,
+    the read cut short by its time or its memory bound)."""
+    from datetime import UTC
+
+    from model_server.predictionlog import GATE_COLUMNS, read
+
+    # (a file written after ``until`` holds no evidence of its look: ``available``)
+    records = read(
+        prediction_log,
+        datetime.fromtimestamp(window.started, UTC),
+        datetime.fromtimestamp(until + 1, UTC),
+        model=spec.model,
+        columns=GATE_COLUMNS,
+        written=True,
+        max_bytes=max_bytes,
+        deadline=deadline,
+        clock=clock,
+    )
+    if (partial := read_in_part(records)) is not None:
+        raise OSError(partial)
+    if skipped := records.attrs.get("skipped_file_reasons"):
+        path, reason = next(iter(skipped.items()))
+        raise OSError(f"{len(skipped)} prediction log file(s) of the stage cannot be read ({path}: {reason})")
+    labels = validation_labels(validation) if window.latency_from == "replay" else {}
+    samples = stage_samples(records, spec, window, until, labels)
+    samples = samples[samples["source"] == window.latency_from].sort_values("time", kind="stable")
+    repeat = samples["pair_id"].notna() & samples.duplicated(["pair_id", "arm"])
+    return samples.assign(correct=samples["correct"].mask(repeat))[["arm", "latency_ms", "correct"]]
 
 
 # -- the decision: promote or roll back (the DAG's decide task and rolloutctl run) ------------

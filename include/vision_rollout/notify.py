@@ -536,24 +536,33 @@ def _audit_numbers(result: AuditResult, named: str, samples: int) -> list[dict[s
     return blocks
 
 
-def latency_accuracy_chart(samples: Any, title: str) -> bytes:
-    """PNG: baseline vs canary latency distributions, and accuracy with 95% intervals."""
+MAX_CHART_ROWS = 20_000  # requests per arm a chart's latency histogram draws (a uniform sample of them)
+
+
+def latency_accuracy_chart(samples: Any, title: str, max_rows: int = MAX_CHART_ROWS) -> bytes:
+    """PNG, titled ``title`` (in its ``Title`` metadata too): baseline vs canary latency
+    distributions, of a uniform sample of ``max_rows`` requests per arm at most (its p99 and
+    count of all of them), and accuracy with 95% intervals (of all of them). Drawn on a figure
+    of its own (no pyplot state: another thread may draw one too)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from vision_rollout.audit import wilson
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     colours = {"baseline": "#4477aa", "canary": "#ee6677"}
+    rng = np.random.default_rng(0)
     for arm, colour in colours.items():
-        lat = samples[samples["arm"] == arm]["latency_ms"].dropna()
+        lat = samples[samples["arm"] == arm]["latency_ms"].dropna().to_numpy(dtype=float)
         if len(lat):
+            label = f"{arm} (p99 {np.quantile(lat, 0.99):.1f} ms, n={len(lat):,}"
+            if len(lat) > max_rows:
+                label += f", {max_rows:,} drawn"
+                lat = rng.choice(lat, max_rows, replace=False)
             bins = np.logspace(np.log10(max(lat.min(), 1e-3)), np.log10(lat.max() * 1.01), 40)
-            ax1.hist(lat, bins=bins, alpha=0.55, color=colour, label=f"{arm} (p99 {np.quantile(lat, 0.99):.1f} ms)")
+            ax1.hist(lat, bins=bins, alpha=0.55, color=colour, label=label + ")")
     ax1.set_xscale("log")
     ax1.set_xlabel("latency (ms)")
     ax1.set_ylabel("requests")
@@ -574,9 +583,74 @@ def latency_accuracy_chart(samples: Any, title: str) -> bytes:
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Title": title})
     return buf.getvalue()
+
+
+CHART_BUDGET_S = 30.0  # a final report's chart is drawn within this, or the report goes without it
+CHART_READ_S = 20.0  # its read of the stage's records begins no listing nor file after this
+
+
+def report_chart(
+    spec: RolloutSpec,
+    verdicts: Sequence[dict[str, Any] | None],
+    prediction_log: str,
+    validation: Path,
+    budget_s: float = CHART_BUDGET_S,
+) -> tuple[bytes | None, str | None]:
+    """The chart of a run's final report: the evidence of its last stage judged (``engine.
+    deciding_look``), the samples its deciding look judged read again from the prediction log
+    (``engine.judged_samples``: latencies and correctness per arm, nothing else), drawn within
+    ``budget_s`` (in a thread of its own: a stalled store or a drawing that hangs is left
+    behind). And why there is none, in one line, where it could not be drawn (the report is sent
+    without it); (None, None) where no stage was judged: no evidence to chart."""
+    import threading
+
+    from vision_rollout.engine import deciding_look, judged_samples
+
+    try:
+        found = deciding_look(spec, verdicts)
+    except Exception as exc:  # (a verdict of another shape: the report goes, saying so)
+        return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
+    if found is None:
+        return None, None
+    window, until, verdict = found
+    look = f"look {verdict.get('look')} of {verdict.get('looks')}"
+    source = "live A/B arms" if window.latency_from == "live" else "validation replay"
+    title = (
+        f"{spec.model} v{spec.candidate_version} vs v{spec.baseline_version}: {window.weight}% stage, {look}, {source}"
+    )
+    done: dict[str, Any] = {}
+
+    def draw() -> None:
+        try:
+            deadline = time.monotonic() + min(CHART_READ_S, budget_s * 2 / 3)
+            samples = judged_samples(spec, prediction_log, validation, window, until, deadline)
+            if samples.empty:  # (the log pruned since, or another log than the one judged)
+                raise FileNotFoundError(f"no record of them in the prediction log {prediction_log}")
+            done["chart"] = latency_accuracy_chart(samples, title)
+        except Exception as exc:
+            done["error"] = exc
+
+    worker = threading.Thread(target=draw, name="report-chart", daemon=True)
+    worker.start()
+    worker.join(budget_s)
+    stage = f"the {window.weight}% stage's samples"
+    if "chart" in done:
+        return done["chart"], None
+    if "error" not in done:
+        return None, f"{stage} were not read and drawn within {budget_s:g} s"
+    what = "could not be read" if isinstance(done["error"], OSError) else "could not be drawn"
+    return None, f"{stage} {what}: {_failure(done['error'])[:300]}"
+
+
+def without_chart(message: Message, why: str) -> Message:
+    """``message``, a final report whose chart could not be drawn (``report_chart``'s ``why``),
+    saying so in one line under its headline."""
+    blocks = list(message.blocks)
+    first = next((i + 1 for i, b in enumerate(blocks) if b["type"] == "section"), len(blocks))
+    line = context(f"{ICONS['info']} *No chart:* {one_line(why)}; the report is sent without it.")
+    return replace(message, blocks=_limit([*blocks[:first], line, *blocks[first:]]), chart=None)
 
 
 def _retry_rate_limited(client: Any) -> None:

@@ -1053,6 +1053,9 @@ def look_at_stage(
         "gpu": gpu_gauges(source, spec.model, spec.candidate_version, state.elapsed_s),
         "look": state.look,
         "looks": state.looks,
+        # (the deciding look's evidence, its records from ``window`` to ``until``: the report's chart)
+        "window": window.started,
+        "until": state.until,
     }
     outcome = {**verdict, "status": state.status, "bake": bake}
     try:
@@ -1963,28 +1966,41 @@ def notify(
     preflight: list[str] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The run's report to Slack; ``preflight``: the first step's warnings (``build_image``'s).
+    """The run's report to Slack, with the chart of its last stage judged (``notify.report_chart``:
+    read again from the prediction log, this task's worker being any; without it, saying why, where
+    it could not be drawn in time); ``preflight``: the first step's warnings (``build_image``'s).
     Once the run ``run_id`` ended (``run_ended``: notify cleared afterwards), marked as sent again."""
     from vision_rollout.gates import Verdict
-    from vision_rollout.notify import plain_report, promotion_message, rollback_message, sent_again
+    from vision_rollout.notify import (
+        plain_report,
+        promotion_message,
+        report_chart,
+        rollback_message,
+        sent_again,
+        without_chart,
+    )
 
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
+    settings = serving().settings
+    chart, unchartable = report_chart(spec, verdicts, settings.prediction_log, settings.validation(spec.model))
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
-            message = promotion_message(spec, judged, reason=reason, notes=notes)
+            message = promotion_message(spec, judged, reason=reason, notes=notes, chart=chart)
         else:  # the stage that rolled it back, as judge_evidence finds it (none: every stage passed)
             weight, failing = next(
                 ((w, v) for w, v in zip(spec.stages, verdicts, strict=False) if not v or v["decision"] != "pass"),
                 (None, None),
             )
             message = rollback_message(
-                spec, reason, Verdict.from_dict(failing) if failing else None, weight, notes=notes
+                spec, reason, Verdict.from_dict(failing) if failing else None, weight, chart=chart, notes=notes
             )
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
-        message = plain_report(spec, outcome, reason)
+        message = replace(plain_report(spec, outcome, reason), chart=chart)
+    if unchartable:
+        message = without_chart(message, unchartable)
     if run_id is None:
         return send(spec, message)
     if (end := run_ended(spec, run_id)) is not None:

@@ -161,6 +161,7 @@ def test_each_look_is_judged_at_the_information_its_looks_saw():
     state = judge_stage(s, WINDOW, log, IMAGES, T0 + 200)
     assert state.status == "pass"
     assert 1 < state.look < s.looks_per_stage
+    assert state.until == WINDOW.look_time(s, state.look)  # (the deciding look's records: the report's chart)
     seen = tuple(
         information(stage_samples(log, s, WINDOW, WINDOW.look_time(s, k), IMAGES), "live")
         for k in range(1, state.look + 1)

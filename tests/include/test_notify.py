@@ -2069,3 +2069,21 @@ def test_a_chart_of_an_arm_right_or_wrong_every_time_is_drawn(n, correct):
     for some counts, a negative error bar matplotlib refuses (ValueError), and no chart."""
     df = samples(n).assign(correct=correct)
     assert latency_accuracy_chart(df, "v3")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_chart_whose_samples_take_too_long_is_given_up_within_its_budget(monkeypatch, tmp_path):
+    """A store that stalls the read of the deciding stage's records (a GET waiting out its
+    timeout): the report's chart is given up at its budget, saying so, and the report goes."""
+    import threading
+
+    from vision_rollout import engine, notify
+
+    released = threading.Event()
+    monkeypatch.setattr(engine, "judged_samples", lambda *args: released.wait(30))
+    verdict = {"decision": "pass", "look": 3, "looks": 3, "bake": {"window": 1.8e9, "until": 1.8e9 + 60}}
+    began = time.monotonic()
+    chart, why = notify.report_chart(SPEC, [verdict], str(tmp_path / "log"), tmp_path, budget_s=0.5)
+    released.set()
+    assert time.monotonic() - began < 5
+    assert chart is None
+    assert why == "the 5% stage's samples were not read and drawn within 0.5 s"

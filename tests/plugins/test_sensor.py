@@ -99,6 +99,8 @@ def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
     verdict = result.xcom_value
     assert verdict["decision"] == "pass", verdict["summary"]
     assert verdict["bake"]["served"]["canary"]["live"] >= 40  # the live arm, from the log
+    # (where the deciding look's records lie, for the final report's chart: ``engine.deciding_look``)
+    assert verdict["bake"]["window"] <= verdict["bake"]["until"] <= time.time()
     assert verdict["checks"][0]["name"] == "evidence"
     again = poke(p, started).xcom_value  # what a retried task computes: the same looks, the same verdict
     assert (again["look"], again["decision"], again["checks"][0]["sentence"]) == (

@@ -4,6 +4,7 @@ time per model in local mode (the lock file)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import types
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -3746,3 +3748,185 @@ def test_the_masking_probe_looks_for_its_copy_no_longer_than_its_window(
     with pytest.raises(AirflowFailException, match=r"no shadow copy .* not read within the probe's 30 s"):
         steps.enable_shadow(PARAMS, "run-a")
     assert store.opened < 40
+
+
+def chart_conn(monkeypatch, tmp_path) -> None:
+    """The model server's connection: its run folder, prediction log and model repository (a
+    validation set of 20 images of digits) in ``tmp_path``, no server behind it."""
+    validation = tmp_path / "models" / "digits" / "validation"
+    validation.mkdir(parents=True)
+    (validation / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 10}\n" for i in range(20)))
+    for i in range(20):
+        (validation / f"{i}.png").write_bytes(b"image-%d" % i)
+    extra = {
+        "run_dir": str(tmp_path / "run"),
+        "prediction_log": str(tmp_path / "log"),
+        "repository": str(tmp_path / "models"),
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+
+
+def stage_evidence(tmp_path, t0: float, replay: bool) -> None:
+    """Into the prediction log: from ``t0`` on, 90 s of live requests to versions 1 and 2 (the
+    canary 1.5 times slower), each labelled, or with ``replay`` each validation image sent to both
+    by name every 20 s, as the 50% and the 100% stage's gates judge them; their files named as
+    written at 92 s (as a writer flushing every 2 s names them: evidence of a look at 100 s)."""
+    import base64
+    import os
+
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, Label, PredictionLog
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), []), replica="pod-a", compression=None)
+    scores = np.eye(10, dtype=np.float32)
+    for i in range(200):
+        v, t = "12"[i % 2], t0 + 1 + 0.45 * i
+        if replay:
+            image, route, rid = b"image-%d" % (i // 2 % 20), "version", f"replay-{i}"
+        else:
+            image, route, rid = b"photo-%d" % i, "route", f"live-{i}"
+        latency = (5.0 if v == "1" else 7.5) * (1 + (i % 7) / 10)
+        writer.append(
+            Inference(
+                t,
+                "digits",
+                v,
+                "primary",
+                route,
+                rid,
+                "t",
+                "s",
+                latency,
+                "ok",
+                scores[[i % 10]],
+                np.array([image], dtype=object),
+                True,
+                {"x-user-id": "+1 555 0100"},
+                1,
+            )
+        )
+        if not replay:
+            writer.append(Label(t + 0.1, "digits", v, rid, [i % 10 if i % 5 else 0], "acme"))
+    before = set((tmp_path / "log").rglob("part-*"))
+    writer.flush()
+    second = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0 + 92))
+    for path in set((tmp_path / "log").rglob("part-*")) - before:
+        path.rename(path.with_name(re.sub(r"\d{8}T\d{6}Z", second, path.name)))
+
+
+def judged(decision: str, t0: float) -> dict:
+    """A stage's verdict as its wait kept it: decided at look 2 of 3, on the records from ``t0``
+    to 100 s later."""
+    return {
+        "decision": decision,
+        "status": decision,
+        "summary": f"{decision.upper()} at look 2",
+        "look": 2,
+        "looks": 3,
+        "checks": [],
+        "bake": {"window": t0, "until": t0 + 100, "look": 2, "looks": 3},
+    }
+
+
+def _chart_in_thread(slack, posted: dict) -> tuple[dict, bytes]:
+    """The one file in the thread of the report ``posted``, and its bytes."""
+    (shared,) = [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
+    return shared, slack.uploads[shared["id"]]
+
+
+def png_title(png: bytes) -> str:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).text["Title"]
+
+
+@pytest.mark.parametrize("outcome", ["promote", "rollback"])
+def test_the_final_report_carries_the_chart_of_the_stage_that_decided(monkeypatch, tmp_path, slack, outcome):
+    """The promotion's and the rollback's report went without a chart. Now notify (on a worker of
+    its own: what it charts it reads from the prediction log) uploads, into the report's thread,
+    the chart of the last stage judged, of the samples its deciding look judged: the 100% stage's
+    validation replay for a promotion, the 50% stage's live arms for a rollback there."""
+    chart_conn(monkeypatch, tmp_path)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    stage_evidence(tmp_path, t0 + 300, replay=True)
+    if outcome == "promote":
+        verdicts = [judged("pass", t0), judged("pass", t0 + 300)]
+        title = "digits v2 vs v1: 100% stage, look 2 of 3, validation replay"
+    else:
+        verdicts = [judged("fail", t0), None]
+        title = "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
+    from vision_rollout import notify
+
+    charted = []
+    draw = notify.latency_accuracy_chart
+    monkeypatch.setattr(
+        notify, "latency_accuracy_chart", lambda samples, t: charted.append(samples) or draw(samples, t)
+    )
+    sent = steps.notify(PARAMS, outcome, "the evidence", verdicts, None, "run-a")
+    (samples,) = charted
+    assert list(samples.columns) == ["arm", "latency_ms", "correct"]  # (no request's id, tenant, image)
+    by_arm = samples.groupby("arm")
+    assert by_arm["latency_ms"].count().to_dict() == {"baseline": 100, "canary": 100}
+    if outcome == "promote":  # (each image's first answer per version: the paired check's evidence)
+        assert by_arm["correct"].count().to_dict() == {"baseline": 20, "canary": 20}
+    else:  # (the live labels joined: a fifth of the canary's answers wrong)
+        assert by_arm["correct"].mean().to_dict() == {"baseline": 1.0, "canary": 0.8}
+    assert sent["chart"] is True
+    (posted,) = slack.messages()
+    assert "No chart" not in json.dumps(posted["blocks"])
+    shared, png = _chart_in_thread(slack, sent)
+    assert shared["title"] == posted["text"][:100]  # (as find_chart knows it)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_title(png) == title
+    assert not list((tmp_path / "run" / "outbox").glob("*.png"))
+
+
+def test_a_report_whose_stage_samples_cannot_be_read_is_sent_without_a_chart_saying_so(monkeypatch, tmp_path, slack):
+    """A file of the deciding stage's records that cannot be read (truncated): the chart would be
+    of part of what the gate judged. The report goes all the same, without it, saying why in one
+    line."""
+    chart_conn(monkeypatch, tmp_path)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    (written,) = (tmp_path / "log").rglob("part-*.parquet")
+    written.write_bytes(written.read_bytes()[:100])
+    sent = steps.notify(PARAMS, "rollback", "the evidence", [judged("fail", t0), None], None, "run-a")
+    assert "chart" not in sent
+    assert "slack_error" not in sent
+    (posted,) = slack.messages()
+    assert posted["text"].startswith("Rolled back digits v2")
+    lines = [e["text"] for b in posted["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "the 50% stage's samples could not be read" in line
+    assert slack.uploads == {}
+
+
+def test_a_rollback_before_any_stage_was_judged_sends_no_chart(monkeypatch, tmp_path, slack):
+    """A hard guard at the first poke (or a run not started): no stage's look was judged, no
+    evidence to chart, and nothing said of a chart."""
+    chart_conn(monkeypatch, tmp_path)
+    breach = {**judged("fail", time.time()), "look": 0}  # (ended without a look judged)
+    sent = steps.notify(PARAMS, "rollback", "hard guard tripped", [breach, None], None, "run-a")
+    assert "chart" not in sent
+    assert "No chart" not in json.dumps(slack.messages()[0]["blocks"])
+    assert slack.uploads == {}
+
+
+def test_a_final_report_left_in_the_outbox_keeps_its_chart_beside_it(monkeypatch, tmp_path):
+    """No Slack token (the one-machine setup): the report and its chart wait in the outbox,
+    for ``rolloutctl outbox send`` to post the one and upload the other into its thread."""
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    sent = steps.notify(PARAMS, "rollback", "the evidence", [judged("fail", t0), None], None, "run-a")
+    (report,) = (tmp_path / "run" / "outbox").glob("*.json")
+    assert sent["outbox"].endswith(report.name)
+    (png,) = (tmp_path / "run" / "outbox").glob("*.png")
+    assert json.loads(report.read_text())["chart"] == png.name
+    assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
