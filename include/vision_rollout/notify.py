@@ -1521,7 +1521,7 @@ def send_waiting(
     the chart into that thread, where it is not there already (``find_chart``: an upload Slack
     carried out, its answer lost). A sender killed between Slack's answer and that write leaves a
     claim that lapses: the next sender first looks for the report's post in the channel's
-    history since that claim (``find_post``), as for a report whose post's answer was lost
+    history since that claim (``find_post``; the claim stays until the post found is marked), as for a report whose post's answer was lost
     (``maybe_posted``); only where Slack refuses that look-up is it posted a second time. None
     is lost."""
     return _send_round(outbox, client, clock, budget_s)
@@ -1821,7 +1821,7 @@ def _send_claimed(
         return {"name": name, "skipped": f"{outbox} holds more files than a listing takes (MAX_LISTED): not sent"}
     if name not in names:
         return {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
-    lapsed: list[float] = []  # (when dead senders claimed it: each may have posted it)
+    dead: dict[str, float] = {}  # (dead senders' claims, when made: each may have posted it)
     for other in names:
         m = _CLAIM.search(other)
         if other != claim and m and other[: m.start()] == stem:
@@ -1829,8 +1829,7 @@ def _send_claimed(
             if until is not None:
                 held = {"held_until": until} if sender is not None else {}  # (for ``send_report``'s wait)
                 return {"name": name, "skipped": f"{ANOTHER_SENDER} is sending it", **held}
-            lapsed.append(int(m.group(1)) / 1e9)
-            outbox.delete(other)  # (a dead sender's)
+            dead[other] = int(m.group(1)) / 1e9
     try:
         found, message = _waiting(outbox, name)
     except FileNotFoundError:
@@ -1845,18 +1844,18 @@ def _send_claimed(
         return {"name": name, "error": f"not a report: {one_line(str(exc))[:400]}"}
     sent = _posted(raw) if raw is not None else None
     notifier = SlackNotifier(found.channel, client=client)
-    tries = [*lapsed, *([found.maybe_posted] if found.maybe_posted is not None else [])]
+    tries = [*dead.values(), *([found.maybe_posted] if found.maybe_posted is not None else [])]
     if sent is None and tries:  # (an earlier post of it may have landed: looked for first)
         try:
             sent = find_post(client, found.channel, stem, min(tries), channels, deadline, message.thread_ts)
-        except LookupFailed as exc:  # (the dead senders' claims removed: the report keeps their time)
-            if found.maybe_posted is None:
-                _note(outbox, name, maybe_posted=min(tries))
+        except LookupFailed as exc:  # (the dead senders' claims stay: the next round looks first)
             return {"name": name, "channel": found.channel, "error": str(exc)}
         if sent is not None:
             posted.update(sent, posted_before=True)
             outbox.write(mark, json.dumps(sent).encode())
             sent = dict(sent)
+    for other in dead:  # (removed once their post is marked, or known not made: never looked for again)
+        outbox.delete(other)
     if sent is None and not _holds(outbox, name, claim):
         return {"name": name, "skipped": f"{ANOTHER_SENDER} took it over: this one's claim lapsed before it posted"}
     if sent is None:  # (no mark, or not one: the report is sent, the mark written)

@@ -1497,7 +1497,7 @@ def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_rep
     """A sender stopped once Slack took its post leaves its claim (the report may be posted); the
     next round removed that lapsed claim, then its look-up ran out of the round's budget: the
     report waited with nothing saying it may be posted, and the round after posted it a second
-    time. The report keeps when that dead sender claimed it, and the next round looks first."""
+    time. That dead sender's claim stays (lapsed), and the next round looks first."""
     from slack_sdk import WebClient
 
     from vision_rollout import notify
@@ -1517,7 +1517,48 @@ def test_a_dead_senders_claim_removed_by_a_look_up_the_budget_cut_leaves_the_rep
     assert "budget" in result["error"]
     assert len(slack.messages()) == 1
     slack.history_every_s, slack._history_at = 0.0, -1e9
-    (result,) = send_waiting(outbox, client)
+    (result,) = send_waiting(outbox, client, clock=later)  # (later still: the claim lapsed for it too)
+    assert result["sent"] is True
+    assert result["posted_before"] is True
+    assert len(slack.messages()) == 1
+    assert outbox.names() == []
+
+
+def test_a_dead_senders_post_found_whose_mark_cannot_be_written_is_looked_for_again_not_posted_twice(
+    slack, tmp_path, monkeypatch
+):
+    """A round that took over a dead sender's lapsed claim removed that claim before looking for
+    its post; it found the post, and the write of its ``.posted`` mark failed (a full disk, an
+    I/O error): its own claim removed too (nothing of its own posted), the report was left with
+    no claim, no mark and no note, and the next round posted it a second time. The dead sender's
+    claim stays until its post is marked: the next round looks for it first."""
+    import errno
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import PostedNotKept, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    SlackNotifier("#model-rollouts", outbox=outbox).send(rollback_message(SPEC, "once"))
+    dying, killed = _dying_after_post(slack)
+    with pytest.raises(killed):
+        send_waiting(outbox, dying)
+    real_write = Folder.write
+
+    def failing_write(self, name, data):
+        if name.endswith(notify.POSTED):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, data)
+
+    later = lambda: time.time() + notify.CLAIM_S + 1  # noqa: E731
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    monkeypatch.setattr(Folder, "write", failing_write)
+    for _ in range(2):  # (the disk full over two rounds: each finds the post, neither can mark it)
+        with pytest.raises(PostedNotKept):
+            send_waiting(outbox, client, clock=later)
+    monkeypatch.setattr(Folder, "write", real_write)
+    (result,) = send_waiting(outbox, client, clock=later)
     assert result["sent"] is True
     assert result["posted_before"] is True
     assert len(slack.messages()) == 1
