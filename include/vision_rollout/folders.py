@@ -330,8 +330,9 @@ class Folder:
         under its lock (``_guard``), never between a ``write_if``'s read and its write (the
         write would bring it back: WriteConflict, nothing removed, where one holds it past
         ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone. On a disk the
-        folder is synced once it is removed: a crash does not bring it back (a posted report,
-        to be posted again)."""
+        folder is synced once it is removed, under the lock (its guard file keeps another
+        process's ``remove_if_empty`` from removing the folder first): a crash does not bring it
+        back (a posted report, to be posted again)."""
         path = self.path
         if path is not None:
             self.check_files(name)
@@ -341,8 +342,8 @@ class Folder:
             with self._guard(guarded or name, make=False) as there:
                 if there and not guarded:
                     (path / name).unlink(missing_ok=True)
-            if there:  # (gone for good, as a write is there for good: write_private)
-                sync_folder(path)
+                if there:  # (gone for good, as a write is: synced under the lock, whose guard keeps the folder)
+                    sync_folder(path)
             return
         import pyarrow.fs as pafs
 

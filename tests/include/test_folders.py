@@ -805,3 +805,27 @@ def test_a_file_removed_on_a_disk_stays_removed_after_a_crash(tmp_path, monkeypa
     folder.delete("report.json")
     (folder / "nowhere").delete("report.json")
     assert synced == [tmp_path / "outbox"]
+
+
+def test_a_removal_whose_folder_another_prune_removes_right_after_it_ends_without_an_error(tmp_path, monkeypatch):
+    """A removal synced its folder once its lock was released: another process's prune emptying
+    the same folder (``remove_if_empty``) could remove it in between, and the sync's open raised
+    FileNotFoundError, though the file was gone, cutting that prune short. The folder is synced
+    under the lock, whose guard file keeps it from being removed meanwhile."""
+    from model_server.files import sync_folder
+    from vision_rollout import folders
+
+    runs = Folder(str(tmp_path))
+    run = runs / "run-a"
+    run.write("record.json", b"{}")
+    removed: list[bool] = []
+
+    def removed_then_synced(path):  # (another process's prune, right before the sync)
+        removed.append((runs / "run-a").remove_if_empty())
+        sync_folder(path)
+
+    monkeypatch.setattr(folders, "sync_folder", removed_then_synced)
+    run.delete("record.json")
+    assert removed == [False]  # (its lock's guard file there: not empty)
+    assert not (tmp_path / "run-a" / "record.json").exists()
+    assert run.remove_if_empty()
