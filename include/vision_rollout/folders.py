@@ -329,14 +329,19 @@ class Folder:
         naming it) when it is a folder (``check_files``), nothing removed. On a disk, removed
         under its lock (``_guard``), never between a ``write_if``'s read and its write (the
         write would bring it back: WriteConflict, nothing removed, where one holds it past
-        ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone. On a disk the
-        folder is synced once it is removed, under the lock (its guard file keeps another
-        process's ``remove_if_empty`` from removing the folder first): a crash does not bring it
-        back (a posted report, to be posted again)."""
+        ``LOCK_WAIT_S``); in S3 such a write's ``If-Match`` fails once it is gone. A temporary a
+        write killed mid-way left (``.<name>.<pid>.tmp``) is removed without a lock, no guard
+        file made beside it, as ``remove_temporaries`` removes one. On a disk the folder is
+        synced once it is removed, under the lock (its guard file keeps another process's
+        ``remove_if_empty`` from removing the folder first): a crash does not bring it back (a
+        posted report, to be posted again)."""
         path = self.path
         if path is not None:
             self.check_files(name)
             if not os.path.lexists(path / name):  # (gone already: no lock made for nothing)
+                return
+            if temporary_of(name) is not None:  # (a killed write's: none waits on it, as ``remove_temporaries``)
+                (path / name).unlink(missing_ok=True)
                 return
             guarded = guarded_by(name)  # (a guard file a killed writer left: removed under its lock)
             with self._guard(guarded or name, make=False) as there:

@@ -829,3 +829,33 @@ def test_a_removal_whose_folder_another_prune_removes_right_after_it_ends_withou
     assert removed == [False]  # (its lock's guard file there: not empty)
     assert not (tmp_path / "run-a" / "record.json").exists()
     assert run.remove_if_empty()
+
+
+def test_a_temporary_is_removed_without_a_lock_leaving_no_guard_file_a_prune_could_not_attribute(tmp_path, monkeypatch):
+    """A prune removing a write's temporary (``.<name>.<pid>.tmp``) through ``delete`` locked it,
+    making a guard file ``..<name>.<pid>.tmp.lock``; a prune killed under that lock left it, and
+    no later prune removed it (a guard of a temporary is attributed to no file of its own): the
+    run's folder stayed for good. A temporary is removed without a lock, as
+    ``remove_temporaries`` removes one (no conditional write of it to wait for): no guard file."""
+    import os
+    import time
+
+    from vision_rollout import folders
+
+    runs = Folder(str(tmp_path))
+    (runs / "run-a").write("record.json", b"{}")
+    (tmp_path / "run-a" / ".record.json.4242.tmp").write_bytes(b"{")  # (a write killed mid-way)
+    guards: list[str] = []
+    real_guard_file = folders.guard_file
+
+    def guard_file(path, create=True):
+        guards.append(path.name)
+        return real_guard_file(path, create)
+
+    monkeypatch.setattr(folders, "guard_file", guard_file)
+    old = time.time() - 40 * 86400
+    for p in [*(tmp_path / "run-a").iterdir(), tmp_path / "run-a"]:
+        os.utime(p, (old, old))
+    assert runs.prune(time.time() - 30 * 86400, {"record.json"}.__contains__, 10) == ["run-a"]
+    assert guards == [".record.json.lock"]
+    assert runs.folders() == []
