@@ -671,24 +671,40 @@ def need_n(
     more lenient than the last look's when the stage's traffic rose, and the need it named did
     not resolve the estimate there.
 
-    ``reckoning``: where a need of the same inputs (all it reads: the plan, the verdict's level
-    and its waiting checks' numbers, the looks' information), reckoned before, is taken from
-    (``gates.Reckoning``). Reckoning takes the boundaries of every look ahead a few times over
-    per information measure, about a second of CPU, and every poke of a look reads the same
-    inputs."""
+    ``reckoning``: where a need of the same inputs (all it reads: the plan, the verdict's level,
+    its checks the need is reckoned from and their looks' information, ``need_checks``),
+    reckoned before, is taken from (``gates.Reckoning``). Reckoning takes the boundaries of every
+    look ahead a few times over per information measure, about a second of CPU, and every poke
+    of a look reads the same inputs; what the need does not read (a holding P99 guard's P99,
+    which moves at every poke) is no input: it would reckon the need again at every poke."""
     if reckoning is None:
         return _reckoned_need(verdict, spec, information)
+    checks = need_checks(verdict)
     read = [
         "need_n",
         [spec.alpha, spec.spending, spec.looks_per_stage, spec.min_samples, verdict.alpha, verdict.spending],
         [
-            [c.name, c.n_baseline, c.n_canary, c.ci, c.effect, c.margin]
-            for c in verdict.checks
-            if c.decision == "wait" and c.blocks_pass
+            [c.name] if c.name == "samples" else [c.name, c.n_baseline, c.n_canary, c.ci, c.effect, c.margin]
+            for c in checks
         ],
-        [list(seen) for seen in information],
+        [[float(i) for i in check_information(c.name, information)] for c in checks if c.name != "samples"],
     ]
     return reckoning(read, lambda: _reckoned_need(verdict, spec, information))
+
+
+def need_checks(verdict: Verdict) -> list[Check]:
+    """The checks of ``verdict`` a need is reckoned from: those that wait and hold it, the sample
+    minimum (its need min_samples) and those with an estimate to resolve (``ci``, ``effect``,
+    ``margin``), not the paired accuracy check (the same validation images each round: more add
+    nothing) nor the hard guards (no estimate)."""
+    return [
+        c
+        for c in verdict.checks
+        if c.decision == "wait"
+        and c.blocks_pass
+        and c.name != "accuracy_paired"
+        and (c.name == "samples" or None not in (c.ci, c.effect, c.margin))
+    ]
 
 
 def _reckoned_need(verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...]) -> int | None:
@@ -698,16 +714,13 @@ def _reckoned_need(verdict: Verdict, spec: RolloutSpec, information: tuple[Infor
     # Per information measure: its looks' information, their level's z and the waiting checks'
     # largest need per final z^2.
     scaled: dict[str, tuple[tuple[float, ...], float, float]] = {}
-    for c in verdict.checks:
-        if c.decision != "wait" or not c.blocks_pass:
-            continue
+    for c in need_checks(verdict):
         if c.name == "samples":
             fixed.append(spec.min_samples)
             continue
-        if c.name == "accuracy_paired":  # the same validation images each round: more add nothing
-            continue
-        if c.ci is None or c.effect is None or c.margin is None:
-            continue
+        assert c.ci is not None  # (need_checks': each has an estimate)
+        assert c.effect is not None
+        assert c.margin is not None
         n = min(c.n_baseline, c.n_canary)
         if c.name.startswith("latency"):
             lo, hi, eff, m = (math.log1p(x) for x in (*c.ci, c.effect, c.margin))

@@ -322,6 +322,39 @@ def test_a_waiting_looks_need_is_reckoned_once_and_kept_for_its_other_pokes(monk
     assert need(nxt) != need(first)
 
 
+def test_a_waiting_looks_need_is_kept_while_a_hard_guard_holds_and_its_p99_moves(monkeypatch):
+    """The need's key digested every waiting check's numbers, a holding P99 guard's too, whose
+    effect (the canary's current P99) moves at every poke, though the need reads no check
+    without an estimate: while the guard held, every poke missed the kept need, reckoned it
+    again (about a second of CPU) and rewrote the stage's record. Two pokes of the same look
+    whose only difference is the guard's P99 now reckon it once, and name the same need."""
+    from vision_rollout import engine
+
+    reckoned = []
+    reckon = engine._reckoned_need
+    monkeypatch.setattr(engine, "_reckoned_need", lambda *a: reckoned.append(a[2]) or reckon(*a))
+    s = spec(latency_margin=0.01)  # finer than this traffic resolves: every look waits
+    log = records(400, 10, 50, replay_every=None)
+    limit = GateConfig.from_spec(s).p99_ms_max
+
+    def guards(p99: float) -> GuardInputs:  # (above the limit at its last point only: held, not breached)
+        return GuardInputs(p99_series_ms=(*((T0 + t, limit / 2) for t in range(0, 40, 10)), (T0 + 40, p99)))
+
+    kept: dict = {}
+    states = [
+        judge_stage(s, WINDOW, log, IMAGES, T0 + 45, guards(p99), replay_images=0, reckoned=kept)
+        for p99 in (limit + 10, limit + 12.5)
+    ]
+    guard = [next(c for c in state.verdict.checks if c.name == "guard_p99") for state in states]
+    assert [(c.decision, c.effect) for c in guard] == [("wait", limit + 10), ("wait", limit + 12.5)]
+    assert [(state.status, state.look) for state in states] == [("waiting", 2)] * 2
+    assert len(reckoned) == 1
+    fresh = judge_stage(s, WINDOW, log, IMAGES, T0 + 45, guards(limit + 12.5), replay_images=0)  # (nothing kept)
+    need = [state.reason.split(" would resolve it")[0] for state in (*states, fresh)]
+    assert need[0] == need[1] == need[2]
+    assert need[0].endswith(" samples per arm")
+
+
 def test_a_looks_levels_are_reckoned_once_and_kept_for_the_stages_next_pokes(monkeypatch, tmp_path):
     """Each poke judges every look so far again, each at the level of its boundary, for each
     information measure (``nominal_alpha``: the group-sequential recursion over looks 1..k, a
