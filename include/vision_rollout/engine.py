@@ -708,7 +708,8 @@ def need_checks(verdict: Verdict) -> list[Check]:
 
 
 def _reckoned_need(verdict: Verdict, spec: RolloutSpec, information: tuple[Information, ...]) -> int | None:
-    """``need_n``, reckoned."""
+    """``need_n``, reckoned (kept in the stage's record: a change to how bumps
+    ``gates.RECKONED_VERSION``)."""
     K = spec.looks_per_stage
     fixed: list[int] = []  # needs of their own: min_samples
     # Per information measure: its looks' information, their level's z and the waiting checks'

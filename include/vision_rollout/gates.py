@@ -128,6 +128,8 @@ def boundaries(
     n_k). Boundaries computed at k/K for looks whose information was not k/K of the last's (traffic
     rising from 1x at the first look to 3x at the last) passed a canary at the margin with 0.056
     at alpha 0.05. A look that spent nothing (its c infinite) leaves its share to the next.
+    A stage's record keeps the levels reckoned from these (``Reckoning``): a change to how they
+    are computed bumps ``RECKONED_VERSION``.
     """
     if looks < 1:
         raise ValueError("looks must be >= 1")
@@ -186,6 +188,13 @@ def boundaries(
 
 T = TypeVar("T")
 
+# The version of the methods whose values a ``Reckoning`` keeps, in every key. Bump it whenever a
+# reckoned value's method changes: ``boundaries``' recursion or its grid, ``information_times``
+# (``NO_GAIN``), ``spent``, ``nominal_alpha``, ``engine.need_n``'s reckoning (``_reckoned_need``,
+# ``steady_information``). A stage's record outlives a deploy mid-stage, and a value the code
+# before reckoned, kept by the same inputs, would be taken for this code's.
+RECKONED_VERSION = 1
+
 
 class Reckoning:
     """What a stage's judgement reckoned at some cost (a look's level, ``nominal_alpha``: the
@@ -195,7 +204,8 @@ class Reckoning:
     any worker, so the stage's record in the run folder keeps it (``attempts.Attempt.reckoned``),
     and each poke judges the same looks again. A value of the same inputs is taken from
     ``known``, else reckoned; once the judgement takes or reckons one, ``known`` holds those it
-    took or reckoned, no others (at most ``MAX_RECKONED``)."""
+    took or reckoned, no others (at most ``MAX_RECKONED``). Each key holds ``RECKONED_VERSION``:
+    a value reckoned by another version of the methods is reckoned again."""
 
     def __init__(self, known: dict[str, Any]) -> None:
         self.known = known
@@ -206,7 +216,7 @@ class Reckoning:
         if self.before is None:
             self.before = dict(self.known)
             self.known.clear()
-        key = hashlib.sha256(json.dumps(read).encode()).hexdigest()[:32]
+        key = hashlib.sha256(json.dumps([RECKONED_VERSION, read]).encode()).hexdigest()[:32]
         if key not in self.known:
             self.known[key] = self.before[key] if key in self.before else reckon()
         value: T = self.known[key]

@@ -39,6 +39,28 @@ def test_boundaries_match_published_lan_demets_values():
     assert nominal_alpha(0.05, 1, 1) == pytest.approx(0.05, rel=1e-6)
 
 
+def test_a_level_kept_by_other_code_than_this_is_reckoned_again(monkeypatch):
+    """A stage's record keeps its looks' levels and need by a digest of their inputs
+    (``Reckoning``), and nothing in the key said which code reckoned them: a deploy mid-stage that
+    changed how (``boundaries``' recursion or grid, ``NO_GAIN``, ``engine.need_n``'s method) took
+    the old code's values for the stage's later pokes. ``RECKONED_VERSION`` is in every key: a
+    value kept under another is not taken, reckoned again, and the record holds the new one."""
+    from vision_rollout import gates
+    from vision_rollout.gates import Reckoning
+
+    seen = (100.0, 250.0)
+    level = nominal_alpha(0.05, 2, 5, "pocock", seen)
+    known: dict = {}
+    assert nominal_alpha(0.05, 2, 5, "pocock", seen, Reckoning(known)) == level
+    (key,) = known
+    known[key] = 0.5  # (what the code before reckoned, told apart)
+    assert nominal_alpha(0.05, 2, 5, "pocock", seen, Reckoning(known)) == 0.5  # the same code's: taken
+    monkeypatch.setattr(gates, "RECKONED_VERSION", gates.RECKONED_VERSION + 1)
+    assert nominal_alpha(0.05, 2, 5, "pocock", seen, Reckoning(known)) == level  # another's: reckoned
+    assert list(known.values()) == [level]
+    assert key not in known
+
+
 @pytest.mark.parametrize("looks", [10, MAX_LOOKS])
 def test_error_rate_holds_over_repeated_looks(looks):
     # Monte Carlo of the score process under H0: crossing at any of the looks <= alpha.
