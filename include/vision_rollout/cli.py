@@ -1,7 +1,8 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--spec FILE [--stage N]] [--latency-from live|replay]
+  rolloutctl gate --samples FILE [--spec FILE [--stage N]] [--latency-from live|replay] [--replay-images N]
                   [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...] [--json]
+                  (--stage takes --replay-images: the DAG's stages replay the validation set)
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -399,6 +400,20 @@ def _stage_window(spec: RolloutSpec | None, stage: int | None, latency_from: str
     return window
 
 
+def _replay_images(images: int | None, window: StageWindow | None, stage: int | None) -> int:
+    """``--replay-images``: the images of a validation round (``evaluate_gate``'s ``replay_images``,
+    0 without it); a usage error when it is below 1, or left out with ``--stage`` (the DAG's stages
+    replay the validation set, and judge the paired accuracy check on whole rounds only)."""
+    if images is None and window is not None:
+        raise UsageError(
+            f"--stage {stage}: give --replay-images, the images of a validation round (the stage's validation "
+            "set's: its labels.csv's images), as the DAG judges the paired accuracy check on whole rounds only"
+        )
+    if images is not None and images < 1:
+        raise UsageError(f"--replay-images takes 1 or more (the images of a validation round), not {images}")
+    return images or 0
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from vision_rollout.gates import GateConfig, check_samples, evaluate_gate
     from vision_rollout.spec import MAX_LOOKS
@@ -416,6 +431,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise UsageError(f"--look takes 1 to --looks ({looks}), not {args.look}")
     window = _stage_window(spec, args.stage, args.latency_from)
     latency_from = args.latency_from if window is None else window.latency_from
+    images = _replay_images(args.replay_images, window, args.stage)
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -426,6 +442,12 @@ def cmd_gate(args: argparse.Namespace) -> int:
     try:
         check_samples(samples)  # (before --information counts this look's)
         _latency_source(latency_from, samples)
+        paired = int(samples["pair_id"].nunique()) if "pair_id" in samples.columns else 0
+        if images and paired > images:  # (the DAG's pair each image of its validation set)
+            raise UsageError(
+                f"--replay-images {images}: the samples hold {paired} validation images (pair_id), more than a "
+                f"round's {images}"
+            )
         seen = None if args.information is None else _information(args.information, args.look, samples, latency_from)
         # As the DAG's stage (``engine.judge_stage``): at 100% after an earlier stage, latency is
         # reported, not judged; at its last look, latency left undecided alone carried to the next.
@@ -435,6 +457,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
             args.look,
             looks,
             latency_from=latency_from,
+            replay_images=images,
             information=seen,
             latency_unjudged=None if window is None else window.latency_unjudged,
             latency_carried_to=None
@@ -1596,7 +1619,16 @@ def parser() -> argparse.ArgumentParser:
         help="judge as the DAG judges this stage of --spec's stages, 1 for the first: latency from its source "
         "(live below 100%%, replay at 100%%); at 100%% after an earlier stage latency reported, not judged; at "
         "its last look (--look = --looks) below 100%%, the next stage below 100%% too, latency left undecided "
-        "alone carried there",
+        "alone carried there; takes --replay-images",
+    )
+    g.add_argument(
+        "--replay-images",
+        type=int,
+        metavar="N",
+        help="the images of a validation round, as the DAG's stage replays them (the model's validation set: "
+        "the distinct images its labels.csv names; the N of the DAG's 'Validation replay: X of N images'): the "
+        "paired accuracy check judges a whole round only (N images paired by both arms) and waits, holding the "
+        "gate, until one is in; default none: it judges the pairs given",
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, help="looks planned, 1 to 12 (default 1, or --spec's looks_per_stage)")

@@ -164,11 +164,79 @@ def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkey
     def statistics(v: dict) -> dict:  # (the DAG's verdict holds its hard guards' checks too)
         return {**v, "checks": [c for c in v["checks"] if not c["name"].startswith("guard_")]}
 
-    code, out, err = run(capsys, *argv, "--stage", str(window.index + 1))
+    code, out, err = run(capsys, *argv, "--stage", str(window.index + 1), "--replay-images", str(len(IMAGES)))
     assert (code, err) == (0, "")
     assert statistics(json.loads(out)) == statistics(json.loads(json.dumps(verdict.to_dict())))
     code, out, _ = run(capsys, *argv, "--latency-from", window.latency_from)  # (no stage: latency judged)
     assert json.loads(out)["decision"] == alone
+
+
+def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """The DAG's stage judges the paired accuracy check on a whole validation round only (its
+    validation set's images, ``judge_stage``'s ``replay_images``), and until one is in that check
+    waits and holds the look; ``gate`` had no way to say a round's size and judged the pairs it
+    was given: offline PASS for a look the DAG held (450 of its 500 images answered by both
+    versions). ``--replay-images N`` judges it as the DAG did, and ``--stage`` takes it (the
+    DAG's stages always replay)."""
+    from tests.include.test_engine import IMAGES, T0, WINDOW, records, spec
+    from vision_rollout import engine
+    from vision_rollout.engine import judge_stage
+
+    s = spec(error_margin=0.02)
+    log = records(400, 40, 50, replay_every=50)
+    log = log[~log["request_id"].str.match(r"replay-0-1-4[5-9]\d$")]  # (the candidate's last 50 of round 1 late)
+    judged = engine.evaluate_gate
+    looks: list = []
+
+    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
+        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
+        return looks[-1][2]
+
+    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
+    state = judge_stage(s, WINDOW, log, IMAGES, T0 + 45)
+    samples, seen, verdict = looks[-1]
+    assert (state.status, verdict.look, verdict.decision) == ("waiting", 2, "wait")
+    held = [c for c in verdict.checks if c.decision == "wait" and c.blocks_pass]
+    assert [c.name for c in held] == ["accuracy_paired"]
+    assert held[0].sentence.startswith("Validation replay: 450 of 500 images answered by both versions")
+    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
+    samples.to_parquet(path)
+    spec_file.write_text(json.dumps(s.to_dict()))
+    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
+    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", "2", f"--information={earlier}")
+    argv += ("--stage", "1", "--json")
+    code, out, err = run(capsys, *argv, "--replay-images", str(len(IMAGES)))
+    assert (code, err) == (3, "")
+    assert json.loads(out) == json.loads(json.dumps(verdict.to_dict()))
+    code, out, err = run(capsys, *argv[:-3], "--latency-from", "live", "--json")  # (no round's size: the pairs judged)
+    assert (code, json.loads(out)["decision"]) == (0, "pass"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--replay-images", "0"], "--replay-images takes 1 or more (the images of a validation round), not 0"),
+        (
+            ["--replay-images", "2"],
+            "--replay-images 2: the samples hold 3 validation images (pair_id), more than a round's 2",
+        ),
+        (
+            ["--spec", "{spec}", "--stage", "1"],
+            "--stage 1: give --replay-images, the images of a validation round (the stage's validation set's: its "
+            "labels.csv's images)",
+        ),
+    ],
+)
+def test_gate_replay_images_refused_with_what_is_wrong(tmp_path, capsys, argv, said):
+    files = {"{csv}": tmp_path / "s.csv", "{spec}": tmp_path / "spec.json"}
+    data = samples(300).assign(source="live")
+    data["pair_id"] = [f"image-{i % 3}" if i < 6 else None for i in range(len(data))]
+    data.to_csv(files["{csv}"], index=False)
+    files["{spec}"].write_text(json.dumps({"stages": [50, 100], "looks_per_stage": 5}))
+    argv = [str(files.get(a, a)) for a in argv]
+    code, out, err = run(capsys, "gate", "--samples", str(files["{csv}"]), *argv)
+    assert (code, out) == (2, "")
+    assert said in err
 
 
 @pytest.mark.parametrize(
