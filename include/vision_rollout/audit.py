@@ -516,6 +516,22 @@ def closes(end: datetime) -> datetime:
     return end + timedelta(seconds=CLOCK_SKEW_S + MAX_FLUSH_S)
 
 
+def copy_due() -> timedelta:
+    """How long after its primary's stamp a live shadow pod may still not have written its copy
+    (the record stamped at the copy's arrival): the longest wait for idle time a server may be
+    given (``MAX_COPY_AGE_LIMIT_S``), a flush interval after the previous flush's write
+    (``MAX_FLUSH_S``, ``WRITE_S``), its own write, and the pods' clocks apart (``CLOCK_SKEW_S``:
+    the record showing the log's now may be stamped by a clock that far ahead). A pod with
+    nothing written over a longer stretch before a record another pod wrote is gone (or got no
+    copy in it); primaries stamped that long before the newest record without their copies
+    show a mirror stopped, not copies on their way."""
+    from model_server.config import MAX_COPY_AGE_LIMIT_S
+    from model_server.predictionlog import MAX_FLUSH_S
+    from vision_rollout.engine import WRITE_S
+
+    return timedelta(seconds=MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S + 2 * WRITE_S + CLOCK_SKEW_S)
+
+
 COPIES_POLL_S = 2.0  # how often a rollout's audit looks again for the copies still to be written
 # What a shadow pod's watermark (``shadow_watermark``) is held back by beyond what its records
 # show (its copies' longest time in flight, its clock's lead on the primaries'): a copy sent
@@ -534,9 +550,14 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
     arrived earlier may still be waiting for idle time); its clock's lead on the primaries'
     (the most a copy's stamp follows its primary's, of the pairs in ``records``) and
     ``WATERMARK_MARGIN_S`` are taken off too. The earliest of the pods' is the shadow's: a copy
-    may have gone to any of them. A primary stamped before it without a copy was not mirrored
-    (Envoy's mirror sampled it out); a copy lost on its way there (a pod unreachable) looks the
-    same, and is counted as a primary without a shadow record, never as agreement."""
+    may have gone to any of them; but not a pod gone (rescheduled, scaled down), whose newest
+    record is older than another shadow pod's by more than a live one's can be (``copy_due``,
+    and its copies' longest flight): it writes nothing more, and held the watermark at its last
+    copy for as long as the log was read (a rollout's wait to the range's close, the copies test
+    stopped there). A lone pod is never taken as gone. A primary stamped before the watermark
+    without a copy was not mirrored (Envoy's mirror sampled it out); a copy lost on its way
+    there (a pod unreachable, or gone) looks the same, and is counted as a primary without a
+    shadow record, never as agreement."""
     shadow = (records["role"] == "shadow").to_numpy(bool)
     if not shadow.any():
         return None
@@ -553,8 +574,13 @@ def shadow_watermark(records: pd.DataFrame) -> pd.Timestamp | None:
             "lead": (copies["time"].to_numpy() - primary_at.to_numpy()) / np.timedelta64(1, "s"),
         }
     ).groupby("replica")
-    held = pods["flight"].max() + pods["lead"].max().fillna(0.0).clip(lower=0.0) + WATERMARK_MARGIN_S
-    return (pods["time"].max() - pd.to_timedelta(held, unit="s")).min()
+    flight = pods["flight"].max()
+    held = flight + pods["lead"].max().fillna(0.0).clip(lower=0.0) + WATERMARK_MARGIN_S
+    newest = pods["time"].max()
+    others = pd.Series(newest.max(), index=newest.index)  # (each pod's: the newest of the others')
+    others[newest.idxmax()] = newest.drop(newest.idxmax()).max() if len(newest) > 1 else pd.NaT
+    gone = newest < others - copy_due() - pd.to_timedelta(flight, unit="s")
+    return (newest - pd.to_timedelta(held, unit="s"))[~gone].min()
 
 
 # The one-sided level of the test of a shadow's copies against the configured mirror share

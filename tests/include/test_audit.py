@@ -6,6 +6,7 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -1181,6 +1182,23 @@ def istio_log(
     by its own writer, flushed once. ``mirrored``: what the primaries say of the mirror (true:
     the server's own mirror sampled each). ``forged``: shadow records of another input under the
     primaries' request ids (index -> stamp), as anyone reaching the data port can send."""
+    return pods_log(
+        folder,
+        {"primary-pod": ("primary", dict(enumerate(primaries))), "shadow-pod": ("shadow", copies)},
+        mirrored,
+        forged,
+    )
+
+
+def pods_log(
+    folder: Path,
+    pods: dict[str, tuple[str, dict[int, float]]],
+    mirrored: bool | None = None,
+    forged: dict[int, float] | None = None,
+) -> Path:
+    """A prediction log as Istio's pods leave it (``istio_log``): each of ``pods`` (replica ->
+    its role and its records, index -> stamp by its clock: a primary of request ``r<i>``, or
+    its copy) written by its own writer, flushed once (again: another flush, another file)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1188,11 +1206,7 @@ def istio_log(
     keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
     p = np.full((1, 10), 0.01, dtype=np.float32)
     p[0, 3] = 0.91
-    for replica, role, stamps in (
-        ("primary-pod", "primary", dict(enumerate(primaries))),
-        ("shadow-pod", "shadow", copies),
-        ("forger", "shadow", forged or {}),
-    ):
+    for replica, (role, stamps) in {**pods, "forger": ("shadow", forged or {})}.items():
         log = PredictionLog(folder / "log", Masker(KeyRing(keys)), replica=replica)
         for i, at in stamps.items():
             version = "1" if role == "primary" else "2"
@@ -1206,6 +1220,82 @@ def istio_log(
             )
         log.flush()
     return folder / "log"
+
+
+def skewed_scene(
+    folder: Path, end: float, lead: float, poll: float, written_to: float, sibling: float | None
+) -> tuple[Path, Callable[[], None]]:
+    """The log at ``end + poll`` (``end``: the rollout audit's end) behind Istio's mirror of 10%:
+    two baseline pods at 20 requests a second, ``primary-b``'s clock ``lead`` s ahead of
+    ``primary-a``'s (right); the candidate's pod ``shadow-slow`` (right clock) flushing every 60 s,
+    its copies (of ``primary-a``'s primaries) written up to ``end + written_to``; with ``sibling``,
+    a second candidate pod (its clock that far ahead, as ``primary-b``'s) with the copies of
+    ``primary-b``'s, flushing every 2 s (else ``shadow-slow`` holds those too). And the flush
+    ``shadow-slow`` has due: its copies since."""
+    real = [end - 240 + 0.05 * k for k in range(int((240 + poll) / 0.05))]
+    a = {i: t for i, t in enumerate(real) if i % 2 == 0}
+    b = {i: t + lead for i, t in enumerate(real) if i % 2}
+    slow = {i: t + 0.003 for i, t in enumerate(real) if i % 20 == 8 or (sibling is None and i % 20 == 3)}
+    pods = {"primary-a": ("primary", a), "primary-b": ("primary", b)}
+    if sibling is not None:
+        pods["shadow-sibling"] = ("shadow", {i: t + sibling + 0.003 for i, t in enumerate(real) if i % 20 == 3})
+    log = pods_log(folder, {**pods, "shadow-slow": ("shadow", {i: t for i, t in slow.items() if t < end + written_to})})
+
+    def flush() -> None:
+        pods_log(folder, {"shadow-slow": ("shadow", {i: t for i, t in slow.items() if t >= end + written_to})})
+
+    return log, flush
+
+
+@pytest.mark.parametrize(
+    ("lead", "poll", "written_to", "sibling"),
+    [(30.0, 33.0, -15.0, None), (5.0, 57.0, -2.0, None), (60.0, 5.0, -61.0, 60.0)],
+)
+def test_a_live_shadow_pod_slow_to_flush_is_waited_for_whatever_the_clocks(tmp_path, lead, poll, written_to, sibling):
+    """The rollout's wait (``copies_pending``) for a live candidate pod flushing every 60 s (and
+    its write) while the baseline's pods flush every 2 s on clocks up to ``CLOCK_SKEW_S`` ahead,
+    and another candidate pod (clock ahead too) writes its copies at once: the wait goes on until
+    the live pod flushed, then ends, and the audit passes. Taking a pod written up to the newest
+    primary less the flush bound, or a pod slow to flush as gone, ended the wait early: the
+    audit read the copies not yet written as a stopped mirror (inconclusive, a rollback)."""
+    end = time.time() - poll
+    log, flush = skewed_scene(tmp_path, end, lead, poll, written_to, sibling)
+    at = datetime.fromtimestamp(end, UTC)
+    assert copies_pending(log, at, "digits", "1") is not None
+    flush()
+    assert copies_pending(log, at, "digits", "1") is None
+    result = audit(log, at - timedelta(minutes=4), at, "digits", mirror_percent=10)
+    assert (result.verdict, result.mirror_stopped, result.copies_lost) == ("pass", None, 0)
+    assert result.copies_p is not None
+    assert result.copies_p > COPIES_ALPHA
+
+
+def test_a_shadow_pod_gone_holds_the_wait_and_the_copies_test_back_no_longer(tmp_path):
+    """Behind Istio the candidate has several pods, which come and go (rescheduled, scaled
+    down). The watermark was the earliest pod's, and a pod gone stays the earliest: its last copy
+    held it back, the rollout's wait ran to the range's close for copies Envoy sent the other
+    pods or never made, and the copies test stopped at that pod's end. A pod whose newest record
+    is older than another candidate pod's by more than a live one's can be (``copy_due``) is gone:
+    the others' copies are waited for, and tested, to their end."""
+    now = time.time()
+    end = datetime.fromtimestamp(now - 30, UTC)
+    real = [now - 270 + 0.05 * k for k in range(int(270 / 0.05))]
+    primaries = {i: t for i, t in enumerate(real)}
+    copies = [{i: t + 0.003 for i, t in primaries.items() if i % 30 == k} for k in (3, 13, 23)]
+    gone = {i: t for i, t in copies[2].items() if t < now - 200}  # (170 s before the range's end)
+    pods = {"primary": ("primary", primaries), "shadow-0": ("shadow", copies[0]), "shadow-1": ("shadow", copies[1])}
+    log = pods_log(tmp_path, {**pods, "shadow-2": ("shadow", gone)})
+    assert copies_pending(log, end, "digits", "1") is None
+    result = audit(log, end - timedelta(minutes=3), end, "digits", mirror_percent=10)
+    assert result.copies_eligible >= 3500  # (the range's 3600 primaries, not those to the pod's end)
+    assert result.copies_p is not None
+    assert result.copies_p < COPIES_ALPHA  # (the third of the copies lost since the pod went: named)
+    assert (result.verdict, result.mirror_stopped) == ("pass", None)
+
+    (tmp_path / "live").mkdir()  # (the third pod alive: its copies of the last minute not written yet)
+    slow = {i: t for i, t in copies[2].items() if t < now - 62}
+    pending = copies_pending(pods_log(tmp_path / "live", {**pods, "shadow-2": ("shadow", slow)}), end, "digits", "1")
+    assert pending is not None
 
 
 def test_behind_istio_primaries_before_the_shadows_watermark_are_not_waited_for(tmp_path):
