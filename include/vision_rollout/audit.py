@@ -106,7 +106,8 @@ class AuditResult:
     copies_percent: float | None = None
     copies_p: float | None = None
     # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
-    # primaries after it, at the share configured then, would have sent copies beyond chance.
+    # primaries after it whose copies are overdue, at the share configured then (the server's own
+    # mirror: each it sampled), would have sent copies beyond chance.
     mirror_stopped: str | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
@@ -699,33 +700,50 @@ def sampled_apart(records: pd.DataFrame, versions: Iterable[str], first: np.ndar
     )
 
 
-def last_copy(records: pd.DataFrame) -> pd.Timestamp | None:
-    """When the newest copy in ``records`` (``copy_keys``) was stamped; None where none is."""
+def last_copy(records: pd.DataFrame) -> pd.Series:
+    """When the newest copy of each model in ``records`` (``copy_keys``) was stamped (model ->
+    time; a model without any copy is not in it)."""
     copies = copy_keys(records)[1]
-    return records["time"][copies].max() if copies.any() else None
+    return records["time"][copies].groupby(records["model"][copies].astype(object)).max()
 
 
 def mirror_stopped(
-    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares
-) -> tuple[int, float, float] | None:
-    """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
-    quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
-    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
-    many, the share on average, and the chance of so few copies of them by the mirror's
-    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
-    primaries after it: a quiet mirror; or too few for its silence to say anything). The
-    mirror's copies came and were written up to then; its primaries went on, unmirrored past
-    what its sampling explains."""
-    if since is None:
+    records: pd.DataFrame,
+    versions: Iterable[str],
+    since: pd.Series,
+    shares: float | MirrorShares | None,
+    settled: pd.Timestamp,
+) -> tuple[int, float, float, pd.Timestamp] | None:
+    """Whether a mirror stopped sending rather than went quiet: of the primaries stamped after
+    ``since`` (their model's last copy the log holds, ``last_copy``) and by ``settled`` (the
+    newest record read less ``copy_due``: a later one's copy may still be on its way, not yet
+    written, a pod flushing every minute), those the server's own mirror sampled (``mirrored``
+    true: each a copy due, at 100%) and, with ``shares``, those of ``versions`` a mirror that
+    samples on its own (Istio's, ``sampled_apart``) may have sampled at a share known for their
+    time (``share_at``): how many, the share on average, the chance of so few copies of them by
+    the mirror's sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``, and the
+    earliest of their models' last copies; None otherwise (no primaries after it: a quiet
+    mirror; or too few for its silence to say anything, its copies not due yet). The mirror's
+    copies came and were written up to then; its primaries went on, unmirrored past what its
+    sampling explains, longer than a copy may take."""
+    if since.empty:  # (no copy in the log: a shadow down or never sent any, nothing to tell apart)
         return None
     first, _, copied = copy_keys(records)
-    after = sampled_apart(records, versions, first) & (records["time"] > since).to_numpy(bool)
-    share = share_at(records["time"][after], shares)
+    stamp = records["time"]
+    after = pd.to_datetime(records["model"].astype(object).map(since), utc=True)
+    later = ((stamp > after) & (stamp <= settled)).to_numpy(bool)  # (no copy of its model: NaT, never)
+    share = np.full(len(records), np.nan)
+    if shares is not None:
+        apart = sampled_apart(records, versions, first) & later
+        share[apart] = share_at(stamp[apart], shares)
+    share[first & later & records["mirrored"].eq(True).to_numpy(bool)] = 100.0
     known = ~np.isnan(share)
     if not share[known].any():
         return None
-    p = copies_short(int(copied[after][known].sum()), int(known.sum()), share[known])
-    return (int(known.sum()), float(share[known].mean()), p) if p < COPIES_ALPHA else None
+    p = copies_short(int(copied[known].sum()), int(known.sum()), share[known])
+    if p >= COPIES_ALPHA:
+        return None
+    return int(known.sum()), float(share[known].mean()), p, after[known].min()
 
 
 # Why a copy is dropped before it ran (the log's DROPPED records say none): the reasons of the
@@ -926,9 +944,13 @@ def audit(
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
     copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
     after its last copy) is told from one gone quiet: its stretch after the last copy is not
-    compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
-    ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
-    stretch is not tested."""
+    compared, and a pass is inconclusive, saying so: behind the server's own mirror too, whose
+    primaries say which it sampled (each a copy due), with or without ``mirror_percent``; each
+    model after its own last copy; and only on the primaries whose copies are overdue (stamped
+    ``copy_due`` before the newest record of the files written in time: the last copies not yet
+    written are no stop, and a retry that finds late files judges alike). ``mirror_on_to_end``
+    false: a constant ``mirror_percent`` held only up to a time not known (the mirror taken off
+    since), and that stretch is not tested behind Istio."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -974,7 +996,10 @@ def audit(
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    since = last_copy(records) if mirror_percent else None  # (likewise)
+    # (likewise; and the records read up to the range's margin show the log's now: those of the
+    # files written in time, as a retry finds them)
+    since = last_copy(_kept(records, ~late))
+    settled = records["time"][~late].max() - copy_due()
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1110,18 +1135,19 @@ def audit(
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     result.reasons += copies_text(result)
-    stopped = None
-    if mirror_percent and (mirror_on_to_end or not isinstance(mirror_percent, int | float)):
-        stopped = mirror_stopped(records, mirrored, since, mirror_percent)
-    if stopped is not None and since is not None:
-        after, percent, p = stopped
-        result.mirror_stopped = since.isoformat()
+    # (Istio's share held to the end, or over time; the own mirror's primaries say it themselves)
+    held = bool(mirror_percent) and (mirror_on_to_end or not isinstance(mirror_percent, int | float))
+    stopped = mirror_stopped(records, mirrored, since, mirror_percent if held else None, settled)
+    if stopped is not None:
+        after, percent, p, last = stopped
+        result.mirror_stopped = last.isoformat()
         result.reasons.insert(
             0,
-            f"the mirror stopped sending: its last copy was stamped {since.isoformat()}, and the {after} requests "
-            f"after it, behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies expected), brought "
-            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or Envoy stopped "
-            "mirroring to them; the requests since are not compared, nothing is shown of them",
+            f"the mirror stopped sending: its last copy was stamped {last.isoformat()}, and the {after} requests "
+            f"after it (up to {copy_due().total_seconds():g} s before the newest record read: copies of later ones "
+            f"may be on their way), behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies "
+            f"expected), brought too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, "
+            "or the mirror stopped sending to them; the requests since are not compared, nothing is shown of them",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
