@@ -101,6 +101,9 @@ class AuditResult:
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
     # or no copy to show the stretch). A shortfall is a warning, not the candidate's failure.
     copies_lost: int = 0
+    # Of those, the ones whose copy is in a file written after the range closed (among
+    # ``late_records``: late, not lost; a retry finds what the scheduled audit could not).
+    copies_late: int = 0
     copies_eligible: int = 0
     copies_received: int = 0
     copies_percent: float | None = None
@@ -649,12 +652,12 @@ def copy_check(
 ) -> tuple[int, int, int]:
     """``copy_masks``' counts: lost, eligible and received."""
     lost, eligible, copied = copy_masks(records, versions, watermark)
-    return lost, int(eligible.sum()), int((eligible & copied).sum())
+    return int(lost.sum()), int(eligible.sum()), int((eligible & copied).sum())
 
 
 def copy_masks(
     records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
-) -> tuple[int, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
     run, failed or dropped, of their input (lost: one of another input, ``other_input``, is no
@@ -663,10 +666,10 @@ def copy_masks(
     version), those stamped after the first of them with a copy and before the shadow's
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
-    them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
-    first primary record counts, once."""
+    them have a copy (which of ``records``: the lost, the eligible, and those with a copy). Each
+    request's first primary record counts, once."""
     first, _, copied = copy_keys(records)
-    lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
+    lost = first & records["mirrored"].eq(True).to_numpy(bool) & ~copied
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
     if watermark is None or not (unknown & copied).any():
@@ -759,7 +762,14 @@ def copies_text(result: AuditResult) -> list[str]:
     """The reasons a shadow's copies give (warnings: thinner evidence, never the candidate's
     failure): copies lost, and fewer copies than the configured share explains."""
     lines = []
-    if result.copies_lost:
+    if result.copies_late:
+        lines.append(
+            f"{result.copies_lost} requests the server's mirror sampled have no shadow record written in time: "
+            f"{result.copies_late} of them came in files written after the range closed (among the late records), "
+            f"{result.copies_lost - result.copies_late} lost (a shadow pod restarting or unreachable, its records "
+            "not written); the shadow evidence is thinner"
+        )
+    elif result.copies_lost:
         lines.append(
             f"{result.copies_lost} requests the server's mirror sampled have no shadow record: copies lost "
             "(a shadow pod restarting or unreachable, its records not written); the shadow evidence is thinner"
@@ -1000,6 +1010,7 @@ def audit(
     # files written in time, as a retry finds them)
     since = last_copy(_kept(records, ~late))
     settled = records["time"][~late].max() - copy_due()
+    came_late = _kept(records, mine & late & (records["role"] == "shadow").to_numpy(bool))  # (copies among them)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1021,7 +1032,12 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
+    lost, eligible, copied = copy_masks(records, mirrored, watermark)
+    result.copies_lost = int(lost.sum())
+    if result.copies_lost and len(came_late):  # (the lost primaries, and the late shadow records: their copies?)
+        keys = [c for c in ("role", "model", "request_id", "item", "image_sha256") if c in records.columns]
+        either = pd.concat([records.loc[lost, keys], came_late[keys]], ignore_index=True)
+        result.copies_late = int(copy_keys(either)[2][: result.copies_lost].sum())
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)
@@ -1407,7 +1423,9 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Unpaired: shadow records without their primary {result.shadow_without_primary}, primaries "
         f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped} "
         f"({DROPPED_WHY})",
-        f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}; behind a mirror "
+        f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}"
+        + (f", of them written late {result.copies_late}" if result.copies_late else "")
+        + "; behind a mirror "
         f"sampling on its own, {result.copies_received} of {result.copies_eligible} requests copied"
         + (
             ""

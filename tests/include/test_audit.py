@@ -1733,6 +1733,34 @@ def test_the_hours_audit_and_its_retry_judge_a_stop_alike(tmp_path):
     assert first.mirror_stopped == retry.mirror_stopped
 
 
+def test_copies_written_after_their_hour_closed_are_named_late_not_lost(tmp_path):
+    """The copies the server's own mirror sampled, written by the candidate's pod after the hour
+    closed (a slow flush), are late: left out of the hour's audit and counted so. A retry that
+    found them counted them lost as well ("copies lost: a shadow pod restarting..."), though the
+    log holds them. Counted apart from the audit (the scheduled audit, before their file exists,
+    and a retry count the same sampled requests without a copy in time, and give the same
+    verdict), the retry names them late; copies never written stay lost."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp(), mirrored=True)
+    tail = {"versions": ("1", "3"), "seed": 1, "at": (hour + timedelta(minutes=59, seconds=30)).timestamp()}
+    shadow_log(tmp_path, 20, disagree=0.0, mirrored=True, roles=("primary",), **tail)
+    shadow_log(tmp_path, 5, disagree=0.0, versions=("1", "4"), seed=2, at=tail["at"], mirrored=True, roles=("primary",))
+    first = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    shadow_log(tmp_path, 20, disagree=0.0, roles=("shadow",), flushed=180, **tail)
+    retry = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (first.verdict, first.copies_lost, first.copies_late) == ("pass", 25, 0)
+    assert (retry.verdict, retry.copies_lost, retry.copies_late, retry.late_records) == ("pass", 25, 20, 20)
+    assert any(r.startswith("25 requests the server's mirror sampled have no shadow record:") for r in first.reasons)
+    assert any(
+        r.startswith(
+            "25 requests the server's mirror sampled have no shadow record written in time: 20 of them came "
+            "in files written after the range closed (among the late records), 5 lost"
+        )
+        for r in retry.reasons
+    ), retry.reasons
+    assert "no shadow record) 25, of them written late 20;" in report_files(retry)[REPORT].decode()
+
+
 def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
     """The hourly audit tested the copies against the hour's largest mirror share: a mirror of 10%
     raised to 100% within the hour was warned of as copies lost (110 copies of 200 primaries
