@@ -1524,9 +1524,9 @@ TEMPORARY_AGE_S = 3600  # a temporary file this old is no write in progress: one
 def prune_hours(audits: Folder, before: datetime, limit: int = 500, dry_run: bool = False) -> list[str]:
     """The folders of the hours that start before ``before`` below a model's audits removed,
     the oldest ``limit`` at most (a year of hours the first time takes its runs' turns): their
-    report's files (``REPORT_NAMES``, and those a write killed mid-way left), then the folder
-    once empty (a file the audit did not write keeps it, and a folder of another name is never
-    touched); the names of those that went (``dry_run``: of those that would, nothing removed).
+    report's files (``REPORT_NAMES``, and those a write or removal killed mid-way left:
+    ``remove_temporaries``), then the folder once empty (a file the audit did not write keeps
+    it, and a folder of another name is never touched); the names of those that went (``dry_run``: of those that would, nothing removed).
     ``before`` must be earlier than any hour a run may still audit (its catch-up window): an
     hour without its ``AUDITED`` mark is audited again."""
     removed: list[str] = []

@@ -202,7 +202,8 @@ class Folder:
                 now, etag = self._read(name, 0 if read is None else len(read))  # (a larger one differs)
             except FileNotFoundError:
                 now, etag = None, None
-            self.remove_temporaries(name.__eq__, time.time())  # (writes of it killed mid-way: none runs now)
+            # (writes of it killed mid-way: none runs now; its guard file is this lock's, held)
+            self.remove_temporaries(name.__eq__, time.time(), guards=False)
             if now != read:
                 raise WriteConflict(f"{where} changed since it was read")
             if not self._s3():
@@ -452,21 +453,30 @@ class Folder:
             return [], True
         return listed, why is None
 
-    def remove_temporaries(self, ours: Callable[[str], object], before: float, dry_run: bool = False) -> list[str]:
+    def remove_temporaries(
+        self, ours: Callable[[str], object], before: float, dry_run: bool = False, guards: bool = True
+    ) -> list[str]:
         """The temporary files (``.<name>.<pid>.tmp``) that writes killed mid-way left in this
-        folder on a disk, last changed before ``before`` (a ``time.time()``), removed: only those
-        of the names ``ours`` is true of; their names (``dry_run``: of those that would go, none
-        removed). An object store's PUT leaves none."""
+        folder on a disk, and the guard files (``.<name>.lock``, ``guarded_by``) that writes and
+        removals killed under their lock left (``_guard``'s: the file's next write or removal
+        would remove it, but that may never come, and it keeps the folder from being removed),
+        last changed before ``before`` (a ``time.time()``), removed: only those of the names
+        ``ours`` is true of; their names (``dry_run``: of those that would go, none removed). A
+        guard file is removed under its lock (``delete``), as ``prune`` removes one; ``guards``
+        false: none looked at (``write_if``, holding its own). An object store leaves none."""
         path = self.path
         if path is None or not path.is_dir():
             return []
         removed: list[str] = []
         for tmp in path.iterdir():
-            of = temporary_of(tmp.name)
-            if of is None or not ours(of) or not tmp.is_file():
+            guarded = guarded_by(tmp.name) if guards else None
+            of = temporary_of(tmp.name) or guarded
+            if of is None or not ours(of) or not tmp.is_file() or (guarded and tmp.is_symlink()):
                 continue
             if tmp.stat().st_mtime < before:
-                if not dry_run:
+                if not dry_run and guarded:
+                    self.delete(tmp.name)  # (under its lock: never while a holder holds it)
+                elif not dry_run:
                     tmp.unlink(missing_ok=True)
                 removed.append(tmp.name)
         return removed
@@ -541,7 +551,7 @@ class Folder:
         are left as they are. A folder listed in part (``MAX_LISTED``, ``LIST_S``) is left as
         it is, nothing in it removed: a file not listed may be one changed since ``before``; of
         a folder whose folders are listed in part, those listed take their turns."""
-        ours = _or_temporary(ours)
+        ours = with_leftovers(ours)
         names = [n for n in self.folders() if n not in keep]
         if len(names) > limit:
             first = turn * limit % len(names)
@@ -671,9 +681,10 @@ def _same_file(opened: BinaryIO, path: Path) -> bool:
     return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _or_temporary(ours: Callable[[str], object]) -> Callable[[str], bool]:
+def with_leftovers(ours: Callable[[str], object]) -> Callable[[str], bool]:
     """True of the names ``ours`` is, and of the temporaries and guard files (``_guard``'s
-    ``.<name>.lock``) their writes and removals killed mid-way left."""
+    ``.<name>.lock``) their writes and removals killed mid-way left (``remove_older`` removes
+    a guard file under its lock, ``delete``)."""
 
     def of(name: str) -> str:
         return temporary_of(name) or guarded_by(name) or name

@@ -221,8 +221,8 @@ def _write(
 
 
 def _remove(folder: Folder, cache: str) -> None:
-    """A stage's cache removed: a folder of parts (with temporaries of writes killed mid-way),
-    or a cache file of earlier versions."""
+    """A stage's cache removed: a folder of parts (with temporaries and guard files of writes
+    and removals killed mid-way: ``remove_temporaries``), or a cache file of earlier versions."""
     if CACHE_NAME.fullmatch(cache):
         folder.delete(cache)
         return

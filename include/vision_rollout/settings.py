@@ -538,13 +538,14 @@ def prune_runs(
     local's lock file names, and the run ``lease_holder`` gives (kubernetes mode: the model's
     Lease's holder; None, nobody); where ``lease_holder`` raises (the API server refusing or
     unreachable), none of the model's run folders, logged; the counts of failed reads that approval
-    waits ended without removing (their task killed), unchanged since ``before`` (a wait going
+    waits ended without removing (their task killed), and the guard files of removals of them
+    killed under their lock (``with_leftovers``), unchanged since ``before`` (a wait going
     on is at most 7 days old); in the outbox what senders and writers killed mid-way left
     (``prune_outbox``), never a report; and at its root the conditional-PUT probe objects that
     probers killed mid-probe left (``objects.require_conditions``), over ``PROBE_AGE_S`` old."""
     from vision_rollout import attempts, objects
     from vision_rollout.audit import REPORT_NAMES
-    from vision_rollout.folders import temporary_of
+    from vision_rollout.folders import with_leftovers
     from vision_rollout.notify import prune_outbox
 
     def of_a_run(name: str) -> bool:
@@ -554,9 +555,6 @@ def prune_runs(
             or name in (ROUTES, ROUTES_WRITTEN, HELD, ENDED, RUN_REPORT, RUN_MARK)
             or name in REPORT_NAMES
         )
-
-    def approval(name: str) -> bool:
-        return bool(APPROVAL_NAME.fullmatch(temporary_of(name) or name))
 
     pruned: dict[str, list[str]] = {"run folders": [], "approval counts": []}
     for model in models:
@@ -569,7 +567,8 @@ def prune_runs(
             going = {workdir(run_folder, model, h).parts[-1] for h in holders if h}
             runs = (run_folder / "rollouts" / model).prune(before, of_a_run, limit, int(now // 3600), dry_run, going)
             pruned["run folders"] += [f"{model}/{name}" for name in runs]
-        counts = approvals(run_folder, model).remove_older(before, approval, limit, dry_run)
+        count = with_leftovers(APPROVAL_NAME.fullmatch)  # (its temporaries and guard files too)
+        counts = approvals(run_folder, model).remove_older(before, count, limit, dry_run)
         pruned["approval counts"] += [f"{model}/{name}" for name in counts]
     pruned["outbox leftovers"] = prune_outbox(run_folder / "outbox", now, limit, dry_run)
     pruned["conditional-put probes"] = run_folder.remove_older(

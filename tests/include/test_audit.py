@@ -764,6 +764,29 @@ def test_hour_folders_before_a_time_are_removed_and_nothing_else(tmp_path, reque
     assert recent.names() == [AUDITED]
 
 
+def test_a_guard_file_a_killed_removal_left_does_not_keep_an_hour_folder(tmp_path):
+    """A removal on a disk locks ``.<name>.lock`` beside the file and removes it once done: a
+    prune killed after removing an hour's report, before removing its guard, left the guard,
+    which kept the hour's folder for good (not empty), the dry run counting it as someone
+    else's file. Once over an hour old it goes under its lock, and the folder with it."""
+    import os
+    import time
+
+    from vision_rollout.audit import AUDITED, hour_folder, prune_hours
+
+    audits = Folder(str(tmp_path / "run")) / "a"
+    hour = datetime(2026, 3, 10, 7, tzinfo=UTC)
+    old = hour_folder(audits, hour - timedelta(hours=50))
+    old.write(AUDITED, b"{}")
+    guard = Path(str(old)) / f".{REPORT}.lock"  # (a prune killed under the lock of the report it removed)
+    guard.write_bytes(b"")
+    os.utime(guard, (time.time() - 7200, time.time() - 7200))
+    assert prune_hours(audits, hour - timedelta(hours=2), dry_run=True) == [old.parts[-1]]
+    assert audits.folders() == [old.parts[-1]]
+    assert prune_hours(audits, hour - timedelta(hours=2)) == [old.parts[-1]]
+    assert audits.folders() == []
+
+
 def test_a_link_among_the_hour_folders_is_not_followed_out_of_the_store(tmp_path):
     """An hour's name that is a link to a folder elsewhere (on a shared volume, anyone's) is no
     hour folder of the audit's: what lies there is not removed."""

@@ -1852,3 +1852,22 @@ def test_a_p99_excursion_under_way_at_the_last_look_holds_the_stage_not_rolls_it
     over = judge_stage(s, WINDOW, log, IMAGES, now + s.max_stage_seconds, GuardInputs(p99_series_ms=late))
     assert over.status == "undecided"
     assert "Canary P99 is 90.0 ms" in over.reason
+
+
+def test_a_guard_file_a_killed_removal_left_does_not_keep_a_stage_cache_folder(tmp_path):
+    """A removal on a disk locks ``.<name>.lock`` beside the file and removes it once done: a
+    merge or prune killed after removing a part, before removing its guard, left the guard,
+    and the stage's folder was never removed (not empty). The prune removes it under its lock,
+    and the folder with it."""
+    import time
+
+    from vision_rollout import logcache
+    from vision_rollout.folders import Folder
+
+    caches = tmp_path / "caches"
+    stale = caches / f"{int(time.time()) - logcache.MAX_AGE_S - 60}-{0:024x}"
+    stale.mkdir(parents=True)
+    (stale / f"{0:032x}.parquet").write_bytes(b"x")
+    (stale / f".{1:032x}.parquet.lock").write_bytes(b"")  # (its part removed, the removal killed)
+    assert logcache.prune(Folder(str(caches))) == [stale.name]
+    assert list(caches.iterdir()) == []

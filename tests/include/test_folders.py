@@ -859,3 +859,44 @@ def test_a_temporary_is_removed_without_a_lock_leaving_no_guard_file_a_prune_cou
     assert runs.prune(time.time() - 30 * 86400, {"record.json"}.__contains__, 10) == ["run-a"]
     assert guards == [".record.json.lock"]
     assert runs.folders() == []
+
+
+def test_a_guard_file_a_killed_removal_left_is_removed_under_its_lock_with_the_temporaries(tmp_path, monkeypatch):
+    """A removal on a disk locks ``.<name>.lock`` beside the file, made for it and removed once
+    done: one killed after removing the file, before removing its guard, left the guard there
+    for good (no later write or removal of that name came), and the pruners that empty a
+    folder through ``remove_temporaries`` (the audit's hours, the stage caches) could not
+    remove the folder. ``remove_temporaries`` removes such a guard once older than ``before``,
+    under its lock (``delete``); a younger one (a lock being held) stays, as a temporary does."""
+    import os
+    import time
+
+    from vision_rollout import folders
+
+    run = Folder(str(tmp_path)) / "run-a"
+    run.write("record.json", b"{}")
+    (tmp_path / "run-a" / "record.json").unlink()  # (a removal killed under its lock: its guard left)
+    (tmp_path / "run-a" / ".record.json.lock").write_bytes(b"")
+    (tmp_path / "run-a" / ".notes.json.lock").write_bytes(b"")  # (a lock of someone else's name)
+    (tmp_path / "run-a" / ".stage.json.lock").write_bytes(b"")  # (a lock being held: recent)
+    old = time.time() - 7200
+    for name in (".record.json.lock", ".notes.json.lock"):
+        os.utime(tmp_path / "run-a" / name, (old, old))
+    locked: list[str] = []
+    real_guard_file = folders.guard_file
+
+    def guard_file(path, create=True):
+        locked.append(path.name)
+        return real_guard_file(path, create)
+
+    monkeypatch.setattr(folders, "guard_file", guard_file)
+    ours = {"record.json", "stage.json"}.__contains__
+    assert run.remove_temporaries(ours, time.time() - 3600, dry_run=True) == [".record.json.lock"]
+    assert locked == []
+    assert run.remove_temporaries(ours, time.time() - 3600) == [".record.json.lock"]
+    assert locked == [".record.json.lock"]  # (removed under its lock)
+    assert sorted(p.name for p in (tmp_path / "run-a").iterdir()) == [".notes.json.lock", ".stage.json.lock"]
+    (tmp_path / "run-a" / ".notes.json.lock").unlink()
+    assert not run.remove_if_empty()
+    assert run.remove_temporaries(ours, time.time() + 1) == [".stage.json.lock"]
+    assert run.remove_if_empty()

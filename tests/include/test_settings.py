@@ -495,3 +495,30 @@ def test_a_host_or_gateway_istio_takes_is_taken_up_to_255_characters():
     for key in ("hosts", "gateways"):
         with pytest.raises(SettingsError, match=key):
             ServingSettings.from_connection("http://h:8000", None, {"istio": {**istio, key: [too_long]}})
+
+
+def test_a_guard_file_a_killed_removal_left_among_the_approval_counts_is_pruned(tmp_path):
+    """An approval wait's count of failed reads is removed once it ends; on a disk the removal
+    locks ``.<name>.lock`` beside it and removes it once done: one killed before removing its
+    guard left it, and ``prune_runs`` took it for someone else's file and kept it for good. It
+    goes like the count it guarded, once as old, under its lock."""
+    import os
+    import time
+
+    from vision_rollout.folders import Folder
+    from vision_rollout.settings import approvals, prune_runs
+
+    store = Folder(str(tmp_path))
+    counts = approvals(store, "digits")
+    counts.write("notes.txt", b"mine")
+    guard = tmp_path / "approvals" / "digits" / ".0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.json.lock"
+    guard.write_bytes(b"")
+    old = time.time() - 40 * 86400
+    for p in (guard, tmp_path / "approvals" / "digits" / "notes.txt"):
+        os.utime(p, (old, old))
+    now = time.time()
+    assert prune_runs(store, ["digits"], now - 30 * 86400, now, dry_run=True)["approval counts"] == [
+        f"digits/{guard.name}"
+    ]
+    assert prune_runs(store, ["digits"], now - 30 * 86400, now)["approval counts"] == [f"digits/{guard.name}"]
+    assert sorted(p.name for p in guard.parent.iterdir()) == ["notes.txt"]
