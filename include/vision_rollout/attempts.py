@@ -169,7 +169,8 @@ def _count(value: Any) -> int:
 
 def _reckoned(value: Any) -> dict[str, Any]:
     """``Attempt.reckoned``: levels (floats in 0..1) and a need (a whole number, None: none),
-    which has no bound (an estimate next to its margin needs billions of samples)."""
+    which has no bound (an estimate next to its margin needs billions of samples). Either is
+    taken under any key (a digest: ``gates.Reckoning`` reckons again one not of its key's kind)."""
     from vision_rollout.gates import MAX_RECKONED
 
     if not isinstance(value, dict | None) or len(value or {}) > MAX_RECKONED:

@@ -689,7 +689,12 @@ def need_n(
         ],
         [[float(i) for i in check_information(c.name, information)] for c in checks if c.name != "samples"],
     ]
-    return reckoning(read, lambda: _reckoned_need(verdict, spec, information))
+    return reckoning(read, lambda: _reckoned_need(verdict, spec, information), is_need)
+
+
+def is_need(value: Any) -> bool:
+    """Whether ``value`` is a need ``need_n`` reckons: a whole number of samples or None."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def need_checks(verdict: Verdict) -> list[Check]:

@@ -205,20 +205,24 @@ class Reckoning:
     and each poke judges the same looks again. A value of the same inputs is taken from
     ``known``, else reckoned; once the judgement takes or reckons one, ``known`` holds those it
     took or reckoned, no others (at most ``MAX_RECKONED``). Each key holds ``RECKONED_VERSION``:
-    a value reckoned by another version of the methods is reckoned again."""
+    a value reckoned by another version of the methods is reckoned again. The record's check
+    takes a level or a need under any key (digests say nothing of their kind): a kept value that
+    is not of its key's kind (``fits``: a damaged record's) is reckoned again, not judged with."""
 
     def __init__(self, known: dict[str, Any]) -> None:
         self.known = known
         self.before: dict[str, Any] | None = None  # ``known`` as the judgement found it
 
-    def __call__(self, read: list[Any], reckon: Callable[[], T]) -> T:
-        """The value of ``reckon()``, whose inputs are all in ``read`` (JSON), taken or reckoned."""
+    def __call__(self, read: list[Any], reckon: Callable[[], T], fits: Callable[[Any], bool]) -> T:
+        """The value of ``reckon()``, whose inputs are all in ``read`` (JSON), taken (when it
+        ``fits``: of what ``reckon`` returns) or reckoned."""
         if self.before is None:
             self.before = dict(self.known)
             self.known.clear()
         key = hashlib.sha256(json.dumps([RECKONED_VERSION, read]).encode()).hexdigest()[:32]
         if key not in self.known:
-            self.known[key] = self.before[key] if key in self.before else reckon()
+            kept = self.before.get(key)
+            self.known[key] = kept if key in self.before and fits(kept) else reckon()
         value: T = self.known[key]
         return value
 
@@ -246,7 +250,13 @@ def nominal_alpha(
     if reckoning is None:
         return level()
     seen = None if information is None else [float(i) for i in information]
-    return reckoning(["nominal_alpha", alpha, look, looks, spending, seen], level)
+    return reckoning(["nominal_alpha", alpha, look, looks, spending, seen], level, is_level)
+
+
+def is_level(value: Any) -> bool:
+    """Whether ``value`` is a level ``nominal_alpha`` reckons: a float in [0, 1) (0: a look
+    that spent nothing)."""
+    return isinstance(value, float) and 0 <= value < 1
 
 
 # -- configuration and results ---------------------------------------------------------------

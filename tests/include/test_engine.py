@@ -407,6 +407,36 @@ def test_a_looks_levels_are_reckoned_once_and_kept_for_the_stages_next_pokes(mon
     assert len(kept) <= 3 * 3 + 1  # the levels of the looks judged and one need
 
 
+def test_a_kept_value_not_of_its_keys_kind_is_reckoned_again(tmp_path):
+    """A stage's record keeps levels (floats) and a need (a whole number or None) by digests, so
+    the record's check takes either under any key: a damaged record's level of None, 7 or 1 (a
+    need's type) was taken as a look's level (TypeError in the judgement, a NaN level, a look
+    judged at level 1), every poke failing alike. ``Reckoning`` takes a kept value only of its
+    key's kind (a level: a float in [0, 1); a need: a whole number or None), else reckons it
+    again: the same judgement as with nothing kept."""
+    from vision_rollout import attempts
+    from vision_rollout.folders import Folder
+
+    s = spec(latency_margin=0.01)  # (every look waits: its levels and a need kept)
+    log = records(400, 10, 50, errors=(0.01, 0.01), replay_every=None)
+    now = T0 + 45
+    fresh = judge_stage(s, WINDOW, log, IMAGES, now, replay_images=0)
+    kept: dict = {}
+    judge_stage(s, WINDOW, log, IMAGES, now, replay_images=0, reckoned=kept)
+    assert any(isinstance(v, float) for v in kept.values())
+    assert any(isinstance(v, int) for v in kept.values())
+    for bad_level, bad_need in ((None, 0.5), (7, 1.0), (1, 0.0), (0, 0.25)):
+        folder = Folder(str(tmp_path / repr(bad_level)))
+        record, attempt = attempts.judged(folder, "run", 0, WINDOW.started, "try-1")
+        damaged = {k: bad_level if isinstance(v, float) else bad_need for k, v in kept.items()}
+        attempts.looked(folder, record, attempt, 1, damaged)
+        loaded = dict(attempts.load(folder, "run", 0).attempt(WINDOW.started).reckoned)  # (the record's check takes it)
+        state = judge_stage(s, WINDOW, log, IMAGES, now, replay_images=0, reckoned=loaded)
+        assert (state.status, state.look, state.reason) == (fresh.status, fresh.look, fresh.reason)
+        assert state.verdict.to_dict() == fresh.verdict.to_dict()
+        assert loaded == kept  # (reckoned again, and kept in their place)
+
+
 def test_a_stage_left_undecided_by_latency_alone_carries_it_to_the_next_stage_below_100():
     """The 5% stage's live arm is too small to show the latency margin in its time under load,
     and an equal candidate was rolled back there as undecided in about half of the rollouts
