@@ -1,8 +1,9 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--spec FILE [--stage N]] [--latency-from live|replay] [--replay-images N]
-                  [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...] [--json]
-                  (--stage takes --replay-images: the DAG's stages replay the validation set)
+  rolloutctl gate --samples FILE [--spec FILE [--stage N [--level L]]] [--latency-from live|replay]
+                  [--replay-images N] [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...]
+                  [--json]   (--stage takes --replay-images: the DAG's stages replay the validation set; and
+                  --information past look 1: the DAG judges a look at its looks' information)
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -414,6 +415,19 @@ def _replay_images(images: int | None, window: StageWindow | None, stage: int | 
     return images or 0
 
 
+def _level(level: float | None, window: StageWindow | None) -> float:
+    """``--level``: the share of alpha the stage's window may spend (``attempts.Attempt.level``:
+    what its earlier windows left once it moved; the DAG judges it at the spec's alpha times it),
+    1 without it; a usage error when it is not in (0, 1], or given without ``--stage``."""
+    if level is None:
+        return 1.0
+    if window is None:
+        raise UsageError(f"--level {level:g}: give --spec and --stage, the stage whose window it is the level of")
+    if not 0 < level <= 1:
+        raise UsageError(f"--level takes 0 < L <= 1 (the share of alpha the stage's window may spend), not {level:g}")
+    return level
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from vision_rollout.gates import GateConfig, check_samples, evaluate_gate
     from vision_rollout.spec import MAX_LOOKS
@@ -432,12 +446,20 @@ def cmd_gate(args: argparse.Namespace) -> int:
     window = _stage_window(spec, args.stage, args.latency_from)
     latency_from = args.latency_from if window is None else window.latency_from
     images = _replay_images(args.replay_images, window, args.stage)
+    if window is not None and args.look > 1 and args.information is None:
+        raise UsageError(
+            f"--stage {args.stage} --look {args.look}: give --information, the information of looks 1 to "
+            f"{args.look - 1} (the DAG judges a look at the information its looks saw, not at equal increments)"
+        )
+    level = _level(args.level, window)
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--set takes key=value, not {item!r}")
         config[key] = _value(key, value)
+    if spec is not None and level < 1:  # (as the DAG's stage: the spec's alpha times its window's level)
+        config["alpha"] = float(config.get("alpha", spec.alpha)) * level
     samples = _read_samples(args.samples)
     try:
         check_samples(samples)  # (before --information counts this look's)
@@ -1619,7 +1641,15 @@ def parser() -> argparse.ArgumentParser:
         help="judge as the DAG judges this stage of --spec's stages, 1 for the first: latency from its source "
         "(live below 100%%, replay at 100%%); at 100%% after an earlier stage latency reported, not judged; at "
         "its last look (--look = --looks) below 100%%, the next stage below 100%% too, latency left undecided "
-        "alone carried there; takes --replay-images",
+        "alone carried there; takes --replay-images, and --information past its first look",
+    )
+    g.add_argument(
+        "--level",
+        type=float,
+        metavar="L",
+        help="with --stage: the share of alpha the stage's window may spend, 0 < L <= 1 (its stage record's "
+        "attempt's level: below 1 once its window moved), judged at the spec's alpha times it as the DAG does; "
+        "default 1",
     )
     g.add_argument(
         "--replay-images",

@@ -171,6 +171,44 @@ def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkey
     assert json.loads(out)["decision"] == alone
 
 
+def test_gate_judges_a_stage_whose_window_moved_at_its_level_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """A stage whose window moved (its weights applied again long after its looks began) is
+    judged by the DAG at the share of alpha its earlier windows left (``Attempt.level``: the spec's
+    alpha times it); ``gate --spec --stage`` judged it at the spec's alpha, more lenient than the
+    DAG. ``--level L`` judges it at that share, as the DAG did: the same verdict."""
+    from tests.include.test_engine import IMAGES, T0, records, spec
+    from vision_rollout import engine
+    from vision_rollout.engine import StageWindow, judge_stage
+
+    s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
+    window, log, now = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300
+    judged = engine.evaluate_gate
+    looks: list = []
+
+    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
+        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
+        return looks[-1][2]
+
+    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
+    judge_stage(replace(s, alpha=s.alpha * 0.5), window, log, IMAGES, now)  # (as steps.wait_for_stage at level 0.5)
+    samples, seen, verdict = looks[-1]
+    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
+    samples.to_parquet(path)
+    spec_file.write_text(json.dumps(s.to_dict()))
+    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
+    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look), "--stage", "1")
+    argv += (f"--information={earlier}", "--replay-images", str(len(IMAGES)), "--json")
+
+    def statistics(v: dict) -> dict:  # (the DAG's verdict holds its hard guards' checks too)
+        return {**v, "checks": [c for c in v["checks"] if not c["name"].startswith("guard_")]}
+
+    _, out, err = run(capsys, *argv, "--level", "0.5")
+    assert err == ""
+    assert statistics(json.loads(out)) == statistics(json.loads(json.dumps(verdict.to_dict())))
+    _, out, err = run(capsys, *argv)  # (the spec's alpha: the window's first level)
+    assert (json.loads(out)["alpha"], err) == (s.alpha, "")
+
+
 def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_did(tmp_path, capsys, monkeypatch):
     """The DAG's stage judges the paired accuracy check on a whole validation round only (its
     validation set's images, ``judge_stage``'s ``replay_images``), and until one is in that check
@@ -254,6 +292,14 @@ def test_gate_replay_images_refused_with_what_is_wrong(tmp_path, capsys, argv, s
         (["--spec", "{spec}", "--set", "alfa=1"], "unknown gate config key(s) ['alfa']"),
         (["--spec", "{csv}"], "--spec {csv}: "),
         (["--spec", "{bad}"], "--spec {bad}: invalid spec: the last stage must be 100"),
+        (
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--look", "2"],
+            "--stage 1 --look 2: give --information, the information of looks 1 to 1 (the DAG judges a look at "
+            "the information its looks saw, not at equal increments)",
+        ),
+        (["--level", "0.5"], "--level 0.5: give --spec and --stage, the stage whose window it is the level of"),
+        (["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--level", "0"], "--level takes 0 < L <= 1"),
+        (["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--level", "nan"], "not nan"),
     ],
 )
 def test_gate_stage_refused_with_what_is_wrong(tmp_path, capsys, argv, said):
