@@ -124,10 +124,12 @@ class MirrorLog:
     def prune(self, before: float, limit: int, dry_run: bool = False) -> list[str]:
         """The changes older than ``before`` removed, the oldest ``limit`` at most, but the newest
         of them: the mirror in force at ``before``. Their names (``dry_run``: of those that
-        would go, nothing removed)."""
+        would go, nothing removed). What removals killed mid-way left of changes (their guard
+        files) older than ``before`` goes too."""
         old = [n for n in self._names() if _at(n) < before][:-1][:limit]
         for name in [] if dry_run else old:
             self.folder.delete(name)
+        self.folder.remove_temporaries(NAME.fullmatch, before, dry_run)
         return old
 
 

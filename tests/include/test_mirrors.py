@@ -63,3 +63,27 @@ def test_a_mirror_observed_in_the_routes_is_recorded_only_when_it_is_new_and_no_
     changed = mirrors.observe("2", 50)
     assert changed is not None
     assert (changed.at, changed.version, changed.percent) == (t + 660, "2", 50.0)
+
+
+def test_a_guard_file_a_killed_removal_left_among_the_changes_is_pruned(tmp_path):
+    """A removal on a disk locks ``.<name>.lock`` beside the file and removes it once done: a
+    prune killed after removing a change, before removing its guard, left the guard for good
+    (nothing else removes files there). Once older than the prune's time, it goes too."""
+    import os
+
+    t = 1_800_000_000.0
+    clock = iter([t, t + 10])
+    mirrors = MirrorLog(Folder(str(tmp_path)) / "mirrors" / "digits", "digits", clock=lambda: next(clock))
+    mirrors.record("2", 5)
+    mirrors.record("2", 0)
+    folder = tmp_path / "mirrors" / "digits"
+    gone = folder / ".20270115T074000.000000Z.json.lock"  # (an older change's: a prune killed under its lock)
+    foreign = folder / ".notes.txt.lock"  # (not a change's: left alone)
+    for guard in (gone, foreign):
+        guard.write_bytes(b"")
+        os.utime(guard, (t, t))
+    assert len(mirrors.prune(t + 50, limit=500, dry_run=True)) == 1
+    assert gone.exists()
+    assert len(mirrors.prune(t + 50, limit=500)) == 1
+    assert not gone.exists()
+    assert foreign.exists()
