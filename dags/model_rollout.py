@@ -23,7 +23,7 @@ Roll a new version of a model out to production, or roll it back, with the evide
 6. **shadow_consistency**: the shadow audit over this run.
 7. **decide**: promote (100% candidate, baseline retired, mirror off) or roll back (100% stable,
    candidate unloaded, mirror off); then **notify** sends the report to Slack, with a chart of
-   the last stage judged (both arms' latencies and accuracy, from the prediction log). With
+   the stage that decided (both arms' latencies and accuracy, from the prediction log). With
    `require_approval`, **approve_promotion** first asks a reviewer (Required Actions in the UI;
    no answer in 24 h rolls back). While it waits, the last stage's hard guards are read every
    look interval: a breach (or that many reads in a row that fail, `guard_error_limit`) puts

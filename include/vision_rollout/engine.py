@@ -1294,25 +1294,48 @@ class StageJudge:
 # -- the final report's chart: the deciding stage's evidence ----------------------------------
 
 
+def deciding_stage(spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | None]) -> int | None:
+    """The index of the stage that rolled the candidate back, as the rollback's report names it:
+    the first of ``verdicts`` (per stage, its verdict as a dict, or None: a hard guard's breach,
+    a stage not reached) that is not a pass. None where every stage given passed."""
+    return next(
+        (
+            index
+            for index, (_, verdict) in enumerate(zip(spec.stages, verdicts, strict=False))
+            if not isinstance(verdict, Mapping) or verdict.get("decision") != "pass"
+        ),
+        None,
+    )
+
+
+class NoLookJudged(LookupError):
+    """The stage a final report names ended before a look was judged: no evidence of it to chart."""
+
+
 def deciding_look(
     spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | None]
 ) -> tuple[StageWindow, float, Mapping[str, Any]] | None:
-    """The last stage judged of ``verdicts`` (per stage, its verdict as a dict, or None): its
-    window, the evidence time of the look its verdict is of (its ``bake``'s ``window`` and
-    ``until``, as its wait kept them), and the verdict. None where no stage had a look judged (a
-    hard guard at its first poke, a run not started), or where the last that had does not say
-    when (a verdict of an earlier version)."""
-    for index in reversed(range(min(len(spec.stages), len(verdicts)))):
-        verdict = verdicts[index]
-        if not isinstance(verdict, Mapping) or not verdict.get("look"):
-            continue
-        bake = verdict.get("bake")
-        times = [bake.get("window"), bake.get("until")] if isinstance(bake, Mapping) else []
-        found = [float(t) for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
-        if len(found) < 2:
+    """The stage that decided of ``verdicts`` (per stage, its verdict as a dict, or None): the
+    first not a pass (``deciding_stage``), else the last judged. Its window, the evidence time of
+    the look its verdict is of (its ``bake``'s ``window`` and ``until``, as its wait kept them),
+    and the verdict. NoLookJudged where the first stage not a pass had no look judged (a hard
+    guard's breach, a stage ended at look 0: never an earlier stage's, which passed); None where
+    no stage had a look judged, or where the stage does not say when (a verdict of an earlier
+    version)."""
+    if (index := deciding_stage(spec, verdicts)) is None:
+        judged = [i for i, v in enumerate(verdicts[: len(spec.stages)]) if isinstance(v, Mapping) and v.get("look")]
+        if not judged:
             return None
-        return StageWindow(index, spec.stages[index], found[0]), found[1], verdict
-    return None
+        index = judged[-1]
+    verdict = verdicts[index]
+    if not isinstance(verdict, Mapping) or not verdict.get("look"):
+        raise NoLookJudged(f"the {spec.stages[index]}% stage ended before a look was judged")
+    bake = verdict.get("bake")
+    times = [bake.get("window"), bake.get("until")] if isinstance(bake, Mapping) else []
+    found = [float(t) for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
+    if len(found) < 2:
+        return None
+    return StageWindow(index, spec.stages[index], found[0]), found[1], verdict
 
 
 def judged_samples(

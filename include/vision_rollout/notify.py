@@ -598,18 +598,21 @@ def report_chart(
     validation: Path,
     budget_s: float = CHART_BUDGET_S,
 ) -> tuple[bytes | None, str | None]:
-    """The chart of a run's final report: the evidence of its last stage judged (``engine.
-    deciding_look``), the samples its deciding look judged read again from the prediction log
+    """The chart of a run's final report: the evidence of the stage that decided (``engine.
+    deciding_look``: the first not a pass, else the last judged), the samples its deciding look judged read again from the prediction log
     (``engine.judged_samples``: latencies and correctness per arm, nothing else), drawn within
     ``budget_s`` (in a thread of its own: a stalled store or a drawing that hangs is left
     behind). And why there is none, in one line, where it could not be drawn (the report is sent
-    without it); (None, None) where no stage was judged: no evidence to chart."""
+    without it; the stage that decided having no look judged, saying so: never an earlier stage's
+    evidence); (None, None) where no stage was judged: no evidence to chart."""
     import threading
 
-    from vision_rollout.engine import deciding_look, judged_samples
+    from vision_rollout.engine import NoLookJudged, deciding_look, judged_samples
 
     try:
         found = deciding_look(spec, verdicts)
+    except NoLookJudged as exc:
+        return None, str(exc)
     except Exception as exc:  # (a verdict of another shape: the report goes, saying so)
         return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
     if found is None:

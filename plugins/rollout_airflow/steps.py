@@ -1966,10 +1966,11 @@ def notify(
     preflight: list[str] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    """The run's report to Slack, with the chart of its last stage judged (``notify.report_chart``:
+    """The run's report to Slack, with the chart of the stage that decided (``notify.report_chart``:
     read again from the prediction log, this task's worker being any; without it, saying why, where
     it could not be drawn in time); ``preflight``: the first step's warnings (``build_image``'s).
     Once the run ``run_id`` ended (``run_ended``: notify cleared afterwards), marked as sent again."""
+    from vision_rollout.engine import deciding_stage
     from vision_rollout.gates import Verdict
     from vision_rollout.notify import (
         plain_report,
@@ -1989,10 +1990,8 @@ def notify(
         if outcome == "promote":
             message = promotion_message(spec, judged, reason=reason, notes=notes, chart=chart)
         else:  # the stage that rolled it back, as judge_evidence finds it (none: every stage passed)
-            weight, failing = next(
-                ((w, v) for w, v in zip(spec.stages, verdicts, strict=False) if not v or v["decision"] != "pass"),
-                (None, None),
-            )
+            index = deciding_stage(spec, verdicts)
+            weight, failing = (None, None) if index is None else (spec.stages[index], verdicts[index])
             message = rollback_message(
                 spec, reason, Verdict.from_dict(failing) if failing else None, weight, chart=chart, notes=notes
             )

@@ -3906,14 +3906,38 @@ def test_a_report_whose_stage_samples_cannot_be_read_is_sent_without_a_chart_say
     assert slack.uploads == {}
 
 
-def test_a_rollback_before_any_stage_was_judged_sends_no_chart(monkeypatch, tmp_path, slack):
-    """A hard guard at the first poke (or a run not started): no stage's look was judged, no
-    evidence to chart, and nothing said of a chart."""
+def ended_at_look_0(t0: float) -> dict:
+    """A stage's verdict as its wait kept it where the stage ended before a look was judged."""
+    return {**judged("wait", t0), "status": "undecided", "look": 0, "bake": {"window": t0, "until": None}}
+
+
+@pytest.mark.parametrize(
+    ("stages", "weight"),
+    [
+        ("look 0", 50),  # (the first stage ended before its first look)
+        ("pass, breach", 100),  # (a hard guard: the gate task failed, no verdict in XCom)
+        ("pass, look 0", 100),
+    ],
+)
+def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(
+    monkeypatch, tmp_path, slack, stages, weight
+):
+    """The report names the stage that rolled the candidate back. Where that stage had no look
+    judged (a hard guard's breach, a stage ended at look 0), the chart was of the last earlier
+    stage judged, which passed: its passing evidence under a rollback. Now no chart, and one line
+    saying the named stage had no look judged."""
     chart_conn(monkeypatch, tmp_path)
-    breach = {**judged("fail", time.time()), "look": 0}  # (ended without a look judged)
-    sent = steps.notify(PARAMS, "rollback", "hard guard tripped", [breach, None], None, "run-a")
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    kinds = {"look 0": ended_at_look_0(t0 + 300), "breach": None, "pass": judged("pass", t0)}
+    verdicts = [kinds[k] for k in stages.split(", ")]
+    sent = steps.notify(PARAMS, "rollback", "hard guard tripped", verdicts, None, "run-a")
     assert "chart" not in sent
-    assert "No chart" not in json.dumps(slack.messages()[0]["blocks"])
+    (posted,) = slack.messages()
+    assert f"was rolled back at the {weight}% stage" in json.dumps(posted["blocks"])
+    lines = [e["text"] for b in posted["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert f"the {weight}% stage ended before a look was judged" in line
     assert slack.uploads == {}
 
 
