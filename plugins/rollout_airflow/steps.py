@@ -1969,7 +1969,8 @@ def notify(
     """The run's report to Slack, with the chart of the stage that decided (``notify.report_chart``:
     read again from the prediction log, this task's worker being any; without it, saying why, where
     it could not be drawn in time); ``preflight``: the first step's warnings (``build_image``'s).
-    Once the run ``run_id`` ended (``run_ended``: notify cleared afterwards), marked as sent again."""
+    Once the run ``run_id`` ended (``run_ended``: notify cleared afterwards), marked as sent again,
+    without a chart (the first report's thread, where it goes, has it)."""
     from vision_rollout.engine import deciding_stage
     from vision_rollout.gates import Verdict
     from vision_rollout.notify import (
@@ -1984,7 +1985,12 @@ def notify(
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
     settings = serving().settings
-    chart, unchartable = report_chart(spec, verdicts, settings.prediction_log, settings.validation(spec.model))
+    end = None if run_id is None else run_ended(spec, run_id)
+    chart, unchartable = (  # (sent again: the first report's thread has its chart)
+        report_chart(spec, verdicts, settings.prediction_log, settings.validation(spec.model))
+        if end is None
+        else (None, None)
+    )
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
@@ -2002,7 +2008,7 @@ def notify(
         message = without_chart(message, unchartable)
     if run_id is None:
         return send(spec, message)
-    if (end := run_ended(spec, run_id)) is not None:
+    if end is not None:
         first = end.get("report")
         ts = first.get("ts") if isinstance(first, dict) else None
         return send(spec, sent_again(message, ts if isinstance(ts, str) else None))  # (in the first report's thread)

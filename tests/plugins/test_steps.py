@@ -3941,6 +3941,32 @@ def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(
     assert slack.uploads == {}
 
 
+def test_a_report_sent_again_after_the_run_ended_reads_and_uploads_no_second_chart(monkeypatch, tmp_path, slack):
+    """notify cleared after the run ended: its report, sent again into the first report's thread,
+    read the stage's samples again and uploaded a second chart there. Now the chart is drawn only
+    for the report's first sending."""
+    from vision_rollout import notify
+
+    chart_conn(monkeypatch, tmp_path)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    verdicts = [judged("fail", t0), None]
+    first = steps.notify(PARAMS, "rollback", "the evidence", verdicts, None, "run-a")
+    assert first["chart"] is True
+    ended = {"holder": "run-a", "decided": "rollback", "report": {"channel": first["channel"], "ts": first["ts"]}}
+    steps.serving().settings.workdir("digits", "run-a").write("ended.json", json.dumps(ended).encode())
+    charted = []
+    monkeypatch.setattr(notify, "report_chart", lambda *args, **kwargs: charted.append(args) or (b"png", None))
+    again = steps.notify(PARAMS, "rollback", "the evidence", verdicts, None, "run-a")
+    assert charted == []
+    assert "chart" not in again
+    _, reply = slack.messages()
+    assert reply["text"].startswith("Sent again")
+    assert reply["thread_ts"] == first["ts"]
+    assert "No chart" not in json.dumps(reply["blocks"])
+    assert len(slack.uploads) == 1
+
+
 def test_a_final_report_left_in_the_outbox_keeps_its_chart_beside_it(monkeypatch, tmp_path):
     """No Slack token (the one-machine setup): the report and its chart wait in the outbox,
     for ``rolloutctl outbox send`` to post the one and upload the other into its thread."""
