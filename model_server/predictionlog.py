@@ -34,7 +34,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -861,9 +861,7 @@ def _log_files(
 BLIND_HOURS = 48  # a range of more hours lists the days and hours that exist, not each of its hours
 
 
-def _hour_folders(
-    fs: pafs.FileSystem, base: str, start: datetime, end: datetime, pool: ThreadPoolExecutor
-) -> list[str]:
+def _hour_folders(fs: pafs.FileSystem, base: str, start: datetime, end: datetime, pool: Executor) -> list[str]:
     """The ``dt=``/``hour=`` folders under a model's folder ``base`` that may hold records of the
     range: each of its hours, or for a long range (a year: 8,760 listings) the ones that exist."""
     first_hour = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
@@ -1446,6 +1444,21 @@ def read_schema(
     return pa.schema([_read_field(n) for n in wanted] + ([pa.field("written", WRITTEN_TYPE)] if written else []))
 
 
+class _CallerThread(Executor):
+    """An executor that runs each call at once in the thread that submits it (``read_files``'
+    ``threads=1``): no worker thread for interpreter exit to wait for (concurrent.futures joins
+    its pools' workers at exit, whatever the daemon flag of the thread that made the pool), so
+    a read that stalls in a daemon thread never holds the process."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+
 def read_files(
     uri: str | Path,
     start: datetime,
@@ -1469,7 +1482,8 @@ def read_files(
     says they were written after it are listed (a name without its second is not). With
     ``max_bytes``, the tables are held to that budget (``read``), the files beyond it ``unread``;
     with ``deadline`` (a ``clock()``), the folders not listed by then are ``unlisted`` results
-    (their ``path`` the folder's) and the files not begun by then ``unread``."""
+    (their ``path`` the folder's) and the files not begun by then ``unread``. With ``threads``
+    1 (or less), all is read in the calling thread (``_CallerThread``)."""
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware datetimes")
     schema = read_schema(columns, roles, written)
@@ -1501,7 +1515,7 @@ def read_files(
             return {}, UNLISTED
         return _log_files(fs, uri, folder, keep, budget)
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    with ThreadPoolExecutor(threads) if threads > 1 else _CallerThread() as pool:
         folders = [f for m in models for f in _hour_folders(fs, f"{root}/model={m}", start, until, pool)]
         listings = list(pool.map(listed, folders))
         unlisted = [

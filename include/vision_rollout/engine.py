@@ -1366,6 +1366,7 @@ def judged_samples(
         datetime.fromtimestamp(until + 1, UTC),
         model=spec.model,
         columns=GATE_COLUMNS,
+        threads=1,  # (in this thread: a read that stalls holds no worker that interpreter exit joins)
         written=True,
         max_bytes=max_bytes,
         deadline=deadline,

@@ -2128,3 +2128,48 @@ def test_a_report_chart_whose_samples_take_too_long_is_given_up_within_its_budge
     assert time.monotonic() - began < 5
     assert chart is None
     assert why == "the 5% stage's samples were not read and drawn within 0.5 s"
+
+
+STALLED_CHART_READ = """
+import sys, time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from model_server import predictionlog
+from vision_rollout.notify import report_chart
+from vision_rollout.spec import RolloutSpec
+
+tmp, t0 = Path(sys.argv[1]), time.time() - 900
+at = datetime.fromtimestamp(t0 + 50, UTC)
+hour = tmp / "log" / "model=digits" / f"dt={at:%Y-%m-%d}" / f"hour={at:%H}"
+hour.mkdir(parents=True)
+(hour / f"part-aaa-{at:%Y%m%dT%H%M%S}Z-{0:012x}.parquet").write_bytes(b"a file on a hung mount")
+predictionlog._read_file = lambda *args: time.sleep(3600)  # (its read never returns)
+verdict = {"decision": "fail", "look": 2, "looks": 3, "bake": {"window": t0, "until": t0 + 100}}
+spec = RolloutSpec.from_dict({"candidate_version": "2", "stages": [50, 100]})
+print(report_chart(spec, [verdict], str(tmp / "log"), tmp, budget_s=1)[1], flush=True)
+"""
+
+
+def test_a_chart_whose_read_of_the_log_stalls_never_holds_the_process_at_exit(tmp_path):
+    """A read of the deciding stage's records that stalls (a hung NFS or S3 read): report_chart
+    gave it up at its budget, but its read's worker threads (a ThreadPoolExecutor's, which
+    interpreter exit joins, whatever the chart thread's daemon flag) held the process at exit
+    for ever: the notify task, dag.test(), pytest never ended. The process now exits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(root / p) for p in (".", "include", "plugins"))}
+    out = subprocess.run(
+        [sys.executable, "-c", STALLED_CHART_READ, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "the 50% stage's samples were not read and drawn within 1 s"
