@@ -101,16 +101,12 @@ class AuditResult:
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
     # or no copy to show the stretch). A shortfall is a warning, not the candidate's failure.
     copies_lost: int = 0
-    # Of those, the ones whose copy is in a file written after the range closed (among
-    # ``late_records``: late, not lost; a retry finds what the scheduled audit could not).
-    copies_late: int = 0
     copies_eligible: int = 0
     copies_received: int = 0
     copies_percent: float | None = None
     copies_p: float | None = None
     # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
-    # primaries after it whose copies are overdue, at the share configured then (the server's own
-    # mirror: each it sampled), would have sent copies beyond chance.
+    # primaries after it, at the share configured then, would have sent copies beyond chance.
     mirror_stopped: str | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
@@ -652,12 +648,12 @@ def copy_check(
 ) -> tuple[int, int, int]:
     """``copy_masks``' counts: lost, eligible and received."""
     lost, eligible, copied = copy_masks(records, versions, watermark)
-    return int(lost.sum()), int(eligible.sum()), int((eligible & copied).sum())
+    return lost, int(eligible.sum()), int((eligible & copied).sum())
 
 
 def copy_masks(
     records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
     run, failed or dropped, of their input (lost: one of another input, ``other_input``, is no
@@ -666,10 +662,10 @@ def copy_masks(
     version), those stamped after the first of them with a copy and before the shadow's
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
-    them have a copy (which of ``records``: the lost, the eligible, and those with a copy). Each
-    request's first primary record counts, once."""
+    them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
+    first primary record counts, once."""
     first, _, copied = copy_keys(records)
-    lost = first & records["mirrored"].eq(True).to_numpy(bool) & ~copied
+    lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
     if watermark is None or not (unknown & copied).any():
@@ -703,50 +699,33 @@ def sampled_apart(records: pd.DataFrame, versions: Iterable[str], first: np.ndar
     )
 
 
-def last_copy(records: pd.DataFrame) -> pd.Series:
-    """When the newest copy of each model in ``records`` (``copy_keys``) was stamped (model ->
-    time; a model without any copy is not in it)."""
+def last_copy(records: pd.DataFrame) -> pd.Timestamp | None:
+    """When the newest copy in ``records`` (``copy_keys``) was stamped; None where none is."""
     copies = copy_keys(records)[1]
-    return records["time"][copies].groupby(records["model"][copies].astype(object)).max()
+    return records["time"][copies].max() if copies.any() else None
 
 
 def mirror_stopped(
-    records: pd.DataFrame,
-    versions: Iterable[str],
-    since: pd.Series,
-    shares: float | MirrorShares | None,
-    settled: pd.Timestamp,
-) -> tuple[int, float, float, pd.Timestamp] | None:
-    """Whether a mirror stopped sending rather than went quiet: of the primaries stamped after
-    ``since`` (their model's last copy the log holds, ``last_copy``) and by ``settled`` (the
-    newest record read less ``copy_due``: a later one's copy may still be on its way, not yet
-    written, a pod flushing every minute), those the server's own mirror sampled (``mirrored``
-    true: each a copy due, at 100%) and, with ``shares``, those of ``versions`` a mirror that
-    samples on its own (Istio's, ``sampled_apart``) may have sampled at a share known for their
-    time (``share_at``): how many, the share on average, the chance of so few copies of them by
-    the mirror's sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``, and the
-    earliest of their models' last copies; None otherwise (no primaries after it: a quiet
-    mirror; or too few for its silence to say anything, its copies not due yet). The mirror's
-    copies came and were written up to then; its primaries went on, unmirrored past what its
-    sampling explains, longer than a copy may take."""
-    if since.empty:  # (no copy in the log: a shadow down or never sent any, nothing to tell apart)
+    records: pd.DataFrame, versions: Iterable[str], since: pd.Timestamp | None, shares: float | MirrorShares
+) -> tuple[int, float, float] | None:
+    """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
+    quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
+    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
+    many, the share on average, and the chance of so few copies of them by the mirror's
+    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
+    primaries after it: a quiet mirror; or too few for its silence to say anything). The
+    mirror's copies came and were written up to then; its primaries went on, unmirrored past
+    what its sampling explains."""
+    if since is None:
         return None
     first, _, copied = copy_keys(records)
-    stamp = records["time"]
-    after = pd.to_datetime(records["model"].astype(object).map(since), utc=True)
-    later = ((stamp > after) & (stamp <= settled)).to_numpy(bool)  # (no copy of its model: NaT, never)
-    share = np.full(len(records), np.nan)
-    if shares is not None:
-        apart = sampled_apart(records, versions, first) & later
-        share[apart] = share_at(stamp[apart], shares)
-    share[first & later & records["mirrored"].eq(True).to_numpy(bool)] = 100.0
+    after = sampled_apart(records, versions, first) & (records["time"] > since).to_numpy(bool)
+    share = share_at(records["time"][after], shares)
     known = ~np.isnan(share)
     if not share[known].any():
         return None
-    p = copies_short(int(copied[known].sum()), int(known.sum()), share[known])
-    if p >= COPIES_ALPHA:
-        return None
-    return int(known.sum()), float(share[known].mean()), p, after[known].min()
+    p = copies_short(int(copied[after][known].sum()), int(known.sum()), share[known])
+    return (int(known.sum()), float(share[known].mean()), p) if p < COPIES_ALPHA else None
 
 
 # Why a copy is dropped before it ran (the log's DROPPED records say none): the reasons of the
@@ -762,14 +741,7 @@ def copies_text(result: AuditResult) -> list[str]:
     """The reasons a shadow's copies give (warnings: thinner evidence, never the candidate's
     failure): copies lost, and fewer copies than the configured share explains."""
     lines = []
-    if result.copies_late:
-        lines.append(
-            f"{result.copies_lost} requests the server's mirror sampled have no shadow record written in time: "
-            f"{result.copies_late} of them came in files written after the range closed (among the late records), "
-            f"{result.copies_lost - result.copies_late} lost (a shadow pod restarting or unreachable, its records "
-            "not written); the shadow evidence is thinner"
-        )
-    elif result.copies_lost:
+    if result.copies_lost:
         lines.append(
             f"{result.copies_lost} requests the server's mirror sampled have no shadow record: copies lost "
             "(a shadow pod restarting or unreachable, its records not written); the shadow evidence is thinner"
@@ -954,13 +926,9 @@ def audit(
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
     copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
     after its last copy) is told from one gone quiet: its stretch after the last copy is not
-    compared, and a pass is inconclusive, saying so: behind the server's own mirror too, whose
-    primaries say which it sampled (each a copy due), with or without ``mirror_percent``; each
-    model after its own last copy; and only on the primaries whose copies are overdue (stamped
-    ``copy_due`` before the newest record of the files written in time: the last copies not yet
-    written are no stop, and a retry that finds late files judges alike). ``mirror_on_to_end``
-    false: a constant ``mirror_percent`` held only up to a time not known (the mirror taken off
-    since), and that stretch is not tested behind Istio."""
+    compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
+    ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
+    stretch is not tested."""
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
@@ -1006,11 +974,7 @@ def audit(
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    # (likewise; and the records read up to the range's margin show the log's now: those of the
-    # files written in time, as a retry finds them)
-    since = last_copy(_kept(records, ~late))
-    settled = records["time"][~late].max() - copy_due()
-    came_late = _kept(records, mine & late & (records["role"] == "shadow").to_numpy(bool))  # (copies among them)
+    since = last_copy(records) if mirror_percent else None  # (likewise)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1032,12 +996,7 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    lost, eligible, copied = copy_masks(records, mirrored, watermark)
-    result.copies_lost = int(lost.sum())
-    if result.copies_lost and len(came_late):  # (the lost primaries, and the late shadow records: their copies?)
-        keys = [c for c in ("role", "model", "request_id", "item", "image_sha256") if c in records.columns]
-        either = pd.concat([records.loc[lost, keys], came_late[keys]], ignore_index=True)
-        result.copies_late = int(copy_keys(either)[2][: result.copies_lost].sum())
+    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)
@@ -1151,19 +1110,18 @@ def audit(
             "re-sending it, a copy made twice): the earliest compared, the repeats left out"
         )
     result.reasons += copies_text(result)
-    # (Istio's share held to the end, or over time; the own mirror's primaries say it themselves)
-    held = bool(mirror_percent) and (mirror_on_to_end or not isinstance(mirror_percent, int | float))
-    stopped = mirror_stopped(records, mirrored, since, mirror_percent if held else None, settled)
-    if stopped is not None:
-        after, percent, p, last = stopped
-        result.mirror_stopped = last.isoformat()
+    stopped = None
+    if mirror_percent and (mirror_on_to_end or not isinstance(mirror_percent, int | float)):
+        stopped = mirror_stopped(records, mirrored, since, mirror_percent)
+    if stopped is not None and since is not None:
+        after, percent, p = stopped
+        result.mirror_stopped = since.isoformat()
         result.reasons.insert(
             0,
-            f"the mirror stopped sending: its last copy was stamped {last.isoformat()}, and the {after} requests "
-            f"after it (up to {copy_due().total_seconds():g} s before the newest record read: copies of later ones "
-            f"may be on their way), behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies "
-            f"expected), brought too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, "
-            "or the mirror stopped sending to them; the requests since are not compared, nothing is shown of them",
+            f"the mirror stopped sending: its last copy was stamped {since.isoformat()}, and the {after} requests "
+            f"after it, behind a mirror of {percent:.3g}% ({after * percent / 100:.0f} copies expected), brought "
+            f"too few (p={p:.2g}, below {COPIES_ALPHA:g}): the shadow's pods stopped writing, or Envoy stopped "
+            "mirroring to them; the requests since are not compared, nothing is shown of them",
         )
         if result.verdict in ("pass", "skip"):
             result.verdict = "inconclusive"
@@ -1423,9 +1381,7 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
         f"- Unpaired: shadow records without their primary {result.shadow_without_primary}, primaries "
         f"without their shadow {result.primary_without_shadow}, copies dropped {result.shadow_dropped} "
         f"({DROPPED_WHY})",
-        f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}"
-        + (f", of them written late {result.copies_late}" if result.copies_late else "")
-        + "; behind a mirror "
+        f"- Copies: lost (sampled by the server's mirror, no shadow record) {result.copies_lost}; behind a mirror "
         f"sampling on its own, {result.copies_received} of {result.copies_eligible} requests copied"
         + (
             ""
