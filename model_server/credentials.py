@@ -286,6 +286,11 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
     for pattern in patterns_for(text, text.lower()):
         group: str | int = "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
         found += [(a, b) for a, b in (m.span(group) for m in pattern.finditer(text)) if a < b]
+    return merge(found)
+
+
+def merge(found: list[Span]) -> list[Span]:
+    """``found`` in order, overlapping or touching spans as one."""
     merged: list[Span] = []
     for a, b in sorted(found):  # (runs already in order: Timsort merges them in linear time)
         if merged and a <= merged[-1][1]:

@@ -544,15 +544,26 @@ class Masker:
         return masked
 
     def _mask_raw(self, text: str, key: Key | None, detectors: tuple[Detector, ...]) -> str:
-        """``text``'s values (those of ``detectors``, the ones that may match it) as tokens."""
-        for detector in detectors:
-            pieces, end = [], 0
-            for a, b in detector.spans(text):
-                pieces += [text[end:a], "<masked>" if key is None else self.token(text[a:b], key)]
-                end = b
-            if pieces:
-                text = "".join(pieces) + text[end:]
+        """``text``'s values (those of ``detectors``, the ones that may match it) as tokens. The
+        values after a key (secrets, identity numbers) are found together in the text as it came,
+        overlapping ones merged (as ``credentials.scrub`` finds them), and masked once; then each
+        detector of shapes in turn, on the text with their tokens (an address is no piece of a
+        URL's password: "bob@example.com:s3cret@host"). Masked one after another, a shorter value
+        found first (an AWS key id, a JWT) was a token before the keyed rule read it, which takes
+        no token for a value, and the secret after it ("credentials=AKIA...:wJalr...") stayed."""
+        keyed = sum(1 for d in detectors if d.name == "secret" or d.pattern is _KEYED)  # (they come first)
+        text = self._tokens(text, key, credentials.merge([span for d in detectors[:keyed] for span in d.spans(text)]))
+        for detector in detectors[keyed:]:
+            text = self._tokens(text, key, detector.spans(text))
         return text
+
+    def _tokens(self, text: str, key: Key | None, spans: Iterable[Span]) -> str:
+        """``text`` with each of ``spans`` (in order, none overlapping) as its token."""
+        pieces, end = [], 0
+        for a, b in spans:
+            pieces += [text[end:a], "<masked>" if key is None else self.token(text[a:b], key)]
+            end = b
+        return "".join(pieces) + text[end:] if pieces else text
 
     def mask_fields(self, fields: dict[str, str], tenant: str | None) -> dict[str, str]:
         """Configured names masked whole, every other value and every name by the detectors."""

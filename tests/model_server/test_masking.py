@@ -1389,3 +1389,22 @@ def test_a_json_record_of_many_fields_is_masked_in_work_linear_and_small_per_fie
     small, large = scans(500), scans(1000)
     assert large <= 2 * small + 50
     assert large <= 14 * 1000, large / 1000  # per field: its name's and its value's detectors
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("credentials=", "AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("token: ", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N:Zq9Xw2Lk7Vb"),
+    ],
+)
+def test_a_secret_that_starts_with_an_issued_id_is_masked_whole_under_a_key(keys, name, secret):
+    """Masked one detector after another, the AWS key id (or a JWT) at a keyed value's start was a
+    token first, and the keyed rule, which takes no token for a value, left the secret after it
+    readable. Every detector's spans are found first, merged, and masked once."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(f"{name}{secret} end", ring.key_for(None))
+    assert secret[-11:] not in masked, masked
+    assert masked.startswith(name)
+    assert masked.endswith(" end")
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [secret]
