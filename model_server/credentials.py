@@ -87,18 +87,34 @@ _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslash
 _CRED_RUN = rf"(?:{_NOT_ESCAPED_QUOTE}{_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
 
 
+# A string in quotes in a dict's or a list's repr, whole (a bracket in it is none of the
+# structure's: "{'pw': 'Tr0ub}4dor9'}"), on its line: its opening quote escaped ``k`` deep (0, 1,
+# 3 or 7 backslashes: a repr held in JSON strings), to the quote escaped as deep that closes it
+# after the value's own backslashes (a run of ``k`` and ``2k + 2`` more for each: ``quoted``'s
+# rule), its escapes in it; 256 characters at most, each repetition possessive. One not closed is
+# none (an apostrophe in a word): its quote is one of the text's characters.
+def _in_quotes(q: str, k: int) -> str:
+    close = rf"(?:\\{{{2 * k + 2}}}){{0,8}}+\\{{{k}}}{q}"
+    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,16}}+[^\n\\]|[^\n\\{q}]){{0,256}}+{close}"
+
+
+_IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in (0, 1, 3, 7)) + "))"
+
+
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
-# to the bracket that closes it, on its line or a later one (a dict printed over lines: pprint,
-# json.dumps(indent=2)), four deep at most, each repetition possessive (no backtracking into a
-# bracket: one scan); one not closed (a line cut short, nested deeper), to its line's end.
+# to the bracket of its kind that closes it (a "{" to a "}"), on its line or a later one (a dict
+# printed over lines: pprint, json.dumps(indent=2)), its strings whole, four deep at most, each
+# repetition possessive (no backtracking into a bracket: one scan); one not closed (a record cut
+# short, nested deeper, a bracket that closes another kind) fails closed: to the text's end, 4 KiB
+# at most, its later lines too (a dict over lines holds its secrets there).
 def _bracketed(depth: int) -> str:
     """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
-    inner = r"[^{}\[\]]" if depth == 1 else rf"(?:[^{{}}\[\]]|{_bracketed(depth - 1)})"
-    return rf"[{{\[]{inner}{{0,4094}}+[}}\]]"
+    inner = rf"(?:{_IN_QUOTES}|\\{{1,16}}+|[^{{}}\[\]\\]" + (f"|{_bracketed(depth - 1)}" if depth > 1 else "") + ")"
+    return rf"(?:\{{{inner}{{0,4094}}+\}}|\[{inner}{{0,4094}}+\])"
 
 
 CLOSED_BRACKETED = _bracketed(4)
-BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[][^\r\n]{{0,4095}})"
+BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
 _SECRET_KEYED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
