@@ -232,7 +232,8 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # line, exactly 64 base64 characters, holding a capital, a small letter and a digit (a hex digest,
 # an upper-case id, a word is none), a run of its own (not a piece of a longer run, a dotted or
 # hyphenated name, a base64url id). Its last, shorter line (its padding "=" too), which alone is
-# not told from other short text, is one where a full body line and a line end come before it, or
+# not told from other short text, is a whole line (to a line end, a string's end, an END line or
+# the text's end) where a full body line from a line's start and a line end come before it, or
 # a line end and a private key's END line after it (a key logged without its BEGIN line); logged
 # in a record of its own, it stays readable. A line end written escaped (``\n``, as repr() and
 # json.dumps write a key's lines joined) ends a run too (``after_boundary``).
@@ -240,11 +241,14 @@ B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
 _B64_START = after_boundary("A-Za-z0-9+/=_.-")
 _MIXED = r"(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
 _PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-])")
-_AFTER_BODY_LINE = "|".join(rf"(?<={_B64_START}{_MIXED}{B64_LINE}{end})" for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n"))
+_LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a key's lines in repr(), json.dumps)
+_AFTER_BODY_LINE = "|".join(
+    rf"(?<={_LINE_START}{_MIXED}{B64_LINE}{end})" for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n")
+)
 _PEM_LAST_LINE = re.compile(  # (a line end's last character first: one step where there is none)
     rf"{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/])(?:(?<=[\nn])(?:{_AFTER_BODY_LINE})"
     r"|(?=[A-Za-z0-9+/]{1,64}={0,2}(?:\r?\n|\\r\\n|\\n)-----END[ A-Z0-9]{0,40}PRIVATE KEY))"
-    r"[A-Za-z0-9+/]{1,64}={0,2}(?![A-Za-z0-9+/=_.-])"
+    r"[A-Za-z0-9+/]{1,64}={0,2}(?=\r?\n|\\r|\\n|\\{0,7}[\"']|-----END|\Z)"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.

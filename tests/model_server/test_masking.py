@@ -1447,3 +1447,21 @@ def test_a_bracket_in_a_quoted_value_neither_closes_nor_opens_the_dict(keys, tex
         assert value not in scrubbed, scrubbed
     if text.startswith("{"):
         assert json.loads(masked.removesuffix(" end"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "upload session q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nTraceback (most recent call last):",
+        json.dumps("cache key q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nresnet50 loaded"),
+        "q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nresnet50 loaded in 2s",
+    ],
+)
+def test_the_line_after_a_base64_run_is_no_private_keys_last_line(keys, text):
+    """A 64-character base64 run (a session id, a cache key) made the first word of the next line a
+    private key's last line ("Traceback" masked): that line is one only where it is a whole line,
+    after a full body line that starts its line."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    following = text.replace("\\n", "\n").split("\n")[-1]
+    assert masked.replace("\\n", "\n").endswith("\n" + following), masked
