@@ -165,17 +165,21 @@ _QUERY_SECRET = re.compile(
     rf"(?<=[?&])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
     r"(?P<v>[^\s&;#\"'`<>]{1,256})"
 )
-# A cookie header's value, all its pairs, to the end of the line (or of its quotes); and so an
+# A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or
+# of its quotes: the string's, read as ``quoted`` reads it, its escapes whole); and so an
 # Authorization header's in a scheme of parameters ("AWS4-HMAC-SHA256 Credential=...,
 # SignedHeaders=..., Signature=...", "AWS AKIA...:signature"), not one of a single credential
 # (Bearer, Basic, Token: those are found whole by the key before them, or by ``_BEARER``). A
 # value that is a dict's or a list's repr ("cookies: {'session': 'abc123'}", as a log line
 # writes a request's; a dict in it too) is masked whole (``BRACKETED``). "cookies" (plural, a
 # log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
+# A pair's or a parameter's value in quotes (session="...", oauth_signature="..."), whole, as
+# far as the next pair (";", ",", a space) or the string that holds the header ends.
+_PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,7}}[\"']|\Z)"
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
-    rf"(?P<v>{BRACKETED}|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
+    rf"(?P<v>(?(q){quoted(4096)}|{BRACKETED})|{_NOT_ESCAPED_QUOTE}[^\s\"'<>](?:{_PARAM_IN_QUOTES}|[^\r\n\"'<>\\]|{_NOT_ESCAPED_QUOTE}\\){{0,4095}})"
 )
 # "cookie" or "cookies" then spaces and a pair ("cookie session=abc123", as free text writes it,
 # no ":"): its pairs apart by ";", to the first space after them (the prose after it stays).

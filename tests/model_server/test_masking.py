@@ -1099,6 +1099,9 @@ SECRET_GROWING = {
     "dicts of quotes never closed": ("", "token: {'a"),
     "lists closed by braces": ("", "token: [a}"),
     "keyed dicts of quotes never closed": ("", "passport: {'a"),
+    "cookie pairs of quotes never closed": ("Cookie: ", 'a="b'),
+    "cookie pairs of escaped quotes": ("Cookie: ", 'a=\\"b\\" '),
+    "a cookie's quoted value never closed": ('"Cookie": "a=', "\\"),
 }
 
 
@@ -1465,3 +1468,42 @@ def test_the_line_after_a_base64_run_is_no_private_keys_last_line(keys, text):
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     following = text.replace("\\n", "\n").split("\n")[-1]
     assert masked.replace("\\n", "\n").endswith("\n" + following), masked
+
+
+def _held_in_json(text: str, depth: int) -> str:
+    for _ in range(depth):
+        text = json.dumps({"m": text})
+    return text
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets"),
+    [
+        ('Cookie: session="Zq9Xw2Lk7Vb"; theme=dark', ["Zq9Xw2Lk7Vb"]),
+        (
+            'Authorization: OAuth oauth_nonce="kYjzVBB8Y0ZFabxSWbWovY3uYSQ2pTgmZeNu2VS4cg",'
+            ' oauth_signature="tnnArxj06cWHq44gCs1OSKk%2FjY%3D"',
+            ["kYjzVBB8Y0ZFabxSWbWovY3uYSQ2pTgmZeNu2VS4cg", "tnnArxj06cWHq44gCs1OSKk"],
+        ),
+        *(
+            (_held_in_json(json.dumps({"Cookie": 'sid="Zq9Xw2Lk7Vb"', "model": "resnet50"}), depth), ["Zq9Xw2Lk7Vb"])
+            for depth in (0, 1, 2, 3)
+        ),
+        (json.dumps({"msg": "Cookie: a=", "model": "resnet50"}), []),
+    ],
+)
+def test_a_headers_value_in_quotes_is_masked_whole_and_its_escapes_kept(keys, text, secrets):
+    """A Cookie's or an Authorization's value stopped at its first quote: a pair's value in quotes
+    (session="..."), an OAuth nonce and signature stayed readable, and a cookie held in JSON three
+    deep had the escape of the quote that closes it cut in half (the JSON broken). A value in
+    quotes is read as ``quoted`` reads it, a pair's value in quotes whole."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    for secret in secrets:
+        assert secret not in masked, masked
+        assert secret not in scrub(text)
+    if text.startswith("{"):
+        value = json.loads(masked)
+        while isinstance(value, dict) and "m" in value:
+            value = json.loads(value["m"])
+        assert value["model"] == "resnet50"
