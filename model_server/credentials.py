@@ -24,14 +24,14 @@ NOT_MASKED = r"(?!tok_[a-zBCDFGH]{8}_)"
 
 def after_boundary(word: str) -> str:
     """A pattern's start: after no character of ``word`` (a character class's body), or after a
-    line end or tab written escaped (``\\n``, ``\\r``, ``\\t``, as repr() and json.dumps write
-    lines joined), whose letter is no part of the word after it."""
-    return rf"(?:(?<![{word}])|(?<=\\[nrt]))"
+    line end, a tab, a backspace or a form feed written escaped (``\\n``, ``\\r``, ``\\t``, ``\\b``,
+    ``\\f``, as repr() and json.dumps write them), whose letter is no part of the word after it."""
+    return rf"(?:(?<![{word}])|(?<=\\[nrtbf]))"
 
 
-# Not at the letter of a line end or tab written escaped: a pattern whose first characters may be
-# letters starts after the escape (``after_boundary``), never with its letter.
-NOT_ESCAPE_LETTER = r"(?!(?<=\\)[nrt])"
+# Not at an escape's letter (``after_boundary``'s): a pattern whose first characters may be letters
+# starts after the escape, never with its letter.
+NOT_ESCAPE_LETTER = r"(?!(?<=\\)[nrtbf])"
 
 
 # A key that names a secret: the name ends in one of these words, after up to three prefixes

@@ -76,6 +76,11 @@ _LOCAL = f"[A-Za-z0-9._%+{_LETTERS}-]"  # an e-mail address's local part
 # written escaped ("\\nli.wei@example.com"), never at the escape's letter (the token took the
 # "n" of "\\n" with the address, and the line end was gone from the log).
 _LOCAL_START = NOT_ESCAPE_LETTER + after_boundary(_LOCAL[1:-1])
+# An address's start: there, or at an even run of backslashes before such a letter, which is a
+# backslash written escaped ("CORP\\\\nancy@example.com": its "n" the address's) or, one JSON
+# string deeper, an escape ('\\\\n' in json.dumps twice): masked with the address, the run whole,
+# no letter of it is left readable and no escape is cut in half.
+_ADDRESS_START = rf"(?:(?<!\\)(?:\\\\){{1,4}}(?=[nrtbf])|{_LOCAL_START})"
 # Names that say what their value is: a passport, SSN, national id or licence number looks like
 # any other id, so it is masked where a key or field names it ("passport_no=E1234567", a JSON
 # field "ssn", a header X-Meta-Passport), never by its shape.
@@ -114,7 +119,7 @@ _KEYED = re.compile(
 _AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]?[(\[{<](?i:dot)[)\]}>][ ]?)"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
-    rf"{_LOCAL_START}{_LOCAL}{{1,64}}"
+    rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
     rf"(?:[ ]?{_AT}[ ]?[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
     rf"|[ ](?i:at)[ ][A-Za-z0-9-]{{1,63}}(?:[ ](?i:dot)[ ][A-Za-z0-9-]{{1,63}}){{0,7}}[ ](?i:dot)[ ](?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
@@ -225,7 +230,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(
         "email",
         re.compile(
-            rf"{_LOCAL_START}{NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
+            rf"{_ADDRESS_START}{NOT_MASKED}{_LOCAL}{{1,64}}@(?:[A-Za-z0-9{_LETTERS}-]{{1,63}}\.){{1,8}}[A-Za-z{_LETTERS}]{{2,63}}"
         ),
     ),
     Detector("national_id", re.compile(_NOT_ALNUM_BEFORE + _PRC_ID.pattern + _NOT_ALNUM_AFTER)),

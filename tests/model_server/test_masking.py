@@ -1507,3 +1507,31 @@ def test_a_headers_value_in_quotes_is_masked_whole_and_its_escapes_kept(keys, te
         while isinstance(value, dict) and "m" in value:
             value = json.loads(value["m"])
         assert value["model"] == "resnet50"
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        (json.dumps("login CORP\\nancy@example.com failed"), 1),  # a backslash written escaped
+        (json.dumps(json.dumps("to:\nnancy@example.com")), 2),  # a line end, one string deeper
+        (json.dumps({"note": "page\fnancy@example.com"}), 1),
+        (json.dumps("cc:\bnancy@example.com"), 1),
+    ],
+)
+def test_an_address_after_a_backslash_or_an_escape_is_masked_whole_and_the_json_kept(keys, text, depth):
+    """An address after an even run of backslashes ("CORP\\\\\\\\nancy", a backslash written escaped)
+    kept its "n" readable, taken for an escape's letter; one after "\\\\f" or "\\\\b" took the escape's
+    letter and left a lone backslash (the JSON broken). The even run is masked with the address,
+    the escapes "\\\\f" and "\\\\b" are kept as "\\\\n" is, and the JSON stays valid at every depth."""
+    ring = KeyRing(keys)
+    for key in (ring.key_for(None), None):
+        masked = Masker(ring).mask_text(text, key)
+        assert "ancy" not in masked, masked
+        if key is not None:
+            tokens = [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)]
+            assert len(tokens) == 1
+            assert tokens[0].endswith("nancy@example.com")
+        value = masked
+        for _ in range(depth):
+            value = json.loads(value)
+            value = value["note"] if isinstance(value, dict) else value
