@@ -116,8 +116,10 @@ def redacted(message: Message, redact: Callable[[str], str]) -> Message:
 def one_line(s: str) -> str:
     """Text from elsewhere on one line (line breaks and other control characters as spaces),
     without the credentials it may quote, each as ``***`` (``scrub``: found as the model server's
-    masking finds them, a URL's ``user:password@`` whole)."""
-    return scrub(" ".join(printable(s).split()))
+    masking finds them, a URL's ``user:password@`` whole). Scrubbed as it came (a private key's
+    lines are lines: its last, shorter one is one only at its line's start and end) and again on
+    one line (a key and its value that only a line break held apart)."""
+    return scrub(" ".join(printable(scrub(s)).split()))
 
 
 def header(text: str) -> dict[str, Any]:

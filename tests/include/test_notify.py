@@ -16,6 +16,7 @@ from vision_rollout.notify import (
     MAX_BLOCKS,
     SlackNotifier,
     latency_accuracy_chart,
+    one_line,
     promotion_message,
     rollback_message,
     scrub,
@@ -2173,3 +2174,14 @@ def test_a_chart_whose_read_of_the_log_stalls_never_holds_the_process_at_exit(tm
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "the 50% stage's samples were not read and drawn within 1 s"
+
+
+def test_one_line_scrubs_a_private_keys_lines_before_it_joins_them():
+    """A key's body logged without its BEGIN line kept its last, shorter line readable once on one
+    line: joined by spaces, that line was no line of its own. The text is scrubbed as it came too."""
+    body = ["MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj"] * 2 + ["q+/zYx3Lm9Wq=="]
+    line = one_line("load failed: " + "\n".join([*body, "-----END PRIVATE KEY-----"]))
+    assert "q+/zYx" not in line
+    assert "MIIEvQ" not in line
+    assert line == "load failed: *** *** *** -----END PRIVATE KEY-----"
+    assert one_line("db password:\nhunter2x9 rejected") == "db password: *** rejected"
