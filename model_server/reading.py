@@ -22,12 +22,15 @@ for _c in range(0x80, 0x20000):
         _FOLD[_c] = "-"
     elif unicodedata.category(chr(_c)) == "Cf":
         _FOLD[_c] = None
-_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+# A "\\u" escape: its backslash after an even run of backslashes (none, or escaped ones), never
+# after an odd one ('\\\\u00e9': a backslash written escaped, then "u"; one JSON string deeper, an
+# escape its own reader decodes: decoded here, it left a lone backslash, the JSON held broken).
+_JSON_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-fA-F]{4})")
 
 
 def _unescape_json(m: re.Match[str]) -> str:
-    code = int(m.group(1), 16)
-    return m.group(0) if 0xD800 <= code <= 0xDFFF else chr(code)  # a lone surrogate stays escaped
+    code = int(m.group(2), 16)
+    return m.group(0) if 0xD800 <= code <= 0xDFFF else m.group(1) + chr(code)  # a lone surrogate stays escaped
 
 
 def normalise(text: str) -> str:

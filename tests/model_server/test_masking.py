@@ -1535,3 +1535,15 @@ def test_an_address_after_a_backslash_or_an_escape_is_masked_whole_and_the_json_
         for _ in range(depth):
             value = json.loads(value)
             value = value["note"] if isinstance(value, dict) else value
+
+
+def test_an_escape_in_json_held_in_json_is_not_decoded_and_the_json_kept(keys):
+    """normalise decoded '\\\\u00e9' (a "\\u" escape one JSON string deeper) to a lone
+    backslash and "é": the masked record, written normalised, no longer parsed at its inner level."""
+    text = json.dumps({"msg": json.dumps({"user": "José", "password": "Zq9Xw2Lk7Vb"})})
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    inner = json.loads(json.loads(masked)["msg"])
+    assert inner["user"] == "José"
+    assert [reveal(inner["password"], ring)] == ["Zq9Xw2Lk7Vb"]
+    assert normalise("caf\\u00e9 \\\\u00e9") == "café \\\\u00e9"
