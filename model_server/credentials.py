@@ -247,12 +247,13 @@ _MIXED = r"(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9
 _PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-])")
 _LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a key's lines in repr(), json.dumps)
 _AFTER_BODY_LINE = "|".join(
-    rf"(?<={_LINE_START}{_MIXED}{B64_LINE}{end})" for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n")
+    rf"(?<={_LINE_START}{_MIXED}{B64_LINE}{end})"
+    for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n", r"\\\\n", r"\\\\r\\\\n")
 )
 _PEM_LAST_LINE = re.compile(  # (a line end's last character first: one step where there is none)
     rf"{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/])(?:(?<=[\nn])(?:{_AFTER_BODY_LINE})"
-    r"|(?=[A-Za-z0-9+/]{1,64}={0,2}(?:\r?\n|\\r\\n|\\n)-----END[ A-Z0-9]{0,40}PRIVATE KEY))"
-    r"[A-Za-z0-9+/]{1,64}={0,2}(?=\r?\n|\\r|\\n|\\{0,7}[\"']|-----END|\Z)"  # (a whole line: a string's end too)
+    r"|(?=[A-Za-z0-9+/]{1,64}={0,2}(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)-----END[ A-Z0-9]{0,40}PRIVATE KEY))"
+    r"[A-Za-z0-9+/]{1,64}={0,2}(?=\r?\n|\\{1,2}[rn]|\\{0,7}[\"']|-----END|\Z)"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.

@@ -1547,3 +1547,16 @@ def test_an_escape_in_json_held_in_json_is_not_decoded_and_the_json_kept(keys):
     assert inner["user"] == "José"
     assert [reveal(inner["password"], ring)] == ["Zq9Xw2Lk7Vb"]
     assert normalise("caf\\u00e9 \\\\u00e9") == "café \\\\u00e9"
+
+
+def test_a_private_keys_last_line_in_json_held_in_json_is_masked(keys):
+    """A key held in JSON held in a JSON string (json.dumps twice: its line ends '\\\\\\\\n') had its
+    full lines masked and its last, shorter one left readable: its line ends were read one deep."""
+    lines = ["MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj"] * 2 + ["q+/zYx3Lm9Wq=="]
+    for pem in ("\n".join(["-----BEGIN PRIVATE KEY-----", *lines, "-----END PRIVATE KEY-----"]), "\n".join(lines)):
+        text = json.dumps({"body": json.dumps({"key": pem})})
+        ring = KeyRing(keys)
+        masked = Masker(ring).mask_text(text, ring.key_for(None))
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == lines, masked
+        assert "q+/zYx" not in scrub(text)
+        assert json.loads(json.loads(masked)["body"])
