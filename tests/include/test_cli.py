@@ -126,6 +126,37 @@ def test_gate_latency_from_refused_with_what_is_wrong(tmp_path, capsys, source, 
     assert said in err
 
 
+def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None) -> tuple:
+    """``judge_stage``'s look at ``window`` of ``log`` at ``now`` (under the spec ``judged_as``, else
+    ``s``), as the DAG's sensor takes it: its stage's state, its verdict, and ``gate``'s argv on its
+    samples with ``s`` as the spec file, its look and the earlier looks' information."""
+    from tests.include.test_engine import IMAGES
+    from vision_rollout import engine
+    from vision_rollout.engine import judge_stage
+
+    judged = engine.evaluate_gate
+    looks: list = []
+
+    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
+        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
+        return looks[-1][2]
+
+    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
+    state = judge_stage(judged_as or s, window, log, IMAGES, now)
+    samples, seen, verdict = looks[-1]
+    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
+    samples.to_parquet(path)
+    spec_file.write_text(json.dumps(s.to_dict()))
+    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
+    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look))
+    return state, verdict, (*argv, f"--information={earlier}")
+
+
+def _statistics(verdict: dict) -> dict:
+    """A verdict's statistics: the DAG's holds its hard guards' checks too."""
+    return {**verdict, "checks": [c for c in verdict["checks"] if not c["name"].startswith("guard_")]}
+
+
 @pytest.mark.parametrize("stage", ["100% after 50%", "25% before 50%"])
 def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkeypatch, stage):
     """Two settings of the DAG's stages ``gate`` could not give: at 100% after an earlier stage the
@@ -136,37 +167,19 @@ def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkey
     ``--spec FILE --stage N`` judges the look as the DAG judged that stage of the spec (its config,
     looks and latency source from there too): the same verdict on the same samples."""
     from tests.include.test_engine import IMAGES, T0, queued, records, spec
-    from vision_rollout import engine
-    from vision_rollout.engine import StageWindow, judge_stage
+    from vision_rollout.engine import StageWindow
 
     if stage == "100% after 50%":  # the candidate as fast as the baseline, its replay queued under load
         s, window, log, now, alone = spec(), StageWindow(1, 100, T0), queued(records(400, 40, 100)), T0 + 106, "fail"
     else:  # a latency margin finer than the 25% arm resolves by the last look
         s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
         window, log, now, alone = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300, "wait"
-    judged = engine.evaluate_gate
-    looks: list = []
-
-    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
-        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
-        return looks[-1][2]
-
-    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
-    assert judge_stage(s, window, log, IMAGES, now).status == "pass"
-    samples, seen, verdict = looks[-1]
-    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
-    samples.to_parquet(path)
-    spec_file.write_text(json.dumps(s.to_dict()))
-    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
-    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look))
-    argv += (f"--information={earlier}", "--json")
-
-    def statistics(v: dict) -> dict:  # (the DAG's verdict holds its hard guards' checks too)
-        return {**v, "checks": [c for c in v["checks"] if not c["name"].startswith("guard_")]}
-
+    state, verdict, argv = _dags_look(monkeypatch, tmp_path, s, window, log, now)
+    assert state.status == "pass"
+    argv += ("--json",)
     code, out, err = run(capsys, *argv, "--stage", str(window.index + 1), "--replay-images", str(len(IMAGES)))
     assert (code, err) == (0, "")
-    assert statistics(json.loads(out)) == statistics(json.loads(json.dumps(verdict.to_dict())))
+    assert _statistics(json.loads(out)) == _statistics(json.loads(json.dumps(verdict.to_dict())))
     code, out, _ = run(capsys, *argv, "--latency-from", window.latency_from)  # (no stage: latency judged)
     assert json.loads(out)["decision"] == alone
 
@@ -177,34 +190,16 @@ def test_gate_judges_a_stage_whose_window_moved_at_its_level_as_the_dag_did(tmp_
     alpha times it); ``gate --spec --stage`` judged it at the spec's alpha, more lenient than the
     DAG. ``--level L`` judges it at that share, as the DAG did: the same verdict."""
     from tests.include.test_engine import IMAGES, T0, records, spec
-    from vision_rollout import engine
-    from vision_rollout.engine import StageWindow, judge_stage
+    from vision_rollout.engine import StageWindow
 
     s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
     window, log, now = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300
-    judged = engine.evaluate_gate
-    looks: list = []
-
-    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
-        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
-        return looks[-1][2]
-
-    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
-    judge_stage(replace(s, alpha=s.alpha * 0.5), window, log, IMAGES, now)  # (as steps.wait_for_stage at level 0.5)
-    samples, seen, verdict = looks[-1]
-    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
-    samples.to_parquet(path)
-    spec_file.write_text(json.dumps(s.to_dict()))
-    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
-    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look), "--stage", "1")
-    argv += (f"--information={earlier}", "--replay-images", str(len(IMAGES)), "--json")
-
-    def statistics(v: dict) -> dict:  # (the DAG's verdict holds its hard guards' checks too)
-        return {**v, "checks": [c for c in v["checks"] if not c["name"].startswith("guard_")]}
-
+    at_half = replace(s, alpha=s.alpha * 0.5)  # (as steps.wait_for_stage at level 0.5)
+    _, verdict, argv = _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=at_half)
+    argv += ("--stage", "1", "--replay-images", str(len(IMAGES)), "--json")
     _, out, err = run(capsys, *argv, "--level", "0.5")
     assert err == ""
-    assert statistics(json.loads(out)) == statistics(json.loads(json.dumps(verdict.to_dict())))
+    assert _statistics(json.loads(out)) == _statistics(json.loads(json.dumps(verdict.to_dict())))
     _, out, err = run(capsys, *argv)  # (the spec's alpha: the window's first level)
     assert (json.loads(out)["alpha"], err) == (s.alpha, "")
 
@@ -217,36 +212,19 @@ def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_d
     versions). ``--replay-images N`` judges it as the DAG did, and ``--stage`` takes it (the
     DAG's stages always replay)."""
     from tests.include.test_engine import IMAGES, T0, WINDOW, records, spec
-    from vision_rollout import engine
-    from vision_rollout.engine import judge_stage
 
     s = spec(error_margin=0.02)
     log = records(400, 40, 50, replay_every=50)
     log = log[~log["request_id"].str.match(r"replay-0-1-4[5-9]\d$")]  # (the candidate's last 50 of round 1 late)
-    judged = engine.evaluate_gate
-    looks: list = []
-
-    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
-        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
-        return looks[-1][2]
-
-    monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
-    state = judge_stage(s, WINDOW, log, IMAGES, T0 + 45)
-    samples, seen, verdict = looks[-1]
+    state, verdict, argv = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 45)
     assert (state.status, verdict.look, verdict.decision) == ("waiting", 2, "wait")
     held = [c for c in verdict.checks if c.decision == "wait" and c.blocks_pass]
     assert [c.name for c in held] == ["accuracy_paired"]
     assert held[0].sentence.startswith("Validation replay: 450 of 500 images answered by both versions")
-    path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
-    samples.to_parquet(path)
-    spec_file.write_text(json.dumps(s.to_dict()))
-    earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
-    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", "2", f"--information={earlier}")
-    argv += ("--stage", "1", "--json")
-    code, out, err = run(capsys, *argv, "--replay-images", str(len(IMAGES)))
+    code, out, err = run(capsys, *argv, "--stage", "1", "--json", "--replay-images", str(len(IMAGES)))
     assert (code, err) == (3, "")
     assert json.loads(out) == json.loads(json.dumps(verdict.to_dict()))
-    code, out, err = run(capsys, *argv[:-3], "--latency-from", "live", "--json")  # (no round's size: the pairs judged)
+    code, out, err = run(capsys, *argv, "--latency-from", "live", "--json")  # (no round's size: the pairs judged)
     assert (code, json.loads(out)["decision"]) == (0, "pass"), err
 
 

@@ -831,6 +831,21 @@ def test_a_removal_whose_folder_another_prune_removes_right_after_it_ends_withou
     assert run.remove_if_empty()
 
 
+def locked_guards(monkeypatch) -> list[str]:
+    """The names of the guard files locked from now on (``folders.guard_file``'s calls), in order."""
+    from vision_rollout import folders
+
+    locked: list[str] = []
+    real_guard_file = folders.guard_file
+
+    def guard_file(path, create=True):
+        locked.append(path.name)
+        return real_guard_file(path, create)
+
+    monkeypatch.setattr(folders, "guard_file", guard_file)
+    return locked
+
+
 def test_a_temporary_is_removed_without_a_lock_leaving_no_guard_file_a_prune_could_not_attribute(tmp_path, monkeypatch):
     """A prune removing a write's temporary (``.<name>.<pid>.tmp``) through ``delete`` locked it,
     making a guard file ``..<name>.<pid>.tmp.lock``; a prune killed under that lock left it, and
@@ -840,19 +855,10 @@ def test_a_temporary_is_removed_without_a_lock_leaving_no_guard_file_a_prune_cou
     import os
     import time
 
-    from vision_rollout import folders
-
     runs = Folder(str(tmp_path))
     (runs / "run-a").write("record.json", b"{}")
     (tmp_path / "run-a" / ".record.json.4242.tmp").write_bytes(b"{")  # (a write killed mid-way)
-    guards: list[str] = []
-    real_guard_file = folders.guard_file
-
-    def guard_file(path, create=True):
-        guards.append(path.name)
-        return real_guard_file(path, create)
-
-    monkeypatch.setattr(folders, "guard_file", guard_file)
+    guards = locked_guards(monkeypatch)
     old = time.time() - 40 * 86400
     for p in [*(tmp_path / "run-a").iterdir(), tmp_path / "run-a"]:
         os.utime(p, (old, old))
@@ -871,8 +877,6 @@ def test_a_guard_file_a_killed_removal_left_is_removed_under_its_lock_with_the_t
     import os
     import time
 
-    from vision_rollout import folders
-
     run = Folder(str(tmp_path)) / "run-a"
     run.write("record.json", b"{}")
     (tmp_path / "run-a" / "record.json").unlink()  # (a removal killed under its lock: its guard left)
@@ -882,14 +886,7 @@ def test_a_guard_file_a_killed_removal_left_is_removed_under_its_lock_with_the_t
     old = time.time() - 7200
     for name in (".record.json.lock", ".notes.json.lock"):
         os.utime(tmp_path / "run-a" / name, (old, old))
-    locked: list[str] = []
-    real_guard_file = folders.guard_file
-
-    def guard_file(path, create=True):
-        locked.append(path.name)
-        return real_guard_file(path, create)
-
-    monkeypatch.setattr(folders, "guard_file", guard_file)
+    locked = locked_guards(monkeypatch)
     ours = {"record.json", "stage.json"}.__contains__
     assert run.remove_temporaries(ours, time.time() - 3600, dry_run=True) == [".record.json.lock"]
     assert locked == []
