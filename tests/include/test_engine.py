@@ -1476,9 +1476,7 @@ def test_a_stage_read_through_its_cache_judges_every_poke_as_a_whole_read(tmp_pa
 
 
 def test_a_torn_or_foreign_cache_is_read_as_none(tmp_path, monkeypatch):
-    import time
-
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     (pod,) = writers(tmp_path, "pod-a")
     full, cached = cached_judges(tmp_path, monkeypatch)
@@ -1506,9 +1504,7 @@ def test_two_pokes_at_once_lose_no_record_and_count_none_twice(tmp_path, monkeyp
     """Two pokes of a stage at once (a retried task) each read the cache, then each write what
     it read new: the last write replaced the other's, whose files the next poke read again. Each
     writes a part of its own: both stay, a file both read is taken once."""
-    import time
-
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     (pod,) = writers(tmp_path, "pod-a")
     full, cached = cached_judges(tmp_path, monkeypatch)
@@ -1535,12 +1531,11 @@ def test_a_poke_writes_what_it_read_new_not_the_whole_cache(tmp_path, monkeypatc
     nearly every poke; 31 MB for a million records, seconds a poke). A poke writes the records
     of the files it read new, and the cache's parts are merged so that they stay few: each
     poke's bytes are those of its new files, but at a merge of parts as large as they are."""
-    import time
 
     from vision_rollout import logcache
     from vision_rollout.folders import Folder
 
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     (pod,) = writers(tmp_path, "pod-a")
     full, cached = cached_judges(tmp_path, monkeypatch)
@@ -1630,11 +1625,10 @@ def test_a_stage_cache_holding_more_files_than_a_listing_takes_is_not_used(tmp_p
 
 def test_a_stage_cache_in_an_object_store_is_read_and_removed_there(tmp_path, monkeypatch, s3):
     """In kubernetes mode the run folder is an object store: each poke on another pod."""
-    import time
 
     from vision_rollout.folders import Folder
 
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     window = StageWindow(0, 50, t0)
     (pod,) = writers(tmp_path, "pod-a")
     run = s3.uri()
@@ -1724,7 +1718,7 @@ def test_the_caches_are_bounded_in_number_age_and_size(tmp_path, monkeypatch):
     assert f"{now - 31}-{31:024x}.parquet" in left
     assert f"{now - 32}-{32:024x}.parquet" not in left
     monkeypatch.setattr(logcache, "MAX_BYTES", 100)
-    t0 = time.time() - 1000
+    t0 = one_hours_t0()
     (tmp_path / "small").mkdir()
     (pod,) = writers(tmp_path / "small", "pod-a")
     flush_at(pod, traffic(t0, 0), t0 + 2)
