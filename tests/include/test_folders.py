@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import stat
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -612,6 +613,28 @@ def test_a_gcs_store_whose_credentials_cannot_be_loaded_is_an_oserror_naming_it(
     assert "Cannot open credentials file" in err
 
 
+def lock_waits(monkeypatch) -> threading.Event:
+    """Set once a thread other than the test's finds a lock taken (``flock`` refusing it) and
+    goes on to wait for it."""
+    import types
+
+    from vision_rollout import folders
+
+    waited = threading.Event()
+    real_flock = folders.fcntl.flock
+
+    def flock(fd, op):
+        try:
+            return real_flock(fd, op)
+        except BlockingIOError:
+            if threading.current_thread() is not threading.main_thread():
+                waited.set()
+            raise
+
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    return waited
+
+
 def test_a_folder_holding_more_than_a_listing_takes_is_listed_in_part_and_pruned_not(root, monkeypatch):
     """``names``, ``folders`` and ``changed`` listed a folder whole (a run folder of millions of
     files held them all in memory, for as long as its listing took), and prune took what it listed
@@ -649,24 +672,10 @@ def test_a_file_removed_while_a_conditional_write_of_it_runs_is_not_brought_back
     time. A file ``write_if`` wrote is removed under its lock: after the write, never within; and
     no guard file stays (it did: the emptied folder could not be removed)."""
     import threading
-    import types
-
-    from vision_rollout import folders
 
     folder = Folder(str(tmp_path)) / "outbox"
     folder.write_if("report.json", b"one", None)
-    waited = threading.Event()  # (the removal done, or waiting for the lock)
-    real_flock = folders.fcntl.flock
-
-    def flock(fd, op):
-        try:
-            return real_flock(fd, op)
-        except BlockingIOError:
-            if threading.current_thread() is not threading.main_thread():
-                waited.set()
-            raise
-
-    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    waited = lock_waits(monkeypatch)  # (the removal done, or waiting for the lock)
     real_remove = Folder.remove_temporaries
     removal: list[threading.Thread] = []
 
@@ -694,14 +703,13 @@ def test_a_removal_that_looked_for_the_lock_before_a_conditional_write_made_it_w
     a disk takes the lock, made for the while: it waits for the write, then removes the file;
     and neither leaves a guard file behind."""
     import threading
-    import types
 
     from vision_rollout import folders
 
     folder = Folder(str(tmp_path)) / "outbox"
     folder.write("report.json", b"one")
-    looked, read, waited = threading.Event(), threading.Event(), threading.Event()
-    real_guard_file, real_flock = folders.guard_file, folders.fcntl.flock
+    looked, read, waited = threading.Event(), threading.Event(), lock_waits(monkeypatch)
+    real_guard_file = folders.guard_file
 
     def guard_file(path, create=True):  # (the removal, once it looked for the guard file)
         try:
@@ -711,16 +719,7 @@ def test_a_removal_that_looked_for_the_lock_before_a_conditional_write_made_it_w
                 looked.set()
                 read.wait(60)  # (a bound: the write's read done, it goes on)
 
-    def flock(fd, op):
-        try:
-            return real_flock(fd, op)
-        except BlockingIOError:
-            if threading.current_thread() is not threading.main_thread():
-                waited.set()
-            raise
-
     monkeypatch.setattr(folders, "guard_file", guard_file)
-    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
     real_remove = Folder.remove_temporaries
 
     def remove_temporaries(self, *args, **kwargs):  # (under the lock, its read done, its write not)

@@ -1597,6 +1597,17 @@ def test_a_baseline_floor_another_manager_owns_is_refused_before_the_candidate_i
     assert hpa(kube, "1")["spec"]["minReplicas"] == 3
 
 
+def helms_hpa(kube, versions, floor: int) -> None:
+    """Version 1's HPA (``floor`` to 40 pods) as a Helm release installed it: Helm's, not the
+    rollout's."""
+    from vision_rollout.deploy import render_hpa
+
+    theirs = render_hpa(versions.target, "1", floor, 40)
+    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
+    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
+    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+
+
 def test_a_baseline_floor_another_manager_owns_refused_at_stage_1_after_its_hpa_scaled_it_up(
     kube, monkeypatch, tmp_path
 ):
@@ -1606,15 +1617,11 @@ def test_a_baseline_floor_another_manager_owns_refused_at_stage_1_after_its_hpa_
     the API server's words alone, as if the check before the candidate had not been made. It
     fails before any weight moves, naming the HPA, its own floor and the pods it runs now, and
     that it scaled since that check; the HPA stays Helm's."""
-    from vision_rollout.deploy import render_hpa
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
     stable_virtual_service(kube, PARAMS)
     versions = steps.ModelServerHook().deployments("digits")
-    theirs = render_hpa(versions.target, "1", 3, 40)
-    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
-    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
-    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    helms_hpa(kube, versions, 3)
     kube.scale("models", "digits-v1", 3, "kube-controller-manager")  # at its floor: a quiet hour
     take("run-1")
     params = {**PARAMS, "mirror_percent": 0}
@@ -1696,15 +1703,11 @@ def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_ano
     the traffic re-applies its HPA, refused (409, Helm owns its fields), and the rollback stopped
     there, every retry the same: the candidate kept its share. The HPA's refusal is logged, the
     pods scaled all the same, and the traffic goes back."""
-    from vision_rollout.deploy import render_hpa
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
     stable_virtual_service(kube, PARAMS)
     versions = steps.ModelServerHook().deployments("digits")
-    theirs = render_hpa(versions.target, "1", 3, 40)
-    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
-    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
-    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    helms_hpa(kube, versions, 3)
     kube.scale("models", "digits-v1", 3, "kube-controller-manager")  # at its HPA's floor: a quiet hour
     take("run-1")
     params = {**PARAMS, "mirror_percent": 0}
@@ -1729,7 +1732,6 @@ def test_a_rollback_brings_a_retired_stable_version_back_though_its_hpa_is_anoth
     candidate kept all of the traffic. Its pods are scaled back through the scale subresource,
     the HPA's refusal logged (Helm's fields left Helm's), and the traffic goes back once they are
     ready."""
-    from vision_rollout.deploy import render_hpa
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40, replicas=2)
     stable_virtual_service(kube, PARAMS, serving="2")  # promote had moved the routes
@@ -1737,10 +1739,7 @@ def test_a_rollback_brings_a_retired_stable_version_back_though_its_hpa_is_anoth
     versions = steps.ModelServerHook().deployments("digits")
     versions.apply("1", image("1"), replicas=0)
     versions.apply("2", image("2"), replicas=3)
-    theirs = render_hpa(versions.target, "1", 2, 40)
-    theirs["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "Helm"
-    kube.objects.pop(("horizontalpodautoscalers", "models", "digits-v1"), None)
-    kube.apply("horizontalpodautoscalers", "models", "digits-v1", theirs, "helm", force=True)
+    helms_hpa(kube, versions, 2)
     steps.restore_stable(PARAMS, "run-1")
     assert routes(kube) == [("v1", 100)]
     assert deployment(kube, "1")["spec"]["replicas"] == 3  # the candidate's pods, that served the traffic
