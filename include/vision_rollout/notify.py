@@ -835,7 +835,9 @@ class SlackNotifier:
         error (``slack_error`` in the answer), logged, and (``maybe_posted``) when the post was
         tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
         decides what an undelivered one means (the rollout's teardown fails the run, its
-        decision kept). A chart whose upload waits goes to the outbox with the post's mark; where
+        decision kept). Where the outbox fails too, the OSError, nothing posted; but for a post
+        Slack may have taken, ``maybe_posted`` without ``outbox`` (``_kept_unsure``): never
+        posted again in its place. A chart whose upload waits goes to the outbox with the post's mark; where
         the outbox fails then (``PostedNotKept``, logged), the post is the answer all the same,
         its ``chart_error`` saying so: never posted again."""
         message = replace(message, blocks=_limit(message.blocks))
@@ -861,9 +863,10 @@ class SlackNotifier:
                     "slack_error": error,
                     "refused": True,
                 }
+            if unsure(exc):
+                return self._kept_unsure(message, stem, error, tried)
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
-            maybe = tried if unsure(exc) else None
-            return {**self._to_outbox(message, stem, error=error, maybe_posted=maybe), "slack_error": error}
+            return {**self._to_outbox(message, stem, error=error), "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         result.update(self.upload_chart(result, message))
         if result.pop("chart_waits", False) and self.outbox is not None:  # (for a later round, into its thread)
@@ -876,6 +879,21 @@ class SlackNotifier:
             else:
                 log.warning("the report's chart waits in the outbox")
         return result
+
+    def _kept_unsure(self, message: Message, stem: str, error: str, tried: float) -> dict[str, Any]:
+        """A report a post of which, tried at ``tried``, Slack may have taken (``error``: why
+        that is not known), into the outbox noting it (``maybe_posted``: a later round looks for
+        that post first), logged; where the outbox fails (a full disk), never posted again in
+        its place: the answer says it may be in the channel, kept nowhere (``maybe_posted``,
+        no ``outbox``), with both errors."""
+        try:
+            kept = self._to_outbox(message, stem, error=error, maybe_posted=tried)
+        except OSError as exc:
+            error = f"{error}; it cannot be kept in the outbox to be looked for again: {str(exc)[:300]}"
+            log.warning("Slack may have taken the report, look for it in %s (%s)", one_line(self.channel), error)
+            return {"channel": self.channel, "maybe_posted": True, "slack_error": error}
+        log.warning("Slack may have taken the report (%s); it is in the outbox, to be looked for first", error)
+        return {**kept, "slack_error": error}
 
     def _post(self, message: Message, stem: str) -> Any:
         """chat.postMessage of ``message`` with its metadata; where Slack refuses the metadata (a
@@ -1646,13 +1664,7 @@ def send_report(
         try:
             found = find_post(client, notifier.channel, stem, queued, deadline=deadline, thread_ts=message.thread_ts)
         except LookupFailed as exc:  # (written again, to be looked for by a later round first)
-            error = f"an earlier try may have posted it: {exc}"
-            try:
-                kept = notifier._to_outbox(message, stem, error=error, maybe_posted=queued)
-            except OSError as full:  # (a full disk, say: never posted in its place, it may be in the channel)
-                error = f"{error}; it cannot be kept in the outbox to be looked for again: {str(full)[:300]}"
-                return {"channel": notifier.channel, "maybe_posted": True, "slack_error": error}
-            return {**kept, "slack_error": error}
+            return notifier._kept_unsure(message, stem, f"an earlier try may have posted it: {exc}", queued)
         if found is not None:
             return {**found, "posted_before": True}
     if not outbox.exists(name):

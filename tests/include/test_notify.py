@@ -275,6 +275,40 @@ def test_a_chart_that_cannot_wait_in_the_outbox_leaves_the_post_slack_took_the_a
     assert outbox.names() == []
 
 
+def test_a_post_slack_may_have_taken_that_cannot_wait_in_the_outbox_is_answered_not_raised(
+    slack, tmp_path, monkeypatch, caplog
+):
+    """A post whose answer was lost (Slack may have taken it) and an outbox that fails as the
+    report was to wait there (a full disk): the OSError went up from ``send``, the caller (a
+    task) failing and its retry posting the report a second time where the first had landed.
+    Now the answer says so: ``maybe_posted``, no ``outbox``, both errors in ``slack_error``,
+    logged; the report is posted once. A post Slack surely did not take (its own refusal) whose
+    outbox fails still raises: nothing posted, nothing kept, the caller's retry posts it once."""
+    import errno
+    import logging
+
+    def full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Folder, "write", full)
+    notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=Folder(str(tmp_path / "o")))
+    slack.lose_answers = 1
+    with caplog.at_level(logging.WARNING):
+        result = notifier.send(rollback_message(SPEC, "lost answer"))
+    assert result["maybe_posted"] is True
+    assert result["channel"] == "#c"
+    assert "outbox" not in result
+    assert "incompleteread" in result["slack_error"].lower()
+    assert "cannot be kept in the outbox" in result["slack_error"]
+    assert "No space left on device" in result["slack_error"]
+    assert "may have taken" in caplog.text
+    assert len(slack.messages()) == 1
+    slack.refuse = {"chat.postMessage": "invalid_auth"}
+    with pytest.raises(OSError, match="No space left"):
+        notifier.send(rollback_message(SPEC, "refused"))
+    assert len(slack.messages()) == 1
+
+
 def _charts(slack, posted):
     """The charts in the thread of the report ``posted`` (its channel and ts)."""
     return [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
