@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
+# ``flock`` of a guard file refused with ESTALE (NFS): not retried, the mount is to be fixed.
+STALE_LOCK = (
+    "on NFS, mount this folder with locking (neither nolock nor local_lock=flock or all) and "
+    "lookupcache=none, as the README says; nothing written nor removed"
+)
 # One listing of a folder (``names``, ``folders``, ``changed``) holds this many entries at most
 # and begins no page of an object store's listing (S3's: ``LIST_PAGE`` keys) after ``LIST_S``: a
 # folder of millions of files (or a hostile one) is listed in part (``complete`` false), never
@@ -248,7 +253,9 @@ class Folder:
         (``remove_if_empty``); a killed holder's, left, is pruned as a temporary is
         (``guarded_by``). A waiter that locks a guard file its holder removed meanwhile locks
         the one there now. True once held; ``make`` false: False, nothing locked, where this
-        folder is not there (nor ``name`` in it). In an object store, nothing (True)."""
+        folder is not there (nor ``name`` in it). ``flock`` refused with ESTALE (NFS): an OSError
+        naming the guard file and the mount options to check (``STALE_LOCK``), not retried. In an
+        object store, nothing (True)."""
         path = self.path
         if path is None:
             yield True
@@ -278,6 +285,12 @@ class Folder:
                                 f"{path / name} is being written by another process for over {LOCK_WAIT_S:g} s"
                             ) from None
                         time.sleep(0.02)
+                    except OSError as exc:
+                        if exc.errno != errno.ESTALE:
+                            raise
+                        raise OSError(
+                            errno.ESTALE, f"Stale file handle locking {guard_path} (flock): {STALE_LOCK}"
+                        ) from exc
                 try:
                     if not _same_file(guard, guard_path):  # (removed by its holder meanwhile)
                         continue

@@ -896,3 +896,33 @@ def test_a_guard_file_a_killed_removal_left_is_removed_under_its_lock_with_the_t
     assert not run.remove_if_empty()
     assert run.remove_temporaries(ours, time.time() + 1) == [".stage.json.lock"]
     assert run.remove_if_empty()
+
+
+@pytest.mark.parametrize("op", ["delete", "write_if"])
+def test_a_stale_nfs_handle_from_flock_names_the_file_and_the_mount_options(tmp_path, monkeypatch, op):
+    """On NFS, ``flock`` of a file's guard file can fail with ESTALE (a handle the server no longer
+    knows: the file removed by another machine, a name cached by the client): the outbox's removal
+    or conditional write (a report's claim, its note: a report's send before its post) failed with a
+    bare "[Errno 116] Stale file handle", naming no file nor what to check. It now fails, not retried, with
+    an OSError (ESTALE still) naming the guard file and what to check: the mount's locking and
+    ``lookupcache=none``, as the README says; nothing written nor removed."""
+    import errno
+    import types
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path / "outbox"))
+    folder.write("r.json", b"{}")
+
+    def stale(fd, operation):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": stale}))
+    with pytest.raises(OSError, match="Stale file handle") as e:
+        folder.delete("r.json") if op == "delete" else folder.write_if("r.json", b"[]", b"{}")
+    assert e.value.errno == errno.ESTALE
+    message = str(e.value)
+    assert str(tmp_path / "outbox" / ".r.json.lock") in message
+    assert "lookupcache=none" in message
+    assert "nolock" in message
+    assert folder.read("r.json") == b"{}"
