@@ -649,6 +649,20 @@ def report_chart(
     return None, f"{stage} {what}: {_failure(done['error'])[:300]}"
 
 
+def charted(
+    message: Message,
+    spec: RolloutSpec,
+    verdicts: Sequence[dict[str, Any] | None],
+    prediction_log: str,
+    validation: Path,
+) -> Message:
+    """``message``, a run's final report, with the chart of the stage that decided of ``verdicts``
+    (``report_chart``, within its budgets), or a line saying why there is none (``without_chart``);
+    as it was where no stage was judged."""
+    chart, why = report_chart(spec, verdicts, prediction_log, validation)
+    return without_chart(message, why) if why else replace(message, chart=chart)
+
+
 def without_chart(message: Message, why: str) -> Message:
     """``message``, a final report whose chart could not be drawn (``report_chart``'s ``why``),
     saying so in one line under its headline."""

@@ -1717,9 +1717,18 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     return spec.baseline_version
 
 
-def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id: str | None = None) -> dict[str, Any]:
+def _found_report(
+    spec: RolloutSpec,
+    kept: bool,
+    reason: str,
+    done: str,
+    run_id: str | None = None,
+    verdicts: list[dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
     """The teardown's report of what it found where notify sent none: the promotion kept, or the
-    rollback (``done``: what the teardown did, the stable version restored or not). ``run_id``:
+    rollback (``done``: what the teardown did, the stable version restored or not), with the
+    chart of the stage that decided of the run's ``verdicts`` (``with_chart``, as notify's
+    report; None: not known, no chart). ``run_id``:
     in place of the report notify wrote, gone from the outbox (``send_run_report``: where Slack
     took notify's, that post is the answer, ``posted_before``, and nothing more is posted)."""
     from vision_rollout.notify import in_outbox, plain_report, rollback_message
@@ -1729,6 +1738,8 @@ def _found_report(spec: RolloutSpec, kept: bool, reason: str, done: str, run_id:
     else:
         restored = done.startswith(f"version {spec.baseline_version} takes 100%")
         message = rollback_message(spec, reason, restored=restored)
+    if verdicts is not None:
+        message = with_chart(spec, message, verdicts)
     if not run_id:
         return send(spec, message)
     try:
@@ -1774,9 +1785,11 @@ def ensure_stable(
     rolled_back: str | None,
     report: dict[str, Any] | None,
     decided: str | None = None,
+    verdicts: list[dict[str, Any] | None] | None = None,
 ) -> str:
     """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
-    the model's lease is released. A run that does not hold the lease (another run of the model
+    the model's lease is released. ``verdicts``: each stage's (``evidence``), for the chart of the
+    report the teardown sends itself, as notify's (``_found_report``). A run that does not hold the lease (another run of the model
     held it, or took it over) touches nothing: the routes are that run's.
 
     It fails, once that is done, a run that ended before promote or rollback finished (marked
@@ -1822,7 +1835,8 @@ def ensure_stable(
                 f"tries again, the routes only): {str(exc)[:500]}"
             )
             try:
-                send(spec, rollback_message(spec, f"{what}; {failed}", restored=False))
+                message = rollback_message(spec, f"{what}; {failed}", restored=False)
+                send(spec, message if verdicts is None else with_chart(spec, message, verdicts))
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise
@@ -1832,14 +1846,16 @@ def ensure_stable(
         # teardown found not carried out and undid (promote marked success by hand): the teardown reports
         contrary = unfinished and kept != (decided == "promote")  # (what notify reports is not what serves)
         if report is None or contrary:
-            report = _found_report(spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None)
+            report = _found_report(
+                spec, kept, f"{what}; {done}", done, run_id if wrote and not contrary else None, verdicts
+            )
             _end_keeps_post(spec, run_id, report)
         undelivered = f"; {_undelivered(report)}" if report.get("slack_error") else ""
         raise AirflowFailException(f"{what}{' (see its log)' if unfinished else ''}; {done}{undelivered}")
     if report is None:  # notify did not run (downstream of a promote refused after decide was marked
         # success by hand, say) or crashed: nobody was told, so the teardown reports what it found
         chose = f"decide chose {decided}" if decided else "decide chose nothing (marked success by hand?)"
-        report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None)
+        report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None, verdicts)
         _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
             return done
@@ -1973,39 +1989,26 @@ def notify(
     without a chart (the first report's thread, where it goes, has it)."""
     from vision_rollout.engine import deciding_stage
     from vision_rollout.gates import Verdict
-    from vision_rollout.notify import (
-        plain_report,
-        promotion_message,
-        report_chart,
-        rollback_message,
-        sent_again,
-        without_chart,
-    )
+    from vision_rollout.notify import plain_report, promotion_message, rollback_message, sent_again
 
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
-    settings = serving().settings
     end = None if run_id is None else run_ended(spec, run_id)
-    chart, unchartable = (  # (sent again: the first report's thread has its chart)
-        report_chart(spec, verdicts, settings.prediction_log, settings.validation(spec.model))
-        if end is None
-        else (None, None)
-    )
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
-            message = promotion_message(spec, judged, reason=reason, notes=notes, chart=chart)
+            message = promotion_message(spec, judged, reason=reason, notes=notes)
         else:  # the stage that rolled it back, as judge_evidence finds it (none: every stage passed)
             index = deciding_stage(spec, verdicts)
             weight, failing = (None, None) if index is None else (spec.stages[index], verdicts[index])
             message = rollback_message(
-                spec, reason, Verdict.from_dict(failing) if failing else None, weight, chart=chart, notes=notes
+                spec, reason, Verdict.from_dict(failing) if failing else None, weight, notes=notes
             )
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
-        message = replace(plain_report(spec, outcome, reason), chart=chart)
-    if unchartable:
-        message = without_chart(message, unchartable)
+        message = plain_report(spec, outcome, reason)
+    if end is None:  # (sent again: the first report's thread has its chart)
+        message = with_chart(spec, message, verdicts)
     if run_id is None:
         return send(spec, message)
     if end is not None:
@@ -2013,6 +2016,16 @@ def notify(
         ts = first.get("ts") if isinstance(first, dict) else None
         return send(spec, sent_again(message, ts if isinstance(ts, str) else None))  # (in the first report's thread)
     return send_run_report(spec, message, run_id)
+
+
+def with_chart(spec: RolloutSpec, message: Message, verdicts: list[dict[str, Any] | None]) -> Message:
+    """``message``, a run's final report (notify's, the teardown's), with the chart of the stage
+    that decided of ``verdicts`` (``notify.charted``: read again from the connection's prediction
+    log, this task's worker being any), or a line saying why there is none."""
+    from vision_rollout.notify import charted
+
+    settings = serving().settings
+    return charted(message, spec, verdicts, settings.prediction_log, settings.validation(spec.model))
 
 
 def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, Any]:

@@ -3980,3 +3980,44 @@ def test_a_final_report_left_in_the_outbox_keeps_its_chart_beside_it(monkeypatch
     (png,) = (tmp_path / "run" / "outbox").glob("*.png")
     assert json.loads(report.read_text())["chart"] == png.name
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
+
+
+@pytest.mark.parametrize("how", ["stopped", "restore failed", "no look judged"])
+def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, tmp_path, how):
+    """A run that failed in a task (marked failed, a step that failed: notify never ran) is
+    reported by its teardown: that report went without a chart where notify's carries the chart
+    of the stage that decided. It carries the same one now (the run's verdicts, read as notify
+    reads them), or the same line saying why there is none."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    if how == "restore failed":
+
+        def unreachable(*args, **kwargs):
+            raise AirflowFailException("version 1 has no Deployment: the routes stay as they are")
+
+        monkeypatch.setattr(steps, "finish", unreachable)
+    else:
+        finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    verdicts = [judged("fail", t0), None]
+    if how == "no look judged":
+        verdicts = [judged("pass", t0), ended_at_look_0(t0 + 300)]
+    with pytest.raises(AirflowFailException):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, verdicts)
+    outbox = tmp_path / "run" / "outbox"
+    (report,) = outbox.glob("*.json")
+    record = json.loads(report.read_text())
+    lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
+    if how == "no look judged":
+        (line,) = [t for t in lines if "No chart" in t]
+        assert "the 100% stage ended before a look was judged" in line
+        assert "chart" not in record
+        assert not list(outbox.glob("*.png"))
+        return
+    assert not [t for t in lines if "No chart" in t]
+    (png,) = outbox.glob("*.png")
+    assert record["chart"] == png.name
+    assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
