@@ -1012,6 +1012,7 @@ def _run(
     from vision_rollout.notify import (
         Message,
         SlackNotifier,
+        charted,
         plain_report,
         promotion_message,
         rollback_message,
@@ -1040,6 +1041,9 @@ def _run(
     )
 
     said: dict[int, str] = {}  # stage -> its last state, for the lease's note
+    # stage -> the evidence time of its last look (its window's start, the look's ``until``): the
+    # final report's chart, as the DAG's wait keeps it in its verdict's ``bake``
+    bakes: dict[int, dict[str, Any]] = {}
     shown: dict[int, float] = {}  # stage -> when a line last said how it goes (monotonic)
 
     def look(window: StageWindow) -> StageState:
@@ -1054,6 +1058,7 @@ def _run(
                 flush=True,
             )
         state = judge(window)
+        bakes[window.index] = {"window": window.started, "until": state.until}
         said[window.index] = f"stage {window.weight}%: look {state.look} of {state.looks}: {state.reason}"
         if not state.done and time.monotonic() - shown[window.index] >= _PROGRESS_EVERY_S:
             shown[window.index] = time.monotonic()
@@ -1150,7 +1155,7 @@ def _run(
         last = result.stages[-1] if result.stages else None
         verdicts = [o.verdict for o in result.stages if o.verdict is not None]
         failed = last if last is not None and last.decision != "pass" else None
-        send(
+        message = (
             promotion_message(spec, verdicts, result.audit, reason=result.reason, notes=notes)
             if result.promoted
             else rollback_message(
@@ -1162,6 +1167,13 @@ def _run(
                 notes=notes,
             )
         )
+        if notifier is not None:  # (the chart of the stage that decided, as the DAG's report has it)
+            kept = [
+                None if o.verdict is None else {**o.verdict.to_dict(), "bake": bakes.get(i)}
+                for i, o in enumerate(result.stages)
+            ]
+            message = charted(message, spec, kept, args.prediction_log, args.validation)
+        send(message)
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1
     except Interrupted as exc:

@@ -1419,6 +1419,49 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
+@pytest.mark.parametrize("ended", ["judged", "breach"])
+def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatch, ended):
+    """rolloutctl run's final report went to the outbox without a chart, where the DAG's carries
+    the chart of the stage that decided, read again from the prediction log. It carries the same
+    one now (the samples of that stage's last look, from the log the run judged), or the same line
+    saying why there is none (a stage ended on a hard guard: no look judged)."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from tests.support import png_title, stage_evidence
+    from vision_rollout import cli, engine
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    verdict = evaluate_gate(samples(200, ratio=1.5))
+
+    def look(window):
+        stage_evidence(tmp_path, window.started, replay=False)
+        if ended == "breach":
+            return StageState("breach", 0, 3, None, "hard guard tripped")
+        return StageState("fail", 2, 3, verdict, "failed", until=window.started + 100)
+
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    assert cli._run(args, spec, RecordingRouter(), None, {}, cli._Lease(None, spec.model), "") == 1
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    final = reports[-1]
+    assert final["text"].startswith("Rolled back digits v2")
+    lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
+    if ended == "breach":
+        (line,) = [t for t in lines if "No chart" in t]
+        assert "the 50% stage ended before a look was judged" in line
+        assert not list((tmp_path / "outbox").glob("*.png"))
+        return
+    assert not [t for t in lines if "No chart" in t]
+    png = tmp_path / "outbox" / final["chart"]  # (its look as the verdict names it: evaluate_gate's)
+    assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 1 of 1, live A/B arms"
+
+
 def test_runs_shadow_audit_judges_the_copies_against_the_mirror_share_as_the_dag_does(tmp_path, monkeypatch, capsys):
     """rolloutctl run's audit passed no mirror share (the DAG's shadow_consistency passes the
     spec's): behind a mirror that samples on its own (Istio's), a shadow sent none of 200 copies

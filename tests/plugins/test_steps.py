@@ -4,7 +4,6 @@ time per model in local mode (the lock file)."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 import types
@@ -12,14 +11,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from model_server.traffic import TrafficPolicy
 from rollout_airflow import steps
 from rollout_airflow.steps import approval_body, decide
-from tests.support import TOKEN, mirroring, put_policy
+from tests.support import TOKEN, mirroring, png_title, put_policy, stage_evidence
 from vision_rollout.mesh import routes_to
 
 PASS = {"decision": "pass", "summary": "PASS at look 1"}
@@ -3766,56 +3764,6 @@ def chart_conn(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
 
 
-def stage_evidence(tmp_path, t0: float, replay: bool) -> None:
-    """Into the prediction log: from ``t0`` on, 90 s of live requests to versions 1 and 2 (the
-    canary 1.5 times slower), each labelled, or with ``replay`` each validation image sent to both
-    by name every 20 s, as the 50% and the 100% stage's gates judge them; their files named as
-    written at 92 s (as a writer flushing every 2 s names them: evidence of a look at 100 s)."""
-    import base64
-    import os
-
-    from model_server.masking import KeyRing, Masker
-    from model_server.predictionlog import Inference, Label, PredictionLog
-
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
-    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), []), replica="pod-a", compression=None)
-    scores = np.eye(10, dtype=np.float32)
-    for i in range(200):
-        v, t = "12"[i % 2], t0 + 1 + 0.45 * i
-        if replay:
-            image, route, rid = b"image-%d" % (i // 2 % 20), "version", f"replay-{i}"
-        else:
-            image, route, rid = b"photo-%d" % i, "route", f"live-{i}"
-        latency = (5.0 if v == "1" else 7.5) * (1 + (i % 7) / 10)
-        writer.append(
-            Inference(
-                t,
-                "digits",
-                v,
-                "primary",
-                route,
-                rid,
-                "t",
-                "s",
-                latency,
-                "ok",
-                scores[[i % 10]],
-                np.array([image], dtype=object),
-                True,
-                {"x-user-id": "+1 555 0100"},
-                1,
-            )
-        )
-        if not replay:
-            writer.append(Label(t + 0.1, "digits", v, rid, [i % 10 if i % 5 else 0], "acme"))
-    before = set((tmp_path / "log").rglob("part-*"))
-    writer.flush()
-    second = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0 + 92))
-    for path in set((tmp_path / "log").rglob("part-*")) - before:
-        path.rename(path.with_name(re.sub(r"\d{8}T\d{6}Z", second, path.name)))
-
-
 def judged(decision: str, t0: float) -> dict:
     """A stage's verdict as its wait kept it: decided at look 2 of 3, on the records from ``t0``
     to 100 s later."""
@@ -3834,14 +3782,6 @@ def _chart_in_thread(slack, posted: dict) -> tuple[dict, bytes]:
     """The one file in the thread of the report ``posted``, and its bytes."""
     (shared,) = [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
     return shared, slack.uploads[shared["id"]]
-
-
-def png_title(png: bytes) -> str:
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(png)).text["Title"]
 
 
 @pytest.mark.parametrize("outcome", ["promote", "rollback"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import struct
 import time
 from collections.abc import Callable
@@ -550,3 +551,58 @@ class SlowStore:
                 return store.local.open_input_file(path)
 
         return Slow(), root
+
+
+def stage_evidence(tmp_path: Path, t0: float, replay: bool) -> None:
+    """Into the prediction log: from ``t0`` on, 90 s of live requests to versions 1 and 2 (the
+    canary 1.5 times slower), each labelled, or with ``replay`` each validation image sent to both
+    by name every 20 s, as the 50% and the 100% stage's gates judge them; their files named as
+    written at 92 s (as a writer flushing every 2 s names them: evidence of a look at 100 s)."""
+    from model_server.predictionlog import Label
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"default": base64.b64encode(os.urandom(32)).decode(), "tenants": {}}))
+    writer = PredictionLog(tmp_path / "log", Masker(KeyRing(keys), []), replica="pod-a", compression=None)
+    scores = np.eye(10, dtype=np.float32)
+    for i in range(200):
+        v, t = "12"[i % 2], t0 + 1 + 0.45 * i
+        if replay:
+            image, route, rid = b"image-%d" % (i // 2 % 20), "version", f"replay-{i}"
+        else:
+            image, route, rid = b"photo-%d" % i, "route", f"live-{i}"
+        latency = (5.0 if v == "1" else 7.5) * (1 + (i % 7) / 10)
+        writer.append(
+            Inference(
+                t,
+                "digits",
+                v,
+                "primary",
+                route,
+                rid,
+                "t",
+                "s",
+                latency,
+                "ok",
+                scores[[i % 10]],
+                np.array([image], dtype=object),
+                True,
+                {"x-user-id": "+1 555 0100"},
+                1,
+            )
+        )
+        if not replay:
+            writer.append(Label(t + 0.1, "digits", v, rid, [i % 10 if i % 5 else 0], "acme"))
+    before = set((tmp_path / "log").rglob("part-*"))
+    writer.flush()
+    second = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0 + 92))
+    for path in set((tmp_path / "log").rglob("part-*")) - before:
+        path.rename(path.with_name(re.sub(r"\d{8}T\d{6}Z", second, path.name)))
+
+
+def png_title(png: bytes) -> str:
+    """A PNG chart's title (its ``Title`` text chunk: ``latency_accuracy_chart``'s)."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).text["Title"]
