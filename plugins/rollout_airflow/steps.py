@@ -1406,10 +1406,11 @@ def acted_on(spec: RolloutSpec, settings: Any) -> str:
 
 
 def tell(spec: RolloutSpec, message: Any, what: str) -> None:
-    """``send``, logging ``what`` did not reach Slack where it did not: the run goes on."""
+    """``send``, logging where ``what`` is where Slack did not take it for sure (``_undelivered``:
+    in the outbox, or kept nowhere): the run goes on."""
     sent = send(spec, message)
     if sent.get("slack_error"):
-        log.warning("%s did not reach Slack (%s): it is in the outbox", what, sent["slack_error"])
+        log.warning("%s: %s", what, _undelivered(sent))
 
 
 def last_stage_start(params: dict[str, Any], ti: Any) -> float:

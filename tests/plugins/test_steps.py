@@ -3961,3 +3961,26 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     (png,) = outbox.glob("*.png")
     assert record["chart"] == png.name
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
+
+
+@pytest.mark.parametrize(
+    ("sent", "said"),
+    [
+        ({"outbox": "/run/outbox/r.json", "slack_error": "invalid_auth"}, "it is in the outbox, /run/outbox/r.json"),
+        (
+            {"channel": "#c", "maybe_posted": True, "slack_error": "cut off; it cannot be kept in the outbox"},
+            "look for it in #c and post it by hand",
+        ),
+    ],
+)
+def test_a_report_told_during_the_run_logs_where_it_is(monkeypatch, caplog, sent, said):
+    """A report sent during the run (the request for approval, a guard's breach) that Slack did
+    not take was logged as "it is in the outbox" even where it is kept nowhere (a post Slack may
+    have taken, the outbox failing): nobody looked for it. The log says what the teardown says."""
+    import logging
+
+    monkeypatch.setattr(steps, "send", lambda spec, message: sent)
+    with caplog.at_level(logging.WARNING):
+        steps.tell(steps.spec_from(PARAMS), None, "the request for approval")
+    assert said in caplog.text
+    assert ("in the outbox, " in caplog.text) == ("outbox" in sent)
