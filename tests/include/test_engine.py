@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from model_server.traffic import TrafficPolicy
-from tests.support import TOKEN
+from tests.support import TOKEN, one_hours_t0
 from vision_rollout.audit import AuditResult
 from vision_rollout.engine import (
     Rollout,
@@ -1427,16 +1427,6 @@ def same_poke(full, cached, window, now: float) -> pd.DataFrame:
     assert (a.status, a.look, a.reason, a.served) == (b.status, b.look, b.reason, b.served)
     assert (a.verdict and a.verdict.to_dict()) == (b.verdict and b.verdict.to_dict())
     return through
-
-
-def one_hours_t0() -> float:
-    """A stage start about 1000 s ago whose next 300 s lie in one hour: a flush of records
-    straddling an hour writes a file to each hour's folder, and a test counting the files read
-    failed when run in the minutes after an hour began."""
-    import time
-
-    t0 = time.time() - 1000
-    return t0 - 400 if t0 % 3600 > 3600 - 300 else t0
 
 
 def test_a_stage_read_through_its_cache_judges_every_poke_as_a_whole_read(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from model_server.traffic import TrafficPolicy
 from rollout_airflow import steps
 from rollout_airflow.steps import approval_body, decide
-from tests.support import TOKEN, mirroring, png_title, put_policy, stage_evidence
+from tests.support import TOKEN, mirroring, one_hours_t0, png_title, put_policy, stage_evidence
 from vision_rollout.mesh import routes_to
 
 PASS = {"decision": "pass", "summary": "PASS at look 1"}
@@ -3831,7 +3831,7 @@ def test_a_report_whose_stage_samples_cannot_be_read_is_sent_without_a_chart_say
     of part of what the gate judged. The report goes all the same, without it, saying why in one
     line."""
     chart_conn(monkeypatch, tmp_path)
-    t0 = time.time() - 900
+    t0 = one_hours_t0()  # (the one file: records in one hour)
     stage_evidence(tmp_path, t0, replay=False)
     (written,) = (tmp_path / "log").rglob("part-*.parquet")
     written.write_bytes(written.read_bytes()[:100])

@@ -553,6 +553,14 @@ class SlowStore:
         return Slow(), root
 
 
+def one_hours_t0() -> float:
+    """A stage start about 1000 s ago whose next 300 s lie in one hour: a flush of records
+    straddling an hour writes a file to each hour's folder, and a test counting the files read
+    failed when run in the minutes after an hour began."""
+    t0 = time.time() - 1000
+    return t0 - 400 if t0 % 3600 > 3600 - 300 else t0
+
+
 def stage_evidence(tmp_path: Path, t0: float, replay: bool) -> None:
     """Into the prediction log: from ``t0`` on, 90 s of live requests to versions 1 and 2 (the
     canary 1.5 times slower), each labelled, or with ``replay`` each validation image sent to both
