@@ -1,9 +1,11 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--spec FILE [--stage N [--level L]]] [--latency-from live|replay]
+  rolloutctl gate --samples FILE [--spec FILE [--stage N --started T [--level L]]] [--latency-from live|replay]
                   [--replay-images N] [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...]
-                  [--json]   (--stage takes --replay-images: the DAG's stages replay the validation set; and
-                  --information past look 1: the DAG judges a look at its looks' information)
+                  [--json]   (--stage takes --replay-images: the DAG's stages replay the validation set;
+                  --started, the stage's start: the DAG judges a look on the samples before its time, the
+                  last once a whole validation round is in; and --information past look 1: the DAG judges
+                  a look at its looks' information)
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -58,6 +60,7 @@ import argparse
 import atexit
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -80,7 +83,7 @@ from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from vision_rollout.engine import StageWindow
-    from vision_rollout.gates import Information
+    from vision_rollout.gates import Information, Verdict
     from vision_rollout.spec import RolloutSpec
 
 log = logging.getLogger(__name__)
@@ -428,6 +431,49 @@ def _level(level: float | None, window: StageWindow | None) -> float:
     return level
 
 
+def _stage_started(args: argparse.Namespace, window: StageWindow | None) -> StageWindow | None:
+    """``--started``: the stage ``window`` begun then; a usage error naming the flag when it is
+    missing with ``--stage``, or given without it."""
+    from dataclasses import replace
+
+    if window is None:
+        if args.started is not None:
+            raise UsageError("--started: give --spec and --stage, the stage it judges as the DAG did")
+        return None
+    if args.started is None:
+        raise UsageError(
+            f"--stage {args.stage}: give --started, the stage's start in unix seconds (its stage record's window "
+            "start, its verdict's bake.window), as the DAG judges each look on the samples before its time"
+        )
+    if not math.isfinite(args.started) or args.started < 0:
+        raise UsageError(f"--started takes the stage's start in unix seconds, not {args.started:g}")
+    return replace(window, started=args.started)
+
+
+def _stage_look(
+    args: argparse.Namespace, spec: RolloutSpec, window: StageWindow, config: Any, samples: Any, images: int
+) -> Verdict:
+    """``--stage``: the look judged as the DAG's poke that first judges it (``engine.judge_stage``),
+    with the engine's own functions: on the samples before the look's time (``engine.look_end``:
+    the last look's once a whole validation round and each arm's min_samples are in)."""
+    from pandas.api.types import is_numeric_dtype
+
+    from vision_rollout.engine import look_end, look_verdict
+
+    missing = sorted({"time", "source", "pair_id", "correct"} - set(samples.columns))
+    if missing:
+        raise UsageError(
+            f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
+            "engine.stage_samples)"
+        )
+    if not is_numeric_dtype(samples["time"]):
+        raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
+    at = look_end(spec, window, args.look, samples, images)
+    samples = samples[samples["time"] < at]
+    seen = _information(args.information or "", args.look, samples, window.latency_from)
+    return look_verdict(spec, window, args.look, at, samples, config, None, images, seen)
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from vision_rollout.gates import GateConfig, check_samples, evaluate_gate
     from vision_rollout.spec import MAX_LOOKS
@@ -452,6 +498,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
             f"{args.look - 1} (the DAG judges a look at the information its looks saw, not at equal increments)"
         )
     level = _level(args.level, window)
+    window = _stage_started(args, window)
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -470,22 +517,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
                 f"--replay-images {images}: the samples hold {paired} validation images (pair_id), more than a "
                 f"round's {images}"
             )
-        seen = None if args.information is None else _information(args.information, args.look, samples, latency_from)
-        # As the DAG's stage (``engine.judge_stage``): at 100% after an earlier stage, latency is
-        # reported, not judged; at its last look, latency left undecided alone carried to the next.
-        verdict = evaluate_gate(
-            samples,
-            config if spec is None else GateConfig.from_spec(spec, **config),
-            args.look,
-            looks,
-            latency_from=latency_from,
-            replay_images=images,
-            information=seen,
-            latency_unjudged=None if window is None else window.latency_unjudged,
-            latency_carried_to=None
-            if window is None or spec is None or args.look < looks
-            else window.latency_carried_to(spec),
-        )
+        cfg = config if spec is None else GateConfig.from_spec(spec, **config)
+        if window is None or spec is None:
+            seen = (
+                None if args.information is None else _information(args.information, args.look, samples, latency_from)
+            )
+            verdict = evaluate_gate(
+                samples, cfg, args.look, looks, latency_from=latency_from, replay_images=images, information=seen
+            )
+        else:
+            verdict = _stage_look(args, spec, window, cfg, samples, images)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -1653,7 +1694,7 @@ def parser() -> argparse.ArgumentParser:
         help="judge as the DAG judges this stage of --spec's stages, 1 for the first: latency from its source "
         "(live below 100%%, replay at 100%%); at 100%% after an earlier stage latency reported, not judged; at "
         "its last look (--look = --looks) below 100%%, the next stage below 100%% too, latency left undecided "
-        "alone carried there; takes --replay-images, and --information past its first look",
+        "alone carried there; takes --started and --replay-images, and --information past its first look",
     )
     g.add_argument(
         "--level",
@@ -1671,6 +1712,16 @@ def parser() -> argparse.ArgumentParser:
         "the distinct images its labels.csv names; the N of the DAG's 'Validation replay: X of N images'): the "
         "paired accuracy check judges a whole round only (N images paired by both arms) and waits, holding the "
         "gate, until one is in; default none: it judges the pairs given",
+    )
+    g.add_argument(
+        "--started",
+        type=float,
+        metavar="T",
+        help="with --stage: the stage's start, unix seconds (its stage record's window start, its verdict's "
+        "bake.window): the samples given, the stage's as a poke read them (time: when each is evidence), are "
+        "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
+        "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
+        "engine.final_look_time)",
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, help="looks planned, 1 to 12 (default 1, or --spec's looks_per_stage)")

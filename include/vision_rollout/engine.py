@@ -398,6 +398,56 @@ def final_look_time(spec: RolloutSpec, window: StageWindow, samples: pd.DataFram
     return min(max(planned, *reached), window.started + spec.max_stage_seconds)
 
 
+def look_end(spec: RolloutSpec, window: StageWindow, look: int, samples: pd.DataFrame, images: int = 0) -> float:
+    """The time of look ``look`` of the stage, its samples those before it: planned
+    (``StageWindow.look_time``), the last one's ``final_look_time`` on the stage's ``samples`` so
+    far (``images``: a validation round's)."""
+    if look < spec.looks_per_stage:
+        return window.look_time(spec, look)
+    return final_look_time(spec, window, samples, images)
+
+
+def stage_guards(guards: GuardInputs | None, samples: pd.DataFrame, images: int = 0) -> GuardInputs:
+    """The hard guards a poke judges the stage under: ``guards``, those read from Prometheus
+    (``guard_inputs``), and the replay's accuracy drop on the stage's ``samples`` so far
+    (``replay_drop``, on whole rounds of ``images``)."""
+    return GuardInputs(**{**(guards.__dict__ if guards else {}), "validation_drop": replay_drop(samples, images)})
+
+
+def look_verdict(
+    spec: RolloutSpec,
+    window: StageWindow,
+    look: int,
+    at: float,
+    samples: pd.DataFrame,
+    cfg: GateConfig,
+    guards: GuardInputs | None,
+    images: int,
+    information: tuple[Information, ...],
+    reckoning: Reckoning | None = None,
+) -> Verdict:
+    """Look ``look`` of the stage judged on its ``samples`` (those before its time ``at``) under
+    the hard guards ``guards`` (``stage_guards``), as its pokes judge it: latency on the stage's
+    source, at 100% after an earlier stage reported, not judged, and at its last look left
+    undecided alone carried to the next stage below 100% (``StageWindow``); the paired accuracy
+    check on whole rounds of ``images``; each check's boundary at ``information``, what looks
+    1..``look`` saw. The evidence it rests on leads its checks."""
+    verdict = evaluate_gate(
+        samples,
+        cfg,
+        look,
+        spec.looks_per_stage,
+        guards=guards,
+        latency_from=window.latency_from,
+        replay_images=images,
+        latency_unjudged=window.latency_unjudged,
+        latency_carried_to=window.latency_carried_to(spec) if look == spec.looks_per_stage else None,
+        information=information,
+        reckoning=reckoning,
+    )
+    return replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
+
+
 def read_in_part(records: pd.DataFrame) -> str | None:
     """What a read cut short by its time or its memory bound left of the stage's records (``read``'s
     ``unread_files``, ``unlisted_folders``), or the hour folders it listed in part as holding
@@ -477,12 +527,7 @@ def judge_stage(
         return StageState(status, look, K, verdict, reason, served(current), elapsed, until)
 
     images = len(labels) if replay_images is None else replay_images
-    guard_in = GuardInputs(
-        **{
-            **(guards.__dict__ if guards else {}),
-            "validation_drop": replay_drop(current, images),
-        }
-    )
+    guard_in = stage_guards(guards, current, images)
     if breach := tripped(guard_in, cfg):
         return state("breach", 0, None, breach)
     if (partial := read_in_part(records)) is not None:  # no look judged on part of the records
@@ -492,25 +537,12 @@ def judge_stage(
     verdict: Verdict | None = None
     seen: list[Information] = []  # the information of each look so far (its boundaries read them all)
     for look in range(1, K + 1):
-        at = window.look_time(spec, look) if look < K else final_look_time(spec, window, current, images)
+        at = look_end(spec, window, look, current, images)
         if at > now - settle_s:
             break
         samples = stage_samples(records, spec, window, at, labels, base)
         seen.append(look_information(samples, window.latency_from))
-        verdict = evaluate_gate(
-            samples,
-            cfg,
-            look,
-            K,
-            guards=guard_in,
-            latency_from=window.latency_from,
-            replay_images=images,
-            latency_unjudged=window.latency_unjudged,
-            latency_carried_to=window.latency_carried_to(spec) if look == K else None,
-            information=tuple(seen),
-            reckoning=reckoning,
-        )
-        verdict = replace(verdict, checks=(evidence_check(samples, at - window.started), *verdict.checks))
+        verdict = look_verdict(spec, window, look, at, samples, cfg, guard_in, images, tuple(seen), reckoning)
         judged, judged_at = look, at
         if verdict.decision != "wait":
             break

@@ -127,34 +127,38 @@ def test_gate_latency_from_refused_with_what_is_wrong(tmp_path, capsys, source, 
 
 
 def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None) -> tuple:
-    """``judge_stage``'s look at ``window`` of ``log`` at ``now`` (under the spec ``judged_as``, else
-    ``s``), as the DAG's sensor takes it: its stage's state, its verdict, and ``gate``'s argv on its
-    samples with ``s`` as the spec file, its look and the earlier looks' information."""
+    """``judge_stage``'s poke at ``window`` of ``log`` at ``now`` (under the spec ``judged_as``, else
+    ``s``), as the DAG's sensor takes it: its stage's state (its verdict the last look's judged,
+    None before one, as at a hard guard's breach), ``gate``'s argv on the stage's samples as that
+    poke read them (those before ``now`` less the settle time) with ``s`` as the spec file, its look
+    (the first before one) and the earlier looks' information, and the arguments that judge it as
+    the DAG's stage (its number and start, a validation round's images)."""
     from tests.include.test_engine import IMAGES
     from vision_rollout import engine
-    from vision_rollout.engine import judge_stage
+    from vision_rollout.engine import SETTLE_S, judge_stage, stage_samples
 
     judged = engine.evaluate_gate
-    looks: list = []
+    seen: list = []
 
-    def evaluate_gate(samples, *args, **kwargs):  # (the DAG's look: its samples and verdict)
-        looks.append((samples, kwargs["information"], judged(samples, *args, **kwargs)))
-        return looks[-1][2]
+    def evaluate_gate(samples, *args, **kwargs):  # (the information of the DAG's looks)
+        seen[:] = kwargs["information"]
+        return judged(samples, *args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
     state = judge_stage(judged_as or s, window, log, IMAGES, now)
-    samples, seen, verdict = looks[-1]
     path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
-    samples.to_parquet(path)
+    stage_samples(log, s, window, now - SETTLE_S, IMAGES).to_parquet(path)
     spec_file.write_text(json.dumps(s.to_dict()))
     earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
-    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(verdict.look))
-    return state, verdict, (*argv, f"--information={earlier}")
+    argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(max(state.look, 1)))
+    stage = ("--stage", str(window.index + 1), "--started", repr(window.started), "--replay-images", str(len(IMAGES)))
+    return state, (*argv, f"--information={earlier}"), stage
 
 
-def _statistics(verdict: dict) -> dict:
-    """A verdict's statistics: the DAG's holds its hard guards' checks too."""
-    return {**verdict, "checks": [c for c in verdict["checks"] if not c["name"].startswith("guard_")]}
+def _said(verdict) -> dict:
+    """A verdict's statistics as ``gate --json`` prints them: the DAG's holds its hard guards' checks too."""
+    said = json.loads(json.dumps(verdict.to_dict()))
+    return {**said, "checks": [c for c in said["checks"] if not c["name"].startswith("guard_")]}
 
 
 @pytest.mark.parametrize("stage", ["100% after 50%", "25% before 50%"])
@@ -166,7 +170,7 @@ def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkey
     the 100% stage failed where the DAG passed it, and the 25% stage waited where the DAG passed.
     ``--spec FILE --stage N`` judges the look as the DAG judged that stage of the spec (its config,
     looks and latency source from there too): the same verdict on the same samples."""
-    from tests.include.test_engine import IMAGES, T0, queued, records, spec
+    from tests.include.test_engine import T0, queued, records, spec
     from vision_rollout.engine import StageWindow
 
     if stage == "100% after 50%":  # the candidate as fast as the baseline, its replay queued under load
@@ -174,12 +178,11 @@ def test_gate_judges_a_stage_of_the_spec_as_the_dag_did(tmp_path, capsys, monkey
     else:  # a latency margin finer than the 25% arm resolves by the last look
         s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
         window, log, now, alone = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300, "wait"
-    state, verdict, argv = _dags_look(monkeypatch, tmp_path, s, window, log, now)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, window, log, now)
     assert state.status == "pass"
     argv += ("--json",)
-    code, out, err = run(capsys, *argv, "--stage", str(window.index + 1), "--replay-images", str(len(IMAGES)))
-    assert (code, err) == (0, "")
-    assert _statistics(json.loads(out)) == _statistics(json.loads(json.dumps(verdict.to_dict())))
+    code, out, _ = run(capsys, *argv, *stage)
+    assert (code, json.loads(out)) == (0, _said(state.verdict))
     code, out, _ = run(capsys, *argv, "--latency-from", window.latency_from)  # (no stage: latency judged)
     assert json.loads(out)["decision"] == alone
 
@@ -189,19 +192,18 @@ def test_gate_judges_a_stage_whose_window_moved_at_its_level_as_the_dag_did(tmp_
     judged by the DAG at the share of alpha its earlier windows left (``Attempt.level``: the spec's
     alpha times it); ``gate --spec --stage`` judged it at the spec's alpha, more lenient than the
     DAG. ``--level L`` judges it at that share, as the DAG did: the same verdict."""
-    from tests.include.test_engine import IMAGES, T0, records, spec
+    from tests.include.test_engine import T0, records, spec
     from vision_rollout.engine import StageWindow
 
     s = spec(stages=[25, 50, 100], latency_margin=0.01, error_margin=0.005)
     window, log, now = StageWindow(0, 25, T0), records(310, 10, 25, replay_every=50), T0 + 300
     at_half = replace(s, alpha=s.alpha * 0.5)  # (as steps.wait_for_stage at level 0.5)
-    _, verdict, argv = _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=at_half)
-    argv += ("--stage", "1", "--replay-images", str(len(IMAGES)), "--json")
-    _, out, err = run(capsys, *argv, "--level", "0.5")
-    assert err == ""
-    assert _statistics(json.loads(out)) == _statistics(json.loads(json.dumps(verdict.to_dict())))
-    _, out, err = run(capsys, *argv)  # (the spec's alpha: the window's first level)
-    assert (json.loads(out)["alpha"], err) == (s.alpha, "")
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=at_half)
+    argv += (*stage, "--json")
+    _, out, _ = run(capsys, *argv, "--level", "0.5")
+    assert json.loads(out) == _said(state.verdict)
+    _, out, _ = run(capsys, *argv)  # (the spec's alpha: the window's first level)
+    assert json.loads(out)["alpha"] == s.alpha
 
 
 def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_did(tmp_path, capsys, monkeypatch):
@@ -211,21 +213,39 @@ def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_d
     was given: offline PASS for a look the DAG held (450 of its 500 images answered by both
     versions). ``--replay-images N`` judges it as the DAG did, and ``--stage`` takes it (the
     DAG's stages always replay)."""
-    from tests.include.test_engine import IMAGES, T0, WINDOW, records, spec
+    from tests.include.test_engine import T0, WINDOW, records, spec
 
     s = spec(error_margin=0.02)
     log = records(400, 40, 50, replay_every=50)
     log = log[~log["request_id"].str.match(r"replay-0-1-4[5-9]\d$")]  # (the candidate's last 50 of round 1 late)
-    state, verdict, argv = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 45)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 45)
+    verdict = state.verdict
     assert (state.status, verdict.look, verdict.decision) == ("waiting", 2, "wait")
     held = [c for c in verdict.checks if c.decision == "wait" and c.blocks_pass]
     assert [c.name for c in held] == ["accuracy_paired"]
     assert held[0].sentence.startswith("Validation replay: 450 of 500 images answered by both versions")
-    code, out, err = run(capsys, *argv, "--stage", "1", "--json", "--replay-images", str(len(IMAGES)))
-    assert (code, err) == (3, "")
-    assert json.loads(out) == json.loads(json.dumps(verdict.to_dict()))
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (3, _said(verdict))
     code, out, err = run(capsys, *argv, "--latency-from", "live", "--json")  # (no round's size: the pairs judged)
     assert (code, json.loads(out)["decision"]) == (0, "pass"), err
+
+
+def test_gate_judges_a_stages_last_look_at_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """The DAG's last look of a stage is at the bake's end or once a whole validation round and
+    each arm's min_samples are in (``engine.final_look_time``), on the samples before it; ``gate``
+    judged every sample it was given, so the stage's samples as the poke read them (a poke late,
+    the log since grown) passed offline a stage the DAG ended undecided at its last look. With
+    --stage and --started it cuts them where the DAG did: the same verdict."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(latency_margin=0.03)
+    log = records(300, 5, 50)  # (too few at 100 s to show the latency margin; enough by 295 s)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 300)
+    assert (state.status, state.look) == ("undecided", 5)
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (3, _said(state.verdict))
+    code, out, _ = run(capsys, *argv, "--latency-from", "live", "--replay-images", "500", "--json")  # (all of them)
+    assert (code, json.loads(out)["decision"]) == (0, "pass")
 
 
 @pytest.mark.parametrize(
@@ -278,6 +298,20 @@ def test_gate_replay_images_refused_with_what_is_wrong(tmp_path, capsys, argv, s
         (["--level", "0.5"], "--level 0.5: give --spec and --stage, the stage whose window it is the level of"),
         (["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--level", "0"], "--level takes 0 < L <= 1"),
         (["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--level", "nan"], "not nan"),
+        (
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3"],
+            "--stage 1: give --started, the stage's start in unix seconds (its stage record's window start, its "
+            "verdict's bake.window)",
+        ),
+        (
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "nan"],
+            "--started takes the stage's start in unix seconds, not nan",
+        ),
+        (
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "1"],
+            "--stage 1: the samples lack column(s) ['correct', 'pair_id', 'time'] (the DAG's stage samples have them",
+        ),
+        (["--started", "1800000000"], "--started: give --spec and --stage, the stage it judges as the DAG did"),
     ],
 )
 def test_gate_stage_refused_with_what_is_wrong(tmp_path, capsys, argv, said):
