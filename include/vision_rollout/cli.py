@@ -1,11 +1,12 @@
 """``rolloutctl``: every step of the rollout without Airflow.
 
-  rolloutctl gate --samples FILE [--spec FILE [--stage N --started T [--level L]]] [--latency-from live|replay]
-                  [--replay-images N] [--look K --looks N [--information L1/R1/A1,...]] [--set key=value ...]
-                  [--json]   (--stage takes --replay-images: the DAG's stages replay the validation set;
+  rolloutctl gate --samples FILE [--spec FILE [--stage N --started T (--prometheus URL | --no-hard-guards)
+                  [--level L]]] [--latency-from live|replay] [--replay-images N] [--look K --looks N
+                  [--information L1/R1/A1,...]] [--set key=value ...] [--json]
+                             (--stage takes --replay-images: the DAG's stages replay the validation set;
                   --started, the stage's start: the DAG judges a look on the samples before its time, the
-                  last once a whole validation round is in; and --information past look 1: the DAG judges
-                  a look at its looks' information)
+                  last once a whole validation round is in, under the hard guards (a breach fails it);
+                  and --information past look 1: the DAG judges a look at its looks' information)
   rolloutctl audit --prediction-log URI --since 1h [--model M] [--out DIR [--overwrite]] [--budget-s 480]
                    [--json]          (no file of the log begun after --budget-s: inconclusive, said)
   rolloutctl mesh render --backend istio|local --policy FILE [--namespace NS --service S --name N]
@@ -431,14 +432,21 @@ def _level(level: float | None, window: StageWindow | None) -> float:
     return level
 
 
-def _stage_started(args: argparse.Namespace, window: StageWindow | None) -> StageWindow | None:
-    """``--started``: the stage ``window`` begun then; a usage error naming the flag when it is
-    missing with ``--stage``, or given without it."""
+# What gate --stage --no-hard-guards does not judge (as run's ``unguarded``): the guards read from Prometheus.
+_UNGUARDED = " (without the P99, shadow-error and restart guards: --no-hard-guards)"
+
+
+def _stage_guarded(args: argparse.Namespace, window: StageWindow | None) -> StageWindow | None:
+    """``--started``, ``--prometheus``, ``--no-hard-guards``: the stage ``window`` begun at
+    ``--started``, judged under its hard guards; a usage error naming the flag when one is missing
+    with ``--stage``, or given without it."""
     from dataclasses import replace
 
     if window is None:
-        if args.started is not None:
-            raise UsageError("--started: give --spec and --stage, the stage it judges as the DAG did")
+        given = [f for f, v in (("--started", args.started), ("--prometheus", args.prometheus)) if v is not None]
+        if given or args.no_hard_guards:
+            flag = given[0] if given else "--no-hard-guards"
+            raise UsageError(f"{flag}: give --spec and --stage, the stage it judges as the DAG did")
         return None
     if args.started is None:
         raise UsageError(
@@ -447,6 +455,11 @@ def _stage_started(args: argparse.Namespace, window: StageWindow | None) -> Stag
         )
     if not math.isfinite(args.started) or args.started < 0:
         raise UsageError(f"--started takes the stage's start in unix seconds, not {args.started:g}")
+    if not args.prometheus and not args.no_hard_guards:
+        raise UsageError(
+            f"--stage {args.stage}: the P99, shadow-error and restart guards read Prometheus: give --prometheus URL, "
+            "or --no-hard-guards to judge the look guarded by the replay's accuracy drop only"
+        )
     return replace(window, started=args.started)
 
 
@@ -455,10 +468,16 @@ def _stage_look(
 ) -> Verdict:
     """``--stage``: the look judged as the DAG's poke that first judges it (``engine.judge_stage``),
     with the engine's own functions: on the samples before the look's time (``engine.look_end``:
-    the last look's once a whole validation round and each arm's min_samples are in)."""
+    the last look's once a whole validation round and each arm's min_samples are in), under the
+    hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on those
+    samples, and with --prometheus those on Prometheus over the stage to then,
+    ``engine.guard_inputs``). A guard that tripped fails it, no look judged, as the DAG's breach
+    rolls the stage back."""
     from pandas.api.types import is_numeric_dtype
 
-    from vision_rollout.engine import look_end, look_verdict
+    from vision_rollout.engine import guard_inputs, look_end, look_verdict, settle_time, stage_guards, tripped
+    from vision_rollout.gates import Verdict, guard_checks
+    from vision_rollout.metrics import PrometheusSource
 
     missing = sorted({"time", "source", "pair_id", "correct"} - set(samples.columns))
     if missing:
@@ -469,9 +488,17 @@ def _stage_look(
     if not is_numeric_dtype(samples["time"]):
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
     at = look_end(spec, window, args.look, samples, images)
+    source = PrometheusSource(args.prometheus) if args.prometheus else None
+    read = guard_inputs(source, spec, at + settle_time(source), since=window.started)
+    if why := read.unavailable or read.missing:
+        raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
     samples = samples[samples["time"] < at]
+    guards = stage_guards(read, samples, images)
+    if breach := tripped(guards, config):
+        checks = tuple(guard_checks(guards, config))
+        return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach)
     seen = _information(args.information or "", args.look, samples, window.latency_from)
-    return look_verdict(spec, window, args.look, at, samples, config, None, images, seen)
+    return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen)
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -498,7 +525,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
             f"{args.look - 1} (the DAG judges a look at the information its looks saw, not at equal increments)"
         )
     level = _level(args.level, window)
-    window = _stage_started(args, window)
+    window = _stage_guarded(args, window)
     config = {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -508,6 +535,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if spec is not None and level < 1:  # (as the DAG's stage: the spec's alpha times its window's level)
         config["alpha"] = float(config.get("alpha", spec.alpha)) * level
     samples = _read_samples(args.samples)
+    unguarded = _UNGUARDED if args.no_hard_guards else ""
+    if unguarded:
+        print(f"rolloutctl gate: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
     try:
         check_samples(samples)  # (before --information counts this look's)
         _latency_source(latency_from, samples)
@@ -532,7 +562,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(verdict.to_dict(), indent=2))
     else:
-        print(verdict.summary)
+        print(verdict.summary + unguarded)
         for c in verdict.checks:
             print(f"  [{c.decision:4s}] {c.name}: {c.sentence}")
     return EXIT[verdict.decision]
@@ -1694,7 +1724,10 @@ def parser() -> argparse.ArgumentParser:
         help="judge as the DAG judges this stage of --spec's stages, 1 for the first: latency from its source "
         "(live below 100%%, replay at 100%%); at 100%% after an earlier stage latency reported, not judged; at "
         "its last look (--look = --looks) below 100%%, the next stage below 100%% too, latency left undecided "
-        "alone carried there; takes --started and --replay-images, and --information past its first look",
+        "alone carried there; under its hard guards as the DAG's poke reads them (a breach fails the look, none "
+        "judged, as the DAG rolls back): the replay's accuracy drop from the samples, those on Prometheus with "
+        "--prometheus (--no-hard-guards: not judged, said); takes --started and --replay-images, and "
+        "--information past its first look",
     )
     g.add_argument(
         "--level",
@@ -1721,7 +1754,20 @@ def parser() -> argparse.ArgumentParser:
         "bake.window): the samples given, the stage's as a poke read them (time: when each is evidence), are "
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
-        "engine.final_look_time)",
+        "engine.final_look_time), under the hard guards then",
+    )
+    gate_guards = g.add_mutually_exclusive_group()
+    gate_guards.add_argument(
+        "--prometheus",
+        type=_url,
+        help="with --stage: http://host:port, for the hard guards on Prometheus (P99, shadow errors, restarts) "
+        "over the stage to the look's poke; the replay's accuracy drop is judged from the samples",
+    )
+    gate_guards.add_argument(
+        "--no-hard-guards",
+        action="store_true",
+        help="with --stage: judge without Prometheus: no P99, shadow-error or restart guard, only the replay's "
+        "accuracy drop (said on stderr and on the verdict's line)",
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, help="looks planned, 1 to 12 (default 1, or --spec's looks_per_stage)")

@@ -126,13 +126,13 @@ def test_gate_latency_from_refused_with_what_is_wrong(tmp_path, capsys, source, 
     assert said in err
 
 
-def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None) -> tuple:
+def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None, guards=None) -> tuple:
     """``judge_stage``'s poke at ``window`` of ``log`` at ``now`` (under the spec ``judged_as``, else
-    ``s``), as the DAG's sensor takes it: its stage's state (its verdict the last look's judged,
+    ``s``; the guards read from Prometheus ``guards``), as the DAG's sensor takes it: its stage's state (its verdict the last look's judged,
     None before one, as at a hard guard's breach), ``gate``'s argv on the stage's samples as that
     poke read them (those before ``now`` less the settle time) with ``s`` as the spec file, its look
     (the first before one) and the earlier looks' information, and the arguments that judge it as
-    the DAG's stage (its number and start, a validation round's images)."""
+    the DAG's stage (its number and start, a validation round's images, no Prometheus)."""
     from tests.include.test_engine import IMAGES
     from vision_rollout import engine
     from vision_rollout.engine import SETTLE_S, judge_stage, stage_samples
@@ -145,20 +145,19 @@ def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None) -> tu
         return judged(samples, *args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
-    state = judge_stage(judged_as or s, window, log, IMAGES, now)
+    state = judge_stage(judged_as or s, window, log, IMAGES, now, guards)
     path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
     stage_samples(log, s, window, now - SETTLE_S, IMAGES).to_parquet(path)
     spec_file.write_text(json.dumps(s.to_dict()))
     earlier = ",".join(f"{i.latency}/{i.requests}/{i.labels}" for i in seen[:-1])
     argv = ("gate", "--samples", str(path), "--spec", str(spec_file), "--look", str(max(state.look, 1)))
     stage = ("--stage", str(window.index + 1), "--started", repr(window.started), "--replay-images", str(len(IMAGES)))
-    return state, (*argv, f"--information={earlier}"), stage
+    return state, (*argv, f"--information={earlier}"), (*stage, "--no-hard-guards")
 
 
 def _said(verdict) -> dict:
-    """A verdict's statistics as ``gate --json`` prints them: the DAG's holds its hard guards' checks too."""
-    said = json.loads(json.dumps(verdict.to_dict()))
-    return {**said, "checks": [c for c in said["checks"] if not c["name"].startswith("guard_")]}
+    """A verdict as ``gate --json`` prints it."""
+    return json.loads(json.dumps(verdict.to_dict()))
 
 
 @pytest.mark.parametrize("stage", ["100% after 50%", "25% before 50%"])
@@ -228,6 +227,64 @@ def test_gate_judges_a_look_before_the_first_whole_validation_round_as_the_dag_d
     assert (code, json.loads(out)) == (3, _said(verdict))
     code, out, err = run(capsys, *argv, "--latency-from", "live", "--json")  # (no round's size: the pairs judged)
     assert (code, json.loads(out)["decision"]) == (0, "pass"), err
+
+
+def test_gate_judges_a_stage_under_its_hard_guards_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """The DAG's poke checks the stage's hard guards before its looks (``judge_stage``) and rolls
+    back on one that trips: the replay's accuracy drop over its 0.5 pp limit (the demo's version
+    3: +5.33 pp). ``gate --stage`` judged the statistics alone and said PASS for the look the DAG
+    rolled back on (a 0.6 pp drop, within the paired check's 2 pp margin). It judges the guards as
+    the DAG did: the accuracy drop from the samples, those on Prometheus with --prometheus, and
+    with --no-hard-guards says which it did not judge."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    log = records(106, 40, 50, accuracy=(1.0, 0.994))
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 106)  # (its look due at 100 s)
+    assert (state.status, state.look) == ("breach", 0)
+    assert state.reason == "hard guard tripped: Accuracy drop on the validation batch is +0.60 pp (limit 0.5 pp)."
+    code, out, err = run(capsys, *argv, *stage)
+    unguarded = " (without the P99, shadow-error and restart guards: --no-hard-guards)"
+    assert (code, out.splitlines()[0]) == (1, state.reason + unguarded)
+    assert "  [fail] guard_accuracy_drop: Accuracy drop on the validation batch is +0.60 pp" in out
+    assert err == f"rolloutctl gate: warning: no Prometheus{unguarded}\n"
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)["decision"], json.loads(out)["summary"]) == (1, "fail", state.reason)
+    code, out, _ = run(capsys, *argv, "--latency-from", "live", "--replay-images", "500")  # (statistics alone)
+    assert (code, out.split(" (")[0]) == (0, "PASS at look 1 of 1")
+
+
+def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """``gate --stage --prometheus URL`` reads the guards on Prometheus as the DAG's poke that first
+    judged the look did (``engine.guard_inputs`` over the stage from its start to the look's time
+    and the settle time), and fails the look on a sustained P99 breach as the DAG rolled back; one
+    it cannot read is an error (exit 4), nothing judged, as the DAG's stage holds."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+    from vision_rollout import engine
+    from vision_rollout.engine import SETTLE_S
+    from vision_rollout.gates import GuardInputs
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    breach = GuardInputs(p99_series_ms=tuple((T0 + t, 80.0) for t in range(0, 200, 10)), restarts=0)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106, guards=breach)
+    assert state.status == "breach"
+    assert state.reason.startswith("hard guard tripped: Canary P99 is 80.0 ms (limit 60 ms)")
+    read: list = []
+
+    def guard_inputs(source, spec, now=None, since=None):
+        read.append((source.url, spec, now, since))
+        return breach
+
+    monkeypatch.setattr(engine, "guard_inputs", guard_inputs)
+    url = f"http://127.0.0.1:{free_port()}"
+    stage = (*stage[:-1], "--prometheus", url)
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)["summary"], err) == (1, state.reason, "")
+    assert read == [(url, s, pytest.approx(T0 + s.bake_seconds + SETTLE_S), T0)]  # (its one look at the bake's end)
+    monkeypatch.setattr(engine, "guard_inputs", lambda *a, **k: GuardInputs(unavailable="Prometheus is down"))
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (4, "")
+    assert f"--prometheus {url}: the hard guards cannot be read (Prometheus is down); nothing judged" in err
 
 
 def test_gate_judges_a_stages_last_look_at_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
@@ -304,14 +361,21 @@ def test_gate_replay_images_refused_with_what_is_wrong(tmp_path, capsys, argv, s
             "verdict's bake.window)",
         ),
         (
-            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "nan"],
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "nan", "--no-hard-guards"],
             "--started takes the stage's start in unix seconds, not nan",
         ),
         (
-            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "1"],
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "1800000000"],
+            "--stage 1: the P99, shadow-error and restart guards read Prometheus: give --prometheus URL, or "
+            "--no-hard-guards to judge the look guarded by the replay's accuracy drop only",
+        ),
+        (
+            ["--spec", "{spec}", "--stage", "1", "--replay-images", "3", "--started", "1", "--no-hard-guards"],
             "--stage 1: the samples lack column(s) ['correct', 'pair_id', 'time'] (the DAG's stage samples have them",
         ),
         (["--started", "1800000000"], "--started: give --spec and --stage, the stage it judges as the DAG did"),
+        (["--no-hard-guards"], "--no-hard-guards: give --spec and --stage, the stage it judges as the DAG did"),
+        (["--prometheus", "http://127.0.0.1:9"], "--prometheus: give --spec and --stage"),
     ],
 )
 def test_gate_stage_refused_with_what_is_wrong(tmp_path, capsys, argv, said):
