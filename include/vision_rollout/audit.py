@@ -95,7 +95,8 @@ class AuditResult:
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     # Copies against the mirror's sampling (``copy_check``): the primaries the server's own
-    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly); and
+    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly: one
+    # whose copy is in a file written after the range closed is late, among ``late_records``); and
     # behind a mirror that samples on its own (Istio's: ``mirrored`` null), the primaries of the
     # stretch its copies show it on, those of them with a copy, the configured share, and the
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
@@ -652,7 +653,10 @@ def copy_check(
 
 
 def copy_masks(
-    records: pd.DataFrame, versions: Iterable[str], watermark: pd.Timestamp | None = None
+    records: pd.DataFrame,
+    versions: Iterable[str],
+    watermark: pd.Timestamp | None = None,
+    came: np.ndarray | None = None,
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Of ``records`` (primary and shadow, with ``mirrored``, ``replica``, ``latency_ms``):
     the primaries the server's own mirror sampled (``mirrored`` true) without any shadow record,
@@ -663,8 +667,12 @@ def copy_masks(
     watermark (``shadow_watermark``: the stretch the copies show the mirror on and written; of
     ``records`` unless given, as of all the records read, past the range too), and how many of
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
-    first primary record counts, once."""
+    first primary record counts, once. ``came``: which of ``records`` have a copy in a file left
+    out of them (``audit``'s: written after the range closed, late): it came, counted late once,
+    neither lost nor missing."""
     first, _, copied = copy_keys(records)
+    if came is not None:
+        copied = copied | came
     lost = int((first & records["mirrored"].eq(True).to_numpy(bool) & ~copied).sum())
     unknown = sampled_apart(records, versions, first)
     watermark = shadow_watermark(records) if watermark is None else watermark
@@ -920,7 +928,8 @@ def audit(
     ``out_of_time``), and named.
 
     The copies are counted against the mirror's sampling (``copy_check``): those the server's
-    own mirror sampled and never wrote are lost; behind a mirror that samples on its own, fewer
+    own mirror sampled and never wrote are lost (a copy written after the range closed came: late,
+    counted once, among the late records); behind a mirror that samples on its own, fewer
     copies than ``mirror_percent`` (the configured share, or its samples over time, ``share_at``:
     each primary tested at its time's) explains (``copies_short``) are named.
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
@@ -975,6 +984,7 @@ def audit(
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
+    with_copy = copy_keys(records)[2][mine & ~late]  # (a copy written late came: late, not lost)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -996,7 +1006,7 @@ def audit(
     result.late_records = int((mine & late).sum())
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
-    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark)
+    result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, with_copy)
     share = np.zeros(0)
     if mirror_percent is not None and eligible.any():
         share = share_at(records["time"][eligible], mirror_percent)

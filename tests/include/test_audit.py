@@ -1218,10 +1218,12 @@ def pods_log(
     pods: dict[str, tuple[str, dict[int, float]]],
     mirrored: bool | None = None,
     forged: dict[int, float] | None = None,
+    model: str = "digits",
 ) -> Path:
     """A prediction log as Istio's pods leave it (``istio_log``): each of ``pods`` (replica ->
-    its role and its records, index -> stamp by its clock: a primary of request ``r<i>``, or
-    its copy) written by its own writer, flushed once (again: another flush, another file)."""
+    its role and its records of ``model``, index -> stamp by its clock: a primary of request
+    ``r<i>``, or its copy) written by its own writer, flushed once (again: another flush,
+    another file)."""
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
 
@@ -1238,7 +1240,7 @@ def pods_log(
             rid = f"r{i}"
             log.append(
                 Inference(
-                    at, "digits", version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {}
+                    at, model, version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {}
                 )._replace(mirrored=mirrored if role == "primary" else None)
             )
         log.flush()
@@ -1573,6 +1575,67 @@ def test_copies_the_servers_own_mirror_sampled_and_never_wrote_are_counted_lost(
     kept = audit(whole, end - timedelta(minutes=5), end, "digits")
     assert (kept.rows, kept.copies_lost) == (100, 0)
     assert not any("lost" in r for r in kept.reasons)
+
+
+def test_a_copy_written_after_its_hours_close_is_counted_late_not_lost(tmp_path):
+    """A copy the server's own mirror made, in a file written after its hour closed, is late:
+    left out of the hour's audit and counted among its late records. An audit that read it
+    (a retry, a catch-up, one by hand) counted it lost as well: one copy twice, the hour's lost
+    count inflated. It is late, once; a copy never written is still lost."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp(), mirrored=True)
+    tail = {"versions": ("1", "3"), "seed": 1, "at": (hour + timedelta(minutes=59, seconds=30)).timestamp()}
+    shadow_log(tmp_path, 20, disagree=0.0, mirrored=True, roles=("primary",), **tail)
+    first = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")  # (the copies not written yet)
+    assert (first.verdict, first.copies_lost, first.late_records) == ("pass", 20, 0)
+    shadow_log(tmp_path, 15, disagree=0.0, roles=("shadow",), flushed=180, **tail)  # (5 never written)
+    again = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (again.verdict, again.rows, again.copies_lost, again.late_records) == ("pass", 100, 5, 15)
+    assert any(r.startswith("5 requests the server's mirror sampled have no shadow record") for r in again.reasons)
+
+
+def healthy_log(folder: Path, now: float, mirrored: bool | None) -> Path:
+    """A prediction log of healthy traffic up to ``now``, all written then: model ``digits``'s
+    two baseline pods at 5 requests a second, their copies (each behind the server's own mirror,
+    ``mirrored`` true; one in ten behind Istio's) on three candidate pods, one with its clock 20 s
+    ahead, each copy stamped up to 4 s after its primary (waiting for idle time); the copies of the
+    last 3 s still in flight. Model ``other`` went idle 6 minutes before ``now``."""
+    primaries = {i: now - 330 + 0.2 * i for i in range(1650)}
+    copied = [i for i in primaries if (mirrored or i % 10 == 3) and primaries[i] < now - 3]
+    lead = {0: 0.0, 1: 0.0, 2: 20.0}
+    pods: dict[str, tuple[str, dict[int, float]]] = {
+        "primary-a": ("primary", {i: t for i, t in primaries.items() if i % 2 == 0}),
+        "primary-b": ("primary", {i: t for i, t in primaries.items() if i % 2}),
+    }
+    for k in range(3):
+        pods[f"shadow-{k}"] = ("shadow", {i: primaries[i] + lead[k] + (i % 41) / 10 for i in copied if i % 3 == k})
+    pods_log(folder, pods, mirrored)
+    idle = {i: now - 600 + float(i) for i in range(200)}
+    shadow = {i: t + 0.003 for i, t in idle.items() if mirrored or i % 10 == 3}
+    pods_log(folder, {"other-primary": ("primary", idle), "other-shadow": ("shadow", shadow)}, mirrored, model="other")
+    return folder / "log"
+
+
+@pytest.mark.parametrize(("mirrored", "share"), [(True, None), (True, 100), (None, 10)])
+def test_healthy_traffic_of_several_pods_audits_clean(tmp_path, mirrored, share):
+    """Healthy traffic, behind the server's own mirror or Istio's: copies written up to 90 s after
+    their primaries (within the flush bounds), on three candidate pods, one's clock ahead, another
+    model idle. No copy lost, none late, no stopped mirror, no shortfall: a pass, the idle model
+    skipped."""
+    now = time.time()
+    log = healthy_log(tmp_path, now, mirrored)
+    end = datetime.fromtimestamp(now - 90, UTC)
+    result = audit(log, end - timedelta(minutes=3), end, "digits", mirror_percent=share)
+    assert (result.verdict, result.rows, result.copies_lost, result.late_records) == (
+        "pass",
+        900 if mirrored else 90,
+        0,
+        0,
+    )
+    assert (result.mirror_stopped, result.primary_without_shadow) == (None, 0 if mirrored else 810)
+    assert result.copies_p is None or result.copies_p > COPIES_ALPHA
+    idle = audit(log, end - timedelta(minutes=3), end, "other", mirror_percent=share)
+    assert (idle.verdict, idle.copies_lost, idle.mirror_stopped) == ("skip", 0, None)
 
 
 def test_shadow_records_of_another_input_hide_no_lost_copy(tmp_path):
