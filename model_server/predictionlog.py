@@ -1459,6 +1459,19 @@ class _CallerThread(Executor):
         return future
 
 
+def models(uri: str | Path) -> list[str]:
+    """The models the log at ``uri`` has a folder of (``model=<model>``), sorted."""
+    return _models(*filesystem(uri))
+
+
+def _models(fs: pafs.FileSystem, root: str) -> list[str]:
+    return sorted(
+        info.base_name.removeprefix("model=")
+        for info in _list(fs, root)
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
+    )
+
+
 def read_files(
     uri: str | Path,
     start: datetime,
@@ -1491,14 +1504,7 @@ def read_files(
     role_list = None if roles is None else list(roles)
     read_cols = wanted + (["role"] if role_list is not None and "role" not in wanted else [])
     fs, root = filesystem(uri)
-    if model is not None:
-        models = [model]
-    else:
-        models = sorted(
-            info.base_name.removeprefix("model=")
-            for info in _list(fs, root)
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("model=")
-        )
+    models = [model] if model is not None else _models(fs, root)
     until = end if listed_until is None else listed_until
     budget = None if max_bytes is None and deadline is None else _Budget(max_bytes, deadline, clock)
 

@@ -152,9 +152,12 @@ class AuditResult:
     # candidate rolled back or promoted, then the next one shadowed): each pair's audit apart,
     # in the order of their first records; the range's own numbers are then only its counts.
     by_versions: list[AuditResult] = field(default_factory=list)
+    # An audit of every model (``audit`` without one) of a range holding several: each model's
+    # own audit (``by_models``), the worst verdict, their reasons and counts.
+    by_models: list[AuditResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        apart = ("confusion", "anomalies", "divergences", "by_versions")
+        apart = ("confusion", "anomalies", "divergences", "by_versions", "by_models")
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in apart}
         d["reasons"] = list(self.reasons)
         d["config"] = asdict(self.config)
@@ -164,6 +167,8 @@ class AuditResult:
         d["anomalies"] = 0 if self.anomalies is None else len(self.anomalies)
         if self.by_versions:
             d["by_versions"] = [part.to_dict() for part in self.by_versions]
+        if self.by_models:
+            d["by_models"] = [part.to_dict() for part in self.by_models]
         return d
 
     @property
@@ -388,7 +393,7 @@ def audit_frame(
     return result
 
 
-VERDICT_ORDER = ("fail", "inconclusive", "pass")  # the worst first
+VERDICT_ORDER = ("fail", "inconclusive", "warning", "pass", "skip")  # the worst first
 # Pairs of versions audited in one range, those with the most records (a rollout's range holds
 # one or two; a log naming thousands of versions made thousands of audits, sections and blocks).
 MAX_VERSION_PAIRS = 20
@@ -460,6 +465,65 @@ def audit_by_versions(
         )
         if result.verdict == "pass":
             result.verdict = "inconclusive"
+    return result
+
+
+# The counts an audit of every model sums over its models' audits (``by_models``).
+SUMMED = (
+    "rows",
+    "shadow_errors",
+    "shadow_without_primary",
+    "primary_without_shadow",
+    "copies_lost",
+    "copies_eligible",
+    "copies_received",
+    "shadow_dropped",
+    "input_mismatch",
+    "self_pairs",
+    "duplicates",
+    "output_differs",
+    "primary_not_finite",
+    "shadow_not_finite",
+    "skipped_files",
+    "unread_files",
+    "unread_bytes",
+    "unlisted_folders",
+    "crowded_folders",
+    "malformed_records",
+    "late_records",
+    "pairs_left_out",
+    "records_left_out",
+)
+
+
+def by_models(parts: list[AuditResult], start: str, end: str, config: AuditConfig | None = None) -> AuditResult:
+    """An audit of every model from each model's own audit (``parts``): those with something to
+    show (not skipped; all where none has); one alone is the audit, several make one with each in
+    ``by_models``, the worst verdict, each model's verdict and reasons as its reasons, the counts
+    summed (``SUMMED``), and the earliest time a model's mirror stopped. One model's copies hide
+    no other's stopped mirror or lost copies, and no agreement is pooled across models."""
+    cfg = config or AuditConfig()
+    shown_parts = [p for p in parts if p.verdict != "skip"] or parts
+    if len(shown_parts) < 2:
+        if shown_parts:
+            return shown_parts[0]
+        return AuditResult(None, start, end, "skip", ["no shadow records in this range: nothing to audit"], config=cfg)
+    result = AuditResult(
+        None,
+        start,
+        end,
+        min((p.verdict for p in shown_parts), key=VERDICT_ORDER.index),
+        [f"model {shown(str(p.model))}: {p.verdict.upper()}: " + "; ".join(p.reasons) for p in shown_parts],
+        config=cfg,
+        versions={k: sorted({v for p in shown_parts for v in p.versions.get(k, [])}) for k in ("primary", "shadow")},
+        by_models=shown_parts,
+        **{name: sum(getattr(p, name) for p in shown_parts) for name in SUMMED},
+    )
+    result.shadow_error_rate = result.shadow_errors / result.rows if result.rows else 0.0
+    result.out_of_time = any(p.out_of_time for p in shown_parts)
+    late = [p.late_earlier for p in shown_parts if p.late_earlier is not None]
+    result.late_earlier = sum(late) if late else None
+    result.mirror_stopped = min((p.mirror_stopped for p in shown_parts if p.mirror_stopped), default=None)
     return result
 
 
@@ -904,6 +968,10 @@ def audit(
 ) -> AuditResult:
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
+    Without ``model``, each model of the log is audited apart, as its own audit would be (the
+    reads of each begun within this audit's ``max_seconds``, each held to ``max_bytes``), and
+    the audits are one (``by_models``): the worst verdict, each model's reasons and the counts.
+
     The range's records in files written after it closed (``closes``) are left out and counted
     (``late_records``): an audit shows the same whenever it runs (once they came, a retry or a
     catch-up would have shown more than the first audit), and says what it did not show; a range
@@ -938,10 +1006,32 @@ def audit(
     compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
     ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
     stretch is not tested."""
-    from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
+    from model_server.predictionlog import AUDIT_COLUMNS, models, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
     deadline = None if max_seconds is None else clock() + max_seconds
+    if model is None:  # (each model apart, as its own audit, within this one's time: ``by_models``)
+        return by_models(
+            [
+                audit(
+                    prediction_log,
+                    start,
+                    end,
+                    name,
+                    config,
+                    earlier_hours,
+                    max_bytes,
+                    None if deadline is None else max(0.0, deadline - clock()),
+                    clock,
+                    mirror_percent,
+                    mirror_on_to_end,
+                )
+                for name in models(prediction_log)
+            ],
+            start.isoformat(),
+            end.isoformat(),
+            config,
+        )
     records = read(
         prediction_log,
         start - margin,
@@ -1156,15 +1246,17 @@ def plot(result: AuditResult) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = sorted(result.by_versions, key=lambda p: VERDICT_ORDER.index(p.verdict))[:MAX_PAIRS_PLOTTED]
+    pairs = _pairs(result)
+    parts = sorted(pairs, key=lambda p: VERDICT_ORDER.index(p.verdict))[:MAX_PAIRS_PLOTTED]
     rows = parts or [result]
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
     for (ax1, ax2), part in zip(axes, rows, strict=True):
-        _plot_pair(part, ax1, ax2, f"{part.pair_name}: {part.verdict.upper()}; " if parts else "")
-    more = f" ({len(parts)} of {len(result.by_versions)} pairs of versions: the rest in the report)"
+        model = f"{shown(str(part.model))}, " if result.by_models else ""
+        _plot_pair(part, ax1, ax2, f"{model}{part.pair_name}: {part.verdict.upper()}; " if parts else "")
+    more = f" ({len(parts)} of {len(pairs)} pairs of versions: the rest in the report)"
     fig.suptitle(
         f"Shadow audit{' of ' + result.model if result.model else ''}: {result.verdict.upper()}"
-        + (more if len(result.by_versions) > len(parts) else "")
+        + (more if len(pairs) > len(parts) else "")
     )
     fig.tight_layout()
     out = io.BytesIO()
@@ -1359,10 +1451,13 @@ def _pair_lines(result: AuditResult, level: str) -> list[str]:
 
 def _by_versions(frames: list[pd.DataFrame | None], parts: list[AuditResult]) -> pd.DataFrame | None:
     """The pairs' tables (``frames``, one a pair of ``parts``) as one, each row led by its pair's
-    versions."""
+    versions (and its model, where the pairs are of several: ``_pairs``)."""
+    several = len({part.model for part in parts}) > 1
     led = [
         frame.assign(
-            primary_version=", ".join(part.versions["primary"]), shadow_version=", ".join(part.versions["shadow"])
+            **({"model": part.model} if several else {}),
+            primary_version=", ".join(part.versions["primary"]),
+            shadow_version=", ".join(part.versions["shadow"]),
         )
         for frame, part in zip(frames, parts, strict=True)
         if frame is not None
@@ -1370,8 +1465,38 @@ def _by_versions(frames: list[pd.DataFrame | None], parts: list[AuditResult]) ->
     if not led:
         return None
     table = pd.concat(led, ignore_index=True)
-    first = ["primary_version", "shadow_version"]
+    first = (["model"] if several else []) + ["primary_version", "shadow_version"]
     return table[first + [c for c in table.columns if c not in first]]
+
+
+def _pairs(result: AuditResult) -> list[AuditResult]:
+    """The audits of each pair of versions ``result`` holds apart (``by_versions``, of each of
+    its models: ``by_models``, those with pairs); none where it is one pair's."""
+    if result.by_models:
+        return [pair for model in result.by_models for pair in (model.by_versions or [model]) if pair.versions]
+    return result.by_versions
+
+
+def _part_lines(part: AuditResult, cfg: AuditConfig) -> list[str]:
+    """report.md's lines of a part of an audit (a pair of versions, a model) below its heading:
+    its verdict and records."""
+    return [
+        f"- Verdict: **{part.verdict.upper()}**: " + "; ".join(map(markdown_text, part.reasons)),
+        f"- Records: {part.rows} (shadow errors {part.shadow_errors}, "
+        f"{percent_beside(part.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%)",
+    ]
+
+
+def _sections(result: AuditResult, level: str) -> list[str]:
+    """report.md's lines of ``result``'s pairs of versions: a section of each at ``level`` where
+    it holds several (``by_versions``), else its numbers."""
+    if not result.by_versions:
+        return _pair_lines(result, level)
+    lines: list[str] = []
+    for part in result.by_versions:
+        lines += ["", f"{level} P{versions_text(part)[1:]}: {part.verdict.upper()}", ""]
+        lines += [*_part_lines(part, result.config), *_pair_lines(part, level + "#")]
+    return lines
 
 
 def report_files(result: AuditResult) -> dict[str, bytes]:
@@ -1432,27 +1557,24 @@ def report_files(result: AuditResult) -> dict[str, bytes]:
             else []
         ),
     ]
-    parts = result.by_versions
+    if result.by_models:
+        for model in result.by_models:
+            lines += ["", f"## Model {markdown_text(str(model.model))}: {model.verdict.upper()}", ""]
+            lines += [*_part_lines(model, cfg), *_sections(model, "###")]
+    else:
+        lines += _sections(result, "##")
+    parts = _pairs(result)
     if parts:
-        for part in parts:
-            lines += [
-                "",
-                f"## P{versions_text(part)[1:]}: {part.verdict.upper()}",
-                "",
-                f"- Verdict: **{part.verdict.upper()}**: " + "; ".join(map(markdown_text, part.reasons)),
-                f"- Records: {part.rows} (shadow errors {part.shadow_errors}, "
-                f"{percent_beside(part.shadow_error_rate, cfg.max_shadow_error_rate, 3)}%)",
-                *_pair_lines(part, "###"),
-            ]
         # (each pair's matrix its own rows, of the classes any pair's answers named: 0 elsewhere)
         confusion = _by_versions([None if p.confusion is None else p.confusion.reset_index() for p in parts], parts)
         if confusion is not None:
-            counts = [c for c in confusion.columns if c not in ("primary_version", "shadow_version", "primary")]
+            counts = [
+                c for c in confusion.columns if c not in ("model", "primary_version", "shadow_version", "primary")
+            ]
             confusion[counts] = confusion[counts].fillna(0).astype(int)
             files["confusion.csv"] = csv_frame(confusion)
         anomalies = _by_versions([p.anomalies for p in parts], parts)
     else:
-        lines += _pair_lines(result, "##")
         if result.confusion is not None:
             files["confusion.csv"] = result.confusion.to_csv().encode()
         anomalies = result.anomalies

@@ -1792,7 +1792,9 @@ def parser() -> argparse.ArgumentParser:
         help="the serving processes' prediction log: a folder or s3://bucket/prefix (--shadow-log: its old name)",
     )
     a.add_argument("--since", default="1h", help="how far back: 30m, 1h, 2d (default 1h; at most 3660d)")
-    a.add_argument("--model", type=_model)
+    a.add_argument(
+        "--model", type=_model, help="the model audited (default: each model of the log apart, the worst verdict)"
+    )
     a.add_argument("--out", type=_folder, help="write report.md, CSVs and the PNG here (a folder or s3://...)")
     a.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     a.add_argument(

@@ -1594,22 +1594,24 @@ def test_a_copy_written_after_its_hours_close_is_counted_late_not_lost(tmp_path)
     assert any(r.startswith("5 requests the server's mirror sampled have no shadow record") for r in again.reasons)
 
 
-def healthy_log(folder: Path, now: float, mirrored: bool | None) -> Path:
-    """A prediction log of healthy traffic up to ``now``, all written then: model ``digits``'s
-    two baseline pods at 5 requests a second, their copies (each behind the server's own mirror,
-    ``mirrored`` true; one in ten behind Istio's) on three candidate pods, one with its clock 20 s
-    ahead, each copy stamped up to 4 s after its primary (waiting for idle time); the copies of the
-    last 3 s still in flight. Model ``other`` went idle 6 minutes before ``now``."""
+def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[str, ...] = ("digits",)) -> Path:
+    """A prediction log of healthy traffic up to ``now``, all written then: each ``active``
+    model's two baseline pods at 5 requests a second, their copies (each behind the server's own
+    mirror, ``mirrored`` true; one in ten behind Istio's) on three candidate pods, one with its
+    clock 20 s ahead, each copy stamped up to 4 s after its primary (waiting for idle time); the
+    copies of the last 3 s still in flight. Model ``other`` went idle 6 minutes before ``now``."""
     primaries = {i: now - 330 + 0.2 * i for i in range(1650)}
     copied = [i for i in primaries if (mirrored or i % 10 == 3) and primaries[i] < now - 3]
     lead = {0: 0.0, 1: 0.0, 2: 20.0}
-    pods: dict[str, tuple[str, dict[int, float]]] = {
-        "primary-a": ("primary", {i: t for i, t in primaries.items() if i % 2 == 0}),
-        "primary-b": ("primary", {i: t for i, t in primaries.items() if i % 2}),
-    }
-    for k in range(3):
-        pods[f"shadow-{k}"] = ("shadow", {i: primaries[i] + lead[k] + (i % 41) / 10 for i in copied if i % 3 == k})
-    pods_log(folder, pods, mirrored)
+    for model in active:
+        pods: dict[str, tuple[str, dict[int, float]]] = {
+            f"{model}-primary-a": ("primary", {i: t for i, t in primaries.items() if i % 2 == 0}),
+            f"{model}-primary-b": ("primary", {i: t for i, t in primaries.items() if i % 2}),
+        }
+        for k in range(3):
+            copies = {i: primaries[i] + lead[k] + (i % 41) / 10 for i in copied if i % 3 == k}
+            pods[f"{model}-shadow-{k}"] = ("shadow", copies)
+        pods_log(folder, pods, mirrored, model=model)
     idle = {i: now - 600 + float(i) for i in range(200)}
     shadow = {i: t + 0.003 for i, t in idle.items() if mirrored or i % 10 == 3}
     pods_log(folder, {"other-primary": ("primary", idle), "other-shadow": ("shadow", shadow)}, mirrored, model="other")
@@ -1621,20 +1623,19 @@ def test_healthy_traffic_of_several_pods_audits_clean(tmp_path, mirrored, share)
     """Healthy traffic, behind the server's own mirror or Istio's: copies written up to 90 s after
     their primaries (within the flush bounds), on three candidate pods, one's clock ahead, another
     model idle. No copy lost, none late, no stopped mirror, no shortfall: a pass, the idle model
-    skipped."""
+    skipped; in an audit of every model too (each model apart)."""
     now = time.time()
-    log = healthy_log(tmp_path, now, mirrored)
+    log = healthy_log(tmp_path, now, mirrored, ("digits", "second"))
     end = datetime.fromtimestamp(now - 90, UTC)
-    result = audit(log, end - timedelta(minutes=3), end, "digits", mirror_percent=share)
-    assert (result.verdict, result.rows, result.copies_lost, result.late_records) == (
-        "pass",
-        900 if mirrored else 90,
-        0,
-        0,
-    )
-    assert (result.mirror_stopped, result.primary_without_shadow) == (None, 0 if mirrored else 810)
-    assert result.copies_p is None or result.copies_p > COPIES_ALPHA
-    idle = audit(log, end - timedelta(minutes=3), end, "other", mirror_percent=share)
+    start = end - timedelta(minutes=3)
+    one, every = (audit(log, start, end, model, mirror_percent=share) for model in ("digits", None))
+    assert [p.model for p in every.by_models] == ["digits", "second"]
+    for result in (one, every):
+        assert (result.verdict, result.copies_lost, result.late_records, result.mirror_stopped) == ("pass", 0, 0, None)
+    for part in (one, *every.by_models):
+        assert (part.rows, part.primary_without_shadow) == ((900, 0) if mirrored else (90, 810))
+        assert part.copies_p is None or part.copies_p > COPIES_ALPHA
+    idle = audit(log, start, end, "other", mirror_percent=share)
     assert (idle.verdict, idle.copies_lost, idle.mirror_stopped) == ("skip", 0, None)
 
 
@@ -1702,6 +1703,33 @@ def test_behind_istio_a_mirror_that_stopped_sending_is_told_from_one_gone_quiet(
     off_log = istio_log(tmp_path / "off", primaries, copies)
     taken_off = audit(off_log, end - timedelta(minutes=5), end, mirror_percent=50, mirror_on_to_end=False)
     assert (taken_off.verdict, taken_off.mirror_stopped) == ("pass", None)
+
+
+@pytest.mark.parametrize("mirrored", [True, None])
+def test_an_audit_of_all_models_judges_each_model_as_its_own_audit_would(tmp_path, mirrored):
+    """An audit of every model (``rolloutctl audit`` without ``--model``) pooled them: the copies
+    of one model hid another's stopped mirror (behind the server's own, no copy at all: counted
+    lost beside the other's pairs; behind Istio's, stopped halfway: the other model's last copy
+    taken for its), and the audit passed where the model's own audit was inconclusive. Each model
+    is audited apart, as its own audit; the verdict is the worst of them."""
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 240 + 0.2 * k for k in range(1200)]
+    copies = {} if mirrored else {i: t + 0.003 for i, t in enumerate(primaries) if i % 2 == 0 and t < now - 120}
+    log = istio_log(tmp_path, primaries, copies, mirrored=mirrored)
+    other = {i: t + 0.003 for i, t in enumerate(primaries) if mirrored or i % 2 == 0}
+    pods = {"other-primary": ("primary", dict(enumerate(primaries))), "other-shadow": ("shadow", other)}
+    pods_log(tmp_path, pods, mirrored, model="other")
+    start = end - timedelta(minutes=5)
+    own = [audit(log, start, end, model, mirror_percent=50) for model in ("digits", "other")]
+    every = audit(log, start, end, mirror_percent=50)
+    assert [r.verdict for r in own] == ["inconclusive", "pass"]
+    assert every.verdict == "inconclusive"
+    assert [(p.model, p.verdict, p.reasons, p.rows, p.copies_lost, p.mirror_stopped) for p in every.by_models] == [
+        (r.model, r.verdict, r.reasons, r.rows, r.copies_lost, r.mirror_stopped) for r in own
+    ]
+    assert every.reasons[0].startswith("model digits: INCONCLUSIVE: ")
+    assert "## Model digits: INCONCLUSIVE" in report_files(every)[REPORT].decode()
 
 
 def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
