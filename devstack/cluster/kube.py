@@ -419,6 +419,10 @@ class FakeKubeAPI:
         self.throttle_status = 429
         self.retry_after = "1"  # what a 429 says to wait (a proxy before the API server may say more)
         self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+        self.throttled_path: str | None = None  # only requests whose path ends with it (None: any)
+        # A throttled request served first, then answered ``throttle_status`` (a 500 of etcd timing out
+        # after the commit, a proxy's error): the client cannot tell it from one not served.
+        self.throttle_served = False
         # The next ``drop`` requests are read and their connection closed without an answer (a
         # load balancer or proxy resetting it, the server restarting): no status at all.
         self.drop = 0
@@ -831,12 +835,19 @@ class FakeKubeAPI:
                         race()
                     dropped = api.drop > 0
                     api.drop -= dropped
-                    throttled = not dropped and api.throttle > 0 and method in api.throttled_methods
+                    throttled = (
+                        not dropped
+                        and api.throttle > 0
+                        and method in api.throttled_methods
+                        and url.path.endswith(api.throttled_path or "")
+                    )
                     api.throttle -= throttled
                 if dropped:
                     self._body()  # read, never answered
                     raise Dropped
-                if throttled:
+                if throttled and api.throttle_served:
+                    self.record["served"] = api.throttle_status  # (``_answer`` answers it so once served)
+                elif throttled:
                     self._body()  # read, not served
                     raise APIError(api.throttle_status, *REFUSALS[api.throttle_status])
                 m = PATH_RE.match(url.path)
@@ -874,6 +885,8 @@ class FakeKubeAPI:
             def _answer(self, method: str, handle: Callable[..., tuple[int, Any] | None]) -> None:
                 try:
                     answer = handle(*self._start(method))
+                    if self.record.get("served"):
+                        raise APIError(self.record["served"], *REFUSALS[self.record["served"]])
                 except Dropped:
                     self.record["status"] = None
                     self.close_connection = True

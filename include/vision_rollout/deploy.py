@@ -37,8 +37,11 @@ from vision_rollout.mesh import (
     ApiUnreachable,
     IstioTarget,
     RouterError,
+    api_error,
     api_message,
     rollouts_view,
+    settled,
+    unsettled,
     with_live_metadata,
 )
 from vision_rollout.settings import BuildSettings
@@ -549,7 +552,7 @@ def refused(what: str, exc: Any) -> RouterError:
             "manager owns: give the field back (or, for spec.replicas under your own HPA, set the "
             "model_server_default extra build.autoscaling)"
         )
-    return RouterError(f"{what}: {exc.status} {exc.reason}: {message}")
+    return api_error(what, exc)
 
 
 @dataclass
@@ -894,7 +897,8 @@ class VersionDeployments:
         """The version's HPA applied with ``spec`` (``HPA_CARRIED`` of it) and ``annotations``
         (no ``force``: a field another manager owns, a Helm release's HPA of that name, is refused,
         ``refused``) unless the live one holds them already (``_hpa_holds``:
-        a stage at the same size, a step run again), then the version's budget at the HPA's floor
+        a stage at the same size, a step run again; an apply whose answer left unknown whether it
+        was served, read back: ``settled``), then the version's budget at the HPA's floor
         (the least it may scale the version to: ``render_pdb``). ``dry_run``: the HPA's apply sent
         as a dry run (``dryRun=All``), nothing else."""
         from kubernetes import client
@@ -904,19 +908,27 @@ class VersionDeployments:
         hpa = render_hpa(self.target, version, int(spec.get("minReplicas") or 1), int(spec["maxReplicas"]))
         hpa["spec"] = {**hpa["spec"], **{k: spec[k] for k in HPA_CARRIED if spec.get(k) is not None}}
         hpa["metadata"]["annotations"] = dict(annotations or {})
-        live = self._hpa(version)
-        try:
-            if live is None or not _hpa_holds(live, hpa):
-                client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
-                    name,
-                    self.target.namespace,
-                    hpa,
-                    field_manager=FIELD_MANAGER,
-                    _content_type="application/apply-patch+yaml",
-                    **({"dry_run": "All"} if dry_run else {}),
-                )
-        except ApiException as exc:
-            raise refused(f"apply HorizontalPodAutoscaler {name}", exc) from None
+        what = f"apply HorizontalPodAutoscaler {name}"
+
+        def attempt() -> bool:
+            live = self._hpa(version)
+            if live is not None and _hpa_holds(live, hpa):
+                return False
+            with unsettled():
+                try:
+                    client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
+                        name,
+                        self.target.namespace,
+                        hpa,
+                        field_manager=FIELD_MANAGER,
+                        _content_type="application/apply-patch+yaml",
+                        **({"dry_run": "All"} if dry_run else {}),
+                    )
+                except ApiException as exc:
+                    raise refused(what, exc) from None
+            return True
+
+        settled(attempt)
         if dry_run:
             return
         self._apply_pdb(version, int(hpa["spec"].get("minReplicas") or 1))  # (also where a try stopped before it)

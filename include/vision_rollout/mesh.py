@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +60,26 @@ class ApiUnreachable(RouterError):
     """The Kubernetes API server gave no answer to a call (no connection, a connection dropped, no
     answer in time) once the client's retries were spent (``with_retries``): the message names
     the call and what to check. Not a refusal: the call may be tried again."""
+
+
+class ApiFailed(RouterError):
+    """The API server failed a call rather than refused it: an answer of ``UNSERVED`` or
+    ``MAYBE_SERVED`` (API Priority and Fairness under load, etcd timing out, a proxy's error)
+    once the client's retries were spent (``api_error``). Not a refusal: the call may be tried
+    again, as an ``ApiUnreachable``. ``status``: the answer's."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Unsettled(Exception):
+    """A write whose answer left unknown whether the server served it (``unsettled``): ``error``,
+    what the call failed with. Raised inside a ``settled`` attempt only."""
+
+    def __init__(self, error: RouterError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Router(Protocol):
@@ -977,7 +997,7 @@ class IstioRouter:
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise RouterError(f"GET {plural}/{name}: {exc.status} {exc.reason}: {api_message(exc)}") from None
+            raise api_error(f"GET {plural}/{name}", exc) from None
 
     def _apply(self, plural: str, render: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
         """Server-side apply of ``render(live)`` (None: nothing to apply) when its spec differs
@@ -986,43 +1006,48 @@ class IstioRouter:
         what another writer changed meanwhile (a route's timeout, a host) is kept, not
         overwritten by a body rendered from the object before it. Never creates: the mesh's
         objects are the platform's (deploy/'s overlay), and an apply that would create one is
-        refused here rather than by the API server's RBAC (a 403)."""
+        refused here rather than by the API server's RBAC (a 403). A write whose answer left
+        unknown whether it was served (a 500, 502 or 504, or none) is settled by reading the
+        object back (``settled``)."""
         from kubernetes.client.exceptions import ApiException
 
-        for _ in range(self.retries):
-            live = self._get(plural)
-            if live is None:
-                raise RouterError(self._missing(ISTIO_KINDS[plural]))
-            view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
-            obj = render(view)
-            if obj is None:
-                return False
-            body = with_live_metadata(copy.deepcopy(obj), live)
-            validate_istio(body)
-            if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
-                return False  # nothing to change: no write
-            body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-            try:
-                self._api().patch_namespaced_custom_object(
-                    "networking.istio.io",
-                    "v1",
-                    self.target.namespace,
-                    plural,
-                    self.target.name,
-                    body,
-                    field_manager=FIELD_MANAGER,
-                    force=True,
-                    _content_type="application/apply-patch+yaml",
-                )
-                return True
-            except ApiException as exc:
-                if exc.status == 409:
-                    log.info("%s/%s changed while applying; retrying", plural, self.target.name)
-                    continue
-                raise RouterError(
-                    f"apply {plural}/{self.target.name}: {exc.status} {exc.reason}: {api_message(exc)}"
-                ) from None
-        raise RouterError(f"apply {plural}/{self.target.name}: still conflicting after {self.retries} tries")
+        what = f"apply {plural}/{self.target.name}"
+
+        def attempt() -> bool:
+            for _ in range(self.retries):
+                live = self._get(plural)
+                if live is None:
+                    raise RouterError(self._missing(ISTIO_KINDS[plural]))
+                view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
+                obj = render(view)
+                if obj is None:
+                    return False
+                body = with_live_metadata(copy.deepcopy(obj), live)
+                validate_istio(body)
+                if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
+                    return False  # nothing to change: no write
+                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+                with unsettled():
+                    try:
+                        self._api().patch_namespaced_custom_object(
+                            "networking.istio.io",
+                            "v1",
+                            self.target.namespace,
+                            plural,
+                            self.target.name,
+                            body,
+                            field_manager=FIELD_MANAGER,
+                            force=True,
+                            _content_type="application/apply-patch+yaml",
+                        )
+                        return True
+                    except ApiException as exc:
+                        if exc.status != 409:
+                            raise api_error(what, exc) from None
+                log.info("%s/%s changed while applying; retrying", plural, self.target.name)
+            raise RouterError(f"{what}: still conflicting after {self.retries} tries")
+
+        return settled(attempt)
 
     def _filter_problem(self) -> str | None:
         """``envoy_filter_problem`` of the mesh's bucket filter, read in the target's root namespace."""
@@ -1316,7 +1341,8 @@ def mirror_probes(percent: float, miss: float = 1e-6) -> int:
 # sent again whatever the method. Those to one it may have served (a 500 of etcd timing out, a
 # proxy's 502 or 504) are sent again for a read only: the writes here are compare-and-swaps (a
 # resourceVersion, a Lease's holder) or applies that a second send would take for another
-# writer's, and a failed rollback is tried again by the teardown, then the failure callback.
+# writer's: the rollout's writes settle such an answer by reading the object back (``settled``),
+# and a failed rollback is tried again by the teardown, then the failure callback.
 UNSERVED = frozenset({429, 503})
 MAYBE_SERVED = frozenset({500, 502, 504})
 READS = frozenset({"GET", "HEAD"})
@@ -1328,6 +1354,54 @@ API_TIMEOUT_S = (10.0, 60.0)
 # and Fairness asks for 1 s; an hour asked by a proxy before the API server (urllib3 waits up to 6
 # hours) held the task, its rollback too, with the routes mid-rollout.
 MAX_RETRY_AFTER_S = 10
+
+
+BACKOFF_S, BACKOFF_MAX_S = 0.5, 8  # api_retries' backoff, also between ``settled``'s tries
+WRITE_TRIES = 4  # ``settled``: a write whose outcome is unknown, read back and sent up to this many times
+
+
+@contextlib.contextmanager
+def unsettled() -> Iterator[None]:
+    """Around one write of a ``settled`` attempt: its failure that leaves unknown whether the
+    server served it (``ApiFailed`` of ``MAYBE_SERVED``, or no answer: ``ApiUnreachable``) raised
+    as ``Unsettled``; anything else as it came."""
+    try:
+        yield
+    except (ApiFailed, ApiUnreachable) as exc:
+        if isinstance(exc, ApiFailed) and exc.status not in MAYBE_SERVED:
+            raise
+        raise Unsettled(exc) from None
+
+
+def settled(attempt: Callable[[], bool], tries: int = WRITE_TRIES) -> bool:
+    """``attempt()``: one read-modify-write that reads the object, writes nothing when it holds
+    what the write sets already (False), else writes (True), its write in ``unsettled``. A write
+    whose outcome is unknown (``Unsettled``: a 500, 502 or 504, or no answer, which the client
+    does not send again) is settled by the next attempt, after api_retries' backoff: its read
+    finds the write in place (done: True), or not, and it writes again from what it read (its
+    resourceVersion, what another writer set meanwhile): never the first body sent twice, which
+    the server would take for another writer's, its compare-and-swap refused. After ``tries``
+    the last failure raised (it names the call), with the tries (an ``ApiUnreachable`` stays one)."""
+    for n in range(tries):
+        if n:
+            time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
+        try:
+            return attempt() or n > 0
+        except Unsettled as exc:
+            last = exc.error
+            log.warning("%s; reading it back", last)
+    said = (
+        f"{last} (tried {tries} times: each answer left unknown whether the write was served, and each read back "
+        "found it not in place)"
+    )
+    raise (ApiUnreachable(said) if isinstance(last, ApiUnreachable) else ApiFailed(said, getattr(last, "status", 0)))
+
+
+def api_error(what: str, exc: Any) -> RouterError:
+    """An ApiException of ``what`` (a call) as a RouterError: the status, the reason and what the
+    server said (``api_message``); an ``ApiFailed`` for a failure rather than a refusal."""
+    message = f"{what}: {exc.status} {exc.reason}: {api_message(exc)}"
+    return ApiFailed(message, exc.status) if exc.status in UNSERVED | MAYBE_SERVED else RouterError(message)
 
 
 def api_retries() -> Any:
@@ -1352,8 +1426,8 @@ def api_retries() -> Any:
         other=0,
         allowed_methods=None,  # any method: is_retry decides by status
         status_forcelist=UNSERVED | MAYBE_SERVED,
-        backoff_factor=0.5,
-        backoff_max=8,
+        backoff_factor=BACKOFF_S,
+        backoff_max=BACKOFF_MAX_S,
         retry_after_max=MAX_RETRY_AFTER_S,
         raise_on_status=False,  # the last answer raises as the client's ApiException
         redirect=0,

@@ -389,3 +389,31 @@ def test_the_managers_of_an_istio_objects_and_a_budgets_fields_are_recorded_as_a
             "digits-v1", "ml", {**pdb, "spec": {**pdb["spec"], "maxUnavailable": 0}}, **APPLY
         )
     assert json.loads(conflict.value.body)["message"].endswith(": .spec.maxUnavailable")
+
+
+def test_a_write_throttled_after_it_was_served_is_stored_and_answered_as_refused(core):
+    """``throttle_served``: the write throttled (of ``throttled_path``'s object only) is served,
+    then answered ``throttle_status``, as a 500 of etcd timing out after its commit; without it,
+    as before, it is answered so unserved."""
+    fake, core_api = core
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"k": "1"}}
+    core_api.patch_namespaced_secret("s", "default", secret, **APPLY)
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 2, 500, frozenset({"PATCH"})
+    fake.throttled_path = "/secrets/t"
+    core_api.patch_namespaced_secret("s", "default", {**secret, "stringData": {"k": "2"}}, **APPLY)  # not its path
+    fake.throttle_served = True
+    for name, value in (("t", "3"), ("t", "4")):
+        with pytest.raises(ApiException) as failed:
+            core_api.patch_namespaced_secret(
+                name, "default", {**secret, "metadata": {"name": name}, "stringData": {"k": value}}, **APPLY
+            )
+        assert failed.value.status == 500
+        fake.throttle_served = False  # the second one refused unserved
+    assert fake.throttle == 0
+    assert [(r["path"].rpartition("/")[2], r["status"], r.get("served")) for r in fake.requests[-3:]] == [
+        ("s", 200, None),
+        ("t", 500, 500),
+        ("t", 500, None),
+    ]
+    assert fake.objects[("secrets", "default", "s")]["data"]["k"] == "Mg=="  # "2"
+    assert fake.objects[("secrets", "default", "t")]["data"]["k"] == "Mw=="  # "3": the first only

@@ -1008,12 +1008,11 @@ def test_a_rollback_goes_through_an_api_server_that_throttles(fleet):
     assert routes(fleet) == [("v1", 100)]
 
 
-def test_a_read_the_api_server_failed_is_sent_again_and_a_write_is_not(fleet):
+def test_a_read_the_api_server_failed_is_sent_again_and_a_write_is_read_back_first(fleet):
     """A 500 (etcd timing out under the API server) on a read failed the rollback at once; a read
-    is now sent again after a backoff. A write that may have been served is not sent again: it
-    fails, and the teardown tries the rollback again."""
-    from vision_rollout.mesh import RouterError
-
+    is now sent again after a backoff. A write that may have been served is not sent again as it
+    was: the object is read back, and the write made again from what was read (here, not served:
+    the rollback goes through)."""
     built = steps.build_image(PARAMS, "run-a")
     steps.deploy_candidate(PARAMS, pushed(built), "run-a")
     steps.apply_weights(PARAMS, 0, "run-a", built)
@@ -1027,10 +1026,89 @@ def test_a_read_the_api_server_failed_is_sent_again_and_a_write_is_not(fleet):
     steps.apply_weights(PARAMS, 0, "run-a", built)
     before = len(fleet.requests)
     fleet.throttle, fleet.throttled_methods = 1, frozenset({"PATCH"})
-    with pytest.raises(RouterError, match="500 Internal Server Error: Internal error occurred"):
-        steps.restore_stable(PARAMS, "run-a")
-    assert [r["status"] for r in fleet.requests[before:] if r["method"] == "PATCH"] == [500]
-    assert routes(fleet) == [("v1", 90), ("v2", 10)]
+    steps.restore_stable(PARAMS, "run-a")
+    calls = [
+        (r["method"], r["status"]) for r in fleet.requests[before:] if r["path"].endswith("/virtualservices/digits")
+    ]
+    assert calls[calls.index(("PATCH", 500)) :][:3] == [("PATCH", 500), ("GET", 200), ("PATCH", 200)]
+    assert routes(fleet) == [("v1", 100)]
+
+
+VS_PATH = "/virtualservices/digits"
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_stages_virtualservice_write_answered_500_once_is_read_back_not_rolled_back(kube, served):
+    """Stage 2's VirtualService apply answered 500 once (etcd timing out: served or not, the
+    answer does not say; the client does not send a write again) failed the step, and the run
+    rolled back a healthy candidate. The VirtualService is read back: the stage's weights in
+    place (served), done; else applied again from what was read. The stage goes on."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    before = len(kube.requests)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = VS_PATH, served
+    applied = steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    assert applied["weight"] == 50
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    calls = [(r["method"], r["status"], r.get("served")) for r in kube.requests[before:] if r["path"].endswith(VS_PATH)]
+    failed = calls.index(("PATCH", 500, 500 if served else None))
+    assert calls[failed + 1][:2] == ("GET", 200)  # read back
+    assert calls[failed + 2 :] == ([] if served else [("PATCH", 200, None)])  # written again only when not in place
+
+
+def test_a_stages_virtualservice_write_answered_500_each_time_fails_naming_the_call(kube):
+    """The API server failing the VirtualService's apply at each try: the step fails, as before,
+    naming the call, the answer and the tries, the weights not moved."""
+    from vision_rollout.mesh import WRITE_TRIES, ApiFailed
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    before = len(kube.requests)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"PATCH"})
+    kube.throttled_path = VS_PATH
+    with pytest.raises(ApiFailed) as failed:
+        steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    said = str(failed.value)
+    assert said.startswith(
+        "apply virtualservices/digits: 500 Internal Server Error: Internal error occurred: etcdserver: request timed out"
+    )
+    assert f"(tried {WRITE_TRIES} times: each answer left unknown whether the write was served" in said
+    patches = [r for r in kube.requests[before:] if r["method"] == "PATCH" and r["path"].endswith(VS_PATH)]
+    assert len(patches) == WRITE_TRIES
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+def test_a_stages_virtualservice_write_that_conflicts_reads_again_and_applies_as_before(kube):
+    """A 409 (another writer changed the VirtualService between the read and the apply): read
+    again and applied from the new object, that writer's change kept, unchanged by the above."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+
+    def timeout(vs):
+        for route in vs["spec"]["http"]:
+            route["timeout"] = "7s"
+
+    def race():  # on the VirtualService's write
+        if kube.requests[-1]["path"].endswith(VS_PATH):
+            kube.touch("virtualservices", "models", "digits", timeout)
+        else:
+            kube.before_write = race
+
+    before = len(kube.requests)
+    kube.before_write = race
+    steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    patched = [r["status"] for r in kube.requests[before:] if r["method"] == "PATCH" and r["path"].endswith(VS_PATH)]
+    assert patched[-2:] == [409, 200]
+    vs = kube.get("virtualservices", "models", "digits")
+    assert {r.get("timeout") for r in vs["spec"]["http"] if r["name"] == "default"} == {"7s"}
 
 
 def test_an_image_build_of_a_run_without_the_model_starts_no_pod(kube):
@@ -1644,10 +1722,11 @@ def test_a_transient_refusal_of_stage_1_floor_is_retried_not_blamed_on_the_hpa(k
     """Under autoscaling, the baseline's HPA the rollout's own, scaled up past its floor after the
     candidate was deployed: stage 1's hold of that floor answered 500 (etcd timing out; a write
     is not sent again by the client) failed the step for good, saying the HPA had scaled the
-    baseline above its floor and to clear the task once it was back at it. The API server's
-    refusal is raised as it came (a RouterError: Airflow's retry tries again), naming the HPA
-    apply refused, no weight moved; the step run again holds the floor and moves the weights."""
-    from vision_rollout.mesh import RouterError
+    baseline above its floor and to clear the task once it was back at it. Answered 500 at each
+    of its tries (each read back), the API server's failure is raised as it came (a RouterError:
+    Airflow's retry tries again), naming the HPA apply refused, no weight moved; the step run
+    again holds the floor and moves the weights."""
+    from vision_rollout.mesh import WRITE_TRIES, RouterError
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
     stable_virtual_service(kube, PARAMS)
@@ -1655,7 +1734,7 @@ def test_a_transient_refusal_of_stage_1_floor_is_retried_not_blamed_on_the_hpa(k
     params = {**PARAMS, "mirror_percent": 0}
     steps.deploy_candidate(params, image("2"), "run-1")
     kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load: a floor to hold
-    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
+    kube.throttle, kube.throttle_status, kube.throttled_methods = WRITE_TRIES, 500, frozenset({"PATCH"})
     with pytest.raises(RouterError) as refused:
         steps.apply_weights(params, 0, "run-1", {"decision": "pass"})
     said = str(refused.value)
