@@ -73,6 +73,9 @@ class ApiFailed(RouterError):
         self.status = status
 
 
+TRANSIENT = (ApiFailed, ApiUnreachable)  # what a retry of the call may get past, unlike a refusal
+
+
 class Unsettled(Exception):
     """A write whose answer left unknown whether the server served it (``unsettled``): ``error``,
     what the call failed with. Raised inside a ``settled`` attempt only."""

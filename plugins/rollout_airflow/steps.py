@@ -635,8 +635,10 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
     Deployment that its retirement would change (a Helm release's label
     ``app.kubernetes.io/managed-by: Helm``): the retirement's apply is sent as a dry run, which
     the API server refuses as it would the apply. Checked before the candidate is deployed, and
-    before a promotion moves anything."""
-    from vision_rollout.mesh import RouterError
+    before a promotion moves anything. The API server failing the dry run rather than refusing it
+    (429 or 5xx once the client's retries were spent, no answer: ``TRANSIENT``) is raised as it
+    came, not as a refusal: Airflow's retry asks again."""
+    from vision_rollout.mesh import TRANSIENT, RouterError
 
     owners = [] if deployments.build.autoscaling else deployments.replicas_owners(spec.baseline_version)
     if owners:
@@ -649,6 +651,8 @@ def retirable(spec: RolloutSpec, deployments: VersionDeployments) -> None:
         )
     try:
         deployments.scale(spec.baseline_version, 0, dry_run=True)
+    except TRANSIENT:
+        raise  # (nothing refused: the step's retry asks again)
     except RouterError as exc:
         raise AirflowFailException(
             f"{exc}. The rollout could not retire version {spec.baseline_version} once promoted"
@@ -663,15 +667,16 @@ def floor_holdable(spec: RolloutSpec, deployments: VersionDeployments, dry_run: 
     the dry run cannot promise: at its HPA's floor then, the baseline had no floor to hold, and
     its HPA may scale it up before stage 1. Its ``minReplicas`` another manager's (``FloorOwned``),
     the step fails before any weight moves, naming the HPA, its floor and the pods it runs
-    (``hold_floor``); the dry run refused otherwise too. Stage 1's hold refused otherwise (a 500 of
-    etcd timing out, RBAC), its error is raised as it came, as the step's other writes: Airflow's
-    retry tries again, no weight moved."""
+    (``hold_floor``); the dry run refused otherwise too. Stage 1's hold refused otherwise (RBAC),
+    its error is raised as it came, as the step's other writes: Airflow's retry tries again, no
+    weight moved. The API server failing the call rather than refusing it (429 or 5xx once the
+    client's retries were spent, no answer: ``TRANSIENT``) is raised as it came, the dry run's too."""
     from vision_rollout.deploy import FloorOwned
-    from vision_rollout.mesh import ApiUnreachable, RouterError
+    from vision_rollout.mesh import TRANSIENT, RouterError
 
     try:
         deployments.hold_floor(spec.baseline_version, dry_run=dry_run)
-    except ApiUnreachable:
+    except TRANSIENT:
         raise  # (nothing refused: the step's retry asks again)
     except RouterError as exc:
         could_not = f"The rollout could not hold version {spec.baseline_version}'s floor"

@@ -1675,6 +1675,35 @@ def test_a_baseline_floor_another_manager_owns_is_refused_before_the_candidate_i
     assert hpa(kube, "1")["spec"]["minReplicas"] == 3
 
 
+@pytest.mark.parametrize("check", ["floor", "retirement"])
+def test_a_failed_not_refused_dry_run_before_the_candidate_is_retried_not_final(kube, monkeypatch, tmp_path, check):
+    """Under autoscaling, the baseline's HPA the rollout's own, scaled past its floor: the dry runs
+    of its floor's hold and of its retirement, answered 500 by the API server (etcd timing out),
+    failed deploy_candidate for good (AirflowFailException: no retry), saying the rollout could
+    not hold the floor or retire the baseline. A failure of the API server is not a refusal: it
+    is raised as it came (Airflow's retry asks again), and the retry deploys the candidate."""
+    from vision_rollout.mesh import WRITE_TRIES, ApiFailed
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")  # its HPA, under load: a floor to hold
+    own = hpa(kube, "1")["spec"]["minReplicas"]
+    kube.throttle, kube.throttle_status, kube.throttled_methods = WRITE_TRIES, 500, frozenset({"PATCH"})
+    kube.throttled_path = "/horizontalpodautoscalers/digits-v1" if check == "floor" else "/deployments/digits-v1"
+    with pytest.raises(ApiFailed) as failed:
+        steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    assert str(failed.value).startswith(
+        f"apply {'HorizontalPodAutoscaler' if check == 'floor' else 'Deployment'} digits-v1: 500 Internal Server Error"
+    )
+    assert "could not" not in str(failed.value)
+    assert ("deployments", "models", "digits-v2") not in kube.objects
+    kube.throttle = 0
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")  # Airflow's retry
+    assert deployment(kube, "2")["spec"]["template"]["spec"]["containers"][0]["image"] == image("2")
+    assert hpa(kube, "1")["spec"]["minReplicas"] == own < 10  # (a dry run: held at stage 1)
+
+
 def helms_hpa(kube, versions, floor: int) -> None:
     """Version 1's HPA (``floor`` to 40 pods) as a Helm release installed it: Helm's, not the
     rollout's."""
