@@ -580,9 +580,15 @@ class VersionDeployments:
         carries over), else ``render_deployment``'s. No ``force``: unlike the Istio objects,
         which only the rollout writes, a Deployment's fields may have other owners (an HPA,
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
-        is reported instead."""
-        source = self._live(version) or (self._live(like) if like is not None else None)
-        return self._apply(version, image, replicas, source, deployed=image)
+        is reported instead. An apply whose answer left unknown whether it was served is read
+        back and applied again from what was read (``settled``: an apply of the rollout's own
+        fields, the same again where it was served)."""
+
+        def attempt(_: int) -> dict[str, Any]:
+            source = self._live(version) or (self._live(like) if like is not None else None)
+            return self._apply(version, image, replicas, source, deployed=image)
+
+        return settled(attempt)
 
     def _apply(
         self,
@@ -656,14 +662,15 @@ class VersionDeployments:
                 **dry_run,
             )
 
-        try:
-            if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
-                now = None if live is None else live["spec"]["template"]
-                template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
-                body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
-            out = applied(**({"dry_run": "All"} if dry_run else {}))
-        except ApiException as exc:
-            raise refused(f"apply Deployment {self._name(version)}", exc) from None
+        with unsettled():
+            try:
+                if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
+                    now = None if live is None else live["spec"]["template"]
+                    template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
+                    body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
+                out = applied(**({"dry_run": "All"} if dry_run else {}))
+            except ApiException as exc:
+                raise refused(f"apply Deployment {self._name(version)}", exc) from None
         if dry_run:
             return dict(self._apps().api_client.sanitize_for_serialization(out))
         if autoscaled:
@@ -769,12 +776,13 @@ class VersionDeployments:
                     raise
                 log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
         if replicas == 0 or live < replicas:
-            try:
-                self._apps().patch_namespaced_deployment_scale(
-                    name, self.target.namespace, {"spec": {"replicas": replicas}}, field_manager=FIELD_MANAGER
-                )
-            except ApiException as exc:
-                raise refused(f"scale Deployment {name}", exc) from None
+            with unsettled():
+                try:
+                    self._apps().patch_namespaced_deployment_scale(
+                        name, self.target.namespace, {"spec": {"replicas": replicas}}, field_manager=FIELD_MANAGER
+                    )
+                except ApiException as exc:
+                    raise refused(f"scale Deployment {name}", exc) from None
 
     def autoscaling(self, version: str) -> dict[str, Any] | None:
         """The spec of the version's live HPA (``render_hpa``'s name) as the API server gives it,
@@ -910,10 +918,10 @@ class VersionDeployments:
         hpa["metadata"]["annotations"] = dict(annotations or {})
         what = f"apply HorizontalPodAutoscaler {name}"
 
-        def attempt() -> bool:
+        def attempt(_: int) -> None:
             live = self._hpa(version)
             if live is not None and _hpa_holds(live, hpa):
-                return False
+                return
             with unsettled():
                 try:
                     client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
@@ -926,7 +934,6 @@ class VersionDeployments:
                     )
                 except ApiException as exc:
                     raise refused(what, exc) from None
-            return True
 
         settled(attempt)
         if dry_run:
@@ -974,15 +981,20 @@ class VersionDeployments:
         that version ran at that moment; ``replicas`` pods are set all the same, for the HPA to
         scale from. Without that HPA, the stage's floor as ever. ``dry_run``: only whether the API
         server would take the Deployment's apply (RouterError naming what it refuses), nothing written.
-        ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``)."""
-        live = self._live(version)
-        if live is None:
-            return False
-        like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
-        image = str(_server_container(live.spec.template.spec.containers).image)
-        deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
-        self._apply(version, image, replicas, live, like, deployed, dry_run, rolling_back)
-        return True
+        ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``).
+        An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``)."""
+
+        def attempt(_: int) -> bool:
+            live = self._live(version)
+            if live is None:
+                return False
+            like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
+            image = str(_server_container(live.spec.template.spec.containers).image)
+            deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
+            self._apply(version, image, replicas, live, like, deployed, dry_run, rolling_back)
+            return True
+
+        return settled(attempt)
 
     def replicas_owners(self, version: str) -> list[str]:
         """The field managers besides the rollout's apply that own the version's ``spec.replicas``

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -83,6 +83,9 @@ class Unsettled(Exception):
     def __init__(self, error: RouterError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+T = TypeVar("T")
 
 
 class Router(Protocol):
@@ -1016,7 +1019,7 @@ class IstioRouter:
 
         what = f"apply {plural}/{self.target.name}"
 
-        def attempt() -> bool:
+        def attempt(doubted: int) -> bool:  # (after a write in doubt, the object as wanted is that write's)
             for _ in range(self.retries):
                 live = self._get(plural)
                 if live is None:
@@ -1024,11 +1027,11 @@ class IstioRouter:
                 view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
                 obj = render(view)
                 if obj is None:
-                    return False
+                    return doubted > 0
                 body = with_live_metadata(copy.deepcopy(obj), live)
                 validate_istio(body)
                 if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
-                    return False  # nothing to change: no write
+                    return doubted > 0  # nothing to change: no write
                 body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
                 with unsettled():
                     try:
@@ -1376,20 +1379,21 @@ def unsettled() -> Iterator[None]:
         raise Unsettled(exc) from None
 
 
-def settled(attempt: Callable[[], bool], tries: int = WRITE_TRIES) -> bool:
-    """``attempt()``: one read-modify-write that reads the object, writes nothing when it holds
-    what the write sets already (False), else writes (True), its write in ``unsettled``. A write
-    whose outcome is unknown (``Unsettled``: a 500, 502 or 504, or no answer, which the client
-    does not send again) is settled by the next attempt, after api_retries' backoff: its read
-    finds the write in place (done: True), or not, and it writes again from what it read (its
-    resourceVersion, what another writer set meanwhile): never the first body sent twice, which
-    the server would take for another writer's, its compare-and-swap refused. After ``tries``
-    the last failure raised (it names the call), with the tries (an ``ApiUnreachable`` stays one)."""
+def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES) -> T:
+    """``attempt(n)`` (``n``: the tries before it), one read-modify-write: it reads the object and
+    writes nothing where the object holds what the write sets already, else writes (its write
+    in ``unsettled``); what it answers. A write whose outcome is unknown (``Unsettled``: a 500,
+    502 or 504, or no answer, which the client does not send again) is settled by the next
+    attempt, after api_retries' backoff: its read finds the write in place (done), or not, and
+    it writes again from what it read (its resourceVersion, what another writer set meanwhile):
+    never the first body sent twice, which the server would take for another writer's, its
+    compare-and-swap refused. After ``tries`` the last failure raised (it names the call), with
+    the tries (an ``ApiUnreachable`` stays one)."""
     for n in range(tries):
         if n:
             time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
         try:
-            return attempt() or n > 0
+            return attempt(n)
         except Unsettled as exc:
             last = exc.error
             log.warning("%s; reading it back", last)

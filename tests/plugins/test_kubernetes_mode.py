@@ -1038,6 +1038,32 @@ VS_PATH = "/virtualservices/digits"
 
 
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_stages_candidate_scaling_answered_500_once_is_read_back_not_rolled_back(kube, served):
+    """Stage 2's apply of the candidate's Deployment at the stage's size answered 500 once (served
+    or not: the answer does not say) failed the step, and the run rolled back. It is read back
+    and applied again from what was read (the rollout's own fields: the same again where it was
+    served); the stage's weights move."""
+    from vision_rollout.deploy import IMAGE_ANNOTATION
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
+    kube.throttled_path, kube.throttle_served = "/deployments/digits-v2", served
+    before = len(kube.requests)
+    steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    failed = [r for r in kube.requests[before:] if r["status"] == 500]
+    assert [(r["path"].rpartition("/")[2], r["query"].get("dryRun"), r.get("served")) for r in failed] == [
+        ("digits-v2", None, 500 if served else None)  # the apply itself, not its dry run
+    ]
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    sized = steps.candidate_size(RolloutSpec.from_dict(PARAMS), 50, steps.ModelServerHook().deployments("digits"))
+    assert deployment(kube, "2")["spec"]["replicas"] == sized
+    assert deployment(kube, "2")["metadata"]["annotations"][IMAGE_ANNOTATION] == image("2")
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_stages_virtualservice_write_answered_500_once_is_read_back_not_rolled_back(kube, served):
     """Stage 2's VirtualService apply answered 500 once (etcd timing out: served or not, the
     answer does not say; the client does not send a write again) failed the step, and the run
