@@ -414,9 +414,10 @@ class FakeKubeAPI:
         self.version = 100
         # The next ``throttle`` requests (of ``throttled_methods``) are refused as API Priority
         # and Fairness refuses one it has no seat for (a server under load): 429, Retry-After 1;
-        # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a 503).
+        # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a 503; None: their
+        # connection closed without an answer).
         self.throttle = 0
-        self.throttle_status = 429
+        self.throttle_status: int | None = 429
         self.retry_after = "1"  # what a 429 says to wait (a proxy before the API server may say more)
         self.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
         self.throttled_path: str | None = None  # only requests whose path ends with it (None: any)
@@ -846,9 +847,11 @@ class FakeKubeAPI:
                     self._body()  # read, never answered
                     raise Dropped
                 if throttled and api.throttle_served:
-                    self.record["served"] = api.throttle_status  # (``_answer`` answers it so once served)
+                    self.record["served"] = api.throttle_status or "dropped"  # (``_answer`` answers it once served)
                 elif throttled:
                     self._body()  # read, not served
+                    if api.throttle_status is None:
+                        raise Dropped
                     raise APIError(api.throttle_status, *REFUSALS[api.throttle_status])
                 m = PATH_RE.match(url.path)
                 plural = m.group(4) if m else ""
@@ -885,6 +888,8 @@ class FakeKubeAPI:
             def _answer(self, method: str, handle: Callable[..., tuple[int, Any] | None]) -> None:
                 try:
                     answer = handle(*self._start(method))
+                    if self.record.get("served") == "dropped":
+                        raise Dropped
                     if self.record.get("served"):
                         raise APIError(self.record["served"], *REFUSALS[self.record["served"]])
                 except Dropped:

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from devstack.cluster.kube import parse_label_selector
 
@@ -417,3 +418,8 @@ def test_a_write_throttled_after_it_was_served_is_stored_and_answered_as_refused
     ]
     assert fake.objects[("secrets", "default", "s")]["data"]["k"] == "Mg=="  # "2"
     assert fake.objects[("secrets", "default", "t")]["data"]["k"] == "Mw=="  # "3": the first only
+    fake.throttle, fake.throttle_status, fake.throttle_served = 1, None, True  # served, then no answer
+    with pytest.raises(HTTPError):  # (urllib3's: the connection closed, no answer)
+        core_api.patch_namespaced_secret("t", "default", {**secret, "metadata": {"name": "t"}}, **APPLY)
+    assert (fake.requests[-1]["status"], fake.requests[-1]["served"]) == (None, "dropped")
+    assert fake.objects[("secrets", "default", "t")]["data"]["k"] == "MQ=="  # "1": served

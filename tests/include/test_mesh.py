@@ -691,6 +691,29 @@ def test_a_call_the_api_server_never_answers_is_named_with_what_to_check(kube):
         client.AppsV1Api(api).read_namespaced_deployment("digits-v9", "models")
 
 
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_virtualservice_write_left_unanswered_is_read_back_then_done_or_written_again(kube, served):
+    """The VirtualService's apply left without an answer (a connection dropped: served or not,
+    nothing says; the client does not send a write again) raised ApiUnreachable and failed the
+    stage. The object is read back: the routes in place (served), done; else applied again from
+    what was read, once."""
+    from vision_rollout.mesh import with_retries
+
+    fake, api = kube
+    api = with_retries(api)
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 1, None, frozenset({"PATCH"})
+    fake.throttled_path, fake.throttle_served = "/virtualservices/digits", served
+    before = len(fake.requests)
+    assert router.set_routes(CANARY) is True
+    assert router.get_routes() == CANARY
+    calls = [
+        (r["method"], r["status"]) for r in fake.requests[before:] if r["path"].endswith("/virtualservices/digits")
+    ]
+    dropped = calls.index(("PATCH", None))
+    assert calls[dropped + 1 :] == [("GET", 200)] + ([] if served else [("PATCH", 200)]) + [("GET", 200)]
+
+
 def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):
     """A DestinationRule subset the platform defined beside the versions' (another VirtualService
     routes to it: pods labelled track=debug, say) was dropped at every first stage, and what
