@@ -79,7 +79,10 @@ def _integer(value: Any) -> bool:
 
 
 class LockError(RuntimeError):
-    """The lock's store failed or holds something unreadable (a transient failure may be retried)."""
+    """The lock's store failed or holds something unreadable (a transient failure may be retried).
+    ``status``: the Kubernetes API server's answer that failed it, where one did."""
+
+    status: int | None = None
 
 
 class ModelBusy(LockError):
@@ -430,7 +433,23 @@ class LeaseLock(CompareAndSwapLock):
         except ApiException as exc:
             if exc.status in refused:
                 return None
-            raise LockError(f"{what} {self.where}: {exc.status} {exc.reason}: {str(exc.body)[:300]}") from None
+            failed = LockError(f"{what} {self.where}: {exc.status} {exc.reason}: {str(exc.body)[:300]}")
+            failed.status = exc.status
+            raise failed from None
+
+    def renew(self, holder: str, seconds: int = LEASE_S, note: str | None = None) -> Holding:
+        """``CompareAndSwapLock.renew``; one whose replace's answer left unknown whether it was
+        served (a 500, 502 or 504, or none) settled by reading the lease back (``settled``): still
+        this run's, renewed again from what was read. Its first body sent again would be refused
+        (409: the resourceVersion moved on by that write itself), the run's own write taken for
+        another run's: LockLost."""
+        from vision_rollout.mesh import settled, unsettled
+
+        def attempt(_: int) -> Holding:
+            with unsettled():
+                return super(LeaseLock, self).renew(holder, seconds, note)
+
+        return settled(attempt)
 
     def _read(self) -> tuple[Holding | None, str | None]:
         lease = self._call("GET", partial(self._api().read_namespaced_lease, self.name, self.namespace), (404,))

@@ -80,7 +80,7 @@ class Unsettled(Exception):
     """A write whose answer left unknown whether the server served it (``unsettled``): ``error``,
     what the call failed with. Raised inside a ``settled`` attempt only."""
 
-    def __init__(self, error: RouterError) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -1369,12 +1369,13 @@ WRITE_TRIES = 4  # ``settled``: a write whose outcome is unknown, read back and 
 @contextlib.contextmanager
 def unsettled() -> Iterator[None]:
     """Around one write of a ``settled`` attempt: its failure that leaves unknown whether the
-    server served it (``ApiFailed`` of ``MAYBE_SERVED``, or no answer: ``ApiUnreachable``) raised
-    as ``Unsettled``; anything else as it came."""
+    server served it (an error whose ``status`` is one of ``MAYBE_SERVED``: an ``ApiFailed``, a
+    lease's ``LockError``; or no answer: ``ApiUnreachable``) raised as ``Unsettled``; anything
+    else as it came."""
     try:
         yield
-    except (ApiFailed, ApiUnreachable) as exc:
-        if isinstance(exc, ApiFailed) and exc.status not in MAYBE_SERVED:
+    except Exception as exc:
+        if not isinstance(exc, ApiUnreachable) and getattr(exc, "status", None) not in MAYBE_SERVED:
             raise
         raise Unsettled(exc) from None
 
@@ -1397,11 +1398,11 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES) -> T:
         except Unsettled as exc:
             last = exc.error
             log.warning("%s; reading it back", last)
-    said = (
+    last.args = (
         f"{last} (tried {tries} times: each answer left unknown whether the write was served, and each read back "
-        "found it not in place)"
+        "found it not in place)",
     )
-    raise (ApiUnreachable(said) if isinstance(last, ApiUnreachable) else ApiFailed(said, getattr(last, "status", 0)))
+    raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a LockError)
 
 
 def api_error(what: str, exc: Any) -> RouterError:

@@ -1038,6 +1038,26 @@ VS_PATH = "/virtualservices/digits"
 
 
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_stages_lease_renewal_answered_500_once_is_read_back_not_a_failed_step(kube, served):
+    """Stage 2's renewal of the run's lease (a replace carrying the resourceVersion read) answered
+    500 once failed the step (LockError), and the run rolled back; its first body sent again would
+    have been refused (409), the run's own renewal taken for another run's. The lease is read
+    back (still this run's) and renewed again from what was read; the stage's weights move."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PUT"})
+    kube.throttled_path, kube.throttle_served = "/leases/rollout-digits", served
+    before = len(kube.requests)
+    steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    puts = [(r["status"], r.get("served")) for r in kube.requests[before:] if r["method"] == "PUT"]
+    assert puts[:2] == [(500, 500 if served else None), (200, None)]
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_stages_candidate_scaling_answered_500_once_is_read_back_not_rolled_back(kube, served):
     """Stage 2's apply of the candidate's Deployment at the stage's size answered 500 once (served
     or not: the answer does not say) failed the step, and the run rolled back. It is read back
