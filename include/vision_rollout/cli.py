@@ -1035,13 +1035,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("rolloutctl run drives the model server's router (mesh: local); Istio runs from Airflow")
     if not args.prometheus and not args.no_hard_guards:
         raise UsageError(
-            "the P99 and shadow-error guards read Prometheus: give --prometheus URL, or --no-hard-guards "
+            "the P99, shadow-error and restart guards read Prometheus: give --prometheus URL, or --no-hard-guards "
             "to roll out guarded by the replay's accuracy drop only"
         )
     if args.url.startswith("https://"):
         raise UsageError("--url: the validation replay speaks plain HTTP to the model server: give its http:// address")
     token = _token(args.token_file)
-    unguarded = "" if args.prometheus else " (without the P99 and shadow-error guards: --no-hard-guards)"
+    unguarded = "" if args.prometheus else _UNGUARDED
     router = LocalRouter(args.url, spec.model, token, args.state_file)
     source = PrometheusSource(args.prometheus) if args.prometheus else None
     with _stopped_by_signals(), _Lease(args.lock_dir, spec.model) as lease:
@@ -1870,7 +1870,7 @@ def parser() -> argparse.ArgumentParser:
     guards.add_argument(
         "--no-hard-guards",
         action="store_true",
-        help="run without Prometheus: no P99 or shadow-error guard, only the replay's accuracy drop",
+        help="run without Prometheus: no P99, shadow-error or restart guard, only the replay's accuracy drop",
     )
     r.add_argument(
         "--state-file",

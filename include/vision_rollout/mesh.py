@@ -1474,7 +1474,7 @@ def unanswered(method: str, url: str, exc: Exception) -> ApiUnreachable:
     elif method.upper() in READS:
         tried = ""
     else:
-        tried = " (a write is not sent again: the server may have served it)"
+        tried = " (the client does not send a write again: the server may have served it)"
     return ApiUnreachable(
         f"the Kubernetes API server did not answer {method.upper()} {parts.path}{tried}: "
         f"{type(reason).__name__}: {str(reason)[:300]}. Check that {parts.scheme}://{parts.netloc} is up and "

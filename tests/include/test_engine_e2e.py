@@ -119,7 +119,7 @@ def test_rolloutctl_run_rolls_back_version_3(served, tmp_path, capsys):
     assert "ROLLED BACK: stage 25%" in out
     assert (tmp_path / "locks" / "digits.guard").exists()  # it held the model's lock ...
     assert not (tmp_path / "locks" / "digits.lock").exists()  # ... and released it
-    assert out.rstrip().endswith("(without the P99 and shadow-error guards: --no-hard-guards)")
+    assert out.rstrip().endswith("(without the P99, shadow-error and restart guards: --no-hard-guards)")
     assert "warning: no Prometheus" in err
     reports = sorted((tmp_path / "outbox").glob("*.json"))
     assert json.loads(reports[-1].read_text())["text"].startswith("Rolled back digits v3")
