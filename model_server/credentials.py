@@ -115,9 +115,16 @@ def _bracketed(depth: int) -> str:
 
 CLOSED_BRACKETED = _bracketed(4)
 BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
+# A key in quotes first in a tuple's repr (``t``: after "(" and its quote, escaped too), then ","
+# and its value in quotes, the tuple's last: a pair's repr ("('password', 'hunter2')", an item of
+# dict.items(), a call's arguments); a tuple of names ("('password', 'token', 'secret')") is none.
+_PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in (0, 1, 3, 7)) + ")?"
+_PAIR_SEP = rf"(?(t)(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}(?=b?(?:{_ESCAPE})?[\"'])|(?!))"
+_PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
 _SECRET_KEYED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_SECRET_NAME}{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN})"
+    rf"{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP})"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
+    rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}){_PAIR_END}"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a

@@ -992,6 +992,7 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "cookies: none, cookies=0, cookies sent: 2",  # ("cookies" names a header before a pair or a dict)
     '{"msg": "{\\"token_count\\": 12, \\"secrets\\": \\"none\\", \\"password_file\\": \\"/run/db\\"}"}',
     "usage tokens: {'prompt': 12}, secret_name: {'ns': 'models'}, cookies: 3",
+    "masked fields ('password', 'token', 'secret'), ('password', None), ('tokens', '3')",
     '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
 ]
 
@@ -1102,6 +1103,9 @@ SECRET_GROWING = {
     "cookie pairs of quotes never closed": ("Cookie: ", 'a="b'),
     "cookie pairs of escaped quotes": ("Cookie: ", 'a=\\"b\\" '),
     "a cookie's quoted value never closed": ('"Cookie": "a=', "\\"),
+    "pairs never closed": ("", "('password', 'a"),
+    "pairs in pairs": ("", "('token', ('token', "),
+    "escaped pairs never closed": ("", '(\\\\\\"token\\\\\\", \\\\\\"a'),
 }
 
 

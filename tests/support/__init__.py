@@ -415,6 +415,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     '{\n  "api_key": [\n    "k1Xz9Q",\n    "k2Yq8W"\n  ]\n} sent': '[\n    "k1Xz9Q",\n    "k2Yq8W"\n  ]',
     "password {'db': 'b3cret9'} sent": "{'db': 'b3cret9'}",
     "login with token [\n 'k1Xz9Q',\n 'k2Yq8W'] refused": "[\n 'k1Xz9Q',\n 'k2Yq8W']",
+    # a pair's repr, a key and its value in a tuple (an item of dict.items(), a call's arguments)
+    "args ('password', 'hunter2-secret') sent": "hunter2-secret",
+    'pairs [("api_key", "AbC123xyz9"), ("n", 1)] sent': "AbC123xyz9",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
