@@ -121,8 +121,16 @@ BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
 _PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in (0, 1, 3, 7)) + ")?"
 _PAIR_SEP = rf"(?(t)(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}(?=b?(?:{_ESCAPE})?[\"'])|(?!))"
 _PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
+# A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
+# headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
+# its line end written escaped too): "value" names a secret there. ("valueFrom:" names none.)
+_VALUE_NAMED = (
+    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}|(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)[ \t]{{0,16}}+)"
+    rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
+)
 _SECRET_KEYED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP})"
+    rf"{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}"
+    rf"(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
     rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}){_PAIR_END}"
 )

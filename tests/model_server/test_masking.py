@@ -993,6 +993,8 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     '{"msg": "{\\"token_count\\": 12, \\"secrets\\": \\"none\\", \\"password_file\\": \\"/run/db\\"}"}',
     "usage tokens: {'prompt': 12}, secret_name: {'ns': 'models'}, cookies: 3",
     "masked fields ('password', 'token', 'secret'), ('password', None), ('tokens', '3')",
+    "- name: DB_PASSWORD\n  valueFrom:\n    secretKeyRef:\n      name: db-secrets\n      key: password",
+    '{"name": "token_count", "value": "12"}',
     '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
 ]
 
@@ -1106,6 +1108,9 @@ SECRET_GROWING = {
     "pairs never closed": ("", "('password', 'a"),
     "pairs in pairs": ("", "('token', ('token', "),
     "escaped pairs never closed": ("", '(\\\\\\"token\\\\\\", \\\\\\"a'),
+    "names before values never closed": ("", 'token", "value": "a'),
+    "names over lines before values": ("", "- name: token\n  value:\n"),
+    "escaped line ends before values": ("", "token\\\\\\\\n   Value"),
 }
 
 

@@ -418,6 +418,11 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     # a pair's repr, a key and its value in a tuple (an item of dict.items(), a call's arguments)
     "args ('password', 'hunter2-secret') sent": "hunter2-secret",
     'pairs [("api_key", "AbC123xyz9"), ("n", 1)] sent': "AbC123xyz9",
+    # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
+    'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
+    "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
+    "headers [{'key': 'X-Api-Key', 'value': 'AbCdEf0123'}]": "AbCdEf0123",
+    '{"msg": "env:\\n- name: DB_PASSWORD\\n  value: \\"s3cr3t\\"\\n"}': "s3cr3t",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
