@@ -253,7 +253,8 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # hyphenated name, a base64url id). Its last, shorter line (its padding "=" too), which alone is
 # not told from other short text, is a whole line (to a line end, a string's end, an END line or
 # the text's end) where a full body line from a line's start and a line end come before it, or
-# a line end and a private key's END line after it (a key logged without its BEGIN line); logged
+# a line end and a private key's END line after it (a key logged without its BEGIN line), each
+# line indented or not (a YAML block scalar's lines: "  tls.key: |", without its BEGIN line); logged
 # in a record of its own, it stays readable. A line end written escaped (``\n``, as repr() and
 # json.dumps write a key's lines joined) ends a run too (``after_boundary``).
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
@@ -261,14 +262,13 @@ _B64_START = after_boundary("A-Za-z0-9+/=_.-")
 _MIXED = r"(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9+/]{0,63}[0-9])"
 _PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-])")
 _LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a key's lines in repr(), json.dumps)
-_AFTER_BODY_LINE = "|".join(
-    rf"(?<={_LINE_START}{_MIXED}{B64_LINE}{end})"
-    for end in (r"\n", r"\r\n", r"\\n", r"\\r\\n", r"\\\\n", r"\\\\r\\\\n")
-)
-_PEM_LAST_LINE = re.compile(  # (a line end's last character first: one step where there is none)
-    rf"{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/])(?:(?<=[\nn])(?:{_AFTER_BODY_LINE})"
-    r"|(?=[A-Za-z0-9+/]{1,64}={0,2}(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)-----END[ A-Z0-9]{0,40}PRIVATE KEY))"
-    r"[A-Za-z0-9+/]{1,64}={0,2}(?=\r?\n|\\{1,2}[rn]|\\{0,7}[\"']|-----END|\Z)"  # (a whole line: a string's end too)
+_LINE_END = r"(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)"
+_INDENT = r"[ \t]{0,16}+"  # (a key's lines indented: a YAML block scalar's, "  tls.key: |")
+_PEM_LAST_LINE = re.compile(  # (at a full line: its next line is the value; or at the value)
+    rf"(?:{_LINE_START}{_INDENT}(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
+    rf"|{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/]{{1,64}}={{0,2}}{_LINE_END}{_INDENT}-----END[ A-Z0-9]{{0,40}}PRIVATE KEY))"
+    rf"(?=(?:{_LINE_END}{_INDENT})?(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
+    r"(?=\r?\n|\\{1,2}[rn]|\\{0,7}[\"']|-----END|\Z))"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.

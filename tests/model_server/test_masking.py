@@ -1076,6 +1076,9 @@ SECRET_GROWING = {
     "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
     "base64 lines and short lines": ("", "Ab1/" * 16 + "\nAb1\n"),
     "short lines before END lines": ("", "Ab1/\n-----END RSA "),
+    "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
+    "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
+    "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),
     "escaped line ends": ("", "\\n"),
     "keys after escaped line ends": ("", "\\npassword \\tCookie: a=\\rAKIA"),
     "escaped quotes never closed": ("", '\\"password\\": \\"'),
@@ -1341,7 +1344,8 @@ def test_a_private_keys_last_shorter_line_is_masked_with_its_body(keys):
     """A key's body logged without its BEGIN line (a PEM cut at its first line, lines joined by
     real or escaped line ends) had every full line masked and its last, shorter one (an Ed448
     key's second) left readable before "-----END PRIVATE KEY-----": its line end and the END
-    line after it, or the full line before it, now say it is one."""
+    line after it, or the full line before it, now say it is one; indented too (a YAML block
+    scalar's lines: "  tls.key: |"), where its last line stayed readable."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 
@@ -1363,6 +1367,10 @@ def test_a_private_keys_last_shorter_line_is_masked_with_its_body(keys):
             json.dumps("\r\n".join(lines)),
             "\n".join(body),  # (its END line not logged: the full line before it)
             json.dumps("\n".join(body)),
+            # indented, as a YAML block scalar holds it (a Secret's "tls.key: |")
+            "  tls.key: |\n" + "\n".join(f"    {line}" for line in lines),
+            "\n".join(f"\t{line}" for line in body),
+            json.dumps("\n".join(f"    {line}" for line in lines)),
         ):
             masked = Masker(ring).mask_text(text, ring.key_for(None))
             assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == body, masked
