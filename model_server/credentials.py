@@ -53,8 +53,11 @@ _NO_MASKED_AFTER = rf"(?!(?:{_SCHEME})?tok_[a-zBCDFGH]{{8}}_)"  # (nor "Bearer <
 
 
 # A quote's escape: a string held in a JSON string has its quotes escaped ('\\"'), one held in
-# that string has them escaped again ('\\\\\\"'), three deep at most: 1, 3 or 7 backslashes.
-_ESCAPE = r"\\(?:\\\\){0,3}"
+# that string has them escaped again ('\\\\\\"'), four deep at most: 1, 3, 7 or 15 backslashes
+# (``_DEPTHS``: a quote not escaped too). A value's own escape is a run of up to 31 (its quote's,
+# four deep) before its character.
+_DEPTHS = (0, 1, 3, 7, 15)
+_ESCAPE = r"\\(?:\\\\){0,7}"
 # One of a value's backslashes in quotes written escaped (``e``), escaped as deep as they are:
 # two and two more for each backslash of their escape ('\\\\\\\\' in '\\"...\\"', 8 in '\\\\\\"...').
 _ESCAPED_BACKSLASH = r"(?:(?P=e)(?P=e)\\\\)"
@@ -70,7 +73,7 @@ _ESCAPED_BACKSLASH = r"(?:(?P=e)(?P=e)\\\\)"
 # repetition bounded and possessive.
 def quoted(limit: int) -> str:
     """A string's value in quotes (after ``OPEN_QUOTE``), to its closing quote."""
-    own = rf"{_ESCAPED_BACKSLASH}{{0,16}}+(?:(?!(?P=e)(?P=q))\\{{1,15}}+[^\n\\]|(?!(?P=q))[^\n\\])"
+    own = rf"{_ESCAPED_BACKSLASH}{{0,16}}+(?:(?!(?P=e)(?P=q))\\{{1,31}}+[^\n\\]|(?!(?P=q))[^\n\\])"
     return (
         rf"(?(e)(?:{own}|{_ESCAPED_BACKSLASH}{{1,16}}+(?=(?P=e)(?P=q))){{1,{limit}}}(?=(?P=e)(?P=q))"
         rf"|(?:\\.|(?!(?P=q))[^\n\\]){{1,{limit}}}(?=(?P=q)))"
@@ -89,16 +92,16 @@ _CRED_RUN = rf"(?:{_NOT_ESCAPED_QUOTE}{_CRED_CHAR}){{1,256}}"  # a value not in 
 
 # A string in quotes in a dict's or a list's repr, whole (a bracket in it is none of the
 # structure's: "{'pw': 'Tr0ub}4dor9'}"), on its line: its opening quote escaped ``k`` deep (0, 1,
-# 3 or 7 backslashes: a repr held in JSON strings), to the quote escaped as deep that closes it
+# 3, 7 or 15 backslashes: a repr held in JSON strings), to the quote escaped as deep that closes it
 # after the value's own backslashes (a run of ``k`` and ``2k + 2`` more for each: ``quoted``'s
 # rule), its escapes in it; 256 characters at most, each repetition possessive. One not closed is
 # none (an apostrophe in a word): its quote is one of the text's characters.
 def _in_quotes(q: str, k: int) -> str:
     close = rf"(?:\\{{{2 * k + 2}}}){{0,8}}+\\{{{k}}}{q}"
-    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,16}}+[^\n\\]|[^\n\\{q}]){{0,256}}+{close}"
+    return rf"\\{{{k}}}{q}(?:(?!{close})\\{{1,32}}+[^\n\\]|[^\n\\{q}]){{0,256}}+{close}"
 
 
-_IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in (0, 1, 3, 7)) + "))"
+_IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" for k in _DEPTHS) + "))"
 
 
 # A dict's or a list's repr as a value ("{'session': 'abc123'}", "['a', 'b']", a dict in a dict),
@@ -109,7 +112,7 @@ _IN_QUOTES = "(?>(?=[\\\\\"'])(?:" + "|".join(_in_quotes(q, k) for q in "\"'" fo
 # at most, its later lines too (a dict over lines holds its secrets there).
 def _bracketed(depth: int) -> str:
     """A bracket's repr, to the bracket that closes it, ``depth`` deep at most."""
-    inner = rf"(?:{_IN_QUOTES}|\\{{1,16}}+|[^{{}}\[\]\\]" + (f"|{_bracketed(depth - 1)}" if depth > 1 else "") + ")"
+    inner = rf"(?:{_IN_QUOTES}|\\{{1,32}}+|[^{{}}\[\]\\]" + (f"|{_bracketed(depth - 1)}" if depth > 1 else "") + ")"
     return rf"(?:\{{{inner}{{0,4094}}+\}}|\[{inner}{{0,4094}}+\])"
 
 
@@ -118,7 +121,7 @@ BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
 # A key in quotes first in a tuple's repr (``t``: after "(" and its quote, escaped too), then ","
 # and its value in quotes, the tuple's last: a pair's repr ("('password', 'hunter2')", an item of
 # dict.items(), a call's arguments); a tuple of names ("('password', 'token', 'secret')") is none.
-_PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in (0, 1, 3, 7)) + ")?"
+_PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in _DEPTHS) + ")?"
 _PAIR_SEP = rf"(?(t)(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}(?=b?(?:{_ESCAPE})?[\"'])|(?!))"
 _PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
@@ -190,7 +193,7 @@ _QUERY_SECRET = re.compile(
 # log line's word) is a header only before a pair, a dict or a list ("cookies: 3" is a count).
 # A pair's or a parameter's value in quotes (session="...", oauth_signature="..."), whole, as
 # far as the next pair (";", ",", a space) or the string that holds the header ends.
-_PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,7}}[\"']|\Z)"
+_PARAM_IN_QUOTES = rf"(?<==){_IN_QUOTES}(?=[;,\s]|\\{{0,15}}[\"']|\Z)"
 _WHOLE_HEADER = re.compile(
     rf"{after_boundary('A-Za-z0-9-')}(?:{_COOKIE_ONE}(?P<p>(?i:s))?|(?i:(?:proxy-)?authorization)){KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?!{_SCHEME})(?(p)(?=[{{\[]|{_COOKIE_PAIR}))"
@@ -268,7 +271,7 @@ _PEM_LAST_LINE = re.compile(  # (at a full line: its next line is the value; or 
     rf"(?:{_LINE_START}{_INDENT}(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
     rf"|{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/]{{1,64}}={{0,2}}{_LINE_END}{_INDENT}-----END[ A-Z0-9]{{0,40}}PRIVATE KEY))"
     rf"(?=(?:{_LINE_END}{_INDENT})?(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
-    r"(?=\r?\n|\\{1,2}[rn]|\\{0,7}[\"']|-----END|\Z))"  # (a whole line: a string's end too)
+    r"(?=\r?\n|\\{1,2}[rn]|\\{0,15}[\"']|-----END|\Z))"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no
 # phone cut out of it. Each pattern's value is its group ``v`` where it has one, else its match.

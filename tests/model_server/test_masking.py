@@ -556,6 +556,9 @@ KEYED = {
     '{"body": "{\\"tax_id\\":\\"DE 123 456 789\\", \\"n\\": 1}"}': "DE 123 456 789",
     "{\\'ssn\\': \\'123456789\\'}": "123456789",
     '{"body": "{\\"body\\": \\"{\\\\\\"passport\\\\\\": \\\\\\"X1234567\\\\\\"}\\"}"}': "X1234567",  # escaped twice
+    json.dumps(  # four deep: its quotes escaped by 15 backslashes
+        {"b": json.dumps({"b": json.dumps({"b": json.dumps({"b": json.dumps({"ssn": "X1234567"})})})})}
+    ): "X1234567",
     "passport: b'X1234567'": "X1234567",  # (a Python bytes' repr: its "b" was the value)
     # a backslash in the value (its JSON escape "\\\\" too, escaped again): masked only up to it
     '{"passport": "X12\\\\34567"}': "X12\\\\34567",
@@ -1076,6 +1079,9 @@ SECRET_GROWING = {
     "base64 lines after escaped line ends": ("", "\\n" + "Ab1/" * 16),
     "base64 lines and short lines": ("", "Ab1/" * 16 + "\nAb1\n"),
     "short lines before END lines": ("", "Ab1/\n-----END RSA "),
+    "4-deep escaped quotes in a 4-deep escaped quote": ("token: " + "\\" * 15 + '"', "\\" * 31 + '"'),
+    "backslashes in a 4-deep escaped quote": ("password: " + "\\" * 15 + '"', "\\"),
+    "4-deep escaped quotes in a dict": ("token: {", "\\" * 15 + "'a"),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),
@@ -1132,7 +1138,7 @@ def test_the_secret_detectors_finish_on_growing_hostile_text(shape):
         ends.append(end)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_a_secret_in_json_held_in_json_is_masked_and_its_escapes_kept(keys, depth):
     """A JSON document held in a JSON string held in another (json.dumps twice: a log record's
     message quoting a request's body) had its secrets left readable: a key's and its value's
