@@ -93,23 +93,24 @@ _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
 
 # Phone before bank card, so that a spaced phone number is masked whole, prefix included.
-# A key that names its value, ":" or "=" (or spaces, "#" or "-", before a value holding a digit,
-# as in "passport number E1234567"; or spaces before a dict or a list closed), then the value, a
+# A key that names its value, ":" or "=" (and spaces, or a tab, form feed or backspace written
+# escaped, "\\t", "\\f", "\\b", no piece of the value; or spaces, "#" or "-", before a value
+# holding a digit, as in "passport number E1234567"; or spaces before a dict or a list closed), then the value, a
 # token already there being none: a dict's or a list's repr, whole, over lines too, as the
 # secrets' keyed rule takes one ("passport: {'number': 'E1234567', 'country': 'DE'}"); a quoted
 # one to its closing quote, its escapes in it (64 characters at most; the key's and the value's
 # quotes may be written escaped, '{"body": "{\\"passport\\": \\"X1234567\\"}"}', its value then
 # to the escaped quote, which stays: ``credentials.quoted``), else its characters up to a
-# delimiter (space, quote, bracket, , ; & |, an escape's backslash: "\\n", "\\"", not another:
-# "X12\\34567"), ending in a letter or digit of any script, and the pieces after it
+# delimiter (space, quote, bracket, , ; & |, an escape's backslash: "\\n", "\\f", "\\b", "\\"", not
+# another: "X12\\34567"), ending in a letter or digit of any script, and the pieces after it
 # one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C"), a
 # date or a time never ("ssn: 123456789 2026-12-03": the date is the line's, not the value's).
-_VALUE_CHAR = r"(?:[^\s,;&|\"'`<>()\[\]{}\\]|\\\\|\\(?![\s\"'\\nrt]))"
+_VALUE_CHAR = r"(?:[^\s,;&|\"'`<>()\[\]{}\\]|\\\\|\\(?![\s\"'\\nrtbf]))"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(
     rf"{_NOT_ALNUM_BEFORE}(?i:(?:{_KEY_NAMES}){_KEY_SUFFIX}){KEY_QUOTE}"
-    rf"(?:[ \t]{{0,3}}[:=][ \t]{{0,3}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
+    rf"(?:[ \t]{{0,3}}[:=](?:[ \t]|\\[tbf]){{0,3}}|(?P<b>[ \t]{{1,3}}(?=[{{\[]))"
     rf"|[ \t]{{1,3}}(?:[#-][ \t]{{0,2}})?(?={_VALUE_CHAR}{{3}})(?={_VALUE_CHAR}{{0,31}}[0-9]))"
     rf"{OPEN_QUOTE}(?P<v>(?(q){NOT_MASKED}{quoted(64)}|(?(b){CLOSED_BRACKETED}|(?:{BRACKETED}|{_UNQUOTED})))|{_UNQUOTED})"
 )

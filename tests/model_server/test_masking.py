@@ -211,6 +211,9 @@ HOSTILE = {  # 1 MB each: a quadratic scan of any of these runs far past pytest'
     "backslashes after a key's twice-escaped quote": 'passport: \\\\\\"' + "\\" * 1_000_000,
     "escaped backslashes after a key's twice-escaped quote": 'passport: \\\\\\"' + "\\" * 8 + "a" * 1_000_000,
     "spaced keys before dicts over lines never closed": "ssn {\n" * 170_000,
+    "escaped form feeds and backspaces after keys": "passport:\\f\\b" * 125_000,
+    "escaped form feeds after a value": "ssn: 1" + "\\f" * 500_000,
+    "values before escaped backspaces": "passport: X1\\b" * 90_000,
 }
 FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, each masked
     "card numbers": {"bank_card"},
@@ -223,6 +226,10 @@ FOUND_IN_HOSTILE = {  # runs of groups of digits that pass the card checksum, ea
     "keys and backslashed values": {"keyed"},
     "keys before dicts never closed": {"keyed"},  # to the line's end
     "escaped backslashes after a key's twice-escaped quote": {"keyed"},  # its first 32 characters
+    "escaped form feeds and backspaces after keys": {"keyed"},  # each key's value is the next key
+    "keys after escaped line ends": {"keyed"},  # (an escaped tab after its ":" is no piece of the value)
+    "escaped form feeds after a value": {"keyed"},
+    "values before escaped backspaces": {"keyed"},
 }
 
 
@@ -560,6 +567,12 @@ KEYED = {
         {"b": json.dumps({"b": json.dumps({"b": json.dumps({"b": json.dumps({"ssn": "X1234567"})})})})}
     ): "X1234567",
     "passport: b'X1234567'": "X1234567",  # (a Python bytes' repr: its "b" was the value)
+    # an escaped form feed or backspace ends a value as an escaped line end does, and an escaped
+    # tab, form feed or backspace after its key's ":" is no piece of it
+    '{"m": "ssn: 123456789\\fpage two"}': "123456789",
+    '{"m": "passport: X1234567\\bpage"}': "X1234567",
+    '{"m": "passport:\\bX1234567 ok"}': "X1234567",
+    '{"m": "passport:\\tX1234567 ok"}': "X1234567",
     # a backslash in the value (its JSON escape "\\\\" too, escaped again): masked only up to it
     '{"passport": "X12\\\\34567"}': "X12\\\\34567",
     '{"body": "{\\"passport\\": \\"X12\\\\\\\\34567\\"}"}': "X12\\\\\\\\34567",
