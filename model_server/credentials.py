@@ -131,11 +131,18 @@ _VALUE_NAMED = (
     rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}|(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)[ \t]{{0,16}}+)"
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 )
+# A YAML block scalar as the value ("password: |", ">-"): its indicator and line end (``h``)
+# stay, its lines are the value, the first one's indentation (``i``) and every line after it
+# that starts so (more indented too), to a line less indented or an empty one; 256 lines of
+# 4 KiB at most, each run possessive; a token there is none (nor then its indicator).
+_BLOCK_START = r"[|>][-+]?[0-9]?[ \t]{0,16}+\r?\n"
+_BLOCK_HEAD = rf"(?:(?P<h>{_BLOCK_START}(?P<i>[ \t]{{1,32}}+)(?=\S)){NOT_MASKED}|(?!{_BLOCK_START}[ \t]{{1,32}}+\S))"
+_BLOCK = r"[^\r\n]{1,4096}+(?:\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+"
 _SECRET_KEYED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}"
     rf"(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})"
-    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME})"
-    rf"(?P<v>(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}){_PAIR_END}"
+    rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
+    rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a

@@ -423,6 +423,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
     "headers [{'key': 'X-Api-Key', 'value': 'AbCdEf0123'}]": "AbCdEf0123",
     '{"msg": "env:\\n- name: DB_PASSWORD\\n  value: \\"s3cr3t\\"\\n"}': "s3cr3t",
+    # a YAML block scalar after the key ("password: |"): its lines, more indented than the key's
+    "secrets:\n  db:\n    password: |\n      hunter2\n      Zq9Xw2\n    user: bob": "hunter2\n      Zq9Xw2",
+    "api_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
