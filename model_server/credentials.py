@@ -321,8 +321,10 @@ def patterns_for(text: str, low: str) -> tuple[re.Pattern[str], ...]:
     """The patterns that may match ``text`` (``low``: it in lower case): those whose words it
     holds, and the private key's body line patterns where it holds one. ``in`` runs in C, a
     case-insensitive alternation in Python's re at every position; one loop over the words (a
-    nested one per pattern was a third of a JSON record's masking)."""
-    bits = _BODY_LINE_BITS if _PEM_BODY_LINE.search(text) else 0
+    nested one per pattern was a third of a JSON record's masking). A body line holds a capital:
+    text that ``lower`` leaves as it is holds none, and is not searched for one (the search tries
+    its lookaheads at every position: a third of an access-log line's hints)."""
+    bits = _BODY_LINE_BITS if low != text and _PEM_BODY_LINE.search(text) else 0
     for word, word_bits in _WORD_BITS:
         if word in low:
             bits |= word_bits

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pstats
+import random
 import re
 import sys
 
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_server import credentials, masking
 from model_server.credentials import scrub, spans
 from model_server.masking import (
     TOKEN_RE,
@@ -1600,3 +1602,78 @@ def test_a_private_keys_last_line_in_json_held_in_json_is_masked(keys):
         assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == lines, masked
         assert "q+/zYx" not in scrub(text)
         assert json.loads(json.loads(masked)["body"])
+
+
+# Every detector's input, and text it must leave alone: the tables above, the hostile runs cut
+# to 2,000 characters, and lines the server writes on every request (the access log's: random
+# hex ids, digests, digits in runs of every length).
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _prefilter_corpus() -> list[str]:
+    rng = random.Random(30)
+    tables = (SAMPLES, EVADING, NATIONAL_PHONES, ORDINARY, KEYED, SPELT_EMAILS, LEGACY_VALUES, NO_CARDS, CARDS)
+    texts = _strings([*tables, SECRETS, SECRET_LOOKALIKES, PEM])
+    texts += [t[:2000] for t in (*HOSTILE.values(), *SECRET_HOSTILE.values())]
+    texts += [head + piece * 40 for head, piece in SECRET_GROWING.values()]
+    hexes = [rng.randbytes(n).hex() for n in (8, 16, 32) for _ in range(60)]
+    digits = ["".join(rng.choice("0123456789") for _ in range(n)) for n in range(7, 21) for _ in range(3)]
+    seps = [rng.choice(" \t./_()-").join(d[i : i + 3] for i in range(0, len(d), 3)) for d in digits]
+    b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(64))
+    texts += [*hexes, *digits, *seps, "123-45-6789", "123 45 6789", "123\t45\t6789", b64, b64.lower(), b64.upper()]
+    texts += [
+        json.dumps(
+            {
+                "path": "primary",
+                "model": "tiny",
+                "version": "1",
+                "request_id": rng.randbytes(16).hex(),
+                "trace_id": rng.randbytes(16).hex(),
+                "span_id": rng.randbytes(8).hex(),
+                "status": 200,
+                "latency_ms": round(rng.uniform(0.05, 2), 3),
+                "image_sha256": [rng.randbytes(32).hex()],
+            }
+        )
+        for _ in range(100)
+    ]
+    return texts + [f"note {t} end" for t in texts] + [json.dumps({"note": t}) for t in texts]
+
+
+def _read(line: str) -> object:
+    """A log line's JSON object as its fields (a line without a value to mask is written as it
+    came, one masked written again by ``json.dumps``: spaced otherwise), else the line."""
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return line
+    return fields if isinstance(fields, dict) else line
+
+
+def test_the_prefilters_skip_only_text_no_detector_changes(keys, monkeypatch):
+    """The prefilters skip work, never a value: the hints (``masking._hints``: the words, the
+    shapes and the numbers each detector needs; ``credentials.patterns_for``: the secrets' words, a
+    private key's body line) leave out only detectors that find nothing. Every text of the corpus
+    is masked, scrubbed and logged alike with them and with every detector run on it (a log
+    line's JSON object: its fields alike)."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker, log_masking = Masker(ring), LogMasking(Masker(ring))
+    texts = _prefilter_corpus()
+
+    def outputs() -> list[tuple[str, object, str]]:
+        return [(masker.mask_text(t, key), _read(log_masking._masked(t, key)), scrub(t)) for t in texts]
+
+    fast = outputs()
+    every = (True, True, credentials.PATTERNS, True, True, True)
+    monkeypatch.setattr(masking, "_hints", lambda text: every)
+    monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
+    full = outputs()
+    assert [(t, f) for t, f, g in zip(texts, fast, full, strict=True) if f != g] == []
