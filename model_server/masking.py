@@ -289,12 +289,14 @@ DETECTORS: tuple[Detector, ...] = (
 )
 
 # What every detector's match contains, in ASCII text: "@" (e-mail), "+" (international
-# phone), nine digits at most three separators apart (IDs, phones, cards, SSNs; three in a NANP
-# number's "(555)  123-4567"; a tab reads as a space) or a key that names its value; "%", "\\"
-# and "&" start an escape that may decode to one of them; "at" spelt for an e-mail; a run of 64
-# base64 characters (a private key's body line). Text with none of these, all ASCII,
-# comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
-_NUMBER = r"\+|[0-9](?:[ \t./_()\-]{0,3}[0-9]){8}"  # (every ID's, phone's, card's and SSN's)
+# phone), ten digits at most three separators apart (IDs, phones, cards; three in a NANP
+# number's "(555)  123-4567"; a tab reads as a space) or an SSN's nine, 3-2-4 apart by
+# hyphens (the one value of fewer digits: nine in a row, in three access-log lines in ten,
+# are pieces of their random hex ids), or a key that names its value; "%", "\\" and "&" start
+# an escape that may decode to one of them; "at" spelt for an e-mail; a run of 64 base64
+# characters (a private key's body line). Text with none of these, all ASCII, comes out of
+# mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter).
+_NUMBER = r"\+|[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4}"  # (every ID's, phone's, card's, SSN's)
 _SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT = rf"{_SHAPES}|{credentials.B64_LINE}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
 _SHAPES_RE, _NUMBER_RE = re.compile(_SHAPES), re.compile(_NUMBER)

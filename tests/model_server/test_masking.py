@@ -1627,7 +1627,8 @@ def _prefilter_corpus() -> list[str]:
     digits = ["".join(rng.choice("0123456789") for _ in range(n)) for n in range(7, 21) for _ in range(3)]
     seps = [rng.choice(" \t./_()-").join(d[i : i + 3] for i in range(0, len(d), 3)) for d in digits]
     b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(64))
-    texts += [*hexes, *digits, *seps, "123-45-6789", "123 45 6789", "123\t45\t6789", b64, b64.lower(), b64.upper()]
+    ssns = ["123-45-6789", "123 45 6789", "123\t45\t6789", "123.45.6789", "x123-45-6789"]
+    texts += [*hexes, *digits, *seps, *ssns, b64, b64.lower(), b64.upper()]
     texts += [
         json.dumps(
             {
