@@ -299,7 +299,7 @@ DETECTORS: tuple[Detector, ...] = (
 _NUMBER = r"\+|[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4}"  # (every ID's, phone's, card's, SSN's)
 _SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT = rf"{_SHAPES}|{credentials.B64_LINE}|(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})"
-_SHAPES_RE, _NUMBER_RE = re.compile(_SHAPES), re.compile(_NUMBER)
+_NUMBER_RE = re.compile(_NUMBER)
 
 
 def _plain(text: str) -> bool:
@@ -337,8 +337,9 @@ def _hints(text: str) -> _Hints:
     )
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
     beyond = not text.isascii()
-    shaped = beyond or _SHAPES_RE.search(text) is not None
-    at, number = shaped and (beyond or "@" in text), shaped and (beyond or _NUMBER_RE.search(text) is not None)
+    # (``_SHAPES`` is these characters or ``_NUMBER``: one scan of the text, not one for each)
+    at, number = beyond or "@" in text, beyond or _NUMBER_RE.search(text) is not None
+    shaped = at or number or "%" in text or "\\" in text or "&" in text
     return key, spelt, credentials.patterns_for(text, low), shaped, at, number
 
 
