@@ -12,6 +12,8 @@ import random
 import re
 import sys
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 from model_server import credentials, masking
 from model_server.credentials import scrub, spans
 from model_server.masking import (
+    SUSPECT,
     TOKEN_RE,
     KeyRing,
     LogMasking,
@@ -30,6 +33,7 @@ from model_server.masking import (
     normalise,
     reveal,
 )
+from model_server.predictionlog import suspects
 from tests.support import CREDENTIALS_IN_TEXT, PEM, sensitive_values
 
 SAMPLES = {
@@ -1678,3 +1682,20 @@ def test_the_prefilters_skip_only_text_no_detector_changes(keys, monkeypatch):
     monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
     full = outputs()
     assert [(t, f) for t, f, g in zip(texts, fast, full, strict=True) if f != g] == []
+
+
+def test_the_prediction_logs_vectorised_prefilter_passes_over_only_text_no_detector_changes(keys, monkeypatch):
+    """The prediction log masks a request id only where ``suspects`` (RE2: SUSPECT's parts one
+    by one, as one pattern 20 times as slow) finds one of them: it finds what SUSPECT whole finds,
+    and every text of the corpus it passes over is masked to itself with every detector run."""
+    texts = _prefilter_corpus()
+    arr = pa.array(texts, pa.string())
+    found = suspects(arr)
+    whole = pc.or_(pc.match_substring_regex(arr, SUSPECT), pc.invert(pc.string_is_ascii(arr)))
+    assert found.tolist() == whole.to_numpy(zero_copy_only=False).tolist()
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    monkeypatch.setattr(masking, "_hints", lambda text: (True, True, credentials.PATTERNS, True, True, True))
+    monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
+    assert [t for t, f in zip(texts, found, strict=True) if not f and masker.mask_text(t, key) != t] == []
