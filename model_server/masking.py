@@ -307,6 +307,15 @@ SUSPECT_PARTS = (
 )
 SUSPECT = "|".join(SUSPECT_PARTS)
 _NUMBER_RE = re.compile(_NUMBER)
+# Every digit as "0", _NUMBER's separators dropped: the digits of a match of it (ten, or an SSN's
+# nine) are nine "0"s in a row then, so text without them, nor a "+", is not scanned with it (the
+# scan, at every digit of a line of hex ids, was a third of an access-log line's hints).
+_DIGITS_JOINED = str.maketrans({**dict.fromkeys("0123456789", "0"), **dict.fromkeys(" \t./_()-")})
+
+
+def _has_number(text: str) -> bool:
+    """Whether ASCII ``text`` holds a match of ``_NUMBER``."""
+    return ("+" in text or "000000000" in text.translate(_DIGITS_JOINED)) and _NUMBER_RE.search(text) is not None
 
 
 def _plain(text: str) -> bool:
@@ -350,7 +359,7 @@ def _text_hints(text: str) -> _Hints:
     spelt = "(at)" in low or "[at]" in low or "{at}" in low or "<at>" in low or (" at " in low and " dot " in low)
     beyond = not text.isascii()
     # (``_SHAPES`` is these characters or ``_NUMBER``: one scan of the text, not one for each)
-    at, number = beyond or "@" in text, beyond or _NUMBER_RE.search(text) is not None
+    at, number = beyond or "@" in text, beyond or _has_number(text)
     shaped = at or number or "%" in text or "\\" in text or "&" in text
     return key, spelt, credentials.patterns_for(text, low), shaped, at, number
 
