@@ -681,7 +681,8 @@ def test_a_call_the_api_server_never_answers_is_named_with_what_to_check(kube):
         assert f"Check that {fake.url} is up and reachable from here" in message
     fake.drop = 1
     with pytest.raises(
-        ApiUnreachable, match=r"PATCH /apis/apps/v1/namespaces/models/deployments/digits-v1 \(the client does not send a write again"
+        ApiUnreachable,
+        match=r"PATCH /apis/apps/v1/namespaces/models/deployments/digits-v1 \(the client does not send a write again",
     ):
         client.AppsV1Api(api).patch_namespaced_deployment("digits-v1", "models", {}, field_manager="model-rollout")
     assert router.get_routes() == TrafficPolicy.from_dict(
