@@ -1804,7 +1804,8 @@ def ensure_stable(
     and a run whose report (``report``, notify's XCom) was not sent, sending it itself where
     notify did not (decide marked success by hand: promote refused, notify upstream-failed): Airflow would otherwise count either a success (a teardown's upstream failing
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
-    nor notify ran) reports that to Slack, then fails; a report never says the stable version
+    nor notify ran) reports that to Slack at once, without the chart (its failure sets off the
+    failure callback's try of the routes), then fails; a report never says the stable version
     takes the traffic where it was not read back so. Where notify's XCom is lost (its worker
     killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
@@ -1813,7 +1814,7 @@ def ensure_stable(
     its post waited for once the stable version is back (``send_run_report``). The post of the
     report the teardown found or made is kept in the run's end (``ENDED``), as notify's.
     """
-    from vision_rollout.notify import rollback_message
+    from vision_rollout.notify import rollback_message, without_chart
 
     spec = spec_from(params)
     unfinished = decided in ("promote", "rollback")
@@ -1840,9 +1841,10 @@ def ensure_stable(
                 f"its teardown could not put version {spec.baseline_version} back (the run's failure callback "
                 f"tries again, the routes only): {str(exc)[:500]}"
             )
-            try:
+            try:  # (at once: the failure callback's try of the routes waits on this)
                 message = rollback_message(spec, f"{what}; {failed}", restored=False)
-                send(spec, message if verdicts is None else with_chart(spec, message, verdicts))
+                why = f"not drawn while version {spec.baseline_version} may not be back: this report goes at once"
+                send(spec, message if verdicts is None else without_chart(message, why))
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise

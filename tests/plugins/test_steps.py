@@ -3922,7 +3922,7 @@ def test_a_final_report_left_in_the_outbox_keeps_its_chart_beside_it(monkeypatch
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
 
 
-@pytest.mark.parametrize("how", ["stopped", "restore failed", "no look judged"])
+@pytest.mark.parametrize("how", ["stopped", "no look judged"])
 def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, tmp_path, how):
     """A run that failed in a task (marked failed, a step that failed: notify never ran) is
     reported by its teardown: that report went without a chart where notify's carries the chart
@@ -3934,14 +3934,7 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
     t0 = time.time() - 900
     stage_evidence(tmp_path, t0, replay=False)
-    if how == "restore failed":
-
-        def unreachable(*args, **kwargs):
-            raise AirflowFailException("version 1 has no Deployment: the routes stay as they are")
-
-        monkeypatch.setattr(steps, "finish", unreachable)
-    else:
-        finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
     verdicts = [judged("fail", t0), None]
     if how == "no look judged":
         verdicts = [judged("pass", t0), ended_at_look_0(t0 + 300)]
@@ -3961,6 +3954,38 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     (png,) = outbox.glob("*.png")
     assert record["chart"] == png.name
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
+
+
+def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monkeypatch, tmp_path):
+    """A teardown that could not put the stable version back drew the chart of its report (up to
+    ``CHART_BUDGET_S``, 30 s) before failing, which is what sets off the failure callback's second
+    try of the routes. Its report now goes at once, without a chart, saying why in one line, and
+    the failure goes up after it."""
+    from vision_rollout import notify
+
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    drawn = []
+    monkeypatch.setattr(notify, "report_chart", lambda *args, **kwargs: drawn.append(args) or (b"png", None))
+
+    def unreachable(*args, **kwargs):
+        raise AirflowFailException("version 1 has no Deployment: the routes stay as they are")
+
+    monkeypatch.setattr(steps, "finish", unreachable)
+    with pytest.raises(AirflowFailException, match="no Deployment"):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, [judged("fail", t0), None])
+    assert drawn == []
+    outbox = tmp_path / "run" / "outbox"
+    (report,) = outbox.glob("*.json")
+    record = json.loads(report.read_text())
+    assert "could not put version 1 back" in record["text"]
+    lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "this report goes at once" in line
+    assert "chart" not in record
+    assert not list(outbox.glob("*.png"))
 
 
 @pytest.mark.parametrize(
