@@ -657,9 +657,14 @@ def charted(
     validation: Path,
 ) -> Message:
     """``message``, a run's final report, with the chart of the stage that decided of ``verdicts``
-    (``report_chart``, within its budgets), or a line saying why there is none (``without_chart``);
+    (``report_chart``, within its budgets), or a line saying why there is none (``without_chart``:
+    the chart's code raising too, its thread not started, say: the report goes all the same);
     as it was where no stage was judged."""
-    chart, why = report_chart(spec, verdicts, prediction_log, validation)
+    try:
+        chart, why = report_chart(spec, verdicts, prediction_log, validation)
+    except Exception as exc:
+        log.exception("the report's chart could not be drawn; the report is sent without it")
+        chart, why = None, f"it could not be drawn: {_failure(exc)[:300]}"
     return without_chart(message, why) if why else replace(message, chart=chart)
 
 

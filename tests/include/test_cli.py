@@ -1517,17 +1517,18 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
-@pytest.mark.parametrize("ended", ["judged", "breach"])
+@pytest.mark.parametrize("ended", ["judged", "breach", "chart raised"])
 def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatch, ended):
     """rolloutctl run's final report went to the outbox without a chart, where the DAG's carries
     the chart of the stage that decided, read again from the prediction log. It carries the same
     one now (the samples of that stage's last look, from the log the run judged), or the same line
-    saying why there is none (a stage ended on a hard guard: no look judged)."""
+    saying why there is none (a stage ended on a hard guard: no look judged; the chart's code
+    raising, its thread not started: the report was lost)."""
     import argparse
 
     from tests.include.test_engine import RecordingRouter
     from tests.support import png_title, stage_evidence
-    from vision_rollout import cli, engine
+    from vision_rollout import cli, engine, notify
     from vision_rollout.engine import StageState
     from vision_rollout.folders import Folder
     from vision_rollout.gates import evaluate_gate
@@ -1543,6 +1544,12 @@ def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatc
         return StageState("fail", 2, 3, verdict, "failed", until=window.started + 100)
 
     monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    if ended == "chart raised":
+
+        def cannot(*args, **kwargs):
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(notify, "report_chart", cannot)
     args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
     args.outbox = Folder(str(tmp_path / "outbox"))
     assert cli._run(args, spec, RecordingRouter(), None, {}, cli._Lease(None, spec.model), "") == 1
@@ -1550,6 +1557,12 @@ def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatc
     final = reports[-1]
     assert final["text"].startswith("Rolled back digits v2")
     lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
+    if ended == "chart raised":
+        (line,) = [t for t in lines if "No chart" in t]
+        assert "could not be drawn" in line
+        assert "can't start new thread" in line
+        assert "chart" not in final
+        return
     if ended == "breach":
         (line,) = [t for t in lines if "No chart" in t]
         assert "the 50% stage ended before a look was judged" in line

@@ -3956,6 +3956,39 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
 
 
+@pytest.mark.parametrize("sender", ["notify", "teardown"])
+def test_a_final_report_whose_chart_raises_is_sent_without_it_saying_so(monkeypatch, tmp_path, sender):
+    """The chart's code raising (its thread not started, a MemoryError) lost the run's final
+    report: notify's, the teardown's own. The report goes without the chart, saying in one line
+    that it could not be drawn."""
+    from vision_rollout import notify
+
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(notify, "report_chart", cannot)
+    verdicts = [judged("fail", time.time() - 900), None]
+    if sender == "notify":
+        sent = steps.notify(PARAMS, "rollback", "the evidence", verdicts, None, "run-a")
+        assert sent["outbox"]
+    else:
+        finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+        with pytest.raises(AirflowFailException, match="version 1 takes 100%"):
+            steps.ensure_stable(PARAMS, "run-a", None, None, None, None, verdicts)
+    outbox = tmp_path / "run" / "outbox"
+    (report,) = outbox.glob("*.json")
+    record = json.loads(report.read_text())
+    assert record["text"].startswith("Rolled back digits v2")
+    lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "could not be drawn" in line
+    assert "can't start new thread" in line
+    assert "chart" not in record
+
+
 def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monkeypatch, tmp_path):
     """A teardown that could not put the stable version back drew the chart of its report (up to
     ``CHART_BUDGET_S``, 30 s) before failing, which is what sets off the failure callback's second
