@@ -190,7 +190,10 @@ def model_rollout() -> None:
     def ensure_stable(params: dict[str, Any], run_id: str, ti: Any) -> str:
         promoted, rolled_back, report = (ti.xcom_pull(task_ids=t) for t in ("promote", "rollback", "notify"))
         decided = ti.xcom_pull(task_ids="decide", key="outcome")
-        verdicts = steps.evidence(ti, MAX_STAGES)[0]  # (the chart of a report the teardown sends itself)
+
+        def verdicts() -> list[Any]:  # (the chart of a report the teardown sends itself: once it restored)
+            return steps.stage_verdicts(ti, MAX_STAGES)
+
         return steps.ensure_stable(params, run_id, promoted, rolled_back, report, decided, verdicts)
 
     def stage(index: int, previous: Any) -> Any:

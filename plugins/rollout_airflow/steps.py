@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
@@ -1294,13 +1294,8 @@ def failure_kept(ti: Any) -> Iterator[None]:
 
 
 def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None, list[str | None]]:
-    """From XCom: each stage's verdict (``statistical_gate``'s, or that of a wait failed by its
-    test: ``unpassed_fails``), the shadow audit, and why a stage's step failed."""
-    verdicts = [
-        ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate")
-        or ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="verdict")
-        for i in range(max_stages)
-    ]
+    """From XCom: each stage's verdict (``stage_verdicts``), the shadow audit, and why a stage's
+    step failed."""
     failures = [
         next(
             (f for step in STAGE_STEPS if (f := ti.xcom_pull(task_ids=f"stage_{i + 1}.{step}", key="failure"))),
@@ -1308,7 +1303,17 @@ def evidence(ti: Any, max_stages: int) -> tuple[list[Any], dict[str, Any] | None
         )
         for i in range(max_stages)
     ]
-    return verdicts, ti.xcom_pull(task_ids="shadow_consistency"), failures
+    return stage_verdicts(ti, max_stages), ti.xcom_pull(task_ids="shadow_consistency"), failures
+
+
+def stage_verdicts(ti: Any, max_stages: int) -> list[Any]:
+    """From XCom: each stage's verdict (``statistical_gate``'s, or that of a wait failed by its
+    test: ``unpassed_fails``), None where there is none."""
+    return [
+        ti.xcom_pull(task_ids=f"stage_{i + 1}.statistical_gate")
+        or ti.xcom_pull(task_ids=f"stage_{i + 1}.wait_for_metrics", key="verdict")
+        for i in range(max_stages)
+    ]
 
 
 def approval_body(params: dict[str, Any], reason: str, verdicts: list[dict[str, Any] | None]) -> str:
@@ -1729,12 +1734,13 @@ def _found_report(
     reason: str,
     done: str,
     run_id: str | None = None,
-    verdicts: list[dict[str, Any] | None] | None = None,
+    verdicts: Callable[[], list[dict[str, Any] | None]] | None = None,
 ) -> dict[str, Any]:
     """The teardown's report of what it found where notify sent none: the promotion kept, or the
     rollback (``done``: what the teardown did, the stable version restored or not), with the
-    chart of the stage that decided of the run's ``verdicts`` (``with_chart``, as notify's
-    report; None: not known, no chart). ``run_id``:
+    chart of the stage that decided of the run's verdicts (``with_chart``, as notify's report:
+    what ``verdicts`` reads, read now, once the stable version is back; None: not known, no
+    chart). ``run_id``:
     in place of the report notify wrote, gone from the outbox (``send_run_report``: where Slack
     took notify's, that post is the answer, ``posted_before``, and nothing more is posted)."""
     from vision_rollout.notify import in_outbox, plain_report, rollback_message
@@ -1791,11 +1797,12 @@ def ensure_stable(
     rolled_back: str | None,
     report: dict[str, Any] | None,
     decided: str | None = None,
-    verdicts: list[dict[str, Any] | None] | None = None,
+    verdicts: Callable[[], list[dict[str, Any] | None]] | None = None,
 ) -> str:
     """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
-    the model's lease is released. ``verdicts``: each stage's (``evidence``), for the chart of the
-    report the teardown sends itself, as notify's (``_found_report``). A run that does not hold the lease (another run of the model
+    the model's lease is released. ``verdicts``: what reads each stage's (``stage_verdicts``), for
+    the chart of the report the teardown sends itself, as notify's (``_found_report``): read once
+    the stable version is back, never before (XCom pulls that may fail). A run that does not hold the lease (another run of the model
     held it, or took it over) touches nothing: the routes are that run's.
 
     It fails, once that is done, a run that ended before promote or rollback finished (marked
@@ -2016,7 +2023,7 @@ def notify(
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
     if end is None:  # (sent again: the first report's thread has its chart)
-        message = with_chart(spec, message, verdicts)
+        message = with_chart(spec, message, lambda: verdicts)
     if run_id is None:
         return send(spec, message)
     if end is not None:
@@ -2026,14 +2033,20 @@ def notify(
     return send_run_report(spec, message, run_id)
 
 
-def with_chart(spec: RolloutSpec, message: Message, verdicts: list[dict[str, Any] | None]) -> Message:
+def with_chart(spec: RolloutSpec, message: Message, verdicts: Callable[[], list[dict[str, Any] | None]]) -> Message:
     """``message``, a run's final report (notify's, the teardown's), with the chart of the stage
-    that decided of ``verdicts`` (``notify.charted``: read again from the connection's prediction
-    log, this task's worker being any), or a line saying why there is none."""
-    from vision_rollout.notify import charted
+    that decided of the verdicts ``verdicts()`` reads (``notify.charted``: read again from the
+    connection's prediction log, this task's worker being any), or a line saying why there is
+    none: the verdicts not read too (the teardown's XCom pulls failing), the report sent all the same."""
+    from vision_rollout.notify import charted, without_chart
 
+    try:
+        read = verdicts()
+    except Exception as exc:
+        log.exception("the stages' verdicts cannot be read for the report's chart")
+        return without_chart(message, f"the stages' verdicts could not be read: {str(exc)[:300] or type(exc).__name__}")
     settings = serving().settings
-    return charted(message, spec, verdicts, settings.prediction_log, settings.validation(spec.model))
+    return charted(message, spec, read, settings.prediction_log, settings.validation(spec.model))
 
 
 def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, Any]:

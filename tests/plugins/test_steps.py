@@ -3939,7 +3939,7 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     if how == "no look judged":
         verdicts = [judged("pass", t0), ended_at_look_0(t0 + 300)]
     with pytest.raises(AirflowFailException):
-        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, verdicts)
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: verdicts)
     outbox = tmp_path / "run" / "outbox"
     (report,) = outbox.glob("*.json")
     record = json.loads(report.read_text())
@@ -3954,6 +3954,45 @@ def test_the_teardowns_own_report_carries_the_chart_notifys_would(monkeypatch, t
     (png,) = outbox.glob("*.png")
     assert record["chart"] == png.name
     assert png_title(png.read_bytes()) == "digits v2 vs v1: 50% stage, look 2 of 3, live A/B arms"
+
+
+def test_the_dags_teardown_restores_before_it_reads_its_charts_verdicts(monkeypatch, tmp_path):
+    """The DAG's ensure_stable pulled the stages' evidence from XCom (some 25 pulls: verdicts,
+    each step's failure, the audit), for its report's chart, before it put the stable version
+    back: a pull that raised (the API server answering 503) failed the teardown with nothing
+    restored. It restores first now; then, for its own report only, the verdicts alone are
+    pulled, and a pull that raises leaves the report without a chart, saying so."""
+    from tests.dags.test_model_rollout_e2e import rollout_dag
+
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    order: list = []
+
+    class Flaky:
+        def xcom_pull(self, task_ids, key="return_value"):
+            order.append((task_ids, key))
+            if task_ids.startswith("stage_"):
+                raise RuntimeError("execution API: 503 Service Unavailable")
+
+    def finish(*args, **kwargs):
+        order.append("finish")
+        return False, "version 1 takes 100%; version 2 is unloaded"
+
+    monkeypatch.setattr(steps, "finish", finish)
+    monkeypatch.setattr(steps, "notify_left", lambda *args, **kwargs: (None, False))
+    task = rollout_dag().get_task("ensure_stable")
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%"):
+        task.python_callable(**task.determine_kwargs({"params": PARAMS, "run_id": "run-a", "ti": Flaky()}))
+    pulled = order[order.index("finish") + 1 :]
+    assert not [p for p in order[: order.index("finish")] if p[0].startswith("stage_")]
+    assert pulled == [("stage_1.statistical_gate", "return_value")]  # (the first raised)
+    (report,) = (tmp_path / "run" / "outbox").glob("*.json")
+    record = json.loads(report.read_text())
+    assert record["text"].startswith("Rolled back digits v2")
+    lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "503 Service Unavailable" in line
+    assert "chart" not in record
 
 
 @pytest.mark.parametrize("sender", ["notify", "teardown"])
@@ -3977,7 +4016,7 @@ def test_a_final_report_whose_chart_raises_is_sent_without_it_saying_so(monkeypa
     else:
         finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
         with pytest.raises(AirflowFailException, match="version 1 takes 100%"):
-            steps.ensure_stable(PARAMS, "run-a", None, None, None, None, verdicts)
+            steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: verdicts)
     outbox = tmp_path / "run" / "outbox"
     (report,) = outbox.glob("*.json")
     record = json.loads(report.read_text())
@@ -4008,7 +4047,7 @@ def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monke
 
     monkeypatch.setattr(steps, "finish", unreachable)
     with pytest.raises(AirflowFailException, match="no Deployment"):
-        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, [judged("fail", t0), None])
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: [judged("fail", t0), None])
     assert drawn == []
     outbox = tmp_path / "run" / "outbox"
     (report,) = outbox.glob("*.json")
