@@ -1341,7 +1341,8 @@ def deciding_stage(spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | Non
 
 
 class NoLookJudged(LookupError):
-    """The stage a final report names ended before a look was judged: no evidence of it to chart."""
+    """The stage a final report names ended before a look was judged, or has no verdict: no
+    evidence of it to chart."""
 
 
 def deciding_look(
@@ -1350,17 +1351,23 @@ def deciding_look(
     """The stage that decided of ``verdicts`` (per stage, its verdict as a dict, or None): the
     first not a pass (``deciding_stage``), else the last judged. Its window, the evidence time of
     the look its verdict is of (its ``bake``'s ``window`` and ``until``, as its wait kept them),
-    and the verdict. NoLookJudged where the first stage not a pass had no look judged (a hard
-    guard's breach, a stage ended at look 0: never an earlier stage's, which passed); None where
-    no stage had a look judged, or where the stage does not say when (a verdict of an earlier
-    version)."""
+    and the verdict. NoLookJudged where the first stage not a pass had no look judged (a stage
+    ended at look 0), or has no verdict (a hard guard's breach, a stage not reached or not ended,
+    one failed on its candidate's file changing): never an earlier stage's, which passed. None
+    where no stage has a verdict (a run ended before its first), or had a look judged, or where
+    the stage does not say when (a verdict of an earlier version)."""
+    stages = verdicts[: len(spec.stages)]
+    if not any(isinstance(v, Mapping) for v in stages):
+        return None
     if (index := deciding_stage(spec, verdicts)) is None:
-        judged = [i for i, v in enumerate(verdicts[: len(spec.stages)]) if isinstance(v, Mapping) and v.get("look")]
+        judged = [i for i, v in enumerate(stages) if isinstance(v, Mapping) and v.get("look")]
         if not judged:
             return None
         index = judged[-1]
     verdict = verdicts[index]
-    if not isinstance(verdict, Mapping) or not verdict.get("look"):
+    if not isinstance(verdict, Mapping):
+        raise NoLookJudged(f"the {spec.stages[index]}% stage has no verdict")
+    if not verdict.get("look"):
         raise NoLookJudged(f"the {spec.stages[index]}% stage ended before a look was judged")
     bake = verdict.get("bake")
     times = [bake.get("window"), bake.get("until")] if isinstance(bake, Mapping) else []

@@ -1517,18 +1517,20 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
-@pytest.mark.parametrize("ended", ["judged", "breach", "chart raised"])
+@pytest.mark.parametrize("ended", ["judged", "breach", "changed", "chart raised"])
 def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatch, ended):
     """rolloutctl run's final report went to the outbox without a chart, where the DAG's carries
     the chart of the stage that decided, read again from the prediction log. It carries the same
     one now (the samples of that stage's last look, from the log the run judged), or the same line
     saying why there is none (a stage ended on a hard guard: no look judged; the chart's code
-    raising, its thread not started: the report was lost)."""
+    raising, its thread not started: the report was lost). A stage failed on the candidate's
+    file changing once its looks were judged has no verdict: its line said it "ended before a
+    look was judged"; it says it has no verdict now."""
     import argparse
 
     from tests.include.test_engine import RecordingRouter
     from tests.support import png_title, stage_evidence
-    from vision_rollout import cli, engine, notify
+    from vision_rollout import cli, engine, notify, serving
     from vision_rollout.engine import StageState
     from vision_rollout.folders import Folder
     from vision_rollout.gates import evaluate_gate
@@ -1537,13 +1539,25 @@ def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatc
     spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
     verdict = evaluate_gate(samples(200, ratio=1.5))
 
+    looked = []
+
     def look(window):
         stage_evidence(tmp_path, window.started, replay=False)
+        looked.append(window.index)
         if ended == "breach":
             return StageState("breach", 0, 3, None, "hard guard tripped")
+        if ended == "changed":  # (the first stage passes; the second is judged at look 1, then changed)
+            passing = replace(evaluate_gate(samples(200)), decision="pass")
+            if window.index == 0:
+                return StageState("pass", 2, 3, passing, "passed", until=window.started + 100)
+            return StageState("waiting", 1, 3, passing, "waiting", until=window.started + 100)
         return StageState("fail", 2, 3, verdict, "failed", until=window.started + 100)
 
     monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    monkeypatch.setattr(serving, "not_as_verified", lambda *a: "version 2's file changed" if 1 in looked else None)
+    router = RecordingRouter()
+    router.admin = None  # (not_as_verified's, here the test's)
     if ended == "chart raised":
 
         def cannot(*args, **kwargs):
@@ -1552,7 +1566,7 @@ def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatc
         monkeypatch.setattr(notify, "report_chart", cannot)
     args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
     args.outbox = Folder(str(tmp_path / "outbox"))
-    assert cli._run(args, spec, RecordingRouter(), None, {}, cli._Lease(None, spec.model), "") == 1
+    assert cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "", verified="ab12") == 1
     reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
     final = reports[-1]
     assert final["text"].startswith("Rolled back digits v2")
@@ -1563,9 +1577,13 @@ def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatc
         assert "can't start new thread" in line
         assert "chart" not in final
         return
-    if ended == "breach":
+    if ended == "breach":  # (no stage has a verdict: nothing to chart)
+        assert not [t for t in lines if "No chart" in t]
+        assert not list((tmp_path / "outbox").glob("*.png"))
+        return
+    if ended == "changed":
         (line,) = [t for t in lines if "No chart" in t]
-        assert "the 50% stage ended before a look was judged" in line
+        assert "the 100% stage has no verdict" in line
         assert not list((tmp_path / "outbox").glob("*.png"))
         return
     assert not [t for t in lines if "No chart" in t]

@@ -3852,20 +3852,18 @@ def ended_at_look_0(t0: float) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("stages", "weight"),
+    ("stages", "said"),
     [
-        ("look 0", 50),  # (the first stage ended before its first look)
-        ("pass, breach", 100),  # (a hard guard: the gate task failed, no verdict in XCom)
-        ("pass, look 0", 100),
+        ("look 0", "the 50% stage ended before a look was judged"),  # (the first stage, before its first look)
+        ("pass, breach", "the 100% stage has no verdict"),  # (a hard guard: the gate task failed, no verdict in XCom)
+        ("pass, look 0", "the 100% stage ended before a look was judged"),
     ],
 )
-def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(
-    monkeypatch, tmp_path, slack, stages, weight
-):
+def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(monkeypatch, tmp_path, slack, stages, said):
     """The report names the stage that rolled the candidate back. Where that stage had no look
     judged (a hard guard's breach, a stage ended at look 0), the chart was of the last earlier
     stage judged, which passed: its passing evidence under a rollback. Now no chart, and one line
-    saying the named stage had no look judged."""
+    saying the named stage had no look judged, or no verdict at all."""
     chart_conn(monkeypatch, tmp_path)
     t0 = time.time() - 900
     stage_evidence(tmp_path, t0, replay=False)
@@ -3874,10 +3872,10 @@ def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(
     sent = steps.notify(PARAMS, "rollback", "hard guard tripped", verdicts, None, "run-a")
     assert "chart" not in sent
     (posted,) = slack.messages()
-    assert f"was rolled back at the {weight}% stage" in json.dumps(posted["blocks"])
+    assert f"was rolled back at the {said.split()[1]} stage" in json.dumps(posted["blocks"])
     lines = [e["text"] for b in posted["blocks"] if b["type"] == "context" for e in b["elements"]]
     (line,) = [t for t in lines if "No chart" in t]
-    assert f"the {weight}% stage ended before a look was judged" in line
+    assert said in line
     assert slack.uploads == {}
 
 
@@ -4026,6 +4024,33 @@ def test_a_final_report_whose_chart_raises_is_sent_without_it_saying_so(monkeypa
     assert "could not be drawn" in line
     assert "can't start new thread" in line
     assert "chart" not in record
+
+
+@pytest.mark.parametrize("reached", ["no stage", "a stage still waiting"])
+def test_the_teardowns_report_says_no_false_word_of_a_stage_not_judged(monkeypatch, tmp_path, reached):
+    """The teardown of a run that failed before any stage (no verdict at all), or while a stage's
+    wait was still going (no verdict written yet), said "No chart: the 50% stage ended before a
+    look was judged": of a stage never reached, or one not ended. Where no stage has a verdict
+    there is no chart line (nothing to chart); where the stage that decided has none, the line
+    says just that."""
+    chart_conn(monkeypatch, tmp_path)
+    monkeypatch.delenv("AIRFLOW_CONN_SLACK_API_DEFAULT", raising=False)
+    finished_with(monkeypatch, False, "version 1 takes 100%; version 2 is unloaded")
+    t0 = time.time() - 900
+    stage_evidence(tmp_path, t0, replay=False)
+    verdicts = [None, None, None, None] if reached == "no stage" else [judged("pass", t0), None, None, None]
+    with pytest.raises(AirflowFailException):
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: verdicts)
+    (report,) = (tmp_path / "run" / "outbox").glob("*.json")
+    record = json.loads(report.read_text())
+    lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
+    said = [t for t in lines if "No chart" in t]
+    assert "chart" not in record
+    if reached == "no stage":
+        assert said == []
+        return
+    (line,) = said
+    assert "the 100% stage has no verdict" in line
 
 
 def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monkeypatch, tmp_path):
