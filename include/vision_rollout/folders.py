@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
-# ``flock`` of a guard file refused with ESTALE (NFS): not retried, the mount is to be fixed.
+# ``flock`` of a guard file still there refused with ESTALE (NFS): not retried, the mount is to be fixed.
 STALE_LOCK = (
     "on NFS, mount this folder with locking (neither nolock nor local_lock=flock or all) and "
     "lookupcache=none, as the README says; nothing written nor removed"
@@ -252,10 +252,9 @@ class Folder:
         done, so that none stays beside a file, nor keeps an emptied folder from being removed
         (``remove_if_empty``); a killed holder's, left, is pruned as a temporary is
         (``guarded_by``). A waiter that locks a guard file its holder removed meanwhile locks
-        the one there now. True once held; ``make`` false: False, nothing locked, where this
-        folder is not there (nor ``name`` in it). ``flock`` refused with ESTALE (NFS): an OSError
-        naming the guard file and the mount options to check (``STALE_LOCK``), not retried. In an
-        object store, nothing (True)."""
+        the one there now (``_lock``: one whose ``flock`` answers ESTALE too, NFS's answer for a
+        file removed on another machine). True once held; ``make`` false: False, nothing locked,
+        where this folder is not there (nor ``name`` in it). In an object store, nothing (True)."""
         path = self.path
         if path is None:
             yield True
@@ -275,22 +274,8 @@ class Folder:
                     raise
                 continue
             with opened as guard:
-                while True:
-                    try:
-                        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            raise WriteConflict(
-                                f"{path / name} is being written by another process for over {LOCK_WAIT_S:g} s"
-                            ) from None
-                        time.sleep(0.02)
-                    except OSError as exc:
-                        if exc.errno != errno.ESTALE:
-                            raise
-                        raise OSError(
-                            errno.ESTALE, f"Stale file handle locking {guard_path} (flock): {STALE_LOCK}"
-                        ) from exc
+                if not _lock(guard, guard_path, path / name, deadline):  # (removed by its holder meanwhile)
+                    continue
                 try:
                     if not _same_file(guard, guard_path):  # (removed by its holder meanwhile)
                         continue
@@ -682,6 +667,34 @@ def guarded_by(name: str) -> str | None:
     one a killed holder left); None when it is no guard file."""
     match = re.fullmatch(r"\.(.+)\.lock", name)
     return match[1] if match else None
+
+
+def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> bool:
+    """``flock`` of ``guard``, the guard file at ``guard_path`` of ``locked``, waited for until
+    ``deadline`` (``time.monotonic``; WriteConflict past it). False where it answers ESTALE (NFS)
+    for a guard file no longer at ``guard_path`` (removed by its holder on another machine) before
+    ``deadline``: the caller locks the one there now. ESTALE of the guard file still there, or past
+    ``deadline``: an OSError naming it and the mount options to check (``STALE_LOCK``)."""
+    while True:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise WriteConflict(
+                    f"{locked} is being written by another process for over {LOCK_WAIT_S:g} s"
+                ) from None
+            time.sleep(0.02)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+            try:
+                there = _same_file(guard, guard_path)
+            except OSError:  # (the name, or this handle, not looked up: not the guard file held)
+                there = False
+            if not there and time.monotonic() <= deadline:
+                return False
+            raise OSError(errno.ESTALE, f"Stale file handle locking {guard_path} (flock): {STALE_LOCK}") from exc
 
 
 def _same_file(opened: BinaryIO, path: Path) -> bool:

@@ -926,3 +926,40 @@ def test_a_stale_nfs_handle_from_flock_names_the_file_and_the_mount_options(tmp_
     assert "lookupcache=none" in message
     assert "nolock" in message
     assert folder.read("r.json") == b"{}"
+
+
+@pytest.mark.parametrize("op", ["delete", "write_if"])
+def test_a_stale_nfs_handle_of_a_guard_file_its_holder_removed_locks_the_one_there_now(tmp_path, monkeypatch, op):
+    """On NFSv3 a waiter holds the guard file open while the holder, on another machine, finishes
+    and removes it: the waiter's next ``flock`` of that removed file answers ESTALE. That is the
+    guard file "removed by its holder meanwhile" that a waiter reopens; the ESTALE failed the
+    removal or conditional write (a report's claim) blaming the mount options. The guard file at
+    the name is no longer the one held: the waiter locks the one there now and goes on."""
+    import errno
+    import types
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path / "outbox"))
+    folder.write("r.json", b"{}")
+    guard = tmp_path / "outbox" / ".r.json.lock"
+    real = folders.fcntl.flock
+    calls = []
+
+    def flock(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            raise BlockingIOError(errno.EAGAIN, "held by another machine")
+        if len(calls) == 2:  # (the holder finished and removed its guard file: this handle is stale)
+            guard.unlink()
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(fd, operation)
+
+    monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    if op == "delete":
+        folder.delete("r.json")
+        assert not (tmp_path / "outbox" / "r.json").exists()
+    else:
+        folder.write_if("r.json", b"[]", b"{}")
+        assert folder.read("r.json") == b"[]"
+    assert not guard.exists()
