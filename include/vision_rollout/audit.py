@@ -1074,7 +1074,9 @@ def audit(
         )
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
-    with_copy = copy_keys(records)[2][mine & ~late]  # (a copy written late came: late, not lost)
+    # (a copy written late came: late, not lost; marked within the range's own records: a request
+    # id an earlier range's primary had too is no copy of this range's)
+    with_copy = copy_keys(_kept(records, mine))[2][~late[mine]]
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)

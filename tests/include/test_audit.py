@@ -1594,6 +1594,45 @@ def test_a_copy_written_after_its_hours_close_is_counted_late_not_lost(tmp_path)
     assert any(r.startswith("5 requests the server's mirror sampled have no shadow record") for r in again.reasons)
 
 
+@pytest.mark.parametrize("earlier_pod", ["a-pod", "z-pod"])
+def test_a_request_id_reused_across_the_ranges_start_hides_no_lost_copy(tmp_path, earlier_pod):
+    """A client re-sent request id ``K`` 30 s before the range and within it, with another image;
+    the earlier primary's copy was stamped within the range. The copies written late were looked
+    for over every record read, the earlier range's primaries too: where the earlier primary's
+    pod was read first, its copy counted as the range's primary's (the server's mirror sampled
+    it, no copy came), and the lost copy was hidden, by the pods' names alone. The copies are
+    marked within the range's own records: lost, whichever pod's files come first."""
+    from model_server.masking import KeyRing, Masker
+    from model_server.predictionlog import Inference, PredictionLog
+
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    start = end - timedelta(minutes=5)
+    primaries = [now - 240 + 0.5 * k for k in range(200)]
+    log = istio_log(tmp_path, primaries, {i: t + 0.003 for i, t in enumerate(primaries)}, mirrored=True)
+    p = np.full((1, 10), 0.01, dtype=np.float32)
+    p[0, 3] = 0.91
+    at = start.timestamp()
+
+    def record(stamp: float, role: str, image: bytes) -> Inference:
+        return Inference(
+            stamp, "digits", "1" if role == "primary" else "2", role, "route" if role == "primary" else "mirror",
+            "K", "0" * 32, "0" * 16, 3.0, "ok", p, np.array([image], dtype=object), True, {},
+            mirrored=True if role == "primary" else None,
+        )  # fmt: skip
+
+    for replica, rec in [
+        (earlier_pod, record(at - 30, "primary", b"earlier")),
+        ("m-pod", record(at + 20, "primary", b"again")),
+        ("m-shadow", record(at + 10, "shadow", b"earlier")),
+    ]:
+        writer = PredictionLog(log, Masker(KeyRing(tmp_path / "keys.json")), replica=replica)
+        writer.append(rec)
+        writer.flush()
+    result = audit(log, start, end, "digits")
+    assert (result.verdict, result.rows, result.input_mismatch, result.copies_lost) == ("pass", 200, 1, 1)
+
+
 def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[str, ...] = ("digits",)) -> Path:
     """A prediction log of healthy traffic up to ``now``, all written then: each ``active``
     model's two baseline pods at 5 requests a second, their copies (each behind the server's own
