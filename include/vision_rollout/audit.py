@@ -975,7 +975,9 @@ def audit(
     The range's records in files written after it closed (``closes``) are left out and counted
     (``late_records``): an audit shows the same whenever it runs (once they came, a retry or a
     catch-up would have shown more than the first audit), and says what it did not show; a range
-    of such records alone is inconclusive, not empty. With ``earlier_hours``, the records of
+    of such records alone is inconclusive, not empty, where they hold shadow evidence (shadow
+    records, primaries the server's own mirror sampled); of other primaries alone (a model
+    nothing mirrors, flushed late), a skip naming them. With ``earlier_hours``, the records of
     the ranges before it (stamped up to that many hours before it) in files written after the
     range ending at ``start`` closed and by this one's close, and the shadow records of earlier
     primaries stamped ``CLOCK_SKEW_S`` or more into this range (beyond the earlier audit's read),
@@ -1077,6 +1079,8 @@ def audit(
     # (a copy written late came: late, not lost; marked within the range's own records: a request
     # id an earlier range's primary had too is no copy of this range's)
     with_copy = copy_keys(_kept(records, mine))[2][~late[mine]]
+    # (shadow evidence written late: shadow records, primaries the server's own mirror sampled)
+    late_copies = bool((mine & late & ((records["role"] == "shadow") | records["mirrored"].eq(True))).any())
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1176,7 +1180,7 @@ def audit(
             f"({closes(end).isoformat()}: a flush slower than the writers' bound, or a pod's clock "
             "ahead): not in this audit"
         )
-        if result.verdict == "skip":  # (records there were, none in time: no empty range)
+        if result.verdict == "skip" and late_copies:  # (copies there were, none in time: no empty range)
             result.verdict, result.reasons = "inconclusive", [late_reason]
         else:
             result.reasons.append(late_reason)

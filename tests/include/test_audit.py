@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -903,6 +904,34 @@ def test_records_written_after_their_hour_closed_are_counted_not_audited_nor_dro
     assert alone.reasons[0].startswith("60 records of this range were written after it closed")
 
 
+def test_a_model_without_a_shadow_whose_records_came_late_keeps_an_audit_of_all_models_passing(tmp_path):
+    """A model with no shadow configured (its primaries say nothing of a mirror) whose last
+    records were written after the hour closed made its audit inconclusive, as if copies had been
+    late, and an audit of every model with it: a PASS turned INCONCLUSIVE by a slow flush of a
+    model nothing mirrors. Records written late make a range inconclusive where they are shadow
+    evidence (shadow records, or primaries the server's own mirror sampled); primaries alone
+    are a skip, the late records named."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    log = shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp())
+    at = (hour + timedelta(minutes=59, seconds=55)).timestamp()
+    for model, mirrored in (("plain", None), ("sampled", True)):
+        late = {"primary-pod": ("primary", {i: at + i for i in range(3)})}
+        pods_log(tmp_path, late, mirrored, model=model, written=at + 200)
+    plain, sampled = (audit(log, hour, hour + timedelta(hours=1), m) for m in ("plain", "sampled"))
+    assert (plain.verdict, plain.late_records) == ("skip", 3)
+    assert any(r.startswith("3 records of this range were written after it closed") for r in plain.reasons)
+    assert (sampled.verdict, sampled.late_records) == ("inconclusive", 3)
+    assert sampled.reasons[0].startswith("3 records of this range were written after it closed")
+    every = audit(log, hour, hour + timedelta(hours=1), None)
+    assert [(p.model, p.verdict) for p in every.by_models] == [("digits", "pass"), ("sampled", "inconclusive")]
+    (tmp_path / "other").mkdir()
+    alone = shadow_log(tmp_path / "other", 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp())
+    pods_log(
+        tmp_path / "other", {"primary-pod": ("primary", {i: at + i for i in range(3)})}, model="plain", written=at + 200
+    )
+    assert audit(alone, hour, hour + timedelta(hours=1), None).verdict == "pass"
+
+
 def test_the_hours_first_audit_waits_for_a_file_named_at_its_close_to_be_whole(tmp_path):
     """A file named by its writer up to the hour's close (``closes``) is in time: in the hour's
     audit, not late. The first audit read the log at that very second, while a file named then
@@ -1219,13 +1248,17 @@ def pods_log(
     mirrored: bool | None = None,
     forged: dict[int, float] | None = None,
     model: str = "digits",
+    written: float | None = None,
 ) -> Path:
     """A prediction log as Istio's pods leave it (``istio_log``): each of ``pods`` (replica ->
     its role and its records of ``model``, index -> stamp by its clock: a primary of request
     ``r<i>``, or its copy) written by its own writer, flushed once (again: another flush,
-    another file)."""
+    another file), at ``written`` (a ``time.time()``, by the files' names) where given."""
+    from unittest import mock
+
     from model_server.masking import KeyRing, Masker
     from model_server.predictionlog import Inference, PredictionLog
+    from tests.support import _Clock
 
     keys = folder / "keys.json"
     keys.write_text(json.dumps({"default": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}))
@@ -1243,7 +1276,8 @@ def pods_log(
                     at, model, version, role, route, rid, "0" * 32, "0" * 16, 3.0, "ok", p, image, True, {}
                 )._replace(mirrored=mirrored if role == "primary" else None)
             )
-        log.flush()
+        with mock.patch.object(predictionlog, "time", _Clock(written)) if written else nullcontext():
+            log.flush()
     return folder / "log"
 
 
