@@ -969,7 +969,8 @@ def audit(
     """Audit the shadow pairs of a prediction log (a folder or ``s3://`` URI) over a time range.
 
     Without ``model``, each model of the log is audited apart, as its own audit would be (the
-    reads of each begun within this audit's ``max_seconds``, each held to ``max_bytes``), and
+    reads of each begun within this audit's ``max_seconds`` of reads: a model's computing is not
+    the next one's time; each held to ``max_bytes``), and
     the audits are one (``by_models``): the worst verdict, each model's reasons and the counts.
 
     The range's records in files written after it closed (``closes``) are left out and counted
@@ -1008,32 +1009,45 @@ def audit(
     compared, and a pass is inconclusive, saying so. ``mirror_on_to_end`` false: a constant
     ``mirror_percent`` held only up to a time not known (the mirror taken off since), and that
     stretch is not tested."""
-    from model_server.predictionlog import AUDIT_COLUMNS, models, pair_probabilities, read, shadow_pairs
+    from model_server.predictionlog import models
+
+    deadline = None if max_seconds is None else clock() + max_seconds
+    if model is not None:
+        return _audit_model(
+            prediction_log, start, end, model, config, earlier_hours, max_bytes, max_seconds, deadline, clock,
+            mirror_percent, mirror_on_to_end,
+        )[0]  # fmt: skip
+    parts = []
+    for name in models(prediction_log):  # (each model apart, as its own audit, within this one's time)
+        part, read_until = _audit_model(
+            prediction_log, start, end, name, config, earlier_hours, max_bytes, max_seconds, deadline, clock,
+            mirror_percent, mirror_on_to_end,
+        )  # fmt: skip
+        if deadline is not None:  # (its pairs' computing is no read: not the next model's time)
+            deadline += clock() - read_until
+        parts.append(part)
+    return by_models(parts, start.isoformat(), end.isoformat(), config)
+
+
+def _audit_model(
+    prediction_log: str | Path,
+    start: datetime,
+    end: datetime,
+    model: str,
+    config: AuditConfig | None,
+    earlier_hours: int,
+    max_bytes: int,
+    max_seconds: float | None,
+    deadline: float | None,
+    clock: Callable[[], float],
+    mirror_percent: float | MirrorShares | None,
+    mirror_on_to_end: bool,
+) -> tuple[AuditResult, float]:
+    """``audit`` of ``model``, its reads begun by ``deadline`` (``max_seconds``: the bound
+    named); and when its reads ended (by ``clock``)."""
+    from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
-    deadline = None if max_seconds is None else clock() + max_seconds
-    if model is None:  # (each model apart, as its own audit, within this one's time: ``by_models``)
-        return by_models(
-            [
-                audit(
-                    prediction_log,
-                    start,
-                    end,
-                    name,
-                    config,
-                    earlier_hours,
-                    max_bytes,
-                    None if deadline is None else max(0.0, deadline - clock()),
-                    clock,
-                    mirror_percent,
-                    mirror_on_to_end,
-                )
-                for name in models(prediction_log)
-            ],
-            start.isoformat(),
-            end.isoformat(),
-            config,
-        )
     records = read(
         prediction_log,
         start - margin,
@@ -1074,6 +1088,7 @@ def audit(
             if before.attrs["out_of_time"]
             else f"over this audit's {max_bytes:,} bytes of records"
         )
+    read_until = clock()
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
     # (a copy written late came: late, not lost; marked within the range's own records: a request
@@ -1236,7 +1251,7 @@ def audit(
             f"{result.primary_not_finite} primary answers were no finite distribution (NaN or Inf, as a "
             "client's NaN or Inf input gives): no comparison, excluded"
         )
-    return result
+    return result, read_until
 
 
 MAX_PAIRS_PLOTTED = 6  # pairs of versions the chart shows a row of (the worst first); all in report.md

@@ -1528,6 +1528,39 @@ def test_an_audit_of_a_slow_store_stops_at_its_time_and_names_what_it_left(tmp_p
     assert "Prediction log files not read (over the audit's time)" in report_files(part)[REPORT].decode()
 
 
+def test_in_an_audit_of_all_models_one_models_computing_is_no_others_read_time(tmp_path, monkeypatch):
+    """An audit of every model gave each model the time its reads had left of ``max_seconds``
+    as it began: the first model's pairs, KL and vectors (minutes for a busy model) ate the next
+    model's reads, left unread (inconclusive, "its reads take at most 0 s") on a store that
+    answered at once. Only the reads spend the audit's time; a model left out of time names the
+    audit's own bound."""
+    import vision_rollout.audit as audit_module
+
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    primaries = [now - 240 + 0.5 * k for k in range(200)]
+    log = istio_log(tmp_path, primaries, {i: t + 0.003 for i, t in enumerate(primaries)}, mirrored=True)
+    other = {"other-primary": ("primary", dict(enumerate(primaries)))}
+    pods_log(tmp_path, {**other, "other-shadow": ("shadow", dict(enumerate(primaries)))}, True, model="other")
+    at = [0.0]
+    computing = audit_module.audit_by_versions
+
+    def slow(*args, **kwargs):
+        at[0] += 500.0  # (a busy model's pairs: minutes, no read)
+        return computing(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "audit_by_versions", slow)
+    every = audit(log, end - timedelta(minutes=5), end, max_seconds=480, clock=lambda: at[0])
+    assert [(p.model, p.verdict, p.rows, p.out_of_time) for p in every.by_models] == [
+        ("digits", "pass", 200, False),
+        ("other", "pass", 200, False),
+    ]
+    looks = ticks(1.0)  # (a store taking a second an answer: the second model's reads run out)
+    spent = audit(log, end - timedelta(minutes=5), end, max_seconds=3, clock=looks)
+    assert spent.by_models[-1].out_of_time
+    assert any("this audit's reads take at most 3 s" in r for r in spent.by_models[-1].reasons)
+
+
 def test_the_earlier_hours_read_in_part_are_named_not_counted_as_whole(tmp_path):
     """``earlier_hours`` (24 hours of the log's folders, the hourly audit's look back for what
     came late) had no bound of its own: a slow store made every hourly audit run for its whole
