@@ -109,6 +109,12 @@ class AuditResult:
     # Where the mirror stopped sending (``mirror_stopped``): the time of its last copy, when the
     # primaries after it, at the share configured then, would have sent copies beyond chance.
     mirror_stopped: str | None = None
+    # The range's primaries a mirror could have sampled (each request's first, answered, not
+    # naming its version, nor said unsampled by the server's own mirror: ``mirrored`` not false).
+    # A model's range of such primaries without a shadow record, a mirror configured, is a warning
+    # in an audit of every model too (``audit``), as in its own (``with_coverage``), where they are
+    # more than the mirror's sampling explains; without them (an idle model) a skip.
+    primaries_mirrorable: int = 0
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
@@ -477,6 +483,7 @@ SUMMED = (
     "copies_lost",
     "copies_eligible",
     "copies_received",
+    "primaries_mirrorable",
     "shadow_dropped",
     "input_mismatch",
     "self_pairs",
@@ -497,31 +504,42 @@ SUMMED = (
 
 
 def by_models(parts: list[AuditResult], start: str, end: str, config: AuditConfig | None = None) -> AuditResult:
-    """An audit of every model from each model's own audit (``parts``): those with something to
-    show (not skipped; all where none has); one alone is the audit, several make one with each in
-    ``by_models``, the worst verdict, each model's verdict and reasons as its reasons, the counts
-    summed (``SUMMED``), and the earliest time a model's mirror stopped. One model's copies hide
-    no other's stopped mirror or lost copies, and no agreement is pooled across models."""
+    """An audit of every model from each model's own audit (``parts``): one alone is the audit;
+    of several, one of all models with those that have something to show (not skipped) in
+    ``by_models``, the worst verdict, each model's verdict and reasons as its reasons, the
+    skipped models named (with their notes), the counts summed (``SUMMED``), and the earliest
+    time a model's mirror stopped. One model's copies hide no other's stopped mirror or lost
+    copies, and no agreement is pooled across models."""
     cfg = config or AuditConfig()
-    shown_parts = [p for p in parts if p.verdict != "skip"] or parts
-    if len(shown_parts) < 2:
-        if shown_parts:
-            return shown_parts[0]
+    if len(parts) < 2:
+        if parts:
+            return parts[0]
         return AuditResult(None, start, end, "skip", ["no shadow records in this range: nothing to audit"], config=cfg)
+    shown_parts = [p for p in parts if p.verdict != "skip"]
+    skipped = [p for p in parts if p.verdict == "skip"]
+    reasons = [f"model {shown(str(p.model))}: {p.verdict.upper()}: " + "; ".join(p.reasons) for p in shown_parts]
+    if skipped:
+        notes = [f"{shown(str(p.model))}: {note}" for p in skipped for note in p.reasons[1:]]
+        reasons.append(
+            f"model{'s' if len(skipped) > 1 else ''} {', '.join(shown(str(p.model)) for p in skipped)}: SKIP: "
+            "no shadow records in this range" + "".join(f"; {note}" for note in notes)
+        )
+    if not shown_parts:
+        reasons.insert(0, "no shadow records in this range: nothing to audit")
     result = AuditResult(
         None,
         start,
         end,
-        min((p.verdict for p in shown_parts), key=VERDICT_ORDER.index),
-        [f"model {shown(str(p.model))}: {p.verdict.upper()}: " + "; ".join(p.reasons) for p in shown_parts],
+        min((p.verdict for p in parts), key=VERDICT_ORDER.index),
+        reasons,
         config=cfg,
         versions={k: sorted({v for p in shown_parts for v in p.versions.get(k, [])}) for k in ("primary", "shadow")},
         by_models=shown_parts,
-        **{name: sum(getattr(p, name) for p in shown_parts) for name in SUMMED},
+        **{name: sum(getattr(p, name) for p in parts) for name in SUMMED},
     )
     result.shadow_error_rate = result.shadow_errors / result.rows if result.rows else 0.0
-    result.out_of_time = any(p.out_of_time for p in shown_parts)
-    late = [p.late_earlier for p in shown_parts if p.late_earlier is not None]
+    result.out_of_time = any(p.out_of_time for p in parts)
+    late = [p.late_earlier for p in parts if p.late_earlier is not None]
     result.late_earlier = sum(late) if late else None
     result.mirror_stopped = min((p.mirror_stopped for p in shown_parts if p.mirror_stopped), default=None)
     return result
@@ -972,6 +990,11 @@ def audit(
     reads of each begun within this audit's ``max_seconds`` of reads: a model's computing is not
     the next one's time; each held to ``max_bytes``), and
     the audits are one (``by_models``): the worst verdict, each model's reasons and the counts.
+    With ``mirror_percent`` (asserted then of every model), a model with primaries a mirror could
+    have sampled (``primaries_mirrorable``) and no shadow record is a warning, as its own audit
+    with the share is (``with_coverage``), where the mirror's sampling does not explain it
+    (``copies_short`` of no copy, below ``COPIES_ALPHA``); an idle one, or one of a few requests
+    none sampled, a skip, named.
 
     The range's records in files written after it closed (``closes``) are left out and counted
     (``late_records``): an audit shows the same whenever it runs (once they came, a retry or a
@@ -1025,6 +1048,14 @@ def audit(
         )  # fmt: skip
         if deadline is not None:  # (its pairs' computing is no read: not the next model's time)
             deadline += clock() - read_until
+        if part.verdict == "skip" and mirror_percent is not None:
+            # (a model with traffic and no shadow record, behind the mirror asserted, beyond what its
+            # sampling explains: its own audit's warning; a few requests none sampled are no sign. Of
+            # shares over time, the lowest: the mirror may have been off)
+            shares = [mirror_percent] if isinstance(mirror_percent, int | float) else [p for _, p in mirror_percent]
+            percent = min(shares, default=0.0)
+            if copies_short(0, part.primaries_mirrorable, percent) < COPIES_ALPHA:
+                part = with_coverage(part, percent)
         parts.append(part)
     return by_models(parts, start.isoformat(), end.isoformat(), config)
 
@@ -1115,6 +1146,13 @@ def _audit_model(
     result.duplicates = pairs.attrs["duplicates"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late).sum())
+    result.primaries_mirrorable = int(
+        (
+            copy_keys(records)[0]
+            & ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
+            & ~records["mirrored"].eq(False).to_numpy(bool)
+        ).sum()
+    )
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
     result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, with_copy)

@@ -1807,7 +1807,10 @@ def parser() -> argparse.ArgumentParser:
         "--mirror-percent",
         type=float,
         help="the share the mirror copied in the range (0 to 100), as the hourly audit reads it: the copies are "
-        "tested against it, the coverage said, and a range without shadow records a WARNING (exit 3), not a SKIP",
+        "tested against it, the coverage said, and a range without shadow records a WARNING (exit 3), not a SKIP; "
+        "without --model it asserts a mirror on every model with traffic (behind Istio, or on a server without a "
+        "traffic policy for it, a model nothing mirrors cannot be told from one whose mirror stopped): each such model without shadow records is a WARNING, more requests "
+        "than the share's sampling explains; an idle one, or one of a few requests none sampled, a SKIP",
     )
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_audit)

@@ -1705,7 +1705,10 @@ def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[s
     model's two baseline pods at 5 requests a second, their copies (each behind the server's own
     mirror, ``mirrored`` true; one in ten behind Istio's) on three candidate pods, one with its
     clock 20 s ahead, each copy stamped up to 4 s after its primary (waiting for idle time); the
-    copies of the last 3 s still in flight. Model ``other`` went idle 6 minutes before ``now``."""
+    copies of the last 3 s still in flight. Model ``other`` went idle 6 minutes before ``now``;
+    model ``plain``, mirrored by nothing, has primaries alone (saying their server's mirror did
+    not sample them; behind Istio, nothing); model ``sparse``, a request every 9 s, had none of
+    them sampled (by chance: 0.9 ** 20 behind Istio's 10%)."""
     primaries = {i: now - 330 + 0.2 * i for i in range(1650)}
     copied = [i for i in primaries if (mirrored or i % 10 == 3) and primaries[i] < now - 3]
     lead = {0: 0.0, 1: 0.0, 2: 20.0}
@@ -1721,6 +1724,9 @@ def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[s
     idle = {i: now - 600 + float(i) for i in range(200)}
     shadow = {i: t + 0.003 for i, t in idle.items() if mirrored or i % 10 == 3}
     pods_log(folder, {"other-primary": ("primary", idle), "other-shadow": ("shadow", shadow)}, mirrored, model="other")
+    pods_log(folder, {"plain-primary": ("primary", primaries)}, False if mirrored else None, model="plain")
+    sparse = {i: t for i, t in primaries.items() if i % 45 == 0}  # (one in 9 s: none sampled, by chance)
+    pods_log(folder, {"sparse-primary": ("primary", sparse)}, False if mirrored else None, model="sparse")
     return folder / "log"
 
 
@@ -1728,21 +1734,40 @@ def healthy_log(folder: Path, now: float, mirrored: bool | None, active: tuple[s
 def test_healthy_traffic_of_several_pods_audits_clean(tmp_path, mirrored, share):
     """Healthy traffic, behind the server's own mirror or Istio's: copies written up to 90 s after
     their primaries (within the flush bounds), on three candidate pods, one's clock ahead, another
-    model idle. No copy lost, none late, no stopped mirror, no shortfall: a pass, the idle model
-    skipped; in an audit of every model too (each model apart)."""
+    model idle, one mirrored by nothing. No copy lost, none late, no stopped mirror, no shortfall:
+    a pass, the idle model and the one mirrored by nothing skipped; in an audit of every model
+    too (each model apart), which names them. Behind Istio, a model's primaries cannot say that
+    nothing mirrors them: a share given for every model asserts a mirror on each with traffic,
+    and one with none is warned of (``rolloutctl audit --mirror-percent`` without ``--model``)
+    where its sampling does not explain it: a model of a few requests, none sampled, is not."""
+    from vision_rollout.audit import with_coverage
+
     now = time.time()
     log = healthy_log(tmp_path, now, mirrored, ("digits", "second"))
     end = datetime.fromtimestamp(now - 90, UTC)
     start = end - timedelta(minutes=3)
-    one, every = (audit(log, start, end, model, mirror_percent=share) for model in ("digits", None))
+    one = audit(log, start, end, "digits", mirror_percent=share)
+    every = audit(log, start, end, None, mirror_percent=share if mirrored else None)
     assert [p.model for p in every.by_models] == ["digits", "second"]
+    assert "models other, plain, sparse: SKIP: no shadow records in this range" in every.reasons
     for result in (one, every):
         assert (result.verdict, result.copies_lost, result.late_records, result.mirror_stopped) == ("pass", 0, 0, None)
     for part in (one, *every.by_models):
         assert (part.rows, part.primary_without_shadow) == ((900, 0) if mirrored else (90, 810))
         assert part.copies_p is None or part.copies_p > COPIES_ALPHA
     idle = audit(log, start, end, "other", mirror_percent=share)
-    assert (idle.verdict, idle.copies_lost, idle.mirror_stopped) == ("skip", 0, None)
+    assert (idle.verdict, idle.copies_lost, idle.mirror_stopped, idle.primaries_mirrorable) == ("skip", 0, None, 0)
+    plain = audit(log, start, end, "plain", mirror_percent=share)
+    assert (plain.verdict, plain.copies_lost, plain.mirror_stopped) == ("skip", 0, None)
+    assert plain.primaries_mirrorable == (0 if mirrored else 900)
+    if not mirrored:
+        asserted = with_coverage(audit(log, start, end, None, mirror_percent=share), share)
+        assert [(p.model, p.verdict) for p in asserted.by_models] == [
+            ("digits", "pass"),
+            ("plain", "warning"),
+            ("second", "pass"),
+        ]
+        assert "models other, sparse: SKIP: no shadow records in this range" in asserted.reasons
 
 
 def test_shadow_records_of_another_input_hide_no_lost_copy(tmp_path):
@@ -1836,6 +1861,40 @@ def test_an_audit_of_all_models_judges_each_model_as_its_own_audit_would(tmp_pat
     ]
     assert every.reasons[0].startswith("model digits: INCONCLUSIVE: ")
     assert "## Model digits: INCONCLUSIVE" in report_files(every)[REPORT].decode()
+
+
+def test_behind_istio_a_model_with_traffic_and_no_copy_is_named_in_an_audit_of_all_models(tmp_path):
+    """Behind Istio's mirror of 50%, model ``other``'s primaries went on with no copy at all (its
+    mirror stopped before the range): its own audit with the share is a WARNING, but an audit of
+    every model left it out as a skip (no shadow record), the report titled after the one model
+    with pairs, and ``rolloutctl audit --mirror-percent 50`` passed. Each model with primaries a
+    mirror could have sampled and no shadow record is a WARNING there too, as its own audit; an
+    idle model stays a skip, named; the report is of all models."""
+    from vision_rollout.audit import with_coverage
+
+    now = time.time()
+    end = datetime.fromtimestamp(now, UTC)
+    start = end - timedelta(minutes=5)
+    primaries = [now - 240 + 0.25 * k for k in range(960)]
+    log = istio_log(tmp_path, primaries, {i: t + 0.003 for i, t in enumerate(primaries) if i % 2 == 0})
+    pods_log(tmp_path, {"other-primary": ("primary", dict(enumerate(primaries)))}, model="other")
+    idle = {i: now - 3000 + float(i) for i in range(20)}
+    shadow = {i: t + 0.003 for i, t in idle.items()}
+    pods_log(tmp_path, {"idle-primary": ("primary", idle), "idle-shadow": ("shadow", shadow)}, model="idle")
+    own = with_coverage(audit(log, start, end, "other", mirror_percent=50), 50)
+    assert own.verdict == "warning"
+    every = with_coverage(audit(log, start, end, mirror_percent=50), 50)
+    assert (every.model, every.verdict) == (None, "warning")
+    assert [(p.model, p.verdict) for p in every.by_models] == [("digits", "pass"), ("other", "warning")]
+    assert every.by_models[1].reasons == own.reasons
+    assert "model idle: SKIP: no shadow records in this range" in every.reasons
+    report = report_files(every)[REPORT].decode()
+    assert report.startswith("# Shadow audit: all models")
+    assert "## Model other: WARNING" in report
+    quiet = audit(log, start, end)  # (no mirror asserted: a model without copies may have none)
+    assert (quiet.model, quiet.verdict, [p.model for p in quiet.by_models]) == (None, "pass", ["digits"])
+    assert "models idle, other: SKIP: no shadow records in this range" in quiet.reasons
+    assert report_files(quiet)[REPORT].decode().startswith("# Shadow audit: all models")
 
 
 def test_copies_are_tested_against_the_mirror_share_of_their_time(tmp_path):
