@@ -470,7 +470,7 @@ def _stage_look(
     with the engine's own functions: on the samples before the look's time (``engine.look_end``:
     the last look's once a whole validation round and each arm's min_samples are in), under the
     hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on those
-    samples, and with --prometheus those on Prometheus over the stage to then,
+    samples, and with --prometheus those on Prometheus over the stage to then, evaluated then,
     ``engine.guard_inputs``). A guard that tripped fails it, no look judged, as the DAG's breach
     rolls the stage back."""
     from pandas.api.types import is_numeric_dtype
@@ -489,7 +489,8 @@ def _stage_look(
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
     at = look_end(spec, window, args.look, samples, images)
     source = PrometheusSource(args.prometheus) if args.prometheus else None
-    read = guard_inputs(source, spec, at + settle_time(source), since=window.started)
+    # (as the poke that first judged the look read them then: at its time, the flush interval then)
+    read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
     if why := read.unavailable or read.missing:
         raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
     samples = samples[samples["time"] < at]

@@ -841,7 +841,12 @@ def rate_window_s(scrape_interval_s: float) -> float:
 
 
 def guard_inputs(
-    source: MetricsSource | None, spec: RolloutSpec, now: float | None = None, since: float | None = None
+    source: MetricsSource | None,
+    spec: RolloutSpec,
+    now: float | None = None,
+    since: float | None = None,
+    *,
+    past: bool = False,
 ) -> GuardInputs:
     """The Prometheus hard guards, over windows derived from Prometheus' scrape interval and
     summed over the version's pods; the P99 series of the whole stage (from ``since``, its
@@ -850,7 +855,9 @@ def guard_inputs(
     of the candidate's serving processes from ``since`` on (without it the last 10 minutes).
     No data for the canary's P99 or for its processes' start times sets ``missing``, and
     Prometheus unreachable or failing sets ``unavailable``: either way the stage holds, never
-    passes."""
+    passes. ``past``: ``now`` is a time gone by (a look judged again, ``rolloutctl gate``), at
+    which the instant queries (the shadow's counts, the restarts) are evaluated, on Prometheus'
+    clock, as a poke's were at its present; without it at Prometheus' present (a poke's ``now``)."""
     if not isinstance(source, PrometheusSource):
         return GuardInputs()
     now = now or time.time()
@@ -858,6 +865,7 @@ def guard_inputs(
     down: list[str] = []
     missing = None
     rate = RATE_WINDOW_MIN_S
+    offset = 0.0
     unwatched: tuple[tuple[float, float], ...] = ()
     try:
         scrape = source.scrape_interval_s()
@@ -883,14 +891,17 @@ def guard_inputs(
     except MetricsError as exc:
         down.append(str(exc))
     errors = requests = None
+    at = now + offset if past else None
     sel = f'model="{spec.model}",version="{spec.candidate_version}"'
     # The shadow's copies of the last 10 minutes of this stage (from ``since``; at least the rate
     # window): an earlier rollout's errors of the same version are not this stage's.
     span = SHADOW_WINDOW_S if since is None else min(SHADOW_WINDOW_S, max(rate, now - since))
     last = f"{math.ceil(span)}s"
     try:
-        requests = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[{last}]))')
-        errors = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[{last}])) or vector(0)')
+        requests = _count(source, f'sum(increase(shadow_requests_total{{{sel},outcome=~"ok|error"}}[{last}]))', at)
+        errors = _count(
+            source, f'sum(increase(shadow_requests_total{{{sel},outcome="error"}}[{last}])) or vector(0)', at
+        )
     except NoValuesFound as exc:
         log.info("no shadow counts yet: %s", exc)
     except MetricsError as exc:
@@ -901,7 +912,9 @@ def guard_inputs(
     stage = SHADOW_WINDOW_S if since is None else max(1.0, now - since)
     try:
         restarts = _count(
-            source, PromQL.restarts(spec.model, spec.candidate_version, f"{math.ceil(stage)}s", f"{math.ceil(rate)}s")
+            source,
+            PromQL.restarts(spec.model, spec.candidate_version, f"{math.ceil(stage)}s", f"{math.ceil(rate)}s"),
+            at,
         )
     except NoValuesFound as exc:
         no_start = f"the start times of the candidate's serving processes have no data in Prometheus ({exc})"
@@ -1041,10 +1054,16 @@ class FailedReads:
         return f"the hard guards could not be read {self.count} times in a row (the last time: {unread})"
 
 
-def _count(source: MetricsSource, promql: str) -> int:
-    """A count from ``increase()``: extrapolated, so fractional (0.9 is a request, not none), and
-    MetricsError for what no count is (+Inf, negative)."""
-    value = source.query(promql)
+def _instant(source: PrometheusSource, promql: str, at: float | None) -> float:
+    """``promql`` evaluated at ``at`` (Prometheus' clock), at its present without it."""
+    return source.query(promql) if at is None else source.query(promql, at=at)
+
+
+def _count(source: PrometheusSource, promql: str, at: float | None = None) -> int:
+    """A count from ``increase()`` (evaluated at ``at``, ``_instant``): extrapolated, so
+    fractional (0.9 is a request, not none), and MetricsError for what no count is (+Inf,
+    negative)."""
+    value = _instant(source, promql, at)
     if not math.isfinite(value) or value < 0:
         raise MetricsError(f"not a count: {value} for {promql}")
     return round(value)
@@ -1071,15 +1090,18 @@ def gpu_gauges(
     return gpu
 
 
-def settle_time(source: MetricsSource | None, settle_s: float = SETTLE_S) -> float:
+def settle_time(source: MetricsSource | None, settle_s: float = SETTLE_S, at: float | None = None) -> float:
     """How long after a look's time its records are all in the log: ``settle_s``, or the longest
     flush interval a model server reports (``prediction_log_flush_seconds``) and ``WRITE_S``
     when longer. A look judged before its records are in is judged again on more at the next
-    poke: a look the sequential test does not count, which spends error rate it does not have."""
+    poke: a look the sequential test does not count, which spends error rate it does not have.
+    ``at``: a time gone by, on this machine's clock (a look judged again): the flush interval
+    reported then; without it, now."""
     if not isinstance(source, PrometheusSource):
         return settle_s
     try:
-        flush = source.query("max(prediction_log_flush_seconds)")
+        then = None if at is None else at + source.clock_offset_s()
+        flush = _instant(source, "max(prediction_log_flush_seconds)", then)
     except MetricsError:
         return settle_s
     return max(settle_s, min(flush, 60.0) + WRITE_S) if math.isfinite(flush) else settle_s

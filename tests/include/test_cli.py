@@ -271,8 +271,8 @@ def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(
     assert state.reason.startswith("hard guard tripped: Canary P99 is 80.0 ms (limit 60 ms)")
     read: list = []
 
-    def guard_inputs(source, spec, now=None, since=None):
-        read.append((source.url, spec, now, since))
+    def guard_inputs(source, spec, now=None, since=None, past=False):
+        read.append((source.url, spec, now, since, past))
         return breach
 
     monkeypatch.setattr(engine, "guard_inputs", guard_inputs)
@@ -280,11 +280,93 @@ def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(
     stage = (*stage[:-1], "--prometheus", url)
     code, out, err = run(capsys, *argv, *stage, "--json")
     assert (code, json.loads(out)["summary"], err) == (1, state.reason, "")
-    assert read == [(url, s, pytest.approx(T0 + s.bake_seconds + SETTLE_S), T0)]  # (its one look at the bake's end)
+    assert read == [(url, s, pytest.approx(T0 + s.bake_seconds + SETTLE_S), T0, True)]  # (its look at the bake's end)
     monkeypatch.setattr(engine, "guard_inputs", lambda *a, **k: GuardInputs(unavailable="Prometheus is down"))
     code, out, err = run(capsys, *argv, *stage)
     assert (code, out) == (4, "")
     assert f"--prometheus {url}: the hard guards cannot be read (Prometheus is down); nothing judged" in err
+
+
+def fake_prometheus(restarted: float, calls: list, present: list):
+    """Prometheus' HTTP API over a stage past (no server): its clock at ``present[0]``, the model
+    servers scraped every 5 s, the candidate's P99 8 ms throughout, no shadow copies, and the
+    candidate's process restarted at ``restarted``, counted by an instant query whose window (its
+    ``time``, now without one) holds it. Each API call is put in ``calls``."""
+    import re
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qsl, urlsplit
+
+    def answer(path: str, params: dict) -> dict:
+        q = params.get("query", "")
+        if path == "targets":
+            return {"activeTargets": [{"scrapeInterval": "5s", "labels": {"job": "model-server"}}]}
+        if path == "query_range":
+            start, end, step = (float(params[k]) for k in ("start", "end", "step"))
+            points = [[start + k * step, "8.0"] for k in range(int((end - start) // step) + 1)]
+            return {"resultType": "matrix", "result": [{"metric": {}, "values": points}]}
+        at = float(params.get("time", present[0]))
+        if q == "time()":
+            return {"resultType": "scalar", "result": [at, str(at)]}
+        if span := re.search(r"changes\(process_start_time_seconds\[([0-9.]+)s\]\)", q):
+            n = int(at - float(span.group(1)) <= restarted <= at)
+            return {"resultType": "vector", "result": [{"metric": {}, "value": [at, str(n)]}]}
+        return {"resultType": "vector", "result": []}  # (no flush interval reported, no shadow copies)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            path, params = url.path.removeprefix("/api/v1/"), dict(parse_qsl(url.query))
+            calls.append((path, params))
+            body = json.dumps({"status": "success", "data": answer(path, params)}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_path, capsys, monkeypatch):
+    """The candidate's process restarted 30 s into a stage two hours ago, and the DAG's poke rolled
+    the stage back on it. ``gate --stage --prometheus`` asked for the restarts and the shadow's
+    counts over windows of the stage's length without a time, so Prometheus counted them over the
+    windows ending now: no restart, and PASS. It asks for them at the look's poke (on Prometheus'
+    clock), as that poke read them at its present: the same breach."""
+    from tests.include.test_engine import records, spec
+    from vision_rollout.engine import SETTLE_S, StageWindow, guard_inputs
+    from vision_rollout.metrics import PrometheusSource
+
+    started = time.time() - 7200
+    poke = started + 100 + SETTLE_S  # (its one look at the bake's end)
+    calls: list = []
+    present = [poke]  # (Prometheus' clock)
+    server = fake_prometheus(started + 30, calls, present)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        s = spec(error_margin=0.02, looks_per_stage=1)
+        window = StageWindow(0, 50, started)
+        guards = guard_inputs(PrometheusSource(url, clock=lambda: poke), s, poke, since=started)  # (its present)
+        assert guards.restarts == 1
+        log = records(106, 40, 50, start=started)
+        state, argv, stage = _dags_look(monkeypatch, tmp_path, s, window, log, poke, guards=guards)
+        assert state.status == "breach"
+        assert "The candidate's serving processes restarted 1 time in this stage" in state.reason
+        calls.clear()
+        present[0] = time.time()  # (two hours on)
+        code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url, "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (code, json.loads(out)["summary"]) == (1, state.reason), err
+    instant = [p for path, p in calls if path == "query" and p["query"] != "time()"]
+    # (the flush interval at the look's time, the guards at its poke's: the look's and the settle time)
+    assert [round(float(p["time"]) - started) for p in instant] == [100, 105, 105]
 
 
 def test_gate_judges_a_stages_last_look_at_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
