@@ -469,10 +469,10 @@ def _stage_look(
     """``--stage``: the look judged as the DAG's poke that first judges it (``engine.judge_stage``),
     with the engine's own functions: on the samples before the look's time (``engine.look_end``:
     the last look's once a whole validation round and each arm's min_samples are in), under the
-    hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on those
-    samples, and with --prometheus those on Prometheus over the stage to then, evaluated then,
-    ``engine.guard_inputs``). A guard that tripped fails it, no look judged, as the DAG's breach
-    rolls the stage back."""
+    hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on all the
+    samples given, as the poke read them, and with --prometheus those on Prometheus over the
+    stage to then, evaluated then, ``engine.guard_inputs``). A guard that tripped fails it, no
+    look judged, as the DAG's breach rolls the stage back."""
     from pandas.api.types import is_numeric_dtype
 
     from vision_rollout.engine import guard_inputs, look_end, look_verdict, settle_time, stage_guards, tripped
@@ -493,8 +493,8 @@ def _stage_look(
     read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
     if why := read.unavailable or read.missing:
         raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
+    guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     samples = samples[samples["time"] < at]
-    guards = stage_guards(read, samples, images)
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
         return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach)

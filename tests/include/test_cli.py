@@ -287,6 +287,24 @@ def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(
     assert f"--prometheus {url}: the hard guards cannot be read (Prometheus is down); nothing judged" in err
 
 
+def test_gate_judges_the_replays_accuracy_drop_on_all_the_samples_its_poke_read(tmp_path, capsys, monkeypatch):
+    """The DAG's poke judges the replay's accuracy-drop guard on every sample it read
+    (``judge_stage``'s ``current``), and looks on those before their time: at 27 s into the stage
+    its first whole validation round (answered at 20.5 s, after look 1's time) showed a 1 pp drop
+    and it rolled back. ``gate --stage`` judged the guard on the samples cut at look 1's time, no
+    whole round there, and said WAIT. It judges the guard on all the samples given: the breach."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02)  # (5 looks: the first at 20 s)
+    log = records(60, 40, 50, accuracy=(1.0, 0.99), replay_every=20)
+    log = log[~log["request_id"].str.startswith("replay-0-")]  # (the first whole round at 20.5 s)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 27)
+    assert (state.status, state.look) == ("breach", 0)
+    assert state.reason == "hard guard tripped: Accuracy drop on the validation batch is +1.00 pp (limit 0.5 pp)."
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)["summary"]) == (1, state.reason)
+
+
 def fake_prometheus(restarted: float, calls: list, present: list):
     """Prometheus' HTTP API over a stage past (no server): its clock at ``present[0]``, the model
     servers scraped every 5 s, the candidate's P99 8 ms throughout, no shadow copies, and the
