@@ -463,6 +463,23 @@ def _stage_guarded(args: argparse.Namespace, window: StageWindow | None) -> Stag
     return replace(window, started=args.started)
 
 
+def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
+    """``--started``: a start the stage's ``samples`` fit, as the DAG's (``engine.stage_samples``:
+    those from its start on, read before the present); a usage error naming it when it lies in the
+    future (milliseconds?) or after a sample."""
+    if args.started > time.time():
+        raise UsageError(
+            f"--started {args.started!r}: in the future (now {time.time():.0f}): give the stage's start in unix "
+            "seconds, not milliseconds (its stage record's window start)"
+        )
+    if before := int((samples["time"] < args.started).sum()):
+        raise UsageError(
+            f"--started {args.started!r}: {before:,} of the {len(samples):,} samples lie before it (from "
+            f"{samples['time'].min():.3f}), where the DAG's stage samples are those from the stage's start on: is it "
+            "the stage's start (its stage record's window start)?"
+        )
+
+
 def _stage_look(
     args: argparse.Namespace, spec: RolloutSpec, window: StageWindow, config: Any, samples: Any, images: int
 ) -> Verdict:
@@ -487,7 +504,14 @@ def _stage_look(
         )
     if not is_numeric_dtype(samples["time"]):
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
+    _stage_fits(args, samples)
     at = look_end(spec, window, args.look, samples, images)
+    if not ((samples["time"] >= window.started) & (samples["time"] < at)).any():
+        raise UsageError(
+            f"--started {args.started!r}: no sample lies between it and look {args.look}'s time "
+            f"({at - window.started:.0f} s later); the samples' times are {samples['time'].min():.3f} to "
+            f"{samples['time'].max():.3f}: is it the stage's start (its stage record's window start)?"
+        )
     source = PrometheusSource(args.prometheus) if args.prometheus else None
     # (as the poke that first judged the look read them then: at its time, the flush interval then)
     read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
@@ -1755,7 +1779,8 @@ def parser() -> argparse.ArgumentParser:
         "bake.window): the samples given, the stage's as a poke read them (time: when each is evidence), are "
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
-        "engine.final_look_time), under the hard guards then",
+        "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?), "
+        "when a sample lies before it, or when none lies between it and the look's time",
     )
     gate_guards = g.add_mutually_exclusive_group()
     gate_guards.add_argument(

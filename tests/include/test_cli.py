@@ -145,6 +145,8 @@ def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None, guard
         return judged(samples, *args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate_gate", evaluate_gate)
+    if window.started > time.time():  # (T0 lies ahead of the present until 2027: the present then, after the poke)
+        monkeypatch.setattr(time, "time", lambda: now + 3600)
     state = judge_stage(judged_as or s, window, log, IMAGES, now, guards)
     path, spec_file = tmp_path / "samples.parquet", tmp_path / "spec.json"
     stage_samples(log, s, window, now - SETTLE_S, IMAGES).to_parquet(path)
@@ -303,6 +305,35 @@ def test_gate_judges_the_replays_accuracy_drop_on_all_the_samples_its_poke_read(
     assert state.reason == "hard guard tripped: Accuracy drop on the validation batch is +1.00 pp (limit 0.5 pp)."
     code, out, _ = run(capsys, *argv, *stage, "--json")
     assert (code, json.loads(out)["summary"]) == (1, state.reason)
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift", "said"),  # (--started: T0 times scale, plus shift)
+    [
+        (1, 50, "--started {started}: 7,047 of the 15,049 samples lie before it"),  # (a start 50 s late)
+        (1000, 0, "--started {started}: in the future"),  # (milliseconds)
+        (1, 0, "--started {started}: in the future"),  # (the samples' clock as far ahead)
+        (1, -1000, "--started {started}: no sample lies between it and look 1's time"),  # (an earlier stage's)
+    ],
+)
+def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, monkeypatch, scale, shift, said):
+    """``--started`` in milliseconds, in the future, or later than the stage's start: gate cut the
+    samples at a look's time they all lay before and said PASS on samples that were never the
+    stage's, or at a start earlier than the samples' stage judged its look on none of them. The DAG
+    takes a stage's samples from its start on (``engine.stage_samples``), before the present: a
+    start the samples do not fit is a usage error naming --started, nothing judged."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106)
+    assert state.status == "pass"
+    if (scale, shift) == (1, 0):
+        monkeypatch.undo()  # (T0 lies ahead of the present, as a clock a year ahead)
+    given = repr(T0 * scale + shift)
+    stage = (*stage[:2], "--started", given, *stage[4:])
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, ""), out
+    assert said.format(started=given) in err
 
 
 def fake_prometheus(restarted: float, calls: list, present: list):
