@@ -490,9 +490,18 @@ def _stage_look(
     samples given, as the poke read them, and with --prometheus those on Prometheus over the
     stage to then, evaluated then, ``engine.guard_inputs``). A guard that tripped fails it, no
     look judged, as the DAG's breach rolls the stage back."""
+    import numpy as np
     from pandas.api.types import is_numeric_dtype
 
-    from vision_rollout.engine import guard_inputs, look_end, look_verdict, settle_time, stage_guards, tripped
+    from vision_rollout.engine import (
+        guard_inputs,
+        look_end,
+        look_verdict,
+        poke_interval,
+        settle_time,
+        stage_guards,
+        tripped,
+    )
     from vision_rollout.gates import Verdict, guard_checks
     from vision_rollout.metrics import PrometheusSource
 
@@ -512,16 +521,28 @@ def _stage_look(
             f"({at - window.started:.0f} s later); the samples' times are {samples['time'].min():.3f} to "
             f"{samples['time'].max():.3f}: is it the stage's start (its stage record's window start)?"
         )
+    times = np.sort(samples["time"].to_numpy())
+    # Samples ending well before the look's time (by more than any gap between them) were read by
+    # a poke before it: the guards as that poke read them, after their last, and no look judged.
+    reached = at - times[-1] <= max(poke_interval(spec), np.diff(times).max(initial=0.0))
+    polled = at if reached else float(times[-1])
     source = PrometheusSource(args.prometheus) if args.prometheus else None
-    # (as the poke that first judged the look read them then: at its time, the flush interval then)
-    read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
+    # (as the poke that read the samples read them then: at its time, the flush interval then)
+    read = guard_inputs(source, spec, polled + settle_time(source, at=polled), since=window.started, past=True)
     if why := read.unavailable or read.missing:
         raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
-    samples = samples[samples["time"] < at]
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
         return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach)
+    if not reached:
+        raise UsageError(
+            f"--look {args.look}: the samples end {times[-1] - window.started:.0f} s into the stage, "
+            f"{at - times[-1]:.0f} s before look {args.look}'s time ({at - window.started:.0f} s), longer than any gap "
+            "between them: a poke that read them came before that time, when the DAG judged no look on them (no "
+            "guard tripped); give the samples of a poke after it"
+        )
+    samples = samples[samples["time"] < at]
     seen = _information(args.information or "", args.look, samples, window.latency_from)
     return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen)
 
@@ -1780,7 +1801,8 @@ def parser() -> argparse.ArgumentParser:
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
         "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?), "
-        "when a sample lies before it, or when none lies between it and the look's time",
+        "when a sample lies before it, or when none lies between it and the look's time; samples ending well "
+        "before the look's time (read by a poke before it) are refused unless a hard guard tripped on them",
     )
     gate_guards = g.add_mutually_exclusive_group()
     gate_guards.add_argument(

@@ -336,6 +336,27 @@ def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, mon
     assert said.format(started=given) in err
 
 
+def test_gate_refuses_samples_that_end_well_before_the_looks_time(tmp_path, capsys, monkeypatch):
+    """Samples exported by a poke 40 s into the stage, its one look due at 100 s: the DAG judged no
+    look on them (waiting), and ``gate --stage`` judged them as that look, PASS, its evidence
+    sentence saying 100 s of the stage. Samples ending well before the look's time (by more than
+    any gap between them and a poke interval) are refused, exit 2: no poke judged the look on them.
+    A hard guard that tripped on them is judged all the same, as that poke rolled back."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(300, 40, 50), T0 + 40)
+    assert (state.status, state.look, state.reason) == ("waiting", 0, "first look at 100 s into the stage")
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, "")
+    assert "the samples end 35 s into the stage, 65 s before look 1's time (100 s)" in err
+    log = records(300, 40, 50, accuracy=(1.0, 0.99))
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 40)
+    assert (state.status, state.look) == ("breach", 0)
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)["summary"]) == (1, state.reason)
+
+
 def fake_prometheus(restarted: float, calls: list, present: list):
     """Prometheus' HTTP API over a stage past (no server): its clock at ``present[0]``, the model
     servers scraped every 5 s, the candidate's P99 8 ms throughout, no shadow copies, and the
