@@ -605,8 +605,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
             verdict = _stage_look(args, spec, window, cfg, samples, images)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.json:
-        print(json.dumps(verdict.to_dict(), indent=2))
+    if args.json:  # (--no-hard-guards: the guards not judged said on stdout too, as on the verdict's line)
+        print(
+            json.dumps({**verdict.to_dict(), **({"unguarded": unguarded.strip(" ()")} if unguarded else {})}, indent=2)
+        )
     else:
         print(verdict.summary + unguarded)
         for c in verdict.checks:
@@ -1815,7 +1817,7 @@ def parser() -> argparse.ArgumentParser:
         "--no-hard-guards",
         action="store_true",
         help="with --stage: judge without Prometheus: no P99, shadow-error or restart guard, only the replay's "
-        "accuracy drop (said on stderr and on the verdict's line)",
+        "accuracy drop (said on stderr and on the verdict's line; with --json, its unguarded field)",
     )
     g.add_argument("--look", type=int, default=1, help="which look this is (default 1)")
     g.add_argument("--looks", type=int, help="looks planned, 1 to 12 (default 1, or --spec's looks_per_stage)")

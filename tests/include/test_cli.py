@@ -157,9 +157,12 @@ def _dags_look(monkeypatch, tmp_path, s, window, log, now, judged_as=None, guard
     return state, (*argv, f"--information={earlier}"), (*stage, "--no-hard-guards")
 
 
+UNGUARDED = "without the P99, shadow-error and restart guards: --no-hard-guards"
+
+
 def _said(verdict) -> dict:
-    """A verdict as ``gate --json`` prints it."""
-    return json.loads(json.dumps(verdict.to_dict()))
+    """A verdict as ``gate --stage --no-hard-guards --json`` prints it: which guards it did not judge."""
+    return {**json.loads(json.dumps(verdict.to_dict())), "unguarded": UNGUARDED}
 
 
 @pytest.mark.parametrize("stage", ["100% after 50%", "25% before 50%"])
@@ -250,8 +253,9 @@ def test_gate_judges_a_stage_under_its_hard_guards_as_the_dag_did(tmp_path, caps
     assert (code, out.splitlines()[0]) == (1, state.reason + unguarded)
     assert "  [fail] guard_accuracy_drop: Accuracy drop on the validation batch is +0.60 pp" in out
     assert err == f"rolloutctl gate: warning: no Prometheus{unguarded}\n"
-    code, out, _ = run(capsys, *argv, *stage, "--json")
-    assert (code, json.loads(out)["decision"], json.loads(out)["summary"]) == (1, "fail", state.reason)
+    code, out, _ = run(capsys, *argv, *stage, "--json")  # (stdout alone says the guards it did not judge)
+    said = json.loads(out)
+    assert (code, said["decision"], said["summary"], said["unguarded"]) == (1, "fail", state.reason, UNGUARDED)
     code, out, _ = run(capsys, *argv, "--latency-from", "live", "--replay-images", "500")  # (statistics alone)
     assert (code, out.split(" (")[0]) == (0, "PASS at look 1 of 1")
 
@@ -434,6 +438,7 @@ def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_
         server.shutdown()
         server.server_close()
     assert (code, json.loads(out)["summary"]) == (1, state.reason), err
+    assert "unguarded" not in json.loads(out)
     instant = [p for path, p in calls if path == "query" and p["query"] != "time()"]
     # (the flush interval at the look's time, the guards at its poke's: the look's and the settle time)
     assert [round(float(p["time"]) - started) for p in instant] == [100, 105, 105]
