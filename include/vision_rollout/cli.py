@@ -513,6 +513,12 @@ def _stage_look(
         )
     if not is_numeric_dtype(samples["time"]):
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
+    if untimed := int((~np.isfinite(samples["time"])).sum()):
+        raise UsageError(
+            f"--stage {args.stage}: {untimed:,} of the {len(samples):,} samples have no time "
+            f"({samples.loc[~np.isfinite(samples['time']), 'time'].iloc[0]}): the DAG's stage samples each have one "
+            "(unix seconds, when it is evidence)"
+        )
     _stage_fits(args, samples)
     at = look_end(spec, window, args.look, samples, images)
     if not ((samples["time"] >= window.started) & (samples["time"] < at)).any():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import signal
 import time
 from dataclasses import replace
@@ -359,6 +360,27 @@ def test_gate_refuses_samples_that_end_well_before_the_looks_time(tmp_path, caps
     assert (state.status, state.look) == ("breach", 0)
     code, out, _ = run(capsys, *argv, *stage, "--json")
     assert (code, json.loads(out)["summary"]) == (1, state.reason)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_gate_refuses_samples_without_a_time(tmp_path, capsys, monkeypatch, bad):
+    """A sample whose time is no time (NaN, infinite) lies neither before a look's time nor after
+    it: gate dropped it silently and judged the rest. The DAG's stage samples all have one: such
+    samples are a usage error, naming how many."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106)
+    assert state.status == "pass"
+    path = Path(argv[2])
+    data = pd.read_parquet(path)
+    data.loc[data.index[::7], "time"] = bad
+    data.to_parquet(path)
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, "")
+    assert f"--stage 1: 2,150 of the 15,049 samples have no time ({bad}): the DAG's stage samples each have one" in err
 
 
 def fake_prometheus(restarted: float, calls: list, present: list):
