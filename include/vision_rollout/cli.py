@@ -511,6 +511,10 @@ def _stage_look(
             f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
             "engine.stage_samples)"
         )
+    if samples.empty:
+        raise UsageError(
+            f"--samples {args.samples}: no samples (its columns alone): a poke that read none judged no look"
+        )
     if not is_numeric_dtype(samples["time"]):
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
     if untimed := int((~np.isfinite(samples["time"])).sum()):

@@ -383,6 +383,25 @@ def test_gate_refuses_samples_without_a_time(tmp_path, capsys, monkeypatch, bad)
     assert f"--stage 1: 2,150 of the 15,049 samples have no time ({bad}): the DAG's stage samples each have one" in err
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_gate_stage_says_its_samples_are_none(tmp_path, capsys, monkeypatch, suffix):
+    """The DAG's stage samples of a poke before any record (a header alone in CSV): gate said "the
+    samples' time must be unix seconds" of the CSV's empty column, and of the Parquet file that no
+    sample lay between --started and the look's time ("nan to nan"). It says there are none."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    _, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106)
+    path = tmp_path / f"none{suffix}"
+    none = pd.read_parquet(argv[2]).iloc[:0]
+    none.to_csv(path, index=False) if suffix == ".csv" else none.to_parquet(path)
+    code, out, err = run(capsys, "gate", "--samples", str(path), *argv[3:], *stage)
+    assert (code, out) == (2, "")
+    assert f"--samples {path}: no samples (its columns alone): a poke that read none judged no look" in err
+
+
 def fake_prometheus(restarted: float, calls: list, present: list):
     """Prometheus' HTTP API over a stage past (no server): its clock at ``present[0]``, the model
     servers scraped every 5 s, the candidate's P99 8 ms throughout, no shadow copies, and the
