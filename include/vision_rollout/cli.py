@@ -540,6 +540,7 @@ def _stage_look(
     # (as the poke that read the samples read them then: at its time, the flush interval then)
     read = guard_inputs(source, spec, polled + settle_time(source, at=polled), since=window.started, past=True)
     if why := read.unavailable or read.missing:
+        # (all or nothing: the DAG's poke reading them in part still fails on a breach or a failing look)
         raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     if breach := tripped(guards, config):
@@ -1821,7 +1822,9 @@ def parser() -> argparse.ArgumentParser:
         "--prometheus",
         type=_url,
         help="with --stage: http://host:port, for the hard guards on Prometheus (P99, shadow errors, restarts) "
-        "over the stage to the look's poke; the replay's accuracy drop is judged from the samples",
+        "over the stage to the look's poke; the replay's accuracy drop is judged from the samples; Prometheus "
+        "unreadable or without data, even for one guard: exit 4, nothing judged (the DAG's poke then still fails "
+        "the stage on a guard it read tripped or a look that fails, and holds it otherwise)",
     )
     gate_guards.add_argument(
         "--no-hard-guards",
