@@ -368,11 +368,14 @@ TRACKED = frozenset(
     {"deployments", "virtualservices", "destinationrules", "poddisruptionbudgets", "horizontalpodautoscalers"}
 )
 SUBRESOURCES = {"log": "pods", "scale": "deployments"}  # a subresource and the resource that has it
-# What the real server answers when it cannot serve a request: (reason, message) by status.
+# What the real server (or a proxy before it: 502, 504) answers when it cannot serve a request:
+# (reason, message) by status.
 REFUSALS = {
     429: ("TooManyRequests", "Too many requests, please try again later."),
     500: ("InternalError", "Internal error occurred: etcdserver: request timed out"),
+    502: ("BadGateway", "the proxy before the API server got no valid answer from it"),  # (a load balancer's)
     503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+    504: ("Timeout", "Timeout: request did not complete within requested timeout - context deadline exceeded"),
 }
 FIELDS = {"pods": ("status.phase", "spec.nodeName"), "events": ("involvedObject.name", "involvedObject.kind")}
 
@@ -414,7 +417,7 @@ class FakeKubeAPI:
         self.version = 100
         # The next ``throttle`` requests (of ``throttled_methods``) are refused as API Priority
         # and Fairness refuses one it has no seat for (a server under load): 429, Retry-After 1;
-        # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a 503; None: their
+        # or answered ``throttle_status`` (``REFUSALS``: a 500 of etcd timing out, a proxy's 502 or 504, a 503; None: their
         # connection closed without an answer).
         self.throttle = 0
         self.throttle_status: int | None = 429

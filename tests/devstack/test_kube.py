@@ -392,6 +392,25 @@ def test_the_managers_of_an_istio_objects_and_a_budgets_fields_are_recorded_as_a
     assert json.loads(conflict.value.body)["message"].endswith(": .spec.maxUnavailable")
 
 
+@pytest.mark.parametrize(("status", "reason"), [(502, "Bad Gateway"), (504, "Gateway Timeout")])
+def test_a_write_throttled_with_a_proxys_502_or_504_is_answered_so(core, status, reason):
+    """``throttle_status`` 502 or 504 (a proxy before the API server: a bad gateway, a gateway
+    timing out) failed the fake itself (a KeyError of ``REFUSALS``): the write is answered so,
+    a status the rollout reads back as any other it may have been served under (``MAYBE_SERVED``)."""
+    from devstack.cluster.kube import REFUSALS
+    from vision_rollout.mesh import MAYBE_SERVED
+
+    fake, core_api = core
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"k": "1"}}
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 1, status, frozenset({"PATCH"})
+    with pytest.raises(ApiException) as failed:
+        core_api.patch_namespaced_secret("s", "default", secret, **APPLY)
+    assert (failed.value.status, failed.value.reason) == (status, reason)
+    assert fake.requests[-1]["status"] == status
+    assert ("secrets", "default", "s") not in fake.objects
+    assert MAYBE_SERVED <= set(REFUSALS)
+
+
 def test_a_write_throttled_after_it_was_served_is_stored_and_answered_as_refused(core):
     """``throttle_served``: the write throttled (of ``throttled_path``'s object only) is served,
     then answered ``throttle_status``, as a 500 of etcd timing out after its commit; without it,
