@@ -224,17 +224,21 @@ class CompareAndSwapLock(ABC):
 
     def renew(self, holder: str, seconds: int = LEASE_S, note: str | None = None) -> Holding:
         """The holding renewed (its ``aborted`` mark kept: the caller stops when it is set), with
-        ``note`` (cut to ``MAX_NOTE``) when given."""
+        ``note`` (cut to ``MAX_NOTE``) when given. Its compare-and-swap refused (a write between
+        its read and its replace: ``abort``'s mark, a renewal of the holder's own that committed
+        late), the lock is read again: still ``holder``'s, renewed from that read (an abort's mark
+        kept: the abort wins); another's or nobody's, LockLost."""
         _check(holder, seconds)
-        current, version = self._read()
-        if current is None or version is None or current.holder != holder:
-            raise LockLost(self._not_held(holder, current))
-        renewed = replace(current, renewed=self.clock(), seconds=seconds)
-        if note is not None:
-            renewed = replace(renewed, note=note[:MAX_NOTE])
-        if not self._replace(renewed, version):
-            raise LockLost(self._not_held(holder, self.holding()))
-        return renewed
+        for _ in range(5):  # (as ``abort``: someone keeps writing, read again)
+            current, version = self._read()
+            if current is None or version is None or current.holder != holder:
+                raise LockLost(self._not_held(holder, current))
+            renewed = replace(current, renewed=self.clock(), seconds=seconds)
+            if note is not None:
+                renewed = replace(renewed, note=note[:MAX_NOTE])
+            if self._replace(renewed, version):
+                return renewed
+        raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
 
     def release(self, holder: str, to: Holding | None = None) -> bool:
         """``to``: the holding ``holder`` took over, put back as it was."""
@@ -442,7 +446,8 @@ class LeaseLock(CompareAndSwapLock):
         served (a 500, 502 or 504, or none) settled by reading the lease back (``settled``): still
         this run's, renewed again from what was read. Its first body sent again would be refused
         (409: the resourceVersion moved on by that write itself), the run's own write taken for
-        another run's: LockLost."""
+        another run's: LockLost. Where that write commits after the read-back's read, the replace
+        refused reads the lease again (``CompareAndSwapLock.renew``): still this run's."""
         from vision_rollout.mesh import settled, unsettled
 
         def attempt(_: int) -> Holding:

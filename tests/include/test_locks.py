@@ -9,6 +9,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -144,6 +145,39 @@ def test_an_abort_marks_the_holders_lease_which_its_renewals_keep(make):
         make(clock=clock).acquire("run-b")
     assert lock.release("run-a")
     assert make(clock=clock).acquire("run-b").aborted == ""  # a later rollout starts unmarked
+
+
+@pytest.mark.parametrize("writer", ["abort", "takeover"])
+def test_a_renewal_whose_swap_is_refused_reads_again_and_fails_only_for_another_holder(make, writer):
+    """Another write lands between a renewal's read and its replace: ``rolloutctl abort``'s mark
+    (or a renewal of the run's own, answered 500 and committed late). The refused swap was taken
+    for the lease lost (LockLost naming the holder itself: "run 'run-a' does not hold model
+    'digits': run 'run-a' (...) holds it"), and the run failed without rolling back. It reads
+    again: still the holder's, renewed from that read, the abort's mark kept (the abort wins: the
+    holder rolls back); another run's, LockLost naming it."""
+    clock = Clock()
+    lock = make(clock=clock)
+    lock.acquire("run-a", seconds=30)
+    read = lock._read
+
+    def read_then_another_writes() -> Any:
+        seen = read()
+        lock._read = read  # type: ignore[method-assign]
+        if writer == "abort":
+            make(clock=clock).abort("an operator's abort")
+        else:
+            make(clock=Clock()).release("run-a", to=replace(make(clock=clock).holding(), holder="run-c"))
+        return seen
+
+    lock._read = read_then_another_writes  # type: ignore[method-assign]
+    clock.now += 10
+    if writer == "takeover":
+        with pytest.raises(LockLost, match=r"run 'run-a' does not hold model 'digits': run 'run-c'"):
+            lock.renew("run-a")
+        return
+    renewed = lock.renew("run-a")
+    assert (renewed.holder, renewed.aborted, renewed.renewed) == ("run-a", "an operator's abort", clock.now)
+    assert make(clock=clock).holding() == renewed
 
 
 def test_an_expired_lease_nobody_took_is_still_its_holders(make):

@@ -1057,6 +1057,38 @@ def test_a_stages_lease_renewal_answered_500_once_is_read_back_not_a_failed_step
     assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
 
 
+def test_a_lease_renewal_in_doubt_that_commits_late_is_renewed_again_not_taken_for_lost(kube):
+    """Stage 2's renewal answered 504 (a proxy's timeout) and committed late, after the read-back
+    read the lease: the retry's replace, carrying the resourceVersion read, was refused (409) and
+    taken for the lease lost, and the healthy run failed for good ("run 'run-1' does not hold
+    model 'digits': run 'run-1' (...) holds it"). A refused swap reads the lease again: still this
+    run's, it is renewed from that read; the stage's weights move."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 504, frozenset({"PUT"})
+    kube.throttled_path = "/leases/rollout-digits"
+    puts = []
+
+    def late_commit() -> None:  # before each write until the renewal's second replace
+        if kube.requests[-1]["method"] == "PUT" and kube.requests[-1]["path"].endswith("/leases/rollout-digits"):
+            puts.append(kube.requests[-1])
+            if len(puts) == 2:  # the first one's commit lands first, the holder as it was
+                kube.touch("leases", "models", "rollout-digits", lambda lease: None)
+                return
+        kube.before_write = late_commit
+
+    kube.before_write = late_commit
+    before = len(kube.requests)
+    steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
+    kube.before_write = None
+    lease_puts = [r["status"] for r in kube.requests[before:] if r["method"] == "PUT" and "/leases/" in r["path"]]
+    assert lease_puts[:3] == [504, 409, 200]
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
+
+
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_stages_candidate_scaling_answered_500_once_is_read_back_not_rolled_back(kube, served):
     """Stage 2's apply of the candidate's Deployment at the stage's size answered 500 once (served
