@@ -582,13 +582,13 @@ class VersionDeployments:
         ``kubectl scale``); fighting them would undo their changes at every stage, so a conflict
         is reported instead. An apply whose answer left unknown whether it was served is read
         back and applied again from what was read (``settled``: an apply of the rollout's own
-        fields, the same again where it was served)."""
+        fields, the same again where it was served); then its size (``_sized``)."""
 
-        def attempt(_: int) -> dict[str, Any]:
+        def attempt(_: int) -> Any:
             source = self._live(version) or (self._live(like) if like is not None else None)
             return self._apply(version, image, replicas, source, deployed=image)
 
-        return settled(attempt)
+        return self._sized(version, replicas, settled(attempt))
 
     def _apply(
         self,
@@ -596,14 +596,12 @@ class VersionDeployments:
         image: str,
         replicas: int,
         source: Any,
-        autoscaling: dict[str, Any] | None = None,
         deployed: str | None = None,
         dry_run: bool = False,
-        rolling_back: bool = False,
-    ) -> dict[str, Any]:
-        """``apply`` with its pod template and its own settings from ``source`` (a V1Deployment
-        already read, ``with_live_settings``; None: ``render_deployment``'s); ``autoscaling``: the
-        HPA spec to take (``_autoscale``); ``deployed``: the image the rollout deployed for the
+    ) -> Any:
+        """``apply``'s write of the Deployment (its answer, a V1Deployment; its size, ``_sized``,
+        after it) with its pod template and its own settings from ``source`` (a V1Deployment
+        already read, ``with_live_settings``; None: ``render_deployment``'s); ``deployed``: the image the rollout deployed for the
         version, recorded on the Deployment (``IMAGE_ANNOTATION``, which ``changed`` reads), with
         the digest of the pod template the API server holds after the apply
         (``TEMPLATE_ANNOTATION``). A template changed by hand since the last record keeps that
@@ -615,8 +613,7 @@ class VersionDeployments:
         leaves the Deployment and its record as they were (two writes, the first applied and the
         second refused, left a new template under the old digest: a hand edit to ``changed``).
         The digest is of the live template when the apply leaves it as it is (a scale), else of
-        the template a dry run of the apply (``dryRun=All``) says the server would hold.
-        ``rolling_back``: an HPA apply refused is logged (``_autoscale``)."""
+        the template a dry run of the apply (``dryRun=All``) says the server would hold."""
         from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
@@ -671,13 +668,27 @@ class VersionDeployments:
                 out = applied(**({"dry_run": "All"} if dry_run else {}))
             except ApiException as exc:
                 raise refused(f"apply Deployment {self._name(version)}", exc) from None
-        if dry_run:
-            return dict(self._apps().api_client.sanitize_for_serialization(out))
-        if autoscaled:
-            self._autoscale(version, replicas, out.spec.replicas or 0, autoscaling, rolling_back)
-        if replicas > 0 and not autoscaled:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
+        return out
+
+    def _sized(
+        self,
+        version: str,
+        replicas: int,
+        applied: Any,
+        autoscaling: dict[str, Any] | None = None,
+        rolling_back: bool = False,
+    ) -> dict[str, Any]:
+        """After the Deployment's apply (``applied``: its answer), settled: under autoscaling, its
+        HPA and its count (``_autoscale``: ``autoscaling``, the HPA spec to take; ``rolling_back``,
+        an HPA apply refused logged); else its budget. The Deployment as applied, as a dict. Each
+        write settled on its own, none inside another's retry: the HPA's apply (itself settled)
+        inside the Deployment's, sent round again by the scale patch's failure, made 16 HPA
+        applies of a rollback's scale answered 500 each time."""
+        if self.build.autoscaling:
+            self._autoscale(version, replicas, applied.spec.replicas or 0, autoscaling, rolling_back)
+        elif replicas > 0:  # (under an HPA, ``_apply_hpa`` sizes it by the HPA's floor)
             self._apply_pdb(version, replicas)
-        return dict(self._apps().api_client.sanitize_for_serialization(out))
+        return dict(self._apps().api_client.sanitize_for_serialization(applied))
 
     def _apply_pdb(self, version: str, replicas: int) -> None:
         """The version's PodDisruptionBudget (``render_pdb``) for ``replicas`` pods (no ``force``: a
@@ -757,7 +768,8 @@ class VersionDeployments:
         to grow from below ``replicas`` or go to 0; the HPA owns it from there. ``rolling_back``:
         the HPA's apply refused (another manager's HPA, a Helm release's: its fields stay its
         own) is logged and the pods are scaled all the same, which that HPA does not block: a
-        rollback's traffic waits on them, not on the floor."""
+        rollback's traffic waits on them, not on the floor. A scale whose answer left unknown
+        whether it was served is settled by reading the Deployment's ``spec.replicas`` back."""
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
@@ -775,7 +787,13 @@ class VersionDeployments:
                 if not rolling_back:
                     raise
                 log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
-        if replicas == 0 or live < replicas:
+        if replicas > 0 and live >= replicas:
+            return
+
+        def attempt(tried: int) -> None:
+            now = self.replicas(version) if tried else None  # (a try in doubt: read back)
+            if now is not None and (now >= replicas > 0 or now == replicas == 0):
+                return
             with unsettled():
                 try:
                     self._apps().patch_namespaced_deployment_scale(
@@ -783,6 +801,8 @@ class VersionDeployments:
                     )
                 except ApiException as exc:
                     raise refused(f"scale Deployment {name}", exc) from None
+
+        settled(attempt)
 
     def autoscaling(self, version: str) -> dict[str, Any] | None:
         """The spec of the version's live HPA (``render_hpa``'s name) as the API server gives it,
@@ -984,17 +1004,21 @@ class VersionDeployments:
         ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``).
         An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``)."""
 
-        def attempt(_: int) -> bool:
+        def attempt(_: int) -> Any:
             live = self._live(version)
             if live is None:
-                return False
-            like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
+                return None
             image = str(_server_container(live.spec.template.spec.containers).image)
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
-            self._apply(version, image, replicas, live, like, deployed, dry_run, rolling_back)
-            return True
+            return self._apply(version, image, replicas, live, deployed, dry_run)
 
-        return settled(attempt)
+        applied = settled(attempt)
+        if applied is None:
+            return False
+        if not dry_run:
+            like = self.autoscaling(autoscaling_of) if autoscaling_of is not None and replicas > 0 else None
+            self._sized(version, replicas, applied, like, rolling_back)
+        return True
 
     def replicas_owners(self, version: str) -> list[str]:
         """The field managers besides the rollout's apply that own the version's ``spec.replicas``

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+from collections import Counter
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
@@ -1879,6 +1880,40 @@ def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_t
     done = calls(kube, since)
     assert done.index(("PATCH", "digits-v1/scale")) < done.index(("PATCH", "virtualservices/digits"))
     assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
+def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write_tries_times(
+    kube, monkeypatch, tmp_path
+):
+    """Under autoscaling, the rollback's scale of the stable version: its HPA's apply and its
+    scale subresource answered 500 at each try. The HPA's apply (settled, 4 tries) ran inside the
+    scale's own settled retry, which the scale patch's failure sent round again: 16 HPA applies,
+    4 scale patches and 4 Deployment applies, 17.5 s of backoff for one try of the teardown. Each
+    write is now settled on its own: at most WRITE_TRIES of each, the scale's failure raised naming
+    the call (Airflow's retry tries again), the routes not moved back before the pods."""
+    from vision_rollout.mesh import WRITE_TRIES, ApiFailed
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
+    steps.deploy_candidate(params, image("2"), "run-1")
+    for index in range(2):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    kube.scale("models", "digits-v1", 5, "kube-controller-manager")
+    since = len(kube.requests)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 10**6, 500, frozenset({"PATCH"})
+    kube.throttled_path = ("/horizontalpodautoscalers/digits-v1", "/deployments/digits-v1/scale")  # (endswith)
+    with pytest.raises(ApiFailed, match=r"^scale Deployment digits-v1: 500 "):
+        steps.restore_stable(params, "run-1")
+    kube.throttle = 0
+    sent = Counter(call for call in calls(kube, since) if call[0] == "PATCH")
+    assert sent[("PATCH", "horizontalpodautoscalers/digits-v1")] == WRITE_TRIES
+    assert sent[("PATCH", "digits-v1/scale")] == WRITE_TRIES
+    assert sent[("PATCH", "deployments/digits-v1")] == 1
+    assert routes(kube) == [("v1", 50), ("v2", 50)]
 
 
 def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_another_managers(
