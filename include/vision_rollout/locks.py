@@ -236,9 +236,13 @@ class CompareAndSwapLock(ABC):
             renewed = replace(current, renewed=self.clock(), seconds=seconds)
             if note is not None:
                 renewed = replace(renewed, note=note[:MAX_NOTE])
-            if self._replace(renewed, version):
+            if self._renewal(renewed, version):
                 return renewed
         raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
+
+    def _renewal(self, holding: Holding, version: str) -> bool:
+        """``renew``'s replace (``_replace``)."""
+        return self._replace(holding, version)
 
     def release(self, holder: str, to: Holding | None = None) -> bool:
         """``to``: the holding ``holder`` took over, put back as it was."""
@@ -447,14 +451,20 @@ class LeaseLock(CompareAndSwapLock):
         this run's, renewed again from what was read. Its first body sent again would be refused
         (409: the resourceVersion moved on by that write itself), the run's own write taken for
         another run's: LockLost. Where that write commits after the read-back's read, the replace
-        refused reads the lease again (``CompareAndSwapLock.renew``): still this run's."""
-        from vision_rollout.mesh import settled, unsettled
+        refused reads the lease again (``CompareAndSwapLock.renew``): still this run's. Only the
+        replace is in doubt (``_renewal``): a read that failed is raised as it came (the client's
+        retries are a read's), not taken for a write in doubt (none was sent)."""
+        from vision_rollout.mesh import settled
 
-        def attempt(_: int) -> Holding:
-            with unsettled():
-                return super(LeaseLock, self).renew(holder, seconds, note)
+        return settled(lambda _: super(LeaseLock, self).renew(holder, seconds, note))
 
-        return settled(attempt)
+    def _renewal(self, holding: Holding, version: str) -> bool:
+        """The replace, its answer leaving unknown whether it was served (a 500, 502 or 504, or
+        none) raised as ``Unsettled``, for ``renew`` to settle."""
+        from vision_rollout.mesh import unsettled
+
+        with unsettled():
+            return self._replace(holding, version)
 
     def _read(self) -> tuple[Holding | None, str | None]:
         lease = self._call("GET", partial(self._api().read_namespaced_lease, self.name, self.namespace), (404,))

@@ -574,3 +574,24 @@ def test_the_api_servers_other_answers_are_named(kube):
         LockError, match=r"create Lease Not_A_Namespace/rollout-digits: 404 .*could not find the requested resource"
     ):
         lock.acquire("run-a")
+
+
+@pytest.mark.parametrize("status", [500, 504])
+def test_a_renewals_read_failed_is_raised_as_it_came_not_read_back_as_a_write(kube, status):
+    """A renewal settles a replace whose answer left unknown whether it was served; the read
+    before it, failed (500 or 504 each time), was taken for such a write too: read 4 times, with
+    backoff, then raised saying each answer left unknown whether the write was served and each
+    read back found it not in place, though no write was sent. A read's failure is raised as it
+    came, once (the client's own retries are the reads' retries)."""
+    fake, api_client = kube
+    lock = LeaseLock("digits", f"test-{next(NAMESPACES)}", api_client, clock=Clock())
+    lock.acquire("run-a")
+    before = len(fake.requests)
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 100, status, frozenset({"GET"})
+    try:
+        with pytest.raises(LockError, match=rf"^GET Lease .*/rollout-digits: {status} ") as failed:
+            lock.renew("run-a")
+    finally:
+        fake.throttle, fake.throttled_methods = 0, frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    assert "tried" not in str(failed.value)
+    assert [r["method"] for r in fake.requests[before:]] == ["GET"]
