@@ -542,7 +542,7 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
     they are what a rollout against this baseline leaves mid-stage (``mesh.mid_rollout_against``:
     against another baseline, the unjudged candidate of that run would be put at 100%), and
     returns the version that run had routed (its candidate, to retire); else None."""
-    from vision_rollout.mesh import ApiUnreachable, RouterError, mid_rollout_against, not_steady
+    from vision_rollout.mesh import TRANSIENT, RouterError, mid_rollout_against, not_steady
 
     try:
         r = router(spec, run_id, hook, only=spec.baseline_version)
@@ -559,8 +559,8 @@ def start_from_steady(spec: RolloutSpec, run_id: str, hook: ModelServerHook, bef
             )
             r.set_routes(spec.stable_policy())
             return next(d.version for d in routes.route if d.weight > 0 and d.version != spec.baseline_version)
-    except ApiUnreachable:
-        raise  # no answer: a retry may get one
+    except TRANSIENT:
+        raise  # no answer, or a failure rather than a refusal: a retry may get one
     except RouterError as exc:
         raise AirflowFailException(f"the routes of '{spec.model}' cannot be read or set: {exc}") from None
     if problem:
@@ -1205,8 +1205,10 @@ def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, ho
     ``NO_READY_POD_S`` (a container restarting); else (crash-looping, evicted, its Deployment gone)
     the stable version takes 100% again and the task fails. Envoy answers the candidate's share
     503 then, and no guard sees it: the guards and the log are the model server's, which a
-    version without pods does not write, so the stage would hold on missing data to its end."""
-    from vision_rollout.mesh import ApiUnreachable, RouterError
+    version without pods does not write, so the stage would hold on missing data to its end.
+    The pods not read (no answer, the API server failing the call: ``TRANSIENT``), the error is
+    raised as it came: nothing says they are gone, the poke's retry reads again."""
+    from vision_rollout.mesh import TRANSIENT, RouterError
 
     deployments = hook.deployments(spec.model)
     changed = deployments.changed(spec.candidate_version)
@@ -1215,7 +1217,7 @@ def candidate_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, ho
         raise AirflowFailException(f"{changed}. Version {spec.baseline_version} takes 100% again.")
     try:
         deployments.wait_ready(spec.candidate_version, 1, timeout_s=NO_READY_POD_S, every_s=2.0, strict=False)
-    except ApiUnreachable:
+    except TRANSIENT:
         raise  # the pods were not read: nothing says they are gone
     except RouterError as exc:
         restore_stable(params, run_id, unload_candidate=False)
@@ -1777,14 +1779,14 @@ def retire(r: Router, deployments: VersionDeployments, version: str) -> None:
     """Version ``version``'s pods to 0 once the mesh sends it nothing: the VirtualService read
     back routes and mirrors nothing to it, then ``build.drain_seconds`` (``wait_unrouted``).
     A version with no pods has nothing to drain (retired already: the teardown after a rollback)."""
-    from vision_rollout.mesh import ApiUnreachable, RouterError, wait_unrouted
+    from vision_rollout.mesh import TRANSIENT, RouterError, wait_unrouted
 
     if not deployments.replicas(version):
         return
     try:
         wait_unrouted(r, version, deployments.build.drain_seconds)
-    except ApiUnreachable:
-        raise  # no answer: a retry may get one
+    except TRANSIENT:
+        raise  # no answer, or a failure rather than a refusal: a retry may get one
     except RouterError as exc:
         raise AirflowFailException(f"version {version} keeps its pods: {exc}") from None
     deployments.scale_to_zero(version)

@@ -1482,6 +1482,64 @@ def test_a_candidate_left_without_a_ready_pod_mid_stage_is_rolled_back(kube, mon
     assert routes(kube) == [("v1", 100)]
 
 
+def test_a_candidates_deployment_read_answered_500_is_retried_not_rolled_back_as_without_pods(kube, monkeypatch):
+    """The API server failing the candidate's Deployment GET mid-stage (500 once the client's
+    retries were spent: an ApiFailed) was taken for the candidate without a ready pod: the
+    healthy candidate was rolled back, the run failed for good saying its share answered 503.
+    Nothing says its pods are gone: the failure is raised as it came (Airflow's retry looks
+    again), the stage's weights kept."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import ApiFailed
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    monkeypatch.setattr(VersionDeployments, "changed", lambda self, version: None)  # (the read under test: the wait's)
+    monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"GET"})
+    kube.throttled_path = "/deployments/digits-v2"
+    with pytest.raises(ApiFailed, match=r"digits-v2: 500 "):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    kube.throttle = 0
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+def test_the_routes_read_answered_500_before_a_retirement_is_retried_not_final(kube):
+    """``retire`` reads the routes until they send the version nothing: that read answered 500
+    once the client's retries were spent (an ApiFailed) failed the step for good ("version 2
+    keeps its pods"), as if the routes were refused. It is raised as it came (Airflow's retry
+    reads again); the pods kept meanwhile."""
+    from vision_rollout.mesh import ApiFailed
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    hook = steps.serving()
+    hook.deployments("digits").apply("2", image("2"))
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"GET"})
+    kube.throttled_path = VS_PATH
+    with pytest.raises(ApiFailed, match=r"virtualservices/digits: 500 "):
+        steps.retire(steps.router(RolloutSpec.from_dict(PARAMS), "run-1", hook), hook.deployments("digits"), "2")
+    kube.throttle = 0
+    assert deployment(kube, "2")["spec"]["replicas"] == 1
+
+
+def test_the_routes_read_answered_500_at_the_start_is_retried_not_final(kube):
+    """The run's first read of the routes (``start_from_steady``) answered 500 once the client's
+    retries were spent (an ApiFailed) failed the run for good ("the routes of 'digits' cannot be
+    read or set"), as a refusal. It is raised as it came: Airflow's retry reads again."""
+    from vision_rollout.mesh import ApiFailed
+
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"GET"})
+    kube.throttled_path = VS_PATH
+    with pytest.raises(ApiFailed, match=r"virtualservices/digits: 500 "):
+        steps.start_from_steady(RolloutSpec.from_dict(PARAMS), "run-1", steps.serving(), None)
+    kube.throttle = 0
+    assert routes(kube) == [("v1", 100)]
+
+
 def edit_lua(obj: dict) -> None:
     obj["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["default_source_code"]["inline_string"] = "--"
 
