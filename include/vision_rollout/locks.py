@@ -456,7 +456,7 @@ class LeaseLock(CompareAndSwapLock):
         retries are a read's), not taken for a write in doubt (none was sent)."""
         from vision_rollout.mesh import settled
 
-        return settled(lambda _: super(LeaseLock, self).renew(holder, seconds, note))
+        return settled(lambda _: super(LeaseLock, self).renew(holder, seconds, note), checks=False)
 
     def _renewal(self, holding: Holding, version: str) -> bool:
         """The replace, its answer leaving unknown whether it was served (a 500, 502 or 504, or

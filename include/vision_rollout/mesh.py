@@ -1380,7 +1380,7 @@ def unsettled() -> Iterator[None]:
         raise Unsettled(exc) from None
 
 
-def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES) -> T:
+def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool = True) -> T:
     """``attempt(n)`` (``n``: the tries before it), one read-modify-write: it reads the object and
     writes nothing where the object holds what the write sets already, else writes (its write
     in ``unsettled``); what it answers. A write whose outcome is unknown (``Unsettled``: a 500,
@@ -1389,7 +1389,10 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES) -> T:
     it writes again from what it read (its resourceVersion, what another writer set meanwhile):
     never the first body sent twice, which the server would take for another writer's, its
     compare-and-swap refused. After ``tries`` the last failure raised (it names the call), with
-    the tries (an ``ApiUnreachable`` stays one)."""
+    the tries (an ``ApiUnreachable`` stays one). ``checks``: whether an attempt's read finds the
+    write in place and sends none, said in that error (False: it writes again from what it read
+    whatever it finds, an apply of the same fields, a lease's renewal); each read back is logged
+    where one follows."""
     for n in range(tries):
         if n:
             time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
@@ -1397,11 +1400,10 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES) -> T:
             return attempt(n)
         except Unsettled as exc:
             last = exc.error
-            log.warning("%s; reading it back", last)
-    last.args = (
-        f"{last} (tried {tries} times: each answer left unknown whether the write was served, and each read back "
-        "found it not in place)",
-    )
+            if n + 1 < tries:
+                log.warning("%s; reading it back", last)
+    found = ", and each read back found it not in place" if checks else ""
+    last.args = (f"{last} (tried {tries} times: each answer left unknown whether the write was served{found})",)
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a LockError)
 
 

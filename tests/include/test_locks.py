@@ -595,3 +595,28 @@ def test_a_renewals_read_failed_is_raised_as_it_came_not_read_back_as_a_write(ku
         fake.throttle, fake.throttled_methods = 0, frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
     assert "tried" not in str(failed.value)
     assert [r["method"] for r in fake.requests[before:]] == ["GET"]
+
+
+def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kube, caplog):
+    """A renewal's replace answered 504 at each try: the error said each read back found the
+    renewal "not in place", which a renewal never checks (it renews again from what it read), and
+    the last try logged "reading it back" though nothing was read after it. It names the tries
+    and the answers in doubt alone; each read back is logged where one follows."""
+    from vision_rollout.mesh import WRITE_TRIES
+
+    fake, api_client = kube
+    lock = LeaseLock("digits", f"test-{next(NAMESPACES)}", api_client, clock=Clock())
+    lock.acquire("run-a")
+    before = len(fake.requests)
+    fake.throttle, fake.throttle_status, fake.throttled_methods = 100, 504, frozenset({"PUT"})
+    try:
+        with pytest.raises(LockError) as failed:
+            lock.renew("run-a")
+    finally:
+        fake.throttle, fake.throttled_methods = 0, frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    assert str(failed.value).startswith("replace Lease ")
+    assert str(failed.value).endswith(
+        f"(tried {WRITE_TRIES} times: each answer left unknown whether the write was served)"
+    )
+    assert [r["method"] for r in fake.requests[before:]] == ["GET", "PUT"] * WRITE_TRIES
+    assert sum("reading it back" in r.getMessage() for r in caplog.records) == WRITE_TRIES - 1
