@@ -179,7 +179,7 @@ def model_rollout() -> None:
     def notify(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, Any]:
         outcome, reason = (ti.xcom_pull(task_ids="decide", key=k) for k in ("outcome", "reason"))
         warned = build_report(ti, "preflight")
-        return steps.notify(params, outcome, reason or "", steps.evidence(ti, MAX_STAGES)[0], warned, run_id)
+        return steps.notify(params, outcome, reason or "", steps.stage_verdicts(ti, MAX_STAGES), warned, run_id)
 
     @task
     def outcome(params: dict[str, Any], ti: Any) -> str:

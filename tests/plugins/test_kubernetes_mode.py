@@ -1038,16 +1038,21 @@ def test_a_read_the_api_server_failed_is_sent_again_and_a_write_is_read_back_fir
 VS_PATH = "/virtualservices/digits"
 
 
+def at_stage_1(kube) -> None:
+    """The stable routes, run-1 holding the model, the candidate's Deployment, stage 1's weights."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+
+
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_stages_lease_renewal_answered_500_once_is_read_back_not_a_failed_step(kube, served):
     """Stage 2's renewal of the run's lease (a replace carrying the resourceVersion read) answered
     500 once failed the step (LockError), and the run rolled back; its first body sent again would
     have been refused (409), the run's own renewal taken for another run's. The lease is read
     back (still this run's) and renewed again from what was read; the stage's weights move."""
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PUT"})
     kube.throttled_path, kube.throttle_served = "/leases/rollout-digits", served
     before = len(kube.requests)
@@ -1064,10 +1069,7 @@ def test_a_lease_renewal_in_doubt_that_commits_late_is_renewed_again_not_taken_f
     taken for the lease lost, and the healthy run failed for good ("run 'run-1' does not hold
     model 'digits': run 'run-1' (...) holds it"). A refused swap reads the lease again: still this
     run's, it is renewed from that read; the stage's weights move."""
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 504, frozenset({"PUT"})
     kube.throttled_path = "/leases/rollout-digits"
     puts = []
@@ -1098,10 +1100,7 @@ def test_a_stages_candidate_scaling_answered_500_once_is_read_back_not_rolled_ba
     served); the stage's weights move."""
     from vision_rollout.deploy import IMAGE_ANNOTATION
 
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
     kube.throttled_path, kube.throttle_served = "/deployments/digits-v2", served
     before = len(kube.requests)
@@ -1122,10 +1121,7 @@ def test_a_stages_virtualservice_write_answered_500_once_is_read_back_not_rolled
     answer does not say; the client does not send a write again) failed the step, and the run
     rolled back a healthy candidate. The VirtualService is read back: the stage's weights in
     place (served), done; else applied again from what was read. The stage goes on."""
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     before = len(kube.requests)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 1, 500, frozenset({"PATCH"})
     kube.throttled_path, kube.throttle_served = VS_PATH, served
@@ -1143,10 +1139,7 @@ def test_a_stages_virtualservice_write_answered_500_each_time_fails_naming_the_c
     naming the call, the answer and the tries, the weights not moved."""
     from vision_rollout.mesh import WRITE_TRIES, ApiFailed
 
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     before = len(kube.requests)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"PATCH"})
     kube.throttled_path = VS_PATH
@@ -1165,10 +1158,7 @@ def test_a_stages_virtualservice_write_answered_500_each_time_fails_naming_the_c
 def test_a_stages_virtualservice_write_that_conflicts_reads_again_and_applies_as_before(kube):
     """A 409 (another writer changed the VirtualService between the read and the apply): read
     again and applied from the new object, that writer's change kept, unchanged by the above."""
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
 
     def timeout(vs):
         for route in vs["spec"]["http"]:
@@ -1218,10 +1208,7 @@ def test_a_rollout_against_a_baseline_without_pods_moves_no_weight(kube):
 
 
 def test_a_rollback_to_a_version_without_a_deployment_leaves_the_routes(kube):
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     del kube.objects[("deployments", "models", "digits-v1")]  # deleted by hand meanwhile
     with pytest.raises(AirflowFailException, match="version 1 has no Deployment: the routes stay"):
         steps.restore_stable(PARAMS, "run-1")
@@ -1470,10 +1457,7 @@ def test_a_read_the_workers_roles_deny_says_who_was_denied_what(kube, monkeypatc
 def test_a_candidate_left_without_a_ready_pod_mid_stage_is_rolled_back(kube, monkeypatch):
     """Its pods crash-looping or evicted mid-stage: Envoy answered its 10% 503 while the stage held
     on guards without data (the model server's metrics and log, which no pod wrote) to its end."""
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     assert routes(kube) == [("v1", 90), ("v2", 10)]
     kube.touch("deployments", "models", "digits-v2", lambda d: d["status"].update(readyReplicas=0))
     monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
@@ -1491,10 +1475,7 @@ def test_a_candidates_deployment_read_answered_500_is_retried_not_rolled_back_as
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import ApiFailed
 
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     monkeypatch.setattr(VersionDeployments, "changed", lambda self, version: None)  # (the read under test: the wait's)
     monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 100, 500, frozenset({"GET"})
@@ -2039,10 +2020,7 @@ def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.mesh import ApiUnreachable, RouterError
 
-    stable_virtual_service(kube, PARAMS)
-    take("run-1")
-    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
-    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    at_stage_1(kube)
     kube.drop = 100
     with pytest.raises(RouterError) as failed:
         steps.apply_weights(PARAMS, 1, "run-1", {"decision": "pass"})
