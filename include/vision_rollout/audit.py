@@ -958,6 +958,24 @@ def attribution(records: pd.DataFrame, start: datetime, end: datetime) -> tuple[
     return mine, ~mine & (before | key.isin(key[primary & before]))
 
 
+def least_share(mirror_percent: float | MirrorShares) -> float:
+    """Of a mirror's shares over time, the lowest (the mirror may have been off)."""
+    shares = [mirror_percent] if isinstance(mirror_percent, int | float) else [p for _, p in mirror_percent]
+    return min(shares, default=0.0)
+
+
+def _mirrorable(records: pd.DataFrame) -> int:
+    """How many of ``records`` are primaries a mirror could have sampled: each request's first,
+    answered ok, not naming its version, not said unsampled by the server's own mirror."""
+    return int(
+        (
+            copy_keys(records)[0]
+            & ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
+            & ~records["mirrored"].eq(False).to_numpy(bool)
+        ).sum()
+    )
+
+
 def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
     if keep.all():
         return records
@@ -1000,8 +1018,10 @@ def audit(
     (``late_records``): an audit shows the same whenever it runs (once they came, a retry or a
     catch-up would have shown more than the first audit), and says what it did not show; a range
     of such records alone is inconclusive, not empty, where they hold shadow evidence (shadow
-    records, primaries the server's own mirror sampled); of other primaries alone (a model
-    nothing mirrors, flushed late), a skip naming them. With ``earlier_hours``, the records of
+    records, primaries the server's own mirror sampled, or, ``mirror_percent`` given, primaries a
+    mirror could have sampled whose missing copies its sampling explains only without them: the
+    mirror's evidence late, not lost); of other primaries alone (a model nothing mirrors, flushed
+    late), a skip naming them. With ``earlier_hours``, the records of
     the ranges before it (stamped up to that many hours before it) in files written after the
     range ending at ``start`` closed and by this one's close, and the shadow records of earlier
     primaries stamped ``CLOCK_SKEW_S`` or more into this range (beyond the earlier audit's read),
@@ -1050,10 +1070,8 @@ def audit(
             deadline += clock() - read_until
         if part.verdict == "skip" and mirror_percent is not None:
             # (a model with traffic and no shadow record, behind the mirror asserted, beyond what its
-            # sampling explains: its own audit's warning; a few requests none sampled are no sign. Of
-            # shares over time, the lowest: the mirror may have been off)
-            shares = [mirror_percent] if isinstance(mirror_percent, int | float) else [p for _, p in mirror_percent]
-            percent = min(shares, default=0.0)
+            # sampling explains: its own audit's warning; a few requests none sampled are no sign)
+            percent = least_share(mirror_percent)
             if copies_short(0, part.primaries_mirrorable, percent) < COPIES_ALPHA:
                 part = with_coverage(part, percent)
         parts.append(part)
@@ -1127,6 +1145,7 @@ def _audit_model(
     with_copy = copy_keys(_kept(records, mine))[2][~late[mine]]
     # (shadow evidence written late: shadow records, primaries the server's own mirror sampled)
     late_copies = bool((mine & late & ((records["role"] == "shadow") | records["mirrored"].eq(True))).any())
+    late_mirrorable = _mirrorable(_kept(records, mine & late))
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1146,13 +1165,14 @@ def _audit_model(
     result.duplicates = pairs.attrs["duplicates"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late).sum())
-    result.primaries_mirrorable = int(
-        (
-            copy_keys(records)[0]
-            & ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
-            & ~records["mirrored"].eq(False).to_numpy(bool)
-        ).sum()
-    )
+    in_time_mirrorable = _mirrorable(records)
+    result.primaries_mirrorable = in_time_mirrorable + late_mirrorable
+    if mirror_percent is not None and late_mirrorable:
+        # (behind a mirror asserted, primaries written late whose missing copies tip the chance
+        # test, the in-time ones alone not: the mirror's evidence is late, not lost)
+        percent = least_share(mirror_percent)
+        explained = copies_short(0, in_time_mirrorable, percent) >= COPIES_ALPHA
+        late_copies |= explained and copies_short(0, result.primaries_mirrorable, percent) < COPIES_ALPHA
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
     result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, with_copy)

@@ -932,6 +932,28 @@ def test_a_model_without_a_shadow_whose_records_came_late_keeps_an_audit_of_all_
     assert audit(alone, hour, hour + timedelta(hours=1), None).verdict == "pass"
 
 
+def test_behind_istio_a_model_whose_primaries_all_came_late_is_inconclusive_not_lost(tmp_path):
+    """Behind Istio (primaries saying nothing of the mirror) with a share asserted, a model whose
+    primaries of the range were all written after it closed, no copy of them yet: the mirror's
+    evidence is late, not lost. The late primaries were not counted for the chance test (an audit
+    of every model left the model out, a skip: PASS), and its own audit, with coverage, read them
+    as dropped copies (WARNING). Both are inconclusive, the late records named first."""
+    from vision_rollout.audit import with_coverage
+
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    log = shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp())
+    late = {i: (hour + timedelta(minutes=40)).timestamp() + i for i in range(200)}
+    pods_log(tmp_path, {"primary-pod": ("primary", late)}, model="plain", written=end.timestamp() + 200)
+    every = audit(log, hour, end, None, mirror_percent=10)
+    assert [(p.model, p.verdict) for p in every.by_models] == [("digits", "pass"), ("plain", "inconclusive")]
+    assert every.verdict == "inconclusive"
+    alone = with_coverage(audit(log, hour, end, "plain", mirror_percent=10), 10)
+    assert (alone.verdict, alone.late_records) == ("inconclusive", 200)
+    assert alone.reasons[0].startswith("200 records of this range were written after it closed")
+    assert not any("the copies are dropped" in r for r in alone.reasons)
+
+
 def test_the_hours_first_audit_waits_for_a_file_named_at_its_close_to_be_whole(tmp_path):
     """A file named by its writer up to the hour's close (``closes``) is in time: in the hour's
     audit, not late. The first audit read the log at that very second, while a file named then
