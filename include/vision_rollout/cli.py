@@ -482,14 +482,16 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
 
 def _stage_look(
     args: argparse.Namespace, spec: RolloutSpec, window: StageWindow, config: Any, samples: Any, images: int
-) -> Verdict:
+) -> tuple[Verdict, str]:
     """``--stage``: the look judged as the DAG's poke that first judges it (``engine.judge_stage``),
     with the engine's own functions: on the samples before the look's time (``engine.look_end``:
     the last look's once a whole validation round and each arm's min_samples are in), under the
     hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on all the
     samples given, as the poke read them, and with --prometheus those on Prometheus over the
     stage to then, evaluated then, ``engine.guard_inputs``). A guard that tripped fails it, no
-    look judged, as the DAG's breach rolls the stage back."""
+    look judged, as the DAG's breach rolls the stage back. And a warning, where the samples end
+    before the look's time by more than any gap between them and a poke interval (clients gone
+    quiet, or an export by a poke before that time, which judged no look: not told apart)."""
     import numpy as np
     from pandas.api.types import is_numeric_dtype
 
@@ -533,29 +535,28 @@ def _stage_look(
         )
     times = np.sort(samples["time"].to_numpy())
     # Samples ending well before the look's time (by more than any gap between them) were read by
-    # a poke before it: the guards as that poke read them, after their last, and no look judged.
-    reached = at - times[-1] <= max(poke_interval(spec), np.diff(times).max(initial=0.0))
-    polled = at if reached else float(times[-1])
+    # a poke before it, or by the look's poke after the clients went quiet: judged as the look's,
+    # and said.
+    early = (
+        f"the samples end {at - times[-1]:.0f} s before look {args.look}'s time ({at - window.started:.0f} s into "
+        "the stage), longer than any gap between them: judged as that look's poke read them (clients gone quiet); "
+        "if a poke before that time exported them, it judged no look on them"
+        if at - times[-1] > max(poke_interval(spec), np.diff(times).max(initial=0.0))
+        else ""
+    )
     source = PrometheusSource(args.prometheus) if args.prometheus else None
-    # (as the poke that read the samples read them then: at its time, the flush interval then)
-    read = guard_inputs(source, spec, polled + settle_time(source, at=polled), since=window.started, past=True)
+    # (as the look's poke read them: at its time, the flush interval then)
+    read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
     if why := read.unavailable or read.missing:
         # (all or nothing: the DAG's poke reading them in part still fails on a breach or a failing look)
         raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
-        return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach)
-    if not reached:
-        raise UsageError(
-            f"--look {args.look}: the samples end {times[-1] - window.started:.0f} s into the stage, "
-            f"{at - times[-1]:.0f} s before look {args.look}'s time ({at - window.started:.0f} s), longer than any gap "
-            "between them: a poke that read them came before that time, when the DAG judged no look on them (no "
-            "guard tripped); give the samples of a poke after it"
-        )
+        return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach), early
     samples = samples[samples["time"] < at]
     seen = _information(args.information or "", args.look, samples, window.latency_from)
-    return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen)
+    return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen), early
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -595,6 +596,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     unguarded = _UNGUARDED if args.no_hard_guards else ""
     if unguarded:
         print(f"rolloutctl gate: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
+    early = ""
     try:
         check_samples(samples)  # (before --information counts this look's)
         _latency_source(latency_from, samples)
@@ -613,13 +615,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
                 samples, cfg, args.look, looks, latency_from=latency_from, replay_images=images, information=seen
             )
         else:
-            verdict = _stage_look(args, spec, window, cfg, samples, images)
+            verdict, early = _stage_look(args, spec, window, cfg, samples, images)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if early:
+        print(f"rolloutctl gate: warning: {early}", file=sys.stderr, flush=True)
     if args.json:  # (--no-hard-guards: the guards not judged said on stdout too, as on the verdict's line)
-        print(
-            json.dumps({**verdict.to_dict(), **({"unguarded": unguarded.strip(" ()")} if unguarded else {})}, indent=2)
-        )
+        said = {"unguarded": unguarded.strip(" ()")} if unguarded else {}
+        print(json.dumps({**verdict.to_dict(), **said, **({"warning": early} if early else {})}, indent=2))
     else:
         print(verdict.summary + unguarded)
         for c in verdict.checks:
@@ -1815,7 +1818,8 @@ def parser() -> argparse.ArgumentParser:
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
         "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?), "
         "when a sample lies before it, or when none lies between it and the look's time; samples ending well "
-        "before the look's time (read by a poke before it) are refused unless a hard guard tripped on them",
+        "before the look's time (clients gone quiet, or read by a poke before it) are judged as the look's, "
+        "with a warning",
     )
     gate_guards = g.add_mutually_exclusive_group()
     gate_guards.add_argument(

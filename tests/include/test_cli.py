@@ -341,20 +341,36 @@ def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, mon
     assert said.format(started=given) in err
 
 
-def test_gate_refuses_samples_that_end_well_before_the_looks_time(tmp_path, capsys, monkeypatch):
-    """Samples exported by a poke 40 s into the stage, its one look due at 100 s: the DAG judged no
-    look on them (waiting), and ``gate --stage`` judged them as that look, PASS, its evidence
-    sentence saying 100 s of the stage. Samples ending well before the look's time (by more than
-    any gap between them and a poke interval) are refused, exit 2: no poke judged the look on them.
-    A hard guard that tripped on them is judged all the same, as that poke rolled back."""
+def test_gate_judges_samples_that_end_well_before_the_looks_time_and_warns(tmp_path, capsys, monkeypatch):
+    """Clients gone quiet 60 s into the stage, its one look due at 100 s, the second validation
+    round answered after the poke's cut: the DAG's poke at 106 s judged the look on samples ending
+    40 s before its time, PASS, and ``gate --stage`` refused them (exit 2) as a poke's before that
+    time (samples ending before it by more than any gap between them and a poke interval), which
+    they cannot be told from. It judges the look as the DAG did, and warns (on stderr, and in
+    --json) that they end that long before the look's time: an early export judges as that look,
+    not as the poke that read them (waiting). A hard guard that tripped on them fails it."""
+    import pandas as pd
+
     from tests.include.test_engine import T0, WINDOW, records, spec
 
     s = spec(error_margin=0.02, looks_per_stage=1)
+    log = records(106, 40, 50, replay_every=100)
+    quiet = pd.Timestamp(T0 + 60, unit="s", tz="UTC")
+    log = log[(log["route"] == "version") | (log["time"] < quiet)].copy()  # (live traffic stops at 60 s)
+    second = log["request_id"].str.startswith("replay-1-")
+    log.loc[second, "time"] += pd.Timedelta(seconds=2)  # (the second round answered at 102.5 s: after the cut)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 106)
+    assert (state.status, state.look) == ("pass", 1)
+    warned = "the samples end 40 s before look 1's time (100 s into the stage), longer than any gap between them"
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    said = json.loads(out)
+    assert (code, {k: v for k, v in said.items() if k != "warning"}) == (0, _said(state.verdict))
+    assert said["warning"].startswith(warned)
+    assert f"rolloutctl gate: warning: {warned}" in err
     state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(300, 40, 50), T0 + 40)
     assert (state.status, state.look, state.reason) == ("waiting", 0, "first look at 100 s into the stage")
     code, out, err = run(capsys, *argv, *stage)
-    assert (code, out) == (2, "")
-    assert "the samples end 35 s into the stage, 65 s before look 1's time (100 s)" in err
+    assert "rolloutctl gate: warning: the samples end 65 s before look 1's time (100 s into the stage)" in err
     log = records(300, 40, 50, accuracy=(1.0, 0.99))
     state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 40)
     assert (state.status, state.look) == ("breach", 0)
