@@ -131,15 +131,23 @@ _VALUE_NAMED = (
     rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}|(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)[ \t]{{0,16}}+)"
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 )
-# A YAML block scalar as the value ("password: |", ">-"): its indicator and line end (``h``)
-# stay, its lines are the value, the first one's indentation (``i``) and every line after it
-# that starts so (more indented too), to a line less indented or an empty one; 256 lines of
-# 4 KiB at most, each run possessive; a token there is none (nor then its indicator).
+# A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
+# its indentation ``ki``, a list item's "- " ``kd`` and a quote): its indicator and line end
+# (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the key
+# line's (its "- " as two spaces), and every line after it that starts so (more indented too), to
+# a line less indented or an empty one; 256 lines of 4 KiB at most, each run possessive; a token
+# there is none (nor then its indicator). A key after words ("Reset your password: >"), or lines
+# no more indented than its own (its siblings: "password: |\n  user: bob" in a list item), is
+# no block, and no value.
+_KEY_LINE = r"(?:(?<![^\n])(?P<ki>[ \t]{0,64}+)(?P<kd>-[ ])?[\"']?)?"
 _BLOCK_START = r"[|>][-+]?[0-9]?[ \t]{0,16}+\r?\n"
-_BLOCK_HEAD = rf"(?:(?P<h>{_BLOCK_START}(?P<i>[ \t]{{1,32}}+)(?=\S)){NOT_MASKED}|(?!{_BLOCK_START}[ \t]{{1,32}}+\S))"
+_BLOCK_HEAD = (
+    rf"(?:(?(ki)(?P<h>{_BLOCK_START}(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)){NOT_MASKED}|(?!))"
+    rf"|(?!{_BLOCK_START}))"
+)
 _BLOCK = r"[^\r\n]{1,4096}+(?:\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+"
 _SECRET_KEYED = re.compile(
-    rf"{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}"
+    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}"
     rf"(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"

@@ -1105,6 +1105,8 @@ SECRET_GROWING = {
     "a block scalar's lines without end": ("password: |\n", "  a\n"),
     "a block scalar's long lines": ("password: >-\n ", "a" * 5000 + "\n "),
     "block indicators without lines": ("", "token: >-\n"),
+    "list items' block scalars": ("", "  - password: |\n      a\n    b\n"),
+    "indented lines before no key": ("", " " * 70 + "- '\n"),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),
@@ -1699,3 +1701,22 @@ def test_the_prediction_logs_vectorised_prefilter_passes_over_only_text_no_detec
     monkeypatch.setattr(masking, "_hints", lambda text: (True, True, credentials.PATTERNS, True, True, True))
     monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
     assert [t for t, f in zip(texts, found, strict=True) if not f and masker.mask_text(t, key) != t] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "db:\n  password: |\n  user: bob\n  host: db.local\nport: 5432",
+        "- password: |\n  user: bob",
+        "Reset your password: >\n  Click the link below\n  to continue",
+        "db:\n  password: >-\nuser: bob",
+    ],
+)
+def test_a_block_scalar_is_only_lines_more_indented_than_its_key(keys, text):
+    """A block indicator after a secret's key took every following line indented at all for the
+    block: its sibling keys (as deep as the key, or the key's after "- "), and prose after "your
+    password: >", were masked and lost. A block's lines are more indented than its key's line,
+    which its key starts."""
+    ring = KeyRing(keys)
+    assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+    assert spans(text) == []

@@ -425,7 +425,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     '{"msg": "env:\\n- name: DB_PASSWORD\\n  value: \\"s3cr3t\\"\\n"}': "s3cr3t",
     # a YAML block scalar after the key ("password: |"): its lines, more indented than the key's
     "secrets:\n  db:\n    password: |\n      hunter2\n      Zq9Xw2\n    user: bob": "hunter2\n      Zq9Xw2",
-    "api_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
+    "\napi_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
+    "\n- password: |\n    hunter2x\n  user: bob": "hunter2x",
+    "\n  - 'db_password': |-\n      Zq9Xw2Lk\n    user: bob": "Zq9Xw2Lk",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
