@@ -87,7 +87,18 @@ _QUOTED = quoted(256)
 KEY_QUOTE = rf"(?:(?:{_ESCAPE})?[\"'])?"
 OPEN_QUOTE = rf"(?>(?:b?(?P<e>{_ESCAPE})?(?P<q>[\"']))?)"
 _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslashes: '\\\\\\"' stays whole)
-_CRED_RUN = rf"(?:{_NOT_ESCAPED_QUOTE}{_CRED_CHAR}){{1,256}}"  # a value not in quotes, to an escaped quote
+# A value's backslash: one written escaped ("\\\\", a pair whole: a run of them before a quote
+# never loses its parity), or one before no escape's letter; an escaped line end, tab, backspace
+# or form feed ("\\n", as repr() and json.dumps write them) ends the value, as does a backslash
+# before a quote (its escape's, or a string's last backslash: the quote after it stays closing).
+VALUE_ESCAPE = r"\\\\|\\(?![\s\"'\\nrtbf])"
+# After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" or "]" closes
+# the object, no character of the value.
+_AFTER_QUOTED_KEY = "|".join(rf"(?<=[\"'][ \t]{{{a}}}:[ \t]{{{b}}})" for a in range(4) for b in range(4))
+_CRED_RUN = (  # a value not in quotes, to an escaped quote
+    rf"(?:(?:{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>}}\]\\]|{VALUE_ESCAPE})){{1,256}}"
+    rf"|(?!{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>\\]|{VALUE_ESCAPE})){{1,256}})"
+)
 
 
 # A string in quotes in a dict's or a list's repr, whole (a bracket in it is none of the
@@ -190,7 +201,7 @@ _OBJECT_NAMED = (
 _SECRET_SPACED = re.compile(
     rf"{after_boundary('A-Za-z0-9')}{_OBJECT_NAMED}{_SECRET_NAME}[ \t]{{1,3}}(?:(?i:is)[ \t]{{1,3}})?(?:(?P<e>{_ESCAPE})?(?P<q>[\"']))?{_NO_MASKED_AFTER}"
     rf"(?P<v>(?(q){_QUOTED}|(?:{CLOSED_BRACKETED}|(?!{_SCHEME})(?!{DATE_OR_TIME})(?![A-Z]{{1,255}}[.:!?]{{0,3}}(?!{_CRED_CHAR}))"
-    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_CHAR}{{1,256}})))"
+    rf"(?=[A-Z]?+[a-z._/:!?-]{{0,255}}[^\sa-z._/:!?\"'`,;&<>-])(?={_CRED_CHAR}{{6}}){_CRED_RUN})))"
 )
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).

@@ -53,6 +53,7 @@ from model_server.credentials import (
     NOT_MASKED,
     OPEN_QUOTE,
     SECRET_KEY,
+    VALUE_ESCAPE,
     after_boundary,
     quoted,
 )
@@ -105,7 +106,7 @@ SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX}
 # another: "X12\\34567"), ending in a letter or digit of any script, and the pieces after it
 # one or two spaces apart that hold a digit or are one or two capitals ("QQ 12 34 56 C"), a
 # date or a time never ("ssn: 123456789 2026-12-03": the date is the line's, not the value's).
-_VALUE_CHAR = r"(?:[^\s,;&|\"'`<>()\[\]{}\\]|\\\\|\\(?![\s\"'\\nrtbf]))"
+_VALUE_CHAR = rf"(?:[^\s,;&|\"'`<>()\[\]{{}}\\]|{VALUE_ESCAPE})"
 _PIECE = rf"(?!tok_[a-zBCDFGH]{{8}}_){_VALUE_CHAR}{{0,31}}[^\W_]"
 _UNQUOTED = rf"{_PIECE}(?:[ ]{{1,2}}(?!{DATE_OR_TIME})(?={_VALUE_CHAR}{{0,31}}[0-9]|[A-Z]{{1,2}}(?!{_VALUE_CHAR})){_PIECE}){{0,7}}"
 _KEYED = re.compile(

@@ -1107,6 +1107,9 @@ SECRET_GROWING = {
     "block indicators without lines": ("", "token: >-\n"),
     "list items' block scalars": ("", "  - password: |\n      a\n    b\n"),
     "indented lines before no key": ("", " " * 70 + "- '\n"),
+    "backslash pairs in a value after a quoted key": ('"password": a', "\\\\"),
+    "quoted keys before brackets": ("", '"token":  a}'),
+    "escaped line ends in values": ("", "secret: a\\n"),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),
@@ -1720,3 +1723,43 @@ def test_a_block_scalar_is_only_lines_more_indented_than_its_key(keys, text):
     ring = KeyRing(keys)
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
     assert spans(text) == []
+
+
+def test_every_masked_json_line_still_parses(keys):
+    """A value not in quotes ran over a backslash before its string's closing quote, taking the
+    escape's first backslash ("value: C:\\\\tmp\\\\" held in JSON): the quote left was escaped,
+    and the JSON line no longer parsed. Every secret's text as JSON, held one to three deep, and
+    values ending in a backslash, still parse once masked."""
+    ring = KeyRing(keys)
+    masker = Masker(ring)
+    texts = [t for t in SECRETS if t.startswith("{") and t.endswith("}") and "'" not in t]
+    texts += [_held_in_json(t, depth) for t in SECRETS for depth in (1, 2, 3)]
+    texts += [
+        json.dumps({"m": "- name: DB_PASSWORD\n  value: C:\\tmp\\"}),
+        json.dumps({"m": "password: abc\\"}),
+        _held_in_json(json.dumps({"m": "token: Zq9\\"}), 1),
+    ]
+    broken = []
+    for text in texts:
+        json.loads(text)
+        masked = masker.mask_text(text, ring.key_for(None))
+        try:
+            json.loads(masked)
+        except ValueError:
+            broken.append((text, masked))
+    assert broken == []
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ('{"name": "DB_PASSWORD", "value": 12345678}', '"value": <masked>}'),
+        ("{'password': 12345678, 'n': [7]}", "'password': <masked>, 'n': [7]}"),
+        (json.dumps({"m": "- name: DB_PASSWORD\n  value: s3cr3t\n- name: X"}), 'value: <masked>\\n- name: X"}'),
+        (json.dumps({"m": "password: hunter2\tuser: bob"}), 'password: <masked>\\tuser: bob"}'),
+    ],
+)
+def test_a_value_not_in_quotes_ends_at_its_objects_bracket_and_at_an_escape(keys, text, kept):
+    """A value not in quotes took the "}" or "]" that closes its object after a key in quotes,
+    and an escaped line end or tab and the text after it ("s3cr3t\\n-" as one value)."""
+    assert Masker(KeyRing(keys)).mask_text(text, None).endswith(kept)
