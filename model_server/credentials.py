@@ -137,9 +137,11 @@ _PAIR_SEP = rf"(?(t)(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}(?=b?(?:{_ESCAPE
 _PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
-# its line end written escaped too): "value" names a secret there. ("valueFrom:" names none.)
+# its line end written escaped too; a dict printed over lines, json.dumps(indent=2)'s, pprint's:
+# a line end and indentation after the ","): "value" names a secret there. ("valueFrom:" names none.)
+_NEXT_LINE = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)[ \t]{0,16}+"
 _VALUE_NAMED = (
-    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}|(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)[ \t]{{0,16}}+)"
+    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|{_NEXT_LINE})"
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 )
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after

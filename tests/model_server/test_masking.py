@@ -1110,6 +1110,8 @@ SECRET_GROWING = {
     "backslash pairs in a value after a quoted key": ('"password": a', "\\\\"),
     "quoted keys before brackets": ("", '"token":  a}'),
     "escaped line ends in values": ("", "secret: a\\n"),
+    "names before commas and line ends": ("", "'token',\n  "),
+    "names over escaped lines before values never closed": ("", '"token",\\n  "value": "a'),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),

@@ -423,6 +423,10 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
     "headers [{'key': 'X-Api-Key', 'value': 'AbCdEf0123'}]": "AbCdEf0123",
     '{"msg": "env:\\n- name: DB_PASSWORD\\n  value: \\"s3cr3t\\"\\n"}': "s3cr3t",
+    # printed over lines (json.dumps(indent=2), pprint), its line ends written escaped too
+    '{\n  "name": "DB_PASSWORD",\n  "value": "s3cr3t"\n}': "s3cr3t",
+    "{'name': 'DB_PASSWORD',\n 'value': 'Zq9Xw2Lk',\n 'value_from': None}": "Zq9Xw2Lk",
+    '{"m": "{\\n  \\"name\\": \\"X-Api-Key\\",\\n  \\"value\\": \\"AbCdEf0123\\"\\n}"}': "AbCdEf0123",
     # a YAML block scalar after the key ("password: |"): its lines, more indented than the key's
     "secrets:\n  db:\n    password: |\n      hunter2\n      Zq9Xw2\n    user: bob": "hunter2\n      Zq9Xw2",
     "\napi_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
