@@ -129,11 +129,27 @@ def _bracketed(depth: int) -> str:
 
 CLOSED_BRACKETED = _bracketed(4)
 BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
+# A Kubernetes object's name (DNS-1123: lower-case letters, digits, "-" and "."), one with a
+# sign ("-", ".", a namespace's "/"), and none that looks random (``_SECRET_SPACED``'s rule below).
+_K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)
+_SIGNED_NAME = (  # "my-app-2", "ns/db", "kube-system/db"
+    rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){{0,62}}+/)?{_K8S_NAME}"
+)
+_NOT_RANDOM = (
+    r"(?![a-z0-9./-]{0,240}(?<![a-z0-9])(?=[a-z]{0,15}[0-9])[a-z0-9]{16})"
+    r"(?!(?=[a-f./-]{0,252}[0-9])[0-9a-f./-]{16,253}(?![a-z0-9./-]))"
+)
 # A key in quotes first in a tuple's repr (``t``: after "(" and its quote, escaped too), then ","
 # and its value in quotes, the tuple's last: a pair's repr ("('password', 'hunter2')", an item of
-# dict.items(), a call's arguments); a tuple of names ("('password', 'token', 'secret')") is none.
+# dict.items(), a call's arguments); a tuple of names ("('password', 'token', 'secret')") is none,
+# nor a pair of names ("('password', 'token')"), nor a Kubernetes kind and its object's name
+# ("('Secret', 'model-server-keys')"), as ``_OBJECT_NAMED`` reads "Secret model-server-keys".
+_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}"
 _PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in _DEPTHS) + ")?"
-_PAIR_SEP = rf"(?(t)(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}(?=b?(?:{_ESCAPE})?[\"'])|(?!))"
+_PAIR_SEP = (
+    rf"(?(t)(?!(?<=[\"'](?:secret|Secret)){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}(?:{_ESCAPE})?[\"'])"
+    rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
+)
 _PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
@@ -180,14 +196,7 @@ _SECRET_KEYED = re.compile(
 # that looks random (a run of 16 letters and digits holding a digit, a UUID, a hex string), and
 # never after a word that makes "secret" a credential's name ("client secret", "webhook secret"),
 # nor after its possessive ("the client's secret", its apostrophe typographic too: U+2019).
-_K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)
-_SIGNED_NAME = (  # "my-app-2", "ns/db", "kube-system/db"
-    rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){{0,62}}+/)?{_K8S_NAME}"
-)
-_NOT_RANDOM = (
-    r"(?![a-z0-9./-]{0,240}(?<![a-z0-9])(?=[a-z]{0,15}[0-9])[a-z0-9]{16})"
-    r"(?!(?=[a-f./-]{0,252}[0-9])[0-9a-f./-]{16,253}(?![a-z0-9./-]))"
-)
+# (``_K8S_NAME``, ``_SIGNED_NAME``, ``_NOT_RANDOM``: above, with the pair's rule.)
 _OWNERS = (
     "client", "webhook", "api", "app", "application", "shared", "signing", "jwt", "oauth", "consumer",
     "hmac", "session", "cookie", "bot", "otp", "totp", "encryption", "master", "private", "aws",

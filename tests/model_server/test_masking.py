@@ -1017,6 +1017,10 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "masked fields ('password', 'token', 'secret'), ('password', None), ('tokens', '3')",
     "- name: DB_PASSWORD\n  valueFrom:\n    secretKeyRef:\n      name: db-secrets\n      key: password",
     '{"name": "token_count", "value": "12"}',
+    # a pair of a Kubernetes kind and its object's name, or of two field names, holds no secret
+    "apply ('Secret', 'model-server-keys') in models",
+    "read ('secret', 'kube-system/model-admin-2')",
+    "fields ('password', 'token') and ('api_key', \"secret\")",
     '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
 ]
 
@@ -1112,6 +1116,9 @@ SECRET_GROWING = {
     "escaped line ends in values": ("", "secret: a\\n"),
     "names before commas and line ends": ("", "'token',\n  "),
     "names over escaped lines before values never closed": ("", '"token",\\n  "value": "a'),
+    "kinds and names in pairs never closed": ("", "('Secret', 'a-b-"),
+    "a kind and a long name in a pair": ("('Secret', 'a", "-b"),
+    "names in pairs": ("", "('token', 'password"),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),

@@ -418,6 +418,8 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     # a pair's repr, a key and its value in a tuple (an item of dict.items(), a call's arguments)
     "args ('password', 'hunter2-secret') sent": "hunter2-secret",
     'pairs [("api_key", "AbC123xyz9"), ("n", 1)] sent': "AbC123xyz9",
+    "args ('Secret', 'Zq9Xw2Lk7Vb') sent": "Zq9Xw2Lk7Vb",
+    "args ('secret', 'xk29fm4q7zr81pw3tn5v-2') sent": "xk29fm4q7zr81pw3tn5v-2",
     # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
     'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
