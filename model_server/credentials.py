@@ -139,25 +139,27 @@ _NOT_RANDOM = (
     r"(?![a-z0-9./-]{0,240}(?<![a-z0-9])(?=[a-z]{0,15}[0-9])[a-z0-9]{16})"
     r"(?!(?=[a-f./-]{0,252}[0-9])[0-9a-f./-]{16,253}(?![a-z0-9./-]))"
 )
-# A key in quotes first in a tuple's repr (``t``: after "(" and its quote, escaped too), then ","
-# and its value in quotes, the tuple's last: a pair's repr ("('password', 'hunter2')", an item of
-# dict.items(), a call's arguments); a tuple of names ("('password', 'token', 'secret')") is none,
+# A key in quotes first in a tuple's or a list's repr (``t``: after "(" or "[" and its quote,
+# escaped too, or a bytes' "b'"), then "," (a line end after it too) and its value in quotes, the
+# tuple's last: a pair's repr ("('password', 'hunter2')", an item of dict.items(), a call's
+# arguments, ASGI's headers "(b'x-api-key', b'...')", a pair as JSON writes it: '["password",
+# "..."]'); a tuple of names ("('password', 'token', 'secret')") is none,
 # nor a pair of names ("('password', 'token')"), nor a Kubernetes kind and its object's name
 # ("('Secret', 'model-server-keys')"), as ``_OBJECT_NAMED`` reads "Secret model-server-keys".
-_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}"
-_PAIR_KEY = "(?P<t>" + "|".join(r"(?<=\(" + r"\\" * k + r"[\"'])" for k in _DEPTHS) + ")?"
+_NEXT_LINE = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)[ \t]{0,16}+"  # (a line end written escaped too)
+_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}+(?:{_NEXT_LINE})?"
+_PAIR_KEY = "(?P<t>" + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS) + ")?"
 _PAIR_SEP = (
     rf"(?(t)(?!(?<=[\"'](?:secret|Secret)){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}(?:{_ESCAPE})?[\"'])"
     rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
 )
-_PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}\)))"
+_PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}[)\]]))"
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
 # its line end written escaped too; a dict printed over lines, json.dumps(indent=2)'s, pprint's:
 # a line end and indentation after the ","): "value" names a secret there. ("valueFrom:" names none.)
-_NEXT_LINE = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)[ \t]{0,16}+"
 _VALUE_NAMED = (
-    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|{_NEXT_LINE})"
+    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 )
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
@@ -176,8 +178,8 @@ _BLOCK_HEAD = (
 )
 _BLOCK = r"[^\r\n]{1,4096}+(?:\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+"
 _SECRET_KEYED = re.compile(
-    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_SECRET_NAME}"
-    rf"(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})"
+    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}"
+    rf"(?:{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})|{_COOKIE_ONE}{_VALUE_NAMED})"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
 )
@@ -331,7 +333,7 @@ _HINTED: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
     (_DIGEST_PARAM, ("cnonce", "response")),
     (_WHOLE_HEADER, ("cookie", "auth")),
     (_COOKIE_SPACED, ("cookie",)),
-    (_SECRET_KEYED, _KEY_WORDS),
+    (_SECRET_KEYED, (*_KEY_WORDS, "cookie")),  # ({"name": "Cookie", "value": ...})
     (_SECRET_SPACED, _KEY_WORDS),
     (_QUERY_SECRET, _KEY_WORDS),
 )

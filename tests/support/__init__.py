@@ -420,10 +420,18 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'pairs [("api_key", "AbC123xyz9"), ("n", 1)] sent': "AbC123xyz9",
     "args ('Secret', 'Zq9Xw2Lk7Vb') sent": "Zq9Xw2Lk7Vb",
     "args ('secret', 'xk29fm4q7zr81pw3tn5v-2') sent": "xk29fm4q7zr81pw3tn5v-2",
+    # ASGI's headers (bytes), a pair as a list (json.dumps of dict.items()), a pair over lines
+    "asgi headers [(b'x-api-key', b'AbCdEf0123456')]": "AbCdEf0123456",
+    'pairs [["password", "hunter2"]] sent': "hunter2",
+    "pairs [['password','Zq9Xw2Lk']] sent": "Zq9Xw2Lk",
+    "args ('password',\n 'Tr0ub4dor9') sent": "Tr0ub4dor9",
     # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
     'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
     "headers [{'key': 'X-Api-Key', 'value': 'AbCdEf0123'}]": "AbCdEf0123",
+    'headers [{"name": "Cookie", "value": "session=abc123XYZ"}]': "session=abc123XYZ",
+    'headers [{"name": "Set-Cookie", "value": "sid=Zx9y8W7v"}]': "sid=Zx9y8W7v",
+    "env:\n- name: DB_PASSWORD # the db's\n  value: s3cr3t9\n": "s3cr3t9",
     '{"msg": "env:\\n- name: DB_PASSWORD\\n  value: \\"s3cr3t\\"\\n"}': "s3cr3t",
     # printed over lines (json.dumps(indent=2), pprint), its line ends written escaped too
     '{\n  "name": "DB_PASSWORD",\n  "value": "s3cr3t"\n}': "s3cr3t",
