@@ -170,13 +170,23 @@ _VALUE_NAMED = (
 # there is none (nor then its indicator). A key after words ("Reset your password: >"), or lines
 # no more indented than its own (its siblings: "password: |\n  user: bob" in a list item), is
 # no block, and no value.
-_KEY_LINE = r"(?:(?<![^\n])(?P<ki>[ \t]{0,64}+)(?P<kd>-[ ])?[\"']?)?"
-_BLOCK_START = r"[|>][-+]?[0-9]?[ \t]{0,16}+\r?\n"
+# Its line ends written escaped too (``x``: a block in a JSON string, its key then after "\\n" or
+# the string's quote; its lines then end at an escaped quote too); its indicator's digit before
+# or after its "-" or "+", a comment after it; a blank line in it, before a line indented so.
+_KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-[ ])?[\"']?)?"
+_BLOCK_INDICATOR = r"[|>](?:[-+]?[0-9]?|[0-9][-+])[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"
+_BLOCK_START = rf"{_BLOCK_INDICATOR}(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)"
 _BLOCK_HEAD = (
-    rf"(?:(?(ki)(?P<h>{_BLOCK_START}(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)){NOT_MASKED}|(?!))"
+    rf"(?:(?(ki)(?P<h>{_BLOCK_INDICATOR}(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}))"
 )
-_BLOCK = r"[^\r\n]{1,4096}+(?:\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+"
+_ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
+_BLOCK = (
+    r"(?(x)"
+    rf"{_ESCAPED_LINE}(?:(?:(?P=x)[ \t]{{0,64}}+(?=(?P=x))){{0,16}}+(?P=x)(?P=i){_ESCAPED_LINE}){{0,255}}+"
+    r"|[^\r\n]{1,4096}+(?:(?:\r?\n[ \t]{0,64}+(?=\r?\n)){0,16}+\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+)"
+)
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}"
     rf"(?:{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})|{_COOKIE_ONE}{_VALUE_NAMED})"

@@ -442,6 +442,13 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "\napi_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
     "\n- password: |\n    hunter2x\n  user: bob": "hunter2x",
     "\n  - 'db_password': |-\n      Zq9Xw2Lk\n    user: bob": "Zq9Xw2Lk",
+    # its line ends written escaped, its indicator's digit first, a comment after it, deep
+    # indentation, a blank line in it
+    '{"m": "password: |\\n  hunter2x\\n  more9"}': "hunter2x\\n  more9",
+    "\npassword: |2-\n  Zq9Xw2Lk\nnext: 1": "Zq9Xw2Lk",
+    "\npassword: | # the db's\n  Zq9Xw2Lk\nnext: 1": "Zq9Xw2Lk",
+    "\ntoken: |\n" + " " * 40 + "AbC123xyz9\nnext: 1": "AbC123xyz9",
+    "\npassword: |\n  line1x\n\n  line2y\nnext: 1": "line1x\n\n  line2y",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
