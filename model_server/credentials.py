@@ -295,7 +295,7 @@ _SLACK_WEBHOOK = re.compile(
     rf"hooks\.slack\.com/(?:services|workflows|triggers)/{NOT_MASKED}(?P<v>[A-Za-z0-9/_+-]{{8,256}})"
 )
 _PRIVATE_KEY = re.compile(  # its body, to its END line
-    rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,8}}{NOT_MASKED}(?![\s\\])"
+    rf"-----BEGIN[ A-Z0-9]{{0,40}}PRIVATE KEY(?: BLOCK)?-----(?:\s|\\n){{0,72}}+{NOT_MASKED}(?![\s\\])"
     r"(?P<v>(?:(?!-----END)[A-Za-z0-9+/=\s\\:,.-]){1,16384})"
 )
 # A private key's body line logged alone (a key logged one line per record: its BEGIN line in one
@@ -315,7 +315,7 @@ _MIXED = r"(?=[A-Za-z0-9+/]{0,63}[A-Z])(?=[A-Za-z0-9+/]{0,63}[a-z])(?=[A-Za-z0-9
 _PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-])")
 _LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a key's lines in repr(), json.dumps)
 _LINE_END = r"(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)"
-_INDENT = r"[ \t]{0,16}+"  # (a key's lines indented: a YAML block scalar's, "  tls.key: |")
+_INDENT = r"[ \t]{0,64}+"  # (a key's lines indented: a YAML block scalar's, "  tls.key: |", nested deep)
 _PEM_LAST_LINE = re.compile(  # (at a full line: its next line is the value; or at the value)
     rf"(?:{_LINE_START}{_INDENT}(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
     rf"|{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/]{{1,64}}={{0,2}}{_LINE_END}{_INDENT}-----END[ A-Z0-9]{{0,40}}PRIVATE KEY))"

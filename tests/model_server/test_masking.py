@@ -1127,6 +1127,8 @@ SECRET_GROWING = {
     "an escaped block scalar's lines without end": ('"password: |\\n', "  a\\n"),
     "blank lines in a block scalar": ("password: |\n  a\n", " \n"),
     "comments after block indicators": ("", "token: |2- #\n"),
+    "deeply indented base64 lines and short lines": ("", " " * 64 + "Ab1/" * 16 + "\n" + " " * 64 + "Ab1\n"),
+    "BEGIN lines before many spaces": ("", "-----BEGIN PRIVATE KEY-----" + " " * 80),
     "indented base64 lines and short lines": ("", "    " + "Ab1/" * 16 + "\n    Ab1\n"),
     "short lines before indented END lines": ("", "Ab1/\n" + " " * 16 + "-----END RSA "),
     "indents of base64 lines": ("", " " * 20 + "Ab1/" * 17 + "\n"),
@@ -1780,3 +1782,26 @@ def test_a_value_not_in_quotes_ends_at_its_objects_bracket_and_at_an_escape(keys
     """A value not in quotes took the "}" or "]" that closes its object after a key in quotes,
     and an escaped line end or tab and the text after it ("s3cr3t\\n-" as one value)."""
     assert Masker(KeyRing(keys)).mask_text(text, None).endswith(kept)
+
+
+@pytest.mark.parametrize("indent", [17, 40, 64])
+def test_a_private_key_indented_deep_is_masked_every_line(keys, indent):
+    """A private key in a YAML block scalar nested deep (a Helm chart's values: "tls.key: |"
+    under several mappings) had its BEGIN line's body read only up to 8 spaces after it, and
+    its last, shorter line's indentation up to 16: from 17 spaces its lines stayed readable."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed448, rsa
+
+    ring = KeyRing(keys)
+    for private in (rsa.generate_private_key(65537, 2048), ed448.Ed448PrivateKey.generate()):
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        body = pem.splitlines()[1:-1]
+        for text in (
+            " " * (indent - 2) + "tls.key: |\n" + "\n".join(" " * indent + line for line in pem.splitlines()),
+            "\n".join(" " * indent + line for line in pem.splitlines()[1:]),  # (no BEGIN line)
+        ):
+            masked = Masker(ring).mask_text(text, ring.key_for(None))
+            assert not [line for line in body if line in masked], masked
+            assert not [line for line in body if line in scrub(text)], scrub(text)
