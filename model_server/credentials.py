@@ -158,6 +158,19 @@ _PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}[)\]]))"
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
 # its line end written escaped too; a dict printed over lines, json.dumps(indent=2)'s, pprint's:
 # a line end and indentation after the ","): "value" names a secret there. ("valueFrom:" names none.)
+# The key's name so only as the value of a field "name", "key" or "header" (``nb``), its quotes
+# escaped as deep as each other's (the key's at a line end, 'description: reset password', names
+# none).
+_NAMED_BY = (
+    r"(?:(?<=[ \"'])(?P<nb>"
+    + "|".join(
+        rf"(?<=(?i:{w}){q}:{s}{q})"
+        for w in ("name", "key", "header")
+        for q in ("", *(r"\\" * k + "[\"']" for k in _DEPTHS))
+        for s in ("", " ")
+    )
+    + "))?"
+)
 _VALUE_NAMED = (
     rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
@@ -188,8 +201,9 @@ _BLOCK = (
     r"|[^\r\n]{1,4096}+(?:(?:\r?\n[ \t]{0,64}+(?=\r?\n)){0,16}+\r?\n(?P=i)[^\r\n]{1,4096}+){0,255}+)"
 )
 _SECRET_KEYED = re.compile(
-    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}"
-    rf"(?:{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|{_VALUE_NAMED})|{_COOKIE_ONE}{_VALUE_NAMED})"
+    rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
+    rf"(?:{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
+    rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
 )

@@ -1021,6 +1021,10 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "apply ('Secret', 'model-server-keys') in models",
     "read ('secret', 'kube-system/model-admin-2')",
     "fields ('password', 'token') and ('api_key', \"secret\")",
+    # a field before "value" that is no name, key or header names none
+    '{"description": "reset password", "value": "42"}',
+    "{'title': 'api token', 'value': 'Zq9Xw2'}",
+    "- label: DB_PASSWORD\n  value: Zq9Xw2",
     '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
 ]
 
