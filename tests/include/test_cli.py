@@ -419,13 +419,11 @@ def test_gate_stage_says_its_samples_are_none(tmp_path, capsys, monkeypatch, suf
 
 
 def fake_prometheus(restarted: float, calls: list, present: list):
-    """Prometheus' HTTP API over a stage past (no server): its clock at ``present[0]``, the model
-    servers scraped every 5 s, the candidate's P99 8 ms throughout, no shadow copies, and the
-    candidate's process restarted at ``restarted``, counted by an instant query whose window (its
-    ``time``, now without one) holds it. Each API call is put in ``calls``."""
+    """Prometheus' HTTP API over a stage past, as ``answering_server``'s answer: its clock at
+    ``present[0]``, the model servers scraped every 5 s, the candidate's P99 8 ms throughout, no
+    shadow copies, and the candidate's process restarted at ``restarted``, counted by an instant
+    query whose window (its ``time``, now without one) holds it. Each API call is put in ``calls``."""
     import re
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qsl, urlsplit
 
     def answer(path: str, params: dict) -> dict:
@@ -444,23 +442,13 @@ def fake_prometheus(restarted: float, calls: list, present: list):
             return {"resultType": "vector", "result": [{"metric": {}, "value": [at, str(n)]}]}
         return {"resultType": "vector", "result": []}  # (no flush interval reported, no shadow copies)
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            url = urlsplit(self.path)
-            path, params = url.path.removeprefix("/api/v1/"), dict(parse_qsl(url.query))
-            calls.append((path, params))
-            body = json.dumps({"status": "success", "data": answer(path, params)}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answered(target: str) -> tuple[int, bytes]:
+        url = urlsplit(target)
+        path, params = url.path.removeprefix("/api/v1/"), dict(parse_qsl(url.query))
+        calls.append((path, params))
+        return 200, json.dumps({"status": "success", "data": answer(path, params)}).encode()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return answered
 
 
 def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_path, capsys, monkeypatch):
@@ -470,6 +458,7 @@ def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_
     windows ending now: no restart, and PASS. It asks for them at the look's poke (on Prometheus'
     clock), as that poke read them at its present: the same breach."""
     from tests.include.test_engine import records, spec
+    from tests.support.hostile import answering_server
     from vision_rollout.engine import SETTLE_S, StageWindow, guard_inputs
     from vision_rollout.metrics import PrometheusSource
 
@@ -477,9 +466,7 @@ def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_
     poke = started + 100 + SETTLE_S  # (its one look at the bake's end)
     calls: list = []
     present = [poke]  # (Prometheus' clock)
-    server = fake_prometheus(started + 30, calls, present)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with answering_server(fake_prometheus(started + 30, calls, present)) as url:
         s = spec(error_margin=0.02, looks_per_stage=1)
         window = StageWindow(0, 50, started)
         guards = guard_inputs(PrometheusSource(url, clock=lambda: poke), s, poke, since=started)  # (its present)
@@ -491,9 +478,6 @@ def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_
         calls.clear()
         present[0] = time.time()  # (two hours on)
         code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url, "--json")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (code, json.loads(out)["summary"]) == (1, state.reason), err
     assert "unguarded" not in json.loads(out)
     instant = [p for path, p in calls if path == "query" and p["query"] != "time()"]
@@ -1119,30 +1103,11 @@ def test_a_server_error_with_line_breaks_and_terminal_escapes_is_printed_on_one_
     """The reason a server (or a proxy before it) gives in its error answer went to stderr as
     sent: a line break started a second line that read as the command's own ("applied"), and
     terminal escapes cleared the screen or retitled the window of whoever ran it."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from tests.support.hostile import answering_server
 
     reason = "bad gateway\nrolloutctl mesh: applied\x1b[2J\x1b]0;title\x07\u202e"
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"error": reason}).encode()
-            self.send_response(502)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with answering_server(lambda path: (502, json.dumps({"error": reason}).encode())) as url:
         code, out, err = run(capsys, "mesh", "get", "--backend", "local", "--url", url, "--model", "digits")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert (code, out) == (4, "")
     assert err.count("\n") == 1
     assert err.startswith("rolloutctl mesh: error: model server GET /v2/models/digits/traffic: HTTP 502: bad gateway ")

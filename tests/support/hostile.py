@@ -1,11 +1,12 @@
 """An HTTP server on loopback that answers what a test tells it to: garbage, another shape,
-a huge body, or a body a byte at a time (``trickle``); stopped when the test ends."""
+a huge body, or a body a byte at a time (``trickle``), or what a function of the path says
+(``answering_server``); stopped when the test ends."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -50,3 +51,29 @@ def hostile_server(body: bytes = b"", trickle_s: float = 0.0, trickle_for_s: flo
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextmanager
+def answering_server(answer: Callable[[str], tuple[int, bytes]]) -> Iterator[str]:
+    """Every GET answers ``answer(path)``: its status and JSON body. Yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answer(self.path)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
