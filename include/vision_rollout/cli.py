@@ -466,11 +466,17 @@ def _stage_guarded(args: argparse.Namespace, window: StageWindow | None) -> Stag
 def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
     """``--started``: a start the stage's ``samples`` fit, as the DAG's (``engine.stage_samples``:
     those from its start on, read before the present); a usage error naming it when it lies in the
-    future (milliseconds?) or after a sample."""
-    if args.started > time.time():
+    future (milliseconds?) by more than the workers' clocks may be apart (``locks.CLOCK_SKEW_S``:
+    it is stamped on the DAG worker's clock, compared here with this machine's), or after a
+    sample."""
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    now = time.time()
+    if args.started > now + CLOCK_SKEW_S:
         raise UsageError(
-            f"--started {args.started!r}: in the future (now {time.time():.0f}): give the stage's start in unix "
-            "seconds, not milliseconds (its stage record's window start)"
+            f"--started {args.started!r}: in the future, {args.started - now:.0f} s ahead of this machine's clock "
+            f"(now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (NTP): give the "
+            "stage's start in unix seconds, not milliseconds (its stage record's window start)"
         )
     if before := int((samples["time"] < args.started).sum()):
         raise UsageError(
@@ -1759,6 +1765,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rolloutctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log each step (each poke of run), with tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    from vision_rollout.locks import CLOCK_SKEW_S
+
     g = sub.add_parser("gate", help="judge a canary from samples (CSV or Parquet)")
     g.add_argument(
         "--samples",
@@ -1816,7 +1824,9 @@ def parser() -> argparse.ArgumentParser:
         "bake.window): the samples given, the stage's as a poke read them (time: when each is evidence), are "
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
-        "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?), "
+        "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?) by "
+        f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (locks.CLOCK_SKEW_S: it is stamped on "
+        "the DAG worker's clock, compared with this machine's; less ahead, it is judged), "
         "when a sample lies before it, or when none lies between it and the look's time; samples ending well "
         "before the look's time (clients gone quiet, or read by a poke before it) are judged as the look's, "
         "with a warning",

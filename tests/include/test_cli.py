@@ -341,6 +341,28 @@ def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, mon
     assert said.format(started=given) in err
 
 
+@pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0])
+def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(tmp_path, capsys, monkeypatch, ahead):
+    """A stage's start is stamped on the DAG worker's clock, ``gate`` compares it with its own
+    machine's: a worker clock ahead by a few seconds (within the ``locks.CLOCK_SKEW_S`` the
+    workers' clocks may be apart) had ``--started`` refused as "in the future". It is judged as
+    the DAG did; a start further ahead than that is refused, naming the skew allowed."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106)
+    assert state.status == "pass"
+    monkeypatch.setattr(time, "time", lambda: T0 - ahead)  # (this machine's clock behind the worker's)
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (0, _said(state.verdict))
+    monkeypatch.setattr(time, "time", lambda: T0 - CLOCK_SKEW_S - ahead)
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, "")
+    assert f"--started {T0!r}: in the future, {CLOCK_SKEW_S + ahead:.0f} s ahead of this machine's clock" in err
+    assert f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart" in err
+
+
 def test_gate_judges_samples_that_end_well_before_the_looks_time_and_warns(tmp_path, capsys, monkeypatch):
     """Clients gone quiet 60 s into the stage, its one look due at 100 s, the second validation
     round answered after the poke's cut: the DAG's poke at 106 s judged the look on samples ending
