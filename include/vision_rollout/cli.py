@@ -519,10 +519,6 @@ def _stage_look(
             f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
             "engine.stage_samples)"
         )
-    if samples.empty:
-        raise UsageError(
-            f"--samples {args.samples}: no samples (its columns alone): a poke that read none judged no look"
-        )
     if not is_numeric_dtype(samples["time"]):
         raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
     if untimed := int((~np.isfinite(samples["time"])).sum()):
@@ -599,6 +595,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if spec is not None and level < 1:  # (as the DAG's stage: the spec's alpha times its window's level)
         config["alpha"] = float(config.get("alpha", spec.alpha)) * level
     samples = _read_samples(args.samples)
+    if samples.empty:  # (no evidence at all: no look, with --stage or without)
+        raise UsageError(
+            f"--samples {args.samples}: no samples (its columns alone): a poke that read none judged no look"
+        )
     unguarded = _UNGUARDED if args.no_hard_guards else ""
     if unguarded:
         print(f"rolloutctl gate: warning: no Prometheus{unguarded}", file=sys.stderr, flush=True)
@@ -1773,7 +1773,7 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional source "
-        "(live or replay), oom, correct, pair_id",
+        "(live or replay), oom, correct, pair_id; a file of columns alone (no evidence at all) is refused, exit 2",
     )
     g.add_argument(
         "--latency-from",

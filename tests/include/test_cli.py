@@ -440,6 +440,21 @@ def test_gate_stage_says_its_samples_are_none(tmp_path, capsys, monkeypatch, suf
     assert f"--samples {path}: no samples (its columns alone): a poke that read none judged no look" in err
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_gate_says_its_samples_are_none_without_a_stage_too(tmp_path, capsys, suffix):
+    """Samples with their columns and no row: ``gate --stage`` says there are none (exit 2), and
+    ``gate`` without it said WAIT (exit 3, "Too few samples: baseline 0, canary 0"), as if some
+    evidence were on its way in the file. No evidence at all is no look: it says so, as --stage."""
+    path = tmp_path / f"none{suffix}"
+    none = samples(10).iloc[:0]
+    none.to_csv(path, index=False) if suffix == ".csv" else none.to_parquet(path)
+    code, out, err = run(capsys, "gate", "--samples", str(path))
+    assert (code, out) == (2, "")
+    assert f"--samples {path}: no samples (its columns alone): a poke that read none judged no look" in err
+    code, out, _ = run(capsys, "gate", "--samples", str(path), "--json")
+    assert (code, json.loads(out)["exit"]) == (2, 2)
+
+
 def fake_prometheus(restarted: float, calls: list, present: list):
     """Prometheus' HTTP API over a stage past, as ``answering_server``'s answer: its clock at
     ``present[0]``, the model servers scraped every 5 s, the candidate's P99 8 ms throughout, no
