@@ -486,6 +486,20 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
         )
 
 
+def _labels_before(samples: Any, at: float) -> Any:
+    """``samples`` with the live labels received at or after ``at`` left out (``correct`` and
+    ``labelled_by`` emptied), as the DAG's look at ``at`` joined only those received before it
+    (``engine._live_labels``), by their ``labelled_at``; samples without that column (not
+    ``engine.stage_samples``') keep every label they hold."""
+    if "labelled_at" not in samples.columns or "correct" not in samples.columns:
+        return samples
+    late = samples["labelled_at"] >= at  # (NaN: no label, or a replayed image's)
+    if not late.any():
+        return samples
+    emptied = {c: samples[c].mask(late) for c in ("correct", "labelled_by") if c in samples.columns}
+    return samples.assign(**emptied)
+
+
 def _stage_look(
     args: argparse.Namespace, spec: RolloutSpec, window: StageWindow, config: Any, samples: Any, images: int
 ) -> tuple[Verdict, str]:
@@ -519,8 +533,11 @@ def _stage_look(
             f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
             "engine.stage_samples)"
         )
-    if not is_numeric_dtype(samples["time"]):
-        raise UsageError(f"--stage {args.stage}: the samples' time must be unix seconds (the DAG's stage samples')")
+    for column in ("time", "labelled_at"):
+        if column in samples.columns and not is_numeric_dtype(samples[column]):
+            raise UsageError(
+                f"--stage {args.stage}: the samples' {column} must be unix seconds (the DAG's stage samples')"
+            )
     if untimed := int((~np.isfinite(samples["time"])).sum()):
         raise UsageError(
             f"--stage {args.stage}: {untimed:,} of the {len(samples):,} samples have no time "
@@ -556,7 +573,7 @@ def _stage_look(
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
         return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach), early
-    samples = samples[samples["time"] < at]
+    samples = _labels_before(samples[samples["time"] < at], at)
     seen = _information(args.information or "", args.look, samples, window.latency_from)
     return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen), early
 
@@ -1773,7 +1790,8 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional source "
-        "(live or replay), oom, correct, pair_id; a file of columns alone (no evidence at all) is refused, exit 2",
+        "(live or replay), oom, correct, pair_id; with --stage, time and labelled_at too (as engine.stage_samples "
+        "exports them); a file of columns alone (no evidence at all) is refused, exit 2",
     )
     g.add_argument(
         "--latency-from",
@@ -1824,7 +1842,9 @@ def parser() -> argparse.ArgumentParser:
         "bake.window): the samples given, the stage's as a poke read them (time: when each is evidence), are "
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
-        "engine.final_look_time), under the hard guards then; refused when it is in the future (milliseconds?) by "
+        "engine.final_look_time), their live labels those received before it too (labelled_at, when each "
+        "label is evidence, as engine.stage_samples exports it; samples without that column keep every label), "
+        "under the hard guards then; refused when it is in the future (milliseconds?) by "
         f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (locks.CLOCK_SKEW_S: it is stamped on "
         "the DAG worker's clock, compared with this machine's; less ahead, it is judged), "
         "when a sample lies before it, or when none lies between it and the look's time; samples ending well "

@@ -215,7 +215,9 @@ def stage_samples(
     Columns: arm, source (live | replay), latency_ms, error, oom, correct (NaN without a
     label or an answer), pair_id (the image's sha256 for the replay), cluster (a live row's
     request id: its items are one unit of evidence), labelled_by (the tenant, masked, whose
-    label a live row has), time (unix seconds: when it is evidence).
+    label a live row has), labelled_at (unix seconds: when that label is evidence, so that a
+    look before ``until`` can cut the labels at its time, as ``_live_labels`` does), time (unix
+    seconds: when it is evidence).
 
     A record of a batch request is a row per item, each with the request's latency and outcome:
     the request's evidence of latency, error and OOM is on its first item's row only (NaN on the
@@ -270,21 +272,22 @@ def stage_samples(
             # The live rows of one request are one unit of the live accuracy evidence.
             "cluster": request_id.where(~is_replay & request_id.notna() & (request_id != "")),
             "labelled_by": joined["tenant"].where(~is_replay),  # the tenant that sent a live label
+            "labelled_at": joined["at"].where(~is_replay),  # (when that label is evidence)
             "time": chosen["_at"],
         }
     )
 
 
 def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: float) -> pd.DataFrame:
-    """The label of each live record and the tenant that sent it (``label``, ``tenant``), joined
-    by request id and item, as the log's ``joined`` joins them: the earliest label received
-    before ``until`` (a look's evidence is what was logged before its time), on the earliest
-    answer of its request id and item (a re-sent id is a second answer, not a second piece of
-    evidence): a second label sent to another replica (each takes one) cannot override the
-    first, a late poke judges a look on what it would have seen on time, and one label of an id
-    re-sent 20 times counts once."""
+    """The label of each live record, the tenant that sent it and when it is evidence (``label``,
+    ``tenant``, ``at``: ``available``'s), joined by request id and item, as the log's ``joined``
+    joins them: the earliest label received before ``until`` (a look's evidence is what was
+    logged before its time), on the earliest answer of its request id and item (a re-sent id is
+    a second answer, not a second piece of evidence): a second label sent to another replica
+    (each takes one) cannot override the first, a late poke judges a look on what it would have
+    seen on time, and one label of an id re-sent 20 times counts once."""
     rows = records[(records["role"] == "label") & (records["model"] == model)]
-    out = pd.DataFrame({"label": np.nan, "tenant": None}, index=live.index)
+    out = pd.DataFrame({"label": np.nan, "tenant": None, "at": np.nan}, index=live.index)
     if rows.empty or live.empty:
         return out
     t = rows["_at"]
@@ -296,7 +299,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
     first = (
         rows.sort_values("_t", kind="stable")
         .drop_duplicates(["request_id", "item"], keep="first")
-        .set_index(["request_id", "item"])[["label", "tenant"]]
+        .set_index(["request_id", "item"])[["label", "tenant", "_t"]]
     )
     answered = live[(live["outcome"] == "ok") & (live["route"] != "version")]
     answered = answered.assign(_t=answered["_at"]).sort_values("_t", kind="stable")
@@ -304,6 +307,7 @@ def _live_labels(records: pd.DataFrame, live: pd.DataFrame, model: str, until: f
     found = first.reindex(pd.MultiIndex.from_arrays([answered["request_id"], answered["item"]]))
     out.loc[answered.index, "label"] = found["label"].to_numpy(dtype=float)
     out.loc[answered.index, "tenant"] = found["tenant"].astype(object).to_numpy()
+    out.loc[answered.index, "at"] = found["_t"].to_numpy(dtype=float)
     return out
 
 
@@ -325,6 +329,7 @@ def _empty_samples() -> pd.DataFrame:
             "pair_id": pd.Series(dtype=object),
             "cluster": pd.Series(dtype=object),
             "labelled_by": pd.Series(dtype=object),
+            "labelled_at": pd.Series(dtype=float),
             "time": pd.Series(dtype=float),
         }
     )

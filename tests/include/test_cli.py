@@ -341,6 +341,38 @@ def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, mon
     assert said.format(started=given) in err
 
 
+def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """Clients label each answer 50 s after it, the canary's answers wrong; the stage's one look at
+    100 s counts the labels received before then (``engine._live_labels``: a look's evidence is what
+    was logged before its time), and the poke that exported the samples at 155 s had more. ``gate
+    --stage`` cut the samples' requests at the look's time but kept their labels received after it
+    (the samples carried no label time): a live accuracy check on 2.5 times the DAG's labels, and
+    another verdict. The samples carry each label's time (``labelled_at``), and gate cuts the labels
+    there as the DAG did: the same verdict."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0, WINDOW, labels_for, records, spec
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    log = records(106, 40, 50)
+    labels = labels_for(log, 1)
+    labels["time"] += pd.Timedelta(seconds=50)
+    late = (
+        (log["version"] == "2") & (log["route"] == "route") & (log["time"] >= pd.Timestamp(T0 + 50, unit="s", tz="UTC"))
+    )
+    log.loc[late, "top1"] = 0  # (the canary's live answers wrong from 50 s on: labelled after the look)
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, pd.concat([log, labels]), T0 + 160)
+    assert (state.status, state.look) == ("pass", 1)
+    live = next(c for c in state.verdict.checks if c.name == "accuracy_live")
+    exported = pd.read_parquet(argv[2])
+    assert (exported["source"].eq("live") & exported["correct"].notna()).sum() > 2 * (live.n_baseline + live.n_canary)
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (0, _said(state.verdict))
+    exported.assign(labelled_at=exported["labelled_at"].astype(str)).to_parquet(argv[2])
+    code, _, err = run(capsys, *argv, *stage)
+    assert (code, "--stage 1: the samples' labelled_at must be unix seconds" in err) == (2, True)
+
+
 @pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0])
 def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(tmp_path, capsys, monkeypatch, ahead):
     """A stage's start is stamped on the DAG worker's clock, ``gate`` compares it with its own
