@@ -509,9 +509,12 @@ def _stage_look(
     hard guards that poke reads (``engine.stage_guards``: the replay's accuracy drop on all the
     samples given, as the poke read them, and with --prometheus those on Prometheus over the
     stage to then, evaluated then, ``engine.guard_inputs``). A guard that tripped fails it, no
-    look judged, as the DAG's breach rolls the stage back. And a warning, where the samples end
+    look judged, as the DAG's breach rolls the stage back. Prometheus read in part: a guard read
+    tripped or a failing look fails, as the DAG's poke fails the stage on them, anything else is
+    a ``CommandError`` (it rests on the guards not read). And a warning, where the samples end
     before the look's time by more than any gap between them and a poke interval (clients gone
-    quiet, or an export by a poke before that time, which judged no look: not told apart)."""
+    quiet, or an export by a poke before that time, which judged no look: not told apart), or
+    where a look failed with Prometheus read in part."""
     import numpy as np
     from pandas.api.types import is_numeric_dtype
 
@@ -566,16 +569,31 @@ def _stage_look(
     source = PrometheusSource(args.prometheus) if args.prometheus else None
     # (as the look's poke read them: at its time, the flush interval then)
     read = guard_inputs(source, spec, at + settle_time(source, at=at), since=window.started, past=True)
-    if why := read.unavailable or read.missing:
-        # (all or nothing: the DAG's poke reading them in part still fails on a breach or a failing look)
-        raise CommandError(f"--prometheus {args.prometheus}: the hard guards cannot be read ({why}); nothing judged")
+    # Read in part, a guard it read tripped or a look that fails fails, as the DAG's poke fails the
+    # stage on them whatever the guards it did not read (judge_stage); anything else rests on those.
+    unread = read.unavailable or read.missing
+    said = (
+        f"the hard guards could not all be read ({unread}): failed as the DAG's poke fails a stage on a guard it "
+        "read tripped or a failing look, whatever the others (its reason may name a guard not read here)"
+        if unread
+        else ""
+    )
+    early = "; ".join(w for w in (early, said) if w)
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
         return Verdict("fail", checks, 0, spec.looks_per_stage, config.alpha, 0.0, config.spending, breach), early
     samples = _labels_before(samples[samples["time"] < at], at)
     seen = _information(args.information or "", args.look, samples, window.latency_from)
-    return look_verdict(spec, window, args.look, at, samples, config, guards, images, seen), early
+    verdict = look_verdict(spec, window, args.look, at, samples, config, guards, images, seen)
+    if unread and verdict.decision != "fail":
+        raise CommandError(
+            f"--prometheus {args.prometheus}: the hard guards cannot be read ({unread}); nothing judged: look "
+            f"{args.look} does not fail on the samples and the guards read ({verdict.decision.upper()} on them), and "
+            "whether it passes or trips a guard rests on those not read here (a DAG poke that could not read them "
+            "either held the stage)"
+        )
+    return verdict, early
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
@@ -1857,8 +1875,9 @@ def parser() -> argparse.ArgumentParser:
         type=_url,
         help="with --stage: http://host:port, for the hard guards on Prometheus (P99, shadow errors, restarts) "
         "over the stage to the look's poke; the replay's accuracy drop is judged from the samples; Prometheus "
-        "unreadable or without data, even for one guard: exit 4, nothing judged (the DAG's poke then still fails "
-        "the stage on a guard it read tripped or a look that fails, and holds it otherwise)",
+        "unreadable or without data, even for one guard: a guard it read tripped or a look that fails fails "
+        "(exit 1, with a warning naming those not read), as the DAG's poke fails the stage on them whatever the "
+        "others; anything else exit 4, nothing judged (it rests on the guards not read)",
     )
     gate_guards.add_argument(
         "--no-hard-guards",

@@ -294,6 +294,42 @@ def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(
     assert f"--prometheus {url}: the hard guards cannot be read (Prometheus is down); nothing judged" in err
 
 
+def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path, capsys, monkeypatch):
+    """The DAG's poke reading the hard guards in part (Prometheus down, one guard without data)
+    still rolls the stage back on a guard it read tripped, or on a look that fails (a failure
+    needs no guard: ``judge_stage``), and holds it otherwise. ``gate --stage --prometheus`` read
+    in part ended every look with exit 4, "nothing judged", the failures too. It fails those as
+    the DAG did (exit 1, saying which guards it could not read), and judges nothing else: a look
+    that does not fail passes or trips there on the guards not read."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+    from vision_rollout import engine
+    from vision_rollout.gates import GuardInputs
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    no_starts = "the start times of the candidate's serving processes have no data in Prometheus"
+    p99 = GuardInputs(p99_series_ms=tuple((T0 + t, 80.0) for t in range(0, 200, 10)), missing=no_starts)
+    down = GuardInputs(unavailable="Prometheus is down")
+    url = f"http://127.0.0.1:{free_port()}"
+    for guards, log, status in [(p99, records(106, 40, 50), "breach"), (down, records(106, 40, 50, 1.3), "fail")]:
+        state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, log, T0 + 106, guards=guards)
+        assert state.status == status
+        monkeypatch.setattr(engine, "guard_inputs", lambda *a, guards=guards, **k: guards)
+        code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url, "--json")
+        said = json.loads(out)
+        assert (code, said["summary"]) == (1, state.reason), err
+        unread = guards.unavailable or guards.missing
+        assert f"the hard guards could not all be read ({unread})" in said["warning"]
+        assert f"rolloutctl gate: warning: the hard guards could not all be read ({unread})" in err
+    code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)  # (no --json)
+    assert (code, out.splitlines()[0]) == (1, state.reason)
+    monkeypatch.setattr(engine, "guard_inputs", lambda *a, **k: replace(p99, p99_series_ms=((T0, 8.0),)))
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106, guards=down)
+    assert state.status == "waiting"  # (the DAG holds it)
+    code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)
+    assert (code, out) == (4, "")
+    assert f"--prometheus {url}: the hard guards cannot be read ({no_starts}); nothing judged" in err
+
+
 def test_gate_judges_the_replays_accuracy_drop_on_all_the_samples_its_poke_read(tmp_path, capsys, monkeypatch):
     """The DAG's poke judges the replay's accuracy-drop guard on every sample it read
     (``judge_stage``'s ``current``), and looks on those before their time: at 27 s into the stage
