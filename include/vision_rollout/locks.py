@@ -30,7 +30,9 @@ backends (``CompareAndSwapLock``):
   another run holds is never touched.
 
 Every write is a compare-and-swap on the version read, so of two runs racing for one model
-exactly one wins. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
+exactly one wins. One whose answer left unknown whether it was served (a Lease's 500, 502 or
+504, or no answer) is settled by reading the lease back (``mesh.settled``), never taken for
+a race lost. Backends: ``LeaseLock``, a ``coordination.k8s.io/v1`` Lease in the model's
 namespace (kubernetes mode; the mark and the note are its annotations); ``FileLock``, a JSON
 file under the run folder (local mode). Workers' clocks are assumed synchronised (NTP) to within
 ``CLOCK_SKEW_S``.
@@ -55,6 +57,7 @@ from typing import Any, Protocol
 from model_server.files import sync_folder, write_private
 from vision_rollout.attempts import printable
 from vision_rollout.folders import NotAFile, guard_file, read_regular
+from vision_rollout.mesh import settled, unsettled
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
@@ -192,7 +195,11 @@ class CompareAndSwapLock(ABC):
         return self._read()[0]
 
     def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding:
+        """A write in doubt (``settled``) is taken again from what is read: this holder's, served."""
         _check(holder, seconds)
+        return settled(lambda _: self._acquire(holder, seconds), checks=False)
+
+    def _acquire(self, holder: str, seconds: int) -> Holding:
         now = self.clock()
         fresh = Holding(holder, now, seconds, now)
         for _ in range(2):  # a lease released between our create and our read: create again, once
@@ -227,8 +234,13 @@ class CompareAndSwapLock(ABC):
         ``note`` (cut to ``MAX_NOTE``) when given. Its compare-and-swap refused (a write between
         its read and its replace: ``abort``'s mark, a renewal of the holder's own that committed
         late), the lock is read again: still ``holder``'s, renewed from that read (an abort's mark
-        kept: the abort wins); another's or nobody's, LockLost."""
+        kept: the abort wins); another's or nobody's, LockLost. Its replace in doubt (``settled``):
+        still ``holder``'s, renewed again from what is read (its first body sent again would be
+        refused, 409: the resourceVersion moved on by that write itself)."""
         _check(holder, seconds)
+        return settled(lambda _: self._renew(holder, seconds, note), checks=False)
+
+    def _renew(self, holder: str, seconds: int, note: str | None) -> Holding:
         for _ in range(5):  # (as ``abort``: someone keeps writing, read again)
             current, version = self._read()
             if current is None or version is None or current.holder != holder:
@@ -236,19 +248,19 @@ class CompareAndSwapLock(ABC):
             renewed = replace(current, renewed=self.clock(), seconds=seconds)
             if note is not None:
                 renewed = replace(renewed, note=note[:MAX_NOTE])
-            if self._renewal(renewed, version):
+            if self._replace(renewed, version):
                 return renewed
         raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
 
-    def _renewal(self, holding: Holding, version: str) -> bool:
-        """``renew``'s replace (``_replace``)."""
-        return self._replace(holding, version)
-
     def release(self, holder: str, to: Holding | None = None) -> bool:
-        """``to``: the holding ``holder`` took over, put back as it was."""
+        """``to``: the holding ``holder`` took over, put back as it was. A write in doubt
+        (``settled``): read back no longer ``holder``'s, released."""
+        return settled(lambda doubted: self._release(holder, to, doubted))
+
+    def _release(self, holder: str, to: Holding | None, doubted: int) -> bool:
         current, version = self._read()
         if current is None or version is None or current.holder != holder:
-            return False
+            return doubted > 0  # (after a write in doubt: that write's, served)
         if to is not None and to.holder and to.holder != holder:
             return self._replace(replace(to, transitions=current.transitions + 1), version)
         return self._delete(version)
@@ -259,7 +271,8 @@ class CompareAndSwapLock(ABC):
         own, None when absent) names ``holder`` renewing it, not released, and its renewal (a time
         a ``Holding`` holds, for at most ``MAX_LEASE_S``) not run out on this clock. Other runs
         take a lease over only once it has run out (and ``CLOCK_SKEW_S`` more on their clocks),
-        so none can have taken this one over and released it meanwhile. None, nothing written, otherwise (a record unreadable, a race lost)."""
+        so none can have taken this one over and released it meanwhile. None, nothing written, otherwise (a record unreadable, a race lost).
+        Its create in doubt (``settled``): read back ``holder``'s, marked, that create's."""
         try:
             last = json.loads(record or b"")
         except (ValueError, RecursionError):
@@ -271,17 +284,26 @@ class CompareAndSwapLock(ABC):
         now = self.clock()
         if last.get("holder") != holder or last.get("released") or now >= renewed + seconds:
             return None
-        if self.holding() is not None:
-            return None
         taken = Holding(holder, now, LEASE_S, now, aborted=reason[:MAX_NOTE])
-        return taken if self._create(taken) else None
+
+        def attempt(doubted: int) -> Holding | None:
+            current = self.holding()
+            if current is not None:  # (after a create in doubt: this holder's, marked, is that create's)
+                return current if doubted and current.holder == holder and current.aborted else None
+            return taken if self._create(taken) else None
+
+        return settled(attempt)
 
     def abort(self, reason: str) -> Holding:
         """Mark the holder's rollout aborted for ``reason`` (cut to ``MAX_NOTE``); the holding as
         marked. Marked already: as it is, its first reason kept. LockLost when nobody holds the
-        model; the lease is never released or taken here (it stays its holder's)."""
+        model; the lease is never released or taken here (it stays its holder's). A write in doubt
+        (``settled``): read back marked, done."""
         if not isinstance(reason, str) or not reason.strip():
             raise ValueError("an abort needs a reason")
+        return settled(lambda _: self._abort(reason))
+
+    def _abort(self, reason: str) -> Holding:
         for _ in range(5):  # the holder renews meanwhile: read again
             current, version = self._read()
             if current is None or version is None or not current.holder:
@@ -445,26 +467,13 @@ class LeaseLock(CompareAndSwapLock):
             failed.status = exc.status
             raise failed from None
 
-    def renew(self, holder: str, seconds: int = LEASE_S, note: str | None = None) -> Holding:
-        """``CompareAndSwapLock.renew``; one whose replace's answer left unknown whether it was
-        served (a 500, 502 or 504, or none) settled by reading the lease back (``settled``): still
-        this run's, renewed again from what was read. Its first body sent again would be refused
-        (409: the resourceVersion moved on by that write itself), the run's own write taken for
-        another run's: LockLost. Where that write commits after the read-back's read, the replace
-        refused reads the lease again (``CompareAndSwapLock.renew``): still this run's. Only the
-        replace is in doubt (``_renewal``): a read that failed is raised as it came (the client's
-        retries are a read's), not taken for a write in doubt (none was sent)."""
-        from vision_rollout.mesh import settled
-
-        return settled(lambda _: super(LeaseLock, self).renew(holder, seconds, note), checks=False)
-
-    def _renewal(self, holding: Holding, version: str) -> bool:
-        """The replace, its answer leaving unknown whether it was served (a 500, 502 or 504, or
-        none) raised as ``Unsettled``, for ``renew`` to settle."""
-        from vision_rollout.mesh import unsettled
-
+    def _written(self, what: str, call: Callable[[], Any], refused: tuple[int, ...] = (409, 404)) -> bool:
+        """A write's ``_call``: False when ``refused`` (409: it exists, or moved on from the version
+        sent; 404: gone); its answer leaving unknown whether it was served (a 500, 502 or 504, or
+        none) raised as ``Unsettled``, for the operation's ``settled`` to read the lease back. A
+        read's failure is raised as it came (the client's retries are a read's)."""
         with unsettled():
-            return self._replace(holding, version)
+            return self._call(what, call, refused) is not None
 
     def _read(self) -> tuple[Holding | None, str | None]:
         lease = self._call("GET", partial(self._api().read_namespaced_lease, self.name, self.namespace), (404,))
@@ -511,23 +520,18 @@ class LeaseLock(CompareAndSwapLock):
 
     def _create(self, holding: Holding) -> bool:
         create = partial(self._api().create_namespaced_lease, self.namespace, self._body(holding))
-        return self._call("create", create, (409,)) is not None
+        return self._written("create", create, (409,))
 
     def _replace(self, holding: Holding, version: str) -> bool:
         body = self._body(holding, version)
-        return (
-            self._call(
-                "replace", partial(self._api().replace_namespaced_lease, self.name, self.namespace, body), (409, 404)
-            )
-            is not None
-        )
+        return self._written("replace", partial(self._api().replace_namespaced_lease, self.name, self.namespace, body))
 
     def _delete(self, version: str) -> bool:
         from kubernetes import client
 
         options = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=version))
         delete = partial(self._api().delete_namespaced_lease, self.name, self.namespace, body=options)
-        return self._call("delete", delete, (409, 404)) is not None
+        return self._written("delete", delete)
 
 
 def micro_time(epoch: float) -> str:

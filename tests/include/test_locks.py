@@ -620,3 +620,62 @@ def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kub
     )
     assert [r["method"] for r in fake.requests[before:]] == ["GET", "PUT"] * WRITE_TRIES
     assert sum("reading it back" in r.getMessage() for r in caplog.records) == WRITE_TRIES - 1
+
+
+def _doubted_lock(fake: FakeKubeAPI, clock: Clock) -> LeaseLock:
+    """A lease lock on the fake API server through the client as the rollout makes it
+    (``with_retries``: a write left without an answer is an ``ApiUnreachable``)."""
+    from vision_rollout.mesh import with_retries
+
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    return LeaseLock("digits", f"test-{next(NAMESPACES)}", with_retries(client.ApiClient(cfg)), clock=clock)
+
+
+@pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+@pytest.mark.parametrize("op", ["acquire", "takeover", "release", "give-back", "abort", "retake"])
+def test_a_lease_write_left_in_doubt_is_read_back_not_taken_for_lost(kube, op, served, answer):
+    """A lease's create, replace or delete answered 500 (etcd timing out, served or not) or not
+    answered at all failed ``acquire``, ``release``, ``abort`` and ``retake`` (LockError, or the
+    client's exception): a ``retake`` served then answered 500 was a race lost, the run failing
+    for good with the lease its own. Each is settled as a renewal is (``mesh.settled``): the
+    lease read back, the write found in place (done) or made again from what was read."""
+    fake = kube[0]
+    clock = Clock()
+    lock = _doubted_lock(fake, clock)
+    method = {"acquire": "POST", "retake": "POST", "release": "DELETE"}.get(op, "PUT")
+    if op in ("takeover", "give-back"):
+        lock.acquire("run-0", seconds=30)
+        clock.now += 31 + CLOCK_SKEW_S
+    before = lock.holding()
+    if op in ("release", "give-back", "abort", "retake"):
+        record = held_record("run-a", lock.acquire("run-a", seconds=60))
+    if op == "retake":
+        lock.release("run-a")  # (an operator's removal)
+    fake.throttle, fake.throttle_status, fake.throttle_served = 1, answer, served
+    fake.throttled_methods = frozenset({method})
+    try:
+        if op in ("acquire", "takeover"):
+            assert lock.acquire("run-a").holder == "run-a"
+            assert lock.holding().transitions == (1 if op == "takeover" else 0)
+        elif op == "release":
+            assert lock.release("run-a")
+            assert lock.holding() is None
+        elif op == "give-back":
+            assert lock.release("run-a", to=before)
+            assert lock.holding().holder == "run-0"
+        elif op == "abort":
+            assert lock.abort("an operator's abort").aborted == "an operator's abort"
+        else:
+            taken = lock.retake("run-a", record, "removed")
+            assert taken is not None
+            assert (taken.holder, taken.aborted) == ("run-a", "removed")
+        assert fake.throttle == 0  # (the write in doubt was sent)
+    finally:
+        fake.throttle, fake.throttle_status, fake.throttle_served = 0, 429, False
+        fake.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    if op == "abort":
+        assert lock.holding().aborted == "an operator's abort"
+    if op == "retake":
+        assert lock.holding().holder == "run-a"
