@@ -697,33 +697,47 @@ class VersionDeployments:
         deploy/'s overlay installs version 1's with the rollout's field manager). A refusal is
         logged (``refused``: each field and its manager), not raised: the pods are applied
         already, and a budget (a guard against node drains) must not hold back a rollback; a
-        budget that cannot be read is applied as rendered (its size matters more than its labels)."""
+        budget that cannot be read is applied as rendered (its size matters more than its labels).
+        An apply whose answer left unknown whether it was served is read back and applied again
+        from what was read (``settled``), as the Deployment's."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
         policy = client.PolicyV1Api(self.api_client)
-        body = render_pdb(self.target, version, replicas, bool(self.build.autoscaling))
-        try:
-            live = policy.api_client.sanitize_for_serialization(
-                policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
-            )
-            body = with_live_metadata(body, live)  # another manager's labels stay its own
-        except ApiException as exc:
-            if exc.status != 404:
-                log.warning(
-                    "%s; applied without its labels and annotations", refused(f"GET PodDisruptionBudget {name}", exc)
+        what = f"apply PodDisruptionBudget {name}"
+
+        def attempt(_: int) -> None:
+            body = render_pdb(self.target, version, replicas, bool(self.build.autoscaling))
+            try:
+                live = policy.api_client.sanitize_for_serialization(
+                    policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
                 )
+                body = with_live_metadata(body, live)  # another manager's labels stay its own
+            except ApiException as exc:
+                if exc.status != 404:
+                    log.warning(
+                        "%s; applied without its labels and annotations",
+                        refused(f"GET PodDisruptionBudget {name}", exc),
+                    )
+            with unsettled():
+                try:
+                    policy.patch_namespaced_pod_disruption_budget(
+                        name,
+                        self.target.namespace,
+                        body,
+                        field_manager=FIELD_MANAGER,
+                        _content_type="application/apply-patch+yaml",
+                    )
+                except ApiException as exc:
+                    raise refused(what, exc) from None
+
         try:
-            policy.patch_namespaced_pod_disruption_budget(
-                name,
-                self.target.namespace,
-                body,
-                field_manager=FIELD_MANAGER,
-                _content_type="application/apply-patch+yaml",
-            )
-        except ApiException as exc:
-            log.warning("%s; a drain may take its pods", refused(f"apply PodDisruptionBudget {name}", exc))
+            settled(attempt, checks=False)
+        except ApiUnreachable:
+            raise
+        except RouterError as exc:
+            log.warning("%s; a drain may take its pods", exc)
 
     def shared_budgets(self, versions: Iterable[str]) -> list[str]:
         """The PodDisruptionBudgets of the namespace that select the pods of one of ``versions``
@@ -1111,7 +1125,9 @@ class VersionDeployments:
 
     def _delete(self, plural: str, obj: Any) -> bool:
         """Delete ``obj`` (a listed Deployment or HPA) unless it changed since it was listed or is
-        gone already (False)."""
+        gone already (False). A delete whose answer left unknown whether it was served is sent
+        again on the same preconditions (``settled``: it deletes nothing but the object as
+        listed): a 404 then is that delete's, done."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -1126,25 +1142,41 @@ class VersionDeployments:
                 client.AutoscalingV2Api(self.api_client).delete_namespaced_horizontal_pod_autoscaler,
             ),
         }[plural]
-        try:
-            delete(meta.name, self.target.namespace, body=options)
-        except ApiException as exc:
-            if exc.status in (404, 409):  # gone already, or changed since it was listed: left
-                return False
-            raise refused(f"delete {kind} {meta.name}", exc) from None
-        return True
+
+        def attempt(doubted: int) -> bool:
+            with unsettled():
+                try:
+                    delete(meta.name, self.target.namespace, body=options)
+                except ApiException as exc:
+                    if exc.status == 404:  # gone: already (left), or by the delete in doubt before (done)
+                        return doubted > 0
+                    if exc.status == 409:  # changed since it was listed: left
+                        return False
+                    raise refused(f"delete {kind} {meta.name}", exc) from None
+            return True
+
+        return settled(attempt, checks=False)
 
     def _delete_pdb(self, version: str) -> None:
-        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well."""
+        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well. A
+        delete whose answer left unknown whether it was served is sent again (``settled``): a 404
+        then is done."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
-        try:
-            client.PolicyV1Api(self.api_client).delete_namespaced_pod_disruption_budget(name, self.target.namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise refused(f"delete PodDisruptionBudget {name}", exc) from None
+
+        def attempt(_: int) -> None:
+            with unsettled():
+                try:
+                    client.PolicyV1Api(self.api_client).delete_namespaced_pod_disruption_budget(
+                        name, self.target.namespace
+                    )
+                except ApiException as exc:
+                    if exc.status != 404:  # (gone: by a delete in doubt before too)
+                        raise refused(f"delete PodDisruptionBudget {name}", exc) from None
+
+        settled(attempt, checks=False)
 
     def _call(self, what: str, call: Any) -> Any:
         """``call()``, an API server's refusal as ``refused`` says it."""

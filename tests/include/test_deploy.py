@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -929,3 +930,59 @@ def test_a_pod_label_another_manager_owns_stays_its_own_after_the_rollouts_appli
     candidate = api.objects[("deployments", "models", "digits-v2")]["spec"]["template"]["metadata"]
     assert (candidate["labels"]["team"], candidate["annotations"]["prometheus.io/scrape"]) == ("vision", "true")
     assert versions.changed("2") is None
+
+
+def _in_doubt(api: Any, method: str, path: str, answer: int | None, served: bool) -> None:
+    """The next ``method`` on ``path`` answered ``answer`` (None: its connection closed), served
+    first or not: the client cannot tell which."""
+    api.throttle, api.throttle_status, api.throttle_served = 1, answer, served
+    api.throttled_methods, api.throttled_path = frozenset({method}), path
+
+
+@pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+@pytest.mark.parametrize("plural", ["deployments", "poddisruptionbudgets", "horizontalpodautoscalers"])
+def test_a_prunes_delete_left_in_doubt_is_settled_not_a_failed_prune(kube_api, plural, served, answer):
+    """A retired version's Deployment, budget or HPA delete answered 500 (served or not) or not
+    answered failed the prune; one served was, sent again, a 404 taken for "gone already", the
+    version not counted gone, its budget and HPA left behind. Each delete in doubt is sent again
+    (on the same preconditions): a 404 then is that delete's, done."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    build = BuildSettings(gpus=0, autoscaling=True, revision_history_limit=0)
+    versions = VersionDeployments(TARGET, "digits", with_retries(api_client), build)
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    _in_doubt(api, "DELETE", f"/{plural}/digits-v1", answer, served)
+    assert versions.prune({"2"}) == ["1"]
+    assert api.throttle == 0  # (the delete in doubt was sent)
+    left = sorted((p, n) for p, ns, n in api.objects if ns == "models" and p != "events")
+    assert left == [
+        ("deployments", "digits-v2"),
+        ("horizontalpodautoscalers", "digits-v2"),
+        ("poddisruptionbudgets", "digits-v2"),
+    ]
+
+
+@pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
+@pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
+def test_a_budgets_apply_left_in_doubt_is_settled_not_logged_as_refused(kube_api, caplog, served, answer):
+    """A version's PodDisruptionBudget apply answered 500 (served or not) was logged as refused ("a
+    drain may take its pods"), the version left without its budget where it was not served; not
+    answered, it failed the apply of the version. It is read back and applied again, as the
+    Deployment's and the HPA's applies are."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0))
+    _in_doubt(api, "PATCH", "/poddisruptionbudgets/digits-v2", answer, served)
+    versions.apply("2", "img:2", 3)
+    assert api.throttle == 0  # (the apply in doubt was sent)
+    assert api.objects[("poddisruptionbudgets", "models", "digits-v2")]["spec"] == render_pdb(TARGET, "2", 3)["spec"]
+    assert "a drain may take its pods" not in caplog.text
