@@ -1679,7 +1679,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
     pods scaled all the same), then 100% to it, its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
-    from vision_rollout.mesh import ApiUnreachable, RouterError, routes_to
+    from vision_rollout.mesh import TRANSIENT, RouterError, routes_to
 
     spec = spec_from(params)
     hook = serving()
@@ -1687,8 +1687,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     r = router(spec, run_id, hook)
     try:
         rerouted = routes_to(r.get_routes(), spec.candidate_version)
-    except ApiUnreachable:
-        raise  # nothing was read
+    except TRANSIENT:
+        raise  # nothing was read (no answer, or a failure rather than a refusal): a retry reads again
     except RouterError as exc:  # (a VirtualService edited by hand): what it sends the candidate is unknown
         if spec.mesh != "istio":
             raise

@@ -1155,6 +1155,30 @@ def test_a_stages_virtualservice_write_answered_500_each_time_fails_naming_the_c
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+def test_a_rollbacks_routes_read_the_api_server_failed_is_raised_not_taken_for_a_hand_edit(kube, monkeypatch):
+    """``restore_stable`` reads the routes to know whether the candidate was routed. The API server
+    failing that read (500 each time, the client's retries spent: ApiFailed) was taken for a
+    VirtualService edited by hand ("put back to the stable version all the same"): version 1
+    written at 100% over routes that sent the candidate nothing (the operator's version 3, a run
+    refused before its first stage). It is raised as it came, as the other reads' failures
+    (``TRANSIENT``): the teardown's retry reads again; only routes read and not the rollout's
+    count as edited by hand."""
+    from vision_rollout import mesh
+
+    stable_virtual_service(kube, PARAMS, serving="3")
+    take("run-1")
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+    sends = 1 + mesh.api_retries().total  # the read and the client's retries of it, each answered 500
+    kube.throttle, kube.throttle_status, kube.throttled_methods = sends, 500, frozenset({"GET"})
+    kube.throttled_path = VS_PATH
+    with pytest.raises(mesh.ApiFailed, match=r"^GET virtualservices/digits: 500 "):
+        steps.restore_stable(PARAMS, "run-1")
+    assert kube.throttle == 0
+    assert routes(kube) == [("v3", 100)]
+    steps.restore_stable(PARAMS, "run-1")  # answered: the candidate not routed, the routes left as they are
+    assert routes(kube) == [("v3", 100)]
+
+
 def test_a_stages_virtualservice_write_that_conflicts_reads_again_and_applies_as_before(kube):
     """A 409 (another writer changed the VirtualService between the read and the apply): read
     again and applied from the new object, that writer's change kept, unchanged by the above."""
