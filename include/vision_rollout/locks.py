@@ -68,6 +68,7 @@ MAX_LOCK_BYTES = 65536  # a lock file this lock writes is under 3 KiB: a larger 
 # How far two workers' clocks may be apart: a lease is taken for dead this long after its expiry.
 CLOCK_SKEW_S = 60
 ABORTED, NOTE = "model-rollout/aborted", "model-rollout/note"  # a Lease's annotations
+RACES = 5  # a renewal's or an abort's reads, each refused its write by another's meanwhile, before it gives up
 
 
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last time a datetime holds
@@ -241,7 +242,7 @@ class CompareAndSwapLock(ABC):
         return settled(lambda _: self._renew(holder, seconds, note), checks=False)
 
     def _renew(self, holder: str, seconds: int, note: str | None) -> Holding:
-        for _ in range(5):  # (as ``abort``: someone keeps writing, read again)
+        for _ in range(RACES):  # (as ``abort``: someone keeps writing, read again)
             current, version = self._read()
             if current is None or version is None or current.holder != holder:
                 raise LockLost(self._not_held(holder, current))
@@ -250,7 +251,7 @@ class CompareAndSwapLock(ABC):
                 renewed = replace(renewed, note=note[:MAX_NOTE])
             if self._replace(renewed, version):
                 return renewed
-        raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
+        raise self._written_meanwhile(holder)
 
     def release(self, holder: str, to: Holding | None = None) -> bool:
         """``to``: the holding ``holder`` took over, put back as it was. A write in doubt
@@ -304,7 +305,7 @@ class CompareAndSwapLock(ABC):
         return settled(lambda _: self._abort(reason))
 
     def _abort(self, reason: str) -> Holding:
-        for _ in range(5):  # the holder renews meanwhile: read again
+        for _ in range(RACES):  # the holder renews meanwhile: read again
             current, version = self._read()
             if current is None or version is None or not current.holder:
                 raise LockLost(f"no rollout holds model {self.model!r} ({self.where})")
@@ -313,7 +314,16 @@ class CompareAndSwapLock(ABC):
             marked = replace(current, aborted=reason[:MAX_NOTE])
             if self._replace(marked, version):
                 return marked
-        raise LockError(f"model {self.model!r} keeps changing ({self.where}); try again")
+        raise self._written_meanwhile(marked.holder)
+
+    def _written_meanwhile(self, holder: str) -> LockError:
+        """A renewal's or an abort's compare-and-swap refused at each of its ``RACES`` reads, the
+        lease ``holder``'s at the last: written by another between each read and the write (an
+        abort, the holder's renewal from another worker), not changing hands."""
+        return LockError(
+            f"the lease of model {self.model!r} ({self.where}) was written by another writer between each of "
+            f"{RACES} reads and this write, run {holder!r} holding it at the last; try again"
+        )
 
     def _not_held(self, holder: str, current: Holding | None) -> str:
         now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"

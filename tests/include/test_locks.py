@@ -679,3 +679,34 @@ def test_a_lease_write_left_in_doubt_is_read_back_not_taken_for_lost(kube, op, s
         assert lock.holding().aborted == "an operator's abort"
     if op == "retake":
         assert lock.holding().holder == "run-a"
+
+
+@pytest.mark.parametrize("call", ["renew", "abort"])
+def test_a_lease_written_between_each_read_and_write_is_named_as_such_not_changing_hands(make, call):
+    """Another writer wrote the lease between each of a renewal's (or an abort's) reads and its
+    write, the holder the same each time (its own renewal from another worker): the call gave up
+    with "model 'digits' keeps changing", as if the model changed hands, which it did not; nothing
+    tested it. It names what happened: written meanwhile at each read, still the holder's, and
+    that it may be tried again (a LockError, not a LockLost: the run still holds the model)."""
+    clock = Clock()
+    lock = make(clock=clock)
+    lock.acquire("run-a")
+    read = lock._read
+    writes = []
+
+    def read_then_the_holder_renews_elsewhere() -> Any:
+        seen = read()
+        clock.now += 1
+        writes.append(make(clock=clock).renew("run-a"))  # (the holder's other worker)
+        return seen
+
+    lock._read = read_then_the_holder_renews_elsewhere  # type: ignore[method-assign]
+    with pytest.raises(LockError) as failed:
+        lock.renew("run-a") if call == "renew" else lock.abort("an operator's abort")
+    assert type(failed.value) is LockError
+    said = str(failed.value)
+    assert said.startswith(f"the lease of model 'digits' ({lock.where}) was written by another writer between each")
+    assert "run 'run-a' holding it at the last; try again" in said
+    assert "changing" not in said
+    assert len(writes) == 5
+    assert make(clock=clock).holding().holder == "run-a"
