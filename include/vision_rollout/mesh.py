@@ -1162,10 +1162,13 @@ class IstioRouter:
         the VirtualService routes otherwise (edited by hand, or not one the rollout reads), the
         DestinationRule lacks a subset it routes to (Envoy answers that share 503), or, with a
         split, the bucket EnvoyFilter is gone or changed (``envoy_filter_problem``: Istio splits
-        per request, not per user). Two GETs, three with a split."""
+        per request, not per user). Two GETs, three with a split; one the API server left without an
+        answer or failed (``TRANSIENT``) is raised as it came: nothing read says the mesh changed."""
         where = f"VirtualService {self.target.namespace}/{self.target.name}"
         try:
             live = self.get_routes()
+        except TRANSIENT:
+            raise
         except RouterError as exc:
             return str(exc)
         if live != policy:

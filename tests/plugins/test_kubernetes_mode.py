@@ -1510,6 +1510,27 @@ def test_a_candidates_deployment_read_answered_500_is_retried_not_rolled_back_as
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+def test_a_stages_routes_read_answered_500_is_retried_not_rolled_back_as_edited_by_hand(kube, monkeypatch):
+    """A stage's poke checks that the mesh serves the stage's split (``serving_problem``): its
+    VirtualService GET failed by the API server (500 each time, the client's retries spent: an
+    ApiFailed) was taken for the VirtualService changed outside the rollout: the healthy
+    candidate rolled back, the run failed for good naming the 500 as the mesh's problem. Nothing
+    says the routes changed: the failure is raised as it came (Airflow's retry looks again), the
+    stage's weights kept."""
+    from vision_rollout import mesh
+
+    at_stage_1(kube)
+    monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+    sends = 1 + mesh.api_retries().total  # the read and the client's retries of it, each answered 500
+    kube.throttle, kube.throttle_status, kube.throttled_methods = sends, 500, frozenset({"GET"})
+    kube.throttled_path = VS_PATH
+    with pytest.raises(mesh.ApiFailed, match=r"^GET virtualservices/digits: 500 "):
+        steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+    assert kube.throttle == 0
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
 def test_the_routes_read_answered_500_before_a_retirement_is_retried_not_final(kube):
     """``retire`` reads the routes until they send the version nothing: that read answered 500
     once the client's retries were spent (an ApiFailed) failed the step for good ("version 2
