@@ -49,6 +49,7 @@ from vision_rollout.spec import RolloutSpec, SpecError
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from model_server.traffic import TrafficPolicy
     from vision_rollout.deploy import VersionDeployments
     from vision_rollout.engine import Reckoned, StageJudge
     from vision_rollout.folders import Folder
@@ -1679,21 +1680,14 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
     pods scaled all the same), then 100% to it, its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
-    from vision_rollout.mesh import TRANSIENT, RouterError, routes_to
+    from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
     hook = serving()
     hold(spec, run_id, hook, rolling_back=True)
     r = router(spec, run_id, hook)
-    try:
-        rerouted = routes_to(r.get_routes(), spec.candidate_version)
-    except TRANSIENT:
-        raise  # nothing was read (no answer, or a failure rather than a refusal): a retry reads again
-    except RouterError as exc:  # (a VirtualService edited by hand): what it sends the candidate is unknown
-        if spec.mesh != "istio":
-            raise
-        log.warning("the routes are put back to the stable version all the same: %s", str(exc)[:300])
-        rerouted = True
+    routes = routes_read(spec, r)
+    rerouted = routes is None or routes_to(routes, spec.candidate_version)  # (None: what it sends is unknown)
     if spec.mesh == "local":
         if rerouted:
             r.set_routes(spec.stable_policy())
@@ -1728,6 +1722,24 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, deployments, spec.candidate_version)
     return spec.baseline_version
+
+
+def routes_read(spec: RolloutSpec, r: Router) -> TrafficPolicy | None:
+    """The routes in effect; None, logged, where Istio's VirtualService is not one the rollout
+    reads (edited by hand): the stable version is put back all the same. A read that got no answer
+    or that the API server failed (``TRANSIENT``) is raised as it came, nothing read (a retry reads
+    again), as the model server's failure."""
+    from vision_rollout.mesh import TRANSIENT, RouterError
+
+    try:
+        return r.get_routes()
+    except TRANSIENT:
+        raise
+    except RouterError as exc:
+        if spec.mesh != "istio":
+            raise
+        log.warning("the routes are put back to the stable version all the same: %s", str(exc)[:300])
+        return None
 
 
 def _found_report(
@@ -1927,8 +1939,8 @@ def finish(
     lock = hook.model_lock(spec.model, spec.mesh)
     folder = hook.settings.workdir(spec.model, run_id)
     lease_kept(lock, run_id, folder)
-    kept = promoted or promotion_in_effect(spec, run_id, hook)
-    routes = None if kept else router(spec, run_id, hook).get_routes()
+    routes = None if promoted else routes_read(spec, router(spec, run_id, hook))  # (None: edited by hand)
+    kept = promoted or (routes is not None and promotion_in_effect(spec, run_id, hook, routes))
     if not kept:
         restore_stable(params, run_id, unload_candidate)
     elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
@@ -1981,10 +1993,13 @@ def prune_history(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None
         )
 
 
-def promotion_in_effect(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> bool:
+def promotion_in_effect(
+    spec: RolloutSpec, run_id: str, hook: ModelServerHook, routes: TrafficPolicy | None = None
+) -> bool:
     """The candidate takes 100% and the baseline is retired: promote ran. (A last stage at 100%
-    has the same routes, with the baseline still serving: not a promotion.)"""
-    if router(spec, run_id, hook).get_routes() != spec.promoted_policy():
+    has the same routes, with the baseline still serving: not a promotion.) ``routes``: the
+    routes in effect, read already (None: read here)."""
+    if (routes if routes is not None else router(spec, run_id, hook).get_routes()) != spec.promoted_policy():
         return False
     if spec.mesh == "istio":
         return not hook.deployments(spec.model).replicas(spec.baseline_version)

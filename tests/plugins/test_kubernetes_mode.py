@@ -1641,6 +1641,26 @@ def test_a_virtual_service_edited_by_hand_into_one_the_rollout_cannot_read_is_st
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+def test_the_teardown_rolls_back_a_virtual_service_edited_by_hand_into_one_the_rollout_cannot_read(kube):
+    """Its candidate given 100% by hand mid-stage (the stage's mirror left to it: a VirtualService
+    the rollout cannot read), and the run failing before a poke saw it: the teardown read the
+    routes first, for its report, and failed there ("is not one the rollout reads"), as did the
+    failure callback after it, leaving the candidate all the traffic. The routes unread, the
+    teardown rolls back as ``restore_stable`` does (the stable version put back all the same)."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+
+    def all_to_candidate(obj: dict) -> None:
+        obj["spec"]["http"][-1]["route"] = [{"destination": {"host": "digits", "subset": "v2"}, "weight": 100}]
+
+    kube.touch("virtualservices", "models", "digits", all_to_candidate)
+    assert steps.ensure_stable(PARAMS, "run-1", None, "1", SENT).startswith("version 1 takes 100%")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_a_candidate_whose_image_was_changed_by_hand_is_rolled_back_and_not_promoted(kube):
     """A ``kubectl set image`` on the candidate mid-rollout: its share went on to be served by an
     image no guard judged from the start, and scaling re-applied it as the rollout's own, so a
