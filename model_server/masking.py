@@ -36,6 +36,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,19 +478,32 @@ def create_key_file(path: Path) -> None:
 
 
 class KeyRing:
-    """The key file, re-read when it changes. Unloadable keys are remembered as errors."""
+    """The key file, re-read when it changes. Unloadable keys are remembered as errors.
 
-    def __init__(self, path: Path):
+    Whether it changed is looked up (a ``stat``) at most once every ``RECHECK_S`` seconds of
+    ``clock`` (a ``stat`` on every log line was a tenth of the line's masking): a key rotated or
+    removed in the file, on any pod that mounts it, masks no line of this process once that
+    long has passed."""
+
+    RECHECK_S = 1.0
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic):
         self.path = path
+        self.clock = clock
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._checked: float | None = None  # when, by ``clock``, the file was last looked up
         self._default: Key | str | None = None  # a Key, or the reason it is unusable
         self._tenants: dict[str, Key | str] = {}
         self._by_kid: dict[str, Key] = {}
 
     def _refresh(self) -> None:
+        now = self.clock()
+        if self._checked is not None and 0 <= now - self._checked < self.RECHECK_S:
+            return
+        self._checked = now
         try:
-            st = self.path.stat()
+            st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size)
         except OSError as exc:
             stamp = None

@@ -98,18 +98,83 @@ def test_tokens_are_deterministic_per_tenant_key(keys):
     assert m.mask_fields({"x-device-type": "android"}, "acme") == {"x-device-type": "android"}
 
 
+class Clock:
+    """A clock a test moves (``KeyRing``'s): no sleep, no timed assertion."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def recheck(self) -> None:
+        """Past the ring's interval: its next key looks the file up."""
+        self.now += KeyRing.RECHECK_S
+
+
 def test_unloadable_keys_raise_and_never_fall_back(tmp_path):
     path = tmp_path / "keys.json"
-    ring = KeyRing(path)
+    clock = Clock()
+    ring = KeyRing(path, clock)
     with pytest.raises(MaskingUnavailable, match="cannot be read"):
         ring.key_for("acme")
     path.write_text("{not json")
+    clock.recheck()
     with pytest.raises(MaskingUnavailable, match="not valid"):
         ring.key_for(None)
     path.write_text(json.dumps({"default": key_b64(), "tenants": {"acme": "c2hvcnQ="}}))
+    clock.recheck()
     with pytest.raises(MaskingUnavailable, match="tenant 'acme' key is unusable"):
         ring.key_for("acme")
     assert ring.key_for("globex").kid  # the other tenants keep masking
+
+
+def test_the_key_file_is_looked_up_once_an_interval_and_a_removed_key_masks_nothing_after_it(tmp_path, monkeypatch):
+    """Every log line stat'ed the key file (a tenth of an access-log line's masking). The ring
+    looks it up once every ``RECHECK_S`` of its clock: lines in between stat nothing; a key
+    rotated in the file (another process's, another pod's write) is taken at the first line
+    after the interval, and a key removed from it, or the file removed, masks no line after it:
+    the rotated-out key's id is in no token, a removed file's lines are ``<masked>``."""
+    path = tmp_path / "keys.json"
+    old, new = key_b64(), key_b64()
+    path.write_text(json.dumps({"default": old, "tenants": {"acme": key_b64()}}))
+    clock = Clock()
+    ring = KeyRing(path, clock)
+    log_masking = LogMasking(Masker(ring))
+
+    def line(tenant: str | None = None) -> str:
+        assert ring.key_for(tenant)  # (the prediction log's writer asks for a tenant's)
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "id %s", ("13800138000",), None)
+        assert log_masking.filter(record)
+        return record.getMessage()
+
+    old_kid = masking.Key.from_b64(old).kid
+    assert f"tok_{old_kid}_" in line()
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a) or real_stat(*a, **k))
+    for _ in range(100):
+        assert f"tok_{old_kid}_" in line()
+    assert stats == []
+    path.write_text(json.dumps({"default": new}))  # rotated: the old key and acme's removed
+    os.utime(path, ns=(0, real_stat(path).st_mtime_ns + 1))  # (a change even where the write took no tick)
+    clock.recheck()
+    for tenant in (None, "acme", None):
+        masked = line(tenant)
+        assert old_kid not in masked
+        assert ring.key_for(tenant).kid == masking.Key.from_b64(new).kid
+        assert reveal(TOKEN_RE.search(masked).group(0), ring) == "13800138000"
+    assert len(stats) == 1
+    path.unlink()
+    clock.recheck()
+    with pytest.raises(MaskingUnavailable, match="cannot be read"):
+        ring.key_for(None)
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "id %s", ("13800138000",), None)
+    assert log_masking.filter(record)
+    assert record.getMessage() == "id <masked>"
+    clock.now -= 10 * KeyRing.RECHECK_S  # a clock set back: looked up again, not held for the gap
+    path.write_text(json.dumps({"default": new}))
+    assert ring.key_for(None).kid == masking.Key.from_b64(new).kid
 
 
 def test_a_prediction_log_without_a_usable_key_file_stops_the_start(tmp_path, keys):
@@ -398,7 +463,8 @@ def test_log_masking_masks_every_line_and_escapes_control_characters(keys):
     """One step for every log line: values become tokens (the default key), control characters
     are escaped (an ESC sequence or a newline from a URL cannot rewrite or forge a line), and a
     traceback that quotes a value is masked as well."""
-    ring = KeyRing(keys)
+    clock = Clock()
+    ring = KeyRing(keys, clock)
     masking = LogMasking(Masker(ring))
 
     def emitted(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
@@ -422,6 +488,7 @@ def test_log_masking_masks_every_line_and_escapes_control_characters(keys):
     assert "li.wei@example.com" not in r.exc_text
     assert "ValueError: label 'tok_" in r.exc_text
     keys.write_text("{broken")  # no usable key: values are dropped, never written in clear
+    clock.recheck()
     assert emitted("id %s", "13800138000").getMessage() == "id <masked>"
 
 
