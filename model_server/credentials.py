@@ -373,17 +373,19 @@ def _patterns(bits: int) -> tuple[re.Pattern[str], ...]:
     return tuple(pattern for i, pattern in enumerate(PATTERNS) if bits >> i & 1)
 
 
-def patterns_for(text: str, low: str) -> tuple[re.Pattern[str], ...]:
+def patterns_for(text: str, low: str, words: bool = True) -> tuple[re.Pattern[str], ...]:
     """The patterns that may match ``text`` (``low``: it in lower case): those whose words it
-    holds, and the private key's body line patterns where it holds one. ``in`` runs in C, a
-    case-insensitive alternation in Python's re at every position; one loop over the words (a
-    nested one per pattern was a third of a JSON record's masking). A body line holds a capital:
-    text that ``lower`` leaves as it is holds none, and is not searched for one (the search tries
-    its lookaheads at every position: a third of an access-log line's hints)."""
+    holds (none where ``words`` is false: the caller found none of ``HINTS`` in it), and the
+    private key's body line patterns where it holds one. ``in`` runs in C, a case-insensitive
+    alternation in Python's re at every position; one loop over the words (a nested one per
+    pattern was a third of a JSON record's masking). A body line holds a capital: text that
+    ``lower`` leaves as it is holds none, and is not searched for one (the search tries its
+    lookaheads at every position: a third of an access-log line's hints)."""
     bits = _BODY_LINE_BITS if low != text and _PEM_BODY_LINE.search(text) else 0
-    for word, word_bits in _WORD_BITS:
-        if word in low:
-            bits |= word_bits
+    if words:
+        for word, word_bits in _WORD_BITS:
+            if word in low:
+                bits |= word_bits
     return _patterns(bits)
 
 

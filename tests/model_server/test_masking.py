@@ -1728,6 +1728,10 @@ def _prefilter_corpus() -> list[str]:
     b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(64))
     ssns = ["123-45-6789", "123 45 6789", "123\t45\t6789", "123.45.6789", "x123-45-6789"]
     texts += [*hexes, *digits, *seps, *ssns, b64, b64.lower(), b64.upper()]
+    # every word of the hints, in capitals, glued into hex (``_ANY_WORD``); a Kelvin sign's lower case is "k"
+    words = (*masking._NAME_WORDS, *masking._SPELT_ATS, " at ", *credentials.HINTS)
+    texts += [f"{rng.randbytes(4).hex()}{w.upper()}{rng.randbytes(4).hex()} = Zq9Xw2Lk7Vb dot com" for w in words]
+    texts += ["api_\u212aey=Zq9Xw2Lk7Vb", "\u212aEY: Zq9Xw2Lk7Vb", "PASSPORT E1234567 \u212a"]
     texts += [
         json.dumps(
             {
@@ -1757,6 +1761,19 @@ def _read(line: str) -> object:
     return fields if isinstance(fields, dict) else line
 
 
+def test_one_scan_finds_every_word_the_hints_look_for():
+    """About 50 ``in`` tests of a text's lower case, one for each word a key, a spelt "at" or a
+    secret holds, were a third of an access-log line's masking; one RE2 scan (``_ANY_WORD``)
+    tells whether any is there. It finds each of them, anywhere in ASCII text (beyond it the
+    words are looked for one by one), and none in an access-log line's hex ids."""
+    for word in (*masking._NAME_WORDS, *masking._SPELT_ATS, " at ", *credentials.HINTS):
+        for text in (word, f"0f{word}", f"{word}ab", f'{{"x": "a1{word.upper()}b2"}}'):
+            assert masking._ANY_WORD.search(text.lower()), text
+            assert word == " at " or masking._text_hints(text)[:3] != (False, False, ()), text  # (" at " and " dot ")
+    line = json.dumps({"path": "primary", "model": "tiny", "request_id": "4bf92f3577b34da6a3ce929d0e0e4736"})
+    assert masking._ANY_WORD.search(line) is None
+
+
 def test_the_prefilters_skip_only_text_no_detector_changes(keys, monkeypatch):
     """The prefilters skip work, never a value: the hints (``masking._hints``: the words, the
     shapes and the numbers each detector needs; ``credentials.patterns_for``: the secrets' words, a
@@ -1774,7 +1791,7 @@ def test_the_prefilters_skip_only_text_no_detector_changes(keys, monkeypatch):
     fast = outputs()
     every = (True, True, credentials.PATTERNS, True, True, True)
     monkeypatch.setattr(masking, "_hints", lambda text: every)
-    monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
+    monkeypatch.setattr(credentials, "patterns_for", lambda text, low, words=True: credentials.PATTERNS)
     full = outputs()
     assert [(t, f) for t, f, g in zip(texts, fast, full, strict=True) if f != g] == []
 
@@ -1792,7 +1809,7 @@ def test_the_prediction_logs_vectorised_prefilter_passes_over_only_text_no_detec
     key = ring.key_for(None)
     masker = Masker(ring)
     monkeypatch.setattr(masking, "_hints", lambda text: (True, True, credentials.PATTERNS, True, True, True))
-    monkeypatch.setattr(credentials, "patterns_for", lambda text, low: credentials.PATTERNS)
+    monkeypatch.setattr(credentials, "patterns_for", lambda text, low, words=True: credentials.PATTERNS)
     assert [t for t, f in zip(texts, found, strict=True) if not f and masker.mask_text(t, key) != t] == []
 
 
