@@ -37,7 +37,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Se
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -329,8 +329,13 @@ def output_kind(scores: np.ndarray | None) -> str | None:
     if scores is None:
         return None
     arr = np.asarray(scores)
-    name = "BYTES" if arr.dtype.kind in "OSU" else _DATATYPES.get(arr.dtype.newbyteorder("="), arr.dtype.str)
-    return f"{name}[{','.join(map(str, arr.shape[1:] if arr.ndim >= 2 else arr.shape))}]"
+    return _kind(arr.dtype, arr.shape[1:] if arr.ndim >= 2 else arr.shape)
+
+
+@lru_cache(maxsize=256)  # (a model's outputs have one or a few: the writer named each record's, 1.4 us, anew)
+def _kind(dtype: np.dtype[Any], row: tuple[int, ...]) -> str:
+    name = "BYTES" if dtype.kind in "OSU" else _DATATYPES.get(dtype.newbyteorder("="), dtype.str)
+    return f"{name}[{','.join(map(str, row))}]"
 
 
 def predicted_classes(scores: np.ndarray) -> np.ndarray:
