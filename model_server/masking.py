@@ -295,13 +295,18 @@ DETECTORS: tuple[Detector, ...] = (
 # phone), ten digits at most three separators apart (IDs, phones, cards; three in a NANP
 # number's "(555)  123-4567"; a tab reads as a space) or an SSN's nine, 3-2-4 apart by
 # hyphens (the one value of fewer digits: nine in a row, in three access-log lines in ten,
-# are pieces of their random hex ids), or a key that names its value; "%", "\\" and "&" start
-# an escape that may decode to one of them; "at" spelt for an e-mail; a run of 64 base64
-# characters (a private key's body line). Text with none of these, all ASCII, comes out of
-# mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
+# are pieces of their random hex ids), their first digit where a number's detector starts
+# (``_NOT_ALNUM_BEFORE``: after no letter or digit, or after an escape's letter; a "(" before
+# it is no letter), so never within a hex id (ten digits in a row are in one request id in
+# twelve, and in most of the access-log lines they made suspect); or a key that names its
+# value; "%", "\\" and "&" start an escape that may decode to one of them; "at" spelt for an
+# e-mail; a run of 64 base64 characters (a private key's body line). Text with none of these,
+# all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
-_NUMBER = r"\+|[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4}"  # (every ID's, phone's, card's, SSN's)
+_NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
+    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
+)
 _SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT_PARTS = (
     _SHAPES,

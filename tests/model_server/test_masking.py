@@ -1728,6 +1728,12 @@ def _prefilter_corpus() -> list[str]:
     b64 = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(64))
     ssns = ["123-45-6789", "123 45 6789", "123\t45\t6789", "123.45.6789", "x123-45-6789"]
     texts += [*hexes, *digits, *seps, *ssns, b64, b64.lower(), b64.upper()]
+    # numbers at a hex id's start, within it, at its end; glued to a word; after an escape's letter, a "(", a "_"
+    numbers = [*digits[9:], *seps[9:], "4111111111111111", "(415) 555-2671", "11010519491231002X", "123-45-6789"]
+    pairs = list(zip(hexes[: len(numbers)], numbers, strict=True))
+    texts += [f"{h[:8]}{n}" for h, n in pairs] + [f"{n}{h[:8]}" for h, n in pairs]
+    texts += [f"{h[:8]}{n}{h[8:]}" for h, n in pairs] + [f"tel{n}" for n in numbers]
+    texts += [f"{p}{n}" for p in ("\\n", "\\t", "\\b", "\\x", "a\\n", "(", "_", "=", "\n") for n in numbers]
     # every word of the hints, in capitals, glued into hex (``_ANY_WORD``); a Kelvin sign's lower case is "k"
     words = (*masking._NAME_WORDS, *masking._SPELT_ATS, " at ", *credentials.HINTS)
     texts += [f"{rng.randbytes(4).hex()}{w.upper()}{rng.randbytes(4).hex()} = Zq9Xw2Lk7Vb dot com" for w in words]
@@ -1772,6 +1778,27 @@ def test_one_scan_finds_every_word_the_hints_look_for():
             assert word == " at " or masking._text_hints(text)[:3] != (False, False, ()), text  # (" at " and " dot ")
     line = json.dumps({"path": "primary", "model": "tiny", "request_id": "4bf92f3577b34da6a3ce929d0e0e4736"})
     assert masking._ANY_WORD.search(line) is None
+
+
+def test_digits_within_a_hex_id_make_no_line_suspect():
+    """Ten digits in a row anywhere made a text suspect of a number: one request id in twelve
+    (32 hex digits) and most of the access-log lines masked value by value had one, each then
+    searched by six detectors that find a number only where no letter or digit is before it.
+    The prefilter asks the same of its number's first digit now; a number so placed (after a
+    quote, a space, a "(", an escape's letter) is still suspect."""
+    rid = "ab4155552671fe0c9d8e7f6a5b4c3d2e"
+    line = json.dumps({"path": "primary", "model": "tiny", "request_id": rid, "trace_id": "1234567890" + rid[10:]})
+    assert masking._plain(rid)
+    assert masking._plain(f"id {rid} end")
+    assert not masking._plain(line)
+    assert masking._plain(line.replace('"1234567890', '"x1234567890'))
+    assert suspects(pa.array([rid, f"{rid}4155552671", "4155552671", "(415) 555-2671", "a\\n4155552671"])).tolist() == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_the_prefilters_skip_only_text_no_detector_changes(keys, monkeypatch):
