@@ -8,7 +8,10 @@ exported with ``git archive`` and imported under a name of its own (``ms_<commit
 rewritten), this tree's as ``model_server``; every arm masks the same lines (random ids as the
 server makes them, the one digest of the one tensor this client sends again) and the same ids,
 in rotating order, rounds of ``--lines``; medians of per-round ratios against the first base.
-Prints microseconds a line and an id, writes ``bench/results/logmasking.json``.
+Each arm's writer also takes those requests' records (``append``, then one ``flush``: masking,
+hashing, top-k, Parquet, the file's write into its hour's folder, made in the first round), in
+this thread's CPU time. Prints microseconds a line, an id and a record, writes
+``bench/results/logmasking.json``.
 """
 
 from __future__ import annotations
@@ -99,6 +102,29 @@ def mask_ids(masking: Any, predictionlog: Any, keys: Path, ids: list[str]) -> tu
     return (time.perf_counter() - t0) / len(ids) * 1e6, out
 
 
+def write_records(masking: Any, predictionlog: Any, keys: Path, folder: Path, lines: list[str], data: Any) -> float:
+    """Microseconds of this thread's CPU a record through the prediction log's writer: ``append``
+    and its share of one ``flush`` of them all (masking, hashing, top-k, Parquet, the file's
+    write), a ``tiny`` batch-1 answer from tritonclient (no metadata headers)."""
+    import numpy as np
+
+    plog = predictionlog.PredictionLog(folder, masking.Masker(masking.KeyRing(keys)), replica="bench")
+    scores = np.random.default_rng(0).random((1, 10), np.float32)
+    now = time.time()
+    records = [
+        predictionlog.Inference(
+            now, "tiny", "1", "primary", "route", f["request_id"], f["trace_id"], f["span_id"], f["latency_ms"],
+            "ok", scores, data, True, {}, 1, data.nbytes, False,
+        )
+        for f in map(json.loads, lines)
+    ]  # fmt: skip
+    t0 = time.thread_time()
+    for record in records:
+        plog.append(record)
+    plog.flush()
+    return (time.thread_time() - t0) / len(records) * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", action="append", help="a git revision to compare (repeatable; default 8776188)")
@@ -118,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         arms["head"] = load("model_server")
         arms["head"][0].create_key_file(tmp / "keys.json")
         lines = access_lines(arms["head"][2], args.lines)
+        data = make_case("tiny", 1).x
         ids = [os.urandom(16).hex() for _ in range(args.lines)]
         names = list(arms)
-        runs: dict[str, dict[str, list[float]]] = {arm: {"line": [], "id": []} for arm in names}
+        runs: dict[str, dict[str, list[float]]] = {arm: {"line": [], "id": [], "record": []} for arm in names}
         written: dict[str, tuple[list[str], list[str]]] = {}
         for r in range(args.rounds):
             for arm in names[r % len(names) :] + names[: r % len(names)]:
@@ -129,13 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs[arm]["line"].append(us)
                 us, out_ids = mask_ids(masking, predictionlog, tmp / "keys.json", ids)
                 runs[arm]["id"].append(us)
+                folder = tmp / "log" / arm  # (its hour's folder made in the first round, as once an hour)
+                runs[arm]["record"].append(
+                    write_records(masking, predictionlog, tmp / "keys.json", folder, lines, data)
+                )
                 written.setdefault(arm, (out_lines, out_ids))
         plain = {arm: sum(not arms[arm][0]._plain(x) for x in lines) / len(lines) for arm in names}
     first = names[0]
     results = []
     for arm in names:
         row: dict[str, Any] = {"arm": arm, "commit": commits.get(arm, "this tree"), "lines_not_plain": plain[arm]}
-        for part in ("line", "id"):
+        for part in ("line", "id", "record"):
             row[f"{part}_us"] = statistics.median(runs[arm][part])
             ratios = [a / b for a, b in zip(runs[arm][part], runs[first][part], strict=True)]
             row[f"{part}_over_{first}"] = statistics.median(ratios)
@@ -144,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(
             f"{arm:9s} access-log line {row['line_us']:6.1f} us ({row[f'line_over_{first}']:.2f}x {first}), "
-            f"request id {row['id_us']:5.2f} us ({row[f'id_over_{first}']:.2f}x); lines not plain "
+            f"request id {row['id_us']:5.2f} us ({row[f'id_over_{first}']:.2f}x), prediction-log record "
+            f"{row['record_us']:5.1f} us CPU ({row[f'record_over_{first}']:.2f}x); lines not plain "
             f"{plain[arm]:.0%}; writes what head writes: {row['writes_what_head_writes']}",
             flush=True,
         )
@@ -156,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds,
                 "lines": args.lines,
                 "what": "LogMasking.filter on access-log lines as log_access writes them for tiny from tritonclient; "
-                "PredictionLog._mask_ids on request ids as the server makes them",
+                "PredictionLog._mask_ids on request ids as the server makes them; "
+                "PredictionLog.append and flush of tiny batch-1 records (thread CPU)",
                 "ratios": f"medians of per-round ratios against {first}; arms in rotating order",
             },
             "results": results,
