@@ -491,7 +491,9 @@ class KeyRing:
     Whether it changed is looked up (a ``stat``) at most once every ``RECHECK_S`` seconds of
     ``clock`` (a ``stat`` on every log line was a tenth of the line's masking): a key rotated or
     removed in the file, on any pod that mounts it, masks no line of this process once that
-    long has passed."""
+    long has passed. A change is one of the file's modification time, change time, size, inode
+    or device: a file put in place by a rename that kept the old one's time and size (a base64
+    key is always 44 characters) is one."""
 
     RECHECK_S = 1.0
 
@@ -499,7 +501,7 @@ class KeyRing:
         self.path = path
         self.clock = clock
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self._checked: float | None = None  # when, by ``clock``, the file was last looked up
         self._default: Key | str | None = None  # a Key, or the reason it is unusable
         self._tenants: dict[str, Key | str] = {}
@@ -512,7 +514,7 @@ class KeyRing:
         self._checked = now
         try:
             st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
         except OSError as exc:
             stamp = None
             reason = f"key file {self.path} cannot be read: {exc.strerror}"

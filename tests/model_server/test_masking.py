@@ -177,6 +177,32 @@ def test_the_key_file_is_looked_up_once_an_interval_and_a_removed_key_masks_noth
     assert ring.key_for(None).kid == masking.Key.from_b64(new).kid
 
 
+def test_a_key_file_put_in_place_with_the_old_ones_time_and_size_is_read_again(tmp_path):
+    """The ring knew the file changed by its modification time and size alone: a base64 key is
+    always 44 characters, and a file put in place by a rename that kept its time (``rsync -a``,
+    ``cp -p``, an archive unpacked; or a second write in a file system's one-second tick) was
+    never read again: the retired key masked every line for ever. Its inode and change time
+    (which no write or ``utime`` leaves as it was) say so too now."""
+    path = tmp_path / "keys.json"
+    old, new = key_b64(), key_b64()
+    path.write_text(json.dumps({"default": old}))
+    clock = Clock()
+    ring = KeyRing(path, clock)
+    assert ring.key_for(None).kid == masking.Key.from_b64(old).kid
+    before = path.stat()
+    staged = tmp_path / ".keys.json.new"
+    staged.write_text(json.dumps({"default": new}))
+    os.utime(staged, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(staged, path)
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == (before.st_mtime_ns, before.st_size)
+    clock.recheck()
+    assert ring.key_for(None).kid == masking.Key.from_b64(new).kid
+    path.write_text(json.dumps({"default": old}))  # in place, its time set back as it was
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    clock.recheck()
+    assert ring.key_for(None).kid == masking.Key.from_b64(old).kid
+
+
 def test_a_prediction_log_without_a_usable_key_file_stops_the_start(tmp_path, keys):
     """A --mask-keys path that did not exist (a typo, a Secret not mounted) was accepted: the
     server became ready and dropped every record of its prediction log (mask_unavailable)."""
