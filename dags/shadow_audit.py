@@ -9,7 +9,9 @@ PNG) is kept and sent to Slack. An hour without shadow data is marked audited wi
 failed; a report Slack did not take fails the task once every hour was tried (kept in the outbox,
 which each run, and its retry, sends first: each report once). Records written after their
 hour closed (a slow flush, a clock ahead) are left out of its audit and counted in it, and in
-the next hour's when they came after its audit. Hours older than
+the next hour's when they came after its audit; but a copy the model server's own mirror made
+is due by its hour's close: one written later is lost to its hour's audit, the first and any
+retry alike, and counted late by none. Hours older than
 `retention_days` lose their folder, and the stage caches of rollouts killed mid-stage go; so do
 the model's rollout run folders (never that of the run its lock, file or Lease, names) and
 approval waits' counts unchanged for `retention_days`, and the outbox's leftovers of killed

@@ -95,8 +95,9 @@ class AuditResult:
     shadow_without_primary: int = 0
     primary_without_shadow: int = 0
     # Copies against the mirror's sampling (``copy_check``): the primaries the server's own
-    # mirror sampled (``mirrored`` true) without any shadow record (copies lost, exactly: one
-    # whose copy is in a file written after the range closed is late, among ``late_records``); and
+    # mirror sampled (``mirrored`` true) without any shadow record written by the range's close
+    # (copies lost, exactly, whenever the audit runs: one whose copy came later, ``lost_late``, is
+    # lost, never among ``late_records`` nor a later range's ``late_earlier`` too); and
     # behind a mirror that samples on its own (Istio's: ``mirrored`` null), the primaries of the
     # stretch its copies show it on, those of them with a copy, the configured share, and the
     # one-sided binomial p-value of so few copies (None where not tested: no share configured,
@@ -751,7 +752,8 @@ def copy_masks(
     them have a copy (which of ``records``: the eligible, and those with a copy). Each request's
     first primary record counts, once. ``came``: which of ``records`` have a copy in a file left
     out of them (``audit``'s: written after the range closed, late): it came, counted late once,
-    neither lost nor missing."""
+    neither lost nor missing (``audit`` gives none of a primary the server's own mirror sampled:
+    its copy was due by the close, ``lost_late``)."""
     first, _, copied = copy_keys(records)
     if came is not None:
         copied = copied | came
@@ -984,6 +986,79 @@ def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
     return kept
 
 
+def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) -> np.ndarray:
+    """Which of ``records`` (primary and shadow, read with ``written``) are copies written after
+    their range's close (``close``: of their primaries' stamps) of a primary written by then that
+    the server's own mirror sampled (``mirrored`` true), no copy of it written by then. A copy
+    is due by its range's close: that range's audit counts such a request lost whenever it runs
+    (``copy_masks``), the one at the close and its retry alike; the copy is no late record
+    besides, of that audit nor of a later one's ``late_earlier``."""
+    first, copies, _ = copy_keys(records)
+    key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
+    due = close(pd.Series(records["time"][first].to_numpy(), index=key[first])).reindex(key)
+    written = pd.Series(records["written"].to_numpy(), index=key)
+    on_time, late = (written <= due).to_numpy(bool), (written > due).to_numpy(bool)
+    sampled = first & records["mirrored"].eq(True).to_numpy(bool) & on_time
+    return copies & late & key.isin(key[sampled & ~key.isin(key[copies & on_time])])
+
+
+# The columns ``lost_late`` reads of the records of earlier ranges that came late.
+LOST_COLUMNS = ["time", "model", "request_id", "item", "role", "mirrored", "image_sha256"]
+
+
+def _lost_before(
+    prediction_log: str | Path,
+    model: str,
+    before: pd.DataFrame,
+    since: datetime,
+    start: datetime,
+    span: timedelta,
+    until: datetime,
+    max_bytes: int,
+    deadline: float | None,
+    clock: Callable[[], float],
+) -> int:
+    """Of ``before`` (the records stamped from ``since`` to ``CLOCK_SKEW_S`` before ``start``
+    in files written after the range ending at ``start`` closed: read with ``written`` and
+    ``LOST_COLUMNS``), how many written by ``until`` are copies their range's audit counted lost
+    (``lost_late``): the stretch of their primaries is read again, whole but for the audit's
+    bounds (``max_bytes``, ``deadline``: a primary not read leaves its copy counted late)."""
+    from model_server.predictionlog import read
+
+    counted = ~_late(before, until)
+    if not (counted & (before["role"] == "shadow").to_numpy(bool)).any():
+        return 0
+    stamps = before["time"][counted]
+    lo, hi = pd.Timestamp(since), pd.Timestamp(start - timedelta(seconds=CLOCK_SKEW_S))
+    around = read(
+        prediction_log,
+        max(stamps.min() - copy_due(), lo).to_pydatetime(),
+        (stamps.max() + copy_due()).to_pydatetime(),
+        model,
+        columns=LOST_COLUMNS,
+        roles=("primary", "shadow"),
+        written=True,
+        max_bytes=max_bytes,
+        deadline=deadline,
+        clock=clock,
+    )
+    stamp = around["time"]
+    mask = (
+        lost_late(around, lambda at: earlier_closes(at, start, span))
+        & _late(around, closes(start))
+        & ~_late(around, until)
+        & ((stamp >= lo) & (stamp < hi)).to_numpy(bool)
+    )
+    return int(mask.sum())
+
+
+def earlier_closes(at: pd.Series, start: datetime, span: timedelta) -> pd.Series:
+    """The close (``closes``) of the range each of ``at`` (stamps before ``start``) is in, of the
+    ranges of ``span`` one after another up to ``start`` (the hourly audit's clock hours)."""
+    back = np.maximum(np.ceil((pd.Timestamp(start) - at) / pd.Timedelta(span)) - 1, 0)
+    return pd.Timestamp(closes(start)) - back * pd.Timedelta(span)
+
+
 def _late(records: pd.DataFrame, after: datetime) -> np.ndarray:
     """Which of ``records`` (read with ``written``) are in files written after ``after``."""
     return (records["written"] > pd.Timestamp(after)).to_numpy(bool)
@@ -1026,7 +1101,9 @@ def audit(
     range ending at ``start`` closed and by this one's close, and the shadow records of earlier
     primaries stamped ``CLOCK_SKEW_S`` or more into this range (beyond the earlier audit's read),
     are counted too (``late_earlier``: in no audit; each once, where each range is audited once,
-    in order); a range holding nothing else is a ``warning``, not a silent skip.
+    in order; but the copies their range's audit counted lost, ``lost_late``: the earlier ranges
+    taken as ranges of this one's length up to ``start``, the hourly audit's clock hours); a
+    range holding nothing else is a ``warning``, not a silent skip.
 
     Shadow records whose input differs from their primary's are named in the reasons and left
     out; they do not change the verdict by themselves (anyone who reaches the data port can send
@@ -1042,10 +1119,11 @@ def audit(
     ``out_of_time``), and named.
 
     The copies are counted against the mirror's sampling (``copy_check``): those the server's
-    own mirror sampled and never wrote are lost (a copy written after the range closed came: late,
-    counted once, among the late records); behind a mirror that samples on its own, fewer
-    copies than ``mirror_percent`` (the configured share, or its samples over time, ``share_at``:
-    each primary tested at its time's) explains (``copies_short``) are named.
+    own mirror sampled and did not write by the range's close are lost, whenever the audit runs
+    (``lost_late``: a copy written later is lost to it, as it was to the audit at the close, and
+    no late record, of it nor of the next ranges' audits); behind a mirror that samples on its
+    own, fewer copies than ``mirror_percent`` (the configured share, or its samples over time,
+    ``share_at``: each primary tested at its time's) explains (``copies_short``) are named.
     Both are warnings in the reasons: the verdict stands on the pairs compared. A mirror whose
     copies stop while its primaries go on (``mirror_stopped``: beyond what its sampling explains,
     after its last copy) is told from one gone quiet: its stretch after the last copy is not
@@ -1111,18 +1189,25 @@ def _audit_model(
     )
     mine, earlier = attribution(records, start, end)
     late = _late(records, closes(end))
+    # (copies due by their range's close that came later: lost to its audit, whenever it runs)
+    lost = np.zeros(len(records), bool)
+    if (mine & late).any():
+        lost[mine] = lost_late(_kept(records, mine), lambda at: pd.Series(pd.Timestamp(closes(end)), index=at.index))
     late_earlier = None
     earlier_left = (0, 0)
     if earlier_hours:
+        span = end - start
+        if (earlier & _late(records, closes(start))).any():  # (the earlier primaries read: the range before's)
+            lost[earlier] = lost_late(_kept(records, earlier), lambda at: earlier_closes(at, start, span))
         # (or stamped beyond the earlier range's margin, by a clock further ahead: never read by it)
         beyond = (records["time"] >= pd.Timestamp(start + margin)).to_numpy()
-        came = earlier & (_late(records, closes(start)) | beyond) & ~late
+        came = earlier & (_late(records, closes(start)) | beyond) & ~late & ~lost
         before = read(
             prediction_log,
             start - timedelta(hours=earlier_hours),
             start - margin,
             model,
-            columns=["role"],
+            columns=LOST_COLUMNS,
             roles=("primary", "shadow"),
             written=True,
             written_after=closes(start),
@@ -1131,6 +1216,10 @@ def _audit_model(
             clock=clock,
         )
         late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
+        late_earlier -= _lost_before(
+            prediction_log, model, before, start - timedelta(hours=earlier_hours), start, span, closes(end), max_bytes,
+            deadline, clock,
+        )  # fmt: skip
         earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
         earlier_why = (
             f"within this audit's {max_seconds:g} s"
@@ -1140,9 +1229,10 @@ def _audit_model(
     read_until = clock()
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
     since = last_copy(records) if mirror_percent else None  # (likewise)
-    # (a copy written late came: late, not lost; marked within the range's own records: a request
-    # id an earlier range's primary had too is no copy of this range's)
-    with_copy = copy_keys(_kept(records, mine))[2][~late[mine]]
+    # (a copy written late came: late, not lost, but a copy of a primary the server's own mirror
+    # sampled, due by the close: lost; marked within the range's own records: a request id an
+    # earlier range's primary had too is no copy of this range's)
+    with_copy = copy_keys(_kept(records, mine & ~lost))[2][~late[mine & ~lost]]
     # (shadow evidence written late: shadow records, primaries the server's own mirror sampled)
     late_copies = bool((mine & late & ((records["role"] == "shadow") | records["mirrored"].eq(True))).any())
     late_mirrorable = _mirrorable(_kept(records, mine & late))
@@ -1164,7 +1254,7 @@ def _audit_model(
     result.self_pairs = pairs.attrs["self_pairs"]
     result.duplicates = pairs.attrs["duplicates"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
-    result.late_records = int((mine & late).sum())
+    result.late_records = int((mine & late & ~lost).sum())
     in_time_mirrorable = _mirrorable(records)
     result.primaries_mirrorable = in_time_mirrorable + late_mirrorable
     if mirror_percent is not None and late_mirrorable:

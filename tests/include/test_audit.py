@@ -1666,21 +1666,42 @@ def test_copies_the_servers_own_mirror_sampled_and_never_wrote_are_counted_lost(
     assert not any("lost" in r for r in kept.reasons)
 
 
-def test_a_copy_written_after_its_hours_close_is_counted_late_not_lost(tmp_path):
-    """A copy the server's own mirror made, in a file written after its hour closed, is late:
-    left out of the hour's audit and counted among its late records. An audit that read it
-    (a retry, a catch-up, one by hand) counted it lost as well: one copy twice, the hour's lost
-    count inflated. It is late, once; a copy never written is still lost."""
+def test_a_copy_that_comes_after_its_hours_audit_is_counted_lost_once_never_late_too(tmp_path):
+    """A copy the server's own mirror made, written after its hour closed: the hour's audit, run
+    at the close, counted its request lost, and the next hour's counted the copy late among the
+    records of earlier hours that came after their audit (``late_earlier``): one copy twice; and
+    a retry or a catch-up of the hour, reading the copy, counted it late instead of lost, so the
+    hour's figures changed with the time its audit ran. A copy is due by its hour's close: one
+    written later is lost to that hour's audit whenever it runs, and no later audit counts it
+    late too, whether it came within the next hour's read or hours before it. A copy of a
+    primary itself written late (left out of its hour's audit, no copy of it lost there) is late,
+    counted by the audit of the hour it came in."""
     hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+
+    def audit_of(k: int, **kw):
+        start = hour + timedelta(hours=k)
+        return audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", **kw)
+
     shadow_log(tmp_path, 100, disagree=0.0, at=(hour + timedelta(minutes=30)).timestamp(), mirrored=True)
     tail = {"versions": ("1", "3"), "seed": 1, "at": (hour + timedelta(minutes=59, seconds=30)).timestamp()}
+    early = {"versions": ("1", "4"), "seed": 2, "at": (hour + timedelta(minutes=10)).timestamp()}
+    later = {"versions": ("1", "5"), "seed": 3, "at": (hour + timedelta(minutes=20)).timestamp()}
     shadow_log(tmp_path, 20, disagree=0.0, mirrored=True, roles=("primary",), **tail)
-    first = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")  # (the copies not written yet)
-    assert (first.verdict, first.copies_lost, first.late_records) == ("pass", 20, 0)
+    shadow_log(tmp_path, 10, disagree=0.0, mirrored=True, roles=("primary",), **early)
+    shadow_log(tmp_path, 5, disagree=0.0, mirrored=True, roles=("primary",), **later)
+    # (primaries written late, left out of their hour's audit, which counted no copy of theirs lost)
+    both = {"versions": ("1", "6"), "seed": 4, "at": (hour + timedelta(minutes=25)).timestamp()}
+    shadow_log(tmp_path, 4, disagree=0.0, mirrored=True, roles=("primary",), flushed=65 * 60, **both)
+    first = audit_of(0)  # (at the close: the copies not written yet)
+    assert (first.verdict, first.rows, first.copies_lost, first.late_records) == ("pass", 100, 35, 4)
     shadow_log(tmp_path, 15, disagree=0.0, roles=("shadow",), flushed=180, **tail)  # (5 never written)
-    again = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
-    assert (again.verdict, again.rows, again.copies_lost, again.late_records) == ("pass", 100, 5, 15)
-    assert any(r.startswith("5 requests the server's mirror sampled have no shadow record") for r in again.reasons)
+    shadow_log(tmp_path, 10, disagree=0.0, roles=("shadow",), flushed=55 * 60, **early)
+    shadow_log(tmp_path, 5, disagree=0.0, roles=("shadow",), flushed=2 * 3600, **later)  # (in 12:00's read)
+    shadow_log(tmp_path, 4, disagree=0.0, roles=("shadow",), flushed=2 * 3600, **both)  # (late, not lost)
+    again = audit_of(0)  # (a retry, a catch-up: the same figures)
+    assert (again.verdict, again.rows, again.copies_lost, again.late_records) == ("pass", 100, 35, 8)  # (and copies)
+    nxt, after = audit_of(1, earlier_hours=24), audit_of(2, earlier_hours=24)
+    assert (nxt.verdict, nxt.late_earlier, after.verdict, after.late_earlier) == ("warning", 4, "warning", 4)
 
 
 @pytest.mark.parametrize("earlier_pod", ["a-pod", "z-pod"])
