@@ -688,6 +688,13 @@ def copies_short(received: int, eligible: int, percent: float | np.ndarray) -> f
     return float(np.clip(np.clip(pmf[: received + 1], 0.0, None).sum(), 0.0, 1.0))
 
 
+def silence_unlikely(mirrorable: int, percent: float) -> bool:
+    """Whether no copy at all of ``mirrorable`` primaries behind a mirror of ``percent`` is more
+    than its sampling explains (``copies_short`` of none, below ``COPIES_ALPHA``): a few requests
+    none of which was sampled are no sign of copies lost."""
+    return copies_short(0, mirrorable, percent) < COPIES_ALPHA
+
+
 # A mirror's share over time, as Prometheus' samples of it: (unix time, percent), a sample every
 # ``MIRROR_STEP_S``; a primary with none within a step of it (the mirror off) is not tested.
 MirrorShares = Sequence[tuple[float, float]]
@@ -1150,7 +1157,7 @@ def audit(
             # (a model with traffic and no shadow record, behind the mirror asserted, beyond what its
             # sampling explains: its own audit's warning; a few requests none sampled are no sign)
             percent = least_share(mirror_percent)
-            if copies_short(0, part.primaries_mirrorable, percent) < COPIES_ALPHA:
+            if silence_unlikely(part.primaries_mirrorable, percent):
                 part = with_coverage(part, percent)
         parts.append(part)
     return by_models(parts, start.isoformat(), end.isoformat(), config)
@@ -1261,8 +1268,9 @@ def _audit_model(
         # (behind a mirror asserted, primaries written late whose missing copies tip the chance
         # test, the in-time ones alone not: the mirror's evidence is late, not lost)
         percent = least_share(mirror_percent)
-        explained = copies_short(0, in_time_mirrorable, percent) >= COPIES_ALPHA
-        late_copies |= explained and copies_short(0, result.primaries_mirrorable, percent) < COPIES_ALPHA
+        late_copies |= not silence_unlikely(in_time_mirrorable, percent) and silence_unlikely(
+            result.primaries_mirrorable, percent
+        )
     result.late_earlier = late_earlier
     mirrored = pairs["primary_version"].unique() if len(pairs) else []
     result.copies_lost, eligible, copied = copy_masks(records, mirrored, watermark, with_copy)
