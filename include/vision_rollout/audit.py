@@ -1154,11 +1154,9 @@ def audit(
         if deadline is not None:  # (its pairs' computing is no read: not the next model's time)
             deadline += clock() - read_until
         if part.verdict == "skip" and mirror_percent is not None:
-            # (a model with traffic and no shadow record, behind the mirror asserted, beyond what its
-            # sampling explains: its own audit's warning; a few requests none sampled are no sign)
-            percent = least_share(mirror_percent)
-            if silence_unlikely(part.primaries_mirrorable, percent):
-                part = with_coverage(part, percent)
+            # (a model with traffic and no shadow record, behind the mirror asserted: its own audit's
+            # judgement, at the least share asserted)
+            part = with_coverage(part, least_share(mirror_percent))
         parts.append(part)
     return by_models(parts, start.isoformat(), end.isoformat(), config)
 
@@ -1821,20 +1819,25 @@ def unaudited_hours(audits: Folder, start: datetime, hours: int) -> list[datetim
 
 
 def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditResult:
-    """Coverage (the share of mirrored copies that ran) in the reasons; and an hour without
-    shadow records while a mirror was configured (``mirror_percent`` > 0 during it) is a
-    ``warning``, reported like any audit, never a silent skip."""
+    """Coverage (the share of mirrored copies that ran) in the reasons; and a model's range
+    without shadow records while a mirror was configured (``mirror_percent`` > 0 during it) is a
+    ``warning``, reported like any audit, never a silent skip, where its primaries a mirror could
+    have sampled make no copy at all unlikely at that share (``silence_unlikely``); an idle range,
+    or one of a few requests none of which was likely sampled, stays a skip (a quiet model warned
+    every quiet hour). An audit of several models (no model of its own) was judged model by model
+    (``audit``), never on their requests pooled."""
     ran, dropped = result.rows, result.shadow_dropped
     if ran + dropped:
         result.reasons.append(
             f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, {dropped} dropped ({DROPPED_WHY})"
         )
-    if result.verdict == "skip" and mirror_percent:
-        result.verdict = "warning"
-        result.reasons = [
-            f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
-            "log holds no shadow record of it: the copies are dropped, not written, or no request "
-            "reached the mirrored version",
-            *result.reasons[1:],
-        ]
+    if result.verdict == "skip" and mirror_percent and result.model is not None:
+        if silence_unlikely(result.primaries_mirrorable, mirror_percent):
+            result.verdict = "warning"
+            result.reasons = [
+                f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
+                "log holds no shadow record of it: the copies are dropped, not written, or no request "
+                "reached the mirrored version",
+                *result.reasons[1:],
+            ]
     return result

@@ -2164,7 +2164,8 @@ def audit_hours(
     once its records are all written; before it, oldest first, each of the ``catch_up_hours``
     earlier hours not yet audited (missed while the scheduler was down). First, the reports
     waiting in the outbox are sent (``send_outbox``). An hour without shadow records is marked
-    audited, unreported, when no mirror was configured; a warning when one was. A report Slack
+    audited, unreported, when no mirror was configured, or its requests were too few for no
+    copy at all to be a sign (``with_coverage``: a quiet hour); a warning otherwise. A report Slack
     did not take (kept in the hour's folder and the outbox, the hour marked audited) fails the
     task once every hour was tried: an audit nobody was told of is no audit; the retry, or the
     next run, sends it from the outbox, and fails likewise while Slack does not take it.
@@ -2235,7 +2236,7 @@ def audit_hours(
     if results and all(r["verdict"] == "skip" for r in results):
         raise AirflowSkipException(
             f"no shadow records for '{model}' in the {len(results)} hours to {end:%Y-%m-%d %H:%M} UTC "
-            "that were audited, and no mirror"
+            "that were audited, and no mirror (or too few requests for a copy to be missed)"
         )
     return results
 
@@ -2358,7 +2359,13 @@ def _audit_one_hour(
     if run_id is not None:
         summary["run"] = run_id
     if result.verdict == "skip":
-        log.info("no shadow records for '%s' from %s to %s, and no mirror: nothing to report", model, start, end)
+        log.info(
+            "no shadow records for '%s' from %s to %s, and no mirror (or too few requests for a copy to be "
+            "missed): nothing to report",
+            model,
+            start,
+            end,
+        )
         write_report({}, folder)  # (audited again: no file of an earlier report beside this mark)
         folder.delete(RUN_REPORT)
         folder.write(AUDITED, json.dumps(summary).encode())

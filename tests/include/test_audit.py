@@ -262,14 +262,26 @@ def test_a_range_of_self_copies_only_says_so(tmp_path):
     assert "5 shadow copies in this range were of requests their own version served" in result.reasons[-1]
 
 
-def test_an_empty_range_with_a_mirror_configured_is_a_warning_not_a_skip():
+def test_a_range_without_shadow_records_behind_a_mirror_warns_where_its_traffic_makes_that_unlikely():
+    """A range without shadow records while a mirror was configured was a warning however little
+    traffic it had: a model quiet at night warned every hour. It warns where its requests a
+    mirror could have sampled make no copy at all unlikely at the share (``silence_unlikely``);
+    an idle range, or one of a few requests none of which was likely sampled, stays a skip."""
     from vision_rollout.audit import AuditResult, with_coverage
 
-    empty = AuditResult("digits", "s", "e", "skip", ["no shadow records in this range: nothing to audit"])
-    assert with_coverage(empty, None).verdict == "skip"  # no mirror: nothing was expected
-    warned = with_coverage(AuditResult("digits", "s", "e", "skip", ["no shadow records"]), 100.0)
-    assert warned.verdict == "warning"
-    assert "a mirror of 100% was configured" in warned.reasons[0]
+    def empty(mirrorable: int) -> AuditResult:
+        reasons = ["no shadow records in this range: nothing to audit"]
+        return AuditResult("digits", "s", "e", "skip", reasons, primaries_mirrorable=mirrorable)
+
+    assert with_coverage(empty(1000), None).verdict == "skip"  # no mirror: nothing was expected
+    assert with_coverage(empty(0), 100.0).verdict == "skip"  # idle
+    quiet = with_coverage(empty(20), 10.0)  # (none of 20 at 10%: p = 0.12)
+    assert quiet.verdict == "skip"
+    assert not any("copies are dropped" in r for r in quiet.reasons)
+    for mirrorable, percent in ((200, 10.0), (10, 100.0)):
+        warned = with_coverage(empty(mirrorable), percent)
+        assert warned.verdict == "warning"
+        assert f"a mirror of {percent:g}% was configured" in warned.reasons[0]
 
 
 def test_coverage_counts_the_dropped_copies():

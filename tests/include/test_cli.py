@@ -888,11 +888,23 @@ def test_the_audit_command_judges_coverage_against_the_mirror_share_it_is_given(
     """rolloutctl audit judged no coverage: an hour the mirror copied at 100% without a shadow
     record written said SKIP and exited 0, as an hour without a mirror, where the hourly DAG
     warns; and the copies dropped were in no line of it. With --mirror-percent (the share the
-    mirror was configured at) it judges them as the DAG does: a WARNING (exit 3), the coverage."""
+    mirror was configured at) it judges them as the DAG does: a WARNING (exit 3) where the
+    requests make no copy at all unlikely, the coverage. An idle log, or a model of a few requests
+    none of which the share would likely have sampled (``silence_unlikely``), asked with or
+    without ``--model``, is no sign of copies lost: a SKIP (exit 0), not a WARNING every quiet hour."""
     (tmp_path / "empty").mkdir()
     code, out, _ = run(capsys, "audit", "--prediction-log", str(tmp_path / "empty"), "--mirror-percent", "100")
-    assert code == 3
-    assert out.startswith("WARNING: a mirror of 100% was configured during this range")
+    assert (code, out.startswith("SKIP: ")) == (0, True), out
+    (tmp_path / "quiet").mkdir()
+    quiet = shadow_log(tmp_path / "quiet", 5, disagree=0.0, roles=("primary",))
+    (tmp_path / "busy").mkdir()
+    busy = shadow_log(tmp_path / "busy", 200, disagree=0.0, roles=("primary",))
+    for model in ((), ("--model", "digits")):
+        code, out, _ = run(capsys, "audit", "--prediction-log", str(quiet), "--mirror-percent", "10", *model)
+        assert (code, out.startswith("SKIP: ")) == (0, True), out
+        code, out, _ = run(capsys, "audit", "--prediction-log", str(busy), "--mirror-percent", "10", *model)
+        assert code == 3
+        assert out.startswith("WARNING: a mirror of 10% was configured during this range"), out
     log = shadow_log(tmp_path, 200, disagree=0.0, dropped=20)
     code, out, _ = run(capsys, "audit", "--prediction-log", str(log), "--mirror-percent", "100")
     assert "coverage 90.9%: 200 shadow copies ran, 20 dropped" in out

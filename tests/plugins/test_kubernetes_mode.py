@@ -2324,13 +2324,16 @@ def mirrored(kube, monkeypatch, tmp_path):
 def test_an_hour_mirrored_by_istio_without_shadow_records_is_a_warning_not_a_silent_skip(mirrored, tmp_path):
     """In kubernetes mode the pods serve without a traffic policy: no ``model_server_mirror_percent``
     gauge says Envoy mirrors. The hourly audit of an hour whose VirtualService mirrored 100% to
-    the candidate, and whose prediction log holds no shadow record, was a silent skip; the mirror
-    changes the rollout applied are in the run folder (shared by every worker), so it is a warning."""
+    the candidate, and whose prediction log holds no shadow record of its requests, was a silent
+    skip; the mirror changes the rollout applied are in the run folder (shared by every worker),
+    so it is a warning."""
     from datetime import UTC, datetime, timedelta
 
+    from tests.include.test_audit import istio_log
     from vision_rollout.folders import Folder
 
     applied = mirrored
+    istio_log(tmp_path, [applied + 2 + k for k in range(20)], {})  # (none of 20 copied at 100%)
     start = datetime.fromtimestamp(applied - 60, UTC)
     shares = steps.mirror_shares("digits", start, start + timedelta(hours=1))
     assert shares is not None
