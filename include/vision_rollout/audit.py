@@ -809,9 +809,10 @@ def mirror_stopped(
 ) -> tuple[int, float, float] | None:
     """Whether a mirror that samples on its own (Istio's) stopped sending rather than went
     quiet: of the primaries of ``versions`` (``sampled_apart``) stamped after ``since`` (the
-    last copy the log holds, ``last_copy``) at a share known for their time (``share_at``), how
-    many, the share on average, and the chance of so few copies of them by the mirror's
-    sampling alone (``copies_short``), when it is below ``COPIES_ALPHA``; None otherwise (no
+    last copy the log held by the range's close, ``last_copy``: ``audit``'s, whenever it runs)
+    at a share known for their time (``share_at``), how many, the share on average, and the
+    chance of so few copies of them by the mirror's sampling alone (``copies_short``), when it
+    is below ``COPIES_ALPHA``; None otherwise (no
     primaries after it: a quiet mirror; or too few for its silence to say anything). The
     mirror's copies came and were written up to then; its primaries went on, unmirrored past
     what its sampling explains."""
@@ -1233,7 +1234,9 @@ def _audit_model(
         )
     read_until = clock()
     watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    since = last_copy(records) if mirror_percent else None  # (likewise)
+    # (likewise, but of the files written by the range's close: a retry reading copies written
+    # later dates a stop as the audit at the close did)
+    since = last_copy(_kept(records, ~late)) if mirror_percent else None
     # (a copy written late came: late, not lost, but a copy of a primary the server's own mirror
     # sampled, due by the close: lost; marked within the range's own records: a request id an
     # earlier range's primary had too is no copy of this range's)

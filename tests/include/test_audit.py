@@ -2107,3 +2107,28 @@ def test_records_without_an_outcome_are_malformed_not_disagreements(tmp_path):
     result = audit(log, *around_now(), "digits")
     assert (result.verdict, result.rows, result.malformed_records) == ("inconclusive", 0, 200), result.reasons
     assert result.reasons[0].startswith("200 prediction log records in the files of this range were malformed")
+
+
+def test_a_retry_dates_a_stopped_mirror_as_the_first_audit_did(tmp_path):
+    """Behind Istio's mirror, copies stopped halfway; some copies of the requests after that came
+    in a file written after the range closed. The audit at the close dated the stop at the last
+    copy it read; a retry, reading the late file too, dated it at the late copies' last (``since``
+    was the last copy of every record read, the late ones too): one stop, two times. The stop is
+    dated by the copies written by the range's close, the late ones left out as from the pairs."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = (hour + timedelta(minutes=50)).timestamp()
+    primaries = [at + 0.2 * k for k in range(1200)]
+    halfway = at + 120
+    copies = {i: t + 0.003 for i, t in enumerate(primaries) if i % 2 == 0 and t < halfway}
+    on_time = (hour + timedelta(minutes=55)).timestamp()
+    pods_log(tmp_path, {"primary-pod": ("primary", dict(enumerate(primaries))), "shadow-pod": ("shadow", copies)},
+             written=on_time)  # fmt: skip
+    first = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=50)
+    last = datetime.fromtimestamp(max(copies.values()), UTC)
+    assert first.mirror_stopped is not None
+    assert abs(datetime.fromisoformat(first.mirror_stopped) - last) < timedelta(milliseconds=1)
+    late = {i: t + 0.003 for i, t in enumerate(primaries) if i % 2 == 0 and halfway <= t < halfway + 60}
+    pods_log(tmp_path, {"late-shadow": ("shadow", late)}, written=(hour + timedelta(minutes=70)).timestamp())
+    again = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=50)
+    assert again.late_records == len(late)
+    assert (again.verdict, again.mirror_stopped) == (first.verdict, first.mirror_stopped)
