@@ -854,7 +854,8 @@ class SlackNotifier:
         error (``slack_error`` in the answer), logged, and (``maybe_posted``) when the post was
         tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
         decides what an undelivered one means (the rollout's teardown fails the run, its
-        decision kept). Where the outbox fails too, the OSError, nothing posted; but for a post
+        decision kept). Where the outbox fails too, ``NotKept`` (an OSError naming Slack's error and
+        the outbox's), nothing posted; but for a post
         Slack may have taken, ``maybe_posted`` without ``outbox`` (``_kept_unsure``): never
         posted again in its place. A chart whose upload waits goes to the outbox with the post's mark; where
         the outbox fails then (``PostedNotKept``, logged), the post is the answer all the same,
@@ -863,8 +864,9 @@ class SlackNotifier:
         stem = report_id or _new_stem()
         if self.client is None:
             if self.unusable and self.outbox is not None:
+                kept = self._kept(message, stem, self.unusable)
                 log.warning("Slack cannot be used (%s); the report is in the outbox", self.unusable)
-                return {**self._to_outbox(message, stem, error=self.unusable), "slack_error": self.unusable}
+                return {**kept, "slack_error": self.unusable}
             return self._to_outbox(message, stem)
         tried = time.time()
         try:
@@ -874,18 +876,16 @@ class SlackNotifier:
                 raise
             error = _failure(exc)
             if refusal(exc):
+                kept = self._kept(message, stem, error, refused=True)
                 log.warning(
                     "Slack refused the report for good (%s); it is set aside in the outbox's %s/", error, REFUSED
                 )
-                return {
-                    **self._to_outbox(message, stem, error=error, refused=True),
-                    "slack_error": error,
-                    "refused": True,
-                }
+                return {**kept, "slack_error": error, "refused": True}
             if unsure(exc):
                 return self._kept_unsure(message, stem, error, tried)
+            kept = self._kept(message, stem, error)
             log.warning("Slack did not take the report (%s); it is in the outbox", error)
-            return {**self._to_outbox(message, stem, error=error), "slack_error": error}
+            return {**kept, "slack_error": error}
         result: dict[str, Any] = {"channel": posted["channel"], "ts": posted["ts"]}
         result.update(self.upload_chart(result, message))
         if result.pop("chart_waits", False) and self.outbox is not None:  # (for a later round, into its thread)
@@ -898,6 +898,15 @@ class SlackNotifier:
             else:
                 log.warning("the report's chart waits in the outbox")
         return result
+
+    def _kept(self, message: Message, stem: str, error: str, refused: bool = False) -> dict[str, Any]:
+        """A report Slack surely did not take (``error``: why; ``refused``: for good) into the
+        outbox (``_to_outbox``); where the outbox fails (a full disk), ``NotKept``: both errors."""
+        assert self.outbox is not None
+        try:
+            return self._to_outbox(message, stem, error=error, refused=refused)
+        except OSError as exc:
+            raise NotKept(error, self.outbox / REFUSED if refused else self.outbox, exc) from exc
 
     def _kept_unsure(self, message: Message, stem: str, error: str, tried: float) -> dict[str, Any]:
         """A report a post of which, tried at ``tried``, Slack may have taken (``error``: why
@@ -1029,6 +1038,19 @@ class LookupFailed(Exception):
 
 class BudgetSpent(LookupFailed):
     """A round's budget ran out before its Slack calls were done: what they were for waits."""
+
+
+class NotKept(OSError):
+    """A report Slack did not take (``error``: what it said, or why it was not reached) that the
+    outbox failed to keep (``where``: a full disk, an I/O error: ``failed``, whose ``errno`` it
+    has): posted nowhere, kept nowhere."""
+
+    def __init__(self, error: str, where: Folder, failed: OSError) -> None:
+        super().__init__(
+            f"the report is lost: Slack did not take it ({error}), and it could not be kept in the outbox "
+            f"({where}): {str(failed)[:300]}"
+        )
+        self.errno = failed.errno
 
 
 class PostedNotKept(OSError):

@@ -309,6 +309,43 @@ def test_a_post_slack_may_have_taken_that_cannot_wait_in_the_outbox_is_answered_
     assert len(slack.messages()) == 1
 
 
+@pytest.mark.parametrize("error", ["channel_not_found", "invalid_auth", "down", "unusable"])
+def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack, tmp_path, monkeypatch, caplog, error):
+    """Slack refusing a post (``channel_not_found`` for good, ``invalid_auth``), not reached
+    (down) or not to be used (a connection the provider refuses) while the outbox fails too (a full disk): the outbox's OSError went up alone, what
+    Slack said only in the log (or nowhere), the operator not told why the report is lost. The
+    OSError raised (ENOSPC still) names both: Slack's error, and that the report could not be
+    kept in the outbox, with its path."""
+    import errno
+
+    from vision_rollout.notify import NotKept
+
+    def full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Folder, "write", full)
+    if error == "down":
+        slack.stop()
+    else:
+        slack.refuse = {"chat.postMessage": error}
+    outbox = Folder(str(tmp_path / "o"))
+    if error == "unusable":
+        notifier = SlackNotifier("#c", outbox=outbox, unusable="the connection's host is no URL")
+    else:
+        notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    with pytest.raises(NotKept) as e:
+        notifier.send(rollback_message(SPEC, "x"))
+    message = str(e.value)
+    assert isinstance(e.value, OSError)
+    assert e.value.errno == errno.ENOSPC
+    assert {"down": "refused", "unusable": "no URL"}.get(error, error) in message
+    where = outbox / "refused" if error == "channel_not_found" else outbox
+    assert f"could not be kept in the outbox ({where})" in message
+    assert "No space left on device" in message
+    assert "in the outbox" not in caplog.text  # (not logged as kept there)
+    assert slack.messages() == []
+
+
 def _charts(slack, posted):
     """The charts in the thread of the report ``posted`` (its channel and ts)."""
     return [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
