@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
-# ``flock`` of a guard file still there refused with ESTALE (NFS): not retried, the mount is to be fixed.
+# A guard file's lock refused with ESTALE (NFS: ``_stale``): not retried, the mount is to be fixed.
 STALE_LOCK = (
     "on NFS, mount this folder with locking (neither nolock nor local_lock=flock or all) and "
-    "lookupcache=none, as the README says; nothing written nor removed"
+    "lookupcache=none, as the README says"
 )
 # One listing of a folder (``names``, ``folders``, ``changed``) holds this many entries at most
 # and begins no page of an object store's listing (S3's: ``LIST_PAGE`` keys) after ``LIST_S``: a
@@ -265,7 +265,8 @@ class Folder:
             if make:
                 path.mkdir(parents=True, exist_ok=True)
             try:
-                opened = guard_file(guard_path)
+                with _stale("opening", guard_path):
+                    opened = guard_file(guard_path)
             except FileNotFoundError:  # (no folder: made again, or, not ``make``, nothing there)
                 if not make:
                     yield False
@@ -274,19 +275,27 @@ class Folder:
                     raise
                 continue
             with opened as guard:
-                if not _lock(guard, guard_path, path / name, deadline):  # (removed by its holder meanwhile)
+                with _stale("locking", guard_path):
+                    locked = _lock(guard, guard_path, path / name, deadline)
+                if not locked:  # (removed by its holder meanwhile)
                     continue
+                done = False
                 try:
-                    if not _same_file(guard, guard_path):  # (removed by its holder meanwhile)
+                    with _stale("looking up", guard_path):
+                        held = _same_file(guard, guard_path)
+                    if not held:  # (removed by its holder meanwhile)
                         continue
                     try:
                         yield True
+                        done = True
                     finally:
-                        if _same_file(guard, guard_path):
-                            guard_path.unlink()
+                        with _stale("removing", guard_path, done):
+                            if _same_file(guard, guard_path):
+                                guard_path.unlink()
                     return
                 finally:
-                    fcntl.flock(guard, fcntl.LOCK_UN)
+                    with _stale("unlocking", guard_path, done):
+                        fcntl.flock(guard, fcntl.LOCK_UN)
 
     def read(self, name: str, limit: int | None = None) -> bytes:
         """``name`` in this folder, whole, or its first ``limit`` bytes and one more (a file
@@ -674,7 +683,7 @@ def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> b
     ``deadline`` (``time.monotonic``; WriteConflict past it). False where it answers ESTALE (NFS)
     for a guard file no longer at ``guard_path`` (removed by its holder on another machine) before
     ``deadline``: the caller locks the one there now. ESTALE of the guard file still there, or past
-    ``deadline``: an OSError naming it and the mount options to check (``STALE_LOCK``)."""
+    ``deadline``: raised (``_guard`` names the file and the mount options to check: ``_stale``)."""
     while True:
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -694,7 +703,21 @@ def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> b
                 there = False
             if not there and time.monotonic() <= deadline:
                 return False
-            raise OSError(errno.ESTALE, f"Stale file handle locking {guard_path} (flock): {STALE_LOCK}") from exc
+            raise
+
+
+@contextlib.contextmanager
+def _stale(doing: str, guard_path: Path, done: bool = False) -> Iterator[None]:
+    """An ESTALE (NFS) within, ``doing`` (opening, locking, ...) the guard file at ``guard_path``:
+    an OSError (ESTALE still) naming them, the mount options to check (``STALE_LOCK``), and
+    whether the write or removal under the lock was ``done``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ESTALE:
+            raise
+        after = "the write or removal under its lock done" if done else "nothing written nor removed"
+        raise OSError(errno.ESTALE, f"Stale file handle {doing} {guard_path}: {STALE_LOCK}; {after}") from exc
 
 
 def _same_file(opened: BinaryIO, path: Path) -> bool:

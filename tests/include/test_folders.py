@@ -929,6 +929,65 @@ def test_a_stale_nfs_handle_from_flock_names_the_file_and_the_mount_options(tmp_
 
 
 @pytest.mark.parametrize("op", ["delete", "write_if"])
+@pytest.mark.parametrize("step", ["opening", "looking up", "removing", "unlocking"])
+def test_a_stale_nfs_handle_at_any_step_of_a_lock_names_the_file_and_the_mount_options(tmp_path, monkeypatch, op, step):
+    """ESTALE (NFS) opening a file's guard file, looking it up (is it the one held still?), or
+    at the end, looking it up to remove it or unlocking it, went up bare ("[Errno 116] Stale
+    file handle"), unlike ``flock``'s: no file named, nothing said of the mount. Each is now an
+    OSError (ESTALE still) naming the step, the guard file and the mount options to check, and
+    whether the removal or write under the lock was done."""
+    import errno
+    import types
+    from pathlib import Path
+
+    from vision_rollout import folders
+
+    folder = Folder(str(tmp_path / "outbox"))
+    folder.write("r.json", b"{}")
+    guard = tmp_path / "outbox" / ".r.json.lock"
+
+    def stale(*args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    if step == "opening":
+        monkeypatch.setattr(folders, "guard_file", stale)
+    elif step == "unlocking":
+        real_flock = folders.fcntl.flock
+
+        def flock(fd, operation):
+            return stale() if operation == folders.fcntl.LOCK_UN else real_flock(fd, operation)
+
+        monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+    else:
+        real_lstat, looked = Path.lstat, []
+
+        def lstat(self, *args, **kwargs):
+            if self == guard:
+                looked.append(self)
+                if len(looked) == (1 if step == "looking up" else 2):
+                    stale()
+            return real_lstat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "lstat", lstat)
+    with pytest.raises(OSError, match="Stale file handle") as e:
+        folder.delete("r.json") if op == "delete" else folder.write_if("r.json", b"[]", b"{}")
+    assert e.value.errno == errno.ESTALE
+    message = str(e.value)
+    assert f"{step} {guard}" in message
+    assert "lookupcache=none" in message
+    assert "nolock" in message
+    done = step in ("removing", "unlocking")
+    assert ("done" in message) is done
+    assert ("nothing written nor removed" in message) is not done
+    if not done:
+        assert folder.read("r.json") == b"{}"
+    elif op == "delete":
+        assert not folder.exists("r.json")
+    else:
+        assert folder.read("r.json") == b"[]"
+
+
+@pytest.mark.parametrize("op", ["delete", "write_if"])
 def test_a_stale_nfs_handle_of_a_guard_file_its_holder_removed_locks_the_one_there_now(tmp_path, monkeypatch, op):
     """On NFSv3 a waiter holds the guard file open while the holder, on another machine, finishes
     and removes it: the waiter's next ``flock`` of that removed file answers ESTALE. That is the
