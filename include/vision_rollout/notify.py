@@ -29,10 +29,10 @@ import socket
 import time
 import urllib.error
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
@@ -50,6 +50,9 @@ from vision_rollout.folders import (
 )
 from vision_rollout.gates import Check, Verdict, limit_percent, percent_beside
 from vision_rollout.spec import RolloutSpec
+
+if TYPE_CHECKING:
+    from vision_rollout.engine import StageWindow
 
 log = logging.getLogger(__name__)
 
@@ -609,16 +612,11 @@ def report_chart(
     evidence); (None, None) where no stage was judged: no evidence to chart."""
     import threading
 
-    from vision_rollout.engine import NoLookJudged, deciding_look, judged_samples
+    from vision_rollout.engine import judged_samples
 
-    try:
-        found = deciding_look(spec, verdicts)
-    except NoLookJudged as exc:
-        return None, str(exc)
-    except Exception as exc:  # (a verdict of another shape: the report goes, saying so)
-        return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
+    found, why = _deciding(spec, verdicts)
     if found is None:
-        return None, None
+        return None, why
     window, until, verdict = found
     look = f"look {verdict.get('look')} of {verdict.get('looks')}"
     source = "live A/B arms" if window.latency_from == "live" else "validation replay"
@@ -647,6 +645,29 @@ def report_chart(
         return None, f"{stage} were not read and drawn within {budget_s:g} s"
     what = "could not be read" if isinstance(done["error"], OSError) else "could not be drawn"
     return None, f"{stage} {what}: {_failure(done['error'])[:300]}"
+
+
+def _deciding(
+    spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None]
+) -> tuple[tuple[StageWindow, float, Mapping[str, Any]] | None, str | None]:
+    """The look of the stage that decided of ``verdicts`` (``engine.deciding_look``), or why
+    there is none to chart, in one line; (None, None) where no stage was judged."""
+    from vision_rollout.engine import NoLookJudged, deciding_look
+
+    try:
+        return deciding_look(spec, verdicts), None
+    except NoLookJudged as exc:
+        return None, str(exc)
+    except Exception as exc:  # (a verdict of another shape: the report goes, saying so)
+        return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
+
+
+def undrawn(message: Message, spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None], why: str) -> Message:
+    """``message``, a final report that goes at once, its chart not drawn (``why``): saying so
+    where ``charted`` would chart a stage (or say why not, the same line); as it was where no
+    stage was judged: nothing to chart."""
+    found, none = _deciding(spec, verdicts)
+    return message if found is None and none is None else without_chart(message, none or why)
 
 
 def charted(

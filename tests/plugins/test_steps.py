@@ -4053,11 +4053,13 @@ def test_the_teardowns_report_says_no_false_word_of_a_stage_not_judged(monkeypat
     assert "the 100% stage has no verdict" in line
 
 
-def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monkeypatch, tmp_path):
+@pytest.mark.parametrize("judged_stages", [True, False])
+def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monkeypatch, tmp_path, judged_stages):
     """A teardown that could not put the stable version back drew the chart of its report (up to
     ``CHART_BUDGET_S``, 30 s) before failing, which is what sets off the failure callback's second
     try of the routes. Its report now goes at once, without a chart, saying why in one line, and
-    the failure goes up after it."""
+    the failure goes up after it. Where no stage was judged there is nothing to chart: the line
+    said "No chart" all the same; it is not there now, as in notify's report."""
     from vision_rollout import notify
 
     chart_conn(monkeypatch, tmp_path)
@@ -4071,16 +4073,20 @@ def test_a_teardown_that_could_not_restore_reports_at_once_without_a_chart(monke
         raise AirflowFailException("version 1 has no Deployment: the routes stay as they are")
 
     monkeypatch.setattr(steps, "finish", unreachable)
+    verdicts = [judged("fail", t0), None] if judged_stages else [None, None]
     with pytest.raises(AirflowFailException, match="no Deployment"):
-        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: [judged("fail", t0), None])
+        steps.ensure_stable(PARAMS, "run-a", None, None, None, None, lambda: verdicts)
     assert drawn == []
     outbox = tmp_path / "run" / "outbox"
     (report,) = outbox.glob("*.json")
     record = json.loads(report.read_text())
     assert "could not put version 1 back" in record["text"]
     lines = [e["text"] for b in record["blocks"] if b["type"] == "context" for e in b["elements"]]
-    (line,) = [t for t in lines if "No chart" in t]
-    assert "this report goes at once" in line
+    if judged_stages:
+        (line,) = [t for t in lines if "No chart" in t]
+        assert "this report goes at once" in line
+    else:
+        assert not [t for t in lines if "No chart" in t]
     assert "chart" not in record
     assert not list(outbox.glob("*.png"))
 
