@@ -1346,7 +1346,14 @@ def _run(
                 None if o.verdict is None else {**o.verdict.to_dict(), "bake": bakes.get(i)}
                 for i, o in enumerate(result.stages)
             ]
-            message = charted(message, spec, kept, args.prediction_log, args.validation)
+            message = charted(
+                message,
+                spec,
+                kept,
+                args.prediction_log,
+                args.validation,
+                decided=failed is not None and not result.promoted,
+            )
         send(message)
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1

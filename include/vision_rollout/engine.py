@@ -1373,7 +1373,7 @@ class NoLookJudged(LookupError):
 
 
 def deciding_look(
-    spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | None]
+    spec: RolloutSpec, verdicts: Sequence[Mapping[str, Any] | None], decided: bool = False
 ) -> tuple[StageWindow, float, Mapping[str, Any]] | None:
     """The stage that decided of ``verdicts`` (per stage, its verdict as a dict, or None): the
     first not a pass (``deciding_stage``), else the last judged. Its window, the evidence time of
@@ -1381,10 +1381,12 @@ def deciding_look(
     and the verdict. NoLookJudged where the first stage not a pass had no look judged (a stage
     ended at look 0), or has no verdict (a hard guard's breach, a stage not reached or not ended,
     one failed on its candidate's file changing): never an earlier stage's, which passed. None
-    where no stage has a verdict (a run ended before its first), or had a look judged, or where
-    the stage does not say when (a verdict of an earlier version)."""
+    where no stage has a verdict (a run ended before its first), unless ``decided`` (the report
+    names the stage that decided, ``deciding_stage``: the first, a hard guard's breach, say, has
+    no verdict), or had a look judged, or where the stage does not say when (a verdict of an
+    earlier version)."""
     stages = verdicts[: len(spec.stages)]
-    if not any(isinstance(v, Mapping) for v in stages):
+    if not decided and not any(isinstance(v, Mapping) for v in stages):
         return None
     if (index := deciding_stage(spec, verdicts)) is None:
         judged = [i for i, v in enumerate(stages) if isinstance(v, Mapping) and v.get("look")]

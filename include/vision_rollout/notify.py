@@ -602,6 +602,7 @@ def report_chart(
     prediction_log: str,
     validation: Path,
     budget_s: float = CHART_BUDGET_S,
+    decided: bool = False,
 ) -> tuple[bytes | None, str | None]:
     """The chart of a run's final report: the evidence of the stage that decided (``engine.
     deciding_look``: the first not a pass, else the last judged), the samples its deciding look judged read again from the prediction log
@@ -609,12 +610,13 @@ def report_chart(
     ``budget_s`` (in a thread of its own: a stalled store or a drawing that hangs is left
     behind). And why there is none, in one line, where it could not be drawn (the report is sent
     without it; the stage that decided having no look judged, saying so: never an earlier stage's
-    evidence); (None, None) where no stage was judged: no evidence to chart."""
+    evidence); (None, None) where no stage was judged: no evidence to chart, unless the report
+    names the stage that decided (``decided``: ``engine.deciding_look``)."""
     import threading
 
     from vision_rollout.engine import judged_samples
 
-    found, why = _deciding(spec, verdicts)
+    found, why = _deciding(spec, verdicts, decided)
     if found is None:
         return None, why
     window, until, verdict = found
@@ -648,14 +650,14 @@ def report_chart(
 
 
 def _deciding(
-    spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None]
+    spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None], decided: bool = False
 ) -> tuple[tuple[StageWindow, float, Mapping[str, Any]] | None, str | None]:
-    """The look of the stage that decided of ``verdicts`` (``engine.deciding_look``), or why
-    there is none to chart, in one line; (None, None) where no stage was judged."""
+    """The look of the stage that decided of ``verdicts`` (``engine.deciding_look``, ``decided``
+    as there), or why there is none to chart, in one line; (None, None) where no stage was judged."""
     from vision_rollout.engine import NoLookJudged, deciding_look
 
     try:
-        return deciding_look(spec, verdicts), None
+        return deciding_look(spec, verdicts, decided), None
     except NoLookJudged as exc:
         return None, str(exc)
     except Exception as exc:  # (a verdict of another shape: the report goes, saying so)
@@ -676,13 +678,15 @@ def charted(
     verdicts: Sequence[dict[str, Any] | None],
     prediction_log: str,
     validation: Path,
+    decided: bool = False,
 ) -> Message:
     """``message``, a run's final report, with the chart of the stage that decided of ``verdicts``
     (``report_chart``, within its budgets), or a line saying why there is none (``without_chart``:
     the chart's code raising too, its thread not started, say: the report goes all the same);
-    as it was where no stage was judged."""
+    as it was where no stage was judged, unless it names the stage that decided (``decided``: a
+    rollback's report, whose first stage has no verdict: a line saying so, as a later one's)."""
     try:
-        chart, why = report_chart(spec, verdicts, prediction_log, validation)
+        chart, why = report_chart(spec, verdicts, prediction_log, validation, decided=decided)
     except Exception as exc:
         log.exception("the report's chart could not be drawn; the report is sent without it")
         chart, why = None, f"it could not be drawn: {_failure(exc)[:300]}"

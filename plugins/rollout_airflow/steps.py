@@ -2026,6 +2026,7 @@ def notify(
     spec = spec_from(params)
     notes = [str(note) for note in preflight or []]
     end = None if run_id is None else run_ended(spec, run_id)
+    decided = False  # (whether the report names the stage that decided: its chart's line, where it has none)
     try:
         judged = [Verdict.from_dict(v) for v in verdicts if v]
         if outcome == "promote":
@@ -2036,11 +2037,12 @@ def notify(
             message = rollback_message(
                 spec, reason, Verdict.from_dict(failing) if failing else None, weight, notes=notes
             )
+            decided = weight is not None
     except Exception:  # the report goes out all the same, in plain words: the decision is made
         log.exception("the %s report could not be built from the verdicts; it is sent as plain text", outcome)
         message = plain_report(spec, outcome, reason)
     if end is None:  # (sent again: the first report's thread has its chart)
-        message = with_chart(spec, message, lambda: verdicts)
+        message = with_chart(spec, message, lambda: verdicts, decided=decided)
     if run_id is None:
         return send(spec, message)
     if end is not None:
@@ -2055,13 +2057,14 @@ def with_chart(
     message: Message,
     verdicts: Callable[[], list[dict[str, Any] | None]],
     at_once: str | None = None,
+    decided: bool = False,
 ) -> Message:
     """``message``, a run's final report (notify's, the teardown's), with the chart of the stage
     that decided of the verdicts ``verdicts()`` reads (``notify.charted``: read again from the
     connection's prediction log, this task's worker being any), or a line saying why there is
     none: the verdicts not read too (the teardown's XCom pulls failing), the report sent all the same.
     ``at_once``: why it is not drawn (a report that goes at once), said where there would be a
-    chart (``notify.undrawn``)."""
+    chart (``notify.undrawn``). ``decided``: the report names the stage that decided (``charted``)."""
     from vision_rollout.notify import charted, undrawn, without_chart
 
     try:
@@ -2072,7 +2075,7 @@ def with_chart(
     if at_once is not None:
         return undrawn(message, spec, read, at_once)
     settings = serving().settings
-    return charted(message, spec, read, settings.prediction_log, settings.validation(spec.model))
+    return charted(message, spec, read, settings.prediction_log, settings.validation(spec.model), decided)
 
 
 def send_run_report(spec: RolloutSpec, message: Any, run_id: str) -> dict[str, Any]:

@@ -3855,6 +3855,7 @@ def ended_at_look_0(t0: float) -> dict:
     ("stages", "said"),
     [
         ("look 0", "the 50% stage ended before a look was judged"),  # (the first stage, before its first look)
+        ("breach, unreached", "the 50% stage has no verdict"),  # (the first stage's hard guard: no verdict at all)
         ("pass, breach", "the 100% stage has no verdict"),  # (a hard guard: the gate task failed, no verdict in XCom)
         ("pass, look 0", "the 100% stage ended before a look was judged"),
     ],
@@ -3863,11 +3864,12 @@ def test_a_rollback_whose_stage_had_no_look_judged_charts_no_earlier_stage(monke
     """The report names the stage that rolled the candidate back. Where that stage had no look
     judged (a hard guard's breach, a stage ended at look 0), the chart was of the last earlier
     stage judged, which passed: its passing evidence under a rollback. Now no chart, and one line
-    saying the named stage had no look judged, or no verdict at all."""
+    saying the named stage had no look judged, or no verdict at all; the first stage's breach
+    too (no stage has a verdict): its report had no such line, a later stage's had."""
     chart_conn(monkeypatch, tmp_path)
     t0 = time.time() - 900
     stage_evidence(tmp_path, t0, replay=False)
-    kinds = {"look 0": ended_at_look_0(t0 + 300), "breach": None, "pass": judged("pass", t0)}
+    kinds = {"look 0": ended_at_look_0(t0 + 300), "breach": None, "unreached": None, "pass": judged("pass", t0)}
     verdicts = [kinds[k] for k in stages.split(", ")]
     sent = steps.notify(PARAMS, "rollback", "hard guard tripped", verdicts, None, "run-a")
     assert "chart" not in sent
