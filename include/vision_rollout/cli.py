@@ -1127,6 +1127,9 @@ class _Lease:
 
 
 _PROGRESS_EVERY_S = 60.0  # run's progress line during a stage, at most this often
+# The chart of the report of a run cut short (a signal, an abort, an error) is drawn within this,
+# or the report goes without it: a supervisor's kill follows its signal (Kubernetes': 30 s after).
+_CUT_SHORT_CHART_S = 10.0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -1191,6 +1194,7 @@ def _run(
         promotion_message,
         rollback_message,
         stage_message,
+        undrawn,
     )
     from vision_rollout.serving import not_as_verified
 
@@ -1219,6 +1223,15 @@ def _run(
     # final report's chart, as the DAG's wait keeps it in its verdict's ``bake``
     bakes: dict[int, dict[str, Any]] = {}
     shown: dict[int, float] = {}  # stage -> when a line last said how it goes (monotonic)
+    stages_ended: list[StageOutcome] = []  # for the report of a run cut short
+
+    def kept(outcomes: list[StageOutcome]) -> list[dict[str, Any] | None]:
+        """The stages' verdicts as the DAG keeps them (``steps.stage_verdicts``), each with its
+        last look's evidence time (``bake``) for the report's chart; None for a stage without one."""
+        verdicts = [
+            None if o.verdict is None else {**o.verdict.to_dict(), "bake": bakes.get(i)} for i, o in enumerate(outcomes)
+        ]
+        return verdicts + [None] * (len(spec.stages) - len(verdicts))
 
     def look(window: StageWindow) -> StageState:
         # LockLost: another run took the model over; this one touches nothing more. Aborted:
@@ -1259,6 +1272,7 @@ def _run(
             log.warning("a report was not written to the outbox (%s): %s", message.text[:200], _message(exc))
 
     def report(outcome: StageOutcome) -> None:
+        stages_ended.append(outcome)
         line = (
             f"stage {outcome.weight}%: {outcome.decision} after {outcome.looks} look(s), {outcome.seconds:.0f} s: "
             f"{outcome.reason}"
@@ -1284,10 +1298,19 @@ def _run(
         """What serves now, read back; reported (``why`` and that) when there is an outbox."""
         where = _where_routes_are(router, spec)
         stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
-        if where.startswith(f"version {spec.candidate_version} takes 100%"):
-            send(plain_report(spec, "promote", stopped))
-        else:
-            send(rollback_message(spec, stopped, restored=restored))
+        promoted = where.startswith(f"version {spec.candidate_version} takes 100%")
+        message = (
+            plain_report(spec, "promote", stopped) if promoted else rollback_message(spec, stopped, restored=restored)
+        )
+        if notifier is not None:  # (the chart, as the DAG's teardown's report has it: at once where not restored)
+            message = (
+                charted(
+                    message, spec, kept(stages_ended), args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
+                )
+                if promoted or restored
+                else undrawn(message, spec, kept(stages_ended))
+            )
+        send(message)
         return where
 
     def changed() -> str | None:
@@ -1342,14 +1365,10 @@ def _run(
             )
         )
         if notifier is not None:  # (the chart of the stage that decided, as the DAG's report has it)
-            kept = [
-                None if o.verdict is None else {**o.verdict.to_dict(), "bake": bakes.get(i)}
-                for i, o in enumerate(result.stages)
-            ]
             message = charted(
                 message,
                 spec,
-                kept,
+                kept(result.stages),
                 args.prediction_log,
                 args.validation,
                 decided=failed is not None and not result.promoted,

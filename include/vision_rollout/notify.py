@@ -664,12 +664,15 @@ def _deciding(
         return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
 
 
-def undrawn(message: Message, spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None], why: str) -> Message:
-    """``message``, a final report that goes at once, its chart not drawn (``why``): saying so
-    where ``charted`` would chart a stage (or say why not, the same line); as it was where no
-    stage was judged: nothing to chart."""
+def undrawn(message: Message, spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None]) -> Message:
+    """``message``, a final report that goes at once while the stable version may not be back,
+    its chart not drawn: saying so where ``charted`` would chart a stage (or say why not, the
+    same line); as it was where no stage was judged: nothing to chart."""
     found, none = _deciding(spec, verdicts)
-    return message if found is None and none is None else without_chart(message, none or why)
+    if found is None and none is None:
+        return message
+    why = f"not drawn while version {spec.baseline_version} may not be back: this report goes at once"
+    return without_chart(message, none or why)
 
 
 def charted(
@@ -679,14 +682,15 @@ def charted(
     prediction_log: str,
     validation: Path,
     decided: bool = False,
+    budget_s: float = CHART_BUDGET_S,
 ) -> Message:
     """``message``, a run's final report, with the chart of the stage that decided of ``verdicts``
-    (``report_chart``, within its budgets), or a line saying why there is none (``without_chart``:
+    (``report_chart``, within its budgets: ``budget_s``), or a line saying why there is none (``without_chart``:
     the chart's code raising too, its thread not started, say: the report goes all the same);
     as it was where no stage was judged, unless it names the stage that decided (``decided``: a
     rollback's report, whose first stage has no verdict: a line saying so, as a later one's)."""
     try:
-        chart, why = report_chart(spec, verdicts, prediction_log, validation, decided=decided)
+        chart, why = report_chart(spec, verdicts, prediction_log, validation, budget_s=budget_s, decided=decided)
     except Exception as exc:
         log.exception("the report's chart could not be drawn; the report is sent without it")
         chart, why = None, f"it could not be drawn: {_failure(exc)[:300]}"

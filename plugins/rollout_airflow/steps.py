@@ -1864,8 +1864,7 @@ def ensure_stable(
             )
             try:  # (at once: the failure callback's try of the routes waits on this)
                 message = rollback_message(spec, f"{what}; {failed}", restored=False)
-                why = f"not drawn while version {spec.baseline_version} may not be back: this report goes at once"
-                send(spec, message if verdicts is None else with_chart(spec, message, verdicts, at_once=why))
+                send(spec, message if verdicts is None else with_chart(spec, message, verdicts, at_once=True))
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise
@@ -2056,15 +2055,15 @@ def with_chart(
     spec: RolloutSpec,
     message: Message,
     verdicts: Callable[[], list[dict[str, Any] | None]],
-    at_once: str | None = None,
+    at_once: bool = False,
     decided: bool = False,
 ) -> Message:
     """``message``, a run's final report (notify's, the teardown's), with the chart of the stage
     that decided of the verdicts ``verdicts()`` reads (``notify.charted``: read again from the
     connection's prediction log, this task's worker being any), or a line saying why there is
     none: the verdicts not read too (the teardown's XCom pulls failing), the report sent all the same.
-    ``at_once``: why it is not drawn (a report that goes at once), said where there would be a
-    chart (``notify.undrawn``). ``decided``: the report names the stage that decided (``charted``)."""
+    ``at_once``: not drawn (a report that goes at once, the stable version perhaps not back), said
+    where there would be a chart (``notify.undrawn``). ``decided``: the report names the stage that decided (``charted``)."""
     from vision_rollout.notify import charted, undrawn, without_chart
 
     try:
@@ -2072,8 +2071,8 @@ def with_chart(
     except Exception as exc:
         log.exception("the stages' verdicts cannot be read for the report's chart")
         return without_chart(message, f"the stages' verdicts could not be read: {str(exc)[:300] or type(exc).__name__}")
-    if at_once is not None:
-        return undrawn(message, spec, read, at_once)
+    if at_once:
+        return undrawn(message, spec, read)
     settings = serving().settings
     return charted(message, spec, read, settings.prediction_log, settings.validation(spec.model), decided)
 

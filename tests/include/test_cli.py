@@ -1813,6 +1813,92 @@ def test_run_goes_by_the_evidence_when_the_outbox_cannot_be_written(tmp_path, mo
     assert "Promoted digits v2" in lost[-1]
 
 
+@pytest.mark.parametrize(
+    "stop", ["signal after the stages", "signal, not restored", "abort in the 100% stage", "error in the 50% stage"]
+)
+def test_a_run_cut_short_reports_with_the_chart_the_dags_teardown_would(tmp_path, monkeypatch, stop):
+    """rolloutctl run stopped by a signal, an abort or an error: its report went to the outbox
+    without a chart, where the DAG's teardown reports a run stopped with the chart of the stage
+    that decided of its verdicts (the last judged, once every stage passed), or the line saying
+    why there is none (the stage it was in has no verdict); nothing where no stage was judged.
+    It does too now, the chart drawn within a bound (a supervisor's kill follows a signal); where
+    the stable version is not back, not drawn, the report going at once, as the teardown's."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from tests.support import png_title, stage_evidence
+    from vision_rollout import cli, engine, notify
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.locks import Aborted
+    from vision_rollout.mesh import RouterError
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    passing = replace(evaluate_gate(samples(200)), decision="pass")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 10}\n" for i in range(20)))
+    for i in range(20):  # (the validation set the passing stages' chart reads its labels from)
+        (tmp_path / f"{i}.png").write_bytes(b"image-%d" % i)
+
+    def look(window):
+        stage_evidence(tmp_path, window.started, replay=True)  # (a pass: its paired check's records too)
+        if stop == "abort in the 100% stage" and window.index == 1:
+            raise Aborted("aborted by an operator")
+        if stop == "error in the 50% stage":
+            raise RuntimeError("the judge broke")
+        return StageState("pass", 2, 3, passing, "passed", until=window.started + 100)
+
+    def audit(*args, **kwargs):
+        raise cli.Interrupted(signal.SIGTERM)
+
+    budgets = []
+    real_chart = notify.report_chart
+    monkeypatch.setattr(
+        notify, "report_chart", lambda *a, **k: budgets.append(k.get("budget_s")) or real_chart(*a, **k)
+    )
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    monkeypatch.setattr(engine, "rollout_audit", audit)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    if stop == "signal, not restored":  # (the routes not read back: the stable version is not shown back)
+
+        def unread():
+            raise RouterError("the mesh does not answer")
+
+        router.get_routes = unread
+    run = lambda: cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "")  # noqa: E731
+    if stop == "error in the 50% stage":
+        with pytest.raises(cli.CommandError, match="the judge broke"):
+            run()
+    else:
+        assert run() == (143 if stop.startswith("signal") else 1)
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    final = reports[-1]
+    assert final["text"].startswith("Stopped digits v2" if "not restored" in stop else "Rolled back digits v2")
+    lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
+    said = [t for t in lines if "No chart" in t]
+    if stop == "signal after the stages":
+        assert not said
+        png = tmp_path / "outbox" / final["chart"]
+        assert png_title(png.read_bytes()).startswith("digits v2 vs v1: 100% stage, look 1 of 1")
+        assert budgets == [cli._CUT_SHORT_CHART_S]  # (a signal: not held longer)
+    elif stop == "signal, not restored":
+        (line,) = said
+        assert "not drawn while version 1 may not be back: this report goes at once" in line
+        assert "chart" not in final
+        assert budgets == []
+    elif stop == "abort in the 100% stage":
+        (line,) = said
+        assert "the 100% stage has no verdict" in line
+        assert "chart" not in final
+    else:  # (no stage judged: nothing to chart)
+        assert not said
+        assert "chart" not in final
+
+
 @pytest.mark.parametrize("ended", ["judged", "breach", "changed", "chart raised"])
 def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatch, ended):
     """rolloutctl run's final report went to the outbox without a chart, where the DAG's carries
