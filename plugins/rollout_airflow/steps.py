@@ -28,7 +28,16 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, Airfl
 from rollout_airflow.hooks import ModelServerHook, PrometheusHook, slack_notifier
 from vision_rollout.deploy import MAX_REPLICAS, candidate_replicas
 from vision_rollout.folders import WriteConflict
-from vision_rollout.locks import LEASE_S, MAX_LEASE_S, MAX_LOCK_BYTES, Holding, LockLost, ModelBusy, held_record
+from vision_rollout.locks import (
+    LEASE_S,
+    MAX_LEASE_S,
+    MAX_LOCK_BYTES,
+    Holding,
+    LockError,
+    LockLost,
+    ModelBusy,
+    held_record,
+)
 from vision_rollout.objects import ConditionsIgnored
 from vision_rollout.settings import (
     ENDED,
@@ -186,12 +195,15 @@ def recorded(folder: Folder, run_id: str, holding: Holding | None) -> None:
 
 def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
     """The lease renewed for what puts the stable version back; as it reads, when it reads as this
-    run's but cannot be written (its run folder full or read-only: OSError), which stops no
-    rollback: the lease only keeps other runs off the model, and this run holds it. LockLost as
-    ``renew``."""
+    run's but cannot be written (its run folder full or read-only: OSError; another writer's
+    write beating each of the renewal's, or the API server failing it: a LockError but
+    LockLost), which stops no rollback: the lease only keeps other runs off the model, and this
+    run holds it. LockLost as ``renew``, and when it then reads as another run's or nobody's."""
     try:
         return cast("Holding", lock.renew(run_id, seconds))
-    except OSError as exc:
+    except LockLost:
+        raise
+    except (OSError, LockError) as exc:
         current = lock.holding()
         if current is None or current.holder != run_id:
             raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None
