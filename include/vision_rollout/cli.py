@@ -853,9 +853,11 @@ def _not_held(args: argparse.Namespace, lock: Any) -> None:
     run's next stage, or its rollback, writes its own routes over these (or, in kubernetes
     mode, takes them for a mesh changed under it and rolls back), as ``kubectl argo rollouts``
     refuses edits of a rollout in progress. ``--force`` applies them all the same, saying whose
-    run holds it."""
+    run holds it. The Lease's read failed by the API server (its 429, 500, 502, 503 or 504 once
+    the client's retries are spent) is said to be that, to be tried again, ``--force`` not
+    offered: unlike an unreadable lock, it says nothing of the rollout that may hold it."""
     from vision_rollout.locks import LockError
-    from vision_rollout.mesh import ApiUnreachable
+    from vision_rollout.mesh import MAYBE_SERVED, UNSERVED, ApiUnreachable
 
     model = args.model or args.name
     try:
@@ -863,6 +865,10 @@ def _not_held(args: argparse.Namespace, lock: Any) -> None:
     except ApiUnreachable as exc:  # nothing known: --force would not reach the routes either
         raise CommandError(f"{exc}; nothing changed") from None
     except LockError as exc:  # (an unreadable lock file or Lease: whose run is not known)
+        if exc.status in UNSERVED | MAYBE_SERVED and not args.force:
+            raise CommandError(
+                f"{exc}: the API server failed to read the Lease (a transient failure): try again; nothing changed"
+            ) from None
         if not args.force:
             raise CommandError(f"{exc}, or give --force; nothing changed") from None
         print(f"rolloutctl mesh: warning: --force: {_one_line(str(exc))}", file=sys.stderr, flush=True)

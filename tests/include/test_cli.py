@@ -2546,6 +2546,46 @@ def test_mesh_apply_istio_is_refused_while_a_rollout_holds_the_lease(tmp_path, c
         api.stop()
 
 
+@pytest.mark.parametrize("answer", [500, 503])
+def test_mesh_apply_istio_whose_lease_read_the_api_server_failed_says_try_again_not_force(
+    tmp_path, capsys, monkeypatch, answer
+):
+    """The Lease's GET failed by the API server (500 or 503 each time, the client's retries
+    spent) was refused as an unreadable lock, "..., or give --force": an invitation to write over
+    what may be a live rollout's routes. It is said to be the API server's transient failure, to
+    be tried again; nothing changed."""
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout import mesh
+    from vision_rollout.locks import LeaseLock
+    from vision_rollout.mesh import IstioTarget
+
+    target = IstioTarget("ml", "digits", "digits-vs")
+    api = FakeKubeAPI().start()
+    try:
+        istio_objects_of(api, target)
+        kube = kubeconfig_of(api, tmp_path, monkeypatch)
+        LeaseLock("digits", "ml", kube, key="digits-vs").acquire("manual__2026-12-03 (a DAG run)")
+        policy = tmp_path / "policy.json"
+        policy.write_text(json.dumps({"route": [{"version": "1", "weight": 90}, {"version": "2", "weight": 10}]}))
+        argv = ["mesh", "apply", "--backend", "istio", "--policy", str(policy), "--versions", "1,2"]
+        argv += ["--namespace", "ml", "--service", "digits", "--name", "digits-vs"]
+        before = copy.deepcopy(api.objects[("virtualservices", "ml", "digits-vs")])
+        monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+        api.throttle, api.throttle_status = 1 + mesh.api_retries().total, answer
+        api.throttled_methods, api.throttled_path = frozenset({"GET"}), "/leases/rollout-digits-vs"
+        code, out, err = run(capsys, *argv)
+        assert api.throttle == 0
+        assert (code, out) == (4, "")
+        assert err.startswith(f"rolloutctl mesh: error: GET Lease ml/rollout-digits-vs: {answer} ")
+        assert "--force" not in err
+        assert err.endswith(
+            "the API server failed to read the Lease (a transient failure): try again; nothing changed\n"
+        )
+        assert api.objects[("virtualservices", "ml", "digits-vs")] == before
+    finally:
+        api.stop()
+
+
 def test_a_lock_file_that_is_not_text_is_an_unreadable_lock(tmp_path, capsys):
     """A lock file of bytes that are not UTF-8 (a disk error, another tool's file) was a
     UnicodeDecodeError's traceback out of status, abort and run; it is the unreadable lock that
