@@ -590,9 +590,12 @@ class FakeKubeAPI:
         self, plural: str, namespace: str, name: str, preconditions: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """DELETE: a pod run by a kubelet is marked (``deletionTimestamp``) for the kubelet to stop;
-        anything else is gone at once. The object as it was is returned; APIError 404 when absent,
-        409 Conflict when it is not the one DeleteOptions' ``preconditions`` name (its ``uid``, its
-        ``resourceVersion``: changed since it was read), as the real server answers."""
+        an object with ``metadata.finalizers`` is marked too (a new resourceVersion), as the real
+        server marks it, and stays until its finalizers are gone (``remove``: their controllers
+        done); anything else is gone at once. The object is returned, as marked or as it was;
+        APIError 404 when absent, 409 Conflict when it is not the one DeleteOptions'
+        ``preconditions`` name (its ``uid``, its ``resourceVersion``: changed since it was read),
+        as the real server answers."""
         with self.lock:
             obj = self.objects.get((plural, namespace, name))
             if obj is None:
@@ -617,6 +620,11 @@ class FakeKubeAPI:
                 if "deletionTimestamp" not in obj["metadata"]:
                     obj["metadata"]["deletionTimestamp"] = now_rfc3339()
                     obj["metadata"]["deletionGracePeriodSeconds"] = obj["spec"].get("terminationGracePeriodSeconds", 30)
+                    self._bump(obj)
+            elif obj["metadata"].get("finalizers"):
+                if "deletionTimestamp" not in obj["metadata"]:
+                    obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+                    obj["metadata"]["deletionGracePeriodSeconds"] = 0
                     self._bump(obj)
             else:
                 del self.objects[(plural, namespace, name)]

@@ -1127,7 +1127,10 @@ class VersionDeployments:
         """Delete ``obj`` (a listed Deployment or HPA) unless it changed since it was listed or is
         gone already (False). A delete whose answer left unknown whether it was served is sent
         again on the same preconditions (``settled``: it deletes nothing but the object as
-        listed): a 404 then is that delete's, done."""
+        listed): a 404 then is that delete's, done. A 409 is read back: the object as listed
+        (its uid) marked for deletion (``deletionTimestamp``: a delete served, by the one in
+        doubt or another's, its finalizers pending, which gave it a new resourceVersion) is
+        being deleted, done."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -1135,11 +1138,17 @@ class VersionDeployments:
         options = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
         )
-        kind, delete = {
-            "deployments": ("Deployment", self._apps().delete_namespaced_deployment),
+        autoscaling = client.AutoscalingV2Api(self.api_client)
+        kind, delete, read = {
+            "deployments": (
+                "Deployment",
+                self._apps().delete_namespaced_deployment,
+                self._apps().read_namespaced_deployment,
+            ),
             "horizontalpodautoscalers": (
                 "HorizontalPodAutoscaler",
-                client.AutoscalingV2Api(self.api_client).delete_namespaced_horizontal_pod_autoscaler,
+                autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+                autoscaling.read_namespaced_horizontal_pod_autoscaler,
             ),
         }[plural]
 
@@ -1150,10 +1159,17 @@ class VersionDeployments:
                 except ApiException as exc:
                     if exc.status == 404:  # gone: already (left), or by the delete in doubt before (done)
                         return doubted > 0
-                    if exc.status == 409:  # changed since it was listed: left
-                        return False
-                    raise refused(f"delete {kind} {meta.name}", exc) from None
-            return True
+                    if exc.status != 409:
+                        raise refused(f"delete {kind} {meta.name}", exc) from None
+                else:
+                    return True
+            try:  # 409: changed since it was listed (left), unless it is being deleted
+                live = read(meta.name, self.target.namespace).metadata
+            except ApiException as exc:
+                if exc.status == 404:  # (gone since: as a 404 above)
+                    return doubted > 0
+                raise refused(f"GET {kind} {meta.name}", exc) from None
+            return live.uid == meta.uid and live.deletion_timestamp is not None
 
         return settled(attempt, checks=False)
 

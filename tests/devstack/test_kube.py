@@ -276,6 +276,36 @@ def test_a_delete_whose_preconditions_do_not_hold_is_a_conflict(core):
     assert missing.value.status == 404
 
 
+def test_a_delete_of_an_object_with_finalizers_marks_it_and_keeps_it(core):
+    """As the real server: an object holding finalizers is not removed by a delete but marked
+    (``deletionTimestamp``, a new resourceVersion), answered 200 with the object as marked; it
+    stays until its finalizers' controllers are done, so a delete sent again on the
+    resourceVersion it was read at is a 409."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import IstioTarget
+    from vision_rollout.settings import BuildSettings
+
+    fake, core_api = core
+    api = core_api.api_client
+    versions = VersionDeployments(IstioTarget("models", "digits", "digits"), "digits", api, BuildSettings(gpus=0))
+    versions.apply("2", "img:1", 1)
+    fake.touch("deployments", "models", "digits-v2", lambda o: o["metadata"].update(finalizers=["example.com/keep"]))
+    read = fake.get("deployments", "models", "digits-v2")["metadata"]
+    options = client.V1DeleteOptions(
+        preconditions=client.V1Preconditions(uid=read["uid"], resource_version=read["resourceVersion"])
+    )
+    apps = client.AppsV1Api(api)
+    answer = apps.delete_namespaced_deployment("digits-v2", "models", body=options, _preload_content=False)
+    marked = json.loads(answer.data)
+    assert (answer.status, marked["kind"]) == (200, "Deployment")
+    assert marked["metadata"]["deletionTimestamp"]
+    assert marked["metadata"]["resourceVersion"] != read["resourceVersion"]
+    assert fake.objects[("deployments", "models", "digits-v2")]["metadata"]["deletionTimestamp"]
+    with pytest.raises(ApiException) as again:
+        apps.delete_namespaced_deployment("digits-v2", "models", body=options)
+    assert again.value.status == 409
+
+
 def test_an_apply_changing_a_field_another_manager_applied_is_a_conflict(core):
     """Server-side apply tracks each field's managers: an apply (not forced) that changes a field
     another manager applied is a 409 naming the manager and the field's path, as the real server

@@ -986,3 +986,41 @@ def test_a_budgets_apply_left_in_doubt_is_settled_not_logged_as_refused(kube_api
     assert api.throttle == 0  # (the apply in doubt was sent)
     assert api.objects[("poddisruptionbudgets", "models", "digits-v2")]["spec"] == render_pdb(TARGET, "2", 3)["spec"]
     assert "a drain may take its pods" not in caplog.text
+
+
+@pytest.mark.parametrize("plural", ["deployments", "horizontalpodautoscalers"])
+def test_a_prunes_delete_served_on_an_object_with_finalizers_then_answered_500_is_done(kube_api, plural):
+    """A retired version's Deployment or HPA holding a finalizer (another controller's), its
+    delete served then answered 500: the server marked it (deletionTimestamp, a new
+    resourceVersion), and the delete sent again on the preconditions as listed got 409, taken for
+    "changed since it was listed": the version not counted gone, its budget and HPA left behind.
+    An object read back marked for deletion, the same uid, is being deleted: done."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    build = BuildSettings(gpus=0, autoscaling=True, revision_history_limit=0)
+    versions = VersionDeployments(TARGET, "digits", with_retries(api_client), build)
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    api.touch(plural, "models", "digits-v1", lambda o: o["metadata"].update(finalizers=["example.com/keep"]))
+    uid = api.objects[(plural, "models", "digits-v1")]["metadata"]["uid"]
+    _in_doubt(api, "DELETE", f"/{plural}/digits-v1", 500, served=True)
+    assert versions.prune({"2"}) == ["1"]
+    deletes = [
+        r["status"] for r in api.requests if r["method"] == "DELETE" and r["path"].endswith(f"/{plural}/digits-v1")
+    ]
+    assert deletes[:2] == [500, 409]
+    marked = api.objects[(plural, "models", "digits-v1")]["metadata"]
+    assert (marked["uid"], "deletionTimestamp" in marked) == (uid, True)  # (until its finalizer's controller is done)
+    left = sorted((p, n) for p, ns, n in api.objects if ns == "models" and p != "events")
+    assert left == sorted(
+        [
+            (plural, "digits-v1"),
+            ("deployments", "digits-v2"),
+            ("horizontalpodautoscalers", "digits-v2"),
+            ("poddisruptionbudgets", "digits-v2"),
+        ]
+    )
