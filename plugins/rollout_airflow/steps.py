@@ -1254,13 +1254,9 @@ def mesh_serving(params: dict[str, Any], spec: RolloutSpec, run_id: str, hook: M
     the bucket EnvoyFilter that makes it per user). Else what the looks would judge is not the
     stage's split: the stable version takes 100% again (no weight moves forward) and the task
     fails naming the object. The decision is not kept as the stage's breach: it is the mesh's,
-    not the candidate's."""
-    from vision_rollout.mesh import ApiUnreachable
-
-    try:
-        problem = router(spec, run_id, hook).serving_problem(spec.policy_for_stage(spec.stages[index]))
-    except ApiUnreachable:
-        raise  # nothing was read: nothing says the mesh changed
+    not the candidate's. A read the API server failed or left unanswered (``TRANSIENT``) is
+    raised as it came: nothing read says the mesh changed."""
+    problem = router(spec, run_id, hook).serving_problem(spec.policy_for_stage(spec.stages[index]))
     if problem:
         restore_stable(params, run_id, unload_candidate=False)
         raise AirflowFailException(
