@@ -197,13 +197,16 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
     """The lease renewed for what puts the stable version back; as it reads, when it reads as this
     run's but cannot be written (its run folder full or read-only: OSError; another writer's
     write beating each of the renewal's, or the API server failing it: a LockError but
-    LockLost), which stops no rollback: the lease only keeps other runs off the model, and this
-    run holds it. LockLost as ``renew``, and when it then reads as another run's or nobody's."""
+    LockLost; or leaving it unanswered: ``TRANSIENT``), which stops no rollback: the lease only
+    keeps other runs off the model, and this run holds it. LockLost as ``renew``, and when it
+    then reads as another run's or nobody's."""
+    from vision_rollout.mesh import TRANSIENT
+
     try:
         return cast("Holding", lock.renew(run_id, seconds))
     except LockLost:
         raise
-    except (OSError, LockError) as exc:
+    except (OSError, LockError, *TRANSIENT) as exc:
         current = lock.holding()
         if current is None or current.holder != run_id:
             raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None

@@ -2466,3 +2466,23 @@ def test_a_rollbacks_renewal_another_writer_beats_at_each_read_goes_on_while_the
     else:
         assert routes(kube) == [("v1", 90), ("v2", 10)]
         assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-2"
+
+
+def test_a_rollbacks_renewal_left_unanswered_goes_on_while_the_lease_reads_as_its_own(kube, monkeypatch, caplog):
+    """A rollback's renewal whose every replace the API server left unanswered (a proxy dropping
+    the connection: ApiUnreachable once its tries were spent) failed the rollback, the candidate
+    left with its share of the traffic, though the lease read back as this run's. It goes on, as
+    for a renewal another writer beat, saying why."""
+    import logging
+
+    from vision_rollout import mesh
+
+    at_stage_1(kube)
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = mesh.WRITE_TRIES, None, frozenset({"PUT"})
+    kube.throttled_path = "/leases/rollout-digits"
+    with caplog.at_level(logging.WARNING):
+        steps.restore_stable(PARAMS, "run-1")
+    assert kube.throttle == 0
+    assert routes(kube) == [("v1", 100)]
+    assert "did not answer PUT" in caplog.text
