@@ -463,6 +463,12 @@ def _stage_guarded(args: argparse.Namespace, window: StageWindow | None) -> Stag
     return replace(window, started=args.started)
 
 
+def _ahead(seconds: float) -> str:
+    """How far ahead of this machine's clock, in whole seconds rounded up (60.4 s ahead is more
+    than 60), an absurd value in three digits (1e+300, not its 301)."""
+    return f"{math.ceil(seconds)}" if seconds < 1e15 else f"{seconds:.3g}"
+
+
 def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
     """``--started``: a start the stage's ``samples`` fit, as the DAG's (``engine.stage_samples``:
     those from its start on, read before the present); a usage error naming it when it lies in the
@@ -474,7 +480,7 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
     now = time.time()
     if args.started > now + CLOCK_SKEW_S:
         raise UsageError(
-            f"--started {args.started!r}: in the future, {args.started - now:.0f} s ahead of this machine's clock "
+            f"--started {args.started!r}: in the future, {_ahead(args.started - now)} s ahead of this machine's clock "
             f"(now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (NTP): give the "
             "stage's start in unix seconds, not milliseconds (its stage record's window start)"
         )

@@ -409,12 +409,14 @@ def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_d
     assert (code, "--stage 1: the samples' labelled_at must be unix seconds" in err) == (2, True)
 
 
-@pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0])
+@pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0, 0.4])
 def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(tmp_path, capsys, monkeypatch, ahead):
     """A stage's start is stamped on the DAG worker's clock, ``gate`` compares it with its own
     machine's: a worker clock ahead by a few seconds (within the ``locks.CLOCK_SKEW_S`` the
     workers' clocks may be apart) had ``--started`` refused as "in the future". It is judged as
-    the DAG did; a start further ahead than that is refused, naming the skew allowed."""
+    the DAG did; a start further ahead than that is refused, naming the skew allowed and how far
+    ahead it is rounded up (60.4 s read "60 s ahead ... more than 60 s"), an absurd one in three
+    digits (1e300 was printed in its 301)."""
     from tests.include.test_engine import T0, WINDOW, records, spec
     from vision_rollout.locks import CLOCK_SKEW_S
 
@@ -427,8 +429,11 @@ def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(t
     monkeypatch.setattr(time, "time", lambda: T0 - CLOCK_SKEW_S - ahead)
     code, out, err = run(capsys, *argv, *stage)
     assert (code, out) == (2, "")
-    assert f"--started {T0!r}: in the future, {CLOCK_SKEW_S + ahead:.0f} s ahead of this machine's clock" in err
+    assert f"--started {T0!r}: in the future, {math.ceil(CLOCK_SKEW_S + ahead)} s ahead of this machine's clock" in err
     assert f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart" in err
+    code, out, err = run(capsys, *argv, *stage[:3], "1e300", *stage[4:])
+    assert (code, out) == (2, "")
+    assert "--started 1e+300: in the future, 1e+300 s ahead of this machine's clock" in err
 
 
 def test_gate_judges_samples_that_end_well_before_the_looks_time_and_warns(tmp_path, capsys, monkeypatch):
