@@ -492,6 +492,33 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
         )
 
 
+def _label_times(args: argparse.Namespace, labelled_at: Any) -> None:
+    """The samples' ``labelled_at``: when each live label is evidence, unix seconds (NaN without
+    one), as ``engine.stage_samples`` exports it; a usage error naming it where one is no time
+    (infinite, negative) or lies in the future (milliseconds?) by more than the workers' clocks
+    may be apart (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the look's time, such labels
+    would all be dropped or all kept, silently, and the look judged on other labels than the DAG's."""
+    import numpy as np
+
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    given = labelled_at.to_numpy(dtype=float, na_value=np.nan)
+    given = given[~np.isnan(given)]
+    untimed = ~np.isfinite(given) | (given < 0)
+    if untimed.any():
+        raise UsageError(
+            f"--stage {args.stage}: {int(untimed.sum()):,} of the samples' {len(given):,} labels have no time in "
+            f"labelled_at ({float(given[untimed][0])}): the DAG's stage samples give each its time, unix seconds"
+        )
+    now = time.time()
+    if given.size and (latest := float(given.max())) > now + CLOCK_SKEW_S:
+        raise UsageError(
+            f"--stage {args.stage}: the samples' labelled_at reach {latest!r}, in the future, {_ahead(latest - now)} s "
+            f"ahead of this machine's clock (now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may "
+            "be apart (NTP): the DAG's stage samples give each label's time in unix seconds, not milliseconds"
+        )
+
+
 def _labels_before(samples: Any, at: float) -> Any:
     """``samples`` with the live labels received at or after ``at`` left out (``correct`` and
     ``labelled_by`` emptied), as the DAG's look at ``at`` joined only those received before it
@@ -522,7 +549,7 @@ def _stage_look(
     quiet, or an export by a poke before that time, which judged no look: not told apart), or
     where a look failed with Prometheus read in part."""
     import numpy as np
-    from pandas.api.types import is_numeric_dtype
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
     from vision_rollout.engine import (
         guard_inputs,
@@ -542,11 +569,13 @@ def _stage_look(
             f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
             "engine.stage_samples)"
         )
-    for column in ("time", "labelled_at"):
-        if column in samples.columns and not is_numeric_dtype(samples[column]):
+    for column in ("time", "labelled_at"):  # (numbers: True and False are no time)
+        if column in samples.columns and (not is_numeric_dtype(samples[column]) or is_bool_dtype(samples[column])):
             raise UsageError(
                 f"--stage {args.stage}: the samples' {column} must be unix seconds (the DAG's stage samples')"
             )
+    if "labelled_at" in samples.columns:
+        _label_times(args, samples["labelled_at"])
     if untimed := int((~np.isfinite(samples["time"])).sum()):
         raise UsageError(
             f"--stage {args.stage}: {untimed:,} of the {len(samples):,} samples have no time "

@@ -377,14 +377,10 @@ def test_gate_refuses_a_stage_start_its_samples_do_not_fit(tmp_path, capsys, mon
     assert said.format(started=given) in err
 
 
-def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
-    """Clients label each answer 50 s after it, the canary's answers wrong; the stage's one look at
-    100 s counts the labels received before then (``engine._live_labels``: a look's evidence is what
-    was logged before its time), and the poke that exported the samples at 155 s had more. ``gate
-    --stage`` cut the samples' requests at the look's time but kept their labels received after it
-    (the samples carried no label time): a live accuracy check on 2.5 times the DAG's labels, and
-    another verdict. The samples carry each label's time (``labelled_at``), and gate cuts the labels
-    there as the DAG did: the same verdict."""
+def _labelled_after_the_look(monkeypatch, tmp_path) -> tuple:
+    """``_dags_look``'s poke at 160 s into a stage whose one look is at 100 s, clients labelling each
+    answer 50 s after it, the canary's live answers wrong from 50 s on (labelled after the look):
+    the DAG passes the look on the labels received before its time."""
     import pandas as pd
 
     from tests.include.test_engine import T0, WINDOW, labels_for, records, spec
@@ -396,9 +392,23 @@ def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_d
     late = (
         (log["version"] == "2") & (log["route"] == "route") & (log["time"] >= pd.Timestamp(T0 + 50, unit="s", tz="UTC"))
     )
-    log.loc[late, "top1"] = 0  # (the canary's live answers wrong from 50 s on: labelled after the look)
+    log.loc[late, "top1"] = 0
     state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, pd.concat([log, labels]), T0 + 160)
     assert (state.status, state.look) == ("pass", 1)
+    return state, argv, stage
+
+
+def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_dag_did(tmp_path, capsys, monkeypatch):
+    """Clients label each answer 50 s after it, the canary's answers wrong; the stage's one look at
+    100 s counts the labels received before then (``engine._live_labels``: a look's evidence is what
+    was logged before its time), and the poke that exported the samples at 155 s had more. ``gate
+    --stage`` cut the samples' requests at the look's time but kept their labels received after it
+    (the samples carried no label time): a live accuracy check on 2.5 times the DAG's labels, and
+    another verdict. The samples carry each label's time (``labelled_at``), and gate cuts the labels
+    there as the DAG did: the same verdict."""
+    import pandas as pd
+
+    state, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
     live = next(c for c in state.verdict.checks if c.name == "accuracy_live")
     exported = pd.read_parquet(argv[2])
     assert (exported["source"].eq("live") & exported["correct"].notna()).sum() > 2 * (live.n_baseline + live.n_canary)
@@ -407,6 +417,50 @@ def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_d
     exported.assign(labelled_at=exported["labelled_at"].astype(str)).to_parquet(argv[2])
     code, _, err = run(capsys, *argv, *stage)
     assert (code, "--stage 1: the samples' labelled_at must be unix seconds" in err) == (2, True)
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ("ms", "the samples' labelled_at reach {latest!r}, in the future, {ahead} s ahead of this machine's clock"),
+        ("inf", "{n:,} of the samples' {n:,} labels have no time in labelled_at (inf)"),
+        ("-inf", "{n:,} of the samples' {n:,} labels have no time in labelled_at (-inf)"),
+        ("-5", "{n:,} of the samples' {n:,} labels have no time in labelled_at (-5.0)"),
+        ("bool", "the samples' labelled_at must be unix seconds"),
+    ],
+)
+def test_gate_refuses_label_times_that_are_no_time(tmp_path, capsys, monkeypatch, bad, said):
+    """``labelled_at`` in milliseconds, infinite, negative or True/False was taken as numbers:
+    each live label at or after the look's time dropped, every other kept, silently, and a canary
+    the DAG judged on its labels received before the look judged on all or none of them. Such
+    label times are refused (exit 2), as ``time``'s and ``--started``'s: one in the future by more
+    than the workers' clocks may be apart, or no time at all."""
+    import numpy as np
+    import pandas as pd
+
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    _, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    labelled = data["labelled_at"].notna()
+    if bad == "ms":
+        data["labelled_at"] *= 1000
+    elif bad == "bool":
+        data["labelled_at"] = labelled
+    else:
+        data.loc[labelled, "labelled_at"] = float(bad)
+    for suffix in (".parquet", ".csv"):
+        path = tmp_path / f"bad{suffix}"
+        data.to_parquet(path) if suffix == ".parquet" else data.to_csv(path, index=False)
+        code, out, err = run(capsys, "gate", "--samples", str(path), *argv[3:], *stage)
+        assert (code, out) == (2, "")
+        latest = float(data["labelled_at"].max())
+        ahead = math.ceil(latest - time.time()) if bad == "ms" else None
+        assert f"--stage 1: {said.format(n=int(labelled.sum()), latest=latest, ahead=ahead)}" in err
+    near = time.time() + CLOCK_SKEW_S - 1  # (labels ahead of this clock within the workers' skew: judged)
+    data.assign(labelled_at=np.where(labelled, near, np.nan)).to_parquet(argv[2])
+    code, _, err = run(capsys, *argv, *stage)
+    assert code != 2, err
 
 
 @pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0, 0.4])
