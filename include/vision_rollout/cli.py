@@ -522,11 +522,17 @@ def _label_times(args: argparse.Namespace, labelled_at: Any) -> None:
 def _labels_before(samples: Any, at: float) -> Any:
     """``samples`` with the live labels received at or after ``at`` left out (``correct`` and
     ``labelled_by`` emptied), as the DAG's look at ``at`` joined only those received before it
-    (``engine._live_labels``), by their ``labelled_at``; samples without that column (not
+    (``engine._live_labels``), by their ``labelled_at``; a replayed image's label (its validation
+    set's) is never cut, whatever its row holds; samples without that column (not
     ``engine.stage_samples``') keep every label they hold."""
+    import numpy as np
+
     if "labelled_at" not in samples.columns or "correct" not in samples.columns:
         return samples
-    late = samples["labelled_at"] >= at  # (NaN: no label, or a replayed image's)
+    # (NaN, <NA>: no label, or a replayed image's; as numbers, a nullable column's NA is no mask)
+    late = (samples["labelled_at"].to_numpy(dtype=float, na_value=np.nan) >= at) & samples["source"].eq(
+        "live"
+    ).to_numpy(dtype=bool, na_value=False)
     if not late.any():
         return samples
     emptied = {c: samples[c].mask(late) for c in ("correct", "labelled_by") if c in samples.columns}

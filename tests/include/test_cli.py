@@ -419,6 +419,28 @@ def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_d
     assert (code, "--stage 1: the samples' labelled_at must be unix seconds" in err) == (2, True)
 
 
+@pytest.mark.parametrize("change", ["Float64", "replay labelled"])
+def test_gate_cuts_the_live_labels_alone_as_the_dag_did(tmp_path, capsys, monkeypatch, change):
+    """The look's labels cut at its time: with a nullable labelled_at (Float64, as a file converted
+    with convert_dtypes reads) the replay's rows compared <NA> and had their correct emptied, the
+    paired check judged on no pairs; and a replay row carrying a labelled_at after the look lost
+    its label, which the DAG never cuts (its validation set's). The live labels alone are cut, by
+    their time as numbers: the DAG's verdict."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0
+
+    state, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    if change == "Float64":
+        data["labelled_at"] = data["labelled_at"].astype("Float64")
+    else:
+        data.loc[data["source"] == "replay", "labelled_at"] = T0 + 1000
+    data.to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (0, _said(state.verdict)), err
+
+
 @pytest.mark.parametrize(
     ("bad", "said"),
     [
