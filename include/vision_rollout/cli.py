@@ -492,17 +492,33 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
         )
 
 
-def _label_times(args: argparse.Namespace, labelled_at: Any) -> None:
+def _label_times(args: argparse.Namespace, samples: Any) -> str:
     """The samples' ``labelled_at``: when each live label is evidence, unix seconds (NaN without
-    one), as ``engine.stage_samples`` exports it; a usage error naming it where one is no time
-    (infinite, negative) or lies in the future (milliseconds?) by more than the workers' clocks
-    may be apart (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the look's time, such labels
-    would all be dropped or all kept, silently, and the look judged on other labels than the DAG's."""
+    one), as ``engine.stage_samples`` exports it; a usage error naming it where a live label has
+    none, or one is no time (infinite, negative) or lies in the future (milliseconds?) by more
+    than the workers' clocks may be apart (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the
+    look's time, such labels would all be dropped or all kept, silently, and the look judged on
+    other labels than the DAG's. Without that column (samples exported before it), a warning
+    where a live row holds a label: each is judged, those received after the look's time too."""
     import numpy as np
 
     from vision_rollout.locks import CLOCK_SKEW_S
 
-    given = labelled_at.to_numpy(dtype=float, na_value=np.nan)
+    labelled = samples["source"].eq("live").to_numpy(dtype=bool, na_value=False) & samples["correct"].notna()
+    if "labelled_at" not in samples.columns:
+        return (
+            "the samples have no labelled_at (exported before it was): each live label they hold is judged, those "
+            f"received after look {args.look}'s time too, where the DAG's look judged those received before it alone: "
+            "the verdict may differ from the DAG's"
+            if labelled.any()
+            else ""
+        )
+    given = samples["labelled_at"].to_numpy(dtype=float, na_value=np.nan)
+    if untold := int((labelled & np.isnan(given)).sum()):
+        raise UsageError(
+            f"--stage {args.stage}: {untold:,} of the samples' {int(labelled.sum()):,} live labels have no labelled_at: "
+            "the DAG's stage samples give each its time (engine.stage_samples)"
+        )
     given = given[~np.isnan(given)]
     untimed = ~np.isfinite(given) | (given < 0)
     if untimed.any():
@@ -517,6 +533,7 @@ def _label_times(args: argparse.Namespace, labelled_at: Any) -> None:
             f"ahead of this machine's clock (now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may "
             "be apart (NTP): the DAG's stage samples give each label's time in unix seconds, not milliseconds"
         )
+    return ""
 
 
 def _labels_before(samples: Any, at: float) -> Any:
@@ -552,8 +569,9 @@ def _stage_look(
     tripped or a failing look fails, as the DAG's poke fails the stage on them, anything else is
     a ``CommandError`` (it rests on the guards not read). And a warning, where the samples end
     before the look's time by more than any gap between them and a poke interval (clients gone
-    quiet, or an export by a poke before that time, which judged no look: not told apart), or
-    where a look failed with Prometheus read in part."""
+    quiet, or an export by a poke before that time, which judged no look: not told apart), where
+    they carry live labels without their times (``_label_times``), or where a look failed with
+    Prometheus read in part."""
     import numpy as np
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
@@ -580,8 +598,7 @@ def _stage_look(
             raise UsageError(
                 f"--stage {args.stage}: the samples' {column} must be unix seconds (the DAG's stage samples')"
             )
-    if "labelled_at" in samples.columns:
-        _label_times(args, samples["labelled_at"])
+    unlabelled = _label_times(args, samples)
     if untimed := int((~np.isfinite(samples["time"])).sum()):
         raise UsageError(
             f"--stage {args.stage}: {untimed:,} of the {len(samples):,} samples have no time "
@@ -619,7 +636,7 @@ def _stage_look(
         if unread
         else ""
     )
-    early = "; ".join(w for w in (early, said) if w)
+    early = "; ".join(w for w in (early, unlabelled, said) if w)
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
@@ -1934,7 +1951,8 @@ def parser() -> argparse.ArgumentParser:
         "judged as the DAG's poke that first judged the look: those before its time (look k at T + k bake/K; the "
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
         "engine.final_look_time), their live labels those received before it too (labelled_at, when each "
-        "label is evidence, as engine.stage_samples exports it; samples without that column keep every label), "
+        "label is evidence, as engine.stage_samples exports it; samples without that column keep every label, with a "
+        "warning; a live label without one is refused), "
         "under the hard guards then; refused when it is in the future (milliseconds?) by "
         f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (locks.CLOCK_SKEW_S: it is stamped on "
         "the DAG worker's clock, compared with this machine's; less ahead, it is judged), "

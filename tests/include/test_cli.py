@@ -419,6 +419,39 @@ def test_gate_judges_a_look_on_the_live_labels_received_before_its_time_as_the_d
     assert (code, "--stage 1: the samples' labelled_at must be unix seconds" in err) == (2, True)
 
 
+def test_gate_warns_of_samples_without_label_times_and_refuses_a_label_without_one(tmp_path, capsys, monkeypatch):
+    """Samples exported before ``labelled_at`` was keep every label they hold (as --help says), and
+    gate judged them silently: a look the DAG passed on the labels received before its time failed
+    on those after it too. It judges them so, and warns (on stderr, and in --json) that the verdict
+    may differ from the DAG's. With the column, a live label without its time (never in the DAG's
+    stage samples) was kept as received before every look: it is refused (exit 2)."""
+    import numpy as np
+    import pandas as pd
+
+    _, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    data.drop(columns="labelled_at").to_parquet(argv[2])
+    warned = (
+        "the samples have no labelled_at (exported before it was): each live label they hold is judged, those "
+        "received after look 1's time too, where the DAG's look judged those received before it alone: the verdict "
+        "may differ from the DAG's"
+    )
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)["decision"], json.loads(out)["warning"]) == (1, "fail", warned)
+    assert f"rolloutctl gate: warning: {warned}" in err
+    unlabelled = data.assign(correct=data["correct"].where(data["source"] == "replay"))  # (no live label: no warning)
+    unlabelled.drop(columns="labelled_at").to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    assert "warning" not in json.loads(out)
+    assert "labelled_at" not in err
+    untold = data["labelled_at"].notna() & (data.index % 2 == 0)
+    data.assign(labelled_at=data["labelled_at"].mask(untold, np.nan)).to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, "")
+    n = int(data["labelled_at"].notna().sum())
+    assert f"--stage 1: {int(untold.sum()):,} of the samples' {n:,} live labels have no labelled_at" in err
+
+
 @pytest.mark.parametrize("change", ["Float64", "replay labelled"])
 def test_gate_cuts_the_live_labels_alone_as_the_dag_did(tmp_path, capsys, monkeypatch, change):
     """The look's labels cut at its time: with a nullable labelled_at (Float64, as a file converted
