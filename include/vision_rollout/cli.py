@@ -571,7 +571,7 @@ def _stage_look(
     before the look's time by more than any gap between them and a poke interval (clients gone
     quiet, or an export by a poke before that time, which judged no look: not told apart), where
     they carry live labels without their times (``_label_times``), or where a look failed with
-    Prometheus read in part."""
+    Prometheus read in part; the first two in the ``CommandError`` too."""
     import numpy as np
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
@@ -636,7 +636,8 @@ def _stage_look(
         if unread
         else ""
     )
-    early = "; ".join(w for w in (early, unlabelled, said) if w)
+    warned = "; ".join(w for w in (early, unlabelled) if w)  # (said with nothing judged too)
+    early = "; ".join(w for w in (warned, said) if w)
     guards = stage_guards(read, samples, images)  # (on all the samples the poke read, as judge_stage's)
     if breach := tripped(guards, config):
         checks = tuple(guard_checks(guards, config))
@@ -649,7 +650,7 @@ def _stage_look(
             f"--prometheus {args.prometheus}: the hard guards cannot be read ({unread}); nothing judged: look "
             f"{args.look} does not fail on the samples and the guards read ({verdict.decision.upper()} on them), and "
             "whether it passes or trips a guard rests on those not read here (a DAG poke that could not read them "
-            "either held the stage)"
+            "either held the stage)" + (f"; warning: {warned}" if warned else "")
         )
     return verdict, early
 

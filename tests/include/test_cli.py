@@ -300,7 +300,8 @@ def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path,
     needs no guard: ``judge_stage``), and holds it otherwise. ``gate --stage --prometheus`` read
     in part ended every look with exit 4, "nothing judged", the failures too. It fails those as
     the DAG did (exit 1, saying which guards it could not read), and judges nothing else: a look
-    that does not fail passes or trips there on the guards not read."""
+    that does not fail passes or trips there on the guards not read, saying so, and that the samples
+    end well before the look's time where they do (that warning was lost with nothing judged)."""
     from tests.include.test_engine import T0, WINDOW, records, spec
     from vision_rollout import engine
     from vision_rollout.gates import GuardInputs
@@ -328,6 +329,13 @@ def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path,
     code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)
     assert (code, out) == (4, "")
     assert f"--prometheus {url}: the hard guards cannot be read ({no_starts}); nothing judged" in err
+    # Samples that end well before the look's time: said with nothing judged too (it was lost).
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(60, 40, 50), T0 + 106, guards=down)
+    assert state.status == "waiting"
+    code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url, "--json")
+    assert (code, json.loads(out)["exit"]) == (4, 4)
+    assert "nothing judged" in err
+    assert "; warning: the samples end 40 s before look 1's time (100 s into the stage)" in err
 
 
 def test_gate_judges_the_replays_accuracy_drop_on_all_the_samples_its_poke_read(tmp_path, capsys, monkeypatch):
