@@ -432,6 +432,9 @@ def _level(level: float | None, window: StageWindow | None) -> float:
     return level
 
 
+# The columns gate --stage needs besides gate's (engine.stage_samples exports them, labelled_at too).
+_STAGE_COLUMNS = ("time", "source", "pair_id", "correct")
+
 # What gate --stage --no-hard-guards does not judge (as run's ``unguarded``): the guards read from Prometheus.
 _UNGUARDED = " (without the P99, shadow-error and restart guards: --no-hard-guards)"
 
@@ -587,7 +590,7 @@ def _stage_look(
     from vision_rollout.gates import Verdict, guard_checks
     from vision_rollout.metrics import PrometheusSource
 
-    missing = sorted({"time", "source", "pair_id", "correct"} - set(samples.columns))
+    missing = sorted(set(_STAGE_COLUMNS) - set(samples.columns))
     if missing:
         raise UsageError(
             f"--stage {args.stage}: the samples lack column(s) {missing} (the DAG's stage samples have them: "
@@ -1899,8 +1902,10 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="a row per request (.csv or .parquet): arm (baseline or canary), latency_ms, error; optional source "
-        "(live or replay), oom, correct, pair_id; with --stage, time and labelled_at too (as engine.stage_samples "
-        "exports them); a file of columns alone (no evidence at all) is refused, exit 2",
+        "(live or replay), oom, correct, pair_id; with --stage (as engine.stage_samples exports them), "
+        f"{', '.join(_STAGE_COLUMNS)} required too, labelled_at optional (when each live label is evidence: "
+        "without it every live label is judged, with a warning); a file of columns alone (no evidence at all) is "
+        "refused, exit 2",
     )
     g.add_argument(
         "--latency-from",
@@ -1968,7 +1973,8 @@ def parser() -> argparse.ArgumentParser:
         help="with --stage: http://host:port, for the hard guards on Prometheus (P99, shadow errors, restarts) "
         "over the stage to the look's poke; the replay's accuracy drop is judged from the samples; Prometheus "
         "unreadable or without data, even for one guard: a guard it read tripped or a look that fails fails "
-        "(exit 1, with a warning naming those not read), as the DAG's poke fails the stage on them whatever the "
+        "(exit 1, with a warning saying what could not be read: Prometheus, or the guards without data), as the "
+        "DAG's poke fails the stage on them whatever the "
         "others; anything else exit 4, nothing judged (it rests on the guards not read)",
     )
     gate_guards.add_argument(

@@ -460,6 +460,20 @@ def test_gate_warns_of_samples_without_label_times_and_refuses_a_label_without_o
     assert f"--stage 1: {int(untold.sum()):,} of the samples' {n:,} live labels have no labelled_at" in err
 
 
+def test_gate_help_says_the_columns_a_stage_needs_and_what_an_unread_prometheus_warns(capsys):
+    """``gate --help`` read as if --stage needed labelled_at (it is optional: without it every
+    live label is judged, with a warning) and did not name source, pair_id and correct, which it
+    refuses samples without; and --prometheus promised a warning naming the guards not read,
+    where Prometheus down names none (it says Prometheus could not be read). It says what gate
+    does."""
+    code, out, _ = run(capsys, "gate", "--help")
+    said = " ".join(out.split())
+    assert code == 0
+    assert "with --stage (as engine.stage_samples exports them), time, source, pair_id, correct required too" in said
+    assert "labelled_at optional (when each live label is evidence: without it every live label is judged" in said
+    assert "with a warning saying what could not be read: Prometheus, or the guards without data" in said
+
+
 @pytest.mark.parametrize("change", ["Float64", "replay labelled"])
 def test_gate_cuts_the_live_labels_alone_as_the_dag_did(tmp_path, capsys, monkeypatch, change):
     """The look's labels cut at its time: with a nullable labelled_at (Float64, as a file converted
