@@ -588,6 +588,7 @@ def _stage_look(
         tripped,
     )
     from vision_rollout.gates import Verdict, guard_checks
+    from vision_rollout.locks import CLOCK_SKEW_S
     from vision_rollout.metrics import PrometheusSource
 
     missing = sorted(set(_STAGE_COLUMNS) - set(samples.columns))
@@ -610,6 +611,13 @@ def _stage_look(
         )
     _stage_fits(args, samples)
     at = look_end(spec, window, args.look, samples, images)
+    if at > (now := time.time()) + CLOCK_SKEW_S:  # (stamped on the worker's clock, as --started)
+        raise UsageError(
+            f"--look {args.look}: its time ({at:.3f}, {at - window.started:.0f} s into the stage) is in the future, "
+            f"{_ahead(at - now)} s ahead of this machine's clock (now {now:.0f}), more than the {CLOCK_SKEW_S} s two "
+            "machines' clocks may be apart: no DAG poke can have judged it (its poke, at or after that time, judges "
+            "it on the samples before it)"
+        )
     if not ((samples["time"] >= window.started) & (samples["time"] < at)).any():
         raise UsageError(
             f"--started {args.started!r}: no sample lies between it and look {args.look}'s time "
@@ -1962,7 +1970,8 @@ def parser() -> argparse.ArgumentParser:
         "under the hard guards then; refused when it is in the future (milliseconds?) by "
         f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (locks.CLOCK_SKEW_S: it is stamped on "
         "the DAG worker's clock, compared with this machine's; less ahead, it is judged), "
-        "when a sample lies before it, or when none lies between it and the look's time; samples ending well "
+        "when a sample lies before it, or when none lies between it and the look's time (a look whose time is in "
+        "the future by more than that skew is refused too: no DAG poke has judged it); samples ending well "
         "before the look's time (clients gone quiet, or read by a poke before it) are judged as the look's, "
         "with a warning",
     )

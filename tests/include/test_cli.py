@@ -540,23 +540,34 @@ def test_gate_refuses_label_times_that_are_no_time(tmp_path, capsys, monkeypatch
     assert code != 2, err
 
 
-@pytest.mark.parametrize("ahead", [1.0, 10.0, 60.0, 0.4])
+def _first_look_at_20_s(monkeypatch, tmp_path) -> tuple:
+    """``_dags_look``'s poke at 26 s into a stage of five looks, the first at 20 s: judged."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+
+    state, argv, stage = _dags_look(
+        monkeypatch, tmp_path, spec(error_margin=0.02), WINDOW, records(26, 40, 50), T0 + 26
+    )
+    assert (state.look, state.verdict is not None) == (1, True)
+    return state, argv, stage
+
+
+@pytest.mark.parametrize("ahead", [1.0, 10.0, 40.0, 0.4])
 def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(tmp_path, capsys, monkeypatch, ahead):
     """A stage's start is stamped on the DAG worker's clock, ``gate`` compares it with its own
     machine's: a worker clock ahead by a few seconds (within the ``locks.CLOCK_SKEW_S`` the
     workers' clocks may be apart) had ``--started`` refused as "in the future". It is judged as
-    the DAG did; a start further ahead than that is refused, naming the skew allowed and how far
-    ahead it is rounded up (60.4 s read "60 s ahead ... more than 60 s"), an absurd one in three
-    digits (1e300 was printed in its 301)."""
-    from tests.include.test_engine import T0, WINDOW, records, spec
+    the DAG did (a look 20 s in, judged by the worker at its time, within the skew here too); a
+    start further ahead than that is refused, naming the skew allowed and how far ahead it is
+    rounded up (60.4 s read "60 s ahead ... more than 60 s"), an absurd one in three digits
+    (1e300 was printed in its 301)."""
+    from tests.include.test_engine import T0
+    from vision_rollout.cli import EXIT
     from vision_rollout.locks import CLOCK_SKEW_S
 
-    s = spec(error_margin=0.02, looks_per_stage=1)
-    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106)
-    assert state.status == "pass"
+    state, argv, stage = _first_look_at_20_s(monkeypatch, tmp_path)
     monkeypatch.setattr(time, "time", lambda: T0 - ahead)  # (this machine's clock behind the worker's)
     code, out, _ = run(capsys, *argv, *stage, "--json")
-    assert (code, json.loads(out)) == (0, _said(state.verdict))
+    assert (code, json.loads(out)) == (EXIT[state.verdict.decision], _said(state.verdict))
     monkeypatch.setattr(time, "time", lambda: T0 - CLOCK_SKEW_S - ahead)
     code, out, err = run(capsys, *argv, *stage)
     assert (code, out) == (2, "")
@@ -565,6 +576,29 @@ def test_gate_judges_a_stage_start_ahead_of_this_clock_within_the_workers_skew(t
     code, out, err = run(capsys, *argv, *stage[:3], "1e300", *stage[4:])
     assert (code, out) == (2, "")
     assert "--started 1e+300: in the future, 1e+300 s ahead of this machine's clock" in err
+
+
+def test_gate_refuses_a_look_whose_time_has_not_come(tmp_path, capsys, monkeypatch):
+    """A look whose time lies ahead of this machine's clock by more than the workers' clocks may
+    be apart (``locks.CLOCK_SKEW_S``) no DAG poke can have judged (its poke judges it at or after
+    that time, on the samples before it): gate judged it on the samples given, as if it had been.
+    It is refused (exit 2), naming the look's time; within the skew, judged as the DAG did."""
+    from tests.include.test_engine import T0
+    from vision_rollout.cli import EXIT
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    state, argv, stage = _first_look_at_20_s(monkeypatch, tmp_path)
+    monkeypatch.setattr(time, "time", lambda: T0 + 20 - CLOCK_SKEW_S)
+    code, out, _ = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (EXIT[state.verdict.decision], _said(state.verdict))
+    monkeypatch.setattr(time, "time", lambda: T0 + 20 - CLOCK_SKEW_S - 0.4)
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, "")
+    assert (
+        f"--look 1: its time ({T0 + 20:.3f}, 20 s into the stage) is in the future, {CLOCK_SKEW_S + 1} s ahead of "
+        "this machine's clock"
+    ) in err
+    assert "no DAG poke can have judged it" in err
 
 
 def test_gate_judges_samples_that_end_well_before_the_looks_time_and_warns(tmp_path, capsys, monkeypatch):
