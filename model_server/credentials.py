@@ -146,7 +146,8 @@ _NOT_RANDOM = (
 # "..."]'); a tuple of names ("('password', 'token', 'secret')") is none,
 # nor a pair of names ("('password', 'token')"), nor a Kubernetes kind and its object's name
 # ("('Secret', 'model-server-keys')"), as ``_OBJECT_NAMED`` reads "Secret model-server-keys".
-_NEXT_LINE = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)[ \t]{0,16}+"  # (a line end written escaped too)
+_LINE_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"  # (a line end written escaped too)
+_NEXT_LINE = rf"{_LINE_BREAK}[ \t]{{0,16}}+"
 _PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}+(?:{_NEXT_LINE})?"
 _PAIR_KEY = "(?P<t>" + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS) + ")?"
 _PAIR_SEP = (
@@ -186,13 +187,21 @@ _VALUE_NAMED = (
 # Its line ends written escaped too (``x``: a block in a JSON string, its key then after "\\n" or
 # the string's quote; its lines then end at an escaped quote too); its indicator's digit before
 # or after its "-" or "+", a comment after it; a blank line in it, before a line indented so.
+# A plain value on the next lines, after a key and ":" with nothing after them but a comment
+# (``p``: "password:\n  hunter2"), is read so: its lines, more indented than the key's; its
+# first line none that is a mapping's key (a ":" before a space or its line's end:
+# "credentials:\n  username: bob") or a comment; a comment after the key ("# set by ops") is no
+# value where a line end follows it.
 _KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-[ ])?[\"']?)?"
-_BLOCK_INDICATOR = r"[|>](?:[-+]?[0-9]?|[0-9][-+])[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"
-_BLOCK_START = rf"{_BLOCK_INDICATOR}(?:\r?\n|(?:\\{{1,8}}r)?\\{{1,8}}n)"
+_LINE_REST = r"[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"  # (spaces, a comment)
+_BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
+_BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
+_AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(4)) + ")"  # (the key's, spaces after it)
+_NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
 _BLOCK_HEAD = (
-    rf"(?:(?(ki)(?P<h>{_BLOCK_INDICATOR}(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
-    rf"(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)){NOT_MASKED}|(?!))"
-    rf"|(?!{_BLOCK_START}))"
+    rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|{_AFTER_COLON}(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
+    rf"(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE})){NOT_MASKED}|(?!))"
+    rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
 _BLOCK = (

@@ -1206,6 +1206,8 @@ SECRET_GROWING = {
     "a block scalar's lines without end": ("password: |\n", "  a\n"),
     "a block scalar's long lines": ("password: >-\n ", "a" * 5000 + "\n "),
     "block indicators without lines": ("", "token: >-\n"),
+    "keys over mapping lines": ("", "token:\n  a: b\n"),
+    "a plain value on the next line without end": ("password:\n  ", "a"),
     "list items' block scalars": ("", "  - password: |\n      a\n    b\n"),
     "indented lines before no key": ("", " " * 70 + "- '\n"),
     "backslash pairs in a value after a quoted key": ('"password": a', "\\\\"),
@@ -1873,6 +1875,12 @@ def test_the_prediction_logs_vectorised_prefilter_passes_over_only_text_no_detec
         "- password: |\n  user: bob",
         "Reset your password: >\n  Click the link below\n  to continue",
         "db:\n  password: >-\nuser: bob",
+        # a key with nothing after it, whose next lines are a mapping, a comment or its siblings
+        "credentials:\n  username: bob\n  password_file: /run/db",
+        "secret:\n  name: model-server-keys\n  key: token",
+        "password:\n  # set by ops\nuser: bob",
+        "db:\n  password:\n  user: bob",
+        json.dumps({"m": "token:\n  secretKeyRef:\n    name: db"}),
     ],
 )
 def test_a_block_scalar_is_only_lines_more_indented_than_its_key(keys, text):

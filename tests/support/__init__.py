@@ -449,6 +449,11 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "\npassword: | # the db's\n  Zq9Xw2Lk\nnext: 1": "Zq9Xw2Lk",
     "\ntoken: |\n" + " " * 40 + "AbC123xyz9\nnext: 1": "AbC123xyz9",
     "\npassword: |\n  line1x\n\n  line2y\nnext: 1": "line1x\n\n  line2y",
+    # a plain value on the key's next line, more indented ("password:\n  hunter2"), escaped too
+    "\npassword:\n  hunter2\nuser: bob": "hunter2",
+    "db:\n  password: # set by ops\n    Zq9Xw2 Lk7\n  user: bob": "Zq9Xw2 Lk7",
+    "\n- api_token:\n    AbC123xyz9\n  user: bob": "AbC123xyz9",
+    '{"m": "password:\\n  hunter2x\\nuser: bob", "n": "a: b"}': "hunter2x",
 }
 PEM = "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA1b2c3d4\nq+/zYx==\n-----END RSA PRIVATE KEY-----"
 
