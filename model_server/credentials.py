@@ -92,11 +92,11 @@ _NOT_ESCAPED_QUOTE = rf"(?!{_ESCAPE}[\"'])"  # (nor its escape's first backslash
 # or form feed ("\\n", as repr() and json.dumps write them) ends the value, as does a backslash
 # before a quote (its escape's, or a string's last backslash: the quote after it stays closing).
 VALUE_ESCAPE = r"\\\\|\\(?![\s\"'\\nrtbf])"
-# After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" or "]" closes
-# the object, no character of the value.
+# After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" closes the
+# object, no character of the value; a "]" is one of its characters (a key and ":" are in no list).
 _AFTER_QUOTED_KEY = "|".join(rf"(?<=[\"'][ \t]{{{a}}}:[ \t]{{{b}}})" for a in range(4) for b in range(4))
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
-    rf"(?:(?:{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>}}\]\\]|{VALUE_ESCAPE})){{1,256}}"
+    rf"(?:(?:{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>}}\\]|{VALUE_ESCAPE})){{1,256}}"
     rf"|(?!{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>\\]|{VALUE_ESCAPE})){{1,256}})"
 )
 

@@ -1923,6 +1923,7 @@ def test_every_masked_json_line_still_parses(keys):
     [
         ('{"name": "DB_PASSWORD", "value": 12345678}', '"value": <masked>}'),
         ("{'password': 12345678, 'n': [7]}", "'password': <masked>, 'n': [7]}"),
+        ("{'password': ab]cd}", "'password': <masked>}"),  # (a "]" closes no dict)
         (json.dumps({"m": "- name: DB_PASSWORD\n  value: s3cr3t\n- name: X"}), 'value: <masked>\\n- name: X"}'),
         (json.dumps({"m": "password: hunter2\tuser: bob"}), 'password: <masked>\\tuser: bob"}'),
     ],
