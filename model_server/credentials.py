@@ -177,10 +177,10 @@ _VALUE_NAMED = (
     rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 )
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
-# its indentation ``ki``, a list item's "- " ``kd`` and a quote): its indicator and line end
-# (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the key
-# line's (its "- " as two spaces), and every line after it that starts so (more indented too), to
-# a line less indented or an empty one; 256 lines of 4 KiB at most, each run possessive; a token
+# its indentation ``ki``, a list item's "-" and spaces ``kd`` and a quote): its indicator and line
+# end (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the
+# key line's (its "- " as two spaces, "-  " as three: the key's column), and every line after
+# it that starts so (more indented too), to a line less indented or an empty one; 256 lines of 4 KiB at most, each run possessive; a token
 # there is none (nor then its indicator). A key after words ("Reset your password: >"), or lines
 # no more indented than its own (its siblings: "password: |\n  user: bob" in a list item), is
 # no block, and no value.
@@ -192,7 +192,7 @@ _VALUE_NAMED = (
 # first line none that is a mapping's key (a ":" before a space or its line's end:
 # "credentials:\n  username: bob") or a comment; a comment after the key ("# set by ops") is no
 # value where a line end follows it.
-_KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-[ ])?[\"']?)?"
+_KEY_LINE = r"(?:(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))(?P<ki>[ \t]{0,64}+)(?P<kd>-(?P<ks>[ ]{1,8}+))?[\"']?)?"
 _LINE_REST = r"[ \t]{0,16}+(?:#[^\r\n\\]{0,256}+)?"  # (spaces, a comment)
 _BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
 _BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
@@ -200,7 +200,7 @@ _AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(4)) + ")" 
 _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
 _BLOCK_HEAD = (
     rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|{_AFTER_COLON}(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
-    rf"(?P<i>(?P=ki)(?(kd)[ ]{{2}})[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE})){NOT_MASKED}|(?!))"
+    rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE})){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"

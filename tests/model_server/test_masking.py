@@ -1209,6 +1209,7 @@ SECRET_GROWING = {
     "keys over mapping lines": ("", "token:\n  a: b\n"),
     "a plain value on the next line without end": ("password:\n  ", "a"),
     "list items' block scalars": ("", "  - password: |\n      a\n    b\n"),
+    "list items' block scalars after spaces": ("", "-        token: |\n" + " " * 10 + "a\n"),
     "indented lines before no key": ("", " " * 70 + "- '\n"),
     "backslash pairs in a value after a quoted key": ('"password": a', "\\\\"),
     "quoted keys before brackets": ("", '"token":  a}'),
@@ -1873,6 +1874,7 @@ def test_the_prediction_logs_vectorised_prefilter_passes_over_only_text_no_detec
     [
         "db:\n  password: |\n  user: bob\n  host: db.local\nport: 5432",
         "- password: |\n  user: bob",
+        "-  password: |\n   user: bob",
         "Reset your password: >\n  Click the link below\n  to continue",
         "db:\n  password: >-\nuser: bob",
         # a key with nothing after it, whose next lines are a mapping, a comment or its siblings

@@ -442,6 +442,7 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     "\napi_token: >-\n  AbC123xyz9\nnext: 1": "AbC123xyz9",
     "\n- password: |\n    hunter2x\n  user: bob": "hunter2x",
     "\n  - 'db_password': |-\n      Zq9Xw2Lk\n    user: bob": "Zq9Xw2Lk",
+    "\n-  password: |\n     Zq9Xw2Lk\n   user: bob": "Zq9Xw2Lk",  # (a list item's key after "-  ")
     # its line ends written escaped, its indicator's digit first, a comment after it, deep
     # indentation, a blank line in it
     '{"m": "password: |\\n  hunter2x\\n  more9"}': "hunter2x\\n  more9",
