@@ -154,7 +154,7 @@ _PAIR_SEP = (
     rf"(?(t)(?!(?<=[\"'](?:secret|Secret)){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}(?:{_ESCAPE})?[\"'])"
     rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
 )
-_PAIR_END = r"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{0,3}[)\]]))"
+_PAIR_END = rf"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{{0,3}}(?:{_NEXT_LINE})?[)\]]))"  # (its ")" on a line of its own too)
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
 # its line end written escaped too; a dict printed over lines, json.dumps(indent=2)'s, pprint's:

@@ -1221,6 +1221,7 @@ SECRET_GROWING = {
     "names in pairs": ("", "('token', 'password"),
     "bytes pairs never closed": ("", "(b'token', b'a"),
     "list pairs over lines never closed": ("", "['password',\n 'a"),
+    "pairs before line ends never closed": ("", "('password', 'a'\n  "),
     "commented names over lines before values": ("", "- name: token # a\n  value:\n"),
     "cookies' names before values never closed": ("", '"Cookie", "value": "a'),
     "escaped block scalars": ("", "token: |\\n  a\\n"),

@@ -425,6 +425,8 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'pairs [["password", "hunter2"]] sent': "hunter2",
     "pairs [['password','Zq9Xw2Lk']] sent": "Zq9Xw2Lk",
     "args ('password',\n 'Tr0ub4dor9') sent": "Tr0ub4dor9",
+    "args ('password', 'Tr0ub4dor9'\n) sent": "Tr0ub4dor9",  # (its ")" on a line of its own)
+    'pairs [\n    ("api_key", "AbC123xyz9"\n    ),\n]': "AbC123xyz9",
     # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
     'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
