@@ -132,8 +132,9 @@ BRACKETED = rf"(?:{CLOSED_BRACKETED}|[{{\[](?s:.){{0,4095}}+)"
 # A Kubernetes object's name (DNS-1123: lower-case letters, digits, "-" and "."), one with a
 # sign ("-", ".", a namespace's "/"), and none that looks random (``_SECRET_SPACED``'s rule below).
 _K8S_NAME = r"[a-z0-9](?:[a-z0-9]|[.-](?=[a-z0-9])){0,252}+"  # (a last "." ends a sentence)
+_NAMESPACE = r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,62}+/"  # (a namespace's name and "/")
 _SIGNED_NAME = (  # "my-app-2", "ns/db", "kube-system/db"
-    rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){{0,62}}+/)?{_K8S_NAME}"
+    rf"(?=[a-z0-9]{{1,253}}+[./-][a-z0-9])(?:{_NAMESPACE})?{_K8S_NAME}"
 )
 _NOT_RANDOM = (
     r"(?![a-z0-9./-]{0,240}(?<![a-z0-9])(?=[a-z]{0,15}[0-9])[a-z0-9]{16})"
@@ -145,13 +146,17 @@ _NOT_RANDOM = (
 # arguments, ASGI's headers "(b'x-api-key', b'...')", a pair as JSON writes it: '["password",
 # "..."]'); a tuple of names ("('password', 'token', 'secret')") is none,
 # nor a pair of names ("('password', 'token')"), nor a Kubernetes kind and its object's name
-# ("('Secret', 'model-server-keys')"), as ``_OBJECT_NAMED`` reads "Secret model-server-keys".
+# ("('Secret', 'model-server-keys')"), as ``_OBJECT_NAMED`` reads "Secret model-server-keys": the
+# kind is written with its capital; "secret" in lower case is a resource's type only before a
+# namespaced name, as kubectl writes one ("('secret', 'kube-system/model-admin-2')"), else it is
+# a field's name, and the name after it its value ("('secret', 'abc-def')").
 _LINE_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"  # (a line end written escaped too)
 _NEXT_LINE = rf"{_LINE_BREAK}[ \t]{{0,16}}+"
 _PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}+(?:{_NEXT_LINE})?"
 _PAIR_KEY = "(?P<t>" + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS) + ")?"
 _PAIR_SEP = (
-    rf"(?(t)(?!(?<=[\"'](?:secret|Secret)){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}(?:{_ESCAPE})?[\"'])"
+    rf"(?(t)(?!(?:(?<=[\"']Secret){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}"
+    rf"|(?<=[\"']secret){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_NAMESPACE}{_K8S_NAME})(?:{_ESCAPE})?[\"'])"
     rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
 )
 _PAIR_END = rf"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{{0,3}}(?:{_NEXT_LINE})?[)\]]))"  # (its ")" on a line of its own too)

@@ -420,6 +420,7 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'pairs [("api_key", "AbC123xyz9"), ("n", 1)] sent': "AbC123xyz9",
     "args ('Secret', 'Zq9Xw2Lk7Vb') sent": "Zq9Xw2Lk7Vb",
     "args ('secret', 'xk29fm4q7zr81pw3tn5v-2') sent": "xk29fm4q7zr81pw3tn5v-2",
+    "args ('secret', 'abc-def') sent": "abc-def",  # (a field "secret", not the kind "Secret")
     # ASGI's headers (bytes), a pair as a list (json.dumps of dict.items()), a pair over lines
     "asgi headers [(b'x-api-key', b'AbCdEf0123456')]": "AbCdEf0123456",
     'pairs [["password", "hunter2"]] sent': "hunter2",
