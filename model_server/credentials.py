@@ -34,15 +34,19 @@ def after_boundary(word: str) -> str:
 NOT_ESCAPE_LETTER = r"(?!(?<=\\)[nrtbf])"
 
 
-# A key that names a secret: the name ends in one of these words, after up to three prefixes
-# ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization"); a name that
-# only starts with one ("token_count", "password_file", "secret_name") names no secret.
+# A key that names a secret: the name ends in one of these words, after its prefixes
+# ("aws_secret_access_key", "X-Api-Key", "db_password", "proxy-authorization",
+# "app_db_primary_admin_password"); a name that only starts with one ("token_count",
+# "password_file", "secret_name") names no secret. A name is read from its start, never from
+# a prefix's separator on (``_PREFIXES``: up to 64 of 256 characters each, bounded, and one
+# start a name: "a_b_c_d_..." is scanned once, not once a prefix).
 _CRED_WORDS = (
     r"password|passwd|passphrase|pwd|secret|token|api[ _-]?key|apikey|credentials?|authorization"
     r"|(?:access|secret|private|signing|auth|account|master|encryption|client|service|ssh)[ _-]?key"
     r"|amz-signature"
 )
-_SECRET_NAME = rf"(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS})"
+_PREFIXES = r"(?<![A-Za-z0-9][_.-])(?:[A-Za-z0-9]+[_.-])*"
+_SECRET_NAME = rf"{_PREFIXES}(?i:{_CRED_WORDS})"
 _COOKIE_ONE = r"(?i:(?:set-)?cookie)"
 _COOKIE = rf"{_COOKIE_ONE}(?i:s)?"  # (a log line's "cookies" too: a request's)
 _COOKIE_PAIR = r"[!#$%&*+.^_`|~0-9A-Za-z-]{1,64}="  # a cookie's name (RFC 6265's token) and "="
@@ -257,7 +261,7 @@ _SECRET_SPACED = re.compile(
 # A URL query's parameter (after "?" or "&") named for a secret, and also, there only, for a key, a signature or
 # auth (``?key=``, ``&sig=`` of a SAS URL, ``X-Goog-Signature=``).
 _QUERY_SECRET = re.compile(
-    rf"(?<=[?&])(?:[A-Za-z0-9]{{1,24}}[_.-]){{0,3}}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
+    rf"(?<=[?&]){_PREFIXES}(?i:{_CRED_WORDS}|key|sig|signature|auth)={NOT_MASKED}"
     r"(?P<v>[^\s&;#\"'`<>]{1,256})"
 )
 # A cookie header's value, all its pairs (their values in quotes too), to the end of the line (or

@@ -1184,6 +1184,7 @@ SECRET_GROWING = {
     "jwt parts": ("", "eyJ"),
     "a private key's body without end": ("-----BEGIN PRIVATE KEY-----\n", "QUJD\n"),
     "prefixed keys": ("", "a_b_c_d_"),
+    "long prefixes": ("", "abcdefgh" * 40 + "-"),
     "a bearer token without end": ("Bearer A", "a"),
     "digest parameters": ("", 'response="0123456789abcdef cnonce='),
     "jwe parts": ("", "eyJaaaaa."),
@@ -1339,9 +1340,11 @@ def test_fields_named_for_a_secret_are_masked_whole(keys):
         "cookies",
         "X-Api-Key",
         "x-meta-token",
+        "app_db_primary_admin_password",  # (more than three prefixes)
+        "X-Acme-Upstream-Proxy-Api-Key",
     ]:
         assert m.masks_whole(name), name
-    for name in ["x-meta-lang", "x-request-id", "token_count", "x-meta-session"]:
+    for name in ["x-meta-lang", "x-request-id", "token_count", "x-meta-session", "app_db_primary_password_file"]:
         assert not m.masks_whole(name), name
 
 

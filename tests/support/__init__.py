@@ -430,6 +430,10 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'pairs [\n    ("api_key", "AbC123xyz9"\n    ),\n]': "AbC123xyz9",
     # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
     'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
+    # a name of more than three prefixes, read from its start
+    'env [{"name": "APP_DB_PRIMARY_ADMIN_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
+    "args ('app_db_primary_admin_password', 'Zq9Xw2Lk') sent": "Zq9Xw2Lk",
+    "GET https://example.com/cb?app_db_primary_admin_token=Zq9Xw2Lk&x=1": "Zq9Xw2Lk",
     "env:\n- name: DB_PASSWORD\n  value: s3cr3t\n- name: LOG_LEVEL": "s3cr3t",
     "headers [{'key': 'X-Api-Key', 'value': 'AbCdEf0123'}]": "AbCdEf0123",
     'headers [{"name": "Cookie", "value": "session=abc123XYZ"}]': "session=abc123XYZ",
