@@ -181,10 +181,10 @@ _NAMED_BY = (
     )
     + "))?"
 )
-_VALUE_NAMED = (
-    rf"{KEY_QUOTE}[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
-    rf"{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
+_FIELD_SEP = (  # between two fields: "," (a line end after it too), or a line end (YAML's)
+    rf"[ \t]{{0,3}}(?:,[ \t]{{0,3}}+(?:{_NEXT_LINE})?|(?:[ \t]{{1,3}}#[^\r\n\\]{{0,256}}+)?{_NEXT_LINE})"
 )
+_VALUE_NAMED = rf"{KEY_QUOTE}{_FIELD_SEP}{KEY_QUOTE}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}"
 # A YAML block scalar as the value ("password: |", ">-") of a key that starts its line (after
 # its indentation ``ki``, a list item's "-" and spaces ``kd`` and a quote): its indicator and line
 # end (``h``) stay, its lines are the value, the first one's indentation (``i``), more than the
@@ -224,6 +224,15 @@ _SECRET_KEYED = re.compile(
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
+)
+# A field "value" before the field that names it ({"value": "...", "name": "DB_PASSWORD"}: a
+# dict's keys in any order, as a JSON object may have them, json.dumps(sort_keys=True) too): its
+# value, in quotes or not, then the field "name", "key" or "header" whose value names a secret.
+_NAMED_AFTER = re.compile(
+    rf"{after_boundary('A-Za-z0-9_')}(?i:value){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}{OPEN_QUOTE}{NOT_MASKED}"
+    rf"(?P<v>(?(q){_QUOTED}|{_CRED_RUN}))(?(q)(?(e)(?P=e))(?P=q)){_FIELD_SEP}"
+    rf"{KEY_QUOTE}(?i:name|key|header){KEY_QUOTE}[ \t]{{0,3}}:[ \t]{{0,3}}{KEY_QUOTE}"
+    rf"(?:{_SECRET_NAME}|{_COOKIE_ONE})(?![A-Za-z0-9_.-])"
 )
 # The same key, then spaces (and "is") and no ":" or "=": a value in quotes, a literal there
 # (detect-secrets' ``private_key "..."``: 'password "hunter2"', "my api key is 'AbC 12'"), or a
@@ -376,6 +385,7 @@ _HINTED: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
     (_WHOLE_HEADER, ("cookie", "auth")),
     (_COOKIE_SPACED, ("cookie",)),
     (_SECRET_KEYED, (*_KEY_WORDS, "cookie")),  # ({"name": "Cookie", "value": ...})
+    (_NAMED_AFTER, (*_KEY_WORDS, "cookie")),
     (_SECRET_SPACED, _KEY_WORDS),
     (_QUERY_SECRET, _KEY_WORDS),
 )
@@ -386,7 +396,7 @@ _WORD_BITS = tuple((w, sum(1 << i for i, (_, words) in enumerate(_HINTED) if w i
 _BODY_LINE_BITS = 1 << PATTERNS.index(_PEM_BODY_LINE) | 1 << PATTERNS.index(_PEM_LAST_LINE)
 
 
-@functools.cache  # (2**13 kinds of text at most)
+@functools.cache  # (2**14 kinds of text at most)
 def _patterns(bits: int) -> tuple[re.Pattern[str], ...]:
     return tuple(pattern for i, pattern in enumerate(PATTERNS) if bits >> i & 1)
 

@@ -381,7 +381,7 @@ _SHORT = 80
 _short_hints = functools.lru_cache(maxsize=4096)(_text_hints)
 
 
-@functools.cache  # (32 x 2**13 kinds of text at most: each secret's pattern in or out)
+@functools.cache  # (32 x 2**14 kinds of text at most: each secret's pattern in or out)
 def _by_hints(hints: _Hints) -> tuple[Detector, ...]:
     """The detectors that may match a text of these hints: the keyed one, the spelt e-mail and
     each secret's pattern only where their words are in it, the e-mail where an "@" is, the

@@ -1116,6 +1116,8 @@ SECRET_LOOKALIKES = [  # log lines the project writes, which hold no secret
     "fields ('password', 'token') and ('api_key', \"secret\")",
     # a field before "value" that is no name, key or header names none
     '{"description": "reset password", "value": "42"}',
+    '{"value": "42", "name": "token_count"}',
+    '{"value": "42", "description": "reset password"}',
     "{'title': 'api token', 'value': 'Zq9Xw2'}",
     "- label: DB_PASSWORD\n  value: Zq9Xw2",
     '{"body": "{\\"body\\": \\"{\\\\\\"token_count\\\\\\": 12, \\\\\\"secrets\\\\\\": \\\\\\"none\\\\\\"}\\"}"}',
@@ -1267,6 +1269,7 @@ SECRET_GROWING = {
     "pairs in pairs": ("", "('token', ('token', "),
     "escaped pairs never closed": ("", '(\\\\\\"token\\\\\\", \\\\\\"a'),
     "names before values never closed": ("", 'token", "value": "a'),
+    "values before names never closed": ("", '"value": "a", "name": "token'),
     "names over lines before values": ("", "- name: token\n  value:\n"),
     "escaped line ends before values": ("", "token\\\\\\\\n   Value"),
 }

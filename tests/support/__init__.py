@@ -430,6 +430,9 @@ CREDENTIALS_IN_TEXT = {  # text: the secret in it
     'pairs [\n    ("api_key", "AbC123xyz9"\n    ),\n]': "AbC123xyz9",
     # a value whose key's name is the value of the field before it (Kubernetes' env, header lists)
     'env [{"name": "DB_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
+    # and its value first ({"value": ..., "name": ...}: a dict's keys in any order)
+    'env [{"value": "s3cr3t", "name": "DB_PASSWORD"}] set': "s3cr3t",
+    "headers [{'value': 'AbCdEf0123',\n  'key': 'X-Api-Key'}]": "AbCdEf0123",
     # a name of more than three prefixes, read from its start
     'env [{"name": "APP_DB_PRIMARY_ADMIN_PASSWORD", "value": "s3cr3t"}] set': "s3cr3t",
     "args ('app_db_primary_admin_password', 'Zq9Xw2Lk') sent": "Zq9Xw2Lk",
