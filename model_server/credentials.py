@@ -347,7 +347,9 @@ _PRIVATE_KEY = re.compile(  # its body, to its END line
 # not told from other short text, is a whole line (to a line end, a string's end, an END line or
 # the text's end) where a full body line from a line's start and a line end come before it, or
 # a line end and a private key's END line after it (a key logged without its BEGIN line), each
-# line indented or not (a YAML block scalar's lines: "  tls.key: |", without its BEGIN line); logged
+# line indented or not (a YAML block scalar's lines: "  tls.key: |", without its BEGIN line), the
+# last line after a full one indented as it is (``d``: a key's lines are indented alike; a short
+# line indented otherwise is the text around a base64 run, "    <64 characters>\nDone"); logged
 # in a record of its own, it stays readable. A line end written escaped (``\n``, as repr() and
 # json.dumps write a key's lines joined) ends a run too (``after_boundary``).
 B64_LINE = r"[A-Za-z0-9+/]{64}"  # (RE2 too: the masking's vectorised prefilter)
@@ -358,9 +360,9 @@ _LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a 
 _LINE_END = r"(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)"
 _INDENT = r"[ \t]{0,64}+"  # (a key's lines indented: a YAML block scalar's, "  tls.key: |", nested deep)
 _PEM_LAST_LINE = re.compile(  # (at a full line: its next line is the value; or at the value)
-    rf"(?:{_LINE_START}{_INDENT}(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
+    rf"(?:{_LINE_START}(?P<d>{_INDENT})(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
     rf"|{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/]{{1,64}}={{0,2}}{_LINE_END}{_INDENT}-----END[ A-Z0-9]{{0,40}}PRIVATE KEY))"
-    rf"(?=(?:{_LINE_END}{_INDENT})?(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
+    rf"(?=(?:{_LINE_END}(?(d)(?P=d)|{_INDENT}))?(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
     r"(?=\r?\n|\\{1,2}[rn]|\\{0,15}[\"']|-----END|\Z))"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no

@@ -1635,6 +1635,10 @@ def test_a_bracket_in_a_quoted_value_neither_closes_nor_opens_the_dict(keys, tex
         "upload session q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nTraceback (most recent call last):",
         json.dumps("cache key q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nresnet50 loaded"),
         "q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nresnet50 loaded in 2s",
+        # indented (a YAML value, a pretty-printed record), then a short line indented otherwise
+        "  cache:\n    q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\nDone",
+        "\tq7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\n  ok",
+        json.dumps("    q7VfK2mXc9LpR4tZ8wYbN3sH6jD1gA5eU0oI7kT2rE9yW4uQ1xC8vB3nM6lP5zAa\n  Done"),
     ],
 )
 def test_the_line_after_a_base64_run_is_no_private_keys_last_line(keys, text):
