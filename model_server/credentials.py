@@ -99,9 +99,24 @@ VALUE_ESCAPE = r"\\\\|\\(?![\s\"'\\nrtbf])"
 # After a key in quotes and ":" (JSON, a dict's repr: {"password": 12345678}) a "}" closes the
 # object, no character of the value; a "]" is one of its characters (a key and ":" are in no list).
 _AFTER_QUOTED_KEY = "|".join(rf"(?<=[\"'][ \t]{{{a}}}:[ \t]{{{b}}})" for a in range(4) for b in range(4))
+# A Windows path's backslashes ("C:\\new\\x" as it came, not written escaped: its drive's
+# backslash before no other) are its own, an escape's letter after them too ("\\n" of "\\new"),
+# never a backslash before a space or a quote.
+_DRIVE = r"[A-Za-z]:(?=\\(?![\s\"'\\]))"
+_PATH_ESCAPE = r"\\\\|\\(?![\s\"'\\])"
+
+
+def _run(chars: str) -> str:
+    """A value not in quotes of ``chars`` and backslashes, to an escaped quote; a path's whole."""
+    return (
+        rf"(?:{_DRIVE}(?:{_NOT_ESCAPED_QUOTE}(?:[{chars}]|{_PATH_ESCAPE})){{1,254}}"
+        rf"|(?:{_NOT_ESCAPED_QUOTE}(?:[{chars}]|{VALUE_ESCAPE})){{1,256}})"
+    )
+
+
+_RUN_CHARS = r"^\s\"'`,;&<>\\"
 _CRED_RUN = (  # a value not in quotes, to an escaped quote
-    rf"(?:(?:{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>}}\\]|{VALUE_ESCAPE})){{1,256}}"
-    rf"|(?!{_AFTER_QUOTED_KEY})(?:{_NOT_ESCAPED_QUOTE}(?:[^\s\"'`,;&<>\\]|{VALUE_ESCAPE})){{1,256}})"
+    rf"(?:(?:{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS + '}')}|(?!{_AFTER_QUOTED_KEY}){_run(_RUN_CHARS)})"
 )
 
 

@@ -1217,6 +1217,8 @@ SECRET_GROWING = {
     "backslash pairs in a value after a quoted key": ('"password": a', "\\\\"),
     "quoted keys before brackets": ("", '"token":  a}'),
     "escaped line ends in values": ("", "secret: a\\n"),
+    "paths in values": ("", "secret: C:\\n"),
+    "a path without end": ("secret: C:", "\\n"),
     "names before commas and line ends": ("", "'token',\n  "),
     "names over escaped lines before values never closed": ("", '"token",\\n  "value": "a'),
     "kinds and names in pairs never closed": ("", "('Secret', 'a-b-"),
@@ -1937,6 +1939,9 @@ def test_every_masked_json_line_still_parses(keys):
         ('{"name": "DB_PASSWORD", "value": 12345678}', '"value": <masked>}'),
         ("{'password': 12345678, 'n': [7]}", "'password': <masked>, 'n': [7]}"),
         ("{'password': ab]cd}", "'password': <masked>}"),  # (a "]" closes no dict)
+        # a Windows path: its backslashes are its own, "\\n" of "\\new" no line end
+        ("{'password': C:\\new\\x}", "'password': <masked>}"),
+        ("db password: C:\\new\\tmp.txt end", "password: <masked> end"),
         (json.dumps({"m": "- name: DB_PASSWORD\n  value: s3cr3t\n- name: X"}), 'value: <masked>\\n- name: X"}'),
         (json.dumps({"m": "password: hunter2\tuser: bob"}), 'password: <masked>\\tuser: bob"}'),
     ],
