@@ -196,20 +196,27 @@ class CompareAndSwapLock(ABC):
         return self._read()[0]
 
     def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding:
-        """A write in doubt (``settled``) is taken again from what is read: this holder's, served."""
+        """A write in doubt (``settled``) is settled by reading the lease back: as that write set
+        it (``_landed``), served; else taken again from what is read."""
         _check(holder, seconds)
-        return settled(lambda _: self._acquire(holder, seconds), checks=False)
+        sent: list[Holding] = []
+        return settled(lambda doubted: self._acquire(holder, seconds, sent, doubted > 0))
 
-    def _acquire(self, holder: str, seconds: int) -> Holding:
+    def _acquire(self, holder: str, seconds: int, sent: list[Holding], doubted: bool) -> Holding:
+        """``sent``: the writes sent, the last one in doubt where ``doubted``."""
         now = self.clock()
         fresh = Holding(holder, now, seconds, now)
+        current, version = self._read() if doubted else (None, None)
+        if current is not None and _landed(current, sent[-1]):
+            return current
         for _ in range(2):  # a lease released between our create and our read: create again, once
+            if current is not None and version is not None:
+                break
+            sent.append(fresh)
             if self._create(fresh):
                 return fresh
             current, version = self._read()
-            if current is not None and version is not None:
-                break
-        else:
+        if current is None or version is None:
             raise ModelBusy(f"model {self.model!r} keeps changing hands ({self.where}); try again")
         if current.holder and current.holder != holder and not current.expired(now):
             ahead = current.renewed - now
@@ -224,6 +231,7 @@ class CompareAndSwapLock(ABC):
             taken = replace(current, renewed=now, seconds=seconds)
         else:
             taken = replace(fresh, transitions=current.transitions + 1)
+        sent.append(taken)
         if self._replace(taken, version):
             return taken
         winner = self.holding()
@@ -237,18 +245,25 @@ class CompareAndSwapLock(ABC):
         late), the lock is read again: still ``holder``'s, renewed from that read (an abort's mark
         kept: the abort wins); another's or nobody's, LockLost. Its replace in doubt (``settled``):
         still ``holder``'s, renewed again from what is read (its first body sent again would be
-        refused, 409: the resourceVersion moved on by that write itself)."""
+        refused, 409: the resourceVersion moved on by that write itself), unless what is read is
+        what that write set (``_landed``): that write's, served, sent no more."""
         _check(holder, seconds)
-        return settled(lambda _: self._renew(holder, seconds, note), checks=False)
+        sent: list[Holding] = []
+        return settled(lambda doubted: self._renew(holder, seconds, note, sent, doubted > 0))
 
-    def _renew(self, holder: str, seconds: int, note: str | None) -> Holding:
+    def _renew(self, holder: str, seconds: int, note: str | None, sent: list[Holding], doubted: bool) -> Holding:
+        """``sent``: the writes sent, the last one in doubt where ``doubted``."""
         for _ in range(RACES):  # (as ``abort``: someone keeps writing, read again)
             current, version = self._read()
+            if doubted and current is not None and _landed(current, sent[-1]):
+                return current
+            doubted = False  # (a write refused, 409, is not served)
             if current is None or version is None or current.holder != holder:
                 raise LockLost(self._not_held(holder, current))
             renewed = replace(current, renewed=self.clock(), seconds=seconds)
             if note is not None:
                 renewed = replace(renewed, note=note[:MAX_NOTE])
+            sent.append(renewed)
             if self._replace(renewed, version):
                 return renewed
         raise self._written_meanwhile(holder)
@@ -328,6 +343,18 @@ class CompareAndSwapLock(ABC):
     def _not_held(self, holder: str, current: Holding | None) -> str:
         now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"
         return f"run {holder!r} does not hold model {self.model!r}: {now} ({self.where})"
+
+
+def _landed(current: Holding, sent: Holding) -> bool:
+    """Whether ``current``, read back after a write in doubt, is what that write (``sent``) set:
+    its holder, renewal (to the microsecond a Lease keeps), duration and note (a renewal stamped
+    by this worker's clock at that moment: no other write sets it so)."""
+    return (current.holder, micro_time(current.renewed), current.seconds, current.note) == (
+        sent.holder,
+        micro_time(sent.renewed),
+        sent.seconds,
+        sent.note,
+    )
 
 
 def held_record(holder: str, holding: Holding | None) -> bytes:

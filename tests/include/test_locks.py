@@ -598,14 +598,16 @@ def test_a_renewals_read_failed_is_raised_as_it_came_not_read_back_as_a_write(ku
 
 
 def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kube, caplog):
-    """A renewal's replace answered 504 at each try: the error said each read back found the
-    renewal "not in place", which a renewal never checks (it renews again from what it read), and
-    the last try logged "reading it back" though nothing was read after it. It names the tries
-    and the answers in doubt alone; each read back is logged where one follows."""
+    """A renewal's replace answered 504 at each try, not served: the last try logged "reading it
+    back" though nothing was read after it. It names the tries, the answers in doubt and each read
+    back finding the renewal not in place (a renewal read back as it was sent is that renewal,
+    served: ``test_a_lease_write_served_and_answered_504_...``); each read back is logged where
+    one follows."""
     from vision_rollout.mesh import WRITE_TRIES
 
     fake, api_client = kube
-    lock = LeaseLock("digits", f"test-{next(NAMESPACES)}", api_client, clock=Clock())
+    ticks = itertools.count(T0)  # (each renewal stamped anew: one read back is not it)
+    lock = LeaseLock("digits", f"test-{next(NAMESPACES)}", api_client, clock=lambda: next(ticks))
     lock.acquire("run-a")
     before = len(fake.requests)
     fake.throttle, fake.throttle_status, fake.throttled_methods = 100, 504, frozenset({"PUT"})
@@ -616,7 +618,8 @@ def test_a_renewals_replace_answered_504_each_time_is_named_as_what_happened(kub
         fake.throttle, fake.throttled_methods = 0, frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
     assert str(failed.value).startswith("replace Lease ")
     assert str(failed.value).endswith(
-        f"(tried {WRITE_TRIES} times: each answer left unknown whether the write was served)"
+        f"(tried {WRITE_TRIES} times: each answer left unknown whether the write was served, and each read "
+        "back found it not in place)"
     )
     assert [r["method"] for r in fake.requests[before:]] == ["GET", "PUT"] * WRITE_TRIES
     assert sum("reading it back" in r.getMessage() for r in caplog.records) == WRITE_TRIES - 1
@@ -710,3 +713,36 @@ def test_a_lease_written_between_each_read_and_write_is_named_as_such_not_changi
     assert "changing" not in said
     assert len(writes) == 5
     assert make(clock=clock).holding().holder == "run-a"
+
+
+@pytest.mark.parametrize("op", ["acquire", "takeover", "renew"])
+def test_a_lease_write_served_and_answered_504_each_time_is_found_in_place_not_sent_again(kube, op):
+    """etcd slow: each create or replace of the lease committed, then answered 504. ``acquire``
+    and ``renew`` read the lease back and, finding it this holder's, wrote it again from what they
+    read (``settled(checks=False)``): each write served and answered 504 again, they raised after
+    4 tries with the lease theirs (a teardown failing at its first hold, the traffic left on the
+    candidate). A read back that holds what the write in doubt sent (holder, renewal to the
+    microsecond, duration, note) is that write, served: taken as it is, nothing sent again."""
+    fake = kube[0]
+    clock = Clock()
+    clock.now += 0.123456789  # (a time the lease keeps to the microsecond only)
+    lock = _doubted_lock(fake, clock)
+    if op == "takeover":
+        lock.acquire("run-0", seconds=30)
+        clock.now += 31 + CLOCK_SKEW_S
+    if op == "renew":
+        lock.acquire("run-a")
+        clock.now += 10
+    method = "PUT" if op != "acquire" else "POST"
+    before = len(fake.requests)
+    fake.throttle, fake.throttle_status, fake.throttle_served = 100, 504, True
+    fake.throttled_methods = frozenset({method})
+    try:
+        got = lock.renew("run-a", note="stage 1") if op == "renew" else lock.acquire("run-a")
+    finally:
+        fake.throttle, fake.throttle_status, fake.throttle_served = 0, 429, False
+        fake.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    assert (got.holder, micro_time(got.renewed)) == ("run-a", micro_time(clock.now))
+    assert got.note == ("stage 1" if op == "renew" else "")
+    assert lock.holding() == got
+    assert [r["method"] for r in fake.requests[before:]].count(method) == 1  # (a takeover's create refused first)
