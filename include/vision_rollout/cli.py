@@ -1712,7 +1712,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
     In kubernetes mode (``--namespace``) the mark alone: the DAG run's teardown puts the stable
     version back (its pods first, then the routes), at the run's next step."""
     from vision_rollout.engine import restore_stable
-    from vision_rollout.locks import LockError, LockLost
+    from vision_rollout.locks import AbortInDoubt, LockError, LockLost
     from vision_rollout.mesh import LocalRouter, RouterError
     from vision_rollout.serving import AdminError
 
@@ -1730,6 +1730,8 @@ def cmd_abort(args: argparse.Namespace) -> int:
                 marked = lock.abort(reason)
             except LockLost as exc:
                 raise CommandError(f"nothing to abort, nothing changed: {exc}") from None
+            except AbortInDoubt as exc:  # (perhaps marked: not "nothing changed")
+                raise CommandError(str(exc)) from None
             except KeyboardInterrupt:  # (perhaps while the mark was written)
                 print(f"rolloutctl abort: interrupted: {_PERHAPS_MARKED}", file=sys.stderr)
                 return 128 + signal.SIGINT

@@ -19,7 +19,9 @@ backends (``CompareAndSwapLock``):
   (``to``): that run, if only late, may renew it and finish, rather than finding it gone.
 - ``abort``: anyone marks the holder's rollout aborted (``Holding.aborted``, the reason); the
   lease stays the holder's, and its renewals keep the mark, so the holder finds it at its next
-  renewal and rolls back (``rolloutctl abort``). ``LockLost`` when nobody holds the model.
+  renewal and rolls back (``rolloutctl abort``). ``LockLost`` when nobody holds the model. Only
+  the run it first read holding the lease is marked: gone meanwhile (another's or nobody's),
+  ``LockLost``, or ``AbortInDoubt`` after a mark whose answer was lost (perhaps served).
 - ``renew(..., note=...)``: the holder's last word on its progress (``Holding.note``: its stage
   and last decision), for ``rolloutctl status``.
 - ``retake``: a lease removed while its holder held it (an operator's cleanup, a wiped folder)
@@ -95,6 +97,11 @@ class ModelBusy(LockError):
 
 class LockLost(LockError):
     """This run does not (or no longer) hold the model."""
+
+
+class AbortInDoubt(LockError):
+    """An abort's mark whose answer was lost, the run it marked gone since (that mark perhaps
+    served: it rolled back and released), another run perhaps holding the model now, untouched."""
 
 
 class Aborted(LockError):
@@ -313,23 +320,46 @@ class CompareAndSwapLock(ABC):
     def abort(self, reason: str) -> Holding:
         """Mark the holder's rollout aborted for ``reason`` (cut to ``MAX_NOTE``); the holding as
         marked. Marked already: as it is, its first reason kept. LockLost when nobody holds the
-        model; the lease is never released or taken here (it stays its holder's). A write in doubt
-        (``settled``): read back marked, done."""
+        model; the lease is never released or taken here (it stays its holder's). Only the holding
+        first read is marked (its holder, taken at that time: ``_same_run``): gone at a later read,
+        LockLost, nothing marked; after a write in doubt (``settled``), ``AbortInDoubt`` (that
+        write perhaps served: the run saw it and released). A write in doubt read back marked, done."""
         if not isinstance(reason, str) or not reason.strip():
             raise ValueError("an abort needs a reason")
-        return settled(lambda _: self._abort(reason))
+        first: list[Holding] = []  # the holding first read: the one run this abort marks
+        return settled(lambda doubted: self._abort(reason, first, doubted > 0))
 
-    def _abort(self, reason: str) -> Holding:
+    def _abort(self, reason: str, first: list[Holding], doubted: bool) -> Holding:
+        """``first``: the holding first read; ``doubted``: after a mark in doubt."""
         for _ in range(RACES):  # the holder renews meanwhile: read again
             current, version = self._read()
-            if current is None or version is None or not current.holder:
+            held = current if current is not None and current.holder else None
+            if first and (held is None or not _same_run(held, first[0])):
+                raise self._gone(first[0], held, doubted)
+            if held is None or version is None:
                 raise LockLost(f"no rollout holds model {self.model!r} ({self.where})")
-            if current.aborted:
-                return current
-            marked = replace(current, aborted=reason[:MAX_NOTE])
+            if not first:
+                first.append(held)
+            doubted = False  # (a mark refused, 409, is not served)
+            if held.aborted:
+                return held
+            marked = replace(held, aborted=reason[:MAX_NOTE])
             if self._replace(marked, version):
                 return marked
         raise self._written_meanwhile(marked.holder)
+
+    def _gone(self, marked: Holding, now: Holding | None, doubted: bool) -> LockError:
+        """``marked``, the holding an abort first read, gone at a later read; ``now`` the lease's
+        holding then. ``doubted``: after a mark whose answer was lost (perhaps served)."""
+        who = f"run {now.holder!r} holds it now, not touched" if now else "nobody holds it now"
+        if doubted:
+            return AbortInDoubt(
+                f"the answer to marking run {marked.holder!r} aborted was lost, and run {marked.holder!r} perhaps "
+                f"marked (it released the lease since); {who} ({self.where})"
+            )
+        return LockLost(
+            f"run {marked.holder!r} no longer holds model {self.model!r}, nothing marked; {who} ({self.where})"
+        )
 
     def _written_meanwhile(self, holder: str) -> LockError:
         """A renewal's or an abort's compare-and-swap refused at each of its ``RACES`` reads, the
@@ -343,6 +373,11 @@ class CompareAndSwapLock(ABC):
     def _not_held(self, holder: str, current: Holding | None) -> str:
         now = f"{current.describe()} holds it" if current and current.holder else "nobody holds it"
         return f"run {holder!r} does not hold model {self.model!r}: {now} ({self.where})"
+
+
+def _same_run(current: Holding, first: Holding) -> bool:
+    """Whether ``current`` is the holding ``first`` read earlier: the same holder, taken at the same time."""
+    return (current.holder, current.acquired) == (first.holder, first.acquired)
 
 
 def _landed(current: Holding, sent: Holding) -> bool:

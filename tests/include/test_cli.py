@@ -2986,6 +2986,40 @@ def test_status_and_abort_of_a_dag_run_in_kubernetes_mode(tmp_path, capsys, monk
     assert "Traceback" not in err
 
 
+def test_an_abort_whose_mark_was_lost_with_its_run_gone_says_so(tmp_path, capsys, monkeypatch):
+    """Kubernetes mode: the abort's mark served, answered 500; the run saw it, rolled back and
+    released, and another run took the model before the read back. The abort marked that other
+    run with the first one's reason (``locks.abort``); nor may it say "nothing changed": it says
+    the answer was lost, the first run perhaps marked, the other untouched (exit 4)."""
+    from devstack.cluster.kube import FakeKubeAPI
+    from vision_rollout import mesh
+    from vision_rollout.locks import LeaseLock
+
+    api = FakeKubeAPI().start()
+    try:
+        lease = LeaseLock("digits", "ml", kubeconfig_of(api, tmp_path, monkeypatch), key="digits-vs")
+        lease.acquire("run-x")
+
+        def x_rolls_back_and_y_takes_the_model(_: float) -> None:
+            lease.release("run-x")
+            lease.acquire("run-y")
+
+        monkeypatch.setattr(mesh.time, "sleep", x_rolls_back_and_y_takes_the_model)
+        api.throttle, api.throttle_status, api.throttle_served = 1, 500, True
+        api.throttled_methods = frozenset({"PUT"})
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"mesh": "istio"}))
+        abort = ["abort", "--spec", str(spec), "--namespace", "ml", "--name", "digits-vs", "--reason", "bad labels"]
+        code, out, err = run(capsys, *abort)
+        assert (code, out) == (4, "")
+        assert "the answer to marking run 'run-x' aborted was lost" in err
+        assert "run 'run-y' holds it now, not touched" in err
+        assert "nothing changed" not in err
+        assert (lease.holding().holder, lease.holding().aborted) == ("run-y", "")
+    finally:
+        api.stop()
+
+
 def test_restart_stage_keeps_a_reason_printable_and_who_asked(tmp_path, capsys):
     """The reason goes into the stage's report and its Slack message: terminal escapes and
     other control characters are not carried there, and a reason of megabytes is cut before

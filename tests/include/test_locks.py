@@ -746,3 +746,66 @@ def test_a_lease_write_served_and_answered_504_each_time_is_found_in_place_not_s
     assert got.note == ("stage 1" if op == "renew" else "")
     assert lock.holding() == got
     assert [r["method"] for r in fake.requests[before:]].count(method) == 1  # (a takeover's create refused first)
+
+
+@pytest.mark.parametrize("meanwhile", ["released", "taken"])
+@pytest.mark.parametrize("doubt", ["served-then-500", "refused-409"])
+def test_an_abort_marks_only_the_run_it_first_read_holding_the_lease(kube, monkeypatch, doubt, meanwhile):
+    """An abort of run X whose mark was served then answered 500 was retried against whoever held
+    the lease at its read back: X, having seen the mark, rolled back and released, and run Y took
+    the model: Y was marked aborted with X's reason; or, nobody holding it, LockLost ("nothing to
+    abort") though X was marked and rolled back. Its mark refused (409) because X released
+    meanwhile and Y took the model, it marked Y too. An abort marks the holding it first read
+    alone (its holder, taken at that time): that one gone, a mark in doubt is said to be lost
+    (X perhaps marked, Y not touched: AbortInDoubt); a mark refused is LockLost, nothing marked."""
+    from vision_rollout import mesh
+    from vision_rollout.locks import AbortInDoubt
+
+    fake = kube[0]
+    clock = Clock()
+    lock = _doubted_lock(fake, clock)
+    lock.acquire("run-x")
+    other = LeaseLock("digits", lock.namespace, lock.api_client, clock=clock)
+
+    def x_ends() -> None:
+        fake.throttle = 0
+        other.release("run-x")
+        if meanwhile == "taken":
+            clock.now += 1
+            other.acquire("run-y")
+
+    if doubt == "served-then-500":
+        fake.throttle, fake.throttle_status, fake.throttle_served = 1, 500, True
+        fake.throttled_methods = frozenset({"PUT"})
+        monkeypatch.setattr(mesh.time, "sleep", lambda _: x_ends())
+    else:
+        read = lock._read
+
+        def read_then_x_ends() -> Any:
+            seen = read()
+            if seen[0] is not None and seen[0].holder == "run-x":
+                x_ends()
+            return seen
+
+        monkeypatch.setattr(lock, "_read", read_then_x_ends)
+    try:
+        with pytest.raises(LockError) as failed:
+            lock.abort("an operator aborts run-x")
+    finally:
+        fake.throttle, fake.throttle_status, fake.throttle_served = 0, 429, False
+        fake.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    said = str(failed.value)
+    now = "run 'run-y' holds it now, not touched" if meanwhile == "taken" else "nobody holds it now"
+    if doubt == "served-then-500":
+        assert type(failed.value) is AbortInDoubt
+        assert said.startswith("the answer to marking run 'run-x' aborted was lost")
+        assert "run 'run-x' perhaps marked (it released the lease since)" in said
+    else:
+        assert type(failed.value) is LockLost
+        assert said.startswith("run 'run-x' no longer holds model 'digits', nothing marked")
+    assert said.endswith(f"{now} ({lock.where})")
+    held = lock.holding()
+    if meanwhile == "taken":
+        assert (held.holder, held.aborted) == ("run-y", "")
+    else:
+        assert held is None
