@@ -1935,7 +1935,8 @@ def finish(
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
     effect with the baseline retired: its record lost with a killed worker; routing back to
-    retired pods would be an outage), else the stable version at 100%; with ``prune`` (the
+    retired pods would be an outage; the routes unread, edited by hand, the baseline retired and
+    the candidate serving: ``promoted_unseen``), else the stable version at 100%; with ``prune`` (the
     teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
     then, where the run ``decided`` (the teardown: decide's outcome), what it carried out kept in
     its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again; with
@@ -1950,14 +1951,24 @@ def finish(
     folder = hook.settings.workdir(spec.model, run_id)
     lease_kept(lock, run_id, folder)
     routes = None if promoted else routes_read(spec, router(spec, run_id, hook))  # (None: edited by hand)
-    kept = promoted or (routes is not None and promotion_in_effect(spec, run_id, hook, routes))
+    unread = not promoted and routes is None
+    if unread:
+        kept = promoted_unseen(spec, hook)
+    else:
+        kept = promoted or promotion_in_effect(spec, run_id, hook, routes)
     if not kept:
         restore_stable(params, run_id, unload_candidate)
     elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
         hook.deployments(spec.model).release_floor(spec.baseline_version)
     if prune and spec.mesh == "istio":
         prune_history(spec, run_id, hook)
-    if kept:
+    if kept and unread:
+        done = (
+            f"version {spec.candidate_version} was promoted (version {spec.baseline_version} retired, version "
+            f"{spec.candidate_version} serving): nothing to restore; the VirtualService, edited by hand into one "
+            "the rollout does not read, is left as it is"
+        )
+    elif kept:
         done = f"version {spec.candidate_version} was promoted: nothing to restore"
     elif routes is not None and routes != spec.stable_policy() and not routes_to(routes, spec.candidate_version):
         # (changed by someone else meanwhile, an operator say: not this run's to change back)
@@ -2014,6 +2025,14 @@ def promotion_in_effect(
     if spec.mesh == "istio":
         return not hook.deployments(spec.model).replicas(spec.baseline_version)
     return not hook.settings.admin.ready(spec.model, spec.baseline_version)
+
+
+def promoted_unseen(spec: RolloutSpec, hook: ModelServerHook) -> bool:
+    """The routes unread (Istio's VirtualService edited by hand): the baseline retired (no pods)
+    and the candidate serving, as promote leaves them, not a run mid-stage, whose baseline runs:
+    routing back to retired pods would be an outage."""
+    deployments = hook.deployments(spec.model)
+    return not deployments.replicas(spec.baseline_version) and bool(deployments.replicas(spec.candidate_version))
 
 
 def notify(

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
@@ -1251,6 +1252,39 @@ def test_a_promotion_whose_record_was_lost_is_kept_by_the_teardown(kube):
     with pytest.raises(AirflowFailException, match="version 2 was promoted: nothing to restore"):
         steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
     assert routes(kube) == [("v2", 100)]
+    assert steps.serving().model_lock("digits", "istio").holding() is None
+
+
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_promotion_whose_record_was_lost_is_kept_with_its_routes_edited_unreadable(kube, end):
+    """promote ran (version 2 at 100%, version 1 retired to 0 pods), its record lost (a killed
+    worker; the failure callback never has it), then an operator edited the VirtualService into
+    one the rollout cannot read (a header rule without a subset): the routes unread, the teardown
+    (or the failure callback) put version 1 back, bringing a retired baseline back and undoing a
+    completed promotion. The routes unread, the baseline retired and the candidate serving, the
+    promotion is kept, the VirtualService left as edited, and said so; a baseline still running
+    is rolled back to (``test_the_teardown_rolls_back_a_virtual_service_edited_by_hand_...``)."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1", "promote")
+    replicas = deployment(kube, "2")["spec"]["replicas"]
+
+    def debug_rule(obj: dict) -> None:
+        debug = {"name": "debug", "match": [{"headers": {"x-debug": {"exact": "1"}}}]}
+        obj["spec"]["http"].insert(0, {**debug, "route": [{"destination": {"host": "digits"}}]})
+
+    kube.touch("virtualservices", "models", "digits", debug_rule)
+    said = "version 2 was promoted (version 1 retired, version 2 serving): nothing to restore; the VirtualService"
+    if end == "teardown":
+        with pytest.raises(AirflowFailException, match=re.escape(said)):
+            steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    http = kube.objects[("virtualservices", "models", "digits")]["spec"]["http"]
+    assert http[0]["name"] == "debug"
+    assert [(d["destination"]["subset"], d["weight"]) for d in http[-1]["route"]] == [("v2", 100)]
+    assert (deployment(kube, "1")["spec"]["replicas"], deployment(kube, "2")["spec"]["replicas"]) == (0, replicas)
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
 
