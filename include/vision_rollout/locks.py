@@ -59,7 +59,7 @@ from typing import Any, Protocol
 from model_server.files import sync_folder, write_private
 from vision_rollout.attempts import printable
 from vision_rollout.folders import NotAFile, guard_file, read_regular
-from vision_rollout.mesh import settled, unsettled
+from vision_rollout.mesh import Conflicted, settled, unsettled
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
 LEASE_S = 300  # renewed by every task and poke of the run; a crashed run's lease frees after this
@@ -70,7 +70,6 @@ MAX_LOCK_BYTES = 65536  # a lock file this lock writes is under 3 KiB: a larger 
 # How far two workers' clocks may be apart: a lease is taken for dead this long after its expiry.
 CLOCK_SKEW_S = 60
 ABORTED, NOTE = "model-rollout/aborted", "model-rollout/note"  # a Lease's annotations
-RACES = 5  # a renewal's or an abort's reads, each refused its write by another's meanwhile, before it gives up
 
 
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the last time a datetime holds
@@ -249,8 +248,9 @@ class CompareAndSwapLock(ABC):
         """The holding renewed (its ``aborted`` mark kept: the caller stops when it is set), with
         ``note`` (cut to ``MAX_NOTE``) when given. Its compare-and-swap refused (a write between
         its read and its replace: ``abort``'s mark, a renewal of the holder's own that committed
-        late), the lock is read again: still ``holder``'s, renewed from that read (an abort's mark
-        kept: the abort wins); another's or nobody's, LockLost. Its replace in doubt (``settled``):
+        late: ``Conflicted``, within ``settled``'s tries), the lock is read again: still
+        ``holder``'s, renewed from that read (an abort's mark kept: the abort wins); another's or
+        nobody's, LockLost. Its replace in doubt (``settled``):
         still ``holder``'s, renewed again from what is read (its first body sent again would be
         refused, 409: the resourceVersion moved on by that write itself), unless what is read is
         what that write set (``_landed``): that write's, served, sent no more."""
@@ -260,20 +260,18 @@ class CompareAndSwapLock(ABC):
 
     def _renew(self, holder: str, seconds: int, note: str | None, sent: list[Holding], doubted: bool) -> Holding:
         """``sent``: the writes sent, the last one in doubt where ``doubted``."""
-        for _ in range(RACES):  # (as ``abort``: someone keeps writing, read again)
-            current, version = self._read()
-            if doubted and current is not None and _landed(current, sent[-1]):
-                return current
-            doubted = False  # (a write refused, 409, is not served)
-            if current is None or version is None or current.holder != holder:
-                raise LockLost(self._not_held(holder, current))
-            renewed = replace(current, renewed=self.clock(), seconds=seconds)
-            if note is not None:
-                renewed = replace(renewed, note=note[:MAX_NOTE])
-            sent.append(renewed)
-            if self._replace(renewed, version):
-                return renewed
-        raise self._written_meanwhile(holder)
+        current, version = self._read()
+        if doubted and current is not None and _landed(current, sent[-1]):
+            return current
+        if current is None or version is None or current.holder != holder:
+            raise LockLost(self._not_held(holder, current))
+        renewed = replace(current, renewed=self.clock(), seconds=seconds)
+        if note is not None:
+            renewed = replace(renewed, note=note[:MAX_NOTE])
+        sent.append(renewed)
+        if not self._replace(renewed, version):  # (someone wrote meanwhile: as ``abort``, read again)
+            raise Conflicted(self._written_meanwhile(holder))
+        return renewed
 
     def release(self, holder: str, to: Holding | None = None) -> bool:
         """``to``: the holding ``holder`` took over, put back as it was. A write in doubt
@@ -331,22 +329,20 @@ class CompareAndSwapLock(ABC):
 
     def _abort(self, reason: str, first: list[Holding], doubted: bool) -> Holding:
         """``first``: the holding first read; ``doubted``: after a mark in doubt."""
-        for _ in range(RACES):  # the holder renews meanwhile: read again
-            current, version = self._read()
-            held = current if current is not None and current.holder else None
-            if first and (held is None or not _same_run(held, first[0])):
-                raise self._gone(first[0], held, doubted)
-            if held is None or version is None:
-                raise LockLost(f"no rollout holds model {self.model!r} ({self.where})")
-            if not first:
-                first.append(held)
-            doubted = False  # (a mark refused, 409, is not served)
-            if held.aborted:
-                return held
-            marked = replace(held, aborted=reason[:MAX_NOTE])
-            if self._replace(marked, version):
-                return marked
-        raise self._written_meanwhile(marked.holder)
+        current, version = self._read()
+        held = current if current is not None and current.holder else None
+        if first and (held is None or not _same_run(held, first[0])):
+            raise self._gone(first[0], held, doubted)
+        if held is None or version is None:
+            raise LockLost(f"no rollout holds model {self.model!r} ({self.where})")
+        if not first:
+            first.append(held)
+        if held.aborted:
+            return held
+        marked = replace(held, aborted=reason[:MAX_NOTE])
+        if not self._replace(marked, version):  # (the holder renewed meanwhile: read again)
+            raise Conflicted(self._written_meanwhile(held.holder))
+        return marked
 
     def _gone(self, marked: Holding, now: Holding | None, doubted: bool) -> LockError:
         """``marked``, the holding an abort first read, gone at a later read; ``now`` the lease's
@@ -362,12 +358,12 @@ class CompareAndSwapLock(ABC):
         )
 
     def _written_meanwhile(self, holder: str) -> LockError:
-        """A renewal's or an abort's compare-and-swap refused at each of its ``RACES`` reads, the
-        lease ``holder``'s at the last: written by another between each read and the write (an
-        abort, the holder's renewal from another worker), not changing hands."""
+        """A renewal's or an abort's compare-and-swap refused, the lease ``holder``'s at its read:
+        written by another between that read and the write (an abort, the holder's renewal from
+        another worker), not changing hands."""
         return LockError(
-            f"the lease of model {self.model!r} ({self.where}) was written by another writer between each of "
-            f"{RACES} reads and this write, run {holder!r} holding it at the last; try again"
+            f"the lease of model {self.model!r} ({self.where}) was written by another writer between each read "
+            f"and this write, run {holder!r} holding it at the last; try again"
         )
 
     def _not_held(self, holder: str, current: Holding | None) -> str:

@@ -85,6 +85,17 @@ class Unsettled(Exception):
         self.error = error
 
 
+class Conflicted(Exception):
+    """A write whose compare-and-swap was refused (409: the object written by another between the
+    attempt's read and its write): ``error``, what to raise should the tries run out. Raised
+    inside a ``settled`` attempt only: read and written again within the same tries as a write
+    in doubt (no retry loop inside another's)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 T = TypeVar("T")
 
 
@@ -980,7 +991,6 @@ class IstioRouter:
     target: IstioTarget
     versions: list[str]  # every version that may be routed to: one subset each
     api_client: Any = None  # kubernetes.client.ApiClient; from kubeconfig / in-cluster when None
-    retries: int = 5
     mirrors: MirrorLog | None = None  # where each mirror change applied is recorded (the shadow audit's)
 
     def _api(self) -> Any:
@@ -1008,7 +1018,8 @@ class IstioRouter:
     def _apply(self, plural: str, render: Callable[[dict[str, Any]], dict[str, Any] | None]) -> bool:
         """Server-side apply of ``render(live)`` (None: nothing to apply) when its spec differs
         from ``live``'s, sent with ``live``'s resourceVersion. ``live`` is the object as read at
-        each try: one the object changed under (409) reads it again and renders again, so that
+        each try: one the object changed under (409: ``Conflicted``, within ``settled``'s tries)
+        reads it again and renders again, so that
         what another writer changed meanwhile (a route's timeout, a host) is kept, not
         overwritten by a body rendered from the object before it. Never creates: the mesh's
         objects are the platform's (deploy/'s overlay), and an apply that would create one is
@@ -1020,38 +1031,36 @@ class IstioRouter:
         what = f"apply {plural}/{self.target.name}"
 
         def attempt(doubted: int) -> bool:  # (after a write in doubt, the object as wanted is that write's)
-            for _ in range(self.retries):
-                live = self._get(plural)
-                if live is None:
-                    raise RouterError(self._missing(ISTIO_KINDS[plural]))
-                view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
-                obj = render(view)
-                if obj is None:
-                    return doubted > 0
-                body = with_live_metadata(copy.deepcopy(obj), live)
-                validate_istio(body)
-                if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
-                    return doubted > 0  # nothing to change: no write
-                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-                with unsettled():
-                    try:
-                        self._api().patch_namespaced_custom_object(
-                            "networking.istio.io",
-                            "v1",
-                            self.target.namespace,
-                            plural,
-                            self.target.name,
-                            body,
-                            field_manager=FIELD_MANAGER,
-                            force=True,
-                            _content_type="application/apply-patch+yaml",
-                        )
-                        return True
-                    except ApiException as exc:
-                        if exc.status != 409:
-                            raise api_error(what, exc) from None
-                log.info("%s/%s changed while applying; retrying", plural, self.target.name)
-            raise RouterError(f"{what}: still conflicting after {self.retries} tries")
+            live = self._get(plural)
+            if live is None:
+                raise RouterError(self._missing(ISTIO_KINDS[plural]))
+            view = rollouts_view(live)  # what another manager owns stays out of the apply, its own
+            obj = render(view)
+            if obj is None:
+                return doubted > 0
+            body = with_live_metadata(copy.deepcopy(obj), live)
+            validate_istio(body)
+            if view.get("spec") == body["spec"] and _annotations(view) | _annotations(body) == _annotations(view):
+                return doubted > 0  # nothing to change: no write
+            body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+            with unsettled():
+                try:
+                    self._api().patch_namespaced_custom_object(
+                        "networking.istio.io",
+                        "v1",
+                        self.target.namespace,
+                        plural,
+                        self.target.name,
+                        body,
+                        field_manager=FIELD_MANAGER,
+                        force=True,
+                        _content_type="application/apply-patch+yaml",
+                    )
+                    return True
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise api_error(what, exc) from None
+            raise Conflicted(RouterError(f"{what}: {plural}/{self.target.name} changed while applying"))
 
         return settled(attempt)
 
@@ -1384,29 +1393,43 @@ def unsettled() -> Iterator[None]:
 
 
 def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool = True) -> T:
-    """``attempt(n)`` (``n``: the tries before it), one read-modify-write: it reads the object and
-    writes nothing where the object holds what the write sets already, else writes (its write
-    in ``unsettled``); what it answers. A write whose outcome is unknown (``Unsettled``: a 500,
-    502 or 504, or no answer, which the client does not send again) is settled by the next
-    attempt, after api_retries' backoff: its read finds the write in place (done), or not, and
-    it writes again from what it read (its resourceVersion, what another writer set meanwhile):
-    never the first body sent twice, which the server would take for another writer's, its
-    compare-and-swap refused. After ``tries`` the last failure raised (it names the call), with
-    the tries (an ``ApiUnreachable`` stays one). ``checks``: whether an attempt's read finds the
-    write in place and sends none, said in that error (False: it writes again from what it read
-    whatever it finds, an apply of the same fields, a lease's renewal); each read back is logged
-    where one follows."""
+    """``attempt(n)`` (``n``: the writes in doubt before it), one read-modify-write: it reads the
+    object and writes nothing where the object holds what the write sets already, else writes
+    (its write in ``unsettled``); what it answers. A write whose outcome is unknown
+    (``Unsettled``: a 500, 502 or 504, or no answer, which the client does not send again) is
+    settled by the next attempt, after api_retries' backoff: its read finds the write in place
+    (done), or not, and it writes again from what it read (its resourceVersion, what another
+    writer set meanwhile): never the first body sent twice, which the server would take for
+    another writer's, its compare-and-swap refused. A write refused for another's meanwhile
+    (``Conflicted``, 409) is read and written again at once, within the same tries. After
+    ``tries`` the last failure raised (it names the call), with the tries and what failed them
+    (an ``ApiUnreachable`` stays one). ``checks``: whether an attempt's read finds the write in
+    place and sends none, said in that error (False: it writes again from what it read whatever
+    it finds, an apply of the same fields); each read back is logged where one follows."""
+    doubted = conflicts = 0
     for n in range(tries):
-        if n:
+        if n and doubted:  # (a 409: read again at once)
             time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
         try:
-            return attempt(n)
+            return attempt(doubted)
         except Unsettled as exc:
-            last = exc.error
+            last, doubted = exc.error, doubted + 1
             if n + 1 < tries:
                 log.warning("%s; reading it back", last)
+        except Conflicted as exc:
+            last, conflicts = exc.error, conflicts + 1
+            if n + 1 < tries:
+                log.info("%s; reading it again", last)
     found = ", and each read back found it not in place" if checks else ""
-    last.args = (f"{last} (tried {tries} times: each answer left unknown whether the write was served{found})",)
+    refused = "refused (409), the object written by another between its read and its write"
+    if not conflicts:
+        why = f"each answer left unknown whether the write was served{found}"
+    elif not doubted:
+        why = f"each {refused}"
+    else:
+        found = ", each read back finding it not in place" if checks else ""
+        why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
+    last.args = (f"{last} (tried {tries} times: {why})",)
     raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a LockError)
 
 

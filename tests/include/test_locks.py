@@ -691,6 +691,8 @@ def test_a_lease_written_between_each_read_and_write_is_named_as_such_not_changi
     with "model 'digits' keeps changing", as if the model changed hands, which it did not; nothing
     tested it. It names what happened: written meanwhile at each read, still the holder's, and
     that it may be tried again (a LockError, not a LockLost: the run still holds the model)."""
+    from vision_rollout.mesh import WRITE_TRIES
+
     clock = Clock()
     lock = make(clock=clock)
     lock.acquire("run-a")
@@ -711,7 +713,10 @@ def test_a_lease_written_between_each_read_and_write_is_named_as_such_not_changi
     assert said.startswith(f"the lease of model 'digits' ({lock.where}) was written by another writer between each")
     assert "run 'run-a' holding it at the last; try again" in said
     assert "changing" not in said
-    assert len(writes) == 5
+    assert said.endswith(
+        f"(tried {WRITE_TRIES} times: each refused (409), the object written by another between its read and its write)"
+    )
+    assert len(writes) == WRITE_TRIES  # (one budget of tries, as a write in doubt's)
     assert make(clock=clock).holding().holder == "run-a"
 
 
@@ -809,3 +814,42 @@ def test_an_abort_marks_only_the_run_it_first_read_holding_the_lease(kube, monke
         assert (held.holder, held.aborted) == ("run-y", "")
     else:
         assert held is None
+
+
+@pytest.mark.parametrize("call", ["renew", "abort"])
+def test_a_lease_write_refused_409_and_left_in_doubt_spends_one_budget_of_tries(kube, monkeypatch, call):
+    """A renewal's or an abort's loop of 5 reads, each write refused (409) by another's meanwhile,
+    ran inside ``settled``'s 4 tries of a write in doubt: up to 20 PUTs and 20 GETs, a retry loop
+    inside another's (the project's rule: none). A 409 and a write in doubt spend the same tries
+    (``mesh.WRITE_TRIES``), and the last error names both."""
+    from vision_rollout import mesh
+    from vision_rollout.mesh import WRITE_TRIES
+
+    fake = kube[0]
+    ticks = itertools.count(T0)
+    lock = _doubted_lock(fake, lambda: next(ticks))  # type: ignore[arg-type]
+    lock.acquire("run-a")
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    puts = itertools.count(1)
+
+    def each_write() -> None:  # odd PUTs refused (another's write first), even ones answered 500 unserved
+        if next(puts) % 2:
+            fake.touch("leases", lock.namespace, lock.name, lambda o: None)
+        else:
+            fake.throttle, fake.throttle_status, fake.throttle_served = 1, 500, False
+            fake.throttled_methods = frozenset({"PUT"})
+        fake.before_write = each_write
+
+    before = len(fake.requests)
+    fake.before_write = each_write
+    try:
+        with pytest.raises(LockError) as failed:
+            lock.renew("run-a") if call == "renew" else lock.abort("an operator's abort")
+    finally:
+        fake.before_write = None
+        fake.throttle, fake.throttle_status, fake.throttle_served = 0, 429, False
+        fake.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    assert [r["method"] for r in fake.requests[before:]].count("PUT") == WRITE_TRIES
+    said = str(failed.value)
+    assert f"(tried {WRITE_TRIES} times: 2 refused (409), the object written by another between its read" in said
+    assert "2 answers left unknown whether the write was served" in said

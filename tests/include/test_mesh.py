@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import random
 import re
@@ -713,6 +714,44 @@ def test_a_virtualservice_write_left_unanswered_is_read_back_then_done_or_writte
     ]
     dropped = calls.index(("PATCH", None))
     assert calls[dropped + 1 :] == [("GET", 200)] + ([] if served else [("PATCH", 200)]) + [("GET", 200)]
+
+
+def test_a_virtualservice_apply_refused_409_and_left_in_doubt_spends_one_budget_of_tries(kube, monkeypatch):
+    """The apply's loop of 5 reads, each write refused (409) by another's meanwhile, ran inside
+    ``settled``'s 4 tries of a write in doubt: up to 20 PATCHes and 20 GETs, a retry loop inside
+    another's (the project's rule: none). A 409 and a write in doubt spend the same tries
+    (``mesh.WRITE_TRIES``), and the last error names both."""
+    from vision_rollout import mesh
+    from vision_rollout.mesh import WRITE_TRIES, RouterError, with_retries
+
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=with_retries(api))
+    router.set_routes(TrafficPolicy.from_dict({"route": [{"version": "1", "weight": 100}]}))
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    patches = itertools.count(1)
+
+    def each_write() -> None:  # odd PATCHes refused (another's write first), even ones answered 500 unserved
+        if next(patches) % 2:
+            fake.touch("virtualservices", "models", "digits", lambda o: None)
+        else:
+            fake.throttle, fake.throttle_status, fake.throttle_served = 1, 500, False
+            fake.throttled_methods, fake.throttled_path = frozenset({"PATCH"}), "/virtualservices/digits"
+        fake.before_write = each_write
+
+    before = len(fake.requests)
+    fake.before_write = each_write
+    try:
+        with pytest.raises(RouterError) as failed:
+            router.set_routes(CANARY)
+    finally:
+        fake.before_write, fake.throttle, fake.throttled_path = None, 0, None
+        fake.throttled_methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+    assert [r["method"] for r in fake.requests[before:] if r["path"].endswith("/virtualservices/digits")].count(
+        "PATCH"
+    ) == WRITE_TRIES
+    said = str(failed.value)
+    assert f"(tried {WRITE_TRIES} times: 2 refused (409), the object written by another between its read" in said
+    assert "2 answers left unknown whether the write was served" in said
 
 
 def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):
