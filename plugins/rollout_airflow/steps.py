@@ -81,6 +81,7 @@ PROBE_TRIES = 400_000  # request ids tried for one the mirror samples (under 26*
 PROBE_WINDOW_S, PROBE_EVERY_S = 30, 2  # mesh istio: a round of probes every 2 s, for 30 s
 MAX_COUNT_BYTES = 64 << 10  # an approval wait's kept count of failed reads: a few bytes of JSON
 MAX_PROBES_PER_ROUND = 100  # (50 requests a second at most, on the model's Service)
+ROUTES_READ_TRIES = 3  # routes_read: reads of the routes the API server failed, in all, before it raises
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -1737,20 +1738,29 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 
 def routes_read(spec: RolloutSpec, r: Router) -> TrafficPolicy | None:
     """The routes in effect; None, logged, where Istio's VirtualService is not one the rollout
-    reads (edited by hand): the stable version is put back all the same. A read that got no answer
-    or that the API server failed (``TRANSIENT``) is raised as it came, nothing read (a retry reads
-    again), as the model server's failure."""
-    from vision_rollout.mesh import TRANSIENT, RouterError
+    reads (edited by hand): the stable version is put back all the same (``finish``: unless
+    promote's state is found). A read that got no answer or that the API server failed
+    (``TRANSIENT``, the client's own retries spent) is read again, ``ROUTES_READ_TRIES`` reads in
+    all, each after mesh's longest backoff (the rollback and the teardown have no retries of
+    their own: a burst of 500s is ridden out here); then raised as it came, nothing read, as the
+    model server's failure."""
+    from vision_rollout import mesh
 
-    try:
-        return r.get_routes()
-    except TRANSIENT:
-        raise
-    except RouterError as exc:
-        if spec.mesh != "istio":
-            raise
-        log.warning("the routes are put back to the stable version all the same: %s", str(exc)[:300])
-        return None
+    tries = 1
+    while True:
+        try:
+            return r.get_routes()
+        except mesh.TRANSIENT as exc:
+            if tries == ROUTES_READ_TRIES:
+                raise
+            log.warning("the routes were not read (%s); reading them again", str(exc)[:300])
+            time.sleep(mesh.BACKOFF_MAX_S)
+            tries += 1
+        except mesh.RouterError as exc:
+            if spec.mesh != "istio":
+                raise
+            log.warning("the routes are put back to the stable version all the same: %s", str(exc)[:300])
+            return None
 
 
 def _found_report(
