@@ -698,8 +698,8 @@ class VersionDeployments:
         logged (``refused``: each field and its manager), not raised: the pods are applied
         already, and a budget (a guard against node drains) must not hold back a rollback; a
         budget that cannot be read is applied as rendered (its size matters more than its labels).
-        An apply whose answer left unknown whether it was served is read back and applied again
-        from what was read (``settled``), as the Deployment's."""
+        An apply whose answer left unknown whether it was served is read back (``settled``): the
+        spec as rendered, that apply's, served; else applied again from what was read."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -707,12 +707,14 @@ class VersionDeployments:
         policy = client.PolicyV1Api(self.api_client)
         what = f"apply PodDisruptionBudget {name}"
 
-        def attempt(_: int) -> None:
+        def attempt(doubted: int) -> None:
             body = render_pdb(self.target, version, replicas, bool(self.build.autoscaling))
             try:
                 live = policy.api_client.sanitize_for_serialization(
                     policy.read_namespaced_pod_disruption_budget(name, self.target.namespace)
                 )
+                if doubted and live.get("spec") == body["spec"]:
+                    return  # (the apply in doubt, served)
                 body = with_live_metadata(body, live)  # another manager's labels stay its own
             except ApiException as exc:
                 if exc.status != 404:
@@ -733,7 +735,7 @@ class VersionDeployments:
                     raise refused(what, exc) from None
 
         try:
-            settled(attempt, checks=False)
+            settled(attempt)
         except ApiUnreachable:
             raise
         except RouterError as exc:

@@ -1024,3 +1024,30 @@ def test_a_prunes_delete_served_on_an_object_with_finalizers_then_answered_500_i
             ("poddisruptionbudgets", "digits-v2"),
         ]
     )
+
+
+def test_a_budgets_apply_served_and_answered_500_each_time_is_found_in_place_not_logged_refused(
+    kube_api, caplog, monkeypatch
+):
+    """Each apply of a version's PodDisruptionBudget served, then answered 500 (etcd slow): read
+    back, it was applied again whatever the read found (``settled(checks=False)``), four times,
+    then logged "a drain may take its pods" though the budget was in place each time. A read back
+    whose spec is the one rendered is that apply, served: nothing sent again."""
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), BuildSettings(gpus=0))
+    path = "/poddisruptionbudgets/digits-v2"
+    _in_doubt(api, "PATCH", path, 500, True)
+    api.throttle = 100
+    before = len(api.requests)
+    try:
+        versions.apply("2", "img:2", 3)
+    finally:
+        api.throttle, api.throttled_path = 0, None
+    assert api.objects[("poddisruptionbudgets", "models", "digits-v2")]["spec"] == render_pdb(TARGET, "2", 3)["spec"]
+    assert [r["method"] for r in api.requests[before:] if r["path"].endswith(path)].count("PATCH") == 1
+    assert "a drain may take its pods" not in caplog.text
