@@ -1176,22 +1176,31 @@ class VersionDeployments:
         return settled(attempt, checks=False)
 
     def _delete_pdb(self, version: str) -> None:
-        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well. A
-        delete whose answer left unknown whether it was served is sent again (``settled``): a 404
-        then is done."""
+        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well: read,
+        then deleted on condition that it is as read (its uid and resourceVersion). A delete whose
+        answer left unknown whether it was served is sent again on the same preconditions
+        (``settled``): a 404 then is done; a 409 (a budget made again or changed since) is left."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
+        policy = client.PolicyV1Api(self.api_client)
+        try:
+            meta = policy.read_namespaced_pod_disruption_budget(name, self.target.namespace).metadata
+        except ApiException as exc:
+            if exc.status == 404:  # (none left)
+                return
+            raise refused(f"GET PodDisruptionBudget {name}", exc) from None
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
+        )
 
         def attempt(_: int) -> None:
             with unsettled():
                 try:
-                    client.PolicyV1Api(self.api_client).delete_namespaced_pod_disruption_budget(
-                        name, self.target.namespace
-                    )
+                    policy.delete_namespaced_pod_disruption_budget(name, self.target.namespace, body=options)
                 except ApiException as exc:
-                    if exc.status != 404:  # (gone: by a delete in doubt before too)
+                    if exc.status not in (404, 409):  # (gone: by a delete in doubt before too; 409: not as read, left)
                         raise refused(f"delete PodDisruptionBudget {name}", exc) from None
 
         settled(attempt, checks=False)

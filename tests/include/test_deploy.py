@@ -1051,3 +1051,35 @@ def test_a_budgets_apply_served_and_answered_500_each_time_is_found_in_place_not
     assert api.objects[("poddisruptionbudgets", "models", "digits-v2")]["spec"] == render_pdb(TARGET, "2", 3)["spec"]
     assert [r["method"] for r in api.requests[before:] if r["path"].endswith(path)].count("PATCH") == 1
     assert "a drain may take its pods" not in caplog.text
+
+
+def test_a_budget_deleted_in_doubt_and_made_again_meanwhile_is_not_deleted_by_the_delete_sent_again(
+    kube_api, monkeypatch
+):
+    """A retired version's budget delete served, then answered 500; before it was sent again, the
+    budget was made again (a rollout of that version applying it anew). The delete, sent again
+    with no precondition, deleted the new budget. It is read first and deleted on its uid and
+    resourceVersion: the delete in doubt sent again deletes nothing but the budget as read (a
+    404: done; a 409, another budget or one changed since: left)."""
+    from devstack.cluster.install import apply_object
+    from vision_rollout import mesh
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    build = BuildSettings(gpus=0, revision_history_limit=0)
+    versions = VersionDeployments(TARGET, "digits", mesh.with_retries(api_client), build)
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    key = ("poddisruptionbudgets", "models", "digits-v1")
+
+    def made_again(_: float) -> None:
+        assert key not in api.objects  # (the delete in doubt was served)
+        apply_object(api_client, render_pdb(TARGET, "1", 2))
+
+    monkeypatch.setattr(mesh.time, "sleep", made_again)
+    _in_doubt(api, "DELETE", "/poddisruptionbudgets/digits-v1", 500, True)
+    assert versions.prune({"2"}) == ["1"]
+    assert api.throttle == 0
+    assert key in api.objects  # (the budget made again stays)
