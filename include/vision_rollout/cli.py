@@ -1203,9 +1203,11 @@ class _Lease:
 
 
 _PROGRESS_EVERY_S = 60.0  # run's progress line during a stage, at most this often
-# The chart of the report of a run cut short (a signal, an abort, an error) is drawn within this,
-# or the report goes without it: a supervisor's kill follows its signal (Kubernetes': 30 s after).
+# The chart of the report of a run cut short by an abort or an error is drawn within this, or the
+# report goes without it. After a signal it is not drawn: a supervisor's kill follows its signal
+# (docker stop's 10 s after, Kubernetes' 30 s), and the report is written at once.
 _CUT_SHORT_CHART_S = 10.0
+_SIGNALLED = "not drawn: a signal stopped the run"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -1370,8 +1372,9 @@ def _run(
         print(f"shadow audit: {result.verdict.upper()}: " + "; ".join(result.reasons), flush=True)
         return result
 
-    def cut_short(why: str) -> str:
-        """What serves now, read back; reported (``why`` and that) when there is an outbox."""
+    def cut_short(why: str, signalled: bool = False) -> str:
+        """What serves now, read back; reported (``why`` and that) when there is an outbox: at
+        once after a signal (``signalled``), its chart not drawn."""
         where = _where_routes_are(router, spec)
         stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
         promoted = where.startswith(f"version {spec.candidate_version} takes 100%")
@@ -1379,13 +1382,15 @@ def _run(
             plain_report(spec, "promote", stopped) if promoted else rollback_message(spec, stopped, restored=restored)
         )
         if notifier is not None:  # (the chart, as the DAG's teardown's report has it: at once where not restored)
-            message = (
-                charted(
-                    message, spec, kept(stages_ended), args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
+            verdicts = kept(stages_ended)
+            if not (promoted or restored):
+                message = undrawn(message, spec, verdicts)
+            elif signalled:
+                message = undrawn(message, spec, verdicts, _SIGNALLED)
+            else:
+                message = charted(
+                    message, spec, verdicts, args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
                 )
-                if promoted or restored
-                else undrawn(message, spec, kept(stages_ended))
-            )
         send(message)
         return where
 
@@ -1405,7 +1410,7 @@ def _run(
         lease.renew("started")  # aborted during the start checks: no stage begins
         result = rollout.run()
     except Interrupted as exc:
-        where = cut_short(f"rolloutctl run was stopped by {exc}")
+        where = cut_short(f"rolloutctl run was stopped by {exc}", signalled=True)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
         return 128 + exc.signum
     except Aborted as exc:
@@ -1453,7 +1458,7 @@ def _run(
         print(("PROMOTED: " if result.promoted else "ROLLED BACK: ") + result.reason + unguarded)
         return 0 if result.promoted else 1
     except Interrupted as exc:
-        where = cut_short(f"rolloutctl run was stopped by {exc} once it had ended")
+        where = cut_short(f"rolloutctl run was stopped by {exc} once it had ended", signalled=True)
         print(f"INTERRUPTED by {exc}: {where}", flush=True)
         return 128 + exc.signum
 

@@ -664,14 +664,16 @@ def _deciding(
         return None, f"its stages' verdicts do not say which samples were judged ({_failure(exc)})"
 
 
-def undrawn(message: Message, spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None]) -> Message:
-    """``message``, a final report that goes at once while the stable version may not be back,
-    its chart not drawn: saying so where ``charted`` would chart a stage (or say why not, the
-    same line); as it was where no stage was judged: nothing to chart."""
+def undrawn(
+    message: Message, spec: RolloutSpec, verdicts: Sequence[dict[str, Any] | None], why: str | None = None
+) -> Message:
+    """``message``, a final report that goes at once (while the stable version may not be back,
+    or ``why``), its chart not drawn: saying so where ``charted`` would chart a stage (or say why
+    not, the same line); as it was where no stage was judged: nothing to chart."""
     found, none = _deciding(spec, verdicts)
     if found is None and none is None:
         return message
-    why = f"not drawn while version {spec.baseline_version} may not be back: this report goes at once"
+    why = why or f"not drawn while version {spec.baseline_version} may not be back: this report goes at once"
     return without_chart(message, none or why)
 
 
