@@ -1374,7 +1374,8 @@ def _run(
 
     def cut_short(why: str, signalled: bool = False) -> str:
         """What serves now, read back; reported (``why`` and that) when there is an outbox: at
-        once after a signal (``signalled``), its chart not drawn."""
+        once after a signal (``signalled``), or a first one while its chart is drawn, its chart
+        not drawn; the run ending as it was (an abort's exit, an error raised)."""
         where = _where_routes_are(router, spec)
         stopped, restored = f"{why}; {where}", where.startswith(f"version {spec.baseline_version} takes 100%")
         promoted = where.startswith(f"version {spec.candidate_version} takes 100%")
@@ -1388,9 +1389,13 @@ def _run(
             elif signalled:
                 message = undrawn(message, spec, verdicts, _SIGNALLED)
             else:
-                message = charted(
-                    message, spec, verdicts, args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
-                )
+                try:
+                    message = charted(
+                        message, spec, verdicts, args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
+                    )
+                except Interrupted as exc:  # (a first signal while drawn: the report at once, the run's end as it is)
+                    print(f"rolloutctl run: stopped by {exc} while drawing the report's chart", file=sys.stderr)
+                    message = undrawn(message, spec, verdicts, _SIGNALLED)
         send(message)
         return where
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import replace
@@ -2069,6 +2070,69 @@ def test_a_run_cut_short_reports_with_the_chart_the_dags_teardown_would(tmp_path
     else:  # (no stage judged: nothing to chart)
         assert not said
         assert "chart" not in final
+
+
+def test_a_signal_while_an_errors_report_is_charted_still_reports_and_names_the_error(tmp_path, monkeypatch):
+    """rolloutctl run cut short by an error once every stage passed (the admin API stopped
+    answering before the promotion): its report's chart is drawn, and a SIGTERM came meanwhile
+    (a CI job cancelled). The signal's Interrupted, a KeyboardInterrupt, went past the chart's
+    ``except Exception``: no report was written, and the error naming the failure was never
+    raised. Now the report goes without the chart, saying why, and the error is raised."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from tests.support import stage_evidence
+    from vision_rollout import cli, engine, notify, serving
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.serving import AdminError
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    passing = replace(evaluate_gate(samples(200)), decision="pass")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 10}\n" for i in range(20)))
+    for i in range(20):  # (the validation set the passing stages' chart reads its labels from)
+        (tmp_path / f"{i}.png").write_bytes(b"image-%d" % i)
+    looked = []
+
+    def look(window):
+        stage_evidence(tmp_path, window.started, replay=True)
+        looked.append(window.index)
+        return StageState("pass", 2, 3, passing, "passed", until=window.started + 100)
+
+    def unverified(*args, **kwargs):  # (the check before promoting, every stage ended)
+        if looked[-1:] == [1]:
+            raise AdminError("the model server's admin API does not answer")
+
+    def drawer(samples, title, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # (the signal, while the chart is drawn)
+        time.sleep(2)
+        return b"png"
+
+    monkeypatch.setattr(notify, "latency_accuracy_chart", drawer)
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    monkeypatch.setattr(engine, "rollout_audit", lambda *a, **k: None)
+    monkeypatch.setattr(serving, "not_as_verified", unverified)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    router.admin = None
+    with cli._stopped_by_signals():
+        try:
+            with pytest.raises(cli.CommandError, match="admin API does not answer"):
+                cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "", verified="ab" * 32)
+        except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
+            pytest.fail(f"{exc!r} went up, the error not raised")
+    final = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))][-1]
+    assert final["text"].startswith("Rolled back digits v2")
+    assert "admin API does not answer" in final["text"]
+    lines = [e["text"] for b in final["blocks"] if b["type"] == "context" for e in b["elements"]]
+    (line,) = [t for t in lines if "No chart" in t]
+    assert "not drawn: a signal stopped the run" in line
+    assert "chart" not in final
+    assert router.get_routes() == spec.stable_policy()
 
 
 @pytest.mark.parametrize("ended", ["judged", "breach", "changed", "chart raised"])
