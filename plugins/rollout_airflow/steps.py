@@ -1837,7 +1837,7 @@ def ensure_stable(
     """The run's teardown: unless the candidate was promoted, the stable version takes 100%; then
     the model's lease is released. ``verdicts``: what reads each stage's (``stage_verdicts``), for
     the chart of the report the teardown sends itself, as notify's (``_found_report``): read once
-    the stable version is back (or its restore failed), never before (XCom pulls that may fail). A run that does not hold the lease (another run of the model
+    the stable version is back, never before nor where its restore failed (XCom pulls that may fail or wait). A run that does not hold the lease (another run of the model
     held it, or took it over) touches nothing: the routes are that run's.
 
     It fails, once that is done, a run that ended before promote or rollback finished (marked
@@ -1846,8 +1846,8 @@ def ensure_stable(
     and a run whose report (``report``, notify's XCom) was not sent, sending it itself where
     notify did not (decide marked success by hand: promote refused, notify upstream-failed): Airflow would otherwise count either a success (a teardown's upstream failing
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
-    nor notify ran) reports that to Slack at once, its chart not drawn (its failure sets off the
-    failure callback's try of the routes: a line says so where a stage was judged), then fails; a report never says the stable version
+    nor notify ran) reports that to Slack at once, with no chart nor line of one (its failure sets
+    off the failure callback's try of the routes; the verdicts are not read), then fails; a report never says the stable version
     takes the traffic where it was not read back so. Where notify's XCom is lost (its worker
     killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
@@ -1885,7 +1885,7 @@ def ensure_stable(
             )
             try:  # (at once: the failure callback's try of the routes waits on this)
                 message = rollback_message(spec, f"{what}; {failed}", restored=False)
-                send(spec, message if verdicts is None else with_chart(spec, message, verdicts, at_once=True))
+                send(spec, message)  # (no chart: the verdicts' XCom pulls, retried for minutes, would wait first)
             except Exception:
                 log.exception("the teardown's report was not sent")
         raise
@@ -2095,24 +2095,20 @@ def with_chart(
     spec: RolloutSpec,
     message: Message,
     verdicts: Callable[[], list[dict[str, Any] | None]],
-    at_once: bool = False,
     decided: bool = False,
 ) -> Message:
     """``message``, a run's final report (notify's, the teardown's), with the chart of the stage
     that decided of the verdicts ``verdicts()`` reads (``notify.charted``: read again from the
     connection's prediction log, this task's worker being any), or a line saying why there is
     none: the verdicts not read too (the teardown's XCom pulls failing), the report sent all the same.
-    ``at_once``: not drawn (a report that goes at once, the stable version perhaps not back), said
-    where there would be a chart (``notify.undrawn``). ``decided``: the report names the stage that decided (``charted``)."""
-    from vision_rollout.notify import charted, undrawn, without_chart
+    ``decided``: the report names the stage that decided (``charted``)."""
+    from vision_rollout.notify import charted, without_chart
 
     try:
         read = verdicts()
     except Exception as exc:
         log.exception("the stages' verdicts cannot be read for the report's chart")
         return without_chart(message, f"the stages' verdicts could not be read: {str(exc)[:300] or type(exc).__name__}")
-    if at_once:
-        return undrawn(message, spec, read)
     settings = serving().settings
     return charted(message, spec, read, settings.prediction_log, settings.validation(spec.model), decided)
 
