@@ -1016,7 +1016,18 @@ class SlackNotifier:
         if message.chart:
             folder.write(f"{stem}.png", message.chart)
             record["chart"] = f"{stem}.png"
-        return {"outbox": folder.write(f"{stem}.json", json.dumps(record, indent=2).encode())}
+        data = json.dumps(record, indent=2).encode()
+        try:
+            return {"outbox": folder.write(f"{stem}.json", data)}
+        except OSError as exc:  # (renamed into place, its folder's fsync failing, say: kept all the same)
+            try:
+                there = _read_if_there(folder, f"{stem}.json", len(data) + 1) == data
+            except OSError:
+                there = False
+            if not there:
+                raise
+            log.warning("the report is in the outbox, %s, though writing it failed: %s", folder, _failure(exc))
+            return {"outbox": str(folder / f"{stem}.json")}
 
 
 CHART_FILE = "rollout.png"  # a report's chart's file name in Slack

@@ -346,6 +346,36 @@ def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack
     assert slack.messages() == []
 
 
+@pytest.mark.parametrize("error", ["invalid_auth", "channel_not_found"])
+def test_a_report_written_into_the_outbox_whose_folder_sync_fails_is_kept_not_lost(
+    slack, tmp_path, monkeypatch, caplog, error
+):
+    """A report Slack did not take, renamed into place in the outbox, whose folder's fsync then
+    failed (an I/O error on NFS): NotKept said "the report is lost" while it waited there, and
+    the outbox's next round sent it. It is kept: the answer names where, the error is logged."""
+    import errno
+    from pathlib import Path
+
+    import model_server.files as files
+    from vision_rollout.notify import waiting_reports
+
+    def eio(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files, "sync_folder", eio)
+    slack.refuse = {"chat.postMessage": error}
+    outbox = Folder(str(tmp_path / "o"))
+    notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox)
+    result = notifier.send(rollback_message(SPEC, "x"))
+    folder = outbox / "refused" if error == "channel_not_found" else outbox
+    assert result["outbox"].startswith(str(folder))
+    assert Path(result["outbox"]).is_file()
+    assert error in result["slack_error"]
+    assert "Input/output error" in caplog.text
+    if error == "invalid_auth":
+        assert [w.name for w in waiting_reports(outbox)] == [Path(result["outbox"]).name]
+
+
 def _charts(slack, posted):
     """The charts in the thread of the report ``posted`` (its channel and ts)."""
     return [f for r in slack.thread_replies(posted["channel"], posted["ts"]) for f in r.get("files", [])]
