@@ -885,8 +885,8 @@ class SlackNotifier:
         error (``slack_error`` in the answer), logged, and (``maybe_posted``) when the post was
         tried where Slack may have taken it (``unsure``): a report is never lost, and the caller
         decides what an undelivered one means (the rollout's teardown fails the run, its
-        decision kept). Where the outbox fails too, ``NotKept`` (an OSError naming Slack's error and
-        the outbox's), nothing posted; but for a post
+        decision kept). Where the outbox fails too, ``NotKept`` (an OSError naming Slack's error, or
+        that there is no token, and the outbox's), nothing posted; but for a post
         Slack may have taken, ``maybe_posted`` without ``outbox`` (``_kept_unsure``): never
         posted again in its place. A chart whose upload waits goes to the outbox with the post's mark; where
         the outbox fails then (``PostedNotKept``, logged), the post is the answer all the same,
@@ -898,7 +898,11 @@ class SlackNotifier:
                 kept = self._kept(message, stem, self.unusable)
                 log.warning("Slack cannot be used (%s); the report is in the outbox", self.unusable)
                 return {**kept, "slack_error": self.unusable}
-            return self._to_outbox(message, stem)
+            assert self.outbox is not None  # (a notifier without a client has an outbox)
+            try:
+                return self._to_outbox(message, stem)
+            except OSError as exc:
+                raise NotKept(UNPOSTED, self.outbox, exc) from exc
         tried = time.time()
         try:
             posted = self._post(message, stem)
@@ -1080,6 +1084,9 @@ class LookupFailed(Exception):
 
 class BudgetSpent(LookupFailed):
     """A round's budget ran out before its Slack calls were done: what they were for waits."""
+
+
+UNPOSTED = "there is no Slack token"  # why a report without a Slack client was not posted
 
 
 class NotKept(OSError):

@@ -309,13 +309,14 @@ def test_a_post_slack_may_have_taken_that_cannot_wait_in_the_outbox_is_answered_
     assert len(slack.messages()) == 1
 
 
-@pytest.mark.parametrize("error", ["channel_not_found", "invalid_auth", "down", "unusable"])
+@pytest.mark.parametrize("error", ["channel_not_found", "invalid_auth", "down", "unusable", "no token"])
 def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack, tmp_path, monkeypatch, caplog, error):
     """Slack refusing a post (``channel_not_found`` for good, ``invalid_auth``), not reached
     (down) or not to be used (a connection the provider refuses) while the outbox fails too (a full disk): the outbox's OSError went up alone, what
     Slack said only in the log (or nowhere), the operator not told why the report is lost. The
     OSError raised (ENOSPC still) names both: Slack's error, and that the report could not be
-    kept in the outbox, with its path."""
+    kept in the outbox, with its path. So does it without a Slack token, where it was a bare
+    OSError: that there is no token, the outbox, and that the report is lost."""
     import errno
 
     from vision_rollout.notify import NotKept
@@ -331,6 +332,8 @@ def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack
     outbox = Folder(str(tmp_path / "o"))
     if error == "unusable":
         notifier = SlackNotifier("#c", outbox=outbox, unusable="the connection's host is no URL")
+    elif error == "no token":
+        notifier = SlackNotifier("#c", outbox=outbox)
     else:
         notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=outbox)
     with pytest.raises(NotKept) as e:
@@ -338,12 +341,18 @@ def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack
     message = str(e.value)
     assert isinstance(e.value, OSError)
     assert e.value.errno == errno.ENOSPC
-    assert {"down": "refused", "unusable": "no URL"}.get(error, error) in message
+    assert {"down": "refused", "unusable": "no URL", "no token": "there is no Slack token"}.get(error, error) in message
+    assert message.startswith("the report is lost")
     where = outbox / "refused" if error == "channel_not_found" else outbox
     assert f"could not be kept in the outbox ({where})" in message
     assert "No space left on device" in message
     assert "in the outbox" not in caplog.text  # (not logged as kept there)
     assert slack.messages() == []
+    if error == "no token":  # (a task's report: send_report writes it as send does)
+        from vision_rollout.notify import report_name, send_report
+
+        with pytest.raises(NotKept, match="there is no Slack token"):
+            send_report(notifier, rollback_message(SPEC, "x"), report_name())
 
 
 @pytest.mark.parametrize("error", ["invalid_auth", "channel_not_found"])
