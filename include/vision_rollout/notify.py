@@ -929,7 +929,7 @@ class SlackNotifier:
                 result.update(self._to_outbox(message, stem, error=error, posted=result))
             except OSError as exc:  # (Slack has the post: the answer; what was written of it, pruned)
                 log.warning("%s; its chart does not wait there", PostedNotKept(stem, result, exc))
-                result["chart_error"] += f"; it cannot wait in the outbox: {str(exc)[:300]}"
+                result["chart_error"] += f"; it cannot wait in the outbox: {one_line(str(exc))[:300]}"
             else:
                 log.warning("the report's chart waits in the outbox")
         return result
@@ -952,7 +952,7 @@ class SlackNotifier:
         try:
             kept = self._to_outbox(message, stem, error=error, maybe_posted=tried)
         except OSError as exc:
-            error = f"{error}; it cannot be kept in the outbox to be looked for again: {str(exc)[:300]}"
+            error = f"{error}; it cannot be kept in the outbox to be looked for again: {one_line(str(exc))[:300]}"
             log.warning("Slack may have taken the report, look for it in %s (%s)", one_line(self.channel), error)
             return {"channel": self.channel, "maybe_posted": True, "slack_error": error}
         log.warning("Slack may have taken the report (%s); it is in the outbox, to be looked for first", error)
@@ -1097,7 +1097,7 @@ class NotKept(OSError):
     def __init__(self, error: str, where: Folder, failed: OSError) -> None:
         super().__init__(
             f"the report is lost: Slack did not take it ({error}), and it could not be kept in the outbox "
-            f"({where}): {str(failed)[:300]}"
+            f"({where}): {one_line(str(failed))[:300]}"
         )
         self.errno = failed.errno
 
@@ -1110,7 +1110,7 @@ class PostedNotKept(OSError):
     def __init__(self, name: str, post: dict[str, Any], error: OSError) -> None:
         super().__init__(
             f"Slack took report {name} ({post.get('channel')} {post.get('ts')}), "
-            f"but the outbox failed after: {str(error)[:300]}"
+            f"but the outbox failed after: {one_line(str(error))[:300]}"
         )
         self.post = post
 

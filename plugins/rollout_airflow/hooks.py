@@ -273,7 +273,7 @@ def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api
     from airflow.providers.slack.hooks.slack import SlackHook
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from vision_rollout.notify import SlackNotifier
+    from vision_rollout.notify import SlackNotifier, one_line
 
     try:
         conn = BaseHook.get_connection(slack_conn_id)
@@ -290,6 +290,6 @@ def slack_notifier(channel: str, outbox: Folder, slack_conn_id: str = "slack_api
     try:
         client = SlackHook(slack_conn_id=slack_conn_id).client
     except Exception as exc:  # (an extra the provider cannot read: a timeout that is not a number)
-        unusable = f"the {slack_conn_id} connection cannot be used: {type(exc).__name__}: {str(exc)[:300]}"
+        unusable = f"the {slack_conn_id} connection cannot be used: {one_line(f'{type(exc).__name__}: {exc}')[:300]}"
         return SlackNotifier(channel, outbox=outbox, unusable=unusable)
     return SlackNotifier(channel, client=client, outbox=outbox)

@@ -355,6 +355,35 @@ def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack
             send_report(notifier, rollback_message(SPEC, "x"), report_name())
 
 
+@pytest.mark.parametrize("unsure", [False, True])
+def test_the_outbox_error_a_report_not_kept_names_is_scrubbed(slack, tmp_path, monkeypatch, caplog, unsure):
+    """An outbox in an object store whose error quotes its URL, credentials and all: NotKept (and
+    the answer of a post Slack may have taken) put it in the message as it was, cut to 300
+    characters, into the task log and the run's failure. Its credentials are ``***`` now."""
+    import http.client
+
+    from vision_rollout import notify
+
+    def failing(self, name, data):
+        raise OSError("PUT https://alice:s3cr%21t@minio.internal:9000/outbox failed")
+
+    monkeypatch.setattr(Folder, "write", failing)
+    notifier = SlackNotifier("#c", token=slack.token, base_url=slack.base_url, outbox=Folder(str(tmp_path / "o")))
+    if unsure:  # (the post cut off: Slack may have taken it)
+        monkeypatch.setattr(
+            notify.SlackNotifier, "_post", lambda *a: (_ for _ in ()).throw(http.client.IncompleteRead(b""))
+        )
+        said = notifier.send(rollback_message(SPEC, "x"))["slack_error"]
+    else:
+        slack.refuse = {"chat.postMessage": "invalid_auth"}
+        with pytest.raises(notify.NotKept) as e:
+            notifier.send(rollback_message(SPEC, "x"))
+        said = str(e.value)
+    assert "minio.internal" in said
+    assert "s3cr" not in said
+    assert "s3cr" not in caplog.text
+
+
 @pytest.mark.parametrize("error", ["invalid_auth", "channel_not_found"])
 def test_a_report_written_into_the_outbox_whose_folder_sync_fails_is_kept_not_lost(
     slack, tmp_path, monkeypatch, caplog, error

@@ -213,6 +213,7 @@ def test_slack_goes_through_the_provider_hook_or_the_outbox(monkeypatch, tmp_pat
         ({"timeout": "ten"}, "xoxb-1", "the slack_api_default connection cannot be used: ValueError"),
         ({"base_url": "slack.example.com/api/"}, "xoxb-1", "ValueError: unknown url type"),
         ({}, "xoxb-s3cret\ntail", "its token holds a line break"),
+        ({"timeout": "https://alice:s3cret@proxy.example"}, "xoxb-1", "cannot be used: ValueError"),
     ],
 )
 def test_a_slack_connection_that_cannot_be_used_leaves_the_report_in_the_outbox(
