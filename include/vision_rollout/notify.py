@@ -1100,6 +1100,10 @@ class NotKept(OSError):
             f"({where}): {one_line(str(failed))[:300]}"
         )
         self.errno = failed.errno
+        self.made = (error, where, failed)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickled, copied: made again as it was made)
+        return type(self), self.made
 
 
 class PostedNotKept(OSError):
@@ -1113,6 +1117,10 @@ class PostedNotKept(OSError):
             f"but the outbox failed after: {one_line(str(error))[:300]}"
         )
         self.post = post
+        self.made = (name, post, error)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), self.made
 
 
 MIN_CALL_S = 1.0  # a Slack call within a budget is not begun with less time left

@@ -355,6 +355,30 @@ def test_a_report_slack_did_not_take_whose_outbox_fails_raises_naming_both(slack
             send_report(notifier, rollback_message(SPEC, "x"), report_name())
 
 
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_a_report_not_kept_can_be_pickled_and_copied(how):
+    """NotKept and PostedNotKept, OSErrors built from more than their message, could not be
+    pickled nor copied (a TypeError: their __init__ given the message alone): an error a process
+    pool or a result backend hands on was lost in another error. They come back as they were."""
+    import copy
+    import errno
+    import pickle
+
+    from vision_rollout.notify import NotKept, PostedNotKept
+
+    back = {"pickle": lambda e: pickle.loads(pickle.dumps(e)), "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for error in (
+        NotKept("invalid_auth", Folder("/o"), full),
+        PostedNotKept("r.json", {"channel": "C1", "ts": "1.0"}, full),
+    ):
+        again = back(error)
+        assert type(again) is type(error)
+        assert str(again) == str(error)
+        assert again.errno == error.errno
+        assert getattr(again, "post", None) == getattr(error, "post", None)
+
+
 @pytest.mark.parametrize("unsure", [False, True])
 def test_the_outbox_error_a_report_not_kept_names_is_scrubbed(slack, tmp_path, monkeypatch, caplog, unsure):
     """An outbox in an object store whose error quotes its URL, credentials and all: NotKept (and
