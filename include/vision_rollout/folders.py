@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import stat
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
 __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", "read_regular"]
+
+log = logging.getLogger(__name__)
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
 # A guard file's lock refused with ESTALE (NFS: ``_stale``): not retried, the mount is to be fixed.
@@ -246,7 +249,7 @@ class Folder:
             return False
 
     @contextlib.contextmanager
-    def _guard(self, name: str, make: bool = True) -> Iterator[bool]:
+    def _guard(self, name: str, make: bool = True, gone: Path | None = None) -> Iterator[bool]:
         """On a disk, the lock of ``name`` held meanwhile (``write_if``'s, ``delete``'s): ``flock``
         of its guard file (``.<name>.lock``), made for the while and removed under the lock once
         done, so that none stays beside a file, nor keeps an emptied folder from being removed
@@ -254,7 +257,11 @@ class Folder:
         (``guarded_by``). A waiter that locks a guard file its holder removed meanwhile locks
         the one there now (``_lock``: one whose ``flock`` answers ESTALE too, NFS's answer for a
         file removed on another machine). True once held; ``make`` false: False, nothing locked,
-        where this folder is not there (nor ``name`` in it). In an object store, nothing (True)."""
+        where this folder is not there (nor ``name`` in it). ``gone``: the file the holder removes
+        (``delete``'s; its guard file, for a leftover one), whose removal an ESTALE's error calls
+        done only where it is gone. An ESTALE removing or unlocking the guard file while the
+        holder's own error goes up (a WriteConflict) is logged, that error going up. In an
+        object store, nothing (True)."""
         path = self.path
         if path is None:
             yield True
@@ -279,7 +286,7 @@ class Folder:
                     locked = _lock(guard, guard_path, path / name, deadline)
                 if not locked:  # (removed by its holder meanwhile)
                     continue
-                done = False
+                done, leaving = False, None
                 try:
                     with _stale("looking up", guard_path):
                         held = _same_file(guard, guard_path)
@@ -288,13 +295,19 @@ class Folder:
                     try:
                         yield True
                         done = True
+                    except BaseException as exc:
+                        leaving = exc
+                        raise
                     finally:
-                        with _stale("removing", guard_path, done):
+                        with _stale("removing", guard_path, done, gone, leaving):
                             if _same_file(guard, guard_path):
                                 guard_path.unlink()
                     return
+                except BaseException as exc:
+                    leaving = exc
+                    raise
                 finally:
-                    with _stale("unlocking", guard_path, done):
+                    with _stale("unlocking", guard_path, done, gone, leaving):
                         fcntl.flock(guard, fcntl.LOCK_UN)
 
     def read(self, name: str, limit: int | None = None) -> bytes:
@@ -352,7 +365,7 @@ class Folder:
                 (path / name).unlink(missing_ok=True)
                 return
             guarded = guarded_by(name)  # (a guard file a killed writer left: removed under its lock)
-            with self._guard(guarded or name, make=False) as there:
+            with self._guard(guarded or name, make=False, gone=path / name) as there:
                 if there and not guarded:
                     (path / name).unlink(missing_ok=True)
                 if there:  # (gone for good, as a write is: synced under the lock, whose guard keeps the folder)
@@ -707,17 +720,29 @@ def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> b
 
 
 @contextlib.contextmanager
-def _stale(doing: str, guard_path: Path, done: bool = False) -> Iterator[None]:
+def _stale(
+    doing: str,
+    guard_path: Path,
+    done: bool = False,
+    gone: Path | None = None,
+    leaving: BaseException | None = None,
+) -> Iterator[None]:
     """An ESTALE (NFS) within, ``doing`` (opening, locking, ...) the guard file at ``guard_path``:
     an OSError (ESTALE still) naming them, the mount options to check (``STALE_LOCK``), and
-    whether the write or removal under the lock was ``done``."""
+    whether the write or removal under the lock was ``done`` (its holder's part; ``gone``: the
+    file it removes, looked at then: done only where it is gone); logged instead where an error
+    is already on its way out (``leaving``): that one goes up."""
     try:
         yield
     except OSError as exc:
         if exc.errno != errno.ESTALE:
             raise
+        done = done and (gone is None or not os.path.lexists(gone))
         after = "the write or removal under its lock done" if done else "nothing written nor removed"
-        raise OSError(errno.ESTALE, f"Stale file handle {doing} {guard_path}: {STALE_LOCK}; {after}") from exc
+        stale = OSError(errno.ESTALE, f"Stale file handle {doing} {guard_path}: {STALE_LOCK}; {after}")
+        if leaving is None:
+            raise stale from exc
+        log.warning("%s (while %s: %s went up)", stale, type(leaving).__name__, leaving)
 
 
 def _same_file(opened: BinaryIO, path: Path) -> bool:

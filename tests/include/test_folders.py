@@ -987,6 +987,73 @@ def test_a_stale_nfs_handle_at_any_step_of_a_lock_names_the_file_and_the_mount_o
         assert folder.read("r.json") == b"[]"
 
 
+def _stale_at(monkeypatch, guard, step):
+    """ESTALE (NFS) at ``step`` of the lock of the guard file ``guard``: its second look-up, the
+    one before removing it ("removing"), or its unlocking."""
+    import errno
+    import types
+
+    from vision_rollout import folders
+
+    def stale(*args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+    if step == "unlocking":
+        real_flock = folders.fcntl.flock
+
+        def flock(fd, operation):
+            return stale() if operation == folders.fcntl.LOCK_UN else real_flock(fd, operation)
+
+        monkeypatch.setattr(folders, "fcntl", types.SimpleNamespace(**{**vars(folders.fcntl), "flock": flock}))
+        return
+    real_same, looked = folders._same_file, []
+
+    def same_file(opened, path):
+        if path == guard:
+            looked.append(path)
+            if len(looked) == 2:
+                stale()
+        return real_same(opened, path)
+
+    monkeypatch.setattr(folders, "_same_file", same_file)
+
+
+def test_a_stale_nfs_handle_removing_a_leftover_guard_file_says_it_is_not_removed(tmp_path, monkeypatch):
+    """A guard file a killed writer left, deleted (under its own lock: the guard's removal is
+    the deletion), whose removal answered ESTALE: the error said "the write or removal under its
+    lock done" while the file was still there. It says what is so: nothing removed."""
+    import errno
+
+    leftover = tmp_path / ".r.json.lock"
+    leftover.write_bytes(b"")
+    _stale_at(monkeypatch, leftover, "removing")
+    with pytest.raises(OSError, match="Stale file handle removing") as e:
+        Folder(str(tmp_path)).delete(".r.json.lock")
+    assert e.value.errno == errno.ESTALE
+    assert "nothing written nor removed" in str(e.value)
+    assert leftover.exists()
+
+
+@pytest.mark.parametrize("step", ["removing", "unlocking"])
+def test_a_stale_nfs_handle_after_a_write_conflict_leaves_the_conflict_to_go_up(tmp_path, monkeypatch, caplog, step):
+    """A conditional write that found the file changed (WriteConflict: a report's claim another
+    sender took) whose guard file's removal or unlocking then answered ESTALE: the ESTALE went up
+    in its place, the conflict (which callers act on) lost. The conflict goes up; the ESTALE,
+    naming the guard file, is logged."""
+    import logging
+
+    from vision_rollout.folders import WriteConflict
+
+    folder = Folder(str(tmp_path))
+    folder.write("r.json", b"{}")
+    guard = tmp_path / ".r.json.lock"
+    _stale_at(monkeypatch, guard, step)
+    with caplog.at_level(logging.WARNING), pytest.raises(WriteConflict, match="changed since it was read"):
+        folder.write_if("r.json", b"[]", b"[1]")
+    assert f"Stale file handle {step} {guard}" in caplog.text
+    assert folder.read("r.json") == b"{}"
+
+
 @pytest.mark.parametrize("op", ["delete", "write_if"])
 def test_a_stale_nfs_handle_of_a_guard_file_its_holder_removed_locks_the_one_there_now(tmp_path, monkeypatch, op):
     """On NFSv3 a waiter holds the guard file open while the holder, on another machine, finishes
