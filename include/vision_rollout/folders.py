@@ -259,8 +259,8 @@ class Folder:
         file removed on another machine). True once held; ``make`` false: False, nothing locked,
         where this folder is not there (nor ``name`` in it). ``gone``: the file the holder removes
         (``delete``'s; its guard file, for a leftover one), whose removal an ESTALE's error calls
-        done only where it is gone. An ESTALE removing or unlocking the guard file while the
-        holder's own error goes up (a WriteConflict) is logged, that error going up. In an
+        done only where it is gone. An ESTALE removing, unlocking or closing the guard file while
+        the holder's own error goes up (a WriteConflict) is logged, that error going up. In an
         object store, nothing (True)."""
         path = self.path
         if path is None:
@@ -281,12 +281,12 @@ class Folder:
                 if time.monotonic() > deadline:  # (removed as often as it was made: a pruner's)
                     raise
                 continue
-            with opened as guard:
+            guard, done, leaving = opened, False, None
+            try:
                 with _stale("locking", guard_path):
                     locked = _lock(guard, guard_path, path / name, deadline)
                 if not locked:  # (removed by its holder meanwhile)
                     continue
-                done, leaving = False, None
                 try:
                     with _stale("looking up", guard_path):
                         held = _same_file(guard, guard_path)
@@ -309,6 +309,12 @@ class Folder:
                 finally:
                     with _stale("unlocking", guard_path, done, gone, leaving):
                         fcntl.flock(guard, fcntl.LOCK_UN)
+            except BaseException as exc:
+                leaving = exc
+                raise
+            finally:
+                with _stale("closing", guard_path, done, gone, leaving):
+                    guard.close()
 
     def read(self, name: str, limit: int | None = None) -> bytes:
         """``name`` in this folder, whole, or its first ``limit`` bytes and one more (a file

@@ -1018,6 +1018,45 @@ def _stale_at(monkeypatch, guard, step):
     monkeypatch.setattr(folders, "_same_file", same_file)
 
 
+@pytest.mark.parametrize("op", ["delete", "write_if"])
+def test_a_stale_nfs_handle_closing_a_guard_file_names_it_and_the_mount_options(tmp_path, monkeypatch, op):
+    """ESTALE (NFS) closing a file's guard file once done went up bare, unlike the lock's other
+    steps. It is named as they are: the step, the guard file, the mount options, and that the
+    write or removal was done."""
+    import errno
+
+    from vision_rollout import folders
+
+    real = folders.guard_file
+
+    class StaleAtClose:
+        def __init__(self, opened):
+            self.opened = opened
+
+        def fileno(self):
+            return self.opened.fileno()
+
+        def close(self):
+            self.opened.close()
+            raise OSError(errno.ESTALE, "Stale file handle")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    folder = Folder(str(tmp_path))
+    folder.write("r.json", b"{}")
+    monkeypatch.setattr(folders, "guard_file", lambda *args, **kwargs: StaleAtClose(real(*args, **kwargs)))
+    with pytest.raises(OSError, match=f"Stale file handle closing {tmp_path / '.r.json.lock'}") as e:
+        folder.delete("r.json") if op == "delete" else folder.write_if("r.json", b"[]", b"{}")
+    assert e.value.errno == errno.ESTALE
+    assert "lookupcache=none" in str(e.value)
+    assert "the write or removal under its lock done" in str(e.value)
+    assert not folder.exists("r.json") if op == "delete" else folder.read("r.json") == b"[]"
+
+
 def test_a_stale_nfs_handle_removing_a_leftover_guard_file_says_it_is_not_removed(tmp_path, monkeypatch):
     """A guard file a killed writer left, deleted (under its own lock: the guard's removal is
     the deletion), whose removal answered ESTALE: the error said "the write or removal under its
