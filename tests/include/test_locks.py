@@ -347,6 +347,53 @@ def test_bad_holders_and_durations_are_refused(make, call, needle):
         call(make())
 
 
+@pytest.mark.parametrize("trouble", ["stale", "held"])
+def test_a_file_locks_guard_that_goes_stale_or_stays_held_is_named_not_waited_on(tmp_path, monkeypatch, trouble):
+    """FileLock's guard file: an ESTALE (NFS) opening or locking it went up bare ("[Errno 116]
+    Stale file handle"), nothing named; one another process held (a holder stopped with
+    SIGSTOP, a hung NFS lock) was waited on for ever, the run's lease never renewed. As a
+    folder's guard file: the ESTALE names the guard file and the mount options to check, and
+    the wait ends after ``LOCK_WAIT_S`` (WriteConflict naming the lock file)."""
+    import errno
+    import fcntl
+
+    from vision_rollout import folders, locks
+    from vision_rollout.folders import WriteConflict
+
+    lock = FileLock("digits", tmp_path)
+    guard = tmp_path / "digits.guard"
+    if trouble == "stale":
+
+        def stale(*args, **kwargs):
+            raise OSError(errno.ESTALE, "Stale file handle")
+
+        monkeypatch.setattr(locks, "guard_file", stale)
+        with pytest.raises(OSError, match=f"Stale file handle opening {guard}") as e:
+            lock.acquire("run-a")
+        assert e.value.errno == errno.ESTALE
+        assert "lookupcache=none" in str(e.value)
+        return
+    monkeypatch.setattr(folders, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(locks, "LOCK_WAIT_S", 0.3, raising=False)
+    with open(guard, "ab") as held:  # (another process's flock: another open file description)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        outcome: list[BaseException] = []
+
+        def acquire():
+            try:
+                lock.acquire("run-a")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=acquire, daemon=True)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive(), "waited on the guard file for ever"
+    (error,) = outcome
+    assert isinstance(error, WriteConflict)
+    assert str(tmp_path / "digits.lock") in str(error)
+
+
 @pytest.mark.parametrize("model", ["../etc/passwd", "", "-x", "m" * 129])
 def test_a_lock_is_only_for_a_model_name(tmp_path, model):
     with pytest.raises(ValueError, match="not a model name"):
