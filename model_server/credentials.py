@@ -418,8 +418,20 @@ def _patterns(bits: int) -> tuple[re.Pattern[str], ...]:
     return tuple(pattern for i, pattern in enumerate(PATTERNS) if bits >> i & 1)
 
 
+def lower(text: str) -> str:
+    """``text`` in lower case as Python re's ``(?i)`` reads it, where the words are looked for:
+    beyond ASCII, "\u0131" and "\u0130" (a Turkish dotless and dotted I, whose ``lower`` is
+    no "i": "NAT\u0130ONAL_\u0130D", "COOK\u0130E" were logged in clear) as "i", and a long "s"
+    as "s" (of U+0080 to U+2FFFF, the only ones ``(?i)`` takes for an ASCII letter that ``lower``
+    does not make one; a Kelvin sign's is "k")."""
+    low = text.lower()
+    if not text.isascii():
+        low = low.replace("\u0131", "i").replace("i\u0307", "i").replace("\u017f", "s")
+    return low
+
+
 def patterns_for(text: str, low: str, words: bool = True) -> tuple[re.Pattern[str], ...]:
-    """The patterns that may match ``text`` (``low``: it in lower case): those whose words it
+    """The patterns that may match ``text`` (``low``: it in lower case, ``lower``): those whose words it
     holds (none where ``words`` is false: the caller found none of ``HINTS`` in it), and the
     private key's body line patterns where it holds one. ``in`` runs in C, a case-insensitive
     alternation in Python's re at every position; one loop over the words (a nested one per
@@ -438,7 +450,7 @@ def spans(text: str, userinfo: bool = False) -> list[Span]:
     """Where the credentials in ``text`` are, in order, overlapping ones merged; with
     ``userinfo``, a URL's whole user information (its user too) rather than its password."""
     found = []
-    for pattern in patterns_for(text, text.lower()):
+    for pattern in patterns_for(text, lower(text)):
         group: str | int = "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
         found += [(a, b) for a, b in (m.span(group) for m in pattern.finditer(text)) if a < b]
     return merge(found)

@@ -363,7 +363,7 @@ def _text_hints(text: str) -> _Hints:
     case-insensitive alternation at every position (in the prefilter it made a clean line 7
     times as slow), ``in`` runs in C; ``_ANY_WORD`` first, in RE2 (ASCII text: beyond it, a
     character's lower case may be ASCII, and a lone surrogate is no UTF-8 for RE2)."""
-    low = text.lower()
+    low = credentials.lower(text)
     beyond = not text.isascii()
     words = beyond or _ANY_WORD.search(low) is not None
     key = words and any(w in low for w in _NAME_WORDS)

@@ -682,6 +682,9 @@ KEYED = {
     'national_id = {\n  "number": "AB123456C",\n  "issued": "2020"\n}': '{\n  "number": "AB123456C",\n  "issued": "2020"\n}',
     "passport {'no': 'E1234567'}": "{'no': 'E1234567'}",
     "ssn ['123456789', '987654321']": "['123456789', '987654321']",
+    # a key written with a Turkish dotted or dotless I: (?i) reads it as "i", ``lower`` does not
+    "NAT\u0130ONAL_\u0130D: E1234567": "E1234567",
+    "nat\u0131onal_id=E1234567": "E1234567",
 }
 
 
@@ -1019,7 +1022,11 @@ def test_numbers_that_pass_the_checksum_but_are_no_card_are_left_as_they_are(key
     assert Masker(ring).mask_text(text, ring.key_for(None)) == text
 
 
-SECRETS = CREDENTIALS_IN_TEXT  # text: the secret in it
+SECRETS = {  # text: the secret in it
+    **CREDENTIALS_IN_TEXT,
+    "COOK\u0130E: session=abc123def456\nHost: x": "session=abc123def456",  # a Turkish dotted I in the key
+    "x-amz-s\u0131gnature=4f0e2d7c1b9a8e3f5d6c7b8a9e0f1d2c": "4f0e2d7c1b9a8e3f5d6c7b8a9e0f1d2c",
+}
 
 
 @pytest.mark.parametrize("text", sorted(SECRETS))
@@ -1780,6 +1787,14 @@ def _prefilter_corpus() -> list[str]:
     words = (*masking._NAME_WORDS, *masking._SPELT_ATS, " at ", *credentials.HINTS)
     texts += [f"{rng.randbytes(4).hex()}{w.upper()}{rng.randbytes(4).hex()} = Zq9Xw2Lk7Vb dot com" for w in words]
     texts += ["api_\u212aey=Zq9Xw2Lk7Vb", "\u212aEY: Zq9Xw2Lk7Vb", "PASSPORT E1234567 \u212a"]
+    # a Turkish dotted or dotless I, a long s: (?i) reads them as "i" and "s", ``lower`` does not
+    folds = [w.replace("i", "\u0130") for w in words] + [w.replace("i", "\u0131") for w in words]
+    texts += [f"x {w}: E1234567 Zq9Xw2Lk7Vb1" for w in (*folds, *(w.replace("s", "\u017f") for w in words))]
+    texts += [
+        "x Bas\u0131c Zq9Xw2Lk7Vb1",
+        "COOK\u0130E: session=abc123def456",
+        "{'no': 'E1234567'}\u017fsn=Zq9Xw2Lk7Vb1",
+    ]
     texts += [
         json.dumps(
             {
