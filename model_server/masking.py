@@ -299,15 +299,16 @@ DETECTORS: tuple[Detector, ...] = (
 # (``_NOT_ALNUM_BEFORE``: after no letter or digit, or after an escape's letter; a "(" before
 # it is no letter), so never within a hex id (ten digits in a row are in one request id in
 # twelve, and in most of the access-log lines they made suspect); or a key that names its
-# value; "%", "\\" and "&" start an escape that may decode to one of them; "at" spelt for an
-# e-mail; a run of 64 base64 characters (a private key's body line). Text with none of these,
+# value; "%", "\\" and "&" start an escape that may decode to one of them, and a tab reads as a
+# space (a spelt "at" and "dot" apart by tabs); "at" spelt for an e-mail; a run of 64 base64
+# characters (a private key's body line). Text with none of these,
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
     r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
-_SHAPES = rf"[@%\\&]|{_NUMBER}"
+_SHAPES = rf"[@%\\&\t]|{_NUMBER}"
 SUSPECT_PARTS = (
     _SHAPES,
     credentials.B64_LINE,
@@ -370,7 +371,7 @@ def _text_hints(text: str) -> _Hints:
     spelt = words and (any(w in low for w in _SPELT_ATS) or (" at " in low and " dot " in low))
     # (``_SHAPES`` is these characters or ``_NUMBER``: one scan of the text, not one for each)
     at, number = beyond or "@" in text, beyond or _has_number(text)
-    shaped = at or number or "%" in text or "\\" in text or "&" in text
+    shaped = at or number or "%" in text or "\\" in text or "&" in text or "\t" in text
     return key, spelt, credentials.patterns_for(text, low, words), shaped, at, number
 
 
