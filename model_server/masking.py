@@ -504,6 +504,7 @@ class KeyRing:
         self._lock = threading.Lock()
         self._stamp: tuple[int, ...] | None = None
         self._checked: float | None = None  # when, by ``clock``, the file was last looked up
+        self._unread = True  # whether it could not be stat'ed or read then
         self._default: Key | str | None = None  # a Key, or the reason it is unusable
         self._tenants: dict[str, Key | str] = {}
         self._by_kid: dict[str, Key] = {}
@@ -513,6 +514,11 @@ class KeyRing:
         if self._checked is not None and 0 <= now - self._checked < self.RECHECK_S:
             return
         self._checked = now
+        self._reload()
+        if self._unread:  # looked up again at the next call: a file rewritten in place is read once written
+            self._checked = None
+
+    def _reload(self) -> None:
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
@@ -523,6 +529,7 @@ class KeyRing:
             return
         self._stamp = stamp
         self._tenants, self._by_kid = {}, {}
+        self._unread = stamp is None
         if stamp is None:
             self._default = reason
             return
@@ -532,6 +539,7 @@ class KeyRing:
                 raise ValueError("expected {'default': key, 'tenants': {...}}")
         except (OSError, ValueError, RecursionError) as exc:
             self._default = f"key file {self.path} is not valid: {exc}"
+            self._unread = True
             log.error("%s", self._default)
             return
         self._default = self._parse(raw.get("default"), "default")

@@ -203,6 +203,34 @@ def test_a_key_file_put_in_place_with_the_old_ones_time_and_size_is_read_again(t
     assert ring.key_for(None).kid == masking.Key.from_b64(old).kid
 
 
+def test_a_key_file_read_while_it_is_rewritten_is_looked_up_again_at_the_next_call(tmp_path):
+    """A file that could not be stat'ed or read was held so until the next interval: one
+    rewritten in place (truncated, then written: ``write_text``, an editor, ``cat >``) or put
+    back after a removal, read in between, masked every line ``<masked>`` and dropped every
+    prediction record for up to ``RECHECK_S``. The next call looks it up again now."""
+    path = tmp_path / "keys.json"
+    key = key_b64()
+    path.write_text(json.dumps({"default": key}))
+    clock = Clock()
+    ring = KeyRing(path, clock)
+    kid = masking.Key.from_b64(key).kid
+    assert ring.key_for(None).kid == kid
+    clock.recheck()
+    path.write_text("")  # truncated, not yet written
+    with pytest.raises(MaskingUnavailable, match="not valid"):
+        ring.key_for(None)
+    with pytest.raises(MaskingUnavailable, match="not valid"):  # (still being written: no reload of it)
+        ring.key_for(None)
+    path.write_text(json.dumps({"default": key}))
+    assert ring.key_for(None).kid == kid  # the same instant: no interval waited
+    clock.recheck()
+    path.unlink()
+    with pytest.raises(MaskingUnavailable, match="cannot be read"):
+        ring.key_for(None)
+    path.write_text(json.dumps({"default": key}))
+    assert ring.key_for(None).kid == kid
+
+
 def test_a_prediction_log_without_a_usable_key_file_stops_the_start(tmp_path, keys):
     """A --mask-keys path that did not exist (a typo, a Secret not mounted) was accepted: the
     server became ready and dropped every record of its prediction log (mask_unavailable)."""
