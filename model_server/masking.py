@@ -505,6 +505,7 @@ class KeyRing:
         self._stamp: tuple[int, ...] | None = None
         self._checked: float | None = None  # when, by ``clock``, the file was last looked up
         self._unread = True  # whether it could not be stat'ed or read then
+        self._errors: list[str] = []  # the load's, logged once the lock is released (``_log_errors``)
         self._default: Key | str | None = None  # a Key, or the reason it is unusable
         self._tenants: dict[str, Key | str] = {}
         self._by_kid: dict[str, Key] = {}
@@ -540,7 +541,7 @@ class KeyRing:
         except (OSError, ValueError, RecursionError) as exc:
             self._default = f"key file {self.path} is not valid: {exc}"
             self._unread = True
-            log.error("%s", self._default)
+            self._errors.append(self._default)
             return
         self._default = self._parse(raw.get("default"), "default")
         tenants = raw.get("tenants") or {}
@@ -554,7 +555,7 @@ class KeyRing:
             key = Key.from_b64(str(value))
         except ValueError as exc:
             reason = f"key file {self.path}: {what} key is unusable: {exc}"
-            log.error("%s", reason)
+            self._errors.append(reason)
             return reason
         self._by_kid[key.kid] = key
         return key
@@ -563,6 +564,7 @@ class KeyRing:
         with self._lock:
             self._refresh()
             key = self._tenants.get(tenant) if tenant is not None and tenant in self._tenants else self._default
+        self._log_errors()
         if not isinstance(key, Key):
             raise MaskingUnavailable(str(key))
         return key
@@ -570,7 +572,18 @@ class KeyRing:
     def by_kid(self, kid: str) -> Key | None:
         with self._lock:
             self._refresh()
-            return self._by_kid.get(kid)
+            key = self._by_kid.get(kid)
+        self._log_errors()
+        return key
+
+    def _log_errors(self) -> None:
+        """The load's errors logged, the lock released: the log's masking (``LogMasking``) asks
+        this ring for its key, and under the lock (not re-entrant) every thread that logged hung."""
+        if self._errors:
+            with self._lock:
+                errors, self._errors = self._errors, []
+            for reason in errors:
+                log.error("%s", reason)
 
 
 class Masker:

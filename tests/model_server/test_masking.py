@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import cProfile
 import json
 import logging
@@ -11,6 +12,7 @@ import pstats
 import random
 import re
 import sys
+import threading
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -229,6 +231,39 @@ def test_a_key_file_read_while_it_is_rewritten_is_looked_up_again_at_the_next_ca
         ring.key_for(None)
     path.write_text(json.dumps({"default": key}))
     assert ring.key_for(None).kid == kid
+
+
+def test_a_key_files_error_is_logged_through_the_log_masking_without_hanging(tmp_path):
+    """The ring logged a key file's error (invalid, a tenant's key unusable) holding its lock;
+    the log's handlers mask every record (``LogMasking``), whose filter asks the ring for its
+    key: the lock, not re-entrant, was never released, and every thread that logged hung. The
+    errors are logged once the lock is released now, the record itself masked."""
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"default": key_b64(), "tenants": {"acme": "c2hvcnQ="}}))
+    clock = Clock()
+    ring = KeyRing(path, clock)
+    handler = logging.Handler()
+    records: list[str] = []
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    handler.addFilter(LogMasking(Masker(ring)))
+    logger = logging.getLogger(masking.__name__)
+    logger.addHandler(handler)
+
+    def load(tenant: str | None) -> None:
+        with contextlib.suppress(MaskingUnavailable):
+            ring.key_for(tenant)
+
+    try:
+        for content in ("{not json 4155552671", json.dumps({"default": key_b64(), "tenants": {"acme": "c2hvcnQ="}})):
+            path.write_text(content)
+            clock.recheck()
+            worker = threading.Thread(target=load, args=("acme",), daemon=True)
+            worker.start()
+            worker.join(timeout=10)
+            assert not worker.is_alive(), "the ring's lock was held while its error was logged"
+    finally:
+        logger.removeHandler(handler)
+    assert ["is not valid" in records[0], "tenant 'acme' key is unusable" in records[1]] == [True, True], records
 
 
 def test_a_prediction_log_without_a_usable_key_file_stops_the_start(tmp_path, keys):
