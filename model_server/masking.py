@@ -491,10 +491,11 @@ class KeyRing:
 
     Whether it changed is looked up (a ``stat``) at most once every ``RECHECK_S`` seconds of
     ``clock`` (a ``stat`` on every log line was a tenth of the line's masking): a key rotated or
-    removed in the file, on any pod that mounts it, masks no line of this process once that
-    long has passed. A change is one of the file's modification time, change time, size, inode
-    or device: a file put in place by a rename that kept the old one's time and size (a base64
-    key is always 44 characters) is one."""
+    removed in the file masks no line of this process once that long has passed after the file
+    changes on this pod (a Kubernetes Secret's volume changes when the kubelet next syncs it, up
+    to a minute or two after the Secret, a ``subPath`` mount never). A change is one of the
+    file's modification time, change time, size, inode or device: a file put in place by a
+    rename that kept the old one's time and size (a base64 key is always 44 characters) is one."""
 
     RECHECK_S = 1.0
 
