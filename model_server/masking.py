@@ -709,7 +709,8 @@ class LogMasking(logging.Filter):
                     pass
         return self.masker.mask_text(message, key)
 
-    def _masked_json(self, value: object, key: Key | None) -> object:
+    def _masked_json(self, value: object, key: Key | None, name: str = "") -> object:
+        """``value`` (a JSON line's, under the field ``name``) masked, its structure kept."""
         if isinstance(value, str):
             return self.masker.mask_text(value, key)
         if isinstance(value, dict):
@@ -721,12 +722,18 @@ class LogMasking(logging.Filter):
                 self.masker.mask_text(str(k), key): (
                     self._whole(v, key)
                     if self.masker.masks_whole(str(k)) or (named and str(k).lower() == "value")
-                    else self._masked_json(v, key)
+                    else self._masked_json(v, key, str(k))
                 )
                 for k, v in value.items()
             }
         if isinstance(value, list):
-            return [self._masked_json(v, key) for v in value]
+            return [self._masked_json(v, key, name) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # A number a detector finds after its field's name (a phone, a card, an id under a key
+            # that names it: "user_passport_no"), masked whole as a string token: the line stays JSON.
+            text = str(value)
+            if not self.masker.mask_text(f"{name}: {text}", key).endswith(f": {text}"):
+                return self._whole(value, key)
         return value
 
     def _whole(self, value: object, key: Key | None) -> object:

@@ -603,6 +603,24 @@ def test_a_json_log_line_keeps_its_fields_whatever_a_value_decodes_to(keys):
     assert brace.getMessage().startswith("{not json} tok_")
 
 
+def test_a_number_in_a_json_log_line_is_masked_as_a_string_where_the_detectors_find_it(keys):
+    """A JSON line's numbers were written as they came: only its strings were masked, so
+    ``{"phone": 4155552671}``, a card number or an id under a key that names it
+    (``user_passport_no``) reached the log. A number a detector finds, alone or after its
+    field's name, is masked now, as a string token (the line still JSON); others stay numbers."""
+    ring = KeyRing(keys)
+    log_masking = LogMasking(Masker(ring))
+    values = {"phone": 4155552671, "card": 4111111111111111, "user_passport_no": 12345678, "id": 110105194912310021}
+    kept = {"status": 200, "latency_ms": 0.125, "n": 1234567, "ok": True, "none": None, "big": 1e300}
+    line = json.dumps({**values, "list": [13800138000, 7], **kept})
+    fields = json.loads(log_masking._masked(line, ring.key_for(None)))
+    assert {k: fields[k] for k in kept} == kept
+    assert fields["list"][1] == 7
+    masked = [fields[k] for k in values] + [fields["list"][0]]
+    assert [reveal(v, ring) for v in masked] == [*(str(v) for v in values.values()), "13800138000"]
+    assert json.loads(log_masking._masked('{"phone": 4155552671}', None)) == {"phone": "<masked>"}
+
+
 def test_a_json_log_line_with_nothing_to_mask_is_written_as_it_came(keys):
     """A JSON line holding nothing a detector looks for (no "@", "+", escape or run of ten
     digits) was decoded, every value masked and the line encoded again, on every request with
@@ -1855,6 +1873,7 @@ def _prefilter_corpus() -> list[str]:
     # a Turkish dotted or dotless I, a long s: (?i) reads them as "i" and "s", ``lower`` does not
     folds = [w.replace("i", "\u0130") for w in words] + [w.replace("i", "\u0131") for w in words]
     texts += [f"x {w}: E1234567 Zq9Xw2Lk7Vb1" for w in (*folds, *(w.replace("s", "\u017f") for w in words))]
+    texts += ['{"phone": 4155552671, "n": 7}', '{"user_passport_no": 12345678}', '{"ids": [4111111111111111, 1.5]}']
     texts += [
         "x Bas\u0131c Zq9Xw2Lk7Vb1",
         "COOK\u0130E: session=abc123def456",
