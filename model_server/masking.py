@@ -64,7 +64,11 @@ from model_server.reading import normalise
 
 log = logging.getLogger(__name__)
 
-_NOT_ALNUM_BEFORE = after_boundary("0-9A-Za-z")  # (or after an escaped line end: "\\n5552344567")
+# A value's start: after no letter or digit, or after an escaped line end ("\\n5552344567"), a
+# byte written escaped ("b'\\x0b4155552671'") or a terminal's colour code ("\x1b[31m4155552671",
+# its escape character raw or written escaped), whose last hex digit or "m" is no piece of it.
+_COLOUR_END = "|".join(rf"(?<=\[[0-9;]{{{n}}}m)" for n in range(17))
+_NOT_ALNUM_BEFORE = rf"(?:{after_boundary('0-9A-Za-z')}|(?<=\\x[0-9A-Fa-f]{{2}})|(?<=m)(?:{_COLOUR_END}))"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
 _SEP = "[ ./_-]"  # a separator between digit groups: space, dot, slash, underscore or hyphen
 # Letters beyond ASCII, of every script (RFC 6531 addresses: josé@, иван@, 张三@, たなか@, محمد@):
@@ -306,7 +310,7 @@ DETECTORS: tuple[Detector, ...] = (
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
-    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
+    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|\[[0-9;]{0,16}m)(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
 _SHAPES = rf"[@%\\&\t]|{_NUMBER}"
 SUSPECT_PARTS = (

@@ -1558,6 +1558,33 @@ def test_a_value_after_an_escaped_line_end_is_masked(keys, value):
         assert find_sensitive(masked) == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["555-234-4567", "4155552671", "138 0013 8000", "4111 1111 1111 1111", "123-45-6789", "11010519491231002X"],
+)
+def test_a_value_after_a_byte_escape_or_a_colour_code_is_masked(keys, value):
+    """A number right after a byte written escaped (a bytes' repr: ``b'\\x0b4155552671'``) or a
+    terminal's colour code (``\x1b[31m4155552671``, raw or escaped) was left readable: the
+    escape's last hex digit or the code's "m" was taken for a word the number was part of."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    texts = [
+        repr(f"\x0b{value}\x07".encode()),
+        f"\x1b[31m{value}\x1b[0m",
+        f"\\x1b[1;31m{value}",
+        f"\\033[38;5;196m{value}",
+    ]
+    for text in texts:
+        masked = masker.mask_text(text, key)
+        assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+        assert find_sensitive(masked) == []
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (f"\x1b[31m{value}\x1b[0m",), None)
+    assert LogMasking(masker).filter(record)
+    assert re.fullmatch(r"\\x1b\[31mtok_\w+\\x1b\[0m", record.getMessage()), record.getMessage()
+    assert value not in LogMasking(masker)._masked(json.dumps({"m": f"\x1b[31m{value}"}), key)
+
+
 @pytest.mark.parametrize("address", ["li.wei@example.com", "li.wei (at) example (dot) com"])
 def test_an_address_after_an_escaped_line_end_leaves_the_escape_whole(keys, address):
     """An address right after an escaped line end or tab (repr(), json.dumps: "\\nli.wei@...")
@@ -1866,6 +1893,9 @@ def _prefilter_corpus() -> list[str]:
     texts += [f"{h[:8]}{n}" for h, n in pairs] + [f"{n}{h[:8]}" for h, n in pairs]
     texts += [f"{h[:8]}{n}{h[8:]}" for h, n in pairs] + [f"tel{n}" for n in numbers]
     texts += [f"{p}{n}" for p in ("\\n", "\\t", "\\b", "\\x", "a\\n", "(", "_", "=", "\n") for n in numbers]
+    texts += [
+        f"{p}{n}" for p in ("\\x0b", "\\xZ1", "\x1b[31m", "\\x1b[1;31m", "[m", "x[0123456789m", "am") for n in numbers
+    ]
     # every word of the hints, in capitals, glued into hex (``_ANY_WORD``); a Kelvin sign's lower case is "k"
     words = (*masking._NAME_WORDS, *masking._SPELT_ATS, " at ", *credentials.HINTS)
     texts += [f"{rng.randbytes(4).hex()}{w.upper()}{rng.randbytes(4).hex()} = Zq9Xw2Lk7Vb dot com" for w in words]
