@@ -1014,10 +1014,26 @@ def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) ->
 LOST_COLUMNS = ["time", "model", "request_id", "item", "role", "mirrored", "image_sha256"]
 
 
+def _stamped(records: pd.DataFrame) -> pd.MultiIndex:
+    """Each of ``records``' request, item and stamp: a record found again in another read."""
+    return pd.MultiIndex.from_frame(records[["model", "request_id", "item", "time"]].astype(object))
+
+
+def _stretches(stamps: pd.Series, reach: timedelta) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """The stretches ``reach`` either side of each of ``stamps``, those that meet as one, in order."""
+    merged: list[list[pd.Timestamp]] = []
+    for at in stamps.sort_values():
+        if merged and at - reach <= merged[-1][1]:
+            merged[-1][1] = at + reach
+        else:
+            merged.append([at - reach, at + reach])
+    return [(since, to) for since, to in merged]
+
+
 def _lost_before(
     prediction_log: str | Path,
     model: str,
-    before: pd.DataFrame,
+    copies: pd.DataFrame,
     since: datetime,
     start: datetime,
     span: timedelta,
@@ -1025,39 +1041,45 @@ def _lost_before(
     max_bytes: int,
     deadline: float | None,
     clock: Callable[[], float],
-) -> int:
-    """Of ``before`` (the records stamped from ``since`` to ``CLOCK_SKEW_S`` before ``start``
-    in files written after the range ending at ``start`` closed: read with ``written`` and
-    ``LOST_COLUMNS``), how many written by ``until`` are copies their range's audit counted lost
-    (``lost_late``): the stretch of their primaries is read again, whole but for the audit's
-    bounds (``max_bytes``, ``deadline``: a primary not read leaves its copy counted late)."""
+) -> tuple[np.ndarray, tuple[int, int, bool]]:
+    """Which of ``copies`` (shadow records stamped from ``since``, their ``model``, request id,
+    item and time, in files written after the range ending at ``start`` closed and by ``until``)
+    their range's audit counted lost (``lost_late``), and what the reads left (files not read,
+    hour folders not listed, whether out of time): a copy whose primary was not read is not
+    counted lost. The log is read again ``copy_due`` either side of each copy (where its
+    primary and its copies on time are), a stretch at a time, each held to ``max_bytes`` less
+    what ``copies`` take and reduced to its lost copies before the next is read, none begun
+    after ``deadline``: with the read that found ``copies`` (freed by then), the earlier hours'
+    reads hold at most ``max_bytes`` at once."""
     from model_server.predictionlog import read
 
-    counted = ~_late(before, until)
-    if not (counted & (before["role"] == "shadow").to_numpy(bool)).any():
-        return 0
-    stamps = before["time"][counted]
-    lo, hi = pd.Timestamp(since), pd.Timestamp(start - timedelta(seconds=CLOCK_SKEW_S))
-    around = read(
-        prediction_log,
-        max(stamps.min() - copy_due(), lo).to_pydatetime(),
-        (stamps.max() + copy_due()).to_pydatetime(),
-        model,
-        columns=LOST_COLUMNS,
-        roles=("primary", "shadow"),
-        written=True,
-        max_bytes=max_bytes,
-        deadline=deadline,
-        clock=clock,
-    )
-    stamp = around["time"]
-    mask = (
-        lost_late(around, lambda at: earlier_closes(at, start, span))
-        & _late(around, closes(start))
-        & ~_late(around, until)
-        & ((stamp >= lo) & (stamp < hi)).to_numpy(bool)
-    )
-    return int(mask.sum())
+    lost, left = np.zeros(len(copies), bool), (0, 0, False)
+    if not len(copies):
+        return lost, left
+    key = _stamped(copies)
+    budget = max(max_bytes - int(copies.memory_usage(deep=True).sum()), 0)
+    for lo, hi in _stretches(copies["time"], copy_due()):
+        around = read(
+            prediction_log,
+            max(lo, pd.Timestamp(since)).to_pydatetime(),
+            hi.to_pydatetime(),
+            model,
+            columns=LOST_COLUMNS,
+            roles=("primary", "shadow"),
+            written=True,
+            max_bytes=budget,
+            deadline=deadline,
+            clock=clock,
+        )
+        found = (
+            lost_late(around, lambda at: earlier_closes(at, start, span))
+            & _late(around, closes(start))
+            & ~_late(around, until)
+        )
+        lost |= key.isin(_stamped(around)[found])
+        attrs = around.attrs
+        left = left[0] + attrs["unread_files"], left[1] + attrs["unlisted_folders"], left[2] or attrs["out_of_time"]
+    return lost, left
 
 
 def earlier_closes(at: pd.Series, start: datetime, span: timedelta) -> pd.Series:
@@ -1121,8 +1143,9 @@ def audit(
 
     The records read are held to ``max_bytes``: the files beyond it are left unread and counted
     (``unread_files``, ``unread_bytes``), and the range is inconclusive at best, as when files
-    could not be read. The earlier hours' read is held to it too (apart): the files beyond it
-    are left uncounted, and the count of what came late says "at least". Its reads (the earlier hours' too) begin no listing nor file after
+    could not be read. The earlier hours' reads are held to it too (apart, one at a time: the
+    records that came late, then the stretches around each late copy read again, ``_lost_before``):
+    the files beyond it are left uncounted, and the count of what came late says "at least". Its reads (the earlier hours' too) begin no listing nor file after
     ``max_seconds`` (by ``clock``): what was left is counted the same way (``unlisted_folders``,
     ``out_of_time``), and named.
 
@@ -1221,15 +1244,22 @@ def _audit_model(
             deadline=deadline,
             clock=clock,
         )
-        late_earlier = int(came.sum()) + int((~_late(before, closes(end))).sum())
-        late_earlier -= _lost_before(
-            prediction_log, model, before, start - timedelta(hours=earlier_hours), start, span, closes(end), max_bytes,
+        counted = ~_late(before, closes(end))
+        late_earlier = int(came.sum()) + int(counted.sum())
+        copies = before.loc[
+            counted & (before["role"] == "shadow").to_numpy(bool), ["model", "request_id", "item", "time"]
+        ]
+        left = before.attrs["unread_files"], before.attrs["unlisted_folders"], before.attrs["out_of_time"]
+        del before  # (its records counted: the stretches of their copies' primaries are read in its place)
+        lost_before, again = _lost_before(
+            prediction_log, model, copies, start - timedelta(hours=earlier_hours), start, span, closes(end), max_bytes,
             deadline, clock,
         )  # fmt: skip
-        earlier_left = before.attrs["unread_files"], before.attrs["unlisted_folders"]
+        late_earlier -= int(lost_before.sum())
+        earlier_left = left[0] + again[0], left[1] + again[1]
         earlier_why = (
             f"within this audit's {max_seconds:g} s"
-            if before.attrs["out_of_time"]
+            if left[2] or again[2]
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     read_until = clock()

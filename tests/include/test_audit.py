@@ -32,6 +32,7 @@ from vision_rollout.audit import (
     copies_pending,
     copies_short,
     copy_check,
+    copy_due,
     kl,
     report_files,
     write_report,
@@ -2132,3 +2133,44 @@ def test_a_retry_dates_a_stopped_mirror_as_the_first_audit_did(tmp_path):
     again = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=50)
     assert again.late_records == len(late)
     assert (again.verdict, again.mirror_stopped) == (first.verdict, first.mirror_stopped)
+
+
+def test_the_primaries_of_copies_that_came_late_are_read_again_around_each_copy_only(tmp_path, monkeypatch):
+    """The hourly audit reads again the primaries of the copies that came late to earlier hours
+    (those their audit counted lost are no late record): it read the whole stretch from the
+    earliest such copy to the latest, whatever lay between, each with a budget of its own, so
+    two stray copies hours apart made every hourly audit read a day of the log again. It reads
+    a copy's stretch (``copy_due`` either side) only."""
+    hour = datetime(2026, 3, 2, 10, tzinfo=UTC)
+    for k in range(1, 24):  # (the hours before it, each written on time)
+        at = (hour - timedelta(hours=k)).timestamp() + 60
+        pods_log(tmp_path, {f"p{k}": ("primary", {i: at + 3 * i for i in range(20)})}, True, written=at + 3000)
+    stray = {100: (hour - timedelta(hours=22, minutes=50)).timestamp(), 101: (hour - timedelta(minutes=90)).timestamp()}
+    pods_log(tmp_path, {"backlog": ("shadow", stray)}, written=hour.timestamp() + 600)
+    reads = []
+    real = predictionlog.read
+
+    def spy(uri, start, end, *args, **kwargs):
+        reads.append((start, end, kwargs.get("written_after")))
+        return real(uri, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(predictionlog, "read", spy)
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+    assert result.late_earlier == 2
+    again = [(s, e) for s, e, after in reads[1:] if after is None]
+    assert again
+    assert all(e - s <= 2 * copy_due() + timedelta(seconds=1) for s, e in again), again
+
+
+def test_a_copy_whose_primary_was_left_unread_makes_the_late_count_say_at_least(tmp_path):
+    """Read again in part (its budget spent), the primaries of the copies that came late left
+    such a copy counted late although its hour's audit counted it lost, and nothing said the
+    read was partial. What the read again left is named as the earlier hours' read's is."""
+    hour = datetime(2026, 3, 2, 10, tzinfo=UTC)
+    h5 = (hour - timedelta(hours=5)).timestamp()
+    pods_log(tmp_path, {"busy": ("primary", {i: h5 + 60 + i for i in range(1, 3000)})}, True, written=h5 + 3600)
+    pods_log(tmp_path, {"primary-pod": ("primary", {0: h5 + 1000})}, True, written=h5 + 1001)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {0: h5 + 1000.003})}, written=hour.timestamp() + 600)
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24, max_bytes=100_000)
+    assert result.verdict == "warning"
+    assert any("looked through in part" in r and "at least" in r for r in result.reasons), result.reasons
