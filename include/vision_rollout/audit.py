@@ -1246,9 +1246,14 @@ def _audit_model(
         )
         counted = ~_late(before, closes(end))
         late_earlier = int(came.sum()) + int(counted.sum())
-        copies = before.loc[
-            counted & (before["role"] == "shadow").to_numpy(bool), ["model", "request_id", "item", "time"]
-        ]
+        # (and those of the copies late in the margin: a primary stamped before it was not read)
+        stamped = ["model", "request_id", "item", "time"]
+        copies = pd.concat(
+            [
+                before.loc[counted & (before["role"] == "shadow").to_numpy(bool), stamped],
+                records.loc[came & _late(records, closes(start)) & (records["role"] == "shadow").to_numpy(), stamped],
+            ]
+        )
         left = before.attrs["unread_files"], before.attrs["unlisted_folders"], before.attrs["out_of_time"]
         del before  # (its records counted: the stretches of their copies' primaries are read in its place)
         lost_before, again = _lost_before(

@@ -2174,3 +2174,20 @@ def test_a_copy_whose_primary_was_left_unread_makes_the_late_count_say_at_least(
     result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24, max_bytes=100_000)
     assert result.verdict == "warning"
     assert any("looked through in part" in r and "at least" in r for r in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize("skew", [2.0, 40.0])
+def test_a_copy_late_past_its_hour_stamped_in_its_last_minute_is_counted_lost_never_late_too(tmp_path, skew):
+    """A copy stamped in the last minute of its hour, written after the hour closed, of a primary
+    stamped over a minute before the hour's end: the hour's audit counted it lost, and the next
+    hour's, reading it in its margin without its primary, counted it late too. Its primary is
+    read again as those of the copies before the margin are: lost once, never late."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = (hour + timedelta(minutes=58, seconds=59)).timestamp()
+    pods_log(tmp_path, {"primary-pod": ("primary", {0: at})}, True, written=at + 1)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {0: at + skew})}, written=at + 1860)
+    first, nxt = (
+        audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", earlier_hours=24)
+        for start in (hour, hour + timedelta(hours=1))
+    )
+    assert (first.copies_lost, nxt.late_earlier) == (1, 0), nxt.reasons
