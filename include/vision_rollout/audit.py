@@ -1034,7 +1034,6 @@ def _lost_before(
     prediction_log: str | Path,
     model: str,
     copies: pd.DataFrame,
-    since: datetime,
     start: datetime,
     span: timedelta,
     until: datetime,
@@ -1042,7 +1041,7 @@ def _lost_before(
     deadline: float | None,
     clock: Callable[[], float],
 ) -> tuple[np.ndarray, tuple[int, int, bool]]:
-    """Which of ``copies`` (shadow records stamped from ``since``, their ``model``, request id,
+    """Which of ``copies`` (shadow records of ranges before ``start``: their ``model``, request id,
     item and time, in files written after the range ending at ``start`` closed and by ``until``)
     their range's audit counted lost (``lost_late``), and what the reads left (files not read,
     hour folders not listed, whether out of time): a copy whose primary was not read is not
@@ -1061,7 +1060,7 @@ def _lost_before(
     for lo, hi in _stretches(copies["time"], copy_due()):
         around = read(
             prediction_log,
-            max(lo, pd.Timestamp(since)).to_pydatetime(),
+            lo.to_pydatetime(),  # (whole: a copy's primary may be stamped before the hours looked back on)
             hi.to_pydatetime(),
             model,
             columns=LOST_COLUMNS,
@@ -1257,8 +1256,7 @@ def _audit_model(
         left = before.attrs["unread_files"], before.attrs["unlisted_folders"], before.attrs["out_of_time"]
         del before  # (its records counted: the stretches of their copies' primaries are read in its place)
         lost_before, again = _lost_before(
-            prediction_log, model, copies, start - timedelta(hours=earlier_hours), start, span, closes(end), max_bytes,
-            deadline, clock,
+            prediction_log, model, copies, start, span, closes(end), max_bytes, deadline, clock,
         )  # fmt: skip
         late_earlier -= int(lost_before.sum())
         earlier_left = left[0] + again[0], left[1] + again[1]

@@ -2191,3 +2191,19 @@ def test_a_copy_late_past_its_hour_stamped_in_its_last_minute_is_counted_lost_ne
         for start in (hour, hour + timedelta(hours=1))
     )
     assert (first.copies_lost, nxt.late_earlier) == (1, 0), nxt.reasons
+
+
+def test_a_copy_a_day_late_whose_primary_is_past_the_look_back_is_counted_lost_never_late_too(tmp_path):
+    """A copy about a day late, stamped just within the 24 hours the hourly audit looks back,
+    its primary just before them: its hour's audit counted it lost, and the audit it came in read
+    its primary's stretch again only from the 24 hours' start, missed the primary and counted
+    the copy late too. The stretch is read whole; only the copies counted are the 24 hours'."""
+    day = datetime(2026, 3, 1, tzinfo=UTC)
+    at = (day + timedelta(hours=10)).timestamp() - 2  # (09:59:58, the 09:00 hour's)
+    pods_log(tmp_path, {"primary-pod": ("primary", {0: at})}, True, written=at + 1)
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {0: at + 4})}, written=at + 2 + 24.5 * 3600)
+    start = day + timedelta(hours=9)
+    hour = audit(tmp_path / "log", start, start + timedelta(hours=1), "digits")
+    start = day + timedelta(hours=34)
+    came = audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (hour.copies_lost, came.late_earlier) == (1, 0), came.reasons
