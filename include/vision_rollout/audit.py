@@ -1266,10 +1266,12 @@ def _audit_model(
             else f"over this audit's {max_bytes:,} bytes of records"
         )
     read_until = clock()
-    watermark = shadow_watermark(records)  # (the copies written past the range show it too)
-    # (likewise, but of the files written by the range's close: a retry reading copies written
-    # later dates a stop as the audit at the close did)
-    since = last_copy(_kept(records, ~late)) if mirror_percent else None
+    # (of the files written by the range's close: a retry reading copies written later tests the
+    # copies, and dates a stop, as the audit at the close did)
+    in_time = _kept(records, ~late)
+    watermark = shadow_watermark(in_time)
+    since = last_copy(in_time) if mirror_percent else None
+    del in_time
     # (a copy written late came: late, not lost, but a copy of a primary the server's own mirror
     # sampled, due by the close: lost; marked within the range's own records: a request id an
     # earlier range's primary had too is no copy of this range's)

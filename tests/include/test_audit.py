@@ -2207,3 +2207,24 @@ def test_a_copy_a_day_late_whose_primary_is_past_the_look_back_is_counted_lost_n
     start = day + timedelta(hours=34)
     came = audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", earlier_hours=24)
     assert (hour.copies_lost, came.late_earlier) == (1, 0), came.reasons
+
+
+def test_a_retry_tests_the_copies_as_the_audit_at_the_close_did(tmp_path):
+    """Behind Istio, a shadow pod's copies of an hour's last minutes written in one flush that
+    came after the hour closed: the audit's copies test stood on the shadow's watermark of every
+    record read, the late copies too, so a retry tested hundreds more primaries than the audit at
+    the close (its figures changed with the time it ran). The watermark is the on-time copies'."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = (hour + timedelta(minutes=50)).timestamp()
+    primaries = {i: at + 0.2 * i for i in range(2000)}
+    pods_log(tmp_path, {"primary-pod": ("primary", primaries)}, written=at + 420)
+    even = {i: t + 0.003 for i, t in primaries.items() if i % 2 == 0}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {i: t for i, t in even.items() if t < at + 240})}, written=at + 300)
+
+    def copies_test():
+        result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=50)
+        return result.copies_eligible, result.copies_received, result.copies_p
+
+    first = copies_test()
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {i: t for i, t in even.items() if t >= at + 240})}, written=at + 1320)
+    assert copies_test() == first
