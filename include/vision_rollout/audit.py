@@ -997,16 +997,26 @@ def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
 def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) -> np.ndarray:
     """Which of ``records`` (primary and shadow, read with ``written``) are copies written after
     their range's close (``close``: of their primaries' stamps) of a primary written by then that
-    the server's own mirror sampled (``mirrored`` true), no copy of it written by then. A copy
+    the server's own mirror sampled (``mirrored`` true), no copy of it written by then (a
+    request's primary: the earliest stamped of those written by their close, whatever the
+    order the files were read in). A copy
     is due by its range's close: that range's audit counts such a request lost whenever it runs
     (``copy_masks``), the one at the close and its retry alike; the copy is no late record
     besides, of that audit nor of a later one's ``late_earlier``."""
-    first, copies, _ = copy_keys(records)
+    _, copies, _ = copy_keys(records)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    due = close(pd.Series(records["time"][first].to_numpy(), index=key[first])).reindex(key)
+    stamp = records["time"].to_numpy()
+    primary = (records["role"] == "primary").to_numpy(bool) & (records["written"] <= close(records["time"])).to_numpy(
+        bool
+    )
+    rows = np.flatnonzero(primary)
+    rows = rows[np.argsort(stamp[rows], kind="stable")]
+    first = np.zeros(len(records), bool)
+    first[rows[~key[rows].duplicated()]] = True
+    due = close(pd.Series(stamp[first], index=key[first])).reindex(key)
     written = pd.Series(records["written"].to_numpy(), index=key)
     on_time, late = (written <= due).to_numpy(bool), (written > due).to_numpy(bool)
-    sampled = first & records["mirrored"].eq(True).to_numpy(bool) & on_time
+    sampled = first & records["mirrored"].eq(True).to_numpy(bool)
     return copies & late & key.isin(key[sampled & ~key.isin(key[copies & on_time])])
 
 

@@ -2228,3 +2228,23 @@ def test_a_retry_tests_the_copies_as_the_audit_at_the_close_did(tmp_path):
     first = copies_test()
     pods_log(tmp_path, {"shadow-pod": ("shadow", {i: t for i, t in even.items() if t >= at + 240})}, written=at + 1320)
     assert copies_test() == first
+
+
+@pytest.mark.parametrize("late_pod", ["a-pod", "z-pod"])
+def test_a_request_re_sent_in_a_file_written_late_leaves_its_lost_copy_lost_whatever_the_pods_name(tmp_path, late_pod):
+    """A client re-sent a request whose primary was written on time; the repeat's primary and
+    the first one's copy were written after the hour closed. Which primary was the request's
+    went by the order the files were read: the late repeat's pod named before the first's, the
+    copy was taken as the repeat's, late, not lost. The request's primary is its earliest written
+    on time: the copy is lost, the repeat late, whichever pod wrote it."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = (hour + timedelta(minutes=40)).timestamp()
+    pods_log(tmp_path, {"m-pod": ("primary", {0: at})}, True, written=at + 1)
+    closed = (hour + timedelta(minutes=70)).timestamp()
+    pods_log(
+        tmp_path, {late_pod: ("primary", {0: at + 10}), "shadow-pod": ("shadow", {0: at + 0.003})}, True, written=closed
+    )
+    retry = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    start = hour + timedelta(hours=1)
+    nxt = audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (retry.copies_lost, retry.late_records, nxt.late_earlier) == (1, 1, 1)
