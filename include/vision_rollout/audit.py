@@ -1006,16 +1006,16 @@ def lost_late(records: pd.DataFrame, close: Callable[[pd.Series], pd.Series]) ->
     _, copies, _ = copy_keys(records)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     stamp = records["time"].to_numpy()
-    primary = (records["role"] == "primary").to_numpy(bool) & (records["written"] <= close(records["time"])).to_numpy(
-        bool
-    )
-    rows = np.flatnonzero(primary)
+    # (what is not written late is on time, a file named without its written second too, as to ``_late``)
+    primary = (records["role"] == "primary") & ~(records["written"] > close(records["time"]))
+    rows = np.flatnonzero(primary.to_numpy(bool))
     rows = rows[np.argsort(stamp[rows], kind="stable")]
     first = np.zeros(len(records), bool)
     first[rows[~key[rows].duplicated()]] = True
     due = close(pd.Series(stamp[first], index=key[first])).reindex(key)
     written = pd.Series(records["written"].to_numpy(), index=key)
-    on_time, late = (written <= due).to_numpy(bool), (written > due).to_numpy(bool)
+    late = (written > due).to_numpy(bool)
+    on_time = ~late
     sampled = first & records["mirrored"].eq(True).to_numpy(bool)
     return copies & late & key.isin(key[sampled & ~key.isin(key[copies & on_time])])
 

@@ -2248,3 +2248,19 @@ def test_a_request_re_sent_in_a_file_written_late_leaves_its_lost_copy_lost_what
     start = hour + timedelta(hours=1)
     nxt = audit(tmp_path / "log", start, start + timedelta(hours=1), "digits", earlier_hours=24)
     assert (retry.copies_lost, retry.late_records, nxt.late_earlier) == (1, 1, 1)
+
+
+def test_primaries_in_a_file_named_without_its_written_second_leave_late_copies_lost(tmp_path):
+    """Primaries in a file whose name gives no written second (an older writer's) are on time
+    to the audit (``_late``), but ``lost_late`` took them as written neither on time nor late:
+    their copies written after the hour closed counted late, not lost, where the same records
+    under a timed name counted lost. Whatever is not written late is on time, in both."""
+    hour = datetime(2026, 3, 2, 10, tzinfo=UTC)
+    at = hour.timestamp() + 100
+    pods_log(tmp_path, {"primary-pod": ("primary", {i: at + i for i in range(5)})}, True, written=at + 100)
+    for f in (tmp_path / "log").rglob("part-primary-pod-*.parquet"):
+        f.rename(f.with_name("part-primary-pod-old.parquet"))
+    copies = {i: at + i + 0.003 for i in range(5)}
+    pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=hour.timestamp() + 3600 + 900)
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
+    assert (result.copies_lost, result.late_records) == (5, 0)
