@@ -1866,14 +1866,19 @@ def unaudited_hours(audits: Folder, start: datetime, hours: int) -> list[datetim
     return [hour for hour in earlier if AUDITED not in hour_folder(audits, hour).names()]
 
 
-def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditResult:
+def with_coverage(
+    result: AuditResult, mirror_percent: float | None, silent_before: tuple[int, float, int] = (0, 0.0, 0)
+) -> AuditResult:
     """Coverage (the share of mirrored copies that ran) in the reasons; and a model's range
     without shadow records while a mirror was configured (``mirror_percent`` > 0 during it) is a
     ``warning``, reported like any audit, never a silent skip, where its primaries a mirror could
     have sampled make no copy at all unlikely at that share (``silence_unlikely``); an idle range,
     or one of a few requests none of which was likely sampled, stays a skip (a quiet model warned
-    every quiet hour). An audit of several models (no model of its own) was judged model by model
-    (``audit``), never on their requests pooled."""
+    every quiet hour), unless with those of the ranges just before it likewise silent behind a
+    mirror (``silent_before``: their primaries a mirror could have sampled, their least share,
+    how many ranges) no copy at all is unlikely: a mirror broken for hours on a quiet model is
+    warned of once the hours make it a sign. An audit of several models (no model of its own)
+    was judged model by model (``audit``), never on their requests pooled."""
     ran, dropped = result.rows, result.shadow_dropped
     if ran + dropped:
         result.reasons.append(
@@ -1886,6 +1891,17 @@ def with_coverage(result: AuditResult, mirror_percent: float | None) -> AuditRes
                 f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
                 "log holds no shadow record of it: the copies are dropped, not written, or no request "
                 "reached the mirrored version",
+                *result.reasons[1:],
+            ]
+        elif silent_before[2] and silence_unlikely(
+            total := result.primaries_mirrorable + silent_before[0], least := min(mirror_percent, silent_before[1])
+        ):
+            result.verdict = "warning"
+            result.reasons = [
+                f"a mirror of {least:g}% or more was configured during this range and the {silent_before[2]} hours "
+                f"before it, but the prediction log holds no shadow record of it in any: {total} requests it could "
+                "have sampled, none copied: the copies are dropped, not written, or no request reached the mirrored "
+                "version",
                 *result.reasons[1:],
             ]
     return result

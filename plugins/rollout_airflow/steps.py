@@ -2395,14 +2395,21 @@ def _audit_one_hour(
         with_coverage,
         write_report,
     )
+    from vision_rollout.folders import Folder
     from vision_rollout.notify import audit_message
 
     settings = serving().settings
     end = start + timedelta(hours=1)
     shares = mirror_shares(model, start, end)
     result = audit(settings.prediction_log, start, end, model, earlier_hours=EARLIER_HOURS, mirror_percent=shares)
-    result = with_coverage(result, max(p for _, p in shares) if shares else None)
-    summary = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
+    share = max(p for _, p in shares) if shares else None
+    silent = (0, 0.0, 0)
+    if share and result.verdict == "skip":  # (the hours before it, silent behind the mirror too)
+        silent = _silent_before(Folder(folder.uri, folder.parts[:-1]), start)
+    result = with_coverage(result, share, silent)
+    summary: dict[str, Any] = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
+    if share and result.verdict == "skip":  # (silent behind a mirror: the next hours test it with these)
+        summary |= {"mirrorable": result.primaries_mirrorable, "mirror_percent": share}
     if run_id is not None:
         summary["run"] = run_id
     if result.verdict == "skip":
@@ -2432,6 +2439,28 @@ def _audit_one_hour(
         )
     folder.write(AUDITED, json.dumps({**summary, "report": where[REPORT]}).encode())
     return {**result.to_dict(), "report": where[REPORT]}
+
+
+def _silent_before(audits: Folder, start: datetime) -> tuple[int, float, int]:
+    """Of the hours just before ``start`` (``EARLIER_HOURS`` at most) below a model's ``audits``,
+    those one after another whose audit found no shadow record behind a mirror (their marks: a
+    skip with the primaries a mirror could have sampled and its share): those primaries together,
+    the least share, and how many hours (``with_coverage``'s ``silent_before``)."""
+    import math
+
+    from vision_rollout.audit import AUDITED, EARLIER_HOURS, hour_folder
+
+    mirrorable, least, hours = 0, math.inf, 0
+    for k in range(1, EARLIER_HOURS + 1):
+        try:
+            mark = json.loads(hour_folder(audits, start - timedelta(hours=k)).read_within(AUDITED, MAX_LOCK_BYTES))
+            count, share = int(mark["mirrorable"]), float(mark["mirror_percent"])
+        except (OSError, ValueError, TypeError, KeyError, OverflowError):  # (no such mark, or not ours)
+            break
+        if mark.get("verdict") != "skip" or count < 0 or not 0 < share <= 100:
+            break
+        mirrorable, least, hours = mirrorable + count, min(least, share), hours + 1
+    return mirrorable, least, hours
 
 
 def mirror_shares(model: str, start: datetime, end: datetime) -> list[tuple[float, float]] | None:

@@ -1709,6 +1709,29 @@ def test_an_hour_audited_again_into_a_skip_keeps_no_file_of_its_earlier_report(m
     assert json.loads((hour / AUDITED).read_text())["verdict"] == "skip"
 
 
+def test_a_mirror_silent_hour_after_hour_on_a_quiet_model_is_warned_of(monkeypatch, tmp_path, slack):
+    """A 1% mirror wholly broken on a model of 500 requests an hour: each hour alone, no copy at
+    all is no sign (0.99^500: 0.7%), so every hour was a quiet skip, forever. The hours one after
+    another without a shadow record behind the mirror are tested together (their marks keep the
+    primaries the mirror could have sampled): the second such hour warns."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.include.test_audit import pods_log
+
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    for k in (1, 2):
+        at = (this_hour - timedelta(hours=k)).timestamp() + 60
+        pods_log(tmp_path, {f"p{k}": ("primary", {1000 * k + i: at + 7 * i for i in range(500)})}, written=at + 3500)
+    extra = {"shadow_log": str(tmp_path / "log"), "run_dir": str(tmp_path / "run")}
+    monkeypatch.setenv("AIRFLOW_CONN_MODEL_SERVER_DEFAULT", json.dumps({"conn_type": "http", "extra": extra}))
+    monkeypatch.setattr(
+        steps, "mirror_shares", lambda model, start, end: [(start.timestamp() + 60 * k, 1.0) for k in range(61)]
+    )
+    earlier, hour = steps.audit_hours("digits", this_hour, catch_up_hours=1)
+    assert (earlier["verdict"], hour["verdict"]) == ("skip", "warning")
+    assert any("the 1 hours before it" in r for r in hour["reasons"]), hour["reasons"]
+
+
 def test_the_retry_of_an_audit_triggered_by_hand_audits_its_hour_again(monkeypatch, tmp_path, slack):
     """A run triggered by hand audits the last whole hour again, which the scheduled run had
     marked audited; its first try failed before reporting (the log's store refusing), and its
