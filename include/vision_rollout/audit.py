@@ -116,6 +116,10 @@ class AuditResult:
     # in an audit of every model too (``audit``), as in its own (``with_coverage``), where they are
     # more than the mirror's sampling explains; without them (an idle model) a skip.
     primaries_mirrorable: int = 0
+    # With the mirror's share asserted, the one share at which those primaries make no copy at all
+    # as likely as each at its time's share does (``share_at``: none where no sample, the mirror
+    # off): what ``with_coverage`` tests silence at, not the range's largest share.
+    mirrorable_percent: float | None = None
     shadow_dropped: int = 0
     input_mismatch: int = 0
     self_pairs: int = 0
@@ -974,16 +978,24 @@ def least_share(mirror_percent: float | MirrorShares) -> float:
     return min(shares, default=0.0)
 
 
-def _mirrorable(records: pd.DataFrame) -> int:
-    """How many of ``records`` are primaries a mirror could have sampled: each request's first,
+def _mirrorable(records: pd.DataFrame) -> pd.Series:
+    """The stamps of ``records``' primaries a mirror could have sampled: each request's first,
     answered ok, not naming its version, not said unsampled by the server's own mirror."""
-    return int(
-        (
-            copy_keys(records)[0]
-            & ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
-            & ~records["mirrored"].eq(False).to_numpy(bool)
-        ).sum()
-    )
+    return records["time"][
+        copy_keys(records)[0]
+        & ((records["outcome"] == "ok") & (records["route"] != "version")).to_numpy(bool)
+        & ~records["mirrored"].eq(False).to_numpy(bool)
+    ]
+
+
+def _mirrorable_percent(at: pd.Series, mirror_percent: float | MirrorShares) -> float:
+    """The one share at which primaries stamped ``at`` make no copy at all as likely as each at
+    its time's (``share_at``; none where no sample says): ``AuditResult.mirrorable_percent``."""
+    if isinstance(mirror_percent, int | float):
+        return float(mirror_percent)
+    share = np.nan_to_num(share_at(at, mirror_percent)) / 100
+    with np.errstate(divide="ignore"):
+        return float(100 * (1 - np.exp(np.log1p(-np.clip(share, 0.0, 1.0)).mean())))
 
 
 def _kept(records: pd.DataFrame, keep: np.ndarray) -> pd.DataFrame:
@@ -1288,7 +1300,8 @@ def _audit_model(
     with_copy = copy_keys(_kept(records, mine & ~lost))[2][~late[mine & ~lost]]
     # (shadow evidence written late: shadow records, primaries the server's own mirror sampled)
     late_copies = bool((mine & late & ((records["role"] == "shadow") | records["mirrored"].eq(True))).any())
-    late_mirrorable = _mirrorable(_kept(records, mine & late))
+    late_at = _mirrorable(_kept(records, mine & late))
+    late_mirrorable = len(late_at)
     records = _kept(records, mine & ~late)
     pairs = shadow_pairs(records, vectors=False)  # (rebuilt a chunk at a time, below)
     classes = pairs.attrs.get("classes", 0)
@@ -1308,8 +1321,11 @@ def _audit_model(
     result.duplicates = pairs.attrs["duplicates"]
     result.primary_not_finite = pairs.attrs["primary_not_finite"]
     result.late_records = int((mine & late & ~lost).sum())
-    in_time_mirrorable = _mirrorable(records)
+    in_time_at = _mirrorable(records)
+    in_time_mirrorable = len(in_time_at)
     result.primaries_mirrorable = in_time_mirrorable + late_mirrorable
+    if mirror_percent is not None and result.primaries_mirrorable:
+        result.mirrorable_percent = _mirrorable_percent(pd.concat([in_time_at, late_at]), mirror_percent)
     if mirror_percent is not None and late_mirrorable:
         # (behind a mirror asserted, primaries written late whose missing copies tip the chance
         # test, the in-time ones alone not: the mirror's evidence is late, not lost)
@@ -1885,7 +1901,9 @@ def with_coverage(
             f"coverage {100 * ran / (ran + dropped):.1f}%: {ran} shadow copies ran, {dropped} dropped ({DROPPED_WHY})"
         )
     if result.verdict == "skip" and mirror_percent and result.model is not None:
-        if silence_unlikely(result.primaries_mirrorable, mirror_percent):
+        # (each primary at its time's share, where the audit knew the shares over time)
+        tested = mirror_percent if result.mirrorable_percent is None else result.mirrorable_percent
+        if silence_unlikely(result.primaries_mirrorable, tested):
             result.verdict = "warning"
             result.reasons = [
                 f"a mirror of {mirror_percent:g}% was configured during this range, but the prediction "
@@ -1894,11 +1912,11 @@ def with_coverage(
                 *result.reasons[1:],
             ]
         elif silent_before[2] and silence_unlikely(
-            total := result.primaries_mirrorable + silent_before[0], least := min(mirror_percent, silent_before[1])
+            total := result.primaries_mirrorable + silent_before[0], least := min(tested, silent_before[1])
         ):
             result.verdict = "warning"
             result.reasons = [
-                f"a mirror of {least:g}% or more was configured during this range and the {silent_before[2]} hours "
+                f"a mirror of {least:.3g}% or more was configured during this range and the {silent_before[2]} hours "
                 f"before it, but the prediction log holds no shadow record of it in any: {total} requests it could "
                 "have sampled, none copied: the copies are dropped, not written, or no request reached the mirrored "
                 "version",

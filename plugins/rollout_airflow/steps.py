@@ -2409,7 +2409,8 @@ def _audit_one_hour(
     result = with_coverage(result, share, silent)
     summary: dict[str, Any] = {"start": start.isoformat(), "end": end.isoformat(), "verdict": result.verdict}
     if share and result.verdict == "skip":  # (silent behind a mirror: the next hours test it with these)
-        summary |= {"mirrorable": result.primaries_mirrorable, "mirror_percent": share}
+        tested = share if result.mirrorable_percent is None else result.mirrorable_percent
+        summary |= {"mirrorable": result.primaries_mirrorable, "mirror_percent": tested}
     if run_id is not None:
         summary["run"] = run_id
     if result.verdict == "skip":

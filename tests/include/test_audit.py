@@ -35,6 +35,7 @@ from vision_rollout.audit import (
     copy_due,
     kl,
     report_files,
+    with_coverage,
     write_report,
 )
 from vision_rollout.folders import Folder
@@ -268,7 +269,7 @@ def test_a_range_without_shadow_records_behind_a_mirror_warns_where_its_traffic_
     traffic it had: a model quiet at night warned every hour. It warns where its requests a
     mirror could have sampled make no copy at all unlikely at the share (``silence_unlikely``);
     an idle range, or one of a few requests none of which was likely sampled, stays a skip."""
-    from vision_rollout.audit import AuditResult, with_coverage
+    from vision_rollout.audit import AuditResult
 
     def empty(mirrorable: int) -> AuditResult:
         reasons = ["no shadow records in this range: nothing to audit"]
@@ -2264,3 +2265,19 @@ def test_primaries_in_a_file_named_without_its_written_second_leave_late_copies_
     pods_log(tmp_path, {"shadow-pod": ("shadow", copies)}, written=hour.timestamp() + 3600 + 900)
     result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits")
     assert (result.copies_lost, result.late_records) == (5, 0)
+
+
+def test_an_hour_without_copies_is_tested_at_the_share_in_force_at_each_primarys_time(tmp_path):
+    """The hourly step tested an hour without shadow records at its largest share: a 1% mirror
+    raised at 10:55 over an hour of 3000 requests was taken as 3000 requests behind 1% (no copy:
+    p 1e-13) and warned of, though some 250 came behind it (no copy: p 0.08). Each primary is
+    tested at its time's share."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    at = hour.timestamp() + 60
+    pods_log(tmp_path, {"primary-pod": ("primary", {i: at + 3500 * i / 3000 for i in range(3000)})}, written=at + 3530)
+    shares = [(hour.timestamp() + 60.0 * k, 0.0 if k < 55 else 1.0) for k in range(61)]
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=shares)
+    assert with_coverage(result, max(p for _, p in shares)).verdict == "skip"
+    shares = [(t, 1.0) for t, _ in shares]
+    result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=shares)
+    assert with_coverage(result, 1.0).verdict == "warning"
