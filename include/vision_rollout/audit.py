@@ -954,19 +954,23 @@ def await_copies(
     return clock() - began
 
 
-def attribution(records: pd.DataFrame, start: datetime, end: datetime) -> tuple[np.ndarray, np.ndarray]:
+def attribution(
+    records: pd.DataFrame, start: datetime, end: datetime, late: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), which are the
     range's and which an earlier range's. The range's: the primaries stamped within it, the
-    shadow records of their items (whenever stamped within the margins), and those stamped
-    within it of no item of a primary outside it: a pair is its primary's range's, once,
-    whatever its shadow's pod's clock said. An earlier range's: the records stamped before it,
-    and the shadow records of the items of primaries stamped before it."""
+    shadow records of their items (whenever stamped within the margins) but of those ``late``
+    (written after the range closed: its audit at the close had not read them, and a retry
+    attributes as it did), and those stamped within it of no item of a primary outside it: a
+    pair is its primary's range's, once, whatever its shadow's pod's clock said. An earlier
+    range's: the records stamped before it, and the shadow records of the items of primaries
+    stamped before it."""
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
     before = (time < pd.Timestamp(start)).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
-    ours = key.isin(key[primary & inside])
+    ours = key.isin(key[primary & inside & ~late])
     theirs = key.isin(key[primary & ~inside])
     mine = np.where(primary, inside, ours | (inside & ~theirs))
     return mine, ~mine & (before | key.isin(key[primary & before]))
@@ -1237,8 +1241,8 @@ def _audit_model(
         deadline=deadline,
         clock=clock,
     )
-    mine, earlier = attribution(records, start, end)
     late = _late(records, closes(end))
+    mine, earlier = attribution(records, start, end, late)
     # (copies due by their range's close that came later: lost to its audit, whenever it runs)
     lost = np.zeros(len(records), bool)
     if (mine & late).any():

@@ -2281,3 +2281,22 @@ def test_an_hour_without_copies_is_tested_at_the_share_in_force_at_each_primarys
     shares = [(t, 1.0) for t, _ in shares]
     result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", mirror_percent=shares)
     assert with_coverage(result, 1.0).verdict == "warning"
+
+
+def test_a_copy_is_attributed_alike_whether_its_primary_written_late_has_come_or_not(tmp_path):
+    """A copy stamped by a clock behind, just before the hour, of a primary stamped within it and
+    written after the hour closed: the audit at the close (the primary not written yet) counted
+    the copy among the earlier hours' late records; a retry, reading the primary, took the copy
+    as the hour's, a shadow record without its primary. A primary written after its range closed
+    claims no copy: the copy goes by its stamp, in every run."""
+    hour = datetime(2026, 3, 1, 22, tzinfo=UTC)
+    at = hour.timestamp() + 10
+    pods_log(tmp_path, {"shadow-pod": ("shadow", {0: at - 12})}, written=hour.timestamp() + 1800)
+
+    def counts():
+        result = audit(tmp_path / "log", hour, hour + timedelta(hours=1), "digits", earlier_hours=24)
+        return result.late_earlier, result.shadow_without_primary
+
+    first = counts()
+    pods_log(tmp_path, {"primary-pod": ("primary", {0: at})}, True, written=hour.timestamp() + 5400)
+    assert counts() == first == (1, 0)
