@@ -213,6 +213,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
     p.add_argument(
+        "--max-bodies-mb",
+        type=positive_mb,
+        help="the request bodies being received on all connections together (503 with Retry-After above; "
+        "default: 4 x --max-body-mb)",
+    )
+    p.add_argument(
         "--max-json-mb",
         type=float,
         default=MAX_JSON_BYTES / 2**20,
@@ -484,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         admin_port=args.admin_port,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_bodies_bytes=int((args.max_bodies_mb or 4 * args.max_body_mb) * 1024 * 1024),
         max_json_bytes=int(args.max_json_mb * 1024 * 1024),
         feedback_max_items=args.feedback_max_items,
         request_timeout_s=args.request_timeout,

@@ -51,7 +51,7 @@ from model_server.errors import (
     shown,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore
-from model_server.httpserver import Answer, DirectRoute, NoBody
+from model_server.httpserver import Answer, BodyBudget, DirectRoute, NoBody
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, parse_json, refuse_constant
 from model_server.repository import ModelRepository
@@ -68,6 +68,7 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 @dataclass
 class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
+    max_bodies_bytes: int = 4 * 64 * 1024 * 1024  # the bodies being received together (BodyBudget); 503 above
     request_timeout_s: float = 30.0
     admin_token: str | None = None
     # Where the prediction log is written is no client's business (a bucket, a folder's path):
@@ -160,8 +161,15 @@ def client_gone() -> InvalidInput:
     return InvalidInput("client disconnected while sending the body")
 
 
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = None if retry_after_s is None else {"retry-after": str(retry_after_s)}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def error_headers(exc: ServerError) -> list[tuple[bytes, bytes]]:
+    if exc.retry_after_s is None:
+        return JSON_HEADERS
+    return [*JSON_HEADERS, (b"retry-after", str(exc.retry_after_s).encode())]
 
 
 def header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -265,6 +273,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     )
     dataplane = DataPlane(repo, policies, feedback, mirror, plog, settings.max_json_bytes)
     admin_api = Admin(repo, policies)
+    budget = BodyBudget(settings.max_bodies_bytes)
 
     http_counters: dict[tuple[str, int], Any] = {}  # (route, status): bounded by routes x statuses
 
@@ -285,7 +294,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                         check_admin(request.headers)
                     response = await fn(request)
                 except ServerError as exc:
-                    response = error(exc.status, exc.message)
+                    response = error(exc.status, exc.message, exc.retry_after_s)
                 except Exception:  # a bug, not the client's fault: answer, log, keep serving
                     log.exception("unhandled error on %s %s", request.method, request.url.path)
                     response = error(500, "internal server error; see the server log")
@@ -343,13 +352,18 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             raise PayloadTooLarge(f"request body of {declared.strip()} bytes is over the limit of {limit} bytes")
 
         async def read() -> bytes:
-            chunks, size = [], 0
-            async for chunk in body_chunks(receive):
-                size += len(chunk)
-                if size <= limit:
-                    chunks.append(chunk)
-                elif size > DRAIN_FACTOR * limit:
-                    break  # not worth draining: answer now, the connection closes
+            chunks, size, held = [], 0, 0
+            try:
+                async for chunk in body_chunks(receive):
+                    size += len(chunk)
+                    if size <= limit:
+                        budget.take(len(chunk))
+                        held += len(chunk)
+                        chunks.append(chunk)
+                    elif size > DRAIN_FACTOR * limit:
+                        break  # not worth draining: answer now, the connection closes
+            finally:
+                budget.give(held)
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
                 raise PayloadTooLarge(
@@ -489,7 +503,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                     payload = await asyncio.to_thread(compress, payload, coding)
                 out.append((b"content-encoding", coding.encode()))
         except ServerError as exc:
-            status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), JSON_HEADERS
+            status, payload, out = exc.status, json.dumps({"error": exc.message}).encode(), error_headers(exc)
             shadow = exc.shadow
         except asyncio.CancelledError:  # its client disconnected (or the server stops): nothing is written
             if result is not None:  # answered by the model: counted as an answer its client did not read
@@ -743,4 +757,5 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     # A Content-Encoding or a masking probe may be refused from the headers alone (an unsupported
     # coding, no admin token): the ASGI way answers those before the body is read.
     asgi_headers = frozenset({b"content-encoding", b"x-shadow-probe"})
-    return InferFastPath(app, infer, DirectRoute(INFER_PATH, direct_infer, settings.max_body_bytes, asgi_headers))
+    direct = DirectRoute(INFER_PATH, direct_infer, settings.max_body_bytes, asgi_headers, budget)
+    return InferFastPath(app, infer, direct)

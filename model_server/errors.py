@@ -37,6 +37,7 @@ class ServerError(Exception):
     # A failed inference's copy for the shadow version, mirrored all the same once the answer is
     # sent (Envoy copies a request before its primary's outcome is known); set by the data plane.
     shadow: ShadowJob | None = None
+    retry_after_s: int | None = None  # answered with Retry-After: a refusal for now, not for good
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -91,6 +92,14 @@ class Conflict(ServerError):
 
 class PayloadTooLarge(ServerError):
     status = 413
+
+
+class ServerBusy(ServerError):
+    """Refused for now: the server holds as much of its clients' requests as it takes
+    (``BodyBudget``); answered 503 with Retry-After."""
+
+    status = 503
+    retry_after_s = 1
 
 
 class StateNotSaved(ServerError):
@@ -183,6 +192,7 @@ class RequestRefused(Exception):
     callback: the connection answers ``status`` before anything reaches the application
     (httpserver.py), and closes."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after_s: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
+        self.retry_after_s = retry_after_s

@@ -50,7 +50,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from model_server.config import ascii_uint
-from model_server.errors import RequestRefused
+from model_server.errors import RequestRefused, ServerBusy
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,29 @@ DirectHandler = Callable[
 ]
 
 
+class BodyBudget:
+    """The bytes of request bodies being received, on every connection together: taken as they
+    arrive (the ASGI way's handler takes what it reads, the protocol what it buffers for a
+    DirectRoute), given back once the body is whole, cut short or refused. Twenty clients each
+    holding a 60 MB body one byte short held 1.3 GB; past ``limit`` a body is refused 503."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        """Hold ``size`` more bytes, or raise ServerBusy (nothing taken)."""
+        if self.held + size > self.limit:
+            raise ServerBusy(
+                f"server busy: the request bodies being received hold its limit of {self.limit} bytes "
+                "(--max-bodies-mb); retry shortly"
+            )
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class DirectRoute(NamedTuple):
     pattern: re.Pattern[str]  # on the whole path, as ASCII
     handler: DirectHandler
@@ -102,6 +125,7 @@ class DirectRoute(NamedTuple):
     # Requests with one of these headers go the ASGI way, where the handler may refuse them from
     # their headers before their body is read (here it would run once the whole body arrived).
     asgi_headers: frozenset[bytes] = frozenset()
+    budget: BodyBudget | None = None  # taken by the bodies buffered here
 
 
 class DirectCycle:
@@ -111,6 +135,7 @@ class DirectCycle:
     def __init__(self, match: re.Match[str], headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.match, self.headers, self.keep_alive = match, headers, keep_alive
         self.chunks: list[bytes] = []
+        self.held = 0  # bytes of its body taken from the route's budget
         self.started = False  # the handler was called
         self.response_complete = False
         self.disconnected = False
@@ -295,8 +320,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, RequestRefused):
-                self._refuse(exc.__context__.status, str(exc.__context__))
+            refused = exc.__context__
+            if isinstance(refused, RequestRefused):
+                self._refuse(refused.status, str(refused), refused.retry_after_s)
                 return
             self._bad_request()
             return
@@ -451,9 +477,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if isinstance(cycle, DirectCycle):  # kept whole (no pause: nothing else would read it)
             if not cycle.started:
+                self._take(cycle, len(body))
                 cycle.chunks.append(body)
             return
         super().on_body(body)
+
+    def _take(self, cycle: DirectCycle, size: int) -> None:
+        budget = self.direct.budget if self.direct is not None else None
+        if budget is None:
+            return
+        try:
+            budget.take(size)
+        except ServerBusy as busy:
+            self._give_back(cycle)
+            cycle.chunks = []
+            raise RequestRefused(busy.status, busy.message, busy.retry_after_s) from None
+        cycle.held += size
+
+    def _give_back(self, cycle: DirectCycle) -> None:
+        """Its body is whole, cut short or refused: its bytes leave the budget (once)."""
+        if cycle.held and self.direct is not None and self.direct.budget is not None:
+            self.direct.budget.give(cycle.held)
+        cycle.held = 0
 
     def on_message_complete(self) -> None:
         self._ended_in_read = True
@@ -481,6 +526,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Run the handler here until it waits; then a task carries it on."""
         cycle.started = True
         self._running = cycle
+        self._give_back(cycle)
         if cycle.timer is not None:
             cycle.timer.cancel()
             cycle.timer = None
@@ -645,7 +691,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _bad_request(self) -> None:
         self._refuse(400, "invalid HTTP request")
 
-    def _refuse(self, status: int, reason: str) -> None:
+    def _refuse(self, status: int, reason: str, retry_after_s: int | None = None) -> None:
         """Answer ``status`` with ``reason`` and close the connection, once the answers to the
         requests before the refused one are written (a client that pipelines gets those, in
         order); nothing after it is read. A request whose body broke is never run."""
@@ -657,6 +703,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
+        if retry_after_s is not None:
+            head.append(b"retry-after: %d\r\n" % retry_after_s)
         head += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
@@ -672,6 +720,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._broken = cycle
             in_line = any(waiting is cycle for waiting, _ in self.pipeline)
             self.pipeline = type(self.pipeline)(waiting for waiting in self.pipeline if waiting[0] is not cycle)
+        elif isinstance(cycle, DirectCycle) and not cycle.started and cycle is not self._complete:
+            # Its body is what was refused (BodyBudget): it is never run.
+            if cycle.timer is not None:
+                cycle.timer.cancel()
+            cycle.started = cycle.response_complete = True
+            self._give_back(cycle)
         if not in_line and not self._answers_pending():
             self._write_refusal(self._refusal)
 

@@ -393,6 +393,33 @@ def test_body_over_limit_gets_413(server_factory, repo_copy):
     assert c.is_server_live()
 
 
+def test_bodies_being_received_together_are_bounded_503_to_retry_and_the_budget_comes_back(server_factory, repo_copy):
+    """Twenty clients each holding a 60 MB body one byte short held 1.3 GB: the bodies being
+    received share --max-bodies-mb, on both of the server's ways (a body by its Content-Length,
+    buffered by the protocol; a chunked one, read by the handler), given back when a client leaves."""
+    s = server_factory(repo_copy, "--max-body-mb", "0.1", "--max-bodies-mb", "0.1")
+    head = "POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+    holder = socket.create_connection(("127.0.0.1", s.port), timeout=20)
+    holder.sendall(f"{head}Content-Length: 90000\r\n\r\n".encode() + b"x" * 89999)
+    # The server holds those bytes once it read them: another body past the rest is refused.
+    deadline = time.monotonic() + 20
+    while True:
+        r = requests.post(f"{s.http}/v2/models/digits/infer", data=iter([b"y" * 30000]), timeout=20)
+        if r.status_code != 400 or time.monotonic() > deadline:
+            break
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert "--max-bodies-mb" in r.json()["error"]
+    holder.close()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=20) as quitter:  # chunked, left mid-body
+        quitter.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n15f90\r\n".encode() + b"z" * 89999)
+    while True:  # both given back, once the server hears the clients leave
+        r = post(s, "/v2/models/digits/infer", b"{" * 100000)
+        if r.status_code != 503 or time.monotonic() > deadline:
+            break
+    assert r.status_code == 400, r.text
+
+
 def test_chunked_body_over_limit_gets_413(server_factory, repo_copy):
     s = server_factory(repo_copy, "--max-body-mb", "0.01")
 

@@ -13,7 +13,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from model_server.httpserver import Answer, DirectRoute, NoBody, limited_protocol
+from model_server.httpserver import Answer, BodyBudget, DirectRoute, NoBody, limited_protocol
 
 
 class Transport(asyncio.Transport):
@@ -86,8 +86,10 @@ class Handler:
         self.then.append(len(self.then))
 
 
-def connect(handler: Handler, timeout_s: float = 30.0, **config: Any) -> tuple[Any, Transport]:
-    route = DirectRoute(re.compile(r"/m/([^/]+)/infer"), handler, MAX_BODY, frozenset({b"x-checked-first"}))
+def connect(
+    handler: Handler, timeout_s: float = 30.0, budget: BodyBudget | None = None, **config: Any
+) -> tuple[Any, Transport]:
+    route = DirectRoute(re.compile(r"/m/([^/]+)/infer"), handler, MAX_BODY, frozenset({b"x-checked-first"}), budget)
     cls = limited_protocol(timeout_s, route)
     protocol = cls(Config(asgi_app, **config), ServerState(), {}, _loop=asyncio.get_running_loop())
     transport = Transport()
@@ -721,5 +723,40 @@ def test_a_chunked_body_that_is_mostly_framing_is_refused_once_the_framing_is_pa
         protocol.data_received(b"0\r\n\r\n")
         await settle()
         assert bodies(transport) == [b"asgi:" + b"z" * 128 * 64 * 64]
+
+    asyncio.run(scenario())
+
+
+def test_bodies_being_received_share_one_budget_past_which_a_body_is_a_503_to_retry() -> None:
+    """Clients each holding a body one byte short held the server's memory without bound; the
+    budget comes back whole however each body ends (complete, cut short, refused)."""
+
+    async def scenario() -> None:
+        handler, budget = Handler(), BodyBudget(100)
+        holding, _ = connect(handler, budget=budget)
+        holding.data_received(post("/m/x/infer", b"a" * 80)[:-1])  # one byte short: held
+        assert budget.held == 79
+        refused, transport = connect(handler, budget=budget)
+        refused.data_received(post("/m/x/infer", b"b" * 30))
+        answer = b"".join(transport.writes)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"retry-after: 1\r\n" in answer
+        assert b"--max-bodies-mb" in answer
+        assert transport.closed
+        assert budget.held == 79
+        refused.connection_lost(None)
+        holding.connection_lost(None)  # the holder gives up: its bytes come back
+        await settle()
+        assert budget.held == 0
+        served, transport = connect(handler, budget=budget)
+        served.data_received(post("/m/x/infer", b"c" * 90))
+        await settle()
+        assert bodies(transport) == [b"direct:" + b"c" * 90]
+        assert budget.held == 0
+        timed_out, transport = connect(handler, timeout_s=0.01, budget=budget)
+        timed_out.data_received(post("/m/x/infer", b"d" * 10)[:-2])
+        await asyncio.sleep(0.05)
+        assert budget.held == 0
+        assert transport.closed
 
     asyncio.run(scenario())
