@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from model_server.config import (
     MAX_COPY_AGE_S,
     MAX_JSON_BYTES,
+    MAX_QUEUE,
     NAME_RE,
     SHOW_LOG,
     ascii_uint,
@@ -223,6 +224,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=MAX_JSON_BYTES / 2**20,
         help="limit of an infer request's JSON part and of any other JSON body (413 above)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=at_least_one,
+        default=MAX_QUEUE,
+        help="requests queued in one version's dynamic batcher, whatever its max_queue_size (0 is unbounded, "
+        "as in Triton); more are refused 503 'exceeds maximum queue size'",
     )
     p.add_argument("--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)")
     p.add_argument(
@@ -461,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(LogMasking(mask))
     plog = prediction_log(args, mask)
     repo.pinned = pinned
+    repo.max_queue = args.max_queue
     for name, version in repo.pinned.items():
         try:
             repo.load(name, {"version_policy": {"specific": {"versions": [version]}}}, persist=False)

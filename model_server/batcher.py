@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_server.config import DynamicBatching
+from model_server.config import MAX_QUEUE, DynamicBatching
 from model_server.errors import ClientTimeout, InferenceFailed, Rejected, ServerError
 from model_server.protocol import InferInput, uint64_parameter
 
@@ -76,9 +76,10 @@ def merge_key(inputs: list[InferInput]) -> tuple[Any, ...]:
 
 
 class DynamicBatcher:
-    def __init__(self, lv: LoadedVersion, config: DynamicBatching):
+    def __init__(self, lv: LoadedVersion, config: DynamicBatching, max_queue: int = MAX_QUEUE):
         self.lv = lv
         self.config = config
+        self.max_queue = max_queue  # the server's cap on the requests queued, every level together
         self.max_batch = lv.config.max_batch_size
         self.preferred = set(config.preferred_batch_size) or {self.max_batch}  # as Triton normalizes it
         self.largest_preferred = max(self.preferred)
@@ -140,6 +141,11 @@ class DynamicBatcher:
         limit = self.policies[priority].max_queue_size
         if limit and self._sizes.get(priority, 0) >= limit:  # as Triton: each level's own queue
             raise Rejected(f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size ({limit})")
+        if self.queued >= self.max_queue:  # (a max_queue_size of 0 is unbounded, in Triton too)
+            raise Rejected(
+                f"model '{self.lv.name}' version {self.lv.version}: exceeds maximum queue size "
+                f"({self.max_queue}, the server's --max-queue)"
+            )
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():  # first request, or a new loop
             self._loop = loop

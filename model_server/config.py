@@ -208,10 +208,16 @@ class ImagePreprocess:
     exif_orientation: bool = True  # turn an image upright as its EXIF Orientation says
 
 
+# The requests queued in one version's dynamic batcher, all priority levels together, whatever
+# its configuration says (``max_queue_size`` 0 is unbounded in Triton too): a server-wide cap,
+# ``--max-queue``, refused 503 as a full queue is.
+MAX_QUEUE = 4096
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
     """Triton's ``ModelQueuePolicy``: one priority level's queue. ``max_queue_size`` and
-    ``default_timeout_microseconds`` bound it (0: unbounded), a request over either refused as
+    ``default_timeout_microseconds`` bound it (0: unbounded but for the server's ``MAX_QUEUE``), a request over either refused as
     Triton does (503), or, past its timeout with ``timeout_action`` DELAY, run after the
     requests of its level that did not time out; with ``allow_timeout_override`` a request's
     ``timeout`` parameter may shorten the default."""

@@ -38,7 +38,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from model_server.batcher import DynamicBatcher, Outcome, Pending, is_retryable, split
-from model_server.config import DATATYPES, ONNX_TYPES, ModelConfig, TensorSpec
+from model_server.config import DATATYPES, MAX_QUEUE, ONNX_TYPES, ModelConfig, TensorSpec
 from model_server.errors import (
     InferenceFailed,
     InjectedFault,
@@ -174,7 +174,15 @@ def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
 
 
 class LoadedVersion:
-    def __init__(self, config: ModelConfig, version: int, path: Path, providers: list[str], data: bytes | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        version: int,
+        path: Path,
+        providers: list[str],
+        data: bytes | None = None,
+        max_queue: int = MAX_QUEUE,
+    ):
         """``data``: the bytes of ``path`` already read (``read_model``); else read here, once."""
         self.config = config
         self.name = config.name
@@ -208,7 +216,7 @@ class LoadedVersion:
         self.fault: Fault | None = None
         self._valid: dict[tuple[Any, ...], list[str]] = {}  # requests' signatures that passed -> outputs
         batching = config.dynamic_batching
-        self.batcher = DynamicBatcher(self, batching) if batching is not None else None
+        self.batcher = DynamicBatcher(self, batching, max_queue) if batching is not None else None
 
     def _check_signature(self, where: str) -> None:
         assert self.session is not None

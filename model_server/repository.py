@@ -19,6 +19,7 @@ from typing import Any
 
 from model_server import metrics
 from model_server.config import (
+    MAX_QUEUE,
     NAME_RE,
     ModelConfig,
     instance_kind,
@@ -91,6 +92,7 @@ class ModelRepository:
         self._copies: dict[tuple[str, str], list[LoadedVersion]] = {}
         self._disk_configs: dict[str, tuple[tuple[Any, ...], ModelConfig]] = {}  # not loaded: (_stamp, config)
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
+        self.max_queue = MAX_QUEUE  # requests queued in a version's batcher (--max-queue)
         self.state_dir = state_dir
 
     def persisted(self, name: str) -> tuple[bool, dict[str, Any] | None]:
@@ -232,7 +234,7 @@ class ModelRepository:
                     new[v] = old
                     continue
                 try:
-                    lv = LoadedVersion(cfg, v, on_disk[v], self.providers)
+                    lv = LoadedVersion(cfg, v, on_disk[v], self.providers, max_queue=self.max_queue)
                     created.append(lv)
                     lv.warmup()
                 except ServerError as exc:

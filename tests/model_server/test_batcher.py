@@ -268,6 +268,29 @@ def test_the_queue_is_bounded_and_timeouts_reject_as_triton_does():
     assert asyncio.run(scenario()) == [[0]]
 
 
+def test_an_unbounded_max_queue_size_is_bounded_by_the_server_s_max_queue():
+    """``max_queue_size`` 0 is unbounded, in Triton too (the default configuration): a client
+    queued 268 requests and more, each holding its inputs. The server's --max-queue bounds every
+    version's queue, every level together, refused as a full queue is (503)."""
+
+    async def scenario():
+        lv = HeldVersion(max_batch_size=1)
+        b = DynamicBatcher(lv, DynamicBatching(priority_levels=2, default_priority_level=2), max_queue=2)  # type: ignore[arg-type]
+        running = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
+        await until(lambda: lv.executions, "the first request runs")
+        queued = [asyncio.ensure_future(b.submit(request(i), ["y"], {"priority": i})) for i in (1, 2)]
+        await until(lambda: b.queued == 2, "two queued")
+        with pytest.raises(Rejected, match="exceeds maximum queue size \\(2, the server's --max-queue\\)") as full:
+            await b.submit(request(3), ["y"], {"priority": 1})
+        assert full.value.status == 503
+        for n in range(3):
+            await release(lv, n)
+        await asyncio.gather(running, *queued)
+        return b.queued
+
+    assert asyncio.run(scenario()) == 0
+
+
 def test_max_queue_size_bounds_each_priority_level_as_in_triton():
     """Triton keeps one queue per priority level, each under the queue policy: low-priority
     requests that fill theirs never refuse a high-priority one. One bound over the whole queue
@@ -486,14 +509,14 @@ def test_with_preserve_ordering_a_request_past_its_timeout_is_refused_at_once():
 
 
 def test_a_long_queue_with_timeouts_costs_each_arrival_and_departure_little():
-    """The queue is unbounded by default and the batcher shares the server's one event loop: a
+    """A queue may be long (--max-queue raised) and the batcher shares the server's one event loop: a
     walk of the whole queue per arrival (for the next timeout) and per departing client (to find
     it) held the loop 3 ms an arrival with 20,000 queued, and 10 s for their clients going away.
     Counted in this process's CPU time (a walk is work; the machine's other load is not)."""
 
     async def scenario():
         lv = HeldVersion(max_batch_size=1)
-        b = batcher(lv, default_timeout_microseconds=600_000_000)
+        b = DynamicBatcher(lv, DynamicBatching(default_timeout_microseconds=600_000_000), max_queue=20_000)  # type: ignore[arg-type]
         first = asyncio.ensure_future(b.submit(request(0), ["y"], {}))
         await until(lambda: lv.executions, "the first request runs")
         queued = [asyncio.ensure_future(b.submit(request(1), ["y"], {})) for _ in range(20_000)]
