@@ -131,6 +131,27 @@ def response_coding(accept: str | None) -> str:
     return best
 
 
+# A compressed request's JSON part (the whole body but for an inference's binary tensors) may
+# inflate to at most this many times the compressed body, or to ``MIN_INFLATED_JSON``: its
+# parsing holds the event loop (4 MiB of numbers 0.2 s), and a 4 KB gzip body inflating to 4 MiB
+# stalled every request, health probes too, for seconds. Real tensors' text compresses 2 to 20 times.
+MAX_JSON_INFLATION = 32
+MIN_INFLATED_JSON = 256 * 1024
+
+
+def check_inflation(compressed: int, body: bytes, json_length: str | None, encoding: str) -> None:
+    """413 when the JSON part of a decompressed body (``json_length`` bytes of it, as
+    Inference-Header-Content-Length says, or all of it) inflated past its bound."""
+    json_len = len(body) if json_length is None else ascii_uint(json_length.strip())
+    bound = max(MIN_INFLATED_JSON, MAX_JSON_INFLATION * compressed)
+    if json_len is not None and json_len > bound:
+        raise PayloadTooLarge(
+            f"the JSON part of the request is {json_len} bytes once decompressed ({encoding}), over {bound} bytes: "
+            f"{MAX_JSON_INFLATION} times the {compressed} bytes sent, at least {MIN_INFLATED_JSON}; send it "
+            "uncompressed, or its tensors as binary data"
+        )
+
+
 MIN_COMPRESSED = 1024  # smaller answers as they are: gzip's framing and work not repaid
 COMPRESSED_ON_LOOP = 16 * 1024  # smaller: compressed where it is (under 0.3 ms; a thread's hop costs about as much)
 FEEDBACK_ON_LOOP = 16  # labels in a list answered where it is (under 0.3 ms); a longer list in a thread
@@ -338,12 +359,17 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             raise InvalidInput(f"unsupported Content-Encoding {encoding[:40]!r}: use gzip, deflate or identity")
         return encoding
 
-    async def decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    async def decoded(body: bytes, encoding: str, limit: int, json_length: str | None) -> bytes:
+        """The body decompressed; ``json_length``: its JSON part's (None: all of it is JSON)."""
         if encoding == "identity" or not body:
             return body
-        return await asyncio.to_thread(decompress, body, encoding, limit)
+        out = await asyncio.to_thread(decompress, body, encoding, limit)
+        check_inflation(len(body), out, json_length, encoding)
+        return out
 
-    async def read_body(receive: Receive, headers: Mapping[str, str], limit: int | None = None) -> bytes:
+    async def read_body(
+        receive: Receive, headers: Mapping[str, str], limit: int | None = None, json_length: str | None = None
+    ) -> bytes:
         limit = limit or settings.max_body_bytes
         encoding = body_encoding(headers)
         declared = headers.get("content-length")
@@ -376,7 +402,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 body = await read()
         except TimeoutError:
             raise body_timeout() from None
-        return await decoded(body, encoding, limit)
+        return await decoded(body, encoding, limit, json_length)
 
     async def buffered_body(body: bytes | NoBody, headers: Mapping[str, str]) -> bytes:
         """The body the HTTP protocol buffered (at most ``max_body_bytes``), or why there is
@@ -386,7 +412,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             raise body_timeout()
         if body is NoBody.DISCONNECTED:
             raise client_gone()
-        return await decoded(body, encoding, settings.max_body_bytes)
+        return await decoded(body, encoding, settings.max_body_bytes, headers.get(HEADER_LENGTH.lower()))
 
     def body_timeout() -> RequestTimeout:
         return RequestTimeout(f"request body not received within {settings.request_timeout_s:g} s")
@@ -536,7 +562,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
 
         async def read(headers: Mapping[str, str]) -> bytes:
             nonlocal watch
-            body = await read_body(receive, headers)
+            body = await read_body(receive, headers, json_length=headers.get(HEADER_LENGTH.lower()))
             watch = asyncio.ensure_future(cancel_when_gone(receive, task))
             return body
 

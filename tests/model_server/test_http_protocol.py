@@ -761,7 +761,8 @@ def test_compressed_requests_as_tritonclient_sends_them(server, digit_images, al
     packed = c.infer("digits", [image_input(images)], outputs=[out], request_compression_algorithm=algorithm)
     np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
     tensors = httpclient.InferInput("input", [1, 3, 224, 224], "FP32")  # JSON tensors, compressed
-    tensors.set_data_from_numpy(np.zeros((1, 3, 224, 224), dtype=np.float32), binary_data=False)
+    pixels = np.random.default_rng(5).random((1, 3, 224, 224), dtype=np.float32)  # (zeros inflate past the bound)
+    tensors.set_data_from_numpy(pixels, binary_data=False)
     json_out = [
         httpclient.InferRequestedOutput(c.get_model_metadata("resnet_bench")["outputs"][0]["name"], binary_data=False)
     ]
@@ -855,6 +856,32 @@ def test_the_response_coding_is_picked_as_triton_picks_it(accept, coding):
     from model_server.app import response_coding
 
     assert response_coding(accept) == coding
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_json_part_may_inflate_only_so_far(server, algorithm):
+    """Its parsing holds the event loop: a 4 KB gzip body inflating to 4 MiB of numbers cost
+    0.2 s there, and a few clients sending them stalled health probes for seconds. The same JSON
+    sent as it is costs its client the bytes: served."""
+    import zlib
+
+    doc = {"inputs": [{"name": "input", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": [0] * 150528}]}
+    body = json.dumps(doc).encode()
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
+    packed = packer.compress(body) + packer.flush()
+    url = f"{server.http}/v2/models/resnet_bench/infer"
+    r = requests.post(url, data=packed, headers={"Content-Encoding": algorithm}, timeout=30)
+    assert r.status_code == 413, r.text
+    assert f"bytes once decompressed ({algorithm})" in r.json()["error"]
+    assert "send it uncompressed, or its tensors as binary data" in r.json()["error"]
+    # Inference-Header-Content-Length names the JSON part: binary tensors after it inflate freely.
+    header = json.dumps({"inputs": [{**doc["inputs"][0], "data": None, "parameters": {"binary_data_size": 602112}}]})
+    header = header.replace(', "data": null', "").encode()
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS if algorithm == "gzip" else zlib.MAX_WBITS)
+    packed = packer.compress(header + bytes(602112)) + packer.flush()
+    headers = {"Content-Encoding": algorithm, "Inference-Header-Content-Length": str(len(header))}
+    assert requests.post(url, data=packed, headers=headers, timeout=30).status_code == 200
+    assert requests.post(url, data=body, timeout=30).status_code == 200
 
 
 def test_a_compressed_body_is_bounded_and_checked(server):
