@@ -161,7 +161,12 @@ def render_deployment(
             {"name": "http", "containerPort": HTTP_PORT},
             {"name": "admin", "containerPort": ADMIN_PORT},
         ],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 5},
+        # As long as liveness waits: Kubernetes' 1 s default took a busy server out of its Service.
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+        },
         # The server loads and warms its version up before it listens at all (on a GPU, minutes
         # for a large model): the liveness probe alone would kill it a minute in. Liveness
         # counts from the first answer, within wait_ready's 10 minutes.

@@ -170,6 +170,9 @@ def test_the_hardening_a_production_pod_needs(rendered):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Kubernetes' default of 1 s took a server busy for a second (a burst of large JSON requests)
+    # out of its Service: readiness waits as long as liveness does.
+    assert container["readinessProbe"]["timeoutSeconds"] == container["livenessProbe"]["timeoutSeconds"] == 5
     # The server listens only once its version is loaded and warmed up (model_server/__main__.py):
     # liveness (6 misses, 10 s apart) waits for a startup probe that allows wait_ready's 10 minutes.
     startup = container["startupProbe"]
