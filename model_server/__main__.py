@@ -319,6 +319,12 @@ def admin_token(args: argparse.Namespace) -> str | None:
             f"the admin token ({source}) holds a line break or another control character: no "
             "Authorization header can carry it, and every admin call would be refused"
         )
+    if not token.isascii():
+        raise ValueError(
+            f"the admin token ({source}) holds a character that is not printable ASCII: an Authorization "
+            "header carries bytes, and clients send such a token as UTF-8 or Latin-1, so admin calls would "
+            "be refused or taken only in one of them; use ASCII letters, digits and punctuation"
+        )
     return token or None
 
 

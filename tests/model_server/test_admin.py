@@ -258,11 +258,14 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
         (b"\xffSECRET", "cannot be read"),
         (b" \n", "is empty"),
         (b"SECRET\nTOKEN\n", "holds a line break or another control character"),
+        ("SECRET-t\u00f6ken".encode(), "holds a character that is not printable ASCII"),
+        ("SECRET-\u20ac".encode(), "holds a character that is not printable ASCII"),
     ],
 )
 def test_an_admin_token_file_that_cannot_be_used_is_exit_2(tmp_path, content, words):
     """A missing or non-UTF-8 file was a traceback, and only after every model had loaded; a
-    token with a line break started a server whose admin calls no client could make."""
+    token with a line break started a server whose admin calls no client could make, and so did
+    one not ASCII (a header's value is bytes: sent as UTF-8 it never matched, as Latin-1 only)."""
     import subprocess
     import sys
 
