@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -113,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     token = p.add_mutually_exclusive_group()
     token.add_argument("--admin-token", help="bearer token for admin calls (prefer --admin-token-file)")
     token.add_argument("--admin-token-file", type=Path, help="file holding the admin bearer token")
+    p.add_argument(
+        "--allow-open-admin",
+        action="store_true",
+        help="start without an admin token on a --host that is not loopback: the admin API (load, unload, "
+        "traffic, fault injection) open to whoever reaches the port (refused otherwise)",
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -328,6 +335,33 @@ def admin_token(args: argparse.Namespace) -> str | None:
     return token or None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` is reachable from this machine only (a name other than localhost: no)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_admin_problem(args: argparse.Namespace) -> str | None:
+    """Without an admin token every admin call is answered: refused on a --host others reach,
+    unless --allow-open-admin says so; said (a warning) in any case."""
+    where = f"--host {args.host}" + ("" if args.admin_port is None else f" port {args.admin_port}")
+    if not is_loopback(args.host) and not args.allow_open_admin:
+        return (
+            f"no admin token, and {where} is not loopback: the admin API (load, unload, traffic, fault "
+            "injection) would be open to anyone who reaches it; give --admin-token-file (or --admin-token, "
+            "MODEL_SERVER_ADMIN_TOKEN), or --allow-open-admin to start so on purpose"
+        )
+    log.warning(
+        "no admin token: the admin API (load, unload, traffic, fault injection) is open to anyone who reaches %s",
+        where,
+    )
+    return None
+
+
 def state_dir(args: argparse.Namespace) -> Path | None:
     """The traffic state folder: a named one must be writable; the default may not be."""
     path = args.state_dir or args.repository / ".state"
@@ -443,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         token = admin_token(args)
     except ValueError as exc:
         print(f"model-server: {exc}", file=sys.stderr)
+        return 2
+    problem = None if token is not None else open_admin_problem(args)
+    if problem is not None:
+        print(f"model-server: {problem}", file=sys.stderr)
         return 2
     try:
         pinned = pins(args.serve)

@@ -252,6 +252,49 @@ def test_cli_refuses_cuda_without_a_gpu_and_a_missing_repository(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("host", "extra", "words"),
+    [
+        ("0.0.0.0", [], "no admin token, and --host 0.0.0.0 is not loopback"),
+        ("::", [], "no admin token, and --host :: is not loopback"),
+        ("0.0.0.0", ["--allow-open-admin"], "WARNING model_server: no admin token: the admin API"),
+        ("127.0.0.1", [], "WARNING model_server: no admin token: the admin API"),
+    ],
+)
+def test_an_open_admin_api_is_refused_where_others_reach_it_and_always_said(tmp_path, host, extra, words):
+    """With no token the admin API (load, unload, fault injection) was open even on 0.0.0.0,
+    and nothing said so. (--port 70000 ends a start that got past the check, before it listens.)"""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model_server",
+            "--repository",
+            str(tmp_path),
+            "--host",
+            host,
+            "--port",
+            "70000",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert words in out.stderr
+    if "WARNING" in words:
+        assert "--port 70000 is not a TCP port" in out.stderr
+    else:
+        assert "--allow-open-admin" in out.stderr
+
+
+@pytest.mark.parametrize(
     ("content", "words"),
     [
         (None, "cannot be read: No such file or directory"),
