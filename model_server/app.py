@@ -201,6 +201,24 @@ def header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode("latin-1"): header_text(v) for k, v in reversed(headers)}
 
 
+# Headers that say one thing: sent twice, a proxy in front may act on the last and the server on
+# the first (the body's length or coding, whose token), so a request naming one twice is a 400.
+SINGLE_HEADERS = frozenset({b"authorization", b"content-encoding", HEADER_LENGTH.lower().encode()})
+
+
+def check_single(headers: list[tuple[bytes, bytes]], first: Mapping[str, str]) -> None:
+    """400 naming a header of ``SINGLE_HEADERS`` sent more than once (``first``: ``header_dict``'s,
+    shorter than ``headers`` only when a name repeats)."""
+    if len(first) == len(headers):
+        return
+    seen: set[bytes] = set()
+    for name, _ in headers:
+        if name in SINGLE_HEADERS:
+            if name in seen:
+                raise InvalidInput(f"the {name.decode()} header is sent more than once: send it once")
+            seen.add(name)
+
+
 def rule_headers(headers: list[tuple[bytes, bytes]], first: Mapping[str, str]) -> dict[str, str] | None:
     """The headers as Envoy's header matching sees them when a name is sent more than once (its
     values joined by ',', in order), for the traffic policy's rules; None when none repeats
@@ -310,6 +328,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         def wrap(fn: Handler) -> Handler:
             async def handler(request: Request) -> Response:
                 try:
+                    check_single(request.headers.raw, header_dict(request.headers.raw))
                     if admin:
                         check_admin_port(request.scope)
                         check_admin(request.headers)
@@ -488,6 +507,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             if method != "POST":
                 raise MethodNotAllowed(f"method {method} not allowed on {shown(path)}")
             headers = header_dict(raw_headers)
+            check_single(raw_headers, headers)
             rid = request_id(headers.get("x-request-id"))
             trace = TraceContext.from_header(headers.get("traceparent"))
             # The rollout's masking probe: its copy runs at once instead of in idle time (under

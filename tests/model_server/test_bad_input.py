@@ -18,6 +18,8 @@ import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import ADMIN_TOKEN
+
 pytestmark = pytest.mark.integration
 
 
@@ -418,6 +420,28 @@ def test_bodies_being_received_together_are_bounded_503_to_retry_and_the_budget_
         if r.status_code != 503 or time.monotonic() > deadline:
             break
     assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "name", "values"),
+    [
+        ("POST", "/v2/models/digits/infer", "inference-header-content-length", ["2", "5"]),
+        ("POST", "/v2/models/digits/infer", "content-encoding", ["gzip", "identity"]),
+        ("GET", "/v2/models/digits/traffic", "authorization", [f"Bearer {ADMIN_TOKEN}", "Bearer wrong"]),
+        ("POST", "/v2/repository/index", "content-encoding", ["identity", "gzip"]),
+    ],
+)
+def test_a_header_that_says_one_thing_sent_twice_is_a_400_naming_it(server, method, path, name, values):
+    """The first was taken: a proxy in front that acts on the last would frame, decode or
+    authorize the request otherwise than the server."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    head += "".join(f"{name.title()}: {value}\r\n" for value in values)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(head.encode() + b"\r\n{}")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 400
+        assert json.loads(response.read())["error"] == f"the {name} header is sent more than once: send it once"
 
 
 def test_chunked_body_over_limit_gets_413(server_factory, repo_copy):
