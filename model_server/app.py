@@ -392,9 +392,17 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         limit = limit or settings.max_body_bytes
         encoding = body_encoding(headers)
         declared = headers.get("content-length")
-        if declared is not None and int(declared) > limit and "100-continue" in headers.get("expect", "").lower():
-            # Refused before the client is told to send it (the first receive() would tell it).
-            raise PayloadTooLarge(f"request body of {declared.strip()} bytes is over the limit of {limit} bytes")
+        length = 0 if declared is None else int(declared)  # (checked by body_encoding)
+        too_big = length > limit
+
+        def over_limit(size: object) -> PayloadTooLarge:
+            return PayloadTooLarge(f"request body of {size} bytes is over the limit of {limit} bytes")
+
+        if too_big and (length > DRAIN_FACTOR * limit or "100-continue" in headers.get("expect", "").lower()):
+            # Refused from the headers: before the client is told to send it (the first receive()
+            # would tell it), or when it is too long to drain anyway (a client declaring 10 GB and
+            # sending nothing held its connection until the body timeout, then got a 408).
+            raise over_limit(length)
 
         async def read() -> bytes:
             chunks, size, held = [], 0, 0
@@ -411,15 +419,15 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 budget.give(held)
             if size > limit:
                 # The rest was drained, not kept, so the client reads this 413, not a reset.
-                raise PayloadTooLarge(
-                    f"request body of {headers.get('content-length') or size} bytes is over the limit of {limit} bytes"
-                )
+                raise over_limit(length or size)
             return b"".join(chunks)
 
         try:
             async with asyncio.timeout(settings.request_timeout_s):
                 body = await read()
         except TimeoutError:
+            if too_big:  # (drained so that the client reads the answer; what matters is its length)
+                raise over_limit(length) from None
             raise body_timeout() from None
         return await decoded(body, encoding, limit, json_length)
 

@@ -455,6 +455,28 @@ def test_chunked_body_over_limit_gets_413(server_factory, repo_copy):
     assert r.status_code == 413
 
 
+def test_a_declared_length_over_the_limit_is_a_413_without_waiting_for_the_body(server_factory, repo_copy):
+    """Without Expect: 100-continue it was drained (so that its client reads the answer, not a
+    reset): one declared far past what is drained, or whose body never came, held the connection
+    until the body timeout, then got a 408 that said nothing of its length."""
+    s = server_factory(repo_copy, "--max-body-mb", "0.01", "--request-timeout", "60")
+    for length in (10**10, 4 * 10485 + 1):
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{".encode()
+            )
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 413
+            assert f"request body of {length} bytes is over the limit of 10485 bytes" in response.read().decode()
+    s = server_factory(repo_copy, "--max-body-mb", "0.01", "--request-timeout", "1")
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:  # drained, but it never came
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n{")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 413
+
+
 def test_slow_body_times_out_with_408_not_a_hang(server_factory, repo_copy):
     s = server_factory(repo_copy, "--request-timeout", "1")
     with socket.create_connection(("127.0.0.1", s.port), timeout=20) as sock:
