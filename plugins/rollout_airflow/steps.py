@@ -1946,7 +1946,7 @@ def finish(
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
     effect with the baseline retired: its record lost with a killed worker; routing back to
     retired pods would be an outage; the routes unread, edited by hand, the baseline retired and
-    the candidate serving: ``promoted_unseen``), else the stable version at 100%; with ``prune`` (the
+    the candidate serving, unless it decided to roll back: ``promoted_unseen``), else the stable version at 100%; with ``prune`` (the
     teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
     then, where the run ``decided`` (the teardown: decide's outcome), what it carried out kept in
     its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again; with
@@ -1962,8 +1962,8 @@ def finish(
     lease_kept(lock, run_id, folder)
     routes = None if promoted else routes_read(spec, router(spec, run_id, hook))  # (None: edited by hand)
     unread = not promoted and routes is None
-    if unread:
-        kept = promoted_unseen(spec, hook)
+    if unread:  # (a run that decided to roll back never promoted, whatever scaled its baseline to 0)
+        kept = decided in (None, "promote") and promoted_unseen(spec, hook)
     else:
         kept = promoted or promotion_in_effect(spec, run_id, hook, routes)
     if not kept:

@@ -1312,6 +1312,30 @@ def test_a_promotion_whose_record_was_lost_is_kept_with_its_routes_edited_unread
     assert steps.serving().model_lock("digits", "istio").holding() is None
 
 
+def test_a_rollback_decided_with_its_baseline_scaled_to_0_and_its_routes_unreadable_is_carried_out(kube):
+    """Mid-stage, the baseline scaled to 0 by another manager (KEDA, ``kubectl scale``) and the
+    VirtualService edited into one the rollout cannot read: the teardown of a run that decided to
+    roll back took the retired-looking baseline for a promotion, kept it, reported "version 2 was
+    promoted", and left 90% of the traffic on a version without pods. A run that decided to roll
+    back never promoted: the baseline is brought back and takes 100%."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.touch("deployments", "models", "digits-v1", lambda obj: obj["spec"].update(replicas=0))
+
+    def debug_rule(obj: dict) -> None:
+        debug = {"name": "debug", "match": [{"headers": {"x-debug": {"exact": "1"}}}]}
+        obj["spec"]["http"].insert(0, {**debug, "route": [{"destination": {"host": "digits"}}]})
+
+    kube.touch("virtualservices", "models", "digits", debug_rule)
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+        steps.ensure_stable(PARAMS, "run-1", None, None, SENT, decided="rollback")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_a_model_sent_to_another_models_target_is_refused_before_any_write(kube):
     """The single-model setup (one connection-wide target, no {model}) used for a second model:
     its rollout would take over digits' Deployments and VirtualService. The runs take turns on
