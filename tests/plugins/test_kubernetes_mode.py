@@ -2514,12 +2514,12 @@ def test_a_mirror_set_by_hand_is_recorded_by_the_hourly_audit_with_a_warning(kub
 @pytest.mark.parametrize("last", ["run-1", "run-2"])
 def test_a_rollbacks_renewal_another_writer_beats_at_each_read_goes_on_while_the_lease_is_its_own(kube, caplog, last):
     """A rollback's renewal whose replace another writer beat at each of its reads (LockError:
-    "written by another writer between each of 5 reads") failed the rollback, the candidate
+    "written by another writer" at each of its tries) failed the rollback, the candidate
     left with its share of the traffic, though the lease was still this run's. The rollback goes
     on, saying why, while the lease reads as this run's; only a lease another run holds stops it."""
     import logging
 
-    from vision_rollout.locks import RACES
+    from vision_rollout.mesh import WRITE_TRIES
 
     at_stage_1(kube)
     beaten = []
@@ -2527,9 +2527,9 @@ def test_a_rollbacks_renewal_another_writer_beats_at_each_read_goes_on_while_the
     def another_writer() -> None:  # before each lease write, until the renewal gave up
         if kube.requests[-1]["method"] == "PUT" and kube.requests[-1]["path"].endswith("/leases/rollout-digits"):
             beaten.append(1)
-            holder = last if len(beaten) == RACES else "run-1"
+            holder = last if len(beaten) == WRITE_TRIES else "run-1"
             kube.touch("leases", "models", "rollout-digits", lambda o: o["spec"].update(holderIdentity=holder))
-            if len(beaten) == RACES:
+            if len(beaten) == WRITE_TRIES:
                 return
         kube.before_write = another_writer
 
@@ -2540,7 +2540,7 @@ def test_a_rollbacks_renewal_another_writer_beats_at_each_read_goes_on_while_the
         else:
             with pytest.raises(AirflowFailException, match=r"does not hold model 'digits'|not this run's"):
                 steps.restore_stable(PARAMS, "run-1")
-    assert len(beaten) == RACES
+    assert len(beaten) == WRITE_TRIES
     if last == "run-1":
         assert routes(kube) == [("v1", 100)]
         assert "written by another writer" in caplog.text
