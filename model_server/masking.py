@@ -716,7 +716,9 @@ class LogMasking(logging.Filter):
     def _masked_json(self, value: object, key: Key | None, name: str = "") -> object:
         """``value`` (a JSON line's, under the field ``name``) masked, its structure kept."""
         if isinstance(value, str):
-            return self.masker.mask_text(value, key)
+            masked = self.masker.mask_text(value, key)
+            # (a value found only after its field's name: "user_passport_no": "E1234567")
+            return self._whole(value, key) if masked == value and self._named(name, value, key) else masked
         if isinstance(value, dict):
             named = any(
                 str(k).lower() in _NAME_FIELDS and isinstance(v, str) and self.masker.masks_whole(v)
@@ -735,10 +737,13 @@ class LogMasking(logging.Filter):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             # A number a detector finds after its field's name (a phone, a card, an id under a key
             # that names it: "user_passport_no"), masked whole as a string token: the line stays JSON.
-            text = str(value)
-            if not self.masker.mask_text(f"{name}: {text}", key).endswith(f": {text}"):
+            if self._named(name, str(value), key):
                 return self._whole(value, key)
         return value
+
+    def _named(self, name: str, text: str, key: Key | None) -> bool:
+        """Whether the detectors mask ``text`` read after its field's ``name`` (``name: text``)."""
+        return not self.masker.mask_text(f"{name}: {text}", key).endswith(f": {text}")
 
     def _whole(self, value: object, key: Key | None) -> object:
         """Every string and number in ``value`` (a field named for an identity number: its

@@ -2102,3 +2102,17 @@ def test_a_private_key_indented_deep_is_masked_every_line(keys, indent):
             masked = Masker(ring).mask_text(text, ring.key_for(None))
             assert not [line for line in body if line in masked], masked
             assert not [line for line in body if line in scrub(text)], scrub(text)
+
+
+def test_a_json_string_under_a_name_the_keyed_rule_knows_is_masked_whole(keys):
+    """A JSON string under a name the keyed rule knows but ``masks_whole`` does not (a prefixed
+    one: ``user_passport_no``) was masked as its own text, which holds no shape, and reached the
+    log, while ``user_passport_no: E1234567`` as text is masked. A string is read after its
+    field's name now, as a number is, and masked whole where that text is masked."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    line = json.dumps({"user_passport_no": "E1234567", "meta": {"customer_ssn": "123456789"}, "path": "primary"})
+    fields = json.loads(masking._masked(line, ring.key_for(None)))
+    assert reveal(fields["user_passport_no"], ring) == "E1234567"
+    assert reveal(fields["meta"]["customer_ssn"], ring) == "123456789"
+    assert fields["path"] == "primary"
