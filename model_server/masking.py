@@ -669,6 +669,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # Fields that name their object's "value" field (Kubernetes' env, header lists, tags):
 # {"name": "DB_PASSWORD", "value": "..."} is a field DB_PASSWORD.
 _NAME_FIELDS = frozenset({"name", "key", "header"})
+# A field name whose last word names a measure (a size, a duration, a count, a status): its
+# number is no phone or card whatever its digits ("bytes", "duration_us", "bodySize").
+_MEASURE = re.compile(
+    r"(?:^|[-_. ]|(?<=[a-z])(?=[A-Z]))(?i:ms|us|ns|s|secs?|seconds|bytes|size|count|total|len|length"
+    r"|status|code|port|ts|time|timestamp|duration|latency|offset)$"
+)
 
 
 class LogMasking(logging.Filter):
@@ -735,9 +741,14 @@ class LogMasking(logging.Filter):
         if isinstance(value, list):
             return [self._masked_json(v, key, name) for v in value]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # A number a detector finds after its field's name (a phone, a card, an id under a key
-            # that names it: "user_passport_no"), masked whole as a string token: the line stays JSON.
-            if self._named(name, str(value), key):
+            # A number found only after its field's name (an id under a key that names it:
+            # "user_passport_no"), or an integer of a shape (a phone, a card) under a name that is
+            # no measure ("bytes", "duration_us" hold any number), masked whole as a string token:
+            # the line stays JSON.
+            text = str(value)
+            if self._named(name, text, key) and (
+                self.masker.mask_text(text, key) == text or (isinstance(value, int) and _MEASURE.search(name) is None)
+            ):
                 return self._whole(value, key)
         return value
 

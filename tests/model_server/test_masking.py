@@ -2116,3 +2116,25 @@ def test_a_json_string_under_a_name_the_keyed_rule_knows_is_masked_whole(keys):
     assert reveal(fields["user_passport_no"], ring) == "E1234567"
     assert reveal(fields["meta"]["customer_ssn"], ring) == "123456789"
     assert fields["path"] == "primary"
+
+
+def test_a_json_number_under_a_measures_name_stays_a_number(keys):
+    """A JSON number was masked wherever a shape detector alone matched it, whatever its field:
+    a size, a duration, a count or a float latency became a string token, and the field changed
+    type. A number is masked now where its name is read as naming it (``user_passport_no``), or
+    where a shape matches an integer under a name that is no measure (``phone``, ``card``)."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    kept = {
+        "bytes": 4294967296,
+        "duration_us": 4155552671,
+        "count": 4111111111111111,
+        "latency_ms": 2345678901.5,
+        "bodySize": 4294967296,
+    }
+    masked = {"phone": 4155552671, "card": 4111111111111111, "pan": 4111111111111111, "tax_id": 123456789}
+    fields = json.loads(masking._masked(json.dumps({**kept, **masked, "user": masked}), ring.key_for(None)))
+    assert {k: fields[k] for k in kept} == kept
+    for k, v in masked.items():
+        assert reveal(fields[k], ring) == str(v)
+        assert reveal(fields["user"][k], ring) == str(v)
