@@ -264,7 +264,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one JSON log line per inference (primary and shadow) with request and trace ids",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_bodies_mb is not None and args.max_bodies_mb < args.max_body_mb:
+        # Every body between the two would be refused 503 "retry shortly", and no retry fit.
+        p.error(
+            f"--max-bodies-mb {args.max_bodies_mb:g} is below --max-body-mb {args.max_body_mb:g}: "
+            "the bodies being received together must hold at least one body of the largest size"
+        )
+    return args
 
 
 def pins(specs: list[str]) -> dict[str, int]:

@@ -902,3 +902,20 @@ def test_requests_pipelined_before_a_malformed_one_are_answered_before_its_400(s
     assert [status for status, _ in answers] == [200, 200, 400]
     assert json.loads(answers[0][1])["outputs"] == json.loads(answers[1][1])["outputs"]
     assert json.loads(answers[2][1]) == {"error": "invalid HTTP request"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--max-bodies-mb", "1"], ["--max-body-mb", "8", "--max-bodies-mb", "4"]],
+)
+def test_a_bodies_budget_below_one_body_is_refused_at_start_naming_both_flags(args, capsys):
+    """--max-bodies-mb below --max-body-mb (64 by default) left every body between the two
+    refused 503 'retry shortly' forever: no retry could ever fit. The start is refused."""
+    from model_server.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--repository", ".", *args])
+    err = capsys.readouterr().err
+    assert "--max-bodies-mb" in err
+    assert "--max-body-mb" in err
+    assert parse_args(["--repository", ".", "--max-body-mb", "4", "--max-bodies-mb", "4"]).max_bodies_mb == 4
