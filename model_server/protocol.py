@@ -320,7 +320,15 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
     layout = LAYOUTS.get(key) if json_len <= MAX_LAYOUT_KEY else None
     if layout is not None and len(body) - json_len == layout.binary_size:
         return _from_layout(layout, memoryview(body)[json_len:])
-    header = parse_json(key)
+    try:
+        header = parse_json(key)
+    except InvalidInput:
+        if header_length is None and _json_then_more(key):
+            raise InvalidInput(
+                f"the body is JSON followed by other bytes (binary data?): a request with binary tensors "
+                f"needs the {HEADER_LENGTH} header, the length of its JSON part"
+            ) from None
+        raise
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     raw_inputs = header.get("inputs")
@@ -370,6 +378,11 @@ def decode_infer_request(body: bytes, header_length: str | None, max_json_bytes:
                 raise InvalidInput(
                     f"{where}: binary_data_size {size} runs past the end of the binary data "
                     f"({len(binary) - offset} bytes left)"
+                    + (
+                        ""
+                        if header_length is not None
+                        else f"; without an {HEADER_LENGTH} header the whole body is JSON"
+                    )
                 )
             chunk = binary[offset : offset + size]
             offset += size
@@ -483,6 +496,17 @@ def _c_float(value: float) -> str:
     if value != value and math.copysign(1.0, value) < 0:
         return "-nan"
     return f"{value:f}"
+
+
+def _json_then_more(body: bytes) -> bool:
+    """Whether ``body`` is a JSON object followed by other bytes (a request's binary part sent
+    without its JSON part's length): asked only of a body that failed to parse."""
+    text = body.decode("utf-8", "replace")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+    except (ValueError, RecursionError):
+        return False
+    return bool(text[end:].strip())
 
 
 def parse_json(body: bytes | bytearray | memoryview) -> Any:

@@ -136,6 +136,19 @@ def test_bad_binary_framing(server, digit_images):
     assert "past the end" in r.json()["error"]
 
 
+@pytest.mark.parametrize("blob", [b"\x89PNG\xff\xfe binary", b"  ", b""])
+def test_binary_data_without_its_header_length_is_a_400_naming_the_header(server, digit_images, blob):
+    """A body of JSON and binary tensors sent without Inference-Header-Content-Length was read
+    as JSON whole: "malformed JSON: Extra data" (or "not UTF-8"), or, binary data that happened
+    to be whitespace or none, "runs past the end of the binary data (0 bytes left)". Each now
+    names the missing header."""
+    body, _ = image_body([digit_images[0][0]])
+    header = body[: body.index(b"}]}") + 3]
+    r = post(server, "/v2/models/digits/infer", header + blob)
+    assert r.status_code == 400, r.text
+    assert "Inference-Header-Content-Length" in r.json()["error"]
+
+
 def test_hostile_sizes_are_refused_before_allocating(server):
     r = post(server, "/v2/models/digits/infer", b"[" * 200_000)
     assert r.status_code == 400
