@@ -71,7 +71,19 @@ MAX_VALID_SIGNATURES = 64  # input signatures (names, datatypes, shapes) that pa
 
 # ORT's message when a Cast from a string tensor meets text that is not a number: the C++
 # conversion that failed (std::stoll, std::stod, ...). The input's fault, not the model's.
-STRING_PARSE_FAILED = re.compile(r"Status Message: (?:std::)?sto(?:i|l|ll|ul|ull|f|d|ld)\b")
+STRING_PARSE_FAILED = re.compile(r"Status Message: (?:std::)?sto(i|l|ll|ul|ull|f|d|ld)\b")
+# The start of the text each of those conversions reads (strtol's and strtod's): a string
+# without one is what it failed on.
+NUMBER_START = {
+    "int": re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]"),
+    "float": re.compile(r"[ \t\n\v\f\r]*[+-]?(?:[0-9]|\.[0-9]|inf|nan)", re.IGNORECASE),
+}
+
+# ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
+# its masking, and a string the model could not read may be sensitive. Raised, it is answered
+# and logged here; the runs log nothing themselves.
+QUIET_RUN = ort.RunOptions()
+QUIET_RUN.log_severity_level = 4
 
 OOM_MARKERS = (
     "out of memory",
@@ -153,6 +165,19 @@ def ort_tensor(inp: InferInput) -> np.ndarray:
     out = np.empty(len(text), dtype=object)
     out[:] = text
     return out.reshape(data.shape)
+
+
+def unreadable(feeds: dict[str, np.ndarray], strings: set[str], conversion: str) -> str:
+    """Which string input and element a failed conversion (std::sto<conversion>) could not read,
+    as the start of a message ("input 'x': BYTES element 3 is not a number; "), or "" where
+    none is without a number's start (one out of the conversion's range)."""
+    start = NUMBER_START["float" if conversion in ("f", "d", "ld") else "int"]
+    for name, tensor in feeds.items():
+        if name in strings:
+            for i, text in enumerate(tensor.reshape(-1)):
+                if not start.match(text):
+                    return f"input '{shown(name)}': BYTES element {i} is not a number; "
+    return ""
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -500,8 +525,10 @@ class LoadedVersion:
             feeds, input_s = prepared
         batch = next(iter(feeds.values())).shape[0] if self.config.max_batch_size else 1
         ran = time.perf_counter()
+        if run_options is not None:
+            run_options.log_severity_level = QUIET_RUN.log_severity_level
         try:
-            result = session.run(outputs, feeds, run_options)
+            result = session.run(outputs, feeds, run_options or QUIET_RUN)
         except Exception as exc:
             message = str(exc)
             if run_options is not None and run_options.terminate:
@@ -512,9 +539,12 @@ class LoadedVersion:
                 ) from None
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
                 raise ModelRejectedInput(f"model '{self.name}' rejected the input: {message}") from None
-            if STRING_PARSE_FAILED.search(message) and any(i.type == "tensor(string)" for i in session.get_inputs()):
+            parse = STRING_PARSE_FAILED.search(message)
+            strings = {i.name for i in session.get_inputs() if i.type == "tensor(string)"}
+            if parse and strings:
                 raise InvalidInput(
-                    f"model '{self.name}' could not read a string input as a number: {message}"
+                    f"{unreadable(feeds, strings, parse[1])}model '{self.name}' could not read a string input "
+                    f"as a number: {message}"
                 ) from None
             raise InferenceFailed(f"model '{self.name}' version {self.version} failed: {message}") from None
         fault = self.fault

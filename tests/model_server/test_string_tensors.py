@@ -105,3 +105,28 @@ def test_a_string_model_refuses_bad_text_with_a_400(simple_server):
     # The model still serves.
     result = infer(c, "simple_string", "BYTES", (as_text(in0), as_text(in1)), (True, True))
     np.testing.assert_array_equal(np.vectorize(int)(result.as_numpy("OUTPUT0")), in0 + in1)
+
+
+@pytest.mark.parametrize(
+    ("text", "element"),
+    [(b"sensitive-words", 3), (b"", 3), (b" -", 3)],
+)
+def test_a_string_the_model_cannot_read_is_a_400_naming_it_and_nothing_on_stderr(simple_server, text, element):
+    """ONNX Runtime wrote "[E:onnxruntime:, sequential_executor.cc ...] ... Status Message: stoll"
+    to the server's stderr for each string a model's Cast could not read: a line outside Python
+    logging and its masking, one a request; and the 400 did not say which input was at fault.
+    The 400 names the input and its element, and ORT writes nothing."""
+    before = simple_server.log.read_bytes()
+    c = simple_server.client()
+    in0, in1 = operands(1)
+    words = as_text(in1)
+    words[0, element] = text
+    with pytest.raises(InferenceServerException) as err:
+        infer(c, "simple_string", "BYTES", (as_text(in0), words), (True, True))
+    assert err.value.status() == "400"
+    assert f"input 'INPUT1': BYTES element {element} " in err.value.message()
+    assert "could not read a string input as a number" in err.value.message()
+    assert c.is_server_live()  # (the log is written before the next answer)
+    written = simple_server.log.read_bytes()[len(before) :]
+    assert b"onnxruntime" not in written
+    assert b"stoll" not in written
