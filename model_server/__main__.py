@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 # Only light modules here: the arguments are parsed and checked before the inference stack
 # (onnxruntime, numpy, pandas, pyarrow: seconds) is imported, so a bad one ends the start at once.
 from model_server.config import (
+    MAX_CONNECTIONS,
     MAX_COPY_AGE_S,
     MAX_JSON_BYTES,
     MAX_QUEUE,
@@ -240,6 +241,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "as in Triton); more are refused 503 'exceeds maximum queue size'",
     )
     p.add_argument("--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)")
+    p.add_argument(
+        "--max-connections",
+        type=at_least_one,
+        default=MAX_CONNECTIONS,
+        help="open connections served (each runs one request at a time: this bounds the requests in flight "
+        "too); the requests of one past it are refused 503 with Retry-After, on both ways, and it is closed; "
+        "health and metrics probes are still answered",
+    )
     p.add_argument(
         "--request-timeout",
         type=float,
@@ -573,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         log_config=None,  # uvicorn's records reach the root handlers, and their masking
         timeout_keep_alive=args.keep_alive_timeout,
-        http=limited_protocol(args.request_timeout, app.direct),
+        http=limited_protocol(args.request_timeout, app.direct, args.max_connections),
     )
     server = uvicorn.Server(config)
     server.run(sockets=sockets)  # one event loop, one app, a listener per port

@@ -213,6 +213,10 @@ class ImagePreprocess:
 # ``--max-queue``, refused 503 as a full queue is.
 MAX_QUEUE = 4096
 
+# The open connections served (``--max-connections``, httpserver.py): Envoy's circuit breakers'
+# max_connections default. Each runs one request at a time, so it bounds the requests in flight.
+MAX_CONNECTIONS = 1024
+
 
 @dataclass(frozen=True)
 class QueuePolicy:

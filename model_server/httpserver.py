@@ -60,6 +60,10 @@ HEADER_TIMEOUT_S = 30.0
 # A chunked body's framing (chunk sizes, extensions, line ends): at most this beyond 1/16 of
 # its bytes (chunks of 100 bytes and up pass whatever the length).
 MAX_CHUNK_FRAMING = 64 * 1024
+# Answered on a connection past --max-connections (then closed): a busy server's probes say it
+# is alive and ready (a liveness probe refused would have it restarted, a readiness probe
+# refused take it out of the Service as it sheds load), and they cost no more than a refusal.
+PROBES = frozenset({b"/v2/health/live", b"/v2/health/ready", b"/metrics"})
 # Bytes read and held unparsed while parsing is paused (a request pipelined behind one in
 # flight, a body its handler has not taken yet); past them the connection is not read.
 MAX_HELD_BYTES = 64 * 1024
@@ -209,6 +213,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_headers = MAX_HEADERS
     header_timeout_s = HEADER_TIMEOUT_S
     direct: DirectRoute | None = None
+    max_connections: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -249,6 +254,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Past the limit when it came (the connections before it serve on): its requests are
+        # refused 503 to retry, probes answered, and it is closed after the first.
+        self._over_limit = self.max_connections is not None and len(self.connections) > self.max_connections
         self.flow = HoldingFlow(transport, self._release_soon)
         # uvicorn arms its keep-alive timer after an answer: one that never sends a byte is held too.
         self._idle()
@@ -404,6 +412,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # proxy in front and this server could each take a different one).
         if self._hosts > 1 or (not self._hosts and version == "1.1"):
             raise RequestRefused(400, "a request needs exactly one Host header")
+        probe = False
+        if self._over_limit:
+            url = self.url
+            path = url if b"?" not in url else httptools.parse_url(url).path
+            probe = self.parser.get_method() in (b"GET", b"HEAD") and path in PROBES
+            if not probe:
+                raise RequestRefused(
+                    ServerBusy.status,
+                    f"server busy: it holds its limit of {self.max_connections} connections (--max-connections); "
+                    "retry shortly",
+                    ServerBusy.retry_after_s,
+                )
         # An Upgrade (h2c, as Java's HttpClient and curl --http2 ask it; websocket: none is
         # served here) stops the parser at these headers: the body would be parsed as the next
         # request. The request is served over HTTP/1.1 (RFC 9110 lets a server ignore Upgrade),
@@ -422,7 +442,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle = cycle  # type: ignore[assignment]
             return
         super().on_headers_complete()
-        if self._upgrade_body is not None:
+        if self._upgrade_body is not None or probe:
             self.cycle.keep_alive = False
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -750,12 +770,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def limited_protocol(
-    header_timeout_s: float = HEADER_TIMEOUT_S, direct: DirectRoute | None = None
+    header_timeout_s: float = HEADER_TIMEOUT_S, direct: DirectRoute | None = None, max_connections: int | None = None
 ) -> type[LimitedHttpToolsProtocol]:
-    """The protocol class with its header and body timeout (the server's ``--request-timeout``)
-    and the requests it answers itself."""
+    """The protocol class with its header and body timeout (the server's ``--request-timeout``),
+    the requests it answers itself and the connections it serves (``--max-connections``)."""
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),
-        {"header_timeout_s": header_timeout_s, "direct": direct},
+        {"header_timeout_s": header_timeout_s, "direct": direct, "max_connections": max_connections},
     )

@@ -932,3 +932,63 @@ def test_a_bodies_budget_below_one_body_is_refused_at_start_naming_both_flags(ar
     assert "--max-bodies-mb" in err
     assert "--max-body-mb" in err
     assert parse_args(["--repository", ".", "--max-body-mb", "4", "--max-bodies-mb", "4"]).max_bodies_mb == 4
+
+
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one request on ``sock`` and read its answer (by its Content-Length)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_connections_over_the_limit_get_503_to_retry_on_both_ways_and_probes_are_answered(
+    server_factory, repo_copy, digit_images
+):
+    """No limit bounded the connections, nor so the requests in flight (uvicorn's limit_concurrency
+    was unset, and the protocol's own way for inference bypassed it anyway). Past
+    --max-connections a connection's requests are refused 503 with Retry-After (inference on
+    either way, and the rest), and it is closed; a health or metrics probe is still answered
+    (then closed), so a busy server is not taken for a dead one. The connections before it
+    serve on, and one that closes makes room."""
+    s = server_factory(repo_copy, "--max-connections", "2")
+    body, headers = image_body([digit_images[0][0]])
+    fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    infer = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n{fields}Content-Length: {len(body)}\r\n\r\n"
+    infer_request = infer.encode() + body
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    first, second = (socket.create_connection(("127.0.0.1", s.port), timeout=30) for _ in range(2))
+    with first, second:
+        assert _exchange(first, live)[0] == 200  # (both accepted and counted)
+        assert _exchange(second, infer_request)[0] == 200
+        asgi_way = infer_request.replace(b"Host: x\r\n", b"Host: x\r\nTransfer-Encoding: chunked\r\n", 1)
+        asgi_way = asgi_way.replace(f"Content-Length: {len(body)}\r\n".encode(), b"", 1)
+        asgi_way = asgi_way.replace(b"\r\n\r\n", b"\r\n\r\n%x\r\n" % len(body), 1) + b"\r\n0\r\n\r\n"
+        for request in (infer_request, asgi_way, b"GET /v2/models/digits HTTP/1.1\r\nHost: x\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as third:
+                status, answer, text = _exchange(third, request)
+                assert status == 503, text
+                assert answer["retry-after"] == "1"
+                assert answer["connection"] == "close"
+                assert "--max-connections" in json.loads(text)["error"]
+                assert third.recv(1) == b""
+        for probe in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as third:
+                status, answer, _ = _exchange(third, f"GET {probe} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert status == 200, probe
+                assert answer["connection"] == "close"
+        assert _exchange(second, infer_request)[0] == 200  # the connections within the limit serve on
+        _exchange(first, live.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert first.recv(1) == b""  # (the server closed it: gone from its connections)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as third:
+            assert _exchange(third, infer_request)[0] == 200
