@@ -63,6 +63,12 @@ HEADER_TIMEOUT_S = 30.0
 # A chunked body's framing (chunk sizes, extensions, line ends): at most this beyond 1/16 of
 # its bytes (chunks of 100 bytes and up pass whatever the length).
 MAX_CHUNK_FRAMING = 64 * 1024
+# Requests parsed and waiting behind the one in flight on a connection: uvicorn keeps each
+# (~2.4 KB) and resumes parsing after every answer, so a client pipelining without reading
+# grew the server by what it sent (8 MB of small requests: 180 MB). Past it (about 5 MB; a
+# read of 80 KB of small requests is served whole) a request is refused 429 after the answers
+# before it, and the connection closed.
+MAX_PIPELINED = 2048
 # Answered on a connection past --max-connections (then closed): a busy server's probes say it
 # is alive and ready (a liveness probe refused would have it restarted, a readiness probe
 # refused take it out of the Service as it sheds load), and they cost no more than a refusal.
@@ -486,6 +492,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is not None:
             self.cycle = cycle  # type: ignore[assignment]
             return
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise RequestRefused(
+                429, f"more than {MAX_PIPELINED} requests pipelined unanswered: read the answers before sending more"
+            )
         super().on_headers_complete()
         if self._upgrade_body is not None or probe:
             self.cycle.keep_alive = False

@@ -992,3 +992,24 @@ def test_connections_over_the_limit_get_503_to_retry_on_both_ways_and_probes_are
         assert first.recv(1) == b""  # (the server closed it: gone from its connections)
         with socket.create_connection(("127.0.0.1", s.port), timeout=30) as third:
             assert _exchange(third, infer_request)[0] == 200
+
+
+def test_requests_pipelined_past_a_bound_are_refused_and_the_connection_closed(server):
+    """Each request pipelined behind one in flight was parsed and kept (uvicorn's request cycle,
+    ~2.4 KB each), and every answer resumed the parsing of what the client sent meanwhile: one
+    connection that pipelined 8 MB of small requests without reading held 180 MB, more the longer
+    it sent. Past MAX_PIPELINED waiting, a request is refused 429 after the answers to those
+    before it, and the connection closed: nothing more is parsed."""
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request * 5000)  # (in one read or a few: thousands each, all waiting)
+        data = b""
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    statuses = re.findall(rb"HTTP/1.1 (\d+) ", data)
+    assert statuses[-1] == b"429", statuses[-3:]
+    assert set(statuses[:-1]) == {b"200"}
+    from model_server.httpserver import MAX_PIPELINED
+
+    assert MAX_PIPELINED < len(statuses) < 5000
+    assert b"pipelined" in data.rsplit(b"\r\n\r\n", 1)[-1]
