@@ -308,6 +308,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # Past the limit when it came (the connections before it serve on): its requests are
         # refused 503 to retry, probes answered, and it is closed after the first.
         self._over_limit = self.max_connections is not None and len(self.connections) > self.max_connections
+        if self.max_connections is not None and len(self.connections) > 2 * self.max_connections:
+            # Not even a probe is answered: its file descriptor is given back at once (one idle
+            # past the limit held it for the keep-alive timeout, and a flood of them ran the
+            # process out of them: then accept fails, for probes too).
+            transport.abort()
+            return
         self.flow = HoldingFlow(transport, self._release_soon)
         # uvicorn arms its keep-alive timer after an answer: one that never sends a byte is held too.
         self._idle()

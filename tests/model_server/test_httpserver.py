@@ -39,6 +39,9 @@ class Transport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0  # (written at once)
 
+    def abort(self) -> None:
+        self.closed = True
+
     def pause_reading(self) -> None:
         pass
 
@@ -802,3 +805,27 @@ def test_a_large_body_done_with_gives_the_heap_back_once_per_interval(tmp_path, 
         assert trims == [0]
 
     asyncio.run(main())
+
+
+def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> None:
+    """A connection past --max-connections was kept until its first request or its keep-alive
+    timeout (75 s), a file descriptor each: a client opening idle ones faster than that ran the
+    process out of them (accept fails, probes too). Up to twice the limit one is kept (its
+    probe answered, other requests refused 503); past that it is closed as it is accepted."""
+
+    async def scenario() -> None:
+        state = ServerState()
+        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
+        cls = limited_protocol(30.0, None, max_connections=2)
+        kept = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
+        transport = Transport()
+        kept.connection_made(transport)  # the 4th: past the limit, within twice it
+        assert not transport.closed
+        closed = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
+        transport = Transport()
+        closed.connection_made(transport)  # the 5th
+        assert transport.closed
+        closed.connection_lost(None)
+        kept.connection_lost(None)
+
+    asyncio.run(scenario())
