@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,7 +74,13 @@ class ApiFailed(RouterError):
         self.status = status
 
 
-TRANSIENT = (ApiFailed, ApiUnreachable)  # what a retry of the call may get past, unlike a refusal
+class Contended(RouterError):
+    """A write refused (409) at each of ``settled``'s tries, the object written by another between
+    each read and write (a controller rewriting it): not a refusal of the write; the call may be
+    tried again (Airflow's retry, the failure callback), as an ``ApiUnreachable``'s."""
+
+
+TRANSIENT = (ApiFailed, ApiUnreachable, Contended)  # what a retry of the call may get past, unlike a refusal
 
 
 class Unsettled(Exception):
@@ -88,8 +95,8 @@ class Unsettled(Exception):
 class Conflicted(Exception):
     """A write whose compare-and-swap was refused (409: the object written by another between the
     attempt's read and its write): ``error``, what to raise should the tries run out. Raised
-    inside a ``settled`` attempt only: read and written again within the same tries as a write
-    in doubt (no retry loop inside another's)."""
+    inside a ``settled`` attempt only: read and written again, after a pause drawn at random,
+    within the same tries as a write in doubt (no retry loop inside another's)."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
@@ -1060,7 +1067,7 @@ class IstioRouter:
                 except ApiException as exc:
                     if exc.status != 409:
                         raise api_error(what, exc) from None
-            raise Conflicted(RouterError(f"{what}: {plural}/{self.target.name} changed while applying"))
+            raise Conflicted(Contended(f"{what}: {plural}/{self.target.name} changed while applying"))
 
         return settled(attempt)
 
@@ -1374,7 +1381,10 @@ API_TIMEOUT_S = (10.0, 60.0)
 MAX_RETRY_AFTER_S = 10
 
 
-BACKOFF_S, BACKOFF_MAX_S = 0.5, 8  # api_retries' backoff, also between ``settled``'s tries
+BACKOFF_S, BACKOFF_MAX_S = 0.5, 8  # api_retries' backoff, also between ``settled``'s tries after a write in doubt
+# ``settled``: the pause before a write refused (409) is read and sent again, drawn between these
+# (writers that collided do not collide again in step; 0.75 s at most in all over WRITE_TRIES).
+CONFLICT_PAUSE_S = (0.05, 0.25)
 WRITE_TRIES = 4  # ``settled``: a write whose outcome is unknown, read back and sent up to this many times
 
 
@@ -1401,23 +1411,29 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
     (done), or not, and it writes again from what it read (its resourceVersion, what another
     writer set meanwhile): never the first body sent twice, which the server would take for
     another writer's, its compare-and-swap refused. A write refused for another's meanwhile
-    (``Conflicted``, 409) is read and written again at once, within the same tries. After
-    ``tries`` the last failure raised (it names the call), with the tries and what failed them
-    (an ``ApiUnreachable`` stays one). ``checks``: whether an attempt's read finds the write in
-    place and sends none, said in that error (False: it writes again from what it read whatever
-    it finds, an apply of the same fields); each read back is logged where one follows."""
+    (``Conflicted``, 409) is read and written again after a pause drawn in ``CONFLICT_PAUSE_S``
+    (read again at once, a controller rewriting the object every few milliseconds spent the
+    tries in 1.5 ms), within the same tries; refused to the last, the mesh's write raises
+    ``Contended``, which may be tried again. After ``tries`` the last failure raised (it names
+    the call), with the tries and what failed them (an ``ApiUnreachable`` stays one).
+    ``checks``: whether an attempt's read finds the write in place and sends none, said in that
+    error (False: it writes again from what it read whatever it finds, an apply of the same
+    fields); each read back is logged where one follows."""
     doubted = conflicts = 0
+    failed: Exception | None = None  # the last attempt's failure (an Unsettled or a Conflicted)
     for n in range(tries):
-        if n and doubted:  # (a 409: read again at once)
+        if isinstance(failed, Conflicted):
+            time.sleep(random.uniform(*CONFLICT_PAUSE_S))  # noqa: S311 (a pause, no secret)
+        elif failed is not None:
             time.sleep(min(BACKOFF_S * 2 ** (n - 1), BACKOFF_MAX_S))
         try:
             return attempt(doubted)
         except Unsettled as exc:
-            last, doubted = exc.error, doubted + 1
+            failed, last, doubted = exc, exc.error, doubted + 1
             if n + 1 < tries:
                 log.warning("%s; reading it back", last)
         except Conflicted as exc:
-            last, conflicts = exc.error, conflicts + 1
+            failed, last, conflicts = exc, exc.error, conflicts + 1
             if n + 1 < tries:
                 log.info("%s; reading it again", last)
     found = ", and each read back found it not in place" if checks else ""
@@ -1430,7 +1446,7 @@ def settled(attempt: Callable[[int], T], tries: int = WRITE_TRIES, checks: bool 
         found = ", each read back finding it not in place" if checks else ""
         why = f"{conflicts} {refused}; {doubted} answers left unknown whether the write was served{found}"
     last.args = (f"{last} (tried {tries} times: {why})",)
-    raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a LockError)
+    raise last  # (its own kind: an ApiFailed, an ApiUnreachable, a Contended, a LockError)
 
 
 def api_error(what: str, exc: Any) -> RouterError:

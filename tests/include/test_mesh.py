@@ -754,6 +754,87 @@ def test_a_virtualservice_apply_refused_409_and_left_in_doubt_spends_one_budget_
     assert "2 answers left unknown whether the write was served" in said
 
 
+class Pauses:
+    """``settled``'s pauses on a clock of their own (no test waits): each drawn at its longest."""
+
+    def __init__(self) -> None:
+        self.now, self.taken, self.drawn = 0.0, [], []
+
+    def sleep(self, seconds: float) -> None:
+        self.taken.append(seconds)
+        self.now += seconds
+
+    def uniform(self, low: float, high: float) -> float:
+        self.drawn.append((low, high))
+        return high
+
+
+@pytest.mark.parametrize("burst_s", [0.3, None], ids=["a-burst", "for-good"])
+def test_a_virtualservice_a_controller_keeps_rewriting_is_written_after_a_jittered_pause_or_raised_as_retryable(
+    kube, monkeypatch, burst_s
+):
+    """A controller rewriting the VirtualService every few milliseconds (between each read and
+    write of the apply: a 409 each time) spent ``settled``'s tries in about 1.5 ms, read again at
+    once, and the rollback's write failed as a plain RouterError: final for the step (not
+    ``TRANSIENT``), the candidate left with its share. A 409 is read again after a pause drawn
+    between 50 and 250 ms (writers that collided do not collide again in step): a burst of
+    rewrites is waited out; one that never stops is raised as retryable (Airflow's retry and the
+    failure callback try again)."""
+    from vision_rollout import mesh
+
+    fake, api = kube
+    router = IstioRouter(TARGET, ["1", "2"], api_client=api)
+    router.reconcile()
+    pauses = Pauses()
+    monkeypatch.setattr(mesh.time, "sleep", pauses.sleep)
+    monkeypatch.setattr(random, "uniform", pauses.uniform)
+
+    def controller() -> None:  # before each write, while its burst lasts
+        if burst_s is None or pauses.now < burst_s:
+            fake.touch("virtualservices", "models", "digits", lambda o: None)
+        fake.before_write = controller
+
+    before = len(fake.writes())
+    fake.before_write = controller
+    try:
+        if burst_s is None:
+            with pytest.raises(mesh.TRANSIENT) as failed:
+                router.set_routes(CANARY)
+            assert f"tried {mesh.WRITE_TRIES} times: each refused (409)" in str(failed.value)
+        else:
+            assert router.set_routes(CANARY) is True
+            assert router.get_routes() == CANARY
+    finally:
+        fake.before_write = None
+    statuses = [w["status"] for w in fake.writes()[before:]]
+    assert statuses == ([409] * mesh.WRITE_TRIES if burst_s is None else [409, 409, 200])
+    assert pauses.drawn == [(0.05, 0.25)] * (len(statuses) - 1)  # a pause before each try again
+    assert pauses.taken == [0.25] * (len(statuses) - 1)
+
+
+def test_settled_pauses_after_a_conflict_by_a_draw_and_after_a_write_in_doubt_by_the_backoff(monkeypatch):
+    """After a 409 the next try waits a pause drawn between 50 and 250 ms (at most
+    ``WRITE_TRIES - 1`` of them: 0.75 s in all); after a write in doubt, the client's backoff."""
+    from vision_rollout import mesh
+
+    pauses = Pauses()
+    monkeypatch.setattr(mesh.time, "sleep", pauses.sleep)
+    monkeypatch.setattr(random, "uniform", pauses.uniform)
+    failures = iter(
+        [mesh.Conflicted(RouterError("a")), mesh.Unsettled(RouterError("b")), mesh.Conflicted(RouterError("c"))]
+    )
+
+    def attempt(doubted: int) -> int:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return doubted
+
+    assert mesh.settled(attempt) == 1
+    assert pauses.taken == [0.25, mesh.BACKOFF_S * 2, 0.25]
+    assert pauses.drawn == [(0.05, 0.25)] * 2
+
+
 def test_a_subset_of_the_platforms_own_outlives_a_rollout(kube):
     """A DestinationRule subset the platform defined beside the versions' (another VirtualService
     routes to it: pods labelled track=debug, say) was dropped at every first stage, and what
