@@ -209,21 +209,21 @@ class CompareAndSwapLock(ABC):
         return settled(lambda doubted: self._acquire(holder, seconds, sent, doubted > 0))
 
     def _acquire(self, holder: str, seconds: int, sent: list[Holding], doubted: bool) -> Holding:
-        """``sent``: the writes sent, the last one in doubt where ``doubted``."""
+        """``sent``: the writes sent, the last one in doubt where ``doubted``. A lease released
+        between our create (refused: it was held) and our read: ``Conflicted``, created again
+        within ``settled``'s tries."""
         now = self.clock()
         fresh = Holding(holder, now, seconds, now)
         current, version = self._read() if doubted else (None, None)
         if current is not None and _landed(current, sent[-1]):
             return current
-        for _ in range(2):  # a lease released between our create and our read: create again, once
-            if current is not None and version is not None:
-                break
+        if current is None or version is None:
             sent.append(fresh)
             if self._create(fresh):
                 return fresh
             current, version = self._read()
-        if current is None or version is None:
-            raise ModelBusy(f"model {self.model!r} keeps changing hands ({self.where}); try again")
+            if current is None or version is None:
+                raise Conflicted(ModelBusy(f"model {self.model!r} keeps changing hands ({self.where}); try again"))
         if current.holder and current.holder != holder and not current.expired(now):
             ahead = current.renewed - now
             skew = (

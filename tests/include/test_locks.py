@@ -312,6 +312,47 @@ def test_many_runs_racing_for_a_free_model_one_wins(make):
     assert make(clock=clock).holding().holder == won[0]
 
 
+@pytest.mark.parametrize("rounds", [3, 4])
+def test_a_lease_changing_hands_between_each_create_and_read_spends_the_one_budget_of_tries(make, monkeypatch, rounds):
+    """Another run takes the model and lets it go again between each create of ours (refused: it
+    holds it) and our read after it (nobody holds it). ``_acquire`` kept a loop of its own, two
+    creates, inside ``settled``'s tries (a retry loop inside another's: the project's rule, none),
+    and gave up after two, the model free at the third. The lease changing hands is a
+    ``Conflicted``: created again within ``settled``'s one budget (``WRITE_TRIES`` creates at
+    most), then refused naming the tries."""
+    from vision_rollout import mesh
+    from vision_rollout.mesh import WRITE_TRIES
+
+    monkeypatch.setattr(mesh.time, "sleep", lambda _: None)
+    clock = Clock()
+    other, lock = make(clock=clock), make(clock=clock)
+    other.acquire("run-x")
+    create, read = lock._create, lock._read
+    creates = []
+
+    def counted_create(holding: Any) -> bool:
+        creates.append(holding)
+        return create(holding)
+
+    def read_once_run_x_let_go() -> Any:  # (run-x takes it again before our next create, ``rounds`` times)
+        other.release("run-x")
+        seen = read()
+        if len(creates) < rounds:
+            other.acquire("run-x")
+        return seen
+
+    lock._create = counted_create  # type: ignore[method-assign]
+    lock._read = read_once_run_x_let_go  # type: ignore[method-assign]
+    if rounds < WRITE_TRIES:
+        assert lock.acquire("run-a").holder == "run-a"
+        assert len(creates) == rounds + 1
+    else:
+        with pytest.raises(ModelBusy, match=rf"keeps changing hands .*\(tried {WRITE_TRIES} times: each refused"):
+            lock.acquire("run-a")
+        assert len(creates) == WRITE_TRIES
+        assert make(clock=clock).holding() is None
+
+
 def test_a_lease_renewed_on_a_clock_far_ahead_is_refused_naming_the_skew(make):
     """A holder whose clock ran two hours ahead stamped its renewals two hours in the future: to
     every other worker the lease ran two hours longer than it should, and the refusal only said
