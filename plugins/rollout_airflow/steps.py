@@ -140,13 +140,15 @@ def hold(
     retrying and before touching anything; so does one aborted (``rolloutctl abort``) in a step
     that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back.
     ``rolling_back`` and a stage's poke (``judging``, which acts on a breach) go on where the lease
-    reads as this run's but cannot be written (``renewed``). A step of a run that ended
+    reads as this run's but cannot be written (``renewed``: the poke only while the lease has not
+    run out on other workers' clocks). A step of a run that ended
     (``run_ended``: cleared alone in the UI afterwards) skips, saying so, touching nothing: the
     run keeps the state its end gave it."""
     hook = hook or serving()
     lock = hook.model_lock(spec.model, spec.mesh)
     try:
-        held = lease_kept(lock, run_id, hook.settings.workdir(spec.model, run_id), seconds, rolling_back or judging)
+        folder = hook.settings.workdir(spec.model, run_id)
+        held = lease_kept(lock, run_id, folder, seconds, rolling_back or judging, rolling_back)
     except LockLost as exc:
         if (end := run_ended(spec, run_id)) is not None:
             what = "promoted" if end.get("promoted") else "rolled back"
@@ -159,14 +161,16 @@ def hold(
         raise AirflowFailException(f"the rollout was aborted: {held.aborted}")
 
 
-def lease_kept(lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, lenient: bool = True) -> Holding:
-    """The lease renewed (``lenient``: as ``renewed``, else ``renew``), and this run's record of
+def lease_kept(
+    lock: Any, run_id: str, folder: Folder, seconds: int = LEASE_S, lenient: bool = True, rolling_back: bool = True
+) -> Holding:
+    """The lease renewed (``lenient``: as ``renewed``, for ``rolling_back`` or not; else ``renew``), and this run's record of
     it in its run folder (``HELD``) brought up to date. A lease removed while this run held it
     (nobody holds it now: an operator's cleanup, a wiped folder) is taken again, marked aborted,
     when the record allows it (``retake``): the stable version goes back, as after an abort.
     LockLost otherwise (another run holds it, or this run released it or never held it)."""
     try:
-        held = cast("Holding", renewed(lock, run_id, seconds) if lenient else lock.renew(run_id, seconds))
+        held = cast("Holding", renewed(lock, run_id, seconds, rolling_back) if lenient else lock.renew(run_id, seconds))
     except LockLost:
         try:
             record: bytes | None = folder.read_within(HELD, MAX_LOCK_BYTES)
@@ -194,13 +198,18 @@ def recorded(folder: Folder, run_id: str, holding: Holding | None) -> None:
         log.warning("this run's record of its lease was not written (%s): %s", folder, str(exc)[:300])
 
 
-def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
-    """The lease renewed for what puts the stable version back; as it reads, when it reads as this
-    run's but cannot be written (its run folder full or read-only: OSError; another writer's
-    write beating each of the renewal's, or the API server failing it: a LockError but
-    LockLost; or leaving it unanswered: ``TRANSIENT``), which stops no rollback: the lease only
-    keeps other runs off the model, and this run holds it. LockLost as ``renew``, and when it
-    then reads as another run's or nobody's."""
+def renewed(lock: Any, run_id: str, seconds: int = LEASE_S, rolling_back: bool = True) -> Holding:
+    """The lease renewed for what puts the stable version back (``rolling_back``) or acts on a
+    breach (a stage's poke); as it reads, when it reads as this run's but cannot be written (its
+    run folder full or read-only: OSError; another writer's write beating each of the renewal's,
+    or the API server failing it: a LockError but LockLost; or leaving it unanswered:
+    ``TRANSIENT``), which stops no rollback: the lease only keeps other runs off the model, and
+    this run holds it. Not ``rolling_back``, only while it runs on every worker's clock: from
+    ``CLOCK_SKEW_S`` before its expiry on this one, a worker whose clock is that much ahead takes
+    it for dead, and another run may take the model over at any moment (the poke would act on
+    that run's routes): LockError, the poke acts on nothing (its retry renews again). LockLost as
+    ``renew``, and when it then reads as another run's or nobody's."""
+    from vision_rollout.locks import CLOCK_SKEW_S
     from vision_rollout.mesh import TRANSIENT
 
     try:
@@ -211,8 +220,18 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S) -> Holding:
         current = lock.holding()
         if current is None or current.holder != run_id:
             raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None
+        left = current.expires - CLOCK_SKEW_S - lock.clock()
+        if not rolling_back and left <= 0:
+            raise LockError(
+                f"the lease of {lock.model!r} cannot be renewed ({str(exc)[:500]}), and it runs out on the clocks of "
+                f"other workers ({current.describe()}; workers' clocks may be {CLOCK_SKEW_S} s apart): another run may "
+                "take the model over, so nothing is done here; a retry renews it again"
+            ) from None
         log.warning(
-            "the lease of %r cannot be renewed (%s); the stable version goes back all the same", lock.model, exc
+            "the lease of %r cannot be renewed (%s); %s all the same",
+            lock.model,
+            exc,
+            "the stable version goes back" if rolling_back else f"this run holds it for {left:.0f} s more, and goes on",
         )
         return cast("Holding", current)
 

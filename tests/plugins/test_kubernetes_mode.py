@@ -2568,3 +2568,38 @@ def test_a_rollbacks_renewal_left_unanswered_goes_on_while_the_lease_reads_as_it
     assert kube.throttle == 0
     assert routes(kube) == [("v1", 100)]
     assert "did not answer PUT" in caplog.text
+
+
+@pytest.mark.parametrize("left_s", [200, 30, -100], ids=["live", "within-the-skew", "run-out"])
+def test_a_stages_poke_whose_renewals_fail_acts_on_no_lease_about_to_run_out_a_rollback_goes_on(
+    kube, monkeypatch, caplog, left_s
+):
+    """A stage's poke (it acts on a breach) whose every renewal the API server failed took the
+    lease read back as this run's whatever its age: one run out on this clock (or within the
+    ``CLOCK_SKEW_S`` by which another worker's clock may be ahead, which takes it for dead then)
+    may be taken over by another run at any moment, and the poke would have rolled that run's
+    routes back. The poke refuses it past ``renewed + seconds - CLOCK_SKEW_S`` (a LockError: its
+    retry renews again); a rollback goes on all the same, the stable version back."""
+    import logging
+    import time
+
+    from vision_rollout import mesh
+    from vision_rollout.locks import CLOCK_SKEW_S, LockError, micro_time
+
+    at_stage_1(kube)
+    seconds = lease(kube, "digits")["spec"]["leaseDurationSeconds"]
+    renewed = micro_time(time.time() - seconds + left_s)
+    kube.touch("leases", "models", "rollout-digits", lambda o: o["spec"].update(renewTime=renewed))
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)
+    kube.throttle, kube.throttle_status, kube.throttled_methods = 1000, 500, frozenset({"PUT"})
+    kube.throttled_path = "/leases/rollout-digits"
+    with caplog.at_level(logging.WARNING):
+        if left_s > CLOCK_SKEW_S:
+            steps.hold(steps.spec_from(PARAMS), "run-1", judging=True)
+        else:
+            with pytest.raises(LockError, match=r"cannot be renewed .* another run may take the model over"):
+                steps.hold(steps.spec_from(PARAMS), "run-1", judging=True)
+        steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
+    assert "the stable version goes back all the same" in caplog.text
