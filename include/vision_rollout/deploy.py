@@ -1131,13 +1131,13 @@ class VersionDeployments:
         return gone
 
     def _delete(self, plural: str, obj: Any) -> bool:
-        """Delete ``obj`` (a listed Deployment or HPA) unless it changed since it was listed or is
-        gone already (False). A delete whose answer left unknown whether it was served is sent
-        again on the same preconditions (``settled``: it deletes nothing but the object as
-        listed): a 404 then is that delete's, done. A 409 is read back: the object as listed
-        (its uid) marked for deletion (``deletionTimestamp``: a delete served, by the one in
-        doubt or another's, its finalizers pending, which gave it a new resourceVersion) is
-        being deleted, done."""
+        """Delete ``obj`` (a listed Deployment or HPA, a PodDisruptionBudget as read) unless it
+        changed since it was listed or is gone already (False). A delete whose answer left unknown
+        whether it was served is sent again on the same preconditions (``settled``: it deletes
+        nothing but the object as listed): a 404 then is that delete's, done. A 409 is read back:
+        the object as listed (its uid) marked for deletion (``deletionTimestamp``: a delete
+        served, by the one in doubt or another's, its finalizers pending, which gave it a new
+        resourceVersion) is being deleted, done."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
@@ -1145,7 +1145,7 @@ class VersionDeployments:
         options = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
         )
-        autoscaling = client.AutoscalingV2Api(self.api_client)
+        autoscaling, policy = client.AutoscalingV2Api(self.api_client), client.PolicyV1Api(self.api_client)
         kind, delete, read = {
             "deployments": (
                 "Deployment",
@@ -1156,6 +1156,11 @@ class VersionDeployments:
                 "HorizontalPodAutoscaler",
                 autoscaling.delete_namespaced_horizontal_pod_autoscaler,
                 autoscaling.read_namespaced_horizontal_pod_autoscaler,
+            ),
+            "poddisruptionbudgets": (
+                "PodDisruptionBudget",
+                policy.delete_namespaced_pod_disruption_budget,
+                policy.read_namespaced_pod_disruption_budget,
             ),
         }[plural]
 
@@ -1182,33 +1187,20 @@ class VersionDeployments:
 
     def _delete_pdb(self, version: str) -> None:
         """The version's PodDisruptionBudget deleted (its Deployment was), none left as well: read,
-        then deleted on condition that it is as read (its uid and resourceVersion). A delete whose
-        answer left unknown whether it was served is sent again on the same preconditions
-        (``settled``): a 404 then is done; a 409 (a budget made again or changed since) is left."""
+        then deleted as it was read (``_delete``: a budget made again or changed since is left)."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
-        policy = client.PolicyV1Api(self.api_client)
         try:
-            meta = policy.read_namespaced_pod_disruption_budget(name, self.target.namespace).metadata
+            budget = client.PolicyV1Api(self.api_client).read_namespaced_pod_disruption_budget(
+                name, self.target.namespace
+            )
         except ApiException as exc:
             if exc.status == 404:  # (none left)
                 return
             raise refused(f"GET PodDisruptionBudget {name}", exc) from None
-        options = client.V1DeleteOptions(
-            preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
-        )
-
-        def attempt(_: int) -> None:
-            with unsettled():
-                try:
-                    policy.delete_namespaced_pod_disruption_budget(name, self.target.namespace, body=options)
-                except ApiException as exc:
-                    if exc.status not in (404, 409):  # (gone: by a delete in doubt before too; 409: not as read, left)
-                        raise refused(f"delete PodDisruptionBudget {name}", exc) from None
-
-        settled(attempt, checks=False)
+        self._delete("poddisruptionbudgets", budget)
 
     def _call(self, what: str, call: Any) -> Any:
         """``call()``, an API server's refusal as ``refused`` says it."""
