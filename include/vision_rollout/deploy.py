@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -619,7 +619,6 @@ class VersionDeployments:
         second refused, left a new template under the old digest: a hand edit to ``changed``).
         The digest is of the live template when the apply leaves it as it is (a scale), else of
         the template a dry run of the apply (``dryRun=All``) says the server would hold."""
-        from kubernetes.client.exceptions import ApiException
 
         autoscaled = self.build.autoscaling
         live = None if source is None else self._apps().api_client.sanitize_for_serialization(source)
@@ -655,25 +654,34 @@ class VersionDeployments:
                 body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = recorded
 
         def applied(**dry_run: str) -> Any:
-            return self._apps().patch_namespaced_deployment(
-                self._name(version),
-                self.target.namespace,
-                body,
-                field_manager=FIELD_MANAGER,
-                _content_type="application/apply-patch+yaml",
-                **dry_run,
-            )
+            patch = self._apps().patch_namespaced_deployment
+            return self._server_side_apply(patch, f"apply Deployment {self._name(version)}", body, **dry_run)
+
+        if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
+            now = None if live is None else live["spec"]["template"]
+            template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
+            body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
+        return applied(**({"dry_run": "All"} if dry_run else {}))
+
+    def _server_side_apply(self, patch: Callable[..., Any], what: str, body: dict[str, Any], **options: str) -> Any:
+        """``body`` applied by ``patch`` (a client's ``patch_namespaced_<kind>``) server-side, with the
+        rollout's field manager and no ``force`` (a field another manager owns is refused); its
+        answer. A refusal as ``refused`` says it, naming ``what``; an answer that left unknown
+        whether it was served, ``Unsettled`` (``unsettled``: for the caller's ``settled``)."""
+        from kubernetes.client.exceptions import ApiException
 
         with unsettled():
             try:
-                if deployed is not None and intact:  # (the template the rollout applies, with the server's defaults)
-                    now = None if live is None else live["spec"]["template"]
-                    template = now if now == body["spec"]["template"] else self._template(applied(dry_run="All"))
-                    body["metadata"]["annotations"][TEMPLATE_ANNOTATION] = template_digest(template)
-                out = applied(**({"dry_run": "All"} if dry_run else {}))
+                return patch(
+                    body["metadata"]["name"],
+                    self.target.namespace,
+                    body,
+                    field_manager=FIELD_MANAGER,
+                    _content_type="application/apply-patch+yaml",
+                    **options,
+                )
             except ApiException as exc:
-                raise refused(f"apply Deployment {self._name(version)}", exc) from None
-        return out
+                raise refused(what, exc) from None
 
     def _sized(
         self,
@@ -727,17 +735,7 @@ class VersionDeployments:
                         "%s; applied without its labels and annotations",
                         refused(f"GET PodDisruptionBudget {name}", exc),
                     )
-            with unsettled():
-                try:
-                    policy.patch_namespaced_pod_disruption_budget(
-                        name,
-                        self.target.namespace,
-                        body,
-                        field_manager=FIELD_MANAGER,
-                        _content_type="application/apply-patch+yaml",
-                    )
-                except ApiException as exc:
-                    raise refused(what, exc) from None
+            self._server_side_apply(policy.patch_namespaced_pod_disruption_budget, what, body)
 
         try:
             settled(attempt)
@@ -951,7 +949,6 @@ class VersionDeployments:
         (the least it may scale the version to: ``render_pdb``). ``dry_run``: the HPA's apply sent
         as a dry run (``dryRun=All``), nothing else."""
         from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
 
         name = self._name(version)
         hpa = render_hpa(self.target, version, int(spec.get("minReplicas") or 1), int(spec["maxReplicas"]))
@@ -963,18 +960,8 @@ class VersionDeployments:
             live = self._hpa(version)
             if live is not None and _hpa_holds(live, hpa):
                 return
-            with unsettled():
-                try:
-                    client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler(
-                        name,
-                        self.target.namespace,
-                        hpa,
-                        field_manager=FIELD_MANAGER,
-                        _content_type="application/apply-patch+yaml",
-                        **({"dry_run": "All"} if dry_run else {}),
-                    )
-                except ApiException as exc:
-                    raise refused(what, exc) from None
+            patch = client.AutoscalingV2Api(self.api_client).patch_namespaced_horizontal_pod_autoscaler
+            self._server_side_apply(patch, what, hpa, **({"dry_run": "All"} if dry_run else {}))
 
         settled(attempt)
         if dry_run:
