@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 from vision_rollout.mesh import (
@@ -1072,8 +1073,11 @@ class VersionDeployments:
 
     def prune(self, in_use: set[str]) -> list[str]:
         """Delete the Deployments of the versions ``beyond_history`` keeps (``build.revision_history_limit``
-        retired ones, never one ``in_use`` or running pods), and under autoscaling their HPAs
-        (and those left without a Deployment). Only what the rollout made for this model: listed by
+        retired ones, never one ``in_use`` or running pods), their PodDisruptionBudgets and under
+        autoscaling their HPAs, and those of versions left without a Deployment, not ``in_use``
+        (their delete refused or failed at an earlier prune: a budget whose status the disruption
+        controller wrote as its last pods went, a new resourceVersion, was left for good). Only
+        what the rollout made for this model: listed by
         its labels (``app=<service>``, ``app.kubernetes.io/managed-by=model-rollout``, a
         ``version``), named as it names them, a Deployment serving this model (``model_of``'s
         annotation). Each is deleted on condition that it is as listed (its uid and
@@ -1100,25 +1104,23 @@ class VersionDeployments:
             for v in beyond_history(counts, in_use, self.build.revision_history_limit)
             if self._delete("deployments", ours[v])
         ]
-        for version in gone:
-            self._delete_pdb(version)
+        kinds = [("PodDisruptionBudgets", client.PolicyV1Api(self.api_client).list_namespaced_pod_disruption_budget)]
         if self.build.autoscaling:
             autoscaling = client.AutoscalingV2Api(self.api_client)
-            hpas = self._call(
-                f"list HorizontalPodAutoscalers {selector}",
-                lambda: autoscaling.list_namespaced_horizontal_pod_autoscaler(namespace, label_selector=selector),
-            )
-            for hpa in hpas.items:
-                version = str((hpa.metadata.labels or {}).get("version", ""))
-                if hpa.metadata.name != self._name(version):
+            kinds.append(("HorizontalPodAutoscalers", autoscaling.list_namespaced_horizontal_pod_autoscaler))
+        for kind, list_kind in kinds:
+            listed = self._call(f"list {kind} {selector}", partial(list_kind, namespace, label_selector=selector))
+            for item in listed.items:
+                version = str((item.metadata.labels or {}).get("version", ""))
+                if item.metadata.name != self._name(version):
                     continue
                 orphan = version not in ours and version not in in_use and self._live(version) is None
                 if version in gone or orphan:
-                    self._delete("horizontalpodautoscalers", hpa)
+                    self._delete(kind.lower(), item)
         return gone
 
     def _delete(self, plural: str, obj: Any) -> bool:
-        """Delete ``obj`` (a listed Deployment or HPA, a PodDisruptionBudget as read) unless it
+        """Delete ``obj`` (a listed Deployment, PodDisruptionBudget or HPA) unless it
         changed since it was listed or is gone already (False). A delete whose answer left unknown
         whether it was served is sent again on the same preconditions (``settled``: it deletes
         nothing but the object as listed): a 404 then is that delete's, done. A 409 is read back:
@@ -1171,23 +1173,6 @@ class VersionDeployments:
             return live.uid == meta.uid and live.deletion_timestamp is not None
 
         return settled(attempt, checks=False)
-
-    def _delete_pdb(self, version: str) -> None:
-        """The version's PodDisruptionBudget deleted (its Deployment was), none left as well: read,
-        then deleted as it was read (``_delete``: a budget made again or changed since is left)."""
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        name = self._name(version)
-        try:
-            budget = client.PolicyV1Api(self.api_client).read_namespaced_pod_disruption_budget(
-                name, self.target.namespace
-            )
-        except ApiException as exc:
-            if exc.status == 404:  # (none left)
-                return
-            raise refused(f"GET PodDisruptionBudget {name}", exc) from None
-        self._delete("poddisruptionbudgets", budget)
 
     def _call(self, what: str, call: Any) -> Any:
         """``call()``, an API server's refusal as ``refused`` says it."""

@@ -968,6 +968,45 @@ def test_a_prunes_delete_left_in_doubt_is_settled_not_a_failed_prune(kube_api, p
     ]
 
 
+def test_a_budget_whose_status_moved_as_its_delete_was_sent_is_deleted_by_the_next_prune(kube_api):
+    """A retired version's budget is deleted on its uid and resourceVersion as read; the disruption
+    controller writes its status as the version's last pods go (a new resourceVersion), so its
+    delete was refused (409) and the budget left; and for good: the next prune looked for the
+    budgets of the versions whose Deployment it deleted then, none. Each prune deletes the
+    rollout's budgets (listed by its labels) left without a Deployment, not in use, as it deletes
+    their HPAs."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(
+        TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0, revision_history_limit=0)
+    )
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    key = ("poddisruptionbudgets", "models", "digits-v1")
+
+    def status_moved() -> None:  # the disruption controller's write, as the budget's delete is sent
+        if api.requests[-1]["method"] == "DELETE" and api.requests[-1]["path"].endswith(
+            "/poddisruptionbudgets/digits-v1"
+        ):
+            api.touch(*key, lambda o: o.setdefault("status", {}).update(currentHealthy=0))
+            return
+        api.before_write = status_moved
+
+    api.before_write = status_moved
+    try:
+        assert versions.prune({"2"}) == ["1"]
+    finally:
+        api.before_write = None
+    assert key in api.objects  # (refused: changed since it was read)
+    assert versions.prune({"2"}) == []
+    assert key not in api.objects
+    assert ("poddisruptionbudgets", "models", "digits-v2") in api.objects  # (its version's Deployment is there)
+
+
 @pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_budgets_apply_left_in_doubt_is_settled_not_logged_as_refused(kube_api, caplog, served, answer):
