@@ -338,7 +338,10 @@ def test_a_four_stage_rollout_of_ten_looks_survives_its_scheduler_and_triggerer_
         # when the machine is busy: 42 in one run beside another test worker and two busy loops).
         "stages": [25, 50, 75, 100],
         "looks_per_stage": 10,
-        "bake_seconds": 10,  # 10 looks a stage, a look due every second (a poke every 2 s)
+        # 10 looks a stage, a look due every 0.5 s: a poke (every 2 s at the least) judges the looks
+        # due since the last, in order. The first poke sends the replay round, which the last look
+        # waits for, so each stage is still up for reschedule at least once.
+        "bake_seconds": 5,
         "max_stage_seconds": 120,
         "min_samples": 20,
         "require_approval": True,
