@@ -35,11 +35,12 @@ from vision_rollout.folders import Folder
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Wiring, not the defaults (as in test_model_rollout_e2e.py): the margins leave room for a
-# candidate slowed by a busy CI machine.
+# candidate slowed by a busy CI machine; the bake is short (a stage's last look waits for its
+# samples and a whole replay round whatever the bake).
 CONF = {
     "mesh": "istio",
     "stages": [50, 100],
-    "bake_seconds": 10,
+    "bake_seconds": 6,
     "max_stage_seconds": 180,
     "looks_per_stage": 2,
     "min_samples": 100,
