@@ -91,7 +91,8 @@ def test_a_poke_mid_stage_waits_and_sends_the_replay(stage):
 
 def test_a_baked_stage_gives_its_verdict_and_a_retry_gives_the_same(stage):
     _server, _, started, _ = stage
-    p = params(bake_seconds=12, max_stage_seconds=60, min_samples=100)
+    # (a short bake: the last look waits for min_samples per arm and a whole replay round anyway)
+    p = params(bake_seconds=6, max_stage_seconds=60, min_samples=100)
     deadline = time.monotonic() + 90
     while not (result := poke(p, started)).is_done:
         assert time.monotonic() < deadline, "the stage never decided"
