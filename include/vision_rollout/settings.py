@@ -495,6 +495,7 @@ def workdir(run_folder: Folder, model: str, run_id: str) -> Folder:
 
 HELD = "lease.json"  # (a run's own record of the model's lease, in its run folder: locks.held_record)
 ENDED = "ended.json"  # (what a run's teardown found it decided and carried out, in its run folder)
+PROMOTED = "promoted.json"  # (in a run's folder: promote's record that it moved the routes, ahead of retiring)
 RUN_REPORT = "report.json"  # (in a run's folder: its report's outbox name, when first written; its post)
 RUN_MARK = "run.json"  # (in a run's folder: the DAG run whose folder it is, its id and when it was triggered)
 ROUTES = "original-routes.json"  # (mesh local: the routes before a run, in its run folder)
@@ -552,7 +553,7 @@ def prune_runs(
         record = re.sub(r"\.damaged-\d+$", "", name)  # (a damaged record set aside by restart-stage)
         return (
             bool(attempts.RECORD_NAME.fullmatch(record))
-            or name in (ROUTES, ROUTES_WRITTEN, HELD, ENDED, RUN_REPORT, RUN_MARK)
+            or name in (ROUTES, ROUTES_WRITTEN, HELD, ENDED, PROMOTED, RUN_REPORT, RUN_MARK)
             or name in REPORT_NAMES
         )
 

@@ -45,6 +45,7 @@ from vision_rollout.settings import (
     MAX_PRUNED,
     MAX_RETENTION_DAYS,
     MIN_RETENTION_DAYS,
+    PROMOTED,
     RETENTION_DAYS,
     ROUTES,
     RUN_MARK,
@@ -1640,9 +1641,11 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
                 "takes 100% again"
             )
         r.set_routes(spec.promoted_policy())
+        promotion_recorded(spec, run_id, hook)
         hook.settings.admin.load(spec.model, [spec.candidate_version])
         return spec.candidate_version
     if promotion_in_effect(spec, run_id, hook):  # run again once it retired the baseline: sized by nothing now
+        promotion_recorded(spec, run_id, hook)
         return spec.candidate_version
     deployments = hook.deployments(spec.model)
     changed = deployments.changed(spec.candidate_version)
@@ -1653,6 +1656,7 @@ def promote(params: dict[str, Any], run_id: str, decided: str | None, verified: 
     scale_ready(deployments, spec.candidate_version, baseline_size(spec, deployments), spec.baseline_version)
     hold(spec, run_id, hook, WAITING_STEP_S)  # still this run's, after the wait; and for the drain
     router(spec, run_id, hook, only=spec.candidate_version).set_routes(spec.promoted_policy())
+    promotion_recorded(spec, run_id, hook)  # (before the baseline is retired: the teardown keeps only what it says)
     retire(r, deployments, spec.baseline_version)
     deployments.release_floor(spec.baseline_version)  # its own HPA, should it serve again
     return spec.candidate_version
@@ -1963,9 +1967,11 @@ def finish(
 ) -> tuple[bool, str]:
     """What ends a run that holds its model (the teardown, and the failure callback should the
     teardown not finish): the promotion kept when promote ran (``promoted``, or its routes in
-    effect with the baseline retired: its record lost with a killed worker; routing back to
+    effect with the baseline retired: its XCom lost with a killed worker; routing back to
     retired pods would be an outage; the routes unread, edited by hand, the baseline retired and
-    the candidate serving, unless it decided to roll back: ``promoted_unseen``), else the stable version at 100%; with ``prune`` (the
+    the candidate serving: ``promoted_unseen``; either only where promote recorded its promotion,
+    ``promotion_record``, and the run did not decide to roll back: a baseline scaled to 0 by another
+    manager is no promotion), else the stable version at 100%; with ``prune`` (the
     teardown), the retired versions beyond ``build.revision_history_limit`` deleted (``prune``);
     then, where the run ``decided`` (the teardown: decide's outcome), what it carried out kept in
     its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again; with
@@ -1981,10 +1987,16 @@ def finish(
     lease_kept(lock, run_id, folder)
     routes = None if promoted else routes_read(spec, router(spec, run_id, hook))  # (None: edited by hand)
     unread = not promoted and routes is None
-    if unread:  # (a run that decided to roll back never promoted, whatever scaled its baseline to 0)
-        kept = decided in (None, "promote") and promoted_unseen(spec, hook)
+    # (a baseline without pods is no promotion unless promote recorded one: another manager, KEDA or
+    # ``kubectl scale``, may have scaled it to 0; a run that decided to roll back never promoted)
+    if promoted:
+        kept = True
+    elif decided not in (None, "promote") or not promotion_record(spec, folder):
+        kept = False
+    elif unread:
+        kept = promoted_unseen(spec, hook)
     else:
-        kept = promoted or promotion_in_effect(spec, run_id, hook, routes)
+        kept = promotion_in_effect(spec, run_id, hook, routes)
     if not kept:
         restore_stable(params, run_id, unload_candidate)
     elif spec.mesh == "istio":  # (promote stopped before it put the retired version's HPA back)
@@ -2054,6 +2066,29 @@ def promotion_in_effect(
     if spec.mesh == "istio":
         return not hook.deployments(spec.model).replicas(spec.baseline_version)
     return not hook.settings.admin.ready(spec.model, spec.baseline_version)
+
+
+def promotion_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
+    """promote's record, in its run folder (``PROMOTED``), that it moved the routes to the
+    candidate: written before it retires the baseline, so that the teardown and the failure
+    callback tell its promotion from a baseline another manager scaled to 0 (``promotion_record``).
+    A record that cannot be written fails promote (OSError) with the baseline still serving: the
+    teardown then puts it back."""
+    record = {"holder": run_id, "version": spec.candidate_version, "baseline": spec.baseline_version}
+    hook.settings.workdir(spec.model, run_id).write(PROMOTED, json.dumps(record).encode())
+
+
+def promotion_record(spec: RolloutSpec, folder: Folder) -> bool:
+    """Whether promote recorded, in the run's ``folder``, that it promoted this run's candidate
+    (``promotion_recorded``); False, logged, for a record that cannot be read."""
+    try:
+        record = json.loads(folder.read_within(PROMOTED, MAX_LOCK_BYTES))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        log.warning("this run's record of its promotion cannot be read (%s): %s", folder, str(exc)[:300])
+        return False
+    return isinstance(record, dict) and record.get("version") == spec.candidate_version
 
 
 def promoted_unseen(spec: RolloutSpec, hook: ModelServerHook) -> bool:

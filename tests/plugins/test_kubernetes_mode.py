@@ -1336,6 +1336,59 @@ def test_a_rollback_decided_with_its_baseline_scaled_to_0_and_its_routes_unreada
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_run_stopped_before_it_decided_with_its_baseline_scaled_to_0_and_its_routes_unreadable_is_rolled_back(
+    kube, end
+):
+    """Mid-stage, the baseline scaled to 0 by another manager (KEDA, ``kubectl scale``) and the
+    VirtualService edited into one the rollout cannot read, the run stopped before it decided
+    (marked failed in the UI): the teardown (decided None) and the failure callback (never given
+    decide's outcome) judged by the pods alone, took the retired-looking baseline for a
+    promotion and left 90% of the traffic on a version without pods and an unjudged candidate.
+    Only a promotion promote recorded (``PROMOTED``, in the run's folder, before it retired the
+    baseline) is kept: here the baseline is brought back and takes 100%."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    steps.apply_weights(PARAMS, 0, "run-1", {"decision": "pass"})
+    kube.touch("deployments", "models", "digits-v1", lambda obj: obj["spec"].update(replicas=0))
+
+    def debug_rule(obj: dict) -> None:
+        debug = {"name": "debug", "match": [{"headers": {"x-debug": {"exact": "1"}}}]}
+        obj["spec"]["http"].insert(0, {**debug, "route": [{"destination": {"host": "digits"}}]})
+
+    kube.touch("virtualservices", "models", "digits", debug_rule)
+    if end == "teardown":
+        with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+            steps.ensure_stable(PARAMS, "run-1", None, None, None)
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
+
+
+@pytest.mark.parametrize("decided", [None, "rollback"])
+def test_a_last_stage_at_100_with_its_baseline_scaled_to_0_is_no_promotion(kube, decided):
+    """The last stage sends the candidate 100% (promote's routes) and the baseline, sent nothing,
+    is scaled to 0 by another manager (KEDA scaling an idle Deployment to zero); the run stopped
+    before its rollback finished (or before it decided): the teardown read promote's routes and a
+    retired baseline, took that for a promotion whose record was lost, and kept the candidate,
+    unjudged or rejected, at 100%. Without promote's record of its promotion the baseline is
+    brought back and takes 100%."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    for index in range(3):
+        steps.apply_weights(PARAMS, index, "run-1", {"decision": "pass"})
+    assert routes(kube) == [("v2", 100)]
+    kube.touch("deployments", "models", "digits-v1", lambda obj: obj["spec"].update(replicas=0))
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+        steps.ensure_stable(PARAMS, "run-1", None, None, SENT if decided else None, decided=decided)
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def test_a_model_sent_to_another_models_target_is_refused_before_any_write(kube):
     """The single-model setup (one connection-wide target, no {model}) used for a second model:
     its rollout would take over digits' Deployments and VirtualService. The runs take turns on
