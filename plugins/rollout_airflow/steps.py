@@ -2593,7 +2593,10 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
     loaded (its pods running), which the warning it logs says. A run that does not hold the
     lease touches nothing, nor does a context without the run's Params (Airflow gives a DAG
     callback only the DAG and the run id when it has no task instance of the run to build one
-    from): every field would take its default, another model's or another version's."""
+    from): every field would take its default, another model's or another version's. A callback
+    that fails to put the stable version back (the API server down, a baseline without a
+    Deployment) is the last try: it logs the error and reports it (``tell``: Slack, else the
+    outbox), the routes not shown restored, for a human to put them back."""
     run_id = getattr(context.get("dag_run"), "run_id", None) or str(context.get("run_id", "failed-run"))
     if not context.get("params"):
         log.warning(
@@ -2602,10 +2605,26 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
             run_id,
         )
         return
+    from vision_rollout.notify import rollback_message
+
     params = dict(context["params"])
+    try:
+        spec = spec_from(params)
+    except AirflowFailException as exc:  # (parameters refused at the start: it never held the model)
+        log.warning("run %s failed; nothing restored: %s", run_id, exc)
+        return
     try:
         log.warning("run %s failed: %s", run_id, finish(params, run_id, promoted=False, unload_candidate=False)[1])
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
-    except AirflowFailException as exc:  # (parameters refused at the start: it never held the model)
-        log.warning("run %s failed; nothing restored: %s", run_id, exc)
+    except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told
+        failed = (
+            f"run {run_id} failed and its failure callback could not put version {spec.baseline_version} back "
+            f"({type(exc).__name__}: {str(exc)[:500]}); nothing tries again: check the routes, and clear the run's "
+            "ensure_stable (or put the stable version back by hand) once the cause is fixed"
+        )
+        log.exception("%s", failed)
+        try:
+            tell(spec, rollback_message(spec, failed, restored=False), "the failure callback's report")
+        except Exception:
+            log.exception("the failure callback's report was not sent")

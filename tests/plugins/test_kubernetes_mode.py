@@ -2241,6 +2241,30 @@ def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call
     assert routes(kube) == [("v1", 100)]
 
 
+def test_a_failure_callback_that_cannot_reach_the_api_server_reports_that_the_stable_version_may_not_be_back(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """The API server down through the failure callback (the run's teardown failed before it, or
+    never ran): the callback raised into the DAG processor's log, which nobody reads, and nothing
+    tries again, so the routes were left mid-rollout with nobody told. It logs the error and sends
+    a report (Slack, else the outbox) saying the stable version is not shown to be back, naming
+    the error and what to do."""
+    from vision_rollout import mesh
+
+    at_stage_1(kube)
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+    monkeypatch.setattr(mesh, "BACKOFF_MAX_S", 0.01)  # (and routes_read's between its reads)
+    kube.drop = 10**6  # every call's connection closed without an answer
+    steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    kube.drop = 0
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+    assert "its failure callback could not put version 1 back" in caplog.text
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report["text"].startswith("Stopped digits v2, routes not restored: run run-1 failed")
+    assert "the Kubernetes API server did not answer" in report["text"]
+    assert "nothing tries again" in report["text"]
+
+
 def test_under_autoscaling_the_stable_version_keeps_its_size_for_the_whole_run(kube, monkeypatch, tmp_path):
     """The stable version's HPA shrank it as the candidate took a share (10 pods to 5 at 50%), the
     later stages were sized from the 5, and a rollback handed all of the traffic back to them.
