@@ -1713,9 +1713,10 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     first stage (``VersionDeployments.hold_floor``: those it ran before the run), or without
     that floor than serve now, both versions', it is scaled back for them to start while it takes
     the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
-    pods scaled all the same), then 100% to it, its HPA's own floor back
+    pods scaled all the same; the scale itself failed, its ready pod takes the traffic back all
+    the same, then that failure is raised, its floor still held), then 100% to it, its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
-    from vision_rollout.mesh import routes_to
+    from vision_rollout.mesh import RouterError, routes_to
 
     spec = spec_from(params)
     hook = serving()
@@ -1731,6 +1732,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             admin.load(spec.model, [spec.baseline_version])  # (a candidate never loaded: nothing to unload)
         return spec.baseline_version
     deployments = hook.deployments(spec.model)
+    unscaled: RouterError | None = None
     if rerouted:
         live = deployments.replicas(spec.baseline_version)
         if live is None:
@@ -1748,10 +1750,22 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
                 held = deployments.held_floor(spec.baseline_version)
                 size = held or min(live + (deployments.replicas(spec.candidate_version) or 0), MAX_REPLICAS)
                 if live < size:  # (not waited for; its HPA another manager's: refused, logged, scaled all the same)
-                    deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
+                    try:
+                        deployments.scale(spec.baseline_version, size, spec.baseline_version, rolling_back=True)
+                    except RouterError as exc:  # (it serves already: the traffic first, then the scale's failure)
+                        unscaled = exc
+                        log.warning(
+                            "version %s was not scaled to %d pods (%s): it takes the traffic back first, with the "
+                            "pods it runs",
+                            spec.baseline_version,
+                            size,
+                            str(exc)[:500],
+                        )
             deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
+        if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
+            raise unscaled
     deployments.release_floor(spec.baseline_version)
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain

@@ -2123,6 +2123,43 @@ def test_under_autoscaling_a_rollback_scales_the_stable_version_back_before_it_t
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+def test_under_autoscaling_a_rollback_moves_the_traffic_back_though_the_stable_versions_apply_is_refused(
+    kube, monkeypatch, tmp_path, caplog
+):
+    """Under autoscaling, the rollback scales the stable version back ahead of the traffic; its
+    Deployment's apply refused (a policy webhook added since, denying it): the rollback stopped
+    before the routes moved, every retry the same, and the candidate kept half of the traffic
+    though the stable version had 5 ready pods. The stable version serving, the traffic goes back
+    to it first; then the scale's refusal fails the step, naming it."""
+    from devstack.cluster.kube import APIError
+    from vision_rollout.mesh import RouterError
+
+    connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    params = {**PARAMS, "mirror_percent": 0}
+    steps.ModelServerHook().deployments("digits").apply("1", image("1"), replicas=2)
+    kube.scale("models", "digits-v1", 10, "kube-controller-manager")
+    steps.deploy_candidate(params, image("2"), "run-1")
+    for index in range(2):
+        steps.apply_weights(params, index, "run-1", {"decision": "pass"})
+    kube.scale("models", "digits-v1", 5, "kube-controller-manager")
+
+    def webhook() -> None:
+        kube.before_write = webhook
+        request = kube.requests[-1]
+        if request["method"] == "PATCH" and request["path"].endswith("/deployments/digits-v1"):
+            raise APIError(400, "BadRequest", 'admission webhook "policy.example.com" denied the request')
+
+    kube.before_write = webhook
+    with pytest.raises(RouterError, match=r'apply Deployment digits-v1: 400 .*admission webhook "policy.example.com"'):
+        steps.restore_stable(params, "run-1")
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert "version 1 was not scaled to 10 pods (apply Deployment digits-v1: 400" in caplog.text
+    assert "it takes the traffic back first" in caplog.text
+
+
 def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write_tries_times(
     kube, monkeypatch, tmp_path
 ):
@@ -2131,7 +2168,8 @@ def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write
     scale's own settled retry, which the scale patch's failure sent round again: 16 HPA applies,
     4 scale patches and 4 Deployment applies, 17.5 s of backoff for one try of the teardown. Each
     write is now settled on its own: at most WRITE_TRIES of each, the scale's failure raised naming
-    the call (Airflow's retry tries again), the routes not moved back before the pods."""
+    the call (Airflow's retry tries again), once the stable version's ready pods took the traffic
+    back (``test_under_autoscaling_a_rollback_moves_the_traffic_back_though_...``)."""
     from vision_rollout.mesh import WRITE_TRIES, ApiFailed
 
     connect(monkeypatch, tmp_path, autoscaling=True, max_replicas=40)
@@ -2154,7 +2192,7 @@ def test_a_rollbacks_scale_answered_500_each_time_sends_each_write_at_most_write
     assert sent[("PATCH", "horizontalpodautoscalers/digits-v1")] == WRITE_TRIES
     assert sent[("PATCH", "digits-v1/scale")] == WRITE_TRIES
     assert sent[("PATCH", "deployments/digits-v1")] == 1
-    assert routes(kube) == [("v1", 50), ("v2", 50)]
+    assert routes(kube) == [("v1", 100)]
 
 
 def test_a_rollback_moves_the_traffic_back_though_the_stable_versions_hpa_is_another_managers(
