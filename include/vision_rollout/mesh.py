@@ -21,6 +21,7 @@ unknown backend; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import hashlib
 import ipaddress
@@ -1456,16 +1457,60 @@ def api_error(what: str, exc: Any) -> RouterError:
     return ApiFailed(message, exc.status) if exc.status in UNSERVED | MAYBE_SERVED else RouterError(message)
 
 
+@dataclass
+class ApiBudget:
+    """What ``api_budget`` allows the calls made within it: ``per_call_s`` each (connect and
+    read), and ``total_s`` without an answer in all (``spent``: the time the calls that got none
+    took, the client's retries and their backoff included; ``since``: when the call under way
+    began, its time counted until it is answered)."""
+
+    total_s: float
+    per_call_s: float
+    spent: float = 0.0
+    since: float | None = None
+
+    def left(self) -> float:
+        return self.total_s - self.spent - (time.monotonic() - self.since if self.since is not None else 0.0)
+
+
+_BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_budget", default=None)
+
+
+@contextlib.contextmanager
+def api_budget(total_s: float, per_call_s: float) -> Iterator[ApiBudget]:
+    """Within it, each Kubernetes API call of a ``with_retries`` client waits ``per_call_s`` at
+    most to connect and to read (not ``API_TIMEOUT_S``' 60 s), and once calls have gone
+    ``total_s`` without an answer in all (a hung server: each call its whole time limit, read
+    again twice) none is sent, nor sent again by the client's retries: ``ApiUnreachable``, at
+    once. Answered calls (a refusal too) and the time between calls (a wait for pods, a drain)
+    are not counted: only a server that does not answer uses the budget up, never a slow restore.
+    What puts the stable version back (the teardown, the failure callback) is so bounded: a hung
+    API server took 181 s a call, minutes a teardown."""
+    budget = ApiBudget(total_s, per_call_s)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
 def api_retries() -> Any:
     """The kubernetes client's retry policy (urllib3's ``Retry``): up to 5 sends more, after the
     Retry-After given (``MAX_RETRY_AFTER_S`` at most), else 0.5 s doubling up to 8 s; on ``UNSERVED`` any request, on
     ``MAYBE_SERVED`` or a read timeout (``API_TIMEOUT_S``) a read (twice at most for a
-    timeout), and any request that never reached the server (no connection)."""
+    timeout), and any request that never reached the server (no connection); none once the
+    ``api_budget`` in force is spent."""
     from urllib3.util.retry import Retry
 
     class ApiRetry(Retry):
         def _is_method_retryable(self, method: str) -> bool:  # (urllib3 asks it of a read timeout)
             return method.upper() in READS
+
+        def increment(self, *args: Any, **kwargs: Any) -> Any:
+            budget = _BUDGET.get()
+            if budget is not None and budget.left() <= 0:  # (spent: exhausted, its failure raised as ever)
+                return Retry.increment(self.new(total=0), *args, **kwargs)
+            return super().increment(*args, **kwargs)
 
         def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
             return status_code in UNSERVED or (status_code in MAYBE_SERVED and method.upper() in READS)
@@ -1495,10 +1540,28 @@ def with_retries(api_client: Any) -> Any:
 
     class TimedRESTClient(RESTClientObject):
         def request(self, method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+            timeout = _request_timeout or API_TIMEOUT_S
+            budget = _BUDGET.get()
+            if budget is not None:
+                left = budget.left()
+                if left <= 0:
+                    raise ApiUnreachable(
+                        f"{method.upper()} {urlsplit(url).path} was not sent: the Kubernetes API server left "
+                        f"calls here {budget.total_s:g} s without an answer, all they are allowed; the call may be "
+                        "tried again"
+                    )
+                parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+                timeout = tuple(min(part, budget.per_call_s, left) for part in parts)
+                budget.since = time.monotonic()
             try:
-                return super().request(method, url, *args, _request_timeout=_request_timeout or API_TIMEOUT_S, **kwargs)
+                return super().request(method, url, *args, _request_timeout=timeout, **kwargs)
             except HTTPError as exc:
+                if budget is not None and budget.since is not None:  # (an answered call spends nothing)
+                    budget.spent += time.monotonic() - budget.since
                 raise unanswered(method, url, exc) from None
+            finally:
+                if budget is not None:
+                    budget.since = None
 
     api_client.configuration.retries = api_retries()
     api_client.rest_client = TimedRESTClient(api_client.configuration)  # its connection pools take it when made

@@ -83,6 +83,12 @@ PROBE_WINDOW_S, PROBE_EVERY_S = 30, 2  # mesh istio: a round of probes every 2 s
 MAX_COUNT_BYTES = 64 << 10  # an approval wait's kept count of failed reads: a few bytes of JSON
 MAX_PROBES_PER_ROUND = 100  # (50 requests a second at most, on the model's Service)
 ROUTES_READ_TRIES = 3  # routes_read: reads of the routes the API server failed, in all, before it raises
+# What puts the stable version back against an API server that does not answer (``mesh.api_budget``):
+# each call's time limit, and how long its calls may go without an answer in all. The teardown: a
+# hung server took 181 s a call (60 s, read again twice), minutes before it failed and reported.
+# The failure callback runs under the DAG processor's time limit.
+TEARDOWN_API_S, TEARDOWN_CALL_S = 120.0, 15.0
+CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 10.0
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:
@@ -1893,6 +1899,7 @@ def ensure_stable(
     its post waited for once the stable version is back (``send_run_report``). The post of the
     report the teardown found or made is kept in the run's end (``ENDED``), as notify's.
     """
+    from vision_rollout.mesh import api_budget
     from vision_rollout.notify import rollback_message
 
     spec = spec_from(params)
@@ -1908,9 +1915,10 @@ def ensure_stable(
         except Exception:  # (the stable version comes first: the teardown reports what it found)
             log.exception("what notify left of its report cannot be read")
     try:
-        kept, done = finish(
-            params, run_id, promoted == spec.candidate_version, prune=True, decided=decided, report=report
-        )
+        with api_budget(TEARDOWN_API_S, TEARDOWN_CALL_S):
+            kept, done = finish(
+                params, run_id, promoted == spec.candidate_version, prune=True, decided=decided, report=report
+            )
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
     except Exception as exc:
@@ -2619,6 +2627,7 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
             run_id,
         )
         return
+    from vision_rollout.mesh import api_budget
     from vision_rollout.notify import rollback_message
 
     params = dict(context["params"])
@@ -2628,7 +2637,9 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed; nothing restored: %s", run_id, exc)
         return
     try:
-        log.warning("run %s failed: %s", run_id, finish(params, run_id, promoted=False, unload_candidate=False)[1])
+        with api_budget(CALLBACK_API_S, CALLBACK_CALL_S):
+            done = finish(params, run_id, promoted=False, unload_candidate=False)[1]
+        log.warning("run %s failed: %s", run_id, done)
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
     except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told

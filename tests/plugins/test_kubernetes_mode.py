@@ -2279,6 +2279,72 @@ def test_an_api_server_that_drops_its_connections_fails_the_step_naming_the_call
     assert routes(kube) == [("v1", 100)]
 
 
+@pytest.mark.timeout(120)  # (before the budget: 181 s a call, minutes a teardown)
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_teardown_against_an_api_server_that_never_answers_is_bounded(kube, monkeypatch, tmp_path, end):
+    """The API server accepts the teardown's connections and never answers (hung): each call
+    waited its 60 s read limit, read again twice (181 s a call), and the teardown made call after
+    call for minutes before it failed and reported; the failure callback, under the DAG
+    processor's time limit, was killed before it said anything. Each call of theirs now waits
+    ``*_CALL_S`` at most, and once calls went ``*_API_S`` without an answer none is sent:
+    the teardown fails (it reported), the callback reports."""
+    import socket
+    import threading
+
+    from kubernetes.client import rest
+
+    from vision_rollout import mesh
+
+    at_stage_1(kube)
+    monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)  # (the client's backoff between its retries)
+    monkeypatch.setattr(mesh, "BACKOFF_MAX_S", 0.01)  # (and routes_read's between its reads)
+    monkeypatch.setattr(steps, "TEARDOWN_API_S", 1.0)
+    monkeypatch.setattr(steps, "TEARDOWN_CALL_S", 0.25)
+    monkeypatch.setattr(steps, "CALLBACK_API_S", 1.0)
+    monkeypatch.setattr(steps, "CALLBACK_CALL_S", 0.25)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = {**json.loads(json.loads(os.environ["AIRFLOW_CONN_KUBERNETES_DEFAULT"])["extra"]["kube_config"])}
+    hung["clusters"] = [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{listener.getsockname()[1]}"}}]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_KUBERNETES_DEFAULT",
+        json.dumps({"conn_type": "kubernetes", "extra": {"kube_config": json.dumps(hung), "namespace": "models"}}),
+    )
+    timeouts: list[object] = []
+    sent = rest.RESTClientObject.request
+
+    def spied(self, method, url, *args, _request_timeout=None, **kwargs):
+        timeouts.append(_request_timeout)
+        return sent(self, method, url, *args, _request_timeout=_request_timeout, **kwargs)
+
+    monkeypatch.setattr(rest.RESTClientObject, "request", spied)
+    try:
+        if end == "teardown":
+            with pytest.raises(mesh.ApiUnreachable):
+                steps.ensure_stable(PARAMS, "run-1", None, None, None)
+        else:
+            steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+    finally:
+        listener.close()
+        for connection in accepted:
+            connection.close()
+    assert timeouts
+    assert all(max(t) <= 0.25 for t in timeouts)  # (each call's limit: the budget's)
+    assert len(accepted) <= 1.0 / 0.25 + 1  # (no call sent once the budget is spent, nor sent again)
+    (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    assert report["text"].startswith("Stopped digits v2, routes not restored")
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
 def test_a_failure_callback_that_cannot_reach_the_api_server_reports_that_the_stable_version_may_not_be_back(
     kube, monkeypatch, tmp_path, caplog
 ):
