@@ -72,7 +72,10 @@ MAX_PIPELINED = 2048
 # Answered on a connection past --max-connections (then closed): a busy server's probes say it
 # is alive and ready (a liveness probe refused would have it restarted, a readiness probe
 # refused take it out of the Service as it sheds load), and they cost no more than a refusal.
+# A model's or a version's readiness (the rollout polls it) is one too: its segments are
+# bounded, and a segment never holds "/", so the match is linear in the path.
 PROBES = frozenset({b"/v2/health/live", b"/v2/health/ready", b"/metrics"})
+MODEL_PROBE = re.compile(rb"/v2/models/[^/]{1,512}(?:/versions/[^/]{1,64})?/ready")
 # Bytes read and held unparsed while parsing is paused (a request pipelined behind one in
 # flight, a body its handler has not taken yet); past them the connection is not read.
 MAX_HELD_BYTES = 64 * 1024
@@ -473,7 +476,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._over_limit:
             url = self.url
             path = url if b"?" not in url else httptools.parse_url(url).path
-            probe = self.parser.get_method() in (b"GET", b"HEAD") and path in PROBES
+            probe = self.parser.get_method() in (b"GET", b"HEAD") and (
+                path in PROBES or MODEL_PROBE.fullmatch(path) is not None
+            )
             if not probe:
                 raise RequestRefused(
                     ServerBusy.status,

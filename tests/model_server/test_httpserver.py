@@ -829,3 +829,38 @@ def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> No
         kept.connection_lost(None)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("path", "answered"),
+    [
+        ("/v2/health/ready", True),
+        ("/v2/models/digits/ready", True),
+        ("/v2/models/digits/versions/3/ready", True),
+        ("/v2/models/digits/versions/3/ready?x=1", True),
+        ("/v2/models/digits/infer", False),
+        ("/v2/models/digits/versions/3", False),
+        ("/v2/models//ready", False),
+        ("/v2/models/a/b/ready", False),
+        ("/v2/models/" + "a" * 5000 + "/ready", False),
+    ],
+)
+def test_a_connection_past_the_limit_has_its_model_readiness_probe_answered(path: str, answered: bool) -> None:
+    """The rollout (serving.py ready()) polls /v2/models/{m}/versions/{v}/ready: past
+    --max-connections it was refused 503 like any request, and a busy server read as one whose
+    version is not ready. A model's (or a version's) readiness GET is a probe as health is."""
+
+    async def scenario() -> None:
+        state = ServerState()
+        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
+        cls = limited_protocol(30.0, None, max_connections=2)
+        protocol = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
+        transport = Transport()
+        protocol.connection_made(transport)  # the 4th: past the limit
+        protocol.data_received(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await settle()
+        status = b"".join(transport.writes).split(b" ", 2)[1]
+        assert status == (b"200" if answered else b"503")
+        protocol.connection_lost(None)
+
+    asyncio.run(scenario())
