@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 from model_server.config import (
     MAX_CONNECTIONS,
     MAX_COPY_AGE_S,
+    MAX_FLUSH_S,
     MAX_JSON_BYTES,
     MAX_QUEUE,
+    MIN_FLUSH_S,
     NAME_RE,
     SHOW_LOG,
     ascii_uint,
@@ -31,28 +33,44 @@ from model_server.errors import MaskingUnavailable, ServerError
 from model_server.files import folder_problem
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from model_server.masking import Masker
     from model_server.predictionlog import PredictionLog
 
 log = logging.getLogger("model_server")
 
 
-def at_least_one(text: str) -> int:
-    """A count that must be 1 or more (a queue of 0 would hold any number: asyncio's unbounded)."""
-    value = ascii_uint(text.strip())
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text[:40]!r}")
-    return value
+def bounded(
+    noun: str, low: float, high: float = math.inf, *, above: bool = False, whole: bool = False
+) -> Callable[[str], float]:
+    """An argument's type: a finite number (``whole``: an int) from ``low`` (``above``: past it)
+    to ``high``; out of range, NaN or infinite, argparse's error naming the flag says so."""
+
+    def parse(text: str) -> float:
+        value: float | None
+        if whole:
+            value = ascii_uint(text.strip())
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                value = None
+        if value is None or not (low < value if above else low <= value) or not value <= high or value == math.inf:
+            bound = f"{'above' if above else 'at least'} {low:g}" + (
+                f" and at most {high:g}" if high < math.inf else ""
+            )
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text[:40]!r}")
+        return value
+
+    return parse
 
 
-def positive_mb(text: str, unit: str = "MiB") -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of {unit} above 0, got {text[:40]!r}")
-    return value
+at_least_one = bounded("a whole number", 1, whole=True)
+positive_mb = bounded("a number of MiB", 0, above=True)
+positive_s = bounded("seconds", 0, above=True)
+MAX_KEEP_ALIVE_S = 3600.0
+keep_alive_s = bounded("seconds", 0, MAX_KEEP_ALIVE_S, above=True)
 
 
 def copy_age(text: str) -> float:
@@ -64,20 +82,6 @@ def copy_age(text: str) -> float:
     problem = copy_age_problem(value, text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
-    return value
-
-
-MAX_KEEP_ALIVE_S = 3600.0
-
-
-def keep_alive_s(text: str) -> float:
-    """--keep-alive-timeout: seconds above 0 and at most ``MAX_KEEP_ALIVE_S``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= MAX_KEEP_ALIVE_S:
-        raise argparse.ArgumentTypeError(f"must be seconds above 0 and at most {MAX_KEEP_ALIVE_S:g}, got {text[:40]!r}")
     return value
 
 
@@ -176,21 +180,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prediction-log-flush-s",
         "--shadow-log-flush-s",
         dest="prediction_log_flush_s",
-        type=float,
+        type=bounded("seconds", MIN_FLUSH_S, MAX_FLUSH_S),
         default=2.0,
         help="seconds between the writer's flushes (one file per model and hour each)",
     )
     p.add_argument(
         "--prediction-log-sample",
-        type=float,
+        type=bounded("a share", 0, 1),
         default=1.0,
         help="share of primary requests logged, by request id (requests of a mirrored version, "
         "requests naming their version, shadow copies and labels are always logged)",
     )
-    p.add_argument("--prediction-log-topk", type=int, default=5, help="classes kept per prediction (top-k)")
+    p.add_argument("--prediction-log-topk", type=at_least_one, default=5, help="classes kept per prediction (top-k)")
     p.add_argument(
         "--prediction-log-full-max",
-        type=int,
+        type=bounded("a whole number", 0, whole=True),
         default=32,
         help="keep the whole probability vector when it has at most this many classes",
     )
@@ -208,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--feedback-ttl-s",
-        type=float,
+        type=positive_s,
         default=3600.0,
         help="how long a served prediction waits for its label",
     )
@@ -218,9 +222,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="secret of the feedback tokens, shared by every replica (default: made in the state folder)",
     )
     p.add_argument(
-        "--feedback-capacity", type=int, default=200_000, help="served items (a batch of N is N) kept for labels"
+        "--feedback-capacity",
+        type=at_least_one,
+        default=200_000,
+        help="served items (a batch of N is N) kept for labels",
     )
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
+    p.add_argument("--max-body-mb", type=positive_mb, default=64.0, help="request body limit (413 above)")
     p.add_argument(
         "--max-bodies-mb",
         type=positive_mb,
@@ -229,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-json-mb",
-        type=float,
+        type=positive_mb,
         default=MAX_JSON_BYTES / 2**20,
         help="limit of an infer request's JSON part and of any other JSON body (413 above)",
     )
@@ -240,7 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="requests queued in one version's dynamic batcher, whatever its max_queue_size (0 is unbounded, "
         "as in Triton); more are refused 503 'exceeds maximum queue size'",
     )
-    p.add_argument("--feedback-max-items", type=int, default=1000, help="labels in one feedback call (413 above)")
+    p.add_argument(
+        "--feedback-max-items", type=at_least_one, default=1000, help="labels in one feedback call (413 above)"
+    )
     p.add_argument(
         "--max-connections",
         type=at_least_one,
@@ -251,7 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_s,
         default=30.0,
         help="seconds to receive the headers, and then the body; and for a client to read 64 KiB of its answers",
     )

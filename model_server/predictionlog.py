@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 import re2
 
 from model_server import metrics
+from model_server.config import MAX_FLUSH_S, MIN_FLUSH_S
 from model_server.errors import MaskingUnavailable
 from model_server.files import filesystem, list_folder, store_errors, write_private
 from model_server.masking import SUSPECT, SUSPECT_PARTS, Key, Masker
@@ -268,9 +269,6 @@ class Label(NamedTuple):
     def held(self) -> int:
         """About the bytes it holds, for the buffer's byte budget."""
         return 64 + len(self.request_id) + 8 * len(self.labels)
-
-
-MIN_FLUSH_S, MAX_FLUSH_S = 0.01, 60.0
 
 
 def default_replica() -> str:

@@ -599,7 +599,7 @@ def closes(end: datetime) -> datetime:
     written (by its name, its pod's clock) by a pod that keeps the bounds, a shadow stamped
     ``CLOCK_SKEW_S`` after the range flushed within ``MAX_FLUSH_S``; ``audited_hour`` waits
     for it. A record in a file written later is late: not in the range's audit."""
-    from model_server.predictionlog import MAX_FLUSH_S
+    from model_server.config import MAX_FLUSH_S
 
     return end + timedelta(seconds=CLOCK_SKEW_S + MAX_FLUSH_S)
 
@@ -613,8 +613,7 @@ def copy_due() -> timedelta:
     nothing written over a longer stretch before a record another pod wrote is gone (or got no
     copy in it); primaries stamped that long before the newest record without their copies
     show a mirror stopped, not copies on their way."""
-    from model_server.config import MAX_COPY_AGE_LIMIT_S
-    from model_server.predictionlog import MAX_FLUSH_S
+    from model_server.config import MAX_COPY_AGE_LIMIT_S, MAX_FLUSH_S
     from vision_rollout.engine import WRITE_S
 
     return timedelta(seconds=MAX_COPY_AGE_LIMIT_S + MAX_FLUSH_S + 2 * WRITE_S + CLOCK_SKEW_S)

@@ -773,6 +773,47 @@ def test_the_keep_alive_timeout_is_bounded(value, capsys):
     assert parse_args(["--repository", ".", "--keep-alive-timeout", "3600"]).keep_alive_timeout == 3600
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--max-body-mb", "-1"),
+        ("--max-body-mb", "0"),
+        ("--max-body-mb", "nan"),
+        ("--max-body-mb", "inf"),
+        ("--max-json-mb", "-1"),
+        ("--max-json-mb", "nan"),
+        ("--max-json-mb", "inf"),
+        ("--prediction-log-topk", "-1"),
+        ("--prediction-log-topk", "0"),
+        ("--prediction-log-full-max", "-1"),
+        ("--prediction-log-sample", "nan"),
+        ("--prediction-log-sample", "1.5"),
+        ("--prediction-log-flush-s", "0"),
+        ("--prediction-log-flush-s", "inf"),
+        ("--shadow-log-flush-s", "nan"),
+        ("--feedback-max-items", "-5"),
+        ("--feedback-max-items", "0"),
+        ("--feedback-capacity", "-1"),
+        ("--feedback-ttl-s", "nan"),
+        ("--feedback-ttl-s", "-1"),
+        ("--request-timeout", "-1"),
+        ("--request-timeout", "nan"),
+        ("--request-timeout", "inf"),
+    ],
+)
+def test_a_numeric_flag_out_of_range_or_not_finite_is_refused_by_name(flag, value, capsys):
+    """--max-body-mb -1 made every body a 413 and nan disabled the start's check of
+    --max-bodies-mb; a negative --prediction-log-topk or --feedback-max-items was taken as given.
+    Every numeric flag is read to its range, finite: argparse's error names the flag."""
+    from model_server.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--repository", ".", flag, value])
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err or f"/{flag}: " in err
+    assert ": must be " in err
+
+
 @pytest.mark.parametrize("closed_by", ["keep-alive timeout", "connection: close"])
 def test_a_connection_closed_with_a_little_left_unread_is_closed_after_the_request_timeout(
     server_factory, repo_copy, closed_by
