@@ -44,6 +44,7 @@ import logging
 import math
 import platform
 import re
+import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, NamedTuple
 
@@ -79,6 +80,38 @@ MODEL_PROBE = re.compile(rb"/v2/models/[^/]{1,512}(?:/versions/[^/]{1,64})?/read
 # Bytes read and held unparsed while parsing is paused (a request pipelined behind one in
 # flight, a body its handler has not taken yet); past them the connection is not read.
 MAX_HELD_BYTES = 64 * 1024
+
+
+# A refusal's WARNING line: at most one per interval, the next one counting those left out (a
+# flood of connections past --max-connections wrote one a request, as fast as they came).
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class RefusalLog:
+    """The refusals of every connection together, logged one line per interval."""
+
+    def __init__(self) -> None:
+        self.next_at = -math.inf
+        self.left_out = 0
+
+    def warn(self, logger: logging.Logger, reason: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return
+        self.next_at = now + REFUSAL_LOG_INTERVAL_S
+        if self.left_out:
+            logger.warning(
+                "refused a request: %s (and %d more refused since the last such line, not logged)",
+                reason,
+                self.left_out,
+            )
+        else:
+            logger.warning("refused a request: %s", reason)
+        self.left_out = 0
+
+
+REFUSALS = RefusalLog()
 
 
 class Answer(NamedTuple):
@@ -784,7 +817,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._end_header_phase()
         if self.transport.is_closing() or self._refusal is not None:
             return
-        self.logger.warning("refused a request: %s", reason)
+        REFUSALS.warn(self.logger, reason)
         body = json.dumps({"error": reason}).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import re
 from typing import Any
 
@@ -864,3 +865,40 @@ def test_a_connection_past_the_limit_has_its_model_readiness_probe_answered(path
         protocol.connection_lost(None)
 
     asyncio.run(scenario())
+
+
+def test_refusals_are_logged_once_per_interval_with_a_count_of_the_rest(monkeypatch, caplog) -> None:
+    """Every refusal (503 past --max-connections, 429 pipelining, 4xx) wrote a WARNING line: a
+    flood of connections past the limit wrote one per request, as fast as they came. One line
+    per interval now, the next one counting those left out."""
+    from model_server import httpserver
+
+    now = [1000.0]
+    monkeypatch.setattr(httpserver.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(httpserver, "REFUSALS", httpserver.RefusalLog())
+
+    async def scenario() -> None:
+        state = ServerState()
+        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
+        cls = limited_protocol(30.0, None, max_connections=2)
+        for _ in range(50):
+            config = Config(asgi_app, log_config=None)  # (uvicorn's own would stop its loggers' records)
+            refused = cls(config, state, {}, _loop=asyncio.get_running_loop())
+            transport = Transport()
+            refused.connection_made(transport)  # past the limit
+            refused.data_received(b"GET /v2/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"".join(transport.writes).startswith(b"HTTP/1.1 503 ")
+            refused.connection_lost(None)
+            now[0] += 0.01
+
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # (to caplog's handler)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert "--max-connections" in lines[0]
+        now[0] += httpserver.REFUSAL_LOG_INTERVAL_S
+        asyncio.run(scenario())
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert "and 49 more refused" in lines[1]
