@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 # Only light modules here: the arguments are parsed and checked before the inference stack
 # (onnxruntime, numpy, pandas, pyarrow: seconds) is imported, so a bad one ends the start at once.
 from model_server.config import (
+    MAX_ADMIN_CONNECTIONS,
     MAX_CONNECTIONS,
     MAX_COPY_AGE_S,
     MAX_FLUSH_S,
@@ -256,7 +257,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=MAX_CONNECTIONS,
         help="open connections served (each runs one request at a time: this bounds the requests in flight "
         "too); the requests of one past it are refused 503 with Retry-After, on both ways, and it is closed; "
-        "health and metrics probes are still answered; past twice it a connection is closed as it is accepted",
+        "health, model readiness and metrics probes are still answered; past twice it a connection is closed as it is accepted",
+    )
+    p.add_argument(
+        "--max-admin-connections",
+        type=at_least_one,
+        default=MAX_ADMIN_CONNECTIONS,
+        help="as --max-connections, for the --admin-port: each port counts its own connections, so a flood on "
+        "the data port leaves the admin API served",
     )
     p.add_argument(
         "--request-timeout",
@@ -591,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         log_config=None,  # uvicorn's records reach the root handlers, and their masking
         timeout_keep_alive=args.keep_alive_timeout,
-        http=limited_protocol(args.request_timeout, app.direct, args.max_connections),
+        http=limited_protocol(
+            args.request_timeout, app.direct, args.max_connections, args.admin_port, args.max_admin_connections
+        ),
     )
     server = uvicorn.Server(config)
     server.run(sockets=sockets)  # one event loop, one app, a listener per port

@@ -216,6 +216,8 @@ MAX_QUEUE = 4096
 # The open connections served (``--max-connections``, httpserver.py): Envoy's circuit breakers'
 # max_connections default. Each runs one request at a time, so it bounds the requests in flight.
 MAX_CONNECTIONS = 1024
+# The admin port's own (--max-admin-connections): a handful of operators and the rollout.
+MAX_ADMIN_CONNECTIONS = 32
 # The prediction log writer's flush interval, seconds (0 spun the writer; a rollout waits for it).
 MIN_FLUSH_S, MAX_FLUSH_S = 0.01, 60.0
 

@@ -301,6 +301,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = HEADER_TIMEOUT_S
     direct: DirectRoute | None = None
     max_connections: int | None = None
+    # The admin port (its own limit, --max-admin-connections), and each port's connections: a
+    # flood on the data port leaves the admin calls (traffic, load, rollback) served.
+    admin_port: int | None = None
+    max_admin_connections: int | None = None
+    listeners: dict[int | None, set[LimitedHttpToolsProtocol]]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -335,16 +340,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # the bytes waiting when it was armed.
         self._write_timer: asyncio.TimerHandle | None = None
         self._unsent = 0
+        self._peers: set[LimitedHttpToolsProtocol] = set()  # its port's connections (connection_made)
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # Past the limit when it came (the connections before it serve on): its requests are
-        # refused 503 to retry, probes answered, and it is closed after the first.
-        self._over_limit = self.max_connections is not None and len(self.connections) > self.max_connections
-        if self.max_connections is not None and len(self.connections) > 2 * self.max_connections:
+        sockname = transport.get_extra_info("sockname")
+        port = sockname[1] if isinstance(sockname, tuple) else None
+        self._limit, self._limit_flag = self.max_connections, "--max-connections"
+        if port is not None and port == self.admin_port:
+            self._limit, self._limit_flag = self.max_admin_connections, "--max-admin-connections"
+        self._peers = self.listeners.setdefault(port, set())
+        self._peers.add(self)
+        # Past its port's limit when it came (the connections before it serve on): its requests
+        # are refused 503 to retry, probes answered, and it is closed after the first.
+        self._over_limit = self._limit is not None and len(self._peers) > self._limit
+        if self._limit is not None and len(self._peers) > 2 * self._limit:
             # Not even a probe is answered: its file descriptor is given back at once (one idle
             # past the limit held it for the keep-alive timeout, and a flood of them ran the
             # process out of them: then accept fails, for probes too).
@@ -515,8 +528,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if not probe:
                 raise RequestRefused(
                     ServerBusy.status,
-                    f"server busy: it holds its limit of {self.max_connections} connections (--max-connections); "
-                    "retry shortly",
+                    f"server busy: it holds its limit of {self._limit} connections ({self._limit_flag}); retry shortly",
                     ServerBusy.retry_after_s,
                 )
         # An Upgrade (h2c, as Java's HttpClient and curl --http2 ask it; websocket: none is
@@ -776,6 +788,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._gone(running)
         if isinstance(cycle, DirectCycle) and not cycle.response_complete:
             self._gone(cycle)
+        self._peers.discard(self)
         super().connection_lost(exc)
 
     def _gone(self, cycle: RequestResponseCycle | DirectCycle) -> None:
@@ -869,12 +882,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def limited_protocol(
-    header_timeout_s: float = HEADER_TIMEOUT_S, direct: DirectRoute | None = None, max_connections: int | None = None
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    direct: DirectRoute | None = None,
+    max_connections: int | None = None,
+    admin_port: int | None = None,
+    max_admin_connections: int | None = None,
 ) -> type[LimitedHttpToolsProtocol]:
     """The protocol class with its header and body timeout (the server's ``--request-timeout``),
-    the requests it answers itself and the connections it serves (``--max-connections``)."""
+    the requests it answers itself and the connections it serves on each port
+    (``--max-connections``; on ``admin_port``, ``--max-admin-connections``)."""
     return type(
         "LimitedHttpToolsProtocol",
         (LimitedHttpToolsProtocol,),
-        {"header_timeout_s": header_timeout_s, "direct": direct, "max_connections": max_connections},
+        {
+            "header_timeout_s": header_timeout_s,
+            "direct": direct,
+            "max_connections": max_connections,
+            "admin_port": admin_port,
+            "max_admin_connections": max_admin_connections,
+            "listeners": {},
+        },
     )

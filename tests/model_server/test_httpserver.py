@@ -808,6 +808,12 @@ def test_a_large_body_done_with_gives_the_heap_back_once_per_interval(tmp_path, 
     asyncio.run(main())
 
 
+def crowd(cls: Any, state: ServerState, count: int) -> None:
+    """``count`` connections made on the data port, kept open."""
+    for _ in range(count):
+        cls(Config(asgi_app, log_config=None), state, {}, _loop=asyncio.get_running_loop()).connection_made(Transport())
+
+
 def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> None:
     """A connection past --max-connections was kept until its first request or its keep-alive
     timeout (75 s), a file descriptor each: a client opening idle ones faster than that ran the
@@ -816,8 +822,8 @@ def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> No
 
     async def scenario() -> None:
         state = ServerState()
-        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
         cls = limited_protocol(30.0, None, max_connections=2)
+        crowd(cls, state, 3)
         kept = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
         transport = Transport()
         kept.connection_made(transport)  # the 4th: past the limit, within twice it
@@ -853,8 +859,8 @@ def test_a_connection_past_the_limit_has_its_model_readiness_probe_answered(path
 
     async def scenario() -> None:
         state = ServerState()
-        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
         cls = limited_protocol(30.0, None, max_connections=2)
+        crowd(cls, state, 3)
         protocol = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
         transport = Transport()
         protocol.connection_made(transport)  # the 4th: past the limit
@@ -879,8 +885,8 @@ def test_refusals_are_logged_once_per_interval_with_a_count_of_the_rest(monkeypa
 
     async def scenario() -> None:
         state = ServerState()
-        state.connections.update(object() for _ in range(3))  # type: ignore[misc]
         cls = limited_protocol(30.0, None, max_connections=2)
+        crowd(cls, state, 3)
         for _ in range(50):
             config = Config(asgi_app, log_config=None)  # (uvicorn's own would stop its loggers' records)
             refused = cls(config, state, {}, _loop=asyncio.get_running_loop())
@@ -891,14 +897,55 @@ def test_refusals_are_logged_once_per_interval_with_a_count_of_the_rest(monkeypa
             refused.connection_lost(None)
             now[0] += 0.01
 
+    def refusals(records: list[logging.LogRecord]) -> list[str]:
+        # (each record once: an earlier test's app may have given uvicorn's logger a handler too)
+        return [r.getMessage() for r in {id(r): r for r in records}.values() if "refused" in r.getMessage()]
+
     monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # (to caplog's handler)
     with caplog.at_level(logging.WARNING):
         asyncio.run(scenario())
-        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        lines = refusals(caplog.records)
         assert len(lines) == 1, lines
         assert "--max-connections" in lines[0]
         now[0] += httpserver.REFUSAL_LOG_INTERVAL_S
         asyncio.run(scenario())
-        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        lines = refusals(caplog.records)
         assert len(lines) == 2, lines
         assert "and 49 more refused" in lines[1]
+
+
+class AdminTransport(Transport):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5001), "sockname": ("127.0.0.1", 8001)}.get(name, default)
+
+
+def test_each_listener_counts_its_own_connections() -> None:
+    """The data and admin ports shared one count: a flood on the data port past
+    --max-connections had every admin call (traffic, load, rollback) refused 503. Each port
+    counts its own; the admin port's limit is --max-admin-connections."""
+
+    async def scenario() -> None:
+        state = ServerState()
+        cls = limited_protocol(30.0, None, max_connections=2, admin_port=8001, max_admin_connections=1)
+
+        def connect_to(transport: Transport) -> tuple[Any, Transport]:
+            protocol = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
+            protocol.connection_made(transport)
+            return protocol, transport
+
+        async def status(protocol: Any, transport: Transport) -> bytes:
+            protocol.data_received(b"GET /v2/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            await settle()
+            return b"".join(transport.writes).split(b" ", 2)[1]
+
+        data = [connect_to(Transport()) for _ in range(4)]  # past the data port's limit
+        assert await status(*data[-1]) == b"503"
+        admin = connect_to(AdminTransport())
+        assert await status(*admin) == b"200"  # the data port's flood leaves it be
+        refused = connect_to(AdminTransport())
+        assert await status(*refused) == b"503"
+        assert b"--max-admin-connections" in b"".join(refused[1].writes)
+        for protocol, _ in [*data, admin, refused]:
+            protocol.connection_lost(None)
+
+    asyncio.run(scenario())
