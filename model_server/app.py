@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_server import metrics
 from model_server.admin import Admin
-from model_server.config import MAX_COPY_AGE_S, MAX_JSON_BYTES, ascii_uint
+from model_server.config import MAX_COPY_AGE_S, MAX_JSON_BYTES, ascii_uint, json_problem
 from model_server.dataplane import DataPlane, InferResult, RequestContext, shadow_record
 from model_server.errors import (
     AdminOnly,
@@ -707,8 +707,10 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 raise InvalidInput("parameters.config must be a string: the configuration's JSON text")
             try:
                 override = json.loads(params["config"], parse_constant=refuse_constant)
-            except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
-                raise InvalidInput(f"parameters.config is not a JSON object: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser
+                raise InvalidInput(
+                    f"parameters.config is not a JSON object: {json_problem(exc, params['config'])}"
+                ) from None
             if not isinstance(override, dict):
                 raise InvalidInput("parameters.config must be a JSON object")
         await admin_api.load(name, override)

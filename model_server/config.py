@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,26 @@ def refuse_constant(name: str) -> Any:
     """``json.loads``'s parse_constant: NaN, Infinity and -Infinity, which Python's json takes
     and JSON has not, are refused (a NaN passes every range check after it)."""
     raise ValueError(f"{name} is not a JSON value")
+
+
+def json_problem(exc: ValueError | RecursionError, text: str) -> str:
+    """Why ``json.loads`` refused ``text``, in words: an integer past Python's digit limit was
+    told as Python's advice to its programmer ("use sys.set_int_max_str_digits()"); it is read
+    again (that failure alone) to tell its size and the limit."""
+    if "integer string conversion" not in str(exc):
+        return str(exc)
+    limit = sys.get_int_max_str_digits()
+
+    def bounded_int(digits: str) -> int:
+        if len(digits.lstrip("-")) > limit:
+            raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits: at most {limit} digits are read")
+        return 0
+
+    try:
+        json.loads(text, parse_int=bounded_int, parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as again:
+        return str(again)
+    return str(exc)
 
 
 def int64_version(text: str) -> int | None:
@@ -782,7 +803,8 @@ def load_config(
     try:
         raw = json.loads(data.decode(), parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
-        raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {exc}") from None
+        problem = json_problem(exc, data.decode(errors="replace"))
+        raise InvalidInput(f"model '{model_dir.name}': cannot read {where}: {problem}") from None
     if override:
         raw = {**raw, **triton_override(override, *device)}
         where = f"{where} with load override"

@@ -16,7 +16,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from model_server.config import DATATYPES, MAX_DIMS, MAX_JSON_BYTES, TensorSpec, ascii_uint, refuse_constant
+from model_server.config import (
+    DATATYPES,
+    MAX_DIMS,
+    MAX_JSON_BYTES,
+    TensorSpec,
+    ascii_uint,
+    json_problem,
+    refuse_constant,
+)
 from model_server.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -526,7 +534,7 @@ def parse_json(body: bytes | bytearray | memoryview) -> Any:
     try:
         return json.loads(text, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as exc:
-        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+        raise InvalidInput(f"malformed JSON in request body: {json_problem(exc, text)}") from None
 
 
 def _json_data(arr: np.ndarray, datatype: str) -> list[Any]:

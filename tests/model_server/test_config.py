@@ -366,3 +366,22 @@ def test_a_queue_policy_s_timeout_action_is_read_as_protobuf_reads_an_enum(actio
     for bad in ("DROP", "REJECTS", True):
         with pytest.raises(InvalidInput, match="must be REJECT or DELAY"):
             parse_config("m", {**raw, "dynamic_batching": {"default_queue_policy": {"timeout_action": bad}}})
+
+
+def test_an_integer_past_python_s_digit_limit_is_refused_in_words_naming_where(tmp_path):
+    """A JSON integer over 4,300 digits was refused with Python's own words ("use
+    sys.set_int_max_str_digits() to increase the limit"), advice to no client: the request body
+    and a config.json (a load's parameters.config too) now say what is wrong and the limit."""
+    from model_server.protocol import parse_json
+
+    big = "7" * 5000
+    with pytest.raises(InvalidInput) as refused:
+        parse_json(f'{{"inputs": [{{"data": [1, {big}]}}]}}'.encode())
+    message = refused.value.message
+    assert message == "malformed JSON in request body: an integer of 5000 digits: at most 4300 digits are read"
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**BASE, "max_batch_size": 1}).replace("1}", big + "}", 1))
+    with pytest.raises(InvalidInput, match=r"cannot read m/config\.json: an integer of 5000 digits") as refused:
+        load_config(model)
+    assert "sys." not in refused.value.message
