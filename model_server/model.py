@@ -81,7 +81,7 @@ NUMBER_START = {
 
 # ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
 # its masking, and a string the model could not read may be sensitive. Raised, it is answered
-# and logged here; the runs log nothing themselves.
+# (a warm-up's: the load's error) and logged here; the runs, the warm-up's too, log nothing themselves.
 QUIET_RUN = ort.RunOptions()
 QUIET_RUN.log_severity_level = 4
 
@@ -365,7 +365,7 @@ class LoadedVersion:
                 started = time.perf_counter()
                 if pre is not None and image is not None:
                     feeds = {pre.onnx_input: images_to_features(image, pre, "warm-up")}
-                results = self.session.run(outputs, feeds)
+                results = self.session.run(outputs, feeds, QUIET_RUN)
                 times.append(time.perf_counter() - started)
         except Exception as exc:
             raise InvalidInput(
@@ -386,7 +386,7 @@ class LoadedVersion:
         count equal to a merged batch answered requests each other's rows."""
         assert self.session is not None
         try:
-            results = self.session.run(outputs, self.synthetic_feeds(2))
+            results = self.session.run(outputs, self.synthetic_feeds(2), QUIET_RUN)
         except Exception as exc:  # ORT raises its own pybind exception types
             raise InvalidInput(
                 f"model '{self.name}' version {self.version} failed its warm-up inference at a batch of 2: {exc}"

@@ -230,3 +230,38 @@ def test_a_fault_of_nan_or_infinity_is_refused(fault, field):
     and a delay of NaN ms failed every request of the version until it was cleared."""
     with pytest.raises(InvalidInput, match=rf"fault\.{field} must be a non-negative number, got -?(nan|inf)"):
         Fault.from_dict(fault)
+
+
+def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path, capfd):
+    """A version whose warm-up inference failed had ONNX Runtime write its error to the server's
+    stderr ("[E:onnxruntime:, sequential_executor.cc ...]"), outside Python logging and its
+    masking, as requests' runs did before they were quieted: the warm-up's runs are quiet too,
+    and the failure is the load's error, raised and logged by the server."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])
+    table = helper.make_tensor("table", TensorProto.FLOAT, [40, 10], np.zeros(400, np.float32))
+    past = helper.make_tensor("past", TensorProto.INT64, [], [100])
+    nodes = [
+        helper.make_node("ArgMax", ["x"], ["first"], axis=1, keepdims=0),
+        helper.make_node("Add", ["first", "past"], ["index"]),  # out of the table's rows, whatever x is
+        helper.make_node("Gather", ["table", "index"], ["probabilities"], axis=0),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "broken", [x], [y], [table, past]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 64]}],
+        "output": [{"name": "probabilities", "datatype": "FP32", "dims": [-1, 10]}],
+    }
+    lv = LoadedVersion(parse_config("broken", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        capfd.readouterr()
+        with pytest.raises(InvalidInput, match=r"model 'broken' version 1 failed its warm-up inference: .*Gather"):
+            lv.warmup()
+        assert "onnxruntime" not in capfd.readouterr().err
+    finally:
+        lv.close()
