@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,9 +22,12 @@ from model_server import __version__, metrics
 from model_server.config import MAX_JSON_BYTES, ModelConfig, instance_kind, version_number
 from model_server.errors import (
     Cancelled,
+    InferenceFailed,
+    InjectedFault,
     InvalidInput,
     ModelNotFound,
     ModelUnavailable,
+    OutOfMemory,
     Preempted,
     ServerError,
     failure_reason,
@@ -47,6 +51,10 @@ from model_server.trace import TraceContext, log_access
 from model_server.traffic import PolicyStore, TrafficPolicy
 
 log = logging.getLogger(__name__)
+
+# A version's failed runs (a model bug, a device error or exhausted memory) are logged, ORT's
+# own lines being off: one line a version at most this often, then how many more there were.
+FAILURE_LOG_EVERY_S = 10.0
 
 # schedule_policy: a request's parameters.priority and parameters.timeout, read by the dynamic batcher.
 EXTENSIONS = [
@@ -155,6 +163,17 @@ class DataPlane:
         self.max_json_bytes = max_json_bytes  # an infer request's JSON part
         self.running = False
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
+        self.failures: dict[tuple[str, str], tuple[float, int]] = {}  # (model, version) -> last line, since
+
+    def _log_failure(self, model: str, label: str, exc: ServerError) -> None:
+        """A version's failed run in the server log (through masking), rate-limited per version."""
+        now = time.monotonic()
+        last, since = self.failures.get((model, label), (-math.inf, 0))
+        if now - last < FAILURE_LOG_EVERY_S:
+            self.failures[(model, label)] = (last, since + 1)
+            return
+        self.failures[(model, label)] = (now, 0)
+        log.error("%s%s", exc.message, f" (and {since} more since the last line)" if since else "")
 
     async def start(self) -> None:
         """Restore the persisted traffic policies, start the prediction log and the mirror: ready."""
@@ -379,6 +398,8 @@ class DataPlane:
                 if not dropped:
                     vm.failure(failure_reason(exc), latency_ms / 1000)
                 log_access(role, model, lv.label, rid, trace, exc.status, latency_ms, error=exc.message)
+                if isinstance(exc, InferenceFailed | OutOfMemory) and not isinstance(exc, InjectedFault):
+                    self._log_failure(model, lv.label, exc)
                 # A request given up by its client has no copy (Envoy resets a mirror's stream with
                 # its request's). An error may be shared by the requests of one batch: each sets its
                 # copy here and the transport reads it before any other task runs.

@@ -22,6 +22,7 @@ from model_server.admin import Admin
 from model_server.dataplane import DataPlane, InferResult, RequestContext, Route, shadow_record
 from model_server.errors import (
     Conflict,
+    InferenceFailed,
     InjectedFault,
     InvalidInput,
     ModelNotFound,
@@ -573,3 +574,46 @@ def test_the_config_of_a_model_not_loaded_is_read_again_only_when_its_files_chan
     assert reads["digits"] == 3
     with pytest.raises(ModelNotFound):
         plane.label_rules("no-such-model")
+
+
+def test_a_model_failing_at_run_time_is_logged_once_a_while_through_python_logging(tmp_path, caplog):
+    """Every ORT run logs nothing itself (its lines would pass by masking) and a 500 was
+    answered without a line: a model bug, a CUDA error or an exhausted device left no trace in
+    the server log (the access log is off by default). A version's run failure is logged
+    through Python logging, at most one line a while and then how many more there were."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "fixed", [x], [y], [shape])
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_model.ir_version = 10
+    (tmp_path / "fixed" / "1").mkdir(parents=True)
+    (tmp_path / "fixed" / "1" / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    config = {
+        "max_batch_size": 8,
+        "input": [{"name": "x", "datatype": "FP32", "dims": [-1, 4]}],
+        "output": [{"name": "y", "datatype": "FP32", "dims": [-1, 4]}],
+    }
+    (tmp_path / "fixed" / "config.json").write_text(json.dumps(config))
+    repo = ModelRepository(tmp_path, ["CPUExecutionProvider"])
+    repo.load("fixed")
+    try:
+        dp = data_plane(repo)
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0.5] * 8}]})
+        for _ in range(3):
+            with caplog.at_level("ERROR", logger="model_server.dataplane"), pytest.raises(InferenceFailed) as failed:
+                asyncio.run(dp.infer("fixed", None, body.encode(), RequestContext("r")))
+            assert failed.value.status == 500
+        lines = [r.getMessage() for r in caplog.records if r.name == "model_server.dataplane"]
+        assert len(lines) == 1, lines
+        assert "model 'fixed' version 1 failed" in lines[0]
+        dp.failures[("fixed", "1")] = (0.0, 2)  # as if the last line were long ago
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="model_server.dataplane"), pytest.raises(InferenceFailed):
+            asyncio.run(dp.infer("fixed", None, body.encode(), RequestContext("r")))
+        [line] = [r.getMessage() for r in caplog.records if r.name == "model_server.dataplane"]
+        assert line.endswith("(and 2 more since the last line)")
+    finally:
+        repo.close_all()
