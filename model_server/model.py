@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,12 +73,17 @@ MAX_VALID_SIGNATURES = 64  # input signatures (names, datatypes, shapes) that pa
 # ORT's message when a Cast from a string tensor meets text that is not a number: the C++
 # conversion that failed (std::stoll, std::stod, ...). The input's fault, not the model's.
 STRING_PARSE_FAILED = re.compile(r"Status Message: (?:std::)?sto(i|l|ll|ul|ull|f|d|ld)\b")
-# The start of the text each of those conversions reads (strtol's and strtod's): a string
-# without one is what it failed on.
+# The number at the start of the text each of those conversions reads (strtol's and strtod's,
+# decimal): a string without one, or with one out of the conversion's range, is what it failed on.
 NUMBER_START = {
-    "int": re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]"),
-    "float": re.compile(r"[ \t\n\v\f\r]*[+-]?(?:[0-9]|\.[0-9]|inf|nan)", re.IGNORECASE),
+    "int": re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)"),
+    "float": re.compile(
+        r"[ \t\n\v\f\r]*([+-]?(?:inf|nan|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?))", re.IGNORECASE
+    ),
 }
+# Past the largest magnitude each conversion reads (stoul and stoull take a sign, as strtoul
+# does): out of its range. A float past double's range reads as inf here.
+NUMBER_RANGE = {"i": 2**31, "l": 2**63, "ll": 2**63, "ul": 2**64, "ull": 2**64, "f": 3.4028235e38}
 
 # ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
 # its masking, and a string the model could not read may be sensitive. Raised, it is answered
@@ -169,15 +175,40 @@ def ort_tensor(inp: InferInput) -> np.ndarray:
 
 def unreadable(feeds: dict[str, np.ndarray], strings: set[str], conversion: str) -> str:
     """Which string input and element a failed conversion (std::sto<conversion>) could not read,
-    as the start of a message ("input 'x': BYTES element 3 is not a number; "), or "" where
-    none is without a number's start (one out of the conversion's range)."""
-    start = NUMBER_START["float" if conversion in ("f", "d", "ld") else "int"]
+    as the start of a message ("input 'x': BYTES element 3 is not a number; "). An input is
+    named only when it alone holds an element the conversion fails on (a string input a Cast
+    does not read may hold any text); else the inputs that do, or "" where none does."""
+    failing = {}
     for name, tensor in feeds.items():
         if name in strings:
             for i, text in enumerate(tensor.reshape(-1)):
-                if not start.match(text):
-                    return f"input '{shown(name)}': BYTES element {i} is not a number; "
+                if (fault := _number_fault(text, conversion)) is not None:
+                    failing[name] = f"BYTES element {i} {fault}"
+                    break
+    if len(failing) == 1:
+        [(name, fault)] = failing.items()
+        return f"input '{shown(name)}': {fault}; "
+    if failing:
+        return f"inputs {_few(sorted(failing))}: one holds a string that is not a number; "
     return ""
+
+
+def _number_fault(text: str, conversion: str) -> str | None:
+    """Why std::sto<conversion> fails on ``text`` ("is not a number", "is out of range"), or None."""
+    floating = conversion in ("f", "d", "ld")
+    number = NUMBER_START["float" if floating else "int"].match(text)
+    if number is None:
+        return "is not a number"
+    written = number[1].lower()
+    if floating:
+        if "inf" in written or "nan" in written:
+            return None
+        return None if abs(float(written)) <= NUMBER_RANGE.get(conversion, sys.float_info.max) else "is out of range"
+    if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)
+        return "is out of range"
+    value, limit = int(written), NUMBER_RANGE[conversion]
+    inside = abs(value) < limit if conversion in ("ul", "ull") else -limit <= value < limit
+    return None if inside else "is out of range"
 
 
 def _is_utf8(value: bytes) -> bool:

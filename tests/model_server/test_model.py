@@ -265,3 +265,56 @@ def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path
         assert "onnxruntime" not in capfd.readouterr().err
     finally:
         lv.close()
+
+
+@pytest.mark.parametrize(
+    ("tag", "num", "named"),
+    [
+        ("7", "abc", "input 'NUM': BYTES element 0 is not a number; "),
+        ("7", "99999999999999999999999", "input 'NUM': BYTES element 0 is out of range; "),
+        ("7", "9" * 5000, "input 'NUM': BYTES element 0 is out of range; "),
+        ("alice@example.com", "abc", "inputs ['NUM', 'TAG']: one holds a string that is not a number; "),
+        ("alice@example.com", "99999999999999999999999", "inputs ['NUM', 'TAG']: one holds a string"),
+    ],
+)
+def test_a_string_a_cast_cannot_read_blames_an_input_only_when_it_is_unambiguous(tmp_path, tag, num, named):
+    """The 400 blamed the first string input with an element not starting like a number,
+    whether a Cast read it or not: TAG passed through as text ("alice@example.com") was named
+    for NUM's "abc", and for NUM's out-of-range integer. An input is named only when it alone
+    holds an element the conversion fails on (out of range counted); else the candidates."""
+    tag_in = helper.make_tensor_value_info("TAG", TensorProto.STRING, ["batch", 1])
+    num_in = helper.make_tensor_value_info("NUM", TensorProto.STRING, ["batch", 1])
+    tag_out = helper.make_tensor_value_info("TAG_OUT", TensorProto.STRING, ["batch", 1])
+    num_out = helper.make_tensor_value_info("NUM_OUT", TensorProto.INT64, ["batch", 1])
+    nodes = [
+        helper.make_node("Identity", ["TAG"], ["TAG_OUT"]),
+        helper.make_node("Cast", ["NUM"], ["NUM_OUT"], to=TensorProto.INT64),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "tagged", [tag_in, num_in], [tag_out, num_out]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": n, "datatype": "BYTES", "dims": [-1, 1]} for n in ("TAG", "NUM")],
+        "output": [
+            {"name": "TAG_OUT", "datatype": "BYTES", "dims": [-1, 1]},
+            {"name": "NUM_OUT", "datatype": "INT64", "dims": [-1, 1]},
+        ],
+    }
+    lv = LoadedVersion(parse_config("tagged", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        inputs = [
+            InferInput(name, "BYTES", (1, 1), np.array([[text.encode()]], dtype=object))
+            for name, text in (("TAG", tag), ("NUM", num))
+        ]
+        with pytest.raises(InvalidInput) as refused:
+            asyncio.run(lv.infer(inputs, ["TAG_OUT", "NUM_OUT"]))
+        assert refused.value.message.startswith(named), refused.value.message
+        assert "could not read a string input as a number" in refused.value.message
+    finally:
+        lv.close()
+
