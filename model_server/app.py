@@ -51,7 +51,7 @@ from model_server.errors import (
     shown,
 )
 from model_server.feedback import FeedbackSigner, FeedbackStore
-from model_server.httpserver import Answer, BodyBudget, DirectRoute, HeapTrim, NoBody
+from model_server.httpserver import Answer, BodyBudget, DirectRoute, NoBody, fix_mmap_threshold
 from model_server.predictionlog import PredictionLog
 from model_server.protocol import HEADER_LENGTH, parse_json, refuse_constant
 from model_server.repository import ModelRepository
@@ -313,7 +313,7 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
     dataplane = DataPlane(repo, policies, feedback, mirror, plog, settings.max_json_bytes)
     admin_api = Admin(repo, policies)
     budget = BodyBudget(settings.max_bodies_bytes)
-    heap = HeapTrim()
+    fix_mmap_threshold()  # large request bodies go back to the system once freed
 
     http_counters: dict[tuple[str, int], Any] = {}  # (route, status): bounded by routes x statuses
 
@@ -512,7 +512,6 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
         rid = None
         result: InferResult | None = None
         shadow = None  # the copy for the shadow version, whatever the answer (dataplane.py)
-        size = 0  # the body's bytes (HeapTrim)
         try:
             if method != "POST":
                 raise MethodNotAllowed(f"method {method} not allowed on {shown(path)}")
@@ -538,7 +537,6 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
                 rule_headers=rule_headers(raw_headers, headers),
             )
             body = await read(headers)
-            size = len(body)
             result = await dataplane.infer(model, version, body, ctx, headers.get(HEADER_LENGTH.lower()))
             status, payload, shadow = 200, result.payload, result.shadow
             out = [
@@ -580,7 +578,6 @@ def create_app(repo: ModelRepository, settings: Settings, prediction_log: Predic
             count_http(INFER_ROUTES[version is not None], status)
             if shadow is not None:
                 mirror.submit(shadow)
-            heap.freed(size)
 
         return Answer(status, out, payload, then)
 

@@ -41,7 +41,6 @@ import ctypes
 import enum
 import json
 import logging
-import math
 import platform
 import re
 import time
@@ -167,46 +166,30 @@ class BodyBudget:
         self.held -= size
 
 
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None under another C library (musl, macOS): none to call."""
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None under another C library (musl, macOS): none to call."""
     if platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return None
 
 
-malloc_trim = _glibc_malloc_trim()
-TRIM_BODY_BYTES = 1024 * 1024  # a body this large or larger, once done with, gives the heap back
-TRIM_INTERVAL_S = 1.0
+mallopt = _glibc_mallopt()
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-class HeapTrim:
-    """glibc keeps the heap memory a freed body was in for reuse, and a large body is mostly
-    freed into the heap (its chunks, under the mmap threshold, which glibc raises as large
-    blocks are freed): after three bursts of 8 bodies of 30 MB a server's RSS stayed at 635 MB
-    (129 MB before), idle; 160 MB with this. ``malloc_trim(0)`` gives the free pages back: once a body of
-    ``TRIM_BODY_BYTES`` or more is done with, at once after a quiet spell, else at the end of
-    ``TRIM_INTERVAL_S`` from the last trim (one pending: a burst's last body is given back too)."""
-
-    def __init__(self) -> None:
-        self._last = -math.inf  # the loop's time of the last trim
-        self._pending = False
-
-    def freed(self, size: int) -> None:
-        """A body of ``size`` bytes is done with (its request answered)."""
-        if size < TRIM_BODY_BYTES or malloc_trim is None or self._pending:
-            return
-        self._pending = True
-        loop = asyncio.get_running_loop()
-        loop.call_later(max(0.0, self._last + TRIM_INTERVAL_S - loop.time()), self._trim, loop)
-
-    def _trim(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._pending = False
-        self._last = loop.time()
-        if malloc_trim is not None:  # (off the loop: 1 to 120 ms, GIL released, giving 400 MB back)
-            loop.run_in_executor(None, malloc_trim, 0)
+def fix_mmap_threshold() -> None:
+    """Blocks of ``MMAP_THRESHOLD_BYTES`` or more are mmapped, given back to the system as they
+    are freed. glibc raises its threshold as large blocks are freed (up to 32 MB), so a large
+    body then went to the heap, kept for reuse: after three bursts of 8 bodies of 30 MB a
+    server's RSS stayed at 635 MB (129 MB before), idle. A fixed threshold stops the raising.
+    (malloc_trim after such bodies gave it back too, but holds the arena's lock as it walks the
+    heap: 60 to 120 ms of the event loop's allocations stalled.)"""
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 class DirectRoute(NamedTuple):
