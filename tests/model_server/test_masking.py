@@ -2024,7 +2024,12 @@ def test_a_flush_of_a_few_ids_does_not_compile_the_patterns_again(monkeypatch):
     monkeypatch.setattr(pc, "match_substring_regex", lambda *a, **kw: compiled.append(a[1]) or real(*a, **kw))
     found = [bool(f) for start in range(0, len(texts), 5) for f in suspects(texts[start : start + 5])]
     assert found == expected
+    # Up to the crossover, measured side by side (uuid and client ids: one by one was cheaper
+    # to 256-320 of them, the Arrow pass past 384-512); 64 was far below it.
+    ids = [f"req-{i:x}-{i * 7919:08x}" for i in range(255)]
+    few = suspects(ids).tolist()
     assert compiled == []
+    assert few == suspects([*ids, *texts]).tolist()[: len(ids)]  # as the Arrow pass finds them
 
 
 @pytest.mark.parametrize(
