@@ -41,6 +41,7 @@ import ctypes
 import enum
 import json
 import logging
+import math
 import platform
 import re
 import time

@@ -6,7 +6,6 @@ never comes."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import re
 from typing import Any

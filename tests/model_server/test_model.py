@@ -317,4 +317,3 @@ def test_a_string_a_cast_cannot_read_blames_an_input_only_when_it_is_unambiguous
         assert "could not read a string input as a number" in refused.value.message
     finally:
         lv.close()
-
