@@ -744,12 +744,14 @@ class LogMasking(logging.Filter):
             # A number found only after its field's name (an id under a key that names it:
             # "user_passport_no"), or an integer of a shape (a phone, a card) under a name that is
             # no measure ("bytes", "duration_us" hold any number), masked whole as a string token:
-            # the line stays JSON.
-            text = str(value)
+            # the line stays JSON. A float whose value is an integer ("4155552671.0", "4.1e9") is
+            # read, and masked, as that integer (its token the integer's).
+            integral = isinstance(value, int) or value.is_integer()
+            text = str(int(value)) if integral else str(value)
             if self._named(name, text, key) and (
-                self.masker.mask_text(text, key) == text or (isinstance(value, int) and _MEASURE.search(name) is None)
+                self.masker.mask_text(text, key) == text or (integral and _MEASURE.search(name) is None)
             ):
-                return self._whole(value, key)
+                return self._whole(text, key)
         return value
 
     def _named(self, name: str, text: str, key: Key | None) -> bool:

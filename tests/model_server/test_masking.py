@@ -2159,3 +2159,19 @@ def test_a_json_number_under_a_measures_name_stays_a_number(keys):
     for k, v in masked.items():
         assert reveal(fields[k], ring) == str(v)
         assert reveal(fields["user"][k], ring) == str(v)
+
+
+def test_an_integer_written_as_a_float_is_masked_as_the_integer(keys):
+    """A JSON integer written as a float (``4155552671.0``, ``4.155552671e9``: a client's float
+    field) under a name that is no measure was kept in clear: only an ``int`` was masked by its
+    shape. A float whose value is an integer is read as that integer now (its token the
+    integer's: equal values, equal tokens); a true fraction (``2345678901.5``) stays a number."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    line = '{"phone": 4155552671.0, "alt": 4.155552671e9, "card": 4111111111111111.0, "x": 2345678901.5}'
+    fields = json.loads(masking._masked(line, ring.key_for(None)))
+    assert reveal(fields["phone"], ring) == reveal(fields["alt"], ring) == "4155552671"
+    assert reveal(fields["card"], ring) == "4111111111111111"
+    assert fields["x"] == 2345678901.5
+    kept = {"duration_us": 4155552671.0, "bytes": 4111111111111111.0}
+    assert json.loads(masking._masked(json.dumps(kept), ring.key_for(None))) == kept
