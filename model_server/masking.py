@@ -675,6 +675,18 @@ _MEASURE = re.compile(
     r"(?:^|[-_. ]|(?<=[a-z])(?=[A-Z]))(?i:ms|us|ns|s|secs?|seconds|bytes|size|count|total|len|length"
     r"|status|code|port|ts|time|timestamp|duration|latency|offset)$"
 )
+# A word of a field's name that names a phone, a card or an identity number: a measure's word
+# after it names its state, not its value ("phone_status", "card_count", "passport_no_len": a
+# number there of a phone's or a card's shape is one). A word that only holds its letters
+# ("company", "telemetry", "cardinality", "phones") is none.
+_NAMES_VALUE = re.compile(
+    rf"(?:(?<![A-Za-z])|(?<=[a-z])(?=[A-Z]))(?i:phone|mobile|tel|telephone|msisdn|fax|card|pan|{_KEY_NAMES})(?![a-z])"
+)
+
+
+def _measure(name: str) -> bool:
+    """Whether a field of this name holds a measure (``_MEASURE``, no ``_NAMES_VALUE`` word)."""
+    return _MEASURE.search(name) is not None and _NAMES_VALUE.search(name) is None
 
 
 class LogMasking(logging.Filter):
@@ -749,7 +761,7 @@ class LogMasking(logging.Filter):
             integral = isinstance(value, int) or value.is_integer()
             text = str(int(value)) if integral else str(value)
             if self._named(name, text, key) and (
-                self.masker.mask_text(text, key) == text or (integral and _MEASURE.search(name) is None)
+                self.masker.mask_text(text, key) == text or (integral and not _measure(name))
             ):
                 return self._whole(text, key)
         return value

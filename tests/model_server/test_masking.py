@@ -2175,3 +2175,34 @@ def test_an_integer_written_as_a_float_is_masked_as_the_integer(keys):
     assert fields["x"] == 2345678901.5
     kept = {"duration_us": 4155552671.0, "bytes": 4111111111111111.0}
     assert json.loads(masking._masked(json.dumps(kept), ring.key_for(None))) == kept
+
+
+def test_a_number_under_a_measures_name_that_names_a_phone_or_a_card_is_masked(keys):
+    """A name whose last word is a measure kept its number whatever the words before it:
+    ``phone_status: 4155552671``, ``card_count: 4111111111111111`` reached the log. A word that
+    names a phone, a card or an identity number anywhere in the name wins over the measure now,
+    where the number's shape is one; a word only holding such letters ("company", "telemetry",
+    "cardinality") names none."""
+    ring = KeyRing(keys)
+    masking = LogMasking(Masker(ring))
+    masked = {
+        "phone_status": 4155552671,
+        "userPhoneStatus": 4155552671,
+        "mobile.ts": 4155552671.0,
+        "card_count": 4111111111111111,
+        "pan_code": 4111111111111111,
+        "passport_no_len": 4155552671,
+        "id_card_length": 4155552671,
+    }
+    kept = {
+        "company_status": 4155552671,
+        "telemetry_bytes": 4155552671,
+        "cardinality_count": 4111111111111111,
+        "phones_count": 4155552671,
+        "status": 4155552671,
+        "phone_status": 2345678901.5,
+    }
+    fields = json.loads(masking._masked(json.dumps({**masked, "kept": kept}), ring.key_for(None)))
+    for k, v in masked.items():
+        assert reveal(fields[k], ring) == str(int(v)), k
+    assert fields["kept"] == kept
