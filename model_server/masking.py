@@ -60,13 +60,15 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable
-from model_server.reading import normalise
+from model_server.reading import controls_blanked, normalise
 
 log = logging.getLogger(__name__)
 
 # A value's start: after no letter or digit, or after an escaped line end ("\\n5552344567"), a
 # byte written escaped ("b'\\x0b4155552671'") or a terminal's colour code ("\x1b[31m4155552671",
 # its escape character raw or written escaped), whose last hex digit or "m" is no piece of it.
+# (Any control sequence after its introducer, raw or escaped, ends a word where the detectors read
+# it: ``controls_blanked``; this reads a colour code whose escape character was dropped too.)
 _COLOUR_END = "|".join(rf"(?<=\[[0-9;]{{{n}}}m)" for n in range(17))
 _NOT_ALNUM_BEFORE = rf"(?:{after_boundary('0-9A-Za-z')}|(?<=\\x[0-9A-Fa-f]{{2}})|(?<=m)(?:{_COLOUR_END}))"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
@@ -153,8 +155,9 @@ class Detector:
     accept: Callable[[re.Match[str]], bool] | None = None
 
     def spans(self, text: str) -> Iterator[Span]:
-        """Where the values are in ``text``, in order, none overlapping."""
-        for m in self.pattern.finditer(text):
+        """Where the values are in ``text``, in order, none overlapping (read with its control
+        sequences blanked: ``controls_blanked``)."""
+        for m in self.pattern.finditer(controls_blanked(text)):
             if self.accept is None or self.accept(m):
                 span = m.span("v") if "v" in self.pattern.groupindex else m.span()
                 if span[0] >= 0:  # (a URL's user information without a password has none)
@@ -198,7 +201,7 @@ class _CardNumbers(Detector):
 
     def spans(self, text: str) -> Iterator[Span]:
         after = 0
-        for m in self.pattern.finditer(text):
+        for m in self.pattern.finditer(controls_blanked(text)):
             start = m.start()
             if start < after:
                 continue
@@ -309,8 +312,9 @@ DETECTORS: tuple[Detector, ...] = (
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
+# (after a control sequence of any kind too: its final byte, "[2K", "[?25h", ``controls_blanked``)
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
-    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|\[[0-9;]{0,16}m)(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
+    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|(?:\[|\\x9[bB]|\\u009[bB])[0-?]*[ -/]*[@-~])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
 _SHAPES = rf"[@%\\&\t]|{_NUMBER}"
 SUSPECT_PARTS = (

@@ -43,3 +43,20 @@ def normalise(text: str) -> str:
             break
         text = decoded
     return unicodedata.normalize("NFKC", text).translate(_FOLD)
+
+
+# A terminal's control sequence (ECMA-48's CSI: ESC and "[", or the one byte 0x9B; parameter
+# bytes 0x30-0x3F, intermediate bytes 0x20-0x2F, then its final byte 0x40-0x7E), its introducer
+# raw or written escaped ("\\x1b[", "\\033[", "\\u001b[", "\\e[", "\\x9b"): a reader never sees
+# it. Each run possessive, starting only at an introducer: linear in the text.
+_CSI = re.compile(r"(?P<s>(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]|e))\[|\x9b|\\(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]")
+
+
+def controls_blanked(text: str) -> str:
+    """``text`` with each control sequence's final byte (a letter most often: "\\x1b[2K") as ESC,
+    which ends the word before it: a value right after the sequence is read as the value it
+    shows ("\\x1b[2K4155552671"), a key as its key. Its length and every other character kept,
+    so that a span of it is the same span of ``text``."""
+    if "\x1b" not in text and "\\" not in text and "\x9b" not in text:
+        return text
+    return _CSI.sub("\\g<s>\x1b", text)
