@@ -60,7 +60,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable
-from model_server.reading import controls_blanked, normalise
+from model_server.reading import as_seen, normalise
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 # byte written escaped ("b'\\x0b4155552671'") or a terminal's colour code ("\x1b[31m4155552671",
 # its escape character raw or written escaped), whose last hex digit or "m" is no piece of it.
 # (Any control sequence after its introducer, raw or escaped, ends a word where the detectors read
-# it: ``controls_blanked``; this reads a colour code whose escape character was dropped too.)
+# it: ``as_seen``; this reads a colour code whose escape character was dropped too.)
 _COLOUR_END = "|".join(rf"(?<=\[[0-9;]{{{n}}}m)" for n in range(17))
 _NOT_ALNUM_BEFORE = rf"(?:{after_boundary('0-9A-Za-z')}|(?<=\\x[0-9A-Fa-f]{{2}})|(?<=m)(?:{_COLOUR_END}))"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
@@ -94,9 +94,9 @@ _ADDRESS_START = rf"(?:(?<!\\)(?:\\\\){{1,4}}(?=[nrtbf])|{_LOCAL_START})"
 # any other id, so it is masked where a key or field names it ("passport_no=E1234567", a JSON
 # field "ssn", a header X-Meta-Passport), never by its shape.
 _KEY_NAMES = (
-    r"passport|ssn|social[ _.-]?security|national[ _.-]?(?:id|identity|insurance)|nino|id[ _.-]?card"
-    r"|identity[ _.-]?(?:card|number|no)|resident[ _.-]?id|citizen[ _.-]?id|aadhaar|tax[ _.-]?id"
-    r"|driver'?s?[ _.-]?licen[cs]e"
+    r"passport|ssn|social[ \t_.-]?security|national[ \t_.-]?(?:id|identity|insurance)|nino|id[ \t_.-]?card"
+    r"|identity[ \t_.-]?(?:card|number|no)|resident[ \t_.-]?id|citizen[ \t_.-]?id|aadhaar|tax[ \t_.-]?id"
+    r"|driver'?s?[ \t_.-]?licen[cs]e"
 )
 _KEY_SUFFIX = r"(?:[ _.-]?(?:no|number|num|nr|id)\.?)?"
 SENSITIVE_KEY = re.compile(rf"(?i:(?:x-(?:meta-)?)?(?:{_KEY_NAMES}){_KEY_SUFFIX})")  # a whole field name
@@ -155,9 +155,9 @@ class Detector:
     accept: Callable[[re.Match[str]], bool] | None = None
 
     def spans(self, text: str) -> Iterator[Span]:
-        """Where the values are in ``text``, in order, none overlapping (read with its control
-        sequences blanked: ``controls_blanked``)."""
-        for m in self.pattern.finditer(controls_blanked(text)):
+        """Where the values are in ``text``, in order, none overlapping (read as it is seen:
+        ``as_seen``, its tabs as spaces, its control sequences blanked)."""
+        for m in self.pattern.finditer(as_seen(text)):
             if self.accept is None or self.accept(m):
                 span = m.span("v") if "v" in self.pattern.groupindex else m.span()
                 if span[0] >= 0:  # (a URL's user information without a password has none)
@@ -201,7 +201,7 @@ class _CardNumbers(Detector):
 
     def spans(self, text: str) -> Iterator[Span]:
         after = 0
-        for m in self.pattern.finditer(controls_blanked(text)):
+        for m in self.pattern.finditer(as_seen(text)):
             start = m.start()
             if start < after:
                 continue
@@ -306,21 +306,22 @@ DETECTORS: tuple[Detector, ...] = (
 # (``_NOT_ALNUM_BEFORE``: after no letter or digit, or after an escape's letter; a "(" before
 # it is no letter), so never within a hex id (ten digits in a row are in one request id in
 # twelve, and in most of the access-log lines they made suspect); or a key that names its
-# value; "%", "\\" and "&" start an escape that may decode to one of them, and a tab reads as a
-# space (a spelt "at" and "dot" apart by tabs); "at" spelt for an e-mail; a run of 64 base64
+# value; "%", "\\" and "&" start an escape that may decode to one of them; "at" spelt for an
+# e-mail (apart by spaces or tabs: the detectors read a tab as a space, ``as_seen``); a run of 64 base64
 # characters (a private key's body line). Text with none of these,
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
-# (after a control sequence of any kind too: its final byte, "[2K", "[?25h", ``controls_blanked``)
+# (after a control sequence of any kind too: its final byte, "[2K", "[?25h", ``as_seen``)
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
     r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|(?:\[|\\x9[bB]|\\u009[bB])[0-?]*[ -/]*[@-~])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
-_SHAPES = rf"[@%\\&\t]|{_NUMBER}"
+_SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT_PARTS = (
     _SHAPES,
     credentials.B64_LINE,
-    rf"(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]| at .* dot |{'|'.join(re.escape(h) for h in credentials.HINTS)})",
+    rf"(?i:{_KEY_NAMES}|[(\[{{<]at[)\]}}>]|[ \t]at[ \t].*[ \t]dot[ \t]"
+    rf"|{'|'.join(re.escape(h) for h in credentials.HINTS)})",
 )
 SUSPECT = "|".join(SUSPECT_PARTS)
 _NUMBER_RE = re.compile(_NUMBER)
@@ -371,7 +372,10 @@ def _text_hints(text: str) -> _Hints:
     """``text``'s ``_Hints``: words as substrings, in lower case. Python's re tries a
     case-insensitive alternation at every position (in the prefilter it made a clean line 7
     times as slow), ``in`` runs in C; ``_ANY_WORD`` first, in RE2 (ASCII text: beyond it, a
-    character's lower case may be ASCII, and a lone surrogate is no UTF-8 for RE2)."""
+    character's lower case may be ASCII, and a lone surrogate is no UTF-8 for RE2). A tab
+    reads as a space, as the detectors read it (``as_seen``)."""
+    if "\t" in text:
+        text = text.replace("\t", " ")
     low = credentials.lower(text)
     beyond = not text.isascii()
     words = beyond or _ANY_WORD.search(low) is not None
@@ -379,7 +383,7 @@ def _text_hints(text: str) -> _Hints:
     spelt = words and (any(w in low for w in _SPELT_ATS) or (" at " in low and " dot " in low))
     # (``_SHAPES`` is these characters or ``_NUMBER``: one scan of the text, not one for each)
     at, number = beyond or "@" in text, beyond or _has_number(text)
-    shaped = at or number or "%" in text or "\\" in text or "&" in text or "\t" in text
+    shaped = at or number or "%" in text or "\\" in text or "&" in text
     return key, spelt, credentials.patterns_for(text, low, words), shaped, at, number
 
 

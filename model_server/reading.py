@@ -12,9 +12,9 @@ import urllib.parse
 # Every Unicode decimal digit to its ASCII digit (Arabic-Indic, Devanagari, full-width, ...),
 # every dash to "-": after NFKC, which takes full-width forms (U+FF20, U+FF10) to ASCII. The
 # invisible format characters (zero-width space and joiners, soft hyphen, word joiner, BOM,
-# direction marks, tags) are dropped, as a reader never sees them, and a tab is a space: a
-# phone number with either between its digits is read as the number it shows.
-_FOLD: dict[int, str | None] = {0x09: " ", **dict.fromkeys(range(0xE0000, 0xE0080))}
+# direction marks, tags) are dropped, as a reader never sees them: a phone number with them
+# between its digits is read as the number it shows. (A tab stays: ``as_seen`` reads it.)
+_FOLD: dict[int, str | None] = dict.fromkeys(range(0xE0000, 0xE0080))
 for _c in range(0x80, 0x20000):
     if unicodedata.decimal(chr(_c), None) is not None:
         _FOLD[_c] = str(unicodedata.decimal(chr(_c)))
@@ -36,7 +36,7 @@ def _unescape_json(m: re.Match[str]) -> str:
 def normalise(text: str) -> str:
     """The text as a reader would see it: percent-encoding, JSON \\u and HTML character escapes
     decoded (twice-encoded too, three rounds at most), NFKC, every digit and dash in ASCII,
-    invisible format characters dropped, tabs as spaces. Linear in the text (NFKC expands a character 18-fold at most)."""
+    invisible format characters dropped. Linear in the text (NFKC expands a character 18-fold at most)."""
     for _ in range(3):
         decoded = html.unescape(_JSON_ESCAPE.sub(_unescape_json, urllib.parse.unquote(text, errors="replace")))
         if decoded == text:
@@ -52,11 +52,15 @@ def normalise(text: str) -> str:
 _CSI = re.compile(r"(?P<s>(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]|e))\[|\x9b|\\(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]")
 
 
-def controls_blanked(text: str) -> str:
-    """``text`` with each control sequence's final byte (a letter most often: "\\x1b[2K") as ESC,
-    which ends the word before it: a value right after the sequence is read as the value it
-    shows ("\\x1b[2K4155552671"), a key as its key. Its length and every other character kept,
-    so that a span of it is the same span of ``text``."""
+def as_seen(text: str) -> str:
+    """``text`` as a reader sees it, character for character: a tab as a space (a phone number,
+    a spelt address apart by tabs is the one it shows), each control sequence's final byte (a
+    letter most often: "\\x1b[2K") as ESC, which ends the word before it (a value right after
+    the sequence is read as the value it shows, "\\x1b[2K4155552671", a key as its key). Its
+    length and every other character kept, so that a span of it is the same span of ``text``
+    (the text as it came is written, its tabs and sequences whole)."""
+    if "\t" in text:
+        text = text.replace("\t", " ")
     if "\x1b" not in text and "\\" not in text and "\x9b" not in text:
         return text
     return _CSI.sub("\\g<s>\x1b", text)

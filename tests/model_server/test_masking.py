@@ -439,8 +439,8 @@ EVADING = {  # (NANP numbers with an exchange one could dial: 555-123-4567 is no
     "138\u00ad0013\u00ad8000": "13800138000",
     "\u200e1380013\u20608000\u200f": "13800138000",
     "alice\u200b@example.com": "alice@example.com",
-    "138\t0013\t8000": "138 0013 8000",
-    "4111\t1111\t1111\t1111": "4111 1111 1111 1111",
+    "138\t0013\t8000": "138\t0013\t8000",  # (its tabs kept)
+    "4111\t1111\t1111\t1111": "4111\t1111\t1111\t1111",
     # letters beyond ASCII in the address (RFC 6531): "josé@" passed whole, "müller@" left "mü"
     "jos\u00e9@example.com": "jos\u00e9@example.com",
     "m\u00fcller@example.de": "m\u00fcller@example.de",
@@ -822,7 +822,7 @@ SPELT_EMAILS = [
     "alice<at>example.de",
     "li.wei at example dot com",
     "bob AT mail DOT example DOT org",
-    "li.wei\tat\texample\tdot\tcom",  # a tab reads as a space (masked as normalised)
+    "li.wei\tat\texample\tdot\tcom",  # a tab reads as a space (its tabs kept)
     "li.wei\tat example dot com",
 ]
 
@@ -2249,3 +2249,31 @@ def test_a_value_after_any_terminal_control_sequence_is_masked(keys, code):
         assert LogMasking(masker).filter(record)
         assert value not in record.getMessage()
         assert value not in LogMasking(masker)._masked(json.dumps({"m": text}), key)
+
+
+def test_a_tab_is_kept_and_a_line_with_one_takes_the_fast_path(keys):
+    """A tab was read as a space by turning the text into its normalised form: a masked line
+    with a tab was written with spaces for its tabs, and every text with a tab (a TSV field, a
+    traceback's indentation) was taken for suspect and normalised, the slow path. The detectors
+    read a tab as a space in place now (the same span of the text as it came): tabs stay, and
+    a text whose only sign was a tab is plain."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    for text, value in [
+        ("id\t4155552671\tok", "4155552671"),
+        ("to:\tjane\tat\texample\tdot\tcom\tthanks", "jane\tat\texample\tdot\tcom"),
+        ("415\t555\t2671\tcalled", "415\t555\t2671"),
+        ("social\tsecurity:\tE1234567\tend", "E1234567"),
+    ]:
+        masked = masker.mask_text(text, key)
+        assert TOKEN_RE.sub("", masked) == text.replace(value, ""), masked
+        assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [value]
+        assert suspects(pa.array([text]))[0]
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "%s", (text,), None)
+        assert LogMasking(masker).filter(record)
+        assert TOKEN_RE.sub("", record.getMessage()) == text.replace(value, "")
+    for plain in ["model\tresnet50\tversion\t3\tstatus\t200", "Traceback:\n\tline 3, in f"]:
+        assert masking._plain(plain)
+        assert not suspects(pa.array([plain]))[0]
+        assert masker.mask_text(plain, key) == plain
