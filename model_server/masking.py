@@ -125,13 +125,15 @@ _KEYED = re.compile(
 )
 # An address with "@" spelt "(at)", "[at]", "{at}" or "<at>" and its dots "." or spelt alike;
 # or with both spelt as words ("li.wei at example dot com"), and then only before a common
-# top-level domain: "look at this dot product" is a sentence.
-_AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]?[(\[{<](?i:dot)[)\]}>][ ]?)"
+# top-level domain: "look at this dot product" is a sentence. Up to three spaces around each
+# spelt word ("jane  at  example  dot  com"; a tab reads as a space: ``as_seen``).
+_AT, _DOT = r"[(\[{<](?i:at)[)\]}>]", r"(?:\.|[ ]{0,3}[(\[{<](?i:dot)[)\]}>][ ]{0,3})"
 _TLDS = "com|net|org|edu|gov|mil|info|biz|io|uk|de|fr|jp|cn|ru|br|au|es|nl|ch|kr|tw|hk|sg|ca"
 _SPELT_EMAIL = re.compile(
     rf"{_ADDRESS_START}{_LOCAL}{{1,64}}"
-    rf"(?:[ ]?{_AT}[ ]?[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
-    rf"|[ ](?i:at)[ ][A-Za-z0-9-]{{1,63}}(?:[ ](?i:dot)[ ][A-Za-z0-9-]{{1,63}}){{0,7}}[ ](?i:dot)[ ](?i:{_TLDS}))"
+    rf"(?:[ ]{{0,3}}{_AT}[ ]{{0,3}}[A-Za-z0-9-]{{1,63}}(?:{_DOT}[A-Za-z0-9-]{{1,63}}){{0,7}}{_DOT}[A-Za-z]{{2,63}}"
+    rf"|[ ]{{1,3}}(?i:at)[ ]{{1,3}}[A-Za-z0-9-]{{1,63}}(?:[ ]{{1,3}}(?i:dot)[ ]{{1,3}}[A-Za-z0-9-]{{1,63}}){{0,7}}"
+    rf"[ ]{{1,3}}(?i:dot)[ ]{{1,3}}(?i:{_TLDS}))"
     r"(?![A-Za-z0-9-])"
 )
 

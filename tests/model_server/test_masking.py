@@ -2277,3 +2277,25 @@ def test_a_tab_is_kept_and_a_line_with_one_takes_the_fast_path(keys):
         assert masking._plain(plain)
         assert not suspects(pa.array([plain]))[0]
         assert masker.mask_text(plain, key) == plain
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "jane  at  example  dot  com",
+        "jane\t at \texample dot\t\tcom",
+        "jane \tAT\t example \tDOT\t org",
+        "jane  (at)  example  (dot)  com",
+        "jane \t[at]\t example.com",
+    ],
+)
+def test_a_spelt_address_apart_by_two_spaces_or_tabs_is_masked(keys, address):
+    """A spelt address whose words were two spaces apart, or a space and a tab (text laid out
+    in columns, a form's fields pasted), was logged in clear: the words had one space between
+    them at most. Up to three spaces or tabs now; the words around it stay."""
+    ring = KeyRing(keys)
+    text = f"write to {address}, thanks"
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert TOKEN_RE.sub("", masked) == "write to , thanks", masked
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [address]
+    assert suspects(pa.array([text]))[0]
