@@ -172,13 +172,20 @@ _NOT_RANDOM = (
 _LINE_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"  # (a line end written escaped too)
 _NEXT_LINE = rf"{_LINE_BREAK}[ \t]{{0,16}}+"
 _PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}+(?:{_NEXT_LINE})?"
-_PAIR_KEY = "(?P<t>" + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS) + ")?"
+_PAIR_KEY = (  # (or its bracket, a line end and indentation, then its quote: rich's, pprint's, black's)
+    "(?P<t>"
+    + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS)
+    + rf"|(?<=[(\[])[ \t]{{0,3}}{_NEXT_LINE}b?(?:{_ESCAPE})?[\"']"
+    + ")?"
+)
 _PAIR_SEP = (
     rf"(?(t)(?!(?:(?<=[\"']Secret){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_SIGNED_NAME}"
     rf"|(?<=[\"']secret){_PAIR_COMMA}(?:{_ESCAPE})?[\"']{_NOT_RANDOM}{_NAMESPACE}{_K8S_NAME})(?:{_ESCAPE})?[\"'])"
     rf"{_PAIR_COMMA}(?=b?(?:{_ESCAPE})?[\"'])(?!(?:{_ESCAPE})?[\"'](?i:{_CRED_WORDS})(?:{_ESCAPE})?[\"'])|(?!))"
 )
-_PAIR_END = rf"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{{0,3}}(?:{_NEXT_LINE})?[)\]]))"  # (its ")" on a line of its own too)
+_PAIR_END = (  # (its ")" on a line of its own too, a trailing "," before it)
+    rf"(?(t)(?=(?(e)(?P=e))(?P=q)[ \t]{{0,3}}(?:,[ \t]{{0,3}})?(?:{_NEXT_LINE})?[)\]]))"
+)
 # A key's name as the value of the field before a field "value" (Kubernetes' env, a list of
 # headers: {"name": "DB_PASSWORD", "value": "..."}, "- name: DB_PASSWORD\n  value: ..." in YAML,
 # its line end written escaped too; a dict printed over lines, json.dumps(indent=2)'s, pprint's:

@@ -2299,3 +2299,30 @@ def test_a_spelt_address_apart_by_two_spaces_or_tabs_is_masked(keys, address):
     assert TOKEN_RE.sub("", masked) == "write to , thanks", masked
     assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == [address]
     assert suspects(pa.array([text]))[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(\n  'password',\n  'hunter2'\n)",
+        "(\n    'password',\n    'hunter2',\n)",  # (a trailing comma: black's, a one-per-line call)
+        '[\n  "api_key",\n  "hunter2"\n]',
+        "(\r\n\t'db_password', 'hunter2')",
+        repr("(\n  'password',\n  'hunter2'\n)"),  # (its line ends written escaped)
+    ],
+)
+def test_a_pair_printed_over_lines_with_a_break_after_its_bracket_is_masked(keys, text):
+    """A pair's repr printed one item a line (rich's, pprint's of a long tuple, black's), a line
+    break after its opening bracket, left its value in clear: the key was read as the pair's
+    first item only right after the bracket. A line end and indentation there are read too."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "hunter2" not in masked, masked
+    assert "hunter2" not in scrub(text)
+    assert [reveal(t.group(0), ring) for t in TOKEN_RE.finditer(masked)] == ["hunter2"]
+
+
+def test_a_pair_of_names_printed_over_lines_is_no_secret(keys):
+    ring = KeyRing(keys)
+    for text in ["(\n  'password',\n  'token'\n)", "(\n  'Secret',\n  'model-server-keys'\n)"]:
+        assert Masker(ring).mask_text(text, ring.key_for(None)) == text
