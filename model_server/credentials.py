@@ -229,9 +229,14 @@ _BLOCK_INDICATOR = rf"[|>](?:[-+]?[0-9]?|[0-9][-+]){_LINE_REST}"
 _BLOCK_START = rf"{_BLOCK_INDICATOR}{_LINE_BREAK}"
 _AFTER_COLON = "(?:" + "|".join(rf"(?<=:[ \t]{{{n}}})" for n in range(4)) + ")"  # (the key's, spaces after it)
 _NO_KEY_LINE = r"(?!#|(?(x)[^\r\n\\\"]|[^\r\n]){0,4096}?:(?:[ \t]|\r?\n|\\|\"|\Z))"
+# A label in capitals ("Password:", ``c``: its first letter a capital, its second a small one)
+# with a line of words after it (letters only, one to three spaces apart, a "." or "!" at its
+# end) is a form's or a message's text: "Password:\n  required field missing" (a YAML key is
+# in lower case: "password:\n  correct horse battery staple" is a value).
+_PROSE_LINE = r"[A-Za-z][a-z]{0,63}+(?:[ ]{1,3}[A-Za-z][a-z]{0,63}+){1,31}+[.!]?[ \t]{0,16}+(?:\r?\n|[\\\"']|\Z)"
 _BLOCK_HEAD = (
     rf"(?:(?(ki)(?P<h>(?:{_BLOCK_INDICATOR}|{_AFTER_COLON}(?P<p>){_LINE_REST})(?:\r?\n|(?P<x>(?:\\{{1,8}}r)?\\{{1,8}}n))"
-    rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE})){NOT_MASKED}|(?!))"
+    rf"(?P<i>(?P=ki)(?(kd)[ ](?P=ks))[ \t]{{1,64}}+)(?=\S)(?(p){_NO_KEY_LINE}(?(c)(?!{_PROSE_LINE})))){NOT_MASKED}|(?!))"
     rf"|(?!{_BLOCK_START}|{_AFTER_COLON}#[ \t][^\r\n\\]{{0,256}}+{_LINE_BREAK}))"  # (a comment is no value)
 )
 _ESCAPED_LINE = rf"(?:(?!(?P=x))(?:[^\r\n\\\"]|{VALUE_ESCAPE})){{1,4096}}+"
@@ -242,7 +247,7 @@ _BLOCK = (
 )
 _SECRET_KEYED = re.compile(
     rf"{_KEY_LINE}{after_boundary('A-Za-z0-9')}{_PAIR_KEY}{_NAMED_BY}"
-    rf"(?:{_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
+    rf"(?:(?>(?:(?P<c>)(?=[A-Z][a-z]))?){_SECRET_NAME}(?:{KEY_QUOTE}[ \t]{{0,3}}[:=][ \t]{{0,3}}|{_PAIR_SEP}|(?(nb){_VALUE_NAMED}|(?!)))"
     rf"|(?(nb){_COOKIE_ONE}{_VALUE_NAMED}|(?!)))"
     rf"{OPEN_QUOTE}{_NO_MASKED_AFTER}(?:{_SCHEME})?(?!{_SCHEME}){_BLOCK_HEAD}"
     rf"(?P<v>(?(h){_BLOCK}|(?:(?(q){_QUOTED}|(?:{BRACKETED}|{_CRED_RUN}))|{_CRED_RUN}))){_PAIR_END}"
@@ -381,10 +386,15 @@ _PEM_BODY_LINE = re.compile(rf"{_B64_START}{_MIXED}{B64_LINE}(?![A-Za-z0-9+/=_.-
 _LINE_START = r"(?:(?<![^\n])|(?<=\\n)|(?<=[\"']))"  # (a string's start too: a key's lines in repr(), json.dumps)
 _LINE_END = r"(?:\r?\n|(?:\\{1,2}r)?\\{1,2}n)"
 _INDENT = r"[ \t]{0,64}+"  # (a key's lines indented: a YAML block scalar's, "  tls.key: |", nested deep)
+# A line that is one word in small letters, a capital first or not ("done", "Done"), after a
+# full line is the text after a base64 run, no key's last line, unless a private key's END line
+# follows it (a key's last line is so one in 18 of four characters, one in 700 of eight). One in
+# capitals is a key's as often ("QIDAQAB": an RSA key's exponent), and is masked.
+_WORD_LINE = r"[A-Z]?[a-z]{1,63}(?=\r?\n|\\{1,2}[rn]|\\{0,15}[\"']|\Z)"
 _PEM_LAST_LINE = re.compile(  # (at a full line: its next line is the value; or at the value)
     rf"(?:{_LINE_START}(?P<d>{_INDENT})(?={B64_LINE}{_LINE_END}){_MIXED}{B64_LINE}"
     rf"|{_B64_START}{NOT_ESCAPE_LETTER}(?=[A-Za-z0-9+/]{{1,64}}={{0,2}}{_LINE_END}{_INDENT}-----END[ A-Z0-9]{{0,40}}PRIVATE KEY))"
-    rf"(?=(?:{_LINE_END}(?(d)(?P=d)|{_INDENT}))?(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
+    rf"(?=(?:{_LINE_END}(?(d)(?P=d)|{_INDENT}))?(?(d)(?!{_WORD_LINE}))(?P<v>[A-Za-z0-9+/]{{1,64}}={{0,2}})"
     r"(?=\r?\n|\\{1,2}[rn]|\\{0,15}[\"']|-----END|\Z))"  # (a whole line: a string's end too)
 )
 # In the order the masking runs them: a password or token that holds digits is masked whole, no

@@ -2326,3 +2326,40 @@ def test_a_pair_of_names_printed_over_lines_is_no_secret(keys):
     ring = KeyRing(keys)
     for text in ["(\n  'password',\n  'token'\n)", "(\n  'Secret',\n  'model-server-keys'\n)"]:
         assert Masker(ring).mask_text(text, ring.key_for(None)) == text
+
+
+def test_prose_after_a_label_on_its_own_line_and_a_word_after_a_base64_line_are_kept(keys):
+    """Two rules read text after a line end as a value and took prose for one: a capitalised
+    label and ":" on its own line ("Password:\\n  required field missing", a form's error) had
+    its next line masked as a YAML value; a short line after a 64-character base64 line ("  done",
+    a build's output) as a private key's last line. A label's next line of words (letters, one
+    to three spaces apart, a last "." or "!") is prose, and a line that is one word in small
+    letters ("done", "Done") after a base64 line is no key's last line, unless an END line
+    follows; a YAML key in lower case, a value that is one word or holds a digit or a symbol, a
+    key's last line, are masked as before."""
+    ring = KeyRing(keys)
+    key = ring.key_for(None)
+    masker = Masker(ring)
+    b64 = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj"
+    for text in [
+        "Password:\n  required field missing",
+        "Password:\n  Required Field Missing.",
+        "Secret:\n  not set in this environment!",
+        repr("Password:\n  required field missing"),
+        f"    {b64}\n    done",
+        f"{b64}\nDone\nnext step",
+        f"  {b64}\n  finished\n",
+    ]:
+        assert TOKEN_RE.sub("", masker.mask_text(text, key)) == text.replace(b64, ""), text  # (the full line is one)
+        assert scrub(text) == text.replace(b64, "***")
+    for text, value in [
+        ("password:\n  correct horse battery staple", "correct horse battery staple"),
+        ("Password:\n  hunter2", "hunter2"),
+        ("Password:\n  Tr0ub4dor and 3", "Tr0ub4dor and 3"),
+        ("Password:\n  hunter", "hunter"),
+        (f"{b64}\nQIDAQAB", "QIDAQAB"),
+        (f"{b64}\nabc\n-----END PRIVATE KEY-----", "abc"),
+    ]:
+        masked = masker.mask_text(text, key)
+        assert value not in masked, masked
+        assert value not in scrub(text)
