@@ -498,7 +498,7 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
 def _label_times(args: argparse.Namespace, samples: Any) -> str:
     """The samples' ``labelled_at``: when each live label is evidence, unix seconds (NaN without
     one), as ``engine.stage_samples`` exports it; a usage error naming it where a live label has
-    none, or one is no time (infinite, negative) or lies in the future (milliseconds?) by more
+    none, or a live row's is no time (infinite, negative) or lies in the future (milliseconds?) by more
     than the workers' clocks may be apart (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the
     look's time, such labels would all be dropped or all kept, silently, and the look judged on
     other labels than the DAG's. Without that column (samples exported before it), a warning
@@ -507,7 +507,8 @@ def _label_times(args: argparse.Namespace, samples: Any) -> str:
 
     from vision_rollout.locks import CLOCK_SKEW_S
 
-    labelled = samples["source"].eq("live").to_numpy(dtype=bool, na_value=False) & samples["correct"].notna()
+    live = samples["source"].eq("live").to_numpy(dtype=bool, na_value=False)
+    labelled = live & samples["correct"].notna()
     if "labelled_at" not in samples.columns:
         return (
             "the samples have no labelled_at (exported before it was): each live label they hold is judged, those "
@@ -522,7 +523,7 @@ def _label_times(args: argparse.Namespace, samples: Any) -> str:
             f"--stage {args.stage}: {untold:,} of the samples' {int(labelled.sum()):,} live labels have no labelled_at: "
             "the DAG's stage samples give each its time (engine.stage_samples)"
         )
-    given = given[~np.isnan(given)]
+    given = given[live & ~np.isnan(given)]  # (the rows the cut reads: a replay's label is never cut)
     untimed = ~np.isfinite(given) | (given < 0)
     if untimed.any():
         raise UsageError(

@@ -541,6 +541,25 @@ def test_gate_refuses_label_times_that_are_no_time(tmp_path, capsys, monkeypatch
     assert code != 2, err
 
 
+@pytest.mark.parametrize("bad", [1000.0, math.inf, -5.0, -math.inf])
+def test_gate_reads_the_label_times_of_the_live_rows_alone_as_its_cut(tmp_path, capsys, monkeypatch, bad):
+    """The look's cut reads ``labelled_at`` on the live rows alone (a replayed image's label is its
+    validation set's, never cut), but the checks that refuse a label time in milliseconds, infinite
+    or negative read the replay's rows too: samples the cut judges as the DAG did were refused
+    (exit 2) for a value in a row it never reads. The checks read the rows the cut reads: the
+    DAG's verdict."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0
+
+    state, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    data.loc[data["source"] == "replay", "labelled_at"] = T0 * bad if bad == 1000.0 else bad  # (milliseconds)
+    data.to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage, "--json")
+    assert (code, json.loads(out)) == (0, _said(state.verdict)), err
+
+
 def _first_look_at_20_s(monkeypatch, tmp_path) -> tuple:
     """``_dags_look``'s poke at 26 s into a stage of five looks, the first at 20 s: judged."""
     from tests.include.test_engine import T0, WINDOW, records, spec
