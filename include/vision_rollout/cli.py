@@ -498,9 +498,9 @@ def _stage_fits(args: argparse.Namespace, samples: Any) -> None:
 def _label_times(args: argparse.Namespace, samples: Any) -> str:
     """The samples' ``labelled_at``: when each live label is evidence, unix seconds (NaN without
     one), as ``engine.stage_samples`` exports it; a usage error naming it where a live label has
-    none, or a live row's is no time (infinite, negative) or lies in the future (milliseconds?) by more
-    than the workers' clocks may be apart (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the
-    look's time, such labels would all be dropped or all kept, silently, and the look judged on
+    none, or a live row's is no time (infinite, negative), lies before ``--started`` (0: kept at
+    every look) or in the future (milliseconds?) by more than the workers' clocks may be apart
+    (``locks.CLOCK_SKEW_S``, as ``--started``'s): cut at the look's time, such labels would all be dropped or all kept, silently, and the look judged on
     other labels than the DAG's. Without that column (samples exported before it), a warning
     where a live row holds a label: each is judged, those received after the look's time too."""
     import numpy as np
@@ -529,6 +529,14 @@ def _label_times(args: argparse.Namespace, samples: Any) -> str:
         raise UsageError(
             f"--stage {args.stage}: {int(untimed.sum()):,} of the samples' {len(given):,} labels have no time in "
             f"labelled_at ({float(given[untimed][0])}): the DAG's stage samples give each its time, unix seconds"
+        )
+    # (the DAG's poke reads the log from the stage's start on: a label's time is at or after it, the
+    # microsecond the read's start is rounded to aside; 0, the epoch, would be kept at every look)
+    if early := int((given < args.started - 1e-6).sum()):
+        raise UsageError(
+            f"--stage {args.stage}: {early:,} of the samples' {len(given):,} live labels lie before --started "
+            f"{args.started!r} (labelled_at from {float(given.min())!r}): the DAG's stage samples hold the labels "
+            "received from the stage's start on (engine.stage_samples), a re-sent id's label from before it none"
         )
     now = time.time()
     if given.size and (latest := float(given.max())) > now + CLOCK_SKEW_S:
@@ -1979,7 +1987,7 @@ def parser() -> argparse.ArgumentParser:
         "last at the bake's end or once a whole validation round and each arm's min_samples are in, as "
         "engine.final_look_time), their live labels those received before it too (labelled_at, when each "
         "label is evidence, as engine.stage_samples exports it; samples without that column keep every label, with a "
-        "warning; a live label without one is refused), "
+        "warning; a live label without one, or one before --started, is refused), "
         "under the hard guards then; refused when it is in the future (milliseconds?) by "
         f"more than the {CLOCK_SKEW_S} s two machines' clocks may be apart (locks.CLOCK_SKEW_S: it is stamped on "
         "the DAG worker's clock, compared with this machine's; less ahead, it is judged), "

@@ -560,6 +560,28 @@ def test_gate_reads_the_label_times_of_the_live_rows_alone_as_its_cut(tmp_path, 
     assert (code, json.loads(out)) == (0, _said(state.verdict)), err
 
 
+@pytest.mark.parametrize("before", [None, 1.0])  # (0, the epoch; or a second before the stage's start)
+def test_gate_refuses_label_times_before_the_stage_start(tmp_path, capsys, monkeypatch, before):
+    """A ``labelled_at`` of 0 (or any time before the stage's start) is before every look's time:
+    the cut kept each such label, silently, where the DAG never has one (its poke reads the log
+    from the stage's start on, so each label's time is at or after it; a re-sent id's label from
+    before the stage is none of the stage's). Refused (exit 2), naming the column and --started."""
+    import pandas as pd
+
+    from tests.include.test_engine import T0
+
+    _, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    labelled = data["labelled_at"].notna()
+    first = labelled.idxmax()
+    data.loc[first, "labelled_at"] = 0.0 if before is None else T0 - before
+    data.to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, ""), out
+    said = f"--stage 1: 1 of the samples' {int(labelled.sum()):,} live labels lie before --started {T0!r}"
+    assert said in err, err
+
+
 def _first_look_at_20_s(monkeypatch, tmp_path) -> tuple:
     """``_dags_look``'s poke at 26 s into a stage of five looks, the first at 20 s: judged."""
     from tests.include.test_engine import T0, WINDOW, records, spec
