@@ -505,8 +505,6 @@ def _label_times(args: argparse.Namespace, samples: Any) -> str:
     where a live row holds a label: each is judged, those received after the look's time too."""
     import numpy as np
 
-    from vision_rollout.locks import CLOCK_SKEW_S
-
     live = samples["source"].eq("live").to_numpy(dtype=bool, na_value=False)
     labelled = live & samples["correct"].notna()
     if "labelled_at" not in samples.columns:
@@ -538,14 +536,23 @@ def _label_times(args: argparse.Namespace, samples: Any) -> str:
             f"{args.started!r} (labelled_at from {float(given.min())!r}): the DAG's stage samples hold the labels "
             "received from the stage's start on (engine.stage_samples), a re-sent id's label from before it none"
         )
-    now = time.time()
-    if given.size and (latest := float(given.max())) > now + CLOCK_SKEW_S:
-        raise UsageError(
-            f"--stage {args.stage}: the samples' labelled_at reach {latest!r}, in the future, {_ahead(latest - now)} s "
-            f"ahead of this machine's clock (now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may "
-            "be apart (NTP): the DAG's stage samples give each label's time in unix seconds, not milliseconds"
-        )
+    if given.size:
+        _not_ahead(args, "labelled_at", float(given.max()), "each label's time")
     return ""
+
+
+def _not_ahead(args: argparse.Namespace, column: str, latest: float, what: str) -> None:
+    """A usage error naming the samples' ``column`` where its ``latest`` time lies in the future
+    by more than the workers' clocks may be apart (``locks.CLOCK_SKEW_S``: stamped on the DAG
+    worker's clock, compared with this machine's): milliseconds, likely, not unix seconds."""
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    if latest > (now := time.time()) + CLOCK_SKEW_S:
+        raise UsageError(
+            f"--stage {args.stage}: the samples' {column} reach {latest!r}, in the future, {_ahead(latest - now)} s "
+            f"ahead of this machine's clock (now {now:.0f}), more than the {CLOCK_SKEW_S} s two machines' clocks may "
+            f"be apart (NTP): the DAG's stage samples give {what} in unix seconds, not milliseconds"
+        )
 
 
 def _labels_before(samples: Any, at: float) -> Any:
@@ -628,6 +635,8 @@ def _stage_look(
             "it on the samples before it)"
         )
     if not ((samples["time"] >= window.started) & (samples["time"] < at)).any():
+        # (times in milliseconds lie after every look's time, far in the future: said so, naming them)
+        _not_ahead(args, "time", float(samples["time"].max()), "each sample's time (when it is evidence)")
         raise UsageError(
             f"--started {args.started!r}: no sample lies between it and look {args.look}'s time "
             f"({at - window.started:.0f} s later); the samples' times are {samples['time'].min():.3f} to "

@@ -582,6 +582,24 @@ def test_gate_refuses_label_times_before_the_stage_start(tmp_path, capsys, monke
     assert said in err, err
 
 
+def test_gate_refuses_sample_times_in_milliseconds_naming_the_column(tmp_path, capsys, monkeypatch):
+    """Samples whose ``time`` is in milliseconds were caught only by what followed from it (no
+    sample between --started and the look's time, or a look in the future), a message naming
+    --started, not the column. They are refused (exit 2) naming ``time`` and the likely unit, as
+    ``labelled_at``'s are: a time in the future by more than the workers' clocks may be apart."""
+    import pandas as pd
+
+    _, argv, stage = _labelled_after_the_look(monkeypatch, tmp_path)
+    data = pd.read_parquet(argv[2])
+    data["time"] *= 1000
+    data.to_parquet(argv[2])
+    code, out, err = run(capsys, *argv, *stage)
+    assert (code, out) == (2, ""), out
+    latest = float(data["time"].max())
+    assert f"--stage 1: the samples' time reach {latest!r}, in the future" in err, err
+    assert "unix seconds, not milliseconds" in err
+
+
 def _first_look_at_20_s(monkeypatch, tmp_path) -> tuple:
     """``_dags_look``'s poke at 26 s into a stage of five looks, the first at 20 s: judged."""
     from tests.include.test_engine import T0, WINDOW, records, spec
