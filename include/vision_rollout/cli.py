@@ -675,8 +675,14 @@ def _stage_look(
     seen = _information(args.information or "", args.look, samples, window.latency_from)
     verdict = look_verdict(spec, window, args.look, at, samples, config, guards, images, seen)
     if unread and verdict.decision != "fail":
+        # (exit 4 either way, a server that could not be used: a URL to check, or a guard without data)
+        why = (
+            f"Prometheus cannot be used there ({read.unavailable}): a mistyped URL, or Prometheus down"
+            if read.unavailable
+            else f"Prometheus answers there but a guard has no data ({read.missing}): is it the DAG's Prometheus?"
+        )
         raise CommandError(
-            f"--prometheus {args.prometheus}: the hard guards cannot be read ({unread}); nothing judged: look "
+            f"--prometheus {args.prometheus}: the hard guards cannot be read, {why}; nothing judged: look "
             f"{args.look} does not fail on the samples and the guards read ({verdict.decision.upper()} on them), and "
             "whether it passes or trips a guard rests on those not read here (a DAG poke that could not read them "
             "either held the stage)" + (f"; warning: {warned}" if warned else "")
@@ -2014,7 +2020,8 @@ def parser() -> argparse.ArgumentParser:
         "unreadable or without data, even for one guard: a guard it read tripped or a look that fails fails "
         "(exit 1, with a warning saying what could not be read: Prometheus, or the guards without data), as the "
         "DAG's poke fails the stage on them whatever the "
-        "others; anything else exit 4, nothing judged (it rests on the guards not read)",
+        "others; anything else exit 4, nothing judged (it rests on the guards not read), the error saying which: a "
+        "Prometheus that cannot be used there (a mistyped URL, or down), or one answering without data for a guard",
     )
     gate_guards.add_argument(
         "--no-hard-guards",

@@ -292,7 +292,10 @@ def test_gate_reads_the_hard_guards_on_prometheus_over_the_stage_as_the_dag_did(
     monkeypatch.setattr(engine, "guard_inputs", lambda *a, **k: GuardInputs(unavailable="Prometheus is down"))
     code, out, err = run(capsys, *argv, *stage)
     assert (code, out) == (4, "")
-    assert f"--prometheus {url}: the hard guards cannot be read (Prometheus is down); nothing judged" in err
+    assert (
+        f"--prometheus {url}: the hard guards cannot be read, Prometheus cannot be used there (Prometheus is down)"
+        in err
+    )
 
 
 def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path, capsys, monkeypatch):
@@ -329,7 +332,8 @@ def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path,
     assert state.status == "waiting"  # (the DAG holds it)
     code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)
     assert (code, out) == (4, "")
-    assert f"--prometheus {url}: the hard guards cannot be read ({no_starts}); nothing judged" in err
+    said = f"--prometheus {url}: the hard guards cannot be read, Prometheus answers there but a guard has no data ({no_starts})"
+    assert said in err
     # Samples that end well before the look's time: said with nothing judged too (it was lost).
     state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(60, 40, 50), T0 + 106, guards=down)
     assert state.status == "waiting"
@@ -337,6 +341,35 @@ def test_gate_fails_a_look_the_dag_failed_with_prometheus_read_in_part(tmp_path,
     assert (code, json.loads(out)["exit"]) == (4, 4)
     assert "nothing judged" in err
     assert "; warning: the samples end 40 s before look 1's time (100 s into the stage)" in err
+
+
+def test_gate_tells_a_prometheus_it_cannot_use_from_a_guard_without_data(tmp_path, capsys, monkeypatch):
+    """``gate --stage --prometheus URL`` with a mistyped URL (nothing answers there) and with a
+    Prometheus that answers but has no data for a guard both ended "the hard guards cannot be
+    read (...); nothing judged", exit 4, the one told from the other only by the words inside the
+    parentheses. Both stay exit 4 (the exit-code contract: a server that could not be used,
+    nothing decided), their messages distinct: a URL to check, or a guard without data (on which
+    the DAG's poke holds the stage too)."""
+    from tests.include.test_engine import T0, WINDOW, records, spec
+    from vision_rollout import engine
+    from vision_rollout.gates import GuardInputs
+
+    s = spec(error_margin=0.02, looks_per_stage=1)
+    down = GuardInputs(unavailable="Prometheus is down")
+    state, argv, stage = _dags_look(monkeypatch, tmp_path, s, WINDOW, records(106, 40, 50), T0 + 106, guards=down)
+    assert state.status == "waiting"
+    url = f"http://127.0.0.1:{free_port()}"  # (nothing listens there)
+    code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)
+    assert (code, out) == (4, "")
+    assert f"--prometheus {url}: the hard guards cannot be read, Prometheus cannot be used there (" in err, err
+    assert "): a mistyped URL, or Prometheus down; nothing judged" in err
+    no_data = "the canary's P99 has no data in Prometheus (no series)"
+    monkeypatch.setattr(engine, "guard_inputs", lambda *a, **k: GuardInputs(missing=no_data, restarts=0))
+    code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url)
+    assert (code, out) == (4, "")
+    said = f"--prometheus {url}: the hard guards cannot be read, Prometheus answers there but a guard has no data ({no_data})"
+    assert said in err, err
+    assert "mistyped" not in err
 
 
 def test_gate_judges_the_replays_accuracy_drop_on_all_the_samples_its_poke_read(tmp_path, capsys, monkeypatch):
