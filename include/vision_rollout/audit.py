@@ -956,7 +956,7 @@ def await_copies(
 def attribution(
     records: pd.DataFrame, start: datetime, end: datetime, late: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Of ``records`` (read ``CLOCK_SKEW_S`` either side of ``start`` to ``end``), which are the
+    """Of ``records`` (read from ``CLOCK_SKEW_S`` before ``start`` to ``end``'s close), which are the
     range's and which an earlier range's. The range's: the primaries stamped within it, the
     shadow records of their items (whenever stamped within the margins) but of those ``late``
     (written after the range closed: its audit at the close had not read them, and a retry
@@ -1228,10 +1228,12 @@ def _audit_model(
     from model_server.predictionlog import AUDIT_COLUMNS, pair_probabilities, read, shadow_pairs
 
     margin = timedelta(seconds=CLOCK_SKEW_S)
+    # (to the close: a copy written by then, stamped by a clock further ahead than the margin, is
+    # the range's, not lost to it and late to the next; a file's records are stamped by its name)
     records = read(
         prediction_log,
         start - margin,
-        end + margin,
+        closes(end),
         model,
         columns=AUDIT_COLUMNS,
         roles=("primary", "shadow"),
@@ -1252,8 +1254,9 @@ def _audit_model(
         span = end - start
         if (earlier & _late(records, closes(start))).any():  # (the earlier primaries read: the range before's)
             lost[earlier] = lost_late(_kept(records, earlier), lambda at: earlier_closes(at, start, span))
-        # (or stamped beyond the earlier range's margin, by a clock further ahead: never read by it)
-        beyond = (records["time"] >= pd.Timestamp(start + margin)).to_numpy()
+        # (or stamped after the earlier range's close, in a file named without its written second:
+        # never read by it)
+        beyond = (records["time"] >= pd.Timestamp(closes(start))).to_numpy()
         came = earlier & (_late(records, closes(start)) | beyond) & ~late & ~lost
         before = read(
             prediction_log,
