@@ -60,6 +60,21 @@ def test_dag_files_import_only_airflow_the_operators_and_the_spec():
                 assert allowed.match(name), f"{path.name} imports {name}"
 
 
+def test_the_product_imports_no_other_modules_private_names():
+    """locks.py imported folders' ``_lock`` and ``_stale``: private names another module leans on,
+    which folders could rename or change as its own. A name one module of the product imports
+    from another is public."""
+    ours = {"vision_rollout", "model_server", "rollout_airflow"}
+    found = []
+    for top in ("include", "plugins", "dags", "model_server"):
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours:
+                    private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                    found += [f"{path.name}: {node.module}.{name}" for name in private]
+    assert found == []
+
+
 def test_the_code_points_nowhere_outside_the_repository():
     pattern = re.compile(r"\.\./shared|\bissue \d|the seed\b", re.IGNORECASE)
     me = Path(__file__).resolve()

@@ -47,7 +47,7 @@ __all__ = ["Folder", "NotAFile", "TooLarge", "WriteConflict", "folder_problem", 
 log = logging.getLogger(__name__)
 
 LOCK_WAIT_S = 10.0  # how long a conditional write waits for another one of the same file
-# A guard file's lock refused with ESTALE (NFS: ``_stale``): not retried, the mount is to be fixed.
+# A guard file's lock refused with ESTALE (NFS: ``stale_guard``): not retried, the mount is to be fixed.
 STALE_LOCK = (
     "on NFS, mount this folder with locking (neither nolock nor local_lock=flock or all) and "
     "lookupcache=none, as the README says"
@@ -255,7 +255,7 @@ class Folder:
         done, so that none stays beside a file, nor keeps an emptied folder from being removed
         (``remove_if_empty``); a killed holder's, left, is pruned as a temporary is
         (``guarded_by``). A waiter that locks a guard file its holder removed meanwhile locks
-        the one there now (``_lock``: one whose ``flock`` answers ESTALE too, NFS's answer for a
+        the one there now (``lock_guard``: one whose ``flock`` answers ESTALE too, NFS's answer for a
         file removed on another machine). True once held; ``make`` false: False, nothing locked,
         where this folder is not there (nor ``name`` in it). ``gone``: the file the holder removes
         (``delete``'s; its guard file, for a leftover one), whose removal an ESTALE's error calls
@@ -272,7 +272,7 @@ class Folder:
             if make:
                 path.mkdir(parents=True, exist_ok=True)
             try:
-                with _stale("opening", guard_path):
+                with stale_guard("opening", guard_path):
                     opened = guard_file(guard_path)
             except FileNotFoundError:  # (no folder: made again, or, not ``make``, nothing there)
                 if not make:
@@ -283,12 +283,12 @@ class Folder:
                 continue
             guard, done, leaving = opened, False, None
             try:
-                with _stale("locking", guard_path):
-                    locked = _lock(guard, guard_path, path / name, deadline)
+                with stale_guard("locking", guard_path):
+                    locked = lock_guard(guard, guard_path, path / name, deadline)
                 if not locked:  # (removed by its holder meanwhile)
                     continue
                 try:
-                    with _stale("looking up", guard_path):
+                    with stale_guard("looking up", guard_path):
                         held = _same_file(guard, guard_path)
                     if not held:  # (removed by its holder meanwhile)
                         continue
@@ -299,7 +299,7 @@ class Folder:
                         leaving = exc
                         raise
                     finally:
-                        with _stale("removing", guard_path, done, gone, leaving):
+                        with stale_guard("removing", guard_path, done, gone, leaving):
                             if _same_file(guard, guard_path):
                                 guard_path.unlink()
                     return
@@ -307,13 +307,13 @@ class Folder:
                     leaving = exc
                     raise
                 finally:
-                    with _stale("unlocking", guard_path, done, gone, leaving):
+                    with stale_guard("unlocking", guard_path, done, gone, leaving):
                         fcntl.flock(guard, fcntl.LOCK_UN)
             except BaseException as exc:
                 leaving = exc
                 raise
             finally:
-                with _stale("closing", guard_path, done, gone, leaving):
+                with stale_guard("closing", guard_path, done, gone, leaving):
                     guard.close()
 
     def read(self, name: str, limit: int | None = None) -> bytes:
@@ -697,12 +697,12 @@ def guarded_by(name: str) -> str | None:
     return match[1] if match else None
 
 
-def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> bool:
+def lock_guard(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> bool:
     """``flock`` of ``guard``, the guard file at ``guard_path`` of ``locked``, waited for until
     ``deadline`` (``time.monotonic``; WriteConflict past it). False where it answers ESTALE (NFS)
     for a guard file no longer at ``guard_path`` (removed by its holder on another machine) before
     ``deadline``: the caller locks the one there now. ESTALE of the guard file still there, or past
-    ``deadline``: raised (``_guard`` names the file and the mount options to check: ``_stale``)."""
+    ``deadline``: raised (``_guard`` names the file and the mount options to check: ``stale_guard``)."""
     while True:
         try:
             fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -726,7 +726,7 @@ def _lock(guard: BinaryIO, guard_path: Path, locked: Path, deadline: float) -> b
 
 
 @contextlib.contextmanager
-def _stale(
+def stale_guard(
     doing: str,
     guard_path: Path,
     done: bool = False,

@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from model_server.files import sync_folder, write_private
 from vision_rollout.attempts import printable
-from vision_rollout.folders import LOCK_WAIT_S, NotAFile, _lock, _stale, guard_file, read_regular
+from vision_rollout.folders import LOCK_WAIT_S, NotAFile, guard_file, lock_guard, read_regular, stale_guard
 from vision_rollout.mesh import Conflicted, settled, unsettled
 from vision_rollout.settings import MODEL_PATTERN, model_name
 
@@ -420,18 +420,18 @@ class FileLock(CompareAndSwapLock):
     @contextlib.contextmanager
     def _guarded(self) -> Iterator[None]:
         """``flock`` of the guard file held meanwhile, as a folder's guard file is (``folders``'
-        ``_lock``: waited for ``LOCK_WAIT_S`` at most, WriteConflict past it; one removed
+        ``lock_guard``: waited for ``LOCK_WAIT_S`` at most, WriteConflict past it; one removed
         meanwhile, by hand, the one there now; an ESTALE naming it and the mount options:
-        ``_stale``, logged where an error is already going up)."""
+        ``stale_guard``, logged where an error is already going up)."""
         guard_path = self.path.with_suffix(".guard")
         deadline = time.monotonic() + LOCK_WAIT_S
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            with _stale("opening", guard_path):
+            with stale_guard("opening", guard_path):
                 opened = guard_file(guard_path)
             with opened as guard:
-                with _stale("locking", guard_path):
-                    locked = _lock(guard, guard_path, self.path, deadline)
+                with stale_guard("locking", guard_path):
+                    locked = lock_guard(guard, guard_path, self.path, deadline)
                 if not locked:
                     continue
                 done, leaving = False, None
@@ -442,7 +442,7 @@ class FileLock(CompareAndSwapLock):
                     leaving = exc
                     raise
                 finally:
-                    with _stale("unlocking", guard_path, done, leaving=leaving):
+                    with stale_guard("unlocking", guard_path, done, leaving=leaving):
                         fcntl.flock(guard, fcntl.LOCK_UN)
                 return
 
