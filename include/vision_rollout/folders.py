@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 from model_server.files import (
@@ -98,6 +98,10 @@ class NotAFile(OSError):
     def __init__(self, path: Path | str, why: str) -> None:
         super().__init__(f"{path} is {why}")
         self.why = why
+        self.made = (path, why)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickled, copied: made again as it was made)
+        return type(self), self.made
 
 
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))

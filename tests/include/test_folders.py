@@ -1128,3 +1128,19 @@ def test_a_stale_nfs_handle_of_a_guard_file_its_holder_removed_locks_the_one_the
         folder.write_if("r.json", b"[]", b"{}")
         assert folder.read("r.json") == b"[]"
     assert not guard.exists()
+
+
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_a_path_that_is_no_file_can_be_pickled_and_copied(how):
+    """NotAFile, an OSError built from its path and what sits there, could not be pickled nor
+    copied (a TypeError: its __init__ given the message alone): the error Airflow hands on from a
+    task's process was lost in another error. It comes back as it was, ``why`` too."""
+    import copy
+    import pickle
+
+    from vision_rollout.folders import NotAFile
+
+    back = {"pickle": lambda e: pickle.loads(pickle.dumps(e)), "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    error = NotAFile("/run/spec.json", "a named pipe, not a regular file")
+    again = back(error)
+    assert (type(again), str(again), again.why) == (NotAFile, str(error), error.why)
