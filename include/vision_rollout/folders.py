@@ -740,15 +740,23 @@ def stale_guard(
     """An ESTALE (NFS) within, ``doing`` (opening, locking, ...) the guard file at ``guard_path``:
     an OSError (ESTALE still) naming them, the mount options to check (``STALE_LOCK``), and
     whether the write or removal under the lock was ``done`` (its holder's part; ``gone``: the
-    file it removes, looked at then: done only where it is gone); logged instead where an error
+    file it removes, looked at then: done only where it is not found, not known where it cannot
+    be looked at); logged instead where an error
     is already on its way out (``leaving``): that one goes up."""
     try:
         yield
     except OSError as exc:
         if exc.errno != errno.ESTALE:
             raise
-        done = done and (gone is None or not os.path.lexists(gone))
         after = "the write or removal under its lock done" if done else "nothing written nor removed"
+        if done and gone is not None:
+            try:  # (gone where not found alone: a look-up that fails, ESTALE or EIO, knows nothing)
+                os.lstat(gone)
+                after = "nothing written nor removed"
+            except FileNotFoundError:
+                pass
+            except OSError as looked:
+                after = f"not known whether the write or removal under its lock was done ({gone}: {looked})"
         stale = OSError(errno.ESTALE, f"Stale file handle {doing} {guard_path}: {STALE_LOCK}; {after}")
         if leaving is None:
             raise stale from exc

@@ -1144,3 +1144,36 @@ def test_a_path_that_is_no_file_can_be_pickled_and_copied(how):
     error = NotAFile("/run/spec.json", "a named pipe, not a regular file")
     again = back(error)
     assert (type(again), str(again), again.why) == (NotAFile, str(error), error.why)
+
+
+def test_a_stale_lock_says_a_removal_done_only_where_its_file_is_gone(tmp_path, monkeypatch):
+    """An ESTALE (NFS) after a removal under a guard file's lock says whether the removal was done
+    by looking at the file removed: ``os.path.lexists``, False on any OSError, read the file as
+    gone (the removal "done") where the look-up itself failed (ESTALE, EIO). Only a file not
+    found (ENOENT) is gone; one that cannot be looked at leaves it unknown, and says so."""
+    import errno
+    import os
+
+    from vision_rollout.folders import stale_guard
+
+    gone, guard = tmp_path / "r.json", tmp_path / ".r.json.lock"
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+        if os.fspath(path) == str(gone):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_lstat(path, *args, **kwargs)
+
+    said = {}
+    for case in ("not found", "unreadable"):
+        if case == "unreadable":
+            monkeypatch.setattr(os, "lstat", lstat)
+        with (
+            pytest.raises(OSError, match="Stale file handle removing") as e,
+            stale_guard("removing", guard, True, gone),
+        ):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        said[case] = str(e.value)
+    assert said["not found"].endswith("the write or removal under its lock done")
+    assert "removal under its lock done" not in said["unreadable"]
+    assert f"not known whether the write or removal under its lock was done ({gone}" in said["unreadable"]
