@@ -1983,7 +1983,11 @@ def _send_claimed(
             return {"name": name, "channel": found.channel, "error": str(exc)}
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
             if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
-                _set_aside(outbox, name, found.chart, _failure(exc), aside)
+                try:
+                    _set_aside(outbox, name, found.chart, _failure(exc), aside)
+                except OSError as failed:  # (a full disk, an I/O error: it waits, Slack's reason said)
+                    why = f"{_failure(exc)}; not set aside in {REFUSED}/: {one_line(str(failed))[:300]}"
+                    return {"name": name, "channel": found.channel, "error": why}
                 return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
             if unsure(exc) and found.maybe_posted is None:  # (the next round looks for it first)
                 _note(outbox, name, maybe_posted=tried)

@@ -2348,3 +2348,38 @@ def test_one_line_scrubs_a_private_keys_lines_before_it_joins_them():
     assert "MIIEvQ" not in line
     assert line == "load failed: *** *** *** -----END PRIVATE KEY-----"
     assert one_line("db password:\nhunter2x9 rejected") == "db password: *** rejected"
+
+
+def test_a_report_slack_refuses_that_cannot_be_set_aside_keeps_slacks_reason(slack, tmp_path, monkeypatch):
+    """Slack refusing a report for good (channel_not_found) while its move into ``refused/``
+    fails (a full disk, an I/O error): the round went up with the move's OSError alone, Slack's
+    reason lost, and its other reports not tried. The report waits in the outbox, the round's
+    result saying Slack's reason and why it was not set aside; the round goes on."""
+    import errno
+
+    from slack_sdk import WebClient
+
+    from vision_rollout import notify
+    from vision_rollout.notify import REFUSED, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    slack.outage = 503
+    for channel in ("#typo", "#ok"):
+        SlackNotifier(channel, token=slack.token, base_url=slack.base_url, outbox=outbox).send(
+            rollback_message(SPEC, channel)
+        )
+    slack.outage = None
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(notify, "_move", full)
+    results = send_waiting(outbox, client)
+    assert len(results) == 2
+    for result in results:
+        assert "channel_not_found" in result["error"]
+        assert f"not set aside in {REFUSED}/: [Errno 28] No space left on device" in result["error"]
+        assert "refused" not in result
+    assert len([n for n in outbox.names() if n.endswith(".json")]) == 2  # (both wait in the outbox)
