@@ -863,8 +863,8 @@ def copies_text(result: AuditResult) -> list[str]:
 def copies_pending(
     prediction_log: str | Path,
     end: datetime,
-    model: str,
-    version: str,
+    model: str | None,
+    version: str | None,
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> datetime | None:
@@ -872,7 +872,8 @@ def copies_pending(
     record may still come for (``closes``'s bound) was stamped, of those whose other record is
     not in the log yet: a primary of ``version`` (the mirrored one) without a shadow record (a
     copy, answered or dropped), or a shadow record without its primary (the pods flush apart);
-    None where none. A primary that says whether its process's mirror sampled it (``mirrored``)
+    None where none. Without ``version`` (``rolloutctl audit``), the primaries of any version
+    that say the server's own mirror sampled them, alone; without ``model``, every model's. A primary that says whether its process's mirror sampled it (``mirrored``)
     is waited for only when it did; one that cannot say (Istio's mirror samples, an older
     writer) while it may have been: until the shadow's pods have written their copies past it
     (``shadow_watermark``). Only that stretch is read, and only the records' keys, beginning no
@@ -916,7 +917,8 @@ def copies_pending(
     if (watermark := shadow_watermark(records)) is not None:
         may_be = may_be & (stamp >= watermark).to_numpy(bool)
     sampled = np.where(said.isna().to_numpy(bool), may_be, said.eq(True).to_numpy(bool))
-    mirrored = (records["version"] == version).to_numpy(bool) & sampled
+    # (no version: those of any version its server's own mirror said it sampled, alone)
+    mirrored = (records["version"] == version).to_numpy(bool) & sampled if version else said.eq(True).to_numpy(bool)
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     copy = ~primary & ~other_input(records, key, primary)  # (one of another input is no copy)
     lonely = recent & np.where(primary, mirrored & ~key.isin(key[copy]), ~key.isin(key[primary]))
@@ -926,8 +928,8 @@ def copies_pending(
 def await_copies(
     prediction_log: str | Path,
     end: datetime,
-    model: str,
-    version: str,
+    model: str | None,
+    version: str | None,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
 ) -> float:

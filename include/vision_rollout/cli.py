@@ -766,7 +766,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from vision_rollout.audit import CHART, MAX_AUDIT_S, REPORT, audit, report_files, with_coverage, write_report
+    from vision_rollout.audit import (
+        CHART,
+        MAX_AUDIT_S,
+        REPORT,
+        audit,
+        await_copies,
+        report_files,
+        with_coverage,
+        write_report,
+    )
 
     end = datetime.now(UTC)
     since = _since(args.since)
@@ -794,6 +803,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if present and not args.overwrite:
         raise UsageError(f"--out {args.out} holds a report already: give a new folder, or --overwrite to replace it")
     try:
+        # (the copies of the last flush interval's primaries, in the writers' buffers still: waited
+        # for, as the rollout's audit does, those the server's own mirror said it sampled)
+        await_copies(args.prediction_log, end, args.model, None)
         result = audit(
             args.prediction_log, end - since, end, args.model, max_seconds=budget, mirror_percent=args.mirror_percent
         )

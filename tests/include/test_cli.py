@@ -1177,6 +1177,25 @@ def test_the_audit_command_judges_coverage_against_the_mirror_share_it_is_given(
         assert "--mirror-percent" in err
 
 
+def test_the_audit_command_waits_for_the_copies_still_in_a_writers_buffer(tmp_path, capsys):
+    """``rolloutctl audit --since 1h`` audits up to now: the copies of the primaries of the last
+    flush interval, sampled by the server's own mirror (``mirrored``), still in the candidate's
+    writer's buffer, were counted lost. It waits for them as the rollout's audit does
+    (``audit.await_copies``: until they are written, or past their close): none lost."""
+    import threading
+
+    now = time.time()
+    log = shadow_log(tmp_path, 30, disagree=0.0, at=now - 5, mirrored=True, roles=("primary",))
+    flush = threading.Timer(3.0, lambda: shadow_log(tmp_path, 30, disagree=0.0, at=now - 5, roles=("shadow",)))
+    flush.start()
+    try:
+        _, out, err = run(capsys, "audit", "--prediction-log", str(log), "--since", "1h", "--json")
+    finally:
+        flush.join()
+    said = json.loads(out)
+    assert (said["rows"], said["copies_lost"], said["primary_without_shadow"]) == (30, 0, 0), err
+
+
 def test_the_audits_reading_time_is_the_users_to_set_and_a_budget_spent_is_said(tmp_path, capsys):
     """The audit's reads stop beginning after MAX_AUDIT_S (480 s), which a user could not change:
     a week of a busy log ended inconclusive naming a constant. ``--budget-s`` sets it (default
