@@ -1050,6 +1050,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ``_signals_held``'s nesting, and the first signal held back within it (None: none).
+_HELD: dict[str, Any] = {"depth": 0, "pending": None}
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """The first signal ``_stopped_by_signals`` turns into ``Interrupted`` held back within (a
+    report being written to the outbox: whole, not cut mid-way), raised once it is left."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+        if not _HELD["depth"] and (signum := _HELD["pending"]) is not None:
+            _HELD["pending"] = None
+            raise Interrupted(signum)
+
+
 @contextmanager
 def _stopped_by_signals() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP (unless ignored) raise ``Interrupted`` once, where the rollout
@@ -1067,6 +1085,9 @@ def _stopped_by_signals() -> Iterator[None]:
             print("rolloutctl run: putting the stable version back; wait for it", file=sys.stderr, flush=True)
             return
         received.append(signum)
+        if _HELD["depth"]:  # (a report being written: raised once it is, ``_signals_held``)
+            _HELD["pending"] = signum
+            return
         # A signal during the replay lands in gevent's hub, which printed a traceback before
         # passing it on: quietly, where gevent is in use (not while it is being imported).
         get_hub = getattr(sys.modules.get("gevent"), "get_hub", None)
@@ -1418,21 +1439,27 @@ def _run(
         message = (
             plain_report(spec, "promote", stopped) if promoted else rollback_message(spec, stopped, restored=restored)
         )
-        if notifier is not None:  # (the chart, as the DAG's teardown's report has it: at once where not restored)
-            verdicts = kept(stages_ended)
-            if not (promoted or restored):
-                message = undrawn(message, spec, verdicts)
-            elif signalled:
-                message = undrawn(message, spec, verdicts, _SIGNALLED)
-            else:
-                try:
+        sent = False
+        try:
+            if notifier is not None:  # (the chart, as the DAG's teardown's report has it: at once where not restored)
+                verdicts = kept(stages_ended)
+                if not (promoted or restored):
+                    message = undrawn(message, spec, verdicts)
+                elif signalled:
+                    message = undrawn(message, spec, verdicts, _SIGNALLED)
+                else:
                     message = charted(
                         message, spec, verdicts, args.prediction_log, args.validation, budget_s=_CUT_SHORT_CHART_S
                     )
-                except Interrupted as exc:  # (a first signal while drawn: the report at once, the run's end as it is)
-                    print(f"rolloutctl run: stopped by {exc} while drawing the report's chart", file=sys.stderr)
-                    message = undrawn(message, spec, verdicts, _SIGNALLED)
-        send(message)
+            with _signals_held():  # (written whole: a signal meanwhile is raised once it is)
+                send(message)
+                sent = True
+        except (
+            Interrupted
+        ) as exc:  # (a first signal while drawn or written: the report at once, the run's end as it is)
+            print(f"rolloutctl run: stopped by {exc} while its report was made", file=sys.stderr)
+            if not sent:
+                send(message if notifier is None else undrawn(message, spec, kept(stages_ended), _SIGNALLED))
         return where
 
     def changed() -> str | None:

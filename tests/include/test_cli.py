@@ -2246,6 +2246,69 @@ def test_a_signal_while_an_errors_report_is_charted_still_reports_and_names_the_
     assert router.get_routes() == spec.stable_policy()
 
 
+def test_a_signal_while_an_errors_report_is_written_still_writes_it_and_names_the_error(tmp_path, monkeypatch):
+    """rolloutctl run cut short by an error once every stage passed, its report's chart drawn: a
+    SIGTERM once ``charted`` returned, while the report was written to the outbox, raised its
+    Interrupted there: the report was not written, and the error naming the failure was never
+    raised. The signal is held until the report is written; then the error is raised."""
+    import argparse
+
+    from tests.include.test_engine import RecordingRouter
+    from tests.support import stage_evidence
+    from vision_rollout import cli, engine, notify, serving
+    from vision_rollout.engine import StageState
+    from vision_rollout.folders import Folder
+    from vision_rollout.gates import evaluate_gate
+    from vision_rollout.serving import AdminError
+    from vision_rollout.spec import RolloutSpec
+
+    spec = RolloutSpec.from_dict({"stages": [50, 100], "mirror_percent": 0})
+    passing = replace(evaluate_gate(samples(200)), decision="pass")
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{i}.png,{i % 10}\n" for i in range(20)))
+    for i in range(20):
+        (tmp_path / f"{i}.png").write_bytes(b"image-%d" % i)
+    looked = []
+
+    def look(window):
+        stage_evidence(tmp_path, window.started, replay=True)
+        looked.append(window.index)
+        return StageState("pass", 2, 3, passing, "passed", until=window.started + 100)
+
+    def unverified(*args, **kwargs):
+        if looked[-1:] == [1]:
+            raise AdminError("the model server's admin API does not answer")
+
+    real_send = notify.SlackNotifier.send
+
+    def send(self, message, *args, **kwargs):
+        if message.text.startswith("Rolled back"):  # (the signal, as the final report is written)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        return real_send(self, message, *args, **kwargs)
+
+    monkeypatch.setattr(notify, "latency_accuracy_chart", lambda *a, **k: b"png")
+    monkeypatch.setattr(notify.SlackNotifier, "send", send)
+    monkeypatch.setattr(engine, "StageJudge", lambda *a, **k: look)
+    monkeypatch.setattr(engine, "poke_interval", lambda spec: 0.0)
+    monkeypatch.setattr(engine, "rollout_audit", lambda *a, **k: None)
+    monkeypatch.setattr(serving, "not_as_verified", unverified)
+    args = argparse.Namespace(url="http://127.0.0.1:9", validation=tmp_path, prediction_log=str(tmp_path / "log"))
+    args.outbox = Folder(str(tmp_path / "outbox"))
+    router = RecordingRouter()
+    router.admin = None
+    with cli._stopped_by_signals():
+        try:
+            with pytest.raises(cli.CommandError, match="admin API does not answer"):
+                cli._run(args, spec, router, None, {}, cli._Lease(None, spec.model), "", verified="ab" * 32)
+        except cli.Interrupted as exc:  # (a KeyboardInterrupt: pytest would stop the session)
+            pytest.fail(f"{exc!r} went up, the error not raised")
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+    finals = [r for r in reports if r["text"].startswith("Rolled back digits v2")]
+    assert len(finals) == 1  # (written once, whole)
+    assert "admin API does not answer" in finals[0]["text"]
+    assert router.get_routes() == spec.stable_policy()
+
+
 @pytest.mark.parametrize("ended", ["judged", "breach", "changed", "chart raised"])
 def test_runs_final_report_carries_the_chart_the_dags_would(tmp_path, monkeypatch, ended):
     """rolloutctl run's final report went to the outbox without a chart, where the DAG's carries
