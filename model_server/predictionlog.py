@@ -933,6 +933,31 @@ def _written_at(name: str) -> datetime | None:
     return written if written.year < 9999 else None  # (the year 9999 leaves no room to add to it)
 
 
+# How far a file's written second may lie ahead of both the reader's clock and its newest record
+# (a writer names a file at its clock's second, or its newest record's where its clock stepped
+# back): the writers' and the reader's clocks apart (as the audit's CLOCK_SKEW_S).
+NAMED_AHEAD_S = 60
+
+
+def _name_refused(name: str, times: pa.ChunkedArray) -> str | None:
+    """Why the written second in a file's name cannot be taken (``read(..., written=True)``
+    decides by it whether the file's records came late): no such second in it (a foreign file's
+    ``-20261399T999999Z-``), or one further ahead than ``NAMED_AHEAD_S`` of both this clock and
+    the newest of its records ``times``; None where it can be, or where the name has none (an
+    older writer's: read as always)."""
+    m = WRITTEN.search(name)
+    if m is None:
+        return None
+    written = _written_at(name)
+    if written is None:
+        return f"refused: its name's written second {m.group(1)} is no time"
+    newest = pc.max(times).as_py()
+    ahead = written.timestamp() - max(time.time(), newest.timestamp() if newest is not None else 0.0)
+    if ahead > NAMED_AHEAD_S:
+        return f"refused: its name's written second {m.group(1)} lies {ahead:.0f} s ahead of this clock and its records"
+    return None
+
+
 def _written_before(name: str, start: datetime) -> bool:
     """Whether a file of this name was written (so all its records received) before ``start``."""
     written = _written_at(name)
@@ -1329,6 +1354,9 @@ def _read_file(
         table.validate(full=True)
     except (OSError, pa.ArrowException, ValueError) as exc:  # (ValueError: a damaged footer, a name in it)
         return FileRead(path, None, f"unreadable: {exc}")
+    # (its written second decides whether its records came late: not one anyone may choose)
+    if written and (refused := _name_refused(path.rsplit("/", 1)[-1], table["time"])):
+        return FileRead(path, None, refused)
     n = table.num_rows
     valid = pc.is_valid(table["time"])
     for name in ("model", "request_id", "item", "role", "outcome"):  # (every writer's record has each)
@@ -1416,7 +1444,9 @@ def read(
     element is a list, a missing one ``pd.NA``; the masked metadata (``user_id``,
     ``device_type``, ``tenant``, ``meta``) are categoricals. With ``written``, a column
     ``written`` holds the second each record's file was written, by its name (NaT for a name
-    without it): when the record could first be read. With ``written_after``, only the files
+    without it): when the record could first be read; a file whose name holds no such second,
+    or one further ahead of both this clock and its records than ``NAMED_AHEAD_S``, is skipped,
+    its reason saying so (its name, anyone's to choose, would decide whether its records came late). With ``written_after``, only the files
     written (by their name) after it are opened: those that came late to a range read before.
     With ``max_bytes``, the records read are held to about that many bytes (of Arrow tables;
     what a file may take is reserved while it is read): once a file did not fit, it and the

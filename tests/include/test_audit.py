@@ -596,6 +596,25 @@ def test_files_it_could_not_read_keep_an_hour_from_passing_or_being_skipped(tmp_
     assert "could not be read (their records not audited): 1" in report
 
 
+@pytest.mark.parametrize("second", ["20991231T235959", "20261399T999999"])
+def test_a_file_named_with_no_written_second_or_a_future_one_is_refused_not_obeyed(tmp_path, second):
+    """A file's written second, by its name, decides whether its records are a range's (written by
+    its close) or late, left out of its audit whenever it runs. A name with a second far in the
+    future (no writer has written it yet) kept its records out of every audit, counted late, and
+    one with no such second (a foreign file's ``-20261399T999999Z-``) had them audited as on
+    time whenever they came: the name, anyone's to choose, decided. Such a file is refused (not
+    read, named), as one that cannot be read: the hour does not pass on the others."""
+    log = shadow_log(tmp_path, 400, disagree=0.01)
+    [written] = log.rglob("part-*.parquet")
+    named = re.sub(r"-\d{8}T\d{6}Z-", f"-{second}Z-", written.name)
+    assert named != written.name
+    written.rename(written.with_name(named))
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.skipped_files, result.late_records) == ("inconclusive", 1, 0)
+    assert result.reasons[0].startswith("1 prediction log files in this range could not be read")
+    assert f"its name's written second {second}" in result.reasons[0]
+
+
 def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
     """An hour of a thousand-class model's pairs was stacked whole and copied to float64 several
     times over (64,000 pairs of the real log: 3.8 GB at the peak): a large hour's audit ran out of
