@@ -788,7 +788,7 @@ def test_gate_says_its_samples_are_none_without_a_stage_too(tmp_path, capsys, su
 
 def fake_prometheus(restarted: float, calls: list, present: list):
     """Prometheus' HTTP API over a stage past, as ``answering_server``'s answer: its clock at
-    ``present[0]``, the model servers scraped every 5 s, the candidate's P99 8 ms throughout, no
+    ``present[0]`` (None: this machine's clock, going on), the model servers scraped every 5 s, the candidate's P99 8 ms throughout, no
     shadow copies, and the candidate's process restarted at ``restarted``, counted by an instant
     query whose window (its ``time``, now without one) holds it. Each API call is put in ``calls``."""
     import re
@@ -802,7 +802,7 @@ def fake_prometheus(restarted: float, calls: list, present: list):
             start, end, step = (float(params[k]) for k in ("start", "end", "step"))
             points = [[start + k * step, "8.0"] for k in range(int((end - start) // step) + 1)]
             return {"resultType": "matrix", "result": [{"metric": {}, "values": points}]}
-        at = float(params.get("time", present[0]))
+        at = float(params.get("time", time.time() if present[0] is None else present[0]))
         if q == "time()":
             return {"resultType": "scalar", "result": [at, str(at)]}
         if span := re.search(r"changes\(process_start_time_seconds\[([0-9.]+)s\]\)", q):
@@ -844,7 +844,8 @@ def test_gate_reads_the_hard_guards_on_prometheus_at_the_looks_time_not_now(tmp_
         assert state.status == "breach"
         assert "The candidate's serving processes restarted 1 time in this stage" in state.reason
         calls.clear()
-        present[0] = time.time()  # (two hours on)
+        present[0] = None  # (two hours on, its clock going on as gate's does: a loaded machine's
+        # second between setting a fixed clock and gate's reading of it moved every time by 1 s)
         code, out, err = run(capsys, *argv, *stage[:-1], "--prometheus", url, "--json")
     assert (code, json.loads(out)["summary"]) == (1, state.reason), err
     assert "unguarded" not in json.loads(out)
