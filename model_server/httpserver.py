@@ -277,6 +277,16 @@ class EarlyAnswerCycle(RequestResponseCycle):
         await super().send(message)
 
 
+class Listener:
+    """A port's connections: those open, and those admitted (served; at most its limit). A
+    connection is admitted at its first request, not as it is accepted: one a pool opened while
+    the limit's connections were served is served once they closed, and idle ones hold no place."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.admitted = 0
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """``uvicorn.run(app, http=limited_protocol(30.0, direct))``."""
 
@@ -289,7 +299,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # flood on the data port leaves the admin calls (traffic, load, rollback) served.
     admin_port: int | None = None
     max_admin_connections: int | None = None
-    listeners: dict[int | None, set[LimitedHttpToolsProtocol]]
+    listeners: dict[int | None, Listener]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -324,7 +334,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # the bytes waiting when it was armed.
         self._write_timer: asyncio.TimerHandle | None = None
         self._unsent = 0
-        self._peers: set[LimitedHttpToolsProtocol] = set()  # its port's connections (connection_made)
+        self._listener = Listener()  # its port's (connection_made)
+        self._opened = False  # counted among its port's open connections
+        # Admitted within its port's limit (True), past it (False: its requests refused 503,
+        # probes answered, and it is closed after the first), or not yet decided (its first request).
+        self._admitted: bool | None = None
 
     def _should_upgrade(self) -> bool:
         return False  # no websocket is served here (on_headers_complete)
@@ -336,12 +350,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._limit, self._limit_flag = self.max_connections, "--max-connections"
         if port is not None and port == self.admin_port:
             self._limit, self._limit_flag = self.max_admin_connections, "--max-admin-connections"
-        self._peers = self.listeners.setdefault(port, set())
-        self._peers.add(self)
-        # Past its port's limit when it came (the connections before it serve on): its requests
-        # are refused 503 to retry, probes answered, and it is closed after the first.
-        self._over_limit = self._limit is not None and len(self._peers) > self._limit
-        if self._limit is not None and len(self._peers) > 2 * self._limit:
+        self._listener = self.listeners.setdefault(port, Listener())
+        self._listener.open += 1
+        self._opened = True
+        if self._limit is not None and self._listener.open > 2 * self._limit:
             # Not even a probe is answered: its file descriptor is given back at once (one idle
             # past the limit held it for the keep-alive timeout, and a flood of them ran the
             # process out of them: then accept fails, for probes too).
@@ -503,7 +515,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._hosts > 1 or (not self._hosts and version == "1.1"):
             raise RequestRefused(400, "a request needs exactly one Host header")
         probe = False
-        if self._over_limit:
+        if self._admitted is None:
+            # Its first request: admitted while fewer than its port's limit are (those admitted
+            # before it serve on); past it its requests are refused 503 to retry, probes answered.
+            self._admitted = self._limit is None or self._listener.admitted < self._limit
+            self._listener.admitted += self._admitted
+        if not self._admitted:
             url = self.url
             path = url if b"?" not in url else httptools.parse_url(url).path
             probe = self.parser.get_method() in (b"GET", b"HEAD") and (
@@ -772,7 +789,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._gone(running)
         if isinstance(cycle, DirectCycle) and not cycle.response_complete:
             self._gone(cycle)
-        self._peers.discard(self)
+        if self._opened:
+            self._opened = False
+            self._listener.open -= 1
+        if self._admitted:
+            self._admitted = False
+            self._listener.admitted -= 1
         super().connection_lost(exc)
 
     def _gone(self, cycle: RequestResponseCycle | DirectCycle) -> None:

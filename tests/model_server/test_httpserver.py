@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -785,9 +786,12 @@ def test_the_server_fixes_glibc_s_mmap_threshold_so_freed_large_bodies_leave_the
 
 
 def crowd(cls: Any, state: ServerState, count: int) -> None:
-    """``count`` connections made on the data port, kept open."""
+    """``count`` connections made on the data port, kept open, each having sent a request (those
+    within the limit admitted)."""
     for _ in range(count):
-        cls(Config(asgi_app, log_config=None), state, {}, _loop=asyncio.get_running_loop()).connection_made(Transport())
+        protocol = cls(Config(asgi_app, log_config=None), state, {}, _loop=asyncio.get_running_loop())
+        protocol.connection_made(Transport())
+        protocol.data_received(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> None:
@@ -862,7 +866,7 @@ def test_refusals_are_logged_once_per_interval_with_a_count_of_the_rest(monkeypa
     async def scenario() -> None:
         state = ServerState()
         cls = limited_protocol(30.0, None, max_connections=2)
-        crowd(cls, state, 3)
+        crowd(cls, state, 2)  # the limit's, admitted
         for _ in range(50):
             config = Config(asgi_app, log_config=None)  # (uvicorn's own would stop its loggers' records)
             refused = cls(config, state, {}, _loop=asyncio.get_running_loop())
@@ -915,7 +919,7 @@ def test_each_listener_counts_its_own_connections() -> None:
             return b"".join(transport.writes).split(b" ", 2)[1]
 
         data = [connect_to(Transport()) for _ in range(4)]  # past the data port's limit
-        assert await status(*data[-1]) == b"503"
+        assert [await status(*connection) for connection in data] == [b"200", b"200", b"503", b"503"]
         admin = connect_to(AdminTransport())
         assert await status(*admin) == b"200"  # the data port's flood leaves it be
         refused = connect_to(AdminTransport())
@@ -923,5 +927,72 @@ def test_each_listener_counts_its_own_connections() -> None:
         assert b"--max-admin-connections" in b"".join(refused[1].writes)
         for protocol, _ in [*data, admin, refused]:
             protocol.connection_lost(None)
+
+    asyncio.run(scenario())
+
+
+async def loopback(cls: Any) -> tuple[asyncio.Server, ServerState, int]:
+    """``cls`` serving on a loopback port: the server, its state (the connections it holds), the port."""
+    state, loop = ServerState(), asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: cls(Config(asgi_app, log_config=None), state, {}, _loop=loop), "127.0.0.1", 0
+    )
+    return server, state, server.sockets[0].getsockname()[1]
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Until the server has seen what the clients did (accepts, closes): its loop turns."""
+    while not check():
+        await asyncio.sleep(0.001)
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def ask(connection: Connection, path: str) -> bytes:
+    """GET ``path`` on the connection: the answer's status."""
+    reader, writer = connection
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1]))  # type: ignore[index]
+    return head.split(b" ", 2)[1]
+
+
+async def hang_up(state: ServerState, *connections: Connection) -> None:
+    """Close the connections, until the server has seen them go."""
+    left = len(state.connections) - len(connections)
+    for _, writer in connections:
+        writer.close()
+        await writer.wait_closed()
+    await until(lambda: len(state.connections) == left)
+
+
+def test_a_connection_is_admitted_at_its_first_request_not_refused_for_good_at_accept() -> None:
+    """A connection's place within --max-connections was decided as it was accepted, counting
+    every connection open: one a pool opened while the limit's connections were served was
+    refused 503 on its first request after they closed, on an idle server, and connections idle
+    past the limit had a new client refused once a served one closed. A connection is admitted
+    at its first request, while fewer than the limit are admitted; idle ones take no place."""
+
+    async def scenario() -> None:
+        server, state, port = await loopback(limited_protocol(30.0, None, max_connections=2))
+        first, second = (
+            await asyncio.open_connection("127.0.0.1", port),
+            await asyncio.open_connection("127.0.0.1", port),
+        )
+        assert await ask(first, "/x") == b"200"
+        assert await ask(second, "/x") == b"200"
+        pooled = await asyncio.open_connection("127.0.0.1", port)  # opened while the limit's are served
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        await until(lambda: len(state.connections) == 4)
+        await hang_up(state, first)
+        late = await asyncio.open_connection("127.0.0.1", port)
+        assert await ask(late, "/x") == b"200"  # the idle ones hold no place
+        assert await ask(second, "/x") == b"200"
+        await hang_up(state, second, late)
+        assert await ask(pooled, "/x") == b"200"  # room now: admitted
+        await hang_up(state, pooled, idle)
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(scenario())
