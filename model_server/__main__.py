@@ -258,7 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="open connections served (each runs one request at a time: this bounds the requests in flight "
         "too), admitted at their first request; the requests of one whose first finds them all admitted are "
         "refused 503 with Retry-After, on both ways, and it is closed; "
-        "health, model readiness and metrics probes are still answered; past twice it a connection is closed as it is accepted",
+        "health, model readiness and metrics probes are still answered; one not admitted is closed after 5 s idle, "
+        "and past twice it not admitted a connection is closed as it is accepted",
     )
     p.add_argument(
         "--max-admin-connections",

@@ -77,6 +77,10 @@ MAX_PIPELINED = 2048
 # bounded, and a segment never holds "/", so the match is linear in the path.
 PROBES = frozenset({b"/v2/health/live", b"/v2/health/ready", b"/metrics"})
 MODEL_PROBE = re.compile(rb"/v2/models/[^/]{1,512}(?:/versions/[^/]{1,64})?/ready")
+# A connection not yet admitted within --max-connections (it has sent no request) is closed after
+# this long idle, not the keep-alive timeout: one that never sent a byte held its file
+# descriptor, and a place at accept's cutoff, for 75 s.
+ADMISSION_IDLE_S = 5.0
 # Bytes read and held unparsed while parsing is paused (a request pipelined behind one in
 # flight, a body its handler has not taken yet); past them the connection is not read.
 MAX_HELD_BYTES = 64 * 1024
@@ -94,7 +98,7 @@ class RefusalLog:
         self.next_at = -math.inf
         self.left_out = 0
 
-    def warn(self, logger: logging.Logger, reason: str) -> None:
+    def warn(self, logger: logging.Logger, reason: str, what: str = "a request") -> None:
         now = time.monotonic()
         if now < self.next_at:
             self.left_out += 1
@@ -102,12 +106,13 @@ class RefusalLog:
         self.next_at = now + REFUSAL_LOG_INTERVAL_S
         if self.left_out:
             logger.warning(
-                "refused a request: %s (and %d more refused since the last such line, not logged)",
+                "refused %s: %s (and %d more refused since the last such line, not logged)",
+                what,
                 reason,
                 self.left_out,
             )
         else:
-            logger.warning("refused a request: %s", reason)
+            logger.warning("refused %s: %s", what, reason)
         self.left_out = 0
 
 
@@ -353,10 +358,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._listener = self.listeners.setdefault(port, Listener())
         self._listener.open += 1
         self._opened = True
-        if self._limit is not None and self._listener.open > 2 * self._limit:
-            # Not even a probe is answered: its file descriptor is given back at once (one idle
-            # past the limit held it for the keep-alive timeout, and a flood of them ran the
-            # process out of them: then accept fails, for probes too).
+        waiting = self._listener.open - self._listener.admitted
+        if self._limit is not None and waiting > 2 * self._limit:
+            # More than twice the limit not admitted (idle, or refused and closing): not even a
+            # probe is answered, its file descriptor given back at once (a flood of idle ones ran
+            # the process out of them: then accept fails, for probes too). The admitted ones are
+            # not counted: a server serving its limit still has its probes answered.
+            REFUSALS.warn(
+                self.logger,
+                f"closed as it was accepted: {waiting} connections not admitted, past twice the limit of "
+                f"{self._limit} ({self._limit_flag})",
+                "a connection",
+            )
             transport.abort()
             return
         self.flow = HoldingFlow(transport, self._release_soon)
@@ -365,9 +378,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _idle(self) -> None:
         if self.timeout_keep_alive_task is None:
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+            timeout = self.timeout_keep_alive if self._admitted else min(self.timeout_keep_alive, ADMISSION_IDLE_S)
+            self.timeout_keep_alive_task = self.loop.call_later(timeout, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:

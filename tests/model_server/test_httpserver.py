@@ -6,6 +6,7 @@ never comes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -797,23 +798,28 @@ def crowd(cls: Any, state: ServerState, count: int) -> None:
 def test_a_connection_far_past_the_limit_is_closed_at_once_not_held_idle() -> None:
     """A connection past --max-connections was kept until its first request or its keep-alive
     timeout (75 s), a file descriptor each: a client opening idle ones faster than that ran the
-    process out of them (accept fails, probes too). Up to twice the limit one is kept (its
-    probe answered, other requests refused 503); past that it is closed as it is accepted."""
+    process out of them (accept fails, probes too). Up to twice the limit not admitted one is
+    kept (its probe answered, other requests refused 503); past that it is closed as it is
+    accepted. Those admitted are not counted there."""
 
     async def scenario() -> None:
         state = ServerState()
         cls = limited_protocol(30.0, None, max_connections=2)
-        crowd(cls, state, 3)
-        kept = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
-        transport = Transport()
-        kept.connection_made(transport)  # the 4th: past the limit, within twice it
-        assert not transport.closed
+        crowd(cls, state, 2)  # admitted
+        kept = []
+        for _ in range(4):  # not admitted, up to twice the limit
+            protocol = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
+            transport = Transport()
+            protocol.connection_made(transport)
+            assert not transport.closed
+            kept.append(protocol)
         closed = cls(Config(asgi_app), state, {}, _loop=asyncio.get_running_loop())
         transport = Transport()
-        closed.connection_made(transport)  # the 5th
+        closed.connection_made(transport)  # the 5th not admitted
         assert transport.closed
         closed.connection_lost(None)
-        kept.connection_lost(None)
+        for protocol in kept:
+            protocol.connection_lost(None)
 
     asyncio.run(scenario())
 
@@ -931,11 +937,11 @@ def test_each_listener_counts_its_own_connections() -> None:
     asyncio.run(scenario())
 
 
-async def loopback(cls: Any) -> tuple[asyncio.Server, ServerState, int]:
+async def loopback(cls: Any, **config: Any) -> tuple[asyncio.Server, ServerState, int]:
     """``cls`` serving on a loopback port: the server, its state (the connections it holds), the port."""
     state, loop = ServerState(), asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: cls(Config(asgi_app, log_config=None), state, {}, _loop=loop), "127.0.0.1", 0
+        lambda: cls(Config(asgi_app, log_config=None, **config), state, {}, _loop=loop), "127.0.0.1", 0
     )
     return server, state, server.sockets[0].getsockname()[1]
 
@@ -996,3 +1002,47 @@ def test_a_connection_is_admitted_at_its_first_request_not_refused_for_good_at_a
         await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_connections_idle_past_the_limit_leave_probes_answered_and_are_not_held_for_the_keep_alive(
+    monkeypatch, caplog
+) -> None:
+    """Connections past --max-connections counted with those served, and one that never sent a
+    byte was held for the keep-alive timeout (75 s): the limit's connections served and as many
+    idle made every new connection one past twice the limit, closed as it was accepted, a
+    readiness probe too (reset), and nothing said so. Not yet admitted, a connection is closed
+    after ADMISSION_IDLE_S idle; the cutoff at accept counts only those not admitted, and says so."""
+    from model_server import httpserver
+
+    monkeypatch.setattr(httpserver, "REFUSALS", httpserver.RefusalLog())
+    monkeypatch.setattr(logging.getLogger("uvicorn"), "propagate", True)  # (to caplog's handler)
+
+    async def scenario() -> None:
+        server, state, port = await loopback(limited_protocol(30.0, None, max_connections=2), timeout_keep_alive=75)
+        served = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        assert [await ask(connection, "/x") for connection in served] == [b"200", b"200"]
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await until(lambda: len(state.connections) == 4)
+        clients = {writer.get_extra_info("sockname") for _, writer in idle}
+        loop = asyncio.get_running_loop()
+        for protocol in state.connections:
+            if protocol.client in clients:  # closed within ADMISSION_IDLE_S, not 75 s
+                assert protocol.timeout_keep_alive_task.when() <= loop.time() + httpserver.ADMISSION_IDLE_S
+        probe = await asyncio.open_connection("127.0.0.1", port)
+        assert await ask(probe, "/v2/health/ready") == b"200"
+        assert await probe[0].read() == b""  # (answered, then closed: not admitted)
+        idle += [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # twice the limit
+        await until(lambda: len(state.connections) == 6)
+        cut = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionResetError):
+            assert await cut[0].read() == b""
+        await hang_up(state, *served, *idle)
+        cut[1].close()
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    lines = {id(r): r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()}
+    assert len(lines) == 1, lines
+    assert "--max-connections" in next(iter(lines.values()))
