@@ -55,6 +55,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from model_server.config import ascii_uint
 from model_server.errors import RequestRefused, ServerBusy
+from model_server.metrics import HTTP_REFUSALS
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"{self._limit} ({self._limit_flag})",
                 "a connection",
             )
+            HTTP_REFUSALS.labels("at_accept").inc()
             transport.abort()
             return
         self.flow = HoldingFlow(transport, self._release_soon)
@@ -539,6 +541,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 path in PROBES or MODEL_PROBE.fullmatch(path) is not None
             )
             if not probe:
+                HTTP_REFUSALS.labels("over_limit").inc()
                 raise RequestRefused(
                     ServerBusy.status,
                     f"server busy: it holds its limit of {self._limit} connections ({self._limit_flag}); retry shortly",
@@ -562,6 +565,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle = cycle  # type: ignore[assignment]
             return
         if len(self.pipeline) >= MAX_PIPELINED:
+            HTTP_REFUSALS.labels("pipelined").inc()
             raise RequestRefused(
                 429, f"more than {MAX_PIPELINED} requests pipelined unanswered: read the answers before sending more"
             )

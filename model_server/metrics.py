@@ -179,6 +179,15 @@ TRAFFIC_FILE_ERRORS = Counter(
     "model_server_traffic_file_errors_total", "Traffic policy file changes that were not applied"
 )
 HTTP_REQUESTS = Counter("model_server_http_requests_total", "HTTP requests by route and status code", ("route", "code"))
+HTTP_REFUSALS = Counter(
+    "model_server_http_refusals_total",
+    "Requests and connections the HTTP server refused by its limits, by reason (over_limit: 503 past "
+    "--max-connections; pipelined: 429 past the requests pipelined unanswered; at_accept: a connection "
+    "closed as it was accepted, past twice the limit not admitted)",
+    ("reason",),
+)
+for _reason in ("over_limit", "pipelined", "at_accept"):
+    HTTP_REFUSALS.labels(_reason)  # (each at 0 from the start: an alert's rate sees the first)
 FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
 FEEDBACK_CORRECT = Counter(
     "feedback_correct_total", "Labels that matched the served top-1 prediction", ("model", "version")

@@ -1046,3 +1046,52 @@ def test_connections_idle_past_the_limit_leave_probes_answered_and_are_not_held_
     lines = {id(r): r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()}
     assert len(lines) == 1, lines
     assert "--max-connections" in next(iter(lines.values()))
+
+
+def test_refusals_are_counted_by_reason_on_metrics() -> None:
+    """The server's refusals were a rate-limited log line alone: a 503 past --max-connections, a
+    429 to a client pipelining past MAX_PIPELINED and a connection closed as it was accepted
+    were nowhere on /metrics, so no alert could see a server shedding load. Each is counted in
+    model_server_http_refusals_total by reason, each reason there from the start."""
+    from model_server import metrics
+
+    def counted() -> dict[str, float]:
+        return {
+            reason: float(
+                metrics.REGISTRY.get_sample_value("model_server_http_refusals_total", {"reason": reason}) or 0
+            )
+            for reason in ("over_limit", "pipelined", "at_accept")
+        }
+
+    async def scenario() -> None:
+        server, state, port = await loopback(limited_protocol(30.0, None, max_connections=1))
+        served = await asyncio.open_connection("127.0.0.1", port)
+        assert await ask(served, "/x") == b"200"
+        refused = await asyncio.open_connection("127.0.0.1", port)
+        assert await ask(refused, "/x") == b"503"
+        assert await refused[0].read() == b""
+        await hang_up(state, served)
+        pipelining = await asyncio.open_connection("127.0.0.1", port)
+        pipelining[1].write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * 5000)  # (in a read or a few)
+        answers = await pipelining[0].read()
+        assert re.findall(rb"HTTP/1.1 (\d+) ", answers)[-1] == b"429"
+        await until(lambda: not state.connections)
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # twice the limit
+        await until(lambda: len(state.connections) == 2)
+        cut = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionResetError):
+            assert await cut[0].read() == b""
+        await hang_up(state, *idle)
+        cut[1].close()
+        server.close()
+        await server.wait_closed()
+
+    before = counted()
+    asyncio.run(scenario())
+    after = counted()
+    assert {reason: after[reason] - before[reason] for reason in after} == {
+        "over_limit": 1,
+        "pipelined": 1,
+        "at_accept": 1,
+    }
+    assert b'model_server_http_refusals_total{reason="at_accept"}' in metrics.exposition()
