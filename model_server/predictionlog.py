@@ -951,8 +951,9 @@ def _name_refused(name: str, times: pa.ChunkedArray) -> str | None:
     written = _written_at(name)
     if written is None:
         return f"refused: its name's written second {m.group(1)} is no time"
-    newest = pc.max(times).as_py()
-    ahead = written.timestamp() - max(time.time(), newest.timestamp() if newest is not None else 0.0)
+    # (its integer, not a datetime: a malformed row's time past the year 9999 is dropped later)
+    newest = pc.max(times.cast(pa.int64())).as_py()  # (microseconds: the table is cast to the schema)
+    ahead = written.timestamp() - max(time.time(), newest / 1e6 if newest is not None else 0.0)
     if ahead > NAMED_AHEAD_S:
         return f"refused: its name's written second {m.group(1)} lies {ahead:.0f} s ahead of this clock and its records"
     return None

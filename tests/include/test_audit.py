@@ -615,6 +615,25 @@ def test_a_file_named_with_no_written_second_or_a_future_one_is_refused_not_obey
     assert f"its name's written second {second}" in result.reasons[0]
 
 
+def test_a_record_stamped_past_the_year_9999_in_a_named_file_is_dropped_not_the_audit(tmp_path):
+    """The check of a file's written second against its newest record turned that record's time
+    into a datetime before malformed rows were dropped: one row stamped 2**62 us (past the year
+    9999) raised OverflowError out of ``read``, every audit of the hour with it. It is one bad
+    row, dropped as before; the hour is judged on the others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    log = shadow_log(tmp_path, 400, disagree=0.01)
+    [written] = log.rglob("part-*.parquet")
+    table = pq.read_table(written)
+    times = table["time"].cast(pa.int64()).to_pylist()
+    times[-1] = 2**62
+    column = pa.array(times, pa.int64()).cast(table.schema.field("time").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("time"), "time", column), written)
+    result = audit(log, *around_now(), "digits")
+    assert (result.verdict, result.skipped_files) == ("pass", 0), result.reasons
+
+
 def test_the_divergences_take_memory_by_the_chunk_not_by_the_hour(monkeypatch):
     """An hour of a thousand-class model's pairs was stacked whole and copied to float64 several
     times over (64,000 pairs of the real log: 3.8 GB at the peak): a large hour's audit ran out of
