@@ -157,6 +157,7 @@ class ModelLock(Protocol):
     """One model's lease (see the module's rules)."""
 
     model: str
+    clock: Callable[[], float]  # this worker's clock, the lease's expiry judged on it
 
     def acquire(self, holder: str, seconds: int = LEASE_S) -> Holding: ...
 

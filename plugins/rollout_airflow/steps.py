@@ -141,14 +141,14 @@ def hold(
     seconds: int = LEASE_S,
     rolling_back: bool = False,
     judging: bool = False,
-) -> None:
+) -> Holding:
     """Renew this run's lease on its model for ``seconds`` (every step and poke that touches the
     model). A run that lost it (it expired and another run took it over) fails here, without
     retrying and before touching anything; so does one aborted (``rolloutctl abort``) in a step
     that goes on with the rollout (not ``rolling_back``): its teardown puts the stable version back.
     ``rolling_back`` and a stage's poke (``judging``, which acts on a breach) go on where the lease
-    reads as this run's but cannot be written (``renewed``: the poke only while the lease has not
-    run out on other workers' clocks). A step of a run that ended
+    reads as this run's but cannot be written (``renewed``; the poke passes a stage only while the
+    lease returned runs on other workers' clocks: ``lease_runs``). A step of a run that ended
     (``run_ended``: cleared alone in the UI afterwards) skips, saying so, touching nothing: the
     run keeps the state its end gave it."""
     hook = hook or serving()
@@ -166,6 +166,25 @@ def hold(
         raise AirflowFailException(str(exc)) from None
     if held.aborted and not rolling_back:
         raise AirflowFailException(f"the rollout was aborted: {held.aborted}")
+    return held
+
+
+def lease_runs(spec: RolloutSpec, hook: ModelServerHook, held: Holding) -> None:
+    """A stage's pass recorded or returned only while ``held`` (the lease as its poke's ``hold``
+    left it: read back where its renewals failed) runs on every worker's clock: from
+    ``CLOCK_SKEW_S`` before its expiry on this one, a worker whose clock is that much ahead takes
+    it for dead, and another run may take the model over at any moment. LockError then: the
+    poke holds the stage (a later one renews again). A breach is acted on all the same: putting
+    the stable version back reads the lease again before writing (``restore_stable``)."""
+    from vision_rollout.locks import CLOCK_SKEW_S
+
+    if held.expires - CLOCK_SKEW_S > hook.model_lock(spec.model, spec.mesh).clock():
+        return
+    raise LockError(
+        f"the lease of {spec.model!r} cannot be renewed, and it runs out on the clocks of other workers "
+        f"({held.describe()}; workers' clocks may be {CLOCK_SKEW_S} s apart): another run may take the model "
+        "over, so the stage's pass is not kept; a later poke renews it again"
+    )
 
 
 def lease_kept(
@@ -211,11 +230,10 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S, rolling_back: bool =
     run folder full or read-only: OSError; another writer's write beating each of the renewal's,
     or the API server failing it: a LockError but LockLost; or leaving it unanswered:
     ``TRANSIENT``), which stops no rollback: the lease only keeps other runs off the model, and
-    this run holds it. Not ``rolling_back``, only while it runs on every worker's clock: from
-    ``CLOCK_SKEW_S`` before its expiry on this one, a worker whose clock is that much ahead takes
-    it for dead, and another run may take the model over at any moment (the poke would act on
-    that run's routes): LockError, the poke acts on nothing (its retry renews again). LockLost as
-    ``renew``, and when it then reads as another run's or nobody's."""
+    this run holds it. Nor a poke's look at a breach, whatever the lease's age: the stable
+    version's return reads the lease again before it writes; only its pass waits for a lease
+    that runs on every worker's clock (``lease_runs``). LockLost as ``renew``, and when it then
+    reads as another run's or nobody's."""
     from vision_rollout.locks import CLOCK_SKEW_S
     from vision_rollout.mesh import TRANSIENT
 
@@ -228,18 +246,13 @@ def renewed(lock: Any, run_id: str, seconds: int = LEASE_S, rolling_back: bool =
         if current is None or current.holder != run_id:
             raise LockLost(f"the lease of {lock.model!r} is not this run's ({exc})") from None
         left = current.expires - CLOCK_SKEW_S - lock.clock()
-        if not rolling_back and left <= 0:
-            raise LockError(
-                f"the lease of {lock.model!r} cannot be renewed ({str(exc)[:500]}), and it runs out on the clocks of "
-                f"other workers ({current.describe()}; workers' clocks may be {CLOCK_SKEW_S} s apart): another run may "
-                "take the model over, so nothing is done here; a retry renews it again"
-            ) from None
-        log.warning(
-            "the lease of %r cannot be renewed (%s); %s all the same",
-            lock.model,
-            exc,
-            "the stable version goes back" if rolling_back else f"this run holds it for {left:.0f} s more, and goes on",
-        )
+        if rolling_back:
+            goes_on = "the stable version goes back"
+        elif left > 0:
+            goes_on = f"this run holds it for {left:.0f} s more on every worker's clock, and looks at the stage"
+        else:
+            goes_on = "it runs out on other workers' clocks: the stage is looked at for a breach only, and"
+        log.warning("the lease of %r cannot be renewed (%s); %s all the same", lock.model, exc, goes_on)
         return cast("Holding", current)
 
 
@@ -1024,7 +1037,7 @@ def look_at_stage(
     if applied is None or index >= len(spec.stages):
         raise AirflowSkipException("stage not applied")
     hook = serving()
-    hold(spec, run_id, hook, judging=True)
+    held = hold(spec, run_id, hook, judging=True)
     folder = hook.settings.workdir(spec.model, run_id)
     try:
         with stage_record_readable(spec, run_id, index, hook):
@@ -1044,6 +1057,8 @@ def look_at_stage(
             raise AirflowFailException(
                 f"{attempt.outcome['summary']} Version {spec.baseline_version} takes 100% again."
             )
+        if attempt.outcome.get("status") == "pass":
+            lease_runs(spec, hook, held)
         return with_runs(spec, attempt.outcome, record)
     if spec.mesh == "istio":
         candidate_serving(params, spec, run_id, hook)
@@ -1106,6 +1121,8 @@ def look_at_stage(
         "until": state.until,
     }
     outcome = {**verdict, "status": state.status, "bake": bake}
+    if state.status == "pass":
+        lease_runs(spec, hook, held)
     try:
         with stage_record_readable(spec, run_id, index, hook):
             attempts.decided(folder, record, attempt, state.look, outcome)

@@ -2751,36 +2751,67 @@ def test_a_rollbacks_renewal_left_unanswered_goes_on_while_the_lease_reads_as_it
     assert "did not answer PUT" in caplog.text
 
 
-@pytest.mark.parametrize("left_s", [200, 30, -100], ids=["live", "within-the-skew", "run-out"])
-def test_a_stages_poke_whose_renewals_fail_acts_on_no_lease_about_to_run_out_a_rollback_goes_on(
-    kube, monkeypatch, caplog, left_s
-):
-    """A stage's poke (it acts on a breach) whose every renewal the API server failed took the
-    lease read back as this run's whatever its age: one run out on this clock (or within the
-    ``CLOCK_SKEW_S`` by which another worker's clock may be ahead, which takes it for dead then)
-    may be taken over by another run at any moment, and the poke would have rolled that run's
-    routes back. The poke refuses it past ``renewed + seconds - CLOCK_SKEW_S`` (a LockError: its
-    retry renews again); a rollback goes on all the same, the stable version back."""
-    import logging
+def failing_renewals(kube, monkeypatch, left_s: int) -> None:
+    """run-1's lease last renewed to run out ``left_s`` s from now on this clock, and every
+    renewal of it answered 500 by the API server."""
     import time
 
     from vision_rollout import mesh
-    from vision_rollout.locks import CLOCK_SKEW_S, LockError, micro_time
+    from vision_rollout.locks import micro_time
 
-    at_stage_1(kube)
     seconds = lease(kube, "digits")["spec"]["leaseDurationSeconds"]
     renewed = micro_time(time.time() - seconds + left_s)
     kube.touch("leases", "models", "rollout-digits", lambda o: o["spec"].update(renewTime=renewed))
     monkeypatch.setattr(mesh, "BACKOFF_S", 0.01)
     kube.throttle, kube.throttle_status, kube.throttled_methods = 1000, 500, frozenset({"PUT"})
     kube.throttled_path = "/leases/rollout-digits"
+
+
+@pytest.mark.parametrize("left_s", [200, 30, -100], ids=["live", "within-the-skew", "run-out"])
+def test_a_stages_poke_whose_renewals_fail_passes_no_stage_on_a_lease_about_to_run_out(kube, monkeypatch, left_s):
+    """A stage's poke whose every renewal the API server failed took the lease read back as this
+    run's whatever its age: one run out on this clock (or within the ``CLOCK_SKEW_S`` by which
+    another worker's clock may be ahead, which takes it for dead then) may be taken over by
+    another run at any moment. The poke records and returns no pass past ``renewed + seconds -
+    CLOCK_SKEW_S`` (a LockError: a later poke renews again); before that it passes."""
+    from types import SimpleNamespace
+
+    from vision_rollout.engine import StageState
+    from vision_rollout.gates import Verdict
+    from vision_rollout.locks import CLOCK_SKEW_S, LockError
+
+    at_stage_1(kube)
+    verdict = Verdict("pass", (), 2, 10, 0.05, 1e-3, "obrien-fleming", "PASS at look 2")
+    passed = StageState("pass", 2, 10, verdict, "PASS at look 2", {}, 100.0)
+    monkeypatch.setattr(steps, "stage_judge", lambda *a, **k: lambda window, now=None: passed)
+    monkeypatch.setattr(steps, "PrometheusHook", lambda: SimpleNamespace(source=lambda: None))
+    failing_renewals(kube, monkeypatch, left_s)
+    if left_s > CLOCK_SKEW_S:
+        assert steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")["status"] == "pass"
+    else:
+        with pytest.raises(LockError, match=r"cannot be renewed.* another run may take the model over"):
+            steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
+        kube.throttle = 0  # (renewed again: the stage's test was left to judge)
+        assert steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")["status"] == "pass"
+    assert routes(kube) == [("v1", 90), ("v2", 10)]
+
+
+@pytest.mark.parametrize("left_s", [200, 30, -100], ids=["live", "within-the-skew", "run-out"])
+def test_a_stages_poke_whose_renewals_fail_acts_on_a_breach_all_the_same(kube, monkeypatch, caplog, left_s):
+    """The poke refused the lease about to run out before judging anything (LockError, counted
+    as a failed read, the stage held up to ``guard_error_limit`` pokes): for minutes nothing acted
+    on the candidate left without a ready pod. A breach puts the stable version back as a
+    rollback does (``restore_stable``: the lease read again as this run's before the routes are
+    written), whatever the lease's age."""
+    import logging
+
+    at_stage_1(kube)
+    kube.touch("deployments", "models", "digits-v2", lambda d: d["status"].update(readyReplicas=0))
+    monkeypatch.setattr(steps, "NO_READY_POD_S", 0)
+    failing_renewals(kube, monkeypatch, left_s)
     with caplog.at_level(logging.WARNING):
-        if left_s > CLOCK_SKEW_S:
-            steps.hold(steps.spec_from(PARAMS), "run-1", judging=True)
-        else:
-            with pytest.raises(LockError, match=r"cannot be renewed .* another run may take the model over"):
-                steps.hold(steps.spec_from(PARAMS), "run-1", judging=True)
-        steps.restore_stable(PARAMS, "run-1")
+        with pytest.raises(AirflowFailException, match=r"version 2 has no ready pod.*Version 1 takes 100% again"):
+            steps.look_at_stage(PARAMS, 0, {"started": 0.0}, "run-1")
     assert routes(kube) == [("v1", 100)]
     assert lease(kube, "digits")["spec"]["holderIdentity"] == "run-1"
     assert "the stable version goes back all the same" in caplog.text

@@ -3160,6 +3160,39 @@ def test_a_breach_puts_the_stable_version_back_when_the_run_folder_is_full(monke
     assert world.set[-1] == {"stable": True}
 
 
+@pytest.mark.parametrize("status", ["breach", "pass"])
+def test_a_poke_on_a_full_run_folder_acts_on_a_breach_but_keeps_no_pass_on_a_lease_about_to_run_out(
+    monkeypatch, tmp_path, caplog, status
+):
+    """The run folder full and the lease within ``CLOCK_SKEW_S`` of its expiry: the poke refused
+    the lease before judging (a LockError, counted as a failed read), and for up to
+    ``guard_error_limit`` pokes nothing put the stable version back after a tripped guard. A
+    breach is acted on (the stable version's return reads the lease again); a pass is not kept
+    (another run may take the model over meanwhile): the poke holds the stage."""
+    import logging
+    import time
+
+    from vision_rollout.locks import LEASE_S
+
+    world = StageWorld(monkeypatch, tmp_path)
+    applied = world.apply()
+    lock = steps.serving().model_lock("digits", "local")
+    lock.clock = lambda: time.time() - LEASE_S + 30  # (renewed as long ago)
+    lock.renew("run-a")
+    full_disk(monkeypatch)
+    if status == "breach":
+        world.states = [stage_state("breach", 0, "hard guard tripped: Canary P99 is 95 ms.")]
+        with pytest.raises(AirflowFailException, match=r"Canary P99 is 95 ms\. Version 1 takes 100% again"):
+            world.poke(applied)
+        assert world.set[-1] == {"stable": True}
+    else:
+        world.states = [stage_state("pass", 2, "PASS at look 2")]
+        with caplog.at_level(logging.WARNING):
+            assert world.poke(applied) is None
+        assert "the stage's pass is not kept" in caplog.text
+        assert {"stable": True} not in world.set
+
+
 @pytest.mark.integration
 def test_the_teardown_puts_the_stable_version_back_when_the_run_folder_is_full(
     server_factory, repo_copy, monkeypatch, tmp_path
