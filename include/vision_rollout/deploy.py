@@ -1074,15 +1074,15 @@ class VersionDeployments:
     def prune(self, in_use: set[str]) -> list[str]:
         """Delete the Deployments of the versions ``beyond_history`` keeps (``build.revision_history_limit``
         retired ones, never one ``in_use`` or running pods), their PodDisruptionBudgets and under
-        autoscaling their HPAs, and those of versions left without a Deployment, not ``in_use``
-        (their delete refused or failed at an earlier prune: a budget whose status the disruption
-        controller wrote as its last pods went, a new resourceVersion, was left for good). Only
-        what the rollout made for this model: listed by
-        its labels (``app=<service>``, ``app.kubernetes.io/managed-by=model-rollout``, a
-        ``version``), named as it names them, a Deployment serving this model (``model_of``'s
-        annotation). Each is deleted on condition that it is as listed (its uid and
-        resourceVersion: one scaled up meanwhile stays). The versions whose Deployment went,
-        oldest first."""
+        autoscaling their HPAs (each read by its name: one whose labels another manager changed
+        goes too), and those of versions left without a Deployment, not ``in_use`` (their delete
+        refused or failed at an earlier prune: a budget whose status the disruption controller
+        wrote as its last pods went, a new resourceVersion, was left for good). Only what the
+        rollout made for this model: listed by its labels (``app=<service>``,
+        ``app.kubernetes.io/managed-by=model-rollout``, a ``version``), named as it names them, a
+        Deployment serving this model (``model_of``'s annotation). Each is deleted on condition
+        that it is as listed or read (its uid and resourceVersion: one scaled up meanwhile
+        stays). The versions whose Deployment went, oldest first."""
         from kubernetes import client
 
         selector = f"app={self.target.service},app.kubernetes.io/managed-by={FIELD_MANAGER},version"
@@ -1109,13 +1109,14 @@ class VersionDeployments:
             autoscaling = client.AutoscalingV2Api(self.api_client)
             kinds.append(("HorizontalPodAutoscalers", autoscaling.list_namespaced_horizontal_pod_autoscaler))
         for kind, list_kind in kinds:
+            for version in gone:
+                self._delete_named(kind.lower(), version)
             listed = self._call(f"list {kind} {selector}", partial(list_kind, namespace, label_selector=selector))
             for item in listed.items:
                 version = str((item.metadata.labels or {}).get("version", ""))
-                if item.metadata.name != self._name(version):
+                if item.metadata.name != self._name(version) or version in ours or version in in_use:
                     continue
-                orphan = version not in ours and version not in in_use and self._live(version) is None
-                if version in gone or orphan:
+                if self._live(version) is None:  # (an orphan)
                     self._delete(kind.lower(), item)
         return gone
 
@@ -1134,24 +1135,7 @@ class VersionDeployments:
         options = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
         )
-        autoscaling, policy = client.AutoscalingV2Api(self.api_client), client.PolicyV1Api(self.api_client)
-        kind, delete, read = {
-            "deployments": (
-                "Deployment",
-                self._apps().delete_namespaced_deployment,
-                self._apps().read_namespaced_deployment,
-            ),
-            "horizontalpodautoscalers": (
-                "HorizontalPodAutoscaler",
-                autoscaling.delete_namespaced_horizontal_pod_autoscaler,
-                autoscaling.read_namespaced_horizontal_pod_autoscaler,
-            ),
-            "poddisruptionbudgets": (
-                "PodDisruptionBudget",
-                policy.delete_namespaced_pod_disruption_budget,
-                policy.read_namespaced_pod_disruption_budget,
-            ),
-        }[plural]
+        kind, delete, read = self._calls(plural)
 
         def attempt(doubted: int) -> bool:
             with unsettled():
@@ -1173,6 +1157,44 @@ class VersionDeployments:
             return live.uid == meta.uid and live.deletion_timestamp is not None
 
         return settled(attempt, checks=False)
+
+    def _delete_named(self, plural: str, version: str) -> None:
+        """The version's object of ``plural`` (its Deployment was deleted) read by its name, then
+        deleted as it was read (``_delete``: one made again or changed since is left); none, done."""
+        from kubernetes.client.exceptions import ApiException
+
+        kind, _, read = self._calls(plural)
+        name = self._name(version)
+        try:
+            obj = read(name, self.target.namespace)
+        except ApiException as exc:
+            if exc.status == 404:  # (none left)
+                return
+            raise refused(f"GET {kind} {name}", exc) from None
+        self._delete(plural, obj)
+
+    def _calls(self, plural: str) -> tuple[str, Any, Any]:
+        """The kind of ``plural`` (a Deployment, HPA or PodDisruptionBudget), its delete and its read."""
+        from kubernetes import client
+
+        autoscaling, policy = client.AutoscalingV2Api(self.api_client), client.PolicyV1Api(self.api_client)
+        return {
+            "deployments": (
+                "Deployment",
+                self._apps().delete_namespaced_deployment,
+                self._apps().read_namespaced_deployment,
+            ),
+            "horizontalpodautoscalers": (
+                "HorizontalPodAutoscaler",
+                autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+                autoscaling.read_namespaced_horizontal_pod_autoscaler,
+            ),
+            "poddisruptionbudgets": (
+                "PodDisruptionBudget",
+                policy.delete_namespaced_pod_disruption_budget,
+                policy.read_namespaced_pod_disruption_budget,
+            ),
+        }[plural]
 
     def _call(self, what: str, call: Any) -> Any:
         """``call()``, an API server's refusal as ``refused`` says it."""

@@ -1007,6 +1007,29 @@ def test_a_budget_whose_status_moved_as_its_delete_was_sent_is_deleted_by_the_ne
     assert ("poddisruptionbudgets", "models", "digits-v2") in api.objects  # (its version's Deployment is there)
 
 
+def test_the_budget_of_a_version_pruned_goes_with_it_whoever_manages_its_labels_now(kube_api):
+    """Prune found budgets only by the rollout's labels (59fcba7): one whose managed-by label
+    another manager changed (Helm adopting it) was left when its version's Deployment was
+    deleted. The budget of each version whose Deployment the prune deleted is read and deleted
+    by its name, as before; the labels find only those left without a Deployment."""
+    from vision_rollout.deploy import VersionDeployments
+    from vision_rollout.mesh import with_retries
+    from vision_rollout.settings import BuildSettings
+
+    api, api_client = kube_api
+    versions = VersionDeployments(
+        TARGET, "digits", with_retries(api_client), BuildSettings(gpus=0, revision_history_limit=0)
+    )
+    for version in ("1", "2"):
+        versions.apply(version, f"img:{version}", 2)
+    versions.scale_to_zero("1")
+    key = ("poddisruptionbudgets", "models", "digits-v1")
+    api.touch(*key, lambda o: o["metadata"]["labels"].update({"app.kubernetes.io/managed-by": "Helm"}))
+    assert versions.prune({"2"}) == ["1"]
+    assert key not in api.objects
+    assert ("poddisruptionbudgets", "models", "digits-v2") in api.objects
+
+
 @pytest.mark.parametrize("answer", [500, None], ids=["500", "no-answer"])
 @pytest.mark.parametrize("served", [True, False], ids=["served", "not-served"])
 def test_a_budgets_apply_left_in_doubt_is_settled_not_logged_as_refused(kube_api, caplog, served, answer):
