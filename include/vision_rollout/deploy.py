@@ -1122,7 +1122,8 @@ class VersionDeployments:
 
     def _delete(self, plural: str, obj: Any) -> bool:
         """Delete ``obj`` (a listed Deployment, PodDisruptionBudget or HPA) unless it
-        changed since it was listed or is gone already (False). A delete whose answer left unknown
+        changed since it was listed (a budget: unless made again, a new uid; the disruption
+        controller writes its status as the version's last pods go) or is gone already (False). A delete whose answer left unknown
         whether it was served is sent again on the same preconditions (``settled``: it deletes
         nothing but the object as listed): a 404 then is that delete's, done. A 409 is read back:
         the object as listed (its uid) marked for deletion (``deletionTimestamp``: a delete
@@ -1132,9 +1133,9 @@ class VersionDeployments:
         from kubernetes.client.exceptions import ApiException
 
         meta = obj.metadata
-        options = client.V1DeleteOptions(
-            preconditions=client.V1Preconditions(uid=meta.uid, resource_version=meta.resource_version)
-        )
+        # (a budget on its uid alone: the disruption controller writes its status as the last pods go)
+        version = None if plural == "poddisruptionbudgets" else meta.resource_version
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.uid, resource_version=version))
         kind, delete, read = self._calls(plural)
 
         def attempt(doubted: int) -> bool:
