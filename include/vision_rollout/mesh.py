@@ -78,7 +78,8 @@ class ApiFailed(RouterError):
 class Contended(RouterError):
     """A write refused (409) at each of ``settled``'s tries, the object written by another between
     each read and write (a controller rewriting it): not a refusal of the write; the call may be
-    tried again (Airflow's retry, the failure callback), as an ``ApiUnreachable``'s."""
+    tried again, as an ``ApiUnreachable``'s. The steps writing routes have no Airflow retry: the
+    teardown (``ensure_stable``), then the failure callback, write the stable routes again."""
 
 
 TRANSIENT = (ApiFailed, ApiUnreachable, Contended)  # what a retry of the call may get past, unlike a refusal
