@@ -790,9 +790,6 @@ class VersionDeployments:
         own) is logged and the pods are scaled all the same, which that HPA does not block: a
         rollback's traffic waits on them, not on the floor. A scale whose answer left unknown
         whether it was served is settled by reading the Deployment's ``spec.replicas`` back."""
-        from kubernetes.client.exceptions import ApiException
-
-        name = self._name(version)
         if replicas > 0:
             top = max(self.build.max_replicas or min(10 * replicas, MAX_REPLICAS), replicas)
             spec = render_hpa(self.target, version, replicas, top, self.build.autoscaling_metrics)["spec"]
@@ -809,6 +806,15 @@ class VersionDeployments:
                 log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
         if replicas > 0 and live >= replicas:
             return
+        self._scale_subresource(version, replicas)
+
+    def _scale_subresource(self, version: str, replicas: int) -> None:
+        """The Deployment's count set through its scale subresource, as ``kubectl scale`` does
+        (which a field another manager owns does not block); a scale whose answer left unknown
+        whether it was served is settled by reading its ``spec.replicas`` back."""
+        from kubernetes.client.exceptions import ApiException
+
+        name = self._name(version)
 
         def attempt(tried: int) -> None:
             now = self.replicas(version) if tried else None  # (a try in doubt: read back)
@@ -1010,8 +1016,11 @@ class VersionDeployments:
         that version ran at that moment; ``replicas`` pods are set all the same, for the HPA to
         scale from. Without that HPA, the stage's floor as ever. ``dry_run``: only whether the API
         server would take the Deployment's apply (RouterError naming what it refuses), nothing written.
-        ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``).
-        An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``)."""
+        ``rolling_back``: its HPA's apply refused is logged, the pods scaled all the same (``_autoscale``);
+        without autoscaling, the Deployment's apply refused only for a ``spec.replicas`` another
+        manager owns (KEDA, a ``kubectl scale``) is logged and the count set through the scale
+        subresource (``_scale_subresource``), as ``kubectl scale`` does: a rollback's traffic waits on
+        those pods. An apply whose answer left unknown whether it was served: as ``apply``'s (``settled``)."""
 
         def attempt(_: int) -> Any:
             live = self._live(version)
@@ -1021,7 +1030,17 @@ class VersionDeployments:
             deployed = (live.metadata.annotations or {}).get(IMAGE_ANNOTATION)
             return self._apply(version, image, replicas, live, deployed, dry_run)
 
-        applied = settled(attempt, checks=False)
+        try:
+            applied = settled(attempt, checks=False)
+        except FieldsOwned as exc:
+            replicas_only = all(paths == [".spec.replicas"] for paths in exc.owned.values())
+            if not rolling_back or dry_run or self.build.autoscaling or not replicas_only:
+                raise
+            log.warning("%s; its pods are scaled to %d all the same, for the rollback", exc, replicas)
+            self._scale_subresource(version, replicas)
+            if replicas > 0:
+                self._apply_pdb(version, replicas)
+            return True
         if applied is None:
             return False
         if not dry_run:

@@ -1730,7 +1730,9 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     Routes that send the candidate nothing are left as they are (a run refused before its first
     stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
     the baseline's pods first (scaled back and all ready when a cut-short promotion retired it,
-    its HPA's re-apply refused, another manager's, logged;
+    its HPA's re-apply refused, another manager's, logged; without autoscaling, its
+    ``spec.replicas`` another manager's, KEDA's or a ``kubectl scale``'s, set through its scale
+    subresource, the apply's refusal logged: ``VersionDeployments.scale``;
     else one ready pod is enough: it serves already, and a rollback must not wait on a pod that
     will not start; under autoscaling, should it run fewer pods than its floor held since the
     first stage (``VersionDeployments.hold_floor``: those it ran before the run), or without

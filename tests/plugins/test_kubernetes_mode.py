@@ -662,6 +662,22 @@ def test_rollback_brings_the_baseline_back_before_routing_to_it(kube, monkeypatc
     assert restored < routed < retired
 
 
+def test_a_rollback_brings_back_a_baseline_another_manager_scaled_to_0(kube, caplog):
+    """Without autoscaling, mid-stage, the baseline scaled to 0 by another manager (KEDA, a
+    ``kubectl scale``), which owns its ``spec.replicas`` from then on: the rollback's apply of
+    its Deployment at its size was refused (409, a field another manager owns), every retry the
+    same, and the routes stayed 90% on a version without pods. Its pods are set through its scale
+    subresource, as ``kubectl scale`` does, the apply's refusal logged, and the traffic goes back."""
+    at_stage_1(kube)
+    kube.scale("models", "digits-v1", 0, "keda")
+    serving_now = deployment(kube, "2")["spec"]["replicas"]
+    steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == serving_now  # the candidate's pods, that serve now
+    assert '"keda" with subresource "scale" owns .spec.replicas' in caplog.text
+    assert deployment(kube, "2")["spec"]["replicas"] == 0
+
+
 def valid_deployment(obj: dict) -> bool:
     """The kubernetes client's V1Deployment round-trips it (it writes the timestamp's Z as +00:00)."""
     from kubernetes import client
