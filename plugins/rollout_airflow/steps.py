@@ -1729,7 +1729,11 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
 
     Routes that send the candidate nothing are left as they are (a run refused before its first
     stage: they serve what serves now, which may not be this run's baseline). Kubernetes mode:
-    the baseline's pods first (scaled back and all ready when a cut-short promotion retired it,
+    the baseline's pods first (scaled back when a cut-short promotion or another manager left it
+    at 0, one ready pod taking the traffic back, as under autoscaling: the rest may need the room
+    the candidate's pods take, so they are waited for once the candidate is retired, not before,
+    AirflowFailException saying the traffic is back should they not come; not by the failure
+    callback, ``unload_candidate`` False, which has no time to wait;
     its HPA's re-apply refused, another manager's, logged; without autoscaling, its
     ``spec.replicas`` another manager's, KEDA's or a ``kubectl scale``'s, set through its scale
     subresource, the apply's refusal logged: ``VersionDeployments.scale``;
@@ -1758,6 +1762,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         return spec.baseline_version
     deployments = hook.deployments(spec.model)
     unscaled: RouterError | None = None
+    restoring = 0  # (the pods a baseline at 0 is scaled back to)
     if rerouted:
         live = deployments.replicas(spec.baseline_version)
         if live is None:
@@ -1767,9 +1772,10 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
             )
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the waits
         if live == 0:  # retired (a promotion cut short): back at the size that serves the traffic now
-            size = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
-            # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same)
-            scale_ready(deployments, spec.baseline_version, size, spec.baseline_version, rolling_back=True)
+            restoring = max(deployments.build.replicas, deployments.replicas(spec.candidate_version) or 0)
+            # its own HPA kept (another manager's, a Helm release's: refused, logged, its pods back all the same);
+            # its first ready pod takes the traffic: the rest may need the room the candidate's pods take
+            deployments.scale(spec.baseline_version, restoring, spec.baseline_version, rolling_back=True)
         else:
             if deployments.build.autoscaling:  # fewer pods than served before the run
                 held = deployments.held_floor(spec.baseline_version)
@@ -1786,7 +1792,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
                             size,
                             str(exc)[:500],
                         )
-            deployments.wait_ready(spec.baseline_version, 1, strict=False)
+        deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
@@ -1795,6 +1801,14 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     if unload_candidate:
         hold(spec, run_id, hook, WAITING_STEP_S, rolling_back=True)  # for the drain
         retire(r, deployments, spec.candidate_version)
+        if restoring:  # (the candidate's room free now; not the failure callback's: it has no time to wait)
+            try:
+                deployments.wait_ready(spec.baseline_version, restoring, strict=False)
+            except RouterError as exc:
+                raise AirflowFailException(
+                    f"version {spec.baseline_version} takes 100% of the traffic again and version "
+                    f"{spec.candidate_version} is unloaded, but not all of its pods came: {exc}"
+                ) from None
     return spec.baseline_version
 
 

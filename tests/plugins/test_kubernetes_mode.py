@@ -678,6 +678,55 @@ def test_a_rollback_brings_back_a_baseline_another_manager_scaled_to_0(kube, cap
     assert deployment(kube, "2")["spec"]["replicas"] == 0
 
 
+@pytest.mark.parametrize("end", ["rollback", "failure-callback"])
+def test_a_rollback_to_a_baseline_at_0_moves_the_traffic_once_one_of_its_pods_is_ready(kube, monkeypatch, end):
+    """A baseline at 0 pods (scaled there by another manager mid-stage), on a cluster whose free
+    capacity the candidate's pods use: the rollback scaled it back and waited for all of its pods
+    (600 s) before the routes moved; they never came (no room until the candidate is retired),
+    the rollback failed and the candidate kept its traffic (inside the failure callback's time
+    limit, the wait could get it killed before it reported). The traffic goes back once one of its
+    pods is ready, as under autoscaling; the candidate is retired, then the rest are waited for
+    (not by the failure callback, which leaves the candidate loaded)."""
+    from devstack.cluster import kube as fake_kube
+    from vision_rollout.deploy import VersionDeployments
+
+    at_stage_1(kube)
+    kube.scale("models", "digits-v1", 0, "keda")
+    steps.serving().deployments("digits").scale("2", 2)  # the candidate's pods, that serve now
+    room = 3  # pods the cluster has room for: the candidate's 2 and one more
+    all_ready, wait_ready = fake_kube._ready_status, VersionDeployments.wait_ready
+
+    def scheduled(obj: dict) -> dict:  # (the pods there is room for run)
+        others = sum(
+            d["spec"].get("replicas", 1)
+            for (p, _, n), d in kube.objects.items()
+            if p == "deployments" and n != obj["metadata"]["name"]
+        )
+        status = all_ready(obj)
+        status["readyReplicas"] = status["availableReplicas"] = min(status["replicas"], max(room - others, 0))
+        return status
+
+    def short_wait(self, version, replicas=1, **kwargs):  # (each wait's 600 s: 2 s here)
+        if version == "1":  # the scheduler places its pods where the room is, once there is room
+            kube.touch("deployments", "models", "digits-v1", lambda d: d.update(status=scheduled(d)))
+        return wait_ready(self, version, replicas, **{**kwargs, "timeout_s": 2.0, "every_s": 0.2})
+
+    monkeypatch.setattr(fake_kube, "_ready_status", scheduled)
+    monkeypatch.setattr(VersionDeployments, "wait_ready", short_wait)
+    since = len(kube.requests)
+    steps.restore_stable(PARAMS, "run-1", unload_candidate=end == "rollback")
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] == 2
+    if end == "rollback":
+        assert deployment(kube, "2")["spec"]["replicas"] == 0
+        assert deployment(kube, "1")["status"]["readyReplicas"] == 2  # (the rest, once the candidate left room)
+        done = calls(kube, since)
+        routed = max(i for i, call in enumerate(done) if call == ("PATCH", "virtualservices/digits"))
+        assert routed < done.index(("PATCH", "deployments/digits-v2"))
+    else:
+        assert deployment(kube, "2")["spec"]["replicas"] == 2  # (left loaded)
+
+
 def valid_deployment(obj: dict) -> bool:
     """The kubernetes client's V1Deployment round-trips it (it writes the timestamp's Z as +00:00)."""
     from kubernetes import client
