@@ -1924,7 +1924,8 @@ def ensure_stable(
     does not fail the run). A teardown that cannot put the stable version back (neither rollback
     nor notify ran) reports that to Slack at once, with no chart nor line of one (its failure sets
     off the failure callback's try of the routes; the verdicts are not read), then fails; a report never says the stable version
-    takes the traffic where it was not read back so. Where notify's XCom is lost (its worker
+    takes the traffic where it was not read back so. One whose restore was done but whose release of
+    the lease failed (``Unreleased``) reports the restore as done, that failure besides, and fails. Where notify's XCom is lost (its worker
     killed once it wrote its report), what notify left stands for it (``notify_left``): its post,
     posted nothing more; its report waiting in the outbox, which the outbox's rounds send (the
     run fails as for a report that did not reach Slack); one gone from the outbox, looked for in
@@ -1941,7 +1942,7 @@ def ensure_stable(
     end = run_ended(spec, run_id)
     if end is not None:  # run again after the run ended (notify cleared with its downstream): nothing to undo
         return f"the run had ended: {end.get('done')}; nothing touched"
-    wrote = False
+    wrote, unreleased = False, False
     if report is None:  # (notify's worker killed once it wrote its report: Slack may have taken it)
         try:
             report, wrote = notify_left(spec, run_id)
@@ -1954,6 +1955,8 @@ def ensure_stable(
             )
     except LockLost as exc:
         return f"nothing restored, the routes are not this run's: {exc}"
+    except Unreleased as exc:  # (reported as done, the lease's failure with it; the step fails)
+        kept, done, unreleased = exc.kept, str(exc), True
     except Exception as exc:
         if report is None and rolled_back is None and promoted != spec.candidate_version:
             # Nobody was told, and the stable version may not be back.
@@ -1985,12 +1988,20 @@ def ensure_stable(
         report = _found_report(spec, kept, f"{chose}; {done}", done, run_id if wrote else None, verdicts)
         _end_keeps_post(spec, run_id, report)
         if report.get("posted_before"):  # (notify's own, found in Slack: its worker lost once it posted)
-            return done
+            return _ended(done, unreleased)
         if report.get("slack_error"):
             raise AirflowFailException(f"{done}; but notify did not send the run's report, and {_undelivered(report)}")
         raise AirflowFailException(f"{done}; but notify did not send the run's report: the teardown sent it")
     if report.get("slack_error"):
         raise AirflowFailException(f"{done}; but {_undelivered(report)}")
+    return _ended(done, unreleased)
+
+
+def _ended(done: str, unreleased: bool) -> str:
+    """The teardown's result: ``done``; AirflowFailException saying it where the model's lease
+    was not released (``Unreleased``: ``done`` says so)."""
+    if unreleased:
+        raise AirflowFailException(done)
     return done
 
 
@@ -2009,6 +2020,19 @@ def _undelivered(report: dict[str, Any]) -> str:
     else:
         reached = f"did not reach Slack ({report['slack_error']}): {where}"
     return f"its report {reached}"
+
+
+class Unreleased(AirflowFailException):
+    """``finish`` done (``kept``, ``done`` say what: the stable version back, or the promotion
+    kept), but the release of the model's lease failed (``exc``): said besides, not as a restore
+    that failed."""
+
+    def __init__(self, kept: bool, done: str, exc: Exception) -> None:
+        super().__init__(
+            f"{done}; but the model's lease was not released ({type(exc).__name__}: {str(exc)[:500]}): another run "
+            "of the model takes it once it runs out (rolloutctl status shows it)"
+        )
+        self.kept, self.done = kept, done
 
 
 def finish(
@@ -2032,7 +2056,8 @@ def finish(
     its run folder (``ENDED``: ``build_image`` cleared after the end starts nothing again; with
     the post of its ``report``, notify's XCom, whose thread a report sent again replies in), and
     the lease released. LockLost, touching nothing, for a run that does not hold it. Should the
-    restore fail, the lease stays: the failure callback tries again."""
+    restore fail, the lease stays: the failure callback tries again; should only the release
+    fail, ``Unreleased`` says what was done and that failure."""
     from vision_rollout.mesh import routes_to
 
     spec = spec_from(params)
@@ -2075,7 +2100,10 @@ def finish(
     if kept == (decided == "promote") and decided in ("promote", "rollback"):  # the decision carried out
         _write_end(folder, {"holder": run_id, "decided": decided, "promoted": kept, "done": done}, report)
     recorded(folder, run_id, None)
-    lock.release(run_id)
+    try:
+        lock.release(run_id)
+    except Exception as exc:  # (what was done is done: said so, the release's failure besides)
+        raise Unreleased(kept, done, exc) from exc
     return kept, done
 
 
@@ -2675,6 +2703,8 @@ def restore_stable_on_failure(context: dict[str, Any]) -> None:
         log.warning("run %s failed: %s", run_id, done)
     except LockLost as exc:
         log.warning("run %s failed; its teardown is done or it never held the model: %s", run_id, exc)
+    except Unreleased as exc:  # (done: not a restore that failed)
+        log.warning("run %s failed: %s", run_id, exc)
     except Exception as exc:  # (the API server down, say): nothing tries again, so a human is told
         failed = (
             f"run {run_id} failed and its failure callback could not put version {spec.baseline_version} back "

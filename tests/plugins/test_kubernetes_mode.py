@@ -2410,6 +2410,43 @@ def test_a_teardown_against_an_api_server_that_never_answers_is_bounded(kube, mo
     assert routes(kube) == [("v1", 90), ("v2", 10)]
 
 
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_teardown_whose_lease_release_fails_reports_the_stable_version_back(kube, tmp_path, caplog, end):
+    """The teardown put version 1 back, then the release of the model's lease was refused (a Role
+    without delete on leases, say): its report said it "could not put version 1 back", the routes
+    not restored, though version 1 took 100% of the traffic (the failure callback logged the same).
+    The restore is reported as done, and the lease's failure besides."""
+    from devstack.cluster.kube import APIError
+
+    at_stage_1(kube)
+
+    def forbidden() -> None:
+        kube.before_write = forbidden
+        request = kube.requests[-1]
+        if request["method"] == "DELETE" and request["path"].endswith("/leases/rollout-digits"):
+            raise APIError(403, "Forbidden", 'leases.coordination.k8s.io "rollout-digits" is forbidden')
+
+    kube.before_write = forbidden
+    if end == "teardown":
+        with pytest.raises(AirflowFailException) as failed:
+            steps.ensure_stable(PARAMS, "run-1", None, None, None)
+        said = str(failed.value)
+        (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert "routes not restored" not in report["text"]
+        assert "could not put version 1 back" not in report["text"]
+        assert "version 1 takes 100%" in report["text"]
+        assert "the model's lease was not released" in report["text"]
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+        said = caplog.text
+    kube.before_write = None
+    assert routes(kube) == [("v1", 100)]
+    assert "could not put version 1 back" not in said
+    assert "version 1 takes 100%" in said
+    assert "the model's lease was not released" in said
+    assert "403" in said
+
+
 def test_a_failure_callback_that_cannot_reach_the_api_server_reports_that_the_stable_version_may_not_be_back(
     kube, monkeypatch, tmp_path, caplog
 ):
