@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 
-from model_server.reading import as_seen, normalise
+from model_server.reading import as_seen, normalise, shown, shown_back
 
 Span = tuple[int, int]
 
@@ -466,10 +466,13 @@ def patterns_for(text: str, low: str, words: bool = True) -> tuple[re.Pattern[st
 def spans(text: str, userinfo: bool = False) -> list[Span]:
     """Where the credentials in ``text`` are, in order, overlapping ones merged; with
     ``userinfo``, a URL's whole user information (its user too) rather than its password."""
-    found, view = [], as_seen(text)  # (a tab as a space, a control sequence's final byte ends a word)
+    found: list[Span] = []
+    view, seen = as_seen(text), shown(text)  # (a tab as a space, a control sequence's final byte ends a word)
     for pattern in patterns_for(text, lower(text)):
         group: str | int = "u" if userinfo and "u" in pattern.groupindex else "v" if "v" in pattern.groupindex else 0
         found += [(a, b) for a, b in (m.span(group) for m in pattern.finditer(view)) if a < b]
+        if seen is not None:  # (read too as a terminal shows it, each span mapped back)
+            found += [shown_back(seen[1], a, b) for a, b in (m.span(group) for m in pattern.finditer(seen[0])) if a < b]
     return merge(found)
 
 

@@ -60,7 +60,7 @@ from model_server.credentials import (
     quoted,
 )
 from model_server.errors import MaskingUnavailable
-from model_server.reading import as_seen, normalise
+from model_server.reading import as_seen, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,18 @@ class Detector:
 
     def spans(self, text: str) -> Iterator[Span]:
         """Where the values are in ``text``, in order, none overlapping (read as it is seen:
-        ``as_seen``, its tabs as spaces, its control sequences blanked)."""
-        for m in self.pattern.finditer(as_seen(text)):
+        ``as_seen``, its tabs as spaces, its control sequences blanked; where it holds any, read
+        too as a terminal shows it, ``shown``, without them: "\x1b[1mpassword:\x1b[0m hunter2")."""
+        seen = shown(text)
+        if seen is None:
+            yield from self._spans(as_seen(text))
+        else:
+            back = [shown_back(seen[1], a, b) for a, b in self._spans(seen[0])]
+            yield from credentials.merge([*self._spans(as_seen(text)), *back])
+
+    def _spans(self, view: str) -> Iterator[Span]:
+        """Where the values are in ``view`` (the text as it is seen), in order, none overlapping."""
+        for m in self.pattern.finditer(view):
             if self.accept is None or self.accept(m):
                 span = m.span("v") if "v" in self.pattern.groupindex else m.span()
                 if span[0] >= 0:  # (a URL's user information without a password has none)
@@ -201,9 +211,9 @@ class _CardNumbers(Detector):
     that is one, then on after it (a card after a timestamp in one run of groups is found).
     Linear: a group starts one look of at most six groups."""
 
-    def spans(self, text: str) -> Iterator[Span]:
+    def _spans(self, view: str) -> Iterator[Span]:
         after = 0
-        for m in self.pattern.finditer(as_seen(text)):
+        for m in self.pattern.finditer(view):
             start = m.start()
             if start < after:
                 continue

@@ -64,3 +64,30 @@ def as_seen(text: str) -> str:
     if "\x1b" not in text and "\\" not in text and "\x9b" not in text:
         return text
     return _CSI.sub("\\g<s>\x1b", text)
+
+
+def shown(text: str) -> tuple[str, list[int]] | None:
+    """``text`` as a terminal shows it, its control sequences left out and a tab as a space (a
+    key and its value with a sequence between them, "\\x1b[1mpassword:\\x1b[0m hunter2", read as
+    "password: hunter2"), and where each of its characters, and its end, is in ``text``; None
+    where ``text`` holds no sequence. Linear in the text."""
+    if "\x1b" not in text and "\\" not in text and "\x9b" not in text:
+        return None
+    pieces: list[str] = []
+    where: list[int] = []
+    end = 0
+    for m in _CSI.finditer(text):
+        pieces.append(text[end : m.start()])
+        where += range(end, m.start())
+        end = m.end()
+    if not pieces:
+        return None
+    pieces.append(text[end:])
+    where += range(end, len(text) + 1)
+    return "".join(pieces).replace("\t", " "), where
+
+
+def shown_back(where: list[int], a: int, b: int) -> tuple[int, int]:
+    """The span of the text that a span ``a``-``b`` (not empty) of its ``shown`` view is, the
+    sequences inside it too."""
+    return where[a], where[b - 1] + 1

@@ -2371,3 +2371,23 @@ def test_prose_after_a_label_on_its_own_line_and_a_word_after_a_base64_line_are_
         masked = masker.mask_text(text, key)
         assert value not in masked, masked
         assert value not in scrub(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x1b[1mpassword:\x1b[0m hunter2",
+        "\x1b[1mpassword:\x1b[0m\x1b[32m hunter2\x1b[0m",
+        "password=\\x1b[0mhunter2",
+        "\\u001b[1mapi_key\\u001b[0m: hunter2",
+    ],
+)
+def test_a_secret_after_a_control_sequence_between_its_key_and_it_is_masked(keys, text):
+    """A control sequence between a key and its value ("\\x1b[1mpassword:\\x1b[0m hunter2", a
+    bold label) had the sequence masked as the value, and the value logged in clear. The keyed
+    reading now reads the text too as a terminal shows it, its sequences left out (each span of
+    it mapped back, the sequences inside kept)."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "hunter2" not in masked, masked
+    assert "hunter2" not in scrub(text), scrub(text)
