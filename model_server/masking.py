@@ -324,9 +324,10 @@ DETECTORS: tuple[Detector, ...] = (
 # all ASCII, comes out of mask_text unchanged. SUSPECT is RE2 too (pyarrow's vectorised prefilter), which scans for its
 # parts one by one: as one pattern, the base64 run's 64 counted steps beside the words made RE2's
 # automaton so large that a request id took 2 us to scan, 20 times its parts' time.
-# (after a control sequence of any kind too: its final byte, "[2K", "[?25h", ``as_seen``)
+# (after a control sequence of any kind too: its final byte, "[2K", "[?25h", ``as_seen``; after
+# any other escape sequence's, "\x1b(B", "\x1bP")
 _NUMBER = (  # (every ID's, phone's, card's, SSN's; RE2 has no lookbehind: the character before is read)
-    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|(?:\[|\\x9[bB]|\\u009[bB])[0-?]*[ -/]*[@-~])(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
+    r"\+|(?:^|[^0-9A-Za-z]|\\[nrtbf]|\\x[0-9A-Fa-f]{2}|(?:\[|\\x9[bB]|\\u009[bB])[0-?]*[ -/]*[@-~]|(?:\x1b|\\x1[bB]|\\033|\\u001[bB])(?:[ -/]+[0-~]|[78=>@-~]))(?:[0-9](?:[ \t./_()\-]{0,3}[0-9]){9}|[0-9]{3}-[0-9]{2}-[0-9]{4})"
 )
 _SHAPES = rf"[@%\\&]|{_NUMBER}"
 SUSPECT_PARTS = (

@@ -49,7 +49,15 @@ def normalise(text: str) -> str:
 # bytes 0x30-0x3F, intermediate bytes 0x20-0x2F, then its final byte 0x40-0x7E), its introducer
 # raw or written escaped ("\\x1b[", "\\033[", "\\u001b[", "\\e[", "\\x9b"): a reader never sees
 # it. Each run possessive, starting only at an introducer: linear in the text.
-_CSI = re.compile(r"(?P<s>(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]|e))\[|\x9b|\\(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]")
+# Any other escape sequence (ECMA-35: ESC, intermediate bytes 0x20-0x2F, a final byte; a
+# character set's choice "\x1b(B", which ``tput sgr0`` writes, a DCS's or an OSC's introducer
+# "\x1bP", "\x1b]" and its end "\x1b\\"), its ESC raw or written escaped: its final byte too
+# ends the word before it. Without intermediates, a final byte of a digit only where one is a
+# sequence ("\x1b7", "\x1b8": a cursor's save and restore), so "\x1b4155552671" keeps its digits.
+_CSI = re.compile(
+    r"(?P<s>(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]|e))\[|\x9b|\\(?:x9[bB]|u009[bB]))[0-?]*+[ -/]*+)[@-~]"
+    r"|(?:(?:\x1b|\\(?:x1[bB]|033|u001[bB]))(?:[ -/]++(?=[0-~])|(?=[78=>@-~])))."
+)
 
 
 def as_seen(text: str) -> str:
@@ -63,7 +71,7 @@ def as_seen(text: str) -> str:
         text = text.replace("\t", " ")
     if "\x1b" not in text and "\\" not in text and "\x9b" not in text:
         return text
-    return _CSI.sub("\\g<s>\x1b", text)
+    return _CSI.sub(lambda m: m.group(0)[:-1] + "\x1b", text)
 
 
 def shown(text: str) -> tuple[str, list[int]] | None:

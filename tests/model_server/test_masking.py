@@ -2391,3 +2391,26 @@ def test_a_secret_after_a_control_sequence_between_its_key_and_it_is_masked(keys
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert "hunter2" not in masked, masked
     assert "hunter2" not in scrub(text), scrub(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x1b(B4155552671",  # (a character set's choice: ``tput sgr0``'s)
+        "\x1b(B\x1b[m4155552671",
+        "\x1bP4155552671\x1b\\",  # (a DCS)
+        "\x1b]0;title\x1b\\4155552671",  # (an OSC, then its end)
+        "\\x1b(B4155552671",
+        "\\u001bP4155552671",
+        "\x1b74155552671",  # (a cursor's save)
+    ],
+)
+def test_a_value_after_any_escape_sequence_is_masked(keys, text):
+    """A value right after an escape sequence other than a CSI (a character set's choice
+    "\\x1b(B", which ``tput sgr0`` writes; a DCS "\\x1bP...\\x1b\\\\") was logged in clear: its
+    final byte was read as a word the value was part of. Every escape sequence (ECMA-35) now
+    ends a word where its final byte is, raw or written escaped; the sequence stays."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "4155552671" not in normalise(masked), masked
+    assert find_sensitive(masked) == []
