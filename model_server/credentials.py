@@ -171,7 +171,7 @@ _NOT_RANDOM = (
 # a field's name, and the name after it its value ("('secret', 'abc-def')").
 _LINE_BREAK = r"(?:\r?\n|(?:\\{1,8}r)?\\{1,8}n)"  # (a line end written escaped too)
 _NEXT_LINE = rf"{_LINE_BREAK}[ \t]{{0,16}}+"
-_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}},[ \t]{{0,3}}+(?:{_NEXT_LINE})?"
+_PAIR_COMMA = rf"(?:{_ESCAPE})?[\"'][ \t]{{0,3}}+(?:{_NEXT_LINE})?,[ \t]{{0,3}}+(?:{_NEXT_LINE})?"  # (a comma on its own line too)
 _PAIR_KEY = (  # (or its bracket, a line end and indentation, then its quote: rich's, pprint's, black's)
     "(?P<t>"
     + "|".join(rf"(?<=[(\[]{b}" + r"\\" * k + r"[\"'])" for b in ("", "b") for k in _DEPTHS)

@@ -2414,3 +2414,17 @@ def test_a_value_after_any_escape_sequence_is_masked(keys, text):
     masked = Masker(ring).mask_text(text, ring.key_for(None))
     assert "4155552671" not in normalise(masked), masked
     assert find_sensitive(masked) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["(\n'password'\n,\n'hunter2'\n)", "(\n    'password'\n    ,\n    'hunter2'\n)", "('password'\n, 'hunter2')"],
+)
+def test_a_pair_with_its_comma_on_a_line_of_its_own_is_masked(keys, text):
+    """A pair printed with its comma on a line of its own ("(\\n'password'\\n,\\n'hunter2'\\n)")
+    left its value in clear: the pair's comma was read only on its key's line. A line end and
+    indentation before it now are read too."""
+    ring = KeyRing(keys)
+    masked = Masker(ring).mask_text(text, ring.key_for(None))
+    assert "hunter2" not in masked, masked
+    assert "hunter2" not in scrub(text), scrub(text)
