@@ -1568,13 +1568,24 @@ def _note(outbox: Folder, name: str, **fields: Any) -> None:
 
 def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> None:
     """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason
-    (``aside``: ``outbox`` is that folder, where it stays)."""
+    (``aside``: ``outbox`` is that folder, where it stays); one whose move failed waits in the outbox
+    alone, the copy written there taken back (or the OSError says it is not)."""
     record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
     if aside:
         outbox.write(name, json.dumps(record, indent=2).encode())
         return
-    _move(outbox, outbox / REFUSED, name, chart, json.dumps(record, indent=2).encode())
+    refused = outbox / REFUSED
+    try:
+        _move(outbox, refused, name, chart, json.dumps(record, indent=2).encode())
+    except OSError as exc:  # (still in the outbox: what was written there taken back, it waits here alone)
+        if outbox.exists(name):
+            try:
+                for file in (name, chart) if chart else (name,):
+                    refused.delete(file)
+            except OSError as back:
+                raise OSError(f"{exc}; a copy is in {REFUSED}/ too, not taken back: {back}") from exc
+        raise
 
 
 def send_refused(
@@ -1588,7 +1599,8 @@ def send_refused(
     they lie (the channel fixed, the bot invited), as ``send_waiting`` sends the outbox's: each
     Slack took is removed; each it refuses for good again stays, with its new reason
     (``refused``); each it did not take for a while (an outage, a timeout, a rate limit) stays as
-    it was, no round but this one sending it. A name not set aside there: FileNotFoundError."""
+    it was, no round but this one sending it; one still in the outbox too (a move into ``refused/``
+    half done) is skipped, left to the outbox's rounds. A name not set aside there: FileNotFoundError."""
     refused = outbox / REFUSED
     for name in names or []:
         if not name.endswith(".json") or re.search(r"[/\\\0]|^\.", name) or not refused.exists(name):
@@ -1936,6 +1948,8 @@ def _send_claimed(
         return {"name": name, "skipped": f"{outbox} holds more files than a listing takes (MAX_LISTED): not sent"}
     if name not in names:
         return {"name": name, "skipped": f"sent meanwhile by {ANOTHER_SENDER}"}
+    if aside and Folder(outbox.uri, outbox.parts[:-1]).exists(name):  # (a move into refused/ half done)
+        return {"name": name, "skipped": "it waits in the outbox too: the outbox's rounds send it"}
     dead: dict[str, float] = {}  # (dead senders' claims, when made: each may have posted it)
     for other in names:
         m = _CLAIM.search(other)

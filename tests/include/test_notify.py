@@ -2383,3 +2383,47 @@ def test_a_report_slack_refuses_that_cannot_be_set_aside_keeps_slacks_reason(sla
         assert f"not set aside in {REFUSED}/: [Errno 28] No space left on device" in result["error"]
         assert "refused" not in result
     assert len([n for n in outbox.names() if n.endswith(".json")]) == 2  # (both wait in the outbox)
+
+
+def test_a_report_set_aside_whose_outbox_copy_cannot_be_removed_is_posted_once(slack, tmp_path, monkeypatch):
+    """A report Slack refused for good (channel_not_found) written into ``refused/`` whose outbox
+    copy's removal then failed (EIO): the round said "not set aside" while it lay in both
+    folders, and once the channel was fixed send_waiting posted it and send_refused posted it
+    again. The copy in ``refused/`` is taken back: it waits in the outbox alone, posted once; and
+    send_refused leaves a report still waiting in the outbox to the outbox's rounds."""
+    import errno
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import REFUSED, send_refused, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    refused = outbox / REFUSED
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    SlackNotifier("#typo", outbox=outbox).send(rollback_message(SPEC, "#typo"))  # (no token: not maybe_posted)
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    (name,) = [n for n in outbox.names() if n.endswith(".json")]
+    delete = Folder.delete
+    failed: list[str] = []
+
+    def eio_once(self, file):
+        if file == name and self.parts == outbox.parts and not failed:
+            failed.append(file)
+            raise OSError(errno.EIO, "Input/output error")
+        return delete(self, file)
+
+    monkeypatch.setattr(Folder, "delete", eio_once)
+    (result,) = send_waiting(outbox, client)
+    assert failed
+    assert "channel_not_found" in result["error"]
+    assert f"not set aside in {REFUSED}/" in result["error"]
+    assert name in outbox.names()
+    assert name not in refused.names()  # (the copy set aside taken back: it waits in one place)
+    refused.write(name, outbox.read_within(name, 1 << 20))  # (a copy left there all the same)
+    slack.refuse = {}
+    assert send_refused(outbox, client) == [
+        {"name": name, "skipped": "it waits in the outbox too: the outbox's rounds send it"}
+    ]
+    (result,) = send_waiting(outbox, client)
+    assert result["sent"]
+    assert len(slack.messages()) == 1
