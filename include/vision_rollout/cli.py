@@ -1057,7 +1057,12 @@ _HELD: dict[str, Any] = {"depth": 0, "pending": None}
 @contextmanager
 def _signals_held() -> Iterator[None]:
     """The first signal ``_stopped_by_signals`` turns into ``Interrupted`` held back within (a
-    report being written to the outbox: whole, not cut mid-way), raised once it is left."""
+    report being written to the outbox: whole, not cut mid-way), raised once it is left. Only in
+    the main thread, where the handler runs and raises (elsewhere nothing is held, as
+    ``_stopped_by_signals`` installs nothing: a worker's writing held the main thread's signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _HELD["depth"] += 1
     try:
         yield

@@ -3733,3 +3733,37 @@ def test_prune_lists_then_removes_the_mirror_changes_but_the_one_in_force(tmp_pa
     code, out, _ = run(capsys, "prune", "--run-dir", str(tmp_path / "run"), "--json")
     assert json.loads(out)["mirror changes"] == [f"digits/{names[1]}"]
     assert sorted(mirrors.folder.names()) == names[2:]  # (0% was in force at the retention's start)
+
+
+def test_a_signal_is_held_only_by_the_main_threads_writing(tmp_path):
+    """A worker thread within ``_signals_held`` (a report written from a thread) while a SIGTERM
+    came: the main thread's handler held it for that thread (one global depth), the main thread
+    not stopped, and the worker raised the Interrupted once it left. Only the main thread holds
+    signals (where ``_stopped_by_signals`` installs them): the main thread is interrupted, the
+    worker left alone."""
+    import threading
+
+    from vision_rollout import cli
+
+    inside, done = threading.Event(), threading.Event()
+    raised: list[BaseException] = []
+
+    def worker():
+        try:
+            with cli._signals_held():
+                inside.set()
+                done.wait(10)
+        except BaseException as exc:  # (Interrupted: its thread's end)
+            raised.append(exc)
+
+    thread = threading.Thread(target=worker)
+    with cli._stopped_by_signals():
+        thread.start()
+        assert inside.wait(10)
+        try:
+            with pytest.raises(cli.Interrupted):
+                signal.raise_signal(signal.SIGTERM)  # (its handler run before it returns)
+        finally:
+            done.set()
+            thread.join(10)
+    assert raised == []
