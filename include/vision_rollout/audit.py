@@ -962,19 +962,25 @@ def attribution(
     range's and which an earlier range's. The range's: the primaries stamped within it, the
     shadow records of their items (whenever stamped within the margins) but of those ``late``
     (written after the range closed: its audit at the close had not read them, and a retry
-    attributes as it did), and those stamped within it of no item of a primary outside it: a
-    pair is its primary's range's, once, whatever its shadow's pod's clock said. An earlier
-    range's: the records stamped before it, and the shadow records of the items of primaries
-    stamped before it."""
+    attributes as it did): a pair is its primary's range's, once, whatever its shadow's pod's
+    clock said. A shadow record of an item of no primary read is the range's whose close it is
+    stamped by (from ``start``'s close to ``end``'s): each range reads to its close, and pairs
+    such a copy with a primary it read that the next range's read, from ``CLOCK_SKEW_S`` before
+    it, may not reach. An earlier range's: the records stamped before it, the shadow records of
+    the items of primaries stamped before it, and those of no primary read stamped before
+    ``start``'s close."""
     time = records["time"]
     inside = ((time >= pd.Timestamp(start)) & (time < pd.Timestamp(end))).to_numpy()
     before = (time < pd.Timestamp(start)).to_numpy()
+    by_close = (time < pd.Timestamp(closes(start))).to_numpy()
+    closing = ~by_close & (time < pd.Timestamp(closes(end))).to_numpy()
     primary = (records["role"] == "primary").to_numpy()
     key = pd.MultiIndex.from_frame(records[["model", "request_id", "item"]].astype(object))
     ours = key.isin(key[primary & inside & ~late])
     theirs = key.isin(key[primary & ~inside])
-    mine = np.where(primary, inside, ours | (inside & ~theirs))
-    return mine, ~mine & (before | key.isin(key[primary & before]))
+    unpaired = ~primary & ~key.isin(key[primary])
+    mine = np.where(primary, inside, ours | (inside & ~theirs & ~unpaired) | (unpaired & closing))
+    return mine, ~mine & (before | key.isin(key[primary & before]) | (unpaired & by_close))
 
 
 def least_share(mirror_percent: float | MirrorShares) -> float:

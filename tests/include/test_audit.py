@@ -2341,3 +2341,27 @@ def test_a_copy_is_attributed_alike_whether_its_primary_written_late_has_come_or
     first = counts()
     pods_log(tmp_path, {"primary-pod": ("primary", {0: at})}, True, written=hour.timestamp() + 5400)
     assert counts() == first == (1, 0)
+
+
+@pytest.mark.parametrize(("off", "skew"), [(-70, 130), (-90, 150)])
+def test_a_pair_whose_copy_is_stamped_past_the_hour_within_its_close_is_counted_once(tmp_path, off, skew):
+    """A copy a pod's clock stamped past the hour but before its close (read there, the hour's
+    pair) whose primary was stamped more than ``CLOCK_SKEW_S`` before the hour: the next hour,
+    reading primaries from that margin only, never saw the primary and counted the copy a shadow
+    record without its primary, the pair counted twice. A copy stamped before the earlier
+    hour's close whose primary the range did not read is the earlier hour's; one stamped later
+    without any primary is still counted."""
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    end = hour + timedelta(hours=1)
+    shadow_log(tmp_path, 50, disagree=0.0, at=(end + timedelta(seconds=off)).timestamp(), skew=skew)
+    this = audit(tmp_path / "log", hour, end, "digits", earlier_hours=24)
+    assert (this.verdict, this.rows, this.shadow_without_primary) == ("pass", 50, 0)
+    nxt = audit(tmp_path / "log", end, end + timedelta(hours=1), "digits", earlier_hours=24)
+    assert (nxt.rows, nxt.shadow_without_primary, nxt.primary_without_shadow) == (0, 0, 0)
+    (tmp_path / "b").mkdir()
+    alone = shadow_log(tmp_path / "b", 0, disagree=0.0, orphans=5, at=(end + timedelta(minutes=5)).timestamp())
+    assert audit(alone, end, end + timedelta(hours=1), "digits", earlier_hours=24).shadow_without_primary == 5
+    (tmp_path / "c").mkdir()
+    closing = shadow_log(tmp_path / "c", 0, disagree=0.0, orphans=5, at=(end + timedelta(seconds=30)).timestamp())
+    assert audit(closing, hour, end, "digits", earlier_hours=24).shadow_without_primary == 5
+    assert audit(closing, end, end + timedelta(hours=1), "digits", earlier_hours=24).shadow_without_primary == 0
