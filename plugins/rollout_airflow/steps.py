@@ -2163,14 +2163,23 @@ def promotion_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook) ->
 
 def promotion_record(spec: RolloutSpec, folder: Folder) -> bool:
     """Whether promote recorded, in the run's ``folder``, that it promoted this run's candidate
-    (``promotion_recorded``); False, logged, for a record that cannot be read."""
+    (``promotion_recorded``); False for none, and, logged, for a damaged one (not JSON). OSError
+    for a record that cannot be read (the folder's store answering 503 or 403, say): whether
+    promote ran is not known, and undoing a finished promotion is no safer than keeping an
+    unjudged candidate, so nothing is touched and the teardown fails (the failure callback
+    reports it) for a human, or a clear once the folder reads, to settle."""
     try:
         record = json.loads(folder.read_within(PROMOTED, MAX_LOCK_BYTES))
     except FileNotFoundError:
         return False
-    except (OSError, ValueError) as exc:
-        log.warning("this run's record of its promotion cannot be read (%s): %s", folder, str(exc)[:300])
+    except ValueError as exc:
+        log.warning("this run's record of its promotion is damaged (%s): %s", folder, str(exc)[:300])
         return False
+    except OSError as exc:
+        raise OSError(
+            f"this run's record of its promotion cannot be read ({folder}): {str(exc)[:300]}; nothing restored, "
+            "for whether promote ran is not known: once the run folder reads, clear the run's ensure_stable"
+        ) from exc
     return isinstance(record, dict) and record.get("version") == spec.candidate_version
 
 

@@ -19,7 +19,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from devstack.cluster.kube import FakeKubeAPI
 from rollout_airflow import steps
-from vision_rollout.settings import HELD
+from vision_rollout.folders import Folder
+from vision_rollout.settings import HELD, PROMOTED
 from vision_rollout.spec import RolloutSpec
 
 SHA = "c0ffee" * 10 + "beef"
@@ -1430,6 +1431,39 @@ def test_a_run_stopped_before_it_decided_with_its_baseline_scaled_to_0_and_its_r
         steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
     assert routes(kube) == [("v1", 100)]
     assert deployment(kube, "1")["spec"]["replicas"] > 0
+
+
+@pytest.mark.parametrize("end", ["teardown", "failure-callback"])
+def test_a_promotion_whose_record_cannot_be_read_is_not_undone(kube, monkeypatch, tmp_path, end):
+    """promote finished (its XCom lost: the teardown is given none, the failure callback never)
+    and its record of the promotion (``PROMOTED``) cannot be read: the run folder's store answers
+    503 or 403, or the DAG processor lacks the folder's access. The unread record counted as no
+    record: the baseline was scaled back up and took 100%, the candidate scaled to 0, a finished
+    and approved promotion undone. Whether promote ran is then not known: the teardown fails and
+    the failure callback reports, touching nothing; a missing record still means no promotion."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1", "promote")
+    replicas = deployment(kube, "2")["spec"]["replicas"]
+    read_within = Folder.read_within
+
+    def unreadable(folder: Folder, name: str, limit: int) -> bytes:
+        if name == PROMOTED:
+            raise OSError("503 Service Unavailable")
+        return read_within(folder, name, limit)
+
+    monkeypatch.setattr(Folder, "read_within", unreadable)
+    if end == "teardown":
+        with pytest.raises(OSError, match="record of its promotion cannot be read"):
+            steps.ensure_stable(PARAMS, "run-1", None, None, SENT)
+    else:
+        steps.restore_stable_on_failure({"params": PARAMS, "run_id": "run-1"})
+        (report,) = [json.loads(p.read_text()) for p in sorted((tmp_path / "outbox").glob("*.json"))]
+        assert "record of its promotion cannot be read" in report["text"]
+    assert routes(kube) == [("v2", 100)]
+    assert (deployment(kube, "1")["spec"]["replicas"], deployment(kube, "2")["spec"]["replicas"]) == (0, replicas)
+    assert steps.serving().model_lock("digits", "istio").holding() is not None  # (held: a clear tries again)
 
 
 @pytest.mark.parametrize("decided", [None, "rollback"])
