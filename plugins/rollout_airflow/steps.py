@@ -2071,7 +2071,7 @@ def finish(
     # ``kubectl scale``, may have scaled it to 0; a run that decided to roll back never promoted)
     if promoted:
         kept = True
-    elif decided not in (None, "promote") or not promotion_record(spec, folder):
+    elif decided not in (None, "promote") or not promotion_record(spec, run_id, folder):
         kept = False
     elif unread:
         kept = promoted_unseen(spec, hook)
@@ -2157,13 +2157,18 @@ def promotion_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook) ->
     callback tell its promotion from a baseline another manager scaled to 0 (``promotion_record``).
     A record that cannot be written fails promote (OSError) with the baseline still serving: the
     teardown then puts it back."""
-    record = {"holder": run_id, "version": spec.candidate_version, "baseline": spec.baseline_version}
-    hook.settings.workdir(spec.model, run_id).write(PROMOTED, json.dumps(record).encode())
+    hook.settings.workdir(spec.model, run_id).write(PROMOTED, json.dumps(_promotion(spec, run_id)).encode())
 
 
-def promotion_record(spec: RolloutSpec, folder: Folder) -> bool:
-    """Whether promote recorded, in the run's ``folder``, that it promoted this run's candidate
-    (``promotion_recorded``); False for none, and, logged, for a damaged one (not JSON). OSError
+def _promotion(spec: RolloutSpec, run_id: str) -> dict[str, str]:
+    """The record of this run's promotion (``PROMOTED``): its run, candidate and baseline."""
+    return {"holder": run_id, "version": spec.candidate_version, "baseline": spec.baseline_version}
+
+
+def promotion_record(spec: RolloutSpec, run_id: str, folder: Folder) -> bool:
+    """Whether promote recorded, in the run's ``folder``, that this run (``run_id``) promoted its
+    candidate over its baseline (``promotion_recorded``); False for none, for another run's or
+    another baseline's, and, logged, for a damaged one (not JSON). OSError
     for a record that cannot be read (the folder's store answering 503 or 403, say): whether
     promote ran is not known, and undoing a finished promotion is no safer than keeping an
     unjudged candidate, so nothing is touched and the teardown fails (the failure callback
@@ -2180,7 +2185,7 @@ def promotion_record(spec: RolloutSpec, folder: Folder) -> bool:
             f"this run's record of its promotion cannot be read ({folder}): {str(exc)[:300]}; nothing restored, "
             "for whether promote ran is not known: once the run folder reads, clear the run's ensure_stable"
         ) from exc
-    return isinstance(record, dict) and record.get("version") == spec.candidate_version
+    return isinstance(record, dict) and all(record.get(key) == value for key, value in _promotion(spec, run_id).items())
 
 
 def promoted_unseen(spec: RolloutSpec, hook: ModelServerHook) -> bool:

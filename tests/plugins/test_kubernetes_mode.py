@@ -1433,6 +1433,29 @@ def test_a_run_stopped_before_it_decided_with_its_baseline_scaled_to_0_and_its_r
     assert deployment(kube, "1")["spec"]["replicas"] > 0
 
 
+@pytest.mark.parametrize(
+    "record",
+    [{"holder": "run-0", "version": "2", "baseline": "1"}, {"holder": "run-1", "version": "2", "baseline": "0"}],
+)
+def test_a_promotion_record_of_another_run_or_baseline_is_no_promotion(kube, record):
+    """The last stage at 100%, its idle baseline scaled to 0 by another manager, the run stopped
+    before it decided, and in its folder a record of a promotion that is not this run's: another
+    run's (a folder restored from a copy) or one over another baseline. Only the record's
+    version was compared, so the candidate was kept at 100%, unjudged. The record's holder and
+    baseline must be the run's too: here the baseline is brought back and takes 100%."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.deploy_candidate(PARAMS, image("2"), "run-1")
+    for index in range(3):
+        steps.apply_weights(PARAMS, index, "run-1", {"decision": "pass"})
+    kube.touch("deployments", "models", "digits-v1", lambda obj: obj["spec"].update(replicas=0))
+    steps.serving().settings.workdir("digits", "run-1").write(PROMOTED, json.dumps(record).encode())
+    with pytest.raises(AirflowFailException, match="version 1 takes 100%; version 2 is unloaded"):
+        steps.ensure_stable(PARAMS, "run-1", None, None, None)
+    assert routes(kube) == [("v1", 100)]
+    assert deployment(kube, "1")["spec"]["replicas"] > 0
+
+
 @pytest.mark.parametrize("end", ["teardown", "failure-callback"])
 def test_a_promotion_whose_record_cannot_be_read_is_not_undone(kube, monkeypatch, tmp_path, end):
     """promote finished (its XCom lost: the teardown is given none, the failure callback never)
