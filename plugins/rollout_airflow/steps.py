@@ -1743,7 +1743,8 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     that floor than serve now, both versions', it is scaled back for them to start while it takes
     the traffic back, ahead of its HPA: its HPA's apply refused, another manager's, is logged, its
     pods scaled all the same; the scale itself failed, its ready pod takes the traffic back all
-    the same, then that failure is raised, its floor still held), then 100% to it, its HPA's own floor back
+    the same, then that failure is raised, its floor still held), then 100% to it (promote's
+    record of a promotion removed: ``promotion_undone``), its HPA's own floor back
     (``release_floor``), then the candidate drained and scaled to 0 (``retire``)."""
     from vision_rollout.mesh import RouterError, routes_to
 
@@ -1756,6 +1757,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
     if spec.mesh == "local":
         if rerouted:
             r.set_routes(spec.stable_policy())
+            promotion_undone(spec, run_id, hook)
         admin = hook.settings.admin
         if unload_candidate and (rerouted or admin.ready(spec.model, spec.candidate_version)):
             admin.load(spec.model, [spec.baseline_version])  # (a candidate never loaded: nothing to unload)
@@ -1795,6 +1797,7 @@ def restore_stable(params: dict[str, Any], run_id: str, unload_candidate: bool =
         deployments.wait_ready(spec.baseline_version, 1, strict=False)
         hold(spec, run_id, hook, rolling_back=True)  # still this run's, after the wait
         router(spec, run_id, hook, only=spec.baseline_version).set_routes(spec.stable_policy())
+        promotion_undone(spec, run_id, hook)
         if unscaled is not None:  # (its floor stays held: its HPA scales it there, as the scale would have)
             raise unscaled
     deployments.release_floor(spec.baseline_version)
@@ -2158,6 +2161,17 @@ def promotion_recorded(spec: RolloutSpec, run_id: str, hook: ModelServerHook) ->
     A record that cannot be written fails promote (OSError) with the baseline still serving: the
     teardown then puts it back."""
     hook.settings.workdir(spec.model, run_id).write(PROMOTED, json.dumps(_promotion(spec, run_id)).encode())
+
+
+def promotion_undone(spec: RolloutSpec, run_id: str, hook: ModelServerHook) -> None:
+    """promote's record of its promotion (``PROMOTED``) removed once ``restore_stable`` has moved
+    the routes back to the stable version: a teardown or failure callback after a rollback that
+    failed later on (decide cleared and run again into rollback) must not take the run's state
+    for promote's. A record that cannot be removed is logged: the routes are back all the same."""
+    try:
+        hook.settings.workdir(spec.model, run_id).delete(PROMOTED)
+    except OSError as exc:
+        log.warning("this run's record of its promotion was not removed: %s", str(exc)[:300])
 
 
 def _promotion(spec: RolloutSpec, run_id: str) -> dict[str, str]:

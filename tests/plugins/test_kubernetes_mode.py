@@ -1433,6 +1433,23 @@ def test_a_run_stopped_before_it_decided_with_its_baseline_scaled_to_0_and_its_r
     assert deployment(kube, "1")["spec"]["replicas"] > 0
 
 
+def test_a_rollback_removes_the_record_of_the_promotion_it_undoes(kube):
+    """promote ran and recorded its promotion (``PROMOTED``); decide, cleared, ran again and chose
+    rollback, which moved the routes back to the stable version: the record stayed, so a teardown
+    or failure callback after a rollback that then failed could still take the run's state for
+    promote's. Once the routes are back the record is removed."""
+    stable_virtual_service(kube, PARAMS)
+    take("run-1")
+    steps.ModelServerHook().deployments("digits").apply("2", image("2"))
+    steps.promote(PARAMS, "run-1", "promote")
+    folder = steps.serving().settings.workdir("digits", "run-1")
+    assert json.loads(folder.read_within(PROMOTED, 4096))["holder"] == "run-1"
+    steps.restore_stable(PARAMS, "run-1")
+    assert routes(kube) == [("v1", 100)]
+    with pytest.raises(FileNotFoundError):
+        folder.read_within(PROMOTED, 4096)
+
+
 @pytest.mark.parametrize(
     "record",
     [{"holder": "run-0", "version": "2", "baseline": "1"}, {"holder": "run-1", "version": "2", "baseline": "0"}],
