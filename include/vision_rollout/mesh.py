@@ -1461,17 +1461,18 @@ def api_error(what: str, exc: Any) -> RouterError:
 @dataclass
 class ApiBudget:
     """What ``api_budget`` allows the calls made within it: ``per_call_s`` each (connect and
-    read), and ``total_s`` without an answer in all (``spent``: the time the calls that got none
-    took, the client's retries and their backoff included; ``since``: when the call under way
-    began, its time counted until it is answered)."""
+    read), and ``total_s`` without an answer in all (``spent``: the time the calls that got none,
+    or none that served them, took, the client's retries and their backoff included; ``since``: when the call under way
+    began, its time counted until it is answered; ``clock``: what tells the time)."""
 
     total_s: float
     per_call_s: float
     spent: float = 0.0
     since: float | None = None
+    clock: Callable[[], float] = time.monotonic
 
     def left(self) -> float:
-        return self.total_s - self.spent - (time.monotonic() - self.since if self.since is not None else 0.0)
+        return self.total_s - self.spent - (self.clock() - self.since if self.since is not None else 0.0)
 
 
 _BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_budget", default=None)
@@ -1483,8 +1484,10 @@ def api_budget(total_s: float, per_call_s: float) -> Iterator[ApiBudget]:
     most to connect and to read (not ``API_TIMEOUT_S``' 60 s), and once calls have gone
     ``total_s`` without an answer in all (a hung server: each call its whole time limit, read
     again twice) none is sent, nor sent again by the client's retries: ``ApiUnreachable``, at
-    once. Answered calls (a refusal too) and the time between calls (a wait for pods, a drain)
-    are not counted: only a server that does not answer uses the budget up, never a slow restore.
+    once. A call whose last answer did not serve it counts as one without an answer (a 429 or
+    503, its Retry-After waited between the client's retries; a 500, 502 or 504): a throttling
+    server uses the budget up as a hung one does. Served calls (a refusal too) and the time
+    between calls (a wait for pods, a drain) are not counted.
     What puts the stable version back (the teardown, the failure callback) is so bounded: a hung
     API server took 181 s a call, minutes a teardown."""
     budget = ApiBudget(total_s, per_call_s)
@@ -1553,15 +1556,21 @@ def with_retries(api_client: Any) -> Any:
                     )
                 parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
                 timeout = tuple(min(part, budget.per_call_s, left) for part in parts)
-                budget.since = time.monotonic()
+                budget.since = budget.clock()
+            served = False  # (a served call spends nothing; one unanswered, or answered unserved, its time)
             try:
-                return super().request(method, url, *args, _request_timeout=timeout, **kwargs)
+                response = super().request(method, url, *args, _request_timeout=timeout, **kwargs)
+                served = True
+                return response
             except HTTPError as exc:
-                if budget is not None and budget.since is not None:  # (an answered call spends nothing)
-                    budget.spent += time.monotonic() - budget.since
                 raise unanswered(method, url, exc) from None
+            except Exception as exc:  # (the client's ApiException for its last answer, a refusal say)
+                served = getattr(exc, "status", None) not in UNSERVED | MAYBE_SERVED
+                raise
             finally:
-                if budget is not None:
+                if budget is not None and budget.since is not None:
+                    if not served:
+                        budget.spent += budget.clock() - budget.since
                     budget.since = None
 
     api_client.configuration.retries = api_retries()

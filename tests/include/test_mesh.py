@@ -1602,3 +1602,37 @@ def test_the_hosts_istio_takes_are_taken_and_bounded():
     with pytest.raises(RouterError, match="istio hosts: 65 of them, more than the 64"):
         IstioTarget("models", "digits", "digits", hosts=[f"h{i}.example.com" for i in range(65)])
     validate_istio(render_virtual_service(IstioTarget("models", "digits", "digits", hosts=fine), CANARY))
+
+
+def test_throttled_answers_use_the_api_budget_up(kube, monkeypatch):
+    """A throttling API server answering 429 with Retry-After 10 gave each call its client's
+    retries, the Retry-After waited between them, and spent nothing of the ``api_budget`` (only a
+    call left without an answer counted): the failure callback's next call had its whole budget
+    again, and took 60 s where it had 30. A call whose last answer is unserved (429, 503, or a 5xx
+    that leaves unknown whether it was served) now counts its time too: once the budget is spent
+    the next call is not sent."""
+    from urllib3.util.retry import Retry
+
+    from vision_rollout import mesh
+
+    fake, api = kube
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(self: Retry, response: object = None) -> None:  # (urllib3's wait between tries, on the fake clock)
+        wait = (self.get_retry_after(response) if response is not None else None) or self.get_backoff_time()
+        waits.append(wait)
+        now[0] += wait
+
+    monkeypatch.setattr(Retry, "sleep", sleep)
+    fake.throttle, fake.retry_after = 10**6, "10"
+    router = IstioRouter(TARGET, ["1"], api_client=mesh.with_retries(api))
+    with mesh.api_budget(30, 10) as budget:
+        budget.clock = lambda: now[0]
+        with pytest.raises(RouterError):
+            router.get_routes()
+        sent = len(fake.requests)
+        with pytest.raises(mesh.ApiUnreachable, match="was not sent"):
+            router.get_routes()
+    assert len(fake.requests) == sent  # (none sent once the budget was spent)
+    assert sum(waits) <= 30
