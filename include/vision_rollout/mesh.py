@@ -1480,8 +1480,11 @@ _BUDGET: contextvars.ContextVar[ApiBudget | None] = contextvars.ContextVar("api_
 
 @contextlib.contextmanager
 def api_budget(total_s: float, per_call_s: float) -> Iterator[ApiBudget]:
-    """Within it, each Kubernetes API call of a ``with_retries`` client waits ``per_call_s`` at
-    most to connect and to read (not ``API_TIMEOUT_S``' 60 s), and once calls have gone
+    """Within it, each try of a Kubernetes API call of a ``with_retries`` client waits
+    ``per_call_s`` at most to connect and to read (not ``API_TIMEOUT_S``' 60 s), and no more than
+    the budget has left when it is sent (``BudgetTimeout``), nor is a try sent after a wait that
+    would spend the rest; a call slower than ``per_call_s`` is cut short and counts as one
+    without an answer, however healthy the server; once calls have gone
     ``total_s`` without an answer in all (a hung server: each call its whole time limit, read
     again twice) none is sent, nor sent again by the client's retries: ``ApiUnreachable``, at
     once. A call whose last answer did not serve it counts as one without an answer (a 429 or
@@ -1514,7 +1517,12 @@ def api_retries() -> Any:
             budget = _BUDGET.get()
             if budget is not None and budget.left() <= 0:  # (spent: exhausted, its failure raised as ever)
                 return Retry.increment(self.new(total=0), *args, **kwargs)
-            return super().increment(*args, **kwargs)
+            retry = super().increment(*args, **kwargs)
+            response = kwargs.get("response")
+            wait = (response is not None and retry.get_retry_after(response)) or retry.get_backoff_time()
+            if budget is not None and budget.left() <= wait:  # (spent by the wait: none sent after it)
+                return Retry.increment(self.new(total=0), *args, **kwargs)
+            return retry
 
         def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
             return status_code in UNSERVED or (status_code in MAYBE_SERVED and method.upper() in READS)
@@ -1540,9 +1548,36 @@ def with_retries(api_client: Any) -> Any:
     within ``API_TIMEOUT_S`` unless its call says otherwise; a call left without an answer
     raises ``ApiUnreachable`` (``unanswered``), not urllib3's own exception."""
     from kubernetes.client.rest import RESTClientObject
+    from urllib3 import Timeout
     from urllib3.exceptions import HTTPError
 
+    class BudgetTimeout(Timeout):
+        """A call's time limits under ``budget``: ``per_call_s`` and what the budget has left at
+        most, worked out again for each of the client's tries (urllib3 clones the limits for
+        each), not once for the call and its retries."""
+
+        def __init__(self, budget: ApiBudget, limits: Timeout) -> None:
+            super().__init__(connect=limits.connect_timeout, read=limits.read_timeout)
+            self.budget = budget
+
+        def clone(self) -> Timeout:
+            cap = min(self.budget.per_call_s, max(self.budget.left(), 0.001))
+            parts = [p if isinstance(p, float | int) and p < cap else cap for p in (self._connect, self._read)]
+            return Timeout(connect=parts[0], read=parts[1])
+
     class TimedRESTClient(RESTClientObject):
+        def __init__(self, configuration: Any) -> None:
+            super().__init__(configuration)
+            urlopen = self.pool_manager.urlopen
+
+            def budgeted(method: str, url: str, redirect: bool = True, **kw: Any) -> Any:
+                budget, timeout = _BUDGET.get(), kw.get("timeout")
+                if budget is not None and isinstance(timeout, Timeout):  # (the kubernetes client's, from ours)
+                    kw["timeout"] = BudgetTimeout(budget, timeout)
+                return urlopen(method, url, redirect=redirect, **kw)
+
+            self.pool_manager.urlopen = budgeted
+
         def request(self, method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
             timeout = _request_timeout or API_TIMEOUT_S
             budget = _BUDGET.get()
@@ -1554,7 +1589,7 @@ def with_retries(api_client: Any) -> Any:
                         f"calls here {budget.total_s:g} s without an answer, all they are allowed; the call may be "
                         "tried again"
                     )
-                parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+                parts = timeout if isinstance(timeout, tuple) else (timeout, timeout)  # (each retry's: BudgetTimeout)
                 timeout = tuple(min(part, budget.per_call_s, left) for part in parts)
                 budget.since = budget.clock()
             served = False  # (a served call spends nothing; one unanswered, or answered unserved, its time)

@@ -86,9 +86,13 @@ ROUTES_READ_TRIES = 3  # routes_read: reads of the routes the API server failed,
 # What puts the stable version back against an API server that does not answer (``mesh.api_budget``):
 # each call's time limit, and how long its calls may go without an answer in all. The teardown: a
 # hung server took 181 s a call (60 s, read again twice), minutes before it failed and reported.
-# The failure callback runs under the DAG processor's time limit.
-TEARDOWN_API_S, TEARDOWN_CALL_S = 120.0, 15.0
-CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 10.0
+# The failure callback runs under the DAG processor's time limit (dag_file_processor_timeout, 50 s).
+# A call's limit leaves a slow but healthy call its time (an admission webhook may take 10 s, its
+# default timeout): a call that times out counts its whole limit, so 15 s cut a server answering
+# in 16 s short and spent the teardown's budget in 3 calls. Each try's limit is also what the
+# budget has left at most.
+TEARDOWN_API_S, TEARDOWN_CALL_S = 120.0, 30.0
+CALLBACK_API_S, CALLBACK_CALL_S = 30.0, 15.0
 
 
 def spec_from(params: dict[str, Any]) -> RolloutSpec:

@@ -1611,28 +1611,75 @@ def test_throttled_answers_use_the_api_budget_up(kube, monkeypatch):
     again, and took 60 s where it had 30. A call whose last answer is unserved (429, 503, or a 5xx
     that leaves unknown whether it was served) now counts its time too: once the budget is spent
     the next call is not sent."""
+    import urllib3.connectionpool
     from urllib3.util.retry import Retry
 
     from vision_rollout import mesh
 
     fake, api = kube
     now = [0.0]
-    waits: list[float] = []
+    sent = urllib3.connectionpool.HTTPConnectionPool._make_request
 
     def sleep(self: Retry, response: object = None) -> None:  # (urllib3's wait between tries, on the fake clock)
-        wait = (self.get_retry_after(response) if response is not None else None) or self.get_backoff_time()
-        waits.append(wait)
-        now[0] += wait
+        now[0] += (self.get_retry_after(response) if response is not None else None) or self.get_backoff_time()
+
+    def answered(self: object, *args: object, **kwargs: object) -> object:  # (each answer takes 1 s)
+        now[0] += 1
+        return sent(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Retry, "sleep", sleep)
+    monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "_make_request", answered)
     fake.throttle, fake.retry_after = 10**6, "10"
     router = IstioRouter(TARGET, ["1"], api_client=mesh.with_retries(api))
+    refused: list[str] = []
+
+    def calls() -> int:  # (calls made until one is not sent)
+        for made in range(1, 30):
+            try:
+                router.get_routes()
+            except mesh.ApiUnreachable as exc:
+                refused.append(str(exc))
+                return made
+            except mesh.ApiFailed:
+                continue
+        return 30
+
     with mesh.api_budget(30, 10) as budget:
+        budget.clock = lambda: now[0]
+        assert calls() < 30
+    assert "was not sent" in refused[0]
+    assert now[0] <= 30 + 1  # (the last try's answer)
+
+
+def test_each_try_of_a_call_waits_at_most_what_the_api_budget_has_left(kube, monkeypatch):
+    """A call's time limit under ``api_budget`` was worked out once, for the call and all of the
+    client's retries: a throttled call's later tries each waited the whole per-call limit
+    whatever the budget had left (the failure callback took 37 s of its 30). Each try's limit is
+    now what the budget has left at most, worked out when it is sent."""
+    import urllib3.connectionpool
+    from urllib3.util.retry import Retry
+
+    from vision_rollout import mesh
+
+    fake, api = kube
+    now = [0.0]
+    limits: list[float | None] = []
+
+    def sleep(self: Retry, response: object = None) -> None:  # (the Retry-After, on the fake clock)
+        now[0] += (self.get_retry_after(response) if response is not None else None) or self.get_backoff_time()
+
+    sent = urllib3.connectionpool.HTTPConnectionPool._make_request
+
+    def spied(self: object, *args: object, **kwargs: object) -> object:
+        limits.append(kwargs["timeout"].read_timeout)  # type: ignore[attr-defined]
+        return sent(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Retry, "sleep", sleep)
+    monkeypatch.setattr(urllib3.connectionpool.HTTPConnectionPool, "_make_request", spied)
+    fake.throttle, fake.retry_after = 10**6, "10"
+    router = IstioRouter(TARGET, ["1"], api_client=mesh.with_retries(api))
+    with mesh.api_budget(30, 15) as budget:
         budget.clock = lambda: now[0]
         with pytest.raises(RouterError):
             router.get_routes()
-        sent = len(fake.requests)
-        with pytest.raises(mesh.ApiUnreachable, match="was not sent"):
-            router.get_routes()
-    assert len(fake.requests) == sent  # (none sent once the budget was spent)
-    assert sum(waits) <= 30
+    assert limits == [15, 15, 10]  # (left: 30, 20, then 10)
