@@ -154,7 +154,8 @@ class BodyBudget:
     """The bytes of request bodies being received, on every connection together: taken as they
     arrive (the ASGI way's handler takes what it reads, the protocol what it buffers for a
     DirectRoute), given back once the body is whole, cut short or refused. Twenty clients each
-    holding a 60 MB body one byte short held 1.3 GB; past ``limit`` a body is refused 503."""
+    holding a 60 MB body one byte short held 1.3 GB; past ``limit`` a body is refused 503
+    (counted: ``body_budget``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -163,6 +164,7 @@ class BodyBudget:
     def take(self, size: int) -> None:
         """Hold ``size`` more bytes, or raise ServerBusy (nothing taken)."""
         if self.held + size > self.limit:
+            HTTP_REFUSALS.labels("body_budget").inc()
             raise ServerBusy(
                 f"server busy: the request bodies being received hold its limit of {self.limit} bytes "
                 "(--max-bodies-mb); retry shortly"

@@ -183,10 +183,11 @@ HTTP_REFUSALS = Counter(
     "model_server_http_refusals_total",
     "Requests and connections the HTTP server refused by its limits, by reason (over_limit: 503 past "
     "--max-connections; pipelined: 429 past the requests pipelined unanswered; at_accept: a connection "
-    "closed as it was accepted, past twice the limit not admitted)",
+    "closed as it was accepted, past twice the limit not admitted; body_budget: 503 to a body past "
+    "--max-bodies-mb of bodies being received)",
     ("reason",),
 )
-for _reason in ("over_limit", "pipelined", "at_accept"):
+for _reason in ("over_limit", "pipelined", "at_accept", "body_budget"):
     HTTP_REFUSALS.labels(_reason)  # (each at 0 from the start: an alert's rate sees the first)
 FEEDBACK = Counter("feedback_total", "Labels received for served predictions", ("model", "version"))
 FEEDBACK_CORRECT = Counter(

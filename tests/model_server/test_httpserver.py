@@ -768,6 +768,41 @@ def test_bodies_being_received_share_one_budget_past_which_a_body_is_a_503_to_re
     asyncio.run(scenario())
 
 
+def test_a_body_refused_by_the_budget_is_counted_on_metrics() -> None:
+    """A body refused 503 past --max-bodies-mb was a log line alone, while every other refusal
+    was counted in model_server_http_refusals_total: an alert saw nothing of a server shedding
+    bodies. Counted under its own reason, on both ways (the protocol buffering a body, and the
+    ASGI way's handler taking what it reads), there from the start."""
+    from model_server import metrics
+    from model_server.errors import ServerBusy
+
+    def counted() -> float:
+        return float(
+            metrics.REGISTRY.get_sample_value("model_server_http_refusals_total", {"reason": "body_budget"}) or 0
+        )
+
+    assert b'model_server_http_refusals_total{reason="body_budget"}' in metrics.exposition()
+    before = counted()
+
+    async def scenario() -> None:
+        handler, budget = Handler(), BodyBudget(100)
+        holding, _ = connect(handler, budget=budget)
+        holding.data_received(post("/m/x/infer", b"a" * 80)[:-1])  # one byte short: held
+        refused, transport = connect(handler, budget=budget)
+        refused.data_received(post("/m/x/infer", b"b" * 30))
+        assert b"".join(transport.writes).startswith(b"HTTP/1.1 503 ")
+        refused.connection_lost(None)
+        assert counted() == before + 1
+        with pytest.raises(ServerBusy):  # as the ASGI way's handler takes a chunk it read
+            budget.take(30)
+        assert counted() == before + 2
+        budget.take(21)  # within the budget: not counted
+        assert counted() == before + 2
+        holding.connection_lost(None)
+
+    asyncio.run(scenario())
+
+
 def test_the_server_fixes_glibc_s_mmap_threshold_so_freed_large_bodies_leave_the_heap(tmp_path, monkeypatch) -> None:
     """glibc raises its mmap threshold as large blocks are freed, and bodies then went to the
     heap, kept for reuse: after three bursts of 8 bodies of 30 MB a server's RSS stayed at 635 MB
