@@ -30,6 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,10 @@ NUMBER_START = {
 # Past the largest magnitude each conversion reads (stoul and stoull take a sign, as strtoul
 # does): out of its range. A float past double's range reads as inf here.
 NUMBER_RANGE = {"i": 2**31, "l": 2**63, "ll": 2**63, "ul": 2**64, "ull": 2**64, "f": 3.4028235e38}
+# Below the smallest normal magnitude of each floating conversion's type, a number that is not 0
+# fails too, unless its type holds it exactly (glibc's strtod sets ERANGE on an inexact underflow:
+# std::stod("1e-400") and std::stod("1e-310") throw out_of_range, as std::stod("1e400") does).
+NUMBER_TINY = {"f": Decimal(2) ** -126, "d": Decimal(2) ** -1022, "ld": Decimal(2) ** -16382}
 
 # ORT logs a failed run's error to stderr as well as raising it: outside Python logging and
 # its masking, and a string the model could not read may be sensitive. Raised, it is answered
@@ -203,7 +208,15 @@ def _number_fault(text: str, conversion: str) -> str | None:
     if floating:
         if "inf" in written or "nan" in written:
             return None
-        return None if abs(float(written)) <= NUMBER_RANGE.get(conversion, sys.float_info.max) else "is out of range"
+        if abs(float(written)) > NUMBER_RANGE.get(conversion, sys.float_info.max):
+            return "is out of range"
+        try:
+            exact = Decimal(written)  # (exact: 1e-400 is not 0 here)
+        except InvalidOperation:  # an exponent of 19 digits or more: as small as it is, unless 0
+            return "is out of range" if re.search("[1-9]", written.partition("e")[0]) else None
+        if exact and exact.copy_abs() < NUMBER_TINY[conversion] and Decimal(float(written)) != exact:
+            return "is out of range"
+        return None
     if len(written.lstrip("+-0")) > 20:  # past any range (and int() reads at most 4300 digits)
         return "is out of range"
     value, limit = int(written), NUMBER_RANGE[conversion]

@@ -268,6 +268,43 @@ def test_a_warm_up_that_fails_is_the_load_s_error_and_nothing_on_stderr(tmp_path
 
 
 @pytest.mark.parametrize(
+    ("num", "named"),
+    [
+        ("1e-400", "input 'NUM': BYTES element 0 is out of range; "),
+        ("-1e-310", "input 'NUM': BYTES element 0 is out of range; "),
+        ("1e400", "input 'NUM': BYTES element 0 is out of range; "),
+        ("abc", "input 'NUM': BYTES element 0 is not a number; "),
+    ],
+)
+def test_a_string_a_float_cast_cannot_read_is_named_underflow_too(tmp_path, num, named):
+    """ONNX Runtime's Cast reads a string as std::stod does: a number too small for a double
+    (1e-400, or a subnormal it cannot hold exactly: 1e-310) fails as out of range, as one too
+    large does. The 400 named the input for 1e400 but no input for 1e-400."""
+    num_in = helper.make_tensor_value_info("NUM", TensorProto.STRING, ["batch", 1])
+    num_out = helper.make_tensor_value_info("NUM_OUT", TensorProto.FLOAT, ["batch", 1])
+    cast = helper.make_node("Cast", ["NUM"], ["NUM_OUT"], to=TensorProto.FLOAT)
+    model = helper.make_model(
+        helper.make_graph([cast], "cast", [num_in], [num_out]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 10
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx").write_bytes(model.SerializeToString())
+    raw = {
+        "max_batch_size": 8,
+        "input": [{"name": "NUM", "datatype": "BYTES", "dims": [-1, 1]}],
+        "output": [{"name": "NUM_OUT", "datatype": "FP32", "dims": [-1, 1]}],
+    }
+    lv = LoadedVersion(parse_config("cast", raw), 1, tmp_path / "1" / "model.onnx", ["CPUExecutionProvider"])
+    try:
+        inputs = [InferInput("NUM", "BYTES", (1, 1), np.array([[num.encode()]], dtype=object))]
+        with pytest.raises(InvalidInput) as refused:
+            asyncio.run(lv.infer(inputs, ["NUM_OUT"]))
+        assert refused.value.message.startswith(named), refused.value.message
+    finally:
+        lv.close()
+
+
+@pytest.mark.parametrize(
     ("tag", "num", "named"),
     [
         ("7", "abc", "input 'NUM': BYTES element 0 is not a number; "),

@@ -254,6 +254,56 @@ def test_json_tensor_errors_name_the_problem(raw, needle):
         decode_infer_request(json.dumps({"inputs": [raw]}).encode(), None)
 
 
+@pytest.mark.parametrize(
+    ("datatype", "number", "needle"),
+    [
+        ("FP64", "1e-400", "element 1 (1e-400) is too small for FP64"),
+        ("FP64", "-1e-400", "element 1 (-1e-400) is too small for FP64"),
+        ("FP64", "0." + "0" * 400 + "1", "element 1 ('0.0000000000"),
+        ("FP32", "1e-400", "element 1 (1e-400) is too small for FP32"),
+        ("FP32", "1e-50", "element 1 (1e-50) is too small for FP32"),
+        ("FP16", "1e-10", "element 1 (1e-10) is too small for FP16"),
+        ("FP64", "1e400", "element 1 is past the range of FP64"),
+        ("FP32", "1e400", "element 1 is past the range of FP32"),
+        ("FP32", "1e39", "element 1 (1e+39) is past the range of FP32"),
+        ("FP16", "70000", "element 1 (70000) is past the range of FP16"),
+    ],
+)
+def test_a_json_number_its_datatype_cannot_hold_is_refused_by_name(datatype, number, needle):
+    """1e-400 in a JSON FP64 (or FP32) input read as 0.0, 1e-50 as FP32 and 1e-10 as FP16
+    too, and 1e400 as inf: the model ran on numbers the client never sent. Each is a 400
+    naming the input and the element, as a number past an integer datatype's range is."""
+    raw = f'{{"name": "x", "datatype": "{datatype}", "shape": [3], "data": [1.5, {number}, 0]}}'
+    body = f'{{"inputs": [{raw}]}}'
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(body.encode(), None)
+    assert refused.value.message.startswith("input 'x': "), refused.value.message
+    assert needle in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "number", "value"),
+    [
+        ("FP64", "0e-400", 0.0),
+        ("FP64", "-0.0", 0.0),
+        ("FP64", "0." + "0" * 400, 0.0),
+        ("FP64", "5e-324", 5e-324),
+        ("FP64", "1e-310", 1e-310),
+        ("FP32", "1e-40", np.float32(1e-40)),
+        ("FP32", "0", 0.0),
+        ("FP16", "1e-7", np.float16(1e-7)),
+        ("FP16", "65504", 65504.0),
+    ],
+)
+def test_a_json_number_its_datatype_holds_is_read(datatype, number, value):
+    """A 0 written as such, and a number the datatype holds (its subnormals too), are read."""
+    other = "1e-100" if datatype == "FP64" else "1"  # (1e-100: the body is parsed the way that marks 1e-400)
+    raw = f'{{"name": "x", "datatype": "{datatype}", "shape": [2], "data": [{number}, {other}]}}'
+    body = f'{{"inputs": [{raw}]}}'
+    data = decode_infer_request(body.encode(), None).inputs[0].data
+    assert data[0] == value
+
+
 def test_a_value_an_error_quotes_is_cut():
     """A 3 MB string in FP32 data came back whole in the 400 (and the access log)."""
     raw = {"name": "x", "datatype": "FP32", "shape": [1], "data": ["9" * 3_000_000]}
