@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from model_server.errors import InvalidInput, shown, shown_names, shown_value
+from model_server.errors import InvalidInput, json_refusal, shown, shown_names, shown_value
 from model_server.files import open_regular
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # (\Z: "$" matches before a last "\n")
@@ -73,11 +73,11 @@ def refuse_constant(name: str) -> Any:
 
 
 def json_problem(exc: ValueError | RecursionError, text: str) -> str:
-    """Why ``json.loads`` refused ``text``, in words: an integer past Python's digit limit was
-    told as Python's advice to its programmer ("use sys.set_int_max_str_digits()"); it is read
-    again (that failure alone) to tell its size and the limit."""
+    """Why ``json.loads`` refused ``text``, in words (``json_refusal``): an integer past Python's
+    digit limit was told as Python's advice to its programmer ("use sys.set_int_max_str_digits()");
+    it is read again (that failure alone) to tell its size and the limit."""
     if "integer string conversion" not in str(exc):
-        return str(exc)
+        return json_refusal(exc)
     limit = sys.get_int_max_str_digits()
 
     def bounded_int(digits: str) -> int:
@@ -88,7 +88,7 @@ def json_problem(exc: ValueError | RecursionError, text: str) -> str:
     try:
         json.loads(text, parse_int=bounded_int, parse_constant=refuse_constant)
     except (ValueError, RecursionError) as again:
-        return str(again)
+        return json_refusal(again)
     return str(exc)
 
 

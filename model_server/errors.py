@@ -8,6 +8,7 @@ a client as such: each is caught by the module that raised it, or by its one cal
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,18 @@ def shown(name: str) -> str:
 def shown_value(value: Any) -> str:
     """A value a client sent, as its repr, shortened as ``shown`` shortens a name."""
     return shown(repr(value)[:80])
+
+
+def json_refusal(exc: Exception) -> str:
+    """Why ``json.loads`` (or reading its file) failed, in words: a RecursionError, JSON nested
+    deeper than Python's parser goes, in the server's words, not Python's ("maximum recursion
+    depth exceeded while decoding a JSON array from a unicode string"); else its message."""
+    if isinstance(exc, RecursionError):
+        return (
+            f"JSON nested too deep: arrays and objects within each other are read to about "
+            f"{sys.getrecursionlimit()} levels at most"
+        )
+    return str(exc)
 
 
 def shown_names(names: Iterable[Any]) -> list[str]:

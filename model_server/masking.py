@@ -59,7 +59,7 @@ from model_server.credentials import (
     after_boundary,
     quoted,
 )
-from model_server.errors import MaskingUnavailable
+from model_server.errors import MaskingUnavailable, json_refusal
 from model_server.reading import as_seen, normalise, shown, shown_back
 
 log = logging.getLogger(__name__)
@@ -565,7 +565,7 @@ class KeyRing:
             if not isinstance(raw, dict):
                 raise ValueError("expected {'default': key, 'tenants': {...}}")
         except (OSError, ValueError, RecursionError) as exc:
-            self._default = f"key file {self.path} is not valid: {exc}"
+            self._default = f"key file {self.path} is not valid: {json_refusal(exc)}"
             self._unread = True
             self._errors.append(self._default)
             return

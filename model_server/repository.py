@@ -34,6 +34,7 @@ from model_server.errors import (
     ModelNotFound,
     ModelUnavailable,
     ServerError,
+    json_refusal,
     shown,
     shown_value,
 )
@@ -105,7 +106,7 @@ class ModelRepository:
             if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict | None):
                 raise ValueError("expected {'loaded': bool, 'config': {...} or null}")
         except (OSError, ValueError, RecursionError) as exc:
-            log.error("ignoring persisted load state %s: %s", path, exc)
+            log.error("ignoring persisted load state %s: %s", path, json_refusal(exc))
             return True, None
         return bool(raw.get("loaded", True)), raw.get("config")
 

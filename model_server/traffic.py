@@ -26,7 +26,7 @@ from typing import Any
 import re2
 
 from model_server.config import int64_version
-from model_server.errors import PolicyError, StateNotSaved, shown_names, shown_value
+from model_server.errors import PolicyError, StateNotSaved, json_refusal, shown_names, shown_value
 from model_server.files import write_state
 
 log = logging.getLogger(__name__)
@@ -468,7 +468,7 @@ class PolicyStore:
             try:
                 policy = TrafficPolicy.from_dict(json.loads(path.read_text()))
             except (OSError, ValueError, RecursionError) as exc:
-                reason = f"its traffic policy {path} could not be read back ({str(exc)[:300]})"
+                reason = f"its traffic policy {path} could not be read back ({json_refusal(exc)[:300]})"
                 log.error("model '%s': %s; its routed requests are refused until a policy is put", path.stem, reason)
                 self.unreadable[path.stem] = reason
                 continue
@@ -483,7 +483,7 @@ def read_traffic_file(path: Path) -> dict[str, TrafficPolicy]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:
-        raise PolicyError(f"traffic file {path}: {exc}") from None
+        raise PolicyError(f"traffic file {path}: {json_refusal(exc)}") from None
     models = raw.get("models") if isinstance(raw, dict) else None
     if not isinstance(models, dict):
         raise PolicyError(f"traffic file {path}: expected {{'models': {{<model>: <policy>}}}}")

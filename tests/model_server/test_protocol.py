@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -318,6 +319,19 @@ def test_duplicate_inputs_and_nested_data():
     np.testing.assert_array_equal(req.inputs[0].data, [[1, 2], [3, 4]])
     with pytest.raises(InvalidInput, match="more than once"):
         decode_infer_request(json.dumps({"inputs": [x, x]}).encode(), None)
+
+
+@pytest.mark.parametrize("deep", ["[" * 200_000, '{"inputs": ' * 100_000, '{"inputs": [' + "[" * 5_000 + "1"])
+def test_a_body_nested_too_deep_is_told_in_the_server_s_words(deep):
+    """JSON nested deeper than Python's parser goes was answered with Python's own words
+    ("maximum recursion depth exceeded while decoding a JSON array from a unicode string"):
+    the 400 says what is wrong with the body, and how deep it may go."""
+    with pytest.raises(InvalidInput) as refused:
+        decode_infer_request(deep.encode(), None)
+    message = refused.value.message
+    assert message.startswith("malformed JSON in request body: JSON nested too deep"), message
+    assert f"{sys.getrecursionlimit()} levels" in message, message
+    assert "recursion" not in message, message
 
 
 def test_non_finite_outputs_are_valid_json():
