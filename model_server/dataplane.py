@@ -164,6 +164,10 @@ class DataPlane:
         self.running = False
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
         self.failures: dict[tuple[str, str], tuple[float, int]] = {}  # (model, version) -> last line, since
+        repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
+
+    def _forget_failures(self, model: str, label: str) -> None:
+        self.failures.pop((model, label), None)
 
     def _log_failure(self, model: str, label: str, exc: ServerError) -> None:
         """A version's failed run in the server log (through masking), rate-limited per version."""

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ class ModelRepository:
         self.pinned: dict[str, int] = {}  # model -> the one version this server serves (--serve)
         self.max_queue = MAX_QUEUE  # requests queued in a version's batcher (--max-queue)
         self.state_dir = state_dir
+        # Called with (model, version) once a version is not served any more (unloaded, or left
+        # out by a load) and its last request is done, with self._lock held: what is kept per
+        # version elsewhere goes with it.
+        self.on_version_gone: list[Callable[[str, str], None]] = []
 
     def persisted(self, name: str) -> tuple[bool, dict[str, Any] | None]:
         """(whether to load ``name`` at start, the override of its last load)."""
@@ -323,6 +327,8 @@ class ModelRepository:
             self._copies.pop((lv.name, lv.label), None)
             metrics.PENDING_REQUESTS.remove(lv.name, lv.label)
             metrics.InferenceStatistics.forget(lv.name, lv.label)
+            for gone in self.on_version_gone:
+                gone(lv.name, lv.label)
 
     def close_all(self) -> None:
         with self._lock:

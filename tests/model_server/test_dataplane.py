@@ -533,6 +533,20 @@ def test_admin_keeps_policies_and_loads_consistent(repo, dp):
         dp.model_not_ready_reason("digits", "2")
 
 
+def test_a_version_s_failure_log_entry_goes_with_the_version(repo, dp):
+    """The per-version table of failure lines kept an entry for every version that ever failed,
+    unloaded or not: a server loading and unloading versions grew it without end. A version's
+    entry goes once the version is unloaded (by an unload, or a load that leaves it out); a
+    version served on keeps its own."""
+    for version in ("1", "2"):
+        dp._log_failure("digits", version, InferenceFailed(f"model 'digits' version {version} failed"))
+    assert set(dp.failures) == {("digits", "1"), ("digits", "2")}
+    repo.load("digits", {"version_policy": {"specific": {"versions": [2]}}})
+    assert set(dp.failures) == {("digits", "2")}
+    asyncio.run(Admin(repo, dp.policies).unload("digits"))
+    assert dp.failures == {}
+
+
 def test_the_data_plane_and_admin_need_no_web_framework():
     """Transport-free: importing them (and all they import) loads no HTTP framework."""
     code = (
