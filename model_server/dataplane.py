@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from model_server import __version__, metrics
 from model_server.config import MAX_JSON_BYTES, ModelConfig, instance_kind, version_number
 from model_server.errors import (
     Cancelled,
+    EveryInterval,
     InferenceFailed,
     InjectedFault,
     InvalidInput,
@@ -163,7 +163,7 @@ class DataPlane:
         self.max_json_bytes = max_json_bytes  # an infer request's JSON part
         self.running = False
         self._label_rules: dict[str, tuple[ModelConfig, LabelRules]] = {}  # model -> of its config
-        self.failures: dict[tuple[str, str], tuple[float, int]] = {}  # (model, version) -> last line, since
+        self.failures: dict[tuple[str, str], EveryInterval] = {}  # (model, version) -> its failure lines
         repo.on_version_gone.append(self._forget_failures)  # (a version unloaded: its entry goes)
 
     def _forget_failures(self, model: str, label: str) -> None:
@@ -171,13 +171,12 @@ class DataPlane:
 
     def _log_failure(self, model: str, label: str, exc: ServerError) -> None:
         """A version's failed run in the server log (through masking), rate-limited per version."""
-        now = time.monotonic()
-        last, since = self.failures.get((model, label), (-math.inf, 0))
-        if now - last < FAILURE_LOG_EVERY_S:
-            self.failures[(model, label)] = (last, since + 1)
-            return
-        self.failures[(model, label)] = (now, 0)
-        log.error("%s%s", exc.message, f" (and {since} more since the last line)" if since else "")
+        lines = self.failures.get((model, label))
+        if lines is None:
+            lines = self.failures[(model, label)] = EveryInterval(FAILURE_LOG_EVERY_S)
+        since = lines.due()
+        if since is not None:
+            log.error("%s%s", exc.message, f" (and {since} more since the last line)" if since else "")
 
     async def start(self) -> None:
         """Restore the persisted traffic policies, start the prediction log and the mirror: ready."""

@@ -1,4 +1,5 @@
-"""Every exception class of the model server, and how their messages show a client's names.
+"""Every exception class of the model server, how their messages show a client's names, and how
+often a line that repeats is logged (``EveryInterval``).
 
 ``ServerError`` and its subclasses are one class per HTTP meaning, mapped to a status once (in
 app.py). The body is always ``{"error": "<message>"}``: tritonclient turns exactly that into
@@ -8,7 +9,9 @@ a client as such: each is caught by the module that raised it, or by its one cal
 
 from __future__ import annotations
 
+import math
 import sys
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +46,27 @@ def shown_names(names: Iterable[Any]) -> list[str]:
     """The fields a client named that are not known, for a message: the first ten in order,
     each shortened (a JSON object may hold as many names, as long, as its body allows)."""
     return [shown(str(name)) for name in sorted(names)[:10]]
+
+
+class EveryInterval:
+    """A log line that may repeat as fast as its cause does (a flood of refusals, a version
+    failing every request): at most one per ``interval_s``, the next one counting those left out."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.next_at = -math.inf
+        self.left_out = 0
+
+    def due(self) -> int | None:
+        """Whether a line is due now: the count of those left out since the last one (then it is
+        logged), or None (this one is left out, and counted)."""
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return None
+        self.next_at = now + self.interval_s
+        left_out, self.left_out = self.left_out, 0
+        return left_out
 
 
 class ServerError(Exception):

@@ -41,10 +41,8 @@ import ctypes
 import enum
 import json
 import logging
-import math
 import platform
 import re
-import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, NamedTuple
 
@@ -54,7 +52,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from model_server.config import ascii_uint
-from model_server.errors import RequestRefused, ServerBusy
+from model_server.errors import EveryInterval, RequestRefused, ServerBusy
 from model_server.metrics import HTTP_REFUSALS
 
 log = logging.getLogger(__name__)
@@ -92,29 +90,22 @@ MAX_HELD_BYTES = 64 * 1024
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
-class RefusalLog:
+class RefusalLog(EveryInterval):
     """The refusals of every connection together, logged one line per interval."""
 
     def __init__(self) -> None:
-        self.next_at = -math.inf
-        self.left_out = 0
+        super().__init__(REFUSAL_LOG_INTERVAL_S)
 
     def warn(self, logger: logging.Logger, reason: str, what: str = "a request") -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            self.left_out += 1
+        left_out = self.due()
+        if left_out is None:
             return
-        self.next_at = now + REFUSAL_LOG_INTERVAL_S
-        if self.left_out:
+        if left_out:
             logger.warning(
-                "refused %s: %s (and %d more refused since the last such line, not logged)",
-                what,
-                reason,
-                self.left_out,
+                "refused %s: %s (and %d more refused since the last such line, not logged)", what, reason, left_out
             )
         else:
             logger.warning("refused %s: %s", what, reason)
-        self.left_out = 0
 
 
 REFUSALS = RefusalLog()

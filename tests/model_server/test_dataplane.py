@@ -623,7 +623,7 @@ def test_a_model_failing_at_run_time_is_logged_once_a_while_through_python_loggi
         lines = [r.getMessage() for r in caplog.records if r.name == "model_server.dataplane"]
         assert len(lines) == 1, lines
         assert "model 'fixed' version 1 failed" in lines[0]
-        dp.failures[("fixed", "1")] = (0.0, 2)  # as if the last line were long ago
+        dp.failures[("fixed", "1")].next_at = 0.0  # as if the last line were long ago
         caplog.clear()
         with caplog.at_level("ERROR", logger="model_server.dataplane"), pytest.raises(InferenceFailed):
             asyncio.run(dp.infer("fixed", None, body.encode(), RequestContext("r")))

@@ -898,10 +898,10 @@ def test_refusals_are_logged_once_per_interval_with_a_count_of_the_rest(monkeypa
     """Every refusal (503 past --max-connections, 429 pipelining, 4xx) wrote a WARNING line: a
     flood of connections past the limit wrote one per request, as fast as they came. One line
     per interval now, the next one counting those left out."""
-    from model_server import httpserver
+    from model_server import errors, httpserver
 
     now = [1000.0]
-    monkeypatch.setattr(httpserver.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(errors.time, "monotonic", lambda: now[0])  # (EveryInterval's clock)
     monkeypatch.setattr(httpserver, "REFUSALS", httpserver.RefusalLog())
 
     async def scenario() -> None:
