@@ -1566,26 +1566,30 @@ def _note(outbox: Folder, name: str, **fields: Any) -> None:
         log.info("report %s was not noted: another sender removed or changed it (%s)", name, type(exc).__name__)
 
 
-def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> None:
+def _set_aside(outbox: Folder, name: str, chart: str | None, error: str, aside: bool = False) -> str | None:
     """A report Slack refused for good moved into the outbox's ``refused/`` with Slack's reason
     (``aside``: ``outbox`` is that folder, where it stays); one whose move failed waits in the outbox
-    alone, the copy written there taken back (or the OSError says it is not)."""
+    alone, the copy written there taken back (or the OSError says it is not). Set aside, its
+    chart's copy in the outbox not removed (left to ``prune_outbox``): what that removal raised."""
     record = json.loads(outbox.read_within(name, MAX_REPORT_BYTES))
     record["slack_error"] = error
     if aside:
         outbox.write(name, json.dumps(record, indent=2).encode())
-        return
+        return None
     refused = outbox / REFUSED
     try:
         _move(outbox, refused, name, chart, json.dumps(record, indent=2).encode())
     except OSError as exc:  # (still in the outbox: what was written there taken back, it waits here alone)
-        if outbox.exists(name):
-            try:
-                for file in (name, chart) if chart else (name,):
-                    refused.delete(file)
-            except OSError as back:
-                raise OSError(f"{exc}; a copy is in {REFUSED}/ too, not taken back: {back}") from exc
+        if not outbox.exists(name):  # (moved: only its chart's copy was left in the outbox)
+            what = "its chart's copy in the outbox was not removed" if chart else "its removal from the outbox failed"
+            return f"{what}: {one_line(str(exc))[:300]}"
+        try:
+            for file in (name, chart) if chart else (name,):
+                refused.delete(file)
+        except OSError as back:
+            raise OSError(f"{exc}; a copy is in {REFUSED}/ too, not taken back: {back}") from exc
         raise
+    return None
 
 
 def send_refused(
@@ -1998,11 +2002,12 @@ def _send_claimed(
         except Exception as exc:  # (Slack's refusal, a network failure, blocks Slack does not take)
             if refusal(exc):  # (for good: set aside, so that no later round fails on it again)
                 try:
-                    _set_aside(outbox, name, found.chart, _failure(exc), aside)
+                    left = _set_aside(outbox, name, found.chart, _failure(exc), aside)
                 except OSError as failed:  # (a full disk, an I/O error: it waits, Slack's reason said)
                     why = f"{_failure(exc)}; not set aside in {REFUSED}/: {one_line(str(failed))[:300]}"
                     return {"name": name, "channel": found.channel, "error": why}
-                return {"name": name, "channel": found.channel, "error": _failure(exc), "refused": True}
+                why = f"{_failure(exc)}; set aside in {REFUSED}/, {left}" if left else _failure(exc)
+                return {"name": name, "channel": found.channel, "error": why, "refused": True}
             if unsure(exc) and found.maybe_posted is None:  # (the next round looks for it first)
                 _note(outbox, name, maybe_posted=tried)
             return {"name": name, "channel": found.channel, "error": _failure(exc)}

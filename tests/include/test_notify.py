@@ -2427,3 +2427,38 @@ def test_a_report_set_aside_whose_outbox_copy_cannot_be_removed_is_posted_once(s
     (result,) = send_waiting(outbox, client)
     assert result["sent"]
     assert len(slack.messages()) == 1
+
+
+def test_a_report_set_aside_whose_outbox_chart_cannot_be_removed_says_it_was_set_aside(slack, tmp_path, monkeypatch):
+    """A report Slack refused for good moved into ``refused/`` with its chart, the removal of the
+    chart's outbox copy then failing (EIO): the round said "not set aside" while the report lay
+    in ``refused/`` alone. It says the report was set aside and only its chart's copy was left."""
+    import errno
+
+    from slack_sdk import WebClient
+
+    from vision_rollout.notify import REFUSED, send_waiting
+
+    outbox = Folder(str(tmp_path / "outbox"))
+    refused = outbox / REFUSED
+    client = WebClient(token=slack.token, base_url=slack.base_url)
+    SlackNotifier("#typo", outbox=outbox).send(rollback_message(SPEC, "#typo", chart=b"\x89PNG"))
+    slack.refuse = {"chat.postMessage": "channel_not_found"}
+    (name,) = [n for n in outbox.names() if n.endswith(".json")]
+    (chart,) = [n for n in outbox.names() if n.endswith(".png")]
+    delete = Folder.delete
+
+    def eio(self, file):
+        if file == chart and self.parts == outbox.parts:
+            raise OSError(errno.EIO, "Input/output error")
+        return delete(self, file)
+
+    monkeypatch.setattr(Folder, "delete", eio)
+    (result,) = send_waiting(outbox, client)
+    assert "channel_not_found" in result["error"]
+    assert "not set aside" not in result["error"]
+    assert f"set aside in {REFUSED}/" in result["error"]
+    assert "its chart's copy in the outbox was not removed: [Errno 5] Input/output error" in result["error"]
+    assert result["refused"] is True
+    assert name not in outbox.names()
+    assert {name, chart} <= set(refused.names())
